@@ -1,0 +1,3 @@
+from l4proxy.cli import main
+
+raise SystemExit(main())

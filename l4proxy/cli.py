@@ -1,0 +1,64 @@
+"""``l4proxy`` command line: one subcommand per module.
+
+Exit codes (all subcommands): 0 success, 1 the input was understood but is
+invalid or the operation failed, 2 usage error or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from l4proxy import __version__
+
+# subcommand -> module providing ``add_parser(subparsers)``; imported lazily so
+# that ``l4proxy validate`` does not pay for uvloop or pyroute2.
+SUBCOMMANDS: dict[str, str] = {
+    "validate": "l4proxy.validate",
+    "run": "l4proxy.server",
+    "demo": "l4proxy.demo",
+}
+
+DESCRIPTION = """\
+l4proxy: Istio-style traffic shifting for a pod, without Istio.
+
+  l4proxy validate RULES...      check rule files the way the sidecar would
+  l4proxy run --rules PATH       run the sidecar (after l4proxy-init captured traffic)
+  l4proxy demo                   the request-routing tutorial in network namespaces
+
+Run 'l4proxy COMMAND --help' for each command's options.
+"""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l4proxy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"l4proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            module = importlib.import_module(modname)
+        except ImportError:
+            continue  # not built yet in this tree
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the subcommand asked for (fast startup).
+    first = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(first if first in SUBCOMMANDS else None)
+    args = parser.parse_args(args_list)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,202 @@
+"""Pods as network namespaces on one bridge: the demo's and the tests' topology.
+
+Theory of operation
+-------------------
+A :class:`PodNetwork` owns one "node" namespace holding a Linux bridge, and
+any number of pod namespaces, each joined to the bridge by a veth pair
+(``eth0`` inside the pod). Pods get addresses in 198.18.0.0/16 (RFC 2544
+benchmarking range: it routes nowhere outside these namespaces) and, when
+asked, in 2001:2::/64 (the IPv6 benchmarking range). Every pod has a default
+route via the bridge, so that a connect() to a Service VIP in 198.19.0.0/16
+finds a route and reaches the pod's nat OUTPUT chain, where l4proxy-init's
+REDIRECT takes it; nothing answers on a VIP otherwise.
+
+Everything created is removed by :meth:`PodNetwork.close` (deleting a
+namespace deletes the veth ends inside it), also when a test fails halfway;
+names carry the creating process id so that parallel runs never collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute, NetNS, netns
+
+IFA_F_NODAD = 0x02  # linux/if_addr.h: skip duplicate address detection
+POD_NET4 = ipaddress.ip_network("198.18.0.0/16")
+POD_NET6 = ipaddress.ip_network("2001:2::/64")
+VIP_NET4 = ipaddress.ip_network("198.19.0.0/16")
+
+
+class PodNetworkError(RuntimeError):
+    pass
+
+
+def namespace_exists(name: str) -> bool:
+    return os.path.exists(f"/var/run/netns/{name}")
+
+
+@dataclass
+class Pod:
+    """One pod: a network namespace with ``eth0`` on the bridge."""
+
+    name: str
+    netns: str
+    ipv4: str
+    ipv6: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def command(self, argv: Sequence[str], user: int | None = None) -> list[str]:
+        """The argv that runs *argv* inside this pod, as *user* if given."""
+        cmd = ["ip", "netns", "exec", self.netns]
+        if user is not None:
+            cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"]
+        return cmd + list(argv)
+
+    def popen(
+        self, argv: Sequence[str], user: int | None = None, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command(argv, user), **kwargs)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        user: int | None = None,
+        check: bool = True,
+        timeout: float = 30,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(
+            self.command(argv, user), check=check, timeout=timeout, **kwargs
+        )
+
+    def wait_listening(self, port: int, timeout: float = 10.0) -> None:
+        """Block until something in this pod listens on TCP *port*."""
+        deadline = time.monotonic() + timeout
+        needle = f":{port:04X} "
+        while time.monotonic() < deadline:
+            out = self.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"], check=False).stdout
+            for line in out.splitlines()[1:]:
+                parts = line.split()
+                # local_address is parts[1]; state 0A is LISTEN
+                if len(parts) > 3 and (parts[1] + " ").endswith(needle) and parts[3] == "0A":
+                    return
+            time.sleep(0.05)
+        raise PodNetworkError(f"nothing listens on port {port} in pod {self.name} after {timeout}s")
+
+
+class PodNetwork:
+    """A bridge in a node namespace plus pod namespaces; a context manager."""
+
+    def __init__(self, prefix: str | None = None, ipv6: bool = False) -> None:
+        self.prefix = prefix or f"l4t{os.getpid()}"
+        if len(self.prefix) > 9:
+            raise PodNetworkError(f"prefix {self.prefix!r} too long (max 9: interface names)")
+        self.ipv6 = ipv6
+        self.node_ns = f"{self.prefix}-node"
+        self.pods: dict[str, Pod] = {}
+        self._namespaces: list[str] = []
+        self._next_host = 10
+        self._bridge_index = 0
+        self._open = False
+
+    # -- lifecycle -------------------------------------------------------
+    def __enter__(self) -> PodNetwork:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if namespace_exists(self.node_ns):
+            raise PodNetworkError(
+                f"network namespace {self.node_ns} already exists "
+                f"(a previous run left it? remove it with: ip netns del {self.node_ns})"
+            )
+        self._create_ns(self.node_ns)
+        self._open = True
+        with NetNS(self.node_ns) as ns:
+            self._link_up(ns, "lo")
+            ns.link("add", ifname="br0", kind="bridge")
+            self._bridge_index = ns.link_lookup(ifname="br0")[0]
+            ns.link("set", index=self._bridge_index, state="up")
+            ns.addr("add", index=self._bridge_index, address="198.18.0.1", prefixlen=16)
+            if self.ipv6:
+                ns.addr(
+                    "add",
+                    index=self._bridge_index,
+                    address="2001:2::1",
+                    prefixlen=64,
+                    flags=IFA_F_NODAD,
+                )
+
+    def close(self) -> None:
+        for name in reversed(self._namespaces):
+            with contextlib.suppress(Exception):
+                netns.remove(name)
+        self._namespaces.clear()
+        self.pods.clear()
+        self._open = False
+
+    # -- pods ------------------------------------------------------------
+    def add_pod(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        ipv4: str | None = None,
+    ) -> Pod:
+        if not self._open:
+            raise PodNetworkError("PodNetwork is not open")
+        if name in self.pods:
+            raise PodNetworkError(f"pod {name} exists")
+        host = self._next_host
+        self._next_host += 1
+        addr4 = ipv4 or str(POD_NET4.network_address + host)
+        addr6 = str(POD_NET6.network_address + host) if self.ipv6 else None
+        ns_name = f"{self.prefix}-{name}"
+        self._create_ns(ns_name)
+        inner, outer = f"{self.prefix}p{host}", f"{self.prefix}b{host}"
+        with IPRoute() as ipr:
+            ipr.link(
+                "add", ifname=inner, kind="veth", peer={"ifname": outer, "net_ns_fd": self.node_ns}
+            )
+            idx = ipr.link_lookup(ifname=inner)[0]
+            ipr.link("set", index=idx, net_ns_fd=ns_name)
+        with NetNS(self.node_ns) as ns:
+            port = ns.link_lookup(ifname=outer)[0]
+            ns.link("set", index=port, master=self._bridge_index, state="up")
+        with NetNS(ns_name) as ns:
+            self._link_up(ns, "lo")
+            idx = ns.link_lookup(ifname=inner)[0]
+            ns.link("set", index=idx, ifname="eth0")
+            ns.addr("add", index=idx, address=addr4, prefixlen=16)
+            if addr6:
+                ns.addr("add", index=idx, address=addr6, prefixlen=64, flags=IFA_F_NODAD)
+            ns.link("set", index=idx, state="up")
+            ns.route("add", dst="0.0.0.0/0", gateway="198.18.0.1")
+            if addr6:
+                ns.route("add", dst="::/0", gateway="2001:2::1", family=socket.AF_INET6)
+        pod = Pod(name=name, netns=ns_name, ipv4=addr4, ipv6=addr6, labels=dict(labels or {}))
+        self.pods[name] = pod
+        return pod
+
+    # -- helpers ---------------------------------------------------------
+    def _create_ns(self, name: str) -> None:
+        netns.create(name)
+        self._namespaces.append(name)
+
+    @staticmethod
+    def _link_up(ns: Any, ifname: str) -> None:
+        idx = ns.link_lookup(ifname=ifname)[0]
+        ns.link("set", index=idx, state="up")
