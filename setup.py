@@ -53,6 +53,9 @@ def extensions() -> list:  # type: ignore[type-arg]
         return []
     from setuptools import Extension
 
+    # L4PROXY_EXT_ONLY=peek,pump builds just those (development convenience).
+    only = [n for n in os.environ.get("L4PROXY_EXT_ONLY", "").split(",") if n]
+
     exts = [
         Extension(
             f"l4proxy._ext.{name}",
@@ -60,7 +63,7 @@ def extensions() -> list:  # type: ignore[type-arg]
             extra_compile_args=["-O2"],
         )
         for name in EXT_MODULES
-        if os.path.exists(f"ext/{name}.pyx")
+        if os.path.exists(f"ext/{name}.pyx") and (not only or name in only)
     ]
     return cythonize(
         exts,
