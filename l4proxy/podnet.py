@@ -76,9 +76,7 @@ class Pod:
     ) -> subprocess.CompletedProcess[str]:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
-        return subprocess.run(
-            self.command(argv, user), check=check, timeout=timeout, **kwargs
-        )
+        return subprocess.run(self.command(argv, user), check=check, timeout=timeout, **kwargs)
 
     def wait_listening(self, port: int, timeout: float = 10.0) -> None:
         """Block until something in this pod listens on TCP *port*."""

@@ -11,10 +11,14 @@ from l4proxy.podnet import PodNetwork
 pytestmark = pytest.mark.netns
 
 ECHO = (
-    "import socket,sys;s=socket.create_server(('',7000),family=socket.AF_INET6,dualstack_ipv6=True);"
+    "import socket;"
+    "s=socket.create_server(('',7000),family=socket.AF_INET6,dualstack_ipv6=True);"
     "c,_=s.accept();c.sendall(c.recv(100).upper());c.close()"
 )
-CALL = "import socket,sys;c=socket.create_connection((sys.argv[1],7000),3);c.sendall(b'hi');print(c.recv(100).decode())"
+CALL = (
+    "import socket,sys;c=socket.create_connection((sys.argv[1],7000),3);"
+    "c.sendall(b'hi');print(c.recv(100).decode())"
+)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])

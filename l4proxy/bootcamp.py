@@ -1,0 +1,106 @@
+"""The bootcamp app: answers like ``docker.io/jocatalin/kubernetes-bootcamp``.
+
+Any method, any path: ``200``, ``Content-Type: text/plain``, body
+``Hello Kubernetes bootcamp! | Running on: <pod> | v=<version>`` and a
+newline, written chunked (no Content-Length) on HTTP/1.1 and close-delimited
+on HTTP/1.0, like the Node.js original. Keep-alive is honoured.
+
+The demo and the tests run one per pod namespace::
+
+    python -m l4proxy.bootcamp --port 8080 --pod bootcamp-v1-0 --version 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from l4proxy import peek
+
+
+def answer(pod: str, version: str) -> bytes:
+    return f"Hello Kubernetes bootcamp! | Running on: {pod} | v={version}\n".encode()
+
+
+async def _serve_client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> None:
+    buf = b""
+    try:
+        while True:
+            parser = peek.HeadParser()
+            head = parser.feed(buf) if buf else None
+            while head is None:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                head = parser.feed(data)
+            rest = parser.buffered[head.head_length :]
+            # Discard a Content-Length body (the app ignores it).
+            need = head.content_length or 0
+            while len(rest) < need:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                rest += data
+            buf = rest[need:]
+            http10 = head.version == "HTTP/1.0"
+            keep = head.keep_alive
+            if http10:
+                writer.write(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
+                    + (
+                        b"Connection: keep-alive\r\nContent-Length: %d\r\n" % len(body)
+                        if keep
+                        else b""
+                    )
+                    + b"\r\n"
+                    + body
+                )
+            else:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + (b"" if keep else b"Connection: close\r\n")
+                    + b"Transfer-Encoding: chunked\r\n\r\n"
+                    + b"%x\r\n" % len(body)
+                    + body
+                    + b"\r\n0\r\n\r\n"
+                )
+            await writer.drain()
+            if not keep:
+                return
+    except (peek.HeadError, ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+async def serve(host: str, port: int, pod: str, version: str) -> None:
+    body = answer(pod, version)
+    server = await asyncio.start_server(
+        lambda r, w: _serve_client(r, w, body), host, port, reuse_address=True, backlog=1024
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m l4proxy.bootcamp", description=__doc__)
+    p.add_argument("--host", default="::")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--pod", required=True, help="pod name shown in the answer")
+    p.add_argument("--version", default="1", help="the v=N in the answer")
+    args = p.parse_args(argv)
+    asyncio.run(serve(args.host, args.port, args.pod, args.version))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

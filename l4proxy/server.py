@@ -1,0 +1,279 @@
+"""``l4proxy run``: the sidecar process.
+
+Binds the listeners (transparent outbound on 15001, an inbound port when it
+differs, gateway listeners for Ingress), the admin endpoint, drops root if
+asked, loads the rules and serves until SIGTERM, then drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import signal
+import sys
+from typing import Any
+
+from l4proxy import __version__, peek, pump
+from l4proxy.admin import AdminServer
+from l4proxy.rulewatch import RuleWatcher
+from l4proxy.worker import Listener, Worker, WorkerOptions, bind_listener
+
+log = logging.getLogger("l4proxy")
+
+EPILOG = """\
+examples:
+  # the sidecar in a pod whose traffic l4proxy-init redirects to 15001
+  l4proxy run --rules /etc/l4proxy --uid 1337
+
+  # a gateway on port 8080 that routes by the rule file's Ingress objects
+  l4proxy run --rules rules/ --listen 0.0.0.0:8080 --no-transparent
+
+  curl 127.0.0.1:15000/stats         # Prometheus counters
+  curl 127.0.0.1:15000/config_dump   # the live route table
+  kill -HUP <pid>                    # reload the rules now (they are polled anyway)
+
+Weighted routing is decided per connection: the first request on a keep-alive
+connection picks the subset, later requests on it follow.
+
+exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
+flags, a port that cannot be bound).
+"""
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port in {value!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port {p} out of range 0..65535")
+    return host, p
+
+
+def _labels(value: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, value.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the sidecar",
+        description="Run the l4proxy sidecar: accept redirected connections, route them "
+        "by the rule file, relay the bytes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="rule file or directory (a ConfigMap mount); repeatable; reloaded on change",
+    )
+    p.add_argument("--port", type=int, default=15001, help="transparent outbound port (15001)")
+    p.add_argument(
+        "--inbound-port",
+        type=int,
+        default=None,
+        help="transparent inbound port, when it differs from --port",
+    )
+    p.add_argument(
+        "--no-transparent",
+        action="store_true",
+        help="do not open the transparent listener(s) (gateway only)",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="gateway listener routed by Ingress objects; repeatable",
+    )
+    p.add_argument(
+        "--admin",
+        type=_hostport,
+        default=("127.0.0.1", 15000),
+        metavar="HOST:PORT",
+        help="admin endpoint (127.0.0.1:15000); port 0 disables",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a client has to send the request head on an HTTP port (10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close a relayed connection with no bytes either way for this long (3600)",
+    )
+    p.add_argument(
+        "--drain-duration",
+        type=float,
+        default=45.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long connections may finish (45)",
+    )
+    p.add_argument(
+        "--outbound-policy",
+        choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+        default="ALLOW_ANY",
+        help="unknown destinations: pass through (ALLOW_ANY) or refuse (REGISTRY_ONLY)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=0, help="refuse beyond this many (0: no limit)"
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of short names in rules ($POD_NAMESPACE or default)",
+    )
+    p.add_argument("--domain", default="cluster.local", help="cluster domain (cluster.local)")
+    p.add_argument(
+        "--pod-labels",
+        type=_labels,
+        default={},
+        metavar="K=V,...",
+        help="this pod's labels, for RouteRule match.source / sourceLabels",
+    )
+    p.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--uid", type=str, default=None, help="drop to this user after binding")
+    p.add_argument("--gid", type=str, default=None, help="drop to this group after binding")
+    p.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop for the control path (uvloop)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def _drop_privileges(uid: str | None, gid: str | None) -> None:
+    if gid is not None:
+        g = int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid
+        os.setgroups([])
+        os.setgid(g)
+    if uid is not None:
+        u = int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+        if gid is None:
+            os.setgroups([])
+            os.setgid(u)
+        os.setuid(u)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.no_transparent and not args.listen:
+        log.error("--no-transparent needs at least one --listen HOST:PORT")
+        return 2
+    listeners: list[Listener] = []
+    try:
+        if not args.no_transparent:
+            listeners.append(bind_listener("::", args.port, "outbound"))
+            if args.inbound_port is not None and args.inbound_port != args.port:
+                listeners.append(bind_listener("::", args.inbound_port, "inbound"))
+        for host, port in args.listen:
+            listeners.append(bind_listener(host, port, "gateway"))
+    except OSError as exc:
+        log.error("cannot bind a listener: %s", exc)
+        for lst in listeners:
+            lst.sock.close()
+        return 2
+
+    if args.loop == "uvloop":
+        import uvloop
+
+        runner: Any = uvloop.run
+    else:
+        runner = asyncio.run
+    try:
+        result: int = runner(_serve(args, listeners))
+        return result
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(args: argparse.Namespace, listeners: list[Listener]) -> int:
+    loop = asyncio.get_running_loop()
+    rules = RuleWatcher(
+        args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval
+    )
+    if args.rules:
+        rules.load_now()
+    else:
+        log.warning("no --rules given: every connection passes through to its destination")
+    opts = WorkerOptions(
+        connect_timeout=args.connect_timeout,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        outbound_policy=args.outbound_policy,
+        source_labels=args.pod_labels,
+        max_connections=args.max_connections,
+    )
+    worker = Worker(listeners, rules, opts)
+    stop = asyncio.Event()
+    implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
+    admin = AdminServer(worker, stop.set, implementation)
+    if args.admin[1] != 0:
+        try:
+            await admin.start(*args.admin)
+        except OSError as exc:
+            log.error("cannot bind the admin endpoint %s:%d: %s", *args.admin, exc)
+            for lst in listeners:
+                lst.sock.close()
+            return 2
+    try:
+        _drop_privileges(args.uid, args.gid)
+    except (OSError, KeyError) as exc:
+        log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
+        return 2
+
+    worker.start()
+    if args.rules:
+        rules.start()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
+    log.info(
+        "l4proxy %s listening: %s; admin %s; implementation: %s; loop: %s; uid %d",
+        __version__,
+        ", ".join(lst.name for lst in listeners),
+        "{}:{}".format(*admin.address) if args.admin[1] else "off",
+        implementation,
+        args.loop,
+        os.getuid(),
+    )
+    await stop.wait()
+    log.info("draining for up to %.1fs", args.drain_duration)
+    forced = await worker.drain(args.drain_duration)
+    if forced:
+        log.warning("drain window over: closed %d connection(s)", forced)
+    await rules.stop()
+    await admin.close()
+    worker.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,538 @@
+"""One worker: listeners, the routing decision per connection, hand-off to the pump.
+
+Theory of operation
+-------------------
+The worker runs an asyncio event loop (uvloop by default). The loop sees
+only listening sockets and, for each accepted connection, the short phase
+before the routing decision: reading ``SO_ORIGINAL_DST``, peeking the HTTP
+request head, and connecting upstream. It waits for readiness with
+``add_reader``/``add_writer`` on raw fds and always removes the watcher
+before going on (see :func:`_wait_fd`), so by the time both sockets are
+detached and handed to the :class:`~l4proxy.pump.Pump` the loop holds no
+reference to either fd. The pump's own thread then moves every byte until
+both sides are closed.
+
+Why not asyncio transports for the relay: on this machine a plain
+asyncio-Protocol relay on uvloop 0.23 aborted the process ("double free or
+corruption") under ``Connection: close`` churn. No relayed byte passes
+through a transport here, and the churn soak in tests/ proves the path.
+
+Per connection:
+
+1. transparent listeners: ``original_destination()``; none, or the
+   listener's own address, means somebody dialled 15001 directly: refused
+   (no loops).
+2. original destination is one of the pod's own addresses: inbound; forward
+   to it unchanged (the local app), no routing.
+3. outbound: the ServiceEntry whose address is the destination; else, on a
+   port some service declares HTTP, the Host header of the peeked head.
+   Unknown: pass through to the original destination (Istio's
+   PassthroughCluster) or refuse under ``REGISTRY_ONLY``.
+4. HTTP ports: the head is peeked (bounded by ``max_head`` bytes and
+   ``header_timeout`` seconds); bytes that are not HTTP are routed at L4 and
+   forwarded untouched; other TCP ports are never read before the decision
+   (a server-first protocol works).
+5. the route table decides the subset and the order of endpoints to try;
+   each connect is bounded by ``connect_timeout``; failures feed outlier
+   detection; when none answers: ``503 no healthy upstream`` on HTTP, a
+   close on TCP.
+
+Weighted routing is per connection: the first request on a connection
+decides, later requests on the same keep-alive connection follow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from l4proxy import peek, pump
+from l4proxy.health import EndpointHealth
+from l4proxy.origdst import original_destination
+from l4proxy.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
+from l4proxy.rulewatch import RuleWatcher
+from l4proxy.stats import Counters
+
+log = logging.getLogger("l4proxy.worker")
+
+MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
+
+
+@dataclass
+class Listener:
+    """A bound listening socket and what it is for."""
+
+    sock: socket.socket
+    mode: str  # "outbound" | "inbound" (transparent, SO_ORIGINAL_DST) or "gateway"
+    address: tuple[str, int]
+
+    @property
+    def transparent(self) -> bool:
+        return self.mode in ("outbound", "inbound")
+
+    @property
+    def name(self) -> str:
+        host, port = self.address
+        return f"{self.mode}:{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+@dataclass
+class WorkerOptions:
+    connect_timeout: float = 10.0
+    header_timeout: float = 10.0
+    max_head: int = 65536
+    idle_timeout: float = 3600.0
+    outbound_policy: str = "ALLOW_ANY"  # or REGISTRY_ONLY
+    source_labels: dict[str, str] = field(default_factory=dict)
+    max_connections: int = 0  # 0 = unlimited
+
+
+def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "::" accepts IPv4 too (dual stack): one listener serves both families.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return Listener(sock=sock, mode=mode, address=(host, sock.getsockname()[1]))
+
+
+def local_addresses() -> set[str]:
+    """Every address configured in this network namespace (for "is it inbound?")."""
+    from pyroute2 import IPRoute
+
+    out: set[str] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                out.add(str(addr))
+    return out
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def http_response(status: int, reason: str, body: str) -> bytes:
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"content-length: {len(data)}\r\n"
+        "content-type: text/plain\r\n"
+        "connection: close\r\n"
+        "server: l4proxy\r\n\r\n"
+    ).encode() + data
+
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Refused(Exception):
+    """The connection is answered (or closed) without an upstream."""
+
+    def __init__(self, why: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+        self.status = status
+        self.body = body or why
+
+
+class Worker:
+    def __init__(
+        self,
+        listeners: Iterable[Listener],
+        rules: RuleWatcher,
+        options: WorkerOptions,
+        counters: Counters | None = None,
+        health: EndpointHealth | None = None,
+    ) -> None:
+        self.listeners = list(listeners)
+        self.rules = rules
+        self.opts = options
+        self.counters = counters or Counters()
+        self.health = health or EndpointHealth()
+        self.pump = pump.Pump(idle_timeout=options.idle_timeout)
+        self.local_ips: set[str] = set()
+        self.listener_ports: set[int] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.active_per_endpoint: dict[tuple[str, int], int] = {}
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._describe_counters()
+
+    # -- lifecycle ---------------------------------------------------------
+    def _describe_counters(self) -> None:
+        c = self.counters
+        c.describe("l4proxy_connections_total", "counter", "Connections accepted, by listener.")
+        c.describe(
+            "l4proxy_decisions_total",
+            "counter",
+            "Routing decisions, by destination service, route and subset.",
+        )
+        c.describe(
+            "l4proxy_upstream_connect_failures_total",
+            "counter",
+            "Failed upstream connects, by endpoint.",
+        )
+        c.describe(
+            "l4proxy_refused_total", "counter", "Connections answered without upstream, by reason."
+        )
+        c.describe("l4proxy_passthrough_total", "counter", "Connections to unknown destinations.")
+        c.describe("l4proxy_inbound_total", "counter", "Inbound connections forwarded to the app.")
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pump.start()
+        self.refresh_local_addresses()
+        for lst in self.listeners:
+            self.listener_ports.add(lst.address[1])
+            self._loop.add_reader(lst.sock.fileno(), self._on_acceptable, lst)
+
+    def refresh_local_addresses(self) -> None:
+        try:
+            self.local_ips = local_addresses()
+        except Exception as exc:  # netlink unavailable: inbound detection off
+            log.warning("cannot list local addresses (%s); inbound detection is off", exc)
+            self.local_ips = set()
+
+    def stop_accepting(self) -> None:
+        assert self._loop is not None
+        for lst in self.listeners:
+            try:
+                self._loop.remove_reader(lst.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            lst.sock.close()
+        self.listeners = []
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting; let connections finish for up to *timeout*; then close."""
+        self.draining = True
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        if self.handshakes:
+            await asyncio.wait(set(self.handshakes), timeout=max(0.0, timeout))
+        remaining = max(0.0, deadline - time.monotonic())
+        loop = asyncio.get_running_loop()
+        forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
+        return forced
+
+    def close(self) -> None:
+        for t in list(self.handshakes):
+            t.cancel()
+        self.pump.close()
+
+    # -- accepting -----------------------------------------------------------
+    def _on_acceptable(self, lst: Listener) -> None:
+        assert self._loop is not None
+        for _ in range(64):  # bounded burst: let other callbacks run
+            try:
+                conn, _ = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE: out of fds. Existing connections are unharmed;
+                # back off briefly rather than spinning on a readable listener.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.counters.inc("l4proxy_refused_total", reason="fd_limit")
+                    self._pause_accept(lst)
+                    return
+                log.warning("accept on %s failed: %s", lst.name, exc)
+                return
+            self.counters.inc("l4proxy_connections_total", listener=lst.mode)
+            limit = self.opts.max_connections
+            if limit and self.pump.active + len(self.handshakes) >= limit:
+                self.counters.inc("l4proxy_refused_total", reason="max_connections")
+                _reset(conn)
+                continue
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn, lst))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    def _pause_accept(self, lst: Listener) -> None:
+        assert self._loop is not None
+        fd = lst.sock.fileno()
+        self._loop.remove_reader(fd)
+
+        def resume() -> None:
+            if not self.draining and lst.sock.fileno() == fd:
+                self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
+
+        self._loop.call_later(0.1, resume)
+
+    # -- one connection ------------------------------------------------------
+    async def _serve(self, conn: socket.socket, lst: Listener) -> None:
+        upstream: socket.socket | None = None
+        try:
+            upstream, pending, endpoint = await self._decide_and_connect(conn, lst)
+            conn_fd = conn.detach()
+            up_fd = upstream.detach()
+            upstream = None
+            # From here the pump owns both fds and closes each exactly once.
+            self.pump.add(conn_fd, up_fd, pending)
+            del endpoint
+        except Refused as r:
+            self.counters.inc("l4proxy_refused_total", reason=r.why)
+            if r.status is not None:
+                _send_quietly(conn, http_response(r.status, REASONS.get(r.status, ""), r.body))
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception:
+            log.exception("error handling a connection on %s", lst.name)
+            conn.close()
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    async def _decide_and_connect(
+        self, conn: socket.socket, lst: Listener
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        table = self.rules.state.table  # one table for the whole decision
+        if lst.mode == "gateway":
+            return await self._gateway(conn, table)
+
+        dst = original_destination(conn)
+        if dst is None or self._is_self(dst):
+            raise Refused("not_redirected")
+        dst_ip, dst_port = dst
+
+        if dst_ip in self.local_ips and not _is_loopback(dst_ip):
+            # Inbound: the pod's own address. Forward to the local app as is.
+            self.counters.inc("l4proxy_inbound_total")
+            up = await self._connect((dst_ip, dst_port))
+            if up is None:
+                raise Refused("inbound_unreachable")
+            return up, b"", None
+
+        found = table.service_for_address(dst_ip, dst_port)
+        peek_http = (found is not None and found[1].is_http) or (
+            found is None and table.is_http_port(dst_port)
+        )
+        head: peek.RequestHead | None = None
+        pending = b""
+        if peek_http:
+            head, pending = await self._peek(conn)
+            if found is None and head is not None and head.host:
+                found = table.service_for_host(head.host, dst_port)
+
+        if found is None:
+            if self.opts.outbound_policy == "REGISTRY_ONLY":
+                raise Refused("registry_only", 502 if head is not None else None, "blocked")
+            self.counters.inc("l4proxy_passthrough_total")
+            up = await self._connect((dst_ip, dst_port))
+            if up is None:
+                raise Refused(
+                    "passthrough_unreachable", 503 if head else None, "upstream connect error"
+                )
+            return up, pending, None
+
+        service, port = found
+        return await self._route(conn, table, service, port, head, pending)
+
+    async def _gateway(
+        self, conn: socket.socket, table: RouteTable
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        head, pending = await self._peek(conn)
+        if head is None:
+            raise Refused("gateway_not_http", 400, "bad request")
+        found = table.ingress(head.host, head.path)
+        if found is None:
+            raise Refused("no_ingress_route", 404, "no route")
+        service, port = found
+        return await self._route(conn, table, service, port, head, pending)
+
+    async def _route(
+        self,
+        conn: socket.socket,
+        table: RouteTable,
+        service: Service,
+        port: ServicePort,
+        head: peek.RequestHead | None,
+        pending: bytes,
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        request = None
+        if head is not None:
+            request = Request(
+                method=head.method,
+                path=head.path,
+                authority=head.host or "",
+                headers=dict(head.headers),
+            )
+        decision: Decision = table.decide(
+            service,
+            port.number,
+            request,
+            self.opts.source_labels,
+            healthy=self.health.is_healthy,
+            active=self._active_for,
+        )
+        self.counters.inc(
+            "l4proxy_decisions_total",
+            service=service.host,
+            route=decision.route,
+            subset=decision.subset,
+        )
+        for ep in decision.endpoints[:MAX_ATTEMPTS]:
+            up = await self._connect((ep.address, ep.port), ep)
+            if up is not None:
+                return up, pending, ep
+        raise Refused(
+            "no_healthy_upstream", 503 if head is not None else None, "no healthy upstream"
+        )
+
+    def _active_for(self, ep: Endpoint) -> int:
+        return self.active_per_endpoint.get((ep.address, ep.port), 0)
+
+    def _is_self(self, dst: tuple[str, int]) -> bool:
+        """Did somebody dial one of our own listeners directly? (refused: no loops)"""
+        ip, port = dst
+        return port in self.listener_ports and (_is_loopback(ip) or ip in self.local_ips)
+
+    async def _peek(self, conn: socket.socket) -> tuple[peek.RequestHead | None, bytes]:
+        """Read the request head. Returns (head or None if not HTTP, bytes read)."""
+        parser = peek.HeadParser(self.opts.max_head)
+        deadline = time.monotonic() + self.opts.header_timeout
+        while True:
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
+                    raise Refused("header_timeout", 408, "request header timeout") from None
+                continue
+            except OSError as exc:
+                raise Refused("client_error") from exc
+            if not data:
+                if parser.buffered:
+                    # The client sent something and half-closed: not a complete
+                    # head; forward at L4 rather than guess.
+                    return None, parser.buffered
+                raise Refused("client_closed")
+            try:
+                head = parser.feed(data)
+            except peek.NotHTTP:
+                return None, parser.buffered
+            except peek.HeadError as exc:
+                raise Refused(f"bad_request_{exc.status}", exc.status, exc.reason) from exc
+            if head is not None:
+                return head, parser.buffered
+
+    async def _connect(
+        self, addr: tuple[str, int], ep: Endpoint | None = None
+    ) -> socket.socket | None:
+        """Connect with a timeout; report to outlier detection; None on failure."""
+        host, port = addr
+        try:
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+        err = "no address"
+        for family, stype, proto, _, sockaddr in infos[:2]:
+            sock = socket.socket(family, stype, proto)
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                rc = sock.connect_ex(sockaddr)
+                if rc in (errno.EINPROGRESS, errno.EAGAIN):
+                    if not await _wait_fd(sock.fileno(), True, self.opts.connect_timeout):
+                        raise OSError(errno.ETIMEDOUT, "connect timeout")
+                    rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if rc != 0:
+                    raise OSError(rc, os.strerror(rc))
+            except OSError as exc:
+                sock.close()
+                err = exc.strerror or str(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if ep is not None:
+                self.health.success(ep)
+            return sock
+        if ep is not None:
+            self.health.failure(ep, err)
+        self.counters.inc(
+            "l4proxy_upstream_connect_failures_total", endpoint=f"{host}:{port}", error=err
+        )
+        return None
+
+
+async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
+    """Wait until *fd* is readable (or writable); False on timeout.
+
+    The watcher is removed before returning, whatever happens: the fd is about
+    to be handed to the pump thread, and the event loop must not keep a poll
+    handle on it (uvloop/libuv must never see an fd after it changes owner).
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await asyncio.wait_for(fut, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    try:
+        conn.send(data, socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): tells the client at once, frees the fd."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    conn.close()

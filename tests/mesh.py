@@ -1,0 +1,295 @@
+"""Test support: the bootcamp service in pods, a client pod with init + sidecar.
+
+``Mesh`` builds on :class:`l4proxy.podnet.PodNetwork`: bootcamp pods (v1 ×2,
+v2 ×1) running :mod:`l4proxy.bootcamp`, a ServiceEntry for them with the VIP
+198.19.0.10:8080, a client pod where ``l4proxy-init -p 15001 -u 1337`` has
+run and ``l4proxy run`` serves as uid 1337. Requests are made as uid 1000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable
+
+from l4proxy.podnet import Pod, PodNetwork
+
+VENV_BIN = os.path.dirname(sys.executable)
+PYTHON = sys.executable
+L4PROXY = os.path.join(VENV_BIN, "l4proxy")
+L4PROXY_INIT = os.path.join(VENV_BIN, "l4proxy-init")
+VIP = "198.19.0.10"
+ANSWER = re.compile(r"Hello Kubernetes bootcamp! \| Running on: (\S+) \| v=(\d+)")
+
+SEED_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared",
+    "seed",
+    "istio-request-routing",
+)
+
+
+def service_entry(
+    name: str,
+    vip: str,
+    port: int,
+    endpoints: Iterable[tuple[str, dict[str, str]]],
+    protocol: str = "HTTP",
+    port_name: str = "http",
+) -> str:
+    eps = [{"address": addr, "labels": labels} for addr, labels in endpoints]
+    doc = {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name},
+        "spec": {
+            "hosts": [f"{name}.default.svc.cluster.local"],
+            "addresses": [vip],
+            "ports": [{"number": port, "name": port_name, "protocol": protocol}],
+            "resolution": "STATIC",
+            "endpoints": eps,
+        },
+    }
+    return json.dumps(doc)
+
+
+def route_rule(weights: dict[str, int], name: str = "bootcamp-default") -> str:
+    return (
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\n"
+        f"metadata:\n  name: {name}\nspec:\n  destination:\n    name: bootcamp\n"
+        "  precedence: 1\n  route:\n"
+        + "".join(f"  - labels:\n      version: {v}\n    weight: {w}\n" for v, w in weights.items())
+    )
+
+
+class Sidecar:
+    def __init__(self, pod: Pod, proc: subprocess.Popen[bytes], admin_port: int) -> None:
+        self.pod = pod
+        self.proc = proc
+        self.admin_port = admin_port
+
+    def admin(self, path: str, method: str = "GET") -> str:
+        """Query the admin endpoint inside the pod (it listens on the pod's loopback)."""
+        code = (
+            "import urllib.request,sys;"
+            f"r=urllib.request.Request('http://127.0.0.1:{self.admin_port}{path}',method='{method}');"
+            "sys.stdout.write(urllib.request.urlopen(r,timeout=5).read().decode())"
+        )
+        return self.pod.run([PYTHON, "-c", code]).stdout
+
+    def stat(self, name: str) -> float:
+        total = 0.0
+        for line in self.admin("/stats").splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Mesh:
+    """Bootcamp v1 ×2 + v2 ×1 and a client pod with l4proxy-init + l4proxy run."""
+
+    def __init__(self, net: PodNetwork, env: dict[str, str] | None = None) -> None:
+        self.net = net
+        self.env = dict(os.environ, **(env or {}))
+        self.rules_dir = tempfile.mkdtemp(prefix="l4mesh-")
+        os.chmod(self.rules_dir, 0o755)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.bootcamp: list[Pod] = []
+        self.client: Pod | None = None
+        self.sidecar: Sidecar | None = None
+        self.log_path = os.path.join(self.rules_dir, "sidecar.log")
+
+    # -- building ------------------------------------------------------------
+    def start_backends(self, v1: int = 2, v2: int = 1) -> None:
+        for version, count in (("v1", v1), ("v2", v2)):
+            for i in range(count):
+                pod = self.net.add_pod(
+                    f"bc-{version}-{i}", labels={"app": "bootcamp", "version": version}
+                )
+                self.serve_bootcamp(pod, f"bootcamp-{version}-{i}", version[1:])
+                self.bootcamp.append(pod)
+        for pod in self.bootcamp:
+            pod.wait_listening(8080)
+
+    def serve_bootcamp(self, pod: Pod, name: str, version: str, port: int = 8080) -> None:
+        self.procs.append(
+            pod.popen(
+                [
+                    PYTHON,
+                    "-m",
+                    "l4proxy.bootcamp",
+                    "--port",
+                    str(port),
+                    "--pod",
+                    name,
+                    "--version",
+                    version,
+                ],
+                user=1000,
+                env=self.env,
+            )
+        )
+
+    def endpoints(self) -> list[tuple[str, dict[str, str]]]:
+        return [(p.ipv4, p.labels) for p in self.bootcamp]
+
+    def write_rules(self, *docs: str, name: str = "rules.yaml") -> str:
+        """Atomically replace one rule file (write + rename, like a ConfigMap swap)."""
+        path = os.path.join(self.rules_dir, name)
+        tmp = os.path.join(self.rules_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("\n---\n".join(docs))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return path
+
+    def remove_rules(self, name: str) -> None:
+        os.unlink(os.path.join(self.rules_dir, name))
+
+    def start_client(self, init_args: Iterable[str] = (), run_args: Iterable[str] = ()) -> Sidecar:
+        self.client = self.net.add_pod("client", labels={"app": "client"})
+        subprocess.run(
+            [L4PROXY_INIT, "--netns", self.client.netns, "-p", "15001", "-u", "1337", *init_args],
+            check=True,
+            capture_output=True,
+            env=self.env,
+        )
+        self.sidecar = self.start_sidecar(self.client, run_args)
+        return self.sidecar
+
+    def start_sidecar(self, pod: Pod, run_args: Iterable[str] = ()) -> Sidecar:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        proc = pod.popen(
+            [
+                L4PROXY,
+                "run",
+                "--rules",
+                self.rules_dir,
+                "--uid",
+                "1337",
+                "--reload-interval",
+                "0.2",
+                "--drain-duration",
+                "5",
+                *run_args,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        sidecar = Sidecar(pod, proc, 15000)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {proc.returncode}:\n{self.sidecar_log()}")
+            try:
+                if "LIVE" in sidecar.admin("/ready"):
+                    return sidecar
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"sidecar not ready:\n{self.sidecar_log()}")
+
+    def sidecar_log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()[-5000:]
+        except OSError:
+            return ""
+
+    # -- traffic -------------------------------------------------------------
+    def curl(
+        self, url: str, n: int = 1, timeout: float = 60, extra: Iterable[str] = ()
+    ) -> list[str]:
+        """n requests with real curl as uid 1000, each on its own connection."""
+        assert self.client is not None
+        out = self.client.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                "Connection: close",
+                *extra,
+                "-w",
+                "\\n%{http_code}\\n",
+                *([url] * n),
+            ],
+            user=1000,
+            timeout=timeout,
+            check=False,
+        )
+        return out.stdout.splitlines()
+
+    def split(
+        self, url: str = f"http://{VIP}:8080/", n: int = 300
+    ) -> tuple[Counter[str], Counter[str], list[str]]:
+        """(requests per version, per pod, failures) for n curl requests."""
+        lines = self.curl(url, n)
+        versions: Counter[str] = Counter()
+        pods: Counter[str] = Counter()
+        codes = [ln for ln in lines if re.fullmatch(r"\d{3}", ln)]
+        for ln in lines:
+            m = ANSWER.search(ln)
+            if m:
+                pods[m.group(1)] += 1
+                versions["v" + m.group(2)] += 1
+        failures = [c for c in codes if c != "200"]
+        if len(codes) < n:
+            failures += ["missing"] * (n - len(codes))
+        return versions, pods, failures
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.rules_dir, ignore_errors=True)
+
+
+def binomial_ok(k: int, n: int, p: float) -> bool:
+    """True when k of n is within the two-sided p > 0.001 band (|z| < 3.29)."""
+    if p in (0.0, 1.0):
+        return k == n * p
+    mean = n * p
+    sd = (n * p * (1 - p)) ** 0.5
+    return abs(k - mean) <= 3.29 * sd
+
+
+def http_get(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        body: bytes = r.read()
+        return body.decode()

@@ -1,0 +1,380 @@
+"""The sidecar end to end: l4proxy-init + l4proxy run in a client pod, real curl.
+
+Every test builds pods in fresh network namespaces (removed afterwards), runs
+``l4proxy-init -p 15001 -u 1337`` in the client pod and ``l4proxy run`` as
+uid 1337 there, and makes requests as uid 1000 to the Service VIP
+198.19.0.10:8080, which only the REDIRECT rule makes reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy.podnet import PodNetwork
+from tests.mesh import PYTHON, SEED_DIR, VIP, Mesh, binomial_ok, route_rule, service_entry
+
+pytestmark = pytest.mark.netns
+
+IMPLS = {
+    "compiled-uvloop": ({}, []),
+    "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ["--loop", "asyncio"]),
+}
+
+
+@pytest.fixture
+def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
+    m = Mesh(pod_network)
+    try:
+        m.start_backends()
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log())
+        m.close()
+
+
+def _start(mesh: Mesh, impl: str, *docs: str, run_args: tuple[str, ...] = ()) -> None:
+    env, args = IMPLS[impl]
+    mesh.env.update(env)
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
+    if docs:
+        mesh.write_rules(*docs)
+    mesh.start_client(run_args=(*args, *run_args))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_split_follows_each_seed_rule(mesh: Mesh, impl: str) -> None:
+    _start(mesh, impl)
+    assert mesh.sidecar is not None
+    assert ("compiled" if impl.startswith("compiled") else "pure") in mesh.sidecar_log()
+    n = 150
+    # No rule: round robin over the three pods, exactly.
+    versions, pods, failures = mesh.split(n=n)
+    assert not failures
+    assert versions == {"v1": 100, "v2": 50}, versions
+    assert set(pods.values()) == {50}, pods
+
+    steps = [({"v1": 100}, 1.0), ({"v1": 50, "v2": 50}, 0.5), ({"v2": 100}, 0.0)]
+    for weights, p_v1 in steps:
+        gen = mesh.sidecar.stat("l4proxy_rules_generation")
+        mesh.write_rules(route_rule(weights))
+        _wait_generation(mesh, gen + 1)
+        versions, pods, failures = mesh.split(n=n)
+        assert not failures, failures
+        assert sum(versions.values()) == n
+        assert binomial_ok(versions["v1"], n, p_v1), (weights, versions)
+        if p_v1 == 1.0:
+            # inside the v1 subset, round robin over its two pods
+            assert pods["bootcamp-v1-0"] == pods["bootcamp-v1-1"] == n // 2
+
+    # Deleting the rule: back to the even spread.
+    gen = mesh.sidecar.stat("l4proxy_rules_generation")
+    mesh.remove_rules("rules.yaml")
+    _wait_generation(mesh, gen + 1)
+    versions, _, failures = mesh.split(n=n)
+    assert not failures and versions == {"v1": 100, "v2": 50}
+
+
+def _wait_generation(mesh: Mesh, gen: float, timeout: float = 10) -> None:
+    assert mesh.sidecar is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mesh.sidecar.stat("l4proxy_rules_generation") >= gen:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"rules generation {gen} not reached:\n{mesh.sidecar_log()}")
+
+
+@pytest.mark.skipif(not os.path.isdir(SEED_DIR), reason=f"seed manifests not at {SEED_DIR}")
+def test_seed_route_rule_files_verbatim(mesh: Mesh) -> None:
+    _start(mesh, "compiled-uvloop")
+    assert mesh.sidecar is not None
+    for fname, p_v1 in [
+        ("bootcamp-route-rule-all-v1.yaml", 1.0),
+        ("bootcamp-route-rule-50-v2.yaml", 0.5),
+        ("bootcamp-route-rule-all-v2.yaml", 0.0),
+    ]:
+        with open(os.path.join(SEED_DIR, fname)) as f:
+            doc = f.read()
+        gen = mesh.sidecar.stat("l4proxy_rules_generation")
+        mesh.write_rules(doc)
+        _wait_generation(mesh, gen + 1)
+        versions, _, failures = mesh.split(n=100)
+        assert not failures
+        assert binomial_ok(versions["v1"], 100, p_v1), (fname, versions)
+
+
+SERVER_FIRST = r"""
+import socket, sys
+s = socket.create_server(("", int(sys.argv[1])), backlog=64)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"220 banner from " + sys.argv[2].encode() + b"\r\n")
+    data = c.recv(100)
+    c.sendall(b"echo:" + data)
+    c.close()
+"""
+
+
+def test_server_first_tcp_service(mesh: Mesh) -> None:
+    """A TCP port: nothing is read before connecting upstream; the banner arrives."""
+    db = mesh.net.add_pod("db", labels={"app": "db"})
+    mesh.procs.append(db.popen([PYTHON, "-c", SERVER_FIRST, "5432", "db"], user=1000))
+    db.wait_listening(5432)
+    mesh.write_rules(
+        service_entry("db", "198.19.0.20", 5432, [(db.ipv4, db.labels)], "TCP", "tcp-db"),
+        name="db.yaml",
+    )
+    _start(mesh, "compiled-uvloop")
+    assert mesh.client is not None
+    code = (
+        "import socket;c=socket.create_connection(('198.19.0.20',5432),5);"
+        "print(c.recv(100).decode().strip());c.sendall(b'hi');print(c.recv(100).decode())"
+    )
+    out = mesh.client.run([PYTHON, "-c", code], user=1000, timeout=15).stdout.split("\n")
+    assert out[0] == "220 banner from db"
+    assert out[1] == "echo:hi"
+
+
+def test_passthrough_unknown_destination(mesh: Mesh) -> None:
+    """A destination in no ServiceEntry goes where it was dialled (PassthroughCluster)."""
+    _start(mesh, "compiled-uvloop")
+    target = mesh.bootcamp[2]  # v2 pod, dialled by its pod IP
+    lines = mesh.curl(f"http://{target.ipv4}:8080/", 3)
+    assert sum("v=2" in ln for ln in lines) == 3
+    assert mesh.sidecar is not None
+    assert mesh.sidecar.stat("l4proxy_passthrough_total") >= 3
+
+
+def test_registry_only_refuses_unknown(mesh: Mesh) -> None:
+    _start(mesh, "compiled-uvloop", run_args=("--outbound-policy", "REGISTRY_ONLY"))
+    target = mesh.bootcamp[2]
+    lines = mesh.curl(f"http://{target.ipv4}:8080/", 1)
+    assert "v=2" not in "".join(lines)
+    assert "502" in lines
+
+
+def test_dead_endpoint_skipped_and_all_dead_gives_503(mesh: Mesh) -> None:
+    dead = mesh.net.add_pod("dead", labels={"app": "bootcamp", "version": "v1"})
+    eps = [*mesh.endpoints(), (dead.ipv4, dead.labels)]  # nothing listens on dead:8080
+    _start(mesh, "compiled-uvloop", run_args=("--connect-timeout", "1"))
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, eps), name="registry.yaml")
+    mesh.write_rules(route_rule({"v1": 100}))
+    assert mesh.sidecar is not None
+    _wait_generation(mesh, 3)
+    versions, pods, failures = mesh.split(n=60)
+    assert not failures, failures
+    assert versions == {"v1": 60}
+    assert set(pods) == {"bootcamp-v1-0", "bootcamp-v1-1"}
+    clusters = mesh.sidecar.admin("/clusters")
+    assert f"{dead.ipv4}:8080::connect_failures::" in clusters
+    assert mesh.sidecar.stat("l4proxy_upstream_connect_failures_total") >= 1
+
+    # Every v2 endpoint dead: 503 with the Envoy body.
+    mesh.write_rules(
+        service_entry(
+            "bootcamp",
+            VIP,
+            8080,
+            [*mesh.endpoints()[:2], (dead.ipv4, {"app": "bootcamp", "version": "v2"})],
+        ),
+        name="registry.yaml",
+    )
+    mesh.write_rules(route_rule({"v2": 100}))
+    _wait_generation(mesh, 5)
+    lines = mesh.curl(f"http://{VIP}:8080/", 2)
+    assert lines.count("503") == 2, lines
+    assert lines.count("no healthy upstream") == 2
+
+
+def test_inbound_capture_reaches_local_app(mesh: Mesh) -> None:
+    """Another pod calls the client pod's IP: PREROUTING → sidecar → the local app."""
+    _start(mesh, "compiled-uvloop")
+    assert mesh.client is not None and mesh.sidecar is not None
+    mesh.serve_bootcamp(mesh.client, "client-app", "9", port=9090)
+    mesh.client.wait_listening(9090)
+    caller = mesh.net.add_pod("caller")
+    before = mesh.sidecar.stat("l4proxy_inbound_total")
+    out = caller.run(
+        ["curl", "-sS", "--max-time", "5", f"http://{mesh.client.ipv4}:9090/"], user=1000
+    ).stdout
+    assert "Running on: client-app | v=9" in out
+    assert mesh.sidecar.stat("l4proxy_inbound_total") == before + 1
+
+
+def test_direct_dial_of_the_listener_is_refused(mesh: Mesh) -> None:
+    _start(mesh, "compiled-uvloop")
+    assert mesh.client is not None
+    code = (
+        "import socket;c=socket.create_connection(('127.0.0.1',15001),5);"
+        "c.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n');print(repr(c.recv(100)))"
+    )
+    out = mesh.client.run([PYTHON, "-c", code], user=1337, check=False).stdout
+    assert out.strip() in ("b''", "")  # closed, no loop, no answer
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_rule_swaps_under_load_fail_nothing(mesh: Mesh, impl: str) -> None:
+    _start(mesh, impl, route_rule({"v1": 100}))
+    assert mesh.client is not None and mesh.sidecar is not None
+    results: list[tuple[int, list[str]]] = []
+
+    def load() -> None:
+        for _ in range(6):
+            results.append((60, mesh.curl(f"http://{VIP}:8080/", 60)))
+
+    t = threading.Thread(target=load)
+    t.start()
+    rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
+    i = 0
+    while t.is_alive():
+        mesh.write_rules(rules[i % 3])
+        i += 1
+        time.sleep(0.15)
+    t.join()
+    assert i >= 5
+    codes = [ln for _, lines in results for ln in lines if ln.isdigit() and len(ln) == 3]
+    assert len(codes) == 360 and set(codes) == {"200"}
+    assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
+
+
+BULK = r"""
+import hashlib, socket, sys, os
+mode, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_server(("", port))
+while True:
+    c, _ = s.accept()
+    if mode == "sink":   # read all, answer the sha256 of what came
+        h = hashlib.sha256(); n = 0
+        while True:
+            d = c.recv(1 << 20)
+            if not d: break
+            h.update(d); n += len(d)
+        c.sendall(f"{n} {h.hexdigest()}".encode())
+    else:                # source: send N deterministic bytes, then close
+        n = int(c.recv(100)); block = hashlib.sha256(b"x").digest() * 32768  # 1 MiB
+        while n > 0:
+            c.sendall(block[:min(n, len(block))]); n -= len(block)
+    c.close()
+"""
+
+CLIENT = r"""
+import hashlib, socket, sys
+mode, host, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+c = socket.create_connection((host, port), 10)
+c.settimeout(120)
+block = hashlib.sha256(b"x").digest() * 32768
+if mode == "up":
+    h = hashlib.sha256(); left = size
+    while left > 0:
+        chunk = block[:min(left, len(block))]; c.sendall(chunk); h.update(chunk); left -= len(chunk)
+    c.shutdown(socket.SHUT_WR)   # half-close: the answer must still arrive
+    got = b""
+    while True:
+        d = c.recv(1000)
+        if not d: break
+        got += d
+    print(got.decode() == f"{size} {h.hexdigest()}", got.decode())
+else:
+    c.sendall(str(size).encode()); c.shutdown(socket.SHUT_WR)
+    h = hashlib.sha256(); n = 0
+    while True:
+        d = c.recv(1 << 20)
+        if not d: break
+        h.update(d); n += len(d)
+    e = hashlib.sha256(); left = size
+    while left > 0:
+        e.update(block[:min(left, len(block))]); left -= len(block)
+    print(n == size and h.hexdigest() == e.hexdigest(), n)
+"""
+
+
+@pytest.mark.parametrize(
+    "impl,size",
+    [("compiled-uvloop", 1 << 30), ("pure-asyncio", 64 << 20)],
+    ids=["compiled-1GiB", "pure-64MiB"],
+)
+def test_bulk_transfer_is_byte_identical_both_ways(mesh: Mesh, impl: str, size: int) -> None:
+    store = mesh.net.add_pod("store", labels={"app": "store"})
+    mesh.procs.append(store.popen([PYTHON, "-c", BULK, "sink", "7001"], user=1000))
+    mesh.procs.append(store.popen([PYTHON, "-c", BULK, "source", "7002"], user=1000))
+    store.wait_listening(7001)
+    store.wait_listening(7002)
+    mesh.write_rules(
+        service_entry("sink", "198.19.0.31", 7001, [(store.ipv4, {})], "TCP", "tcp"),
+        service_entry("source", "198.19.0.32", 7002, [(store.ipv4, {})], "TCP", "tcp"),
+        name="store.yaml",
+    )
+    _start(mesh, impl)
+    assert mesh.client is not None and mesh.sidecar is not None
+    up = mesh.client.run(
+        [PYTHON, "-c", CLIENT, "up", "198.19.0.31", "7001", str(size)], user=1000, timeout=240
+    )
+    assert up.stdout.startswith("True"), up.stdout + up.stderr
+    down = mesh.client.run(
+        [PYTHON, "-c", CLIENT, "down", "198.19.0.32", "7002", str(size)], user=1000, timeout=240
+    )
+    assert down.stdout.startswith("True"), down.stdout + down.stderr
+    assert mesh.sidecar.stat("l4proxy_bytes_upstream_total") >= size
+    assert mesh.sidecar.stat("l4proxy_bytes_downstream_total") >= size
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_churn_soak_connection_close(mesh: Mesh, impl: str) -> None:
+    """wrk with Connection: close for a while: the sidecar lives, fds return to baseline."""
+    _start(mesh, impl, route_rule({"v1": 50, "v2": 50}))
+    assert mesh.client is not None and mesh.sidecar is not None
+    baseline = mesh.sidecar.fd_count()
+    seconds = int(
+        os.environ.get("L4PROXY_CHURN_SECONDS", "30" if impl.startswith("pure") else "60")
+    )
+    out = mesh.client.run(
+        ["wrk", "-t2", "-c50", f"-d{seconds}s", "-H", "Connection: close", f"http://{VIP}:8080/"],
+        user=1000,
+        timeout=seconds + 60,
+    ).stdout
+    print(out)
+    assert mesh.sidecar.alive(), mesh.sidecar_log()
+    requests = int(out.split(" requests in ")[0].split()[-1])
+    assert requests > 1000, out
+    assert "Non-2xx" not in out, out
+    deadline = time.monotonic() + 10
+    while mesh.sidecar.fd_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mesh.sidecar.fd_count() <= baseline
+    assert mesh.sidecar.stat("l4proxy_active_connections") <= 1  # the admin query itself
+    # still serving after the churn
+    versions, _, failures = mesh.split(n=20)
+    assert not failures and sum(versions.values()) == 20
+
+
+def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
+    """SIGTERM: the listener closes, a connection in flight finishes its transfer."""
+    store = mesh.net.add_pod("store", labels={"app": "store"})
+    mesh.procs.append(store.popen([PYTHON, "-c", BULK, "source", "7002"], user=1000))
+    store.wait_listening(7002)
+    mesh.write_rules(
+        service_entry("source", "198.19.0.32", 7002, [(store.ipv4, {})], "TCP", "tcp"),
+        name="store.yaml",
+    )
+    _start(mesh, "compiled-uvloop")
+    assert mesh.client is not None and mesh.sidecar is not None
+    slow = (
+        "import socket,time,hashlib;c=socket.create_connection(('198.19.0.32',7002),5);"
+        "c.sendall(b'%d' % (64<<20));c.shutdown(socket.SHUT_WR);n=0\n"
+        "while True:\n d=c.recv(65536)\n if not d: break\n n+=len(d); time.sleep(0.002)\n"
+        "print(n)"
+    )
+    reader = mesh.client.popen([PYTHON, "-c", slow], user=1000, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    mesh.sidecar.proc.send_signal(15)
+    out, _ = reader.communicate(timeout=30)
+    assert out.strip() == str(64 << 20)
+    assert mesh.sidecar.proc.wait(10) == 0
+    assert "draining" in mesh.sidecar_log()
