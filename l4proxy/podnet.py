@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -77,6 +78,18 @@ class Pod:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         return subprocess.run(self.command(argv, user), check=check, timeout=timeout, **kwargs)
+
+    def set_hosts(self, entries: dict[str, list[str]]) -> None:
+        """Give the pod its own /etc/hosts (``ip netns exec`` bind-mounts
+        /etc/netns/<ns>/hosts over /etc/hosts), so that curl inside the pod
+        resolves service names like ``bootcamp`` the way cluster DNS would."""
+        d = f"/etc/netns/{self.netns}"
+        os.makedirs(d, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+        lines += [f"{ip} {' '.join(names)}" for ip, names in entries.items()]
+        with open(os.path.join(d, "hosts"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(os.path.join(d, "hosts"), 0o644)
 
     def wait_listening(self, port: int, timeout: float = 10.0) -> None:
         """Block until something in this pod listens on TCP *port*."""
@@ -143,6 +156,7 @@ class PodNetwork:
         for name in reversed(self._namespaces):
             with contextlib.suppress(Exception):
                 netns.remove(name)
+            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
         self._namespaces.clear()
         self.pods.clear()
         self._open = False
