@@ -1,0 +1,537 @@
+"""The one module that touches the kernel: namespaces, nat tables, backends.
+
+Theory of operation
+-------------------
+:func:`run` handles the address families one after the other, each in a
+process of its own (:func:`_in_own_process`). Two kernel facts force that:
+
+* python-iptables loads the xtables extensions of one family per process:
+  after IPv4's REDIRECT is loaded, IPv6's cannot be ("can't find target
+  REDIRECT"), and the reverse.
+* ``setns`` moves the calling thread, but a python-iptables ``Table`` made
+  before it keeps a handle on the old namespace's table. A fresh process that
+  enters the namespace *before* importing iptc cannot get this wrong, and the
+  caller's process (a test, or a shell) stays where it was.
+
+Inside the family process (:func:`run_family`): enter the namespace, pick the
+backend, read the nat table with ``*-save``, plan with :mod:`.plan`, apply the
+changes as one commit (python-iptables ``commit()`` for legacy, one
+``*-nft-restore --noflush`` transaction for nft), then read the table again
+and check that our part of it is exactly the plan. The parent never imports
+iptc.
+
+The legacy commit replaces the whole table and fails with EAGAIN when
+someone changed it since our snapshot (python-iptables takes no xtables
+lock): we take ``/run/xtables.lock`` like iptables-legacy does, and
+re-read, re-plan and retry on EAGAIN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Literal, Protocol
+
+from .errors import ExitCode, InitError
+from .options import CaptureOptions, Family
+from .plan import (
+    AppendRule,
+    Change,
+    CreateChain,
+    DeleteChain,
+    DeleteRule,
+    FlushChain,
+    Rule,
+    RuleSet,
+    describe,
+    desired_ruleset,
+    parse_save,
+    plan_changes,
+    restore_text,
+)
+
+Mode = Literal["apply", "cleanup", "dry-run"]
+BackendChoice = Literal["legacy", "nft", "auto"]
+IPv6Choice = Literal["on", "off", "auto"]
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CLONE_NEWNET = 0x40000000
+NETNS_DIRS = ("/run/netns", "/var/run/netns")
+XTABLES_LOCK = "/run/xtables.lock"
+COMMIT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class FamilyJob:
+    """Everything a family process needs; crosses the process boundary."""
+
+    family: Family
+    mode: Mode
+    options: CaptureOptions
+    netns: str | None
+    ipv6: IPv6Choice
+    backend: BackendChoice
+
+
+@dataclass(frozen=True)
+class FamilyReport:
+    """What happened to one family's nat table, for the log and stdout."""
+
+    family: Family
+    status: Literal["installed", "unchanged", "removed", "skipped", "planned"]
+    backend: str
+    summary: str
+    ruleset: str
+
+
+# -- checks done before anything is touched ----------------------------------
+
+
+def resolve_netns(name: str) -> str:
+    """``NAME`` (as ``ip netns`` names them) or a path such as /proc/PID/ns/net."""
+    candidates = [name] if "/" in name else [os.path.join(d, name) for d in NETNS_DIRS]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise InitError(
+        ExitCode.ENVIRONMENT,
+        f"network namespace {name!r} not found ({' or '.join(candidates)} does not exist); "
+        f"list them with: ip netns list, or pass a path like /proc/PID/ns/net",
+    )
+
+
+def check_privileges() -> None:
+    """Fail early and clearly instead of "can't initialize iptables table 'nat'"."""
+    caps = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    missing = [
+        name
+        for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_NET_RAW, "CAP_NET_RAW"))
+        if not caps & (1 << bit)
+    ]
+    if missing:
+        raise InitError(
+            ExitCode.PRIVILEGE,
+            f"missing {' and '.join(missing)}: run the init container with NET_ADMIN and "
+            f"NET_RAW (securityContext.capabilities.add: [NET_ADMIN, NET_RAW]), or as root",
+        )
+
+
+# -- namespace and addresses --------------------------------------------------
+
+
+def enter_netns(path: str) -> None:
+    """Move this process into the network namespace at *path* (no way back)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InitError(
+            ExitCode.ENVIRONMENT, f"cannot open network namespace {path}: {exc}"
+        ) from None
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EPERM:
+                raise InitError(
+                    ExitCode.PRIVILEGE,
+                    f"entering network namespace {path} needs CAP_SYS_ADMIN: run as root, "
+                    f"or run l4proxy-init inside the pod (without --netns)",
+                )
+            raise InitError(
+                ExitCode.ENVIRONMENT,
+                f"{path} is not a network namespace ({os.strerror(err)})",
+            )
+    finally:
+        os.close(fd)
+
+
+def has_global_ipv6() -> bool:
+    """Does the current namespace have an IPv6 address of global scope?"""
+    from pyroute2 import IPRoute  # netlink socket opened in the current namespace
+
+    with IPRoute() as ipr:
+        # RT_SCOPE_UNIVERSE is 0; ::1 is host scope, fe80:: is link scope.
+        return any(msg.get("scope") == 0 for msg in ipr.get_addr(family=socket.AF_INET6))
+
+
+# -- backends -----------------------------------------------------------------
+
+
+class Backend(Protocol):
+    name: str
+
+    def read(self) -> str: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def apply(self, changes: Sequence[Change]) -> None: ...
+
+
+class RetryCommit(Exception):
+    """The table changed under us between snapshot and commit."""
+
+
+def _run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    if shutil.which(argv[0]) is None:
+        raise InitError(
+            ExitCode.ENVIRONMENT,
+            f"{argv[0]} not found: install the iptables package in the init image",
+        )
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+
+
+def _tool_failure(tool: str, result: subprocess.CompletedProcess[str], what: str) -> InitError:
+    detail = (
+        " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
+    )
+    if "Permission denied" in detail or "Operation not permitted" in detail:
+        return InitError(
+            ExitCode.PRIVILEGE,
+            f"{tool}: {detail}; run the init container with NET_ADMIN and NET_RAW",
+        )
+    return InitError(
+        ExitCode.APPLY if what == "apply" else ExitCode.ENVIRONMENT, f"{tool}: {detail}"
+    )
+
+
+class NftBackend:
+    """iptables-nft: the nat table lives in nf_tables as ``table ip[6] nat``."""
+
+    def __init__(self, family: Family) -> None:
+        prefix = "iptables" if family == 4 else "ip6tables"
+        self.name = f"{prefix}-nft"
+        self.save = f"{prefix}-nft-save"
+        self.restore = f"{prefix}-nft-restore"
+
+    @staticmethod
+    def available(family: Family) -> bool:
+        prefix = "iptables" if family == 4 else "ip6tables"
+        return all(shutil.which(f"{prefix}-nft-{t}") for t in ("save", "restore"))
+
+    def read(self) -> str:
+        result = _run_tool([self.save, "-t", "nat"])
+        if result.returncode != 0:
+            raise _tool_failure(self.save, result, "read")
+        return result.stdout
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield  # nf_tables transactions are atomic on their own
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        # One restore input is one nf_tables transaction: all or nothing.
+        result = _run_tool([self.restore, "--noflush"], stdin=restore_text(changes))
+        if result.returncode != 0:
+            raise _tool_failure(self.restore, result, "apply")
+
+
+class LegacyBackend:
+    """iptables-legacy (x_tables) through python-iptables."""
+
+    def __init__(self, family: Family) -> None:
+        prefix = "iptables" if family == 4 else "ip6tables"
+        self.family = family
+        self.name = f"{prefix}-legacy"
+        self.save = f"{prefix}-legacy-save"
+        try:
+            import iptc
+        except Exception as exc:  # any failure here means "no libxtables"
+            raise InitError(
+                ExitCode.ENVIRONMENT,
+                f"python-iptables cannot load libxtables/libiptc ({type(exc).__name__}: {exc}); "
+                f"install the iptables package (libxtables12, libip4tc2, libip6tc2) in the "
+                f"init image, or use --backend nft",
+            ) from None
+        self.iptc: Any = iptc
+        table_type = iptc.Table if family == 4 else iptc.Table6
+        try:
+            self.table: Any = table_type(table_type.NAT, autocommit=False)
+            # Table objects are cached per process: refresh() takes a new
+            # snapshot, in the namespace this process is in now.
+            self.table.refresh()
+        except iptc.IPTCError as exc:
+            text = str(exc)
+            if "Permission denied" in text or "Operation not permitted" in text:
+                raise InitError(
+                    ExitCode.PRIVILEGE,
+                    f"cannot open the legacy IPv{family} nat table ({text}): run the init "
+                    f"container with NET_ADMIN and NET_RAW",
+                ) from None
+            raise InitError(
+                ExitCode.ENVIRONMENT,
+                f"the kernel has no legacy IPv{family} nat table ({text}); "
+                f"use --backend nft (or --backend auto)",
+            ) from None
+
+    def read(self) -> str:
+        result = _run_tool([self.save, "-t", "nat"])
+        if result.returncode != 0:
+            raise _tool_failure(self.save, result, "read")
+        return result.stdout
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with _xtables_lock():
+            self.table.refresh()  # the snapshot our commit is checked against
+            yield
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        iptc = self.iptc
+        table = self.table
+        try:
+            for change in changes:
+                if isinstance(change, CreateChain):
+                    table.create_chain(change.chain)
+                elif isinstance(change, FlushChain):
+                    iptc.Chain(table, change.chain).flush()
+                elif isinstance(change, DeleteRule):
+                    chain = iptc.Chain(table, change.chain)
+                    chain.delete_rule(self._find(chain, change.comment))
+                elif isinstance(change, AppendRule):
+                    iptc.Chain(table, change.rule.chain).append_rule(self._build(change.rule))
+                elif isinstance(change, DeleteChain):
+                    table.delete_chain(change.chain)
+            table.commit()
+        except (iptc.IPTCError, iptc.xtables.XTablesError) as exc:
+            text = str(exc)
+            table.refresh()  # drop what was staged
+            if "temporarily unavailable" in text:
+                raise RetryCommit(text) from None
+            raise InitError(
+                ExitCode.APPLY,
+                f"the kernel refused the IPv{self.family} nat rules ({text}); nothing was changed",
+            ) from None
+
+    def _find(self, chain: Any, comment: str) -> Any:
+        for rule in chain.rules:
+            if any(m.name == "comment" and m.comment == comment for m in rule.matches):
+                return rule
+        raise RetryCommit(f"rule {comment} vanished from {chain.name}")
+
+    def _build(self, spec: Rule) -> Any:
+        # Same option order as Rule.save_line(): iptables-save prints matches
+        # in the order they were added, and plan and kernel are compared as text.
+        rule = self.iptc.Rule() if self.family == 4 else self.iptc.Rule6()
+        if spec.destination:
+            rule.dst = spec.destination
+        if spec.out_interface:
+            rule.out_interface = spec.out_interface
+        if spec.tcp or spec.dport is not None:
+            rule.protocol = "tcp"
+        if spec.dport is not None:
+            rule.create_match("tcp").dport = str(spec.dport)
+        if spec.uid_owner is not None:
+            rule.create_match("owner").uid_owner = str(spec.uid_owner)
+        if spec.gid_owner is not None:
+            rule.create_match("owner").gid_owner = str(spec.gid_owner)
+        rule.create_match("comment").comment = spec.comment
+        target = rule.create_target(spec.jump)
+        if spec.to_port is not None:
+            target.to_ports = str(spec.to_port)
+        return rule
+
+
+@contextlib.contextmanager
+def _xtables_lock(timeout: float = 10.0) -> Iterator[None]:
+    """The lock iptables-legacy takes, so that we never race a concurrent iptables."""
+    try:
+        fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield  # read-only /run: the EAGAIN retry still protects the commit
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InitError(
+                        ExitCode.APPLY,
+                        f"{XTABLES_LOCK} is held by another process for {timeout:.0f}s; "
+                        f"is an iptables command hanging?",
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[Backend]:
+    """The backend(s) to use in the current namespace.
+
+    ``auto`` uses nft where our rules already are there (the node switched, or
+    a previous run chose nft), otherwise legacy when the kernel still has it
+    (python-iptables writes there), otherwise nft. ``--cleanup`` with
+    ``auto`` visits both, so that nothing of ours is left in either.
+    """
+    if choice == "legacy":
+        return [LegacyBackend(family)]
+    if choice == "nft":
+        return [NftBackend(family)]
+    nft_ok = NftBackend.available(family)
+    backends: list[Backend] = []
+    legacy_error: InitError | None = None
+    try:
+        backends.append(LegacyBackend(family))
+    except InitError as exc:
+        if exc.code != ExitCode.ENVIRONMENT:
+            raise
+        legacy_error = exc
+    if mode == "cleanup":
+        if nft_ok:
+            backends.append(NftBackend(family))
+    elif nft_ok and (not backends or parse_save(NftBackend(family).read()).our_lines()):
+        backends = [NftBackend(family)]
+    if not backends:
+        raise InitError(
+            ExitCode.ENVIRONMENT,
+            f"no iptables backend works for IPv{family}: legacy: "
+            f"{legacy_error.message if legacy_error else '?'}; nft: {NftBackend(family).restore} "
+            f"not found (install the iptables package)",
+        )
+    return backends[:1] if mode != "cleanup" else backends
+
+
+# -- one family ---------------------------------------------------------------
+
+
+def run_family(job: FamilyJob) -> list[FamilyReport]:
+    """Plan and apply one family in the current process (after entering the namespace)."""
+    if job.netns:
+        enter_netns(job.netns)
+    family = job.family
+    if family == 6 and job.ipv6 == "auto" and job.mode != "cleanup" and not has_global_ipv6():
+        return [
+            FamilyReport(
+                6,
+                "skipped",
+                "-",
+                "the namespace has no global IPv6 address (--ipv6 captures IPv6 anyway)",
+                "",
+            )
+        ]
+    desired = None if job.mode == "cleanup" else desired_ruleset(job.options, family)
+    if job.mode == "dry-run":
+        assert desired is not None
+        return [FamilyReport(family, "planned", "-", "nothing was changed", desired.restore_text())]
+    return [
+        _converge(backend, desired, family)
+        for backend in choose_backends(family, job.backend, job.mode)
+    ]
+
+
+def _converge(backend: Backend, desired: RuleSet | None, family: Family) -> FamilyReport:
+    want = desired.save_lines() if desired else []
+    for _attempt in range(COMMIT_ATTEMPTS):
+        with backend.transaction():
+            changes = plan_changes(desired, parse_save(backend.read()), family)
+            if not changes:
+                break
+            try:
+                backend.apply(changes)
+            except RetryCommit:
+                continue
+            break
+    else:
+        raise InitError(
+            ExitCode.APPLY,
+            f"the IPv{family} nat table kept changing while we committed "
+            f"({COMMIT_ATTEMPTS} attempts); is another tool rewriting it in a loop?",
+        )
+    final = backend.read()
+    got = parse_save(final).our_lines()
+    if got != want:
+        extra = [line for line in got if line not in want]
+        missing = [line for line in want if line not in got]
+        raise InitError(
+            ExitCode.APPLY,
+            f"after apply the IPv{family} nat table ({backend.name}) differs from the plan "
+            f"(unexpected: {extra[:1]}, missing: {missing[:1]}); please report this",
+        )
+    if not changes:
+        status: Literal["installed", "unchanged", "removed"] = "unchanged"
+        summary = (
+            "nothing of ours was there"
+            if desired is None
+            else "already as planned, nothing changed"
+        )
+    else:
+        status = "removed" if desired is None else "installed"
+        summary = describe(changes)
+    return FamilyReport(family, status, backend.name, summary, final)
+
+
+# -- process per family -------------------------------------------------------
+
+
+def _family_process(job: FamilyJob, conn: Connection) -> None:
+    try:
+        conn.send(("ok", run_family(job)))
+    except InitError as exc:
+        conn.send(("error", int(exc.code), exc.message))
+    except BaseException:  # reported to the parent as a bug
+        conn.send(("crash", 0, traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _in_own_process(job: FamilyJob) -> list[FamilyReport]:
+    # fork is quick and inherits nothing that matters as long as this process
+    # never loaded iptc; if a caller did, a spawned interpreter is clean.
+    ctx: Any = multiprocessing.get_context("spawn" if "iptc" in sys.modules else "fork")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_family_process, args=(job, child_end), daemon=True)
+    process.start()
+    child_end.close()
+    try:
+        message = parent_end.recv()
+    except EOFError:
+        message = ("crash", 0, f"the IPv{job.family} process died (exit status {process.exitcode})")
+    process.join()
+    if message[0] == "ok":
+        reports: list[FamilyReport] = message[1]
+        return reports
+    if message[0] == "error":
+        raise InitError(ExitCode(message[1]), message[2])
+    raise InitError(
+        ExitCode.INTERNAL, f"internal error in the IPv{job.family} process:\n{message[2]}"
+    )
+
+
+def run(
+    mode: Mode,
+    options: CaptureOptions,
+    netns: str | None,
+    ipv6: IPv6Choice,
+    backend: BackendChoice,
+) -> list[FamilyReport]:
+    """Plan (and unless dry-run, apply) IPv4 then IPv6; stop at the first error."""
+    path = resolve_netns(netns) if netns else None
+    if mode != "dry-run":
+        check_privileges()
+    families: list[Family] = [4] if ipv6 == "off" else [4, 6]
+    reports: list[FamilyReport] = []
+    for family in families:
+        job = FamilyJob(family, mode, options, path, ipv6, backend)
+        reports += _in_own_process(job)
+    return reports
