@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from l4proxy.worker import Worker
@@ -28,11 +28,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("l4proxy.admin")
 
 
+class AdminSource(Protocol):
+    """What the admin endpoint shows: one worker, or the supervisor's sum."""
+
+    async def ready(self) -> bool: ...
+    async def stats_text(self) -> str: ...
+    async def stats_json(self) -> dict[str, Any]: ...
+    async def config_dump(self) -> Any: ...
+    async def clusters(self) -> Any: ...
+
+
 class AdminServer:
-    def __init__(self, worker: Worker, on_quit: Callable[[], None], implementation: str) -> None:
-        self.worker = worker
+    def __init__(self, source: AdminSource, on_quit: Callable[[], None]) -> None:
+        self.source = source
         self.on_quit = on_quit
-        self.implementation = implementation
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -60,7 +69,7 @@ class AdminServer:
             if len(parts) < 2:
                 status, ctype, body = 400, "text/plain", "bad request\n"
             else:
-                status, ctype, body = self.dispatch(parts[0], parts[1])
+                status, ctype, body = await self.dispatch(parts[0], parts[1])
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
@@ -76,33 +85,25 @@ class AdminServer:
         finally:
             writer.close()
 
-    def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
+    async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
         path, _, query = target.partition("?")
         as_json = "format=json" in query
-        w = self.worker
+        src = self.source
         if path == "/ready":
-            if w.draining:
-                return 503, "text/plain", "DRAINING\n"
-            return 200, "text/plain", "LIVE\n"
+            if await src.ready():
+                return 200, "text/plain", "LIVE\n"
+            return 503, "text/plain", "NOT READY\n"
         if path == "/stats":
             if as_json:
-                return 200, "application/json", json.dumps(self.stats_json(), indent=1) + "\n"
-            return 200, "text/plain; version=0.0.4", self.stats_text()
+                return 200, "application/json", _json(await src.stats_json())
+            return 200, "text/plain; version=0.0.4", await src.stats_text()
         if path == "/config_dump":
-            return 200, "application/json", json.dumps(w.rules.state.to_json(), indent=1) + "\n"
+            return 200, "application/json", _json(await src.config_dump())
         if path == "/clusters":
-            clusters = self.clusters()
+            clusters = await src.clusters() or []
             if as_json:
-                return 200, "application/json", json.dumps(clusters, indent=1) + "\n"
-            lines = []
-            for c in clusters:
-                for ep in c["endpoints"]:
-                    flag = "healthy" if ep["healthy"] else "failed_outlier_check"
-                    base = f"{c['service']}::{ep['address']}:{ep['port']}"
-                    lines.append(f"{base}::health_flags::{flag}")
-                    lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
-                    lines.append(f"{base}::ejections::{ep['ejections']}")
-            return 200, "text/plain", "\n".join(lines) + "\n"
+                return 200, "application/json", _json(clusters)
+            return 200, "text/plain", clusters_text(clusters)
         if path == "/quitquitquit":
             if method != "POST":
                 return 405, "text/plain", "use POST\n"
@@ -110,18 +111,58 @@ class AdminServer:
             return 200, "text/plain", "OK\n"
         return 404, "text/plain", "not found: /ready /stats /config_dump /clusters /quitquitquit\n"
 
-    def clusters(self) -> list[dict[str, Any]]:
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def clusters_text(clusters: list[dict[str, Any]]) -> str:
+    """Envoy's /clusters text form: service::address:port::key::value."""
+    lines = []
+    for c in clusters:
+        for ep in c["endpoints"]:
+            flag = "healthy" if ep["healthy"] else "failed_outlier_check"
+            base = f"{c['service']}::{ep['address']}:{ep['port']}"
+            lines.append(f"{base}::health_flags::{flag}")
+            lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
+            lines.append(f"{base}::ejections::{ep['ejections']}")
+    return "\n".join(lines) + "\n"
+
+
+class WorkerView:
+    """The admin's view of one in-process worker (also served on its control socket)."""
+
+    def __init__(self, worker: Worker, implementation: str) -> None:
+        self.worker = worker
+        self.implementation = implementation
+
+    async def ready(self) -> bool:
+        return not self.worker.draining
+
+    def clusters_now(self) -> list[dict[str, Any]]:
         out = []
         for svc in self.worker.rules.state.table.services():
             eps = []
             for ep in svc.endpoints:
-                d = {"address": ep.address, "port": ep.port, "labels": dict(ep.labels)}
+                d: dict[str, Any] = {
+                    "address": ep.address,
+                    "port": ep.port,
+                    "labels": dict(ep.labels),
+                }
                 d.update(self.worker.health.describe(ep))
                 eps.append(d)
             out.append({"service": svc.host, "endpoints": eps})
         return out
 
-    def _gauges(self) -> dict[str, float]:
+    async def clusters(self) -> list[dict[str, Any]]:
+        return self.clusters_now()
+
+    async def config_dump(self) -> dict[str, Any]:
+        dump = self.worker.rules.state.to_json()
+        dump["implementation"] = self.implementation
+        return dump
+
+    def gauges(self) -> dict[str, float]:
         w = self.worker
         ps = w.pump.stats()
         st = w.rules.state
@@ -140,12 +181,25 @@ class AdminServer:
             "l4proxy_rules_valid": 0 if st.last_error else 1,
         }
 
-    def stats_text(self) -> str:
-        return self.worker.counters.render(self._gauges())
+    async def stats_text(self) -> str:
+        return self.worker.counters.render(self.gauges())
 
-    def stats_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self._gauges())
+    async def stats_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.gauges())
         for name, series in self.worker.counters.snapshot().items():
             out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
         out["implementation"] = self.implementation
         return out
+
+    def stats_raw(self) -> dict[str, Any]:
+        """Mergeable form for the supervisor: counters as [name, labels, value]."""
+        counters = [
+            [name, [list(kv) for kv in labels], v]
+            for name, series in self.worker.counters.snapshot().items()
+            for labels, v in series.items()
+        ]
+        return {
+            "counters": counters,
+            "gauges": self.gauges(),
+            "help": {k: list(v) for k, v in self.worker.counters.help().items()},
+        }

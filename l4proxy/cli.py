@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in args_list if not a.startswith("-")), None)
     parser = build_parser(first if first in SUBCOMMANDS else None)
     args = parser.parse_args(args_list)
+    args.raw_argv = args_list  # the supervisor restarts workers with the same arguments
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

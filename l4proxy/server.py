@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
+import json
 import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 from typing import Any
 
 from l4proxy import __version__, peek, pump
-from l4proxy.admin import AdminServer
+from l4proxy.admin import AdminServer, WorkerView
 from l4proxy.rulewatch import RuleWatcher
+from l4proxy.supervisor import Supervisor
 from l4proxy.worker import Listener, Worker, WorkerOptions, bind_listener
 
 log = logging.getLogger("l4proxy")
@@ -164,7 +167,23 @@ def add_parser(sub: Any) -> None:
         default="uvloop",
         help="event loop for the control path (uvloop)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listeners with SO_REUSEPORT (1)",
+    )
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        help="no supervisor: serve in this process (debugging; a crash is not restarted)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Internal: how the supervisor starts a worker.
+    p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--control-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -175,49 +194,125 @@ def _drop_privileges(uid: str | None, gid: str | None) -> None:
         os.setgid(g)
     if uid is not None:
         u = int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+        if os.getuid() == u:
+            return
         if gid is None:
             os.setgroups([])
             os.setgid(u)
         os.setuid(u)
 
 
+def _listener_specs(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    specs: list[tuple[str, int, str]] = []
+    if not args.no_transparent:
+        specs.append(("::", args.port, "outbound"))
+        if args.inbound_port is not None and args.inbound_port != args.port:
+            specs.append(("::", args.inbound_port, "inbound"))
+    specs += [(host, port, "gateway") for host, port in args.listen]
+    return specs
+
+
+def _inherited_listeners(spec: str) -> list[Listener]:
+    out = []
+    for item in spec.split(","):
+        fd, mode, rest = item.split(":", 2)
+        host, _, port = rest.rpartition(":")
+        sock = socket.socket(fileno=int(fd))
+        sock.setblocking(False)
+        out.append(Listener(sock=sock, mode=mode, address=(host, int(port))))
+    return out
+
+
+def _event_loop_runner(name: str) -> Any:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
 def run(args: argparse.Namespace) -> int:
+    tag = f"[w{args.worker_index}] " if args.worker_fds else ""
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s",
         stream=sys.stderr,
     )
+    if args.worker_fds:  # a worker started by the supervisor
+        listeners = _inherited_listeners(args.worker_fds)
+        control = socket.socket(fileno=args.control_fd)
+        try:
+            result: int = _event_loop_runner(args.loop)(_serve(args, listeners, control))
+        except KeyboardInterrupt:
+            return 0
+        return result
+
     if args.no_transparent and not args.listen:
         log.error("--no-transparent needs at least one --listen HOST:PORT")
         return 2
-    listeners: list[Listener] = []
+    if args.workers < 1:
+        log.error("--workers must be at least 1")
+        return 2
+    specs = _listener_specs(args)
+    sets: list[list[Listener]] = []
     try:
-        if not args.no_transparent:
-            listeners.append(bind_listener("::", args.port, "outbound"))
-            if args.inbound_port is not None and args.inbound_port != args.port:
-                listeners.append(bind_listener("::", args.inbound_port, "inbound"))
-        for host, port in args.listen:
-            listeners.append(bind_listener(host, port, "gateway"))
+        for _ in range(1 if args.single_process else args.workers):
+            sets.append([bind_listener(h, p, m, reuse_port=args.workers > 1) for h, p, m in specs])
     except OSError as exc:
         log.error("cannot bind a listener: %s", exc)
-        for lst in listeners:
+        for lst in (x for group in sets for x in group):
             lst.sock.close()
         return 2
-
-    if args.loop == "uvloop":
-        import uvloop
-
-        runner: Any = uvloop.run
-    else:
-        runner = asyncio.run
     try:
-        result: int = runner(_serve(args, listeners))
-        return result
+        if args.single_process:
+            return int(_event_loop_runner(args.loop)(_serve(args, sets[0], None)))
+        return int(asyncio.run(_supervise(args, sets)))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(args: argparse.Namespace, listeners: list[Listener]) -> int:
+async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> AdminServer | None:
+    if args.admin[1] == 0:
+        return None
+    admin = AdminServer(source, on_quit)
+    try:
+        await admin.start(*args.admin)
+    except OSError as exc:
+        log.error("cannot bind the admin endpoint %s:%d: %s", *args.admin, exc)
+        raise SystemExit(2) from exc
+    return admin
+
+
+async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> int:
+    sup = Supervisor(args, sets)
+    admin: AdminServer | None = None
+
+    async def start_admin(source: Any, on_quit: Any) -> None:
+        nonlocal admin
+        admin = await _start_admin(args, source, on_quit)
+        try:
+            _drop_privileges(args.uid, args.gid)
+        except (OSError, KeyError) as exc:
+            log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
+            raise SystemExit(2) from exc
+        log.info(
+            "l4proxy %s supervisor: %d worker(s); listening: %s; admin %s; uid %d",
+            __version__,
+            len(sets),
+            ", ".join(lst.name for lst in sets[0]),
+            "{}:{}".format(*admin.address) if admin else "off",
+            os.getuid(),
+        )
+
+    code = await sup.run(start_admin)
+    if admin:
+        await admin.close()
+    return code
+
+
+async def _serve(
+    args: argparse.Namespace, listeners: list[Listener], control: socket.socket | None
+) -> int:
     loop = asyncio.get_running_loop()
     rules = RuleWatcher(
         args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval
@@ -237,20 +332,15 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener]) -> int:
     worker = Worker(listeners, rules, opts)
     stop = asyncio.Event()
     implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
-    admin = AdminServer(worker, stop.set, implementation)
-    if args.admin[1] != 0:
+    view = WorkerView(worker, implementation)
+    admin = None
+    if control is None:  # single process: the admin endpoint is ours
+        admin = await _start_admin(args, view, stop.set)
         try:
-            await admin.start(*args.admin)
-        except OSError as exc:
-            log.error("cannot bind the admin endpoint %s:%d: %s", *args.admin, exc)
-            for lst in listeners:
-                lst.sock.close()
+            _drop_privileges(args.uid, args.gid)
+        except (OSError, KeyError) as exc:
+            log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
             return 2
-    try:
-        _drop_privileges(args.uid, args.gid)
-    except (OSError, KeyError) as exc:
-        log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
-        return 2
 
     worker.start()
     if args.rules:
@@ -258,11 +348,13 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
+    control_task = None
+    if control is not None:
+        control_task = loop.create_task(_answer_supervisor(control, view, stop))
     log.info(
-        "l4proxy %s listening: %s; admin %s; implementation: %s; loop: %s; uid %d",
+        "l4proxy %s worker: listening: %s; implementation: %s; loop: %s; uid %d",
         __version__,
         ", ".join(lst.name for lst in listeners),
-        "{}:{}".format(*admin.address) if args.admin[1] else "off",
         implementation,
         args.loop,
         os.getuid(),
@@ -273,7 +365,38 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener]) -> int:
     if forced:
         log.warning("drain window over: closed %d connection(s)", forced)
     await rules.stop()
-    await admin.close()
+    if admin:
+        await admin.close()
+    if control_task:
+        control_task.cancel()
     worker.close()
     log.info("stopped")
     return 0
+
+
+async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
+    """Serve the supervisor's requests; the supervisor gone means: drain and exit."""
+    reader, writer = await asyncio.open_connection(sock=control)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                log.warning("supervisor gone; draining")
+                stop.set()
+                return
+            op = json.loads(line).get("op")
+            answer: Any
+            if op == "ready":
+                answer = await view.ready()
+            elif op == "stats":
+                answer = view.stats_raw()
+            elif op == "config_dump":
+                answer = await view.config_dump()
+            elif op == "clusters":
+                answer = await view.clusters()
+            else:
+                answer = {"error": f"unknown op {op!r}"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, OSError):
+        stop.set()

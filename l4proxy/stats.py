@@ -33,6 +33,9 @@ class Counters:
     def total(self, name: str) -> float:
         return sum(self._values.get(name, {}).values())
 
+    def help(self) -> dict[str, tuple[str, str]]:
+        return dict(self._help)
+
     def snapshot(self) -> dict[str, dict[LabelSet, float]]:
         return {k: dict(v) for k, v in self._values.items()}
 
