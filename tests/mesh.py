@@ -93,8 +93,19 @@ class Sidecar:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (children of the sidecar process)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        """Open fds of the supervisor and all its workers."""
+        return sum(
+            len(os.listdir(f"/proc/{pid}/fd")) for pid in [self.proc.pid, *self.worker_pids()]
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -1,0 +1,33 @@
+"""Prometheus text exposition of the counters."""
+
+from __future__ import annotations
+
+from l4proxy.stats import Counters
+
+
+def test_render_counters_with_labels_and_gauges() -> None:
+    c = Counters()
+    c.describe("l4proxy_decisions_total", "counter", "Routing decisions.")
+    c.inc("l4proxy_decisions_total", service="bootcamp", subset="v1")
+    c.inc("l4proxy_decisions_total", service="bootcamp", subset="v1")
+    c.inc("l4proxy_decisions_total", subset="v2", service="bootcamp")
+    text = c.render({"l4proxy_active_connections": 3})
+    lines = text.splitlines()
+    assert "# HELP l4proxy_decisions_total Routing decisions." in lines
+    assert "# TYPE l4proxy_decisions_total counter" in lines
+    assert 'l4proxy_decisions_total{service="bootcamp",subset="v1"} 2' in lines
+    assert 'l4proxy_decisions_total{service="bootcamp",subset="v2"} 1' in lines
+    assert "l4proxy_active_connections 3" in lines
+    assert c.total("l4proxy_decisions_total") == 3
+
+
+def test_label_values_are_escaped() -> None:
+    c = Counters()
+    c.inc("x_total", error='say "no"\nnow')
+    assert 'x_total{error="say \\"no\\"\\nnow"} 1' in c.render().splitlines()
+
+
+def test_described_but_unused_counter_shows_zero() -> None:
+    c = Counters()
+    c.describe("l4proxy_refused_total", "counter", "Refused.")
+    assert "l4proxy_refused_total 0" in c.render().splitlines()
