@@ -246,14 +246,15 @@ def _canonical(
     # Declarations sorted, then rules grouped by chain: built-ins in the
     # dump's order, ours by name. iptables-legacy and iptables-nft agree on
     # the lines but not always on the order of user chains.
+    order = [*BUILTIN_CHAINS, *(c for c in chain_order if c not in BUILTIN_CHAINS)]
+
     def key(chain: str) -> tuple[int, int, str]:
         if chain in OUR_CHAINS:
             return (1, 0, chain)
-        return (0, chain_order.index(chain) if chain in chain_order else len(chain_order), chain)
+        return (0, order.index(chain) if chain in order else len(order), chain)
 
     lines = [f":{chain} - [0:0]" for chain in sorted(chains)]
-    order = sorted({chain for chain, _ in rules}, key=key)
-    for chain in order:
+    for chain in sorted({chain for chain, _ in rules}, key=key):
         lines += [line for c, line in rules if c == chain]
     return lines
 

@@ -1,0 +1,323 @@
+"""l4proxy-init against the real kernel, in throwaway pod namespaces.
+
+Every run of l4proxy-init here names its pod with ``--netns`` (or runs inside
+``ip netns exec``): the root namespace's tables are never touched. Traffic
+only goes to loopback, to the pods (198.18.0.0/16, 2001:2::/64) and to
+addresses that a REDIRECT keeps inside the pod (198.19.0.0/16 VIPs).
+
+Where a connection lands is observed with tests/tools/origdst_server.py: it
+tells the client which listening port the connection reached and what
+SO_ORIGINAL_DST says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.podnet import Pod, PodNetwork
+from l4proxy_init.plan import parse_save
+
+pytestmark = pytest.mark.netns
+
+TOOLS = Path(__file__).parent / "tools"
+PY = sys.executable
+VIP4 = "198.19.0.10"
+FAR6 = "2001:2::beef"  # in the pod /64, owned by nobody: only a REDIRECT answers it
+PROXY_OUT, PROXY_IN = 15001, 15006
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def init(
+    pod: Pod, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run l4proxy-init for *pod* from outside it (the node's view)."""
+    return subprocess.run(
+        [PY, "-m", "l4proxy_init", "--netns", pod.netns, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def init_ok(pod: Pod, *args: str) -> subprocess.CompletedProcess[str]:
+    result = init(pod, *args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def save(pod: Pod, tool: str) -> str:
+    """*tool* (e.g. iptables-legacy-save) of the pod's nat table, stable across runs:
+    no "# Generated on <date>" lines, counters zeroed."""
+    out = pod.run([tool, "-t", "nat"]).stdout
+    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    return "\n".join(re.sub(r"\[\d+:\d+\]", "[0:0]", ln) for ln in lines)
+
+
+def ours(pod: Pod, tool: str) -> list[str]:
+    return parse_save(pod.run([tool, "-t", "nat"]).stdout).our_lines()
+
+
+@contextlib.contextmanager
+def listening(pod: Pod, label: str, *ports: int) -> Iterator[None]:
+    proc = pod.popen(
+        [PY, str(TOOLS / "origdst_server.py"), label, *map(str, ports)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for port in ports:
+            pod.wait_listening(port)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def dial(pod: Pod, host: str, port: int, user: int) -> dict[str, Any]:
+    result = pod.run([PY, str(TOOLS / "dial.py"), host, str(port)], user=user, check=False)
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- who is captured and who is not (one pod network for the whole table) -----
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[dict[str, Pod]]:
+    """Pod a with l4proxy-init rules; b and c plain peers.
+
+    a: -z 15006, proxy GID 2000, inbound 9090 excluded, c's address and port
+    7001 excluded outbound. Listeners: a 15001 15006 8080 9090 22; b 7000 7001;
+    c 7000.
+    """
+    with PodNetwork(prefix=f"i{os.getpid() % 100000}m") as net:
+        a, b, c = net.add_pod("a"), net.add_pod("b"), net.add_pod("c")
+        init_ok(
+            a, "-p", str(PROXY_OUT), "-z", str(PROXY_IN), "-u", "1337", "-g", "2000",
+            "-d", "9090", "-x", f"{c.ipv4}/32", "-o", "7001",
+        )  # fmt: skip
+        with (
+            listening(a, "a", PROXY_OUT, PROXY_IN, 8080, 9090, 22),
+            listening(b, "b", 7000, 7001),
+            listening(c, "c", 7000),
+        ):
+            yield {"a": a, "b": b, "c": c}
+
+
+# from pod, as user, to pod (or address), port -> label and port of the listener it reached
+CASES = {
+    "outbound to a VIP is captured": ("a", 1000, VIP4, 8080, "a", PROXY_OUT),
+    "outbound to a pod is captured": ("a", 1000, "b", 7000, "a", PROXY_OUT),
+    "proxy UID is not captured": ("a", 1337, "b", 7000, "b", 7000),
+    "proxy GID is not captured": ("a", 2000, "b", 7000, "b", 7000),
+    "localhost is not captured": ("a", 1000, "127.0.0.1", 8080, "a", 8080),
+    "app calling its own pod IP reaches the app": ("a", 1000, "a", 8080, "a", 8080),
+    # The sidecar forwards an inbound connection to its original destination
+    # as UID 1337: the Istio 0.7.1 loop sent exactly this back to the proxy.
+    "proxy forwarding inbound to the app is not looped back": (
+        "a", 1337, "a", 8080, "a", 8080,
+    ),
+    "excluded CIDR passes": ("a", 1000, "c", 7000, "c", 7000),
+    "excluded outbound port passes": ("a", 1000, "b", 7001, "b", 7001),
+    "inbound is captured with its original destination": (
+        "b", 1000, "a", 8080, "a", PROXY_IN,
+    ),
+    "excluded inbound port passes": ("b", 1000, "a", 9090, "a", 9090),
+    "inbound SSH passes": ("b", 1000, "a", 22, "a", 22),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_capture(mesh: dict[str, Pod], case: str) -> None:
+    src, user, dst, port, want_label, want_port = CASES[case]
+    host = mesh[dst].ipv4 if dst in mesh else dst
+    reply = dial(mesh[src], host, port, user)
+    assert "error" not in reply, reply
+    assert (reply["label"], reply["port"]) == (want_label, want_port), reply
+    if want_port in (PROXY_OUT, PROXY_IN):
+        assert reply["original_dst"] == addr(host, port), reply
+    else:
+        # Not redirected: conntrack (if the pod has nat rules at all) reports
+        # the listener's own address, which is what was dialled.
+        assert reply["original_dst"] in (None, addr(host, port)), reply
+
+
+# -- the seed's arguments, IPv4 and IPv6, both backends -----------------------
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_seed_args_capture_ipv4_and_ipv6(pod_network6: PodNetwork, backend: str) -> None:
+    a, b = pod_network6.add_pod("a"), pod_network6.add_pod("b")
+    # No --ipv6: the pod has a global IPv6 address, so IPv6 is on by default.
+    result = init_ok(a, "-p", "15001", "-u", "1337", "--backend", backend)
+    assert "IPv6 nat" in result.stderr and "skipped" not in result.stderr, result.stderr
+    assert b.ipv6 and a.ipv6
+    with listening(a, "a", 15001, 8080), listening(b, "b", 7000):
+        for host, port in ((VIP4, 8080), (FAR6, 9090), (b.ipv6, 7000)):
+            reply = dial(a, host, port, user=1000)
+            assert (reply.get("port"), reply.get("original_dst")) == (15001, addr(host, port))
+        reply = dial(a, b.ipv6, 7000, user=1337)
+        assert (reply.get("label"), reply.get("port")) == ("b", 7000), reply
+        reply = dial(a, "::1", 8080, user=1000)
+        assert reply.get("port") == 8080, reply
+        # inbound from another pod: -z defaults to -p
+        for host in (a.ipv4, a.ipv6):
+            reply = dial(b, host, 8080, user=1000)
+            assert (reply.get("label"), reply.get("port")) == ("a", 15001), reply
+            assert reply.get("original_dst") == addr(host, 8080), reply
+
+
+# -- idempotency, dry run, replacement, cleanup --------------------------------
+
+SAVE = {
+    "legacy": ("iptables-legacy-save", "ip6tables-legacy-save"),
+    "nft": ("iptables-nft-save", "ip6tables-nft-save"),
+}
+OTHER = {"legacy": "nft", "nft": "legacy"}
+RICH = (
+    "-p", "15001", "-z", "15006", "-u", "1337,1338", "-g", "2000", "-b", "8080,9090,22",
+    "-d", "9090", "-i", "198.19.0.0/16,2001:2::/64", "-x", "198.19.9.0/24,2001:2::9/128",
+    "-o", "25,587",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_run_twice_gives_identical_tables(pod_network6: PodNetwork, backend: str) -> None:
+    pod = pod_network6.add_pod("a")
+    init_ok(pod, "-p", "15001", "-u", "1337", "--backend", backend)
+    first = [save(pod, tool) for tool in SAVE[backend]]
+    second_run = init_ok(pod, "-p", "15001", "-u", "1337", "--backend", backend)
+    assert [save(pod, tool) for tool in SAVE[backend]] == first
+    assert second_run.stderr.count("unchanged") == 2, second_run.stderr
+    assert all("L4PROXY_OUTPUT" in text for text in first)
+    # and the rules went to the backend asked for, not the other one
+    assert [ours(pod, tool) for tool in SAVE[OTHER[backend]]] == [[], []]
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_dry_run_equals_what_apply_installs(pod_network6: PodNetwork, backend: str) -> None:
+    pod = pod_network6.add_pod("a")
+    before = [save(pod, tool) for tool in SAVE[backend]]
+    dry = init_ok(pod, *RICH, "--dry-run", "--backend", backend)
+    assert [save(pod, tool) for tool in SAVE[backend]] == before  # touched nothing
+    sections = dry.stdout.split("# l4proxy-init --dry-run: ")[1:]
+    assert [s.split(" ", 1)[0] for s in sections] == ["IPv4", "IPv6"]
+    planned = [[ln for ln in s.splitlines()[1:] if ln not in ("*nat", "COMMIT")] for s in sections]
+
+    applied = init_ok(pod, *RICH, "--backend", backend)
+    assert [ours(pod, tool) for tool in SAVE[backend]] == planned
+    # The ruleset printed on success is the table as the kernel has it.
+    assert [parse_save(s).our_lines() for s in applied.stdout.split("# Completed")[:2]] == planned
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_changed_options_replace_our_chains(pod_network: PodNetwork, backend: str) -> None:
+    pod = pod_network.add_pod("a")
+    tool = SAVE[backend][0]
+    init_ok(pod, "-p", "15001", "-u", "1337", "--backend", backend)
+    new = ("-p", "15002", "-z", "15006", "-u", "1337", "-x", "198.19.9.0/24")
+    init_ok(pod, *new, "--backend", backend)
+    dry = init_ok(pod, *new, "--dry-run", "--no-ipv6")
+    assert ours(pod, tool) == parse_save(dry.stdout).our_lines()
+    assert (
+        ours(pod, tool).count(
+            '-A OUTPUT -p tcp -m comment --comment "l4proxy/outbound" -j L4PROXY_OUTPUT'
+        )
+        == 1
+    )
+
+
+def test_auto_backend_stays_where_our_rules_are(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")
+    init_ok(pod, "-p", "15001", "--backend", "nft", "--no-ipv6")
+    result = init_ok(pod, "-p", "15002", "--no-ipv6")  # auto
+    assert "iptables-nft" in result.stderr, result.stderr
+    assert ours(pod, "iptables-legacy-save") == []
+    assert "--to-ports 15002" in "\n".join(ours(pod, "iptables-nft-save"))
+
+
+FOREIGN = [
+    ["-N", "OTHER"],
+    ["-A", "OTHER", "-j", "RETURN"],
+    ["-A", "OUTPUT", "-p", "udp", "-j", "OTHER"],
+    ["-A", "PREROUTING", "-p", "tcp", "--dport", "5000", "-j", "REDIRECT", "--to-ports", "5001"],
+    ["-A", "OUTPUT", "-p", "tcp", "-m", "comment", "--comment", "not-l4proxy", "-j", "RETURN"],
+]
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_cleanup_removes_ours_and_only_ours(pod_network6: PodNetwork, backend: str) -> None:
+    pod = pod_network6.add_pod("a")
+    for prefix in ("iptables", "ip6tables"):
+        for rule in FOREIGN:
+            pod.run([f"{prefix}-{backend}", "-t", "nat", *rule])
+    before = [save(pod, tool) for tool in SAVE[backend]]
+    init_ok(pod, *RICH, "--backend", backend)
+    installed = [save(pod, tool) for tool in SAVE[backend]]
+    assert all("L4PROXY_OUTPUT" in text and "OTHER" in text for text in installed)
+
+    result = init_ok(pod, "--cleanup")  # auto: visits both backends
+    assert [save(pod, tool) for tool in SAVE[backend]] == before
+    assert "removed" in result.stderr
+    assert init_ok(pod, "--cleanup").stderr.count("nothing of ours") == 4
+
+
+# -- errors: one line, a documented exit code, nothing touched ----------------
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_conflicting_chain_is_refused(pod_network: PodNetwork, backend: str) -> None:
+    pod = pod_network.add_pod("a")
+    ipt = f"iptables-{backend}"
+    pod.run([ipt, "-t", "nat", "-N", "L4PROXY_OUTPUT"])
+    pod.run([ipt, "-t", "nat", "-A", "L4PROXY_OUTPUT", "-j", "ACCEPT"])
+    before = save(pod, SAVE[backend][0])
+    for args in (("-p", "15001"), ("--cleanup",)):
+        result = init(pod, *args, "--backend", backend, "--no-ipv6")
+        assert result.returncode == 5, result.stderr
+        assert "L4PROXY_OUTPUT" in result.stderr and "did not write" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert save(pod, SAVE[backend][0]) == before
+
+
+def test_without_net_admin_nothing_is_touched(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")
+    # Inside the pod (as an init container would run), as a UID without capabilities.
+    result = pod.run(
+        [PY, "-m", "l4proxy_init", "-p", "15001", "-u", "1337"], user=1000, check=False
+    )
+    assert result.returncode == 3, result.stderr
+    assert "run the init container with NET_ADMIN and NET_RAW" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ours(pod, "iptables-legacy-save") == ours(pod, "iptables-nft-save") == []
+
+
+def test_missing_libxtables_is_reported(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")
+    # python-iptables looks for libxtables.so.<this>: a version that does not exist.
+    result = subprocess.run(
+        [PY, "-m", "l4proxy_init", "--netns", pod.netns, "--backend", "legacy", "--no-ipv6"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON_IPTABLES_XTABLES_VERSION": "999"},
+    )
+    assert result.returncode == 4, result.stderr
+    assert "libxtables" in result.stderr and "install the iptables package" in result.stderr
+    assert ours(pod, "iptables-legacy-save") == []
