@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from l4proxy_init.plan import parse_save
 
 from l4proxy.podnet import Pod, PodNetwork
-from l4proxy_init.plan import parse_save
 
 pytestmark = pytest.mark.netns
 

@@ -1,0 +1,85 @@
+"""The l4proxy-init command line: flags, bad values, --help, --dry-run (no root needed)."""
+
+from __future__ import annotations
+
+import pytest
+from l4proxy_init.cli import main
+
+from .test_init_plan import SEED_RULES
+
+
+def call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: --help, unknown flags
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_seed_args_dry_run_prints_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = call(capsys, "-p", "15001", "-u", "1337", "--dry-run", "--no-ipv6")
+    assert code == 0, err
+    assert out == (
+        "# l4proxy-init --dry-run: IPv4 nat rules (nothing was changed)\n"
+        "*nat\n" + SEED_RULES + "COMMIT\n"
+    )
+    assert err == "l4proxy-init: IPv4 nat: planned: nothing was changed\n"
+
+
+def test_dry_run_with_ipv6_prints_both_families(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = call(capsys, "-n", "--ipv6", "-x", "10.0.0.0/8,fd00::/8")
+    assert code == 0
+    v4, v6 = out.split("# l4proxy-init --dry-run: ")[1:]
+    assert v4.startswith("IPv4") and "-d 10.0.0.0/8" in v4 and "fd00::/8" not in v4
+    assert v6.startswith("IPv6") and "-d fd00::/8" in v6 and "10.0.0.0/8" not in v6
+
+
+def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = call(capsys, "--help")
+    assert code == 0
+    for needle in ("l4proxy-init -p 15001 -u 1337", "--dry-run", "--cleanup", "exit codes", "-z"):
+        assert needle in out
+
+
+BAD = {
+    ("-p", "0"): "-p: '0' is not a TCP port",
+    ("-p", "65536"): "-p: '65536' is not a TCP port",
+    ("-p", "http"): "-p: 'http' is not a TCP port",
+    ("-z", "-1"): "-z",
+    ("-u", "proxy"): "-u: 'proxy' is not a numeric UID",
+    ("-u", "4294967295"): "-u: '4294967295' is not a numeric UID",
+    ("-g", "1.5"): "-g: '1.5' is not a numeric GID",
+    ("-b", "8080,x"): "-b: 'x' is not a TCP port",
+    ("-d", "99999"): "-d: '99999'",
+    ("-o", "0"): "-o: '0'",
+    ("-x", "10.0.0.0/33"): "-x: '10.0.0.0/33' is not an IPv4 or IPv6 CIDR",
+    ("-i", "300.1.1.1"): "-i: '300.1.1.1' is not an IPv4 or IPv6 CIDR",
+    ("-x", "*"): "-x: '*'",
+    ("-m", "TPROXY"): "only REDIRECT is implemented",
+    ("--backend", "iptables"): "invalid choice",
+    ("--cleanup", "--dry-run"): "not allowed with",
+    ("--ipv6", "--no-ipv6"): "not allowed with",
+}
+
+
+@pytest.mark.parametrize("args", list(BAD), ids=[" ".join(a) for a in BAD])
+def test_bad_values_fail_in_one_line_before_anything(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    # --netns names a namespace that does not exist: a bad value must be
+    # reported before the namespace is even looked up.
+    code, out, err = call(capsys, "--netns", "l4proxy-no-such-ns", *args)
+    assert code == 2, err
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert BAD[args] in err
+
+
+def test_missing_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = call(capsys, "--netns", "l4proxy-no-such-ns", "-p", "15001")
+    assert code == 4
+    assert "network namespace 'l4proxy-no-such-ns' not found" in err
+    assert "ip netns list" in err
+    code, _, err = call(capsys, "--netns", "/proc/self/ns/no-such", "-n")
+    assert code == 4 and "not found" in err
