@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import multiprocessing
@@ -96,6 +97,7 @@ class FamilyReport:
     backend: str
     summary: str
     ruleset: str
+    warning: str = ""
 
 
 # -- checks done before anything is touched ----------------------------------
@@ -434,10 +436,33 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
     if job.mode == "dry-run":
         assert desired is not None
         return [FamilyReport(family, "planned", "-", "nothing was changed", desired.restore_text())]
-    return [
+    reports = [
         _converge(backend, desired, family)
         for backend in choose_backends(family, job.backend, job.mode)
     ]
+    if job.mode == "apply":
+        reports = [_warn_if_ours_elsewhere(report) for report in reports]
+    return reports
+
+
+def _warn_if_ours_elsewhere(report: FamilyReport) -> FamilyReport:
+    """Rules of ours in the other backend still capture (the kernel runs both):
+    say so, since an explicit --backend may have left them behind."""
+    prefix = "iptables" if report.family == 4 else "ip6tables"
+    other = f"{prefix}-legacy" if report.backend.endswith("-nft") else f"{prefix}-nft"
+    if shutil.which(f"{other}-save") is None:
+        return report
+    result = subprocess.run(
+        [f"{other}-save", "-t", "nat"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0 or not parse_save(result.stdout).our_lines():
+        return report
+    return dataclasses.replace(
+        report,
+        warning=f"IPv{report.family} rules of ours are also in {other}, where they still "
+        f"capture; remove them with: l4proxy-init --cleanup --backend "
+        f"{other.rsplit('-', 1)[1]}",
+    )
 
 
 def _converge(backend: Backend, desired: RuleSet | None, family: Family) -> FamilyReport:

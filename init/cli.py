@@ -37,8 +37,9 @@ examples:
   # see the rules without touching anything (iptables-save syntax)
   l4proxy-init -p 15001 -u 1337 --dry-run
 
-  # Istio-style: inbound to 15006, keep the metrics port and one subnet out
-  l4proxy-init -p 15001 -z 15006 -u 1337 -d 15090 -x 10.96.0.0/12
+  # Istio-style: inbound to 15006, leave the metrics port and the cloud
+  # metadata server alone
+  l4proxy-init -p 15001 -z 15006 -u 1337 -d 15090 -x 169.254.169.254/32
 
   # capture only port 8080 inbound and only the service range outbound
   l4proxy-init -p 15001 -u 1337 -b 8080 -i 10.96.0.0/12
@@ -236,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report.backend != "-":
             where += f" ({report.backend})"
         _say(f"{where}: {report.status}: {report.summary}")
+        if report.warning:
+            _say(f"warning: {report.warning}")
         if report.status == "planned":
             print(f"# {PROG} --dry-run: IPv{report.family} nat rules (nothing was changed)")
         if report.ruleset:

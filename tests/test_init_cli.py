@@ -65,7 +65,7 @@ BAD = {
 
 @pytest.mark.parametrize("args", list(BAD), ids=[" ".join(a) for a in BAD])
 def test_bad_values_fail_in_one_line_before_anything(
-    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+    capsys: pytest.CaptureFixture[str], args: tuple[str, str]
 ) -> None:
     # --netns names a namespace that does not exist: a bad value must be
     # reported before the namespace is even looked up.

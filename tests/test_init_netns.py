@@ -253,6 +253,14 @@ def test_auto_backend_stays_where_our_rules_are(pod_network: PodNetwork) -> None
     assert "--to-ports 15002" in "\n".join(ours(pod, "iptables-nft-save"))
 
 
+def test_switching_backend_warns_about_rules_left_in_the_other(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")
+    assert "warning" not in init_ok(pod, "--backend", "legacy", "--no-ipv6").stderr
+    result = init_ok(pod, "--backend", "nft", "--no-ipv6")
+    assert "warning: IPv4 rules of ours are also in iptables-legacy" in result.stderr
+    assert "--cleanup --backend legacy" in result.stderr
+
+
 FOREIGN = [
     ["-N", "OTHER"],
     ["-A", "OTHER", "-j", "RETURN"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from l4proxy_init import CaptureOptions, Conflict, desired_ruleset, parse_save, plan_changes
-from l4proxy_init.options import ALL, parse_cidrs
+from l4proxy_init.options import ALL, Family, parse_cidrs
 from l4proxy_init.plan import (
     OUR_CHAINS,
     AppendRule,
@@ -58,8 +58,8 @@ def purposes(ruleset: RuleSet, chain: str) -> list[str]:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_seed_layout(family: int) -> None:
-    ruleset = desired_ruleset(SEED, family)  # type: ignore[arg-type]
+def test_seed_layout(family: Family) -> None:
+    ruleset = desired_ruleset(SEED, family)
     assert "\n".join(ruleset.save_lines()) + "\n" == SEED_RULES
     assert ruleset.restore_text() == "*nat\n" + SEED_RULES + "COMMIT\n"
 
@@ -92,7 +92,7 @@ def test_proxy_owner_returns_before_loopback_and_capture() -> None:
 
 
 # options -> {chain: expected rule lines, without the comment and jump noise}
-CASES: dict[str, tuple[CaptureOptions, int, str, list[str]]] = {
+CASES: dict[str, tuple[CaptureOptions, Family, str, list[str]]] = {
     "-b list captures only those ports": (
         CaptureOptions(inbound_ports=(8080, 9090)),
         4,
@@ -178,7 +178,7 @@ def _short(line: str) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_options_to_rules(case: str) -> None:
     opts, family, chain, want = CASES[case]
-    ruleset = desired_ruleset(opts, family)  # type: ignore[arg-type]
+    ruleset = desired_ruleset(opts, family)
     assert [_short(rule.save_line()) for rule in ruleset.rules_in(chain)] == want
 
 
