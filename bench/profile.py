@@ -1,0 +1,122 @@
+"""Where l4proxy's time goes under ``Connection: close`` load: py-spy, summarized.
+
+py-spy samples the worker's Python stacks (``--subprocesses``: the
+supervisor's worker is a child; ``--native``: frames inside the compiled
+modules show too) while wrk drives close-mode load. The raw (collapsed)
+output is one line per distinct stack, ``frame;frame;... count``. From it we
+report *self* time (the innermost frame) and *inclusive* time (any frame on
+the stack) per function, as shares of the non-idle samples: inclusive says
+which phase of a connection costs (accept, peek, connect, hand-off), self
+says which line of code burns it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from bench import wrk
+from bench.scenarios import Target
+
+_LOCATION = re.compile(r"\s*\((?:[^()]*/)?([^()/]+)\)\s*$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    samples: int
+    self_share: list[tuple[str, float]]
+    inclusive_share: list[tuple[str, float]]
+    raw_path: str
+
+    def text(self, top: int = 15) -> str:
+        lines = [f"py-spy: {self.samples} samples of l4proxy (raw stacks: {self.raw_path})", ""]
+        lines.append("self time (innermost frame):")
+        lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.self_share[:top]]
+        lines.append("inclusive time (anywhere on the stack):")
+        lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.inclusive_share[:top]]
+        return "\n".join(lines) + "\n"
+
+
+def py_spy() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    found = exe if os.path.exists(exe) else shutil.which("py-spy")
+    if not found:
+        raise RuntimeError("py-spy is not installed (pip install -r requirements-bench.txt)")
+    return found
+
+
+def _frame_name(frame: str) -> str:
+    """``_serve (l4proxy/worker.py:312)`` → ``_serve (worker.py)``: lines merged."""
+    m = _LOCATION.search(frame)
+    if not m:
+        return frame.strip()
+    where = m.group(1).split(":")[0]
+    return f"{frame[: m.start()].strip()} ({where})"
+
+
+def summarize(raw: str, raw_path: str = "") -> Profile:
+    """Aggregate py-spy's ``--format raw`` output."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        # The first frame is the process/thread label py-spy adds.
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        self_time[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    if not total:
+        return Profile(0, [], [], raw_path)
+    return Profile(
+        total,
+        [(k, v / total) for k, v in self_time.most_common()],
+        [(k, v / total) for k, v in inclusive.most_common()],
+        raw_path,
+    )
+
+
+def profile_close_load(
+    target: Target, out_dir: str, seconds: int = 5, connections: int = 50
+) -> Profile:
+    """Record *target* (an l4proxy) while wrk runs Connection: close at *connections*."""
+    raw_path = os.path.join(out_dir, "l4proxy-close.pyspy.txt")
+    record = [
+        py_spy(),
+        "record",
+        "--pid",
+        str(target.process.pid),
+        "--subprocesses",
+        "--native",
+        "--rate",
+        "200",
+        "--duration",
+        str(seconds),
+        "--format",
+        "raw",
+        "--output",
+        raw_path,
+        "--nonblocking",
+    ]
+    argv = wrk.command(target.url, connections, seconds + 2, close=True)
+    load = threading.Thread(target=wrk.run, args=(argv, target.launcher), daemon=True)
+    load.start()
+    done = subprocess.run(record, capture_output=True, text=True, timeout=seconds + 60)
+    load.join()
+    if done.returncode != 0 or not os.path.exists(raw_path):
+        raise RuntimeError(f"py-spy failed ({done.returncode}): {done.stderr[-1500:]}")
+    with open(raw_path) as f:
+        return summarize(f.read(), raw_path)

@@ -1,0 +1,288 @@
+"""The report: a table of medians with ratios to HAProxy and to direct, targets, JSON.
+
+Ratios are always taken inside one placement group (loopback, sidecar) and
+one case, against that group's ``haproxy`` and ``direct`` rows measured in
+the same run: absolute numbers on a shared 2-core machine are noise, ratios
+measured side by side are not (design.md, "Peers to measure against").
+
+For req/s a ratio above 1 is better; for latency and CPU, below 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.measure import Case, Sample, Summary
+from bench.memory import MemoryResult
+
+MB = 1024 * 1024
+
+# Issue 7's targets, checked for every l4proxy row at this concurrency.
+TARGET_CONNECTIONS = 50
+RPS_VS_HAPROXY = 1.0
+P99_VS_HAPROXY = 1.2
+RPS_VS_ENVOY_HTTP = 3.0
+RSS_LIMIT_MB = 64.0
+
+
+def group_of(target: str) -> tuple[str, str]:
+    group, _, peer = target.rpartition("/")
+    return (group or "loopback"), peer
+
+
+def ratio(value: float, reference: float | None) -> float | None:
+    if reference is None or not reference or math.isnan(reference) or math.isnan(value):
+        return None
+    return value / reference
+
+
+@dataclass
+class Row:
+    summary: Summary
+    vs_haproxy: dict[str, float | None]
+    vs_direct: dict[str, float | None]
+
+
+FIGURES = ("rps", "p50_ms", "p99_ms", "cpu_per_10k")
+
+
+def rows(summaries: Sequence[Summary]) -> list[Row]:
+    index = {(s.target, s.case): s for s in summaries}
+    out = []
+    for s in summaries:
+        group, _ = group_of(s.target)
+        prefix = "" if group == "loopback" else f"{group}/"
+        refs = {
+            "haproxy": index.get((f"{prefix}haproxy", s.case)),
+            "direct": index.get((f"{prefix}direct", s.case)),
+        }
+        ratios: dict[str, dict[str, float | None]] = {}
+        for name, ref in refs.items():
+            ratios[name] = {
+                f: ratio(getattr(s, f), getattr(ref, f) if ref else None) for f in FIGURES
+            }
+        out.append(Row(s, ratios["haproxy"], ratios["direct"]))
+    return out
+
+
+def _num(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if value >= 10_000:
+        return f"{value / 1000:.1f}k"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratios(a: float | None, b: float | None) -> str:
+    def one(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    return f"{one(a)} / {one(b)}"
+
+
+def _pipe_table(
+    header: Sequence[str], body: Sequence[Sequence[str]], text_cols: int = 0
+) -> list[str]:
+    """A markdown table; the first *text_cols* columns left-aligned, numbers right."""
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if i < text_cols else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    sep = (
+        "|"
+        + "|".join(
+            (":" + "-" * (w + 1)) if i < text_cols else ("-" * (w + 1) + ":")
+            for i, w in enumerate(widths)
+        )
+        + "|"
+    )
+    return [line(header), sep, *(line(r) for r in body)]
+
+
+def table(all_rows: Sequence[Row], order: Sequence[str]) -> str:
+    """One markdown table per placement group; ratio cells are ×HAProxy / ×direct."""
+    rank = {name: i for i, name in enumerate(order)}
+    out: list[str] = []
+    for group in ("loopback", "sidecar"):
+        mine = [r for r in all_rows if group_of(r.summary.target)[0] == group]
+        if not mine:
+            continue
+        mine.sort(
+            key=lambda r: (
+                r.summary.case.mode != "keepalive",
+                r.summary.case.connections,
+                rank.get(r.summary.target, 99),
+            )
+        )
+        header = ["mode", "conns", "peer", "req/s", "×hap / ×dir", "p50 ms", "×hap / ×dir"]
+        header += ["p99 ms", "×hap / ×dir", "cpu s/10k", "×hap / ×dir"]
+        body = []
+        for r in mine:
+            s, h, d = r.summary, r.vs_haproxy, r.vs_direct
+            peer = group_of(s.target)[1] + ("!" if s.errors else "")
+            body.append(
+                [
+                    s.case.mode,
+                    str(s.case.connections),
+                    peer,
+                    _num(s.rps),
+                    _ratios(h["rps"], d["rps"]),
+                    _num(s.p50_ms),
+                    _ratios(h["p50_ms"], d["p50_ms"]),
+                    _num(s.p99_ms),
+                    _ratios(h["p99_ms"], d["p99_ms"]),
+                    _num(s.cpu_per_10k),
+                    _ratios(h["cpu_per_10k"], d["cpu_per_10k"]),
+                ]
+            )
+        title = {
+            "loopback": "loopback (gateway placement; wrk → proxy → nginx on 127.0.0.1)",
+            "sidecar": "sidecar (pods; wrk uid 1000 → REDIRECT → proxy uid 1337 → backend pod)",
+        }[group]
+        out += [f"### {title}", "", *_pipe_table(header, body, text_cols=3), ""]
+    if any(r.summary.errors for r in all_rows):
+        out.append("`!`: wrk reported socket errors or non-2xx answers (see the JSON).")
+    out.append("cpu s/10k: CPU seconds of the proxy (for direct: the backend) per 10k requests.")
+    return "\n".join(out)
+
+
+def memory_table(results: Sequence[MemoryResult]) -> str:
+    if not results:
+        return ""
+    haproxy = next((m for m in results if m.target == "haproxy"), None)
+    header = ["peer", "held", "RSS before MB", "RSS held MB", "KB/conn"]
+    header += [f"RSS @{results[0].requested} MB", "×hap"]
+    body = []
+    for m in results:
+        vs = ratio(m.rss_at_requested, haproxy.rss_at_requested if haproxy else None)
+        body.append(
+            [
+                m.target,
+                str(m.held),
+                f"{m.rss_before / MB:.1f}",
+                f"{m.rss_held / MB:.1f}",
+                f"{m.per_connection / 1024:.2f}",
+                f"{m.rss_at_requested / MB:.1f}",
+                "-" if vs is None else f"{vs:.2f}",
+            ]
+        )
+    lines = ["### memory: idle client connections and their upstreams", ""]
+    lines += _pipe_table(header, body, text_cols=1)
+    if any(m.held < m.requested for m in results):
+        lines.append(
+            f"held < {results[0].requested}: the hard fd limit allows no more "
+            "(2 fds per proxied connection); the last column extrapolates linearly."
+        )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    what: str
+    value: float | None
+    goal: str
+    met: bool | None  # None: not measured
+
+    def line(self) -> str:
+        mark = {True: "met   ", False: "MISSED", None: "n/a   "}[self.met]
+        shown = "-" if self.value is None else f"{self.value:.2f}"
+        return f"{mark} {self.target:<18} {self.what:<40} {shown:>7} (goal {self.goal})"
+
+
+def verdicts(all_rows: Sequence[Row], memory: Sequence[MemoryResult]) -> list[Verdict]:
+    """Issue 7's targets for each l4proxy placement measured."""
+    by_key = {(r.summary.target, r.summary.case): r for r in all_rows}
+    out: list[Verdict] = []
+    for target in sorted(
+        {r.summary.target for r in all_rows if r.summary.target.endswith("l4proxy")}
+    ):
+        group, _ = group_of(target)
+        for mode in ("keepalive", "close"):
+            row = by_key.get((target, Case(mode, TARGET_CONNECTIONS)))
+            rps = row.vs_haproxy["rps"] if row else None
+            p99 = row.vs_haproxy["p99_ms"] if row else None
+            out.append(
+                Verdict(
+                    target,
+                    f"{mode} c{TARGET_CONNECTIONS} req/s ×haproxy",
+                    rps,
+                    f"≥ {RPS_VS_HAPROXY}",
+                    None if rps is None else rps >= RPS_VS_HAPROXY,
+                )
+            )
+            out.append(
+                Verdict(
+                    target,
+                    f"{mode} c{TARGET_CONNECTIONS} p99 ×haproxy",
+                    p99,
+                    f"≤ {P99_VS_HAPROXY}",
+                    None if p99 is None else p99 <= P99_VS_HAPROXY,
+                )
+            )
+        if group == "loopback":
+            mine = by_key.get((target, Case("keepalive", TARGET_CONNECTIONS)))
+            envoy = by_key.get(("envoy-http", Case("keepalive", TARGET_CONNECTIONS)))
+            vs = ratio(mine.summary.rps, envoy.summary.rps) if mine and envoy else None
+            out.append(
+                Verdict(
+                    target,
+                    f"keepalive c{TARGET_CONNECTIONS} req/s ×envoy-http",
+                    vs,
+                    f"≥ {RPS_VS_ENVOY_HTTP}",
+                    None if vs is None else vs >= RPS_VS_ENVOY_HTTP,
+                )
+            )
+    mem = {m.target: m for m in memory}
+    if "l4proxy" in mem:
+        mine_mb = mem["l4proxy"].rss_at_requested / MB
+        hap = mem.get("haproxy")
+        hap_mb = hap.rss_at_requested / MB if hap else None
+        out.append(
+            Verdict(
+                "l4proxy",
+                f"RSS MB @{mem['l4proxy'].requested} idle conns",
+                mine_mb,
+                f"≤ {RSS_LIMIT_MB:.0f}",
+                mine_mb <= RSS_LIMIT_MB,
+            )
+        )
+        vs = ratio(mine_mb, hap_mb)
+        out.append(
+            Verdict("l4proxy", "RSS ×haproxy", vs, "≤ 1.0", None if vs is None else vs <= 1.0)
+        )
+    return out
+
+
+def write_json(
+    path: str,
+    samples: Sequence[Sample],
+    summaries: Sequence[Summary],
+    memory: Sequence[MemoryResult],
+    meta: dict[str, Any],
+) -> None:
+    doc = {
+        "meta": {"machine": platform.node(), "cpus": os.cpu_count(), **meta},
+        "summaries": [s.as_dict() for s in summaries],
+        "samples": [s.as_dict() for s in samples],
+        "memory": [m.as_dict() for m in memory],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
