@@ -524,6 +524,8 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     """Register a handed-off pair; on any failure the fds are closed here."""
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
     cdef int i, fl
+    cdef int stype = 0
+    cdef sys_.socklen_t typelen
     if c == NULL:
         set_linger0(h.cfd)
         set_linger0(h.ufd)
@@ -549,6 +551,13 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     lru_append(L, c)
     c.last_active = now
     for i in range(2):
+        # Only stream sockets: anything else (a pipe, a file, UDP) could sit
+        # in epoll forever without an event, or fail in ways we do not expect.
+        typelen = sizeof(stype)
+        if (sys_.getsockopt(c.side[i].fd, sys_.SOL_SOCKET, sys_.SO_TYPE, &stype, &typelen) < 0
+                or stype != sys_.SOCK_STREAM):
+            conn_abort(L, c, R_ERROR)
+            return
         # The caller promised non-blocking sockets; make sure, since one
         # blocking send() would stall every connection of this pump.
         fl = sys_.fcntl(c.side[i].fd, sys_.F_GETFL)

@@ -391,6 +391,10 @@ class _Loop:
             for fd in (h.cfd, h.ufd):
                 sock = socket.socket(fileno=fd)
                 socks.append(sock)
+                # Only stream sockets: anything else could sit in epoll
+                # forever without an event, or fail in ways we do not expect.
+                if sock.type != socket.SOCK_STREAM:
+                    raise OSError(errno.ENOTSOCK, "not a stream socket")
                 # One blocking send would stall every connection of the pump.
                 sock.setblocking(False)
         except OSError:

@@ -1,0 +1,606 @@
+"""The pump on real TCP sockets (127.0.0.1), over both twins.
+
+Every test builds the production shape: a client connected to a listener whose
+accepted socket is handed to the pump as ``client_fd``, and an ``upstream_fd``
+connected to a server whose accepted socket the test drives. Loopback TCP (not
+socketpair) so that half-close and RST behave as the kernel makes them.
+
+Each test also checks what a sidecar depends on after it: the pump's thread is
+still alive, nothing raised out of it, and its connections were all released.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import resource
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import load_twin
+
+KiB = 1024
+MiB = 1024 * KiB
+NEVER = 1 << 62  # a splice threshold no test reaches
+MODES = {"recv": NEVER, "splice": 0, "switch": 256 * KiB}
+LINGER0 = struct.pack("ii", 1, 0)
+
+
+@pytest.fixture(params=["compiled", "pure"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    return load_twin("pump", request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_exceptions(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    yield
+    assert not seen, f"an exception escaped a thread: {seen[0].exc_value!r}"
+
+
+def pump_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("l4proxy-pump")]
+
+
+class Net:
+    """Two listeners: where clients connect (the 'sidecar' side) and the server."""
+
+    def __init__(self) -> None:
+        self.front = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.back = socket.create_server(("127.0.0.1", 0), backlog=4096)
+
+    def close(self) -> None:
+        self.front.close()
+        self.back.close()
+
+    def pair(
+        self, pump: Any, pending_upstream: bytes = b"", pending_client: bytes = b"",
+        small_buffers: bool = False,
+    ) -> tuple[socket.socket, socket.socket]:
+        """Return (client, server), relayed by *pump* through two fresh fds."""
+        client = socket.create_connection(self.front.getsockname())
+        proxy_client, _ = self.front.accept()
+        proxy_upstream = socket.create_connection(self.back.getsockname())
+        server, _ = self.back.accept()
+        if small_buffers:
+            for s in (client, proxy_client, proxy_upstream, server):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KiB)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * KiB)
+        proxy_client.setblocking(False)
+        proxy_upstream.setblocking(False)
+        pump.add(proxy_client.detach(), proxy_upstream.detach(), pending_upstream, pending_client)
+        client.settimeout(10)
+        server.settimeout(10)
+        return client, server
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    yield n
+    n.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.002)
+    return pred()
+
+
+_pumps: list[Any] = []
+
+
+def make_pump(twin: ModuleType, **kw: Any) -> Any:
+    p = twin.Pump(**kw)
+    _pumps.append(p)
+    p.start()
+    return p
+
+
+@pytest.fixture(autouse=True)
+def close_pumps() -> Iterator[None]:
+    """A failing test must not leave its pump (and thread) to the next one."""
+    yield
+    while _pumps:
+        _pumps.pop().close()
+
+
+def fill(sender: socket.socket, data: bytes, pump: Any | None = None) -> tuple[int, int]:
+    """Send *data* without blocking until the sender stays blocked (EAGAIN
+    five times in a row, 20 ms apart): (bytes sent, peak pump-held bytes)."""
+    sender.setblocking(False)
+    view = memoryview(data)
+    sent, stalls, peak = 0, 0, 0
+    while stalls < 5:
+        try:
+            sent += sender.send(view[sent : sent + 64 * KiB])
+            stalls = 0
+        except BlockingIOError:
+            stalls += 1
+            time.sleep(0.02)
+        if pump is not None:
+            peak = max(peak, pump.stats()["buffered"])
+        assert sent < len(data), "the pump keeps swallowing bytes: no backpressure"
+    sender.setblocking(True)
+    return sent, peak
+
+
+def finish(p: Any) -> dict[str, int]:
+    """Common epilogue: everything released, thread alive, then close."""
+    assert wait_for(lambda: p.active == 0), p.stats()
+    assert pump_threads(), "the pump thread died"
+    st: dict[str, int] = p.stats()
+    assert st["buffered"] == 0, st
+    p.close()
+    return st
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        b = s.recv(1 * MiB)
+        if not b:
+            return bytes(out)
+        out += b
+
+
+def read_until_gone(s: socket.socket) -> str:
+    """Read until EOF or RST; say which."""
+    try:
+        while s.recv(64 * KiB):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    return "eof"
+
+
+def send_then_shut(s: socket.socket, data: bytes, chunks: list[int] | None = None) -> None:
+    if chunks is None:
+        s.sendall(data)
+    else:
+        view = memoryview(data)
+        for n in chunks:
+            s.sendall(view[:n])
+            view = view[n:]
+            if n % 7 == 0:
+                time.sleep(0.0005)  # let some chunks arrive alone
+        s.sendall(view)
+    s.shutdown(socket.SHUT_WR)
+
+
+def exchange(
+    client: socket.socket,
+    server: socket.socket,
+    up: bytes,
+    down: bytes,
+    up_chunks: list[int] | None = None,
+    down_chunks: list[int] | None = None,
+) -> tuple[bytes, bytes]:
+    """Send *up* client→server and *down* server→client at the same time, each
+    followed by SHUT_WR; return what each end read until EOF."""
+    senders = [
+        threading.Thread(target=send_then_shut, args=(client, up, up_chunks)),
+        threading.Thread(target=send_then_shut, args=(server, down, down_chunks)),
+    ]
+    for t in senders:
+        t.start()
+    got: dict[str, bytes] = {}
+    reader = threading.Thread(target=lambda: got.__setitem__("up", read_all(server)))
+    reader.start()
+    got["down"] = read_all(client)
+    reader.join()
+    for t in senders:
+        t.join()
+    return got["up"], got["down"]
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# -- integrity -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("size", [0, 1, 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 10 * MiB])
+def test_every_byte_both_ways(twin: ModuleType, net: Net, mode: str, size: int) -> None:
+    p = make_pump(twin, splice_threshold=MODES[mode])
+    rnd = random.Random(size)
+    up, down = rnd.randbytes(size), rnd.randbytes(size)
+    client, server = net.pair(p)
+    got_up, got_down = exchange(client, server, up, down)
+    assert (len(got_up), sha(got_up)) == (size, sha(up))
+    assert (len(got_down), sha(got_down)) == (size, sha(down))
+    client.close()
+    server.close()
+    st = finish(p)
+    assert st["bytes_upstream"] == st["bytes_downstream"] == size
+    assert (st["accepted"], st["closed"], st["resets"], st["errors"]) == (1, 1, 0, 0)
+    # threshold 0 splices from the first read, even one that only sees EOF
+    assert st["spliced"] == (1 if mode == "splice" or size > MODES[mode] else 0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_random_chunked_stream_with_pending(twin: ModuleType, net: Net, mode: str) -> None:
+    """Random write sizes and pauses on both ends, peeked bytes on both sides:
+    order is pending first, then the stream, nothing lost or repeated."""
+    rnd = random.Random(4)
+    p = make_pump(twin, splice_threshold=MODES[mode], buffer_size=16 * KiB)
+    head, hello = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", rnd.randbytes(100 * KiB)
+    up, down = rnd.randbytes(3 * MiB + 17), rnd.randbytes(2 * MiB + 3)
+
+    def chunks(total: int) -> list[int]:
+        out: list[int] = []
+        while sum(out) < total - 200 * KiB:
+            out.append(rnd.choice([1, 2, 7, 100, 1460, 4096, 65535, 65536, 65537, 150_000]))
+        return out
+
+    client, server = net.pair(p, pending_upstream=head, pending_client=hello)
+    got_up, got_down = exchange(client, server, up, down, chunks(len(up)), chunks(len(down)))
+    assert sha(got_up) == sha(head + up)
+    assert sha(got_down) == sha(hello + down)
+    client.close()
+    server.close()
+    st = finish(p)
+    assert st["bytes_upstream"] == len(head + up)
+    assert st["bytes_downstream"] == len(hello + down)
+
+
+def test_pending_bytes_go_first_even_when_large(twin: ModuleType, net: Net) -> None:
+    """A pending head larger than the socket buffers is written before any byte
+    the client sends, in splice mode too."""
+    p = make_pump(twin, splice_threshold=0, buffer_size=4 * KiB)
+    head = random.Random(1).randbytes(3 * MiB)
+    client, server = net.pair(p, pending_upstream=head, small_buffers=True)
+    client.sendall(b"BODY")
+    client.shutdown(socket.SHUT_WR)
+    assert read_all(server) == head + b"BODY"
+    server.close()
+    assert read_all(client) == b""
+    client.close()
+    finish(p)
+
+
+def _gib_pattern(i: int, block: bytes) -> bytes:
+    return struct.pack(">Q", i) + block[8:]  # every MiB differs: reordering shows
+
+
+def test_one_gib_each_way(twin: ModuleType, net: Net) -> None:
+    """1 GiB per direction at once, byte-identical (sha256), default settings
+    (so both the recv/send start and the switch to splice are crossed)."""
+    p = make_pump(twin)
+    client, server = net.pair(p)
+    block = random.Random(9).randbytes(MiB)
+    n = 1024
+    expect = hashlib.sha256()
+    for i in range(n):
+        expect.update(_gib_pattern(i, block))
+
+    def send(s: socket.socket) -> None:
+        for i in range(n):
+            s.sendall(_gib_pattern(i, block))
+        s.shutdown(socket.SHUT_WR)
+
+    def digest(s: socket.socket, out: dict[str, tuple[int, str]], key: str) -> None:
+        h, total = hashlib.sha256(), 0
+        buf = bytearray(4 * MiB)
+        view = memoryview(buf)
+        while k := s.recv_into(buf):
+            h.update(view[:k])
+            total += k
+        out[key] = (total, h.hexdigest())
+
+    got: dict[str, tuple[int, str]] = {}
+    threads = [
+        threading.Thread(target=send, args=(client,)),
+        threading.Thread(target=send, args=(server,)),
+        threading.Thread(target=digest, args=(server, got, "up")),
+    ]
+    for t in threads:
+        t.start()
+    digest(client, got, "down")
+    for t in threads:
+        t.join()
+    assert got["up"] == got["down"] == (n * MiB, expect.hexdigest())
+    client.close()
+    server.close()
+    st = finish(p)
+    assert st["spliced"] == 1
+    assert st["bytes_upstream"] == st["bytes_downstream"] == n * MiB
+
+
+# -- half-close and reset ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["recv", "splice"])
+def test_client_half_close_still_gets_response(twin: ModuleType, net: Net, mode: str) -> None:
+    p = make_pump(twin, splice_threshold=MODES[mode])
+    client, server = net.pair(p)
+    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert read_all(server) == b"GET / HTTP/1.0\r\n\r\n"  # EOF reached the server
+    body = random.Random(2).randbytes(2 * MiB)
+    server.sendall(body)  # ... which still writes its response
+    server.close()
+    assert read_all(client) == body
+    client.close()
+    st = finish(p)
+    assert (st["resets"], st["errors"]) == (0, 0)
+
+
+def test_server_first_then_server_half_close(twin: ModuleType, net: Net) -> None:
+    """A server-first protocol: the greeting flows with no client byte; the
+    server's EOF reaches the client while the client keeps sending."""
+    p = make_pump(twin)
+    client, server = net.pair(p)
+    server.sendall(b"220 hello\r\n")
+    server.shutdown(socket.SHUT_WR)
+    assert read_all(client) == b"220 hello\r\n"
+    client.sendall(b"QUIT\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert read_all(server) == b"QUIT\r\n"
+    client.close()
+    server.close()
+    finish(p)
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_reset_is_propagated(twin: ModuleType, net: Net, who: str) -> None:
+    p = make_pump(twin)
+    client, server = net.pair(p)
+    client.sendall(b"ping")
+    assert server.recv(4) == b"ping"
+    resetter, other = (client, server) if who == "client" else (server, client)
+    resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+    resetter.close()
+    assert read_until_gone(other) == "reset"
+    other.close()
+    st = finish(p)
+    assert (st["resets"], st["closed"]) == (1, 1)
+
+
+def test_reset_while_bytes_are_held(twin: ModuleType, net: Net) -> None:
+    """The server resets while the pump holds bytes for it: the client is
+    reset, the held buffer is released."""
+    p = make_pump(twin, buffer_size=16 * KiB, splice_threshold=NEVER)
+    client, server = net.pair(p, small_buffers=True)
+    fill(client, bytes(16 * MiB))
+    assert p.stats()["buffered"] > 0
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+    server.close()
+    assert read_until_gone(client) == "reset"
+    client.close()
+    st = finish(p)
+    assert st["resets"] == 1
+
+
+# -- backpressure, idle, drain, close ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["recv", "splice"])
+def test_backpressure_bounds_pump_memory(twin: ModuleType, net: Net, mode: str) -> None:
+    """A server that stops reading blocks the client (EAGAIN) instead of
+    making the pump buffer: held bytes stay within buffer_size (splice: the
+    pipe, sized to buffer_size)."""
+    bufsize = 16 * KiB
+    p = make_pump(twin, buffer_size=bufsize, splice_threshold=MODES[mode])
+    client, server = net.pair(p, small_buffers=True)
+    stream = random.Random(3).randbytes(16 * MiB)
+    sent, peak = fill(client, stream, p)
+    peak = max(peak, p.stats()["buffered"])
+    assert 0 < peak <= bufsize, peak
+    assert sent < 4 * MiB  # kernel buffers (set to 32 KiB each) + one pump buffer
+    # Resume reading: everything arrives, in order.
+    client.shutdown(socket.SHUT_WR)
+    got = read_all(server)
+    assert (len(got), sha(got)) == (sent, sha(stream[:sent]))
+    client.close()
+    server.close()
+    finish(p)
+
+
+def test_idle_timeout_closes_both_sides(twin: ModuleType, net: Net) -> None:
+    p = make_pump(twin, idle_timeout=0.3)
+    idle_c, idle_s = net.pair(p)
+    busy_c, busy_s = net.pair(p)
+    idle_c.sendall(b"x")
+    assert idle_s.recv(1) == b"x"
+    t0 = time.monotonic()
+    # The busy connection moves a byte every 0.1 s and must survive.
+    while time.monotonic() - t0 < 0.8:
+        busy_c.sendall(b"y")
+        assert busy_s.recv(1) == b"y"
+        time.sleep(0.1)
+    assert read_until_gone(idle_c) == "eof"
+    assert read_until_gone(idle_s) == "eof"
+    assert p.active == 1
+    assert p.stats()["idle_timeouts"] == 1
+    busy_c.close()
+    busy_s.close()
+    st = finish(p)
+    assert (st["idle_timeouts"], st["closed"]) == (1, 2)
+
+
+def test_drain_waits_then_force_closes(twin: ModuleType, net: Net) -> None:
+    p = make_pump(twin)
+    quick_c, quick_s = net.pair(p)
+    stuck_c, stuck_s = net.pair(p)
+
+    def finish_quickly() -> None:
+        time.sleep(0.1)
+        quick_c.close()
+        quick_s.close()
+
+    threading.Thread(target=finish_quickly).start()
+    t0 = time.monotonic()
+    assert p.drain(0.5) == 1  # the quick one ended by itself, the stuck one did not
+    assert 0.5 <= time.monotonic() - t0 < 3
+    assert read_until_gone(stuck_c) == "reset"
+    assert read_until_gone(stuck_s) == "reset"
+    before = fd_count()
+    a, b = socket.socketpair()
+    with pytest.raises(RuntimeError):
+        p.add(a.detach(), b.detach())
+    assert fd_count() == before  # refused fds were closed
+    stuck_c.close()
+    stuck_s.close()
+    st = finish(p)
+    assert st["force_closed"] == 1
+
+
+def test_drain_with_nothing_left_returns_zero(twin: ModuleType, net: Net) -> None:
+    p = make_pump(twin)
+    c, s = net.pair(p)
+    c.close()
+    s.close()
+    assert p.drain(5.0) == 0
+    finish(p)
+
+
+def test_close_with_live_connections_releases_everything(twin: ModuleType, net: Net) -> None:
+    base = fd_count()
+    p = make_pump(twin, buffer_size=4 * KiB)
+    pairs = [net.pair(p, pending_client=b"hi", small_buffers=True) for _ in range(100)]
+    for c, _ in pairs[:10]:
+        fill(c, bytes(16 * MiB))  # leave bytes held inside the pump
+    assert p.stats()["buffered"] > 0
+    p.close()
+    p.close()  # idempotent
+    assert not pump_threads()
+    for c, s in pairs:
+        assert read_until_gone(c) in ("eof", "reset")
+        assert read_until_gone(s) in ("eof", "reset")
+        c.close()
+        s.close()
+    assert fd_count() == base
+    st = p.stats()
+    assert (st["active"], st["closed"], st["force_closed"], st["buffered"]) == (0, 100, 100, 0)
+    a, b = socket.socketpair()
+    with pytest.raises(RuntimeError):
+        p.add(a.detach(), b.detach())
+    assert fd_count() == base
+    with pytest.raises(RuntimeError):
+        p.start()
+
+
+def test_close_before_start_closes_queued_fds(twin: ModuleType, net: Net) -> None:
+    base = fd_count()
+    p = twin.Pump()
+    c, s = net.pair(p)  # queued, never relayed
+    assert p.active == 1
+    p.close()
+    assert read_until_gone(c) == "reset"
+    c.close()
+    s.close()
+    assert fd_count() == base
+
+
+# -- scale and accounting ------------------------------------------------------------
+
+
+def test_fd_count_is_stable_over_1000_short_relays(twin: ModuleType, net: Net) -> None:
+    p = make_pump(twin)
+    base = fd_count()
+    for i in range(1000):
+        c, s = net.pair(p, pending_upstream=b"GET /%d\r\n\r\n" % i)
+        c.shutdown(socket.SHUT_WR)
+        assert read_all(s) == b"GET /%d\r\n\r\n" % i
+        s.sendall(b"ok")
+        s.close()
+        assert read_all(c) == b"ok"
+        c.close()
+    assert wait_for(lambda: p.active == 0)
+    assert fd_count() == base
+    st = finish(p)
+    assert (st["accepted"], st["closed"], st["resets"], st["errors"]) == (1000, 1000, 0, 0)
+
+
+def test_two_thousand_concurrent_connections(twin: ModuleType, net: Net) -> None:
+    n = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 4 * n + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    base = fd_count()
+    p = make_pump(twin)
+    try:
+        pairs = [net.pair(p) for _ in range(n)]
+        assert p.active == n
+        for i, (c, _) in enumerate(pairs):
+            c.sendall(b"req %05d" % i)
+        for i, (_, s) in enumerate(pairs):
+            assert s.recv(9, socket.MSG_WAITALL) == b"req %05d" % i
+            s.sendall(b"resp %05d" % i)
+        for i, (c, _) in enumerate(pairs):
+            assert c.recv(10, socket.MSG_WAITALL) == b"resp %05d" % i
+        assert p.active == n
+        for c, s in pairs:
+            c.close()
+            s.close()
+        st = finish(p)
+        assert (st["closed"], st["resets"], st["errors"]) == (n, 0, 0)
+        assert fd_count() == base
+    finally:
+        p.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_bad_fds_are_counted_not_fatal(twin: ModuleType, net: Net) -> None:
+    """Fds that are not sockets: the connection is closed and counted as an
+    error; the thread lives on and relays the next connection."""
+    p = make_pump(twin)
+    base = fd_count()
+    r, w = os.pipe()
+    p.add(r, w)
+    assert wait_for(lambda: p.active == 0)
+    assert p.stats()["errors"] == 1
+    assert fd_count() == base
+    for fd in (r, w):  # closed by the pump (and not reused by anyone here)
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+    a, b = socket.socketpair()
+    fa = a.detach()
+    with pytest.raises(ValueError):
+        p.add(fa, fa)
+    b.close()
+    c, s = net.pair(p)
+    c.sendall(b"still here")
+    assert s.recv(10) == b"still here"
+    c.close()
+    s.close()
+    finish(p)
+
+
+def test_stats_and_parameters(twin: ModuleType) -> None:
+    p = twin.Pump()
+    assert set(p.stats()) >= {
+        "active", "accepted", "closed", "bytes_upstream", "bytes_downstream",
+        "resets", "idle_timeouts", "errors", "spliced", "buffered", "force_closed",
+    }
+    p.start()
+    p.start()  # idempotent
+    assert len(pump_threads()) == 1
+    p.close()
+    for bad in ({"idle_timeout": 0}, {"buffer_size": 10}, {"splice_threshold": -1}):
+        with pytest.raises(ValueError):
+            twin.Pump(**bad)
