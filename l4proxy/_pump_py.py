@@ -176,8 +176,14 @@ def _close_fd_reset(fd: int) -> None:
 
 
 class _Loop:
-    """All state the relay thread owns; counters are read by other threads
-    (plain ints: the GIL makes each read and update whole)."""
+    """All state the relay thread owns.
+
+    Counters: ``x += 1`` on a shared int is a read-modify-write that the GIL
+    does not make atomic, so each counter has one writer. ``ctr`` belongs to
+    the loop thread (or to the closing thread once no loop runs); ``accepted``
+    and ``queued_bytes`` are written only under ``lock`` by :meth:`Pump.add`
+    and :meth:`take_queue`. ``active`` is derived: accepted - closed.
+    """
 
     def __init__(self, idle: float, bufsize: int, threshold: int) -> None:
         self.idle = idle
@@ -191,13 +197,36 @@ class _Loop:
         self.lock = threading.Lock()
         # guarded by lock
         self.queue: list[_Handoff] = []
+        self.accepted = 0
+        self.queued_bytes = 0  # pending bytes of queued hand-offs
         self.accepting = True
         self.stop = False
         self.force = False
         # owned by the loop thread; insertion order = LRU by last activity
         self.conns: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         self.sides: dict[int, _Side] = {}
-        self.ctr = dict.fromkeys(_COUNTER_NAMES, 0)
+        self.ctr = dict.fromkeys(_COUNTER_NAMES, 0)  # "active", "accepted": unused
+
+    def active(self) -> int:
+        closed = self.ctr["closed"]  # read first: closed <= accepted, always
+        return self.accepted - closed
+
+    def take_queue(self) -> tuple[list[_Handoff], bool, bool]:
+        """Empty the hand-off queue; also return (stop, force), clearing force."""
+        with self.lock:
+            queue, self.queue = self.queue, []
+            self.queued_bytes -= sum(len(h.pend_up) + len(h.pend_down) for h in queue)
+            stop, force = self.stop, self.force
+            self.force = False
+        return queue, stop, force
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.ctr)
+        with self.lock:
+            out["accepted"] = self.accepted
+            out["buffered"] += self.queued_bytes
+        out["active"] = out["accepted"] - out["closed"]
+        return out
 
     def wake(self) -> None:
         try:
@@ -235,7 +264,6 @@ class _Loop:
                 os.close(x.pipe_w)
                 x.pipe_r = x.pipe_w = -1
         self.conns.pop(id(c), None)
-        self.ctr["active"] -= 1
         self.ctr["closed"] += 1
 
     def abort(self, c: _Conn, why: int) -> None:
@@ -404,13 +432,12 @@ class _Loop:
                 _close_fd_reset(sock.detach())
             for fd in (h.cfd, h.ufd)[len(socks) :]:
                 _close_fd_reset(fd)
-            self.ctr["buffered"] -= len(h.pend_up) + len(h.pend_down)
             self.ctr["errors"] += 1
-            self.ctr["active"] -= 1
             self.ctr["closed"] += 1
             return
         c.sides = [_Side(c, 0, socks[0]), _Side(c, 1, socks[1])]
         c.dirs = [_Dir(h.pend_up), _Dir(h.pend_down)]
+        self.ctr["buffered"] += len(h.pend_up) + len(h.pend_down)
         self.conns[id(c)] = c
         for s in c.sides:
             self.sides[s.fd] = s
@@ -429,9 +456,7 @@ class _Loop:
         for h in queue:
             _close_fd_reset(h.cfd)
             _close_fd_reset(h.ufd)
-            self.ctr["buffered"] -= len(h.pend_up) + len(h.pend_down)
             self.ctr["force_closed"] += 1
-            self.ctr["active"] -= 1
             self.ctr["closed"] += 1
 
     def run(self) -> None:
@@ -439,13 +464,11 @@ class _Loop:
             try:
                 if self.run_once():
                     break
-            except Exception:  # noqa: BLE001 - the thread must not die; see below
+            except Exception:  # the thread must not die; see below
                 # A bug in the loop itself (not a connection's I/O error, which
                 # step() turns into a result). Count it and keep relaying.
                 self.ctr["errors"] += 1
-        with self.lock:
-            queue, self.queue = self.queue, []
-        self.discard(queue)
+        self.discard(self.take_queue()[0])
         self.close_all()
 
     def run_once(self) -> bool:
@@ -468,17 +491,14 @@ class _Loop:
                 continue  # closed earlier in this batch
             try:
                 self.on_event(s, ev, now)
-            except Exception:  # noqa: BLE001 - one failing connection, not the loop
+            except Exception:  # one failing connection, not the loop
                 self.abort(s.conn, _ERROR)
         if woken:
             try:
                 os.eventfd_read(self.wakefd)
             except BlockingIOError:
                 pass
-            with self.lock:
-                queue, self.queue = self.queue, []
-                stop, force = self.stop, self.force
-                self.force = False
+            queue, stop, force = self.take_queue()
             for h in queue:
                 self.open_conn(h, now)
             if stop or force:
@@ -555,9 +575,8 @@ class Pump:
             ok = lp.accepting
             if ok:
                 lp.queue.append(h)
-                lp.ctr["active"] += 1
-                lp.ctr["accepted"] += 1
-                lp.ctr["buffered"] += len(h.pend_up) + len(h.pend_down)
+                lp.accepted += 1
+                lp.queued_bytes += len(h.pend_up) + len(h.pend_down)
         if not ok:
             os.close(client_fd)
             os.close(upstream_fd)
@@ -567,10 +586,10 @@ class Pump:
     @property
     def active(self) -> int:
         """Connections owned: queued or being relayed."""
-        return self._loop.ctr["active"]
+        return self._loop.active()
 
     def stats(self) -> dict[str, int]:
-        return dict(self._loop.ctr)
+        return self._loop.stats()
 
     def drain(self, timeout: float) -> int:
         """Refuse new work; wait up to ``timeout`` s for every connection to
@@ -579,9 +598,9 @@ class Pump:
         with lp.lock:
             lp.accepting = False
         deadline = time.monotonic() + timeout
-        while lp.ctr["active"] > 0 and time.monotonic() < deadline:
+        while lp.active() > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
-        if lp.ctr["active"] == 0:
+        if lp.active() == 0:
             return 0
         before = lp.ctr["force_closed"]
         if self._thread is not None and not self._closed:
@@ -589,12 +608,10 @@ class Pump:
                 lp.force = True
             lp.wake()
             deadline = time.monotonic() + 10.0  # guards against a bug, not a wait
-            while lp.ctr["active"] > 0 and time.monotonic() < deadline:
+            while lp.active() > 0 and time.monotonic() < deadline:
                 time.sleep(0.001)
         else:
-            with lp.lock:
-                queue, lp.queue = lp.queue, []
-            lp.discard(queue)
+            lp.discard(lp.take_queue()[0])  # no loop thread: the queue is ours
         return lp.ctr["force_closed"] - before
 
     def close(self) -> None:
@@ -611,9 +628,7 @@ class Pump:
             lp.wake()
             self._thread.join()
         else:
-            with lp.lock:
-                queue, lp.queue = lp.queue, []
-            lp.discard(queue)
+            lp.discard(lp.take_queue()[0])
         lp.ep.close()
         os.close(lp.wakefd)
 
