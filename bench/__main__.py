@@ -95,7 +95,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+MAIN_PID = os.getpid()
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != MAIN_PID:
+        # A forked helper (pyroute2 forks for namespace work and stops its
+        # children with SIGTERM) inherits this handler; unwinding there
+        # would run the beds' cleanup and delete the live namespaces.
+        os._exit(128 + signum)
     raise SystemExit(128 + signum)  # unwinds through the beds' cleanup
 
 

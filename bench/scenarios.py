@@ -130,6 +130,7 @@ class Bed:
         self.processes: list[Process] = []
         self.targets: list[Target] = []
         self.failures: dict[str, str] = {}  # peer -> why it is not measured
+        self._owner = os.getpid()  # a forked child must never tear the bed down
 
     def __enter__(self) -> Self:
         return self
@@ -157,6 +158,8 @@ class Bed:
         self.targets.append(target)
 
     def close(self) -> None:
+        if os.getpid() != self._owner:
+            return
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
@@ -215,6 +218,8 @@ class SidecarBed(Bed):
         self.net = PodNetwork(prefix=f"l4b{os.getpid() % 100000}")
 
     def close(self) -> None:
+        if os.getpid() != self._owner:
+            return
         super().close()
         self.net.close()
 
