@@ -1,0 +1,82 @@
+"""Diagnostics: what the loader tells the user, with file, line and object."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Severity = Literal["error", "warning", "note"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diagnostic:
+    """One finding. ``str()`` is the istioctl-like one-line form::
+
+        bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)
+        bootcamp.yaml:1: note: Deployment bootcamp-v1: skipped (a Kubernetes object, not a rule)
+
+    Errors carry no severity word (they are what validate is about); warnings
+    and notes say so after the location. ``line`` and ``column`` are 1-based.
+    """
+
+    file: str
+    line: int | None = None
+    column: int | None = None
+    kind: str | None = None
+    name: str | None = None
+    message: str
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        loc = self.file
+        if self.line is not None:
+            loc += f":{self.line}"
+            if self.column is not None:
+                loc += f":{self.column}"
+        sev = "" if self.severity == "error" else f"{self.severity}: "
+        if self.kind and self.name:
+            what = f"{self.kind} {self.name}: "
+        elif self.kind:
+            what = f"{self.kind}: "
+        else:
+            what = ""
+        return f"{loc}: {sev}{what}{self.message}"
+
+
+@dataclass(frozen=True)
+class ObjectSummary:
+    """One document the loader understood (or skipped), for validate's summary."""
+
+    kind: str
+    name: str
+    namespace: str
+    file: str
+    line: int | None
+    skipped: bool = False
+
+
+class ConfigError(Exception):
+    """The rule set is invalid; nothing of it may be applied.
+
+    ``diagnostics`` holds every finding (errors first in file order, then the
+    warnings and notes); ``str()`` is the errors and warnings, one per line.
+    """
+
+    def __init__(
+        self, diagnostics: Sequence[Diagnostic], documents: Sequence[ObjectSummary] = ()
+    ) -> None:
+        self.diagnostics = list(diagnostics)
+        self.documents = list(documents)
+        super().__init__(str(self))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.diagnostics if d.severity != "note")
+
+
+class ConfigUnreadable(ConfigError):
+    """A path is missing or cannot be read (``l4proxy validate`` exits 2)."""

@@ -1,0 +1,318 @@
+"""A safe, bounded YAML reader that remembers where every value came from.
+
+Theory of operation
+-------------------
+A rule file is untrusted input that a sidecar re-reads on every change, so
+reading it must be cheap to refuse when hostile:
+
+1. **Size first.** The file's size is checked with ``fstat`` before a byte is
+   read, and at most ``max_bytes + 1`` bytes are read (a file that grows while
+   we read is still bounded). A 50 MB file costs one syscall.
+2. **Compose, don't construct.** We compose the parser's event stream (the C
+   parser when available) into a node graph ourselves, with a nesting limit.
+   An alias is a second reference to the *same* node, so a billion-laughs
+   document composes to a few dozen nodes.
+3. **Measure the expansion.** Before building Python values we compute, with
+   memoisation over that graph, how many nodes the document would expand to.
+   This is linear in the composed size; a document over ``max_nodes`` (or a
+   recursive alias) is refused before anything is expanded.
+4. **Build plain values** (dict, list, str, int, ...) with our own walker, which
+   also records the 1-based (line, column) of every value by its path, e.g.
+   ``("spec", "route", 0, "weight")``, so that later checks can point at the
+   line of the field they complain about. Duplicate mapping keys (which PyYAML
+   silently collapses) and merge keys are refused here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+try:
+    _Loader: type[Any] = yaml.CSafeLoader
+except AttributeError:  # PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_NODES = 1_000_000
+MAX_DEPTH = 64
+
+Path = tuple[str | int, ...]
+MERGE_TAG = "tag:yaml.org,2002:merge"
+NULL_TAG = "tag:yaml.org,2002:null"
+
+
+class Unreadable(Exception):
+    """The file cannot be read at all (missing, permission, a directory...)."""
+
+
+@dataclass(frozen=True)
+class SourceProblem(Exception):
+    """The file was read but is not acceptable YAML (or is too large)."""
+
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+
+@dataclass
+class Document:
+    """One YAML document: its plain value and where each part of it is."""
+
+    file: str
+    index: int
+    line: int
+    value: Any
+    positions: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    def line_of(self, path: Path) -> int:
+        """Line of *path*, or of its nearest ancestor that has one."""
+        for end in range(len(path), -1, -1):
+            pos = self.positions.get(path[:end])
+            if pos is not None:
+                return pos[0]
+        return self.line
+
+
+def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """The text of *path*, refusing oversized or non-UTF-8 files cheaply."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise SourceProblem(_too_big(size, max_bytes))
+            data = f.read(max_bytes + 1)
+    except IsADirectoryError as exc:
+        raise Unreadable("is a directory") from exc
+    except OSError as exc:
+        raise Unreadable(exc.strerror or str(exc)) from exc
+    if len(data) > max_bytes:
+        raise SourceProblem(_too_big(len(data), max_bytes))
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SourceProblem(
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8", line
+        ) from exc
+
+
+def _too_big(size: int, limit: int) -> str:
+    return (
+        f"file is {size} bytes, over the {limit // (1024 * 1024)} MiB limit for rule files "
+        "(split it, or raise the limit with --max-bytes)"
+    )
+
+
+def parse_documents(
+    text: str, file: str, *, max_nodes: int = DEFAULT_MAX_NODES
+) -> Iterator[Document]:
+    """Yield each non-empty document of *text*; raise :class:`SourceProblem`."""
+    builder = _Builder(max_nodes)
+    try:
+        for index, root in enumerate(_compose(text), start=1):
+            yield builder.build(root, file, index)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "invalid YAML"
+        if exc.context:
+            problem = f"{problem} ({exc.context})"
+        raise SourceProblem(
+            f"YAML syntax error: {problem}",
+            None if mark is None else mark.line + 1,
+            None if mark is None else mark.column + 1,
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise SourceProblem(f"YAML error: {exc}") from exc
+
+
+def _compose(text: str) -> Iterator[Node]:
+    """PyYAML's composer, rewritten over the event stream with a depth limit.
+
+    libyaml's own composer recurses in C and crashes the process on a
+    ``[[[[...`` document a few hundred thousand levels deep, and its scanner
+    is quadratic in flow depth; pulling events lazily and stopping at
+    ``MAX_DEPTH`` keeps both cheap. Anchors are registered when their node is
+    complete, so an alias cannot refer to its own ancestor (no cycles).
+    """
+    resolve: Any = Resolver().resolve
+    anchors: dict[str, Node] = {}
+    # Each open collection, with (for a mapping) the key waiting for its value
+    # and the anchor to register once the collection is complete.
+    stack: list[tuple[SequenceNode | MappingNode, list[Node | None], str | None]] = []
+    root: Node | None = None
+
+    def attach(node: Node) -> None:
+        nonlocal root
+        if not stack:
+            root = node
+            return
+        parent, pending, _ = stack[-1]
+        if isinstance(parent, SequenceNode):
+            parent.value.append(node)
+        elif pending[0] is None:
+            pending[0] = node
+        else:
+            parent.value.append((pending[0], node))
+            pending[0] = None
+
+    ev: Any
+    for ev in yaml.parse(text, Loader=_Loader):
+        # Marks typed as Any: the C and the pure parser have different Mark classes.
+        start: Any = ev.start_mark
+        end: Any = ev.end_mark
+        if isinstance(ev, yaml.DocumentStartEvent):
+            anchors.clear()
+            root = None
+        elif isinstance(ev, yaml.DocumentEndEvent):
+            if root is not None and not _is_empty(root):
+                yield root
+        elif isinstance(ev, yaml.AliasEvent):
+            target = anchors.get(ev.anchor or "")
+            if target is None:
+                raise SourceProblem(
+                    f"alias *{ev.anchor} refers to no complete anchor &{ev.anchor} before it",
+                    start.line + 1,
+                    start.column + 1,
+                )
+            attach(target)
+        elif isinstance(ev, yaml.ScalarEvent):
+            tag = ev.tag
+            if tag is None or tag == "!":
+                tag = resolve(ScalarNode, ev.value, ev.implicit)
+            node: Node = ScalarNode(tag, ev.value, start, end, style=ev.style)
+            if ev.anchor:
+                anchors[ev.anchor] = node
+            attach(node)
+        elif isinstance(ev, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            if len(stack) >= MAX_DEPTH:
+                raise SourceProblem(
+                    f"YAML nesting is too deep (more than {MAX_DEPTH} levels)",
+                    start.line + 1,
+                    start.column + 1,
+                )
+            coll: SequenceNode | MappingNode
+            if isinstance(ev, yaml.SequenceStartEvent):
+                tag = ev.tag or resolve(SequenceNode, None, ev.implicit)
+                coll = SequenceNode(tag, [], start, None, flow_style=ev.flow_style)
+            else:
+                tag = ev.tag or resolve(MappingNode, None, ev.implicit)
+                coll = MappingNode(tag, [], start, None, flow_style=ev.flow_style)
+            attach(coll)
+            stack.append((coll, [None], ev.anchor))
+        elif isinstance(ev, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+            done, _, anchor = stack.pop()
+            done.end_mark = end
+            if anchor:
+                anchors[anchor] = done
+
+
+def _is_empty(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == NULL_TAG and node.value in ("", "~", "null")
+
+
+class _Builder:
+    def __init__(self, max_nodes: int) -> None:
+        self.max_nodes = max_nodes
+        self.scalars = SafeConstructor()
+
+    def build(self, root: Node, file: str, index: int) -> Document:
+        size = self._expanded_size(root, {}, set(), 0)
+        if size > self.max_nodes:
+            raise SourceProblem(
+                f"document {index} expands to more than {self.max_nodes} YAML nodes "
+                "(an alias bomb? each alias repeats everything its anchor holds)",
+                root.start_mark.line + 1,
+            )
+        doc = Document(file, index, root.start_mark.line + 1, None)
+        doc.positions[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
+        doc.value = self._value(root, (), doc)
+        return doc
+
+    def _expanded_size(self, node: Node, memo: dict[int, int], active: set[int], depth: int) -> int:
+        key = id(node)
+        done = memo.get(key)
+        if done is not None:
+            return done
+        if key in active:
+            raise SourceProblem("recursive YAML alias (a value contains itself)", _line(node))
+        if depth > MAX_DEPTH:
+            raise SourceProblem(
+                f"YAML nesting is too deep (more than {MAX_DEPTH} levels)", _line(node)
+            )
+        total = 1
+        if isinstance(node, SequenceNode | MappingNode):
+            active.add(key)
+            children: list[Node] = (
+                node.value
+                if isinstance(node, SequenceNode)
+                else [n for pair in node.value for n in pair]
+            )
+            for child in children:
+                total += self._expanded_size(child, memo, active, depth + 1)
+                if total > self.max_nodes:
+                    break  # enough to refuse; do not walk the rest
+            active.discard(key)
+        memo[key] = total
+        return total
+
+    def _value(self, node: Node, path: Path, doc: Document) -> Any:
+        if isinstance(node, ScalarNode):
+            try:
+                return self.scalars.construct_object(node)
+            except yaml.constructor.ConstructorError as exc:
+                raise SourceProblem(
+                    f"cannot read value: {exc.problem}", _line(node), _col(node)
+                ) from exc
+        if isinstance(node, SequenceNode):
+            items = []
+            for i, child in enumerate(node.value):
+                sub = (*path, i)
+                doc.positions[sub] = (_line(child), _col(child))
+                items.append(self._value(child, sub, doc))
+            return items
+        if isinstance(node, MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == MERGE_TAG:
+                    raise SourceProblem(
+                        "YAML merge keys (<<) are not supported; write the fields out",
+                        _line(key_node),
+                        _col(key_node),
+                    )
+                if not isinstance(key_node, ScalarNode):
+                    raise SourceProblem(
+                        "mapping keys must be plain scalars", _line(key_node), _col(key_node)
+                    )
+                key = self._value(key_node, path, doc)
+                try:
+                    hash(key)
+                except TypeError:
+                    key = str(key)
+                if key in out:
+                    raise SourceProblem(
+                        f"duplicate key {key!r} in one mapping (YAML keeps only one; "
+                        "remove the other)",
+                        _line(key_node),
+                        _col(key_node),
+                    )
+                sub = (*path, key if isinstance(key, str | int) else str(key))
+                doc.positions[sub] = (_line(key_node), _col(key_node))
+                out[key] = self._value(value_node, sub, doc)
+            return out
+        raise SourceProblem(f"unexpected YAML node {type(node).__name__}", _line(node))
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _col(node: Node) -> int:
+    return int(node.start_mark.column) + 1
