@@ -1,8 +1,10 @@
 """Where l4proxy's time goes under ``Connection: close`` load: py-spy, summarized.
 
 py-spy samples the worker's Python stacks (``--subprocesses``: the
-supervisor's worker is a child; ``--native``: frames inside the compiled
-modules show too) while wrk drives close-mode load. The raw (collapsed)
+supervisor's worker is a child; ``--nonblocking``: the proxy is never
+paused, which rules out ``--native``) while wrk drives close-mode load.
+Time inside the compiled modules is billed to the Python frame that called
+them; the pump thread runs without the GIL and appears idle (not sampled). The raw (collapsed)
 output is one line per distinct stack, ``frame;frame;... count``. From it we
 report *self* time (the innermost frame) and *inclusive* time (any frame on
 the stack) per function, as shares of the non-idle samples: inclusive says
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from bench import wrk
 from bench.scenarios import Target
 
-_LOCATION = re.compile(r"\s*\((?:[^()]*/)?([^()/]+)\)\s*$")
+_LOCATION = re.compile(r"\s*\(([^()]*)\)\s*$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Profile:
         lines = [f"py-spy: {self.samples} samples of l4proxy (raw stacks: {self.raw_path})", ""]
         lines.append("self time (innermost frame):")
         lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.self_share[:top]]
-        lines.append("inclusive time (anywhere on the stack):")
+        lines.append("inclusive time of l4proxy functions (anywhere on the stack):")
         lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.inclusive_share[:top]]
         return "\n".join(lines) + "\n"
 
@@ -52,11 +54,11 @@ def py_spy() -> str:
 
 
 def _frame_name(frame: str) -> str:
-    """``_serve (l4proxy/worker.py:312)`` → ``_serve (worker.py)``: lines merged."""
+    """``_serve (/x/l4proxy/worker.py:312)`` → ``_serve (l4proxy/worker.py)``: lines merged."""
     m = _LOCATION.search(frame)
     if not m:
         return frame.strip()
-    where = m.group(1).split(":")[0]
+    where = "/".join(m.group(1).rsplit(":", 1)[0].split("/")[-2:])
     return f"{frame[: m.start()].strip()} ({where})"
 
 
@@ -84,7 +86,13 @@ def summarize(raw: str, raw_path: str = "") -> Profile:
     return Profile(
         total,
         [(k, v / total) for k, v in self_time.most_common()],
-        [(k, v / total) for k, v in inclusive.most_common()],
+        # Inclusive time of l4proxy's own functions, without the frames that
+        # are on every stack (main, the loop's run_forever): the phases.
+        [
+            (k, v / total)
+            for k, v in inclusive.most_common()
+            if "(l4proxy/" in k and v / total < 0.95
+        ],
         raw_path,
     )
 
@@ -100,7 +108,6 @@ def profile_close_load(
         "--pid",
         str(target.process.pid),
         "--subprocesses",
-        "--native",
         "--rate",
         "200",
         "--duration",

@@ -194,8 +194,12 @@ def test_profile_summary_of_raw_stacks() -> None:
     )
     p = profile.summarize(raw)
     assert p.samples == 40
-    assert p.self_share[0] == ("_connect (worker.py)", 0.75)
-    assert dict(p.inclusive_share)["_run (events.py)"] == 1.0
+    assert p.self_share[0] == ("_connect (l4proxy/worker.py)", 0.75)
+    assert dict(p.inclusive_share) == {
+        "_serve (l4proxy/worker.py)": 0.75,
+        "_connect (l4proxy/worker.py)": 0.75,
+        "_on_acceptable (l4proxy/worker.py)": 0.25,
+    }
 
 
 @pytest.mark.skipif(
