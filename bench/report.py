@@ -201,7 +201,7 @@ class Verdict:
 
     def line(self) -> str:
         mark = {True: "met   ", False: "MISSED", None: "n/a   "}[self.met]
-        shown = "-" if self.value is None else f"{self.value:.2f}"
+        shown = "-" if self.value is None else f"{self.value:.3f}"
         return f"{mark} {self.target:<18} {self.what:<40} {shown:>7} (goal {self.goal})"
 
 
