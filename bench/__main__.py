@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -194,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"bench: profile failed: {exc}", file=sys.stderr)
         implementation = _l4proxy_implementation()
 
+    if failures:
+        print(f"bench: logs of the run kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     order = [*LOOPBACK_PEERS, *(f"sidecar/{p}" for p in SIDECAR_PEERS)]
     parts = [
         f"## l4proxy bench: {rounds} round(s) × {duration:g} s, medians; "

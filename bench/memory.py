@@ -3,7 +3,8 @@
 Each client connection sends one keep-alive request and reads the answer,
 so that every proxy has connected upstream (l4proxy peeks the head before
 it connects) and both sides are then idle. RSS is summed over the proxy's
-process tree and measured before and after.
+process tree and measured before and after (PSS too: for a tree like l4proxy's
+supervisor + worker, summed RSS counts the shared interpreter pages twice).
 
 A proxied connection costs two descriptors in the proxy; when the hard
 RLIMIT_NOFILE (not raisable without CAP_SYS_RESOURCE) is below what the
@@ -33,6 +34,8 @@ class MemoryResult:
     held: int
     rss_before: int  # bytes
     rss_held: int  # bytes
+    pss_held: int = 0  # bytes: shared pages split among the tree (see process.pss_bytes)
+    processes: int = 1  # in the proxy's tree (nginx: master + worker; l4proxy: + supervisor)
 
     @property
     def per_connection(self) -> float:
@@ -94,9 +97,11 @@ def hold_idle(target: Target, requested: int, settle_s: float = 1.0) -> MemoryRe
     try:
         time.sleep(settle_s)
         rss = target.process.rss_bytes()
+        pss = target.process.pss_bytes()
+        procs = len(target.process.pids())
     finally:
         for s in held:
             with contextlib.suppress(OSError):
                 s.close()
     time.sleep(settle_s)  # let the proxy tear the pairs down before the next one
-    return MemoryResult(target.name, requested, count, before, rss)
+    return MemoryResult(target.name, requested, count, before, rss, pss, procs)

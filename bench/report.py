@@ -165,7 +165,7 @@ def memory_table(results: Sequence[MemoryResult]) -> str:
     if not results:
         return ""
     haproxy = next((m for m in results if m.target == "haproxy"), None)
-    header = ["peer", "held", "RSS before MB", "RSS held MB", "KB/conn"]
+    header = ["peer", "procs", "held", "RSS before MB", "RSS held MB", "PSS held MB", "KB/conn"]
     header += [f"RSS @{results[0].requested} MB", "×hap"]
     body = []
     for m in results:
@@ -173,9 +173,11 @@ def memory_table(results: Sequence[MemoryResult]) -> str:
         body.append(
             [
                 m.target,
+                str(m.processes),
                 str(m.held),
                 f"{m.rss_before / MB:.1f}",
                 f"{m.rss_held / MB:.1f}",
+                f"{m.pss_held / MB:.1f}",
                 f"{m.per_connection / 1024:.2f}",
                 f"{m.rss_at_requested / MB:.1f}",
                 "-" if vs is None else f"{vs:.2f}",
