@@ -193,7 +193,7 @@ def short(twin: ModuleType, n: int) -> float:
     front.close()
     back.close()
     assert stats["errors"] == 0, stats
-    return done / elapsed
+    return float(done) / float(elapsed)
 
 
 def main() -> None:
