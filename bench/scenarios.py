@@ -81,7 +81,7 @@ def probe(target: Target, tries: int = 12) -> set[str]:
     }
     if not versions:
         raise ScenarioError(
-            f"{target.name}: {target.url} did not answer like bootcamp "
+            f"{target.url} did not answer like bootcamp "
             f"(curl exit {done.returncode}): {done.stderr.strip() or done.stdout[-500:]}\n"
             f"{target.process.name} log:\n{target.process.log_tail()}"
         )
