@@ -267,6 +267,7 @@ def _read_object(
     if got_name is None:
         return
     ctx.name = got_name
+    summaries.append(ObjectSummary(kind, got_name, ctx.namespace, doc.file, line))
     key = (kind, ctx.namespace, got_name)
     first = seen.get(key)
     if first is not None:
@@ -278,7 +279,6 @@ def _read_object(
         )
         return
     seen[key] = Where(ctx, ("metadata", "name"))
-    summaries.append(ObjectSummary(kind, got_name, ctx.namespace, doc.file, line))
     if kind == "RouteRule":
         rr = _routerule.read_route_rule(ctx, value, env)
         if rr is not None:

@@ -61,6 +61,9 @@ class SourceProblem(Exception):
     line: int | None = None
     column: int | None = None
 
+    def __str__(self) -> str:
+        return self.message
+
 
 @dataclass
 class Document:
@@ -88,7 +91,14 @@ def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
                 raise SourceProblem(_too_big(size, max_bytes))
-            data = f.read(max_bytes + 1)
+            # read(n) allocates n bytes up front: ask for what fstat promised,
+            # then go on in small chunks only if the file grew meanwhile.
+            data = f.read(size + 1)
+            while len(data) <= max_bytes:
+                more = f.read(65536)
+                if not more:
+                    break
+                data += more
     except IsADirectoryError as exc:
         raise Unreadable("is a directory") from exc
     except OSError as exc:

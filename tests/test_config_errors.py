@@ -1,0 +1,684 @@
+"""Every error the loader reports: the message, the file and the line.
+
+Each case is a small rule file loaded next to the bootcamp registry
+(tests/data/rules/registry.yaml: 2 v1 pods, 1 v2 pod). The expected line is
+where a user should look; the message must say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from l4proxy.config import ConfigError, ConfigUnreadable, Diagnostic, load_rules
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
+REGISTRY = os.path.join(DATA, "registry.yaml")
+
+
+def errors_of(tmp_path: Path, text: str, *, registry: bool = True) -> list[Diagnostic]:
+    f = tmp_path / "rules.yaml"
+    f.write_text(textwrap.dedent(text))
+    paths = [str(f), REGISTRY] if registry else [str(f)]
+    with pytest.raises(ConfigError) as info:
+        load_rules(paths)
+    assert not isinstance(info.value, ConfigUnreadable)
+    errs = info.value.errors
+    assert errs, "ConfigError without an error diagnostic"
+    return errs
+
+
+RR = """\
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata:
+  name: bootcamp-default
+spec:
+"""
+
+VS = """\
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: bootcamp
+spec:
+  hosts: [bootcamp]
+"""
+
+DR = """\
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: bootcamp
+spec:
+  host: bootcamp
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+CASES = [
+    (
+        "weights total 90",
+        RR
+        + """\
+  destination:
+    name: bootcamp
+  route:
+  - labels: {version: v1}
+    weight: 40
+  - labels: {version: v2}
+    weight: 50
+""",
+        "RouteRule bootcamp-default: route weights total 90 (must total 100)",
+        8,
+    ),
+    (
+        "weight out of range",
+        RR
+        + """\
+  destination:
+    name: bootcamp
+  route:
+  - labels: {version: v1}
+    weight: 150
+  - labels: {version: v2}
+    weight: -50
+""",
+        "weight 150 is not in range 0..100",
+        10,
+    ),
+    (
+        "single weight not 100",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels: {version: v1}
+    weight: 60
+""",
+        "route weights total 60 (must total 100)",
+        7,
+    ),
+    (
+        "weight not an integer",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: v1}
+      weight: "50"
+    - destination: {host: bootcamp, subset: v2}
+      weight: 50
+"""
+        + DR,
+        "weight must be an integer, not a string",
+        10,
+    ),
+    (
+        "VirtualService weights total 110",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: v1}
+      weight: 60
+    - destination: {host: bootcamp, subset: v2}
+      weight: 50
+"""
+        + DR,
+        "route weights total 110 (must total 100)",
+        8,
+    ),
+    (
+        "unknown subset",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: v3}
+"""
+        + DR,
+        "subset v3 is not defined by DestinationRule bootcamp for host "
+        "bootcamp.default.svc.cluster.local (it defines: v1, v2)",
+        9,
+    ),
+    (
+        "subset without any DestinationRule",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: v1}
+""",
+        "subset v1 is not defined: no DestinationRule for host bootcamp.default.svc.cluster.local",
+        9,
+    ),
+    (
+        "DestinationRule subset selects no endpoint",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: v1}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: bootcamp
+spec:
+  host: bootcamp
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: canary
+    labels: {version: v3}
+""",
+        "subset canary (version=v3) selects no endpoint of bootcamp.default.svc.cluster.local "
+        "(its endpoints have: app=bootcamp,version=v1; app=bootcamp,version=v2)",
+        20,
+    ),
+    (
+        "RouteRule labels select no endpoint",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels:
+      version: v3
+""",
+        "route labels version=v3 select no endpoint of bootcamp.default.svc.cluster.local",
+        8,
+    ),
+    (
+        "bad regex",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  match:
+    request:
+      headers:
+        cookie:
+          regex: "^(.*?;)?(user=jason(;.*)?$"
+""",
+        "regex '^(.*?;)?(user=jason(;.*)?$' in spec.match.request.headers.cookie is invalid",
+        11,
+    ),
+    (
+        "uppercase header name (RouteRule)",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  match:
+    request:
+      headers:
+        X-User: {exact: jason}
+""",
+        "header name X-User must be in lower case",
+        10,
+    ),
+    (
+        "uppercase header name (VirtualService)",
+        VS
+        + """\
+  http:
+  - match:
+    - headers:
+        End-User: {exact: jason}
+    route:
+    - destination: {host: bootcamp}
+""",
+        "header name End-User must be in lower case",
+        10,
+    ),
+    (
+        "empty RouteRule destination",
+        RR
+        + """\
+  destination: {}
+  route:
+  - labels: {version: v1}
+""",
+        "spec.destination must not be empty",
+        6,
+    ),
+    (
+        "missing RouteRule destination",
+        RR
+        + """\
+  route:
+  - labels: {version: v1}
+""",
+        "spec.destination is required",
+        5,
+    ),
+    (
+        "empty VirtualService destination",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {}
+""",
+        "spec.http[0].route[0].destination must not be empty",
+        9,
+    ),
+    (
+        "VirtualService destination without host",
+        VS
+        + """\
+  http:
+  - route:
+    - destination:
+        subset: v1
+"""
+        + DR,
+        "spec.http[0].route[0].destination.host is required",
+        9,
+    ),
+    (
+        "RouteRule destination labels",
+        RR
+        + """\
+  destination:
+    name: bootcamp
+    labels: {version: v1}
+""",
+        "route rule destination labels must be empty",
+        8,
+    ),
+    (
+        "route and redirect (RouteRule)",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels: {version: v1}
+  redirect:
+    uri: /v1/bootcamp
+""",
+        "rule cannot contain both route and redirect",
+        9,
+    ),
+    (
+        "route and redirect (VirtualService)",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    redirect:
+      uri: /elsewhere
+""",
+        "rule cannot contain both route and redirect",
+        10,
+    ),
+    (
+        "unimplemented RouteRule field",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout: {timeout: 1s}
+""",
+        "spec.httpReqTimeout is not implemented by l4proxy",
+        7,
+    ),
+    (
+        "unimplemented VirtualService field",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries: {attempts: 3}
+""",
+        "spec.http[0].retries is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "unimplemented DestinationRule field",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: bootcamp}
+spec:
+  host: bootcamp
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+""",
+        "spec.trafficPolicy.connectionPool is not implemented by l4proxy",
+        7,
+    ),
+    (
+        "unknown field is a probable typo",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  rout:
+  - labels: {version: v1}
+""",
+        "unknown field spec.rout (expected one of: destination, match, precedence, route)",
+        7,
+    ),
+    (
+        "source by name",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  match:
+    source: {name: client}
+""",
+        "spec.match.source.name is not implemented by l4proxy",
+        8,
+    ),
+    (
+        "label value not a string",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels: {version: 1}
+""",
+        'label version in spec.route[0].labels must be a string, not a number (quote it: version: "1")',
+        8,
+    ),
+    (
+        "unknown load balancer",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: bootcamp}
+spec:
+  host: bootcamp
+  trafficPolicy:
+    loadBalancer: {simple: FASTEST}
+""",
+        "load balancer FASTEST is not known (use one of ROUND_ROBIN, LEAST_CONN, RANDOM)",
+        7,
+    ),
+    (
+        "unknown kind",
+        """\
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {name: x}
+""",
+        "unknown kind Certificate (cert-manager.io/v1)",
+        2,
+    ),
+    (
+        "Istio kind not implemented",
+        """\
+apiVersion: config.istio.io/v1alpha2
+kind: DestinationPolicy
+metadata: {name: x}
+""",
+        "kind DestinationPolicy (config.istio.io/v1alpha2) is not implemented by l4proxy; "
+        "use a DestinationRule",
+        2,
+    ),
+    (
+        "wrong apiVersion for a kind",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: RouteRule
+metadata: {name: x}
+spec: {destination: {name: bootcamp}}
+""",
+        "apiVersion networking.istio.io/v1alpha3 is not supported for RouteRule "
+        "(use config.istio.io/v1alpha2)",
+        1,
+    ),
+    (
+        "document is not a mapping",
+        """\
+- apiVersion: v1
+- kind: Service
+""",
+        "document is a list, not a mapping",
+        1,
+    ),
+    (
+        "document is a scalar",
+        """\
+apiVersion: v1
+---
+just some text
+""",
+        "document is a string, not a mapping",
+        3,
+    ),
+    (
+        "no kind",
+        """\
+apiVersion: v1
+metadata: {name: x}
+""",
+        "document has no kind",
+        1,
+    ),
+    (
+        "no metadata.name",
+        """\
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata: {namespace: default}
+spec: {destination: {name: bootcamp}}
+""",
+        "metadata.name is required",
+        3,
+    ),
+    (
+        "two VirtualServices for one host",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: bootcamp-too
+spec:
+  hosts: [bootcamp.default.svc.cluster.local]
+  http:
+  - route:
+    - destination: {host: bootcamp}
+""",
+        "host bootcamp.default.svc.cluster.local is already routed by VirtualService bootcamp",
+        11,
+    ),
+    (
+        "destination port not a port of the service",
+        VS
+        + """\
+  http:
+  - route:
+    - destination:
+        host: bootcamp
+        port: {number: 9090}
+""",
+        "port 9090 is not a port of bootcamp.default.svc.cluster.local (ports: 8080)",
+        9,
+    ),
+    (
+        "STATIC ServiceEntry endpoint not an IP",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints:
+  - address: other.example.com
+""",
+        "endpoint address 'other.example.com' is not an IP address",
+        9,
+    ),
+    (
+        "two ServiceEntries for one host",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: bootcamp-again}
+spec:
+  hosts: [bootcamp]
+  ports: [{number: 8080, name: http}]
+  endpoints: [{address: 198.18.0.99}]
+""",
+        "host bootcamp.default.svc.cluster.local is already described by ServiceEntry",
+        None,
+    ),
+    (
+        "Ingress backend port the service lacks",
+        """\
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web}
+spec:
+  rules:
+  - http:
+      paths:
+      - path: /bootcamp
+        pathType: Prefix
+        backend:
+          service: {name: bootcamp, port: {number: 9999}}
+""",
+        "service bootcamp.default.svc.cluster.local has no port 9999 (ports: 8080 (http))",
+        8,
+    ),
+    (
+        "YAML merge key",
+        """\
+base: &base {a: 1}
+other:
+  <<: *base
+""",
+        "YAML merge keys (<<) are not supported",
+        3,
+    ),
+    (
+        "duplicate YAML key",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  precedence: 1
+  precedence: 2
+""",
+        "duplicate key 'precedence' in one mapping",
+        8,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "line"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_error(tmp_path: Path, text: str, expected: str, line: int | None) -> None:
+    errs = errors_of(tmp_path, text)
+    hits = [e for e in errs if expected in str(e)]
+    assert hits, f"expected {expected!r} among:\n" + "\n".join(map(str, errs))
+    if line is not None:
+        assert hits[0].line == line, str(hits[0])
+        assert hits[0].file.endswith("rules.yaml")
+
+
+def test_diagnostic_str_is_istioctl_like() -> None:
+    d = Diagnostic(
+        file="bootcamp.yaml",
+        line=12,
+        kind="RouteRule",
+        name="bootcamp-default",
+        message="route weights total 90 (must total 100)",
+    )
+    assert str(d) == "bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)"
+    w = Diagnostic(file="a.yaml", line=3, column=7, message="m", severity="warning")
+    assert str(w) == "a.yaml:3:7: warning: m"
+
+
+def test_every_error_is_reported_not_just_the_first(tmp_path: Path) -> None:
+    errs = errors_of(
+        tmp_path,
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpFault: {}
+  route:
+  - labels: {version: v1}
+    weight: 70
+  - labels: {version: v2}
+    weight: 20
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: other}
+spec:
+  hosts: [other]
+  http:
+  - route:
+    - destination: {host: other}
+    timeout: 1s
+""",
+    )
+    text = "\n".join(map(str, errs))
+    assert "spec.httpFault is not implemented" in text
+    assert "route weights total 90" in text
+    assert "spec.http[0].timeout is not implemented" in text
+    assert len(errs) == 3
+
+
+def test_duplicate_names_across_files(tmp_path: Path) -> None:
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    rule = RR + "  destination: {name: bootcamp}\n"
+    a.write_text(rule)
+    b.write_text("# replaces a.yaml\n" + rule)
+    with pytest.raises(ConfigError) as info:
+        load_rules([str(a), str(b), REGISTRY])
+    (err,) = info.value.errors
+    assert err.file == str(b) and err.line == 5
+    assert f"RouteRule default/bootcamp-default is already defined at {a}:4" in err.message
+    # Same name in another namespace, or of another kind, is no duplicate.
+    b.write_text(rule.replace("name: bootcamp-default", "name: bootcamp-default\n  namespace: x"))
+    load_rules([str(a), str(b), REGISTRY])
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    errs = errors_of(tmp_path, RR + "  destination: {name: bootcamp\n  precedence: 1\n")
+    (err,) = errs
+    assert err.line == 7 and err.column is not None
+    assert str(err).startswith(f"{tmp_path / 'rules.yaml'}:7:{err.column}: YAML syntax error: ")
+
+
+def test_unreadable_paths(tmp_path: Path) -> None:
+    with pytest.raises(ConfigUnreadable) as info:
+        load_rules([str(tmp_path / "missing.yaml"), REGISTRY])
+    assert "missing.yaml: no such file or directory" in str(info.value)
+    if os.geteuid() != 0:  # root reads anything
+        f = tmp_path / "secret.yaml"
+        f.write_text("{}")
+        f.chmod(0)
+        with pytest.raises(ConfigUnreadable, match="secret.yaml: cannot read"):
+            load_rules([str(f)])
+
+
+def test_error_str_lists_every_diagnostic_one_per_line(tmp_path: Path) -> None:
+    f = tmp_path / "rules.yaml"
+    f.write_text(
+        RR + "  destination: {name: bootcamp}\n  route:\n  - labels: {version: v1}\n    weight: 5\n"
+        "  - labels: {version: v2}\n    weight: 5\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_rules([str(f), REGISTRY])
+    lines = str(info.value).splitlines()
+    assert lines == [str(d) for d in info.value.diagnostics if d.severity != "note"]
+    assert any("route weights total 10" in line for line in lines)

@@ -1,0 +1,475 @@
+"""Loading rule sets: the seed's manifests, every kind, ConfigMap directories, one model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from l4proxy.config import ConfigError, load_rules
+from l4proxy.routing import Labels, Request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = os.path.join(REPO, "..", "shared", "seed", "istio-request-routing")
+DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
+REGISTRY = os.path.join(DATA, "registry.yaml")
+HOST = "bootcamp.default.svc.cluster.local"
+
+needs_seed = pytest.mark.skipif(
+    not os.path.isdir(SEED),
+    reason=f"seed manifests not found at {os.path.normpath(SEED)} (CI provides them)",
+)
+
+
+def seed(name: str) -> str:
+    return os.path.join(SEED, name)
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+# -- the seed -------------------------------------------------------------
+
+
+@needs_seed
+@pytest.mark.parametrize(
+    ("rule", "split"),
+    [
+        ("bootcamp-route-rule-all-v1.yaml", {"v1": 100}),
+        ("bootcamp-route-rule-50-v2.yaml", {"v1": 50, "v2": 50}),
+        ("bootcamp-route-rule-all-v2.yaml", {"v2": 100}),
+    ],
+)
+def test_seed_route_rules_load_verbatim(rule: str, split: dict[str, int]) -> None:
+    result = load_rules([seed(rule), REGISTRY])
+    (route,) = result.table.routes_for(HOST)
+    assert route.name == "bootcamp-default"
+    assert route.matches == ()
+    assert {d.subset.name: d.weight for d in route.destinations} == split
+    for d in route.destinations:
+        assert d.subset.labels == {"version": d.subset.name}
+        assert d.host == HOST
+    assert result.sources == [seed(rule), REGISTRY]
+    assert [n for n in result.notes if n.severity != "note"] == []
+
+
+@needs_seed
+def test_seed_kubernetes_objects_are_skipped_with_notes_and_ingress_loads() -> None:
+    files = ["bootcamp.yaml", "bootcamp-service.yaml", "bootcamp-ingress.yaml"]
+    result = load_rules([seed(f) for f in files] + [seed("bootcamp-route-rule-all-v1.yaml")])
+    notes = [str(n) for n in result.notes if n.severity == "note"]
+    assert notes == [
+        f"{seed('bootcamp.yaml')}:1: note: Deployment bootcamp-v1: skipped (a Kubernetes object, not a rule)",
+        f"{seed('bootcamp.yaml')}:22: note: Deployment bootcamp-v2: skipped (a Kubernetes object, not a rule)",
+        f"{seed('bootcamp-service.yaml')}:1: note: Service bootcamp: skipped (a Kubernetes object, not a rule)",
+    ]
+    # No ServiceEntry: the rule and the Ingress path wait for one, with a hint.
+    warnings = [n for n in result.notes if n.severity == "warning"]
+    assert {w.kind for w in warnings} == {"RouteRule", "Ingress"}
+    assert all("has no ServiceEntry" in w.message for w in warnings)
+    assert all("a Kubernetes Service carries no endpoint addresses" in w.message for w in warnings)
+    (path,) = result.table.ingress_paths
+    assert (path.host, path.path, path.path_type, path.service, path.port) == (
+        None,
+        "/bootcamp",
+        "Exact",
+        HOST,
+        8080,
+    )
+    # Once the registry is loaded as well, the tutorial's gateway path resolves.
+    table = load_rules([seed(f) for f in files] + [REGISTRY]).table
+    found = table.ingress(None, "/bootcamp")
+    assert found is not None and found[0].host == HOST and found[1].number == 8080
+    assert table.ingress(None, "/bootcamp/x") is None  # Istio 0.7: exact
+
+
+@needs_seed
+def test_the_three_seed_rules_together_are_duplicates() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_rules([SEED])
+    errs = info.value.errors
+    assert len(errs) == 2
+    assert all("duplicate name: RouteRule default/bootcamp-default" in e.message for e in errs)
+
+
+# -- one model ------------------------------------------------------------
+
+
+@needs_seed
+@pytest.mark.parametrize(
+    ("rule", "vs"),
+    [
+        ("bootcamp-route-rule-50-v2.yaml", "vs-50-v2.yaml"),
+        ("bootcamp-route-rule-all-v1.yaml", "vs-all-v1.yaml"),
+    ],
+)
+def test_route_rule_and_virtual_service_compile_to_the_same_table(rule: str, vs: str) -> None:
+    a = load_rules([seed(rule), REGISTRY]).table
+    b = load_rules([os.path.join(DATA, vs), REGISTRY]).table
+    assert a == b
+    assert json.dumps(a.to_json(), sort_keys=True) == json.dumps(b.to_json(), sort_keys=True)
+
+
+@needs_seed
+def test_different_rules_compile_to_different_tables() -> None:
+    a = load_rules([seed("bootcamp-route-rule-50-v2.yaml"), REGISTRY]).table
+    b = load_rules([seed("bootcamp-route-rule-all-v2.yaml"), REGISTRY]).table
+    c = load_rules([os.path.join(DATA, "vs-all-v1.yaml"), REGISTRY]).table
+    assert a != b and a != c and b != c
+
+
+def test_table_equality_ignores_load_balancer_state() -> None:
+    a = load_rules([os.path.join(DATA, "vs-50-v2.yaml"), REGISTRY], seed=1).table
+    b = load_rules([os.path.join(DATA, "vs-50-v2.yaml"), REGISTRY], seed=2).table
+    svc = a.services()[0]
+    for _ in range(7):
+        a.decide(svc, 8080, Request())
+    assert a == b
+
+
+def test_table_to_json_is_json() -> None:
+    table = load_rules([os.path.join(DATA, "vs-50-v2.yaml"), REGISTRY]).table
+    dump = json.loads(json.dumps(table.to_json()))
+    (svc,) = dump["services"]
+    assert svc["host"] == HOST
+    assert svc["aliases"] == ["bootcamp", "bootcamp.default", "bootcamp.default.svc"]
+    assert svc["addresses"] == ["198.19.0.10"]
+    assert [e["address"] for e in svc["endpoints"]["8080"]] == [
+        "198.18.0.11",
+        "198.18.0.12",
+        "198.18.0.13",
+    ]
+    (route,) = dump["routes"][HOST]
+    assert [(d["subset"], d["weight"]) for d in route["route"]] == [("v1", 50), ("v2", 50)]
+
+
+# -- precedence -----------------------------------------------------------
+
+
+def _rule(name: str, precedence: int, version: str, namespace: str = "default") -> str:
+    return f"""\
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  destination:
+    name: bootcamp
+    namespace: default
+  precedence: {precedence}
+  match:
+    request:
+      headers:
+        x-{name}: {{exact: "1"}}
+  route:
+  - labels: {{version: {version}}}
+---
+"""
+
+
+def test_route_rules_order_by_precedence_then_namespace_and_name(tmp_path: Path) -> None:
+    text = (
+        _rule("zeta", 5, "v1")
+        + _rule("alpha", 1, "v1")
+        + _rule("beta", 5, "v2")
+        + _rule("beta", 5, "v2", namespace="aaa")
+        + _rule("top", 10, "v2")
+    )
+    f = write(tmp_path, "rules.yaml", text)
+    names = [r.name for r in load_rules([f, REGISTRY]).table.routes_for(HOST)]
+    # precedence high first; ties by (namespace, name): aaa/beta, default/beta, default/zeta
+    assert names == ["top", "beta", "beta", "zeta", "alpha"]
+    # The order does not depend on the file order.
+    docs = text.split("---\n")
+    g = write(tmp_path, "reversed.yaml", "---\n".join(reversed(docs)))
+    again = load_rules([g, REGISTRY]).table
+    assert again == load_rules([f, REGISTRY]).table
+
+
+# -- kinds ----------------------------------------------------------------
+
+
+def test_virtual_service_matches_compile(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "vs.yaml",
+        """\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          gateways: [mesh]
+          http:
+          - name: jason
+            match:
+            - headers:
+                end-user: {exact: jason}
+              uri: {prefix: /api}
+            - sourceLabels: {app: tester}
+              port: 8080
+            route:
+            - destination: {host: bootcamp, subset: v2, port: {number: 8080}}
+          - match:
+            - {}
+            route:
+            - destination: {host: bootcamp}
+          tcp:
+          - route:
+            - destination: {host: bootcamp, subset: v1}
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: bootcamp}
+        spec:
+          host: bootcamp
+          trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
+          subsets:
+          - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+          - {name: v2, labels: {version: v2}}
+        """,
+    )
+    table = load_rules([f, REGISTRY]).table
+    jason, rest, tcp = table.routes_for(HOST)
+    assert jason.name == "bootcamp/jason" and rest.name == "bootcamp[1]"
+    assert tcp.name == "bootcamp" and tcp.protocol == "tcp"
+    assert len(jason.matches) == 2
+    first, second = jason.matches
+    assert first.uri is not None and first.uri.to_json() == {"prefix": "/api"}
+    assert [(n, m.to_json()) for n, m in first.headers] == [("end-user", {"exact": "jason"})]
+    assert second.source_labels == Labels({"app": "tester"}) and second.port == 8080
+    assert rest.matches == ()  # an empty block is a catch-all
+    (d,) = jason.destinations
+    assert d.port == 8080 and d.subset.load_balancer == "LEAST_CONN"
+    (t,) = tcp.destinations
+    assert t.subset.load_balancer == "RANDOM"
+    assert table.load_balancer(HOST) == "LEAST_CONN"
+
+
+def test_route_rule_match_compiles(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "rr.yaml",
+        """\
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata: {name: jason}
+        spec:
+          destination: {name: bootcamp}
+          precedence: 2
+          match:
+            source:
+              labels: {app: client}
+            request:
+              headers:
+                cookie: {regex: "^(.*?;)?(user=jason)(;.*)?$"}
+                uri: {prefix: /api}
+                method: GET
+                authority: {exact: bootcamp}
+                scheme: {exact: http}
+          route:
+          - labels: {version: v2}
+        """,
+    )
+    (route,) = load_rules([f, REGISTRY]).table.routes_for(HOST)
+    (m,) = route.matches
+    assert m.source_labels == {"app": "client"}
+    assert [n for n, _ in m.headers] == ["cookie"]
+    assert m.uri is not None and m.uri.kind == "prefix"
+    assert m.method is not None and m.method.to_json() == {"exact": "GET"}
+    assert m.authority is not None and m.scheme is not None
+
+
+def test_service_entry_ports_endpoints_and_dns(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "se.yaml",
+        """\
+        apiVersion: networking.istio.io/v1alpha3
+        kind: ServiceEntry
+        metadata: {name: shop, namespace: shop}
+        spec:
+          hosts: [shop]
+          addresses: [198.19.1.0/24, 198.19.0.30]
+          location: MESH_INTERNAL
+          ports:
+          - {number: 80, name: http-web}
+          - {number: 9000, name: grpc-api}
+          - {number: 5000, name: admin, protocol: TCP, targetPort: 5001}
+          resolution: STATIC
+          endpoints:
+          - address: 198.18.1.1
+            ports: {http-web: 8080}
+            labels: {version: v1}
+          - address: 198.18.1.2
+        ---
+        apiVersion: networking.istio.io/v1alpha3
+        kind: ServiceEntry
+        metadata: {name: api}
+        spec:
+          hosts: [api.example.com]
+          ports: [{number: 443, name: tls, protocol: TLS}]
+          resolution: DNS
+        """,
+    )
+    table = load_rules([f]).table
+    shop = table.service("shop.shop.svc.cluster.local")
+    assert shop is not None
+    assert shop.aliases == ("shop.shop", "shop.shop.svc")  # no short name: another namespace
+    assert [(p.number, p.protocol, p.is_http) for p in shop.ports] == [
+        (80, "HTTP", True),
+        (9000, "GRPC", True),
+        (5000, "TCP", False),
+    ]
+    assert [(e.address, e.port) for e in shop.endpoints_for(80)] == [
+        ("198.18.1.1", 8080),
+        ("198.18.1.2", 80),
+    ]
+    assert [e.port for e in shop.endpoints_for(5000)] == [5001, 5001]
+    assert shop.endpoints_for(80)[0].labels == {"version": "v1"}
+    api = table.service("api.example.com")
+    assert api is not None and api.resolution == "DNS" and api.aliases == ()
+    assert [(e.address, e.port) for e in api.endpoints] == [("api.example.com", 443)]
+    found = table.service_for_address("198.19.1.77", 9000)
+    assert found is not None and found[0] is shop and found[1].name == "grpc-api"
+
+
+def test_list_documents_in_json(tmp_path: Path) -> None:
+    result = load_rules([os.path.join(DATA, "all-kinds.json")])
+    (svc,) = result.table.services()
+    assert svc.host == "db.shop.svc.cluster.local"
+    assert [str(n) for n in result.notes if n.severity == "note"] == [
+        f"{os.path.join(DATA, 'all-kinds.json')}:8: note: ConfigMap unrelated: skipped "
+        "(a Kubernetes object, not a rule)"
+    ]
+
+
+def test_ingress_v1_path_types(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "ing.yaml",
+        """\
+        apiVersion: networking.k8s.io/v1
+        kind: Ingress
+        metadata: {name: web}
+        spec:
+          ingressClassName: istio
+          defaultBackend:
+            service: {name: bootcamp, port: {name: http}}
+          rules:
+          - host: shop.example.com
+            http:
+              paths:
+              - {path: /exact, pathType: Exact, backend: {service: {name: bootcamp, port: {number: 8080}}}}
+          - http:
+              paths:
+              - {path: /app, pathType: Prefix, backend: {service: {name: bootcamp, port: {number: 8080}}}}
+              - {path: /v1.*, pathType: ImplementationSpecific, backend: {service: {name: bootcamp, port: {number: 8080}}}}
+        """,
+    )
+    table = load_rules([f, REGISTRY]).table
+    kinds = [(p.host, p.path, p.path_type) for p in table.ingress_paths]
+    assert kinds == [
+        (None, "", "Default"),
+        ("shop.example.com", "/exact", "Exact"),
+        (None, "/app", "Prefix"),
+        (None, "/v1", "StringPrefix"),
+    ]
+
+
+def test_unknown_destinations_warn_but_load(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "rr.yaml",
+        """\
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata: {name: reviews}
+        spec:
+          destination: {name: reviews}
+          route:
+          - {labels: {version: v9}}
+        """,
+    )
+    result = load_rules([f])
+    (w,) = [n for n in result.notes if n.severity == "warning"]
+    assert str(w) == (
+        f"{f}:1: warning: RouteRule reviews: reviews.default.svc.cluster.local has no "
+        "ServiceEntry in these files; this RouteRule applies once one is loaded"
+    )
+    assert [r.name for r in result.table.routes_for("reviews.default.svc.cluster.local")] == [
+        "reviews"
+    ]
+
+
+# -- paths, namespace, domain ---------------------------------------------
+
+
+def test_namespace_and_domain_are_loader_parameters(tmp_path: Path) -> None:
+    f = write(
+        tmp_path,
+        "rr.yaml",
+        """\
+        apiVersion: networking.istio.io/v1alpha3
+        kind: ServiceEntry
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          ports: [{number: 8080, name: http}]
+          endpoints: [{address: 198.18.0.11}]
+        """,
+    )
+    table = load_rules([f], namespace="shop", domain="corp.internal").table
+    (svc,) = table.services()
+    assert svc.host == "bootcamp.shop.svc.corp.internal"
+    assert table.service_for_host("bootcamp:8080", 8080) is not None
+    assert table.service_for_host("bootcamp.shop.svc.corp.internal", 8080) is not None
+
+
+def test_configmap_mount_directory(tmp_path: Path) -> None:
+    """A ConfigMap volume: visible names are symlinks through ..data to a hidden dir."""
+    mount = tmp_path / "rules"
+    first = mount / "..2024_01_01_00_00_00.000000001"
+    first.mkdir(parents=True)
+    shutil.copy(REGISTRY, first / "registry.yaml")
+    shutil.copy(os.path.join(DATA, "vs-50-v2.yaml"), first / "routes.yaml")
+    (first / "README").write_text("not a rule file")
+    os.symlink(first.name, mount / "..data")
+    for name in ("registry.yaml", "routes.yaml", "README"):
+        os.symlink(f"..data/{name}", mount / name)
+    (mount / ".hidden.yaml").write_text("this: [is not valid")
+    result = load_rules([str(mount)])
+    assert result.sources == [str(mount / "registry.yaml"), str(mount / "routes.yaml")]
+    (route,) = result.table.routes_for(HOST)
+    assert [d.weight for d in route.destinations] == [50, 50]
+
+    # The kubelet's atomic swap: a new timestamped dir, then ..data re-pointed.
+    second = mount / "..2024_01_01_00_05_00.000000002"
+    second.mkdir()
+    shutil.copy(REGISTRY, second / "registry.yaml")
+    shutil.copy(os.path.join(DATA, "vs-all-v1.yaml"), second / "routes.yaml")
+    os.symlink(second.name, mount / "..data_tmp")
+    os.rename(mount / "..data_tmp", mount / "..data")
+    shutil.rmtree(first)
+    (route,) = load_rules([str(mount)]).table.routes_for(HOST)
+    assert [(d.subset.name, d.weight) for d in route.destinations] == [("v1", 100)]
+
+
+def test_empty_directory_is_an_empty_table_with_a_note(tmp_path: Path) -> None:
+    result = load_rules([str(tmp_path)])
+    assert result.table.services() == [] and result.sources == []
+    (note,) = result.notes
+    assert note.severity == "note" and "no *.yaml" in note.message
+
+
+def test_a_single_path_string_is_accepted() -> None:
+    assert load_rules(REGISTRY).sources == [REGISTRY]  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""The bounded YAML reader: hostile input is refused fast and in bounded memory."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l4proxy.config import ConfigError, load_rules
+from l4proxy.config._yaml import SourceProblem, parse_documents, read_file
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    text = 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for i in range(1, levels + 1):
+        refs = ", ".join([f"*l{i - 1}"] * 9)
+        text += f"l{i}: &l{i} [{refs}]\n"
+    return text
+
+
+def _refused(path: Path) -> tuple[ConfigError, float, int]:
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_rules([str(path)])
+    finally:
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return info.value, elapsed, peak
+
+
+def test_50_megabyte_file_is_refused_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:  # sparse: 50 MB on paper, nothing on disk
+        f.truncate(50 * 1024 * 1024)
+    err, elapsed, peak = _refused(big)
+    (d,) = err.errors
+    assert "file is 52428800 bytes, over the 16 MiB limit" in d.message
+    assert elapsed < 0.5
+    assert peak < 1024 * 1024
+
+
+def test_size_limit_is_a_parameter(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("# " + "x" * 100 + "\n")
+    with pytest.raises(ConfigError, match="over the 0 MiB limit"):
+        load_rules([str(f)], max_bytes=50)
+    load_rules([str(f)], max_bytes=200)
+
+
+def test_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
+    bomb = tmp_path / "lol.yaml"
+    bomb.write_text(_billion_laughs())
+    err, elapsed, peak = _refused(bomb)
+    (d,) = err.errors
+    assert "expands to more than 1000000 YAML nodes" in d.message
+    assert d.line == 1
+    assert elapsed < 0.5
+    assert peak < 2 * 1024 * 1024
+
+
+def test_moderate_aliases_are_fine_and_expanded() -> None:
+    (doc,) = parse_documents("a: &x {k: v}\nb: *x\nc: [*x, *x]\n", "f.yaml")
+    assert doc.value == {"a": {"k": "v"}, "b": {"k": "v"}, "c": [{"k": "v"}, {"k": "v"}]}
+
+
+def test_alias_budget_counts_expansion_not_text() -> None:
+    # 4 levels of 9 = 7380 nodes expanded: under 10,000, over 5,000.
+    text = _billion_laughs(levels=3)
+    assert len(list(parse_documents(text, "f.yaml", max_nodes=10_000))) == 1
+    with pytest.raises(SourceProblem, match="expands to more than 5000"):
+        list(parse_documents(text, "f.yaml", max_nodes=5_000))
+
+
+@pytest.mark.parametrize("opener", ["[", "{a: ", "- "])
+def test_deep_nesting_is_refused_quickly(opener: str) -> None:
+    # libyaml's own composer would recurse in C and crash the process here.
+    if opener == "- ":
+        text = "".join(" " * (2 * i) + "- \n" for i in range(5000))
+    else:
+        text = opener * 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(SourceProblem, match="nesting is too deep"):
+        list(parse_documents(text, "f.yaml"))
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_undefined_and_recursive_aliases() -> None:
+    with pytest.raises(SourceProblem, match="alias \\*nope") as info:
+        list(parse_documents("a: *nope\n", "f.yaml"))
+    assert info.value.line == 1 and info.value.column == 4
+    with pytest.raises(SourceProblem, match="alias \\*a"):
+        list(parse_documents("a: &a [1, *a]\n", "f.yaml"))
+
+
+def test_positions_point_at_keys_and_items() -> None:
+    text = "kind: X\nspec:\n  route:\n  - labels: {v: 1}\n    weight: 50\n"
+    (doc,) = parse_documents(text, "f.yaml")
+    assert doc.line_of(("spec",)) == 2
+    assert doc.line_of(("spec", "route", 0)) == 4
+    assert doc.line_of(("spec", "route", 0, "weight")) == 5
+    # A path the document lacks falls back to its nearest ancestor.
+    assert doc.line_of(("spec", "route", 0, "missing", 3)) == 4
+
+
+def test_documents_and_their_lines() -> None:
+    text = "---\na: 1\n---\n---\n# comment only\n---\nb: 2\n...\n"
+    docs = list(parse_documents(text, "f.yaml"))
+    assert [(d.value, d.line) for d in docs] == [({"a": 1}, 2), ({"b": 2}, 7)]
+
+
+def test_json_is_read_with_lines() -> None:
+    (doc,) = parse_documents('{\n  "kind": "List",\n  "items": [\n    {"a": 1}\n  ]\n}\n', "f.json")
+    assert doc.value == {"kind": "List", "items": [{"a": 1}]}
+    assert doc.line_of(("items", 0)) == 4
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(b"a: 1\nb: caf\xe9\n")
+    with pytest.raises(SourceProblem, match="not UTF-8") as info:
+        read_file(str(f))
+    assert info.value.line == 2
+
+
+def test_tags_we_cannot_construct_are_errors() -> None:
+    with pytest.raises(SourceProblem, match="python/object:os.system"):
+        list(parse_documents("a: !!python/object:os.system ls\n", "f.yaml"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!,'\"\n #|>?%@`\t0\\")), max_size=80))
+def test_arbitrary_text_parses_or_raises_our_error(text: str) -> None:
+    """Fuzz invariant: a value, or SourceProblem; never another exception."""
+    try:
+        for doc in parse_documents(text, "f.yaml"):
+            assert doc.line >= 1
+    except SourceProblem as exc:
+        assert exc.message
