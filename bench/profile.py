@@ -21,10 +21,13 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench import wrk
 from bench.scenarios import Target
+
+RATE = 200  # samples per second per thread
+ENTRY_POINTS = ("(l4proxy/__main__.py)", "(l4proxy/cli.py)", "(l4proxy/server.py)")
 
 _LOCATION = re.compile(r"\s*\(([^()]*)\)\s*$")
 
@@ -35,12 +38,16 @@ class Profile:
     self_share: list[tuple[str, float]]
     inclusive_share: list[tuple[str, float]]
     raw_path: str
+    busy: list[tuple[str, float]] = field(default_factory=list)  # thread -> share of wall time
 
     def text(self, top: int = 15) -> str:
-        lines = [f"py-spy: {self.samples} samples of l4proxy (raw stacks: {self.raw_path})", ""]
-        lines.append("self time (innermost frame):")
+        lines = [f"py-spy, l4proxy (raw stacks: {self.raw_path})", ""]
+        if self.busy:
+            lines.append("threads busy (share of wall time on CPU):")
+            lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.busy]
+        lines.append(f"event-loop thread, self time ({self.samples} samples; innermost frame):")
         lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.self_share[:top]]
-        lines.append("inclusive time of l4proxy functions (anywhere on the stack):")
+        lines.append("event-loop thread, inclusive time of l4proxy functions:")
         lines += [f"  {share * 100:5.1f} %  {name}" for name, share in self.inclusive_share[:top]]
         return "\n".join(lines) + "\n"
 
@@ -62,38 +69,68 @@ def _frame_name(frame: str) -> str:
     return f"{frame[: m.start()].strip()} ({where})"
 
 
-def summarize(raw: str, raw_path: str = "") -> Profile:
-    """Aggregate py-spy's ``--format raw`` output."""
+_PROCESS = re.compile(r"^process (\d+):")
+_THREAD = re.compile(r"^thread \((?:0x)?[0-9a-fA-F]+\)(?::\s*(.*))?$")
+
+
+def summarize(
+    raw: str, raw_path: str = "", expected_per_thread: float = 0.0, focus: str = "MainThread"
+) -> Profile:
+    """Aggregate py-spy's ``--format raw --threads`` output.
+
+    Self and inclusive shares are over the *focus* threads' samples (the
+    event loops: where the per-connection work runs); every thread counts
+    toward the busy shares. *expected_per_thread*: rate × seconds, the
+    samples of a thread always on CPU.
+    """
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_frame_name(f) for f in stack.split(";") if f]
-        # The first frame is the process/thread label py-spy adds.
-        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        parts = [f for f in stack.split(";") if f]
+        # py-spy puts the process and the thread as pseudo-frames first.
+        pid, thread = "", ""
+        while parts and (_PROCESS.match(parts[0]) or _THREAD.match(parts[0])):
+            label = parts.pop(0)
+            if m := _PROCESS.match(label):
+                pid = m.group(1)
+            elif m := _THREAD.match(label):
+                thread = m.group(1) or "thread"
+        frames = [_frame_name(f) for f in parts]
         if not frames:
             continue
+        if thread:
+            threads[f"{thread} (pid {pid})" if pid else thread] += n
+            if thread != focus:
+                continue
         total += n
         self_time[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n
     if not total:
         return Profile(0, [], [], raw_path)
+    busy = (
+        [(k, v / expected_per_thread) for k, v in threads.most_common()]
+        if expected_per_thread
+        else []
+    )
     return Profile(
         total,
         [(k, v / total) for k, v in self_time.most_common()],
-        # Inclusive time of l4proxy's own functions, without the frames that
-        # are on every stack (main, the loop's run_forever): the phases.
+        # Inclusive time of l4proxy's own functions, without the entry
+        # points that sit under every stack: what is left are the phases.
         [
             (k, v / total)
             for k, v in inclusive.most_common()
-            if "(l4proxy/" in k and v / total < 0.95
+            if "(l4proxy/" in k and not k.endswith(ENTRY_POINTS)
         ],
         raw_path,
+        busy,
     )
 
 
@@ -108,8 +145,9 @@ def profile_close_load(
         "--pid",
         str(target.process.pid),
         "--subprocesses",
+        "--threads",
         "--rate",
-        "200",
+        str(RATE),
         "--duration",
         str(seconds),
         "--format",
@@ -126,4 +164,4 @@ def profile_close_load(
     if done.returncode != 0 or not os.path.exists(raw_path):
         raise RuntimeError(f"py-spy failed ({done.returncode}): {done.stderr[-1500:]}")
     with open(raw_path) as f:
-        return summarize(f.read(), raw_path)
+        return summarize(f.read(), raw_path, RATE * seconds)

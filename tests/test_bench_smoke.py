@@ -183,13 +183,15 @@ def test_report_ratios_and_verdicts() -> None:
 
 
 def test_profile_summary_of_raw_stacks() -> None:
+    loop = 'process 7:"l4proxy run";thread (0x7f3a): MainThread;_run (asyncio/events.py:80)'
     raw = (
-        "process 1:l4proxy;_run (asyncio/events.py:80);_serve (l4proxy/worker.py:300);"
-        "_connect (l4proxy/worker.py:420) 30\n"
-        "process 1:l4proxy;_run (asyncio/events.py:80);_on_acceptable (l4proxy/worker.py:250) 10\n"
+        f"{loop};_serve (l4proxy/worker.py:300);_connect (l4proxy/worker.py:420) 30\n"
+        f"{loop};_on_acceptable (l4proxy/worker.py:250) 10\n"
+        'process 7:"l4proxy run";thread (0x7f3b): l4proxy-pump;run (threading.py:975) 20\n'
     )
-    p = profile.summarize(raw)
-    assert p.samples == 40
+    p = profile.summarize(raw, expected_per_thread=50)
+    assert p.samples == 40  # the event loop's; the pump counts only as busy
+    assert p.busy == [("MainThread (pid 7)", 0.8), ("l4proxy-pump (pid 7)", 0.4)]
     assert p.self_share[0] == ("_connect (l4proxy/worker.py)", 0.75)
     assert dict(p.inclusive_share) == {
         "_serve (l4proxy/worker.py)": 0.75,
