@@ -215,8 +215,10 @@ def format_table(t: dict[str, Any]) -> str:
         lines.append("  ingress (gateway mode):")
         for p in t["ingress"]:
             host = p["host"] or "any host"
-            where = "default backend" if p["path_type"] == "Default" else (
-                f"{p['path'] or '/'} ({p['path_type']})"
+            where = (
+                "default backend"
+                if p["path_type"] == "Default"
+                else (f"{p['path'] or '/'} ({p['path_type']})")
             )
             lines.append(f"    {host} {where} -> {p['service']}:{p['port']}  [{p['name']}]")
     if len(lines) == 1:

@@ -385,7 +385,8 @@ spec:
   route:
   - labels: {version: 1}
 """,
-        'label version in spec.route[0].labels must be a string, not a number (quote it: version: "1")',
+        "label version in spec.route[0].labels must be a string, not a number "
+        '(quote it: version: "1")',
         8,
     ),
     (
@@ -600,7 +601,10 @@ def test_diagnostic_str_is_istioctl_like() -> None:
         name="bootcamp-default",
         message="route weights total 90 (must total 100)",
     )
-    assert str(d) == "bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)"
+    assert (
+        str(d)
+        == "bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)"
+    )
     w = Diagnostic(file="a.yaml", line=3, column=7, message="m", severity="warning")
     assert str(w) == "a.yaml:3:7: warning: m"
 
@@ -667,7 +671,7 @@ def test_unreadable_paths(tmp_path: Path) -> None:
         f = tmp_path / "secret.yaml"
         f.write_text("{}")
         f.chmod(0)
-        with pytest.raises(ConfigUnreadable, match="secret.yaml: cannot read"):
+        with pytest.raises(ConfigUnreadable, match=r"secret\.yaml: cannot read"):
             load_rules([str(f)])
 
 

@@ -66,10 +66,11 @@ def test_seed_kubernetes_objects_are_skipped_with_notes_and_ingress_loads() -> N
     files = ["bootcamp.yaml", "bootcamp-service.yaml", "bootcamp-ingress.yaml"]
     result = load_rules([seed(f) for f in files] + [seed("bootcamp-route-rule-all-v1.yaml")])
     notes = [str(n) for n in result.notes if n.severity == "note"]
+    why = "skipped (a Kubernetes object, not a rule)"
     assert notes == [
-        f"{seed('bootcamp.yaml')}:1: note: Deployment bootcamp-v1: skipped (a Kubernetes object, not a rule)",
-        f"{seed('bootcamp.yaml')}:22: note: Deployment bootcamp-v2: skipped (a Kubernetes object, not a rule)",
-        f"{seed('bootcamp-service.yaml')}:1: note: Service bootcamp: skipped (a Kubernetes object, not a rule)",
+        f"{seed('bootcamp.yaml')}:1: note: Deployment bootcamp-v1: {why}",
+        f"{seed('bootcamp.yaml')}:22: note: Deployment bootcamp-v2: {why}",
+        f"{seed('bootcamp-service.yaml')}:1: note: Service bootcamp: {why}",
     ]
     # No ServiceEntry: the rule and the Ingress path wait for one, with a hint.
     warnings = [n for n in result.notes if n.severity == "warning"]
@@ -369,11 +370,17 @@ def test_ingress_v1_path_types(tmp_path: Path) -> None:
           - host: shop.example.com
             http:
               paths:
-              - {path: /exact, pathType: Exact, backend: {service: {name: bootcamp, port: {number: 8080}}}}
+              - path: /exact
+                pathType: Exact
+                backend: {service: {name: bootcamp, port: {number: 8080}}}
           - http:
               paths:
-              - {path: /app, pathType: Prefix, backend: {service: {name: bootcamp, port: {number: 8080}}}}
-              - {path: /v1.*, pathType: ImplementationSpecific, backend: {service: {name: bootcamp, port: {number: 8080}}}}
+              - path: /app
+                pathType: Prefix
+                backend: {service: {name: bootcamp, port: {number: 8080}}}
+              - path: /v1.*
+                pathType: ImplementationSpecific
+                backend: {service: {name: bootcamp, port: {number: 8080}}}
         """,
     )
     table = load_rules([f, REGISTRY]).table

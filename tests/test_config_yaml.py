@@ -130,7 +130,7 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 
 def test_tags_we_cannot_construct_are_errors() -> None:
-    with pytest.raises(SourceProblem, match="python/object:os.system"):
+    with pytest.raises(SourceProblem, match=r"python/object:os\.system"):
         list(parse_documents("a: !!python/object:os.system ls\n", "f.yaml"))
 
 

@@ -1,0 +1,328 @@
+"""Sans-IO route selection on hand-built tables: matches, subsets, load balancers, lookups."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from l4proxy.routing import (
+    Decision,
+    Destination,
+    Endpoint,
+    IngressPath,
+    Labels,
+    Match,
+    Request,
+    Route,
+    RouteTable,
+    Service,
+    ServicePort,
+    StringMatch,
+    Subset,
+)
+
+HOST = "bootcamp.default.svc.cluster.local"
+V1A = Endpoint("198.18.0.11", 8080, {"app": "bootcamp", "version": "v1"})
+V1B = Endpoint("198.18.0.12", 8080, {"app": "bootcamp", "version": "v1"})
+V2 = Endpoint("198.18.0.13", 8080, {"app": "bootcamp", "version": "v2"})
+HTTP = ServicePort(8080, "http", "HTTP")
+BOOTCAMP = Service.create(
+    HOST,
+    [HTTP],
+    [V1A, V1B, V2],
+    addresses=["198.19.0.10"],
+    aliases=["bootcamp", "bootcamp.default", "bootcamp.default.svc"],
+)
+V1 = Subset("v1", Labels({"version": "v1"}))
+V2S = Subset("v2", Labels({"version": "v2"}))
+
+
+def table(*routes: Route, lb: str | None = None, **kw: object) -> RouteTable:
+    return RouteTable(
+        [BOOTCAMP],
+        {HOST: list(routes)},
+        load_balancers={HOST: lb} if lb else None,
+        seed=7,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def to(subset: Subset, weight: int = 100) -> Destination:
+    return Destination(HOST, subset, weight)
+
+
+def req(path: str = "/", method: str = "GET", **headers: str) -> Request:
+    return Request(method=method, path=path, authority="bootcamp:8080", headers=headers)
+
+
+# -- value types ----------------------------------------------------------
+
+
+def test_endpoint_is_frozen_and_hashable() -> None:
+    e = Endpoint("10.0.0.1", 80, {"a": "b"})
+    assert e == Endpoint("10.0.0.1", 80, Labels({"a": "b"}))
+    assert len({e, Endpoint("10.0.0.1", 80, {"a": "b"})}) == 1
+    assert isinstance(e.labels, Labels) and e.labels == {"a": "b"}
+    with pytest.raises(AttributeError):
+        e.port = 81  # type: ignore[misc]
+
+
+def test_labels_select_subsets() -> None:
+    sel = Labels({"version": "v1"})
+    assert sel.selects({"app": "x", "version": "v1"})
+    assert not sel.selects({"app": "x", "version": "v2"})
+    assert Labels().selects({})
+    assert str(Labels({"b": "2", "a": "1"})) == "a=1,b=2"
+
+
+def test_service_port_is_http() -> None:
+    assert ServicePort(80, "http", "HTTP").is_http
+    assert ServicePort(80, "grpc", "GRPC").is_http
+    assert not ServicePort(80, "http", "TCP").is_http  # the protocol decides
+    assert not ServicePort(443, "https", "HTTPS").is_http
+
+
+# -- decisions ------------------------------------------------------------
+
+
+def test_no_rule_is_round_robin_over_every_endpoint() -> None:
+    t = RouteTable([BOOTCAMP])
+    picks = [t.decide(BOOTCAMP, 8080, req()) for _ in range(6)]
+    assert [d.endpoints[0] for d in picks] == [V1A, V1B, V2, V1A, V1B, V2]
+    d = picks[0]
+    assert (d.route, d.subset, d.service) == ("default", "default", BOOTCAMP)
+    # The rest of the list is the retry order: the whole service, rotated.
+    assert picks[1].endpoints == [V1B, V2, V1A]
+
+
+def test_catch_all_route_picks_its_subset() -> None:
+    t = table(Route("all-v1", (to(V1),)))
+    ds = [t.decide(BOOTCAMP, 8080, req()) for _ in range(4)]
+    assert {(d.route, d.subset) for d in ds} == {("all-v1", "v1")}
+    assert [d.endpoints for d in ds[:2]] == [[V1A, V1B], [V1B, V1A]]
+
+
+def test_first_matching_route_wins() -> None:
+    jason = Match(headers=(("end-user", StringMatch("exact", "jason")),))
+    t = table(Route("jason", (to(V2S),), (jason,)), Route("rest", (to(V1),)))
+    assert t.decide(BOOTCAMP, 8080, req(**{"end-user": "jason"})).route == "jason"
+    assert t.decide(BOOTCAMP, 8080, req(**{"end-user": "bob"})).route == "rest"
+    assert t.decide(BOOTCAMP, 8080, req()).route == "rest"
+
+
+def test_no_matching_route_falls_back_to_default() -> None:
+    only = Match(uri=StringMatch("prefix", "/api"))
+    t = table(Route("api", (to(V2S),), (only,)))
+    d = t.decide(BOOTCAMP, 8080, req("/web"))
+    assert (d.route, d.subset, len(d.endpoints)) == ("default", "default", 3)
+
+
+@pytest.mark.parametrize(
+    ("match", "hit", "miss"),
+    [
+        (Match(uri=StringMatch("exact", "/a")), req("/a?x=1"), req("/a/b")),
+        (Match(uri=StringMatch("prefix", "/a")), req("/ab"), req("/b/a")),
+        (Match(uri=StringMatch("regex", "/v[0-9]+/.*")), req("/v12/x"), req("/x/v12/x")),
+        (Match(method=StringMatch("exact", "POST")), req(method="POST"), req(method="GET")),
+        (Match(authority=StringMatch("prefix", "bootcamp")), req(), Request(authority="other")),
+        (Match(scheme=StringMatch("exact", "http")), req(), Request(scheme="https")),
+        (
+            Match(headers=(("cookie", StringMatch("regex", "^(.*?;)?(user=jason)(;.*)?$")),)),
+            req(cookie="a=1;user=jason;b=2"),
+            req(cookie="user=jasonx"),
+        ),
+        (
+            Match(
+                uri=StringMatch("prefix", "/api"),
+                headers=(("x-canary", StringMatch("exact", "1")),),
+            ),
+            req("/api/x", **{"x-canary": "1"}),
+            req("/api/x"),  # both conditions must hold
+        ),
+    ],
+)
+def test_match_conditions(match: Match, hit: Request, miss: Request) -> None:
+    t = table(Route("r", (to(V2S),), (match,)))
+    assert t.decide(BOOTCAMP, 8080, hit).route == "r"
+    assert t.decide(BOOTCAMP, 8080, miss).route == "default"
+
+
+def test_match_blocks_are_ored() -> None:
+    m = (Match(uri=StringMatch("exact", "/a")), Match(uri=StringMatch("exact", "/b")))
+    t = table(Route("r", (to(V2S),), m))
+    assert t.decide(BOOTCAMP, 8080, req("/a")).route == "r"
+    assert t.decide(BOOTCAMP, 8080, req("/b")).route == "r"
+    assert t.decide(BOOTCAMP, 8080, req("/c")).route == "default"
+
+
+def test_request_header_names_are_case_insensitive() -> None:
+    m = Match(headers=(("end-user", StringMatch("exact", "jason")),))
+    t = table(Route("r", (to(V2S),), (m,)))
+    r = Request(headers={"End-User": "jason"})
+    assert t.decide(BOOTCAMP, 8080, r).route == "r"
+
+
+def test_source_labels_and_port() -> None:
+    m = Match(source_labels=Labels({"app": "tester"}), port=8080)
+    t = table(Route("r", (to(V2S),), (m,)))
+    assert t.decide(BOOTCAMP, 8080, req(), {"app": "tester", "version": "x"}).route == "r"
+    assert t.decide(BOOTCAMP, 8080, req(), {"app": "client"}).route == "default"
+    assert t.decide(BOOTCAMP, 9090, req(), {"app": "tester"}).route == "default"
+
+
+def test_tcp_routes_on_destination_only() -> None:
+    header = Match(headers=(("x", StringMatch("exact", "1")),))
+    source = Match(source_labels=Labels({"app": "tester"}))
+    t = table(
+        Route("by-header", (to(V2S),), (header,)),
+        Route("by-source", (to(V2S),), (source,)),
+        Route("rest", (to(V1),)),
+    )
+    assert t.decide(BOOTCAMP, 8080, None, {"app": "tester"}).route == "by-source"
+    assert t.decide(BOOTCAMP, 8080, None).route == "rest"  # header match cannot match TCP
+
+
+def test_tcp_routes_come_first_for_raw_connections() -> None:
+    t = table(Route("http", (to(V1),)), Route("tcp", (to(V2S),), protocol="tcp"))
+    assert t.decide(BOOTCAMP, 8080, req()).route == "http"
+    assert t.decide(BOOTCAMP, 8080, None).route == "tcp"
+
+
+def test_empty_subset_gives_no_endpoints() -> None:
+    t = table(Route("v3", (to(Subset("v3", Labels({"version": "v3"}))),)))
+    d = t.decide(BOOTCAMP, 8080, req())
+    assert d == Decision(BOOTCAMP, "v3", "v3", [])
+
+
+def test_destination_in_another_service() -> None:
+    other_ep = Endpoint("198.18.0.50", 9000, {"app": "ratings"})
+    ratings = Service.create(
+        "ratings.default.svc.cluster.local", [ServicePort(9000, "http")], [other_ep]
+    )
+    route = Route("to-ratings", (Destination(ratings.host, Subset("default")),))
+    t = RouteTable([BOOTCAMP, ratings], {HOST: [route]})
+    d = t.decide(BOOTCAMP, 8080, req())
+    assert d.service is ratings and d.endpoints == [other_ep]  # its only port is used
+    lost = RouteTable([BOOTCAMP], {HOST: [route]})
+    assert lost.decide(BOOTCAMP, 8080, req()).endpoints == []
+
+
+def test_unhealthy_endpoints_are_skipped_unless_all_are() -> None:
+    t = RouteTable([BOOTCAMP])
+    down = {V1A}
+    picks = [t.decide(BOOTCAMP, 8080, req(), healthy=lambda e: e not in down) for _ in range(4)]
+    assert all(V1A not in d.endpoints for d in picks)
+    assert Counter(d.endpoints[0] for d in picks) == {V1B: 2, V2: 2}
+    every = t.decide(BOOTCAMP, 8080, req(), healthy=lambda e: False)
+    assert sorted(every.endpoints, key=lambda e: e.address) == [V1A, V1B, V2]
+
+
+def test_least_conn_prefers_idle_endpoints() -> None:
+    t = table(lb="LEAST_CONN")
+    active = {V1A: 5, V1B: 0, V2: 2}
+    d = t.decide(BOOTCAMP, 8080, req(), active=lambda e: active[e])
+    assert d.endpoints == [V1B, V2, V1A]
+    # With equal load it still spreads (round robin between ties).
+    firsts = {t.decide(BOOTCAMP, 8080, req(), active=lambda e: 0).endpoints[0] for _ in range(3)}
+    assert firsts == {V1A, V1B, V2}
+
+
+def test_random_policy_inside_a_subset() -> None:
+    t = table(lb="RANDOM")
+    firsts = Counter(t.decide(BOOTCAMP, 8080, req()).endpoints[0] for _ in range(300))
+    assert set(firsts) == {V1A, V1B, V2}
+    assert max(firsts.values()) < 150  # not stuck on one
+
+
+def test_subset_policy_overrides_host_policy() -> None:
+    rr = Subset("v1", Labels({"version": "v1"}), "ROUND_ROBIN")
+    t = table(Route("r", (to(rr),)), lb="LEAST_CONN")
+    firsts = [t.decide(BOOTCAMP, 8080, req(), active=lambda e: 0).endpoints[0] for _ in range(4)]
+    assert firsts == [V1A, V1B, V1A, V1B]
+
+
+def test_multi_port_service_uses_the_endpoints_of_the_port() -> None:
+    web = Endpoint("198.18.2.1", 8080)
+    admin = Endpoint("198.18.2.1", 9901)
+    svc = Service(
+        "multi.default.svc.cluster.local",
+        (ServicePort(80, "http"), ServicePort(9901, "tcp-admin")),
+        ((80, (web,)), (9901, (admin,))),
+    )
+    t = RouteTable([svc])
+    assert t.decide(svc, 80, None).endpoints == [web]
+    assert t.decide(svc, 9901, None).endpoints == [admin]
+    assert svc.endpoints == (web, admin)
+
+
+# -- lookups --------------------------------------------------------------
+
+
+def test_service_for_address() -> None:
+    t = RouteTable([BOOTCAMP])
+    assert t.service_for_address("198.19.0.10", 8080) == (BOOTCAMP, HTTP)
+    assert t.service_for_address("::ffff:198.19.0.10", 8080) == (BOOTCAMP, HTTP)
+    assert t.service_for_address("198.19.0.10", 9090) is None  # not a port of it
+    assert t.service_for_address("198.19.0.11", 8080) is None
+    assert t.service_for_address("not-an-ip", 8080) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "bootcamp",
+        "bootcamp:8080",
+        "bootcamp.default",
+        "bootcamp.default.svc",
+        "bootcamp.default.svc.cluster.local",
+        "Bootcamp.Default.svc.cluster.local.:8080",
+        "198.19.0.10:8080",
+    ],
+)
+def test_service_for_host(host: str) -> None:
+    t = RouteTable([BOOTCAMP])
+    assert t.service_for_host(host, 8080) == (BOOTCAMP, HTTP)
+
+
+def test_service_for_host_misses() -> None:
+    t = RouteTable([BOOTCAMP])
+    assert t.service_for_host("reviews", 8080) is None
+    assert t.service_for_host("bootcamp", 9090) is None
+    assert t.is_http_port(8080) and not t.is_http_port(9090)
+
+
+def test_ingress_lookup() -> None:
+    paths = [
+        IngressPath("ns/a", None, "/bootcamp", "Exact", HOST, 8080),
+        IngressPath("ns/a", None, "/api", "Prefix", HOST, "http"),
+        IngressPath("ns/a", None, "/api/v2", "Prefix", HOST, 8080),
+        IngressPath("ns/b", None, "/v1", "StringPrefix", HOST, 8080),
+        IngressPath("ns/c", "shop.example.com", "/only", "Exact", HOST, 8080),
+        IngressPath("ns/d", "*.example.com", "/wild", "Exact", HOST, 8080),
+        IngressPath("ns/e", None, "/gone", "Exact", "gone.default.svc.cluster.local", 80),
+    ]
+    t = RouteTable([BOOTCAMP], ingress=paths)
+    hit = (BOOTCAMP, HTTP)
+    assert t.ingress(None, "/bootcamp") == hit
+    assert t.ingress("anything:80", "/bootcamp?x=1") == hit
+    assert t.ingress(None, "/bootcamp/") is None  # exact
+    assert t.ingress(None, "/api") == hit and t.ingress(None, "/api/x") == hit
+    assert t.ingress(None, "/apix") is None  # Prefix is per path element
+    assert t.ingress(None, "/v1beta") == hit  # Istio 0.7 ".*": a string prefix
+    assert t.ingress("shop.example.com", "/only") == hit
+    assert t.ingress("shop.example.com", "/bootcamp") is None  # the host's rules only
+    assert t.ingress("a.example.com", "/wild") == hit
+    assert t.ingress("a.b.example.com", "/wild") is None
+    assert t.ingress(None, "/gone") is None  # no such service (yet)
+    with_default = RouteTable(
+        [BOOTCAMP], ingress=[*paths, IngressPath("ns/f", None, "", "Default", HOST, 8080)]
+    )
+    assert with_default.ingress("shop.example.com", "/elsewhere") == hit
+
+
+def test_empty_table() -> None:
+    t = RouteTable.empty()
+    assert t.services() == [] and t.to_json()["services"] == []
+    assert t == RouteTable()
+    assert t.service_for_address("198.19.0.10", 8080) is None

@@ -1,0 +1,162 @@
+"""``l4proxy validate``: exit codes, istioctl-style errors, the summary, --verbose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from l4proxy.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = os.path.join(REPO, "..", "shared", "seed", "istio-request-routing")
+DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
+REGISTRY = os.path.join(DATA, "registry.yaml")
+EXAMPLES = os.path.join(REPO, "deploy", "examples", "rules")
+
+needs_seed = pytest.mark.skipif(
+    not os.path.isdir(SEED),
+    reason=f"seed manifests not found at {os.path.normpath(SEED)} (CI provides them)",
+)
+
+
+def validate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["validate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_seed
+def test_valid_seed_files_with_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    rule = os.path.join(SEED, "bootcamp-route-rule-50-v2.yaml")
+    code, out, err = validate(
+        capsys,
+        rule,
+        REGISTRY,
+        os.path.join(SEED, "bootcamp.yaml"),
+        os.path.join(SEED, "bootcamp-service.yaml"),
+    )
+    assert code == 0, err
+    assert out.splitlines() == [
+        "5 documents: 1 RouteRule, 1 ServiceEntry; 3 skipped "
+        "(Deployment bootcamp-v1, Deployment bootcamp-v2, Service bootcamp)",
+        "valid: 4 files",
+    ]
+    assert err == ""  # notes only with --verbose
+
+
+@needs_seed
+def test_verbose_prints_notes_and_the_route_table(capsys: pytest.CaptureFixture[str]) -> None:
+    rule = os.path.join(SEED, "bootcamp-route-rule-50-v2.yaml")
+    code, out, err = validate(
+        capsys, "--verbose", rule, REGISTRY, os.path.join(SEED, "bootcamp.yaml")
+    )
+    assert code == 0
+    assert "note: Deployment bootcamp-v1: skipped" in err
+    assert "  service bootcamp.default.svc.cluster.local (also bootcamp, bootcamp.default, " in out
+    assert "      198.18.0.13:8080  app=bootcamp,version=v2" in out
+    assert "      1. bootcamp-default: any request" in out
+    assert "50%  bootcamp.default.svc.cluster.local subset v1 (version=v1; ROUND_ROBIN)" in out
+    assert "otherwise: round robin over all endpoints" in out
+
+
+def test_invalid_exits_1_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "bootcamp.yaml"
+    f.write_text(
+        textwrap.dedent("""\
+        # tutorial step with a typo in the weights
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata:
+          name: bootcamp-default
+        spec:
+          destination:
+            name: bootcamp
+          precedence: 1
+          match: {}
+          # the weights
+          route:
+          - labels:
+              version: v1
+            weight: 40
+          - labels:
+              version: v2
+            weight: 50
+        """)
+    )
+    monkeypatch.chdir(tmp_path)  # relative paths are printed as given
+    code, out, err = validate(capsys, "bootcamp.yaml", REGISTRY)
+    assert code == 1
+    assert err.splitlines() == [
+        "bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)",
+        "invalid: 1 error",
+    ]
+    assert out.startswith("2 documents: 1 RouteRule, 1 ServiceEntry")
+
+
+def test_yaml_syntax_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("kind: RouteRule\nspec: [unclosed\n")
+    code, _, err = validate(capsys, str(f))
+    assert code == 1
+    assert err.startswith(f"{f}:3:1: YAML syntax error: ")
+
+
+def test_unreadable_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = validate(capsys, str(tmp_path / "nope.yaml"), REGISTRY)
+    assert code == 2
+    assert f"{tmp_path / 'nope.yaml'}: no such file or directory" in err
+
+
+def test_warnings_are_printed_but_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "rr.yaml"
+    f.write_text(
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nmetadata: {name: r}\n"
+        "spec: {destination: {name: reviews}}\n"
+    )
+    code, out, err = validate(capsys, str(f))
+    assert code == 0
+    assert "warning: RouteRule r: reviews.default.svc.cluster.local has no ServiceEntry" in err
+    assert out.splitlines()[-1] == "valid: 1 file (1 warning)"
+
+
+def test_namespace_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = validate(capsys, "-v", "-n", "shop", REGISTRY)
+    assert code == 0
+    # The registry names bootcamp.default...: from namespace shop, no short name.
+    assert "(also bootcamp.default, bootcamp.default.svc)" in out
+    assert "route table (namespace shop, domain cluster.local)" in out
+
+
+def test_example_rules_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = validate(capsys, "-v", EXAMPLES)
+    assert code == 0, err
+    assert "1. bootcamp-default/tester: header x-tester exact 'yes'" in out
+
+
+def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "l4proxy validate /etc/l4proxy/rules" in out
+    assert "exit status:" in out and "2  a path does not exist" in out
+    assert "route weights total 90 (must total 100)" in out
+
+
+def test_console_entry_point(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "l4proxy", "validate", REGISTRY],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "1 document: 1 ServiceEntry"
