@@ -268,6 +268,18 @@ def verdicts(all_rows: Sequence[Row], memory: Sequence[MemoryResult]) -> list[Ve
         out.append(
             Verdict("l4proxy", "RSS ×haproxy", vs, "≤ 1.0", None if vs is None else vs <= 1.0)
         )
+        # Informational: PSS splits the pages l4proxy's supervisor and worker
+        # share, which summed RSS counts twice (HAProxy is one process).
+        pss = ratio(mem["l4proxy"].pss_held, hap.pss_held if hap else None)
+        out.append(
+            Verdict(
+                "l4proxy",
+                "PSS ×haproxy (same count held)",
+                pss,
+                "≤ 1.0",
+                None if pss is None else pss <= 1.0,
+            )
+        )
     return out
 
 
