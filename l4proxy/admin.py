@@ -42,7 +42,7 @@ class AdminServer:
     def __init__(self, source: AdminSource, on_quit: Callable[[], None]) -> None:
         self.source = source
         self.on_quit = on_quit
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)

@@ -78,7 +78,7 @@ async def _serve_client(
             writer.close()
 
 
-async def serve(host: str, port: int, pod: str, version: str) -> None:
+async def serve(host: str | None, port: int, pod: str, version: str) -> None:
     body = answer(pod, version)
     server = await asyncio.start_server(
         lambda r, w: _serve_client(r, w, body), host, port, reuse_address=True, backlog=1024
@@ -93,7 +93,7 @@ async def serve(host: str, port: int, pod: str, version: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m l4proxy.bootcamp", description=__doc__)
-    p.add_argument("--host", default="::")
+    p.add_argument("--host", default=None, help="address to bind (default: all, IPv4 and IPv6)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--pod", required=True, help="pod name shown in the answer")
     p.add_argument("--version", default="1", help="the v=N in the answer")

@@ -21,14 +21,12 @@ SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 def original_destination(sock: socket.socket) -> tuple[str, int] | None:
     """Return ``(ip, port)`` the client dialled, or None if not redirected."""
     try:
-        if sock.family == socket.AF_INET6:
+        # An IPv4 client on a dual-stack ("::") listener has a v4-mapped peer
+        # address; its conntrack entry is IPv4, so ask at SOL_IP.
+        if sock.family == socket.AF_INET6 and not sock.getpeername()[0].startswith("::ffff:"):
             raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
             port = struct.unpack_from("!H", raw, 2)[0]
-            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-            # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-            if ip.startswith("::ffff:") and "." in ip:
-                ip = ip[7:]
-            return ip, port
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack_from("!H", raw, 2)[0]
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), port

@@ -114,15 +114,32 @@ def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> 
 
 
 def local_addresses() -> set[str]:
-    """Every address configured in this network namespace (for "is it inbound?")."""
-    from pyroute2 import IPRoute
+    """Every address configured in this network namespace (for "is it inbound?").
 
+    Read from /proc rather than netlink: it needs no event loop (pyroute2's
+    synchronous API cannot run inside a running one) and no privileges.
+    IPv4 local addresses are the ``/32 host LOCAL`` leaves of the FIB trie;
+    IPv6 ones are listed in ``if_inet6``.
+    """
     out: set[str] = set()
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr:
-                out.add(str(addr))
+    try:
+        with open("/proc/net/fib_trie") as f:
+            last = ""
+            for line in f:
+                parts = line.split()
+                if parts[:1] == ["|--"] and len(parts) > 1:
+                    last = parts[1]
+                elif "/32 host LOCAL" in line and last:
+                    out.add(last)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                out.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
+    except OSError:
+        pass
     return out
 
 
@@ -403,6 +420,15 @@ class Worker:
             route=decision.route,
             subset=decision.subset,
         )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s:%d route=%s subset=%s try=%s",
+                service.host,
+                port.number,
+                decision.route,
+                decision.subset,
+                [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
+            )
         for ep in decision.endpoints[:MAX_ATTEMPTS]:
             up = await self._connect((ep.address, ep.port), ep)
             if up is not None:
