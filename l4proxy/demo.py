@@ -533,7 +533,13 @@ def _down() -> int:
 
 @contextlib.contextmanager
 def _signals_as_exceptions() -> Iterator[None]:
+    owner = os.getpid()
+
     def handler(signum: int, frame: object) -> None:
+        # pyroute2 forks helpers that inherit this handler and are stopped
+        # with SIGTERM: only the demo process itself may unwind and clean up.
+        if os.getpid() != owner:
+            os._exit(0)
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
