@@ -59,8 +59,9 @@ class ObjectSummary:
 class ConfigError(Exception):
     """The rule set is invalid; nothing of it may be applied.
 
-    ``diagnostics`` holds every finding (errors first in file order, then the
-    warnings and notes); ``str()`` is the errors and warnings, one per line.
+    ``diagnostics`` holds every finding in the order found (file by file,
+    then the cross-document checks); ``str()`` is its errors and warnings,
+    one per line. ``documents`` lists what was understood before failing.
     """
 
     def __init__(
