@@ -32,13 +32,13 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure means "pure"
+        except Exception as exc:  # any build failure means "pure"
             _say(f"compiling extensions failed ({exc}); installing pure-Python twins only")
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _say(f"compiling {ext.name} failed ({exc}); its pure-Python twin will be used")
 
 
