@@ -414,3 +414,44 @@ def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> Non
     assert codes[-50:] == ["200"] * 50
     assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 1
     assert "died with signal 9" in mesh.sidecar_log()
+
+
+@pytest.fixture
+def mesh6(pod_network6: PodNetwork) -> Iterator[Mesh]:
+    m = Mesh(pod_network6)
+    try:
+        m.start_backends()
+        yield m
+    finally:
+        m.close()
+
+
+def test_ipv6_client_to_an_ipv6_vip(mesh6: Mesh) -> None:
+    """IPv6 capture (init turns it on for a pod with a global IPv6 address) and
+    IPv6 SO_ORIGINAL_DST: the VIP is IPv6, the endpoints IPv6 pod addresses."""
+    vip6 = "2001:2:1::10"
+    eps = [(p.ipv6 or "", p.labels) for p in mesh6.bootcamp]
+    mesh6.write_rules(service_entry("bootcamp", vip6, 8080, eps), route_rule({"v2": 100}))
+    mesh6.start_client()
+    lines = mesh6.curl(f"http://[{vip6}]:8080/", 5)
+    assert lines.count("200") == 5, lines
+    assert sum("v=2" in ln for ln in lines) == 5
+
+
+def test_separate_inbound_port(mesh: Mesh) -> None:
+    """-z 15006 / --inbound-port 15006: inbound lands there and still reaches the app."""
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
+    mesh.start_client(init_args=("-z", "15006"), run_args=("--inbound-port", "15006"))
+    assert mesh.client is not None and mesh.sidecar is not None
+    mesh.serve_bootcamp(mesh.client, "client-app", "7", port=9090)
+    mesh.client.wait_listening(9090)
+    mesh.client.wait_listening(15006)
+    caller = mesh.net.add_pod("caller")
+    out = caller.run(
+        ["curl", "-sS", "--max-time", "5", f"http://{mesh.client.ipv4}:9090/"], user=1000
+    ).stdout
+    assert "Running on: client-app | v=7" in out
+    assert mesh.sidecar.stat("l4proxy_inbound_total") == 1
+    # outbound still works on 15001
+    versions, _, failures = mesh.split(n=6)
+    assert not failures and sum(versions.values()) == 6
