@@ -392,25 +392,26 @@ def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> Non
             "Connection: close",
             "-w",
             "\\n%{http_code}\\n",
-            *([f"http://{VIP}:8080/"] * 400),
+            *([f"http://{VIP}:8080/"] * 1000),
         ],
         user=1000,
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.3)
+    time.sleep(0.2)
     os.kill(first, 9)
     out, _ = load.communicate(timeout=120)
     codes = [ln for ln in out.splitlines() if re.fullmatch(r"\d{3}", ln)]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not mesh.sidecar.worker_pids():
+    # The dead worker stays listed (a zombie) until the supervisor reaps it.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and mesh.sidecar.worker_pids() in ([], [first]):
         time.sleep(0.1)
     [second] = mesh.sidecar.worker_pids()
     assert second != first
     assert mesh.sidecar.alive()
     # Connections in flight in the dead worker may fail; everything after must not.
-    assert len(codes) == 400
-    assert codes.count("200") >= 390, codes
+    assert len(codes) == 1000
+    assert codes.count("200") >= 990, codes
     assert codes[-50:] == ["200"] * 50
     assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 1
     assert "died with signal 9" in mesh.sidecar_log()
