@@ -148,11 +148,18 @@ class Supervisor:
         self,
     ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
         values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
-        help_: dict[str, Any] = {}
+        help_: dict[str, Any] = {
+            "l4proxy_worker_connections_total": ("counter", "Connections accepted, by worker.")
+        }
         gauges: dict[str, float] = {}
-        for ans in await self.gather("stats"):
+        answers = await asyncio.gather(*(self.ask(s, "stats") for s in self.slots))
+        for slot, ans in zip(self.slots, answers, strict=True):
+            if ans is None:
+                continue
             for name, labels, v in ans["counters"]:
                 values[name][tuple((k, val) for k, val in labels)] += v
+                if name == "l4proxy_connections_total":
+                    values["l4proxy_worker_connections_total"][(("worker", str(slot.index)),)] += v
             help_.update({k: tuple(v) for k, v in ans["help"].items()})
             for k, v in ans["gauges"].items():
                 if k in MIN_GAUGES:

@@ -8,6 +8,7 @@ uid 1337 there, and makes requests as uid 1000 to the Service VIP
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -456,3 +457,62 @@ def test_separate_inbound_port(mesh: Mesh) -> None:
     # outbound still works on 15001
     versions, _, failures = mesh.split(n=6)
     assert not failures and sum(versions.values()) == 6
+
+
+def test_host_header_routes_when_the_address_is_unknown(mesh: Mesh) -> None:
+    """A ServiceEntry without addresses: the Host header (short name, name.ns,
+    FQDN, with or without port) finds the service on a port declared HTTP."""
+    entry = service_entry("bootcamp", VIP, 8080, mesh.endpoints()).replace(
+        f'"addresses": ["{VIP}"], ', ""
+    )
+    assert "addresses" not in entry
+    mesh.write_rules(entry, route_rule({"v2": 100}))
+    mesh.start_client()
+    assert mesh.sidecar is not None
+    unknown = "http://198.19.0.99:8080/"  # in no ServiceEntry: routed by Host alone
+    for host in ("bootcamp", "bootcamp.default", "bootcamp.default.svc.cluster.local:8080"):
+        lines = mesh.curl(unknown, 2, extra=("-H", f"Host: {host}"))
+        assert sum("v=2" in ln for ln in lines) == 2, (host, lines)
+    # A Host nobody declared: passed through to the dialled address (nothing there).
+    lines = mesh.curl(unknown, 1, extra=("-H", "Host: elsewhere", "--max-time", "3"))
+    assert "v=2" not in "".join(lines)
+    assert mesh.sidecar.stat("l4proxy_passthrough_total") >= 1
+
+
+def test_admin_endpoints_and_quitquitquit(mesh: Mesh) -> None:
+    _start(mesh, "compiled-uvloop", route_rule({"v1": 100}))
+    assert mesh.sidecar is not None
+    dump = json.loads(mesh.sidecar.admin("/config_dump"))
+    assert dump["generation"] == 1 and dump["last_error"] is None
+    assert "compiled" in dump["implementation"]
+    hosts = [s["host"] for s in dump["table"]["services"]]
+    assert hosts == ["bootcamp.default.svc.cluster.local"]
+    clusters = json.loads(mesh.sidecar.admin("/clusters?format=json"))
+    assert len(clusters[0]["endpoints"]) == 3
+    assert mesh.sidecar.admin("/ready").strip() == "LIVE"
+    # the worker runs as uid 1337 (dropped after binding), the supervisor too
+    for pid in [mesh.sidecar.proc.pid, *mesh.sidecar.worker_pids()]:
+        with open(f"/proc/{pid}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {"1337"}, (pid, uids)
+    assert mesh.sidecar.admin("/quitquitquit", method="POST").strip() == "OK"
+    assert mesh.sidecar.proc.wait(15) == 0
+
+
+def test_two_workers_share_the_listener(mesh: Mesh) -> None:
+    _start(mesh, "compiled-uvloop", route_rule({"v1": 50, "v2": 50}), run_args=("--workers", "2"))
+    assert mesh.sidecar is not None
+    pids = mesh.sidecar.worker_pids()
+    assert len(pids) == 2
+    assert mesh.sidecar.stat("l4proxy_workers") == 2
+    versions, _, failures = mesh.split(n=200)
+    assert not failures and sum(versions.values()) == 200
+    # SO_REUSEPORT spread the connections: both workers accepted some.
+    assert mesh.sidecar.stat("l4proxy_decisions_total") == 200
+    stats = mesh.sidecar.admin("/stats")
+    per_worker = [
+        float(line.rsplit(" ", 1)[1])
+        for line in stats.splitlines()
+        if line.startswith("l4proxy_worker_connections_total{")
+    ]
+    assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
