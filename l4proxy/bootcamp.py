@@ -15,9 +15,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
+from collections import Counter
 
 from l4proxy import peek
+
+ANSWER = re.compile(r"Hello Kubernetes bootcamp! \| Running on: (\S+) \| v=(\d+)")
+
+
+def tally(text: str) -> tuple[Counter[str], Counter[str]]:
+    """Count the answers in *text*: (per version "v1"/"v2"..., per pod)."""
+    versions: Counter[str] = Counter()
+    pods: Counter[str] = Counter()
+    for m in ANSWER.finditer(text):
+        pods[m.group(1)] += 1
+        versions["v" + m.group(2)] += 1
+    return versions, pods
 
 
 def answer(pod: str, version: str) -> bytes:

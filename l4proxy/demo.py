@@ -43,12 +43,12 @@ from typing import Any
 
 import yaml
 
+from l4proxy.bootcamp import tally
 from l4proxy.podnet import Pod, PodNetwork, namespace_exists
 
 PREFIX = "l4demo"
 STATE_DIR = "/run/l4proxy-demo"
 VIP_BASE = "198.19.0."
-ANSWER = re.compile(r"Hello Kubernetes bootcamp! \| Running on: (\S+) \| v=(\d+)")
 TUTORIAL_ORDER = ["all-v1", "50-v2", "all-v2"]
 BLOCKS = " ▏▎▍▌▋▊▉█"
 
@@ -390,29 +390,9 @@ class Tutorial:
 
     def measure(self, url: str) -> tuple[Counter[str], Counter[str], int]:
         assert self.client is not None
-        r = self.client.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-H",
-                "Connection: close",
-                "-w",
-                "\\n%{http_code}\\n",
-                *([url] * self.requests),
-            ],
-            user=1000,
-            check=False,
-            timeout=120,
-        )
-        versions: Counter[str] = Counter()
-        pods: Counter[str] = Counter()
-        for m in ANSWER.finditer(r.stdout):
-            pods[m.group(1)] += 1
-            versions["v" + m.group(2)] += 1
-        failed = self.requests - sum(versions.values())
-        return versions, pods, failed
+        lines = self.client.curl(url, self.requests)
+        versions, pods = tally("\n".join(lines))
+        return versions, pods, self.requests - sum(versions.values())
 
     def urls(self) -> list[tuple[str, str]]:
         assert self.gateway is not None

@@ -79,6 +79,21 @@ class Pod:
         kwargs.setdefault("text", True)
         return subprocess.run(self.command(argv, user), check=check, timeout=timeout, **kwargs)
 
+    def curl(
+        self,
+        url: str,
+        n: int = 1,
+        user: int | None = 1000,
+        extra: Sequence[str] = (),
+        timeout: float = 120,
+    ) -> list[str]:
+        """*n* requests with real curl (one process), each on its own connection
+        (``Connection: close``). Returns the output lines: each body, then the
+        status code on a line of its own ("000" for a failed request)."""
+        argv = ["curl", "-sS", "--max-time", "10", "-H", "Connection: close", *extra]
+        argv += ["-w", "\\n%{http_code}\\n", *([url] * n)]
+        return self.run(argv, user=user, check=False, timeout=timeout).stdout.splitlines()
+
     def set_hosts(self, entries: dict[str, list[str]]) -> None:
         """Give the pod its own /etc/hosts (``ip netns exec`` bind-mounts
         /etc/netns/<ns>/hosts over /etc/hosts), so that curl inside the pod

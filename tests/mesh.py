@@ -21,6 +21,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 
+from l4proxy.bootcamp import tally
 from l4proxy.podnet import Pod, PodNetwork
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -28,7 +29,6 @@ PYTHON = sys.executable
 L4PROXY = os.path.join(VENV_BIN, "l4proxy")
 L4PROXY_INIT = os.path.join(VENV_BIN, "l4proxy-init")
 VIP = "198.19.0.10"
-ANSWER = re.compile(r"Hello Kubernetes bootcamp! \| Running on: (\S+) \| v=(\d+)")
 
 SEED_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -241,38 +241,15 @@ class Mesh:
     ) -> list[str]:
         """n requests with real curl as uid 1000, each on its own connection."""
         assert self.client is not None
-        out = self.client.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-H",
-                "Connection: close",
-                *extra,
-                "-w",
-                "\\n%{http_code}\\n",
-                *([url] * n),
-            ],
-            user=1000,
-            timeout=timeout,
-            check=False,
-        )
-        return out.stdout.splitlines()
+        return self.client.curl(url, n, extra=tuple(extra), timeout=timeout)
 
     def split(
         self, url: str = f"http://{VIP}:8080/", n: int = 300
     ) -> tuple[Counter[str], Counter[str], list[str]]:
         """(requests per version, per pod, failures) for n curl requests."""
         lines = self.curl(url, n)
-        versions: Counter[str] = Counter()
-        pods: Counter[str] = Counter()
+        versions, pods = tally("\n".join(lines))
         codes = [ln for ln in lines if re.fullmatch(r"\d{3}", ln)]
-        for ln in lines:
-            m = ANSWER.search(ln)
-            if m:
-                pods[m.group(1)] += 1
-                versions["v" + m.group(2)] += 1
         failures = [c for c in codes if c != "200"]
         if len(codes) < n:
             failures += ["missing"] * (n - len(codes))
