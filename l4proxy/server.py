@@ -179,6 +179,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="no supervisor: serve in this process (debugging; a crash is not restarted)",
     )
+    p.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Internal: how the supervisor starts a worker.
     p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)

@@ -18,6 +18,9 @@ accepts them: connections that were in flight in the dead worker are lost,
 new ones are only delayed. Restarts back off (0.1 s doubling to 5 s) while a
 worker keeps dying within 10 s of its start.
 
+A worker that stops answering its control socket for ``--watchdog-timeout``
+seconds (hung, not dead) is killed, and so restarted.
+
 The admin endpoint lives in the supervisor and asks the workers over their
 control sockets (one JSON request and one JSON line back), summing counters
 across workers. SIGTERM and SIGHUP are forwarded to every worker; the
@@ -205,8 +208,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        watchdog = loop.create_task(self._watchdog())
         await stop.wait()
         self.stopping = True
+        watchdog.cancel()
         log.info("stopping: draining %d worker(s)", len(self.slots))
         self._forward(signal.SIGTERM)
         deadline = self.args.drain_duration + 10
@@ -222,6 +227,39 @@ class Supervisor:
                 lst.sock.close()
         log.info("stopped")
         return 0
+
+    async def _watchdog(self) -> None:
+        """Kill a worker that stopped answering (hung, not dead) so it is restarted.
+
+        A worker whose event loop is stuck still holds its listening socket and
+        accepts nothing: to the pod that is as bad as a crash, and no exit
+        status would ever tell us.
+        """
+        limit = self.args.watchdog_timeout
+        if limit <= 0:
+            return
+        interval = max(0.2, limit / 5)
+        silent: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(interval)
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is None or proc.returncode is not None or self.stopping:
+                    silent.pop(slot.index, None)
+                    continue
+                if await self.ask(slot, "ready", timeout=interval) is not None:
+                    silent.pop(slot.index, None)
+                    continue
+                first = silent.setdefault(slot.index, time.monotonic())
+                if time.monotonic() - first >= limit:
+                    log.error(
+                        "worker %d (pid %d) has not answered for %.1fs; killing it",
+                        slot.index,
+                        proc.pid,
+                        limit,
+                    )
+                    silent.pop(slot.index, None)
+                    proc.kill()
 
     def _forward(self, sig: int) -> None:
         for slot in self.slots:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -516,3 +517,20 @@ def test_two_workers_share_the_listener(mesh: Mesh) -> None:
         if line.startswith("l4proxy_worker_connections_total{")
     ]
     assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
+
+
+def test_a_hung_worker_is_killed_and_replaced(mesh: Mesh) -> None:
+    """SIGSTOP the worker: it holds the listener but serves nothing. The
+    supervisor's watchdog kills it and starts another."""
+    _start(mesh, "compiled-uvloop", run_args=("--watchdog-timeout", "2"))
+    assert mesh.sidecar is not None
+    [first] = mesh.sidecar.worker_pids()
+    os.kill(first, signal.SIGSTOP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and mesh.sidecar.worker_pids() in ([], [first]):
+        time.sleep(0.2)
+    [second] = mesh.sidecar.worker_pids()
+    assert second != first
+    assert "has not answered" in mesh.sidecar_log()
+    versions, _, failures = mesh.split(n=9)
+    assert not failures and sum(versions.values()) == 9
