@@ -63,6 +63,7 @@ from l4proxy.stats import Counters
 log = logging.getLogger("l4proxy.worker")
 
 MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
+LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
 
 
 @dataclass
@@ -319,9 +320,12 @@ class Worker:
             del endpoint
         except Refused as r:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
-            if r.status is not None:
-                _send_quietly(conn, http_response(r.status, REASONS.get(r.status, ""), r.body))
-            conn.close()
+            if r.status is None:
+                conn.close()
+            elif _send_quietly(conn, http_response(r.status, REASONS.get(r.status, ""), r.body)):
+                await _linger_close(conn, LINGER_SECONDS)
+            else:
+                conn.close()
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -548,11 +552,43 @@ async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
             loop.remove_reader(fd)
 
 
-def _send_quietly(conn: socket.socket, data: bytes) -> None:
+def _send_quietly(conn: socket.socket, data: bytes) -> bool:
+    """Send a short answer on a fresh socket (its send buffer is empty); False if
+    the client is gone."""
     try:
         conn.send(data, socket.MSG_NOSIGNAL)
     except OSError:
+        return False
+    return True
+
+
+async def _linger_close(conn: socket.socket, timeout: float) -> None:
+    """Close after an error answer without destroying it (a "lingering close").
+
+    The client may still be sending (the rest of an oversized head, a request
+    body behind a bad head, a slowloris trickle). close() on a socket with
+    unread bytes makes the kernel send RST, and a RST makes the client's
+    kernel drop the answer we just sent before the client reads it: the
+    client sees "connection reset" instead of our 400/408/431/503. So: send
+    FIN (shutdown SHUT_WR), read and discard until the client closes too or
+    *timeout* passes, then close. Runs in the connection's own task, so the
+    drain and ``--max-connections`` count it.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not conn.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
+                    break
+    except OSError:
         pass
+    finally:
+        conn.close()
 
 
 def _reset(conn: socket.socket) -> None:

@@ -1,0 +1,365 @@
+"""Test support for tests/test_hardening_*.py: hostile clients and odd backends.
+
+Everything here runs inside the pods of a :class:`tests.mesh.Mesh` as small
+Python scripts (``python -c``), so that the bytes on the wire are exactly the
+ones a test chose, which curl would not let us do.
+
+Backends (in one "odd" pod, each on its own port):
+
+* ``HTTP_ECHO``: a deterministic HTTP/1.1 server. It frames each request
+  (Content-Length, chunked, ``Expect: 100-continue``, HTTP/1.0 closes) and
+  answers ``200`` with the raw request bytes (head and body) as the body. A
+  client can therefore compute the exact answer it must get back: anything
+  the proxy changed on the way in or out shows.
+* ``TCP_ECHO``: every byte back until EOF, then close (half-close aware).
+* ``OBSERVER``: reads until EOF or reset and prints one line per
+  connection (``eof N`` / ``reset N``), or resets the connection itself
+  after the first bytes when started with ``rst``.
+
+Clients: ``EXCHANGE`` reads a JSON list of steps on stdin (send, sleep,
+expect, shut, reset) and prints what came back, and how the connection
+ended, as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from l4proxy.podnet import Pod
+from tests.mesh import L4PROXY, PYTHON, Mesh, Sidecar
+
+HTTP_ECHO = r"""
+import re, socket, sys, threading
+def serve(c):
+    buf = b""
+    def more():
+        nonlocal buf
+        d = c.recv(65536)
+        if not d:
+            raise EOFError
+        buf += d
+    try:
+        while True:
+            while not re.search(rb"\r?\n\r?\n", buf):
+                more()
+            i = re.search(rb"\r?\n\r?\n", buf).end()
+            head, buf = buf[:i], buf[i:]
+            low = head.lower()
+            if b"\nexpect: 100-continue" in low:
+                c.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = b""
+            if b"\ntransfer-encoding: chunked" in low:
+                while True:
+                    while b"\r\n" not in buf:
+                        more()
+                    j = buf.index(b"\r\n")
+                    size = int(buf[:j].split(b";")[0], 16)
+                    need = j + 2 + size + 2
+                    while len(buf) < need:
+                        more()
+                    body, buf = body + buf[:need], buf[need:]
+                    if size == 0:
+                        break
+            else:
+                m = re.search(rb"\ncontent-length: *(\d+)", low)
+                n = int(m.group(1)) if m else 0
+                while len(buf) < n:
+                    more()
+                body, buf = buf[:n], buf[n:]
+            raw = head + body
+            close = head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.0") or b"\nconnection: close" in low
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n" % (
+                len(raw), b"connection: close\r\n" if close else b"") + raw)
+            if close:
+                break
+    except (EOFError, OSError):
+        pass
+    c.close()
+s = socket.create_server(("", int(sys.argv[1])), backlog=256)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+TCP_ECHO = r"""
+import socket, sys, threading
+def serve(c):
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+        c.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    c.close()
+s = socket.create_server(("", int(sys.argv[1])), backlog=1024)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+OBSERVER = r"""
+import socket, struct, sys, threading
+mode = sys.argv[2]
+def serve(c):
+    n = 0
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                print("eof", n, flush=True)
+                break
+            n += len(d)
+            if mode == "rst":
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                print("sent-rst", n, flush=True)
+                break
+    except ConnectionResetError:
+        print("reset", n, flush=True)
+    except OSError as e:
+        print("error", n, e, flush=True)
+    c.close()
+s = socket.create_server(("", int(sys.argv[1])), backlog=1024)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+EXCHANGE = r"""
+import json, socket, struct, sys, time
+spec = json.load(sys.stdin)
+out = {"connected": False, "end": None, "error": None}
+buf = b""
+t0 = time.monotonic()
+c = None
+try:
+    c = socket.create_connection((spec["host"], spec["port"]), spec.get("connect_timeout", 5))
+    out["connected"] = True
+    c.settimeout(spec.get("timeout", 10))
+    for kind, arg in spec["steps"]:
+        if kind == "send":
+            c.sendall(bytes.fromhex(arg))
+        elif kind == "sleep":
+            time.sleep(arg)
+        elif kind == "shut":
+            c.shutdown(socket.SHUT_WR)
+        elif kind == "expect":
+            want = bytes.fromhex(arg)
+            while want not in buf:
+                d = c.recv(65536)
+                if not d:
+                    raise EOFError("closed before the expected bytes")
+                buf += d
+        elif kind == "reset":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            c = None
+            out["end"] = "we-reset"
+            break
+    while c is not None:
+        d = c.recv(65536)
+        if not d:
+            out["end"] = "eof"
+            break
+        buf += d
+except ConnectionResetError as e:
+    out["end"] = "reset"
+except socket.timeout:
+    out["end"] = "timeout"
+except Exception as e:
+    out["error"] = type(e).__name__ + ": " + str(e)
+out["data"] = buf.hex()
+out["elapsed"] = time.monotonic() - t0
+print(json.dumps(out))
+"""
+
+# Slowloris: N connections trickle a head one byte every `gap` seconds until
+# the proxy answers or closes; each reports how long it lasted and what came.
+SLOWLORIS = r"""
+import json, socket, sys, threading, time
+host, port, n, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+results = [None] * n
+def one(i):
+    t0 = time.monotonic()
+    got = b""
+    try:
+        c = socket.create_connection((host, port), 5)
+        c.setblocking(False)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: bootcamp\r\n")
+        while time.monotonic() - t0 < 30:
+            try:
+                c.send(b"X")
+            except BlockingIOError:
+                pass
+            time.sleep(gap)
+            try:
+                d = c.recv(4096)
+                got += d
+                if not d:
+                    break
+            except BlockingIOError:
+                pass
+    except OSError as e:
+        got += ("<%s>" % type(e).__name__).encode()
+    results[i] = [time.monotonic() - t0, got[:40].decode("latin-1")]
+ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(json.dumps(results))
+"""
+
+# Hold N connections open through the proxy: each sends a line, expects it
+# back (TCP echo), then waits for "go" on stdin, exchanges again, and closes.
+HOLDER = r"""
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns, first = [], []
+for i in range(n):
+    try:
+        c = socket.create_connection((host, port), 3)
+        c.settimeout(3)
+        c.sendall(b"hello %d\n" % i)
+        d = c.recv(100)
+        first.append("ok" if d == b"hello %d\n" % i else "bad:" + repr(d) if d else "eof")
+        conns.append(c)
+    except ConnectionResetError:
+        first.append("reset")
+    except socket.timeout:
+        first.append("timeout")
+    except OSError as e:
+        first.append(type(e).__name__)
+print(json.dumps(first), flush=True)
+sys.stdin.readline()
+again = []
+for i, c in enumerate(conns):
+    try:
+        c.sendall(b"again %d\n" % i)
+        d = c.recv(100)
+        again.append("ok" if d.startswith(b"again") else "bad:" + repr(d) if d else "eof")
+    except OSError as e:
+        again.append(type(e).__name__)
+    c.close()
+print(json.dumps(again), flush=True)
+"""
+
+
+def exchange(
+    pod: Pod,
+    host: str,
+    port: int,
+    steps: Sequence[tuple[str, object]],
+    timeout: float = 10,
+) -> dict[str, Any]:
+    """Run one scripted connection as uid 1000 in *pod*; data comes back as bytes."""
+    wire = [(k, a.hex() if isinstance(a, bytes) else a) for k, a in steps]
+    spec = {"host": host, "port": port, "steps": wire, "timeout": timeout}
+    r = pod.run([PYTHON, "-c", EXCHANGE], user=1000, input=json.dumps(spec), timeout=timeout + 30)
+    out: dict[str, Any] = json.loads(r.stdout)
+    out["data"] = bytes.fromhex(out["data"])
+    return out
+
+
+def echo_answer(raw_requests: Iterable[bytes], continues: int = 0) -> bytes:
+    """What HTTP_ECHO answers to these requests (each: head + body, verbatim)."""
+    out = b"HTTP/1.1 100 Continue\r\n\r\n" * continues
+    for raw in raw_requests:
+        first = raw.split(b"\r\n", 1)[0]
+        close = first.endswith(b"HTTP/1.0") or b"\nconnection: close" in raw.lower()
+        out += b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n" % (
+            len(raw),
+            b"connection: close\r\n" if close else b"",
+        )
+        out += raw
+    return out
+
+
+def start_sidecar(
+    mesh: Mesh, pod: Pod, run_args: Iterable[str] = (), prefix: Sequence[str] = ()
+) -> Sidecar:
+    """Like Mesh.start_sidecar, with a command *prefix* (e.g. prlimit)."""
+    log = open(mesh.log_path, "ab")  # noqa: SIM115 - owned by the process
+    argv = [
+        *prefix,
+        L4PROXY,
+        "run",
+        "--rules",
+        mesh.rules_dir,
+        "--uid",
+        "1337",
+        "--reload-interval",
+        "0.2",
+        "--drain-duration",
+        "5",
+        *run_args,
+    ]
+    proc = pod.popen(argv, env=mesh.env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    mesh.procs.append(proc)
+    sidecar = Sidecar(pod, proc, 15000)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited {proc.returncode}:\n{mesh.sidecar_log()}")
+        try:
+            if "LIVE" in sidecar.admin("/ready"):
+                mesh.sidecar = sidecar
+                return sidecar
+        except subprocess.CalledProcessError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"sidecar not ready:\n{mesh.sidecar_log()}")
+
+
+def start_client(mesh: Mesh, run_args: Iterable[str] = (), prefix: Sequence[str] = ()) -> Sidecar:
+    """Mesh.start_client with a command prefix for the sidecar."""
+    mesh.client = mesh.net.add_pod("client", labels={"app": "client"})
+    subprocess.run(
+        [
+            os.path.join(os.path.dirname(L4PROXY), "l4proxy-init"),
+            "--netns",
+            mesh.client.netns,
+            "-p",
+            "15001",
+            "-u",
+            "1337",
+        ],
+        check=True,
+        capture_output=True,
+        env=mesh.env,
+    )
+    return start_sidecar(mesh, mesh.client, run_args, prefix)
+
+
+def wait_until(pred: Any, timeout: float = 10, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def settle_fds(sidecar: Sidecar, baseline: int, timeout: float = 10) -> int:
+    """Wait for the fd count to come back to *baseline*; return the last count."""
+    wait_until(lambda: sidecar.fd_count() <= baseline, timeout)
+    return sidecar.fd_count()
+
+
+def rss_kib(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
