@@ -126,6 +126,11 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
             lines.append(f"{base}::health_flags::{flag}")
             lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
             lines.append(f"{base}::ejections::{ep['ejections']}")
+        for d in c.get("dns", ()):
+            base = f"{c['service']}::dns::{d['name']}"
+            lines.append(f"{base}::addresses::{','.join(d['addresses']) or '-'}")
+            lines.append(f"{base}::last_error::{d['last_error'] or '-'}")
+            lines.append(f"{base}::failures::{d['failures']}")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +156,11 @@ class WorkerView:
                 }
                 d.update(self.worker.health.describe(ep))
                 eps.append(d)
-            out.append({"service": svc.host, "endpoints": eps})
+            cluster: dict[str, Any] = {"service": svc.host, "endpoints": eps}
+            dns = self.worker.rules.dns.for_service(svc.host)
+            if dns:  # ServiceEntry resolution DNS: each name's addresses and last error
+                cluster["dns"] = dns
+            out.append(cluster)
         return out
 
     async def clusters(self) -> list[dict[str, Any]]:

@@ -15,6 +15,15 @@ once the writer is done. A load that fails keeps the last good table (Istio
 #5204, istio/api #586: a half-applied or invalid config took hosts down) and
 records the error for ``/config_dump`` and ``/stats``; the next change tries
 again.
+
+ServiceEntry endpoints given as host names (``resolution: DNS``) are resolved
+by :class:`~l4proxy.dns.DnsEndpoints` in a second task: the loaded table is
+kept as the *base*, and what the worker routes on (``state.table``) is the base
+with each resolved name replaced by its addresses. A reload re-expands the new
+base with the addresses already known (no regression to names), and a DNS
+change swaps in a re-expanded table without touching ``generation`` (that
+counts rule loads; ``dns_updates`` counts DNS swaps). Both swaps replace the
+whole table at once, between two connections' decisions.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.config import ConfigError, load_rules
+from l4proxy.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
 from l4proxy.routing import RouteTable
+from l4proxy.stats import Counters
 
 log = logging.getLogger("l4proxy.rules")
 
@@ -76,6 +87,8 @@ class RuleState:
     last_error_at: float | None = None
     reloads: int = 0
     reload_failures: int = 0
+    dns: DnsEndpoints | None = None
+    dns_updates: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +100,8 @@ class RuleState:
             "last_error_at": self.last_error_at,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
+            "dns_updates": self.dns_updates,
+            "dns": self.dns.to_json() if self.dns else [],
             "table": self.table.to_json(),
         }
 
@@ -100,6 +115,11 @@ class RuleWatcher:
         interval: float = 1.0,
         settle: float = 0.1,
         on_swap: Callable[[RuleState], None] | None = None,
+        *,
+        resolver: Resolver | None = None,
+        dns_min_ttl: float | None = None,
+        dns_max_ttl: float | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
@@ -107,10 +127,22 @@ class RuleWatcher:
         self.interval = interval
         self.settle = settle
         self.on_swap = on_swap
-        self.state = RuleState(table=RouteTable.empty())
+        # Counters the worker shows in /stats (it adopts them: see server.py).
+        self.counters = counters or Counters()
+        env_min, env_max = ttl_bounds_from_env()
+        self.dns = DnsEndpoints(
+            resolver or Resolver(),
+            min_ttl=env_min if dns_min_ttl is None else dns_min_ttl,
+            max_ttl=env_max if dns_max_ttl is None else dns_max_ttl,
+            counters=self.counters,
+        )
+        self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
+        self.base = self.state.table  # as loaded: DNS endpoints still host names
         self._fingerprint: Fingerprint | None = None
         self._wake = asyncio.Event()
+        self._dns_wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._dns_task: asyncio.Task[None] | None = None
 
     def load_now(self) -> bool:
         """Load synchronously; swap on success. Returns True if swapped."""
@@ -125,7 +157,10 @@ class RuleWatcher:
             for line in str(exc).splitlines():
                 log.error("rules rejected, keeping generation %d: %s", st.generation, line)
             return False
-        st.table = result.table
+        self.base = result.table
+        if self.dns.track(self.base):
+            self._dns_wake.set()
+        st.table = resolved_table(self.base, self.dns.names) if self.dns.names else self.base
         st.generation += 1
         st.reloads += 1
         st.loaded_at = time.time()
@@ -146,15 +181,47 @@ class RuleWatcher:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._dns_task = loop.create_task(self._run_dns())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in (self._task, self._dns_task):
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+
+    async def refresh_dns(self) -> bool:
+        """Look up the names that are due; swap in a re-expanded table if any changed."""
+        changed = await self.dns.refresh_due()
+        if changed:
+            st = self.state
+            st.table = resolved_table(self.base, self.dns.names)
+            st.dns_updates += 1
+            if self.on_swap:
+                self.on_swap(st)
+        return changed
+
+    async def _run_dns(self) -> None:
+        while True:
+            due = self.dns.next_due()
+            # Sleep until the next name is due, or until a reload adds names.
+            # (time.monotonic, not loop.time: uvloop's clock is cached per tick.)
+            wait = None if due is None else max(0.0, due - time.monotonic())
+            if wait is None or wait > 0:
+                try:
+                    await asyncio.wait_for(self._dns_wake.wait(), wait)
+                except TimeoutError:
+                    pass
+            self._dns_wake.clear()
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+                await self.refresh_dns()
+            except Exception:  # a resolver bug must not stop refreshes for good
+                log.exception("unexpected error while refreshing DNS endpoints")
+                await asyncio.sleep(self.dns.min_ttl)
 
     async def _run(self) -> None:
         while True:

@@ -336,7 +336,8 @@ async def _serve(
         source_labels=args.pod_labels,
         max_connections=args.max_connections,
     )
-    worker = Worker(listeners, rules, opts)
+    # The rule watcher's counters (DNS lookups) are the worker's: one /stats.
+    worker = Worker(listeners, rules, opts, counters=rules.counters)
     stop = asyncio.Event()
     implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
     view = WorkerView(worker, implementation)
