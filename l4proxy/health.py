@@ -2,19 +2,33 @@
 
 An endpoint that fails ``consecutive_failures`` connects in a row is ejected
 for ``base_ejection`` seconds times the number of times it has been ejected
-(capped at ``max_ejection``), like Envoy's outlier detection. At most
-``max_ejection_percent`` of a subset is ever treated as unhealthy by the
-router (``RouteTable.decide`` falls back to all endpoints when every one is
-unhealthy), so ejection can steer traffic but never empties a service.
+(capped at ``max_ejection``), like Envoy's outlier detection. While ejected
+the router skips it; when the time is up it is tried again (a success clears
+its count, a failure counts again).
+
+Bounded ejection (``max_ejection_percent``, default 50): an ejection that
+would leave more than that share of the endpoints that the caller names as
+*peers* (the service's endpoints on that port) ejected does not happen; the
+failure is still counted (``ejections_suppressed``), and the endpoint is
+ejected on a later failure once another one has come back. At least one
+endpoint may always be ejected, whatever the percentage (as in Envoy), so a
+single bad pod of two or three is still steered around. The bound keeps a
+burst of failures that is not the endpoints' fault (our own fd limit, a
+network blip) from ejecting most of a service at once. 50 rather than
+Envoy's/Istio's 10: with the two or three pods a subset typically has here,
+10 % would mean "one", which is what the floor gives anyway.
+``RouteTable.decide`` falls back to all endpoints when every one is
+unhealthy (panic mode), so ejection steers traffic but never empties a
+service.
 
 State is keyed by ``(address, port)`` and survives rule reloads: a reload
-must not forget that a pod is down.
+must not forget that a pod is down. It is per worker process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +48,7 @@ class _State:
     ejections: int = 0
     ejected_until: float = 0.0
     last_error: str = ""
+    ejections_suppressed: int = 0
 
 
 class EndpointHealth:
@@ -42,9 +57,11 @@ class EndpointHealth:
         consecutive_failures: int = 3,
         base_ejection: float = 10.0,
         max_ejection: float = 300.0,
+        max_ejection_percent: float = 50.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.consecutive_failures = consecutive_failures
+        self.max_ejection_percent = max_ejection_percent
         self.base_ejection = base_ejection
         self.max_ejection = max_ejection
         self._clock = clock
@@ -67,16 +84,38 @@ class EndpointHealth:
         st.total_successes += 1
         st.ejected_until = 0.0
 
-    def failure(self, ep: _EndpointLike, error: str) -> None:
+    def failure(self, ep: _EndpointLike, error: str, peers: Sequence[_EndpointLike] = ()) -> None:
+        """Count a failed connect; eject after enough in a row, within the bound.
+
+        *peers*: the endpoints *ep* shares its service port with (itself
+        included or not); empty means no bound is applied.
+        """
         st = self._state(ep)
         st.consecutive_failures += 1
         st.total_failures += 1
         st.last_error = error
-        if st.consecutive_failures >= self.consecutive_failures and self.is_healthy(ep):
-            st.ejections += 1
-            duration = min(self.base_ejection * st.ejections, self.max_ejection)
-            st.ejected_until = self._clock() + duration
-            st.consecutive_failures = 0
+        if st.consecutive_failures < self.consecutive_failures or not self.is_healthy(ep):
+            return
+        if not self._may_eject(ep, peers):
+            st.ejections_suppressed += 1
+            return
+        st.ejections += 1
+        duration = min(self.base_ejection * st.ejections, self.max_ejection)
+        st.ejected_until = self._clock() + duration
+        st.consecutive_failures = 0
+
+    def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike]) -> bool:
+        others = {(p.address, p.port) for p in peers} - {(ep.address, ep.port)}
+        if not others:
+            return True
+        total = len(others) + 1
+        allowed = max(1, int(total * self.max_ejection_percent / 100))
+        ejected = sum(1 for a, p in others if not self._healthy_key((a, p)))
+        return ejected + 1 <= allowed
+
+    def _healthy_key(self, key: tuple[str, int]) -> bool:
+        st = self._states.get(key)
+        return st is None or st.ejected_until <= self._clock()
 
     def describe(self, ep: _EndpointLike) -> dict[str, Any]:
         st = self._states.get((ep.address, ep.port)) or _State()
@@ -89,4 +128,5 @@ class EndpointHealth:
             "connect_failures": st.total_failures,
             "connect_successes": st.total_successes,
             "last_error": st.last_error,
+            "ejections_suppressed": st.ejections_suppressed,
         }

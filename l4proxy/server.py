@@ -146,6 +146,13 @@ def add_parser(sub: Any) -> None:
         "--max-connections", type=int, default=0, help="refuse beyond this many (0: no limit)"
     )
     p.add_argument(
+        "--ejection-time",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="outlier detection: first ejection of a failing endpoint, doubling after (10)",
+    )
+    p.add_argument(
         "--namespace",
         default=os.environ.get("POD_NAMESPACE", "default"),
         help="namespace of short names in rules ($POD_NAMESPACE or default)",
@@ -335,6 +342,7 @@ async def _serve(
         outbound_policy=args.outbound_policy,
         source_labels=args.pod_labels,
         max_connections=args.max_connections,
+        ejection_time=args.ejection_time,
     )
     # The rule watcher's counters (DNS lookups) are the worker's: one /stats.
     worker = Worker(listeners, rules, opts, counters=rules.counters)

@@ -64,6 +64,8 @@ log = logging.getLogger("l4proxy.worker")
 
 MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
 LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
+# accept()/socket() errors that mean "this process (or the system) is out of fds"
+FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class WorkerOptions:
     outbound_policy: str = "ALLOW_ANY"  # or REGISTRY_ONLY
     source_labels: dict[str, str] = field(default_factory=dict)
     max_connections: int = 0  # 0 = unlimited
+    ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
 
 
 def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
@@ -196,7 +199,7 @@ class Worker:
         self.rules = rules
         self.opts = options
         self.counters = counters or Counters()
-        self.health = health or EndpointHealth()
+        self.health = health or EndpointHealth(base_ejection=options.ejection_time)
         self.pump = pump.Pump(idle_timeout=options.idle_timeout)
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
@@ -204,6 +207,8 @@ class Worker:
         self.active_per_endpoint: dict[tuple[str, int], int] = {}
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reserve_fd = -1  # see _shed()
+        self._fd_limit_logged = 0.0
         self._describe_counters()
 
     # -- lifecycle ---------------------------------------------------------
@@ -229,6 +234,7 @@ class Worker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pump.start()
+        self._take_reserve()
         self.refresh_local_addresses()
         for lst in self.listeners:
             self.listener_ports.add(lst.address[1])
@@ -267,6 +273,9 @@ class Worker:
         for t in list(self.handshakes):
             t.cancel()
         self.pump.close()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
 
     # -- accepting -----------------------------------------------------------
     def _on_acceptable(self, lst: Listener) -> None:
@@ -277,10 +286,22 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE/ENFILE: out of fds. Existing connections are unharmed;
-                # back off briefly rather than spinning on a readable listener.
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.counters.inc("l4proxy_refused_total", reason="fd_limit")
+                # EMFILE/ENFILE: out of fds. Existing connections are unharmed.
+                # Refuse what waits in the accept queue now (with RST, through
+                # the reserve fd), rather than leave clients hanging there, and
+                # back off briefly rather than spin on a readable listener.
+                if exc.errno in (*FD_EXHAUSTED, errno.ENOBUFS, errno.ENOMEM):
+                    shed = self._shed(lst) if exc.errno in FD_EXHAUSTED else 0
+                    self.counters.inc("l4proxy_refused_total", max(shed, 1), reason="fd_limit")
+                    now = time.monotonic()
+                    if now - self._fd_limit_logged > 10:
+                        self._fd_limit_logged = now
+                        log.warning(
+                            "accept on %s: %s; refusing new connections for now "
+                            "(set --max-connections below the fd limit / 2)",
+                            lst.name,
+                            os.strerror(exc.errno or 0),
+                        )
                     self._pause_accept(lst)
                     return
                 log.warning("accept on %s failed: %s", lst.name, exc)
@@ -296,12 +317,45 @@ class Worker:
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
 
+    def _take_reserve(self) -> None:
+        if self._reserve_fd < 0:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve_fd = -1  # still out of fds: next time
+
+    def _shed(self, lst: Listener) -> int:
+        """Out of fds: reset the connections waiting in *lst*'s accept queue.
+
+        The reserve fd (libuv's "EMFILE trick") is what makes this possible:
+        closed, it frees the one slot each accept() needs for the moment it
+        takes to reset that connection. Another thread (the pump) may win the
+        slot; then accept() fails again and we only pause.
+        """
+        if self._reserve_fd < 0:
+            return 0
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        shed = 0
+        try:
+            while shed < 256:
+                try:
+                    conn, _ = lst.sock.accept()
+                except OSError:  # EAGAIN: queue empty; EMFILE: slot taken
+                    break
+                _reset(conn)
+                shed += 1
+        finally:
+            self._take_reserve()
+        return shed
+
     def _pause_accept(self, lst: Listener) -> None:
         assert self._loop is not None
         fd = lst.sock.fileno()
         self._loop.remove_reader(fd)
 
         def resume() -> None:
+            self._take_reserve()
             if not self.draining and lst.sock.fileno() == fd:
                 self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
 
@@ -371,7 +425,7 @@ class Worker:
             if self.opts.outbound_policy == "REGISTRY_ONLY":
                 raise Refused("registry_only", 502 if head is not None else None, "blocked")
             self.counters.inc("l4proxy_passthrough_total")
-            up = await self._connect((dst_ip, dst_port))
+            up = await self._connect((dst_ip, dst_port), http=head is not None)
             if up is None:
                 raise Refused(
                     "passthrough_unreachable", 503 if head else None, "upstream connect error"
@@ -434,7 +488,9 @@ class Worker:
                 [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
             )
         for ep in decision.endpoints[:MAX_ATTEMPTS]:
-            up = await self._connect((ep.address, ep.port), ep)
+            up = await self._connect(
+                (ep.address, ep.port), ep, decision.service, http=head is not None
+            )
             if up is not None:
                 return up, pending, ep
         raise Refused(
@@ -479,9 +535,19 @@ class Worker:
                 return head, parser.buffered
 
     async def _connect(
-        self, addr: tuple[str, int], ep: Endpoint | None = None
+        self,
+        addr: tuple[str, int],
+        ep: Endpoint | None = None,
+        service: Service | None = None,
+        *,
+        http: bool = False,
     ) -> socket.socket | None:
-        """Connect with a timeout; report to outlier detection; None on failure."""
+        """Connect with a timeout; report to outlier detection; None on failure.
+
+        Out of fds for the upstream socket is our problem, not the endpoint's:
+        it raises :class:`Refused` (503 on HTTP) and is not counted against the
+        endpoint, or a connection flood would eject healthy pods.
+        """
         host, port = addr
         try:
             infos = socket.getaddrinfo(
@@ -493,7 +559,12 @@ class Worker:
             )
         err = "no address"
         for family, stype, proto, _, sockaddr in infos[:2]:
-            sock = socket.socket(family, stype, proto)
+            try:
+                sock = socket.socket(family, stype, proto)
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTED:
+                    raise Refused("fd_limit", 503 if http else None, "overloaded") from exc
+                raise
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -515,7 +586,8 @@ class Worker:
                 self.health.success(ep)
             return sock
         if ep is not None:
-            self.health.failure(ep, err)
+            peers = [e for e in service.endpoints if e.port == ep.port] if service else ()
+            self.health.failure(ep, err, peers)
         self.counters.inc(
             "l4proxy_upstream_connect_failures_total", endpoint=f"{host}:{port}", error=err
         )

@@ -64,3 +64,27 @@ def test_other_endpoints_unaffected() -> None:
     assert not h.is_healthy(Ep("a", 1))
     assert h.is_healthy(Ep("a", 2))
     assert h.is_healthy(Ep("b", 1))
+
+
+def test_ejection_is_bounded_by_max_ejection_percent() -> None:
+    """At most 50 % of a service's endpoints ejected (at least one always may be)."""
+    clock = Clock()
+    h = EndpointHealth(consecutive_failures=1, base_ejection=10, clock=clock)
+    eps = [Ep(f"198.18.0.{i}", 80) for i in range(1, 5)]
+    for ep in eps:
+        h.failure(ep, "refused", peers=eps)
+    assert [h.is_healthy(e) for e in eps] == [False, False, True, True]
+    assert h.describe(eps[2])["ejections_suppressed"] == 1
+    # One comes back: the next failure of a suppressed one ejects it.
+    clock.now += 10.1
+    h.failure(eps[2], "refused", peers=eps)
+    assert not h.is_healthy(eps[2])
+    # Three endpoints at 50 %: one ejected at most; one of one: that one.
+    three = eps[:3]
+    h2 = EndpointHealth(consecutive_failures=1, clock=clock)
+    for ep in three:
+        h2.failure(ep, "x", peers=three)
+    assert sum(not h2.is_healthy(e) for e in three) == 1
+    h3 = EndpointHealth(consecutive_failures=1, clock=clock)
+    h3.failure(eps[0], "x", peers=eps[:1])
+    assert not h3.is_healthy(eps[0])
