@@ -10,7 +10,8 @@ Backends (in one "odd" pod, each on its own port):
   (Content-Length, chunked, ``Expect: 100-continue``, HTTP/1.0 closes) and
   answers ``200`` with the raw request bytes (head and body) as the body. A
   client can therefore compute the exact answer it must get back: anything
-  the proxy changed on the way in or out shows.
+  the proxy changed on the way in or out shows. ``GET /sleep/S`` waits S
+  seconds before answering (a request in flight).
 * ``TCP_ECHO``: every byte back until EOF, then close (half-close aware).
 * ``OBSERVER``: reads until EOF or reset and prints one line per
   connection (``eof N`` / ``reset N``), or resets the connection itself
@@ -34,7 +35,7 @@ from l4proxy.podnet import Pod
 from tests.mesh import L4PROXY, PYTHON, Mesh, Sidecar
 
 HTTP_ECHO = r"""
-import re, socket, sys, threading
+import re, socket, sys, threading, time
 def serve(c):
     buf = b""
     def more():
@@ -72,6 +73,8 @@ def serve(c):
                     more()
                 body, buf = buf[:n], buf[n:]
             raw = head + body
+            if head.startswith(b"GET /sleep/"):
+                time.sleep(float(head[11:].split(b" ", 1)[0]))
             close = head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.0") or b"\nconnection: close" in low
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n" % (
                 len(raw), b"connection: close\r\n" if close else b"") + raw)

@@ -1,0 +1,225 @@
+"""Hardening (issue 8): rule swaps under load, SIGTERM under load, and the soaks.
+
+The soaks (``@pytest.mark.slow``) run only under ``make soak`` (``pytest -m
+slow --soak``). Their length is ``L4PROXY_SOAK_SECONDS`` (600, the issue's
+10 minutes; 60 is enough while developing). Each one appends a JSON line
+with its numbers (requests, errors, fds and RSS before/after, restarts) to
+``L4PROXY_SOAK_LOG`` (default /tmp/l4proxy-soak.jsonl).
+
+A worker restart during a soak (``l4proxy_worker_restarts_total`` > 0, or
+"died with" in the log) fails the soak: it is the process-abort hazard the
+design warns about (uvloop 0.23, asyncio-Protocol relays under churn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy.podnet import PodNetwork
+from tests._hardening import HTTP_ECHO, echo_answer, exchange, rss_kib, start_client, wait_until
+from tests.mesh import PYTHON, VIP, Mesh, route_rule, service_entry
+
+pytestmark = pytest.mark.netns
+
+IMPLS = {
+    "compiled-uvloop": ({}, ()),
+    "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ("--loop", "asyncio")),
+}
+SOAK_SECONDS = int(os.environ.get("L4PROXY_SOAK_SECONDS", "600"))
+SOAK_LOG = os.environ.get("L4PROXY_SOAK_LOG", "/tmp/l4proxy-soak.jsonl")
+
+
+@pytest.fixture
+def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
+    m = Mesh(pod_network)
+    try:
+        m.start_backends()
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log())
+        m.close()
+
+
+def _start(mesh: Mesh, impl: str, *docs: str, run_args: tuple[str, ...] = ()) -> None:
+    env, args = IMPLS[impl]
+    mesh.env.update(env)
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
+    if docs:
+        mesh.write_rules(*docs)
+    start_client(mesh, run_args=(*args, *run_args))
+
+
+def _wrk(mesh: Mesh, seconds: int, conns: int, close: bool) -> subprocess.Popen[str]:
+    assert mesh.client is not None
+    hdr = ["-H", "Connection: close"] if close else []
+    return mesh.client.popen(
+        [
+            "wrk",
+            "-t2",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--timeout",
+            "5s",
+            *hdr,
+            f"http://{VIP}:8080/",
+        ],
+        user=1000,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wrk_numbers(out: str) -> dict[str, int]:
+    m = re.search(r"(\d+) requests in", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests": int(m.group(1)) if m else 0,
+        "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def _loaded_generations(mesh: Mesh) -> int:
+    return len(re.findall(r"rules generation \d+ loaded", _full_log(mesh)))
+
+
+def _full_log(mesh: Mesh) -> str:
+    with open(mesh.log_path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize(
+    "impl",
+    ["compiled-uvloop", pytest.param("pure-asyncio", marks=pytest.mark.slow)],
+)
+def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str) -> None:
+    """all-v1 → 50-v2 → all-v2 → ... 100 times while wrk (Connection: close) runs:
+    zero socket errors, zero non-2xx. Each swap is waited for (its load logged)."""
+    _start(mesh, impl, route_rule({"v1": 100}), run_args=("--reload-interval", "0.05"))
+    assert mesh.sidecar is not None
+    rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
+    wrk = _wrk(mesh, 30, 20, close=True)
+    time.sleep(0.5)
+    loaded = _loaded_generations(mesh)
+    t0 = time.monotonic()
+    for i in range(100):
+        mesh.write_rules(rules[i % 3])
+        assert wait_until(lambda n=loaded + i + 1: _loaded_generations(mesh) >= n, 5, 0.02)
+    swaps_took = time.monotonic() - t0
+    assert wrk.poll() is None, "wrk ended before the 100 swaps did"
+    out, _ = wrk.communicate(timeout=60)
+    n = _wrk_numbers(out)
+    print(n, f"swaps took {swaps_took:.1f}s")
+    assert n["requests"] > 500, out
+    assert n["socket_errors"] == 0 and n["non_2xx"] == 0, out
+    assert "Socket errors" not in out and "Non-2xx" not in out, out
+    assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
+    assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 0
+
+
+def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
+    """20 requests in flight (the backend takes 1.5 s each) and wrk churning:
+    SIGTERM; every in-flight request is answered in full within the drain
+    window (5 s here), new connections are refused, the sidecar exits 0."""
+    odd = mesh.net.add_pod("odd", labels={"app": "odd"})
+    mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
+    odd.wait_listening(8081)
+    mesh.write_rules(service_entry("echo", "198.19.0.40", 8081, [(odd.ipv4, {})]), name="e.yaml")
+    _start(mesh, "compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
+    assert mesh.client is not None and mesh.sidecar is not None
+    client = mesh.client
+    req = b"GET /sleep/1.5 HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"
+    results: list[dict[str, object]] = []
+
+    def one() -> None:
+        results.append(exchange(client, "198.19.0.40", 8081, [("send", req)], timeout=15))
+
+    wrk = _wrk(mesh, 4, 20, close=True)
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)  # all 20 are in flight (the python clients start in ~0.1 s)
+    t0 = time.monotonic()
+    mesh.sidecar.proc.send_signal(15)
+    for t in threads:
+        t.join(30)
+    code = mesh.sidecar.proc.wait(15)
+    stopped_after = time.monotonic() - t0
+    out, _ = wrk.communicate(timeout=30)
+    assert code == 0, mesh.sidecar_log()
+    assert stopped_after < 5 + 3, stopped_after  # the drain window, plus exit
+    assert len(results) == 20
+    for r in results:
+        assert r["data"] == echo_answer([req]), r
+        assert r["end"] == "eof"
+    n = _wrk_numbers(out)
+    # After SIGTERM wrk's new connections are refused (connect/read errors are
+    # expected), but none of its requests may get a wrong answer.
+    assert n["non_2xx"] == 0, out
+    assert "draining" in mesh.sidecar_log()
+
+
+# -- soaks ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("kind", ["churn", "keepalive"])
+def test_soak(mesh: Mesh, impl: str, kind: str) -> None:
+    """L4PROXY_SOAK_SECONDS of wrk, 200 connections, ``Connection: close``
+    (churn: a connection, a decision and a relay per request) or keep-alive:
+    the sidecar stays up with no worker restart, no socket error, no non-2xx,
+    and its fds and RSS come back to the baseline taken after a warm-up."""
+    _start(mesh, impl, route_rule({"v1": 50, "v2": 50}))
+    assert mesh.sidecar is not None
+    sc = mesh.sidecar
+    close = kind == "churn"
+    _wrk(mesh, 5, 200, close).communicate(timeout=60)  # warm-up: pools, caches, arenas
+    time.sleep(2)
+    fds0, rss0 = sc.fd_count(), rss_kib([sc.proc.pid, *sc.worker_pids()])
+    workers = sc.worker_pids()
+    out, _ = _wrk(mesh, SOAK_SECONDS, 200, close).communicate(timeout=SOAK_SECONDS + 120)
+    alive = sc.alive()
+    wait_until(lambda: sc.fd_count() <= fds0, 15)
+    time.sleep(2)
+    fds1, rss1 = sc.fd_count(), rss_kib([sc.proc.pid, *sc.worker_pids()])
+    restarts = sc.stat("l4proxy_worker_restarts_total") if alive else -1
+    n = _wrk_numbers(out)
+    record = {
+        "test": f"soak-{kind}-{impl}",
+        "seconds": SOAK_SECONDS,
+        "connections": 200,
+        **n,
+        "fds_before": fds0,
+        "fds_after": fds1,
+        "rss_kib_before": rss0,
+        "rss_kib_after": rss1,
+        "restarts": restarts,
+        "same_workers": sc.worker_pids() == workers,
+        "died_in_log": "died with" in _full_log(mesh),
+        "wrk_latency": re.findall(r"Latency\s+(\S+)", out),
+        "req_per_s": re.findall(r"Requests/sec:\s+(\S+)", out),
+    }
+    with open(SOAK_LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(record)
+    assert alive, mesh.sidecar_log()
+    assert restarts == 0 and not record["died_in_log"], mesh.sidecar_log()
+    assert record["same_workers"]
+    assert n["requests"] > SOAK_SECONDS * 100, out
+    assert n["socket_errors"] == 0 and n["non_2xx"] == 0, out
+    assert fds1 <= fds0, record
+    assert rss1 <= rss0 + max(10 * 1024, rss0 // 4), record
+    versions, _, failures = mesh.split(n=10)
+    assert not failures and sum(versions.values()) == 10
