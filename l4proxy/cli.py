@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "validate": "l4proxy.validate",
     "run": "l4proxy.server",
     "demo": "l4proxy.demo",
+    "inject": "l4proxy.inject",
 }
 
 DESCRIPTION = """\
@@ -27,6 +28,7 @@ l4proxy: Istio-style traffic shifting for a pod, without Istio.
   l4proxy validate RULES...      check rule files the way the sidecar would
   l4proxy run --rules PATH       run the sidecar (after l4proxy-init captured traffic)
   l4proxy demo                   the request-routing tutorial in network namespaces
+  l4proxy inject -f IN.yaml      add the init container and sidecar to Kubernetes manifests
 
 Run 'l4proxy COMMAND --help' for each command's options.
 """

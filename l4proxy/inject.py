@@ -1,0 +1,507 @@
+"""``l4proxy inject``: add l4proxy's init container, sidecar and rule volume to
+every Pod template of a Kubernetes manifest (what ``istioctl kube-inject`` did).
+
+Theory of operation
+-------------------
+The input is split into YAML documents *as text* (at ``---`` lines). A
+document whose object has a Pod template (Pod, Deployment, StatefulSet,
+DaemonSet, ReplicaSet, ReplicationController, Job, CronJob, or a ``List`` of
+them) is parsed, changed and written back; every other document is copied
+byte for byte, comments included. (A changed document loses its comments
+inside the object: PyYAML does not keep them. Its leading comment lines are
+kept.)
+
+Injection is a pure function of (template, options): it first removes what an
+earlier injection added (the containers ``l4proxy-init`` and ``l4proxy`` and
+the volume ``l4proxy-rules``), then adds them afresh. So injecting twice
+equals injecting once, and injecting again with other options updates a
+manifest in place. The template's ``l4proxy.io/status`` annotation records
+what was added and with which image; it holds no time stamp, on purpose.
+
+The sidecar is by default a Kubernetes *native sidecar* (an init container
+with ``restartPolicy: Always``, Kubernetes 1.29 and later): it starts before
+the app's containers and is ready (its startup probe) before they run, so an
+app's first connection is not refused, and it stops after them, so a Job's
+pod completes. ``--sidecar container`` puts it among the app's containers
+instead, for older clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from l4proxy import __version__
+
+INIT_NAME = "l4proxy-init"
+SIDECAR_NAME = "l4proxy"
+VOLUME_NAME = "l4proxy-rules"
+STATUS_ANNOTATION = "l4proxy.io/status"
+INJECT_ANNOTATION = "l4proxy.io/inject"
+RULES_MOUNT = "/etc/l4proxy"
+PROXY_UID = 1337
+PROXY_PORT = 15001
+DEFAULT_IMAGE = f"l4proxy:{__version__}"
+DEFAULT_CONFIGMAP = "l4proxy-rules"
+
+# kind -> path from the object to its Pod template ("" = the object is the pod).
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+# apiVersion/kind pairs current Kubernetes no longer serves, and the release
+# that stopped serving them.
+REMOVED_APIS: dict[tuple[str, str], str] = {
+    ("apps/v1beta1", "Deployment"): "1.16",
+    ("apps/v1beta1", "StatefulSet"): "1.16",
+    ("apps/v1beta2", "Deployment"): "1.16",
+    ("apps/v1beta2", "StatefulSet"): "1.16",
+    ("apps/v1beta2", "DaemonSet"): "1.16",
+    ("apps/v1beta2", "ReplicaSet"): "1.16",
+    ("extensions/v1beta1", "Deployment"): "1.16",
+    ("extensions/v1beta1", "DaemonSet"): "1.16",
+    ("extensions/v1beta1", "ReplicaSet"): "1.16",
+    ("batch/v2alpha1", "CronJob"): "1.21",
+    ("batch/v1beta1", "CronJob"): "1.25",
+}
+CURRENT_API = {
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "DaemonSet": "apps/v1",
+    "ReplicaSet": "apps/v1",
+    "CronJob": "batch/v1",
+}
+
+EPILOG = f"""\
+what is added to each Pod template:
+  initContainers[0]  {INIT_NAME}: l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
+                     as root with only NET_ADMIN and NET_RAW, read-only root filesystem:
+                     installs the iptables rules that send the pod's TCP to the sidecar
+  the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}, as uid {PROXY_UID},
+                     read-only root filesystem, no capabilities; readiness (and startup)
+                     probe: the exec command l4proxy-ready, which asks the admin
+                     endpoint's /ready on 127.0.0.1:15000 from inside the pod
+  volume             {VOLUME_NAME}: the rule ConfigMap (--configmap), mounted read-only
+  annotation         {STATUS_ANNOTATION} on the template: what was injected
+A template annotated {INJECT_ANNOTATION}: "false", or with hostNetwork: true, is left
+alone (capturing a host-network pod would capture the node's traffic).
+
+examples:
+  l4proxy inject -f bootcamp.yaml -o bootcamp-injected.yaml
+  kubectl get deploy bootcamp-v1 -o yaml | l4proxy inject -f - | kubectl apply -f -
+  l4proxy inject -f app.yaml --image registry.example/l4proxy:{__version__} \\
+      --configmap my-rules --exclude-inbound-ports 9090 --exclude-outbound-ports 5432
+
+Injecting an injected manifest changes nothing; with other options it updates
+what was injected. Documents without a Pod template (Services, ConfigMaps, ...)
+are copied byte for byte. Old API versions (apps/v1beta1, extensions/v1beta1,
+...) are injected as they are, with a warning: current Kubernetes no longer
+serves them.
+
+exit codes: 0 written, 1 the input is not valid YAML or a Pod template is
+malformed, 2 usage error or unreadable input.
+"""
+
+
+class InjectError(Exception):
+    """The manifest cannot be injected (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    image: str = DEFAULT_IMAGE
+    configmap: str = DEFAULT_CONFIGMAP
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    sidecar: str = "native"  # or "container"
+    pull_policy: str | None = None
+
+    def status(self) -> str:
+        return json.dumps(
+            {
+                "version": __version__,
+                "image": self.image,
+                "sidecar": self.sidecar,
+                "initContainers": [INIT_NAME, SIDECAR_NAME]
+                if self.sidecar == "native"
+                else [INIT_NAME],
+                "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
+                "volumes": [VOLUME_NAME],
+            },
+            separators=(",", ":"),
+        )
+
+
+@dataclass
+class InjectResult:
+    text: str
+    injected: list[str] = field(default_factory=list)  # "Kind name" of each injected template
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _ports(values: Sequence[int]) -> str:
+    return ",".join(str(p) for p in values)
+
+
+def init_container(opts: InjectOptions) -> dict[str, Any]:
+    command = ["l4proxy-init", "-p", str(PROXY_PORT), "-u", str(PROXY_UID)]
+    if opts.exclude_inbound_ports:
+        command += ["-d", _ports(opts.exclude_inbound_ports)]
+    if opts.exclude_outbound_ports:
+        command += ["-o", _ports(opts.exclude_outbound_ports)]
+    c: dict[str, Any] = {"name": INIT_NAME, "image": opts.image}
+    if opts.pull_policy:
+        c["imagePullPolicy"] = opts.pull_policy
+    c.update(
+        {
+            "command": command,
+            "securityContext": {
+                # iptables needs root in the pod's network namespace, with
+                # NET_ADMIN and NET_RAW, and nothing else.
+                "runAsUser": 0,
+                "runAsGroup": 0,
+                "runAsNonRoot": False,
+                "privileged": False,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            },
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "32Mi"},
+                "limits": {"memory": "64Mi"},
+            },
+        }
+    )
+    return c
+
+
+def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
+    probe = {"exec": {"command": ["l4proxy-ready"]}}
+    c: dict[str, Any] = {"name": SIDECAR_NAME, "image": opts.image}
+    if opts.pull_policy:
+        c["imagePullPolicy"] = opts.pull_policy
+    if opts.sidecar == "native":
+        c["restartPolicy"] = "Always"
+    c.update(
+        {
+            "command": ["l4proxy", "run", "--rules", RULES_MOUNT],
+            "env": [
+                {
+                    "name": "POD_NAMESPACE",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                }
+            ],
+            "securityContext": {
+                "runAsUser": PROXY_UID,
+                "runAsGroup": PROXY_UID,
+                "runAsNonRoot": True,
+                "privileged": False,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 2},
+            "resources": {
+                "requests": {"cpu": "50m", "memory": "64Mi"},
+                "limits": {"memory": "256Mi"},
+            },
+            "volumeMounts": [{"name": VOLUME_NAME, "mountPath": RULES_MOUNT, "readOnly": True}],
+        }
+    )
+    if opts.sidecar == "native":
+        # The kubelet starts the app's containers once this succeeds.
+        c["startupProbe"] = {**probe, "periodSeconds": 1, "failureThreshold": 60}
+    return c
+
+
+def rules_volume(opts: InjectOptions) -> dict[str, Any]:
+    return {"name": VOLUME_NAME, "configMap": {"name": opts.configmap}}
+
+
+def _without(items: Any, names: Sequence[str]) -> list[Any]:
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if not (isinstance(i, dict) and i.get("name") in names)]
+
+
+def inject_template(
+    template: dict[str, Any], opts: InjectOptions, what: str, warnings: list[str]
+) -> bool:
+    """Inject one Pod template in place. False: left alone on purpose."""
+    meta = template.setdefault("metadata", {})
+    if meta is None:
+        meta = template["metadata"] = {}
+    spec = template.get("spec")
+    if not isinstance(meta, dict) or not isinstance(spec, dict):
+        raise InjectError(f"{what}: the Pod template has no spec (or metadata is not a mapping)")
+    annotations = meta.get("annotations") or {}
+    if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false":
+        return False
+    if spec.get("hostNetwork") is True:
+        warnings.append(
+            f"{what}: hostNetwork: true, not injected (l4proxy-init would capture the node's "
+            "traffic)"
+        )
+        return False
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        raise InjectError(f"{what}: the Pod template has no containers")
+    app_containers = _without(containers, [SIDECAR_NAME])
+    for c in app_containers:
+        uid = (c.get("securityContext") or {}).get("runAsUser")
+        pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
+        if (uid if uid is not None else pod_uid) == PROXY_UID:
+            warnings.append(
+                f"{what}: container {c.get('name')} runs as uid {PROXY_UID}, the proxy's: its "
+                "traffic is not captured"
+            )
+    init = _without(spec.get("initContainers"), [INIT_NAME, SIDECAR_NAME])
+    ours = [init_container(opts)]
+    if opts.sidecar == "native":
+        ours.append(sidecar_container(opts))
+    # Ours first: capture is on from here, so the user's init containers must
+    # find the proxy running (native sidecar) or their connections fail.
+    new_spec: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key == "containers":  # initContainers just before containers, as one reads them
+            new_spec["initContainers"] = ours + init
+            sidecar = [sidecar_container(opts)] if opts.sidecar == "container" else []
+            new_spec["containers"] = app_containers + sidecar
+        elif key != "initContainers":
+            new_spec[key] = value
+    spec.clear()
+    spec.update(new_spec)
+    spec["volumes"] = [*_without(spec.get("volumes"), [VOLUME_NAME]), rules_volume(opts)]
+    annotations = dict(annotations)
+    annotations[STATUS_ANNOTATION] = opts.status()
+    meta["annotations"] = annotations
+    return True
+
+
+def _template_of(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    node: Any = obj
+    for key in TEMPLATE_PATHS[kind]:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def inject_object(obj: Any, opts: InjectOptions, where: str, result: InjectResult) -> bool:
+    """Inject every Pod template in *obj* (in place). True if anything changed."""
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("kind")
+    if kind == "List" or (isinstance(kind, str) and kind.endswith("List")):
+        items = obj.get("items")
+        changed = False
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            changed |= inject_object(item, opts, f"{where} items[{i}]", result)
+        return changed
+    if kind not in TEMPLATE_PATHS:
+        return False
+    assert isinstance(kind, str)
+    name = (obj.get("metadata") or {}).get("name", "?")
+    what = f"{where}: {kind} {name}"
+    template = _template_of(obj, kind)
+    if template is None:
+        raise InjectError(f"{what}: no Pod template at {'.'.join(TEMPLATE_PATHS[kind])}")
+    api = str(obj.get("apiVersion", ""))
+    removed = REMOVED_APIS.get((api, kind))
+    if removed is not None:
+        result.warnings.append(
+            f"{what} uses {api}, which Kubernetes no longer serves (removed in {removed}); "
+            f"injected as it is: change it to {CURRENT_API[kind]} before applying it to a "
+            "current cluster"
+        )
+    before = copy.deepcopy(template)
+    if not inject_template(template, opts, what, result.warnings):
+        result.skipped.append(f"{kind} {name}")
+        return False
+    result.injected.append(f"{kind} {name}")
+    return template != before
+
+
+_SEPARATOR = re.compile(r"^---(?:[ \t].*)?$")
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a YAML stream as text; joined again they are *text*.
+
+    Each chunk after the first starts with its ``---`` line.
+    """
+    chunks: list[list[str]] = [[]]
+    for line in text.splitlines(keepends=True):
+        if _SEPARATOR.match(line.rstrip("\r\n")) and (chunks[-1] or len(chunks) > 1):
+            chunks.append([])
+        chunks[-1].append(line)
+    return ["".join(c) for c in chunks if c]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, lists indented under their key like kubectl writes them."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # no &id001 anchors: Kubernetes users read these files
+
+
+def _dump(obj: Any) -> str:
+    return yaml.dump(
+        obj, Dumper=_Dumper, default_flow_style=False, sort_keys=False, allow_unicode=True
+    )
+
+
+def _header(chunk: str) -> tuple[str, str]:
+    """(``---`` line and leading comment/blank lines, the rest)."""
+    lines = chunk.splitlines(keepends=True)
+    i = 0
+    if lines and _SEPARATOR.match(lines[0].rstrip("\r\n")):
+        if lines[0].rstrip("\r\n").strip() != "---":
+            return "", chunk  # content on the separator line: let YAML read it all
+        i = 1
+    while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+        i += 1
+    return "".join(lines[:i]), "".join(lines[i:])
+
+
+def inject_text(text: str, opts: InjectOptions, source: str = "<stdin>") -> InjectResult:
+    result = InjectResult(text="")
+    out: list[str] = []
+    for index, chunk in enumerate(split_documents(text)):
+        where = f"{source} document {index + 1}"
+        try:
+            obj = yaml.safe_load(chunk)
+        except yaml.YAMLError as exc:
+            raise InjectError(f"{where}: not valid YAML: {exc}") from None
+        if not inject_object(obj, opts, where, result):
+            out.append(chunk)
+            continue
+        header, _ = _header(chunk)
+        if header and not header.endswith("\n"):
+            header += "\n"
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(header + _dump(obj))
+    result.text = "".join(out)
+    return result
+
+
+def _port_list(value: str) -> tuple[int, ...]:
+    ports = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a TCP port (1-65535)")
+        ports.append(int(item))
+    return tuple(dict.fromkeys(ports))
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="add the l4proxy init container and sidecar to Kubernetes manifests",
+        description="Add l4proxy's init container, sidecar and rule volume to every Pod\n"
+        "template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob)\n"
+        "in a multi-document Kubernetes manifest, like istioctl kube-inject.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-f", "--filename", required=True, metavar="IN.yaml", help="manifest to read; - is stdin"
+    )
+    p.add_argument(
+        "-o", "--output", default="-", metavar="OUT.yaml", help="where to write (default: stdout)"
+    )
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of both containers (%(default)s)")
+    p.add_argument(
+        "--image-pull-policy",
+        choices=["Always", "IfNotPresent", "Never"],
+        default=None,
+        help="imagePullPolicy of both containers (default: Kubernetes decides)",
+    )
+    p.add_argument(
+        "--configmap",
+        default=DEFAULT_CONFIGMAP,
+        metavar="NAME",
+        help=f"ConfigMap holding the rule files, mounted at {RULES_MOUNT} (%(default)s)",
+    )
+    p.add_argument(
+        "--exclude-inbound-ports",
+        type=_port_list,
+        default=(),
+        metavar="PORTS",
+        help="inbound ports not captured, e.g. 9090,9091 (l4proxy-init -d)",
+    )
+    p.add_argument(
+        "--exclude-outbound-ports",
+        type=_port_list,
+        default=(),
+        metavar="PORTS",
+        help="outbound destination ports not captured, e.g. 5432 (l4proxy-init -o)",
+    )
+    p.add_argument(
+        "--sidecar",
+        choices=["native", "container"],
+        default="native",
+        help="native: an init container with restartPolicy Always (Kubernetes >= 1.29: "
+        "starts first, stops last, Jobs complete); container: among the app's containers "
+        "(older clusters) (%(default)s)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    source = "<stdin>" if args.filename == "-" else args.filename
+    try:
+        if args.filename == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.filename, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"l4proxy inject: error: cannot read {source}: {exc}", file=sys.stderr)
+        return 2
+    opts = InjectOptions(
+        image=args.image,
+        configmap=args.configmap,
+        exclude_inbound_ports=args.exclude_inbound_ports,
+        exclude_outbound_ports=args.exclude_outbound_ports,
+        sidecar=args.sidecar,
+        pull_policy=args.image_pull_policy,
+    )
+    try:
+        result = inject_text(text, opts, source)
+    except InjectError as exc:
+        print(f"l4proxy inject: error: {exc}", file=sys.stderr)
+        return 1
+    for w in result.warnings:
+        print(f"l4proxy inject: warning: {w}", file=sys.stderr)
+    if not result.injected:
+        print(f"l4proxy inject: warning: {source}: no Pod template was injected", file=sys.stderr)
+    try:
+        if args.output == "-":
+            sys.stdout.write(result.text)
+            sys.stdout.flush()
+        else:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(result.text)
+    except OSError as exc:
+        print(f"l4proxy inject: error: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 2
+    return 0

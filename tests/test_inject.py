@@ -1,0 +1,299 @@
+"""``l4proxy inject``: every workload kind, idempotence, untouched documents,
+options, old API versions, errors; the output validated with
+``kubernetes-validate --strict`` (its Python API) for a current Kubernetes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l4proxy.cli import main
+from l4proxy.inject import (
+    INIT_NAME,
+    SIDECAR_NAME,
+    STATUS_ANNOTATION,
+    VOLUME_NAME,
+    InjectError,
+    InjectOptions,
+    inject_text,
+    split_documents,
+)
+from tests.mesh import SEED_DIR
+
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+)
+K8S_CURRENT = "1.37.0"
+
+POD_SPEC = {
+    "containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}],
+}
+
+
+def _template(labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": labels or {"app": "a"}},
+        "spec": json.loads(json.dumps(POD_SPEC)),
+    }
+
+
+def workloads() -> dict[str, dict[str, Any]]:
+    sel = {"matchLabels": {"app": "a"}}
+    job_tpl = _template()
+    job_tpl["spec"]["restartPolicy"] = "Never"
+    return {
+        "Pod": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"app": "a"}},
+            "spec": _template()["spec"],
+        },
+        "Deployment": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "d"},
+            "spec": {"selector": sel, "template": _template()},
+        },
+        "StatefulSet": {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": "s"},
+            "spec": {"selector": sel, "serviceName": "s", "template": _template()},
+        },
+        "DaemonSet": {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": "ds"},
+            "spec": {"selector": sel, "template": _template()},
+        },
+        "ReplicaSet": {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {"name": "rs"},
+            "spec": {"selector": sel, "template": _template()},
+        },
+        "Job": {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "j"},
+            "spec": {"template": job_tpl},
+        },
+        "CronJob": {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": {"name": "cj"},
+            "spec": {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": job_tpl}}},
+        },
+    }
+
+
+def _pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    kind = obj["kind"]
+    if kind == "Pod":
+        return obj
+    if kind == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]  # type: ignore[no-any-return]
+    return obj["spec"]["template"]  # type: ignore[no-any-return]
+
+
+def _validate(text: str, version: str = K8S_CURRENT) -> None:
+    for doc in yaml.safe_load_all(text):
+        if doc:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("kind", list(workloads()))
+@pytest.mark.parametrize("sidecar", ["native", "container"])
+def test_every_kind_is_injected_and_validates(kind: str, sidecar: str) -> None:
+    text = yaml.safe_dump(workloads()[kind], sort_keys=False)
+    res = inject_text(text, InjectOptions(sidecar=sidecar))
+    assert res.injected == [f"{kind} {workloads()[kind]['metadata']['name']}"]
+    assert not res.warnings
+    obj = yaml.safe_load(res.text)
+    tpl = _pod_spec(obj)
+    spec = tpl["spec"]
+    init = [c["name"] for c in spec["initContainers"]]
+    apps = [c["name"] for c in spec["containers"]]
+    if sidecar == "native":
+        assert init == [INIT_NAME, SIDECAR_NAME] and apps == ["app"]
+        assert spec["initContainers"][1]["restartPolicy"] == "Always"
+        assert "startupProbe" in spec["initContainers"][1]
+    else:
+        assert init == [INIT_NAME] and apps == ["app", SIDECAR_NAME]
+    assert [v["name"] for v in spec["volumes"]] == [VOLUME_NAME]
+    status = json.loads(tpl["metadata"]["annotations"][STATUS_ANNOTATION])
+    assert status["sidecar"] == sidecar and status["volumes"] == [VOLUME_NAME]
+    _validate(res.text)
+    if sidecar == "container":
+        _validate(res.text, "1.25.0")  # the oldest schema shipped; no native sidecars there
+
+
+def test_init_and_sidecar_security_and_probe() -> None:
+    res = inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions())
+    spec = yaml.safe_load(res.text)["spec"]
+    init, sidecar = spec["initContainers"]
+    assert init["command"] == ["l4proxy-init", "-p", "15001", "-u", "1337"]
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    assert sc["privileged"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsUser"] == 0
+    assert sidecar["command"] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]
+    ssc = sidecar["securityContext"]
+    assert ssc["runAsUser"] == 1337 and ssc["runAsNonRoot"] is True
+    assert ssc["readOnlyRootFilesystem"] is True and ssc["capabilities"] == {"drop": ["ALL"]}
+    assert sidecar["readinessProbe"]["exec"]["command"] == ["l4proxy-ready"]
+    assert sidecar["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
+    assert sidecar["volumeMounts"] == [
+        {"name": VOLUME_NAME, "mountPath": "/etc/l4proxy", "readOnly": True}
+    ]
+    assert spec["volumes"] == [{"name": VOLUME_NAME, "configMap": {"name": "l4proxy-rules"}}]
+    assert "&id" not in res.text  # no YAML anchors
+
+
+def test_other_documents_byte_for_byte_and_twice_is_once() -> None:
+    service = (
+        "# keep me\napiVersion: v1\nkind: Service\n"
+        "metadata: {name: s}   # odd  spacing\nspec:\n  ports: [{port: 80}]\n"
+    )
+    deploy = "# the app\n" + yaml.safe_dump(workloads()["Deployment"], sort_keys=False)
+    cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: |\n    x: 1\n"
+    text = f"{service}---\n{deploy}---\n{cm}"
+    once = inject_text(text, InjectOptions()).text
+    docs = split_documents(once)
+    assert docs[0] == service
+    assert docs[1].startswith("---\n# the app\napiVersion: apps/v1\n")
+    assert docs[2] == "---\n" + cm
+    assert inject_text(once, InjectOptions()).text == once
+    # Other options update the injection in place (nothing added twice).
+    other = InjectOptions(image="reg.example/l4proxy:2", exclude_inbound_ports=(9090,))
+    updated = inject_text(once, other).text
+    spec = yaml.safe_load(split_documents(updated)[1])["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == [INIT_NAME, SIDECAR_NAME]
+    assert spec["initContainers"][0]["image"] == "reg.example/l4proxy:2"
+    assert spec["initContainers"][0]["command"][-2:] == ["-d", "9090"]
+    assert len(spec["volumes"]) == 1
+    assert inject_text(updated, InjectOptions()).text == once
+
+
+def test_user_init_containers_volumes_and_list() -> None:
+    dep = workloads()["Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    spec["initContainers"] = [{"name": "migrate", "image": "m:1"}]
+    spec["volumes"] = [{"name": "data", "emptyDir": {}}]
+    doc = {"apiVersion": "v1", "kind": "List", "items": [dep, workloads()["Job"]]}
+    res = inject_text(yaml.safe_dump(doc), InjectOptions(exclude_outbound_ports=(5432, 6379)))
+    assert res.injected == ["Deployment d", "Job j"]
+    out = yaml.safe_load(res.text)["items"][0]["spec"]["template"]["spec"]
+    assert [c["name"] for c in out["initContainers"]] == [INIT_NAME, SIDECAR_NAME, "migrate"]
+    assert out["initContainers"][0]["command"][-2:] == ["-o", "5432,6379"]
+    assert [v["name"] for v in out["volumes"]] == ["data", VOLUME_NAME]
+
+
+def test_opt_out_host_network_and_proxy_uid_warnings() -> None:
+    pod = workloads()["Pod"]
+    pod["metadata"]["annotations"] = {"l4proxy.io/inject": "false"}
+    text = yaml.safe_dump(pod)
+    res = inject_text(text, InjectOptions())
+    assert res.text == text and res.skipped == ["Pod p"]
+    host = workloads()["DaemonSet"]
+    host["spec"]["template"]["spec"]["hostNetwork"] = True
+    res = inject_text(yaml.safe_dump(host), InjectOptions())
+    assert res.skipped == ["DaemonSet ds"] and "hostNetwork" in res.warnings[0]
+    pod = workloads()["Pod"]
+    pod["spec"]["securityContext"] = {"runAsUser": 1337}
+    res = inject_text(yaml.safe_dump(pod), InjectOptions())
+    assert "not captured" in res.warnings[0]
+
+
+def test_seed_old_api_is_injected_with_a_warning() -> None:
+    with open(os.path.join(SEED_DIR, "bootcamp.yaml")) as f:
+        seed = f.read()
+    res = inject_text(seed, InjectOptions(), "bootcamp.yaml")
+    assert res.injected == ["Deployment bootcamp-v1", "Deployment bootcamp-v2"]
+    assert len(res.warnings) == 2
+    assert "apps/v1beta1, which Kubernetes no longer serves (removed in 1.16)" in res.warnings[0]
+    docs = [d for d in yaml.safe_load_all(res.text) if d]
+    assert [d["apiVersion"] for d in docs] == ["apps/v1beta1"] * 2  # as they were
+    # No schema for apps/v1beta1 ships for a current version; the injected pod
+    # templates themselves are valid: the same documents on apps/v1 pass.
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(docs[0], K8S_CURRENT, strict=True)
+    for d in docs:
+        d["apiVersion"] = "apps/v1"
+        d["spec"]["selector"]["matchLabels"] = dict(d["spec"]["template"]["metadata"]["labels"])
+        kubernetes_validate.validate(d, K8S_CURRENT, strict=True)
+    assert inject_text(res.text, InjectOptions()).text == res.text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: [1\n", "not valid YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {}\n", "no containers"),
+        (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {}\n",
+            "no Pod template",
+        ),
+    ],
+)
+def test_errors(text: str, message: str) -> None:
+    with pytest.raises(InjectError, match=message):
+        inject_text(text, InjectOptions())
+
+
+def test_split_documents_round_trip() -> None:
+    text = "a: 1\n---\nb: 2\n--- # c\n\n---\nc: |\n  ---x\n...\n"
+    assert "".join(split_documents(text)) == text
+    assert split_documents("---\na: 1\n") == ["---\na: 1\n"]
+
+
+# -- the command line ------------------------------------------------------------
+
+
+def test_cli_file_stdin_output_and_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in.yaml"
+    src.write_text(yaml.safe_dump(workloads()["Deployment"], sort_keys=False))
+    out = tmp_path / "out.yaml"
+    assert main(["inject", "-f", str(src), "-o", str(out), "--configmap", "my-rules"]) == 0
+    spec = yaml.safe_load(out.read_text())["spec"]["template"]["spec"]
+    assert spec["volumes"][0]["configMap"]["name"] == "my-rules"
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(out.read_text()))
+    assert main(["inject", "-f", "-", "--configmap", "my-rules"]) == 0
+    assert capsys.readouterr().out == out.read_text()
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a: [\n"))
+    assert main(["inject", "-f", "-"]) == 1
+    assert "l4proxy inject: error: <stdin> document 1: not valid YAML" in capsys.readouterr().err
+    assert main(["inject", "-f", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["inject", "-f", str(src), "--exclude-inbound-ports", "99999"])
+    assert exc.value.code == 2
+
+
+def test_cli_help_teaches_and_warns_on_stderr() -> None:
+    l4proxy = os.path.join(os.path.dirname(sys.executable), "l4proxy")
+    helptext = subprocess.run(
+        [l4proxy, "inject", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for needle in ("l4proxy-init -p 15001 -u 1337", "kube-inject", "examples:", "exit codes"):
+        assert needle in helptext
+    assert "inject" in subprocess.run([l4proxy, "--help"], capture_output=True, text=True).stdout
+    proc = subprocess.run(
+        [l4proxy, "inject", "-f", os.path.join(SEED_DIR, "bootcamp.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stderr.count("warning:") == 2 and "apps/v1beta1" in proc.stderr
+    assert proc.stdout.count(f"name: {SIDECAR_NAME}\n") == 2
