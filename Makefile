@@ -8,7 +8,7 @@ SHELL := /bin/bash
 PY_SYS ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables nftables iproute2 util-linux curl wrk gcc python3-dev python3-venv ca-certificates
+DEB_PACKAGES := iptables nftables iproute2 util-linux curl wrk gcc python3-dev python3-venv ca-certificates dnsmasq-base
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
 
 .PHONY: help deps venv build test lint unit demo bench soak clean
