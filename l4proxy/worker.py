@@ -52,6 +52,7 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from l4proxy import peek, pump
 from l4proxy.health import EndpointHealth
@@ -511,7 +512,7 @@ class Worker:
         deadline = time.monotonic() + self.opts.header_timeout
         while True:
             try:
-                data = conn.recv(65536)
+                data = conn.recv(16384)
             except (BlockingIOError, InterruptedError):
                 left = deadline - time.monotonic()
                 if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
@@ -549,13 +550,13 @@ class Worker:
         endpoint, or a connection flood would eject healthy pods.
         """
         host, port = addr
-        try:
-            infos = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
-        except socket.gaierror:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
+        numeric = _numeric_sockaddr(host, port)
+        infos: list[tuple[Any, ...]]
+        if numeric is not None:
+            infos = [numeric]
+        else:  # a host name (DNS endpoint before its first answer): resolve off-loop
+            infos = list(
+                await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             )
         err = "no address"
         for family, stype, proto, _, sockaddr in infos[:2]:
@@ -600,28 +601,42 @@ async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
     The watcher is removed before returning, whatever happens: the fd is about
     to be handed to the pump thread, and the event loop must not keep a poll
     handle on it (uvloop/libuv must never see an fd after it changes owner).
+    One future and one timer handle per wait (no asyncio.wait_for: this runs
+    for nearly every connection, twice).
     """
     loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
+    fut: asyncio.Future[bool] = loop.create_future()
 
-    def ready() -> None:
+    def settle(ok: bool) -> None:
         if not fut.done():
-            fut.set_result(None)
+            fut.set_result(ok)
 
     if writable:
-        loop.add_writer(fd, ready)
+        loop.add_writer(fd, settle, True)
     else:
-        loop.add_reader(fd, ready)
+        loop.add_reader(fd, settle, True)
+    timer = loop.call_later(timeout, settle, False)
     try:
-        await asyncio.wait_for(fut, timeout)
-        return True
-    except TimeoutError:
-        return False
+        return await fut
     finally:
+        timer.cancel()
         if writable:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+def _numeric_sockaddr(host: str, port: int) -> tuple[Any, ...] | None:
+    """getaddrinfo()'s answer for a literal address, without the call (and its
+    allocations) on the per-connection path; None for a host name."""
+    try:
+        if ":" in host:
+            socket.inet_pton(socket.AF_INET6, host)
+            return (socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))
+        socket.inet_pton(socket.AF_INET, host)
+        return (socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))
+    except OSError:
+        return None
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> bool:
