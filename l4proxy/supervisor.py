@@ -213,6 +213,13 @@ class Supervisor:
         self.stopping = True
         watchdog.cancel()
         log.info("stopping: draining %d worker(s)", len(self.slots))
+        # Stop accepting now: once the workers close their copies too, the
+        # kernel refuses new connections at once. Kept open, our copies would
+        # let handshakes complete into a queue nobody reads until the drain
+        # ends, and those clients would hang, then be reset.
+        for slot in self.slots:
+            for lst in slot.listeners:
+                lst.sock.close()
         self._forward(signal.SIGTERM)
         deadline = self.args.drain_duration + 10
         for slot in self.slots:
@@ -222,9 +229,6 @@ class Supervisor:
                 except TimeoutError:
                     slot.proc.kill()
                     await slot.proc.wait()
-        for slot in self.slots:
-            for lst in slot.listeners:
-                lst.sock.close()
         log.info("stopped")
         return 0
 

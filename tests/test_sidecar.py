@@ -373,6 +373,15 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
     reader = mesh.client.popen([PYTHON, "-c", slow], user=1000, stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
     mesh.sidecar.proc.send_signal(15)
+    time.sleep(0.5)
+    # Draining: a new connection is refused at once (not left hanging in a queue).
+    probe = (
+        "import socket,time;t=time.monotonic()\n"
+        "try:\n socket.create_connection(('198.19.0.32',7002),5);print('connected')\n"
+        "except ConnectionRefusedError:\n print('refused', round(time.monotonic()-t,2))"
+    )
+    refused = mesh.client.run([PYTHON, "-c", probe], user=1000, timeout=20).stdout.split()
+    assert refused[0] == "refused" and float(refused[1]) < 1.0, refused
     out, _ = reader.communicate(timeout=30)
     assert out.strip() == str(64 << 20)
     assert mesh.sidecar.proc.wait(10) == 0
