@@ -19,11 +19,14 @@ import socket
 import sys
 from typing import Any
 
-from l4proxy import __version__, peek, pump
+from l4proxy import __version__
 from l4proxy.admin import AdminServer, WorkerView
-from l4proxy.rulewatch import RuleWatcher
+from l4proxy.listener import Listener, bind_listener
 from l4proxy.supervisor import Supervisor
-from l4proxy.worker import Listener, Worker, WorkerOptions, bind_listener
+
+# The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
+# in _serve() only: the supervisor process never needs them, and it stays
+# small (it is a second interpreter in every pod).
 
 log = logging.getLogger("l4proxy")
 
@@ -327,6 +330,10 @@ async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> in
 async def _serve(
     args: argparse.Namespace, listeners: list[Listener], control: socket.socket | None
 ) -> int:
+    from l4proxy import peek, pump
+    from l4proxy.rulewatch import RuleWatcher
+    from l4proxy.worker import Worker, WorkerOptions
+
     loop = asyncio.get_running_loop()
     rules = RuleWatcher(
         args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval

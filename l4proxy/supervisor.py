@@ -42,8 +42,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from l4proxy.listener import Listener
 from l4proxy.stats import LabelSet, render_prometheus
-from l4proxy.worker import Listener
 
 log = logging.getLogger("l4proxy.supervisor")
 

@@ -56,6 +56,7 @@ from typing import Any
 
 from l4proxy import peek, pump
 from l4proxy.health import EndpointHealth
+from l4proxy.listener import Listener
 from l4proxy.origdst import original_destination
 from l4proxy.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
 from l4proxy.rulewatch import RuleWatcher
@@ -70,24 +71,6 @@ FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 
 
 @dataclass
-class Listener:
-    """A bound listening socket and what it is for."""
-
-    sock: socket.socket
-    mode: str  # "outbound" | "inbound" (transparent, SO_ORIGINAL_DST) or "gateway"
-    address: tuple[str, int]
-
-    @property
-    def transparent(self) -> bool:
-        return self.mode in ("outbound", "inbound")
-
-    @property
-    def name(self) -> str:
-        host, port = self.address
-        return f"{self.mode}:{'[' + host + ']' if ':' in host else host}:{port}"
-
-
-@dataclass
 class WorkerOptions:
     connect_timeout: float = 10.0
     header_timeout: float = 10.0
@@ -97,25 +80,6 @@ class WorkerOptions:
     source_labels: dict[str, str] = field(default_factory=dict)
     max_connections: int = 0  # 0 = unlimited
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
-
-
-def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # "::" accepts IPv4 too (dual stack): one listener serves both families.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(4096)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return Listener(sock=sock, mode=mode, address=(host, sock.getsockname()[1]))
 
 
 def local_addresses() -> set[str]:

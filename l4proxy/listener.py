@@ -1,0 +1,48 @@
+"""Listening sockets: bound once (by the supervisor), served by the workers.
+
+Kept apart from the worker so that the supervisor, which only binds and
+hands sockets on, imports neither the rule loader nor the event-loop code:
+it is a second interpreter in every pod, and its memory counts.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class Listener:
+    """A bound listening socket and what it is for."""
+
+    sock: socket.socket
+    mode: str  # "outbound" | "inbound" (transparent, SO_ORIGINAL_DST) or "gateway"
+    address: tuple[str, int]
+
+    @property
+    def transparent(self) -> bool:
+        return self.mode in ("outbound", "inbound")
+
+    @property
+    def name(self) -> str:
+        host, port = self.address
+        return f"{self.mode}:{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "::" accepts IPv4 too (dual stack): one listener serves both families.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return Listener(sock=sock, mode=mode, address=(host, sock.getsockname()[1]))
