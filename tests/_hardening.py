@@ -25,14 +25,12 @@ ended, as JSON.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from l4proxy.podnet import Pod
-from tests.mesh import L4PROXY, PYTHON, Mesh, Sidecar
+from tests.mesh import PYTHON, Sidecar
 
 HTTP_ECHO = r"""
 import re, socket, sys, threading, time
@@ -281,63 +279,6 @@ def echo_answer(raw_requests: Iterable[bytes], continues: int = 0) -> bytes:
         )
         out += raw
     return out
-
-
-def start_sidecar(
-    mesh: Mesh, pod: Pod, run_args: Iterable[str] = (), prefix: Sequence[str] = ()
-) -> Sidecar:
-    """Like Mesh.start_sidecar, with a command *prefix* (e.g. prlimit)."""
-    log = open(mesh.log_path, "ab")  # noqa: SIM115 - owned by the process
-    argv = [
-        *prefix,
-        L4PROXY,
-        "run",
-        "--rules",
-        mesh.rules_dir,
-        "--uid",
-        "1337",
-        "--reload-interval",
-        "0.2",
-        "--drain-duration",
-        "5",
-        *run_args,
-    ]
-    proc = pod.popen(argv, env=mesh.env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    mesh.procs.append(proc)
-    sidecar = Sidecar(pod, proc, 15000)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sidecar exited {proc.returncode}:\n{mesh.sidecar_log()}")
-        try:
-            if "LIVE" in sidecar.admin("/ready"):
-                mesh.sidecar = sidecar
-                return sidecar
-        except subprocess.CalledProcessError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"sidecar not ready:\n{mesh.sidecar_log()}")
-
-
-def start_client(mesh: Mesh, run_args: Iterable[str] = (), prefix: Sequence[str] = ()) -> Sidecar:
-    """Mesh.start_client with a command prefix for the sidecar."""
-    mesh.client = mesh.net.add_pod("client", labels={"app": "client"})
-    subprocess.run(
-        [
-            os.path.join(os.path.dirname(L4PROXY), "l4proxy-init"),
-            "--netns",
-            mesh.client.netns,
-            "-p",
-            "15001",
-            "-u",
-            "1337",
-        ],
-        check=True,
-        capture_output=True,
-        env=mesh.env,
-    )
-    return start_sidecar(mesh, mesh.client, run_args, prefix)
 
 
 def wait_until(pred: Any, timeout: float = 10, step: float = 0.1) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from l4proxy import _impl
 from l4proxy.podnet import PodNetwork
+from tests.mesh import Mesh
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,3 +95,16 @@ def pod_network6() -> Iterator[PodNetwork]:
         _skip_or_fail(why)
     with PodNetwork(ipv6=True) as net:
         yield net
+
+
+@pytest.fixture
+def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
+    """Bootcamp v1 ×2 + v2 ×1 in pods; the test starts the client (Mesh.start)."""
+    m = Mesh(pod_network)
+    try:
+        m.start_backends()
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log())
+        m.close()

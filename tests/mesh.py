@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from l4proxy.bootcamp import tally
 from l4proxy.podnet import Pod, PodNetwork
@@ -29,6 +29,12 @@ PYTHON = sys.executable
 L4PROXY = os.path.join(VENV_BIN, "l4proxy")
 L4PROXY_INIT = os.path.join(VENV_BIN, "l4proxy-init")
 VIP = "198.19.0.10"
+
+# The sidecar's two implementations as the tests run them: (environment, run args).
+IMPLS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "compiled-uvloop": ({}, ()),
+    "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ("--loop", "asyncio")),
+}
 
 SEED_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -182,7 +188,13 @@ class Mesh:
     def remove_rules(self, name: str) -> None:
         os.unlink(os.path.join(self.rules_dir, name))
 
-    def start_client(self, init_args: Iterable[str] = (), run_args: Iterable[str] = ()) -> Sidecar:
+    def start_client(
+        self,
+        init_args: Iterable[str] = (),
+        run_args: Iterable[str] = (),
+        prefix: Sequence[str] = (),
+    ) -> Sidecar:
+        """The client pod: l4proxy-init, then the sidecar (*prefix*: e.g. prlimit)."""
         self.client = self.net.add_pod("client", labels={"app": "client"})
         subprocess.run(
             [L4PROXY_INIT, "--netns", self.client.netns, "-p", "15001", "-u", "1337", *init_args],
@@ -190,13 +202,27 @@ class Mesh:
             capture_output=True,
             env=self.env,
         )
-        self.sidecar = self.start_sidecar(self.client, run_args)
+        self.sidecar = self.start_sidecar(self.client, run_args, prefix)
         return self.sidecar
 
-    def start_sidecar(self, pod: Pod, run_args: Iterable[str] = ()) -> Sidecar:
+    def start(self, impl: str, *docs: str, run_args: Iterable[str] = ()) -> Sidecar:
+        """Registry for the bootcamp pods, *docs* as rules.yaml, the client under *impl*."""
+        env, args = IMPLS[impl]
+        self.env.update(env)
+        self.write_rules(
+            service_entry("bootcamp", VIP, 8080, self.endpoints()), name="registry.yaml"
+        )
+        if docs:
+            self.write_rules(*docs)
+        return self.start_client(run_args=(*args, *run_args))
+
+    def start_sidecar(
+        self, pod: Pod, run_args: Iterable[str] = (), prefix: Sequence[str] = ()
+    ) -> Sidecar:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         proc = pod.popen(
             [
+                *prefix,
                 L4PROXY,
                 "run",
                 "--rules",

@@ -12,29 +12,15 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from l4proxy.podnet import PodNetwork
-from tests._hardening import HOLDER, TCP_ECHO, exchange, settle_fds, start_client, wait_until
+from tests._hardening import HOLDER, TCP_ECHO, exchange, settle_fds, wait_until
 from tests.mesh import PYTHON, VIP, Mesh, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
 
 ECHO_VIP = "198.19.0.41"
-
-
-@pytest.fixture
-def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
-    m = Mesh(pod_network)
-    try:
-        m.start_backends()
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
-        m.close()
 
 
 def _no_restarts(mesh: Mesh) -> None:
@@ -79,7 +65,7 @@ def _release(holder: subprocess.Popen[str]) -> list[str]:
 
 def test_max_connections_refuses_beyond_the_limit_and_recovers(mesh: Mesh) -> None:
     _tcp_echo(mesh)
-    start_client(mesh, run_args=("--max-connections", "40"))
+    mesh.start_client(run_args=("--max-connections", "40"))
     assert mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
     holder, first = _hold(mesh, 60)
@@ -104,7 +90,7 @@ def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh) -> None:
     fails is closed (TCP) or answered 503 (HTTP) and not held against the
     endpoint. Connections already relayed are not touched."""
     _tcp_echo(mesh)
-    start_client(mesh, prefix=("prlimit", "--nofile=160:160"))
+    mesh.start_client(prefix=("prlimit", "--nofile=160:160"))
     assert mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
     holder, first = _hold(mesh, 150)
@@ -153,7 +139,7 @@ def test_failing_endpoints_are_retried_ejected_and_readmitted(mesh: Mesh) -> Non
     blackhole.run(["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP"])
     eps = [*mesh.endpoints(), (refusing.ipv4, refusing.labels), (blackhole.ipv4, blackhole.labels)]
     mesh.write_rules(service_entry("bootcamp", VIP, 8080, eps), route_rule({"v1": 100}))
-    start_client(mesh, run_args=("--connect-timeout", "0.3", "--ejection-time", "2"))
+    mesh.start_client(run_args=("--connect-timeout", "0.3", "--ejection-time", "2"))
     assert mesh.sidecar is not None
     _, pods, failures = mesh.split(n=24)
     assert not failures, failures
@@ -187,7 +173,7 @@ def test_every_endpoint_down_then_back_without_restart(mesh: Mesh) -> None:
         service_entry("downtcp", "198.19.0.51", 9000, eps, "TCP", "tcp-down"),
         name="registry.yaml",
     )
-    start_client(mesh, run_args=("--connect-timeout", "0.5", "--ejection-time", "1"))
+    mesh.start_client(run_args=("--connect-timeout", "0.5", "--ejection-time", "1"))
     assert mesh.client is not None and mesh.sidecar is not None
     lines = mesh.curl("http://198.19.0.50:8080/", 4)
     assert lines.count("503") == 4 and lines.count("no healthy upstream") == 4, lines
@@ -234,7 +220,7 @@ def _wait_stat(mesh: Mesh, name: str, pred: object, timeout: float = 5) -> None:
 def test_rule_file_mid_write_invalid_deleted_path_keep_the_last_good_table(mesh: Mesh) -> None:
     mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
     mesh.write_rules(route_rule({"v1": 100}))
-    start_client(mesh)
+    mesh.start_client()
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     assert _versions(mesh) == {"v1": 12}
@@ -326,7 +312,7 @@ def test_configmap_symlink_swap(mesh: Mesh) -> None:
     _configmap_swap(cm, {"registry.yaml": registry, "rules.yaml": route_rule({"v1": 100})}, "1")
     # The sidecar watches the ConfigMap mount too (the test's rules dir holds
     # no rule file).
-    start_client(mesh, run_args=("--rules", cm))
+    mesh.start_client(run_args=("--rules", cm))
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     assert _versions(mesh) == {"v1": 12}

@@ -19,43 +19,16 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from l4proxy.podnet import PodNetwork
-from tests._hardening import HTTP_ECHO, echo_answer, exchange, rss_kib, start_client, wait_until
-from tests.mesh import PYTHON, VIP, Mesh, route_rule, service_entry
+from tests._hardening import HTTP_ECHO, echo_answer, exchange, rss_kib, wait_until
+from tests.mesh import IMPLS, PYTHON, VIP, Mesh, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
 
-IMPLS = {
-    "compiled-uvloop": ({}, ()),
-    "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ("--loop", "asyncio")),
-}
 SOAK_SECONDS = int(os.environ.get("L4PROXY_SOAK_SECONDS", "600"))
 SOAK_LOG = os.environ.get("L4PROXY_SOAK_LOG", "/tmp/l4proxy-soak.jsonl")
-
-
-@pytest.fixture
-def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
-    m = Mesh(pod_network)
-    try:
-        m.start_backends()
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
-        m.close()
-
-
-def _start(mesh: Mesh, impl: str, *docs: str, run_args: tuple[str, ...] = ()) -> None:
-    env, args = IMPLS[impl]
-    mesh.env.update(env)
-    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
-    if docs:
-        mesh.write_rules(*docs)
-    start_client(mesh, run_args=(*args, *run_args))
 
 
 def _wrk(mesh: Mesh, seconds: int, conns: int, close: bool) -> subprocess.Popen[str]:
@@ -106,7 +79,7 @@ def _full_log(mesh: Mesh) -> str:
 def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str) -> None:
     """all-v1 → 50-v2 → all-v2 → ... 100 times while wrk (Connection: close) runs:
     zero socket errors, zero non-2xx. Each swap is waited for (its load logged)."""
-    _start(mesh, impl, route_rule({"v1": 100}), run_args=("--reload-interval", "0.05"))
+    mesh.start(impl, route_rule({"v1": 100}), run_args=("--reload-interval", "0.05"))
     assert mesh.sidecar is not None
     rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
     wrk = _wrk(mesh, 30, 20, close=True)
@@ -136,7 +109,7 @@ def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
     mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
     odd.wait_listening(8081)
     mesh.write_rules(service_entry("echo", "198.19.0.40", 8081, [(odd.ipv4, {})]), name="e.yaml")
-    _start(mesh, "compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
+    mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
     assert mesh.client is not None and mesh.sidecar is not None
     client = mesh.client
     req = b"GET /sleep/1.5 HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"
@@ -181,7 +154,7 @@ def test_soak(mesh: Mesh, impl: str, kind: str) -> None:
     (churn: a connection, a decision and a relay per request) or keep-alive:
     the sidecar stays up with no worker restart, no socket error, no non-2xx,
     and its fds and RSS come back to the baseline taken after a warm-up."""
-    _start(mesh, impl, route_rule({"v1": 50, "v2": 50}))
+    mesh.start(impl, route_rule({"v1": 50, "v2": 50}))
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     close = kind == "churn"

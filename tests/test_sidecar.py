@@ -20,40 +20,14 @@ from collections.abc import Iterator
 import pytest
 
 from l4proxy.podnet import PodNetwork
-from tests.mesh import PYTHON, SEED_DIR, VIP, Mesh, binomial_ok, route_rule, service_entry
+from tests.mesh import IMPLS, PYTHON, SEED_DIR, VIP, Mesh, binomial_ok, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
-
-IMPLS = {
-    "compiled-uvloop": ({}, []),
-    "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ["--loop", "asyncio"]),
-}
-
-
-@pytest.fixture
-def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
-    m = Mesh(pod_network)
-    try:
-        m.start_backends()
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
-        m.close()
-
-
-def _start(mesh: Mesh, impl: str, *docs: str, run_args: tuple[str, ...] = ()) -> None:
-    env, args = IMPLS[impl]
-    mesh.env.update(env)
-    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
-    if docs:
-        mesh.write_rules(*docs)
-    mesh.start_client(run_args=(*args, *run_args))
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_split_follows_each_seed_rule(mesh: Mesh, impl: str) -> None:
-    _start(mesh, impl)
+    mesh.start(impl)
     assert mesh.sidecar is not None
     assert ("compiled" if impl.startswith("compiled") else "pure") in mesh.sidecar_log()
     n = 150
@@ -96,7 +70,7 @@ def _wait_generation(mesh: Mesh, gen: float, timeout: float = 10) -> None:
 
 @pytest.mark.skipif(not os.path.isdir(SEED_DIR), reason=f"seed manifests not at {SEED_DIR}")
 def test_seed_route_rule_files_verbatim(mesh: Mesh) -> None:
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     assert mesh.sidecar is not None
     for fname, p_v1 in [
         ("bootcamp-route-rule-all-v1.yaml", 1.0),
@@ -134,7 +108,7 @@ def test_server_first_tcp_service(mesh: Mesh) -> None:
         service_entry("db", "198.19.0.20", 5432, [(db.ipv4, db.labels)], "TCP", "tcp-db"),
         name="db.yaml",
     )
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     assert mesh.client is not None
     code = (
         "import socket;c=socket.create_connection(('198.19.0.20',5432),5);"
@@ -147,7 +121,7 @@ def test_server_first_tcp_service(mesh: Mesh) -> None:
 
 def test_passthrough_unknown_destination(mesh: Mesh) -> None:
     """A destination in no ServiceEntry goes where it was dialled (PassthroughCluster)."""
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     target = mesh.bootcamp[2]  # v2 pod, dialled by its pod IP
     lines = mesh.curl(f"http://{target.ipv4}:8080/", 3)
     assert sum("v=2" in ln for ln in lines) == 3
@@ -156,7 +130,7 @@ def test_passthrough_unknown_destination(mesh: Mesh) -> None:
 
 
 def test_registry_only_refuses_unknown(mesh: Mesh) -> None:
-    _start(mesh, "compiled-uvloop", run_args=("--outbound-policy", "REGISTRY_ONLY"))
+    mesh.start("compiled-uvloop", run_args=("--outbound-policy", "REGISTRY_ONLY"))
     target = mesh.bootcamp[2]
     lines = mesh.curl(f"http://{target.ipv4}:8080/", 1)
     assert "v=2" not in "".join(lines)
@@ -190,7 +164,7 @@ def test_dead_endpoint_skipped_and_all_dead_gives_503(mesh: Mesh) -> None:
 
 def test_inbound_capture_reaches_local_app(mesh: Mesh) -> None:
     """Another pod calls the client pod's IP: PREROUTING → sidecar → the local app."""
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     assert mesh.client is not None and mesh.sidecar is not None
     mesh.serve_bootcamp(mesh.client, "client-app", "9", port=9090)
     mesh.client.wait_listening(9090)
@@ -204,7 +178,7 @@ def test_inbound_capture_reaches_local_app(mesh: Mesh) -> None:
 
 
 def test_direct_dial_of_the_listener_is_refused(mesh: Mesh) -> None:
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     assert mesh.client is not None
     code = (
         "import socket;c=socket.create_connection(('127.0.0.1',15001),5);"
@@ -216,7 +190,7 @@ def test_direct_dial_of_the_listener_is_refused(mesh: Mesh) -> None:
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_rule_swaps_under_load_fail_nothing(mesh: Mesh, impl: str) -> None:
-    _start(mesh, impl, route_rule({"v1": 100}))
+    mesh.start(impl, route_rule({"v1": 100}))
     assert mesh.client is not None and mesh.sidecar is not None
     codes: list[str] = []
     done = threading.Event()
@@ -310,7 +284,7 @@ def test_bulk_transfer_is_byte_identical_both_ways(mesh: Mesh, impl: str, size: 
         service_entry("source", "198.19.0.32", 7002, [(store.ipv4, {})], "TCP", "tcp"),
         name="store.yaml",
     )
-    _start(mesh, impl)
+    mesh.start(impl)
     assert mesh.client is not None and mesh.sidecar is not None
     up = mesh.client.run(
         [PYTHON, "-c", CLIENT, "up", "198.19.0.31", "7001", str(size)], user=1000, timeout=240
@@ -327,7 +301,7 @@ def test_bulk_transfer_is_byte_identical_both_ways(mesh: Mesh, impl: str, size: 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_churn_soak_connection_close(mesh: Mesh, impl: str) -> None:
     """wrk with Connection: close for a while: the sidecar lives, fds return to baseline."""
-    _start(mesh, impl, route_rule({"v1": 50, "v2": 50}))
+    mesh.start(impl, route_rule({"v1": 50, "v2": 50}))
     assert mesh.client is not None and mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
     seconds = int(
@@ -362,7 +336,7 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
         service_entry("source", "198.19.0.32", 7002, [(store.ipv4, {})], "TCP", "tcp"),
         name="store.yaml",
     )
-    _start(mesh, "compiled-uvloop")
+    mesh.start("compiled-uvloop")
     assert mesh.client is not None and mesh.sidecar is not None
     slow = (
         "import socket,time,hashlib;c=socket.create_connection(('198.19.0.32',7002),5);"
@@ -390,7 +364,7 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
 
 def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> None:
     """kill -9 the worker mid-load: the supervisor keeps the listener and restarts it."""
-    _start(mesh, "compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
+    mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
     assert mesh.client is not None and mesh.sidecar is not None
     [first] = mesh.sidecar.worker_pids()
     load = mesh.client.popen(
@@ -490,7 +464,7 @@ def test_host_header_routes_when_the_address_is_unknown(mesh: Mesh) -> None:
 
 
 def test_admin_endpoints_and_quitquitquit(mesh: Mesh) -> None:
-    _start(mesh, "compiled-uvloop", route_rule({"v1": 100}))
+    mesh.start("compiled-uvloop", route_rule({"v1": 100}))
     assert mesh.sidecar is not None
     dump = json.loads(mesh.sidecar.admin("/config_dump"))
     assert dump["generation"] == 1 and dump["last_error"] is None
@@ -510,7 +484,7 @@ def test_admin_endpoints_and_quitquitquit(mesh: Mesh) -> None:
 
 
 def test_two_workers_share_the_listener(mesh: Mesh) -> None:
-    _start(mesh, "compiled-uvloop", route_rule({"v1": 50, "v2": 50}), run_args=("--workers", "2"))
+    mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}), run_args=("--workers", "2"))
     assert mesh.sidecar is not None
     pids = mesh.sidecar.worker_pids()
     assert len(pids) == 2
@@ -531,7 +505,7 @@ def test_two_workers_share_the_listener(mesh: Mesh) -> None:
 def test_a_hung_worker_is_killed_and_replaced(mesh: Mesh) -> None:
     """SIGSTOP the worker: it holds the listener but serves nothing. The
     supervisor's watchdog kills it and starts another."""
-    _start(mesh, "compiled-uvloop", run_args=("--watchdog-timeout", "2"))
+    mesh.start("compiled-uvloop", run_args=("--watchdog-timeout", "2"))
     assert mesh.sidecar is not None
     [first] = mesh.sidecar.worker_pids()
     os.kill(first, signal.SIGSTOP)
