@@ -168,6 +168,30 @@ def test_ttl_bounds_from_env() -> None:
 Zone = dict[tuple[str, int], list[str]]
 
 
+def _udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket, int]:
+    """A UDP and a TCP socket bound to the same free port on 127.0.0.1.
+
+    The TCP side is bound first, then UDP on its number, and the pair retried
+    if that UDP port is taken: a port free for UDP can be in use by a TCP
+    connection of a test running beside this one (it was, in CI).
+    """
+    for _ in range(50):
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", port))
+        except OSError:
+            tcp.close()
+            udp.close()
+            continue
+        tcp.listen(8)
+        return udp, tcp, port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+
+
 class FakeDns:
     """UDP and TCP DNS on 127.0.0.1:<port> answering from ``zone``.
 
@@ -182,13 +206,7 @@ class FakeDns:
         self.servfail = False
         self.silent = False
         self.queries: list[tuple[str, str, int]] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
-        self.tcp.listen(8)
+        self.udp, self.tcp, self.port = _udp_and_tcp_on_one_port()
         self._stop = False
         self._threads = [
             threading.Thread(target=self._serve_udp, daemon=True),
