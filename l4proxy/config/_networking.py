@@ -90,6 +90,19 @@ def _host(ctx: Ctx, value: Any, path: Path, env: Env) -> str | None:
     return fqdn(h, ctx.namespace, env)
 
 
+def _hosts(ctx: Ctx, spec: dict[str, Any], env: Env) -> tuple[list[str], bool]:
+    """``spec.hosts`` as FQDNs, in order, without repeats; False if any was bad."""
+    ok = True
+    hosts: list[str] = []
+    for i, h in enumerate(listing(ctx, spec.get("hosts"), ("spec", "hosts")) or []):
+        got = _host(ctx, h, ("spec", "hosts", i), env)
+        if got is None:
+            ok = False
+        elif got not in hosts:
+            hosts.append(got)
+    return hosts, ok
+
+
 def _port_number(ctx: Ctx, value: Any, path: Path) -> int | None:
     return integer(ctx, value, path, 1, 65535, what="port")
 
@@ -109,14 +122,7 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
     )
     if spec is None:
         return None
-    ok = True
-    hosts: list[str] = []
-    for i, h in enumerate(listing(ctx, spec.get("hosts"), ("spec", "hosts")) or []):
-        got = _host(ctx, h, ("spec", "hosts", i), env)
-        if got is None:
-            ok = False
-        elif got not in hosts:
-            hosts.append(got)
+    hosts, ok = _hosts(ctx, spec, env)
     for i, g in enumerate(listing(ctx, spec.get("gateways"), ("spec", "gateways")) or []):
         if g != "mesh":
             ctx.error(
@@ -466,14 +472,7 @@ def read_service_entry(ctx: Ctx, obj: dict[str, Any], env: Env) -> list[ServiceD
     )
     if spec is None:
         return None
-    ok = True
-    hosts: list[str] = []
-    for i, h in enumerate(listing(ctx, spec.get("hosts"), ("spec", "hosts")) or []):
-        got = _host(ctx, h, ("spec", "hosts", i), env)
-        if got is None:
-            ok = False
-        elif got not in hosts:
-            hosts.append(got)
+    hosts, ok = _hosts(ctx, spec, env)
     addresses: list[str] = []
     for i, a in enumerate(listing(ctx, spec.get("addresses"), ("spec", "addresses")) or []):
         apath = ("spec", "addresses", i)
