@@ -520,6 +520,22 @@ cdef void on_event(Loop *L, Side *s, uint32_t events, double now) noexcept nogil
         conn_abort(L, c, R_ERROR)
 
 
+cdef void handoff_drop(Loop *L, Handoff *h, int why) noexcept nogil:
+    """Reset and close a hand-off that never became a connection, free its
+    pending bytes, and count it under *why*. The Handoff itself stays the
+    caller's to free."""
+    set_linger0(h.cfd)
+    set_linger0(h.ufd)
+    sys_.close(h.cfd)
+    sys_.close(h.ufd)
+    free(h.pend_up)
+    free(h.pend_down)
+    L4_ADD(&L.ctr[C_BUFFERED], -<int64_t>(h.pend_up_len + h.pend_down_len))
+    L4_ADD(&L.ctr[why], 1)
+    L4_ADD(&L.ctr[C_ACTIVE], -1)
+    L4_ADD(&L.ctr[C_CLOSED], 1)
+
+
 cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     """Register a handed-off pair; on any failure the fds are closed here."""
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
@@ -527,16 +543,7 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     cdef int stype = 0
     cdef sys_.socklen_t typelen
     if c == NULL:
-        set_linger0(h.cfd)
-        set_linger0(h.ufd)
-        sys_.close(h.cfd)
-        sys_.close(h.ufd)
-        free(h.pend_up)
-        free(h.pend_down)
-        L4_ADD(&L.ctr[C_BUFFERED], -<int64_t>(h.pend_up_len + h.pend_down_len))
-        L4_ADD(&L.ctr[C_ERRORS], 1)
-        L4_ADD(&L.ctr[C_ACTIVE], -1)
-        L4_ADD(&L.ctr[C_CLOSED], 1)
+        handoff_drop(L, h, C_ERRORS)
         return
     c.side[0].fd = h.cfd
     c.side[1].fd = h.ufd
@@ -574,16 +581,7 @@ cdef void queue_discard(Loop *L, Handoff *h) noexcept nogil:
     cdef Handoff *n
     while h != NULL:
         n = h.next
-        set_linger0(h.cfd)
-        set_linger0(h.ufd)
-        sys_.close(h.cfd)
-        sys_.close(h.ufd)
-        free(h.pend_up)
-        free(h.pend_down)
-        L4_ADD(&L.ctr[C_BUFFERED], -<int64_t>(h.pend_up_len + h.pend_down_len))
-        L4_ADD(&L.ctr[C_FORCE_CLOSED], 1)
-        L4_ADD(&L.ctr[C_ACTIVE], -1)
-        L4_ADD(&L.ctr[C_CLOSED], 1)
+        handoff_drop(L, h, C_FORCE_CLOSED)
         free(h)
         h = n
 
