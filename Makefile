@@ -17,6 +17,7 @@ help:
 	@echo "make demo   - run the Istio request-routing tutorial locally (root, netns)"
 	@echo "make test   - lint, type-check, and run the whole test suite"
 	@echo "make bench  - benchmark against HAProxy, nginx and Envoy (not part of test)"
+	@echo "make soak   - the 10-minute churn and keep-alive soaks (not part of test)"
 	@echo "make clean  - remove the virtualenv and build outputs"
 
 # Debian packages: install only those missing (dpkg-query is quick and offline).
