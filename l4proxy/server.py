@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
-import json
 import logging
 import os
 import pwd
@@ -22,7 +21,9 @@ from typing import Any
 from l4proxy import __version__
 from l4proxy.admin import AdminServer, WorkerView
 from l4proxy.listener import Listener, bind_listener
+from l4proxy.procsignals import HeldReloads, hold_reloads
 from l4proxy.supervisor import Supervisor
+from l4proxy.workerlink import serve_supervisor
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -249,6 +250,9 @@ def _event_loop_runner(name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before anything else (procsignals): a SIGHUP while starting is a reload
+    # request to remember, never the default action (terminate).
+    held = hold_reloads()
     tag = f"[w{args.worker_index}] " if args.worker_fds else ""
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -259,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         listeners = _inherited_listeners(args.worker_fds)
         control = socket.socket(fileno=args.control_fd)
         try:
-            result: int = _event_loop_runner(args.loop)(_serve(args, listeners, control))
+            result: int = _event_loop_runner(args.loop)(_serve(args, listeners, control, held))
         except KeyboardInterrupt:
             return 0
         return result
@@ -282,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.single_process:
-            return int(_event_loop_runner(args.loop)(_serve(args, sets[0], None)))
+            return int(_event_loop_runner(args.loop)(_serve(args, sets[0], None, held)))
         return int(asyncio.run(_supervise(args, sets)))
     except KeyboardInterrupt:
         return 0
@@ -328,7 +332,10 @@ async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> in
 
 
 async def _serve(
-    args: argparse.Namespace, listeners: list[Listener], control: socket.socket | None
+    args: argparse.Namespace,
+    listeners: list[Listener],
+    control: socket.socket | None,
+    held: HeldReloads,
 ) -> int:
     from l4proxy import peek, pump
     from l4proxy.rulewatch import RuleWatcher
@@ -339,6 +346,7 @@ async def _serve(
         args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval
     )
     if args.rules:
+        held.requested = False  # a reload asked for before now: this load is it
         rules.load_now()
     else:
         log.warning("no --rules given: every connection passes through to its destination")
@@ -371,6 +379,8 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
+    if held.requested:  # SIGHUP during the first load: load again
+        rules.request_reload()
     control_task = None
     if control is not None:
         control_task = loop.create_task(_answer_supervisor(control, view, stop))
@@ -398,28 +408,19 @@ async def _serve(
 
 
 async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
-    """Serve the supervisor's requests; the supervisor gone means: drain and exit."""
-    reader, writer = await asyncio.open_connection(sock=control)
-    try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                log.warning("supervisor gone; draining")
-                stop.set()
-                return
-            op = json.loads(line).get("op")
-            answer: Any
-            if op == "ready":
-                answer = await view.ready()
-            elif op == "stats":
-                answer = view.stats_raw()
-            elif op == "config_dump":
-                answer = await view.config_dump()
-            elif op == "clusters":
-                answer = await view.clusters()
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
-    except (ConnectionError, OSError):
-        stop.set()
+    """Serve the supervisor's requests (workerlink); the supervisor gone means: drain and exit."""
+
+    async def handle(op: str) -> Any:
+        if op == "ready":
+            return await view.ready()
+        if op == "stats":
+            return view.stats_raw()
+        if op == "config_dump":
+            return await view.config_dump()
+        if op == "clusters":
+            return await view.clusters()
+        raise ValueError(f"unknown op {op!r}")
+
+    why = await serve_supervisor(control, handle)
+    log.warning("%s; draining", why)
+    stop.set()

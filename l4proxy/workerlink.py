@@ -1,0 +1,365 @@
+"""The control channel between the supervisor and one worker: both ends.
+
+Theory of operation
+-------------------
+Each worker inherits one end of a ``socketpair()`` (``--control-fd``); the
+supervisor keeps the other. The supervisor asks (``ready``, ``stats``,
+``config_dump``, ``clusters``), the worker answers. Both ends live here so
+that the wire format has exactly one definition.
+
+Wire format: every message is one frame::
+
+    +----------------+----------------+---------------------------+
+    | length: u32 BE | request id: u32 BE | payload: UTF-8 JSON      |
+    +----------------+----------------+---------------------------+
+
+``length`` counts the payload only. A request's payload is ``{"op": NAME}``;
+an answer carries the id of its request and ``{"ok": VALUE}`` or
+``{"error": TEXT}``. Ids start at 1 and wrap; 0 is never used, so a frame
+of zeros is refused rather than taken for an answer.
+
+Why frames and ids (issue 12): the first channel was one JSON line each way
+with a 3 s timeout and no ids. An answer over 64 KiB overflowed the reader
+and left its tail in the stream; an answer that came after the timeout
+stayed queued, and every later request read the answer to the one before
+(``/config_dump`` served the ``/stats`` payload, for good). With a length
+prefix the stream can never be read out of step, and with ids an answer is
+matched to the request that asked for it: a late answer (the worker was
+stopped, or busy with its first rule load) is recognised and dropped.
+
+What happens on a failure, and why:
+
+* **timeout**: the request is abandoned (its id forgotten) and the caller
+  gets ``None``. The channel is *not* reset and the worker is *not* killed:
+  framing keeps the stream in step, so the late answer is harmless, and a
+  worker that is merely slow (a big first load, a long GC pause) must not be
+  restarted by an admin query. Deciding that a worker is hung is the
+  supervisor's watchdog's job, with its own, longer limit.
+* **framing or parse error** (a length over the bound, a zero id, payload
+  that is not JSON or not the expected shape): the byte stream can no longer
+  be trusted, and nothing on it can be resynchronised. The supervisor's end
+  closes, every pending request gets ``None``, and ``on_broken`` is called:
+  the supervisor then **replaces the worker** (kills it; the slot's keeper
+  starts another with a fresh socketpair). Replacing rather than resetting
+  the channel: a channel can only be reset by handing the live worker a new
+  socket, and a worker whose end wrote garbage is itself not to be trusted.
+* **size**: a frame may be up to :data:`MAX_ANSWER` (64 MiB: a
+  ``/config_dump`` of 100,000 endpoints is ~20 MB) from the worker, and
+  :data:`MAX_REQUEST` (64 KiB) from the supervisor. The length is checked
+  when the 8-byte header is read, before any payload is buffered, so a broken
+  peer cannot make either side allocate more than that. A worker whose answer
+  would not fit sends an error answer instead (and is not replaced).
+
+The core (:func:`encode`, :class:`FrameDecoder`, :class:`RequestBook`) does
+no I/O and is tested table-driven, whole and one byte at a time; the thin
+asyncio shells are :class:`SupervisorEnd` and :func:`serve_supervisor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("l4proxy.workerlink")
+
+HEADER = struct.Struct(">II")  # payload length, request id
+MAX_ANSWER = 64 << 20
+MAX_REQUEST = 64 << 10
+MAX_ID = 0xFFFFFFFF
+READ_CHUNK = 256 << 10
+
+
+class ChannelError(Exception):
+    """The peer sent bytes that are not a well-formed frame or message."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    id: int
+    payload: bytes
+
+
+def encode(request_id: int, message: Any, limit: int = MAX_ANSWER) -> bytes:
+    """One frame; ValueError if the id is out of range or the payload over *limit*."""
+    if not 0 < request_id <= MAX_ID:
+        raise ValueError(f"request id {request_id} out of range 1..{MAX_ID}")
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    if len(payload) > limit:
+        raise ValueError(f"message of {len(payload)} bytes is over the {limit}-byte frame bound")
+    return HEADER.pack(len(payload), request_id) + payload
+
+
+class FrameDecoder:
+    """Bytes in, whole frames out; raises :class:`ChannelError` on a bad header.
+
+    Buffers at most one frame (bounded by *limit*) plus one read's worth.
+    After an error the decoder stays broken: the stream cannot be resynced.
+    """
+
+    def __init__(self, limit: int = MAX_ANSWER) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._error: ChannelError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._error:
+            raise self._error
+        self._buf += data
+        frames: list[Frame] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= HEADER.size:
+            length, request_id = HEADER.unpack_from(buf, pos)
+            if length > self.limit:
+                self._error = ChannelError(
+                    f"frame of {length} bytes announced, over the {self.limit}-byte bound"
+                )
+            elif request_id == 0:
+                self._error = ChannelError("frame with request id 0")
+            if self._error:
+                del buf[:]
+                raise self._error
+            end = pos + HEADER.size + length
+            if len(buf) < end:
+                break
+            frames.append(Frame(request_id, bytes(buf[pos + HEADER.size : end])))
+            pos = end
+        del buf[:pos]
+        return frames
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ChannelError(f"payload is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ChannelError(f"payload is a JSON {type(msg).__name__}, expected an object")
+    return msg
+
+
+def decode_request(frame: Frame) -> str:
+    """The op a request frame asks for (the worker's side)."""
+    op = _json_object(frame.payload).get("op")
+    if not isinstance(op, str):
+        raise ChannelError(f"request {frame.id} has no string 'op'")
+    return op
+
+
+@dataclass(frozen=True)
+class Answer:
+    id: int
+    op: str
+    ok: bool
+    value: Any  # the answer when ok, else the worker's error text
+
+
+class RequestBook:
+    """The supervisor's open requests: hands out ids, matches answers to them.
+
+    ``answer()`` returns None for a frame whose id is not open (the answer to
+    a request that timed out, or an id never handed out): it is dropped and
+    counted in :attr:`stale`.
+    """
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._open: dict[int, str] = {}
+        self.stale = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def request(self, op: str) -> tuple[int, bytes]:
+        request_id = self._next
+        while request_id in self._open:  # wrapped onto one still open (4e9 later)
+            request_id = request_id % MAX_ID + 1
+        self._next = request_id % MAX_ID + 1
+        self._open[request_id] = op
+        return request_id, encode(request_id, {"op": op}, MAX_REQUEST)
+
+    def abandon(self, request_id: int) -> None:
+        self._open.pop(request_id, None)
+
+    def abandon_all(self) -> list[int]:
+        ids = list(self._open)
+        self._open.clear()
+        return ids
+
+    def answer(self, frame: Frame) -> Answer | None:
+        msg = _json_object(frame.payload)  # parsed even when stale: garbage is garbage
+        if len(msg) != 1 or not ("ok" in msg or "error" in msg):
+            raise ChannelError(f"answer {frame.id} is neither {{'ok': ...}} nor {{'error': ...}}")
+        op = self._open.pop(frame.id, None)
+        if op is None:
+            self.stale += 1
+            return None
+        if "ok" in msg:
+            return Answer(frame.id, op, True, msg["ok"])
+        return Answer(frame.id, op, False, str(msg["error"]))
+
+
+def encode_answer(request_id: int, value: Any, limit: int = MAX_ANSWER) -> bytes:
+    """The worker's answer frame; an error answer when *value* would not fit."""
+    try:
+        return encode(request_id, {"ok": value}, limit)
+    except ValueError as exc:
+        return encode(request_id, {"error": str(exc)}, limit)
+
+
+def encode_error(request_id: int, text: str) -> bytes:
+    return encode(request_id, {"error": text[:1000]})
+
+
+# -- asyncio shells ------------------------------------------------------------
+
+
+class SupervisorEnd:
+    """The supervisor's end of one worker's channel.
+
+    Requests may overlap (the admin and the watchdog ask at once); a reader
+    task hands each answer to the request with its id. ``on_broken(reason)``
+    is called once, from the reader task, when the worker sent something that
+    is not a frame; the end is closed by then.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_broken: Callable[[str], None],
+        limit: int = MAX_ANSWER,
+    ) -> None:
+        self._sock = sock
+        self._on_broken = on_broken
+        self._decoder = FrameDecoder(limit)
+        self._book = RequestBook()
+        self._waiting: dict[int, asyncio.Future[Answer | None]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.broken: str | None = None
+
+    @property
+    def stale(self) -> int:
+        """Answers that came after their request had timed out (dropped)."""
+        return self._book.stale
+
+    async def open(self) -> None:
+        reader, self._writer = await asyncio.open_connection(sock=self._sock)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def ask(self, op: str, timeout: float) -> Any:
+        """The worker's answer to *op*, or None (no answer in time, an error, closed)."""
+        if self.closed or self._writer is None:
+            return None
+        request_id, frame = self._book.request(op)
+        fut: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = fut
+        try:
+            self._writer.write(frame)
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+                answer = await fut
+        except (TimeoutError, OSError, ConnectionError):
+            self._book.abandon(request_id)
+            return None
+        finally:
+            self._waiting.pop(request_id, None)
+        if answer is None:
+            return None
+        if not answer.ok:
+            log.warning("worker could not answer %r: %s", op, answer.value)
+            return None
+        return answer.value
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._book.abandon_all()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._waiting.clear()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while not self.closed:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break  # the worker exited; its keeper sees to the rest
+                for frame in self._decoder.feed(data):
+                    answer = self._book.answer(frame)
+                    if answer is None:
+                        continue
+                    fut = self._waiting.get(answer.id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(answer)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ConnectionError):
+            pass
+        except Exception as exc:  # ChannelError, or a bug here: the stream is lost
+            self.broken = str(exc) if isinstance(exc, ChannelError) else repr(exc)
+            self.close()
+            try:
+                self._on_broken(self.broken)
+            except Exception:
+                log.exception("control channel: on_broken failed")
+            return
+        self.close()
+
+
+async def serve_supervisor(
+    sock: socket.socket, handle: Callable[[str], Awaitable[Any]], limit: int = MAX_REQUEST
+) -> str:
+    """The worker's end: answer each request with ``await handle(op)``.
+
+    Returns why it stopped (the supervisor closed its end, or sent something
+    that is not a request). A handler that raises gets an error answer and
+    the loop goes on: one failing ``/clusters`` must not silence the worker,
+    or the watchdog would take it for hung.
+    """
+    reader, writer = await asyncio.open_connection(sock=sock)
+    decoder = FrameDecoder(limit)
+    try:
+        while True:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                return "supervisor gone"
+            try:
+                frames = decoder.feed(data)
+            except ChannelError as exc:
+                return f"bad frame from the supervisor: {exc}"
+            for frame in frames:
+                try:
+                    op = decode_request(frame)
+                except ChannelError as exc:
+                    return f"bad request from the supervisor: {exc}"
+                try:
+                    out = encode_answer(frame.id, await handle(op))
+                except Exception as exc:
+                    log.exception("control request %r failed", op)
+                    out = encode_error(frame.id, f"{type(exc).__name__}: {exc}")
+                writer.write(out)
+                await writer.drain()
+    except (OSError, ConnectionError) as exc:
+        return f"control socket error: {exc}"
+    finally:
+        writer.close()
