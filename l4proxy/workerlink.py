@@ -91,7 +91,7 @@ def encode(request_id: int, message: Any, limit: int = MAX_ANSWER) -> bytes:
         raise ValueError(f"request id {request_id} out of range 1..{MAX_ID}")
     payload = json.dumps(message, separators=(",", ":")).encode()
     if len(payload) > limit:
-        raise ValueError(f"message of {len(payload)} bytes is over the {limit}-byte frame bound")
+        raise ValueError(f"message of {len(payload)} bytes is over the {limit}-byte bound")
     return HEADER.pack(len(payload), request_id) + payload
 
 

@@ -1,0 +1,362 @@
+"""The supervisor keeps its workers whatever they do (issue 12, "Trust").
+
+The sidecar runs as it does in a pod (``l4proxy run`` as uid 1337 in a pod's
+network namespace); the failures are real ones: SIGSTOP, SIGKILL, a realtime
+signal, a SIGHUP storm, a file-descriptor limit on the supervisor, an answer
+of hundreds of KiB. The last tests run the real :class:`Supervisor` with a
+scripted worker process, to make a worker write garbage on its control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy.listener import Listener, bind_listener
+from l4proxy.podnet import PodNetwork
+from l4proxy.supervisor import Supervisor, WorkerSlot, describe_exit
+from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
+
+netns = pytest.mark.netns
+
+BIG_VIP = "198.19.0.50"
+
+
+@pytest.fixture
+def bare(pod_network: PodNetwork) -> Iterator[Mesh]:
+    """A Mesh with no backends: the tests here only talk to the admin endpoint."""
+    m = Mesh(pod_network)
+    try:
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log())
+        m.close()
+
+
+def _start(m: Mesh, *run_args: str, impl: str = "compiled-uvloop") -> Sidecar:
+    env, args = IMPLS[impl]
+    m.env.update(env)
+    pod = m.net.add_pod("client", labels={"app": "client"})
+    m.client = pod
+    m.sidecar = m.start_sidecar(pod, (*args, *run_args))
+    return m.sidecar
+
+
+def _wait(cond: object, what: str, m: Mesh, timeout: float = 20) -> None:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s:\n{m.sidecar_log()}")
+
+
+def _replaced(m: Mesh, old: int) -> int:
+    """Wait for the one worker to be a live process other than *old*; its pid."""
+    assert m.sidecar is not None
+    sc = m.sidecar
+    _wait(lambda: sc.worker_pids() not in ([], [old]), f"worker {old} replaced", m)
+    [new] = sc.worker_pids()
+    return new
+
+
+def _ready(m: Mesh) -> None:
+    assert m.sidecar is not None
+    sc = m.sidecar
+    _wait(lambda: sc.admin("/ready").strip() == "LIVE", "/ready LIVE", m)
+
+
+# -- the channel ---------------------------------------------------------------
+
+
+@netns
+def test_config_dump_of_5000_endpoints_then_the_watchdog_still_works(bare: Mesh) -> None:
+    """Issue 12: over 64 KiB failed, and the leftover bytes killed the watchdog."""
+    eps = [
+        (f"198.18.{100 + i // 250}.{i % 250 + 1}", {"version": f"v{i % 3}"}) for i in range(5000)
+    ]
+    bare.write_rules(service_entry("big", BIG_VIP, 8080, eps), name="big.yaml")
+    sc = _start(bare, "--watchdog-timeout", "2")
+    [first] = sc.worker_pids()
+    for _ in range(2):  # twice: nothing of the first answer may be left over
+        dump = json.loads(sc.admin("/config_dump"))
+        [svc] = dump["table"]["services"]
+        assert svc["host"] == "big.default.svc.cluster.local"
+        assert len(svc["endpoints"]["8080"]) == 5000
+        assert svc["endpoints"]["8080"][4999]["address"] == "198.18.119.250"
+    assert "l4proxy_rules_generation 1" in sc.admin("/stats").splitlines()
+    # The watchdog is alive: a stopped worker is still replaced.
+    os.kill(first, signal.SIGSTOP)
+    _replaced(bare, first)
+    assert "has not answered for 2.0s; killing it" in bare.sidecar_log()
+    _ready(bare)
+    [svc] = json.loads(sc.admin("/config_dump"))["table"]["services"]
+    assert len(svc["endpoints"]["8080"]) == 5000
+
+
+@netns
+def test_a_worker_stopped_past_the_timeout_does_not_shift_the_answers(bare: Mesh) -> None:
+    """Issue 12: the late answer stayed queued; /config_dump then served /stats, for good."""
+    sc = _start(bare, "--watchdog-timeout", "30")
+    [worker] = sc.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        # Asked while stopped: no answer within 3 s (the admin shows what it has).
+        with pytest.raises(subprocess.CalledProcessError):
+            sc.admin("/ready")  # 503 NOT READY
+        sc.admin("/stats")
+        time.sleep(max(0.0, 4 - (time.monotonic() - t0)))
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for _ in range(3):
+        dump = json.loads(sc.admin("/config_dump"))
+        assert isinstance(dump, dict) and dump["generation"] == 1, dump
+        assert "table" in dump and "counters" not in dump
+        stats = sc.admin("/stats").splitlines()
+        assert "l4proxy_rules_generation 1" in stats
+        assert sc.admin("/ready").strip() == "LIVE"
+    assert sc.worker_pids() == [worker]  # slow is not hung: nobody was replaced
+    assert sc.stat("l4proxy_control_late_answers_total") >= 2
+
+
+# -- keepers: any exit status, any spawn failure -------------------------------
+
+
+@netns
+def test_a_worker_killed_by_a_realtime_signal_is_replaced(bare: Mesh) -> None:
+    """Issue 12: signal.Signals(40) raised ValueError and the slot was never restarted."""
+    sc = _start(bare)
+    [first] = sc.worker_pids()
+    os.kill(first, 40)
+    _replaced(bare, first)
+    _ready(bare)
+    assert "died with signal 40 (SIGRTMIN+6)" in bare.sidecar_log()
+    assert sc.stat("l4proxy_worker_restarts_total") == 1
+
+
+def _nofile_soft(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def _set_nofile_soft(pid: int, n: int) -> None:
+    # As the supervisor's own uid/gid: prlimit(2) on another process needs
+    # that or CAP_SYS_RESOURCE, which a container's root may lack.
+    subprocess.run(
+        ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]
+        + ["prlimit", "--pid", str(pid), f"--nofile={n}:"],
+        check=True,
+    )
+    assert _nofile_soft(pid) == n
+
+
+def _open_fds(pid: int) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+@netns
+def test_spawn_failures_are_retried_until_spawning_works(bare: Mesh) -> None:
+    """A real EMFILE: the supervisor's RLIMIT_NOFILE lowered (prlimit(2)) so that
+    its next socketpair fails, the worker killed; then the limit restored."""
+    sc = _start(bare)
+    sup = sc.proc.pid
+    [first] = sc.worker_pids()
+    fds = _open_fds(sup)
+    # Below the first free fd number no new fd can be made at all.
+    first_free = next(i for i in range(len(fds) + 1) if i >= len(fds) or fds[i] != i)
+    soft = _nofile_soft(sup)
+    _set_nofile_soft(sup, first_free)
+    try:
+        os.kill(first, signal.SIGKILL)
+        _wait(
+            lambda: bare.sidecar_log().count("cannot start worker 0") >= 2,
+            "two failed spawns",
+            bare,
+        )
+        assert "Too many open files" in bare.sidecar_log()
+    finally:
+        _set_nofile_soft(sup, soft)
+    _replaced(bare, first)
+    _ready(bare)
+    assert sc.stat("l4proxy_worker_spawn_failures_total") >= 2
+    assert sc.stat("l4proxy_worker_restarts_total") == 1
+
+
+# -- signals ---------------------------------------------------------------------
+
+
+@netns
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_sighup_storm_after_a_worker_crash_kills_nothing(bare: Mesh, impl: str) -> None:
+    """Issue 12: SIGHUP every 50 ms for 2 s after a crash killed 4 starting workers."""
+    sc = _start(bare, impl=impl)
+    [first] = sc.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    sent = 0
+    seen: set[int] = set()
+    for _ in range(40):
+        sc.proc.send_signal(signal.SIGHUP)
+        sent += 1
+        seen.update(sc.worker_pids())
+        time.sleep(0.05)
+    assert sc.alive()
+    _ready(bare)
+    seen.update(sc.worker_pids())
+    seen.discard(first)
+    log = bare.sidecar_log()
+    assert log.count("died with") == 1, log  # the SIGKILL, nothing else
+    assert "died with signal 1 " not in log
+    assert len(seen) == 1, seen  # one replacement, and it lived through the storm
+    assert sc.stat("l4proxy_worker_restarts_total") == 1
+    assert sc.stat("l4proxy_reloads_total") >= 2  # the reloads were honoured, not dropped
+
+
+@netns
+def test_a_sighup_to_a_worker_that_is_loading_its_first_rules(bare: Mesh) -> None:
+    """A SIGHUP sent straight to a starting worker (not through the supervisor)."""
+    eps = [(f"198.18.{100 + i // 250}.{i % 250 + 1}", {}) for i in range(5000)]
+    bare.write_rules(service_entry("big", BIG_VIP, 8080, eps), name="big.yaml")
+    sc = _start(bare)
+    [first] = sc.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    hit: set[int] = set()
+    while time.monotonic() < deadline:
+        for pid in sc.worker_pids():
+            if pid != first:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                    hit.add(pid)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.005)
+    _ready(bare)
+    assert len(hit) == 1 and sc.worker_pids() == list(hit), (hit, bare.sidecar_log())
+    assert bare.sidecar_log().count("died with") == 1
+
+
+# -- the real Supervisor with a scripted worker (garbage on the channel) --------
+
+SCRIPTED_WORKER = r"""
+import os, signal, socket, sys
+from l4proxy.workerlink import FrameDecoder, MAX_REQUEST, decode_request, encode_answer
+mode, marker = sys.argv[1], sys.argv[2]
+fd = int(sys.argv[sys.argv.index("--control-fd") + 1])
+first = not os.path.exists(marker)
+with open(marker, "a") as f:
+    f.write(f"{os.getpid()}\n")
+sock = socket.socket(fileno=fd)
+sock.setblocking(True)
+decoder = FrameDecoder(MAX_REQUEST)
+while True:
+    data = sock.recv(65536)
+    if not data:
+        sys.exit(0)
+    for frame in decoder.feed(data):
+        op = decode_request(frame)
+        if first and mode == "garbage":
+            sock.sendall(b"\x00\x00\x00\x08" + frame.id.to_bytes(4, "big") + b"not json")
+        elif first and mode == "oversize":
+            sock.sendall(b"\xff\xff\xff\xff" + frame.id.to_bytes(4, "big") + b"x" * 1000)
+        elif first and mode == "json-line":
+            sock.sendall(b'{"ready": true}\n' * 4)
+        else:
+            sock.sendall(encode_answer(frame.id, True if op == "ready" else {"op": op}))
+"""
+
+
+class ScriptedSupervisor(Supervisor):
+    def __init__(self, mode: str, marker: str, listeners: list[Listener]) -> None:
+        args = argparse.Namespace(raw_argv=[], watchdog_timeout=1.0, drain_duration=1.0)
+        super().__init__(args, [listeners])
+        self.mode, self.marker = mode, marker
+
+    def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
+        script = [sys.executable, "-c", SCRIPTED_WORKER, self.mode, self.marker]
+        return [*script, "--control-fd", str(control_fd)]
+
+
+def _pids(marker: str) -> list[int]:
+    with open(marker) as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.mark.parametrize("mode", ["garbage", "oversize", "json-line"])
+def test_a_worker_that_writes_garbage_is_replaced_and_the_watchdog_lives_on(mode: str) -> None:
+    marker = os.path.join(tempfile.mkdtemp(prefix="l4sup-"), "pids")
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    sup = ScriptedSupervisor(mode, marker, [lst])
+    [slot] = sup.slots
+
+    async def until(cond: object, timeout: float = 15) -> None:
+        assert callable(cond)
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        keeper = asyncio.get_running_loop().create_task(sup._keep(slot))
+        watchdog = asyncio.get_running_loop().create_task(sup._watchdog())
+        try:
+            await until(lambda: slot.link is not None)
+            # The first incarnation answers with garbage: None, and it is replaced.
+            assert await sup.ask(slot, "stats") is None
+            await until(lambda: os.path.exists(marker) and len(_pids(marker)) == 2)
+            await until(lambda: slot.link is not None and slot.proc is not None)
+            assert await sup.ask(slot, "stats") == {"op": "stats"}
+            assert await sup.ready()
+            assert sup.channel_resets_total == 1 and sup.restarts_total == 1
+            # The watchdog survived all that: it still kills a stopped worker.
+            assert slot.proc is not None
+            second = slot.proc.pid
+            os.kill(second, signal.SIGSTOP)
+            await until(lambda: len(_pids(marker)) == 3)
+            await until(lambda: slot.link is not None)
+            assert await sup.ask(slot, "config_dump") == {"op": "config_dump"}
+            assert not watchdog.done() and not keeper.done()
+        finally:
+            sup.stopping = True
+            watchdog.cancel()
+            if slot.proc and slot.proc.returncode is None:
+                slot.proc.kill()
+            await asyncio.wait_for(keeper, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        lst.sock.close()
+
+
+@pytest.mark.parametrize(
+    "code,text",
+    [
+        (0, "status 0"),
+        (3, "status 3"),
+        (-9, "signal 9 (SIGKILL)"),
+        (-1, "signal 1 (SIGHUP)"),
+        (-40, "signal 40 (SIGRTMIN+6)"),
+        (-34, "signal 34 (SIGRTMIN)"),
+        (-64, "signal 64 (SIGRTMAX)"),
+        (-200, "signal 200 (unknown)"),
+    ],
+)
+def test_describe_exit(code: int, text: str) -> None:
+    assert describe_exit(code) == text
