@@ -84,6 +84,11 @@ def _ready(m: Mesh) -> None:
 # -- the channel ---------------------------------------------------------------
 
 
+def _endpoints(n: int) -> list[tuple[str, dict[str, str]]]:
+    """n endpoint addresses (data only: nothing is dialled), versions v0..v2."""
+    return [(f"198.18.{100 + i // 250}.{i % 250 + 1}", {"version": f"v{i % 3}"}) for i in range(n)]
+
+
 @netns
 def test_config_dump_of_5000_endpoints_then_the_watchdog_still_works(bare: Mesh) -> None:
     """Issue 12: over 64 KiB failed, and the leftover bytes killed the watchdog."""
@@ -160,8 +165,10 @@ def _set_nofile_soft(pid: int, n: int) -> None:
     # As the supervisor's own uid/gid: prlimit(2) on another process needs
     # that or CAP_SYS_RESOURCE, which a container's root may lack.
     subprocess.run(
-        ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]
-        + ["prlimit", "--pid", str(pid), f"--nofile={n}:"],
+        [
+            *("setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"),
+            *("prlimit", "--pid", str(pid), f"--nofile={n}:"),
+        ],
         check=True,
     )
     assert _nofile_soft(pid) == n
@@ -209,11 +216,9 @@ def test_a_sighup_storm_after_a_worker_crash_kills_nothing(bare: Mesh, impl: str
     sc = _start(bare, impl=impl)
     [first] = sc.worker_pids()
     os.kill(first, signal.SIGKILL)
-    sent = 0
     seen: set[int] = set()
-    for _ in range(40):
+    for _ in range(40):  # every 50 ms for 2 s
         sc.proc.send_signal(signal.SIGHUP)
-        sent += 1
         seen.update(sc.worker_pids())
         time.sleep(0.05)
     assert sc.alive()
@@ -231,8 +236,7 @@ def test_a_sighup_storm_after_a_worker_crash_kills_nothing(bare: Mesh, impl: str
 @netns
 def test_a_sighup_to_a_worker_that_is_loading_its_first_rules(bare: Mesh) -> None:
     """A SIGHUP sent straight to a starting worker (not through the supervisor)."""
-    eps = [(f"198.18.{100 + i // 250}.{i % 250 + 1}", {}) for i in range(5000)]
-    bare.write_rules(service_entry("big", BIG_VIP, 8080, eps), name="big.yaml")
+    bare.write_rules(service_entry("big", BIG_VIP, 8080, _endpoints(5000)), name="big.yaml")
     sc = _start(bare)
     [first] = sc.worker_pids()
     os.kill(first, signal.SIGKILL)
