@@ -256,6 +256,17 @@ def test_a_sighup_to_a_worker_that_is_loading_its_first_rules(bare: Mesh) -> Non
     assert bare.sidecar_log().count("died with") == 1
 
 
+@netns
+def test_sighup_reloads_a_single_process_sidecar(bare: Mesh) -> None:
+    """--single-process: the early handler hands over to the loop's; SIGHUP reloads."""
+    sc = _start(bare, "--single-process")
+    assert sc.worker_pids() == []
+    before = sc.stat("l4proxy_reloads_total")
+    sc.proc.send_signal(signal.SIGHUP)
+    _wait(lambda: sc.stat("l4proxy_reloads_total") > before, "a reload after SIGHUP", bare)
+    assert sc.alive()
+
+
 # -- the real Supervisor with a scripted worker (garbage on the channel) --------
 
 SCRIPTED_WORKER = r"""
