@@ -15,7 +15,8 @@ An HTTPRoute attaches to parents (``spec.parentRefs``):
 
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
-the longest PathPrefix, then RegularExpression; then a method match; then the
+the longest PathPrefix, then RegularExpression (its place is left to
+implementations), then PathPrefix ``/``; then a method match; then the
 most header matches; then the most query parameter matches), ties going to
 the route first by ``namespace/name`` (creation timestamps are not known to a
 rule file), then to rule and match order. Adjacent matches of one rule merge
@@ -386,7 +387,7 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
         return None
     ok = True
     uri: StringMatch | None = None
-    path_rank, path_len = 1, 1  # the default: PathPrefix /
+    path_rank, path_len = 3, 1  # the default: PathPrefix /, after every other path
     if m.get("path") is not None:
         ppath = (*path, "path")
         p = fields(ctx, m["path"], ppath, allowed=("type", "value"))
@@ -402,7 +403,7 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
         elif ptype == "PathPrefix":
             path_len = len(pval.rstrip("/")) or 1
             if pval.rstrip("/"):
-                uri = StringMatch("path_prefix", pval.rstrip("/"))
+                uri, path_rank = StringMatch("path_prefix", pval.rstrip("/")), 1
         elif ptype == "RegularExpression":
             try:
                 uri = StringMatch("regex", pval, re.compile(pval))
@@ -586,7 +587,7 @@ class Compiler:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
                     if rd is None:
                         continue
-                    ms = rule.matches or [HttpMatchDraft(Match(), (1, -1, 1, 0, 0))]
+                    ms = rule.matches or [HttpMatchDraft(Match(), (3, -1, 1, 0, 0))]
                     for mi, md in enumerate(ms):
                         m = md.match
                         if port is not None:

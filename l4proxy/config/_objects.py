@@ -195,7 +195,7 @@ class BackendDraft:
 class HttpMatchDraft:
     match: Match
     # Gateway API precedence, smaller first: path kind (Exact, PathPrefix,
-    # RegularExpression), longer path first, method given first, more headers
+    # RegularExpression, PathPrefix /), longer path first, method given first, more headers
     # first, more query parameters first.
     rank: tuple[int, int, int, int, int]
 
