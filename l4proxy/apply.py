@@ -129,7 +129,8 @@ def objects_in(path: str) -> list[ObjectKey]:
             if v.get("kind") == "List" and isinstance(v.get("items"), list):
                 stack.extend(reversed(v["items"]))
                 continue
-            meta = v.get("metadata") if isinstance(v.get("metadata"), dict) else {}
+            raw_meta = v.get("metadata")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             out.append((str(v.get("kind")), str(meta.get("namespace", "")), str(meta.get("name"))))
     return out
 
