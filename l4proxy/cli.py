@@ -20,6 +20,9 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "l4proxy.server",
     "demo": "l4proxy.demo",
     "inject": "l4proxy.inject",
+    "create": "l4proxy.apply",
+    "replace": "l4proxy.apply",
+    "delete": "l4proxy.apply",
 }
 
 DESCRIPTION = """\
@@ -29,6 +32,8 @@ l4proxy: Istio-style traffic shifting for a pod, without Istio.
   l4proxy run --rules PATH       run the sidecar (after l4proxy-init captured traffic)
   l4proxy demo                   the request-routing tutorial in network namespaces
   l4proxy inject -f IN.yaml      add the init container and sidecar to Kubernetes manifests
+  l4proxy create|replace|delete -f FILE --rules DIR
+                                 istioctl's verbs: validate, then change the watched directory
 
 Run 'l4proxy COMMAND --help' for each command's options.
 """

@@ -54,6 +54,10 @@ BLOCKS = " ▏▎▍▌▋▊▉█"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MANIFESTS = os.path.join(os.path.dirname(HERE), "deploy", "examples", "bootcamp")
+# ``--api gateway``: the same steps as HTTPRoutes (httproute-STEP.yaml), the
+# gateway as a Gateway, and httproute-base.yaml for "no-rule" and "delete".
+GATEWAY_API_MANIFESTS = os.path.join(os.path.dirname(HERE), "deploy", "examples", "gateway-api")
+BASE_STEP = "base"
 
 
 class DemoError(Exception):
@@ -86,11 +90,14 @@ class Manifests:
     ingress_docs: list[str] = field(default_factory=list)
     ingress_paths: list[tuple[str, str]] = field(default_factory=list)  # (path, service)
     rules: dict[str, tuple[str, str]] = field(default_factory=dict)  # step -> (file, text)
+    gateway_docs: list[str] = field(default_factory=list)  # Gateway API Gateways
+    # HTTPRoute "no traffic shifting" (file, text): installed where a RouteRule is deleted
+    base_rule: tuple[str, str] | None = None
 
 
 def _step_name(filename: str) -> str:
     base = os.path.splitext(os.path.basename(filename))[0]
-    m = re.search(r"route-rule-(.+)$", base)
+    m = re.search(r"(?:route-rule|httproute)-(.+)$", base)
     return m.group(1) if m else base
 
 
@@ -147,6 +154,19 @@ def read_manifests(directory: str) -> Manifests:
                         man.ingress_paths.append((str(p.get("path", "/")), str(svc)))
             elif kind == "RouteRule":
                 man.rules[_step_name(fname)] = (fname, text)
+            elif kind == "Gateway":
+                man.gateway_docs.append(yaml.safe_dump(doc, sort_keys=False))
+            elif kind == "HTTPRoute":
+                step = _step_name(fname)
+                if step == BASE_STEP:
+                    man.base_rule = (fname, text)
+                    for rule in spec.get("rules") or []:
+                        for m in rule.get("matches") or []:
+                            value = (m.get("path") or {}).get("value")
+                            if value and not man.ingress_paths:
+                                man.ingress_paths.append((str(value), ""))
+                else:
+                    man.rules[step] = (fname, text)
     if not man.deployments or not man.services:
         raise DemoError(f"{directory}: needs at least one Deployment and one Service")
     return man
@@ -220,9 +240,13 @@ class Tutorial:
                     user=1000,
                 )
                 self._spawn(pod, [*_exe("l4proxy"), "run", "--uid", "1337"], f"{pod.name}.sidecar")
-        self._write_registry(svc)
+        self._write_registry(self.man.services)
         for doc_i, doc in enumerate(self.man.ingress_docs):
             self._write(f"ingress-{doc_i}.yaml", doc)
+        for doc_i, doc in enumerate(self.man.gateway_docs):
+            self._write(f"gateway-{doc_i}.yaml", doc)
+        if self.man.base_rule is not None:
+            self._write("route-rule.yaml", self.man.base_rule[1])
         # The client pod: what the tutorial's curl runs in.
         self.client = self.net.add_pod("client", labels={"app": "client"})
         hosts = {
@@ -311,7 +335,13 @@ class Tutorial:
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(self.rules_dir, name))
 
-    def _write_registry(self, svc: ServiceDef) -> None:
+    def _write_registry(self, services: list[ServiceDef]) -> None:
+        """One ServiceEntry per Service that selects pods (bootcamp; with the
+        Gateway API also bootcamp-v1 and bootcamp-v2, the backends)."""
+        entries = [e for e in (self._service_entry(s) for s in services) if e is not None]
+        self._write("registry.yaml", yaml.safe_dump_all(entries, sort_keys=False))
+
+    def _service_entry(self, svc: ServiceDef) -> dict[str, Any] | None:
         endpoints = [
             {
                 "address": info.pod.ipv4,
@@ -321,6 +351,8 @@ class Tutorial:
             for info in self.app_pods
             if all(info.pod.labels.get(k) == v for k, v in svc.selector.items())
         ]
+        if not endpoints:
+            return None
         protocol = "HTTP" if svc.port_name == "http" or svc.port_name.startswith("http-") else "TCP"
         entry = {
             "apiVersion": "networking.istio.io/v1alpha3",
@@ -336,7 +368,7 @@ class Tutorial:
                 "endpoints": endpoints,
             },
         }
-        self._write("registry.yaml", yaml.safe_dump(entry, sort_keys=False))
+        return entry
 
     def _admin(self, pod: Pod, path: str) -> str:
         r = pod.run(["curl", "-s", "--max-time", "2", f"http://127.0.0.1:15000{path}"], check=False)
@@ -368,7 +400,16 @@ class Tutorial:
         assert self.client is not None and self.gateway is not None
         before = [self._generation(p) for p in (self.client, self.gateway)]
         rule_path = os.path.join(self.rules_dir, "route-rule.yaml")
-        if step in ("no-rule", "delete"):
+        if step in ("no-rule", "delete") and self.man.base_rule is not None:
+            # Gateway API: a gateway serves nothing without a route, so the
+            # base HTTPRoute (gateway → bootcamp, no split) stands for "no rule".
+            fname, text = self.man.base_rule
+            what = f"HTTPRoute from {fname}: no traffic shifting (round robin)"
+            with open(rule_path) as f:
+                if f.read() == text:
+                    return what
+            self._write("route-rule.yaml", text)
+        elif step in ("no-rule", "delete"):
             if not os.path.exists(rule_path):
                 return "no RouteRule: round robin over every bootcamp pod"
             os.unlink(rule_path)
@@ -376,7 +417,8 @@ class Tutorial:
         else:
             fname, text = self.man.rules[step]
             self._write("route-rule.yaml", text)
-            what = f"RouteRule from {fname}: " + _describe_rule(text)
+            kind = "HTTPRoute" if "kind: HTTPRoute" in text else "RouteRule"
+            what = f"{kind} from {fname}: " + _describe_rule(text)
         deadline = time.monotonic() + 10
         for pod, gen in zip((self.client, self.gateway), before, strict=True):
             while self._generation(pod) <= gen:
@@ -431,6 +473,9 @@ def _pod_version(pod_name: str) -> str:
 def _describe_rule(text: str) -> str:
     try:
         doc = next(d for d in yaml.safe_load_all(text) if isinstance(d, dict))
+        if doc.get("kind") == "HTTPRoute":
+            refs = [b for r in doc["spec"].get("rules") or [] for b in r.get("backendRefs") or []]
+            return ", ".join(f"{b['name']} {b.get('weight', 1)}" for b in refs)
         routes = doc["spec"].get("route") or []
         return ", ".join(
             f"{'/'.join(str(v) for v in (r.get('labels') or {}).values())} {r.get('weight', 100)}"
@@ -485,7 +530,22 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
     p.add_argument("--keep", action="store_true", help="leave the topology running")
     p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--api",
+        choices=("istio", "gateway"),
+        default="istio",
+        help="istio: RouteRules and an Ingress (the tutorial); gateway: the same steps as "
+        "Gateway API HTTPRoutes, mesh (Service parentRef) and gateway (a Gateway); "
+        "default --manifests becomes deploy/examples/gateway-api",
+    )
+    p.set_defaults(func=_run_with_api)
+
+
+def _run_with_api(args: argparse.Namespace) -> int:
+    """``--api gateway`` picks the Gateway API manifests unless --manifests is given."""
+    if getattr(args, "api", "istio") == "gateway" and args.manifests == DEFAULT_MANIFESTS:
+        args.manifests = GATEWAY_API_MANIFESTS
+    return run(args)
 
 
 def _down() -> int:

@@ -15,7 +15,11 @@ A table holds:
   precedence, VirtualService routes in list order). A :class:`Route` has OR'ed
   :class:`Match` blocks (none = catch-all) and weighted :class:`Destination`\\ s,
   each naming a :class:`Subset` (a label selector plus its load-balancing policy).
-* **ingress paths** for gateway mode.
+* **ingress paths** for gateway mode: Ingress paths, and one catch-all path per
+  Gateway API listener (and hostname) whose service is a *gateway service*
+  (``role="gateway"``): a host with no endpoints of its own whose routes are
+  the attached HTTPRoutes' rules, so a gateway connection is routed in two
+  steps (listener and Host → gateway service → its first matching route).
 
 :meth:`RouteTable.decide` walks the destination host's routes; the first route
 whose match accepts the request picks one destination *at random by weight*
@@ -36,6 +40,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -159,6 +164,9 @@ class Service:
     addresses: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     resolution: str = "STATIC"
+    # "gateway": a Gateway API listener's routes (no endpoints, no names, no VIP;
+    # reached only through an ingress path). See the module docstring.
+    role: Literal["service", "gateway"] = "service"
 
     @classmethod
     def create(
@@ -214,6 +222,7 @@ class Service:
             "aliases": list(self.aliases),
             "addresses": list(self.addresses),
             "resolution": self.resolution,
+            "role": self.role,
             "ports": [p.to_json() for p in self.ports],
             "endpoints": {
                 str(number): [ep.to_json() for ep in eps] for number, eps in self.port_endpoints
@@ -221,12 +230,16 @@ class Service:
         }
 
 
-MatchKind = Literal["exact", "prefix", "regex"]
+MatchKind = Literal["exact", "prefix", "regex", "path_prefix"]
 
 
 @dataclass(frozen=True)
 class StringMatch:
-    """Istio's StringMatch. ``regex`` must match the whole value (Envoy semantics)."""
+    """Istio's StringMatch. ``regex`` must match the whole value (Envoy semantics).
+
+    ``path_prefix`` is the Gateway API's PathPrefix: whole path elements, a
+    trailing ``/`` ignored (``/a`` matches ``/a`` and ``/a/b``, not ``/ab``).
+    """
 
     kind: MatchKind
     value: str
@@ -243,6 +256,9 @@ class StringMatch:
             return s == self.value
         if self.kind == "prefix":
             return s.startswith(self.value)
+        if self.kind == "path_prefix":
+            base = self.value.rstrip("/")
+            return s == base or s.startswith(base + "/")
         assert self._pattern is not None
         return self._pattern.fullmatch(s) is not None
 
@@ -265,6 +281,18 @@ class Request:
             object.__setattr__(self, "headers", {k.lower(): v for k, v in self.headers.items()})
 
 
+def _query_params(target: str) -> dict[str, str]:
+    """The request target's query parameters, first value of each name, decoded."""
+    q = target.find("?")
+    if q == -1:
+        return {}
+    query = target[q + 1 :].split("#", 1)[0]
+    out: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        out.setdefault(name, value)
+    return out
+
+
 def _strip_query(path: str) -> str:
     cut = len(path)
     for sep in "?#":
@@ -285,11 +313,16 @@ class Match:
     headers: tuple[tuple[str, StringMatch], ...] = ()
     source_labels: Labels = NO_LABELS
     port: int | None = None
+    # Query parameters (Gateway API): name (exact, case-sensitive) → match of
+    # its first value in the request target's query.
+    query: tuple[tuple[str, StringMatch], ...] = ()
 
     @property
     def needs_request(self) -> bool:
         """True if this block looks at the HTTP request (so never matches raw TCP)."""
-        return bool(self.uri or self.scheme or self.method or self.authority or self.headers)
+        return bool(
+            self.uri or self.scheme or self.method or self.authority or self.headers or self.query
+        )
 
     def matches(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if self.port is not None and self.port != port:
@@ -305,6 +338,10 @@ class Match:
             # a prefix against the whole :path.
             path = request.path if self.uri.kind == "prefix" else _strip_query(request.path)
             if not self.uri.matches(path):
+                return False
+        if self.query:
+            params = _query_params(request.path)
+            if not all(m.matches(params.get(name)) for name, m in self.query):
                 return False
         if self.scheme is not None and not self.scheme.matches(request.scheme):
             return False
@@ -322,6 +359,8 @@ class Match:
                 out[key] = m.to_json()
         if self.headers:
             out["headers"] = {name: m.to_json() for name, m in self.headers}
+        if self.query:
+            out["query"] = {name: m.to_json() for name, m in self.query}
         if self.source_labels:
             out["source_labels"] = dict(self.source_labels)
         if self.port is not None:
@@ -366,6 +405,13 @@ class Route:
     destinations: tuple[Destination, ...]
     matches: tuple[Match, ...] = ()
     protocol: Literal["http", "tcp"] = "http"
+    # The answer when the chosen destination has no endpoint at all (its host is
+    # not in the registry, or its name resolved to no address), or when the
+    # route has no destination (a Gateway API rule whose weights are all 0).
+    # Istio answers 503; the Gateway API says 500 for an unresolved backend.
+    # Not part of equality: it is each API's convention for the same routing,
+    # and an HTTPRoute and the equivalent VirtualService must compare equal.
+    unresolved_status: int = field(default=503, compare=False)
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -378,6 +424,7 @@ class Route:
             "protocol": self.protocol,
             "match": [m.to_json() for m in self.matches],
             "route": [d.to_json() for d in self.destinations],
+            "unresolved_status": self.unresolved_status,
         }
 
 
@@ -399,6 +446,8 @@ class IngressPath:
     path_type: PathType
     service: str
     port: int | str
+    # Gateway API listeners: only connections to this local port (None: any).
+    listener_port: int | None = None
 
     def matches_path(self, path: str) -> bool:
         if self.path_type == "Default":
@@ -418,6 +467,7 @@ class IngressPath:
             "path_type": self.path_type,
             "service": self.service,
             "port": self.port,
+            "listener_port": self.listener_port,
         }
 
 
@@ -427,13 +477,15 @@ class Decision:
 
     ``endpoints`` is the order to try: the load balancer's pick first, then the
     rest of the subset for a retry on connect failure. Empty means nothing can
-    serve it (the proxy answers 503).
+    serve it: the proxy answers ``status`` (503; 500 for a Gateway API backend
+    that resolves to nothing).
     """
 
     service: Service
     route: str
     subset: str
     endpoints: list[Endpoint]
+    status: int = 503
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -502,6 +554,8 @@ class RouteTable:
         self._by_address: dict[str, Service] = {}
         self._by_network: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
         for svc in self._services.values():
+            if svc.role == "gateway":
+                continue  # reached only through its ingress paths
             for name in (svc.host, *svc.aliases):
                 self._by_name.setdefault(name.lower(), svc)
             for addr in svc.addresses:
@@ -516,7 +570,11 @@ class RouteTable:
                     if norm is not None:
                         self._by_address.setdefault(norm, svc)
         self._http_ports = frozenset(
-            p.number for svc in self._services.values() for p in svc.ports if p.is_http
+            p.number
+            for svc in self._services.values()
+            if svc.role == "service"
+            for p in svc.ports
+            if p.is_http
         )
         # Routes in the order tried: L7 routes first for a parsed request,
         # L4 routes first for a raw connection; either kind can serve both.
@@ -635,15 +693,18 @@ class RouteTable:
         for route in self._order.get((service.host, request is not None), ()):
             if not route.applies(port, request, source_labels):
                 continue
+            status = route.unresolved_status
+            if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
+                return Decision(service, route.name, "none", [], status)
             dest = self._pick(route.destinations)
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:
-                return Decision(service, route.name, dest.subset.name, [])
+                return Decision(service, route.name, dest.subset.name, [], status)
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
             ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
-            return Decision(target, route.name, dest.subset.name, ordered)
+            return Decision(target, route.name, dest.subset.name, ordered, status)
         eps = service.endpoints_for(port)
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
@@ -711,19 +772,25 @@ class RouteTable:
 
     # -- gateway mode -------------------------------------------------------
 
-    def ingress(self, host: str | None, path: str) -> tuple[Service, ServicePort] | None:
+    def ingress(
+        self, host: str | None, path: str, port: int | None = None
+    ) -> tuple[Service, ServicePort] | None:
         """Gateway mode: the Ingress backend for *host* (Host header) and *path*.
 
         The most specific host wins (exact, then ``*.suffix``, then rules
         without host); within it Exact paths are tried first, then prefixes
         longest first; then the default backend. None: no route, or the
-        backend service is not in the registry.
+        backend service is not in the registry. *port* is the local port the
+        connection arrived on: paths of a Gateway listener on another port are
+        skipped (None: none is).
         """
         name = None if not host else _split_host_port(host)[0]
         path = _strip_query(path) or "/"
         groups: list[list[IngressPath]] = [[], [], []]
         default: IngressPath | None = None
         for ip in self._ingress:
+            if ip.listener_port is not None and port is not None and ip.listener_port != port:
+                continue
             if ip.path_type == "Default":
                 default = default or ip
             elif ip.host is None:

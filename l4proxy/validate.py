@@ -36,7 +36,8 @@ route table too.
 Kinds read: RouteRule (config.istio.io/v1alpha2), VirtualService and
 DestinationRule (networking.istio.io/v1alpha3, v1beta1), ServiceEntry (the
 service registry: hosts, VIP addresses, ports, endpoints with labels) and
-Ingress (extensions/v1beta1, networking.k8s.io/v1). Kubernetes objects
+Ingress (extensions/v1beta1, networking.k8s.io/v1), HTTPRoute and Gateway
+(gateway.networking.k8s.io/v1, v1beta1). Kubernetes objects
 (Deployment, Service, ...) are skipped, so one manifest file can hold both.
 """
 
@@ -160,6 +161,9 @@ def _describe_match(m: dict[str, Any]) -> str:
     for name, sm in m.get("headers", {}).items():
         ((kind, value),) = sm.items()
         parts.append(f"header {name} {kind} {value!r}")
+    for name, sm in m.get("query", {}).items():
+        ((kind, value),) = sm.items()
+        parts.append(f"query {name} {kind} {value!r}")
     if "source_labels" in m:
         parts.append(f"caller {_labels(m['source_labels'])}")
     if "port" in m:
@@ -173,11 +177,20 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
         when = " or ".join(_describe_match(m) for m in r["match"]) or "any request"
         proto = " (tcp)" if r["protocol"] == "tcp" else ""
         lines.append(f"{indent}{i}. {r['name']}{proto}: {when}")
+        total = sum(d["weight"] for d in r["route"])
         for d in r["route"]:
             port = f" port {d['port']}" if d["port"] is not None else ""
+            share = 100 * d["weight"] / total if total else 0.0
+            pct = f"{share:>3.0f}%" if share == int(share) else f"{share:>5.1f}%"
             lines.append(
-                f"{indent}     {d['weight']:>3}%  {d['host']}{port} subset {d['subset']} "
+                f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
                 f"({_labels(d['labels'])}; {d['load_balancer']})"
+            )
+        if not r["route"]:
+            lines.append(f"{indent}     no backend: answered {r['unresolved_status']}")
+        elif r.get("unresolved_status", 503) != 503:
+            lines.append(
+                f"{indent}     (a backend without endpoints is answered {r['unresolved_status']})"
             )
     return lines
 
@@ -188,6 +201,13 @@ def format_table(t: dict[str, Any]) -> str:
     known = set()
     for s in t["services"]:
         known.add(s["host"])
+        if s.get("role") == "gateway":
+            ports = ", ".join(str(p["number"]) for p in s["ports"])
+            lines.append(f"  gateway listener {s['host']} (local port {ports})")
+            lines.append("    routes, first match wins:")
+            lines.extend(_format_routes(t["routes"].get(s["host"], []), "      "))
+            lines.append("      otherwise: 404")
+            continue
         also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
         lines.append(f"  service {s['host']}{also}")
         addrs = ", ".join(s["addresses"]) or "none"
@@ -220,6 +240,9 @@ def format_table(t: dict[str, Any]) -> str:
                 if p["path_type"] == "Default"
                 else (f"{p['path'] or '/'} ({p['path_type']})")
             )
+            if p.get("listener_port") is not None:
+                lines.append(f"    {host} port {p['listener_port']} -> {p['service']}")
+                continue
             lines.append(f"    {host} {where} -> {p['service']}:{p['port']}  [{p['name']}]")
     if len(lines) == 1:
         lines.append("  empty")

@@ -135,6 +135,7 @@ REASONS = {
     404: "Not Found",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
@@ -360,7 +361,7 @@ class Worker:
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         table = self.rules.state.table  # one table for the whole decision
         if lst.mode == "gateway":
-            return await self._gateway(conn, table)
+            return await self._gateway(conn, table, lst.address[1])
 
         dst = original_destination(conn)
         if dst is None or self._is_self(dst):
@@ -401,12 +402,14 @@ class Worker:
         return await self._route(conn, table, service, port, head, pending)
 
     async def _gateway(
-        self, conn: socket.socket, table: RouteTable
+        self, conn: socket.socket, table: RouteTable, lst_port: int
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         head, pending = await self._peek(conn)
         if head is None:
             raise Refused("gateway_not_http", 400, "bad request")
-        found = table.ingress(head.host, head.path)
+        # -- issue 14 (HTTPRoute): Gateway listeners are told apart by local port --
+        found = table.ingress(head.host, head.path, lst_port)
+        # -- end issue 14 --
         if found is None:
             raise Refused("no_ingress_route", 404, "no route")
         service, port = found
@@ -452,6 +455,14 @@ class Worker:
                 decision.subset,
                 [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
             )
+        # -- issue 14 (HTTPRoute): a backend that resolves to nothing answers 500 --
+        if not decision.endpoints and decision.status != 503:
+            raise Refused(
+                "unresolved_backend",
+                decision.status if head is not None else None,
+                "backend not resolved",
+            )
+        # -- end issue 14 --
         for ep in decision.endpoints[:MAX_ATTEMPTS]:
             up = await self._connect(
                 (ep.address, ep.port), ep, decision.service, http=head is not None

@@ -175,3 +175,20 @@ def test_bar_rendering() -> None:
     assert demo.bar(100.0) == "█" * 25
     assert demo.bar(0.0) == " " * 25
     assert demo.bar(66.0).rstrip() == "████████████████▌"
+
+
+def test_demo_api_gateway_replays_the_steps_with_httproutes(tmp_path: object) -> None:
+    """--api gateway: HTTPRoutes on the mesh path (Service parentRef) and the
+    gateway path (a Gateway), the same five steps within the same bounds."""
+    out_json = os.path.join(str(tmp_path), "demo.json")
+    for _ in range(20):  # the demo's namespace names are fixed: wait for another run
+        r = _run_cli("--api", "gateway", "--requests", "90", "--json", out_json)
+        if not (r.returncode == 2 and "exists: a demo is running" in r.stderr):
+            break
+        time.sleep(3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "gateway-api" in r.stdout
+    assert "HTTPRoute from httproute-50-v2.yaml: bootcamp-v1 50, bootcamp-v2 50" in r.stdout
+    assert "HTTPRoute from httproute-base.yaml: no traffic shifting" in r.stdout
+    with open(out_json) as f:
+        _check(json.load(f), 90)

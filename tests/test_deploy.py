@@ -289,3 +289,24 @@ def test_readiness_probe_script(admin: http.server.HTTPServer) -> None:
     assert os.access(DEPLOY / "l4proxy-ready", os.X_OK)
     first = (DEPLOY / "l4proxy-ready").read_text().splitlines()[0]
     assert first == "#!/usr/local/bin/python3 -IS"  # python:3.11-slim's interpreter
+
+
+def test_gateway_api_variant_rules_compile(tmp_path: Path) -> None:
+    """deploy/kubernetes/bootcamp-gateway-api: its ConfigMap loads as the sidecar
+    loads it; each backend is the DNS endpoint of its headless Service."""
+    objs = kustomize(K8S / "bootcamp-gateway-api")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert sorted(cm["data"]) == ["gateway.yaml", "httproute.yaml", "registry.yaml"]
+    for name, body in cm["data"].items():
+        (tmp_path / name).write_text(body)
+    table = load_rules([str(tmp_path)], namespace="default").table
+    (route,) = table.routes_for("bootcamp.default.svc.cluster.local")
+    assert [(d.subset.name, dict(d.subset.labels), d.weight) for d in route.destinations] == [
+        ("bootcamp-v1", {"app": "bootcamp", "version": "v1"}, 50),
+        ("bootcamp-v2", {"app": "bootcamp", "version": "v2"}, 50),
+    ]
+    hit = table.ingress(None, "/bootcamp", 8080)  # the gateway Deployment's --listen port
+    assert hit is not None and hit[0].role == "gateway"
+    assert _ids([o for o in objs if o["kind"] == "Deployment"]) == _ids(
+        [o for o in kustomize(BOOTCAMP) if o["kind"] == "Deployment"]
+    )

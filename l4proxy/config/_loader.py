@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.config import _ingress, _networking, _routerule
+from l4proxy.config import _gateway_api, _ingress, _networking, _routerule
 from l4proxy.config._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
 from l4proxy.config._objects import Env, fqdn
 from l4proxy.config._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
@@ -36,13 +36,22 @@ from l4proxy.config._yaml import (
 from l4proxy.routing import RouteTable
 
 RULE_SUFFIXES = (".yaml", ".yml", ".json")
-RULE_KINDS = ("RouteRule", "VirtualService", "DestinationRule", "ServiceEntry", "Ingress")
+RULE_KINDS = (
+    "RouteRule",
+    "VirtualService",
+    "DestinationRule",
+    "ServiceEntry",
+    "Ingress",
+    "HTTPRoute",
+    "Gateway",
+)
 
 # Istio kinds we know but do not implement, with what to use instead.
 _ISTIO_UNIMPLEMENTED = {
     "DestinationPolicy": "use a DestinationRule with trafficPolicy.loadBalancer",
     "EgressRule": "describe the external service with a ServiceEntry",
-    "Gateway": "use an Ingress for gateway mode",
+    "Gateway": "use a Gateway API Gateway (gateway.networking.k8s.io/v1) with HTTPRoutes, "
+    "or an Ingress, for gateway mode",
     "Sidecar": "",
     "EnvoyFilter": "",
     "WorkloadEntry": "list the workload as a ServiceEntry endpoint",
@@ -205,7 +214,19 @@ def _read_object(
     name = meta.get("name") if isinstance(meta, dict) else None
     ns = meta.get("namespace") if isinstance(meta, dict) else None
     group = api.rsplit("/", 1)[0] if "/" in api else ""
-    if kind not in RULE_KINDS or (kind == "Ingress" and api not in _ingress.API_VERSIONS):
+    if group == _gateway_api.GROUP and kind not in ("HTTPRoute", "Gateway"):
+        ctx.error(
+            ("kind",),
+            f"kind {kind} ({api}) is not implemented by l4proxy; of the Gateway API it "
+            "reads HTTPRoute and Gateway",
+        )
+        return
+    gateway_kind = kind in ("HTTPRoute", "Gateway")
+    if (
+        kind not in RULE_KINDS
+        or (kind == "Ingress" and api not in _ingress.API_VERSIONS)
+        or (gateway_kind and group != _gateway_api.GROUP)
+    ):
         if group in _K8S_GROUPS or group.endswith(".k8s.io"):
             shown = name if isinstance(name, str) else "(unnamed)"
             ctx.name = shown
@@ -243,6 +264,8 @@ def _read_object(
     versions = {
         "RouteRule": _routerule.API_VERSIONS,
         "Ingress": _ingress.API_VERSIONS,
+        "HTTPRoute": _gateway_api.API_VERSIONS,
+        "Gateway": _gateway_api.API_VERSIONS,
     }.get(kind, _networking.API_VERSIONS)
     if api not in versions:
         ctx.error(
@@ -293,5 +316,13 @@ def _read_object(
             drafts.policies.append(dr)
     elif kind == "ServiceEntry":
         drafts.services.extend(_networking.read_service_entry(ctx, value, env) or [])
+    elif kind == "HTTPRoute":
+        hr = _gateway_api.read_http_route(ctx, value, env)
+        if hr is not None:
+            drafts.http_routes.append(hr)
+    elif kind == "Gateway":
+        gw = _gateway_api.read_gateway(ctx, value, env)
+        if gw is not None:
+            drafts.gateways.append(gw)
     else:
         drafts.ingress.extend(_ingress.read_ingress(ctx, value, env, api) or [])

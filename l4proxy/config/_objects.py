@@ -150,3 +150,69 @@ def weights(ctx: Ctx, entries: list[tuple[Any, Path]], path: Path) -> list[int] 
         )
         return None
     return out
+
+
+# -- Gateway API (HTTPRoute, Gateway) -----------------------------------------
+
+
+@dataclass
+class ListenerDraft:
+    name: str
+    port: int
+    hostname: str | None  # lower case; ``*.example.com`` allowed
+    all_namespaces: bool  # allowedRoutes.namespaces.from: All (else Same)
+    where: Where
+
+
+@dataclass
+class GatewayDraft:
+    name: str
+    namespace: str
+    listeners: list[ListenerDraft]
+    where: Where
+
+
+@dataclass
+class ParentDraft:
+    kind: Literal["Service", "Gateway"]
+    name: str
+    namespace: str
+    port: int | None
+    section: str | None
+    where: Where
+
+
+@dataclass
+class BackendDraft:
+    host: str  # FQDN of the backend Service
+    name: str
+    port: int
+    weight: int
+    where: Where
+
+
+@dataclass
+class HttpMatchDraft:
+    match: Match
+    # Gateway API precedence, smaller first: path kind (Exact, PathPrefix,
+    # RegularExpression, PathPrefix /), longer path first, method given first, more headers
+    # first, more query parameters first.
+    rank: tuple[int, int, int, int, int]
+
+
+@dataclass
+class HttpRuleDraft:
+    name: str  # the compiled route's name
+    matches: list[HttpMatchDraft]  # empty: every request
+    backends: list[BackendDraft]
+    where: Where
+
+
+@dataclass
+class HttpRouteDraft:
+    name: str
+    namespace: str
+    parents: list[ParentDraft]
+    hostnames: list[str]
+    rules: list[HttpRuleDraft]
+    where: Where

@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from l4proxy.config._gateway_api import Compiler
 from l4proxy.config._objects import (
     DestinationDraft,
     Env,
+    GatewayDraft,
+    HttpRouteDraft,
     IngressDraft,
     PolicyDraft,
     RuleDraft,
@@ -33,6 +36,8 @@ class Drafts:
     policies: list[PolicyDraft] = field(default_factory=list)
     services: list[ServiceDraft] = field(default_factory=list)
     ingress: list[IngressDraft] = field(default_factory=list)
+    http_routes: list[HttpRouteDraft] = field(default_factory=list)
+    gateways: list[GatewayDraft] = field(default_factory=list)
     # FQDNs of skipped Kubernetes Services, for a better "no ServiceEntry" hint.
     k8s_services: set[str] = field(default_factory=set)
 
@@ -54,11 +59,15 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     policies = _policies(d, services)
     routes = _routes(d, env, services, policies)
     _check_ingress(d, services)
+    routed = {h: r.where for r in d.rules for h in r.hosts}
+    gateway_api = Compiler(services, policies, routed, env)
+    gateway_api.compile(d.http_routes, d.gateways)
+    routes.update(gateway_api.routes)
     return RouteTable(
-        services.values(),
+        [*services.values(), *gateway_api.gateway_services],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
-        ingress=[i.path for i in d.ingress],
+        ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
         namespace=env.namespace,
         domain=env.domain,
         seed=seed,

@@ -1,0 +1,240 @@
+"""``l4proxy create|replace|delete``: real files, and a real sidecar for --admin.
+
+Every refusal must leave the directory byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from l4proxy.cli import main
+from tests.mesh import L4PROXY, VIP, Mesh, binomial_ok, service_entry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "deploy", "examples", "gateway-api")
+REGISTRY = os.path.join(REPO, "tests", "data", "gateway-api", "registry-per-version.yaml")
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> Path:
+    d = tmp_path / "rules"
+    d.mkdir()
+    shutil.copy(REGISTRY, d / "registry.yaml")
+    shutil.copy(os.path.join(EXAMPLES, "gateway.yaml"), d / "gateway.yaml")
+    return d
+
+
+def l4(verb: str, f: str, d: Path, *extra: str) -> int:
+    return main([verb, "-f", f, "--rules", str(d), *extra])
+
+
+def ex(name: str) -> str:
+    return os.path.join(EXAMPLES, name)
+
+
+def test_create_replace_delete_round_trip(rules: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert l4("create", ex("httproute-all-v1.yaml"), rules) == 0
+    assert (rules / "httproute-all-v1.yaml").read_bytes() == Path(
+        ex("httproute-all-v1.yaml")
+    ).read_bytes()
+    # replace keeps the file's name and takes the new text
+    assert l4("replace", ex("httproute-50-v2.yaml"), rules) == 0
+    assert (rules / "httproute-all-v1.yaml").read_bytes() == Path(
+        ex("httproute-50-v2.yaml")
+    ).read_bytes()
+    assert l4("delete", ex("httproute-all-v2.yaml"), rules) == 0
+    assert sorted(snapshot(rules)) == ["gateway.yaml", "registry.yaml"]
+    assert not [n for n in os.listdir(rules) if n.endswith(".tmp")]
+
+
+def test_create_refuses_an_existing_object(rules: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert l4("create", ex("httproute-all-v1.yaml"), rules) == 0
+    before = snapshot(rules)
+    capsys.readouterr()
+    assert l4("create", ex("httproute-50-v2.yaml"), rules) == 1
+    assert "HTTPRoute default/bootcamp already exists in" in capsys.readouterr().err
+    assert snapshot(rules) == before
+
+
+@pytest.mark.parametrize("verb", ["replace", "delete"])
+def test_replace_and_delete_need_the_objects(
+    rules: Path, verb: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(rules)
+    assert l4(verb, ex("httproute-50-v2.yaml"), rules) == 1
+    assert "HTTPRoute default/bootcamp is not in" in capsys.readouterr().err
+    assert snapshot(rules) == before
+
+
+def test_a_create_that_makes_the_directory_invalid_changes_nothing(
+    rules: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        Path(ex("httproute-50-v2.yaml")).read_text().replace("weight: 50", "weight: 2000000", 1)
+    )
+    before = snapshot(rules)
+    assert l4("create", str(bad), rules) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:20: HTTPRoute bootcamp: weight 2000000 is not in range 0..1000000" in err
+    assert "nothing changed" in err
+    assert snapshot(rules) == before
+
+
+def test_a_duplicate_name_in_another_file_is_refused(
+    rules: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Same HTTPRoute name as an installed one, but create checks by object:
+    # a second Gateway named like the first is a duplicate.
+    dup = tmp_path / "gateway2.yaml"
+    dup.write_text(Path(ex("gateway.yaml")).read_text())
+    before = snapshot(rules)
+    assert l4("create", str(dup), rules) == 1
+    assert "Gateway default/bootcamp-gateway already exists" in capsys.readouterr().err
+    assert snapshot(rules) == before
+
+
+def test_a_delete_that_leaves_a_dangling_parent_changes_nothing(
+    rules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert l4("create", ex("httproute-50-v2.yaml"), rules) == 0
+    before = snapshot(rules)
+    capsys.readouterr()
+    assert l4("delete", ex("gateway.yaml"), rules) == 1
+    assert "unknown parent: no Gateway default/bootcamp-gateway" in capsys.readouterr().err
+    assert snapshot(rules) == before
+
+
+def test_files_holding_other_objects_are_not_split(
+    rules: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    both = rules / "both.yaml"
+    both.write_text(
+        Path(ex("httproute-50-v2.yaml")).read_text()
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: other}\n"
+    )
+    before = snapshot(rules)
+    assert l4("delete", ex("httproute-50-v2.yaml"), rules) == 1
+    assert "also holds Service default/other" in capsys.readouterr().err
+    assert snapshot(rules) == before
+
+
+def test_unreadable_file_is_a_usage_error(rules: Path, tmp_path: Path) -> None:
+    assert l4("create", str(tmp_path / "nope.yaml"), rules) == 2
+    assert l4("create", ex("gateway.yaml"), tmp_path / "no-dir") == 2
+
+
+# -- with a live sidecar ----------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> None:
+    per_version = [
+        service_entry(
+            f"bootcamp-{v}",
+            f"198.19.0.{11 + i}",
+            8080,
+            [e for e in mesh.endpoints() if e[1]["version"] == v],
+        )
+        for i, v in enumerate(("v1", "v2"))
+    ]
+    mesh.write_rules(Path(ex("gateway.yaml")).read_text(), name="gateway.yaml")
+    mesh.start("compiled-uvloop", *per_version)
+    assert mesh.client is not None and mesh.sidecar is not None
+    d = mesh.rules_dir
+    step = mesh.client.run(
+        [
+            L4PROXY,
+            "create",
+            "-f",
+            ex("httproute-all-v1.yaml"),
+            "--rules",
+            d,
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+        check=False,
+    )
+    assert step.returncode == 0, step.stderr
+    assert "live: 127.0.0.1:15000 serves rules generation" in step.stdout
+    versions, _, failures = mesh.split(n=60)
+    assert (versions["v1"], failures) == (60, [])
+    step = mesh.client.run(
+        [
+            L4PROXY,
+            "replace",
+            "-f",
+            ex("httproute-50-v2.yaml"),
+            "--rules",
+            d,
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+        check=False,
+    )
+    assert step.returncode == 0, step.stderr
+    versions, _, failures = mesh.split(n=200)
+    assert not failures and binomial_ok(versions["v2"], 200, 0.5), versions
+    # A refused change leaves the sidecar on its generation: nothing to wait for.
+    gen = mesh.sidecar.stat("l4proxy_rules_generation")
+    step = mesh.client.run(
+        [L4PROXY, "delete", "-f", ex("gateway.yaml"), "--rules", d, "--admin", "127.0.0.1:15000"],
+        check=False,
+    )
+    assert step.returncode == 1 and "nothing changed" in step.stderr
+    assert mesh.sidecar.stat("l4proxy_rules_generation") == gen
+
+
+@pytest.mark.netns
+def test_admin_times_out_with_exit_3_when_the_sidecar_does_not_reload(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    mesh.start("compiled-uvloop")
+    assert mesh.client is not None
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    os.chmod(tmp_path, 0o755)
+    step = mesh.client.run(
+        [
+            L4PROXY,
+            "create",
+            "-f",
+            ex("gateway.yaml"),
+            "--rules",
+            str(other),
+            "--admin",
+            "127.0.0.1:15000",
+            "--timeout",
+            "0.5",
+        ],
+        check=False,
+    )
+    assert step.returncode == 3, step.stderr
+    assert "still serves generation" in step.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("impl", ["compiled-uvloop", "pure-asyncio"])
+def test_unresolved_backend_share_is_answered_500(mesh: Mesh, impl: str) -> None:
+    v1 = service_entry(
+        "bootcamp-v1", "198.19.0.11", 8080, [e for e in mesh.endpoints() if e[1]["version"] == "v1"]
+    )
+    route = Path(ex("httproute-50-v2.yaml")).read_text().replace("bootcamp-v2", "bootcamp-v3")
+    mesh.write_rules(Path(ex("gateway.yaml")).read_text(), name="gateway.yaml")
+    mesh.start(impl, v1, route)
+    assert mesh.sidecar is not None
+    lines = mesh.curl(f"http://{VIP}:8080/", 200)
+    codes = Counter(ln for ln in lines if ln.isdigit() and len(ln) == 3)
+    assert set(codes) == {"200", "500"}, codes
+    assert sum(codes.values()) == 200
+    assert binomial_ok(codes["500"], 200, 0.5), codes
+    assert mesh.sidecar.stat('l4proxy_refused_total{reason="unresolved_backend"}') == codes["500"]

@@ -1,0 +1,587 @@
+"""HTTPRoute and Gateway: errors with file:line, equal tables, precedence, weights.
+
+Rule files are loaded next to tests/data/gateway-api/registry-per-version.yaml
+(bootcamp, bootcamp-v1 ×2 pods, bootcamp-v2 ×1 pod) unless a case says
+otherwise; registry-dns.yaml is deploy/kubernetes's DNS registry.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from l4proxy.config import ConfigError, load_rules
+from l4proxy.routing import Request, RouteTable, StringMatch
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
+PER_VERSION = os.path.join(DATA, "registry-per-version.yaml")
+DNS = os.path.join(DATA, "registry-dns.yaml")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "deploy", "examples")
+
+HR = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: bootcamp
+spec:
+"""
+MESH = """\
+  parentRefs:
+  - {group: "", kind: Service, name: bootcamp}
+"""
+GW = """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: gw
+spec:
+  gatewayClassName: l4proxy
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> str:
+    f = tmp_path / name
+    f.write_text(textwrap.dedent(text))
+    return str(f)
+
+
+def load(tmp_path: Path, text: str, registry: str = PER_VERSION) -> RouteTable:
+    return load_rules([write(tmp_path, text), registry], seed=1).table
+
+
+def backends(*pairs: tuple[str, int | None]) -> str:
+    out = "    backendRefs:\n"
+    for name, w in pairs:
+        out += f"    - name: {name}\n      port: 8080\n"
+        if w is not None:
+            out += f"      weight: {w}\n"
+    return out
+
+
+# (case, rule file text, expected message part, expected line)
+CASES = [
+    (
+        "weight over 1,000,000",
+        HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1_000_001)).lstrip(),
+        "weight 1000001 is not in range 0..1000000",
+        12,
+    ),
+    (
+        "negative weight",
+        HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", -1)).lstrip(),
+        "weight -1 is not in range 0..1000000",
+        12,
+    ),
+    (
+        "unknown Gateway parent",
+        HR
+        + "  parentRefs:\n  - name: nowhere\n  rules:\n  - "
+        + backends(("bootcamp-v1", 1)).lstrip(),
+        "unknown parent: no Gateway default/nowhere in these files",
+        7,
+    ),
+    (
+        "parent of an unsupported kind",
+        HR + "  parentRefs:\n  - {group: apps, kind: Deployment, name: x}\n",
+        "parentRef Deployment (group 'apps') is not supported",
+        7,
+    ),
+    (
+        "every backend resolves to nothing",
+        HR + MESH + "  rules:\n  - " + backends(("bootcamp-v3", 1)).lstrip(),
+        "backendRef bootcamp-v3 resolves to nothing",
+        10,
+    ),
+    (
+        "duplicate names",
+        HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1)).lstrip() + "---\n" + HR + MESH,
+        "duplicate name: HTTPRoute default/bootcamp is already defined at",
+        17,
+    ),
+    (
+        "backend without a port",
+        HR + MESH + "  rules:\n  - backendRefs:\n    - name: bootcamp-v1\n",
+        "spec.rules[0].backendRefs[0].port is required for a Service backend",
+        10,
+    ),
+    (
+        "backend port not a port of its service",
+        HR + MESH + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, port: 9090}\n",
+        "port 9090 is not a port of bootcamp-v1.default.svc.cluster.local",
+        10,
+    ),
+    (
+        "filter refused by name",
+        HR
+        + MESH
+        + "  rules:\n  - filters:\n    - type: URLRewrite\n"
+        + backends(("bootcamp-v1", 1)),
+        "filter URLRewrite is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "mirror refused by name",
+        HR
+        + MESH
+        + "  rules:\n  - filters:\n    - type: RequestMirror\n"
+        + backends(("bootcamp-v1", 1)),
+        "filter RequestMirror is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "timeouts refused by name",
+        HR + MESH + "  rules:\n  - timeouts: {request: 1s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].timeouts is not implemented by l4proxy",
+        9,
+    ),
+    (
+        "backendRef filters refused by name",
+        HR
+        + MESH
+        + "  rules:\n  - backendRefs:\n    - name: bootcamp-v1\n      port: 8080\n"
+        + "      filters: []\n",
+        "spec.rules[0].backendRefs[0].filters is not implemented by l4proxy",
+        12,
+    ),
+    (
+        "backend of another kind",
+        HR + MESH + "  rules:\n  - backendRefs:\n    - {kind: ServiceImport, name: x, port: 1}\n",
+        "backendRef ServiceImport (group 'core') is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "cross-namespace backend",
+        HR
+        + MESH
+        + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, namespace: other, port: 8080}\n",
+        "needs a ReferenceGrant",
+        10,
+    ),
+    (
+        "bad path type",
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - path: {type: Suffix, value: /a}\n"
+        + backends(("bootcamp-v1", 1)),
+        "path type 'Suffix' is not one of Exact, PathPrefix, RegularExpression",
+        10,
+    ),
+    (
+        "bad method",
+        HR + MESH + "  rules:\n  - matches:\n    - method: FETCH\n" + backends(("bootcamp-v1", 1)),
+        "method 'FETCH' is not one of",
+        10,
+    ),
+    (
+        "header matched twice",
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - headers:\n      - {name: A, value: x}\n"
+        + "      - {name: a, value: y}\n"
+        + backends(("bootcamp-v1", 1)),
+        "a is matched twice in spec.rules[0].matches[0].headers",
+        12,
+    ),
+    (
+        "Gateway listener protocol HTTPS",
+        GW.replace("protocol: HTTP}", "protocol: HTTPS}"),
+        "listener protocol HTTPS is not implemented by l4proxy",
+        9,
+    ),
+    (
+        "Gateway listener TLS",
+        GW.replace("protocol: HTTP}", "protocol: HTTP, tls: {}}"),
+        "spec.listeners[0].tls is not implemented by l4proxy",
+        9,
+    ),
+    (
+        "route attaches to no listener (hostnames)",
+        GW.replace("protocol: HTTP}", "protocol: HTTP, hostname: a.example}")
+        + "---\n"
+        + HR
+        + "  parentRefs: [{name: gw}]\n  hostnames: [b.example]\n  rules:\n  - "
+        + backends(("bootcamp-v1", 1)).lstrip(),
+        "attaches to no listener of Gateway gw: its hostnames match none",
+        16,
+    ),
+    (
+        "listener section that does not exist",
+        GW
+        + "---\n"
+        + HR
+        + "  parentRefs: [{name: gw, sectionName: https}]\n  rules:\n  - "
+        + backends(("bootcamp-v1", 1)).lstrip(),
+        "Gateway gw has no listener named https (listeners: http:80)",
+        16,
+    ),
+    (
+        "another Gateway API kind",
+        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: x}\n",
+        "kind TCPRoute (gateway.networking.k8s.io/v1alpha2) is not implemented",
+        2,
+    ),
+    (
+        "host routed by a VirtualService too",
+        HR
+        + MESH
+        + "  rules:\n  - "
+        + backends(("bootcamp-v1", 1)).lstrip()
+        + "---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\n"
+        + "metadata: {name: bootcamp}\nspec:\n  hosts: [bootcamp]\n"
+        + "  http:\n  - route:\n    - destination: {host: bootcamp}\n",
+        "is already routed by VirtualService bootcamp",
+        7,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_errors_name_file_and_line(tmp_path: Path, text: str, message: str, line: int) -> None:
+    f = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    errs = [e for e in info.value.errors if message in e.message]
+    assert errs, f"no error containing {message!r} in:\n{info.value}"
+    assert errs[0].file == f
+    assert errs[0].line == line, str(errs[0])
+
+
+# -- equal tables ---------------------------------------------------------------
+
+HR_CANARY = (
+    HR
+    + MESH
+    + """\
+  rules:
+  - matches:
+    - headers:
+      - {name: End-User, value: jason}
+    backendRefs:
+    - {name: bootcamp-v2, port: 8080}
+  - backendRefs:
+    - {name: bootcamp-v1, port: 8080, weight: 1}
+    - {name: bootcamp-v2, port: 8080, weight: 1}
+"""
+)
+
+
+def test_httproute_equals_virtualservice_per_version_services(tmp_path: Path) -> None:
+    vs = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - match:
+        - headers: {end-user: {exact: jason}}
+        route:
+        - destination: {host: bootcamp-v2, port: {number: 8080}}
+      - route:
+        - destination: {host: bootcamp-v1, port: {number: 8080}}
+          weight: 50
+        - destination: {host: bootcamp-v2, port: {number: 8080}}
+          weight: 50
+    """
+    a = load(tmp_path, HR_CANARY)
+    b = load_rules([write(tmp_path, vs, "vs.yaml"), PER_VERSION], seed=1).table
+    assert a == b
+    assert [r.unresolved_status for r in a.routes_for("bootcamp.default.svc.cluster.local")] == [
+        500,
+        500,
+    ]
+
+
+def test_httproute_equals_virtualservice_and_destinationrule_dns_registry(
+    tmp_path: Path,
+) -> None:
+    vs_dr = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - match:
+        - headers: {end-user: {exact: jason}}
+        route:
+        - destination: {host: bootcamp, subset: bootcamp-v2, port: {number: 8080}}
+      - route:
+        - destination: {host: bootcamp, subset: bootcamp-v1, port: {number: 8080}}
+          weight: 50
+        - destination: {host: bootcamp, subset: bootcamp-v2, port: {number: 8080}}
+          weight: 50
+    ---
+    apiVersion: networking.istio.io/v1beta1
+    kind: DestinationRule
+    metadata: {name: bootcamp}
+    spec:
+      host: bootcamp
+      subsets:
+      - {name: bootcamp-v1, labels: {app: bootcamp, version: v1}}
+      - {name: bootcamp-v2, labels: {app: bootcamp, version: v2}}
+    """
+    a = load(tmp_path, HR_CANARY, DNS)
+    b = load_rules([write(tmp_path, vs_dr, "vs.yaml"), DNS], seed=1).table
+    assert a == b
+
+
+def test_dns_backend_whose_labels_select_other_endpoints_is_refused(tmp_path: Path) -> None:
+    reg = write(
+        tmp_path,
+        Path(DNS).read_text().replace("version: v2}", "version: v1}"),
+        "reg.yaml",
+    )
+    f = write(tmp_path, HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1)).lstrip())
+    with pytest.raises(ConfigError, match=r"also select bootcamp-v2\.default\.svc\.cluster\.local"):
+        load_rules([f, reg])
+
+
+# -- precedence -----------------------------------------------------------------
+
+
+def test_precedence_follows_the_api_not_list_order(tmp_path: Path) -> None:
+    def rule(match: str, backend: str) -> str:
+        return f"  - matches:\n{textwrap.indent(match, '    ')}" + backends((backend, 1))
+
+    text = (
+        HR.replace("name: bootcamp", "name: b-second")
+        + MESH
+        + "  rules:\n"
+        + rule("- {}\n", "bootcamp-v1")  # PathPrefix / (the default)
+        + rule("- queryParams: [{name: q, value: '1'}]\n", "bootcamp-v1")
+        + rule("- headers: [{name: x, value: '1'}]\n", "bootcamp-v1")
+        + rule("- headers: [{name: x, value: '1'}, {name: y, value: '1'}]\n", "bootcamp-v1")
+        + rule("- method: POST\n", "bootcamp-v1")
+        + rule("- path: {type: RegularExpression, value: /r.*}\n", "bootcamp-v1")
+        + rule("- path: {type: PathPrefix, value: /a}\n", "bootcamp-v1")
+        + rule("- path: {type: PathPrefix, value: /a/b/}\n", "bootcamp-v1")
+        + rule("- path: {type: Exact, value: /a}\n", "bootcamp-v1")
+        + "---\n"
+        + HR.replace("name: bootcamp", "name: a-first")
+        + MESH
+        + "  rules:\n"
+        + rule("- path: {type: Exact, value: /a}\n", "bootcamp-v2")
+    )
+    table = load(tmp_path, text)
+    names = [r.name for r in table.routes_for("bootcamp.default.svc.cluster.local")]
+    assert names == [
+        "a-first",  # Exact /a, tie with b-second[8] broken by namespace/name
+        "b-second[8]",  # Exact
+        "b-second[7]",  # PathPrefix /a/b (longer)
+        "b-second[6]",  # PathPrefix /a
+        "b-second[5]",  # RegularExpression
+        "b-second[4]",  # method
+        "b-second[3]",  # 2 headers
+        "b-second[2]",  # 1 header
+        "b-second[1]",  # 1 query parameter
+        "b-second[0]",  # nothing but PathPrefix /
+    ]
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+
+    def route_of(req: Request) -> str:
+        return table.decide(svc, 8080, req).route
+
+    assert route_of(Request(path="/a")) == "a-first"
+    assert route_of(Request(path="/a/b/c")) == "b-second[7]"
+    assert route_of(Request(path="/ab")) == "b-second[0]"  # PathPrefix is per element
+    assert route_of(Request(path="/a/x")) == "b-second[6]"
+    assert route_of(Request(path="/rst")) == "b-second[5]"
+    assert route_of(Request(method="POST", path="/z")) == "b-second[4]"
+    assert route_of(Request(path="/z", headers={"X": "1", "y": "1"})) == "b-second[3]"
+    assert route_of(Request(path="/z", headers={"x": "1"})) == "b-second[2]"
+    assert route_of(Request(path="/z?p=0&q=1&q=2")) == "b-second[1]"
+    assert route_of(Request(path="/z?q=2&q=1")) == "b-second[0]"  # the first q counts
+
+
+def test_matches_of_one_rule_are_ored_and_merge_into_one_route(tmp_path: Path) -> None:
+    text = (
+        HR
+        + MESH
+        + """\
+  rules:
+  - matches:
+    - path: {type: Exact, value: /v2}
+    - headers: [{name: end-user, value: jason}]
+"""
+        + backends(("bootcamp-v2", 1))
+    )
+    table = load(tmp_path, text)
+    (route,) = table.routes_for("bootcamp.default.svc.cluster.local")
+    assert len(route.matches) == 2
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    for req in (Request(path="/v2"), Request(path="/", headers={"end-user": "jason"})):
+        assert table.decide(svc, 8080, req).route == "bootcamp"
+    assert table.decide(svc, 8080, Request(path="/")).route == "default"
+
+
+def test_path_prefix_matches_whole_elements() -> None:
+    m = StringMatch("path_prefix", "/a")
+    assert [m.matches(p) for p in ("/a", "/a/", "/a/b", "/ab", "/")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+# -- weights ----------------------------------------------------------------------
+
+
+def _weights(table: RouteTable) -> list[tuple[str, int]]:
+    (route,) = table.routes_for("bootcamp.default.svc.cluster.local")
+    return [(d.host.split(".")[0], d.weight) for d in route.destinations]
+
+
+@pytest.mark.parametrize(
+    ("given", "compiled"),
+    [
+        ([None, None], [("bootcamp-v1", 50), ("bootcamp-v2", 50)]),  # default 1 each
+        ([90, 10], [("bootcamp-v1", 90), ("bootcamp-v2", 10)]),
+        ([1, 3], [("bootcamp-v1", 25), ("bootcamp-v2", 75)]),
+        ([1, 2], [("bootcamp-v1", 1), ("bootcamp-v2", 2)]),  # 1/3 is not a whole percentage
+        ([100, 0], [("bootcamp-v1", 100)]),  # 0 means none
+        ([1_000_000, 1], [("bootcamp-v1", 1_000_000), ("bootcamp-v2", 1)]),
+    ],
+)
+def test_weights_are_proportional(
+    tmp_path: Path, given: list[int | None], compiled: list[tuple[str, int]]
+) -> None:
+    text = (
+        HR
+        + MESH
+        + "  rules:\n  - "
+        + backends(*zip(("bootcamp-v1", "bootcamp-v2"), given, strict=True)).lstrip()
+    )
+    assert _weights(load(tmp_path, text)) == compiled
+
+
+def test_weights_1_to_2_split_a_third(tmp_path: Path) -> None:
+    text = HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1), ("bootcamp-v2", 2)).lstrip()
+    table = load(tmp_path, text)
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    got = Counter(table.decide(svc, 8080, Request()).service.host for _ in range(3000))
+    assert 850 <= got["bootcamp-v1.default.svc.cluster.local"] <= 1150  # 1000 ± 5.8 sd
+
+
+def test_all_weights_zero_answer_500(tmp_path: Path) -> None:
+    text = HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 0), ("bootcamp-v2", 0)).lstrip()
+    result = load_rules([write(tmp_path, text), PER_VERSION])
+    assert any("answered 500" in d.message for d in result.notes)
+    table = result.table
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    d = table.decide(svc, 8080, Request())
+    assert (d.endpoints, d.status) == ([], 500)
+
+
+def test_unresolved_backend_warns_and_its_share_answers_500(tmp_path: Path) -> None:
+    text = HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1), ("bootcamp-v3", 1)).lstrip()
+    result = load_rules([write(tmp_path, text), PER_VERSION], seed=7)
+    (warning,) = [d for d in result.notes if "bootcamp-v3 resolves to nothing" in d.message]
+    assert warning.severity == "warning" and warning.line == 13
+    assert "its share (1 of 2) is answered 500" in warning.message
+    table = result.table
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    statuses = Counter()
+    for _ in range(400):
+        d = table.decide(svc, 8080, Request())
+        statuses[d.status if not d.endpoints else 200] += 1
+    assert set(statuses) == {200, 500}
+    assert 140 <= statuses[500] <= 260  # 200 ± 4 sd
+
+
+def test_query_params_match_the_first_value(tmp_path: Path) -> None:
+    text = (
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - queryParams:\n"
+        + "      - {name: canary, value: 'yes'}\n"
+        + "      - {type: RegularExpression, name: u, value: 'j.*'}\n"
+        + backends(("bootcamp-v2", 1))
+    )
+    table = load(tmp_path, text)
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    hits = [
+        table.decide(svc, 8080, Request(path=p)).route
+        for p in (
+            "/?canary=yes&u=jo",
+            "/x?u=jason&canary=yes#f",
+            "/?canary=no&u=jo",
+            "/?Canary=yes&u=j",
+        )
+    ]
+    assert hits == ["bootcamp", "bootcamp", "default", "default"]
+
+
+# -- the gateway path -------------------------------------------------------------
+
+
+def test_gateway_listener_routes_by_port_and_hostname(tmp_path: Path) -> None:
+    text = (
+        GW.replace(
+            "  - {name: http, port: 80, protocol: HTTP}\n",
+            "  - {name: http, port: 80, protocol: HTTP, hostname: '*.example.com'}\n"
+            "  - {name: alt, port: 8000, protocol: HTTP}\n",
+        )
+        + "---\n"
+        + HR
+        + "  parentRefs: [{name: gw, sectionName: http}]\n"
+        + "  hostnames: [bootcamp.example.com]\n"
+        + "  rules:\n  - matches: [{path: {type: Exact, value: /bootcamp}}]\n"
+        + backends(("bootcamp-v2", 1))
+    )
+    table = load(tmp_path, text)
+    hit = table.ingress("bootcamp.example.com:80", "/bootcamp?x=1", 80)
+    assert hit is not None
+    gsvc, gport = hit
+    assert gsvc.role == "gateway" and gport.number == 80
+    d = table.decide(gsvc, 80, Request(path="/bootcamp", authority="bootcamp.example.com"))
+    assert d.service.host == "bootcamp-v2.default.svc.cluster.local"
+    assert d.endpoints[0].address == "198.18.0.13"
+    # Not on another listener's port, not for another host; another path: no route.
+    assert table.ingress("bootcamp.example.com", "/bootcamp", 8000) is None
+    assert table.ingress("other.example.com", "/bootcamp", 80) is None
+    assert table.decide(gsvc, 80, Request(path="/x")).route == "default"
+    assert not table.is_http_port(80)  # a gateway listener makes no mesh port HTTP
+
+
+def test_examples_validate_with_the_compiled_table(tmp_path: Path) -> None:
+    from l4proxy import validate
+    from l4proxy.cli import build_parser
+
+    d = os.path.join(EXAMPLES, "gateway-api")
+    for step in ("all-v1", "50-v2", "all-v2"):
+        args = build_parser("validate").parse_args(
+            [
+                "validate",
+                "-v",
+                os.path.join(d, "gateway.yaml"),
+                os.path.join(d, "service.yaml"),
+                os.path.join(d, f"httproute-{step}.yaml"),
+                PER_VERSION,
+            ]
+        )
+        out = tmp_path / "out.txt"
+        with open(out, "w") as o, open(tmp_path / "err.txt", "w") as e:
+            assert validate.run(args, o, e) == 0, (tmp_path / "err.txt").read_text()
+        text = out.read_text()
+        assert "gateway listener gateway:default/bootcamp-gateway/http/*" in text
+        assert "1 HTTPRoute, 1 Gateway" in text
