@@ -57,7 +57,6 @@ from typing import Final, NamedTuple
 
 from l4proxy._peek_py import (
     DEFAULT_MAX_HEAD,
-    E_NO_COLON,
     MAX_CL_DIGITS,
     RequestHead,
     _header_line_error,
@@ -254,14 +253,67 @@ _C_DATA: Final = 5  # chunk data: skipped by count
 _C_DATA_CR: Final = 6  # after the data: need CR
 _C_DATA_LF: Final = 7  # ... then LF
 _C_TRAILER: Final = 8  # start of a trailer line, or CR of the final CRLF
-_C_TRAILER_LINE: Final = 9  # inside a trailer line, until CR
-_C_TRAILER_LF: Final = 10  # CR of a trailer line seen, need LF
-_C_END_LF: Final = 11  # CR of the final empty line seen, need LF
-_C_DONE: Final = 12
+_C_TNAME: Final = 9  # inside a trailer field name, until ":"
+_C_TVALUE: Final = 10  # inside a trailer field value, until CR
+_C_TLF: Final = 11  # CR of a trailer line seen, need LF
+_C_END_LF: Final = 12  # CR of the final empty line seen, need LF
+_C_DONE: Final = 13
+_C_ERROR: Final = 14
+
+# Error codes and reasons, shared with the compiled twin (same numbers).
+E_CHUNK_LINE_LONG: Final = 1
+E_CHUNK_LINE_LF: Final = 2
+E_CHUNK_SIZE_OVERFLOW: Final = 3
+E_CHUNK_SIZE_NOT_HEX: Final = 4
+E_CHUNK_SIZE_BYTE: Final = 5
+E_CHUNK_EXT_CONTROL: Final = 6
+E_CHUNK_SIZE_CR: Final = 7
+E_CHUNK_DATA_CRLF: Final = 8
+E_TRAILERS_LARGE: Final = 9
+E_TRAILER_LF: Final = 10
+E_TRAILER_CR: Final = 11
+E_TRAILER_NO_COLON: Final = 12
+E_TRAILER_MALFORMED: Final = 13
+E_TRAILERS_END_CR: Final = 14
+
+CHUNKED_ERRORS: Final[dict[int, str]] = {
+    E_CHUNK_LINE_LONG: f"chunk-size line longer than {MAX_CHUNK_LINE} bytes",
+    E_CHUNK_LINE_LF: "bare LF in a chunk-size line",
+    E_CHUNK_SIZE_OVERFLOW: "chunk size overflows",
+    E_CHUNK_SIZE_NOT_HEX: "chunk size is not hexadecimal",
+    E_CHUNK_SIZE_BYTE: "invalid byte after the chunk size",
+    E_CHUNK_EXT_CONTROL: "control byte in a chunk extension",
+    E_CHUNK_SIZE_CR: "CR without LF after the chunk size",
+    E_CHUNK_DATA_CRLF: "chunk data not followed by CRLF",
+    E_TRAILERS_LARGE: "trailer section larger than {max_trailers} bytes",
+    E_TRAILER_LF: "bare LF in the trailer section",
+    E_TRAILER_CR: "CR without LF in the trailer section",
+    E_TRAILER_NO_COLON: "trailer line without a colon",
+    E_TRAILER_MALFORMED: "trailer line malformed",
+    E_TRAILERS_END_CR: "CR without LF at the end of the trailers",
+}
+
+
+def chunked_error(code: int, status: int, max_trailers: int) -> FramingError:
+    """The exception for chunked error *code* (shared by both twins)."""
+    return FramingError(status, CHUNKED_ERRORS[code].format(max_trailers=max_trailers))
+
 
 _HEX: Final = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_TCHAR: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
 _CR: Final = 0x0D
 _LF: Final = 0x0A
+_SP: Final = 0x20
+_HTAB: Final = 0x09
+_COLON: Final = 0x3A
+_SEMI: Final = 0x3B
+
+
+def _field_value_byte(c: int) -> bool:
+    """HTAB, SP, VCHAR or obs-text (RFC 9110 §5.5)."""
+    return c == _HTAB or (_SP <= c <= 0x7E) or c >= 0x80
 
 
 class BodyFramer:
@@ -283,7 +335,6 @@ class BodyFramer:
         "_size",
         "_state",
         "_trailer_bytes",
-        "_trailer_line",
         "error_status",
         "framing",
         "max_trailers",
@@ -298,7 +349,7 @@ class BodyFramer:
     ) -> None:
         if framing == Framing.LENGTH and length < 0:
             raise ValueError(f"negative length {length}")
-        self.framing = framing
+        self.framing = Framing(framing)
         self.error_status = error_status
         self.max_trailers = max_trailers
         self._remaining = length if framing == Framing.LENGTH else 0
@@ -306,8 +357,7 @@ class BodyFramer:
         self._size = 0
         self._line = 0  # bytes of the current chunk-size line
         self._trailer_bytes = 0
-        self._trailer_line = bytearray()
-        self._error: FramingError | None = None
+        self._error = 0
 
     @property
     def done(self) -> bool:
@@ -342,8 +392,6 @@ class BodyFramer:
 
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """How many leading bytes of *data* are this body's."""
-        if self._error is not None:
-            raise self._error
         n = len(data)
         if self.framing == Framing.NONE:
             return 0
@@ -353,18 +401,19 @@ class BodyFramer:
             return take
         if self.framing != Framing.CHUNKED:
             return n
-        try:
-            return self._chunked(data, n)
-        except FramingError as exc:
-            self._error = exc
-            raise
+        if self._state != _C_ERROR:
+            i = self._chunked(data, n)
+            if self._state != _C_ERROR:
+                return i
+        raise chunked_error(self._error, self.error_status, self.max_trailers)
 
-    def _fail(self, reason: str) -> FramingError:
-        return FramingError(self.error_status, reason)
+    # -- the chunked machine: mirrors chunked() in ext/framing.pyx ----------
 
     def _chunked(self, data: bytes | bytearray | memoryview, n: int) -> int:
+        """Run the machine over *data*; the bytes consumed (error: _C_ERROR)."""
         i = 0
         state = self._state
+        err = 0
         while i < n and state != _C_DONE:
             if state == _C_DATA:
                 take = n - i if n - i < self._remaining else self._remaining
@@ -378,87 +427,94 @@ class BodyFramer:
             if state <= _C_SIZE_LF:
                 self._line += 1
                 if self._line > MAX_CHUNK_LINE:
-                    raise self._fail(f"chunk-size line longer than {MAX_CHUNK_LINE} bytes")
-                if c == _LF and state != _C_SIZE_LF:
-                    raise self._fail("bare LF in a chunk-size line")
-            if state in (_C_SIZE0, _C_SIZE):
-                d = _HEX.get(c)
-                if d is not None:
-                    self._size = self._size * 16 + d
-                    if self._size > MAX_CHUNK_SIZE:
-                        raise self._fail("chunk size overflows")
-                    state = _C_SIZE
-                elif state == _C_SIZE0:
-                    raise self._fail("chunk size is not hexadecimal")
-                elif c == _CR:
-                    state = _C_SIZE_LF
-                elif c == 0x3B:  # ";"
-                    state = _C_EXT
-                elif c == 0x20 or c == 0x09:
-                    state = _C_BWS
+                    err = E_CHUNK_LINE_LONG
+                elif c == _LF and state != _C_SIZE_LF:
+                    err = E_CHUNK_LINE_LF
+                elif state <= _C_SIZE:
+                    d = _HEX.get(c, -1)
+                    if d >= 0:
+                        self._size = self._size * 16 + d
+                        if self._size > MAX_CHUNK_SIZE:
+                            err = E_CHUNK_SIZE_OVERFLOW
+                        state = _C_SIZE
+                    elif state == _C_SIZE0:
+                        err = E_CHUNK_SIZE_NOT_HEX
+                    elif c == _CR:
+                        state = _C_SIZE_LF
+                    elif c == _SEMI:
+                        state = _C_EXT
+                    elif c in (_SP, _HTAB):
+                        state = _C_BWS
+                    else:
+                        err = E_CHUNK_SIZE_BYTE
+                elif state == _C_BWS:
+                    if c == _SEMI:
+                        state = _C_EXT
+                    elif c not in (_SP, _HTAB):
+                        err = E_CHUNK_SIZE_BYTE
+                elif state == _C_EXT:
+                    if c == _CR:
+                        state = _C_SIZE_LF
+                    elif not _field_value_byte(c):
+                        err = E_CHUNK_EXT_CONTROL
+                elif c != _LF:  # _C_SIZE_LF
+                    err = E_CHUNK_SIZE_CR
                 else:
-                    raise self._fail("invalid byte after the chunk size")
-            elif state == _C_BWS:
-                if c == 0x3B:
-                    state = _C_EXT
-                elif c != 0x20 and c != 0x09:
-                    raise self._fail("invalid byte after the chunk size")
-            elif state == _C_EXT:
-                if c == _CR:
-                    state = _C_SIZE_LF
-                elif (c < 0x20 and c != 0x09) or c == 0x7F:
-                    raise self._fail("control byte in a chunk extension")
-            elif state == _C_SIZE_LF:
-                if c != _LF:
-                    raise self._fail("CR without LF after the chunk size")
-                self._line = 0
-                if self._size == 0:
-                    state = _C_TRAILER
-                else:
-                    self._remaining = self._size
-                    self._size = 0
-                    state = _C_DATA
+                    self._line = 0
+                    if self._size == 0:
+                        state = _C_TRAILER
+                    else:
+                        self._remaining = self._size
+                        self._size = 0
+                        state = _C_DATA
             elif state == _C_DATA_CR:
                 if c != _CR:
-                    raise self._fail("chunk data not followed by CRLF")
+                    err = E_CHUNK_DATA_CRLF
                 state = _C_DATA_LF
             elif state == _C_DATA_LF:
                 if c != _LF:
-                    raise self._fail("chunk data not followed by CRLF")
+                    err = E_CHUNK_DATA_CRLF
                 state = _C_SIZE0
             else:
-                state = self._trailer(c, state)
+                self._trailer_bytes += 1
+                if self._trailer_bytes > self.max_trailers:
+                    err = E_TRAILERS_LARGE
+                elif state == _C_TRAILER:
+                    if c == _CR:
+                        state = _C_END_LF
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif c in _TCHAR:
+                        state = _C_TNAME
+                    else:  # obs-fold, an empty name, a bad byte
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TNAME:
+                    if c == _COLON:
+                        state = _C_TVALUE
+                    elif c == _CR:
+                        err = E_TRAILER_NO_COLON
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif c not in _TCHAR:
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TVALUE:
+                    if c == _CR:
+                        state = _C_TLF
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif not _field_value_byte(c):
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TLF:
+                    if c != _LF:
+                        err = E_TRAILER_CR
+                    state = _C_TRAILER
+                else:  # _C_END_LF
+                    if c != _LF:
+                        err = E_TRAILERS_END_CR
+                    state = _C_DONE
+            if err:
+                self._error = err
+                state = _C_ERROR
+                break
         self._state = state
         return i
-
-    def _trailer(self, c: int, state: int) -> int:
-        self._trailer_bytes += 1
-        if self._trailer_bytes > self.max_trailers:
-            raise self._fail(f"trailer section larger than {self.max_trailers} bytes")
-        if state == _C_TRAILER:
-            if c == _CR:
-                return _C_END_LF
-            if c == _LF:
-                raise self._fail("bare LF in the trailer section")
-            self._trailer_line = bytearray((c,))
-            return _C_TRAILER_LINE
-        if state == _C_TRAILER_LINE:
-            if c == _CR:
-                return _C_TRAILER_LF
-            if c == _LF:
-                raise self._fail("bare LF in the trailer section")
-            self._trailer_line.append(c)
-            return _C_TRAILER_LINE
-        if state == _C_TRAILER_LF:
-            if c != _LF:
-                raise self._fail("CR without LF in the trailer section")
-            line = bytes(self._trailer_line)
-            if _HEADER.match(line) is None:
-                code = _header_line_error(line, 0, len(line))
-                kind = "without a colon" if code == E_NO_COLON else "malformed"
-                raise self._fail(f"trailer line {kind}")
-            return _C_TRAILER
-        # _C_END_LF
-        if c != _LF:
-            raise self._fail("CR without LF at the end of the trailers")
-        return _C_DONE

@@ -1,10 +1,15 @@
-"""Message framing (l4proxy._framing_py): where bodies end, and what is refused.
+"""Message framing (l4proxy.framing): where bodies end, and what is refused.
 
-Every case is checked on the whole buffer and again one byte at a time
-(h11's rule): the outcome must not depend on how the bytes were split.
+Every body case runs on both twins (compiled ``l4proxy._ext.framing`` and
+pure ``l4proxy._framing_py``), on the whole buffer and again in small pieces
+(h11's rule): the outcome must not depend on how the bytes were split, nor
+on which twin framed them (also fuzzed against each other).
 """
 
 from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +17,6 @@ from hypothesis import strategies as st
 
 from l4proxy._framing_py import (
     MAX_CHUNK_LINE,
-    BodyFramer,
     Framing,
     FramingError,
     ResponseHead,
@@ -21,11 +25,17 @@ from l4proxy._framing_py import (
     response_framing,
 )
 from l4proxy._peek_py import parse_head
+from tests.conftest import load_twin
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
 
 
-def run(framer: BodyFramer, data: bytes, step: int = 0) -> int:
+@pytest.fixture(params=["compiled", "pure"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    return load_twin("framing", request.param)
+
+
+def run(framer: Any, data: bytes, step: int = 0) -> int:
     """Feed *data* whole (step 0) or in *step*-byte pieces; bytes consumed."""
     if not step:
         return framer.feed(data)
@@ -56,8 +66,10 @@ CHUNKED_OK = [
 
 @pytest.mark.parametrize("step", [0, 1, 3])
 @pytest.mark.parametrize(("body", "why"), CHUNKED_OK, ids=[w for _, w in CHUNKED_OK])
-def test_chunked_body_ends_exactly_where_it_should(body: bytes, why: str, step: int) -> None:
-    f = BodyFramer(Framing.CHUNKED)
+def test_chunked_body_ends_exactly_where_it_should(
+    twin: ModuleType, body: bytes, why: str, step: int
+) -> None:
+    f = twin.BodyFramer(Framing.CHUNKED)
     assert run(f, body + NEXT, step) == len(body)
     assert f.done
 
@@ -80,6 +92,8 @@ CHUNKED_BAD = [
     (b"5;a\x01\r\nhello\r\n", "control byte in a chunk extension"),
     (b"5;a\x00\r\nhello\r\n", "control byte in a chunk extension"),
     (b"5;a\rb\r\nhello\r\n", "CR without LF after the chunk size"),
+    (b"0\r\n:y\r\n\r\n", "trailer line malformed"),
+    (b"0\r\nX: \x7f\r\n\r\n", "trailer line malformed"),
     (b"5;" + b"x" * MAX_CHUNK_LINE + b"\r\n", "chunk-size line longer than 4096 bytes"),
     (b"0\r\n\n", "bare LF in the trailer section"),
     (b"0\r\nX: y\n\r\n", "bare LF in the trailer section"),
@@ -93,8 +107,8 @@ CHUNKED_BAD = [
 
 @pytest.mark.parametrize("step", [0, 1])
 @pytest.mark.parametrize(("body", "why"), CHUNKED_BAD, ids=[w for _, w in CHUNKED_BAD])
-def test_chunked_refusals(body: bytes, why: str, step: int) -> None:
-    f = BodyFramer(Framing.CHUNKED, error_status=400)
+def test_chunked_refusals(twin: ModuleType, body: bytes, why: str, step: int) -> None:
+    f = twin.BodyFramer(Framing.CHUNKED, error_status=400)
     with pytest.raises(FramingError) as e:
         run(f, body, step)
     assert (e.value.status, e.value.reason) == (400, why)
@@ -102,16 +116,16 @@ def test_chunked_refusals(body: bytes, why: str, step: int) -> None:
         f.feed(b"0\r\n\r\n")
 
 
-def test_trailer_section_is_bounded() -> None:
-    f = BodyFramer(Framing.CHUNKED, error_status=502, max_trailers=100)
+def test_trailer_section_is_bounded(twin: ModuleType) -> None:
+    f = twin.BodyFramer(Framing.CHUNKED, error_status=502, max_trailers=100)
     with pytest.raises(FramingError) as e:
         f.feed(b"0\r\n" + b"X: " + b"y" * 200 + b"\r\n\r\n")
     assert e.value.status == 502 and "trailer section larger than 100" in e.value.reason
 
 
-def test_chunk_data_is_skipped_blind_by_count() -> None:
+def test_chunk_data_is_skipped_blind_by_count(twin: ModuleType) -> None:
     size = 1 << 30
-    f = BodyFramer(Framing.CHUNKED)
+    f = twin.BodyFramer(Framing.CHUNKED)
     assert f.feed(b"40000000\r\n") == 10
     assert f.blind() == size
     f.skip(size - 1)
@@ -122,18 +136,18 @@ def test_chunk_data_is_skipped_blind_by_count() -> None:
         f.skip(1)
 
 
-def test_length_body_and_blind_skip() -> None:
-    f = BodyFramer(Framing.LENGTH, 10)
+def test_length_body_and_blind_skip(twin: ModuleType) -> None:
+    f = twin.BodyFramer(Framing.LENGTH, 10)
     assert f.blind() == 10
     f.skip(4)
     assert f.feed(b"123456789") == 6 and f.done
-    assert BodyFramer(Framing.NONE).done and BodyFramer(Framing.NONE).feed(b"x") == 0
-    assert BodyFramer(Framing.LENGTH, 0).done
+    assert twin.BodyFramer(Framing.NONE).done and twin.BodyFramer(Framing.NONE).feed(b"x") == 0
+    assert twin.BodyFramer(Framing.LENGTH, 0).done
 
 
-def test_close_and_tunnel_never_end() -> None:
+def test_close_and_tunnel_never_end(twin: ModuleType) -> None:
     for kind in (Framing.CLOSE, Framing.TUNNEL):
-        f = BodyFramer(kind)
+        f = twin.BodyFramer(kind)
         assert f.feed(b"anything\r\n\r\n") == 12 and not f.done
 
 
@@ -145,6 +159,10 @@ def chunk_stream() -> st.SearchStrategy[bytes]:
     )
 
 
+def both() -> list[ModuleType]:
+    return [load_twin("framing", "compiled"), load_twin("framing", "pure")]
+
+
 @settings(max_examples=300, deadline=None)
 @given(chunk_stream(), st.data())
 def test_any_split_of_a_valid_chunked_body_ends_at_the_same_byte(
@@ -152,30 +170,46 @@ def test_any_split_of_a_valid_chunked_body_ends_at_the_same_byte(
 ) -> None:
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body) + len(NEXT)), max_size=8)))
     stream = body + NEXT
-    f = BodyFramer(Framing.CHUNKED)
-    used, prev = 0, 0
-    for cut in [*cuts, len(stream)]:
-        if f.done:
-            break
-        used += f.feed(stream[prev:cut])
-        prev = cut
-    assert f.done and used == len(body)
+    for twin in both():
+        f = twin.BodyFramer(Framing.CHUNKED)
+        used, prev = 0, 0
+        for cut in [*cuts, len(stream)]:
+            if f.done:
+                break
+            used += f.feed(stream[prev:cut])
+            prev = cut
+        assert f.done and used == len(body)
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=200), st.integers(1, 7))
-def test_any_bytes_frame_or_raise_framing_error_the_same_way_at_any_split(
-    data: bytes, step: int
-) -> None:
-    def outcome(step: int) -> tuple[str, int | str]:
-        f = BodyFramer(Framing.CHUNKED)
+# Mostly the bytes chunked framing is made of, so the fuzz reaches deep states.
+FRAMING_BYTES = st.lists(
+    st.one_of(
+        st.sampled_from([b"\r\n", b"0", b"5", b"a", b"F", b";", b" ", b"\t", b":", b"X", b"=",
+                         b"\n", b"\r", b"\x00", b"\x7f", b"\xff", b"0\r\n", b"hello"]),
+        st.binary(max_size=4),
+    ),
+    max_size=60,
+).map(b"".join)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(FRAMING_BYTES, st.integers(1, 7), st.sampled_from([16, 65536]))
+def test_twins_agree_on_any_bytes_at_any_split(data: bytes, step: int, max_trailers: int) -> None:
+    """Frame it or raise FramingError, the same way for both twins and any split."""
+
+    def outcome(twin: ModuleType, step: int) -> tuple[str, int | str]:
+        f = twin.BodyFramer(Framing.CHUNKED, max_trailers=max_trailers)
         try:
-            return ("ok" if f.done else "more", run(f, data, step))
+            used = run(f, data, step)
+            return ("ok" if f.done else "more", used)
         except FramingError as e:
             return ("error", e.reason)
 
-    whole = outcome(0)
-    assert outcome(step) == whole
+    twins = both()
+    whole = outcome(twins[1], 0)
+    for twin in twins:
+        assert outcome(twin, 0) == whole
+        assert outcome(twin, step) == whole
     if whole[0] == "ok":
         assert isinstance(whole[1], int) and 0 < whole[1] <= len(data)
 
