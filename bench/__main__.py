@@ -34,7 +34,7 @@ def _ints(value: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bench.scenarios import GROUPS, LOOPBACK_PEERS
+    from bench.scenarios import GROUPS, LOOPBACK_PEERS, SIDECAR_PEERS
 
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         type=_csv,
         default=list(LOOPBACK_PEERS),
         help=f"peers: {','.join(LOOPBACK_PEERS)} (all; the sidecar placement has "
-        "direct, haproxy, l4proxy)",
+        f"{', '.join(SIDECAR_PEERS)})",
     )
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     p.add_argument(
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.process import raise_fd_limit
     from bench.scenarios import LOOPBACK_PEERS, SIDECAR_PEERS, LoopbackBed, SidecarBed, Target
 
-    missing = missing_programs()
+    missing = missing_programs(args.peers)
     if missing:
         print(f"bench: missing: {', '.join(missing)} (run without --no-install)", file=sys.stderr)
         return 2

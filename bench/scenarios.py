@@ -44,8 +44,16 @@ CLIENT_UID = 1000
 PROXY_UID = 1337
 SIDECAR_PORT = 15001
 
-LOOPBACK_PEERS = ("direct", "haproxy", "nginx-stream", "envoy-tcp", "envoy-http", "l4proxy")
-SIDECAR_PEERS = ("direct", "haproxy", "l4proxy")
+LOOPBACK_PEERS = (
+    "direct",
+    "haproxy",
+    "haproxy-http",
+    "nginx-stream",
+    "envoy-tcp",
+    "envoy-http",
+    "l4proxy",
+)
+SIDECAR_PEERS = ("direct", "haproxy", "haproxy-http", "l4proxy")
 GROUPS = ("loopback", "sidecar")
 
 
@@ -184,8 +192,9 @@ class LoopbackBed(Bed):
         if peer == "direct":
             v1 = backends[0]
             return Target(self.group, peer, f"http://{v1.host}:{v1.port}/", self.nginx)
-        if peer == "haproxy":
-            proc = peers.start_haproxy(self.workdir, addr, backends)
+        if peer in ("haproxy", "haproxy-http"):
+            mode = "http" if peer == "haproxy-http" else "tcp"
+            proc = peers.start_haproxy(self.workdir, addr, backends, name=peer, mode=mode)
         elif peer == "nginx-stream":
             proc = peers.start_nginx_stream(self.workdir, addr, backends)
         elif peer == "envoy-tcp":
@@ -248,14 +257,16 @@ class SidecarBed(Bed):
             v1 = self.backends[0]
             url = f"http://{v1.host}:{v1.port}/"
             return Target(self.group, peer, url, self.nginx, in_pod(pod, CLIENT_UID))
-        if peer == "haproxy":
-            pod = self._client_pod("clh")
+        if peer in ("haproxy", "haproxy-http"):
+            http = peer == "haproxy-http"
+            pod = self._client_pod("chh" if http else "clh")
             proc = peers.start_haproxy(
                 self.workdir,
                 Address("0.0.0.0", SIDECAR_PORT),
                 self.backends,
-                name="haproxy-sidecar",
+                name=f"{peer}-sidecar",
                 launcher=in_pod(pod, PROXY_UID),
+                mode="http" if http else "tcp",
             )
         elif peer == "l4proxy":
             pod = self._client_pod("cll")

@@ -87,8 +87,15 @@ def test_wrk_command() -> None:
 def test_haproxy_config_tcp_roundrobin_one_thread() -> None:
     cfg = peers.haproxy_conf(LISTEN, BACKENDS)
     assert "mode tcp" in cfg and "balance roundrobin" in cfg and "nbthread 1" in cfg
-    assert "bind 127.0.0.1:18080" in cfg
+    assert "bind 127.0.0.1:18080" in cfg and "http-reuse" not in cfg
     assert "server v1 127.0.0.1:18081" in cfg and "server v2 127.0.0.1:18082" in cfg
+
+
+def test_haproxy_config_http_mode_reuses_upstream_connections() -> None:
+    cfg = peers.haproxy_conf(LISTEN, BACKENDS, mode="http")
+    assert "mode http" in cfg and "http-reuse always" in cfg and "balance roundrobin" in cfg
+    with pytest.raises(ValueError, match="tcp or http"):
+        peers.haproxy_conf(LISTEN, BACKENDS, mode="udp")
 
 
 def test_nginx_configs() -> None:
@@ -153,12 +160,16 @@ def test_report_ratios_and_verdicts() -> None:
     summaries = [
         _summary("direct", "keepalive", 100_000, 2.0),
         _summary("haproxy", "keepalive", 50_000, 4.0),
+        _summary("haproxy-http", "keepalive", 45_000, 4.0),
+        _summary("haproxy-http", "close", 20_000, 8.0),
         _summary("l4proxy", "keepalive", 55_000, 4.4),
-        _summary("envoy-http", "keepalive", 15_000, 9.0),
+        _summary("l4proxy", "close", 19_000, 10.0),
+        _summary("envoy-http", "keepalive", 12_000, 9.0),
         _summary("sidecar/haproxy", "keepalive", 40_000, 5.0),
         _summary("sidecar/l4proxy", "keepalive", 30_000, 7.0),
     ]
-    rows = {r.summary.target: r for r in report.rows(summaries)}
+    all_rows = report.rows(summaries)
+    rows = {r.summary.target: r for r in all_rows if r.summary.case.mode == "keepalive"}
     assert rows["l4proxy"].vs_haproxy["rps"] == pytest.approx(1.1)
     assert rows["l4proxy"].vs_direct["rps"] == pytest.approx(0.55)
     assert rows["sidecar/l4proxy"].vs_haproxy["rps"] == pytest.approx(0.75)  # own group
@@ -170,14 +181,16 @@ def test_report_ratios_and_verdicts() -> None:
     ]
     assert mem[0].rss_at_requested == pytest.approx(50 * report.MB)  # extrapolated
 
-    verdicts = {(v.target, v.what): v.met for v in report.verdicts(list(rows.values()), mem)}
-    assert verdicts[("l4proxy", "keepalive c50 req/s ×haproxy")] is True
-    assert verdicts[("l4proxy", "keepalive c50 p99 ×haproxy")] is True
-    assert verdicts[("l4proxy", "keepalive c50 req/s ×envoy-http")] is True
-    assert verdicts[("l4proxy", "close c50 req/s ×haproxy")] is None  # not measured
-    assert verdicts[("sidecar/l4proxy", "keepalive c50 req/s ×haproxy")] is False
+    verdicts = {(v.target, v.what): v.met for v in report.verdicts(all_rows, mem)}
+    ka, close = "keepalive c50 {} ×best(haproxy/haproxy-http)", "close c50 {} ×best(haproxy-http)"
+    assert verdicts[("l4proxy", ka.format("req/s"))] is True  # 55k vs the better, 50k
+    assert verdicts[("l4proxy", ka.format("p99"))] is True  # 4.4 vs 4.0
+    assert verdicts[("l4proxy", "keepalive c50 req/s ×envoy-http")] is True  # 55k vs 12k
+    assert verdicts[("l4proxy", close.format("req/s"))] is False  # 19k vs 20k
+    assert verdicts[("l4proxy", close.format("p99"))] is False  # 10 vs 8
+    assert verdicts[("sidecar/l4proxy", ka.format("req/s"))] is False
+    assert verdicts[("sidecar/l4proxy", close.format("req/s"))] is None  # not measured
     assert verdicts[("l4proxy", "RSS ×haproxy")] is False  # 60 MB vs 50 MB
-    assert verdicts[("l4proxy", "RSS MB @10000 idle conns")] is True
     text = report.table(list(rows.values()), ["direct", "haproxy", "l4proxy"])
     assert "| keepalive | 50    | l4proxy" in text and "1.10 / 0.55" in text
 

@@ -1,0 +1,375 @@
+"""The per-request exchange core (l4proxy._exchange_py), driven without sockets.
+
+A small driver plays the shell: it performs the actions, opens numbered
+upstream connections (reused ones when the test says so) and records every
+byte each side received. Each scenario is run with the bytes fed whole and
+again one byte at a time: the bytes delivered must not depend on the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from l4proxy._exchange_py import (
+    Action,
+    Client,
+    Close,
+    Done,
+    Exchange,
+    NotHTTPConnection,
+    Phase,
+    Release,
+    Retry,
+    Route,
+    Tunnel,
+    Upstream,
+    upstream_head,
+)
+from l4proxy._peek_py import parse_head
+
+
+@dataclass
+class Driver:
+    """Plays the I/O shell around one Exchange."""
+
+    ex: Exchange = field(default_factory=Exchange)
+    reuse: list[bool] = field(default_factory=list)  # per checkout: from the pool?
+    refuse: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> answer
+    client: bytearray = field(default_factory=bytearray)
+    upstreams: list[bytearray] = field(default_factory=list)  # bytes each one received
+    released: list[bool] = field(default_factory=list)
+    done: list[tuple[int, bool]] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # Close, Tunnel, Retry, NotHTTP
+
+    def play(self, actions: Sequence[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Route):
+                self.routes.append(a.head.path)
+                if a.head.path in self.refuse:
+                    self.play(self.ex.refuse(*self.refuse[a.head.path]))
+                else:
+                    self.upstreams.append(bytearray())
+                    reused = self.reuse.pop(0) if self.reuse else False
+                    self.play(self.ex.routed(reused))
+            elif isinstance(a, Upstream):
+                self.upstreams[-1] += a.data
+            elif isinstance(a, Client):
+                self.client += a.data
+            elif isinstance(a, Release):
+                self.released.append(a.reusable)
+            elif isinstance(a, Done):
+                self.done.append((a.status, a.local))
+            elif isinstance(a, Retry):
+                self.events.append("Retry")
+                self.upstreams.append(bytearray())
+                self.play(self.ex.routed(False))
+            elif isinstance(a, NotHTTPConnection):
+                self.events.append("NotHTTP")
+                self.client += b"<L4:" + a.data + b">"
+            else:
+                assert isinstance(a, Close | Tunnel)
+                self.events.append(type(a).__name__)
+
+    def send(self, data: bytes, step: int = 0) -> None:
+        for piece in pieces(data, step):
+            self.play(self.ex.client_data(piece))
+
+    def answer(self, data: bytes, step: int = 0) -> None:
+        for piece in pieces(data, step):
+            self.play(self.ex.upstream_data(piece))
+
+
+def pieces(data: bytes, step: int) -> list[bytes]:
+    if not step:
+        return [data]
+    return [data[i : i + step] for i in range(0, len(data), step)]
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n"
+GET_B = b"GET /b HTTP/1.1\r\nHost: svc\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv1"
+OK2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv2"
+STEPS = [0, 1]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_request_of_a_keep_alive_connection_is_routed_on_its_own(step: int) -> None:
+    d = Driver()
+    d.send(GET, step)
+    d.answer(OK, step)
+    d.send(GET_B, step)
+    d.answer(OK2, step)
+    assert d.routes == ["/a", "/b"]
+    assert [bytes(u) for u in d.upstreams] == [GET, GET_B]
+    assert d.client == OK + OK2
+    assert d.released == [True, True] and d.done == [(200, False), (200, False)]
+    assert d.events == [] and d.ex.phase == Phase.HEAD
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_connection_close_client_keeps_the_upstream_reusable(step: int) -> None:
+    req = b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\nX-A: 1\r\n\r\n"
+    d = Driver()
+    d.send(req, step)
+    d.answer(OK, step)
+    assert d.upstreams[0] == b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\n\r\n"
+    assert d.client == OK and d.released == [True] and d.events == ["Close"]
+
+
+def test_upstream_head_rewrites_only_a_bare_connection_close_in_http11() -> None:
+    def up(raw: bytes) -> bytes:
+        head = parse_head(raw)
+        assert head is not None
+        return upstream_head(raw, head)
+
+    assert up(b"GET / HTTP/1.1\r\nHost: a\r\nconnection: Keep-Alive\r\n\r\n") == (
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    for kept in (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, upgrade\r\nUpgrade: x\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\nX-Connection: close\n\n",
+    ):
+        assert up(kept) is kept
+
+
+CHUNKED_REQ = (
+    b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+)
+CHUNKED_RESP = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_chunked_both_ways_with_trailers_byte_identical(step: int) -> None:
+    d = Driver()
+    d.send(CHUNKED_REQ + GET, step)  # a pipelined GET behind it
+    assert d.routes == ["/up"]  # one in flight at a time
+    d.answer(CHUNKED_RESP, step)
+    assert d.upstreams[0] == CHUNKED_REQ
+    assert d.routes == ["/up", "/a"] and d.upstreams[1] == GET
+    d.answer(OK, step)
+    assert d.client == CHUNKED_RESP + OK and d.released == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("request_raw", "response"),
+    [
+        (
+            b"HEAD /a HTTP/1.1\r\nHost: svc\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+        ),
+        (GET, b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (GET, b"HTTP/1.1 304 Not Modified\r\nETag: x\r\nContent-Length: 5\r\n\r\n"),
+        (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ],
+)
+def test_bodyless_responses_end_with_their_head(request_raw: bytes, response: bytes) -> None:
+    d = Driver()
+    d.send(request_raw)
+    d.answer(response)
+    d.send(GET_B)
+    d.answer(OK2)
+    assert d.client == response + OK2 and d.released == [True, True]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_expect_100_continue(step: int) -> None:
+    head = b"PUT /f HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+    cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+    d = Driver()
+    d.send(head, step)
+    assert d.ex.wants_client_data  # the body may come
+    d.answer(cont, step)
+    assert d.client == cont and d.done == []
+    d.send(b"data", step)
+    d.answer(OK, step)
+    assert d.upstreams[0] == head + b"data" and d.client == cont + OK
+    assert d.released == [True] and d.done == [(200, False)]
+
+
+def test_upgrade_and_connect_become_tunnels() -> None:
+    up = b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    d = Driver()
+    d.send(up + b"\x81\x00early")
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00hi"
+    d.answer(switch)
+    assert d.upstreams[0] == up + b"\x81\x00early"  # the early frame goes up with the switch
+    assert d.client == switch and d.events == ["Tunnel"] and d.ex.phase == Phase.TUNNEL
+    assert d.ex.client_data(b"more") == []  # the L4 relay owns the sockets now
+
+    d = Driver()
+    d.send(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+    d.answer(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    assert d.events == ["Tunnel"]
+
+
+def test_close_delimited_response_closes_both_sides() -> None:
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+    assert d.done == []
+    d.play(d.ex.upstream_eof())
+    assert d.client == b"HTTP/1.1 200 OK\r\n\r\nuntil close"
+    assert d.released == [False] and d.done == [(200, False)] and d.events == ["Close"]
+
+
+@pytest.mark.parametrize("response", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"])
+def test_reused_connection_closed_before_any_response_byte_is_retried_once(
+    response: bytes,
+) -> None:
+    d = Driver(reuse=[True])
+    d.send(GET)
+    d.play(d.ex.upstream_eof())
+    assert d.events == ["Retry"] and d.released == [False]
+    assert [bytes(u) for u in d.upstreams] == [GET, GET]
+    if not response:  # the fresh connection fails too: no second retry
+        d.play(d.ex.upstream_eof())
+        assert d.client.startswith(b"HTTP/1.1 502 ") and d.events == ["Retry", "Close"]
+        return
+    d.answer(response)
+    d.play(d.ex.upstream_eof())  # truncated after bytes were forwarded: no 502 over them
+    assert d.client == response and d.events == ["Retry", "Close"]
+
+
+@pytest.mark.parametrize(
+    ("reused", "request_raw"),
+    [
+        (False, GET),  # a new connection: the server really refused this request
+        (True, b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\n\r\nx"),  # not idempotent
+    ],
+)
+def test_no_retry_when_unsafe(reused: bool, request_raw: bytes) -> None:
+    d = Driver(reuse=[reused])
+    d.send(request_raw)
+    d.play(d.ex.upstream_eof())
+    assert "Retry" not in d.events and len(d.upstreams) == 1
+    assert d.client.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and d.done == [(502, True)]
+
+
+def test_no_retry_when_the_body_outgrew_the_replay_buffer() -> None:
+    d = Driver(ex=Exchange(replay_limit=10), reuse=[True])
+    d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 20\r\n\r\n" + b"x" * 20)
+    d.play(d.ex.upstream_eof())
+    assert "Retry" not in d.events and d.done == [(502, True)]
+
+
+SMUGGLING = [
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SMUGGLING)
+def test_ambiguous_heads_are_refused_with_400_and_close(raw: bytes) -> None:
+    d = Driver()
+    d.send(raw + b"0\r\n\r\n")
+    assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n") and d.events == ["Close"]
+    assert d.upstreams == [] and d.routes == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\n", b"5\r\nhello\n0\r\n\r\n", b"8000000000000000\r\n", b"5\nhello\r\n"],
+)
+def test_bad_chunked_request_bodies_are_cut_and_refused(body: bytes) -> None:
+    head = b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+    d = Driver()
+    d.send(head + body)
+    assert d.upstreams[0] == head  # fed whole: the bad body is refused before any of it goes up
+    assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert d.released == [False] and d.events == ["Close"]
+
+
+def test_ambiguous_response_is_a_502() -> None:
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nxx")
+    assert d.client.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert d.released == [False] and d.events == ["Close"]
+
+
+def test_local_answer_keeps_a_bodyless_keep_alive_connection_usable() -> None:
+    d = Driver(refuse={"/secret": (404, "no route")})
+    d.send(b"GET /secret HTTP/1.1\r\nHost: svc\r\n\r\n" + GET)
+    assert d.client.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"connection: close" not in bytes(d.client).lower()
+    assert d.routes == ["/secret", "/a"] and len(d.upstreams) == 1
+    d.answer(OK)
+    assert d.client.endswith(OK) and d.done == [(404, True), (200, False)]
+
+    d = Driver(refuse={"/secret": (404, "no route")})  # with a body: answer and close
+    d.send(b"POST /secret HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc")
+    assert b"connection: close" in bytes(d.client) and d.events == ["Close"]
+
+
+def test_not_http_first_bytes_go_l4_but_later_ones_are_refused() -> None:
+    d = Driver()
+    d.send(b"\x16\x03\x01\x00hello")
+    assert d.events == ["NotHTTP"] and d.client == b"<L4:\x16\x03\x01\x00hello>"
+
+    d = Driver()
+    d.send(GET)
+    d.answer(OK)
+    d.send(b"\x16\x03\x01\x00hello")
+    assert d.client.startswith(OK + b"HTTP/1.1 400 ") and d.events == ["Close"]
+
+
+def test_response_before_the_request_body_ends_closes_both() -> None:
+    d = Driver()
+    d.send(b"PUT /big HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\npartial")
+    d.answer(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert d.done == [(413, False)] and d.released == [False] and d.events == ["Close"]
+
+
+def test_client_half_close_after_its_request_still_gets_the_answer() -> None:
+    d = Driver()
+    d.send(GET)
+    d.play(d.ex.client_eof())
+    assert d.events == []
+    d.answer(OK)
+    assert d.client == OK and d.released == [True] and d.events == ["Close"]
+
+
+def test_client_gone_mid_body_releases_the_upstream_unreusable() -> None:
+    d = Driver()
+    d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nabc")
+    d.play(d.ex.client_eof())
+    assert d.released == [False] and d.events == ["Close"]
+
+
+def test_response_that_says_close_is_not_reused_and_closes_the_client() -> None:
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nv1")
+    assert d.released == [False] and d.events == ["Close"]
+
+
+def test_http10_request_is_not_pooled_unless_keep_alive() -> None:
+    d = Driver()
+    d.send(b"GET /a HTTP/1.0\r\n\r\n")
+    d.answer(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nv1")
+    assert d.released == [False] and d.events == ["Close"]
+    d = Driver()
+    d.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv1")
+    assert d.released == [True] and d.events == [] and d.ex.phase == Phase.HEAD
+
+
+def test_backpressure_reads_the_client_only_when_its_bytes_are_wanted() -> None:
+    ex = Exchange()
+    assert ex.wants_client_data
+    ex.client_data(GET)
+    assert ex.phase == Phase.ROUTING and not ex.wants_client_data
+    ex.routed(False)
+    assert not ex.wants_client_data  # a bodyless request: the next one waits in the socket

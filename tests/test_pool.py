@@ -1,0 +1,91 @@
+"""Upstream connection pools (l4proxy._pool_py): which connection, kept or closed."""
+
+from __future__ import annotations
+
+import pytest
+
+from l4proxy._pool_py import PoolOptions, Pools
+
+A = ("198.18.0.10", 8080)
+B = ("198.18.0.11", 8080)
+
+
+def test_reuse_is_lifo_per_endpoint_and_counted() -> None:
+    p = Pools()
+    assert p.checkout(A) is None
+    p.opened(A, 1)
+    p.opened(A, 2)
+    assert p.active(A) == 2
+    assert p.checkin(A, 1, reusable=True, now=0.0) == []
+    assert p.checkin(A, 2, reusable=True, now=1.0) == []
+    assert (p.active(A), p.idle(A)) == (0, 2)
+    assert p.checkout(B) is None  # pools are per endpoint
+    assert p.checkout(A) == 2  # the most recently used first
+    assert p.checkout(A) == 1
+    assert p.checkout(A) is None
+    assert p.counters["opened"] == 2 and p.counters["reused"] == 2
+
+
+def test_unreusable_max_requests_and_overflow_are_closed() -> None:
+    p = Pools(PoolOptions(max_idle=1, max_requests=2))
+    p.opened(A, 1)
+    assert p.checkin(A, 1, reusable=False, now=0) == [1]
+    p.opened(A, 2)
+    p.opened(A, 3)
+    assert p.checkin(A, 2, reusable=True, now=0) == []
+    assert p.checkin(A, 3, reusable=True, now=0) == [3]  # max_idle 1
+    assert p.checkout(A) == 2
+    assert p.checkin(A, 2, reusable=True, now=0) == [2]  # its second request: max_requests
+    c = p.counters
+    assert (c["closed_unreusable"], c["closed_overflow"], c["closed_max_requests"]) == (1, 1, 1)
+    assert p.snapshot() == {A: (0, 0)}
+
+
+def test_an_idle_connection_the_server_closed_is_never_handed_out() -> None:
+    p = Pools()
+    for h in (1, 2, 3):
+        p.opened(A, h)
+    for h in (1, 2, 3):
+        p.checkin(A, h, reusable=True, now=0)
+    assert p.evict(3) is True
+    assert p.evict(3) is False  # once
+    assert p.checkout(A) == 2
+    assert p.evict(2) is False  # checked out: not the pool's to evict
+    assert p.counters["evicted"] == 1
+
+
+def test_idle_timeout_expires_the_oldest() -> None:
+    p = Pools(PoolOptions(idle_timeout=10))
+    for h, t in ((1, 0.0), (2, 5.0), (3, 9.0)):
+        p.opened(A, h)
+        p.checkin(A, h, reusable=True, now=t)
+    assert p.expire(now=9.9) == []
+    assert p.expire(now=15.0) == [1, 2]
+    assert p.checkout(A) == 3 and p.counters["expired"] == 2
+
+
+def test_active_counts_checked_out_connections_for_least_conn() -> None:
+    p = Pools()
+    p.opened(A, 1)
+    p.opened(B, 2)
+    p.opened(B, 3)
+    assert (p.active(A), p.active(B)) == (1, 2)
+    p.discard(B, 2)  # a reset mid-request
+    assert p.active(B) == 1
+    with pytest.raises(ValueError):
+        p.opened(B, 3)
+
+
+def test_removed_endpoint_gives_back_its_idle_connections() -> None:
+    p = Pools()
+    p.opened(A, 1)
+    p.opened(A, 2)
+    p.checkin(A, 1, reusable=True, now=0)
+    assert p.remove_endpoint(A) == [1]
+    assert p.active(A) == 1  # the one in flight finishes, then is closed or pooled
+    assert p.remove_endpoint(B) == []
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        PoolOptions(max_idle=-1)

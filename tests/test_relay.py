@@ -1,0 +1,271 @@
+"""The per-request relay (l4proxy._relay_py) over real loopback sockets.
+
+Backends are small threaded HTTP/1.1 servers on 127.0.0.1 that count the
+connections they accept; clients are raw sockets, so every byte is checked.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy._peek_py import RequestHead
+from l4proxy._pool_py import PoolOptions
+from l4proxy._relay_py import Decision, HttpRelay
+
+
+class Backend(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, name: str, close_after: int = 0) -> None:
+        self.name = name
+        self.close_after = close_after  # close the connection after n responses
+        self.accepted = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        host, port = self.server_address[:2]
+        return str(host), int(port)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: Backend
+
+    def handle(self) -> None:
+        with self.server.lock:
+            self.server.accepted += 1
+        served = 0
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            length = 0
+            while (h := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                if h.lower().startswith(b"content-length:"):
+                    length = int(h.split(b":")[1])
+            body = self.rfile.read(length) if length else b""
+            answer = f"v={self.server.name} {line.split()[1].decode()} {len(body)}".encode()
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+            )
+            self.wfile.flush()
+            served += 1
+            if self.server.close_after and served >= self.server.close_after:
+                return
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One Content-Length response from *sock*."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(h.split(b":")[1])
+        for h in head.split(b"\r\n")
+        if h.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    assert len(body) == length  # one request in flight: nothing after it
+    return body
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    servers = [Backend("v1"), Backend("v2")]
+    yield servers
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+class Proxy:
+    """A relay on a loopback listener; decide() splits by a seeded RNG."""
+
+    def __init__(self, decide: object, pool: PoolOptions | None = None) -> None:
+        self.handed: list[bytes] = []
+        self.relay = HttpRelay(decide, self._l4, pool=pool, header_timeout=1.0)  # type: ignore[arg-type]
+        self.relay.start()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.relay.add(conn, ("198.19.0.10", 8080))
+
+    def _l4(
+        self, client: socket.socket, up: object, to_client: bytes, to_up: bytes, origin: object
+    ) -> None:
+        self.handed.append(to_up)
+        client.close()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.relay.close()
+
+
+def test_every_request_on_a_keep_alive_connection_is_split_on_its_own(
+    backends: list[Backend],
+) -> None:
+    rng = random.Random(7)
+    picks: list[str] = []
+
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        b = backends[rng.random() < 0.5]
+        picks.append(b.name)
+        return Decision((b.endpoint,), tag=b.name)
+
+    proxy = Proxy(decide)
+    try:
+        conns = [proxy.connect() for _ in range(4)]
+        seen: list[list[str]] = [[] for _ in conns]
+        for i in range(50):
+            for k, c in enumerate(conns):
+                c.sendall(f"GET /r{i} HTTP/1.1\r\nHost: bootcamp\r\n\r\n".encode())
+                seen[k].append(read_response(c).split()[0].decode())
+        for c in conns:
+            c.close()
+    finally:
+        proxy.close()
+    # every connection saw both versions: the split is per request
+    assert all({"v=v1", "v=v2"} <= set(s) for s in seen)
+    assert [s for conn in zip(*seen, strict=True) for s in conn] == [f"v={p}" for p in picks]
+    # upstream connections are reused: far fewer than the 200 requests
+    assert sum(b.accepted for b in backends) <= 8
+    stats = proxy.relay.stats()
+    assert stats["requests"] == 200 and stats["pool_reused"] >= 190
+
+
+def test_connection_close_clients_reuse_pooled_upstreams(backends: list[Backend]) -> None:
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        return Decision((backends[0].endpoint,))
+
+    proxy = Proxy(decide)
+    try:
+        for i in range(30):
+            with proxy.connect() as c:
+                c.sendall(f"GET /c{i} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
+                assert read_response(c) == f"v=v1 /c{i} 0".encode()
+                assert c.recv(1) == b""  # we close as the client asked
+    finally:
+        proxy.close()
+    assert backends[0].accepted == 1
+
+
+def test_a_server_that_closes_idle_connections_costs_no_request() -> None:
+    flaky = Backend("v1", close_after=1)  # closes after every response, without saying so
+    try:
+
+        def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+            return Decision((flaky.endpoint,))
+
+        proxy = Proxy(decide)
+        try:
+            with proxy.connect() as c:
+                for i in range(20):
+                    c.sendall(f"GET /f{i} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+                    assert read_response(c) == f"v=v1 /f{i} 0".encode()
+        finally:
+            proxy.close()
+        stats = proxy.relay.stats()
+        assert stats["requests"] == 20 and flaky.accepted == 20
+        # each closed idle connection was evicted or retried, never a 502
+        assert stats["local_answers"] == 0
+    finally:
+        flaky.shutdown()
+        flaky.server_close()
+
+
+def test_no_route_answers_locally_and_keeps_the_connection(backends: list[Backend]) -> None:
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        if head.path == "/bootcamp":
+            return Decision((backends[0].endpoint,))
+        return Decision(local=(404, "no route"))
+
+    proxy = Proxy(decide)
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /bootcamp HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(c) == b"v=v1 /bootcamp 0"
+            c.sendall(b"GET /secret HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(c) == b"no route"
+            c.sendall(b"GET /bootcamp HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(c) == b"v=v1 /bootcamp 0"
+    finally:
+        proxy.close()
+
+
+def test_dead_endpoint_is_skipped_and_all_dead_is_503(backends: list[Backend]) -> None:
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_ep = ("127.0.0.1", dead.getsockname()[1])
+    dead.close()
+    failed: list[tuple[str, int]] = []
+
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        if head.path == "/all-dead":
+            return Decision((dead_ep,))
+        return Decision((dead_ep, backends[1].endpoint))
+
+    proxy = Proxy(decide)
+    proxy.relay.connect_failed = failed.append
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"v=v2 /x 0"
+            c.sendall(b"GET /all-dead HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"no healthy upstream"
+    finally:
+        proxy.close()
+    assert failed == [dead_ep, dead_ep]
+
+
+def test_bodies_go_through_byte_identical(backends: list[Backend]) -> None:
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        return Decision((backends[0].endpoint,))
+
+    body = random.Random(3).randbytes(300_000)
+    proxy = Proxy(decide)
+    try:
+        with proxy.connect() as c:
+            for _ in range(3):
+                c.sendall(b"PUT /up HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n" % len(body))
+                c.sendall(body)
+                assert read_response(c) == b"v=v1 /up %d" % len(body)
+    finally:
+        proxy.close()
+
+
+def test_slow_head_gets_408() -> None:
+    proxy = Proxy(lambda head, origin: Decision(local=(404, "x")))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost")
+            c.settimeout(5)
+            data = b""
+            while chunk := c.recv(4096):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 408 ")
+    finally:
+        proxy.close()
