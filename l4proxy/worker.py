@@ -358,9 +358,8 @@ class Worker:
     async def _decide_and_connect(
         self, conn: socket.socket, lst: Listener
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
-        table = self.rules.state.table  # one table for the whole decision
         if lst.mode == "gateway":
-            return await self._gateway(conn, table)
+            return await self._gateway(conn)
 
         dst = original_destination(conn)
         if dst is None or self._is_self(dst):
@@ -369,12 +368,21 @@ class Worker:
 
         if dst_ip in self.local_ips and not _is_loopback(dst_ip):
             # Inbound: the pod's own address. Forward to the local app as is.
+            if self.draining:
+                # Draining: inbound stops at SIGTERM (the pod is leaving the
+                # endpoints; callers retry elsewhere). Outbound continues.
+                raise Refused("draining_inbound")
             self.counters.inc("l4proxy_inbound_total")
             up = await self._connect((dst_ip, dst_port))
             if up is None:
                 raise Refused("inbound_unreachable")
             return up, b"", None
 
+        # Whether to peek is decided by the table live now; what to route by
+        # is decided by the table live once the head is complete (read
+        # again below): a head can take up to --header-timeout to arrive,
+        # and a head that arrives after a reload follows the new rules.
+        table = self.rules.state.table
         found = table.service_for_address(dst_ip, dst_port)
         peek_http = (found is not None and found[1].is_http) or (
             found is None and table.is_http_port(dst_port)
@@ -383,6 +391,8 @@ class Worker:
         pending = b""
         if peek_http:
             head, pending = await self._peek(conn)
+            table = self.rules.state.table  # one table from here on: the decision's
+            found = table.service_for_address(dst_ip, dst_port)
             if found is None and head is not None and head.host:
                 found = table.service_for_host(head.host, dst_port)
 
@@ -400,10 +410,9 @@ class Worker:
         service, port = found
         return await self._route(conn, table, service, port, head, pending)
 
-    async def _gateway(
-        self, conn: socket.socket, table: RouteTable
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+    async def _gateway(self, conn: socket.socket) -> tuple[socket.socket, bytes, Endpoint | None]:
         head, pending = await self._peek(conn)
+        table = self.rules.state.table  # read once the head is complete
         if head is None:
             raise Refused("gateway_not_http", 400, "bad request")
         found = table.ingress(head.host, head.path)
