@@ -177,15 +177,78 @@ def test_inbound_capture_reaches_local_app(mesh: Mesh) -> None:
     assert mesh.sidecar.stat("l4proxy_inbound_total") == before + 1
 
 
+DIRECT_DIAL = r"""
+import socket, sys
+for _ in range(int(sys.argv[1])):
+    c = socket.create_connection(("127.0.0.1", 15001), 5)
+    c.settimeout(5)   # a hang fails with a timeout instead of passing
+    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        print(repr(c.recv(100)))
+    except ConnectionResetError:
+        print("reset")
+    c.close()
+"""
+
+
 def test_direct_dial_of_the_listener_is_refused(mesh: Mesh) -> None:
+    """Dialling 15001 directly (no REDIRECT, so no original destination
+    elsewhere) is refused: counted once per dial, and closed without an answer."""
     mesh.start("compiled-uvloop")
-    assert mesh.client is not None
-    code = (
-        "import socket;c=socket.create_connection(('127.0.0.1',15001),5);"
-        "c.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n');print(repr(c.recv(100)))"
+    assert mesh.client is not None and mesh.sidecar is not None
+    before = _refused(mesh, "not_redirected")
+    out = mesh.client.run([PYTHON, "-c", DIRECT_DIAL, "3"], user=1337, timeout=30).stdout
+    # closed (FIN, or RST as the request was left unread): no loop, no answer, no hang
+    assert [ln in ("b''", "reset") for ln in out.split()] == [True] * 3, out
+    assert _refused(mesh, "not_redirected") == before + 3
+
+
+def _refused(mesh: Mesh, reason: str) -> float:
+    assert mesh.sidecar is not None
+    return mesh.sidecar.stat(f'l4proxy_refused_total{{reason="{reason}"}}')
+
+
+HEAD_LATER = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], 8080), 5)
+print("connected", flush=True)
+sys.stdin.readline()
+c.sendall(b"GET / HTTP/1.1\r\nHost: bootcamp\r\nConnection: close\r\n\r\n")
+out = b""
+while True:
+    d = c.recv(4096)
+    if not d:
+        break
+    out += d
+print(out.decode())
+"""
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_head_sent_after_a_reload_follows_the_new_rules(mesh: Mesh, impl: str) -> None:
+    """Connect under all-v1, swap to all-v2, then send the head: v2 answers.
+    (The table used to be read at accept, before the head was peeked.)"""
+    mesh.start(impl, route_rule({"v1": 100}))
+    assert mesh.client is not None and mesh.sidecar is not None
+    accepted = mesh.sidecar.stat("l4proxy_connections_total")
+    proc = mesh.client.popen(
+        [PYTHON, "-c", HEAD_LATER, VIP],
+        user=1000,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    out = mesh.client.run([PYTHON, "-c", code], user=1337, check=False).stdout
-    assert out.strip() in ("b''", "")  # closed, no loop, no answer
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline().strip() == "connected"
+    deadline = time.monotonic() + 10  # the worker has accepted it (and is peeking)
+    while mesh.sidecar.stat("l4proxy_connections_total") < accepted + 1:
+        assert time.monotonic() < deadline, mesh.sidecar_log()
+        time.sleep(0.05)
+    gen = mesh.sidecar.stat("l4proxy_rules_generation")
+    mesh.write_rules(route_rule({"v2": 100}))
+    _wait_generation(mesh, gen + 1)
+    out, _ = proc.communicate("go\n", timeout=20)
+    assert "v=2" in out and "v=1" not in out, out
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
