@@ -10,7 +10,6 @@ nothing but HeadError / NotHTTP ever escapes.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
