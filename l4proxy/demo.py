@@ -173,9 +173,13 @@ class PodInfo:
 
 
 class Tutorial:
-    def __init__(self, man: Manifests, requests: int = 100, out: Any = sys.stdout) -> None:
+    def __init__(
+        self, man: Manifests, requests: int = 100, out: Any = sys.stdout, seed: int | None = None
+    ) -> None:
         self.man = man
         self.requests = requests
+        # --seed for the client and gateway sidecars: their weighted splits repeat.
+        self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
         self.net = PodNetwork(prefix=PREFIX)
         self.rules_dir = tempfile.mkdtemp(prefix="l4proxy-demo-rules-")
@@ -242,6 +246,7 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *self.seed_args,
             ],
             "client.sidecar",
         )
@@ -261,6 +266,7 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *self.seed_args,
             ],
             "gateway.sidecar",
         )
@@ -482,6 +488,14 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
         metavar="NAME",
         help="run only this step (no-rule, all-v1, 50-v2, all-v2, delete); repeatable",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the sidecars' weighted splits (l4proxy run --seed): the same "
+        "counts every run (tests); default: random",
+    )
     p.add_argument("--keep", action="store_true", help="leave the topology running")
     p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -559,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     chosen = [s for s in steps if not args.step or s in args.step]
-    tut = Tutorial(man, requests=args.requests)
+    tut = Tutorial(man, requests=args.requests, seed=args.seed)
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0

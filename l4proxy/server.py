@@ -196,6 +196,14 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the weighted-split RNG with N + the worker's index, so a run's "
+        "choices repeat (tests, reproducing a report); default: OS entropy",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Internal: how the supervisor starts a worker.
     p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)
@@ -336,7 +344,11 @@ async def _serve(
 
     loop = asyncio.get_running_loop()
     rules = RuleWatcher(
-        args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval
+        args.rules,
+        namespace=args.namespace,
+        domain=args.domain,
+        interval=args.reload_interval,
+        seed=None if args.seed is None else args.seed + args.worker_index,
     )
     if args.rules:
         rules.load_now()
