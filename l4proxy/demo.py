@@ -159,6 +159,10 @@ def steps_of(man: Manifests) -> list[str]:
 
 
 # -- the topology -------------------------------------------------------------
+# The demo's sidecars stop with their pods (down(), Ctrl-C): no app outlives
+# them, so the drain does not wait for one to go quiet (l4proxy run --drain-quiet).
+QUICK_STOP = ("--drain-quiet", "0")
+
 def _exe(name: str) -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(script):
@@ -223,7 +227,8 @@ class Tutorial:
                     f"{pod.name}.app",
                     user=1000,
                 )
-                self._spawn(pod, [*_exe("l4proxy"), "run", "--uid", "1337"], f"{pod.name}.sidecar")
+                sidecar = [*_exe("l4proxy"), "run", "--uid", "1337", *QUICK_STOP]
+                self._spawn(pod, sidecar, f"{pod.name}.sidecar")
         self._write_registry(svc)
         for doc_i, doc in enumerate(self.man.ingress_docs):
             self._write(f"ingress-{doc_i}.yaml", doc)
@@ -246,6 +251,7 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *QUICK_STOP,
                 *self.seed_args,
             ],
             "client.sidecar",
@@ -266,6 +272,7 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *QUICK_STOP,
                 *self.seed_args,
             ],
             "gateway.sidecar",

@@ -45,6 +45,11 @@ examples:
 Weighted routing is decided per connection: the first request on a keep-alive
 connection picks the subset, later requests on it follow.
 
+SIGTERM drains: inbound stops at once; the app's outbound calls are still
+captured and routed until none has been active for --drain-quiet seconds (the
+app is gone) or --drain-duration ends; then connections in flight finish
+within what is left of --drain-duration.
+
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
 """
@@ -137,7 +142,17 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=45.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long connections may finish (45)",
+        help="on SIGTERM, the most the drain may last: outbound connections are "
+        "still accepted, and connections in flight finish, within it (45)",
+    )
+    p.add_argument(
+        "--drain-quiet",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep capturing the app's outbound calls until no connection "
+        "has been active for this long (the app is gone), or --drain-duration ends; "
+        "inbound stops at once. 0: outbound stops at once too (5)",
     )
     p.add_argument(
         "--outbound-policy",
@@ -395,8 +410,12 @@ async def _serve(
         os.getuid(),
     )
     await stop.wait()
-    log.info("draining for up to %.1fs", args.drain_duration)
-    forced = await worker.drain(args.drain_duration)
+    log.info(
+        "draining for up to %.1fs: inbound stopped; outbound served until %.1fs quiet",
+        args.drain_duration,
+        args.drain_quiet,
+    )
+    forced = await worker.drain(args.drain_duration, quiet=args.drain_quiet)
     if forced:
         log.warning("drain window over: closed %d connection(s)", forced)
     await rules.stop()

@@ -234,6 +234,8 @@ class Mesh:
                 "0.2",
                 "--drain-duration",
                 "5",
+                "--drain-quiet",  # stop soon after the test's traffic (default 5 s)
+                "0.5",
                 "--seed",  # weighted splits repeat run after run (see ALPHA)
                 "1",
                 *run_args,

@@ -394,7 +394,8 @@ def test_churn_soak_connection_close(mesh: Mesh, impl: str) -> None:
 
 
 def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
-    """SIGTERM: the listener closes, a connection in flight finishes its transfer."""
+    """SIGTERM: a connection in flight finishes its transfer; once the app is
+    quiet (--drain-quiet) the listener closes and new connections are refused."""
     store = mesh.net.add_pod("store", labels={"app": "store"})
     mesh.procs.append(store.popen([PYTHON, "-c", BULK, "source", "7002"], user=1000))
     store.wait_listening(7002)
@@ -414,6 +415,17 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
     time.sleep(0.5)
     mesh.sidecar.proc.send_signal(15)
     time.sleep(0.5)
+    # The transfer is still running, so the app is not gone: outbound is
+    # still captured and served.
+    assert mesh.sidecar.alive()
+    banner = (
+        "import socket;c=socket.create_connection(('198.19.0.32',7002),5);"
+        "c.sendall(b'5');c.shutdown(socket.SHUT_WR);print(len(c.recv(100)))"
+    )
+    assert mesh.client.run([PYTHON, "-c", banner], user=1000, timeout=20).stdout.strip() == "5"
+    out, _ = reader.communicate(timeout=30)
+    assert out.strip() == str(64 << 20)
+    time.sleep(1.0)  # --drain-quiet 0.5 (tests/mesh.py) has passed: outbound stopped
     # Draining: a new connection is refused at once (not left hanging in a queue).
     probe = (
         "import socket,time;t=time.monotonic()\n"
@@ -422,10 +434,74 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
     )
     refused = mesh.client.run([PYTHON, "-c", probe], user=1000, timeout=20).stdout.split()
     assert refused[0] == "refused" and float(refused[1]) < 1.0, refused
-    out, _ = reader.communicate(timeout=30)
-    assert out.strip() == str(64 << 20)
     assert mesh.sidecar.proc.wait(10) == 0
     assert "draining" in mesh.sidecar_log()
+
+
+APP_SHUTDOWN = r"""
+import socket, sys, time
+sys.stdin.readline()          # the sidecar has had SIGTERM: the app shuts down too
+for i in range(5):            # ... and calls out while it does, over 2 s
+    try:
+        c = socket.create_connection((sys.argv[1], 8080), 5)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: bootcamp\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            d = c.recv(4096)
+            if not d:
+                break
+            data += d
+        print(data.split(b"\r\n", 1)[0].decode() or "empty", flush=True)
+    except OSError as exc:
+        print(type(exc).__name__, flush=True)
+    time.sleep(0.5)
+"""
+
+INBOUND_PROBE = r"""
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], 9090), 5)
+    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    print(repr(c.recv(100)))
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_sigterm_keeps_serving_the_apps_outbound_calls(mesh: Mesh, impl: str) -> None:
+    """After SIGTERM the app (uid 1000) calls the VIP 5 times over 2 s: all
+    answered. A new inbound connection is refused. Once the app is quiet for
+    --drain-quiet (1 s) the sidecar exits, before --drain-duration (15 s).
+    (Before: the listener closed at SIGTERM and every call was refused.)"""
+    mesh.start(impl, run_args=("--drain-duration", "15", "--drain-quiet", "1"))
+    assert mesh.client is not None and mesh.sidecar is not None
+    mesh.serve_bootcamp(mesh.client, "client-app", "9", port=9090)
+    mesh.client.wait_listening(9090)
+    caller = mesh.net.add_pod("caller")
+    assert "200 OK" in caller.run([PYTHON, "-c", INBOUND_PROBE, mesh.client.ipv4]).stdout
+    app = mesh.client.popen(
+        [PYTHON, "-c", APP_SHUTDOWN, VIP],
+        user=1000,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert app.stdin is not None
+    t0 = time.monotonic()
+    mesh.sidecar.proc.send_signal(signal.SIGTERM)
+    app.stdin.write("go\n")
+    app.stdin.flush()
+    time.sleep(0.3)
+    probe = caller.run([PYTHON, "-c", INBOUND_PROBE, mesh.client.ipv4]).stdout.strip()
+    assert probe in ("ConnectionResetError", "ConnectionRefusedError", "b''"), probe
+    out, _ = app.communicate(timeout=30)
+    assert out.split("\n")[:5] == ["HTTP/1.1 200 OK"] * 5, (out, mesh.sidecar_log())
+    assert mesh.sidecar.proc.wait(20) == 0
+    # Exited on the app's silence (last call at ~2.5 s, then 1 s quiet), not at
+    # the 15 s deadline; 10 s leaves a loaded machine plenty of room.
+    assert time.monotonic() - t0 < 10, mesh.sidecar_log()
+    assert "no connection for 1.0s; outbound stops" in mesh.sidecar_log()
 
 
 def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> None:
