@@ -163,6 +163,7 @@ def steps_of(man: Manifests) -> list[str]:
 # them, so the drain does not wait for one to go quiet (l4proxy run --drain-quiet).
 QUICK_STOP = ("--drain-quiet", "0")
 
+
 def _exe(name: str) -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(script):
