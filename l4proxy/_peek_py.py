@@ -282,6 +282,7 @@ class HeadParser:
         "_method_start",
         "_pos",
         "_state",
+        "_steps",
         "_target_end",
         "_vi",
     )
@@ -301,6 +302,16 @@ class HeadParser:
         self._vi = 0  # index into b"HTTP/" while in _S_VERSION
         self._line_start = 0  # start of the current header line
         self._headers_start = 0  # first byte after the request line
+        self._steps = 0  # loop turns + bytes handed to each search (tests)
+
+    @property
+    def steps(self) -> int:
+        """Work the scanner has done: loop turns plus bytes handed to each search.
+
+        For tests (an operation count that a quadratic rescan would blow up);
+        the compiled twin counts the same way.
+        """
+        return self._steps
 
     @property
     def buffered(self) -> bytes:
@@ -336,9 +347,12 @@ class HeadParser:
         buf = self._buf
         pos = self._pos
         state = self._state
+        steps = self._steps
         try:
             while pos < limit:
+                steps += 1
                 if state == _S_HEADERS:
+                    steps += limit - pos
                     lf = buf.find(b"\n", pos, limit)
                     if lf < 0:
                         pos = limit
@@ -370,6 +384,7 @@ class HeadParser:
                     state = _S_EMPTY
                     pos += 1
                 elif state == _S_METHOD:
+                    steps += limit - pos
                     m = _TCHAR_RUN.match(buf, pos, limit)
                     end = m.end() if m else pos
                     if end - self._method_start > MAX_METHOD:
@@ -388,6 +403,7 @@ class HeadParser:
                     state = _S_TARGET
                     pos += 1
                 elif state == _S_TARGET:
+                    steps += limit - pos
                     m = _VCHAR_RUN.match(buf, pos, limit)
                     pos = m.end() if m else pos
                     if pos == limit:
@@ -435,6 +451,7 @@ class HeadParser:
         finally:
             self._pos = pos
             self._state = state
+            self._steps = steps
 
     # -- completion: mirrors build() in ext/peek.pyx -------------------------
 

@@ -179,6 +179,11 @@ def steps_of(man: Manifests) -> list[str]:
 
 
 # -- the topology -------------------------------------------------------------
+# The demo's sidecars stop with their pods (down(), Ctrl-C): no app outlives
+# them, so the drain does not wait for one to go quiet (l4proxy run --drain-quiet).
+QUICK_STOP = ("--drain-quiet", "0")
+
+
 def _exe(name: str) -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(script):
@@ -193,9 +198,13 @@ class PodInfo:
 
 
 class Tutorial:
-    def __init__(self, man: Manifests, requests: int = 100, out: Any = sys.stdout) -> None:
+    def __init__(
+        self, man: Manifests, requests: int = 100, out: Any = sys.stdout, seed: int | None = None
+    ) -> None:
         self.man = man
         self.requests = requests
+        # --seed for the client and gateway sidecars: their weighted splits repeat.
+        self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
         self.net = PodNetwork(prefix=PREFIX)
         self.rules_dir = tempfile.mkdtemp(prefix="l4proxy-demo-rules-")
@@ -239,7 +248,8 @@ class Tutorial:
                     f"{pod.name}.app",
                     user=1000,
                 )
-                self._spawn(pod, [*_exe("l4proxy"), "run", "--uid", "1337"], f"{pod.name}.sidecar")
+                sidecar = [*_exe("l4proxy"), "run", "--uid", "1337", *QUICK_STOP]
+                self._spawn(pod, sidecar, f"{pod.name}.sidecar")
         self._write_registry(self.man.services)
         for doc_i, doc in enumerate(self.man.ingress_docs):
             self._write(f"ingress-{doc_i}.yaml", doc)
@@ -266,6 +276,8 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *QUICK_STOP,
+                *self.seed_args,
             ],
             "client.sidecar",
         )
@@ -285,6 +297,8 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                *QUICK_STOP,
+                *self.seed_args,
             ],
             "gateway.sidecar",
         )
@@ -527,6 +541,14 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
         metavar="NAME",
         help="run only this step (no-rule, all-v1, 50-v2, all-v2, delete); repeatable",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the sidecars' weighted splits (l4proxy run --seed): the same "
+        "counts every run (tests); default: random",
+    )
     p.add_argument("--keep", action="store_true", help="leave the topology running")
     p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -619,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     chosen = [s for s in steps if not args.step or s in args.step]
-    tut = Tutorial(man, requests=args.requests)
+    tut = Tutorial(man, requests=args.requests, seed=args.seed)
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0

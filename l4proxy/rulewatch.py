@@ -16,6 +16,12 @@ once the writer is done. A load that fails keeps the last good table (Istio
 records the error for ``/config_dump`` and ``/stats``; the next change tries
 again.
 
+A reload is parsed and compiled off the accept path: in a thread
+(:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
+serving; only the swap (one assignment of ``state.table``) runs on the loop.
+The worker reads the table once per connection, *after* the request head is
+complete, so a head that arrives after a swap is routed by the new rules.
+
 ServiceEntry endpoints given as host names (``resolution: DNS``) are resolved
 by :class:`~l4proxy.dns.DnsEndpoints` in a second task: the loaded table is
 kept as the *base*, and what the worker routes on (``state.table``) is the base
@@ -29,6 +35,7 @@ whole table at once, between two connections' decisions.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -36,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.config import ConfigError, load_rules
+from l4proxy.config import ConfigError, LoadResult, load_rules
 from l4proxy.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
 from l4proxy.routing import RouteTable
 from l4proxy.stats import Counters
@@ -120,6 +127,7 @@ class RuleWatcher:
         dns_min_ttl: float | None = None,
         dns_max_ttl: float | None = None,
         counters: Counters | None = None,
+        seed: int | None = None,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
@@ -136,6 +144,10 @@ class RuleWatcher:
             max_ttl=env_max if dns_max_ttl is None else dns_max_ttl,
             counters=self.counters,
         )
+        # --seed: every table this watcher publishes gets its RNG seeded with
+        # it, so weighted choices repeat run after run (tests); None: OS entropy.
+        self.seed = seed
+        self.reloading = False  # a reload is being parsed in a thread
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
         self._fingerprint: Fingerprint | None = None
@@ -145,22 +157,86 @@ class RuleWatcher:
         self._dns_task: asyncio.Task[None] | None = None
 
     def load_now(self) -> bool:
-        """Load synchronously; swap on success. Returns True if swapped."""
+        """Load synchronously; swap on success. Returns True if swapped.
+
+        For startup (nothing is accepted yet) and tests. While serving, the
+        watcher reloads with :meth:`reload`, which parses off the loop.
+        """
         self._fingerprint = fingerprint(self.paths)
-        st = self.state
         try:
-            result = load_rules(self.paths, namespace=self.namespace, domain=self.domain)
+            result = self._parse()
         except ConfigError as exc:
-            st.reload_failures += 1
-            st.last_error = str(exc)
-            st.last_error_at = time.time()
-            for line in str(exc).splitlines():
-                log.error("rules rejected, keeping generation %d: %s", st.generation, line)
+            self._reject(exc)
             return False
+        self._swap(result)
+        return True
+
+    async def reload(self) -> bool:
+        """Parse and compile the rules in a thread, then swap on the loop.
+
+        Parsing 2,000 ServiceEntries and 2,000 RouteRules takes about a
+        second of pure Python. Run on the loop, it stopped every accept and
+        every head being read for that long (issue 12: 1.7 s on each reload).
+        In a thread the loader still holds the GIL, but CPython hands it over
+        every ``sys.getswitchinterval()`` (5 ms) and at every blocking call,
+        so the loop keeps accepting and serving between the loader's
+        bytecodes; the new table is built entirely on the thread and is not
+        seen by the loop until :meth:`_swap` replaces ``state.table`` in one
+        assignment, on the loop, between two connections' decisions. Reloads
+        are serialized: only the :meth:`_run` task calls this.
+        """
+        self._fingerprint = fingerprint(self.paths)
+        self.reloading = True
+        try:
+            result = await asyncio.to_thread(self._parse_without_gc)
+        except ConfigError as exc:
+            self._reject(exc)
+            return False
+        finally:
+            self.reloading = False
+        self._swap(result)
+        return True
+
+    def _parse(self) -> LoadResult:
+        """Read, parse and compile the rule files (pure: no shared state touched)."""
+        return load_rules(self.paths, namespace=self.namespace, domain=self.domain)
+
+    def _parse_without_gc(self) -> LoadResult:
+        """:meth:`_parse` with the cyclic garbage collector paused.
+
+        Measured: parsing 2,000 + 2,000 objects keeps a few hundred thousand
+        parser objects alive at once, and the automatic full collections
+        they trigger took 150-300 ms each, with the GIL held: the loop stood
+        still through them even with the parse in a thread. The loader's
+        objects form no cycles (a dropped table leaves nothing to collect;
+        see test_rulewatch_reload), so reference counting frees them all
+        and pausing the collector for the parse costs no memory; the next
+        automatic collection sees only the new table (about 40,000 objects,
+        5 ms).
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._parse()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _reject(self, exc: ConfigError) -> None:
+        st = self.state
+        st.reload_failures += 1
+        st.last_error = str(exc)
+        st.last_error_at = time.time()
+        for line in str(exc).splitlines():
+            log.error("rules rejected, keeping generation %d: %s", st.generation, line)
+
+    def _swap(self, result: LoadResult) -> None:
+        """Make *result* the live table (on the loop)."""
+        st = self.state
         self.base = result.table
         if self.dns.track(self.base):
             self._dns_wake.set()
-        st.table = resolved_table(self.base, self.dns.names) if self.dns.names else self.base
+        self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
         st.generation += 1
         st.reloads += 1
         st.loaded_at = time.time()
@@ -173,7 +249,12 @@ class RuleWatcher:
         log.info("rules generation %d loaded from %s", st.generation, ", ".join(st.sources) or "-")
         if self.on_swap:
             self.on_swap(st)
-        return True
+
+    def _publish(self, table: RouteTable) -> None:
+        """Replace the live table in one assignment (seeding its RNG when asked)."""
+        if self.seed is not None:
+            table.reseed(self.seed)
+        self.state.table = table
 
     def request_reload(self) -> None:
         """SIGHUP: reload at once, whether or not the files changed."""
@@ -199,7 +280,7 @@ class RuleWatcher:
         changed = await self.dns.refresh_due()
         if changed:
             st = self.state
-            st.table = resolved_table(self.base, self.dns.names)
+            self._publish(resolved_table(self.base, self.dns.names))
             st.dns_updates += 1
             if self.on_swap:
                 self.on_swap(st)
@@ -237,7 +318,7 @@ class RuleWatcher:
             if fingerprint(self.paths) != fp:
                 continue  # still being written; look again next round
             try:
-                self.load_now()
+                await self.reload()
             except Exception:  # a loader bug must not stop reloads for good
                 log.exception("unexpected error while loading rules")
                 self._fingerprint = fp

@@ -46,6 +46,11 @@ examples:
 Weighted routing is decided per connection: the first request on a keep-alive
 connection picks the subset, later requests on it follow.
 
+SIGTERM drains: inbound stops at once; the app's outbound calls are still
+captured and routed until none has been active for --drain-quiet seconds (the
+app is gone) or --drain-duration ends; then connections in flight finish
+within what is left of --drain-duration.
+
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
 """
@@ -138,7 +143,17 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=45.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long connections may finish (45)",
+        help="on SIGTERM, the most the drain may last: outbound connections are "
+        "still accepted, and connections in flight finish, within it (45)",
+    )
+    p.add_argument(
+        "--drain-quiet",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep capturing the app's outbound calls until no connection "
+        "has been active for this long (the app is gone), or --drain-duration ends; "
+        "inbound stops at once. 0: outbound stops at once too (5)",
     )
     p.add_argument(
         "--outbound-policy",
@@ -196,6 +211,14 @@ def add_parser(sub: Any) -> None:
         default=15.0,
         metavar="SECONDS",
         help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the weighted-split RNG with N + the worker's index, so a run's "
+        "choices repeat (tests, reproducing a report); default: OS entropy",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Internal: how the supervisor starts a worker.
@@ -343,7 +366,11 @@ async def _serve(
 
     loop = asyncio.get_running_loop()
     rules = RuleWatcher(
-        args.rules, namespace=args.namespace, domain=args.domain, interval=args.reload_interval
+        args.rules,
+        namespace=args.namespace,
+        domain=args.domain,
+        interval=args.reload_interval,
+        seed=None if args.seed is None else args.seed + args.worker_index,
     )
     if args.rules:
         held.requested = False  # a reload asked for before now: this load is it
@@ -393,8 +420,12 @@ async def _serve(
         os.getuid(),
     )
     await stop.wait()
-    log.info("draining for up to %.1fs", args.drain_duration)
-    forced = await worker.drain(args.drain_duration)
+    log.info(
+        "draining for up to %.1fs: inbound stopped; outbound served until %.1fs quiet",
+        args.drain_duration,
+        args.drain_quiet,
+    )
+    forced = await worker.drain(args.drain_duration, quiet=args.drain_quiet)
     if forced:
         log.warning("drain window over: closed %d connection(s)", forced)
     await rules.stop()

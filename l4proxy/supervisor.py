@@ -307,10 +307,12 @@ class Supervisor:
         self.stopping = True
         watchdog.cancel()
         log.info("stopping: draining %d worker(s)", len(self.slots))
-        # Stop accepting now: once the workers close their copies too, the
-        # kernel refuses new connections at once. Kept open, our copies would
-        # let handshakes complete into a queue nobody reads until the drain
-        # ends, and those clients would hang, then be reset.
+        # Close our copies now. The workers hold the same sockets (inherited
+        # fds), so this alone stops nothing: each listener closes when its
+        # worker closes its copy, inbound and gateway ones at once, outbound
+        # ones once the app is gone (worker.drain, --drain-quiet). Kept open,
+        # our copies would let handshakes complete into a queue nobody reads
+        # until the drain ends, and those clients would hang, then be reset.
         for slot in self.slots:
             for lst in slot.listeners:
                 lst.sock.close()

@@ -175,6 +175,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
+        self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
         self._describe_counters()
 
     # -- lifecycle ---------------------------------------------------------
@@ -213,23 +214,61 @@ class Worker:
             log.warning("cannot list local addresses (%s); inbound detection is off", exc)
             self.local_ips = set()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, keep: tuple[str, ...] = ()) -> None:
+        """Close the listeners, except those whose mode is in *keep*."""
         assert self._loop is not None
+        kept = []
         for lst in self.listeners:
+            if lst.mode in keep:
+                kept.append(lst)
+                continue
             try:
                 self._loop.remove_reader(lst.sock.fileno())
             except (ValueError, OSError):
                 pass
             lst.sock.close()
-        self.listeners = []
+        self.listeners = kept
 
-    async def drain(self, timeout: float) -> int:
-        """Stop accepting; let connections finish for up to *timeout*; then close."""
+    async def drain(self, timeout: float, quiet: float = 0.0) -> int:
+        """SIGTERM: stop inbound now, outbound once the app is gone; then close.
+
+        Theory of operation. A pod that is told to stop gets SIGTERM in every
+        container at once, and the app's own shutdown often calls out (flush
+        to a queue, deregister, a last write): a sidecar that stops capturing
+        at once fails those calls (Istio #36660, #34855). So:
+
+        * inbound stops at once: the gateway and ``--inbound-port`` listeners
+          close (new connections are refused by the kernel), and an inbound
+          connection arriving on the shared outbound port is reset. The pod is
+          leaving its Service's endpoints; callers go elsewhere.
+        * outbound (what the app dials, captured on ``--port``) is accepted and
+          routed as before until the app is gone, or until *timeout* passes.
+        * "the app is gone" is Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS: no
+          connection active (relayed or being set up, inbound ones included)
+          and none accepted for *quiet* seconds, counted from the SIGTERM at
+          the earliest. The sidecar cannot see the app's process (another
+          container, another pid namespace); an app that is silent for
+          *quiet* seconds and then calls out again finds the sidecar gone, so
+          *quiet* should exceed the app's longest pause while shutting down.
+          ``quiet`` 0 stops outbound at once too (the behaviour before).
+
+        Then the listeners close, and connections in flight get what is left
+        of *timeout* to finish; the count of those forced closed is returned.
+        """
         self.draining = True
+        self.stop_accepting(keep=("outbound",) if quiet > 0 else ())
+        now = time.monotonic()
+        deadline = now + timeout
+        self._last_accept = max(self._last_accept, now)
+        while self.listeners and time.monotonic() < deadline:
+            idle = self.pump.active == 0 and not self.handshakes
+            if idle and time.monotonic() - self._last_accept >= quiet:
+                log.info("draining: no connection for %.1fs; outbound stops", quiet)
+                break
+            await asyncio.sleep(min(0.1, quiet))
         self.stop_accepting()
-        deadline = time.monotonic() + timeout
         if self.handshakes:
-            await asyncio.wait(set(self.handshakes), timeout=max(0.0, timeout))
+            await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         remaining = max(0.0, deadline - time.monotonic())
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
@@ -273,6 +312,7 @@ class Worker:
                 log.warning("accept on %s failed: %s", lst.name, exc)
                 return
             self.counters.inc("l4proxy_connections_total", listener=lst.mode)
+            self._last_accept = time.monotonic()
             limit = self.opts.max_connections
             if limit and self.pump.active + len(self.handshakes) >= limit:
                 self.counters.inc("l4proxy_refused_total", reason="max_connections")
@@ -322,7 +362,7 @@ class Worker:
 
         def resume() -> None:
             self._take_reserve()
-            if not self.draining and lst.sock.fileno() == fd:
+            if lst in self.listeners and lst.sock.fileno() == fd:  # not closed meanwhile
                 self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
 
         self._loop.call_later(0.1, resume)
@@ -359,9 +399,8 @@ class Worker:
     async def _decide_and_connect(
         self, conn: socket.socket, lst: Listener
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
-        table = self.rules.state.table  # one table for the whole decision
         if lst.mode == "gateway":
-            return await self._gateway(conn, table, lst.address[1])
+            return await self._gateway(conn, lst.address[1])
 
         dst = original_destination(conn)
         if dst is None or self._is_self(dst):
@@ -370,12 +409,22 @@ class Worker:
 
         if dst_ip in self.local_ips and not _is_loopback(dst_ip):
             # Inbound: the pod's own address. Forward to the local app as is.
+            if self.draining:
+                # Draining: inbound stops at SIGTERM (the pod is leaving the
+                # endpoints; callers retry elsewhere). Outbound continues.
+                _reset(conn)
+                raise Refused("draining_inbound")
             self.counters.inc("l4proxy_inbound_total")
             up = await self._connect((dst_ip, dst_port))
             if up is None:
                 raise Refused("inbound_unreachable")
             return up, b"", None
 
+        # Whether to peek is decided by the table live now; what to route by
+        # is decided by the table live once the head is complete (read
+        # again below): a head can take up to --header-timeout to arrive,
+        # and a head that arrives after a reload follows the new rules.
+        table = self.rules.state.table
         found = table.service_for_address(dst_ip, dst_port)
         peek_http = (found is not None and found[1].is_http) or (
             found is None and table.is_http_port(dst_port)
@@ -384,6 +433,8 @@ class Worker:
         pending = b""
         if peek_http:
             head, pending = await self._peek(conn)
+            table = self.rules.state.table  # one table from here on: the decision's
+            found = table.service_for_address(dst_ip, dst_port)
             if found is None and head is not None and head.host:
                 found = table.service_for_host(head.host, dst_port)
 
@@ -402,9 +453,10 @@ class Worker:
         return await self._route(conn, table, service, port, head, pending)
 
     async def _gateway(
-        self, conn: socket.socket, table: RouteTable, lst_port: int
+        self, conn: socket.socket, lst_port: int
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         head, pending = await self._peek(conn)
+        table = self.rules.state.table  # read once the head is complete
         if head is None:
             raise Refused("gateway_not_http", 400, "bad request")
         # -- issue 14 (HTTPRoute): Gateway listeners are told apart by local port --
