@@ -57,9 +57,37 @@ shared scratch buffer and are sent immediately; only when send() is partial is
 the remainder copied into a heap buffer owned by that direction (at most
 ``buffer_size`` bytes), freed as soon as it drains. Once a direction has moved
 ``splice_threshold`` bytes and holds nothing, it switches to splice(2) through
-its own pipe (created then, sized to ``buffer_size``, closed with the
-connection): socket → pipe → socket, the bytes never enter user space. So the
-bytes held by the pump per direction never exceed max(buffer_size, pipe size).
+a pipe of its own: socket → pipe → socket, the bytes never enter user space.
+So the bytes held by the pump per direction never exceed max(buffer_size, pipe
+size).
+
+Pipes (HAProxy's ``maxpipes`` and pipe pool)
+--------------------------------------------
+Pipes come from a pool owned by the loop: at most ``max_pipes`` exist (in use
++ pooled: 2 fds each, budgeted with the connections, see l4proxy/pump.py). A
+direction gives its pipe back when it is done (EOF propagated) or its
+connection closes; only an empty pipe is pooled (``pipe_bytes`` is exact: it
+counts what splice() put in and took out), one still holding bytes is closed,
+so no connection's bytes can reach another. When no pipe is to be had
+(``max_pipes`` in use, or pipe2() fails: EMFILE, ENFILE, ENOMEM) the refusal
+is counted and that direction keeps to recv/send, asking again after another
+``PIPE_RETRY`` bytes: fds come back as connections close, so a refusal is
+never permanent.
+
+Urgent data
+-----------
+A send(MSG_OOB) puts an urgent mark in the stream. We read with SO_OOBINLINE:
+the urgent byte is relayed in its place, as an ordinary byte (the urgency
+itself is not re-created upstream). Without it recv() skips the byte (and the
+kernel keeps only the last mark, so reading it aside with MSG_OOB could not
+be relied on either): the stream would lose bytes. HAProxy drops the urgent
+byte; we keep every byte, so a telnet "IAC DM" or an FTP abort arrives whole.
+splice() cannot cross a mark at all: tcp_read_sock() stops at it whatever
+SO_OOBINLINE says, returning EAGAIN while epoll reports the bytes behind it
+(a spin), or 0 once the FIN is queued (a clean EOF, bytes dropped). So when
+splice() reads nothing, ``sockatmark()`` asks whether a mark is next; if so
+one recv() takes the urgent byte and what follows, which clears the mark, and
+splice resumes (counted as ``urgent``).
 
 Kernel notes
 ------------

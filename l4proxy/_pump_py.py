@@ -39,8 +39,19 @@ Reads land in one scratch buffer shared by all connections and are sent at
 once; only the unsent tail of a partial send is copied into a per-direction
 ``bytes`` (≤ ``buffer_size``), dropped once it drains, so an idle connection
 holds no buffer. After ``splice_threshold`` bytes a direction that holds
-nothing switches to ``os.splice`` through its own pipe (sized to
-``buffer_size``, closed with the connection).
+nothing switches to ``os.splice`` through a pipe (sized to ``buffer_size``)
+from the loop's pool: at most ``max_pipes`` exist, in use or pooled; a pipe
+goes back when its direction is done or its connection closes, pooled only
+when empty (closed if it still holds bytes). No pipe to be had (``max_pipes``
+in use, EMFILE, ENFILE): counted in ``pipe_refusals``, that direction keeps to
+recv/send and asks again after another ``_PIPE_RETRY`` bytes.
+
+Urgent data: sockets get SO_OOBINLINE, so the urgent byte of a
+send(MSG_OOB) is relayed in its place as plain data (without it recv() would
+skip it: a lost byte). splice() cannot cross an urgent mark (tcp_read_sock
+stops there: EAGAIN for ever while epoll reports readable, or 0 once the FIN
+is queued), so when splice reads nothing and ``sockatmark()`` says the mark
+is next, one recv() steps over it. ext/pump.pyx says more.
 
 Kernel notes: no EPOLLRDHUP (EOF shows up as readable + recv() == 0); EPOLLHUP
 and EPOLLERR arrive whatever the mask, so a side that hung up and has nothing
@@ -107,7 +118,8 @@ def _classify(err: int | None) -> int:
 
 def _at_urgent_mark(fd: int) -> bool:
     """sockatmark(3): is the next byte to read the urgent mark?"""
-    return struct.unpack("i", fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0"))[0] == 1
+    (answer,) = struct.unpack("i", fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0"))
+    return bool(answer == 1)
 
 
 class _Dir:

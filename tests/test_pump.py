@@ -612,12 +612,24 @@ def test_stats_and_parameters(twin: ModuleType) -> None:
         "spliced",
         "buffered",
         "force_closed",
+        "wakeups",
+        "urgent",
+        "pipes_used",
+        "pipes_free",
+        "pipe_refusals",
     }
+    assert p.max_pipes == 1024
     p.start()
     p.start()  # idempotent
     assert len(pump_threads()) == 1
     p.close()
-    for bad in ({"idle_timeout": 0}, {"buffer_size": 10}, {"splice_threshold": -1}):
+    bad_args = (
+        {"idle_timeout": 0},
+        {"buffer_size": 10},
+        {"splice_threshold": -1},
+        {"max_pipes": -1},
+    )
+    for bad in bad_args:
         with pytest.raises(ValueError):
             twin.Pump(**bad)
 
@@ -901,3 +913,24 @@ def test_pipe_refused_at_fd_limit_then_spliced_once_fds_free_up(twin: ModuleType
     end_both(client, server)
     st = finish(p)
     assert (st["resets"], st["errors"]) == (0, 0)
+
+
+def test_fd_budget_counts_pipes() -> None:
+    """--max-pipes defaults to --max-connections / 4 (HAProxy's maxpipes);
+    with no --max-connections, to what the fd limit leaves at 2.5 fds per
+    connection; the warning fires exactly when 2 c + 2 p + reserve > limit."""
+    from l4proxy import pump
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert (pump.max_pipes_for(1000), pump.max_pipes_for(1000, 0)) == (250, 0)
+    assert pump.max_pipes_for(1000, 7) == 7
+    conns = (soft - pump.FDS_RESERVED) * 2 // 5
+    pipes = pump.max_pipes_for(0)
+    assert pipes == conns // 4
+    assert 2 * conns + 2 * pipes + pump.FDS_RESERVED <= soft
+    assert pump.fd_budget_warning(0, pipes) is None
+    assert pump.fd_budget_warning(conns, pipes) is None
+    fits = (soft - pump.FDS_RESERVED - 2 * 10) // 2
+    assert pump.fd_budget_warning(fits, 10) is None
+    warning = pump.fd_budget_warning(fits + 1, 10)
+    assert warning is not None and "RLIMIT_NOFILE" in warning and "--max-pipes" in warning
