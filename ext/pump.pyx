@@ -57,9 +57,37 @@ shared scratch buffer and are sent immediately; only when send() is partial is
 the remainder copied into a heap buffer owned by that direction (at most
 ``buffer_size`` bytes), freed as soon as it drains. Once a direction has moved
 ``splice_threshold`` bytes and holds nothing, it switches to splice(2) through
-its own pipe (created then, sized to ``buffer_size``, closed with the
-connection): socket → pipe → socket, the bytes never enter user space. So the
-bytes held by the pump per direction never exceed max(buffer_size, pipe size).
+a pipe of its own: socket → pipe → socket, the bytes never enter user space.
+So the bytes held by the pump per direction never exceed max(buffer_size, pipe
+size).
+
+Pipes (HAProxy's ``maxpipes`` and pipe pool)
+--------------------------------------------
+Pipes come from a pool owned by the loop: at most ``max_pipes`` exist (in use
++ pooled: 2 fds each, budgeted with the connections, see l4proxy/pump.py). A
+direction gives its pipe back when it is done (EOF propagated) or its
+connection closes; only an empty pipe is pooled (``pipe_bytes`` is exact: it
+counts what splice() put in and took out), one still holding bytes is closed,
+so no connection's bytes can reach another. When no pipe is to be had
+(``max_pipes`` in use, or pipe2() fails: EMFILE, ENFILE, ENOMEM) the refusal
+is counted and that direction keeps to recv/send, asking again after another
+``PIPE_RETRY`` bytes: fds come back as connections close, so a refusal is
+never permanent.
+
+Urgent data
+-----------
+A send(MSG_OOB) puts an urgent mark in the stream. We read with SO_OOBINLINE:
+the urgent byte is relayed in its place, as an ordinary byte (the urgency
+itself is not re-created upstream). Without it recv() skips the byte (and the
+kernel keeps only the last mark, so reading it aside with MSG_OOB could not
+be relied on either): the stream would lose bytes. HAProxy drops the urgent
+byte; we keep every byte, so a telnet "IAC DM" or an FTP abort arrives whole.
+splice() cannot cross a mark at all: tcp_read_sock() stops at it whatever
+SO_OOBINLINE says, returning EAGAIN while epoll reports the bytes behind it
+(a spin), or 0 once the FIN is queued (a clean EOF, bytes dropped). So when
+splice() reads nothing, ``sockatmark()`` asks whether a mark is next; if so
+one recv() takes the urgent byte and what follows, which clears the mark, and
+splice resumes (counted as ``urgent``).
 
 Kernel notes
 ------------
@@ -108,6 +136,11 @@ cdef enum:
     C_SPLICED
     C_BUFFERED
     C_FORCE_CLOSED
+    C_WAKEUPS
+    C_URGENT
+    C_PIPES_USED
+    C_PIPES_FREE
+    C_PIPE_REFUSALS
     N_CTR
 
 _COUNTER_NAMES = (
@@ -122,6 +155,11 @@ _COUNTER_NAMES = (
     "spliced",
     "buffered",
     "force_closed",
+    "wakeups",
+    "urgent",
+    "pipes_used",
+    "pipes_free",
+    "pipe_refusals",
 )
 
 cdef enum:
@@ -132,6 +170,9 @@ cdef enum:
 cdef enum:
     MAX_EVENTS = 256
     STEP_BUDGET = 1 << 20   # bytes per direction per wake-up
+    PIPE_RETRY = 1 << 20    # after a refused pipe, bytes moved before asking again
+
+cdef int64_t NEVER = 0x7fffffffffffffff
 
 
 # -- state ------------------------------------------------------------------
@@ -157,6 +198,7 @@ cdef struct Dir:
     size_t pipe_cap
     size_t pipe_bytes    # bytes sitting in the pipe, not yet spliced out
     int64_t moved        # bytes written to the destination so far
+    int64_t splice_at    # ... at which to ask for a pipe (again, after a refusal)
     bint eof             # the source returned EOF
     bint done            # ... and it was propagated: shutdown(dst, SHUT_WR)
     bint splicing
@@ -170,6 +212,13 @@ cdef struct Conn:
     double last_active
     bint closed
     bint spliced
+
+cdef struct Pipe:
+    # A pooled pipe: empty, sized to the loop's buffer_size, owned by the pool.
+    int r
+    int w
+    size_t cap
+    Pipe *next
 
 cdef struct Handoff:
     int cfd
@@ -187,6 +236,7 @@ cdef struct Loop:
     size_t bufsize
     int64_t threshold
     double idle
+    int64_t max_pipes    # pipes in use + pooled never exceed this
     # guarded by lock
     sys_.pthread_mutex_t lock
     Handoff *q_head
@@ -199,6 +249,7 @@ cdef struct Loop:
     Conn *lru_head
     Conn *lru_tail
     Conn *grave
+    Pipe *pool           # empty pipes for reuse (HAProxy's pipe pool)
     # atomics
     int64_t ctr[<int>N_CTR]
 
@@ -290,10 +341,7 @@ cdef void conn_close(Loop *L, Conn *c, bint reset) noexcept nogil:
         free(x.pend)
         x.pend = NULL
         x.pend_len = 0
-        if x.pipe_r >= 0:
-            sys_.close(x.pipe_r)
-            sys_.close(x.pipe_w)
-            x.pipe_r = x.pipe_w = -1
+        pipe_put(L, x)      # pooled if empty, closed if it still holds bytes
         x.pipe_bytes = 0
     lru_unlink(L, c)
     c.grave_next = L.grave
@@ -368,6 +416,67 @@ cdef int open_pipe(Loop *L, Dir *x) noexcept nogil:
     return 0
 
 
+cdef int pipe_get(Loop *L, Dir *x) noexcept nogil:
+    """Give direction ``x`` a pipe: a pooled one, else a new one while fewer
+    than ``max_pipes`` exist. 0, or -1 when refused (counted; the caller stays
+    on recv/send and asks again later: a refusal is never permanent)."""
+    cdef Pipe *p = L.pool
+    if p != NULL:
+        L.pool = p.next
+        x.pipe_r = p.r
+        x.pipe_w = p.w
+        x.pipe_cap = p.cap
+        free(p)
+        L4_ADD(&L.ctr[C_PIPES_FREE], -1)
+        L4_ADD(&L.ctr[C_PIPES_USED], 1)
+        return 0
+    # The pool is empty, so every pipe that exists is in use. pipe2() fails
+    # with EMFILE/ENFILE when the fds are gone (also ENOMEM): refuse, do not
+    # remember it, since fds come back as connections close.
+    if L4_LOAD(&L.ctr[C_PIPES_USED]) < L.max_pipes and open_pipe(L, x) == 0:
+        L4_ADD(&L.ctr[C_PIPES_USED], 1)
+        return 0
+    L4_ADD(&L.ctr[C_PIPE_REFUSALS], 1)
+    return -1
+
+
+cdef void pipe_put(Loop *L, Dir *x) noexcept nogil:
+    """Take back direction ``x``'s pipe, if it has one. Only an empty pipe
+    goes to the pool (``pipe_bytes`` counts exactly what splice() put in and
+    took out); one that still holds bytes of a dying connection is closed,
+    so no byte can ever leak into another connection."""
+    cdef Pipe *p = NULL
+    if x.pipe_r < 0:
+        return
+    if x.pipe_bytes == 0:
+        p = <Pipe *>malloc(sizeof(Pipe))
+    if p != NULL:
+        p.r = x.pipe_r
+        p.w = x.pipe_w
+        p.cap = x.pipe_cap
+        p.next = L.pool
+        L.pool = p
+        L4_ADD(&L.ctr[C_PIPES_FREE], 1)
+    else:
+        sys_.close(x.pipe_r)
+        sys_.close(x.pipe_w)
+    L4_ADD(&L.ctr[C_PIPES_USED], -1)
+    x.pipe_r = x.pipe_w = -1
+    x.splicing = 0
+
+
+cdef void pool_close(Loop *L) noexcept nogil:
+    """Close every pooled pipe (the pump is closing)."""
+    cdef Pipe *p
+    while L.pool != NULL:
+        p = L.pool
+        L.pool = p.next
+        sys_.close(p.r)
+        sys_.close(p.w)
+        free(p)
+        L4_ADD(&L.ctr[C_PIPES_FREE], -1)
+
+
 cdef inline void moved(Loop *L, Conn *c, int d, ssize_t n, double now) noexcept nogil:
     c.dir[d].moved += n
     L4_ADD(&L.ctr[C_BYTES_UP if d == 0 else C_BYTES_DOWN], n)
@@ -382,6 +491,7 @@ cdef int dir_step(Loop *L, Conn *c, int d, double now) noexcept nogil:
     cdef size_t budget = STEP_BUDGET
     cdef ssize_t n, m
     cdef bint drained = 0     # the last read was short: the source is empty
+    cdef bint spliced = 0     # splice() read something in this call
     if x.done:
         return R_OK
     while True:
@@ -425,38 +535,56 @@ cdef int dir_step(Loop *L, Conn *c, int d, double now) noexcept nogil:
             # that socket says how, so the error is not acted on here.
             sys_.shutdown(dst, sys_.SHUT_WR)
             x.done = 1
+            pipe_put(L, x)      # empty now: back to the pool, for others
             touch(L, c, now)
             return R_OK
         if drained or budget == 0:
             return R_OK     # level-triggered epoll reports the rest
         # 3. Read (and write straight through).
-        if not x.splicing and x.moved >= L.threshold:
-            if open_pipe(L, x) == 0:
+        if not x.splicing and x.moved >= x.splice_at:
+            if pipe_get(L, x) == 0:
                 x.splicing = 1
                 if not c.spliced:
                     c.spliced = 1
                     L4_ADD(&L.ctr[C_SPLICED], 1)
             else:
-                L.threshold = 0x7fffffffffffffff   # no pipes to be had: stay on recv
+                # No pipe now (max_pipes in use, or no fds): this stretch goes
+                # through recv/send; ask again after PIPE_RETRY more bytes.
+                x.splice_at = x.moved + PIPE_RETRY
         if x.splicing:
             n = sys_.splice(src, NULL, x.pipe_w, NULL, x.pipe_cap,
                             sys_.SPLICE_F_MOVE | sys_.SPLICE_F_NONBLOCK)
+            if n > 0:
+                spliced = 1
+                x.pipe_bytes = n
+                L4_ADD(&L.ctr[C_BUFFERED], n)
+                # No "short read means empty" shortcut here: a pipe holds one
+                # skb fragment per slot, so splice often returns less than
+                # pipe_cap while more is queued on the socket.
+                budget -= min(budget, <size_t>n)
+                continue
             if n < 0:
                 if errno == EINTR:
                     continue
-                if would_block(errno):
-                    return R_OK
-                return classify(errno)
-            if n == 0:
-                x.eof = 1
-                continue
-            x.pipe_bytes = n
-            L4_ADD(&L.ctr[C_BUFFERED], n)
-            # No "short read means empty" shortcut here: a pipe holds one
-            # skb fragment per slot, so splice often returns less than
-            # pipe_cap while more is queued on the socket.
-            budget -= min(budget, <size_t>n)
-            continue
+                if not would_block(errno):
+                    return classify(errno)
+            # EAGAIN ("empty") and 0 ("EOF") may both be false here. splice
+            # reads through tcp_read_sock(), which stops at an urgent mark
+            # (send(MSG_OOB)) whatever SO_OOBINLINE says: EAGAIN for ever while
+            # epoll reports the bytes behind the mark (a spin), and 0 once the
+            # FIN is queued (a clean EOF with those bytes dropped). Only
+            # recvmsg() reads past the mark: at the mark, one recv() below
+            # takes the urgent byte (inline) and what follows, which clears
+            # the mark, and the next round splices again. The pipe is empty
+            # here, so the order of bytes is kept. An EAGAIN after progress
+            # is not checked (no syscall per wake-up): epoll reports the
+            # bytes behind a mark again, and that wake-up checks.
+            if (n < 0 and spliced) or sys_.sockatmark(src) != 1:
+                if n == 0:
+                    x.eof = 1
+                    continue
+                return R_OK
+            L4_ADD(&L.ctr[C_URGENT], 1)
         n = sys_.recv(src, L.scratch, L.bufsize, sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EINTR:
@@ -540,6 +668,7 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     """Register a handed-off pair; on any failure the fds are closed here."""
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
     cdef int i, fl
+    cdef int on
     cdef int stype = 0
     cdef sys_.socklen_t typelen
     if c == NULL:
@@ -555,6 +684,7 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
         c.side[i].idx = i
         c.side[i].conn = c
         c.dir[i].pipe_r = c.dir[i].pipe_w = -1
+        c.dir[i].splice_at = L.threshold if L.max_pipes > 0 else NEVER
     lru_append(L, c)
     c.last_active = now
     for i in range(2):
@@ -572,6 +702,11 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
                       and sys_.fcntl(c.side[i].fd, sys_.F_SETFL, fl | sys_.O_NONBLOCK) < 0):
             conn_abort(L, c, R_ERROR)
             return
+        # Urgent data (send(MSG_OOB)) is read in its place in the stream:
+        # without SO_OOBINLINE recv() skips the urgent byte and it would be
+        # lost (we do not re-send it as urgent; the peer gets it as data).
+        on = 1
+        sys_.setsockopt(c.side[i].fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &on, sizeof(on))
     if set_interest(L, c, 0, 0) < 0 or set_interest(L, c, 1, 0) < 0:
         conn_abort(L, c, R_ERROR)     # e.g. not a socket, or not pollable
 
@@ -610,6 +745,9 @@ cdef void run_loop(Loop *L) noexcept nogil:
             left = L.lru_head.last_active + L.idle - now_s()
             timeout_ms = 0 if left <= 0 else <int>(min(left, 3600.0) * 1000.0) + 1
         n = sys_.epoll_wait(L.epfd, events, MAX_EVENTS, timeout_ms)
+        # Every return counts: a loop that spins (a level-triggered event it
+        # cannot act on) shows here, not only as CPU time.
+        L4_ADD(&L.ctr[C_WAKEUPS], 1)
         if n < 0:
             n = 0   # EINTR; nothing else can fail on a valid epoll fd
         now = now_s()
@@ -654,6 +792,7 @@ cdef void run_loop(Loop *L) noexcept nogil:
     sys_.pthread_mutex_unlock(&L.lock)
     queue_discard(L, h)
     close_all(L)
+    pool_close(L)
 
 
 # -- the Python face ----------------------------------------------------------
@@ -684,12 +823,13 @@ cdef class Pump:
     cdef readonly double idle_timeout
     cdef readonly Py_ssize_t buffer_size
     cdef readonly Py_ssize_t splice_threshold
+    cdef readonly Py_ssize_t max_pipes
 
     def __cinit__(self, *args, **kwargs):
         self.L = NULL
 
     def __init__(self, *, double idle_timeout=3600.0, Py_ssize_t buffer_size=65536,
-                 Py_ssize_t splice_threshold=262144):
+                 Py_ssize_t splice_threshold=262144, Py_ssize_t max_pipes=1024):
         cdef Loop *L
         cdef sys_.epoll_event ev
         if self.L != NULL:
@@ -700,9 +840,12 @@ cdef class Pump:
             raise ValueError(f"buffer_size must be in [1024, 2**30], got {buffer_size!r}")
         if splice_threshold < 0:
             raise ValueError(f"splice_threshold must be >= 0, got {splice_threshold!r}")
+        if max_pipes < 0:
+            raise ValueError(f"max_pipes must be >= 0 (0: never splice), got {max_pipes!r}")
         self.idle_timeout = idle_timeout
         self.buffer_size = buffer_size
         self.splice_threshold = splice_threshold
+        self.max_pipes = max_pipes
         L = <Loop *>calloc(1, sizeof(Loop))
         if L == NULL:
             raise MemoryError()
@@ -714,6 +857,7 @@ cdef class Pump:
         sys_.pthread_mutex_init(&L.lock, NULL)
         L.bufsize = buffer_size
         L.threshold = splice_threshold
+        L.max_pipes = max_pipes
         L.idle = idle_timeout
         L.accepting = 1
         self.L = L
@@ -737,6 +881,7 @@ cdef class Pump:
         queue_discard(L, L.q_head)
         L.q_head = L.q_tail = NULL
         close_all(L)
+        pool_close(L)
         close_fd_quietly(L.epfd)
         close_fd_quietly(L.wakefd)
         sys_.pthread_mutex_destroy(&L.lock)

@@ -80,6 +80,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_ERROR
         SO_TYPE
+        SO_OOBINLINE
         SOCK_STREAM
         MSG_NOSIGNAL
         MSG_DONTWAIT
@@ -90,6 +91,9 @@ cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    # POSIX: 1 when the next byte to read is the urgent mark, 0 if not, -1 on
+    # error (glibc: ioctl(fd, SIOCATMARK)).
+    int sockatmark(int fd)
 
 
 cdef extern from "<time.h>" nogil:

@@ -39,8 +39,19 @@ Reads land in one scratch buffer shared by all connections and are sent at
 once; only the unsent tail of a partial send is copied into a per-direction
 ``bytes`` (≤ ``buffer_size``), dropped once it drains, so an idle connection
 holds no buffer. After ``splice_threshold`` bytes a direction that holds
-nothing switches to ``os.splice`` through its own pipe (sized to
-``buffer_size``, closed with the connection).
+nothing switches to ``os.splice`` through a pipe (sized to ``buffer_size``)
+from the loop's pool: at most ``max_pipes`` exist, in use or pooled; a pipe
+goes back when its direction is done or its connection closes, pooled only
+when empty (closed if it still holds bytes). No pipe to be had (``max_pipes``
+in use, EMFILE, ENFILE): counted in ``pipe_refusals``, that direction keeps to
+recv/send and asks again after another ``_PIPE_RETRY`` bytes.
+
+Urgent data: sockets get SO_OOBINLINE, so the urgent byte of a
+send(MSG_OOB) is relayed in its place as plain data (without it recv() would
+skip it: a lost byte). splice() cannot cross an urgent mark (tcp_read_sock
+stops there: EAGAIN for ever while epoll reports readable, or 0 once the FIN
+is queued), so when splice reads nothing and ``sockatmark()`` says the mark
+is next, one recv() steps over it. ext/pump.pyx says more.
 
 Kernel notes: no EPOLLRDHUP (EOF shows up as readable + recv() == 0); EPOLLHUP
 and EPOLLERR arrive whatever the mask, so a side that hung up and has nothing
@@ -72,6 +83,8 @@ _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _STEP_BUDGET: Final = 1 << 20  # bytes per direction per wake-up (fairness)
+_PIPE_RETRY: Final = 1 << 20  # after a refused pipe, bytes moved before asking again
+_SIOCATMARK: Final = 0x8905  # <asm-generic/sockios.h>; Python has no sockatmark()
 _NEVER: Final = 1 << 62
 
 _COUNTER_NAMES: Final = (
@@ -86,6 +99,11 @@ _COUNTER_NAMES: Final = (
     "spliced",
     "buffered",
     "force_closed",
+    "wakeups",
+    "urgent",
+    "pipes_used",
+    "pipes_free",
+    "pipe_refusals",
 )
 
 # Results of one direction step.
@@ -96,6 +114,12 @@ _ERROR: Final = 2  # anything else: abort, count an error
 
 def _classify(err: int | None) -> int:
     return _RESET if err in (errno.ECONNRESET, errno.EPIPE) else _ERROR
+
+
+def _at_urgent_mark(fd: int) -> bool:
+    """sockatmark(3): is the next byte to read the urgent mark?"""
+    (answer,) = struct.unpack("i", fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0"))
+    return bool(answer == 1)
 
 
 class _Dir:
@@ -110,16 +134,18 @@ class _Dir:
         "pipe_cap",
         "pipe_r",
         "pipe_w",
+        "splice_at",
         "splicing",
     )
 
-    def __init__(self, pend: bytes) -> None:
+    def __init__(self, pend: bytes, splice_at: int) -> None:
         self.pend = memoryview(pend) if pend else None  # unsent bytes, owned here
         self.pipe_r = -1
         self.pipe_w = -1
         self.pipe_cap = 0
         self.pipe_bytes = 0
         self.moved = 0
+        self.splice_at = splice_at  # bytes moved at which to ask for a pipe (again)
         self.eof = False
         self.done = False
         self.splicing = False
@@ -185,10 +211,12 @@ class _Loop:
     and :meth:`take_queue`. ``active`` is derived: accepted - closed.
     """
 
-    def __init__(self, idle: float, bufsize: int, threshold: int) -> None:
+    def __init__(self, idle: float, bufsize: int, threshold: int, max_pipes: int) -> None:
         self.idle = idle
         self.bufsize = bufsize
         self.threshold = threshold
+        self.max_pipes = max_pipes  # pipes in use + pooled never exceed this
+        self.pool: list[tuple[int, int, int]] = []  # empty pipes (r, w, cap) for reuse
         self.scratch = bytearray(bufsize)
         self.view = memoryview(self.scratch)
         self.ep = select.epoll()
@@ -258,11 +286,8 @@ class _Loop:
         for x in c.dirs:
             self.ctr["buffered"] -= x.held()
             x.pend = None
+            self.pipe_put(x)  # pooled if empty, closed if it still holds bytes
             x.pipe_bytes = 0
-            if x.pipe_r >= 0:
-                os.close(x.pipe_r)
-                os.close(x.pipe_w)
-                x.pipe_r = x.pipe_w = -1
         self.conns.pop(id(c), None)
         self.ctr["closed"] += 1
 
@@ -308,6 +333,46 @@ class _Loop:
         x.pipe_r, x.pipe_w = r, w
         return True
 
+    def pipe_get(self, x: _Dir) -> bool:
+        """A pooled pipe, else a new one while fewer than max_pipes exist.
+        False when refused (counted): the caller stays on recv/send and asks
+        again later, since fds come back as connections close."""
+        if self.pool:
+            x.pipe_r, x.pipe_w, x.pipe_cap = self.pool.pop()
+            self.ctr["pipes_free"] -= 1
+            self.ctr["pipes_used"] += 1
+            return True
+        # The pool is empty: every pipe that exists is in use. pipe2() fails
+        # with EMFILE/ENFILE (or ENOMEM) when the fds are gone.
+        if self.ctr["pipes_used"] < self.max_pipes and self.open_pipe(x):
+            self.ctr["pipes_used"] += 1
+            return True
+        self.ctr["pipe_refusals"] += 1
+        return False
+
+    def pipe_put(self, x: _Dir) -> None:
+        """Take back x's pipe: only an empty one is pooled (pipe_bytes is
+        exact); one with bytes of a dying connection is closed, so no byte can
+        leak into another connection."""
+        if x.pipe_r < 0:
+            return
+        if x.pipe_bytes == 0:
+            self.pool.append((x.pipe_r, x.pipe_w, x.pipe_cap))
+            self.ctr["pipes_free"] += 1
+        else:
+            os.close(x.pipe_r)
+            os.close(x.pipe_w)
+        self.ctr["pipes_used"] -= 1
+        x.pipe_r = x.pipe_w = -1
+        x.splicing = False
+
+    def pool_close(self) -> None:
+        while self.pool:
+            r, w, _ = self.pool.pop()
+            os.close(r)
+            os.close(w)
+            self.ctr["pipes_free"] -= 1
+
     def moved(self, c: _Conn, d: int, n: int, now: float) -> None:
         c.dirs[d].moved += n
         self.ctr["bytes_upstream" if d == 0 else "bytes_downstream"] += n
@@ -324,6 +389,7 @@ class _Loop:
         dst = c.sides[1 - d].sock
         budget = _STEP_BUDGET
         drained = False
+        spliced = False  # splice() read something in this call
         try:
             while True:
                 if x.pend is not None:
@@ -347,27 +413,42 @@ class _Loop:
                     except OSError:
                         pass  # ENOTCONN: the peer is gone; its next event says how
                     x.done = True
+                    self.pipe_put(x)  # empty now: back to the pool, for others
                     self.touch(c, now)
                     return _OK
                 if drained or budget <= 0:
                     return _OK
-                if not x.splicing and x.moved >= self.threshold:
-                    if self.open_pipe(x):
+                if not x.splicing and x.moved >= x.splice_at:
+                    if self.pipe_get(x):
                         x.splicing = True
                         if not c.spliced:
                             c.spliced = True
                             self.ctr["spliced"] += 1
                     else:
-                        self.threshold = _NEVER  # no pipes to be had: stay on recv
+                        # No pipe now: this stretch goes through recv/send.
+                        x.splice_at = x.moved + _PIPE_RETRY
                 if x.splicing:
-                    n = os.splice(src.fileno(), x.pipe_w, x.pipe_cap, flags=_SPLICE_FLAGS)
-                    if n == 0:
-                        x.eof = True
+                    try:
+                        n = os.splice(src.fileno(), x.pipe_w, x.pipe_cap, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        n = -1
+                    if n > 0:
+                        spliced = True
+                        x.pipe_bytes = n
+                        self.ctr["buffered"] += n
+                        budget -= n
                         continue
-                    x.pipe_bytes = n
-                    self.ctr["buffered"] += n
-                    budget -= n
-                    continue
+                    # EAGAIN and 0 (EOF) may both be false: splice stops at an
+                    # urgent mark (tcp_read_sock), EAGAIN for ever while epoll
+                    # reports the bytes behind it, 0 once the FIN is queued.
+                    # Only recv() reads past the mark (see ext/pump.pyx); the
+                    # pipe is empty here, so order is kept.
+                    if (n < 0 and spliced) or not _at_urgent_mark(src.fileno()):
+                        if n == 0:
+                            x.eof = True
+                            continue
+                        return _OK
+                    self.ctr["urgent"] += 1
                 n = src.recv_into(self.view, self.bufsize)
                 if n == 0:
                     x.eof = True
@@ -425,6 +506,9 @@ class _Loop:
                     raise OSError(errno.ENOTSOCK, "not a stream socket")
                 # One blocking send would stall every connection of the pump.
                 sock.setblocking(False)
+                # Urgent data is read in its place in the stream: without
+                # SO_OOBINLINE recv() skips (loses) the urgent byte.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         except OSError:
             # Not a socket (ENOTSOCK), or worse: close each fd exactly once,
             # through its socket object where one took ownership.
@@ -436,7 +520,8 @@ class _Loop:
             self.ctr["closed"] += 1
             return
         c.sides = [_Side(c, 0, socks[0]), _Side(c, 1, socks[1])]
-        c.dirs = [_Dir(h.pend_up), _Dir(h.pend_down)]
+        splice_at = self.threshold if self.max_pipes > 0 else _NEVER
+        c.dirs = [_Dir(h.pend_up, splice_at), _Dir(h.pend_down, splice_at)]
         self.ctr["buffered"] += len(h.pend_up) + len(h.pend_down)
         self.conns[id(c)] = c
         for s in c.sides:
@@ -470,6 +555,7 @@ class _Loop:
                 self.ctr["errors"] += 1
         self.discard(self.take_queue()[0])
         self.close_all()
+        self.pool_close()
 
     def run_once(self) -> bool:
         """One epoll batch; True when asked to stop."""
@@ -480,6 +566,7 @@ class _Loop:
         else:
             timeout = -1
         events = self.ep.poll(timeout, 256)
+        self.ctr["wakeups"] += 1  # every return: a spinning loop shows here
         now = time.monotonic()
         woken = False
         for fd, ev in events:
@@ -525,6 +612,7 @@ class Pump:
         idle_timeout: float = 3600.0,
         buffer_size: int = 65536,
         splice_threshold: int = 262144,
+        max_pipes: int = 1024,
     ) -> None:
         if not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be > 0 seconds, got {idle_timeout!r}")
@@ -532,10 +620,13 @@ class Pump:
             raise ValueError(f"buffer_size must be in [1024, 2**30], got {buffer_size!r}")
         if splice_threshold < 0:
             raise ValueError(f"splice_threshold must be >= 0, got {splice_threshold!r}")
+        if max_pipes < 0:
+            raise ValueError(f"max_pipes must be >= 0 (0: never splice), got {max_pipes!r}")
         self.idle_timeout = float(idle_timeout)
         self.buffer_size = buffer_size
         self.splice_threshold = splice_threshold
-        self._loop = _Loop(self.idle_timeout, buffer_size, splice_threshold)
+        self.max_pipes = max_pipes
+        self._loop = _Loop(self.idle_timeout, buffer_size, splice_threshold, max_pipes)
         self._thread: threading.Thread | None = None
         self._closed = False
 

@@ -165,6 +165,13 @@ def add_parser(sub: Any) -> None:
         "--max-connections", type=int, default=0, help="refuse beyond this many (0: no limit)"
     )
     p.add_argument(
+        "--max-pipes",
+        type=int,
+        default=-1,
+        help="splice pipes per worker, pooled, 2 fds each "
+        "(default: --max-connections / 4; 0: never splice)",
+    )
+    p.add_argument(
         "--ejection-time",
         type=float,
         default=10.0,
@@ -384,6 +391,7 @@ async def _serve(
         outbound_policy=args.outbound_policy,
         source_labels=args.pod_labels,
         max_connections=args.max_connections,
+        max_pipes=args.max_pipes,
         ejection_time=args.ejection_time,
     )
     # The rule watcher's counters (DNS lookups) are the worker's: one /stats.

@@ -79,6 +79,7 @@ class WorkerOptions:
     outbound_policy: str = "ALLOW_ANY"  # or REGISTRY_ONLY
     source_labels: dict[str, str] = field(default_factory=dict)
     max_connections: int = 0  # 0 = unlimited
+    max_pipes: int = -1  # splice pipes; -1: pump.max_pipes_for(), 0: never splice
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
 
 
@@ -166,7 +167,10 @@ class Worker:
         self.opts = options
         self.counters = counters or Counters()
         self.health = health or EndpointHealth(base_ejection=options.ejection_time)
-        self.pump = pump.Pump(idle_timeout=options.idle_timeout)
+        max_pipes = pump.max_pipes_for(options.max_connections, options.max_pipes)
+        self.pump = pump.Pump(idle_timeout=options.idle_timeout, max_pipes=max_pipes)
+        if budget := pump.fd_budget_warning(options.max_connections, max_pipes):
+            log.warning("%s", budget)
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
@@ -303,7 +307,8 @@ class Worker:
                         self._fd_limit_logged = now
                         log.warning(
                             "accept on %s: %s; refusing new connections for now "
-                            "(set --max-connections below the fd limit / 2)",
+                            "(keep 2 x --max-connections + 2 x --max-pipes + 64 "
+                            "below the fd limit)",
                             lst.name,
                             os.strerror(exc.errno or 0),
                         )

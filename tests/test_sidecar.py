@@ -362,6 +362,10 @@ def test_bulk_transfer_is_byte_identical_both_ways(mesh: Mesh, impl: str, size: 
     assert down.stdout.startswith("True"), down.stdout + down.stderr
     assert mesh.sidecar.stat("l4proxy_bytes_upstream_total") >= size
     assert mesh.sidecar.stat("l4proxy_bytes_downstream_total") >= size
+    # Both relays spliced; their pipes went back to the pool, none was refused.
+    stats = "\n" + mesh.sidecar.admin("/stats")
+    assert mesh.sidecar.stat("l4proxy_pipes_pooled") >= 1, stats
+    assert "\nl4proxy_pipe_refusals_total 0" in stats, stats
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
