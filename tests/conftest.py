@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -35,10 +36,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long soak tests (make soak)")
 
 
-def _skip_or_fail(reason: str) -> None:
+def _skip_or_fail(reason: str, allow_module_level: bool = False) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def import_or_skip(name: str, reason: str) -> ModuleType:
+    """``pytest.importorskip`` under the CI rule (call it at module level)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        _skip_or_fail(f"{reason} ({exc})", allow_module_level=True)
+        raise  # unreachable
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,10 @@ import yaml
 
 from l4proxy.config import load_rules
 from l4proxy.inject import InjectOptions, inject_text
-from tests.conftest import _skip_or_fail
+from tests.conftest import _skip_or_fail, import_or_skip
 
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+kubernetes_validate = import_or_skip(
+    "kubernetes_validate", "pip install kubernetes-validate (requirements-dev.txt)"
 )
 
 ROOT = Path(__file__).resolve().parent.parent

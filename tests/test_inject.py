@@ -26,9 +26,10 @@ from l4proxy.inject import (
     inject_text,
     split_documents,
 )
+from tests.conftest import import_or_skip
 
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+kubernetes_validate = import_or_skip(
+    "kubernetes_validate", "pip install kubernetes-validate (requirements-dev.txt)"
 )
 K8S_CURRENT = "1.37.0"
 
