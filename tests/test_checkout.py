@@ -203,6 +203,12 @@ def test_sync_makes_a_readable_root_owned_incremental_mirror(places: tuple[Path,
     assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # not copied again
 
 
+def _outside_make() -> dict[str, str]:
+    """This environment without what an enclosing make (make test) passes down."""
+    drop = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "L4PROXY_ORIGIN"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _make(
     co: Path, mirrors: Path, goal: str, uid: int | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -210,7 +216,7 @@ def _make(
     return subprocess.run(
         argv if uid is None else _as(uid, *argv),
         cwd=co,
-        env={**os.environ, "L4PROXY_MIRROR_ROOT": str(mirrors)},
+        env={**_outside_make(), "L4PROXY_MIRROR_ROOT": str(mirrors)},
         capture_output=True,
         text=True,
     )
