@@ -3,22 +3,32 @@
 # a virtualenv in .venv made from Debian's /usr/bin/python3 (so that the
 # unprivileged users the tests and the demo run as, 1000 and 1337, can run it),
 # and the project installed into it in editable mode with its extensions built.
+#
+# Where the work runs: those users must be able to read the checkout. When
+# they cannot (a checkout under root's 0700 home, in `mktemp -d`, made with
+# umask 077), the targets run in a world-readable mirror of it instead, in
+# /var/lib/l4proxy/checkouts/<hash>/ (tools/mirror says how and why), with
+# L4PROXY_SHARED naming the ../shared beside *this* checkout for the tests.
+# What cannot work at all stops here with one line, before anything is done.
 
 SHELL := /bin/bash
 PY_SYS ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables nftables iproute2 util-linux curl wrk gcc python3-dev python3-venv ca-certificates dnsmasq-base
+DEB_PACKAGES := iptables nftables iproute2 util-linux curl wrk gcc python3-dev python3-venv ca-certificates dnsmasq-base rsync
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
+# What the Makefile creates, others (uid 1000, 1337) must be able to read.
+UMASK := umask 022 &&
 
-.PHONY: help deps venv build test lint unit demo bench soak clean
+WORK_TARGETS := venv build lint unit test demo bench soak
+.PHONY: help deps clean $(WORK_TARGETS)
 
 help:
 	@echo "make demo   - run the Istio request-routing tutorial locally (root, netns)"
 	@echo "make test   - lint, type-check, and run the whole test suite"
 	@echo "make bench  - benchmark against HAProxy, nginx and Envoy (not part of test)"
 	@echo "make soak   - the 10-minute churn and keep-alive soaks (not part of test)"
-	@echo "make clean  - remove the virtualenv and build outputs"
+	@echo "make clean  - remove the virtualenv, build outputs and the mirror (if any)"
 
 # Debian packages: install only those missing (dpkg-query is quick and offline).
 .stamp-deb: Makefile
@@ -33,14 +43,36 @@ help:
 	fi
 	@touch $@
 
+ifdef L4PROXY_ORIGIN
+# Run by the checkout's make in the mirror: ../shared is beside the checkout.
+export L4PROXY_SHARED ?= $(abspath $(L4PROXY_ORIGIN)/..)/shared
+WHERE := here
+else ifneq ($(filter $(WORK_TARGETS),$(MAKECMDGOALS)),)
+WHERE := $(shell DEB_PACKAGES="$(DEB_PACKAGES)" bash tools/mirror plan $(MAKECMDGOALS))
+$(if $(filter error:%,$(WHERE)),$(error $(patsubst error:%,%,$(WHERE))))
+endif
+
+ifneq ($(filter mirror:%,$(WHERE)),)
+MIRROR := $(patsubst mirror:%,%,$(WHERE))
+
+# One sync, then the goals in the mirror (command-line variables such as
+# PYTEST_ARGS follow through MAKEFLAGS, CI=true through the environment).
+$(WORK_TARGETS): mirror-run ;
+mirror-run: .stamp-deb
+	@bash tools/mirror sync $(MIRROR)
+	@$(MAKE) --no-print-directory -C $(MIRROR) L4PROXY_ORIGIN=$(CURDIR) $(filter $(WORK_TARGETS),$(MAKECMDGOALS))
+.PHONY: mirror-run
+
+else
+
 $(VENV)/.stamp-deps: requirements.txt requirements-dev.txt .stamp-deb
-	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(UMASK) test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(UMASK) $(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(UMASK) $(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py pyproject.toml $(EXT_SOURCES)
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(UMASK) $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
 venv: $(VENV)/.stamp-build
@@ -52,19 +84,24 @@ lint: venv
 	$(VENV)/bin/mypy
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not netns"
+	$(UMASK) $(VENV)/bin/pytest -q -m "not netns"
 
 test: lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(UMASK) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/l4proxy demo $(DEMO_ARGS)
+	$(UMASK) $(VENV)/bin/l4proxy demo $(DEMO_ARGS)
 
 bench: venv
-	$(PY) -m bench $(BENCH_ARGS)
+	$(UMASK) $(PY) -m bench $(BENCH_ARGS)
 
 soak: venv
-	$(VENV)/bin/pytest -q -m slow --soak $(PYTEST_ARGS)
+	$(UMASK) $(VENV)/bin/pytest -q -m slow --soak $(PYTEST_ARGS)
+
+endif
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info l4proxy/_ext/*.so ext/*.c .stamp-deb
+	@mirror=$$(bash tools/mirror path); if [ -d "$$mirror" ]; then \
+	  echo "rm -rf $$mirror"; rm -rf "$$mirror" || echo "cannot remove the mirror $$mirror: run make clean as root" >&2; \
+	fi

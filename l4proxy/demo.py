@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from l4proxy.bootcamp import tally
-from l4proxy.podnet import Pod, PodNetwork, namespace_exists
+from l4proxy.podnet import Pod, PodNetwork, PodNetworkError, namespace_exists
 
 PREFIX = "l4demo"
 STATE_DIR = "/run/l4proxy-demo"
@@ -621,10 +621,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.down:
         return _down()
+    why = _unreachable()
+    if why:
+        print(f"l4proxy demo: {why}", file=sys.stderr)
+        return 2
     if namespace_exists(f"{PREFIX}-node"):
         print(
             f"l4proxy demo: namespace {PREFIX}-node exists: a demo is running or was left "
-            "behind; remove it with: l4proxy demo --down",
+            "behind; remove it with: l4proxy demo --down "
+            "(in a checkout: make demo DEMO_ARGS=--down)",
             file=sys.stderr,
         )
         return 2
@@ -655,8 +660,11 @@ def run(args: argparse.Namespace) -> int:
             tut.say(f"done in {time.monotonic() - started:.1f} s")
             if any(r[k]["failed"] for r in results for k in r if k != "step"):
                 code = 1
-        except DemoError as exc:
+        except (DemoError, PodNetworkError, OSError, subprocess.SubprocessError) as exc:
             print(f"l4proxy demo: {exc}", file=sys.stderr)
+            code = 1
+        except Exception as exc:  # one line, never a traceback: what failed, and how
+            print(f"l4proxy demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
             print("\ninterrupted; cleaning up", file=sys.stderr)
@@ -670,6 +678,31 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return code
+
+
+def _unreachable() -> str:
+    """Why the demo's users cannot run this installation ("" when they can).
+
+    The pods' apps and curl run as uid 1000 and the sidecars as uid 1337,
+    from this interpreter and these sources: under a directory closed to
+    other users (root's 0700 home, ``mktemp -d``) every pod would fail to
+    start, so say so before building anything. ``make demo`` avoids it by
+    running from a world-readable mirror of the checkout.
+    """
+    if not shutil.which("setpriv"):
+        return "setpriv is missing (the pods run as uid 1000 and 1337): apt-get install util-linux"
+    need = [(HERE, "-x"), (os.path.join(HERE, "__init__.py"), "-r"), (sys.executable, "-x")]
+    for uid in (1000, 1337):
+        for path, test in need:
+            ids = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            if subprocess.run(["setpriv", *ids, "test", test, path]).returncode != 0:
+                return (
+                    f"uid {uid} cannot {'run' if test == '-x' else 'read'} {path} (a parent "
+                    "directory is closed to other users, or the files are not world-readable): "
+                    "run make demo, which then runs from a world-readable mirror, or install "
+                    "l4proxy where every user can read it"
+                )
+    return ""
 
 
 def _topology_summary(tut: Tutorial) -> str:

@@ -3,15 +3,21 @@
 * ``netns``-marked tests need root and network namespaces. Without them they
   skip locally, and **fail** when ``CI=true`` (CI must run them).
 * ``slow`` tests (soaks) run only with ``--soak`` (``make soak``).
+* ``seed_dir`` is the Istio tutorial's manifests in ``../shared`` beside the
+  checkout (``$L4PROXY_SHARED`` overrides). Users do not have it: tests that
+  use it skip locally and **fail** under ``CI=true`` (CI provides it).
+* Every skip goes through :func:`_skip_or_fail`: what CI must run, it runs.
 * :func:`twin` parametrizes a test over the compiled and the pure-Python
   implementation of a module; a missing compiled build fails under CI.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -19,22 +25,41 @@ import pytest
 
 from l4proxy import _impl
 from l4proxy.podnet import PodNetwork
-from tests.mesh import Mesh
+from tests.mesh import SEED_DIR, SHARED_DIR, Mesh
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
-SEED = os.path.join(os.path.dirname(REPO), "shared", "seed", "istio-request-routing")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long soak tests (make soak)")
 
 
-def _skip_or_fail(reason: str) -> None:
+def _skip_or_fail(reason: str, allow_module_level: bool = False) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def import_or_skip(name: str, reason: str) -> ModuleType:
+    """``pytest.importorskip`` under the CI rule (call it at module level)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        _skip_or_fail(f"{reason} ({exc})", allow_module_level=True)
+        raise  # unreachable
+
+
+@pytest.fixture(scope="session")
+def seed_dir() -> str:
+    """The tutorial's manifests, verbatim (``../shared/seed/istio-request-routing``)."""
+    if not os.path.isdir(SEED_DIR):
+        _skip_or_fail(
+            f"no seed manifests at {SEED_DIR}: the project's shared material ({SHARED_DIR}) "
+            "is not beside this checkout (CI provides it; L4PROXY_SHARED=DIR points elsewhere)"
+        )
+    return SEED_DIR
 
 
 _netns_ok: tuple[bool, str] | None = None
@@ -54,8 +79,37 @@ def _check_netns() -> tuple[bool, str]:
                 _netns_ok = (False, f"cannot create a network namespace: {r.stderr.strip()}")
             else:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
-                _netns_ok = (True, "")
+                why = _unreachable()
+                _netns_ok = (not why, why)
     return _netns_ok
+
+
+def _unreachable() -> str:
+    """Why uid 1000 or 1337 cannot run this checkout's code ("" when both can).
+
+    The netns tests run test servers and curl as uid 1000 and the sidecar as
+    uid 1337 (its workers re-exec and import l4proxy from this checkout), and
+    hand them paths in it. A checkout under a 0700 directory (root's home,
+    ``mktemp -d``) or made with umask 077 is out of their reach: every such
+    test would fail for that one reason, so say it once instead.
+    """
+    if not shutil.which("setpriv"):
+        return "needs util-linux's setpriv"
+    wanted = [
+        (os.path.join(REPO, "l4proxy", "__init__.py"), "-r"),
+        (os.path.join(REPO, "tests", "tools", "dial.py"), "-r"),
+        (sys.executable, "-x"),
+    ]
+    for uid in (1000, 1337):
+        for path, test in wanted:
+            ids = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            if subprocess.run(["setpriv", *ids, "test", test, path]).returncode != 0:
+                return (
+                    f"uid {uid} cannot {'read' if test == '-r' else 'run'} {path} (a parent "
+                    "directory is closed to other users, or the files are not world-readable); "
+                    "run `make test`, which then runs the suite in a world-readable mirror"
+                )
+    return ""
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -37,12 +37,15 @@ IMPLS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ("--loop", "asyncio")),
 }
 
-SEED_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "shared",
-    "seed",
-    "istio-request-routing",
+# The project's shared material (the Istio tutorial's manifests) lives in
+# ``../shared`` beside the checkout, where CI puts it; users do not have it.
+# L4PROXY_SHARED overrides: ``make`` sets it when it runs the suite in a
+# mirror of the checkout (see the Makefile), so ``../shared`` still means
+# beside the user's checkout. Tests reach it through conftest's ``seed_dir``.
+SHARED_DIR = os.environ.get("L4PROXY_SHARED") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared"
 )
+SEED_DIR = os.path.join(SHARED_DIR, "seed", "istio-request-routing")
 
 
 def service_entry(

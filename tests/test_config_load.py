@@ -12,17 +12,15 @@ import pytest
 
 from l4proxy.config import ConfigError, load_rules
 from l4proxy.routing import Labels, Request
+from tests.mesh import SEED_DIR as SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = os.path.join(REPO, "..", "shared", "seed", "istio-request-routing")
 DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
 REGISTRY = os.path.join(DATA, "registry.yaml")
 HOST = "bootcamp.default.svc.cluster.local"
 
-needs_seed = pytest.mark.skipif(
-    not os.path.isdir(SEED),
-    reason=f"seed manifests not found at {os.path.normpath(SEED)} (CI provides them)",
-)
+# Skips without ../shared, fails under CI=true (conftest's seed_dir).
+needs_seed = pytest.mark.usefixtures("seed_dir")
 
 
 def seed(name: str) -> str:

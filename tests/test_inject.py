@@ -26,10 +26,10 @@ from l4proxy.inject import (
     inject_text,
     split_documents,
 )
-from tests.mesh import SEED_DIR
+from tests.conftest import import_or_skip
 
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="pip install kubernetes-validate (requirements-dev.txt)"
+kubernetes_validate = import_or_skip(
+    "kubernetes_validate", "pip install kubernetes-validate (requirements-dev.txt)"
 )
 K8S_CURRENT = "1.37.0"
 
@@ -213,8 +213,8 @@ def test_opt_out_host_network_and_proxy_uid_warnings() -> None:
     assert "not captured" in res.warnings[0]
 
 
-def test_seed_old_api_is_injected_with_a_warning() -> None:
-    with open(os.path.join(SEED_DIR, "bootcamp.yaml")) as f:
+def test_seed_old_api_is_injected_with_a_warning(seed_dir: str) -> None:
+    with open(os.path.join(seed_dir, "bootcamp.yaml")) as f:
         seed = f.read()
     res = inject_text(seed, InjectOptions(), "bootcamp.yaml")
     assert res.injected == ["Deployment bootcamp-v1", "Deployment bootcamp-v2"]
@@ -281,7 +281,7 @@ def test_cli_file_stdin_output_and_exit_codes(
     assert exc.value.code == 2
 
 
-def test_cli_help_teaches_and_warns_on_stderr() -> None:
+def test_cli_help_teaches_and_warns_on_stderr(seed_dir: str) -> None:
     l4proxy = os.path.join(os.path.dirname(sys.executable), "l4proxy")
     helptext = subprocess.run(
         [l4proxy, "inject", "--help"], capture_output=True, text=True, check=True
@@ -290,7 +290,7 @@ def test_cli_help_teaches_and_warns_on_stderr() -> None:
         assert needle in helptext
     assert "inject" in subprocess.run([l4proxy, "--help"], capture_output=True, text=True).stdout
     proc = subprocess.run(
-        [l4proxy, "inject", "-f", os.path.join(SEED_DIR, "bootcamp.yaml")],
+        [l4proxy, "inject", "-f", os.path.join(seed_dir, "bootcamp.yaml")],
         capture_output=True,
         text=True,
         check=True,

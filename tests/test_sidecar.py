@@ -70,7 +70,7 @@ def _wait_generation(mesh: Mesh, gen: float, timeout: float = 10) -> None:
     raise AssertionError(f"rules generation {gen} not reached:\n{mesh.sidecar_log()}")
 
 
-@pytest.mark.skipif(not os.path.isdir(SEED_DIR), reason=f"seed manifests not at {SEED_DIR}")
+@pytest.mark.usefixtures("seed_dir")
 def test_seed_route_rule_files_verbatim(mesh: Mesh) -> None:
     mesh.start("compiled-uvloop")
     assert mesh.sidecar is not None

@@ -11,17 +11,15 @@ from pathlib import Path
 import pytest
 
 from l4proxy.cli import main
+from tests.mesh import SEED_DIR as SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = os.path.join(REPO, "..", "shared", "seed", "istio-request-routing")
 DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
 REGISTRY = os.path.join(DATA, "registry.yaml")
 EXAMPLES = os.path.join(REPO, "deploy", "examples", "rules")
 
-needs_seed = pytest.mark.skipif(
-    not os.path.isdir(SEED),
-    reason=f"seed manifests not found at {os.path.normpath(SEED)} (CI provides them)",
-)
+# Skips without ../shared, fails under CI=true (conftest's seed_dir).
+needs_seed = pytest.mark.usefixtures("seed_dir")
 
 
 def validate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
