@@ -34,8 +34,6 @@ MIRROR = os.path.join(REPO, "tools", "mirror")
 EXEMPT_SKIPS = {
     # nginx and haproxy are installed by `make bench`, which is not part of `make test`.
     "test_bench_smoke.py": 1,
-    # RLIMIT_NOFILE: converted on the pump branch; drop this entry when it is merged.
-    "test_pump.py": 1,
 }
 
 
