@@ -40,7 +40,7 @@ it exactly once (``_close_client``, ``_drop_upstream``).
 
 from __future__ import annotations
 
-import errno
+import os
 import select
 import socket
 import struct
@@ -113,7 +113,7 @@ class _Up:
 @dataclass(eq=False)
 class _Conn:
     sock: socket.socket
-    origin: Endpoint
+    origin: Any
     ex: Exchange
     last_active: float
     head_started: float | None = None  # first byte of a pending head
@@ -132,14 +132,15 @@ class HttpRelay:
 
     def __init__(
         self,
-        decide: Callable[[RequestHead, Endpoint], Decision],
-        l4: Callable[[socket.socket, socket.socket | None, bytes, bytes, Endpoint], None],
+        decide: Callable[[RequestHead, Any], Decision],
+        l4: Callable[[socket.socket, socket.socket | None, bytes, bytes, Any], None],
         pool: PoolOptions | None = None,
         connect_timeout: float = 5.0,
         header_timeout: float = 10.0,
         idle_timeout: float = 300.0,
         report: Callable[[Any, int, float], None] | None = None,
-        connect_failed: Callable[[Endpoint], None] | None = None,
+        connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
+        connect_ok: Callable[[Endpoint, Any], None] | None = None,
     ) -> None:
         self.decide = decide
         self.l4 = l4
@@ -149,9 +150,10 @@ class HttpRelay:
         self.idle_timeout = idle_timeout
         self.report = report
         self.connect_failed = connect_failed
+        self.connect_ok = connect_ok
         self.ep = select.epoll()
         self._lock = threading.Lock()
-        self._queue: list[tuple[socket.socket, Endpoint, bytes]] = []
+        self._queue: list[tuple[socket.socket, Any, bytes]] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -171,8 +173,12 @@ class HttpRelay:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, sock: socket.socket, origin: Endpoint, data: bytes = b"") -> None:
-        """Take *sock* (an accepted client); *data*: bytes already read from it."""
+    def add(self, sock: socket.socket, origin: Any, data: bytes = b"") -> None:
+        """Take *sock* (an accepted client); *data*: bytes already read from it.
+
+        *origin* (where the client was going) is passed back to ``decide``
+        and ``l4`` as it is.
+        """
         with self._lock:
             self._queue.append((sock, origin, data))
         self._wake()
@@ -183,6 +189,12 @@ class HttpRelay:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(10)
+
+    def active(self) -> int:
+        """Client connections owned (queued or relayed); any thread may ask."""
+        with self._lock:
+            queued = len(self._queue)
+        return queued + len(self._conns)
 
     def stats(self) -> dict[str, int]:
         out = dict(self.counters)
@@ -313,6 +325,8 @@ class HttpRelay:
                 return
             up.connecting = False
             self.pools.opened(up.endpoint, up.fd)
+            if self.connect_ok is not None:
+                self.connect_ok(up.endpoint, c.decision.tag if c.decision else None)
             self._perform(c, c.ex.routed(False), now)
             if c.fd in self._conns and c.up is up:
                 self._interest_up(up)
@@ -408,25 +422,33 @@ class HttpRelay:
         up = _Up(sock, endpoint, connecting=True, owner=c)
         self._ups[up.fd] = up
         c.up = up
+        if not _numeric(endpoint[0]):
+            # A DNS endpoint before its first answer: a getaddrinfo() here
+            # would block every connection of this thread.
+            self._connect_error(c, up, now, "not resolved yet")
+            return
         try:
             sock.connect(endpoint)
         except BlockingIOError:
             pass
-        except OSError:
-            self._connect_error(c, up, now)
+        except OSError as exc:
+            self._connect_error(c, up, now, exc.strerror or str(exc))
             return
         self._deadlines[up.fd] = now + self.connect_timeout
         self.ep.register(up.fd, _EPOLLOUT)
         up.mask = _EPOLLOUT
 
-    def _connect_error(self, c: _Conn, up: _Up, now: float) -> None:
+    def _connect_error(self, c: _Conn, up: _Up, now: float, why: str = "") -> None:
         self.counters["connect_errors"] += 1
         endpoint = up.endpoint
+        if not why:
+            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            why = os.strerror(err) if err else "connect timeout"
         self._deadlines.pop(up.fd, None)
         self._drop_upstream(up)
         c.up = None
         if self.connect_failed is not None:
-            self.connect_failed(endpoint)
+            self.connect_failed(endpoint, c.decision.tag if c.decision else None, why)
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
         if c.ex.phase == Phase.ROUTING and c.candidates:
@@ -604,5 +626,11 @@ def _timeout_answer() -> bytes:
     return local_response(408, "request head not received in time")
 
 
-def _is_retryable(err: int) -> bool:  # kept for the compiled twin's table
-    return err in (errno.ECONNRESET, errno.EPIPE)
+def _numeric(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False

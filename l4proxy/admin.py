@@ -22,6 +22,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from l4proxy.stats import render_prometheus
+
 if TYPE_CHECKING:
     from l4proxy.worker import Worker
 
@@ -175,8 +177,23 @@ class WorkerView:
         w = self.worker
         ps = w.pump.stats()
         st = w.rules.state
+        rs = w.relay.stats() if w.relay is not None else {}
+        relay = {
+            # --http-routing request: the per-request relay and its upstream pools
+            "l4proxy_http_connections_total": rs.get("connections", 0),
+            "l4proxy_http_requests_total": rs.get("requests", 0),
+            "l4proxy_http_local_answers_total": rs.get("local_answers", 0),
+            "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),
+            "l4proxy_upstream_pool_reused_total": rs.get("pool_reused", 0),
+            "l4proxy_upstream_pool_evicted_total": rs.get("pool_evicted", 0),
+            "l4proxy_upstream_pool_expired_total": rs.get("pool_expired", 0),
+            "l4proxy_upstream_pool_idle": rs.get("pool_idle", 0),
+        }
         return {
-            "l4proxy_active_connections": ps.get("active", 0) + len(w.handshakes),
+            **relay,
+            "l4proxy_active_connections": ps.get("active", 0)
+            + len(w.handshakes)
+            + rs.get("active", 0),
             "l4proxy_relayed_connections_total": ps.get("accepted", 0),
             "l4proxy_bytes_upstream_total": ps.get("bytes_upstream", 0),
             "l4proxy_bytes_downstream_total": ps.get("bytes_downstream", 0),
@@ -195,11 +212,12 @@ class WorkerView:
         }
 
     async def stats_text(self) -> str:
-        return self.worker.counters.render(self.gauges())
+        w = self.worker
+        return render_prometheus(w.counter_snapshot(), w.counter_help(), self.gauges())
 
     async def stats_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.gauges())
-        for name, series in self.worker.counters.snapshot().items():
+        for name, series in self.worker.counter_snapshot().items():
             out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
         out["implementation"] = self.implementation
         return out
@@ -208,11 +226,11 @@ class WorkerView:
         """Mergeable form for the supervisor: counters as [name, labels, value]."""
         counters = [
             [name, [list(kv) for kv in labels], v]
-            for name, series in self.worker.counters.snapshot().items()
+            for name, series in self.worker.counter_snapshot().items()
             for labels, v in series.items()
         ]
         return {
             "counters": counters,
             "gauges": self.gauges(),
-            "help": {k: list(v) for k, v in self.worker.counters.help().items()},
+            "help": {k: list(v) for k, v in self.worker.counter_help().items()},
         }

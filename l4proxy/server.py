@@ -172,6 +172,16 @@ def add_parser(sub: Any) -> None:
         "(default: --max-connections / 4; 0: never splice)",
     )
     p.add_argument(
+        "--http-routing",
+        choices=["connection", "request"],
+        default="connection",
+        help="on HTTP ports and gateway listeners: route by the first request "
+        "head of each connection (connection, the default: the compiled relay), "
+        "or every request on its own (request: a canary split, a rule swap and "
+        "path rules reach keep-alive connections at their next request; upstream "
+        "connections are pooled; the relay is pure Python for now)",
+    )
+    p.add_argument(
         "--ejection-time",
         type=float,
         default=10.0,
@@ -392,6 +402,7 @@ async def _serve(
         source_labels=args.pod_labels,
         max_connections=args.max_connections,
         max_pipes=args.max_pipes,
+        http_routing=args.http_routing,
         ejection_time=args.ejection_time,
     )
     # The rule watcher's counters (DNS lookups) are the worker's: one /stats.

@@ -7,6 +7,7 @@ are read through ``Pump.stats()`` when ``/stats`` is rendered.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -23,6 +24,10 @@ class Counters:
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self._values[name][tuple(sorted(labels.items()))] += amount
+
+    def add(self, name: str, labels: Mapping[str, str], amount: float = 1) -> None:
+        """``inc`` with the labels as a mapping."""
+        self.inc(name, amount, **labels)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         self._values[name][tuple(sorted(labels.items()))] = value
@@ -41,6 +46,27 @@ class Counters:
 
     def render(self, extra: Mapping[str, float] | None = None) -> str:
         return render_prometheus(self.snapshot(), self._help, extra or {})
+
+
+class LockedCounters(Counters):
+    """Counters written by another thread (the per-request relay's) and read
+    by the event loop: each write and each snapshot holds a lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        with self._lock:
+            super().inc(name, amount, **labels)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            super().set(name, value, **labels)
+
+    def snapshot(self) -> dict[str, dict[LabelSet, float]]:
+        with self._lock:
+            return super().snapshot()
 
 
 def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:

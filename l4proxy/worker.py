@@ -50,17 +50,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 from l4proxy import peek, pump
+from l4proxy._pool_py import PoolOptions
+from l4proxy._relay_py import Decision as RelayDecision
+from l4proxy._relay_py import HttpRelay
 from l4proxy.health import EndpointHealth
 from l4proxy.listener import Listener
 from l4proxy.origdst import original_destination
 from l4proxy.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
 from l4proxy.rulewatch import RuleWatcher
-from l4proxy.stats import Counters
+from l4proxy.stats import Counters, LockedCounters
 
 log = logging.getLogger("l4proxy.worker")
 
@@ -80,6 +83,10 @@ class WorkerOptions:
     source_labels: dict[str, str] = field(default_factory=dict)
     max_connections: int = 0  # 0 = unlimited
     max_pipes: int = -1  # splice pipes; -1: pump.max_pipes_for(), 0: never splice
+    # "connection": the first request head routes the connection (compiled
+    # pump); "request": every request is routed on its own (the per-request
+    # relay, l4proxy/_relay_py.py; pure Python for now).
+    http_routing: str = "connection"
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
 
 
@@ -181,6 +188,24 @@ class Worker:
         self._fd_limit_logged = 0.0
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
         self._describe_counters()
+        # The per-request relay (--http-routing request) runs its own thread;
+        # what it counts goes to relay_counters (locked: /stats reads them
+        # from the event loop's thread).
+        self.relay_counters = LockedCounters()
+        self.relay: HttpRelay | None = None
+        if options.http_routing == "request":
+            self.relay = HttpRelay(
+                self._decide_request,
+                self._from_relay,
+                pool=PoolOptions(idle_timeout=min(options.idle_timeout, 60.0)),
+                connect_timeout=options.connect_timeout,
+                header_timeout=options.header_timeout,
+                idle_timeout=options.idle_timeout,
+                report=self._report_request,
+                connect_failed=self._relay_connect_failed,
+                connect_ok=self._relay_connect_ok,
+            )
+            _describe_istio(self.relay_counters)
 
     # -- lifecycle ---------------------------------------------------------
     def _describe_counters(self) -> None:
@@ -205,6 +230,8 @@ class Worker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pump.start()
+        if self.relay is not None:
+            self.relay.start()
         self._take_reserve()
         self.refresh_local_addresses()
         for lst in self.listeners:
@@ -265,7 +292,7 @@ class Worker:
         deadline = now + timeout
         self._last_accept = max(self._last_accept, now)
         while self.listeners and time.monotonic() < deadline:
-            idle = self.pump.active == 0 and not self.handshakes
+            idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
             if idle and time.monotonic() - self._last_accept >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
@@ -273,14 +300,32 @@ class Worker:
         self.stop_accepting()
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
+        while self.relay_active() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # requests in flight in the relay finish
+        if self.relay is not None:
+            self.relay.close()  # what is left (idle keep-alive clients) is closed
         remaining = max(0.0, deadline - time.monotonic())
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
         return forced
 
+    def relay_active(self) -> int:
+        return self.relay.active() if self.relay is not None else 0
+
+    def counter_snapshot(self) -> dict[str, dict[Any, float]]:
+        """The event loop's counters and the relay thread's, for /stats."""
+        out = self.counters.snapshot()
+        out.update(self.relay_counters.snapshot())
+        return out
+
+    def counter_help(self) -> dict[str, tuple[str, str]]:
+        return {**self.counters.help(), **self.relay_counters.help()}
+
     def close(self) -> None:
         for t in list(self.handshakes):
             t.cancel()
+        if self.relay is not None:
+            self.relay.close()
         self.pump.close()
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
@@ -319,7 +364,7 @@ class Worker:
             self.counters.inc("l4proxy_connections_total", listener=lst.mode)
             self._last_accept = time.monotonic()
             limit = self.opts.max_connections
-            if limit and self.pump.active + len(self.handshakes) >= limit:
+            if limit and self.pump.active + len(self.handshakes) + self.relay_active() >= limit:
                 self.counters.inc("l4proxy_refused_total", reason="max_connections")
                 _reset(conn)
                 continue
@@ -374,15 +419,27 @@ class Worker:
 
     # -- one connection ------------------------------------------------------
     async def _serve(self, conn: socket.socket, lst: Listener) -> None:
+        await self._to_pump(conn, self._decide_and_connect(conn, lst), lst.name)
+
+    async def _to_pump(
+        self,
+        conn: socket.socket,
+        deciding: Coroutine[Any, Any, tuple[socket.socket, bytes, Endpoint | None]],
+        where: str,
+    ) -> None:
+        """Await the decision and connect, then hand both sockets to the pump;
+        answer or close *conn* when refused."""
         upstream: socket.socket | None = None
         try:
-            upstream, pending, endpoint = await self._decide_and_connect(conn, lst)
+            upstream, pending, endpoint = await deciding
             conn_fd = conn.detach()
             up_fd = upstream.detach()
             upstream = None
             # From here the pump owns both fds and closes each exactly once.
             self.pump.add(conn_fd, up_fd, pending)
             del endpoint
+        except _HandedToRelay:
+            pass  # the relay owns conn now
         except Refused as r:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
             if r.status is None:
@@ -395,7 +452,7 @@ class Worker:
             conn.close()
             raise
         except Exception:
-            log.exception("error handling a connection on %s", lst.name)
+            log.exception("error handling a connection on %s", where)
             conn.close()
         finally:
             if upstream is not None:
@@ -405,6 +462,8 @@ class Worker:
         self, conn: socket.socket, lst: Listener
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         if lst.mode == "gateway":
+            if self.relay is not None:
+                self._hand_to_relay(conn, _Origin(None, lst.address[1], True))
             return await self._gateway(conn, lst.address[1])
 
         dst = original_destination(conn)
@@ -436,6 +495,8 @@ class Worker:
         )
         head: peek.RequestHead | None = None
         pending = b""
+        if peek_http and self.relay is not None:
+            self._hand_to_relay(conn, _Origin(dst_ip, dst_port, False))
         if peek_http:
             head, pending = await self._peek(conn)
             table = self.rules.state.table  # one table from here on: the decision's
@@ -533,6 +594,160 @@ class Worker:
     def _active_for(self, ep: Endpoint) -> int:
         return self.active_per_endpoint.get((ep.address, ep.port), 0)
 
+    # -- per-request routing: the relay's callbacks ----------------------------
+    #
+    # The relay (l4proxy/_relay_py.py) owns HTTP connections on its own thread
+    # and asks _decide_request for every request head; the table it reads is
+    # the one live at that moment (a swap is one assignment). What must run on
+    # the event loop (outlier detection, the L4 hand-off, the loop's counters)
+    # is passed there with call_soon_threadsafe.
+
+    def _hand_to_relay(self, conn: socket.socket, origin: _Origin) -> NoReturn:
+        assert self.relay is not None
+        self.relay.add(conn, origin)
+        raise _HandedToRelay
+
+    def _decide_request(self, head: peek.RequestHead, origin: _Origin) -> RelayDecision:
+        """Route one request head (relay thread)."""
+        table = self.rules.state.table
+        if origin.gateway:
+            found = table.ingress(head.host, head.path, origin.port)
+            if found is None:
+                return RelayDecision(local=(404, "no route"))
+        else:
+            assert origin.ip is not None
+            found = table.service_for_address(origin.ip, origin.port)
+            if found is None and head.host:
+                found = table.service_for_host(head.host, origin.port)
+            if found is None:
+                if self.opts.outbound_policy == "REGISTRY_ONLY":
+                    return RelayDecision(local=(502, "blocked"))
+                return RelayDecision(((origin.ip, origin.port),))  # PassthroughCluster
+        service, port = found
+        authority = head.host or ""
+        request = Request(
+            method=head.method, path=head.path, authority=authority, headers=dict(head.headers)
+        )
+        relay = self.relay
+        assert relay is not None
+        decision = table.decide(
+            service,
+            port.number,
+            request,
+            self.opts.source_labels,
+            healthy=self.health.is_healthy,
+            active=lambda ep: relay.pools.active((ep.address, ep.port)),
+        )
+        self.relay_counters.inc(
+            "l4proxy_decisions_total",
+            service=service.host,
+            route=decision.route,
+            subset=decision.subset,
+        )
+        if not decision.endpoints:
+            body = "no healthy upstream" if decision.status == 503 else "backend not resolved"
+            return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
+        tried = decision.endpoints[:MAX_ATTEMPTS]
+        return RelayDecision(tuple((e.address, e.port) for e in tried), tag=_Tag(decision))
+
+    def _report_request(self, tag: _Tag | None, status: int, seconds: float) -> None:
+        """One response delivered (relay thread): Istio's standard metrics."""
+        labels = _istio_labels(tag, status)
+        c = self.relay_counters
+        c.add("istio_requests_total", labels)
+        ms = seconds * 1000.0
+        bucket = "istio_request_duration_milliseconds_bucket"
+        for le in _DURATION_BUCKETS_MS:
+            if ms <= le:
+                c.add(bucket, {**labels, "le": str(le)})
+        c.add(bucket, {**labels, "le": "+Inf"})
+        c.add("istio_request_duration_milliseconds_sum", labels, ms)
+        c.add("istio_request_duration_milliseconds_count", labels)
+
+    def _on_loop(self, fn: Any, *args: Any) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: shutting down
+            return False
+        return True
+
+    def _relay_connect_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, why)
+
+    def _relay_connect_ok(self, addr: tuple[str, int], tag: _Tag | None) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, "")
+
+    def _endpoint_result(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+        """Outlier detection for the relay's connects (event loop)."""
+        ep = None
+        if tag is not None:
+            ep = next((e for e in tag.decision.endpoints if (e.address, e.port) == addr), None)
+        if not why:
+            if ep is not None:
+                self.health.success(ep)
+            return
+        if ep is not None:
+            peers = [e for e in tag.decision.service.endpoints if e.port == ep.port]  # type: ignore[union-attr]
+            self.health.failure(ep, why, peers)
+        self.counters.inc(
+            "l4proxy_upstream_connect_failures_total", endpoint=f"{addr[0]}:{addr[1]}", error=why
+        )
+
+    def _from_relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        to_client: bytes,
+        to_upstream: bytes,
+        origin: _Origin,
+    ) -> None:
+        """The relay gives a connection back: a tunnel, or bytes that are not HTTP."""
+        if not self._on_loop(self._after_relay, client, upstream, to_client, to_upstream, origin):
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def _after_relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        to_client: bytes,
+        to_upstream: bytes,
+        origin: _Origin,
+    ) -> None:
+        if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
+            self.pump.add(client.detach(), upstream.detach(), to_upstream, to_client)
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(
+            self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay")
+        )
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    async def _route_l4(
+        self, conn: socket.socket, origin: _Origin, pending: bytes
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        """Bytes on an HTTP port that are not HTTP: routed per connection, at L4."""
+        if origin.gateway or origin.ip is None:
+            raise Refused("gateway_not_http", 400, "bad request")
+        table = self.rules.state.table
+        found = table.service_for_address(origin.ip, origin.port)
+        if found is None:
+            if self.opts.outbound_policy == "REGISTRY_ONLY":
+                raise Refused("registry_only")
+            self.counters.inc("l4proxy_passthrough_total")
+            up = await self._connect((origin.ip, origin.port))
+            if up is None:
+                raise Refused("passthrough_unreachable")
+            return up, pending, None
+        service, port = found
+        up, _, ep = await self._route(conn, table, service, port, None, b"")
+        return up, pending, ep
+
     def _is_self(self, dst: tuple[str, int]) -> bool:
         """Did somebody dial one of our own listeners directly? (refused: no loops)"""
         ip, port = dst
@@ -625,6 +840,60 @@ class Worker:
             "l4proxy_upstream_connect_failures_total", endpoint=f"{host}:{port}", error=err
         )
         return None
+
+
+class _HandedToRelay(Exception):
+    """Control flow: the connection now belongs to the per-request relay."""
+
+
+class _Origin(NamedTuple):
+    """Where a connection handed to the relay was going."""
+
+    ip: str | None  # the original destination; None on a gateway listener
+    port: int  # the original destination port, or the gateway listener's
+    gateway: bool
+
+
+class _Tag(NamedTuple):
+    """What the relay passes back with each request's reports."""
+
+    decision: Decision
+
+
+# Istio's default request-duration buckets (ms), up to a minute.
+_DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+def _describe_istio(c: Counters) -> None:
+    c.describe(
+        "istio_requests_total",
+        "counter",
+        "Requests by destination service and version, and response code (reporter=source).",
+    )
+    # istio_request_duration_milliseconds_{bucket,sum,count} (a histogram:
+    # cumulative buckets by "le") go out untyped, as the renderer has no
+    # histogram families; histogram_quantile() over _bucket works the same.
+
+
+def _istio_labels(tag: _Tag | None, status: int) -> dict[str, str]:
+    """Istio's standard metric labels, so Flagger's and Argo's queries work."""
+    if tag is None:
+        service, name, version, workload = "unknown", "PassthroughCluster", "unknown", "unknown"
+    else:
+        d = tag.decision
+        service = d.service.host
+        name = service.split(".", 1)[0]
+        labels = d.endpoints[0].labels if d.endpoints else {}
+        version = labels.get("version", d.subset or "unknown")
+        workload = f"{labels.get('app', name)}-{version}"
+    return {
+        "reporter": "source",
+        "destination_service": service,
+        "destination_service_name": name,
+        "destination_version": version,
+        "destination_workload": workload,
+        "response_code": str(status),
+    }
 
 
 async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:

@@ -229,7 +229,7 @@ def test_dead_endpoint_is_skipped_and_all_dead_is_503(backends: list[Backend]) -
         return Decision((dead_ep, backends[1].endpoint))
 
     proxy = Proxy(decide)
-    proxy.relay.connect_failed = failed.append
+    proxy.relay.connect_failed = lambda ep, tag, why: failed.append(ep)
     try:
         with proxy.connect() as c:
             c.sendall(b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n")

@@ -1,0 +1,185 @@
+"""Per-request routing (``l4proxy run --http-routing request``) in namespaces.
+
+Real keep-alive clients (Python's http.client as uid 1000 in the client pod,
+one TCP connection each, checked by its local port) through l4proxy-init's
+REDIRECT and the sidecar as uid 1337, to the bootcamp pods.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from tests._hardening import TCP_ECHO
+from tests.mesh import IMPLS, PYTHON, VIP, Mesh, binomial_ok, route_rule, service_entry
+
+pytestmark = pytest.mark.netns
+
+PER_REQUEST = ("--http-routing", "request")
+RAW_VIP = "198.19.0.40"
+
+# Reads "N PATH" lines on stdin; makes N requests on each of its connections
+# (never reconnecting), prints one JSON line per batch: per connection, a list
+# of "status body" and the set of local ports used.
+CLIENT = r"""
+import http.client, json, sys
+host, port, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cs = [http.client.HTTPConnection(host, port, timeout=10) for _ in range(conns)]
+for c in cs:
+    c.auto_open = 0
+    c.connect()
+for line in sys.stdin:
+    n, path = line.split()
+    out = []
+    for c in cs:
+        got, ports = [], set()
+        for _ in range(int(n)):
+            c.request("GET", path, headers={"Host": "bootcamp"})
+            r = c.getresponse()
+            got.append(f"{r.status} {r.read().decode().strip()}")
+            ports.add(c.sock.getsockname()[1])
+        out.append({"got": got, "ports": sorted(ports)})
+    print(json.dumps(out), flush=True)
+"""
+
+
+class KeepAliveClient:
+    def __init__(self, mesh: Mesh, host: str, port: int, conns: int) -> None:
+        assert mesh.client is not None
+        self.proc = mesh.client.popen(
+            [PYTHON, "-c", CLIENT, host, str(port), str(conns)],
+            user=1000,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def batch(self, n: int, path: str = "/") -> list[list[str]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n} {path}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"client died: {self.proc.poll()}"
+        out = json.loads(line)
+        for conn in out:
+            assert len(conn["ports"]) == 1  # one TCP connection throughout
+        return [conn["got"] for conn in out]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def version(answer: str) -> str:
+    """'200 Hello ... | v=2' -> 'v2'."""
+    assert answer.startswith("200 "), answer
+    return "v" + answer.rsplit("v=", 1)[1]
+
+
+def wait_generation(mesh: Mesh, before: float) -> None:
+    assert mesh.sidecar is not None
+    deadline = time.monotonic() + 10
+    while mesh.sidecar.stat("l4proxy_rules_generation") <= before:
+        assert time.monotonic() < deadline, "the new rules never went live"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_every_request_on_a_keep_alive_connection_is_split(mesh: Mesh, impl: str) -> None:
+    mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=PER_REQUEST)
+    assert mesh.sidecar is not None
+    client = KeepAliveClient(mesh, VIP, 8080, conns=4)
+    try:
+        per_conn = [Counter(version(a) for a in got) for got in client.batch(100)]
+    finally:
+        client.close()
+    # Per connection before: 100 of one version. Now both, on every connection.
+    assert all(c["v1"] and c["v2"] for c in per_conn), per_conn
+    v2 = sum(c["v2"] for c in per_conn)
+    assert binomial_ok(v2, 400, 0.5), v2
+    # 400 requests over a handful of pooled upstream connections
+    opened = mesh.sidecar.stat("l4proxy_upstream_pool_opened_total")
+    assert 1 <= opened <= 12, opened
+    assert mesh.sidecar.stat("l4proxy_http_requests_total") == 400
+    stats = mesh.sidecar.admin("/stats")
+    v2_series = [
+        ln
+        for ln in stats.splitlines()
+        if ln.startswith("istio_requests_total{")
+        and 'destination_version="v2"' in ln
+        and 'response_code="200"' in ln
+    ]
+    assert len(v2_series) == 1 and float(v2_series[0].rsplit(" ", 1)[1]) == v2
+
+
+def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
+    mesh.start("compiled-uvloop", route_rule({"v2": 100}), run_args=PER_REQUEST)
+    assert mesh.sidecar is not None
+    client = KeepAliveClient(mesh, VIP, 8080, conns=2)
+    try:
+        assert {version(a) for conn in client.batch(20) for a in conn} == {"v2"}
+        for rollout in ("v1", "v2"):  # the rollback, then forward again
+            gen = mesh.sidecar.stat("l4proxy_rules_generation")
+            mesh.write_rules(route_rule({rollout: 100}))
+            wait_generation(mesh, gen)
+            got = client.batch(20)
+            assert {version(a) for conn in got for a in conn} == {rollout}
+    finally:
+        client.close()
+
+
+INGRESS = """
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: gateway
+spec:
+  rules:
+  - http:
+      paths:
+      - path: /bootcamp
+        pathType: Exact
+        backend:
+          service:
+            name: bootcamp
+            port:
+              number: 8080
+"""
+
+
+def test_ingress_paths_are_enforced_on_every_request(mesh: Mesh) -> None:
+    mesh.start("compiled-uvloop", INGRESS, run_args=(*PER_REQUEST, "--listen", "0.0.0.0:8000"))
+    assert mesh.client is not None
+    client = KeepAliveClient(mesh, mesh.client.ipv4, 8000, conns=1)
+    try:
+        assert version(client.batch(1, "/bootcamp")[0][0]) in ("v1", "v2")
+        assert client.batch(1, "/secret") == [["404 no route"]]  # was: 200 from the backend
+        assert version(client.batch(1, "/bootcamp")[0][0]) in ("v1", "v2")
+    finally:
+        client.close()
+
+
+def test_bytes_that_are_not_http_still_go_through_at_l4(mesh: Mesh) -> None:
+    odd = mesh.net.add_pod("odd", labels={"app": "odd"})
+    mesh.procs.append(odd.popen([PYTHON, "-c", TCP_ECHO, "8082"], user=1000))
+    odd.wait_listening(8082)
+    mesh.write_rules(service_entry("raw", RAW_VIP, 8082, [(odd.ipv4, {})]), name="raw.yaml")
+    mesh.start("compiled-uvloop", run_args=PER_REQUEST)
+    assert mesh.client is not None
+    payload = b"\x16\x03\x01 a TLS-looking start, then binary \x00\xff" * 50
+    code = (
+        "import socket,sys;c=socket.create_connection((sys.argv[1],8082),5);"
+        "c.sendall(bytes.fromhex(sys.argv[2]));c.shutdown(socket.SHUT_WR);"
+        "d=b''\nwhile (x:=c.recv(65536)): d+=x\nprint(d.hex())"
+    )
+    argv = [PYTHON, "-c", code, RAW_VIP, payload.hex()]
+    out = mesh.client.run(argv, user=1000, timeout=20).stdout
+    assert bytes.fromhex(out.strip()) == payload  # routed at L4, byte-identical
+    assert mesh.sidecar is not None  # ... after the relay looked at it
+    assert mesh.sidecar.stat("l4proxy_http_connections_total") == 1
+    assert mesh.sidecar.stat("l4proxy_http_requests_total") == 0
