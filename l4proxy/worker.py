@@ -38,7 +38,12 @@ Per connection:
    close on TCP.
 
 Weighted routing is per connection: the first request on a connection
-decides, later requests on the same keep-alive connection follow it.
+decides, later requests on the same keep-alive connection follow it. With
+``--http-routing request`` step 4 hands HTTP connections (and gateway
+listeners' connections) to the per-request relay instead
+(``l4proxy/_relay_py.py``): it routes every request head through
+:meth:`Worker._decide_request` and gives back, for the pump, what turns
+out not to be HTTP or becomes a tunnel.
 """
 
 from __future__ import annotations
