@@ -112,10 +112,14 @@ class Sidecar:
             return []
 
     def fd_count(self) -> int:
-        """Open fds of the supervisor and all its workers."""
-        return sum(
+        """Open fds of the supervisor and all its workers, less what the bounded
+        pools hold for reuse (splice pipes, 2 fds each, at most --max-pipes;
+        idle upstream connections of --http-routing request): what a leak grows."""
+        raw = sum(
             len(os.listdir(f"/proc/{pid}/fd")) for pid in [self.proc.pid, *self.worker_pids()]
         )
+        pooled = 2 * self.stat("l4proxy_pipes_pooled") + self.stat("l4proxy_upstream_pool_idle")
+        return raw - int(pooled)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
