@@ -52,8 +52,11 @@ LOOPBACK_PEERS = (
     "envoy-tcp",
     "envoy-http",
     "l4proxy",
+    "l4proxy-request",
 )
-SIDECAR_PEERS = ("direct", "haproxy", "haproxy-http", "l4proxy")
+SIDECAR_PEERS = ("direct", "haproxy", "haproxy-http", "l4proxy", "l4proxy-request")
+# l4proxy-request: --http-routing request (the per-request relay and its pools)
+L4PROXY_MODES = {"l4proxy": (), "l4proxy-request": ("--http-routing", "request")}
 GROUPS = ("loopback", "sidecar")
 
 
@@ -201,20 +204,21 @@ class LoopbackBed(Bed):
             proc = peers.start_envoy(self.workdir, peer, peers.envoy_tcp_conf(addr, backends))
         elif peer == "envoy-http":
             proc = peers.start_envoy(self.workdir, peer, peers.envoy_http_conf(addr, backends))
-        elif peer == "l4proxy":
-            proc = self._start_l4proxy(addr, backends)
+        elif peer in L4PROXY_MODES:
+            proc = self._start_l4proxy(addr, backends, peer)
         else:
             raise ScenarioError(f"unknown loopback peer {peer!r} (known: {LOOPBACK_PEERS})")
         self._keep(proc)
         wait_port(addr.host, addr.port, timeout=30, proc=proc)
         return Target(self.group, peer, f"http://{addr}/", proc)
 
-    def _start_l4proxy(self, listen: Address, backends: list[Backend]) -> Process:
+    def _start_l4proxy(self, listen: Address, backends: list[Backend], peer: str) -> Process:
         rules_dir = rules.write_rules(os.path.join(self.workdir, "l4proxy-rules"), backends)
         admin = Address("127.0.0.1", free_port())
-        argv = l4proxy_command(rules_dir, ["--no-transparent", "--listen", str(listen)], admin)
-        log = os.path.join(self.workdir, "l4proxy.log")
-        return Process("l4proxy", argv, log).start()
+        extra = ["--no-transparent", "--listen", str(listen), *L4PROXY_MODES[peer]]
+        argv = l4proxy_command(rules_dir, extra, admin)
+        log = os.path.join(self.workdir, f"{peer}.log")
+        return Process(peer, argv, log).start()
 
 
 class SidecarBed(Bed):
@@ -268,14 +272,14 @@ class SidecarBed(Bed):
                 launcher=in_pod(pod, PROXY_UID),
                 mode="http" if http else "tcp",
             )
-        elif peer == "l4proxy":
-            pod = self._client_pod("cll")
+        elif peer in L4PROXY_MODES:
+            pod = self._client_pod("clr" if L4PROXY_MODES[peer] else "cll")
             rules_dir = rules.write_rules(
                 os.path.join(self.workdir, "l4proxy-rules"), self.backends
             )
-            argv = l4proxy_command(rules_dir, ["--uid", str(PROXY_UID)])
-            log = os.path.join(self.workdir, "l4proxy.log")
-            proc = Process("l4proxy-sidecar", argv, log, in_pod(pod)).start()
+            argv = l4proxy_command(rules_dir, ["--uid", str(PROXY_UID), *L4PROXY_MODES[peer]])
+            log = os.path.join(self.workdir, f"{peer}-sidecar.log")
+            proc = Process(f"{peer}-sidecar", argv, log, in_pod(pod)).start()
         else:
             raise ScenarioError(f"unknown sidecar peer {peer!r} (known: {SIDECAR_PEERS})")
         self._keep(proc)

@@ -204,6 +204,21 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
     return b"\n".join(kept) if dropped else raw
 
 
+def client_head(raw: bytes, resp: ResponseHead) -> bytes:
+    """*raw* (a final response head) as sent to a client whose connection
+    closes after it: with ``connection: close`` added unless it says so.
+
+    The client may have asked for the close, but the upstream did not see
+    that request (see "Upstream reuse"), so its answer may not say it; a
+    client that does not read our close from the answer sends its next
+    request into a closing socket (wrk does). HAProxy adds the header too.
+    """
+    if "close" in {t.lower() for t in resp.values("connection")}:
+        return raw
+    end = len(raw) - (4 if raw.endswith(b"\r\n\r\n") else 2)
+    return raw[:end] + b"\r\nconnection: close" + raw[end:]
+
+
 def _persistent(resp: ResponseHead) -> bool:
     tokens = {t.lower() for t in resp.values("connection")}
     if "close" in tokens:
@@ -406,11 +421,15 @@ class Exchange:
                     out.append(Upstream(bytes(self._inbox)))
                     self._inbox.clear()
                 return [*out, Done(resp.status, False), Tunnel()]
-            out.append(Client(raw))
-            self._client_bytes += len(raw)
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
+                out.append(Client(raw))
+                self._client_bytes += len(raw)
                 self._response_head += rest
                 continue
+            if not self._client_persists(resp, kind):
+                raw = client_head(raw, resp)
+            out.append(Client(raw))
+            self._client_bytes += len(raw)
             self.status = resp.status
             self._response_persistent = _persistent(resp)
             self._response = BodyFramer(kind, length, error_status=502)
@@ -439,6 +458,17 @@ class Exchange:
             return self._response_complete(upstream_closed=False)
         # The response ended before the request body did: close both after it.
         return self._response_complete(upstream_closed=False, request_cut=True)
+
+    def _client_persists(self, resp: ResponseHead, kind: Framing) -> bool:
+        """Whether the client connection may stay open after *resp* (so far)."""
+        assert self.head is not None and self._request is not None
+        return (
+            self.head.keep_alive
+            and _persistent(resp)
+            and kind != Framing.CLOSE
+            and self._request.done
+            and not self._client_eof
+        )
 
     def _response_complete(self, upstream_closed: bool, request_cut: bool = False) -> list[Action]:
         assert self.head is not None and self._response is not None

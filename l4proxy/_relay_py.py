@@ -244,6 +244,10 @@ class HttpRelay:
                 sock.close()
                 continue
             sock.setblocking(False)
+            try:  # small answers go out at once (no Nagle delay behind a head)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a test's socketpair)
             c = _Conn(sock, origin, Exchange(), now, fd=sock.fileno())
             self._conns[c.fd] = c
             self.counters["connections"] += 1
@@ -360,14 +364,15 @@ class HttpRelay:
             if isinstance(a, Route):
                 self._route(c, a.head, now)
             elif isinstance(a, Upstream):
+                # Held and sent once per batch of actions: a head and its body
+                # bytes go out in one segment (one send, no Nagle stall).
                 assert c.up is not None
                 c.up.out += a.data
-                if not c.up.connecting:
-                    self._flush_up(c.up)
             elif isinstance(a, Client):
                 c.out += a.data
-                self._flush_client(c)
             elif isinstance(a, Release):
+                if c.up is not None and not c.up.connecting:
+                    self._flush_up(c.up)
                 self._release(c, a.reusable, now)
             elif isinstance(a, Retry):
                 endpoint = c.up.endpoint if c.up else c.candidates[0]
@@ -384,6 +389,11 @@ class HttpRelay:
                 self._hand_off(c, a)
             elif isinstance(a, Close):
                 self._start_close(c, now)
+        if c.fd in self._conns:
+            if c.up is not None and c.up.owner is c and not c.up.connecting and c.up.out:
+                self._flush_up(c.up)
+            if c.out:
+                self._flush_client(c)
         if c.fd in self._conns:
             self._interest(c)
             if c.up is not None and c.up.owner is c and not c.up.connecting:
