@@ -69,7 +69,10 @@ from __future__ import annotations
 import enum
 from typing import Final, NamedTuple
 
-from l4proxy._framing_py import (
+# The head parser and the body framer through their choosers: the compiled
+# twins when built (they are the per-byte work), the pure ones otherwise.
+from l4proxy._peek_py import DEFAULT_MAX_HEAD
+from l4proxy.framing import (
     BodyFramer,
     Framing,
     FramingError,
@@ -78,7 +81,7 @@ from l4proxy._framing_py import (
     request_framing,
     response_framing,
 )
-from l4proxy._peek_py import DEFAULT_MAX_HEAD, HeadError, HeadParser, NotHTTP, RequestHead
+from l4proxy.peek import HeadError, HeadParser, NotHTTP, RequestHead
 
 __all__ = [
     "Client",
