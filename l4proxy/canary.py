@@ -636,7 +636,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         paths = Paths.of(args.rules, service)
         writer = RulesWriter(paths, service, args.namespace, args.domain)
         if action != "run":
-            return _by_hand(action, paths, writer, args.json, out)
+            return _by_hand(action, paths, writer, args, out)
         with _interruptible():
             return _analyse(args, service, paths, writer, out, err)
     except (CanaryError, PolicyError, Conflict, MetricsError) as exc:
@@ -650,7 +650,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return EXIT_ERROR
 
 
-def _by_hand(action: str, paths: Paths, writer: RulesWriter, as_json: bool, out: TextIO) -> int:
+def _by_hand(
+    action: str, paths: Paths, writer: RulesWriter, args: argparse.Namespace, out: TextIO
+) -> int:
+    """status, promote, abort; with --metrics, promote/abort return once live."""
+    as_json: bool = args.json
     saved = load_state(paths.state)
     if saved is None:
         raise CanaryError(f"no rollout of {writer.service} under {paths.rules} ({paths.state})")
@@ -659,8 +663,14 @@ def _by_hand(action: str, paths: Paths, writer: RulesWriter, as_json: bool, out:
     elif action == "abort":
         saved = roll_back(saved, time.time())
     if action != "status":
+        sidecars = SidecarMetrics(args.metrics, writer.service) if args.metrics else None
+        if sidecars is not None:
+            sidecars.start_window()
+        before = dict(sidecars.generations) if sidecars is not None else {}
         save_state(paths.state, saved)
         writer.install(saved)
+        if sidecars is not None:
+            sidecars.wait_live(before, args.wait_live)
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
     else:
@@ -763,8 +773,8 @@ def _set_weight(
     before = dict(metrics.generations)
     save_state(paths.state, r)
     writer.install(r)
+    metrics.wait_live(before, wait)  # also on the way out: exit once it is live
     if r.phase == "progressing":
-        metrics.wait_live(before, wait)
         metrics.start_window()
 
 
