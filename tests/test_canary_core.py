@@ -107,7 +107,7 @@ def test_resume_keeps_the_step_and_never_restarts_a_rolled_back_canary() -> None
     assert (ended.kind, ended.rollout.weight) == ("rolled_back", 0)  # not 5 % again
     assert resume(P, "svc", "v1", "v2", back, 5, restart=True).rollout.weight == 5
     # another canary while this one progresses: refused; after it ended: new rollout
-    with pytest.raises(Conflict, match="promote|abort"):
+    with pytest.raises(Conflict, match=r"promote\|abort"):
         resume(P, "svc", "v1", "v3", mid, 6)
     assert resume(P, "svc", "v2", "v3", back, 6).kind == "start"
 

@@ -105,6 +105,7 @@ def weights(events: Sequence[dict[str, Any]]) -> list[int]:
 
 def versions_served(mesh: Mesh, n: int = 40) -> set[str]:
     versions, _, failures = mesh.split(n=n)
+    assert not failures, failures
     return {v for v, c in versions.items() if c}
 
 
