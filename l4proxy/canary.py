@@ -527,7 +527,9 @@ class Display:
         c = ev.check
         weight = ev.previous_weight if ev.previous_weight is not None else r.weight
         cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
-        if c is not None:
+        if c is not None and c.verdict == "halt":
+            cells += f" {_num(c.requests):>6} req  (too few to judge)"
+        elif c is not None:
             cells += f" {_num(c.requests):>6} req  " + _judge(
                 "success",
                 c.success_rate,
