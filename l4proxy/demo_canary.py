@@ -139,10 +139,10 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
         assert proc.stdout is not None
         for line in proc.stdout:  # as it happens: one line per interval
             tut.say(f"   {line.rstrip()}")
-        r = subprocess.CompletedProcess(argv, proc.wait())
-        meaning = {0: "promoted", 1: "rolled back"}.get(r.returncode, "error")
-        tut.say(f"   exit {r.returncode} ({meaning})")
+        returncode = proc.wait()
+        meaning = {0: "promoted", 1: "rolled back"}.get(returncode, "error")
+        tut.say(f"   exit {returncode} ({meaning})")
         tut.say()
-        if r.returncode != want:
+        if returncode != want:
             code = 1
     return code
