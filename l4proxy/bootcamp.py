@@ -8,6 +8,11 @@ on HTTP/1.0, like the Node.js original. Keep-alive is honoured.
 The demo and the tests run one per pod namespace::
 
     python -m l4proxy.bootcamp --port 8080 --pod bootcamp-v1-0 --version 1
+
+For ``l4proxy canary`` (issue 13) a version can be made bad on purpose:
+``--fail-rate 0.2`` answers ``500`` to that share of requests (drawn from
+``random.Random(--seed)``, so a run repeats), ``--delay-ms N`` answers every
+request N ms late.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import re
 import signal
 from collections import Counter
@@ -38,8 +44,26 @@ def answer(pod: str, version: str) -> bytes:
     return f"Hello Kubernetes bootcamp! | Running on: {pod} | v={version}\n".encode()
 
 
+class Faults:
+    """Injected failures and latency (issue 13's bad canary); none by default."""
+
+    def __init__(self, fail_rate: float = 0.0, delay_ms: float = 0.0, seed: int = 0) -> None:
+        self.fail_rate = fail_rate
+        self.delay = delay_ms / 1000.0
+        self.rng = random.Random(seed)
+
+    def fails(self) -> bool:
+        return self.fail_rate > 0 and self.rng.random() < self.fail_rate
+
+
+FAILED = b"injected failure (--fail-rate)\n"
+
+
 async def _serve_client(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    body: bytes,
+    faults: Faults | None = None,
 ) -> None:
     buf = b""
     try:
@@ -62,6 +86,23 @@ async def _serve_client(
             buf = rest[need:]
             http10 = head.version == "HTTP/1.0"
             keep = head.keep_alive
+            status = b"200 OK"
+            if faults is not None:
+                if faults.delay:
+                    await asyncio.sleep(faults.delay)
+                if faults.fails():
+                    status, body_now = b"500 Internal Server Error", FAILED
+            if status != b"200 OK":
+                writer.write(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                    + (b"" if keep and not http10 else b"Connection: close\r\n")
+                    + b"Content-Length: %d\r\n\r\n" % len(body_now)
+                    + body_now
+                )
+                await writer.drain()
+                if not keep or http10:
+                    return
+                continue
             if http10:
                 writer.write(
                     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
@@ -92,10 +133,12 @@ async def _serve_client(
             writer.close()
 
 
-async def serve(host: str | None, port: int, pod: str, version: str) -> None:
+async def serve(
+    host: str | None, port: int, pod: str, version: str, faults: Faults | None = None
+) -> None:
     body = answer(pod, version)
     server = await asyncio.start_server(
-        lambda r, w: _serve_client(r, w, body), host, port, reuse_address=True, backlog=1024
+        lambda r, w: _serve_client(r, w, body, faults), host, port, reuse_address=True, backlog=1024
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,8 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--pod", required=True, help="pod name shown in the answer")
     p.add_argument("--version", default="1", help="the v=N in the answer")
+    p.add_argument(
+        "--fail-rate", type=float, default=0.0, help="answer 500 to this share (0..1) of requests"
+    )
+    p.add_argument("--delay-ms", type=float, default=0.0, help="answer every request this late")
+    p.add_argument("--seed", type=int, default=0, help="seed of --fail-rate's draws (0)")
     args = p.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.pod, args.version))
+    faults = (
+        Faults(args.fail_rate, args.delay_ms, args.seed)
+        if args.fail_rate or args.delay_ms
+        else None
+    )
+    asyncio.run(serve(args.host, args.port, args.pod, args.version, faults))
     return 0
 
 

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "create": "l4proxy.apply",
     "replace": "l4proxy.apply",
     "delete": "l4proxy.apply",
+    "canary": "l4proxy.canary",  # issue 13
 }
 
 DESCRIPTION = """\
@@ -34,6 +35,8 @@ l4proxy: Istio-style traffic shifting for a pod, without Istio.
   l4proxy inject -f IN.yaml      add the init container and sidecar to Kubernetes manifests
   l4proxy create|replace|delete -f FILE --rules DIR
                                  istioctl's verbs: validate, then change the watched directory
+  l4proxy canary SERVICE --stable V1 --canary V2 --rules PATH --metrics HOST:PORT
+                                 progressive delivery with automatic rollback
 
 Run 'l4proxy COMMAND --help' for each command's options.
 """

@@ -549,6 +549,12 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
         help="seed the sidecars' weighted splits (l4proxy run --seed): the same "
         "counts every run (tests); default: random",
     )
+    p.add_argument(
+        "--no-canary",
+        dest="canary",
+        action="store_false",
+        help="skip the two l4proxy canary rollouts after the tutorial's steps",
+    )
     p.add_argument("--keep", action="store_true", help="leave the topology running")
     p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -657,6 +663,11 @@ def run(args: argparse.Namespace) -> int:
             tut.say(_topology_summary(tut))
             for i, step in enumerate(chosen, 1):
                 results.append(tut.run_step(i, len(chosen), step))
+            # issue 13: two automated rollouts after the full tutorial (l4proxy.demo_canary)
+            if not args.step and getattr(args, "api", "istio") == "istio" and args.canary:
+                from l4proxy import demo_canary
+
+                code = demo_canary.rollouts(tut, _exe, QUICK_STOP)
             tut.say(f"done in {time.monotonic() - started:.1f} s")
             if any(r[k]["failed"] for r in results for k in r if k != "step"):
                 code = 1

@@ -1,0 +1,299 @@
+"""The canary analysis as a state machine, with no I/O (``l4proxy canary``).
+
+Theory of operation
+-------------------
+This is Flagger's canary analysis, reduced to what it decides. A rollout of
+SERVICE from a *stable* to a *canary* version walks a list of canary weights
+(``--steps 5,10,25,50,100``, or ``--step-weight``/``--max-weight``). The
+shell (:mod:`l4proxy.canary`) sets the weight, waits one ``interval``, and
+hands this module a :class:`Sample` of the canary's requests in that
+interval; :func:`check` grades it and :func:`advance` moves the
+:class:`Rollout` on:
+
+* **halt**: fewer than ``min_requests`` canary requests. Nothing is learnt,
+  so nothing changes: no step, no failed check (Flagger #1035: too little
+  traffic must neither pass nor promote). The next interval tries again.
+* **fail**: success rate (non-5xx %) below ``min_success_rate``, or p99
+  above ``max_p99_ms``. ``failed_checks`` goes up by one and is never reset
+  by a later pass (as in Flagger: ``threshold`` failures over the whole
+  analysis roll back); at ``threshold`` the rollout is **rolled back**:
+  weight 0, every request to stable.
+* **pass**: the next step's weight; a pass at the last step **promotes**:
+  weight 100, every request to the canary.
+
+A finished rollout (promoted, rolled back) stays as it ended: resuming it
+(:func:`resume`) neither starts over at the first step nor routes anything
+to the canary again, unless the caller asks for a fresh start. Times are
+passed in (``now``), never read, so that every path is a table-driven test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+Phase = Literal["progressing", "promoted", "rolled_back"]
+Verdict = Literal["pass", "fail", "halt"]
+PHASES: tuple[Phase, ...] = ("progressing", "promoted", "rolled_back")
+
+
+class PolicyError(ValueError):
+    """The options do not make a rollout (the message names the option)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    steps: tuple[int, ...]  # canary weights, strictly increasing, 1..100
+    interval: float = 60.0  # seconds per check
+    threshold: int = 5  # failed checks that roll back
+    min_success_rate: float = 99.0  # percent of requests that are not 5xx
+    max_p99_ms: float = 500.0
+    min_requests: int = 10  # canary requests per interval, fewer halts
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise PolicyError("--steps: at least one weight")
+        prev = 0
+        for w in self.steps:
+            if not 0 < w <= 100 or w <= prev:
+                raise PolicyError(
+                    f"--steps: weights must rise strictly within 1..100, got "
+                    f"{','.join(map(str, self.steps))}"
+                )
+            prev = w
+        if not self.interval > 0:
+            raise PolicyError(f"--interval: must be > 0 seconds, got {self.interval:g}")
+        if self.threshold < 1:
+            raise PolicyError(f"--threshold: must be >= 1, got {self.threshold}")
+        if not 0 <= self.min_success_rate <= 100:
+            raise PolicyError(f"--min-success-rate: a percentage, got {self.min_success_rate:g}")
+        if not self.max_p99_ms > 0:
+            raise PolicyError(f"--max-p99: must be > 0 ms, got {self.max_p99_ms:g}")
+        if self.min_requests < 0:
+            raise PolicyError(f"--min-requests: must be >= 0, got {self.min_requests}")
+
+
+def steps_from(step_weight: int, max_weight: int) -> tuple[int, ...]:
+    """Flagger's ``stepWeight``/``maxWeight``: step, 2·step, ... up to max."""
+    if not 0 < step_weight <= 100:
+        raise PolicyError(f"--step-weight: must be within 1..100, got {step_weight}")
+    if not step_weight <= max_weight <= 100:
+        raise PolicyError(f"--max-weight: must be within {step_weight}..100, got {max_weight}")
+    out = list(range(step_weight, max_weight + 1, step_weight))
+    if out[-1] != max_weight:
+        out.append(max_weight)
+    return tuple(out)
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError as exc:
+        raise PolicyError(f"--steps: comma-separated integer weights, got {text!r}") from exc
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The canary's requests in one interval (deltas, not totals)."""
+
+    requests: float
+    errors: float  # 5xx answers among them
+    p99_ms: float | None  # None: no histogram data
+
+
+@dataclass(frozen=True)
+class Check:
+    verdict: Verdict
+    requests: float
+    success_rate: float | None  # percent
+    p99_ms: float | None
+    reasons: tuple[str, ...] = ()  # why it failed or halted, for the display
+
+
+def check(policy: Policy, sample: Sample) -> Check:
+    """Grade one interval against the policy."""
+    n = sample.requests
+    rate = None if n <= 0 else 100.0 * (n - sample.errors) / n
+    p99 = sample.p99_ms
+    if n < max(policy.min_requests, 1):
+        return Check(
+            "halt",
+            n,
+            rate,
+            p99,
+            (f"{_num(n)} canary requests < {policy.min_requests} (--min-requests): halted",),
+        )
+    reasons: list[str] = []
+    assert rate is not None
+    if rate < policy.min_success_rate:
+        reasons.append(f"success rate {rate:.1f} % < {policy.min_success_rate:g} %")
+    if p99 is not None and p99 > policy.max_p99_ms:
+        reasons.append(f"p99 {p99:.0f} ms > {policy.max_p99_ms:g} ms")
+    return Check("fail" if reasons else "pass", n, rate, p99, tuple(reasons))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == math.floor(x) else f"{x:.1f}"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Where a rollout stands; what the state file holds."""
+
+    service: str
+    stable: str
+    canary: str
+    phase: Phase = "progressing"
+    step: int = 0  # index into policy.steps while progressing
+    weight: int = 0  # the canary's weight now
+    failed_checks: int = 0
+    checks: int = 0  # intervals graded (halts included)
+    reason: str = ""  # why it ended (rolled back, or by hand)
+    updated: float = 0.0  # the ``now`` of the last change (seconds since the epoch)
+    steps: tuple[int, ...] = field(default=())  # the policy's, to resume with
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Any) -> Rollout:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        try:
+            r = cls(
+                service=str(data["service"]),
+                stable=str(data["stable"]),
+                canary=str(data["canary"]),
+                phase=data["phase"],
+                step=int(data["step"]),
+                weight=int(data["weight"]),
+                failed_checks=int(data["failed_checks"]),
+                checks=int(data.get("checks", 0)),
+                reason=str(data.get("reason", "")),
+                updated=float(data.get("updated", 0.0)),
+                steps=tuple(int(w) for w in data.get("steps", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad state: {exc}") from exc
+        if r.phase not in PHASES:
+            raise ValueError(f"bad state: phase {r.phase!r}")
+        return r
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one call did, for the display and ``--json``."""
+
+    kind: Literal["start", "resume", "check", "promoted", "rolled_back"]
+    rollout: Rollout
+    check: Check | None = None
+    previous_weight: int | None = None
+
+
+class Conflict(Exception):
+    """Resuming would mix two rollouts (the message says what to do)."""
+
+
+def resume(
+    policy: Policy,
+    service: str,
+    stable: str,
+    canary: str,
+    saved: Rollout | None,
+    now: float,
+    restart: bool = False,
+) -> Event:
+    """The rollout to run: a new one, or the saved one where it stood.
+
+    * nothing saved, or a finished rollout of other versions: a new rollout
+      at the first step;
+    * the same versions, still progressing: resumed at its step and weight
+      (never back at the first step, never at 0 %);
+    * the same versions, finished: returned as it ended (the caller reports
+      it) unless *restart*: a rolled-back canary gets no traffic again
+      without being asked;
+    * other versions still progressing: :class:`Conflict`.
+    """
+    same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
+    if saved is not None and not same and saved.phase == "progressing":
+        raise Conflict(
+            f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is at "
+            f"{saved.weight} %: finish it first (l4proxy canary promote|abort {saved.service})"
+        )
+    if saved is not None and same and saved.phase == "progressing":
+        steps = saved.steps or policy.steps
+        if saved.steps and saved.steps != policy.steps:
+            # Options changed between runs: continue at the first step of
+            # the new list at or above the weight reached (never go down).
+            idx = next((i for i, w in enumerate(policy.steps) if w >= saved.weight), None)
+            if idx is None:
+                idx = len(policy.steps) - 1
+            steps = policy.steps
+            r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now)
+            return Event("resume", r, previous_weight=saved.weight)
+        return Event("resume", replace(saved, steps=steps), previous_weight=saved.weight)
+    if saved is not None and same and not restart:
+        return Event(saved.phase, saved)  # type: ignore[arg-type]
+    r = Rollout(
+        service, stable, canary, "progressing", 0, policy.steps[0], 0, 0, "", now, policy.steps
+    )
+    return Event("start", r, previous_weight=saved.weight if saved is not None else None)
+
+
+def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Event:
+    """Apply one graded interval to a progressing rollout."""
+    if rollout.phase != "progressing":
+        return Event(rollout.phase, rollout)
+    r = replace(rollout, checks=rollout.checks + 1, updated=now)
+    before = rollout.weight
+    steps = rollout.steps or policy.steps
+    if result.verdict == "halt":
+        return Event("check", r, result, before)
+    if result.verdict == "fail":
+        r = replace(r, failed_checks=r.failed_checks + 1)
+        if r.failed_checks >= policy.threshold:
+            why = "; ".join(result.reasons)
+            r = replace(
+                r,
+                phase="rolled_back",
+                weight=0,
+                reason=f"{r.failed_checks} failed checks (--threshold {policy.threshold}): {why}",
+            )
+            return Event("rolled_back", r, result, before)
+        return Event("check", r, result, before)
+    if r.step + 1 >= len(steps):
+        r = replace(r, phase="promoted", weight=100, reason="every step passed")
+        return Event("promoted", r, result, before)
+    r = replace(r, step=r.step + 1, weight=steps[r.step + 1])
+    return Event("check", r, result, before)
+
+
+def promote(rollout: Rollout, now: float, why: str = "promoted by hand") -> Rollout:
+    return replace(rollout, phase="promoted", weight=100, reason=why, updated=now)
+
+
+def roll_back(rollout: Rollout, now: float, why: str = "aborted by hand") -> Rollout:
+    return replace(rollout, phase="rolled_back", weight=0, reason=why, updated=now)
+
+
+def run_table(
+    policy: Policy, samples: Sequence[Sample], start: Rollout | None = None
+) -> list[Event]:
+    """Drive a rollout over *samples* (one per interval) until it ends: the
+    whole analysis as a pure function, for tests and ``--simulate``."""
+    ev = (
+        resume(policy, "svc", "v1", "v2", None, 0.0)
+        if start is None
+        else Event("resume", start, previous_weight=start.weight)
+    )
+    out = [ev]
+    for i, s in enumerate(samples):
+        if ev.rollout.phase != "progressing":
+            break
+        ev = advance(policy, ev.rollout, check(policy, s), float(i + 1) * policy.interval)
+        out.append(ev)
+    return out

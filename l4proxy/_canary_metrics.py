@@ -1,0 +1,313 @@
+"""Where ``l4proxy canary`` reads the canary's requests: sidecars or Prometheus.
+
+Theory of operation
+-------------------
+Both sources answer one question per interval: how many requests did the
+canary version of SERVICE get, how many were 5xx, and what was their p99?
+(a :class:`~l4proxy._canary_core.Sample`). Parsing and arithmetic are pure
+functions here; the only I/O is :func:`http_get`.
+
+**Sidecars** (``--metrics URL``, repeatable). Each sidecar's ``/stats``
+carries Istio's standard metrics when it runs ``l4proxy run --http-routing
+request`` (per-connection routing has no requests to count):
+``istio_requests_total{destination_service_name, destination_version,
+response_code}`` and the cumulative histogram
+``istio_request_duration_milliseconds_bucket{..., le}``. They are counters,
+so a :class:`CounterWindow` keeps the last value of every series of every URL
+and takes deltas. A sidecar that restarted starts again from 0: a series
+lower than last time is a reset, and its new value is the delta (what
+Prometheus' ``rate()`` does); a series seen for the first time counts from
+0 only after the first reading (the baseline), never with its history.
+Deltas are summed over URLs; p99 is :func:`histogram_quantile` over the
+summed bucket deltas (linear inside the bucket, as Prometheus does).
+
+**Prometheus** (``--prometheus URL``): the PromQL Flagger runs for Istio
+(request-success-rate and request-duration), with l4proxy's labels (the
+sidecar reports as ``reporter="source"`` and names the version in
+``destination_version``), plus ``increase()`` for the request count,
+against ``/api/v1/query``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4proxy._canary_core import Sample
+
+REQUESTS = "istio_requests_total"
+BUCKETS = "istio_request_duration_milliseconds_bucket"
+GENERATION = "l4proxy_rules_generation"
+
+NO_REQUEST_METRICS = (
+    "{url} has no {name}: l4proxy canary reads per-request metrics, which a sidecar "
+    "reports only when it runs 'l4proxy run --http-routing request' (restart it with "
+    "that option), or point --metrics at an l4proxy sidecar's admin endpoint"
+)
+
+
+class MetricsError(Exception):
+    """A source could not be read (the message names it and what to do)."""
+
+
+# -- the Prometheus text format -------------------------------------------------
+_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+Series = tuple[str, tuple[tuple[str, str], ...]]  # name, sorted labels
+
+
+def parse_text(text: str) -> tuple[dict[Series, float], set[str]]:
+    """Prometheus text exposition -> ({(name, labels): value}, names declared
+    by ``# TYPE``). Lines it cannot read are skipped, as a scraper does."""
+    values: dict[Series, float] = {}
+    declared: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "TYPE":
+                declared.add(parts[2])
+            continue
+        m = _LINE.match(line.strip())
+        if not m:
+            continue
+        name, raw, value = m.groups()
+        labels: list[tuple[str, str]] = []
+        if raw:
+            body = raw[1:-1]
+            pos = 0
+            while pos < len(body):
+                lm = _LABEL.match(body, pos)
+                if not lm:
+                    break
+                v = lm.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+                labels.append((lm.group(1), v))
+                pos = lm.end()
+        try:
+            values[(name, tuple(sorted(labels)))] = float(value)
+        except ValueError:
+            continue
+    return values, declared
+
+
+def is_service(labels: Mapping[str, str], service: str) -> bool:
+    """SERVICE as the user names it: short name, or the host (FQDN)."""
+    return service in (labels.get("destination_service_name"), labels.get("destination_service"))
+
+
+@dataclass
+class Totals:
+    """One version's counters (or their deltas) for one service."""
+
+    requests: float = 0.0
+    errors: float = 0.0  # 5xx
+    buckets: dict[float, float] = field(default_factory=dict)  # le (ms) -> cumulative count
+
+    def add(self, other: Totals) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        for le, n in other.buckets.items():
+            self.buckets[le] = self.buckets.get(le, 0.0) + n
+
+    def sample(self) -> Sample:
+        return Sample(self.requests, self.errors, histogram_quantile(0.99, self.buckets))
+
+
+def totals_of(values: Mapping[Series, float], service: str, version: str) -> Totals:
+    """Sum the series of SERVICE's *version* (over response codes, workloads)."""
+    t = Totals()
+    for (name, labels), v in values.items():
+        if name not in (REQUESTS, BUCKETS):
+            continue
+        d = dict(labels)
+        if not is_service(d, service) or d.get("destination_version") != version:
+            continue
+        if name == REQUESTS:
+            t.requests += v
+            if d.get("response_code", "").startswith("5"):
+                t.errors += v
+        else:
+            le = _le(d.get("le", ""))
+            if le is not None:
+                t.buckets[le] = t.buckets.get(le, 0.0) + v
+    return t
+
+
+def _le(text: str) -> float | None:
+    if text in ("+Inf", "Inf", "inf"):
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative buckets {le: count}.
+
+    The rank q·total falls in the first bucket whose count reaches it; the
+    value is interpolated linearly between that bucket's bounds (the first
+    bucket starts at 0). A rank in the +Inf bucket answers the highest
+    finite bound. None when there is no observation.
+    """
+    if not buckets:
+        return None
+    les = sorted(buckets)
+    total = buckets[les[-1]] if les[-1] == math.inf else max(buckets.values())
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_n = 0.0, 0.0
+    for le in les:
+        n = buckets[le]
+        if n >= rank:
+            if le == math.inf:
+                return prev_le
+            if n == prev_n:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_n) / (n - prev_n)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+class CounterWindow:
+    """Deltas of counters read from several sidecars, with resets handled.
+
+    :meth:`read` takes one reading of every URL's parsed ``/stats`` and
+    returns what happened since the previous reading, summed; the first
+    reading of a URL is the baseline and contributes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[Series, float]] = {}
+
+    def read(self, readings: Mapping[str, Mapping[Series, float]]) -> dict[Series, float]:
+        out: dict[Series, float] = {}
+        for url, values in readings.items():
+            last = self._last.get(url)
+            now = {k: v for k, v in values.items() if k[0] in (REQUESTS, BUCKETS)}
+            if last is not None:
+                for key, v in now.items():
+                    before = last.get(key, 0.0)
+                    delta = v if v < before else v - before  # lower: the sidecar restarted
+                    if delta:
+                        out[key] = out.get(key, 0.0) + delta
+            self._last[url] = now
+        return out
+
+
+# -- sidecars -----------------------------------------------------------------
+def stats_url(url: str) -> str:
+    """``127.0.0.1:15000`` or ``http://host:15000`` -> ``http://host:15000/stats``."""
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path if parts.path not in ("", "/") else "/stats"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def http_get(url: str, timeout: float = 3.0) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body: bytes = r.read()
+            return body.decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        raise MetricsError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise MetricsError(f"{url}: cannot read it ({reason})") from exc
+
+
+def read_sidecar(url: str, text: str) -> tuple[dict[Series, float], int | None]:
+    """Parse one sidecar's ``/stats``: (its series, its rules generation).
+    Raises :class:`MetricsError` when it has no per-request metrics."""
+    values, declared = parse_text(text)
+    if REQUESTS not in declared and not any(k[0] == REQUESTS for k in values):
+        raise MetricsError(NO_REQUEST_METRICS.format(url=url, name=REQUESTS))
+    gen = values.get((GENERATION, ()))
+    return values, None if gen is None else int(gen)
+
+
+# -- Prometheus -----------------------------------------------------------------
+def _selector(service: str, version: str, reporter: str, extra: str = "") -> str:
+    sel = (
+        f'reporter="{reporter}",destination_service_name="{_q(service)}",'
+        f'destination_version="{_q(version)}"'
+    )
+    return sel + (f",{extra}" if extra else "")
+
+
+def _q(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def promql(service: str, version: str, interval: float, reporter: str = "source") -> dict[str, str]:
+    """The three queries of one check: requests, success rate (%), p99 (ms).
+
+    Flagger's built-in Istio metrics ``request-success-rate`` and
+    ``request-duration``, selecting the version by ``destination_version``
+    (Flagger selects a Deployment by ``destination_workload``; the sidecar
+    names both, the version is what the rules route on).
+    """
+    window = f"[{max(1, math.ceil(interval))}s]"
+    sel = _selector(service, version, reporter)
+    ok = _selector(service, version, reporter, 'response_code!~"5.*"')
+    return {
+        "requests": f"sum(increase({REQUESTS}{{{sel}}}{window}))",
+        "success_rate": (
+            f"sum(rate({REQUESTS}{{{ok}}}{window})) / sum(rate({REQUESTS}{{{sel}}}{window})) * 100"
+        ),
+        "p99": (f"histogram_quantile(0.99, sum(rate({BUCKETS}{{{sel}}}{window})) by (le))"),
+    }
+
+
+def query_url(base: str, query: str) -> str:
+    if "://" not in base:
+        base = "http://" + base
+    return base.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+
+
+def parse_query_response(url: str, text: str) -> float | None:
+    """One instant-vector answer -> its value; None when empty or NaN."""
+    try:
+        doc: Any = json.loads(text)
+    except ValueError as exc:
+        raise MetricsError(f"{url}: not a Prometheus API answer (not JSON)") from exc
+    if not isinstance(doc, dict) or doc.get("status") != "success":
+        err = doc.get("error") if isinstance(doc, dict) else None
+        raise MetricsError(f"{url}: Prometheus says: {err or 'no status success'}")
+    data = doc.get("data") or {}
+    result = data.get("result")
+    if data.get("resultType") == "scalar" and isinstance(result, list):
+        result = [{"value": result}]
+    if not isinstance(result, list):
+        raise MetricsError(f"{url}: unexpected answer (no data.result list)")
+    if not result:
+        return None
+    try:
+        v = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise MetricsError(f"{url}: unexpected answer ({result[0]!r})") from exc
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def sample_from_prometheus(answers: Mapping[str, float | None]) -> Sample:
+    """The three answers of :func:`promql` as a Sample."""
+    n = answers.get("requests") or 0.0
+    rate = answers.get("success_rate")
+    errors = 0.0 if rate is None else n * (100.0 - rate) / 100.0
+    return Sample(n, max(0.0, errors), answers.get("p99"))
+
+
+def sum_totals(parts: Iterable[Totals]) -> Totals:
+    t = Totals()
+    for p in parts:
+        t.add(p)
+    return t

@@ -1,0 +1,801 @@
+"""``l4proxy canary SERVICE --stable v1 --canary v2 --rules PATH``: progressive delivery.
+
+Theory of operation
+-------------------
+Flagger's canary analysis, run against the rules path the sidecars watch.
+The decisions are :mod:`l4proxy._canary_core` (pure); the numbers come from
+:mod:`l4proxy._canary_metrics`; this module is the I/O around them:
+
+* **The canary's document.** The command owns exactly one document: a
+  RouteRule ``canary-SERVICE`` (config.istio.io/v1alpha2, the tutorial's
+  kind: ``destination.name`` and ``route[].labels.version``), no ``match``,
+  precedence 0. With a rules *directory* it lives alone in
+  ``DIR/canary-SERVICE.yaml``, and no other file is ever opened for writing.
+  With a rules *file* it is one document of that file: the other documents
+  keep their exact bytes (comments, order, separators) and only ours is
+  replaced or appended. A rule of the user's that routes SERVICE without a
+  ``match`` (a RouteRule, a VirtualService for its host, an HTTPRoute whose
+  parent is its Service) would compete with ours, so the command refuses,
+  naming file and line; rules with a ``match`` at a higher precedence (say,
+  testers pinned to v2 by a header) keep their requests.
+* **Atomic, validated writes.** Every change goes through the pieces of
+  ``l4proxy create|replace|delete`` (:mod:`l4proxy.apply`): under the rules
+  directory's flock, the path as it would be is loaded exactly as a sidecar
+  loads it, and only then installed by write-temp/fsync/rename, so a sidecar
+  sees the old rules or the new ones.
+* **State** is ``.canary-SERVICE.state.json`` beside the document (a hidden
+  name: the sidecars never read it), written the same atomic way *before*
+  the document, and re-read every interval, so that ``l4proxy canary
+  promote|abort`` from another shell ends a running analysis, and a killed
+  command resumes at its step (:func:`l4proxy._canary_core.resume`).
+* **Windows.** After each weight change the command waits until the
+  sidecars it reads serve the new rules generation, then starts the
+  interval's window: each interval's sample is traffic at one weight.
+
+Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
+invalid rules, metrics missing), 3 interrupted with the weights left as
+they were (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import yaml
+
+from l4proxy import apply
+from l4proxy._canary_core import (
+    Check,
+    Conflict,
+    Event,
+    Policy,
+    PolicyError,
+    Rollout,
+    Sample,
+    advance,
+    check,
+    parse_steps,
+    promote,
+    resume,
+    roll_back,
+    steps_from,
+)
+from l4proxy._canary_metrics import (
+    CounterWindow,
+    MetricsError,
+    Series,
+    http_get,
+    parse_query_response,
+    promql,
+    query_url,
+    read_sidecar,
+    sample_from_prometheus,
+    stats_url,
+    totals_of,
+)
+from l4proxy.config import ConfigError, ConfigUnreadable, load_rules, rule_files
+from l4proxy.config._schema import Report
+from l4proxy.config._yaml import SourceProblem, Unreadable, parse_documents, read_file
+
+EXIT_PROMOTED = 0
+EXIT_ROLLED_BACK = 1
+EXIT_ERROR = 2
+EXIT_LEFT = 3
+
+ACTIONS = ("status", "promote", "abort")
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+EPILOG = """\
+examples:
+  # in the pod (or netns) whose sidecar runs 'l4proxy run --http-routing request'
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --steps 5,25,50,100 --interval 30 --metrics 127.0.0.1:15000
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --step-weight 10 --max-weight 50 --prometheus http://prometheus:9090
+  l4proxy canary status bootcamp --rules /etc/l4proxy
+  l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
+  l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
+
+the canary owns one document: RouteRule canary-SERVICE, in DIR/canary-SERVICE.yaml
+(or appended to a rules FILE, whose other documents are kept byte for byte);
+its state is DIR/.canary-SERVICE.state.json. Metrics need sidecars run with
+'l4proxy run --http-routing request' (or Prometheus scraping them).
+
+exit status:
+  0  promoted (100 % to the canary)
+  1  rolled back (100 % to stable), by the analysis or by abort
+  2  error: usage, unreadable or invalid rules, a competing rule, no metrics
+  3  interrupted, weights left where they were: run the same command to resume
+"""
+
+
+class CanaryError(Exception):
+    """Exit 2 with this message."""
+
+
+# -- arguments ------------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "canary",
+        help="progressive delivery: shift a service to a new version while it stays healthy",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "words", nargs="+", metavar="[status|promote|abort] SERVICE", help="the service to shift"
+    )
+    p.add_argument("--rules", required=True, metavar="PATH", help="rules file or directory")
+    p.add_argument("--stable", metavar="VERSION", help="the version serving now (label version)")
+    p.add_argument("--canary", metavar="VERSION", help="the version to shift to")
+    p.add_argument("--steps", metavar="W,W,...", help="canary weights in turn (5,10,25,50,100)")
+    p.add_argument("--step-weight", type=int, metavar="W", help="or: weights W, 2W, ...")
+    p.add_argument("--max-weight", type=int, default=100, metavar="W", help="... up to W (100)")
+    p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
+    p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
+    p.add_argument(
+        "--min-success-rate", type=float, default=99.0, metavar="PCT", help="non-5xx %% (99)"
+    )
+    p.add_argument("--max-p99", type=float, default=500.0, metavar="MS", help="(500)")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=10,
+        metavar="N",
+        help="canary requests per interval; fewer halts the rollout (10)",
+    )
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a sidecar's admin endpoint (HOST:PORT); repeatable, counters are summed",
+    )
+    p.add_argument("--prometheus", metavar="URL", help="read Istio's metrics from Prometheus")
+    p.add_argument(
+        "--reporter",
+        default="source",
+        help="Prometheus: the reporter label to select (l4proxy sidecars: source)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
+    p.add_argument(
+        "--on-abort",
+        choices=("ask", "rollback", "leave"),
+        default="ask",
+        help="on Ctrl-C/SIGTERM: ask (on a terminal; else leave), roll back, or leave weights",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start again at the first step a rollout of these versions that ended",
+    )
+    p.add_argument(
+        "--wait-live", type=float, default=5.0, metavar="SECONDS", help=argparse.SUPPRESS
+    )
+    p.add_argument("-n", "--namespace", default="default", help="as for l4proxy validate")
+    p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
+    p.set_defaults(func=run)
+
+
+def policy_of(args: argparse.Namespace) -> Policy:
+    if args.steps and args.step_weight:
+        raise PolicyError("--steps and --step-weight: give one of them")
+    if args.steps:
+        steps = parse_steps(args.steps)
+    elif args.step_weight:
+        steps = steps_from(args.step_weight, args.max_weight)
+    else:
+        steps = (5, 10, 25, 50, 100)
+    return Policy(
+        steps=steps,
+        interval=args.interval,
+        threshold=args.threshold,
+        min_success_rate=args.min_success_rate,
+        max_p99_ms=args.max_p99,
+        min_requests=args.min_requests,
+    )
+
+
+# -- the document and the state ---------------------------------------------------
+@dataclass(frozen=True)
+class Paths:
+    rules: str  # what the user gave
+    directory: str  # where the lock and the state live
+    document: str  # the file holding our document
+    state: str
+    is_dir: bool
+
+    @classmethod
+    def of(cls, rules: str, service: str) -> Paths:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service):
+            raise CanaryError(f"{service!r} is not a service name (a DNS label, e.g. bootcamp)")
+        short = service.split(".", 1)[0]
+        if os.path.isdir(rules):
+            return cls(
+                rules,
+                rules,
+                os.path.join(rules, f"canary-{short}.yaml"),
+                os.path.join(rules, f".canary-{short}.state.json"),
+                True,
+            )
+        if os.path.isfile(rules):
+            d = os.path.dirname(os.path.abspath(rules))
+            return cls(rules, d, rules, os.path.join(d, f".canary-{short}.state.json"), False)
+        raise CanaryError(f"{rules}: no such rules file or directory")
+
+
+def rule_name(service: str) -> str:
+    return f"canary-{service.split('.', 1)[0]}"
+
+
+def document(r: Rollout) -> str:
+    """The canary's RouteRule for *r*'s weight (0-weight routes left out)."""
+    routes = [(r.stable, 100 - r.weight), (r.canary, r.weight)]
+    body = "".join(
+        f"  - labels:\n      version: {v}\n    weight: {w}\n" for v, w in routes if w > 0
+    )
+    return (
+        f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, {r.phase}):\n"
+        "# rewritten at every step; edits are overwritten. Remove it with the rollout's end.\n"
+        "apiVersion: config.istio.io/v1alpha2\n"
+        "kind: RouteRule\n"
+        f"metadata:\n  name: {rule_name(r.service)}\n"
+        f"spec:\n  destination:\n    name: {r.service}\n  precedence: 0\n  route:\n{body}"
+    )
+
+
+_SEPARATOR = re.compile(r"(?m)^(---[ \t]*(?:#[^\n]*)?\n?)")
+
+
+def splice(text: str, ours: str, name: str) -> str:
+    """*text* with the document named *name* replaced by *ours* (appended
+    when absent); every other document keeps its bytes."""
+    parts = _SEPARATOR.split(text)  # doc, sep, doc, sep, ...
+    for i in range(0, len(parts), 2):
+        if _is_ours(parts[i], name):
+            parts[i] = ours
+            return "".join(parts)
+    if not text.strip():
+        return ours
+    sep = "" if text.endswith("\n") else "\n"
+    return f"{text}{sep}---\n{ours}"
+
+
+def _is_ours(segment: str, name: str) -> bool:
+    try:
+        doc = yaml.safe_load(segment)
+    except yaml.YAMLError:
+        return False
+    return (
+        isinstance(doc, dict)
+        and doc.get("kind") == "RouteRule"
+        and isinstance(doc.get("metadata"), dict)
+        and doc["metadata"].get("name") == name
+    )
+
+
+def competing(files: Sequence[str], service: str, own: str, name: str) -> list[str]:
+    """The user's rules that route SERVICE for every request (file:line: what)."""
+    out: list[str] = []
+    short = service.split(".", 1)[0]
+
+    def names_it(host: object) -> bool:
+        return isinstance(host, str) and (host == short or host.startswith(short + "."))
+
+    for f in files:
+        try:
+            docs = list(parse_documents(read_file(f), f))
+        except (Unreadable, SourceProblem):
+            continue  # the validation that follows says what is wrong with it
+        for d in docs:
+            v = d.value
+            if not isinstance(v, dict):
+                continue
+            meta: dict[str, Any] = v["metadata"] if isinstance(v.get("metadata"), dict) else {}
+            spec: dict[str, Any] = v["spec"] if isinstance(v.get("spec"), dict) else {}
+            kind, obj = v.get("kind"), f"{v.get('kind')} {meta.get('name')}"
+            if kind == "RouteRule":
+                if f == own and meta.get("name") == name:
+                    continue
+                dest: dict[str, Any] = spec.get("destination") or {}
+                dest = dest if isinstance(dest, dict) else {}
+                if names_it(dest.get("name")) and not spec.get("match"):
+                    out.append(f"{f}:{d.line}: {obj} routes every request of {short}")
+            elif kind == "VirtualService":
+                if any(names_it(h) for h in spec.get("hosts") or []):
+                    out.append(f"{f}:{d.line}: {obj} routes host {short}")
+            elif kind == "HTTPRoute":
+                for ref in spec.get("parentRefs") or []:
+                    if (
+                        isinstance(ref, dict)
+                        and ref.get("kind") == "Service"
+                        and names_it(ref.get("name"))
+                    ):
+                        out.append(f"{f}:{d.line}: {obj} routes Service {short}")
+    return out
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Through apply's installer: a hidden candidate, then temp+fsync+rename."""
+    cand = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.candidate")
+    with open(cand, "w") as f:
+        f.write(text)
+    try:
+        apply._install(cand, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cand)
+
+
+class RulesWriter:
+    """Installs the canary's document; validates the result first."""
+
+    def __init__(self, paths: Paths, service: str, namespace: str, domain: str) -> None:
+        self.paths = paths
+        self.service = service
+        self.namespace = namespace
+        self.domain = domain
+
+    def others(self) -> list[str]:
+        if not self.paths.is_dir:
+            return [self.paths.document]
+        files, unreadable = rule_files([self.paths.directory], Report())
+        if unreadable:
+            raise CanaryError(f"{self.paths.directory}: {unreadable[0].message}")
+        return [f for f in files if f != self.paths.document]
+
+    def check_competing(self) -> None:
+        found = competing(self.others(), self.service, self.paths.document, rule_name(self.service))
+        if found:
+            raise CanaryError(
+                f"{found[0]}\n  l4proxy canary routes {self.service} through its own RouteRule "
+                f"{rule_name(self.service)}, and a rule without a match would compete with it: "
+                "delete that rule (l4proxy delete -f FILE), or give it a match so it takes only "
+                "the requests it names; then run this again"
+            )
+
+    def install(self, r: Rollout) -> None:
+        ours = document(r)
+        doc = self.paths.document
+        with apply._locked(self.paths.directory):
+            self.check_competing()
+            if self.paths.is_dir:
+                new_text = ours
+            else:
+                try:
+                    new_text = splice(read_file(doc), ours, rule_name(self.service))
+                except (Unreadable, SourceProblem) as exc:
+                    raise CanaryError(f"{doc}: cannot read: {exc}") from exc
+            cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
+            with open(cand, "w") as f:
+                f.write(new_text)
+            try:
+                keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
+                try:
+                    load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
+                except ConfigUnreadable as exc:
+                    raise CanaryError(str(exc)) from exc
+                except ConfigError as exc:
+                    first = next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
+                    raise CanaryError(
+                        f"refused: the rules would be invalid at weight {r.weight}: "
+                        f"{first.replace(cand, doc)}"
+                    ) from exc
+                apply._install(cand, doc)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cand)
+
+
+def load_state(path: str) -> Rollout | None:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Rollout.from_json(json.loads(text))
+    except ValueError as exc:
+        raise CanaryError(
+            f"{path}: {exc}; it is the canary's state: remove it to start over"
+        ) from exc
+
+
+def save_state(path: str, r: Rollout) -> None:
+    _write_atomic(path, json.dumps(r.to_json(), indent=1) + "\n")
+
+
+# -- metrics sources -------------------------------------------------------------
+class SidecarMetrics:
+    """``--metrics URL``...: deltas of the sidecars' own counters."""
+
+    def __init__(self, urls: Sequence[str], service: str, get: Callable[[str], str] = http_get):
+        self.urls = [stats_url(u) for u in urls]
+        self.service = service
+        self.get = get
+        self.window = CounterWindow()
+        self.generations: dict[str, int | None] = {}
+
+    def _read(self) -> dict[Series, float]:
+        readings: dict[str, dict[Series, float]] = {}
+        for url in self.urls:
+            values, gen = read_sidecar(url, self.get(url))
+            readings[url] = values
+            self.generations[url] = gen
+        return self.window.read(readings)
+
+    def start_window(self) -> None:
+        self._read()
+
+    def sample(self, version: str, interval: float) -> Sample:
+        return totals_of(self._read(), self.service, version).sample()
+
+    def wait_live(self, before: dict[str, int | None], timeout: float) -> None:
+        """Until every sidecar serves a rules generation past *before*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read()
+            if all(
+                before.get(u) is None or (self.generations.get(u) or 0) > (before[u] or 0)
+                for u in self.urls
+            ):
+                return
+            if time.monotonic() >= deadline:
+                late = [u for u in self.urls if (self.generations.get(u) or 0) <= (before[u] or 0)]
+                raise CanaryError(
+                    f"{late[0]} still serves rules generation {self.generations.get(late[0])} "
+                    f"{timeout:g} s after the change: is it watching this rules path? "
+                    f"(its /config_dump says why it refused a change)"
+                )
+            time.sleep(0.05)
+
+
+class PrometheusMetrics:
+    """``--prometheus URL``: Flagger's Istio queries, one instant each."""
+
+    def __init__(
+        self, base: str, service: str, reporter: str, get: Callable[[str], str] = http_get
+    ):
+        self.base = base
+        self.service = service
+        self.reporter = reporter
+        self.get = get
+        self.generations: dict[str, int | None] = {}
+
+    def start_window(self) -> None:
+        pass
+
+    def sample(self, version: str, interval: float) -> Sample:
+        answers = {}
+        for key, q in promql(self.service, version, interval, self.reporter).items():
+            url = query_url(self.base, q)
+            answers[key] = parse_query_response(url, self.get(url))
+        return sample_from_prometheus(answers)
+
+    def wait_live(self, before: dict[str, int | None], timeout: float) -> None:
+        pass
+
+
+Metrics = SidecarMetrics | PrometheusMetrics
+
+
+# -- display -----------------------------------------------------------------------
+def bar(pct: float, width: int = 20) -> str:
+    """A horizontal bar for 0..100 % in eighths (as ``l4proxy demo`` draws them)."""
+    eighths = round(pct / 100 * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (BLOCKS[part] if part else "")).ljust(width)
+
+
+class Display:
+    def __init__(self, out: TextIO, as_json: bool, policy: Policy) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.policy = policy
+
+    def emit(self, ev: Event, note: str = "") -> None:
+        if self.as_json:
+            print(json.dumps(event_json(ev, note)), file=self.out, flush=True)
+        else:
+            print(self.line(ev, note), file=self.out, flush=True)
+
+    def line(self, ev: Event, note: str = "") -> str:
+        r, p = ev.rollout, self.policy
+        if ev.kind in ("start", "resume"):
+            head = (
+                f"{r.service}: {r.stable} -> {r.canary}, steps {','.join(map(str, r.steps))} "
+                f"every {p.interval:g} s; a check passes with success >= "
+                f"{p.min_success_rate:g} %, p99 <= {p.max_p99_ms:g} ms, >= {p.min_requests} "
+                f"requests; {p.threshold} failed checks roll back"
+            )
+            if ev.kind == "resume":
+                head += (
+                    f"\n  resumed at {r.weight} % (step {r.step + 1}/{len(r.steps)}, "
+                    f"{r.failed_checks} failed checks so far)"
+                )
+            return head + (f"\n  {note}" if note else "")
+        c = ev.check
+        weight = ev.previous_weight if ev.previous_weight is not None else r.weight
+        cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
+        if c is not None and c.verdict == "halt":
+            cells += f" {_num(c.requests):>6} req  (too few to judge)"
+        elif c is not None:
+            cells += f" {_num(c.requests):>6} req  " + _judge(
+                "success",
+                c.success_rate,
+                "%",
+                p.min_success_rate,
+                ">=",
+                ok=c.success_rate is not None and c.success_rate >= p.min_success_rate,
+            )
+            cells += "  " + _judge(
+                "p99",
+                c.p99_ms,
+                "ms",
+                p.max_p99_ms,
+                "<=",
+                ok=c.p99_ms is None or c.p99_ms <= p.max_p99_ms,
+            )
+        verdict = self.verdict(ev)
+        return f"{cells}  {verdict}" + (f" ({note})" if note else "")
+
+    def verdict(self, ev: Event) -> str:
+        r, c = ev.rollout, ev.check
+        if ev.kind == "promoted":
+            return f"pass -> PROMOTED: {r.canary} takes 100 % of {r.service}"
+        if ev.kind == "rolled_back":
+            return f"fail -> ROLLED BACK: 100 % to {r.stable}; {r.reason}"
+        if c is None:
+            return r.phase
+        if c.verdict == "halt":
+            return f"halt: {'; '.join(c.reasons)}"
+        if c.verdict == "fail":
+            return (
+                f"fail ({r.failed_checks}/{self.policy.threshold}): {'; '.join(c.reasons)}; "
+                f"stays at {r.weight} %"
+            )
+        return f"pass -> {r.weight} %"
+
+
+def _num(x: float) -> str:
+    return str(round(x))
+
+
+def _judge(label: str, value: float | None, unit: str, limit: float, op: str, ok: bool) -> str:
+    shown = "   -" if value is None else (f"{value:5.1f}" if unit == "%" else f"{value:4.0f}")
+    return f"{label} {shown} {unit} {op} {limit:g} {'ok' if ok else 'NO'}"
+
+
+def event_json(ev: Event, note: str = "") -> dict[str, Any]:
+    r = ev.rollout
+    out: dict[str, Any] = {
+        "event": ev.kind,
+        "service": r.service,
+        "stable": r.stable,
+        "canary": r.canary,
+        "phase": r.phase,
+        "weight": r.weight,
+        "previous_weight": ev.previous_weight,
+        "step": r.step,
+        "steps": list(r.steps),
+        "failed_checks": r.failed_checks,
+        "reason": r.reason,
+    }
+    if ev.check is not None:
+        c: Check = ev.check
+        out["check"] = {
+            "verdict": c.verdict,
+            "requests": c.requests,
+            "success_rate": c.success_rate,
+            "p99_ms": c.p99_ms,
+            "reasons": list(c.reasons),
+        }
+    if note:
+        out["note"] = note
+    return out
+
+
+# -- the command -------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM (a Job deleted, ``kill``) is handled like Ctrl-C."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    words: list[str] = args.words
+    action = words[0] if words[0] in ACTIONS and len(words) == 2 else "run"
+    try:
+        if action == "run" and len(words) != 1:
+            raise CanaryError(
+                f"expected SERVICE, or status|promote|abort SERVICE; got {' '.join(words)}"
+            )
+        service = words[-1]
+        paths = Paths.of(args.rules, service)
+        writer = RulesWriter(paths, service, args.namespace, args.domain)
+        if action != "run":
+            return _by_hand(action, paths, writer, args, out)
+        with _interruptible():
+            return _analyse(args, service, paths, writer, out, err)
+    except (CanaryError, PolicyError, Conflict, MetricsError) as exc:
+        print(f"l4proxy canary: {exc}", file=err)
+        return EXIT_ERROR
+    except apply.Refusal as exc:
+        print(f"l4proxy canary: {exc}", file=err)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"l4proxy canary: {exc}", file=err)
+        return EXIT_ERROR
+
+
+def _by_hand(
+    action: str, paths: Paths, writer: RulesWriter, args: argparse.Namespace, out: TextIO
+) -> int:
+    """status, promote, abort; with --metrics, promote/abort return once live."""
+    as_json: bool = args.json
+    saved = load_state(paths.state)
+    if saved is None:
+        raise CanaryError(f"no rollout of {writer.service} under {paths.rules} ({paths.state})")
+    if action == "promote":
+        saved = promote(saved, time.time())
+    elif action == "abort":
+        saved = roll_back(saved, time.time())
+    if action != "status":
+        sidecars = SidecarMetrics(args.metrics, writer.service) if args.metrics else None
+        if sidecars is not None:
+            sidecars.start_window()
+        before = dict(sidecars.generations) if sidecars is not None else {}
+        save_state(paths.state, saved)
+        writer.install(saved)
+        if sidecars is not None:
+            sidecars.wait_live(before, args.wait_live)
+    if as_json:
+        print(json.dumps(saved.to_json()), file=out)
+    else:
+        r = saved
+        print(
+            f"{r.service}: {r.stable} -> {r.canary} {r.phase} at {r.weight} % {bar(r.weight)} "
+            f"step {r.step + 1}/{len(r.steps)}, {r.failed_checks} failed checks, "
+            f"{r.checks} checks" + (f"; {r.reason}" if r.reason else ""),
+            file=out,
+        )
+    return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
+
+
+def _analyse(
+    args: argparse.Namespace,
+    service: str,
+    paths: Paths,
+    writer: RulesWriter,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    if not args.stable or not args.canary:
+        raise CanaryError("--stable VERSION and --canary VERSION are needed")
+    if args.stable == args.canary:
+        raise CanaryError("--stable and --canary name the same version")
+    if bool(args.metrics) == bool(args.prometheus):
+        raise CanaryError(
+            "give the metrics: --metrics HOST:PORT (a sidecar's admin endpoint, repeatable) "
+            "or --prometheus URL"
+        )
+    policy = policy_of(args)
+    metrics: Metrics = (
+        SidecarMetrics(args.metrics, service)
+        if args.metrics
+        else PrometheusMetrics(args.prometheus, service, args.reporter)
+    )
+    display = Display(out, args.json, policy)
+    writer.check_competing()
+    metrics.start_window()  # fails early (exit 2) when the metrics are missing
+    ev = resume(
+        policy,
+        service,
+        args.stable,
+        args.canary,
+        load_state(paths.state),
+        time.time(),
+        restart=args.restart,
+    )
+    r = ev.rollout
+    if ev.kind in ("promoted", "rolled_back"):
+        writer.install(r)  # as it ended, in case the document was lost
+        display.emit(ev, "this rollout had ended; --restart starts it again")
+        return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
+    display.emit(ev)
+    _set_weight(paths, writer, metrics, r, args.wait_live)
+    try:
+        while True:
+            time.sleep(policy.interval)
+            now_saved = load_state(paths.state)
+            if now_saved is not None and now_saved.phase != "progressing":
+                # promote/abort from another shell ended it
+                ev = Event(now_saved.phase, now_saved, None, r.weight)
+                display.emit(ev, "ended by hand")
+                return EXIT_PROMOTED if now_saved.phase == "promoted" else EXIT_ROLLED_BACK
+            sample = metrics.sample(r.canary, policy.interval)
+            ev = advance(policy, r, check(policy, sample), time.time())
+            changed = ev.rollout.weight != r.weight or ev.rollout.phase != r.phase
+            r = ev.rollout
+            if changed:
+                _set_weight(paths, writer, metrics, r, args.wait_live)
+            else:
+                save_state(paths.state, r)
+            display.emit(ev)
+            if r.phase == "promoted":
+                return EXIT_PROMOTED
+            if r.phase == "rolled_back":
+                return EXIT_ROLLED_BACK
+    except KeyboardInterrupt:
+        choice = args.on_abort
+        if choice == "ask":
+            choice = _ask(err)
+        if choice == "rollback":
+            r = roll_back(r, time.time(), "interrupted; rolled back on request")
+            save_state(paths.state, r)
+            writer.install(r)
+            display.emit(Event("rolled_back", r, None, None), "interrupted")
+            return EXIT_ROLLED_BACK
+        print(
+            f"\nl4proxy canary: interrupted; {r.canary} keeps {r.weight} %: run the same "
+            "command again to resume, or l4proxy canary promote|abort " + service,
+            file=err,
+        )
+        return EXIT_LEFT
+
+
+def _set_weight(
+    paths: Paths, writer: RulesWriter, metrics: Metrics, r: Rollout, wait: float
+) -> None:
+    """State first, then the document; then a fresh window at that weight."""
+    before = dict(metrics.generations)
+    save_state(paths.state, r)
+    writer.install(r)
+    metrics.wait_live(before, wait)  # also on the way out: exit once it is live
+    if r.phase == "progressing":
+        metrics.start_window()
+
+
+def _ask(err: TextIO) -> str:
+    if not sys.stdin.isatty():
+        return "leave"
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C just quits
+    while True:
+        print(
+            "\nroll back to stable (r) or leave the weights as they are (l)? [r/l] ",
+            end="",
+            file=err,
+            flush=True,
+        )
+        try:
+            answer = sys.stdin.readline().strip().lower()
+        except (OSError, ValueError):
+            return "leave"
+        if answer.startswith("r"):
+            return "rollback"
+        if answer.startswith("l") or not answer:
+            return "leave"

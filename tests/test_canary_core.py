@@ -1,0 +1,315 @@
+"""The canary analysis (l4proxy._canary_core) and its metrics arithmetic, table-driven."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import threading
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy._canary_core import (
+    Conflict,
+    Policy,
+    PolicyError,
+    Rollout,
+    Sample,
+    advance,
+    check,
+    resume,
+    run_table,
+    steps_from,
+)
+from l4proxy._canary_metrics import (
+    CounterWindow,
+    MetricsError,
+    histogram_quantile,
+    parse_query_response,
+    parse_text,
+    promql,
+    query_url,
+    read_sidecar,
+    totals_of,
+)
+from l4proxy.canary import PrometheusMetrics, competing, document, splice
+
+P = Policy(
+    steps=(5, 25, 50, 100),
+    interval=1,
+    threshold=2,
+    min_success_rate=99,
+    max_p99_ms=500,
+    min_requests=10,
+)
+GOOD = Sample(100, 0, 12.0)
+ERRORS = Sample(100, 20, 12.0)  # 80 % success
+SLOW = Sample(100, 0, 900.0)
+QUIET = Sample(3, 0, 12.0)
+
+
+@pytest.mark.parametrize(
+    ("samples", "weights", "end"),
+    [
+        # promotion: every step passes, the last one promotes
+        ([GOOD] * 4, [5, 25, 50, 100, 100], "promoted"),
+        # errors: two failed checks (threshold 2) roll back, from wherever
+        ([GOOD, ERRORS, ERRORS], [5, 25, 25, 0], "rolled_back"),
+        # latency alone fails too
+        ([SLOW, SLOW], [5, 5, 0], "rolled_back"),
+        # too little traffic halts: no step, no failed check; then it goes on
+        (
+            [QUIET, QUIET, GOOD, QUIET, GOOD, GOOD, GOOD],
+            [5, 5, 5, 25, 25, 50, 100, 100],
+            "promoted",
+        ),
+        # failed checks are not reset by a pass (Flagger): 1 + 1 = threshold
+        ([ERRORS, GOOD, SLOW], [5, 5, 25, 0], "rolled_back"),
+        # nothing at all: halts forever, never promotes
+        ([Sample(0, 0, None)] * 5, [5] * 6, "progressing"),
+    ],
+    ids=["promote", "errors", "latency", "halt", "cumulative", "no-traffic"],
+)
+def test_rollouts(samples: list[Sample], weights: list[int], end: str) -> None:
+    events = run_table(P, samples)
+    assert [e.rollout.weight for e in events] == weights
+    assert events[-1].rollout.phase == end
+
+
+@pytest.mark.parametrize(
+    ("sample", "verdict", "reason"),
+    [
+        (Sample(100, 1, 500.0), "pass", ""),  # 99 % and 500 ms: the limits pass
+        (Sample(100, 2, 10.0), "fail", "success rate 98.0 % < 99 %"),
+        (Sample(100, 0, 500.1), "fail", "p99 500 ms > 500 ms"),
+        (Sample(9, 0, 1.0), "halt", "9 canary requests < 10"),
+        (Sample(10, 0, None), "pass", ""),  # no histogram: latency not judged
+    ],
+)
+def test_check(sample: Sample, verdict: str, reason: str) -> None:
+    c = check(P, sample)
+    assert c.verdict == verdict
+    assert reason in "; ".join(c.reasons)
+
+
+def test_resume_keeps_the_step_and_never_restarts_a_rolled_back_canary() -> None:
+    ev = resume(P, "svc", "v1", "v2", None, 0)
+    assert (ev.kind, ev.rollout.weight) == ("start", 5)
+    mid = advance(P, ev.rollout, check(P, GOOD), 1).rollout
+    mid = advance(P, mid, check(P, ERRORS), 2).rollout
+    again = resume(P, "svc", "v1", "v2", Rollout.from_json(mid.to_json()), 3)
+    assert (again.kind, again.rollout.weight, again.rollout.failed_checks) == ("resume", 25, 1)
+    back = advance(P, again.rollout, check(P, ERRORS), 4).rollout
+    assert (back.phase, back.weight) == ("rolled_back", 0)
+    ended = resume(P, "svc", "v1", "v2", back, 5)
+    assert (ended.kind, ended.rollout.weight) == ("rolled_back", 0)  # not 5 % again
+    assert resume(P, "svc", "v1", "v2", back, 5, restart=True).rollout.weight == 5
+    # another canary while this one progresses: refused; after it ended: new rollout
+    with pytest.raises(Conflict, match=r"promote\|abort"):
+        resume(P, "svc", "v1", "v3", mid, 6)
+    assert resume(P, "svc", "v2", "v3", back, 6).kind == "start"
+
+
+def test_resume_with_other_steps_never_goes_down() -> None:
+    saved = Rollout("svc", "v1", "v2", step=2, weight=50, steps=(5, 25, 50, 100))
+    ev = resume(Policy(steps=(10, 20, 40, 60, 80, 100)), "svc", "v1", "v2", saved, 0)
+    assert ev.rollout.weight == 60
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": (5, 5)}, "rise strictly"),
+        ({"steps": (0, 50)}, "rise strictly"),
+        ({"steps": (5, 101)}, "rise strictly"),
+        ({"steps": (5,), "threshold": 0}, "--threshold"),
+        ({"steps": (5,), "interval": 0}, "--interval"),
+    ],
+)
+def test_bad_policies_name_the_option(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_step_weight() -> None:
+    assert steps_from(10, 50) == (10, 20, 30, 40, 50)
+    assert steps_from(30, 100) == (30, 60, 90, 100)
+
+
+# -- metrics -----------------------------------------------------------------------
+def stats(v2_ok: float, v2_5xx: float, buckets: dict[str, float], gen: int = 1) -> str:
+    lab = (
+        'reporter="source",destination_service="bootcamp.default.svc.cluster.local",'
+        'destination_service_name="bootcamp",destination_version="{v}",'
+        'destination_workload="bootcamp-{v}",response_code="{c}"'
+    )
+    lines = [
+        "# TYPE istio_requests_total counter",
+        "istio_requests_total 0",
+        f"istio_requests_total{{{lab.format(v='v2', c='200')}}} {v2_ok}",
+        f"istio_requests_total{{{lab.format(v='v2', c='503')}}} {v2_5xx}",
+        f"istio_requests_total{{{lab.format(v='v1', c='500')}}} 999",
+        f"l4proxy_rules_generation {gen}",
+    ]
+    for le, n in buckets.items():
+        lines.append(
+            "istio_request_duration_milliseconds_bucket"
+            f'{{{lab.format(v="v2", c="200")},le="{le}"}} {n}'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_totals_and_quantile() -> None:
+    values, _ = parse_text(stats(90, 10, {"10": 50, "100": 99, "+Inf": 100}))
+    t = totals_of(values, "bootcamp", "v2")
+    assert (t.requests, t.errors) == (100, 10)
+    # rank 99 is the 49th of 49 in (10, 100]: the bucket's top
+    assert t.sample().p99_ms == pytest.approx(100.0)
+    assert histogram_quantile(0.5, {10.0: 50, 100.0: 99, math.inf: 100}) == pytest.approx(10.0)
+    assert histogram_quantile(0.99, {10.0: 0, 100.0: 0, math.inf: 100}) == 100.0  # in +Inf
+    assert histogram_quantile(0.99, {10.0: 0, math.inf: 0}) is None
+    assert histogram_quantile(0.9, {100.0: 10, 200.0: 20, math.inf: 20}) == pytest.approx(180.0)
+    assert totals_of(values, "bootcamp.default.svc.cluster.local", "v2").requests == 100
+
+
+def test_counter_window_sums_sidecars_and_handles_a_restart() -> None:
+    w = CounterWindow()
+    a1, _ = parse_text(stats(100, 0, {"+Inf": 100}))
+    b1, _ = parse_text(stats(10, 0, {"+Inf": 10}))
+    assert w.read({"a": a1, "b": b1}) == {}  # the baseline: history never counts
+    a2, _ = parse_text(stats(130, 5, {"+Inf": 135}))
+    b2, _ = parse_text(stats(4, 1, {"+Inf": 5}))  # b restarted: lower counters
+    t = totals_of(w.read({"a": a2, "b": b2}), "bootcamp", "v2")
+    assert (t.requests, t.errors) == (30 + 5 + 4 + 1, 5 + 1)
+    assert t.buckets[math.inf] == 35 + 5
+
+
+def test_a_sidecar_without_request_metrics_is_named() -> None:
+    with pytest.raises(MetricsError, match="--http-routing request"):
+        read_sidecar("http://x/stats", "# TYPE l4proxy_rules_generation gauge\n")
+
+
+# -- Prometheus: the queries and the answers, over a real socket --------------------
+def test_promql_is_flaggers_istio_queries() -> None:
+    q = promql("bootcamp", "v2", 30)
+    sel = 'reporter="source",destination_service_name="bootcamp",destination_version="v2"'
+    assert q["success_rate"] == (
+        f'sum(rate(istio_requests_total{{{sel},response_code!~"5.*"}}[30s])) / '
+        f"sum(rate(istio_requests_total{{{sel}}}[30s])) * 100"
+    )
+    assert q["p99"] == (
+        "histogram_quantile(0.99, sum(rate("
+        f"istio_request_duration_milliseconds_bucket{{{sel}}}[30s])) by (le))"
+    )
+    assert q["requests"] == f"sum(increase(istio_requests_total{{{sel}}}[30s]))"
+
+
+@pytest.fixture
+def prometheus() -> Iterator[tuple[str, list[str]]]:
+    seen: list[str] = []
+    answers = {"increase": "250", "* 100": "98.5", "histogram_quantile": "NaN"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(parts.query)["query"][0]
+            seen.append(f"{parts.path} {query}")
+            value = next(v for k, v in answers.items() if k in query)
+            body = json.dumps(
+                {
+                    "status": "success",
+                    "data": {
+                        "resultType": "vector",
+                        "result": [{"metric": {}, "value": [1, value]}],
+                    },
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_prometheus_source(prometheus: tuple[str, list[str]]) -> None:
+    url, seen = prometheus
+    s = PrometheusMetrics(url, "bootcamp", "source").sample("v2", 10)
+    assert s.requests == 250 and s.errors == pytest.approx(250 * 0.015) and s.p99_ms is None
+    assert all(line.startswith("/api/v1/query ") for line in seen) and len(seen) == 3
+    assert any('destination_version="v2"' in line and "[10s]" in line for line in seen)
+
+
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [
+        ('{"status":"success","data":{"resultType":"vector","result":[]}}', None),
+        ('{"status":"success","data":{"resultType":"scalar","result":[1,"2.5"]}}', 2.5),
+        ('{"status":"error","error":"parse error at char 3"}', "parse error at char 3"),
+        ("<html>", "not JSON"),
+    ],
+)
+def test_prometheus_answers(body: str, value: object) -> None:
+    if isinstance(value, str):
+        with pytest.raises(MetricsError, match=value):
+            parse_query_response("u", body)
+    else:
+        assert parse_query_response("u", body) == value
+    assert query_url("prom:9090", "up").startswith("http://prom:9090/api/v1/query?query=up")
+
+
+# -- the document ------------------------------------------------------------------
+USER_FILE = """\
+# the user's registry, with a comment
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: bootcamp}
+spec: {hosts: [bootcamp.default.svc.cluster.local]}
+---   # a separator with a comment
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata:
+  name: other
+spec:
+  destination: {name: other}
+  route: [{labels: {version: v1}}]
+"""
+
+
+def test_splice_keeps_every_other_document_byte_for_byte() -> None:
+    r = Rollout("bootcamp", "v1", "v2", weight=5, steps=(5, 100))
+    once = splice(USER_FILE, document(r), "canary-bootcamp")
+    assert once.startswith(USER_FILE) and once.endswith(document(r))
+    r2 = Rollout("bootcamp", "v1", "v2", weight=100, phase="promoted", steps=(5, 100))
+    twice = splice(once, document(r2), "canary-bootcamp")
+    assert twice == USER_FILE + "---\n" + document(r2)
+    assert "weight: 0" not in document(r2) and "version: v1" not in document(r2)
+
+
+def test_competing_rules_are_named(tmp_path: object) -> None:
+    import pathlib
+
+    d = pathlib.Path(str(tmp_path))
+    (d / "a.yaml").write_text(USER_FILE)
+    (d / "b.yaml").write_text(
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nmetadata: {name: pin}\n"
+        "spec:\n  destination: {name: bootcamp}\n  precedence: 2\n"
+        "  match: {request: {headers: {x-test: {exact: a}}}}\n  route: [{labels: {version: v2}}]\n"
+        "---\napiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nmetadata: {name: all}\n"
+        "spec:\n  destination: {name: bootcamp}\n  route: [{labels: {version: v1}}]\n"
+    )
+    files = [str(d / "a.yaml"), str(d / "b.yaml")]
+    found = competing(files, "bootcamp", "", "canary-bootcamp")
+    assert found == [f"{d / 'b.yaml'}:10: RouteRule all routes every request of bootcamp"]
