@@ -98,7 +98,6 @@ def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh) -> None:
     assert 30 <= ok < 150, first
     assert set(first) <= {"ok", "reset", "eof"}, first  # refused, not hung (no "timeout")
     # Held ones are unharmed; the admin endpoint and rule reloads still work.
-    gen = mesh.sidecar.stat("l4proxy_rules_generation")
     assert mesh.sidecar.stat("l4proxy_refused_total") > 0
     assert "Too many open files" in mesh.sidecar_log()
     assert _release(holder) == ["ok"] * ok
@@ -106,7 +105,12 @@ def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh) -> None:
     # Not the endpoints' fault: nobody was ejected.
     clusters = mesh.sidecar.admin("/clusters")
     assert "failed_outlier_check" not in clusters, clusters
-    # Load dropped: full service again, a rule swap applies.
+    # Load dropped: full service again, a rule swap applies. The reload that
+    # failed with EMFILE during the flood is retried by itself once fds are
+    # back (rules_valid returns to 1, the generation moves on): wait for that
+    # first, or it could be taken for the swap below.
+    assert wait_until(lambda: mesh.sidecar.stat("l4proxy_rules_valid") == 1)  # type: ignore[union-attr]
+    gen = mesh.sidecar.stat("l4proxy_rules_generation")
     mesh.write_rules(route_rule({"v2": 100}))
     assert wait_until(lambda: mesh.sidecar.stat("l4proxy_rules_generation") > gen)  # type: ignore[union-attr]
     versions, _, failures = mesh.split(n=10)
