@@ -568,3 +568,66 @@ def test_in_a_pod_the_namespace_is_the_pods(tmp_path: Path) -> None:
     args.configmap = "shop/l4proxy-rules"
     with pytest.raises(KubeError, match=r"-n web and --configmap shop/l4proxy-rules: .* in shop"):
         store_of(args, "bootcamp", env, str(tmp_path), client_of)
+
+
+# -- deploy/kubernetes/canary and l4proxy inject --http-routing -------------------------
+def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
+    """The Job's command parses as l4proxy's; its ConfigMap is the Role's one
+    resourceName; the verbs cover the GET and PUT asserted above; the bound
+    account is the Job's. (Schema and kustomize build: tests/test_deploy.py.)"""
+    from l4proxy.cli import build_parser
+    from tests.test_deploy import K8S, kustomize
+
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(K8S / "canary")}
+    assert all(o["metadata"]["namespace"] == "default" for o in objs.values())
+    (rule,) = objs[("Role", "l4proxy-canary")]["rules"]
+    assert rule == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["l4proxy-rules"],
+        "verbs": ["get", "update", "patch"],
+    }
+    binding = objs[("RoleBinding", "l4proxy-canary")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "l4proxy-canary",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "l4proxy-canary", "namespace": "default"}
+    ]
+    assert ("ServiceAccount", "l4proxy-canary") in objs
+    job = objs[("Job", "l4proxy-canary-bootcamp")]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "l4proxy-canary" and pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["command"][:2] == ["l4proxy", "canary"]
+    args = build_parser("canary").parse_args(c["command"][1:])
+    assert (args.words, args.stable, args.canary) == (["bootcamp"], "v1", "v2")
+    assert args.rules is None and args.kube_api is None  # in-cluster: the service account
+    assert parse_ref(args.configmap, "default") == ("default", rule["resourceNames"][0])
+    assert args.prometheus == "http://prometheus.istio-system:9090"
+    assert args.on_abort == "leave"  # no terminal in a pod; the next pod resumes
+    fail = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [1, 2]
+    assert {"name": "tmp", "mountPath": "/tmp"}.items() <= c["volumeMounts"][0].items()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_inject_http_routing_request_reaches_the_sidecar_command() -> None:
+    from l4proxy.inject import InjectOptions, inject_text
+
+    plain = (ROOT / "deploy/kubernetes/bootcamp/plain/bootcamp.yaml").read_text()
+    out = inject_text(plain, InjectOptions(http_routing="request")).text
+    for dep in (d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"):
+        sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
+        assert sidecar["command"] == [
+            "l4proxy", "run", "--rules", "/etc/l4proxy", "--http-routing", "request"
+        ]  # fmt: skip
+    # injecting again with the default takes it out again (one injection, updated)
+    again = inject_text(out, InjectOptions()).text
+    assert again == inject_text(plain, InjectOptions()).text
+    argv = ["inject", "-f", "x.yaml", "--http-routing", "request"]
+    from l4proxy.cli import build_parser
+
+    assert build_parser("inject").parse_args(argv).http_routing == "request"
