@@ -105,10 +105,15 @@ examples:
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
+  # on Kubernetes: the sidecars' rules ConfigMap through the API (in a Job: its
+  # service account; on a laptop: kubectl proxy)
+  l4proxy canary bootcamp --stable v1 --canary v2 --configmap default/l4proxy-rules \\
+      --kube-api http://127.0.0.1:8001 --prometheus http://127.0.0.1:9090
 
 the canary owns one document: RouteRule canary-SERVICE, in DIR/canary-SERVICE.yaml
 (or appended to a rules FILE, whose other documents are kept byte for byte);
-its state is DIR/.canary-SERVICE.state.json. Metrics need sidecars run with
+its state is DIR/.canary-SERVICE.state.json. With --configmap: the key
+canary-SERVICE.yaml and the annotation l4proxy.io/canary-SERVICE. Metrics need sidecars run with
 'l4proxy run --http-routing request' (or Prometheus scraping them).
 
 exit status:
