@@ -49,7 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import yaml
 
@@ -105,10 +105,15 @@ examples:
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
+  # on Kubernetes: the sidecars' rules ConfigMap through the API (in a Job: its
+  # service account; on a laptop: kubectl proxy)
+  l4proxy canary bootcamp --stable v1 --canary v2 --configmap default/l4proxy-rules \\
+      --kube-api http://127.0.0.1:8001 --prometheus http://127.0.0.1:9090
 
 the canary owns one document: RouteRule canary-SERVICE, in DIR/canary-SERVICE.yaml
 (or appended to a rules FILE, whose other documents are kept byte for byte);
-its state is DIR/.canary-SERVICE.state.json. Metrics need sidecars run with
+its state is DIR/.canary-SERVICE.state.json. With --configmap: the key
+canary-SERVICE.yaml and the annotation l4proxy.io/canary-SERVICE. Metrics need sidecars run with
 'l4proxy run --http-routing request' (or Prometheus scraping them).
 
 exit status:
@@ -135,7 +140,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "words", nargs="+", metavar="[status|promote|abort] SERVICE", help="the service to shift"
     )
-    p.add_argument("--rules", required=True, metavar="PATH", help="rules file or directory")
+    p.add_argument("--rules", metavar="PATH", help="rules file or directory (or --configmap)")
     p.add_argument("--stable", metavar="VERSION", help="the version serving now (label version)")
     p.add_argument("--canary", metavar="VERSION", help="the version to shift to")
     p.add_argument("--steps", metavar="W,W,...", help="canary weights in turn (5,10,25,50,100)")
@@ -182,8 +187,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--wait-live", type=float, default=5.0, metavar="SECONDS", help=argparse.SUPPRESS
     )
-    p.add_argument("-n", "--namespace", default="default", help="as for l4proxy validate")
+    p.add_argument(
+        "-n", "--namespace", help="as for l4proxy validate (default: default; the ConfigMap's)"
+    )
     p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
+    from l4proxy import canary_kube  # --configmap and the API server (a cycle: import here)
+
+    canary_kube.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -395,6 +405,47 @@ class RulesWriter:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cand)
+
+
+class Store(Protocol):
+    """Where a rollout lives: FileStore (--rules), canary_kube.ConfigMapStore (--configmap)."""
+
+    service: str
+    where: str
+
+    def load_state(self) -> Rollout | None: ...
+    def save_state(self, r: Rollout) -> None: ...
+    def install(self, r: Rollout) -> None: ...
+    def commit(self, r: Rollout) -> None: ...
+    def check_competing(self) -> None: ...
+
+
+class FileStore:
+    """Where the rollout lives with ``--rules``: the state file and the document.
+    (``--configmap``: :class:`l4proxy.canary_kube.ConfigMapStore`, same methods.)"""
+
+    def __init__(self, paths: Paths, writer: RulesWriter) -> None:
+        self.paths = paths
+        self.writer = writer
+        self.service = writer.service
+        self.where = f"{paths.rules} ({paths.state})"
+
+    def load_state(self) -> Rollout | None:
+        return load_state(self.paths.state)
+
+    def save_state(self, r: Rollout) -> None:
+        save_state(self.paths.state, r)
+
+    def install(self, r: Rollout) -> None:
+        self.writer.install(r)
+
+    def commit(self, r: Rollout) -> None:
+        """State first, then the document (a crash between: resume rewrites it)."""
+        save_state(self.paths.state, r)
+        self.writer.install(r)
+
+    def check_competing(self) -> None:
+        self.writer.check_competing()
 
 
 def load_state(path: str) -> Rollout | None:
@@ -635,12 +686,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 f"expected SERVICE, or status|promote|abort SERVICE; got {' '.join(words)}"
             )
         service = words[-1]
-        paths = Paths.of(args.rules, service)
-        writer = RulesWriter(paths, service, args.namespace, args.domain)
+        store = _store(args, service)
         if action != "run":
-            return _by_hand(action, paths, writer, args, out)
+            return _by_hand(action, store, args, out)
         with _interruptible():
-            return _analyse(args, service, paths, writer, out, err)
+            return _analyse(args, service, store, out, err)
     except (CanaryError, PolicyError, Conflict, MetricsError) as exc:
         print(f"l4proxy canary: {exc}", file=err)
         return EXIT_ERROR
@@ -652,25 +702,37 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return EXIT_ERROR
 
 
-def _by_hand(
-    action: str, paths: Paths, writer: RulesWriter, args: argparse.Namespace, out: TextIO
-) -> int:
+def _store(args: argparse.Namespace, service: str) -> Store:
+    if bool(args.rules) == bool(getattr(args, "configmap", None)):
+        raise CanaryError("give the rules: --rules PATH, or --configmap [NAMESPACE/]NAME")
+    if args.rules:
+        paths = Paths.of(args.rules, service)
+        return FileStore(
+            paths, RulesWriter(paths, service, args.namespace or "default", args.domain)
+        )
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service):
+        raise CanaryError(f"{service!r} is not a service name (a DNS label, e.g. bootcamp)")
+    from l4proxy import canary_kube
+
+    return canary_kube.store_of(args, service)
+
+
+def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO) -> int:
     """status, promote, abort; with --metrics, promote/abort return once live."""
     as_json: bool = args.json
-    saved = load_state(paths.state)
+    saved = store.load_state()
     if saved is None:
-        raise CanaryError(f"no rollout of {writer.service} under {paths.rules} ({paths.state})")
+        raise CanaryError(f"no rollout of {store.service} under {store.where}")
     if action == "promote":
         saved = promote(saved, time.time())
     elif action == "abort":
         saved = roll_back(saved, time.time())
     if action != "status":
-        sidecars = SidecarMetrics(args.metrics, writer.service) if args.metrics else None
+        sidecars = SidecarMetrics(args.metrics, store.service) if args.metrics else None
         if sidecars is not None:
             sidecars.start_window()
         before = dict(sidecars.generations) if sidecars is not None else {}
-        save_state(paths.state, saved)
-        writer.install(saved)
+        store.commit(saved)
         if sidecars is not None:
             sidecars.wait_live(before, args.wait_live)
     if as_json:
@@ -689,8 +751,7 @@ def _by_hand(
 def _analyse(
     args: argparse.Namespace,
     service: str,
-    paths: Paths,
-    writer: RulesWriter,
+    store: Store,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -710,28 +771,28 @@ def _analyse(
         else PrometheusMetrics(args.prometheus, service, args.reporter)
     )
     display = Display(out, args.json, policy)
-    writer.check_competing()
+    store.check_competing()
     metrics.start_window()  # fails early (exit 2) when the metrics are missing
     ev = resume(
         policy,
         service,
         args.stable,
         args.canary,
-        load_state(paths.state),
+        store.load_state(),
         time.time(),
         restart=args.restart,
     )
     r = ev.rollout
     if ev.kind in ("promoted", "rolled_back"):
-        writer.install(r)  # as it ended, in case the document was lost
+        store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, "this rollout had ended; --restart starts it again")
         return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     display.emit(ev)
-    _set_weight(paths, writer, metrics, r, args.wait_live)
+    _set_weight(store, metrics, r, args.wait_live)
     try:
         while True:
             time.sleep(policy.interval)
-            now_saved = load_state(paths.state)
+            now_saved = store.load_state()
             if now_saved is not None and now_saved.phase != "progressing":
                 # promote/abort from another shell ended it
                 ev = Event(now_saved.phase, now_saved, None, r.weight)
@@ -742,9 +803,9 @@ def _analyse(
             changed = ev.rollout.weight != r.weight or ev.rollout.phase != r.phase
             r = ev.rollout
             if changed:
-                _set_weight(paths, writer, metrics, r, args.wait_live)
+                _set_weight(store, metrics, r, args.wait_live)
             else:
-                save_state(paths.state, r)
+                store.save_state(r)
             display.emit(ev)
             if r.phase == "promoted":
                 return EXIT_PROMOTED
@@ -756,8 +817,7 @@ def _analyse(
             choice = _ask(err)
         if choice == "rollback":
             r = roll_back(r, time.time(), "interrupted; rolled back on request")
-            save_state(paths.state, r)
-            writer.install(r)
+            store.commit(r)
             display.emit(Event("rolled_back", r, None, None), "interrupted")
             return EXIT_ROLLED_BACK
         print(
@@ -768,13 +828,10 @@ def _analyse(
         return EXIT_LEFT
 
 
-def _set_weight(
-    paths: Paths, writer: RulesWriter, metrics: Metrics, r: Rollout, wait: float
-) -> None:
+def _set_weight(store: Store, metrics: Metrics, r: Rollout, wait: float) -> None:
     """State first, then the document; then a fresh window at that weight."""
     before = dict(metrics.generations)
-    save_state(paths.state, r)
-    writer.install(r)
+    store.commit(r)
     metrics.wait_live(before, wait)  # also on the way out: exit once it is live
     if r.phase == "progressing":
         metrics.start_window()

@@ -130,6 +130,7 @@ class InjectOptions:
     exclude_outbound_ports: tuple[int, ...] = ()
     sidecar: str = "native"  # or "container"
     pull_policy: str | None = None
+    http_routing: str = "connection"  # "request": per-request routing and metrics (canary)
 
     def status(self) -> str:
         return json.dumps(
@@ -200,7 +201,8 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
         c["restartPolicy"] = "Always"
     c.update(
         {
-            "command": ["l4proxy", "run", "--rules", RULES_MOUNT],
+            "command": ["l4proxy", "run", "--rules", RULES_MOUNT]
+            + (["--http-routing", "request"] if opts.http_routing == "request" else []),
             "env": [
                 {
                     "name": "POD_NAMESPACE",
@@ -463,6 +465,13 @@ def add_parser(sub: Any) -> None:
         "starts first, stops last, Jobs complete); container: among the app's containers "
         "(older clusters) (%(default)s)",
     )
+    p.add_argument(
+        "--http-routing",
+        choices=["connection", "request"],
+        default="connection",
+        help="the sidecar's l4proxy run --http-routing; request: every request routed on "
+        "its own and counted (istio_requests_total: what l4proxy canary reads) (%(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -484,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
         exclude_outbound_ports=args.exclude_outbound_ports,
         sidecar=args.sidecar,
         pull_policy=args.image_pull_policy,
+        http_routing=args.http_routing,
     )
     try:
         result = inject_text(text, opts, source)

@@ -1,0 +1,633 @@
+"""``l4proxy canary --configmap``: the rules ConfigMap through the Kubernetes API.
+
+No cluster here: the API server is a real HTTP server on 127.0.0.1 that
+answers the two endpoints the canary uses (GET and PUT of
+/api/v1/namespaces/NS/configmaps/NAME) as the API server does: 404 and 403
+Status objects, 409 Conflict on a stale metadata.resourceVersion. Each test
+asserts the exact requests sent. The decisions are pure and table-tested."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l4proxy._canary_core import Rollout
+from l4proxy.canary_kube import (
+    ATTEMPTS,
+    ConfigMapStore,
+    Endpoint,
+    KubeClient,
+    KubeError,
+    after_put,
+    api_error,
+    doc_key,
+    edited,
+    endpoint,
+    parse_ref,
+    state_annotation,
+    state_of,
+)
+from l4proxy.cli import main
+from tests.conftest import _skip_or_fail
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "kubernetes" / "bootcamp" / "base" / "rules"
+CM_PATH = "/api/v1/namespaces/default/configmaps/l4proxy-rules"
+PUT_PATH = CM_PATH + "?fieldManager=l4proxy-canary"
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.test-token"
+
+
+# -- pure parts, table-tested ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("l4proxy-rules", ("pod-ns", "l4proxy-rules")),
+        ("shop/l4proxy-rules", ("shop", "l4proxy-rules")),
+        ("shop/rules.v2", ("shop", "rules.v2")),
+        ("Shop/rules", "'Shop' is not a namespace name"),
+        ("shop/", "'' is not a ConfigMap name"),
+        ("a/b/c", "'a/b' is not a namespace name"),
+    ],
+)
+def test_parse_ref(text: str, want: object) -> None:
+    if isinstance(want, tuple):
+        assert parse_ref(text, "pod-ns") == want
+    else:
+        with pytest.raises(KubeError, match=str(want)):
+            parse_ref(text, "pod-ns")
+
+
+@pytest.mark.parametrize(
+    ("api", "env", "want"),
+    [
+        (
+            None,
+            {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"},
+            Endpoint("https://10.96.0.1:443", "/sa/token", "/sa/ca.crt", "/sa/namespace"),
+        ),
+        (
+            None,
+            {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"},
+            Endpoint("https://[fd00::1]:6443", "/sa/token", "/sa/ca.crt", "/sa/namespace"),
+        ),
+        (
+            "http://127.0.0.1:8001/",
+            {"KUBERNETES_SERVICE_HOST": "10.96.0.1"},
+            Endpoint("http://127.0.0.1:8001", None, None, None),
+        ),
+        (None, {}, "not in a pod .* run .kubectl proxy."),
+        ("127.0.0.1:8001", {}, "a URL, http:// or https://"),
+    ],
+)
+def test_endpoint(api: str | None, env: dict[str, str], want: object) -> None:
+    if isinstance(want, Endpoint):
+        assert endpoint(api, None, None, env, "/sa") == want
+    else:
+        with pytest.raises(KubeError, match=str(want)):
+            endpoint(api, None, None, env, "/sa")
+
+
+W = "ConfigMap default/l4proxy-rules"
+
+
+@pytest.mark.parametrize(
+    ("status", "attempt", "want"),
+    [
+        (200, 1, "done"),
+        (201, 3, "done"),
+        (409, 1, "retry"),
+        (409, ATTEMPTS - 1, "retry"),
+        (409, ATTEMPTS, "changed under the canary 5 times in a row"),
+        (403, 1, "needs 'update' on configmaps/l4proxy-rules in namespace default .*rbac.yaml"),
+        (404, 1, "not found: create the sidecars' rules ConfigMap first"),
+        (401, 1, "401 Unauthorized .* token"),
+        (422, 1, "422 Invalid: boom"),
+        (500, 1, "HTTP 500: boom"),
+    ],
+)
+def test_after_put(status: int, attempt: int, want: str) -> None:
+    if want in ("done", "retry"):
+        assert after_put(status, attempt, W, "boom") == want
+    else:
+        with pytest.raises(KubeError, match=want):
+            after_put(status, attempt, W, "boom")
+
+
+def test_a_forbidden_get_names_the_get_verb() -> None:
+    assert "needs 'get' on configmaps/l4proxy-rules" in str(api_error("GET", 403, W, "x"))
+
+
+R = Rollout("bootcamp", "v1", "v2", weight=25, step=1, steps=(5, 25, 50, 100), updated=1.5)
+
+
+def test_edited_changes_only_our_key_and_annotation() -> None:
+    obj = configmap({"a.yaml": "x: 1\n", "z.txt": "  keep me\t\n"})
+    obj["metadata"]["annotations"] = {"user/thing": "1"}
+    obj["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    before = copy.deepcopy(obj)
+    new = edited(obj, "bootcamp", R, with_document=True)
+    assert obj == before  # not changed in place
+    assert new["metadata"]["resourceVersion"] == "1"  # the precondition
+    assert "managedFields" not in new["metadata"]
+    assert new["data"]["a.yaml"] == "x: 1\n" and new["data"]["z.txt"] == "  keep me\t\n"
+    assert set(new["data"]) == {"a.yaml", "z.txt", "canary-bootcamp.yaml"}
+    assert new["metadata"]["annotations"]["user/thing"] == "1"
+    assert state_of(new, "bootcamp") == R
+    only_state = edited(obj, "bootcamp", R, with_document=False)
+    assert set(only_state["data"]) == {"a.yaml", "z.txt"}
+    assert (doc_key("bootcamp.default"), state_annotation("bootcamp.default")) == (
+        "canary-bootcamp.yaml",
+        "l4proxy.io/canary-bootcamp",
+    )
+
+
+def test_a_broken_state_annotation_says_how_to_start_over() -> None:
+    obj = configmap({})
+    obj["metadata"]["annotations"] = {"l4proxy.io/canary-bootcamp": "{"}
+    how = re.escape("kubectl annotate configmap NAME l4proxy.io/canary-bootcamp-")
+    with pytest.raises(KubeError, match=how):
+        state_of(obj, "bootcamp")
+    assert state_of(configmap({}), "bootcamp") is None
+
+
+# -- a fake API server on 127.0.0.1 ----------------------------------------------------
+def configmap(data: dict[str, str], rv: int = 1) -> dict[str, Any]:
+    return {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": "l4proxy-rules",
+            "namespace": "default",
+            "uid": "6f1c2d3e-0000-4000-8000-000000000001",
+            "resourceVersion": str(rv),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"app.kubernetes.io/part-of": "l4proxy"},
+        },
+        "data": data,
+    }
+
+
+def bootcamp_data(with_route: bool = False) -> dict[str, str]:
+    names = ["registry.yaml", "ingress.yaml"] + (["route.yaml"] if with_route else [])
+    return {n: (RULES / n).read_text() for n in names}
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+@dataclass
+class Req:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeAPI:
+    url: str = ""
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[Req] = field(default_factory=list)
+    rv: int = 1
+    forbid: set[str] = field(default_factory=set)  # methods answered 403
+    before_put: Callable[[FakeAPI], None] | None = None  # a concurrent writer
+    prometheus: dict[str, str] = field(default_factory=dict)  # query part -> value
+
+    def edit(self, path: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """What ``kubectl edit`` does between our GET and our PUT."""
+        change(self.objects[path])
+        self.rv += 1
+        self.objects[path]["metadata"]["resourceVersion"] = str(self.rv)
+
+    def api(self) -> list[Req]:
+        return [r for r in self.requests if not r.path.startswith("/api/v1/query")]
+
+
+@pytest.fixture
+def api() -> Iterator[FakeAPI]:
+    fake = FakeAPI()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, code: int, doc: Any) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            parts = urllib.parse.urlsplit(self.path)
+            if parts.path == "/api/v1/query":  # Prometheus, same server
+                q = urllib.parse.parse_qs(parts.query)["query"][0]
+                self.requests_append(None)
+                value = next(v for k, v in fake.prometheus.items() if k in q)
+                result = [{"metric": {}, "value": [1, value]}]
+                data = {"resultType": "vector", "result": result}
+                self.answer(200, {"status": "success", "data": data})
+                return
+            self.requests_append(None)
+            self.serve("GET", parts.path, None)
+
+        def do_PUT(self) -> None:
+            n = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(n))
+            self.requests_append(body)
+            self.serve("PUT", urllib.parse.urlsplit(self.path).path, body)
+
+        def requests_append(self, body: Any) -> None:
+            fake.requests.append(Req(self.command, self.path, dict(self.headers), body))
+
+        def serve(self, method: str, path: str, body: Any) -> None:
+            name = path.rsplit("/", 1)[-1]
+            if method in fake.forbid:
+                verb = {"GET": "get", "PUT": "update"}[method]
+                self.answer(
+                    403,
+                    status(
+                        403,
+                        "Forbidden",
+                        f'configmaps "{name}" is forbidden: User "system:serviceaccount:default:'
+                        f'l4proxy-canary" cannot {verb} resource "configmaps" in API group "" '
+                        'in the namespace "default"',
+                    ),
+                )
+                return
+            if path not in fake.objects:
+                self.answer(404, status(404, "NotFound", f'configmaps "{name}" not found'))
+                return
+            if method == "GET":
+                self.answer(200, fake.objects[path])
+                return
+            if fake.before_put is not None:
+                hook, fake.before_put = fake.before_put, None
+                hook(fake)
+            stored = fake.objects[path]
+            if body["metadata"].get("resourceVersion") != stored["metadata"]["resourceVersion"]:
+                self.answer(
+                    409,
+                    status(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on configmaps "{name}": the object has '
+                        "been modified; please apply your changes to the latest version and "
+                        "try again",
+                    ),
+                )
+                return
+            fake.rv += 1
+            new = copy.deepcopy(body)
+            new["metadata"]["resourceVersion"] = str(fake.rv)
+            fake.objects[path] = new
+            self.answer(200, new)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    fake.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def token(tmp_path: Path) -> str:
+    p = tmp_path / "token"
+    p.write_text(TOKEN + "\n")
+    return str(p)
+
+
+def store(api: FakeAPI, token: str | None) -> ConfigMapStore:
+    client = KubeClient(Endpoint(api.url, token, None))
+    return ConfigMapStore(client, "default", "l4proxy-rules", "bootcamp", "cluster.local")
+
+
+def test_install_sends_get_then_put_with_the_resource_version(api: FakeAPI, token: str) -> None:
+    data = bootcamp_data()
+    api.objects[CM_PATH] = configmap(data)
+    store(api, token).commit(R)
+    get, put = api.requests
+    assert (get.method, get.path, get.body) == ("GET", CM_PATH, None)
+    assert (put.method, put.path) == ("PUT", PUT_PATH)
+    for r in (get, put):
+        assert r.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert r.headers["Accept"] == "application/json"
+    assert put.headers["Content-Type"] == "application/json"
+    assert put.body["metadata"]["resourceVersion"] == "1"
+    want = edited(configmap(data), "bootcamp", R, with_document=True)
+    assert put.body == want
+    stored = api.objects[CM_PATH]
+    for k, v in data.items():
+        assert stored["data"][k] == v  # the user's keys, byte for byte
+    doc = yaml.safe_load(stored["data"]["canary-bootcamp.yaml"])
+    assert doc["metadata"]["name"] == "canary-bootcamp"
+    assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [
+        ("v1", 75),
+        ("v2", 25),
+    ]
+    assert store(api, token).load_state() == R
+    # What it sends is a ConfigMap the API server accepts (schema, strict).
+    try:
+        import kubernetes_validate  # type: ignore[import-untyped]
+    except ImportError:
+        _skip_or_fail("kubernetes-validate not installed (requirements-dev.txt)")
+        return
+    kubernetes_validate.validate(put.body, "1.37.0", strict=True)
+
+
+def test_no_token_file_sends_no_authorization(api: FakeAPI) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    store(api, None).load_state()
+    assert "Authorization" not in api.requests[0].headers
+
+
+def test_a_conflict_is_retried_on_the_fresh_object(api: FakeAPI, token: str) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+
+    def kubectl_edit(fake: FakeAPI) -> None:
+        def change(obj: dict[str, Any]) -> None:
+            obj["data"]["notes.txt"] = "edited meanwhile\n"
+            obj["metadata"].setdefault("annotations", {})["team"] = "web"
+
+        fake.edit(CM_PATH, change)
+
+    api.before_put = kubectl_edit
+    store(api, token).commit(R)
+    assert [(r.method, r.path) for r in api.requests] == [
+        ("GET", CM_PATH),
+        ("PUT", PUT_PATH),  # 409: resourceVersion 1, the object is at 2
+        ("GET", CM_PATH),
+        ("PUT", PUT_PATH),
+    ]
+    assert [r.body["metadata"]["resourceVersion"] for r in api.requests if r.body] == ["1", "2"]
+    stored = api.objects[CM_PATH]
+    assert stored["data"]["notes.txt"] == "edited meanwhile\n"  # not clobbered
+    assert stored["metadata"]["annotations"]["team"] == "web"
+    assert "canary-bootcamp.yaml" in stored["data"]
+    assert stored["metadata"]["resourceVersion"] == "3"
+
+
+def test_a_conflict_every_time_gives_up_without_writing(api: FakeAPI, token: str) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    puts = 0
+
+    def always(fake: FakeAPI) -> None:
+        nonlocal puts
+        puts += 1
+        fake.edit(CM_PATH, lambda obj: None)
+        if puts < ATTEMPTS:
+            fake.before_put = always
+
+    api.before_put = always
+    with pytest.raises(KubeError, match="changed under the canary 5 times in a row"):
+        store(api, token).commit(R)
+    assert [r.method for r in api.requests] == ["GET", "PUT"] * ATTEMPTS
+    assert "canary-bootcamp.yaml" not in api.objects[CM_PATH]["data"]
+
+
+def test_an_invalid_result_is_refused_without_a_put(api: FakeAPI, token: str) -> None:
+    data = bootcamp_data()
+    data["broken.yaml"] = "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nspec: [\n"
+    api.objects[CM_PATH] = configmap(data)
+    with pytest.raises(KubeError) as exc:
+        store(api, token).commit(R)
+    assert "refused: the rules would be invalid at weight 25: configmap/default/l4proxy-rules/" in (
+        str(exc.value)
+    )
+    assert "broken.yaml" in str(exc.value) and "unchanged" in str(exc.value)
+    assert [r.method for r in api.requests] == ["GET"]
+
+
+def test_a_competing_rule_in_the_configmap_is_named(api: FakeAPI, token: str) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data(with_route=True))
+    with pytest.raises(KubeError) as exc:
+        store(api, token).check_competing()
+    first = str(exc.value).splitlines()[0]
+    assert first == (
+        "configmap/default/l4proxy-rules/route.yaml:4: RouteRule bootcamp-default routes "
+        "every request of bootcamp"
+    )
+    with pytest.raises(KubeError, match=r"route\.yaml"):
+        store(api, token).commit(R)
+    assert [r.method for r in api.requests] == ["GET", "GET"]
+
+
+@pytest.mark.parametrize(
+    ("forbid", "methods", "message"),
+    [
+        ({"GET"}, ["GET"], "GET ConfigMap default/l4proxy-rules: 403 Forbidden .* needs 'get'"),
+        ({"PUT"}, ["GET", "PUT"], "PUT ConfigMap .* cannot update resource .* needs 'update'"),
+    ],
+)
+def test_forbidden_names_the_rbac_it_needs(
+    api: FakeAPI, token: str, forbid: set[str], methods: list[str], message: str
+) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.forbid = forbid
+    with pytest.raises(KubeError, match=message):
+        store(api, token).commit(R)
+    assert [r.method for r in api.requests] == methods
+
+
+def test_a_missing_configmap_says_create_it(api: FakeAPI, token: str) -> None:
+    with pytest.raises(KubeError, match="ConfigMap default/l4proxy-rules not found: create"):
+        store(api, token).load_state()
+
+
+def test_an_unreachable_api_server_says_so(token: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    client = KubeClient(Endpoint(f"http://127.0.0.1:{closed}", token, None))
+    st = ConfigMapStore(client, "default", "l4proxy-rules", "bootcamp", "cluster.local")
+    with pytest.raises(KubeError, match="is the API server reachable"):
+        st.load_state()
+
+
+def test_the_path_prefix_of_the_api_url_is_kept(api: FakeAPI) -> None:
+    api.objects["/k8s" + CM_PATH] = configmap(bootcamp_data())
+    client = KubeClient(Endpoint(api.url + "/k8s", None, None))
+    ConfigMapStore(client, "default", "l4proxy-rules", "bootcamp", "cluster.local").load_state()
+    assert api.requests[0].path == "/k8s" + CM_PATH
+
+
+# -- the command, end to end against the fake API server (and its Prometheus) ------------
+def canary(api: FakeAPI, token: str, *more: str) -> list[str]:
+    return [
+        "canary",
+        *more,
+        "--configmap",
+        "default/l4proxy-rules",
+        "--kube-api",
+        api.url,
+        "--kube-token-file",
+        token,
+    ]
+
+
+def test_a_rollout_through_the_api_promotes(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bootcamp_data()
+    api.objects[CM_PATH] = configmap(data)
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    argv += ["--prometheus", api.url, "--json"]
+    assert main(argv) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["start", "check", "promoted"]
+    puts = [r.body for r in api.api() if r.method == "PUT"]
+    weights = [json.loads(b["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"]) for b in puts]
+    assert [(w["phase"], w["weight"]) for w in weights] == [
+        ("progressing", 50),
+        ("progressing", 100),
+        ("promoted", 100),
+    ]
+    assert [r.method for r in api.api()][:2] == ["GET", "GET"]  # competing check, state
+    final = api.objects[CM_PATH]
+    assert {k: final["data"][k] for k in data} == data
+    doc = yaml.safe_load(final["data"]["canary-bootcamp.yaml"])
+    assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v2", 100)]
+    assert all(r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in api.api())
+    # status and abort by hand, through the API too
+    assert main(canary(api, token, "status", "bootcamp")) == 0
+    assert "bootcamp: v1 -> v2 promoted at 100 %" in capsys.readouterr().out
+    assert main(canary(api, token, "abort", "bootcamp")) == 1
+    doc = yaml.safe_load(api.objects[CM_PATH]["data"]["canary-bootcamp.yaml"])
+    assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v1", 100)]
+
+
+def test_rules_and_configmap_are_one_or_the_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["canary", "status", "bootcamp", "--kube-api", "http://127.0.0.1:1"]
+    assert main([*argv, "--rules", str(tmp_path), "--configmap", "x"]) == 2
+    assert main(argv) == 2
+    assert capsys.readouterr().err.count("give the rules: --rules PATH, or --configmap") == 2
+
+
+def test_in_a_pod_the_namespace_is_the_pods(tmp_path: Path) -> None:
+    import argparse
+
+    from l4proxy.canary_kube import store_of
+
+    (tmp_path / "namespace").write_text("shop\n")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    (tmp_path / "ca.crt").write_text("")
+    args = argparse.Namespace(
+        configmap="l4proxy-rules",
+        kube_api=None,
+        kube_token_file=None,
+        kube_ca_file=None,
+        namespace=None,
+        domain="cluster.local",
+    )
+    seen: list[Endpoint] = []
+
+    def client_of(ep: Endpoint) -> KubeClient:
+        seen.append(ep)
+        return KubeClient(Endpoint("http://127.0.0.1:1"))
+
+    st = store_of(args, "bootcamp", env, str(tmp_path), client_of)
+    assert (st.namespace, st.name, st.path) == (
+        "shop",
+        "l4proxy-rules",
+        "/api/v1/namespaces/shop/configmaps/l4proxy-rules",
+    )
+    assert seen[0].token_file == str(tmp_path / "token")
+    args.namespace = "web"  # -n names the namespace of a bare NAME
+    assert store_of(args, "bootcamp", env, str(tmp_path), client_of).namespace == "web"
+    args.configmap = "shop/l4proxy-rules"
+    with pytest.raises(KubeError, match=r"-n web and --configmap shop/l4proxy-rules: .* in shop"):
+        store_of(args, "bootcamp", env, str(tmp_path), client_of)
+
+
+# -- deploy/kubernetes/canary and l4proxy inject --http-routing -------------------------
+def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
+    """The Job's command parses as l4proxy's; its ConfigMap is the Role's one
+    resourceName; the verbs cover the GET and PUT asserted above; the bound
+    account is the Job's. (Schema and kustomize build: tests/test_deploy.py.)"""
+    from l4proxy.cli import build_parser
+    from tests.test_deploy import K8S, kustomize
+
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(K8S / "canary")}
+    assert all(o["metadata"]["namespace"] == "default" for o in objs.values())
+    (rule,) = objs[("Role", "l4proxy-canary")]["rules"]
+    assert rule == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["l4proxy-rules"],
+        "verbs": ["get", "update", "patch"],
+    }
+    binding = objs[("RoleBinding", "l4proxy-canary")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "l4proxy-canary",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "l4proxy-canary", "namespace": "default"}
+    ]
+    assert ("ServiceAccount", "l4proxy-canary") in objs
+    job = objs[("Job", "l4proxy-canary-bootcamp")]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "l4proxy-canary" and pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["command"][:2] == ["l4proxy", "canary"]
+    args = build_parser("canary").parse_args(c["command"][1:])
+    assert (args.words, args.stable, args.canary) == (["bootcamp"], "v1", "v2")
+    assert args.rules is None and args.kube_api is None  # in-cluster: the service account
+    assert parse_ref(args.configmap, "default") == ("default", rule["resourceNames"][0])
+    assert args.prometheus == "http://prometheus.istio-system:9090"
+    assert args.on_abort == "leave"  # no terminal in a pod; the next pod resumes
+    fail = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [1, 2]
+    assert {"name": "tmp", "mountPath": "/tmp"}.items() <= c["volumeMounts"][0].items()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_inject_http_routing_request_reaches_the_sidecar_command() -> None:
+    from l4proxy.inject import InjectOptions, inject_text
+
+    plain = (ROOT / "deploy/kubernetes/bootcamp/plain/bootcamp.yaml").read_text()
+    out = inject_text(plain, InjectOptions(http_routing="request")).text
+    for dep in (d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"):
+        sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
+        assert sidecar["command"] == [
+            "l4proxy", "run", "--rules", "/etc/l4proxy", "--http-routing", "request"
+        ]  # fmt: skip
+    # injecting again with the default takes it out again (one injection, updated)
+    again = inject_text(out, InjectOptions()).text
+    assert again == inject_text(plain, InjectOptions()).text
+    argv = ["inject", "-f", "x.yaml", "--http-routing", "request"]
+    from l4proxy.cli import build_parser
+
+    assert build_parser("inject").parse_args(argv).http_routing == "request"
