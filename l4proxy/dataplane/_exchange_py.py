@@ -20,14 +20,14 @@ one before it is complete)::
       └─ first bytes not HTTP ──► NotHTTP (the shell relays at L4)
 
 * ``HEAD``: client bytes go to a request-head parser
-  (:class:`~l4proxy._peek_py.HeadParser`; its refusals are the smuggling
+  (:class:`~l4proxy.dataplane._peek_py.HeadParser`; its refusals are the smuggling
   rules for heads). A complete head yields :class:`Route`.
 * ``ROUTING``: the shell decides with the table generation current *now*,
   checks out an upstream connection (pooled or new) and calls
   :meth:`Exchange.routed`, or calls :meth:`Exchange.refuse` for a local
   answer (404 for an Ingress miss, 503 ``no healthy upstream``, ...).
 * ``EXCHANGE``: the head (rewritten, see below) and the request body go
-  upstream, framed by a :class:`~l4proxy._framing_py.BodyFramer`; response
+  upstream, framed by a :class:`~l4proxy.dataplane._framing_py.BodyFramer`; response
   heads come back (1xx interim ones are passed on, then the final one), and
   the response body, framed by its own :class:`BodyFramer`. The exchange is
   over when both messages are complete; then the upstream is released
@@ -69,7 +69,7 @@ from __future__ import annotations
 import enum
 from typing import Final, NamedTuple
 
-from l4proxy._framing_py import (
+from l4proxy.dataplane._framing_py import (
     BodyFramer,
     Framing,
     FramingError,
@@ -78,7 +78,7 @@ from l4proxy._framing_py import (
     request_framing,
     response_framing,
 )
-from l4proxy._peek_py import DEFAULT_MAX_HEAD, HeadError, HeadParser, NotHTTP, RequestHead
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, HeadError, HeadParser, NotHTTP, RequestHead
 
 __all__ = [
     "Client",

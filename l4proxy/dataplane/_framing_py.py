@@ -10,7 +10,7 @@ out; it never copies or keeps a body.
 Theory of operation
 -------------------
 1. *Which framing.* :func:`request_framing` (from a parsed
-   :class:`~l4proxy._peek_py.RequestHead`) and :func:`response_framing` (from
+   :class:`~l4proxy.dataplane._peek_py.RequestHead`) and :func:`response_framing` (from
    a :class:`ResponseHead` and the request it answers) pick one
    :class:`Framing`: no body, a fixed length, chunked, until the server
    closes (responses only), or a tunnel (a 2xx answer to CONNECT, a 101 to a
@@ -55,7 +55,7 @@ import enum
 import re
 from typing import Final, NamedTuple
 
-from l4proxy._peek_py import (
+from l4proxy.dataplane._peek_py import (
     DEFAULT_MAX_HEAD,
     MAX_CL_DIGITS,
     RequestHead,

@@ -9,7 +9,7 @@ HTTP/1.x request at all and the proxy should route at L4 instead).
 
 It is sans-IO: bytes in, a result out, no sockets. ``ext/peek.pyx`` is its
 compiled twin; both follow the same state machine line for line and pass the
-same tests (``tests/test_peek.py``), and ``l4proxy.peek`` picks one. The
+same tests (``tests/test_peek.py``), and ``l4proxy.dataplane.peek`` picks one. The
 exception classes and :class:`RequestHead` live here only, so that both twins
 raise and return the very same types.
 

@@ -1,7 +1,7 @@
 """Upstream connection pools of one worker, sans-IO; the pure twin.
 
 The per-request relay checks out an upstream connection per request and
-returns it when the exchange is over (:class:`~l4proxy._exchange_py.Release`).
+returns it when the exchange is over (:class:`~l4proxy.dataplane._exchange_py.Release`).
 :class:`Pools` decides which idle connection to hand out, which to keep and
 which to close; it never touches a socket. Connections are opaque handles
 (the relay uses fds); endpoints are ``(host, port)`` keys.

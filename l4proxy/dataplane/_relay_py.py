@@ -3,18 +3,18 @@
 Theory of operation
 ===================
 A :class:`HttpRelay` owns one daemon thread running a level-triggered
-``select.epoll`` loop, like the L4 pump (``l4proxy/_pump_py.py``): the
+``select.epoll`` loop, like the L4 pump (``l4proxy/dataplane/_pump_py.py``): the
 worker's event loop never sees a relayed socket. The worker hands over a
 client connection whose original destination is an HTTP port with
 :meth:`HttpRelay.add`; from then on this thread owns its fd.
 
-Per client connection an :class:`~l4proxy._exchange_py.Exchange` says what
+Per client connection an :class:`~l4proxy.dataplane._exchange_py.Exchange` says what
 to do; this module only performs it:
 
 * :class:`Route`: ask the ``decide`` callback (the route table, the weighted
   draw, the endpoint choice: Python decides) for the head, with the table
   generation current at that moment; check out an idle upstream connection
-  to the first candidate endpoint from :class:`~l4proxy._pool_py.Pools`, or
+  to the first candidate endpoint from :class:`~l4proxy.dataplane._pool_py.Pools`, or
   connect one (non-blocking; a failed connect tries the next candidate and
   is reported for outlier detection); no candidate left: 503.
 * bytes to a side are sent at once; what the kernel does not take is held
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from l4proxy._exchange_py import (
+from l4proxy.dataplane._exchange_py import (
     Action,
     Client,
     Close,
@@ -64,8 +64,8 @@ from l4proxy._exchange_py import (
     Tunnel,
     Upstream,
 )
-from l4proxy._peek_py import RequestHead
-from l4proxy._pool_py import PoolOptions, Pools
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import PoolOptions, Pools
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -621,7 +621,7 @@ class HttpRelay:
 
 
 def _timeout_answer() -> bytes:
-    from l4proxy._exchange_py import local_response
+    from l4proxy.dataplane._exchange_py import local_response
 
     return local_response(408, "request head not received in time")
 

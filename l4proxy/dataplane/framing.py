@@ -1,10 +1,10 @@
 """HTTP/1.1 message framing: where each request and response body ends.
 
-The public face of the framer: the compiled twin (``l4proxy._ext.framing``,
+The public face of the framer: the compiled twin (``l4proxy.dataplane._ext.framing``,
 from ``ext/framing.pyx``) when it was built, else the pure-Python twin
-(``l4proxy._framing_py``); the choice is made in :mod:`l4proxy._impl`. Read
+(``l4proxy.dataplane._framing_py``); the choice is made in :mod:`l4proxy.dataplane._impl`. Read
 the theory of operation and the strictness decisions (what is refused as
-smuggling) in ``l4proxy/_framing_py.py``.
+smuggling) in ``l4proxy/dataplane/_framing_py.py``.
 
 Usage (sans-IO; the caller owns the sockets)::
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from l4proxy import _impl
-from l4proxy._framing_py import (
+from l4proxy.dataplane import _impl
+from l4proxy.dataplane._framing_py import (
     Framing,
     FramingError,
     ResponseHead,
@@ -46,6 +46,6 @@ __all__ = [
 _mod, IMPLEMENTATION = _impl.load("framing")
 
 if TYPE_CHECKING:
-    from l4proxy._framing_py import BodyFramer
+    from l4proxy.dataplane._framing_py import BodyFramer
 else:
     BodyFramer = _mod.BodyFramer

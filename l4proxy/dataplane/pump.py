@@ -1,9 +1,9 @@
 """The pump: relays bytes between a client socket and its upstream socket.
 
-The public face of the relay: the compiled twin (``l4proxy._ext.pump``, from
+The public face of the relay: the compiled twin (``l4proxy.dataplane._ext.pump``, from
 ``ext/pump.pyx``; its loop runs without the GIL) when it was built, else the
-pure-Python twin (``l4proxy._pump_py``); ``L4PROXY_NO_EXTENSIONS=1`` forces the
-pure one. The choice is made in :mod:`l4proxy._impl`, nowhere else;
+pure-Python twin (``l4proxy.dataplane._pump_py``); ``L4PROXY_NO_EXTENSIONS=1`` forces the
+pure one. The choice is made in :mod:`l4proxy.dataplane._impl`, nowhere else;
 ``IMPLEMENTATION`` says which runs ("compiled" or "pure").
 
 Usage, from the sidecar's event loop once the routing decision is made::
@@ -18,7 +18,7 @@ Usage, from the sidecar's event loop once the routing decision is made::
     pump.close()
 
 Read the theory of operation (fd ownership, half-close, resets, buffers,
-splice, urgent data, the pipe pool) at the top of ``l4proxy/_pump_py.py`` and
+splice, urgent data, the pipe pool) at the top of ``l4proxy/dataplane/_pump_py.py`` and
 ``ext/pump.pyx``.
 
 File descriptors
@@ -38,7 +38,7 @@ from __future__ import annotations
 import resource
 from typing import TYPE_CHECKING
 
-from l4proxy import _impl
+from l4proxy.dataplane import _impl
 
 __all__ = [
     "FDS_RESERVED",
@@ -53,8 +53,8 @@ FDS_RESERVED = 64  # a worker's own fds, besides connections and pipes
 _mod, IMPLEMENTATION = _impl.load("pump")
 
 if TYPE_CHECKING:
-    # Both twins have this interface (l4proxy/_ext/pump.pyi mirrors it).
-    from l4proxy._pump_py import Pump
+    # Both twins have this interface (l4proxy/dataplane/_ext/pump.pyi mirrors it).
+    from l4proxy.dataplane._pump_py import Pump
 else:
     Pump = _mod.Pump
 

@@ -7,7 +7,7 @@ on HTTP/1.0, like the Node.js original. Keep-alive is honoured.
 
 The demo and the tests run one per pod namespace::
 
-    python -m l4proxy.bootcamp --port 8080 --pod bootcamp-v1-0 --version 1
+    python -m l4proxy.demo.bootcamp --port 8080 --pod bootcamp-v1-0 --version 1
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 import signal
 from collections import Counter
 
-from l4proxy import peek
+from l4proxy.dataplane import peek
 
 ANSWER = re.compile(r"Hello Kubernetes bootcamp! \| Running on: (\S+) \| v=(\d+)")
 
@@ -106,7 +106,7 @@ async def serve(host: str | None, port: int, pod: str, version: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m l4proxy.bootcamp", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m l4proxy.demo.bootcamp", description=__doc__)
     p.add_argument("--host", default=None, help="address to bind (default: all, IPv4 and IPv6)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--pod", required=True, help="pod name shown in the answer")

@@ -5,10 +5,10 @@ Theory of operation
 The tutorial (bootcamp v1 ×2 and v2 ×1 behind Service ``bootcamp:8080``, an
 Ingress for ``/bootcamp``, three RouteRules applied in turn) needs a cluster
 with Istio. Here every pod is a network namespace on one bridge
-(:mod:`l4proxy.podnet`):
+(:mod:`l4proxy.demo.podnet`):
 
 * one pod per replica of each Deployment, labelled from its pod template,
-  running :mod:`l4proxy.bootcamp` (answers like the real image) behind its own
+  running :mod:`l4proxy.demo.bootcamp` (answers like the real image) behind its own
   inbound sidecar (``l4proxy-init`` + ``l4proxy run`` as uid 1337);
 * a client pod with ``l4proxy-init -p 15001 -u 1337`` and ``l4proxy run``, and
   an /etc/hosts that resolves ``bootcamp`` to the Service VIP (198.19.0.0/16),
@@ -43,8 +43,8 @@ from typing import Any
 
 import yaml
 
-from l4proxy.bootcamp import tally
-from l4proxy.podnet import Pod, PodNetwork, PodNetworkError, namespace_exists
+from l4proxy.demo.bootcamp import tally
+from l4proxy.demo.podnet import Pod, PodNetwork, PodNetworkError, namespace_exists
 
 PREFIX = "l4demo"
 STATE_DIR = "/run/l4proxy-demo"
@@ -237,7 +237,7 @@ class Tutorial:
                     [
                         sys.executable,
                         "-m",
-                        "l4proxy.bootcamp",
+                        "l4proxy.demo.bootcamp",
                         "--port",
                         str(dep.port),
                         "--pod",

@@ -11,7 +11,7 @@ An HTTPRoute attaches to parents (``spec.parentRefs``):
   Gateway's listeners (``l4proxy run --listen``), per listener port and
   hostname. Each (listener, hostname) becomes a *gateway service*: a host
   with no endpoints whose routes are the attached rules, reached through a
-  catch-all ingress path of that listener (see :mod:`l4proxy.routing`).
+  catch-all ingress path of that listener (see :mod:`l4proxy.rules.routing`).
 
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
@@ -46,7 +46,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from l4proxy.config._objects import (
+from l4proxy.rules._objects import (
     BackendDraft,
     Env,
     GatewayDraft,
@@ -58,7 +58,7 @@ from l4proxy.config._objects import (
     PolicyDraft,
     fqdn,
 )
-from l4proxy.config._schema import (
+from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
     Where,
@@ -70,8 +70,8 @@ from l4proxy.config._schema import (
     listing,
     text,
 )
-from l4proxy.config._yaml import Path
-from l4proxy.routing import (
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import (
     DEFAULT,
     Destination,
     IngressPath,

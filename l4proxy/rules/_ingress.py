@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from l4proxy.config._objects import Env, IngressDraft, fqdn
-from l4proxy.config._schema import (
+from l4proxy.rules._objects import Env, IngressDraft, fqdn
+from l4proxy.rules._schema import (
     Ctx,
     Where,
     dns_label,
@@ -31,8 +31,8 @@ from l4proxy.config._schema import (
     listing,
     text,
 )
-from l4proxy.config._yaml import Path
-from l4proxy.routing import IngressPath, PathType
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import IngressPath, PathType
 
 API_VERSIONS = ("extensions/v1beta1", "networking.k8s.io/v1beta1", "networking.k8s.io/v1")
 _PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.config import _gateway_api, _ingress, _networking, _routerule
-from l4proxy.config._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
-from l4proxy.config._objects import Env, fqdn
-from l4proxy.config._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
-from l4proxy.config._table import Drafts, build_table
-from l4proxy.config._yaml import (
+from l4proxy.rules import _gateway_api, _ingress, _networking, _routerule
+from l4proxy.rules._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
+from l4proxy.rules._objects import Env, fqdn
+from l4proxy.rules._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
+from l4proxy.rules._table import Drafts, build_table
+from l4proxy.rules._yaml import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_NODES,
     Document,
@@ -33,7 +33,7 @@ from l4proxy.config._yaml import (
     parse_documents,
     read_file,
 )
-from l4proxy.routing import RouteTable
+from l4proxy.rules.routing import RouteTable
 
 RULE_SUFFIXES = (".yaml", ".yml", ".json")
 RULE_KINDS = (

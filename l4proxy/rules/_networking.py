@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Literal
 
-from l4proxy.config._objects import (
+from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
     PolicyDraft,
@@ -23,7 +23,7 @@ from l4proxy.config._objects import (
     fqdn,
     weights,
 )
-from l4proxy.config._schema import (
+from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
     Where,
@@ -36,8 +36,8 @@ from l4proxy.config._schema import (
     string_match,
     text,
 )
-from l4proxy.config._yaml import Path
-from l4proxy.routing import LB_POLICIES, Endpoint, Match, Service, ServicePort
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import LB_POLICIES, Endpoint, Match, Service, ServicePort
 
 API_VERSIONS = (
     "networking.istio.io/v1alpha3",

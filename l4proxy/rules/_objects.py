@@ -3,7 +3,7 @@
 The kind readers (``_routerule``, ``_networking``, ``_ingress``) turn one
 document into one of these drafts; ``_table`` checks them against each other
 (subsets against DestinationRules, labels against ServiceEntry endpoints,
-duplicate names and hosts) and compiles the :class:`~l4proxy.routing.RouteTable`.
+duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.RouteTable`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from l4proxy.config._schema import Ctx, Where, dotted, integer
-from l4proxy.config._yaml import Path
-from l4proxy.routing import IngressPath, Labels, Match, Service
+from l4proxy.rules._schema import Ctx, Where, dotted, integer
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import IngressPath, Labels, Match, Service
 
 
 @dataclass(frozen=True)

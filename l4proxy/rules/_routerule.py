@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from l4proxy.config._objects import (
+from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
     RouteDraft,
     RuleDraft,
     weights,
 )
-from l4proxy.config._schema import (
+from l4proxy.rules._schema import (
     Ctx,
     Where,
     dns_label,
@@ -29,8 +29,8 @@ from l4proxy.config._schema import (
     string_match,
     text,
 )
-from l4proxy.config._yaml import Path
-from l4proxy.routing import Labels, Match, StringMatch
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import Labels, Match, StringMatch
 
 KIND = "RouteRule"
 API_VERSIONS = ("config.istio.io/v1alpha2",)

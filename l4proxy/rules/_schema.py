@@ -14,9 +14,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.config._errors import Diagnostic, Severity
-from l4proxy.config._yaml import Document, Path
-from l4proxy.routing import Labels, StringMatch
+from l4proxy.rules._errors import Diagnostic, Severity
+from l4proxy.rules._yaml import Document, Path
+from l4proxy.rules.routing import Labels, StringMatch
 
 NOT_IMPLEMENTED = "is not implemented by l4proxy; remove it (the sidecar would not honour it)"
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

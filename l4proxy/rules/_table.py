@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from l4proxy.config._gateway_api import Compiler
-from l4proxy.config._objects import (
+from l4proxy.rules._gateway_api import Compiler
+from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
     GatewayDraft,
@@ -24,8 +24,8 @@ from l4proxy.config._objects import (
     RuleDraft,
     ServiceDraft,
 )
-from l4proxy.config._schema import Where
-from l4proxy.routing import DEFAULT, Destination, Labels, Route, RouteTable, Service, Subset
+from l4proxy.rules._schema import Where
+from l4proxy.rules.routing import DEFAULT, Destination, Labels, Route, RouteTable, Service, Subset
 
 
 @dataclass

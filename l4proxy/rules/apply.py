@@ -40,9 +40,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from l4proxy.config import ConfigError, ConfigUnreadable, load_rules, rule_files
-from l4proxy.config._schema import Report
-from l4proxy.config._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules, rule_files
+from l4proxy.rules._schema import Report
+from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # invalid, exists (create), missing (replace, delete): DIR unchanged

@@ -11,7 +11,7 @@ The rule loader keeps those endpoints as they are written (``address`` is the
 name). :class:`DnsEndpoints` holds one :class:`NameState` per name the loaded
 table mentions, refreshes each when its TTL runs out, and
 :func:`resolved_table` rewrites the table so that a name becomes one
-:class:`~l4proxy.routing.Endpoint` *per address*, same port, same labels. So
+:class:`~l4proxy.rules.routing.Endpoint` *per address*, same port, same labels. So
 round robin, subsets by label and outlier detection see pods, not names.
 
 * A name not resolved yet stays a name; the worker's connect resolves it with
@@ -28,7 +28,7 @@ round robin, subsets by label and outlier detection see pods, not names.
 
 Why our own client: the stdlib (``getaddrinfo``) does not report TTLs, and a
 thread per lookup is what "never block the event loop" would otherwise cost.
-:mod:`l4proxy._dnswire` is the sans-IO codec; this module does UDP (TCP when
+:mod:`l4proxy.rules._dnswire` is the sans-IO codec; this module does UDP (TCP when
 an answer is truncated) on the running event loop. It reads nameservers,
 ``search`` and ``options timeout/attempts`` from ``/etc/resolv.conf`` and
 consults ``/etc/hosts`` first, as glibc's ``files dns`` order does. A name
@@ -49,8 +49,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy import _dnswire as wire
-from l4proxy.routing import Endpoint, RouteTable, Service
+from l4proxy.rules import _dnswire as wire
+from l4proxy.rules.routing import Endpoint, RouteTable, Service
 from l4proxy.stats import Counters
 
 __all__ = [

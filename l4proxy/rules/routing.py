@@ -524,7 +524,7 @@ class RouteTable:
     """Services, routes and ingress paths; answers routing questions.
 
     See the module docstring for the theory of operation. Build one with
-    :func:`l4proxy.config.load_rules`, or directly in tests.
+    :func:`l4proxy.rules.load_rules`, or directly in tests.
     """
 
     def __init__(

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from l4proxy.config import (
+from l4proxy.rules import (
     DEFAULT_MAX_BYTES,
     RULE_KINDS,
     ConfigError,

@@ -23,7 +23,7 @@ The worker reads the table once per connection, *after* the request head is
 complete, so a head that arrives after a swap is routed by the new rules.
 
 ServiceEntry endpoints given as host names (``resolution: DNS``) are resolved
-by :class:`~l4proxy.dns.DnsEndpoints` in a second task: the loaded table is
+by :class:`~l4proxy.rules.dns.DnsEndpoints` in a second task: the loaded table is
 kept as the *base*, and what the worker routes on (``state.table``) is the base
 with each resolved name replaced by its addresses. A reload re-expands the new
 base with the addresses already known (no regression to names), and a DNS
@@ -43,9 +43,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.config import ConfigError, LoadResult, load_rules
-from l4proxy.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
-from l4proxy.routing import RouteTable
+from l4proxy.rules import ConfigError, LoadResult, load_rules
+from l4proxy.rules.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
+from l4proxy.rules.routing import RouteTable
 from l4proxy.stats import Counters
 
 log = logging.getLogger("l4proxy.rules")
@@ -135,7 +135,7 @@ class RuleWatcher:
         self.interval = interval
         self.settle = settle
         self.on_swap = on_swap
-        # Counters the worker shows in /stats (it adopts them: see server.py).
+        # Counters the worker shows in /stats (it adopts them: see sidecar/run.py).
         self.counters = counters or Counters()
         env_min, env_max = ttl_bounds_from_env()
         self.dns = DnsEndpoints(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from l4proxy.stats import render_prometheus
 
 if TYPE_CHECKING:
-    from l4proxy.worker import Worker
+    from l4proxy.sidecar.worker import Worker
 
 log = logging.getLogger("l4proxy.admin")
 

@@ -19,11 +19,11 @@ import sys
 from typing import Any
 
 from l4proxy import __version__
-from l4proxy.admin import AdminServer, WorkerView
-from l4proxy.listener import Listener, bind_listener
-from l4proxy.procsignals import HeldReloads, hold_reloads
-from l4proxy.supervisor import Supervisor
-from l4proxy.workerlink import serve_supervisor
+from l4proxy.dataplane.listener import Listener, bind_listener
+from l4proxy.sidecar.admin import AdminServer, WorkerView
+from l4proxy.sidecar.channel import serve_supervisor
+from l4proxy.sidecar.signals import HeldReloads, hold_reloads
+from l4proxy.sidecar.supervisor import Supervisor
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -290,7 +290,7 @@ def _event_loop_runner(name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Before anything else (procsignals): a SIGHUP while starting is a reload
+    # Before anything else (signals): a SIGHUP while starting is a reload
     # request to remember, never the default action (terminate).
     held = hold_reloads()
     tag = f"[w{args.worker_index}] " if args.worker_fds else ""
@@ -377,9 +377,9 @@ async def _serve(
     control: socket.socket | None,
     held: HeldReloads,
 ) -> int:
-    from l4proxy import peek, pump
-    from l4proxy.rulewatch import RuleWatcher
-    from l4proxy.worker import Worker, WorkerOptions
+    from l4proxy.dataplane import peek, pump
+    from l4proxy.rules.watch import RuleWatcher
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
 
     loop = asyncio.get_running_loop()
     rules = RuleWatcher(
@@ -458,7 +458,7 @@ async def _serve(
 
 
 async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
-    """Serve the supervisor's requests (workerlink); the supervisor gone means: drain and exit."""
+    """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit."""
 
     async def handle(op: str) -> Any:
         if op == "ready":

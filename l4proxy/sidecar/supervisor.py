@@ -24,14 +24,14 @@ retried with the same back-off, so a slot is never left empty for good.
 A worker that stops answering its control socket for ``--watchdog-timeout``
 seconds (hung, not dead) is killed, and so restarted. The watchdog too
 logs whatever one check raises and goes on. A worker that writes a malformed
-frame on its control socket is replaced at once (workerlink explains why).
+frame on its control socket is replaced at once (channel explains why).
 
 The admin endpoint lives in the supervisor and asks the workers over their
-control sockets (framed requests with ids: see workerlink), summing counters
+control sockets (framed requests with ids: see channel), summing counters
 across workers. SIGTERM and SIGHUP are forwarded to every worker; the
 supervisor exits when all workers have drained. Workers are started with
 SIGHUP blocked, so a reload forwarded to one that is still starting waits
-for its handler instead of killing it (procsignals).
+for its handler instead of killing it (signals).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from l4proxy.listener import Listener
-from l4proxy.procsignals import reloads_blocked
+from l4proxy.dataplane.listener import Listener
+from l4proxy.sidecar.channel import SupervisorEnd
+from l4proxy.sidecar.signals import reloads_blocked
 from l4proxy.stats import LabelSet, render_prometheus
-from l4proxy.workerlink import SupervisorEnd
 
 log = logging.getLogger("l4proxy.supervisor")
 
@@ -119,7 +119,7 @@ class Supervisor:
             argv = self._worker_argv(slot, child.fileno())
             pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
             # SIGHUP blocked across the fork: the worker starts with it
-            # pending rather than fatal until its handler exists (procsignals).
+            # pending rather than fatal until its handler exists (signals).
             with reloads_blocked():
                 proc = await asyncio.create_subprocess_exec(*argv, pass_fds=pass_fds)
         except BaseException:
@@ -141,7 +141,7 @@ class Supervisor:
         return proc
 
     def _channel_broken(self, slot: WorkerSlot, proc: asyncio.subprocess.Process, why: str) -> None:
-        """The worker wrote something that is not a frame: replace it (workerlink)."""
+        """The worker wrote something that is not a frame: replace it (channel)."""
         self.channel_resets_total += 1
         if proc.returncode is None:
             log.error(
@@ -206,7 +206,7 @@ class Supervisor:
                 await asyncio.sleep(slot.backoff)
 
     async def ask(self, slot: WorkerSlot, op: str, timeout: float = 3.0) -> Any:
-        """One request to a worker; None if it cannot answer in time (workerlink)."""
+        """One request to a worker; None if it cannot answer in time (channel)."""
         link = slot.link
         if link is None:
             return None
@@ -295,7 +295,7 @@ class Supervisor:
     async def run(self, admin_start: Any) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        # Signal handling first (procsignals): a SIGHUP from here on reaches
+        # Signal handling first (signals): a SIGHUP from here on reaches
         # the workers that exist, and never kills one that is starting.
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)

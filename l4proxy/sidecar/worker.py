@@ -8,7 +8,7 @@ before the routing decision: reading ``SO_ORIGINAL_DST``, peeking the HTTP
 request head, and connecting upstream. It waits for readiness with
 ``add_reader``/``add_writer`` on raw fds and always removes the watcher
 before going on (see :func:`_wait_fd`), so by the time both sockets are
-detached and handed to the :class:`~l4proxy.pump.Pump` the loop holds no
+detached and handed to the :class:`~l4proxy.dataplane.pump.Pump` the loop holds no
 reference to either fd. The pump's own thread then moves every byte until
 both sides are closed.
 
@@ -41,7 +41,7 @@ Weighted routing is per connection: the first request on a connection
 decides, later requests on the same keep-alive connection follow it. With
 ``--http-routing request`` step 4 hands HTTP connections (and gateway
 listeners' connections) to the per-request relay instead
-(``l4proxy/_relay_py.py``): it routes every request head through
+(``l4proxy/dataplane/_relay_py.py``): it routes every request head through
 :meth:`Worker._decide_request` and gives back, for the pump, what turns
 out not to be HTTP or becomes a tunnel.
 """
@@ -59,15 +59,15 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
-from l4proxy import peek, pump
-from l4proxy._pool_py import PoolOptions
-from l4proxy._relay_py import Decision as RelayDecision
-from l4proxy._relay_py import HttpRelay
-from l4proxy.health import EndpointHealth
-from l4proxy.listener import Listener
-from l4proxy.origdst import original_destination
-from l4proxy.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
-from l4proxy.rulewatch import RuleWatcher
+from l4proxy.dataplane import peek, pump
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._relay_py import Decision as RelayDecision
+from l4proxy.dataplane._relay_py import HttpRelay
+from l4proxy.dataplane.listener import Listener
+from l4proxy.dataplane.origdst import original_destination
+from l4proxy.rules.health import EndpointHealth
+from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
+from l4proxy.rules.watch import RuleWatcher
 from l4proxy.stats import Counters, LockedCounters
 
 log = logging.getLogger("l4proxy.worker")
@@ -90,7 +90,7 @@ class WorkerOptions:
     max_pipes: int = -1  # splice pipes; -1: pump.max_pipes_for(), 0: never splice
     # "connection": the first request head routes the connection (compiled
     # pump); "request": every request is routed on its own (the per-request
-    # relay, l4proxy/_relay_py.py; pure Python for now).
+    # relay, l4proxy/dataplane/_relay_py.py; pure Python for now).
     http_routing: str = "connection"
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
 
@@ -601,7 +601,7 @@ class Worker:
 
     # -- per-request routing: the relay's callbacks ----------------------------
     #
-    # The relay (l4proxy/_relay_py.py) owns HTTP connections on its own thread
+    # The relay (l4proxy/dataplane/_relay_py.py) owns HTTP connections on its own thread
     # and asks _decide_request for every request head; the table it reads is
     # the one live at that moment (a swap is one assignment). What must run on
     # the event loop (outlier detection, the L4 hand-off, the loop's counters)

@@ -1,14 +1,14 @@
-"""Types of the compiled framer (ext/framing.pyx); see l4proxy/_framing_py.py.
+"""Types of the compiled framer (ext/framing.pyx); see l4proxy/dataplane/_framing_py.py.
 
 Everything but BodyFramer is re-exported from the pure twin.
 """
 
-from l4proxy._framing_py import Framing as Framing
-from l4proxy._framing_py import FramingError as FramingError
-from l4proxy._framing_py import ResponseHead as ResponseHead
-from l4proxy._framing_py import parse_response_head as parse_response_head
-from l4proxy._framing_py import request_framing as request_framing
-from l4proxy._framing_py import response_framing as response_framing
+from l4proxy.dataplane._framing_py import Framing as Framing
+from l4proxy.dataplane._framing_py import FramingError as FramingError
+from l4proxy.dataplane._framing_py import ResponseHead as ResponseHead
+from l4proxy.dataplane._framing_py import parse_response_head as parse_response_head
+from l4proxy.dataplane._framing_py import request_framing as request_framing
+from l4proxy.dataplane._framing_py import response_framing as response_framing
 
 __all__ = [
     "BodyFramer",

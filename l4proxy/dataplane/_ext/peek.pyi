@@ -1,12 +1,12 @@
-"""Types of the compiled head parser (ext/peek.pyx); see l4proxy/_peek_py.py.
+"""Types of the compiled head parser (ext/peek.pyx); see l4proxy/dataplane/_peek_py.py.
 
 The exception classes and RequestHead are re-exported from the pure twin:
 both twins raise and return the very same types.
 """
 
-from l4proxy._peek_py import HeadError as HeadError
-from l4proxy._peek_py import NotHTTP as NotHTTP
-from l4proxy._peek_py import RequestHead as RequestHead
+from l4proxy.dataplane._peek_py import HeadError as HeadError
+from l4proxy.dataplane._peek_py import NotHTTP as NotHTTP
+from l4proxy.dataplane._peek_py import RequestHead as RequestHead
 
 __all__ = ["HeadError", "HeadParser", "NotHTTP", "RequestHead", "parse_head"]
 

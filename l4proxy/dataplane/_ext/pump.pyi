@@ -1,4 +1,4 @@
-"""Types of the compiled pump (ext/pump.pyx); the pure twin is l4proxy/_pump_py.py.
+"""Types of the compiled pump (ext/pump.pyx); the pure twin is l4proxy/dataplane/_pump_py.py.
 
 Both twins have exactly this interface and pass the same tests
 (tests/test_pump.py). Counters returned by ``stats()``:
