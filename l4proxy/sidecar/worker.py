@@ -17,7 +17,9 @@ asyncio-Protocol relay on uvloop 0.23 aborted the process ("double free or
 corruption") under ``Connection: close`` churn. No relayed byte passes
 through a transport here, and the churn soak in tests/ proves the path.
 
-Per connection:
+Per connection (steps 1 to 4 are decided by
+:func:`l4proxy.rules.classify.classify`, a pure function of the table, the
+original destination and the head; this module reads, connects and acts):
 
 1. transparent listeners: ``original_destination()``; none, or the
    listener's own address, means somebody dialled 15001 directly: refused
@@ -42,8 +44,8 @@ decides, later requests on the same keep-alive connection follow it. With
 ``--http-routing request`` step 4 hands HTTP connections (and gateway
 listeners' connections) to the per-request relay instead
 (``l4proxy/dataplane/_relay_py.py``): it routes every request head through
-:meth:`Worker._decide_request` and gives back, for the pump, what turns
-out not to be HTTP or becomes a tunnel.
+:meth:`Worker._decide_request` (the same classification, per head) and
+gives back, for the pump, what turns out not to be HTTP or becomes a tunnel.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane._relay_py import HttpRelay
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
+from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
 from l4proxy.rules.watch import RuleWatcher
@@ -123,13 +126,6 @@ def local_addresses() -> set[str]:
     except OSError:
         pass
     return out
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
 
 
 def http_response(status: int, reason: str, body: str) -> bytes:
@@ -466,17 +462,61 @@ class Worker:
     async def _decide_and_connect(
         self, conn: socket.socket, lst: Listener
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        origin: Origin | None
         if lst.mode == "gateway":
-            if self.relay is not None:
-                self._hand_to_relay(conn, _Origin(None, lst.address[1], True))
-            return await self._gateway(conn, lst.address[1])
+            origin = Origin(None, lst.address[1], True)
+        else:
+            dst = original_destination(conn)
+            origin = None if dst is None else Origin(dst[0], dst[1], False)
+        # Whether to read the head is decided by the table live now; what to
+        # route by is decided by the table live once the head is complete
+        # (classified again below): a head can take up to --header-timeout to
+        # arrive, and a head that arrives after a reload follows the new rules.
+        table = self.rules.state.table
+        c = self._classify(table, origin, UNREAD)
+        head: peek.RequestHead | None = None
+        pending = b""
+        if c.kind is Kind.RELAY:
+            assert origin is not None
+            self._hand_to_relay(conn, origin)
+        if c.kind is Kind.READ_HEAD:
+            head, pending = await self._peek(conn)
+            table = self.rules.state.table  # one table from here on: the decision's
+            c = self._classify(table, origin, head)
+        return await self._act(conn, c, origin, table, head, pending)
 
-        dst = original_destination(conn)
-        if dst is None or self._is_self(dst):
-            raise Refused("not_redirected")
-        dst_ip, dst_port = dst
+    def _classify(
+        self, table: RouteTable, origin: Origin | None, head: peek.RequestHead | Unread | None
+    ) -> Classification:
+        return classify(
+            table,
+            origin,
+            head,
+            local_ips=self.local_ips,
+            listener_ports=self.listener_ports,
+            registry_only=self.opts.outbound_policy == "REGISTRY_ONLY",
+            per_request=self.relay is not None,
+        )
 
-        if dst_ip in self.local_ips and not _is_loopback(dst_ip):
+    async def _act(
+        self,
+        conn: socket.socket,
+        c: Classification,
+        origin: Origin | None,
+        table: RouteTable,
+        head: peek.RequestHead | None,
+        pending: bytes,
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        """Carry out a connection's classification: connect upstream (the
+        pump relays from there) or refuse."""
+        if c.kind is Kind.REFUSED:
+            raise Refused(c.why, c.status, c.body)
+        if c.kind is Kind.ROUTE:
+            assert c.service is not None and c.port is not None
+            return await self._route(conn, table, c.service, c.port, head, pending)
+        # INBOUND and PASSTHROUGH: a transparent listener's original destination.
+        assert origin is not None and origin.ip is not None, c
+        if c.kind is Kind.INBOUND:
             # Inbound: the pod's own address. Forward to the local app as is.
             if self.draining:
                 # Draining: inbound stops at SIGTERM (the pod is leaving the
@@ -484,59 +524,19 @@ class Worker:
                 _reset(conn)
                 raise Refused("draining_inbound")
             self.counters.inc("l4proxy_inbound_total")
-            up = await self._connect((dst_ip, dst_port))
+            up = await self._connect((origin.ip, origin.port))
             if up is None:
                 raise Refused("inbound_unreachable")
             return up, b"", None
-
-        # Whether to peek is decided by the table live now; what to route by
-        # is decided by the table live once the head is complete (read
-        # again below): a head can take up to --header-timeout to arrive,
-        # and a head that arrives after a reload follows the new rules.
-        table = self.rules.state.table
-        found = table.service_for_address(dst_ip, dst_port)
-        peek_http = (found is not None and found[1].is_http) or (
-            found is None and table.is_http_port(dst_port)
-        )
-        head: peek.RequestHead | None = None
-        pending = b""
-        if peek_http and self.relay is not None:
-            self._hand_to_relay(conn, _Origin(dst_ip, dst_port, False))
-        if peek_http:
-            head, pending = await self._peek(conn)
-            table = self.rules.state.table  # one table from here on: the decision's
-            found = table.service_for_address(dst_ip, dst_port)
-            if found is None and head is not None and head.host:
-                found = table.service_for_host(head.host, dst_port)
-
-        if found is None:
-            if self.opts.outbound_policy == "REGISTRY_ONLY":
-                raise Refused("registry_only", 502 if head is not None else None, "blocked")
+        if c.kind is Kind.PASSTHROUGH:
             self.counters.inc("l4proxy_passthrough_total")
-            up = await self._connect((dst_ip, dst_port), http=head is not None)
+            up = await self._connect((origin.ip, origin.port), http=head is not None)
             if up is None:
                 raise Refused(
                     "passthrough_unreachable", 503 if head else None, "upstream connect error"
                 )
             return up, pending, None
-
-        service, port = found
-        return await self._route(conn, table, service, port, head, pending)
-
-    async def _gateway(
-        self, conn: socket.socket, lst_port: int
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
-        head, pending = await self._peek(conn)
-        table = self.rules.state.table  # read once the head is complete
-        if head is None:
-            raise Refused("gateway_not_http", 400, "bad request")
-        # -- issue 14 (HTTPRoute): Gateway listeners are told apart by local port --
-        found = table.ingress(head.host, head.path, lst_port)
-        # -- end issue 14 --
-        if found is None:
-            raise Refused("no_ingress_route", 404, "no route")
-        service, port = found
-        return await self._route(conn, table, service, port, head, pending)
+        raise AssertionError(f"not an L4 classification: {c}")  # READ_HEAD, RELAY: the caller's
 
     async def _route(
         self,
@@ -607,28 +607,23 @@ class Worker:
     # the event loop (outlier detection, the L4 hand-off, the loop's counters)
     # is passed there with call_soon_threadsafe.
 
-    def _hand_to_relay(self, conn: socket.socket, origin: _Origin) -> NoReturn:
+    def _hand_to_relay(self, conn: socket.socket, origin: Origin) -> NoReturn:
         assert self.relay is not None
         self.relay.add(conn, origin)
         raise _HandedToRelay
 
-    def _decide_request(self, head: peek.RequestHead, origin: _Origin) -> RelayDecision:
+    def _decide_request(self, head: peek.RequestHead, origin: Origin) -> RelayDecision:
         """Route one request head (relay thread)."""
         table = self.rules.state.table
-        if origin.gateway:
-            found = table.ingress(head.host, head.path, origin.port)
-            if found is None:
-                return RelayDecision(local=(404, "no route"))
-        else:
+        c = self._classify(table, origin, head)
+        if c.kind is Kind.REFUSED:
+            assert c.status is not None  # a request is always answered
+            return RelayDecision(local=(c.status, c.body))
+        if c.kind is Kind.PASSTHROUGH:
             assert origin.ip is not None
-            found = table.service_for_address(origin.ip, origin.port)
-            if found is None and head.host:
-                found = table.service_for_host(head.host, origin.port)
-            if found is None:
-                if self.opts.outbound_policy == "REGISTRY_ONLY":
-                    return RelayDecision(local=(502, "blocked"))
-                return RelayDecision(((origin.ip, origin.port),))  # PassthroughCluster
-        service, port = found
+            return RelayDecision(((origin.ip, origin.port),))  # PassthroughCluster
+        assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
+        service, port = c.service, c.port
         authority = head.host or ""
         request = Request(
             method=head.method, path=head.path, authority=authority, headers=dict(head.headers)
@@ -707,7 +702,7 @@ class Worker:
         upstream: socket.socket | None,
         to_client: bytes,
         to_upstream: bytes,
-        origin: _Origin,
+        origin: Origin,
     ) -> None:
         """The relay gives a connection back: a tunnel, or bytes that are not HTTP."""
         if not self._on_loop(self._after_relay, client, upstream, to_client, to_upstream, origin):
@@ -721,7 +716,7 @@ class Worker:
         upstream: socket.socket | None,
         to_client: bytes,
         to_upstream: bytes,
-        origin: _Origin,
+        origin: Origin,
     ) -> None:
         if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
             self.pump.add(client.detach(), upstream.detach(), to_upstream, to_client)
@@ -734,29 +729,12 @@ class Worker:
         task.add_done_callback(self.handshakes.discard)
 
     async def _route_l4(
-        self, conn: socket.socket, origin: _Origin, pending: bytes
+        self, conn: socket.socket, origin: Origin, pending: bytes
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         """Bytes on an HTTP port that are not HTTP: routed per connection, at L4."""
-        if origin.gateway or origin.ip is None:
-            raise Refused("gateway_not_http", 400, "bad request")
         table = self.rules.state.table
-        found = table.service_for_address(origin.ip, origin.port)
-        if found is None:
-            if self.opts.outbound_policy == "REGISTRY_ONLY":
-                raise Refused("registry_only")
-            self.counters.inc("l4proxy_passthrough_total")
-            up = await self._connect((origin.ip, origin.port))
-            if up is None:
-                raise Refused("passthrough_unreachable")
-            return up, pending, None
-        service, port = found
-        up, _, ep = await self._route(conn, table, service, port, None, b"")
-        return up, pending, ep
-
-    def _is_self(self, dst: tuple[str, int]) -> bool:
-        """Did somebody dial one of our own listeners directly? (refused: no loops)"""
-        ip, port = dst
-        return port in self.listener_ports and (_is_loopback(ip) or ip in self.local_ips)
+        c = self._classify(table, origin, None)
+        return await self._act(conn, c, origin, table, None, pending)
 
     async def _peek(self, conn: socket.socket) -> tuple[peek.RequestHead | None, bytes]:
         """Read the request head. Returns (head or None if not HTTP, bytes read)."""
@@ -849,14 +827,6 @@ class Worker:
 
 class _HandedToRelay(Exception):
     """Control flow: the connection now belongs to the per-request relay."""
-
-
-class _Origin(NamedTuple):
-    """Where a connection handed to the relay was going."""
-
-    ip: str | None  # the original destination; None on a gateway listener
-    port: int  # the original destination port, or the gateway listener's
-    gateway: bool
 
 
 class _Tag(NamedTuple):
