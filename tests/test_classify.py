@@ -192,15 +192,11 @@ ROWS: list[tuple[str, Origin | None, Any, str, tuple[Any, ...]]] = [
 ]
 
 
-def _run(origin: Origin | None, h: RequestHead | Unread | None, opts: str) -> Classification:
-    return classify(
-        TABLE,
-        origin,
-        h,
-        local_ips=LOCAL_IPS,
-        listener_ports=LISTENER_PORTS,
-        **_OPTS[opts],
-    )
+def _run(
+    origin: Origin | None, h: RequestHead | Unread | None, opts: str, **extra: bool
+) -> Classification:
+    options = {**_OPTS[opts], **extra}
+    return classify(TABLE, origin, h, local_ips=LOCAL_IPS, listener_ports=LISTENER_PORTS, **options)
 
 
 @pytest.mark.parametrize(
@@ -244,15 +240,8 @@ def test_a_read_head_is_classified_alike_per_connection_and_per_request(
     """The relay (every request) and the worker (a connection's first request)
     ask with the same head and must get the same answer."""
     _, origin, h, opts, _ = row
-    per_request = classify(
-        TABLE,
-        origin,
-        h,
-        local_ips=LOCAL_IPS,
-        listener_ports=LISTENER_PORTS,
-        **{**_OPTS[opts], "per_request": True},
-    )
-    assert per_request == _run(origin, h, opts if opts != "per-request" else "")
+    per_connection = _run(origin, h, opts, per_request=False)
+    assert _run(origin, h, opts, per_request=True) == per_connection
 
 
 def test_defaults_know_no_local_address() -> None:
