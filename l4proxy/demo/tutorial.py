@@ -52,7 +52,8 @@ VIP_BASE = "198.19.0."
 TUTORIAL_ORDER = ["all-v1", "50-v2", "all-v2"]
 BLOCKS = " ▏▎▍▌▋▊▉█"
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The l4proxy package's directory (this module is l4proxy/demo/tutorial.py).
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MANIFESTS = os.path.join(os.path.dirname(HERE), "deploy", "examples", "bootcamp")
 # ``--api gateway``: the same steps as HTTPRoutes (httproute-STEP.yaml), the
 # gateway as a Gateway, and httproute-base.yaml for "no-rule" and "delete".
