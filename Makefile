@@ -101,7 +101,7 @@ soak: venv
 endif
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info l4proxy/_ext/*.so ext/*.c .stamp-deb
+	rm -rf $(VENV) build dist *.egg-info l4proxy/dataplane/_ext/*.so ext/*.c .stamp-deb
 	@mirror=$$(bash tools/mirror path); if [ -d "$$mirror" ]; then \
 	  echo "rm -rf $$mirror"; rm -rf "$$mirror" || echo "cannot remove the mirror $$mirror: run make clean as root" >&2; \
 	fi

@@ -1,7 +1,7 @@
-"""Build l4proxy: compile ext/*.pyx into l4proxy._ext.*, or install pure Python.
+"""Build l4proxy: compile ext/*.pyx into l4proxy.dataplane._ext.*, or install pure Python.
 
 The compiled modules are optional. They are skipped, and the pure-Python twins
-(l4proxy/_peek_py.py, l4proxy/_pump_py.py) serve alone, when:
+(l4proxy/dataplane/_peek_py.py, l4proxy/dataplane/_pump_py.py) serve alone, when:
 
 * ``L4PROXY_NO_EXTENSIONS=1`` is set in the environment, or
 * Cython is not importable, or
@@ -58,7 +58,7 @@ def extensions() -> list:  # type: ignore[type-arg]
 
     exts = [
         Extension(
-            f"l4proxy._ext.{name}",
+            f"l4proxy.dataplane._ext.{name}",
             [f"ext/{name}.pyx"],
             extra_compile_args=["-O2"],
         )
@@ -79,9 +79,12 @@ setup(
     package_dir={"l4proxy_init": "init", "": "."},
     packages=[
         "l4proxy",
-        "l4proxy._ext",
-        "l4proxy.config",
+        "l4proxy.dataplane",
+        "l4proxy.dataplane._ext",
+        "l4proxy.demo",
+        "l4proxy.rules",
+        "l4proxy.sidecar",
         "l4proxy_init",
     ],
-    package_data={"l4proxy._ext": ["*.pyi"], "l4proxy": ["py.typed"]},
+    package_data={"l4proxy.dataplane._ext": ["*.pyi"], "l4proxy": ["py.typed"]},
 )

@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _l4proxy_implementation() -> str:
     """Which twins l4proxy runs (compiled or pure peek/pump), as it would choose them."""
     try:
-        from l4proxy import peek, pump
+        from l4proxy.dataplane import peek, pump
 
         return f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
     except Exception as exc:  # l4proxy itself broken: the run says so elsewhere

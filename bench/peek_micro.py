@@ -24,7 +24,7 @@ from types import ModuleType
 # Run from a checkout: import the l4proxy next to this script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l4proxy import _impl
+from l4proxy.dataplane import _impl
 
 CURL_HEAD = (
     b"GET / HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"

@@ -27,7 +27,7 @@ from bench import wrk
 from bench.scenarios import Target
 
 RATE = 200  # samples per second per thread
-ENTRY_POINTS = ("(l4proxy/__main__.py)", "(l4proxy/cli.py)", "(l4proxy/server.py)")
+ENTRY_POINTS = ("(l4proxy/__main__.py)", "(l4proxy/cli.py)", "(l4proxy/sidecar/run.py)")
 
 _LOCATION = re.compile(r"\s*\(([^()]*)\)\s*$")
 
@@ -61,11 +61,14 @@ def py_spy() -> str:
 
 
 def _frame_name(frame: str) -> str:
-    """``_serve (/x/l4proxy/worker.py:312)`` → ``_serve (l4proxy/worker.py)``: lines merged."""
+    """``_serve (/x/l4proxy/sidecar/worker.py:312)`` → ``_serve (l4proxy/sidecar/worker.py)``:
+    lines merged; l4proxy's files from the package down, others as folder/file."""
     m = _LOCATION.search(frame)
     if not m:
         return frame.strip()
-    where = "/".join(m.group(1).rsplit(":", 1)[0].split("/")[-2:])
+    parts = m.group(1).rsplit(":", 1)[0].split("/")
+    top = len(parts) - 1 - parts[::-1].index("l4proxy") if "l4proxy" in parts[:-1] else -2
+    where = "/".join(parts[top:])
     return f"{frame[: m.start()].strip()} ({where})"
 
 

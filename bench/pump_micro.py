@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l4proxy import _impl
+from l4proxy.dataplane import _impl
 
 MiB = 1 << 20
 

@@ -35,7 +35,7 @@ from typing import Self
 from bench import peers, rules
 from bench.peers import Address, Backend
 from bench.process import Launcher, Process, free_port, on_host, wait_port
-from l4proxy.podnet import Pod, PodNetwork
+from l4proxy.demo.podnet import Pod, PodNetwork
 
 VENV_BIN = os.path.dirname(sys.executable)
 L4PROXY = os.path.join(VENV_BIN, "l4proxy")

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""HTTP/1.1 message framing: the compiled twin of l4proxy/_framing_py.py.
+"""HTTP/1.1 message framing: the compiled twin of l4proxy/dataplane/_framing_py.py.
 
-Read the theory of operation and the decisions in ``l4proxy/_framing_py.py``.
+Read the theory of operation and the decisions in ``l4proxy/dataplane/_framing_py.py``.
 This file implements the per-byte part, the chunked machine, as a C function
 over a C struct (``chunked()``, no GIL, no Python object touched), so that
 the compiled relay can call it on its own buffers; ``BodyFramer`` wraps it
@@ -22,7 +22,7 @@ returning; nothing keeps a pointer into a caller's object.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t
 
-from l4proxy._framing_py import (
+from l4proxy.dataplane._framing_py import (
     DEFAULT_MAX_HEAD,
     MAX_CHUNK_LINE,
     MAX_CHUNK_SIZE,

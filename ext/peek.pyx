@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Peek at an HTTP/1.x request head: the compiled twin of l4proxy/_peek_py.py.
+"""Peek at an HTTP/1.x request head: the compiled twin of l4proxy/dataplane/_peek_py.py.
 
-Read the theory of operation and the decisions in ``l4proxy/_peek_py.py``;
+Read the theory of operation and the decisions in ``l4proxy/dataplane/_peek_py.py``;
 this file implements the same state machine with C loops over the byte
 buffer, line for line in the same order, so the two twins answer every input
 identically (``tests/test_peek.py`` checks it, also with hypothesis). Python
@@ -23,7 +23,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memchr, memcmp, memcpy
 
-from l4proxy._peek_py import HeadError, NotHTTP, RequestHead, make_error
+from l4proxy.dataplane._peek_py import HeadError, NotHTTP, RequestHead, make_error
 
 __all__ = ["HeadError", "HeadParser", "NotHTTP", "RequestHead", "parse_head"]
 
@@ -573,7 +573,7 @@ cdef object run(Scanner* s, const unsigned char* buf, Py_ssize_t n, Py_ssize_t m
 cdef class HeadParser:
     """Incremental request-head parser for one connection (sans-IO).
 
-    See l4proxy._peek_py.HeadParser, whose behaviour this class repeats.
+    See l4proxy.dataplane._peek_py.HeadParser, whose behaviour this class repeats.
     """
 
     cdef Scanner _s

@@ -64,7 +64,7 @@ size).
 Pipes (HAProxy's ``maxpipes`` and pipe pool)
 --------------------------------------------
 Pipes come from a pool owned by the loop: at most ``max_pipes`` exist (in use
-+ pooled: 2 fds each, budgeted with the connections, see l4proxy/pump.py). A
++ pooled: 2 fds each, budgeted with the connections, see l4proxy/dataplane/pump.py). A
 direction gives its pipe back when it is done (EOF propagated) or its
 connection closes; only an empty pipe is pooled (``pipe_bytes`` is exact: it
 counts what splice() put in and took out), one still holding bytes is closed,

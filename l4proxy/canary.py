@@ -19,7 +19,7 @@ The decisions are :mod:`l4proxy._canary_core` (pure); the numbers come from
   naming file and line; rules with a ``match`` at a higher precedence (say,
   testers pinned to v2 by a header) keep their requests.
 * **Atomic, validated writes.** Every change goes through the pieces of
-  ``l4proxy create|replace|delete`` (:mod:`l4proxy.apply`): under the rules
+  ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
   loads it, and only then installed by write-temp/fsync/rename, so a sidecar
   sees the old rules or the new ones.
@@ -53,7 +53,6 @@ from typing import Any, Protocol, TextIO
 
 import yaml
 
-from l4proxy import apply
 from l4proxy._canary_core import (
     Check,
     Conflict,
@@ -83,9 +82,9 @@ from l4proxy._canary_metrics import (
     stats_url,
     totals_of,
 )
-from l4proxy.config import ConfigError, ConfigUnreadable, load_rules, rule_files
-from l4proxy.config._schema import Report
-from l4proxy.config._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
+from l4proxy.rules._schema import Report
+from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
 
 EXIT_PROMOTED = 0
 EXIT_ROLLED_BACK = 1

@@ -16,13 +16,13 @@ from l4proxy import __version__
 # subcommand -> module providing ``add_parser(subparsers)``; imported lazily so
 # that ``l4proxy validate`` does not pay for uvloop or pyroute2.
 SUBCOMMANDS: dict[str, str] = {
-    "validate": "l4proxy.validate",
-    "run": "l4proxy.server",
-    "demo": "l4proxy.demo",
+    "validate": "l4proxy.rules.validate",
+    "run": "l4proxy.sidecar.run",
+    "demo": "l4proxy.demo.tutorial",
     "inject": "l4proxy.inject",
-    "create": "l4proxy.apply",
-    "replace": "l4proxy.apply",
-    "delete": "l4proxy.apply",
+    "create": "l4proxy.rules.apply",
+    "replace": "l4proxy.rules.apply",
+    "delete": "l4proxy.rules.apply",
     "canary": "l4proxy.canary",  # issue 13
 }
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
-from l4proxy.podnet import Pod
+from l4proxy.demo.podnet import Pod
 
 CANARY_ARGS = (
     "--steps",
@@ -50,7 +50,7 @@ while True:
 
 def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
     """Run both rollouts; 0 when v2 was promoted and v3 rolled back, else 1."""
-    from l4proxy.demo import PodInfo  # the demo's own types (no import cycle at load)
+    from l4proxy.demo.tutorial import PodInfo  # the demo's own types (no import cycle at load)
 
     svc = tut.man.services[0]
     tut.say("== progressive delivery: l4proxy canary")
@@ -62,7 +62,7 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
         [
             sys.executable,
             "-m",
-            "l4proxy.bootcamp",
+            "l4proxy.demo.bootcamp",
             "--port",
             str(svc.target_port),
             "--pod",

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from l4proxy.podnet import Pod
+from l4proxy.demo.podnet import Pod
 from tests.mesh import PYTHON, Sidecar
 
 HTTP_ECHO = r"""

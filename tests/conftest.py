@@ -23,8 +23,8 @@ from types import ModuleType
 
 import pytest
 
-from l4proxy import _impl
-from l4proxy.podnet import PodNetwork
+from l4proxy.dataplane import _impl
+from l4proxy.demo.podnet import PodNetwork
 from tests.mesh import SEED_DIR, SHARED_DIR, Mesh
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -128,7 +128,7 @@ def load_twin(name: str, which: str) -> ModuleType:
     try:
         return _impl.load_compiled(name)
     except ImportError as exc:
-        _skip_or_fail(f"compiled l4proxy._ext.{name} is not built ({exc})")
+        _skip_or_fail(f"compiled l4proxy.dataplane._ext.{name} is not built ({exc})")
         raise  # unreachable
 
 

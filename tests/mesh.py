@@ -1,7 +1,7 @@
 """Test support: the bootcamp service in pods, a client pod with init + sidecar.
 
-``Mesh`` builds on :class:`l4proxy.podnet.PodNetwork`: bootcamp pods (v1 ×2,
-v2 ×1) running :mod:`l4proxy.bootcamp`, a ServiceEntry for them with the VIP
+``Mesh`` builds on :class:`l4proxy.demo.podnet.PodNetwork`: bootcamp pods (v1 ×2,
+v2 ×1) running :mod:`l4proxy.demo.bootcamp`, a ServiceEntry for them with the VIP
 198.19.0.10:8080, a client pod where ``l4proxy-init -p 15001 -u 1337`` has
 run and ``l4proxy run`` serves as uid 1337. Requests are made as uid 1000.
 """
@@ -22,8 +22,8 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from l4proxy.bootcamp import tally
-from l4proxy.podnet import Pod, PodNetwork
+from l4proxy.demo.bootcamp import tally
+from l4proxy.demo.podnet import Pod, PodNetwork
 
 VENV_BIN = os.path.dirname(sys.executable)
 PYTHON = sys.executable
@@ -167,7 +167,7 @@ class Mesh:
                 [
                     PYTHON,
                     "-m",
-                    "l4proxy.bootcamp",
+                    "l4proxy.demo.bootcamp",
                     "--port",
                     str(port),
                     "--pod",

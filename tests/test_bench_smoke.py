@@ -143,7 +143,7 @@ def test_l4proxy_rules() -> None:
 
 def test_rules_load_in_l4proxy() -> None:
     """The bench's rule files are what the sidecar's own loader accepts, without notes."""
-    from l4proxy.config import load_rules
+    from l4proxy.rules import load_rules
 
     with tempfile.TemporaryDirectory() as d:
         rules.write_rules(d, BACKENDS)
@@ -198,18 +198,19 @@ def test_report_ratios_and_verdicts() -> None:
 def test_profile_summary_of_raw_stacks() -> None:
     loop = 'process 7:"l4proxy run";thread (0x7f3a): MainThread;_run (asyncio/events.py:80)'
     raw = (
-        f"{loop};_serve (l4proxy/worker.py:300);_connect (l4proxy/worker.py:420) 30\n"
-        f"{loop};_on_acceptable (l4proxy/worker.py:250) 10\n"
+        f"{loop};_serve (/x/l4proxy/sidecar/worker.py:300)"
+        f";_connect (l4proxy/sidecar/worker.py:420) 30\n"
+        f"{loop};_on_acceptable (l4proxy/sidecar/worker.py:250) 10\n"
         'process 7:"l4proxy run";thread (0x7f3b): l4proxy-pump;run (threading.py:975) 20\n'
     )
     p = profile.summarize(raw, expected_per_thread=50)
     assert p.samples == 40  # the event loop's; the pump counts only as busy
     assert p.busy == [("MainThread (pid 7)", 0.8), ("l4proxy-pump (pid 7)", 0.4)]
-    assert p.self_share[0] == ("_connect (l4proxy/worker.py)", 0.75)
+    assert p.self_share[0] == ("_connect (l4proxy/sidecar/worker.py)", 0.75)
     assert dict(p.inclusive_share) == {
-        "_serve (l4proxy/worker.py)": 0.75,
-        "_connect (l4proxy/worker.py)": 0.75,
-        "_on_acceptable (l4proxy/worker.py)": 0.25,
+        "_serve (l4proxy/sidecar/worker.py)": 0.75,
+        "_connect (l4proxy/sidecar/worker.py)": 0.75,
+        "_on_acceptable (l4proxy/sidecar/worker.py)": 0.25,
     }
 
 

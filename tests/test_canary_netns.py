@@ -49,7 +49,7 @@ def add_version(mesh: Mesh, version: str, *app_args: str) -> None:
             [
                 PYTHON,
                 "-m",
-                "l4proxy.bootcamp",
+                "l4proxy.demo.bootcamp",
                 "--port",
                 "8080",
                 "--pod",

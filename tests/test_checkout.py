@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy import demo
-from l4proxy.podnet import PodNetworkError
+from l4proxy.demo import tutorial as demo
+from l4proxy.demo.podnet import PodNetworkError
 from tests.conftest import REPO, _skip_or_fail
 
 TESTS = Path(REPO) / "tests"
@@ -108,7 +108,7 @@ def _checkout(parent: Path) -> Path:
         (".gitignore", "/.venv/\n*.so\n"),
         (".git/HEAD", "ref: refs/heads/main\n"),
         (".venv/pyvenv.cfg", "home = /usr/bin\n"),
-        ("l4proxy/_ext/pump.so", "built here\n"),
+        ("l4proxy/dataplane/_ext/pump.so", "built here\n"),
     ]:
         (co / rel).parent.mkdir(parents=True, exist_ok=True)
         (co / rel).write_text(text)
@@ -185,10 +185,10 @@ def test_sync_makes_a_readable_root_owned_incremental_mirror(places: tuple[Path,
     assert (dest / "gone.txt").stat().st_uid == 0  # what root runs is root's
     # .git and ignored files stay behind; the mirror's own build outputs survive.
     assert not (dest / ".git").exists() and not (dest / ".venv").exists()
-    assert not (dest / "l4proxy/_ext/pump.so").exists()
+    assert not (dest / "l4proxy/dataplane/_ext/pump.so").exists()
     (dest / ".venv").mkdir()
     (dest / ".venv" / "pyvenv.cfg").write_text("the mirror's own\n")
-    (dest / "l4proxy/_ext/pump.so").write_text("built in the mirror\n")
+    (dest / "l4proxy/dataplane/_ext/pump.so").write_text("built in the mirror\n")
     kept = (dest / "l4proxy/__init__.py").stat()
     (co / "gone.txt").unlink()
     (co / "new.txt").write_text("new\n")
@@ -196,7 +196,7 @@ def test_sync_makes_a_readable_root_owned_incremental_mirror(places: tuple[Path,
     assert r.returncode == 0, r.stderr
     assert not (dest / "gone.txt").exists() and (dest / "new.txt").read_text() == "new\n"
     assert (dest / ".venv" / "pyvenv.cfg").read_text() == "the mirror's own\n"
-    assert (dest / "l4proxy/_ext/pump.so").read_text() == "built in the mirror\n"
+    assert (dest / "l4proxy/dataplane/_ext/pump.so").read_text() == "built in the mirror\n"
     now = (dest / "l4proxy/__init__.py").stat()
     assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # not copied again
 

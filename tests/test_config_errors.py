@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.config import ConfigError, ConfigUnreadable, Diagnostic, load_rules
+from l4proxy.rules import ConfigError, ConfigUnreadable, Diagnostic, load_rules
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
 REGISTRY = os.path.join(DATA, "registry.yaml")

@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from l4proxy.config import ConfigError, load_rules
+from l4proxy.rules import ConfigError, load_rules
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.config import ConfigError, load_rules
-from l4proxy.routing import Request, RouteTable, StringMatch
+from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules.routing import Request, RouteTable, StringMatch
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
 PER_VERSION = os.path.join(DATA, "registry-per-version.yaml")
@@ -564,8 +564,8 @@ def test_gateway_listener_routes_by_port_and_hostname(tmp_path: Path) -> None:
 
 
 def test_examples_validate_with_the_compiled_table(tmp_path: Path) -> None:
-    from l4proxy import validate
     from l4proxy.cli import build_parser
+    from l4proxy.rules import validate
 
     d = os.path.join(EXAMPLES, "gateway-api")
     for step in ("all-v1", "50-v2", "all-v2"):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.config import ConfigError, load_rules
-from l4proxy.routing import Labels, Request
+from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules.routing import Labels, Request
 from tests.mesh import SEED_DIR as SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

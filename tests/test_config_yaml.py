@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4proxy.config import ConfigError, load_rules
-from l4proxy.config._yaml import SourceProblem, parse_documents, read_file
+from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules._yaml import SourceProblem, parse_documents, read_file
 
 
 def _billion_laughs(levels: int = 9) -> str:

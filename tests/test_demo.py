@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from l4proxy import demo
+from l4proxy.demo import tutorial as demo
 from tests.mesh import SEED_DIR, binomial_ok
 
 pytestmark = pytest.mark.netns

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from l4proxy.config import load_rules
 from l4proxy.inject import InjectOptions, inject_text
+from l4proxy.rules import load_rules
 from tests.conftest import _skip_or_fail, import_or_skip
 
 kubernetes_validate = import_or_skip(

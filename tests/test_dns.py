@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4proxy import _dnswire as wire
-from l4proxy.dns import (
+from l4proxy.rules import _dnswire as wire
+from l4proxy.rules.dns import (
     DnsEndpoints,
     DnsError,
     Resolution,
@@ -29,8 +29,8 @@ from l4proxy.dns import (
     resolved_table,
     ttl_bounds_from_env,
 )
-from l4proxy.routing import Endpoint, Request, RouteTable, Service, ServicePort
-from l4proxy.rulewatch import RuleWatcher
+from l4proxy.rules.routing import Endpoint, Request, RouteTable, Service, ServicePort
+from l4proxy.rules.watch import RuleWatcher
 
 # -- wire ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.podnet import Pod, PodNetwork
+from l4proxy.demo.podnet import Pod, PodNetwork
 from tests.mesh import L4PROXY_INIT, VIP, Mesh, route_rule
 
 pytestmark = pytest.mark.netns

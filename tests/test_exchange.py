@@ -1,4 +1,4 @@
-"""The per-request exchange core (l4proxy._exchange_py), driven without sockets.
+"""The per-request exchange core (l4proxy.dataplane._exchange_py), driven without sockets.
 
 A small driver plays the shell: it performs the actions, opens numbered
 upstream connections (reused ones when the test says so) and records every
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from l4proxy._exchange_py import (
+from l4proxy.dataplane._exchange_py import (
     Action,
     Client,
     Close,
@@ -28,7 +28,7 @@ from l4proxy._exchange_py import (
     Upstream,
     upstream_head,
 )
-from l4proxy._peek_py import parse_head
+from l4proxy.dataplane._peek_py import parse_head
 
 
 @dataclass

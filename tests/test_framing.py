@@ -1,7 +1,7 @@
-"""Message framing (l4proxy.framing): where bodies end, and what is refused.
+"""Message framing (l4proxy.dataplane.framing): where bodies end, and what is refused.
 
-Every body case runs on both twins (compiled ``l4proxy._ext.framing`` and
-pure ``l4proxy._framing_py``), on the whole buffer and again in small pieces
+Every body case runs on both twins (compiled ``l4proxy.dataplane._ext.framing`` and
+pure ``l4proxy.dataplane._framing_py``), on the whole buffer and again in small pieces
 (h11's rule): the outcome must not depend on how the bytes were split, nor
 on which twin framed them (also fuzzed against each other).
 """
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4proxy._framing_py import (
+from l4proxy.dataplane._framing_py import (
     MAX_CHUNK_LINE,
     Framing,
     FramingError,
@@ -24,7 +24,7 @@ from l4proxy._framing_py import (
     request_framing,
     response_framing,
 )
-from l4proxy._peek_py import parse_head
+from l4proxy.dataplane._peek_py import parse_head
 from tests.conftest import load_twin
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.podnet import Pod, PodNetwork
+from l4proxy.demo.podnet import Pod, PodNetwork
 from tests._hardening import (
     HTTP_ECHO,
     OBSERVER,
@@ -180,7 +180,7 @@ def test_obs_fold_is_rejected_with_400(hostile: Hostile) -> None:
     RFC 9112 §5.2 lets a proxy reject it or unfold it; we forward bytes
     verbatim and never rewrite them, so unfolding would mean routing on a
     header value the upstream would read differently. Rejecting is the only
-    consistent choice (see "Decisions" in l4proxy/_peek_py.py)."""
+    consistent choice (see "Decisions" in l4proxy/dataplane/_peek_py.py)."""
     head = b"GET / HTTP/1.1\r\nHost: echo\r\nX-Long: one\r\n  two\r\n\r\n"
     r = hostile.ex(ECHO_VIP, 8081, [("send", head)])
     assert r["data"].startswith(b"HTTP/1.1 400 Bad Request\r\n"), r

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from l4proxy.health import EndpointHealth
+from l4proxy.rules.health import EndpointHealth
 
 
 @dataclass(frozen=True)

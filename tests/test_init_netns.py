@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from l4proxy_init.plan import parse_save
 
-from l4proxy.podnet import Pod, PodNetwork
+from l4proxy.demo.podnet import Pod, PodNetwork
 
 pytestmark = pytest.mark.netns
 

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from l4proxy import _impl
-from l4proxy import peek as chosen
-from l4proxy._peek_py import HeadError, NotHTTP, RequestHead
+from l4proxy.dataplane import _impl
+from l4proxy.dataplane import peek as chosen
+from l4proxy.dataplane._peek_py import HeadError, NotHTTP, RequestHead
 from tests.conftest import load_twin
 
 CURL = (
@@ -561,7 +561,7 @@ def test_the_count_catches_a_parser_that_rescans_the_line() -> None:
     """The bound above can fail: the pure twin, made to restart its LF search
     at the start of the header line on every feed (the bug the bound guards
     against), still parses correctly and counts ~n^2 / 64."""
-    from l4proxy import _peek_py
+    from l4proxy.dataplane import _peek_py
 
     class Rescanning(_peek_py.HeadParser):
         __slots__ = ()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from l4proxy.podnet import PodNetwork
+from l4proxy.demo.podnet import PodNetwork
 
 pytestmark = pytest.mark.netns
 

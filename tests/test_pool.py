@@ -1,10 +1,10 @@
-"""Upstream connection pools (l4proxy._pool_py): which connection, kept or closed."""
+"""Upstream connection pools (l4proxy.dataplane._pool_py): which connection, kept or closed."""
 
 from __future__ import annotations
 
 import pytest
 
-from l4proxy._pool_py import PoolOptions, Pools
+from l4proxy.dataplane._pool_py import PoolOptions, Pools
 
 A = ("198.18.0.10", 8080)
 B = ("198.18.0.11", 8080)

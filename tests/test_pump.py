@@ -919,7 +919,7 @@ def test_fd_budget_counts_pipes() -> None:
     """--max-pipes defaults to --max-connections / 4 (HAProxy's maxpipes);
     with no --max-connections, to what the fd limit leaves at 2.5 fds per
     connection; the warning fires exactly when 2 c + 2 p + reserve > limit."""
-    from l4proxy import pump
+    from l4proxy.dataplane import pump
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert (pump.max_pipes_for(1000), pump.max_pipes_for(1000, 0)) == (250, 0)

@@ -1,4 +1,4 @@
-"""The per-request relay (l4proxy._relay_py) over real loopback sockets.
+"""The per-request relay (l4proxy.dataplane._relay_py) over real loopback sockets.
 
 Backends are small threaded HTTP/1.1 servers on 127.0.0.1 that count the
 connections they accept; clients are raw sockets, so every byte is checked.
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from l4proxy._peek_py import RequestHead
-from l4proxy._pool_py import PoolOptions
-from l4proxy._relay_py import Decision, HttpRelay
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._relay_py import Decision, HttpRelay
 
 
 class Backend(socketserver.ThreadingTCPServer):

@@ -1,8 +1,8 @@
 """A reload does not stop the worker: connections are accepted and served while
 2,000-object rule sets are parsed, and the swap is one assignment.
 
-In-process: a real :class:`~l4proxy.worker.Worker` with a gateway listener on
-loopback and a real :class:`~l4proxy.rulewatch.RuleWatcher` over a generated
+In-process: a real :class:`~l4proxy.sidecar.worker.Worker` with a gateway listener on
+loopback and a real :class:`~l4proxy.rules.watch.RuleWatcher` over a generated
 rule file. Each request gets a 404 (no Ingress): accept, peek, a table
 lookup, an answer; that is the accept path a reload used to stop.
 """
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import uvloop
 
-import l4proxy.rulewatch as rulewatch
-from l4proxy.config import load_rules
-from l4proxy.listener import bind_listener
-from l4proxy.rulewatch import RuleWatcher
-from l4proxy.worker import Worker, WorkerOptions
+import l4proxy.rules.watch as rulewatch
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.rules import load_rules
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar.worker import Worker, WorkerOptions
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "uvloop": uvloop.run,

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from l4proxy.routing import (
+from l4proxy.rules.routing import (
     Decision,
     Destination,
     Endpoint,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.config import load_rules
-from l4proxy.routing import Request, RouteTable, Service
+from l4proxy.rules import load_rules
+from l4proxy.rules.routing import Request, RouteTable, Service
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rules")
 REGISTRY = os.path.join(DATA, "registry.yaml")

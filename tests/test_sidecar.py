@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from l4proxy.podnet import PodNetwork
+from l4proxy.demo.podnet import PodNetwork
 from tests.mesh import IMPLS, PYTHON, SEED_DIR, VIP, Mesh, binomial_ok, route_rule, service_entry
 
 pytestmark = pytest.mark.netns

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from l4proxy.listener import Listener, bind_listener
-from l4proxy.podnet import PodNetwork
-from l4proxy.supervisor import Supervisor, WorkerSlot, describe_exit
+from l4proxy.dataplane.listener import Listener, bind_listener
+from l4proxy.demo.podnet import PodNetwork
+from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit
 from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
 
 netns = pytest.mark.netns
@@ -271,7 +271,7 @@ def test_sighup_reloads_a_single_process_sidecar(bare: Mesh) -> None:
 
 SCRIPTED_WORKER = r"""
 import os, signal, socket, sys
-from l4proxy.workerlink import FrameDecoder, MAX_REQUEST, decode_request, encode_answer
+from l4proxy.sidecar.channel import FrameDecoder, MAX_REQUEST, decode_request, encode_answer
 mode, marker = sys.argv[1], sys.argv[2]
 fd = int(sys.argv[sys.argv.index("--control-fd") + 1])
 first = not os.path.exists(marker)

@@ -1,4 +1,4 @@
-"""The supervisor-worker channel (l4proxy.workerlink).
+"""The supervisor-worker channel (l4proxy.sidecar.channel).
 
 The sans-IO core table-driven, whole and one byte at a time, plus a seeded
 fuzz invariant; then both asyncio ends against each other over a real
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.workerlink import (
+from l4proxy.sidecar.channel import (
     HEADER,
     MAX_ANSWER,
     MAX_ID,

@@ -1,5 +1,0 @@
-"""Compiled twins of l4proxy's hot modules (built from ext/*.pyx by setup.py).
-
-Never import from here directly: use ``l4proxy.peek`` and ``l4proxy.pump``,
-which pick the compiled module or its pure-Python twin in one place.
-"""

@@ -1,0 +1,519 @@
+"""One client connection of the per-request HTTP/1.1 proxy, sans-IO; pure twin.
+
+The data plane routes every request of a keep-alive connection on its own
+(a canary split, a rule swap and a rollback reach a long-lived connection at
+its next request: Istio #13908), and reuses upstream connections across
+requests and clients. :class:`Exchange` is the decision part of that: it is
+fed the client's and the upstream's bytes and says what to do, as a list of
+actions; it owns no socket, no clock and no route table. The I/O shell (the
+relay) performs the actions, and asks the route table when told
+:class:`Route`.
+
+Theory of operation
+-------------------
+A connection runs a cycle of phases, one request in flight at a time (a
+pipelined request waits, unread or in ``_inbox``, until the response to the
+one before it is complete)::
+
+    HEAD ──head──► ROUTING ──routed()──► EXCHANGE ──response done──► HEAD ...
+      │                  └──refuse()──► local answer ─────────────────┘
+      └─ first bytes not HTTP ──► NotHTTP (the shell relays at L4)
+
+* ``HEAD``: client bytes go to a request-head parser
+  (:class:`~l4proxy.dataplane._peek_py.HeadParser`; its refusals are the smuggling
+  rules for heads). A complete head yields :class:`Route`.
+* ``ROUTING``: the shell decides with the table generation current *now*,
+  checks out an upstream connection (pooled or new) and calls
+  :meth:`Exchange.routed`, or calls :meth:`Exchange.refuse` for a local
+  answer (404 for an Ingress miss, 503 ``no healthy upstream``, ...).
+* ``EXCHANGE``: the head (rewritten, see below) and the request body go
+  upstream, framed by a :class:`~l4proxy.dataplane._framing_py.BodyFramer`; response
+  heads come back (1xx interim ones are passed on, then the final one), and
+  the response body, framed by its own :class:`BodyFramer`. The exchange is
+  over when both messages are complete; then the upstream is released
+  (:class:`Release`, reusable or not) and the next request head is read,
+  unless the connection must close.
+* A 101 to an Upgrade request or a 2xx to CONNECT ends HTTP on this
+  connection: :class:`Tunnel` hands both sockets to the L4 relay.
+
+Decisions
+---------
+* *Upstream reuse.* The upstream gets the client's head with its
+  ``Connection: close`` / ``keep-alive`` header removed when that is all the
+  header says (HTTP/1.1 only), so that a ``Connection: close`` client does
+  not cost an upstream handshake per request (HAProxy's default
+  ``http-server-close`` behaviour towards the client, with reuse towards the
+  server). Nothing else in a head is rewritten, and bodies never are.
+* An upstream connection is reusable only when the request sent on it was
+  persistent, both messages ended by their framing (not by a close), the
+  response did not say ``Connection: close`` (or was HTTP/1.0 without
+  ``keep-alive``), and no byte came after the response.
+* The client connection stays open when its request and the response were
+  persistent, the response was not close-delimited, the request body was
+  read to its end, and the client has not half-closed.
+* *Retry* (Envoy's rule for pooled HTTP/1 connections): if a *reused*
+  upstream connection closes before any response byte, the request is sent
+  once more on a new connection, when the method is idempotent (RFC 9110
+  §9.2.2) and every byte sent so far is still held (at most
+  ``replay_limit``). Otherwise the client gets 502, or a close if part of a
+  response was already forwarded.
+* A response that ends before the request body does (an early 413, say)
+  closes both connections after it: the rest of the body is never read.
+* Error answers are the proxy's own, ``connection: close``: 400/431/505 for
+  a head or body that cannot be framed unambiguously, 502 for an upstream
+  response that cannot.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, NamedTuple
+
+# The head parser and the body framer through their choosers: the compiled
+# twins when built (they are the per-byte work), the pure ones otherwise.
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD
+from l4proxy.dataplane.framing import (
+    BodyFramer,
+    Framing,
+    FramingError,
+    ResponseHead,
+    parse_response_head,
+    request_framing,
+    response_framing,
+)
+from l4proxy.dataplane.peek import HeadError, HeadParser, NotHTTP, RequestHead
+
+__all__ = [
+    "Client",
+    "Close",
+    "Done",
+    "Exchange",
+    "NotHTTPConnection",
+    "Phase",
+    "Release",
+    "Retry",
+    "Route",
+    "Tunnel",
+    "Upstream",
+    "local_response",
+    "upstream_head",
+]
+
+DEFAULT_REPLAY_LIMIT: Final = 65536
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+REASONS: Final = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Phase(enum.IntEnum):
+    HEAD = 0  # reading a request head
+    ROUTING = 1  # head complete, waiting for routed() or refuse()
+    EXCHANGE = 2  # request going up, response coming down
+    TUNNEL = 3  # handed to the L4 relay
+    CLOSED = 4
+
+
+# -- actions, for the shell to perform in order -------------------------------
+
+
+class Route(NamedTuple):
+    """Decide where *head* goes; then call routed() or refuse()."""
+
+    head: RequestHead
+
+
+class Upstream(NamedTuple):
+    """Send *data* to the upstream connection."""
+
+    data: bytes
+
+
+class Client(NamedTuple):
+    """Send *data* to the client."""
+
+    data: bytes
+
+
+class Release(NamedTuple):
+    """The upstream connection is done with: back to its pool, or closed."""
+
+    reusable: bool
+
+
+class Retry(NamedTuple):
+    """Open a new upstream connection to the same endpoint; call routed(False)."""
+
+
+class Done(NamedTuple):
+    """A response was delivered (for the per-version metrics)."""
+
+    status: int
+    local: bool  # answered by the proxy itself
+
+
+class Tunnel(NamedTuple):
+    """HTTP is over: relay both sockets at L4 (after sending what is queued)."""
+
+
+class NotHTTPConnection(NamedTuple):
+    """The connection's first bytes are not HTTP/1.x: relay *data* at L4."""
+
+    data: bytes
+
+
+class Close(NamedTuple):
+    """Close the client connection (after sending what is queued)."""
+
+
+Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
+
+
+def local_response(status: int, body: str, close: bool = True) -> bytes:
+    """The proxy's own answer, saying whether the connection closes after it."""
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+        f"content-length: {len(data)}\r\n"
+        "content-type: text/plain\r\n"
+        + ("connection: close\r\n" if close else "")
+        + "server: l4proxy\r\n\r\n"
+    ).encode() + data
+
+
+def upstream_head(raw: bytes, head: RequestHead) -> bytes:
+    """*raw* (the head's bytes) as sent upstream: see "Upstream reuse"."""
+    if head.version != "HTTP/1.1":
+        return raw
+    lines = raw.split(b"\n")
+    kept = [lines[0]]
+    dropped = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"connection":
+            tokens = {t.strip(b" \t\r").lower() for t in value.split(b",")}
+            if tokens <= {b"close", b"keep-alive", b""}:
+                dropped = True
+                continue
+        kept.append(line)
+    return b"\n".join(kept) if dropped else raw
+
+
+def client_head(raw: bytes, resp: ResponseHead) -> bytes:
+    """*raw* (a final response head) as sent to a client whose connection
+    closes after it: with ``connection: close`` added unless it says so.
+
+    The client may have asked for the close, but the upstream did not see
+    that request (see "Upstream reuse"), so its answer may not say it; a
+    client that does not read our close from the answer sends its next
+    request into a closing socket (wrk does). HAProxy adds the header too.
+    """
+    if "close" in {t.lower() for t in resp.values("connection")}:
+        return raw
+    end = len(raw) - (4 if raw.endswith(b"\r\n\r\n") else 2)
+    return raw[:end] + b"\r\nconnection: close" + raw[end:]
+
+
+def _persistent(resp: ResponseHead) -> bool:
+    tokens = {t.lower() for t in resp.values("connection")}
+    if "close" in tokens:
+        return False
+    return resp.version != "HTTP/1.0" or "keep-alive" in tokens
+
+
+class Exchange:
+    """The per-request proxy state of one client connection (sans-IO).
+
+    Feed it with :meth:`client_data`, :meth:`upstream_data`,
+    :meth:`client_eof` and :meth:`upstream_eof`; answer a :class:`Route`
+    with :meth:`routed` or :meth:`refuse`. Each returns the actions to
+    perform, in order. Read the client only while :attr:`wants_client_data`.
+    """
+
+    def __init__(
+        self, max_head: int = DEFAULT_MAX_HEAD, replay_limit: int = DEFAULT_REPLAY_LIMIT
+    ) -> None:
+        self.phase = Phase.HEAD
+        self.max_head = max_head
+        self.replay_limit = replay_limit
+        self.requests = 0  # request heads completed on this connection
+        self.head: RequestHead | None = None
+        self._parser = HeadParser(max_head)
+        self._inbox = bytearray()  # client bytes after the current message
+        self._client_eof = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._request: BodyFramer | None = None
+        self._sent_head = b""
+        self._sent_persistent = False  # the request as sent upstream keeps the connection
+        self._replay: bytearray | None = None  # bytes sent upstream, while held
+        self._reused = False
+        self._retried = False
+        self._response_head = bytearray()  # response bytes before the final head
+        self._response: BodyFramer | None = None
+        self._response_persistent = False
+        self._upstream_bytes = 0  # response bytes received for this request
+        self._client_bytes = 0  # response bytes forwarded to the client
+        self.status = 0
+
+    # -- what the shell asks ------------------------------------------------
+
+    @property
+    def wants_client_data(self) -> bool:
+        """Whether the shell should read the client now (backpressure)."""
+        if self.phase == Phase.HEAD:
+            return not self._client_eof
+        if self.phase == Phase.EXCHANGE:
+            return self._request is not None and not self._request.done
+        return False
+
+    # -- events -------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> list[Action]:
+        if self.phase in (Phase.CLOSED, Phase.TUNNEL):
+            return []
+        self._inbox += data
+        return self._advance()
+
+    def client_eof(self) -> list[Action]:
+        self._client_eof = True
+        if self.phase == Phase.HEAD:
+            return self._close()  # between requests, or a head cut short
+        if self.phase == Phase.EXCHANGE and self._request is not None and not self._request.done:
+            return [Release(False), *self._close()]  # a request body cut short
+        return []  # half-closed after its request: answer, then close
+
+    def routed(self, reused: bool) -> list[Action]:
+        """An upstream connection is ready (*reused*: it came from the pool)."""
+        if self.phase != Phase.EXCHANGE and self.phase != Phase.ROUTING:
+            raise RuntimeError(f"routed() in phase {self.phase.name}")
+        self._reused = reused
+        if self.phase == Phase.EXCHANGE:  # a retry: send again all we held
+            assert self._replay is not None
+            return [Upstream(bytes(self._replay))]
+        assert self.head is not None
+        kind, length = request_framing(self.head)
+        self._request = BodyFramer(kind, length, error_status=400)
+        self.phase = Phase.EXCHANGE
+        self._replay = bytearray(self._sent_head) if self._retryable_method() else None
+        return [Upstream(self._sent_head), *self._advance()]
+
+    def refuse(self, status: int, body: str) -> list[Action]:
+        """Answer the current request locally (no upstream)."""
+        if self.phase != Phase.ROUTING:
+            raise RuntimeError(f"refuse() in phase {self.phase.name}")
+        assert self.head is not None
+        keep = (
+            self.head.keep_alive
+            and request_framing(self.head)[0] == Framing.NONE
+            and not self._client_eof
+        )
+        out: list[Action] = [
+            Client(local_response(status, body, close=not keep)),
+            Done(status, True),
+        ]
+        if not keep:  # a body we would have to read first, or a client that leaves
+            return out + self._close()
+        return out + self._next_request()
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        if self.phase != Phase.EXCHANGE:
+            return []
+        self._upstream_bytes += len(data)
+        self._replay = None  # a response began: never send this request again
+        try:
+            if self._response is None:
+                return self._response_head_bytes(data)
+            return self._response_body_bytes(data)
+        except FramingError as exc:
+            return self._upstream_failed(exc.status, exc.reason)
+
+    def upstream_eof(self) -> list[Action]:
+        if self.phase != Phase.EXCHANGE:
+            return []
+        if self._upstream_bytes == 0:
+            if (
+                self._reused
+                and not self._retried
+                and self._replay is not None
+                and len(self._replay) <= self.replay_limit
+            ):
+                self._retried = True
+                return [Release(False), Retry()]
+            return self._upstream_failed(502, "upstream closed the connection before a response")
+        if self._response is not None and self._response.framing == Framing.CLOSE:
+            return self._response_complete(upstream_closed=True)
+        # a head or a length-delimited/chunked body cut short
+        return self._upstream_failed(502, "upstream closed the connection mid-response")
+
+    # -- internals ------------------------------------------------------------
+
+    def _retryable_method(self) -> bool:
+        return self.head is not None and self.head.method in IDEMPOTENT
+
+    def _advance(self) -> list[Action]:
+        out: list[Action] = []
+        if self.phase == Phase.HEAD and self._inbox:
+            data = bytes(self._inbox)
+            self._inbox.clear()
+            try:
+                head = self._parser.feed(data)
+            except NotHTTP as exc:
+                if self.requests == 0:
+                    self.phase = Phase.TUNNEL
+                    return [NotHTTPConnection(self._parser.buffered)]
+                return self._local_error(exc.status, exc.reason)
+            except HeadError as exc:
+                return self._local_error(exc.status, exc.reason)
+            if head is None:
+                return out
+            self.requests += 1
+            self.head = head
+            raw = self._parser.buffered
+            self._inbox += raw[head.head_length :]
+            raw_head = raw[: head.head_length]
+            self._sent_head = upstream_head(raw_head, head)
+            self._sent_persistent = head.keep_alive or self._sent_head is not raw_head
+            self.phase = Phase.ROUTING
+            return [Route(head)]
+        if self.phase == Phase.EXCHANGE and self._request is not None and self._inbox:
+            if self._request.done:
+                return out  # pipelined bytes wait for this exchange's end
+            try:
+                used = self._request.feed(self._inbox)
+            except FramingError as exc:
+                return self._upstream_failed(exc.status, exc.reason)
+            if used:
+                chunk = bytes(self._inbox[:used])
+                del self._inbox[:used]
+                out.append(Upstream(chunk))
+                if self._replay is not None:
+                    self._replay += chunk
+                    if len(self._replay) > self.replay_limit:
+                        self._replay = None
+            if self._request.done and self._response is not None and self._response.done:
+                out += self._response_complete(upstream_closed=False)
+        return out
+
+    def _response_head_bytes(self, data: bytes) -> list[Action]:
+        assert self.head is not None
+        self._response_head += data
+        out: list[Action] = []
+        while True:
+            resp = parse_response_head(self._response_head, self.max_head)
+            if resp is None:
+                return out
+            kind, length = response_framing(self.head, resp)
+            raw = bytes(self._response_head[: resp.head_length])
+            rest = bytes(self._response_head[resp.head_length :])
+            self._response_head.clear()
+            if kind == Framing.TUNNEL:
+                self.status = resp.status
+                self.phase = Phase.TUNNEL
+                out += [Client(raw + rest)]
+                if self._inbox:  # bytes after the request head: the new protocol's
+                    out.append(Upstream(bytes(self._inbox)))
+                    self._inbox.clear()
+                return [*out, Done(resp.status, False), Tunnel()]
+            if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
+                out.append(Client(raw))
+                self._client_bytes += len(raw)
+                self._response_head += rest
+                continue
+            if not self._client_persists(resp, kind):
+                raw = client_head(raw, resp)
+            out.append(Client(raw))
+            self._client_bytes += len(raw)
+            self.status = resp.status
+            self._response_persistent = _persistent(resp)
+            self._response = BodyFramer(kind, length, error_status=502)
+            if rest:
+                out += self._response_body_bytes(rest)
+            elif self._response.done:
+                out += self._maybe_complete()
+            return out
+
+    def _response_body_bytes(self, data: bytes) -> list[Action]:
+        assert self._response is not None
+        out: list[Action] = []
+        used = self._response.feed(data)
+        if used:
+            out.append(Client(data[:used]))
+            self._client_bytes += used
+        if used < len(data):  # bytes after a complete response: the server is confused
+            self._response_persistent = False
+        if self._response.done:
+            out += self._maybe_complete()
+        return out
+
+    def _maybe_complete(self) -> list[Action]:
+        assert self._request is not None
+        if self._request.done:
+            return self._response_complete(upstream_closed=False)
+        # The response ended before the request body did: close both after it.
+        return self._response_complete(upstream_closed=False, request_cut=True)
+
+    def _client_persists(self, resp: ResponseHead, kind: Framing) -> bool:
+        """Whether the client connection may stay open after *resp* (so far)."""
+        assert self.head is not None and self._request is not None
+        return (
+            self.head.keep_alive
+            and _persistent(resp)
+            and kind != Framing.CLOSE
+            and self._request.done
+            and not self._client_eof
+        )
+
+    def _response_complete(self, upstream_closed: bool, request_cut: bool = False) -> list[Action]:
+        assert self.head is not None and self._response is not None
+        close_delimited = self._response.framing == Framing.CLOSE
+        reusable = (
+            not upstream_closed
+            and not request_cut
+            and not close_delimited
+            and self._response_persistent
+            and self._sent_persistent
+        )
+        out: list[Action] = [Done(self.status, False), Release(reusable)]
+        keep_client = (
+            self.head.keep_alive
+            and self._response_persistent
+            and not close_delimited
+            and not request_cut
+            and not self._client_eof
+        )
+        if not keep_client:
+            return out + self._close()
+        return out + self._next_request()
+
+    def _next_request(self) -> list[Action]:
+        self.phase = Phase.HEAD
+        self._parser = HeadParser(self.max_head)
+        self._reset_exchange()
+        return self._advance()  # a pipelined request may be waiting
+
+    def _upstream_failed(self, status: int, reason: str) -> list[Action]:
+        """Give up on this exchange: the upstream closes; answer if we still can."""
+        out: list[Action] = [Release(False)]
+        if self._client_bytes == 0:
+            self.status = status
+            out += [Client(local_response(status, reason)), Done(status, True)]
+        return out + self._close()
+
+    def _local_error(self, status: int, reason: str) -> list[Action]:
+        self.status = status
+        return [Client(local_response(status, reason)), Done(status, True), *self._close()]
+
+    def _close(self) -> list[Action]:
+        self.phase = Phase.CLOSED
+        self._inbox.clear()
+        return [Close()]

@@ -1,0 +1,520 @@
+"""HTTP/1.1 message framing (RFC 9112 §6): where a body ends; the pure twin.
+
+The per-request data plane forwards bytes verbatim, but it must know where
+each message ends: to route the next request on a keep-alive connection, to
+hand an upstream connection back to its pool, and to refuse what two parties
+could frame differently (request smuggling). This module answers those
+questions and nothing else. It is sans-IO: bytes in, counts and decisions
+out; it never copies or keeps a body.
+
+Theory of operation
+-------------------
+1. *Which framing.* :func:`request_framing` (from a parsed
+   :class:`~l4proxy.dataplane._peek_py.RequestHead`) and :func:`response_framing` (from
+   a :class:`ResponseHead` and the request it answers) pick one
+   :class:`Framing`: no body, a fixed length, chunked, until the server
+   closes (responses only), or a tunnel (a 2xx answer to CONNECT, a 101 to a
+   request that asked to Upgrade). The order of the checks is RFC 9112 §6.3's.
+2. *Where it ends.* A :class:`BodyFramer` is fed the bytes that follow the
+   head and returns how many of them belong to the body; once ``done``, the
+   rest is the next message. Inside a length-delimited body or inside chunk
+   data, :meth:`BodyFramer.blind` says how many bytes may pass without being
+   looked at (the relay may splice them) and :meth:`BodyFramer.skip` accounts
+   for them: a 1 GiB body costs O(1) calls here, never a scan.
+3. *Chunked* is a byte-wise state machine over the chunk-size lines, the
+   CRLF after each chunk's data, and the trailer section; the chunk data
+   itself is skipped by count.
+
+Decisions (where RFC 9112 leaves room, we take the strict side; any
+disagreement between us and the next hop about where a message ends is a
+smuggling vector, and we forward bytes unmodified, so we cannot normalise)
+------------------------------------------------------------------------
+* Every line of the chunked framing ends in CRLF: a bare LF or a bare CR is
+  an error (lenient parsers differ here; "funky chunks" smuggling).
+* A chunk size is 1*HEXDIG whose value fits 63 bits (leading zeros are
+  allowed: they are valid and do not overflow); nothing else may precede the
+  extension or the CRLF, except BWS before ";" (§7.1.1).
+* A chunk extension is bounded (:data:`MAX_CHUNK_LINE` bytes for the whole
+  size line) and may hold no control byte other than HTAB.
+* Trailer lines are checked like header lines (no obs-fold, no whitespace
+  before the colon) and their section is bounded like a head.
+* A response with both Content-Length and Transfer-Encoding is refused
+  (502): §6.3 lets Transfer-Encoding win, but the bytes would then reach the
+  client with both headers, which is the very ambiguity we refuse in
+  requests. A response whose Transfer-Encoding does not end in chunked is
+  close-delimited (§6.3 item 4).
+* A response Content-Length that is not one valid number (or a list of equal
+  ones) is refused (502, §6.3 item 5).
+* A 101 to a request that did not ask to Upgrade, or any response to a
+  request whose framing we refused, is an error of the server: 502.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final, NamedTuple
+
+from l4proxy.dataplane._peek_py import (
+    DEFAULT_MAX_HEAD,
+    MAX_CL_DIGITS,
+    RequestHead,
+    _header_line_error,
+)
+
+__all__ = [
+    "BodyFramer",
+    "Framing",
+    "FramingError",
+    "ResponseHead",
+    "parse_response_head",
+    "request_framing",
+    "response_framing",
+]
+
+MAX_CHUNK_LINE: Final = 4096  # a chunk-size line, extensions included
+MAX_CHUNK_SIZE: Final = (1 << 63) - 1  # fits int64 in the compiled twin
+
+
+class FramingError(Exception):
+    """The message cannot be framed unambiguously: answer ``status``, close.
+
+    ``status`` is 400 for a client's message and 502 for a server's.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class Framing(enum.IntEnum):
+    """How the end of a message body is found (RFC 9112 §6.3)."""
+
+    NONE = 0  # no body: the message ends with its head
+    LENGTH = 1  # Content-Length bytes
+    CHUNKED = 2  # the chunked coding, trailers included
+    CLOSE = 3  # until the sender closes (responses only)
+    TUNNEL = 4  # not HTTP any more: relay both ways until both close
+
+
+class ResponseHead(NamedTuple):
+    """A parsed response head; ``head_length`` counts every byte of it."""
+
+    version: str
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    head_length: int
+
+    def header(self, name: str) -> str | None:
+        key = name.lower()
+        for k, v in self.headers:
+            if k == key:
+                return v
+        return None
+
+    def values(self, name: str) -> list[str]:
+        """Every comma-separated element of every *name* header, in order."""
+        key = name.lower()
+        out: list[str] = []
+        for k, v in self.headers:
+            if k == key:
+                out.extend(e.strip() for e in v.split(","))
+        return out
+
+
+_STATUS_LINE: Final = re.compile(
+    rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z"
+)
+_HEADER: Final = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[\t ]*([\t\x20-\x7e\x80-\xff]*?)[\t ]*\Z"
+)
+
+
+def parse_response_head(
+    data: bytes | bytearray | memoryview, max_head: int = DEFAULT_MAX_HEAD
+) -> ResponseHead | None:
+    """The response head at the start of *data*, or None if incomplete.
+
+    Raises :class:`FramingError` (502) for a malformed head or one larger
+    than *max_head*. Lines end in CRLF or a bare LF, as in request heads.
+    """
+    buf = bytes(data[:max_head]) if len(data) > max_head else bytes(data)
+    if b"\n\r\n" not in buf and b"\n\n" not in buf:  # no end of head yet
+        if len(data) > max_head:
+            raise FramingError(502, f"response head larger than {max_head} bytes")
+        return None
+    lines: list[bytes] = []
+    pos = 0
+    while True:
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(data) > max_head:
+                raise FramingError(502, f"response head larger than {max_head} bytes")
+            return None
+        line = buf[pos:nl]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise FramingError(502, "CR without LF in the response head")
+        pos = nl + 1
+        if not line:
+            if not lines:
+                raise FramingError(502, "empty response status line")
+            break
+        lines.append(line)
+    m = _STATUS_LINE.match(lines[0])
+    if m is None:
+        raise FramingError(502, "malformed response status line")
+    if m.group(1) != b"1":
+        raise FramingError(502, "response HTTP version is not 1.x")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        h = _HEADER.match(line)
+        if h is None:
+            code = _header_line_error(line, 0, len(line))
+            raise FramingError(502, f"malformed response header line (code {code})")
+        headers.append((h.group(1).decode("ascii").lower(), h.group(2).decode("latin-1")))
+    return ResponseHead(
+        version=f"HTTP/1.{m.group(2).decode()}",
+        status=int(m.group(3)),
+        reason=(m.group(4) or b"").decode("latin-1"),
+        headers=tuple(headers),
+        head_length=pos,
+    )
+
+
+def request_framing(head: RequestHead) -> tuple[Framing, int]:
+    """The framing of the body that follows *head*, and its length if LENGTH.
+
+    The request-head parser has already refused every ambiguous combination
+    (CL with TE, differing CLs, TE not ending in chunked, TE in HTTP/1.0).
+    CONNECT has no body; it becomes a tunnel only on a 2xx answer.
+    """
+    if head.chunked:
+        return Framing.CHUNKED, 0
+    if head.content_length:
+        return Framing.LENGTH, head.content_length
+    return Framing.NONE, 0
+
+
+def _response_content_length(values: list[str]) -> int:
+    if not values or any(
+        not v.isdigit() or not v.isascii() or len(v) > MAX_CL_DIGITS for v in values
+    ):
+        raise FramingError(502, "invalid Content-Length in the response")
+    if len(set(int(v) for v in values)) != 1:
+        raise FramingError(502, "conflicting Content-Length values in the response")
+    return int(values[0])
+
+
+def response_framing(request: RequestHead, response: ResponseHead) -> tuple[Framing, int]:
+    """The framing of the body after *response*, sent for *request* (§6.3)."""
+    status = response.status
+    if 100 <= status < 200:
+        if status == 101:
+            if request.header("upgrade") is None:
+                raise FramingError(502, "101 Switching Protocols without an Upgrade request")
+            return Framing.TUNNEL, 0
+        return Framing.NONE, 0  # interim: the final response head follows
+    if request.method == "CONNECT" and 200 <= status < 300:
+        return Framing.TUNNEL, 0
+    te = response.values("transfer-encoding")
+    cl = response.values("content-length")
+    if te and cl:
+        raise FramingError(502, "both Content-Length and Transfer-Encoding in the response")
+    if request.method == "HEAD" or status in (204, 304):
+        if cl:  # still has to be well-formed: it is forwarded
+            _response_content_length(cl)
+        return Framing.NONE, 0
+    if te:
+        if response.version == "HTTP/1.0":
+            raise FramingError(502, "Transfer-Encoding in an HTTP/1.0 response")
+        if te[-1].lower() == "chunked" and all(c.lower() != "chunked" for c in te[:-1]):
+            return Framing.CHUNKED, 0
+        return Framing.CLOSE, 0
+    if cl:
+        n = _response_content_length(cl)
+        return (Framing.LENGTH, n) if n else (Framing.NONE, 0)
+    return Framing.CLOSE, 0
+
+
+# Chunked states; the compiled twin uses the same values.
+_C_SIZE0: Final = 0  # first hex digit of a chunk size
+_C_SIZE: Final = 1  # more hex digits, BWS, ";" or CR
+_C_BWS: Final = 2  # whitespace after the size: only ";" may follow
+_C_EXT: Final = 3  # inside chunk extensions, until CR
+_C_SIZE_LF: Final = 4  # CR seen, need LF
+_C_DATA: Final = 5  # chunk data: skipped by count
+_C_DATA_CR: Final = 6  # after the data: need CR
+_C_DATA_LF: Final = 7  # ... then LF
+_C_TRAILER: Final = 8  # start of a trailer line, or CR of the final CRLF
+_C_TNAME: Final = 9  # inside a trailer field name, until ":"
+_C_TVALUE: Final = 10  # inside a trailer field value, until CR
+_C_TLF: Final = 11  # CR of a trailer line seen, need LF
+_C_END_LF: Final = 12  # CR of the final empty line seen, need LF
+_C_DONE: Final = 13
+_C_ERROR: Final = 14
+
+# Error codes and reasons, shared with the compiled twin (same numbers).
+E_CHUNK_LINE_LONG: Final = 1
+E_CHUNK_LINE_LF: Final = 2
+E_CHUNK_SIZE_OVERFLOW: Final = 3
+E_CHUNK_SIZE_NOT_HEX: Final = 4
+E_CHUNK_SIZE_BYTE: Final = 5
+E_CHUNK_EXT_CONTROL: Final = 6
+E_CHUNK_SIZE_CR: Final = 7
+E_CHUNK_DATA_CRLF: Final = 8
+E_TRAILERS_LARGE: Final = 9
+E_TRAILER_LF: Final = 10
+E_TRAILER_CR: Final = 11
+E_TRAILER_NO_COLON: Final = 12
+E_TRAILER_MALFORMED: Final = 13
+E_TRAILERS_END_CR: Final = 14
+
+CHUNKED_ERRORS: Final[dict[int, str]] = {
+    E_CHUNK_LINE_LONG: f"chunk-size line longer than {MAX_CHUNK_LINE} bytes",
+    E_CHUNK_LINE_LF: "bare LF in a chunk-size line",
+    E_CHUNK_SIZE_OVERFLOW: "chunk size overflows",
+    E_CHUNK_SIZE_NOT_HEX: "chunk size is not hexadecimal",
+    E_CHUNK_SIZE_BYTE: "invalid byte after the chunk size",
+    E_CHUNK_EXT_CONTROL: "control byte in a chunk extension",
+    E_CHUNK_SIZE_CR: "CR without LF after the chunk size",
+    E_CHUNK_DATA_CRLF: "chunk data not followed by CRLF",
+    E_TRAILERS_LARGE: "trailer section larger than {max_trailers} bytes",
+    E_TRAILER_LF: "bare LF in the trailer section",
+    E_TRAILER_CR: "CR without LF in the trailer section",
+    E_TRAILER_NO_COLON: "trailer line without a colon",
+    E_TRAILER_MALFORMED: "trailer line malformed",
+    E_TRAILERS_END_CR: "CR without LF at the end of the trailers",
+}
+
+
+def chunked_error(code: int, status: int, max_trailers: int) -> FramingError:
+    """The exception for chunked error *code* (shared by both twins)."""
+    return FramingError(status, CHUNKED_ERRORS[code].format(max_trailers=max_trailers))
+
+
+_HEX: Final = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_TCHAR: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+_SP: Final = 0x20
+_HTAB: Final = 0x09
+_COLON: Final = 0x3A
+_SEMI: Final = 0x3B
+
+
+def _field_value_byte(c: int) -> bool:
+    """HTAB, SP, VCHAR or obs-text (RFC 9110 §5.5)."""
+    return c == _HTAB or (_SP <= c <= 0x7E) or c >= 0x80
+
+
+class BodyFramer:
+    """Finds the end of one message body (sans-IO, never copies the body).
+
+    ``feed(data)`` returns how many leading bytes of *data* belong to the
+    body; ``done`` turns True when the body ended inside them (the bytes after
+    belong to the next message). ``blind()`` is how many of the next bytes
+    may pass unseen; ``skip(n)`` accounts for *n* <= ``blind()`` such bytes.
+    A CLOSE or TUNNEL body never ends here: the caller sees EOF.
+    Errors raise :class:`FramingError` with *error_status* (400 or 502),
+    and again on every later call.
+    """
+
+    __slots__ = (
+        "_error",
+        "_line",
+        "_remaining",
+        "_size",
+        "_state",
+        "_trailer_bytes",
+        "error_status",
+        "framing",
+        "max_trailers",
+    )
+
+    def __init__(
+        self,
+        framing: Framing,
+        length: int = 0,
+        error_status: int = 400,
+        max_trailers: int = DEFAULT_MAX_HEAD,
+    ) -> None:
+        if framing == Framing.LENGTH and length < 0:
+            raise ValueError(f"negative length {length}")
+        self.framing = Framing(framing)
+        self.error_status = error_status
+        self.max_trailers = max_trailers
+        self._remaining = length if framing == Framing.LENGTH else 0
+        self._state = _C_SIZE0
+        self._size = 0
+        self._line = 0  # bytes of the current chunk-size line
+        self._trailer_bytes = 0
+        self._error = 0
+
+    @property
+    def done(self) -> bool:
+        if self.framing == Framing.NONE:
+            return True
+        if self.framing == Framing.LENGTH:
+            return self._remaining == 0
+        if self.framing == Framing.CHUNKED:
+            return self._state == _C_DONE
+        return False
+
+    def blind(self) -> int:
+        """Bytes that may be forwarded without being fed (spliced)."""
+        if self.framing == Framing.LENGTH:
+            return self._remaining
+        if self.framing == Framing.CHUNKED and self._state == _C_DATA:
+            return self._remaining
+        if self.framing in (Framing.CLOSE, Framing.TUNNEL):
+            return MAX_CHUNK_SIZE
+        return 0
+
+    def skip(self, n: int) -> None:
+        """Account for *n* bytes forwarded unseen (at most ``blind()``)."""
+        if n < 0 or n > self.blind():
+            raise ValueError(f"skip({n}) beyond blind() = {self.blind()}")
+        if self.framing == Framing.LENGTH or (
+            self.framing == Framing.CHUNKED and self._state == _C_DATA
+        ):
+            self._remaining -= n
+            if self.framing == Framing.CHUNKED and self._remaining == 0:
+                self._state = _C_DATA_CR
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """How many leading bytes of *data* are this body's."""
+        n = len(data)
+        if self.framing == Framing.NONE:
+            return 0
+        if self.framing == Framing.LENGTH:
+            take = n if n < self._remaining else self._remaining
+            self._remaining -= take
+            return take
+        if self.framing != Framing.CHUNKED:
+            return n
+        if self._state != _C_ERROR:
+            i = self._chunked(data, n)
+            if self._state != _C_ERROR:
+                return i
+        raise chunked_error(self._error, self.error_status, self.max_trailers)
+
+    # -- the chunked machine: mirrors chunked() in ext/framing.pyx ----------
+
+    def _chunked(self, data: bytes | bytearray | memoryview, n: int) -> int:
+        """Run the machine over *data*; the bytes consumed (error: _C_ERROR)."""
+        i = 0
+        state = self._state
+        err = 0
+        while i < n and state != _C_DONE:
+            if state == _C_DATA:
+                take = n - i if n - i < self._remaining else self._remaining
+                self._remaining -= take
+                i += take
+                if self._remaining == 0:
+                    state = _C_DATA_CR
+                continue
+            c = data[i]
+            i += 1
+            if state <= _C_SIZE_LF:
+                self._line += 1
+                if self._line > MAX_CHUNK_LINE:
+                    err = E_CHUNK_LINE_LONG
+                elif c == _LF and state != _C_SIZE_LF:
+                    err = E_CHUNK_LINE_LF
+                elif state <= _C_SIZE:
+                    d = _HEX.get(c, -1)
+                    if d >= 0:
+                        self._size = self._size * 16 + d
+                        if self._size > MAX_CHUNK_SIZE:
+                            err = E_CHUNK_SIZE_OVERFLOW
+                        state = _C_SIZE
+                    elif state == _C_SIZE0:
+                        err = E_CHUNK_SIZE_NOT_HEX
+                    elif c == _CR:
+                        state = _C_SIZE_LF
+                    elif c == _SEMI:
+                        state = _C_EXT
+                    elif c in (_SP, _HTAB):
+                        state = _C_BWS
+                    else:
+                        err = E_CHUNK_SIZE_BYTE
+                elif state == _C_BWS:
+                    if c == _SEMI:
+                        state = _C_EXT
+                    elif c not in (_SP, _HTAB):
+                        err = E_CHUNK_SIZE_BYTE
+                elif state == _C_EXT:
+                    if c == _CR:
+                        state = _C_SIZE_LF
+                    elif not _field_value_byte(c):
+                        err = E_CHUNK_EXT_CONTROL
+                elif c != _LF:  # _C_SIZE_LF
+                    err = E_CHUNK_SIZE_CR
+                else:
+                    self._line = 0
+                    if self._size == 0:
+                        state = _C_TRAILER
+                    else:
+                        self._remaining = self._size
+                        self._size = 0
+                        state = _C_DATA
+            elif state == _C_DATA_CR:
+                if c != _CR:
+                    err = E_CHUNK_DATA_CRLF
+                state = _C_DATA_LF
+            elif state == _C_DATA_LF:
+                if c != _LF:
+                    err = E_CHUNK_DATA_CRLF
+                state = _C_SIZE0
+            else:
+                self._trailer_bytes += 1
+                if self._trailer_bytes > self.max_trailers:
+                    err = E_TRAILERS_LARGE
+                elif state == _C_TRAILER:
+                    if c == _CR:
+                        state = _C_END_LF
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif c in _TCHAR:
+                        state = _C_TNAME
+                    else:  # obs-fold, an empty name, a bad byte
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TNAME:
+                    if c == _COLON:
+                        state = _C_TVALUE
+                    elif c == _CR:
+                        err = E_TRAILER_NO_COLON
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif c not in _TCHAR:
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TVALUE:
+                    if c == _CR:
+                        state = _C_TLF
+                    elif c == _LF:
+                        err = E_TRAILER_LF
+                    elif not _field_value_byte(c):
+                        err = E_TRAILER_MALFORMED
+                elif state == _C_TLF:
+                    if c != _LF:
+                        err = E_TRAILER_CR
+                    state = _C_TRAILER
+                else:  # _C_END_LF
+                    if c != _LF:
+                        err = E_TRAILERS_END_CR
+                    state = _C_DONE
+            if err:
+                self._error = err
+                state = _C_ERROR
+                break
+        self._state = state
+        return i

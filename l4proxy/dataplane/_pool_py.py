@@ -1,0 +1,188 @@
+"""Upstream connection pools of one worker, sans-IO; the pure twin.
+
+The per-request relay checks out an upstream connection per request and
+returns it when the exchange is over (:class:`~l4proxy.dataplane._exchange_py.Release`).
+:class:`Pools` decides which idle connection to hand out, which to keep and
+which to close; it never touches a socket. Connections are opaque handles
+(the relay uses fds); endpoints are ``(host, port)`` keys.
+
+Theory of operation
+-------------------
+* One LIFO stack of idle connections per endpoint: the most recently used
+  connection is handed out first (it is the least likely to have been closed
+  by the server's idle timeout), the oldest ones expire.
+* A connection is only ever idle *or* checked out. The relay watches idle
+  connections for readability: an idle connection that turns readable was
+  closed by the server (or sent bytes nobody asked for) and is
+  :meth:`Pools.evict`-ed, never handed out (Envoy hands out a pooled
+  connection only when known idle).
+* Bounds: at most ``max_idle`` idle connections per endpoint (the excess is
+  closed at check-in), ``idle_timeout`` seconds idle (closed by
+  :meth:`Pools.expire`), ``max_requests`` requests per connection (closed
+  at check-in once reached; 0 means unlimited).
+* ``active`` counts checked-out connections per endpoint: the live request
+  count LEAST_CONN and outlier detection read.
+
+Every decision returns the handles the relay must close; counters explain
+them in ``/stats`` and ``/clusters``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = ["PoolOptions", "Pools"]
+
+COUNTERS: Final = (
+    "opened",  # new upstream connections (a checkout that found none idle)
+    "reused",  # checkouts served from the idle stack
+    "returned",  # check-ins kept idle
+    "closed_unreusable",  # check-ins the exchange said not to reuse
+    "closed_max_requests",
+    "closed_overflow",  # over max_idle at check-in
+    "evicted",  # idle connections the server closed (or spoke on)
+    "expired",  # idle longer than idle_timeout
+)
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    max_idle: int = 64  # per endpoint
+    idle_timeout: float = 30.0  # seconds
+    max_requests: int = 0  # per connection; 0: unlimited
+
+    def __post_init__(self) -> None:
+        if self.max_idle < 0 or self.idle_timeout < 0 or self.max_requests < 0:
+            raise ValueError(f"pool options must not be negative: {self}")
+
+
+@dataclass
+class _Idle:
+    handle: Hashable
+    since: float
+    requests: int
+
+
+@dataclass
+class _Endpoint:
+    idle: list[_Idle] = field(default_factory=list)  # a stack: newest last
+    active: int = 0
+
+
+class Pools:
+    """The idle and checked-out upstream connections of one worker."""
+
+    def __init__(self, options: PoolOptions | None = None) -> None:
+        self.options = options or PoolOptions()
+        self._endpoints: dict[Hashable, _Endpoint] = {}
+        self._where: dict[Hashable, Hashable] = {}  # idle handle -> endpoint
+        self._requests: dict[Hashable, int] = {}  # checked-out handle -> requests so far
+        self.counters: collections.Counter[str] = collections.Counter({k: 0 for k in COUNTERS})
+
+    def _ep(self, endpoint: Hashable) -> _Endpoint:
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            ep = self._endpoints[endpoint] = _Endpoint()
+        return ep
+
+    def checkout(self, endpoint: Hashable) -> Hashable | None:
+        """An idle connection to *endpoint*, or None: open one, then opened()."""
+        ep = self._ep(endpoint)
+        if not ep.idle:
+            return None
+        idle = ep.idle.pop()
+        del self._where[idle.handle]
+        self._requests[idle.handle] = idle.requests
+        ep.active += 1
+        self.counters["reused"] += 1
+        return idle.handle
+
+    def opened(self, endpoint: Hashable, handle: Hashable) -> None:
+        """A new connection to *endpoint* is checked out as *handle*."""
+        if handle in self._requests or handle in self._where:
+            raise ValueError(f"handle {handle!r} is already pooled")
+        self._requests[handle] = 0
+        self._ep(endpoint).active += 1
+        self.counters["opened"] += 1
+
+    def checkin(
+        self, endpoint: Hashable, handle: Hashable, reusable: bool, now: float
+    ) -> list[Hashable]:
+        """The exchange on *handle* is over; the handles to close."""
+        requests = self._requests.pop(handle) + 1
+        ep = self._ep(endpoint)
+        ep.active -= 1
+        o = self.options
+        if not reusable:
+            self.counters["closed_unreusable"] += 1
+        elif o.max_requests and requests >= o.max_requests:
+            self.counters["closed_max_requests"] += 1
+        elif len(ep.idle) >= o.max_idle:
+            self.counters["closed_overflow"] += 1
+        else:
+            ep.idle.append(_Idle(handle, now, requests))
+            self._where[handle] = endpoint
+            self.counters["returned"] += 1
+            return []
+        return [handle]
+
+    def discard(self, endpoint: Hashable, handle: Hashable) -> None:
+        """A checked-out connection failed (connect error, reset): forget it."""
+        self._requests.pop(handle)
+        self._ep(endpoint).active -= 1
+
+    def evict(self, handle: Hashable) -> bool:
+        """An idle connection became readable (closed by the server): drop it.
+
+        Returns whether it was idle here (the relay then closes it).
+        """
+        endpoint = self._where.pop(handle, None)
+        if endpoint is None:
+            return False
+        ep = self._endpoints[endpoint]
+        ep.idle = [i for i in ep.idle if i.handle != handle]
+        self.counters["evicted"] += 1
+        return True
+
+    def expire(self, now: float) -> list[Hashable]:
+        """Idle connections older than ``idle_timeout``: the handles to close."""
+        limit = now - self.options.idle_timeout
+        out: list[Hashable] = []
+        for ep in self._endpoints.values():
+            if ep.idle and ep.idle[0].since <= limit:
+                keep = [i for i in ep.idle if i.since > limit]
+                out += [i.handle for i in ep.idle if i.since <= limit]
+                ep.idle = keep
+        for h in out:
+            del self._where[h]
+        self.counters["expired"] += len(out)
+        return out
+
+    def remove_endpoint(self, endpoint: Hashable) -> list[Hashable]:
+        """*endpoint* left the table: its idle connections, to close."""
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            return []
+        out = [i.handle for i in ep.idle]
+        ep.idle = []
+        for h in out:
+            del self._where[h]
+        if not ep.active:
+            del self._endpoints[endpoint]
+        return out
+
+    def active(self, endpoint: Hashable) -> int:
+        """Requests in flight to *endpoint* (LEAST_CONN's count)."""
+        ep = self._endpoints.get(endpoint)
+        return ep.active if ep else 0
+
+    def idle(self, endpoint: Hashable) -> int:
+        ep = self._endpoints.get(endpoint)
+        return len(ep.idle) if ep else 0
+
+    def snapshot(self) -> dict[Hashable, tuple[int, int]]:
+        """``{endpoint: (active, idle)}`` for /clusters."""
+        return {k: (v.active, len(v.idle)) for k, v in self._endpoints.items()}

@@ -1,0 +1,646 @@
+"""The per-request HTTP/1.1 relay, pure Python: I/O shell around Exchange and Pools.
+
+Theory of operation
+===================
+A :class:`HttpRelay` owns one daemon thread running a level-triggered
+``select.epoll`` loop, like the L4 pump (``l4proxy/dataplane/_pump_py.py``): the
+worker's event loop never sees a relayed socket. The worker hands over a
+client connection whose original destination is an HTTP port with
+:meth:`HttpRelay.add`; from then on this thread owns its fd.
+
+Per client connection an :class:`~l4proxy.dataplane._exchange_py.Exchange` says what
+to do; this module only performs it:
+
+* :class:`Route`: ask the ``decide`` callback (the route table, the weighted
+  draw, the endpoint choice: Python decides) for the head, with the table
+  generation current at that moment; check out an idle upstream connection
+  to the first candidate endpoint from :class:`~l4proxy.dataplane._pool_py.Pools`, or
+  connect one (non-blocking; a failed connect tries the next candidate and
+  is reported for outlier detection); no candidate left: 503.
+* bytes to a side are sent at once; what the kernel does not take is held
+  (one buffer per side) and the other side is not read until it drains.
+* :class:`Release`: the upstream goes back to its pool (watched for
+  readability: a server that closes an idle connection gets it evicted) or
+  is closed.
+* :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
+  the sockets to the ``l4`` callback (the L4 pump), with what is held.
+* :class:`Close`: after the held bytes are sent, ``shutdown(SHUT_WR)`` and a
+  short lingering read, so a client still sending does not turn our answer
+  into a RST.
+
+Timers (checked every ``_TICK`` seconds): an incomplete request head older
+than ``header_timeout`` gets 408; a connection idle for ``idle_timeout``
+is closed; idle pooled connections expire after the pool's idle timeout.
+
+Ownership of file descriptors: a socket belongs to exactly one of: the
+hand-off queue, a client connection, a checked-out upstream, the pool's idle
+set, or (after a tunnel) the L4 callback. Every path that drops one closes
+it exactly once (``_close_client``, ``_drop_upstream``).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+from l4proxy.dataplane._exchange_py import (
+    Action,
+    Client,
+    Close,
+    Done,
+    Exchange,
+    NotHTTPConnection,
+    Phase,
+    Release,
+    Retry,
+    Route,
+    Tunnel,
+    Upstream,
+)
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import PoolOptions, Pools
+
+__all__ = ["Decision", "HttpRelay"]
+
+_EPOLLIN: Final = select.EPOLLIN
+_EPOLLOUT: Final = select.EPOLLOUT
+_EPOLLERR: Final = select.EPOLLERR
+_EPOLLHUP: Final = select.EPOLLHUP
+_SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_LINGER0: Final = struct.pack("ii", 1, 0)
+_READ: Final = 65536
+_TICK: Final = 0.25
+_LINGER_S: Final = 2.0
+
+Endpoint = tuple[str, int]
+
+
+class Decision(NamedTuple):
+    """What ``decide`` answers for one request head.
+
+    ``endpoints``: candidates in order (the relay tries each once); empty
+    with ``local`` set: answer locally with ``(status, body)``. ``tag`` is
+    passed back in reports (service and subset, for the metrics).
+    """
+
+    endpoints: tuple[Endpoint, ...] = ()
+    local: tuple[int, str] | None = None
+    tag: Any = None
+
+
+@dataclass(eq=False)
+class _Up:
+    sock: socket.socket
+    endpoint: Endpoint
+    out: bytearray = field(default_factory=bytearray)
+    connecting: bool = False
+    reused: bool = False
+    owner: _Conn | None = None  # None while idle in the pool
+    mask: int = 0
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    origin: Any
+    ex: Exchange
+    last_active: float
+    head_started: float | None = None  # first byte of a pending head
+    out: bytearray = field(default_factory=bytearray)
+    up: _Up | None = None
+    candidates: list[Endpoint] = field(default_factory=list)
+    decision: Decision | None = None
+    started: float = 0.0  # when the current head completed
+    closing: float = 0.0  # lingering-close deadline, 0: not closing
+    mask: int = 0
+    fd: int = -1
+
+
+class HttpRelay:
+    """Per-request HTTP/1.1 relay on a background epoll thread (pure twin)."""
+
+    def __init__(
+        self,
+        decide: Callable[[RequestHead, Any], Decision],
+        l4: Callable[[socket.socket, socket.socket | None, bytes, bytes, Any], None],
+        pool: PoolOptions | None = None,
+        connect_timeout: float = 5.0,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        report: Callable[[Any, int, float], None] | None = None,
+        connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
+        connect_ok: Callable[[Endpoint, Any], None] | None = None,
+    ) -> None:
+        self.decide = decide
+        self.l4 = l4
+        self.pools = Pools(pool)
+        self.connect_timeout = connect_timeout
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.report = report
+        self.connect_failed = connect_failed
+        self.connect_ok = connect_ok
+        self.ep = select.epoll()
+        self._lock = threading.Lock()
+        self._queue: list[tuple[socket.socket, Any, bytes]] = []
+        self._stop = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.ep.register(self._wake_r.fileno(), _EPOLLIN)
+        self._conns: dict[int, _Conn] = {}
+        self._ups: dict[int, _Up] = {}  # every upstream fd: checked out or idle
+        self._idle: dict[int, _Up] = {}
+        self._deadlines: dict[int, float] = {}  # connecting upstream fd -> deadline
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("connections", "requests", "local_answers", "connect_errors", "timeouts", "errors"),
+            0,
+        )
+        self._thread = threading.Thread(target=self._run, name="l4proxy-relay", daemon=True)
+
+    # -- the worker's side --------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, sock: socket.socket, origin: Any, data: bytes = b"") -> None:
+        """Take *sock* (an accepted client); *data*: bytes already read from it.
+
+        *origin* (where the client was going) is passed back to ``decide``
+        and ``l4`` as it is.
+        """
+        with self._lock:
+            self._queue.append((sock, origin, data))
+        self._wake()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def active(self) -> int:
+        """Client connections owned (queued or relayed); any thread may ask."""
+        with self._lock:
+            queued = len(self._queue)
+        return queued + len(self._conns)
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        out.update({f"pool_{k}": v for k, v in self.pools.counters.items()})
+        out["active"] = len(self._conns)
+        out["pool_idle"] = len(self._idle)
+        return out
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x", socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # full: the loop is awake anyway
+
+    # -- the loop -------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + _TICK
+        while True:
+            try:
+                events = self.ep.poll(max(0.0, next_tick - time.monotonic()), 256)
+                now = time.monotonic()
+                for fd, ev in events:
+                    if fd == self._wake_r.fileno():
+                        if self._take_queue(now):
+                            self._shutdown()
+                            return
+                    else:
+                        self._on_event(fd, ev, now)
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + _TICK
+            except Exception:  # the thread must not die: count and go on
+                self.counters["errors"] += 1
+
+    def _take_queue(self, now: float) -> bool:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            queue, self._queue = self._queue, []
+            stop = self._stop
+        for sock, origin, data in queue:
+            if stop:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:  # small answers go out at once (no Nagle delay behind a head)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a test's socketpair)
+            c = _Conn(sock, origin, Exchange(), now, fd=sock.fileno())
+            self._conns[c.fd] = c
+            self.counters["connections"] += 1
+            self._interest(c)
+            if data:
+                c.head_started = now
+                self._perform(c, c.ex.client_data(data), now)
+        return stop
+
+    def _shutdown(self) -> None:
+        for c in list(self._conns.values()):
+            self._close_client(c, reset=True)
+        for up in list(self._ups.values()):
+            self._drop_upstream(up)
+        self.ep.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _on_event(self, fd: int, ev: int, now: float) -> None:
+        c = self._conns.get(fd)
+        if c is not None:
+            try:
+                self._client_event(c, ev, now)
+            except OSError:
+                self._abort(c)
+            return
+        up = self._ups.get(fd)
+        if up is None:
+            return  # closed earlier in this batch
+        if up.owner is None:  # idle in the pool: the server closed it, or spoke
+            self.pools.evict(fd)
+            self._drop_upstream(up)
+            return
+        owner = up.owner
+        try:
+            self._upstream_event(owner, up, ev, now)
+        except OSError:
+            self._abort(owner)
+
+    def _client_event(self, c: _Conn, ev: int, now: float) -> None:
+        if ev & _EPOLLOUT and c.out:
+            self._flush_client(c)
+        if c.closing:
+            if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
+                try:
+                    if not c.sock.recv(_READ):
+                        self._close_client(c)
+                        return
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._close_client(c)
+                    return
+            self._interest(c)
+            return
+        if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and self._reading_client(c):
+            data = c.sock.recv(_READ)
+            c.last_active = now
+            if not data:
+                self._perform(c, c.ex.client_eof(), now)
+            else:
+                if c.ex.phase == Phase.HEAD and c.head_started is None:
+                    c.head_started = now
+                self._perform(c, c.ex.client_data(data), now)
+        elif ev & (_EPOLLHUP | _EPOLLERR) and not c.out:
+            self._abort(c)  # gone while we waited for its upstream
+            return
+        if c.fd in self._conns:
+            self._interest(c)
+
+    def _upstream_event(self, c: _Conn, up: _Up, ev: int, now: float) -> None:
+        if up.connecting:
+            if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
+                return
+            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._deadlines.pop(up.fd, None)
+            if err:
+                self._connect_error(c, up, now)
+                return
+            up.connecting = False
+            self.pools.opened(up.endpoint, up.fd)
+            if self.connect_ok is not None:
+                self.connect_ok(up.endpoint, c.decision.tag if c.decision else None)
+            self._perform(c, c.ex.routed(False), now)
+            if c.fd in self._conns and c.up is up:
+                self._interest_up(up)
+            return
+        if ev & _EPOLLOUT and up.out:
+            self._flush_up(up)
+        if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not c.out:
+            try:
+                data = up.sock.recv(_READ)
+            except ConnectionError:
+                data = b""
+            c.last_active = now
+            if data:
+                self._perform(c, c.ex.upstream_data(data), now)
+            else:
+                self._perform(c, c.ex.upstream_eof(), now)
+        if c.fd in self._conns:
+            self._interest(c)
+            if c.up is up:
+                self._interest_up(up)
+
+    def _reading_client(self, c: _Conn) -> bool:
+        return not c.out and c.ex.wants_client_data
+
+    # -- actions ----------------------------------------------------------------
+
+    def _perform(self, c: _Conn, actions: list[Action], now: float) -> None:
+        for a in actions:
+            if c.fd not in self._conns:
+                return  # handed off or closed by an earlier action
+            if isinstance(a, Route):
+                self._route(c, a.head, now)
+            elif isinstance(a, Upstream):
+                # Held and sent once per batch of actions: a head and its body
+                # bytes go out in one segment (one send, no Nagle stall).
+                assert c.up is not None
+                c.up.out += a.data
+            elif isinstance(a, Client):
+                c.out += a.data
+            elif isinstance(a, Release):
+                if c.up is not None and not c.up.connecting:
+                    self._flush_up(c.up)
+                self._release(c, a.reusable, now)
+            elif isinstance(a, Retry):
+                endpoint = c.up.endpoint if c.up else c.candidates[0]
+                c.up = None
+                self._connect(c, endpoint, now)
+            elif isinstance(a, Done):
+                self.counters["requests"] += 1
+                if a.local:
+                    self.counters["local_answers"] += 1
+                if self.report is not None:
+                    tag = c.decision.tag if c.decision else None
+                    self.report(tag, a.status, now - c.started)
+            elif isinstance(a, Tunnel | NotHTTPConnection):
+                self._hand_off(c, a)
+            elif isinstance(a, Close):
+                self._start_close(c, now)
+        if c.fd in self._conns:
+            if c.up is not None and c.up.owner is c and not c.up.connecting and c.up.out:
+                self._flush_up(c.up)
+            if c.out:
+                self._flush_client(c)
+        if c.fd in self._conns:
+            self._interest(c)
+            if c.up is not None and c.up.owner is c and not c.up.connecting:
+                self._interest_up(c.up)
+
+    def _route(self, c: _Conn, head: RequestHead, now: float) -> None:
+        c.head_started = None
+        c.started = now
+        try:
+            d = self.decide(head, c.origin)
+        except Exception:
+            self.counters["errors"] += 1
+            d = Decision(local=(503, "no healthy upstream"))
+        c.decision = d
+        if d.local is not None or not d.endpoints:
+            status, body = d.local or (503, "no healthy upstream")
+            self._perform(c, c.ex.refuse(status, body), now)
+            return
+        c.candidates = list(d.endpoints)
+        endpoint = c.candidates[0]
+        handle = self.pools.checkout(endpoint)
+        if handle is not None:
+            up = self._idle.pop(int(handle))  # type: ignore[call-overload]
+            up.owner = c
+            up.reused = True
+            c.up = up
+            self._perform(c, c.ex.routed(True), now)
+            return
+        self._connect(c, endpoint, now)
+
+    def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
+        family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up = _Up(sock, endpoint, connecting=True, owner=c)
+        self._ups[up.fd] = up
+        c.up = up
+        if not _numeric(endpoint[0]):
+            # A DNS endpoint before its first answer: a getaddrinfo() here
+            # would block every connection of this thread.
+            self._connect_error(c, up, now, "not resolved yet")
+            return
+        try:
+            sock.connect(endpoint)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._connect_error(c, up, now, exc.strerror or str(exc))
+            return
+        self._deadlines[up.fd] = now + self.connect_timeout
+        self.ep.register(up.fd, _EPOLLOUT)
+        up.mask = _EPOLLOUT
+
+    def _connect_error(self, c: _Conn, up: _Up, now: float, why: str = "") -> None:
+        self.counters["connect_errors"] += 1
+        endpoint = up.endpoint
+        if not why:
+            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            why = os.strerror(err) if err else "connect timeout"
+        self._deadlines.pop(up.fd, None)
+        self._drop_upstream(up)
+        c.up = None
+        if self.connect_failed is not None:
+            self.connect_failed(endpoint, c.decision.tag if c.decision else None, why)
+        if endpoint in c.candidates:
+            c.candidates.remove(endpoint)
+        if c.ex.phase == Phase.ROUTING and c.candidates:
+            self._connect(c, c.candidates[0], now)
+        elif c.ex.phase == Phase.ROUTING:
+            self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
+        else:  # a retry's connect failed: the request is lost
+            self._perform(c, c.ex.upstream_eof(), now)
+
+    def _release(self, c: _Conn, reusable: bool, now: float) -> None:
+        up = c.up
+        c.up = None
+        if up is None:
+            return
+        if up.connecting:
+            self._drop_upstream(up)
+            return
+        closing = self.pools.checkin(up.endpoint, up.fd, reusable and not up.out, now)
+        if closing:
+            self._drop_upstream(up)
+            return
+        up.owner = None
+        self._idle[up.fd] = up
+        self._set_mask(up.fd, up, _EPOLLIN)  # readable while idle: evict
+
+    def _hand_off(self, c: _Conn, a: Tunnel | NotHTTPConnection) -> None:
+        up = c.up
+        self._forget_client(c)
+        to_up = b""
+        if up is not None:
+            self.pools.discard(up.endpoint, up.fd)
+            self._forget_upstream(up)
+            to_up = bytes(up.out)
+        data = a.data if isinstance(a, NotHTTPConnection) else b""
+        self.l4(c.sock, up.sock if up else None, bytes(c.out), to_up or data, c.origin)
+
+    def _start_close(self, c: _Conn, now: float) -> None:
+        if c.up is not None:
+            self._release(c, False, now)
+        c.closing = now + _LINGER_S
+        if not c.out:
+            self._linger(c)
+
+    def _linger(self, c: _Conn) -> None:
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_client(c)
+
+    # -- sending ---------------------------------------------------------------
+
+    def _flush_client(self, c: _Conn) -> None:
+        while c.out:
+            try:
+                n = c.sock.send(c.out, _SEND_FLAGS)
+            except BlockingIOError:
+                return
+            del c.out[:n]
+        if c.closing:
+            self._linger(c)
+
+    def _flush_up(self, up: _Up) -> None:
+        while up.out:
+            try:
+                n = up.sock.send(up.out, _SEND_FLAGS)
+            except BlockingIOError:
+                return
+            del up.out[:n]
+
+    # -- epoll interest ----------------------------------------------------------
+
+    def _interest(self, c: _Conn) -> None:
+        want = 0
+        if c.out:
+            want |= _EPOLLOUT
+        if c.closing or self._reading_client(c):
+            want |= _EPOLLIN
+        self._set_mask(c.fd, c, want)
+
+    def _interest_up(self, up: _Up) -> None:
+        c = up.owner
+        want = 0
+        if up.out:
+            want |= _EPOLLOUT
+        if c is not None and not c.out:
+            want |= _EPOLLIN
+        self._set_mask(up.fd, up, want)
+
+    def _set_mask(self, fd: int, obj: _Conn | _Up, want: int) -> None:
+        if obj.mask == want:
+            return
+        if obj.mask == 0 and want:
+            try:
+                self.ep.register(fd, want)
+            except FileExistsError:
+                self.ep.modify(fd, want)
+        elif want:
+            self.ep.modify(fd, want)
+        else:
+            # EPOLLHUP ignores the mask: a registered fd with nothing wanted
+            # would wake us for ever once its peer hangs up.
+            self.ep.unregister(fd)
+        obj.mask = want
+
+    # -- closing -------------------------------------------------------------------
+
+    def _forget_client(self, c: _Conn) -> None:
+        self._conns.pop(c.fd, None)
+        if c.mask:
+            self.ep.unregister(c.fd)
+            c.mask = 0
+
+    def _forget_upstream(self, up: _Up) -> None:
+        self._ups.pop(up.fd, None)
+        self._idle.pop(up.fd, None)
+        self._deadlines.pop(up.fd, None)
+        if up.mask:
+            self.ep.unregister(up.fd)
+            up.mask = 0
+
+    def _drop_upstream(self, up: _Up) -> None:
+        if up.owner is not None and not up.connecting and up.fd in self._ups:
+            self.pools.discard(up.endpoint, up.fd)
+        self._forget_upstream(up)
+        up.owner = None
+        up.sock.close()
+
+    def _close_client(self, c: _Conn, reset: bool = False) -> None:
+        if c.up is not None:
+            up, c.up = c.up, None
+            self._drop_upstream(up)
+        self._forget_client(c)
+        if reset:
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            except OSError:
+                pass
+        c.sock.close()
+
+    def _abort(self, c: _Conn) -> None:
+        self.counters["errors"] += 1
+        self._close_client(c, reset=True)
+
+    def _tick(self, now: float) -> None:
+        for fd, deadline in list(self._deadlines.items()):
+            up = self._ups.get(fd)
+            if deadline <= now and up is not None and up.owner is not None:
+                self.counters["timeouts"] += 1
+                self._connect_error(up.owner, up, now)
+        for c in list(self._conns.values()):
+            if c.closing:
+                if c.closing <= now:
+                    self._close_client(c)
+            elif c.head_started is not None and c.head_started + self.header_timeout <= now:
+                self.counters["timeouts"] += 1
+                c.head_started = None
+                c.ex.phase = Phase.CLOSED
+                c.out += _timeout_answer()
+                self._start_close(c, now)
+                self._flush_client(c)
+                if c.fd in self._conns:
+                    self._interest(c)
+            elif c.last_active + self.idle_timeout <= now and c.ex.phase == Phase.HEAD:
+                self.counters["timeouts"] += 1
+                self._close_client(c)
+        for handle in self.pools.expire(now):
+            up = self._idle.get(int(handle))  # type: ignore[call-overload]
+            if up is not None:
+                self._drop_upstream(up)
+
+
+def _timeout_answer() -> bytes:
+    from l4proxy.dataplane._exchange_py import local_response
+
+    return local_response(408, "request head not received in time")
+
+
+def _numeric(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False

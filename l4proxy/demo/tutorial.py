@@ -1,0 +1,752 @@
+"""``l4proxy demo``: Istio's request-routing tutorial, on one machine.
+
+Theory of operation
+-------------------
+The tutorial (bootcamp v1 ×2 and v2 ×1 behind Service ``bootcamp:8080``, an
+Ingress for ``/bootcamp``, three RouteRules applied in turn) needs a cluster
+with Istio. Here every pod is a network namespace on one bridge
+(:mod:`l4proxy.demo.podnet`):
+
+* one pod per replica of each Deployment, labelled from its pod template,
+  running :mod:`l4proxy.demo.bootcamp` (answers like the real image) behind its own
+  inbound sidecar (``l4proxy-init`` + ``l4proxy run`` as uid 1337);
+* a client pod with ``l4proxy-init -p 15001 -u 1337`` and ``l4proxy run``, and
+  an /etc/hosts that resolves ``bootcamp`` to the Service VIP (198.19.0.0/16),
+  which exists only as a REDIRECT target, as a ClusterIP does;
+* a gateway pod running ``l4proxy run --listen 0.0.0.0:80`` that routes by
+  the Ingress.
+
+The Service and Deployments become a ServiceEntry (the rule file's service
+registry, as a control plane would write it) next to the Ingress and the
+current RouteRule in a rules directory that both sidecars watch. Each step
+swaps the RouteRule file, waits until both sidecars serve the new
+generation, and makes requests with real curl as uid 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from l4proxy.demo.bootcamp import tally
+from l4proxy.demo.podnet import Pod, PodNetwork, PodNetworkError, namespace_exists
+
+PREFIX = "l4demo"
+STATE_DIR = "/run/l4proxy-demo"
+VIP_BASE = "198.19.0."
+TUTORIAL_ORDER = ["all-v1", "50-v2", "all-v2"]
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+# The l4proxy package's directory (this module is l4proxy/demo/tutorial.py).
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MANIFESTS = os.path.join(os.path.dirname(HERE), "deploy", "examples", "bootcamp")
+# ``--api gateway``: the same steps as HTTPRoutes (httproute-STEP.yaml), the
+# gateway as a Gateway, and httproute-base.yaml for "no-rule" and "delete".
+GATEWAY_API_MANIFESTS = os.path.join(os.path.dirname(HERE), "deploy", "examples", "gateway-api")
+BASE_STEP = "base"
+
+
+class DemoError(Exception):
+    pass
+
+
+# -- manifests ----------------------------------------------------------------
+@dataclass
+class Deployment:
+    name: str
+    replicas: int
+    labels: dict[str, str]
+    port: int
+
+
+@dataclass
+class ServiceDef:
+    name: str
+    port: int
+    port_name: str
+    target_port: int
+    selector: dict[str, str]
+
+
+@dataclass
+class Manifests:
+    directory: str
+    deployments: list[Deployment] = field(default_factory=list)
+    services: list[ServiceDef] = field(default_factory=list)
+    ingress_docs: list[str] = field(default_factory=list)
+    ingress_paths: list[tuple[str, str]] = field(default_factory=list)  # (path, service)
+    rules: dict[str, tuple[str, str]] = field(default_factory=dict)  # step -> (file, text)
+    gateway_docs: list[str] = field(default_factory=list)  # Gateway API Gateways
+    # HTTPRoute "no traffic shifting" (file, text): installed where a RouteRule is deleted
+    base_rule: tuple[str, str] | None = None
+
+
+def _step_name(filename: str) -> str:
+    base = os.path.splitext(os.path.basename(filename))[0]
+    m = re.search(r"(?:route-rule|httproute)-(.+)$", base)
+    return m.group(1) if m else base
+
+
+def read_manifests(directory: str) -> Manifests:
+    """Read the tutorial's objects from a directory of Kubernetes/Istio YAML."""
+    if not os.path.isdir(directory):
+        raise DemoError(f"manifest directory {directory} does not exist")
+    man = Manifests(directory=directory)
+    files = sorted(f for f in os.listdir(directory) if f.endswith((".yaml", ".yml")))
+    for fname in files:
+        path = os.path.join(directory, fname)
+        with open(path) as f:
+            text = f.read()
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        except yaml.YAMLError as exc:
+            raise DemoError(f"{path}: {exc}") from exc
+        for doc in docs:
+            kind = doc.get("kind")
+            meta = doc.get("metadata") or {}
+            spec = doc.get("spec") or {}
+            if kind == "Deployment":
+                tmpl = spec.get("template") or {}
+                labels = (tmpl.get("metadata") or {}).get("labels") or {}
+                containers = (tmpl.get("spec") or {}).get("containers") or [{}]
+                ports = containers[0].get("ports") or [{"containerPort": 8080}]
+                man.deployments.append(
+                    Deployment(
+                        name=meta["name"],
+                        replicas=int(spec.get("replicas", 1)),
+                        labels={str(k): str(v) for k, v in labels.items()},
+                        port=int(ports[0]["containerPort"]),
+                    )
+                )
+            elif kind == "Service":
+                port = (spec.get("ports") or [{}])[0]
+                man.services.append(
+                    ServiceDef(
+                        name=meta["name"],
+                        port=int(port.get("port", 80)),
+                        port_name=str(port.get("name", "")),
+                        target_port=int(port.get("targetPort", port.get("port", 80))),
+                        selector={str(k): str(v) for k, v in (spec.get("selector") or {}).items()},
+                    )
+                )
+            elif kind == "Ingress":
+                man.ingress_docs.append(yaml.safe_dump(doc, sort_keys=False))
+                for rule in spec.get("rules") or []:
+                    for p in (rule.get("http") or {}).get("paths") or []:
+                        backend = p.get("backend") or {}
+                        svc = backend.get("serviceName") or (backend.get("service") or {}).get(
+                            "name", ""
+                        )
+                        man.ingress_paths.append((str(p.get("path", "/")), str(svc)))
+            elif kind == "RouteRule":
+                man.rules[_step_name(fname)] = (fname, text)
+            elif kind == "Gateway":
+                man.gateway_docs.append(yaml.safe_dump(doc, sort_keys=False))
+            elif kind == "HTTPRoute":
+                step = _step_name(fname)
+                if step == BASE_STEP:
+                    man.base_rule = (fname, text)
+                    for rule in spec.get("rules") or []:
+                        for m in rule.get("matches") or []:
+                            value = (m.get("path") or {}).get("value")
+                            if value and not man.ingress_paths:
+                                man.ingress_paths.append((str(value), ""))
+                else:
+                    man.rules[step] = (fname, text)
+    if not man.deployments or not man.services:
+        raise DemoError(f"{directory}: needs at least one Deployment and one Service")
+    return man
+
+
+def steps_of(man: Manifests) -> list[str]:
+    named = [s for s in TUTORIAL_ORDER if s in man.rules]
+    others = sorted(s for s in man.rules if s not in TUTORIAL_ORDER)
+    return ["no-rule", *named, *others, "delete"]
+
+
+# -- the topology -------------------------------------------------------------
+# The demo's sidecars stop with their pods (down(), Ctrl-C): no app outlives
+# them, so the drain does not wait for one to go quiet (l4proxy run --drain-quiet).
+QUICK_STOP = ("--drain-quiet", "0")
+
+
+def _exe(name: str) -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-m", name.replace("-", "_")]
+
+
+@dataclass
+class PodInfo:
+    pod: Pod
+    version: str = ""
+
+
+class Tutorial:
+    def __init__(
+        self, man: Manifests, requests: int = 100, out: Any = sys.stdout, seed: int | None = None
+    ) -> None:
+        self.man = man
+        self.requests = requests
+        # --seed for the client and gateway sidecars: their weighted splits repeat.
+        self.seed_args = [] if seed is None else ["--seed", str(seed)]
+        self.out = out
+        self.net = PodNetwork(prefix=PREFIX)
+        self.rules_dir = tempfile.mkdtemp(prefix="l4proxy-demo-rules-")
+        os.chmod(self.rules_dir, 0o755)
+        self.log_dir = tempfile.mkdtemp(prefix="l4proxy-demo-logs-")
+        os.chmod(self.log_dir, 0o755)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.app_pods: list[PodInfo] = []
+        self.client: Pod | None = None
+        self.gateway: Pod | None = None
+        self.vips: dict[str, str] = {}
+
+    # -- lifecycle -------------------------------------------------------
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def up(self) -> None:
+        self.net.open()
+        svc = self.man.services[0]
+        for i, s in enumerate(self.man.services):
+            self.vips[s.name] = f"{VIP_BASE}{10 + i}"
+        # Application pods, each with its inbound sidecar.
+        for dep in self.man.deployments:
+            for r in range(dep.replicas):
+                pod = self.net.add_pod(f"{dep.name}-{r}", labels=dep.labels)
+                self.app_pods.append(PodInfo(pod, dep.labels.get("version", "")))
+                self._init(pod)
+                self._spawn(
+                    pod,
+                    [
+                        sys.executable,
+                        "-m",
+                        "l4proxy.demo.bootcamp",
+                        "--port",
+                        str(dep.port),
+                        "--pod",
+                        pod.name,
+                        "--version",
+                        dep.labels.get("version", "v1").lstrip("v"),
+                    ],
+                    f"{pod.name}.app",
+                    user=1000,
+                )
+                sidecar = [*_exe("l4proxy"), "run", "--uid", "1337", *QUICK_STOP]
+                self._spawn(pod, sidecar, f"{pod.name}.sidecar")
+        self._write_registry(self.man.services)
+        for doc_i, doc in enumerate(self.man.ingress_docs):
+            self._write(f"ingress-{doc_i}.yaml", doc)
+        for doc_i, doc in enumerate(self.man.gateway_docs):
+            self._write(f"gateway-{doc_i}.yaml", doc)
+        if self.man.base_rule is not None:
+            self._write("route-rule.yaml", self.man.base_rule[1])
+        # The client pod: what the tutorial's curl runs in.
+        self.client = self.net.add_pod("client", labels={"app": "client"})
+        hosts = {
+            vip: [name, f"{name}.default", f"{name}.default.svc.cluster.local"]
+            for name, vip in self.vips.items()
+        }
+        self.client.set_hosts(hosts)
+        self._init(self.client)
+        self._spawn(
+            self.client,
+            [
+                *_exe("l4proxy"),
+                "run",
+                "--rules",
+                self.rules_dir,
+                "--uid",
+                "1337",
+                "--reload-interval",
+                "0.2",
+                *QUICK_STOP,
+                *self.seed_args,
+            ],
+            "client.sidecar",
+        )
+        # The ingress gateway.
+        self.gateway = self.net.add_pod("gateway", labels={"app": "ingressgateway"})
+        self._spawn(
+            self.gateway,
+            [
+                *_exe("l4proxy"),
+                "run",
+                "--rules",
+                self.rules_dir,
+                "--no-transparent",
+                "--listen",
+                "0.0.0.0:80",
+                "--uid",
+                "1337",
+                "--reload-interval",
+                "0.2",
+                *QUICK_STOP,
+                *self.seed_args,
+            ],
+            "gateway.sidecar",
+        )
+        for info in self.app_pods:
+            info.pod.wait_listening(svc.target_port)
+        self.client.wait_listening(15001)
+        self.gateway.wait_listening(80)
+        for pod in (self.client, self.gateway):
+            self._wait_ready(pod)
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.net.close()
+        shutil.rmtree(self.rules_dir, ignore_errors=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    # -- helpers ---------------------------------------------------------
+    def _init(self, pod: Pod) -> None:
+        r = subprocess.run(
+            [*_exe("l4proxy-init"), "--netns", pod.netns, "-p", "15001", "-u", "1337"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise DemoError(f"l4proxy-init in {pod.name} failed: {r.stderr.strip()}")
+
+    def _spawn(self, pod: Pod, argv: list[str], logname: str, user: int | None = None) -> None:
+        with open(os.path.join(self.log_dir, logname + ".log"), "ab") as log:
+            self.procs.append(
+                pod.popen(
+                    argv, user=user, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = os.path.join(self.rules_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(self.rules_dir, name))
+
+    def _write_registry(self, services: list[ServiceDef]) -> None:
+        """One ServiceEntry per Service that selects pods (bootcamp; with the
+        Gateway API also bootcamp-v1 and bootcamp-v2, the backends)."""
+        entries = [e for e in (self._service_entry(s) for s in services) if e is not None]
+        self._write("registry.yaml", yaml.safe_dump_all(entries, sort_keys=False))
+
+    def _service_entry(self, svc: ServiceDef) -> dict[str, Any] | None:
+        endpoints = [
+            {
+                "address": info.pod.ipv4,
+                "ports": {svc.port_name or "tcp": svc.target_port},
+                "labels": info.pod.labels,
+            }
+            for info in self.app_pods
+            if all(info.pod.labels.get(k) == v for k, v in svc.selector.items())
+        ]
+        if not endpoints:
+            return None
+        protocol = "HTTP" if svc.port_name == "http" or svc.port_name.startswith("http-") else "TCP"
+        entry = {
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "ServiceEntry",
+            "metadata": {"name": svc.name},
+            "spec": {
+                "hosts": [f"{svc.name}.default.svc.cluster.local"],
+                "addresses": [self.vips[svc.name]],
+                "ports": [
+                    {"number": svc.port, "name": svc.port_name or "tcp", "protocol": protocol}
+                ],
+                "resolution": "STATIC",
+                "endpoints": endpoints,
+            },
+        }
+        return entry
+
+    def _admin(self, pod: Pod, path: str) -> str:
+        r = pod.run(["curl", "-s", "--max-time", "2", f"http://127.0.0.1:15000{path}"], check=False)
+        return r.stdout
+
+    def _generation(self, pod: Pod) -> int:
+        m = re.search(r"^l4proxy_rules_generation (\d+)", self._admin(pod, "/stats"), re.M)
+        return int(m.group(1)) if m else -1
+
+    def _wait_ready(self, pod: Pod, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._admin(pod, "/ready").strip() == "LIVE":
+                return
+            time.sleep(0.1)
+        raise DemoError(f"the sidecar in {pod.name} is not ready; logs in {self.log_dir}")
+
+    def _rule_errors(self, pod: Pod) -> str | None:
+        try:
+            dump = json.loads(self._admin(pod, "/config_dump"))
+        except ValueError:
+            return None
+        err = dump.get("last_error")
+        return str(err) if err else None
+
+    # -- the tutorial ------------------------------------------------------
+    def apply(self, step: str) -> str:
+        """Make *step* the live rule; returns a line describing it."""
+        assert self.client is not None and self.gateway is not None
+        before = [self._generation(p) for p in (self.client, self.gateway)]
+        rule_path = os.path.join(self.rules_dir, "route-rule.yaml")
+        if step in ("no-rule", "delete") and self.man.base_rule is not None:
+            # Gateway API: a gateway serves nothing without a route, so the
+            # base HTTPRoute (gateway → bootcamp, no split) stands for "no rule".
+            fname, text = self.man.base_rule
+            what = f"HTTPRoute from {fname}: no traffic shifting (round robin)"
+            with open(rule_path) as f:
+                if f.read() == text:
+                    return what
+            self._write("route-rule.yaml", text)
+        elif step in ("no-rule", "delete"):
+            if not os.path.exists(rule_path):
+                return "no RouteRule: round robin over every bootcamp pod"
+            os.unlink(rule_path)
+            what = "RouteRule deleted: round robin over every bootcamp pod again"
+        else:
+            fname, text = self.man.rules[step]
+            self._write("route-rule.yaml", text)
+            kind = "HTTPRoute" if "kind: HTTPRoute" in text else "RouteRule"
+            what = f"{kind} from {fname}: " + _describe_rule(text)
+        deadline = time.monotonic() + 10
+        for pod, gen in zip((self.client, self.gateway), before, strict=True):
+            while self._generation(pod) <= gen:
+                err = self._rule_errors(pod)
+                if err:
+                    raise DemoError(f"the sidecar in {pod.name} rejected the rule:\n{err}")
+                if time.monotonic() > deadline:
+                    raise DemoError(f"the sidecar in {pod.name} did not load the new rule")
+                time.sleep(0.05)
+        return what
+
+    def measure(self, url: str) -> tuple[Counter[str], Counter[str], int]:
+        assert self.client is not None
+        lines = self.client.curl(url, self.requests)
+        versions, pods = tally("\n".join(lines))
+        return versions, pods, self.requests - sum(versions.values())
+
+    def urls(self) -> list[tuple[str, str]]:
+        assert self.gateway is not None
+        svc = self.man.services[0]
+        out = [("mesh", f"http://{svc.name}:{svc.port}/")]
+        if self.man.ingress_paths:
+            path = self.man.ingress_paths[0][0].replace(".*", "")
+            out.append(("gateway", f"http://{self.gateway.ipv4}{path}"))
+        return out
+
+    def run_step(self, index: int, total: int, step: str) -> dict[str, Any]:
+        self.say(f"== step {index}/{total}: {step}")
+        self.say(f"   {self.apply(step)}")
+        result: dict[str, Any] = {"step": step}
+        all_versions = sorted({info.version for info in self.app_pods})
+        for label, url in self.urls():
+            versions, pods, failed = self.measure(url)
+            result[label] = {"versions": dict(versions), "pods": dict(pods), "failed": failed}
+            self.say(f"   {label:8s}{url}  ({self.requests} requests, {failed} failed)")
+            for v in all_versions:
+                n = versions.get(v, 0)
+                pct = 100.0 * n / self.requests
+                per_pod = ", ".join(
+                    f"{p}: {c}" for p, c in sorted(pods.items()) if _pod_version(p) == v
+                )
+                self.say(f"     {v} {bar(pct)} {pct:5.1f} %  {per_pod}")
+        self.say()
+        return result
+
+
+def _pod_version(pod_name: str) -> str:
+    m = re.search(r"-(v\d+)-", pod_name)
+    return m.group(1) if m else ""
+
+
+def _describe_rule(text: str) -> str:
+    try:
+        doc = next(d for d in yaml.safe_load_all(text) if isinstance(d, dict))
+        if doc.get("kind") == "HTTPRoute":
+            refs = [b for r in doc["spec"].get("rules") or [] for b in r.get("backendRefs") or []]
+            return ", ".join(f"{b['name']} {b.get('weight', 1)}" for b in refs)
+        routes = doc["spec"].get("route") or []
+        return ", ".join(
+            f"{'/'.join(str(v) for v in (r.get('labels') or {}).values())} {r.get('weight', 100)}"
+            for r in routes
+        )
+    except (StopIteration, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return "(unreadable)"
+
+
+def bar(pct: float, width: int = 25) -> str:
+    """A horizontal bar of *width* cells for 0..100 %, in eighths."""
+    eighths = round(pct / 100 * width * 8)
+    full, part = divmod(eighths, 8)
+    s = "█" * full + (BLOCKS[part] if part else "")
+    return s.ljust(width)
+
+
+# -- the command ----------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the request-routing tutorial in network namespaces",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="""\
+examples:
+  l4proxy demo                         # all five steps, 100 requests each
+  l4proxy demo --requests 300 --step 50-v2
+  l4proxy demo --manifests ../shared/seed/istio-request-routing
+  l4proxy demo --keep                  # leave the pods up and show how to curl them
+  l4proxy demo --down                  # remove what --keep left
+
+needs root (network namespaces, iptables). Exit codes: 0 done, 1 a step
+failed or the topology could not be built, 2 usage (not root, already up).""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--manifests",
+        default=DEFAULT_MANIFESTS,
+        metavar="DIR",
+        help="Deployments, Service, Ingress and RouteRules (default: the bundled bootcamp example)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=100, metavar="N", help="requests per step and path (100)"
+    )
+    p.add_argument(
+        "--step",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this step (no-rule, all-v1, 50-v2, all-v2, delete); repeatable",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the sidecars' weighted splits (l4proxy run --seed): the same "
+        "counts every run (tests); default: random",
+    )
+    p.add_argument(
+        "--no-canary",
+        dest="canary",
+        action="store_false",
+        help="skip the two l4proxy canary rollouts after the tutorial's steps",
+    )
+    p.add_argument("--keep", action="store_true", help="leave the topology running")
+    p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--api",
+        choices=("istio", "gateway"),
+        default="istio",
+        help="istio: RouteRules and an Ingress (the tutorial); gateway: the same steps as "
+        "Gateway API HTTPRoutes, mesh (Service parentRef) and gateway (a Gateway); "
+        "default --manifests becomes deploy/examples/gateway-api",
+    )
+    p.set_defaults(func=_run_with_api)
+
+
+def _run_with_api(args: argparse.Namespace) -> int:
+    """``--api gateway`` picks the Gateway API manifests unless --manifests is given."""
+    if getattr(args, "api", "istio") == "gateway" and args.manifests == DEFAULT_MANIFESTS:
+        args.manifests = GATEWAY_API_MANIFESTS
+    return run(args)
+
+
+def _down() -> int:
+    state = os.path.join(STATE_DIR, "pids")
+    if os.path.exists(state):
+        with open(state) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                    os.killpg(int(line), signal.SIGTERM)
+        os.unlink(state)
+    removed = 0
+    for name in sorted(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else []:
+        if name.startswith(PREFIX + "-"):
+            subprocess.run(["ip", "netns", "del", name], check=False)
+            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+            removed += 1
+    for extra in ("rules", "logs"):
+        path = os.path.join(STATE_DIR, extra)
+        if os.path.islink(path):
+            shutil.rmtree(os.path.realpath(path), ignore_errors=True)
+            os.unlink(path)
+    print(f"removed {removed} namespace(s)")
+    return 0
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    owner = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        # pyroute2 forks helpers that inherit this handler and are stopped
+        # with SIGTERM: only the demo process itself may unwind and clean up.
+        if os.getpid() != owner:
+            os._exit(0)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print(
+            "l4proxy demo: needs root (network namespaces and iptables); "
+            "run it as root, e.g. sudo make demo",
+            file=sys.stderr,
+        )
+        return 2
+    if args.down:
+        return _down()
+    why = _unreachable()
+    if why:
+        print(f"l4proxy demo: {why}", file=sys.stderr)
+        return 2
+    if namespace_exists(f"{PREFIX}-node"):
+        print(
+            f"l4proxy demo: namespace {PREFIX}-node exists: a demo is running or was left "
+            "behind; remove it with: l4proxy demo --down "
+            "(in a checkout: make demo DEMO_ARGS=--down)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        man = read_manifests(args.manifests)
+    except DemoError as exc:
+        print(f"l4proxy demo: {exc}", file=sys.stderr)
+        return 2
+    steps = steps_of(man)
+    for s in args.step:
+        if s not in steps:
+            print(
+                f"l4proxy demo: unknown step {s!r}; steps are: {', '.join(steps)}", file=sys.stderr
+            )
+            return 2
+    chosen = [s for s in steps if not args.step or s in args.step]
+    tut = Tutorial(man, requests=args.requests, seed=args.seed)
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    code = 0
+    with _signals_as_exceptions():
+        try:
+            tut.say(f"building the topology from {man.directory} ...")
+            tut.up()
+            tut.say(_topology_summary(tut))
+            for i, step in enumerate(chosen, 1):
+                results.append(tut.run_step(i, len(chosen), step))
+            # issue 13: two automated rollouts after the full tutorial (l4proxy.demo_canary)
+            if not args.step and getattr(args, "api", "istio") == "istio" and args.canary:
+                from l4proxy import demo_canary
+
+                code = demo_canary.rollouts(tut, _exe, QUICK_STOP)
+            tut.say(f"done in {time.monotonic() - started:.1f} s")
+            if any(r[k]["failed"] for r in results for k in r if k != "step"):
+                code = 1
+        except (DemoError, PodNetworkError, OSError, subprocess.SubprocessError) as exc:
+            print(f"l4proxy demo: {exc}", file=sys.stderr)
+            code = 1
+        except Exception as exc:  # one line, never a traceback: what failed, and how
+            print(f"l4proxy demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            code = 130
+        finally:
+            if args.keep and code == 0:
+                _keep(tut)
+            else:
+                tut.down()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return code
+
+
+def _unreachable() -> str:
+    """Why the demo's users cannot run this installation ("" when they can).
+
+    The pods' apps and curl run as uid 1000 and the sidecars as uid 1337,
+    from this interpreter and these sources: under a directory closed to
+    other users (root's 0700 home, ``mktemp -d``) every pod would fail to
+    start, so say so before building anything. ``make demo`` avoids it by
+    running from a world-readable mirror of the checkout.
+    """
+    if not shutil.which("setpriv"):
+        return "setpriv is missing (the pods run as uid 1000 and 1337): apt-get install util-linux"
+    need = [(HERE, "-x"), (os.path.join(HERE, "__init__.py"), "-r"), (sys.executable, "-x")]
+    for uid in (1000, 1337):
+        for path, test in need:
+            ids = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            if subprocess.run(["setpriv", *ids, "test", test, path]).returncode != 0:
+                return (
+                    f"uid {uid} cannot {'run' if test == '-x' else 'read'} {path} (a parent "
+                    "directory is closed to other users, or the files are not world-readable): "
+                    "run make demo, which then runs from a world-readable mirror, or install "
+                    "l4proxy where every user can read it"
+                )
+    return ""
+
+
+def _topology_summary(tut: Tutorial) -> str:
+    lines = ["pods:"]
+    for info in tut.app_pods:
+        labels = ",".join(f"{k}={v}" for k, v in info.pod.labels.items())
+        lines.append(f"  {info.pod.name:16s} {info.pod.ipv4:14s} {labels}")
+    assert tut.client is not None and tut.gateway is not None
+    lines.append(
+        f"  {'client':16s} {tut.client.ipv4:14s} (l4proxy-init + l4proxy run, curl as uid 1000)"
+    )
+    lines.append(f"  {'gateway':16s} {tut.gateway.ipv4:14s} (l4proxy run --listen 0.0.0.0:80)")
+    for name, vip in tut.vips.items():
+        lines.append(f"service {name}: VIP {vip} (REDIRECTed by l4proxy-init in the client pod)")
+    return "\n".join(lines) + "\n"
+
+
+def _keep(tut: Tutorial) -> None:
+    os.makedirs(STATE_DIR, exist_ok=True)
+    with open(os.path.join(STATE_DIR, "pids"), "w") as f:
+        for p in tut.procs:
+            f.write(f"{p.pid}\n")
+    for name, path in (("rules", tut.rules_dir), ("logs", tut.log_dir)):
+        link = os.path.join(STATE_DIR, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        os.symlink(path, link)
+    assert tut.client is not None
+    url = tut.urls()[0][1]
+    print(f"""
+the topology is up. Try:
+  ip netns exec {tut.client.netns} setpriv --reuid=1000 --regid=1000 --clear-groups curl -s {url}
+  ip netns exec {tut.client.netns} curl -s 127.0.0.1:15000/stats
+  rules (edit to shift traffic): {STATE_DIR}/rules/   logs: {STATE_DIR}/logs/
+remove it with: l4proxy demo --down""")

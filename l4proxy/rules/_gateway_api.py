@@ -1,0 +1,797 @@
+"""Gateway API (gateway.networking.k8s.io v1, v1beta1): HTTPRoute and Gateway.
+
+Theory of operation
+-------------------
+An HTTPRoute attaches to parents (``spec.parentRefs``):
+
+* a **Service** (``group: ""``, ``kind: Service``; GAMMA mesh routing): its
+  rules route the sidecar's traffic to that Service, as a VirtualService for
+  the same host would;
+* a **Gateway** (the default kind): its rules route what arrives on the
+  Gateway's listeners (``l4proxy run --listen``), per listener port and
+  hostname. Each (listener, hostname) becomes a *gateway service*: a host
+  with no endpoints whose routes are the attached rules, reached through a
+  catch-all ingress path of that listener (see :mod:`l4proxy.rules.routing`).
+
+Precedence follows the API (``httproute_types.go``), not list order: every
+match of every rule of every route on one parent is ranked (Exact path, then
+the longest PathPrefix, then RegularExpression (its place is left to
+implementations), then PathPrefix ``/``; then a method match; then the
+most header matches; then the most query parameter matches), ties going to
+the route first by ``namespace/name`` (creation timestamps are not known to a
+rule file), then to rule and match order. Adjacent matches of one rule merge
+back into one route, so an HTTPRoute compiles to the same table as the
+equivalent VirtualService.
+
+Backends (``backendRefs``: a Service name and port; each version its own
+Service) resolve like ServiceEntry hosts: a ServiceEntry for
+``name.namespace.svc.<domain>``, else a ``resolution: DNS`` ServiceEntry
+endpoint with that name (a headless per-version Service; the backend is then
+that endpoint's labels). Weights are proportional (0 to 1,000,000, default 1,
+0 means none); they are kept as percentages when that is exact. A backend
+that resolves to nothing in the files is a warning and its share is answered
+HTTP 500 (the API's rule) until a ServiceEntry names it; a rule whose every
+backend resolves to nothing is an error.
+
+Refused by name: filters (the data plane forwards a connection's bytes
+untouched and cannot rewrite, redirect or mirror), timeouts, retries,
+session persistence, cross-namespace references (no ReferenceGrant), TLS
+listeners and listener protocols other than HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from l4proxy.rules._objects import (
+    BackendDraft,
+    Env,
+    GatewayDraft,
+    HttpMatchDraft,
+    HttpRouteDraft,
+    HttpRuleDraft,
+    ListenerDraft,
+    ParentDraft,
+    PolicyDraft,
+    fqdn,
+)
+from l4proxy.rules._schema import (
+    NOT_IMPLEMENTED,
+    Ctx,
+    Where,
+    dns_label,
+    dns_subdomain,
+    dotted,
+    fields,
+    integer,
+    listing,
+    text,
+)
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import (
+    DEFAULT,
+    Destination,
+    IngressPath,
+    Labels,
+    Match,
+    Route,
+    Service,
+    ServicePort,
+    StringMatch,
+    Subset,
+)
+
+API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+GROUP = "gateway.networking.k8s.io"
+MAX_WEIGHT = 1_000_000
+UNRESOLVED_STATUS = 500
+_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_FILTER_WHY = (
+    "the sidecar routes a connection by its first request head and forwards its bytes "
+    "untouched, so it cannot rewrite, redirect or mirror requests"
+)
+
+# -- Gateway -------------------------------------------------------------------
+
+
+def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> GatewayDraft | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx,
+        obj.get("spec"),
+        ("spec",),
+        allowed=("gatewayClassName", "listeners"),
+        unimplemented={
+            "addresses": "the gateway listens where `l4proxy run --listen` says",
+            "infrastructure": "",
+            "backendTLS": "",
+        },
+        required=("gatewayClassName", "listeners"),
+    )
+    if spec is None:
+        return None
+    ok = text(ctx, spec.get("gatewayClassName"), ("spec", "gatewayClassName")) is not None
+    listeners: list[ListenerDraft] = []
+    for i, item in enumerate(listing(ctx, spec.get("listeners"), ("spec", "listeners")) or []):
+        got = _listener(ctx, item, ("spec", "listeners", i))
+        if got is None:
+            ok = False
+            continue
+        for other in listeners:
+            if other.name == got.name:
+                got.where.error(f"listener name {got.name} is used twice in this Gateway")
+                ok = False
+            elif (other.port, other.hostname) == (got.port, got.hostname):
+                got.where.error(
+                    f"listeners {other.name} and {got.name} both serve port {got.port} "
+                    f"for hostname {got.hostname or '(any)'}; keep one"
+                )
+                ok = False
+        listeners.append(got)
+    if not ok:
+        return None
+    return GatewayDraft(ctx.name, ctx.namespace, listeners, Where(ctx, ()))
+
+
+def _listener(ctx: Ctx, value: Any, path: Path) -> ListenerDraft | None:
+    lst = fields(
+        ctx,
+        value,
+        path,
+        allowed=("name", "port", "protocol", "hostname", "allowedRoutes"),
+        unimplemented={"tls": "gateway listeners serve plain HTTP"},
+        required=("name", "port", "protocol"),
+    )
+    if lst is None or any(lst.get(k) is None for k in ("name", "port", "protocol")):
+        return None
+    name = dns_label(ctx, lst["name"], (*path, "name"))
+    port = integer(ctx, lst["port"], (*path, "port"), 1, 65535, what="port")
+    proto = text(ctx, lst["protocol"], (*path, "protocol"), required=True)
+    ok = name is not None and port is not None and proto is not None
+    if proto is not None and proto != "HTTP":
+        ctx.error(
+            (*path, "protocol"),
+            f"listener protocol {proto} {NOT_IMPLEMENTED}; gateway listeners serve plain "
+            "HTTP (protocol: HTTP)",
+        )
+        ok = False
+    hostname = None
+    if lst.get("hostname") is not None:
+        hostname = _hostname(ctx, lst["hostname"], (*path, "hostname"))
+        ok = ok and hostname is not None
+    all_ns = False
+    if lst.get("allowedRoutes") is not None:
+        got = _allowed_routes(ctx, lst["allowedRoutes"], (*path, "allowedRoutes"))
+        if got is None:
+            ok = False
+        else:
+            all_ns = got
+    if not ok:
+        return None
+    assert name is not None and port is not None
+    return ListenerDraft(name, port, hostname, all_ns, Where(ctx, path))
+
+
+def _allowed_routes(ctx: Ctx, value: Any, path: Path) -> bool | None:
+    """allowedRoutes → True for ``namespaces.from: All``, False for Same."""
+    ar = fields(ctx, value, path, allowed=("namespaces", "kinds"))
+    if ar is None:
+        return None
+    ok = True
+    for i, k in enumerate(listing(ctx, ar.get("kinds"), (*path, "kinds")) or []):
+        kpath = (*path, "kinds", i)
+        kd = fields(ctx, k, kpath, allowed=("group", "kind"), required=("kind",))
+        if kd is None:
+            ok = False
+        elif kd.get("kind") != "HTTPRoute" or kd.get("group", GROUP) != GROUP:
+            ctx.error(kpath, f"route kind {kd.get('kind')!r} {NOT_IMPLEMENTED} (HTTPRoute only)")
+            ok = False
+    all_ns = False
+    if ar.get("namespaces") is not None:
+        npath = (*path, "namespaces")
+        ns = fields(
+            ctx,
+            ar["namespaces"],
+            npath,
+            allowed=("from",),
+            unimplemented={"selector": "use from: Same or All"},
+        )
+        if ns is None:
+            return None
+        frm = ns.get("from", "Same")
+        if frm == "Selector":
+            ctx.error((*npath, "from"), f"from: Selector {NOT_IMPLEMENTED}; use Same or All")
+            ok = False
+        elif frm not in ("Same", "All"):
+            ctx.error((*npath, "from"), f"from {frm!r} is not one of Same, All, Selector")
+            ok = False
+        all_ns = frm == "All"
+    return all_ns if ok else None
+
+
+def _hostname(ctx: Ctx, value: Any, path: Path) -> str | None:
+    h = text(ctx, value, path, required=True)
+    if h is None:
+        return None
+    h = h.lower()
+    if not _HOSTNAME.fullmatch(h) or re.fullmatch(r"[0-9.]+", h):
+        ctx.error(
+            path,
+            f"hostname {h!r} must be a DNS name, optionally starting with '*.' (no IP, no port)",
+        )
+        return None
+    return h
+
+
+# -- HTTPRoute -----------------------------------------------------------------
+
+
+def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx,
+        obj.get("spec"),
+        ("spec",),
+        allowed=("parentRefs", "hostnames", "rules"),
+        required=("parentRefs",),
+    )
+    if spec is None:
+        return None
+    ok = True
+    parents: list[ParentDraft] = []
+    for i, p in enumerate(listing(ctx, spec.get("parentRefs"), ("spec", "parentRefs")) or []):
+        got = _parent(ctx, p, ("spec", "parentRefs", i))
+        if got is None:
+            ok = False
+        else:
+            parents.append(got)
+    hostnames: list[str] = []
+    for i, h in enumerate(listing(ctx, spec.get("hostnames"), ("spec", "hostnames")) or []):
+        got_h = _hostname(ctx, h, ("spec", "hostnames", i))
+        if got_h is None:
+            ok = False
+        elif got_h not in hostnames:
+            hostnames.append(got_h)
+    raw_rules = listing(ctx, spec.get("rules"), ("spec", "rules"))
+    if raw_rules is None:
+        return None
+    if not raw_rules:
+        raw_rules = [{}]  # the API's default: one rule, every request, no backend (404 → 500)
+    rules: list[HttpRuleDraft] = []
+    for i, r in enumerate(raw_rules):
+        name = _rule_name(ctx.name, r, i, len(raw_rules))
+        got_r = _rule(ctx, r, ("spec", "rules", i), name, env)
+        if got_r is None:
+            ok = False
+        else:
+            rules.append(got_r)
+    if not ok:
+        return None
+    return HttpRouteDraft(ctx.name, ctx.namespace, parents, hostnames, rules, Where(ctx, ()))
+
+
+def _rule_name(route: str, item: Any, index: int, count: int) -> str:
+    """Like VirtualService routes: ``route/name``, ``route`` alone, else ``route[i]``."""
+    if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+        return f"{route}/{item['name']}"
+    return route if count == 1 else f"{route}[{index}]"
+
+
+def _group_kind(ref: dict[str, Any], group: str, kind: str) -> tuple[str, str]:
+    g = ref.get("group", group)
+    return ("" if g in ("core", None) else str(g)), str(ref.get("kind", kind))
+
+
+def _parent(ctx: Ctx, value: Any, path: Path) -> ParentDraft | None:
+    p = fields(
+        ctx,
+        value,
+        path,
+        allowed=("group", "kind", "name", "namespace", "port", "sectionName"),
+        required=("name",),
+    )
+    if p is None or p.get("name") is None:
+        return None
+    group, kind = _group_kind(p, GROUP, "Gateway")
+    name = dns_subdomain(ctx, p["name"], (*path, "name"))
+    ns = ctx.namespace
+    if p.get("namespace") is not None:
+        ns = dns_label(ctx, p["namespace"], (*path, "namespace")) or ns
+    port = None
+    if p.get("port") is not None:
+        port = integer(ctx, p["port"], (*path, "port"), 1, 65535, what="port")
+        if port is None:
+            return None
+    section = None
+    if p.get("sectionName") is not None:
+        section = dns_label(ctx, p["sectionName"], (*path, "sectionName"))
+        if section is None:
+            return None
+    if (group, kind) == ("", "Service"):
+        if section is not None:
+            ctx.error(
+                (*path, "sectionName"),
+                f"sectionName on a Service parent {NOT_IMPLEMENTED}; use port",
+            )
+            return None
+        resolved: Any = "Service"
+    elif (group, kind) == (GROUP, "Gateway"):
+        resolved = "Gateway"
+    else:
+        ctx.error(
+            path,
+            f"parentRef {kind} (group {group or 'core'!r}) is not supported: attach to a "
+            'Gateway (gateway mode) or to a Service (group: "", kind: Service; mesh routing)',
+        )
+        return None
+    if name is None:
+        return None
+    return ParentDraft(resolved, name, ns, port, section, Where(ctx, path))
+
+
+def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraft | None:
+    r = fields(
+        ctx,
+        value,
+        path,
+        allowed=("name", "matches", "backendRefs", "filters"),
+        unimplemented={
+            "timeouts": "the sidecar has --connect-timeout and --idle-timeout only",
+            "retry": "a failed connect is retried on the next endpoint by itself",
+            "sessionPersistence": "",
+        },
+    )
+    if r is None:
+        return None
+    ok = True
+    if "name" in r:
+        ok = dns_label(ctx, r["name"], (*path, "name")) is not None
+    _refuse_filters(ctx, r.get("filters"), (*path, "filters"))
+    if r.get("filters"):
+        ok = False
+    matches: list[HttpMatchDraft] = []
+    for i, m in enumerate(listing(ctx, r.get("matches"), (*path, "matches")) or []):
+        got = _match(ctx, m, (*path, "matches", i))
+        if got is None:
+            ok = False
+        else:
+            matches.append(got)
+    backends: list[BackendDraft] = []
+    for i, b in enumerate(listing(ctx, r.get("backendRefs"), (*path, "backendRefs")) or []):
+        got_b = _backend(ctx, b, (*path, "backendRefs", i), env)
+        if got_b is None:
+            ok = False
+        else:
+            backends.append(got_b)
+    if not ok:
+        return None
+    return HttpRuleDraft(name, matches, backends, Where(ctx, path))
+
+
+def _refuse_filters(ctx: Ctx, value: Any, path: Path) -> None:
+    for i, f in enumerate(listing(ctx, value, path) or []):
+        ftype = f.get("type") if isinstance(f, dict) else None
+        ctx.error(
+            (*path, i),
+            f"filter {ftype or '(no type)'} {NOT_IMPLEMENTED}; {_FILTER_WHY}",
+        )
+
+
+def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
+    m = fields(ctx, value, path, allowed=("path", "headers", "queryParams", "method"))
+    if m is None:
+        return None
+    ok = True
+    uri: StringMatch | None = None
+    path_rank, path_len = 3, 1  # the default: PathPrefix /, after every other path
+    if m.get("path") is not None:
+        ppath = (*path, "path")
+        p = fields(ctx, m["path"], ppath, allowed=("type", "value"))
+        if p is None:
+            return None
+        ptype = p.get("type", "PathPrefix")
+        pval = p.get("value", "/")
+        if not isinstance(pval, str) or (ptype != "RegularExpression" and not pval.startswith("/")):
+            ctx.error((*ppath, "value"), f"path value {pval!r} must be a string starting with '/'")
+            return None
+        if ptype == "Exact":
+            uri, path_rank, path_len = StringMatch("exact", pval), 0, len(pval)
+        elif ptype == "PathPrefix":
+            path_len = len(pval.rstrip("/")) or 1
+            if pval.rstrip("/"):
+                uri, path_rank = StringMatch("path_prefix", pval.rstrip("/")), 1
+        elif ptype == "RegularExpression":
+            try:
+                uri = StringMatch("regex", pval, re.compile(pval))
+            except re.error as exc:
+                ctx.error((*ppath, "value"), f"regular expression {pval!r} is invalid: {exc}")
+                return None
+            path_rank, path_len = 2, len(pval)
+        else:
+            ctx.error(
+                (*ppath, "type"),
+                f"path type {ptype!r} is not one of Exact, PathPrefix, RegularExpression",
+            )
+            return None
+    headers = _name_matches(ctx, m.get("headers"), (*path, "headers"), fold=True)
+    query = _name_matches(ctx, m.get("queryParams"), (*path, "queryParams"), fold=False)
+    method = None
+    if m.get("method") is not None:
+        meth = text(ctx, m["method"], (*path, "method"), required=True)
+        if meth not in _METHODS:
+            if meth is not None:
+                ctx.error((*path, "method"), f"method {meth!r} is not one of {', '.join(_METHODS)}")
+            ok = False
+        else:
+            method = StringMatch("exact", meth)
+    if headers is None or query is None or not ok:
+        return None
+    match = Match(uri=uri, method=method, headers=headers, query=query)
+    rank = (path_rank, -path_len, 0 if method else 1, -len(headers), -len(query))
+    return HttpMatchDraft(match, rank)
+
+
+def _name_matches(
+    ctx: Ctx, value: Any, path: Path, *, fold: bool
+) -> tuple[tuple[str, StringMatch], ...] | None:
+    """headers / queryParams: ``[{type, name, value}]`` → sorted (name, match)."""
+    out: dict[str, StringMatch] = {}
+    ok = True
+    for i, item in enumerate(listing(ctx, value, path) or []):
+        ipath = (*path, i)
+        h = fields(ctx, item, ipath, allowed=("type", "name", "value"), required=("name",))
+        if h is None or h.get("name") is None:
+            ok = False
+            continue
+        name = text(ctx, h["name"], (*ipath, "name"), required=True)
+        val = text(ctx, h.get("value", ""), (*ipath, "value"))
+        htype = h.get("type", "Exact")
+        if name is None or val is None:
+            ok = False
+            continue
+        key = name.lower() if fold else name
+        if key in out:
+            ctx.error((*ipath, "name"), f"{name} is matched twice in {dotted(path)}; keep one")
+            ok = False
+            continue
+        if htype == "Exact":
+            out[key] = StringMatch("exact", val)
+        elif htype == "RegularExpression":
+            try:
+                out[key] = StringMatch("regex", val, re.compile(val))
+            except re.error as exc:
+                ctx.error((*ipath, "value"), f"regular expression {val!r} is invalid: {exc}")
+                ok = False
+        else:
+            ctx.error((*ipath, "type"), f"type {htype!r} is not one of Exact, RegularExpression")
+            ok = False
+    return tuple(sorted(out.items())) if ok else None
+
+
+def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
+    b = fields(
+        ctx,
+        value,
+        path,
+        allowed=("group", "kind", "name", "namespace", "port", "weight"),
+        unimplemented={"filters": _FILTER_WHY},
+        required=("name",),
+    )
+    if b is None or b.get("name") is None:
+        return None
+    group, kind = _group_kind(b, "", "Service")
+    if (group, kind) != ("", "Service"):
+        ctx.error(
+            path,
+            f"backendRef {kind} (group {group or 'core'!r}) {NOT_IMPLEMENTED}; "
+            "backends are Services",
+        )
+        return None
+    name = dns_label(ctx, b["name"], (*path, "name"))
+    if b.get("namespace") is not None and b["namespace"] != ctx.namespace:
+        ctx.error(
+            (*path, "namespace"),
+            f"a backend in another namespace ({b['namespace']}) needs a ReferenceGrant, "
+            f"which {NOT_IMPLEMENTED.removeprefix('is ')}; move the route to that namespace",
+        )
+        return None
+    if b.get("port") is None:
+        ctx.error(path, f"{dotted((*path, 'port'))} is required for a Service backend")
+        return None
+    port = integer(ctx, b["port"], (*path, "port"), 1, 65535, what="port")
+    weight = 1
+    if b.get("weight") is not None:
+        w = integer(ctx, b["weight"], (*path, "weight"), 0, MAX_WEIGHT, what="weight")
+        if w is None:
+            return None
+        weight = w
+    if name is None or port is None:
+        return None
+    host = fqdn(name, ctx.namespace, env)
+    return BackendDraft(host, name, port, weight, Where(ctx, path))
+
+
+# -- compiling -------------------------------------------------------------------
+
+
+def gateway_host(gw: GatewayDraft, listener: str, hostname: str | None) -> str:
+    """The gateway service's host: ``gateway:NAMESPACE/NAME/LISTENER/HOSTNAME``."""
+    return f"gateway:{gw.namespace}/{gw.name}/{listener}/{hostname or '*'}"
+
+
+def _subset_name(labels: Labels) -> str:
+    return "-".join(labels[k] for k in sorted(labels)) if labels else DEFAULT
+
+
+def _hostname_meet(listener: str | None, route: str) -> str | None:
+    """The hostnames both accept (None: none)."""
+    if listener is None or listener == route:
+        return route
+    if listener.startswith("*.") and route.endswith(listener[1:]):
+        return route
+    if route.startswith("*.") and listener.endswith(route[1:]):
+        return listener
+    return None
+
+
+def _percentages(weights: list[int]) -> list[int]:
+    """Proportional weights as percentages when that is exact (1:1 → 50:50)."""
+    total = sum(weights)
+    if total and all(w * 100 % total == 0 for w in weights):
+        return [w * 100 // total for w in weights]
+    return weights
+
+
+def _endpoint_owner(services: dict[str, Service], host: str) -> tuple[Service, Labels] | None:
+    """A DNS ServiceEntry endpoint named *host*: its service and labels."""
+    for svc in services.values():
+        if svc.resolution != "DNS":
+            continue
+        for ep in svc.endpoints:
+            if ep.address.lower().rstrip(".") == host:
+                return svc, Labels(ep.labels)
+    return None
+
+
+class Compiler:
+    """HTTPRoutes and Gateways → routes per host, gateway services, ingress paths."""
+
+    def __init__(
+        self,
+        services: dict[str, Service],
+        policies: dict[str, PolicyDraft],
+        routed_elsewhere: dict[str, Where],
+        env: Env,
+    ) -> None:
+        self.env = env
+        self.services = services
+        self.policies = policies
+        self.routed_elsewhere = routed_elsewhere
+        self.routes: dict[str, list[Route]] = {}
+        self.gateway_services: list[Service] = []
+        self.ingress: list[IngressPath] = []
+
+    def compile(self, routes: Iterable[HttpRouteDraft], gateways: Iterable[GatewayDraft]) -> None:
+        by_gateway = {(g.namespace, g.name): g for g in gateways}
+        # parent key → [(sort key, rule's route name, match or None, destinations)]
+        entries: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]] = {}
+        for hr in sorted(routes, key=lambda r: (r.namespace, r.name)):
+            dests = [self._destinations(rule) for rule in hr.rules]
+            keys = self._parent_keys(hr, by_gateway, gateway_keys)
+            for key, port in keys:
+                for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
+                    if rd is None:
+                        continue
+                    ms = rule.matches or [HttpMatchDraft(Match(), (3, -1, 1, 0, 0))]
+                    for mi, md in enumerate(ms):
+                        m = md.match
+                        if port is not None:
+                            m = Match(
+                                uri=m.uri,
+                                method=m.method,
+                                headers=m.headers,
+                                query=m.query,
+                                port=port,
+                            )
+                        sort = (md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
+                        entries[key].append((sort, (id(hr), ri), rule.name, m, rd))
+        for key, items in entries.items():
+            items.sort(key=lambda e: e[0])
+            compiled: list[Route] = []
+            last: Any = None
+            for _, rule_id, name, m, rd in items:
+                if rule_id == last:
+                    prev = compiled[-1]
+                    merged = () if not prev.matches or m == Match() else (*prev.matches, m)
+                    compiled[-1] = Route(
+                        prev.name, prev.destinations, merged, unresolved_status=UNRESOLVED_STATUS
+                    )
+                else:
+                    matches = () if m == Match() else (m,)
+                    compiled.append(
+                        Route(name, tuple(rd), matches, unresolved_status=UNRESOLVED_STATUS)
+                    )
+                last = rule_id
+            self.routes[key] = compiled
+        for key, (gw, lst, hostname) in gateway_keys.items():
+            if key not in self.routes:
+                continue
+            self.gateway_services.append(
+                Service(key, (ServicePort(lst.port, lst.name, "HTTP"),), role="gateway")
+            )
+            self.ingress.append(
+                IngressPath(
+                    f"{gw.namespace}/{gw.name}/{lst.name}",
+                    hostname,
+                    "/",
+                    "Prefix",
+                    key,
+                    lst.port,
+                    listener_port=lst.port,
+                )
+            )
+
+    def _parent_keys(
+        self,
+        hr: HttpRouteDraft,
+        by_gateway: dict[tuple[str, str], GatewayDraft],
+        gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]],
+    ) -> list[tuple[str, int | None]]:
+        """Where *hr*'s rules go: (host, port match or None) per parent."""
+        out: list[tuple[str, int | None]] = []
+        for p in hr.parents:
+            if p.kind == "Service":
+                host = fqdn(p.name, p.namespace, self.env)
+                other = self.routed_elsewhere.get(host)
+                if other is not None:
+                    p.where.error(
+                        f"host {host} is already routed by {other.ctx.kind} {other.ctx.name} "
+                        f"({other.location}); route one host with one API"
+                    )
+                    continue
+                if host not in self.services:
+                    p.where.warning(
+                        f"{host} has no ServiceEntry in these files; this HTTPRoute applies "
+                        "once one is loaded"
+                    )
+                if (host, p.port) not in out:
+                    out.append((host, p.port))
+                continue
+            gw = by_gateway.get((p.namespace, p.name))
+            if gw is None:
+                known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_gateway)) or "none"
+                p.where.error(
+                    f"unknown parent: no Gateway {p.namespace}/{p.name} in these files "
+                    f"(Gateways: {known})"
+                )
+                continue
+            listeners = [
+                lst
+                for lst in gw.listeners
+                if (p.section is None or lst.name == p.section)
+                and (p.port is None or lst.port == p.port)
+            ]
+            if not listeners:
+                p.where.error(
+                    f"Gateway {gw.name} has no listener"
+                    + (f" named {p.section}" if p.section else "")
+                    + (f" on port {p.port}" if p.port else "")
+                    + f" (listeners: {', '.join(f'{x.name}:{x.port}' for x in gw.listeners)})"
+                )
+                continue
+            attached = False
+            for lst in listeners:
+                if hr.namespace != gw.namespace and not lst.all_namespaces:
+                    continue
+                names: list[str | None]
+                if hr.hostnames:
+                    met = [_hostname_meet(lst.hostname, h) for h in hr.hostnames]
+                    names = list(dict.fromkeys(h for h in met if h is not None))
+                else:
+                    names = [lst.hostname]
+                for hostname in names:
+                    key = gateway_host(gw, lst.name, hostname)
+                    gateway_keys[key] = (gw, lst, hostname)
+                    out.append((key, None))
+                    attached = True
+            if not attached:
+                p.where.error(
+                    f"this HTTPRoute attaches to no listener of Gateway {gw.name}: "
+                    + (
+                        "its hostnames match none of the listeners' hostnames"
+                        if hr.hostnames
+                        else f"routes from namespace {hr.namespace} are not allowed "
+                        "(allowedRoutes.namespaces.from: All admits them)"
+                    )
+                )
+        return out
+
+    def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:
+        weighted = [b for b in rule.backends if b.weight > 0]
+        if not weighted:
+            rule.where.warning(
+                "no backendRef with a weight above 0: every request this rule matches is "
+                f"answered {UNRESOLVED_STATUS}"
+            )
+            return []
+        out: list[Destination] = []
+        unresolved: list[BackendDraft] = []
+        ok = True
+        total = sum(b.weight for b in weighted)
+        for b, w in zip(weighted, _percentages([b.weight for b in weighted]), strict=True):
+            dest = self._resolve(b, w)
+            if isinstance(dest, Destination):
+                out.append(dest)
+            elif dest is None:
+                unresolved.append(b)
+                out.append(Destination(b.host, Subset(DEFAULT), w, b.port))
+            else:
+                ok = False
+        if not ok:
+            return None
+        if unresolved and len(unresolved) == len(weighted):
+            for b in unresolved:
+                b.where.error(
+                    f"backendRef {b.name} resolves to nothing: no ServiceEntry host and no DNS "
+                    f"endpoint of a ServiceEntry is named {b.host} (add one to the registry)"
+                )
+            return None
+        for b in unresolved:
+            b.where.warning(
+                f"backendRef {b.name} resolves to nothing in these files (no ServiceEntry "
+                f"host or DNS endpoint named {b.host}); its share ({b.weight} of {total}) is "
+                f"answered {UNRESOLVED_STATUS} until one is loaded"
+            )
+        return out
+
+    def _resolve(self, b: BackendDraft, weight: int) -> Destination | bool | None:
+        """A Destination; None when unresolved; False after an error."""
+        svc = self.services.get(b.host)
+        policy = self.policies.get(b.host)
+        if svc is not None:
+            if svc.port(b.port) is None:
+                ports = ", ".join(str(p.number) for p in svc.ports)
+                b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
+                return False
+            lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+            return Destination(b.host, Subset(DEFAULT, Labels(), lb), weight, b.port)
+        owner = _endpoint_owner(self.services, b.host)
+        if owner is None:
+            return None
+        svc, labels = owner
+        others = sorted(
+            {
+                e.address
+                for e in svc.endpoints
+                if labels.selects(e.labels) and e.address.lower().rstrip(".") != b.host
+            }
+        )
+        if others:
+            b.where.error(
+                f"backendRef {b.name} is a DNS endpoint of {svc.host}, but its labels "
+                f"({labels}) also select {', '.join(others)}; give each version's endpoint "
+                "its own labels"
+            )
+            return False
+        if svc.port(b.port) is None:
+            ports = ", ".join(str(p.number) for p in svc.ports)
+            b.where.error(
+                f"port {b.port} is not a port of {svc.host}, whose DNS endpoint {b.host} "
+                f"is this backend (ports: {ports})"
+            )
+            return False
+        policy = self.policies.get(svc.host)
+        host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+        same = None
+        if policy is not None:
+            same = next((s for s in policy.subsets.values() if s.labels == labels), None)
+        if same is not None:
+            subset = Subset(same.name, same.labels, same.load_balancer or host_lb)
+        else:
+            subset = Subset(_subset_name(labels), labels, host_lb)
+        return Destination(svc.host, subset, weight, b.port)

@@ -1,0 +1,328 @@
+"""From paths to a RouteTable: find the files, read each document, dispatch by kind.
+
+A directory is read the way a Kubernetes ConfigMap mount needs: its visible
+``*.yaml``, ``*.yml`` and ``*.json`` entries, following symlinks, in name
+order; hidden names (``..data``, ``..2024_01_01_00_00_00.123``) are skipped,
+so each file is read once through its visible name even while the kubelet
+swaps ``..data``. Sub-directories are not descended into (like
+``kubectl apply -f DIR`` without ``-R``).
+
+The load is all or nothing: every problem of every file is collected, and if
+any is an error, :class:`ConfigError` carries them all and no table is made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4proxy.rules import _gateway_api, _ingress, _networking, _routerule
+from l4proxy.rules._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
+from l4proxy.rules._objects import Env, fqdn
+from l4proxy.rules._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
+from l4proxy.rules._table import Drafts, build_table
+from l4proxy.rules._yaml import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_NODES,
+    Document,
+    Path,
+    SourceProblem,
+    Unreadable,
+    parse_documents,
+    read_file,
+)
+from l4proxy.rules.routing import RouteTable
+
+RULE_SUFFIXES = (".yaml", ".yml", ".json")
+RULE_KINDS = (
+    "RouteRule",
+    "VirtualService",
+    "DestinationRule",
+    "ServiceEntry",
+    "Ingress",
+    "HTTPRoute",
+    "Gateway",
+)
+
+# Istio kinds we know but do not implement, with what to use instead.
+_ISTIO_UNIMPLEMENTED = {
+    "DestinationPolicy": "use a DestinationRule with trafficPolicy.loadBalancer",
+    "EgressRule": "describe the external service with a ServiceEntry",
+    "Gateway": "use a Gateway API Gateway (gateway.networking.k8s.io/v1) with HTTPRoutes, "
+    "or an Ingress, for gateway mode",
+    "Sidecar": "",
+    "EnvoyFilter": "",
+    "WorkloadEntry": "list the workload as a ServiceEntry endpoint",
+}
+# API groups of Kubernetes' own objects, skipped so that one manifest file can
+# hold the Deployments and Services next to the rules.
+_K8S_GROUPS = ("", "apps", "batch", "extensions", "policy", "autoscaling")
+
+
+@dataclass
+class LoadResult:
+    """A valid rule set: the table, what was noted on the way, and what was read."""
+
+    table: RouteTable
+    notes: list[Diagnostic] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    documents: list[ObjectSummary] = field(default_factory=list)
+
+
+def rule_files(paths: Sequence[str], report: Report) -> tuple[list[str], list[Diagnostic]]:
+    """Expand *paths* into the files to read; missing paths are returned apart."""
+    files: list[str] = []
+    unreadable: list[Diagnostic] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as exc:
+                unreadable.append(Diagnostic(file=path, message=f"cannot list: {exc.strerror}"))
+                continue
+            found = False
+            for name in names:
+                if name.startswith("."):
+                    continue  # ConfigMap internals (..data, ..2024_...) and dotfiles
+                full = os.path.join(path, name)
+                if not name.endswith(RULE_SUFFIXES):
+                    continue
+                if os.path.isdir(full):
+                    report.add(
+                        Diagnostic(
+                            file=full,
+                            message="directory skipped (sub-directories are not read)",
+                            severity="note",
+                        )
+                    )
+                    continue
+                files.append(full)
+                found = True
+            if not found:
+                report.add(
+                    Diagnostic(
+                        file=path,
+                        message="no *.yaml, *.yml or *.json files here; no rules from it",
+                        severity="note",
+                    )
+                )
+        elif os.path.lexists(path) or os.path.exists(path):
+            files.append(path)
+        else:
+            unreadable.append(Diagnostic(file=path, message="no such file or directory"))
+    return files, unreadable
+
+
+def load_rules(
+    paths: Sequence[str],
+    *,
+    namespace: str = "default",
+    domain: str = "cluster.local",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    seed: int | None = None,
+) -> LoadResult:
+    """Load rule documents from files and directories into one RouteTable.
+
+    *namespace* is the namespace of objects without ``metadata.namespace``
+    (and whose short names a Host header may use); *domain* the cluster DNS
+    domain. Raises :class:`ConfigUnreadable` when a path cannot be read,
+    :class:`ConfigError` when anything is invalid.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    env = Env(namespace, domain)
+    report = Report()
+    files, unreadable = rule_files(paths, report)
+    drafts = Drafts()
+    summaries: list[ObjectSummary] = []
+    seen: dict[tuple[str, str, str], Where] = {}
+    sources: list[str] = []
+    for path in files:
+        try:
+            text = read_file(path, max_bytes=max_bytes)
+        except Unreadable as exc:
+            unreadable.append(Diagnostic(file=path, message=f"cannot read: {exc}"))
+            continue
+        except SourceProblem as exc:
+            report.add(Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message))
+            continue
+        sources.append(path)
+        try:
+            for doc in parse_documents(text, path, max_nodes=max_nodes):
+                _read_object(report, doc, (), doc.value, env, drafts, summaries, seen)
+        except SourceProblem as exc:
+            report.add(Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message))
+    if unreadable:
+        raise ConfigUnreadable(unreadable + report.diagnostics, summaries)
+    if report.has_errors:
+        raise ConfigError(report.diagnostics, summaries)
+    table = build_table(drafts, env, seed)
+    if report.has_errors:
+        raise ConfigError(report.diagnostics, summaries)
+    return LoadResult(table, report.diagnostics, sources, summaries)
+
+
+def _read_object(
+    report: Report,
+    doc: Document,
+    base: Path,
+    value: Any,
+    env: Env,
+    drafts: Drafts,
+    summaries: list[ObjectSummary],
+    seen: dict[tuple[str, str, str], Where],
+) -> None:
+    line = doc.line_of(base)
+    if not isinstance(value, dict):
+        report.add(
+            Diagnostic(
+                file=doc.file,
+                line=line,
+                message=f"document is {type_name(value)}, not a mapping (each document must be "
+                "one object with apiVersion, kind, metadata and spec)",
+            )
+        )
+        return
+    kind = value.get("kind")
+    api = value.get("apiVersion")
+    if not isinstance(kind, str) or not kind or not isinstance(api, str) or not api:
+        missing = " and ".join(
+            k for k in ("apiVersion", "kind") if not isinstance(value.get(k), str) or not value[k]
+        )
+        report.add(
+            Diagnostic(
+                file=doc.file,
+                line=line,
+                message=f"document has no {missing} (each document needs apiVersion, kind, "
+                "metadata and spec)",
+            )
+        )
+        return
+    ctx = Ctx(report, doc, base, kind, None, env.namespace)
+    if kind == "List" and api == "v1":
+        items = value.get("items")
+        if not isinstance(items, list):
+            ctx.error(("items",), "a List needs items: a list of objects")
+            return
+        for i, item in enumerate(items):
+            _read_object(report, doc, (*base, "items", i), item, env, drafts, summaries, seen)
+        return
+    meta = value.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    ns = meta.get("namespace") if isinstance(meta, dict) else None
+    group = api.rsplit("/", 1)[0] if "/" in api else ""
+    if group == _gateway_api.GROUP and kind not in ("HTTPRoute", "Gateway"):
+        ctx.error(
+            ("kind",),
+            f"kind {kind} ({api}) is not implemented by l4proxy; of the Gateway API it "
+            "reads HTTPRoute and Gateway",
+        )
+        return
+    gateway_kind = kind in ("HTTPRoute", "Gateway")
+    if (
+        kind not in RULE_KINDS
+        or (kind == "Ingress" and api not in _ingress.API_VERSIONS)
+        or (gateway_kind and group != _gateway_api.GROUP)
+    ):
+        if group in _K8S_GROUPS or group.endswith(".k8s.io"):
+            shown = name if isinstance(name, str) else "(unnamed)"
+            ctx.name = shown
+            ctx.note((), "skipped (a Kubernetes object, not a rule)")
+            summaries.append(
+                ObjectSummary(
+                    kind,
+                    shown,
+                    ns if isinstance(ns, str) else env.namespace,
+                    doc.file,
+                    line,
+                    skipped=True,
+                )
+            )
+            if kind == "Service" and isinstance(name, str):
+                drafts.k8s_services.add(
+                    fqdn(name, ns if isinstance(ns, str) else env.namespace, env)
+                )
+            return
+        if group.endswith("istio.io"):
+            hint = _ISTIO_UNIMPLEMENTED.get(kind, "")
+            ctx.error(
+                ("kind",),
+                f"kind {kind} ({api}) is not implemented by l4proxy"
+                + (f"; {hint}" if hint else "")
+                + f" (it reads {', '.join(RULE_KINDS)})",
+            )
+        else:
+            ctx.error(
+                ("kind",),
+                f"unknown kind {kind} ({api}); l4proxy reads {', '.join(RULE_KINDS)} "
+                "and skips Kubernetes objects: remove it or move it to another file",
+            )
+        return
+    versions = {
+        "RouteRule": _routerule.API_VERSIONS,
+        "Ingress": _ingress.API_VERSIONS,
+        "HTTPRoute": _gateway_api.API_VERSIONS,
+        "Gateway": _gateway_api.API_VERSIONS,
+    }.get(kind, _networking.API_VERSIONS)
+    if api not in versions:
+        ctx.error(
+            ("apiVersion",),
+            f"apiVersion {api} is not supported for {kind} (use {' or '.join(versions)})",
+        )
+        return
+    top = fields(
+        ctx,
+        value,
+        (),
+        allowed=("apiVersion", "kind", "metadata", "spec", "status"),
+        required=("metadata", "spec"),
+    )
+    if top is None or not isinstance(meta, dict):
+        if top is not None and meta is not None:
+            ctx.error(("metadata",), f"metadata must be a mapping, not {type_name(meta)}")
+        return
+    got_name = dns_subdomain(ctx, name, ("metadata", "name"))
+    if ns is not None:
+        ctx.namespace = dns_label(ctx, ns, ("metadata", "namespace")) or env.namespace
+    if got_name is None:
+        return
+    ctx.name = got_name
+    summaries.append(ObjectSummary(kind, got_name, ctx.namespace, doc.file, line))
+    key = (kind, ctx.namespace, got_name)
+    first = seen.get(key)
+    if first is not None:
+        ctx.error(
+            ("metadata", "name"),
+            f"duplicate name: {kind} {ctx.namespace}/{got_name} is already defined at "
+            f"{first.location} (each kind/namespace/name once; rule files that replace "
+            "each other must be loaded one at a time)",
+        )
+        return
+    seen[key] = Where(ctx, ("metadata", "name"))
+    if kind == "RouteRule":
+        rr = _routerule.read_route_rule(ctx, value, env)
+        if rr is not None:
+            drafts.rules.append(rr)
+    elif kind == "VirtualService":
+        vs = _networking.read_virtual_service(ctx, value, env)
+        if vs is not None:
+            drafts.rules.append(vs)
+    elif kind == "DestinationRule":
+        dr = _networking.read_destination_rule(ctx, value, env)
+        if dr is not None:
+            drafts.policies.append(dr)
+    elif kind == "ServiceEntry":
+        drafts.services.extend(_networking.read_service_entry(ctx, value, env) or [])
+    elif kind == "HTTPRoute":
+        hr = _gateway_api.read_http_route(ctx, value, env)
+        if hr is not None:
+            drafts.http_routes.append(hr)
+    elif kind == "Gateway":
+        gw = _gateway_api.read_gateway(ctx, value, env)
+        if gw is not None:
+            drafts.gateways.append(gw)
+    else:
+        drafts.ingress.extend(_ingress.read_ingress(ctx, value, env, api) or [])

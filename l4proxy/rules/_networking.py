@@ -1,0 +1,662 @@
+"""networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
+
+v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
+implement (timeouts, retries, faults, mirroring, TLS, connection pools...) is
+an error that names the field: a sidecar that silently ignored a timeout
+would be worse than one that refuses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Literal
+
+from l4proxy.rules._objects import (
+    DestinationDraft,
+    Env,
+    PolicyDraft,
+    RouteDraft,
+    RuleDraft,
+    ServiceDraft,
+    SubsetDraft,
+    aliases,
+    fqdn,
+    weights,
+)
+from l4proxy.rules._schema import (
+    NOT_IMPLEMENTED,
+    Ctx,
+    Where,
+    dns_label,
+    dotted,
+    fields,
+    integer,
+    labels,
+    listing,
+    string_match,
+    text,
+)
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import LB_POLICIES, Endpoint, Match, Service, ServicePort
+
+API_VERSIONS = (
+    "networking.istio.io/v1alpha3",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1",
+)
+SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
+
+_HTTP_ROUTE_UNIMPLEMENTED = (
+    "rewrite",
+    "timeout",
+    "retries",
+    "fault",
+    "mirror",
+    "mirrors",
+    "mirrorPercent",
+    "mirrorPercentage",
+    "corsPolicy",
+    "headers",
+    "appendHeaders",
+    "removeResponseHeaders",
+    "appendResponseHeaders",
+    "removeRequestHeaders",
+    "appendRequestHeaders",
+    "websocketUpgrade",
+    "delegate",
+    "directResponse",
+)
+_HTTP_MATCH_UNIMPLEMENTED = (
+    "queryParams",
+    "ignoreUriCase",
+    "withoutHeaders",
+    "gateways",
+    "sourceNamespace",
+    "statPrefix",
+)
+_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "HTTPS", "TLS", "TCP", "MONGO", "MYSQL", "REDIS")
+
+
+def _host(ctx: Ctx, value: Any, path: Path, env: Env) -> str | None:
+    h = text(ctx, value, path, required=True)
+    if h is None:
+        return None
+    if "*" in h:
+        ctx.error(path, f"wildcard host {h!r} {NOT_IMPLEMENTED}; list each host")
+        return None
+    if "/" in h:
+        ctx.error(path, f"host {h!r} must be a DNS name (namespace/host is not supported)")
+        return None
+    return fqdn(h, ctx.namespace, env)
+
+
+def _hosts(ctx: Ctx, spec: dict[str, Any], env: Env) -> tuple[list[str], bool]:
+    """``spec.hosts`` as FQDNs, in order, without repeats; False if any was bad."""
+    ok = True
+    hosts: list[str] = []
+    for i, h in enumerate(listing(ctx, spec.get("hosts"), ("spec", "hosts")) or []):
+        got = _host(ctx, h, ("spec", "hosts", i), env)
+        if got is None:
+            ok = False
+        elif got not in hosts:
+            hosts.append(got)
+    return hosts, ok
+
+
+def _port_number(ctx: Ctx, value: Any, path: Path) -> int | None:
+    return integer(ctx, value, path, 1, 65535, what="port")
+
+
+# -- VirtualService ----------------------------------------------------------
+
+
+def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx,
+        obj.get("spec"),
+        ("spec",),
+        allowed=("hosts", "gateways", "http", "tcp"),
+        unimplemented=("tls", "exportTo"),
+        required=("hosts",),
+    )
+    if spec is None:
+        return None
+    hosts, ok = _hosts(ctx, spec, env)
+    for i, g in enumerate(listing(ctx, spec.get("gateways"), ("spec", "gateways")) or []):
+        if g != "mesh":
+            ctx.error(
+                ("spec", "gateways", i),
+                f"gateway {g!r} {NOT_IMPLEMENTED}; l4proxy routes sidecar (mesh) traffic, "
+                "use an Ingress for gateway mode",
+            )
+            ok = False
+    routes: list[RouteDraft] = []
+    http = listing(ctx, spec.get("http"), ("spec", "http"))
+    tcp = listing(ctx, spec.get("tcp"), ("spec", "tcp"))
+    if http is None or tcp is None:
+        return None
+    if not http and not tcp:
+        ctx.error(("spec",), "a VirtualService needs at least one http or tcp route")
+        ok = False
+    default_host = hosts[0] if hosts else None
+    sections: tuple[tuple[Literal["http", "tcp"], list[Any]], ...] = (("http", http), ("tcp", tcp))
+    for proto, items in sections:
+        for i, item in enumerate(items):
+            name = _route_name(ctx.name, item, i, len(items), proto)
+            r = _vs_route(ctx, item, ("spec", proto, i), proto, name, default_host, env)
+            if r is None:
+                ok = False
+            else:
+                routes.append(r)
+    if not ok:
+        return None
+    return RuleDraft("VirtualService", ctx.name, ctx.namespace, hosts, routes, Where(ctx, ()))
+
+
+def _route_name(vs: str, item: Any, index: int, count: int, proto: str) -> str:
+    """``vs/route`` for a named route, ``vs`` for the only route, else ``vs[i]``."""
+    if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+        return f"{vs}/{item['name']}"
+    if count == 1:
+        return vs
+    return f"{vs}[{index}]" if proto == "http" else f"{vs}/tcp[{index}]"
+
+
+def _vs_route(
+    ctx: Ctx,
+    value: Any,
+    path: Path,
+    proto: Literal["http", "tcp"],
+    name: str,
+    default_host: str | None,
+    env: Env,
+) -> RouteDraft | None:
+    if proto == "http":
+        if isinstance(value, dict) and "route" in value and "redirect" in value:
+            ctx.error((*path, "redirect"), "rule cannot contain both route and redirect")
+            value = {k: v for k, v in value.items() if k != "redirect"}
+        r = fields(
+            ctx,
+            value,
+            path,
+            allowed=("name", "match", "route"),
+            unimplemented=(*_HTTP_ROUTE_UNIMPLEMENTED, "redirect"),
+        )
+    else:
+        r = fields(ctx, value, path, allowed=("match", "route"))
+    if r is None:
+        return None
+    if "route" not in r and "redirect" not in r:
+        ctx.error(path, f"{dotted((*path, 'route'))} is required")
+        return None
+    if "name" in r:
+        text(ctx, r["name"], (*path, "name"))
+    matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
+    dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
+    if matches is None or dests is None:
+        return None
+    return RouteDraft(name, proto, matches, dests)
+
+
+def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] | None:
+    """match[]: OR'ed blocks; no block (or an empty one) matches everything."""
+    blocks = listing(ctx, value, path)
+    if blocks is None:
+        return None
+    out: list[Match] = []
+    ok = True
+    for i, block in enumerate(blocks):
+        bpath = (*path, i)
+        if proto == "http":
+            b = fields(
+                ctx,
+                block,
+                bpath,
+                allowed=(
+                    "name",
+                    "uri",
+                    "scheme",
+                    "method",
+                    "authority",
+                    "headers",
+                    "sourceLabels",
+                    "port",
+                ),
+                unimplemented=_HTTP_MATCH_UNIMPLEMENTED,
+            )
+        else:
+            b = fields(
+                ctx,
+                block,
+                bpath,
+                allowed=("port", "sourceLabels"),
+                unimplemented=("destinationSubnets", "sourceSubnet", "gateways", "sourceNamespace"),
+            )
+        if b is None:
+            ok = False
+            continue
+        m = _match_block(ctx, b, bpath)
+        if m is None:
+            ok = False
+        elif m == Match():
+            return ()  # a catch-all block makes the whole list a catch-all
+        else:
+            out.append(m)
+    return tuple(out) if ok else None
+
+
+def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
+    ok = True
+    attrs = {}
+    for key in ("uri", "scheme", "method", "authority"):
+        if b.get(key) is not None:
+            sm = string_match(ctx, b[key], (*path, key), bare_ok=False)
+            if sm is None:
+                ok = False
+            attrs[key] = sm
+    headers = []
+    hpath = (*path, "headers")
+    hdrs = b.get("headers")
+    if hdrs is not None and not isinstance(hdrs, dict):
+        ctx.error(hpath, f"{dotted(hpath)} must be a mapping of header name: match")
+        ok = False
+    for hname, hval in (hdrs or {}).items():
+        sub = (*hpath, hname)
+        if not isinstance(hname, str) or not hname:
+            ctx.error(sub, f"header name {hname!r} must be a non-empty string")
+            ok = False
+        elif hname != hname.lower():
+            ctx.error(sub, f"header name {hname} must be in lower case")
+            ok = False
+        else:
+            sm = string_match(ctx, hval, sub, bare_ok=False)
+            if sm is None:
+                ok = False
+            else:
+                headers.append((hname, sm))
+    source = labels(ctx, b.get("sourceLabels"), (*path, "sourceLabels"))
+    port = None
+    if b.get("port") is not None:
+        port = _port_number(ctx, b["port"], (*path, "port"))
+        ok = ok and port is not None
+    if not ok or source is None:
+        return None
+    return Match(
+        uri=attrs.get("uri"),
+        scheme=attrs.get("scheme"),
+        method=attrs.get("method"),
+        authority=attrs.get("authority"),
+        headers=tuple(sorted(headers, key=lambda h: h[0])),
+        source_labels=source,
+        port=port,
+    )
+
+
+def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[DestinationDraft] | None:
+    entries = listing(ctx, value, path)
+    if entries is None:
+        return None
+    if not entries:
+        ctx.error(path, f"{dotted(path)} must have at least one destination")
+        return None
+    raw_weights: list[tuple[Any, Path]] = []
+    parts: list[tuple[str, str | None, int | None, Path] | None] = []
+    for i, entry in enumerate(entries):
+        epath = (*path, i)
+        e = fields(
+            ctx,
+            entry,
+            epath,
+            allowed=("destination", "weight"),
+            unimplemented=("headers",),
+            required=("destination",),
+        )
+        raw_weights.append((None if e is None else e.get("weight"), (*epath, "weight")))
+        parts.append(None if e is None else _destination(ctx, e.get("destination"), epath, env))
+    ws = weights(ctx, raw_weights, path)
+    if ws is None or any(p is None for p in parts):
+        return None
+    out = []
+    for part, w in zip(parts, ws, strict=True):
+        assert part is not None
+        host, subset, port, epath = part
+        out.append(DestinationDraft(host, w, port, subset, None, Where(ctx, epath)))
+    return out
+
+
+def _destination(
+    ctx: Ctx, value: Any, epath: Path, env: Env
+) -> tuple[str, str | None, int | None, Path] | None:
+    path = (*epath, "destination")
+    if not value:
+        return None  # reported by the entry's required check
+    d = fields(ctx, value, path, allowed=("host", "subset", "port"), required=("host",))
+    if d is None or not d.get("host"):
+        return None
+    host = _host(ctx, d["host"], (*path, "host"), env)
+    subset = None
+    if d.get("subset") is not None:
+        subset = dns_label(ctx, d["subset"], (*path, "subset"))
+        if subset is None:
+            return None
+    port = None
+    if d.get("port") is not None:
+        p = fields(
+            ctx,
+            d["port"],
+            (*path, "port"),
+            allowed=("number",),
+            unimplemented={"name": "select the port by number"},
+            required=("number",),
+        )
+        if p is None or p.get("number") is None:
+            return None
+        port = _port_number(ctx, p["number"], (*path, "port", "number"))
+        if port is None:
+            return None
+    if host is None:
+        return None
+    return host, subset, port, epath
+
+
+# -- DestinationRule ---------------------------------------------------------
+
+
+def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraft | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx,
+        obj.get("spec"),
+        ("spec",),
+        allowed=("host", "trafficPolicy", "subsets"),
+        unimplemented=("exportTo", "workloadSelector"),
+        required=("host",),
+    )
+    if spec is None or not spec.get("host"):
+        return None
+    host = _host(ctx, spec["host"], ("spec", "host"), env)
+    ok = host is not None
+    lb, lb_ok = _traffic_policy(ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy"))
+    ok = ok and lb_ok
+    subsets: dict[str, SubsetDraft] = {}
+    for i, item in enumerate(listing(ctx, spec.get("subsets"), ("spec", "subsets")) or []):
+        spath = ("spec", "subsets", i)
+        s = fields(
+            ctx,
+            item,
+            spath,
+            allowed=("name", "labels", "trafficPolicy"),
+            required=("name",),
+        )
+        if s is None or s.get("name") is None:
+            ok = False
+            continue
+        name = dns_label(ctx, s["name"], (*spath, "name"))
+        sel = labels(ctx, s.get("labels"), (*spath, "labels"))
+        slb, slb_ok = _traffic_policy(ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy"))
+        if name is None or sel is None or not slb_ok:
+            ok = False
+            continue
+        if name in subsets:
+            ctx.error((*spath, "name"), f"subset {name} is defined twice in this DestinationRule")
+            ok = False
+            continue
+        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath))
+    if not ok or host is None:
+        return None
+    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()))
+
+
+def _traffic_policy(ctx: Ctx, value: Any, path: Path) -> tuple[str | None, bool]:
+    """trafficPolicy → (loadBalancer.simple or None, ok)."""
+    if value is None:
+        return None, True
+    tp = fields(
+        ctx,
+        value,
+        path,
+        allowed=("loadBalancer",),
+        unimplemented={
+            "connectionPool": "",
+            "outlierDetection": "the sidecar ejects endpoints that fail to connect by itself",
+            "tls": "",
+            "portLevelSettings": "",
+            "tunnel": "",
+            "proxyProtocol": "",
+        },
+    )
+    if tp is None:
+        return None, False
+    if tp.get("loadBalancer") is None:
+        return None, True
+    lpath = (*path, "loadBalancer")
+    lb = fields(
+        ctx,
+        tp["loadBalancer"],
+        lpath,
+        allowed=("simple",),
+        unimplemented=("consistentHash", "localityLbSetting", "warmupDurationSecs"),
+        required=("simple",),
+    )
+    if lb is None or lb.get("simple") is None:
+        return None, False
+    simple = text(ctx, lb["simple"], (*lpath, "simple"), required=True)
+    if simple is None:
+        return None, False
+    if simple == "LEAST_REQUEST":  # the newer API's name for the same policy
+        simple = "LEAST_CONN"
+    if simple not in LB_POLICIES:
+        ctx.error(
+            (*lpath, "simple"),
+            f"load balancer {simple} "
+            + (NOT_IMPLEMENTED if simple == "PASSTHROUGH" else "is not known")
+            + f" (use one of {', '.join(LB_POLICIES)})",
+        )
+        return None, False
+    return simple, True
+
+
+# -- ServiceEntry ------------------------------------------------------------
+
+
+def read_service_entry(ctx: Ctx, obj: dict[str, Any], env: Env) -> list[ServiceDraft] | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx,
+        obj.get("spec"),
+        ("spec",),
+        allowed=("hosts", "addresses", "ports", "resolution", "endpoints", "location"),
+        unimplemented=("exportTo", "subjectAltNames", "workloadSelector"),
+        required=("hosts", "ports"),
+    )
+    if spec is None:
+        return None
+    hosts, ok = _hosts(ctx, spec, env)
+    addresses: list[str] = []
+    for i, a in enumerate(listing(ctx, spec.get("addresses"), ("spec", "addresses")) or []):
+        apath = ("spec", "addresses", i)
+        s = text(ctx, a, apath, required=True)
+        try:
+            net = ipaddress.ip_network(s or "", strict=True)
+        except ValueError:
+            ctx.error(apath, f"address {a!r} is not an IP address or CIDR block")
+            ok = False
+            continue
+        single = net.num_addresses == 1
+        addresses.append(str(net.network_address) if single else str(net))
+    if spec.get("location") is not None:
+        loc = text(ctx, spec["location"], ("spec", "location"))
+        if loc not in ("MESH_EXTERNAL", "MESH_INTERNAL"):
+            ctx.error(("spec", "location"), "location must be MESH_EXTERNAL or MESH_INTERNAL")
+            ok = False
+    ports = _ports(ctx, spec.get("ports"), ("spec", "ports"))
+    eps_raw = listing(ctx, spec.get("endpoints"), ("spec", "endpoints"))
+    resolution = "STATIC" if eps_raw else "DNS"  # Istio's NONE is not implemented
+    if spec.get("resolution") is not None:
+        rpath = ("spec", "resolution")
+        r = text(ctx, spec["resolution"], rpath, required=True)
+        if r == "NONE":
+            ctx.error(
+                rpath,
+                f"resolution NONE {NOT_IMPLEMENTED}; use STATIC with endpoints, or DNS",
+            )
+            ok = False
+        elif r not in ("STATIC", "DNS"):
+            ctx.error(rpath, f"resolution {r!r} is not known (use STATIC or DNS)")
+            ok = False
+        else:
+            resolution = r
+    if ports is None or eps_raw is None or not ok:
+        return None
+    if resolution == "STATIC" and not eps_raw:
+        ctx.error(("spec",), "resolution STATIC needs endpoints (add spec.endpoints, or use DNS)")
+        return None
+    per_port = _endpoints(ctx, eps_raw, ("spec", "endpoints"), ports, resolution)
+    if per_port is None:
+        return None
+    out = []
+    for h in hosts:
+        if not eps_raw:
+            # DNS without endpoints: the host name itself is the endpoint.
+            per_port = tuple((p.number, (Endpoint(h, target),)) for p, target in ports)
+        svc = Service(
+            host=h,
+            ports=tuple(p for p, _ in ports),
+            port_endpoints=per_port,
+            addresses=tuple(addresses),
+            aliases=aliases(h, env),
+            resolution=resolution,
+        )
+        out.append(ServiceDraft(ctx.name, svc, Where(ctx, ("spec", "hosts"))))
+    return out
+
+
+def _ports(ctx: Ctx, value: Any, path: Path) -> list[tuple[ServicePort, int]] | None:
+    """ports[] → (ServicePort, default target port)."""
+    items = listing(ctx, value, path)
+    if items is None:
+        return None
+    out: list[tuple[ServicePort, int]] = []
+    ok = True
+    for i, item in enumerate(items):
+        ppath = (*path, i)
+        p = fields(
+            ctx,
+            item,
+            ppath,
+            allowed=("number", "name", "protocol", "targetPort"),
+            required=("number", "name"),
+        )
+        if p is None or p.get("number") is None or p.get("name") is None:
+            ok = False
+            continue
+        number = _port_number(ctx, p["number"], (*ppath, "number"))
+        name = text(ctx, p["name"], (*ppath, "name"), required=True)
+        target = number
+        if p.get("targetPort") is not None:
+            target = _port_number(ctx, p["targetPort"], (*ppath, "targetPort"))
+        protocol = _protocol(name or "")
+        if p.get("protocol") is not None:
+            given = text(ctx, p["protocol"], (*ppath, "protocol"), required=True)
+            if given is not None and given.upper() not in _PROTOCOLS:
+                ctx.error(
+                    (*ppath, "protocol"),
+                    f"protocol {given!r} is not known (use one of {', '.join(_PROTOCOLS)})",
+                )
+                given = None
+            protocol = given.upper() if given else ""
+        if number is None or name is None or target is None or not protocol:
+            ok = False
+            continue
+        if any(q.number == number for q, _ in out):
+            ctx.error((*ppath, "number"), f"port {number} is listed twice")
+            ok = False
+            continue
+        if any(q.name == name for q, _ in out):
+            ctx.error((*ppath, "name"), f"port name {name} is used twice")
+            ok = False
+            continue
+        out.append((ServicePort(number, name, protocol), target))
+    return out if ok else None
+
+
+def _protocol(name: str) -> str:
+    """Istio 0.x's port naming convention, when protocol is not given."""
+    base = name.split("-", 1)[0].lower()
+    return {
+        "http": "HTTP",
+        "http2": "HTTP2",
+        "grpc": "GRPC",
+        "https": "HTTPS",
+        "tls": "TLS",
+        "mongo": "MONGO",
+        "mysql": "MYSQL",
+        "redis": "REDIS",
+    }.get(base, "TCP")
+
+
+def _endpoints(
+    ctx: Ctx,
+    items: list[Any],
+    path: Path,
+    ports: list[tuple[ServicePort, int]],
+    resolution: str,
+) -> tuple[tuple[int, tuple[Endpoint, ...]], ...] | None:
+    per_port: dict[int, list[Endpoint]] = {p.number: [] for p, _ in ports}
+    names = {p.name: p.number for p, _ in ports}
+    ok = True
+    for i, item in enumerate(items):
+        epath = (*path, i)
+        e = fields(
+            ctx,
+            item,
+            epath,
+            allowed=("address", "ports", "labels"),
+            unimplemented=("network", "locality", "weight", "serviceAccount"),
+            required=("address",),
+        )
+        if e is None or e.get("address") is None:
+            ok = False
+            continue
+        address = text(ctx, e["address"], (*epath, "address"), required=True)
+        if address is not None:
+            try:
+                address = str(ipaddress.ip_address(address))
+            except ValueError:
+                if resolution == "STATIC":
+                    ctx.error(
+                        (*epath, "address"),
+                        f"endpoint address {address!r} is not an IP address "
+                        "(resolution STATIC; use DNS for host names)",
+                    )
+                    address = None
+        sel = labels(ctx, e.get("labels"), (*epath, "labels"))
+        mapping: dict[int, int] = {}
+        raw = e.get("ports")
+        if raw is not None and not isinstance(raw, dict):
+            ctx.error((*epath, "ports"), "endpoint ports must map port name: number")
+            ok = False
+        for pname, pnum in (raw or {}).items():
+            sub = (*epath, "ports", pname)
+            if pname not in names:
+                ctx.error(
+                    sub,
+                    f"endpoint port {pname!r} names no port of this ServiceEntry "
+                    f"(ports: {', '.join(names)})",
+                )
+                ok = False
+                continue
+            num = _port_number(ctx, pnum, sub)
+            if num is None:
+                ok = False
+            else:
+                mapping[names[pname]] = num
+        if address is None or sel is None:
+            ok = False
+            continue
+        for p, target in ports:
+            per_port[p.number].append(Endpoint(address, mapping.get(p.number, target), sel))
+    if not ok:
+        return None
+    return tuple((number, tuple(eps)) for number, eps in per_port.items())

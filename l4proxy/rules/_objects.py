@@ -1,0 +1,218 @@
+"""What each document said, before the cross-document checks.
+
+The kind readers (``_routerule``, ``_networking``, ``_ingress``) turn one
+document into one of these drafts; ``_table`` checks them against each other
+(subsets against DestinationRules, labels against ServiceEntry endpoints,
+duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.RouteTable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from l4proxy.rules._schema import Ctx, Where, dotted, integer
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import IngressPath, Labels, Match, Service
+
+
+@dataclass(frozen=True)
+class Env:
+    """Loader parameters: the namespace of objects without one, the cluster domain."""
+
+    namespace: str = "default"
+    domain: str = "cluster.local"
+
+
+def fqdn(host: str, namespace: str, env: Env) -> str:
+    """A rule's host as the table keys it.
+
+    ``name`` and ``name.ns.svc`` are expanded the way Kubernetes DNS resolves
+    them from a pod; anything else with a dot is taken as written (we cannot
+    tell ``bootcamp.default`` from ``example.com``).
+    """
+    host = host.lower().rstrip(".")
+    if "." not in host:
+        return f"{host}.{namespace}.svc.{env.domain}"
+    if host.endswith(".svc"):
+        return f"{host}.{env.domain}"
+    return host
+
+
+def aliases(host: str, env: Env) -> tuple[str, ...]:
+    """The other names a Host header may use for *host* (see ``fqdn``)."""
+    suffix = f".svc.{env.domain}"
+    if not host.endswith(suffix):
+        return ()
+    parts = host[: -len(suffix)].split(".")
+    if len(parts) != 2:
+        return ()
+    name, ns = parts
+    out = [f"{name}.{ns}", f"{name}.{ns}.svc"]
+    if ns == env.namespace:
+        out.insert(0, name)
+    return tuple(out)
+
+
+@dataclass
+class DestinationDraft:
+    host: str  # FQDN
+    weight: int
+    port: int | None
+    subset: str | None  # VirtualService: a DestinationRule subset's name
+    labels: Labels | None  # RouteRule: an inline label selector
+    where: Where
+
+
+@dataclass
+class RouteDraft:
+    name: str
+    protocol: Literal["http", "tcp"]
+    matches: tuple[Match, ...]
+    destinations: list[DestinationDraft]
+
+
+@dataclass
+class RuleDraft:
+    """One RouteRule or VirtualService."""
+
+    kind: str
+    name: str
+    namespace: str
+    hosts: list[str]
+    routes: list[RouteDraft]
+    where: Where
+    precedence: int = 0
+
+
+@dataclass
+class SubsetDraft:
+    name: str
+    labels: Labels
+    load_balancer: str | None
+    where: Where
+
+
+@dataclass
+class PolicyDraft:
+    """One DestinationRule."""
+
+    name: str
+    namespace: str
+    host: str
+    load_balancer: str | None
+    subsets: dict[str, SubsetDraft] = field(default_factory=dict)
+    where: Where | None = None
+
+
+@dataclass
+class ServiceDraft:
+    """One host of a ServiceEntry."""
+
+    entry: str
+    service: Service
+    where: Where
+
+
+@dataclass
+class IngressDraft:
+    path: IngressPath
+    where: Where
+
+
+def weights(ctx: Ctx, entries: list[tuple[Any, Path]], path: Path) -> list[int] | None:
+    """Route weights: one entry may omit its weight (100); several must total 100.
+
+    Istio 0.x and v1alpha3 required exactly 100 and a wrong total took hosts
+    down (istio/api #586), so a wrong total is refused here, before any use.
+    """
+    if len(entries) == 1 and entries[0][0] is None:
+        return [100]
+    out: list[int] = []
+    ok = True
+    for value, wpath in entries:
+        if value is None:
+            out.append(0)  # Istio: an omitted weight among several is 0
+            continue
+        w = integer(ctx, value, wpath, 0, 100, what="weight")
+        if w is None:
+            ok = False
+        else:
+            out.append(w)
+    if not ok:
+        return None
+    total = sum(out)
+    if total != 100:
+        ctx.error(
+            path,
+            f"route weights total {total} (must total 100)"
+            + ("" if len(entries) > 1 else f": {dotted(entries[0][1])} must be 100 or omitted"),
+        )
+        return None
+    return out
+
+
+# -- Gateway API (HTTPRoute, Gateway) -----------------------------------------
+
+
+@dataclass
+class ListenerDraft:
+    name: str
+    port: int
+    hostname: str | None  # lower case; ``*.example.com`` allowed
+    all_namespaces: bool  # allowedRoutes.namespaces.from: All (else Same)
+    where: Where
+
+
+@dataclass
+class GatewayDraft:
+    name: str
+    namespace: str
+    listeners: list[ListenerDraft]
+    where: Where
+
+
+@dataclass
+class ParentDraft:
+    kind: Literal["Service", "Gateway"]
+    name: str
+    namespace: str
+    port: int | None
+    section: str | None
+    where: Where
+
+
+@dataclass
+class BackendDraft:
+    host: str  # FQDN of the backend Service
+    name: str
+    port: int
+    weight: int
+    where: Where
+
+
+@dataclass
+class HttpMatchDraft:
+    match: Match
+    # Gateway API precedence, smaller first: path kind (Exact, PathPrefix,
+    # RegularExpression, PathPrefix /), longer path first, method given first, more headers
+    # first, more query parameters first.
+    rank: tuple[int, int, int, int, int]
+
+
+@dataclass
+class HttpRuleDraft:
+    name: str  # the compiled route's name
+    matches: list[HttpMatchDraft]  # empty: every request
+    backends: list[BackendDraft]
+    where: Where
+
+
+@dataclass
+class HttpRouteDraft:
+    name: str
+    namespace: str
+    parents: list[ParentDraft]
+    hostnames: list[str]
+    rules: list[HttpRuleDraft]
+    where: Where

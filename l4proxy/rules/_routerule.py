@@ -1,0 +1,235 @@
+"""RouteRule (config.istio.io/v1alpha2), as Istio 0.7 accepted it.
+
+A RouteRule compiles to one route of its destination host. The loader orders
+a host's rules by precedence, higher first; rules of equal precedence are
+ordered by (namespace, name) ascending, which is what Istio 0.7 did by config
+key and is deterministic whatever the file order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from l4proxy.rules._objects import (
+    DestinationDraft,
+    Env,
+    RouteDraft,
+    RuleDraft,
+    weights,
+)
+from l4proxy.rules._schema import (
+    Ctx,
+    Where,
+    dns_label,
+    dotted,
+    fields,
+    integer,
+    labels,
+    listing,
+    string_match,
+    text,
+)
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import Labels, Match, StringMatch
+
+KIND = "RouteRule"
+API_VERSIONS = ("config.istio.io/v1alpha2",)
+
+_SPEC_UNIMPLEMENTED = (
+    "redirect",
+    "rewrite",
+    "websocketUpgrade",
+    "httpReqTimeout",
+    "httpReqRetries",
+    "httpFault",
+    "l4Fault",
+    "mirror",
+    "corsPolicy",
+    "appendHeaders",
+)
+_BY_LABELS = "match the caller by its labels (match.source.labels)"
+# Keys of match.request.headers that are request attributes, not headers.
+_SPECIAL = ("uri", "scheme", "method", "authority")
+
+
+def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None:
+    assert ctx.name is not None
+    raw = obj.get("spec")
+    if isinstance(raw, dict) and "route" in raw and "redirect" in raw:
+        ctx.error(("spec", "redirect"), "rule cannot contain both route and redirect")
+        raw = {k: v for k, v in raw.items() if k != "redirect"}
+    spec = fields(
+        ctx,
+        raw,
+        ("spec",),
+        allowed=("destination", "precedence", "match", "route"),
+        unimplemented=_SPEC_UNIMPLEMENTED,
+        required=("destination",),
+    )
+    if spec is None:
+        return None
+    host = _destination(ctx, spec.get("destination"), ("spec", "destination"), env, rule=True)
+    precedence = 0
+    if "precedence" in spec:
+        p = integer(ctx, spec["precedence"], ("spec", "precedence"), -(2**31), 2**31 - 1)
+        precedence = p if p is not None else 0
+    matches = _match(ctx, spec.get("match"), ("spec", "match"))
+    dests = _route(ctx, spec.get("route"), ("spec", "route"), host, env)
+    if host is None or matches is None or dests is None:
+        return None
+    route = RouteDraft(ctx.name, "http", matches, dests)
+    return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
+
+
+def _destination(ctx: Ctx, value: Any, path: Path, env: Env, *, rule: bool) -> str | None:
+    """An IstioService reference → FQDN host."""
+    if not value:
+        if not rule:  # spec.destination's emptiness is reported by its required check
+            ctx.error(path, f"{dotted(path)} must not be empty (name the service)")
+        return None
+    d = fields(
+        ctx,
+        value,
+        path,
+        allowed=("name", "namespace", "domain", "labels"),
+        unimplemented={"service": "name the service with name (and namespace, domain)"},
+        required=("name",),
+    )
+    if d is None or not d.get("name"):
+        return None
+    name = dns_label(ctx, d["name"], (*path, "name"))
+    ns = ctx.namespace
+    if d.get("namespace") is not None:
+        ns = dns_label(ctx, d["namespace"], (*path, "namespace")) or ns
+    domain = env.domain
+    if d.get("domain") is not None:
+        domain = text(ctx, d["domain"], (*path, "domain"), required=True) or domain
+    if d.get("labels"):
+        if rule:
+            ctx.error(
+                (*path, "labels"),
+                "route rule destination labels must be empty (select versions with route[].labels)",
+            )
+        else:
+            ctx.error(
+                (*path, "labels"),
+                f"{dotted((*path, 'labels'))} is not supported here; "
+                "put the labels on the route entry",
+            )
+        return None
+    if name is None:
+        return None
+    return f"{name}.{ns}.svc.{domain.lower().rstrip('.')}"
+
+
+def _match(ctx: Ctx, value: Any, path: Path) -> tuple[Match, ...] | None:
+    """The rule's single match block (conditions ANDed); none = catch-all."""
+    if value is None:
+        return ()
+    m = fields(
+        ctx,
+        value,
+        path,
+        allowed=("source", "request"),
+        unimplemented=("tcp", "udp"),
+    )
+    if m is None:
+        return None
+    ok = True
+    source = Labels()
+    if m.get("source") is not None:
+        spath = (*path, "source")
+        s = fields(
+            ctx,
+            m["source"],
+            spath,
+            allowed=("labels",),
+            unimplemented={k: _BY_LABELS for k in ("name", "namespace", "domain", "service")},
+        )
+        got = labels(ctx, s.get("labels"), (*spath, "labels")) if s is not None else None
+        if got is None:
+            ok = False
+        else:
+            source = got
+    attrs: dict[str, StringMatch] = {}
+    headers: list[tuple[str, StringMatch]] = []
+    if m.get("request") is not None:
+        rpath = (*path, "request")
+        r = fields(ctx, m["request"], rpath, allowed=("headers",))
+        hdrs = r.get("headers") if r is not None else None
+        hpath = (*rpath, "headers")
+        if r is None:
+            ok = False
+        elif hdrs is not None and not isinstance(hdrs, dict):
+            ctx.error(hpath, f"{dotted(hpath)} must be a mapping of header name: match")
+            ok = False
+        else:
+            for hname, hval in (hdrs or {}).items():
+                sub = (*hpath, hname)
+                if not isinstance(hname, str) or not hname:
+                    ctx.error(sub, f"header name {hname!r} must be a non-empty string")
+                    ok = False
+                    continue
+                if hname != hname.lower():
+                    ctx.error(sub, f"header name {hname} must be in lower case")
+                    ok = False
+                    continue
+                sm = string_match(ctx, hval, sub, bare_ok=True)
+                if sm is None:
+                    ok = False
+                elif hname in _SPECIAL:
+                    attrs[hname] = sm
+                else:
+                    headers.append((hname, sm))
+    if not ok:
+        return None
+    block = Match(
+        uri=attrs.get("uri"),
+        scheme=attrs.get("scheme"),
+        method=attrs.get("method"),
+        authority=attrs.get("authority"),
+        headers=tuple(sorted(headers, key=lambda h: h[0])),
+        source_labels=source,
+    )
+    return () if block == Match() else (block,)
+
+
+def _route(
+    ctx: Ctx, value: Any, path: Path, host: str | None, env: Env
+) -> list[DestinationDraft] | None:
+    """route[]: weighted label selections; omitted = the whole service."""
+    entries = listing(ctx, value, path)
+    if entries is None:
+        return None
+    if not entries:
+        if host is None:
+            return None
+        return [DestinationDraft(host, 100, None, None, Labels(), Where(ctx, path))]
+    drafts: list[tuple[str | None, Labels | None, Path]] = []
+    raw_weights: list[tuple[Any, Path]] = []
+    ok = True
+    for i, entry in enumerate(entries):
+        epath = (*path, i)
+        e = fields(ctx, entry, epath, allowed=("labels", "weight", "destination"))
+        if e is None:
+            ok = False
+            continue
+        sel = labels(ctx, e.get("labels"), (*epath, "labels"))
+        target = host
+        if e.get("destination") is not None:
+            target = _destination(ctx, e["destination"], (*epath, "destination"), env, rule=False)
+            if target is None:
+                ok = False
+        drafts.append((target, sel, epath))
+        raw_weights.append((e.get("weight"), (*epath, "weight")))
+    if not ok:
+        return None
+    ws = weights(ctx, raw_weights, path)
+    if ws is None:
+        return None
+    out = []
+    for (target, sel, epath), w in zip(drafts, ws, strict=True):
+        if target is None or sel is None:
+            return None
+        out.append(DestinationDraft(target, w, None, None, sel, Where(ctx, epath)))
+    return out

@@ -1,0 +1,290 @@
+"""Reading one object's fields: typed accessors that report instead of raising.
+
+Every accessor takes the object's :class:`Ctx` and the *path* of the value
+inside the object (``("spec", "route", 0, "weight")``), reports a diagnostic
+at that path's line when the value is wrong, and returns None. The kind
+readers therefore find every problem of a file in one pass instead of
+stopping at the first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4proxy.rules._errors import Diagnostic, Severity
+from l4proxy.rules._yaml import Document, Path
+from l4proxy.rules.routing import Labels, StringMatch
+
+NOT_IMPLEMENTED = "is not implemented by l4proxy; remove it (the sidecar would not honour it)"
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+@dataclass
+class Report:
+    """Every diagnostic of one load, in the order found."""
+
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    def add(self, d: Diagnostic) -> None:
+        self.diagnostics.append(d)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(d.severity == "error" for d in self.diagnostics)
+
+
+def dotted(path: Path) -> str:
+    """``("spec", "route", 0, "weight")`` → ``spec.route[0].weight``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class Ctx:
+    """One object being read: its document, kind, name and namespace."""
+
+    report: Report
+    doc: Document
+    base: Path  # where the object sits in the document (``("items", 3)`` in a List)
+    kind: str
+    name: str | None = None
+    namespace: str = "default"
+
+    @property
+    def file(self) -> str:
+        return self.doc.file
+
+    @property
+    def line(self) -> int:
+        return self.doc.line_of(self.base)
+
+    def line_of(self, path: Path) -> int:
+        return self.doc.line_of((*self.base, *path))
+
+    def diag(self, path: Path, message: str, severity: Severity = "error") -> None:
+        self.report.add(
+            Diagnostic(
+                file=self.doc.file,
+                line=self.line_of(path),
+                kind=self.kind,
+                name=self.name,
+                message=message,
+                severity=severity,
+            )
+        )
+
+    def error(self, path: Path, message: str) -> None:
+        self.diag(path, message)
+
+    def warning(self, path: Path, message: str) -> None:
+        self.diag(path, message, "warning")
+
+    def note(self, path: Path, message: str) -> None:
+        self.diag(path, message, "note")
+
+
+@dataclass(frozen=True)
+class Where:
+    """A place in an object, kept for checks that need other documents first."""
+
+    ctx: Ctx
+    path: Path
+
+    def error(self, message: str) -> None:
+        self.ctx.error(self.path, message)
+
+    def warning(self, message: str) -> None:
+        self.ctx.warning(self.path, message)
+
+    @property
+    def location(self) -> str:
+        return f"{self.ctx.file}:{self.ctx.line_of(self.path)}"
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def fields(
+    ctx: Ctx,
+    value: Any,
+    path: Path,
+    *,
+    allowed: Collection[str],
+    unimplemented: Mapping[str, str] | Collection[str] = (),
+    required: Collection[str] = (),
+) -> dict[str, Any] | None:
+    """Check that *value* is a mapping with known fields; report the others.
+
+    *unimplemented* lists fields of the upstream API that l4proxy refuses (a
+    mapping gives a hint for each); anything else unknown is reported as a
+    probable typo with the accepted names.
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        ctx.error(path, f"{dotted(path) or 'document'} must be a mapping, not {type_name(value)}")
+        return None
+    for key in value:
+        if key in allowed:
+            continue
+        sub = (*path, key)
+        if key in unimplemented:
+            hint = unimplemented[key] if isinstance(unimplemented, Mapping) else ""
+            ctx.error(sub, f"{dotted(sub)} {NOT_IMPLEMENTED}" + (f"; {hint}" if hint else ""))
+        else:
+            ctx.error(
+                sub,
+                f"unknown field {dotted(sub)} (expected one of: {', '.join(sorted(allowed))})",
+            )
+    for key in required:
+        if value.get(key) is None:
+            ctx.error(path, f"{dotted((*path, key))} is required")
+        elif value[key] in ("", [], {}):
+            ctx.error((*path, key), f"{dotted((*path, key))} must not be empty")
+    return value
+
+
+def text(ctx: Ctx, value: Any, path: Path, *, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            ctx.error(path, f"{dotted(path)} is required")
+        return None
+    if not isinstance(value, str):
+        ctx.error(path, f"{dotted(path)} must be a string, not {type_name(value)}")
+        return None
+    if required and not value:
+        ctx.error(path, f"{dotted(path)} must not be empty")
+        return None
+    return value
+
+
+def integer(
+    ctx: Ctx, value: Any, path: Path, lo: int, hi: int, *, what: str | None = None
+) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        ctx.error(path, f"{dotted(path)} must be an integer, not {type_name(value)}")
+        return None
+    if not lo <= value <= hi:
+        ctx.error(path, f"{what or dotted(path)} {value} is not in range {lo}..{hi}")
+        return None
+    return value
+
+
+def listing(ctx: Ctx, value: Any, path: Path) -> list[Any] | None:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        ctx.error(path, f"{dotted(path)} must be a list, not {type_name(value)}")
+        return None
+    return value
+
+
+def dns_label(ctx: Ctx, value: Any, path: Path) -> str | None:
+    s = text(ctx, value, path, required=True)
+    if s is not None and not _DNS1123_LABEL.fullmatch(s):
+        ctx.error(
+            path,
+            f"{dotted(path)} {s!r} is not a DNS-1123 label "
+            "(lowercase letters, digits and '-', at most 63)",
+        )
+        return None
+    return s
+
+
+def dns_subdomain(ctx: Ctx, value: Any, path: Path) -> str | None:
+    s = text(ctx, value, path, required=True)
+    if s is not None and not _DNS1123_SUBDOMAIN.fullmatch(s):
+        ctx.error(
+            path,
+            f"{dotted(path)} {s!r} is not a valid name (lowercase letters, digits, '-' and '.')",
+        )
+        return None
+    return s
+
+
+def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
+    if value is None:
+        return Labels()
+    if not isinstance(value, dict):
+        ctx.error(path, f"{dotted(path)} must be a mapping of label: value, not {type_name(value)}")
+        return None
+    ok = True
+    for k, v in value.items():
+        sub = (*path, k)
+        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
+            ctx.error(sub, f"label name {k!r} in {dotted(path)} is not a valid label name")
+            ok = False
+        elif not isinstance(v, str):
+            ctx.error(
+                sub,
+                f"label {k} in {dotted(path)} must be a string, not {type_name(v)} "
+                f'(quote it: {k}: "{v}")',
+            )
+            ok = False
+        elif not _LABEL_VALUE.fullmatch(v):
+            ctx.error(sub, f"label {k}={v!r} in {dotted(path)} is not a valid label value")
+            ok = False
+    return Labels(value) if ok else None
+
+
+def string_match(ctx: Ctx, value: Any, path: Path, *, bare_ok: bool) -> StringMatch | None:
+    """Istio StringMatch: ``{exact|prefix|regex: s}``; a bare string is exact if *bare_ok*."""
+    if isinstance(value, str) and bare_ok:
+        return StringMatch("exact", value)
+    if not isinstance(value, dict):
+        ctx.error(
+            path,
+            f"{dotted(path)} must be a mapping with one of exact, prefix, regex, "
+            f"not {type_name(value)}",
+        )
+        return None
+    kinds = [k for k in value if k in ("exact", "prefix", "regex")]
+    for k in value:
+        if k not in ("exact", "prefix", "regex"):
+            sub = (*path, k)
+            if k == "suffix":
+                ctx.error(sub, f"{dotted(sub)} {NOT_IMPLEMENTED}; use a regex instead")
+            else:
+                ctx.error(sub, f"unknown field {dotted(sub)} (expected exact, prefix or regex)")
+    if len(kinds) != 1:
+        if kinds or not value:
+            ctx.error(path, f"{dotted(path)} must have exactly one of exact, prefix, regex")
+        return None
+    kind = kinds[0]
+    s = text(ctx, value[kind], (*path, kind))
+    if s is None:
+        return None
+    if kind == "regex":
+        try:
+            pattern = re.compile(s)
+        except re.error as exc:
+            ctx.error((*path, kind), f"regex {s!r} in {dotted(path)} is invalid: {exc}")
+            return None
+        return StringMatch("regex", s, pattern)
+    return StringMatch("exact" if kind == "exact" else "prefix", s)

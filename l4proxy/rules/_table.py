@@ -1,0 +1,277 @@
+"""Cross-document checks, and compiling the drafts into one RouteTable.
+
+Rules, subsets and the registry are checked together because Istio users were
+bitten by them drifting apart (a route naming a subset that did not exist
+yet gave 503s, istio/istio #5204): here a table that would misroute is never
+built. What only *may* become valid later (a rule for a service no
+ServiceEntry describes yet) is a warning, so that rules and registry can live
+in separate files and be rolled out in either order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from l4proxy.rules._gateway_api import Compiler
+from l4proxy.rules._objects import (
+    DestinationDraft,
+    Env,
+    GatewayDraft,
+    HttpRouteDraft,
+    IngressDraft,
+    PolicyDraft,
+    RuleDraft,
+    ServiceDraft,
+)
+from l4proxy.rules._schema import Where
+from l4proxy.rules.routing import DEFAULT, Destination, Labels, Route, RouteTable, Service, Subset
+
+
+@dataclass
+class Drafts:
+    """Everything the documents said, in file order."""
+
+    rules: list[RuleDraft] = field(default_factory=list)
+    policies: list[PolicyDraft] = field(default_factory=list)
+    services: list[ServiceDraft] = field(default_factory=list)
+    ingress: list[IngressDraft] = field(default_factory=list)
+    http_routes: list[HttpRouteDraft] = field(default_factory=list)
+    gateways: list[GatewayDraft] = field(default_factory=list)
+    # FQDNs of skipped Kubernetes Services, for a better "no ServiceEntry" hint.
+    k8s_services: set[str] = field(default_factory=set)
+
+
+def subset_name(labels: Labels) -> str:
+    """The name a RouteRule's inline label set gets (``{version: v1}`` → ``v1``).
+
+    A DestinationRule subset with the same labels lends its name instead, so a
+    RouteRule and the equivalent VirtualService + DestinationRule compile to
+    the same table.
+    """
+    if not labels:
+        return DEFAULT
+    return "-".join(labels[k] for k in sorted(labels))
+
+
+def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
+    services = _registry(d)
+    policies = _policies(d, services)
+    routes = _routes(d, env, services, policies)
+    _check_ingress(d, services)
+    routed = {h: r.where for r in d.rules for h in r.hosts}
+    gateway_api = Compiler(services, policies, routed, env)
+    gateway_api.compile(d.http_routes, d.gateways)
+    routes.update(gateway_api.routes)
+    return RouteTable(
+        [*services.values(), *gateway_api.gateway_services],
+        routes,
+        load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
+        ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
+        namespace=env.namespace,
+        domain=env.domain,
+        seed=seed,
+    )
+
+
+def _registry(d: Drafts) -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    origin: dict[str, ServiceDraft] = {}
+    by_name: dict[str, str] = {}
+    by_vip: dict[tuple[str, int], str] = {}
+    for sd in d.services:
+        svc = sd.service
+        first = origin.get(svc.host)
+        if first is not None:
+            sd.where.error(
+                f"host {svc.host} is already described by ServiceEntry {first.entry} "
+                f"({first.where.location}); one host, one ServiceEntry"
+            )
+            continue
+        clash = next((by_name[n] for n in svc.aliases if n in by_name), None)
+        if clash is not None:
+            sd.where.error(f"host {svc.host} has a short name that {clash} already uses")
+            continue
+        for addr in svc.addresses:
+            for p in svc.ports:
+                other = by_vip.get((addr, p.number))
+                if other is not None and other != svc.host:
+                    sd.where.error(
+                        f"address {addr} port {p.number} is already the VIP of {other}; "
+                        "give each service its own address"
+                    )
+                by_vip.setdefault((addr, p.number), svc.host)
+        services[svc.host] = svc
+        origin[svc.host] = sd
+        for n in (svc.host, *svc.aliases):
+            by_name.setdefault(n, svc.host)
+    return services
+
+
+def _describe_endpoints(svc: Service) -> str:
+    sets = sorted({str(Labels(e.labels)) or "(no labels)" for e in svc.endpoints})
+    return "; ".join(sets) if sets else "none"
+
+
+def _no_service(where: Where, host: str, d: Drafts, what: str) -> None:
+    hint = ""
+    if host in d.k8s_services:
+        hint = (
+            " (a Kubernetes Service carries no endpoint addresses: describe it with a "
+            "ServiceEntry listing the pods)"
+        )
+    where.warning(
+        f"{host} has no ServiceEntry in these files; {what} applies once one is loaded{hint}"
+    )
+
+
+def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]:
+    policies: dict[str, PolicyDraft] = {}
+    for p in d.policies:
+        assert p.where is not None
+        first = policies.get(p.host)
+        if first is not None:
+            assert first.where is not None
+            p.where.error(
+                f"host {p.host} already has DestinationRule {first.name} "
+                f"({first.where.location}); merge their subsets into one"
+            )
+            continue
+        policies[p.host] = p
+        svc = services.get(p.host)
+        if svc is None:
+            _no_service(p.where, p.host, d, "this DestinationRule")
+            continue
+        for s in p.subsets.values():
+            if not any(s.labels.selects(e.labels) for e in svc.endpoints):
+                s.where.error(
+                    f"subset {s.name} ({s.labels or 'no labels'}) selects no endpoint of "
+                    f"{p.host} (its endpoints have: {_describe_endpoints(svc)})"
+                )
+    return policies
+
+
+def _routes(
+    d: Drafts,
+    env: Env,
+    services: dict[str, Service],
+    policies: dict[str, PolicyDraft],
+) -> dict[str, list[Route]]:
+    owners: dict[str, list[RuleDraft]] = defaultdict(list)
+    for rule in d.rules:
+        for host in rule.hosts:
+            prior = owners[host]
+            # Two VirtualServices (or a VirtualService and RouteRules) for one
+            # host: Istio merged them in an order users could not predict.
+            clash = next(
+                (r for r in prior if r.kind == "VirtualService" or rule.kind == "VirtualService"),
+                None,
+            )
+            if clash is not None:
+                rule.where.error(
+                    f"host {host} is already routed by {clash.kind} {clash.name} "
+                    f"({clash.where.location}); route one host from one VirtualService "
+                    "(or from RouteRules only)"
+                )
+                continue
+            prior.append(rule)
+    warned: set[tuple[int, str]] = set()
+    table: dict[str, list[Route]] = {}
+    for host, rules in owners.items():
+        if not rules:
+            continue
+        # RouteRules: precedence high first, then namespace/name ascending
+        # (Istio 0.7 broke ties by config key); a VirtualService is alone.
+        rules.sort(key=lambda r: (-r.precedence, r.namespace, r.name))
+        compiled: list[Route] = []
+        for rule in rules:
+            if host not in services and (id(rule), host) not in warned:
+                warned.add((id(rule), host))
+                _no_service(rule.where, host, d, f"this {rule.kind}")
+            for rd in rule.routes:
+                dests = []
+                for dd in rd.destinations:
+                    dest = _destination(dd, d, services, policies, warned, id(rule))
+                    if dest is not None:
+                        dests.append(dest)
+                if len(dests) == len(rd.destinations):
+                    compiled.append(Route(rd.name, tuple(dests), rd.matches, rd.protocol))
+        table[host] = compiled
+    return table
+
+
+def _destination(
+    dd: DestinationDraft,
+    d: Drafts,
+    services: dict[str, Service],
+    policies: dict[str, PolicyDraft],
+    warned: set[tuple[int, str]],
+    rule_id: int,
+) -> Destination | None:
+    policy = policies.get(dd.host)
+    host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+    svc = services.get(dd.host)
+    subset: Subset
+    if dd.subset is not None:
+        if policy is None:
+            dd.where.error(
+                f"subset {dd.subset} is not defined: no DestinationRule for host {dd.host} "
+                "(add one with this subset's labels)"
+            )
+            return None
+        sd = policy.subsets.get(dd.subset)
+        if sd is None:
+            defined = ", ".join(policy.subsets) or "none"
+            dd.where.error(
+                f"subset {dd.subset} is not defined by DestinationRule {policy.name} for "
+                f"host {dd.host} (it defines: {defined})"
+            )
+            return None
+        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb)
+    elif dd.labels:
+        same = None
+        if policy is not None:
+            same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
+        if same is not None:
+            subset = Subset(same.name, same.labels, same.load_balancer or host_lb)
+        else:
+            subset = Subset(subset_name(dd.labels), dd.labels, host_lb)
+        if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
+            dd.where.error(
+                f"route labels {dd.labels} select no endpoint of {dd.host} "
+                f"(its endpoints have: {_describe_endpoints(svc)})"
+            )
+            return None
+    else:
+        subset = Subset(DEFAULT, Labels(), host_lb)
+    if svc is None:
+        if (rule_id, dd.host) not in warned:
+            warned.add((rule_id, dd.host))
+            _no_service(dd.where, dd.host, d, "this route")
+    elif dd.port is not None and svc.port(dd.port) is None:
+        ports = ", ".join(str(p.number) for p in svc.ports)
+        dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
+        return None
+    return Destination(dd.host, subset, dd.weight, dd.port)
+
+
+def _check_ingress(d: Drafts, services: dict[str, Service]) -> None:
+    default: IngressDraft | None = None
+    for ing in d.ingress:
+        p = ing.path
+        if p.path_type == "Default":
+            if default is not None:
+                ing.where.error(
+                    f"a default backend is already set by Ingress {default.path.name} "
+                    f"({default.where.location}); keep one"
+                )
+                continue
+            default = ing
+        svc = services.get(p.service)
+        if svc is None:
+            _no_service(ing.where, p.service, d, "this Ingress path")
+            continue
+        found = svc.port(p.port) if isinstance(p.port, int) else svc.port_by_name(p.port)
+        if found is None:
+            ports = ", ".join(f"{q.number} ({q.name})" for q in svc.ports)
+            ing.where.error(f"service {p.service} has no port {p.port} (ports: {ports})")

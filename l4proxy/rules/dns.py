@@ -1,0 +1,527 @@
+"""ServiceEntry ``resolution: DNS``: host-name endpoints become address endpoints.
+
+Theory of operation
+-------------------
+On Kubernetes a sidecar finds the pods of one version through a headless
+Service: ``bootcamp-v1.default.svc.cluster.local`` answers with one A record
+per ready pod. A ServiceEntry with ``resolution: DNS`` lists such names as
+endpoint addresses, each with the labels its pods share (``version: v1``).
+
+The rule loader keeps those endpoints as they are written (``address`` is the
+name). :class:`DnsEndpoints` holds one :class:`NameState` per name the loaded
+table mentions, refreshes each when its TTL runs out, and
+:func:`resolved_table` rewrites the table so that a name becomes one
+:class:`~l4proxy.rules.routing.Endpoint` *per address*, same port, same labels. So
+round robin, subsets by label and outlier detection see pods, not names.
+
+* A name not resolved yet stays a name; the worker's connect resolves it with
+  ``getaddrinfo`` in a thread, so the first seconds after start still route.
+* An answer (records, or a negative answer: NXDOMAIN / no records) replaces
+  the addresses. A headless Service with no ready pod answers NXDOMAIN, and
+  then the pods are gone: sending to the old addresses would be wrong.
+* A failure (timeout, SERVFAIL, REFUSED, garbage) keeps the last good
+  addresses, is counted in ``/stats`` and shown in ``/clusters``, and is
+  retried with a backoff.
+* TTLs are honoured between a floor (a TTL of 0 must not turn a thousand
+  sidecars into a query flood; CoreDNS serves cluster names with TTL 5) and a
+  ceiling (a long TTL must not pin a pod that left).
+
+Why our own client: the stdlib (``getaddrinfo``) does not report TTLs, and a
+thread per lookup is what "never block the event loop" would otherwise cost.
+:mod:`l4proxy.rules._dnswire` is the sans-IO codec; this module does UDP (TCP when
+an answer is truncated) on the running event loop. It reads nameservers,
+``search`` and ``options timeout/attempts`` from ``/etc/resolv.conf`` and
+consults ``/etc/hosts`` first, as glibc's ``files dns`` order does. A name
+with a dot (``bootcamp-v1.default.svc.cluster.local``) is looked up as
+written; the search list applies only to single-label names, so a
+Kubernetes ``ndots:5`` does not cost three NXDOMAIN round trips per refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4proxy.rules import _dnswire as wire
+from l4proxy.rules.routing import Endpoint, RouteTable, Service
+from l4proxy.stats import Counters
+
+__all__ = [
+    "DEFAULT_MAX_TTL",
+    "DEFAULT_MIN_TTL",
+    "DnsEndpoints",
+    "DnsError",
+    "NameState",
+    "Resolution",
+    "ResolvConf",
+    "Resolver",
+    "dns_names",
+    "read_hosts",
+    "resolved_table",
+    "ttl_bounds_from_env",
+]
+
+log = logging.getLogger("l4proxy.dns")
+
+DEFAULT_MIN_TTL = 5.0  # seconds; CoreDNS's default TTL for cluster names
+DEFAULT_MAX_TTL = 300.0
+MAX_RETRY = 30.0  # a failing name is retried at most this far apart (unless min TTL is larger)
+
+DnsError = wire.DnsError
+
+
+@dataclass(frozen=True)
+class ResolvConf:
+    """What we use of resolv.conf(5)."""
+
+    nameservers: tuple[str, ...] = ("127.0.0.1",)
+    search: tuple[str, ...] = ()
+    timeout: float = 5.0
+    attempts: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> ResolvConf:
+        servers: list[str] = []
+        search: list[str] = []
+        timeout, attempts = 5.0, 2
+        for raw in text.splitlines():
+            parts = raw.split("#", 1)[0].split(";", 1)[0].split()
+            if not parts:
+                continue
+            key, args = parts[0], parts[1:]
+            if key == "nameserver" and args and len(servers) < 3:
+                try:
+                    servers.append(str(ipaddress.ip_address(args[0].split("%", 1)[0])))
+                except ValueError:
+                    continue
+            elif key in ("search", "domain"):
+                search = [a.rstrip(".") for a in args if a.strip(".")]
+            elif key == "options":
+                for opt in args:
+                    name, _, value = opt.partition(":")
+                    if name == "timeout" and value.isdigit():
+                        timeout = float(min(max(int(value), 1), 30))
+                    elif name == "attempts" and value.isdigit():
+                        attempts = min(max(int(value), 1), 5)
+        return cls(tuple(servers) or ("127.0.0.1",), tuple(search), timeout, attempts)
+
+    @classmethod
+    def read(cls, path: str = "/etc/resolv.conf") -> ResolvConf:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return cls.parse(f.read())
+        except OSError:
+            return cls()
+
+
+def read_hosts(path: str = "/etc/hosts") -> dict[str, list[str]]:
+    """Name (lower case, no trailing dot) → addresses in file order."""
+    out: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split("#", 1)[0].split()
+        if len(parts) < 2:
+            continue
+        try:
+            addr = str(ipaddress.ip_address(parts[0].split("%", 1)[0]))
+        except ValueError:
+            continue
+        for name in parts[1:]:
+            addrs = out.setdefault(name.lower().rstrip("."), [])
+            if addr not in addrs:
+                addrs.append(addr)
+    return out
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A lookup's answer: addresses (possibly none) and the TTL to cache it for."""
+
+    addresses: tuple[str, ...]
+    ttl: float | None  # None: the answer carried no TTL (hosts file, negative without SOA)
+    source: str  # "dns", "hosts"
+
+
+class Resolver:
+    """A minimal stub resolver: A and AAAA over UDP (TCP on truncation)."""
+
+    def __init__(
+        self,
+        conf: ResolvConf | None = None,
+        *,
+        resolv_conf: str = "/etc/resolv.conf",
+        hosts_file: str = "/etc/hosts",
+        port: int = 53,
+        families: tuple[int, ...] = (wire.TYPE_A, wire.TYPE_AAAA),
+    ) -> None:
+        self._conf = conf
+        self.resolv_conf = resolv_conf
+        self.hosts_file = hosts_file
+        self.port = port
+        self.families = families
+
+    @property
+    def conf(self) -> ResolvConf:
+        # Re-read on every use: a pod's resolv.conf is fixed, but a test (or a
+        # node agent) may rewrite it, and the file is tiny.
+        return self._conf if self._conf is not None else ResolvConf.read(self.resolv_conf)
+
+    def candidates(self, name: str, conf: ResolvConf) -> list[str]:
+        """Names to try, in order (see the module docstring on ``ndots``)."""
+        if name.endswith(".") or "." in name:
+            return [name.rstrip(".")]
+        return [f"{name}.{d}" for d in conf.search] + [name]
+
+    async def resolve(self, name: str) -> Resolution:
+        name = name.lower()
+        hosts = read_hosts(self.hosts_file)
+        if name.rstrip(".") in hosts:
+            return Resolution(tuple(hosts[name.rstrip(".")]), None, "hosts")
+        conf = self.conf
+        last: Resolution | None = None
+        for candidate in self.candidates(name, conf):
+            res = await self._lookup(candidate, conf)
+            if res.addresses:
+                return res
+            last = res
+        assert last is not None
+        return last
+
+    async def _lookup(self, name: str, conf: ResolvConf) -> Resolution:
+        answers = await asyncio.gather(
+            *(self.query(name, qtype, conf) for qtype in self.families), return_exceptions=True
+        )
+        addresses: list[str] = []
+        ttls: list[float] = []
+        errors: list[BaseException] = []
+        for ans in answers:
+            if isinstance(ans, BaseException):
+                if not isinstance(ans, DnsError | OSError | TimeoutError):
+                    raise ans
+                errors.append(ans)
+                continue
+            addresses += [a for a in ans.addresses if a not in addresses]
+            if ans.ttl is not None:
+                ttls.append(ans.ttl)
+        if errors and (len(errors) == len(answers) or not addresses):
+            # Only a failure of every query (or one failing while the other
+            # was empty) counts as failed: some servers never answer AAAA.
+            raise errors[0] if isinstance(errors[0], DnsError) else DnsError(_describe(errors[0]))
+        return Resolution(tuple(addresses), min(ttls) if ttls else None, "dns")
+
+    async def query(self, name: str, qtype: int, conf: ResolvConf) -> wire.Answer:
+        """One question, trying each nameserver ``attempts`` times."""
+        last: BaseException = DnsError("no nameserver")
+        for _ in range(conf.attempts):
+            for server in conf.nameservers:
+                qid = secrets.randbelow(0x10000)
+                packet = wire.encode_query(qid, name, qtype)
+                try:
+                    data = await asyncio.wait_for(
+                        _udp_exchange(server, self.port, packet, qid), conf.timeout
+                    )
+                    ans = wire.parse_response(data, qid, name, qtype)
+                    if ans.truncated:
+                        data = await asyncio.wait_for(
+                            _tcp_exchange(server, self.port, packet), conf.timeout
+                        )
+                        ans = wire.parse_response(data, qid, name, qtype)
+                    return ans
+                except wire.DnsServerError as exc:
+                    last = exc  # SERVFAIL/REFUSED: ask the next server
+                except (TimeoutError, OSError, DnsError) as exc:
+                    last = exc
+        if isinstance(last, DnsError):
+            raise last
+        raise DnsError(_describe(last))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+class _UdpExchange(asyncio.DatagramProtocol):
+    def __init__(self, qid: int, done: asyncio.Future[bytes]) -> None:
+        self.qid = qid
+        self.done = done
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        # A reply with another id is stale or spoofed: ignore it, keep waiting.
+        if len(data) >= 2 and int.from_bytes(data[:2], "big") == self.qid and not self.done.done():
+            self.done.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)  # ICMP port unreachable: nobody serves DNS there
+
+
+async def _udp_exchange(server: str, port: int, packet: bytes, qid: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    # A connected socket: the kernel drops datagrams from other sources.
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _UdpExchange(qid, done), remote_addr=(server, port)
+    )
+    try:
+        transport.sendto(packet)
+        return await done
+    finally:
+        transport.close()
+
+
+async def _tcp_exchange(server: str, port: int, packet: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(server, port)
+    try:
+        writer.write(len(packet).to_bytes(2, "big") + packet)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
+
+
+# -- refresh state -------------------------------------------------------------
+
+
+@dataclass
+class NameState:
+    """One name's addresses and the story of its lookups."""
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    resolved: bool = False  # has ever been answered; until then the name itself is the endpoint
+    ttl: float | None = None
+    source: str = ""
+    next_at: float = 0.0  # monotonic time of the next lookup
+    last_ok_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    lookups: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+
+    @property
+    def stale(self) -> bool:
+        """True while the latest lookup failed (the addresses are the last good ones)."""
+        return self.last_error is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "addresses": list(self.addresses),
+            "resolved": self.resolved,
+            "ttl": self.ttl,
+            "source": self.source,
+            "refresh_in": round(max(0.0, self.next_at - time.monotonic()), 3),
+            "last_ok_at": self.last_ok_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "lookups": self.lookups,
+            "failures": self.failures,
+        }
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def dns_names(table: RouteTable) -> dict[str, list[str]]:
+    """Host-name endpoint addresses of DNS services → the service hosts using them."""
+    out: dict[str, list[str]] = {}
+    for svc in table.services():
+        if svc.resolution != "DNS":
+            continue
+        for ep in svc.endpoints:
+            if not _is_ip(ep.address):
+                hosts = out.setdefault(ep.address.lower().rstrip("."), [])
+                if svc.host not in hosts:
+                    hosts.append(svc.host)
+    return out
+
+
+def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
+    per_port = []
+    for number, eps in svc.port_endpoints:
+        seen: dict[Endpoint, None] = {}
+        for ep in eps:
+            st = states.get(ep.address.lower().rstrip("."))
+            if st is None or not st.resolved or _is_ip(ep.address):
+                seen.setdefault(ep, None)
+                continue
+            for addr in st.addresses:
+                seen.setdefault(Endpoint(addr, ep.port, ep.labels), None)
+        per_port.append((number, tuple(seen)))
+    return Service(
+        host=svc.host,
+        ports=svc.ports,
+        port_endpoints=tuple(per_port),
+        addresses=svc.addresses,
+        aliases=svc.aliases,
+        resolution=svc.resolution,
+    )
+
+
+def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTable:
+    """*base* with every resolved host-name endpoint replaced by its addresses.
+
+    Routes, load-balancer policies and ingress paths are carried over as they
+    are; only the services' endpoint lists change. (RouteTable has no public
+    "copy with other services"; the private fields read here are its inputs.)
+    """
+    services = [_expand(svc, states) if svc.resolution == "DNS" else svc for svc in base.services()]
+    return RouteTable(
+        services,
+        base._routes,
+        load_balancers=base._load_balancers,
+        ingress=base.ingress_paths,
+        namespace=base.namespace,
+        domain=base.domain,
+    )
+
+
+@dataclass
+class DnsEndpoints:
+    """The names a table needs, refreshed by TTL; see the module docstring."""
+
+    resolver: Resolver = field(default_factory=Resolver)
+    min_ttl: float = DEFAULT_MIN_TTL
+    max_ttl: float = DEFAULT_MAX_TTL
+    counters: Counters = field(default_factory=Counters)
+    names: dict[str, NameState] = field(default_factory=dict)
+    users: dict[str, list[str]] = field(default_factory=dict)  # name -> service hosts
+
+    def __post_init__(self) -> None:
+        self.max_ttl = max(self.max_ttl, self.min_ttl)
+        c = self.counters
+        c.describe(
+            "l4proxy_dns_lookups_total",
+            "counter",
+            "DNS lookups of ServiceEntry endpoint names, by name and result.",
+        )
+        c.describe("l4proxy_dns_addresses", "gauge", "Addresses a DNS endpoint name resolves to.")
+        c.describe(
+            "l4proxy_dns_stale",
+            "gauge",
+            "1 while the last lookup of a name failed and its last good addresses are served.",
+        )
+
+    def track(self, table: RouteTable) -> bool:
+        """Follow the names *table* uses (new ones are due now). True if any is new."""
+        wanted = dns_names(table)
+        new = False
+        for name in wanted:
+            if name not in self.names:
+                self.names[name] = NameState(name)
+                new = True
+        for name in list(self.names):
+            if name not in wanted:
+                del self.names[name]
+                self.counters.set("l4proxy_dns_addresses", 0, hostname=name)
+                self.counters.set("l4proxy_dns_stale", 0, hostname=name)
+        self.users = wanted
+        return new
+
+    def next_due(self) -> float | None:
+        return min((st.next_at for st in self.names.values()), default=None)
+
+    def _clamp(self, ttl: float | None) -> float:
+        if ttl is None:
+            return self.min_ttl
+        return min(max(ttl, self.min_ttl), self.max_ttl)
+
+    def apply(self, name: str, result: Resolution | BaseException, now: float) -> bool:
+        """Record one lookup's outcome. True if the name's addresses changed."""
+        st = self.names.get(name)
+        if st is None:
+            return False  # no longer used (a reload happened meanwhile)
+        st.lookups += 1
+        if isinstance(result, BaseException):
+            st.failures += 1
+            st.consecutive_failures += 1
+            st.last_error = _describe(result)
+            st.last_error_at = time.time()
+            retry = self.min_ttl * 2 ** (st.consecutive_failures - 1)
+            st.next_at = now + min(retry, max(self.min_ttl, MAX_RETRY))
+            self.counters.inc("l4proxy_dns_lookups_total", hostname=name, result="error")
+            self.counters.set("l4proxy_dns_stale", 1, hostname=name)
+            log.warning(
+                "DNS lookup of %s failed (%s); keeping %s",
+                name,
+                st.last_error,
+                ", ".join(st.addresses) if st.resolved else "the name for connect-time lookup",
+            )
+            return False
+        changed = not st.resolved or set(result.addresses) != set(st.addresses)
+        if changed:
+            log.info("DNS %s -> %s (ttl %s)", name, ", ".join(result.addresses) or "-", result.ttl)
+        st.addresses = result.addresses
+        st.resolved = True
+        st.ttl = result.ttl
+        st.source = result.source
+        st.last_ok_at = time.time()
+        st.last_error = None
+        st.last_error_at = None
+        st.consecutive_failures = 0
+        st.next_at = now + self._clamp(result.ttl)
+        outcome = "ok" if result.addresses else "empty"
+        self.counters.inc("l4proxy_dns_lookups_total", hostname=name, result=outcome)
+        self.counters.set("l4proxy_dns_addresses", len(result.addresses), hostname=name)
+        self.counters.set("l4proxy_dns_stale", 0, hostname=name)
+        return changed
+
+    async def refresh_due(self, now: float | None = None) -> bool:
+        """Look up every name whose time has come, concurrently. True if any changed."""
+        now = time.monotonic() if now is None else now
+        due = [name for name, st in self.names.items() if st.next_at <= now]
+        if not due:
+            return False
+        results = await asyncio.gather(
+            *(self.resolver.resolve(name) for name in due), return_exceptions=True
+        )
+        done = time.monotonic()
+        changed = False
+        for name, res in zip(due, results, strict=True):
+            if isinstance(res, BaseException) and not isinstance(res, Exception):
+                raise res  # CancelledError, KeyboardInterrupt
+            changed |= self.apply(name, res, done)
+        return changed
+
+    def for_service(self, host: str) -> list[dict[str, Any]]:
+        """The DNS state of the names one service uses (for ``/clusters``)."""
+        return [st.to_json() for name, st in self.names.items() if host in self.users.get(name, ())]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{**st.to_json(), "services": self.users.get(n, [])} for n, st in self.names.items()]
+
+
+def ttl_bounds_from_env(environ: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """``L4PROXY_DNS_MIN_TTL`` / ``L4PROXY_DNS_MAX_TTL`` (seconds), else the defaults."""
+    env = os.environ if environ is None else environ
+
+    def get(key: str, default: float) -> float:
+        try:
+            value = float(env.get(key, ""))
+        except ValueError:
+            return default
+        return value if value > 0 else default
+
+    return get("L4PROXY_DNS_MIN_TTL", DEFAULT_MIN_TTL), get("L4PROXY_DNS_MAX_TTL", DEFAULT_MAX_TTL)

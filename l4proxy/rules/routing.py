@@ -1,0 +1,832 @@
+"""The one routing model, and sans-IO route selection.
+
+Every rule kind the loader reads (RouteRule, VirtualService + DestinationRule,
+ServiceEntry, Ingress) compiles into one :class:`RouteTable`; this module knows
+nothing about YAML, files or sockets.
+
+Theory of operation
+-------------------
+A table holds:
+
+* **services**, keyed by FQDN host (``bootcamp.default.svc.cluster.local``).
+  A :class:`Service` has ports, VIP addresses, aliases (the names a Host header
+  may use) and, per service port, the endpoints that serve it.
+* **routes**, per destination host, in evaluation order (RouteRules sorted by
+  precedence, VirtualService routes in list order). A :class:`Route` has OR'ed
+  :class:`Match` blocks (none = catch-all) and weighted :class:`Destination`\\ s,
+  each naming a :class:`Subset` (a label selector plus its load-balancing policy).
+* **ingress paths** for gateway mode: Ingress paths, and one catch-all path per
+  Gateway API listener (and hostname) whose service is a *gateway service*
+  (``role="gateway"``): a host with no endpoints of its own whose routes are
+  the attached HTTPRoutes' rules, so a gateway connection is routed in two
+  steps (listener and Host → gateway service → its first matching route).
+
+:meth:`RouteTable.decide` walks the destination host's routes; the first route
+whose match accepts the request picks one destination *at random by weight*
+(as Envoy does per request), then the subset's policy orders that subset's
+endpoints. No matching route means round robin over every endpoint of the
+service, which is the tutorial's "no rule" 2:1 split over two v1 pods and one
+v2 pod.
+
+The only mutable state is load-balancer state: round-robin counters per
+(host, port, subset) and the RNG. It lives in the table, so a reload (a new
+table) starts counters afresh, and it is excluded from equality: two tables
+built from equivalent input compare equal whatever traffic they have seen.
+Decisions are synchronous and never block; a table is used by one event loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "HTTP_PROTOCOLS",
+    "LB_POLICIES",
+    "Decision",
+    "Destination",
+    "Endpoint",
+    "IngressPath",
+    "Labels",
+    "Match",
+    "Request",
+    "Route",
+    "RouteTable",
+    "Service",
+    "ServicePort",
+    "StringMatch",
+    "Subset",
+]
+
+LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
+# Application protocols whose traffic is HTTP/1.x or h2 and therefore gets L7
+# routing. GRPC and HTTP2 are listed because the peek falls back to L4 routing
+# by itself when the bytes are not HTTP/1.x.
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+DEFAULT = "default"  # route name when no rule matched; subset name of "all endpoints"
+
+
+class Labels(Mapping[str, str]):
+    """An immutable, hashable label set (``{"app": "bootcamp", "version": "v1"}``)."""
+
+    __slots__ = ("_dict", "_key")
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._dict: dict[str, str] = dict(items)
+        self._key: tuple[tuple[str, str], ...] = tuple(sorted(self._dict.items()))
+
+    def __getitem__(self, key: str) -> str:
+        return self._dict[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Labels):
+            return self._key == other._key
+        if isinstance(other, Mapping):
+            return self._dict == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Labels({self._dict!r})"
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self._key)
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        """True if *labels* has every label of this selector (a subset match)."""
+        return all(labels.get(k) == v for k, v in self._key)
+
+
+NO_LABELS = Labels()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address:port that serves a service port; ``port`` is the target port."""
+
+    address: str
+    port: int
+    labels: Mapping[str, str] = NO_LABELS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, Labels):
+            object.__setattr__(self, "labels", Labels(self.labels))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port, "labels": dict(self.labels)}
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int
+    name: str
+    protocol: str = "TCP"
+
+    @property
+    def is_http(self) -> bool:
+        """Whether the proxy peeks the request head on this port (L7 routing)."""
+        return self.protocol.upper() in HTTP_PROTOCOLS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "name": self.name,
+            "protocol": self.protocol,
+            "http": self.is_http,
+        }
+
+
+@dataclass(frozen=True)
+class Service:
+    """A destination host and what serves it.
+
+    ``port_endpoints`` pairs each service port number with the endpoints that
+    serve it (a ServiceEntry endpoint may map ports by name, so the target port
+    differs per service port). :attr:`endpoints` is their union in order.
+    """
+
+    host: str
+    ports: tuple[ServicePort, ...] = ()
+    port_endpoints: tuple[tuple[int, tuple[Endpoint, ...]], ...] = ()
+    addresses: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    resolution: str = "STATIC"
+    # "gateway": a Gateway API listener's routes (no endpoints, no names, no VIP;
+    # reached only through an ingress path). See the module docstring.
+    role: Literal["service", "gateway"] = "service"
+
+    @classmethod
+    def create(
+        cls,
+        host: str,
+        ports: Sequence[ServicePort],
+        endpoints: Sequence[Endpoint],
+        *,
+        addresses: Sequence[str] = (),
+        aliases: Sequence[str] = (),
+        resolution: str = "STATIC",
+    ) -> Service:
+        """A service whose every port is served by *endpoints* on their ``port``.
+
+        Convenient for single-port services; the loader builds ``port_endpoints``
+        itself for multi-port entries.
+        """
+        per_port = tuple((p.number, tuple(endpoints)) for p in ports)
+        return cls(host, tuple(ports), per_port, tuple(addresses), tuple(aliases), resolution)
+
+    def __hash__(self) -> int:
+        return hash(self.host)
+
+    def port(self, number: int) -> ServicePort | None:
+        for p in self.ports:
+            if p.number == number:
+                return p
+        return None
+
+    def port_by_name(self, name: str) -> ServicePort | None:
+        for p in self.ports:
+            if p.name == name:
+                return p
+        return None
+
+    def endpoints_for(self, port: int) -> tuple[Endpoint, ...]:
+        for number, eps in self.port_endpoints:
+            if number == port:
+                return eps
+        return ()
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        seen: dict[Endpoint, None] = {}
+        for _, eps in self.port_endpoints:
+            for ep in eps:
+                seen.setdefault(ep, None)
+        return tuple(seen)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "aliases": list(self.aliases),
+            "addresses": list(self.addresses),
+            "resolution": self.resolution,
+            "role": self.role,
+            "ports": [p.to_json() for p in self.ports],
+            "endpoints": {
+                str(number): [ep.to_json() for ep in eps] for number, eps in self.port_endpoints
+            },
+        }
+
+
+MatchKind = Literal["exact", "prefix", "regex", "path_prefix"]
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Istio's StringMatch. ``regex`` must match the whole value (Envoy semantics).
+
+    ``path_prefix`` is the Gateway API's PathPrefix: whole path elements, a
+    trailing ``/`` ignored (``/a`` matches ``/a`` and ``/a/b``, not ``/ab``).
+    """
+
+    kind: MatchKind
+    value: str
+    _pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "regex" and self._pattern is None:
+            object.__setattr__(self, "_pattern", re.compile(self.value))
+
+    def matches(self, s: str | None) -> bool:
+        if s is None:
+            return False
+        if self.kind == "exact":
+            return s == self.value
+        if self.kind == "prefix":
+            return s.startswith(self.value)
+        if self.kind == "path_prefix":
+            base = self.value.rstrip("/")
+            return s == base or s.startswith(base + "/")
+        assert self._pattern is not None
+        return self._pattern.fullmatch(s) is not None
+
+    def to_json(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the peek learned from an HTTP request head. Header names lowercase."""
+
+    method: str = "GET"
+    path: str = "/"
+    authority: str = ""
+    scheme: str = "http"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(k != k.lower() for k in self.headers):
+            object.__setattr__(self, "headers", {k.lower(): v for k, v in self.headers.items()})
+
+
+def _query_params(target: str) -> dict[str, str]:
+    """The request target's query parameters, first value of each name, decoded."""
+    q = target.find("?")
+    if q == -1:
+        return {}
+    query = target[q + 1 :].split("#", 1)[0]
+    out: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        out.setdefault(name, value)
+    return out
+
+
+def _strip_query(path: str) -> str:
+    cut = len(path)
+    for sep in "?#":
+        i = path.find(sep)
+        if i != -1 and i < cut:
+            cut = i
+    return path[:cut]
+
+
+@dataclass(frozen=True)
+class Match:
+    """One match block: every condition set here must hold (AND)."""
+
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    source_labels: Labels = NO_LABELS
+    port: int | None = None
+    # Query parameters (Gateway API): name (exact, case-sensitive) → match of
+    # its first value in the request target's query.
+    query: tuple[tuple[str, StringMatch], ...] = ()
+
+    @property
+    def needs_request(self) -> bool:
+        """True if this block looks at the HTTP request (so never matches raw TCP)."""
+        return bool(
+            self.uri or self.scheme or self.method or self.authority or self.headers or self.query
+        )
+
+    def matches(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if not self.source_labels.selects(source):
+            return False
+        if not self.needs_request:
+            return True
+        if request is None:
+            return False
+        if self.uri is not None:
+            # Envoy compares exact and regex paths without the query string,
+            # a prefix against the whole :path.
+            path = request.path if self.uri.kind == "prefix" else _strip_query(request.path)
+            if not self.uri.matches(path):
+                return False
+        if self.query:
+            params = _query_params(request.path)
+            if not all(m.matches(params.get(name)) for name, m in self.query):
+                return False
+        if self.scheme is not None and not self.scheme.matches(request.scheme):
+            return False
+        if self.method is not None and not self.method.matches(request.method):
+            return False
+        if self.authority is not None and not self.authority.matches(request.authority):
+            return False
+        return all(m.matches(request.headers.get(name)) for name, m in self.headers)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("uri", "scheme", "method", "authority"):
+            m: StringMatch | None = getattr(self, key)
+            if m is not None:
+                out[key] = m.to_json()
+        if self.headers:
+            out["headers"] = {name: m.to_json() for name, m in self.headers}
+        if self.query:
+            out["query"] = {name: m.to_json() for name, m in self.query}
+        if self.source_labels:
+            out["source_labels"] = dict(self.source_labels)
+        if self.port is not None:
+            out["port"] = self.port
+        return out
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A named label selector over a service's endpoints, with its LB policy."""
+
+    name: str
+    labels: Labels = NO_LABELS
+    load_balancer: str = "ROUND_ROBIN"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One weighted choice of a route. ``port`` None: the port that was dialled."""
+
+    host: str
+    subset: Subset
+    weight: int = 100
+    port: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "subset": self.subset.name,
+            "labels": dict(self.subset.labels),
+            "load_balancer": self.subset.load_balancer,
+            "weight": self.weight,
+            "port": self.port,
+        }
+
+
+@dataclass(frozen=True)
+class Route:
+    """Matches (OR'ed; empty = any request) → weighted destinations."""
+
+    name: str
+    destinations: tuple[Destination, ...]
+    matches: tuple[Match, ...] = ()
+    protocol: Literal["http", "tcp"] = "http"
+    # The answer when the chosen destination has no endpoint at all (its host is
+    # not in the registry, or its name resolved to no address), or when the
+    # route has no destination (a Gateway API rule whose weights are all 0).
+    # Istio answers 503; the Gateway API says 500 for an unresolved backend.
+    # Not part of equality: it is each API's convention for the same routing,
+    # and an HTTPRoute and the equivalent VirtualService must compare equal.
+    unresolved_status: int = field(default=503, compare=False)
+
+    def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
+        if not self.matches:
+            return True
+        return any(m.matches(port, request, source) for m in self.matches)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "match": [m.to_json() for m in self.matches],
+            "route": [d.to_json() for d in self.destinations],
+            "unresolved_status": self.unresolved_status,
+        }
+
+
+PathType = Literal["Exact", "Prefix", "StringPrefix", "Default"]
+
+
+@dataclass(frozen=True)
+class IngressPath:
+    """One Ingress path (or the default backend) → service host and port.
+
+    ``Prefix`` is Kubernetes' element-wise prefix (``/a`` matches ``/a/b``, not
+    ``/ab``); ``StringPrefix`` is Istio 0.7's ``/a.*`` (plain string prefix).
+    ``host`` None means any host. ``port`` is a number or a port name.
+    """
+
+    name: str
+    host: str | None
+    path: str
+    path_type: PathType
+    service: str
+    port: int | str
+    # Gateway API listeners: only connections to this local port (None: any).
+    listener_port: int | None = None
+
+    def matches_path(self, path: str) -> bool:
+        if self.path_type == "Default":
+            return True
+        if self.path_type == "Exact":
+            return path == self.path
+        if self.path_type == "StringPrefix":
+            return path.startswith(self.path)
+        prefix = self.path.rstrip("/")
+        return path == prefix or path.startswith(prefix + "/") or prefix == ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "path": self.path,
+            "path_type": self.path_type,
+            "service": self.service,
+            "port": self.port,
+            "listener_port": self.listener_port,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one request/connection goes.
+
+    ``endpoints`` is the order to try: the load balancer's pick first, then the
+    rest of the subset for a retry on connect failure. Empty means nothing can
+    serve it: the proxy answers ``status`` (503; 500 for a Gateway API backend
+    that resolves to nothing).
+    """
+
+    service: Service
+    route: str
+    subset: str
+    endpoints: list[Endpoint]
+    status: int = 503
+
+
+def _normalize_ip(ip: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _split_host_port(host: str) -> tuple[str, int | None]:
+    host = host.strip()
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]")
+        if end == -1:
+            return host.lower(), None
+        rest = host[end + 1 :]
+        name = host[1:end]
+        if rest.startswith(":") and rest[1:].isdigit():
+            return name.lower(), int(rest[1:])
+        return name.lower(), None
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        if port.isdigit():
+            return name.lower().rstrip("."), int(port)
+    return host.lower().rstrip("."), None
+
+
+_SubsetKey = tuple[str, int, Labels]
+
+
+class RouteTable:
+    """Services, routes and ingress paths; answers routing questions.
+
+    See the module docstring for the theory of operation. Build one with
+    :func:`l4proxy.rules.load_rules`, or directly in tests.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service] = (),
+        routes: Mapping[str, Sequence[Route]] | None = None,
+        *,
+        load_balancers: Mapping[str, str] | None = None,
+        ingress: Sequence[IngressPath] = (),
+        namespace: str = "default",
+        domain: str = "cluster.local",
+        seed: int | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.domain = domain
+        self._services: dict[str, Service] = {}
+        for svc in services:
+            self._services.setdefault(svc.host, svc)
+        self._routes: dict[str, tuple[Route, ...]] = {
+            host: tuple(rs) for host, rs in (routes or {}).items() if rs
+        }
+        self._load_balancers: dict[str, str] = dict(load_balancers or {})
+        self._ingress: tuple[IngressPath, ...] = tuple(ingress)
+
+        # Derived indexes (not part of equality: they follow from the above).
+        self._by_name: dict[str, Service] = {}
+        self._by_address: dict[str, Service] = {}
+        self._by_network: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
+        for svc in self._services.values():
+            if svc.role == "gateway":
+                continue  # reached only through its ingress paths
+            for name in (svc.host, *svc.aliases):
+                self._by_name.setdefault(name.lower(), svc)
+            for addr in svc.addresses:
+                if "/" in addr:
+                    net = ipaddress.ip_network(addr, strict=False)
+                    if net.num_addresses == 1:
+                        self._by_address.setdefault(str(net.network_address), svc)
+                    else:
+                        self._by_network.append((net, svc))
+                else:
+                    norm = _normalize_ip(addr)
+                    if norm is not None:
+                        self._by_address.setdefault(norm, svc)
+        self._http_ports = frozenset(
+            p.number
+            for svc in self._services.values()
+            if svc.role == "service"
+            for p in svc.ports
+            if p.is_http
+        )
+        # Routes in the order tried: L7 routes first for a parsed request,
+        # L4 routes first for a raw connection; either kind can serve both.
+        self._order: dict[tuple[str, bool], tuple[Route, ...]] = {}
+        for host, rs in self._routes.items():
+            http = tuple(r for r in rs if r.protocol == "http")
+            tcp = tuple(r for r in rs if r.protocol == "tcp")
+            self._order[(host, True)] = http + tcp
+            self._order[(host, False)] = tcp + http
+
+        # Load-balancer state (mutable; excluded from equality).
+        self._rng = random.Random(seed)
+        self._rr: dict[tuple[str, int, str, Labels], int] = {}
+        self._subset_cache: dict[_SubsetKey, tuple[Endpoint, ...]] = {}
+
+    @classmethod
+    def empty(cls) -> RouteTable:
+        return cls()
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the weighted choice's RNG (tests; per-worker seeding)."""
+        self._rng.seed(seed)
+
+    # -- equality -----------------------------------------------------------
+
+    def _identity(self) -> tuple[Any, ...]:
+        return (
+            self.namespace,
+            self.domain,
+            tuple(sorted(self._services.items())),
+            tuple(sorted(self._routes.items())),
+            tuple(sorted(self._load_balancers.items())),
+            self._ingress,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteTable):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"<RouteTable {len(self._services)} services, "
+            f"{sum(len(r) for r in self._routes.values())} routes, "
+            f"{len(self._ingress)} ingress paths>"
+        )
+
+    # -- lookups ------------------------------------------------------------
+
+    def services(self) -> list[Service]:
+        return list(self._services.values())
+
+    def service(self, host: str) -> Service | None:
+        return self._services.get(host)
+
+    def routes_for(self, host: str) -> tuple[Route, ...]:
+        return self._routes.get(host, ())
+
+    def load_balancer(self, host: str) -> str:
+        return self._load_balancers.get(host, "ROUND_ROBIN")
+
+    @property
+    def ingress_paths(self) -> tuple[IngressPath, ...]:
+        return self._ingress
+
+    def is_http_port(self, port: int) -> bool:
+        """Whether any known service declares *port* as HTTP (peek unknown destinations)."""
+        return port in self._http_ports
+
+    def service_for_address(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
+        """The service whose VIP (ServiceEntry ``addresses``) is *ip* and has *port*."""
+        norm = _normalize_ip(ip)
+        if norm is None:
+            return None
+        svc = self._by_address.get(norm)
+        if svc is None and self._by_network:
+            addr = ipaddress.ip_address(norm)
+            for net, candidate in self._by_network:
+                if addr.version == net.version and addr in net:
+                    svc = candidate
+                    break
+        if svc is None:
+            return None
+        sport = svc.port(port)
+        return None if sport is None else (svc, sport)
+
+    def service_for_host(self, host: str, port: int) -> tuple[Service, ServicePort] | None:
+        """The service a Host header names: short name, name.ns, name.ns.svc, FQDN,
+        each with or without ``:port``, or a VIP literal. *port* is the port dialled."""
+        name, _ = _split_host_port(host)
+        svc = self._by_name.get(name)
+        if svc is None:
+            return self.service_for_address(name, port) if _normalize_ip(name) else None
+        sport = svc.port(port)
+        return None if sport is None else (svc, sport)
+
+    # -- selection ----------------------------------------------------------
+
+    def decide(
+        self,
+        service: Service,
+        port: int,
+        request: Request | None,
+        source_labels: Mapping[str, str] = NO_LABELS,
+        *,
+        healthy: Callable[[Endpoint], bool] | None = None,
+        active: Callable[[Endpoint], int] | None = None,
+    ) -> Decision:
+        """Pick route, subset and endpoint order for one request (or TCP connection).
+
+        *request* None means raw TCP: only match blocks that do not look at the
+        request (port, source labels, none at all) can match.
+        """
+        for route in self._order.get((service.host, request is not None), ()):
+            if not route.applies(port, request, source_labels):
+                continue
+            status = route.unresolved_status
+            if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
+                return Decision(service, route.name, "none", [], status)
+            dest = self._pick(route.destinations)
+            target = service if dest.host == service.host else self._services.get(dest.host)
+            if target is None:
+                return Decision(service, route.name, dest.subset.name, [], status)
+            tport = self._target_port(target, dest, port, same=target is service)
+            eps = self._subset_endpoints(target, tport, dest.subset.labels)
+            key = (target.host, tport, dest.subset.name, dest.subset.labels)
+            ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
+            return Decision(target, route.name, dest.subset.name, ordered, status)
+        eps = service.endpoints_for(port)
+        key = (service.host, port, DEFAULT, NO_LABELS)
+        policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
+        return Decision(service, DEFAULT, DEFAULT, self._balance(eps, key, policy, healthy, active))
+
+    def _pick(self, destinations: tuple[Destination, ...]) -> Destination:
+        if len(destinations) == 1:
+            return destinations[0]
+        total = sum(d.weight for d in destinations)
+        if total <= 0:
+            return destinations[0]
+        r = self._rng.randrange(total)
+        for d in destinations:
+            r -= d.weight
+            if r < 0:
+                return d
+        return destinations[-1]  # unreachable: r < total
+
+    @staticmethod
+    def _target_port(target: Service, dest: Destination, dialled: int, *, same: bool) -> int:
+        if dest.port is not None:
+            return dest.port
+        if same or target.port(dialled) is not None or len(target.ports) != 1:
+            return dialled
+        # Another host with a single port: Istio lets the port be omitted.
+        return target.ports[0].number
+
+    def _subset_endpoints(self, svc: Service, port: int, labels: Labels) -> tuple[Endpoint, ...]:
+        key = (svc.host, port, labels)
+        eps = self._subset_cache.get(key)
+        if eps is None:
+            eps = tuple(e for e in svc.endpoints_for(port) if labels.selects(e.labels))
+            self._subset_cache[key] = eps
+        return eps
+
+    def _balance(
+        self,
+        eps: Sequence[Endpoint],
+        key: tuple[str, int, str, Labels],
+        policy: str,
+        healthy: Callable[[Endpoint], bool] | None,
+        active: Callable[[Endpoint], int] | None,
+    ) -> list[Endpoint]:
+        if not eps:
+            return []
+        candidates = list(eps)
+        if healthy is not None:
+            up = [e for e in candidates if healthy(e)]
+            # All down: try them all anyway (Envoy's panic mode) rather than
+            # fail a request that might succeed.
+            if up:
+                candidates = up
+        n = len(candidates)
+        if policy == "RANDOM":
+            start = self._rng.randrange(n)
+        else:
+            start = self._rr.get(key, 0) % n
+            self._rr[key] = start + 1
+        ordered = candidates[start:] + candidates[:start]
+        if policy == "LEAST_CONN" and active is not None:
+            # Stable sort: equally loaded endpoints keep the round-robin order,
+            # so an idle subset still spreads evenly.
+            ordered.sort(key=active)
+        return ordered
+
+    # -- gateway mode -------------------------------------------------------
+
+    def ingress(
+        self, host: str | None, path: str, port: int | None = None
+    ) -> tuple[Service, ServicePort] | None:
+        """Gateway mode: the Ingress backend for *host* (Host header) and *path*.
+
+        The most specific host wins (exact, then ``*.suffix``, then rules
+        without host); within it Exact paths are tried first, then prefixes
+        longest first; then the default backend. None: no route, or the
+        backend service is not in the registry. *port* is the local port the
+        connection arrived on: paths of a Gateway listener on another port are
+        skipped (None: none is).
+        """
+        name = None if not host else _split_host_port(host)[0]
+        path = _strip_query(path) or "/"
+        groups: list[list[IngressPath]] = [[], [], []]
+        default: IngressPath | None = None
+        for ip in self._ingress:
+            if ip.listener_port is not None and port is not None and ip.listener_port != port:
+                continue
+            if ip.path_type == "Default":
+                default = default or ip
+            elif ip.host is None:
+                groups[2].append(ip)
+            elif name is not None and ip.host == name:
+                groups[0].append(ip)
+            elif (
+                name is not None
+                and ip.host.startswith("*.")
+                and name.endswith(ip.host[1:])
+                and "." not in name[: -len(ip.host) + 1]
+            ):
+                groups[1].append(ip)
+        chosen = next((g for g in groups if g), [])
+        exact = [p for p in chosen if p.path_type == "Exact"]
+        prefixes = sorted((p for p in chosen if p.path_type != "Exact"), key=lambda p: -len(p.path))
+        hit = next((p for p in (*exact, *prefixes) if p.matches_path(path)), default)
+        if hit is None:
+            return None
+        svc = self._services.get(hit.service)
+        if svc is None:
+            return None
+        sport = svc.port(hit.port) if isinstance(hit.port, int) else svc.port_by_name(hit.port)
+        return None if sport is None else (svc, sport)
+
+    # -- dump ---------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole table as JSON-able data (admin ``/config_dump``, ``validate -v``)."""
+        return {
+            "namespace": self.namespace,
+            "domain": self.domain,
+            "services": [
+                {**svc.to_json(), "load_balancer": self.load_balancer(svc.host)}
+                for svc in self._services.values()
+            ],
+            "routes": {host: [r.to_json() for r in rs] for host, rs in self._routes.items()},
+            "ingress": [p.to_json() for p in self._ingress],
+        }

@@ -1,0 +1,249 @@
+"""``l4proxy validate``: check rule files exactly as the sidecar would load them.
+
+Exit status: 0 valid, 1 invalid (errors printed as ``FILE:LINE: KIND NAME:
+MESSAGE``, istioctl style), 2 a path cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from l4proxy.rules import (
+    DEFAULT_MAX_BYTES,
+    RULE_KINDS,
+    ConfigError,
+    ConfigUnreadable,
+    Diagnostic,
+    ObjectSummary,
+    load_rules,
+)
+
+EXIT_VALID = 0
+EXIT_INVALID = 1
+EXIT_UNREADABLE = 2
+
+DESCRIPTION = """\
+Check rule files the way the sidecar loads them, without running it: every
+document of every file, then the documents against each other (routes against
+DestinationRule subsets, label selections against ServiceEntry endpoints,
+duplicate names). Prints what it understood; --verbose prints the compiled
+route table too.
+
+Kinds read: RouteRule (config.istio.io/v1alpha2), VirtualService and
+DestinationRule (networking.istio.io/v1alpha3, v1beta1), ServiceEntry (the
+service registry: hosts, VIP addresses, ports, endpoints with labels) and
+Ingress (extensions/v1beta1, networking.k8s.io/v1), HTTPRoute and Gateway
+(gateway.networking.k8s.io/v1, v1beta1). Kubernetes objects
+(Deployment, Service, ...) are skipped, so one manifest file can hold both.
+"""
+
+EPILOG = """\
+examples:
+  l4proxy validate bootcamp-route-rule-50-v2.yaml registry.yaml
+  l4proxy validate /etc/l4proxy/rules          # a directory, e.g. a ConfigMap mount
+  l4proxy validate -v deploy/examples/rules    # also print the route table
+  l4proxy validate -n shop rules.yaml          # objects without a namespace are in 'shop'
+
+an error reads like istioctl's:
+  bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)
+
+exit status:
+  0  valid: the sidecar would load these files
+  1  invalid: fix the errors printed (nothing of an invalid set is applied;
+     a running sidecar keeps serving its last good rules)
+  2  a path does not exist or cannot be read
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "validate",
+        help="check rule files the way the sidecar would",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print notes (skipped objects) and the compiled route table",
+    )
+    p.add_argument(
+        "-n",
+        "--namespace",
+        default="default",
+        help="namespace of objects without metadata.namespace, and of the pod "
+        "(whose short service names resolve) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--domain",
+        default="cluster.local",
+        help="cluster DNS domain (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="refuse files larger than this (default: %(default)s, 16 MiB)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        result = load_rules(
+            args.paths,
+            namespace=args.namespace,
+            domain=args.domain,
+            max_bytes=args.max_bytes,
+        )
+    except ConfigUnreadable as exc:
+        _print_diagnostics(exc.diagnostics, err, verbose=args.verbose)
+        print("cannot read every path given; nothing validated", file=err)
+        return EXIT_UNREADABLE
+    except ConfigError as exc:
+        _print_diagnostics(exc.diagnostics, err, verbose=args.verbose)
+        if exc.documents:
+            print(summary(exc.documents), file=out)
+        print(f"invalid: {_plural(len(exc.errors), 'error')}", file=err)
+        return EXIT_INVALID
+    _print_diagnostics(result.notes, err, verbose=args.verbose)
+    print(summary(result.documents), file=out)
+    if args.verbose:
+        print(format_table(result.table.to_json()), file=out, end="")
+    warnings = sum(1 for d in result.notes if d.severity == "warning")
+    tail = f" ({_plural(warnings, 'warning')})" if warnings else ""
+    print(f"valid: {_plural(len(result.sources), 'file')}{tail}", file=out)
+    return EXIT_VALID
+
+
+def _print_diagnostics(diags: Sequence[Diagnostic], err: TextIO, *, verbose: bool) -> None:
+    for d in diags:
+        if d.severity != "note" or verbose:
+            print(str(d), file=err)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def summary(documents: Sequence[ObjectSummary]) -> str:
+    """``4 documents: 1 RouteRule, 1 ServiceEntry; 2 skipped (Deployment a, Service b)``."""
+    used = Counter(d.kind for d in documents if not d.skipped)
+    order = [k for k in RULE_KINDS if used[k]] + sorted(k for k in used if k not in RULE_KINDS)
+    parts = [f"{used[k]} {k}" for k in order]
+    text = f"{_plural(len(documents), 'document')}: " + (", ".join(parts) or "no rules")
+    skipped = [d for d in documents if d.skipped]
+    if skipped:
+        text += f"; {len(skipped)} skipped ({', '.join(f'{d.kind} {d.name}' for d in skipped)})"
+    return text
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "all endpoints"
+
+
+def _describe_match(m: dict[str, Any]) -> str:
+    parts = []
+    for key in ("uri", "scheme", "method", "authority"):
+        if key in m:
+            ((kind, value),) = m[key].items()
+            parts.append(f"{key} {kind} {value!r}")
+    for name, sm in m.get("headers", {}).items():
+        ((kind, value),) = sm.items()
+        parts.append(f"header {name} {kind} {value!r}")
+    for name, sm in m.get("query", {}).items():
+        ((kind, value),) = sm.items()
+        parts.append(f"query {name} {kind} {value!r}")
+    if "source_labels" in m:
+        parts.append(f"caller {_labels(m['source_labels'])}")
+    if "port" in m:
+        parts.append(f"port {m['port']}")
+    return " and ".join(parts) or "any request"
+
+
+def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
+    lines = []
+    for i, r in enumerate(routes, 1):
+        when = " or ".join(_describe_match(m) for m in r["match"]) or "any request"
+        proto = " (tcp)" if r["protocol"] == "tcp" else ""
+        lines.append(f"{indent}{i}. {r['name']}{proto}: {when}")
+        total = sum(d["weight"] for d in r["route"])
+        for d in r["route"]:
+            port = f" port {d['port']}" if d["port"] is not None else ""
+            share = 100 * d["weight"] / total if total else 0.0
+            pct = f"{share:>3.0f}%" if share == int(share) else f"{share:>5.1f}%"
+            lines.append(
+                f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
+                f"({_labels(d['labels'])}; {d['load_balancer']})"
+            )
+        if not r["route"]:
+            lines.append(f"{indent}     no backend: answered {r['unresolved_status']}")
+        elif r.get("unresolved_status", 503) != 503:
+            lines.append(
+                f"{indent}     (a backend without endpoints is answered {r['unresolved_status']})"
+            )
+    return lines
+
+
+def format_table(t: dict[str, Any]) -> str:
+    """The compiled table (``RouteTable.to_json()``) in readable form."""
+    lines: list[str] = [f"route table (namespace {t['namespace']}, domain {t['domain']}):"]
+    known = set()
+    for s in t["services"]:
+        known.add(s["host"])
+        if s.get("role") == "gateway":
+            ports = ", ".join(str(p["number"]) for p in s["ports"])
+            lines.append(f"  gateway listener {s['host']} (local port {ports})")
+            lines.append("    routes, first match wins:")
+            lines.extend(_format_routes(t["routes"].get(s["host"], []), "      "))
+            lines.append("      otherwise: 404")
+            continue
+        also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
+        lines.append(f"  service {s['host']}{also}")
+        addrs = ", ".join(s["addresses"]) or "none"
+        lines.append(
+            f"    addresses {addrs}; resolution {s['resolution']}; "
+            f"load balancer {s['load_balancer']}"
+        )
+        for p in s["ports"]:
+            layer = "L7" if p["http"] else "L4"
+            lines.append(f"    port {p['number']} {p['name']} ({p['protocol']}, {layer}):")
+            for ep in s["endpoints"].get(str(p["number"]), []):
+                lines.append(f"      {ep['address']}:{ep['port']}  {_labels(ep['labels'])}")
+        routes = t["routes"].get(s["host"], [])
+        if routes:
+            lines.append("    routes, first match wins:")
+            lines.extend(_format_routes(routes, "      "))
+            lines.append("      otherwise: round robin over all endpoints (route 'default')")
+        else:
+            lines.append("    no routes: round robin over all endpoints (route 'default')")
+    orphans = {h: r for h, r in t["routes"].items() if h not in known}
+    for host, routes in orphans.items():
+        lines.append(f"  routes for {host} (no ServiceEntry yet: not applied):")
+        lines.extend(_format_routes(routes, "    "))
+    if t["ingress"]:
+        lines.append("  ingress (gateway mode):")
+        for p in t["ingress"]:
+            host = p["host"] or "any host"
+            where = (
+                "default backend"
+                if p["path_type"] == "Default"
+                else (f"{p['path'] or '/'} ({p['path_type']})")
+            )
+            if p.get("listener_port") is not None:
+                lines.append(f"    {host} port {p['listener_port']} -> {p['service']}")
+                continue
+            lines.append(f"    {host} {where} -> {p['service']}:{p['port']}  [{p['name']}]")
+    if len(lines) == 1:
+        lines.append("  empty")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,236 @@
+"""The admin endpoint (127.0.0.1:15000 by default), Envoy-style.
+
+=================  ==========================================================
+``/ready``         200 ``LIVE`` while serving; 503 ``DRAINING`` after SIGTERM
+``/stats``         Prometheus text: connections, decisions, bytes, failures,
+                   reloads, active connections (``?format=json`` for JSON)
+``/config_dump``   JSON: the live route table, its generation and sources,
+                   the last rejected config's errors
+``/clusters``      endpoints per service and their health (text; ``?format=json``)
+``/quitquitquit``  POST: drain and exit, as on SIGTERM
+=================  ==========================================================
+
+Only for operators on the loopback interface: it reads a request line, and
+answers one request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from l4proxy.stats import render_prometheus
+
+if TYPE_CHECKING:
+    from l4proxy.sidecar.worker import Worker
+
+log = logging.getLogger("l4proxy.admin")
+
+
+class AdminSource(Protocol):
+    """What the admin endpoint shows: one worker, or the supervisor's sum."""
+
+    async def ready(self) -> bool: ...
+    async def stats_text(self) -> str: ...
+    async def stats_json(self) -> dict[str, Any]: ...
+    async def config_dump(self) -> Any: ...
+    async def clusters(self) -> Any: ...
+
+
+class AdminServer:
+    def __init__(self, source: AdminSource, on_quit: Callable[[], None]) -> None:
+        self.source = source
+        self.on_quit = on_quit
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        sockname: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
+        return sockname
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while True:  # skip headers
+                h = await asyncio.wait_for(reader.readline(), 5)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            if len(parts) < 2:
+                status, ctype, body = 400, "text/plain", "bad request\n"
+            else:
+                status, ctype, body = await self.dispatch(parts[0], parts[1])
+            data = body.encode()
+            writer.write(
+                f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                f"content-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("admin request failed")
+        finally:
+            writer.close()
+
+    async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
+        path, _, query = target.partition("?")
+        as_json = "format=json" in query
+        src = self.source
+        if path == "/ready":
+            if await src.ready():
+                return 200, "text/plain", "LIVE\n"
+            return 503, "text/plain", "NOT READY\n"
+        if path == "/stats":
+            if as_json:
+                return 200, "application/json", _json(await src.stats_json())
+            return 200, "text/plain; version=0.0.4", await src.stats_text()
+        if path == "/config_dump":
+            return 200, "application/json", _json(await src.config_dump())
+        if path == "/clusters":
+            clusters = await src.clusters() or []
+            if as_json:
+                return 200, "application/json", _json(clusters)
+            return 200, "text/plain", clusters_text(clusters)
+        if path == "/quitquitquit":
+            if method != "POST":
+                return 405, "text/plain", "use POST\n"
+            asyncio.get_running_loop().call_soon(self.on_quit)
+            return 200, "text/plain", "OK\n"
+        return 404, "text/plain", "not found: /ready /stats /config_dump /clusters /quitquitquit\n"
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def clusters_text(clusters: list[dict[str, Any]]) -> str:
+    """Envoy's /clusters text form: service::address:port::key::value."""
+    lines = []
+    for c in clusters:
+        for ep in c["endpoints"]:
+            flag = "healthy" if ep["healthy"] else "failed_outlier_check"
+            base = f"{c['service']}::{ep['address']}:{ep['port']}"
+            lines.append(f"{base}::health_flags::{flag}")
+            lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
+            lines.append(f"{base}::ejections::{ep['ejections']}")
+        for d in c.get("dns", ()):
+            base = f"{c['service']}::dns::{d['name']}"
+            lines.append(f"{base}::addresses::{','.join(d['addresses']) or '-'}")
+            lines.append(f"{base}::last_error::{d['last_error'] or '-'}")
+            lines.append(f"{base}::failures::{d['failures']}")
+    return "\n".join(lines) + "\n"
+
+
+class WorkerView:
+    """The admin's view of one in-process worker (also served on its control socket)."""
+
+    def __init__(self, worker: Worker, implementation: str) -> None:
+        self.worker = worker
+        self.implementation = implementation
+
+    async def ready(self) -> bool:
+        return not self.worker.draining
+
+    def clusters_now(self) -> list[dict[str, Any]]:
+        out = []
+        for svc in self.worker.rules.state.table.services():
+            eps = []
+            for ep in svc.endpoints:
+                d: dict[str, Any] = {
+                    "address": ep.address,
+                    "port": ep.port,
+                    "labels": dict(ep.labels),
+                }
+                d.update(self.worker.health.describe(ep))
+                eps.append(d)
+            cluster: dict[str, Any] = {"service": svc.host, "endpoints": eps}
+            dns = self.worker.rules.dns.for_service(svc.host)
+            if dns:  # ServiceEntry resolution DNS: each name's addresses and last error
+                cluster["dns"] = dns
+            out.append(cluster)
+        return out
+
+    async def clusters(self) -> list[dict[str, Any]]:
+        return self.clusters_now()
+
+    async def config_dump(self) -> dict[str, Any]:
+        dump = self.worker.rules.state.to_json()
+        dump["implementation"] = self.implementation
+        return dump
+
+    def gauges(self) -> dict[str, float]:
+        w = self.worker
+        ps = w.pump.stats()
+        st = w.rules.state
+        rs = w.relay.stats() if w.relay is not None else {}
+        relay = {
+            # --http-routing request: the per-request relay and its upstream pools
+            "l4proxy_http_connections_total": rs.get("connections", 0),
+            "l4proxy_http_requests_total": rs.get("requests", 0),
+            "l4proxy_http_local_answers_total": rs.get("local_answers", 0),
+            "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),
+            "l4proxy_upstream_pool_reused_total": rs.get("pool_reused", 0),
+            "l4proxy_upstream_pool_evicted_total": rs.get("pool_evicted", 0),
+            "l4proxy_upstream_pool_expired_total": rs.get("pool_expired", 0),
+            "l4proxy_upstream_pool_idle": rs.get("pool_idle", 0),
+        }
+        return {
+            **relay,
+            "l4proxy_active_connections": ps.get("active", 0)
+            + len(w.handshakes)
+            + rs.get("active", 0),
+            "l4proxy_relayed_connections_total": ps.get("accepted", 0),
+            "l4proxy_bytes_upstream_total": ps.get("bytes_upstream", 0),
+            "l4proxy_bytes_downstream_total": ps.get("bytes_downstream", 0),
+            "l4proxy_resets_total": ps.get("resets", 0),
+            "l4proxy_idle_timeouts_total": ps.get("idle_timeouts", 0),
+            "l4proxy_pump_errors_total": ps.get("errors", 0),
+            "l4proxy_spliced_connections_total": ps.get("spliced", 0),
+            "l4proxy_pipes_in_use": ps.get("pipes_used", 0),
+            "l4proxy_pipes_pooled": ps.get("pipes_free", 0),
+            "l4proxy_pipe_refusals_total": ps.get("pipe_refusals", 0),
+            "l4proxy_urgent_marks_total": ps.get("urgent", 0),
+            "l4proxy_rules_generation": st.generation,
+            "l4proxy_reloads_total": st.reloads,
+            "l4proxy_reload_failures_total": st.reload_failures,
+            "l4proxy_rules_valid": 0 if st.last_error else 1,
+        }
+
+    async def stats_text(self) -> str:
+        w = self.worker
+        return render_prometheus(w.counter_snapshot(), w.counter_help(), self.gauges())
+
+    async def stats_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.gauges())
+        for name, series in self.worker.counter_snapshot().items():
+            out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
+        out["implementation"] = self.implementation
+        return out
+
+    def stats_raw(self) -> dict[str, Any]:
+        """Mergeable form for the supervisor: counters as [name, labels, value]."""
+        counters = [
+            [name, [list(kv) for kv in labels], v]
+            for name, series in self.worker.counter_snapshot().items()
+            for labels, v in series.items()
+        ]
+        return {
+            "counters": counters,
+            "gauges": self.gauges(),
+            "help": {k: list(v) for k, v in self.worker.counter_help().items()},
+        }

@@ -1,0 +1,476 @@
+"""``l4proxy run``: the sidecar process.
+
+Binds the listeners (transparent outbound on 15001, an inbound port when it
+differs, gateway listeners for Ingress), the admin endpoint, drops root if
+asked, loads the rules and serves until SIGTERM, then drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+from typing import Any
+
+from l4proxy import __version__
+from l4proxy.dataplane.listener import Listener, bind_listener
+from l4proxy.sidecar.admin import AdminServer, WorkerView
+from l4proxy.sidecar.channel import serve_supervisor
+from l4proxy.sidecar.signals import HeldReloads, hold_reloads
+from l4proxy.sidecar.supervisor import Supervisor
+
+# The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
+# in _serve() only: the supervisor process never needs them, and it stays
+# small (it is a second interpreter in every pod).
+
+log = logging.getLogger("l4proxy")
+
+EPILOG = """\
+examples:
+  # the sidecar in a pod whose traffic l4proxy-init redirects to 15001
+  l4proxy run --rules /etc/l4proxy --uid 1337
+
+  # a gateway on port 8080 that routes by the rule file's Ingress objects
+  l4proxy run --rules rules/ --listen 0.0.0.0:8080 --no-transparent
+
+  curl 127.0.0.1:15000/stats         # Prometheus counters
+  curl 127.0.0.1:15000/config_dump   # the live route table
+  kill -HUP <pid>                    # reload the rules now (they are polled anyway)
+
+Weighted routing is decided per connection: the first request on a keep-alive
+connection picks the subset, later requests on it follow.
+
+SIGTERM drains: inbound stops at once; the app's outbound calls are still
+captured and routed until none has been active for --drain-quiet seconds (the
+app is gone) or --drain-duration ends; then connections in flight finish
+within what is left of --drain-duration.
+
+exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
+flags, a port that cannot be bound).
+"""
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port in {value!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port {p} out of range 0..65535")
+    return host, p
+
+
+def _labels(value: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, value.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the sidecar",
+        description="Run the l4proxy sidecar: accept redirected connections, route them "
+        "by the rule file, relay the bytes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="rule file or directory (a ConfigMap mount); repeatable; reloaded on change",
+    )
+    p.add_argument("--port", type=int, default=15001, help="transparent outbound port (15001)")
+    p.add_argument(
+        "--inbound-port",
+        type=int,
+        default=None,
+        help="transparent inbound port, when it differs from --port",
+    )
+    p.add_argument(
+        "--no-transparent",
+        action="store_true",
+        help="do not open the transparent listener(s) (gateway only)",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="gateway listener routed by Ingress objects; repeatable",
+    )
+    p.add_argument(
+        "--admin",
+        type=_hostport,
+        default=("127.0.0.1", 15000),
+        metavar="HOST:PORT",
+        help="admin endpoint (127.0.0.1:15000); port 0 disables",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a client has to send the request head on an HTTP port (10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close a relayed connection with no bytes either way for this long (3600)",
+    )
+    p.add_argument(
+        "--drain-duration",
+        type=float,
+        default=45.0,
+        metavar="SECONDS",
+        help="on SIGTERM, the most the drain may last: outbound connections are "
+        "still accepted, and connections in flight finish, within it (45)",
+    )
+    p.add_argument(
+        "--drain-quiet",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep capturing the app's outbound calls until no connection "
+        "has been active for this long (the app is gone), or --drain-duration ends; "
+        "inbound stops at once. 0: outbound stops at once too (5)",
+    )
+    p.add_argument(
+        "--outbound-policy",
+        choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+        default="ALLOW_ANY",
+        help="unknown destinations: pass through (ALLOW_ANY) or refuse (REGISTRY_ONLY)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=0, help="refuse beyond this many (0: no limit)"
+    )
+    p.add_argument(
+        "--max-pipes",
+        type=int,
+        default=-1,
+        help="splice pipes per worker, pooled, 2 fds each "
+        "(default: --max-connections / 4; 0: never splice)",
+    )
+    p.add_argument(
+        "--http-routing",
+        choices=["connection", "request"],
+        default="connection",
+        help="on HTTP ports and gateway listeners: route by the first request "
+        "head of each connection (connection, the default: the compiled relay), "
+        "or every request on its own (request: a canary split, a rule swap and "
+        "path rules reach keep-alive connections at their next request; upstream "
+        "connections are pooled; the relay is pure Python for now)",
+    )
+    p.add_argument(
+        "--ejection-time",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="outlier detection: first ejection of a failing endpoint, doubling after (10)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of short names in rules ($POD_NAMESPACE or default)",
+    )
+    p.add_argument("--domain", default="cluster.local", help="cluster domain (cluster.local)")
+    p.add_argument(
+        "--pod-labels",
+        type=_labels,
+        default={},
+        metavar="K=V,...",
+        help="this pod's labels, for RouteRule match.source / sourceLabels",
+    )
+    p.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--uid", type=str, default=None, help="drop to this user after binding")
+    p.add_argument("--gid", type=str, default=None, help="drop to this group after binding")
+    p.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop for the control path (uvloop)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listeners with SO_REUSEPORT (1)",
+    )
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        help="no supervisor: serve in this process (debugging; a crash is not restarted)",
+    )
+    p.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the weighted-split RNG with N + the worker's index, so a run's "
+        "choices repeat (tests, reproducing a report); default: OS entropy",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Internal: how the supervisor starts a worker.
+    p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--control-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _drop_privileges(uid: str | None, gid: str | None) -> None:
+    if gid is not None:
+        g = int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid
+        os.setgroups([])
+        os.setgid(g)
+    if uid is not None:
+        u = int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+        if os.getuid() == u:
+            return
+        if gid is None:
+            os.setgroups([])
+            os.setgid(u)
+        os.setuid(u)
+
+
+def _listener_specs(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    specs: list[tuple[str, int, str]] = []
+    if not args.no_transparent:
+        specs.append(("::", args.port, "outbound"))
+        if args.inbound_port is not None and args.inbound_port != args.port:
+            specs.append(("::", args.inbound_port, "inbound"))
+    specs += [(host, port, "gateway") for host, port in args.listen]
+    return specs
+
+
+def _inherited_listeners(spec: str) -> list[Listener]:
+    out = []
+    for item in spec.split(","):
+        fd, mode, rest = item.split(":", 2)
+        host, _, port = rest.rpartition(":")
+        sock = socket.socket(fileno=int(fd))
+        sock.setblocking(False)
+        out.append(Listener(sock=sock, mode=mode, address=(host, int(port))))
+    return out
+
+
+def _event_loop_runner(name: str) -> Any:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
+def run(args: argparse.Namespace) -> int:
+    # Before anything else (signals): a SIGHUP while starting is a reload
+    # request to remember, never the default action (terminate).
+    held = hold_reloads()
+    tag = f"[w{args.worker_index}] " if args.worker_fds else ""
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format=f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s",
+        stream=sys.stderr,
+    )
+    if args.worker_fds:  # a worker started by the supervisor
+        listeners = _inherited_listeners(args.worker_fds)
+        control = socket.socket(fileno=args.control_fd)
+        try:
+            result: int = _event_loop_runner(args.loop)(_serve(args, listeners, control, held))
+        except KeyboardInterrupt:
+            return 0
+        return result
+
+    if args.no_transparent and not args.listen:
+        log.error("--no-transparent needs at least one --listen HOST:PORT")
+        return 2
+    if args.workers < 1:
+        log.error("--workers must be at least 1")
+        return 2
+    specs = _listener_specs(args)
+    sets: list[list[Listener]] = []
+    try:
+        for _ in range(1 if args.single_process else args.workers):
+            sets.append([bind_listener(h, p, m, reuse_port=args.workers > 1) for h, p, m in specs])
+    except OSError as exc:
+        log.error("cannot bind a listener: %s", exc)
+        for lst in (x for group in sets for x in group):
+            lst.sock.close()
+        return 2
+    try:
+        if args.single_process:
+            return int(_event_loop_runner(args.loop)(_serve(args, sets[0], None, held)))
+        return int(asyncio.run(_supervise(args, sets)))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> AdminServer | None:
+    if args.admin[1] == 0:
+        return None
+    admin = AdminServer(source, on_quit)
+    try:
+        await admin.start(*args.admin)
+    except OSError as exc:
+        log.error("cannot bind the admin endpoint %s:%d: %s", *args.admin, exc)
+        raise SystemExit(2) from exc
+    return admin
+
+
+async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> int:
+    sup = Supervisor(args, sets)
+    admin: AdminServer | None = None
+
+    async def start_admin(source: Any, on_quit: Any) -> None:
+        nonlocal admin
+        admin = await _start_admin(args, source, on_quit)
+        try:
+            _drop_privileges(args.uid, args.gid)
+        except (OSError, KeyError) as exc:
+            log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
+            raise SystemExit(2) from exc
+        log.info(
+            "l4proxy %s supervisor: %d worker(s); listening: %s; admin %s; uid %d",
+            __version__,
+            len(sets),
+            ", ".join(lst.name for lst in sets[0]),
+            "{}:{}".format(*admin.address) if admin else "off",
+            os.getuid(),
+        )
+
+    code = await sup.run(start_admin)
+    if admin:
+        await admin.close()
+    return code
+
+
+async def _serve(
+    args: argparse.Namespace,
+    listeners: list[Listener],
+    control: socket.socket | None,
+    held: HeldReloads,
+) -> int:
+    from l4proxy.dataplane import peek, pump
+    from l4proxy.rules.watch import RuleWatcher
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    loop = asyncio.get_running_loop()
+    rules = RuleWatcher(
+        args.rules,
+        namespace=args.namespace,
+        domain=args.domain,
+        interval=args.reload_interval,
+        seed=None if args.seed is None else args.seed + args.worker_index,
+    )
+    if args.rules:
+        held.requested = False  # a reload asked for before now: this load is it
+        rules.load_now()
+    else:
+        log.warning("no --rules given: every connection passes through to its destination")
+    opts = WorkerOptions(
+        connect_timeout=args.connect_timeout,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        outbound_policy=args.outbound_policy,
+        source_labels=args.pod_labels,
+        max_connections=args.max_connections,
+        max_pipes=args.max_pipes,
+        http_routing=args.http_routing,
+        ejection_time=args.ejection_time,
+    )
+    # The rule watcher's counters (DNS lookups) are the worker's: one /stats.
+    worker = Worker(listeners, rules, opts, counters=rules.counters)
+    stop = asyncio.Event()
+    implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
+    view = WorkerView(worker, implementation)
+    admin = None
+    if control is None:  # single process: the admin endpoint is ours
+        admin = await _start_admin(args, view, stop.set)
+        try:
+            _drop_privileges(args.uid, args.gid)
+        except (OSError, KeyError) as exc:
+            log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
+            return 2
+
+    worker.start()
+    if args.rules:
+        rules.start()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
+    if held.requested:  # SIGHUP during the first load: load again
+        rules.request_reload()
+    control_task = None
+    if control is not None:
+        control_task = loop.create_task(_answer_supervisor(control, view, stop))
+    log.info(
+        "l4proxy %s worker: listening: %s; implementation: %s; loop: %s; uid %d",
+        __version__,
+        ", ".join(lst.name for lst in listeners),
+        implementation,
+        args.loop,
+        os.getuid(),
+    )
+    await stop.wait()
+    log.info(
+        "draining for up to %.1fs: inbound stopped; outbound served until %.1fs quiet",
+        args.drain_duration,
+        args.drain_quiet,
+    )
+    forced = await worker.drain(args.drain_duration, quiet=args.drain_quiet)
+    if forced:
+        log.warning("drain window over: closed %d connection(s)", forced)
+    await rules.stop()
+    if admin:
+        await admin.close()
+    if control_task:
+        control_task.cancel()
+    worker.close()
+    log.info("stopped")
+    return 0
+
+
+async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
+    """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit."""
+
+    async def handle(op: str) -> Any:
+        if op == "ready":
+            return await view.ready()
+        if op == "stats":
+            return view.stats_raw()
+        if op == "config_dump":
+            return await view.config_dump()
+        if op == "clusters":
+            return await view.clusters()
+        raise ValueError(f"unknown op {op!r}")
+
+    why = await serve_supervisor(control, handle)
+    log.warning("%s; draining", why)
+    stop.set()

@@ -1,0 +1,382 @@
+"""The supervisor: holds the listeners, runs the workers, restarts a dead one.
+
+Theory of operation
+-------------------
+``l4proxy run`` starts as the supervisor. It binds every listening socket
+(one set per worker, with ``SO_REUSEPORT`` when there are several, so the
+kernel spreads connections across workers), binds the admin endpoint, drops
+privileges, and then starts each worker as a fresh interpreter
+(``python -m l4proxy run ... --worker-fds``) that inherits its listening
+sockets and one end of a control socketpair. A fresh process rather than a
+fork: the worker starts with no inherited event loop, threads or signal
+state.
+
+The supervisor never closes a worker's listening sockets. If a worker dies
+(a crash, an abort in a C library, the OOM killer), the kernel keeps
+completing handshakes into the same accept queue, and the replacement worker
+accepts them: connections that were in flight in the dead worker are lost,
+new ones are only delayed. Restarts back off (0.1 s doubling to 5 s) while a
+worker keeps dying within 10 s of its start. Each slot has one keeper task
+that spawns, waits and respawns; it cannot die: any exit status (realtime
+signals included) and any failure to spawn (EMFILE, ENOMEM) is logged and
+retried with the same back-off, so a slot is never left empty for good.
+
+A worker that stops answering its control socket for ``--watchdog-timeout``
+seconds (hung, not dead) is killed, and so restarted. The watchdog too
+logs whatever one check raises and goes on. A worker that writes a malformed
+frame on its control socket is replaced at once (channel explains why).
+
+The admin endpoint lives in the supervisor and asks the workers over their
+control sockets (framed requests with ids: see channel), summing counters
+across workers. SIGTERM and SIGHUP are forwarded to every worker; the
+supervisor exits when all workers have drained. Workers are started with
+SIGHUP blocked, so a reload forwarded to one that is still starting waits
+for its handler instead of killing it (signals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from l4proxy.dataplane.listener import Listener
+from l4proxy.sidecar.channel import SupervisorEnd
+from l4proxy.sidecar.signals import reloads_blocked
+from l4proxy.stats import LabelSet, render_prometheus
+
+log = logging.getLogger("l4proxy.supervisor")
+
+MIN_GAUGES = ("l4proxy_rules_generation", "l4proxy_rules_valid")
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    listeners: list[Listener]
+    proc: asyncio.subprocess.Process | None = None
+    link: SupervisorEnd | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.1
+
+
+def describe_exit(code: int) -> str:
+    """'status 3', 'signal 9 (SIGKILL)', 'signal 40 (SIGRTMIN+6)' for a returncode."""
+    if code >= 0:
+        return f"status {code}"
+    n = -code
+    try:
+        name = signal.Signals(n).name
+    except ValueError:  # realtime signals have no Signals member (issue 12)
+        rtmin, rtmax = signal.SIGRTMIN, signal.SIGRTMAX
+        name = f"SIGRTMIN+{n - rtmin}" if rtmin <= n <= rtmax else "unknown"
+    return f"signal {n} ({name})"
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
+        self.args = args
+        self.slots = [WorkerSlot(i, ls) for i, ls in enumerate(listener_sets)]
+        self.stopping = False
+        self.restarts_total = 0
+        self.spawn_failures_total = 0
+        self.channel_resets_total = 0
+        self.late_answers_gone = 0  # counted by links since closed
+        self._keepers: list[asyncio.Task[None]] = []
+
+    # -- workers -------------------------------------------------------------
+    def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
+        fds = ",".join(
+            f"{lst.sock.fileno()}:{lst.mode}:{lst.address[0]}:{lst.address[1]}"
+            for lst in slot.listeners
+        )
+        return [
+            sys.executable,
+            "-m",
+            "l4proxy",
+            *self.args.raw_argv,
+            "--worker-fds",
+            fds,
+            "--control-fd",
+            str(control_fd),
+            "--worker-index",
+            str(slot.index),
+        ]
+
+    async def spawn(self, slot: WorkerSlot) -> asyncio.subprocess.Process:
+        """Start slot's worker; raises what fork/exec raise (EMFILE, ENOMEM, EAGAIN)."""
+        parent, child = socket.socketpair()
+        try:
+            argv = self._worker_argv(slot, child.fileno())
+            pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
+            # SIGHUP blocked across the fork: the worker starts with it
+            # pending rather than fatal until its handler exists (signals).
+            with reloads_blocked():
+                proc = await asyncio.create_subprocess_exec(*argv, pass_fds=pass_fds)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        slot.proc = proc
+        slot.started_at = time.monotonic()
+        link = SupervisorEnd(parent, lambda why: self._channel_broken(slot, proc, why))
+        try:
+            await link.open()
+        except BaseException:
+            link.close()
+            proc.kill()
+            raise
+        slot.link = link
+        log.info("worker %d started (pid %d)", slot.index, proc.pid)
+        return proc
+
+    def _channel_broken(self, slot: WorkerSlot, proc: asyncio.subprocess.Process, why: str) -> None:
+        """The worker wrote something that is not a frame: replace it (channel)."""
+        self.channel_resets_total += 1
+        if proc.returncode is None:
+            log.error(
+                "worker %d (pid %d) broke the control channel (%s); replacing it",
+                slot.index,
+                proc.pid,
+                why,
+            )
+            proc.kill()
+
+    async def _keep(self, slot: WorkerSlot) -> None:
+        """Keep a worker running in *slot* until the supervisor stops.
+
+        Cannot die: whatever one round raises (a spawn that fails with EMFILE
+        or ENOMEM, an exit status nobody foresaw) is logged, and the next round
+        starts after the back-off. A keeper that died would leave its slot
+        empty for good, and /ready 503 (issue 12).
+        """
+        first = True
+        while not self.stopping:
+            try:
+                try:
+                    proc = await self.spawn(slot)
+                except Exception as exc:
+                    self.spawn_failures_total += 1
+                    slot.backoff = min(slot.backoff * 2, 5.0)
+                    log.error(
+                        "cannot start worker %d: %s; retrying in %.1fs",
+                        slot.index,
+                        exc,
+                        slot.backoff,
+                    )
+                    await asyncio.sleep(slot.backoff)
+                    continue
+                if not first:
+                    slot.restarts += 1
+                    self.restarts_total += 1
+                first = False
+                if self.stopping and proc.returncode is None:
+                    proc.terminate()  # started while the stop began: drain it too
+                code = await proc.wait()
+                if slot.link is not None:
+                    slot.link.close()
+                    self.late_answers_gone += slot.link.stale
+                    slot.link = None
+                if self.stopping:
+                    return
+                if time.monotonic() - slot.started_at < 10:
+                    slot.backoff = min(slot.backoff * 2, 5.0)
+                else:
+                    slot.backoff = 0.1
+                log.error(
+                    "worker %d (pid %d) died with %s; restarting",
+                    slot.index,
+                    proc.pid,
+                    describe_exit(code),
+                )
+                await asyncio.sleep(slot.backoff)
+            except Exception:
+                log.exception("worker %d: unexpected error in its keeper; going on", slot.index)
+                slot.backoff = min(slot.backoff * 2, 5.0)
+                await asyncio.sleep(slot.backoff)
+
+    async def ask(self, slot: WorkerSlot, op: str, timeout: float = 3.0) -> Any:
+        """One request to a worker; None if it cannot answer in time (channel)."""
+        link = slot.link
+        if link is None:
+            return None
+        return await link.ask(op, timeout)
+
+    # -- the admin's view, summed over workers ------------------------------
+    async def gather(self, op: str) -> list[Any]:
+        answers = await asyncio.gather(*(self.ask(s, op) for s in self.slots))
+        return [a for a in answers if a is not None]
+
+    async def ready(self) -> bool:
+        if self.stopping:
+            return False
+        answers = await self.gather("ready")
+        return len(answers) == len(self.slots) and all(answers)
+
+    async def stats(
+        self,
+    ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
+        values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
+        help_: dict[str, Any] = {
+            "l4proxy_worker_connections_total": ("counter", "Connections accepted, by worker."),
+            "l4proxy_worker_spawn_failures_total": (
+                "counter",
+                "Worker starts that failed (fork/exec: EMFILE, ENOMEM); retried with back-off.",
+            ),
+            "l4proxy_control_channel_resets_total": (
+                "counter",
+                "Workers replaced because their control channel carried a malformed frame.",
+            ),
+            "l4proxy_control_late_answers_total": (
+                "counter",
+                "Worker answers that came after their request timed out (dropped).",
+            ),
+        }
+        gauges: dict[str, float] = {}
+        answers = await asyncio.gather(*(self.ask(s, "stats") for s in self.slots))
+        for slot, ans in zip(self.slots, answers, strict=True):
+            if ans is None:
+                continue
+            for name, labels, v in ans["counters"]:
+                values[name][tuple((k, val) for k, val in labels)] += v
+                if name == "l4proxy_connections_total":
+                    values["l4proxy_worker_connections_total"][(("worker", str(slot.index)),)] += v
+            help_.update({k: tuple(v) for k, v in ans["help"].items()})
+            for k, v in ans["gauges"].items():
+                if k in MIN_GAUGES:
+                    gauges[k] = min(gauges.get(k, v), v)
+                else:
+                    gauges[k] = gauges.get(k, 0) + v
+        gauges["l4proxy_workers"] = sum(1 for s in self.slots if s.link and not s.link.closed)
+        gauges["l4proxy_worker_restarts_total"] = self.restarts_total
+        gauges["l4proxy_worker_spawn_failures_total"] = self.spawn_failures_total
+        gauges["l4proxy_control_channel_resets_total"] = self.channel_resets_total
+        gauges["l4proxy_control_late_answers_total"] = self.late_answers_gone + sum(
+            s.link.stale for s in self.slots if s.link
+        )
+        return values, help_, gauges
+
+    async def stats_text(self) -> str:
+        values, help_, gauges = await self.stats()
+        return render_prometheus(values, help_, gauges)
+
+    async def stats_json(self) -> dict[str, Any]:
+        values, _, gauges = await self.stats()
+        out: dict[str, Any] = dict(gauges)
+        for name, series in values.items():
+            out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
+        return out
+
+    async def config_dump(self) -> Any:
+        return await self.first("config_dump")
+
+    async def clusters(self) -> Any:
+        # Outlier detection is per worker; worker 0's view is shown.
+        return await self.first("clusters")
+
+    async def first(self, op: str) -> Any:
+        for slot in self.slots:
+            ans = await self.ask(slot, op)
+            if ans is not None:
+                return ans
+        return None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self, admin_start: Any) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        # Signal handling first (signals): a SIGHUP from here on reaches
+        # the workers that exist, and never kills one that is starting.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        await admin_start(self, stop.set)
+        self._keepers = [loop.create_task(self._keep(slot)) for slot in self.slots]
+        watchdog = loop.create_task(self._watchdog())
+        await stop.wait()
+        self.stopping = True
+        watchdog.cancel()
+        log.info("stopping: draining %d worker(s)", len(self.slots))
+        # Close our copies now. The workers hold the same sockets (inherited
+        # fds), so this alone stops nothing: each listener closes when its
+        # worker closes its copy, inbound and gateway ones at once, outbound
+        # ones once the app is gone (worker.drain, --drain-quiet). Kept open,
+        # our copies would let handshakes complete into a queue nobody reads
+        # until the drain ends, and those clients would hang, then be reset.
+        for slot in self.slots:
+            for lst in slot.listeners:
+                lst.sock.close()
+        self._forward(signal.SIGTERM)
+        deadline = self.args.drain_duration + 10
+        for slot in self.slots:
+            if slot.proc and slot.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(slot.proc.wait(), deadline)
+                except TimeoutError:
+                    slot.proc.kill()
+                    await slot.proc.wait()
+        log.info("stopped")
+        return 0
+
+    async def _watchdog(self) -> None:
+        """Kill a worker that stopped answering (hung, not dead) so it is restarted.
+
+        A worker whose event loop is stuck still holds its listening socket and
+        accepts nothing: to the pod that is as bad as a crash, and no exit
+        status would ever tell us.
+        """
+        limit = self.args.watchdog_timeout
+        if limit <= 0:
+            return
+        interval = max(0.2, limit / 5)
+        silent: dict[int, float] = {}  # worker pid -> since when it has not answered
+        while True:
+            await asyncio.sleep(interval)
+            for slot in self.slots:
+                # One slot's failure (whatever it is) must not end the watch of
+                # all of them: before issue 12, one oversize answer did.
+                try:
+                    await self._watch_one(slot, silent, limit, interval)
+                except Exception:
+                    log.exception("watchdog: unexpected error checking worker %d", slot.index)
+
+    async def _watch_one(
+        self, slot: WorkerSlot, silent: dict[int, float], limit: float, interval: float
+    ) -> None:
+        proc = slot.proc
+        live = {s.proc.pid for s in self.slots if s.proc and s.proc.returncode is None}
+        for pid in [p for p in silent if p not in live]:
+            del silent[pid]
+        if proc is None or proc.returncode is not None or self.stopping:
+            return
+        if await self.ask(slot, "ready", timeout=interval) is not None:
+            silent.pop(proc.pid, None)
+            return
+        first = silent.setdefault(proc.pid, time.monotonic())
+        if time.monotonic() - first >= limit and proc.returncode is None:
+            log.error(
+                "worker %d (pid %d) has not answered for %.1fs; killing it",
+                slot.index,
+                proc.pid,
+                limit,
+            )
+            silent.pop(proc.pid, None)
+            proc.kill()
+
+    def _forward(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.proc and slot.proc.returncode is None:
+                try:
+                    os.kill(slot.proc.pid, sig)
+                except ProcessLookupError:
+                    pass

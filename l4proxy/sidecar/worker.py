@@ -1,0 +1,963 @@
+"""One worker: listeners, the routing decision per connection, hand-off to the pump.
+
+Theory of operation
+-------------------
+The worker runs an asyncio event loop (uvloop by default). The loop sees
+only listening sockets and, for each accepted connection, the short phase
+before the routing decision: reading ``SO_ORIGINAL_DST``, peeking the HTTP
+request head, and connecting upstream. It waits for readiness with
+``add_reader``/``add_writer`` on raw fds and always removes the watcher
+before going on (see :func:`_wait_fd`), so by the time both sockets are
+detached and handed to the :class:`~l4proxy.dataplane.pump.Pump` the loop holds no
+reference to either fd. The pump's own thread then moves every byte until
+both sides are closed.
+
+Why not asyncio transports for the relay: on this machine a plain
+asyncio-Protocol relay on uvloop 0.23 aborted the process ("double free or
+corruption") under ``Connection: close`` churn. No relayed byte passes
+through a transport here, and the churn soak in tests/ proves the path.
+
+Per connection (steps 1 to 4 are decided by
+:func:`l4proxy.rules.classify.classify`, a pure function of the table, the
+original destination and the head; this module reads, connects and acts):
+
+1. transparent listeners: ``original_destination()``; none, or the
+   listener's own address, means somebody dialled 15001 directly: refused
+   (no loops).
+2. original destination is one of the pod's own addresses: inbound; forward
+   to it unchanged (the local app), no routing.
+3. outbound: the ServiceEntry whose address is the destination; else, on a
+   port some service declares HTTP, the Host header of the peeked head.
+   Unknown: pass through to the original destination (Istio's
+   PassthroughCluster) or refuse under ``REGISTRY_ONLY``.
+4. HTTP ports: the head is peeked (bounded by ``max_head`` bytes and
+   ``header_timeout`` seconds); bytes that are not HTTP are routed at L4 and
+   forwarded untouched; other TCP ports are never read before the decision
+   (a server-first protocol works).
+5. the route table decides the subset and the order of endpoints to try;
+   each connect is bounded by ``connect_timeout``; failures feed outlier
+   detection; when none answers: ``503 no healthy upstream`` on HTTP, a
+   close on TCP.
+
+Weighted routing is per connection: the first request on a connection
+decides, later requests on the same keep-alive connection follow it. With
+``--http-routing request`` step 4 hands HTTP connections (and gateway
+listeners' connections) to the per-request relay instead
+(``l4proxy/dataplane/_relay_py.py``): it routes every request head through
+:meth:`Worker._decide_request` (the same classification, per head) and
+gives back, for the pump, what turns out not to be HTTP or becomes a tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NoReturn
+
+from l4proxy.dataplane import peek, pump
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._relay_py import Decision as RelayDecision
+from l4proxy.dataplane._relay_py import HttpRelay
+from l4proxy.dataplane.listener import Listener
+from l4proxy.dataplane.origdst import original_destination
+from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
+from l4proxy.rules.health import EndpointHealth
+from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.stats import Counters, LockedCounters
+
+log = logging.getLogger("l4proxy.worker")
+
+MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
+LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
+# accept()/socket() errors that mean "this process (or the system) is out of fds"
+FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+
+
+@dataclass
+class WorkerOptions:
+    connect_timeout: float = 10.0
+    header_timeout: float = 10.0
+    max_head: int = 65536
+    idle_timeout: float = 3600.0
+    outbound_policy: str = "ALLOW_ANY"  # or REGISTRY_ONLY
+    source_labels: dict[str, str] = field(default_factory=dict)
+    max_connections: int = 0  # 0 = unlimited
+    max_pipes: int = -1  # splice pipes; -1: pump.max_pipes_for(), 0: never splice
+    # "connection": the first request head routes the connection (compiled
+    # pump); "request": every request is routed on its own (the per-request
+    # relay, l4proxy/dataplane/_relay_py.py; pure Python for now).
+    http_routing: str = "connection"
+    ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
+
+
+def local_addresses() -> set[str]:
+    """Every address configured in this network namespace (for "is it inbound?").
+
+    Read from /proc rather than netlink: it needs no event loop (pyroute2's
+    synchronous API cannot run inside a running one) and no privileges.
+    IPv4 local addresses are the ``/32 host LOCAL`` leaves of the FIB trie;
+    IPv6 ones are listed in ``if_inet6``.
+    """
+    out: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            last = ""
+            for line in f:
+                parts = line.split()
+                if parts[:1] == ["|--"] and len(parts) > 1:
+                    last = parts[1]
+                elif "/32 host LOCAL" in line and last:
+                    out.add(last)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                out.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
+    except OSError:
+        pass
+    return out
+
+
+def http_response(status: int, reason: str, body: str) -> bytes:
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"content-length: {len(data)}\r\n"
+        "content-type: text/plain\r\n"
+        "connection: close\r\n"
+        "server: l4proxy\r\n\r\n"
+    ).encode() + data
+
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Refused(Exception):
+    """The connection is answered (or closed) without an upstream."""
+
+    def __init__(self, why: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+        self.status = status
+        self.body = body or why
+
+
+class Worker:
+    def __init__(
+        self,
+        listeners: Iterable[Listener],
+        rules: RuleWatcher,
+        options: WorkerOptions,
+        counters: Counters | None = None,
+        health: EndpointHealth | None = None,
+    ) -> None:
+        self.listeners = list(listeners)
+        self.rules = rules
+        self.opts = options
+        self.counters = counters or Counters()
+        self.health = health or EndpointHealth(base_ejection=options.ejection_time)
+        max_pipes = pump.max_pipes_for(options.max_connections, options.max_pipes)
+        self.pump = pump.Pump(idle_timeout=options.idle_timeout, max_pipes=max_pipes)
+        if budget := pump.fd_budget_warning(options.max_connections, max_pipes):
+            log.warning("%s", budget)
+        self.local_ips: set[str] = set()
+        self.listener_ports: set[int] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.active_per_endpoint: dict[tuple[str, int], int] = {}
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reserve_fd = -1  # see _shed()
+        self._fd_limit_logged = 0.0
+        self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
+        self._describe_counters()
+        # The per-request relay (--http-routing request) runs its own thread;
+        # what it counts goes to relay_counters (locked: /stats reads them
+        # from the event loop's thread).
+        self.relay_counters = LockedCounters()
+        self.relay: HttpRelay | None = None
+        if options.http_routing == "request":
+            self.relay = HttpRelay(
+                self._decide_request,
+                self._from_relay,
+                pool=PoolOptions(idle_timeout=min(options.idle_timeout, 60.0)),
+                connect_timeout=options.connect_timeout,
+                header_timeout=options.header_timeout,
+                idle_timeout=options.idle_timeout,
+                report=self._report_request,
+                connect_failed=self._relay_connect_failed,
+                connect_ok=self._relay_connect_ok,
+            )
+            _describe_istio(self.relay_counters)
+
+    # -- lifecycle ---------------------------------------------------------
+    def _describe_counters(self) -> None:
+        c = self.counters
+        c.describe("l4proxy_connections_total", "counter", "Connections accepted, by listener.")
+        c.describe(
+            "l4proxy_decisions_total",
+            "counter",
+            "Routing decisions, by destination service, route and subset.",
+        )
+        c.describe(
+            "l4proxy_upstream_connect_failures_total",
+            "counter",
+            "Failed upstream connects, by endpoint.",
+        )
+        c.describe(
+            "l4proxy_refused_total", "counter", "Connections answered without upstream, by reason."
+        )
+        c.describe("l4proxy_passthrough_total", "counter", "Connections to unknown destinations.")
+        c.describe("l4proxy_inbound_total", "counter", "Inbound connections forwarded to the app.")
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pump.start()
+        if self.relay is not None:
+            self.relay.start()
+        self._take_reserve()
+        self.refresh_local_addresses()
+        for lst in self.listeners:
+            self.listener_ports.add(lst.address[1])
+            self._loop.add_reader(lst.sock.fileno(), self._on_acceptable, lst)
+
+    def refresh_local_addresses(self) -> None:
+        try:
+            self.local_ips = local_addresses()
+        except Exception as exc:  # netlink unavailable: inbound detection off
+            log.warning("cannot list local addresses (%s); inbound detection is off", exc)
+            self.local_ips = set()
+
+    def stop_accepting(self, keep: tuple[str, ...] = ()) -> None:
+        """Close the listeners, except those whose mode is in *keep*."""
+        assert self._loop is not None
+        kept = []
+        for lst in self.listeners:
+            if lst.mode in keep:
+                kept.append(lst)
+                continue
+            try:
+                self._loop.remove_reader(lst.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            lst.sock.close()
+        self.listeners = kept
+
+    async def drain(self, timeout: float, quiet: float = 0.0) -> int:
+        """SIGTERM: stop inbound now, outbound once the app is gone; then close.
+
+        Theory of operation. A pod that is told to stop gets SIGTERM in every
+        container at once, and the app's own shutdown often calls out (flush
+        to a queue, deregister, a last write): a sidecar that stops capturing
+        at once fails those calls (Istio #36660, #34855). So:
+
+        * inbound stops at once: the gateway and ``--inbound-port`` listeners
+          close (new connections are refused by the kernel), and an inbound
+          connection arriving on the shared outbound port is reset. The pod is
+          leaving its Service's endpoints; callers go elsewhere.
+        * outbound (what the app dials, captured on ``--port``) is accepted and
+          routed as before until the app is gone, or until *timeout* passes.
+        * "the app is gone" is Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS: no
+          connection active (relayed or being set up, inbound ones included)
+          and none accepted for *quiet* seconds, counted from the SIGTERM at
+          the earliest. The sidecar cannot see the app's process (another
+          container, another pid namespace); an app that is silent for
+          *quiet* seconds and then calls out again finds the sidecar gone, so
+          *quiet* should exceed the app's longest pause while shutting down.
+          ``quiet`` 0 stops outbound at once too (the behaviour before).
+
+        Then the listeners close, and connections in flight get what is left
+        of *timeout* to finish; the count of those forced closed is returned.
+        """
+        self.draining = True
+        self.stop_accepting(keep=("outbound",) if quiet > 0 else ())
+        now = time.monotonic()
+        deadline = now + timeout
+        self._last_accept = max(self._last_accept, now)
+        while self.listeners and time.monotonic() < deadline:
+            idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
+            if idle and time.monotonic() - self._last_accept >= quiet:
+                log.info("draining: no connection for %.1fs; outbound stops", quiet)
+                break
+            await asyncio.sleep(min(0.1, quiet))
+        self.stop_accepting()
+        if self.handshakes:
+            await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
+        while self.relay_active() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # requests in flight in the relay finish
+        if self.relay is not None:
+            self.relay.close()  # what is left (idle keep-alive clients) is closed
+        remaining = max(0.0, deadline - time.monotonic())
+        loop = asyncio.get_running_loop()
+        forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
+        return forced
+
+    def relay_active(self) -> int:
+        return self.relay.active() if self.relay is not None else 0
+
+    def counter_snapshot(self) -> dict[str, dict[Any, float]]:
+        """The event loop's counters and the relay thread's, for /stats."""
+        out = self.counters.snapshot()
+        out.update(self.relay_counters.snapshot())
+        return out
+
+    def counter_help(self) -> dict[str, tuple[str, str]]:
+        return {**self.counters.help(), **self.relay_counters.help()}
+
+    def close(self) -> None:
+        for t in list(self.handshakes):
+            t.cancel()
+        if self.relay is not None:
+            self.relay.close()
+        self.pump.close()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+
+    # -- accepting -----------------------------------------------------------
+    def _on_acceptable(self, lst: Listener) -> None:
+        assert self._loop is not None
+        for _ in range(64):  # bounded burst: let other callbacks run
+            try:
+                conn, _ = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE: out of fds. Existing connections are unharmed.
+                # Refuse what waits in the accept queue now (with RST, through
+                # the reserve fd), rather than leave clients hanging there, and
+                # back off briefly rather than spin on a readable listener.
+                if exc.errno in (*FD_EXHAUSTED, errno.ENOBUFS, errno.ENOMEM):
+                    shed = self._shed(lst) if exc.errno in FD_EXHAUSTED else 0
+                    self.counters.inc("l4proxy_refused_total", max(shed, 1), reason="fd_limit")
+                    now = time.monotonic()
+                    if now - self._fd_limit_logged > 10:
+                        self._fd_limit_logged = now
+                        log.warning(
+                            "accept on %s: %s; refusing new connections for now "
+                            "(keep 2 x --max-connections + 2 x --max-pipes + 64 "
+                            "below the fd limit)",
+                            lst.name,
+                            os.strerror(exc.errno or 0),
+                        )
+                    self._pause_accept(lst)
+                    return
+                log.warning("accept on %s failed: %s", lst.name, exc)
+                return
+            self.counters.inc("l4proxy_connections_total", listener=lst.mode)
+            self._last_accept = time.monotonic()
+            limit = self.opts.max_connections
+            if limit and self.pump.active + len(self.handshakes) + self.relay_active() >= limit:
+                self.counters.inc("l4proxy_refused_total", reason="max_connections")
+                _reset(conn)
+                continue
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn, lst))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    def _take_reserve(self) -> None:
+        if self._reserve_fd < 0:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve_fd = -1  # still out of fds: next time
+
+    def _shed(self, lst: Listener) -> int:
+        """Out of fds: reset the connections waiting in *lst*'s accept queue.
+
+        The reserve fd (libuv's "EMFILE trick") is what makes this possible:
+        closed, it frees the one slot each accept() needs for the moment it
+        takes to reset that connection. Another thread (the pump) may win the
+        slot; then accept() fails again and we only pause.
+        """
+        if self._reserve_fd < 0:
+            return 0
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        shed = 0
+        try:
+            while shed < 256:
+                try:
+                    conn, _ = lst.sock.accept()
+                except OSError:  # EAGAIN: queue empty; EMFILE: slot taken
+                    break
+                _reset(conn)
+                shed += 1
+        finally:
+            self._take_reserve()
+        return shed
+
+    def _pause_accept(self, lst: Listener) -> None:
+        assert self._loop is not None
+        fd = lst.sock.fileno()
+        self._loop.remove_reader(fd)
+
+        def resume() -> None:
+            self._take_reserve()
+            if lst in self.listeners and lst.sock.fileno() == fd:  # not closed meanwhile
+                self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
+
+        self._loop.call_later(0.1, resume)
+
+    # -- one connection ------------------------------------------------------
+    async def _serve(self, conn: socket.socket, lst: Listener) -> None:
+        await self._to_pump(conn, self._decide_and_connect(conn, lst), lst.name)
+
+    async def _to_pump(
+        self,
+        conn: socket.socket,
+        deciding: Coroutine[Any, Any, tuple[socket.socket, bytes, Endpoint | None]],
+        where: str,
+    ) -> None:
+        """Await the decision and connect, then hand both sockets to the pump;
+        answer or close *conn* when refused."""
+        upstream: socket.socket | None = None
+        try:
+            upstream, pending, endpoint = await deciding
+            conn_fd = conn.detach()
+            up_fd = upstream.detach()
+            upstream = None
+            # From here the pump owns both fds and closes each exactly once.
+            self.pump.add(conn_fd, up_fd, pending)
+            del endpoint
+        except _HandedToRelay:
+            pass  # the relay owns conn now
+        except Refused as r:
+            self.counters.inc("l4proxy_refused_total", reason=r.why)
+            if r.status is None:
+                conn.close()
+            elif _send_quietly(conn, http_response(r.status, REASONS.get(r.status, ""), r.body)):
+                await _linger_close(conn, LINGER_SECONDS)
+            else:
+                conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception:
+            log.exception("error handling a connection on %s", where)
+            conn.close()
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    async def _decide_and_connect(
+        self, conn: socket.socket, lst: Listener
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        origin: Origin | None
+        if lst.mode == "gateway":
+            origin = Origin(None, lst.address[1], True)
+        else:
+            dst = original_destination(conn)
+            origin = None if dst is None else Origin(dst[0], dst[1], False)
+        # Whether to read the head is decided by the table live now; what to
+        # route by is decided by the table live once the head is complete
+        # (classified again below): a head can take up to --header-timeout to
+        # arrive, and a head that arrives after a reload follows the new rules.
+        table = self.rules.state.table
+        c = self._classify(table, origin, UNREAD)
+        head: peek.RequestHead | None = None
+        pending = b""
+        if c.kind is Kind.RELAY:
+            assert origin is not None
+            self._hand_to_relay(conn, origin)
+        if c.kind is Kind.READ_HEAD:
+            head, pending = await self._peek(conn)
+            table = self.rules.state.table  # one table from here on: the decision's
+            c = self._classify(table, origin, head)
+        return await self._act(conn, c, origin, table, head, pending)
+
+    def _classify(
+        self, table: RouteTable, origin: Origin | None, head: peek.RequestHead | Unread | None
+    ) -> Classification:
+        return classify(
+            table,
+            origin,
+            head,
+            local_ips=self.local_ips,
+            listener_ports=self.listener_ports,
+            registry_only=self.opts.outbound_policy == "REGISTRY_ONLY",
+            per_request=self.relay is not None,
+        )
+
+    async def _act(
+        self,
+        conn: socket.socket,
+        c: Classification,
+        origin: Origin | None,
+        table: RouteTable,
+        head: peek.RequestHead | None,
+        pending: bytes,
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        """Carry out a connection's classification: connect upstream (the
+        pump relays from there) or refuse."""
+        if c.kind is Kind.REFUSED:
+            raise Refused(c.why, c.status, c.body)
+        if c.kind is Kind.ROUTE:
+            assert c.service is not None and c.port is not None
+            return await self._route(conn, table, c.service, c.port, head, pending)
+        # INBOUND and PASSTHROUGH: a transparent listener's original destination.
+        assert origin is not None and origin.ip is not None, c
+        if c.kind is Kind.INBOUND:
+            # Inbound: the pod's own address. Forward to the local app as is.
+            if self.draining:
+                # Draining: inbound stops at SIGTERM (the pod is leaving the
+                # endpoints; callers retry elsewhere). Outbound continues.
+                _reset(conn)
+                raise Refused("draining_inbound")
+            self.counters.inc("l4proxy_inbound_total")
+            up = await self._connect((origin.ip, origin.port))
+            if up is None:
+                raise Refused("inbound_unreachable")
+            return up, b"", None
+        if c.kind is Kind.PASSTHROUGH:
+            self.counters.inc("l4proxy_passthrough_total")
+            up = await self._connect((origin.ip, origin.port), http=head is not None)
+            if up is None:
+                raise Refused(
+                    "passthrough_unreachable", 503 if head else None, "upstream connect error"
+                )
+            return up, pending, None
+        raise AssertionError(f"not an L4 classification: {c}")  # READ_HEAD, RELAY: the caller's
+
+    async def _route(
+        self,
+        conn: socket.socket,
+        table: RouteTable,
+        service: Service,
+        port: ServicePort,
+        head: peek.RequestHead | None,
+        pending: bytes,
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        request = None
+        if head is not None:
+            request = Request(
+                method=head.method,
+                path=head.path,
+                authority=head.host or "",
+                headers=dict(head.headers),
+            )
+        decision: Decision = table.decide(
+            service,
+            port.number,
+            request,
+            self.opts.source_labels,
+            healthy=self.health.is_healthy,
+            active=self._active_for,
+        )
+        self.counters.inc(
+            "l4proxy_decisions_total",
+            service=service.host,
+            route=decision.route,
+            subset=decision.subset,
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s:%d route=%s subset=%s try=%s",
+                service.host,
+                port.number,
+                decision.route,
+                decision.subset,
+                [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
+            )
+        # -- issue 14 (HTTPRoute): a backend that resolves to nothing answers 500 --
+        if not decision.endpoints and decision.status != 503:
+            raise Refused(
+                "unresolved_backend",
+                decision.status if head is not None else None,
+                "backend not resolved",
+            )
+        # -- end issue 14 --
+        for ep in decision.endpoints[:MAX_ATTEMPTS]:
+            up = await self._connect(
+                (ep.address, ep.port), ep, decision.service, http=head is not None
+            )
+            if up is not None:
+                return up, pending, ep
+        raise Refused(
+            "no_healthy_upstream", 503 if head is not None else None, "no healthy upstream"
+        )
+
+    def _active_for(self, ep: Endpoint) -> int:
+        return self.active_per_endpoint.get((ep.address, ep.port), 0)
+
+    # -- per-request routing: the relay's callbacks ----------------------------
+    #
+    # The relay (l4proxy/dataplane/_relay_py.py) owns HTTP connections on its own thread
+    # and asks _decide_request for every request head; the table it reads is
+    # the one live at that moment (a swap is one assignment). What must run on
+    # the event loop (outlier detection, the L4 hand-off, the loop's counters)
+    # is passed there with call_soon_threadsafe.
+
+    def _hand_to_relay(self, conn: socket.socket, origin: Origin) -> NoReturn:
+        assert self.relay is not None
+        self.relay.add(conn, origin)
+        raise _HandedToRelay
+
+    def _decide_request(self, head: peek.RequestHead, origin: Origin) -> RelayDecision:
+        """Route one request head (relay thread)."""
+        table = self.rules.state.table
+        c = self._classify(table, origin, head)
+        if c.kind is Kind.REFUSED:
+            assert c.status is not None  # a request is always answered
+            return RelayDecision(local=(c.status, c.body))
+        if c.kind is Kind.PASSTHROUGH:
+            assert origin.ip is not None
+            return RelayDecision(((origin.ip, origin.port),))  # PassthroughCluster
+        assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
+        service, port = c.service, c.port
+        authority = head.host or ""
+        request = Request(
+            method=head.method, path=head.path, authority=authority, headers=dict(head.headers)
+        )
+        relay = self.relay
+        assert relay is not None
+        decision = table.decide(
+            service,
+            port.number,
+            request,
+            self.opts.source_labels,
+            healthy=self.health.is_healthy,
+            active=lambda ep: relay.pools.active((ep.address, ep.port)),
+        )
+        self.relay_counters.inc(
+            "l4proxy_decisions_total",
+            service=service.host,
+            route=decision.route,
+            subset=decision.subset,
+        )
+        if not decision.endpoints:
+            body = "no healthy upstream" if decision.status == 503 else "backend not resolved"
+            return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
+        tried = decision.endpoints[:MAX_ATTEMPTS]
+        return RelayDecision(tuple((e.address, e.port) for e in tried), tag=_Tag(decision))
+
+    def _report_request(self, tag: _Tag | None, status: int, seconds: float) -> None:
+        """One response delivered (relay thread): Istio's standard metrics."""
+        labels = _istio_labels(tag, status)
+        c = self.relay_counters
+        c.add("istio_requests_total", labels)
+        ms = seconds * 1000.0
+        bucket = "istio_request_duration_milliseconds_bucket"
+        for le in _DURATION_BUCKETS_MS:
+            if ms <= le:
+                c.add(bucket, {**labels, "le": str(le)})
+        c.add(bucket, {**labels, "le": "+Inf"})
+        c.add("istio_request_duration_milliseconds_sum", labels, ms)
+        c.add("istio_request_duration_milliseconds_count", labels)
+
+    def _on_loop(self, fn: Any, *args: Any) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: shutting down
+            return False
+        return True
+
+    def _relay_connect_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, why)
+
+    def _relay_connect_ok(self, addr: tuple[str, int], tag: _Tag | None) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, "")
+
+    def _endpoint_result(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+        """Outlier detection for the relay's connects (event loop)."""
+        ep = None
+        if tag is not None:
+            ep = next((e for e in tag.decision.endpoints if (e.address, e.port) == addr), None)
+        if not why:
+            if ep is not None:
+                self.health.success(ep)
+            return
+        if ep is not None:
+            peers = [e for e in tag.decision.service.endpoints if e.port == ep.port]  # type: ignore[union-attr]
+            self.health.failure(ep, why, peers)
+        self.counters.inc(
+            "l4proxy_upstream_connect_failures_total", endpoint=f"{addr[0]}:{addr[1]}", error=why
+        )
+
+    def _from_relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        to_client: bytes,
+        to_upstream: bytes,
+        origin: Origin,
+    ) -> None:
+        """The relay gives a connection back: a tunnel, or bytes that are not HTTP."""
+        if not self._on_loop(self._after_relay, client, upstream, to_client, to_upstream, origin):
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def _after_relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        to_client: bytes,
+        to_upstream: bytes,
+        origin: Origin,
+    ) -> None:
+        if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
+            self.pump.add(client.detach(), upstream.detach(), to_upstream, to_client)
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(
+            self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay")
+        )
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    async def _route_l4(
+        self, conn: socket.socket, origin: Origin, pending: bytes
+    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+        """Bytes on an HTTP port that are not HTTP: routed per connection, at L4."""
+        table = self.rules.state.table
+        c = self._classify(table, origin, None)
+        return await self._act(conn, c, origin, table, None, pending)
+
+    async def _peek(self, conn: socket.socket) -> tuple[peek.RequestHead | None, bytes]:
+        """Read the request head. Returns (head or None if not HTTP, bytes read)."""
+        parser = peek.HeadParser(self.opts.max_head)
+        deadline = time.monotonic() + self.opts.header_timeout
+        while True:
+            try:
+                data = conn.recv(16384)
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
+                    raise Refused("header_timeout", 408, "request header timeout") from None
+                continue
+            except OSError as exc:
+                raise Refused("client_error") from exc
+            if not data:
+                if parser.buffered:
+                    # The client sent something and half-closed: not a complete
+                    # head; forward at L4 rather than guess.
+                    return None, parser.buffered
+                raise Refused("client_closed")
+            try:
+                head = parser.feed(data)
+            except peek.NotHTTP:
+                return None, parser.buffered
+            except peek.HeadError as exc:
+                raise Refused(f"bad_request_{exc.status}", exc.status, exc.reason) from exc
+            if head is not None:
+                return head, parser.buffered
+
+    async def _connect(
+        self,
+        addr: tuple[str, int],
+        ep: Endpoint | None = None,
+        service: Service | None = None,
+        *,
+        http: bool = False,
+    ) -> socket.socket | None:
+        """Connect with a timeout; report to outlier detection; None on failure.
+
+        Out of fds for the upstream socket is our problem, not the endpoint's:
+        it raises :class:`Refused` (503 on HTTP) and is not counted against the
+        endpoint, or a connection flood would eject healthy pods.
+        """
+        host, port = addr
+        numeric = _numeric_sockaddr(host, port)
+        infos: list[tuple[Any, ...]]
+        if numeric is not None:
+            infos = [numeric]
+        else:  # a host name (DNS endpoint before its first answer): resolve off-loop
+            infos = list(
+                await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            )
+        err = "no address"
+        for family, stype, proto, _, sockaddr in infos[:2]:
+            try:
+                sock = socket.socket(family, stype, proto)
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTED:
+                    raise Refused("fd_limit", 503 if http else None, "overloaded") from exc
+                raise
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                rc = sock.connect_ex(sockaddr)
+                if rc in (errno.EINPROGRESS, errno.EAGAIN):
+                    if not await _wait_fd(sock.fileno(), True, self.opts.connect_timeout):
+                        raise OSError(errno.ETIMEDOUT, "connect timeout")
+                    rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if rc != 0:
+                    raise OSError(rc, os.strerror(rc))
+            except OSError as exc:
+                sock.close()
+                err = exc.strerror or str(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if ep is not None:
+                self.health.success(ep)
+            return sock
+        if ep is not None:
+            peers = [e for e in service.endpoints if e.port == ep.port] if service else ()
+            self.health.failure(ep, err, peers)
+        self.counters.inc(
+            "l4proxy_upstream_connect_failures_total", endpoint=f"{host}:{port}", error=err
+        )
+        return None
+
+
+class _HandedToRelay(Exception):
+    """Control flow: the connection now belongs to the per-request relay."""
+
+
+class _Tag(NamedTuple):
+    """What the relay passes back with each request's reports."""
+
+    decision: Decision
+
+
+# Istio's default request-duration buckets (ms), up to a minute.
+_DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+def _describe_istio(c: Counters) -> None:
+    c.describe(
+        "istio_requests_total",
+        "counter",
+        "Requests by destination service and version, and response code (reporter=source).",
+    )
+    # istio_request_duration_milliseconds_{bucket,sum,count} (a histogram:
+    # cumulative buckets by "le") go out untyped, as the renderer has no
+    # histogram families; histogram_quantile() over _bucket works the same.
+
+
+def _istio_labels(tag: _Tag | None, status: int) -> dict[str, str]:
+    """Istio's standard metric labels, so Flagger's and Argo's queries work."""
+    if tag is None:
+        service, name, version, workload = "unknown", "PassthroughCluster", "unknown", "unknown"
+    else:
+        d = tag.decision
+        service = d.service.host
+        name = service.split(".", 1)[0]
+        labels = d.endpoints[0].labels if d.endpoints else {}
+        version = labels.get("version", d.subset or "unknown")
+        workload = f"{labels.get('app', name)}-{version}"
+    return {
+        "reporter": "source",
+        "destination_service": service,
+        "destination_service_name": name,
+        "destination_version": version,
+        "destination_workload": workload,
+        "response_code": str(status),
+    }
+
+
+async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
+    """Wait until *fd* is readable (or writable); False on timeout.
+
+    The watcher is removed before returning, whatever happens: the fd is about
+    to be handed to the pump thread, and the event loop must not keep a poll
+    handle on it (uvloop/libuv must never see an fd after it changes owner).
+    One future and one timer handle per wait (no asyncio.wait_for: this runs
+    for nearly every connection, twice).
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bool] = loop.create_future()
+
+    def settle(ok: bool) -> None:
+        if not fut.done():
+            fut.set_result(ok)
+
+    if writable:
+        loop.add_writer(fd, settle, True)
+    else:
+        loop.add_reader(fd, settle, True)
+    timer = loop.call_later(timeout, settle, False)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _numeric_sockaddr(host: str, port: int) -> tuple[Any, ...] | None:
+    """getaddrinfo()'s answer for a literal address, without the call (and its
+    allocations) on the per-connection path; None for a host name."""
+    try:
+        if ":" in host:
+            socket.inet_pton(socket.AF_INET6, host)
+            return (socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))
+        socket.inet_pton(socket.AF_INET, host)
+        return (socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))
+    except OSError:
+        return None
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> bool:
+    """Send a short answer on a fresh socket (its send buffer is empty); False if
+    the client is gone."""
+    try:
+        conn.send(data, socket.MSG_NOSIGNAL)
+    except OSError:
+        return False
+    return True
+
+
+async def _linger_close(conn: socket.socket, timeout: float) -> None:
+    """Close after an error answer without destroying it (a "lingering close").
+
+    The client may still be sending (the rest of an oversized head, a request
+    body behind a bad head, a slowloris trickle). close() on a socket with
+    unread bytes makes the kernel send RST, and a RST makes the client's
+    kernel drop the answer we just sent before the client reads it: the
+    client sees "connection reset" instead of our 400/408/431/503. So: send
+    FIN (shutdown SHUT_WR), read and discard until the client closes too or
+    *timeout* passes, then close. Runs in the connection's own task, so the
+    drain and ``--max-connections`` count it.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not conn.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
+                    break
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): tells the client at once, frees the fd."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    conn.close()
