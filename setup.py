@@ -79,6 +79,7 @@ setup(
     package_dir={"l4proxy_init": "init", "": "."},
     packages=[
         "l4proxy",
+        "l4proxy.canary",
         "l4proxy.dataplane",
         "l4proxy.dataplane._ext",
         "l4proxy.demo",

@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "create": "l4proxy.rules.apply",
     "replace": "l4proxy.rules.apply",
     "delete": "l4proxy.rules.apply",
-    "canary": "l4proxy.canary",  # issue 13
+    "canary": "l4proxy.canary.command",  # issue 13
 }
 
 DESCRIPTION = """\

@@ -1,4 +1,4 @@
-"""The canary analysis (l4proxy._canary_core) and its metrics arithmetic, table-driven."""
+"""The canary analysis (l4proxy.canary._analysis) and its metrics arithmetic, table-driven."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from l4proxy._canary_core import (
+from l4proxy.canary._analysis import (
     Conflict,
     Policy,
     PolicyError,
@@ -23,7 +23,7 @@ from l4proxy._canary_core import (
     run_table,
     steps_from,
 )
-from l4proxy._canary_metrics import (
+from l4proxy.canary._metrics import (
     CounterWindow,
     MetricsError,
     histogram_quantile,
@@ -34,7 +34,7 @@ from l4proxy._canary_metrics import (
     read_sidecar,
     totals_of,
 )
-from l4proxy.canary import PrometheusMetrics, competing, document, splice
+from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
 
 P = Policy(
     steps=(5, 25, 50, 100),

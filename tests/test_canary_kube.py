@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from l4proxy._canary_core import Rollout
-from l4proxy.canary_kube import (
+from l4proxy.canary._analysis import Rollout
+from l4proxy.canary.kube import (
     ATTEMPTS,
     ConfigMapStore,
     Endpoint,
@@ -537,7 +537,7 @@ def test_rules_and_configmap_are_one_or_the_other(
 def test_in_a_pod_the_namespace_is_the_pods(tmp_path: Path) -> None:
     import argparse
 
-    from l4proxy.canary_kube import store_of
+    from l4proxy.canary.kube import store_of
 
     (tmp_path / "namespace").write_text("shop\n")
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}

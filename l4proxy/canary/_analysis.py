@@ -5,7 +5,7 @@ Theory of operation
 This is Flagger's canary analysis, reduced to what it decides. A rollout of
 SERVICE from a *stable* to a *canary* version walks a list of canary weights
 (``--steps 5,10,25,50,100``, or ``--step-weight``/``--max-weight``). The
-shell (:mod:`l4proxy.canary`) sets the weight, waits one ``interval``, and
+shell (:mod:`l4proxy.canary.command`) sets the weight, waits one ``interval``, and
 hands this module a :class:`Sample` of the canary's requests in that
 interval; :func:`check` grades it and :func:`advance` moves the
 :class:`Rollout` on:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Both sources answer one question per interval: how many requests did the
 canary version of SERVICE get, how many were 5xx, and what was their p99?
-(a :class:`~l4proxy._canary_core.Sample`). Parsing and arithmetic are pure
+(a :class:`~l4proxy.canary._analysis.Sample`). Parsing and arithmetic are pure
 functions here; the only I/O is :func:`http_get`.
 
 **Sidecars** (``--metrics URL``, repeatable). Each sidecar's ``/stats``
@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy._canary_core import Sample
+from l4proxy.canary._analysis import Sample
 
 REQUESTS = "istio_requests_total"
 BUCKETS = "istio_request_duration_milliseconds_bucket"

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Flagger's canary analysis, run against the rules path the sidecars watch.
-The decisions are :mod:`l4proxy._canary_core` (pure); the numbers come from
-:mod:`l4proxy._canary_metrics`; this module is the I/O around them:
+The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
+:mod:`l4proxy.canary._metrics`; this module is the I/O around them:
 
 * **The canary's document.** The command owns exactly one document: a
   RouteRule ``canary-SERVICE`` (config.istio.io/v1alpha2, the tutorial's
@@ -27,7 +27,7 @@ The decisions are :mod:`l4proxy._canary_core` (pure); the numbers come from
   name: the sidecars never read it), written the same atomic way *before*
   the document, and re-read every interval, so that ``l4proxy canary
   promote|abort`` from another shell ends a running analysis, and a killed
-  command resumes at its step (:func:`l4proxy._canary_core.resume`).
+  command resumes at its step (:func:`l4proxy.canary._analysis.resume`).
 * **Windows.** After each weight change the command waits until the
   sidecars it reads serve the new rules generation, then starts the
   interval's window: each interval's sample is traffic at one weight.
@@ -53,7 +53,7 @@ from typing import Any, Protocol, TextIO
 
 import yaml
 
-from l4proxy._canary_core import (
+from l4proxy.canary._analysis import (
     Check,
     Conflict,
     Event,
@@ -69,7 +69,7 @@ from l4proxy._canary_core import (
     roll_back,
     steps_from,
 )
-from l4proxy._canary_metrics import (
+from l4proxy.canary._metrics import (
     CounterWindow,
     MetricsError,
     Series,
@@ -190,7 +190,9 @@ def add_parser(sub: Any) -> None:
         "-n", "--namespace", help="as for l4proxy validate (default: default; the ConfigMap's)"
     )
     p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
-    from l4proxy import canary_kube  # --configmap and the API server (a cycle: import here)
+    from l4proxy.canary import (
+        kube as canary_kube,  # --configmap and the API server (a cycle: import here)
+    )
 
     canary_kube.add_arguments(p)
     p.set_defaults(func=run)
@@ -421,7 +423,7 @@ class Store(Protocol):
 
 class FileStore:
     """Where the rollout lives with ``--rules``: the state file and the document.
-    (``--configmap``: :class:`l4proxy.canary_kube.ConfigMapStore`, same methods.)"""
+    (``--configmap``: :class:`l4proxy.canary.kube.ConfigMapStore`, same methods.)"""
 
     def __init__(self, paths: Paths, writer: RulesWriter) -> None:
         self.paths = paths
@@ -711,7 +713,7 @@ def _store(args: argparse.Namespace, service: str) -> Store:
         )
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service):
         raise CanaryError(f"{service!r} is not a service name (a DNS label, e.g. bootcamp)")
-    from l4proxy import canary_kube
+    from l4proxy.canary import kube as canary_kube
 
     return canary_kube.store_of(args, service)
 

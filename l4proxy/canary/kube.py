@@ -60,8 +60,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from l4proxy import __version__
-from l4proxy._canary_core import Rollout
-from l4proxy.canary import CanaryError, competing, document, rule_name
+from l4proxy.canary._analysis import Rollout
+from l4proxy.canary.command import CanaryError, competing, document, rule_name
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

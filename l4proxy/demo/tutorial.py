@@ -664,9 +664,9 @@ def run(args: argparse.Namespace) -> int:
             tut.say(_topology_summary(tut))
             for i, step in enumerate(chosen, 1):
                 results.append(tut.run_step(i, len(chosen), step))
-            # issue 13: two automated rollouts after the full tutorial (l4proxy.demo_canary)
+            # issue 13: two automated rollouts after the full tutorial (l4proxy.demo.canary)
             if not args.step and getattr(args, "api", "istio") == "istio" and args.canary:
-                from l4proxy import demo_canary
+                from l4proxy.demo import canary as demo_canary
 
                 code = demo_canary.rollouts(tut, _exe, QUICK_STOP)
             tut.say(f"done in {time.monotonic() - started:.1f} s")
