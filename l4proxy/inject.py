@@ -122,6 +122,9 @@ class InjectError(Exception):
     """The manifest cannot be injected (exit code 1)."""
 
 
+PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+
+
 @dataclass(frozen=True)
 class InjectOptions:
     image: str = DEFAULT_IMAGE
@@ -131,6 +134,7 @@ class InjectOptions:
     sidecar: str = "native"  # or "container"
     pull_policy: str | None = None
     http_routing: str = "connection"  # "request": per-request routing and metrics (canary)
+    stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
 
     def status(self) -> str:
         return json.dumps(
@@ -143,6 +147,8 @@ class InjectOptions:
                 else [INIT_NAME],
                 "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
                 "volumes": [VOLUME_NAME],
+                # the Prometheus annotations are ours only when we added them
+                **({"statsPort": self.stats_port} if self.stats_port else {}),
             },
             separators=(",", ":"),
         )
@@ -202,7 +208,8 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
     c.update(
         {
             "command": ["l4proxy", "run", "--rules", RULES_MOUNT]
-            + (["--http-routing", "request"] if opts.http_routing == "request" else []),
+            + (["--http-routing", "request"] if opts.http_routing == "request" else [])
+            + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
             "env": [
                 {
                     "name": "POD_NAMESPACE",
@@ -291,6 +298,21 @@ def inject_template(
     spec.update(new_spec)
     spec["volumes"] = [*_without(spec.get("volumes"), [VOLUME_NAME]), rules_volume(opts)]
     annotations = dict(annotations)
+    try:
+        before = json.loads(str(annotations.get(STATUS_ANNOTATION) or "{}"))
+    except ValueError:
+        before = {}
+    if isinstance(before, dict) and before.get("statsPort"):  # ours, from last time
+        for key in PROMETHEUS_ANNOTATIONS:
+            annotations.pop(key, None)
+    if opts.stats_port:
+        annotations.update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(opts.stats_port),
+                "prometheus.io/path": "/stats/prometheus",
+            }
+        )
     annotations[STATUS_ANNOTATION] = opts.status()
     meta["annotations"] = annotations
     return True
@@ -472,6 +494,15 @@ def add_parser(sub: Any) -> None:
         help="the sidecar's l4proxy run --http-routing; request: every request routed on "
         "its own and counted (istio_requests_total: what l4proxy canary reads) (%(default)s)",
     )
+    p.add_argument(
+        "--stats-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the sidecar serves read-only /stats on 0.0.0.0:PORT (l4proxy run "
+        "--stats-listen) for Prometheus and l4proxy canary --metrics; 15090 is "
+        "Istio's (off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -494,6 +525,7 @@ def run(args: argparse.Namespace) -> int:
         sidecar=args.sidecar,
         pull_policy=args.image_pull_policy,
         http_routing=args.http_routing,
+        stats_port=args.stats_port,
     )
     try:
         result = inject_text(text, opts, source)

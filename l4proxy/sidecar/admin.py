@@ -41,9 +41,22 @@ class AdminSource(Protocol):
 
 
 class AdminServer:
-    def __init__(self, source: AdminSource, on_quit: Callable[[], None]) -> None:
+    """The admin endpoint; with ``stats_only``, the scrape endpoint.
+
+    The admin endpoint stays on loopback: it can stop the sidecar
+    (``/quitquitquit``) and shows the whole configuration. Prometheus (and
+    ``l4proxy canary --metrics``) needs ``/stats`` from outside the pod, so
+    ``--stats-listen`` serves a second, read-only endpoint with ``/stats``
+    (also as ``/stats/prometheus``, Istio's path on its port 15090) and
+    ``/ready``, and nothing else.
+    """
+
+    def __init__(
+        self, source: AdminSource, on_quit: Callable[[], None], stats_only: bool = False
+    ) -> None:
         self.source = source
         self.on_quit = on_quit
+        self.stats_only = stats_only
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -91,6 +104,13 @@ class AdminServer:
         path, _, query = target.partition("?")
         as_json = "format=json" in query
         src = self.source
+        if self.stats_only:
+            if method not in ("GET", "HEAD"):
+                return 405, "text/plain", "read-only: GET /stats or /ready\n"
+            if path == "/stats/prometheus":
+                path = "/stats"
+            if path not in ("/stats", "/ready"):
+                return 404, "text/plain", "not found: /stats /stats/prometheus /ready\n"
         if path == "/ready":
             if await src.ready():
                 return 200, "text/plain", "LIVE\n"

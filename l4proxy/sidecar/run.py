@@ -123,6 +123,15 @@ def add_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="admin endpoint (127.0.0.1:15000); port 0 disables",
     )
+    p.add_argument(
+        "--stats-listen",
+        type=_hostport,
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve GET /stats (and /stats/prometheus, /ready), read-only, here: "
+        "for Prometheus or l4proxy canary --metrics from outside the pod, as Istio's "
+        "0.0.0.0:15090 (off; the admin endpoint stays on loopback)",
+    )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument(
         "--header-timeout",
@@ -344,13 +353,29 @@ async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> A
     return admin
 
 
+async def _start_stats(args: argparse.Namespace, source: Any) -> AdminServer | None:
+    """``--stats-listen``: the read-only scrape endpoint (see AdminServer)."""
+    if args.stats_listen is None:
+        return None
+    stats = AdminServer(source, lambda: None, stats_only=True)
+    try:
+        await stats.start(*args.stats_listen)
+    except OSError as exc:
+        log.error("cannot bind the stats endpoint %s:%d: %s", *args.stats_listen, exc)
+        raise SystemExit(2) from exc
+    log.info("stats endpoint (read-only /stats, /ready) on %s:%d", *stats.address)
+    return stats
+
+
 async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> int:
     sup = Supervisor(args, sets)
     admin: AdminServer | None = None
+    stats: AdminServer | None = None
 
     async def start_admin(source: Any, on_quit: Any) -> None:
-        nonlocal admin
+        nonlocal admin, stats
         admin = await _start_admin(args, source, on_quit)
+        stats = await _start_stats(args, source)
         try:
             _drop_privileges(args.uid, args.gid)
         except (OSError, KeyError) as exc:
@@ -366,8 +391,9 @@ async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> in
         )
 
     code = await sup.run(start_admin)
-    if admin:
-        await admin.close()
+    for server in (admin, stats):
+        if server:
+            await server.close()
     return code
 
 
@@ -410,9 +436,10 @@ async def _serve(
     stop = asyncio.Event()
     implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
     view = WorkerView(worker, implementation)
-    admin = None
+    admin = stats = None
     if control is None:  # single process: the admin endpoint is ours
         admin = await _start_admin(args, view, stop.set)
+        stats = await _start_stats(args, view)
         try:
             _drop_privileges(args.uid, args.gid)
         except (OSError, KeyError) as exc:
@@ -448,8 +475,9 @@ async def _serve(
     if forced:
         log.warning("drain window over: closed %d connection(s)", forced)
     await rules.stop()
-    if admin:
-        await admin.close()
+    for server in (admin, stats):
+        if server:
+            await server.close()
     if control_task:
         control_task.cancel()
     worker.close()

@@ -1,0 +1,129 @@
+"""``l4proxy run --stats-listen``: a read-only scrape endpoint outside the pod."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+import yaml
+
+from l4proxy.inject import InjectOptions, inject_text
+from l4proxy.sidecar.admin import AdminServer
+from tests.mesh import PYTHON, VIP, Mesh, route_rule
+
+
+class Source:
+    """An admin source with fixed answers (the endpoint's own logic is under test)."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats_text(self) -> str:
+        return "istio_requests_total 3\n"
+
+    async def stats_json(self) -> dict[str, Any]:
+        return {"istio_requests_total": 3}
+
+    async def config_dump(self) -> Any:
+        return {"secret": "the whole config"}
+
+    async def clusters(self) -> Any:
+        return []
+
+
+def fetch(url: str, method: str = "GET") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_stats_endpoint_serves_stats_and_ready_only() -> None:
+    quits: list[int] = []
+
+    async def main() -> dict[str, tuple[int, str]]:
+        server = AdminServer(Source(), lambda: quits.append(1), stats_only=True)
+        await server.start("127.0.0.1", 0)
+        base = "http://{}:{}".format(*server.address)
+        out = {}
+        for path, method in (
+            ("/stats", "GET"),
+            ("/stats/prometheus", "GET"),
+            ("/stats?format=json", "GET"),
+            ("/ready", "GET"),
+            ("/config_dump", "GET"),
+            ("/clusters", "GET"),
+            ("/quitquitquit", "POST"),
+        ):
+            out[f"{method} {path}"] = await asyncio.to_thread(fetch, base + path, method)
+        await server.close()
+        return out
+
+    got = asyncio.run(main())
+    assert got["GET /stats"] == (200, "istio_requests_total 3\n")
+    assert got["GET /stats/prometheus"] == got["GET /stats"]  # Istio's path on 15090
+    assert got["GET /stats?format=json"][0] == 200
+    assert got["GET /ready"] == (200, "LIVE\n")
+    assert got["GET /config_dump"][0] == 404 and "secret" not in got["GET /config_dump"][1]
+    assert got["GET /clusters"][0] == 404
+    assert got["POST /quitquitquit"][0] == 405 and quits == []
+
+
+def test_inject_stats_port_adds_the_listener_and_prometheus_annotations() -> None:
+    plain = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+spec:
+  selector: {matchLabels: {app: a}}
+  template:
+    metadata: {labels: {app: a}}
+    spec:
+      containers: [{name: app, image: app}]
+"""
+    out = inject_text(plain, InjectOptions(http_routing="request", stats_port=15090)).text
+    (dep,) = [d for d in yaml.safe_load_all(out) if d]
+    tpl = dep["spec"]["template"]
+    sidecar = tpl["spec"]["initContainers"][1]
+    assert sidecar["command"][-2:] == ["--stats-listen", "0.0.0.0:15090"]
+    notes = tpl["metadata"]["annotations"]
+    assert notes["prometheus.io/port"] == "15090" and notes["prometheus.io/scrape"] == "true"
+    assert notes["prometheus.io/path"] == "/stats/prometheus"
+    # injecting again without it takes out what we added, and only that
+    again = inject_text(out, InjectOptions()).text
+    assert again == inject_text(plain, InjectOptions()).text
+
+
+@pytest.mark.netns
+def test_prometheus_in_another_pod_scrapes_the_sidecar(mesh: Mesh) -> None:
+    mesh.start(
+        "compiled-uvloop",
+        route_rule({"v2": 100}),
+        run_args=("--http-routing", "request", "--stats-listen", "0.0.0.0:15090"),
+    )
+    assert mesh.client is not None
+    mesh.curl(f"http://{VIP}:8080/", 5)
+    scraper = mesh.bootcamp[0]  # any other pod: the pod network, not loopback
+    code = (
+        "import sys,urllib.request,urllib.error\n"
+        "def get(p, m='GET'):\n"
+        "    try:\n"
+        "        req = urllib.request.Request(sys.argv[1] + p, method=m)\n"
+        "        r = urllib.request.urlopen(req, timeout=5)\n"
+        "        return r.status, r.read().decode()\n"
+        "    except urllib.error.HTTPError as e:\n"
+        "        return e.code, ''\n"
+        "s, body = get('/stats/prometheus')\n"
+        "print(s, [l for l in body.splitlines() if l.startswith('istio_requests_total{')])\n"
+        "print(get('/quitquitquit', 'POST')[0])\n"
+    )
+    url = f"http://{mesh.client.ipv4}:15090"
+    out = scraper.run([PYTHON, "-c", code, url], user=1000, timeout=20).stdout.splitlines()
+    assert out[0].startswith("200 ") and 'destination_version="v2"' in out[0], out
+    assert out[0].count("istio_requests_total{") == 1 and out[0].endswith(" 5']"), out
+    assert out[1] == "405"  # read-only: the sidecar is still there
+    assert mesh.sidecar is not None and mesh.sidecar.alive()
