@@ -188,7 +188,8 @@ def add_parser(sub: Any) -> None:
         "head of each connection (connection, the default: the compiled relay), "
         "or every request on its own (request: a canary split, a rule swap and "
         "path rules reach keep-alive connections at their next request; upstream "
-        "connections are pooled; the relay is pure Python for now)",
+        "connections are pooled; the relay is pure Python and not yet hardened "
+        "like the default path: a first step)",
     )
     p.add_argument(
         "--ejection-time",
