@@ -70,8 +70,9 @@ def test_active_counts_checked_out_connections_for_least_conn() -> None:
     p.opened(B, 2)
     p.opened(B, 3)
     assert (p.active(A), p.active(B)) == (1, 2)
-    p.discard(B, 2)  # a reset mid-request
+    assert p.discard(B, 2) is True  # a reset mid-request
     assert p.active(B) == 1
+    assert p.discard(B, 2) is False and p.active(B) == 1  # twice: no miscount
     with pytest.raises(ValueError):
         p.opened(B, 3)
 

@@ -10,6 +10,7 @@ import random
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -269,3 +270,48 @@ def test_slow_head_gets_408() -> None:
             assert data.startswith(b"HTTP/1.1 408 ")
     finally:
         proxy.close()
+
+
+def test_a_connection_that_closes_after_its_answer_is_released_and_closed() -> None:
+    """HTTP/1.0 (and any answer with Connection: close): the upstream is not
+    reused, the client gets the whole answer and then EOF, nothing is left.
+    (The relay used to discard the upstream from its pool twice here, and the
+    KeyError left the client connection open for good.)"""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            d = b""
+            while b"\r\n\r\n" not in d:
+                d += c.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            c.sendall(head % len(d) + d)
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    endpoint = ("127.0.0.1", srv.getsockname()[1])
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    try:
+        for request in (
+            b"GET /old HTTP/1.0\r\nUser-Agent: x\r\n\r\n",
+            b"GET /new HTTP/1.1\r\nHost: a\r\n\r\n",  # the server says close
+        ):
+            with proxy.connect() as c:
+                c.sendall(request)
+                data = b""
+                while chunk := c.recv(65536):  # EOF, not a timeout
+                    data += chunk
+            assert data.endswith(request) and b"connection: close" in data
+        deadline = time.monotonic() + 5
+        while proxy.relay.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = proxy.relay.stats()
+        assert stats["active"] == 0 and stats["errors"] == 0, stats
+        assert stats["pool_closed_unreusable"] == 2 and stats["pool_idle"] == 0
+    finally:
+        proxy.close()
+        srv.close()

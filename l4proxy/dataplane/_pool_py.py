@@ -129,10 +129,16 @@ class Pools:
             return []
         return [handle]
 
-    def discard(self, endpoint: Hashable, handle: Hashable) -> None:
-        """A checked-out connection failed (connect error, reset): forget it."""
-        self._requests.pop(handle)
+    def discard(self, endpoint: Hashable, handle: Hashable) -> bool:
+        """A checked-out connection failed (connect error, reset): forget it.
+
+        Returns False (and changes nothing) for a handle not checked out,
+        e.g. one already checked in: forgetting twice must not miscount.
+        """
+        if self._requests.pop(handle, None) is None:
+            return False
         self._ep(endpoint).active -= 1
+        return True
 
     def evict(self, handle: Hashable) -> bool:
         """An idle connection became readable (closed by the server): drop it.

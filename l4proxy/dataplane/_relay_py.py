@@ -271,7 +271,7 @@ class HttpRelay:
         if c is not None:
             try:
                 self._client_event(c, ev, now)
-            except OSError:
+            except Exception:  # OSError, or a bug: this connection, not the thread
                 self._abort(c)
             return
         up = self._ups.get(fd)
@@ -284,7 +284,7 @@ class HttpRelay:
         owner = up.owner
         try:
             self._upstream_event(owner, up, ev, now)
-        except OSError:
+        except Exception:  # OSError, or a bug: this connection, not the thread
             self._abort(owner)
 
     def _client_event(self, c: _Conn, ev: int, now: float) -> None:
@@ -478,6 +478,7 @@ class HttpRelay:
             return
         closing = self.pools.checkin(up.endpoint, up.fd, reusable and not up.out, now)
         if closing:
+            up.owner = None  # checked in: the pool has forgotten it already
             self._drop_upstream(up)
             return
         up.owner = None
