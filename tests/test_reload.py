@@ -144,3 +144,25 @@ def test_a_parse_pauses_the_collector_and_leaves_no_cycles(tmp_path: Path) -> No
     assert gc.isenabled()
     del result
     assert gc.collect() == 0
+
+
+def test_the_fingerprint_ignores_hidden_files_and_sees_rule_files(tmp_path: Path) -> None:
+    """A hidden temp file of an atomic write, or l4proxy canary's state file,
+    must not reload unchanged rules (the generation would move, and a canary
+    waiting for its own document to go live took that for it); a rule file
+    added, replaced or removed must."""
+    fingerprint = rulewatch.fingerprint
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("a: 1\n")
+    base = fingerprint([str(tmp_path)])
+    (tmp_path / ".rules.yaml.tmp").write_text("half written")
+    (tmp_path / ".canary-bootcamp.state.json").write_text("{}")
+    (tmp_path / "README").write_text("not a rule file")
+    assert fingerprint([str(tmp_path)]) == base
+    replacement = tmp_path / ".next.tmp"
+    replacement.write_text("a: 2\n")
+    replacement.replace(rules)
+    assert fingerprint([str(tmp_path)]) != base
+    after = fingerprint([str(tmp_path)])
+    (tmp_path / "more.yaml").write_text("b: 1\n")
+    assert fingerprint([str(tmp_path)]) != after

@@ -75,7 +75,12 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
             for name in names:
                 if not name.startswith(".") and name.endswith(RULE_SUFFIXES):
                     add(os.path.join(p, name))
-            add(p)
+            # Not the directory's own mtime: it changes with every hidden temp
+            # file of an atomic write and with `l4proxy canary`'s state file,
+            # and each would reload unchanged rules and move the generation
+            # (a canary waiting for its document to go live took that for
+            # it). Files added, removed, replaced or re-pointed (a ConfigMap
+            # ..data swap) all show in the entries above.
         else:
             add(p)
     return tuple(items)
