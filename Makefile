@@ -16,7 +16,7 @@ PY_SYS ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iptables nftables iproute2 util-linux curl wrk gcc python3-dev python3-venv ca-certificates dnsmasq-base rsync
-EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
+EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi)
 # What the Makefile creates, others (uid 1000, 1337) must be able to read.
 UMASK := umask 022 &&
 

@@ -108,7 +108,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR, ECONNRESET, EPIPE
 
-cimport pump_linux as sys_
+cimport linux as sys_
 
 import threading
 import time as _time

@@ -1,0 +1,358 @@
+# The request-head scanner of ext/peek.pyx, shared (``include``) by the
+# modules that scan request heads without the GIL: ext/peek.pyx (the
+# HeadParser twin) and ext/relay.pyx (the compiled relay). C declarations and
+# nogil functions only; include ext/_bytes.pxi first.
+
+# Result and error codes: the values of the same names in _peek_py.py.
+cdef enum:
+    NEED_MORE = 0
+    COMPLETE = 1
+    E_NOT_HTTP_START = 2
+    E_NOT_HTTP_METHOD = 3
+    E_NOT_HTTP_METHOD_LONG = 4
+    E_NOT_HTTP_TARGET = 5
+    E_NOT_HTTP_VERSION = 6
+    E_NOT_HTTP_H2 = 7
+    E_VERSION = 8
+    E_REQUEST_LINE_CR = 9
+    E_VERSION_UNSUPPORTED = 10
+    E_OBS_FOLD = 11
+    E_EMPTY_NAME = 12
+    E_NO_COLON = 13
+    E_NAME_CHAR = 14
+    E_VALUE_CHAR = 15
+    E_HOST_MANY = 16
+    E_HOST_MISSING = 17
+    E_HOST_INVALID = 18
+    E_TARGET = 19
+    E_CL_INVALID = 20
+    E_CL_CONFLICT = 21
+    E_TE_HTTP10 = 22
+    E_TE_NOT_CHUNKED = 23
+    E_CL_AND_TE = 24
+    E_TOO_LARGE = 25
+
+# Request-line states: the values of _S_* in _peek_py.py.
+cdef enum:
+    S_EMPTY = 0
+    S_EMPTY_CR = 1
+    S_METHOD = 2
+    S_TARGET0 = 3
+    S_TARGET = 4
+    S_VERSION = 5
+    S_VMAJOR = 6
+    S_VDOT = 7
+    S_VMINOR = 8
+    S_VEND = 9
+    S_VCR = 10
+    S_HEADERS = 11
+    S_DONE = 12
+    S_ERROR = 13
+
+cdef enum:
+    MAX_METHOD = 32
+    MAX_CL_DIGITS = 18
+    DEFAULT_MAX_HEAD = 65536
+
+# Byte classes, filled once at import by _init_tables().
+cdef unsigned char TCHAR[256]   # RFC 9110 token characters
+cdef unsigned char FIELD[256]   # field-value bytes: HTAB, SP, VCHAR, obs-text
+cdef unsigned char HOSTC[256]   # Host / authority bytes (see _HOST in _peek_py.py)
+cdef unsigned char SCHEMEC[256]  # scheme bytes after the first ALPHA
+cdef unsigned char LOWER[256]   # ASCII lowercase; other bytes unchanged
+
+
+cdef void _init_tables():
+    cdef int c
+    cdef bytes tchars = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    cdef bytes hostc = b"-._~%!$&'()*+,;=:[]"
+    cdef bytes schemec = b"+-."
+    for c in range(256):
+        TCHAR[c] = 0
+        FIELD[c] = c == HTAB or (0x20 <= c <= 0x7E) or c >= 0x80
+        HOSTC[c] = (0x30 <= c <= 0x39) or (0x41 <= c <= 0x5A) or (0x61 <= c <= 0x7A)
+        SCHEMEC[c] = HOSTC[c]
+        LOWER[c] = c + 0x20 if 0x41 <= c <= 0x5A else c
+    for c in tchars:
+        TCHAR[c] = 1
+    for c in hostc:
+        HOSTC[c] = 1
+    for c in schemec:
+        SCHEMEC[c] = 1
+
+
+_init_tables()
+
+
+cdef struct Scanner:
+    int state
+    int error               # the error code once state is S_ERROR
+    Py_ssize_t pos          # next byte to scan; everything before it is judged
+    Py_ssize_t method_start
+    Py_ssize_t method_end   # the SP after the method
+    Py_ssize_t target_end   # the SP after the target
+    Py_ssize_t vi           # index into "HTTP/" while in S_VERSION
+    Py_ssize_t line_start   # start of the current header line
+    Py_ssize_t headers_start
+    Py_ssize_t head_length
+    Py_ssize_t steps  # work done: loop turns + bytes handed to memchr (tests)
+
+
+cdef const char* HTTP_SLASH = b"HTTP/"
+cdef const char* H2_PREFACE_LINE = b"PRI * HTTP/2.0"
+
+
+cdef inline bint eq_lower(const unsigned char* p, const char* lit, Py_ssize_t n) noexcept nogil:
+    """p[:n], ASCII-lowercased, equals the lowercase literal lit[:n]."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if LOWER[p[i]] != <unsigned char>lit[i]:
+            return False
+    return True
+
+
+cdef inline bint all_host(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    while a < b:
+        if not HOSTC[buf[a]]:
+            return False
+        a += 1
+    return True
+
+
+cdef inline bint is_ows(unsigned char c) noexcept nogil:
+    return c == SP or c == HTAB
+
+
+cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    """0 if buf[start:end] (non-empty, CR stripped) is a header line, else why not.
+
+    Same checks, same order, as _header_line_error() in _peek_py.py.
+    """
+    cdef Py_ssize_t i = start
+    cdef unsigned char c = buf[start]
+    if c == SP or c == HTAB:
+        return E_OBS_FOLD
+    if c == COLON:
+        return E_EMPTY_NAME
+    while i < end and TCHAR[buf[i]]:
+        i += 1
+    if i == end:
+        return E_NO_COLON
+    if buf[i] != COLON:
+        return E_NAME_CHAR
+    i += 1
+    while i < end:
+        if not FIELD[buf[i]]:
+            return E_VALUE_CHAR
+        i += 1
+    return 0
+
+
+cdef int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept nogil:
+    """Advance over buf[s.pos:limit]: NEED_MORE, COMPLETE or an error code.
+
+    Mirrors HeadParser._scan() in _peek_py.py.
+    """
+    cdef Py_ssize_t pos = s.pos, start, end, i
+    cdef const unsigned char* lf
+    cdef unsigned char c
+    cdef int state = s.state
+    cdef int code = NEED_MORE
+    while pos < limit:
+        s.steps += 1
+        if state == S_HEADERS:
+            # Resume the LF search where the last call stopped: O(n) overall.
+            s.steps += limit - pos
+            lf = <const unsigned char*>memchr(buf + pos, LF, <size_t>(limit - pos))
+            if lf == NULL:
+                pos = limit
+                break
+            i = lf - buf
+            start = s.line_start
+            end = i - 1 if (i > start and buf[i - 1] == CR) else i
+            if end == start:  # the empty line: the head is complete
+                pos = i + 1
+                s.head_length = i + 1
+                code = COMPLETE
+                break
+            code = check_header_line(buf, start, end)
+            if code != 0:
+                break
+            pos = i + 1
+            s.line_start = pos
+            continue
+        c = buf[pos]
+        if state == S_EMPTY:
+            if c == LF:
+                pos += 1
+            elif c == CR:
+                state = S_EMPTY_CR
+                pos += 1
+            elif TCHAR[c]:
+                state = S_METHOD
+                s.method_start = pos
+            else:
+                code = E_NOT_HTTP_START
+                break
+        elif state == S_EMPTY_CR:
+            if c != LF:
+                code = E_NOT_HTTP_START
+                break
+            state = S_EMPTY
+            pos += 1
+        elif state == S_METHOD:
+            if TCHAR[c]:
+                if pos - s.method_start >= MAX_METHOD:
+                    code = E_NOT_HTTP_METHOD_LONG
+                    break
+                pos += 1
+            elif c == SP:
+                s.method_end = pos
+                state = S_TARGET0
+                pos += 1
+            else:
+                code = E_NOT_HTTP_METHOD
+                break
+        elif state == S_TARGET0:
+            if not (0x21 <= c <= 0x7E):
+                code = E_NOT_HTTP_TARGET
+                break
+            state = S_TARGET
+            pos += 1
+        elif state == S_TARGET:
+            if 0x21 <= c <= 0x7E:
+                pos += 1
+            elif c == SP:
+                s.target_end = pos
+                state = S_VERSION
+                s.vi = 0
+                pos += 1
+            else:
+                code = E_NOT_HTTP_TARGET
+                break
+        elif state == S_VERSION:
+            if c != <unsigned char>HTTP_SLASH[s.vi]:
+                code = E_NOT_HTTP_VERSION
+                break
+            s.vi += 1
+            if s.vi == 5:
+                state = S_VMAJOR
+            pos += 1
+        elif state == S_VMAJOR or state == S_VMINOR:
+            if not (0x30 <= c <= 0x39):
+                code = E_VERSION
+                break
+            state = S_VDOT if state == S_VMAJOR else S_VEND
+            pos += 1
+        elif state == S_VDOT:
+            if c != 0x2E:  # "."
+                code = E_VERSION
+                break
+            state = S_VMINOR
+            pos += 1
+        else:  # S_VEND or S_VCR
+            if c == CR and state == S_VEND:
+                state = S_VCR
+                pos += 1
+                continue
+            if c != LF:
+                code = E_VERSION if state == S_VEND else E_REQUEST_LINE_CR
+                break
+            # The request line is complete.
+            i = s.target_end + 1  # "HTTP/"
+            if buf[i + 5] != 0x31:  # major version "1"
+                if (i + 8 - s.method_start == 14
+                        and memcmp(buf + s.method_start, H2_PREFACE_LINE, 14) == 0):
+                    code = E_NOT_HTTP_H2
+                else:
+                    code = E_VERSION_UNSUPPORTED
+                break
+            pos += 1
+            state = S_HEADERS
+            s.headers_start = pos
+            s.line_start = pos
+    s.pos = pos
+    s.state = state
+    return code
+
+
+cdef int parse_content_length(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
+                              long long* cl) noexcept nogil:
+    """Fold one Content-Length value (a comma list) into cl[0] (-1: none yet)."""
+    cdef Py_ssize_t i = a, es, ee, k
+    cdef long long v
+    while True:
+        es = i
+        while i < b and buf[i] != COMMA:
+            i += 1
+        ee = i
+        while es < ee and is_ows(buf[es]):
+            es += 1
+        while ee > es and is_ows(buf[ee - 1]):
+            ee -= 1
+        if es == ee or ee - es > MAX_CL_DIGITS:
+            return E_CL_INVALID
+        v = 0
+        for k in range(es, ee):
+            if not (0x30 <= buf[k] <= 0x39):
+                return E_CL_INVALID
+            v = v * 10 + (buf[k] - 0x30)
+        if cl[0] < 0:
+            cl[0] = v
+        elif cl[0] != v:
+            return E_CL_CONFLICT
+        if i == b:
+            return 0
+        i += 1  # the comma
+
+
+cdef struct Codings:
+    int count          # transfer-codings seen, over all Transfer-Encoding lines
+    int chunked        # how many of them are "chunked"
+    bint last_chunked  # the last one is "chunked"
+
+
+cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
+                                 Codings* t) noexcept nogil:
+    cdef Py_ssize_t i = a, es, ee
+    cdef bint is_chunked
+    while True:
+        es = i
+        while i < b and buf[i] != COMMA:
+            i += 1
+        ee = es
+        while ee < i and buf[ee] != SEMI:  # the coding's name; parameters follow ";"
+            ee += 1
+        while es < ee and is_ows(buf[es]):
+            es += 1
+        while ee > es and is_ows(buf[ee - 1]):
+            ee -= 1
+        if ee > es:  # empty list elements are ignored (RFC 9110 §5.6.1)
+            is_chunked = ee - es == 7 and eq_lower(buf + es, b"chunked", 7)
+            t.count += 1
+            t.chunked += is_chunked
+            t.last_chunked = is_chunked
+        if i == b:
+            return
+        i += 1
+
+
+cdef void scan_connection(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
+                          bint* close, bint* keep_alive) noexcept nogil:
+    cdef Py_ssize_t i = a, es, ee
+    while True:
+        es = i
+        while i < b and buf[i] != COMMA:
+            i += 1
+        ee = i
+        while es < ee and is_ows(buf[es]):
+            es += 1
+        while ee > es and is_ows(buf[ee - 1]):
+            ee -= 1
+        if ee - es == 5 and eq_lower(buf + es, b"close", 5):
+            close[0] = True
+        elif ee - es == 10 and eq_lower(buf + es, b"keep-alive", 10):
+            keep_alive[0] = True
+        if i == b:
+            return
+        i += 1
