@@ -19,7 +19,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-EXT_MODULES = ("framing", "peek", "pump")
+EXT_MODULES = ("framing", "peek", "pump", "relay")
 
 
 def _say(msg: str) -> None:

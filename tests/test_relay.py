@@ -1,4 +1,4 @@
-"""The per-request relay (l4proxy.dataplane._relay_py) over real loopback sockets.
+"""The per-request relay, both twins, over real loopback sockets.
 
 Backends are small threaded HTTP/1.1 servers on 127.0.0.1 that count the
 connections they accept; clients are raw sockets, so every byte is checked.
@@ -17,7 +17,8 @@ import pytest
 
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
-from l4proxy.dataplane._relay_py import Decision, HttpRelay
+from l4proxy.dataplane._relay_py import Decision
+from tests.conftest import load_twin
 
 
 class Backend(socketserver.ThreadingTCPServer):
@@ -94,12 +95,25 @@ def backends() -> Iterator[list[Backend]]:
         s.server_close()
 
 
+_TWIN = {"which": "pure"}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "pure"])
+def twin(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both twins: Proxy builds the twin named here."""
+    load_twin("relay", request.param)  # skips (fails under CI) when not built
+    _TWIN["which"] = request.param
+    yield request.param
+    _TWIN["which"] = "pure"
+
+
 class Proxy:
     """A relay on a loopback listener; decide() splits by a seeded RNG."""
 
     def __init__(self, decide: object, pool: PoolOptions | None = None) -> None:
         self.handed: list[bytes] = []
-        self.relay = HttpRelay(decide, self._l4, pool=pool, header_timeout=1.0)  # type: ignore[arg-type]
+        relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
+        self.relay = relay_class(decide, self._l4, pool=pool, header_timeout=1.0)
         self.relay.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]

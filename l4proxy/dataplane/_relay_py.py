@@ -153,7 +153,7 @@ class HttpRelay:
         self.connect_ok = connect_ok
         self.ep = select.epoll()
         self._lock = threading.Lock()
-        self._queue: list[tuple[socket.socket, Any, bytes]] = []
+        self._queue: list[tuple[socket.socket, Any, bytes, int]] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -173,14 +173,17 @@ class HttpRelay:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, sock: socket.socket, origin: Any, data: bytes = b"") -> None:
+    def add(self, sock: socket.socket, origin: Any, data: bytes = b"", requests: int = 0) -> None:
         """Take *sock* (an accepted client); *data*: bytes already read from it.
 
         *origin* (where the client was going) is passed back to ``decide``
-        and ``l4`` as it is.
+        and ``l4`` as it is. *requests*: request heads already served on this
+        connection (by the compiled relay, which hands over the requests it
+        does not serve itself): bytes that are not HTTP after a request are
+        a 400, not a connection to relay at L4.
         """
         with self._lock:
-            self._queue.append((sock, origin, data))
+            self._queue.append((sock, origin, data, requests))
         self._wake()
 
     def close(self) -> None:
@@ -239,7 +242,7 @@ class HttpRelay:
         with self._lock:
             queue, self._queue = self._queue, []
             stop = self._stop
-        for sock, origin, data in queue:
+        for sock, origin, data, requests in queue:
             if stop:
                 sock.close()
                 continue
@@ -249,6 +252,7 @@ class HttpRelay:
             except OSError:
                 pass  # not TCP (a test's socketpair)
             c = _Conn(sock, origin, Exchange(), now, fd=sock.fileno())
+            c.ex.requests = requests
             self._conns[c.fd] = c
             self.counters["connections"] += 1
             self._interest(c)

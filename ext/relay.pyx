@@ -1,0 +1,2599 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The per-request HTTP/1.1 relay, compiled: the twin of l4proxy/dataplane/_relay_py.py.
+
+Read the theory of operation and the decisions in ``_relay_py.py`` (the I/O
+shell) and ``_exchange_py.py`` (one connection's exchange, sans-IO): this
+module does the same for the requests it handles, and hands the others to a
+pure :class:`~l4proxy.dataplane._relay_py.HttpRelay` it owns, so that every
+request is served by exactly one of the two, identically.
+
+Theory of operation
+===================
+One background thread alternates between two halves:
+
+* ``run()``: a C loop entered ``with nogil`` that owns an epoll instance,
+  every client connection and upstream connection of the fast path, the
+  upstream pools and the verdict cache. It touches no Python object. It
+  returns to Python only when something needs Python (below), when asked to
+  stop, or every ``FLUSH_S`` seconds to hand over the metrics it counted.
+* ``_service()``: Python, with the GIL: it does what the loop asked for, then
+  the thread goes back into ``run()``.
+
+The steady state of a keep-alive connection therefore runs no Python: the
+head is scanned by the request-head scanner (``_head_scan.pxi``, the one
+``HeadParser`` uses), the route comes from the *verdict cache*, the upstream
+connection from the pool, and the response is framed by a C recogniser of
+response heads and the chunked machine (``_chunked.pxi``).
+
+The fast path and the slow path
+-------------------------------
+A complete request head is served here when it is the common case: no error,
+origin-form target, exactly one valid Host, no Transfer-Encoding, no
+``Expect``, no ``Upgrade``, not ``CONNECT``. Anything else (a head error, a
+first request that is not HTTP, a chunked request body, a tunnel, an
+``Expect: 100-continue``) is a rare event: the connection, with every byte
+read from it, is handed to the pure relay at that request boundary
+(``HttpRelay.add(..., requests=n)``), which answers it (400, 431, an L4
+tunnel, ...) exactly as it would have answered it from the first byte. A
+response head that the C recogniser does not take (HTTP/1.0, several
+Content-Length lines, a malformed line, a transfer coding other than
+``chunked``) is judged by ``parse_response_head``/``response_framing`` in
+Python: the same code the pure twin runs.
+
+Verdicts: Python decides, compiled code applies
+-----------------------------------------------
+``resolve(head, origin)`` (Python: the route table, classification, health)
+answers a :class:`~l4proxy.dataplane.verdict.Verdict`: a local answer, or a
+weighted list of :class:`~l4proxy.dataplane.verdict.Choice` (a subset's
+endpoints and load-balancing policy). What a verdict depends on is the
+request's origin, method, Host, target and the headers named by
+``key_headers`` (every header any route matches on); the loop caches the
+verdict under those bytes for ``Verdict.ttl`` seconds (a miss asks
+``resolve`` again), and *applies* it per request: the weighted draw, the
+round-robin, random or least-connections order of the endpoints. A rule swap
+or an endpoint failure calls :meth:`HttpRelay.invalidate` (a relaxed atomic
+increment the loop checks per lookup): the next request asks Python again.
+Without ``resolve``, ``decide`` is asked for every request (tests; the
+verdict is then one ordered choice, used once).
+
+Ownership of file descriptors
+-----------------------------
+A client fd belongs to the hand-off queue, then to one ``Conn``, then either
+is closed by ``conn_close()`` or handed on (to the pure relay, with its
+bytes). An upstream fd belongs to one ``Up``: checked out by a ``Conn`` or
+idle in its endpoint's pool; ``up_close()`` closes it. An fd leaves epoll
+before it is closed. A ``Conn`` or ``Up`` closed while a batch of events is
+handled is only marked and buried after the batch.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
+
+cimport linux as sys_
+
+import socket as _socket
+import threading
+
+from l4proxy.dataplane import _relay_py
+from l4proxy.dataplane._exchange_py import local_response
+from l4proxy.dataplane._framing_py import (
+    MAX_CHUNK_LINE,
+    MAX_CHUNK_SIZE,
+    Framing,
+    FramingError,
+    parse_response_head,
+    response_framing,
+)
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD as _DEFAULT_MAX_HEAD
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane.peek import parse_head
+from l4proxy.dataplane.verdict import Choice, Verdict
+
+Decision = _relay_py.Decision
+
+__all__ = ["Decision", "HttpRelay"]
+
+include "_bytes.pxi"
+include "_head_scan.pxi"
+include "_chunked.pxi"
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const void *addr, sys_.socklen_t len)
+    enum:
+        AF_INET
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+
+cdef extern from "<netinet/in.h>" nogil:
+    ctypedef uint32_t in_addr_t
+    struct in_addr:
+        in_addr_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    enum:
+        IPPROTO_TCP
+    uint16_t htons(uint16_t)
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+
+cdef extern from *:
+    """
+    #define L4R_ADD(p, v) ((void)__atomic_fetch_add((p), (v), __ATOMIC_RELAXED))
+    #define L4R_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    """
+    void L4R_ADD(int64_t *p, int64_t v) nogil
+    int64_t L4R_LOAD(int64_t *p) nogil
+
+
+# -- constants ----------------------------------------------------------------
+
+cdef enum:
+    MAX_EVENTS = 256
+    READ_SIZE = 65536
+    MAX_ATTEMPTS = 3
+    MAX_KEY_HEADERS = 16
+    MAX_CONN_LINES = 8
+    MAX_BUCKETS = 24
+    CACHE_SLOTS = 4096        # power of two
+    CACHE_MAX = 2048          # entries before the cache is cleared
+    ROWS_SLOTS = 1024         # power of two
+    REPLAY_LIMIT = 65536
+    MAX_OKS = 1024
+
+cdef double TICK_S = 0.25
+cdef double FLUSH_S = 1.0
+cdef double LINGER_S = 2.0
+
+# what an epoll registration points at
+cdef enum:
+    K_CONN = 1
+    K_UP = 2
+
+# client connection phases
+cdef enum:
+    P_HEAD = 0       # reading a request head
+    P_RESOLVE = 1    # waiting for Python (a verdict)
+    P_CONNECT = 2    # head complete, upstream connecting
+    P_EXCH = 3       # request going up, response coming down
+    P_CLOSING = 4    # answer sent or being sent, then a lingering close
+
+# response framing (Framing's values)
+cdef enum:
+    F_NONE = 0
+    F_LENGTH = 1
+    F_CHUNKED = 2
+    F_CLOSE = 3
+
+# response progress
+cdef enum:
+    RS_HEAD = 0
+    RS_BODY = 1
+    RS_DONE = 2
+
+# verdict kinds
+cdef enum:
+    V_LOCAL = 0
+    V_ROUTE = 1
+    V_SLOW = 2
+
+# load-balancing policies
+cdef enum:
+    LB_ROUND_ROBIN = 0
+    LB_RANDOM = 1
+    LB_LEAST_CONN = 2
+    LB_ORDERED = 3
+
+_POLICIES = {"ROUND_ROBIN": LB_ROUND_ROBIN, "RANDOM": LB_RANDOM,
+             "LEAST_CONN": LB_LEAST_CONN, "ORDERED": LB_ORDERED}
+
+# what the loop asks Python for (Conn.need)
+cdef enum:
+    N_NONE = 0
+    N_RESOLVE = 1       # a verdict for the head in c.inb
+    N_SLOW = 2          # hand the connection to the pure relay
+    N_RESPONSE = 3      # judge the response head in c.rhead
+    N_CONNECT_FAILED = 4
+    N_CONNECT_OK = 5
+
+# counters (stats())
+cdef enum:
+    CT_CONNECTIONS
+    CT_REQUESTS
+    CT_LOCAL
+    CT_CONNECT_ERRORS
+    CT_TIMEOUTS
+    CT_ERRORS
+    CT_ACTIVE
+    CT_IDLE
+    CT_OPENED
+    CT_REUSED
+    CT_RETURNED
+    CT_CLOSED_UNREUSABLE
+    CT_CLOSED_MAX_REQUESTS
+    CT_CLOSED_OVERFLOW
+    CT_EVICTED
+    CT_EXPIRED
+    CT_CACHE_HITS
+    CT_CACHE_MISSES
+    CT_SLOW
+    N_CT
+
+_STAT_NAMES = (
+    "connections", "requests", "local_answers", "connect_errors", "timeouts", "errors",
+    "active", "pool_idle", "pool_opened", "pool_reused", "pool_returned",
+    "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
+    "pool_evicted", "pool_expired", "verdict_cache_hits", "verdict_cache_misses",
+    "slow_path",
+)
+
+
+# -- state ------------------------------------------------------------------
+
+cdef struct Buf:
+    char *p
+    size_t len
+    size_t cap
+
+cdef struct Up
+cdef struct Conn
+
+cdef struct EP:
+    # one upstream endpoint: its pool of idle connections (newest first)
+    uint32_t addr          # network order
+    uint16_t port          # network order
+    bint numeric           # False: a name not resolved yet (connects fail)
+    int index              # in Relay.eps
+    int64_t active         # checked-out connections (LEAST_CONN's count)
+    int n_idle
+    Up *idle_head
+    Up *idle_tail
+
+cdef struct Up:
+    int kind               # K_UP
+    int fd
+    uint32_t mask
+    EP *ep
+    Conn *owner            # NULL while idle
+    Buf out
+    bint connecting
+    bint reused
+    bint closed
+    int requests
+    double idle_since
+    double deadline        # connect deadline
+    Up *idle_prev
+    Up *idle_next
+    Up *grave_next
+
+cdef struct Verdict_
+
+cdef struct Choice_:
+    uint32_t weight
+    int policy
+    int tag
+    int rr                 # round-robin counter slot
+    int n_eps
+    EP **eps
+    Verdict_ *empty        # the answer when it has no endpoint
+
+cdef struct Verdict_:
+    int kind
+    int n
+    Choice_ *choices
+    uint64_t total
+    int status
+    int tag
+    char *keep             # the local answer when the connection stays
+    size_t keep_len
+    char *close            # ... when it closes
+    size_t close_len
+
+cdef struct Entry:
+    uint64_t hash
+    char *key
+    size_t key_len
+    Verdict_ *v
+    double expires
+    int64_t epoch
+
+cdef struct Conn:
+    int kind               # K_CONN
+    int fd
+    uint32_t mask
+    int phase
+    int need
+    uint32_t origin
+    int requests           # request heads completed on this connection
+    Buf inb                # client bytes not consumed; a head starts at 0
+    Buf out                # to the client
+    Scanner s
+    Up *up
+    # the current request
+    size_t head_len
+    int64_t req_left       # request body bytes still to forward
+    bint keep_alive        # the head asks to keep the connection
+    bint sent_persistent
+    bint method_head
+    bint idempotent
+    bint client_eof
+    int rs                 # RS_*
+    int framing
+    int64_t resp_left
+    Chunked ck
+    Buf rhead              # response bytes before the final head is complete
+    bint resp_persistent
+    int status
+    int64_t up_bytes       # response bytes received for this request
+    int64_t client_bytes   # response bytes forwarded to the client
+    Buf replay             # bytes sent upstream, while a retry may resend them
+    bint replayable
+    bint retried
+    int tag
+    EP *cand[MAX_ATTEMPTS]
+    int n_cand
+    double started
+    double head_started    # 0: no head pending
+    double last_active
+    double closing         # lingering-close deadline; 0: not closing
+    bint closed
+    int idx                # in Relay.conns
+    Verdict_ *empty        # pick(): the chosen subset's answer when empty
+    int fail_errno         # N_CONNECT_FAILED: why
+    EP *fail_ep
+    Conn *need_next
+    Conn *grave_next
+
+cdef struct Row:
+    int tag
+    int status             # 0: a decision (count only)
+    int64_t count
+    double sum_s
+    int64_t buckets[MAX_BUCKETS]
+
+cdef struct Handoff:
+    int fd
+    uint32_t origin
+    char *data
+    size_t len
+    Handoff *next
+
+cdef struct Relay:
+    int epfd
+    int wakefd
+    # fixed at creation
+    double connect_timeout
+    double header_timeout
+    double idle_timeout
+    int max_head
+    int max_idle
+    double pool_idle_timeout
+    int max_requests
+    bint decide_only       # no resolve(): ask Python for every request
+    int n_buckets
+    double bounds[MAX_BUCKETS]
+    # guarded by lock
+    sys_.pthread_mutex_t lock
+    Handoff *q_head
+    Handoff *q_tail
+    bint stop
+    # loop thread
+    char *scratch
+    Conn *need_head
+    Conn *need_tail
+    Conn *cgrave
+    Up *ugrave
+    EP **eps
+    int n_eps
+    int cap_eps
+    uint64_t *rr
+    int n_rr
+    int cap_rr
+    Entry *cache
+    int cache_used
+    int64_t cache_epoch
+    Row *rows
+    int rows_used
+    uint64_t rng
+    int n_keys
+    char *keys[MAX_KEY_HEADERS]
+    int key_len[MAX_KEY_HEADERS]
+    double next_tick
+    double next_flush
+    bint flush_due
+    int n_oks              # connects that succeeded, for outlier detection
+    int ok_ep[MAX_OKS]
+    int ok_tag[MAX_OKS]
+    # conns for the timers: a simple intrusive list
+    Conn **conns
+    int n_conns
+    int cap_conns
+    int64_t epoch          # bumped by invalidate() (atomic)
+    int64_t ctr[<int>N_CT]
+
+
+cdef inline double now_s() noexcept nogil:
+    cdef sys_.timespec ts
+    sys_.clock_gettime(sys_.CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline uint64_t rng_next(Relay *R) noexcept nogil:
+    # xorshift64*: seeded from Python (--seed), good enough for weights
+    cdef uint64_t x = R.rng
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    R.rng = x
+    return x * <uint64_t>0x2545F4914F6CDD1D
+
+
+# -- buffers -------------------------------------------------------------------
+
+cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
+    cdef size_t cap
+    cdef char *p
+    if n == 0:
+        return 0
+    if b.len + n > b.cap:
+        cap = b.cap * 2 if b.cap else 1024
+        while cap < b.len + n:
+            cap *= 2
+        p = <char*>realloc(b.p, cap)
+        if p == NULL:
+            return -1
+        b.p = p
+        b.cap = cap
+    memcpy(b.p + b.len, data, n)
+    b.len += n
+    return 0
+
+
+cdef inline void buf_drop(Buf *b, size_t n) noexcept nogil:
+    """Remove the first n bytes."""
+    if n >= b.len:
+        b.len = 0
+    else:
+        memmove(b.p, b.p + n, b.len - n)
+        b.len -= n
+    if b.len == 0 and b.cap > 65536:  # an idle connection keeps no big buffer
+        free(b.p)
+        b.p = NULL
+        b.cap = 0
+
+
+cdef inline void buf_free(Buf *b) noexcept nogil:
+    free(b.p)
+    b.p = NULL
+    b.len = b.cap = 0
+
+
+# -- epoll ---------------------------------------------------------------------
+
+cdef void set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
+    cdef sys_.epoll_event ev
+    if mask[0] == want:
+        return
+    ev.events = want
+    ev.data.ptr = ptr
+    if mask[0] == 0:
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_ADD, fd, &ev)
+    elif want:
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_MOD, fd, &ev)
+    else:
+        # EPOLLHUP ignores the mask: a registered fd with nothing wanted
+        # would wake the loop for ever once its peer hangs up.
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, fd, &ev)
+    mask[0] = want
+
+
+cdef inline bint reading_client(Conn *c) noexcept nogil:
+    if c.out.len:
+        return False
+    if c.phase == P_HEAD:
+        return not c.client_eof
+    if c.phase == P_EXCH:
+        return c.req_left > 0
+    return False
+
+
+cdef void interest(Relay *R, Conn *c) noexcept nogil:
+    cdef uint32_t want = 0
+    if c.closed:
+        return
+    if c.out.len:
+        want |= sys_.EPOLLOUT
+    if c.phase == P_CLOSING or reading_client(c):
+        want |= sys_.EPOLLIN
+    set_mask(R, c.fd, &c.mask, want, c)
+
+
+cdef void interest_up(Relay *R, Up *u) noexcept nogil:
+    cdef uint32_t want = 0
+    if u.closed:
+        return
+    if u.connecting:
+        want = sys_.EPOLLOUT
+    elif u.owner == NULL:
+        want = sys_.EPOLLIN  # idle: readable means the server closed it
+    else:
+        if u.out.len:
+            want |= sys_.EPOLLOUT
+        if not u.owner.out.len:
+            want |= sys_.EPOLLIN
+    set_mask(R, u.fd, &u.mask, want, u)
+
+
+# -- upstream connections and pools ------------------------------------------
+
+cdef void idle_unlink(EP *ep, Up *u) noexcept nogil:
+    if u.idle_prev != NULL:
+        u.idle_prev.idle_next = u.idle_next
+    else:
+        ep.idle_head = u.idle_next
+    if u.idle_next != NULL:
+        u.idle_next.idle_prev = u.idle_prev
+    else:
+        ep.idle_tail = u.idle_prev
+    u.idle_prev = u.idle_next = NULL
+    ep.n_idle -= 1
+
+
+cdef void up_close(Relay *R, Up *u) noexcept nogil:
+    """Close an upstream connection, wherever it is (idle, checked out)."""
+    cdef sys_.epoll_event ev
+    if u.closed:
+        return
+    if u.owner == NULL and not u.connecting and u.ep != NULL and (
+            u.idle_prev != NULL or u.ep.idle_head == u):
+        idle_unlink(u.ep, u)
+        L4R_ADD(&R.ctr[<int>CT_IDLE], -1)
+    if u.mask:
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, u.fd, &ev)
+        u.mask = 0
+    sys_.close(u.fd)
+    u.closed = True
+    u.grave_next = R.ugrave
+    R.ugrave = u
+
+
+cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogil:
+    """The exchange on c.up is over: back to its pool, or closed."""
+    cdef Up *u = c.up
+    cdef EP *ep
+    c.up = NULL
+    if u == NULL:
+        return
+    u.owner = NULL
+    if u.connecting:
+        up_close(R, u)
+        return
+    ep = u.ep
+    ep.active -= 1
+    u.requests += 1
+    if not reusable or u.out.len:
+        L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
+    elif R.max_requests and u.requests >= R.max_requests:
+        L4R_ADD(&R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
+    elif ep.n_idle >= R.max_idle:
+        L4R_ADD(&R.ctr[<int>CT_CLOSED_OVERFLOW], 1)
+    else:
+        L4R_ADD(&R.ctr[<int>CT_RETURNED], 1)
+        L4R_ADD(&R.ctr[<int>CT_IDLE], 1)
+        u.idle_since = now
+        u.reused = True
+        u.idle_prev = NULL
+        u.idle_next = ep.idle_head
+        if ep.idle_head != NULL:
+            ep.idle_head.idle_prev = u
+        else:
+            ep.idle_tail = u
+        ep.idle_head = u
+        ep.n_idle += 1
+        interest_up(R, u)
+        return
+    up_close(R, u)
+
+
+cdef void up_discard(Relay *R, Conn *c) noexcept nogil:
+    """c.up failed (reset, error): close it, never pool it."""
+    cdef Up *u = c.up
+    c.up = NULL
+    if u == NULL:
+        return
+    if not u.connecting:
+        u.ep.active -= 1
+    u.owner = NULL
+    up_close(R, u)
+
+
+# -- client connections ----------------------------------------------------------
+
+cdef void conn_forget(Relay *R, Conn *c) noexcept nogil:
+    """Take c out of the loop (epoll, timers); the fd is left as it is."""
+    cdef sys_.epoll_event ev
+    cdef int i
+    if c.mask:
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, c.fd, &ev)
+        c.mask = 0
+    R.n_conns -= 1
+    R.conns[c.idx] = R.conns[R.n_conns]
+    R.conns[c.idx].idx = c.idx
+    c.closed = True
+    c.grave_next = R.cgrave
+    R.cgrave = c
+    L4R_ADD(&R.ctr[<int>CT_ACTIVE], -1)
+
+
+cdef void conn_close(Relay *R, Conn *c, bint reset) noexcept nogil:
+    cdef sys_.linger lg
+    if c.closed:
+        return
+    if c.up != NULL:
+        up_discard(R, c)
+    conn_forget(R, c)
+    if reset:
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        sys_.setsockopt(c.fd, sys_.SOL_SOCKET, sys_.SO_LINGER, &lg, sizeof(lg))
+    sys_.close(c.fd)
+
+
+cdef void conn_abort(Relay *R, Conn *c) noexcept nogil:
+    L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+    conn_close(R, c, True)
+
+
+cdef void ask_python(Relay *R, Conn *c, int need) noexcept nogil:
+    if c.need != N_NONE:  # one question at a time (a bug otherwise: counted)
+        L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+        return
+    c.need = need
+    c.need_next = NULL
+    if R.need_tail != NULL:
+        R.need_tail.need_next = c
+    else:
+        R.need_head = c
+    R.need_tail = c
+
+
+cdef void linger(Relay *R, Conn *c) noexcept nogil:
+    if sys_.shutdown(c.fd, sys_.SHUT_WR) != 0:
+        conn_close(R, c, False)
+
+
+cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
+    if c.up != NULL:
+        up_release(R, c, False, now)
+    c.phase = P_CLOSING
+    c.closing = now + LINGER_S
+    c.head_started = 0
+    if not c.out.len:
+        linger(R, c)
+
+
+cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
+    cdef ssize_t n
+    while c.out.len:
+        n = sys_.send(c.fd, c.out.p, c.out.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return
+            conn_abort(R, c)
+            return
+        buf_drop(&c.out, <size_t>n)
+    if c.phase == P_CLOSING:
+        linger(R, c)
+
+
+cdef int flush_up(Relay *R, Up *u) noexcept nogil:
+    """-1: the upstream failed (the caller decides what that means)."""
+    cdef ssize_t n
+    while u.out.len:
+        n = sys_.send(u.fd, u.out.p, u.out.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            return -1
+        buf_drop(&u.out, <size_t>n)
+    return 0
+
+
+cdef inline int to_client(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
+    """Queue bytes for the client (sent at the end of the step)."""
+    if buf_add(&c.out, data, n) != 0:
+        conn_abort(R, c)
+        return -1
+    return 0
+
+
+cdef void send_local(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
+    to_client(R, c, data, n)
+
+
+# -- request heads ------------------------------------------------------------------
+
+cdef struct Head:
+    Py_ssize_t ms, me, ts, te
+    int minor
+    int host_count
+    Py_ssize_t host_s, host_e
+    long long cl
+    int cl_error
+    bint te_seen
+    bint conn_close
+    bint conn_keep_alive
+    bint expect
+    bint upgrade
+    int n_conn
+    Py_ssize_t conn_s[MAX_CONN_LINES]   # Connection lines to drop upstream
+    Py_ssize_t conn_e[MAX_CONN_LINES]
+    bint conn_overflow
+    Py_ssize_t key_s[MAX_KEY_HEADERS]
+    Py_ssize_t key_e[MAX_KEY_HEADERS]
+
+
+cdef bint only_close_tokens(const unsigned char *buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """The Connection value a..b has no token but close and keep-alive."""
+    cdef Py_ssize_t i = a, es, ee
+    while True:
+        es = i
+        while i < b and buf[i] != COMMA:
+            i += 1
+        ee = i
+        while es < ee and (is_ows(buf[es]) or buf[es] == CR):
+            es += 1
+        while ee > es and (is_ows(buf[ee - 1]) or buf[ee - 1] == CR):
+            ee -= 1
+        if ee > es and not (ee - es == 5 and eq_lower(buf + es, b"close", 5)) and not (
+                ee - es == 10 and eq_lower(buf + es, b"keep-alive", 10)):
+            return False
+        if i == b:
+            return True
+        i += 1
+
+
+cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
+    """What the fast path needs from a complete head (mirrors build() in peek.pyx)."""
+    cdef Py_ssize_t p = s.headers_start, i, ls, le, colon, ns, ne, vs, ve, k
+    cdef int j
+    h.ms = s.method_start
+    h.me = s.method_end
+    h.ts = s.method_end + 1
+    h.te = s.target_end
+    h.minor = buf[s.target_end + 8] - 0x30
+    h.host_count = 0
+    h.host_s = h.host_e = 0
+    h.cl = -1
+    h.cl_error = 0
+    h.te_seen = h.conn_close = h.conn_keep_alive = h.expect = h.upgrade = False
+    h.n_conn = 0
+    h.conn_overflow = False
+    for j in range(R.n_keys):
+        h.key_s[j] = -1
+        h.key_e[j] = -1
+    while True:
+        i = <const unsigned char*>memchr(buf + p, LF, <size_t>(s.head_length - p)) - buf
+        ls = p
+        le = i - 1 if (i > ls and buf[i - 1] == CR) else i
+        if le == ls:
+            break
+        colon = <const unsigned char*>memchr(buf + ls, COLON, <size_t>(le - ls)) - buf
+        ns = ls
+        ne = colon
+        vs = colon + 1
+        ve = le
+        while vs < ve and is_ows(buf[vs]):
+            vs += 1
+        while ve > vs and is_ows(buf[ve - 1]):
+            ve -= 1
+        k = ne - ns
+        if k == 4 and eq_lower(buf + ns, b"host", 4):
+            h.host_count += 1
+            if h.host_count == 1:
+                h.host_s = vs
+                h.host_e = ve
+        elif k == 14 and eq_lower(buf + ns, b"content-length", 14):
+            if h.cl_error == 0:
+                h.cl_error = parse_content_length(buf, vs, ve, &h.cl)
+        elif k == 17 and eq_lower(buf + ns, b"transfer-encoding", 17):
+            h.te_seen = True
+        elif k == 10 and eq_lower(buf + ns, b"connection", 10):
+            scan_connection(buf, vs, ve, &h.conn_close, &h.conn_keep_alive)
+            # upstream_head() in _exchange_py.py splits the line at its ":"
+            # and the value's tokens, CR included, around commas.
+            if only_close_tokens(buf, colon + 1, i):
+                if h.n_conn < MAX_CONN_LINES:
+                    h.conn_s[h.n_conn] = ls
+                    h.conn_e[h.n_conn] = i + 1
+                    h.n_conn += 1
+                else:
+                    h.conn_overflow = True
+        elif k == 6 and eq_lower(buf + ns, b"expect", 6):
+            h.expect = True
+        elif k == 7 and eq_lower(buf + ns, b"upgrade", 7):
+            h.upgrade = True
+        for j in range(R.n_keys):
+            if k == R.key_len[j] and eq_lower(buf + ns, R.keys[j], k):
+                h.key_s[j] = vs  # the last one wins, as in dict(head.headers)
+                h.key_e[j] = ve
+        p = i + 1
+
+
+cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
+    """Whether the fast path serves this head; else the pure relay does."""
+    if h.host_count != 1 or not all_host(buf, h.host_s, h.host_e):
+        return False
+    if buf[h.ts] != SLASH:  # absolute-form, asterisk-form, authority-form
+        return False
+    if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
+        return False
+    if h.cl_error or h.te_seen or h.expect or h.upgrade or h.conn_overflow:
+        return False
+    return True
+
+
+cdef bint method_is(const unsigned char *buf, Head *h, const char *m, int n) noexcept nogil:
+    return h.me - h.ms == n and memcmp(buf + h.ms, m, n) == 0
+
+
+cdef bint idempotent(const unsigned char *buf, Head *h) noexcept nogil:
+    return (method_is(buf, h, b"GET", 3) or method_is(buf, h, b"HEAD", 4)
+            or method_is(buf, h, b"OPTIONS", 7) or method_is(buf, h, b"TRACE", 5)
+            or method_is(buf, h, b"PUT", 3) or method_is(buf, h, b"DELETE", 6))
+
+
+# -- the verdict cache ------------------------------------------------------------
+
+cdef inline uint64_t fnv(uint64_t x, const char *p, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        x ^= <uint8_t>p[i]
+        x *= <uint64_t>1099511628211
+    return x
+
+
+cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
+                         char *out, Py_ssize_t cap) noexcept nogil:
+    """The cache key of a head into out; its length, or -1 if it does not fit."""
+    cdef Py_ssize_t n = 0, need
+    cdef int j
+    cdef char zero = 0
+    need = 8 + (h.me - h.ms) + (h.host_e - h.host_s) + (h.te - h.ts) + 3
+    for j in range(R.n_keys):
+        need += 2 + (h.key_e[j] - h.key_s[j] if h.key_s[j] >= 0 else 0)
+    if need > cap:
+        return -1
+    memcpy(out, &c.origin, 4)
+    n = 4
+    memcpy(out + n, buf + h.ms, h.me - h.ms)
+    n += h.me - h.ms
+    out[n] = 0
+    n += 1
+    memcpy(out + n, buf + h.host_s, h.host_e - h.host_s)
+    n += h.host_e - h.host_s
+    out[n] = 0
+    n += 1
+    memcpy(out + n, buf + h.ts, h.te - h.ts)
+    n += h.te - h.ts
+    out[n] = 0
+    n += 1
+    for j in range(R.n_keys):
+        if h.key_s[j] < 0:
+            out[n] = 0
+            n += 1
+        else:
+            out[n] = 1
+            n += 1
+            memcpy(out + n, buf + h.key_s[j], h.key_e[j] - h.key_s[j])
+            n += h.key_e[j] - h.key_s[j]
+        out[n] = 0
+        n += 1
+    return n
+
+
+cdef void verdict_free(Verdict_ *v) noexcept nogil:
+    cdef int i
+    if v == NULL:
+        return
+    for i in range(v.n):
+        free(v.choices[i].eps)
+        verdict_free(v.choices[i].empty)
+    free(v.choices)
+    free(v.keep)
+    free(v.close)
+    free(v)
+
+
+cdef void cache_clear(Relay *R) noexcept nogil:
+    cdef int i
+    for i in range(CACHE_SLOTS):
+        if R.cache[i].key != NULL:
+            free(R.cache[i].key)
+            verdict_free(R.cache[i].v)
+            R.cache[i].key = NULL
+            R.cache[i].v = NULL
+    R.cache_used = 0
+
+
+cdef Verdict_ *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double now) noexcept nogil:
+    cdef int64_t epoch = L4R_LOAD(&R.epoch)
+    cdef uint32_t i = <uint32_t>(hash & (CACHE_SLOTS - 1))
+    cdef Entry *e
+    if epoch != R.cache_epoch:
+        cache_clear(R)
+        R.cache_epoch = epoch
+        return NULL
+    while True:
+        e = &R.cache[i]
+        if e.key == NULL:
+            return NULL
+        if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
+            if e.expires <= now:
+                return NULL
+            return e.v
+        i = (i + 1) & (CACHE_SLOTS - 1)
+
+
+cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_ *v,
+                    double expires, int64_t epoch) noexcept nogil:
+    cdef uint32_t i
+    cdef Entry *e
+    if epoch != L4R_LOAD(&R.epoch) or epoch != R.cache_epoch:
+        verdict_free(v)  # resolved against a table that is gone already
+        return
+    if R.cache_used >= CACHE_MAX:
+        cache_clear(R)
+    i = <uint32_t>(hash & (CACHE_SLOTS - 1))
+    while True:
+        e = &R.cache[i]
+        if e.key == NULL:
+            break
+        if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
+            verdict_free(e.v)  # expired: replaced in place
+            e.v = v
+            e.expires = expires
+            return
+        i = (i + 1) & (CACHE_SLOTS - 1)
+    e.key = <char*>malloc(n if n else 1)
+    if e.key == NULL:
+        verdict_free(v)
+        return
+    memcpy(e.key, key, n)
+    e.key_len = n
+    e.hash = hash
+    e.v = v
+    e.expires = expires
+    e.epoch = epoch
+    R.cache_used += 1
+
+
+# -- metrics rows ------------------------------------------------------------------
+
+cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogil:
+    cdef uint32_t i = <uint32_t>((<uint32_t>tag * <uint32_t>2654435761) ^ <uint32_t>status) & (ROWS_SLOTS - 1)
+    cdef Row *r
+    cdef int b
+    cdef double ms
+    while True:
+        r = &R.rows[i]
+        if r.count == 0 and r.tag == 0 and r.status == 0:
+            if R.rows_used >= ROWS_SLOTS // 2:
+                return  # full until the next flush (thousands of tags: not a mesh)
+            r.tag = tag + 1  # 0 marks a free slot
+            r.status = status
+            R.rows_used += 1
+            break
+        if r.tag == tag + 1 and r.status == status:
+            break
+        i = (i + 1) & (ROWS_SLOTS - 1)
+    r.count += 1
+    if status:
+        r.sum_s += seconds
+        ms = seconds * 1000.0
+        b = 0
+        while b < R.n_buckets and ms > R.bounds[b]:
+            b += 1
+        r.buckets[b] += 1
+
+
+# -- the exchange -------------------------------------------------------------------
+
+
+
+cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
+    L4R_ADD(&R.ctr[<int>CT_REQUESTS], 1)
+    if local:
+        L4R_ADD(&R.ctr[<int>CT_LOCAL], 1)
+    count_row(R, c.tag, status, now - c.started)
+
+
+cdef void reset_exchange(Conn *c) noexcept nogil:
+    c.rs = RS_HEAD
+    c.framing = F_NONE
+    c.resp_left = 0
+    c.rhead.len = 0
+    c.resp_persistent = False
+    c.status = 0
+    c.up_bytes = 0
+    c.client_bytes = 0
+    buf_free(&c.replay)
+    c.replayable = False
+    c.retried = False
+    c.req_left = 0
+
+
+cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
+                          double now) noexcept nogil:
+    """Give up on this exchange (_upstream_failed in _exchange_py.py)."""
+    if c.up != NULL:
+        up_discard(R, c)
+    if c.client_bytes == 0:
+        c.status = status
+        if reason != NULL:
+            to_client(R, c, reason, n)
+        request_done(R, c, status, True, now)
+    if not c.closed:
+        start_close(R, c, now)
+
+
+cdef const char *E502_BEFORE = b"upstream closed the connection before a response"
+cdef const char *E502_MID = b"upstream closed the connection mid-response"
+
+
+cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, double now) noexcept nogil:
+    """Both messages are over (_response_complete in _exchange_py.py)."""
+    cdef bint close_delimited = c.framing == F_CLOSE
+    cdef bint reusable = (not upstream_closed and not request_cut and not close_delimited
+                          and c.resp_persistent and c.sent_persistent)
+    cdef bint keep = (c.keep_alive and c.resp_persistent and not close_delimited
+                      and not request_cut and not c.client_eof)
+    request_done(R, c, c.status, False, now)
+    if c.up != NULL:
+        if upstream_closed:
+            up_discard(R, c)
+        else:
+            up_release(R, c, reusable, now)
+    if not keep:
+        start_close(R, c, now)
+    else:
+        next_request(R, c, now)
+
+
+cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
+    """Response body bytes from upstream; -1 when the connection went away."""
+    cdef Py_ssize_t used
+    if c.framing == F_LENGTH:
+        used = <Py_ssize_t>n if <int64_t>n < c.resp_left else <Py_ssize_t>c.resp_left
+        c.resp_left -= used
+        if c.resp_left == 0:
+            c.rs = RS_DONE
+    elif c.framing == F_CHUNKED:
+        used = chunked(&c.ck, <const unsigned char*>data, <Py_ssize_t>n)
+        if c.ck.state == C_ERROR:
+            # the head went out already: nothing to answer, close (502 unsent)
+            upstream_failed(R, c, 502, NULL, 0, now)
+            return -1
+        if c.ck.state == C_DONE:
+            c.rs = RS_DONE
+    elif c.framing == F_CLOSE:
+        used = <Py_ssize_t>n
+    else:
+        used = 0
+        c.rs = RS_DONE
+    if used:
+        if to_client(R, c, data, <size_t>used) != 0:
+            return -1
+        c.client_bytes += used
+    if used < <Py_ssize_t>n:  # bytes after a complete response: the server is confused
+        c.resp_persistent = False
+    if c.rs == RS_DONE:
+        complete(R, c, False, c.req_left > 0, now)
+        return -1 if c.closed else 0
+    return 0
+
+
+cdef bint header_is(const unsigned char *p, Py_ssize_t n, const char *name, int k) noexcept nogil:
+    return n == k and eq_lower(p, name, k)
+
+
+cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
+    """Recognise the common response head in c.rhead.
+
+    0: incomplete; 1: done (c.status, c.framing, c.resp_left,
+    c.resp_persistent set, *head_len); 2: not the common case (Python judges
+    it: parse_response_head and response_framing).
+    """
+    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
+    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, end = -1
+    cdef const unsigned char *lf
+    cdef int n_cl = 0, n_te = 0, status
+    cdef long long cl = -1
+    cdef bint close = False, keep = False, te_chunked = False
+    # the end of the head
+    i = 0
+    while True:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(n - i))
+        if lf == NULL:
+            return 2 if n > R.max_head else 0
+        i = lf - b + 1
+        if i < n and b[i] == LF:
+            return 2  # bare LF lines: Python
+        if i + 1 < n and b[i] == CR and b[i + 1] == LF:
+            end = i + 2
+            break
+        if i >= n or (i + 1 >= n and b[i] == CR):
+            return 2 if n > R.max_head else 0
+    if end > R.max_head:
+        return 2
+    # the status line: "HTTP/1.1 DDD reason" CRLF
+    if end < 16 or memcmp(b, b"HTTP/1.1 ", 9) != 0:
+        return 2
+    if not (0x32 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39):
+        return 2
+    status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
+    if status < 200:
+        return 2  # interim and 101: Python
+    lf = <const unsigned char*>memchr(b, LF, <size_t>end)
+    ls = lf - b  # the LF of the status line
+    if b[ls - 1] != CR or (ls - 1 > 12 and b[12] != SP):
+        return 2
+    for i in range(13, ls - 1):
+        if not FIELD[b[i]]:
+            return 2
+    # header lines, each ending in CRLF
+    i = ls + 1
+    while i < end - 2:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        le = lf - b - 1  # the CR
+        if b[le] != CR:
+            return 2
+        ls = i
+        colon = ls
+        while colon < le and TCHAR[b[colon]]:
+            colon += 1
+        if colon == ls or colon == le or b[colon] != COLON:
+            return 2
+        for k in range(colon + 1, le):
+            if not FIELD[b[k]]:
+                return 2
+        vs = colon + 1
+        ve = le
+        while vs < ve and is_ows(b[vs]):
+            vs += 1
+        while ve > vs and is_ows(b[ve - 1]):
+            ve -= 1
+        k = colon - ls
+        if header_is(b + ls, k, b"content-length", 14):
+            n_cl += 1
+            if n_cl > 1 or ve - vs < 1 or ve - vs > 18:
+                return 2
+            cl = 0
+            for k in range(vs, ve):
+                if not (0x30 <= b[k] <= 0x39):
+                    return 2
+                cl = cl * 10 + (b[k] - 0x30)
+        elif header_is(b + ls, k, b"transfer-encoding", 17):
+            n_te += 1
+            if n_te > 1 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
+                return 2
+            te_chunked = True
+        elif header_is(b + ls, k, b"connection", 10):
+            scan_connection(b, vs, ve, &close, &keep)
+        i = le + 2
+    if n_cl and n_te:
+        return 2  # Python refuses it, with its reason
+    c.status = status
+    c.resp_persistent = not close
+    if c.method_head or status == 204 or status == 304:
+        c.framing = F_NONE
+    elif te_chunked:
+        c.framing = F_CHUNKED
+    elif n_cl:
+        c.framing = F_LENGTH if cl > 0 else F_NONE
+        c.resp_left = cl
+    else:
+        c.framing = F_CLOSE
+    head_len[0] = end
+    return 1
+
+
+cdef bint says_close(const unsigned char *b, Py_ssize_t end) noexcept nogil:
+    """Whether a response head's Connection headers name "close"."""
+    cdef Py_ssize_t i, le, colon, vs
+    cdef const unsigned char *lf
+    cdef bint close = False, keep = False
+    lf = <const unsigned char*>memchr(b, LF, <size_t>end)
+    i = lf - b + 1
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        if lf == NULL:
+            break
+        le = lf - b
+        if le > i and b[le - 1] == CR:
+            le -= 1
+        colon = i
+        while colon < le and b[colon] != COLON:
+            colon += 1
+        if colon < le and header_is(b + i, colon - i, b"connection", 10):
+            vs = colon + 1
+            scan_connection(b, vs, le, &close, &keep)
+        i = (lf - b) + 1
+    return close
+
+
+cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
+    """The final response head is c.rhead[:hl] (status, framing known):
+    forward it, then what followed it. -1 when the connection went away."""
+    cdef bint persists = (c.keep_alive and c.resp_persistent and c.framing != F_CLOSE
+                          and c.req_left == 0 and not c.client_eof)
+    cdef Py_ssize_t end
+    cdef size_t rest
+    cdef char *tmp
+    if not persists and not says_close(<const unsigned char*>c.rhead.p, hl):
+        # client_head(): the client does not read our close otherwise
+        end = hl - 4 if (hl >= 4 and memcmp(c.rhead.p + hl - 4, b"\r\n\r\n", 4) == 0) else hl - 2
+        if to_client(R, c, c.rhead.p, end) != 0:
+            return -1
+        if to_client(R, c, b"\r\nconnection: close", 19) != 0:
+            return -1
+        if to_client(R, c, c.rhead.p + end, hl - end) != 0:
+            return -1
+        c.client_bytes += hl + 19
+    else:
+        if to_client(R, c, c.rhead.p, hl) != 0:
+            return -1
+        c.client_bytes += hl
+    c.rs = RS_BODY
+    if c.framing == F_CHUNKED:
+        memset(&c.ck, 0, sizeof(Chunked))
+        c.ck.max_trailers = R.max_head
+    rest = c.rhead.len - hl
+    if rest:
+        tmp = <char*>malloc(rest)
+        if tmp == NULL:
+            conn_abort(R, c)
+            return -1
+        memcpy(tmp, c.rhead.p + hl, rest)
+        c.rhead.len = 0
+        if forward_body(R, c, tmp, rest, now) != 0:
+            free(tmp)
+            return -1
+        free(tmp)
+    else:
+        c.rhead.len = 0
+        if c.framing == F_NONE:
+            c.rs = RS_DONE
+            complete(R, c, False, c.req_left > 0, now)
+            return -1 if c.closed else 0
+    return 0
+
+
+cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
+    cdef Py_ssize_t hl = 0
+    cdef int r
+    c.up_bytes += n
+    if c.replayable:  # a response began: never send this request again
+        buf_free(&c.replay)
+        c.replayable = False
+    if c.rs == RS_BODY:
+        return forward_body(R, c, data, n, now)
+    if c.rs == RS_DONE:
+        return 0
+    if buf_add(&c.rhead, data, n) != 0:
+        conn_abort(R, c)
+        return -1
+    r = response_head_fast(R, c, &hl)
+    if r == 0:
+        return 0
+    if r == 2:
+        ask_python(R, c, N_RESPONSE)
+        return 0
+    return final_head(R, c, hl, now)
+
+
+cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
+    """The upstream is ready: the head (rewritten) and what body bytes are here."""
+    cdef Up *u = c.up
+    cdef const char *b = c.inb.p
+    cdef Py_ssize_t hl = <Py_ssize_t>c.head_len, avail
+    cdef int64_t take
+    if c.retried and c.replay.len:
+        buf_add(&u.out, c.replay.p, c.replay.len)
+    else:
+        # the head was rewritten when it completed: it is c.replay's start
+        # when replayable, else rebuilt here
+        buf_add(&u.out, c.rhead.p, c.rhead.len)  # (the upstream head, staged)
+        c.rhead.len = 0
+        avail = <Py_ssize_t>c.inb.len - hl
+        take = avail if avail < c.req_left else c.req_left
+        if take > 0:
+            buf_add(&u.out, b + hl, <size_t>take)
+            if c.replayable:
+                buf_add(&c.replay, b + hl, <size_t>take)
+            c.req_left -= take
+        buf_drop(&c.inb, <size_t>(hl + take))
+        c.head_len = 0
+        if c.replayable and c.replay.len > REPLAY_LIMIT:
+            buf_free(&c.replay)
+            c.replayable = False
+    c.phase = P_EXCH
+    c.rs = RS_HEAD
+    if flush_up(R, u) != 0:
+        on_upstream_eof(R, c, now)
+        return
+
+
+
+
+cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
+    """The weighted draw and the endpoint order of one request."""
+    cdef Choice_ *ch = &v.choices[0]
+    cdef uint64_t r
+    cdef int i, j, n, start, best
+    cdef EP *tmp
+    if v.n > 1 and v.total > 0:
+        r = rng_next(R) % v.total
+        for i in range(v.n):
+            if r < v.choices[i].weight:
+                ch = &v.choices[i]
+                break
+            r -= v.choices[i].weight
+    c.tag = ch.tag
+    c.empty = ch.empty
+    n = ch.n_eps
+    c.n_cand = 0
+    if n == 0:
+        return
+    if ch.policy == LB_RANDOM:
+        start = <int>(rng_next(R) % <uint64_t>n)
+    elif ch.policy == LB_ORDERED:
+        start = 0
+    else:
+        start = <int>(R.rr[ch.rr] % <uint64_t>n)
+        R.rr[ch.rr] += 1
+    if ch.policy == LB_LEAST_CONN:
+        # the first MAX_ATTEMPTS of a stable sort by active count, from start
+        for i in range(n):
+            tmp = ch.eps[(start + i) % n]
+            if c.n_cand < MAX_ATTEMPTS:
+                c.cand[c.n_cand] = tmp
+                c.n_cand += 1
+                j = c.n_cand - 1
+            elif tmp.active < c.cand[MAX_ATTEMPTS - 1].active:
+                c.cand[MAX_ATTEMPTS - 1] = tmp
+                j = MAX_ATTEMPTS - 1
+            else:
+                continue
+            while j > 0 and c.cand[j].active < c.cand[j - 1].active:
+                tmp = c.cand[j]
+                c.cand[j] = c.cand[j - 1]
+                c.cand[j - 1] = tmp
+                j -= 1
+    else:
+        for i in range(n if n < MAX_ATTEMPTS else MAX_ATTEMPTS):
+            c.cand[i] = ch.eps[(start + i) % n]
+        c.n_cand = n if n < MAX_ATTEMPTS else MAX_ATTEMPTS
+
+
+
+
+cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
+    """refuse() in _exchange_py.py: the head has no body (fast path), so the
+    connection stays when the head asks for it."""
+    cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
+    if v.tag >= 0:
+        c.tag = v.tag
+    if keep:
+        to_client(R, c, v.keep, v.keep_len)
+    else:
+        to_client(R, c, v.close, v.close_len)
+    if c.closed:
+        return
+    request_done(R, c, v.status, True, now)
+    buf_drop(&c.inb, c.head_len)
+    c.head_len = 0
+    c.rhead.len = 0
+    if keep:
+        next_request(R, c, now)
+    else:
+        start_close(R, c, now)
+
+
+cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
+    cdef Up *u
+    cdef EP *ep
+    c.started = now
+    if v.kind == V_SLOW:
+        c.requests -= 1  # the pure relay reads this head again
+        c.phase = P_RESOLVE
+        ask_python(R, c, N_SLOW)
+        return
+    if v.kind == V_LOCAL:
+        local_answer(R, c, v, now)
+        return
+    pick(R, c, v)
+    if not R.decide_only:
+        count_row(R, c.tag, 0, 0.0)  # l4proxy_decisions_total
+    if c.n_cand == 0:
+        local_answer(R, c, c.empty if c.empty != NULL else v, now)
+        return
+    ep = c.cand[0]
+    if ep.idle_head != NULL:
+        u = ep.idle_head
+        idle_unlink(ep, u)
+        L4R_ADD(&R.ctr[<int>CT_IDLE], -1)
+        L4R_ADD(&R.ctr[<int>CT_REUSED], 1)
+        u.owner = c
+        u.reused = True
+        ep.active += 1
+        c.up = u
+        send_request(R, c, now)
+        return
+    connect_to(R, c, ep, now)
+
+
+cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
+    cdef sockaddr_in sa
+    cdef int fd, one = 1, r
+    cdef Up *u
+    c.phase = P_CONNECT
+    if not ep.numeric:
+        c.fail_ep = ep
+        c.fail_errno = -1  # "not resolved yet"
+        L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+        ask_python(R, c, N_CONNECT_FAILED)
+        return
+    fd = socket(AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        c.fail_ep = ep
+        c.fail_errno = errno
+        L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+        ask_python(R, c, N_CONNECT_FAILED)
+        return
+    sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    memset(&sa, 0, sizeof(sa))
+    sa.sin_family = AF_INET
+    sa.sin_port = ep.port
+    sa.sin_addr.s_addr = ep.addr
+    r = connect(fd, &sa, sizeof(sa))
+    if r != 0 and errno != EINPROGRESS:
+        c.fail_ep = ep
+        c.fail_errno = errno
+        sys_.close(fd)
+        L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+        ask_python(R, c, N_CONNECT_FAILED)
+        return
+    u = <Up*>calloc(1, sizeof(Up))
+    if u == NULL:
+        sys_.close(fd)
+        conn_abort(R, c)
+        return
+    u.kind = K_UP
+    u.fd = fd
+    u.ep = ep
+    u.owner = c
+    u.connecting = True
+    u.deadline = now + R.connect_timeout
+    c.up = u
+    interest_up(R, u)
+
+
+cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
+    cdef int err = 0
+    cdef sys_.socklen_t len = sizeof(err)
+    sys_.getsockopt(u.fd, sys_.SOL_SOCKET, sys_.SO_ERROR, &err, &len)
+    if err:
+        c.fail_ep = u.ep
+        c.fail_errno = err
+        c.up = NULL
+        u.owner = NULL
+        up_close(R, u)
+        L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+        ask_python(R, c, N_CONNECT_FAILED)
+        return
+    u.connecting = False
+    u.ep.active += 1
+    L4R_ADD(&R.ctr[<int>CT_OPENED], 1)
+    if R.n_oks < MAX_OKS:  # outlier detection hears of it (rare: pooled from here)
+        R.ok_ep[R.n_oks] = u.ep.index
+        R.ok_tag[R.n_oks] = c.tag
+        R.n_oks += 1
+    send_request(R, c, now)
+
+
+cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
+    """After Python heard of a failed connect: the next candidate, or 503/502."""
+    cdef int i, j = 0
+    cdef EP *failed = c.fail_ep
+    for i in range(c.n_cand):
+        if c.cand[i] != failed:
+            c.cand[j] = c.cand[i]
+            j += 1
+    c.n_cand = j
+    if c.retried:  # a retry's connect failed: the request is lost
+        on_upstream_eof(R, c, now)
+    elif c.n_cand:
+        connect_to(R, c, c.cand[0], now)
+    else:
+        local_answer(R, c, R_no_upstream, now)
+
+
+cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
+
+
+cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
+    cdef EP *ep
+    if c.up_bytes == 0:
+        if c.up != NULL and c.up.reused and not c.retried and c.replayable:
+            c.retried = True
+            ep = c.up.ep
+            up_discard(R, c)
+            connect_to(R, c, ep, now)
+            return
+        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, now)
+        return
+    if c.rs == RS_BODY and c.framing == F_CLOSE:
+        complete(R, c, True, c.req_left > 0, now)
+        return
+    upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN, now)
+
+
+cdef char *_LOCAL_502_BEFORE = NULL
+cdef size_t _LOCAL_502_BEFORE_LEN = 0
+cdef char *_LOCAL_502_MID = NULL
+cdef size_t _LOCAL_502_MID_LEN = 0
+cdef char *_LOCAL_408 = NULL
+cdef size_t _LOCAL_408_LEN = 0
+
+
+cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
+    """A request head is complete in c.inb: route it (fast path) or hand over."""
+    cdef const unsigned char *b = <const unsigned char*>c.inb.p
+    cdef Head h
+    cdef char key[2048]
+    cdef Py_ssize_t n, p
+    cdef uint64_t hash
+    cdef Verdict_ *v
+    cdef int i
+    summarize(R, &c.s, b, &h)
+    c.requests += 1
+    if not fast_head(b, &h):
+        c.requests -= 1
+        c.phase = P_RESOLVE
+        ask_python(R, c, N_SLOW)
+        return
+    c.head_started = 0
+    c.head_len = <size_t>c.s.head_length
+    c.keep_alive = not h.conn_close and (h.minor >= 1 or h.conn_keep_alive)
+    c.method_head = method_is(b, &h, b"HEAD", 4)
+    c.idempotent = idempotent(b, &h)
+    c.req_left = h.cl if h.cl > 0 else 0
+    reset_exchange(c)
+    c.req_left = h.cl if h.cl > 0 else 0
+    # the head as sent upstream (upstream_head()), staged in c.rhead
+    c.rhead.len = 0
+    if h.minor == 1 and h.n_conn:
+        p = 0
+        for i in range(h.n_conn):
+            buf_add(&c.rhead, c.inb.p + p, <size_t>(h.conn_s[i] - p))
+            p = h.conn_e[i]
+        buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
+        c.sent_persistent = True
+    else:
+        buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
+        c.sent_persistent = c.keep_alive
+    if c.idempotent:
+        c.replayable = True
+        buf_add(&c.replay, c.rhead.p, c.rhead.len)
+    c.phase = P_RESOLVE
+    if R.decide_only:
+        ask_python(R, c, N_RESOLVE)
+        return
+    n = make_key(R, c, b, &h, key, sizeof(key))
+    if n < 0:
+        L4R_ADD(&R.ctr[<int>CT_CACHE_MISSES], 1)
+        ask_python(R, c, N_RESOLVE)
+        return
+    hash = fnv(<uint64_t>14695981039346656037, key, <size_t>n)
+    v = cache_get(R, key, <size_t>n, hash, now)
+    if v == NULL:
+        L4R_ADD(&R.ctr[<int>CT_CACHE_MISSES], 1)
+        ask_python(R, c, N_RESOLVE)
+        return
+    L4R_ADD(&R.ctr[<int>CT_CACHE_HITS], 1)
+    apply_verdict(R, c, v, now)
+
+
+cdef void head_step(Relay *R, Conn *c, double now) noexcept nogil:
+    """Scan what the client sent for a head (phase HEAD)."""
+    cdef int code
+    cdef Py_ssize_t limit
+    if c.inb.len == 0:
+        return
+    if c.head_started == 0:
+        c.head_started = now
+    limit = <Py_ssize_t>c.inb.len if <Py_ssize_t>c.inb.len < R.max_head else R.max_head
+    code = scan(&c.s, <const unsigned char*>c.inb.p, limit)
+    if code == NEED_MORE and <Py_ssize_t>c.inb.len > R.max_head:
+        code = E_TOO_LARGE
+    if code == NEED_MORE:
+        return
+    if code == COMPLETE:
+        on_head(R, c, now)
+        return
+    c.phase = P_RESOLVE  # an error or not HTTP: the pure relay answers it
+    ask_python(R, c, N_SLOW)
+
+
+cdef void next_request(Relay *R, Conn *c, double now) noexcept nogil:
+    c.phase = P_HEAD
+    memset(&c.s, 0, sizeof(Scanner))
+    c.head_started = 0
+    c.last_active = now
+    reset_exchange(c)
+    head_step(R, c, now)  # a pipelined request may be waiting
+
+
+# -- events ---------------------------------------------------------------------------
+
+cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogil:
+    cdef ssize_t n
+    cdef int64_t take
+    if ev & sys_.EPOLLOUT and c.out.len:
+        flush_client(R, c)
+        if c.closed:
+            return
+    if c.phase == P_CLOSING:
+        if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
+            n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+            if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+                conn_close(R, c, False)
+                return
+        interest(R, c)
+        return
+    if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c):
+        n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                interest(R, c)
+                return
+            conn_abort(R, c)
+            return
+        c.last_active = now
+        if n == 0:
+            c.client_eof = True
+            if c.phase == P_HEAD:  # between requests, or a head cut short
+                start_close(R, c, now)
+                if not c.closed:
+                    interest(R, c)
+                return
+            # a request body cut short
+            if c.up != NULL:
+                up_discard(R, c)
+            start_close(R, c, now)
+        elif c.phase == P_HEAD:
+            if buf_add(&c.inb, R.scratch, <size_t>n) != 0:
+                conn_abort(R, c)
+                return
+            head_step(R, c, now)
+        else:  # request body bytes
+            take = n if n < c.req_left else c.req_left
+            if buf_add(&c.up.out, R.scratch, <size_t>take) != 0:
+                conn_abort(R, c)
+                return
+            if c.replayable:
+                buf_add(&c.replay, R.scratch, <size_t>take)
+                if c.replay.len > REPLAY_LIMIT:
+                    buf_free(&c.replay)
+                    c.replayable = False
+            c.req_left -= take
+            if take < n:  # pipelined bytes: they wait for this exchange's end
+                buf_add(&c.inb, R.scratch + take, <size_t>(n - take))
+            if flush_up(R, c.up) != 0:
+                on_upstream_eof(R, c, now)
+            elif c.req_left == 0 and c.rs == RS_DONE:
+                complete(R, c, False, False, now)
+    elif ev & (sys_.EPOLLHUP | sys_.EPOLLERR) and not c.out.len and c.phase != P_RESOLVE:
+        conn_abort(R, c)  # gone while we waited for its upstream
+        return
+    if not c.closed:
+        if c.out.len:
+            flush_client(R, c)
+        if not c.closed:
+            interest(R, c)
+            if c.up != NULL and not c.up.connecting:
+                interest_up(R, c.up)
+
+
+cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogil:
+    cdef Conn *c = u.owner
+    cdef ssize_t n
+    if c == NULL:  # idle in the pool: the server closed it, or spoke
+        L4R_ADD(&R.ctr[<int>CT_EVICTED], 1)
+        up_close(R, u)
+        return
+    if u.connecting:
+        if ev & (sys_.EPOLLOUT | sys_.EPOLLERR | sys_.EPOLLHUP):
+            connected(R, c, u, now)
+    else:
+        if ev & sys_.EPOLLOUT and u.out.len:
+            if flush_up(R, u) != 0:
+                on_upstream_eof(R, c, now)
+        if not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
+                and not c.out.len and c.need == N_NONE:
+            n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+            if n < 0 and (errno == EAGAIN or errno == EINTR):
+                pass
+            else:
+                c.last_active = now
+                if n > 0:
+                    upstream_bytes(R, c, R.scratch, <size_t>n, now)
+                else:
+                    on_upstream_eof(R, c, now)
+    if not c.closed:
+        if c.out.len:
+            flush_client(R, c)
+        if not c.closed:
+            interest(R, c)
+            if c.up != NULL:
+                interest_up(R, c.up)
+
+
+cdef void take_queue(Relay *R, double now) noexcept nogil:
+    cdef Handoff *h
+    cdef Handoff *nx
+    cdef Conn *c
+    cdef Conn **grown
+    cdef int one = 1
+    sys_.pthread_mutex_lock(&R.lock)
+    h = R.q_head
+    R.q_head = R.q_tail = NULL
+    sys_.pthread_mutex_unlock(&R.lock)
+    while h != NULL:
+        nx = h.next
+        c = <Conn*>calloc(1, sizeof(Conn))
+        if R.n_conns == R.cap_conns:
+            grown = <Conn**>realloc(R.conns, sizeof(Conn*) * (R.cap_conns * 2 + 64))
+            if grown != NULL:
+                R.conns = grown
+                R.cap_conns = R.cap_conns * 2 + 64
+        if c == NULL or R.n_conns == R.cap_conns:
+            free(c)
+            sys_.close(h.fd)
+        else:
+            c.kind = K_CONN
+            c.fd = h.fd
+            c.origin = h.origin
+            c.last_active = now
+            c.phase = P_HEAD
+            c.idx = R.n_conns
+            R.conns[R.n_conns] = c
+            R.n_conns += 1
+            L4R_ADD(&R.ctr[<int>CT_CONNECTIONS], 1)
+            L4R_ADD(&R.ctr[<int>CT_ACTIVE], 1)
+            sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            if h.len:
+                buf_add(&c.inb, h.data, h.len)
+                head_step(R, c, now)
+            if not c.closed:
+                if c.out.len:
+                    flush_client(R, c)
+                if not c.closed:
+                    interest(R, c)
+        free(h.data)
+        free(h)
+        h = nx
+
+
+cdef void tick(Relay *R, double now) noexcept nogil:
+    cdef int i = 0, k
+    cdef Conn *c
+    cdef Up *u
+    cdef EP *ep
+    while i < R.n_conns:
+        c = R.conns[i]
+        i += 1
+        if c.need != N_NONE:
+            continue
+        if c.up != NULL and c.up.connecting and c.up.deadline <= now:
+            L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+            u = c.up
+            c.up = NULL
+            u.owner = NULL
+            c.fail_ep = u.ep
+            c.fail_errno = -2  # "connect timeout"
+            up_close(R, u)
+            L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+            ask_python(R, c, N_CONNECT_FAILED)
+        elif c.phase == P_CLOSING:
+            if c.closing <= now:
+                conn_close(R, c, False)
+                i -= 1
+        elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:
+            L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+            to_client(R, c, _LOCAL_408, _LOCAL_408_LEN)
+            c.inb.len = 0
+            start_close(R, c, now)
+            if not c.closed:
+                flush_client(R, c)
+            if not c.closed:
+                interest(R, c)
+            else:
+                i -= 1
+        elif c.phase == P_HEAD and c.last_active + R.idle_timeout <= now:
+            L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+            conn_close(R, c, False)
+            i -= 1
+    for k in range(R.n_eps):
+        ep = R.eps[k]
+        while ep.idle_tail != NULL and ep.idle_tail.idle_since + R.pool_idle_timeout <= now:
+            L4R_ADD(&R.ctr[<int>CT_EXPIRED], 1)
+            up_close(R, ep.idle_tail)
+
+
+cdef void bury(Relay *R) noexcept nogil:
+    cdef Conn *c
+    cdef Up *u
+    while R.cgrave != NULL:
+        c = R.cgrave
+        R.cgrave = c.grave_next
+        buf_free(&c.inb)
+        buf_free(&c.out)
+        buf_free(&c.rhead)
+        buf_free(&c.replay)
+        free(c)
+    while R.ugrave != NULL:
+        u = R.ugrave
+        R.ugrave = u.grave_next
+        buf_free(&u.out)
+        free(u)
+
+
+cdef int run(Relay *R) noexcept nogil:
+    """Serve until Python is needed (1), a flush is due (2) or stop (3)."""
+    cdef sys_.epoll_event events[MAX_EVENTS]
+    cdef int n, i, timeout
+    cdef double now
+    cdef uint64_t junk
+    cdef void *ptr
+    while True:
+        now = now_s()
+        timeout = <int>((R.next_tick - now) * 1000) + 1
+        if timeout < 0:
+            timeout = 0
+        n = sys_.epoll_wait(R.epfd, events, MAX_EVENTS, timeout)
+        now = now_s()
+        for i in range(n if n > 0 else 0):
+            ptr = events[i].data.ptr
+            if ptr == NULL:  # the wake-up eventfd
+                sys_.read(R.wakefd, &junk, sizeof(junk))
+                continue
+            if (<Conn*>ptr).kind == K_CONN:
+                if not (<Conn*>ptr).closed and (<Conn*>ptr).need == N_NONE:
+                    client_event(R, <Conn*>ptr, events[i].events, now)
+            elif not (<Up*>ptr).closed:
+                if (<Up*>ptr).owner == NULL or (<Up*>ptr).owner.need == N_NONE:
+                    upstream_event(R, <Up*>ptr, events[i].events, now)
+        bury(R)
+        sys_.pthread_mutex_lock(&R.lock)
+        if R.stop:
+            sys_.pthread_mutex_unlock(&R.lock)
+            return 3
+        sys_.pthread_mutex_unlock(&R.lock)
+        take_queue(R, now)
+        if now >= R.next_tick:
+            tick(R, now)
+            R.next_tick = now + TICK_S
+        bury(R)
+        if now >= R.next_flush:
+            R.next_flush = now + FLUSH_S
+            R.flush_due = R.rows_used > 0
+        if R.need_head != NULL or R.flush_due or R.n_oks:
+            return 1
+
+
+# -- Python's side ----------------------------------------------------------------
+
+cdef class HttpRelay:
+    """Per-request HTTP/1.1 relay on a background thread (compiled twin).
+
+    The interface of :class:`l4proxy.dataplane._relay_py.HttpRelay`, plus:
+    ``resolve`` (verdicts the loop caches and applies; without it ``decide``
+    is asked per request), ``report_rows`` (the loop's metrics, aggregated:
+    ``report_rows(decided, answered)`` with ``decided`` a list of ``(tag,
+    count)`` and ``answered`` of ``(tag, status, count, seconds_sum,
+    bucket_counts)``, bucket counts per ``buckets`` bound in ms, not
+    cumulative, the last one above every bound), ``key_headers`` and
+    ``seed``. Requests the fast path does not take go to :attr:`slow`, a
+    pure relay with the same callbacks (``report`` there).
+    """
+
+    cdef Relay *R
+    cdef object decide, l4, resolve, report_rows
+    cdef public object connect_failed, connect_ok
+    cdef readonly object slow
+    cdef object _thread
+    cdef dict _origin_ids
+    cdef list _origins
+    cdef dict _ep_ids
+    cdef list _ep_keys
+    cdef dict _rr_ids
+    cdef dict _tag_ids
+    cdef list _tags
+    cdef bint _started, _closed
+    cdef object _buckets
+    cdef object _pending_keys
+
+    def __cinit__(self, *args, **kwargs):
+        self.R = NULL
+
+    def __init__(self, decide, l4, pool=None, double connect_timeout=5.0,
+                 double header_timeout=10.0, double idle_timeout=300.0, report=None,
+                 connect_failed=None, connect_ok=None, *, resolve=None, report_rows=None,
+                 key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD):
+        cdef Relay *R
+        cdef sys_.epoll_event ev
+        global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
+        global _LOCAL_408, _LOCAL_408_LEN, R_no_upstream
+        if self.R != NULL:
+            raise RuntimeError("HttpRelay.__init__ called twice")
+        pool = pool or PoolOptions()
+        if len(buckets) >= MAX_BUCKETS:
+            raise ValueError(f"at most {MAX_BUCKETS - 1} histogram buckets")
+        self.decide = decide
+        self.l4 = l4
+        self.resolve = resolve
+        self.report_rows = report_rows
+        self.connect_failed = connect_failed
+        self.connect_ok = connect_ok
+        self.slow = _relay_py.HttpRelay(
+            decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
+            self._slow_connect_failed, self._slow_connect_ok,
+        )
+        self._origin_ids = {}
+        self._origins = []
+        self._ep_ids = {}
+        self._ep_keys = []
+        self._rr_ids = {}
+        self._tag_ids = {}
+        self._tags = []
+        self._buckets = tuple(buckets)
+        if _LOCAL_502_BEFORE == NULL:
+            _LOCAL_502_BEFORE = _dup(
+                local_response(502, "upstream closed the connection before a response"),
+                &_LOCAL_502_BEFORE_LEN)
+            _LOCAL_502_MID = _dup(
+                local_response(502, "upstream closed the connection mid-response"),
+                &_LOCAL_502_MID_LEN)
+            _LOCAL_408 = _dup(local_response(408, "request head not received in time"),
+                              &_LOCAL_408_LEN)
+            R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
+        R = <Relay*>calloc(1, sizeof(Relay))
+        if R == NULL:
+            raise MemoryError()
+        self.R = R
+        R.epfd = sys_.epoll_create1(sys_.EPOLL_CLOEXEC)
+        R.wakefd = sys_.eventfd(0, sys_.EFD_CLOEXEC | sys_.EFD_NONBLOCK)
+        sys_.pthread_mutex_init(&R.lock, NULL)
+        if R.epfd < 0 or R.wakefd < 0:
+            raise OSError(errno, "epoll/eventfd")
+        ev.events = sys_.EPOLLIN
+        ev.data.ptr = NULL
+        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_ADD, R.wakefd, &ev)
+        R.connect_timeout = connect_timeout
+        R.header_timeout = header_timeout
+        R.idle_timeout = idle_timeout
+        R.max_head = max_head
+        R.max_idle = pool.max_idle
+        R.pool_idle_timeout = pool.idle_timeout
+        R.max_requests = pool.max_requests
+        R.decide_only = resolve is None
+        R.n_buckets = len(self._buckets)
+        for i, b in enumerate(self._buckets):
+            R.bounds[i] = b
+        R.scratch = <char*>malloc(READ_SIZE)
+        R.cache = <Entry*>calloc(CACHE_SLOTS, sizeof(Entry))
+        R.rows = <Row*>calloc(ROWS_SLOTS, sizeof(Row))
+        if R.scratch == NULL or R.cache == NULL or R.rows == NULL:
+            raise MemoryError()
+        R.rng = <uint64_t>(hash((seed, "relay")) if seed is not None else id(self)) | 1
+        self._set_keys(key_headers)
+        R.next_tick = now_s() + TICK_S
+        R.next_flush = now_s() + FLUSH_S
+
+    def __dealloc__(self):
+        cdef Relay *R = self.R
+        cdef Handoff *h
+        cdef int i
+        if R == NULL:
+            return
+        if self._started and not self._closed:
+            return  # the thread still runs: leak rather than crash
+        h = R.q_head
+        while h != NULL:
+            sys_.close(h.fd)
+            free(h.data)
+            R.q_head = h.next
+            free(h)
+            h = R.q_head
+        for i in range(R.n_conns):
+            conn_close(R, R.conns[i], True)
+            R.n_conns = 0
+        bury(R)
+        if R.cache != NULL:
+            cache_clear(R)
+        for i in range(R.n_eps):
+            while R.eps[i].idle_head != NULL:
+                up_close(R, R.eps[i].idle_head)
+            free(R.eps[i])
+        bury(R)
+        for i in range(R.n_keys):
+            free(R.keys[i])
+        if R.epfd >= 0:
+            sys_.close(R.epfd)
+        if R.wakefd >= 0:
+            sys_.close(R.wakefd)
+        free(R.eps)
+        free(R.rr)
+        free(R.cache)
+        free(R.rows)
+        free(R.conns)
+        free(R.scratch)
+        sys_.pthread_mutex_destroy(&R.lock)
+        free(R)
+        self.R = NULL
+
+    cdef void _set_keys(self, names):
+        cdef Relay *R = self.R
+        cdef int i
+        cdef bytes b
+        names = [n.lower() for n in names][:MAX_KEY_HEADERS]
+        for i in range(R.n_keys):
+            free(R.keys[i])
+        R.n_keys = 0
+        for n in names:
+            b = n.encode("ascii")
+            R.keys[R.n_keys] = <char*>malloc(len(b) + 1)
+            memcpy(R.keys[R.n_keys], <char*>b, len(b))
+            R.key_len[R.n_keys] = len(b)
+            R.n_keys += 1
+
+    # -- the worker's side --------------------------------------------------
+
+    @property
+    def pools(self):
+        return _Pools(self)
+
+    def start(self):
+        if self._started:
+            return
+        self.slow.start()
+        self._thread = threading.Thread(target=self._run, name="l4proxy-relay", daemon=True)
+        self._started = True
+        self._thread.start()
+
+    def add(self, sock, origin, data=b"", requests=0):
+        """Take *sock* (an accepted client); *data*: bytes already read from it."""
+        cdef Relay *R = self.R
+        cdef Handoff *h
+        cdef bytes d = bytes(data)
+        cdef uint32_t oid = self._origin_id(origin)
+        fd = sock.detach()
+        if self._closed:
+            sys_.close(fd)
+            return
+        h = <Handoff*>calloc(1, sizeof(Handoff))
+        if h == NULL:
+            sys_.close(fd)
+            raise MemoryError()
+        h.fd = fd
+        h.origin = oid
+        if len(d):
+            h.data = <char*>malloc(len(d))
+            memcpy(h.data, <char*>d, len(d))
+            h.len = len(d)
+        sys_.pthread_mutex_lock(&R.lock)
+        if R.q_tail != NULL:
+            R.q_tail.next = h
+        else:
+            R.q_head = h
+        R.q_tail = h
+        sys_.pthread_mutex_unlock(&R.lock)
+        self._wake()
+
+    cdef void _wake(self):
+        cdef uint64_t one = 1
+        sys_.write(self.R.wakefd, &one, sizeof(one))
+
+    def invalidate(self, key_headers=None):
+        """Forget every cached verdict (a rule swap, an endpoint's health)."""
+        if key_headers is not None:
+            self._pending_keys = list(key_headers)
+        L4R_ADD(&self.R.epoch, 1)
+        self._wake()
+
+    def close(self):
+        if self._closed:
+            return
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.stop = True
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+        if self._started and self._thread.is_alive():
+            self._thread.join(10)
+        self._closed = True
+        self.slow.close()
+        self._shutdown()
+
+    def active(self):
+        """Client connections owned (queued or relayed); any thread may ask."""
+        cdef int queued = 0
+        cdef Handoff *h
+        sys_.pthread_mutex_lock(&self.R.lock)
+        h = self.R.q_head
+        while h != NULL:
+            queued += 1
+            h = h.next
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        return queued + L4R_LOAD(&self.R.ctr[<int>CT_ACTIVE]) + self.slow.active()
+
+    def stats(self):
+        cdef int i
+        out = {name: L4R_LOAD(&self.R.ctr[i]) for i, name in enumerate(_STAT_NAMES)}
+        slow = self.slow.stats()
+        for k, v in slow.items():
+            out[k] = out.get(k, 0) + v
+        out["slow_path"] = L4R_LOAD(&self.R.ctr[<int>CT_SLOW])
+        return out
+
+    def pool_active(self, endpoint):
+        i = self._ep_ids.get(endpoint)
+        mine = self.R.eps[<int>i].active if i is not None else 0
+        return mine + self.slow.pools.active(endpoint)
+
+    def pool_snapshot(self):
+        out = {}
+        for key, i in self._ep_ids.items():
+            out[key] = (self.R.eps[<int>i].active, self.R.eps[<int>i].n_idle)
+        for key, (a, n) in self.slow.pools.snapshot().items():
+            x = out.get(key, (0, 0))
+            out[key] = (x[0] + a, x[1] + n)
+        return out
+
+    # -- the loop thread ---------------------------------------------------------
+
+    def _run(self):
+        cdef int r
+        while True:
+            with nogil:
+                r = run(self.R)
+            if r == 3:
+                self._flush()
+                return
+            try:
+                self._service()
+                if self.R.flush_due:
+                    self.R.flush_due = False
+                    self._flush()
+            except BaseException:  # the thread must not die: count and go on
+                L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
+
+    cdef void _shutdown(self):
+        cdef Relay *R = self.R
+        cdef int i
+        cdef Handoff *h
+        cdef double now = now_s()
+        while R.n_conns:
+            conn_close(R, R.conns[0], True)
+        bury(R)
+        sys_.pthread_mutex_lock(&R.lock)
+        h = R.q_head
+        R.q_head = R.q_tail = NULL
+        sys_.pthread_mutex_unlock(&R.lock)
+        while h != NULL:
+            sys_.close(h.fd)
+            free(h.data)
+            R.q_head = h.next
+            free(h)
+            h = R.q_head
+        for i in range(R.n_eps):
+            while R.eps[i].idle_head != NULL:
+                up_close(R, R.eps[i].idle_head)
+        bury(R)
+
+    cdef _service(self):
+        """Do what the loop asked for, in order."""
+        cdef Relay *R = self.R
+        cdef Conn *c
+        cdef double now
+        if self._pending_keys is not None:
+            keys, self._pending_keys = self._pending_keys, None
+            self._set_keys(keys)
+        while R.need_head != NULL:
+            c = R.need_head
+            R.need_head = c.need_next
+            if R.need_head == NULL:
+                R.need_tail = NULL
+            need = c.need
+            c.need = N_NONE
+            if c.closed:
+                continue
+            now = now_s()
+            try:
+                if need == N_RESOLVE:
+                    self._resolve(c, now)
+                elif need == N_SLOW:
+                    self._to_slow(c)
+                    continue
+                elif need == N_RESPONSE:
+                    self._response(c, now)
+                elif need == N_CONNECT_FAILED:
+                    self._connect_failed(c, now)
+            except BaseException:
+                L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+                if not c.closed:
+                    conn_close(R, c, True)
+            if not c.closed and c.need == N_NONE:
+                if c.out.len:
+                    flush_client(R, c)
+                if not c.closed:
+                    interest(R, c)
+                    if c.up != NULL:
+                        interest_up(R, c.up)
+        bury(R)
+        if R.n_oks:
+            oks = [(R.ok_ep[i], R.ok_tag[i]) for i in range(R.n_oks)]
+            R.n_oks = 0
+            if self.connect_ok is not None:
+                for ep, tag in oks:
+                    self.connect_ok(self._ep_keys[ep], self._tag(tag))
+
+    cdef object _tag(self, int tag):
+        return self._tags[tag] if 0 <= tag < len(self._tags) else None
+
+    cdef uint32_t _origin_id(self, origin) except? 0xFFFFFFFF:
+        try:
+            return self._origin_ids[origin]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable: one id per connection (tests)
+            self._origins.append(origin)
+            return len(self._origins) - 1
+        oid = len(self._origins)
+        self._origins.append(origin)
+        self._origin_ids[origin] = oid
+        return oid
+
+    cdef int _tag_id(self, tag) except -2:
+        try:
+            return self._tag_ids[tag]
+        except KeyError:
+            pass
+        except TypeError:
+            self._tags.append(tag)
+            return len(self._tags) - 1
+        tid = len(self._tags)
+        self._tags.append(tag)
+        self._tag_ids[tag] = tid
+        return tid
+
+    cdef EP *_ep(self, key) except NULL:
+        cdef Relay *R = self.R
+        cdef EP *ep
+        cdef EP **grown
+        cdef bytes host
+        cdef uint32_t addr
+        i = self._ep_ids.get(key)
+        if i is not None:
+            return R.eps[<int>i]
+        if R.n_eps == R.cap_eps:
+            grown = <EP**>realloc(R.eps, sizeof(EP*) * (R.cap_eps * 2 + 16))
+            if grown == NULL:
+                raise MemoryError()
+            R.eps = grown
+            R.cap_eps = R.cap_eps * 2 + 16
+        ep = <EP*>calloc(1, sizeof(EP))
+        if ep == NULL:
+            raise MemoryError()
+        host = str(key[0]).encode("ascii", "replace")
+        ep.numeric = inet_pton(AF_INET, host, &addr) == 1
+        ep.addr = addr if ep.numeric else 0
+        ep.port = htons(<uint16_t>int(key[1]))
+        ep.index = R.n_eps
+        R.eps[R.n_eps] = ep
+        self._ep_ids[key] = R.n_eps
+        self._ep_keys.append(key)
+        R.n_eps += 1
+        return ep
+
+    cdef int _rr_slot(self, key) except -1:
+        cdef Relay *R = self.R
+        cdef uint64_t *grown
+        i = self._rr_ids.get(key)
+        if i is not None:
+            return i
+        if R.n_rr == R.cap_rr:
+            grown = <uint64_t*>realloc(R.rr, sizeof(uint64_t) * (R.cap_rr * 2 + 16))
+            if grown == NULL:
+                raise MemoryError()
+            R.rr = grown
+            R.cap_rr = R.cap_rr * 2 + 16
+        R.rr[R.n_rr] = 0
+        self._rr_ids[key] = R.n_rr
+        R.n_rr += 1
+        return R.n_rr - 1
+
+    cdef Verdict_ *_convert(self, verdict) except NULL:
+        """A Verdict (Python) as the loop's struct; V_SLOW for what it cannot apply."""
+        cdef Verdict_ *v
+        cdef Choice_ *ch
+        cdef int i, j
+        if verdict.local is not None:
+            status, body = verdict.local
+            return _local_verdict(status, body, self._tag_id(verdict.tag))
+        choices = verdict.choices
+        for choice in choices:
+            for e in choice.endpoints:
+                if ":" in str(e[0]):  # IPv6: the pure relay connects those
+                    return _slow_verdict()
+        v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
+        v.kind = V_ROUTE
+        v.n = len(choices)
+        v.choices = <Choice_*>calloc(v.n if v.n else 1, sizeof(Choice_))
+        if v.choices == NULL:
+            verdict_free(v)
+            raise MemoryError()
+        v.total = 0
+        for i, choice in enumerate(choices):
+            ch = &v.choices[i]
+            ch.weight = max(0, int(choice.weight))
+            v.total += ch.weight
+            ch.policy = _POLICIES.get(choice.policy, LB_ROUND_ROBIN)
+            ch.tag = self._tag_id(choice.tag)
+            ch.rr = self._rr_slot(choice.balance_key)
+            ch.n_eps = len(choice.endpoints)
+            if ch.n_eps == 0:
+                status = choice.status
+                body = "no healthy upstream" if status == 503 else "backend not resolved"
+                ch.empty = _local_verdict(status, body, ch.tag)
+            ch.eps = <EP**>calloc(ch.n_eps if ch.n_eps else 1, sizeof(EP*))
+            if ch.eps == NULL:
+                verdict_free(v)
+                raise MemoryError()
+            for j, e in enumerate(choice.endpoints):
+                ch.eps[j] = self._ep((str(e[0]), int(e[1])))
+        if v.n == 1 and v.choices[0].n_eps == 0:
+            v.tag = v.choices[0].tag
+        return v
+
+    cdef _head_object(self, Conn *c):
+        return parse_head(PyBytes_FromStringAndSize(c.inb.p, c.head_len))
+
+    cdef _resolve(self, Conn *c, double now):
+        cdef Relay *R = self.R
+        cdef Verdict_ *v
+        cdef Head h
+        cdef char key[2048]
+        cdef Py_ssize_t n
+        cdef uint64_t hash
+        cdef int64_t epoch = L4R_LOAD(&R.epoch)
+        head = self._head_object(c)
+        origin = self._origins[c.origin]
+        if R.decide_only:
+            try:
+                d = self.decide(head, origin)
+            except Exception:
+                L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+                d = Decision(local=(503, "no healthy upstream"))
+            if d.local is not None or not d.endpoints:
+                verdict = Verdict(local=d.local or (503, "no healthy upstream"), tag=d.tag)
+            else:
+                verdict = Verdict((Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),))
+            v = self._convert(verdict)
+            try:
+                self._apply(c, v, now)
+            finally:
+                verdict_free(v)
+            return
+        try:
+            verdict = self.resolve(head, origin)
+        except Exception:
+            L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+            verdict = Verdict(local=(503, "no healthy upstream"))
+        v = self._convert(verdict)
+        ttl = verdict.ttl
+        if ttl > 0:
+            summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
+            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key))
+            if n >= 0:
+                hash = fnv(<uint64_t>14695981039346656037, key, <size_t>n)
+                if epoch == R.cache_epoch:
+                    self._apply(c, v, now)
+                    cache_put(R, key, <size_t>n, hash, v, now + ttl, epoch)
+                    return
+        try:
+            self._apply(c, v, now)
+        finally:
+            verdict_free(v)
+
+    cdef _apply(self, Conn *c, Verdict_ *v, double now):
+        if v.kind == V_SLOW:
+            c.requests -= 1  # the pure relay reads this head again
+            self._to_slow(c)
+        else:
+            apply_verdict(self.R, c, v, now)
+
+    cdef _to_slow(self, Conn *c):
+        """Hand c, with every byte read from it, to the pure relay."""
+        cdef Relay *R = self.R
+        cdef int fd = c.fd
+        data = PyBytes_FromStringAndSize(c.inb.p, c.inb.len) if c.inb.len else b""
+        requests = c.requests
+        origin = self._origins[c.origin]
+        if c.up != NULL:
+            up_discard(R, c)
+        conn_forget(R, c)
+        L4R_ADD(&R.ctr[<int>CT_SLOW], 1)
+        sock = _socket.socket(fileno=fd)
+        self.slow.add(sock, origin, data, requests=requests)
+
+    cdef _response(self, Conn *c, double now):
+        """A response head the C recogniser did not take: judged in Python."""
+        cdef Py_ssize_t hl
+        raw = PyBytes_FromStringAndSize(c.rhead.p, c.rhead.len)
+        method = "HEAD" if c.method_head else "GET"
+        req = RequestHead(method, "/", "/", "HTTP/1.1", (), None, 0, True, None, False, False)
+        while True:
+            try:
+                resp = parse_response_head(raw, self.R.max_head)
+                if resp is None:
+                    return  # wait for more
+                kind, length = response_framing(req, resp)
+            except FramingError as exc:
+                answer = local_response(exc.status, exc.reason)
+                upstream_failed(self.R, c, exc.status, answer, len(answer), now)
+                return
+            if kind == Framing.TUNNEL:  # 101 without Upgrade, 2xx to CONNECT: refused above
+                answer = local_response(502, "unexpected tunnel response")
+                upstream_failed(self.R, c, 502, answer, len(answer), now)
+                return
+            hl = resp.head_length
+            if 100 <= resp.status < 200:  # interim: forward, another head follows
+                to_client(self.R, c, c.rhead.p, hl)
+                c.client_bytes += hl
+                buf_drop(&c.rhead, hl)
+                raw = raw[hl:]
+                r = response_head_fast(self.R, c, &hl)
+                if r == 1:
+                    final_head(self.R, c, hl, now)
+                    return
+                if r == 0:
+                    return
+                continue
+            c.status = resp.status
+            tokens = {t.lower() for t in resp.values("connection")}
+            c.resp_persistent = "close" not in tokens and (
+                resp.version != "HTTP/1.0" or "keep-alive" in tokens)
+            c.framing = int(kind)
+            c.resp_left = length
+            final_head(self.R, c, hl, now)
+            return
+
+    cdef _connect_failed(self, Conn *c, double now):
+        cdef EP *ep = c.fail_ep
+        key = self._ep_keys[ep.index]
+        if c.fail_errno == -1:
+            why = "not resolved yet"
+        elif c.fail_errno == -2:
+            why = "connect timeout"
+        else:
+            import os
+            why = os.strerror(c.fail_errno)
+        tag = self._tag(c.tag)
+        L4R_ADD(&self.R.epoch, 1)  # health may change: decide again
+        if self.connect_failed is not None:
+            self.connect_failed(key, tag, why)
+        connect_failed_next(self.R, c, now)
+
+    def _slow_connect_failed(self, endpoint, tag, why):
+        L4R_ADD(&self.R.epoch, 1)
+        if self.connect_failed is not None:
+            self.connect_failed(endpoint, tag, why)
+
+    def _slow_connect_ok(self, endpoint, tag):
+        if self.connect_ok is not None:
+            self.connect_ok(endpoint, tag)
+
+    cdef _flush(self):
+        """Hand the loop's metrics to report_rows, and start counting afresh."""
+        cdef Relay *R = self.R
+        cdef Row *r
+        cdef int i, b
+        decided = []
+        answered = []
+        for i in range(ROWS_SLOTS):
+            r = &R.rows[i]
+            if r.tag == 0:
+                continue
+            tag = self._tags[r.tag - 1] if r.tag - 1 < len(self._tags) and r.tag > 0 else None
+            if r.status == 0:
+                decided.append((tag, r.count))
+            else:
+                answered.append((tag, r.status, r.count, r.sum_s,
+                                 tuple(r.buckets[b] for b in range(R.n_buckets + 1))))
+            memset(r, 0, sizeof(Row))
+        R.rows_used = 0
+        if self.report_rows is not None and (decided or answered):
+            self.report_rows(decided, answered)
+
+    def flush(self):
+        """For tests: what the loop counted so far (call from the loop's
+        thread only while it is not running, e.g. after close())."""
+        self._flush()
+
+
+cdef class _Pools:
+    """``relay.pools``: what the worker asks of the pure twin's Pools."""
+
+    cdef HttpRelay relay
+
+    def __init__(self, HttpRelay relay):
+        self.relay = relay
+
+    def active(self, endpoint):
+        return self.relay.pool_active(endpoint)
+
+    def snapshot(self):
+        return self.relay.pool_snapshot()
+
+
+cdef char *_dup(bytes b, size_t *n):
+    """A C copy of *b*, kept for the life of the process (one per answer)."""
+    cdef char *p = <char*>malloc(len(b))
+    memcpy(p, <char*>b, len(b))
+    n[0] = len(b)
+    return p
+
+
+cdef Verdict_ *_local_verdict(int status, body, int tag) except NULL:
+    cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
+    cdef bytes keep = local_response(status, body, close=False)
+    cdef bytes close = local_response(status, body, close=True)
+    if v == NULL:
+        raise MemoryError()
+    v.kind = V_LOCAL
+    v.status = status
+    v.tag = tag
+    v.keep = <char*>malloc(len(keep))
+    v.close = <char*>malloc(len(close))
+    memcpy(v.keep, <char*>keep, len(keep))
+    memcpy(v.close, <char*>close, len(close))
+    v.keep_len = len(keep)
+    v.close_len = len(close)
+    return v
+
+
+cdef Verdict_ *_slow_verdict() except NULL:
+    cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
+    if v == NULL:
+        raise MemoryError()
+    v.kind = V_SLOW
+    return v

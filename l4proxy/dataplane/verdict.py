@@ -1,0 +1,56 @@
+"""What the route table answers for a request, for the compiled relay to apply.
+
+The per-request relay asks Python where a request goes; the compiled relay
+(``ext/relay.pyx``) asks it once per distinct request *shape* (origin,
+method, Host, target, and the headers some route matches on) and caches the
+answer, a :class:`Verdict`, for ``ttl`` seconds. What must happen per
+request, it does itself from the verdict: the weighted draw between the
+choices, and the endpoint order (round-robin, random or least connections).
+So a verdict holds everything a decision needs except the random draw.
+
+Python decides, compiled code applies: building a verdict is
+:meth:`l4proxy.rules.routing.RouteTable.choices` plus classification; applying
+it has no Python in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+__all__ = ["Choice", "Verdict"]
+
+Endpoint = tuple[str, int]
+
+
+class Choice(NamedTuple):
+    """One weighted destination of a route: a subset's endpoints.
+
+    ``policy``: ``ROUND_ROBIN``, ``RANDOM``, ``LEAST_CONN`` (active requests
+    per endpoint), or ``ORDERED`` (try ``endpoints`` in the order given).
+    ``balance_key`` names the round-robin counter (subsets shared by routes
+    share it). ``tag`` comes back in the relay's reports (metrics, outlier
+    detection). ``status``: the answer when ``endpoints`` is empty (503 no
+    healthy upstream; 500 for a Gateway API backend that resolves to nothing).
+    """
+
+    weight: int
+    endpoints: tuple[Endpoint, ...]
+    policy: str = "ROUND_ROBIN"
+    balance_key: Hashable = None
+    tag: Hashable = None
+    status: int = 503
+
+
+class Verdict(NamedTuple):
+    """Where requests of one shape go: weighted ``choices``, or a ``local`` answer.
+
+    ``ttl``: seconds the relay may apply this verdict to later requests of the
+    same shape without asking again (0: this request only). A rule swap or an
+    endpoint failure forgets it sooner (``HttpRelay.invalidate``).
+    """
+
+    choices: tuple[Choice, ...] = ()
+    local: tuple[int, str] | None = None
+    tag: Hashable = None
+    ttl: float = 1.0
