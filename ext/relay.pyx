@@ -390,6 +390,7 @@ cdef struct Relay:
     Handoff *q_head
     Handoff *q_tail
     bint stop
+    bint flush_req         # flush_reports() waits for a flush
     # loop thread
     char *scratch
     Conn *need_head
@@ -1897,6 +1898,9 @@ cdef int run(Relay *R) noexcept nogil:
         if R.stop:
             sys_.pthread_mutex_unlock(&R.lock)
             return 3
+        if R.flush_req:
+            R.flush_req = False
+            R.flush_due = True
         sys_.pthread_mutex_unlock(&R.lock)
         take_queue(R, now)
         if now >= R.next_tick:
@@ -1941,6 +1945,7 @@ cdef class HttpRelay:
     cdef bint _started, _closed
     cdef object _buckets
     cdef object _pending_keys
+    cdef list _flushed
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -1976,6 +1981,7 @@ cdef class HttpRelay:
         self._tag_ids = {}
         self._tags = []
         self._buckets = tuple(buckets)
+        self._flushed = []
         if _LOCAL_502_BEFORE == NULL:
             _LOCAL_502_BEFORE = _dup(
                 local_response(502, "upstream closed the connection before a response"),
@@ -2160,7 +2166,8 @@ cdef class HttpRelay:
         out = {name: L4R_LOAD(&self.R.ctr[i]) for i, name in enumerate(_STAT_NAMES)}
         slow = self.slow.stats()
         for k, v in slow.items():
-            out[k] = out.get(k, 0) + v
+            if k != "connections":  # every one of those was counted here first
+                out[k] = out.get(k, 0) + v
         out["slow_path"] = L4R_LOAD(&self.R.ctr[<int>CT_SLOW])
         return out
 
@@ -2195,6 +2202,9 @@ cdef class HttpRelay:
                     self._flush()
             except BaseException:  # the thread must not die: count and go on
                 L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
+            waiters, self._flushed = self._flushed, []
+            for ev in waiters:
+                ev.set()
 
     cdef void _shutdown(self):
         cdef Relay *R = self.R
@@ -2544,10 +2554,18 @@ cdef class HttpRelay:
         if self.report_rows is not None and (decided or answered):
             self.report_rows(decided, answered)
 
-    def flush(self):
-        """For tests: what the loop counted so far (call from the loop's
-        thread only while it is not running, e.g. after close())."""
-        self._flush()
+    def flush_reports(self, double timeout=0.5):
+        """Have the loop hand what it counted to ``report_rows`` now, and
+        wait (at most *timeout* s) until it has: /stats reads fresh numbers."""
+        if not self._started or self._closed:
+            return
+        ev = threading.Event()
+        self._flushed.append(ev)
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.flush_req = True
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+        ev.wait(timeout)
 
 
 cdef class _Pools:

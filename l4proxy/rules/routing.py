@@ -472,6 +472,35 @@ class IngressPath:
 
 
 @dataclass(frozen=True)
+class WeightedSubset:
+    """One destination of a route, for :meth:`RouteTable.choices`.
+
+    ``endpoints``: the healthy ones, in table order (all when none is).
+    ``key`` names the round-robin counter; None (and no endpoints) when the
+    destination's host is not in the registry.
+    """
+
+    weight: int
+    service: Service
+    subset: str
+    endpoints: tuple[Endpoint, ...]
+    policy: str
+    key: tuple[str, int, str, Labels] | None
+
+
+@dataclass(frozen=True)
+class RouteChoices:
+    """The route a request matched and its weighted destinations (see
+    :meth:`RouteTable.choices`); ``status`` answers a destination without
+    endpoints (503; 500 for a Gateway API backend that resolves to nothing)."""
+
+    service: Service
+    route: str
+    subsets: tuple[WeightedSubset, ...]
+    status: int = 503
+
+
+@dataclass(frozen=True)
 class Decision:
     """Where one request/connection goes.
 
@@ -690,9 +719,8 @@ class RouteTable:
         *request* None means raw TCP: only match blocks that do not look at the
         request (port, source labels, none at all) can match.
         """
-        for route in self._order.get((service.host, request is not None), ()):
-            if not route.applies(port, request, source_labels):
-                continue
+        route = self._match(service, port, request, source_labels)
+        if route is not None:
             status = route.unresolved_status
             if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
                 return Decision(service, route.name, "none", [], status)
@@ -709,6 +737,74 @@ class RouteTable:
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
         return Decision(service, DEFAULT, DEFAULT, self._balance(eps, key, policy, healthy, active))
+
+    def _match(
+        self, service: Service, port: int, request: Request | None, source: Mapping[str, str]
+    ) -> Route | None:
+        """The first route of *service* that applies (None: the default route)."""
+        for route in self._order.get((service.host, request is not None), ()):
+            if route.applies(port, request, source):
+                return route
+        return None
+
+    def choices(
+        self,
+        service: Service,
+        port: int,
+        request: Request,
+        source_labels: Mapping[str, str] = NO_LABELS,
+        *,
+        healthy: Callable[[Endpoint], bool] | None = None,
+    ) -> RouteChoices:
+        """What :meth:`decide` chooses from for *request*, without choosing.
+
+        The route that applies and each of its destinations with its weight,
+        its healthy endpoints (all of them when none is: panic mode, as in
+        :meth:`_balance`) and its load-balancing policy. The per-request
+        relay caches this and draws from it per request itself
+        (:class:`l4proxy.dataplane.verdict.Verdict`).
+        """
+        route = self._match(service, port, request, source_labels)
+        if route is None:
+            eps = self._healthy(service.endpoints_for(port), healthy)
+            policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
+            key = (service.host, port, DEFAULT, NO_LABELS)
+            only = WeightedSubset(1, service, DEFAULT, eps, policy, key)
+            return RouteChoices(service, DEFAULT, (only,))
+        out: list[WeightedSubset] = []
+        for dest in route.destinations:
+            target = service if dest.host == service.host else self._services.get(dest.host)
+            if target is None:
+                out.append(WeightedSubset(dest.weight, service, dest.subset.name, (), "", None))
+                continue
+            tport = self._target_port(target, dest, port, same=target is service)
+            eps = self._healthy(self._subset_endpoints(target, tport, dest.subset.labels), healthy)
+            key = (target.host, tport, dest.subset.name, dest.subset.labels)
+            out.append(
+                WeightedSubset(
+                    dest.weight, target, dest.subset.name, eps, dest.subset.load_balancer, key
+                )
+            )
+        return RouteChoices(service, route.name, tuple(out), route.unresolved_status)
+
+    @staticmethod
+    def _healthy(
+        eps: Sequence[Endpoint], healthy: Callable[[Endpoint], bool] | None
+    ) -> tuple[Endpoint, ...]:
+        if healthy is None:
+            return tuple(eps)
+        up = tuple(e for e in eps if healthy(e))
+        return up or tuple(eps)  # all down: try them all (Envoy's panic mode)
+
+    def match_headers(self) -> frozenset[str]:
+        """Every header name some route matches on (lowercase): with the
+        method, Host and target, what a request's route depends on."""
+        names: set[str] = set()
+        for routes in self._order.values():
+            for route in routes:
+                for m in route.matches:
+                    names.update(name for name, _ in m.headers)
+        return frozenset(names)
 
     def _pick(self, destinations: tuple[Destination, ...]) -> Destination:
         if len(destinations) == 1:

@@ -152,6 +152,9 @@ class RuleWatcher:
         # --seed: every table this watcher publishes gets its RNG seeded with
         # it, so weighted choices repeat run after run (tests); None: OS entropy.
         self.seed = seed
+        # Called with each table right after it goes live (on the loop):
+        # whoever caches what the table answered forgets it here.
+        self.on_publish: list[Callable[[RouteTable], None]] = []
         self.reloading = False  # a reload is being parsed in a thread
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
@@ -260,6 +263,8 @@ class RuleWatcher:
         if self.seed is not None:
             table.reseed(self.seed)
         self.state.table = table
+        for hook in self.on_publish:
+            hook(table)
 
     def request_reload(self) -> None:
         """SIGHUP: reload at once, whether or not the files changed."""

@@ -62,9 +62,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
 from l4proxy.dataplane import peek, pump
+from l4proxy.dataplane import relay as http_relay
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
-from l4proxy.dataplane._relay_py import HttpRelay
+from l4proxy.dataplane.relay import HttpRelay
+from l4proxy.dataplane.verdict import Choice, Verdict
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
@@ -195,6 +197,19 @@ class Worker:
         self.relay_counters = LockedCounters()
         self.relay: HttpRelay | None = None
         if options.http_routing == "request":
+            compiled: dict[str, Any] = {}
+            if http_relay.IMPLEMENTATION == "compiled":
+                # Verdicts per request shape, applied in the compiled loop;
+                # rule swaps and endpoint failures make it ask again.
+                compiled = {
+                    "resolve": self._resolve_request,
+                    "report_rows": self._report_rows,
+                    "key_headers": sorted(rules.state.table.match_headers()),
+                    "buckets": _DURATION_BUCKETS_MS,
+                    "seed": rules.seed,
+                    "max_head": options.max_head,
+                }
+                rules.on_publish.append(self._table_published)
             self.relay = HttpRelay(
                 self._decide_request,
                 self._from_relay,
@@ -205,6 +220,7 @@ class Worker:
                 report=self._report_request,
                 connect_failed=self._relay_connect_failed,
                 connect_ok=self._relay_connect_ok,
+                **compiled,
             )
             _describe_istio(self.relay_counters)
 
@@ -315,6 +331,8 @@ class Worker:
 
     def counter_snapshot(self) -> dict[str, dict[Any, float]]:
         """The event loop's counters and the relay thread's, for /stats."""
+        if self.relay is not None and hasattr(self.relay, "flush_reports"):
+            self.relay.flush_reports(0.5)  # the compiled relay counts in C: hand it over
         out = self.counters.snapshot()
         out.update(self.relay_counters.snapshot())
         return out
@@ -650,6 +668,77 @@ class Worker:
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(tuple((e.address, e.port) for e in tried), tag=_Tag(decision))
 
+    def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
+        """Where requests shaped like *head* go, for the compiled relay to
+        cache and apply (relay thread); :meth:`_decide_request` without the
+        draw. The relay asks again after a rule swap or a failed connect,
+        and at the latest after ``Verdict.ttl`` (an ejection ends)."""
+        table = self.rules.state.table
+        c = self._classify(table, origin, head)
+        if c.kind is Kind.REFUSED:
+            assert c.status is not None  # a request is always answered
+            return Verdict(local=(c.status, c.body))
+        if c.kind is Kind.PASSTHROUGH:
+            assert origin.ip is not None
+            return Verdict((Choice(1, ((origin.ip, origin.port),), "ORDERED"),))
+        assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
+        request = Request(
+            method=head.method, path=head.path, authority=head.host or "", headers=dict(head.headers)
+        )
+        rc = table.choices(
+            c.service,
+            c.port.number,
+            request,
+            self.opts.source_labels,
+            healthy=self.health.is_healthy,
+        )
+        if not rc.subsets:  # every weight 0 (Gateway API): nothing serves it
+            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
+            body = "no healthy upstream" if rc.status == 503 else "backend not resolved"
+            return Verdict(local=(rc.status, body), tag=tag)
+        choices = tuple(
+            Choice(
+                ws.weight,
+                tuple((e.address, e.port) for e in ws.endpoints),
+                ws.policy or "ROUND_ROBIN",
+                ws.key,
+                _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints),
+                rc.status,
+            )
+            for ws in rc.subsets
+        )
+        return Verdict(choices)
+
+    def _table_published(self, table: RouteTable) -> None:
+        """A new table is live (loop): the relay's verdicts are stale."""
+        if self.relay is not None:
+            self.relay.invalidate(sorted(table.match_headers()))
+
+    def _report_rows(
+        self,
+        decided: list[tuple[_SubsetTag | None, int]],
+        answered: list[tuple[_SubsetTag | None, int, int, float, tuple[int, ...]]],
+    ) -> None:
+        """What the compiled relay counted since its last report (relay
+        thread): decisions, and responses with their duration histogram."""
+        c = self.relay_counters
+        for tag, n in decided:
+            if tag is not None:  # PassthroughCluster: no decision (as per connection)
+                labels = {"service": tag.service, "route": tag.route, "subset": tag.subset}
+                c.add("l4proxy_decisions_total", labels, n)
+        bucket = "istio_request_duration_milliseconds_bucket"
+        for tag, status, count, seconds, buckets in answered:
+            labels = _istio_labels(tag, status)
+            c.add("istio_requests_total", labels, count)
+            running = 0
+            for le, n in zip(_DURATION_BUCKETS_MS, buckets, strict=False):
+                running += n
+                if running:
+                    c.add(bucket, {**labels, "le": str(le)}, running)
+            c.add(bucket, {**labels, "le": "+Inf"}, count)
+            c.add("istio_request_duration_milliseconds_sum", labels, seconds * 1000.0)
+            c.add("istio_request_duration_milliseconds_count", labels, count)
+
     def _report_request(self, tag: _Tag | None, status: int, seconds: float) -> None:
         """One response delivered (relay thread): Istio's standard metrics."""
         labels = _istio_labels(tag, status)
@@ -680,17 +769,25 @@ class Worker:
     def _relay_connect_ok(self, addr: tuple[str, int], tag: _Tag | None) -> None:
         self._on_loop(self._endpoint_result, addr, tag, "")
 
-    def _endpoint_result(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+    def _endpoint_result(
+        self, addr: tuple[str, int], tag: _Tag | _SubsetTag | None, why: str
+    ) -> None:
         """Outlier detection for the relay's connects (event loop)."""
         ep = None
-        if tag is not None:
+        service: Service | None = None
+        if isinstance(tag, _Tag):
+            service = tag.decision.service
             ep = next((e for e in tag.decision.endpoints if (e.address, e.port) == addr), None)
+        elif isinstance(tag, _SubsetTag):
+            service = self.rules.state.table.service(tag.service)
+            if service is not None:
+                ep = next((e for e in service.endpoints if (e.address, e.port) == addr), None)
         if not why:
             if ep is not None:
                 self.health.success(ep)
             return
-        if ep is not None:
-            peers = [e for e in tag.decision.service.endpoints if e.port == ep.port]  # type: ignore[union-attr]
+        if ep is not None and service is not None:
+            peers = [e for e in service.endpoints if e.port == ep.port]
             self.health.failure(ep, why, peers)
         self.counters.inc(
             "l4proxy_upstream_connect_failures_total", endpoint=f"{addr[0]}:{addr[1]}", error=why
@@ -850,10 +947,33 @@ def _describe_istio(c: Counters) -> None:
     # histogram families; histogram_quantile() over _bucket works the same.
 
 
-def _istio_labels(tag: _Tag | None, status: int) -> dict[str, str]:
+class _SubsetTag(NamedTuple):
+    """What the compiled relay passes back with its reports: one subset of a
+    route (hashable: the relay counts per tag)."""
+
+    service: str
+    route: str
+    subset: str
+    version: str
+    workload: str
+
+
+def _subset_tag(
+    service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...]
+) -> _SubsetTag:
+    name = service.host.split(".", 1)[0]
+    labels = endpoints[0].labels if endpoints else {}
+    version = labels.get("version", subset or "unknown")
+    return _SubsetTag(service.host, route, subset, version, f"{labels.get('app', name)}-{version}")
+
+
+def _istio_labels(tag: _Tag | _SubsetTag | None, status: int) -> dict[str, str]:
     """Istio's standard metric labels, so Flagger's and Argo's queries work."""
     if tag is None:
         service, name, version, workload = "unknown", "PassthroughCluster", "unknown", "unknown"
+    elif isinstance(tag, _SubsetTag):
+        service, version, workload = tag.service, tag.version, tag.workload
+        name = service.split(".", 1)[0]
     else:
         d = tag.decision
         service = d.service.host
