@@ -388,6 +388,8 @@ class Worker:
                 _reset(conn)
                 continue
             conn.setblocking(False)
+            if self.relay is not None and self._straight_to_relay(conn, lst):
+                continue
             task = self._loop.create_task(self._serve(conn, lst))
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
@@ -435,6 +437,23 @@ class Worker:
                 self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
 
         self._loop.call_later(0.1, resume)
+
+    def _straight_to_relay(self, conn: socket.socket, lst: Listener) -> bool:
+        """Hand *conn* to the per-request relay now, when the table says so
+        for where it was going: no task, no await (the accept path of every
+        HTTP connection). False: it takes the general path (_serve)."""
+        assert self.relay is not None
+        if lst.mode == "gateway":
+            origin = Origin(None, lst.address[1], True)
+        else:
+            dst = original_destination(conn)
+            if dst is None:
+                return False
+            origin = Origin(dst[0], dst[1], False)
+        if self._classify(self.rules.state.table, origin, UNREAD).kind is not Kind.RELAY:
+            return False
+        self.relay.add(conn, origin)
+        return True
 
     # -- one connection ------------------------------------------------------
     async def _serve(self, conn: socket.socket, lst: Listener) -> None:
