@@ -877,12 +877,17 @@ def _topology_summary(tut: Tutorial) -> str:
         labels = ",".join(f"{k}={v}" for k, v in info.pod.labels.items())
         lines.append(f"  {info.pod.name:16s} {info.pod.ipv4:14s} {labels}")
     assert tut.client is not None and tut.gateway is not None
+    clients = "curl and the keep-alive client" if tut.keepalive > 0 else "curl"
     lines.append(
-        f"  {'client':16s} {tut.client.ipv4:14s} (l4proxy-init + l4proxy run, curl as uid 1000)"
+        f"  {'client':16s} {tut.client.ipv4:14s} "
+        f"(l4proxy-init + l4proxy run, {clients} as uid 1000)"
     )
     lines.append(f"  {'gateway':16s} {tut.gateway.ipv4:14s} (l4proxy run --listen 0.0.0.0:80)")
     for name, vip in tut.vips.items():
         lines.append(f"service {name}: VIP {vip} (REDIRECTed by l4proxy-init in the client pod)")
+    lines.append(
+        f"every sidecar: l4proxy run {' '.join(PER_REQUEST)} (each request routed on its own)"
+    )
     return "\n".join(lines) + "\n"
 
 
