@@ -339,7 +339,7 @@ class Tutorial:
             self._start_keepalive()
 
     def down(self) -> None:
-        self.stop_keepalive()
+        self.stop_keepalive(wait=0)  # still in a batch (Ctrl-C, an error): terminated below
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -387,14 +387,15 @@ class Tutorial:
             )
         self.procs.append(self._keepalive_proc)
 
-    def stop_keepalive(self) -> None:
+    def stop_keepalive(self, wait: float = 5) -> None:
         """Close the keep-alive connections (the client exits at end of input)."""
         proc, self._keepalive_proc = self._keepalive_proc, None
         if proc is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+            if wait:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
 
     def _write(self, name: str, text: str) -> None:
         tmp = os.path.join(self.rules_dir, f".{name}.tmp")
