@@ -50,7 +50,8 @@ while True:
 
 def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
     """Run both rollouts; 0 when v2 was promoted and v3 rolled back, else 1."""
-    from l4proxy.demo.tutorial import PodInfo  # the demo's own types (no import cycle at load)
+    # the demo's own types and options (no import cycle at load)
+    from l4proxy.demo.tutorial import PER_REQUEST, PodInfo
 
     svc = tut.man.services[0]
     tut.say("== progressive delivery: l4proxy canary")
@@ -77,7 +78,11 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
         f"{pod.name}.app",
         user=1000,
     )
-    tut._spawn(pod, [*exe("l4proxy"), "run", "--uid", "1337", *quick_stop], f"{pod.name}.sidecar")
+    tut._spawn(
+        pod,
+        [*exe("l4proxy"), "run", "--uid", "1337", *quick_stop, *PER_REQUEST],
+        f"{pod.name}.sidecar",
+    )
     pod.wait_listening(svc.target_port)
     tut._write_registry(tut.man.services)
     traffic: Pod = tut.net.add_pod("traffic", labels={"app": "traffic"})
@@ -94,8 +99,7 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
             "1337",
             "--reload-interval",
             "0.2",
-            "--http-routing",
-            "request",
+            *PER_REQUEST,
             *quick_stop,
             *tut.seed_args,
         ],

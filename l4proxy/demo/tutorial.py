@@ -20,7 +20,14 @@ The Service and Deployments become a ServiceEntry (the rule file's service
 registry, as a control plane would write it) next to the Ingress and the
 current RouteRule in a rules directory that both sidecars watch. Each step
 swaps the RouteRule file, waits until both sidecars serve the new
-generation, and makes requests with real curl as uid 1000.
+generation, and makes requests with real curl as uid 1000 (a connection per
+request) and with the keep-alive client (:mod:`l4proxy.demo.keepalive`: one
+connection per path, opened at the first step and kept to the last, many
+requests per step on it). Every sidecar runs ``--http-routing request``, so
+each request is routed on its own: a weighted rule splits the requests of
+that one connection, and each swap reaches it at its next request. After the
+steps the routing sidecars' /stats show how few upstream connections their
+pools opened for all those requests.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -183,6 +191,11 @@ def steps_of(man: Manifests) -> list[str]:
 # The demo's sidecars stop with their pods (down(), Ctrl-C): no app outlives
 # them, so the drain does not wait for one to go quiet (l4proxy run --drain-quiet).
 QUICK_STOP = ("--drain-quiet", "0")
+# Every sidecar routes each request on its own (issue 11), as `l4proxy inject
+# --http-routing request` makes them: the keep-alive client's one connection
+# follows the rule of the moment. (The app pods' sidecars only forward inbound
+# connections, at L4 either way.)
+PER_REQUEST = ("--http-routing", "request")
 
 
 def _exe(name: str) -> list[str]:
@@ -200,10 +213,21 @@ class PodInfo:
 
 class Tutorial:
     def __init__(
-        self, man: Manifests, requests: int = 100, out: Any = sys.stdout, seed: int | None = None
+        self,
+        man: Manifests,
+        requests: int = 100,
+        out: Any = sys.stdout,
+        seed: int | None = None,
+        keepalive: int = 0,
     ) -> None:
         self.man = man
         self.requests = requests
+        # Requests per step on the keep-alive client's one connection per path
+        # (l4proxy.demo.keepalive); 0: no keep-alive client.
+        self.keepalive = keepalive
+        self._keepalive_proc: subprocess.Popen[bytes] | None = None
+        self._keepalive_last: dict[str, dict[str, Any]] = {}  # path label -> last batch
+        self._keepalive_since: dict[str, int] = {}  # path label -> step of its first batch
         # --seed for the client and gateway sidecars: their weighted splits repeat.
         self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
@@ -249,7 +273,7 @@ class Tutorial:
                     f"{pod.name}.app",
                     user=1000,
                 )
-                sidecar = [*_exe("l4proxy"), "run", "--uid", "1337", *QUICK_STOP]
+                sidecar = [*_exe("l4proxy"), "run", "--uid", "1337", *QUICK_STOP, *PER_REQUEST]
                 self._spawn(pod, sidecar, f"{pod.name}.sidecar")
         self._write_registry(self.man.services)
         for doc_i, doc in enumerate(self.man.ingress_docs):
@@ -278,6 +302,7 @@ class Tutorial:
                 "--reload-interval",
                 "0.2",
                 *QUICK_STOP,
+                *PER_REQUEST,
                 *self.seed_args,
             ],
             "client.sidecar",
@@ -299,6 +324,7 @@ class Tutorial:
                 "--reload-interval",
                 "0.2",
                 *QUICK_STOP,
+                *PER_REQUEST,
                 *self.seed_args,
             ],
             "gateway.sidecar",
@@ -309,8 +335,11 @@ class Tutorial:
         self.gateway.wait_listening(80)
         for pod in (self.client, self.gateway):
             self._wait_ready(pod)
+        if self.keepalive > 0:
+            self._start_keepalive()
 
     def down(self) -> None:
+        self.stop_keepalive(wait=0)  # still in a batch (Ctrl-C, an error): terminated below
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -342,6 +371,31 @@ class Tutorial:
                     argv, user=user, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
+
+    def _start_keepalive(self) -> None:
+        """The keep-alive client, as uid 1000 in the client pod like curl."""
+        assert self.client is not None
+        urls = [url for _, url in self.urls()]
+        with open(os.path.join(self.log_dir, "client.keepalive.log"), "ab") as log:
+            self._keepalive_proc = self.client.popen(
+                [sys.executable, "-m", "l4proxy.demo.keepalive", *urls],
+                user=1000,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        self.procs.append(self._keepalive_proc)
+
+    def stop_keepalive(self, wait: float = 5) -> None:
+        """Close the keep-alive connections (the client exits at end of input)."""
+        proc, self._keepalive_proc = self._keepalive_proc, None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            if wait:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
 
     def _write(self, name: str, text: str) -> None:
         tmp = os.path.join(self.rules_dir, f".{name}.tmp")
@@ -460,24 +514,105 @@ class Tutorial:
             out.append(("gateway", f"http://{self.gateway.ipv4}{path}"))
         return out
 
+    def measure_keepalive(self, timeout: float = 120) -> dict[str, dict[str, Any]]:
+        """``self.keepalive`` requests on each path's one keep-alive connection
+        (the same connection at every step): {path label: the client's answer}."""
+        proc = self._keepalive_proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"%d\n" % self.keepalive)
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else b""
+        if not line:
+            raise DemoError(
+                f"the keep-alive client did not answer (exit status {proc.poll()}); "
+                f"logs in {self.log_dir}"
+            )
+        answers = json.loads(line)
+        return {label: a for (label, _), a in zip(self.urls(), answers, strict=True)}
+
     def run_step(self, index: int, total: int, step: str) -> dict[str, Any]:
         self.say(f"== step {index}/{total}: {step}")
         self.say(f"   {self.apply(step)}")
         result: dict[str, Any] = {"step": step}
-        all_versions = sorted({info.version for info in self.app_pods})
+        # The keep-alive connections send the first requests after the swap
+        # (a fixed order: with --seed the sidecars' draws repeat), shown after curl.
+        kept = self.measure_keepalive() if self._keepalive_proc is not None else {}
         for label, url in self.urls():
             versions, pods, failed = self.measure(url)
             result[label] = {"versions": dict(versions), "pods": dict(pods), "failed": failed}
-            self.say(f"   {label:8s}{url}  ({self.requests} requests, {failed} failed)")
-            for v in all_versions:
-                n = versions.get(v, 0)
-                pct = 100.0 * n / self.requests
-                per_pod = ", ".join(
-                    f"{p}: {c}" for p, c in sorted(pods.items()) if _pod_version(p) == v
-                )
-                self.say(f"     {v} {bar(pct)} {pct:5.1f} %  {per_pod}")
+            self.say(
+                f"   {label:8s}{url}  (curl: {self.requests} requests, one connection each, "
+                f"{failed} failed)"
+            )
+            self._say_split(versions, pods, self.requests)
+            if label in kept:
+                self._say_keepalive(index, label, kept[label])
+        if kept:
+            result["keepalive"] = kept
         self.say()
         return result
+
+    def _say_split(self, versions: Counter[str], pods: Counter[str], n: int) -> None:
+        for v in sorted({info.version for info in self.app_pods}):
+            pct = 100.0 * versions.get(v, 0) / n if n else 0.0
+            per_pod = ", ".join(
+                f"{p}: {c}" for p, c in sorted(pods.items()) if _pod_version(p) == v
+            )
+            self.say(f"     {v} {bar(pct)} {pct:5.1f} %  {per_pod}")
+
+    def _say_keepalive(self, index: int, label: str, got: dict[str, Any]) -> None:
+        prev = self._keepalive_last.get(label)
+        self._keepalive_last[label] = got
+        since = self._keepalive_since.setdefault(label, index)
+        if got["connections"] != 1:
+            which = f"{got['connections']} connections so far (the far side closed one)"
+        elif since == index:
+            which = "1 connection (kept open for the steps that follow)"
+        else:
+            which = f"1 connection (the same since step {since})"
+        self.say(
+            f"{'':11s}keep-alive: {got['requests']} requests on {which}, {got['failed']} failed"
+        )
+        self._say_split(Counter(got["versions"]), Counter(got["pods"]), got["requests"])
+        old = sorted(prev["versions"]) if prev else []
+        first = got["first"]
+        if len(old) == 1 and first and _pod_version(first) not in old:
+            self.say(
+                f"{'':11s}its next request went to {first} (all {old[0]} a step ago): the swap "
+                f"reached this\n{'':11s}open connection at once; routed per connection it "
+                f"would still be on {old[0]} (Istio #13908)"
+            )
+
+    def pool_summary(self) -> list[str]:
+        """The upstream pools at work: requests served vs upstream connections
+        opened, from each routing sidecar's /stats."""
+        assert self.client is not None and self.gateway is not None
+        lines = ["== the upstream pools: requests vs upstream connections (each sidecar's /stats)"]
+        for name, pod in (("client", self.client), ("gateway", self.gateway)):
+            stats = _metrics(self._admin(pod, "/stats"))
+            requests = stats.get("l4proxy_http_requests_total", 0)
+            clients = stats.get("l4proxy_http_connections_total", 0)
+            opened = stats.get("l4proxy_upstream_pool_opened_total", 0)
+            reused = stats.get("l4proxy_upstream_pool_reused_total", 0)
+            lines.append(
+                f"   {name:8s}{requests:,} requests on {clients:,} client connections: "
+                f"{opened:,} upstream connections opened, {reused:,} reuses"
+            )
+        lines += [
+            "   (curl's Connection: close ends its own connection, not the pooled upstream one;",
+            "   l4proxy_http_requests_total, l4proxy_http_connections_total,",
+            "   l4proxy_upstream_pool_opened_total, l4proxy_upstream_pool_reused_total)",
+        ]
+        return lines
+
+
+def _metrics(text: str) -> dict[str, int]:
+    """Unlabelled samples of Prometheus text: {name: value}."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) ([0-9.e+]+)$", text, re.M):
+        out[m.group(1)] = int(float(m.group(2)))
+    return out
 
 
 def _pod_version(pod_name: str) -> str:
@@ -516,7 +651,8 @@ def add_parser(sub: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="""\
 examples:
-  l4proxy demo                         # all five steps, 100 requests each
+  l4proxy demo                         # all five steps: per path 100 curl requests, and
+                                       # 200 on the keep-alive client's one connection
   l4proxy demo --requests 300 --step 50-v2
   l4proxy demo --manifests ../shared/seed/istio-request-routing
   l4proxy demo --keep                  # leave the pods up and show how to curl them
@@ -534,6 +670,14 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
     )
     p.add_argument(
         "--requests", type=int, default=100, metavar="N", help="requests per step and path (100)"
+    )
+    p.add_argument(
+        "--keepalive",
+        type=int,
+        default=200,
+        metavar="N",
+        help="requests per step and path on the keep-alive client's one connection "
+        "(200; 0: no keep-alive client)",
     )
     p.add_argument(
         "--step",
@@ -653,7 +797,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     chosen = [s for s in steps if not args.step or s in args.step]
-    tut = Tutorial(man, requests=args.requests, seed=args.seed)
+    tut = Tutorial(man, requests=args.requests, seed=args.seed, keepalive=args.keepalive)
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0
@@ -664,13 +808,17 @@ def run(args: argparse.Namespace) -> int:
             tut.say(_topology_summary(tut))
             for i, step in enumerate(chosen, 1):
                 results.append(tut.run_step(i, len(chosen), step))
+            tut.stop_keepalive()
+            for line in tut.pool_summary():
+                tut.say(line)
+            tut.say()
             # issue 13: two automated rollouts after the full tutorial (l4proxy.demo.canary)
             if not args.step and getattr(args, "api", "istio") == "istio" and args.canary:
                 from l4proxy.demo import canary as demo_canary
 
                 code = demo_canary.rollouts(tut, _exe, QUICK_STOP)
             tut.say(f"done in {time.monotonic() - started:.1f} s")
-            if any(r[k]["failed"] for r in results for k in r if k != "step"):
+            if any(_failures(r) for r in results):
                 code = 1
         except (DemoError, PodNetworkError, OSError, subprocess.SubprocessError) as exc:
             print(f"l4proxy demo: {exc}", file=sys.stderr)
@@ -690,6 +838,13 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return code
+
+
+def _failures(result: dict[str, Any]) -> int:
+    """Failed requests of one step: curl's per path and the keep-alive client's."""
+    paths = [v for k, v in result.items() if k not in ("step", "keepalive")]
+    paths += list(result.get("keepalive", {}).values())
+    return sum(int(p["failed"]) for p in paths)
 
 
 def _unreachable() -> str:
@@ -723,12 +878,17 @@ def _topology_summary(tut: Tutorial) -> str:
         labels = ",".join(f"{k}={v}" for k, v in info.pod.labels.items())
         lines.append(f"  {info.pod.name:16s} {info.pod.ipv4:14s} {labels}")
     assert tut.client is not None and tut.gateway is not None
+    clients = "curl and the keep-alive client" if tut.keepalive > 0 else "curl"
     lines.append(
-        f"  {'client':16s} {tut.client.ipv4:14s} (l4proxy-init + l4proxy run, curl as uid 1000)"
+        f"  {'client':16s} {tut.client.ipv4:14s} "
+        f"(l4proxy-init + l4proxy run, {clients} as uid 1000)"
     )
     lines.append(f"  {'gateway':16s} {tut.gateway.ipv4:14s} (l4proxy run --listen 0.0.0.0:80)")
     for name, vip in tut.vips.items():
         lines.append(f"service {name}: VIP {vip} (REDIRECTed by l4proxy-init in the client pod)")
+    lines.append(
+        f"every sidecar: l4proxy run {' '.join(PER_REQUEST)} (each request routed on its own)"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -43,8 +43,11 @@ examples:
   curl 127.0.0.1:15000/config_dump   # the live route table
   kill -HUP <pid>                    # reload the rules now (they are polled anyway)
 
-Weighted routing is decided per connection: the first request on a keep-alive
-connection picks the subset, later requests on it follow.
+Weighted routing is decided per connection by default: the first request on a
+keep-alive connection picks the subset, later requests on it follow. With
+--http-routing request every request is routed on its own, and upstream
+connections are pooled (per worker and endpoint; idle for at most
+min(--idle-timeout, 60) seconds).
 
 SIGTERM drains: inbound stops at once; the app's outbound calls are still
 captured and routed until none has been active for --drain-quiet seconds (the
