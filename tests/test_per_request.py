@@ -115,6 +115,12 @@ def test_every_request_on_a_keep_alive_connection_is_split(mesh: Mesh, impl: str
         and 'response_code="200"' in ln
     ]
     assert len(v2_series) == 1 and float(v2_series[0].rsplit(" ", 1)[1]) == v2
+    # the pool in /clusters: the idle upstream connections, per endpoint
+    clusters = json.loads(mesh.sidecar.admin("/clusters?format=json"))
+    eps = [ep for c in clusters for ep in c["endpoints"]]
+    assert all("rq_active" in ep and "cx_idle" in ep for ep in eps), eps
+    assert 1 <= sum(ep["cx_idle"] for ep in eps) <= opened
+    assert sum(ep["rq_active"] for ep in eps) == 0  # nothing in flight now
 
 
 def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:

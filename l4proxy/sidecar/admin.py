@@ -148,6 +148,9 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
             lines.append(f"{base}::health_flags::{flag}")
             lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
             lines.append(f"{base}::ejections::{ep['ejections']}")
+            if "rq_active" in ep:
+                lines.append(f"{base}::rq_active::{ep['rq_active']}")
+                lines.append(f"{base}::cx_idle::{ep['cx_idle']}")
         for d in c.get("dns", ()):
             base = f"{c['service']}::dns::{d['name']}"
             lines.append(f"{base}::addresses::{','.join(d['addresses']) or '-'}")
@@ -168,6 +171,7 @@ class WorkerView:
 
     def clusters_now(self) -> list[dict[str, Any]]:
         out = []
+        pools = self.worker.pool_snapshot()
         for svc in self.worker.rules.state.table.services():
             eps = []
             for ep in svc.endpoints:
@@ -177,6 +181,10 @@ class WorkerView:
                     "labels": dict(ep.labels),
                 }
                 d.update(self.worker.health.describe(ep))
+                if pools is not None:  # --http-routing request: the upstream pool
+                    active, idle = pools.get((ep.address, ep.port), (0, 0))
+                    d["rq_active"] = active
+                    d["cx_idle"] = idle
                 eps.append(d)
             cluster: dict[str, Any] = {"service": svc.host, "endpoints": eps}
             dns = self.worker.rules.dns.for_service(svc.host)

@@ -330,12 +330,32 @@ class Worker:
         return self.relay.active() if self.relay is not None else 0
 
     def counter_snapshot(self) -> dict[str, dict[Any, float]]:
-        """The event loop's counters and the relay thread's, for /stats."""
+        """The event loop's counters and the relay thread's, for /stats.
+
+        A family both count (``l4proxy_decisions_total``: per connection on
+        the loop, per request in the relay) is summed per label set.
+        """
         if self.relay is not None and hasattr(self.relay, "flush_reports"):
             self.relay.flush_reports(0.5)  # the compiled relay counts in C: hand it over
         out = self.counters.snapshot()
-        out.update(self.relay_counters.snapshot())
+        for name, series in self.relay_counters.snapshot().items():
+            merged = dict(out.get(name, {}))
+            for labels, value in series.items():
+                merged[labels] = merged.get(labels, 0) + value
+            out[name] = merged
         return out
+
+    def pool_snapshot(self) -> dict[tuple[str, int], tuple[int, int]] | None:
+        """``{endpoint: (requests in flight, idle connections)}`` of the
+        relay's upstream pools, for /clusters; None without the relay."""
+        if self.relay is None:
+            return None
+        for _ in range(10):  # the pure relay's thread may change the pools meanwhile
+            try:
+                return dict(self.relay.pools.snapshot())
+            except RuntimeError:
+                continue
+        return {}
 
     def counter_help(self) -> dict[str, tuple[str, str]]:
         return {**self.counters.help(), **self.relay_counters.help()}
