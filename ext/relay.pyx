@@ -464,13 +464,14 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
 
 
 cdef inline void buf_drop(Buf *b, size_t n) noexcept nogil:
-    """Remove the first n bytes."""
+    """Remove the first n bytes; an empty buffer is freed (HAProxy's dynamic
+    buffers: an idle connection holds no buffer at all)."""
     if n >= b.len:
         b.len = 0
     else:
         memmove(b.p, b.p + n, b.len - n)
         b.len -= n
-    if b.len == 0 and b.cap > 65536:  # an idle connection keeps no big buffer
+    if b.len == 0:
         free(b.p)
         b.p = NULL
         b.cap = 0
@@ -1030,7 +1031,7 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.rs = RS_HEAD
     c.framing = F_NONE
     c.resp_left = 0
-    c.rhead.len = 0
+    buf_free(&c.rhead)
     c.resp_persistent = False
     c.status = 0
     c.up_bytes = 0
@@ -1273,13 +1274,13 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
             conn_abort(R, c)
             return -1
         memcpy(tmp, c.rhead.p + hl, rest)
-        c.rhead.len = 0
+        buf_free(&c.rhead)
         if forward_body(R, c, tmp, rest, now) != 0:
             free(tmp)
             return -1
         free(tmp)
     else:
-        c.rhead.len = 0
+        buf_free(&c.rhead)
         if c.framing == F_NONE:
             c.rs = RS_DONE
             complete(R, c, False, c.req_left > 0, now)
@@ -1322,7 +1323,7 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
         # the head was rewritten when it completed: it is c.replay's start
         # when replayable, else rebuilt here
         buf_add(&u.out, c.rhead.p, c.rhead.len)  # (the upstream head, staged)
-        c.rhead.len = 0
+        buf_free(&c.rhead)
         avail = <Py_ssize_t>c.inb.len - hl
         take = avail if avail < c.req_left else c.req_left
         if take > 0:
@@ -1411,7 +1412,7 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogi
     request_done(R, c, v.status, True, now)
     buf_drop(&c.inb, c.head_len)
     c.head_len = 0
-    c.rhead.len = 0
+    buf_free(&c.rhead)
     if keep:
         next_request(R, c, now)
     else:
@@ -1831,7 +1832,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             to_client(R, c, _LOCAL_408, _LOCAL_408_LEN)
-            c.inb.len = 0
+            buf_free(&c.inb)
             start_close(R, c, now)
             if not c.closed:
                 flush_client(R, c)
