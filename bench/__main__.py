@@ -186,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"bench: memory test of {t.name} failed: {exc}", file=sys.stderr)
 
         prof: profile.Profile | None = None
-        gateway = next((t for t in targets if t.name == "l4proxy"), None)
+        # the per-request relay when it is measured (the default data plane
+        # of HTTP ports), else the per-connection one
+        gateway = next((t for t in targets if t.name == "l4proxy-request"), None) or next(
+            (t for t in targets if t.name == "l4proxy"), None
+        )
         if (do_profile or args.profile_only) and gateway is not None:
             try:
                 prof = profile.profile_close_load(gateway, out_dir)
@@ -214,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts += ["### issue 7 targets", "", "```", *(v.line() for v in verdicts), "```", ""]
     if prof is not None:
         parts += [
-            "### profile: l4proxy, Connection: close, 50 conns",
+            f"### profile: {gateway.name if gateway else 'l4proxy'}, Connection: close, 50 conns",
             "",
             "```",
             prof.text(),

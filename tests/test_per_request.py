@@ -124,7 +124,9 @@ def test_every_request_on_a_keep_alive_connection_is_split(mesh: Mesh, impl: str
 
 
 def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
-    mesh.start("compiled-uvloop", route_rule({"v2": 100}), run_args=PER_REQUEST)
+    # --pool-max-requests 5: an upstream connection serves 5 requests at most
+    run_args = (*PER_REQUEST, "--pool-max-requests", "5")
+    mesh.start("compiled-uvloop", route_rule({"v2": 100}), run_args=run_args)
     assert mesh.sidecar is not None
     client = KeepAliveClient(mesh, VIP, 8080, conns=2)
     try:
@@ -137,6 +139,9 @@ def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
             assert {version(a) for conn in got for a in conn} == {rollout}
     finally:
         client.close()
+    served = mesh.sidecar.stat("l4proxy_http_requests_total")
+    assert served == 120  # 3 batches x 2 connections x 20
+    assert mesh.sidecar.stat("l4proxy_upstream_pool_opened_total") >= served // 5
 
 
 INGRESS = """

@@ -188,11 +188,34 @@ def add_parser(sub: Any) -> None:
         choices=["connection", "request"],
         default="connection",
         help="on HTTP ports and gateway listeners: route by the first request "
-        "head of each connection (connection, the default: the compiled relay), "
+        "head of each connection (connection, the default: the compiled pump), "
         "or every request on its own (request: a canary split, a rule swap and "
         "path rules reach keep-alive connections at their next request; upstream "
-        "connections are pooled; the relay is pure Python and not yet hardened "
-        "like the default path: a first step)",
+        "connections are pooled, see --pool-*)",
+    )
+    p.add_argument(
+        "--pool-max-idle",
+        type=int,
+        default=64,
+        metavar="N",
+        help="--http-routing request: idle upstream connections kept per endpoint (64)",
+    )
+    p.add_argument(
+        "--pool-idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="--http-routing request: close an upstream connection idle this long "
+        "(the smaller of --idle-timeout and 60; keep it below the servers' own "
+        "keep-alive timeout)",
+    )
+    p.add_argument(
+        "--pool-max-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--http-routing request: close an upstream connection after N requests "
+        "(Envoy's max_requests_per_connection; 0: no limit, the default)",
     )
     p.add_argument(
         "--ejection-time",
@@ -327,6 +350,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         log.error("--workers must be at least 1")
         return 2
+    for name in ("pool_max_idle", "pool_idle_timeout", "pool_max_requests"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            log.error("--%s must not be negative, got %s", name.replace("_", "-"), value)
+            return 2
     specs = _listener_specs(args)
     sets: list[list[Listener]] = []
     try:
@@ -407,7 +435,8 @@ async def _serve(
     control: socket.socket | None,
     held: HeldReloads,
 ) -> int:
-    from l4proxy.dataplane import peek, pump
+    from l4proxy.dataplane import peek, pump, relay
+    from l4proxy.dataplane._pool_py import PoolOptions
     from l4proxy.rules.watch import RuleWatcher
     from l4proxy.sidecar.worker import Worker, WorkerOptions
 
@@ -434,11 +463,22 @@ async def _serve(
         max_pipes=args.max_pipes,
         http_routing=args.http_routing,
         ejection_time=args.ejection_time,
+        pool=PoolOptions(
+            max_idle=args.pool_max_idle,
+            idle_timeout=(
+                min(args.idle_timeout, 60.0)
+                if args.pool_idle_timeout is None
+                else args.pool_idle_timeout
+            ),
+            max_requests=args.pool_max_requests,
+        ),
     )
     # The rule watcher's counters (DNS lookups) are the worker's: one /stats.
     worker = Worker(listeners, rules, opts, counters=rules.counters)
     stop = asyncio.Event()
-    implementation = f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION}"
+    implementation = (
+        f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION} relay={relay.IMPLEMENTATION}"
+    )
     view = WorkerView(worker, implementation)
     admin = stats = None
     if control is None:  # single process: the admin endpoint is ours

@@ -95,9 +95,10 @@ class WorkerOptions:
     max_pipes: int = -1  # splice pipes; -1: pump.max_pipes_for(), 0: never splice
     # "connection": the first request head routes the connection (compiled
     # pump); "request": every request is routed on its own (the per-request
-    # relay, l4proxy/dataplane/_relay_py.py; pure Python for now).
+    # relay, l4proxy/dataplane/relay.py: compiled, or its pure twin).
     http_routing: str = "connection"
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
+    pool: PoolOptions = field(default_factory=PoolOptions)  # --pool-*: upstream pools
 
 
 def local_addresses() -> set[str]:
@@ -213,7 +214,7 @@ class Worker:
             self.relay = HttpRelay(
                 self._decide_request,
                 self._from_relay,
-                pool=PoolOptions(idle_timeout=min(options.idle_timeout, 60.0)),
+                pool=options.pool,
                 connect_timeout=options.connect_timeout,
                 header_timeout=options.header_timeout,
                 idle_timeout=options.idle_timeout,
