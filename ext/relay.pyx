@@ -503,7 +503,8 @@ cdef void set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) n
 
 
 cdef inline bint reading_client(Conn *c) noexcept nogil:
-    if c.out.len:
+    # not while either side holds unsent bytes: a connection buffers one read
+    if c.out.len or (c.up != NULL and c.up.out.len):
         return False
     if c.phase == P_HEAD:
         return not c.client_eof

@@ -329,3 +329,34 @@ def test_a_connection_that_closes_after_its_answer_is_released_and_closed() -> N
     finally:
         proxy.close()
         srv.close()
+
+
+def test_a_server_that_does_not_read_holds_the_client_back() -> None:
+    """Backpressure on a request body: the relay holds at most one read of
+    it; the client is not read while the upstream has not taken it (an
+    unbounded buffer here would let one upload fill the sidecar's memory)."""
+    sink = socket.create_server(("127.0.0.1", 0))  # accepts, never reads
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(sink.accept()[0]), daemon=True).start()
+    endpoint = ("127.0.0.1", sink.getsockname()[1])
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    total = 128 << 20
+    sent = 0
+    try:
+        with proxy.connect() as c:
+            c.sendall(f"POST /up HTTP/1.1\r\nHost: b\r\nContent-Length: {total}\r\n\r\n".encode())
+            c.settimeout(3.0)
+            chunk = b"x" * 65536
+            try:
+                while sent < total:
+                    sent += c.send(chunk)
+            except TimeoutError:
+                pass  # the client is held back: what we want
+            # kernel buffers on loopback (client, relay, server) hold some MB;
+            # everything else would be in the relay's memory
+            assert sent < 48 << 20, sent
+    finally:
+        proxy.close()
+        for s in held:
+            s.close()
+        sink.close()

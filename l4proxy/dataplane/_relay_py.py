@@ -357,7 +357,10 @@ class HttpRelay:
                 self._interest_up(up)
 
     def _reading_client(self, c: _Conn) -> bool:
-        return not c.out and c.ex.wants_client_data
+        # Not while either side holds bytes it has not sent: one read at a
+        # time is all a connection may buffer (a server that does not read
+        # a request body holds the client back, as a slow client does).
+        return not c.out and not (c.up is not None and c.up.out) and c.ex.wants_client_data
 
     # -- actions ----------------------------------------------------------------
 
