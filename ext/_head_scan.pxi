@@ -1,7 +1,8 @@
 # The request-head scanner of ext/peek.pyx, shared (``include``) by the
 # modules that scan request heads without the GIL: ext/peek.pyx (the
 # HeadParser twin) and ext/relay.pyx (the compiled relay). C declarations and
-# nogil functions only; include ext/_bytes.pxi first.
+# nogil functions only; include ext/_bytes.pxi first, and cimport memchr and
+# memcmp from libc.string.
 
 # Result and error codes: the values of the same names in _peek_py.py.
 cdef enum:
@@ -356,3 +357,33 @@ cdef void scan_connection(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
         if i == b:
             return
         i += 1
+
+
+cdef struct Field:
+    # One header line of a validated head: buf[ls:lf] is the line (lf: its
+    # LF), buf[ns:ne] the name, buf[vs:ve] the value without OWS.
+    Py_ssize_t ls, lf, ns, ne, vs, ve
+
+
+cdef inline bint next_field(const unsigned char* buf, Py_ssize_t p, Py_ssize_t end,
+                            Field* f) noexcept nogil:
+    """The header line starting at p of a head scanned COMPLETE (end: its
+    length); False at the empty line that ends it (f.lf is then its LF).
+    The lines were validated as they arrived: this only splits them."""
+    cdef Py_ssize_t i, le, colon
+    i = <const unsigned char*>memchr(buf + p, LF, <size_t>(end - p)) - buf
+    f.ls = p
+    f.lf = i
+    le = i - 1 if (i > p and buf[i - 1] == CR) else i
+    if le == p:
+        return False
+    colon = <const unsigned char*>memchr(buf + p, COLON, <size_t>(le - p)) - buf
+    f.ns = p
+    f.ne = colon
+    f.vs = colon + 1
+    f.ve = le
+    while f.vs < f.ve and is_ows(buf[f.vs]):
+        f.vs += 1
+    while f.ve > f.vs and is_ows(buf[f.ve - 1]):
+        f.ve -= 1
+    return True

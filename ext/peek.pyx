@@ -58,6 +58,7 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
     cdef bint te_seen = False, conn_close = False, conn_keep_alive = False
     cdef bint expect_continue = False
     cdef Codings codings
+    cdef Field f
     cdef Py_UCS1* out
     cdef list headers = []
     cdef object name, host, path, cl_value = None
@@ -69,21 +70,11 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
     version = latin1(buf, te + 1, te + 9)
 
     # The header lines were validated as they arrived: only split them here.
-    while True:
-        i = <const unsigned char*>memchr(buf + p, LF, <size_t>(s.head_length - p)) - buf
-        ls = p
-        le = i - 1 if (i > ls and buf[i - 1] == CR) else i
-        if le == ls:
-            break  # the empty line
-        colon = <const unsigned char*>memchr(buf + ls, COLON, <size_t>(le - ls)) - buf
-        ns = ls
-        ne = colon
-        vs = colon + 1
-        ve = le
-        while vs < ve and is_ows(buf[vs]):
-            vs += 1
-        while ve > vs and is_ows(buf[ve - 1]):
-            ve -= 1
+    while next_field(buf, p, s.head_length, &f):
+        ns = f.ns
+        ne = f.ne
+        vs = f.vs
+        ve = f.ve
         # Names are tokens (ASCII): write the lowercased name straight into
         # a fresh one-byte str instead of decoding and then lowering.
         name = PyUnicode_New(ne - ns, 127)
@@ -109,7 +100,7 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
         elif k == 6 and eq_lower(buf + ns, b"expect", 6):
             if ve - vs == 12 and eq_lower(buf + vs, b"100-continue", 12):
                 expect_continue = True
-        p = i + 1
+        p = f.lf + 1
 
     # Cross-header rules, in the pure twin's order.
     if host_count > 1:

@@ -695,35 +695,29 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
         linger(R, c)
 
 
-cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
+cdef int send_buf(int fd, Buf *b) noexcept nogil:
+    """Send what *b* holds, as far as the kernel takes it; -1 on an error."""
     cdef ssize_t n
-    while c.out.len:
-        n = sys_.send(c.fd, c.out.p, c.out.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+    while b.len:
+        n = sys_.send(fd, b.p, b.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EINTR:
                 continue
-            if errno == EAGAIN:
-                return
-            conn_abort(R, c)
-            return
-        buf_drop(&c.out, <size_t>n)
-    if c.phase == P_CLOSING:
+            return 0 if errno == EAGAIN else -1
+        buf_drop(b, <size_t>n)
+    return 0
+
+
+cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
+    if send_buf(c.fd, &c.out) != 0:
+        conn_abort(R, c)
+    elif c.phase == P_CLOSING and not c.out.len:
         linger(R, c)
 
 
-cdef int flush_up(Relay *R, Up *u) noexcept nogil:
+cdef inline int flush_up(Relay *R, Up *u) noexcept nogil:
     """-1: the upstream failed (the caller decides what that means)."""
-    cdef ssize_t n
-    while u.out.len:
-        n = sys_.send(u.fd, u.out.p, u.out.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                return 0
-            return -1
-        buf_drop(&u.out, <size_t>n)
-    return 0
+    return send_buf(u.fd, &u.out)
 
 
 cdef inline int to_client(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
@@ -782,8 +776,9 @@ cdef bint only_close_tokens(const unsigned char *buf, Py_ssize_t a, Py_ssize_t b
 
 cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
     """What the fast path needs from a complete head (mirrors build() in peek.pyx)."""
-    cdef Py_ssize_t p = s.headers_start, i, ls, le, colon, ns, ne, vs, ve, k
+    cdef Py_ssize_t p = s.headers_start, i, ls, colon, ns, ne, vs, ve, k
     cdef int j
+    cdef Field f
     h.ms = s.method_start
     h.me = s.method_end
     h.ts = s.method_end + 1
@@ -799,21 +794,14 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     for j in range(R.n_keys):
         h.key_s[j] = -1
         h.key_e[j] = -1
-    while True:
-        i = <const unsigned char*>memchr(buf + p, LF, <size_t>(s.head_length - p)) - buf
-        ls = p
-        le = i - 1 if (i > ls and buf[i - 1] == CR) else i
-        if le == ls:
-            break
-        colon = <const unsigned char*>memchr(buf + ls, COLON, <size_t>(le - ls)) - buf
-        ns = ls
-        ne = colon
-        vs = colon + 1
-        ve = le
-        while vs < ve and is_ows(buf[vs]):
-            vs += 1
-        while ve > vs and is_ows(buf[ve - 1]):
-            ve -= 1
+    while next_field(buf, p, s.head_length, &f):
+        ls = f.ls
+        i = f.lf
+        colon = f.ne
+        ns = f.ns
+        ne = f.ne
+        vs = f.vs
+        ve = f.ve
         k = ne - ns
         if k == 4 and eq_lower(buf + ns, b"host", 4):
             h.host_count += 1

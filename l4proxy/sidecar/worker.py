@@ -757,7 +757,7 @@ class Worker:
     def _report_rows(
         self,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[tuple[_SubsetTag | None, int, int, float, tuple[int, ...]]],
+        answered: list[tuple[_SubsetTag | _Tag | None, int, int, float, tuple[int, ...]]],
     ) -> None:
         """What the compiled relay counted since its last report (relay
         thread): decisions, and responses with their duration histogram."""
@@ -780,18 +780,11 @@ class Worker:
             c.add("istio_request_duration_milliseconds_count", labels, count)
 
     def _report_request(self, tag: _Tag | None, status: int, seconds: float) -> None:
-        """One response delivered (relay thread): Istio's standard metrics."""
-        labels = _istio_labels(tag, status)
-        c = self.relay_counters
-        c.add("istio_requests_total", labels)
+        """One response delivered by the pure relay (its thread): as one row."""
         ms = seconds * 1000.0
-        bucket = "istio_request_duration_milliseconds_bucket"
-        for le in _DURATION_BUCKETS_MS:
-            if ms <= le:
-                c.add(bucket, {**labels, "le": str(le)})
-        c.add(bucket, {**labels, "le": "+Inf"})
-        c.add("istio_request_duration_milliseconds_sum", labels, ms)
-        c.add("istio_request_duration_milliseconds_count", labels)
+        index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
+        buckets = tuple(int(i == index) for i in range(len(_DURATION_BUCKETS_MS)))
+        self._report_rows([], [(tag, status, 1, seconds, buckets)])
 
     def _on_loop(self, fn: Any, *args: Any) -> bool:
         loop = self._loop
