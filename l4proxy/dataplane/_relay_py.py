@@ -199,6 +199,14 @@ class HttpRelay:
             queued = len(self._queue)
         return queued + len(self._conns)
 
+    def invalidate(self, key_headers: object = None) -> None:
+        """The compiled twin forgets its cached verdicts here; this twin asks
+        ``decide`` for every request and caches nothing."""
+
+    def flush_reports(self, timeout: float = 0.5) -> None:
+        """The compiled twin hands over the metrics it aggregated; this twin
+        reports every request as it is answered."""
+
     def stats(self) -> dict[str, int]:
         out = dict(self.counters)
         out.update({f"pool_{k}": v for k, v in self.pools.counters.items()})

@@ -65,10 +65,10 @@ from l4proxy.dataplane import peek, pump
 from l4proxy.dataplane import relay as http_relay
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
-from l4proxy.dataplane.relay import HttpRelay
-from l4proxy.dataplane.verdict import Choice, Verdict
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
+from l4proxy.dataplane.relay import HttpRelay
+from l4proxy.dataplane.verdict import Choice, Verdict
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
@@ -336,7 +336,7 @@ class Worker:
         A family both count (``l4proxy_decisions_total``: per connection on
         the loop, per request in the relay) is summed per label set.
         """
-        if self.relay is not None and hasattr(self.relay, "flush_reports"):
+        if self.relay is not None:
             self.relay.flush_reports(0.5)  # the compiled relay counts in C: hand it over
         out = self.counters.snapshot()
         for name, series in self.relay_counters.snapshot().items():
@@ -353,7 +353,8 @@ class Worker:
             return None
         for _ in range(10):  # the pure relay's thread may change the pools meanwhile
             try:
-                return dict(self.relay.pools.snapshot())
+                snapshot = self.relay.pools.snapshot()
+                return {k: v for k, v in snapshot.items() if isinstance(k, tuple)}
             except RuntimeError:
                 continue
         return {}
@@ -723,7 +724,10 @@ class Worker:
             return Verdict((Choice(1, ((origin.ip, origin.port),), "ORDERED"),))
         assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
         request = Request(
-            method=head.method, path=head.path, authority=head.host or "", headers=dict(head.headers)
+            method=head.method,
+            path=head.path,
+            authority=head.host or "",
+            headers=dict(head.headers),
         )
         rc = table.choices(
             c.service,
@@ -762,9 +766,9 @@ class Worker:
         """What the compiled relay counted since its last report (relay
         thread): decisions, and responses with their duration histogram."""
         c = self.relay_counters
-        for tag, n in decided:
-            if tag is not None:  # PassthroughCluster: no decision (as per connection)
-                labels = {"service": tag.service, "route": tag.route, "subset": tag.subset}
+        for subset, n in decided:
+            if subset is not None:  # PassthroughCluster: no decision (as per connection)
+                labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
                 c.add("l4proxy_decisions_total", labels, n)
         bucket = "istio_request_duration_milliseconds_bucket"
         for tag, status, count, seconds, buckets in answered:

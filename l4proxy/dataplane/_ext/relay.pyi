@@ -1,0 +1,60 @@
+"""Types of the compiled per-request relay (ext/relay.pyx); see l4proxy/dataplane/relay.py.
+
+The interface of l4proxy.dataplane._relay_py.HttpRelay, plus what the
+compiled loop needs: verdicts (resolve), aggregated reports (report_rows).
+"""
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from socket import socket
+from typing import Any
+
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._relay_py import Decision as Decision
+from l4proxy.dataplane._relay_py import HttpRelay as PureRelay
+from l4proxy.dataplane.verdict import Verdict
+
+__all__ = ["Decision", "HttpRelay"]
+
+Endpoint = tuple[str, int]
+Row = tuple[Any, int, int, float, tuple[int, ...]]
+
+class _Pools:
+    def active(self, endpoint: Endpoint) -> int: ...
+    def snapshot(self) -> dict[Endpoint, tuple[int, int]]: ...
+
+class HttpRelay:
+    connect_failed: Callable[[Endpoint, Any, str], None] | None
+    connect_ok: Callable[[Endpoint, Any], None] | None
+    @property
+    def slow(self) -> PureRelay: ...
+    @property
+    def pools(self) -> _Pools: ...
+    def __init__(
+        self,
+        decide: Callable[[RequestHead, Any], Decision],
+        l4: Callable[[socket, socket | None, bytes, bytes, Any], None],
+        pool: PoolOptions | None = None,
+        connect_timeout: float = 5.0,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        report: Callable[[Any, int, float], None] | None = None,
+        connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
+        connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        *,
+        resolve: Callable[[RequestHead, Any], Verdict] | None = None,
+        report_rows: Callable[[list[tuple[Any, int]], list[Row]], None] | None = None,
+        key_headers: Iterable[str] = (),
+        buckets: Sequence[float] = (),
+        seed: Hashable | None = None,
+        max_head: int = 65536,
+    ) -> None: ...
+    def start(self) -> None: ...
+    def add(self, sock: socket, origin: Any, data: bytes = b"", requests: int = 0) -> None: ...
+    def invalidate(self, key_headers: Iterable[str] | None = None) -> None: ...
+    def close(self) -> None: ...
+    def active(self) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+    def pool_active(self, endpoint: Endpoint) -> int: ...
+    def pool_snapshot(self) -> dict[Endpoint, tuple[int, int]]: ...
+    def flush_reports(self, timeout: float = 0.5) -> None: ...
