@@ -74,6 +74,7 @@ from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
 
 cimport linux as sys_
 
+import os
 import socket as _socket
 import threading
 
@@ -183,6 +184,14 @@ cdef enum:
     RS_HEAD = 0
     RS_BODY = 1
     RS_DONE = 2
+
+# what a verdict depends on besides origin and Host (verdict.py's SHAPE_*)
+cdef enum:
+    SHAPE_PATH = 1
+    SHAPE_METHOD = 2
+    SHAPE_HEADERS = 4
+    SHAPE_FULL = 7
+    SHAPE_ONLY = 8       # the key of a shape entry: origin and Host
 
 # verdict kinds
 cdef enum:
@@ -306,7 +315,8 @@ cdef struct Entry:
     uint64_t hash
     char *key
     size_t key_len
-    Verdict_ *v
+    Verdict_ *v            # NULL: a shape entry (origin, Host) -> shape
+    int shape
     double expires
     int64_t epoch
 
@@ -410,6 +420,8 @@ cdef struct Relay:
     Row *rows
     int rows_used
     uint64_t rng
+    uint64_t seed
+    bint seeded            # reset rng to seed whenever the verdicts are forgotten
     int n_keys
     char *keys[MAX_KEY_HEADERS]
     int key_len[MAX_KEY_HEADERS]
@@ -860,6 +872,9 @@ cdef bint idempotent(const unsigned char *buf, Head *h) noexcept nogil:
 
 # -- the verdict cache ------------------------------------------------------------
 
+cdef uint64_t FNV_BASIS = <uint64_t>14695981039346656037
+
+
 cdef inline uint64_t fnv(uint64_t x, const char *p, size_t n) noexcept nogil:
     cdef size_t i
     for i in range(n):
@@ -869,30 +884,39 @@ cdef inline uint64_t fnv(uint64_t x, const char *p, size_t n) noexcept nogil:
 
 
 cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
-                         char *out, Py_ssize_t cap) noexcept nogil:
-    """The cache key of a head into out; its length, or -1 if it does not fit."""
+                         char *out, Py_ssize_t cap, int shape) noexcept nogil:
+    """The cache key of a head into out; its length, or -1 if it does not fit.
+
+    Origin and Host always; the method, the target and the key headers when
+    *shape* says the verdict depends on them (SHAPE_* bits; SHAPE_ONLY: the
+    key of the shape entry itself).
+    """
     cdef Py_ssize_t n = 0, need
     cdef int j
-    cdef char zero = 0
     need = 8 + (h.me - h.ms) + (h.host_e - h.host_s) + (h.te - h.ts) + 3
     for j in range(R.n_keys):
         need += 2 + (h.key_e[j] - h.key_s[j] if h.key_s[j] >= 0 else 0)
     if need > cap:
         return -1
     memcpy(out, &c.origin, 4)
-    n = 4
-    memcpy(out + n, buf + h.ms, h.me - h.ms)
-    n += h.me - h.ms
-    out[n] = 0
-    n += 1
+    out[4] = <char>shape
+    n = 5
     memcpy(out + n, buf + h.host_s, h.host_e - h.host_s)
     n += h.host_e - h.host_s
     out[n] = 0
     n += 1
-    memcpy(out + n, buf + h.ts, h.te - h.ts)
-    n += h.te - h.ts
-    out[n] = 0
-    n += 1
+    if shape & SHAPE_METHOD:
+        memcpy(out + n, buf + h.ms, h.me - h.ms)
+        n += h.me - h.ms
+        out[n] = 0
+        n += 1
+    if shape & SHAPE_PATH:
+        memcpy(out + n, buf + h.ts, h.te - h.ts)
+        n += h.te - h.ts
+        out[n] = 0
+        n += 1
+    if not shape & SHAPE_HEADERS:
+        return n
     for j in range(R.n_keys):
         if h.key_s[j] < 0:
             out[n] = 0
@@ -931,13 +955,15 @@ cdef void cache_clear(Relay *R) noexcept nogil:
     R.cache_used = 0
 
 
-cdef Verdict_ *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double now) noexcept nogil:
+cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double now) noexcept nogil:
     cdef int64_t epoch = L4R_LOAD(&R.epoch)
     cdef uint32_t i = <uint32_t>(hash & (CACHE_SLOTS - 1))
     cdef Entry *e
     if epoch != R.cache_epoch:
         cache_clear(R)
         R.cache_epoch = epoch
+        if R.seeded:  # as the route table reseeds its RNG at each swap (--seed)
+            R.rng = R.seed
         return NULL
     while True:
         e = &R.cache[i]
@@ -946,12 +972,12 @@ cdef Verdict_ *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, dou
         if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
             if e.expires <= now:
                 return NULL
-            return e.v
+            return e
         i = (i + 1) & (CACHE_SLOTS - 1)
 
 
 cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_ *v,
-                    double expires, int64_t epoch) noexcept nogil:
+                    int shape, double expires, int64_t epoch) noexcept nogil:
     cdef uint32_t i
     cdef Entry *e
     if epoch != L4R_LOAD(&R.epoch) or epoch != R.cache_epoch:
@@ -967,6 +993,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
         if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
             verdict_free(e.v)  # expired: replaced in place
             e.v = v
+            e.shape = shape
             e.expires = expires
             return
         i = (i + 1) & (CACHE_SLOTS - 1)
@@ -978,6 +1005,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
     e.key_len = n
     e.hash = hash
     e.v = v
+    e.shape = shape
     e.expires = expires
     e.epoch = epoch
     R.cache_used += 1
@@ -1568,8 +1596,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Head h
     cdef char key[2048]
     cdef Py_ssize_t n, p
-    cdef uint64_t hash
-    cdef Verdict_ *v
+    cdef Entry *e
     cdef int i
     summarize(R, &c.s, b, &h)
     c.requests += 1
@@ -1605,19 +1632,22 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     if R.decide_only:
         ask_python(R, c, N_RESOLVE)
         return
-    n = make_key(R, c, b, &h, key, sizeof(key))
-    if n < 0:
-        L4R_ADD(&R.ctr[<int>CT_CACHE_MISSES], 1)
-        ask_python(R, c, N_RESOLVE)
-        return
-    hash = fnv(<uint64_t>14695981039346656037, key, <size_t>n)
-    v = cache_get(R, key, <size_t>n, hash, now)
-    if v == NULL:
+    # what requests to this origin and Host are routed by, then the verdict
+    n = make_key(R, c, b, &h, key, sizeof(key), SHAPE_ONLY)
+    e = NULL
+    if n >= 0:
+        e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
+    if e != NULL:
+        n = make_key(R, c, b, &h, key, sizeof(key), e.shape)
+        e = NULL
+        if n >= 0:
+            e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
+    if e == NULL or e.v == NULL:
         L4R_ADD(&R.ctr[<int>CT_CACHE_MISSES], 1)
         ask_python(R, c, N_RESOLVE)
         return
     L4R_ADD(&R.ctr[<int>CT_CACHE_HITS], 1)
-    apply_verdict(R, c, v, now)
+    apply_verdict(R, c, e.v, now)
 
 
 cdef void head_step(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2020,7 +2050,12 @@ cdef class HttpRelay:
         R.rows = <Row*>calloc(ROWS_SLOTS, sizeof(Row))
         if R.scratch == NULL or R.cache == NULL or R.rows == NULL:
             raise MemoryError()
-        R.rng = <uint64_t>(hash((seed, "relay")) if seed is not None else id(self)) | 1
+        if seed is not None:  # --seed: the same draws every run, from each rule swap on
+            R.seed = ((int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF) | 1
+            R.seeded = True
+        else:
+            R.seed = (int.from_bytes(os.urandom(8), "little")) | 1
+        R.rng = R.seed
         self._set_keys(key_headers)
         R.next_tick = now_s() + TICK_S
         R.next_flush = now_s() + FLUSH_S
@@ -2430,15 +2465,19 @@ cdef class HttpRelay:
             verdict = Verdict(local=(503, "no healthy upstream"))
         v = self._convert(verdict)
         ttl = verdict.ttl
-        if ttl > 0:
+        shape = verdict.shape & SHAPE_FULL
+        if ttl > 0 and epoch == R.cache_epoch:
             summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
-            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key))
+            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), SHAPE_ONLY)
             if n >= 0:
-                hash = fnv(<uint64_t>14695981039346656037, key, <size_t>n)
-                if epoch == R.cache_epoch:
-                    self._apply(c, v, now)
-                    cache_put(R, key, <size_t>n, hash, v, now + ttl, epoch)
-                    return
+                cache_put(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), NULL, shape,
+                          now + ttl, epoch)
+            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), shape)
+            if n >= 0:
+                self._apply(c, v, now)
+                cache_put(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), v, shape,
+                          now + ttl, epoch)
+                return
         try:
             self._apply(c, v, now)
         finally:
@@ -2515,7 +2554,6 @@ cdef class HttpRelay:
         elif c.fail_errno == -2:
             why = "connect timeout"
         else:
-            import os
             why = os.strerror(c.fail_errno)
         tag = self._tag(c.tag)
         L4R_ADD(&self.R.epoch, 1)  # health may change: decide again

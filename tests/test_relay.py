@@ -19,6 +19,7 @@ from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
 from tests.conftest import load_twin
+from tests.mesh import binomial_ok
 
 
 class Backend(socketserver.ThreadingTCPServer):
@@ -360,3 +361,95 @@ def test_a_server_that_does_not_read_holds_the_client_back() -> None:
         for s in held:
             s.close()
         sink.close()
+
+
+# -- the compiled twin's verdict cache (the pure twin asks decide per request) --
+
+
+def _resolving_proxy(backends: list[Backend], verdict: object, **kw: object) -> tuple[Proxy, list]:
+    calls: list[tuple[str, str]] = []
+
+    def resolve(head: RequestHead, origin: object) -> object:
+        calls.append((head.method, head.path))
+        return verdict
+
+    proxy = Proxy.__new__(Proxy)
+    proxy.handed = []
+    relay_class = load_twin("relay", "compiled").HttpRelay
+    proxy.relay = relay_class(
+        lambda h, o: Decision(), proxy._l4, resolve=resolve, seed=11, **kw
+    )
+    proxy.relay.start()
+    proxy.listener = socket.create_server(("127.0.0.1", 0))
+    proxy.port = proxy.listener.getsockname()[1]
+    threading.Thread(target=proxy._accept, daemon=True).start()
+    return proxy, calls
+
+
+def _get(c: socket.socket, path: str, method: str = "GET") -> bytes:
+    c.sendall(f"{method} {path} HTTP/1.1\r\nHost: svc\r\n\r\n".encode())
+    return read_response(c)
+
+
+def test_a_verdict_is_asked_once_per_request_shape(backends: list[Backend], twin: str) -> None:
+    if twin != "compiled":
+        pytest.skip("the pure twin caches nothing: decide is asked per request")
+    from l4proxy.dataplane.verdict import SHAPE_PATH, Choice, Verdict
+
+    for shape, want in ((0, 1), (SHAPE_PATH, 40)):
+        verdict = Verdict((Choice(1, (backends[0].endpoint,)),), shape=shape)
+        proxy, calls = _resolving_proxy(backends, verdict)
+        try:
+            with proxy.connect() as c:
+                for i in range(40):  # 40 paths; GET and HEAD alike
+                    assert _get(c, f"/u/{i}").startswith(b"v=v1")
+        finally:
+            proxy.close()
+        # shape 0: the route does not look at paths: one verdict serves all
+        assert len(calls) == want, (shape, calls[:3])
+        stats = proxy.relay.stats()
+        assert stats["verdict_cache_hits"] == 40 - want
+
+
+def test_invalidate_makes_the_next_request_ask_again(backends: list[Backend], twin: str) -> None:
+    if twin != "compiled":
+        pytest.skip("the pure twin caches nothing: decide is asked per request")
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    verdict = Verdict((Choice(1, (backends[0].endpoint,)),), ttl=3600.0)
+    proxy, calls = _resolving_proxy(backends, verdict)
+    try:
+        with proxy.connect() as c:
+            for _ in range(5):
+                _get(c, "/a")
+            proxy.relay.invalidate()  # a rule swap
+            for _ in range(5):
+                _get(c, "/a")
+    finally:
+        proxy.close()
+    assert len(calls) == 2
+
+
+def test_the_weighted_draw_is_reproducible_with_a_seed(backends: list[Backend], twin: str) -> None:
+    if twin != "compiled":
+        pytest.skip("the draw of the pure twin is the route table's (tests/test_routing_split.py)")
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    verdict = Verdict(
+        (Choice(1, (backends[0].endpoint,), tag="v1"), Choice(1, (backends[1].endpoint,), tag="v2"))
+    )
+    runs = []
+    for _ in range(2):
+        rows: list = []
+        proxy, _calls = _resolving_proxy(
+            backends, verdict, report_rows=lambda d, a: rows.append(a)
+        )
+        try:
+            with proxy.connect() as c:
+                runs.append([_get(c, "/s")[:4] for _ in range(200)])
+        finally:
+            proxy.close()
+        answered = {tag: n for batch in rows for tag, _status, n, _s, _b in batch}
+        assert answered == {"v1": runs[-1].count(b"v=v1"), "v2": runs[-1].count(b"v=v2")}
+    assert runs[0] == runs[1]  # --seed: the same draws, request for request
+    assert binomial_ok(runs[0].count(b"v=v2"), 200, 0.5)

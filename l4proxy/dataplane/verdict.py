@@ -18,9 +18,17 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import NamedTuple
 
-__all__ = ["Choice", "Verdict"]
+__all__ = ["SHAPE_FULL", "SHAPE_HEADERS", "SHAPE_METHOD", "SHAPE_PATH", "Choice", "Verdict"]
 
 Endpoint = tuple[str, int]
+
+# What a verdict depends on besides the origin and Host (Verdict.shape): the
+# relay keys its cache by these only, so that /users/1 and /users/2 share a
+# verdict when no route of their service looks at paths.
+SHAPE_PATH = 1  # the request target (path and query)
+SHAPE_METHOD = 2
+SHAPE_HEADERS = 4  # the headers some route matches on
+SHAPE_FULL = SHAPE_PATH | SHAPE_METHOD | SHAPE_HEADERS
 
 
 class Choice(NamedTuple):
@@ -47,10 +55,13 @@ class Verdict(NamedTuple):
 
     ``ttl``: seconds the relay may apply this verdict to later requests of the
     same shape without asking again (0: this request only). A rule swap or an
-    endpoint failure forgets it sooner (``HttpRelay.invalidate``).
+    endpoint failure forgets it sooner (``HttpRelay.invalidate``). ``shape``
+    (``SHAPE_*`` bits): what of a request besides origin and Host the verdict
+    depends on; the same for every request to one origin and Host.
     """
 
     choices: tuple[Choice, ...] = ()
     local: tuple[int, str] | None = None
     tag: Hashable = None
     ttl: float = 1.0
+    shape: int = SHAPE_FULL

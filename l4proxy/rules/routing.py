@@ -796,6 +796,17 @@ class RouteTable:
         up = tuple(e for e in eps if healthy(e))
         return up or tuple(eps)  # all down: try them all (Envoy's panic mode)
 
+    def request_shape(self, service: Service) -> tuple[bool, bool, bool]:
+        """Whether some route of *service* matches on the path (or query), the
+        method, headers: what besides Host its requests are routed by."""
+        path = method = headers = False
+        for route in self._order.get((service.host, True), ()):
+            for m in route.matches:
+                path = path or m.uri is not None or bool(m.query)
+                method = method or m.method is not None
+                headers = headers or bool(m.headers)
+        return path, method, headers
+
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
         method, Host and target, what a request's route depends on."""

@@ -68,7 +68,14 @@ from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.dataplane.relay import HttpRelay
-from l4proxy.dataplane.verdict import Choice, Verdict
+from l4proxy.dataplane.verdict import (
+    SHAPE_FULL,
+    SHAPE_HEADERS,
+    SHAPE_METHOD,
+    SHAPE_PATH,
+    Choice,
+    Verdict,
+)
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
@@ -716,12 +723,15 @@ class Worker:
         and at the latest after ``Verdict.ttl`` (an ejection ends)."""
         table = self.rules.state.table
         c = self._classify(table, origin, head)
+        # Classification reads origin and Host only, but a gateway's Ingress
+        # paths read the path: what else a verdict depends on is its shape.
+        shape = SHAPE_FULL if origin.gateway else 0
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
-            return Verdict(local=(c.status, c.body))
+            return Verdict(local=(c.status, c.body), shape=shape)
         if c.kind is Kind.PASSTHROUGH:
             assert origin.ip is not None
-            return Verdict((Choice(1, ((origin.ip, origin.port),), "ORDERED"),))
+            return Verdict((Choice(1, ((origin.ip, origin.port),), "ORDERED"),), shape=shape)
         assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
         request = Request(
             method=head.method,
@@ -736,10 +746,13 @@ class Worker:
             self.opts.source_labels,
             healthy=self.health.is_healthy,
         )
+        path, method, headers = table.request_shape(c.service)
+        shape |= (SHAPE_PATH if path else 0) | (SHAPE_METHOD if method else 0)
+        shape |= SHAPE_HEADERS if headers else 0
         if not rc.subsets:  # every weight 0 (Gateway API): nothing serves it
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             body = "no healthy upstream" if rc.status == 503 else "backend not resolved"
-            return Verdict(local=(rc.status, body), tag=tag)
+            return Verdict(local=(rc.status, body), tag=tag, shape=shape)
         choices = tuple(
             Choice(
                 ws.weight,
@@ -751,7 +764,7 @@ class Worker:
             )
             for ws in rc.subsets
         )
-        return Verdict(choices)
+        return Verdict(choices, shape=shape)
 
     def _table_published(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay's verdicts are stale."""
