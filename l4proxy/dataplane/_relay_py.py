@@ -322,10 +322,11 @@ class HttpRelay:
         if up.connecting:
             if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
                 return
+            # Reading SO_ERROR clears it: the reason goes along from here.
             err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._deadlines.pop(up.fd, None)
             if err:
-                self._connect_error(c, up, now)
+                self._connect_error(c, up, now, os.strerror(err))
                 return
             up.connecting = False
             self.pools.opened(up.endpoint, up.fd)
@@ -451,9 +452,8 @@ class HttpRelay:
     def _connect_error(self, c: _Conn, up: _Up, now: float, why: str = "") -> None:
         self.counters["connect_errors"] += 1
         endpoint = up.endpoint
-        if not why:
-            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            why = os.strerror(err) if err else "connect timeout"
+        if not why:  # from the tick: the deadline passed
+            why = "connect timeout"
         self._deadlines.pop(up.fd, None)
         self._drop_upstream(up)
         c.up = None
