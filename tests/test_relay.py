@@ -99,7 +99,14 @@ class Proxy:
 
     def __init__(self, decide: object, pool: PoolOptions | None = None) -> None:
         self.handed: list[bytes] = []
-        self.relay = HttpRelay(decide, self._l4, pool=pool, header_timeout=1.0)  # type: ignore[arg-type]
+        self.refused: list[str] = []
+        self.relay = HttpRelay(
+            decide,  # type: ignore[arg-type]
+            self._l4,
+            pool=pool,
+            header_timeout=1.0,
+            refused=self.refused.append,
+        )
         self.relay.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -261,16 +268,41 @@ def test_bodies_go_through_byte_identical(backends: list[Backend]) -> None:
         proxy.close()
 
 
-def test_slow_head_gets_408() -> None:
+@pytest.mark.parametrize("sent", [b"GET / HTTP/1.1\r\nHost", b""], ids=["half-a-head", "nothing"])
+def test_slow_head_gets_408(sent: bytes) -> None:
+    """A head not complete within header_timeout (1 s here) gets the L4
+    path's 408 and a close, and is reported as refused("header_timeout"),
+    also when the client connected and never sent a byte (the first head is
+    timed from the hand-off, as the L4 path times its peek from accept; it
+    used to wait for idle_timeout, an hour by default)."""
     proxy = Proxy(lambda head, origin: Decision(local=(404, "x")))
     try:
         with proxy.connect() as c:
-            c.sendall(b"GET / HTTP/1.1\r\nHost")
+            t0 = time.monotonic()
+            c.sendall(sent)
             c.settimeout(5)
             data = b""
             while chunk := c.recv(4096):
                 data += chunk
-            assert data.startswith(b"HTTP/1.1 408 ")
+            assert 0.9 <= time.monotonic() - t0 < 2
+            assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+            assert data.endswith(b"\r\n\r\nrequest header timeout"), data
+        assert proxy.refused == ["header_timeout"]
+    finally:
+        proxy.close()
+
+
+def test_an_idle_keep_alive_connection_is_not_a_slow_head(backends: list[Backend]) -> None:
+    """Between requests the head timer waits for the next head's first byte."""
+    proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,)))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /1 HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"v=v1 /1 0"
+            time.sleep(1.5)  # over header_timeout
+            c.sendall(b"GET /2 HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"v=v1 /2 0"
+        assert proxy.refused == []
     finally:
         proxy.close()
 

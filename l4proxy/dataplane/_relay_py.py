@@ -29,8 +29,13 @@ to do; this module only performs it:
   into a RST.
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
-than ``header_timeout`` gets 408; a connection idle for ``idle_timeout``
-is closed; idle pooled connections expire after the pool's idle timeout.
+than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
+through the ``refused`` callback as ``header_timeout``); a connection's first
+head is timed from its hand-off, as the L4 path times its peek from accept
+(a client that connects and sends nothing gets the 408 too), later heads
+from their first byte (idle keep-alive is not a slow head); a connection
+idle for ``idle_timeout`` is closed; idle pooled connections expire after
+the pool's idle timeout.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -141,6 +146,7 @@ class HttpRelay:
         report: Callable[[Any, int, float], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
         connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         self.decide = decide
         self.l4 = l4
@@ -151,6 +157,7 @@ class HttpRelay:
         self.report = report
         self.connect_failed = connect_failed
         self.connect_ok = connect_ok
+        self.refused = refused  # a connection closed unrouted, with the reason
         self.ep = select.epoll()
         self._lock = threading.Lock()
         self._queue: list[tuple[socket.socket, Any, bytes]] = []
@@ -248,12 +255,12 @@ class HttpRelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # not TCP (a test's socketpair)
-            c = _Conn(sock, origin, Exchange(), now, fd=sock.fileno())
+            # The first head is timed from here (see "Timers").
+            c = _Conn(sock, origin, Exchange(), now, head_started=now, fd=sock.fileno())
             self._conns[c.fd] = c
             self.counters["connections"] += 1
             self._interest(c)
             if data:
-                c.head_started = now
                 self._perform(c, c.ex.client_data(data), now)
         return stop
 
@@ -615,6 +622,8 @@ class HttpRelay:
                     self._close_client(c)
             elif c.head_started is not None and c.head_started + self.header_timeout <= now:
                 self.counters["timeouts"] += 1
+                if self.refused is not None:
+                    self.refused("header_timeout")
                 c.head_started = None
                 c.ex.phase = Phase.CLOSED
                 c.out += _timeout_answer()
@@ -634,7 +643,7 @@ class HttpRelay:
 def _timeout_answer() -> bytes:
     from l4proxy.dataplane._exchange_py import local_response
 
-    return local_response(408, "request head not received in time")
+    return local_response(408, "request header timeout")  # as the L4 path's
 
 
 def _numeric(host: str) -> bool:

@@ -205,6 +205,7 @@ class Worker:
                 report=self._report_request,
                 connect_failed=self._relay_connect_failed,
                 connect_ok=self._relay_connect_ok,
+                refused=self._relay_refused,
             )
             _describe_istio(self.relay_counters)
 
@@ -314,9 +315,13 @@ class Worker:
         return self.relay.active() if self.relay is not None else 0
 
     def counter_snapshot(self) -> dict[str, dict[Any, float]]:
-        """The event loop's counters and the relay thread's, for /stats."""
+        """The event loop's counters and the relay thread's, for /stats
+        (summed where both count the same series: l4proxy_refused_total)."""
         out = self.counters.snapshot()
-        out.update(self.relay_counters.snapshot())
+        for name, series in self.relay_counters.snapshot().items():
+            merged = out.setdefault(name, {})
+            for labels, value in series.items():
+                merged[labels] = merged.get(labels, 0) + value
         return out
 
     def counter_help(self) -> dict[str, tuple[str, str]]:
@@ -663,6 +668,11 @@ class Worker:
         c.add(bucket, {**labels, "le": "+Inf"})
         c.add("istio_request_duration_milliseconds_sum", labels, ms)
         c.add("istio_request_duration_milliseconds_count", labels)
+
+    def _relay_refused(self, why: str) -> None:
+        """A connection the relay closed without routing it (relay thread):
+        counted as the L4 path counts its refusals (a slow head: header_timeout)."""
+        self.relay_counters.inc("l4proxy_refused_total", reason=why)
 
     def _on_loop(self, fn: Any, *args: Any) -> bool:
         loop = self._loop
