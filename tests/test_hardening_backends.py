@@ -1,7 +1,8 @@
 """Hardening (issue 8): failing backends, fd floods, and rule files gone wrong.
 
 Each test builds its own mesh (bootcamp v1 ×2 + v2 ×1, a client pod with
-l4proxy-init and the sidecar as uid 1337) in fresh network namespaces.
+l4proxy-init and the sidecar as uid 1337) in fresh network namespaces, once
+per ``--http-routing`` mode (``http_routing``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from tests._hardening import HOLDER, TCP_ECHO, exchange, settle_fds, wait_until
-from tests.mesh import PYTHON, VIP, Mesh, route_rule, service_entry
+from tests.mesh import PYTHON, ROUTING_MODES, VIP, Mesh, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
 
@@ -63,9 +64,11 @@ def _release(holder: subprocess.Popen[str]) -> list[str]:
 # -- connection floods ---------------------------------------------------------------
 
 
-def test_max_connections_refuses_beyond_the_limit_and_recovers(mesh: Mesh) -> None:
+def test_max_connections_refuses_beyond_the_limit_and_recovers(
+    mesh: Mesh, http_routing: str
+) -> None:
     _tcp_echo(mesh)
-    mesh.start_client(run_args=("--max-connections", "40"))
+    mesh.start_client(run_args=("--max-connections", "40", *ROUTING_MODES[http_routing]))
     assert mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
     holder, first = _hold(mesh, 60)
@@ -81,7 +84,7 @@ def test_max_connections_refuses_beyond_the_limit_and_recovers(mesh: Mesh) -> No
     _no_restarts(mesh)
 
 
-def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh) -> None:
+def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh, http_routing: str) -> None:
     """The sidecar under ``prlimit --nofile=160``: 150 held relays need ~300 fds.
 
     What happens at the limit (worker.py): accept() fails with EMFILE, the
@@ -90,7 +93,7 @@ def test_fd_limit_flood_refuses_cleanly_and_recovers(mesh: Mesh) -> None:
     fails is closed (TCP) or answered 503 (HTTP) and not held against the
     endpoint. Connections already relayed are not touched."""
     _tcp_echo(mesh)
-    mesh.start_client(prefix=("prlimit", "--nofile=160:160"))
+    mesh.start_client(run_args=ROUTING_MODES[http_routing], prefix=("prlimit", "--nofile=160:160"))
     assert mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
     holder, first = _hold(mesh, 150)
@@ -133,7 +136,9 @@ def _clusters(mesh: Mesh) -> dict[str, dict[str, object]]:
     return out
 
 
-def test_failing_endpoints_are_retried_ejected_and_readmitted(mesh: Mesh) -> None:
+def test_failing_endpoints_are_retried_ejected_and_readmitted(
+    mesh: Mesh, http_routing: str
+) -> None:
     """Two of four endpoints fail: one refuses (nothing listens), one drops SYNs
     (connect timeout). Every request still succeeds on a good one; both bad
     ones are ejected (2 of 4 = the 50 % bound); after the ejection time the
@@ -143,7 +148,9 @@ def test_failing_endpoints_are_retried_ejected_and_readmitted(mesh: Mesh) -> Non
     blackhole.run(["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP"])
     eps = [*mesh.endpoints(), (refusing.ipv4, refusing.labels), (blackhole.ipv4, blackhole.labels)]
     mesh.write_rules(service_entry("bootcamp", VIP, 8080, eps), route_rule({"v1": 100}))
-    mesh.start_client(run_args=("--connect-timeout", "0.3", "--ejection-time", "2"))
+    mesh.start_client(
+        run_args=("--connect-timeout", "0.3", "--ejection-time", "2", *ROUTING_MODES[http_routing])
+    )
     assert mesh.sidecar is not None
     _, pods, failures = mesh.split(n=24)
     assert not failures, failures
@@ -166,7 +173,7 @@ def test_failing_endpoints_are_retried_ejected_and_readmitted(mesh: Mesh) -> Non
     _no_restarts(mesh)
 
 
-def test_every_endpoint_down_then_back_without_restart(mesh: Mesh) -> None:
+def test_every_endpoint_down_then_back_without_restart(mesh: Mesh, http_routing: str) -> None:
     """All endpoints down: 503 ``no healthy upstream`` on HTTP, a close on TCP;
     they come back: served at once, no restart, no rule change."""
     down = [mesh.net.add_pod(f"down{i}", labels={"app": "down"}) for i in range(2)]
@@ -177,7 +184,9 @@ def test_every_endpoint_down_then_back_without_restart(mesh: Mesh) -> None:
         service_entry("downtcp", "198.19.0.51", 9000, eps, "TCP", "tcp-down"),
         name="registry.yaml",
     )
-    mesh.start_client(run_args=("--connect-timeout", "0.5", "--ejection-time", "1"))
+    mesh.start_client(
+        run_args=("--connect-timeout", "0.5", "--ejection-time", "1", *ROUTING_MODES[http_routing])
+    )
     assert mesh.client is not None and mesh.sidecar is not None
     lines = mesh.curl("http://198.19.0.50:8080/", 4)
     assert lines.count("503") == 4 and lines.count("no healthy upstream") == 4, lines
@@ -221,10 +230,12 @@ def _wait_stat(mesh: Mesh, name: str, pred: object, timeout: float = 5) -> None:
     assert ok, (name, sc.stat(name), mesh.sidecar_log())
 
 
-def test_rule_file_mid_write_invalid_deleted_path_keep_the_last_good_table(mesh: Mesh) -> None:
+def test_rule_file_mid_write_invalid_deleted_path_keep_the_last_good_table(
+    mesh: Mesh, http_routing: str
+) -> None:
     mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), name="registry.yaml")
     mesh.write_rules(route_rule({"v1": 100}))
-    mesh.start_client()
+    mesh.start_client(run_args=ROUTING_MODES[http_routing])
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     assert _versions(mesh) == {"v1": 12}
@@ -308,7 +319,7 @@ def _configmap_swap(cm: str, files: dict[str, str], stamp: str) -> None:
         shutil.rmtree(old)
 
 
-def test_configmap_symlink_swap(mesh: Mesh) -> None:
+def test_configmap_symlink_swap(mesh: Mesh, http_routing: str) -> None:
     cm = os.path.join(mesh.rules_dir, "cm")
     os.mkdir(cm)
     os.chmod(cm, 0o755)
@@ -316,7 +327,7 @@ def test_configmap_symlink_swap(mesh: Mesh) -> None:
     _configmap_swap(cm, {"registry.yaml": registry, "rules.yaml": route_rule({"v1": 100})}, "1")
     # The sidecar watches the ConfigMap mount too (the test's rules dir holds
     # no rule file).
-    mesh.start_client(run_args=("--rules", cm))
+    mesh.start_client(run_args=("--rules", cm, *ROUTING_MODES[http_routing]))
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     assert _versions(mesh) == {"v1": 12}
