@@ -6,7 +6,10 @@ connections they accept; clients are raw sockets, so every byte is checked.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import resource
 import socket
 import socketserver
 import threading
@@ -350,3 +353,52 @@ def test_a_connection_that_closes_after_its_answer_is_released_and_closed() -> N
     finally:
         proxy.close()
         srv.close()
+
+
+def test_out_of_fds_for_an_upstream_answers_503_and_blames_no_endpoint(
+    backends: list[Backend],
+) -> None:
+    """socket() for a new upstream fails with EMFILE: the client gets the L4
+    path's answer (503 "overloaded"), the refusal is counted as fd_limit, and
+    the endpoint is not reported as failing (a flood must not eject healthy
+    pods). The relay used to let the OSError reach its event handler, which
+    reset the client with no answer."""
+    failed: list[tuple[str, int]] = []
+    proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,)))
+    proxy.relay.connect_failed = lambda ep, tag, why: failed.append(ep)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[int] = []
+    try:
+        with proxy.connect() as c:
+            deadline = time.monotonic() + 5
+            while not proxy.relay.stats()["active"]:  # the relay owns the client
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            # Every fd of this process in use: a low limit, filled up.
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+            try:
+                while True:
+                    hog.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+            c.sendall(b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n")
+            c.settimeout(5)
+            answer = read_response(c)
+            for fd in hog:
+                os.close(fd)
+            hog.clear()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            # the connection stays usable (a keep-alive local answer), and
+            # with fds back the next request goes upstream
+            c.sendall(b"GET /y HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"v=v1 /y 0"
+        assert answer == b"overloaded"
+        assert proxy.refused == ["fd_limit"]
+        assert failed == []
+        assert proxy.relay.stats()["errors"] == 0
+    finally:
+        for fd in hog:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        proxy.close()

@@ -45,6 +45,7 @@ it exactly once (``_close_client``, ``_drop_upstream``).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -83,6 +84,7 @@ _LINGER0: Final = struct.pack("ii", 1, 0)
 _READ: Final = 65536
 _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
+_FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
 
 Endpoint = tuple[str, int]
 
@@ -434,7 +436,22 @@ class HttpRelay:
 
     def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno not in _FD_EXHAUSTED:
+                raise
+            # Out of fds is ours, not the endpoint's: not reported to
+            # connect_failed (a flood must not eject healthy pods); the L4
+            # path's answer, 503 "overloaded".
+            c.up = None
+            if self.refused is not None:
+                self.refused("fd_limit")
+            if c.ex.phase == Phase.ROUTING:
+                self._perform(c, c.ex.refuse(503, "overloaded"), now)
+            else:  # a retry's new connection: the request is lost
+                self._perform(c, c.ex.upstream_eof(), now)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up = _Up(sock, endpoint, connecting=True, owner=c)
