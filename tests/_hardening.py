@@ -217,19 +217,32 @@ for t in ts: t.join()
 print(json.dumps(results))
 """
 
-# Hold N connections open through the proxy: each sends a line, expects it
-# back (TCP echo), then waits for "go" on stdin, exchanges again, and closes.
+# Hold N connections open through the proxy: each sends a message and expects
+# it back (TCP echo: the line; HTTP echo: a keep-alive GET, echoed as the
+# response body), then waits for "go" on stdin, exchanges again on the same
+# connection, and closes.
 HOLDER = r"""
 import json, socket, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+host, port, n, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def message(tag, i):
+    if proto == "tcp":
+        return b"%s %d\n" % (tag, i)
+    return b"GET /%s/%d HTTP/1.1\r\nHost: echo\r\n\r\n" % (tag, i)
+def talk(c, m):
+    c.sendall(m)
+    buf = b""
+    while m not in buf:
+        d = c.recv(65536)
+        if not d:
+            return "bad:" + repr(buf[:80]) if buf else "eof"
+        buf += d
+    return "ok"
 conns, first = [], []
 for i in range(n):
     try:
         c = socket.create_connection((host, port), 3)
         c.settimeout(3)
-        c.sendall(b"hello %d\n" % i)
-        d = c.recv(100)
-        first.append("ok" if d == b"hello %d\n" % i else "bad:" + repr(d) if d else "eof")
+        first.append(talk(c, message(b"hello", i)))
         conns.append(c)
     except ConnectionResetError:
         first.append("reset")
@@ -242,9 +255,7 @@ sys.stdin.readline()
 again = []
 for i, c in enumerate(conns):
     try:
-        c.sendall(b"again %d\n" % i)
-        d = c.recv(100)
-        again.append("ok" if d.startswith(b"again") else "bad:" + repr(d) if d else "eof")
+        again.append(talk(c, message(b"again", i)))
     except OSError as e:
         again.append(type(e).__name__)
     c.close()
