@@ -6,6 +6,7 @@ connections they accept; clients are raw sockets, so every byte is checked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -14,7 +15,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -401,4 +402,97 @@ def test_out_of_fds_for_an_upstream_answers_503_and_blames_no_endpoint(
         for fd in hog:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        proxy.close()
+
+
+def _one_shot_server(serve: Callable[[socket.socket], None]) -> tuple[str, int]:
+    """A loopback server that runs *serve* on each connection, in a thread."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def loop() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    host, port = srv.getsockname()[:2]
+    return str(host), int(port)
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1)
+        assert chunk
+        data += chunk
+    return data
+
+
+def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader() -> None:
+    """The client reads only after the relay had to hold response bytes for
+    it: the upstream stops being read (backpressure) and must be read again
+    once the client drains. The relay used to re-arm only the client's
+    interest then, so the upstream was never read again: the exchange hung
+    with both sockets unwatched."""
+    size = 32 << 20
+    payload = random.Random(5).randbytes(1 << 20) * (size >> 20)
+
+    def serve(c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):  # reset when the test gives up
+            _read_head(c)
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + payload)
+
+    endpoint = _one_shot_server(serve)
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /big HTTP/1.1\r\nHost: b\r\n\r\n")
+            time.sleep(0.5)  # not reading: the relay's buffer for us fills up
+            c.settimeout(10)
+            assert read_response(c) == payload
+    finally:
+        proxy.close()
+
+
+def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None:
+    """The upstream reads the body only after a pause: meanwhile the relay
+    must stop reading the client once it holds bytes it could not send (one
+    read's worth), not buffer the whole body. It used to read the client as
+    long as it had nothing held *for the client*, so a fast client filled
+    the relay's memory with what a slow upstream had not taken yet."""
+    size = 32 << 20
+    got: list[int] = []
+
+    def serve(c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            _read_head(c)
+            time.sleep(1.0)
+            n = 0
+            while n < size:
+                chunk = c.recv(1 << 20)
+                assert chunk
+                n += len(chunk)
+            got.append(n)
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    endpoint = _one_shot_server(serve)
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    held: list[int] = []
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"PUT /up HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n" % size)
+            sender = threading.Thread(target=c.sendall, args=(b"z" * size,), daemon=True)
+            sender.start()
+            for _ in range(8):  # while the upstream pauses
+                time.sleep(0.1)
+                held.append(sum(len(up.out) for up in list(proxy.relay._ups.values())))
+            c.settimeout(10)
+            assert read_response(c) == b"ok"
+            sender.join(5)
+        assert got == [size]
+        assert max(held) <= 2 * 65536, held
+    finally:
         proxy.close()

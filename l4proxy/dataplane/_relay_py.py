@@ -326,6 +326,10 @@ class HttpRelay:
             return
         if c.fd in self._conns:
             self._interest(c)
+            # The client took what was held for it: its upstream is read
+            # again (it was not while c.out held bytes: backpressure).
+            if c.up is not None and c.up.owner is c and not c.up.connecting:
+                self._interest_up(c.up)
 
     def _upstream_event(self, c: _Conn, up: _Up, ev: int, now: float) -> None:
         if up.connecting:
@@ -363,7 +367,11 @@ class HttpRelay:
                 self._interest_up(up)
 
     def _reading_client(self, c: _Conn) -> bool:
-        return not c.out and c.ex.wants_client_data
+        # Not while bytes are held for either side: for the client (our
+        # answer first), or for its upstream (backpressure: a fast client
+        # must not fill our memory with what a slow upstream has not taken).
+        held_up = c.up is not None and bool(c.up.out)
+        return not c.out and not held_up and c.ex.wants_client_data
 
     # -- actions ----------------------------------------------------------------
 
