@@ -496,3 +496,32 @@ def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None
         assert max(held) <= 2 * 65536, held
     finally:
         proxy.close()
+
+
+def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
+    backends: list[Backend],
+) -> None:
+    """The per-request metrics: a request whose head is refused (400) was
+    routed nowhere, so it is reported without a tag and with no duration;
+    it used to be reported with the previous request's decision (its
+    service and version) and the time since that request began."""
+    reports: list[tuple[object, int, float]] = []
+    proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,), tag="v1"))
+    proxy.relay.report = lambda tag, status, seconds: reports.append((tag, status, seconds))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /1 HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"v=v1 /1 0"
+            time.sleep(0.3)
+            c.sendall(
+                b"GET /2 HTTP/1.1\r\nHost: b\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+            )
+            c.settimeout(5)
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 400 "), data
+        assert [(tag, status) for tag, status, _ in reports] == [("v1", 200), (None, 400)]
+        assert reports[1][2] == 0.0
+    finally:
+        proxy.close()

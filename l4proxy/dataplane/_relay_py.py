@@ -400,9 +400,12 @@ class HttpRelay:
                 self.counters["requests"] += 1
                 if a.local:
                     self.counters["local_answers"] += 1
+                d, c.decision = c.decision, None  # this request's, used up here
                 if self.report is not None:
-                    tag = c.decision.tag if c.decision else None
-                    self.report(tag, a.status, now - c.started)
+                    # No decision: a head refused before routing (400, 431):
+                    # no destination, no duration (not the previous request's).
+                    tag = d.tag if d is not None else None
+                    self.report(tag, a.status, now - c.started if d is not None else 0.0)
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
