@@ -525,3 +525,37 @@ def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
         assert reports[1][2] == 0.0
     finally:
         proxy.close()
+
+
+def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
+    """An upstream that accepts a request and never answers: after
+    idle_timeout with no byte either way the client connection and the
+    upstream connection are closed, as the L4 pump closes an idle relay.
+    The relay timed out only connections between requests, so a hung
+    upstream held both fds for good."""
+    hung: list[socket.socket] = []
+
+    def serve(c: socket.socket) -> None:
+        hung.append(c)  # read nothing, answer nothing, keep it open
+
+    endpoint = _one_shot_server(serve)
+    relay = HttpRelay(lambda head, origin: Decision((endpoint,)), lambda *a: None, idle_timeout=1.0)
+    relay.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with socket.create_connection(listener.getsockname()[:2], timeout=5) as c:
+            conn, _ = listener.accept()
+            relay.add(conn, ("198.19.0.10", 8080))
+            t0 = time.monotonic()
+            c.sendall(b"GET /hang HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert c.recv(65536) == b""  # closed, not left waiting for the 5 s timeout
+            assert 0.9 <= time.monotonic() - t0 < 2
+        assert hung and hung[0].recv(65536).startswith(b"GET /hang ")
+        hung[0].settimeout(5)
+        assert hung[0].recv(65536) == b""  # the upstream side was closed too
+        assert relay.stats()["active"] == 0
+    finally:
+        for s in hung:
+            s.close()
+        listener.close()
+        relay.close()

@@ -34,8 +34,9 @@ through the ``refused`` callback as ``header_timeout``); a connection's first
 head is timed from its hand-off, as the L4 path times its peek from accept
 (a client that connects and sends nothing gets the 408 too), later heads
 from their first byte (idle keep-alive is not a slow head); a connection
-idle for ``idle_timeout`` is closed; idle pooled connections expire after
-the pool's idle timeout.
+idle for ``idle_timeout`` is closed, between requests or in the middle of
+one (a hung upstream); idle pooled connections expire after the pool's idle
+timeout.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -659,7 +660,11 @@ class HttpRelay:
                 self._flush_client(c)
                 if c.fd in self._conns:
                     self._interest(c)
-            elif c.last_active + self.idle_timeout <= now and c.ex.phase == Phase.HEAD:
+            elif c.last_active + self.idle_timeout <= now:
+                # Between requests, or in an exchange where no byte moved
+                # either way (a hung upstream): closed with its upstream, as
+                # the L4 pump closes an idle relay. Progress either way reads
+                # (backpressure couples the sides), so last_active moves.
                 self.counters["timeouts"] += 1
                 self._close_client(c)
         for handle in self.pools.expire(now):
