@@ -4,7 +4,10 @@ All tests in this module share one mesh and one sidecar (started with
 ``--header-timeout 1``), on purpose: after every test the same worker must
 still be serving (no restart, no new pid) and the fd count must come back
 to where it was. Each case is a real connection from the client pod as uid
-1000 through l4proxy-init's REDIRECT.
+1000 through l4proxy-init's REDIRECT. The module runs twice, with a sidecar
+per ``--http-routing`` mode (issue 11): ``connection`` (the pump relays
+after the first head) and ``request`` (the relay reads every head); where
+the two legitimately differ on the wire, ``echo_answer`` says how.
 
 Backends in the "odd" pod (see tests/_hardening.py):
 
