@@ -288,7 +288,7 @@ def test_slow_head_gets_408(sent: bytes) -> None:
             data = b""
             while chunk := c.recv(4096):
                 data += chunk
-            assert 0.9 <= time.monotonic() - t0 < 2
+            assert 0.9 <= time.monotonic() - t0 < 3  # 1 s, plus a tick, plus a busy machine
             assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
             assert data.endswith(b"\r\n\r\nrequest header timeout"), data
         assert proxy.refused == ["header_timeout"]
@@ -452,9 +452,25 @@ def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader() -> No
             c.sendall(b"GET /big HTTP/1.1\r\nHost: b\r\n\r\n")
             time.sleep(0.5)  # not reading: the relay's buffer for us fills up
             c.settimeout(10)
-            assert read_response(c) == payload
+            data = bytearray()  # (read_response's bytes += is quadratic at 32 MiB)
+            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size
+            while len(data) < len(head) + size:
+                chunk = c.recv(1 << 20)
+                assert chunk, len(data)
+                data += chunk
+            assert data == head + payload
     finally:
         proxy.close()
+
+
+def _held_upstream_bytes(relay: HttpRelay) -> int:
+    """What the relay holds for its upstreams (read from this thread while
+    the relay's own changes the dict: retried until a consistent pass)."""
+    while True:
+        try:
+            return sum(len(up.out) for up in list(relay._ups.values()))
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
 
 
 def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None:
@@ -488,7 +504,7 @@ def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None
             sender.start()
             for _ in range(8):  # while the upstream pauses
                 time.sleep(0.1)
-                held.append(sum(len(up.out) for up in list(proxy.relay._ups.values())))
+                held.append(_held_upstream_bytes(proxy.relay))
             c.settimeout(10)
             assert read_response(c) == b"ok"
             sender.join(5)
@@ -549,7 +565,7 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
             t0 = time.monotonic()
             c.sendall(b"GET /hang HTTP/1.1\r\nHost: b\r\n\r\n")
             assert c.recv(65536) == b""  # closed, not left waiting for the 5 s timeout
-            assert 0.9 <= time.monotonic() - t0 < 2
+            assert 0.9 <= time.monotonic() - t0 < 3
         assert hung and hung[0].recv(65536).startswith(b"GET /hang ")
         hung[0].settimeout(5)
         assert hung[0].recv(65536) == b""  # the upstream side was closed too
