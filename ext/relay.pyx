@@ -70,7 +70,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE
 
 cimport linux as sys_
 
@@ -428,6 +428,8 @@ cdef struct Relay:
     double next_tick
     double next_flush
     bint flush_due
+    int n_head_timeouts    # for refused("header_timeout"), on the next return
+    int n_fd_limit         # for refused("fd_limit")
     int n_oks              # connects that succeeded, for outlier detection
     int ok_ep[MAX_OKS]
     int ok_tag[MAX_OKS]
@@ -1488,6 +1490,15 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         ask_python(R, c, N_CONNECT_FAILED)
         return
     fd = socket(AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0 and (errno == EMFILE or errno == ENFILE):
+        # Out of fds is ours, not the endpoint's: no outlier detection (a
+        # flood must not eject healthy pods); the L4 path's 503 "overloaded".
+        R.n_fd_limit += 1
+        if c.retried:  # a retry's new connection: the request is lost
+            on_upstream_eof(R, c, now)
+        else:
+            local_answer(R, c, R_overloaded, now)
+        return
     if fd < 0:
         c.fail_ep = ep
         c.fail_errno = errno
@@ -1563,6 +1574,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
 
 
 cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
+cdef Verdict_ *R_overloaded = NULL   # 503 "overloaded": out of fds
 
 
 cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
@@ -1814,6 +1826,7 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
             c.fd = h.fd
             c.origin = h.origin
             c.last_active = now
+            c.head_started = now  # the first head is timed from the hand-off
             c.phase = P_HEAD
             c.idx = R.n_conns
             R.conns[R.n_conns] = c
@@ -1860,6 +1873,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
                 i -= 1
         elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+            R.n_head_timeouts += 1
             to_client(R, c, _LOCAL_408, _LOCAL_408_LEN)
             buf_free(&c.inb)
             start_close(R, c, now)
@@ -1869,7 +1883,11 @@ cdef void tick(Relay *R, double now) noexcept nogil:
                 interest(R, c)
             else:
                 i -= 1
-        elif c.phase == P_HEAD and c.last_active + R.idle_timeout <= now:
+        elif c.last_active + R.idle_timeout <= now:
+            # between requests, or in an exchange where no byte moved either
+            # way (a hung upstream): closed with its upstream, as the L4 pump
+            # closes an idle relay (backpressure couples the sides: progress
+            # either way reads, so last_active moves)
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             conn_close(R, c, False)
             i -= 1
@@ -1940,7 +1958,7 @@ cdef int run(Relay *R) noexcept nogil:
         if now >= R.next_flush:
             R.next_flush = now + FLUSH_S
             R.flush_due = R.rows_used > 0
-        if R.need_head != NULL or R.flush_due or R.n_oks:
+        if R.need_head != NULL or R.flush_due or R.n_oks or R.n_head_timeouts or R.n_fd_limit:
             return 1
 
 
@@ -1961,7 +1979,7 @@ cdef class HttpRelay:
     """
 
     cdef Relay *R
-    cdef object decide, l4, resolve, report_rows
+    cdef object decide, l4, resolve, report_rows, refused
     cdef public object connect_failed, connect_ok
     cdef readonly object slow
     cdef object _thread
@@ -1982,12 +2000,13 @@ cdef class HttpRelay:
 
     def __init__(self, decide, l4, pool=None, double connect_timeout=5.0,
                  double header_timeout=10.0, double idle_timeout=300.0, report=None,
-                 connect_failed=None, connect_ok=None, *, resolve=None, report_rows=None,
+                 connect_failed=None, connect_ok=None, refused=None, *, resolve=None,
+                 report_rows=None,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
-        global _LOCAL_408, _LOCAL_408_LEN, R_no_upstream
+        global _LOCAL_408, _LOCAL_408_LEN, R_no_upstream, R_overloaded
         if self.R != NULL:
             raise RuntimeError("HttpRelay.__init__ called twice")
         pool = pool or PoolOptions()
@@ -1997,11 +2016,12 @@ cdef class HttpRelay:
         self.l4 = l4
         self.resolve = resolve
         self.report_rows = report_rows
+        self.refused = refused
         self.connect_failed = connect_failed
         self.connect_ok = connect_ok
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
-            self._slow_connect_failed, self._slow_connect_ok,
+            self._slow_connect_failed, self._slow_connect_ok, refused,
         )
         self._origin_ids = {}
         self._origins = []
@@ -2019,9 +2039,9 @@ cdef class HttpRelay:
             _LOCAL_502_MID = _dup(
                 local_response(502, "upstream closed the connection mid-response"),
                 &_LOCAL_502_MID_LEN)
-            _LOCAL_408 = _dup(local_response(408, "request head not received in time"),
-                              &_LOCAL_408_LEN)
+            _LOCAL_408 = _dup(_relay_py._timeout_answer(), &_LOCAL_408_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
+            R_overloaded = _local_verdict(503, "overloaded", -1)
         R = <Relay*>calloc(1, sizeof(Relay))
         if R == NULL:
             raise MemoryError()
@@ -2304,6 +2324,12 @@ cdef class HttpRelay:
                     if c.up != NULL:
                         interest_up(R, c.up)
         bury(R)
+        refusals = [("header_timeout", R.n_head_timeouts), ("fd_limit", R.n_fd_limit)]
+        R.n_head_timeouts = R.n_fd_limit = 0
+        if self.refused is not None:
+            for why, n in refusals:
+                for _ in range(n):
+                    self.refused(why)
         if R.n_oks:
             oks = [(R.ok_ep[i], R.ok_tag[i]) for i in range(R.n_oks)]
             R.n_oks = 0

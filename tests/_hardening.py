@@ -25,6 +25,7 @@ ended, as JSON.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -216,19 +217,32 @@ for t in ts: t.join()
 print(json.dumps(results))
 """
 
-# Hold N connections open through the proxy: each sends a line, expects it
-# back (TCP echo), then waits for "go" on stdin, exchanges again, and closes.
+# Hold N connections open through the proxy: each sends a message and expects
+# it back (TCP echo: the line; HTTP echo: a keep-alive GET, echoed as the
+# response body), then waits for "go" on stdin, exchanges again on the same
+# connection, and closes.
 HOLDER = r"""
 import json, socket, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+host, port, n, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def message(tag, i):
+    if proto == "tcp":
+        return b"%s %d\n" % (tag, i)
+    return b"GET /%s/%d HTTP/1.1\r\nHost: echo\r\n\r\n" % (tag, i)
+def talk(c, m):
+    c.sendall(m)
+    buf = b""
+    while m not in buf:
+        d = c.recv(65536)
+        if not d:
+            return "bad:" + repr(buf[:80]) if buf else "eof"
+        buf += d
+    return "ok"
 conns, first = [], []
 for i in range(n):
     try:
         c = socket.create_connection((host, port), 3)
         c.settimeout(3)
-        c.sendall(b"hello %d\n" % i)
-        d = c.recv(100)
-        first.append("ok" if d == b"hello %d\n" % i else "bad:" + repr(d) if d else "eof")
+        first.append(talk(c, message(b"hello", i)))
         conns.append(c)
     except ConnectionResetError:
         first.append("reset")
@@ -241,9 +255,7 @@ sys.stdin.readline()
 again = []
 for i, c in enumerate(conns):
     try:
-        c.sendall(b"again %d\n" % i)
-        d = c.recv(100)
-        again.append("ok" if d.startswith(b"again") else "bad:" + repr(d) if d else "eof")
+        again.append(talk(c, message(b"again", i)))
     except OSError as e:
         again.append(type(e).__name__)
     c.close()
@@ -267,18 +279,43 @@ def exchange(
     return out
 
 
-def echo_answer(raw_requests: Iterable[bytes], continues: int = 0) -> bytes:
-    """What HTTP_ECHO answers to these requests (each: head + body, verbatim)."""
+def echo_answer(
+    raw_requests: Iterable[bytes], continues: int = 0, http_routing: str = "connection"
+) -> bytes:
+    """What HTTP_ECHO answers to these requests (each: head + body, verbatim),
+    as a client gets it through a sidecar in *http_routing* mode.
+
+    ``connection``: every byte both ways as sent. ``request``: the
+    per-request relay takes a bare ``Connection: close`` out of an HTTP/1.1
+    head before it goes upstream, so that the upstream connection can be
+    reused (README, "Weighted routing per connection, or per request"): the
+    echo shows the head without that line and does not close; the relay
+    closes the client connection instead, and says so by adding
+    ``connection: close`` to the response head it forwards, where the echo
+    would have put it. Bodies and every other byte are unchanged.
+    """
     out = b"HTTP/1.1 100 Continue\r\n\r\n" * continues
     for raw in raw_requests:
         first = raw.split(b"\r\n", 1)[0]
         close = first.endswith(b"HTTP/1.0") or b"\nconnection: close" in raw.lower()
+        seen = without_connection_close(raw) if http_routing == "request" else raw
         out += b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n" % (
-            len(raw),
+            len(seen),
             b"connection: close\r\n" if close else b"",
         )
-        out += raw
+        out += seen
     return out
+
+
+def without_connection_close(raw: bytes) -> bytes:
+    """*raw* (head + body) with the head's ``Connection: close`` line removed,
+    for HTTP/1.1 (an HTTP/1.0 request closes anyway and is left as it is)."""
+    m = re.search(rb"\r?\n\r?\n", raw)
+    assert m is not None, raw
+    head, body = raw[: m.end()], raw[m.end() :]
+    if not re.match(rb"[^\n]* HTTP/1\.1\r?\n", head):
+        return raw
+    return re.sub(rb"(?im)^connection:[ \t]*close[ \t]*\r?\n", b"", head, count=1) + body
 
 
 def wait_until(pred: Any, timeout: float = 10, step: float = 0.1) -> bool:

@@ -7,6 +7,10 @@
   checkout (``$L4PROXY_SHARED`` overrides). Users do not have it: tests that
   use it skip locally and **fail** under ``CI=true`` (CI provides it).
 * Every skip goes through :func:`_skip_or_fail`: what CI must run, it runs.
+* ``http_routing`` parametrizes a module's tests over both HTTP data planes
+  (``--http-routing connection`` and ``request``, see ``tests.mesh.ROUTING_MODES``),
+  module-scoped: pytest runs a module's tests mode by mode, so a module-scoped
+  sidecar that depends on it starts once per mode.
 * :func:`twin` parametrizes a test over the compiled and the pure-Python
   implementation of a module; a missing compiled build fails under CI.
 """
@@ -25,7 +29,7 @@ import pytest
 
 from l4proxy.dataplane import _impl
 from l4proxy.demo.podnet import PodNetwork
-from tests.mesh import SEED_DIR, SHARED_DIR, Mesh
+from tests.mesh import ROUTING_MODES, SEED_DIR, SHARED_DIR, Mesh
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +64,13 @@ def seed_dir() -> str:
             "is not beside this checkout (CI provides it; L4PROXY_SHARED=DIR points elsewhere)"
         )
     return SEED_DIR
+
+
+@pytest.fixture(scope="module", params=list(ROUTING_MODES))
+def http_routing(request: pytest.FixtureRequest) -> str:
+    """``connection`` or ``request``: the sidecar's ``--http-routing`` mode."""
+    mode: str = request.param
+    return mode
 
 
 _netns_ok: tuple[bool, str] | None = None

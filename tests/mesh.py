@@ -37,6 +37,15 @@ IMPLS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "pure-asyncio": ({"L4PROXY_NO_EXTENSIONS": "1"}, ("--loop", "asyncio")),
 }
 
+# The two HTTP data planes (issue 11), as the suites that must pass in both
+# run them: "connection" (the default: a connection's first request head
+# routes it, the L4 pump relays) and "request" (the per-request relay routes
+# every request head on its own, l4proxy/dataplane/_relay_py.py).
+ROUTING_MODES: dict[str, tuple[str, ...]] = {
+    "connection": ("--http-routing", "connection"),
+    "request": ("--http-routing", "request"),
+}
+
 # The project's shared material (the Istio tutorial's manifests) lives in
 # ``../shared`` beside the checkout, where CI puts it; users do not have it.
 # L4PROXY_SHARED overrides: ``make`` sets it when it runs the suite in a

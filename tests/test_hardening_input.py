@@ -4,7 +4,10 @@ All tests in this module share one mesh and one sidecar (started with
 ``--header-timeout 1``), on purpose: after every test the same worker must
 still be serving (no restart, no new pid) and the fd count must come back
 to where it was. Each case is a real connection from the client pod as uid
-1000 through l4proxy-init's REDIRECT.
+1000 through l4proxy-init's REDIRECT. The module runs twice, with a sidecar
+per ``--http-routing`` mode (issue 11): ``connection`` (the pump relays
+after the first head) and ``request`` (the relay reads every head); where
+the two legitimately differ on the wire, ``echo_answer`` says how.
 
 Backends in the "odd" pod (see tests/_hardening.py):
 
@@ -43,7 +46,7 @@ from tests._hardening import (
     wait_until,
 )
 from tests.conftest import _check_netns, _skip_or_fail
-from tests.mesh import PYTHON, VIP, Mesh, service_entry
+from tests.mesh import PYTHON, ROUTING_MODES, VIP, Mesh, service_entry
 
 pytestmark = pytest.mark.netns
 
@@ -65,8 +68,9 @@ class Observer:
 
 
 class Hostile:
-    def __init__(self, mesh: Mesh, odd: Pod, observers: dict[str, Observer]) -> None:
+    def __init__(self, mesh: Mesh, odd: Pod, observers: dict[str, Observer], mode: str) -> None:
         self.mesh = mesh
+        self.mode = mode  # --http-routing: "connection" or "request"
         self.odd = odd
         self.observers = observers
         assert mesh.sidecar is not None and mesh.client is not None
@@ -82,7 +86,9 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile() -> Iterator[Hostile]:
+def hostile(http_routing: str) -> Iterator[Hostile]:
+    """One sidecar per --http-routing mode; every test runs against both."""
+    mode = http_routing
     ok, why = _check_netns()
     if not ok:
         _skip_or_fail(why)
@@ -94,14 +100,14 @@ def hostile() -> Iterator[Hostile]:
             mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
             mesh.procs.append(odd.popen([PYTHON, "-c", TCP_ECHO, "8082"], user=1000))
             observers = {}
-            for port, mode in ((8083, "eof"), (8084, "rst")):
+            for port, behaviour in ((8083, "eof"), (8084, "rst")):
                 proc = odd.popen(
-                    [PYTHON, "-u", "-c", OBSERVER, str(port), mode],
+                    [PYTHON, "-u", "-c", OBSERVER, str(port), behaviour],
                     user=1000,
                     stdout=subprocess.PIPE,
                 )
                 mesh.procs.append(proc)
-                observers[mode] = Observer(proc)
+                observers[behaviour] = Observer(proc)
             for port in (8081, 8082, 8083, 8084):
                 odd.wait_listening(port)
             ep: list[tuple[str, dict[str, str]]] = [(odd.ipv4, {})]
@@ -113,8 +119,8 @@ def hostile() -> Iterator[Hostile]:
                 service_entry("rst", RST_VIP, 8084, ep, "TCP", "tcp-rst"),
                 name="registry.yaml",
             )
-            mesh.start_client(run_args=("--header-timeout", "1"))
-            yield Hostile(mesh, odd, observers)
+            mesh.start_client(run_args=("--header-timeout", "1", *ROUTING_MODES[mode]))
+            yield Hostile(mesh, odd, observers, mode)
         finally:
             if mesh.sidecar and not mesh.sidecar.alive():
                 print(mesh.sidecar_log())
@@ -158,7 +164,22 @@ def test_slowloris_is_bounded_by_header_timeout_and_others_are_served(hostile: H
     for lasted, got in results:
         assert got.startswith("HTTP/1.1 408 Request Timeout"), got
         assert 0.9 <= lasted < 4, lasted
-    assert hostile.sidecar.stat("l4proxy_refused_total") >= 40
+    assert hostile.sidecar.stat('l4proxy_refused_total{reason="header_timeout"}') >= 40
+
+
+def test_a_client_that_sends_nothing_gets_408_after_the_header_timeout(
+    hostile: Hostile,
+) -> None:
+    """A connection that never sends a byte holds a slot for --header-timeout,
+    not for --idle-timeout (an hour): the L4 path times its peek from accept,
+    the relay a connection's first head from its hand-off."""
+    before = hostile.sidecar.stat('l4proxy_refused_total{reason="header_timeout"}')
+    r = hostile.ex(VIP, 8080, [])
+    assert r["data"].startswith(b"HTTP/1.1 408 Request Timeout\r\n"), r
+    assert r["data"].endswith(b"\r\n\r\nrequest header timeout"), r
+    assert r["end"] == "eof" and 0.9 <= r["elapsed"] < 4, r
+    after = hostile.sidecar.stat('l4proxy_refused_total{reason="header_timeout"}')
+    assert after == before + 1
 
 
 def test_head_over_64kib_is_answered_431(hostile: Hostile) -> None:
@@ -302,7 +323,7 @@ def test_odd_but_valid_http_reaches_the_backend_byte_identical(hostile: Hostile,
     reqs, steps, continues = CASES[case]
     r = hostile.ex(ECHO_VIP, 8081, steps)
     assert r["error"] is None, r
-    assert r["data"] == echo_answer(reqs, continues)
+    assert r["data"] == echo_answer(reqs, continues, hostile.mode)
     assert r["end"] == "eof"
 
 
@@ -311,7 +332,7 @@ def test_odd_but_valid_http_reaches_the_backend_byte_identical(hostile: Hostile,
 
 def test_client_half_close_after_a_request_still_gets_the_response(hostile: Hostile) -> None:
     r = hostile.ex(ECHO_VIP, 8081, [("send", REQ), ("shut", None)])
-    assert r["data"] == echo_answer([REQ]), r
+    assert r["data"] == echo_answer([REQ], http_routing=hostile.mode), r
     assert r["end"] == "eof"
     # The bootcamp app too (it answers, then sees our EOF and closes).
     r = hostile.ex(

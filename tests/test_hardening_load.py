@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ import time
 import pytest
 
 from tests._hardening import HTTP_ECHO, echo_answer, exchange, rss_kib, wait_until
-from tests.mesh import IMPLS, PYTHON, VIP, Mesh, route_rule, service_entry
+from tests.mesh import IMPLS, PYTHON, ROUTING_MODES, VIP, Mesh, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
 
@@ -76,13 +77,21 @@ def _full_log(mesh: Mesh) -> str:
     "impl",
     ["compiled-uvloop", pytest.param("pure-asyncio", marks=pytest.mark.slow)],
 )
-def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str) -> None:
-    """all-v1 → 50-v2 → all-v2 → ... 100 times while wrk (Connection: close) runs:
-    zero socket errors, zero non-2xx. Each swap is waited for (its load logged)."""
-    mesh.start(impl, route_rule({"v1": 100}), run_args=("--reload-interval", "0.05"))
+def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routing: str) -> None:
+    """all-v1 → 50-v2 → all-v2 → ... 100 times while two wrk run, one with
+    ``Connection: close`` (a decision per connection, in both modes) and one
+    keep-alive (in request mode a decision per request on connections open
+    across the swaps): zero socket errors, zero non-2xx. Each swap is waited
+    for (its load logged); wrk is stopped (SIGINT: it prints its numbers)
+    once the 100 swaps are done, rather than run for a fixed time."""
+    mesh.start(
+        impl,
+        route_rule({"v1": 100}),
+        run_args=("--reload-interval", "0.05", *ROUTING_MODES[http_routing]),
+    )
     assert mesh.sidecar is not None
     rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
-    wrk = _wrk(mesh, 30, 20, close=True)
+    wrks = [_wrk(mesh, 120, 10, close=True), _wrk(mesh, 120, 10, close=False)]
     time.sleep(0.5)
     loaded = _loaded_generations(mesh)
     t0 = time.monotonic()
@@ -90,18 +99,21 @@ def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str) -> None:
         mesh.write_rules(rules[i % 3])
         assert wait_until(lambda n=loaded + i + 1: _loaded_generations(mesh) >= n, 5, 0.02)
     swaps_took = time.monotonic() - t0
-    assert wrk.poll() is None, "wrk ended before the 100 swaps did"
-    out, _ = wrk.communicate(timeout=60)
-    n = _wrk_numbers(out)
-    print(n, f"swaps took {swaps_took:.1f}s")
-    assert n["requests"] > 500, out
-    assert n["socket_errors"] == 0 and n["non_2xx"] == 0, out
-    assert "Socket errors" not in out and "Non-2xx" not in out, out
+    for wrk in wrks:
+        assert wrk.poll() is None, "wrk ended before the 100 swaps did"
+        wrk.send_signal(signal.SIGINT)
+    for wrk in wrks:
+        out, _ = wrk.communicate(timeout=60)
+        n = _wrk_numbers(out)
+        print(n, f"swaps took {swaps_took:.1f}s")
+        assert n["requests"] > 500, out
+        assert n["socket_errors"] == 0 and n["non_2xx"] == 0, out
+        assert "Socket errors" not in out and "Non-2xx" not in out, out
     assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
     assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 0
 
 
-def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
+def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh, http_routing: str) -> None:
     """20 requests in flight (the backend takes 1.5 s each) and wrk churning:
     SIGTERM; every in-flight request is answered in full within the drain
     window (5 s here), the sidecar exits 0."""
@@ -109,7 +121,9 @@ def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
     mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
     odd.wait_listening(8081)
     mesh.write_rules(service_entry("echo", "198.19.0.40", 8081, [(odd.ipv4, {})]), name="e.yaml")
-    mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
+    mesh.start(
+        "compiled-uvloop", route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[http_routing]
+    )
     assert mesh.client is not None and mesh.sidecar is not None
     client = mesh.client
     req = b"GET /sleep/1.5 HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"
@@ -134,7 +148,7 @@ def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
     assert stopped_after < 5 + 3, stopped_after  # the drain window, plus exit
     assert len(results) == 20
     for r in results:
-        assert r["data"] == echo_answer([req]), r
+        assert r["data"] == echo_answer([req], http_routing=http_routing), r
         assert r["end"] == "eof"
     n = _wrk_numbers(out)
     # After SIGTERM wrk's new connections are still served while it runs (the
@@ -147,15 +161,26 @@ def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh) -> None:
 # -- soaks ---------------------------------------------------------------------------
 
 
+# Both implementations in connection mode; request mode compiled on uvloop
+# only: the relay is the same pure Python under either (the implementation
+# changes the loop that accepts and the pump that tunnels), so a fourth
+# 10-minute pair would repeat the third.
+SOAKS = [
+    *((impl, "connection") for impl in IMPLS),
+    ("compiled-uvloop", "request"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl,routing", SOAKS, ids=[f"{i}-{r}" for i, r in SOAKS])
 @pytest.mark.parametrize("kind", ["churn", "keepalive"])
-def test_soak(mesh: Mesh, impl: str, kind: str) -> None:
+def test_soak(mesh: Mesh, impl: str, routing: str, kind: str) -> None:
     """L4PROXY_SOAK_SECONDS of wrk, 200 connections, ``Connection: close``
     (churn: a connection, a decision and a relay per request) or keep-alive:
     the sidecar stays up with no worker restart, no socket error, no non-2xx,
-    and its fds and RSS come back to the baseline taken after a warm-up."""
-    mesh.start(impl, route_rule({"v1": 50, "v2": 50}))
+    and its fds and RSS come back to the baseline taken after a warm-up
+    (fds less the idle upstream connections request mode pools: bounded)."""
+    mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[routing])
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     close = kind == "churn"
@@ -171,7 +196,7 @@ def test_soak(mesh: Mesh, impl: str, kind: str) -> None:
     restarts = sc.stat("l4proxy_worker_restarts_total") if alive else -1
     n = _wrk_numbers(out)
     record = {
-        "test": f"soak-{kind}-{impl}",
+        "test": f"soak-{kind}-{impl}-{routing}",
         "seconds": SOAK_SECONDS,
         "connections": 200,
         **n,

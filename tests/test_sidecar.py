@@ -20,9 +20,29 @@ from collections.abc import Iterator
 import pytest
 
 from l4proxy.demo.podnet import PodNetwork
-from tests.mesh import IMPLS, PYTHON, SEED_DIR, VIP, Mesh, binomial_ok, route_rule, service_entry
+from tests.mesh import (
+    IMPLS,
+    PYTHON,
+    ROUTING_MODES,
+    SEED_DIR,
+    VIP,
+    Mesh,
+    binomial_ok,
+    route_rule,
+    service_entry,
+)
 
 pytestmark = pytest.mark.netns
+
+# impl x --http-routing for the rule-swap and churn tests: both
+# implementations in connection mode, and request mode compiled on uvloop.
+# The per-request relay is the same pure Python under either implementation
+# (the implementation changes the loop that accepts and hands over), so a
+# pure-asyncio request-mode run would add suite time and no path.
+IMPL_ROUTING = [
+    *(pytest.param(impl, "connection", id=impl) for impl in IMPLS),
+    pytest.param("compiled-uvloop", "request", id="compiled-uvloop-request"),
+]
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -227,11 +247,13 @@ print(out.decode())
 """
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_a_head_sent_after_a_reload_follows_the_new_rules(mesh: Mesh, impl: str) -> None:
+@pytest.mark.parametrize("impl,routing", IMPL_ROUTING)
+def test_a_head_sent_after_a_reload_follows_the_new_rules(
+    mesh: Mesh, impl: str, routing: str
+) -> None:
     """Connect under all-v1, swap to all-v2, then send the head: v2 answers.
     (The table used to be read at accept, before the head was peeked.)"""
-    mesh.start(impl, route_rule({"v1": 100}))
+    mesh.start(impl, route_rule({"v1": 100}), run_args=ROUTING_MODES[routing])
     assert mesh.client is not None and mesh.sidecar is not None
     accepted = mesh.sidecar.stat("l4proxy_connections_total")
     proc = mesh.client.popen(
@@ -254,6 +276,10 @@ def test_a_head_sent_after_a_reload_follows_the_new_rules(mesh: Mesh, impl: str)
     assert "v=2" in out and "v=1" not in out, out
 
 
+# Connection mode only: in request mode the same swaps under load (and more:
+# 100 of them, under Connection: close and keep-alive wrk) are
+# test_hardening_load's test_100_rule_swaps_under_wrk_fail_nothing[request-*]
+# (suite time).
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_rule_swaps_under_load_fail_nothing(mesh: Mesh, impl: str) -> None:
     mesh.start(impl, route_rule({"v1": 100}))
@@ -368,15 +394,119 @@ def test_bulk_transfer_is_byte_identical_both_ways(mesh: Mesh, impl: str, size: 
     assert "\nl4proxy_pipe_refusals_total 0" in stats, stats
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_churn_soak_connection_close(mesh: Mesh, impl: str) -> None:
-    """wrk with Connection: close for a while: the sidecar lives, fds return to baseline."""
-    mesh.start(impl, route_rule({"v1": 50, "v2": 50}))
+# The same transfer as HTTP, for --http-routing request: over a TCP port the
+# relay never sees a byte (the pump relays it in both modes), so this one
+# goes through the relay itself. One keep-alive connection: a PUT of SIZE
+# bytes (Content-Length) answered with their sha256, then a GET of SIZE
+# bytes answered chunked (1 MiB chunks); both bodies pass the relay's
+# framers byte by byte in pure Python.
+BULK_HTTP = r"""
+import hashlib, socket, sys, threading
+block = hashlib.sha256(b"x").digest() * 32768  # 1 MiB
+def serve(c):
+    f = c.makefile("rb")
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        length = 0
+        while (h := f.readline()) not in (b"\r\n", b""):
+            if h.lower().startswith(b"content-length:"):
+                length = int(h.split(b":")[1])
+        method, path = line.split()[:2]
+        if method == b"PUT":
+            digest, left = hashlib.sha256(), length
+            while left:
+                d = f.read(min(left, 1 << 20)); digest.update(d); left -= len(d)
+            body = f"{length} {digest.hexdigest()}".encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        else:
+            left = int(path.rsplit(b"/", 1)[1])
+            c.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            while left > 0:
+                chunk = block[:min(left, len(block))]; left -= len(chunk)
+                c.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            c.sendall(b"0\r\n\r\n")
+    c.close()
+s = socket.create_server(("", int(sys.argv[1])))
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+CLIENT_HTTP = r"""
+import hashlib, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.create_connection((host, port), 10)
+c.settimeout(120)
+f = c.makefile("rb")
+block = hashlib.sha256(b"x").digest() * 32768
+def head():
+    status = f.readline()
+    fields = {}
+    while (h := f.readline()) not in (b"\r\n", b""):
+        k, _, v = h.partition(b":"); fields[k.strip().lower()] = v.strip()
+    return status, fields
+c.sendall(b"PUT /sink HTTP/1.1\r\nHost: store\r\nContent-Length: %d\r\n\r\n" % size)
+h, left = hashlib.sha256(), size
+while left > 0:
+    chunk = block[:min(left, len(block))]; c.sendall(chunk); h.update(chunk); left -= len(chunk)
+status, fields = head()
+body = f.read(int(fields[b"content-length"])).decode()
+up = status.startswith(b"HTTP/1.1 200 ") and body == f"{size} {h.hexdigest()}"
+c.sendall(b"GET /source/%d HTTP/1.1\r\nHost: store\r\n\r\n" % size)
+status, fields = head()
+h, n = hashlib.sha256(), 0
+while True:
+    length = int(f.readline().split(b";")[0], 16)
+    if length == 0:
+        break
+    d = f.read(length); h.update(d); n += len(d)
+    assert f.read(2) == b"\r\n"
+assert f.readline() == b"\r\n"
+e, left = hashlib.sha256(), size
+while left > 0:
+    e.update(block[:min(left, len(block))]); left -= len(block)
+down = status.startswith(b"HTTP/1.1 200 ") and n == size and h.hexdigest() == e.hexdigest()
+print(up and down, up, down, body, n)
+"""
+
+
+def test_bulk_transfer_through_the_per_request_relay_is_byte_identical(mesh: Mesh) -> None:
+    """1 GiB up and 1 GiB down, HTTP, --http-routing request (see BULK_HTTP)."""
+    size = 1 << 30
+    store = mesh.net.add_pod("store", labels={"app": "store"})
+    mesh.procs.append(store.popen([PYTHON, "-c", BULK_HTTP, "7003"], user=1000))
+    store.wait_listening(7003)
+    mesh.write_rules(
+        service_entry("store", "198.19.0.33", 7003, [(store.ipv4, {})]), name="store.yaml"
+    )
+    mesh.start("compiled-uvloop", run_args=ROUTING_MODES["request"])
+    assert mesh.client is not None and mesh.sidecar is not None
+    t0 = time.monotonic()
+    r = mesh.client.run(
+        [PYTHON, "-c", CLIENT_HTTP, "198.19.0.33", "7003", str(size)], user=1000, timeout=240
+    )
+    print(f"2 x {size >> 20} MiB through the relay in {time.monotonic() - t0:.1f}s")
+    assert r.stdout.startswith("True"), r.stdout + r.stderr
+    # Both requests went through the relay, on one upstream connection; none
+    # was handed to the pump.
+    assert mesh.sidecar.stat("l4proxy_http_requests_total") == 2
+    assert mesh.sidecar.stat("l4proxy_upstream_pool_opened_total") == 1
+    assert mesh.sidecar.stat("l4proxy_relayed_connections_total") == 0
+
+
+@pytest.mark.parametrize("impl,routing", IMPL_ROUTING)
+def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> None:
+    """wrk with Connection: close for a while: the sidecar lives, fds return to baseline.
+
+    Request mode churns for 10 s (~30,000 requests here; for the suite's
+    time: make soak runs it for 10 minutes)."""
+    mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[routing])
     assert mesh.client is not None and mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
-    seconds = int(
-        os.environ.get("L4PROXY_CHURN_SECONDS", "30" if impl.startswith("pure") else "60")
-    )
+    default = "10" if routing == "request" else "30" if impl.startswith("pure") else "60"
+    seconds = int(os.environ.get("L4PROXY_CHURN_SECONDS", default))
     out = mesh.client.run(
         ["wrk", "-t2", "-c50", f"-d{seconds}s", "-H", "Connection: close", f"http://{VIP}:8080/"],
         user=1000,

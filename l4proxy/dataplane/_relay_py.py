@@ -29,8 +29,14 @@ to do; this module only performs it:
   into a RST.
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
-than ``header_timeout`` gets 408; a connection idle for ``idle_timeout``
-is closed; idle pooled connections expire after the pool's idle timeout.
+than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
+through the ``refused`` callback as ``header_timeout``); a connection's first
+head is timed from its hand-off, as the L4 path times its peek from accept
+(a client that connects and sends nothing gets the 408 too), later heads
+from their first byte (idle keep-alive is not a slow head); a connection
+idle for ``idle_timeout`` is closed, between requests or in the middle of
+one (a hung upstream); idle pooled connections expire after the pool's idle
+timeout.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -40,6 +46,7 @@ it exactly once (``_close_client``, ``_drop_upstream``).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -78,6 +85,7 @@ _LINGER0: Final = struct.pack("ii", 1, 0)
 _READ: Final = 65536
 _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
+_FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
 
 Endpoint = tuple[str, int]
 
@@ -141,6 +149,7 @@ class HttpRelay:
         report: Callable[[Any, int, float], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
         connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         self.decide = decide
         self.l4 = l4
@@ -151,6 +160,7 @@ class HttpRelay:
         self.report = report
         self.connect_failed = connect_failed
         self.connect_ok = connect_ok
+        self.refused = refused  # a connection closed unrouted, with the reason
         self.ep = select.epoll()
         self._lock = threading.Lock()
         self._queue: list[tuple[socket.socket, Any, bytes, int]] = []
@@ -259,13 +269,13 @@ class HttpRelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # not TCP (a test's socketpair)
-            c = _Conn(sock, origin, Exchange(), now, fd=sock.fileno())
+            # The first head is timed from here (see "Timers").
+            c = _Conn(sock, origin, Exchange(), now, head_started=now, fd=sock.fileno())
             c.ex.requests = requests
             self._conns[c.fd] = c
             self.counters["connections"] += 1
             self._interest(c)
             if data:
-                c.head_started = now
                 self._perform(c, c.ex.client_data(data), now)
         return stop
 
@@ -329,15 +339,20 @@ class HttpRelay:
             return
         if c.fd in self._conns:
             self._interest(c)
+            # The client took what was held for it: its upstream is read
+            # again (it was not while c.out held bytes: backpressure).
+            if c.up is not None and c.up.owner is c and not c.up.connecting:
+                self._interest_up(c.up)
 
     def _upstream_event(self, c: _Conn, up: _Up, ev: int, now: float) -> None:
         if up.connecting:
             if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
                 return
+            # Reading SO_ERROR clears it: the reason goes along from here.
             err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._deadlines.pop(up.fd, None)
             if err:
-                self._connect_error(c, up, now)
+                self._connect_error(c, up, now, os.strerror(err))
                 return
             up.connecting = False
             self.pools.opened(up.endpoint, up.fd)
@@ -365,10 +380,11 @@ class HttpRelay:
                 self._interest_up(up)
 
     def _reading_client(self, c: _Conn) -> bool:
-        # Not while either side holds bytes it has not sent: one read at a
-        # time is all a connection may buffer (a server that does not read
-        # a request body holds the client back, as a slow client does).
-        return not c.out and not (c.up is not None and c.up.out) and c.ex.wants_client_data
+        # Not while bytes are held for either side: for the client (our
+        # answer first), or for its upstream (backpressure: a fast client
+        # must not fill our memory with what a slow upstream has not taken).
+        held_up = c.up is not None and bool(c.up.out)
+        return not c.out and not held_up and c.ex.wants_client_data
 
     # -- actions ----------------------------------------------------------------
 
@@ -397,9 +413,12 @@ class HttpRelay:
                 self.counters["requests"] += 1
                 if a.local:
                     self.counters["local_answers"] += 1
+                d, c.decision = c.decision, None  # this request's, used up here
                 if self.report is not None:
-                    tag = c.decision.tag if c.decision else None
-                    self.report(tag, a.status, now - c.started)
+                    # No decision: a head refused before routing (400, 431):
+                    # no destination, no duration (not the previous request's).
+                    tag = d.tag if d is not None else None
+                    self.report(tag, a.status, now - c.started if d is not None else 0.0)
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
@@ -441,7 +460,22 @@ class HttpRelay:
 
     def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno not in _FD_EXHAUSTED:
+                raise
+            # Out of fds is ours, not the endpoint's: not reported to
+            # connect_failed (a flood must not eject healthy pods); the L4
+            # path's answer, 503 "overloaded".
+            c.up = None
+            if self.refused is not None:
+                self.refused("fd_limit")
+            if c.ex.phase == Phase.ROUTING:
+                self._perform(c, c.ex.refuse(503, "overloaded"), now)
+            else:  # a retry's new connection: the request is lost
+                self._perform(c, c.ex.upstream_eof(), now)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up = _Up(sock, endpoint, connecting=True, owner=c)
@@ -466,9 +500,8 @@ class HttpRelay:
     def _connect_error(self, c: _Conn, up: _Up, now: float, why: str = "") -> None:
         self.counters["connect_errors"] += 1
         endpoint = up.endpoint
-        if not why:
-            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            why = os.strerror(err) if err else "connect timeout"
+        if not why:  # from the tick: the deadline passed
+            why = "connect timeout"
         self._deadlines.pop(up.fd, None)
         self._drop_upstream(up)
         c.up = None
@@ -630,6 +663,8 @@ class HttpRelay:
                     self._close_client(c)
             elif c.head_started is not None and c.head_started + self.header_timeout <= now:
                 self.counters["timeouts"] += 1
+                if self.refused is not None:
+                    self.refused("header_timeout")
                 c.head_started = None
                 c.ex.phase = Phase.CLOSED
                 c.out += _timeout_answer()
@@ -637,7 +672,11 @@ class HttpRelay:
                 self._flush_client(c)
                 if c.fd in self._conns:
                     self._interest(c)
-            elif c.last_active + self.idle_timeout <= now and c.ex.phase == Phase.HEAD:
+            elif c.last_active + self.idle_timeout <= now:
+                # Between requests, or in an exchange where no byte moved
+                # either way (a hung upstream): closed with its upstream, as
+                # the L4 pump closes an idle relay. Progress either way reads
+                # (backpressure couples the sides), so last_active moves.
                 self.counters["timeouts"] += 1
                 self._close_client(c)
         for handle in self.pools.expire(now):
@@ -649,7 +688,7 @@ class HttpRelay:
 def _timeout_answer() -> bytes:
     from l4proxy.dataplane._exchange_py import local_response
 
-    return local_response(408, "request head not received in time")
+    return local_response(408, "request header timeout")  # as the L4 path's
 
 
 def _numeric(host: str) -> bool:

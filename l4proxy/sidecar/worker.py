@@ -228,6 +228,7 @@ class Worker:
                 report=self._report_request,
                 connect_failed=self._relay_connect_failed,
                 connect_ok=self._relay_connect_ok,
+                refused=self._relay_refused,
                 **compiled,
             )
             _describe_istio(self.relay_counters)
@@ -341,7 +342,8 @@ class Worker:
         """The event loop's counters and the relay thread's, for /stats.
 
         A family both count (``l4proxy_decisions_total``: per connection on
-        the loop, per request in the relay) is summed per label set.
+        the loop, per request in the relay; ``l4proxy_refused_total``) is
+        summed per label set.
         """
         if self.relay is not None:
             self.relay.flush_reports(0.5)  # the compiled relay counts in C: hand it over
@@ -802,6 +804,11 @@ class Worker:
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
         buckets = tuple(int(i == index) for i in range(len(_DURATION_BUCKETS_MS)))
         self._report_rows([], [(tag, status, 1, seconds, buckets)])
+
+    def _relay_refused(self, why: str) -> None:
+        """A connection the relay closed without routing it (relay thread):
+        counted as the L4 path counts its refusals (a slow head: header_timeout)."""
+        self.relay_counters.inc("l4proxy_refused_total", reason=why)
 
     def _on_loop(self, fn: Any, *args: Any) -> bool:
         loop = self._loop

@@ -41,6 +41,7 @@ class HttpRelay:
         report: Callable[[Any, int, float], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
         connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        refused: Callable[[str], None] | None = None,
         *,
         resolve: Callable[[RequestHead, Any], Verdict] | None = None,
         report_rows: Callable[[list[tuple[Any, int]], list[Row]], None] | None = None,
