@@ -416,14 +416,16 @@ def _resolving_proxy(backends: list[Backend], verdict: object, **kw: object) -> 
     proxy = Proxy.__new__(Proxy)
     proxy.handed = []
     relay_class = load_twin("relay", "compiled").HttpRelay
-    proxy.relay = relay_class(
-        lambda h, o: Decision(), proxy._l4, resolve=resolve, seed=11, **kw
-    )
+    proxy.relay = relay_class(lambda h, o: Decision(), proxy._l4, resolve=resolve, seed=11, **kw)
     proxy.relay.start()
     proxy.listener = socket.create_server(("127.0.0.1", 0))
     proxy.port = proxy.listener.getsockname()[1]
     threading.Thread(target=proxy._accept, daemon=True).start()
     return proxy, calls
+
+
+def _append_to(rows: list) -> Callable[[list, list], None]:
+    return lambda decided, answered: rows.append(answered)
 
 
 def _get(c: socket.socket, path: str, method: str = "GET") -> bytes:
@@ -478,9 +480,7 @@ def test_the_weighted_draw_is_reproducible_with_a_seed(backends: list[Backend], 
     runs = []
     for _ in range(2):
         rows: list = []
-        proxy, _calls = _resolving_proxy(
-            backends, verdict, report_rows=lambda d, a: rows.append(a)
-        )
+        proxy, _calls = _resolving_proxy(backends, verdict, report_rows=_append_to(rows))
         try:
             with proxy.connect() as c:
                 runs.append([_get(c, "/s")[:4] for _ in range(200)])
@@ -490,6 +490,8 @@ def test_the_weighted_draw_is_reproducible_with_a_seed(backends: list[Backend], 
         assert answered == {"v1": runs[-1].count(b"v=v1"), "v2": runs[-1].count(b"v=v2")}
     assert runs[0] == runs[1]  # --seed: the same draws, request for request
     assert binomial_ok(runs[0].count(b"v=v2"), 200, 0.5)
+
+
 def test_out_of_fds_for_an_upstream_answers_503_and_blames_no_endpoint(
     backends: list[Backend],
 ) -> None:
@@ -607,7 +609,8 @@ def _held_upstream_bytes(relay: Any) -> int:
             continue
 
 
-# pure only: reads the pure twin's buffers; test_a_server_that_does_not_read_holds_the_client_back holds both
+# pure only: reads the pure twin's buffers (both twins:
+# test_a_server_that_does_not_read_holds_the_client_back)
 @pytest.mark.parametrize("twin", ["pure"], indirect=True)
 def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None:
     """The upstream reads the body only after a pause: meanwhile the relay
@@ -694,7 +697,9 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
 
     endpoint = _one_shot_server(serve)
     relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
-    relay = relay_class(lambda head, origin: Decision((endpoint,)), lambda *a: None, idle_timeout=1.0)
+    relay = relay_class(
+        lambda head, origin: Decision((endpoint,)), lambda *a: None, idle_timeout=1.0
+    )
     relay.start()
     listener = socket.create_server(("127.0.0.1", 0))
     try:
