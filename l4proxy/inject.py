@@ -133,7 +133,7 @@ class InjectOptions:
     exclude_outbound_ports: tuple[int, ...] = ()
     sidecar: str = "native"  # or "container"
     pull_policy: str | None = None
-    http_routing: str = "connection"  # "request": per-request routing and metrics (canary)
+    http_routing: str = "request"  # "connection": route by each connection's first head
     stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
 
     def status(self) -> str:
@@ -208,7 +208,7 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
     c.update(
         {
             "command": ["l4proxy", "run", "--rules", RULES_MOUNT]
-            + (["--http-routing", "request"] if opts.http_routing == "request" else [])
+            + (["--http-routing", "connection"] if opts.http_routing == "connection" else [])
             + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
             "env": [
                 {
@@ -490,9 +490,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--http-routing",
         choices=["connection", "request"],
-        default="connection",
+        default="request",
         help="the sidecar's l4proxy run --http-routing; request: every request routed on "
-        "its own and counted (istio_requests_total: what l4proxy canary reads) (%(default)s)",
+        "its own and counted (istio_requests_total: what l4proxy canary reads); "
+        "connection: by each connection's first request head (%(default)s)",
     )
     p.add_argument(
         "--stats-port",

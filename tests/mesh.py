@@ -254,6 +254,10 @@ class Mesh:
                 "0.5",
                 "--seed",  # weighted splits repeat run after run (see ALPHA)
                 "1",
+                # The per-connection path unless a test asks for per-request
+                # routing (the default of l4proxy run; the last flag wins).
+                "--http-routing",
+                "connection",
                 *run_args,
             ],
             env=self.env,

@@ -614,20 +614,23 @@ def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_inject_http_routing_request_reaches_the_sidecar_command() -> None:
+def test_inject_http_routing_reaches_the_sidecar_command() -> None:
     from l4proxy.inject import InjectOptions, inject_text
 
     plain = (ROOT / "deploy/kubernetes/bootcamp/plain/bootcamp.yaml").read_text()
-    out = inject_text(plain, InjectOptions(http_routing="request")).text
+    out = inject_text(plain, InjectOptions(http_routing="connection")).text
     for dep in (d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"):
         sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
         assert sidecar["command"] == [
-            "l4proxy", "run", "--rules", "/etc/l4proxy", "--http-routing", "request"
+            "l4proxy", "run", "--rules", "/etc/l4proxy", "--http-routing", "connection"
         ]  # fmt: skip
-    # injecting again with the default takes it out again (one injection, updated)
+    # injecting again with the default (request, l4proxy run's own) takes it out
     again = inject_text(out, InjectOptions()).text
     assert again == inject_text(plain, InjectOptions()).text
-    argv = ["inject", "-f", "x.yaml", "--http-routing", "request"]
+    for dep in (d for d in yaml.safe_load_all(again) if d and d["kind"] == "Deployment"):
+        sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
+        assert sidecar["command"] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]
     from l4proxy.cli import build_parser
 
-    assert build_parser("inject").parse_args(argv).http_routing == "request"
+    assert build_parser("inject").parse_args(["inject", "-f", "x.yaml"]).http_routing == "request"
+    assert build_parser("run").parse_args(["run"]).http_routing == "request"

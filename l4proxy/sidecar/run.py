@@ -186,12 +186,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--http-routing",
         choices=["connection", "request"],
-        default="connection",
-        help="on HTTP ports and gateway listeners: route by the first request "
-        "head of each connection (connection, the default: the compiled pump), "
-        "or every request on its own (request: a canary split, a rule swap and "
-        "path rules reach keep-alive connections at their next request; upstream "
-        "connections are pooled, see --pool-*)",
+        default="request",
+        help="on HTTP ports and gateway listeners: route every request on its own "
+        "(request, the default: a canary split, a rule swap and path rules reach "
+        "keep-alive connections at their next request; upstream connections are "
+        "pooled, see --pool-*), or by the first request head of each connection "
+        "(connection: the connection then goes to the L4 pump as it is)",
     )
     p.add_argument(
         "--pool-max-idle",

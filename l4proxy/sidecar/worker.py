@@ -103,7 +103,7 @@ class WorkerOptions:
     # "connection": the first request head routes the connection (compiled
     # pump); "request": every request is routed on its own (the per-request
     # relay, l4proxy/dataplane/relay.py: compiled, or its pure twin).
-    http_routing: str = "connection"
+    http_routing: str = "request"
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
     pool: PoolOptions = field(default_factory=PoolOptions)  # --pool-*: upstream pools
 
