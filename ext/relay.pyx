@@ -70,7 +70,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE
+from libc.errno cimport (
+    ECONNABORTED, EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno,
+)
 
 cimport linux as sys_
 
@@ -107,6 +109,7 @@ include "_chunked.pxi"
 cdef extern from "<sys/socket.h>" nogil:
     int socket(int domain, int type, int protocol)
     int connect(int fd, const void *addr, sys_.socklen_t len)
+    int accept4(int fd, void *addr, sys_.socklen_t *len, int flags)
     enum:
         AF_INET
         SOCK_NONBLOCK
@@ -135,9 +138,16 @@ cdef extern from *:
     """
     #define L4R_ADD(p, v) ((void)__atomic_fetch_add((p), (v), __ATOMIC_RELAXED))
     #define L4R_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define L4R_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
     """
     void L4R_ADD(int64_t *p, int64_t v) nogil
     int64_t L4R_LOAD(int64_t *p) nogil
+    void L4R_STORE(int64_t *p, int64_t v) nogil
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char *path, int flags)
+    enum:
+        O_RDONLY
 
 
 # -- constants ----------------------------------------------------------------
@@ -163,6 +173,20 @@ cdef double LINGER_S = 2.0
 cdef enum:
     K_CONN = 1
     K_UP = 2
+    K_LST = 3
+
+cdef enum:
+    MAX_LSTS = 16
+    MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
+    ACCEPT_BATCH = 64
+    SO_ORIGINAL_DST = 80
+    SOL_IP = 0
+    SHAPE_ORIGIN = 9       # the key of an origin's class entry
+
+# an origin's class (what classify() says of an unread connection)
+cdef enum:
+    OC_RELAY = 1           # HTTP: this relay
+    OC_OTHER = 2           # anything else: the worker's general path
 
 # client connection phases
 cdef enum:
@@ -316,7 +340,8 @@ cdef struct Entry:
     char *key
     size_t key_len
     Verdict_ *v            # NULL: a shape entry (origin, Host) -> shape
-    int shape
+    int shape              # ... or an origin's class entry: OC_*
+    uint32_t origin        # an origin's class entry: its origin id
     double expires
     int64_t epoch
 
@@ -374,6 +399,24 @@ cdef struct Row:
     int64_t count
     double sum_s
     int64_t buckets[MAX_BUCKETS]
+
+cdef struct Lst:
+    # a listener whose connections this loop accepts (--http-routing request)
+    int kind               # K_LST
+    int fd
+    uint32_t mask
+    int index              # the worker's
+    bint gateway           # its connections go to this relay, origin gw_origin
+    uint32_t gw_origin
+    bint removed
+    double paused_until    # out of fds: not watched until then
+    int64_t accepted       # since the last report
+
+cdef struct Other:
+    int fd
+    int lst
+    uint32_t addr          # the original destination (network order); 0: none
+    uint16_t port          # network order
 
 cdef struct Handoff:
     int fd
@@ -438,6 +481,17 @@ cdef struct Relay:
     int n_conns
     int cap_conns
     int64_t epoch          # bumped by invalidate() (atomic)
+    # accept (compiled: listen())
+    Lst *lsts[MAX_LSTS]
+    int n_lsts
+    uint32_t unlisten      # bits of lsts to stop watching (under lock)
+    int reserve_fd         # /dev/null: freed to shed the accept queue at EMFILE
+    int max_conns          # 0: no limit
+    int64_t external_active  # the worker's other connections (atomic)
+    int n_max_conns        # for refused("max_connections")
+    Other others[MAX_OTHERS]
+    int n_others
+    int64_t last_accept_ns # CLOCK_MONOTONIC (atomic)
     int64_t ctr[<int>N_CT]
 
 
@@ -979,7 +1033,7 @@ cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double
 
 
 cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_ *v,
-                    int shape, double expires, int64_t epoch) noexcept nogil:
+                    int shape, double expires, int64_t epoch, uint32_t origin=0) noexcept nogil:
     cdef uint32_t i
     cdef Entry *e
     if epoch != L4R_LOAD(&R.epoch) or epoch != R.cache_epoch:
@@ -996,6 +1050,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
             verdict_free(e.v)  # expired: replaced in place
             e.v = v
             e.shape = shape
+            e.origin = origin
             e.expires = expires
             return
         i = (i + 1) & (CACHE_SLOTS - 1)
@@ -1008,6 +1063,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
     e.hash = hash
     e.v = v
     e.shape = shape
+    e.origin = origin
     e.expires = expires
     e.epoch = epoch
     R.cache_used += 1
@@ -1812,39 +1868,157 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
     sys_.pthread_mutex_unlock(&R.lock)
     while h != NULL:
         nx = h.next
-        c = <Conn*>calloc(1, sizeof(Conn))
-        if R.n_conns == R.cap_conns:
-            grown = <Conn**>realloc(R.conns, sizeof(Conn*) * (R.cap_conns * 2 + 64))
-            if grown != NULL:
-                R.conns = grown
-                R.cap_conns = R.cap_conns * 2 + 64
-        if c == NULL or R.n_conns == R.cap_conns:
-            free(c)
-            sys_.close(h.fd)
-        else:
-            c.kind = K_CONN
-            c.fd = h.fd
-            c.origin = h.origin
-            c.last_active = now
-            c.head_started = now  # the first head is timed from the hand-off
-            c.phase = P_HEAD
-            c.idx = R.n_conns
-            R.conns[R.n_conns] = c
-            R.n_conns += 1
-            L4R_ADD(&R.ctr[<int>CT_CONNECTIONS], 1)
-            L4R_ADD(&R.ctr[<int>CT_ACTIVE], 1)
-            sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-            if h.len:
-                buf_add(&c.inb, h.data, h.len)
-                head_step(R, c, now)
-            if not c.closed:
-                if c.out.len:
-                    flush_client(R, c)
-                if not c.closed:
-                    interest(R, c)
+        new_conn(R, h.fd, h.origin, h.data, h.len, now)
         free(h.data)
         free(h)
         h = nx
+
+
+cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n,
+                   double now) noexcept nogil:
+    """A client connection of this relay from now on (fd owned here)."""
+    cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
+    cdef Conn **grown
+    cdef int one = 1
+    if R.n_conns == R.cap_conns:
+        grown = <Conn**>realloc(R.conns, sizeof(Conn*) * (R.cap_conns * 2 + 64))
+        if grown != NULL:
+            R.conns = grown
+            R.cap_conns = R.cap_conns * 2 + 64
+    if c == NULL or R.n_conns == R.cap_conns:
+        free(c)
+        sys_.close(fd)
+        return
+    c.kind = K_CONN
+    c.fd = fd
+    c.origin = origin
+    c.last_active = now
+    c.head_started = now  # the first head is timed from the hand-off
+    c.phase = P_HEAD
+    c.idx = R.n_conns
+    R.conns[R.n_conns] = c
+    R.n_conns += 1
+    L4R_ADD(&R.ctr[<int>CT_CONNECTIONS], 1)
+    L4R_ADD(&R.ctr[<int>CT_ACTIVE], 1)
+    sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    if n:
+        buf_add(&c.inb, data, n)
+        head_step(R, c, now)
+    if not c.closed:
+        if c.out.len:
+            flush_client(R, c)
+        if not c.closed:
+            interest(R, c)
+
+
+# -- accept ---------------------------------------------------------------------------
+
+cdef inline void reset_close(int fd) noexcept nogil:
+    cdef sys_.linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    sys_.setsockopt(fd, sys_.SOL_SOCKET, sys_.SO_LINGER, &lg, sizeof(lg))
+    sys_.close(fd)
+
+
+cdef void to_others(Relay *R, int fd, Lst *l, uint32_t addr, uint16_t port) noexcept nogil:
+    """For the worker's general path (Python), on the next return."""
+    if R.n_others == MAX_OTHERS:
+        reset_close(fd)  # a thousand at once waiting for Python: shed
+        R.n_max_conns += 1
+        return
+    R.others[R.n_others].fd = fd
+    R.others[R.n_others].lst = l.index
+    R.others[R.n_others].addr = addr
+    R.others[R.n_others].port = port
+    R.n_others += 1
+
+
+cdef int shed(Relay *R, Lst *l) noexcept nogil:
+    """Out of fds: reset what waits in the accept queue, through the reserve fd
+    (libuv's EMFILE trick, as the worker's accept does)."""
+    cdef int n = 0, fd
+    if R.reserve_fd < 0:
+        return 0
+    sys_.close(R.reserve_fd)
+    R.reserve_fd = -1
+    while n < 256:
+        fd = accept4(l.fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd < 0:
+            break
+        reset_close(fd)
+        n += 1
+    R.reserve_fd = c_open(b"/dev/null", O_RDONLY | sys_.O_CLOEXEC)
+    return n
+
+
+cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
+    cdef int fd, k, n
+    cdef sockaddr_in dst
+    cdef sys_.socklen_t len
+    cdef char key[16]
+    cdef Entry *e
+    cdef sys_.epoll_event ev
+    for k in range(ACCEPT_BATCH):
+        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if errno == EINTR or errno == ECONNABORTED:
+                continue
+            if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                n = shed(R, l) if (errno == EMFILE or errno == ENFILE) else 0
+                R.n_fd_limit += n if n > 0 else 1
+                # not watched for 100 ms rather than spin on a readable listener
+                l.paused_until = now + 0.1
+                sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, l.fd, &ev)
+                l.mask = 0
+            return
+        l.accepted += 1
+        L4R_STORE(&R.last_accept_ns, <int64_t>(now * 1e9))
+        if R.max_conns and L4R_LOAD(&R.ctr[<int>CT_ACTIVE]) + L4R_LOAD(&R.external_active) \
+                + R.n_others >= R.max_conns:
+            R.n_max_conns += 1
+            reset_close(fd)
+            continue
+        if l.gateway:
+            new_conn(R, fd, l.gw_origin, NULL, 0, now)
+            continue
+        len = sizeof(dst)
+        memset(&dst, 0, sizeof(dst))
+        if sys_.getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dst, &len) != 0 \
+                or dst.sin_family != AF_INET:
+            to_others(R, fd, l, 0, 0)  # not redirected, or IPv6: Python says
+            continue
+        memcpy(key, &dst.sin_addr.s_addr, 4)
+        memcpy(key + 4, &dst.sin_port, 2)
+        key[6] = <char>SHAPE_ORIGIN
+        e = cache_get(R, key, 7, fnv(FNV_BASIS, key, 7), now)
+        if e != NULL and e.shape == OC_RELAY:
+            new_conn(R, fd, e.origin, NULL, 0, now)
+        else:  # another kind of connection, or not known yet: Python says
+            to_others(R, fd, l, dst.sin_addr.s_addr, dst.sin_port)
+
+
+cdef void watch_listeners(Relay *R, double now) noexcept nogil:
+    """Unlisten what Python asked to; watch again what was paused."""
+    cdef uint32_t drop
+    cdef int i
+    cdef Lst *l
+    cdef sys_.epoll_event ev
+    sys_.pthread_mutex_lock(&R.lock)
+    drop = R.unlisten
+    R.unlisten = 0
+    sys_.pthread_mutex_unlock(&R.lock)
+    for i in range(R.n_lsts):
+        l = R.lsts[i]
+        if l.removed:
+            continue
+        if drop & ((<uint32_t>1) << i):
+            if l.mask:
+                sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, l.fd, &ev)
+                l.mask = 0
+            l.removed = True
+        elif l.mask == 0 and l.paused_until <= now:
+            set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
 
 
 cdef void tick(Relay *R, double now) noexcept nogil:
@@ -1935,7 +2109,10 @@ cdef int run(Relay *R) noexcept nogil:
             if ptr == NULL:  # the wake-up eventfd
                 sys_.read(R.wakefd, &junk, sizeof(junk))
                 continue
-            if (<Conn*>ptr).kind == K_CONN:
+            if (<Lst*>ptr).kind == K_LST:
+                if not (<Lst*>ptr).removed:
+                    accept_on(R, <Lst*>ptr, now)
+            elif (<Conn*>ptr).kind == K_CONN:
                 if not (<Conn*>ptr).closed and (<Conn*>ptr).need == N_NONE:
                     client_event(R, <Conn*>ptr, events[i].events, now)
             elif not (<Up*>ptr).closed:
@@ -1954,11 +2131,14 @@ cdef int run(Relay *R) noexcept nogil:
         if now >= R.next_tick:
             tick(R, now)
             R.next_tick = now + TICK_S
+        if R.n_lsts:
+            watch_listeners(R, now)
         bury(R)
         if now >= R.next_flush:
             R.next_flush = now + FLUSH_S
-            R.flush_due = R.rows_used > 0
-        if R.need_head != NULL or R.flush_due or R.n_oks or R.n_head_timeouts or R.n_fd_limit:
+            R.flush_due = R.rows_used > 0 or R.n_lsts > 0
+        if (R.need_head != NULL or R.flush_due or R.n_oks or R.n_head_timeouts
+                or R.n_fd_limit or R.n_others or R.n_max_conns):
             return 1
 
 
@@ -1980,6 +2160,8 @@ cdef class HttpRelay:
 
     cdef Relay *R
     cdef object decide, l4, resolve, report_rows, refused
+    cdef object accepted, classify_origin, accepts
+    cdef list _lst_index
     cdef public object connect_failed, connect_ok
     cdef readonly object slow
     cdef object _thread
@@ -2001,7 +2183,8 @@ cdef class HttpRelay:
     def __init__(self, decide, l4, pool=None, double connect_timeout=5.0,
                  double header_timeout=10.0, double idle_timeout=300.0, report=None,
                  connect_failed=None, connect_ok=None, refused=None, *, resolve=None,
-                 report_rows=None,
+                 report_rows=None, accepted=None, classify_origin=None, accepts=None,
+                 int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD):
         cdef Relay *R
         cdef sys_.epoll_event ev
@@ -2017,6 +2200,10 @@ cdef class HttpRelay:
         self.resolve = resolve
         self.report_rows = report_rows
         self.refused = refused
+        self.accepted = accepted
+        self.classify_origin = classify_origin
+        self.accepts = accepts
+        self._lst_index = []
         self.connect_failed = connect_failed
         self.connect_ok = connect_ok
         self.slow = _relay_py.HttpRelay(
@@ -2062,6 +2249,8 @@ cdef class HttpRelay:
         R.pool_idle_timeout = pool.idle_timeout
         R.max_requests = pool.max_requests
         R.decide_only = resolve is None
+        R.max_conns = max_connections
+        R.reserve_fd = -1
         R.n_buckets = len(self._buckets)
         for i, b in enumerate(self._buckets):
             R.bounds[i] = b
@@ -2108,6 +2297,12 @@ cdef class HttpRelay:
         bury(R)
         for i in range(R.n_keys):
             free(R.keys[i])
+        if R.reserve_fd >= 0:
+            sys_.close(R.reserve_fd)
+        for i in range(R.n_lsts):
+            free(R.lsts[i])
+        for i in range(R.n_others):
+            sys_.close(R.others[i].fd)
         if R.epfd >= 0:
             sys_.close(R.epfd)
         if R.wakefd >= 0:
@@ -2142,6 +2337,68 @@ cdef class HttpRelay:
     @property
     def pools(self):
         return _Pools(self)
+
+    def listen(self, int fd, int index, bint gateway=False, gateway_origin=None):
+        """Accept on listening socket *fd* in this loop (before start()).
+
+        A gateway listener's connections are this relay's, with origin
+        *gateway_origin*. A transparent listener's are this relay's when
+        ``classify_origin(ip, port)`` (asked once per original destination and
+        rule swap) says so; the others, and those with no original
+        destination, go to ``accepted(sock, index)`` (the worker's general
+        path). The fd stays the caller's: close it only after unlisten().
+        """
+        cdef Relay *R = self.R
+        cdef Lst *l
+        if self._started:
+            raise RuntimeError("listen() after start()")
+        if R.n_lsts == MAX_LSTS:
+            raise ValueError(f"at most {MAX_LSTS} listeners")
+        l = <Lst*>calloc(1, sizeof(Lst))
+        if l == NULL:
+            raise MemoryError()
+        l.kind = K_LST
+        l.fd = fd
+        l.index = index
+        l.gateway = gateway
+        if gateway:
+            l.gw_origin = self._origin_id(gateway_origin)
+        R.lsts[R.n_lsts] = l
+        R.n_lsts += 1
+        self._lst_index.append(index)
+        if R.reserve_fd < 0:
+            R.reserve_fd = c_open(b"/dev/null", O_RDONLY | sys_.O_CLOEXEC)
+        set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
+
+    def unlisten(self, int index, double timeout=2.0):
+        """Stop accepting on the listener *index*; returns once the loop has
+        (then the caller may close it)."""
+        cdef Relay *R = self.R
+        cdef int i
+        import time as _time
+        for i in range(R.n_lsts):
+            if R.lsts[i].index != index or R.lsts[i].removed:
+                continue
+            if not self._started or self._closed or not self._thread.is_alive():
+                set_mask(R, R.lsts[i].fd, &R.lsts[i].mask, 0, R.lsts[i])
+                R.lsts[i].removed = True
+                return
+            sys_.pthread_mutex_lock(&R.lock)
+            R.unlisten |= (<uint32_t>1) << i
+            sys_.pthread_mutex_unlock(&R.lock)
+            self._wake()
+            deadline = _time.monotonic() + timeout
+            while not R.lsts[i].removed and _time.monotonic() < deadline:
+                _time.sleep(0.001)
+            return
+
+    def set_external_active(self, int64_t n):
+        """The worker's connections outside this relay, for max_connections."""
+        L4R_STORE(&self.R.external_active, n)
+
+    def last_accept(self):
+        """CLOCK_MONOTONIC seconds of the last accept here (0: none yet)."""
+        return L4R_LOAD(&self.R.last_accept_ns) / 1e9
 
     def start(self):
         if self._started:
@@ -2282,6 +2539,9 @@ cdef class HttpRelay:
         for i in range(R.n_eps):
             while R.eps[i].idle_head != NULL:
                 up_close(R, R.eps[i].idle_head)
+        for i in range(R.n_others):
+            reset_close(R.others[i].fd)
+        R.n_others = 0
         bury(R)
 
     cdef _service(self):
@@ -2324,8 +2584,14 @@ cdef class HttpRelay:
                     if c.up != NULL:
                         interest_up(R, c.up)
         bury(R)
-        refusals = [("header_timeout", R.n_head_timeouts), ("fd_limit", R.n_fd_limit)]
-        R.n_head_timeouts = R.n_fd_limit = 0
+        if R.n_others:
+            self._others(now_s())
+        refusals = [
+            ("header_timeout", R.n_head_timeouts),
+            ("fd_limit", R.n_fd_limit),
+            ("max_connections", R.n_max_conns),
+        ]
+        R.n_head_timeouts = R.n_fd_limit = R.n_max_conns = 0
         if self.refused is not None:
             for why, n in refusals:
                 for _ in range(n):
@@ -2336,6 +2602,44 @@ cdef class HttpRelay:
             if self.connect_ok is not None:
                 for ep, tag in oks:
                     self.connect_ok(self._ep_keys[ep], self._tag(tag))
+
+    cdef _others(self, double now):
+        """Accepted connections Python must look at: classify their original
+        destination (cached per destination), then this relay or the worker."""
+        cdef Relay *R = self.R
+        cdef int i, n = R.n_others
+        cdef Other o
+        cdef char key[16]
+        cdef int64_t epoch = L4R_LOAD(&R.epoch)
+        cdef uint32_t oid
+        cdef bint mine
+        R.n_others = 0
+        for i in range(n):
+            o = R.others[i]
+            sock = _socket.socket(fileno=o.fd)
+            try:
+                mine = False
+                if o.addr and self.classify_origin is not None:
+                    ip = _socket.inet_ntop(_socket.AF_INET, (<char*>&o.addr)[:4])
+                    port = int.from_bytes((<char*>&o.port)[:2], "big")
+                    mine, origin = self.classify_origin(ip, port)
+                    oid = self._origin_id(origin) if mine else 0
+                    memcpy(key, &o.addr, 4)
+                    memcpy(key + 4, &o.port, 2)
+                    key[6] = <char>SHAPE_ORIGIN
+                    if epoch == R.cache_epoch:
+                        cache_put(R, key, 7, fnv(FNV_BASIS, key, 7), NULL,
+                                  OC_RELAY if mine else OC_OTHER, now + 1.0, epoch, oid)
+                if mine:
+                    new_conn(R, sock.detach(), oid, NULL, 0, now)
+                elif self.accepted is not None:
+                    self.accepted(sock, o.lst)
+                else:
+                    sock.close()
+            except BaseException:
+                L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+                if sock.fileno() >= 0:
+                    sock.close()
 
     cdef object _tag(self, int tag):
         return self._tags[tag] if 0 <= tag < len(self._tags) else None
@@ -2601,6 +2905,7 @@ cdef class HttpRelay:
         cdef Relay *R = self.R
         cdef Row *r
         cdef int i, b
+        cdef int64_t n
         decided = []
         answered = []
         for i in range(ROWS_SLOTS):
@@ -2617,6 +2922,11 @@ cdef class HttpRelay:
         R.rows_used = 0
         if self.report_rows is not None and (decided or answered):
             self.report_rows(decided, answered)
+        for i in range(R.n_lsts):
+            if R.lsts[i].accepted and self.accepts is not None:
+                n = R.lsts[i].accepted
+                R.lsts[i].accepted = 0
+                self.accepts(R.lsts[i].index, n)
 
     def flush_reports(self, double timeout=0.5):
         """Have the loop hand what it counted to ``report_rows`` now, and

@@ -719,3 +719,44 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
             s.close()
         listener.close()
         relay.close()
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_the_compiled_loop_accepts_on_a_gateway_listener(backends: list[Backend], twin: str) -> None:
+    """listen(): accept in the loop (no Python per connection); accepts()
+    counts them; unlisten() lets go of the fd, after which the kernel
+    queues connections nobody takes."""
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    counted: list[tuple[int, int]] = []
+    relay_class = load_twin("relay", "compiled").HttpRelay
+    relay = relay_class(
+        lambda h, o: Decision(),
+        lambda *a: None,
+        resolve=lambda h, o: Verdict((Choice(1, (backends[0].endpoint,)),)),
+        accepts=lambda index, n: counted.append((index, n)),
+    )
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.setblocking(False)
+    relay.listen(lst.fileno(), 3, True, ("gateway", 8080))
+    relay.start()
+    try:
+        for i in range(20):  # Connection: close clients: one connection each
+            with socket.create_connection(lst.getsockname()[:2], timeout=5) as c:
+                c.sendall(f"GET /g{i} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
+                assert read_response(c) == f"v=v1 /g{i} 0".encode()
+        relay.flush_reports(1.0)
+        assert sum(n for index, n in counted if index == 3) == 20
+        assert relay.stats()["connections"] == 20
+        assert relay.last_accept() > 0
+        relay.unlisten(3)
+        late = socket.create_connection(lst.getsockname()[:2], timeout=5)
+        late.sendall(b"GET /late HTTP/1.1\r\nHost: b\r\n\r\n")
+        late.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            late.recv(1)  # in the backlog: nobody accepts it any more
+        late.close()
+        assert relay.stats()["connections"] == 20
+    finally:
+        relay.close()
+        lst.close()

@@ -198,6 +198,8 @@ class Worker:
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
+        self._relay_listeners: dict[int, int] = {}  # fd -> index: the relay accepts there
+        self._all_listeners: list[Listener] = []  # by the index the relay knows
         self._describe_counters()
         # The per-request relay (--http-routing request) runs its own thread;
         # what it counts goes to relay_counters (locked: /stats reads them
@@ -218,6 +220,14 @@ class Worker:
                     "max_head": options.max_head,
                 }
                 rules.on_publish.append(self._table_published)
+                # and the listeners: accept and the original destination in
+                # the compiled loop too (HTTP connections never meet Python)
+                compiled.update(
+                    accepted=self._relay_accepted,
+                    classify_origin=self._relay_classify_origin,
+                    accepts=self._relay_accepts,
+                    max_connections=options.max_connections,
+                )
             self.relay = HttpRelay(
                 self._decide_request,
                 self._from_relay,
@@ -256,13 +266,24 @@ class Worker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pump.start()
-        if self.relay is not None:
-            self.relay.start()
         self._take_reserve()
         self.refresh_local_addresses()
-        for lst in self.listeners:
+        relay_accepts = self.relay is not None and hasattr(self.relay, "listen")
+        for index, lst in enumerate(self.listeners):
             self.listener_ports.add(lst.address[1])
-            self._loop.add_reader(lst.sock.fileno(), self._on_acceptable, lst)
+            if relay_accepts:
+                assert self.relay is not None
+                gateway = lst.mode == "gateway"
+                origin = Origin(None, lst.address[1], True) if gateway else None
+                self.relay.listen(lst.sock.fileno(), index, gateway, origin)
+                self._relay_listeners[lst.sock.fileno()] = index
+            else:
+                self._loop.add_reader(lst.sock.fileno(), self._on_acceptable, lst)
+        self._all_listeners = list(self.listeners)
+        if self.relay is not None:
+            self.relay.start()
+        if relay_accepts and self.opts.max_connections:
+            self._loop.call_soon(self._tell_relay_external)
 
     def refresh_local_addresses(self) -> None:
         try:
@@ -279,6 +300,9 @@ class Worker:
             if lst.mode in keep:
                 kept.append(lst)
                 continue
+            index = self._relay_listeners.pop(lst.sock.fileno(), None)
+            if index is not None and self.relay is not None:
+                self.relay.unlisten(index)  # its loop lets go of the fd first
             try:
                 self._loop.remove_reader(lst.sock.fileno())
             except (ValueError, OSError):
@@ -319,7 +343,7 @@ class Worker:
         self._last_accept = max(self._last_accept, now)
         while self.listeners and time.monotonic() < deadline:
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
-            if idle and time.monotonic() - self._last_accept >= quiet:
+            if idle and time.monotonic() - self.last_accept() >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
             await asyncio.sleep(min(0.1, quiet))
@@ -334,6 +358,19 @@ class Worker:
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
         return forced
+
+    def last_accept(self) -> float:
+        """When a connection was last accepted (monotonic), here or in the relay."""
+        relay_accept = getattr(self.relay, "last_accept", None)
+        return max(self._last_accept, relay_accept() if relay_accept else 0.0)
+
+    def _tell_relay_external(self) -> None:
+        """--max-connections: the relay counts its own connections; these
+        are the others (pump, handshakes), told every 50 ms."""
+        if self.relay is None or self._loop is None or not self._relay_listeners:
+            return
+        self.relay.set_external_active(self.pump.active + len(self.handshakes))
+        self._loop.call_later(0.05, self._tell_relay_external)
 
     def relay_active(self) -> int:
         return self.relay.active() if self.relay is not None else 0
@@ -804,6 +841,32 @@ class Worker:
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
         buckets = tuple(int(i == index) for i in range(len(_DURATION_BUCKETS_MS)))
         self._report_rows([], [(tag, status, 1, seconds, buckets)])
+
+    def _relay_classify_origin(self, ip: str, port: int) -> tuple[bool, Origin]:
+        """Whether connections the relay accepted for (*ip*, *port*) are its
+        own (relay thread; cached per destination until a swap, 1 s at most)."""
+        origin = Origin(ip, port, False)
+        c = self._classify(self.rules.state.table, origin, UNREAD)
+        return c.kind is Kind.RELAY, origin
+
+    def _relay_accepted(self, conn: socket.socket, index: int) -> None:
+        """A connection the relay accepted that is not HTTP for it (relay
+        thread): the general path, on the event loop."""
+        if not self._on_loop(self._serve_accepted, conn, index):
+            _reset(conn)
+
+    def _serve_accepted(self, conn: socket.socket, index: int) -> None:
+        assert self._loop is not None
+        lst = self._all_listeners[index]
+        conn.setblocking(False)
+        task = self._loop.create_task(self._serve(conn, lst))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    def _relay_accepts(self, index: int, n: int) -> None:
+        """Connections the relay accepted on listener *index* (relay thread)."""
+        mode = self._all_listeners[index].mode
+        self.relay_counters.inc("l4proxy_connections_total", n, listener=mode)
 
     def _relay_refused(self, why: str) -> None:
         """A connection the relay closed without routing it (relay thread):
