@@ -722,7 +722,9 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)
-def test_the_compiled_loop_accepts_on_a_gateway_listener(backends: list[Backend], twin: str) -> None:
+def test_the_compiled_loop_accepts_on_a_gateway_listener(
+    backends: list[Backend], twin: str
+) -> None:
     """listen(): accept in the loop (no Python per connection); accepts()
     counts them; unlisten() lets go of the fd, after which the kernel
     queues connections nobody takes."""
