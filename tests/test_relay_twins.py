@@ -1,0 +1,654 @@
+"""The two relays answer identically: a differential test over real sockets.
+
+The per-request relay has a pure twin (``_relay_py`` + ``_exchange_py``, the
+reference semantics) and a compiled one (``ext/relay.pyx``: a C fast path
+that hands uncommon requests to a pure relay it owns). This module drives
+both with the same scripted conversations and asserts that the outcomes are
+byte-identical:
+
+* the bytes each client received, exactly, and whether its connection was
+  closed;
+* the bytes each backend connection received, exactly (in accept order),
+  and how it ended (still open, closed by the relay, closed by the backend);
+* what was handed to the L4 callback (non-HTTP first bytes);
+* the relay's ``requests``, ``local_answers`` and ``errors`` counters.
+
+After every case, no fd of this process stays open beyond the relay's own
+(epoll, wake-up) and the pools' idle upstream connections, and none at all
+once the relay is closed.
+
+How a case runs
+---------------
+The backend is raw sockets (no http.server): per connection it reads one
+request at a time (head, then a Content-Length or chunked body), records
+every byte, and answers with the scripted :class:`Answer` named by the last
+path segment of the target (``/x/cl`` answers ``cl``); ``name~k`` splits the
+answer into two segments at byte *k*. A client conversation is a list of
+steps (bytes to send, a pause, a half-close, "wait for an answer"); after
+its steps the conversation *settles*: the relay has counted the requests the
+case expects, and nothing moved for :data:`QUIET` seconds (or the client
+connection was closed). Outcomes are independent of how bytes are split
+across segments, so the pauses only make the interesting splits likely.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._relay_py import Decision
+from tests.conftest import load_twin
+
+ORIGIN = ("198.19.0.10", 8080)
+QUIET = 0.03  # seconds without any movement: a conversation has settled
+SETTLE_TIMEOUT = 2.0  # a twin that hangs is compared as it stands then
+SEGMENT_PAUSE = 0.004  # between the segments of a scripted answer
+TWINS = ("pure", "compiled")
+
+# -- backend answers --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the backend sends for one request, then whether it closes."""
+
+    segments: tuple[bytes, ...]
+    close: bool = False
+    before_body: bytes = b""  # sent once the head is read, before the body (100 Continue)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.segments)
+
+
+def _ok(body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+def _head(*lines: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    return b"\r\n".join((status, *lines)) + b"\r\n\r\n"
+
+
+BIG = bytes(range(256)) * 4096  # 1 MiB
+_CHUNKED = _head(b"Transfer-Encoding: chunked")
+_CL2 = b"Content-Length: 2"
+_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+ANSWERS: dict[str, Answer] = {
+    # length-delimited
+    "cl": Answer((_ok(),)),
+    "cl0": Answer((_ok(b""),)),
+    "cl_split": Answer((b"HTTP/1.1 200 OK\r\nContent-Len", b"gth: 5\r\n\r\nhe", b"llo")),
+    "cl_big": Answer((_ok(BIG),)),
+    "cl_lower": Answer((_head(b"content-length:5", b"x-a:\t b ") + b"hello",)),
+    "cl_noreason": Answer((_head(_CL2, status=b"HTTP/1.1 200") + b"ok",)),
+    "cl_emptyreason": Answer((_head(_CL2, status=b"HTTP/1.1 200 ") + b"ok",)),
+    "cl_obstext": Answer((_head(b"X-L: caf\xe9", _CL2, status=b"HTTP/1.1 200 \xe9t\xe9") + b"ok",)),
+    "cl_equal2": Answer((_head(_CL2, _CL2) + b"ok",)),
+    "cl_list": Answer((_head(b"Content-Length: 2, 2") + b"ok",)),
+    "cl_zeros": Answer((_head(b"Content-Length: 002") + b"ok",)),
+    "cl_201": Answer((_head(b"Content-Length: 0", status=b"HTTP/1.1 201 Created"),)),
+    "cl_404": Answer((_head(b"Content-Length: 4", status=b"HTTP/1.1 404 Not Found") + b"nope",)),
+    # chunked
+    "chunked": Answer((_CHUNKED + b"5\r\nhello\r\n0\r\n\r\n",)),
+    "chunked_trailers": Answer(
+        (_CHUNKED + b"5\r\nhello\r\n3\r\nabc\r\n0\r\nX-T: 1\r\nY:\r\n\r\n",)
+    ),
+    "chunked_ext": Answer((_CHUNKED + b"5;a=b\r\nhello\r\n0 ; x\r\n\r\n",)),
+    "chunked_split": Answer((_CHUNKED + b"5\r", b"\nhel", b"lo\r\n0\r\n", b"\r\n")),
+    "chunked_big": Answer(
+        (_CHUNKED + b"".join(b"1000\r\n%s\r\n" % BIG[:4096] for _ in range(64)) + b"0\r\n\r\n",)
+    ),
+    "chunked_gzip": Answer((_head(b"Transfer-Encoding: gzip, chunked") + b"2\r\nok\r\n0\r\n\r\n",)),
+    "te_upper": Answer((_head(b"transfer-encoding: CHUNKED") + b"2\r\nok\r\n0\r\n\r\n",)),
+    # close-delimited
+    "close_delim": Answer((_head() + b"until", b" close"), close=True),
+    "te_gzip": Answer((_head(b"Transfer-Encoding: gzip") + b"raw", b"bytes"), close=True),
+    # no body
+    "head": Answer((_head(b"Content-Length: 5"),)),
+    "head_chunked": Answer((_CHUNKED,)),
+    "204": Answer((_head(status=b"HTTP/1.1 204 No Content"),)),
+    "204_cl": Answer((_head(b"Content-Length: 0", status=b"HTTP/1.1 204 No Content"),)),
+    "304": Answer((_head(b'ETag: "x"', status=b"HTTP/1.1 304 Not Modified"),)),
+    "304_cl": Answer((_head(b"Content-Length: 5", status=b"HTTP/1.1 304 Not Modified"),)),
+    "304_badcl": Answer((_head(b"Content-Length: x", status=b"HTTP/1.1 304 Not Modified"),)),
+    # interim answers
+    "100": Answer((_100 + _ok(b"ok"),)),
+    "100_split": Answer((_100, _ok(b"ok"))),
+    "103": Answer(
+        (_head(b"Link: </s.css>; rel=preload", status=b"HTTP/1.1 103 Early Hints"), _ok())
+    ),
+    "100_103": Answer((_100 + _head(b"Link: <a>", status=b"HTTP/1.1 103 Early") + _ok(),)),
+    "100_http10": Answer((_100 + _head(_CL2, status=b"HTTP/1.0 200 OK") + b"ok",)),
+    "expect": Answer((_ok(b"ok"),), before_body=_100),
+    "101": Answer((_head(b"Upgrade: x", status=b"HTTP/1.1 101 Switching Protocols"),)),
+    # closing answers
+    "conn_close": Answer((_ok(b"ok", b"Connection: close\r\n"),), close=True),
+    "conn_close_open": Answer((_ok(b"ok", b"Connection: close\r\n"),)),
+    "conn_ka_close": Answer((_ok(b"ok", b"Connection: keep-alive, Close\r\n"),)),
+    "http10": Answer((_head(_CL2, status=b"HTTP/1.0 200 OK") + b"ok",), close=True),
+    "http10_open": Answer((_head(_CL2, status=b"HTTP/1.0 200 OK") + b"ok",)),
+    "http10_ka": Answer(
+        (_head(_CL2, b"Connection: keep-alive", status=b"HTTP/1.0 200 OK") + b"ok",)
+    ),
+    "http10_close_delim": Answer(
+        (_head(status=b"HTTP/1.0 200 OK") + b"old", b" style"), close=True
+    ),
+    "silent_close": Answer((_ok(b"ok"),), close=True),  # closes without saying so
+    # malformed answers
+    "cl_te": Answer((_head(b"Content-Length: 5", b"Transfer-Encoding: chunked") + b"0\r\n\r\n",)),
+    "two_cl": Answer((_head(_CL2, b"Content-Length: 3") + b"okk",)),
+    "bad_cl": Answer((_head(b"Content-Length: +2") + b"ok",)),
+    "bad_chunk": Answer((_CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n",)),
+    "bad_chunk_later": Answer((_CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n")),
+    "bad_chunk_mid": Answer((_CHUNKED + b"5\r\nhello\r\n", b"5\nhello\r\n0\r\n\r\n")),
+    "bad_chunk_crlf": Answer((_CHUNKED + b"5\r\nhelloX\r\n0\r\n\r\n",)),
+    "te_http10": Answer((_head(b"Transfer-Encoding: chunked", status=b"HTTP/1.0 200 OK"),)),
+    "bare_lf": Answer((b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",)),
+    "bare_lf_close": Answer((b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",), close=True),
+    "mixed_lf": Answer((b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok",)),
+    "bare_cr": Answer((_head(b"X: a\rb", _CL2) + b"ok",)),
+    "obs_fold": Answer((_head(b"X: a", b" b", _CL2) + b"ok",)),
+    "ws_colon": Answer((_head(b"Content-Length : 2") + b"ok",)),
+    "http2": Answer((_head(_CL2, status=b"HTTP/2.0 200 OK") + b"ok",)),
+    "garbage": Answer((b"hello there\r\n\r\n",)),
+    "status_short": Answer((_head(_CL2, status=b"HTTP/1.1 20 OK") + b"ok",)),
+    "101_unasked": Answer((_head(status=b"HTTP/1.1 101 Switching Protocols"),)),
+    "huge_head": Answer((_head(b"X-Big: " + b"a" * 70000),)),
+    "huge_head_close": Answer((b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000,), close=True),
+    "drop": Answer((), close=True),  # closes before any byte
+    "mid_head": Answer((b"HTTP/1.1 200 OK\r\nContent-",), close=True),
+    "mid_body": Answer((_ok(b"0123456789")[:-5],), close=True),
+    "mid_chunk": Answer((_CHUNKED + b"5\r\nhel",), close=True),
+    "trailing": Answer((_ok(b"ok") + b"EXTRA",)),
+    "trailing_later": Answer((_ok(b"ok"), b"EXTRA")),
+    "two_answers": Answer((_ok(b"ok") + _ok(b"no"),)),
+}
+
+
+def answer_for(name: str) -> Answer:
+    """``name`` or ``name~k[,k...]``: the answer, split at those bytes."""
+    base, _, cuts = name.partition("~")
+    a = ANSWERS[base]
+    if not cuts:
+        return a
+    data = a.data
+    points = [0, *sorted(int(k) for k in cuts.split(",")), len(data)]
+    segs = tuple(data[i:j] for i, j in itertools.pairwise(points) if j > i)
+    return Answer(segs, a.close, a.before_body)
+
+
+# -- the backend ----------------------------------------------------------------------
+
+
+class BackendConn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = bytearray()
+        self.state = "open"  # "eof": the relay closed it; "closed": we did
+        self.pending = bytearray()
+
+
+class Backend:
+    """Raw-socket HTTP/1.1 server answering scripted :data:`ANSWERS`."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        self.conns: list[BackendConn] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def sockets(self) -> list[socket.socket]:
+        with self.lock:
+            return [self.listener, *(c.sock for c in self.conns)]
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(len(c.received) for c in self.conns)
+
+    def outcome(self) -> list[tuple[bytes, str]]:
+        with self.lock:
+            return [(bytes(c.received), c.state) for c in self.conns]
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for c in self.conns:
+                c.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            conn = BackendConn(sock)
+            with self.lock:
+                self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _more(self, c: BackendConn) -> bool:
+        try:
+            data = c.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            if c.state == "open":
+                c.state = "eof"
+            return False
+        with self.lock:
+            c.received += data
+        c.pending += data
+        return True
+
+    def _serve(self, c: BackendConn) -> None:
+        while True:
+            head = self._read_head(c)
+            if head is None:
+                return  # the connection stays open (and counted) until close()
+            target, length, chunked = head
+            answer = answer_for(target.rsplit(b"/", 1)[-1].split(b"?")[0].decode())
+            try:
+                if answer.before_body:
+                    c.sock.sendall(answer.before_body)
+                if not self._read_body(c, length, chunked):
+                    return
+                for i, seg in enumerate(answer.segments):
+                    if i:
+                        time.sleep(SEGMENT_PAUSE)
+                    c.sock.sendall(seg)
+            except OSError:
+                return
+            if answer.close:
+                c.state = "closed"
+                c.sock.close()
+                return
+
+    def _read_head(self, c: BackendConn) -> tuple[bytes, int, bool] | None:
+        pos = 0
+        lines: list[bytes] = []
+        while True:
+            nl = c.pending.find(b"\n", pos)
+            if nl < 0:
+                if not self._more(c):
+                    return None
+                continue
+            line = bytes(c.pending[pos:nl]).removesuffix(b"\r")
+            pos = nl + 1
+            if line:
+                lines.append(line)
+            elif lines:
+                break
+        del c.pending[:pos]
+        length, chunked = 0, False
+        for h in lines[1:]:
+            name, _, value = h.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.split(b",")[0])
+            elif name.strip().lower() == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        parts = lines[0].split(b" ")
+        return parts[1] if len(parts) > 1 else b"", length, chunked
+
+    def _read_body(self, c: BackendConn, length: int, chunked: bool) -> bool:
+        if not chunked:
+            while len(c.pending) < length:
+                if not self._more(c):
+                    return False
+            del c.pending[:length]
+            return True
+        while True:  # chunk-size line, data, CRLF; then trailers to an empty line
+            while b"\n" not in c.pending:
+                if not self._more(c):
+                    return False
+            nl = c.pending.index(b"\n")
+            size = int(bytes(c.pending[:nl]).split(b";")[0].strip() or b"0", 16)
+            del c.pending[: nl + 1]
+            if size == 0:
+                break
+            while len(c.pending) < size + 2:
+                if not self._more(c):
+                    return False
+            del c.pending[: size + 2]
+        while True:
+            while b"\n" not in c.pending:
+                if not self._more(c):
+                    return False
+            nl = c.pending.index(b"\n")
+            line = bytes(c.pending[:nl]).strip()
+            del c.pending[: nl + 1]
+            if not line:
+                return True
+
+
+# -- clients ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AwaitBytes:
+    """Wait until the client has received *total* bytes in all (or more)."""
+
+    total: int
+
+
+@dataclass(frozen=True)
+class Settle:
+    """Wait until the relay has counted *requests* Done()s and nothing moves."""
+
+    requests: int
+
+
+class _HalfClose:
+    pass
+
+
+HALF_CLOSE = _HalfClose()
+Step = bytes | Pause | AwaitBytes | Settle | _HalfClose
+
+
+@dataclass(frozen=True)
+class Conversation:
+    steps: tuple[Step, ...]
+    requests: int  # Done()s the relay counts in all once it has settled (a hint)
+
+
+@dataclass
+class Outcome:
+    clients: list[tuple[bytes, bool]] = field(default_factory=list)  # received, closed
+    backend: list[tuple[bytes, str]] = field(default_factory=list)
+    handed: list[tuple[bytes, bytes, bool]] = field(default_factory=list)  # to L4
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.received = bytearray()
+        self.closed = False
+        self.can_send = True
+
+    def drain(self) -> bool:
+        """Read what is there; whether anything happened."""
+        moved = False
+        while not self.closed:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return moved
+            except OSError:  # reset
+                data = b""
+            moved = True
+            if not data:
+                self.closed = True
+            self.received += data
+        return moved
+
+    def send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view and self.can_send and time.monotonic() < deadline:
+            _, w, _ = select.select([self.sock], [self.sock], [], 0.05)
+            self.drain()
+            if w:
+                try:
+                    n = self.sock.send(view)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.can_send = False
+                    return
+                view = view[n:]
+
+
+class Run:
+    """One twin, one backend, a series of conversations: one :class:`Outcome`."""
+
+    def __init__(self, which: str, pool: PoolOptions | None = None) -> None:
+        self.backend = Backend()
+        self.dead = self._dead_endpoint()
+        self.outcome = Outcome()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.mine: list[socket.socket] = [self.listener]
+        self.base_fds = _open_fds() - self._mine_open()
+        relay_class = load_twin("relay", which).HttpRelay
+        self.relay: Any = relay_class(self._decide, self._l4, pool=pool, header_timeout=5.0)
+        self.relay.start()
+        self.relay_fds = _open_fds() - self._mine_open() - self.base_fds
+
+    @staticmethod
+    def _dead_endpoint() -> tuple[str, int]:
+        s = socket.create_server(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return ("127.0.0.1", port)
+
+    def _decide(self, head: RequestHead, origin: object) -> Decision:
+        if "/local" in head.path:
+            return Decision(local=(404, "no route"))
+        if "/dead" in head.path:
+            return Decision((self.dead,))
+        if "/failover" in head.path:
+            return Decision((self.dead, self.backend.endpoint))
+        return Decision((self.backend.endpoint,))
+
+    def _l4(
+        self,
+        client: socket.socket,
+        up: socket.socket | None,
+        to_client: bytes,
+        to_up: bytes,
+        _: Any,
+    ) -> None:
+        self.outcome.handed.append((to_client, to_up, up is not None))
+        try:
+            client.setblocking(True)
+            client.sendall(to_client)
+        except OSError:
+            pass
+        client.close()
+        if up is not None:
+            up.close()
+
+    def _mine_open(self) -> int:
+        return sum(s.fileno() != -1 for s in [*self.mine, *self.backend.sockets()])
+
+    def _signature(self, client: Client) -> tuple[int, bool, int, int]:
+        return (len(client.received), client.closed, self.backend.total(), self._count())
+
+    def _count(self) -> int:
+        return int(self.relay.stats()["requests"])
+
+    def converse(self, conv: Conversation) -> Client:
+        sock = socket.create_connection(self.listener.getsockname())
+        self.mine.append(sock)
+        server_side, _ = self.listener.accept()
+        self.relay.add(server_side, ORIGIN)
+        del server_side  # the relay's now
+        client = Client(sock)
+        deadline = time.monotonic() + SETTLE_TIMEOUT * 2
+        for step in conv.steps:
+            if isinstance(step, bytes):
+                client.send(step, deadline)
+            elif isinstance(step, Pause):
+                end = time.monotonic() + step.seconds
+                while time.monotonic() < end:
+                    client.drain()
+                    time.sleep(0.001)
+            elif isinstance(step, AwaitBytes):
+                end = time.monotonic() + SETTLE_TIMEOUT
+                while len(client.received) < step.total and not client.closed:
+                    if time.monotonic() > end:
+                        break
+                    if not client.drain():
+                        select.select([client.sock], [], [], 0.01)
+            elif isinstance(step, Settle):
+                self._settle(client, step.requests)
+            else:
+                try:
+                    client.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        self._settle(client, conv.requests)
+        self.outcome.clients.append((bytes(client.received), client.closed))
+        return client
+
+    def _settle(self, client: Client, requests: int) -> None:
+        end = time.monotonic() + SETTLE_TIMEOUT
+        sig = self._signature(client)
+        still = time.monotonic()
+        while time.monotonic() < end:
+            client.drain()
+            now_sig = self._signature(client)
+            now = time.monotonic()
+            if now_sig != sig:
+                sig, still = now_sig, now
+            elif now - still >= QUIET and (client.closed or sig[3] >= requests):
+                return
+            time.sleep(0.002)
+
+    def finish(self, clients: Sequence[Client]) -> tuple[int, int]:
+        """Close the clients; the fds left beyond pools' idle ones, then after close()."""
+        stats = self.relay.stats()
+        self.outcome.counters = {k: int(stats[k]) for k in ("requests", "local_answers", "errors")}
+        self.outcome.backend = self.backend.outcome()
+        for c in clients:
+            c.sock.close()
+        leaked = 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            idle = int(self.relay.stats()["pool_idle"])
+            leaked = _open_fds() - self._mine_open() - self.base_fds - self.relay_fds - idle
+            if self.relay.active() == 0 and leaked == 0:
+                break
+            time.sleep(0.005)
+        self.relay.close()
+        self.relay = None
+        gc.collect()  # the compiled relay closes its epoll fd when deallocated
+        after = _open_fds() - self._mine_open() - self.base_fds
+        self.listener.close()
+        self.backend.close()
+        return leaked, after
+
+
+def run_case(
+    which: str, conversations: Sequence[Conversation], pool: PoolOptions | None = None
+) -> Outcome:
+    run = Run(which, pool)
+    clients: list[Client] = []
+    try:
+        for conv in conversations:
+            clients.append(run.converse(conv))
+    finally:
+        leaked, after = run.finish(clients)
+    assert leaked == 0, f"{which}: {leaked} fds open beyond the pools' idle connections"
+    assert after == 0, f"{which}: {after} fds open after close()"
+    return run.outcome
+
+
+def both(*conversations: Conversation, pool: PoolOptions | None = None) -> Outcome:
+    """Run the conversations on each twin; assert the outcomes are identical."""
+    pure = run_case("pure", conversations, pool)
+    compiled = run_case("compiled", conversations, pool)
+    assert compiled == pure
+    return pure
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+def get(name: str, extra: bytes = b"", method: bytes = b"GET", version: bytes = b"1.1") -> bytes:
+    host = b"Host: b\r\n" if version == b"1.1" else b""
+    return b"%s /x/%s HTTP/%s\r\n%s%s\r\n" % (method, name.encode(), version, host, extra)
+
+
+def post(name: str, body: bytes, extra: bytes = b"", method: bytes = b"POST") -> bytes:
+    return get(name, b"Content-Length: %d\r\n%s" % (len(body), extra), method) + body
+
+
+def chunked_post(name: str, chunks: Sequence[bytes], trailers: bytes = b"") -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n" + trailers + b"\r\n"
+    return get(name, b"Transfer-Encoding: chunked\r\n", b"POST") + body
+
+
+def conv(*steps: Step, requests: int = 0) -> Conversation:
+    return Conversation(tuple(steps), requests)
+
+
+@pytest.fixture(autouse=True)
+def _compiled_is_built() -> None:
+    load_twin("relay", "compiled")  # skips (fails under CI) when not built
+
+
+# -- every scripted answer, then a second request on the same connection ----------------
+
+PURE_LOSES_THE_HEAD = pytest.mark.xfail(
+    strict=True,
+    reason="pure twin: a chunked-framing error in the segment that completes the response "
+    "head drops the head (and the 502): see test_a_bad_chunk_in_the_head_segment",
+)
+# Answers that only make sense for HEAD (no body after a Content-Length) or
+# that need the request to say something (Expect, Upgrade): tested below.
+NOT_FOR_GET = {"head", "head_chunked", "expect", "101"}
+GET_ANSWERS = [
+    pytest.param(n, marks=PURE_LOSES_THE_HEAD) if n in ("bad_chunk", "bad_chunk_crlf") else n
+    for n in sorted(ANSWERS)
+    if n not in NOT_FOR_GET
+]
+
+
+@pytest.mark.parametrize("name", GET_ANSWERS)
+def test_each_answer_then_the_next_request(name: str) -> None:
+    both(conv(get(name), Settle(1), get("cl"), requests=2))
+
+
+@pytest.mark.parametrize(
+    "name", ["head", "head_chunked", "cl", "chunked", "204", "304_cl", "two_cl"]
+)
+def test_head_requests(name: str) -> None:
+    both(conv(get(name, method=b"HEAD"), Settle(1), get("cl", method=b"HEAD"), requests=2))
+
+
+# -- divergences, minimised ------------------------------------------------------------------
+
+
+@PURE_LOSES_THE_HEAD
+def test_a_bad_chunk_in_the_head_segment() -> None:
+    """A chunked response whose first chunk-size line is bad, in the segment
+    that completes the head. The compiled twin forwards the head, then
+    closes (as both twins do when the bad line comes in a later segment:
+    ``bad_chunk_later``). The pure twin sends nothing at all and closes,
+    without its 502 either: ``Exchange._response_head_bytes`` appends
+    ``Client(head)`` and counts its bytes in ``_client_bytes``, then the
+    body framer raises, ``upstream_data`` catches the FramingError and
+    returns ``_upstream_failed()``'s actions only, so the Client action is
+    lost, and the 502 is skipped because ``_client_bytes`` is not 0. Sans-IO::
+
+        ex = Exchange(); ex.client_data(b"GET / HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n")
+        ex.routed(False)
+        ex.upstream_data(b"HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\nzz\\r\\n")
+        # -> [Release(reusable=False), Close()]: no Client(...)
+    """
+    both(conv(get("bad_chunk"), requests=0))
