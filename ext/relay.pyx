@@ -2148,6 +2148,12 @@ cdef class HttpRelay:
         self._closed = True
         self.slow.close()
         self._shutdown()
+        if not (self._started and self._thread.is_alive()):
+            # Not left to __dealloc__: self.slow holds bound methods of self,
+            # so a closed relay is freed by the cyclic GC only, whenever.
+            sys_.close(self.R.epfd)
+            sys_.close(self.R.wakefd)
+            self.R.epfd = self.R.wakefd = -1
 
     def active(self):
         """Client connections owned (queued or relayed); any thread may ask."""
