@@ -216,6 +216,8 @@ class Backend:
         self.endpoint6 = ("::1", self.endpoint[1])
         self.conns: list[BackendConn] = []
         self.requests: list[bytes] = []  # every request read in full, in arrival order
+        self.at_gate = threading.Event()  # a "gated" request's head was read
+        self.gate = threading.Event()  # the test lets the backend close it
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -270,7 +272,15 @@ class Backend:
             if head is None:
                 return  # the connection stays open (and counted) until close()
             target, length, chunked, start = head
-            answer = answer_for(target.rsplit(b"/", 1)[-1].split(b"?")[0].decode())
+            name = target.rsplit(b"/", 1)[-1].split(b"?")[0].decode()
+            if name == "gated" and not self.gate.is_set():
+                # Once: say the head is here, wait for the test, close (unanswered).
+                self.at_gate.set()
+                self.gate.wait(SETTLE_TIMEOUT)
+                c.state = "closed"
+                c.sock.close()
+                return
+            answer = answer_for(name)
             try:
                 if answer.before_body:
                     c.sock.sendall(answer.before_body)
@@ -454,6 +464,7 @@ class Run:
         self.backend = Backend()
         self.dead = self._dead_endpoint()
         self.outcome = Outcome()
+        self.in_decide = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.mine: list[socket.socket] = [self.listener]
         self.base_fds = _open_fds() - self._mine_open()
@@ -484,6 +495,9 @@ class Run:
 
     def _decide(self, head: RequestHead, origin: object) -> Decision:
         self.outcome.decided.append(head.path)
+        if "/stall" in head.path:  # hold the relay's thread (both twins call decide on it)
+            self.in_decide.set()
+            time.sleep(0.1)
         if "/v6" in head.path:
             return Decision((self.backend.endpoint6,))
         if "/local" in head.path:
@@ -521,13 +535,16 @@ class Run:
     def _count(self) -> int:
         return int(self.relay.stats()["requests"])
 
-    def converse(self, conv: Conversation) -> Client:
+    def open(self) -> Client:
         sock = socket.create_connection(self.listener.getsockname())
         self.mine.append(sock)
         server_side, _ = self.listener.accept()
         self.relay.add(server_side, ORIGIN)
         del server_side  # the relay's now
-        client = Client(sock)
+        return Client(sock)
+
+    def converse(self, conv: Conversation) -> Client:
+        client = self.open()
         deadline = time.monotonic() + SETTLE_TIMEOUT * 2
         for step in conv.steps:
             if isinstance(step, bytes):
@@ -545,17 +562,17 @@ class Run:
                     if not client.drain():
                         select.select([client.sock], [], [], 0.01)
             elif isinstance(step, Settle):
-                self._settle(client, step.requests)
+                self.settle(client, step.requests)
             else:
                 try:
                     client.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-        self._settle(client, conv.requests)
+        self.settle(client, conv.requests)
         self.outcome.clients.append((bytes(client.received), client.closed))
         return client
 
-    def _settle(self, client: Client, requests: int) -> None:
+    def settle(self, client: Client, requests: int) -> None:
         end = time.monotonic() + SETTLE_TIMEOUT
         sig = self._signature(client)
         still = time.monotonic()
@@ -1010,3 +1027,68 @@ def test_an_ipv6_endpoint_is_decided_once() -> None:
     that reach it first this way. With ``resolve`` (the worker) the verdict
     is not a draw and ``decide`` is called once, by the pure relay."""
     both(conv(get("v6") + get("cl"), requests=2))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pure twin: body bytes read while a retry reconnects go upstream before the "
+    "replayed head, and again inside the replay (a request-smuggling vector)",
+)
+def test_a_retried_request_keeps_its_body_in_order() -> None:
+    """A PUT (idempotent: retried) with a body goes on a pooled connection
+    that the server closes after reading the head; the rest of the body
+    arrives while the relay reconnects. The new connection must get the head
+    and the whole body, in order, once.
+
+    To have both events in one batch, the relay's thread is held in
+    ``decide`` for another client's request while the server closes and
+    the client sends the rest.
+
+    The compiled twin does not read the client while it reconnects
+    (``P_CONNECT``) and sends head + body in order. The pure twin sends the
+    body's end first, then the head and the whole body: the new connection
+    reads ``89abcdefPUT /x/gated HTTP/1.1 ...``; with a body of the client's
+    choosing, those first bytes are a request of their own that no route
+    decided. The fault is in the sans-IO core: after ``Retry()``, until
+    ``routed(False)``, ``Exchange.wants_client_data`` stays True and
+    ``client_data`` returns ``Upstream(chunk)`` (which the shell queues on
+    the connecting socket) and appends it to the replay::
+
+        ex = Exchange()
+        ex.client_data(b"PUT / HTTP/1.1\\r\\nHost: b\\r\\nContent-Length: 16\\r\\n\\r\\n01234567")
+        ex.routed(True)        # [Upstream(head), Upstream(b"01234567")]
+        ex.upstream_eof()      # [Release(False), Retry()]
+        ex.client_data(b"89abcdef")  # [Upstream(b"89abcdef")]  <- before the replay
+        ex.routed(False)       # [Upstream(head + b"0123456789abcdef")]
+    """
+    body = b"0123456789abcdef"
+    head = get("gated", b"Content-Length: 16\r\n", b"PUT")
+    outcomes = {}
+    for which in TWINS:
+        run = Run(which)
+        clients: list[Client] = []
+        try:
+            a = run.open()
+            clients.append(a)
+            a.send(get("cl"), time.monotonic() + 1)
+            run.settle(a, 1)
+            a.send(head + body[:8], time.monotonic() + 1)
+            assert run.backend.at_gate.wait(SETTLE_TIMEOUT)
+            b = run.open()
+            clients.append(b)
+            b.send(get("stall"), time.monotonic() + 1)
+            assert run.in_decide.wait(SETTLE_TIMEOUT)
+            run.backend.gate.set()  # the server closes the pooled connection...
+            time.sleep(0.02)
+            a.send(body[8:], time.monotonic() + 1)  # ... and the body's end arrives
+            run.settle(b, 1)
+            run.settle(a, 3)
+            for c in clients:
+                run.outcome.clients.append((bytes(c.received), c.closed))
+        finally:
+            leaked, after = run.finish(clients)
+        assert (leaked, after) == (0, 0)
+        outcomes[which] = run.outcome
+    assert outcomes["compiled"].backend[-1][0] == head + body  # the retry's connection
+    assert outcomes["pure"].backend[-1][0] == head + body
+    assert outcomes["compiled"] == outcomes["pure"]
