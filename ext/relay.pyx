@@ -350,6 +350,7 @@ cdef struct Conn:
     double last_active
     double closing         # lingering-close deadline; 0: not closing
     bint closed
+    bint slow_after_flush  # hand to the pure relay once c.out is sent (_to_slow)
     int idx                # in Relay.conns
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     int fail_errno         # N_CONNECT_FAILED: why
@@ -698,6 +699,9 @@ cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
             conn_abort(R, c)
             return
         buf_drop(&c.out, <size_t>n)
+    if c.slow_after_flush:
+        c.slow_after_flush = False
+        ask_python(R, c, N_SLOW)
     if c.phase == P_CLOSING:
         linger(R, c)
 
@@ -2461,6 +2465,17 @@ cdef class HttpRelay:
         """Hand c, with every byte read from it, to the pure relay."""
         cdef Relay *R = self.R
         cdef int fd = c.fd
+        if c.out.len:
+            # The answer to the request before (pipelined ahead of this one)
+            # is not all sent: the pure relay cannot take it over, so the
+            # connection changes hands once flush_client() has sent it.
+            flush_client(R, c)
+            if c.closed:
+                return
+            if c.out.len:
+                c.slow_after_flush = True
+                interest(R, c)
+                return
         data = PyBytes_FromStringAndSize(c.inb.p, c.inb.len) if c.inb.len else b""
         requests = c.requests
         origin = self._origins[c.origin]

@@ -93,6 +93,8 @@ ANSWERS: dict[str, Answer] = {
     "cl0": Answer((_ok(b""),)),
     "cl_split": Answer((b"HTTP/1.1 200 OK\r\nContent-Len", b"gth: 5\r\n\r\nhe", b"llo")),
     "cl_big": Answer((_ok(BIG),)),
+    "cl_huge": Answer((_ok(BIG * 8),)),
+    "cl_60k": Answer((_ok(BIG[:60000]),)),  # one read of the relay's, usually
     "cl_lower": Answer((_head(b"content-length:5", b"x-a:\t b ") + b"hello",)),
     "cl_noreason": Answer((_head(_CL2, status=b"HTTP/1.1 200") + b"ok",)),
     "cl_emptyreason": Answer((_head(_CL2, status=b"HTTP/1.1 200 ") + b"ok",)),
@@ -371,6 +373,13 @@ class Pause:
 
 
 @dataclass(frozen=True)
+class Stall:
+    """Read nothing for a while (the relay's sends to this client block)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class AwaitBytes:
     """Wait until the client has received *total* bytes in all (or more)."""
 
@@ -389,13 +398,14 @@ class _HalfClose:
 
 
 HALF_CLOSE = _HalfClose()
-Step = bytes | Pause | AwaitBytes | Settle | _HalfClose
+Step = bytes | Pause | Stall | AwaitBytes | Settle | _HalfClose
 
 
 @dataclass(frozen=True)
 class Conversation:
     steps: tuple[Step, ...]
     requests: int  # Done()s the relay counts in all once it has settled (a hint)
+    rcvbuf: int = 0  # the client's SO_RCVBUF and the relay's SO_SNDBUF, if set
 
 
 @dataclass
@@ -535,16 +545,21 @@ class Run:
     def _count(self) -> int:
         return int(self.relay.stats()["requests"])
 
-    def open(self) -> Client:
-        sock = socket.create_connection(self.listener.getsockname())
+    def open(self, rcvbuf: int = 0) -> Client:
+        sock = socket.socket()
         self.mine.append(sock)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(self.listener.getsockname())
         server_side, _ = self.listener.accept()
+        if rcvbuf:  # and the relay's side sends little at a time: EAGAIN comes soon
+            server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         self.relay.add(server_side, ORIGIN)
         del server_side  # the relay's now
         return Client(sock)
 
     def converse(self, conv: Conversation) -> Client:
-        client = self.open()
+        client = self.open(conv.rcvbuf)
         deadline = time.monotonic() + SETTLE_TIMEOUT * 2
         for step in conv.steps:
             if isinstance(step, bytes):
@@ -554,6 +569,8 @@ class Run:
                 while time.monotonic() < end:
                     client.drain()
                     time.sleep(0.001)
+            elif isinstance(step, Stall):
+                time.sleep(step.seconds)
             elif isinstance(step, AwaitBytes):
                 end = time.monotonic() + SETTLE_TIMEOUT
                 while len(client.received) < step.total and not client.closed:
@@ -595,7 +612,7 @@ class Run:
         for c in clients:
             c.sock.close()
         leaked = 0
-        end = time.monotonic() + 2.0
+        end = time.monotonic() + 1.0
         while time.monotonic() < end:
             idle = int(self.relay.stats()["pool_idle"])
             leaked = _open_fds() - self._mine_open() - self.base_fds - self.relay_fds - idle
@@ -663,8 +680,8 @@ def chunked_post(name: str, chunks: Sequence[bytes], trailers: bytes = b"") -> b
     return get(name, b"Transfer-Encoding: chunked\r\n", b"POST") + body
 
 
-def conv(*steps: Step, requests: int = 0) -> Conversation:
-    return Conversation(tuple(steps), requests)
+def conv(*steps: Step, requests: int = 0, rcvbuf: int = 0) -> Conversation:
+    return Conversation(tuple(steps), requests, rcvbuf)
 
 
 @pytest.fixture(autouse=True)
@@ -979,6 +996,34 @@ def test_a_bad_chunk_in_the_head_segment() -> None:
         # -> [Release(reusable=False), Close()]: no Client(...)
     """
     both(conv(get("bad_chunk"), requests=0))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [get("100"), get("local"), get("http10_ka"), get("cl")],
+    ids=["interim", "local", "python_head", "fast"],
+)
+def test_an_answer_before_a_pipelined_slow_request_is_delivered(first: bytes) -> None:
+    """A request the fast path answers, with a request the compiled twin
+    hands to its pure relay pipelined behind it: the first answer reaches
+    the client before the connection changes hands. The compiled twin used
+    to drop it when it was queued in Python's turn (an interim or
+    Python-judged response head, a local answer): ``_to_slow`` handed the
+    connection over with its unsent output forgotten."""
+    slow = chunked_post("cl", [b"abc"])
+    both(conv(first + slow, requests=2), split_pools=True)
+
+
+def test_a_big_answer_before_a_pipelined_slow_request_is_delivered_whole() -> None:
+    """The same with an answer that does not fit the socket buffers of a
+    client that reads nothing for a while (so a send returns EAGAIN while
+    its last bytes are queued): the compiled twin hands the connection over
+    only once it has sent all of it. (Compiled twin only: the pure one
+    stalls on any answer that fills the socket buffers.)"""
+    slow = chunked_post("cl", [b"abc"])
+    steps = (get("cl_60k") + slow, Stall(0.1))
+    outcome = run_case("compiled", [conv(*steps, requests=2, rcvbuf=4096)])
+    assert outcome.clients == [(ANSWERS["cl_60k"].data + ANSWERS["cl"].data, False)]
 
 
 @pytest.mark.xfail(
