@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
@@ -975,6 +977,66 @@ def test_answer_split_at_every_byte(name: str) -> None:
     both(conv(*steps, requests=len(data) - 1))
 
 
+# -- generated conversations -----------------------------------------------------------------
+
+# Answers whose outcome does not depend on timing (no bytes after a pause
+# that a pipelined request could race, no silent close of a pooled one).
+CALM_ANSWERS = [
+    "cl", "cl0", "cl_split", "cl_list", "cl_lower", "chunked", "chunked_trailers", "chunked_ext",
+    "chunked_split", "chunked_gzip", "204", "304", "100", "103", "100_103", "bare_lf",
+    "http10_ka", "conn_close", "close_delim", "two_cl", "bad_chunk_later", "mid_body",
+    "two_answers", "cl_404",
+]  # fmt: skip
+HEAD_ANSWERS = ["head", "head_chunked", "204", "304", "cl0"]
+
+
+@st.composite
+def request(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """One request (GET, HEAD, POST with a body, chunked POST, local), and
+    whether the compiled twin serves it on its pure relay."""
+    kind = draw(st.sampled_from(["GET", "GET", "HEAD", "POST", "CHUNKED", "LOCAL", "HTTP10"]))
+    extra = draw(st.sampled_from([b"", b"", b"X-A: 1\r\n", CLOSE, b"Connection: keep-alive\r\n"]))
+    name = draw(st.sampled_from(HEAD_ANSWERS if kind == "HEAD" else CALM_ANSWERS))
+    answer = ANSWERS[name].data
+    cut = draw(st.integers(0, len(answer) - 1))
+    if cut:
+        name = f"{name}~{cut}"
+    if kind in ("GET", "HEAD"):
+        return get(name, extra, kind.encode()), False
+    if kind == "POST":
+        return post(name, draw(st.binary(max_size=40)), extra), False
+    if kind == "CHUNKED":
+        chunks = draw(st.lists(st.binary(min_size=1, max_size=9), max_size=3))
+        return chunked_post(name, chunks), True
+    if kind == "LOCAL":
+        return get("local", extra), False
+    return get(name, extra, version=b"1.0"), True  # no Host: the compiled twin's pure relay
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.lists(request(), min_size=1, max_size=4), st.data())
+def test_generated_conversations(requests: list[tuple[bytes, bool]], data: st.DataObject) -> None:
+    """Pipelined requests, their bytes cut at random points, answered in
+    two segments cut at a random point: the twins agree."""
+    stream = b"".join(r for r, _ in requests)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=4)))
+    steps: list[Step] = []
+    for a, b in itertools.pairwise([0, *cuts, len(stream)]):
+        steps += [stream[a:b], Pause(0.002)]
+    half_close = data.draw(st.booleans())
+    if half_close:
+        steps.append(HALF_CLOSE)
+    # A chunked request after another one: the compiled twin's two pools.
+    split = any(slow for _, slow in requests[1:])
+    both(conv(*steps, requests=len(requests)), split_pools=split)
+
+
 # -- divergences, minimised ------------------------------------------------------------------
 
 
@@ -1019,11 +1081,27 @@ def test_a_big_answer_before_a_pipelined_slow_request_is_delivered_whole() -> No
     client that reads nothing for a while (so a send returns EAGAIN while
     its last bytes are queued): the compiled twin hands the connection over
     only once it has sent all of it. (Compiled twin only: the pure one
-    stalls on any answer that fills the socket buffers.)"""
+    stalls on any answer that fills the socket buffers, see
+    test_a_big_answer_to_a_slow_reader_is_sent_whole.)"""
     slow = chunked_post("cl", [b"abc"])
     steps = (get("cl_60k") + slow, Stall(0.1))
     outcome = run_case("compiled", [conv(*steps, requests=2, rcvbuf=4096)])
     assert outcome.clients == [(ANSWERS["cl_60k"].data + ANSWERS["cl"].data, False)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pure twin: once a flush to the client blocks, the upstream is never read again",
+)
+def test_a_big_answer_to_a_slow_reader_is_sent_whole() -> None:
+    """An 8 MiB answer: more than the socket buffers hold, so a send to the
+    client returns EAGAIN at some point. The pure twin then stops reading
+    the upstream (``_interest_up``: no EPOLLIN while ``c.out``) and, when
+    the client drains, ``_client_event`` re-arms the client's interest only,
+    never the upstream's: the answer stops half-way for good (no timer
+    applies outside the HEAD phase), holding both connections. The compiled
+    twin's ``client_event`` calls ``interest_up`` after a flush."""
+    both(conv(get("cl_huge"), requests=1))
 
 
 @pytest.mark.xfail(
