@@ -386,6 +386,7 @@ cdef struct Conn:
     double closing         # lingering-close deadline; 0: not closing
     bint closed
     bint unwanted          # EPOLLIN fired while the client was not to be read
+    bint slow_after_flush  # hand to the pure relay once c.out is sent (_to_slow)
     int idx                # in Relay.conns
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     int fail_errno         # N_CONNECT_FAILED: why
@@ -779,7 +780,13 @@ cdef int send_buf(int fd, Buf *b) noexcept nogil:
 cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
     if send_buf(c.fd, &c.out) != 0:
         conn_abort(R, c)
-    elif c.phase == P_CLOSING and not c.out.len:
+        return
+    if c.out.len:
+        return
+    if c.slow_after_flush:
+        c.slow_after_flush = False
+        ask_python(R, c, N_SLOW)
+    if c.phase == P_CLOSING:
         linger(R, c)
 
 
@@ -1332,11 +1339,12 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     cdef size_t rest
     cdef char *tmp
     if not persists and not says_close(<const unsigned char*>c.rhead.p, hl):
-        # client_head(): the client does not read our close otherwise
-        end = hl - 4 if (hl >= 4 and memcmp(c.rhead.p + hl - 4, b"\r\n\r\n", 4) == 0) else hl - 2
+        # client_head(): the client does not read our close otherwise; the
+        # header goes before the empty line that ends the head (CRLF or LF)
+        end = hl - 2 if (hl >= 2 and c.rhead.p[hl - 2] == CR) else hl - 1
         if to_client(R, c, c.rhead.p, end) != 0:
             return -1
-        if to_client(R, c, b"\r\nconnection: close", 19) != 0:
+        if to_client(R, c, b"connection: close\r\n", 19) != 0:
             return -1
         if to_client(R, c, c.rhead.p + end, hl - end) != 0:
             return -1
@@ -2460,6 +2468,12 @@ cdef class HttpRelay:
         self._closed = True
         self.slow.close()
         self._shutdown()
+        if not (self._started and self._thread.is_alive()):
+            # Not left to __dealloc__: self.slow holds bound methods of self,
+            # so a closed relay is freed by the cyclic GC only, whenever.
+            sys_.close(self.R.epfd)
+            sys_.close(self.R.wakefd)
+            self.R.epfd = self.R.wakefd = -1
 
     def active(self):
         """Client connections owned (queued or relayed); any thread may ask."""
@@ -2824,6 +2838,17 @@ cdef class HttpRelay:
         """Hand c, with every byte read from it, to the pure relay."""
         cdef Relay *R = self.R
         cdef int fd = c.fd
+        if c.out.len:
+            # The answer to the request before (pipelined ahead of this one)
+            # is not all sent: the pure relay cannot take it over, so the
+            # connection changes hands once flush_client() has sent it.
+            flush_client(R, c)
+            if c.closed:
+                return
+            if c.out.len:
+                c.slow_after_flush = True
+                interest(R, c)
+                return
         data = PyBytes_FromStringAndSize(c.inb.p, c.inb.len) if c.inb.len else b""
         requests = c.requests
         origin = self._origins[c.origin]

@@ -378,3 +378,22 @@ def test_backpressure_reads_the_client_only_when_its_bytes_are_wanted() -> None:
     assert ex.phase == Phase.ROUTING and not ex.wants_client_data
     ex.routed(False)
     assert not ex.wants_client_data  # a bodyless request: the next one waits in the socket
+
+
+@pytest.mark.parametrize("end", [b"\r\n\r\n", b"\n\r\n", b"\r\n\n", b"\n\n"])
+def test_connection_close_goes_before_the_empty_line_whatever_the_line_ends(end: bytes) -> None:
+    """client_head() adds ``connection: close`` as a header line: before the
+    empty line that ends the head. It used to assume CRLF line ends and put
+    it after the empty line of a head ending in LF CRLF (the client read it
+    as body), or split a CR LF pair."""
+    from l4proxy.dataplane._exchange_py import client_head
+    from l4proxy.dataplane._framing_py import parse_response_head
+
+    raw = b"HTTP/1.1 200 OK\r\ncontent-length: 2" + end
+    resp = parse_response_head(raw)
+    assert resp is not None
+    out = client_head(raw, resp)
+    again = parse_response_head(out)
+    assert again is not None and again.head_length == len(out)  # still one head
+    assert again.values("connection") == ["close"]
+    assert again.header("content-length") == "2"

@@ -218,8 +218,9 @@ def client_head(raw: bytes, resp: ResponseHead) -> bytes:
     """
     if "close" in {t.lower() for t in resp.values("connection")}:
         return raw
-    end = len(raw) - (4 if raw.endswith(b"\r\n\r\n") else 2)
-    return raw[:end] + b"\r\nconnection: close" + raw[end:]
+    # before the empty line that ends the head (CRLF or a bare LF, either way)
+    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
+    return raw[:end] + b"connection: close\r\n" + raw[end:]
 
 
 def _persistent(resp: ResponseHead) -> bool:
@@ -258,6 +259,7 @@ class Exchange:
         self._replay: bytearray | None = None  # bytes sent upstream, while held
         self._reused = False
         self._retried = False
+        self._retrying = False  # between Retry() and routed(): hold client bytes
         self._response_head = bytearray()  # response bytes before the final head
         self._response: BodyFramer | None = None
         self._response_persistent = False
@@ -273,7 +275,9 @@ class Exchange:
         if self.phase == Phase.HEAD:
             return not self._client_eof
         if self.phase == Phase.EXCHANGE:
-            return self._request is not None and not self._request.done
+            # not while a retry reconnects: what arrives then must follow the
+            # replayed head and body, not go ahead of them
+            return self._request is not None and not self._request.done and not self._retrying
         return False
 
     # -- events -------------------------------------------------------------
@@ -297,9 +301,10 @@ class Exchange:
         if self.phase != Phase.EXCHANGE and self.phase != Phase.ROUTING:
             raise RuntimeError(f"routed() in phase {self.phase.name}")
         self._reused = reused
-        if self.phase == Phase.EXCHANGE:  # a retry: send again all we held
+        if self.phase == Phase.EXCHANGE:  # a retry: send again all we held, then the rest
             assert self._replay is not None
-            return [Upstream(bytes(self._replay))]
+            self._retrying = False
+            return [Upstream(bytes(self._replay)), *self._advance()]
         assert self.head is not None
         kind, length = request_framing(self.head)
         self._request = BodyFramer(kind, length, error_status=400)
@@ -348,6 +353,7 @@ class Exchange:
                 and len(self._replay) <= self.replay_limit
             ):
                 self._retried = True
+                self._retrying = True
                 return [Release(False), Retry()]
             return self._upstream_failed(502, "upstream closed the connection before a response")
         if self._response is not None and self._response.framing == Framing.CLOSE:
@@ -386,8 +392,8 @@ class Exchange:
             self.phase = Phase.ROUTING
             return [Route(head)]
         if self.phase == Phase.EXCHANGE and self._request is not None and self._inbox:
-            if self._request.done:
-                return out  # pipelined bytes wait for this exchange's end
+            if self._request.done or self._retrying:
+                return out  # pipelined bytes, or a reconnect: they wait
             try:
                 used = self._request.feed(self._inbox)
             except FramingError as exc:
@@ -437,7 +443,10 @@ class Exchange:
             self._response_persistent = _persistent(resp)
             self._response = BodyFramer(kind, length, error_status=502)
             if rest:
-                out += self._response_body_bytes(rest)
+                try:
+                    out += self._response_body_bytes(rest)
+                except FramingError as exc:  # the head went out: keep it, then give up
+                    return out + self._upstream_failed(exc.status, exc.reason)
             elif self._response.done:
                 out += self._maybe_complete()
             return out

@@ -275,7 +275,8 @@ class Worker:
                 assert self.relay is not None
                 gateway = lst.mode == "gateway"
                 origin = Origin(None, lst.address[1], True) if gateway else None
-                self.relay.listen(lst.sock.fileno(), index, gateway, origin)
+                accepting: Any = self.relay  # the compiled twin (listen() is its own)
+                accepting.listen(lst.sock.fileno(), index, gateway, origin)
                 self._relay_listeners[lst.sock.fileno()] = index
             else:
                 self._loop.add_reader(lst.sock.fileno(), self._on_acceptable, lst)
@@ -302,7 +303,8 @@ class Worker:
                 continue
             index = self._relay_listeners.pop(lst.sock.fileno(), None)
             if index is not None and self.relay is not None:
-                self.relay.unlisten(index)  # its loop lets go of the fd first
+                accepting: Any = self.relay  # the compiled twin (see start())
+                accepting.unlisten(index)  # its loop lets go of the fd first
             try:
                 self._loop.remove_reader(lst.sock.fileno())
             except (ValueError, OSError):
@@ -369,7 +371,8 @@ class Worker:
         are the others (pump, handshakes), told every 50 ms."""
         if self.relay is None or self._loop is None or not self._relay_listeners:
             return
-        self.relay.set_external_active(self.pump.active + len(self.handshakes))
+        accepting: Any = self.relay  # the compiled twin (see start())
+        accepting.set_external_active(self.pump.active + len(self.handshakes))
         self._loop.call_later(0.05, self._tell_relay_external)
 
     def relay_active(self) -> int:
