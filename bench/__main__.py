@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append(report.memory_table(mem_results))
     verdicts = report.verdicts(rows, mem_results)
     if verdicts:
-        parts += ["### issue 7 targets", "", "```", *(v.line() for v in verdicts), "```", ""]
+        parts += ["### issue 11 targets", "", "```", *(v.line() for v in verdicts), "```", ""]
     if prof is not None:
         parts += [
             f"### profile: {gateway.name if gateway else 'l4proxy'}, Connection: close, 50 conns",

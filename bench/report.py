@@ -32,6 +32,8 @@ RPS_VS_HAPROXY = 1.0
 P99_VS_HAPROXY = 1.2
 RPS_VS_ENVOY_HTTP = 4.0
 REFERENCES = {"keepalive": ("haproxy", "haproxy-http"), "close": ("haproxy-http",)}
+# judged against them: per request (the default) and per connection
+L4PROXY_PEERS = ("l4proxy-request", "l4proxy")
 
 
 def group_of(target: str) -> tuple[str, str]:
@@ -215,7 +217,7 @@ def verdicts(all_rows: Sequence[Row], memory: Sequence[MemoryResult]) -> list[Ve
     by_key = {(r.summary.target, r.summary.case): r for r in all_rows}
     out: list[Verdict] = []
     for target in sorted(
-        {r.summary.target for r in all_rows if r.summary.target.endswith("l4proxy")}
+        {r.summary.target for r in all_rows if r.summary.target.endswith(L4PROXY_PEERS)}
     ):
         group, _ = group_of(target)
         prefix = "" if group == "loopback" else f"{group}/"
@@ -259,20 +261,18 @@ def verdicts(all_rows: Sequence[Row], memory: Sequence[MemoryResult]) -> list[Ve
                 )
             )
     mem = {m.target: m for m in memory}
-    if "l4proxy" in mem:
-        mine_mb = mem["l4proxy"].rss_at_requested / MB
+    for name in (n for n in L4PROXY_PEERS if n in mem):
+        mine_mb = mem[name].rss_at_requested / MB
         hap = mem.get("haproxy")
         hap_mb = hap.rss_at_requested / MB if hap else None
         vs = ratio(mine_mb, hap_mb)
-        out.append(
-            Verdict("l4proxy", "RSS ×haproxy", vs, "≤ 1.0", None if vs is None else vs <= 1.0)
-        )
+        out.append(Verdict(name, "RSS ×haproxy", vs, "≤ 1.0", None if vs is None else vs <= 1.0))
         # Informational: PSS splits the pages l4proxy's supervisor and worker
         # share, which summed RSS counts twice (HAProxy is one process).
-        pss = ratio(mem["l4proxy"].pss_held, hap.pss_held if hap else None)
+        pss = ratio(mem[name].pss_held, hap.pss_held if hap else None)
         out.append(
             Verdict(
-                "l4proxy",
+                name,
                 "PSS ×haproxy (same count held)",
                 pss,
                 "≤ 1.0",
