@@ -50,7 +50,7 @@ COUNTERS: Final = (
 
 @dataclass(frozen=True)
 class PoolOptions:
-    max_idle: int = 64  # per endpoint
+    max_idle: int = 1024  # per endpoint (idle ones are at most the peak of requests in flight)
     idle_timeout: float = 30.0  # seconds
     max_requests: int = 0  # per connection; 0: unlimited
 

@@ -196,9 +196,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--pool-max-idle",
         type=int,
-        default=64,
+        default=1024,
         metavar="N",
-        help="--http-routing request: idle upstream connections kept per endpoint (64)",
+        help="--http-routing request: idle upstream connections kept per endpoint "
+        "(1024; never more than the peak of requests in flight to it)",
     )
     p.add_argument(
         "--pool-idle-timeout",
