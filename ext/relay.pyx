@@ -803,10 +803,6 @@ cdef inline int to_client(Relay *R, Conn *c, const char *data, size_t n) noexcep
     return 0
 
 
-cdef void send_local(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
-    to_client(R, c, data, n)
-
-
 # -- request heads ------------------------------------------------------------------
 
 cdef struct Head:
@@ -1145,8 +1141,6 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         start_close(R, c, now)
 
 
-cdef const char *E502_BEFORE = b"upstream closed the connection before a response"
-cdef const char *E502_MID = b"upstream closed the connection mid-response"
 
 
 cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, double now) noexcept nogil:
@@ -1686,7 +1680,6 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     c.keep_alive = not h.conn_close and (h.minor >= 1 or h.conn_keep_alive)
     c.method_head = method_is(b, &h, b"HEAD", 4)
     c.idempotent = idempotent(b, &h)
-    c.req_left = h.cl if h.cl > 0 else 0
     reset_exchange(c)
     c.req_left = h.cl if h.cl > 0 else 0
     # the head as sent upstream (upstream_head()), staged in c.rhead
@@ -2169,7 +2162,6 @@ cdef class HttpRelay:
     cdef Relay *R
     cdef object decide, l4, resolve, report_rows, refused
     cdef object accepted, classify_origin, accepts
-    cdef list _lst_index
     cdef public object connect_failed, connect_ok
     cdef readonly object slow
     cdef object _thread
@@ -2211,7 +2203,6 @@ cdef class HttpRelay:
         self.accepted = accepted
         self.classify_origin = classify_origin
         self.accepts = accepts
-        self._lst_index = []
         self.connect_failed = connect_failed
         self.connect_ok = connect_ok
         self.slow = _relay_py.HttpRelay(
@@ -2373,7 +2364,6 @@ cdef class HttpRelay:
             l.gw_origin = self._origin_id(gateway_origin)
         R.lsts[R.n_lsts] = l
         R.n_lsts += 1
-        self._lst_index.append(index)
         if R.reserve_fd < 0:
             R.reserve_fd = c_open(b"/dev/null", O_RDONLY | sys_.O_CLOEXEC)
         set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
@@ -2782,7 +2772,6 @@ cdef class HttpRelay:
         cdef Head h
         cdef char key[2048]
         cdef Py_ssize_t n
-        cdef uint64_t hash
         cdef int64_t epoch = L4R_LOAD(&R.epoch)
         head = self._head_object(c)
         origin = self._origins[c.origin]

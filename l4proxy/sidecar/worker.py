@@ -461,9 +461,15 @@ class Worker:
             conn.setblocking(False)
             if self.relay is not None and self._straight_to_relay(conn, lst):
                 continue
-            task = self._loop.create_task(self._serve(conn, lst))
-            self.handshakes.add(task)
-            task.add_done_callback(self.handshakes.discard)
+            self._handshake(self._serve(conn, lst))
+
+    def _handshake(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run *coro* (one connection's way to the pump) on the loop, counted
+        in ``handshakes`` until it ends (drain and --max-connections read them)."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
 
     def _take_reserve(self) -> None:
         if self._reserve_fd < 0:
@@ -859,12 +865,8 @@ class Worker:
             _reset(conn)
 
     def _serve_accepted(self, conn: socket.socket, index: int) -> None:
-        assert self._loop is not None
-        lst = self._all_listeners[index]
         conn.setblocking(False)
-        task = self._loop.create_task(self._serve(conn, lst))
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
+        self._handshake(self._serve(conn, self._all_listeners[index]))
 
     def _relay_accepts(self, index: int, n: int) -> None:
         """Connections the relay accepted on listener *index* (relay thread)."""
@@ -941,12 +943,7 @@ class Worker:
         if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
             self.pump.add(client.detach(), upstream.detach(), to_upstream, to_client)
             return
-        assert self._loop is not None
-        task = self._loop.create_task(
-            self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay")
-        )
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
+        self._handshake(self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay"))
 
     async def _route_l4(
         self, conn: socket.socket, origin: Origin, pending: bytes
