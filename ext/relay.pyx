@@ -385,6 +385,8 @@ cdef struct Conn:
     double last_active
     double closing         # lingering-close deadline; 0: not closing
     bint closed
+    bint solo              # accepted by this loop: no other fd shares its file
+    bint no_linger         # the client cannot send more: close, no lingering read
     bint unwanted          # EPOLLIN fired while the client was not to be read
     bint slow_after_flush  # hand to the pure relay once c.out is sent (_to_slow)
     int idx                # in Relay.conns
@@ -701,11 +703,13 @@ cdef void up_discard(Relay *R, Conn *c) noexcept nogil:
 
 # -- client connections ----------------------------------------------------------
 
-cdef void conn_forget(Relay *R, Conn *c) noexcept nogil:
-    """Take c out of the loop (epoll, timers); the fd is left as it is."""
+cdef void conn_forget(Relay *R, Conn *c, bint closing) noexcept nogil:
+    """Take c out of the loop (epoll, timers); the fd is left as it is.
+    *closing*: the caller closes the fd next, which takes a solo fd out of
+    epoll by itself (no epoll_ctl)."""
     cdef sys_.epoll_event ev
     cdef int i
-    if c.mask:
+    if c.mask and not (closing and c.solo):
         sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, c.fd, &ev)
         c.mask = 0
     R.n_conns -= 1
@@ -723,7 +727,7 @@ cdef void conn_close(Relay *R, Conn *c, bint reset) noexcept nogil:
         return
     if c.up != NULL:
         up_discard(R, c)
-    conn_forget(R, c)
+    conn_forget(R, c, True)
     if reset:
         lg.l_onoff = 1
         lg.l_linger = 0
@@ -750,8 +754,20 @@ cdef void ask_python(Relay *R, Conn *c, int need) noexcept nogil:
 
 
 cdef void linger(Relay *R, Conn *c) noexcept nogil:
-    if sys_.shutdown(c.fd, sys_.SHUT_WR) != 0:
+    """The answer is sent: FIN, then read until the client's (or LINGER_S),
+    so that a client still sending does not turn the answer into a reset.
+    Unless it cannot send more (no_linger): then close at once, as nginx's
+    lingering_close does when nothing is left to read."""
+    if c.no_linger:
         conn_close(R, c, False)
+    elif sys_.shutdown(c.fd, sys_.SHUT_WR) != 0:
+        conn_close(R, c, False)
+
+
+cdef inline bint done_talking(Conn *c) noexcept nogil:
+    """After an exchange: the client has nothing more to send (RFC 9112 9.6:
+    it asked to close, and every byte it sent was read)."""
+    return c.client_eof or (not c.keep_alive and c.req_left == 0 and c.inb.len == 0)
 
 
 cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
@@ -759,6 +775,7 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
         up_release(R, c, False, now)
     c.phase = P_CLOSING
     c.closing = now + LINGER_S
+    c.no_linger = c.no_linger or c.client_eof
     c.head_started = 0
     if not c.out.len:
         linger(R, c)
@@ -1151,6 +1168,7 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
     cdef bint keep = (c.keep_alive and c.resp_persistent and not close_delimited
                       and not request_cut and not c.client_eof)
     request_done(R, c, c.status, False, now)
+    c.no_linger = done_talking(c)
     if c.up != NULL:
         if upstream_closed:
             up_discard(R, c)
@@ -1497,6 +1515,7 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogi
     buf_drop(&c.inb, c.head_len)
     c.head_len = 0
     buf_free(&c.rhead)
+    c.no_linger = done_talking(c)
     if keep:
         next_request(R, c, now)
     else:
@@ -1869,15 +1888,19 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
     sys_.pthread_mutex_unlock(&R.lock)
     while h != NULL:
         nx = h.next
-        new_conn(R, h.fd, h.origin, h.data, h.len, now)
+        new_conn(R, h.fd, h.origin, h.data, h.len, False, now)
         free(h.data)
         free(h)
         h = nx
 
 
 cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n,
-                   double now) noexcept nogil:
-    """A client connection of this relay from now on (fd owned here)."""
+                   bint solo, double now) noexcept nogil:
+    """A client connection of this relay from now on (fd owned here). *solo*:
+    accepted by this loop (TCP_NODELAY comes from the listener), and read at
+    once, before epoll knows it: the request is usually there already, and a
+    connection answered and closed without waiting on the client costs no
+    epoll_ctl (HAProxy's speculative read)."""
     cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
     cdef Conn **grown
     cdef int one = 1
@@ -1901,6 +1924,10 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     R.n_conns += 1
     L4R_ADD(&R.ctr[<int>CT_CONNECTIONS], 1)
     L4R_ADD(&R.ctr[<int>CT_ACTIVE], 1)
+    c.solo = solo
+    if solo:
+        client_event(R, c, sys_.EPOLLIN, now)
+        return
     sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     if n:
         buf_add(&c.inb, data, n)
@@ -1981,7 +2008,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
             reset_close(fd)
             continue
         if l.gateway:
-            new_conn(R, fd, l.gw_origin, NULL, 0, now)
+            new_conn(R, fd, l.gw_origin, NULL, 0, True, now)
             continue
         len = sizeof(dst)
         memset(&dst, 0, sizeof(dst))
@@ -1994,7 +2021,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
         key[6] = <char>SHAPE_ORIGIN
         e = cache_get(R, key, 7, fnv(FNV_BASIS, key, 7), now)
         if e != NULL and e.shape == OC_RELAY:
-            new_conn(R, fd, e.origin, NULL, 0, now)
+            new_conn(R, fd, e.origin, NULL, 0, True, now)
         else:  # another kind of connection, or not known yet: Python says
             to_others(R, fd, l, dst.sin_addr.s_addr, dst.sin_port)
 
@@ -2349,6 +2376,7 @@ cdef class HttpRelay:
         """
         cdef Relay *R = self.R
         cdef Lst *l
+        cdef int one = 1
         if self._started:
             raise RuntimeError("listen() after start()")
         if R.n_lsts == MAX_LSTS:
@@ -2366,6 +2394,10 @@ cdef class HttpRelay:
         R.n_lsts += 1
         if R.reserve_fd < 0:
             R.reserve_fd = c_open(b"/dev/null", O_RDONLY | sys_.O_CLOEXEC)
+        # inherited by every connection accepted from it (one setsockopt, not
+        # one per connection); the worker's L4 connections get it too, as
+        # their upstream sockets have it already (Envoy sets it on both sides)
+        sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
 
     def unlisten(self, int index, double timeout=2.0):
@@ -2635,7 +2667,7 @@ cdef class HttpRelay:
                         cache_put(R, key, 7, fnv(FNV_BASIS, key, 7), NULL,
                                   OC_RELAY if mine else OC_OTHER, now + 1.0, epoch, oid)
                 if mine:
-                    new_conn(R, sock.detach(), oid, NULL, 0, now)
+                    new_conn(R, sock.detach(), oid, NULL, 0, True, now)
                 elif self.accepted is not None:
                     self.accepted(sock, o.lst)
                 else:
@@ -2843,7 +2875,7 @@ cdef class HttpRelay:
         origin = self._origins[c.origin]
         if c.up != NULL:
             up_discard(R, c)
-        conn_forget(R, c)
+        conn_forget(R, c, False)
         L4R_ADD(&R.ctr[<int>CT_SLOW], 1)
         sock = _socket.socket(fileno=fd)
         self.slow.add(sock, origin, data, requests=requests)

@@ -762,3 +762,97 @@ def test_the_compiled_loop_accepts_on_a_gateway_listener(
     finally:
         relay.close()
         lst.close()
+
+
+def _wait_active(relay: Any, want: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while relay.active() != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return int(relay.active())
+
+
+def test_a_client_that_asked_to_close_is_closed_without_a_lingering_read(
+    backends: list[Backend],
+) -> None:
+    """RFC 9112 9.6: a client that sent Connection: close sends nothing after
+    its request, so once the answer is out the relay closes at once (no
+    half-close and lingering read, which held the fd until the client's FIN
+    or 2 s). A client that asked to keep the connection and got a close
+    answer may still be sending: that one is lingered, until its FIN."""
+    server_closes = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = server_closes.accept()
+            except OSError:
+                return
+            d = b""
+            while b"\r\n\r\n" not in d:
+                d += c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    closing = ("127.0.0.1", server_closes.getsockname()[1])
+    proxy = Proxy(
+        lambda head, origin: Decision(
+            (closing if head.path == "/closes" else backends[0].endpoint,)
+        )
+    )
+    try:
+        with proxy.connect() as c:  # stays open on our side throughout
+            c.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert read_response(c) == b"v=v1 /a 0"
+            assert c.recv(1) == b""  # the relay's FIN
+            assert _wait_active(proxy.relay, 0, 1.0) == 0  # not after LINGER (2 s)
+        with proxy.connect() as c:
+            c.sendall(b"GET /closes HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(c) == b"ok"
+            assert c.recv(1) == b""
+            time.sleep(0.3)
+            assert proxy.relay.active() == 1  # lingering: the client may still send
+            c.shutdown(socket.SHUT_WR)
+            assert _wait_active(proxy.relay, 0, 1.5) == 0
+        assert proxy.relay.stats()["errors"] == 0
+    finally:
+        proxy.close()
+        server_closes.close()
+
+
+def test_the_loop_reads_an_accepted_connection_before_epoll_knows_it(
+    backends: list[Backend], twin: str
+) -> None:
+    """listen(): a new connection is read at once (the request is usually
+    there); one whose request comes later is watched instead. Both kinds are
+    answered, keep their connection across requests, and a Connection: close
+    request ends with the relay's close, not a lingering read."""
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    relay = load_twin("relay", "compiled").HttpRelay(
+        lambda h, o: Decision(),
+        lambda *a: None,
+        resolve=lambda h, o: Verdict((Choice(1, (backends[0].endpoint,)),)),
+    )
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.setblocking(False)
+    relay.listen(lst.fileno(), 0, True, ("gateway", 8080))
+    relay.start()
+    try:
+        for delay in (0.0, 0.2):
+            with socket.create_connection(lst.getsockname()[:2], timeout=5) as c:
+                assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # ours
+                time.sleep(delay)  # 0.2: accepted, read (nothing yet), then watched
+                for i in range(3):
+                    c.sendall(f"GET /k{i} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+                    assert read_response(c) == f"v=v1 /k{i} 0".encode()
+                c.sendall(b"GET /end HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                assert read_response(c) == b"v=v1 /end 0"
+                assert c.recv(1) == b""
+                assert _wait_active(relay, 0, 1.0) == 0
+        assert lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # inherited
+        stats = relay.stats()
+        assert stats["connections"] == 2 and stats["errors"] == 0, stats
+    finally:
+        relay.close()
+        lst.close()

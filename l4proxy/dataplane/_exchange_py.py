@@ -171,7 +171,13 @@ class NotHTTPConnection(NamedTuple):
 
 
 class Close(NamedTuple):
-    """Close the client connection (after sending what is queued)."""
+    """Close the client connection (after sending what is queued).
+
+    *quiet*: the client cannot send more (it closed its side, or asked to
+    close and every byte it sent was read, RFC 9112 9.6), so no lingering read
+    is needed before the close."""
+
+    quiet: bool = False
 
 
 Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
@@ -327,7 +333,8 @@ class Exchange:
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
-            return out + self._close()
+            done = request_framing(self.head)[0] == Framing.NONE
+            return out + self._close(self._done_talking(not done))
         return out + self._next_request()
 
     def upstream_data(self, data: bytes) -> list[Action]:
@@ -501,7 +508,7 @@ class Exchange:
             and not self._client_eof
         )
         if not keep_client:
-            return out + self._close()
+            return out + self._close(self._done_talking(request_cut))
         return out + self._next_request()
 
     def _next_request(self) -> list[Action]:
@@ -522,7 +529,14 @@ class Exchange:
         self.status = status
         return [Client(local_response(status, reason)), Done(status, True), *self._close()]
 
-    def _close(self) -> list[Action]:
+    def _done_talking(self, request_cut: bool) -> bool:
+        """After an exchange: the client has nothing more to send."""
+        assert self.head is not None
+        return self._client_eof or (
+            not self.head.keep_alive and not request_cut and not self._inbox
+        )
+
+    def _close(self, quiet: bool = False) -> list[Action]:
         self.phase = Phase.CLOSED
         self._inbox.clear()
-        return [Close()]
+        return [Close(quiet or self._client_eof)]

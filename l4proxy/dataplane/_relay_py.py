@@ -131,6 +131,7 @@ class _Conn:
     decision: Decision | None = None
     started: float = 0.0  # when the current head completed
     closing: float = 0.0  # lingering-close deadline, 0: not closing
+    quiet: bool = False  # closing: the client cannot send more (no lingering read)
     mask: int = 0
     fd: int = -1
 
@@ -422,7 +423,7 @@ class HttpRelay:
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
-                self._start_close(c, now)
+                self._start_close(c, now, a.quiet)
         if c.fd in self._conns:
             if c.up is not None and c.up.owner is c and not c.up.connecting and c.up.out:
                 self._flush_up(c.up)
@@ -544,14 +545,21 @@ class HttpRelay:
         data = a.data if isinstance(a, NotHTTPConnection) else b""
         self.l4(c.sock, up.sock if up else None, bytes(c.out), to_up or data, c.origin)
 
-    def _start_close(self, c: _Conn, now: float) -> None:
+    def _start_close(self, c: _Conn, now: float, quiet: bool = False) -> None:
         if c.up is not None:
             self._release(c, False, now)
         c.closing = now + _LINGER_S
+        c.quiet = quiet
         if not c.out:
             self._linger(c)
 
     def _linger(self, c: _Conn) -> None:
+        """The answer is sent: FIN, then read until the client's (or _LINGER_S),
+        so that a client still sending does not turn the answer into a reset;
+        a quiet client (Close.quiet) is closed at once."""
+        if c.quiet:
+            self._close_client(c)
+            return
         try:
             c.sock.shutdown(socket.SHUT_WR)
         except OSError:
