@@ -42,20 +42,6 @@ Run 'l4proxy COMMAND --help' for each command's options.
 """
 
 
-def _supervisor_without_openssl() -> None:
-    """Keep OpenSSL out of the sidecar's supervisor process.
-
-    The supervisor speaks no TLS and runs plain asyncio, but ``import
-    asyncio`` loads ``ssl`` (and the standard library ``_hashlib``): libssl
-    and libcrypto, about 4 MB of RSS in every pod. Marked absent before
-    anything imports them, asyncio runs without TLS support and hashlib uses
-    its builtin digests. Workers keep them: uvloop imports ``ssl``.
-    """
-    for name in ("ssl", "_ssl", "_hashlib"):
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l4proxy",
@@ -79,10 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Import only the module of the subcommand asked for (fast startup).
     first = next((a for a in args_list if not a.startswith("-")), None)
-    if first == "run" and not any(
-        a.split("=", 1)[0] in ("--worker-fds", "--single-process") for a in args_list
-    ):
-        _supervisor_without_openssl()
+    if first == "run":  # supervisor and workers: see l4proxy.sidecar.lean
+        from l4proxy.sidecar.lean import keep_out
+
+        keep_out()
     parser = build_parser(first if first in SUBCOMMANDS else None)
     args = parser.parse_args(args_list)
     args.raw_argv = args_list  # the supervisor restarts workers with the same arguments

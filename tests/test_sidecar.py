@@ -755,6 +755,13 @@ def test_admin_endpoints_and_quitquitquit(mesh: Mesh) -> None:
         with open(f"/proc/{pid}/status") as f:
             uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
         assert set(uids) == {"1337"}, (pid, uids)
+        # no TLS in the sidecar: neither process maps OpenSSL (sidecar/lean.py)
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        assert "libssl" not in maps and "libcrypto" not in maps, pid
+    for pid in mesh.sidecar.worker_pids():  # one malloc arena (sidecar/lean.py)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"MALLOC_ARENA_MAX=1" in f.read().split(b"\0")
     assert mesh.sidecar.admin("/quitquitquit", method="POST").strip() == "OK"
     assert mesh.sidecar.proc.wait(15) == 0
 

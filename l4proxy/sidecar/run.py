@@ -320,9 +320,9 @@ def _inherited_listeners(spec: str) -> list[Listener]:
 
 def _event_loop_runner(name: str) -> Any:
     if name == "uvloop":
-        import uvloop
+        from l4proxy.sidecar.lean import import_uvloop
 
-        return uvloop.run
+        return import_uvloop().run
     return asyncio.run
 
 

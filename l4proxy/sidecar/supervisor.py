@@ -50,6 +50,7 @@ from typing import Any
 
 from l4proxy.dataplane.listener import Listener
 from l4proxy.sidecar.channel import SupervisorEnd
+from l4proxy.sidecar.lean import worker_env
 from l4proxy.sidecar.signals import reloads_blocked
 from l4proxy.stats import LabelSet, render_prometheus
 
@@ -121,7 +122,9 @@ class Supervisor:
             # SIGHUP blocked across the fork: the worker starts with it
             # pending rather than fatal until its handler exists (signals).
             with reloads_blocked():
-                proc = await asyncio.create_subprocess_exec(*argv, pass_fds=pass_fds)
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, pass_fds=pass_fds, env=worker_env(os.environ)
+                )
         except BaseException:
             parent.close()
             raise
