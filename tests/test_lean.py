@@ -9,11 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from l4proxy.sidecar import lean
-
-pytest.importorskip("uvloop")
 
 
 def _run(code: str) -> str:
