@@ -178,6 +178,7 @@ cdef enum:
 cdef enum:
     MAX_LSTS = 16
     MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
+    INTERN_LIMIT = 4096    # origins or endpoints before the first sweep (_sweep)
     ACCEPT_BATCH = 64
     SO_ORIGINAL_DST = 80
     SOL_IP = 0
@@ -2193,7 +2194,12 @@ cdef class HttpRelay:
     cdef readonly object slow
     cdef object _thread
     cdef dict _origin_ids
-    cdef list _origins
+    cdef dict _origins             # id -> origin (ids are reused once swept)
+    cdef list _free_oids
+    cdef object _intern_lock       # the interned tables: add() runs on other threads
+    cdef readonly int intern_limit
+    cdef int _swept_origins, _swept_eps
+    cdef readonly int sweeps
     cdef dict _ep_ids
     cdef list _ep_keys
     cdef dict _rr_ids
@@ -2212,7 +2218,8 @@ cdef class HttpRelay:
                  connect_failed=None, connect_ok=None, refused=None, *, resolve=None,
                  report_rows=None, accepted=None, classify_origin=None, accepts=None,
                  int max_connections=0,
-                 key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD):
+                 key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
+                 int intern_limit=INTERN_LIMIT):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
@@ -2237,7 +2244,10 @@ cdef class HttpRelay:
             self._slow_connect_failed, self._slow_connect_ok, refused,
         )
         self._origin_ids = {}
-        self._origins = []
+        self._origins = {}
+        self._free_oids = []
+        self._intern_lock = threading.Lock()
+        self.intern_limit = max(1, intern_limit)
         self._ep_ids = {}
         self._ep_keys = []
         self._rr_ids = {}
@@ -2520,14 +2530,16 @@ cdef class HttpRelay:
         return out
 
     def pool_active(self, endpoint):
-        i = self._ep_ids.get(endpoint)
-        mine = self.R.eps[<int>i].active if i is not None else 0
+        with self._intern_lock:  # not while a sweep moves the EPs
+            i = self._ep_ids.get(endpoint)
+            mine = self.R.eps[<int>i].active if i is not None else 0
         return mine + self.slow.pools.active(endpoint)
 
     def pool_snapshot(self):
         out = {}
-        for key, i in self._ep_ids.items():
-            out[key] = (self.R.eps[<int>i].active, self.R.eps[<int>i].n_idle)
+        with self._intern_lock:
+            for key, i in self._ep_ids.items():
+                out[key] = (self.R.eps[<int>i].active, self.R.eps[<int>i].n_idle)
         for key, (a, n) in self.slow.pools.snapshot().items():
             x = out.get(key, (0, 0))
             out[key] = (x[0] + a, x[1] + n)
@@ -2545,6 +2557,8 @@ cdef class HttpRelay:
                 return
             try:
                 self._service()
+                if self._sweep_due():
+                    self._sweep()
                 if self.R.flush_due:
                     self.R.flush_due = False
                     self._flush()
@@ -2681,17 +2695,99 @@ cdef class HttpRelay:
         return self._tags[tag] if 0 <= tag < len(self._tags) else None
 
     cdef uint32_t _origin_id(self, origin) except? 0xFFFFFFFF:
-        try:
-            return self._origin_ids[origin]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable: one id per connection (tests)
-            self._origins.append(origin)
-            return len(self._origins) - 1
-        oid = len(self._origins)
-        self._origins.append(origin)
-        self._origin_ids[origin] = oid
-        return oid
+        with self._intern_lock:
+            try:
+                return self._origin_ids[origin]
+            except KeyError:
+                hashable = True
+            except TypeError:  # unhashable: one id per connection (tests)
+                hashable = False
+            oid = self._free_oids.pop() if self._free_oids else len(self._origins)
+            self._origins[oid] = origin
+            if hashable:
+                self._origin_ids[origin] = oid
+            return oid
+
+    def table_sizes(self):
+        """How many origins and endpoints the loop has interned (bounded:
+        _sweep), and how many sweeps ran."""
+        return {"origins": len(self._origins), "endpoints": self.R.n_eps,
+                "balance_slots": self.R.n_rr, "sweeps": self.sweeps}
+
+    cdef _sweep_due(self):
+        cdef Relay *R = self.R
+        return (len(self._origins) > max(self.intern_limit, 2 * self._swept_origins)
+                or R.n_eps > max(self.intern_limit, 2 * self._swept_eps))
+
+    cdef _sweep(self):
+        """Forget the origins and endpoints nothing uses any more (loop thread).
+
+        Every distinct original destination on an HTTP port is an origin
+        here, and every distinct endpoint of a verdict an EP, PassthroughCluster
+        included: an app that calls many external addresses would grow both
+        for ever. Run when a table doubled since the last sweep (amortized
+        O(1) per entry). The verdict cache goes first (its keys name origins,
+        its verdicts hold EPs); what a connection, a queued hand-off, a
+        listener or a pooled or checked-out upstream connection uses stays,
+        under its id. Round-robin positions restart (they live in verdicts).
+        """
+        cdef Relay *R = self.R
+        cdef int i, k, n = 0
+        cdef Conn *c
+        cdef Handoff *h
+        cdef EP *ep
+        if R.n_oks:  # EP indices wait to be reported: next time
+            return
+        bury(R)
+        cache_clear(R)
+        with self._intern_lock:
+            live = set()
+            for i in range(R.n_conns):
+                live.add(R.conns[i].origin)
+            for i in range(R.n_lsts):
+                if R.lsts[i].gateway:
+                    live.add(R.lsts[i].gw_origin)
+            sys_.pthread_mutex_lock(&R.lock)
+            h = R.q_head
+            while h != NULL:
+                live.add(h.origin)
+                h = h.next
+            sys_.pthread_mutex_unlock(&R.lock)
+            for oid in [o for o in self._origins if o not in live]:
+                origin = self._origins.pop(oid)
+                try:
+                    if self._origin_ids.get(origin) == oid:
+                        del self._origin_ids[origin]
+                except TypeError:
+                    pass
+                self._free_oids.append(oid)
+            self._swept_origins = len(self._origins)
+            used = set()
+            for i in range(R.n_conns):
+                c = R.conns[i]
+                for k in range(c.n_cand):
+                    used.add(c.cand[k].index)
+                if c.fail_ep != NULL:
+                    used.add(c.fail_ep.index)
+                if c.up != NULL:
+                    used.add(c.up.ep.index)
+            keys = []
+            for k in range(R.n_eps):
+                ep = R.eps[k]
+                if ep.active or ep.n_idle or k in used:
+                    keys.append(self._ep_keys[k])
+                    ep.index = n
+                    R.eps[n] = ep
+                    n += 1
+                else:
+                    free(ep)
+            R.n_eps = n
+            self._ep_keys = keys
+            self._ep_ids = {key: i for i, key in enumerate(keys)}
+            self._swept_eps = n
+            self._rr_ids = {}
+            R.n_rr = 0
+            self.sweeps += 1
 
     cdef int _tag_id(self, tag) except -2:
         try:

@@ -90,3 +90,20 @@ def test_removed_endpoint_gives_back_its_idle_connections() -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="must not be negative"):
         PoolOptions(max_idle=-1)
+
+
+def test_an_endpoint_with_nothing_pooled_or_in_flight_is_forgotten() -> None:
+    """PassthroughCluster makes an endpoint of every address an app calls:
+    the table keeps only those that hold a connection."""
+    p = Pools(PoolOptions(idle_timeout=10))
+    for i in range(1000):
+        ep = (f"198.18.{i // 256}.{i % 256}", 80)
+        p.opened(ep, i)
+        p.checkin(ep, i, reusable=i % 2 == 0, now=0.0)  # odd: closed, not pooled
+    p.opened(A, "busy")  # in flight across the expiry
+    assert len(p.snapshot()) == 1001
+    assert len(p.expire(now=5.0)) == 0 and len(p.snapshot()) == 501  # idle ones stay
+    assert len(p.expire(now=20.0)) == 500
+    assert p.snapshot() == {A: (1, 0)}
+    p.checkin(A, "busy", reusable=True, now=20.0)
+    assert p.checkout(A) == "busy"  # still pooled as before

@@ -856,3 +856,62 @@ def test_the_loop_reads_an_accepted_connection_before_epoll_knows_it(
     finally:
         relay.close()
         lst.close()
+
+
+def _dead_ports(n: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on (bound once, then closed)."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_origins_and_endpoints_nothing_uses_are_forgotten(
+    backends: list[Backend], twin: str
+) -> None:
+    """Every original destination is an origin of the loop, and every
+    endpoint of a verdict one of its EPs (PassthroughCluster: one per address
+    an app calls). Both tables are swept when they double: what nothing uses
+    goes, a pooled connection's endpoint stays (and is reused)."""
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    live = backends[0].endpoint
+    dead = _dead_ports(300)
+
+    def resolve(head: RequestHead, origin: Any) -> Verdict:
+        i = int(head.path.strip("/"))
+        return Verdict((Choice(1, (live if i < 0 else ("127.0.0.1", dead[i]),)),))
+
+    relay = load_twin("relay", "compiled").HttpRelay(
+        lambda h, o: Decision(), lambda *a: None, resolve=resolve, intern_limit=64
+    )
+    relay.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def ask(i: int, origin: tuple[str, int]) -> bytes:
+        c = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        s, _ = listener.accept()
+        relay.add(s, origin)
+        with c:
+            c.sendall(f"GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        return data
+
+    try:
+        assert ask(-1, ("198.18.0.1", 80)).endswith(b"v=v1 /-1 0")  # pooled from here
+        for i in range(300):
+            assert ask(i, (f"198.18.1.{i % 250}", 80 + i // 250)).startswith(b"HTTP/1.1 50")
+        assert _wait_active(relay, 0, 2.0) == 0
+        sizes = relay.table_sizes()
+        assert sizes["sweeps"] >= 2, sizes
+        assert sizes["origins"] <= 2 * 64 and sizes["endpoints"] <= 2 * 64, sizes
+        assert relay.pool_snapshot()[live] == (0, 1)  # kept: it holds a connection
+        reused = relay.stats()["pool_reused"]
+        assert ask(-1, ("198.18.0.1", 80)).endswith(b"v=v1 /-1 0")
+        assert relay.stats()["pool_reused"] == reused + 1
+    finally:
+        relay.close()
+        listener.close()

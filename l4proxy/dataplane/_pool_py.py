@@ -154,14 +154,23 @@ class Pools:
         return True
 
     def expire(self, now: float) -> list[Hashable]:
-        """Idle connections older than ``idle_timeout``: the handles to close."""
+        """Idle connections older than ``idle_timeout``: the handles to close.
+
+        An endpoint with nothing idle and nothing checked out is forgotten
+        here: PassthroughCluster makes one of every address an app calls, so
+        keeping them would grow the table for good."""
         limit = now - self.options.idle_timeout
         out: list[Hashable] = []
-        for ep in self._endpoints.values():
+        empty: list[Hashable] = []
+        for key, ep in self._endpoints.items():
             if ep.idle and ep.idle[0].since <= limit:
                 keep = [i for i in ep.idle if i.since > limit]
                 out += [i.handle for i in ep.idle if i.since <= limit]
                 ep.idle = keep
+            if not ep.idle and not ep.active:
+                empty.append(key)
+        for key in empty:
+            del self._endpoints[key]
         for h in out:
             del self._where[h]
         self.counters["expired"] += len(out)
