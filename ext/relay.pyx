@@ -179,6 +179,8 @@ cdef enum:
     MAX_LSTS = 16
     MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
     INTERN_LIMIT = 4096    # origins or endpoints before the first sweep (_sweep)
+    SPLICE_MIN = 131072    # a response body this long (still to come) is spliced
+    PIPE_SIZE = 1048576    # asked of F_SETPIPE_SZ for it (the kernel may give less)
     ACCEPT_BATCH = 64
     SO_ORIGINAL_DST = 80
     SOL_IP = 0
@@ -264,6 +266,7 @@ cdef enum:
     CT_CACHE_HITS
     CT_CACHE_MISSES
     CT_SLOW
+    CT_SPLICED
     N_CT
 
 _STAT_NAMES = (
@@ -271,7 +274,7 @@ _STAT_NAMES = (
     "active", "pool_idle", "pool_opened", "pool_reused", "pool_returned",
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "verdict_cache_hits", "verdict_cache_misses",
-    "slow_path",
+    "slow_path", "spliced",
 )
 
 
@@ -376,6 +379,12 @@ cdef struct Conn:
     int64_t up_bytes       # response bytes received for this request
     int64_t client_bytes   # response bytes forwarded to the client
     Buf replay             # bytes sent upstream, while a retry may resend them
+    bint splicing          # the response body goes upstream -> pipe -> client
+    bint no_splice         # ... not for this response any more (splice_fallback)
+    int pipe_r
+    int pipe_w
+    int64_t pipe_cap
+    int64_t piped          # bytes in the pipe, not yet spliced to the client
     bint replayable
     bint retried
     int tag
@@ -590,7 +599,7 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
     cdef uint32_t want = 0
     if c.closed:
         return
-    if c.out.len:
+    if c.out.len or (c.splicing and c.piped):
         want |= sys_.EPOLLOUT
     if c.phase == P_CLOSING or reading_client(c):
         want |= sys_.EPOLLIN
@@ -614,7 +623,10 @@ cdef void interest_up(Relay *R, Up *u) noexcept nogil:
     else:
         if u.out.len:
             want |= sys_.EPOLLOUT
-        if not u.owner.out.len:
+        if u.owner.splicing:
+            if u.owner.resp_left and u.owner.piped < u.owner.pipe_cap:
+                want |= sys_.EPOLLIN
+        elif not u.owner.out.len:
             want |= sys_.EPOLLIN
     set_mask(R, u.fd, &u.mask, want, u)
 
@@ -713,6 +725,7 @@ cdef void conn_forget(Relay *R, Conn *c, bint closing) noexcept nogil:
     if c.mask and not (closing and c.solo):
         sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, c.fd, &ev)
         c.mask = 0
+    splice_stop(c)
     R.n_conns -= 1
     R.conns[c.idx] = R.conns[R.n_conns]
     R.conns[c.idx].idx = c.idx
@@ -1132,6 +1145,7 @@ cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) no
 
 cdef void reset_exchange(Conn *c) noexcept nogil:
     c.rs = RS_HEAD
+    c.no_splice = False
     c.framing = F_NONE
     c.resp_left = 0
     buf_free(&c.rhead)
@@ -1412,6 +1426,113 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         ask_python(R, c, N_RESPONSE)
         return 0
     return final_head(R, c, hl, now)
+
+
+# -- long response bodies: spliced ----------------------------------------------------
+# Once a Content-Length body has SPLICE_MIN bytes still to come and nothing
+# waits in c.out, the rest goes upstream -> pipe -> client with splice(2): the
+# bytes never enter user space. The pipe is the connection's own (made for
+# this body, closed at its end: no fds held between requests); what it holds
+# is bounded by its size, and nothing is read from upstream while it is full
+# (backpressure as with c.out). An urgent mark stops splice() (see pump.pyx):
+# readable yet nothing spliced means one, and this response goes back to the
+# copy path, the pipe's bytes first (splice_fallback).
+
+cdef void splice_stop(Conn *c) noexcept nogil:
+    if c.splicing:
+        sys_.close(c.pipe_r)
+        sys_.close(c.pipe_w)
+        c.splicing = False
+        c.piped = 0
+
+
+cdef int splice_start(Relay *R, Conn *c) noexcept nogil:
+    """A pipe for the rest of this body; -1 (the copy path goes on) without."""
+    cdef int p[2]
+    cdef int cap
+    if c.no_splice or sys_.pipe2(p, sys_.O_NONBLOCK | sys_.O_CLOEXEC) < 0:
+        c.no_splice = True
+        return -1
+    sys_.fcntl(p[1], sys_.F_SETPIPE_SZ, <int>PIPE_SIZE)
+    cap = sys_.fcntl(p[1], sys_.F_GETPIPE_SZ)
+    if cap <= 0:
+        sys_.close(p[0])
+        sys_.close(p[1])
+        c.no_splice = True
+        return -1
+    c.pipe_r = p[0]
+    c.pipe_w = p[1]
+    c.pipe_cap = cap
+    c.piped = 0
+    c.splicing = True
+    L4R_ADD(&R.ctr[<int>CT_SPLICED], 1)
+    return 0
+
+
+cdef int splice_fallback(Relay *R, Conn *c) noexcept nogil:
+    """The copy path for the rest of this response, the pipe's bytes queued
+    first (order kept); -1 when the connection went away."""
+    cdef ssize_t n
+    while c.piped > 0:
+        n = sys_.read(c.pipe_r, R.scratch, READ_SIZE if c.piped > READ_SIZE else <size_t>c.piped)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            conn_abort(R, c)
+            return -1
+        if to_client(R, c, R.scratch, <size_t>n) != 0:
+            return -1
+        c.piped -= n
+    splice_stop(c)
+    c.no_splice = True
+    return 0
+
+
+cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
+    """Pipe -> client while the client takes it; upstream -> pipe while the
+    pipe has room and the body has bytes to come. *readable*: epoll said the
+    upstream is."""
+    cdef Up *u = c.up
+    cdef ssize_t n
+    cdef int64_t want
+    cdef bint moved = True, first = True
+    cdef unsigned int flags = sys_.SPLICE_F_NONBLOCK | sys_.SPLICE_F_MOVE
+    while moved and not c.closed:
+        moved = False
+        if c.piped and not c.out.len:
+            n = sys_.splice(c.pipe_r, NULL, c.fd, NULL, <size_t>c.piped, flags)
+            if n > 0:
+                c.piped -= n
+                c.last_active = now
+                moved = True
+            elif n == 0 or (errno != EAGAIN and errno != EINTR):
+                conn_abort(R, c)  # the client went away mid-body
+                return
+        if c.resp_left and c.piped < c.pipe_cap:
+            want = c.pipe_cap - c.piped
+            if want > c.resp_left:
+                want = c.resp_left
+            n = sys_.splice(u.fd, NULL, c.pipe_w, NULL, <size_t>want, flags)
+            if n > 0:
+                c.piped += n
+                c.resp_left -= n
+                c.up_bytes += n
+                c.client_bytes += n
+                c.last_active = now
+                moved = True
+            elif n == 0 or (errno != EAGAIN and errno != EINTR):
+                # closed or reset before the body's end: the pipe's bytes first
+                if splice_fallback(R, c) == 0:
+                    on_upstream_eof(R, c, now)
+                return
+            elif first and readable:
+                splice_fallback(R, c)  # an urgent mark: recv() takes it from here
+                return
+            first = False
+    if not c.closed and c.resp_left == 0 and c.piped == 0:
+        splice_stop(c)
+        c.rs = RS_DONE
+        complete(R, c, False, c.req_left > 0, now)
 
 
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
@@ -1779,6 +1900,11 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
         flush_client(R, c)
         if c.closed:
             return
+    if c.splicing and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) \
+            and c.need == N_NONE:
+        splice_body(R, c, False, now)
+        if c.closed:
+            return
     if c.phase == P_CLOSING:
         if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
             n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
@@ -1858,6 +1984,11 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
             if flush_up(R, u) != 0:
                 on_upstream_eof(R, c, now)
         if not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
+                and c.need == N_NONE and (c.splicing or (
+                    not c.out.len and c.rs == RS_BODY and c.framing == F_LENGTH
+                    and c.resp_left >= SPLICE_MIN and splice_start(R, c) == 0)):
+            splice_body(R, c, True, now)
+        elif not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
                 and not c.out.len and c.need == N_NONE:
             n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
             if n < 0 and (errno == EAGAIN or errno == EINTR):

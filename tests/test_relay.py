@@ -915,3 +915,51 @@ def test_origins_and_endpoints_nothing_uses_are_forgotten(
     finally:
         relay.close()
         listener.close()
+
+
+def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -> None:
+    """A Content-Length body of SPLICE_MIN (128 KiB) or more goes upstream ->
+    pipe -> client in the compiled twin (the pure one copies): the same
+    bytes, the connection and its pooled upstream go on, the pipe is closed
+    at the body's end, and a body the server cuts short reaches the client
+    up to the cut, then EOF."""
+    big = random.Random(11).randbytes(4 << 20)
+
+    def serve(c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            while True:
+                path = _read_head(c).split(b" ")[1]
+                if path == b"/big":
+                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(big) + big)
+                elif path == b"/cut":  # promises 4 MiB, sends 1, closes
+                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(big))
+                    c.sendall(big[: 1 << 20])
+                    return
+                else:
+                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    endpoint = _one_shot_server(serve)
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /small HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"ok"
+            fds = len(os.listdir("/proc/self/fd"))
+            c.sendall(b"GET /big HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == big
+            c.sendall(b"GET /small HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert read_response(c) == b"ok"
+            assert len(os.listdir("/proc/self/fd")) == fds  # no pipe left behind
+        with proxy.connect() as c:
+            c.sendall(b"GET /cut HTTP/1.1\r\nHost: b\r\n\r\n")
+            c.settimeout(10)
+            data = bytearray()
+            while chunk := c.recv(1 << 20):
+                data += chunk
+            assert data.partition(b"\r\n\r\n")[2] == big[: 1 << 20]
+        stats = proxy.relay.stats()
+        # one upstream connection for all (a cut is no answered request)
+        assert stats["requests"] == 3 and stats["pool_opened"] == 1, stats
+        assert stats.get("spliced", 0) == (2 if twin == "compiled" else 0)
+    finally:
+        proxy.close()

@@ -211,6 +211,7 @@ class WorkerView:
             "l4proxy_http_connections_total": rs.get("connections", 0),
             "l4proxy_http_requests_total": rs.get("requests", 0),
             "l4proxy_http_local_answers_total": rs.get("local_answers", 0),
+            "l4proxy_http_spliced_bodies_total": rs.get("spliced", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),
             "l4proxy_upstream_pool_reused_total": rs.get("pool_reused", 0),
             "l4proxy_upstream_pool_evicted_total": rs.get("pool_evicted", 0),
