@@ -350,13 +350,20 @@ cdef struct Entry:
     int64_t epoch
 
 cdef struct Conn:
+    # (sized for 10k idle connections: the wide fields first, the states and
+    # flags as bytes at the end)
     int kind               # K_CONN
     int fd
     uint32_t mask
-    int phase
-    int need
     uint32_t origin
     int requests           # request heads completed on this connection
+    int tag
+    int status
+    int idx                # in Relay.conns
+    int fail_errno         # N_CONNECT_FAILED: why
+    int pipe_r             # splicing: the body's pipe
+    int pipe_w
+    int pipe_cap
     Buf inb                # client bytes not consumed; a head starts at 0
     Buf out                # to the client
     Scanner s
@@ -364,47 +371,42 @@ cdef struct Conn:
     # the current request
     size_t head_len
     int64_t req_left       # request body bytes still to forward
-    bint keep_alive        # the head asks to keep the connection
-    bint sent_persistent
-    bint method_head
-    bint idempotent
-    bint client_eof
-    int rs                 # RS_*
-    int framing
     int64_t resp_left
     Chunked ck
     Buf rhead              # response bytes before the final head is complete
-    bint resp_persistent
-    int status
     int64_t up_bytes       # response bytes received for this request
     int64_t client_bytes   # response bytes forwarded to the client
     Buf replay             # bytes sent upstream, while a retry may resend them
-    bint splicing          # the response body goes upstream -> pipe -> client
-    bint no_splice         # ... not for this response any more (splice_fallback)
-    int pipe_r
-    int pipe_w
-    int64_t pipe_cap
-    int64_t piped          # bytes in the pipe, not yet spliced to the client
-    bint replayable
-    bint retried
-    int tag
+    int64_t piped          # splicing: bytes in the pipe, not yet sent to the client
     EP *cand[MAX_ATTEMPTS]
-    int n_cand
     double started
     double head_started    # 0: no head pending
     double last_active
     double closing         # lingering-close deadline; 0: not closing
-    bint closed
-    bint solo              # accepted by this loop: no other fd shares its file
-    bint no_linger         # the client cannot send more: close, no lingering read
-    bint unwanted          # EPOLLIN fired while the client was not to be read
-    bint slow_after_flush  # hand to the pure relay once c.out is sent (_to_slow)
-    int idx                # in Relay.conns
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
-    int fail_errno         # N_CONNECT_FAILED: why
     EP *fail_ep
     Conn *need_next
     Conn *grave_next
+    signed char phase
+    signed char need
+    signed char rs         # RS_*
+    signed char framing
+    signed char n_cand
+    unsigned char keep_alive       # the head asks to keep the connection
+    unsigned char sent_persistent
+    unsigned char method_head
+    unsigned char idempotent
+    unsigned char client_eof
+    unsigned char resp_persistent
+    unsigned char splicing         # the response body goes upstream -> pipe -> client
+    unsigned char no_splice        # ... not for this response any more (splice_fallback)
+    unsigned char replayable
+    unsigned char retried
+    unsigned char closed
+    unsigned char solo             # accepted by this loop: no other fd shares its file
+    unsigned char no_linger        # the client cannot send more: close, no lingering read
+    unsigned char unwanted         # EPOLLIN fired while the client was not to be read
+    unsigned char slow_after_flush # hand to the pure relay once c.out is sent (_to_slow)
 
 cdef struct Row:
     int tag
