@@ -179,7 +179,9 @@ cdef enum:
     MAX_LSTS = 16
     MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
     INTERN_LIMIT = 4096    # origins or endpoints before the first sweep (_sweep)
-    SPLICE_MIN = 131072    # a response body this long (still to come) is spliced
+    SPLICE_MIN = 131072    # a body this long (still to come) is spliced
+    SPL_RESP = 1           # Conn.splicing: the response body (upstream -> client)
+    SPL_REQ = 2            # ... the request body (client -> upstream)
     PIPE_SIZE = 1048576    # asked of F_SETPIPE_SZ for it (the kernel may give less)
     ACCEPT_BATCH = 64
     SO_ORIGINAL_DST = 80
@@ -398,8 +400,8 @@ cdef struct Conn:
     unsigned char idempotent
     unsigned char client_eof
     unsigned char resp_persistent
-    unsigned char splicing         # the response body goes upstream -> pipe -> client
-    unsigned char no_splice        # ... not for this response any more (splice_fallback)
+    unsigned char splicing         # SPL_RESP, SPL_REQ: a body goes through the pipe
+    unsigned char no_splice        # ... not in this exchange any more (splice_fallback)
     unsigned char replayable
     unsigned char retried
     unsigned char closed
@@ -593,6 +595,8 @@ cdef inline bint reading_client(Conn *c) noexcept nogil:
     if c.phase == P_HEAD:
         return not c.client_eof
     if c.phase == P_EXCH:
+        if c.splicing == SPL_REQ:
+            return c.req_left > 0 and c.piped < c.pipe_cap
         return c.req_left > 0
     return False
 
@@ -601,7 +605,7 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
     cdef uint32_t want = 0
     if c.closed:
         return
-    if c.out.len or (c.splicing and c.piped):
+    if c.out.len or (c.splicing == SPL_RESP and c.piped):
         want |= sys_.EPOLLOUT
     if c.phase == P_CLOSING or reading_client(c):
         want |= sys_.EPOLLIN
@@ -623,9 +627,9 @@ cdef void interest_up(Relay *R, Up *u) noexcept nogil:
     elif u.owner == NULL:
         want = sys_.EPOLLIN  # idle: readable means the server closed it
     else:
-        if u.out.len:
+        if u.out.len or (u.owner.splicing == SPL_REQ and u.owner.piped):
             want |= sys_.EPOLLOUT
-        if u.owner.splicing:
+        if u.owner.splicing == SPL_RESP:
             if u.owner.resp_left and u.owner.piped < u.owner.pipe_cap:
                 want |= sys_.EPOLLIN
         elif not u.owner.out.len:
@@ -1181,7 +1185,10 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
     """Both messages are over (_response_complete in _exchange_py.py)."""
     cdef bint close_delimited = c.framing == F_CLOSE
     cdef bint reusable = (not upstream_closed and not request_cut and not close_delimited
-                          and c.resp_persistent and c.sent_persistent)
+                          and c.resp_persistent and c.sent_persistent
+                          and c.splicing != SPL_REQ)
+    if c.splicing == SPL_REQ:  # answered before its body was all sent
+        splice_stop(c)
     cdef bint keep = (c.keep_alive and c.resp_persistent and not close_delimited
                       and not request_cut and not c.client_eof)
     request_done(R, c, c.status, False, now)
@@ -1448,7 +1455,7 @@ cdef void splice_stop(Conn *c) noexcept nogil:
         c.piped = 0
 
 
-cdef int splice_start(Relay *R, Conn *c) noexcept nogil:
+cdef int splice_start(Relay *R, Conn *c, int direction) noexcept nogil:
     """A pipe for the rest of this body; -1 (the copy path goes on) without."""
     cdef int p[2]
     cdef int cap
@@ -1466,14 +1473,14 @@ cdef int splice_start(Relay *R, Conn *c) noexcept nogil:
     c.pipe_w = p[1]
     c.pipe_cap = cap
     c.piped = 0
-    c.splicing = True
+    c.splicing = <unsigned char>direction
     L4R_ADD(&R.ctr[<int>CT_SPLICED], 1)
     return 0
 
 
 cdef int splice_fallback(Relay *R, Conn *c) noexcept nogil:
-    """The copy path for the rest of this response, the pipe's bytes queued
-    first (order kept); -1 when the connection went away."""
+    """The copy path for the rest of this body, the pipe's bytes queued first
+    (order kept); -1 when the connection went away."""
     cdef ssize_t n
     while c.piped > 0:
         n = sys_.read(c.pipe_r, R.scratch, READ_SIZE if c.piped > READ_SIZE else <size_t>c.piped)
@@ -1482,7 +1489,11 @@ cdef int splice_fallback(Relay *R, Conn *c) noexcept nogil:
         if n <= 0:
             conn_abort(R, c)
             return -1
-        if to_client(R, c, R.scratch, <size_t>n) != 0:
+        if c.splicing == SPL_RESP:
+            if to_client(R, c, R.scratch, <size_t>n) != 0:
+                return -1
+        elif buf_add(&c.up.out, R.scratch, <size_t>n) != 0:
+            conn_abort(R, c)
             return -1
         c.piped -= n
     splice_stop(c)
@@ -1535,6 +1546,58 @@ cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nog
         splice_stop(c)
         c.rs = RS_DONE
         complete(R, c, False, c.req_left > 0, now)
+
+
+cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
+    """splice_body's twin for a request body: pipe -> upstream while it takes
+    it, client -> pipe while the pipe has room and the body bytes to come.
+    *readable*: epoll said the client is."""
+    cdef Up *u = c.up
+    cdef ssize_t n
+    cdef int64_t want
+    cdef bint moved = True, first = True
+    cdef unsigned int flags = sys_.SPLICE_F_NONBLOCK | sys_.SPLICE_F_MOVE
+    while moved and not c.closed:
+        moved = False
+        if c.piped:
+            n = sys_.splice(c.pipe_r, NULL, u.fd, NULL, <size_t>c.piped, flags)
+            if n > 0:
+                c.piped -= n
+                c.last_active = now
+                moved = True
+            elif n == 0 or (errno != EAGAIN and errno != EINTR):
+                splice_stop(c)  # the server went away mid-body
+                on_upstream_eof(R, c, now)
+                return
+        if c.req_left and c.piped < c.pipe_cap:
+            want = c.pipe_cap - c.piped
+            if want > c.req_left:
+                want = c.req_left
+            n = sys_.splice(c.fd, NULL, c.pipe_w, NULL, <size_t>want, flags)
+            if n > 0:
+                c.piped += n
+                c.req_left -= n
+                c.last_active = now
+                moved = True
+            elif n == 0:  # a request body cut short
+                c.client_eof = True
+                splice_stop(c)
+                if c.up != NULL:
+                    up_discard(R, c)
+                start_close(R, c, now)
+                return
+            elif errno != EAGAIN and errno != EINTR:
+                conn_abort(R, c)
+                return
+            elif first and readable:
+                if splice_fallback(R, c) == 0 and flush_up(R, u) != 0:
+                    on_upstream_eof(R, c, now)
+                return
+            first = False
+    if not c.closed and c.req_left == 0 and c.piped == 0:
+        splice_stop(c)
+        if c.rs == RS_DONE:
+            complete(R, c, False, False, now)
 
 
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
@@ -1902,7 +1965,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
         flush_client(R, c)
         if c.closed:
             return
-    if c.splicing and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) \
+    if c.splicing == SPL_RESP and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) \
             and c.need == N_NONE:
         splice_body(R, c, False, now)
         if c.closed:
@@ -1915,7 +1978,13 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 return
         interest(R, c)
         return
-    if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c):
+    if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c) \
+            and c.phase == P_EXCH and (c.splicing == SPL_REQ or (
+                c.splicing == 0 and c.req_left >= SPLICE_MIN and not c.replayable
+                and c.up != NULL and not c.up.connecting and not c.up.out.len
+                and splice_start(R, c, SPL_REQ) == 0)):
+        splice_request(R, c, True, now)
+    elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c):
         n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EAGAIN or errno == EINTR:
@@ -1985,10 +2054,13 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
         if ev & sys_.EPOLLOUT and u.out.len:
             if flush_up(R, u) != 0:
                 on_upstream_eof(R, c, now)
+        if not c.closed and c.up == u and c.splicing == SPL_REQ and not u.out.len \
+                and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) and c.need == N_NONE:
+            splice_request(R, c, False, now)
         if not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
-                and c.need == N_NONE and (c.splicing or (
+                and c.need == N_NONE and c.splicing != SPL_REQ and (c.splicing == SPL_RESP or (
                     not c.out.len and c.rs == RS_BODY and c.framing == F_LENGTH
-                    and c.resp_left >= SPLICE_MIN and splice_start(R, c) == 0)):
+                    and c.resp_left >= SPLICE_MIN and splice_start(R, c, SPL_RESP) == 0)):
             splice_body(R, c, True, now)
         elif not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
                 and not c.out.len and c.need == N_NONE:
@@ -2587,6 +2659,7 @@ cdef class HttpRelay:
         cdef Handoff *h
         cdef bytes d = bytes(data)
         cdef uint32_t oid = self._origin_id(origin)
+        sock.setblocking(False)  # splice() has no per-call flag for the socket's side
         fd = sock.detach()
         if self._closed:
             sys_.close(fd)

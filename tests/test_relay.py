@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import resource
@@ -307,6 +308,9 @@ def test_slow_head_gets_408(sent: bytes) -> None:
             assert 0.9 <= time.monotonic() - t0 < 3  # 1 s, plus a tick, plus a busy machine
             assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
             assert data.endswith(b"\r\n\r\nrequest header timeout"), data
+        deadline = time.monotonic() + 2  # reported on the loop's next return to Python
+        while not proxy.refused and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert proxy.refused == ["header_timeout"]
     finally:
         proxy.close()
@@ -917,6 +921,13 @@ def test_origins_and_endpoints_nothing_uses_are_forgotten(
         listener.close()
 
 
+def _wait_ended(ended: list[threading.Event]) -> None:
+    """Until the test's server threads closed their sockets (a later test
+    counts fds)."""
+    for done in ended:
+        assert done.wait(5)
+
+
 def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -> None:
     """A Content-Length body of SPLICE_MIN (128 KiB) or more goes upstream ->
     pipe -> client in the compiled twin (the pure one copies): the same
@@ -924,9 +935,11 @@ def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -
     at the body's end, and a body the server cuts short reaches the client
     up to the cut, then EOF."""
     big = random.Random(11).randbytes(4 << 20)
+    ended: list[threading.Event] = []
 
     def serve(c: socket.socket) -> None:
-        with c, contextlib.suppress(OSError):
+        ended.append(done := threading.Event())
+        with c, contextlib.suppress(OSError, AssertionError):  # (EOF: the relay closed)
             while True:
                 path = _read_head(c).split(b" ")[1]
                 if path == b"/big":
@@ -934,9 +947,10 @@ def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -
                 elif path == b"/cut":  # promises 4 MiB, sends 1, closes
                     c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(big))
                     c.sendall(big[: 1 << 20])
-                    return
+                    break
                 else:
                     c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        done.set()  # (after the with: the socket is closed)
 
     endpoint = _one_shot_server(serve)
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
@@ -963,3 +977,62 @@ def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -
         assert stats.get("spliced", 0) == (2 if twin == "compiled" else 0)
     finally:
         proxy.close()
+        _wait_ended(ended)
+
+
+def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) -> None:
+    """An upload of SPLICE_MIN or more goes client -> pipe -> upstream in the
+    compiled twin: the server gets every byte, the connection goes on. A
+    server that answers before the body's end (413) gets its connection
+    closed, never pooled with a body half sent, and the client its answer."""
+    body = random.Random(12).randbytes(4 << 20)
+    ended: list[threading.Event] = []
+
+    def serve(c: socket.socket) -> None:
+        ended.append(done := threading.Event())
+        with c, contextlib.suppress(OSError, AssertionError):  # (EOF: the relay closed)
+            while True:
+                head = _read_head(c)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if b"/early" in head:
+                    c.sendall(b"HTTP/1.1 413 Too Large\r\ncontent-length: 3\r\n\r\nbig")
+                    time.sleep(0.5)
+                    break
+                got = bytearray()
+                while len(got) < length:
+                    chunk = c.recv(1 << 20)
+                    assert chunk
+                    got += chunk
+                answer = b"%d %s" % (len(got), hashlib.sha256(got).hexdigest().encode())
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer) + answer)
+        done.set()
+
+    endpoint = _one_shot_server(serve)
+    proxy = Proxy(lambda head, origin: Decision((endpoint,)))
+    want = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+    try:
+        with proxy.connect() as c:
+            for i in range(3):
+                if i == 1:
+                    fds = len(os.listdir("/proc/self/fd"))
+                c.sendall(b"POST /up HTTP/1.1\r\nHost: b\r\ncontent-length: %d\r\n\r\n" % len(body))
+                c.sendall(body)
+                assert read_response(c) == want
+            assert len(os.listdir("/proc/self/fd")) == fds  # no pipe left behind
+        with proxy.connect() as c:
+            c.sendall(b"POST /early HTTP/1.1\r\nHost: b\r\ncontent-length: %d\r\n\r\n" % len(body))
+            with contextlib.suppress(OSError):  # the relay may stop reading us
+                c.sendall(body[: 1 << 20])
+            c.settimeout(10)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := c.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 413") and data.endswith(b"big"), data[:200]
+        assert _wait_active(proxy.relay, 0, 3.0) == 0
+        stats = proxy.relay.stats()
+        assert stats["pool_opened"] == 1 and stats["errors"] == 0, stats  # reused once
+        assert stats.get("spliced", 0) == (4 if twin == "compiled" else 0), stats
+    finally:
+        proxy.close()
+        _wait_ended(ended)
