@@ -1501,100 +1501,91 @@ cdef int splice_fallback(Relay *R, Conn *c) noexcept nogil:
     return 0
 
 
-cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
-    """Pipe -> client while the client takes it; upstream -> pipe while the
-    pipe has room and the body has bytes to come. *readable*: epoll said the
-    upstream is."""
-    cdef Up *u = c.up
+cdef enum:
+    SP_WAIT = 0            # splice_moves: moved what it could, wait for epoll
+    SP_OUT_FAILED          # the receiving side failed
+    SP_IN_EOF              # the sending side closed before the body's end
+    SP_IN_FAILED           # ... or failed
+    SP_MARK                # readable, yet nothing to splice: an urgent mark
+
+
+cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, bint readable,
+                      double now) noexcept nogil:
+    """Move a body through c's pipe: pipe -> *dst* while it takes it (and
+    *may_send*), *src* -> pipe while the pipe has room and *left* bytes are
+    to come. *readable*: epoll said *src* is. SP_*."""
     cdef ssize_t n
     cdef int64_t want
     cdef bint moved = True, first = True
     cdef unsigned int flags = sys_.SPLICE_F_NONBLOCK | sys_.SPLICE_F_MOVE
-    while moved and not c.closed:
+    while moved:
         moved = False
-        if c.piped and not c.out.len:
-            n = sys_.splice(c.pipe_r, NULL, c.fd, NULL, <size_t>c.piped, flags)
+        if c.piped and may_send:
+            n = sys_.splice(c.pipe_r, NULL, dst, NULL, <size_t>c.piped, flags)
             if n > 0:
                 c.piped -= n
                 c.last_active = now
                 moved = True
             elif n == 0 or (errno != EAGAIN and errno != EINTR):
-                conn_abort(R, c)  # the client went away mid-body
-                return
-        if c.resp_left and c.piped < c.pipe_cap:
+                return SP_OUT_FAILED
+        if left[0] and c.piped < c.pipe_cap:
             want = c.pipe_cap - c.piped
-            if want > c.resp_left:
-                want = c.resp_left
-            n = sys_.splice(u.fd, NULL, c.pipe_w, NULL, <size_t>want, flags)
+            if want > left[0]:
+                want = left[0]
+            n = sys_.splice(src, NULL, c.pipe_w, NULL, <size_t>want, flags)
             if n > 0:
                 c.piped += n
-                c.resp_left -= n
-                c.up_bytes += n
-                c.client_bytes += n
+                left[0] -= n
                 c.last_active = now
                 moved = True
-            elif n == 0 or (errno != EAGAIN and errno != EINTR):
-                # closed or reset before the body's end: the pipe's bytes first
-                if splice_fallback(R, c) == 0:
-                    on_upstream_eof(R, c, now)
-                return
+            elif n == 0:
+                return SP_IN_EOF
+            elif errno != EAGAIN and errno != EINTR:
+                return SP_IN_FAILED
             elif first and readable:
-                splice_fallback(R, c)  # an urgent mark: recv() takes it from here
-                return
+                return SP_MARK
             first = False
-    if not c.closed and c.resp_left == 0 and c.piped == 0:
+    return SP_WAIT
+
+
+cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
+    """The response body: upstream -> pipe -> client (splice_moves)."""
+    cdef int64_t before = c.resp_left
+    cdef int r = splice_moves(c, c.up.fd, c.fd, &c.resp_left, not c.out.len, readable, now)
+    c.up_bytes += before - c.resp_left
+    c.client_bytes += before - c.resp_left
+    if r == SP_OUT_FAILED:
+        conn_abort(R, c)  # the client went away mid-body
+    elif r == SP_IN_EOF or r == SP_IN_FAILED:
+        # closed or reset before the body's end: the pipe's bytes first
+        if splice_fallback(R, c) == 0:
+            on_upstream_eof(R, c, now)
+    elif r == SP_MARK:
+        splice_fallback(R, c)  # recv() takes it from here
+    elif c.resp_left == 0 and c.piped == 0:
         splice_stop(c)
         c.rs = RS_DONE
         complete(R, c, False, c.req_left > 0, now)
 
 
 cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
-    """splice_body's twin for a request body: pipe -> upstream while it takes
-    it, client -> pipe while the pipe has room and the body bytes to come.
-    *readable*: epoll said the client is."""
+    """The request body: client -> pipe -> upstream (splice_moves)."""
     cdef Up *u = c.up
-    cdef ssize_t n
-    cdef int64_t want
-    cdef bint moved = True, first = True
-    cdef unsigned int flags = sys_.SPLICE_F_NONBLOCK | sys_.SPLICE_F_MOVE
-    while moved and not c.closed:
-        moved = False
-        if c.piped:
-            n = sys_.splice(c.pipe_r, NULL, u.fd, NULL, <size_t>c.piped, flags)
-            if n > 0:
-                c.piped -= n
-                c.last_active = now
-                moved = True
-            elif n == 0 or (errno != EAGAIN and errno != EINTR):
-                splice_stop(c)  # the server went away mid-body
-                on_upstream_eof(R, c, now)
-                return
-        if c.req_left and c.piped < c.pipe_cap:
-            want = c.pipe_cap - c.piped
-            if want > c.req_left:
-                want = c.req_left
-            n = sys_.splice(c.fd, NULL, c.pipe_w, NULL, <size_t>want, flags)
-            if n > 0:
-                c.piped += n
-                c.req_left -= n
-                c.last_active = now
-                moved = True
-            elif n == 0:  # a request body cut short
-                c.client_eof = True
-                splice_stop(c)
-                if c.up != NULL:
-                    up_discard(R, c)
-                start_close(R, c, now)
-                return
-            elif errno != EAGAIN and errno != EINTR:
-                conn_abort(R, c)
-                return
-            elif first and readable:
-                if splice_fallback(R, c) == 0 and flush_up(R, u) != 0:
-                    on_upstream_eof(R, c, now)
-                return
-            first = False
-    if not c.closed and c.req_left == 0 and c.piped == 0:
+    cdef int r = splice_moves(c, c.fd, u.fd, &c.req_left, True, readable, now)
+    if r == SP_OUT_FAILED:
+        splice_stop(c)  # the server went away mid-body
+        on_upstream_eof(R, c, now)
+    elif r == SP_IN_EOF:  # a request body cut short
+        c.client_eof = True
+        splice_stop(c)
+        up_discard(R, c)
+        start_close(R, c, now)
+    elif r == SP_IN_FAILED:
+        conn_abort(R, c)
+    elif r == SP_MARK:
+        if splice_fallback(R, c) == 0 and flush_up(R, u) != 0:
+            on_upstream_eof(R, c, now)
+    elif c.req_left == 0 and c.piped == 0:
         splice_stop(c)
         if c.rs == RS_DONE:
             complete(R, c, False, False, now)

@@ -1019,7 +1019,9 @@ def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) ->
                 c.sendall(body)
                 assert read_response(c) == want
             assert len(os.listdir("/proc/self/fd")) == fds  # no pipe left behind
-        with proxy.connect() as c:
+        spliced = proxy.relay.stats().get("spliced", 0)
+        assert spliced == (3 if twin == "compiled" else 0)
+        with proxy.connect() as c:  # (spliced or not: the answer may come first)
             c.sendall(b"POST /early HTTP/1.1\r\nHost: b\r\ncontent-length: %d\r\n\r\n" % len(body))
             with contextlib.suppress(OSError):  # the relay may stop reading us
                 c.sendall(body[: 1 << 20])
@@ -1032,7 +1034,6 @@ def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) ->
         assert _wait_active(proxy.relay, 0, 3.0) == 0
         stats = proxy.relay.stats()
         assert stats["pool_opened"] == 1 and stats["errors"] == 0, stats  # reused once
-        assert stats.get("spliced", 0) == (4 if twin == "compiled" else 0), stats
     finally:
         proxy.close()
         _wait_ended(ended)
