@@ -827,6 +827,20 @@ cdef void flush_client(Relay *R, Conn *c) noexcept nogil:
         linger(R, c)
 
 
+cdef void settle(Relay *R, Conn *c) noexcept nogil:
+    """After a step on c: send what waits for the client, then watch what c
+    and its upstream wait for now (a connecting upstream keeps EPOLLOUT)."""
+    if c.closed:
+        return
+    if c.out.len:
+        flush_client(R, c)
+        if c.closed:
+            return
+    interest(R, c)
+    if c.up != NULL:
+        interest_up(R, c.up)
+
+
 cdef inline int flush_up(Relay *R, Up *u) noexcept nogil:
     """-1: the upstream failed (the caller decides what that means)."""
     return send_buf(u.fd, &u.out)
@@ -1437,15 +1451,17 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     return final_head(R, c, hl, now)
 
 
-# -- long response bodies: spliced ----------------------------------------------------
+# -- long bodies: spliced ------------------------------------------------------------
 # Once a Content-Length body has SPLICE_MIN bytes still to come and nothing
-# waits in c.out, the rest goes upstream -> pipe -> client with splice(2): the
-# bytes never enter user space. The pipe is the connection's own (made for
-# this body, closed at its end: no fds held between requests); what it holds
-# is bounded by its size, and nothing is read from upstream while it is full
-# (backpressure as with c.out). An urgent mark stops splice() (see pump.pyx):
-# readable yet nothing spliced means one, and this response goes back to the
-# copy path, the pipe's bytes first (splice_fallback).
+# waits to be sent on its way, the rest goes through a pipe with splice(2):
+# upstream -> pipe -> client for a response (SPL_RESP), client -> pipe ->
+# upstream for a request that can no longer be replayed (SPL_REQ); one at a
+# time. The bytes never enter user space. The pipe is the connection's own
+# (made for this body, closed at its end: no fds held between requests); what
+# it holds is bounded by its size, and nothing is read into it while it is
+# full (backpressure as with c.out). An urgent mark stops splice() (see
+# pump.pyx): readable yet nothing spliced means one, and this body goes back
+# to the copy path, the pipe's bytes first (splice_fallback).
 
 cdef void splice_stop(Conn *c) noexcept nogil:
     if c.splicing:
@@ -2022,13 +2038,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
         return
     elif ev & sys_.EPOLLIN:
         c.unwanted = True  # the lazy EPOLLIN (see interest()): drop it now
-    if not c.closed:
-        if c.out.len:
-            flush_client(R, c)
-        if not c.closed:
-            interest(R, c)
-            if c.up != NULL and not c.up.connecting:
-                interest_up(R, c.up)
+    settle(R, c)
 
 
 cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogil:
@@ -2064,13 +2074,7 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
                     upstream_bytes(R, c, R.scratch, <size_t>n, now)
                 else:
                     on_upstream_eof(R, c, now)
-    if not c.closed:
-        if c.out.len:
-            flush_client(R, c)
-        if not c.closed:
-            interest(R, c)
-            if c.up != NULL:
-                interest_up(R, c.up)
+    settle(R, c)
 
 
 cdef void take_queue(Relay *R, double now) noexcept nogil:
@@ -2129,11 +2133,7 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     if n:
         buf_add(&c.inb, data, n)
         head_step(R, c, now)
-    if not c.closed:
-        if c.out.len:
-            flush_client(R, c)
-        if not c.closed:
-            interest(R, c)
+    settle(R, c)
 
 
 # -- accept ---------------------------------------------------------------------------
@@ -2823,13 +2823,8 @@ cdef class HttpRelay:
                 L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
                 if not c.closed:
                     conn_close(R, c, True)
-            if not c.closed and c.need == N_NONE:
-                if c.out.len:
-                    flush_client(R, c)
-                if not c.closed:
-                    interest(R, c)
-                    if c.up != NULL:
-                        interest_up(R, c.up)
+            if c.need == N_NONE:
+                settle(R, c)
         bury(R)
         if R.n_others:
             self._others(now_s())
