@@ -323,18 +323,14 @@ class Exchange:
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
-        keep = (
-            self.head.keep_alive
-            and request_framing(self.head)[0] == Framing.NONE
-            and not self._client_eof
-        )
+        bodyless = request_framing(self.head)[0] == Framing.NONE
+        keep = self.head.keep_alive and bodyless and not self._client_eof
         out: list[Action] = [
             Client(local_response(status, body, close=not keep)),
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
-            done = request_framing(self.head)[0] == Framing.NONE
-            return out + self._close(self._done_talking(not done))
+            return out + self._close(self._done_talking(not bodyless))
         return out + self._next_request()
 
     def upstream_data(self, data: bytes) -> list[Action]:
