@@ -71,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     p.add_argument(
+        "--paths",
+        type=int,
+        default=1,
+        help="distinct request targets per connection, cycled (1: the same URL every "
+        "time; real traffic has ids and queries in its paths)",
+    )
+    p.add_argument(
         "--memory",
         type=int,
         default=None,
@@ -170,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.profile_only:
             all_cases = measure.cases(args.modes, args.connections)
             measure.warm_up(targets)
-            samples = measure.run_rounds(targets, all_cases, rounds, duration, args.threads)
+            samples = measure.run_rounds(
+                targets, all_cases, rounds, duration, args.threads, paths=args.paths
+            )
         summaries = measure.summarize(samples)
         rows = report.rows(summaries)
 
@@ -206,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = [*LOOPBACK_PEERS, *(f"sidecar/{p}" for p in SIDECAR_PEERS)]
     parts = [
         f"## l4proxy bench: {rounds} round(s) × {duration:g} s, medians; "
-        f"wrk -t{args.threads}; {os.cpu_count()} CPUs",
+        f"wrk -t{args.threads}; {os.cpu_count()} CPUs"
+        + (f"; {args.paths} distinct paths" if args.paths > 1 else ""),
         "",
     ]
     if rows:
@@ -234,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": duration,
         "rounds": rounds,
         "wrk_threads": args.threads,
+        "paths": args.paths,
         "elapsed_s": round(time.monotonic() - started, 1),
         "l4proxy_implementation": implementation,
         "failures": failures,

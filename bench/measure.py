@@ -87,9 +87,16 @@ def cases(modes: Sequence[str], connections: Sequence[int]) -> list[Case]:
     return [Case(m, c) for m in modes for c in connections]
 
 
-def measure(target: Target, case: Case, duration_s: float, threads: int = 1) -> Sample:
+def measure(
+    target: Target, case: Case, duration_s: float, threads: int = 1, paths: int = 1
+) -> Sample:
     argv = wrk.command(
-        target.url, case.connections, duration_s, close=case.mode == "close", threads=threads
+        target.url,
+        case.connections,
+        duration_s,
+        close=case.mode == "close",
+        threads=threads,
+        paths=paths,
     )
     before = target.process.cpu_seconds()
     result = wrk.run(argv, target.launcher)
@@ -110,6 +117,7 @@ def run_rounds(
     duration_s: float,
     threads: int = 1,
     progress: Callable[[str], None] | None = None,
+    paths: int = 1,
 ) -> list[Sample]:
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     samples: list[Sample] = []
@@ -119,7 +127,7 @@ def run_rounds(
         for case in all_cases:
             shift = (r + all_cases.index(case)) % len(targets)
             for t in [*targets[shift:], *targets[:shift]]:
-                s = measure(t, case, duration_s, threads)
+                s = measure(t, case, duration_s, threads, paths)
                 samples.append(Sample(s.target, case, r + 1, s.wrk, s.cpu_s))
                 flag = f"  ({s.wrk.errors} errors)" if s.wrk.errors else ""
                 say(

@@ -13,8 +13,10 @@ hand-off — the per-connection cost the close runs exist to show.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -99,8 +101,14 @@ def command(
     close: bool = False,
     threads: int = 1,
     timeout_s: float = 5.0,
+    paths: int = 1,
 ) -> list[str]:
-    """The wrk argv for one measurement."""
+    """The wrk argv for one measurement.
+
+    *paths* > 1: each connection cycles through that many distinct request
+    targets (``/item/<i>?q=<i>``), as real traffic with ids in its paths does,
+    instead of asking for the URL's path every time.
+    """
     argv = [
         "wrk",
         f"--threads={min(threads, connections)}",
@@ -111,7 +119,25 @@ def command(
     ]
     if close:
         argv += ["--header=Connection: close"]
+    if paths > 1:
+        argv += [f"--script={paths_script(paths)}"]
     return [*argv, url]
+
+
+def paths_script(paths: int) -> str:
+    """A wrk Lua script cycling through *paths* targets (a file any uid can read)."""
+    path = os.path.join(tempfile.gettempdir(), f"l4proxy-bench-paths-{paths}.lua")
+    text = (
+        "local n = 0\n"
+        "request = function()\n"
+        f"  n = n % {paths} + 1\n"
+        '  return wrk.format(nil, "/item/" .. n .. "?q=" .. n)\n'
+        "end\n"
+    )
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    return path
 
 
 def run(argv: Sequence[str], launcher: Launcher = on_host, grace_s: float = 30.0) -> WrkResult:
