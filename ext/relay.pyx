@@ -95,6 +95,7 @@ from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane.peek import parse_head
+from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import Choice, Verdict
 
 Decision = _relay_py.Decision
@@ -221,6 +222,14 @@ cdef enum:
     SHAPE_HEADERS = 4
     SHAPE_FULL = 7
     SHAPE_ONLY = 8       # the key of a shape entry: origin and Host
+    SHAPE_TESTS = 16     # the target only through the shape entry's tests
+
+# tests of the request target (verdict.py's TEST_KINDS, in that order)
+cdef enum:
+    T_TARGET_PREFIX = 0
+    T_EXACT = 1
+    T_PATH_PREFIX = 2
+    T_SEGMENTS = 3
 
 # verdict kinds
 cdef enum:
@@ -341,11 +350,21 @@ cdef struct Verdict_:
     char *close            # ... when it closes
     size_t close_len
 
+cdef struct Test_:
+    int kind               # T_*
+    size_t len
+    const char *value
+
+cdef struct Tests_:        # one block: this, the tests, their values
+    int n
+    Test_ *t
+
 cdef struct Entry:
     uint64_t hash
     char *key
     size_t key_len
     Verdict_ *v            # NULL: a shape entry (origin, Host) -> shape
+    Tests_ *tests          # a shape entry's tests (SHAPE_TESTS), owned
     int shape              # ... or an origin's class entry: OC_*
     uint32_t origin        # an origin's class entry: its origin id
     double expires
@@ -993,17 +1012,92 @@ cdef inline uint64_t fnv(uint64_t x, const char *p, size_t n) noexcept nogil:
     return x
 
 
+cdef bint test_passes(const Test_ *t, const unsigned char *target, Py_ssize_t tn,
+                      Py_ssize_t pn) noexcept nogil:
+    """Whether the target (tn bytes; its path: the first pn) passes t."""
+    cdef Py_ssize_t vn = <Py_ssize_t>t.len
+    if t.kind == T_TARGET_PREFIX:
+        return tn >= vn and memcmp(target, t.value, vn) == 0
+    if t.kind == T_EXACT:
+        return pn == vn and memcmp(target, t.value, vn) == 0
+    if t.kind == T_PATH_PREFIX:
+        return pn >= vn and memcmp(target, t.value, vn) == 0
+    # T_SEGMENTS: the value, or the value and a "/"
+    return pn >= vn and memcmp(target, t.value, vn) == 0 and (pn == vn or target[vn] == SLASH)
+
+
+cdef Py_ssize_t test_bits(const Tests_ *T, const unsigned char *target, Py_ssize_t tn,
+                          char *out) noexcept nogil:
+    """Which tests of T the target passes, as verdict.target_bits() writes
+    them into out ((T.n + 7) // 8 bytes, returned)."""
+    cdef Py_ssize_t pn = 0, nb = (T.n + 7) // 8
+    cdef int i
+    while pn < tn and target[pn] != b'?' and target[pn] != b'#':
+        pn += 1
+    memset(out, 0, nb)
+    for i in range(T.n):
+        if test_passes(&T.t[i], target, tn, pn):
+            out[i >> 3] = <char>(<uint8_t>out[i >> 3] | (1 << (i & 7)))
+    return nb
+
+
+cdef Tests_ *_tests(tests) except NULL:
+    """verdict.tests ((kind, value) pairs, TEST_KINDS) as one malloc'ed block."""
+    cdef Py_ssize_t n = len(tests), size, i
+    cdef Tests_ *T
+    cdef char *p
+    values = [str(value).encode("ascii") for _, value in tests]
+    kinds = [_TEST_KINDS[kind] for kind, _ in tests]  # KeyError: an unknown kind
+    size = sizeof(Tests_) + n * sizeof(Test_) + sum(len(b) for b in values)
+    T = <Tests_*>malloc(size)
+    if T == NULL:
+        raise MemoryError()
+    T.n = <int>n
+    T.t = <Test_*>(<char*>T + sizeof(Tests_))
+    p = <char*>T.t + n * sizeof(Test_)
+    for i in range(n):
+        T.t[i].kind = kinds[i]
+        T.t[i].len = <size_t>len(values[i])
+        memcpy(p, PyBytes_AS_STRING(values[i]), T.t[i].len)
+        T.t[i].value = p
+        p += T.t[i].len
+    return T
+
+
+_TEST_KINDS = {kind: i for i, kind in enumerate(_TEST_KIND_NAMES)}
+
+
+def _target_bits(tests, target):
+    """verdict.target_bits() as the compiled loop computes it (for tests)."""
+    cdef Tests_ *T = _tests(tests)
+    cdef bytes t = target.encode("ascii") if isinstance(target, str) else bytes(target)
+    cdef char out[512]
+    cdef Py_ssize_t nb
+    try:
+        if (T.n + 7) // 8 > <int>sizeof(out):
+            raise ValueError("too many tests")
+        nb = test_bits(T, <const unsigned char*>PyBytes_AS_STRING(t), len(t), out)
+        return PyBytes_FromStringAndSize(out, nb)
+    finally:
+        free(T)
+
+
 cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
-                         char *out, Py_ssize_t cap, int shape) noexcept nogil:
+                         char *out, Py_ssize_t cap, int shape,
+                         const Tests_ *tests=NULL) noexcept nogil:
     """The cache key of a head into out; its length, or -1 if it does not fit.
 
-    Origin and Host always; the method, the target and the key headers when
-    *shape* says the verdict depends on them (SHAPE_* bits; SHAPE_ONLY: the
-    key of the shape entry itself).
+    Origin and Host always; the method, the target (or which of *tests* it
+    passes) and the key headers when *shape* says the verdict depends on them
+    (SHAPE_* bits; SHAPE_ONLY: the key of the shape entry itself).
     """
     cdef Py_ssize_t n = 0, need
     cdef int j
+    if shape & SHAPE_TESTS and (tests == NULL or shape & SHAPE_PATH):
+        return -1  # (never made so: _resolve keeps one of the two)
     need = 8 + (h.me - h.ms) + (h.host_e - h.host_s) + (h.te - h.ts) + 3
+    if shape & SHAPE_TESTS:
+        need += (tests.n + 7) // 8 + 1
     for j in range(R.n_keys):
         need += 2 + (h.key_e[j] - h.key_s[j] if h.key_s[j] >= 0 else 0)
     if need > cap:
@@ -1025,6 +1119,8 @@ cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
         n += h.te - h.ts
         out[n] = 0
         n += 1
+    elif shape & SHAPE_TESTS:
+        n += test_bits(tests, buf + h.ts, h.te - h.ts, out + n)
     if not shape & SHAPE_HEADERS:
         return n
     for j in range(R.n_keys):
@@ -1060,8 +1156,10 @@ cdef void cache_clear(Relay *R) noexcept nogil:
         if R.cache[i].key != NULL:
             free(R.cache[i].key)
             verdict_free(R.cache[i].v)
+            free(R.cache[i].tests)
             R.cache[i].key = NULL
             R.cache[i].v = NULL
+            R.cache[i].tests = NULL
     R.cache_used = 0
 
 
@@ -1087,11 +1185,15 @@ cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double
 
 
 cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_ *v,
-                    int shape, double expires, int64_t epoch, uint32_t origin=0) noexcept nogil:
+                    int shape, double expires, int64_t epoch, uint32_t origin=0,
+                    Tests_ *tests=NULL) noexcept nogil:
+    """Cache v (or a shape entry: v NULL, with its tests); the entry owns
+    both, freed here if they are not kept."""
     cdef uint32_t i
     cdef Entry *e
     if epoch != L4R_LOAD(&R.epoch) or epoch != R.cache_epoch:
         verdict_free(v)  # resolved against a table that is gone already
+        free(tests)
         return
     if R.cache_used >= CACHE_MAX:
         cache_clear(R)
@@ -1102,7 +1204,9 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
             break
         if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
             verdict_free(e.v)  # expired: replaced in place
+            free(e.tests)
             e.v = v
+            e.tests = tests
             e.shape = shape
             e.origin = origin
             e.expires = expires
@@ -1111,11 +1215,13 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
     e.key = <char*>malloc(n if n else 1)
     if e.key == NULL:
         verdict_free(v)
+        free(tests)
         return
     memcpy(e.key, key, n)
     e.key_len = n
     e.hash = hash
     e.v = v
+    e.tests = tests
     e.shape = shape
     e.origin = origin
     e.expires = expires
@@ -1920,7 +2026,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     if n >= 0:
         e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
     if e != NULL:
-        n = make_key(R, c, b, &h, key, sizeof(key), e.shape)
+        n = make_key(R, c, b, &h, key, sizeof(key), e.shape, e.tests)
         e = NULL
         if n >= 0:
             e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
@@ -3091,7 +3197,9 @@ cdef class HttpRelay:
         cdef Verdict_ *v
         cdef Head h
         cdef char key[2048]
-        cdef Py_ssize_t n
+        cdef char vkey[2048]
+        cdef Py_ssize_t n, sn
+        cdef Tests_ *tests
         cdef int64_t epoch = L4R_LOAD(&R.epoch)
         head = self._head_object(c)
         origin = self._origins[c.origin]
@@ -3118,17 +3226,29 @@ cdef class HttpRelay:
             verdict = Verdict(local=(503, "no healthy upstream"))
         v = self._convert(verdict)
         ttl = verdict.ttl
-        shape = verdict.shape & SHAPE_FULL
+        shape = verdict.shape & (SHAPE_FULL | SHAPE_TESTS)
+        if shape & SHAPE_PATH or not verdict.tests:
+            shape &= ~SHAPE_TESTS
         if ttl > 0 and epoch == R.cache_epoch:
             summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
-            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), SHAPE_ONLY)
-            if n >= 0:
-                cache_put(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), NULL, shape,
-                          now + ttl, epoch)
-            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), shape)
+            try:
+                tests = _tests(verdict.tests) if shape & SHAPE_TESTS else NULL
+            except BaseException:
+                verdict_free(v)
+                raise
+            # the verdict's key (which tests this target passes), then the
+            # shape entry's, which takes the tests
+            n = make_key(R, c, <const unsigned char*>c.inb.p, &h, vkey, sizeof(vkey), shape,
+                         tests)
+            sn = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), SHAPE_ONLY)
+            if sn >= 0:
+                cache_put(R, key, <size_t>sn, fnv(FNV_BASIS, key, <size_t>sn), NULL, shape,
+                          now + ttl, epoch, 0, tests)
+            else:
+                free(tests)
             if n >= 0:
                 self._apply(c, v, now)
-                cache_put(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), v, shape,
+                cache_put(R, vkey, <size_t>n, fnv(FNV_BASIS, vkey, <size_t>n), v, shape,
                           now + ttl, epoch)
                 return
         try:

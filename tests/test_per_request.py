@@ -171,8 +171,22 @@ def test_ingress_paths_are_enforced_on_every_request(mesh: Mesh) -> None:
         assert version(client.batch(1, "/bootcamp")[0][0]) in ("v1", "v2")
         assert client.batch(1, "/secret") == [["404 no route"]]  # was: 200 from the backend
         assert version(client.batch(1, "/bootcamp")[0][0]) in ("v1", "v2")
+        # Paths with ids and queries: each is judged, and Python is asked per
+        # outcome of the Ingress path's test, not per distinct target.
+        for i in range(40):
+            assert version(client.batch(1, f"/bootcamp?id={i}")[0][0]) in ("v1", "v2")
+            assert client.batch(1, f"/secret/{i}?id={i}") == [["404 no route"]]
     finally:
         client.close()
+    assert mesh.sidecar is not None
+    assert mesh.sidecar.stat("l4proxy_http_requests_total") == 83
+    hits = mesh.sidecar.stat("l4proxy_http_verdict_cache_hits_total")
+    misses = mesh.sidecar.stat("l4proxy_http_verdict_cache_misses_total")
+    assert hits + misses == 83
+    # keyed by target: 83 misses (every request a new target but the 2nd and
+    # 4th); by test outcome: 2, and 2 more per second the run lasts (a
+    # verdict lives 1 s)
+    assert misses < 40, misses
 
 
 def test_bytes_that_are_not_http_still_go_through_at_l4(mesh: Mesh) -> None:

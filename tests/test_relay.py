@@ -410,12 +410,19 @@ def test_a_server_that_does_not_read_holds_the_client_back() -> None:
 # -- the compiled twin's verdict cache (the pure twin asks decide per request) --
 
 
-def _resolving_proxy(backends: list[Backend], verdict: object, **kw: object) -> tuple[Proxy, list]:
+def _resolving_proxy(
+    backends: list[Backend],
+    verdict: object,
+    answer: Callable[[RequestHead], object] | None = None,
+    **kw: object,
+) -> tuple[Proxy, list]:
+    """A compiled relay whose resolve() answers *verdict* (or *answer(head)*)
+    and records (method, path) of each call."""
     calls: list[tuple[str, str]] = []
 
     def resolve(head: RequestHead, origin: object) -> object:
         calls.append((head.method, head.path))
-        return verdict
+        return verdict if answer is None else answer(head)
 
     proxy = Proxy.__new__(Proxy)
     proxy.handed = []
@@ -454,6 +461,58 @@ def test_a_verdict_is_asked_once_per_request_shape(backends: list[Backend], twin
         assert len(calls) == want, (shape, calls[:3])
         stats = proxy.relay.stats()
         assert stats["verdict_cache_hits"] == 40 - want
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_paths_that_pass_the_same_tests_share_a_verdict(backends: list[Backend], twin: str) -> None:
+    """SHAPE_TESTS: the loop keys verdicts by which tests a target passes,
+    not by the target: 120 distinct paths with ids and queries ask Python
+    once per outcome (3), and each request gets its outcome's verdict."""
+    from l4proxy.dataplane.verdict import SHAPE_TESTS, Choice, Verdict
+
+    tests = (("segments", "/api"), ("exact", "/v2"))
+
+    def answer(head: RequestHead) -> Verdict:
+        path = head.path.split("?")[0]
+        up = backends[1] if path == "/v2" or path.startswith("/api/") else backends[0]
+        return Verdict((Choice(1, (up.endpoint,)),), shape=SHAPE_TESTS, tests=tests)
+
+    proxy, calls = _resolving_proxy(backends, None, answer)
+    got = []
+    try:
+        with proxy.connect() as c:
+            for i in range(40):
+                for path in (f"/api/users/{i}?q={i}", f"/v2?n={i}", f"/web/{i}"):
+                    got.append((path, _get(c, path)[:4]))
+    finally:
+        proxy.close()
+    assert len(calls) == 3, calls
+    for path, answer in got:
+        want = b"v=v1" if path.startswith("/web/") else b"v=v2"
+        assert answer == want, (path, answer)
+    assert proxy.relay.stats()["verdict_cache_hits"] == 117
+
+
+def test_both_twins_of_the_target_tests_agree() -> None:
+    """verdict.target_bits and the loop's test_bits on random tests and
+    targets (query, fragment, prefixes that end mid-element)."""
+    import random
+
+    from l4proxy.dataplane.verdict import TEST_KINDS, target_bits
+
+    _target_bits = load_twin("relay", "compiled")._target_bits
+
+    rng = random.Random(5)
+    alphabet = "/ab?#=."
+    for _ in range(3000):
+        tests = tuple(
+            (rng.choice(TEST_KINDS), "".join(rng.choices(alphabet, k=rng.randrange(0, 5))))
+            for _ in range(rng.randrange(0, 20))
+        )
+        target = "/" + "".join(rng.choices(alphabet, k=rng.randrange(0, 8)))
+        assert _target_bits(tests, target) == target_bits(tests, target), (tests, target)
+    with pytest.raises(KeyError):
+        _target_bits((("regex", "/a"),), "/a")
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)

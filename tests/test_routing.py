@@ -326,3 +326,108 @@ def test_empty_table() -> None:
     assert t.services() == [] and t.to_json()["services"] == []
     assert t == RouteTable()
     assert t.service_for_address("198.19.0.10", 8080) is None
+
+
+# -- what routing reads of the target: the relay's tests ------------------------------
+
+# Pieces of origin-form targets: path elements that are, contain or extend the
+# tested values, a query, a fragment.
+_PIECES = (
+    "/a",
+    "/b",
+    "/c",
+    "/a/b",
+    "/ab",
+    "/api",
+    "/v1",
+    "/v1beta",
+    "/only",
+    "/wild",
+    "/",
+    "?",
+    "#",
+    "x",
+)
+
+
+def _targets(seed: int, n: int = 3000) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    out = ["".join(rng.choices(_PIECES, k=rng.randrange(1, 5))) for _ in range(n)]
+    return [t if t.startswith("/") else "/" + t for t in out]
+
+
+def _same_bits_same_outcome(tests: tuple, outcome: object, seed: int) -> int:
+    """Targets passing the same tests have the same outcome; the number of
+    distinct outcomes seen (so that a vacuous run cannot pass)."""
+    from l4proxy.dataplane.verdict import target_bits
+
+    seen: dict[bytes, object] = {}
+    for target in _targets(seed):
+        got = outcome(target)  # type: ignore[operator]
+        bits = target_bits(tests, target)
+        assert seen.setdefault(bits, got) == got, (target, bits, got, seen[bits])
+    return len(set(map(repr, seen.values())))
+
+
+def test_routes_read_the_target_only_through_their_tests() -> None:
+    uri = (
+        ("exact", StringMatch("exact", "/a")),
+        ("prefix", StringMatch("prefix", "/a/b?")),  # the whole target, query included
+        ("elements", StringMatch("path_prefix", "/c/")),  # Gateway API PathPrefix
+        ("api", StringMatch("prefix", "/api")),
+    )
+    t = table(
+        *(Route(name, (to(V2S),), (Match(uri=m),)) for name, m in uri),
+        Route("rest", (to(V1),)),
+    )
+    shape = t.request_shape(BOOTCAMP)
+    assert shape.tests is not None and not shape.method and not shape.headers
+    routes = _same_bits_same_outcome(
+        shape.tests, lambda target: t.decide(BOOTCAMP, 8080, req(target)).route, seed=1
+    )
+    assert routes == 5
+
+
+def test_a_regex_or_a_query_match_makes_the_whole_target_the_shape() -> None:
+    regex = Match(uri=StringMatch("regex", "/v[0-9]+/.*"))
+    query = Match(query=(("q", StringMatch("exact", "1")),))
+    method = Match(uri=StringMatch("prefix", "/a"), method=StringMatch("exact", "POST"))
+    assert table(Route("r", (to(V2S),), (regex,))).request_shape(BOOTCAMP).tests is None
+    assert table(Route("q", (to(V2S),), (query,))).request_shape(BOOTCAMP).tests is None
+    shape = table(Route("m", (to(V2S),), (method,))).request_shape(BOOTCAMP)
+    assert shape == ((("target_prefix", "/a"),), True, False)
+    assert table(Route("all", (to(V1),))).request_shape(BOOTCAMP) == ((), False, False)
+
+
+@pytest.mark.parametrize("host", [None, "bootcamp", "shop.example.com", "a.example.com"])
+def test_gateway_requests_read_the_target_only_through_their_tests(host: str | None) -> None:
+    """Ingress paths (Exact, Prefix, StringPrefix, by host) and then the
+    routes of the service a path names."""
+    other = Service.create("other.default.svc.cluster.local", [HTTP], [V1A])
+    paths = [
+        IngressPath("ns/a", None, "/a", "Exact", HOST, 8080),
+        IngressPath("ns/a", None, "/api", "Prefix", HOST, 8080),
+        IngressPath("ns/a", None, "/api/v1", "Prefix", other.host, 8080),
+        IngressPath("ns/b", None, "/v1", "StringPrefix", HOST, 8080),
+        IngressPath("ns/c", "shop.example.com", "/only", "Exact", other.host, 8080),
+        IngressPath("ns/c", "shop.example.com", "/", "Prefix", HOST, 8080),
+        IngressPath("ns/d", "*.example.com", "/wild", "Exact", HOST, 8080),
+        IngressPath("ns/f", None, "", "Default", other.host, 8080),
+    ]
+    routes = {
+        HOST: [Route("ab", (to(V2S),), (Match(uri=StringMatch("prefix", "/ab")),))],
+        other.host: [Route("c", (to(V2S),), (Match(uri=StringMatch("path_prefix", "/c")),))],
+    }
+    t = RouteTable([BOOTCAMP, other], routes, ingress=paths)
+
+    def outcome(target: str) -> tuple[str, str] | None:
+        found = t.ingress(host, target)
+        if found is None:
+            return None
+        return found[0].host, t.decide(found[0], 8080, req(target)).route
+
+    shape = t.gateway_shape(host)
+    assert shape.tests is not None
+    assert _same_bits_same_outcome(shape.tests, outcome, seed=2) >= 3

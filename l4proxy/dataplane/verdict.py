@@ -18,7 +18,17 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import NamedTuple
 
-__all__ = ["SHAPE_FULL", "SHAPE_HEADERS", "SHAPE_METHOD", "SHAPE_PATH", "Choice", "Verdict"]
+__all__ = [
+    "SHAPE_FULL",
+    "SHAPE_HEADERS",
+    "SHAPE_METHOD",
+    "SHAPE_PATH",
+    "SHAPE_TESTS",
+    "TEST_KINDS",
+    "Choice",
+    "Verdict",
+    "target_bits",
+]
 
 Endpoint = tuple[str, int]
 
@@ -29,6 +39,48 @@ SHAPE_PATH = 1  # the request target (path and query)
 SHAPE_METHOD = 2
 SHAPE_HEADERS = 4  # the headers some route matches on
 SHAPE_FULL = SHAPE_PATH | SHAPE_METHOD | SHAPE_HEADERS
+# The target only through Verdict.tests: /users/1 and /users/2 share a verdict
+# when they pass the same tests (what Ingress paths and uri matches read),
+# so that paths with ids in them do not each ask Python. SHAPE_PATH wins.
+SHAPE_TESTS = 16
+
+# The kinds of a test of the request target (l4proxy.rules.routing.PathTest),
+# in the order the compiled relay numbers them.
+TEST_KINDS = ("target_prefix", "exact", "path_prefix", "segments")
+
+PathTest = tuple[str, str]
+
+
+def target_path(target: str) -> str:
+    """The path of an origin-form target: up to its first ``?`` or ``#``."""
+    cut = len(target)
+    for sep in "?#":
+        i = target.find(sep, 0, cut)
+        if i != -1:
+            cut = i
+    return target[:cut]
+
+
+def target_bits(tests: tuple[PathTest, ...], target: str) -> bytes:
+    """Which of *tests* the origin-form *target* passes: bit ``i % 8`` of
+    byte ``i // 8`` for test ``i`` (the compiled relay keys its verdicts by
+    the same bytes)."""
+    path = target_path(target)
+    out = bytearray((len(tests) + 7) // 8)
+    for i, (kind, value) in enumerate(tests):
+        if kind == "target_prefix":
+            hit = target.startswith(value)
+        elif kind == "exact":
+            hit = path == value
+        elif kind == "path_prefix":
+            hit = path.startswith(value)
+        elif kind == "segments":
+            hit = path == value or path.startswith(value + "/")
+        else:
+            raise ValueError(f"unknown target test {kind!r}")
+        if hit:
+            out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
 
 
 class Choice(NamedTuple):
@@ -57,7 +109,8 @@ class Verdict(NamedTuple):
     same shape without asking again (0: this request only). A rule swap or an
     endpoint failure forgets it sooner (``HttpRelay.invalidate``). ``shape``
     (``SHAPE_*`` bits): what of a request besides origin and Host the verdict
-    depends on; the same for every request to one origin and Host.
+    depends on; the same for every request to one origin and Host, as are
+    ``tests`` (with ``SHAPE_TESTS``: the target is read only through them).
     """
 
     choices: tuple[Choice, ...] = ()
@@ -65,3 +118,4 @@ class Verdict(NamedTuple):
     tag: Hashable = None
     ttl: float = 1.0
     shape: int = SHAPE_FULL
+    tests: tuple[PathTest, ...] = ()

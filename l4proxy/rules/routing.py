@@ -43,7 +43,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "HTTP_PROTOCOLS",
@@ -54,7 +54,9 @@ __all__ = [
     "IngressPath",
     "Labels",
     "Match",
+    "PathTest",
     "Request",
+    "RequestShape",
     "Route",
     "RouteTable",
     "Service",
@@ -69,6 +71,38 @@ LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
 # by itself when the bytes are not HTTP/1.x.
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 DEFAULT = "default"  # route name when no rule matched; subset name of "all endpoints"
+
+# One thing a route reads of a request target, as a test a relay can evaluate
+# without this module: (kind, value). Kinds, over an origin-form target whose
+# *path* is the target up to its first "?" or "#":
+#   "target_prefix"  the whole target starts with value (Istio's uri prefix)
+#   "exact"          the path is value
+#   "path_prefix"    the path starts with value (Ingress StringPrefix)
+#   "segments"       the path is value or starts with value + "/" (whole
+#                    path elements: Kubernetes Prefix, Gateway API PathPrefix)
+# l4proxy.dataplane.verdict.target_bits evaluates them.
+PathTest = tuple[str, str]
+
+
+class RequestShape(NamedTuple):
+    """What besides Host routing a request reads (:meth:`RouteTable.request_shape`).
+
+    ``tests``: the target is read only through these tests, so targets that
+    pass the same ones are routed alike (``()``: the target is not read);
+    None: some route reads it otherwise (a regex, query parameters).
+    """
+
+    tests: tuple[PathTest, ...] | None
+    method: bool
+    headers: bool
+
+    def merged(self, other: RequestShape) -> RequestShape:
+        tests = (
+            None
+            if self.tests is None or other.tests is None
+            else tuple(dict.fromkeys((*self.tests, *other.tests)))
+        )
+        return RequestShape(tests, self.method or other.method, self.headers or other.headers)
 
 
 class Labels(Mapping[str, str]):
@@ -261,6 +295,18 @@ class StringMatch:
             return s == base or s.startswith(base + "/")
         assert self._pattern is not None
         return self._pattern.fullmatch(s) is not None
+
+    def path_test(self) -> PathTest | None:
+        """This match of a URI as a :data:`PathTest` (:meth:`Match.matches`
+        compares exact and path_prefix without the query, a prefix against
+        the whole target); None for a regex."""
+        if self.kind == "exact":
+            return ("exact", self.value)
+        if self.kind == "prefix":
+            return ("target_prefix", self.value)
+        if self.kind == "path_prefix":
+            return ("segments", self.value.rstrip("/"))
+        return None
 
     def to_json(self) -> dict[str, str]:
         return {self.kind: self.value}
@@ -458,6 +504,17 @@ class IngressPath:
             return path.startswith(self.path)
         prefix = self.path.rstrip("/")
         return path == prefix or path.startswith(prefix + "/") or prefix == ""
+
+    def path_test(self) -> PathTest | None:
+        """:meth:`matches_path` as a :data:`PathTest` (None: the default
+        backend, which tests nothing)."""
+        if self.path_type == "Default":
+            return None
+        if self.path_type == "Exact":
+            return ("exact", self.path)
+        if self.path_type == "StringPrefix":
+            return ("path_prefix", self.path)
+        return ("segments", self.path.rstrip("/"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -796,16 +853,34 @@ class RouteTable:
         up = tuple(e for e in eps if healthy(e))
         return up or tuple(eps)  # all down: try them all (Envoy's panic mode)
 
-    def request_shape(self, service: Service) -> tuple[bool, bool, bool]:
-        """Whether some route of *service* matches on the path (or query), the
-        method, headers: what besides Host its requests are routed by."""
-        path = method = headers = False
+    def request_shape(self, service: Service) -> RequestShape:
+        """What besides Host routing *service*'s requests reads: the target
+        (through which tests), the method, headers."""
+        tests: list[PathTest] | None = []
+        method = headers = False
         for route in self._order.get((service.host, True), ()):
             for m in route.matches:
-                path = path or m.uri is not None or bool(m.query)
+                test = m.uri.path_test() if m.uri is not None else None
+                if m.query or (m.uri is not None and test is None):
+                    tests = None
+                elif test is not None and tests is not None:
+                    tests.append(test)
                 method = method or m.method is not None
                 headers = headers or bool(m.headers)
-        return path, method, headers
+        return RequestShape(None if tests is None else tuple(dict.fromkeys(tests)), method, headers)
+
+    def gateway_shape(self, host: str | None, port: int | None = None) -> RequestShape:
+        """:meth:`request_shape` of a gateway request with Host *host* on
+        listener *port*: the tests of the Ingress paths that Host may take
+        (:meth:`ingress`) and what the routes of their services read."""
+        chosen, default = self._ingress_group(host, port)
+        tests = tuple(dict.fromkeys(t for p in chosen if (t := p.path_test()) is not None))
+        shape = RequestShape(tests, False, False)
+        for name in dict.fromkeys(p.service for p in (*chosen, *([default] if default else []))):
+            svc = self._services.get(name)
+            if svc is not None:
+                shape = shape.merged(self.request_shape(svc))
+        return shape
 
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
@@ -891,8 +966,25 @@ class RouteTable:
         connection arrived on: paths of a Gateway listener on another port are
         skipped (None: none is).
         """
-        name = None if not host else _split_host_port(host)[0]
         path = _strip_query(path) or "/"
+        chosen, default = self._ingress_group(host, port)
+        exact = [p for p in chosen if p.path_type == "Exact"]
+        prefixes = sorted((p for p in chosen if p.path_type != "Exact"), key=lambda p: -len(p.path))
+        hit = next((p for p in (*exact, *prefixes) if p.matches_path(path)), default)
+        if hit is None:
+            return None
+        svc = self._services.get(hit.service)
+        if svc is None:
+            return None
+        sport = svc.port(hit.port) if isinstance(hit.port, int) else svc.port_by_name(hit.port)
+        return None if sport is None else (svc, sport)
+
+    def _ingress_group(
+        self, host: str | None, port: int | None
+    ) -> tuple[list[IngressPath], IngressPath | None]:
+        """The Ingress paths a request with Host *host* on *port* chooses
+        from (the most specific host's), and the default backend."""
+        name = None if not host else _split_host_port(host)[0]
         groups: list[list[IngressPath]] = [[], [], []]
         default: IngressPath | None = None
         for ip in self._ingress:
@@ -911,17 +1003,7 @@ class RouteTable:
                 and "." not in name[: -len(ip.host) + 1]
             ):
                 groups[1].append(ip)
-        chosen = next((g for g in groups if g), [])
-        exact = [p for p in chosen if p.path_type == "Exact"]
-        prefixes = sorted((p for p in chosen if p.path_type != "Exact"), key=lambda p: -len(p.path))
-        hit = next((p for p in (*exact, *prefixes) if p.matches_path(path)), default)
-        if hit is None:
-            return None
-        svc = self._services.get(hit.service)
-        if svc is None:
-            return None
-        sport = svc.port(hit.port) if isinstance(hit.port, int) else svc.port_by_name(hit.port)
-        return None if sport is None else (svc, sport)
+        return next((g for g in groups if g), []), default
 
     # -- dump ---------------------------------------------------------------
 

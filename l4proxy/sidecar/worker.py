@@ -69,16 +69,25 @@ from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.dataplane.relay import HttpRelay
 from l4proxy.dataplane.verdict import (
-    SHAPE_FULL,
     SHAPE_HEADERS,
     SHAPE_METHOD,
     SHAPE_PATH,
+    SHAPE_TESTS,
     Choice,
     Verdict,
 )
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
-from l4proxy.rules.routing import Decision, Endpoint, Request, RouteTable, Service, ServicePort
+from l4proxy.rules.routing import (
+    Decision,
+    Endpoint,
+    PathTest,
+    Request,
+    RequestShape,
+    RouteTable,
+    Service,
+    ServicePort,
+)
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.stats import Counters, LockedCounters
 
@@ -771,15 +780,20 @@ class Worker:
         and at the latest after ``Verdict.ttl`` (an ejection ends)."""
         table = self.rules.state.table
         c = self._classify(table, origin, head)
-        # Classification reads origin and Host only, but a gateway's Ingress
-        # paths read the path: what else a verdict depends on is its shape.
-        shape = SHAPE_FULL if origin.gateway else 0
+        # What else than origin and Host the verdict reads: at a gateway, the
+        # Ingress paths the Host may take and their services' routes; else the
+        # routes of the service the origin and Host name.
+        if origin.gateway:
+            shape = _shape_bits(table.gateway_shape(head.host, origin.port))
+        else:
+            shape = _Shape(0)
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
-            return Verdict(local=(c.status, c.body), shape=shape)
+            return Verdict(local=(c.status, c.body), shape=shape.bits, tests=shape.tests)
         if c.kind is Kind.PASSTHROUGH:
             assert origin.ip is not None
-            return Verdict((Choice(1, ((origin.ip, origin.port),), "ORDERED"),), shape=shape)
+            choice = Choice(1, ((origin.ip, origin.port),), "ORDERED")
+            return Verdict((choice,), shape=shape.bits, tests=shape.tests)
         assert c.kind is Kind.ROUTE and c.service is not None and c.port is not None, c
         request = Request(
             method=head.method,
@@ -794,13 +808,12 @@ class Worker:
             self.opts.source_labels,
             healthy=self.health.is_healthy,
         )
-        path, method, headers = table.request_shape(c.service)
-        shape |= (SHAPE_PATH if path else 0) | (SHAPE_METHOD if method else 0)
-        shape |= SHAPE_HEADERS if headers else 0
+        if not origin.gateway:
+            shape = _shape_bits(table.request_shape(c.service))
         if not rc.subsets:  # every weight 0 (Gateway API): nothing serves it
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             body = "no healthy upstream" if rc.status == 503 else "backend not resolved"
-            return Verdict(local=(rc.status, body), tag=tag, shape=shape)
+            return Verdict(local=(rc.status, body), tag=tag, shape=shape.bits, tests=shape.tests)
         choices = tuple(
             Choice(
                 ws.weight,
@@ -812,7 +825,7 @@ class Worker:
             )
             for ws in rc.subsets
         )
-        return Verdict(choices, shape=shape)
+        return Verdict(choices, shape=shape.bits, tests=shape.tests)
 
     def _table_published(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay's verdicts are stale."""
@@ -1076,6 +1089,20 @@ class _SubsetTag(NamedTuple):
     subset: str
     version: str
     workload: str
+
+
+class _Shape(NamedTuple):
+    """A verdict's ``shape`` and ``tests``."""
+
+    bits: int
+    tests: tuple[PathTest, ...] = ()
+
+
+def _shape_bits(s: RequestShape) -> _Shape:
+    bits = (SHAPE_METHOD if s.method else 0) | (SHAPE_HEADERS if s.headers else 0)
+    if s.tests is None:
+        return _Shape(bits | SHAPE_PATH)
+    return _Shape(bits | (SHAPE_TESTS if s.tests else 0), s.tests)
 
 
 def _subset_tag(
