@@ -15,6 +15,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.scenarios import Bed, Target
 from types import FrameType
 
 from bench import provision
@@ -71,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     p.add_argument(
+        "--pin",
+        metavar="PROXY:LOAD",
+        help="pin every proxy to the PROXY cpus and wrk and the backends to LOAD "
+        "(taskset lists: 1:0, 2:4-15), so that a proxy's req/s is what its own "
+        "cores do (default: no pinning)",
+    )
+    p.add_argument(
         "--paths",
         type=int,
         default=1,
@@ -115,6 +126,26 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the beds' cleanup
 
 
+def _pin(
+    targets: list[Target], beds: list[Bed], proxy: frozenset[int], load: frozenset[int]
+) -> None:
+    """--pin: the proxies (not ``direct``, which is the backends) on *proxy*,
+    every other process of the beds and every wrk on *load*."""
+    from bench import pin
+
+    mine = {id(t.process) for t in targets if t.peer != "direct"}
+    for t in targets:
+        if t.peer != "direct":
+            pin.pin_tree(t.process.pids(), proxy)
+        t.launcher = pin.pinned(t.launcher, load)
+    for bed in beds:
+        for proc in bed.processes:
+            if id(proc) not in mine:
+                pin.pin_tree(proc.pids(), load)
+    say = f"bench: pinned: proxies on cpus {sorted(proxy)}, load on {sorted(load)}"
+    print(say, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.no_install:
@@ -125,16 +156,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     signal.signal(signal.SIGTERM, _terminate)
     # Imported after provisioning: the peers' modules look their programs up.
-    from bench import measure, memory, profile, report
+    from bench import measure, memory, pin, profile, report
     from bench.peers import missing_programs
     from bench.process import raise_fd_limit
-    from bench.scenarios import LOOPBACK_PEERS, SIDECAR_PEERS, LoopbackBed, SidecarBed, Target
+    from bench.scenarios import LOOPBACK_PEERS, SIDECAR_PEERS, LoopbackBed, SidecarBed
 
     missing = missing_programs(args.peers)
     if missing:
         print(f"bench: missing: {', '.join(missing)} (run without --no-install)", file=sys.stderr)
         return 2
     raise_fd_limit()
+    pins = None
+    if args.pin:
+        try:
+            pins = pin.parse(args.pin)
+        except pin.PinError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     duration = args.duration or (1.0 if args.quick else 3.0)
     rounds = args.rounds or (1 if args.quick else 3)
     mem_count = args.memory if args.memory is not None else (2000 if args.quick else 10000)
@@ -152,12 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
+        beds: list[Bed] = []
         if "loopback" in args.scenarios:
             bed = stack.enter_context(LoopbackBed(workdir))
+            beds.append(bed)
             targets += bed.start(args.peers)
             failures.update({f"loopback/{k}": v for k, v in bed.failures.items()})
         if "sidecar" in args.scenarios:
             side = stack.enter_context(SidecarBed(workdir))
+            beds.append(side)
             try:
                 targets += side.start([p for p in args.peers if p in SIDECAR_PEERS])
             except Exception as exc:
@@ -167,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not targets:
             print("bench: nothing to measure", file=sys.stderr)
             return 1
+        if pins is not None:
+            _pin(targets, beds, *pins)
         print(
             "bench: targets: "
             + ", ".join(f"{t.name} ({t.notes.get('versions', '?')})" for t in targets),
@@ -216,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = [
         f"## l4proxy bench: {rounds} round(s) × {duration:g} s, medians; "
         f"wrk -t{args.threads}; {os.cpu_count()} CPUs"
-        + (f"; {args.paths} distinct paths" if args.paths > 1 else ""),
+        + (f"; {args.paths} distinct paths" if args.paths > 1 else "")
+        + (f"; pinned (proxy:load cpus) {args.pin}" if args.pin else ""),
         "",
     ]
     if rows:
@@ -245,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "wrk_threads": args.threads,
         "paths": args.paths,
+        "pin": args.pin,
         "elapsed_s": round(time.monotonic() - started, 1),
         "l4proxy_implementation": implementation,
         "failures": failures,

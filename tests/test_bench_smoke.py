@@ -7,6 +7,7 @@ only checks, in a few seconds, that the harness's pure parts are right and
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -82,6 +83,40 @@ def test_wrk_command() -> None:
     assert "--threads=1" in argv  # never more threads than connections
     assert "--header=Connection: close" in argv and "--latency" in argv
     assert argv[-1] == "http://127.0.0.1:1/"
+
+
+def test_wrk_paths_script() -> None:
+    argv = wrk.command("http://127.0.0.1:1/", 4, 1.0, paths=3)
+    script = next(a.split("=", 1)[1] for a in argv if a.startswith("--script="))
+    with open(script) as f:
+        text = f.read()
+    assert "n % 3 + 1" in text and '"/item/"' in text
+    assert os.stat(script).st_mode & 0o004  # wrk in a pod runs as uid 1000
+    assert not any(a.startswith("--script") for a in wrk.command("http://h/", 4, 1.0))
+
+
+def test_pin_cpu_lists() -> None:
+    from bench import pin
+
+    have = sorted(os.sched_getaffinity(0))
+    assert pin.cpu_list(str(have[0])) == {have[0]}
+    assert pin.cpu_list(f"{have[0]}-{have[-1]}") == set(range(have[0], have[-1] + 1)) & set(have)
+    for bad in ("x", "3-1", "1,", f"{have[-1] + 1}"):
+        with pytest.raises(pin.PinError):
+            pin.cpu_list(bad)
+    with pytest.raises(pin.PinError, match="PROXY:LOAD"):
+        pin.parse(str(have[0]))
+    with pytest.raises(pin.PinError, match="overlap"):
+        pin.parse(f"{have[0]}:{have[0]}")
+    # every thread of this process, pinned where it already runs
+    mask = frozenset(os.sched_getaffinity(0))
+    assert pin.pin_tree([os.getpid()], mask) == len(os.listdir("/proc/self/task"))
+    assert pin.pinned(lambda a: list(a), frozenset({0, 2}))(["wrk"]) == [
+        "taskset",
+        "-c",
+        "0,2",
+        "wrk",
+    ]
 
 
 def test_haproxy_config_tcp_roundrobin_one_thread() -> None:
