@@ -187,6 +187,11 @@ def test_ingress_paths_are_enforced_on_every_request(mesh: Mesh) -> None:
     # 4th); by test outcome: 2, and 2 more per second the run lasts (a
     # verdict lives 1 s)
     assert misses < 40, misses
+    # the 404s in Istio's metrics: no route (unknown), not PassthroughCluster
+    stats = mesh.sidecar.admin("/stats").splitlines()
+    series = [ln for ln in stats if ln.startswith("istio_requests_total{") and '"404"' in ln]
+    assert len(series) == 1, series
+    assert 'destination_service="unknown"' in series[0] and series[0].endswith(" 41"), series
 
 
 def test_bytes_that_are_not_http_still_go_through_at_l4(mesh: Mesh) -> None:

@@ -741,7 +741,7 @@ class Worker:
         c = self._classify(table, origin, head)
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
-            return RelayDecision(local=(c.status, c.body))
+            return RelayDecision(local=(c.status, c.body), tag=_refusal_tag(c))
         if c.kind is Kind.PASSTHROUGH:
             assert origin.ip is not None
             return RelayDecision(((origin.ip, origin.port),))  # PassthroughCluster
@@ -789,7 +789,8 @@ class Worker:
             shape = _Shape(0)
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
-            return Verdict(local=(c.status, c.body), shape=shape.bits, tests=shape.tests)
+            tag = _refusal_tag(c)
+            return Verdict(local=(c.status, c.body), tag=tag, shape=shape.bits, tests=shape.tests)
         if c.kind is Kind.PASSTHROUGH:
             assert origin.ip is not None
             choice = Choice(1, ((origin.ip, origin.port),), "ORDERED")
@@ -1089,6 +1090,14 @@ class _SubsetTag(NamedTuple):
     subset: str
     version: str
     workload: str
+
+
+def _refusal_tag(c: Classification) -> _SubsetTag:
+    """Istio's labels for a request no route took: ``BlackHoleCluster`` for a
+    destination REGISTRY_ONLY blocks, ``unknown`` for no route (404); not
+    PassthroughCluster, which is traffic that went where it was dialled."""
+    service = "BlackHoleCluster" if c.why == "registry_only" else "unknown"
+    return _SubsetTag(service, c.why or "refused", "none", "unknown", "unknown")
 
 
 class _Shape(NamedTuple):
