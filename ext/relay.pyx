@@ -83,6 +83,7 @@ import threading
 from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane._exchange_py import local_response
 from l4proxy.dataplane._framing_py import (
+    CHUNKED_ERRORS,
     MAX_CHUNK_LINE,
     MAX_CHUNK_SIZE,
     Framing,
@@ -201,6 +202,9 @@ cdef enum:
     P_CONNECT = 2    # head complete, upstream connecting
     P_EXCH = 3       # request going up, response coming down
     P_CLOSING = 4    # answer sent or being sent, then a lingering close
+
+# req_left of a chunked request body: more to come until its machine ends
+cdef int64_t REQ_CHUNKED = 0x7FFFFFFFFFFFFFFF
 
 # response framing (Framing's values)
 cdef enum:
@@ -391,7 +395,8 @@ cdef struct Conn:
     Up *up
     # the current request
     size_t head_len
-    int64_t req_left       # request body bytes still to forward
+    int64_t req_left       # request body bytes still to forward (REQ_CHUNKED: until rck ends)
+    Chunked *rck           # a chunked request body's machine (allocated for it)
     int64_t resp_left
     Chunked ck
     Buf rhead              # response bytes before the final head is complete
@@ -469,6 +474,8 @@ cdef struct Relay:
     double header_timeout
     double idle_timeout
     int max_head
+    char *bad_chunk[16]    # 400 answers to a chunked request body's errors (E_*)
+    size_t bad_chunk_len[16]
     int max_idle
     double pool_idle_timeout
     int max_requests
@@ -883,6 +890,8 @@ cdef struct Head:
     long long cl
     int cl_error
     bint te_seen
+    int te_lines
+    bint te_chunked        # one Transfer-Encoding line, "chunked" alone
     bint conn_close
     bint conn_keep_alive
     bint expect
@@ -930,6 +939,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.cl = -1
     h.cl_error = 0
     h.te_seen = h.conn_close = h.conn_keep_alive = h.expect = h.upgrade = False
+    h.te_lines = 0
+    h.te_chunked = False
     h.n_conn = 0
     h.conn_overflow = False
     for j in range(R.n_keys):
@@ -954,6 +965,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
                 h.cl_error = parse_content_length(buf, vs, ve, &h.cl)
         elif k == 17 and eq_lower(buf + ns, b"transfer-encoding", 17):
             h.te_seen = True
+            h.te_lines += 1
+            h.te_chunked = ve - vs == 7 and eq_lower(buf + vs, b"chunked", 7)
         elif k == 10 and eq_lower(buf + ns, b"connection", 10):
             scan_connection(buf, vs, ve, &h.conn_close, &h.conn_keep_alive)
             # upstream_head() in _exchange_py.py splits the line at its ":"
@@ -984,9 +997,17 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
         return False
     if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
         return False
-    if h.cl_error or h.te_seen or h.expect or h.upgrade or h.conn_overflow:
+    if h.cl_error or h.expect or h.upgrade or h.conn_overflow:
         return False
-    return True
+    # a chunked body, framed here; other codings, and CL with TE (refused),
+    # go to the pure relay
+    return not h.te_seen or chunked_only(h)
+
+
+cdef inline bint chunked_only(Head *h) noexcept nogil:
+    """The head's body is chunked and nothing else: one Transfer-Encoding
+    line, "chunked" alone, no Content-Length, HTTP/1.1."""
+    return h.te_lines == 1 and h.te_chunked and h.cl < 0 and h.minor == 1
 
 
 cdef bint method_is(const unsigned char *buf, Head *h, const char *m, int n) noexcept nogil:
@@ -1283,6 +1304,8 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.replayable = False
     c.retried = False
     c.req_left = 0
+    free(c.rck)
+    c.rck = NULL
 
 
 cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
@@ -1713,6 +1736,29 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
             complete(R, c, False, False, now)
 
 
+cdef int64_t body_take(Conn *c, const char *p, int64_t n) noexcept nogil:
+    """How many of the n client bytes at p belong to the request body (the
+    rest is the next request's); -1: a chunked body that cannot be framed."""
+    cdef int64_t used
+    if c.rck == NULL:
+        used = n if n < c.req_left else c.req_left
+        c.req_left -= used
+        return used
+    used = chunked(c.rck, <const unsigned char*>p, <Py_ssize_t>n)
+    if c.rck.state == C_ERROR:
+        return -1
+    if c.rck.state == C_DONE:
+        c.req_left = 0
+    return used
+
+
+cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
+    """A chunked request body that cannot be framed: 400 (when no response
+    byte went out yet) and close (_upstream_failed in _exchange_py.py)."""
+    cdef int e = c.rck.error if 0 < c.rck.error < 16 else 0
+    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], now)
+
+
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     """The upstream is ready: the head (rewritten) and what body bytes are here."""
     cdef Up *u = c.up
@@ -1727,12 +1773,15 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
         buf_add(&u.out, c.rhead.p, c.rhead.len)  # (the upstream head, staged)
         buf_free(&c.rhead)
         avail = <Py_ssize_t>c.inb.len - hl
-        take = avail if avail < c.req_left else c.req_left
+        take = body_take(c, b + hl, avail)
+        if take < 0:  # the head goes first, as the pure twin sends it
+            flush_up(R, u)
+            bad_body(R, c, now)
+            return
         if take > 0:
             buf_add(&u.out, b + hl, <size_t>take)
             if c.replayable:
                 buf_add(&c.replay, b + hl, <size_t>take)
-            c.req_left -= take
         buf_drop(&c.inb, <size_t>(hl + take))
         c.head_len = 0
         if c.replayable and c.replay.len > REPLAY_LIMIT:
@@ -1987,9 +2036,13 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Py_ssize_t n, p
     cdef Entry *e
     cdef int i
+    cdef Chunked *rck
     summarize(R, &c.s, b, &h)
     c.requests += 1
-    if not fast_head(b, &h):
+    # a chunked body's machine (chunked_only(): fast_head() took it)
+    rck = <Chunked*>calloc(1, sizeof(Chunked)) if h.te_seen else NULL
+    if not fast_head(b, &h) or (h.te_seen and rck == NULL):
+        free(rck)
         c.requests -= 1
         c.phase = P_RESOLVE
         ask_python(R, c, N_SLOW)
@@ -2001,6 +2054,10 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     c.idempotent = idempotent(b, &h)
     reset_exchange(c)
     c.req_left = h.cl if h.cl > 0 else 0
+    if rck != NULL:
+        rck.max_trailers = R.max_head
+        c.rck = rck
+        c.req_left = REQ_CHUNKED
     # the head as sent upstream (upstream_head()), staged in c.rhead
     c.rhead.len = 0
     if h.minor == 1 and h.n_conn:
@@ -2093,7 +2150,8 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
         return
     if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c) \
             and c.phase == P_EXCH and (c.splicing == SPL_REQ or (
-                c.splicing == 0 and c.req_left >= SPLICE_MIN and not c.replayable
+                c.splicing == 0 and c.rck == NULL and c.req_left >= SPLICE_MIN
+                and not c.replayable
                 and c.up != NULL and not c.up.connecting and not c.up.out.len
                 and splice_start(R, c, SPL_REQ) == 0)):
         splice_request(R, c, True, now)
@@ -2123,7 +2181,10 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 return
             head_step(R, c, now)
         else:  # request body bytes
-            take = n if n < c.req_left else c.req_left
+            take = body_take(c, R.scratch, n)
+            if take < 0:
+                bad_body(R, c, now)
+                return
             if buf_add(&c.up.out, R.scratch, <size_t>take) != 0:
                 conn_abort(R, c)
                 return
@@ -2132,7 +2193,6 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 if c.replay.len > REPLAY_LIMIT:
                     buf_free(&c.replay)
                     c.replayable = False
-            c.req_left -= take
             if take < n:  # pipelined bytes: they wait for this exchange's end
                 buf_add(&c.inb, R.scratch + take, <size_t>(n - take))
             if flush_up(R, c.up) != 0:
@@ -2413,6 +2473,7 @@ cdef void bury(Relay *R) noexcept nogil:
         buf_free(&c.out)
         buf_free(&c.rhead)
         buf_free(&c.replay)
+        free(c.rck)
         free(c)
     while R.ugrave != NULL:
         u = R.ugrave
@@ -2583,6 +2644,10 @@ cdef class HttpRelay:
         R.header_timeout = header_timeout
         R.idle_timeout = idle_timeout
         R.max_head = max_head
+        for i in range(16):
+            reason = (CHUNKED_ERRORS[i].format(max_trailers=max_head) if i in CHUNKED_ERRORS
+                      else "malformed chunked body")
+            R.bad_chunk[i] = _dup(local_response(400, reason), &R.bad_chunk_len[i])
         R.max_idle = pool.max_idle
         R.pool_idle_timeout = pool.idle_timeout
         R.max_requests = pool.max_requests
@@ -2651,6 +2716,8 @@ cdef class HttpRelay:
         free(R.rows)
         free(R.conns)
         free(R.scratch)
+        for i in range(16):
+            free(R.bad_chunk[i])
         sys_.pthread_mutex_destroy(&R.lock)
         free(R)
         self.R = NULL

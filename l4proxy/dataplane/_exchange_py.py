@@ -313,7 +313,7 @@ class Exchange:
             return [Upstream(bytes(self._replay)), *self._advance()]
         assert self.head is not None
         kind, length = request_framing(self.head)
-        self._request = BodyFramer(kind, length, error_status=400)
+        self._request = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
         self.phase = Phase.EXCHANGE
         self._replay = bytearray(self._sent_head) if self._retryable_method() else None
         return [Upstream(self._sent_head), *self._advance()]
@@ -444,7 +444,7 @@ class Exchange:
             self._client_bytes += len(raw)
             self.status = resp.status
             self._response_persistent = _persistent(resp)
-            self._response = BodyFramer(kind, length, error_status=502)
+            self._response = BodyFramer(kind, length, error_status=502, max_trailers=self.max_head)
             if rest:
                 try:
                     out += self._response_body_bytes(rest)
