@@ -282,6 +282,7 @@ cdef enum:
     CT_CACHE_MISSES
     CT_SLOW
     CT_SPLICED
+    CT_PY_HEADS
     N_CT
 
 _STAT_NAMES = (
@@ -289,7 +290,7 @@ _STAT_NAMES = (
     "active", "pool_idle", "pool_opened", "pool_reused", "pool_returned",
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "verdict_cache_hits", "verdict_cache_misses",
-    "slow_path", "spliced",
+    "slow_path", "spliced", "response_heads_in_python",
 )
 
 
@@ -895,6 +896,8 @@ cdef struct Head:
     bint conn_close
     bint conn_keep_alive
     bint expect
+    int expect_lines
+    bint expect_continue   # one Expect line, "100-continue" alone
     bint upgrade
     int n_conn
     Py_ssize_t conn_s[MAX_CONN_LINES]   # Connection lines to drop upstream
@@ -941,6 +944,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.te_seen = h.conn_close = h.conn_keep_alive = h.expect = h.upgrade = False
     h.te_lines = 0
     h.te_chunked = False
+    h.expect_lines = 0
+    h.expect_continue = False
     h.n_conn = 0
     h.conn_overflow = False
     for j in range(R.n_keys):
@@ -980,6 +985,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
                     h.conn_overflow = True
         elif k == 6 and eq_lower(buf + ns, b"expect", 6):
             h.expect = True
+            h.expect_lines += 1
+            h.expect_continue = ve - vs == 12 and eq_lower(buf + vs, b"100-continue", 12)
         elif k == 7 and eq_lower(buf + ns, b"upgrade", 7):
             h.upgrade = True
         for j in range(R.n_keys):
@@ -997,7 +1004,11 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
         return False
     if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
         return False
-    if h.cl_error or h.expect or h.upgrade or h.conn_overflow:
+    if h.cl_error or h.upgrade or h.conn_overflow:
+        return False
+    # Expect: 100-continue goes up as it is, the 100 comes back as any
+    # interim answer; another expectation goes to the pure relay
+    if h.expect and not (h.expect_lines == 1 and h.expect_continue and h.minor == 1):
         return False
     # a chunked body, framed here; other codings, and CL with TE (refused),
     # go to the pure relay
@@ -1416,11 +1427,11 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     # the status line: "HTTP/1.1 DDD reason" CRLF
     if end < 16 or memcmp(b, b"HTTP/1.1 ", 9) != 0:
         return 2
-    if not (0x32 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39):
+    if not (0x31 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39):
         return 2
     status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
-    if status < 200:
-        return 2  # interim and 101: Python
+    if status == 101:
+        return 2  # a tunnel, or refused: Python
     lf = <const unsigned char*>memchr(b, LF, <size_t>end)
     ls = lf - b  # the LF of the status line
     if b[ls - 1] != CR or (ls - 1 > 12 and b[12] != SP):
@@ -1428,6 +1439,13 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     for i in range(13, ls - 1):
         if not FIELD[b[i]]:
             return 2
+    if status < 200:
+        # interim (100 Continue): passed on as it is; with header lines
+        # (103 Early Hints), Python judges it
+        if end != ls + 3:
+            return 2
+        head_len[0] = end
+        return 3
     # header lines, each ending in CRLF
     i = ls + 1
     while i < end - 2:
@@ -1572,9 +1590,16 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         conn_abort(R, c)
         return -1
     r = response_head_fast(R, c, &hl)
+    while r == 3:  # an interim head: to the client, then the next head
+        if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
+            return -1
+        c.client_bytes += hl
+        buf_drop(&c.rhead, <size_t>hl)
+        r = response_head_fast(R, c, &hl) if c.rhead.len else 0
     if r == 0:
         return 0
     if r == 2:
+        L4R_ADD(&R.ctr[<int>CT_PY_HEADS], 1)
         ask_python(R, c, N_RESPONSE)
         return 0
     return final_head(R, c, hl, now)
