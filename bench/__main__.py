@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
         "cores do (default: no pinning)",
     )
     p.add_argument(
+        "--body",
+        choices=("none", "length", "chunked"),
+        default="none",
+        help="GETs (none), or POSTs of 5 bytes framed by Content-Length (length) or "
+        "chunked (default: none)",
+    )
+    p.add_argument(
         "--paths",
         type=int,
         default=1,
@@ -221,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             all_cases = measure.cases(args.modes, args.connections)
             measure.warm_up(targets)
             samples = measure.run_rounds(
-                targets, all_cases, rounds, duration, args.threads, paths=args.paths
+                targets, all_cases, rounds, duration, args.threads, paths=args.paths, body=args.body
             )
         summaries = measure.summarize(samples)
         rows = report.rows(summaries)
@@ -260,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"## l4proxy bench: {rounds} round(s) × {duration:g} s, medians; "
         f"wrk -t{args.threads}; {os.cpu_count()} CPUs"
         + (f"; {args.paths} distinct paths" if args.paths > 1 else "")
+        + (f"; POST bodies: {args.body}" if args.body != "none" else "")
         + (f"; pinned (proxy:load cpus) {args.pin}" if args.pin else ""),
         "",
     ]
@@ -289,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "wrk_threads": args.threads,
         "paths": args.paths,
+        "body": args.body,
         "pin": args.pin,
         "elapsed_s": round(time.monotonic() - started, 1),
         "l4proxy_implementation": implementation,

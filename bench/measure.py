@@ -88,7 +88,12 @@ def cases(modes: Sequence[str], connections: Sequence[int]) -> list[Case]:
 
 
 def measure(
-    target: Target, case: Case, duration_s: float, threads: int = 1, paths: int = 1
+    target: Target,
+    case: Case,
+    duration_s: float,
+    threads: int = 1,
+    paths: int = 1,
+    body: str = "none",
 ) -> Sample:
     argv = wrk.command(
         target.url,
@@ -97,6 +102,7 @@ def measure(
         close=case.mode == "close",
         threads=threads,
         paths=paths,
+        body=body,
     )
     before = target.process.cpu_seconds()
     result = wrk.run(argv, target.launcher)
@@ -118,6 +124,7 @@ def run_rounds(
     threads: int = 1,
     progress: Callable[[str], None] | None = None,
     paths: int = 1,
+    body: str = "none",
 ) -> list[Sample]:
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     samples: list[Sample] = []
@@ -127,7 +134,7 @@ def run_rounds(
         for case in all_cases:
             shift = (r + all_cases.index(case)) % len(targets)
             for t in [*targets[shift:], *targets[:shift]]:
-                s = measure(t, case, duration_s, threads, paths)
+                s = measure(t, case, duration_s, threads, paths, body)
                 samples.append(Sample(s.target, case, r + 1, s.wrk, s.cpu_s))
                 flag = f"  ({s.wrk.errors} errors)" if s.wrk.errors else ""
                 say(

@@ -94,6 +94,9 @@ def parse(text: str) -> WrkResult:
     )
 
 
+BODIES = ("none", "length", "chunked")
+
+
 def command(
     url: str,
     connections: int,
@@ -102,12 +105,16 @@ def command(
     threads: int = 1,
     timeout_s: float = 5.0,
     paths: int = 1,
+    body: str = "none",
 ) -> list[str]:
     """The wrk argv for one measurement.
 
     *paths* > 1: each connection cycles through that many distinct request
     targets (``/item/<i>?q=<i>``), as real traffic with ids in its paths does,
-    instead of asking for the URL's path every time.
+    instead of asking for the URL's path every time. *body*: GETs
+    (``none``), or POSTs of 5 bytes framed by Content-Length (``length``) or
+    chunked (``chunked``). (Not ``Expect: 100-continue``: wrk would count the
+    server's 100 as the answer.)
     """
     argv = [
         "wrk",
@@ -119,20 +126,47 @@ def command(
     ]
     if close:
         argv += ["--header=Connection: close"]
-    if paths > 1:
-        argv += [f"--script={paths_script(paths)}"]
+    if paths > 1 or body != "none":
+        argv += [f"--script={request_script(paths, body)}"]
     return [*argv, url]
 
 
-def paths_script(paths: int) -> str:
-    """A wrk Lua script cycling through *paths* targets (a file any uid can read)."""
-    path = os.path.join(tempfile.gettempdir(), f"l4proxy-bench-paths-{paths}.lua")
+_LUA_REQUEST = {
+    "none": "wrk.format(nil, path)",
+    "length": 'wrk.format("POST", path, nil, "hello")',
+    "chunked": "chunked(path)",
+}
+
+_LUA_HELPERS = """\
+local function chunked(path)
+  local s = {"POST " .. path .. " HTTP/1.1", "Host: " .. (wrk.headers["Host"] or wrk.host)}
+  for k, v in pairs(wrk.headers) do
+    if k ~= "Host" then s[#s + 1] = k .. ": " .. v end
+  end
+  s[#s + 1] = "Transfer-Encoding: chunked"
+  return table.concat(s, "\\r\\n") .. "\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\n"
+end
+"""
+
+
+def request_script(paths: int, body: str = "none") -> str:
+    """A wrk Lua script for *paths* targets and *body* (see :func:`command`),
+    in a file any uid can read (wrk in a pod runs as uid 1000)."""
+    if body not in BODIES:
+        raise ValueError(f"body: one of {', '.join(BODIES)}, not {body!r}")
+    path = os.path.join(tempfile.gettempdir(), f"l4proxy-bench-{paths}-{body}.lua")
+    target = (
+        f'  n = n % {paths} + 1\n  local path = "/item/" .. n .. "?q=" .. n\n'
+        if paths > 1
+        else "  local path = wrk.path\n"
+    )
     text = (
-        "local n = 0\n"
-        "request = function()\n"
-        f"  n = n % {paths} + 1\n"
-        '  return wrk.format(nil, "/item/" .. n .. "?q=" .. n)\n'
-        "end\n"
+        _LUA_HELPERS
+        + "local n = 0\n"
+        + "request = function()\n"
+        + target
+        + f"  return {_LUA_REQUEST[body]}\n"
+        + "end\n"
     )
     with open(path, "w") as f:
         f.write(text)

@@ -85,7 +85,7 @@ def test_wrk_command() -> None:
     assert argv[-1] == "http://127.0.0.1:1/"
 
 
-def test_wrk_paths_script() -> None:
+def test_wrk_request_scripts() -> None:
     argv = wrk.command("http://127.0.0.1:1/", 4, 1.0, paths=3)
     script = next(a.split("=", 1)[1] for a in argv if a.startswith("--script="))
     with open(script) as f:
@@ -93,6 +93,13 @@ def test_wrk_paths_script() -> None:
     assert "n % 3 + 1" in text and '"/item/"' in text
     assert os.stat(script).st_mode & 0o004  # wrk in a pod runs as uid 1000
     assert not any(a.startswith("--script") for a in wrk.command("http://h/", 4, 1.0))
+    for body, says in (("chunked", "chunked(path)"), ("length", '"POST"')):
+        argv = wrk.command("http://h/", 4, 1.0, body=body)
+        script = next(a.split("=", 1)[1] for a in argv if a.startswith("--script="))
+        with open(script) as f:
+            assert says in f.read()
+    with pytest.raises(ValueError, match="body"):
+        wrk.request_script(1, "gzip")
 
 
 def test_pin_cpu_lists() -> None:
