@@ -114,6 +114,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int accept4(int fd, void *addr, sys_.socklen_t *len, int flags)
     enum:
         AF_INET
+        AF_INET6
         SOCK_NONBLOCK
         SOCK_CLOEXEC
 
@@ -125,6 +126,14 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         uint16_t sin_port
         in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     enum:
         IPPROTO_TCP
     uint16_t htons(uint16_t)
@@ -239,7 +248,6 @@ cdef enum:
 cdef enum:
     V_LOCAL = 0
     V_ROUTE = 1
-    V_SLOW = 2
 
 # load-balancing policies
 cdef enum:
@@ -306,9 +314,11 @@ cdef struct Conn
 
 cdef struct EP:
     # one upstream endpoint: its pool of idle connections (newest first)
-    uint32_t addr          # network order
+    uint32_t addr          # network order (IPv4)
     uint16_t port          # network order
     bint numeric           # False: a name not resolved yet (connects fail)
+    bint v6                # an IPv6 address, in addr6
+    unsigned char addr6[16]
     int index              # in Relay.eps
     int64_t active         # checked-out connections (LEAST_CONN's count)
     int n_idle
@@ -1900,11 +1910,6 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     cdef Up *u
     cdef EP *ep
     c.started = now
-    if v.kind == V_SLOW:
-        c.requests -= 1  # the pure relay reads this head again
-        c.phase = P_RESOLVE
-        ask_python(R, c, N_SLOW)
-        return
     if v.kind == V_LOCAL:
         local_answer(R, c, v, now)
         return
@@ -1931,6 +1936,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
 
 cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     cdef sockaddr_in sa
+    cdef sockaddr_in6 sa6
     cdef int fd, one = 1, r
     cdef Up *u
     c.phase = P_CONNECT
@@ -1940,7 +1946,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
         ask_python(R, c, N_CONNECT_FAILED)
         return
-    fd = socket(AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    fd = socket(AF_INET6 if ep.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0 and (errno == EMFILE or errno == ENFILE):
         # Out of fds is ours, not the endpoint's: no outlier detection (a
         # flood must not eject healthy pods); the L4 path's 503 "overloaded".
@@ -1957,11 +1963,18 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         ask_python(R, c, N_CONNECT_FAILED)
         return
     sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-    memset(&sa, 0, sizeof(sa))
-    sa.sin_family = AF_INET
-    sa.sin_port = ep.port
-    sa.sin_addr.s_addr = ep.addr
-    r = connect(fd, &sa, sizeof(sa))
+    if ep.v6:
+        memset(&sa6, 0, sizeof(sa6))
+        sa6.sin6_family = AF_INET6
+        sa6.sin6_port = ep.port
+        memcpy(sa6.sin6_addr.s6_addr, ep.addr6, 16)
+        r = connect(fd, &sa6, sizeof(sa6))
+    else:
+        memset(&sa, 0, sizeof(sa))
+        sa.sin_family = AF_INET
+        sa.sin_port = ep.port
+        sa.sin_addr.s_addr = ep.addr
+        r = connect(fd, &sa, sizeof(sa))
     if r != 0 and errno != EINPROGRESS:
         c.fail_ep = ep
         c.fail_errno = errno
@@ -3213,6 +3226,8 @@ cdef class HttpRelay:
         host = str(key[0]).encode("ascii", "replace")
         ep.numeric = inet_pton(AF_INET, host, &addr) == 1
         ep.addr = addr if ep.numeric else 0
+        if not ep.numeric and inet_pton(AF_INET6, host, ep.addr6) == 1:
+            ep.numeric = ep.v6 = True
         ep.port = htons(<uint16_t>int(key[1]))
         ep.index = R.n_eps
         R.eps[R.n_eps] = ep
@@ -3239,7 +3254,7 @@ cdef class HttpRelay:
         return R.n_rr - 1
 
     cdef Verdict_ *_convert(self, verdict) except NULL:
-        """A Verdict (Python) as the loop's struct; V_SLOW for what it cannot apply."""
+        """A Verdict (Python) as the loop's struct."""
         cdef Verdict_ *v
         cdef Choice_ *ch
         cdef int i, j
@@ -3247,10 +3262,6 @@ cdef class HttpRelay:
             status, body = verdict.local
             return _local_verdict(status, body, self._tag_id(verdict.tag))
         choices = verdict.choices
-        for choice in choices:
-            for e in choice.endpoints:
-                if ":" in str(e[0]):  # IPv6: the pure relay connects those
-                    return _slow_verdict()
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
         v.n = len(choices)
@@ -3349,11 +3360,7 @@ cdef class HttpRelay:
             verdict_free(v)
 
     cdef _apply(self, Conn *c, Verdict_ *v, double now):
-        if v.kind == V_SLOW:
-            c.requests -= 1  # the pure relay reads this head again
-            self._to_slow(c)
-        else:
-            apply_verdict(self.R, c, v, now)
+        apply_verdict(self.R, c, v, now)
 
     cdef _to_slow(self, Conn *c):
         """Hand c, with every byte read from it, to the pure relay."""
@@ -3526,12 +3533,4 @@ cdef Verdict_ *_local_verdict(int status, body, int tag) except NULL:
     memcpy(v.close, <char*>close, len(close))
     v.keep_len = len(keep)
     v.close_len = len(close)
-    return v
-
-
-cdef Verdict_ *_slow_verdict() except NULL:
-    cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
-    if v == NULL:
-        raise MemoryError()
-    v.kind = V_SLOW
     return v

@@ -32,12 +32,13 @@ class Backend(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, name: str, close_after: int = 0) -> None:
+    def __init__(self, name: str, close_after: int = 0, host: str = "127.0.0.1") -> None:
         self.name = name
         self.close_after = close_after  # close the connection after n responses
         self.accepted = 0
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -496,6 +497,25 @@ def test_expect_100_continue_waits_for_the_servers_100_on_a_kept_connection(
     if twin == "compiled":
         stats = proxy.relay.stats()
         assert stats["slow_path"] == 0 and stats["response_heads_in_python"] == 0, stats
+
+
+def test_an_ipv6_endpoint_is_served_in_the_loop(twin: str) -> None:
+    """Requests to an IPv6 endpoint (::1) on one keep-alive connection, over
+    one pooled upstream connection; the compiled twin connects it itself
+    (it used to hand such connections to its pure relay)."""
+    v6 = Backend("v6", host="::1")
+    proxy = Proxy(lambda head, origin: Decision((v6.endpoint,)))
+    try:
+        with proxy.connect() as c:
+            answers = [_get(c, f"/six/{i}") for i in range(10)]
+    finally:
+        proxy.close()
+        v6.shutdown()
+        v6.server_close()
+    assert answers == [b"v=v6 /six/%d 0" % i for i in range(10)]
+    assert v6.accepted == 1
+    if twin == "compiled":
+        assert proxy.relay.stats()["slow_path"] == 0
 
 
 # -- the compiled twin's verdict cache (the pure twin asks decide per request) --

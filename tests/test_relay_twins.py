@@ -1131,19 +1131,11 @@ def test_a_refused_connect_is_reported_as_refused() -> None:
     assert reasons == {"pure": [refused], "compiled": [refused]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compiled twin without resolve(): decide() is called again by its pure relay "
-    "for a request to an IPv6 endpoint",
-)
 def test_an_ipv6_endpoint_is_decided_once() -> None:
-    """Without ``resolve`` the compiled twin asks ``decide`` per request; an
-    answer with an IPv6 endpoint cannot be applied in C, so the connection
-    goes to the pure relay, which asks ``decide`` again for the same head.
-    A stateful ``decide`` (a weighted draw) draws twice and the second draw
-    wins: a subset with IPv6 endpoints and weight w gets w² of the requests
-    that reach it first this way. With ``resolve`` (the worker) the verdict
-    is not a draw and ``decide`` is called once, by the pure relay."""
+    """An answer with an IPv6 endpoint is applied in the loop like any other
+    (it used to send the connection to the pure relay, which asked ``decide``
+    again for the same head: a stateful ``decide``, a weighted draw, drew
+    twice and the second draw won)."""
     both(conv(get("v6") + get("cl"), requests=2))
 
 
