@@ -522,6 +522,7 @@ cdef struct Relay:
     int n_keys
     char *keys[MAX_KEY_HEADERS]
     int key_len[MAX_KEY_HEADERS]
+    bint keys_overflow     # more names than keys: a verdict reading headers is not cached
     double next_tick
     double next_flush
     bint flush_due
@@ -1137,6 +1138,8 @@ cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
     cdef int j
     if shape & SHAPE_TESTS and (tests == NULL or shape & SHAPE_PATH):
         return -1  # (never made so: _resolve keeps one of the two)
+    if shape & SHAPE_HEADERS and R.keys_overflow:
+        return -1  # the key would miss some header the verdict reads
     need = 8 + (h.me - h.ms) + (h.host_e - h.host_s) + (h.te - h.ts) + 3
     if shape & SHAPE_TESTS:
         need += (tests.n + 7) // 8 + 1
@@ -2764,10 +2767,12 @@ cdef class HttpRelay:
         cdef Relay *R = self.R
         cdef int i
         cdef bytes b
-        names = [n.lower() for n in names][:MAX_KEY_HEADERS]
+        names = [n.lower() for n in names]
         for i in range(R.n_keys):
             free(R.keys[i])
         R.n_keys = 0
+        R.keys_overflow = len(names) > MAX_KEY_HEADERS
+        names = names[:MAX_KEY_HEADERS]
         for n in names:
             b = n.encode("ascii")
             R.keys[R.n_keys] = <char*>malloc(len(b) + 1)

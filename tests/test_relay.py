@@ -627,6 +627,35 @@ def test_both_twins_of_the_target_tests_agree() -> None:
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_more_header_names_than_the_key_holds_are_never_cached_wrong(
+    backends: list[Backend], twin: str
+) -> None:
+    """Routes match on 20 header names, more than the key holds (16): a
+    verdict that reads headers is not cached (each request asks), rather than
+    cached under a key without the 20th header's value (which sent a request
+    with x-h19: b where the one with x-h19: a went)."""
+    from l4proxy.dataplane.verdict import SHAPE_HEADERS, Choice, Verdict
+
+    names = [f"x-h{i}" for i in range(20)]
+
+    def answer(head: RequestHead) -> Verdict:
+        up = backends[1] if dict(head.headers).get("x-h19") == "b" else backends[0]
+        return Verdict((Choice(1, (up.endpoint,)),), shape=SHAPE_HEADERS, ttl=3600.0)
+
+    proxy, calls = _resolving_proxy(backends, None, answer, key_headers=names)
+    got = []
+    try:
+        with proxy.connect() as c:
+            for value in "abab":
+                c.sendall(f"GET /h HTTP/1.1\r\nHost: svc\r\nx-h19: {value}\r\n\r\n".encode())
+                got.append(read_response(c)[:4])
+    finally:
+        proxy.close()
+    assert got == [b"v=v1", b"v=v2", b"v=v1", b"v=v2"]
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
 def test_invalidate_makes_the_next_request_ask_again(backends: list[Backend], twin: str) -> None:
     from l4proxy.dataplane.verdict import Choice, Verdict
 
