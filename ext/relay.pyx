@@ -243,6 +243,8 @@ cdef enum:
     T_EXACT = 1
     T_PATH_PREFIX = 2
     T_SEGMENTS = 3
+    T_HEADER_EXACT = 4
+    T_HEADER_PREFIX = 5
 
 # verdict kinds
 cdef enum:
@@ -367,6 +369,7 @@ cdef struct Verdict_:
 
 cdef struct Test_:
     int kind               # T_*
+    int key                # T_HEADER_*: the key header's index
     size_t len
     const char *value
 
@@ -1069,28 +1072,56 @@ cdef bint test_passes(const Test_ *t, const unsigned char *target, Py_ssize_t tn
     return pn >= vn and memcmp(target, t.value, vn) == 0 and (pn == vn or target[vn] == SLASH)
 
 
-cdef Py_ssize_t test_bits(const Tests_ *T, const unsigned char *target, Py_ssize_t tn,
+cdef bint header_passes(const Test_ *t, const unsigned char *buf, Head *h) noexcept nogil:
+    """Whether the head's key header t.key (its last line, OWS trimmed, as
+    summarize() found it) passes t; an absent header passes none."""
+    cdef Py_ssize_t vs = h.key_s[t.key], vn = <Py_ssize_t>t.len
+    if vs < 0:
+        return False
+    if t.kind == T_HEADER_EXACT:
+        return h.key_e[t.key] - vs == vn and memcmp(buf + vs, t.value, vn) == 0
+    return h.key_e[t.key] - vs >= vn and memcmp(buf + vs, t.value, vn) == 0
+
+
+cdef Py_ssize_t test_bits(const Tests_ *T, const unsigned char *buf, Head *h,
                           char *out) noexcept nogil:
-    """Which tests of T the target passes, as verdict.target_bits() writes
-    them into out ((T.n + 7) // 8 bytes, returned)."""
-    cdef Py_ssize_t pn = 0, nb = (T.n + 7) // 8
+    """Which tests of T the head in buf passes, as verdict.request_bits()
+    writes them into out ((T.n + 7) // 8 bytes, returned)."""
+    cdef const unsigned char *target = buf + h.ts
+    cdef Py_ssize_t tn = h.te - h.ts, pn = 0, nb = (T.n + 7) // 8
     cdef int i
+    cdef bint hit
     while pn < tn and target[pn] != b'?' and target[pn] != b'#':
         pn += 1
     memset(out, 0, nb)
     for i in range(T.n):
-        if test_passes(&T.t[i], target, tn, pn):
+        if T.t[i].kind >= T_HEADER_EXACT:
+            hit = header_passes(&T.t[i], buf, h)
+        else:
+            hit = test_passes(&T.t[i], target, tn, pn)
+        if hit:
             out[i >> 3] = <char>(<uint8_t>out[i >> 3] | (1 << (i & 7)))
     return nb
 
 
-cdef Tests_ *_tests(tests) except NULL:
-    """verdict.tests ((kind, value) pairs, TEST_KINDS) as one malloc'ed block."""
+cdef Tests_ *_tests(tests, dict key_index) except NULL:
+    """verdict.tests ((kind, value) pairs, TEST_KINDS) as one malloc'ed block;
+    a header test names a key header (*key_index*: name -> index). KeyError:
+    an unknown kind, or a header that is not a key; ValueError (encoding): a
+    value no request byte can equal."""
     cdef Py_ssize_t n = len(tests), size, i
     cdef Tests_ *T
     cdef char *p
-    values = [str(value).encode("ascii") for _, value in tests]
-    kinds = [_TEST_KINDS[kind] for kind, _ in tests]  # KeyError: an unknown kind
+    kinds = [_TEST_KINDS[kind] for kind, _ in tests]
+    keys = []
+    values = []
+    for kind, value in tests:
+        if kind.startswith("header_"):
+            name, _, value = value.partition(":")
+            keys.append(key_index[name])
+        else:
+            keys.append(-1)
+        values.append(str(value).encode("latin-1"))
     size = sizeof(Tests_) + n * sizeof(Test_) + sum(len(b) for b in values)
     T = <Tests_*>malloc(size)
     if T == NULL:
@@ -1100,6 +1131,7 @@ cdef Tests_ *_tests(tests) except NULL:
     p = <char*>T.t + n * sizeof(Test_)
     for i in range(n):
         T.t[i].kind = kinds[i]
+        T.t[i].key = keys[i]
         T.t[i].len = <size_t>len(values[i])
         memcpy(p, PyBytes_AS_STRING(values[i]), T.t[i].len)
         T.t[i].value = p
@@ -1108,21 +1140,6 @@ cdef Tests_ *_tests(tests) except NULL:
 
 
 _TEST_KINDS = {kind: i for i, kind in enumerate(_TEST_KIND_NAMES)}
-
-
-def _target_bits(tests, target):
-    """verdict.target_bits() as the compiled loop computes it (for tests)."""
-    cdef Tests_ *T = _tests(tests)
-    cdef bytes t = target.encode("ascii") if isinstance(target, str) else bytes(target)
-    cdef char out[512]
-    cdef Py_ssize_t nb
-    try:
-        if (T.n + 7) // 8 > <int>sizeof(out):
-            raise ValueError("too many tests")
-        nb = test_bits(T, <const unsigned char*>PyBytes_AS_STRING(t), len(t), out)
-        return PyBytes_FromStringAndSize(out, nb)
-    finally:
-        free(T)
 
 
 cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
@@ -1165,7 +1182,7 @@ cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
         out[n] = 0
         n += 1
     elif shape & SHAPE_TESTS:
-        n += test_bits(tests, buf + h.ts, h.te - h.ts, out + n)
+        n += test_bits(tests, buf, h, out + n)
     if not shape & SHAPE_HEADERS:
         return n
     for j in range(R.n_keys):
@@ -2608,6 +2625,7 @@ cdef class HttpRelay:
     cdef list _ep_keys
     cdef dict _rr_ids
     cdef dict _tag_ids
+    cdef dict _key_index           # key header name -> its index in the Head
     cdef list _tags
     cdef bint _started, _closed
     cdef object _buckets
@@ -2764,21 +2782,47 @@ cdef class HttpRelay:
         self.R = NULL
 
     cdef void _set_keys(self, names):
+        """The header names the cache keys and header tests read (the loop
+        thread, or before it starts): cached verdicts go, as their keys and
+        tests number the names."""
         cdef Relay *R = self.R
         cdef int i
         cdef bytes b
+        cache_clear(R)
         names = [n.lower() for n in names]
         for i in range(R.n_keys):
             free(R.keys[i])
         R.n_keys = 0
         R.keys_overflow = len(names) > MAX_KEY_HEADERS
         names = names[:MAX_KEY_HEADERS]
+        self._key_index = {n: i for i, n in enumerate(names)}
         for n in names:
             b = n.encode("ascii")
             R.keys[R.n_keys] = <char*>malloc(len(b) + 1)
             memcpy(R.keys[R.n_keys], <char*>b, len(b))
             R.key_len[R.n_keys] = len(b)
             R.n_keys += 1
+
+    def _request_bits(self, tests, bytes head):
+        """verdict.request_bits() as the loop computes it for the request
+        head *head* (tests: the twins must agree)."""
+        cdef Scanner sc
+        cdef Head h
+        cdef Tests_ *T
+        cdef char out[512]
+        cdef Py_ssize_t nb
+        memset(&sc, 0, sizeof(Scanner))
+        if scan(&sc, <const unsigned char*>PyBytes_AS_STRING(head), len(head)) != COMPLETE:
+            raise ValueError("not a complete request head")
+        summarize(self.R, &sc, <const unsigned char*>PyBytes_AS_STRING(head), &h)
+        T = _tests(tests, self._key_index)
+        try:
+            if (T.n + 7) // 8 > <int>sizeof(out):
+                raise ValueError("too many tests")
+            nb = test_bits(T, <const unsigned char*>PyBytes_AS_STRING(head), &h, out)
+            return PyBytes_FromStringAndSize(out, nb)
+        finally:
+            free(T)
 
     # -- the worker's side --------------------------------------------------
 
@@ -3337,13 +3381,18 @@ cdef class HttpRelay:
         shape = verdict.shape & (SHAPE_FULL | SHAPE_TESTS)
         if shape & SHAPE_PATH or not verdict.tests:
             shape &= ~SHAPE_TESTS
-        if ttl > 0 and epoch == R.cache_epoch:
-            summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
+        cacheable = ttl > 0 and epoch == R.cache_epoch
+        tests = NULL
+        if cacheable and shape & SHAPE_TESTS:
             try:
-                tests = _tests(verdict.tests) if shape & SHAPE_TESTS else NULL
+                tests = _tests(verdict.tests, self._key_index)
+            except (KeyError, ValueError):
+                cacheable = False  # a test the loop cannot evaluate: this request only
             except BaseException:
                 verdict_free(v)
                 raise
+        if cacheable:
+            summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
             # the verdict's key (which tests this target passes), then the
             # shape entry's, which takes the tests
             n = make_key(R, c, <const unsigned char*>c.inb.p, &h, vkey, sizeof(vkey), shape,

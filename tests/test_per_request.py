@@ -213,3 +213,57 @@ def test_bytes_that_are_not_http_still_go_through_at_l4(mesh: Mesh) -> None:
     assert mesh.sidecar is not None  # ... after the relay looked at it
     assert mesh.sidecar.stat("l4proxy_http_connections_total") == 1
     assert mesh.sidecar.stat("l4proxy_http_requests_total") == 0
+
+
+HEADER_ROUTE = """
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: bootcamp
+spec:
+  hosts: [bootcamp.default.svc.cluster.local]
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination: {host: bootcamp.default.svc.cluster.local, subset: v2}
+  - route:
+    - destination: {host: bootcamp.default.svc.cluster.local, subset: v1}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: bootcamp
+spec:
+  host: bootcamp.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+USERS_CLIENT = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=10)
+for user in [f"user{i}" for i in range(40)] * 2 + ["jason"] * 10:
+    c.request("GET", "/", headers={"Host": "bootcamp", "End-User": user})
+    r = c.getresponse()
+    print(user, r.status, r.read().decode().strip().rsplit("v=", 1)[1])
+"""
+
+
+def test_a_header_route_is_applied_per_request_without_python_per_user(mesh: Mesh) -> None:
+    """Istio's end-user: jason route on one keep-alive connection: jason's
+    requests go to v2, everyone else's to v1, and the 40 other users share
+    one verdict (the header is read through its test, not by value)."""
+    mesh.start("compiled-uvloop", HEADER_ROUTE, run_args=PER_REQUEST)
+    assert mesh.client is not None and mesh.sidecar is not None
+    out = mesh.client.run([PYTHON, "-c", USERS_CLIENT, VIP], user=1000, timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 90
+    assert all(status == "200" for _, status, _ in rows), rows
+    assert all(v == ("2" if user == "jason" else "1") for user, _, v in rows), rows
+    misses = mesh.sidecar.stat("l4proxy_http_verdict_cache_misses_total")
+    assert mesh.sidecar.stat("l4proxy_http_verdict_cache_hits_total") + misses == 90
+    assert misses < 20, misses  # by value: 41 or more

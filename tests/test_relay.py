@@ -604,26 +604,77 @@ def test_paths_that_pass_the_same_tests_share_a_verdict(backends: list[Backend],
     assert proxy.relay.stats()["verdict_cache_hits"] == 117
 
 
-def test_both_twins_of_the_target_tests_agree() -> None:
-    """verdict.target_bits and the loop's test_bits on random tests and
-    targets (query, fragment, prefixes that end mid-element)."""
+def test_both_twins_of_the_request_tests_agree() -> None:
+    """verdict.request_bits and the loop's test_bits on random tests and
+    request heads: targets with queries, fragments and prefixes that end
+    mid-element; key headers absent, repeated (the last one counts), with
+    OWS, in any case of name."""
     import random
 
-    from l4proxy.dataplane.verdict import TEST_KINDS, target_bits
+    from l4proxy.dataplane.peek import parse_head
+    from l4proxy.dataplane.verdict import TEST_KINDS, request_bits
 
-    _target_bits = load_twin("relay", "compiled")._target_bits
-
+    relay = load_twin("relay", "compiled").HttpRelay(
+        lambda h, o: Decision(),
+        lambda *a: None,
+        resolve=lambda h, o: None,
+        key_headers=["x-a", "x-b"],
+    )
     rng = random.Random(5)
     alphabet = "/ab?#=."
-    for _ in range(3000):
-        tests = tuple(
-            (rng.choice(TEST_KINDS), "".join(rng.choices(alphabet, k=rng.randrange(0, 5))))
-            for _ in range(rng.randrange(0, 20))
-        )
-        target = "/" + "".join(rng.choices(alphabet, k=rng.randrange(0, 8)))
-        assert _target_bits(tests, target) == target_bits(tests, target), (tests, target)
-    with pytest.raises(KeyError):
-        _target_bits((("regex", "/a"),), "/a")
+
+    def text(k: int) -> str:
+        return "".join(rng.choices(alphabet, k=rng.randrange(0, k)))
+
+    try:
+        for _ in range(3000):
+            tests = []
+            for _ in range(rng.randrange(0, 20)):
+                kind = rng.choice(TEST_KINDS)
+                name = rng.choice(["x-a", "x-b"])
+                tests.append((kind, f"{name}:{text(4)}" if kind.startswith("header_") else text(5)))
+            target = "/" + text(8)
+            lines = []
+            for _ in range(rng.randrange(0, 4)):
+                name = rng.choice(["x-a", "X-A", "x-b", "x-c"])
+                ows = rng.choice(["", " ", "\t"])
+                lines.append(name + ":" + ows + text(5) + rng.choice(["", " "]) + "\r\n")
+            raw = f"GET {target} HTTP/1.1\r\nHost: h\r\n{''.join(lines)}\r\n".encode()
+            head = parse_head(raw)
+            assert head is not None
+            want = request_bits(tuple(tests), head.path, dict(head.headers))
+            assert relay._request_bits(tuple(tests), raw) == want, (tests, raw)
+        with pytest.raises(KeyError):  # not a key header: not cached (asked per request)
+            relay._request_bits((("header_exact", "x-c:1"),), b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_header_values_that_pass_the_same_tests_share_a_verdict(
+    backends: list[Backend], twin: str
+) -> None:
+    """A route on end-user: jason (Istio's example): 40 other users and jason,
+    twice each, ask Python twice (jason or not), not once per user."""
+    from l4proxy.dataplane.verdict import SHAPE_TESTS, Choice, Verdict
+
+    tests = (("header_exact", "end-user:jason"),)
+
+    def answer(head: RequestHead) -> Verdict:
+        up = backends[1] if dict(head.headers).get("end-user") == "jason" else backends[0]
+        return Verdict((Choice(1, (up.endpoint,)),), shape=SHAPE_TESTS, tests=tests)
+
+    proxy, calls = _resolving_proxy(backends, None, answer, key_headers=["end-user"])
+    got = []
+    try:
+        with proxy.connect() as c:
+            for user in [*(f"user{i}" for i in range(40)), "jason"] * 2:
+                c.sendall(f"GET /p HTTP/1.1\r\nHost: svc\r\nEnd-User: {user}\r\n\r\n".encode())
+                got.append((user, read_response(c)[:4]))
+    finally:
+        proxy.close()
+    assert len(calls) == 2, calls
+    assert all(v == (b"v=v2" if user == "jason" else b"v=v1") for user, v in got), got
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)

@@ -14,6 +14,7 @@ from l4proxy.rules.routing import (
     Labels,
     Match,
     Request,
+    RequestShape,
     Route,
     RouteTable,
     Service,
@@ -361,12 +362,12 @@ def _targets(seed: int, n: int = 3000) -> list[str]:
 def _same_bits_same_outcome(tests: tuple, outcome: object, seed: int) -> int:
     """Targets passing the same tests have the same outcome; the number of
     distinct outcomes seen (so that a vacuous run cannot pass)."""
-    from l4proxy.dataplane.verdict import target_bits
+    from l4proxy.dataplane.verdict import request_bits
 
     seen: dict[bytes, object] = {}
     for target in _targets(seed):
         got = outcome(target)  # type: ignore[operator]
-        bits = target_bits(tests, target)
+        bits = request_bits(tests, target)
         assert seen.setdefault(bits, got) == got, (target, bits, got, seen[bits])
     return len(set(map(repr, seen.values())))
 
@@ -388,6 +389,57 @@ def test_routes_read_the_target_only_through_their_tests() -> None:
         shape.tests, lambda target: t.decide(BOOTCAMP, 8080, req(target)).route, seed=1
     )
     assert routes == 5
+
+
+def test_routes_read_headers_only_through_their_tests() -> None:
+    """Exact and prefix header matches are tests too; a regex one makes the
+    headers' values part of the shape."""
+    import random
+
+    from l4proxy.dataplane.verdict import request_bits
+
+    jason = Match(headers=(("end-user", StringMatch("exact", "jason")),))
+    beta = Match(
+        uri=StringMatch("prefix", "/api"), headers=(("x-canary", StringMatch("prefix", "be")),)
+    )
+    t = table(
+        Route("jason", (to(V2S),), (jason,)),
+        Route("beta", (to(V2S),), (beta,)),
+        Route("rest", (to(V1),)),
+    )
+    shape = t.request_shape(BOOTCAMP)
+    assert shape.tests == (
+        ("target_prefix", "/api"),
+        ("header_exact", "end-user:jason"),
+        ("header_prefix", "x-canary:be"),
+    )
+    assert not shape.headers
+    rng = random.Random(3)
+    seen: dict[bytes, str] = {}
+    for target in _targets(4):
+        headers = {}
+        for name in ("end-user", "x-canary"):
+            if rng.random() < 0.7:
+                headers[name] = rng.choice(["jason", "jaso", "jason2", "b", "be", "beta", ""])
+        route = t.decide(BOOTCAMP, 8080, req(target, **headers)).route
+        bits = request_bits(shape.tests, target, headers)
+        assert seen.setdefault(bits, route) == route, (target, headers)
+    assert set(seen.values()) == {"jason", "beta", "rest"}
+    regex = Match(headers=(("cookie", StringMatch("regex", ".*user=jason.*")),))
+    both = table(Route("j", (to(V2S),), (jason, regex)))
+    assert both.request_shape(BOOTCAMP) == ((("header_exact", "end-user:jason"),), False, True)
+    uri_regex = Match(uri=StringMatch("regex", "/v[0-9]+"))
+    headers_too = table(Route("j", (to(V2S),), (jason, uri_regex)))
+    assert headers_too.request_shape(BOOTCAMP) == (None, False, True)
+    # a gateway's services merged: the whole target wins, and header tests
+    # it drops turn into header values
+    header_tests = RequestShape((("header_exact", "end-user:jason"),), False, False)
+    assert header_tests.merged(RequestShape(None, True, False)) == (None, True, True)
+    assert RequestShape((), False, False).merged(RequestShape(None, False, False)) == (
+        None,
+        False,
+        False,
+    )
 
 
 def test_a_regex_or_a_query_match_makes_the_whole_target_the_shape() -> None:

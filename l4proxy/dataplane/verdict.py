@@ -15,7 +15,7 @@ it has no Python in it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import NamedTuple
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "TEST_KINDS",
     "Choice",
     "Verdict",
-    "target_bits",
+    "request_bits",
 ]
 
 Endpoint = tuple[str, int]
@@ -39,16 +39,19 @@ SHAPE_PATH = 1  # the request target (path and query)
 SHAPE_METHOD = 2
 SHAPE_HEADERS = 4  # the headers some route matches on
 SHAPE_FULL = SHAPE_PATH | SHAPE_METHOD | SHAPE_HEADERS
-# The target only through Verdict.tests: /users/1 and /users/2 share a verdict
-# when they pass the same tests (what Ingress paths and uri matches read),
-# so that paths with ids in them do not each ask Python. SHAPE_PATH wins.
+# The target (and the headers matched exactly or by prefix) only through
+# Verdict.tests: /users/1 and /users/2 share a verdict when they pass the same
+# tests (what Ingress paths and uri matches read), and so do end-user: jason
+# and end-user: ann when no route names either, so that ids in paths and
+# headers do not each ask Python. SHAPE_PATH wins over the target's tests,
+# SHAPE_HEADERS adds the values of every key header.
 SHAPE_TESTS = 16
 
-# The kinds of a test of the request target (l4proxy.rules.routing.PathTest),
-# in the order the compiled relay numbers them.
-TEST_KINDS = ("target_prefix", "exact", "path_prefix", "segments")
+# The kinds of a test of a request (l4proxy.rules.routing.RequestTest), in
+# the order the compiled relay numbers them.
+TEST_KINDS = ("target_prefix", "exact", "path_prefix", "segments", "header_exact", "header_prefix")
 
-PathTest = tuple[str, str]
+RequestTest = tuple[str, str]
 
 
 def target_path(target: str) -> str:
@@ -61,10 +64,13 @@ def target_path(target: str) -> str:
     return target[:cut]
 
 
-def target_bits(tests: tuple[PathTest, ...], target: str) -> bytes:
-    """Which of *tests* the origin-form *target* passes: bit ``i % 8`` of
-    byte ``i // 8`` for test ``i`` (the compiled relay keys its verdicts by
-    the same bytes)."""
+def request_bits(
+    tests: tuple[RequestTest, ...], target: str, headers: Mapping[str, str] | None = None
+) -> bytes:
+    """Which of *tests* a request passes (its origin-form *target*, its
+    *headers* by lowercase name, as ``dict(head.headers)`` makes them): bit
+    ``i % 8`` of byte ``i // 8`` for test ``i`` (the compiled relay keys its
+    verdicts by the same bytes)."""
     path = target_path(target)
     out = bytearray((len(tests) + 7) // 8)
     for i, (kind, value) in enumerate(tests):
@@ -76,8 +82,14 @@ def target_bits(tests: tuple[PathTest, ...], target: str) -> bytes:
             hit = path.startswith(value)
         elif kind == "segments":
             hit = path == value or path.startswith(value + "/")
+        elif kind in ("header_exact", "header_prefix"):
+            name, _, match = value.partition(":")
+            got = (headers or {}).get(name)
+            hit = got is not None and (
+                got == match if kind == "header_exact" else got.startswith(match)
+            )
         else:
-            raise ValueError(f"unknown target test {kind!r}")
+            raise ValueError(f"unknown request test {kind!r}")
         if hit:
             out[i // 8] |= 1 << (i % 8)
     return bytes(out)
@@ -118,4 +130,4 @@ class Verdict(NamedTuple):
     tag: Hashable = None
     ttl: float = 1.0
     shape: int = SHAPE_FULL
-    tests: tuple[PathTest, ...] = ()
+    tests: tuple[RequestTest, ...] = ()

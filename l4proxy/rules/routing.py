@@ -54,9 +54,9 @@ __all__ = [
     "IngressPath",
     "Labels",
     "Match",
-    "PathTest",
     "Request",
     "RequestShape",
+    "RequestTest",
     "Route",
     "RouteTable",
     "Service",
@@ -72,7 +72,7 @@ LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 DEFAULT = "default"  # route name when no rule matched; subset name of "all endpoints"
 
-# One thing a route reads of a request target, as a test a relay can evaluate
+# One thing a route reads of a request, as a test a relay can evaluate
 # without this module: (kind, value). Kinds, over an origin-form target whose
 # *path* is the target up to its first "?" or "#":
 #   "target_prefix"  the whole target starts with value (Istio's uri prefix)
@@ -80,29 +80,38 @@ DEFAULT = "default"  # route name when no rule matched; subset name of "all endp
 #   "path_prefix"    the path starts with value (Ingress StringPrefix)
 #   "segments"       the path is value or starts with value + "/" (whole
 #                    path elements: Kubernetes Prefix, Gateway API PathPrefix)
-# l4proxy.dataplane.verdict.target_bits evaluates them.
-PathTest = tuple[str, str]
+# and over a header (value "name:match"; its last line, OWS trimmed; absent:
+# never passed):
+#   "header_exact"   the header's value is match
+#   "header_prefix"  the header's value starts with match
+# l4proxy.dataplane.verdict.request_bits evaluates them.
+RequestTest = tuple[str, str]
 
 
 class RequestShape(NamedTuple):
     """What besides Host routing a request reads (:meth:`RouteTable.request_shape`).
 
-    ``tests``: the target is read only through these tests, so targets that
-    pass the same ones are routed alike (``()``: the target is not read);
-    None: some route reads it otherwise (a regex, query parameters).
+    ``tests``: the target, and the headers matched exactly or by prefix, are
+    read only through these tests, so requests that pass the same ones are
+    routed alike (``()``: neither is read); None: some route reads the target
+    otherwise (a regex, query parameters). ``headers``: some route reads
+    headers otherwise (a regex; with ``tests`` None, any header match), so
+    their values matter.
     """
 
-    tests: tuple[PathTest, ...] | None
+    tests: tuple[RequestTest, ...] | None
     method: bool
     headers: bool
 
     def merged(self, other: RequestShape) -> RequestShape:
-        tests = (
-            None
-            if self.tests is None or other.tests is None
-            else tuple(dict.fromkeys((*self.tests, *other.tests)))
-        )
-        return RequestShape(tests, self.method or other.method, self.headers or other.headers)
+        method = self.method or other.method
+        if self.tests is None or other.tests is None:
+            reads = any(
+                k.startswith("header_") for k, _ in (*(self.tests or ()), *(other.tests or ()))
+            )
+            return RequestShape(None, method, self.headers or other.headers or reads)
+        tests = tuple(dict.fromkeys((*self.tests, *other.tests)))
+        return RequestShape(tests, method, self.headers or other.headers)
 
 
 class Labels(Mapping[str, str]):
@@ -296,8 +305,14 @@ class StringMatch:
         assert self._pattern is not None
         return self._pattern.fullmatch(s) is not None
 
-    def path_test(self) -> PathTest | None:
-        """This match of a URI as a :data:`PathTest` (:meth:`Match.matches`
+    def header_test(self, name: str) -> RequestTest | None:
+        """This match of header *name* as a :data:`RequestTest`; None for a regex."""
+        if self.kind in ("exact", "prefix"):
+            return (f"header_{self.kind}", f"{name}:{self.value}")
+        return None
+
+    def path_test(self) -> RequestTest | None:
+        """This match of a URI as a :data:`RequestTest` (:meth:`Match.matches`
         compares exact and path_prefix without the query, a prefix against
         the whole target); None for a regex."""
         if self.kind == "exact":
@@ -505,8 +520,8 @@ class IngressPath:
         prefix = self.path.rstrip("/")
         return path == prefix or path.startswith(prefix + "/") or prefix == ""
 
-    def path_test(self) -> PathTest | None:
-        """:meth:`matches_path` as a :data:`PathTest` (None: the default
+    def path_test(self) -> RequestTest | None:
+        """:meth:`matches_path` as a :data:`RequestTest` (None: the default
         backend, which tests nothing)."""
         if self.path_type == "Default":
             return None
@@ -855,19 +870,28 @@ class RouteTable:
 
     def request_shape(self, service: Service) -> RequestShape:
         """What besides Host routing *service*'s requests reads: the target
-        (through which tests), the method, headers."""
-        tests: list[PathTest] | None = []
-        method = headers = False
+        and headers (through which tests), the method, other headers."""
+        target: list[RequestTest] | None = []
+        header_tests: list[RequestTest] = []
+        method = headers = matched = False
         for route in self._order.get((service.host, True), ()):
             for m in route.matches:
                 test = m.uri.path_test() if m.uri is not None else None
                 if m.query or (m.uri is not None and test is None):
-                    tests = None
-                elif test is not None and tests is not None:
-                    tests.append(test)
+                    target = None
+                elif test is not None and target is not None:
+                    target.append(test)
                 method = method or m.method is not None
-                headers = headers or bool(m.headers)
-        return RequestShape(None if tests is None else tuple(dict.fromkeys(tests)), method, headers)
+                for name, sm in m.headers:
+                    matched = True
+                    header = sm.header_test(name)
+                    if header is None:
+                        headers = True
+                    else:
+                        header_tests.append(header)
+        if target is None:
+            return RequestShape(None, method, matched)
+        return RequestShape(tuple(dict.fromkeys((*target, *header_tests))), method, headers)
 
     def gateway_shape(self, host: str | None, port: int | None = None) -> RequestShape:
         """:meth:`request_shape` of a gateway request with Host *host* on

@@ -81,9 +81,9 @@ from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import (
     Decision,
     Endpoint,
-    PathTest,
     Request,
     RequestShape,
+    RequestTest,
     RouteTable,
     Service,
     ServicePort,
@@ -1104,7 +1104,7 @@ class _Shape(NamedTuple):
     """A verdict's ``shape`` and ``tests``."""
 
     bits: int
-    tests: tuple[PathTest, ...] = ()
+    tests: tuple[RequestTest, ...] = ()
 
 
 def _shape_bits(s: RequestShape) -> _Shape:
