@@ -215,6 +215,9 @@ cdef enum:
 # req_left of a chunked request body: more to come until its machine ends
 cdef int64_t REQ_CHUNKED = 0x7FFFFFFFFFFFFFFF
 
+cdef enum:
+    N_CHUNK_ERRORS = 16  # above the chunked machine's E_* (0: none, 1..14)
+
 # response framing (Framing's values)
 cdef enum:
     F_NONE = 0
@@ -488,8 +491,8 @@ cdef struct Relay:
     double header_timeout
     double idle_timeout
     int max_head
-    char *bad_chunk[16]    # 400 answers to a chunked request body's errors (E_*)
-    size_t bad_chunk_len[16]
+    char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
+    size_t bad_chunk_len[N_CHUNK_ERRORS]
     int max_idle
     double pool_idle_timeout
     int max_requests
@@ -1810,7 +1813,7 @@ cdef int64_t body_take(Conn *c, const char *p, int64_t n) noexcept nogil:
 cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
     """A chunked request body that cannot be framed: 400 (when no response
     byte went out yet) and close (_upstream_failed in _exchange_py.py)."""
-    cdef int e = c.rck.error if 0 < c.rck.error < 16 else 0
+    cdef int e = c.rck.error if 0 < c.rck.error < N_CHUNK_ERRORS else 0
     upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], now)
 
 
@@ -2703,7 +2706,7 @@ cdef class HttpRelay:
         R.header_timeout = header_timeout
         R.idle_timeout = idle_timeout
         R.max_head = max_head
-        for i in range(16):
+        for i in range(N_CHUNK_ERRORS):
             reason = (CHUNKED_ERRORS[i].format(max_trailers=max_head) if i in CHUNKED_ERRORS
                       else "malformed chunked body")
             R.bad_chunk[i] = _dup(local_response(400, reason), &R.bad_chunk_len[i])
@@ -2775,7 +2778,7 @@ cdef class HttpRelay:
         free(R.rows)
         free(R.conns)
         free(R.scratch)
-        for i in range(16):
+        for i in range(N_CHUNK_ERRORS):
             free(R.bad_chunk[i])
         sys_.pthread_mutex_destroy(&R.lock)
         free(R)
@@ -3367,7 +3370,7 @@ cdef class HttpRelay:
                 verdict = Verdict((Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),))
             v = self._convert(verdict)
             try:
-                self._apply(c, v, now)
+                apply_verdict(R, c, v, now)
             finally:
                 verdict_free(v)
             return
@@ -3404,17 +3407,14 @@ cdef class HttpRelay:
             else:
                 free(tests)
             if n >= 0:
-                self._apply(c, v, now)
+                apply_verdict(R, c, v, now)
                 cache_put(R, vkey, <size_t>n, fnv(FNV_BASIS, vkey, <size_t>n), v, shape,
                           now + ttl, epoch)
                 return
         try:
-            self._apply(c, v, now)
+            apply_verdict(R, c, v, now)
         finally:
             verdict_free(v)
-
-    cdef _apply(self, Conn *c, Verdict_ *v, double now):
-        apply_verdict(self.R, c, v, now)
 
     cdef _to_slow(self, Conn *c):
         """Hand c, with every byte read from it, to the pure relay."""
