@@ -1112,13 +1112,22 @@ def test_the_loop_reads_an_accepted_connection_before_epoll_knows_it(
         lst.close()
 
 
-def _dead_ports(n: int) -> list[int]:
-    """Ports on 127.0.0.1 that nothing listens on (bound once, then closed)."""
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+@contextlib.contextmanager
+def _dead_ports(n: int) -> Iterator[list[int]]:
+    """Ports on 127.0.0.1 that nothing listens on while the block runs: each
+    is bound by a socket that never listens, so a connect to it is refused and
+    no other listener (this process's, or a suite running beside it) can take
+    the port in the meantime, as it could once a probe socket were closed."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_origins_and_endpoints_nothing_uses_are_forgotten(
@@ -1131,7 +1140,8 @@ def test_origins_and_endpoints_nothing_uses_are_forgotten(
     from l4proxy.dataplane.verdict import Choice, Verdict
 
     live = backends[0].endpoint
-    dead = _dead_ports(300)
+    cleanup = contextlib.ExitStack()
+    dead = cleanup.enter_context(_dead_ports(300))
 
     def resolve(head: RequestHead, origin: Any) -> Verdict:
         i = int(head.path.strip("/"))
@@ -1169,6 +1179,7 @@ def test_origins_and_endpoints_nothing_uses_are_forgotten(
     finally:
         relay.close()
         listener.close()
+        cleanup.close()
 
 
 def _wait_ended(ended: list[threading.Event]) -> None:
