@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -130,6 +132,24 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         ok, why = _check_netns()
         if not ok:
             _skip_or_fail(why)
+
+
+@contextlib.contextmanager
+def dead_ports(n: int) -> Iterator[list[int]]:
+    """*n* ports on 127.0.0.1 that refuse connections while the block runs.
+    Each is bound by a socket that never listens: a connect to it is refused,
+    and no listener (this process's, or a suite running beside it) can take
+    the port meanwhile, as one could once a probe socket were closed (a
+    request then waits on a server that never answers)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(s := socket.socket())
+            s.bind(("127.0.0.1", 0))
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def load_twin(name: str, which: str) -> ModuleType:

@@ -24,7 +24,7 @@ import pytest
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
-from tests.conftest import load_twin
+from tests.conftest import dead_ports, load_twin
 from tests.mesh import binomial_ok
 
 
@@ -270,9 +270,8 @@ def test_no_route_answers_locally_and_keeps_the_connection(backends: list[Backen
 
 
 def test_dead_endpoint_is_skipped_and_all_dead_is_503(backends: list[Backend]) -> None:
-    dead = socket.create_server(("127.0.0.1", 0))
-    dead_ep = ("127.0.0.1", dead.getsockname()[1])
-    dead.close()
+    cleanup = contextlib.ExitStack()
+    dead_ep = ("127.0.0.1", cleanup.enter_context(dead_ports(1))[0])
     failed: list[tuple[tuple[str, int], str]] = []
 
     def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
@@ -290,6 +289,7 @@ def test_dead_endpoint_is_skipped_and_all_dead_is_503(backends: list[Backend]) -
             assert read_response(c) == b"no healthy upstream"
     finally:
         proxy.close()
+        cleanup.close()
     # The reason is the connect's own (outlier detection and /clusters show
     # it): SO_ERROR is cleared by the read that saw it, and a second read
     # used to turn every refused connect into "connect timeout".
@@ -1112,24 +1112,6 @@ def test_the_loop_reads_an_accepted_connection_before_epoll_knows_it(
         lst.close()
 
 
-@contextlib.contextmanager
-def _dead_ports(n: int) -> Iterator[list[int]]:
-    """Ports on 127.0.0.1 that nothing listens on while the block runs: each
-    is bound by a socket that never listens, so a connect to it is refused and
-    no other listener (this process's, or a suite running beside it) can take
-    the port in the meantime, as it could once a probe socket were closed."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        yield [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_origins_and_endpoints_nothing_uses_are_forgotten(
     backends: list[Backend], twin: str
 ) -> None:
@@ -1141,7 +1123,7 @@ def test_origins_and_endpoints_nothing_uses_are_forgotten(
 
     live = backends[0].endpoint
     cleanup = contextlib.ExitStack()
-    dead = cleanup.enter_context(_dead_ports(300))
+    dead = cleanup.enter_context(dead_ports(300))
 
     def resolve(head: RequestHead, origin: Any) -> Verdict:
         i = int(head.path.strip("/"))
