@@ -2245,6 +2245,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
             take = body_take(c, R.scratch, n)
             if take < 0:
                 bad_body(R, c, now)
+                settle(R, c)  # the 400 goes out now (a return here left it queued)
                 return
             if buf_add(&c.up.out, R.scratch, <size_t>take) != 0:
                 conn_abort(R, c)
