@@ -302,6 +302,17 @@ def test_ambiguous_response_is_a_502() -> None:
     assert d.released == [False] and d.events == ["Close"]
 
 
+def test_a_bad_head_after_an_interim_one_keeps_the_interim_and_closes() -> None:
+    """The interim head went to the client (it counts as sent): the bad
+    final head that follows in the same bytes cannot take it back, and no
+    502 can follow it. It was counted and dropped: the client got nothing."""
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 100 Continue\r\n\r\n\rTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert d.client == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert d.released == [False] and d.events == ["Close"]
+
+
 def test_local_answer_keeps_a_bodyless_keep_alive_connection_usable() -> None:
     d = Driver(refuse={"/secret": (404, "no route")})
     d.send(b"GET /secret HTTP/1.1\r\nHost: svc\r\n\r\n" + GET)

@@ -1275,3 +1275,65 @@ def test_mutated_chunked_request_bodies(bad: bytes, data: st.DataObject) -> None
     cut = data.draw(st.integers(0, len(stream) - 1))
     steps: list[Step] = [stream] if not cut else [stream[:cut], Pause(0.002), stream[cut:]]
     both(conv(*steps, requests=2))
+
+
+# -- responses, mutated ------------------------------------------------------------------
+
+RESPONSE_BASES = [
+    _ok(),
+    _ok(b"", b"Connection: keep-alive\r\n"),
+    _CHUNKED + b"5;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+    _100 + _ok(b"ok"),
+    _head(b"Link: <a>", status=b"HTTP/1.1 103 Early") + _ok(),
+    _head(status=b"HTTP/1.1 204 No Content"),
+    _head(b'ETag: "x"', status=b"HTTP/1.1 304 Not Modified"),
+    _head(_CL2, b"Connection: keep-alive", status=b"HTTP/1.0 200 OK") + b"ok",
+    _ok(b"ok", b"Connection: close\r\n"),
+]
+# What a response framer weighs: line ends, separators, digits, and the
+# headers that decide framing, dropped in where they do not belong.
+RESPONSE_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b"0", b"9", b"\x00", b"\xff",
+                  b"HTTP/1.1 ", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+                  b"Connection: close\r\n", b"1 OK\r\n\r\n"]  # fmt: skip
+
+
+@st.composite
+def mutated_response(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(RESPONSE_BASES)))
+    for _ in range(draw(st.integers(1, 2))):
+        at = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["replace", "insert", "delete", "repeat"]))
+        noise = draw(st.sampled_from(RESPONSE_NOISE))
+        span = draw(st.integers(1, 4))
+        if op == "replace":
+            data[at : at + 1] = noise
+        elif op == "insert":
+            data[at:at] = noise
+        elif op == "delete" and len(data) > 1:
+            del data[at : at + span]
+        else:
+            data[at:at] = data[at : at + span]
+    return bytes(data)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(mutated_response(), st.data())
+def test_mutated_responses(answer: bytes, data: st.DataObject) -> None:
+    """The compiled loop judges most response heads itself and frames their
+    bodies: on every mutation of a response (framing headers where they do
+    not belong, stray line ends, bad status lines, cut bodies), sent in one
+    or two segments and then closed, the twins agree on what the client
+    reads and whether its connection closes."""
+    cut = data.draw(st.integers(0, len(answer) - 1))
+    segments = (answer,) if not cut else (answer[:cut], answer[cut:])
+    ANSWERS["fuzz"] = Answer(segments, close=True)
+    try:
+        both(conv(get("fuzz"), requests=1))
+    finally:
+        del ANSWERS["fuzz"]

@@ -418,10 +418,13 @@ class Exchange:
         self._response_head += data
         out: list[Action] = []
         while True:
-            resp = parse_response_head(self._response_head, self.max_head)
-            if resp is None:
-                return out
-            kind, length = response_framing(self.head, resp)
+            try:
+                resp = parse_response_head(self._response_head, self.max_head)
+                if resp is None:
+                    return out
+                kind, length = response_framing(self.head, resp)
+            except FramingError as exc:  # interim heads already out: they stay
+                return out + self._upstream_failed(exc.status, exc.reason)
             raw = bytes(self._response_head[: resp.head_length])
             rest = bytes(self._response_head[resp.head_length :])
             self._response_head.clear()
