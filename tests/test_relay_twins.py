@@ -1225,10 +1225,44 @@ def test_a_bad_chunk_after_the_head_is_answered() -> None:
 
 # -- chunked request bodies, mutated -----------------------------------------------------
 
+# The fuzz tests below: the same examples every run (derandomized), about 0.1 s each.
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def cut_in_two(stream: bytes, data: st.DataObject) -> list[Step]:
+    """*stream* whole, or in two sends a moment apart (at a drawn byte)."""
+    cut = data.draw(st.integers(0, len(stream) - 1))
+    return [stream] if not cut else [stream[:cut], Pause(0.002), stream[cut:]]
+
+
 # Bytes that mean something to a chunk framer: line ends, the extension and
 # quoting syntax, hex digits at both ends of the alphabet, and what is none of those.
 CHUNK_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b";", b"=", b'"', b"\\", b"0", b"f", b"F", b"g",
                b"x", b"-", b"+", b"\x00", b"\x7f", b"\xff", b"00000000000000000001"]  # fmt: skip
+
+
+def mutate(draw: st.DrawFn, data: bytearray, noise: Sequence[bytes]) -> None:
+    """Once or twice, in place: a byte of *data* replaced by one of *noise*,
+    or *noise* inserted, or a span of 1 to 4 bytes deleted or repeated."""
+    for _ in range(draw(st.integers(1, 2))):
+        at = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["replace", "insert", "delete", "repeat"]))
+        bytes_ = draw(st.sampled_from(noise))
+        span = draw(st.integers(1, 4))
+        if op == "replace":
+            data[at : at + 1] = bytes_
+        elif op == "insert":
+            data[at:at] = bytes_
+        elif op == "delete" and len(data) > 1:
+            del data[at : at + span]
+        else:
+            data[at:at] = data[at : at + span]
 
 
 @st.composite
@@ -1241,29 +1275,11 @@ def mutated_chunked_post(draw: st.DrawFn) -> bytes:
     trailers = draw(st.sampled_from([b"", b"X-T: 1\r\n", b"X-T: 1\r\nX-U: 2\r\n"]))
     framed = b"".join(b"%x%s\r\n%s\r\n" % (len(c), ext, c) for c in chunks)
     body = bytearray(framed + b"0\r\n" + trailers + b"\r\n")
-    for _ in range(draw(st.integers(1, 2))):
-        at = draw(st.integers(0, len(body) - 1))
-        op = draw(st.sampled_from(["replace", "insert", "delete", "repeat"]))
-        noise = draw(st.sampled_from(CHUNK_NOISE))
-        span = draw(st.integers(1, 4))
-        if op == "replace":
-            body[at : at + 1] = noise
-        elif op == "insert":
-            body[at:at] = noise
-        elif op == "delete" and len(body) > 1:
-            del body[at : at + span]
-        else:
-            body[at:at] = body[at : at + span]
+    mutate(draw, body, CHUNK_NOISE)
     return get("cl", b"Transfer-Encoding: chunked\r\n", b"POST") + bytes(body)
 
 
-@settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(mutated_chunked_post(), st.data())
 def test_mutated_chunked_request_bodies(bad: bytes, data: st.DataObject) -> None:
     """The compiled loop frames chunked request bodies itself (since the
@@ -1271,9 +1287,7 @@ def test_mutated_chunked_request_bodies(bad: bytes, data: st.DataObject) -> None
     (bad sizes, stray line ends, odd extensions, broken trailers), sent whole
     or cut in two, then a GET, the twins agree byte for byte: what reaches
     the backend, what the client reads, and whether the connection closes."""
-    stream = bad + get("cl")
-    cut = data.draw(st.integers(0, len(stream) - 1))
-    steps: list[Step] = [stream] if not cut else [stream[:cut], Pause(0.002), stream[cut:]]
+    steps = cut_in_two(bad + get("cl"), data)
     both(conv(*steps, requests=2))
 
 
@@ -1300,29 +1314,11 @@ RESPONSE_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b"0", b"9", b"
 @st.composite
 def mutated_response(draw: st.DrawFn) -> bytes:
     data = bytearray(draw(st.sampled_from(RESPONSE_BASES)))
-    for _ in range(draw(st.integers(1, 2))):
-        at = draw(st.integers(0, len(data) - 1))
-        op = draw(st.sampled_from(["replace", "insert", "delete", "repeat"]))
-        noise = draw(st.sampled_from(RESPONSE_NOISE))
-        span = draw(st.integers(1, 4))
-        if op == "replace":
-            data[at : at + 1] = noise
-        elif op == "insert":
-            data[at:at] = noise
-        elif op == "delete" and len(data) > 1:
-            del data[at : at + span]
-        else:
-            data[at:at] = data[at : at + span]
+    mutate(draw, data, RESPONSE_NOISE)
     return bytes(data)
 
 
-@settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(mutated_response(), st.data())
 def test_mutated_responses(answer: bytes, data: st.DataObject) -> None:
     """The compiled loop judges most response heads itself and frames their
@@ -1365,29 +1361,11 @@ def mutated_request(draw: st.DrawFn) -> bytes:
     whole = draw(st.sampled_from(REQUEST_BASES))
     end = whole.index(b"\r\n\r\n") + 4
     head, body = bytearray(whole[:end]), whole[end:]
-    for _ in range(draw(st.integers(1, 2))):
-        at = draw(st.integers(0, len(head) - 1))
-        op = draw(st.sampled_from(["replace", "insert", "delete", "repeat"]))
-        noise = draw(st.sampled_from(HEAD_NOISE))
-        span = draw(st.integers(1, 4))
-        if op == "replace":
-            head[at : at + 1] = noise
-        elif op == "insert":
-            head[at:at] = noise
-        elif op == "delete" and len(head) > 1:
-            del head[at : at + span]
-        else:
-            head[at:at] = head[at : at + span]
+    mutate(draw, head, HEAD_NOISE)
     return bytes(head) + body
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(mutated_request(), st.data())
 def test_mutated_request_heads(bad: bytes, data: st.DataObject) -> None:
     """The compiled loop reads most request heads itself (fast_head) and
@@ -1395,7 +1373,5 @@ def test_mutated_request_heads(bad: bytes, data: st.DataObject) -> None:
     where they do not belong, stray line ends, forbidden bytes, a second
     Host), sent whole or cut in two, then a GET, the twins agree on what the
     backend reads, what the client reads, and whether it closes."""
-    stream = bad + get("cl")
-    cut = data.draw(st.integers(0, len(stream) - 1))
-    steps: list[Step] = [stream] if not cut else [stream[:cut], Pause(0.002), stream[cut:]]
+    steps = cut_in_two(bad + get("cl"), data)
     both(conv(*steps, requests=2), split_pools=True)

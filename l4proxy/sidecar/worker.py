@@ -63,6 +63,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from l4proxy.dataplane import peek, pump
 from l4proxy.dataplane import relay as http_relay
+from l4proxy.dataplane._exchange_py import local_response
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane.listener import Listener
@@ -145,29 +146,6 @@ def local_addresses() -> set[str]:
     except OSError:
         pass
     return out
-
-
-def http_response(status: int, reason: str, body: str) -> bytes:
-    data = body.encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        f"content-length: {len(data)}\r\n"
-        "content-type: text/plain\r\n"
-        "connection: close\r\n"
-        "server: l4proxy\r\n\r\n"
-    ).encode() + data
-
-
-REASONS = {
-    400: "Bad Request",
-    404: "Not Found",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 
 
 class Refused(Exception):
@@ -568,7 +546,7 @@ class Worker:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
             if r.status is None:
                 conn.close()
-            elif _send_quietly(conn, http_response(r.status, REASONS.get(r.status, ""), r.body)):
+            elif _send_quietly(conn, local_response(r.status, r.body)):
                 await _linger_close(conn, LINGER_SECONDS)
             else:
                 conn.close()
