@@ -1328,9 +1328,18 @@ def test_mutated_responses(answer: bytes, data: st.DataObject) -> None:
     reads and whether its connection closes."""
     cut = data.draw(st.integers(0, len(answer) - 1))
     segments = (answer,) if not cut else (answer[:cut], answer[cut:])
+    request = data.draw(
+        st.sampled_from(
+            [
+                get("fuzz"),
+                get("fuzz", b"", b"HEAD"),
+                post("fuzz", b"hi", b"Expect: 100-continue\r\n"),
+            ]
+        )
+    )
     ANSWERS["fuzz"] = Answer(segments, close=True)
     try:
-        both(conv(get("fuzz"), requests=1))
+        both(conv(request, requests=1))
     finally:
         del ANSWERS["fuzz"]
 
@@ -1346,6 +1355,8 @@ REQUEST_BASES = [
     post("expect", b"hello", b"Expect: 100-continue\r\n"),
     b"GET http://b/x/cl HTTP/1.1\r\nHost: b\r\n\r\n",
     b"GET /x/cl?q=1 HTTP/1.0\r\nHost: b\r\nConnection: keep-alive\r\n\r\n",
+    get("101", b"Connection: Upgrade\r\nUpgrade: x\r\n"),  # a tunnel: the GET goes through it
+    b"CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n",
 ]
 # What a head parser weighs: line ends, separators, the bytes HTTP forbids
 # (NUL, DEL, bare CR), and the framing headers, dropped in where they do not belong.
