@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
-from tests.conftest import load_twin
+from tests.conftest import dead_ports, load_twin
 
 ORIGIN = ("198.19.0.10", 8080)
 QUIET = 0.03  # seconds without any movement: a conversation has settled
@@ -262,10 +262,9 @@ class Backend:
             # Segments go out as scripted, not held for a delayed ACK (Nagle).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = BackendConn(sock)
-            with self.lock:
-                self.conns.append(conn)
             serving = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             with self.lock:
+                self.conns.append(conn)
                 self.threads.append(serving)
             serving.start()
 
@@ -487,14 +486,12 @@ class Run:
 
     def __init__(self, which: str, pool: PoolOptions | None = None) -> None:
         self.backend = Backend()
-        # A port that refuses connections: bound, never listening, for the run.
-        self.dead_port = socket.socket()
-        self.dead_port.bind(("127.0.0.1", 0))
-        self.dead = ("127.0.0.1", self.dead_port.getsockname()[1])
+        self.held = contextlib.ExitStack()  # closed by finish()
+        self.dead = ("127.0.0.1", self.held.enter_context(dead_ports(1))[0])
         self.outcome = Outcome()
         self.in_decide = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.mine: list[socket.socket] = [self.listener, self.dead_port]
+        self.mine: list[socket.socket] = [self.listener]
         # Earlier tests' garbage (sockets in reference cycles) is collected
         # now, and the collector waits until finish(): an fd that such a
         # collection closed mid-count read as -1 here once in a full suite.
@@ -642,7 +639,7 @@ class Run:
         if self.gc_was_enabled:
             gc.enable()
         self.listener.close()
-        self.dead_port.close()
+        self.held.close()
         self.backend.close()
         return leaked, after
 
