@@ -10,7 +10,8 @@ byte-identical:
   closed;
 * the bytes each backend connection received, exactly (in accept order),
   and how it ended (still open, closed by the relay, closed by the backend);
-* what was handed to the L4 callback (non-HTTP first bytes);
+* what was handed to the L4 callback: the bytes it is to send the client, and
+  the stream it is to send upstream (those the relay had read, then the rest);
 * the relay's ``requests``, ``local_answers`` and ``errors`` counters.
 
 After every case, no fd of this process stays open beyond the relay's own
@@ -490,6 +491,7 @@ class Run:
         self.dead = ("127.0.0.1", self.held.enter_context(dead_ports(1))[0])
         self.outcome = Outcome()
         self.in_decide = threading.Event()
+        self.sent_all = threading.Event()  # the conversation's last byte is sent
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.mine: list[socket.socket] = [self.listener]
         # Earlier tests' garbage (sockets in reference cycles) is collected
@@ -540,15 +542,40 @@ class Run:
         to_up: bytes,
         _: Any,
     ) -> None:
-        self.outcome.handed.append((to_client, to_up, up is not None))
+        stream = bytearray(to_up)
         try:
             client.setblocking(True)
             client.sendall(to_client)
+            self._rest_of(client, stream)
         except OSError:
             pass
+        self.outcome.handed.append((to_client, bytes(stream), up is not None))
         client.close()
         if up is not None:
             up.close()
+
+    def _rest_of(self, client: socket.socket, stream: bytearray) -> None:
+        """Read what the client sends after the hand-off, until it has sent all.
+
+        The L4 path gets the bytes the relay had read (*to_up*) and then the
+        socket: where the stream was cut depends on how the client's pieces
+        fell into reads, which is timing, so the twins are compared on the
+        whole stream. A read that times out after the conversation's last
+        send has returned finds nothing more (loopback delivers in send()).
+        """
+        client.settimeout(0.01)
+        end = time.monotonic() + SETTLE_TIMEOUT
+        while time.monotonic() < end:
+            sent_all = self.sent_all.is_set()
+            try:
+                data = client.recv(1 << 16)
+            except TimeoutError:
+                if sent_all:
+                    return
+                continue
+            if not data:
+                return
+            stream += data
 
     def _mine_open(self) -> int:
         return sum(s.fileno() != -1 for s in [*self.mine, *self.backend.sockets()])
@@ -573,6 +600,7 @@ class Run:
         return Client(sock)
 
     def converse(self, conv: Conversation) -> Client:
+        self.sent_all.clear()
         client = self.open(conv.rcvbuf)
         deadline = time.monotonic() + SETTLE_TIMEOUT * 2
         for step in conv.steps:
@@ -599,6 +627,7 @@ class Run:
                     client.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
+        self.sent_all.set()
         self.settle(client, conv.requests)
         self.outcome.clients.append((bytes(client.received), client.closed))
         return client
