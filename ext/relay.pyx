@@ -1440,7 +1440,7 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     cdef const unsigned char *lf
     cdef int n_cl = 0, n_te = 0, status
     cdef long long cl = -1
-    cdef bint close = False, keep = False, te_chunked = False
+    cdef bint close = False, keep = False, te_chunked = False, v10
     # the end of the head
     i = 0
     while True:
@@ -1457,9 +1457,10 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
             return 2 if n > R.max_head else 0
     if end > R.max_head:
         return 2
-    # the status line: "HTTP/1.1 DDD reason" CRLF
-    if end < 16 or memcmp(b, b"HTTP/1.1 ", 9) != 0:
+    # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
+    if end < 16 or memcmp(b, b"HTTP/1.", 7) != 0 or b[8] != SP or not (b[7] == 0x31 or b[7] == 0x30):
         return 2
+    v10 = b[7] == 0x30
     if not (0x31 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39):
         return 2
     status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
@@ -1474,8 +1475,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
             return 2
     if status < 200:
         # interim (100 Continue): passed on as it is; with header lines
-        # (103 Early Hints), Python judges it
-        if end != ls + 3:
+        # (103 Early Hints), or from an HTTP/1.0 server, Python judges it
+        if end != ls + 3 or v10:
             return 2
         head_len[0] = end
         return 3
@@ -1513,8 +1514,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
                 cl = cl * 10 + (b[k] - 0x30)
         elif header_is(b + ls, k, b"transfer-encoding", 17):
             n_te += 1
-            if n_te > 1 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
-                return 2
+            if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
+                return 2  # (in HTTP/1.0, Python refuses it)
             te_chunked = True
         elif header_is(b + ls, k, b"connection", 10):
             scan_connection(b, vs, ve, &close, &keep)
@@ -1522,7 +1523,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     if n_cl and n_te:
         return 2  # Python refuses it, with its reason
     c.status = status
-    c.resp_persistent = not close
+    # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
+    c.resp_persistent = not close and (keep or not v10)
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
     elif te_chunked:

@@ -74,11 +74,24 @@ class _Handler(socketserver.StreamRequestHandler):
             body = self.rfile.read(length) if length else b""
             if chunked:
                 body = self._chunked_body()
-            answer = f"v={self.server.name} {line.split()[1].decode()} {len(body)}".encode()
+            target = line.split()[1]
+            answer = f"v={self.server.name} {target.decode()} {len(body)}".encode()
+            # /http10/: an HTTP/1.0 server, which closes after its answer
+            # unless the request's path also says keep-alive (/http10/ka/)
+            http10 = target.startswith(b"/http10/")
+            keep = not http10 or target.startswith(b"/http10/ka/")
             self.wfile.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                b"%s 200 OK\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (
+                    b"HTTP/1.0" if http10 else b"HTTP/1.1",
+                    b"Connection: keep-alive\r\n" if http10 and keep else b"",
+                    len(answer),
+                    answer,
+                )
             )
             self.wfile.flush()
+            if not keep:
+                return
             served += 1
             if self.server.close_after and served >= self.server.close_after:
                 return
@@ -497,6 +510,36 @@ def test_expect_100_continue_waits_for_the_servers_100_on_a_kept_connection(
     if twin == "compiled":
         stats = proxy.relay.stats()
         assert stats["slow_path"] == 0 and stats["response_heads_in_python"] == 0, stats
+
+
+def test_http10_responses_keep_the_upstream_only_when_they_say_keep_alive(
+    backends: list[Backend], twin: str
+) -> None:
+    """An HTTP/1.0 server (python's http.server by default, old appliances)
+    that says ``Connection: keep-alive``: ten requests on one client
+    connection reuse one upstream connection, and the compiled twin reads
+    those response heads in its loop (no Python). One that does not say it is
+    not persistent: the server closes, and so does the relay's client
+    connection, after the whole answer and a ``connection: close``."""
+    proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,)))
+    try:
+        with proxy.connect() as c:
+            answers = [_get(c, f"/http10/ka/{i}") for i in range(10)]
+            stats = proxy.relay.stats() if twin == "compiled" else {}
+            c.sendall(b"GET /http10/last HTTP/1.1\r\nHost: svc\r\n\r\n")
+            last = b""
+            while chunk := c.recv(65536):
+                last += chunk
+    finally:
+        proxy.close()
+    assert answers == [b"v=v1 /http10/ka/%d 0" % i for i in range(10)]
+    assert last == (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 19\r\nconnection: close\r\n\r\n"
+        b"v=v1 /http10/last 0"
+    )
+    assert backends[0].accepted == 1
+    if twin == "compiled":
+        assert stats["response_heads_in_python"] == 0, stats
 
 
 def test_an_ipv6_endpoint_is_served_in_the_loop(twin: str) -> None:
