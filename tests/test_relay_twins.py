@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import itertools
 import os
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Sequence
@@ -388,6 +391,17 @@ class Pause:
 
 
 @dataclass(frozen=True)
+class ReadBy:
+    """Wait until the relay has read every byte sent so far (at most
+    ``READ_BY_LIMIT``), then *seconds*: the next send comes in a read of its own."""
+
+    seconds: float
+
+
+READ_BY_LIMIT = 0.5
+
+
+@dataclass(frozen=True)
 class Stall:
     """Read nothing for a while (the relay's sends to this client block)."""
 
@@ -413,7 +427,7 @@ class _HalfClose:
 
 
 HALF_CLOSE = _HalfClose()
-Step = bytes | Pause | Stall | AwaitBytes | Settle | _HalfClose
+Step = bytes | Pause | ReadBy | Stall | AwaitBytes | Settle | _HalfClose
 
 
 @dataclass(frozen=True)
@@ -442,13 +456,33 @@ def _open_fds() -> int:
 
 
 class Client:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, relay_fd: int = -1) -> None:
         self.sock = sock
+        # the relay's end of this connection, and what identifies its socket
+        # should the relay close that fd and the number be reused
+        self.relay_fd = relay_fd
+        self.relay_ino = os.fstat(relay_fd).st_ino if relay_fd >= 0 else -1
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.received = bytearray()
         self.closed = False
         self.can_send = True
+
+    def unread(self) -> int:
+        """Bytes the relay has not read from this connection yet (FIONREAD on
+        a dup of its fd, closed at once; 0 once that socket is gone)."""
+        try:
+            fd = os.dup(self.relay_fd)
+        except OSError:
+            return 0
+        try:
+            if os.fstat(fd).st_ino != self.relay_ino:
+                return 0
+            return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
 
     def drain(self) -> bool:
         """Read what is there; whether anything happened."""
@@ -595,9 +629,11 @@ class Run:
         server_side, _ = self.listener.accept()
         if rcvbuf:  # and the relay's side sends little at a time: EAGAIN comes soon
             server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+        relay_fd = server_side.fileno()
+        client = Client(sock, relay_fd)
         self.relay.add(server_side, ORIGIN)
         del server_side  # the relay's now
-        return Client(sock)
+        return client
 
     def converse(self, conv: Conversation) -> Client:
         self.sent_all.clear()
@@ -607,6 +643,15 @@ class Run:
             if isinstance(step, bytes):
                 client.send(step, deadline)
             elif isinstance(step, Pause):
+                end = time.monotonic() + step.seconds
+                while time.monotonic() < end:
+                    client.drain()
+                    time.sleep(0.001)
+            elif isinstance(step, ReadBy):
+                end = time.monotonic() + READ_BY_LIMIT
+                while client.unread() and time.monotonic() < end:
+                    client.drain()
+                    time.sleep(0.001)
                 end = time.monotonic() + step.seconds
                 while time.monotonic() < end:
                     client.drain()
@@ -739,6 +784,32 @@ def conv(*steps: Step, requests: int = 0, rcvbuf: int = 0) -> Conversation:
 @pytest.fixture(autouse=True)
 def _compiled_is_built() -> None:
     load_twin("relay", "compiled")  # skips (fails under CI) when not built
+
+
+def test_the_harness_sees_what_the_relay_has_not_read() -> None:
+    """ReadBy's probe: bytes in the relay's receive queue count until read,
+    and a relay fd closed (or its number reused) counts as nothing unread."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_end = socket.create_connection(listener.getsockname())
+        relay_end, _ = listener.accept()
+    client = Client(client_end, relay_end.fileno())
+    client_end.setblocking(True)
+    try:
+        client_end.sendall(b"GET / HTTP/1.1\r\n")
+        assert client.unread() == 16
+        relay_end.recv(10)
+        assert client.unread() == 6
+        relay_end.recv(10)
+        assert client.unread() == 0
+        client_end.sendall(b"more")
+        fd = relay_end.fileno()
+        relay_end.close()
+        assert client.unread() == 0  # gone
+        with socket.socket() as other:  # most likely takes fd's number
+            assert other.fileno() != fd or client.unread() == 0
+    finally:
+        client_end.close()
+        relay_end.close()
 
 
 # -- every scripted answer, then a second request on the same connection ----------------
@@ -1261,19 +1332,20 @@ FUZZ = settings(
 )
 
 
-# How long the second send of a cut waits. Where a stream is refused, what the
-# relay had passed on before the bad byte depends on whether the two pieces
-# came in one read or two (and on whether its upstream connect completed in
-# between): the twins agree on each, not across. 2 ms let a loaded machine
-# put both pieces in one read on one twin only (the chunked-body fuzz failed
-# so under two busy loops); 20 ms has not.
+# Where a stream is refused, what the relay had passed on before the bad byte
+# depends on whether the two pieces of a cut came in one read or two, and on
+# whether its upstream connect completed in between: the twins agree on each,
+# not across. So the second piece waits until the relay has read the first
+# (ReadBy), then CUT_PAUSE for the connect. A bare 2 ms pause let a loaded
+# machine put both pieces in one read on one twin only (the chunked-body fuzz
+# failed so under two busy loops).
 CUT_PAUSE = 0.02
 
 
 def cut_in_two(stream: bytes, data: st.DataObject) -> list[Step]:
     """*stream* whole, or in two sends a moment apart (at a drawn byte)."""
     cut = data.draw(st.integers(0, len(stream) - 1))
-    return [stream] if not cut else [stream[:cut], Pause(CUT_PAUSE), stream[cut:]]
+    return [stream] if not cut else [stream[:cut], ReadBy(CUT_PAUSE), stream[cut:]]
 
 
 # Bytes that mean something to a chunk framer: line ends, the extension and
