@@ -46,7 +46,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -484,6 +484,13 @@ class Client:
         finally:
             os.close(fd)
 
+    def idle(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
+        """Send nothing for *seconds* (or until *until()* holds), reading what comes."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not (until is not None and until()):
+            self.drain()
+            time.sleep(0.001)
+
     def drain(self) -> bool:
         """Read what is there; whether anything happened."""
         moved = False
@@ -643,19 +650,10 @@ class Run:
             if isinstance(step, bytes):
                 client.send(step, deadline)
             elif isinstance(step, Pause):
-                end = time.monotonic() + step.seconds
-                while time.monotonic() < end:
-                    client.drain()
-                    time.sleep(0.001)
+                client.idle(step.seconds)
             elif isinstance(step, ReadBy):
-                end = time.monotonic() + READ_BY_LIMIT
-                while client.unread() and time.monotonic() < end:
-                    client.drain()
-                    time.sleep(0.001)
-                end = time.monotonic() + step.seconds
-                while time.monotonic() < end:
-                    client.drain()
-                    time.sleep(0.001)
+                client.idle(READ_BY_LIMIT, until=lambda: client.unread() == 0)
+                client.idle(step.seconds)
             elif isinstance(step, Stall):
                 time.sleep(step.seconds)
             elif isinstance(step, AwaitBytes):
@@ -1343,7 +1341,8 @@ CUT_PAUSE = 0.02
 
 
 def cut_in_two(stream: bytes, data: st.DataObject) -> list[Step]:
-    """*stream* whole, or in two sends a moment apart (at a drawn byte)."""
+    """*stream* whole, or in two sends (cut at a drawn byte), the second once
+    the relay has read the first and CUT_PAUSE has passed."""
     cut = data.draw(st.integers(0, len(stream) - 1))
     return [stream] if not cut else [stream[:cut], ReadBy(CUT_PAUSE), stream[cut:]]
 
