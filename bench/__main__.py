@@ -278,6 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = report.verdicts(rows, mem_results)
     if verdicts:
         parts += ["### issue 11 targets", "", "```", *(v.line() for v in verdicts), "```", ""]
+    pairs = report.paired(samples)
+    if pairs:
+        parts += [
+            "### req/s round by round (l4proxy ÷ peer in the same round: "
+            "geometric mean, 95 % interval)",
+            "",
+            "```",
+            *(p.line() for p in pairs),
+            "```",
+            "",
+        ]
     if prof is not None:
         parts += [
             f"### profile: {gateway.name if gateway else 'l4proxy'}, Connection: close, 50 conns",

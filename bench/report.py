@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,6 +283,90 @@ def verdicts(all_rows: Sequence[Row], memory: Sequence[MemoryResult]) -> list[Ve
     return out
 
 
+# Two-sided 95 % critical values of Student's t, by degrees of freedom (1..30).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+_T95 += (2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+_T95 += (2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """l4proxy's req/s over a peer's, round by round (the rounds interleave the
+    peers, so a slow spell of the machine hits both sides of a pair): the
+    geometric mean of the per-round ratios and its 95 % interval."""
+
+    target: str
+    case: Case
+    peer: str
+    ratios: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return math.exp(statistics.fmean(math.log(r) for r in self.ratios))
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        n = len(self.ratios)
+        if n < 3:
+            return None
+        logs = [math.log(r) for r in self.ratios]
+        half = _T95[min(n - 1, len(_T95)) - 1] * statistics.stdev(logs) / math.sqrt(n)
+        mid = statistics.fmean(logs)
+        return math.exp(mid - half), math.exp(mid + half)
+
+    @property
+    def reading(self) -> str:
+        """ahead / behind when the interval lies above / below 1, else within noise."""
+        iv = self.interval
+        if iv is None:
+            return "too few rounds"
+        if iv[0] > 1.0:
+            return "ahead"
+        if iv[1] < 1.0:
+            return "behind"
+        return "within noise"
+
+    def line(self) -> str:
+        iv = self.interval
+        shown = "" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+        what = f"{self.target} {self.case} ÷ {self.peer}"
+        return f"{what:<48} {self.mean:.3f} {shown:<16} n={len(self.ratios):<3} {self.reading}"
+
+    def as_dict(self) -> dict[str, object]:
+        iv = self.interval
+        return {
+            "target": self.target,
+            "mode": self.case.mode,
+            "connections": self.case.connections,
+            "peer": self.peer,
+            "ratios": list(self.ratios),
+            "mean": self.mean,
+            "interval": list(iv) if iv else None,
+            "reading": self.reading,
+        }
+
+
+def paired(samples: Sequence[Sample]) -> list[Paired]:
+    """Round-by-round req/s ratios of each l4proxy row at the targets'
+    concurrency to the HAProxy peers of its placement (REFERENCES)."""
+    rps: dict[tuple[str, Case], dict[int, float]] = {}
+    for s in samples:
+        if s.wrk.rps > 0:
+            rps.setdefault((s.target, s.case), {})[s.round] = s.wrk.rps
+    out = []
+    for (target, case), mine in sorted(rps.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        if case.connections != TARGET_CONNECTIONS or not target.endswith(L4PROXY_PEERS):
+            continue
+        group, _ = group_of(target)
+        prefix = "" if group == "loopback" else f"{group}/"
+        for peer in REFERENCES.get(case.mode, ()):
+            theirs = rps.get((prefix + peer, case), {})
+            ratios = tuple(mine[r] / theirs[r] for r in sorted(mine) if r in theirs)
+            if ratios:
+                out.append(Paired(target, case, peer, ratios))
+    return out
+
+
 def write_json(
     path: str,
     samples: Sequence[Sample],
@@ -292,6 +377,7 @@ def write_json(
     doc = {
         "meta": {"machine": platform.node(), "cpus": os.cpu_count(), **meta},
         "summaries": [s.as_dict() for s in summaries],
+        "paired": [p.as_dict() for p in paired(samples)],
         "samples": [s.as_dict() for s in samples],
         "memory": [m.as_dict() for m in memory],
     }

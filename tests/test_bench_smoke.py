@@ -237,6 +237,45 @@ def test_report_ratios_and_verdicts() -> None:
     assert "| keepalive | 50    | l4proxy" in text and "1.10 / 0.55" in text
 
 
+def _rps_sample(target: str, mode: str, rnd: int, rps: float) -> measure.Sample:
+    result = wrk.WrkResult(int(rps * 3), 3.0, rps, {"50": 1.0, "75": 1.0, "90": 1.0, "99": 2.0})
+    return measure.Sample(target, measure.Case(mode, 50), rnd, result, 1.0)
+
+
+def test_paired_ratios_round_by_round() -> None:
+    """Each round's l4proxy req/s over the same round's peer; the interval
+    decides ahead / behind / within noise."""
+    ahead = [(100, 90), (80, 70), (120, 110), (95, 85)]  # slow spells hit both sides
+    noisy = [(100, 90), (80, 95), (120, 110), (95, 100)]
+    samples = []
+    for rnd, ((mine, hap), (mine_c, hap_c)) in enumerate(zip(ahead, noisy, strict=True), 1):
+        samples += [
+            _rps_sample("l4proxy-request", "keepalive", rnd, mine * 1000),
+            _rps_sample("haproxy", "keepalive", rnd, hap * 1000),
+            _rps_sample("haproxy-http", "keepalive", rnd, hap * 1000 * 1.25),
+            _rps_sample("sidecar/l4proxy-request", "close", rnd, mine_c * 1000),
+            _rps_sample("sidecar/haproxy-http", "close", rnd, hap_c * 1000),
+            _rps_sample("haproxy", "close", rnd, 1.0),  # not a close-mode reference
+        ]
+    samples.append(_rps_sample("haproxy", "keepalive", 5, 50_000))  # no pair: left out
+    got = {(p.target, p.case.mode, p.peer): p for p in report.paired(samples)}
+    assert set(got) == {
+        ("l4proxy-request", "keepalive", "haproxy"),
+        ("l4proxy-request", "keepalive", "haproxy-http"),
+        ("sidecar/l4proxy-request", "close", "haproxy-http"),
+    }
+    vs_tcp = got[("l4proxy-request", "keepalive", "haproxy")]
+    assert vs_tcp.ratios == (100 / 90, 80 / 70, 120 / 110, 95 / 85)
+    assert vs_tcp.reading == "ahead"  # every round 9-14 % ahead: a narrow interval above 1
+    lo, hi = vs_tcp.interval or (0, 0)
+    assert 1.0 < lo < vs_tcp.mean < hi
+    assert got[("l4proxy-request", "keepalive", "haproxy-http")].reading == "behind"
+    assert got[("sidecar/l4proxy-request", "close", "haproxy-http")].reading == "within noise"
+    assert "n=4" in vs_tcp.line() and "ahead" in vs_tcp.line()
+    two = report.paired(samples[:12])  # two rounds: no interval
+    assert {p.reading for p in two} == {"too few rounds"}
+
+
 def test_profile_summary_of_raw_stacks() -> None:
     loop = 'process 7:"l4proxy run";thread (0x7f3a): MainThread;_run (asyncio/events.py:80)'
     raw = (
