@@ -1515,7 +1515,7 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
         elif header_is(b + ls, k, b"transfer-encoding", 17):
             n_te += 1
             if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
-                return 2  # (in HTTP/1.0, Python refuses it)
+                return 2  # (in HTTP/1.0 Python refuses it, unless no body may follow)
             te_chunked = True
         elif header_is(b + ls, k, b"connection", 10):
             scan_connection(b, vs, ve, &close, &keep)

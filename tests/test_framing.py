@@ -291,6 +291,8 @@ RESPONSES = [
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", (Framing.CHUNKED, 0)),
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", (Framing.CLOSE, 0)),
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", (Framing.CLOSE, 0)),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\xa0\r\n\r\n", (Framing.CLOSE, 0)),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,\tchunked \r\n\r\n", (Framing.CHUNKED, 0)),
     (GET, b"HTTP/1.1 200 OK\r\n\r\n", (Framing.CLOSE, 0)),
     (HEAD, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", (Framing.NONE, 0)),
     (GET, b"HTTP/1.1 204 No Content\r\n\r\n", (Framing.NONE, 0)),
@@ -319,6 +321,8 @@ RESPONSES_BAD = [
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", BAD_CL),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n", BAD_CL),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n", BAD_CL),
+    (GET, b"HTTP/1.1 200 OK\r\nContent-Length: \xa05\r\n\r\n", BAD_CL),  # NBSP: not OWS
+    (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5\x85\r\n\r\n", BAD_CL),  # nor NEL
     (HEAD, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", BAD_CL),
     (GET, b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
      "Transfer-Encoding in an HTTP/1.0 response"),

@@ -158,6 +158,19 @@ ANSWERS: dict[str, Answer] = {
         (_head(status=b"HTTP/1.0 200 OK") + b"old", b" style"), close=True
     ),
     "silent_close": Answer((_ok(b"ok"),), close=True),  # closes without saying so
+    # obs-text beside a token: NBSP and NEL are not OWS (RFC 9110 §5.6.3), so
+    # "close\xa0" is not "close", nor "\x85keep-alive" keep-alive, nor
+    # "\xa02" a length (Python's str.strip() would have taken them off)
+    "conn_close_nbsp": Answer((_ok(b"ok", b"Connection: close\xa0\r\n"),)),
+    "http10_ka_nel": Answer(
+        (_head(_CL2, b"Connection: \x85keep-alive", status=b"HTTP/1.0 200 OK") + b"ok",),
+        close=True,
+    ),
+    "close_delim_nbsp": Answer((_head(b"Connection: close\xa0") + b"until close",), close=True),
+    "cl_nbsp": Answer((_head(b"Content-Length: \xa02") + b"ok",)),
+    "te_nel": Answer(
+        (_head(b"Transfer-Encoding: chunked\x85") + b"2\r\nok\r\n0\r\n\r\n",), close=True
+    ),
     # malformed answers
     "cl_te": Answer((_head(b"Content-Length: 5", b"Transfer-Encoding: chunked") + b"0\r\n\r\n",)),
     "two_cl": Answer((_head(_CL2, b"Content-Length: 3") + b"okk",)),
@@ -1413,6 +1426,7 @@ RESPONSE_BASES = [
 # What a response framer weighs: line ends, separators, digits, and the
 # headers that decide framing, dropped in where they do not belong.
 RESPONSE_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b"0", b"9", b"\x00", b"\xff",
+                  b"\xa0", b"\x85",  # obs-text that str.strip() takes for whitespace
                   b"HTTP/1.1 ", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
                   b"Connection: close\r\n", b"1 OK\r\n\r\n"]  # fmt: skip
 
@@ -1467,6 +1481,7 @@ REQUEST_BASES = [
 # What a head parser weighs: line ends, separators, the bytes HTTP forbids
 # (NUL, DEL, bare CR), and the framing headers, dropped in where they do not belong.
 HEAD_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b"\x00", b"\x7f", b"\xff", b"/",
+              b"\xa0", b"\x85",  # obs-text that str.strip() takes for whitespace
               b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n", b"Host: c\r\n",
               b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"\r\n "]  # fmt: skip
 

@@ -118,12 +118,15 @@ class ResponseHead(NamedTuple):
         return None
 
     def values(self, name: str) -> list[str]:
-        """Every comma-separated element of every *name* header, in order."""
+        """Every comma-separated element of every *name* header, in order,
+        without the OWS around it: SP and HTAB only (str.strip() would also
+        take NBSP and NEL, obs-text that the compiled twin and the next hop
+        keep: "close\xa0" is not "close", nor "\xa05" a Content-Length)."""
         key = name.lower()
         out: list[str] = []
         for k, v in self.headers:
             if k == key:
-                out.extend(e.strip() for e in v.split(","))
+                out.extend(e.strip(" \t") for e in v.split(","))
         return out
 
 
