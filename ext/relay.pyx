@@ -524,7 +524,7 @@ cdef struct Relay:
     int rows_used
     uint64_t rng
     uint64_t seed
-    bint seeded            # reset rng to seed whenever the verdicts are forgotten
+    bint seeded            # reset rng to seed at each new table (_set_keys)
     int n_keys
     char *keys[MAX_KEY_HEADERS]
     int key_len[MAX_KEY_HEADERS]
@@ -1235,8 +1235,6 @@ cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double
     if epoch != R.cache_epoch:
         cache_clear(R)
         R.cache_epoch = epoch
-        if R.seeded:  # as the route table reseeds its RNG at each swap (--seed)
-            R.rng = R.seed
         return NULL
     while True:
         e = &R.cache[i]
@@ -2669,7 +2667,7 @@ cdef class HttpRelay:
         self.connect_ok = connect_ok
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
-            self._slow_connect_failed, self._slow_connect_ok, refused,
+            self._slow_connect_failed, self._slow_connect_ok, refused, max_head,
         )
         self._origin_ids = {}
         self._origins = {}
@@ -2795,6 +2793,8 @@ cdef class HttpRelay:
         cdef int i
         cdef bytes b
         cache_clear(R)
+        if R.seeded:  # a new table: as the route table reseeds its RNG (--seed),
+            R.rng = R.seed  # and not at a failed connect's forgetting
         names = [n.lower() for n in names]
         for i in range(R.n_keys):
             free(R.keys[i])
@@ -3348,7 +3348,7 @@ cdef class HttpRelay:
         return v
 
     cdef _head_object(self, Conn *c):
-        return parse_head(PyBytes_FromStringAndSize(c.inb.p, c.head_len))
+        return parse_head(PyBytes_FromStringAndSize(c.inb.p, c.head_len), self.R.max_head)
 
     cdef _resolve(self, Conn *c, double now):
         cdef Relay *R = self.R
@@ -3359,6 +3359,11 @@ cdef class HttpRelay:
         cdef Py_ssize_t n, sn
         cdef Tests_ *tests
         cdef int64_t epoch = L4R_LOAD(&R.epoch)
+        if self._pending_keys is not None:
+            # invalidate() set them with the epoch just read (both under the
+            # GIL, as this): a verdict cached under it is keyed by them
+            keys, self._pending_keys = self._pending_keys, None
+            self._set_keys(keys)
         head = self._head_object(c)
         origin = self._origins[c.origin]
         if R.decide_only:

@@ -153,7 +153,7 @@ def twin(request: pytest.FixtureRequest) -> Iterator[str]:
 class Proxy:
     """A relay on a loopback listener; decide() splits by a seeded RNG."""
 
-    def __init__(self, decide: object, pool: PoolOptions | None = None) -> None:
+    def __init__(self, decide: object, pool: PoolOptions | None = None, **options: Any) -> None:
         self.handed: list[bytes] = []
         self.refused: list[str] = []
         relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
@@ -163,6 +163,7 @@ class Proxy:
             pool=pool,
             header_timeout=1.0,
             refused=self.refused.append,
+            **options,
         )
         self.relay.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -321,6 +322,36 @@ def test_bodies_go_through_byte_identical(backends: list[Backend]) -> None:
                 c.sendall(b"PUT /up HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n" % len(body))
                 c.sendall(body)
                 assert read_response(c) == b"v=v1 /up %d" % len(body)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("max_head", [8192, 131072])
+def test_max_head_is_the_limit_on_both_twins(backends: list[Backend], max_head: int) -> None:
+    """A head of max_head bytes or fewer goes through, a longer one gets 431.
+    The compiled twin's Python parse and its pure relay (the slow path) used
+    to apply 65536 whatever max_head was: a 70 kB head under 128 kB reset
+    the connection, and a 10 kB one over 8 kB was passed on."""
+
+    def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
+        return Decision((backends[0].endpoint,))
+
+    def head_of(size: int) -> bytes:
+        start = b"GET /h HTTP/1.1\r\nHost: b\r\nX-Pad: "
+        return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    proxy = Proxy(decide, max_head=max_head)
+    try:
+        with proxy.connect() as c:
+            for size in (max_head - 1000, max_head):
+                c.sendall(head_of(size))
+                assert read_response(c) == b"v=v1 /h 0"
+        with proxy.connect() as c:
+            c.sendall(head_of(max_head + 1000))
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     finally:
         proxy.close()
 
@@ -774,17 +805,23 @@ def test_the_weighted_draw_is_reproducible_with_a_seed(backends: list[Backend], 
         (Choice(1, (backends[0].endpoint,), tag="v1"), Choice(1, (backends[1].endpoint,), tag="v2"))
     )
     runs = []
-    for _ in range(2):
+    for forget in (False, False, True):
         rows: list = []
         proxy, _calls = _resolving_proxy(backends, verdict, report_rows=_append_to(rows))
         try:
             with proxy.connect() as c:
-                runs.append([_get(c, "/s")[:4] for _ in range(200)])
+                run = [_get(c, "/s")[:4] for _ in range(100)]
+                if forget:  # what a failed connect does: the verdicts, not the draws
+                    proxy.relay.invalidate()
+                runs.append(run + [_get(c, "/s")[:4] for _ in range(100)])
         finally:
             proxy.close()
         answered = {tag: n for batch in rows for tag, _status, n, _s, _b in batch}
         assert answered == {"v1": runs[-1].count(b"v=v1"), "v2": runs[-1].count(b"v=v2")}
     assert runs[0] == runs[1]  # --seed: the same draws, request for request
+    # the RNG restarts with a new table only (key headers given), as the
+    # route table's; it used to restart at any forgetting
+    assert runs[2] == runs[0]
     assert binomial_ok(runs[0].count(b"v=v2"), 200, 0.5)
 
 

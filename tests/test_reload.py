@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
+import socketserver
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,205 @@ def test_the_fingerprint_ignores_hidden_files_and_sees_rule_files(tmp_path: Path
     after = fingerprint([str(tmp_path)])
     (tmp_path / "more.yaml").write_text("b: 1\n")
     assert fingerprint([str(tmp_path)]) != after
+
+
+# -- a swap while the relay resolves ---------------------------------------------------
+
+SWAP_BASE = """
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  addresses: [198.19.200.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: v1}}
+  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: svc}
+spec:
+  host: svc.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: gateway}
+spec:
+  defaultBackend:
+    service: {name: svc, port: {number: 8080}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  http:
+"""
+ALL_V1 = """\
+  - route:
+    - destination: {host: svc.default.svc.cluster.local, subset: v1}
+"""
+# a regex: the verdict depends on the header's value (SHAPE_HEADERS), which
+# the relay's cache key holds only once it knows the table's key headers
+JASON_V2 = (
+    """\
+  - match:
+    - headers:
+        end-user: {regex: "^jason$"}
+    route:
+    - destination: {host: svc.default.svc.cluster.local, subset: v2}
+"""
+    + ALL_V1
+)
+
+
+def _needs_the_compiled_relay() -> None:
+    from l4proxy.dataplane import relay as relay_module
+
+    if relay_module.IMPLEMENTATION != "compiled":
+        pytest.skip("the verdict cache is the compiled relay's")
+
+
+def _backend(version: str) -> socketserver.TCPServer:
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                while self.rfile.readline() not in (b"\r\n", b""):
+                    pass
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + version.encode())
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _ask(address: tuple[str, int], user: str) -> str:
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(
+            f"GET / HTTP/1.1\r\nHost: gw\r\nEnd-User: {user}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    return answer.rsplit(b"\r\n\r\n", 1)[-1].decode()
+
+
+def test_a_verdict_of_a_table_the_relay_was_not_told_of_is_not_cached(tmp_path: Path) -> None:
+    """A swap makes the new table live, then tells the compiled relay (new key
+    headers, a new cache epoch). A request the relay resolves in between gets
+    the new table's verdict; cached, it was keyed by the old key headers
+    (none here), so jason's v2 verdict answered every user until the relay
+    was told. Made deterministic: a hook that runs before the worker's sends
+    the requests from inside the swap, to a relay that has cached nothing
+    yet (a verdict cached before the swap is the old table's, keyed by its
+    key headers: consistent, as if the request had come a moment earlier)."""
+    _needs_the_compiled_relay()
+    v1, v2 = _backend("v1"), _backend("v2")
+    rules = tmp_path / "rules.yaml"
+    base = SWAP_BASE % (v1.server_address[1], v2.server_address[1])
+    rules.write_text(base + ALL_V1)
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+        assert watcher.load_now()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
+        worker.start()
+        try:
+            loop = asyncio.get_running_loop()
+
+            def during_the_swap(table: Any) -> None:
+                # the loop's thread, blocked: the relay's thread resolves
+                for user in ("jason", "ann", "bob"):
+                    seen.append((user, _ask(lst.address, user)))
+
+            watcher.on_publish.insert(0, during_the_swap)
+            rules.write_text(base + JASON_V2)
+            assert watcher.load_now()
+            watcher.on_publish.remove(during_the_swap)
+            for user in ("ann", "jason"):  # told: the new table, cached again
+                seen.append((user, await loop.run_in_executor(None, _ask, lst.address, user)))
+        finally:
+            await worker.drain(1)
+            worker.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        v1.shutdown()
+        v2.shutdown()
+    assert seen == [
+        ("jason", "v2"),
+        ("ann", "v1"),  # was v2: jason's verdict, cached under no key header
+        ("bob", "v1"),
+        ("ann", "v1"),
+        ("jason", "v2"),
+    ]
+
+
+ROUND_ROBIN = """\
+  - route:
+    - destination: {host: svc.default.svc.cluster.local}
+"""
+
+
+def test_an_ejection_forgets_the_verdicts_that_hold_the_endpoint(tmp_path: Path) -> None:
+    """A failed connect makes the relay forget its verdicts at once, but the
+    endpoint is ejected later, on the loop (outlier detection): a request in
+    between was decided with the endpoint still healthy, and that verdict
+    was cached for its ttl with nothing to forget it when the ejection came.
+    Here the loop's part runs alone, after a verdict is cached: once the
+    endpoint is ejected, no request may go to it."""
+    from l4proxy.sidecar.worker import _SubsetTag
+
+    _needs_the_compiled_relay()
+    v1, v2 = _backend("v1"), _backend("v2")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SWAP_BASE % (v1.server_address[1], v2.server_address[1]) + ROUND_ROBIN)
+    before: list[str] = []
+    after: list[str] = []
+
+    async def main() -> None:
+        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+        assert watcher.load_now()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
+        worker.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(4):
+                before.append(await loop.run_in_executor(None, _ask, lst.address, "ann"))
+            tag = _SubsetTag("svc.default.svc.cluster.local", "", "", "", "")
+            for _ in range(worker.health.consecutive_failures):
+                worker._endpoint_result(v1.server_address[:2], tag, "Connection refused")
+            assert not worker.health.is_healthy(_endpoint_of(worker, v1.server_address[1]))
+            for _ in range(6):  # well within the verdict's ttl (1 s)
+                after.append(await loop.run_in_executor(None, _ask, lst.address, "ann"))
+        finally:
+            await worker.drain(1)
+            worker.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        v1.shutdown()
+        v2.shutdown()
+    assert sorted(before) == ["v1", "v1", "v2", "v2"]  # round robin, one cached verdict
+    assert after == ["v2"] * 6  # was: v1, v2, v1, ... from the verdict cached before
+
+
+def _endpoint_of(worker: Worker, port: int) -> Any:
+    service = worker.rules.state.table.service("svc.default.svc.cluster.local")
+    assert service is not None
+    return next(e for e in service.endpoints if e.port == port)

@@ -71,7 +71,7 @@ from l4proxy.dataplane._exchange_py import (
     Tunnel,
     Upstream,
 )
-from l4proxy.dataplane._peek_py import RequestHead
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions, Pools
 
 __all__ = ["Decision", "HttpRelay"]
@@ -151,8 +151,10 @@ class HttpRelay:
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
         connect_ok: Callable[[Endpoint, Any], None] | None = None,
         refused: Callable[[str], None] | None = None,
+        max_head: int = DEFAULT_MAX_HEAD,
     ) -> None:
         self.decide = decide
+        self.max_head = max_head  # request and response heads, trailer sections
         self.l4 = l4
         self.pools = Pools(pool)
         self.connect_timeout = connect_timeout
@@ -271,7 +273,8 @@ class HttpRelay:
             except OSError:
                 pass  # not TCP (a test's socketpair)
             # The first head is timed from here (see "Timers").
-            c = _Conn(sock, origin, Exchange(), now, head_started=now, fd=sock.fileno())
+            ex = Exchange(self.max_head)
+            c = _Conn(sock, origin, ex, now, head_started=now, fd=sock.fileno())
             c.ex.requests = requests
             self._conns[c.fd] = c
             self.counters["connections"] += 1

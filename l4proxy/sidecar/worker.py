@@ -193,6 +193,9 @@ class Worker:
         # from the event loop's thread).
         self.relay_counters = LockedCounters()
         self.relay: HttpRelay | None = None
+        # The table whose key headers the compiled relay keys its cache by
+        # (see _table_published); a verdict from any other is not cached.
+        self._relay_table: RouteTable | None = rules.state.table
         if options.http_routing == "request":
             compiled: dict[str, Any] = {}
             if http_relay.IMPLEMENTATION == "compiled":
@@ -204,7 +207,6 @@ class Worker:
                     "key_headers": sorted(rules.state.table.match_headers()),
                     "buckets": _DURATION_BUCKETS_MS,
                     "seed": rules.seed,
-                    "max_head": options.max_head,
                 }
                 rules.on_publish.append(self._table_published)
                 # and the listeners: accept and the original destination in
@@ -226,6 +228,7 @@ class Worker:
                 connect_failed=self._relay_connect_failed,
                 connect_ok=self._relay_connect_ok,
                 refused=self._relay_refused,
+                max_head=options.max_head,
                 **compiled,
             )
             _describe_istio(self.relay_counters)
@@ -757,6 +760,12 @@ class Worker:
         draw. The relay asks again after a rule swap or a failed connect,
         and at the latest after ``Verdict.ttl`` (an ejection ends)."""
         table = self.rules.state.table
+        verdict = self._verdict_for(table, head, origin)
+        if table is not self._relay_table:  # live, but not yet the relay's (_table_published)
+            return verdict._replace(ttl=0)
+        return verdict
+
+    def _verdict_for(self, table: RouteTable, head: peek.RequestHead, origin: Origin) -> Verdict:
         c = self._classify(table, origin, head)
         # What else than origin and Host the verdict reads: at a gateway, the
         # Ingress paths the Host may take and their services' routes; else the
@@ -807,9 +816,17 @@ class Worker:
         return Verdict(choices, shape=shape.bits, tests=shape.tests)
 
     def _table_published(self, table: RouteTable) -> None:
-        """A new table is live (loop): the relay's verdicts are stale."""
+        """A new table is live (loop): the relay's verdicts are stale.
+
+        The table went live before this runs, and the relay's thread may
+        resolve a request in between: its verdict is from the new table but
+        would be cached under the old epoch and keyed by the old key headers
+        (a header the new table matches on would be missing from the key: one
+        user's canary verdict applied to everyone). So a verdict is cacheable
+        only once its table is the one the relay was last told of."""
         if self.relay is not None:
             self.relay.invalidate(sorted(table.match_headers()))
+        self._relay_table = table
 
     def _report_rows(
         self,
@@ -905,7 +922,12 @@ class Worker:
             return
         if ep is not None and service is not None:
             peers = [e for e in service.endpoints if e.port == ep.port]
+            healthy = self.health.is_healthy(ep)
             self.health.failure(ep, why, peers)
+            if healthy and not self.health.is_healthy(ep) and self.relay is not None:
+                # ejected now: verdicts cached since the failed connect (the
+                # relay forgot its cache then, before this ran) still hold it
+                self.relay.invalidate()
         self.counters.inc(
             "l4proxy_upstream_connect_failures_total", endpoint=f"{addr[0]}:{addr[1]}", error=why
         )
