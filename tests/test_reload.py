@@ -269,21 +269,18 @@ def _ask(address: tuple[str, int], user: str) -> str:
     return answer.rsplit(b"\r\n\r\n", 1)[-1].decode()
 
 
-def test_a_verdict_of_a_table_the_relay_was_not_told_of_is_not_cached(tmp_path: Path) -> None:
-    """A swap makes the new table live, then tells the compiled relay (new key
-    headers, a new cache epoch). A request the relay resolves in between gets
-    the new table's verdict; cached, it was keyed by the old key headers
-    (none here), so jason's v2 verdict answered every user until the relay
-    was told. Made deterministic: a hook that runs before the worker's sends
-    the requests from inside the swap, to a relay that has cached nothing
-    yet (a verdict cached before the swap is the old table's, keyed by its
-    key headers: consistent, as if the request had come a moment earlier)."""
+Scenario = Callable[[RuleWatcher, Worker, Callable[[str], Coroutine[Any, Any, str]]], Coroutine]
+
+
+def _on_a_gateway(tmp_path: Path, routes: str, scenario: Scenario) -> None:
+    """*scenario(watcher, worker, ask)* on a request-mode worker with a
+    gateway listener to svc (v1 and v2 backends); ``ask(user)`` answers the
+    version that served a request of that user's (from a thread: the loop
+    stays free). The rules: SWAP_BASE with *routes*, in ``rules.yaml``."""
     _needs_the_compiled_relay()
     v1, v2 = _backend("v1"), _backend("v2")
     rules = tmp_path / "rules.yaml"
-    base = SWAP_BASE % (v1.server_address[1], v2.server_address[1])
-    rules.write_text(base + ALL_V1)
-    seen: list[tuple[str, str]] = []
+    rules.write_text(SWAP_BASE % (v1.server_address[1], v2.server_address[1]) + routes)
 
     async def main() -> None:
         watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
@@ -291,20 +288,12 @@ def test_a_verdict_of_a_table_the_relay_was_not_told_of_is_not_cached(tmp_path: 
         lst = bind_listener("127.0.0.1", 0, "gateway")
         worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
         worker.start()
+
+        async def ask(user: str) -> str:
+            return await asyncio.get_running_loop().run_in_executor(None, _ask, lst.address, user)
+
         try:
-            loop = asyncio.get_running_loop()
-
-            def during_the_swap(table: Any) -> None:
-                # the loop's thread, blocked: the relay's thread resolves
-                for user in ("jason", "ann", "bob"):
-                    seen.append((user, _ask(lst.address, user)))
-
-            watcher.on_publish.insert(0, during_the_swap)
-            rules.write_text(base + JASON_V2)
-            assert watcher.load_now()
-            watcher.on_publish.remove(during_the_swap)
-            for user in ("ann", "jason"):  # told: the new table, cached again
-                seen.append((user, await loop.run_in_executor(None, _ask, lst.address, user)))
+            await scenario(watcher, worker, ask)
         finally:
             await worker.drain(1)
             worker.close()
@@ -314,6 +303,36 @@ def test_a_verdict_of_a_table_the_relay_was_not_told_of_is_not_cached(tmp_path: 
     finally:
         v1.shutdown()
         v2.shutdown()
+
+
+def test_a_verdict_of_a_table_the_relay_was_not_told_of_is_not_cached(tmp_path: Path) -> None:
+    """A swap makes the new table live, then tells the compiled relay (new key
+    headers, a new cache epoch). A request the relay resolves in between gets
+    the new table's verdict; cached, it was keyed by the old key headers
+    (none here), so jason's v2 verdict answered every user until the relay
+    was told. Made deterministic: a hook that runs before the worker's sends
+    the requests from inside the swap, to a relay that has cached nothing
+    yet (a verdict cached before the swap is the old table's, keyed by its
+    key headers: consistent, as if the request had come a moment earlier)."""
+    seen: list[tuple[str, str]] = []
+
+    async def scenario(watcher: RuleWatcher, worker: Worker, ask: Any) -> None:
+        address = worker.listeners[0].address
+
+        def during_the_swap(table: Any) -> None:
+            # the loop's thread, blocked: the relay's thread resolves
+            for user in ("jason", "ann", "bob"):
+                seen.append((user, _ask(address, user)))
+
+        watcher.on_publish.insert(0, during_the_swap)
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(rules.read_text().replace(ALL_V1, JASON_V2))
+        assert watcher.load_now()
+        watcher.on_publish.remove(during_the_swap)
+        for user in ("ann", "jason"):  # told: the new table, cached again
+            seen.append((user, await ask(user)))
+
+    _on_a_gateway(tmp_path, ALL_V1, scenario)
     assert seen == [
         ("jason", "v2"),
         ("ann", "v1"),  # was v2: jason's verdict, cached under no key header
@@ -338,43 +357,20 @@ def test_an_ejection_forgets_the_verdicts_that_hold_the_endpoint(tmp_path: Path)
     endpoint is ejected, no request may go to it."""
     from l4proxy.sidecar.worker import _SubsetTag
 
-    _needs_the_compiled_relay()
-    v1, v2 = _backend("v1"), _backend("v2")
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(SWAP_BASE % (v1.server_address[1], v2.server_address[1]) + ROUND_ROBIN)
     before: list[str] = []
     after: list[str] = []
 
-    async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        lst = bind_listener("127.0.0.1", 0, "gateway")
-        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
-        worker.start()
-        loop = asyncio.get_running_loop()
-        try:
-            for _ in range(4):
-                before.append(await loop.run_in_executor(None, _ask, lst.address, "ann"))
-            tag = _SubsetTag("svc.default.svc.cluster.local", "", "", "", "")
-            for _ in range(worker.health.consecutive_failures):
-                worker._endpoint_result(v1.server_address[:2], tag, "Connection refused")
-            assert not worker.health.is_healthy(_endpoint_of(worker, v1.server_address[1]))
-            for _ in range(6):  # well within the verdict's ttl (1 s)
-                after.append(await loop.run_in_executor(None, _ask, lst.address, "ann"))
-        finally:
-            await worker.drain(1)
-            worker.close()
+    async def scenario(watcher: RuleWatcher, worker: Worker, ask: Any) -> None:
+        before.extend([await ask("ann") for _ in range(4)])
+        service = watcher.state.table.service("svc.default.svc.cluster.local")
+        assert service is not None
+        v1 = next(e for e in service.endpoints if e.labels.get("version") == "v1")
+        tag = _SubsetTag(service.host, "", "", "", "")
+        for _ in range(worker.health.consecutive_failures):
+            worker._endpoint_result((v1.address, v1.port), tag, "Connection refused")
+        assert not worker.health.is_healthy(v1)
+        after.extend([await ask("ann") for _ in range(6)])  # well within the ttl (1 s)
 
-    try:
-        asyncio.run(main())
-    finally:
-        v1.shutdown()
-        v2.shutdown()
+    _on_a_gateway(tmp_path, ROUND_ROBIN, scenario)
     assert sorted(before) == ["v1", "v1", "v2", "v2"]  # round robin, one cached verdict
     assert after == ["v2"] * 6  # was: v1, v2, v1, ... from the verdict cached before
-
-
-def _endpoint_of(worker: Worker, port: int) -> Any:
-    service = worker.rules.state.table.service("svc.default.svc.cluster.local")
-    assert service is not None
-    return next(e for e in service.endpoints if e.port == port)
