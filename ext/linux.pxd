@@ -84,6 +84,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_STREAM
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_PEEK
         SHUT_WR
 
     ssize_t recv(int fd, void *buf, size_t length, int flags)

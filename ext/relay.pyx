@@ -651,7 +651,7 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
         return
     if c.out.len or (c.splicing == SPL_RESP and c.piped):
         want |= sys_.EPOLLOUT
-    if c.phase == P_CLOSING or reading_client(c):
+    if (c.phase == P_CLOSING and not c.client_eof) or reading_client(c):
         want |= sys_.EPOLLIN
     elif c.mask & sys_.EPOLLIN and not c.unwanted and c.phase != P_HEAD:
         # Lazily: a client rarely sends while its request is answered, so
@@ -766,12 +766,34 @@ cdef void up_discard(Relay *R, Conn *c) noexcept nogil:
 
 # -- client connections ----------------------------------------------------------
 
+cdef void need_unlink(Relay *R, Conn *c) noexcept nogil:
+    """Take c off the list of questions for Python (ask_python)."""
+    cdef Conn *p = R.need_head
+    cdef Conn *prev = NULL
+    while p != NULL and p != c:
+        prev = p
+        p = p.need_next
+    if p != NULL:
+        if prev == NULL:
+            R.need_head = c.need_next
+        else:
+            prev.need_next = c.need_next
+        if R.need_tail == c:
+            R.need_tail = prev
+    c.need = N_NONE
+    c.need_next = NULL
+
+
 cdef void conn_forget(Relay *R, Conn *c, bint closing) noexcept nogil:
-    """Take c out of the loop (epoll, timers); the fd is left as it is.
-    *closing*: the caller closes the fd next, which takes a solo fd out of
-    epoll by itself (no epoll_ctl)."""
+    """Take c out of the loop (epoll, timers, a question for Python); the fd
+    is left as it is. *closing*: the caller closes the fd next, which takes a
+    solo fd out of epoll by itself (no epoll_ctl)."""
     cdef sys_.epoll_event ev
     cdef int i
+    if c.need != N_NONE:
+        # closed with a question pending (a step asked, then a flush to a
+        # client gone failed): bury() frees c before _service reads the list
+        need_unlink(R, c)
     if c.mask and not (closing and c.solo):
         sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, c.fd, &ev)
         c.mask = 0
@@ -1768,6 +1790,11 @@ cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nog
     elif c.resp_left == 0 and c.piped == 0:
         splice_stop(c)
         c.rs = RS_DONE
+        # bytes after the body: the server is confused (as forward_body
+        # sees them in the read that ends a copied body); pooled, the
+        # connection would hand them to the next request as its answer
+        if sys_.recv(c.up.fd, R.scratch, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT) > 0:
+            c.resp_persistent = False
         complete(R, c, False, c.req_left > 0, now)
 
 
@@ -2204,7 +2231,12 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
     if c.phase == P_CLOSING:
         if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
             n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
-            if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+            if n == 0 and c.out.len and not ev & (sys_.EPOLLHUP | sys_.EPOLLERR):
+                # half-closed (SHUT_WR): it still reads; the rest of its
+                # answer goes out, then the close (no lingering read)
+                c.client_eof = True
+                c.no_linger = True
+            elif n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
                 conn_close(R, c, False)
                 return
         interest(R, c)

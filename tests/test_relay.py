@@ -14,6 +14,8 @@ import random
 import resource
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1359,3 +1361,158 @@ def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) ->
     finally:
         proxy.close()
         _wait_ended(ended)
+
+
+# -- found by review: a freed connection, a half-closed client, a spliced body --------------
+
+
+def _serve_once(answer: Callable[[socket.socket], None]) -> tuple[str, int]:
+    """A server for one connection: *answer(sock)* once a head has arrived."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        s, _ = srv.accept()
+        srv.close()
+        with s:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            answer(s)
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                while s.recv(65536):
+                    pass
+
+    threading.Thread(target=run, daemon=True).start()
+    host, port = srv.getsockname()[:2]
+    return str(host), int(port)
+
+
+_FREED_WHILE_ASKING = r"""
+import socket, sys, threading, time
+from l4proxy.dataplane._ext.relay import HttpRelay, Decision
+
+srv = socket.create_server(("127.0.0.1", 0))
+read_head = threading.Event()
+def upstream():
+    s, _ = srv.accept()
+    s.recv(65536)
+    read_head.set()
+    time.sleep(0.15)  # the client is gone by then: part 1 gets a reset
+    s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n" + b"a" * 100)
+    time.sleep(0.15)
+    s.sendall(b"b" * 100)  # complete: /2 asks Python, then the flush fails
+    time.sleep(0.5)
+threading.Thread(target=upstream, daemon=True).start()
+asked = []
+def decide(head, origin):
+    asked.append(head.target)
+    return Decision(endpoints=(srv.getsockname(),))
+relay = HttpRelay(decide, lambda *a: None)
+relay.start()
+lst = socket.create_server(("127.0.0.1", 0))
+cli = socket.create_connection(lst.getsockname())
+acc, _ = lst.accept()
+cli.sendall(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+relay.add(acc, "o")
+assert read_head.wait(5)
+cli.close()
+time.sleep(0.6)
+print(asked, relay.active())
+relay.close()
+"""
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_a_connection_closed_while_it_waits_for_python_is_not_read_after_it_is_freed(
+    twin: str,
+) -> None:
+    """Pipelined /1 and /2, then the client leaves: /1's answer completes,
+    /2 asks Python, and the flush of /1's rest to the gone client closes the
+    connection, which stayed on the list of questions: the loop freed it,
+    then _service read it (a segfault with malloc perturbed to show it; a
+    hang if the memory was reused for a new connection). Run in a child with
+    freed memory poisoned, so that a read after free cannot pass unseen."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=0", MALLOC_PERTURB_="165")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", _FREED_WHILE_ASKING],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split("\n")[0] == "['/1'] 0"  # /2 never asked: its client is gone
+
+
+def test_a_half_closed_client_gets_its_whole_answer() -> None:
+    """`Connection: close`, then shutdown(SHUT_WR), then slow reading (small
+    buffers on both ends): the answer completes while the relay still holds
+    part of it, and the client's FIN read while closing closed the connection
+    with that part unsent (a short body behind a clean FIN)."""
+    body = random.Random(5).randbytes(100_000)
+
+    def answer(s: socket.socket) -> None:
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    upstream = _serve_once(answer)
+    relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
+    relay = relay_class(lambda head, origin: Decision((upstream,)), lambda *a: None)
+    relay.start()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as lst:
+            cli = socket.socket()
+            cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            cli.connect(lst.getsockname())
+            acc, _ = lst.accept()
+        acc.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        with cli:
+            cli.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            cli.shutdown(socket.SHUT_WR)
+            relay.add(acc, ("198.19.0.10", 8080))
+            time.sleep(0.3)  # the relay fills both buffers and holds the rest
+            cli.settimeout(10)
+            got = b""
+            while chunk := cli.recv(65536):
+                got += chunk
+        assert got.endswith(b"\r\n\r\n" + body), len(got)
+    finally:
+        relay.close()
+
+
+def test_bytes_after_a_spliced_body_do_not_answer_the_next_request() -> None:
+    """A body long enough to be spliced (400 kB), then, in the same write,
+    bytes the server should not have sent (here a whole response). The loop
+    pooled the connection when the body's count was reached, and the
+    client's pipelined next request went out on it and got those bytes as
+    its answer (another client's, when it was someone else's request). As
+    when a copied body ends in the read that holds more: not reused, and the
+    client's connection closes after the long answer."""
+    body = random.Random(6).randbytes(400_000)
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!"
+
+    def answer(s: socket.socket) -> None:
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body + stray)
+
+    upstream = _serve_once(answer)
+    relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
+    relay = relay_class(lambda head, origin: Decision((upstream,)), lambda *a: None)
+    relay.start()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as lst:
+            cli = socket.create_connection(lst.getsockname())
+            acc, _ = lst.accept()
+        relay.add(acc, ("198.19.0.10", 8080))
+        with cli:
+            cli.sendall(
+                b"GET /big HTTP/1.1\r\nHost: a\r\n\r\nGET /small HTTP/1.1\r\nHost: a\r\n\r\n"
+            )
+            cli.settimeout(10)
+            got = b""
+            while chunk := cli.recv(1 << 20):
+                got += chunk
+        assert got.endswith(b"\r\n\r\n" + body), got[-200:]
+    finally:
+        relay.close()

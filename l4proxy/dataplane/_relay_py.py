@@ -132,6 +132,7 @@ class _Conn:
     started: float = 0.0  # when the current head completed
     closing: float = 0.0  # lingering-close deadline, 0: not closing
     quiet: bool = False  # closing: the client cannot send more (no lingering read)
+    eof: bool = False  # closing: the client half-closed; its answer still goes out
     mask: int = 0
     fd: int = -1
 
@@ -320,8 +321,12 @@ class HttpRelay:
             if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
                 try:
                     if not c.sock.recv(_READ):
-                        self._close_client(c)
-                        return
+                        if not c.out or ev & (_EPOLLHUP | _EPOLLERR):
+                            self._close_client(c)
+                            return
+                        # half-closed (SHUT_WR): it still reads; the rest
+                        # of its answer goes out, then the close
+                        c.eof = c.quiet = True
                 except BlockingIOError:
                     pass
                 except OSError:
@@ -594,7 +599,7 @@ class HttpRelay:
         want = 0
         if c.out:
             want |= _EPOLLOUT
-        if c.closing or self._reading_client(c):
+        if (c.closing and not c.eof) or self._reading_client(c):
             want |= _EPOLLIN
         self._set_mask(c.fd, c, want)
 
