@@ -270,7 +270,7 @@ def test_sighup_reloads_a_single_process_sidecar(bare: Mesh) -> None:
 # -- the real Supervisor with a scripted worker (garbage on the channel) --------
 
 SCRIPTED_WORKER = r"""
-import os, signal, socket, sys
+import os, signal, socket, sys, time
 from l4proxy.sidecar.channel import FrameDecoder, MAX_REQUEST, decode_request, encode_answer
 mode, marker = sys.argv[1], sys.argv[2]
 fd = int(sys.argv[sys.argv.index("--control-fd") + 1])
@@ -279,6 +279,8 @@ with open(marker, "a") as f:
     f.write(f"{os.getpid()}\n")
 sock = socket.socket(fileno=fd)
 sock.setblocking(True)
+if first and mode == "slow-start":  # loading a big rule set: silent for a while
+    time.sleep(float(sys.argv[3]))
 decoder = FrameDecoder(MAX_REQUEST)
 while True:
     data = sock.recv(65536)
@@ -298,13 +300,17 @@ while True:
 
 
 class ScriptedSupervisor(Supervisor):
-    def __init__(self, mode: str, marker: str, listeners: list[Listener]) -> None:
-        args = argparse.Namespace(raw_argv=[], watchdog_timeout=1.0, drain_duration=1.0)
+    def __init__(
+        self, mode: str, marker: str, listeners: list[Listener], start: float = 120.0, *extra: str
+    ) -> None:
+        args = argparse.Namespace(
+            raw_argv=[], watchdog_timeout=1.0, watchdog_start_timeout=start, drain_duration=1.0
+        )
         super().__init__(args, [listeners])
-        self.mode, self.marker = mode, marker
+        self.mode, self.marker, self.extra = mode, marker, extra
 
     def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
-        script = [sys.executable, "-c", SCRIPTED_WORKER, self.mode, self.marker]
+        script = [sys.executable, "-c", SCRIPTED_WORKER, self.mode, self.marker, *self.extra]
         return [*script, "--control-fd", str(control_fd)]
 
 
@@ -375,3 +381,39 @@ def test_a_worker_that_writes_garbage_is_replaced_and_the_watchdog_lives_on(mode
 )
 def test_describe_exit(code: int, text: str) -> None:
     assert describe_exit(code) == text
+
+
+@pytest.mark.parametrize(("silence", "killed"), [(1.6, False), (60.0, True)])
+def test_a_worker_still_starting_gets_the_start_allowance_not_the_watchdog_timeout(
+    silence: float, killed: bool
+) -> None:
+    """A worker answers once its rules are loaded; a big rule set on a small
+    CPU share can take longer than --watchdog-timeout. It was killed like a
+    hung one, and its successor too, for ever (the pod never ready). Here:
+    watchdog 1 s, start allowance 2.5 s; a worker silent for 1.6 s at start
+    lives, one silent for 60 s is killed once the allowance is over."""
+    marker = os.path.join(tempfile.mkdtemp(prefix="l4sup-"), "pids")
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    sup = ScriptedSupervisor("slow-start", marker, [lst], 2.5, str(silence))
+    [slot] = sup.slots
+
+    async def main() -> list[int]:
+        keeper = asyncio.get_running_loop().create_task(sup._keep(slot))
+        watchdog = asyncio.get_running_loop().create_task(sup._watchdog())
+        try:
+            while slot.link is None:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(4.0)  # past the allowance: watched at 1 s from here on
+            return _pids(marker)
+        finally:
+            sup.stopping = True
+            watchdog.cancel()
+            if slot.proc and slot.proc.returncode is None:
+                slot.proc.kill()
+            await asyncio.wait_for(keeper, 10)
+
+    try:
+        pids = asyncio.run(main())
+    finally:
+        lst.sock.close()
+    assert (len(pids) > 1) is killed, pids

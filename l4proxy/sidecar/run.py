@@ -267,6 +267,15 @@ def add_parser(sub: Any) -> None:
         help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
     )
     p.add_argument(
+        "--watchdog-start-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="the same for a worker that has not answered yet since it started: it "
+        "answers once its rules are loaded, which a big rule set on a small CPU "
+        "share can make slow (120; at least --watchdog-timeout)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=None,

@@ -66,6 +66,7 @@ class WorkerSlot:
     proc: asyncio.subprocess.Process | None = None
     link: SupervisorEnd | None = None
     started_at: float = 0.0
+    answered: bool = False  # since it started: it is past its start-up
     restarts: int = 0
     backoff: float = 0.1
 
@@ -132,6 +133,7 @@ class Supervisor:
             child.close()
         slot.proc = proc
         slot.started_at = time.monotonic()
+        slot.answered = False
         link = SupervisorEnd(parent, lambda why: self._channel_broken(slot, proc, why))
         try:
             await link.open()
@@ -213,7 +215,10 @@ class Supervisor:
         link = slot.link
         if link is None:
             return None
-        return await link.ask(op, timeout)
+        answer = await link.ask(op, timeout)
+        if answer is not None and slot.link is link:
+            slot.answered = True
+        return answer
 
     # -- the admin's view, summed over workers ------------------------------
     async def gather(self, op: str) -> list[Any]:
@@ -366,12 +371,19 @@ class Supervisor:
             silent.pop(proc.pid, None)
             return
         first = silent.setdefault(proc.pid, time.monotonic())
+        # A worker answers once its rules are loaded and its relays started:
+        # until then (a big rule set on a small CPU share) it gets the
+        # start-up allowance, or it would be killed, restarted and killed
+        # again, and the pod would never be ready.
+        if not slot.answered:
+            limit = max(limit, getattr(self.args, "watchdog_start_timeout", 120.0))
         if time.monotonic() - first >= limit and proc.returncode is None:
             log.error(
-                "worker %d (pid %d) has not answered for %.1fs; killing it",
+                "worker %d (pid %d) has not answered for %.1fs%s; killing it",
                 slot.index,
                 proc.pid,
                 limit,
+                "" if slot.answered else " since it started",
             )
             silent.pop(proc.pid, None)
             proc.kill()
