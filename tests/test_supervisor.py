@@ -282,6 +282,7 @@ sock.setblocking(True)
 if first and mode == "slow-start":  # loading a big rule set: silent for a while
     time.sleep(float(sys.argv[3]))
 decoder = FrameDecoder(MAX_REQUEST)
+stats_answered = 0
 while True:
     data = sock.recv(65536)
     if not data:
@@ -294,6 +295,12 @@ while True:
             sock.sendall(b"\xff\xff\xff\xff" + frame.id.to_bytes(4, "big") + b"x" * 1000)
         elif first and mode == "json-line":
             sock.sendall(b'{"ready": true}\n' * 4)
+        elif mode == "counting" and op == "stats":  # 10 more requests at each ask
+            stats_answered += 1
+            counters = [["l4proxy_requests_total", [["route", "r"]], 10 * stats_answered]]
+            help_ = {"l4proxy_requests_total": ["counter", "Requests."]}
+            answer = {"counters": counters, "help": help_, "gauges": {}}
+            sock.sendall(encode_answer(frame.id, answer))
         else:
             sock.sendall(encode_answer(frame.id, True if op == "ready" else {"op": op}))
 """
@@ -417,3 +424,51 @@ def test_a_worker_still_starting_gets_the_start_allowance_not_the_watchdog_timeo
     finally:
         lst.sock.close()
     assert (len(pids) > 1) is killed, pids
+
+
+def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> None:
+    """/stats sums the workers' counters. A worker that did not answer (busy,
+    restarting) dropped out of the sum, and a replaced one took its history
+    with it: the sum went down, which Prometheus' rate() and l4proxy canary
+    read as a reset and count the whole history again. A silent worker now
+    counts with its last answer, and a dead one's last counts stay."""
+    marker = os.path.join(tempfile.mkdtemp(prefix="l4sup-"), "pids")
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    sup = ScriptedSupervisor("counting", marker, [lst])
+    [slot] = sup.slots
+    sums: list[float] = []
+    kinds: list[object] = []
+
+    async def requests_total() -> float:
+        values, help_, _ = await sup.stats()
+        kinds.append(help_.get("l4proxy_requests_total"))
+        return sum(values["l4proxy_requests_total"].values())
+
+    async def main() -> None:
+        keeper = asyncio.get_running_loop().create_task(sup._keep(slot))
+        try:
+            while slot.link is None:
+                await asyncio.sleep(0.05)
+            sums.append(await requests_total())  # 10
+            sums.append(await requests_total())  # 20
+            assert slot.proc is not None
+            first = slot.proc
+            os.kill(first.pid, signal.SIGSTOP)  # silent: its last answer stands in
+            sums.append(await requests_total())
+            os.kill(first.pid, signal.SIGKILL)  # replaced: its counts stay
+            await first.wait()
+            while slot.link is None or slot.proc is first:
+                await asyncio.sleep(0.05)
+            sums.append(await requests_total())  # the new one's 10, on top
+        finally:
+            sup.stopping = True
+            if slot.proc and slot.proc.returncode is None:
+                slot.proc.kill()
+            await asyncio.wait_for(keeper, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        lst.sock.close()
+    assert sums == [10, 20, 20, 30]  # was [10, 20, 0, 10]
+    assert kinds == [("counter", "Requests.")] * 4  # typed while silent too

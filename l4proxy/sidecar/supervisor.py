@@ -45,7 +45,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.dataplane.listener import Listener
@@ -69,6 +69,31 @@ class WorkerSlot:
     answered: bool = False  # since it started: it is past its start-up
     restarts: int = 0
     backoff: float = 0.1
+    # /stats sums counters over workers, and a sum that went down would read
+    # as a reset to Prometheus' rate() and to l4proxy canary (the whole
+    # history counted again): a worker that does not answer (busy,
+    # restarting) counts with its last answer, and a dead one's last counts
+    # stay in the slot's base.
+    counted_pid: int | None = None
+    last_counters: list[Any] = field(default_factory=list)
+    base: dict[tuple[str, LabelSet], float] = field(default_factory=dict)
+
+    def counters(self, answer: dict[str, Any] | None) -> list[tuple[str, LabelSet, float]]:
+        """This slot's counters for a /stats: *answer*'s (None: the worker did
+        not answer), on top of what the slot's earlier processes counted."""
+        pid = self.proc.pid if self.proc is not None else None
+        if answer is not None:
+            if self.counted_pid is not None and self.counted_pid != pid:
+                for name, labels, v in self.last_counters:
+                    key = (name, labels)
+                    self.base[key] = self.base.get(key, 0.0) + v
+            self.counted_pid = pid
+            self.last_counters = [
+                (name, tuple((k, val) for k, val in labels), float(v))
+                for name, labels, v in answer["counters"]
+            ]
+        out = [(name, labels, v) for (name, labels), v in self.base.items()]
+        return out + self.last_counters
 
 
 def describe_exit(code: int) -> str:
@@ -93,6 +118,7 @@ class Supervisor:
         self.spawn_failures_total = 0
         self.channel_resets_total = 0
         self.late_answers_gone = 0  # counted by links since closed
+        self.help_seen: dict[str, tuple[str, ...]] = {}  # workers' metric types and help
         self._keepers: list[asyncio.Task[None]] = []
 
     # -- workers -------------------------------------------------------------
@@ -253,18 +279,19 @@ class Supervisor:
         gauges: dict[str, float] = {}
         answers = await asyncio.gather(*(self.ask(s, "stats") for s in self.slots))
         for slot, ans in zip(self.slots, answers, strict=True):
-            if ans is None:
-                continue
-            for name, labels, v in ans["counters"]:
-                values[name][tuple((k, val) for k, val in labels)] += v
+            for name, labels, v in slot.counters(ans):
+                values[name][labels] += v
                 if name == "l4proxy_connections_total":
                     values["l4proxy_worker_connections_total"][(("worker", str(slot.index)),)] += v
-            help_.update({k: tuple(v) for k, v in ans["help"].items()})
+            if ans is None:
+                continue
+            self.help_seen.update({k: tuple(v) for k, v in ans["help"].items()})
             for k, v in ans["gauges"].items():
                 if k in MIN_GAUGES:
                     gauges[k] = min(gauges.get(k, v), v)
                 else:
                     gauges[k] = gauges.get(k, 0) + v
+        help_.update(self.help_seen)
         gauges["l4proxy_workers"] = sum(1 for s in self.slots if s.link and not s.link.closed)
         gauges["l4proxy_worker_restarts_total"] = self.restarts_total
         gauges["l4proxy_worker_spawn_failures_total"] = self.spawn_failures_total
