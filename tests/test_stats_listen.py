@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -127,3 +130,60 @@ def test_prometheus_in_another_pod_scrapes_the_sidecar(mesh: Mesh) -> None:
     assert out[0].count("istio_requests_total{") == 1 and out[0].endswith(" 5']"), out
     assert out[1] == "405"  # read-only: the sidecar is still there
     assert mesh.sidecar is not None and mesh.sidecar.alive()
+
+
+def test_the_stats_endpoint_bounds_slow_and_greedy_clients(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--stats-listen may face the network. A client trickling a header line
+    every 0.2 s held its connection for ever (a fresh 5 s per line), any
+    number of them could, and a 64 KiB line logged a traceback each time."""
+    import l4proxy.sidecar.admin as admin
+
+    monkeypatch.setattr(admin, "HEAD_TIMEOUT_S", 0.6, raising=False)
+    monkeypatch.setattr(admin, "MAX_CLIENTS", 2, raising=False)
+
+    def trickle(address: tuple[str, int]) -> float:
+        """Seconds until the server closes a head that never ends."""
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"GET /stats HTTP/1.1\r\n")
+            for i in range(50):
+                if select.select([s], [], [], 0.2)[0]:  # readable: closed
+                    break
+                try:
+                    s.sendall(b"X-%d: y\r\n" % i)
+                except OSError:
+                    break
+        return time.monotonic() - started
+
+    def long_line(address: tuple[str, int]) -> bytes:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"GET /stats HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n")
+            return s.recv(100)
+
+    async def main() -> tuple[float, bytes, bytes, int, tuple[int, str]]:
+        server = AdminServer(Source(), lambda: None, stats_only=True)
+        await server.start("127.0.0.1", 0)
+        address = server.address
+        held = await asyncio.to_thread(trickle, address)
+        answer = await asyncio.to_thread(long_line, address)
+        idle = [socket.create_connection(address) for _ in range(2)]
+        await asyncio.sleep(0.1)  # both are being served (waiting for a head)
+        extra = socket.create_connection(address)
+        extra.settimeout(5)
+        third = await asyncio.to_thread(extra.recv, 100)  # closed at once
+        turned = server.turned_away
+        for s in (*idle, extra):
+            s.close()
+        await asyncio.sleep(0.8)  # their heads time out: room again
+        after = await asyncio.to_thread(fetch, "http://{}:{}/stats".format(*address))
+        await server.close()
+        return held, answer, third, turned, after
+
+    held, answer, third, turned, after = asyncio.run(main())
+    assert held < 3.0, held  # closed at HEAD_TIMEOUT_S (0.6 s), not after 50 lines
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert third == b"" and turned == 1
+    assert after == (200, "istio_requests_total 3\n")

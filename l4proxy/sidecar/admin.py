@@ -27,6 +27,16 @@ from l4proxy.stats import render_prometheus
 if TYPE_CHECKING:
     from l4proxy.sidecar.worker import Worker
 
+# A request head, whole, within HEAD_TIMEOUT_S, in at most MAX_HEAD_LINES lines
+# of at most LINE_LIMIT bytes, and at most MAX_CLIENTS at a time: the stats
+# endpoint may face the network (--stats-listen 0.0.0.0:15090), and a client
+# that trickles a line every few seconds must not hold a connection, or the
+# memory of a 64 KiB line, for ever.
+HEAD_TIMEOUT_S = 10.0
+MAX_HEAD_LINES = 100
+LINE_LIMIT = 8192
+MAX_CLIENTS = 64
+
 log = logging.getLogger("l4proxy.admin")
 
 
@@ -38,6 +48,16 @@ class AdminSource(Protocol):
     async def stats_json(self) -> dict[str, Any]: ...
     async def config_dump(self) -> Any: ...
     async def clusters(self) -> Any: ...
+
+
+async def _request_line(reader: asyncio.StreamReader) -> bytes:
+    """The request line of a head read to its end (the headers are skipped);
+    ValueError for a line over the reader's limit or a head over MAX_HEAD_LINES."""
+    line = await reader.readline()
+    for _ in range(MAX_HEAD_LINES):
+        if await reader.readline() in (b"\r\n", b"\n", b""):
+            return line
+    raise ValueError(f"a request head of more than {MAX_HEAD_LINES} lines")
 
 
 class AdminServer:
@@ -58,9 +78,13 @@ class AdminServer:
         self.on_quit = on_quit
         self.stats_only = stats_only
         self._server: asyncio.Server | None = None
+        self.clients = 0  # connections being served
+        self.turned_away = 0  # connections closed at once: MAX_CLIENTS were being served
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._handle, host, port, reuse_address=True, limit=LINE_LIMIT
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -74,12 +98,16 @@ class AdminServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            self.turned_away += 1
+            writer.close()
+            return
+        self.clients += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while True:  # skip headers
-                h = await asyncio.wait_for(reader.readline(), 5)
-                if h in (b"\r\n", b"\n", b""):
-                    break
+            try:
+                line = await asyncio.wait_for(_request_line(reader), HEAD_TIMEOUT_S)
+            except ValueError:  # a line over LINE_LIMIT, or too many
+                line = b""
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
                 status, ctype, body = 400, "text/plain", "bad request\n"
@@ -92,12 +120,15 @@ class AdminServer:
                 "connection: close\r\n\r\n".encode()
                 + data
             )
-            await writer.drain()
+            # a client that does not read its answer (a big /config_dump)
+            # does not hold it, and the connection, for ever either
+            await asyncio.wait_for(writer.drain(), 3 * HEAD_TIMEOUT_S)
         except (TimeoutError, ConnectionError, OSError):
             pass
         except Exception:
             log.exception("admin request failed")
         finally:
+            self.clients -= 1
             writer.close()
 
     async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
