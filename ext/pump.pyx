@@ -632,6 +632,13 @@ cdef void on_event(Loop *L, Side *s, uint32_t events, double now) noexcept nogil
         return      # closed earlier in this batch; freed after it
     if events & sys_.EPOLLERR:
         if sys_.getsockopt(s.fd, sys_.SOL_SOCKET, sys_.SO_ERROR, &err, &errlen) == 0 and err:
+            # What the peer sent before its reset goes on first, as a
+            # direct connection would deliver it (the error is read: recv()
+            # now gives the bytes, then end of stream); then the reset.
+            if sys_.recv(s.fd, L.scratch, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT) > 0:
+                dir_step(L, c, i, now)
+                if c.closed:
+                    return
             conn_abort(L, c, classify(err))
             return
     if events & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):

@@ -380,6 +380,47 @@ def test_reset_is_propagated(twin: ModuleType, net: Net, who: str) -> None:
     assert (st["resets"], st["closed"]) == (1, 1)
 
 
+def test_add_closes_both_fds_when_it_raises(twin: ModuleType) -> None:
+    """add() owns the fds whatever happens: pending bytes that are not bytes
+    raised in the pure twin before it took them, and both fds leaked."""
+    p = make_pump(twin)
+    a, b = socket.socketpair()
+    fds = (a.detach(), b.detach())
+    with pytest.raises(TypeError):
+        p.add(*fds, pending_upstream=object())  # type: ignore[arg-type]
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finish(p)
+
+
+def test_bytes_sent_before_a_reset_go_on_first(twin: ModuleType, net: Net) -> None:
+    """A server writes its last answer and resets (SO_LINGER 0, or a close
+    with unread input). A direct client reads the answer, then the reset;
+    when both were queued before the pump looked (here: it starts after),
+    the pump read SO_ERROR first and reset the client with none of it."""
+    p = twin.Pump()
+    _pumps.append(p)
+    client, server = net.pair(p)
+    answer = b"final answer " * 100
+    server.sendall(answer)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+    server.close()
+    time.sleep(0.05)  # both in the pump's socket before it looks
+    p.start()
+    got = bytearray()
+    how = "eof"
+    try:
+        while chunk := client.recv(64 * KiB):
+            got += chunk
+    except ConnectionResetError:
+        how = "reset"
+    assert (bytes(got), how) == (answer, "reset")
+    client.close()
+    st = finish(p)
+    assert st["resets"] == 1
+
+
 def test_reset_while_bytes_are_held(twin: ModuleType, net: Net) -> None:
     """The server resets while the pump holds bytes for it: the client is
     reset, the held buffer is released."""

@@ -272,6 +272,9 @@ class _Loop:
         if c.closed:
             return
         c.closed = True
+        # out of the idle order first: should a close below raise, the idle
+        # sweep must not meet this connection again (it would spin on it)
+        self.conns.pop(id(c), None)
         for s in c.sides:
             if s.in_epoll:
                 self.ep.unregister(s.fd)
@@ -288,7 +291,6 @@ class _Loop:
             x.pend = None
             self.pipe_put(x)  # pooled if empty, closed if it still holds bytes
             x.pipe_bytes = 0
-        self.conns.pop(id(c), None)
         self.ctr["closed"] += 1
 
     def abort(self, c: _Conn, why: int) -> None:
@@ -477,6 +479,17 @@ class _Loop:
         if events & _EPOLLERR:
             err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
+                # What the peer sent before its reset goes on first, as a
+                # direct connection would deliver it (the error is read:
+                # recv() now gives the bytes, then end of stream); then the reset.
+                try:
+                    queued = bool(s.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except OSError:
+                    queued = False
+                if queued:
+                    self.step(c, i, now)
+                    if c.closed:
+                        return
                 self.abort(c, _classify(err))
                 return
         r = _OK
@@ -661,7 +674,12 @@ class Pump:
                     os.close(fd)
             raise ValueError(f"need two distinct fds, got {client_fd} and {upstream_fd}")
         lp = self._loop
-        h = _Handoff(client_fd, upstream_fd, bytes(pending_upstream), bytes(pending_client))
+        try:
+            h = _Handoff(client_fd, upstream_fd, bytes(pending_upstream), bytes(pending_client))
+        except BaseException:  # not bytes-like: the fds are still ours to close
+            os.close(client_fd)
+            os.close(upstream_fd)
+            raise
         with lp.lock:
             ok = lp.accepting
             if ok:
