@@ -236,9 +236,10 @@ JASON_V2 = (
 
 def _needs_the_compiled_relay() -> None:
     from l4proxy.dataplane import relay as relay_module
+    from tests.conftest import _skip_or_fail
 
     if relay_module.IMPLEMENTATION != "compiled":
-        pytest.skip("the verdict cache is the compiled relay's")
+        _skip_or_fail("the verdict cache is the compiled relay's (not built)")
 
 
 def _backend(version: str) -> socketserver.TCPServer:
