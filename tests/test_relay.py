@@ -1366,6 +1366,14 @@ def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) ->
 # -- found by review: a freed connection, a half-closed client, a spliced body --------------
 
 
+def _relay_to(upstream: tuple[str, int]) -> Any:
+    """A started relay of the twin under test that sends every request to *upstream*."""
+    relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
+    relay = relay_class(lambda head, origin: Decision((upstream,)), lambda *a: None)
+    relay.start()
+    return relay
+
+
 def _serve_once(answer: Callable[[socket.socket], None]) -> tuple[str, int]:
     """A server for one connection: *answer(sock)* once a head has arrived."""
     srv = socket.create_server(("127.0.0.1", 0))
@@ -1457,10 +1465,7 @@ def test_a_half_closed_client_gets_its_whole_answer() -> None:
     def answer(s: socket.socket) -> None:
         s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
-    upstream = _serve_once(answer)
-    relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
-    relay = relay_class(lambda head, origin: Decision((upstream,)), lambda *a: None)
-    relay.start()
+    relay = _relay_to(_serve_once(answer))
     try:
         with socket.create_server(("127.0.0.1", 0)) as lst:
             cli = socket.socket()
@@ -1496,10 +1501,7 @@ def test_bytes_after_a_spliced_body_do_not_answer_the_next_request() -> None:
     def answer(s: socket.socket) -> None:
         s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body + stray)
 
-    upstream = _serve_once(answer)
-    relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
-    relay = relay_class(lambda head, origin: Decision((upstream,)), lambda *a: None)
-    relay.start()
+    relay = _relay_to(_serve_once(answer))
     try:
         with socket.create_server(("127.0.0.1", 0)) as lst:
             cli = socket.create_connection(lst.getsockname())

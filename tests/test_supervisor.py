@@ -321,6 +321,18 @@ class ScriptedSupervisor(Supervisor):
         return [*script, "--control-fd", str(control_fd)]
 
 
+async def _stop(
+    sup: Supervisor, slot: WorkerSlot, keeper: asyncio.Task, watchdog: asyncio.Task | None = None
+) -> None:
+    """Stop a scripted supervisor's keeper (and watchdog), its worker killed."""
+    sup.stopping = True
+    if watchdog is not None:
+        watchdog.cancel()
+    if slot.proc and slot.proc.returncode is None:
+        slot.proc.kill()
+    await asyncio.wait_for(keeper, 10)
+
+
 def _pids(marker: str) -> list[int]:
     with open(marker) as f:
         return [int(x) for x in f.read().split()]
@@ -361,11 +373,7 @@ def test_a_worker_that_writes_garbage_is_replaced_and_the_watchdog_lives_on(mode
             assert await sup.ask(slot, "config_dump") == {"op": "config_dump"}
             assert not watchdog.done() and not keeper.done()
         finally:
-            sup.stopping = True
-            watchdog.cancel()
-            if slot.proc and slot.proc.returncode is None:
-                slot.proc.kill()
-            await asyncio.wait_for(keeper, 10)
+            await _stop(sup, slot, keeper, watchdog)
 
     try:
         asyncio.run(main())
@@ -413,11 +421,7 @@ def test_a_worker_still_starting_gets_the_start_allowance_not_the_watchdog_timeo
             await asyncio.sleep(4.0)  # past the allowance: watched at 1 s from here on
             return _pids(marker)
         finally:
-            sup.stopping = True
-            watchdog.cancel()
-            if slot.proc and slot.proc.returncode is None:
-                slot.proc.kill()
-            await asyncio.wait_for(keeper, 10)
+            await _stop(sup, slot, keeper, watchdog)
 
     try:
         pids = asyncio.run(main())
@@ -461,10 +465,7 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
                 await asyncio.sleep(0.05)
             sums.append(await requests_total())  # the new one's 10, on top
         finally:
-            sup.stopping = True
-            if slot.proc and slot.proc.returncode is None:
-                slot.proc.kill()
-            await asyncio.wait_for(keeper, 10)
+            await _stop(sup, slot, keeper)
 
     try:
         asyncio.run(main())
