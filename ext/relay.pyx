@@ -848,6 +848,8 @@ cdef void linger(Relay *R, Conn *c) noexcept nogil:
         conn_close(R, c, False)
     elif sys_.shutdown(c.fd, sys_.SHUT_WR) != 0:
         conn_close(R, c, False)
+    else:
+        c.closing = now_s() + LINGER_S  # from the answer's end, however long it took
 
 
 cdef inline bint done_talking(Conn *c) noexcept nogil:
@@ -2527,7 +2529,9 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
             ask_python(R, c, N_CONNECT_FAILED)
         elif c.phase == P_CLOSING:
-            if c.closing <= now:
+            # the linger runs from the answer's last byte (linger); until
+            # then a slow reader gets its answer, within the idle timeout
+            if (c.closing <= now and not c.out.len) or c.last_active + R.idle_timeout <= now:
                 conn_close(R, c, False)
                 i -= 1
         elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:

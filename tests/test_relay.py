@@ -1518,3 +1518,36 @@ def test_bytes_after_a_spliced_body_do_not_answer_the_next_request() -> None:
         assert got.endswith(b"\r\n\r\n" + body), got[-200:]
     finally:
         relay.close()
+
+
+def test_a_slow_reader_gets_the_whole_answer_before_the_close() -> None:
+    """`Connection: close` to a client that slows to 12 kB/s: the answer
+    completes while most of a read (64 KiB) is still held for it, and the
+    2 s linger ran from there, not from the answer's last byte sent: the tail
+    was cut (a mobile client at a gateway, on both twins). The body is two
+    reads long and copied, not spliced (under SPLICE_MIN)."""
+    body = random.Random(7).randbytes(128_000)
+
+    def answer(s: socket.socket) -> None:
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    relay = _relay_to(_serve_once(answer))
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as lst:
+            cli = socket.socket()
+            cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            cli.connect(lst.getsockname())
+            acc, _ = lst.accept()
+        acc.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        relay.add(acc, ("198.19.0.10", 8080))
+        with cli:
+            cli.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            cli.settimeout(10)
+            got = b""
+            while chunk := cli.recv(512):
+                got += chunk
+                if len(got) > 60_000:  # the first read is through: slow down
+                    time.sleep(0.04)
+        assert got.endswith(b"\r\n\r\n" + body), len(got)
+    finally:
+        relay.close()

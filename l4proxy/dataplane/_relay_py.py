@@ -572,6 +572,8 @@ class HttpRelay:
             c.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close_client(c)
+            return
+        c.closing = time.monotonic() + _LINGER_S  # from the answer's end, however long it took
 
     # -- sending ---------------------------------------------------------------
 
@@ -675,7 +677,9 @@ class HttpRelay:
                 self._connect_error(up.owner, up, now)
         for c in list(self._conns.values()):
             if c.closing:
-                if c.closing <= now:
+                # the linger runs from the answer's last byte (_linger);
+                # until then a slow reader gets it, within the idle timeout
+                if (c.closing <= now and not c.out) or c.last_active + self.idle_timeout <= now:
                     self._close_client(c)
             elif c.head_started is not None and c.head_started + self.header_timeout <= now:
                 self.counters["timeouts"] += 1
