@@ -1455,6 +1455,23 @@ def test_a_connection_closed_while_it_waits_for_python_is_not_read_after_it_is_f
     assert done.stdout.split("\n")[0] == "['/1'] 0"  # /2 never asked: its client is gone
 
 
+def _small_buffers_to(body: bytes) -> tuple[Any, socket.socket, socket.socket]:
+    """A relay to a server that answers *body*, and a client connection with
+    8 KiB buffers at both ends: (relay, client, the relay's end, not added)."""
+
+    def answer(s: socket.socket) -> None:
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    relay = _relay_to(_serve_once(answer))
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        cli = socket.socket()
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        cli.connect(lst.getsockname())
+        acc, _ = lst.accept()
+    acc.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    return relay, cli, acc
+
+
 def test_a_half_closed_client_gets_its_whole_answer() -> None:
     """`Connection: close`, then shutdown(SHUT_WR), then slow reading (small
     buffers on both ends): the answer completes while the relay still holds
@@ -1462,17 +1479,8 @@ def test_a_half_closed_client_gets_its_whole_answer() -> None:
     with that part unsent (a short body behind a clean FIN)."""
     body = random.Random(5).randbytes(100_000)
 
-    def answer(s: socket.socket) -> None:
-        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
-    relay = _relay_to(_serve_once(answer))
+    relay, cli, acc = _small_buffers_to(body)
     try:
-        with socket.create_server(("127.0.0.1", 0)) as lst:
-            cli = socket.socket()
-            cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-            cli.connect(lst.getsockname())
-            acc, _ = lst.accept()
-        acc.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         with cli:
             cli.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             cli.shutdown(socket.SHUT_WR)
@@ -1528,17 +1536,8 @@ def test_a_slow_reader_gets_the_whole_answer_before_the_close() -> None:
     reads long and copied, not spliced (under SPLICE_MIN)."""
     body = random.Random(7).randbytes(128_000)
 
-    def answer(s: socket.socket) -> None:
-        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
-    relay = _relay_to(_serve_once(answer))
+    relay, cli, acc = _small_buffers_to(body)
     try:
-        with socket.create_server(("127.0.0.1", 0)) as lst:
-            cli = socket.socket()
-            cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-            cli.connect(lst.getsockname())
-            acc, _ = lst.accept()
-        acc.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         relay.add(acc, ("198.19.0.10", 8080))
         with cli:
             cli.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
