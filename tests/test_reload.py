@@ -375,3 +375,32 @@ def test_an_ejection_forgets_the_verdicts_that_hold_the_endpoint(tmp_path: Path)
     _on_a_gateway(tmp_path, ROUND_ROBIN, scenario)
     assert sorted(before) == ["v1", "v1", "v2", "v2"]  # round robin, one cached verdict
     assert after == ["v2"] * 6  # was: v1, v2, v1, ... from the verdict cached before
+
+
+def test_a_loader_bug_is_a_rejected_rule_set_not_the_workers_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only ConfigError was caught: any other error of the loader (a bug)
+    ended a worker at start-up, so it crash-looped, and at a reload it went
+    unreported (the rules still said valid). Now it is rejected as an
+    invalid rule set is: the last good rules keep serving, and the state
+    says why."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(big_rules(1))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    good = watcher.state.table
+    real = rulewatch.load_rules
+
+    def buggy(*args: Any, **kw: Any) -> Any:
+        raise KeyError("spec")  # what a loader bug looks like
+
+    monkeypatch.setattr(rulewatch, "load_rules", buggy)
+    assert not watcher.load_now()  # start-up's way
+    assert not asyncio.run(watcher.reload())  # a reload's way
+    st = watcher.state
+    assert (st.generation, st.reload_failures) == (1, 2)
+    assert watcher.state.table is good
+    assert st.last_error == "internal error while loading the rules: KeyError: 'spec'"
+    monkeypatch.setattr(rulewatch, "load_rules", real)
+    assert watcher.load_now() and watcher.state.last_error is None

@@ -176,6 +176,9 @@ class RuleWatcher:
         except ConfigError as exc:
             self._reject(exc)
             return False
+        except Exception as exc:  # a loader bug: see _reject_bug
+            self._reject_bug(exc)
+            return False
         self._swap(result)
         return True
 
@@ -199,6 +202,9 @@ class RuleWatcher:
             result = await asyncio.to_thread(self._parse_without_gc)
         except ConfigError as exc:
             self._reject(exc)
+            return False
+        except Exception as exc:  # a loader bug: see _reject_bug
+            self._reject_bug(exc)
             return False
         finally:
             self.reloading = False
@@ -230,12 +236,21 @@ class RuleWatcher:
             if was_enabled:
                 gc.enable()
 
-    def _reject(self, exc: ConfigError) -> None:
+    def _reject_bug(self, exc: Exception) -> None:
+        """A loader error that is not a ConfigError (a bug of ours): the rule
+        set is rejected as an invalid one is, the last good rules keep
+        serving, and /config_dump and l4proxy_rules_valid say so. Raised, it
+        ended a worker at start-up (a crash loop, the pod never ready), and
+        at a reload it went unreported and undid a SIGHUP that came meanwhile."""
+        log.error("unexpected error while loading rules (a bug)", exc_info=exc)
+        self._reject(exc, f"internal error while loading the rules: {type(exc).__name__}: {exc}")
+
+    def _reject(self, exc: Exception, why: str | None = None) -> None:
         st = self.state
         st.reload_failures += 1
-        st.last_error = str(exc)
+        st.last_error = str(exc) if why is None else why
         st.last_error_at = time.time()
-        for line in str(exc).splitlines():
+        for line in st.last_error.splitlines():
             log.error("rules rejected, keeping generation %d: %s", st.generation, line)
 
     def _swap(self, result: LoadResult) -> None:
