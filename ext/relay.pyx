@@ -862,7 +862,7 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
     if c.up != NULL:
         up_release(R, c, False, now)
     c.phase = P_CLOSING
-    c.closing = now + LINGER_S
+    c.closing = now + LINGER_S  # linger() sets it again when the answer's last byte goes
     c.no_linger = c.no_linger or c.client_eof
     c.head_started = 0
     if not c.out.len:
@@ -2821,6 +2821,12 @@ cdef class HttpRelay:
         free(R)
         self.R = NULL
 
+    cdef void _apply_pending_keys(self):
+        """The key headers invalidate() left for the loop thread, if any."""
+        if self._pending_keys is not None:
+            keys, self._pending_keys = self._pending_keys, None
+            self._set_keys(keys)
+
     cdef void _set_keys(self, names):
         """The header names the cache keys and header tests read (the loop
         thread, or before it starts): cached verdicts go, as their keys and
@@ -3098,9 +3104,7 @@ cdef class HttpRelay:
         cdef Relay *R = self.R
         cdef Conn *c
         cdef double now
-        if self._pending_keys is not None:
-            keys, self._pending_keys = self._pending_keys, None
-            self._set_keys(keys)
+        self._apply_pending_keys()
         while R.need_head != NULL:
             c = R.need_head
             R.need_head = c.need_next
@@ -3395,11 +3399,9 @@ cdef class HttpRelay:
         cdef Py_ssize_t n, sn
         cdef Tests_ *tests
         cdef int64_t epoch = L4R_LOAD(&R.epoch)
-        if self._pending_keys is not None:
-            # invalidate() set them with the epoch just read (both under the
-            # GIL, as this): a verdict cached under it is keyed by them
-            keys, self._pending_keys = self._pending_keys, None
-            self._set_keys(keys)
+        # invalidate() set them with the epoch just read (both under the GIL,
+        # as this): a verdict cached under it is keyed by them
+        self._apply_pending_keys()
         head = self._head_object(c)
         origin = self._origins[c.origin]
         if R.decide_only:

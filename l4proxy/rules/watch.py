@@ -174,7 +174,7 @@ class RuleWatcher:
         try:
             result = self._parse()
         except ConfigError as exc:
-            self._reject(exc)
+            self._reject(str(exc))
             return False
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
@@ -201,7 +201,7 @@ class RuleWatcher:
         try:
             result = await asyncio.to_thread(self._parse_without_gc)
         except ConfigError as exc:
-            self._reject(exc)
+            self._reject(str(exc))
             return False
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
@@ -243,14 +243,14 @@ class RuleWatcher:
         ended a worker at start-up (a crash loop, the pod never ready), and
         at a reload it went unreported and undid a SIGHUP that came meanwhile."""
         log.error("unexpected error while loading rules (a bug)", exc_info=exc)
-        self._reject(exc, f"internal error while loading the rules: {type(exc).__name__}: {exc}")
+        self._reject(f"internal error while loading the rules: {type(exc).__name__}: {exc}")
 
-    def _reject(self, exc: Exception, why: str | None = None) -> None:
+    def _reject(self, why: str) -> None:
         st = self.state
         st.reload_failures += 1
-        st.last_error = str(exc) if why is None else why
+        st.last_error = why
         st.last_error_at = time.time()
-        for line in st.last_error.splitlines():
+        for line in why.splitlines():
             log.error("rules rejected, keeping generation %d: %s", st.generation, line)
 
     def _swap(self, result: LoadResult) -> None:
