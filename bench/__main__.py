@@ -75,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     p.add_argument(
+        "--backend-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="nginx worker processes serving the backends (1); on a many-core machine "
+        "give them enough that direct is well above every proxy",
+    )
+    p.add_argument(
         "--pin",
         metavar="PROXY:LOAD",
         help="pin every proxy to the PROXY cpus and wrk and the backends to LOAD "
@@ -188,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or set(args.modes) - set(measure.MODES):
         print(f"bench: unknown peers/modes: {sorted(unknown) or args.modes}", file=sys.stderr)
         return 2
+    if args.backend_workers < 1:
+        print(
+            f"bench: --backend-workers wants 1 or more, not {args.backend_workers}", file=sys.stderr
+        )
+        return 2
 
     out_dir = os.path.dirname(os.path.abspath(args.json))
     os.makedirs(out_dir, exist_ok=True)
@@ -199,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets: list[Target] = []
         beds: list[Bed] = []
         if "loopback" in args.scenarios:
-            bed = stack.enter_context(LoopbackBed(workdir))
+            bed = stack.enter_context(LoopbackBed(workdir, args.backend_workers))
             beds.append(bed)
             targets += bed.start(args.peers)
             failures.update({f"loopback/{k}": v for k, v in bed.failures.items()})
         if "sidecar" in args.scenarios:
-            side = stack.enter_context(SidecarBed(workdir))
+            side = stack.enter_context(SidecarBed(workdir, args.backend_workers))
             beds.append(side)
             try:
                 targets += side.start([p for p in args.peers if p in SIDECAR_PEERS])
@@ -266,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = [
         f"## l4proxy bench: {rounds} round(s) × {duration:g} s, medians; "
         f"wrk -t{args.threads}; {os.cpu_count()} CPUs"
+        + (f"; {args.backend_workers} backend workers" if args.backend_workers != 1 else "")
         + (f"; {args.paths} distinct paths" if args.paths > 1 else "")
         + (f"; POST bodies: {args.body}" if args.body != "none" else "")
         + (f"; pinned (proxy:load cpus) {args.pin}" if args.pin else ""),
@@ -307,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": duration,
         "rounds": rounds,
         "wrk_threads": args.threads,
+        "backend_workers": args.backend_workers,
         "paths": args.paths,
         "body": args.body,
         "pin": args.pin,

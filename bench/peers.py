@@ -61,19 +61,21 @@ class Address:
 # -- configs ------------------------------------------------------------------
 
 
-def _nginx_main(workdir: str) -> str:
+def _nginx_main(workdir: str, workers: int = 1) -> str:
     return (
         "daemon off;\n"
         "master_process on;\n"
-        "worker_processes 1;\n"
+        f"worker_processes {workers};\n"
         f"pid {workdir}/nginx.pid;\n"
         f"error_log {workdir}/error.log warn;\n"
         f"events {{ worker_connections {2 * MAX_CONNECTIONS}; }}\n"
     )
 
 
-def nginx_backend_conf(workdir: str, backends: list[Backend]) -> str:
-    """nginx serving each backend's answer on its own port, one worker."""
+def nginx_backend_conf(workdir: str, backends: list[Backend], workers: int = 1) -> str:
+    """nginx serving each backend's answer on its own port, with *workers*
+    worker processes (one by default; more on a many-core machine, so that
+    the backends never cap what a proxy on its own core can do)."""
     servers = "".join(
         f"  server {{\n    listen {b.host}:{b.port} backlog=4096;\n"
         f'    location / {{ return 200 "{b.answer.rstrip()}\\n"; }}\n  }}\n'
@@ -84,7 +86,7 @@ def nginx_backend_conf(workdir: str, backends: list[Backend]) -> str:
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     return (
-        _nginx_main(workdir) + "http {\n"
+        _nginx_main(workdir, workers) + "http {\n"
         "  access_log off;\n"
         "  default_type text/plain;\n"
         "  keepalive_requests 100000000;\n"
@@ -259,10 +261,14 @@ def _workdir(root: str, name: str) -> str:
 
 
 def start_nginx_backends(
-    root: str, backends: list[Backend], name: str = "backends", launcher: Launcher = on_host
+    root: str,
+    backends: list[Backend],
+    name: str = "backends",
+    launcher: Launcher = on_host,
+    workers: int = 1,
 ) -> Process:
     wd = _workdir(root, name)
-    conf = _write(os.path.join(wd, "nginx.conf"), nginx_backend_conf(wd, backends))
+    conf = _write(os.path.join(wd, "nginx.conf"), nginx_backend_conf(wd, backends, workers))
     argv = ["nginx", "-p", wd, "-e", os.path.join(wd, "error.log"), "-c", conf]
     return Process(name, argv, os.path.join(wd, "stdout.log"), launcher).start()
 

@@ -134,8 +134,9 @@ class Bed:
 
     group = ""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, backend_workers: int = 1) -> None:
         self.workdir = os.path.join(workdir, self.group)
+        self.backend_workers = backend_workers  # nginx worker processes of the backends
         os.makedirs(self.workdir, exist_ok=True)
         os.chmod(self.workdir, 0o755)
         self.processes: list[Process] = []
@@ -183,7 +184,9 @@ class LoopbackBed(Bed):
 
     def start(self, selected: Sequence[str]) -> list[Target]:
         self.backends = [Backend("127.0.0.1", free_port(), v) for v in ("v1", "v2")]
-        self.nginx = self._keep(peers.start_nginx_backends(self.workdir, self.backends))
+        self.nginx = self._keep(
+            peers.start_nginx_backends(self.workdir, self.backends, workers=self.backend_workers)
+        )
         for b in self.backends:
             wait_port(b.host, b.port, proc=self.nginx)
         for peer in selected:
@@ -226,8 +229,8 @@ class SidecarBed(Bed):
 
     group = "sidecar"
 
-    def __init__(self, workdir: str) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: str, backend_workers: int = 1) -> None:
+        super().__init__(workdir, backend_workers)
         self.net = PodNetwork(prefix=f"l4b{os.getpid() % 100000}")
 
     def close(self) -> None:
@@ -245,7 +248,12 @@ class SidecarBed(Bed):
             Backend(backend_pod.ipv4, port, v) for port, v in ((8081, "v1"), (8082, "v2"))
         ]
         self.nginx = self._keep(
-            peers.start_nginx_backends(self.workdir, self.backends, launcher=in_pod(backend_pod))
+            peers.start_nginx_backends(
+                self.workdir,
+                self.backends,
+                launcher=in_pod(backend_pod),
+                workers=self.backend_workers,
+            )
         )
         for b in self.backends:
             self._wait_pod_port(backend_pod, b.port, self.nginx)

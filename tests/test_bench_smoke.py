@@ -144,6 +144,7 @@ def test_nginx_configs() -> None:
     backend = peers.nginx_backend_conf("/tmp/x", BACKENDS)
     assert backend.count("listen 127.0.0.1:1808") == 2
     assert "worker_processes 1;" in backend and "v=2" in backend
+    assert "worker_processes 6;" in peers.nginx_backend_conf("/tmp/x", BACKENDS, workers=6)
     stream = peers.nginx_stream_conf("/tmp/x", LISTEN, BACKENDS)
     assert stream.startswith(f"load_module {peers.NGINX_STREAM_MODULE};")
     assert "proxy_pass bootcamp;" in stream and "server 127.0.0.1:18082;" in stream
