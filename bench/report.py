@@ -35,6 +35,11 @@ RPS_VS_ENVOY_HTTP = 4.0
 REFERENCES = {"keepalive": ("haproxy", "haproxy-http"), "close": ("haproxy-http",)}
 # judged against them: per request (the default) and per connection
 L4PROXY_PEERS = ("l4proxy-request", "l4proxy")
+# round-by-round pairs: each reference with the ratio the issue asks for
+PAIRED_GOALS: dict[str, tuple[tuple[str, float], ...]] = {
+    "keepalive": (("haproxy", 1.0), ("haproxy-http", 1.0), ("envoy-http", 4.0)),
+    "close": (("haproxy-http", 1.0),),
+}
 
 
 def group_of(target: str) -> tuple[str, str]:
@@ -293,12 +298,14 @@ _T95 += (2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 class Paired:
     """l4proxy's req/s over a peer's, round by round (the rounds interleave the
     peers, so a slow spell of the machine hits both sides of a pair): the
-    geometric mean of the per-round ratios and its 95 % interval."""
+    geometric mean of the per-round ratios and its 95 % interval, read
+    against the ratio the target asks for (*goal*)."""
 
     target: str
     case: Case
     peer: str
     ratios: tuple[float, ...]
+    goal: float = 1.0
 
     @property
     def mean(self) -> float:
@@ -316,13 +323,14 @@ class Paired:
 
     @property
     def reading(self) -> str:
-        """ahead / behind when the interval lies above / below 1, else within noise."""
+        """ahead / behind when the interval lies above / below the goal, else
+        within noise."""
         iv = self.interval
         if iv is None:
             return "too few rounds"
-        if iv[0] > 1.0:
+        if iv[0] > self.goal:
             return "ahead"
-        if iv[1] < 1.0:
+        if iv[1] < self.goal:
             return "behind"
         return "within noise"
 
@@ -330,7 +338,8 @@ class Paired:
         iv = self.interval
         shown = "" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
         what = f"{self.target} {self.case} ÷ {self.peer}"
-        return f"{what:<48} {self.mean:.3f} {shown:<16} n={len(self.ratios):<3} {self.reading}"
+        reading = self.reading + (f" of {self.goal:g}" if self.goal != 1.0 else "")
+        return f"{what:<48} {self.mean:.3f} {shown:<16} n={len(self.ratios):<3} {reading}"
 
     def as_dict(self) -> dict[str, object]:
         iv = self.interval
@@ -342,13 +351,14 @@ class Paired:
             "ratios": list(self.ratios),
             "mean": self.mean,
             "interval": list(iv) if iv else None,
+            "goal": self.goal,
             "reading": self.reading,
         }
 
 
 def paired(samples: Sequence[Sample]) -> list[Paired]:
     """Round-by-round req/s ratios of each l4proxy row at the targets'
-    concurrency to the HAProxy peers of its placement (REFERENCES)."""
+    concurrency to the peers of its placement that a target names (PAIRED_GOALS)."""
     rps: dict[tuple[str, Case], dict[int, float]] = {}
     for s in samples:
         if s.wrk.rps > 0:
@@ -359,11 +369,11 @@ def paired(samples: Sequence[Sample]) -> list[Paired]:
             continue
         group, _ = group_of(target)
         prefix = "" if group == "loopback" else f"{group}/"
-        for peer in REFERENCES.get(case.mode, ()):
+        for peer, goal in PAIRED_GOALS.get(case.mode, ()):
             theirs = rps.get((prefix + peer, case), {})
             ratios = tuple(mine[r] / theirs[r] for r in sorted(mine) if r in theirs)
             if ratios:
-                out.append(Paired(target, case, peer, ratios))
+                out.append(Paired(target, case, peer, ratios, goal))
     return out
 
 

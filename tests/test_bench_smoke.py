@@ -254,6 +254,7 @@ def test_paired_ratios_round_by_round() -> None:
             _rps_sample("l4proxy-request", "keepalive", rnd, mine * 1000),
             _rps_sample("haproxy", "keepalive", rnd, hap * 1000),
             _rps_sample("haproxy-http", "keepalive", rnd, hap * 1000 * 1.25),
+            _rps_sample("envoy-http", "keepalive", rnd, hap * 1000 / 4.2),  # 4x is the goal
             _rps_sample("sidecar/l4proxy-request", "close", rnd, mine_c * 1000),
             _rps_sample("sidecar/haproxy-http", "close", rnd, hap_c * 1000),
             _rps_sample("haproxy", "close", rnd, 1.0),  # not a close-mode reference
@@ -263,6 +264,7 @@ def test_paired_ratios_round_by_round() -> None:
     assert set(got) == {
         ("l4proxy-request", "keepalive", "haproxy"),
         ("l4proxy-request", "keepalive", "haproxy-http"),
+        ("l4proxy-request", "keepalive", "envoy-http"),
         ("sidecar/l4proxy-request", "close", "haproxy-http"),
     }
     vs_tcp = got[("l4proxy-request", "keepalive", "haproxy")]
@@ -273,7 +275,17 @@ def test_paired_ratios_round_by_round() -> None:
     assert got[("l4proxy-request", "keepalive", "haproxy-http")].reading == "behind"
     assert got[("sidecar/l4proxy-request", "close", "haproxy-http")].reading == "within noise"
     assert "n=4" in vs_tcp.line() and "ahead" in vs_tcp.line()
-    two = report.paired(samples[:12])  # two rounds: no interval
+    vs_envoy = got[("l4proxy-request", "keepalive", "envoy-http")]
+    assert vs_envoy.goal == 4.0 and vs_envoy.ratios[0] == 100 / 90 * 4.2
+    # 4.6-4.8x every round: read against the goal of 4, not against 1
+    assert vs_envoy.reading == "ahead" and "ahead of 4" in vs_envoy.line()
+    near = [(4.3, 1), (3.7, 2), (4.1, 3), (3.8, 4)]  # about 3.97x: 4 lies inside the interval
+    (p,) = report.paired(
+        [_rps_sample("l4proxy-request", "keepalive", r, 1000 * x) for x, r in near]
+        + [_rps_sample("envoy-http", "keepalive", r, 1000) for _, r in near]
+    )
+    assert p.peer == "envoy-http" and p.reading == "within noise" and "of 4" in p.line()
+    two = report.paired(samples[:14])  # two rounds: no interval
     assert {p.reading for p in two} == {"too few rounds"}
 
 
