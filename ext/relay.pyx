@@ -987,6 +987,7 @@ cdef struct Head:
     Py_ssize_t conn_s[MAX_CONN_LINES]   # Connection lines to drop upstream
     Py_ssize_t conn_e[MAX_CONN_LINES]
     bint conn_overflow
+    bint kept_close        # a Connection line sent as it is says close
     Py_ssize_t key_s[MAX_KEY_HEADERS]
     Py_ssize_t key_e[MAX_KEY_HEADERS]
 
@@ -1015,6 +1016,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     """What the fast path needs from a complete head (mirrors build() in peek.pyx)."""
     cdef Py_ssize_t p = s.headers_start, i, ls, colon, ns, ne, vs, ve, k
     cdef int j
+    cdef bint kc, ka
     cdef Field f
     h.ms = s.method_start
     h.me = s.method_end
@@ -1031,7 +1033,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.expect_lines = 0
     h.expect_continue = False
     h.n_conn = 0
-    h.conn_overflow = False
+    h.conn_overflow = h.kept_close = False
     for j in range(R.n_keys):
         h.key_s[j] = -1
         h.key_e[j] = -1
@@ -1067,6 +1069,10 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
                     h.n_conn += 1
                 else:
                     h.conn_overflow = True
+            else:  # sent as it is (_asks_close() in _exchange_py.py)
+                kc = ka = False
+                scan_connection(buf, vs, ve, &kc, &ka)
+                h.kept_close = h.kept_close or kc
         elif k == 6 and eq_lower(buf + ns, b"expect", 6):
             h.expect = True
             h.expect_lines += 1
@@ -2199,7 +2205,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
             buf_add(&c.rhead, c.inb.p + p, <size_t>(h.conn_s[i] - p))
             p = h.conn_e[i]
         buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
-        c.sent_persistent = True
+        c.sent_persistent = not h.kept_close
     else:
         buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
         c.sent_persistent = c.keep_alive

@@ -1321,6 +1321,21 @@ def test_a_retried_request_keeps_its_body_in_order() -> None:
     assert outcomes["compiled"] == outcomes["pure"]
 
 
+def test_a_close_sent_upstream_is_never_pooled() -> None:
+    """``Connection: keep-alive`` and ``Connection: close, x-foo``: the first
+    line goes (only close and keep-alive in it), the second, with another
+    token, is sent as it is, so the server was asked to close. That
+    connection must not be pooled: both twins counted it persistent because
+    a line had been dropped, and the next client's request went on it (into
+    a connection the server closes after its answer, a 502 for a POST). Our
+    backend here ignores the close, so the reuse shows as one connection."""
+    extra = b"Connection: keep-alive\r\nConnection: close, x-foo\r\nx-foo: 1\r\n"
+    out = both(conv(get("cl", extra), requests=1), conv(get("cl"), requests=1))
+    (first, _), (second, _) = out.backend  # two connections, one request each
+    assert b"Connection: close, x-foo\r\n" in first and b"keep-alive" not in first
+    assert second == get("cl")
+
+
 def test_a_bad_chunk_after_the_head_is_answered() -> None:
     """The body of a chunked request usually comes after its head, in reads
     of its own. A bad chunk there got the compiled loop's 400 queued and

@@ -213,6 +213,18 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
     return b"\n".join(kept) if dropped else raw
 
 
+def _asks_close(sent: bytes) -> bool:
+    """Whether a Connection line of *sent* (a head as upstream_head() left
+    it) still has ``close`` among its tokens: one with other tokens too
+    (``close, x-foo``) is sent as it is, and the server closes after it."""
+    for line in sent.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"connection":
+            if b"close" in {t.strip(b" \t\r").lower() for t in value.split(b",")}:
+                return True
+    return False
+
+
 def client_head(raw: bytes, resp: ResponseHead) -> bytes:
     """*raw* (a final response head) as sent to a client whose connection
     closes after it: with ``connection: close`` added unless it says so.
@@ -391,7 +403,9 @@ class Exchange:
             self._inbox += raw[head.head_length :]
             raw_head = raw[: head.head_length]
             self._sent_head = upstream_head(raw_head, head)
-            self._sent_persistent = head.keep_alive or self._sent_head is not raw_head
+            self._sent_persistent = head.keep_alive or (
+                self._sent_head is not raw_head and not _asks_close(self._sent_head)
+            )
             self.phase = Phase.ROUTING
             return [Route(head)]
         if self.phase == Phase.EXCHANGE and self._request is not None and self._inbox:
