@@ -334,6 +334,14 @@ class Backend:
                 c.state = "closed"
                 c.sock.close()
                 return
+            if name == "rst_later":
+                # Answered and pooled by the relay; at the test's word, reset
+                # (from this thread, so that nothing holds the socket open).
+                self.gate.wait(SETTLE_TIMEOUT)
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.state = "closed"
+                c.sock.close()
+                return
 
     def _read_head(self, c: BackendConn) -> tuple[bytes, int, bool, int] | None:
         """The next request head's target, body length and chunkedness, and
@@ -1334,6 +1342,39 @@ def test_a_close_sent_upstream_is_never_pooled() -> None:
     (first, _), (second, _) = out.backend  # two connections, one request each
     assert b"Connection: close, x-foo\r\n" in first and b"keep-alive" not in first
     assert second == get("cl")
+
+
+def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:
+    """The server resets an idle pooled connection, and before the relay sees
+    it (its thread held in ``decide``), a request checks that connection out:
+    the send fails (ECONNRESET, then EPIPE). Nothing of the request reached
+    the server, so a GET is retried on a new connection and answered (Envoy's
+    rule), on both twins. The pure twin took the send error for its own and
+    reset the client."""
+    outcomes = {}
+    for which in TWINS:
+        run = Run(which)
+        clients: list[Client] = []
+        try:
+            a = run.open()
+            clients.append(a)
+            a.send(get("rst_later"), time.monotonic() + 1)
+            run.settle(a, 1)  # answered; its upstream connection is idle in the pool
+            b = run.open()
+            clients.append(b)
+            b.send(get("stall"), time.monotonic() + 1)
+            assert run.in_decide.wait(SETTLE_TIMEOUT)
+            run.backend.gate.set()  # the RST arrives while the relay decides b's request
+            run.settle(b, 2)
+            for c in clients:
+                run.outcome.clients.append((bytes(c.received), c.closed))
+        finally:
+            leaked, after = run.finish(clients)
+        assert (leaked, after) == (0, 0)
+        outcomes[which] = run.outcome
+        assert run.outcome.clients[1] == (_ok(), False), which  # b: answered, still open
+        assert [state for _, state in run.outcome.backend] == ["closed", "open"], which
+    assert outcomes["compiled"] == outcomes["pure"]
 
 
 def test_a_bad_chunk_after_the_head_is_answered() -> None:

@@ -371,9 +371,9 @@ class HttpRelay:
             if c.fd in self._conns and c.up is up:
                 self._interest_up(up)
             return
-        if ev & _EPOLLOUT and up.out:
-            self._flush_up(up)
-        if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not c.out:
+        if ev & _EPOLLOUT and up.out and not self._flush_up(up):
+            self._perform(c, c.ex.upstream_eof(), now)
+        elif ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not c.out:
             try:
                 data = up.sock.recv(_READ)
             except ConnectionError:
@@ -411,9 +411,10 @@ class HttpRelay:
             elif isinstance(a, Client):
                 c.out += a.data
             elif isinstance(a, Release):
+                sent = True
                 if c.up is not None and not c.up.connecting:
-                    self._flush_up(c.up)
-                self._release(c, a.reusable, now)
+                    sent = self._flush_up(c.up)
+                self._release(c, a.reusable and sent, now)
             elif isinstance(a, Retry):
                 endpoint = c.up.endpoint if c.up else c.candidates[0]
                 c.up = None
@@ -433,8 +434,11 @@ class HttpRelay:
             elif isinstance(a, Close):
                 self._start_close(c, now, a.quiet)
         if c.fd in self._conns:
-            if c.up is not None and c.up.owner is c and not c.up.connecting and c.up.out:
-                self._flush_up(c.up)
+            up = c.up
+            if up is not None and up.owner is c and not up.connecting and up.out:
+                if not self._flush_up(up):
+                    self._perform(c, c.ex.upstream_eof(), now)
+                    return
             if c.out:
                 self._flush_client(c)
         if c.fd in self._conns:
@@ -587,13 +591,20 @@ class HttpRelay:
         if c.closing:
             self._linger(c)
 
-    def _flush_up(self, up: _Up) -> None:
+    def _flush_up(self, up: _Up) -> bool:
+        """Send what waits for the upstream; False: it failed (a reset, a
+        broken pipe), which is the upstream's end, not the client's: the
+        exchange decides (a retry when nothing was answered yet and the
+        request may be sent again, else a 502), as the compiled twin does."""
         while up.out:
             try:
                 n = up.sock.send(up.out, _SEND_FLAGS)
             except BlockingIOError:
-                return
+                return True
+            except OSError:
+                return False
             del up.out[:n]
+        return True
 
     # -- epoll interest ----------------------------------------------------------
 
