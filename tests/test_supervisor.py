@@ -279,6 +279,8 @@ with open(marker, "a") as f:
     f.write(f"{os.getpid()}\n")
 sock = socket.socket(fileno=fd)
 sock.setblocking(True)
+if mode == "deaf":  # a drain that never ends
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if first and mode == "slow-start":  # loading a big rule set: silent for a while
     time.sleep(float(sys.argv[3]))
 decoder = FrameDecoder(MAX_REQUEST)
@@ -473,3 +475,38 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
         lst.sock.close()
     assert sums == [10, 20, 20, 30]  # was [10, 20, 0, 10]
     assert kinds == [("counter", "Requests.")] * 4  # typed while silent too
+
+
+def test_workers_still_draining_at_the_deadline_are_killed_together() -> None:
+    """Two workers that never finish their drain (SIGTERM ignored): both are
+    killed at the one deadline, --drain-duration (1 s) + the grace (0.5 s
+    here). The supervisor waited for one, then gave the next a whole
+    deadline of its own: 3 s for two, N times the drain for N, past the pod's
+    grace period (Kubernetes kills the pod at 30 s)."""
+    marker = os.path.join(tempfile.mkdtemp(prefix="l4sup-"), "pids")
+    lsts = [bind_listener("127.0.0.1", 0, "gateway") for _ in range(2)]
+    sup = ScriptedSupervisor("deaf", marker, [lsts[0]])
+    sup.slots.append(WorkerSlot(1, [lsts[1]]))
+    sup.DRAIN_GRACE_S = 0.5
+
+    async def main() -> tuple[float, list[int | None]]:
+        loop = asyncio.get_running_loop()
+        keepers = [loop.create_task(sup._keep(slot)) for slot in sup.slots]
+        # an answer: each worker is past its start, SIGTERM ignored
+        while len(await sup.gather("ready")) < 2:
+            await asyncio.sleep(0.05)
+        sup.stopping = True
+        sup._forward(signal.SIGTERM)
+        began = time.monotonic()
+        await asyncio.wait_for(sup._reap_all(), 10)
+        took = time.monotonic() - began
+        await asyncio.wait_for(asyncio.gather(*keepers), 10)
+        return took, [slot.proc.returncode if slot.proc else None for slot in sup.slots]
+
+    try:
+        took, codes = asyncio.run(main())
+    finally:
+        for lst in lsts:
+            lst.sock.close()
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+    assert 1.4 < took < 2.25, took  # one deadline (1.5 s), not two (3 s)

@@ -153,10 +153,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--drain-duration",
         type=float,
-        default=45.0,
+        default=25.0,
         metavar="SECONDS",
         help="on SIGTERM, the most the drain may last: outbound connections are "
-        "still accepted, and connections in flight finish, within it (45)",
+        "still accepted, and connections in flight finish, within it; keep it under "
+        "the pod's terminationGracePeriodSeconds (Kubernetes: 30 by default), past "
+        "which the kubelet kills the sidecar mid-drain (25)",
     )
     p.add_argument(
         "--drain-quiet",

@@ -110,6 +110,9 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
+    # past --drain-duration, what a worker gets to close before it is killed
+    DRAIN_GRACE_S = 10.0
+
     def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
         self.args = args
         self.slots = [WorkerSlot(i, ls) for i, ls in enumerate(listener_sets)]
@@ -352,16 +355,31 @@ class Supervisor:
             for lst in slot.listeners:
                 lst.sock.close()
         self._forward(signal.SIGTERM)
-        deadline = self.args.drain_duration + 10
-        for slot in self.slots:
-            if slot.proc and slot.proc.returncode is None:
-                try:
-                    await asyncio.wait_for(slot.proc.wait(), deadline)
-                except TimeoutError:
-                    slot.proc.kill()
-                    await slot.proc.wait()
+        await self._reap_all()
         log.info("stopped")
         return 0
+
+    async def _reap_all(self) -> None:
+        """Wait for the draining workers, killing those still there at one
+        deadline: they drain at once, so one that outlives it is killed then,
+        not a whole drain after the one before it was (N hung workers took
+        N times the drain, well past Kubernetes' grace period)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.args.drain_duration + self.DRAIN_GRACE_S
+        await asyncio.gather(*(self._reap(slot, deadline) for slot in self.slots))
+
+    async def _reap(self, slot: WorkerSlot, deadline: float) -> None:
+        """Wait for a draining worker until *deadline* (loop time), then kill it."""
+        proc = slot.proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait_for(proc.wait(), left)
+        except TimeoutError:
+            log.warning("worker %d still draining at the deadline: killed", slot.index)
+            proc.kill()
+            await proc.wait()
 
     async def _watchdog(self) -> None:
         """Kill a worker that stopped answering (hung, not dead) so it is restarted.
