@@ -209,6 +209,48 @@ spec:
         11,
     ),
     (
+        "a lookahead, which RE2 (Envoy) has not",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  match:
+    request:
+      headers:
+        cookie:
+          regex: "(?=.*user=jason).*"
+""",
+        "is invalid: invalid perl operator: (?= (rules use RE2's syntax, as Envoy does)",
+        11,
+    ),
+    (
+        "a backreference (VirtualService)",
+        VS
+        + """\
+  http:
+  - match:
+    - uri:
+        regex: "/(a)/\\\\1"
+    route:
+    - destination: {host: bootcamp}
+""",
+        "invalid escape sequence: \\1",
+        10,
+    ),
+    (
+        "a regex past Envoy's program size",
+        VS
+        + """\
+  http:
+  - match:
+    - uri:
+        regex: "/x{200}"
+    route:
+    - destination: {host: bootcamp}
+""",
+        "its program is too large (205 > 100, Envoy's limit)",
+        10,
+    ),
+    (
         "uppercase header name (RouteRule)",
         RR
         + """\

@@ -133,6 +133,12 @@ def test_no_matching_route_falls_back_to_default() -> None:
             req(cookie="a=1;user=jason;b=2"),
             req(cookie="user=jasonx"),
         ),
+        # RE2's language, as Envoy's: a POSIX class, not a set then a literal "]"
+        (
+            Match(uri=StringMatch("regex", "/user/[[:alpha:]]+")),
+            req("/user/alice"),
+            req("/user/a]"),
+        ),
         (
             Match(
                 uri=StringMatch("prefix", "/api"),
@@ -483,3 +489,13 @@ def test_gateway_requests_read_the_target_only_through_their_tests(host: str | N
     shape = t.gateway_shape(host)
     assert shape.tests is not None
     assert _same_bits_same_outcome(shape.tests, outcome, seed=2) >= 3
+
+
+def test_a_regex_runs_in_time_linear_in_the_header() -> None:
+    """``(a+)+b`` against a header of 30 ``a``s: Python's ``re`` backtracks
+    through 2**30 ways (minutes; 40 would be hours) on the worker that
+    decides, for every such request a client sends. RE2 answers at once."""
+    redos = Match(headers=(("x-id", StringMatch("regex", "(a+)+b")),))
+    t = table(Route("r", (to(V2S),), (redos,)))
+    assert t.decide(BOOTCAMP, 8080, req(**{"x-id": "a" * 30})).route == "default"
+    assert t.decide(BOOTCAMP, 8080, req(**{"x-id": "a" * 30 + "b"})).route == "r"

@@ -58,6 +58,7 @@ from l4proxy.rules._objects import (
     PolicyDraft,
     fqdn,
 )
+from l4proxy.rules._regex import RegexError, compile_regex
 from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
@@ -406,8 +407,8 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
                 uri, path_rank = StringMatch("path_prefix", pval.rstrip("/")), 1
         elif ptype == "RegularExpression":
             try:
-                uri = StringMatch("regex", pval, re.compile(pval))
-            except re.error as exc:
+                uri = StringMatch("regex", pval, compile_regex(pval))
+            except RegexError as exc:
                 ctx.error((*ppath, "value"), f"regular expression {pval!r} is invalid: {exc}")
                 return None
             path_rank, path_len = 2, len(pval)
@@ -462,8 +463,8 @@ def _name_matches(
             out[key] = StringMatch("exact", val)
         elif htype == "RegularExpression":
             try:
-                out[key] = StringMatch("regex", val, re.compile(val))
-            except re.error as exc:
+                out[key] = StringMatch("regex", val, compile_regex(val))
+            except RegexError as exc:
                 ctx.error((*ipath, "value"), f"regular expression {val!r} is invalid: {exc}")
                 ok = False
         else:

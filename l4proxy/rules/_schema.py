@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.rules._errors import Diagnostic, Severity
+from l4proxy.rules._regex import RegexError, compile_regex
 from l4proxy.rules._yaml import Document, Path
 from l4proxy.rules.routing import Labels, StringMatch
 
@@ -282,8 +283,8 @@ def string_match(ctx: Ctx, value: Any, path: Path, *, bare_ok: bool) -> StringMa
         return None
     if kind == "regex":
         try:
-            pattern = re.compile(s)
-        except re.error as exc:
+            pattern = compile_regex(s)
+        except RegexError as exc:
             ctx.error((*path, kind), f"regex {s!r} in {dotted(path)} is invalid: {exc}")
             return None
         return StringMatch("regex", s, pattern)

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
+
+from l4proxy.rules._regex import Pattern, compile_regex
 
 __all__ = [
     "HTTP_PROTOCOLS",
@@ -286,11 +287,11 @@ class StringMatch:
 
     kind: MatchKind
     value: str
-    _pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _pattern: Pattern | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind == "regex" and self._pattern is None:
-            object.__setattr__(self, "_pattern", re.compile(self.value))
+            object.__setattr__(self, "_pattern", compile_regex(self.value))
 
     def matches(self, s: str | None) -> bool:
         if s is None:
