@@ -705,6 +705,57 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
     assert str(err).startswith(f"{tmp_path / 'rules.yaml'}:7:{err.column}: YAML syntax error: ")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected", "line"),
+    [
+        # each raised a bare exception (a traceback from `l4proxy validate`)
+        (
+            VS + "  http:\n  - match:\n    - headers: [x-canary]\n    route:\n"
+            "    - destination: {host: bootcamp}\n",
+            "must be a mapping of header name",
+            9,
+        ),
+        (
+            "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {name: se}\n"
+            "spec:\n  hosts: [db.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n"
+            "  resolution: STATIC\n  endpoints:\n  - address: 198.18.0.9\n    ports: [http]\n",
+            "endpoint ports must map port name: number",
+            10,
+        ),
+        (
+            RR + "  destination: {name: bootcamp}\n  precedence: !!int abc\n",
+            "cannot read value 'abc' as int",
+            7,
+        ),
+        (
+            RR + "  destination: {name: bootcamp}\n  precedence: " + "9" * 5000 + "\n",
+            "cannot read value",
+            7,
+        ),
+        (
+            "apiVersion: networking.k8s.io/v1beta1\nkind: Ingress\nmetadata: {name: i}\nspec:\n"
+            '  backend: {serviceName: bootcamp, servicePort: "\u00b2"}\n',
+            "has no port \u00b2",
+            5,
+        ),
+    ],
+    ids=[
+        "headers as a list",
+        "endpoint ports as a list",
+        "!!int abc",
+        "5000 digits",
+        "a superscript two as servicePort",
+    ],
+)
+def test_bad_values_are_errors_with_a_line_not_tracebacks(
+    tmp_path: Path, text: str, expected: str, line: int
+) -> None:
+    errs = errors_of(tmp_path, text)
+    hits = [e for e in errs if expected in str(e)]
+    assert hits, "\n".join(map(str, errs))
+    assert hits[0].line == line, str(hits[0])
+
+
 def test_unreadable_paths(tmp_path: Path) -> None:
     with pytest.raises(ConfigUnreadable) as info:
         load_rules([str(tmp_path / "missing.yaml"), REGISTRY])

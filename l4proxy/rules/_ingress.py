@@ -190,7 +190,7 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env, v1: bool) -> tuple[str,
         name = dns_label(ctx, b["serviceName"], (*path, "serviceName"))
         sp = b["servicePort"]
         ppath = (*path, "servicePort")
-        if isinstance(sp, str) and not sp.isdigit():
+        if isinstance(sp, str) and not (sp.isascii() and sp.isdigit()):
             port = sp
         else:
             port = integer(

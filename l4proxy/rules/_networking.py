@@ -261,6 +261,7 @@ def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
     if hdrs is not None and not isinstance(hdrs, dict):
         ctx.error(hpath, f"{dotted(hpath)} must be a mapping of header name: match")
         ok = False
+        hdrs = None
     for hname, hval in (hdrs or {}).items():
         sub = (*hpath, hname)
         if not isinstance(hname, str) or not hname:
@@ -637,6 +638,7 @@ def _endpoints(
         if raw is not None and not isinstance(raw, dict):
             ctx.error((*epath, "ports"), "endpoint ports must map port name: number")
             ok = False
+            raw = None
         for pname, pnum in (raw or {}).items():
             sub = (*epath, "ports", pname)
             if pname not in names:

@@ -281,6 +281,15 @@ class _Builder:
                 raise SourceProblem(
                     f"cannot read value: {exc.problem}", _line(node), _col(node)
                 ) from exc
+            except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+                # an explicit tag the value does not fit (!!int abc, !!bool
+                # maybe), or an integer past Python's 4300 digits
+                raise SourceProblem(
+                    f"cannot read value {node.value[:40]!r} as {node.tag.rsplit(':', 1)[-1]}: "
+                    f"{exc}"[:300],
+                    _line(node),
+                    _col(node),
+                ) from exc
         if isinstance(node, SequenceNode):
             items = []
             for i, child in enumerate(node.value):
