@@ -78,6 +78,28 @@ def test_alias_budget_counts_expansion_not_text() -> None:
         list(parse_documents(text, "f.yaml", max_nodes=5_000))
 
 
+def test_alias_budget_is_one_for_the_whole_load(tmp_path: Path) -> None:
+    """Small bombs, each under the budget, in several documents and files:
+    the budget was per document, so a 16 MiB file of 48,000 such documents
+    was a day of CPU (startup hung, the reload thread stuck for good)."""
+    text = _billion_laughs(levels=3)  # 8307 nodes, keys counted
+    one = tmp_path / "one.yaml"
+    one.write_text(text)
+    two = tmp_path / "two.yaml"
+    two.write_text(text + "---\n" + text)
+
+    def budget_errors(paths: list[Path], max_nodes: int) -> list[str]:
+        with pytest.raises(ConfigError) as info:  # (not rule objects: refused anyway)
+            load_rules([str(p) for p in paths], max_nodes=max_nodes)
+        return [f"{d.file}: {d.message}" for d in info.value.errors if "expands" in d.message]
+
+    assert budget_errors([one], 10_000) == []  # one alone is within it
+    (err,) = budget_errors([one, two], 20_000)  # three of them are not
+    # 8307 nodes each: the second of two.yaml finds 20000 - 2 * 8307 left
+    assert err.startswith(f"{two}: document 2 expands to more than 3386 YAML nodes, ")
+    assert "what is left of the 20000 that a load may build (an alias bomb?" in err
+
+
 @pytest.mark.parametrize("opener", ["[", "{a: ", "- "])
 def test_deep_nesting_is_refused_quickly(opener: str) -> None:
     # libyaml's own composer would recurse in C and crash the process here.

@@ -27,6 +27,7 @@ from l4proxy.rules._yaml import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_NODES,
     Document,
+    NodeBudget,
     Path,
     SourceProblem,
     Unreadable,
@@ -140,6 +141,7 @@ def load_rules(
     summaries: list[ObjectSummary] = []
     seen: dict[tuple[str, str, str], Where] = {}
     sources: list[str] = []
+    budget = NodeBudget(max_nodes)  # one for the whole load
     for path in files:
         try:
             text = read_file(path, max_bytes=max_bytes)
@@ -151,7 +153,7 @@ def load_rules(
             continue
         sources.append(path)
         try:
-            for doc in parse_documents(text, path, max_nodes=max_nodes):
+            for doc in parse_documents(text, path, budget=budget):
                 _read_object(report, doc, (), doc.value, env, drafts, summaries, seen)
         except SourceProblem as exc:
             report.add(Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message))

@@ -15,7 +15,10 @@ reading it must be cheap to refuse when hostile:
 3. **Measure the expansion.** Before building Python values we compute, with
    memoisation over that graph, how many nodes the document would expand to.
    This is linear in the composed size; a document over ``max_nodes`` (or a
-   recursive alias) is refused before anything is expanded.
+   recursive alias) is refused before anything is expanded. The budget is
+   one for a whole load (a :class:`NodeBudget` across documents and files):
+   per document, a 16 MiB file of small bombs just under it each was a day
+   of CPU, with the reload thread stuck in it.
 4. **Build plain values** (dict, list, str, int, ...) with our own walker, which
    also records the 1-based (line, column) of every value by its path, e.g.
    ``("spec", "route", 0, "weight")``, so that later checks can point at the
@@ -121,11 +124,25 @@ def _too_big(size: int, limit: int) -> str:
     )
 
 
+class NodeBudget:
+    """Expanded YAML nodes a load may still build (shared by its files)."""
+
+    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES) -> None:
+        self.max_nodes = max_nodes
+        self.left = max_nodes
+
+
 def parse_documents(
-    text: str, file: str, *, max_nodes: int = DEFAULT_MAX_NODES
+    text: str,
+    file: str,
+    *,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    budget: NodeBudget | None = None,
 ) -> Iterator[Document]:
-    """Yield each non-empty document of *text*; raise :class:`SourceProblem`."""
-    builder = _Builder(max_nodes)
+    """Yield each non-empty document of *text*; raise :class:`SourceProblem`.
+    *budget*: the load's, when this file is one of several (else one of
+    *max_nodes* for this file)."""
+    builder = _Builder(budget if budget is not None else NodeBudget(max_nodes))
     try:
         for index, root in enumerate(_compose(text), start=1):
             yield builder.build(root, file, index)
@@ -229,18 +246,23 @@ def _is_empty(node: Node) -> bool:
 
 
 class _Builder:
-    def __init__(self, max_nodes: int) -> None:
-        self.max_nodes = max_nodes
+    def __init__(self, budget: NodeBudget) -> None:
+        self.budget = budget
+        self.max_nodes = budget.left  # _expanded_size stops counting past it
         self.scalars = SafeConstructor()
 
     def build(self, root: Node, file: str, index: int) -> Document:
+        left = self.max_nodes = self.budget.left
         size = self._expanded_size(root, {}, set(), 0)
-        if size > self.max_nodes:
+        if size > left:
+            whole = self.budget.max_nodes
+            share = f", what is left of the {whole} that a load may build" if left < whole else ""
             raise SourceProblem(
-                f"document {index} expands to more than {self.max_nodes} YAML nodes "
+                f"document {index} expands to more than {left} YAML nodes{share} "
                 "(an alias bomb? each alias repeats everything its anchor holds)",
                 root.start_mark.line + 1,
             )
+        self.budget.left -= size
         doc = Document(file, index, root.start_mark.line + 1, None)
         doc.positions[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
         doc.value = self._value(root, (), doc)
