@@ -499,3 +499,29 @@ def test_a_regex_runs_in_time_linear_in_the_header() -> None:
     t = table(Route("r", (to(V2S),), (redos,)))
     assert t.decide(BOOTCAMP, 8080, req(**{"x-id": "a" * 30})).route == "default"
     assert t.decide(BOOTCAMP, 8080, req(**{"x-id": "a" * 30 + "b"})).route == "r"
+
+
+def _db(ports: list[ServicePort]) -> Service:
+    eps = [Endpoint("198.18.0.21", p.number, {"version": v}) for v in ("v1", "v2") for p in ports]
+    return Service.create("db.default.svc.cluster.local", ports, eps)
+
+
+def test_an_http_route_leaves_the_tcp_ports_of_a_service_with_http_ones() -> None:
+    """A VirtualService whose only route is an http catch-all → v2 (a canary
+    of the HTTP API): on the service's TCP port (Postgres) it applied to
+    every connection, so the whole database traffic went to v2. Istio never
+    applies http routes to a TCP port: that port keeps its default."""
+    db = _db([ServicePort(8080, "http", "HTTP"), ServicePort(5432, "tcp-pg", "TCP")])
+    v2 = Subset("v2", Labels({"version": "v2"}))
+    canary = Route("api", (Destination(db.host, v2, 100),))
+    t = RouteTable([db], {db.host: [canary]}, seed=7)
+    assert t.decide(db, 5432, None).route == "default"
+    assert {e.labels["version"] for e in t.decide(db, 5432, None).endpoints} == {"v1", "v2"}
+    assert t.decide(db, 8080, req()).route == "api"  # the HTTP port's requests
+    assert t.decide(db, 8080, None).route == "api"  # non-HTTP bytes on the HTTP port
+    pinned = Route("pg", (Destination(db.host, v2, 100),), (Match(port=5432),))
+    assert RouteTable([db], {db.host: [pinned]}).decide(db, 5432, None).route == "pg"
+    # A service with no HTTP port: its rules still split its connections.
+    raw = _db([ServicePort(5432, "tcp-pg", "TCP")])
+    t2 = RouteTable([raw], {raw.host: [canary]}, seed=7)
+    assert t2.decide(raw, 5432, None).route == "api"

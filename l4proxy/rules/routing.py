@@ -814,8 +814,27 @@ class RouteTable:
     def _match(
         self, service: Service, port: int, request: Request | None, source: Mapping[str, str]
     ) -> Route | None:
-        """The first route of *service* that applies (None: the default route)."""
+        """The first route of *service* that applies (None: the default route).
+
+        A raw connection to a TCP port of a service that also has HTTP ports
+        takes no ``http`` route unless one names that port: those routes are
+        the HTTP ports' (Istio: a VirtualService's ``http`` routes never
+        apply to a TCP port), so a canary of the HTTP API does not move the
+        service's database connections. A service with no HTTP port at all
+        keeps taking them per connection (the port not named http that made
+        Istio users' rules look ignored)."""
+        tcp_port = (
+            request is None
+            and any(p.is_http for p in service.ports)
+            and not any(p.number == port and p.is_http for p in service.ports)
+        )
         for route in self._order.get((service.host, request is not None), ()):
+            if (
+                tcp_port
+                and route.protocol == "http"
+                and not any(m.port == port for m in route.matches)
+            ):
+                continue
             if route.applies(port, request, source):
                 return route
         return None
