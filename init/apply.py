@@ -491,7 +491,8 @@ def _converge(backend: Backend, desired: RuleSet | None, family: Family) -> Fami
         raise InitError(
             ExitCode.APPLY,
             f"after apply the IPv{family} nat table ({backend.name}) differs from the plan "
-            f"(unexpected: {extra[:1]}, missing: {missing[:1]}); please report this",
+            f"(unexpected: {extra[:1]}, missing: {missing[:1]}); the commit went through, "
+            "so these rules are live; please report this",
         )
     if not changes:
         status: Literal["installed", "unchanged", "removed"] = "unchanged"

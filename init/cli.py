@@ -204,11 +204,20 @@ def options_from(args: argparse.Namespace) -> CaptureOptions:
         if args.inbound_capture_port is None
         else parse_port(args.inbound_capture_port, "-z")
     )
+    proxy_uids = parse_ids(args.proxy_uid, "-u", "UID")
+    proxy_gids = parse_ids(args.proxy_gid, "-g", "GID")
+    if not proxy_uids and not proxy_gids:
+        # No owner exemption: the proxy's own upstream connections would be
+        # captured and sent back to it, for ever (an empty templated value).
+        raise UsageError(
+            f"-u {args.proxy_uid!r} -g {args.proxy_gid!r}: no UID or GID left to exempt; "
+            "the proxy's own connections would loop back to it (pass -u 1337)"
+        )
     return CaptureOptions(
         outbound_port=outbound_port,
         inbound_port=inbound_port,
-        proxy_uids=parse_ids(args.proxy_uid, "-u", "UID"),
-        proxy_gids=parse_ids(args.proxy_gid, "-g", "GID"),
+        proxy_uids=proxy_uids,
+        proxy_gids=proxy_gids,
         inbound_ports=parse_port_selection(args.inbound_ports, "-b"),
         inbound_ports_exclude=parse_ports(args.inbound_ports_exclude, "-d"),
         outbound_cidrs=parse_cidr_selection(args.outbound_cidrs, "-i"),

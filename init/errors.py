@@ -23,9 +23,9 @@ class ExitCode(enum.IntEnum):
     ENVIRONMENT = 4
     #: A chain with one of our names exists and holds rules we did not write.
     CONFLICT = 5
-    #: The kernel refused the change, or what it holds afterwards is not the
-    #: plan. Changes are atomic per table and family: a family that failed
-    #: was left as it was.
+    #: The kernel refused the change (atomic per table and family: a family
+    #: refused was left as it was), or what it holds after the commit is not
+    #: the plan (then the commit happened: the message says what differs).
     APPLY = 6
 
 

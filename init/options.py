@@ -41,7 +41,7 @@ class CaptureOptions:
 
 def parse_port(text: str, flag: str) -> int:
     value = text.strip()
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         raise UsageError(f"{flag}: {text!r} is not a TCP port (expected a number 1-65535)")
     return int(value)
 
@@ -71,7 +71,7 @@ def parse_ids(text: str, flag: str, what: str) -> tuple[int, ...]:
     """A comma-separated list of numeric UIDs or GIDs."""
     ids = []
     for item in _items(text):
-        if not item.isdigit() or int(item) > MAX_ID:
+        if not (item.isascii() and item.isdigit()) or int(item) > MAX_ID:
             raise UsageError(
                 f"{flag}: {item!r} is not a numeric {what} (expected 0-{MAX_ID}; "
                 f"names are not resolved because the pod's /etc/passwd is not ours)"

@@ -47,11 +47,12 @@ was already classified in OUTPUT.
 from __future__ import annotations
 
 import shlex
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ExitCode, InitError
-from .options import ALL, CaptureOptions, Family, networks_of
+from .options import ALL, CaptureOptions, Family, IPNetwork, networks_of
 
 CHAIN_INBOUND = "L4PROXY_INBOUND"
 CHAIN_IN_REDIRECT = "L4PROXY_IN_REDIRECT"
@@ -171,7 +172,7 @@ def desired_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
         rules.append(Rule(CHAIN_OUTPUT, "proxy-gid", "RETURN", gid_owner=gid))
     rules.append(Rule(CHAIN_OUTPUT, "loopback", "RETURN", out_interface="lo"))
     for net in networks_of(options.outbound_cidrs_exclude, family):
-        rules.append(Rule(CHAIN_OUTPUT, "exclude-cidr", "RETURN", destination=net.with_prefixlen))
+        rules.append(Rule(CHAIN_OUTPUT, "exclude-cidr", "RETURN", destination=_destination(net)))
     for port in options.outbound_ports_exclude:
         rules.append(Rule(CHAIN_OUTPUT, "exclude-port", "RETURN", dport=port))
     if options.outbound_cidrs == ALL:
@@ -179,7 +180,7 @@ def desired_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
     else:
         for net in networks_of(options.outbound_cidrs, family):
             rules.append(
-                Rule(CHAIN_OUTPUT, "outbound-cidr", CHAIN_REDIRECT, destination=net.with_prefixlen)
+                Rule(CHAIN_OUTPUT, "outbound-cidr", CHAIN_REDIRECT, destination=_destination(net))
             )
     rules.append(
         Rule(
@@ -187,6 +188,20 @@ def desired_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
         )
     )
     return RuleSet(family=family, chains=OUR_CHAINS, rules=_in_save_order(rules))
+
+
+def _destination(net: IPNetwork) -> str | None:
+    """*net* as ``iptables-save`` prints a rule's ``-d``: nothing for a /0
+    (it matches every address, and iptables leaves the option out), and an
+    IPv6 address as glibc's inet_ntop writes it (``::ffff:10.0.0.0``, where
+    Python writes ``::ffff:a00:0``). The rules are checked against the
+    kernel's table after apply: a different spelling read as "differs from
+    the plan", exit 6, on every run (the init container crash-looped)."""
+    if net.prefixlen == 0:
+        return None
+    if net.version == 6:
+        return f"{socket.inet_ntop(socket.AF_INET6, net.network_address.packed)}/{net.prefixlen}"
+    return net.with_prefixlen
 
 
 def _in_save_order(rules: list[Rule]) -> tuple[Rule, ...]:

@@ -50,6 +50,10 @@ BAD = {
     ("-u", "proxy"): "-u: 'proxy' is not a numeric UID",
     ("-u", "4294967295"): "-u: '4294967295' is not a numeric UID",
     ("-g", "1.5"): "-g: '1.5' is not a numeric GID",
+    ("-u", ""): "no UID or GID left to exempt; the proxy's own connections would loop",
+    ("-u", " , "): "no UID or GID left to exempt",
+    ("-p", "\u00b95001"): "is not a TCP port",  # superscript one: isdigit(), not int()
+    ("-u", "\u00b2"): "is not a numeric UID",
     ("-b", "8080,x"): "-b: 'x' is not a TCP port",
     ("-d", "99999"): "-d: '99999'",
     ("-o", "0"): "-o: '0'",

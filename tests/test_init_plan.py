@@ -152,6 +152,27 @@ CASES: dict[str, tuple[CaptureOptions, Family, str, list[str]]] = {
             "-> L4PROXY_REDIRECT",
         ],
     ),
+    # written as iptables-save prints them, which the check after apply
+    # compares with: no -d for a /0, glibc's inet_ntop for IPv6 (it was
+    # "-d 0.0.0.0/0" and "::ffff:a00:0/104": exit 6, on every run)
+    "-i 0.0.0.0/0 is every destination: no -d": (
+        CaptureOptions(outbound_cidrs=parse_cidrs("0.0.0.0/0", "-i")),
+        4,
+        "L4PROXY_OUTPUT",
+        ["owner 1337 -> RETURN", "-o lo -> RETURN", "-> L4PROXY_REDIRECT"],
+    ),
+    "-x ::/0 and an IPv4-mapped range, as ip6tables-save prints them": (
+        CaptureOptions(outbound_cidrs_exclude=parse_cidrs("::/0,::ffff:10.0.0.0/104", "-x")),
+        6,
+        "L4PROXY_OUTPUT",
+        [
+            "owner 1337 -> RETURN",
+            "-o lo -> RETURN",
+            "-> RETURN",
+            "-d ::ffff:10.0.0.0/104 -> RETURN",
+            "-> L4PROXY_REDIRECT",
+        ],
+    ),
     "-u '' exempts no UID": (
         CaptureOptions(proxy_uids=(), outbound_ports_exclude=(25,)),
         4,
