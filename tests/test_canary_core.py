@@ -32,6 +32,7 @@ from l4proxy.canary._metrics import (
     promql,
     query_url,
     read_sidecar,
+    sample_from_prometheus,
     totals_of,
 )
 from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
@@ -250,6 +251,16 @@ def test_prometheus_source(prometheus: tuple[str, list[str]]) -> None:
     assert s.requests == 250 and s.errors == pytest.approx(250 * 0.015) and s.p99_ms is None
     assert all(line.startswith("/api/v1/query ") for line in seen) and len(seen) == 3
     assert any('destination_version="v2"' in line and "[10s]" in line for line in seen)
+
+
+def test_a_canary_answering_only_5xx_is_all_errors() -> None:
+    """No non-5xx series: Flagger's success-rate ratio is an empty vector.
+    It read as "no errors", so a canary failing every request passed."""
+    s = sample_from_prometheus({"requests": 100.0, "success_rate": None, "p99": 12.0})
+    assert (s.requests, s.errors) == (100.0, 100.0)
+    assert check(P, s).verdict == "fail"
+    quiet = sample_from_prometheus({"requests": 0.0, "success_rate": None, "p99": None})
+    assert (quiet.requests, quiet.errors) == (0.0, 0.0)  # no traffic: nothing to judge
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,11 @@ def sample_from_prometheus(answers: Mapping[str, float | None]) -> Sample:
     """The three answers of :func:`promql` as a Sample."""
     n = answers.get("requests") or 0.0
     rate = answers.get("success_rate")
+    if rate is None and n > 0:
+        # Requests, but no non-5xx series to divide: the ratio is an empty
+        # vector because nothing succeeded (a canary answering only 5xx),
+        # not because nothing failed.
+        rate = 0.0
     errors = 0.0 if rate is None else n * (100.0 - rate) / 100.0
     return Sample(n, max(0.0, errors), answers.get("p99"))
 
