@@ -5,11 +5,13 @@ from __future__ import annotations
 import http.server
 import json
 import math
+import pathlib
 import threading
 import urllib.parse
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from l4proxy.canary._analysis import (
     Conflict,
@@ -324,3 +326,31 @@ def test_competing_rules_are_named(tmp_path: object) -> None:
     files = [str(d / "a.yaml"), str(d / "b.yaml")]
     found = competing(files, "bootcamp", "", "canary-bootcamp")
     assert found == [f"{d / 'b.yaml'}:10: RouteRule all routes every request of bootcamp"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--max-weight", "50"], "--max-weight goes with --step-weight"),  # was ignored: to 100
+        (["--step-weight", "0"], "--step-weight: must be within 1..100"),  # was the default
+        (["--steps", "5,50", "--max-weight", "20"], "--max-weight goes with --step-weight"),
+        (["--stable", "v1 # x"], "--stable 'v1 # x' is not a label value"),
+        (["--canary", "v2_"], "--canary 'v2_' is not a label value"),
+    ],
+)
+def test_canary_options_that_would_be_ignored_or_misread_are_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], argv: list[str], why: str
+) -> None:
+    from l4proxy.cli import main
+
+    base = ["canary", "bootcamp", "--rules", str(tmp_path), "--metrics", "127.0.0.1:1"]
+    versions = ["--stable", "v1", "--canary", "v2"]
+    assert main([*base, *versions, *argv]) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_the_document_quotes_the_versions() -> None:
+    """1.10 unquoted is the number 1.1, on is true, 'v2 # x' is v2."""
+    r = Rollout("bootcamp", "1.9", "1.10", weight=50)
+    doc = yaml.safe_load(document(r))
+    assert [x["labels"]["version"] for x in doc["spec"]["route"]] == ["1.9", "1.10"]

@@ -144,7 +144,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--canary", metavar="VERSION", help="the version to shift to")
     p.add_argument("--steps", metavar="W,W,...", help="canary weights in turn (5,10,25,50,100)")
     p.add_argument("--step-weight", type=int, metavar="W", help="or: weights W, 2W, ...")
-    p.add_argument("--max-weight", type=int, default=100, metavar="W", help="... up to W (100)")
+    p.add_argument("--max-weight", type=int, metavar="W", help="... up to W (100)")
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
@@ -199,12 +199,15 @@ def add_parser(sub: Any) -> None:
 
 
 def policy_of(args: argparse.Namespace) -> Policy:
-    if args.steps and args.step_weight:
+    if args.steps is not None and args.step_weight is not None:
         raise PolicyError("--steps and --step-weight: give one of them")
-    if args.steps:
+    if args.max_weight is not None and args.step_weight is None:
+        # alone it would be ignored, and the rollout would go on to 100 %
+        raise PolicyError("--max-weight goes with --step-weight (Flagger's maxWeight/stepWeight)")
+    if args.steps is not None:
         steps = parse_steps(args.steps)
-    elif args.step_weight:
-        steps = steps_from(args.step_weight, args.max_weight)
+    elif args.step_weight is not None:
+        steps = steps_from(args.step_weight, 100 if args.max_weight is None else args.max_weight)
     else:
         steps = (5, 10, 25, 50, 100)
     return Policy(
@@ -245,6 +248,9 @@ class Paths:
         raise CanaryError(f"{rules}: no such rules file or directory")
 
 
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
 def rule_name(service: str) -> str:
     return f"canary-{service.split('.', 1)[0]}"
 
@@ -253,7 +259,10 @@ def document(r: Rollout) -> str:
     """The canary's RouteRule for *r*'s weight (0-weight routes left out)."""
     routes = [(r.stable, 100 - r.weight), (r.canary, r.weight)]
     body = "".join(
-        f"  - labels:\n      version: {v}\n    weight: {w}\n" for v, w in routes if w > 0
+        # quoted (JSON is YAML): 1.10 is not the number 1.1, on not true
+        f"  - labels:\n      version: {json.dumps(v)}\n    weight: {w}\n"
+        for v, w in routes
+        if w > 0
     )
     return (
         f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, {r.phase}):\n"
@@ -760,6 +769,12 @@ def _analyse(
         raise CanaryError("--stable VERSION and --canary VERSION are needed")
     if args.stable == args.canary:
         raise CanaryError("--stable and --canary name the same version")
+    for flag, v in (("--stable", args.stable), ("--canary", args.canary)):
+        if not _LABEL_VALUE.fullmatch(v):
+            raise CanaryError(
+                f"{flag} {v!r} is not a label value (up to 63 letters, digits, '-', '_', "
+                "'.', starting and ending with a letter or digit)"
+            )
     if bool(args.metrics) == bool(args.prometheus):
         raise CanaryError(
             "give the metrics: --metrics HOST:PORT (a sidecar's admin endpoint, repeatable) "
@@ -789,8 +804,10 @@ def _analyse(
         display.emit(ev, "this rollout had ended; --restart starts it again")
         return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     display.emit(ev)
-    _set_weight(store, metrics, r, args.wait_live)
     try:
+        # inside: a SIGTERM while the first weight goes live (up to
+        # --wait-live) is the same interruption as one later
+        _set_weight(store, metrics, r, args.wait_live)
         while True:
             time.sleep(policy.interval)
             now_saved = store.load_state()
