@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import math
+import os
 import pathlib
 import threading
 import urllib.parse
@@ -354,3 +355,51 @@ def test_the_document_quotes_the_versions() -> None:
     r = Rollout("bootcamp", "1.9", "1.10", weight=50)
     doc = yaml.safe_load(document(r))
     assert [x["labels"]["version"] for x in doc["spec"]["route"]] == ["1.9", "1.10"]
+
+
+def test_one_unreadable_interval_is_a_failed_check_not_the_end(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prometheus answers 503 once, mid-rollout: that interval is a failed
+    check (as Flagger counts it) and the rollout goes on. It ended the
+    command (exit 2) with the canary at 50 % and nothing watching it."""
+    import shutil
+
+    from l4proxy.cli import main
+
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
+            asked.append(query)
+            if len(asked) == 4:  # the second interval's first query
+                self.send_error(503)
+                return
+            value = "250" if "increase" in query else "100" if "* 100" in query else "NaN"
+            result = [{"metric": {}, "value": [1, value]}]
+            body = json.dumps(
+                {"status": "success", "data": {"resultType": "vector", "result": result}}
+            )
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    try:
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+        argv += ["--prometheus", f"http://127.0.0.1:{srv.server_address[1]}"]
+        code = main([*argv, "--steps", "50,100", "--interval", "0.05", "--threshold", "2"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    out = capsys.readouterr().out
+    assert code == 0, out  # promoted
+    assert "metrics unreadable" in out and "HTTP 503" in out
+    assert len(asked) == 3 + 1 + 3  # pass (3 queries), unreadable at its first, pass

@@ -30,6 +30,7 @@ against ``/api/v1/query``.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -220,7 +221,8 @@ def http_get(url: str, timeout: float = 3.0) -> str:
             return body.decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         raise MetricsError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: a port that does not speak HTTP (BadStatusLine)
         reason = getattr(exc, "reason", exc)
         raise MetricsError(f"{url}: cannot read it ({reason})") from exc
 

@@ -816,8 +816,17 @@ def _analyse(
                 ev = Event(now_saved.phase, now_saved, None, r.weight)
                 display.emit(ev, "ended by hand")
                 return EXIT_PROMOTED if now_saved.phase == "promoted" else EXIT_ROLLED_BACK
-            sample = metrics.sample(r.canary, policy.interval)
-            ev = advance(policy, r, check(policy, sample), time.time())
+            try:
+                graded = check(policy, metrics.sample(r.canary, policy.interval))
+            except MetricsError as exc:
+                # A sidecar restarting or Prometheus answering 503 once must
+                # not leave the canary at its weight with nothing watching:
+                # a failed check (Flagger counts it so), and --threshold of
+                # them in a row roll back.
+                graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
+                with contextlib.suppress(MetricsError):
+                    metrics.start_window()  # the next interval counts from now
+            ev = advance(policy, r, graded, time.time())
             changed = ev.rollout.weight != r.weight or ev.rollout.phase != r.phase
             r = ev.rollout
             if changed:
