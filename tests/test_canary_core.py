@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import itertools
 import json
 import math
 import os
 import pathlib
+import shutil
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import yaml
@@ -357,48 +360,110 @@ def test_the_document_quotes_the_versions() -> None:
     assert [x["labels"]["version"] for x in doc["spec"]["route"]] == ["1.9", "1.10"]
 
 
-def test_one_unreadable_interval_is_a_failed_check_not_the_end(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Prometheus answers 503 once, mid-rollout: that interval is a failed
-    check (as Flagger counts it) and the rollout goes on. It ended the
-    command (exit 2) with the canary at 50 % and nothing watching it."""
-    import shutil
-
-    from l4proxy.cli import main
-
-    asked: list[str] = []
+@contextlib.contextmanager
+def _fake_prometheus(answer: Callable[[int, str], str | None]) -> Iterator[str]:
+    """A Prometheus whose answer to the n-th query (from 1) is *answer*(n,
+    query): a value, or None for a 503."""
+    asked = itertools.count(1)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
-            asked.append(query)
-            if len(asked) == 4:  # the second interval's first query
+            value = answer(next(asked), query)
+            if value is None:
                 self.send_error(503)
                 return
-            value = "250" if "increase" in query else "100" if "* 100" in query else "NaN"
-            result = [{"metric": {}, "value": [1, value]}]
-            body = json.dumps(
-                {"status": "success", "data": {"resultType": "vector", "result": result}}
-            )
+            data = {"resultType": "vector", "result": [{"metric": {}, "value": [1, value]}]}
+            body = json.dumps({"status": "success", "data": data}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body.encode())
+            self.wfile.write(body)
 
         def log_message(self, *a: object) -> None:
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
     try:
-        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
-        argv += ["--prometheus", f"http://127.0.0.1:{srv.server_address[1]}"]
-        code = main([*argv, "--steps", "50,100", "--interval", "0.05", "--threshold", "2"])
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def _healthy(query: str, success: str = "100") -> str:
+    return "250" if "increase" in query else success if "* 100" in query else "NaN"
+
+
+def _rollout_in(tmp_path: pathlib.Path, url: str, *extra: str) -> int:
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+    return main([*argv, "--prometheus", url, "--interval", "0.05", *extra])
+
+
+def _routes(tmp_path: pathlib.Path) -> list[tuple[str, int]]:
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    return [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]]
+
+
+def test_an_abort_during_a_metrics_read_is_not_overwritten(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``l4proxy canary abort`` from another shell lands while the
+    controller reads the metrics: the controller wrote its next weight over
+    it and went on to promote the canary the user had just aborted."""
+    from l4proxy.cli import main
+
+    def answer(n: int, query: str) -> str:
+        if n == 4:  # the second interval: the abort comes now
+            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+        return _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "25,50,100")
+    out = capsys.readouterr().out
+    assert code == 1, out  # rolled back: the abort stands
+    assert "ended by hand" in out
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_a_rollback_is_written_when_another_file_is_broken(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The canary fails its checks while someone has saved a broken rule
+    file beside ours: the rollback's document was refused (the rules would
+    be invalid), the state said rolled back and the sidecars went on with
+    50 %, loading it again once that file was fixed. A rollback is written."""
+
+    def answer(n: int, query: str) -> str:
+        if n == 1:
+            (tmp_path / "other.yaml").write_text("kind: [\n")
+        return _healthy(query, success="50")
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--threshold", "2")
+    out = capsys.readouterr()
+    assert code == 1, out  # rolled back
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_one_unreadable_interval_is_a_failed_check_not_the_end(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prometheus answers 503 once, mid-rollout: that interval is a failed
+    check (as Flagger counts it) and the rollout goes on. It ended the
+    command (exit 2) with the canary at 50 % and nothing watching it."""
+    asked: list[str] = []
+
+    def answer(n: int, query: str) -> str | None:
+        asked.append(query)
+        return None if n == 4 else _healthy(query)  # the second interval's first query
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--threshold", "2")
     out = capsys.readouterr().out
     assert code == 0, out  # promoted
     assert "metrics unreadable" in out and "HTTP 503" in out

@@ -357,6 +357,23 @@ def _write_atomic(path: str, text: str) -> None:
             os.unlink(cand)
 
 
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Any()  # commit(..., expected=ANY): whatever the state is now
+
+
+class Superseded(Exception):
+    """The stored rollout is not the one this run last wrote: an abort or a
+    promote by hand (or a second controller) came in between."""
+
+    def __init__(self, current: Rollout | None) -> None:
+        super().__init__(f"the rollout changed meanwhile: {current}")
+        self.current = current
+
+
 class RulesWriter:
     """Installs the canary's document; validates the result first."""
 
@@ -385,36 +402,55 @@ class RulesWriter:
             )
 
     def install(self, r: Rollout) -> None:
+        with apply._locked(self.paths.directory):
+            self.install_locked(r)
+
+    def install_locked(self, r: Rollout) -> None:
+        """install() with the directory's lock held by the caller.
+
+        A rollback is written whatever the other files hold: refused (a
+        broken file beside ours, a competing rule), the sidecars went on
+        serving the canary's weight, and once that file was fixed they
+        loaded our old document again. Ours alone is valid by construction."""
         ours = document(r)
         doc = self.paths.document
-        with apply._locked(self.paths.directory):
-            self.check_competing()
-            if self.paths.is_dir:
-                new_text = ours
-            else:
-                try:
+        if r.phase == "rolled_back":
+            new_text = ours
+            if not self.paths.is_dir:
+                with contextlib.suppress(Unreadable, SourceProblem):
                     new_text = splice(read_file(doc), ours, rule_name(self.service))
-                except (Unreadable, SourceProblem) as exc:
-                    raise CanaryError(f"{doc}: cannot read: {exc}") from exc
             cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
             with open(cand, "w") as f:
                 f.write(new_text)
+            apply._install(cand, doc)
+            return
+        self.check_competing()
+        if self.paths.is_dir:
+            new_text = ours
+        else:
             try:
-                keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
-                try:
-                    load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
-                except ConfigUnreadable as exc:
-                    raise CanaryError(str(exc)) from exc
-                except ConfigError as exc:
-                    first = next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
-                    raise CanaryError(
-                        f"refused: the rules would be invalid at weight {r.weight}: "
-                        f"{first.replace(cand, doc)}"
-                    ) from exc
-                apply._install(cand, doc)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(cand)
+                new_text = splice(read_file(doc), ours, rule_name(self.service))
+            except (Unreadable, SourceProblem) as exc:
+                raise CanaryError(f"{doc}: cannot read: {exc}") from exc
+        cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
+        with open(cand, "w") as f:
+            f.write(new_text)
+        try:
+            keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
+            try:
+                load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
+            except ConfigUnreadable as exc:
+                raise CanaryError(str(exc)) from exc
+            except ConfigError as exc:
+                first = next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
+                raise CanaryError(
+                    f"refused: the rules would be invalid at weight {r.weight}: "
+                    f"{first.replace(cand, doc)}"
+                ) from exc
+            apply._install(cand, doc)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cand)
 
 
 class Store(Protocol):
@@ -424,9 +460,9 @@ class Store(Protocol):
     where: str
 
     def load_state(self) -> Rollout | None: ...
-    def save_state(self, r: Rollout) -> None: ...
+    def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def install(self, r: Rollout) -> None: ...
-    def commit(self, r: Rollout) -> None: ...
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def check_competing(self) -> None: ...
 
 
@@ -443,16 +479,37 @@ class FileStore:
     def load_state(self) -> Rollout | None:
         return load_state(self.paths.state)
 
-    def save_state(self, r: Rollout) -> None:
-        save_state(self.paths.state, r)
+    def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+        with apply._locked(self.paths.directory):
+            self._still(expected)
+            save_state(self.paths.state, r)
 
     def install(self, r: Rollout) -> None:
         self.writer.install(r)
 
-    def commit(self, r: Rollout) -> None:
-        """State first, then the document (a crash between: resume rewrites it)."""
-        save_state(self.paths.state, r)
-        self.writer.install(r)
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+        """State first, then the document (a crash between: resume rewrites
+        it), under the directory's lock and only while the stored rollout is
+        *expected* (else :class:`Superseded`: an abort typed meanwhile is not
+        overwritten). A document refused puts the state back."""
+        with apply._locked(self.paths.directory):
+            before = self._still(expected)
+            save_state(self.paths.state, r)
+            try:
+                self.writer.install_locked(r)
+            except CanaryError:
+                if before is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.paths.state)
+                else:
+                    save_state(self.paths.state, before)
+                raise
+
+    def _still(self, expected: Rollout | None) -> Rollout | None:
+        current = load_state(self.paths.state)
+        if expected is not ANY and current != expected:
+            raise Superseded(current)
+        return current
 
     def check_competing(self) -> None:
         self.writer.check_competing()
@@ -730,7 +787,7 @@ def _store(args: argparse.Namespace, service: str) -> Store:
 def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO) -> int:
     """status, promote, abort; with --metrics, promote/abort return once live."""
     as_json: bool = args.json
-    saved = store.load_state()
+    saved = loaded = store.load_state()
     if saved is None:
         raise CanaryError(f"no rollout of {store.service} under {store.where}")
     if action == "promote":
@@ -742,7 +799,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO) -
         if sidecars is not None:
             sidecars.start_window()
         before = dict(sidecars.generations) if sidecars is not None else {}
-        store.commit(saved)
+        store.commit(saved, loaded)
         if sidecars is not None:
             sidecars.wait_live(before, args.wait_live)
     if as_json:
@@ -799,6 +856,7 @@ def _analyse(
         restart=args.restart,
     )
     r = ev.rollout
+    loaded = store.load_state()  # what resume() started from
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, "this rollout had ended; --restart starts it again")
@@ -807,15 +865,15 @@ def _analyse(
     try:
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
-        _set_weight(store, metrics, r, args.wait_live)
+        try:
+            _set_weight(store, metrics, r, args.wait_live, expected=loaded)
+        except Superseded as exc:
+            return _ended_by_hand(display, exc.current, r)
         while True:
             time.sleep(policy.interval)
             now_saved = store.load_state()
-            if now_saved is not None and now_saved.phase != "progressing":
-                # promote/abort from another shell ended it
-                ev = Event(now_saved.phase, now_saved, None, r.weight)
-                display.emit(ev, "ended by hand")
-                return EXIT_PROMOTED if now_saved.phase == "promoted" else EXIT_ROLLED_BACK
+            if now_saved != r:  # promote/abort from another shell ended it
+                return _ended_by_hand(display, now_saved, r)
             try:
                 graded = check(policy, metrics.sample(r.canary, policy.interval))
             except MetricsError as exc:
@@ -827,12 +885,15 @@ def _analyse(
                 with contextlib.suppress(MetricsError):
                     metrics.start_window()  # the next interval counts from now
             ev = advance(policy, r, graded, time.time())
-            changed = ev.rollout.weight != r.weight or ev.rollout.phase != r.phase
-            r = ev.rollout
-            if changed:
-                _set_weight(store, metrics, r, args.wait_live)
-            else:
-                store.save_state(r)
+            new = ev.rollout
+            try:
+                if new.weight != r.weight or new.phase != r.phase:
+                    _set_weight(store, metrics, new, args.wait_live, expected=r)
+                else:
+                    store.save_state(new, expected=r)
+            except Superseded as exc:  # promote/abort by hand while we measured
+                return _ended_by_hand(display, exc.current, r)
+            r = new
             display.emit(ev)
             if r.phase == "promoted":
                 return EXIT_PROMOTED
@@ -855,10 +916,24 @@ def _analyse(
         return EXIT_LEFT
 
 
-def _set_weight(store: Store, metrics: Metrics, r: Rollout, wait: float) -> None:
+def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
+    """The stored rollout is no longer ours: say how it ended, exit so."""
+    if now is None or now.phase == "progressing":
+        # removed, or another controller drives it now: not ours to write
+        raise CanaryError(
+            f"the rollout of {ours.service} was changed by someone else ({now}); "
+            "stopped without writing"
+        )
+    display.emit(Event(now.phase, now, None, ours.weight), "ended by hand")
+    return EXIT_PROMOTED if now.phase == "promoted" else EXIT_ROLLED_BACK
+
+
+def _set_weight(
+    store: Store, metrics: Metrics, r: Rollout, wait: float, expected: Rollout | None = ANY
+) -> None:
     """State first, then the document; then a fresh window at that weight."""
     before = dict(metrics.generations)
-    store.commit(r)
+    store.commit(r, expected)
     metrics.wait_live(before, wait)  # also on the way out: exit once it is live
     if r.phase == "progressing":
         metrics.start_window()

@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 from l4proxy import __version__
 from l4proxy.canary._analysis import Rollout
-from l4proxy.canary.command import CanaryError, competing, document, rule_name
+from l4proxy.canary.command import ANY, CanaryError, Superseded, competing, document, rule_name
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -344,15 +344,18 @@ class ConfigMapStore:
     def check_competing(self, obj: Mapping[str, Any] | None = None) -> None:
         self.validate(obj if obj is not None else self.get(), None)
 
-    def save_state(self, r: Rollout) -> None:
-        self._update(r, with_document=False)
+    def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+        self._update(r, with_document=False, expected=expected)
 
     def install(self, r: Rollout) -> None:
         self._update(r, with_document=True)
 
-    def commit(self, r: Rollout) -> None:
-        """State and document in one PUT."""
-        self._update(r, with_document=True)
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+        """State and document in one PUT, only while the stored rollout is
+        *expected* (:class:`Superseded` otherwise): checked on the object
+        each attempt reads, so a 409 retry does not put back a rollout that
+        an abort replaced meanwhile."""
+        self._update(r, with_document=True, expected=expected)
 
     # -- internals -------------------------------------------------------------------
     def validate(self, obj: Mapping[str, Any], weight: int | None) -> None:
@@ -392,11 +395,16 @@ class ConfigMapStore:
                     f"{relabel(first, tmp, where)}; {self.where} is unchanged"
                 ) from exc
 
-    def _update(self, r: Rollout, with_document: bool) -> None:
+    def _update(self, r: Rollout, with_document: bool, expected: Rollout | None = ANY) -> None:
         query = "?" + urllib.parse.urlencode({"fieldManager": FIELD_MANAGER})
         for attempt in range(1, ATTEMPTS + 1):
-            new = edited(self.get(), self.service, r, with_document)
-            if with_document:  # a state alone changes nothing the sidecars read
+            obj = self.get()
+            if expected is not ANY and state_of(obj, self.service) != expected:
+                raise Superseded(state_of(obj, self.service))
+            new = edited(obj, self.service, r, with_document)
+            # A state alone changes nothing the sidecars read; a rollback is
+            # written whatever the rest holds (RulesWriter.install_locked).
+            if with_document and r.phase != "rolled_back":
                 self.validate(new, r.weight)
             status, body = self.client.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
