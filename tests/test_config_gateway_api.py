@@ -563,6 +563,63 @@ def test_gateway_listener_routes_by_port_and_hostname(tmp_path: Path) -> None:
     assert not table.is_http_port(80)  # a gateway listener makes no mesh port HTTP
 
 
+def _gateway_routes(tmp_path: Path, *routes: tuple[str, str | None, str, str]) -> RouteTable:
+    """One listener (port 80, any hostname); HTTPRoutes (name, hostname,
+    PathPrefix, backend)."""
+    text = GW
+    for name, hostname, prefix, backend in routes:
+        text += "---\n" + HR.replace("name: bootcamp", f"name: {name}")
+        text += "  parentRefs: [{name: gw}]\n"
+        if hostname is not None:
+            text += f"  hostnames: ['{hostname}']\n"
+        text += f"  rules:\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n"
+        text += backends((backend, 1))
+    return load(tmp_path, text)
+
+
+def _served_by(table: RouteTable, host: str, path: str) -> str | None:
+    hit = table.ingress(host, path, 80)
+    if hit is None:
+        return None
+    d = table.decide(hit[0], 80, Request(path=path, authority=host))
+    return d.service.host.split(".", 1)[0] if d.endpoints else f"none ({d.route})"
+
+
+def test_a_wildcard_hostname_matches_one_label_or_more(tmp_path: Path) -> None:
+    """The Gateway API's *.example.com matches a.example.com and
+    a.b.example.com (Ingress's matches one label only); the longest
+    wildcard suffix is the more specific."""
+    t = _gateway_routes(
+        tmp_path,
+        ("wide", "*.example.com", "/", "bootcamp-v1"),
+        ("narrow", "*.b.example.com", "/", "bootcamp-v2"),
+    )
+    assert _served_by(t, "a.example.com", "/") == "bootcamp-v1"
+    assert _served_by(t, "a.c.example.com", "/") == "bootcamp-v1"  # was no route
+    assert _served_by(t, "a.b.example.com", "/") == "bootcamp-v2"
+    assert _served_by(t, "example.com", "/") is None
+
+
+def test_routes_of_less_specific_hostnames_serve_what_the_specific_ones_do_not(
+    tmp_path: Path,
+) -> None:
+    """a.example.com has /api only; a request for a.example.com/other goes
+    on to the wildcard's and then the hostname-less route's rules (the
+    hostname orders the routes, it does not hide the others). It was a 503:
+    the a.example.com gateway service had no rule for /other."""
+    t = _gateway_routes(
+        tmp_path,
+        ("api", "a.example.com", "/api", "bootcamp-v2"),
+        ("wild", "*.example.com", "/wild", "bootcamp-v1"),
+        ("catch-all", None, "/", "bootcamp"),
+    )
+    assert _served_by(t, "a.example.com", "/api/x") == "bootcamp-v2"
+    assert _served_by(t, "a.example.com", "/wild") == "bootcamp-v1"
+    assert _served_by(t, "a.example.com", "/other") == "bootcamp"
+    assert _served_by(t, "b.example.com", "/api/x") == "bootcamp"  # not a.example.com's
+    assert _served_by(t, "b.example.com", "/wild") == "bootcamp-v1"
+
+
 def test_examples_validate_with_the_compiled_table(tmp_path: Path) -> None:
     from l4proxy.cli import build_parser
     from l4proxy.rules import validate

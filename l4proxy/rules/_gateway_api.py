@@ -539,6 +539,28 @@ def _hostname_meet(listener: str | None, route: str) -> str | None:
     return None
 
 
+def _specificity(hostname: str | None) -> tuple[int, int]:
+    """Exact names first, then wildcards by their suffix's length, then none."""
+    if hostname is None:
+        return (0, 0)
+    if hostname.startswith("*."):
+        return (1, len(hostname))
+    return (2, len(hostname))
+
+
+def _covers(wider: str | None, hostname: str | None) -> bool:
+    """Whether every name *hostname* accepts, *wider* accepts too (and is
+    less specific): none covers all; ``*.example.com`` covers any name
+    under it, of one label or more (the Gateway API's wildcard)."""
+    if wider == hostname or _specificity(wider) >= _specificity(hostname):
+        return False
+    if wider is None:
+        return True
+    if not wider.startswith("*.") or hostname is None:
+        return False
+    return hostname.endswith(wider[1:])
+
+
 def _percentages(weights: list[int]) -> list[int]:
     """Proportional weights as percentages when that is exact (1:1 → 50:50)."""
     total = sum(weights)
@@ -601,8 +623,31 @@ class Compiler:
                             )
                         sort = (md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
                         entries[key].append((sort, (id(hr), ri), rule.name, m, rd))
-        for key, items in entries.items():
+        for items in entries.values():
             items.sort(key=lambda e: e[0])
+        # Routes of a listener compete across hostnames: a request for
+        # a.example.com that no a.example.com rule matches goes on to the
+        # *.example.com rules, then to those without a hostname (the
+        # Gateway API's precedence: the hostname first, then the match).
+        # Each gateway service gets the rules of the hostnames that cover
+        # its own after them, most specific first.
+        folded: dict[str, list[tuple[Any, ...]]] = {}
+        for key, (gw, lst, hostname) in gateway_keys.items():
+            wider = sorted(
+                (
+                    (_specificity(other_h), other)
+                    for other, (ogw, olst, other_h) in gateway_keys.items()
+                    if other != key
+                    and (ogw is gw and olst is lst)
+                    and _covers(other_h, hostname)
+                ),
+                reverse=True,
+            )
+            folded[key] = [
+                *entries.get(key, []),
+                *(e for _, other in wider for e in entries.get(other, [])),
+            ]
+        for key, items in {**entries, **folded}.items():
             compiled: list[Route] = []
             last: Any = None
             for _, rule_id, name, m, rd in items:

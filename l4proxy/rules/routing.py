@@ -1044,9 +1044,13 @@ class RouteTable:
                 name is not None
                 and ip.host.startswith("*.")
                 and name.endswith(ip.host[1:])
-                and "." not in name[: -len(ip.host) + 1]
+                # Ingress: one label; the Gateway API: one or more
+                and (ip.listener_port is not None or "." not in name[: -len(ip.host) + 1])
             ):
                 groups[1].append(ip)
+        if groups[1]:  # the longest wildcard suffix that matches
+            longest = max(len(ip.host or "") for ip in groups[1])
+            groups[1] = [ip for ip in groups[1] if len(ip.host or "") == longest]
         return next((g for g in groups if g), []), default
 
     # -- dump ---------------------------------------------------------------
