@@ -642,3 +642,39 @@ def test_examples_validate_with_the_compiled_table(tmp_path: Path) -> None:
         text = out.read_text()
         assert "gateway listener gateway:default/bootcamp-gateway/http/*" in text
         assert "1 HTTPRoute, 1 Gateway" in text
+
+
+def test_a_consumer_route_routes_only_its_own_namespaces_clients(tmp_path: Path) -> None:
+    """GAMMA: an HTTPRoute in namespace ``other`` whose parent is the
+    Service default/bootcamp routes the clients in ``other`` only (and
+    before the Service's own, producer routes); it routed every client."""
+    producer = HR.replace("name: bootcamp", "name: producer\n  namespace: default")
+    producer += MESH + "  rules:\n  - " + backends(("bootcamp-v1", None)).lstrip()
+    consumer = HR.replace("name: bootcamp", "name: consumer\n  namespace: other")
+    consumer += (
+        "  parentRefs:\n  - {group: '', kind: Service, name: bootcamp, namespace: default}\n"
+    )
+    consumer += "  rules:\n  - " + backends(("canary", None)).lstrip()
+    canary = (
+        "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\n"
+        "metadata: {name: canary, namespace: other}\n"
+        "spec:\n  hosts: [canary.other.svc.cluster.local]\n"
+        "  ports: [{number: 8080, name: http, protocol: HTTP}]\n  resolution: STATIC\n"
+        "  endpoints: [{address: 198.18.0.13, labels: {version: v2}}]\n"
+    )
+    files = [
+        write(tmp_path, producer, "p.yaml"),
+        write(tmp_path, consumer, "c.yaml"),
+        write(tmp_path, canary, "se.yaml"),
+        PER_VERSION,
+    ]
+
+    def served(namespace: str) -> str:
+        t = load_rules(files, namespace=namespace, seed=1).table
+        svc = t.service("bootcamp.default.svc.cluster.local")
+        assert svc is not None
+        d = t.decide(svc, 8080, Request(path="/", authority="bootcamp"))
+        return d.service.host.split(".", 1)[0]
+
+    assert served("default") == "bootcamp-v1"  # the consumer route is not for them
+    assert served("other") == "canary"  # theirs, ahead of the producer's

@@ -606,7 +606,7 @@ class Compiler:
         for hr in sorted(routes, key=lambda r: (r.namespace, r.name)):
             dests = [self._destinations(rule) for rule in hr.rules]
             keys = self._parent_keys(hr, by_gateway, gateway_keys)
-            for key, port in keys:
+            for key, port, consumer in keys:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
                     if rd is None:
                         continue
@@ -621,7 +621,9 @@ class Compiler:
                                 query=m.query,
                                 port=port,
                             )
-                        sort = (md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
+                        # this namespace's consumer routes before the
+                        # Service's producer routes (GAMMA)
+                        sort = (not consumer, md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
                         entries[key].append((sort, (id(hr), ri), rule.name, m, rd))
         for items in entries.values():
             items.sort(key=lambda e: e[0])
@@ -687,11 +689,17 @@ class Compiler:
         hr: HttpRouteDraft,
         by_gateway: dict[tuple[str, str], GatewayDraft],
         gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]],
-    ) -> list[tuple[str, int | None]]:
-        """Where *hr*'s rules go: (host, port match or None) per parent."""
-        out: list[tuple[str, int | None]] = []
+    ) -> list[tuple[str, int | None, bool]]:
+        """Where *hr*'s rules go, per parent: (host, port match or None,
+        whether it is a consumer route: one from another namespace than its
+        Service's, kept only for this sidecar's own namespace)."""
+        out: list[tuple[str, int | None, bool]] = []  # (host, port, a consumer route)
         for p in hr.parents:
             if p.kind == "Service":
+                if hr.namespace not in (p.namespace, self.env.namespace):
+                    # A consumer route (GAMMA): it routes only the clients of
+                    # its own namespace, and this sidecar's pod is not there.
+                    continue
                 host = fqdn(p.name, p.namespace, self.env)
                 other = self.routed_elsewhere.get(host)
                 if other is not None:
@@ -705,8 +713,9 @@ class Compiler:
                         f"{host} has no ServiceEntry in these files; this HTTPRoute applies "
                         "once one is loaded"
                     )
-                if (host, p.port) not in out:
-                    out.append((host, p.port))
+                consumer = hr.namespace != p.namespace
+                if (host, p.port, consumer) not in out:
+                    out.append((host, p.port, consumer))
                 continue
             gw = by_gateway.get((p.namespace, p.name))
             if gw is None:
@@ -743,7 +752,7 @@ class Compiler:
                 for hostname in names:
                     key = gateway_host(gw, lst.name, hostname)
                     gateway_keys[key] = (gw, lst, hostname)
-                    out.append((key, None))
+                    out.append((key, None, False))
                     attached = True
             if not attached:
                 p.where.error(
