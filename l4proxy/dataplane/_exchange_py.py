@@ -219,9 +219,9 @@ def _asks_close(sent: bytes) -> bool:
     (``close, x-foo``) is sent as it is, and the server closes after it."""
     for line in sent.split(b"\n")[1:]:
         name, colon, value = line.partition(b":")
-        if colon and name.lower() == b"connection":
-            if b"close" in {t.strip(b" \t\r").lower() for t in value.split(b",")}:
-                return True
+        tokens = {t.strip(b" \t\r").lower() for t in value.split(b",")}
+        if colon and name.lower() == b"connection" and b"close" in tokens:
+            return True
     return False
 
 

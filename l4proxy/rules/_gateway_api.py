@@ -639,9 +639,7 @@ class Compiler:
                 (
                     (_specificity(other_h), other)
                     for other, (ogw, olst, other_h) in gateway_keys.items()
-                    if other != key
-                    and (ogw is gw and olst is lst)
-                    and _covers(other_h, hostname)
+                    if other != key and (ogw is gw and olst is lst) and _covers(other_h, hostname)
                 ),
                 reverse=True,
             )
