@@ -382,9 +382,11 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
     """The backend(s) to use in the current namespace.
 
     ``auto`` uses nft where our rules already are there (the node switched, or
-    a previous run chose nft), otherwise legacy when the kernel still has it
-    (python-iptables writes there), otherwise nft. ``--cleanup`` with
-    ``auto`` visits both, so that nothing of ours is left in either.
+    a previous run chose nft), or where the namespace's nat rules are (nft
+    has some, legacy none), otherwise legacy when the kernel still has it
+    (python-iptables writes there), otherwise nft; nft binaries without
+    nf_tables in the kernel count as no nft. ``--cleanup`` with ``auto``
+    visits both, so that nothing of ours is left in either.
     """
     if choice == "legacy":
         return [LegacyBackend(family)]
@@ -402,8 +404,23 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
     if mode == "cleanup":
         if nft_ok:
             backends.append(NftBackend(family))
-    elif nft_ok and (not backends or parse_save(NftBackend(family).read()).our_lines()):
-        backends = [NftBackend(family)]
+    elif nft_ok:
+        try:
+            nft: str | None = NftBackend(family).read()
+        except InitError as exc:  # the binaries are there, nf_tables is not
+            if exc.code != ExitCode.ENVIRONMENT or not backends:
+                raise
+            nft = None
+        if nft is not None and (
+            not backends
+            or parse_save(nft).our_lines()
+            # The pod's namespace already has nat rules in nft (a CNI, the
+            # runtime) and none in legacy: ours go beside them, where
+            # iptables-save shows them and no hook order decides between
+            # two tables (kube-proxy's iptables-wrapper decides so too).
+            or (_has_rules(nft) and not _has_rules(backends[0].read()))
+        ):
+            backends = [NftBackend(family)]
     if not backends:
         raise InitError(
             ExitCode.ENVIRONMENT,
@@ -412,6 +429,11 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
             f"not found (install the iptables package)",
         )
     return backends[:1] if mode != "cleanup" else backends
+
+
+def _has_rules(save_text: str) -> bool:
+    """Whether an iptables-save dump of the nat table holds any rule."""
+    return any(line.startswith("-A ") for line in save_text.splitlines())
 
 
 # -- one family ---------------------------------------------------------------

@@ -266,6 +266,19 @@ def test_auto_backend_stays_where_our_rules_are(pod_network: PodNetwork) -> None
     assert "--to-ports 15002" in "\n".join(ours(pod, "iptables-nft-save"))
 
 
+def test_auto_backend_goes_where_the_namespaces_nat_rules_are(pod_network: PodNetwork) -> None:
+    """The pod's namespace already has nat rules in nft (a CNI, the
+    runtime) and none in legacy: ours went to legacy, invisible to the
+    image's iptables-save, and which table's hook runs first nobody sees."""
+    pod = pod_network.add_pod("a")
+    dnat = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "198.18.5.5"]
+    pod.run(["iptables-nft", *dnat, "-j", "DNAT", "--to-destination", "198.18.6.6:80"])
+    result = init_ok(pod, "-p", "15001", "--no-ipv6")  # auto
+    assert "iptables-nft" in result.stderr, result.stderr
+    assert ours(pod, "iptables-legacy-save") == []
+    assert "--to-ports 15001" in "\n".join(ours(pod, "iptables-nft-save"))
+
+
 def test_switching_backend_warns_about_rules_left_in_the_other(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")
     assert "warning" not in init_ok(pod, "--backend", "legacy", "--no-ipv6").stderr
