@@ -209,6 +209,22 @@ spec:
         11,
     ),
     (
+        "a host with a port (VirtualService)",
+        VS.replace("hosts: [bootcamp]", "hosts: ['bootcamp:8080']")
+        + "  http:\n  - route:\n    - destination: {host: bootcamp}\n",
+        "host 'bootcamp:8080' must be a DNS name (no port: 'bootcamp')",
+        6,
+    ),
+    (
+        "a host with a port (Ingress)",
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop}\nspec:\n"
+        "  rules:\n  - host: shop.example.com:80\n    http:\n      paths:\n"
+        "      - {path: /, pathType: Prefix, backend: {service: {name: bootcamp, "
+        "port: {number: 8080}}}}\n",
+        "host 'shop.example.com:80' must be a DNS name (no port: 'shop.example.com')",
+        6,
+    ),
+    (
         "a lookahead, which RE2 (Envoy) has not",
         RR
         + """\

@@ -18,6 +18,7 @@ path answers 404 until a ServiceEntry for it is loaded.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from l4proxy.rules._objects import Env, IngressDraft, fqdn
@@ -79,6 +80,12 @@ def read_ingress(
                 ok = False
                 continue
             host = host.lower().rstrip(".")
+            if not _INGRESS_HOST.fullmatch(host):
+                # Kubernetes refuses these: a port or an IP never matches a Host
+                hint = f" (no port: {host.split(':', 1)[0]!r})" if ":" in host else ""
+                ctx.error((*rpath, "host"), f"host {host!r} must be a DNS name{hint}")
+                ok = False
+                continue
         hpath = (*rpath, "http")
         h = fields(ctx, r["http"], hpath, allowed=("paths",), required=("paths",))
         for j, item in enumerate(
@@ -97,6 +104,9 @@ def read_ingress(
 
 def _name(ctx: Ctx) -> str:
     return f"{ctx.namespace}/{ctx.name}"
+
+
+_INGRESS_HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def _path(

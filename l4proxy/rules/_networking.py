@@ -9,6 +9,7 @@ would be worse than one that refuses it.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Literal
 
 from l4proxy.rules._objects import (
@@ -87,7 +88,16 @@ def _host(ctx: Ctx, value: Any, path: Path, env: Env) -> str | None:
     if "/" in h:
         ctx.error(path, f"host {h!r} must be a DNS name (namespace/host is not supported)")
         return None
+    if not _DNS_NAME.fullmatch(h):
+        # web:8080 became web:8080.default.svc.cluster.local, which nothing
+        # ever matches; Istio refuses it too
+        hint = f" (no port: {h.split(':', 1)[0]!r})" if ":" in h else ""
+        ctx.error(path, f"host {h!r} must be a DNS name{hint}")
+        return None
     return fqdn(h, ctx.namespace, env)
+
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
 
 
 def _hosts(ctx: Ctx, spec: dict[str, Any], env: Env) -> tuple[list[str], bool]:
