@@ -218,37 +218,12 @@ def prometheus() -> Iterator[tuple[str, list[str]]]:
     seen: list[str] = []
     answers = {"increase": "250", "* 100": "98.5", "histogram_quantile": "NaN"}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            parts = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(parts.query)["query"][0]
-            seen.append(f"{parts.path} {query}")
-            value = next(v for k, v in answers.items() if k in query)
-            body = json.dumps(
-                {
-                    "status": "success",
-                    "data": {
-                        "resultType": "vector",
-                        "result": [{"metric": {}, "value": [1, value]}],
-                    },
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(n: int, path: str, query: str) -> str:
+        seen.append(f"{path} {query}")
+        return next(v for k, v in answers.items() if k in query)
 
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with _fake_prometheus(answer) as url:
+        yield url, seen
 
 
 def test_prometheus_source(prometheus: tuple[str, list[str]]) -> None:
@@ -361,15 +336,16 @@ def test_the_document_quotes_the_versions() -> None:
 
 
 @contextlib.contextmanager
-def _fake_prometheus(answer: Callable[[int, str], str | None]) -> Iterator[str]:
+def _fake_prometheus(answer: Callable[[int, str, str], str | None]) -> Iterator[str]:
     """A Prometheus whose answer to the n-th query (from 1) is *answer*(n,
-    query): a value, or None for a 503."""
+    path, query): a value, or None for a 503."""
     asked = itertools.count(1)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
-            value = answer(next(asked), query)
+            parts = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(parts.query)["query"][0]
+            value = answer(next(asked), parts.path, query)
             if value is None:
                 self.send_error(503)
                 return
@@ -417,7 +393,7 @@ def test_an_abort_during_a_metrics_read_is_not_overwritten(
     it and went on to promote the canary the user had just aborted."""
     from l4proxy.cli import main
 
-    def answer(n: int, query: str) -> str:
+    def answer(n: int, path: str, query: str) -> str:
         if n == 4:  # the second interval: the abort comes now
             assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
         return _healthy(query)
@@ -438,7 +414,7 @@ def test_a_rollback_is_written_when_another_file_is_broken(
     be invalid), the state said rolled back and the sidecars went on with
     50 %, loading it again once that file was fixed. A rollback is written."""
 
-    def answer(n: int, query: str) -> str:
+    def answer(n: int, path: str, query: str) -> str:
         if n == 1:
             (tmp_path / "other.yaml").write_text("kind: [\n")
         return _healthy(query, success="50")
@@ -458,7 +434,7 @@ def test_one_unreadable_interval_is_a_failed_check_not_the_end(
     command (exit 2) with the canary at 50 % and nothing watching it."""
     asked: list[str] = []
 
-    def answer(n: int, query: str) -> str | None:
+    def answer(n: int, path: str, query: str) -> str | None:
         asked.append(query)
         return None if n == 4 else _healthy(query)  # the second interval's first query
 

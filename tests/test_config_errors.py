@@ -39,6 +39,13 @@ metadata:
 spec:
 """
 
+
+def _cookie_regex(regex: str) -> str:
+    """A RouteRule matching the cookie header by *regex* (on line 11)."""
+    match = "  match:\n    request:\n      headers:\n        cookie:\n"
+    return RR + "  destination: {name: bootcamp}\n" + match + f'          regex: "{regex}"\n'
+
+
 VS = """\
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -196,15 +203,7 @@ spec:
     ),
     (
         "bad regex",
-        RR
-        + """\
-  destination: {name: bootcamp}
-  match:
-    request:
-      headers:
-        cookie:
-          regex: "^(.*?;)?(user=jason(;.*)?$"
-""",
+        _cookie_regex("^(.*?;)?(user=jason(;.*)?$"),
         "regex '^(.*?;)?(user=jason(;.*)?$' in spec.match.request.headers.cookie is invalid",
         11,
     ),
@@ -226,15 +225,7 @@ spec:
     ),
     (
         "a lookahead, which RE2 (Envoy) has not",
-        RR
-        + """\
-  destination: {name: bootcamp}
-  match:
-    request:
-      headers:
-        cookie:
-          regex: "(?=.*user=jason).*"
-""",
+        _cookie_regex("(?=.*user=jason).*"),
         "is invalid: invalid perl operator: (?= (rules use RE2's syntax, as Envoy does)",
         11,
     ),

@@ -1264,6 +1264,25 @@ def test_an_ipv6_endpoint_is_decided_once() -> None:
     both(conv(get("v6") + get("cl"), requests=2))
 
 
+def _pooled(run: Run, clients: list[Client], name: str) -> Client:
+    """A client whose request *name* was answered: its upstream connection
+    is idle in the pool."""
+    a = run.open()
+    clients.append(a)
+    a.send(get(name), time.monotonic() + 1)
+    run.settle(a, 1)
+    return a
+
+
+def _stall(run: Run, clients: list[Client]) -> Client:
+    """Another client, whose request holds the relay's thread in decide."""
+    b = run.open()
+    clients.append(b)
+    b.send(get("stall"), time.monotonic() + 1)
+    assert run.in_decide.wait(SETTLE_TIMEOUT)
+    return b
+
+
 def test_a_retried_request_keeps_its_body_in_order() -> None:
     """A PUT (idempotent: retried) with a body goes on a pooled connection
     that the server closes after reading the head; the rest of the body
@@ -1298,16 +1317,10 @@ def test_a_retried_request_keeps_its_body_in_order() -> None:
         run = Run(which)
         clients: list[Client] = []
         try:
-            a = run.open()
-            clients.append(a)
-            a.send(get("cl"), time.monotonic() + 1)
-            run.settle(a, 1)
+            a = _pooled(run, clients, "cl")
             a.send(head + body[:8], time.monotonic() + 1)
             assert run.backend.at_gate.wait(SETTLE_TIMEOUT)
-            b = run.open()
-            clients.append(b)
-            b.send(get("stall"), time.monotonic() + 1)
-            assert run.in_decide.wait(SETTLE_TIMEOUT)
+            b = _stall(run, clients)
             run.backend.gate.set()  # the server closes the pooled connection...
             time.sleep(0.02)
             a.send(body[8:], time.monotonic() + 1)  # ... and the body's end arrives
@@ -1356,14 +1369,8 @@ def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:
         run = Run(which)
         clients: list[Client] = []
         try:
-            a = run.open()
-            clients.append(a)
-            a.send(get("rst_later"), time.monotonic() + 1)
-            run.settle(a, 1)  # answered; its upstream connection is idle in the pool
-            b = run.open()
-            clients.append(b)
-            b.send(get("stall"), time.monotonic() + 1)
-            assert run.in_decide.wait(SETTLE_TIMEOUT)
+            _pooled(run, clients, "rst_later")
+            b = _stall(run, clients)
             run.backend.gate.set()  # the RST arrives while the relay decides b's request
             run.settle(b, 2)
             for c in clients:

@@ -357,6 +357,11 @@ def _write_atomic(path: str, text: str) -> None:
             os.unlink(cand)
 
 
+def first_error(exc: ConfigError) -> str:
+    """The first error of a refused rule set, as the user reads it."""
+    return next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
+
+
 class _Any:
     def __repr__(self) -> str:
         return "ANY"
@@ -442,10 +447,9 @@ class RulesWriter:
             except ConfigUnreadable as exc:
                 raise CanaryError(str(exc)) from exc
             except ConfigError as exc:
-                first = next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
                 raise CanaryError(
                     f"refused: the rules would be invalid at weight {r.weight}: "
-                    f"{first.replace(cand, doc)}"
+                    f"{first_error(exc).replace(cand, doc)}"
                 ) from exc
             apply._install(cand, doc)
         finally:

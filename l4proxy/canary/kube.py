@@ -61,7 +61,15 @@ from typing import Any, Literal
 
 from l4proxy import __version__
 from l4proxy.canary._analysis import Rollout
-from l4proxy.canary.command import ANY, CanaryError, Superseded, competing, document, rule_name
+from l4proxy.canary.command import (
+    ANY,
+    CanaryError,
+    Superseded,
+    competing,
+    document,
+    first_error,
+    rule_name,
+)
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -389,10 +397,9 @@ class ConfigMapStore:
             except ConfigUnreadable as exc:
                 raise KubeError(relabel(str(exc), tmp, where)) from exc
             except ConfigError as exc:
-                first = next((str(d) for d in exc.diagnostics if d.severity == "error"), "")
                 raise KubeError(
                     f"refused: the rules would be invalid at weight {weight}: "
-                    f"{relabel(first, tmp, where)}; {self.where} is unchanged"
+                    f"{relabel(first_error(exc), tmp, where)}; {self.where} is unchanged"
                 ) from exc
 
     def _update(self, r: Rollout, with_document: bool, expected: Rollout | None = ANY) -> None:
