@@ -444,3 +444,23 @@ def test_one_unreadable_interval_is_a_failed_check_not_the_end(
     assert code == 0, out  # promoted
     assert "metrics unreadable" in out and "HTTP 503" in out
     assert len(asked) == 3 + 1 + 3  # pass (3 queries), unreadable at its first, pass
+
+
+def test_an_abort_is_written_when_a_sidecar_cannot_be_read(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort --metrics`` with a sidecar down: it read the sidecars before
+    writing anything, and an unreachable one refused the abort (exit 2, the
+    canary left at 50 %). An abort is an emergency: written, with a warning."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+    assert _routes(tmp_path) == [("v1", 50), ("v2", 50)]
+    argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", "127.0.0.1:1"]
+    assert main(argv) == 1  # rolled back
+    assert "warning: " in capsys.readouterr().err
+    assert _routes(tmp_path) == [("v1", 100)]

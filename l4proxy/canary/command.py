@@ -759,7 +759,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         service = words[-1]
         store = _store(args, service)
         if action != "run":
-            return _by_hand(action, store, args, out)
+            return _by_hand(action, store, args, out, err)
         with _interruptible():
             return _analyse(args, service, store, out, err)
     except (CanaryError, PolicyError, Conflict, MetricsError) as exc:
@@ -788,8 +788,13 @@ def _store(args: argparse.Namespace, service: str) -> Store:
     return canary_kube.store_of(args, service)
 
 
-def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    """status, promote, abort; with --metrics, promote/abort return once live."""
+def _by_hand(
+    action: str, store: Store, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
+    """status, promote, abort; with --metrics, promote/abort return once live.
+
+    The sidecars are read on a best-effort basis: an abort is an emergency,
+    and one unreachable sidecar must not keep it from being written."""
     as_json: bool = args.json
     saved = loaded = store.load_state()
     if saved is None:
@@ -800,12 +805,20 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO) -
         saved = roll_back(saved, time.time())
     if action != "status":
         sidecars = SidecarMetrics(args.metrics, store.service) if args.metrics else None
+        before: dict[str, int | None] = {}
         if sidecars is not None:
-            sidecars.start_window()
-        before = dict(sidecars.generations) if sidecars is not None else {}
+            try:
+                sidecars.start_window()
+                before = dict(sidecars.generations)
+            except MetricsError as exc:
+                print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
+                sidecars = None
         store.commit(saved, loaded)
         if sidecars is not None:
-            sidecars.wait_live(before, args.wait_live)
+            try:
+                sidecars.wait_live(before, args.wait_live)
+            except MetricsError as exc:  # written: say so, with the exit of what was done
+                print(f"l4proxy canary: warning: {exc}", file=err)
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
     else:
