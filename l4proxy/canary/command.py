@@ -410,6 +410,14 @@ class RulesWriter:
         with apply._locked(self.paths.directory):
             self.install_locked(r)
 
+    def _spliced(self, ours: str) -> str:
+        """The user's rules file with our document in it (the rest kept)."""
+        doc = self.paths.document
+        try:
+            return splice(read_file(doc), ours, rule_name(self.service))
+        except (Unreadable, SourceProblem) as exc:
+            raise CanaryError(f"{doc}: cannot read: {exc}") from exc
+
     def install_locked(self, r: Rollout) -> None:
         """install() with the directory's lock held by the caller.
 
@@ -420,23 +428,14 @@ class RulesWriter:
         ours = document(r)
         doc = self.paths.document
         if r.phase == "rolled_back":
-            new_text = ours
-            if not self.paths.is_dir:
-                with contextlib.suppress(Unreadable, SourceProblem):
-                    new_text = splice(read_file(doc), ours, rule_name(self.service))
+            new_text = ours if self.paths.is_dir else self._spliced(ours)
             cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
             with open(cand, "w") as f:
                 f.write(new_text)
             apply._install(cand, doc)
             return
         self.check_competing()
-        if self.paths.is_dir:
-            new_text = ours
-        else:
-            try:
-                new_text = splice(read_file(doc), ours, rule_name(self.service))
-            except (Unreadable, SourceProblem) as exc:
-                raise CanaryError(f"{doc}: cannot read: {exc}") from exc
+        new_text = ours if self.paths.is_dir else self._spliced(ours)
         cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
         with open(cand, "w") as f:
             f.write(new_text)
