@@ -787,9 +787,7 @@ def _store(args: argparse.Namespace, service: str) -> Store:
     return canary_kube.store_of(args, service)
 
 
-def _by_hand(
-    action: str, store: Store, args: argparse.Namespace, out: TextIO, err: TextIO
-) -> int:
+def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """status, promote, abort; with --metrics, promote/abort return once live.
 
     The sidecars are read on a best-effort basis: an abort is an emergency,
