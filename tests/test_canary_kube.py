@@ -392,6 +392,35 @@ def test_a_conflict_is_retried_on_the_fresh_object(api: FakeAPI, token: str) -> 
     assert stored["metadata"]["resourceVersion"] == "3"
 
 
+def test_a_conflict_never_puts_back_a_rollout_an_abort_replaced(api: FakeAPI, token: str) -> None:
+    """The controller's PUT of its next step meets a 409: another shell's
+    abort landed between its GET and its PUT. The retry sent the same
+    step over the fresh object, and the aborted canary went on."""
+    from l4proxy.canary._analysis import roll_back
+    from l4proxy.canary.command import Superseded
+
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    store(api, token).commit(R)
+    aborted = roll_back(R, 2.0)
+
+    def abort_meanwhile(fake: FakeAPI) -> None:
+        fake.before_put = None
+
+        def change(obj: dict[str, Any]) -> None:
+            state = json.dumps(aborted.to_json(), separators=(",", ":"), sort_keys=True)
+            obj["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"] = state
+
+        fake.edit(CM_PATH, change)
+
+    api.before_put = abort_meanwhile
+    step = Rollout("bootcamp", "v1", "v2", weight=50, step=2, steps=R.steps, updated=3.0)
+    with pytest.raises(Superseded) as info:
+        store(api, token).commit(step, expected=R)
+    assert info.value.current == aborted
+    stored = api.objects[CM_PATH]["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"]
+    assert json.loads(stored)["phase"] == "rolled_back"
+
+
 def test_a_conflict_every_time_gives_up_without_writing(api: FakeAPI, token: str) -> None:
     api.objects[CM_PATH] = configmap(bootcamp_data())
     puts = 0
