@@ -464,3 +464,17 @@ def test_an_abort_is_written_when_a_sidecar_cannot_be_read(
     assert main(argv) == 1  # rolled back
     assert "warning: " in capsys.readouterr().err
     assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_a_file_commit_says_whether_the_document_changed(tmp_path: pathlib.Path) -> None:
+    """As the ConfigMap store: a resume at the same weight writes nothing,
+    and the controller waits for no reload."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    r = Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100))
+    assert store.commit(r) is True
+    assert store.commit(r, expected=r) is False
+    assert store.commit(Rollout("bootcamp", "v1", "v2", weight=100, steps=(50, 100))) is True

@@ -421,6 +421,15 @@ def test_a_conflict_never_puts_back_a_rollout_an_abort_replaced(api: FakeAPI, to
     assert json.loads(stored)["phase"] == "rolled_back"
 
 
+def test_a_commit_says_whether_the_document_changed(api: FakeAPI, token: str) -> None:
+    """A resume at the same weight PUTs an identical document: the kubelet
+    changes nothing and no sidecar reloads, so the controller must not wait
+    for a new rules generation (it timed out, exit 2, on every resume)."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    assert store(api, token).commit(R) is True
+    assert store(api, token).commit(R, expected=R) is False  # the same document again
+
+
 def test_a_conflict_every_time_gives_up_without_writing(api: FakeAPI, token: str) -> None:
     api.objects[CM_PATH] = configmap(bootcamp_data())
     puts = 0

@@ -406,9 +406,9 @@ class RulesWriter:
                 "the requests it names; then run this again"
             )
 
-    def install(self, r: Rollout) -> None:
+    def install(self, r: Rollout) -> bool:
         with apply._locked(self.paths.directory):
-            self.install_locked(r)
+            return self.install_locked(r)
 
     def _spliced(self, ours: str) -> str:
         """The user's rules file with our document in it (the rest kept)."""
@@ -418,7 +418,7 @@ class RulesWriter:
         except (Unreadable, SourceProblem) as exc:
             raise CanaryError(f"{doc}: cannot read: {exc}") from exc
 
-    def install_locked(self, r: Rollout) -> None:
+    def install_locked(self, r: Rollout) -> bool:
         """install() with the directory's lock held by the caller.
 
         A rollback is written whatever the other files hold: refused (a
@@ -429,13 +429,17 @@ class RulesWriter:
         doc = self.paths.document
         if r.phase == "rolled_back":
             new_text = ours if self.paths.is_dir else self._spliced(ours)
+            if self._holds(new_text):
+                return False
             cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
             with open(cand, "w") as f:
                 f.write(new_text)
             apply._install(cand, doc)
-            return
+            return True
         self.check_competing()
         new_text = ours if self.paths.is_dir else self._spliced(ours)
+        if self._holds(new_text):
+            return False
         cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
         with open(cand, "w") as f:
             f.write(new_text)
@@ -454,6 +458,16 @@ class RulesWriter:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cand)
+        return True
+
+    def _holds(self, text: str) -> bool:
+        """Whether our document's file holds *text* already (a resume at the
+        same weight): then nothing is written, and no reload is waited for."""
+        try:
+            with open(self.paths.document) as f:
+                return f.read() == text
+        except OSError:
+            return False
 
 
 class Store(Protocol):
@@ -464,8 +478,8 @@ class Store(Protocol):
 
     def load_state(self) -> Rollout | None: ...
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
-    def install(self, r: Rollout) -> None: ...
-    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
+    def install(self, r: Rollout) -> bool: ...
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
     def check_competing(self) -> None: ...
 
 
@@ -487,10 +501,10 @@ class FileStore:
             self._still(expected)
             save_state(self.paths.state, r)
 
-    def install(self, r: Rollout) -> None:
-        self.writer.install(r)
+    def install(self, r: Rollout) -> bool:
+        return self.writer.install(r)
 
-    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool:
         """State first, then the document (a crash between: resume rewrites
         it), under the directory's lock and only while the stored rollout is
         *expected* (else :class:`Superseded`: an abort typed meanwhile is not
@@ -499,7 +513,7 @@ class FileStore:
             before = self._still(expected)
             save_state(self.paths.state, r)
             try:
-                self.writer.install_locked(r)
+                return self.writer.install_locked(r)
             except CanaryError:
                 if before is None:
                     with contextlib.suppress(FileNotFoundError):
@@ -810,7 +824,8 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             except MetricsError as exc:
                 print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
                 sidecars = None
-        store.commit(saved, loaded)
+        if not store.commit(saved, loaded):
+            sidecars = None  # the document was so already: nothing reloads
         if sidecars is not None:
             try:
                 sidecars.wait_live(before, args.wait_live)
@@ -947,8 +962,8 @@ def _set_weight(
 ) -> None:
     """State first, then the document; then a fresh window at that weight."""
     before = dict(metrics.generations)
-    store.commit(r, expected)
-    metrics.wait_live(before, wait)  # also on the way out: exit once it is live
+    if store.commit(r, expected):  # unchanged (a resume): no reload to wait for
+        metrics.wait_live(before, wait)  # also on the way out: exit once it is live
     if r.phase == "progressing":
         metrics.start_window()
 

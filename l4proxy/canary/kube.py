@@ -355,15 +355,15 @@ class ConfigMapStore:
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
         self._update(r, with_document=False, expected=expected)
 
-    def install(self, r: Rollout) -> None:
-        self._update(r, with_document=True)
+    def install(self, r: Rollout) -> bool:
+        return self._update(r, with_document=True)
 
-    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> None:
+    def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool:
         """State and document in one PUT, only while the stored rollout is
         *expected* (:class:`Superseded` otherwise): checked on the object
         each attempt reads, so a 409 retry does not put back a rollout that
         an abort replaced meanwhile."""
-        self._update(r, with_document=True, expected=expected)
+        return self._update(r, with_document=True, expected=expected)
 
     # -- internals -------------------------------------------------------------------
     def validate(self, obj: Mapping[str, Any], weight: int | None) -> None:
@@ -402,7 +402,10 @@ class ConfigMapStore:
                     f"{relabel(first_error(exc), tmp, where)}; {self.where} is unchanged"
                 ) from exc
 
-    def _update(self, r: Rollout, with_document: bool, expected: Rollout | None = ANY) -> None:
+    def _update(self, r: Rollout, with_document: bool, expected: Rollout | None = ANY) -> bool:
+        """PUT the state (and the document); whether the document changed
+        (an identical one makes the kubelet change nothing, and the
+        sidecars reload nothing: there is no new generation to wait for)."""
         query = "?" + urllib.parse.urlencode({"fieldManager": FIELD_MANAGER})
         for attempt in range(1, ATTEMPTS + 1):
             obj = self.get()
@@ -415,7 +418,9 @@ class ConfigMapStore:
                 self.validate(new, r.weight)
             status, body = self.client.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
-                return
+                key = doc_key(self.service)
+                return mounted_files(new).get(key) != mounted_files(obj).get(key)
+        return False  # not reached: after_put raises on the last attempt
 
 
 def store_of(
