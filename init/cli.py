@@ -247,7 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             where += f" ({report.backend})"
         _say(f"{where}: {report.status}: {report.summary}")
         if report.warning:
-            _say(f"warning: {report.warning}")
+            warning = report.warning
+            if args.netns and "l4proxy-init --cleanup" in warning:
+                # run as written on the node, it would clean the node's own namespace
+                warning = warning.replace(
+                    "l4proxy-init --cleanup", f"l4proxy-init --netns {args.netns} --cleanup"
+                )
+            _say(f"warning: {warning}")
         if report.status == "planned":
             print(f"# {PROG} --dry-run: IPv{report.family} nat rules (nothing was changed)")
         if report.ruleset:

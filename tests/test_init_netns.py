@@ -284,7 +284,8 @@ def test_switching_backend_warns_about_rules_left_in_the_other(pod_network: PodN
     assert "warning" not in init_ok(pod, "--backend", "legacy", "--no-ipv6").stderr
     result = init_ok(pod, "--backend", "nft", "--no-ipv6")
     assert "warning: IPv4 rules of ours are also in iptables-legacy" in result.stderr
-    assert "--cleanup --backend legacy" in result.stderr
+    # the command as the user can paste it: for the pod's namespace, not the node's
+    assert f"l4proxy-init --netns {pod.netns} --cleanup --backend legacy" in result.stderr
 
 
 FOREIGN = [
