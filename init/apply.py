@@ -35,6 +35,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -214,6 +215,16 @@ def _tool_failure(tool: str, result: subprocess.CompletedProcess[str], what: str
     )
 
 
+def failed_line(message: str, restore_input: str) -> str:
+    """*message* with the restore input's line it names ("line 2 failed"):
+    the input is ours, built in memory, and the user never sees it."""
+    m = re.search(r"\bline (\d+) failed", message)
+    lines = restore_input.splitlines()
+    if m is None or not 1 <= int(m.group(1)) <= len(lines):
+        return message
+    return f"{message} (line {m.group(1)} of the restore input: {lines[int(m.group(1)) - 1]})"
+
+
 class NftBackend:
     """iptables-nft: the nat table lives in nf_tables as ``table ip[6] nat``."""
 
@@ -240,9 +251,11 @@ class NftBackend:
 
     def apply(self, changes: Sequence[Change]) -> None:
         # One restore input is one nf_tables transaction: all or nothing.
-        result = _run_tool([self.restore, "--noflush"], stdin=restore_text(changes))
+        text = restore_text(changes)
+        result = _run_tool([self.restore, "--noflush"], stdin=text)
         if result.returncode != 0:
-            raise _tool_failure(self.restore, result, "apply")
+            exc = _tool_failure(self.restore, result, "apply")
+            raise InitError(exc.code, failed_line(exc.message, text))
 
 
 class LegacyBackend:

@@ -315,3 +315,18 @@ def test_names_taken_by_someone_else_are_a_conflict(
         with pytest.raises(Conflict, match=needle) as info:
             plan_changes(desired, state, 4)
         assert info.value.code == 5
+
+
+def test_a_failed_restore_names_the_line_the_user_cannot_see() -> None:
+    """iptables-nft-restore says "line 2 failed" about input built in memory."""
+    from l4proxy_init.apply import failed_line
+
+    text = "*nat\n-A OUTPUT -p tcp -j L4PROXY_NOPE\nCOMMIT\n"
+    msg = "iptables-nft-restore: line 2 failed: Couldn't load target `L4PROXY_NOPE'"
+    assert failed_line(msg, text).endswith(
+        "(line 2 of the restore input: -A OUTPUT -p tcp -j L4PROXY_NOPE)"
+    )
+    assert failed_line("iptables-nft-restore: exit status 1", text) == (
+        "iptables-nft-restore: exit status 1"
+    )
+    assert failed_line("line 9 failed", text) == "line 9 failed"  # no such line: as it was
