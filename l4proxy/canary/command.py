@@ -427,16 +427,9 @@ class RulesWriter:
         loaded our old document again. Ours alone is valid by construction."""
         ours = document(r)
         doc = self.paths.document
-        if r.phase == "rolled_back":
-            new_text = ours if self.paths.is_dir else self._spliced(ours)
-            if self._holds(new_text):
-                return False
-            cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
-            with open(cand, "w") as f:
-                f.write(new_text)
-            apply._install(cand, doc)
-            return True
-        self.check_competing()
+        rollback = r.phase == "rolled_back"
+        if not rollback:
+            self.check_competing()
         new_text = ours if self.paths.is_dir else self._spliced(ours)
         if self._holds(new_text):
             return False
@@ -444,16 +437,17 @@ class RulesWriter:
         with open(cand, "w") as f:
             f.write(new_text)
         try:
-            keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
-            try:
-                load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
-            except ConfigUnreadable as exc:
-                raise CanaryError(str(exc)) from exc
-            except ConfigError as exc:
-                raise CanaryError(
-                    f"refused: the rules would be invalid at weight {r.weight}: "
-                    f"{first_error(exc).replace(cand, doc)}"
-                ) from exc
+            if not rollback:
+                keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
+                try:
+                    load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
+                except ConfigUnreadable as exc:
+                    raise CanaryError(str(exc)) from exc
+                except ConfigError as exc:
+                    raise CanaryError(
+                        f"refused: the rules would be invalid at weight {r.weight}: "
+                        f"{first_error(exc).replace(cand, doc)}"
+                    ) from exc
             apply._install(cand, doc)
         finally:
             with contextlib.suppress(FileNotFoundError):
