@@ -203,26 +203,28 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
     kept = [lines[0]]
     dropped = False
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if colon and name.lower() == b"connection":
-            tokens = {t.strip(b" \t\r").lower() for t in value.split(b",")}
-            if tokens <= {b"close", b"keep-alive", b""}:
-                dropped = True
-                continue
+        tokens = _connection_tokens(line)
+        if tokens is not None and tokens <= {b"close", b"keep-alive", b""}:
+            dropped = True
+            continue
         kept.append(line)
     return b"\n".join(kept) if dropped else raw
+
+
+def _connection_tokens(line: bytes) -> set[bytes] | None:
+    """A header line's tokens, lower case, when it is a Connection line
+    (split at its ":" and around commas, CR included); else None."""
+    name, colon, value = line.partition(b":")
+    if not colon or name.lower() != b"connection":
+        return None
+    return {t.strip(b" \t\r").lower() for t in value.split(b",")}
 
 
 def _asks_close(sent: bytes) -> bool:
     """Whether a Connection line of *sent* (a head as upstream_head() left
     it) still has ``close`` among its tokens: one with other tokens too
     (``close, x-foo``) is sent as it is, and the server closes after it."""
-    for line in sent.split(b"\n")[1:]:
-        name, colon, value = line.partition(b":")
-        tokens = {t.strip(b" \t\r").lower() for t in value.split(b",")}
-        if colon and name.lower() == b"connection" and b"close" in tokens:
-            return True
-    return False
+    return any(b"close" in (_connection_tokens(line) or ()) for line in sent.split(b"\n")[1:])
 
 
 def client_head(raw: bytes, resp: ResponseHead) -> bytes:

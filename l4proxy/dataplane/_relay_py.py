@@ -435,8 +435,13 @@ class HttpRelay:
                 self._start_close(c, now, a.quiet)
         if c.fd in self._conns:
             up = c.up
-            pending = up is not None and up.owner is c and not up.connecting and bool(up.out)
-            if pending and up is not None and not self._flush_up(up):
+            if (
+                up is not None
+                and up.owner is c
+                and not up.connecting
+                and up.out
+                and not self._flush_up(up)
+            ):
                 self._perform(c, c.ex.upstream_eof(), now)
                 return
             if c.out:

@@ -248,11 +248,11 @@ def _is_empty(node: Node) -> bool:
 class _Builder:
     def __init__(self, budget: NodeBudget) -> None:
         self.budget = budget
-        self.max_nodes = budget.left  # _expanded_size stops counting past it
+        self.max_nodes = 0  # what is left of the budget, set by build()
         self.scalars = SafeConstructor()
 
     def build(self, root: Node, file: str, index: int) -> Document:
-        left = self.max_nodes = self.budget.left
+        left = self.max_nodes = self.budget.left  # _expanded_size stops counting past it
         size = self._expanded_size(root, {}, set(), 0)
         if size > left:
             whole = self.budget.max_nodes
