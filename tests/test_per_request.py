@@ -267,3 +267,26 @@ def test_a_header_route_is_applied_per_request_without_python_per_user(mesh: Mes
     misses = mesh.sidecar.stat("l4proxy_http_verdict_cache_misses_total")
     assert mesh.sidecar.stat("l4proxy_http_verdict_cache_hits_total") + misses == 90
     assert misses < 20, misses  # by value: 41 or more
+
+
+def _maps_re2(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "_re2" in f.read()
+
+
+def test_re2_is_loaded_by_the_first_regex_rule_not_at_start(mesh: Mesh) -> None:
+    """RE2 and libstdc++ (2.5 MB of RSS) are paid only by a pod whose rules have
+    a regex: not mapped at start, mapped once a regex rule loads, and that
+    rule then routes."""
+    mesh.start("compiled-uvloop", HEADER_ROUTE, run_args=PER_REQUEST)
+    assert mesh.client is not None and mesh.sidecar is not None
+    [worker] = mesh.sidecar.worker_pids()
+    assert not _maps_re2(worker) and not _maps_re2(mesh.sidecar.proc.pid)
+    gen = mesh.sidecar.stat("l4proxy_rules_generation")
+    mesh.write_rules(HEADER_ROUTE.replace("exact: jason", 'regex: "^ja[s]on$"'))
+    wait_generation(mesh, gen)
+    assert _maps_re2(worker)
+    out = mesh.client.run([PYTHON, "-c", USERS_CLIENT, VIP], user=1000, timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 90
+    assert all(v == ("2" if user == "jason" else "1") for user, _, v in rows), rows
