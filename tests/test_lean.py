@@ -5,11 +5,17 @@ Each case runs in a fresh interpreter: what is imported is the point."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 from l4proxy.sidecar import lean
+from tests.mesh import Mesh, route_rule
+from tests.test_reload import big_rules
 
 
 def _run(code: str) -> str:
@@ -93,3 +99,38 @@ def test_argparse_runs_without_the_compressors() -> None:
 def test_a_worker_gets_one_malloc_arena_unless_told_otherwise() -> None:
     assert lean.worker_env({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_ARENA_MAX": "1"}
     assert lean.worker_env({"MALLOC_ARENA_MAX": "4"})["MALLOC_ARENA_MAX"] == "4"
+
+
+def _rss_anon_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        found = re.search(r"RssAnon:\s+(\d+)", f.read())
+    assert found
+    return int(found.group(1))
+
+
+@pytest.mark.netns
+def test_a_worker_gives_back_what_a_big_reload_freed(mesh: Mesh) -> None:
+    """2,000 ServiceEntries and 2,000 RouteRules loaded, then the small rule
+    set again: the worker's memory falls back near where it started. Measured
+    before give_back_memory: 22 MB at start, 88 with the big set, 60 after it
+    (free lists and malloc's free pages held what the parse had freed); now
+    about 23."""
+    mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
+    assert mesh.sidecar is not None
+    [worker] = mesh.sidecar.worker_pids()
+    start = _rss_anon_kb(worker)
+    for rules, name in ((big_rules(2000), "big.yaml"), (None, "big.yaml")):
+        gen = mesh.sidecar.stat("l4proxy_rules_generation")
+        if rules is None:
+            mesh.remove_rules(name)
+        else:
+            mesh.write_rules(rules, name=name)
+        deadline = time.monotonic() + 60
+        while mesh.sidecar.stat("l4proxy_rules_generation") <= gen:
+            assert time.monotonic() < deadline, "the rules never went live"
+            time.sleep(0.2)
+        if rules is not None:
+            big = _rss_anon_kb(worker)
+    after = _rss_anon_kb(worker)
+    assert big - start > 30_000, (start, big)  # the big set really was loaded
+    assert after - start < 10_000, (start, big, after)

@@ -404,3 +404,20 @@ def test_a_loader_bug_is_a_rejected_rule_set_not_the_workers_end(
     assert st.last_error == "internal error while loading the rules: KeyError: 'spec'"
     monkeypatch.setattr(rulewatch, "load_rules", real)
     assert watcher.load_now() and watcher.state.last_error is None
+
+
+def test_after_load_runs_after_every_reload_loaded_or_refused(tmp_path: Path) -> None:
+    """The worker gives back what a parse freed (lean.give_back_memory) through
+    after_load: after a load, after a refused file (its parse freed as much),
+    and once the new table is live (the old one dropped), never before."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(big_rules(1))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    seen: list[tuple[int, int]] = []
+    watcher.after_load = lambda: seen.append(
+        (watcher.state.generation, watcher.state.reload_failures)
+    )
+    assert asyncio.run(watcher.reload())
+    rules.write_text("kind: [")
+    assert not asyncio.run(watcher.reload())
+    assert seen == [(1, 0), (1, 1)]

@@ -155,6 +155,11 @@ class RuleWatcher:
         # Called with each table right after it goes live (on the loop):
         # whoever caches what the table answered forgets it here.
         self.on_publish: list[Callable[[RouteTable], None]] = []
+        # Called (on the loop) after each reload, whether it loaded or was
+        # refused, and after each DNS swap: a parse frees several times the
+        # table it builds (the worker gives that memory back here: see
+        # l4proxy.sidecar.lean.give_back_memory).
+        self.after_load: Callable[[], object] | None = None
         self.reloading = False  # a reload is being parsed in a thread
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
@@ -198,18 +203,26 @@ class RuleWatcher:
         """
         self._fingerprint = fingerprint(self.paths)
         self.reloading = True
+        result: LoadResult | None = None
         try:
             result = await asyncio.to_thread(self._parse_without_gc)
         except ConfigError as exc:
             self._reject(str(exc))
-            return False
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
-            return False
         finally:
             self.reloading = False
-        self._swap(result)
-        return True
+        if result is not None:
+            self._swap(result)  # the previous table is dropped here
+        self._loaded()
+        return result is not None
+
+    def _loaded(self) -> None:
+        if self.after_load is not None:
+            try:
+                self.after_load()
+            except Exception:  # never a reason to stop reloading
+                log.exception("after-load hook failed")
 
     def _parse(self) -> LoadResult:
         """Read, parse and compile the rule files (pure: no shared state touched)."""
@@ -309,6 +322,7 @@ class RuleWatcher:
             st.dns_updates += 1
             if self.on_swap:
                 self.on_swap(st)
+            self._loaded()
         return changed
 
     async def _run_dns(self) -> None:

@@ -26,14 +26,29 @@ a mesh, so what each loads is paid thousands of times over.
   (``MALLOC_ARENA_MAX=1``, unless the environment says otherwise): 10k idle
   connections cost 3.3 MB instead of 4.9. Small allocations still go through
   each thread's tcache, without the arena's lock.
+* **what a load freed.** Parsing and compiling rules allocates several times
+  the table it builds; once the parse is over, most of that is free but not
+  returned. Measured after loading 2,000 + 2,000 objects and then a small rule
+  set again: the worker held 72 MB where it had started at 29. Two things pin
+  it. CPython's free lists (tuples, lists, dicts, floats) keep thousands of
+  dead objects for reuse, scattered over the allocator's 1 MiB arenas, and one
+  such object keeps its whole arena; they are emptied only by a full
+  collection of the oldest generation, which may not come for hours. And
+  glibc keeps freed pages inside its heap. :func:`give_back_memory` empties
+  the free lists (a collection with every object frozen: it examines none, a
+  few milliseconds) and calls ``malloc_trim(0)`` (under a millisecond): the
+  same worker fell back to 35 MB. Both processes call it once started; the
+  worker after every load and every DNS swap too (:mod:`l4proxy.rules.watch`).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 log = logging.getLogger("l4proxy")
@@ -106,3 +121,36 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     env = dict(environ)
     env.setdefault("MALLOC_ARENA_MAX", "1")
     return env
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None where the C library has none (musl)."""
+    try:
+        import ctypes
+
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+    return trim
+
+
+def give_back_memory() -> bool:
+    """Return to the kernel what the interpreter and malloc keep of freed memory.
+
+    Empties CPython's free lists, which only a full collection does, without
+    the cost of one: every object is frozen first, so the collection examines
+    none (cyclic garbage is left to the automatic collector). Then
+    ``malloc_trim(0)`` gives glibc's free heap pages back. Returns whether
+    malloc_trim was there to call.
+    """
+    gc.freeze()
+    try:
+        gc.collect()
+    finally:
+        gc.unfreeze()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -22,8 +22,8 @@ from l4proxy import __version__
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.sidecar.admin import AdminServer, WorkerView
 from l4proxy.sidecar.channel import serve_supervisor
+from l4proxy.sidecar.lean import give_back_memory, import_uvloop
 from l4proxy.sidecar.signals import HeldReloads, hold_reloads
-from l4proxy.sidecar.supervisor import Supervisor
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -331,8 +331,6 @@ def _inherited_listeners(spec: str) -> list[Listener]:
 
 def _event_loop_runner(name: str) -> Any:
     if name == "uvloop":
-        from l4proxy.sidecar.lean import import_uvloop
-
         return import_uvloop().run
     return asyncio.run
 
@@ -412,6 +410,8 @@ async def _start_stats(args: argparse.Namespace, source: Any) -> AdminServer | N
 
 
 async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> int:
+    from l4proxy.sidecar.supervisor import Supervisor  # the supervisor's only
+
     sup = Supervisor(args, sets)
     admin: AdminServer | None = None
     stats: AdminServer | None = None
@@ -433,6 +433,7 @@ async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> in
             "{}:{}".format(*admin.address) if admin else "off",
             os.getuid(),
         )
+        give_back_memory()  # what start-up freed (lean)
 
     code = await sup.run(start_admin)
     for server in (admin, stats):
@@ -505,6 +506,8 @@ async def _serve(
     worker.start()
     if args.rules:
         rules.start()
+    rules.after_load = give_back_memory  # a parse frees several times its table (lean)
+    give_back_memory()  # and so did the first load and the imports
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
