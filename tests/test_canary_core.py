@@ -478,3 +478,79 @@ def test_a_file_commit_says_whether_the_document_changed(tmp_path: pathlib.Path)
     assert store.commit(r) is True
     assert store.commit(r, expected=r) is False
     assert store.commit(Rollout("bootcamp", "v1", "v2", weight=100, steps=(50, 100))) is True
+
+
+@contextlib.contextmanager
+def _stuck_sidecar() -> Iterator[str]:
+    """A sidecar admin endpoint whose rules generation never moves (its
+    ConfigMap not synced yet)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = (
+                b"# TYPE istio_requests_total counter\nistio_requests_total 0\n"
+                b"# TYPE l4proxy_rules_generation gauge\nl4proxy_rules_generation 7\n"
+            )
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort --metrics`` whose change does not reach the sidecar within
+    --wait-live (a kubelet that syncs the ConfigMap a minute later): the abort
+    is written, so the exit says rolled back (1) with a warning, not error (2)."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+    with _stuck_sidecar() as admin:
+        argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
+        assert main([*argv, "--wait-live", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: " in err and "still serves rules generation 7" in err
+    assert "--wait-live" in err
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_wait_live_defaults_to_the_delay_of_where_the_rules_are_written() -> None:
+    """5 s for a rules directory (sidecars poll it every second), 150 s for a
+    ConfigMap: the kubelet projects a change on its sync period (a minute by
+    default) plus its cache's delay, so 5 s failed every step with --configmap."""
+    from l4proxy.canary.command import CanaryError, wait_live_of
+    from l4proxy.cli import build_parser
+
+    def args(*extra: str) -> float:
+        ns = build_parser("canary").parse_args(["canary", "bootcamp", *extra])
+        return wait_live_of(ns)
+
+    assert args("--rules", "/etc/l4proxy") == 5.0
+    assert args("--configmap", "default/l4proxy-rules") == 150.0
+    assert args("--configmap", "l4proxy-rules", "--wait-live", "20") == 20.0
+    with pytest.raises(CanaryError, match="more than 0"):
+        args("--rules", "/etc/l4proxy", "--wait-live", "0")
+
+
+def test_wait_live_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from l4proxy.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["canary", "--help"])
+    assert "--wait-live SECONDS" in capsys.readouterr().out

@@ -127,6 +127,27 @@ class CanaryError(Exception):
     """Exit 2 with this message."""
 
 
+class NotLive(CanaryError):
+    """A change written did not reach every sidecar within --wait-live."""
+
+
+# --wait-live defaults: a rules directory the sidecars poll (1 s, see
+# l4proxy run --reload-interval), and a ConfigMap the kubelet projects into
+# the pods (its syncFrequency, 1 min by default, plus the ConfigMap cache's
+# propagation delay: Kubernetes documents the sum as the delay to expect).
+WAIT_LIVE_FILES = 5.0
+WAIT_LIVE_CONFIGMAP = 150.0
+
+
+def wait_live_of(args: argparse.Namespace) -> float:
+    """--wait-live, or the default for where the rules are written."""
+    if args.wait_live is not None:
+        if not args.wait_live > 0:
+            raise CanaryError(f"--wait-live must be more than 0 seconds, got {args.wait_live:g}")
+        return float(args.wait_live)
+    return WAIT_LIVE_CONFIGMAP if getattr(args, "configmap", None) else WAIT_LIVE_FILES
+
+
 # -- arguments ------------------------------------------------------------------
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -184,7 +205,13 @@ def add_parser(sub: Any) -> None:
         help="start again at the first step a rollout of these versions that ended",
     )
     p.add_argument(
-        "--wait-live", type=float, default=5.0, metavar="SECONDS", help=argparse.SUPPRESS
+        "--wait-live",
+        type=float,
+        metavar="SECONDS",
+        help="with --metrics: how long a change may take to reach every sidecar before it "
+        f"is an error ({WAIT_LIVE_FILES:g} with --rules, which sidecars poll every second; "
+        f"{WAIT_LIVE_CONFIGMAP:g} with --configmap: the kubelet refreshes a mounted "
+        "ConfigMap on its sync period, a minute by default, plus its cache's delay)",
     )
     p.add_argument(
         "-n", "--namespace", help="as for l4proxy validate (default: default; the ConfigMap's)"
@@ -581,10 +608,10 @@ class SidecarMetrics:
                 return
             if time.monotonic() >= deadline:
                 late = [u for u in self.urls if (self.generations.get(u) or 0) <= (before[u] or 0)]
-                raise CanaryError(
+                raise NotLive(
                     f"{late[0]} still serves rules generation {self.generations.get(late[0])} "
-                    f"{timeout:g} s after the change: is it watching this rules path? "
-                    f"(its /config_dump says why it refused a change)"
+                    f"{timeout:g} s after the change (--wait-live): is it watching these "
+                    "rules? (its /config_dump says why it refused a change)"
                 )
             time.sleep(0.05)
 
@@ -801,6 +828,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     The sidecars are read on a best-effort basis: an abort is an emergency,
     and one unreachable sidecar must not keep it from being written."""
     as_json: bool = args.json
+    wait = wait_live_of(args)
     saved = loaded = store.load_state()
     if saved is None:
         raise CanaryError(f"no rollout of {store.service} under {store.where}")
@@ -822,8 +850,8 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             sidecars = None  # the document was so already: nothing reloads
         if sidecars is not None:
             try:
-                sidecars.wait_live(before, args.wait_live)
-            except MetricsError as exc:  # written: say so, with the exit of what was done
+                sidecars.wait_live(before, wait)
+            except (MetricsError, NotLive) as exc:  # written: warn, exit as what was done
                 print(f"l4proxy canary: warning: {exc}", file=err)
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
@@ -861,6 +889,7 @@ def _analyse(
             "or --prometheus URL"
         )
     policy = policy_of(args)
+    wait = wait_live_of(args)
     metrics: Metrics = (
         SidecarMetrics(args.metrics, service)
         if args.metrics
@@ -889,7 +918,7 @@ def _analyse(
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
         try:
-            _set_weight(store, metrics, r, args.wait_live, expected=loaded)
+            _set_weight(store, metrics, r, wait, expected=loaded)
         except Superseded as exc:
             return _ended_by_hand(display, exc.current, r)
         while True:
@@ -911,7 +940,7 @@ def _analyse(
             new = ev.rollout
             try:
                 if new.weight != r.weight or new.phase != r.phase:
-                    _set_weight(store, metrics, new, args.wait_live, expected=r)
+                    _set_weight(store, metrics, new, wait, expected=r)
                 else:
                     store.save_state(new, expected=r)
             except Superseded as exc:  # promote/abort by hand while we measured
