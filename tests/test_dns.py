@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from l4proxy.rules import _dnswire as wire
 from l4proxy.rules.dns import (
+    MAX_RETRY,
     DnsEndpoints,
     DnsError,
     Resolution,
@@ -418,6 +419,19 @@ def test_unresolved_names_stay_names_and_failures_keep_last_good() -> None:
     svc = resolved_table(base, dns.names).services()[0]
     assert NAMES[0] not in [e.address for e in svc.endpoints]
     assert not any(e.labels["version"] == "v1" for e in svc.endpoints)
+
+
+def test_a_name_failing_for_hours_keeps_its_retry_and_the_other_names_refreshing() -> None:
+    """The backoff's exponent grew with every failure: at the 1025th (about
+    8.5 hours of retries 30 s apart) 2 ** 1024 overflowed a float, and the
+    OverflowError ended every refresh round, so no other name's change
+    reached the table again."""
+    dns = DnsEndpoints(ScriptedResolver({}), min_ttl=2.0, max_ttl=60.0)  # floats, as parsed
+    dns.track(_dns_table())
+    for i in range(2000):
+        dns.apply(NAMES[1], DnsError("SERVFAIL"), now=i)
+    assert dns.names[NAMES[1]].next_at == 1999 + MAX_RETRY
+    assert dns.apply(NAMES[0], Resolution(("198.18.0.11",), 5, "dns"), now=2000)
 
 
 @pytest.mark.parametrize(("ttl", "expect"), [(0, 2.0), (7, 7.0), (10_000, 60.0), (None, 2.0)])

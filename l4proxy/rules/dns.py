@@ -459,7 +459,9 @@ class DnsEndpoints:
             st.consecutive_failures += 1
             st.last_error = _describe(result)
             st.last_error_at = time.time()
-            retry = self.min_ttl * 2 ** (st.consecutive_failures - 1)
+            # (the exponent capped: 2 ** 1024 is past a float, and a name failing
+            # for hours raised OverflowError here, which stopped every refresh)
+            retry = self.min_ttl * 2 ** min(st.consecutive_failures - 1, 30)
             st.next_at = now + min(retry, max(self.min_ttl, MAX_RETRY))
             self.counters.inc("l4proxy_dns_lookups_total", hostname=name, result="error")
             self.counters.set("l4proxy_dns_stale", 1, hostname=name)
