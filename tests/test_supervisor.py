@@ -477,6 +477,129 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
     assert kinds == [("counter", "Requests.")] * 4  # typed while silent too
 
 
+class _Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode = None
+
+
+class _Link:
+    """A worker's control link that answers every request with *answer*
+    (None: silent), after *delay*; *then*: the slot's process right after
+    it answered (the worker died and was replaced meanwhile)."""
+
+    closed = False
+    stale = 0
+
+    def __init__(
+        self,
+        answer: dict[str, object] | None,
+        delay: float = 0.0,
+        slot: WorkerSlot | None = None,
+        then: _Proc | None = None,
+    ) -> None:
+        self.answer, self.delay, self.slot, self.then = answer, delay, slot, then
+        self.asked = 0
+
+    async def ask(self, op: str, timeout: float) -> object:
+        self.asked += 1
+        await asyncio.sleep(self.delay)
+        if self.slot is not None:
+            self.slot.proc = self.then  # type: ignore[assignment]
+        return self.answer
+
+
+def _raw(conns: int, bytes_up: int, dns_addresses: int) -> dict[str, object]:
+    """A worker's stats_raw(): a counter, a labelled gauge, two unlabelled totals."""
+    return {
+        "counters": [
+            ["l4proxy_connections_total", [["listener", "outbound"]], conns],
+            ["l4proxy_dns_addresses", [["hostname", "db.example"]], dns_addresses],
+        ],
+        "gauges": {
+            "l4proxy_relayed_connections_total": conns,
+            "l4proxy_bytes_upstream_total": bytes_up,
+            "l4proxy_rules_generation": 1,
+            "l4proxy_rules_valid": 1,
+        },
+        "help": {
+            "l4proxy_connections_total": ["counter", "Connections."],
+            "l4proxy_dns_addresses": ["gauge", "Addresses."],
+        },
+    }
+
+
+def _scrape(sup: Supervisor) -> dict[str, float]:
+    text = asyncio.run(sup.stats_text())
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_totals_reported_as_gauges_and_dns_gauges_survive_silence_and_restarts() -> None:
+    """A worker's unlabelled totals (bytes, relayed connections, reloads, pool
+    counts) came among its gauges, summed over the workers that answered: they
+    went down while one was silent, and again when it was replaced. The DNS
+    gauges (a name's addresses, stale) were summed over workers and added up
+    across restarts: 3 addresses read 6, then 9, then 12."""
+    sup = Supervisor(argparse.Namespace(), [[], []])
+    s0, s1 = sup.slots
+    s0.proc, s0.link = _Proc(100), _Link(_raw(1000, 10**6, 3))  # type: ignore[assignment]
+    s1.proc, s1.link = _Proc(101), _Link(_raw(1000, 10**6, 3))  # type: ignore[assignment]
+    seen = [_scrape(sup)]
+    s1.link = _Link(None)  # type: ignore[assignment]  # busy past 3 s, or restarting
+    seen.append(_scrape(sup))
+    for pid in (202, 303):  # replaced, twice
+        s1.proc, s1.link = _Proc(pid), _Link(_raw(5, 500, 3))  # type: ignore[assignment]
+        seen.append(_scrape(sup))
+    up = [s["l4proxy_bytes_upstream_total"] for s in seen]
+    relayed = [s["l4proxy_relayed_connections_total"] for s in seen]
+    dns = [s['l4proxy_dns_addresses{hostname="db.example"}'] for s in seen]
+    assert up == [2_000_000, 2_000_000, 2_000_500, 2_001_000]  # was: 2e6, 1e6, 1000500, ...
+    assert relayed == [2000, 2000, 2005, 2010]
+    assert dns == [3, 3, 3, 3]  # was: 6, 3, 9, 12
+    assert [s["l4proxy_rules_generation"] for s in seen] == [1] * 4  # the gauges as before
+
+
+def test_an_answer_counts_for_the_process_that_was_asked() -> None:
+    """A worker answered, then died and was replaced while the round waited
+    on a slower sibling: its answer was filed under the new process, and the
+    next scrape (the new worker's own small count) took the sum down."""
+    sup = Supervisor(argparse.Namespace(), [[], []])
+    s0, s1 = sup.slots
+    s0.proc, s0.link = _Proc(100), _Link(_raw(100, 0, 0))  # type: ignore[assignment]
+    s1.proc, s1.link = _Proc(900), _Link(None, delay=0.1)  # type: ignore[assignment]
+    key = 'l4proxy_connections_total{listener="outbound"}'
+    sums = [_scrape(sup)[key]]
+    s0.link = _Link(_raw(1000, 0, 0), delay=0.02, slot=s0, then=_Proc(200))  # type: ignore[assignment]
+    sums.append(_scrape(sup)[key])
+    s0.link = _Link(_raw(3, 0, 0))  # type: ignore[assignment]  # the new worker's own count
+    sums.append(_scrape(sup)[key])
+    assert sums == [100, 1000, 1003]  # was: 100, 1000, 103
+
+
+def test_concurrent_scrapes_share_one_round_of_requests() -> None:
+    """64 admin clients scraping at once asked each worker 64 times; a worker
+    answers in turn, so with a slow /stats the queue grew past the watchdog's
+    ready ping. Now the scrapes that come during a round share it."""
+    sup = Supervisor(argparse.Namespace(), [[]])
+    [slot] = sup.slots
+    link = _Link(_raw(7, 0, 0), delay=0.05)
+    slot.proc, slot.link = _Proc(100), link  # type: ignore[assignment]
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(sup.stats_text() for _ in range(64))))
+
+    texts = asyncio.run(main())
+    assert link.asked == 1
+    assert all('l4proxy_connections_total{listener="outbound"} 7' in t for t in texts)
+    asyncio.run(sup.stats_text())  # and a later scrape asks again
+    assert link.asked == 2
+
+
 def test_workers_still_draining_at_the_deadline_are_killed_together() -> None:
     """Two workers that never finish their drain (SIGTERM ignored): both are
     killed at the one deadline, --drain-duration (1 s) + the grace (0.5 s

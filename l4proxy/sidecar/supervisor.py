@@ -45,6 +45,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,23 +75,37 @@ class WorkerSlot:
     # history counted again): a worker that does not answer (busy,
     # restarting) counts with its last answer, and a dead one's last counts
     # stay in the slot's base.
+    # (The worker's unlabelled totals, l4proxy_bytes_upstream_total and the
+    # like, come among its "gauges" and are kept the same way; its labelled
+    # gauges, the DNS ones, are the state of a process: a dead one's are
+    # dropped, never added to the base.)
     counted_pid: int | None = None
     last_counters: list[Any] = field(default_factory=list)
     base: dict[tuple[str, LabelSet], float] = field(default_factory=dict)
 
-    def counters(self, answer: dict[str, Any] | None) -> list[tuple[str, LabelSet, float]]:
+    def counters(
+        self,
+        answer: dict[str, Any] | None,
+        pid: int | None,
+        is_gauge: Callable[[str], bool] = lambda name: False,
+    ) -> list[tuple[str, LabelSet, float]]:
         """This slot's counters for a /stats: *answer*'s (None: the worker did
-        not answer), on top of what the slot's earlier processes counted."""
-        pid = self.proc.pid if self.proc is not None else None
+        not answer), on top of what the slot's earlier processes counted.
+        *pid*: the process that was asked (the slot may have a new one since)."""
         if answer is not None:
             if self.counted_pid is not None and self.counted_pid != pid:
                 for name, labels, v in self.last_counters:
-                    key = (name, labels)
-                    self.base[key] = self.base.get(key, 0.0) + v
+                    if not is_gauge(name):
+                        key = (name, labels)
+                        self.base[key] = self.base.get(key, 0.0) + v
             self.counted_pid = pid
             self.last_counters = [
                 (name, tuple((k, val) for k, val in labels), float(v))
                 for name, labels, v in answer["counters"]
+            ] + [
+                (name, (), float(v))
+                for name, v in answer["gauges"].items()
+                if name.endswith("_total")
             ]
         out = [(name, labels, v) for (name, labels), v in self.base.items()]
         return out + self.last_counters
@@ -123,6 +138,7 @@ class Supervisor:
         self.late_answers_gone = 0  # counted by links since closed
         self.help_seen: dict[str, tuple[str, ...]] = {}  # workers' metric types and help
         self._keepers: list[asyncio.Task[None]] = []
+        self._stats_round: asyncio.Future[Any] | None = None  # stats(): the round under way
 
     # -- workers -------------------------------------------------------------
     def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
@@ -263,6 +279,25 @@ class Supervisor:
     async def stats(
         self,
     ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
+        """The workers' /stats, summed. One round at a time, shared by every
+        scrape that comes meanwhile: a worker answers its control requests in
+        turn, and a request the supervisor gave up on (3 s) is still answered,
+        so a scrape per admin client each round (64 clients, a slow /stats)
+        queued without bound ahead of the watchdog's ready ping, which then
+        timed out: /ready said 503 and the watchdog killed the worker."""
+        if self._stats_round is None:
+            self._stats_round = asyncio.ensure_future(self._stats())
+            self._stats_round.add_done_callback(self._stats_round_done)
+        return await asyncio.shield(self._stats_round)
+
+    def _stats_round_done(self, fut: asyncio.Future[Any]) -> None:
+        self._stats_round = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved: each waiter got it raised already
+
+    async def _stats(
+        self,
+    ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
         values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
         help_: dict[str, Any] = {
             "l4proxy_worker_connections_total": ("counter", "Connections accepted, by worker."),
@@ -280,16 +315,28 @@ class Supervisor:
             ),
         }
         gauges: dict[str, float] = {}
+        pids = [s.proc.pid if s.proc is not None else None for s in self.slots]
         answers = await asyncio.gather(*(self.ask(s, "stats") for s in self.slots))
-        for slot, ans in zip(self.slots, answers, strict=True):
-            for name, labels, v in slot.counters(ans):
+        for ans in answers:
+            if ans is not None:
+                self.help_seen.update({k: tuple(v) for k, v in ans["help"].items()})
+
+        def is_gauge(name: str) -> bool:
+            return self.help_seen.get(name, ("counter",))[0] == "gauge"
+
+        for slot, pid, ans in zip(self.slots, pids, answers, strict=True):
+            for name, labels, v in slot.counters(ans, pid, is_gauge):
+                if is_gauge(name):  # a per-worker state (a name's addresses): the most
+                    values[name][labels] = max(values[name].get(labels, v), v)
+                    continue
                 values[name][labels] += v
                 if name == "l4proxy_connections_total":
                     values["l4proxy_worker_connections_total"][(("worker", str(slot.index)),)] += v
             if ans is None:
                 continue
-            self.help_seen.update({k: tuple(v) for k, v in ans["help"].items()})
             for k, v in ans["gauges"].items():
+                if k.endswith("_total"):
+                    continue  # summed with the counters above (kept across restarts)
                 if k in MIN_GAUGES:
                     gauges[k] = min(gauges.get(k, v), v)
                 else:
