@@ -162,7 +162,14 @@ def test_the_stats_endpoint_bounds_slow_and_greedy_clients(
             s.sendall(b"GET /stats HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n")
             return s.recv(100)
 
-    async def main() -> tuple[float, bytes, bytes, int, tuple[int, str]]:
+    def closed(s: socket.socket) -> bool:
+        s.settimeout(5)
+        try:
+            return s.recv(100) == b""
+        except ConnectionResetError:
+            return True
+
+    async def main() -> tuple[float, bytes, tuple[int, str], list[bool], tuple[int, int]]:
         server = AdminServer(Source(), lambda: None, stats_only=True)
         await server.start("127.0.0.1", 0)
         address = server.address
@@ -170,20 +177,56 @@ def test_the_stats_endpoint_bounds_slow_and_greedy_clients(
         answer = await asyncio.to_thread(long_line, address)
         idle = [socket.create_connection(address) for _ in range(2)]
         await asyncio.sleep(0.1)  # both are being served (waiting for a head)
-        extra = socket.create_connection(address)
-        extra.settimeout(5)
-        third = await asyncio.to_thread(extra.recv, 100)  # closed at once
-        turned = server.turned_away
-        for s in (*idle, extra):
+        # A new one takes the place of the oldest idle one: idle connections
+        # (anyone in the pod can open 64) turned the readiness probe away.
+        third = await asyncio.to_thread(fetch, "http://{}:{}/ready".format(*address))
+        gone = [await asyncio.to_thread(closed, idle[0])]
+        counts = (server.evicted, server.turned_away)
+        for s in idle:
             s.close()
-        await asyncio.sleep(0.8)  # their heads time out: room again
-        after = await asyncio.to_thread(fetch, "http://{}:{}/stats".format(*address))
         await server.close()
-        return held, answer, third, turned, after
+        return held, answer, third, gone, counts
 
-    held, answer, third, turned, after = asyncio.run(main())
+    held, answer, third, gone, counts = asyncio.run(main())
     assert held < 3.0, held  # closed at HEAD_TIMEOUT_S (0.6 s), not after 50 lines
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-    assert third == b"" and turned == 1
-    assert after == (200, "istio_requests_total 3\n")
+    assert third == (200, "LIVE\n")  # was: closed at once
+    assert gone == [True] and counts == (1, 0)
+
+
+def test_head_gets_no_body_and_no_worker_answering_is_503() -> None:
+    """HEAD got the body too; /config_dump and /clusters with no worker
+    answering (all restarting, or busy past 3 s) said 200 "null"."""
+
+    class Silent(Source):
+        async def config_dump(self) -> Any:
+            return None
+
+        async def clusters(self) -> Any:
+            return None
+
+    def raw(address: tuple[str, int], request: bytes) -> bytes:
+        with socket.create_connection(address, timeout=5) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        return data
+
+    async def main() -> list[object]:
+        server = AdminServer(Silent(), lambda: None)
+        await server.start("127.0.0.1", 0)
+        url = "http://{}:{}".format(*server.address)
+        head = await asyncio.to_thread(raw, server.address, b"HEAD /ready HTTP/1.1\r\n\r\n")
+        out = [head]
+        for path in ("/config_dump", "/clusters", "/clusters?format=json"):
+            out.append((await asyncio.to_thread(fetch, url + path))[0])
+        await server.close()
+        return out
+
+    head, *codes = asyncio.run(main())
+    assert isinstance(head, bytes)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 5\r\n" in head
+    assert head.endswith(b"\r\n\r\n")  # the head only
+    assert codes == [503, 503, 503]

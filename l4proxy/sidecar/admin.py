@@ -1,7 +1,7 @@
 """The admin endpoint (127.0.0.1:15000 by default), Envoy-style.
 
 =================  ==========================================================
-``/ready``         200 ``LIVE`` while serving; 503 ``DRAINING`` after SIGTERM
+``/ready``         200 ``LIVE`` while serving; 503 ``NOT READY`` after SIGTERM
 ``/stats``         Prometheus text: connections, decisions, bytes, failures,
                    reloads, active connections (``?format=json`` for JSON)
 ``/config_dump``   JSON: the live route table, its generation and sources,
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 # of at most LINE_LIMIT bytes, and at most MAX_CLIENTS at a time: the stats
 # endpoint may face the network (--stats-listen 0.0.0.0:15090), and a client
 # that trickles a line every few seconds must not hold a connection, or the
-# memory of a 64 KiB line, for ever.
+# memory of a 64 KiB line, for ever. At MAX_CLIENTS a new connection takes
+# the place of the one that has waited longest for its head: 64 idle
+# connections (any process in the pod can open them) turned every new one
+# away, the kubelet's readiness probe included.
 HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_LINES = 100
 LINE_LIMIT = 8192
@@ -80,6 +83,8 @@ class AdminServer:
         self._server: asyncio.Server | None = None
         self.clients = 0  # connections being served
         self.turned_away = 0  # connections closed at once: MAX_CLIENTS were being served
+        self.evicted = 0  # connections closed for a new one while waiting for their head
+        self._reading: dict[int, asyncio.StreamWriter] = {}  # no head yet, oldest first
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(
@@ -99,15 +104,22 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            self.turned_away += 1
-            writer.close()
-            return
+            if not self._reading:  # every one is being answered: this one waits its turn
+                self.turned_away += 1
+                writer.close()
+                return
+            oldest = next(iter(self._reading))
+            self._reading.pop(oldest).transport.abort()
+            self.evicted += 1
         self.clients += 1
+        self._reading[id(writer)] = writer
         try:
             try:
                 line = await asyncio.wait_for(_request_line(reader), HEAD_TIMEOUT_S)
             except ValueError:  # a line over LINE_LIMIT, or too many
                 line = b""
+            if self._reading.pop(id(writer), None) is None:
+                return  # evicted meanwhile
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
                 status, ctype, body = 400, "text/plain", "bad request\n"
@@ -118,7 +130,7 @@ class AdminServer:
                 f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                 f"content-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
                 "connection: close\r\n\r\n".encode()
-                + data
+                + (b"" if parts[:1] == ["HEAD"] else data)
             )
             # a client that does not read its answer (a big /config_dump)
             # does not hold it, and the connection, for ever either
@@ -128,6 +140,7 @@ class AdminServer:
         except Exception:
             log.exception("admin request failed")
         finally:
+            self._reading.pop(id(writer), None)
             self.clients -= 1
             writer.close()
 
@@ -151,9 +164,14 @@ class AdminServer:
                 return 200, "application/json", _json(await src.stats_json())
             return 200, "text/plain; version=0.0.4", await src.stats_text()
         if path == "/config_dump":
-            return 200, "application/json", _json(await src.config_dump())
+            dump = await src.config_dump()
+            if dump is None:
+                return 503, "text/plain", "no worker answered; try again\n"
+            return 200, "application/json", _json(dump)
         if path == "/clusters":
-            clusters = await src.clusters() or []
+            clusters = await src.clusters()
+            if clusters is None:
+                return 503, "text/plain", "no worker answered; try again\n"
             if as_json:
                 return 200, "application/json", _json(clusters)
             return 200, "text/plain", clusters_text(clusters)
