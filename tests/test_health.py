@@ -88,3 +88,53 @@ def test_ejection_is_bounded_by_max_ejection_percent() -> None:
     h3 = EndpointHealth(consecutive_failures=1, clock=clock)
     h3.failure(eps[0], "x", peers=eps[:1])
     assert not h3.is_healthy(eps[0])
+
+
+def test_only_time_ends_an_ejection_and_failures_meanwhile_do_not_count() -> None:
+    """A connect under way when the endpoint was ejected succeeded and undid
+    the ejection at once; failures while ejected were counted, so the first
+    failure after it came back ejected it again, for twice as long."""
+    clock = Clock()
+    h = EndpointHealth(consecutive_failures=3, base_ejection=10, clock=clock)
+    ep = Ep("198.18.0.7", 80)
+    for _ in range(3):
+        h.failure(ep, "refused")
+    h.success(ep)  # the late connect
+    assert not h.is_healthy(ep)
+    for _ in range(5):
+        h.failure(ep, "refused")  # panic mode, in-flight connects
+    clock.now += 10.1
+    assert h.is_healthy(ep)
+    h.failure(ep, "refused")
+    assert h.is_healthy(ep)  # one failure after it came back: not three in a row
+    assert h.describe(ep)["connect_failures"] == 9  # all counted in the totals
+
+
+def test_the_ejection_multiplier_decays_while_healthy() -> None:
+    """Every ejection made the next longer, for the life of the sidecar: after
+    a bad day, a blip a week later was ejected for the maximum (300 s)."""
+    clock = Clock()
+    h = EndpointHealth(consecutive_failures=1, base_ejection=10, max_ejection=300, clock=clock)
+    ep = Ep("198.18.0.8", 80)
+    for _ in range(40):  # a bad day: ejected again each time it came back
+        h.failure(ep, "refused")
+        clock.now += h.describe(ep)["ejected_for_s"] + 0.1
+    assert h.describe(ep)["ejections"] == 40
+    clock.now += 7 * 24 * 3600  # a healthy week
+    h.failure(ep, "refused")
+    assert h.describe(ep)["ejected_for_s"] == 10.0  # was 300
+    clock.now += 10.1 + 25  # two spans of 10 s healthy: two off the count (1 -> 0)
+    h.failure(ep, "refused")
+    assert h.describe(ep)["ejected_for_s"] == 10.0
+
+
+def test_retain_forgets_endpoints_the_table_no_longer_names() -> None:
+    h = EndpointHealth(consecutive_failures=1)
+    pods = [Ep(f"198.18.1.{i}", 80) for i in range(1, 200)]
+    for ep in pods:
+        h.success(ep)
+    h.failure(pods[0], "refused")
+    assert h.retain(pods[:2]) == 197
+    assert not h.is_healthy(pods[0])  # kept: still in the table, still ejected
+    assert h.describe(pods[1])["connect_successes"] == 1
+    assert h.describe(pods[5])["connect_successes"] == 0  # forgotten

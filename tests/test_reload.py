@@ -421,3 +421,31 @@ def test_after_load_runs_after_every_reload_loaded_or_refused(tmp_path: Path) ->
     rules.write_text("kind: [")
     assert not asyncio.run(watcher.reload())
     assert seen == [(1, 0), (1, 1)]
+
+
+def test_a_reload_forgets_the_outlier_state_of_endpoints_gone(tmp_path: Path) -> None:
+    """Outlier detection kept an entry per (address, port) ever connected to:
+    with pod churn it grew for the life of the sidecar. An endpoint the new
+    table still names keeps its state (a reload must not forget a pod is down)."""
+    from l4proxy.rules.routing import Endpoint
+
+    seen: list[int] = []
+
+    async def scenario(watcher: RuleWatcher, worker: Worker, ask: Any) -> None:
+        assert await ask("ann") == "v1"
+        eps = watcher.state.table.services()[0].endpoints
+        [v1] = [e for e in eps if e.labels["version"] == "v1"]
+        for _ in range(50):  # the relay reports its connect from its thread
+            if worker.health.describe(v1)["connect_successes"]:
+                break
+            await asyncio.sleep(0.02)
+        gone = Endpoint("198.18.0.99", 8080, {})
+        worker.health.failure(gone, "refused")  # a pod no table names
+        seen.append(worker.health.describe(v1)["connect_successes"])
+        seen.append(worker.health.describe(gone)["connect_failures"])
+        assert await watcher.reload()  # (any reload publishes a new table)
+        seen.append(worker.health.describe(v1)["connect_successes"])
+        seen.append(worker.health.describe(gone)["connect_failures"])
+
+    _on_a_gateway(tmp_path, ALL_V1, scenario)
+    assert seen == [1, 1, 1, 0]

@@ -4,7 +4,17 @@ An endpoint that fails ``consecutive_failures`` connects in a row is ejected
 for ``base_ejection`` seconds times the number of times it has been ejected
 (capped at ``max_ejection``), like Envoy's outlier detection. While ejected
 the router skips it; when the time is up it is tried again (a success clears
-its count, a failure counts again).
+its count, a failure counts again). As in Envoy:
+
+* only time ends an ejection: a connect that was under way when the endpoint
+  was ejected may still succeed, and that does not bring it back early;
+* failures while ejected (those connects, or panic mode, below) are not
+  counted towards the next ejection, which would otherwise follow the first
+  failure after it came back, twice as long;
+* the multiplier decays: each ``base_ejection`` seconds (Envoy's 10 s
+  ``interval`` by default) an endpoint stays healthy after an ejection takes
+  one ejection off its count, so a blip a week after a bad day is ejected for
+  ``base_ejection`` again, not ``max_ejection``.
 
 Bounded ejection (``max_ejection_percent``, default 50): an ejection that
 would leave more than that share of the endpoints that the caller names as
@@ -22,13 +32,15 @@ unhealthy (panic mode), so ejection steers traffic but never empties a
 service.
 
 State is keyed by ``(address, port)`` and survives rule reloads: a reload
-must not forget that a pod is down. It is per worker process.
+must not forget that a pod is down. It is per worker process. The worker
+drops the state of endpoints no table names any more (:meth:`retain`), or pod
+churn would grow it for the life of the sidecar.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,7 +94,6 @@ class EndpointHealth:
         st = self._state(ep)
         st.consecutive_failures = 0
         st.total_successes += 1
-        st.ejected_until = 0.0
 
     def failure(self, ep: _EndpointLike, error: str, peers: Sequence[_EndpointLike] = ()) -> None:
         """Count a failed connect; eject after enough in a row, within the bound.
@@ -91,18 +102,33 @@ class EndpointHealth:
         included or not); empty means no bound is applied.
         """
         st = self._state(ep)
-        st.consecutive_failures += 1
         st.total_failures += 1
         st.last_error = error
-        if st.consecutive_failures < self.consecutive_failures or not self.is_healthy(ep):
+        now = self._clock()
+        if st.ejected_until > now:
+            return  # ejected: not counted towards the next ejection
+        st.consecutive_failures += 1
+        if st.consecutive_failures < self.consecutive_failures:
             return
         if not self._may_eject(ep, peers):
             st.ejections_suppressed += 1
             return
+        if st.ejections and self.base_ejection > 0:  # healthy since the last one: decay
+            healthy_for = now - st.ejected_until
+            st.ejections = max(0, st.ejections - int(healthy_for // self.base_ejection))
         st.ejections += 1
         duration = min(self.base_ejection * st.ejections, self.max_ejection)
-        st.ejected_until = self._clock() + duration
+        st.ejected_until = now + duration
         st.consecutive_failures = 0
+
+    def retain(self, endpoints: Iterable[_EndpointLike]) -> int:
+        """Forget every endpoint but *endpoints* (those the live table names);
+        returns how many were forgotten."""
+        keep = {(ep.address, ep.port) for ep in endpoints}
+        gone = [key for key in self._states if key not in keep]
+        for key in gone:
+            del self._states[key]
+        return len(gone)
 
     def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike]) -> bool:
         others = {(p.address, p.port) for p in peers} - {(ep.address, ep.port)}

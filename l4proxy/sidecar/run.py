@@ -225,7 +225,8 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="outlier detection: first ejection of a failing endpoint, doubling after (10)",
+        help="outlier detection: first ejection of a failing endpoint; the n-th lasts n times "
+        "as long, up to 300 s, and each such span healthy takes one ejection off (10)",
     )
     p.add_argument(
         "--namespace",

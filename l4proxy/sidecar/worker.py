@@ -172,6 +172,7 @@ class Worker:
         self.opts = options
         self.counters = counters or Counters()
         self.health = health or EndpointHealth(base_ejection=options.ejection_time)
+        rules.on_publish.append(self._forget_gone_endpoints)
         max_pipes = pump.max_pipes_for(options.max_connections, options.max_pipes)
         self.pump = pump.Pump(idle_timeout=options.idle_timeout, max_pipes=max_pipes)
         if budget := pump.fd_budget_warning(options.max_connections, max_pipes):
@@ -814,6 +815,11 @@ class Worker:
             for ws in rc.subsets
         )
         return Verdict(choices, shape=shape.bits, tests=shape.tests)
+
+    def _forget_gone_endpoints(self, table: RouteTable) -> None:
+        """A new table is live: outlier state of endpoints it no longer names
+        (pods gone, addresses rotated) is dropped, or churn grew it for ever."""
+        self.health.retain(ep for svc in table.services() for ep in svc.endpoints)
 
     def _table_published(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay's verdicts are stale.
