@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from l4proxy.rules import _dnswire as wire
 from l4proxy.rules.dns import (
+    MAX_LOOKUPS,
     MAX_RETRY,
     DnsEndpoints,
     DnsError,
@@ -55,6 +56,17 @@ def test_query_round_trip_with_cname_chain() -> None:
     ans = wire.parse_response(reply, 0x1234, "Bootcamp-V1.default.svc.cluster.local.", wire.TYPE_A)
     assert ans.addresses == ("198.18.0.11", "198.18.0.12")
     assert ans.ttl == 10 and not ans.negative and not ans.truncated
+
+
+def test_a_non_ascii_name_and_a_ttl_with_its_top_bit_set() -> None:
+    """The reply's question (IDNA, as sent) was compared with the name as
+    written, so a non-ASCII name never resolved; a TTL with the top bit set
+    is 0 (RFC 2181 section 8), not that TTL less 2**31."""
+    q = wire.encode_query(9, "bücher.test", wire.TYPE_A)
+    record = ("xn--bcher-kva.test", wire.TYPE_A, 0x80000005, _a("198.18.0.9"))
+    reply = wire.encode_response(q, [record])
+    ans = wire.parse_response(reply, 9, "Bücher.test", wire.TYPE_A)
+    assert ans.addresses == ("198.18.0.9",) and ans.ttl == 0
 
 
 def test_aaaa_and_negative_answers() -> None:
@@ -206,6 +218,8 @@ class FakeDns:
         self.truncate = False
         self.servfail = False
         self.silent = False
+        self.drop_types: set[int] = set()  # queries of these types are never answered
+        self.cut_udp = 0  # > 0: UDP replies with TC set, cut to this many bytes
         self.queries: list[tuple[str, str, int]] = []
         self.udp, self.tcp, self.port = _udp_and_tcp_on_one_port()
         self._stop = False
@@ -220,7 +234,7 @@ class FakeDns:
         name, end = wire._read_name(query, 12)
         qtype = struct.unpack_from("!H", query, end)[0]
         self.queries.append((over, name, qtype))
-        if self.silent:
+        if self.silent or qtype in self.drop_types:
             return None
         if self.servfail:
             return wire.encode_response(query, [], rcode=wire.RCODE_SERVFAIL)
@@ -229,7 +243,11 @@ class FakeDns:
         addrs = self.zone.get((name, qtype))
         if addrs is None and not any(n == name for n, _ in self.zone):
             return wire.encode_response(query, [], rcode=wire.RCODE_NXDOMAIN)
-        return wire.encode_response(query, [(name, qtype, self.ttl, _a(a)) for a in addrs or []])
+        records = [(name, qtype, self.ttl, _a(a)) for a in addrs or []]
+        if over == "udp" and self.cut_udp:
+            whole = wire.encode_response(query, records, truncated=True)
+            return whole[: self.cut_udp]
+        return wire.encode_response(query, records)
 
     def _serve_udp(self) -> None:
         self.udp.settimeout(0.2)
@@ -276,20 +294,64 @@ def fake_dns() -> Iterator[FakeDns]:
         server.close()
 
 
-def _resolver(server: FakeDns, tmp_path: Path, timeout: float = 0.3) -> Resolver:
+def _resolver(
+    server: FakeDns, tmp_path: Path, timeout: float = 0.3, family: str = "v4_preferred"
+) -> Resolver:
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     conf = ResolvConf(("127.0.0.1",), ("default.svc.cluster.local",), timeout, 1)
-    return Resolver(conf, hosts_file=str(tmp_path / "hosts"), port=server.port)
+    return Resolver(
+        conf, hosts_file=str(tmp_path / "hosts"), port=server.port, lookup_family=family
+    )
 
 
-def test_resolver_a_and_aaaa(fake_dns: FakeDns, tmp_path: Path) -> None:
+def test_resolver_a_and_aaaa_by_lookup_family(fake_dns: FakeDns, tmp_path: Path) -> None:
+    """As Envoy's dns_lookup_family. Both families' records in round robin
+    put AAAA endpoints on IPv4-only pods (Istio gives those V4_ONLY)."""
     fake_dns.zone = {
         ("v1.test", wire.TYPE_A): ["198.18.0.11", "198.18.0.12"],
         ("v1.test", wire.TYPE_AAAA): ["2001:2::11"],
+        ("v6.test", wire.TYPE_AAAA): ["2001:2::12"],
+        ("v6.test", wire.TYPE_A): [],
     }
-    res = asyncio.run(_resolver(fake_dns, tmp_path).resolve("v1.test"))
-    assert set(res.addresses) == {"198.18.0.11", "198.18.0.12", "2001:2::11"}
-    assert res.ttl == 30 and res.source == "dns"
+
+    def resolve(name: str, family: str) -> tuple[str, ...]:
+        res = asyncio.run(_resolver(fake_dns, tmp_path, family=family).resolve(name))
+        assert res.ttl == 30 and res.source == "dns"
+        return res.addresses
+
+    assert resolve("v1.test", "v4_preferred") == ("198.18.0.11", "198.18.0.12")
+    assert resolve("v1.test", "v6_preferred") == ("2001:2::11",)
+    assert set(resolve("v1.test", "all")) == {"198.18.0.11", "198.18.0.12", "2001:2::11"}
+    assert resolve("v6.test", "v4_preferred") == ("2001:2::12",)  # no A: its AAAA
+    # auto: this host has an IPv4 route
+    assert Resolver(ResolvConf()).lookup_family == "v4_preferred"
+
+
+def test_a_name_gone_is_gone_though_aaaa_is_never_answered(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """NXDOMAIN for A (a headless Service scaled to zero) with the AAAA query
+    timing out (a server that never answers AAAA) was a failed lookup: the
+    pods' old addresses were kept, for ever. NXDOMAIN is for every type. A
+    name that exists with no A record, its AAAA unanswered, is a failure."""
+    fake_dns.zone = {("empty.test", wire.TYPE_A): []}  # exists, no A; gone.test: NXDOMAIN
+    fake_dns.drop_types = {wire.TYPE_AAAA}
+    res = asyncio.run(_resolver(fake_dns, tmp_path, timeout=0.2).resolve("gone.test"))
+    assert res.addresses == () and res.source == "dns"
+    with pytest.raises(DnsError, match="timeout"):
+        asyncio.run(_resolver(fake_dns, tmp_path, timeout=0.2).resolve("empty.test"))
+    fake_dns.zone[("v1.test", wire.TYPE_A)] = ["198.18.0.11"]
+    res = asyncio.run(_resolver(fake_dns, tmp_path, timeout=0.2).resolve("v1.test"))
+    assert res.addresses == ("198.18.0.11",)  # the A answer; the AAAA one not needed
+
+
+def test_a_reply_cut_mid_record_is_asked_again_over_tcp(fake_dns: FakeDns, tmp_path: Path) -> None:
+    many = [f"198.18.1.{i}" for i in range(1, 60)]
+    fake_dns.zone = {("big.test", wire.TYPE_A): many, ("big.test", wire.TYPE_AAAA): []}
+    fake_dns.cut_udp = 300  # TC set, the records cut in the middle of one
+    res = asyncio.run(_resolver(fake_dns, tmp_path).resolve("big.test"))
+    assert list(res.addresses) == many
+    assert ("tcp", "big.test", wire.TYPE_A) in fake_dns.queries
 
 
 def test_resolver_search_list_for_single_labels(fake_dns: FakeDns, tmp_path: Path) -> None:
@@ -516,3 +578,49 @@ def test_rule_watcher_swaps_on_dns_change_and_keeps_generation(tmp_path: Path) -
 
     asyncio.run(main())
     assert swaps[0] == 1 and len(swaps) >= 3
+
+
+class SlowResolver(Resolver):
+    """Each name answers after its delay; counts lookups under way at once."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        super().__init__(ResolvConf())
+        self.delays = delays
+        self.running = self.most = 0
+
+    async def resolve(self, name: str) -> Resolution:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.delays[name])
+            return Resolution(("198.18.0.11",), 5, "dns")
+        finally:
+            self.running -= 1
+
+
+def test_a_slow_name_does_not_hold_the_others_answers() -> None:
+    """Names due together were applied together: one timing out (30 s with
+    the defaults) held back a 5 s name's change as long. Each batch of
+    answers is applied, and published, as it comes."""
+    slow = SlowResolver({NAMES[0]: 0.0, NAMES[1]: 0.5})
+    dns = DnsEndpoints(slow, min_ttl=2, max_ttl=10)
+    dns.track(_dns_table())
+    published: list[tuple[bool, bool]] = []
+
+    def on_change() -> None:
+        published.append((dns.names[NAMES[0]].resolved, dns.names[NAMES[1]].resolved))
+
+    assert asyncio.run(dns.refresh_due(now=0, on_change=on_change))
+    assert published == [(True, False), (True, True)]
+
+
+def test_lookups_at_once_are_bounded() -> None:
+    names = [f"svc{i}.example.com" for i in range(40)]
+    eps = [Endpoint(n, 443, {}) for n in names]
+    svc = Service.create("ext.example.com", [ServicePort(443, "tls", "TLS")], eps, resolution="DNS")
+    slow = SlowResolver(dict.fromkeys(names, 0.01))
+    dns = DnsEndpoints(slow)
+    dns.track(RouteTable([svc]))
+    assert asyncio.run(dns.refresh_due(now=0))
+    assert all(dns.names[n].resolved for n in names)
+    assert slow.most == MAX_LOOKUPS

@@ -48,6 +48,16 @@ class Answer:
     ttl: float | None
     negative: bool = False
     truncated: bool = False
+    nxdomain: bool = False  # negative, and for every type: the name does not exist
+
+
+def ascii_name(name: str) -> str:
+    """*name* as it is on the wire and as replies spell it: lower case, no
+    trailing dot, non-ASCII labels IDNA-encoded (``xn--...``)."""
+    labels = name.lower().rstrip(".").split(".")
+    return ".".join(
+        label if label.isascii() else label.encode("idna").decode("ascii") for label in labels
+    )
 
 
 def encode_name(name: str) -> bytes:
@@ -122,7 +132,8 @@ def _read_records(data: bytes, offset: int, count: int) -> tuple[list[_Record], 
         offset += 10
         if offset + rdlength > len(data):
             raise DnsError("truncated record data")
-        out.append(_Record(name, rtype, ttl & 0x7FFFFFFF, offset, rdlength))
+        # RFC 2181 section 8: a TTL with the top bit set is read as 0
+        out.append(_Record(name, rtype, ttl if ttl < 0x80000000 else 0, offset, rdlength))
         offset += rdlength
     return out, offset
 
@@ -130,7 +141,7 @@ def _read_records(data: bytes, offset: int, count: int) -> tuple[list[_Record], 
 def parse_response(data: bytes, qid: int, name: str, qtype: int) -> Answer:
     """Addresses of *name* for *qtype* in the reply *data* to query *qid*."""
     try:
-        return _parse(data, qid, name.lower().rstrip("."), qtype)
+        return _parse(data, qid, ascii_name(name), qtype)
     except DnsError:
         raise
     except (struct.error, IndexError, ValueError, UnicodeError) as exc:
@@ -200,7 +211,12 @@ def _parse(data: bytes, qid: int, qname: str, qtype: int) -> Answer:
                 minimum = struct.unpack_from("!I", data, pos + 16)[0]
                 neg_ttl = float(min(rec.ttl, minimum))
             break
-    return Answer((), neg_ttl, negative=True)
+    return Answer((), neg_ttl, negative=True, nxdomain=rcode == RCODE_NXDOMAIN)
+
+
+def truncated_flag(data: bytes) -> bool:
+    """Whether a reply's header has TC set (read even when the rest cannot be)."""
+    return len(data) >= 4 and bool(data[2] & 0x02)
 
 
 def encode_response(

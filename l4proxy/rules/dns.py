@@ -19,6 +19,9 @@ round robin, subsets by label and outlier detection see pods, not names.
 * An answer (records, or a negative answer: NXDOMAIN / no records) replaces
   the addresses. A headless Service with no ready pod answers NXDOMAIN, and
   then the pods are gone: sending to the old addresses would be wrong.
+* A name's A records are its addresses, or its AAAA records when it has no
+  A (``Resolver.lookup_family``: IPv6 first on an IPv6-only host; both with
+  ``all``). NXDOMAIN in either reply means no address of any type.
 * A failure (timeout, SERVFAIL, REFUSED, garbage) keeps the last good
   addresses, is counted in ``/stats`` and shown in ``/clusters``, and is
   retried with a backoff.
@@ -44,8 +47,9 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +77,9 @@ log = logging.getLogger("l4proxy.dns")
 DEFAULT_MIN_TTL = 5.0  # seconds; CoreDNS's default TTL for cluster names
 DEFAULT_MAX_TTL = 300.0
 MAX_RETRY = 30.0  # a failing name is retried at most this far apart (unless min TTL is larger)
+# lookups under way at once (each holds a socket per question): dozens of
+# names due together must not take the fds a worker keeps for itself
+MAX_LOOKUPS = 8
 
 DnsError = wire.DnsError
 
@@ -153,8 +160,31 @@ class Resolution:
     source: str  # "dns", "hosts"
 
 
+LOOKUP_FAMILIES = ("auto", "v4_preferred", "v6_preferred", "all")
+
+
+def _has_route(family: int, probe: str) -> bool:
+    """Whether this host can reach *probe* (a documentation address): a UDP
+    connect looks the route up and sends nothing."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 53))
+    except OSError:
+        return False
+    return True
+
+
 class Resolver:
-    """A minimal stub resolver: A and AAAA over UDP (TCP on truncation)."""
+    """A minimal stub resolver: A and AAAA over UDP (TCP on truncation).
+
+    Which addresses a name gives, as Envoy's ``dns_lookup_family``:
+    ``v4_preferred`` (its A records, or its AAAA records when it has no A),
+    ``v6_preferred`` (the other way round), ``all`` (both). ``auto``, the
+    default, is ``v4_preferred`` on a host with an IPv4 route and
+    ``v6_preferred`` on an IPv6-only one: Istio gives an IPv4-only pod
+    ``V4_ONLY``, and a dual-stack name's AAAA records in round robin there
+    were endpoints no connect could reach.
+    """
 
     def __init__(
         self,
@@ -163,13 +193,22 @@ class Resolver:
         resolv_conf: str = "/etc/resolv.conf",
         hosts_file: str = "/etc/hosts",
         port: int = 53,
-        families: tuple[int, ...] = (wire.TYPE_A, wire.TYPE_AAAA),
+        lookup_family: str = "auto",
     ) -> None:
+        if lookup_family not in LOOKUP_FAMILIES:
+            raise ValueError(f"lookup_family {lookup_family!r}: one of {LOOKUP_FAMILIES}")
         self._conf = conf
         self.resolv_conf = resolv_conf
         self.hosts_file = hosts_file
         self.port = port
-        self.families = families
+        self._family = lookup_family
+
+    @property
+    def lookup_family(self) -> str:
+        if self._family == "auto":
+            v4 = _has_route(socket.AF_INET, "192.0.2.1")
+            self._family = "v4_preferred" if v4 else "v6_preferred"
+        return self._family
 
     @property
     def conf(self) -> ResolvConf:
@@ -199,25 +238,49 @@ class Resolver:
         return last
 
     async def _lookup(self, name: str, conf: ResolvConf) -> Resolution:
-        answers = await asyncio.gather(
-            *(self.query(name, qtype, conf) for qtype in self.families), return_exceptions=True
+        """Both questions at once; the answer by the lookup family.
+
+        A failed question is no answer: the last good addresses stay (the
+        caller keeps them). But a name that does not exist (NXDOMAIN, in
+        either reply) has no address of any type, whatever the other
+        question did: a headless Service scaled to zero answers so, and a
+        server that never answers AAAA must not keep its pods for ever.
+        """
+        family = self.lookup_family
+        v6_first = family == "v6_preferred"
+        first, second = (wire.TYPE_AAAA, wire.TYPE_A) if v6_first else (wire.TYPE_A, wire.TYPE_AAAA)
+        got = await asyncio.gather(
+            self.query(name, first, conf), self.query(name, second, conf), return_exceptions=True
         )
-        addresses: list[str] = []
-        ttls: list[float] = []
+        answers: list[wire.Answer] = []
         errors: list[BaseException] = []
-        for ans in answers:
+        for ans in got:
             if isinstance(ans, BaseException):
                 if not isinstance(ans, DnsError | OSError | TimeoutError):
                     raise ans
                 errors.append(ans)
-                continue
+            else:
+                answers.append(ans)
+        if any(a.nxdomain for a in answers):
+            ttls = [a.ttl for a in answers if a.nxdomain and a.ttl is not None]
+            return Resolution((), min(ttls) if ttls else None, "dns")
+        preferred, other = got
+        if family == "all":
+            if errors:
+                raise _as_dns_error(errors[0])
+            chosen = answers
+        elif isinstance(preferred, BaseException):
+            raise _as_dns_error(preferred)
+        elif preferred.addresses:
+            chosen = [preferred]  # the other question's answer, or failure, is not used
+        elif isinstance(other, BaseException):
+            raise _as_dns_error(other)
+        else:
+            chosen = [other]
+        addresses: list[str] = []
+        for ans in chosen:
             addresses += [a for a in ans.addresses if a not in addresses]
-            if ans.ttl is not None:
-                ttls.append(ans.ttl)
-        if errors and (len(errors) == len(answers) or not addresses):
-            # Only a failure of every query (or one failing while the other
-            # was empty) counts as failed: some servers never answer AAAA.
-            raise errors[0] if isinstance(errors[0], DnsError) else DnsError(_describe(errors[0]))
+        ttls = [a.ttl for a in chosen if a.ttl is not None and (a.addresses or not addresses)]
         return Resolution(tuple(addresses), min(ttls) if ttls else None, "dns")
 
     async def query(self, name: str, qtype: int, conf: ResolvConf) -> wire.Answer:
@@ -231,7 +294,13 @@ class Resolver:
                     data = await asyncio.wait_for(
                         _udp_exchange(server, self.port, packet, qid), conf.timeout
                     )
-                    ans = wire.parse_response(data, qid, name, qtype)
+                    try:
+                        ans = wire.parse_response(data, qid, name, qtype)
+                    except DnsError:
+                        if not wire.truncated_flag(data):
+                            raise
+                        # truncated in the middle of a record: TCP has it whole
+                        ans = wire.Answer((), None, truncated=True)
                     if ans.truncated:
                         data = await asyncio.wait_for(
                             _tcp_exchange(server, self.port, packet), conf.timeout
@@ -245,6 +314,10 @@ class Resolver:
         if isinstance(last, DnsError):
             raise last
         raise DnsError(_describe(last))
+
+
+def _as_dns_error(exc: BaseException) -> DnsError:
+    return exc if isinstance(exc, DnsError) else DnsError(_describe(exc))
 
 
 def _describe(exc: BaseException) -> str:
@@ -490,22 +563,50 @@ class DnsEndpoints:
         self.counters.set("l4proxy_dns_stale", 0, hostname=name)
         return changed
 
-    async def refresh_due(self, now: float | None = None) -> bool:
-        """Look up every name whose time has come, concurrently. True if any changed."""
+    async def refresh_due(
+        self, now: float | None = None, on_change: Callable[[], None] | None = None
+    ) -> bool:
+        """Look up every name whose time has come, MAX_LOOKUPS at a time.
+        True if any changed.
+
+        Each answer is applied as it comes, and *on_change* is called after
+        each batch that changed something: one name timing out (up to
+        attempts x servers x timeout, 30 s with the defaults) held back the
+        answers of every other name due with it.
+        """
         now = time.monotonic() if now is None else now
         due = [name for name, st in self.names.items() if st.next_at <= now]
         if not due:
             return False
-        results = await asyncio.gather(
-            *(self.resolver.resolve(name) for name in due), return_exceptions=True
-        )
-        done = time.monotonic()
-        changed = False
-        for name, res in zip(due, results, strict=True):
-            if isinstance(res, BaseException) and not isinstance(res, Exception):
-                raise res  # CancelledError, KeyboardInterrupt
-            changed |= self.apply(name, res, done)
-        return changed
+        slots = asyncio.Semaphore(MAX_LOOKUPS)
+
+        async def lookup(name: str) -> Resolution:
+            async with slots:
+                return await self.resolver.resolve(name)
+
+        tasks: dict[asyncio.Future[Resolution], str] = {
+            asyncio.ensure_future(lookup(name)): name for name in due
+        }
+        changed_any = False
+        try:
+            pending: set[asyncio.Future[Resolution]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                at = time.monotonic()
+                changed = False
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, Exception):
+                        raise exc  # KeyboardInterrupt and the like
+                    changed |= self.apply(tasks[task], exc or task.result(), at)
+                if changed:
+                    changed_any = True
+                    if on_change is not None:
+                        on_change()
+        finally:
+            for task in tasks:
+                task.cancel()
+        return changed_any
 
     def for_service(self, host: str) -> list[dict[str, Any]]:
         """The DNS state of the names one service uses (for ``/clusters``)."""

@@ -314,16 +314,18 @@ class RuleWatcher:
                     pass
 
     async def refresh_dns(self) -> bool:
-        """Look up the names that are due; swap in a re-expanded table if any changed."""
-        changed = await self.dns.refresh_due()
-        if changed:
+        """Look up the names that are due; swap in a re-expanded table each
+        time answers change something (a slow name does not hold the others)."""
+
+        def publish() -> None:
             st = self.state
             self._publish(resolved_table(self.base, self.dns.names))
             st.dns_updates += 1
             if self.on_swap:
                 self.on_swap(st)
             self._loaded()
-        return changed
+
+        return await self.dns.refresh_due(on_change=publish)
 
     async def _run_dns(self) -> None:
         while True:
