@@ -449,3 +449,77 @@ def test_a_reload_forgets_the_outlier_state_of_endpoints_gone(tmp_path: Path) ->
 
     _on_a_gateway(tmp_path, ALL_V1, scenario)
     assert seen == [1, 1, 1, 0]
+
+
+UNRESOLVED = """
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  addresses: [198.19.200.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: DNS
+  endpoints:
+  - {address: no-such-pod.invalid, ports: {http: 8080}}
+  - {address: 127.0.0.1, ports: {http: %d}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: gateway}
+spec:
+  defaultBackend:
+    service: {name: svc, port: {number: 8080}}
+"""
+
+
+def _ask_one(address: tuple[str, int]) -> str:
+    """One request; the answer's body (_backend's: 2 bytes; it never closes)."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        answer = b""
+        while not (b"\r\n\r\n" in answer and len(answer.split(b"\r\n\r\n", 1)[1]) >= 2):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n\r\n", 1)[-1].decode() if b"\r\n\r\n" in answer else "closed"
+
+
+def test_a_name_that_does_not_resolve_is_a_failed_connect_not_a_lost_connection(
+    tmp_path: Path,
+) -> None:
+    """Per connection (--http-routing connection), a DNS endpoint with no
+    answer yet is resolved at connect time. Its getaddrinfo error escaped the
+    connect: no next endpoint was tried, outlier detection never heard of it,
+    and the client's connection was closed without an answer (a traceback
+    each time). Now it is that endpoint's failed connect."""
+    backend = _backend("v1")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(UNRESOLVED % backend.server_address[1])
+    answers: list[str] = []
+    failures: list[int] = []
+
+    async def main() -> None:
+        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+        assert watcher.load_now()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], watcher, WorkerOptions(http_routing="connection", connect_timeout=2))
+        worker.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(4):  # round robin: the name, then the address, ...
+                answers.append(await loop.run_in_executor(None, _ask_one, lst.address))
+            svc = watcher.state.table.services()[0]
+            [name] = [e for e in svc.endpoints if e.address == "no-such-pod.invalid"]
+            failures.append(worker.health.describe(name)["connect_failures"])
+        finally:
+            await worker.drain(1)
+            worker.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.shutdown()
+    assert answers == ["v1"] * 4
+    assert failures and failures[0] >= 1

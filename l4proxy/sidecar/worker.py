@@ -1018,14 +1018,22 @@ class Worker:
         """
         host, port = addr
         numeric = _numeric_sockaddr(host, port)
-        infos: list[tuple[Any, ...]]
+        infos: list[tuple[Any, ...]] = []
+        err = "no address"
         if numeric is not None:
             infos = [numeric]
         else:  # a host name (DNS endpoint before its first answer): resolve off-loop
-            infos = list(
-                await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            )
-        err = "no address"
+            # (a failed lookup is this endpoint's failed connect: the next
+            # endpoint is tried, and the client gets the 503 if none is left)
+            try:
+                infos = list(
+                    await asyncio.wait_for(
+                        asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                        self.opts.connect_timeout,
+                    )
+                )
+            except (OSError, TimeoutError) as exc:
+                err = "name lookup timed out" if isinstance(exc, TimeoutError) else str(exc)
         for family, stype, proto, _, sockaddr in infos[:2]:
             try:
                 sock = socket.socket(family, stype, proto)
