@@ -7,9 +7,10 @@ are read through ``Pump.stats()`` when ``/stats`` is rendered.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -41,6 +42,12 @@ class Counters:
     def help(self) -> dict[str, tuple[str, str]]:
         return dict(self._help)
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes that a snapshot must see all or none of (a histogram's
+        buckets, +Inf, _sum and _count); nothing to do with one writer."""
+        yield
+
     def snapshot(self) -> dict[str, dict[LabelSet, float]]:
         return {k: dict(v) for k, v in self._values.items()}
 
@@ -54,7 +61,12 @@ class LockedCounters(Counters):
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        with self._lock:
+            yield
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         with self._lock:

@@ -31,3 +31,39 @@ def test_described_but_unused_counter_shows_zero() -> None:
     c = Counters()
     c.describe("l4proxy_refused_total", "counter", "Refused.")
     assert "l4proxy_refused_total 0" in c.render().splitlines()
+
+
+def test_a_snapshot_sees_a_batch_whole() -> None:
+    """The relay's thread writes a histogram row as several adds (buckets,
+    +Inf, _sum, _count); a scrape between two of them saw +Inf above _count.
+    A batch holds the lock for all of them; a snapshot waits for it."""
+    import threading
+
+    from l4proxy.stats import LockedCounters
+
+    c = LockedCounters()
+    inside, release = threading.Event(), threading.Event()
+    seen: list[dict[str, float]] = []
+
+    def writer() -> None:
+        with c.batch():
+            c.inc("h_bucket", 1, le="+Inf")
+            inside.set()
+            release.wait(5)
+            c.inc("h_count", 1)
+
+    def reader() -> None:
+        snap = c.snapshot()
+        seen.append({k: sum(v.values()) for k, v in snap.items()})
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert inside.wait(5)
+    r = threading.Thread(target=reader)
+    r.start()
+    r.join(0.2)
+    assert r.is_alive()  # waiting for the batch
+    release.set()
+    w.join(5)
+    r.join(5)
+    assert seen == [{"h_bucket": 1, "h_count": 1}]

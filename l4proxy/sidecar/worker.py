@@ -840,8 +840,18 @@ class Worker:
         answered: list[tuple[_SubsetTag | _Tag | None, int, int, float, tuple[int, ...]]],
     ) -> None:
         """What the compiled relay counted since its last report (relay
-        thread): decisions, and responses with their duration histogram."""
+        thread): decisions, and responses with their duration histogram
+        (one batch: a scrape sees a report whole, +Inf equal to _count)."""
         c = self.relay_counters
+        with c.batch():
+            self._add_rows(c, decided, answered)
+
+    @staticmethod
+    def _add_rows(
+        c: Counters,
+        decided: list[tuple[_SubsetTag | None, int]],
+        answered: list[tuple[_SubsetTag | _Tag | None, int, int, float, tuple[int, ...]]],
+    ) -> None:
         for subset, n in decided:
             if subset is not None:  # PassthroughCluster: no decision (as per connection)
                 labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
