@@ -624,3 +624,41 @@ def test_lookups_at_once_are_bounded() -> None:
     assert asyncio.run(dns.refresh_due(now=0))
     assert all(dns.names[n].resolved for n in names)
     assert slow.most == MAX_LOOKUPS
+
+
+def test_the_sidecar_is_ready_once_every_name_had_its_first_lookup(tmp_path: Path) -> None:
+    """Until its first answer a name is no address, and the per-request relay
+    answers its services 503: /ready said LIVE already, so the app's first
+    requests could meet those. Ready waits for every name's first lookup
+    (answered or failed), once: names a reload adds later do not flap it."""
+    from l4proxy.dataplane.listener import bind_listener
+    from l4proxy.sidecar.admin import WorkerView
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    (tmp_path / "rules.yaml").write_text(RULES)
+    slow = SlowResolver(dict.fromkeys(NAMES, 0.0))
+    seen: list[bool] = []
+
+    async def main() -> None:
+        w = RuleWatcher([str(tmp_path)], resolver=slow)
+        assert w.load_now()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], w, WorkerOptions())
+        view = WorkerView(worker, "test")
+        try:
+            seen.append(await view.ready())
+            await w.refresh_dns()
+            seen.append(await view.ready())
+            third = "bootcamp-v3.default.svc.cluster.local"
+            slow.delays[third] = 0.0
+            extra = RULES + "  - address: " + third + "\n    labels: {version: v3}\n"
+            (tmp_path / "rules.yaml").write_text(extra)
+            assert await w.reload()
+            assert third in w.dns.names and not w.dns.names[third].lookups
+            seen.append(await view.ready())
+        finally:
+            worker.close()
+            lst.sock.close()
+
+    asyncio.run(main())
+    assert seen == [False, True, True]

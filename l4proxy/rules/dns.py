@@ -481,6 +481,7 @@ class DnsEndpoints:
     counters: Counters = field(default_factory=Counters)
     names: dict[str, NameState] = field(default_factory=dict)
     users: dict[str, list[str]] = field(default_factory=dict)  # name -> service hosts
+    _warmed: bool = False
 
     def __post_init__(self) -> None:
         self.max_ttl = max(self.max_ttl, self.min_ttl)
@@ -512,6 +513,15 @@ class DnsEndpoints:
                 self.counters.set("l4proxy_dns_stale", 0, hostname=name)
         self.users = wanted
         return new
+
+    def warmed(self) -> bool:
+        """Whether every name has been looked up once (answered or failed),
+        since the first table. Sticky: names a later reload adds do not make
+        it false again (the sidecar's readiness hangs on it, as Envoy's waits
+        for its DNS clusters' first resolution, and must not flap)."""
+        if not self._warmed and all(st.lookups for st in self.names.values()):
+            self._warmed = True
+        return self._warmed
 
     def next_due(self) -> float | None:
         return min((st.next_at for st in self.names.values()), default=None)

@@ -1,7 +1,8 @@
 """The admin endpoint (127.0.0.1:15000 by default), Envoy-style.
 
 =================  ==========================================================
-``/ready``         200 ``LIVE`` while serving; 503 ``NOT READY`` after SIGTERM
+``/ready``         200 ``LIVE`` while serving; 503 ``NOT READY`` after SIGTERM,
+                   and at start until every DNS endpoint name had a lookup
 ``/stats``         Prometheus text: connections, decisions, bytes, failures,
                    reloads, active connections (``?format=json`` for JSON)
 ``/config_dump``   JSON: the live route table, its generation and sources,
@@ -216,7 +217,10 @@ class WorkerView:
         self.implementation = implementation
 
     async def ready(self) -> bool:
-        return not self.worker.draining
+        # Not before every DNS endpoint name had its first lookup: until then
+        # the per-request relay answers 503 for its services (Envoy's
+        # readiness waits for its clusters' first resolution too).
+        return not self.worker.draining and self.worker.rules.dns.warmed()
 
     def clusters_now(self) -> list[dict[str, Any]]:
         out = []
