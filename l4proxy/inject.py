@@ -13,7 +13,9 @@ kept.)
 
 Injection is a pure function of (template, options): it first removes what an
 earlier injection added (the containers ``l4proxy-init`` and ``l4proxy`` and
-the volume ``l4proxy-rules``), then adds them afresh. So injecting twice
+the volume ``l4proxy-rules``, as its status annotation records them: a
+container of the user's with one of those names is an error, never replaced),
+then adds them afresh. So injecting twice
 equals injecting once, and injecting again with other options updates a
 manifest in place. The template's ``l4proxy.io/status`` annotation records
 what was added and with which image; it holds no time stamp, on purpose.
@@ -89,7 +91,8 @@ CURRENT_API = {
 
 EPILOG = f"""\
 what is added to each Pod template:
-  initContainers[0]  {INIT_NAME}: l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
+  initContainers     {INIT_NAME} (first; with --sidecar container last, after yours):
+                     l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
                      as root with only NET_ADMIN and NET_RAW, read-only root filesystem:
                      installs the iptables rules that send the pod's TCP to the sidecar
   the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}, as uid {PROXY_UID},
@@ -249,6 +252,26 @@ def _without(items: Any, names: Sequence[str]) -> list[Any]:
     return [i for i in items if not (isinstance(i, dict) and i.get("name") in names)]
 
 
+def _list_of_mappings(spec: dict[str, Any], key: str, what: str) -> list[Any]:
+    """spec[key] as a list of mappings ([] when absent); anything else is an error
+    (it was dropped, or it raised an AttributeError)."""
+    items = spec.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise InjectError(f"{what}: spec.{key} must be a list of mappings")
+    return items
+
+
+def _injected_before(annotations: dict[str, Any]) -> dict[str, Any]:
+    """What an earlier ``l4proxy inject`` recorded in the status annotation."""
+    try:
+        before = json.loads(str(annotations.get(STATUS_ANNOTATION) or "{}"))
+    except ValueError:
+        return {}
+    return before if isinstance(before, dict) else {}
+
+
 def inject_template(
     template: dict[str, Any], opts: InjectOptions, what: str, warnings: list[str]
 ) -> bool:
@@ -260,6 +283,8 @@ def inject_template(
     if not isinstance(meta, dict) or not isinstance(spec, dict):
         raise InjectError(f"{what}: the Pod template has no spec (or metadata is not a mapping)")
     annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise InjectError(f"{what}: metadata.annotations must be a mapping")
     if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false":
         return False
     if spec.get("hostNetwork") is True:
@@ -268,10 +293,34 @@ def inject_template(
             "traffic)"
         )
         return False
-    containers = spec.get("containers")
-    if not isinstance(containers, list) or not containers:
+    containers = _list_of_mappings(spec, "containers", what)
+    init_containers = _list_of_mappings(spec, "initContainers", what)
+    volumes = _list_of_mappings(spec, "volumes", what)
+    if not containers:
         raise InjectError(f"{what}: the Pod template has no containers")
+    # Only what an earlier injection recorded is ours to replace: a container
+    # of the user's that is called l4proxy (l4proxy as a gateway) was removed.
+    before = _injected_before(annotations)
+    ours_before = {
+        "containers": set(before.get("containers") or ()),
+        "initContainers": set(before.get("initContainers") or ()),
+        "volumes": set(before.get("volumes") or ()),
+    }
+    for key, items, names in (
+        ("containers", containers, (SIDECAR_NAME,)),
+        ("initContainers", init_containers, (INIT_NAME, SIDECAR_NAME)),
+        ("volumes", volumes, (VOLUME_NAME,)),
+    ):
+        for item in items:
+            name = item.get("name")
+            if name in names and name not in ours_before[key]:
+                raise InjectError(
+                    f"{what}: spec.{key} already has {name!r}, which l4proxy inject did not "
+                    f'add: rename it, or annotate the template {INJECT_ANNOTATION}: "false"'
+                )
     app_containers = _without(containers, [SIDECAR_NAME])
+    if not app_containers:
+        raise InjectError(f"{what}: the Pod template has no containers besides the sidecar")
     for c in app_containers:
         uid = (c.get("securityContext") or {}).get("runAsUser")
         pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
@@ -280,29 +329,34 @@ def inject_template(
                 f"{what}: container {c.get('name')} runs as uid {PROXY_UID}, the proxy's: its "
                 "traffic is not captured"
             )
-    init = _without(spec.get("initContainers"), [INIT_NAME, SIDECAR_NAME])
-    ours = [init_container(opts)]
+    init = _without(init_containers, [INIT_NAME, SIDECAR_NAME])
+    # Native sidecar: ours first; capture is on from there, and the user's
+    # init containers find the proxy running. As a container the proxy only
+    # starts after every init container: capture must come last, or their
+    # connections go to a port nobody listens on yet.
     if opts.sidecar == "native":
-        ours.append(sidecar_container(opts))
-    # Ours first: capture is on from here, so the user's init containers must
-    # find the proxy running (native sidecar) or their connections fail.
+        all_init = [init_container(opts), sidecar_container(opts), *init]
+    else:
+        all_init = [*init, init_container(opts)]
+        kind = what.rsplit(": ", 1)[-1].split(" ", 1)[0]
+        if kind in ("Job", "CronJob"):
+            warnings.append(
+                f"{what}: --sidecar container in a {kind}: the sidecar never exits, so the "
+                "pod never completes (native sidecars, the default, stop with the app)"
+            )
     new_spec: dict[str, Any] = {}
     for key, value in spec.items():
         if key == "containers":  # initContainers just before containers, as one reads them
-            new_spec["initContainers"] = ours + init
+            new_spec["initContainers"] = all_init
             sidecar = [sidecar_container(opts)] if opts.sidecar == "container" else []
             new_spec["containers"] = app_containers + sidecar
         elif key != "initContainers":
             new_spec[key] = value
     spec.clear()
     spec.update(new_spec)
-    spec["volumes"] = [*_without(spec.get("volumes"), [VOLUME_NAME]), rules_volume(opts)]
+    spec["volumes"] = [*_without(volumes, [VOLUME_NAME]), rules_volume(opts)]
     annotations = dict(annotations)
-    try:
-        before = json.loads(str(annotations.get(STATUS_ANNOTATION) or "{}"))
-    except ValueError:
-        before = {}
-    if isinstance(before, dict) and before.get("statsPort"):  # ours, from last time
+    if before.get("statsPort"):  # ours, from last time
         for key in PROMETHEUS_ANNOTATIONS:
             annotations.pop(key, None)
     if opts.stats_port:
@@ -397,9 +451,12 @@ def _header(chunk: str) -> tuple[str, str]:
     lines = chunk.splitlines(keepends=True)
     i = 0
     if lines and _SEPARATOR.match(lines[0].rstrip("\r\n")):
-        if lines[0].rstrip("\r\n").strip() != "---":
-            return "", chunk  # content on the separator line: let YAML read it all
-        i = 1
+        after = lines[0].rstrip("\r\n")[3:].strip()
+        if after and not after.startswith("#"):
+            # content on the separator line (--- {...}, --- !tag): YAML read
+            # it with the rest, and the document is written anew below ---
+            return "---\n", chunk
+        i = 1  # "---" or "--- # a comment": kept as it is
     while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
         i += 1
     return "".join(lines[:i]), "".join(lines[i:])
@@ -436,6 +493,31 @@ def _port_list(value: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ports))
 
 
+ADMIN_PORT = 15000
+
+
+def _stats_port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1-65535, or 0: off)")
+    port = int(value)
+    if port in (ADMIN_PORT, PROXY_PORT):
+        what = "the admin endpoint's" if port == ADMIN_PORT else "the proxy's"
+        raise argparse.ArgumentTypeError(f"{port} is {what} port in the pod; 15090 is Istio's")
+    return port
+
+
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _configmap_name(value: str) -> str:
+    if not _OBJECT_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a ConfigMap name (lower-case letters, digits, '-' and '.'; "
+            "the ConfigMap must be in the pod's namespace, so no NAMESPACE/)"
+        )
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "inject",
@@ -461,6 +543,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--configmap",
+        type=_configmap_name,
         default=DEFAULT_CONFIGMAP,
         metavar="NAME",
         help=f"ConfigMap holding the rule files, mounted at {RULES_MOUNT} (%(default)s)",
@@ -497,7 +580,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--stats-port",
-        type=int,
+        type=_stats_port,
         default=0,
         metavar="PORT",
         help="the sidecar serves read-only /stats on 0.0.0.0:PORT (l4proxy run "

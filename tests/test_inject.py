@@ -32,6 +32,7 @@ kubernetes_validate = import_or_skip(
     "kubernetes_validate", "pip install kubernetes-validate (requirements-dev.txt)"
 )
 K8S_CURRENT = "1.37.0"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 
 POD_SPEC = {
     "containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}],
@@ -116,7 +117,10 @@ def test_every_kind_is_injected_and_validates(kind: str, sidecar: str) -> None:
     text = yaml.safe_dump(workloads()[kind], sort_keys=False)
     res = inject_text(text, InjectOptions(sidecar=sidecar))
     assert res.injected == [f"{kind} {workloads()[kind]['metadata']['name']}"]
-    assert not res.warnings
+    if sidecar == "container" and kind in ("Job", "CronJob"):  # the sidecar never exits
+        assert len(res.warnings) == 1 and "never completes" in res.warnings[0], res.warnings
+    else:
+        assert not res.warnings
     obj = yaml.safe_load(res.text)
     tpl = _pod_spec(obj)
     spec = tpl["spec"]
@@ -247,6 +251,98 @@ def test_seed_old_api_is_injected_with_a_warning(seed_dir: str) -> None:
 def test_errors(text: str, message: str) -> None:
     with pytest.raises(InjectError, match=message):
         inject_text(text, InjectOptions())
+
+
+def test_a_comment_on_the_separator_keeps_the_documents_apart() -> None:
+    """``--- # the app`` before a Pod: the rewritten Pod was written straight
+    after the Service with no separator, one document, and kubectl kept the Pod
+    only (the Service was lost without a word)."""
+    svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80}]}\n"
+    pod = yaml.safe_dump(workloads()["Pod"], sort_keys=False)
+    for sep in ("--- # the app\n", "--- !!map\n"):
+        res = inject_text(svc + sep + pod, InjectOptions())
+        docs = [d for d in yaml.safe_load_all(res.text) if d]
+        assert [d["kind"] for d in docs] == ["Service", "Pod"], res.text
+    assert "--- # the app\n" in inject_text(svc + "--- # the app\n" + pod, InjectOptions()).text
+
+
+def test_a_container_of_the_users_called_l4proxy_is_never_taken_for_ours() -> None:
+    """The gateway's own container is called l4proxy: injecting the whole
+    bootcamp example replaced it by the sidecar (its --no-transparent --listen
+    gone) or removed it (no containers left, which the API server refuses).
+    Only what the status annotation records is replaced; a clash is an error."""
+    pod = workloads()["Pod"]
+    pod["spec"]["containers"] = [{"name": SIDECAR_NAME, "image": "l4proxy:0.1.0"}]
+    with pytest.raises(InjectError, match="already has 'l4proxy', which l4proxy inject did not"):
+        inject_text(yaml.safe_dump(pod), InjectOptions(sidecar="container"))
+    with pytest.raises(InjectError, match="already has 'l4proxy'"):
+        inject_text(yaml.safe_dump(pod), InjectOptions())
+    pod = workloads()["Pod"]
+    pod["spec"]["initContainers"] = [{"name": INIT_NAME, "image": "mine"}]
+    with pytest.raises(InjectError, match="initContainers already has 'l4proxy-init'"):
+        inject_text(yaml.safe_dump(pod), InjectOptions())
+    # and our own, recorded, are replaced: native -> container -> native
+    once = inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions()).text
+    moved = inject_text(once, InjectOptions(sidecar="container")).text
+    assert inject_text(moved, InjectOptions()).text == once
+
+
+def test_the_shipped_gateway_is_left_alone() -> None:
+    gateway = (DEPLOY / "bootcamp" / "gateway" / "gateway.yaml").read_text()
+    res = inject_text(gateway, InjectOptions())
+    assert res.text == gateway and res.skipped == ["Deployment l4proxy-gateway"]
+
+
+def test_container_mode_captures_after_the_users_init_containers() -> None:
+    """As a container the proxy starts after every init container: with
+    l4proxy-init first, the user's init containers' connections were sent to
+    port 15001, where nothing listened yet."""
+    dep = workloads()["Deployment"]
+    dep["spec"]["template"]["spec"]["initContainers"] = [{"name": "migrate", "image": "m:1"}]
+    res = inject_text(yaml.safe_dump(dep), InjectOptions(sidecar="container"))
+    spec = yaml.safe_load(res.text)["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["migrate", INIT_NAME]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"containers": ["app"]}, "spec.containers must be a list of mappings"),
+        ({"volumes": {"name": "data"}}, "spec.volumes must be a list of mappings"),
+        ({"initContainers": "migrate"}, "spec.initContainers must be a list of mappings"),
+    ],
+)
+def test_malformed_lists_are_errors_not_tracebacks_or_drops(
+    change: dict[str, Any], message: str
+) -> None:
+    pod = workloads()["Pod"]
+    pod["spec"].update(change)
+    with pytest.raises(InjectError, match=message):
+        inject_text(yaml.safe_dump(pod), InjectOptions())
+    pod = workloads()["Pod"]
+    pod["metadata"]["annotations"] = ["a"]
+    with pytest.raises(InjectError, match="annotations must be a mapping"):
+        inject_text(yaml.safe_dump(pod), InjectOptions())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stats-port", "70000"], "not a TCP port"),
+        (["--stats-port", "15000"], "admin endpoint's port"),
+        (["--stats-port", "15001"], "the proxy's port"),
+        (["--configmap", "default/l4proxy-rules"], "no NAMESPACE/"),
+    ],
+)
+def test_options_that_would_crash_loop_the_sidecar_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    src = tmp_path / "in.yaml"
+    src.write_text(yaml.safe_dump(workloads()["Pod"]))
+    with pytest.raises(SystemExit) as exc:
+        main(["inject", "-f", str(src), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_split_documents_round_trip() -> None:
