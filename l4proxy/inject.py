@@ -37,7 +37,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -430,14 +430,64 @@ def split_documents(text: str) -> list[str]:
     return ["".join(c) for c in chunks if c]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as kubectl reads it (go-yaml, through sigs.k8s.io/yaml).
+
+    PyYAML's YAML 1.1 and kubectl disagree on plain scalars, and a document
+    inject rewrote changed meaning: ``12:30`` became 750 (sexagesimal), an
+    unquoted time stamp became a datetime and was written back in another
+    form, ``1e3`` stayed a string but kubectl reads a number. So: booleans
+    as kubectl reads them (y/n/yes/no/on/off/true/false), integers and floats
+    as go-yaml's, null, merge keys; nothing else is implicit.
+    """
+
+    bool_values: ClassVar[dict[str, bool]] = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
+
+
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    (
+        "bool",
+        r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$",
+        "yYnNtTfFoO",
+    ),
+    (
+        "int",
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+        "-+0123456789",
+    ),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader
+
+
 class _Dumper(yaml.SafeDumper):
-    """Block style, lists indented under their key like kubectl writes them."""
+    """Block style, lists indented under their key like kubectl writes them.
+
+    A string is quoted when kubectl (:class:`_Loader`) or YAML 1.1 would
+    read it as something else: ``"n"`` stays a string for both."""
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)
 
     def ignore_aliases(self, data: Any) -> bool:
         return True  # no &id001 anchors: Kubernetes users read these files
+
+
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        _Dumper.add_implicit_resolver(_tag, _regexp, [_first])
 
 
 def _dump(obj: Any) -> str:
@@ -468,7 +518,7 @@ def inject_text(text: str, opts: InjectOptions, source: str = "<stdin>") -> Inje
     for index, chunk in enumerate(split_documents(text)):
         where = f"{source} document {index + 1}"
         try:
-            obj = yaml.safe_load(chunk)
+            obj = _load(chunk)
         except yaml.YAMLError as exc:
             raise InjectError(f"{where}: not valid YAML: {exc}") from None
         if not inject_object(obj, opts, where, result):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from l4proxy import inject as inject_module
 from l4proxy.cli import main
 from l4proxy.inject import (
     INIT_NAME,
@@ -343,6 +344,52 @@ def test_options_that_would_crash_loop_the_sidecar_are_refused(
         main(["inject", "-f", str(src), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+TYPED = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  labels: {flag: "n", other: "yes", count: "3"}
+  annotations:
+    deployed-at: 2024-01-01T10:00:00Z
+    at: 12:30
+spec:
+  containers:
+  - name: app
+    image: app:1
+    env:
+    - {name: A, value: "y"}
+    - {name: B, value: "1e3"}
+    - {name: C, value: "0o17"}
+    - {name: D, value: "on"}
+    - {name: E, value: "~"}
+"""
+
+
+def test_a_rewritten_document_means_to_kubectl_what_it_meant() -> None:
+    """Read and written by PyYAML's YAML 1.1: ``12:30`` became 750, the time
+    stamp came back as '2024-01-01 10:00:00+00:00', and the strings "n", "y",
+    "1e3", "0o17" went out unquoted, which kubectl reads as a bool or a
+    number (and refuses as a label or an env value)."""
+    out = inject_text(TYPED, InjectOptions()).text
+    for text in (TYPED, out):
+        obj = yaml.load(text, Loader=inject_module._Loader)  # a SafeLoader
+        meta = obj["metadata"]
+        assert {k: meta["labels"][k] for k in ("flag", "other", "count")} == {
+            "flag": "n",
+            "other": "yes",
+            "count": "3",
+        }
+        assert meta["annotations"]["deployed-at"] == "2024-01-01T10:00:00Z"
+        assert meta["annotations"]["at"] == "12:30"
+        env = {e["name"]: e["value"] for e in obj["spec"]["containers"][0]["env"]}
+        assert env == {"A": "y", "B": "1e3", "C": "0o17", "D": "on", "E": "~"}
+    # every one of them quoted in the output, so any YAML reader agrees
+    for value in ("'n'", "'yes'", "'3'", "'2024-01-01T10:00:00Z'", "'12:30'", "'y'", "'1e3'"):
+        assert value in out, value
+    assert yaml.safe_load(out)["metadata"]["annotations"]["at"] == "12:30"  # YAML 1.1 too
 
 
 def test_split_documents_round_trip() -> None:
