@@ -263,6 +263,24 @@ def _list_of_mappings(spec: dict[str, Any], key: str, what: str) -> list[Any]:
     return items
 
 
+def _tcp_probe_ports(container: dict[str, Any]) -> list[int]:
+    """The ports of a container's tcpSocket probes (a named port resolved)."""
+    named = {
+        p.get("name"): p.get("containerPort")
+        for p in container.get("ports") or []
+        if isinstance(p, dict)
+    }
+    out = []
+    for key in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = container.get(key)
+        tcp = probe.get("tcpSocket") if isinstance(probe, dict) else None
+        port = tcp.get("port") if isinstance(tcp, dict) else None
+        port = named.get(port, port) if isinstance(port, str) else port
+        if isinstance(port, int) and port not in out:
+            out.append(port)
+    return out
+
+
 def _injected_before(annotations: dict[str, Any]) -> dict[str, Any]:
     """What an earlier ``l4proxy inject`` recorded in the status annotation."""
     try:
@@ -322,6 +340,14 @@ def inject_template(
     if not app_containers:
         raise InjectError(f"{what}: the Pod template has no containers besides the sidecar")
     for c in app_containers:
+        for port in _tcp_probe_ports(c):
+            if port not in opts.exclude_inbound_ports:
+                warnings.append(
+                    f"{what}: container {c.get('name')} has a tcpSocket probe on port {port}: "
+                    "once its inbound TCP is captured the sidecar accepts for the app, and the "
+                    f"probe passes whether the app listens or not; use httpGet or exec, or "
+                    f"--exclude-inbound-ports {port}"
+                )
         uid = (c.get("securityContext") or {}).get("runAsUser")
         pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
         if (uid if uid is not None else pod_uid) == PROXY_UID:

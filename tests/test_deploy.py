@@ -51,7 +51,7 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
     with open(root / "kustomization.yaml") as f:
         k = yaml.safe_load(f)
     known = {"apiVersion", "kind", "resources", "namespace", "configMapGenerator"}
-    known.add("generatorOptions")
+    known |= {"generatorOptions", "images"}
     assert set(k) <= known, f"{root}: kustomization fields not covered: {set(k) - known}"
     assert k["kind"] == "Kustomization"
     out: list[dict[str, Any]] = []
@@ -74,12 +74,31 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
         if opts.get("labels"):
             meta["labels"] = dict(opts["labels"])
         out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    for image in k.get("images", []):
+        assert set(image) <= {"name", "newName", "newTag"}, image
+        for container in _containers(out):
+            name, _, tag = container["image"].partition(":")
+            if name == image["name"]:
+                new_name = image.get("newName", name)
+                container["image"] = f"{new_name}:{image.get('newTag', tag)}"
     if "namespace" in k:
         for obj in out:
             obj.setdefault("metadata", {})["namespace"] = k["namespace"]
             for subject in obj.get("subjects", []) if obj["kind"] == "RoleBinding" else []:
                 if subject.get("kind") == "ServiceAccount":  # as kustomize does
                     subject["namespace"] = k["namespace"]
+    return out
+
+
+def _containers(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every container and init container of the objects' Pod templates."""
+    out = []
+    for obj in objs:
+        spec = obj.get("spec", {})
+        if obj["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        pod = spec.get("template", {}).get("spec", {}) if obj["kind"] != "Pod" else spec
+        out += pod.get("containers", []) + pod.get("initContainers", [])
     return out
 
 
@@ -315,3 +334,43 @@ def test_gateway_api_variant_rules_compile(tmp_path: Path) -> None:
     assert _ids([o for o in objs if o["kind"] == "Deployment"]) == _ids(
         [o for o in kustomize(BOOTCAMP) if o["kind"] == "Deployment"]
     )
+
+
+@pytest.mark.parametrize("root", [BOOTCAMP, K8S / "canary"], ids=["bootcamp", "canary"])
+def test_one_images_entry_sets_every_l4proxy_container(root: Path, tmp_path: Path) -> None:
+    """README step 2 had a sed over the build output; applying again with
+    kubectl apply -k (step 4) put the unqualified image back, and the pods
+    went to ImagePullBackOff. The kustomization's images entry holds it."""
+    copy = tmp_path / root.name
+    shutil.copytree(root, copy)  # (bootcamp's resources are its subdirectories)
+    k = yaml.safe_load((copy / "kustomization.yaml").read_text())
+    [entry] = [i for i in k["images"] if i["name"] == "l4proxy"]
+    entry["newName"] = "registry.example/l4proxy"
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    images = {c["image"] for c in _containers(kustomize(copy))}
+    assert {i for i in images if "l4proxy" in i} == {"registry.example/l4proxy:0.1.0"}
+
+
+def test_the_canary_job_validates_on_every_schema_with_native_sidecars() -> None:
+    """onPodConditions without status was refused by the 1.29-1.34 schemas
+    (kubeconform and the like; the API server defaults it)."""
+    [job] = [o for o in kustomize(K8S / "canary") if o["kind"] == "Job"]
+    for version in ("1.29.0", "1.34.0", K8S_CURRENT):
+        kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_no_tcp_socket_probe_on_a_captured_port_and_the_gateway_is_scraped() -> None:
+    """A tcpSocket probe to a captured port is answered by the sidecar's
+    accept, whether the app listens or not; the gateway, the source of the
+    tutorial's traffic, serves /stats/prometheus for l4proxy canary --prometheus."""
+    objs = kustomize(BOOTCAMP)
+    for c in _containers(objs):
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert "tcpSocket" not in c.get(probe, {}), (c["name"], probe)
+    [gw] = [
+        o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway")
+    ]
+    tpl = gw["spec"]["template"]
+    command = tpl["spec"]["containers"][0]["command"]
+    assert command[command.index("--stats-listen") + 1] == "0.0.0.0:15090"
+    assert tpl["metadata"]["annotations"]["prometheus.io/port"] == "15090"

@@ -294,6 +294,19 @@ def test_the_shipped_gateway_is_left_alone() -> None:
     assert res.text == gateway and res.skipped == ["Deployment l4proxy-gateway"]
 
 
+def test_a_tcp_socket_probe_on_a_captured_port_is_warned_about() -> None:
+    """Once capture is on, the sidecar accepts every inbound connection for the
+    app: a tcpSocket probe passes whether the app listens or not."""
+    pod = workloads()["Pod"]
+    app = pod["spec"]["containers"][0]
+    app["ports"] = [{"name": "http", "containerPort": 8080}]
+    app["readinessProbe"] = {"tcpSocket": {"port": "http"}}
+    app["livenessProbe"] = {"tcpSocket": {"port": 9000}}
+    res = inject_text(yaml.safe_dump(pod), InjectOptions(exclude_inbound_ports=(9000,)))
+    assert len(res.warnings) == 1 and "tcpSocket probe on port 8080" in res.warnings[0]
+    assert "--exclude-inbound-ports 8080" in res.warnings[0]
+
+
 def test_container_mode_captures_after_the_users_init_containers() -> None:
     """As a container the proxy starts after every init container: with
     l4proxy-init first, the user's init containers' connections were sent to
