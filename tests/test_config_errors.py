@@ -8,6 +8,7 @@ where a user should look; the message must say what to do.
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -703,6 +704,18 @@ def test_duplicate_names_across_files(tmp_path: Path) -> None:
     # Same name in another namespace, or of another kind, is no duplicate.
     b.write_text(rule.replace("name: bootcamp-default", "name: bootcamp-default\n  namespace: x"))
     load_rules([str(a), str(b), REGISTRY])
+
+
+def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    """``--rules DIR --rules DIR/r.yaml`` (or DIR and DIR/): each object was
+    its own duplicate, and the whole rule set was refused."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(RR + "  destination: {name: bootcamp}\n")
+    shutil.copy(REGISTRY, rules)
+    for paths in ([str(rules), str(rules / "r.yaml")], [str(rules), str(rules) + "/"]):
+        result = load_rules(paths)
+        assert len(result.sources) == 2, result.sources
 
 
 def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:

@@ -113,7 +113,13 @@ def rule_files(paths: Sequence[str], report: Report) -> tuple[list[str], list[Di
             files.append(path)
         else:
             unreadable.append(Diagnostic(file=path, message="no such file or directory"))
-    return files, unreadable
+    # A file named twice (DIR and DIR/r.yaml, DIR and DIR/) is read once: read
+    # twice, each of its objects was its own duplicate, and the whole rule set
+    # was refused.
+    once: dict[str, str] = {}
+    for path in files:
+        once.setdefault(os.path.realpath(path), path)
+    return list(once.values()), unreadable
 
 
 def load_rules(

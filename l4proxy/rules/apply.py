@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import sys
@@ -77,6 +78,25 @@ class Refusal(Exception):
         self.code = code
 
 
+def _admin_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (an admin endpoint), got {value!r}")
+    if any(c.isspace() or c in "/?#@" for c in host):
+        raise argparse.ArgumentTypeError(f"{host!r} is not a host name or address")
+    return value
+
+
+def _wait_seconds(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (math.isfinite(v) and v > 0):  # nan waited for ever
+        raise argparse.ArgumentTypeError(f"{value!r}: a finite number of seconds, more than 0")
+    return v
+
+
 def add_parser(sub: Any) -> None:
     for verb in VERBS:
         if verb in sub.choices:
@@ -94,12 +114,13 @@ def add_parser(sub: Any) -> None:
         )
         p.add_argument(
             "--admin",
+            type=_admin_address,
             metavar="HOST:PORT",
             help="wait until this sidecar admin endpoint serves the new rules",
         )
         p.add_argument(
             "--timeout",
-            type=float,
+            type=_wait_seconds,
             default=10.0,
             metavar="SECONDS",
             help="how long to wait for --admin (default: %(default)s)",

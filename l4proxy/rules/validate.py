@@ -59,6 +59,12 @@ exit status:
 """
 
 
+def _positive_bytes(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of bytes, more than 0")
+    return int(value)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "validate",
@@ -88,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-bytes",
-        type=int,
+        type=_positive_bytes,
         default=DEFAULT_MAX_BYTES,
         help="refuse files larger than this (default: %(default)s, 16 MiB)",
     )

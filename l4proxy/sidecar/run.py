@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import grp
 import logging
+import math
 import os
 import pwd
+import re
 import signal
 import socket
 import sys
@@ -43,11 +45,10 @@ examples:
   curl 127.0.0.1:15000/config_dump   # the live route table
   kill -HUP <pid>                    # reload the rules now (they are polled anyway)
 
-Weighted routing is decided per connection by default: the first request on a
-keep-alive connection picks the subset, later requests on it follow. With
---http-routing request every request is routed on its own, and upstream
-connections are pooled (per worker and endpoint; idle for at most
-min(--idle-timeout, 60) seconds).
+Every request is routed on its own (--http-routing request, the default), and
+upstream connections are pooled (per worker and endpoint; idle for at most
+min(--idle-timeout, 60) seconds). With --http-routing connection the first
+request on a keep-alive connection picks the subset, and later ones follow.
 
 SIGTERM drains: inbound stops at once; the app's outbound calls are still
 captured and routed until none has been active for --drain-quiet seconds (the
@@ -71,6 +72,75 @@ def _hostport(value: str) -> tuple[str, int]:
     if not 0 <= p <= 65535:
         raise argparse.ArgumentTypeError(f"port {p} out of range 0..65535")
     return host, p
+
+
+def _number(value: str, what: str = "seconds") -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of {what}") from None
+    if not math.isfinite(v):  # nan passed every check (nan < 0 is false), inf meant never
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of {what}")
+    return v
+
+
+def _positive_seconds(value: str) -> float:
+    v = _number(value)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be more than 0 seconds")
+    return v
+
+
+def _seconds_or_zero(value: str) -> float:
+    v = _number(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return v
+
+
+def _poll_interval(value: str) -> float:
+    v = _number(value)
+    if v < MIN_RELOAD_INTERVAL:  # 0 or 1e-6: a worker polling the files at 100 % CPU
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: at least {MIN_RELOAD_INTERVAL:g} seconds (SIGHUP reloads at once)"
+        )
+    return v
+
+
+def _count(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return v
+
+
+def _workers(value: str) -> int:
+    v = _count(value)
+    if not 1 <= v <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value!r}: from 1 to {MAX_WORKERS} workers")
+    return v
+
+
+def _port(value: str) -> int:
+    v = _count(value)
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value!r} out of range 1..65535")
+    return v
+
+
+def _namespace(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a namespace name (a DNS label: lower-case letters, digits, '-')"
+        )
+    return value
+
+
+MIN_RELOAD_INTERVAL = 0.01
+MAX_WORKERS = 256
 
 
 def _labels(value: str) -> dict[str, str]:
@@ -99,10 +169,10 @@ def add_parser(sub: Any) -> None:
         metavar="PATH",
         help="rule file or directory (a ConfigMap mount); repeatable; reloaded on change",
     )
-    p.add_argument("--port", type=int, default=15001, help="transparent outbound port (15001)")
+    p.add_argument("--port", type=_port, default=15001, help="transparent outbound port (15001)")
     p.add_argument(
         "--inbound-port",
-        type=int,
+        type=_port,
         default=None,
         help="transparent inbound port, when it differs from --port",
     )
@@ -135,24 +205,30 @@ def add_parser(sub: Any) -> None:
         "for Prometheus or l4proxy canary --metrics from outside the pod, as Istio's "
         "0.0.0.0:15090 (off; the admin endpoint stays on loopback)",
     )
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="time an upstream connect may take before the next endpoint is tried (10)",
+    )
     p.add_argument(
         "--header-timeout",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="time a client has to send the request head on an HTTP port (10)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_positive_seconds,
         default=3600.0,
         metavar="SECONDS",
         help="close a relayed connection with no bytes either way for this long (3600)",
     )
     p.add_argument(
         "--drain-duration",
-        type=float,
+        type=_seconds_or_zero,
         default=25.0,
         metavar="SECONDS",
         help="on SIGTERM, the most the drain may last: outbound connections are "
@@ -162,7 +238,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--drain-quiet",
-        type=float,
+        type=_seconds_or_zero,
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, keep capturing the app's outbound calls until no connection "
@@ -176,7 +252,7 @@ def add_parser(sub: Any) -> None:
         help="unknown destinations: pass through (ALLOW_ANY) or refuse (REGISTRY_ONLY)",
     )
     p.add_argument(
-        "--max-connections", type=int, default=0, help="refuse beyond this many (0: no limit)"
+        "--max-connections", type=_count, default=0, help="refuse beyond this many (0: no limit)"
     )
     p.add_argument(
         "--max-pipes",
@@ -197,7 +273,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-max-idle",
-        type=int,
+        type=_count,
         default=1024,
         metavar="N",
         help="--http-routing request: idle upstream connections kept per endpoint "
@@ -205,7 +281,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-idle-timeout",
-        type=float,
+        type=_positive_seconds,
         default=None,
         metavar="SECONDS",
         help="--http-routing request: close an upstream connection idle this long "
@@ -214,7 +290,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-max-requests",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="--http-routing request: close an upstream connection after N requests "
@@ -222,7 +298,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--ejection-time",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="outlier detection: first ejection of a failing endpoint; the n-th lasts n times "
@@ -230,7 +306,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--namespace",
-        default=os.environ.get("POD_NAMESPACE", "default"),
+        type=_namespace,
+        default=os.environ.get("POD_NAMESPACE") or "default",
         help="namespace of short names in rules ($POD_NAMESPACE or default)",
     )
     p.add_argument("--domain", default="cluster.local", help="cluster domain (cluster.local)")
@@ -241,7 +318,13 @@ def add_parser(sub: Any) -> None:
         metavar="K=V,...",
         help="this pod's labels, for RouteRule match.source / sourceLabels",
     )
-    p.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument(
+        "--reload-interval",
+        type=_poll_interval,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the rule files are checked for a change (1; SIGHUP: at once)",
+    )
     p.add_argument("--uid", type=str, default=None, help="drop to this user after binding")
     p.add_argument("--gid", type=str, default=None, help="drop to this group after binding")
     p.add_argument(
@@ -252,7 +335,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         metavar="N",
         help="worker processes sharing the listeners with SO_REUSEPORT (1)",
@@ -264,14 +347,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--watchdog-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=15.0,
         metavar="SECONDS",
         help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
     )
     p.add_argument(
         "--watchdog-start-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=120.0,
         metavar="SECONDS",
         help="the same for a worker that has not answered yet since it started: it "
@@ -286,7 +369,12 @@ def add_parser(sub: Any) -> None:
         help="seed the weighted-split RNG with N + the worker's index, so a run's "
         "choices repeat (tests, reproducing a report); default: OS entropy",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="(info)",
+    )
     # Internal: how the supervisor starts a worker.
     p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)
     p.add_argument("--control-fd", type=int, default=-1, help=argparse.SUPPRESS)
@@ -303,9 +391,13 @@ def _drop_privileges(uid: str | None, gid: str | None) -> None:
         u = int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
         if os.getuid() == u:
             return
-        if gid is None:
+        if gid is None:  # the user's primary group (the uid's number when it has no entry)
+            try:
+                primary = pwd.getpwuid(u).pw_gid
+            except KeyError:
+                primary = u
             os.setgroups([])
-            os.setgid(u)
+            os.setgid(primary)
         os.setuid(u)
 
 
@@ -358,14 +450,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_transparent and not args.listen:
         log.error("--no-transparent needs at least one --listen HOST:PORT")
         return 2
-    if args.workers < 1:
-        log.error("--workers must be at least 1")
+    missing = [path for path in args.rules if not os.path.exists(path)]
+    if missing:  # a typo is a usage error, not a sidecar that routes by no rules
+        log.error("--rules %s: no such file or directory", missing[0])
         return 2
-    for name in ("pool_max_idle", "pool_idle_timeout", "pool_max_requests"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            log.error("--%s must not be negative, got %s", name.replace("_", "-"), value)
-            return 2
     specs = _listener_specs(args)
     sets: list[list[Listener]] = []
     try:

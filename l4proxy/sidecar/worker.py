@@ -339,7 +339,7 @@ class Worker:
             if idle and time.monotonic() - self.last_accept() >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
-            await asyncio.sleep(min(0.1, quiet))
+            await asyncio.sleep(min(0.1, max(quiet, 0.01)))  # (never a busy loop)
         self.stop_accepting()
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
@@ -1187,11 +1187,11 @@ async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
         if not fut.done():
             fut.set_result(ok)
 
+    timer = loop.call_later(timeout, settle, False)  # first: it raises for a bad timeout
     if writable:
         loop.add_writer(fd, settle, True)
     else:
         loop.add_reader(fd, settle, True)
-    timer = loop.call_later(timeout, settle, False)
     try:
         return await fut
     finally:

@@ -1,0 +1,98 @@
+"""``l4proxy run``'s command line: values that used to start a sidecar that
+then misbehaved are usage errors (exit 2, one line naming the flag)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l4proxy.cli import build_parser
+
+L4PROXY = os.path.join(os.path.dirname(sys.executable), "l4proxy")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # crash-looped every worker (Pump: idle_timeout must be > 0)
+        (["--idle-timeout", "0"], "must be more than 0 seconds"),
+        # nan passed every "< 0" check: no timeout at all, or SIGABRT in libuv
+        (["--header-timeout", "nan"], "not a finite number"),
+        (["--connect-timeout", "inf"], "not a finite number"),
+        (["--connect-timeout", "-1"], "must be more than 0 seconds"),
+        # polled the rule files at 100 % CPU
+        (["--reload-interval", "0"], "at least 0.01 seconds"),
+        (["--reload-interval", "1e-6"], "at least 0.01 seconds"),
+        # ready, and every connection refused (a negative limit is "true")
+        (["--max-connections", "-1"], "must not be negative"),
+        # the first ejection for ever (min(nan, 300) is nan)
+        (["--ejection-time", "nan"], "not a finite number"),
+        (["--drain-duration", "nan"], "not a finite number"),
+        (["--drain-duration", "-5"], "must not be negative"),
+        (["--watchdog-timeout", "nan"], "not a finite number"),
+        (["--port", "70000"], "out of range 1..65535"),
+        (["--inbound-port", "-1"], "must not be negative"),
+        (["--workers", "0"], "from 1 to 256 workers"),
+        (["--pool-max-idle", "-1"], "must not be negative"),
+        (["--pool-idle-timeout", "0"], "must be more than 0 seconds"),
+        (["--namespace", ""], "not a namespace name"),
+    ],
+)
+def test_values_that_made_a_sidecar_misbehave_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser("run").parse_args(["run", "--rules", "/etc/l4proxy", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[0] in err and message in err, err
+
+
+def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
+    args = build_parser("run").parse_args(
+        ["run", "--drain-duration", "0", "--drain-quiet", "0", "--watchdog-timeout", "0"]
+    )
+    assert (args.connect_timeout, args.header_timeout, args.idle_timeout) == (10, 10, 3600)
+    assert (args.drain_duration, args.drain_quiet, args.watchdog_timeout) == (0, 0, 0)
+    assert args.max_connections == 0 and args.reload_interval == 1.0
+
+
+def test_a_rules_path_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    """A typo in --rules started a ready sidecar that routed by no rules (an
+    ERROR line in its log); an empty directory is still fine (rules come later)."""
+    missing = tmp_path / "rulez"
+    done = subprocess.run(
+        [
+            *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", "--rules", str(missing)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"--rules {missing}: no such file or directory" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # a traceback (http.client.InvalidURL), after the directory was changed
+        (["create", "-f", "r.yaml", "--rules", "/x", "--admin", "127.0.0.1:abc"], "HOST:PORT"),
+        # waited for ever
+        (["create", "-f", "r.yaml", "--rules", "/x", "--timeout", "nan"], "finite number"),
+        # exit 1 "invalid", over the -1 MiB limit
+        (["validate", "--max-bytes", "0", "/x"], "more than 0"),
+    ],
+)
+def test_the_rule_commands_refuse_such_values_too(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser(argv[0]).parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
