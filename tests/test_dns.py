@@ -323,8 +323,31 @@ def test_resolver_a_and_aaaa_by_lookup_family(fake_dns: FakeDns, tmp_path: Path)
     assert resolve("v1.test", "v6_preferred") == ("2001:2::11",)
     assert set(resolve("v1.test", "all")) == {"198.18.0.11", "198.18.0.12", "2001:2::11"}
     assert resolve("v6.test", "v4_preferred") == ("2001:2::12",)  # no A: its AAAA
-    # auto: this host has an IPv4 route
-    assert Resolver(ResolvConf()).lookup_family == "v4_preferred"
+    # auto: by this host's routes
+    assert Resolver(ResolvConf()).lookup_family in ("v4_preferred", "v6_preferred")
+
+
+def test_an_nxdomain_to_one_type_does_not_wipe_the_others_addresses(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """A server that says NXDOMAIN to AAAA while it answers A is wrong about
+    one of them: the addresses win (Envoy's V4_PREFERRED asks AAAA only when
+    A has none)."""
+
+    class Inconsistent(FakeDns):
+        def answer(self, query: bytes, over: str) -> bytes | None:
+            _, end = wire._read_name(query, 12)
+            if struct.unpack_from("!H", query, end)[0] == wire.TYPE_AAAA:
+                return wire.encode_response(query, [], rcode=wire.RCODE_NXDOMAIN)
+            return super().answer(query, over)
+
+    server = Inconsistent()
+    try:
+        server.zone = {("v1.test", wire.TYPE_A): ["198.18.0.11"]}
+        res = asyncio.run(_resolver(server, tmp_path).resolve("v1.test"))
+    finally:
+        server.close()
+    assert res.addresses == ("198.18.0.11",)
 
 
 def test_a_name_gone_is_gone_though_aaaa_is_never_answered(
@@ -662,3 +685,18 @@ def test_the_sidecar_is_ready_once_every_name_had_its_first_lookup(tmp_path: Pat
 
     asyncio.run(main())
     assert seen == [False, True, True]
+
+
+def test_readiness_waits_for_dns_no_longer_than_warm_wait() -> None:
+    """Dozens of names a silent server never answers (10 s each, 8 at a time)
+    held /ready past a startup probe's minute: the kubelet restarted the
+    sidecar, which started over, and the pod never started."""
+    import l4proxy.rules.dns as dns_module
+
+    dns = DnsEndpoints(ScriptedResolver({}))
+    assert dns.warmed()  # no names: nothing to wait for
+    dns = DnsEndpoints(ScriptedResolver({}))
+    dns.track(_dns_table())
+    assert not dns.warmed()
+    dns._tracked_at -= dns_module.WARM_WAIT
+    assert dns.warmed()

@@ -581,6 +581,31 @@ def test_an_answer_counts_for_the_process_that_was_asked() -> None:
     assert sums == [100, 1000, 1003]  # was: 100, 1000, 103
 
 
+def test_a_worker_replaced_as_the_round_starts_is_counted_as_itself() -> None:
+    """The pids were read before the round's requests went out, one loop turn
+    later: a replacement that came up in between answered through its own
+    link, filed under its predecessor's pid (1000, then 5: a reset to rate())."""
+    sup = Supervisor(argparse.Namespace(), [[]])
+    [slot] = sup.slots
+    slot.proc, slot.link = _Proc(100), _Link(_raw(1000, 0, 0))  # type: ignore[assignment]
+    key = 'l4proxy_connections_total{listener="outbound"}'
+    sums = [_scrape(sup)[key]]
+
+    def replace() -> None:
+        slot.proc, slot.link = _Proc(200), _Link(_raw(5, 0, 0))  # type: ignore[assignment]
+
+    async def round_with_a_replacement() -> str:
+        scrape = asyncio.ensure_future(sup.stats_text())
+        await asyncio.sleep(0)  # the round has read the slot, its requests not sent yet
+        asyncio.get_running_loop().call_soon(replace)
+        return await scrape
+
+    asyncio.run(round_with_a_replacement())
+    slot.link = _Link(_raw(7, 0, 0))  # type: ignore[assignment]
+    sums.append(_scrape(sup)[key])
+    assert sums == [1000, 1007]  # the first process's 1000, then the second's 7
+
+
 def test_concurrent_scrapes_share_one_round_of_requests() -> None:
     """64 admin clients scraping at once asked each worker 64 times; a worker
     answers in turn, so with a slow /stats the queue grew past the watchdog's

@@ -80,6 +80,8 @@ MAX_RETRY = 30.0  # a failing name is retried at most this far apart (unless min
 # lookups under way at once (each holds a socket per question): dozens of
 # names due together must not take the fds a worker keeps for itself
 MAX_LOOKUPS = 8
+# the longest the sidecar's readiness waits for the names' first lookups
+WARM_WAIT = 10.0
 
 DnsError = wire.DnsError
 
@@ -261,7 +263,9 @@ class Resolver:
                 errors.append(ans)
             else:
                 answers.append(ans)
-        if any(a.nxdomain for a in answers):
+        if any(a.nxdomain for a in answers) and not any(a.addresses for a in answers):
+            # (a server that says NXDOMAIN to one type and answers the other
+            # is wrong about one of them: the addresses win)
             ttls = [a.ttl for a in answers if a.nxdomain and a.ttl is not None]
             return Resolution((), min(ttls) if ttls else None, "dns")
         preferred, other = got
@@ -482,6 +486,7 @@ class DnsEndpoints:
     names: dict[str, NameState] = field(default_factory=dict)
     users: dict[str, list[str]] = field(default_factory=dict)  # name -> service hosts
     _warmed: bool = False
+    _tracked_at: float = float("inf")  # monotonic: when the first name was tracked
 
     def __post_init__(self) -> None:
         self.max_ttl = max(self.max_ttl, self.min_ttl)
@@ -506,6 +511,8 @@ class DnsEndpoints:
             if name not in self.names:
                 self.names[name] = NameState(name)
                 new = True
+        if wanted and self._tracked_at == float("inf"):
+            self._tracked_at = time.monotonic()
         for name in list(self.names):
             if name not in wanted:
                 del self.names[name]
@@ -516,10 +523,15 @@ class DnsEndpoints:
 
     def warmed(self) -> bool:
         """Whether every name has been looked up once (answered or failed),
-        since the first table. Sticky: names a later reload adds do not make
-        it false again (the sidecar's readiness hangs on it, as Envoy's waits
-        for its DNS clusters' first resolution, and must not flap)."""
-        if not self._warmed and all(st.lookups for st in self.names.values()):
+        or WARM_WAIT seconds have passed since the first table named one.
+        Sticky: names a later reload adds do not make it false again (the
+        sidecar's readiness hangs on it, as Envoy's waits for its DNS
+        clusters' first resolution, and must neither flap nor, with many
+        names a silent server never answers, outlast a startup probe)."""
+        if not self._warmed and (
+            all(st.lookups for st in self.names.values())
+            or time.monotonic() - self._tracked_at >= WARM_WAIT
+        ):
             self._warmed = True
         return self._warmed
 

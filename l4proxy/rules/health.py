@@ -39,6 +39,7 @@ churn would grow it for the life of the sidecar.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,12 @@ class EndpointHealth:
         if st.ejections and self.base_ejection > 0:  # healthy since the last one: decay
             healthy_for = now - st.ejected_until
             st.ejections = max(0, st.ejections - int(healthy_for // self.base_ejection))
-        st.ejections += 1
+        # (counted no further than the maximum needs: after a very bad day
+        # the decay takes at most max_ejection / base_ejection spans)
+        most = 1
+        if self.base_ejection > 0:
+            most = max(1, math.ceil(self.max_ejection / self.base_ejection))
+        st.ejections = min(st.ejections + 1, most)
         duration = min(self.base_ejection * st.ejections, self.max_ejection)
         st.ejected_until = now + duration
         st.consecutive_failures = 0

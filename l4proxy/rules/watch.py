@@ -156,9 +156,9 @@ class RuleWatcher:
         # whoever caches what the table answered forgets it here.
         self.on_publish: list[Callable[[RouteTable], None]] = []
         # Called (on the loop) after each reload, whether it loaded or was
-        # refused, and after each DNS swap: a parse frees several times the
-        # table it builds (the worker gives that memory back here: see
-        # l4proxy.sidecar.lean.give_back_memory).
+        # refused: a parse frees several times the table it builds (the worker
+        # gives that memory back here: see l4proxy.sidecar.lean.give_back_memory).
+        # Not after a DNS swap: it frees one table's copy, no parse.
         self.after_load: Callable[[], object] | None = None
         self.reloading = False  # a reload is being parsed in a thread
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
@@ -323,7 +323,6 @@ class RuleWatcher:
             st.dns_updates += 1
             if self.on_swap:
                 self.on_swap(st)
-            self._loaded()
 
         return await self.dns.refresh_due(on_change=publish)
 

@@ -38,7 +38,10 @@ a mesh, so what each loads is paid thousands of times over.
   the free lists (a collection with every object frozen: it examines none, a
   few milliseconds) and calls ``malloc_trim(0)`` (under a millisecond): the
   same worker fell back to 35 MB. Both processes call it once started; the
-  worker after every load and every DNS swap too (:mod:`l4proxy.rules.watch`).
+  worker after every rule load too (:mod:`l4proxy.rules.watch`). The price:
+  CPython then counts no long-lived objects, so its next automatic
+  collection of the oldest generation comes soon and is a full one (tens of
+  milliseconds for a big table), once per call; rule loads are rare.
 """
 
 from __future__ import annotations
@@ -139,8 +142,9 @@ def give_back_memory() -> bool:
     """Return to the kernel what the interpreter and malloc keep of freed memory.
 
     Empties CPython's free lists, which only a full collection does, without
-    the cost of one: every object is frozen first, so the collection examines
-    none (cyclic garbage is left to the automatic collector). Then
+    examining the heap: every object is frozen first, so the collection looks
+    at none (cyclic garbage is left to the automatic collector, whose next
+    oldest-generation pass is then a full one: see the module docstring). Then
     ``malloc_trim(0)`` gives glibc's free heap pages back. Returns whether
     malloc_trim was there to call.
     """

@@ -450,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_transparent and not args.listen:
         log.error("--no-transparent needs at least one --listen HOST:PORT")
         return 2
-    missing = [path for path in args.rules if not os.path.exists(path)]
+    missing = [path for path in args.rules if not os.path.lexists(path)]
     if missing:  # a typo is a usage error, not a sidecar that routes by no rules
         log.error("--rules %s: no such file or directory", missing[0])
         return 2

@@ -257,7 +257,11 @@ class Supervisor:
 
     async def ask(self, slot: WorkerSlot, op: str, timeout: float = 3.0) -> Any:
         """One request to a worker; None if it cannot answer in time (channel)."""
-        link = slot.link
+        return await self._ask_link(slot, slot.link, op, timeout)
+
+    async def _ask_link(
+        self, slot: WorkerSlot, link: SupervisorEnd | None, op: str, timeout: float = 3.0
+    ) -> Any:
         if link is None:
             return None
         answer = await link.ask(op, timeout)
@@ -315,8 +319,15 @@ class Supervisor:
             ),
         }
         gauges: dict[str, float] = {}
-        pids = [s.proc.pid if s.proc is not None else None for s in self.slots]
-        answers = await asyncio.gather(*(self.ask(s, "stats") for s in self.slots))
+        # Each slot's process and link as one: asked through that link, an
+        # answer counts for that process (a worker replaced while the round
+        # waits is another process, whose first answer must not be taken for
+        # the last of the one before).
+        asked = [(s, s.proc.pid if s.proc is not None else None, s.link) for s in self.slots]
+        pids = [pid for _, pid, _ in asked]
+        answers = await asyncio.gather(
+            *(self._ask_link(slot, link, "stats") for slot, _, link in asked)
+        )
         for ans in answers:
             if ans is not None:
                 self.help_seen.update({k: tuple(v) for k, v in ans["help"].items()})
