@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from l4proxy.stats import Counters
 
 
@@ -67,3 +69,26 @@ def test_a_snapshot_sees_a_batch_whole() -> None:
     w.join(5)
     r.join(5)
     assert seen == [{"h_bucket": 1, "h_count": 1}]
+
+
+def test_the_workers_report_of_a_row_is_one_batch() -> None:
+    """Every add of the relay's report happens inside the batch."""
+    import types
+
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker
+    from l4proxy.stats import LockedCounters
+
+    outside: list[str] = []
+
+    class Checking(LockedCounters):
+        def add(self, name: str, labels: Mapping[str, str], amount: float = 1) -> None:
+            if not self._lock._is_owned():  # type: ignore[attr-defined]
+                outside.append(name)
+            super().add(name, labels, amount)
+
+    counters = Checking()
+    worker = types.SimpleNamespace(relay_counters=counters, _add_rows=Worker._add_rows)
+    buckets = (1,) + (0,) * (len(_DURATION_BUCKETS_MS) - 1)
+    Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets)])  # type: ignore[arg-type]
+    assert counters.total("istio_requests_total") == 1
+    assert outside == []
