@@ -8,10 +8,51 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Sequence
 
 from l4proxy import __version__
+
+# -- argument types shared by the subcommands (argparse: a bad value exits 2,
+# one line naming the flag) -------------------------------------------------------
+
+
+def number(value: str, what: str = "seconds") -> float:
+    """A finite number: nan passed every range check (nan < 0 is false), and inf
+    meant never."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of {what}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of {what}")
+    return v
+
+
+def positive_seconds(value: str) -> float:
+    v = number(value)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be more than 0 seconds")
+    return v
+
+
+def seconds_or_zero(value: str) -> float:
+    v = number(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return v
+
+
+def count(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return v
+
 
 # subcommand -> module providing ``add_parser(subparsers)``; imported lazily so
 # that ``l4proxy validate`` does not pay for uvloop or pyroute2.

@@ -359,10 +359,17 @@ def _fake_prometheus(answer: Callable[[int, str, str], str | None]) -> Iterator[
         def log_message(self, *a: object) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with _serving(Handler) as address:
+        yield f"http://{address}"
+
+
+@contextlib.contextmanager
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """*handler* on 127.0.0.1 in a thread; yields HOST:PORT."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
+        yield f"127.0.0.1:{srv.server_address[1]}"
     finally:
         srv.shutdown()
         srv.server_close()
@@ -499,13 +506,8 @@ def _stuck_sidecar() -> Iterator[str]:
         def log_message(self, *a: object) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with _serving(Handler) as address:
+        yield address
 
 
 def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(

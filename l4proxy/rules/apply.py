@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
 import os
 import re
 import sys
@@ -41,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from l4proxy.cli import positive_seconds
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
@@ -87,16 +87,6 @@ def _admin_address(value: str) -> str:
     return value
 
 
-def _wait_seconds(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not (math.isfinite(v) and v > 0):  # nan waited for ever
-        raise argparse.ArgumentTypeError(f"{value!r}: a finite number of seconds, more than 0")
-    return v
-
-
 def add_parser(sub: Any) -> None:
     for verb in VERBS:
         if verb in sub.choices:
@@ -120,7 +110,7 @@ def add_parser(sub: Any) -> None:
         )
         p.add_argument(
             "--timeout",
-            type=_wait_seconds,
+            type=positive_seconds,
             default=10.0,
             metavar="SECONDS",
             help="how long to wait for --admin (default: %(default)s)",

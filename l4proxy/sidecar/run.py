@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import grp
 import logging
-import math
 import os
 import pwd
 import re
@@ -21,6 +20,7 @@ import sys
 from typing import Any
 
 from l4proxy import __version__
+from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.sidecar.admin import AdminServer, WorkerView
 from l4proxy.sidecar.channel import serve_supervisor
@@ -74,32 +74,8 @@ def _hostport(value: str) -> tuple[str, int]:
     return host, p
 
 
-def _number(value: str, what: str = "seconds") -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of {what}") from None
-    if not math.isfinite(v):  # nan passed every check (nan < 0 is false), inf meant never
-        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of {what}")
-    return v
-
-
-def _positive_seconds(value: str) -> float:
-    v = _number(value)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be more than 0 seconds")
-    return v
-
-
-def _seconds_or_zero(value: str) -> float:
-    v = _number(value)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
-    return v
-
-
 def _poll_interval(value: str) -> float:
-    v = _number(value)
+    v = number(value)
     if v < MIN_RELOAD_INTERVAL:  # 0 or 1e-6: a worker polling the files at 100 % CPU
         raise argparse.ArgumentTypeError(
             f"{value!r}: at least {MIN_RELOAD_INTERVAL:g} seconds (SIGHUP reloads at once)"
@@ -107,25 +83,15 @@ def _poll_interval(value: str) -> float:
     return v
 
 
-def _count(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
-    return v
-
-
 def _workers(value: str) -> int:
-    v = _count(value)
+    v = count(value)
     if not 1 <= v <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"{value!r}: from 1 to {MAX_WORKERS} workers")
     return v
 
 
 def _port(value: str) -> int:
-    v = _count(value)
+    v = count(value)
     if not 1 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"port {value!r} out of range 1..65535")
     return v
@@ -207,28 +173,28 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="time an upstream connect may take before the next endpoint is tried (10)",
     )
     p.add_argument(
         "--header-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="time a client has to send the request head on an HTTP port (10)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=3600.0,
         metavar="SECONDS",
         help="close a relayed connection with no bytes either way for this long (3600)",
     )
     p.add_argument(
         "--drain-duration",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=25.0,
         metavar="SECONDS",
         help="on SIGTERM, the most the drain may last: outbound connections are "
@@ -238,7 +204,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--drain-quiet",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, keep capturing the app's outbound calls until no connection "
@@ -252,7 +218,7 @@ def add_parser(sub: Any) -> None:
         help="unknown destinations: pass through (ALLOW_ANY) or refuse (REGISTRY_ONLY)",
     )
     p.add_argument(
-        "--max-connections", type=_count, default=0, help="refuse beyond this many (0: no limit)"
+        "--max-connections", type=count, default=0, help="refuse beyond this many (0: no limit)"
     )
     p.add_argument(
         "--max-pipes",
@@ -273,7 +239,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-max-idle",
-        type=_count,
+        type=count,
         default=1024,
         metavar="N",
         help="--http-routing request: idle upstream connections kept per endpoint "
@@ -281,7 +247,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-idle-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="--http-routing request: close an upstream connection idle this long "
@@ -290,7 +256,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-max-requests",
-        type=_count,
+        type=count,
         default=0,
         metavar="N",
         help="--http-routing request: close an upstream connection after N requests "
@@ -298,7 +264,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--ejection-time",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="outlier detection: first ejection of a failing endpoint; the n-th lasts n times "
@@ -347,14 +313,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--watchdog-timeout",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=15.0,
         metavar="SECONDS",
         help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
     )
     p.add_argument(
         "--watchdog-start-timeout",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=120.0,
         metavar="SECONDS",
         help="the same for a worker that has not answered yet since it started: it "
