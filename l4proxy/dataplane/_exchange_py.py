@@ -290,6 +290,12 @@ class Exchange:
     # -- what the shell asks ------------------------------------------------
 
     @property
+    def head_pending(self) -> bool:
+        """Bytes of the next request head are here already (a pipelined
+        segment's rest): its header timeout runs from now."""
+        return self.phase == Phase.HEAD and bool(self._inbox or self._parser.buffered)
+
+    @property
     def wants_client_data(self) -> bool:
         """Whether the shell should read the client now (backpressure)."""
         if self.phase == Phase.HEAD:
@@ -374,7 +380,10 @@ class Exchange:
                 return [Release(False), Retry()]
             return self._upstream_failed(502, "upstream closed the connection before a response")
         if self._response is not None and self._response.framing == Framing.CLOSE:
-            return self._response_complete(upstream_closed=True)
+            # the request body still arriving: the client is still sending,
+            # so the close lingers (as the compiled twin's complete() does)
+            cut = self._request is not None and not self._request.done
+            return self._response_complete(upstream_closed=True, request_cut=cut)
         # a head or a length-delimited/chunked body cut short
         return self._upstream_failed(502, "upstream closed the connection mid-response")
 

@@ -53,6 +53,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -135,6 +136,12 @@ class _Conn:
     eof: bool = False  # closing: the client half-closed; its answer still goes out
     mask: int = 0
     fd: int = -1
+    # _perform's actions still to do, and whether a _perform is running for
+    # this connection: an action that yields more actions (a local answer and
+    # the next pipelined head) queues them instead of recursing, which 2,000
+    # pipelined requests answered locally took past Python's recursion limit
+    todo: deque[Action] = field(default_factory=deque)
+    performing: bool = False
 
 
 class HttpRelay:
@@ -279,9 +286,15 @@ class HttpRelay:
             c.ex.requests = requests
             self._conns[c.fd] = c
             self.counters["connections"] += 1
-            self._interest(c)
-            if data:
-                self._perform(c, c.ex.client_data(data), now)
+            try:  # this connection's failure is its own, not the batch's
+                self._interest(c)
+                if data:
+                    self._perform(c, c.ex.client_data(data), now)
+            except Exception:  # OSError (a client gone already), or a bug
+                if c.fd in self._conns:
+                    self._abort(c)
+                else:
+                    self.counters["errors"] += 1
         return stop
 
     def _shutdown(self) -> None:
@@ -303,7 +316,14 @@ class HttpRelay:
             return
         up = self._ups.get(fd)
         if up is None:
-            return  # closed earlier in this batch
+            # closed earlier in this batch; should a number we closed have
+            # been registered again by mistake, it must not wake us for ever
+            if fd not in self._idle:
+                try:
+                    self.ep.unregister(fd)
+                except OSError:
+                    pass
+            return
         if up.owner is None:  # idle in the pool: the server closed it, or spoke
             self.pools.evict(fd)
             self._drop_upstream(up)
@@ -317,6 +337,8 @@ class HttpRelay:
     def _client_event(self, c: _Conn, ev: int, now: float) -> None:
         if ev & _EPOLLOUT and c.out:
             self._flush_client(c)
+            if c.fd not in self._conns:
+                return  # the last bytes went out and a quiet close closed it
         if c.closing:
             if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
                 try:
@@ -398,8 +420,25 @@ class HttpRelay:
     # -- actions ----------------------------------------------------------------
 
     def _perform(self, c: _Conn, actions: list[Action], now: float) -> None:
-        for a in actions:
+        if c.performing:  # from an action of the _perform below: next, in order
+            c.todo.extendleft(reversed(actions))
+            return
+        c.performing = True
+        try:
+            c.todo.extend(actions)
+            while c.todo:
+                self._perform_queued(c, now)
+        finally:
+            c.performing = False
+            c.todo.clear()
+        if c.head_started is None and c.fd in self._conns and c.ex.head_pending:
+            c.head_started = now  # the rest of a pipelined segment: timed from here
+
+    def _perform_queued(self, c: _Conn, now: float) -> None:
+        while c.todo:
+            a = c.todo.popleft()
             if c.fd not in self._conns:
+                c.todo.clear()
                 return  # handed off or closed by an earlier action
             if isinstance(a, Route):
                 self._route(c, a.head, now)
@@ -442,8 +481,8 @@ class HttpRelay:
                 and up.out
                 and not self._flush_up(up)
             ):
-                self._perform(c, c.ex.upstream_eof(), now)
-                return
+                c.todo.extend(c.ex.upstream_eof())
+                return  # (done by _perform's loop, then this again)
             if c.out:
                 self._flush_client(c)
         if c.fd in self._conns:

@@ -1,0 +1,233 @@
+"""Per-request relay edge cases found by a review, both twins, real sockets.
+
+The pure relay is also the compiled relay's slow path (requests the C loop
+hands over), so its failures reach compiled deployments too.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._relay_py import Decision
+from tests.conftest import load_twin
+
+TWINS = ("pure", "compiled")
+ORIGIN = ("198.19.0.10", 8080)
+
+
+class Backend:
+    """One thread per accepted connection, running *handler(conn)*."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        self.handler = handler
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _read_head(s: socket.socket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            return b""
+        buf += data
+    return buf
+
+
+def _relay(which: str, decide: Callable[[Any, Any], Decision], **kw: Any) -> Any:
+    """Either twin, asking *decide* per request (the compiled one without
+    ``resolve``: no verdict cache)."""
+    relay = load_twin("relay", which).HttpRelay(decide, lambda *a: None, **kw)
+    relay.start()
+    return relay
+
+
+@pytest.fixture(params=TWINS)
+def which(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield request.param
+
+
+def _client(relay: Any) -> socket.socket:
+    ours, theirs = socket.socketpair()
+    relay.add(theirs, ORIGIN)
+    return ours
+
+
+def _read_all(s: socket.socket, timeout: float) -> tuple[bytes, str]:
+    s.settimeout(timeout)
+    got = b""
+    try:
+        while data := s.recv(1 << 20):
+            got += data
+    except TimeoutError:
+        return got, "timeout"
+    except OSError as exc:
+        return got, type(exc).__name__
+    return got, "EOF"
+
+
+def test_thousands_of_pipelined_requests_answered_locally(which: str) -> None:
+    """Each local answer (404, 503) went on to the next pipelined head by
+    recursion: 2,000 in one segment passed Python's recursion limit in the
+    pure twin, and the connection was reset with every answer lost (behind a
+    slow-path head, the compiled relay's own pure relay did the same)."""
+    relay = _relay(which, lambda head, origin: Decision(local=(404, "no route")))
+    try:
+        a = _client(relay)
+        a.sendall(b"GET / HTTP/1.1\nHost:a\n\n" * 2000)
+        a.shutdown(socket.SHUT_WR)
+        got, how = _read_all(a, 10)
+        assert got.count(b"HTTP/1.1 404") == 2000 and how == "EOF", (got[-80:], how)
+        assert relay.stats()["errors"] == 0
+    finally:
+        relay.close()
+
+
+def test_the_rest_of_a_pipelined_segment_has_the_header_timeout(which: str) -> None:
+    """A head begun in the segment of the request before it: the pure twin
+    timed it only from the next read, so it waited for the idle timeout."""
+
+    def answer(conn: socket.socket) -> None:
+        while _read_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = Backend(answer)
+    relay = _relay(
+        which, lambda h, o: Decision((backend.endpoint,)), header_timeout=0.5, idle_timeout=30.0
+    )
+    try:
+        a = _client(relay)
+        started = time.monotonic()
+        a.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHo")
+        got, how = _read_all(a, 10)
+        assert got.endswith(b"request header timeout") and how == "EOF", (got[-60:], how)
+        assert time.monotonic() - started < 5
+    finally:
+        relay.close()
+        backend.close()
+
+
+def test_a_close_delimited_answer_while_the_body_still_arrives_lingers(which: str) -> None:
+    """The server answered without a length and closed while the client was
+    still uploading: the pure twin closed at once, with unread bytes, so the
+    client got a reset instead of the answer."""
+
+    def answer_early(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\nclose-delimited answer")
+
+    backend = Backend(answer_early)
+    relay = _relay(which, lambda h, o: Decision((backend.endpoint,)))
+    try:
+        a = _client(relay)
+        a.sendall(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"b" * 1000
+        )
+        time.sleep(0.3)  # the answer is in, and the server's close seen
+        for _ in range(20):  # the client goes on with its body
+            a.sendall(b"b" * 1000)
+            time.sleep(0.01)
+        got, how = _read_all(a, 5)
+        assert got.endswith(b"close-delimited answer") and how == "EOF", (got[-40:], how)
+    finally:
+        relay.close()
+        backend.close()
+
+
+def test_a_big_answer_to_a_closing_client_counts_no_error(which: str) -> None:
+    """The last bytes of a Connection: close answer went out from an EPOLLOUT
+    event that closed the connection; the pure twin then registered the closed
+    fd number with epoll again (an error each time, and with that number
+    reused by another thread's socket, a relay thread spinning for ever)."""
+    body = b"x" * 200_000
+
+    def answer(conn: socket.socket) -> None:
+        while _read_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    backend = Backend(answer)
+    relay = _relay(which, lambda h, o: Decision((backend.endpoint,)))
+    try:
+        for _ in range(3):
+            # TCP with small buffers: the answer's end goes out on EPOLLOUT
+            listener = socket.create_server(("127.0.0.1", 0))
+            a = socket.socket()
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            a.connect(listener.getsockname())
+            theirs, _ = listener.accept()
+            listener.close()
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            relay.add(theirs, ORIGIN)
+            a.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            time.sleep(0.2)  # the relay fills the client's window and waits
+            got, how = _read_all(a, 5)
+            assert got.endswith(body) and how == "EOF"
+            a.close()
+        time.sleep(0.2)
+        assert relay.stats()["errors"] == 0
+    finally:
+        relay.close()
+        backend.close()
+
+
+def test_a_failing_hand_off_does_not_take_the_rest_of_its_batch() -> None:
+    """Pure twin (the compiled relay's slow path): connections handed over
+    together are set up in one batch; the first, already reset by its client,
+    raised while its answer was sent, and every connection after it in the
+    batch was dropped unanswered."""
+
+    def answer(conn: socket.socket) -> None:
+        while _read_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def tcp_pair() -> tuple[socket.socket, socket.socket]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+        listener.close()
+        return ours, theirs
+
+    backend = Backend(answer)
+    relay = _relay("pure", lambda h, o: Decision((backend.endpoint,)))
+    try:
+        (c1, s1), (c2, s2) = tcp_pair(), tcp_pair()
+        c1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c1.close()  # reset before the relay answers its bad head
+        time.sleep(0.1)
+        with relay._lock:  # two hand-offs taken in one batch
+            relay._queue.append((s1, ORIGIN, b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", 1))
+            relay._queue.append((s2, ORIGIN, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n", 0))
+        del s1, s2
+        relay._wake()
+        c2.settimeout(5)
+        assert c2.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        relay.close()
+        backend.close()
