@@ -316,7 +316,7 @@ cdef struct Codings:
 cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
                                  Codings* t) noexcept nogil:
     cdef Py_ssize_t i = a, es, ee
-    cdef bint is_chunked
+    cdef bint is_chunked, params
     while True:
         es = i
         while i < b and buf[i] != COMMA:
@@ -324,12 +324,15 @@ cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssiz
         ee = es
         while ee < i and buf[ee] != SEMI:  # the coding's name; parameters follow ";"
             ee += 1
+        params = ee < i
         while es < ee and is_ows(buf[es]):
             es += 1
         while ee > es and is_ows(buf[ee - 1]):
             ee -= 1
         if ee > es:  # empty list elements are ignored (RFC 9110 §5.6.1)
-            is_chunked = ee - es == 7 and eq_lower(buf + es, b"chunked", 7)
+            # chunked has no parameters (RFC 9112 §7.1): "chunked;x=1" is
+            # another coding, which a server may not take for chunked
+            is_chunked = not params and ee - es == 7 and eq_lower(buf + es, b"chunked", 7)
             t.count += 1
             t.chunked += is_chunked
             t.last_chunked = is_chunked

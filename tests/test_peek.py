@@ -237,7 +237,7 @@ def test_expect_100_continue(twin: ModuleType, mode: str) -> None:
         "gzip, chunked",
         "gzip,,chunked",
         "chunked ,",
-        "gzip;q=1 , chunked ;x=y",
+        "gzip;q=1 , chunked",
     ],
 )
 def test_chunked(twin: ModuleType, mode: str, te: str) -> None:
@@ -411,6 +411,11 @@ BAD_400 = [
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,chunked\r\n\r\n", "one chunked"),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", "one chunked"),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "one chunked"),
+    # chunked has no parameters (RFC 9112 section 7.1): forwarded as chunked,
+    # a server that does not take "chunked;x=1" for chunked reads the body as
+    # the next request (llhttp refuses it too)
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;x=1\r\n\r\n", "one chunked"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked ;x=y\r\n\r\n", "one chunked"),
 ]
 
 

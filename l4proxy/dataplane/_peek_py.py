@@ -498,9 +498,13 @@ class HeadParser:
             elif name == "transfer-encoding":
                 te_seen = True
                 for el in raw_value.split(b","):
-                    coding = el.split(b";", 1)[0].strip(_OWS)
+                    coding_name, params, _ = el.partition(b";")
+                    coding = coding_name.strip(_OWS).lower()
                     if coding:
-                        codings.append(coding.lower())
+                        # chunked has no parameters (RFC 9112 section 7.1):
+                        # "chunked;x=1" is another coding, which a server
+                        # may not take for chunked (a body read as a request)
+                        codings.append(coding + b";" if params and coding == b"chunked" else coding)
             elif name == "connection":
                 for el in raw_value.split(b","):
                     token = el.strip(_OWS).lower()
