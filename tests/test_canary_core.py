@@ -341,16 +341,30 @@ def _fake_prometheus(answer: Callable[[int, str, str], str | None]) -> Iterator[
     path, query): a value, or None for a 503."""
     asked = itertools.count(1)
 
+    def reply(target: str) -> bytes | None:
+        parts = urllib.parse.urlsplit(target)
+        query = urllib.parse.parse_qs(parts.query)["query"][0]
+        value = answer(next(asked), parts.path, query)
+        if value is None:
+            return None
+        data = {"resultType": "vector", "result": [{"metric": {}, "value": [1, value]}]}
+        return json.dumps({"status": "success", "data": data}).encode()
+
+    with _serving(reply) as address:
+        yield f"http://{address}"
+
+
+@contextlib.contextmanager
+def _serving(reply: Callable[[str], bytes | None]) -> Iterator[str]:
+    """GETs answered with *reply(target)* (None: a 503), on 127.0.0.1 in a
+    thread; yields HOST:PORT."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            parts = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(parts.query)["query"][0]
-            value = answer(next(asked), parts.path, query)
-            if value is None:
+            body = reply(self.path)
+            if body is None:
                 self.send_error(503)
                 return
-            data = {"resultType": "vector", "result": [{"metric": {}, "value": [1, value]}]}
-            body = json.dumps({"status": "success", "data": data}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -359,14 +373,7 @@ def _fake_prometheus(answer: Callable[[int, str, str], str | None]) -> Iterator[
         def log_message(self, *a: object) -> None:
             pass
 
-    with _serving(Handler) as address:
-        yield f"http://{address}"
-
-
-@contextlib.contextmanager
-def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    """*handler* on 127.0.0.1 in a thread; yields HOST:PORT."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield f"127.0.0.1:{srv.server_address[1]}"
@@ -492,21 +499,11 @@ def _stuck_sidecar() -> Iterator[str]:
     """A sidecar admin endpoint whose rules generation never moves (its
     ConfigMap not synced yet)."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = (
-                b"# TYPE istio_requests_total counter\nistio_requests_total 0\n"
-                b"# TYPE l4proxy_rules_generation gauge\nl4proxy_rules_generation 7\n"
-            )
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    with _serving(Handler) as address:
+    body = (
+        b"# TYPE istio_requests_total counter\nistio_requests_total 0\n"
+        b"# TYPE l4proxy_rules_generation gauge\nl4proxy_rules_generation 7\n"
+    )
+    with _serving(lambda target: body) as address:
         yield address
 
 
