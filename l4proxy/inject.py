@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import yaml
 
 from l4proxy import __version__
+from l4proxy.k8s_names import DNS1123_SUBDOMAIN
 
 INIT_NAME = "l4proxy-init"
 SIDECAR_NAME = "l4proxy"
@@ -291,7 +292,7 @@ def _injected_before(annotations: dict[str, Any]) -> dict[str, Any]:
 
 
 def inject_template(
-    template: dict[str, Any], opts: InjectOptions, what: str, warnings: list[str]
+    template: dict[str, Any], opts: InjectOptions, what: str, warnings: list[str], kind: str = "Pod"
 ) -> bool:
     """Inject one Pod template in place. False: left alone on purpose."""
     meta = template.setdefault("metadata", {})
@@ -364,7 +365,6 @@ def inject_template(
         all_init = [init_container(opts), sidecar_container(opts), *init]
     else:
         all_init = [*init, init_container(opts)]
-        kind = what.rsplit(": ", 1)[-1].split(" ", 1)[0]
         if kind in ("Job", "CronJob"):
             warnings.append(
                 f"{what}: --sidecar container in a {kind}: the sidecar never exits, so the "
@@ -433,7 +433,7 @@ def inject_object(obj: Any, opts: InjectOptions, where: str, result: InjectResul
             "current cluster"
         )
     before = copy.deepcopy(template)
-    if not inject_template(template, opts, what, result.warnings):
+    if not inject_template(template, opts, what, result.warnings, kind):
         result.skipped.append(f"{kind} {name}")
         return False
     result.injected.append(f"{kind} {name}")
@@ -582,11 +582,8 @@ def _stats_port(value: str) -> int:
     return port
 
 
-_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-
-
 def _configmap_name(value: str) -> str:
-    if not _OBJECT_NAME.fullmatch(value):
+    if not DNS1123_SUBDOMAIN.fullmatch(value):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a ConfigMap name (lower-case letters, digits, '-' and '.'; "
             "the ConfigMap must be in the pod's namespace, so no NAMESPACE/)"

@@ -51,7 +51,6 @@ import copy
 import http.client
 import json
 import os
-import re
 import ssl
 import tempfile
 import urllib.parse
@@ -70,6 +69,7 @@ from l4proxy.canary.command import (
     first_error,
     rule_name,
 )
+from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -77,9 +77,6 @@ ANNOTATION_PREFIX = "l4proxy.io/canary-"
 FIELD_MANAGER = "l4proxy-canary"
 ATTEMPTS = 5
 TIMEOUT = 10.0
-
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class KubeError(CanaryError):
@@ -108,9 +105,9 @@ def parse_ref(text: str, default_namespace: str) -> tuple[str, str]:
     """``[NAMESPACE/]NAME`` -> (namespace, name), both valid object names."""
     ns, _, name = text.rpartition("/")
     ns = ns or default_namespace
-    if not _LABEL.fullmatch(ns):
+    if not DNS1123_LABEL.fullmatch(ns):
         raise KubeError(f"--configmap {text}: {ns!r} is not a namespace name")
-    if not _NAME.fullmatch(name):
+    if not DNS1123_SUBDOMAIN.fullmatch(name):
         raise KubeError(f"--configmap {text}: {name!r} is not a ConfigMap name")
     return ns, name
 

@@ -14,14 +14,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules._errors import Diagnostic, Severity
 from l4proxy.rules._regex import RegexError, compile_regex
 from l4proxy.rules._yaml import Document, Path
 from l4proxy.rules.routing import Labels, StringMatch
 
 NOT_IMPLEMENTED = "is not implemented by l4proxy; remove it (the sidecar would not honour it)"
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
@@ -208,7 +207,7 @@ def listing(ctx: Ctx, value: Any, path: Path) -> list[Any] | None:
 
 def dns_label(ctx: Ctx, value: Any, path: Path) -> str | None:
     s = text(ctx, value, path, required=True)
-    if s is not None and not _DNS1123_LABEL.fullmatch(s):
+    if s is not None and not DNS1123_LABEL.fullmatch(s):
         ctx.error(
             path,
             f"{dotted(path)} {s!r} is not a DNS-1123 label "
@@ -220,7 +219,7 @@ def dns_label(ctx: Ctx, value: Any, path: Path) -> str | None:
 
 def dns_subdomain(ctx: Ctx, value: Any, path: Path) -> str | None:
     s = text(ctx, value, path, required=True)
-    if s is not None and not _DNS1123_SUBDOMAIN.fullmatch(s):
+    if s is not None and not DNS1123_SUBDOMAIN.fullmatch(s):
         ctx.error(
             path,
             f"{dotted(path)} {s!r} is not a valid name (lowercase letters, digits, '-' and '.')",

@@ -13,7 +13,6 @@ import grp
 import logging
 import os
 import pwd
-import re
 import signal
 import socket
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener
+from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.sidecar.admin import AdminServer, WorkerView
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop
@@ -98,7 +98,7 @@ def _port(value: str) -> int:
 
 
 def _namespace(value: str) -> str:
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+    if not DNS1123_LABEL.fullmatch(value):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a namespace name (a DNS label: lower-case letters, digits, '-')"
         )
