@@ -318,11 +318,11 @@ class HttpRelay:
         if up is None:
             # closed earlier in this batch; should a number we closed have
             # been registered again by mistake, it must not wake us for ever
-            if fd not in self._idle:
-                try:
-                    self.ep.unregister(fd)
-                except OSError:
-                    pass
+            # (idle pooled connections are in _ups too: never this one)
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
             return
         if up.owner is None:  # idle in the pool: the server closed it, or spoke
             self.pools.evict(fd)
