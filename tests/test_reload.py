@@ -136,10 +136,11 @@ def test_requests_are_served_while_a_big_rule_set_is_parsed(
             worker.close()
 
     RUNNERS[loop](main())
-    # The parse takes ~0.5 s here; a request costs ~1 ms idle and a few GIL
-    # hand-offs (5 ms each) under the parse: dozens complete. One or more
-    # proves the loop was not stopped; 5 leaves room for a slow CI machine.
-    assert counts["during"] >= 5, counts
+    # Before the fix exactly none completed. How many do depends on the
+    # machine: the parse takes 0.1-0.5 s and each request waits for a few GIL
+    # hand-offs (5 ms each) under it, so CI has seen as few as 4. One proves
+    # the loop was not stopped, and is the only thing this test asserts.
+    assert counts["during"] >= 1, counts
 
 
 def test_a_parse_pauses_the_collector_and_leaves_no_cycles(tmp_path: Path) -> None:
