@@ -2643,6 +2643,14 @@ cdef int run(Relay *R) noexcept nogil:
             timeout = 0
         n = sys_.epoll_wait(R.epfd, events, MAX_EVENTS, timeout)
         now = now_s()
+        # Idle pooled connections with an event (the server closed them, or
+        # spoke) leave the pool before anything in the batch can check one
+        # out: a request ahead of the close in the batch would take it.
+        for i in range(n if n > 0 else 0):
+            ptr = events[i].data.ptr
+            if ptr != NULL and (<Up*>ptr).kind == K_UP and (<Up*>ptr).owner == NULL \
+                    and not (<Up*>ptr).closed:
+                upstream_event(R, <Up*>ptr, events[i].events, now)
         for i in range(n if n > 0 else 0):
             ptr = events[i].data.ptr
             if ptr == NULL:  # the wake-up eventfd

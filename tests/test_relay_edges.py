@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import Choice, Verdict
 from tests.conftest import load_twin
 
 TWINS = ("pure", "compiled")
@@ -229,5 +230,74 @@ def test_a_failing_hand_off_does_not_take_the_rest_of_its_batch() -> None:
         c2.settimeout(5)
         assert c2.recv(65536).startswith(b"HTTP/1.1 200 OK")
     finally:
+        relay.close()
+        backend.close()
+
+
+def test_an_idle_connection_the_server_closed_is_not_handed_out_in_the_same_batch(
+    which: str,
+) -> None:
+    """The server closed an idle pooled connection, and a request came in
+    the same epoll batch, ahead of the close's event: the request took the
+    dead connection (eviction waited for the connection's own event, later
+    in the batch). A POST is not retried, so the client got an error for a
+    server that was up. The batch's idle evictions now come first.
+
+    How the batch is made: the relay thread is held inside ``decide`` for
+    another connection while the client sends its POST and then the server
+    closes; both events are ready when the thread next waits."""
+    closes: list[threading.Event] = []
+
+    def answer(conn: socket.socket) -> None:
+        close = threading.Event()
+        closes.append(close)
+        head = _read_head(conn)
+        if not head:
+            return
+        body = b"#%d" % len(closes)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        close.wait(10)  # then the connection closes: the pooled one dies
+
+    backend = Backend(answer)
+    hold, holding = threading.Event(), threading.Event()
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.host == "hold":
+            holding.set()
+            hold.wait(10)
+            return Decision(local=(404, "held"))
+        return Decision((backend.endpoint,))
+
+    def resolve(head: Any, origin: Any) -> Verdict:
+        # the compiled twin's fast path: one verdict per origin and Host,
+        # applied in the C loop, the POST's checkout included
+        if head.host == "hold":
+            holding.set()
+            hold.wait(10)
+            return Verdict(local=(404, "held"), shape=0)
+        return Verdict((Choice(1, (backend.endpoint,)),), ttl=60, shape=0)
+
+    relay = _relay(which, decide, **({"resolve": resolve} if which == "compiled" else {}))
+    try:
+        a = _client(relay)
+        a.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        a.settimeout(5)
+        assert a.recv(4096).endswith(b"#1")  # its upstream connection is pooled
+        time.sleep(0.1)
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: hold\r\n\r\n")
+        assert holding.wait(5)
+        a.sendall(b"POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        time.sleep(0.1)
+        closes[0].set()  # the pooled connection's FIN arrives after the POST
+        time.sleep(0.2)
+        hold.set()
+        got = a.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"#2"), got
+        b.close()
+    finally:
+        hold.set()
+        for close in closes:
+            close.set()
         relay.close()
         backend.close()

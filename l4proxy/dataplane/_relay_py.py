@@ -249,13 +249,23 @@ class HttpRelay:
             try:
                 events = self.ep.poll(max(0.0, next_tick - time.monotonic()), 256)
                 now = time.monotonic()
-                for fd, ev in events:
+                # Whose each event is, as the batch starts: a number closed
+                # and reused within the batch (a connect) must not get the
+                # old socket's event.
+                batch = [(fd, ev, self._conns.get(fd) or self._ups.get(fd)) for fd, ev in events]
+                # Idle pooled connections with an event (the server closed
+                # them, or spoke) leave the pool before anything in the batch
+                # can check one out: a request ahead in the batch would.
+                for fd, _, was in batch:
+                    if isinstance(was, _Up) and was.owner is None:
+                        self._on_event(fd, 0, now, was)
+                for fd, ev, was in batch:
                     if fd == self._wake_r.fileno():
                         if self._take_queue(now):
                             self._shutdown()
                             return
                     else:
-                        self._on_event(fd, ev, now)
+                        self._on_event(fd, ev, now, was)
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + _TICK
@@ -306,16 +316,11 @@ class HttpRelay:
         self._wake_r.close()
         self._wake_w.close()
 
-    def _on_event(self, fd: int, ev: int, now: float) -> None:
+    def _on_event(self, fd: int, ev: int, now: float, was: _Conn | _Up | None) -> None:
+        """*fd*'s event; *was*: whose the number was when the batch began."""
         c = self._conns.get(fd)
-        if c is not None:
-            try:
-                self._client_event(c, ev, now)
-            except Exception:  # OSError, or a bug: this connection, not the thread
-                self._abort(c)
-            return
-        up = self._ups.get(fd)
-        if up is None:
+        up = self._ups.get(fd) if c is None else None
+        if c is None and up is None:
             # closed earlier in this batch; should a number we closed have
             # been registered again by mistake, it must not wake us for ever
             # (idle pooled connections are in _ups too: never this one)
@@ -324,6 +329,15 @@ class HttpRelay:
             except OSError:
                 pass
             return
+        if (c if c is not None else up) is not was:
+            return  # closed in this batch and the number reused: not its event
+        if c is not None:
+            try:
+                self._client_event(c, ev, now)
+            except Exception:  # OSError, or a bug: this connection, not the thread
+                self._abort(c)
+            return
+        assert up is not None
         if up.owner is None:  # idle in the pool: the server closed it, or spoke
             self.pools.evict(fd)
             self._drop_upstream(up)
