@@ -175,6 +175,14 @@ def test_dead_endpoint_skipped_and_all_dead_gives_503(mesh: Mesh) -> None:
     assert f"{dead.ipv4}:8080::connect_failures::" in clusters
     assert f"{dead.ipv4}:8080::health_flags::failed_outlier_check" in clusters  # ejected
     assert mesh.sidecar.stat("l4proxy_upstream_connect_failures_total") >= 3
+    # by service, not by pod address: series must not grow with pod churn
+    failures_by = [
+        line
+        for line in mesh.sidecar.admin("/stats").splitlines()
+        if line.startswith("l4proxy_upstream_connect_failures_total{")
+    ]
+    assert failures_by and all('service="bootcamp' in x for x in failures_by), failures_by
+    assert not any("endpoint=" in x for x in failures_by), failures_by
 
     # Every v2 endpoint dead: 503 with the Envoy body.
     v2_dead = [*mesh.endpoints()[:2], (dead.ipv4, {"app": "bootcamp", "version": "v2"})]

@@ -246,7 +246,9 @@ class Worker:
         c.describe(
             "l4proxy_upstream_connect_failures_total",
             "counter",
-            "Failed upstream connects, by endpoint.",
+            "Failed upstream connects, by destination service (PassthroughCluster: a"
+            " destination no rule names) and error. Per endpoint: /clusters (a label per"
+            " pod address would grow with every pod ever replaced).",
         )
         c.describe(
             "l4proxy_refused_total", "counter", "Connections answered without upstream, by reason."
@@ -945,7 +947,7 @@ class Worker:
                 # relay forgot its cache then, before this ran) still hold it
                 self.relay.invalidate()
         self.counters.inc(
-            "l4proxy_upstream_connect_failures_total", endpoint=f"{addr[0]}:{addr[1]}", error=why
+            "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=why
         )
 
     def _from_relay(
@@ -1075,9 +1077,15 @@ class Worker:
             peers = [e for e in service.endpoints if e.port == ep.port] if service else ()
             self.health.failure(ep, err, peers)
         self.counters.inc(
-            "l4proxy_upstream_connect_failures_total", endpoint=f"{host}:{port}", error=err
+            "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=err
         )
         return None
+
+
+def _cluster(service: Service | None) -> str:
+    """The ``service`` label of a connect failure (Istio's name for a
+    destination no rule names)."""
+    return service.host if service is not None else "PassthroughCluster"
 
 
 class _HandedToRelay(Exception):
