@@ -230,3 +230,32 @@ def test_head_gets_no_body_and_no_worker_answering_is_503() -> None:
     assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 5\r\n" in head
     assert head.endswith(b"\r\n\r\n")  # the head only
     assert codes == [503, 503, 503]
+
+
+def test_a_request_with_a_body_gets_its_whole_answer() -> None:
+    """The endpoint reads the head only: closing with a request body unread
+    sent an RST, which cut the answer short at the client (curl: "Connection
+    reset by peer", no status). The body is now read and dropped before the
+    close, within limits."""
+    body = b"x" * 300_000
+
+    def post(address: tuple[str, int]) -> bytes:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"POST /ready HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+            s.sendall(body)
+            time.sleep(0.3)  # the answer and the close are done before we read
+            got = b""
+            while data := s.recv(65536):
+                got += data
+            return got
+
+    async def main() -> bytes:
+        server = AdminServer(Source(), lambda: None)
+        await server.start("127.0.0.1", 0)
+        try:
+            return await asyncio.to_thread(post, server.address)
+        finally:
+            await server.close()
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"LIVE\n"), answer

@@ -40,6 +40,10 @@ HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_LINES = 100
 LINE_LIMIT = 8192
 MAX_CLIENTS = 64
+# After the answer: what a client still sends (a request body) is read and
+# dropped, up to LINGER_BYTES within LINGER_S, so that the close is not an RST.
+LINGER_BYTES = 1 << 20
+LINGER_S = 2.0
 
 log = logging.getLogger("l4proxy.admin")
 
@@ -52,6 +56,15 @@ class AdminSource(Protocol):
     async def stats_json(self) -> dict[str, Any]: ...
     async def config_dump(self) -> Any: ...
     async def clusters(self) -> Any: ...
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    """Read and drop until the client's end of stream, or *limit* bytes."""
+    while limit > 0:
+        data = await reader.read(65536)
+        if not data:
+            return
+        limit -= len(data)
 
 
 async def _request_line(reader: asyncio.StreamReader) -> bytes:
@@ -136,6 +149,13 @@ class AdminServer:
             # a client that does not read its answer (a big /config_dump)
             # does not hold it, and the connection, for ever either
             await asyncio.wait_for(writer.drain(), 3 * HEAD_TIMEOUT_S)
+            # Request bytes left unread (a body: only the head is read) make
+            # the close an RST, which cuts the answer short at the client.
+            # Read and drop them first, within limits; meanwhile a new
+            # connection may take this one's place, as one waiting for its head.
+            writer.write_eof()
+            self._reading[id(writer)] = writer
+            await asyncio.wait_for(_discard(reader, LINGER_BYTES), LINGER_S)
         except (TimeoutError, ConnectionError, OSError):
             pass
         except Exception:
