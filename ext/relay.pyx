@@ -635,6 +635,14 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
     return 0
 
 
+cdef inline void replay_add(Conn *c, const char *data, size_t n) noexcept nogil:
+    """Keep a copy for a retry; out of memory, no retry: a copy with a gap
+    would send a different request."""
+    if c.replayable and buf_add(&c.replay, data, n) != 0:
+        buf_free(&c.replay)
+        c.replayable = False
+
+
 cdef inline void buf_drop(Buf *b, size_t n) noexcept nogil:
     """Remove the first n bytes; an empty buffer is freed (HAProxy's dynamic
     buffers: an idle connection holds no buffer at all)."""
@@ -902,6 +910,8 @@ cdef inline bint done_talking(Conn *c) noexcept nogil:
 
 
 cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
+    if c.closed:  # (a failed to_client() aborted it: its fd number may be reused)
+        return
     if c.up != NULL:
         up_release(R, c, False, now)
     c.phase = P_CLOSING
@@ -1430,8 +1440,8 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         up_discard(R, c)
     if c.client_bytes == 0:
         c.status = status
-        if reason != NULL:
-            to_client(R, c, reason, n)
+        if reason != NULL and to_client(R, c, reason, n) != 0:
+            return  # out of memory: aborted
         request_done(R, c, status, True, now)
     if not c.closed:
         start_close(R, c, now)
@@ -1901,12 +1911,18 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     cdef const char *b = c.inb.p
     cdef Py_ssize_t hl = <Py_ssize_t>c.head_len, avail
     cdef int64_t take
+    # Out of memory for any part: the connection goes (a request with a
+    # part left out would frame the rest as something else).
     if c.retried and c.replay.len:
-        buf_add(&u.out, c.replay.p, c.replay.len)
+        if buf_add(&u.out, c.replay.p, c.replay.len) != 0:
+            conn_abort(R, c)
+            return
     else:
         # the head was rewritten when it completed: it is c.replay's start
         # when replayable, else rebuilt here
-        buf_add(&u.out, c.rhead.p, c.rhead.len)  # (the upstream head, staged)
+        if buf_add(&u.out, c.rhead.p, c.rhead.len) != 0:  # (the upstream head, staged)
+            conn_abort(R, c)
+            return
         buf_free(&c.rhead)
         avail = <Py_ssize_t>c.inb.len - hl
         take = body_take(c, b + hl, avail)
@@ -1915,9 +1931,10 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
             bad_body(R, c, now)
             return
         if take > 0:
-            buf_add(&u.out, b + hl, <size_t>take)
-            if c.replayable:
-                buf_add(&c.replay, b + hl, <size_t>take)
+            if buf_add(&u.out, b + hl, <size_t>take) != 0:
+                conn_abort(R, c)
+                return
+            replay_add(c, b + hl, <size_t>take)
         buf_drop(&c.inb, <size_t>(hl + take))
         c.head_len = 0
         if c.replayable and c.replay.len > REPLAY_LIMIT:
@@ -2174,7 +2191,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef char key[2048]
     cdef Py_ssize_t n, p
     cdef Entry *e
-    cdef int i
+    cdef int i, failed
     cdef Chunked *rck
     summarize(R, &c.s, b, &h)
     c.requests += 1
@@ -2199,19 +2216,23 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         c.req_left = REQ_CHUNKED
     # the head as sent upstream (upstream_head()), staged in c.rhead
     c.rhead.len = 0
+    failed = 0
     if h.minor == 1 and h.n_conn:
         p = 0
         for i in range(h.n_conn):
-            buf_add(&c.rhead, c.inb.p + p, <size_t>(h.conn_s[i] - p))
+            failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.conn_s[i] - p))
             p = h.conn_e[i]
-        buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
+        failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
         c.sent_persistent = not h.kept_close
     else:
-        buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
+        failed = buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
         c.sent_persistent = c.keep_alive
+    if failed:  # out of memory: a head with a part left out must not go up
+        conn_abort(R, c)
+        return
     if c.idempotent:
         c.replayable = True
-        buf_add(&c.replay, c.rhead.p, c.rhead.len)
+        replay_add(c, c.rhead.p, c.rhead.len)
     c.phase = P_RESOLVE
     if R.decide_only:
         ask_python(R, c, N_RESOLVE)
@@ -2334,12 +2355,14 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 conn_abort(R, c)
                 return
             if c.replayable:
-                buf_add(&c.replay, R.scratch, <size_t>take)
+                replay_add(c, R.scratch, <size_t>take)
                 if c.replay.len > REPLAY_LIMIT:
                     buf_free(&c.replay)
                     c.replayable = False
             if take < n:  # pipelined bytes: they wait for this exchange's end
-                buf_add(&c.inb, R.scratch + take, <size_t>(n - take))
+                if buf_add(&c.inb, R.scratch + take, <size_t>(n - take)) != 0:
+                    conn_abort(R, c)
+                    return
             if flush_up(R, c.up) != 0:
                 on_upstream_eof(R, c, now)
             elif c.req_left == 0 and c.rs == RS_DONE:
@@ -2355,7 +2378,13 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
 cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogil:
     cdef Conn *c = u.owner
     cdef ssize_t n
+    cdef char peek
     if c == NULL:  # idle in the pool: the server closed it, or spoke
+        # ... or the event is from before it came back to the pool, earlier
+        # in this batch (a client's event finished its response): nothing
+        # to read, and it stays (a rare case: the syscall is not per request)
+        if sys_.recv(u.fd, &peek, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT) < 0 and errno == EAGAIN:
+            return
         L4R_ADD(&R.ctr[<int>CT_EVICTED], 1)
         up_close(R, u)
         return
@@ -2442,7 +2471,9 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
         return
     sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     if n:
-        buf_add(&c.inb, data, n)
+        if buf_add(&c.inb, data, n) != 0:
+            conn_abort(R, c)
+            return
         head_step(R, c, now)
     settle(R, c)
 
@@ -2586,7 +2617,9 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             R.n_head_timeouts += 1
-            to_client(R, c, _LOCAL_408, _LOCAL_408_LEN)
+            if to_client(R, c, _LOCAL_408, _LOCAL_408_LEN) != 0:
+                i -= 1  # aborted: conn_forget() moved the last one here
+                continue
             buf_free(&c.inb)
             start_close(R, c, now)
             if not c.closed:
@@ -2725,6 +2758,7 @@ cdef class HttpRelay:
     cdef dict _key_index           # key header name -> its index in the Head
     cdef list _tags
     cdef bint _started, _closed
+    cdef bint _stuck               # close() left the thread running (a callback hung)
     cdef object _buckets
     cdef object _pending_keys
     cdef list _flushed
@@ -2834,7 +2868,7 @@ cdef class HttpRelay:
         cdef int i
         if R == NULL:
             return
-        if self._started and not self._closed:
+        if self._stuck or (self._started and not self._closed):
             return  # the thread still runs: leak rather than crash
         h = R.q_head
         while h != NULL:
@@ -2843,9 +2877,8 @@ cdef class HttpRelay:
             R.q_head = h.next
             free(h)
             h = R.q_head
-        for i in range(R.n_conns):
-            conn_close(R, R.conns[i], True)
-            R.n_conns = 0
+        while R.n_conns:
+            conn_close(R, R.conns[0], True)
         bury(R)
         if R.cache != NULL:
             cache_clear(R)
@@ -2904,6 +2937,8 @@ cdef class HttpRelay:
         for n in names:
             b = n.encode("ascii")
             R.keys[R.n_keys] = <char*>malloc(len(b) + 1)
+            if R.keys[R.n_keys] == NULL:
+                raise MemoryError()
             memcpy(R.keys[R.n_keys], <char*>b, len(b))
             R.key_len[R.n_keys] = len(b)
             R.n_keys += 1
@@ -3028,6 +3063,10 @@ cdef class HttpRelay:
         h.origin = oid
         if len(d):
             h.data = <char*>malloc(len(d))
+            if h.data == NULL:
+                free(h)
+                sys_.close(fd)
+                raise MemoryError()
             memcpy(h.data, <char*>d, len(d))
             h.len = len(d)
         sys_.pthread_mutex_lock(&R.lock)
@@ -3061,13 +3100,17 @@ cdef class HttpRelay:
             self._thread.join(10)
         self._closed = True
         self.slow.close()
+        if self._started and self._thread.is_alive():
+            # Still in a Python callback after 10 s: what it uses is left
+            # as it is, never freed (nor by __dealloc__) under it.
+            self._stuck = True
+            return
         self._shutdown()
-        if not (self._started and self._thread.is_alive()):
-            # Not left to __dealloc__: self.slow holds bound methods of self,
-            # so a closed relay is freed by the cyclic GC only, whenever.
-            sys_.close(self.R.epfd)
-            sys_.close(self.R.wakefd)
-            self.R.epfd = self.R.wakefd = -1
+        # Not left to __dealloc__: self.slow holds bound methods of self,
+        # so a closed relay is freed by the cyclic GC only, whenever.
+        sys_.close(self.R.epfd)
+        sys_.close(self.R.wakefd)
+        self.R.epfd = self.R.wakefd = -1
 
     def active(self):
         """Client connections owned (queued or relayed); any thread may ask."""
@@ -3418,30 +3461,33 @@ cdef class HttpRelay:
         choices = verdict.choices
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
-        v.n = len(choices)
-        v.choices = <Choice_*>calloc(v.n if v.n else 1, sizeof(Choice_))
+        v.choices = <Choice_*>calloc(len(choices) or 1, sizeof(Choice_))
         if v.choices == NULL:
             verdict_free(v)
             raise MemoryError()
+        v.n = len(choices)  # (not before: verdict_free() reads that many choices)
         v.total = 0
-        for i, choice in enumerate(choices):
-            ch = &v.choices[i]
-            ch.weight = max(0, int(choice.weight))
-            v.total += ch.weight
-            ch.policy = _POLICIES.get(choice.policy, LB_ROUND_ROBIN)
-            ch.tag = self._tag_id(choice.tag)
-            ch.rr = self._rr_slot(choice.balance_key)
-            ch.n_eps = len(choice.endpoints)
-            if ch.n_eps == 0:
-                status = choice.status
-                body = "no healthy upstream" if status == 503 else "backend not resolved"
-                ch.empty = _local_verdict(status, body, ch.tag)
-            ch.eps = <EP**>calloc(ch.n_eps if ch.n_eps else 1, sizeof(EP*))
-            if ch.eps == NULL:
-                verdict_free(v)
-                raise MemoryError()
-            for j, e in enumerate(choice.endpoints):
-                ch.eps[j] = self._ep((str(e[0]), int(e[1])))
+        try:  # (verdict_free takes a half-built one: its parts start NULL)
+            for i, choice in enumerate(choices):
+                ch = &v.choices[i]
+                ch.weight = max(0, int(choice.weight))
+                v.total += ch.weight
+                ch.policy = _POLICIES.get(choice.policy, LB_ROUND_ROBIN)
+                ch.tag = self._tag_id(choice.tag)
+                ch.rr = self._rr_slot(choice.balance_key)
+                if len(choice.endpoints) == 0:
+                    status = choice.status
+                    body = "no healthy upstream" if status == 503 else "backend not resolved"
+                    ch.empty = _local_verdict(status, body, ch.tag)
+                ch.eps = <EP**>calloc(len(choice.endpoints) or 1, sizeof(EP*))
+                if ch.eps == NULL:
+                    raise MemoryError()
+                for j, e in enumerate(choice.endpoints):
+                    ch.eps[j] = self._ep((str(e[0]), int(e[1])))
+                    ch.n_eps = j + 1
+        except BaseException:
+            verdict_free(v)
+            raise
         if v.n == 1 and v.choices[0].n_eps == 0:
             v.tag = v.choices[0].tag
         return v
@@ -3568,7 +3614,8 @@ cdef class HttpRelay:
                 return
             hl = resp.head_length
             if 100 <= resp.status < 200:  # interim: forward, another head follows
-                to_client(self.R, c, c.rhead.p, hl)
+                if to_client(self.R, c, c.rhead.p, hl) != 0 or c.closed:
+                    return  # out of memory: aborted
                 c.client_bytes += hl
                 buf_drop(&c.rhead, hl)
                 raw = raw[hl:]
@@ -3669,9 +3716,11 @@ cdef class _Pools:
         return self.relay.pool_snapshot()
 
 
-cdef char *_dup(bytes b, size_t *n):
+cdef char *_dup(bytes b, size_t *n) except NULL:
     """A C copy of *b*, kept for the life of the process (one per answer)."""
-    cdef char *p = <char*>malloc(len(b))
+    cdef char *p = <char*>malloc(len(b) if len(b) else 1)
+    if p == NULL:
+        raise MemoryError()
     memcpy(p, <char*>b, len(b))
     n[0] = len(b)
     return p
@@ -3688,6 +3737,9 @@ cdef Verdict_ *_local_verdict(int status, body, int tag) except NULL:
     v.tag = tag
     v.keep = <char*>malloc(len(keep))
     v.close = <char*>malloc(len(close))
+    if v.keep == NULL or v.close == NULL:
+        verdict_free(v)
+        raise MemoryError()
     memcpy(v.keep, <char*>keep, len(keep))
     memcpy(v.close, <char*>close, len(close))
     v.keep_len = len(keep)

@@ -339,6 +339,14 @@ class HttpRelay:
             return
         assert up is not None
         if up.owner is None:  # idle in the pool: the server closed it, or spoke
+            # ... or the event is from before it came back to the pool,
+            # earlier in this batch: nothing to read, and it stays
+            try:
+                up.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
             self.pools.evict(fd)
             self._drop_upstream(up)
             return
