@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal, Protocol
 
 from .errors import ExitCode, InitError
-from .options import CaptureOptions, Family
+from .options import CaptureOptions, Family, parse_netns
 from .plan import (
     AppendRule,
     Change,
@@ -106,6 +106,7 @@ class FamilyReport:
 
 def resolve_netns(name: str) -> str:
     """``NAME`` (as ``ip netns`` names them) or a path such as /proc/PID/ns/net."""
+    parse_netns(name)  # "" is no namespace, not the current one
     candidates = [name] if "/" in name else [os.path.join(d, name) for d in NETNS_DIRS]
     for path in candidates:
         if os.path.exists(path):
@@ -587,7 +588,7 @@ def run(
     backend: BackendChoice,
 ) -> list[FamilyReport]:
     """Plan (and unless dry-run, apply) IPv4 then IPv6; stop at the first error."""
-    path = resolve_netns(netns) if netns else None
+    path = resolve_netns(netns) if netns is not None else None
     if mode != "dry-run":
         check_privileges()
     families: list[Family] = [4] if ipv6 == "off" else [4, 6]

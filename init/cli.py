@@ -14,6 +14,7 @@ from .options import (
     parse_cidr_selection,
     parse_cidrs,
     parse_ids,
+    parse_netns,
     parse_port,
     parse_port_selection,
     parse_ports,
@@ -237,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend: BackendChoice = args.backend
     try:
         options = options_from(args)
-        reports = run(mode, options, args.netns, ipv6, backend)
+        netns = parse_netns(args.netns)
+        reports = run(mode, options, netns, ipv6, backend)
     except InitError as exc:
         _say(f"error: {exc.message}")
         return int(exc.code)

@@ -101,6 +101,20 @@ def parse_cidr_selection(text: str, flag: str) -> Literal["*"] | tuple[IPNetwork
     return parse_cidrs(text, flag)
 
 
+def parse_netns(text: str | None) -> str | None:
+    """``--netns``: ``None`` (not given) means the current namespace; an empty
+    or blank value is an error, never the current namespace: it is what
+    ``--netns "$POD_NETNS"`` passes when the variable is unset, and run from
+    the node that would capture the node's own traffic."""
+    if text is not None and not text.strip():
+        raise UsageError(
+            f"--netns: empty namespace name ({text!r}; an unset variable?): pass a name "
+            f"from `ip netns list` or a path like /proc/PID/ns/net, or leave --netns out "
+            f"to act in the current namespace"
+        )
+    return text
+
+
 def networks_of(nets: tuple[IPNetwork, ...], family: Family) -> tuple[IPNetwork, ...]:
     """The subset of *nets* that an ``iptables`` (4) or ``ip6tables`` (6) rule can name."""
     return tuple(net for net in nets if net.version == family)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from l4proxy_init import CaptureOptions, UsageError
+from l4proxy_init.apply import run
 from l4proxy_init.cli import main
 
 from .test_init_plan import SEED_RULES
@@ -87,3 +89,19 @@ def test_missing_namespace(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ip netns list" in err
     code, _, err = call(capsys, "--netns", "/proc/self/ns/no-such", "-n")
     assert code == 4 and "not found" in err
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_empty_netns_is_refused_not_the_current_namespace(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    # `--netns "$POD_NS"` with the variable unset: acting in the caller's own
+    # namespace (the node's, when run from the node) would be the worst reading.
+    code, out, err = call(capsys, "--netns", value, "-n", "--no-ipv6")
+    assert code == 2, err
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--netns: empty" in err
+    # and the library entry point says the same (it used to treat "" as "no --netns")
+    with pytest.raises(UsageError, match="--netns: empty"):
+        run("dry-run", CaptureOptions(), value, "off", "auto")
