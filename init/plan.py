@@ -46,7 +46,6 @@ was already classified in OUTPUT.
 
 from __future__ import annotations
 
-import shlex
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -296,15 +295,64 @@ def parse_save(text: str) -> TableState:
     return TableState(chains=tuple(chains), rules=tuple(rules))
 
 
+def split_rule(line: str) -> list[str]:
+    """The words of a dump line, as ``iptables-restore`` splits it.
+
+    Not shell quoting: iptables-save prints chain names, interface names and
+    targets bare, whatever they contain (``-A it's -o e'0``), and quotes an
+    option's value with ``"`` only when it needs it, escaping ``"``, ``\\``
+    and ``'`` inside with a backslash. Like add_param_to_argv() in iptables'
+    xshared.c: a ``"`` opens a quote anywhere in a word and the closing ``"``
+    ends the word (``""`` is one empty word); a backslash escapes the next
+    character inside quotes only; blanks outside quotes separate words.
+    A quote left open (only a bare name containing ``"`` can do that; no
+    restore could read such a dump) falls back to splitting on blanks.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quote_open = escaped = False
+    for char in line:
+        if quote_open:
+            if escaped:
+                word.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quote_open = False
+                words.append("".join(word))
+                word = []
+            else:
+                word.append(char)
+        elif char == '"':
+            quote_open = True
+        elif char in " \t\n":
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if quote_open:
+        return line.split()
+    if word:
+        words.append("".join(word))
+    return words
+
+
 def _saved_rule(line: str) -> SavedRule:
-    words = shlex.split(line)
+    words = split_rule(line)
     comment = jump = None
-    for i, word in enumerate(words[:-1]):
-        if word == "--comment":
+    i = 2
+    while i < len(words) - 1:
+        if words[i] == "--comment":
             comment = words[i + 1]
-        elif word in ("-j", "-g", "--jump", "--goto"):
+            i += 1  # a value, even one that reads "-j", is no option
+        elif words[i] in ("-j", "-g", "--jump", "--goto"):
             jump = words[i + 1]
-    return SavedRule(chain=words[1], line=line, comment=comment, jump=jump)
+            i += 1
+        i += 1
+    # The chain is printed bare (names hold no blanks): the second raw word.
+    return SavedRule(chain=line.split()[1], line=line, comment=comment, jump=jump)
 
 
 # -- changes ------------------------------------------------------------------

@@ -314,6 +314,29 @@ def test_cleanup_removes_ours_and_only_ours(pod_network6: PodNetwork, backend: s
     assert init_ok(pod, "--cleanup").stderr.count("nothing of ours") == 4
 
 
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_foreign_names_with_quotes_neither_block_install_nor_cleanup(
+    pod_network: PodNetwork, backend: str
+) -> None:
+    """iptables-save prints names bare (``-A it's``); read as shell words,
+    that line crashed every later run, --cleanup included."""
+    pod = pod_network.add_pod("a")
+    ipt = f"iptables-{backend}"
+    comment = 'say "hi" \\ it\'s'
+    pod.run([ipt, "-t", "nat", "-N", "it's"])
+    pod.run([ipt, "-t", "nat", "-A", "it's", "-j", "RETURN"])
+    pod.run([ipt, "-t", "nat", "-A", "OUTPUT", "-o", "e'0", "-m", "comment",
+             "--comment", comment, "-j", "it's"])  # fmt: skip
+    before = save(pod, SAVE[backend][0])
+    dry = init_ok(pod, "--backend", backend, "--no-ipv6", "--dry-run")
+    init_ok(pod, "--backend", backend, "--no-ipv6")
+    assert ours(pod, SAVE[backend][0]) == parse_save(dry.stdout).our_lines()
+    rules = parse_save(pod.run([SAVE[backend][0], "-t", "nat"]).stdout).rules
+    assert next(r.comment for r in rules if r.chain == "OUTPUT") == comment
+    init_ok(pod, "--cleanup", "--backend", backend, "--no-ipv6")
+    assert save(pod, SAVE[backend][0]) == before
+
+
 # -- errors: one line, a documented exit code, nothing touched ----------------
 
 

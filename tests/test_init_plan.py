@@ -15,6 +15,7 @@ from l4proxy_init.plan import (
     RuleSet,
     describe,
     restore_text,
+    split_rule,
 )
 
 SEED = CaptureOptions()  # what `l4proxy-init -p 15001 -u 1337` means
@@ -228,6 +229,48 @@ def test_parse_save_reads_only_nat_and_knows_ours() -> None:
         (None, "RETURN", False),
     ]
     assert state.foreign_lines()[-1] == '-A OUTPUT -m comment --comment "kube-proxy: x y" -j KUBE'
+
+
+# Lines as iptables-save 1.8.9 prints them (legacy and nft alike): names bare
+# whatever they hold, values quoted with " and backslash escapes only.
+QUOTED_DUMP = (
+    '-A OUTPUT -o e\'0 -m comment --comment "say \\"hi\\" \\\\ it\\\'s  twice" -j it\'s',
+    '-A OUTPUT -m comment --comment "" -j RETURN',
+    "-A it's -j RETURN",
+)
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (QUOTED_DUMP[0], ["-A", "OUTPUT", "-o", "e'0", "-m", "comment", "--comment",
+                          'say "hi" \\ it\'s  twice', "-j", "it's"]),
+        (QUOTED_DUMP[1], ["-A", "OUTPUT", "-m", "comment", "--comment", "", "-j", "RETURN"]),
+        ("-A X  -m comment --comment \"a\"b -j Y", ["-A", "X", "-m", "comment", "--comment",
+                                                    "a", "b", "-j", "Y"]),
+        ('-A X -m comment --comment a"b c"d -j Y', ["-A", "X", "-m", "comment", "--comment",
+                                                   "ab c", "d", "-j", "Y"]),
+        ("-A X -o a\\b -j Y", ["-A", "X", "-o", "a\\b", "-j", "Y"]),  # no escape outside quotes
+        ('-A X -o a"b -j Y', ["-A", "X", "-o", 'a"b', "-j", "Y"]),  # open quote: bare words
+    ],
+)  # fmt: skip
+def test_dump_lines_split_as_iptables_restore_splits_them(line: str, words: list[str]) -> None:
+    assert split_rule(line) == words
+
+
+def test_foreign_names_with_quote_characters_do_not_stop_us() -> None:
+    """A chain or interface called it's: shlex.split raised "No closing
+    quotation" and every later install and --cleanup crashed."""
+    state = parse_save(dump(*QUOTED_DUMP, chains=("it's",)))
+    assert [(r.chain, r.comment, r.jump) for r in state.rules] == [
+        ("OUTPUT", 'say "hi" \\ it\'s  twice', "it's"),
+        ("OUTPUT", "", "RETURN"),
+        ("it's", None, "RETURN"),
+    ]
+    assert state.foreign_lines() == [*state.chains, *QUOTED_DUMP]
+    want = desired_ruleset(SEED, 4)
+    assert plan_changes(want, state, 4) == plan_changes(want, parse_save(dump()), 4)
+    assert parse_save(dump('-A OUTPUT -m comment --comment "-j" -j X')).rules[0].jump == "X"
 
 
 # -- changes ------------------------------------------------------------------
