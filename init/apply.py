@@ -392,6 +392,45 @@ def _xtables_lock(timeout: float = 10.0) -> Iterator[None]:
         os.close(fd)
 
 
+def legacy_nat_exists(family: Family) -> bool | None:
+    """Whether the current namespace has a legacy (x_tables) nat table, from
+    /proc/net/ip_tables_names (ip6_tables_names); ``None``: cannot tell.
+
+    Opening the table, even ``iptables-legacy-save -t nat`` reading it,
+    creates it: an empty legacy table that makes the image's iptables-save
+    (iptables-nft) warn "iptables-legacy tables present" for the pod's
+    life. A table that does not exist holds nothing of ours, so it is
+    never opened just to look.
+    """
+    names = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(names) as f:
+            return "nat" in f.read().split()
+    except FileNotFoundError:
+        # x_tables for this family is not loaded at all: no legacy table (if
+        # this /proc is one: without /proc/net we know nothing)
+        return False if os.path.isdir("/proc/net") else None
+    except OSError:
+        return None
+
+
+class NoLegacyTable:
+    """A legacy nat table that does not exist: read as empty, never created."""
+
+    def __init__(self, family: Family) -> None:
+        self.name = f"{'iptables' if family == 4 else 'ip6tables'}-legacy"
+
+    def read(self) -> str:
+        return ""
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        raise AssertionError(f"changes planned for a {self.name} table that does not exist")
+
+
 def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[Backend]:
     """The backend(s) to use in the current namespace.
 
@@ -400,49 +439,72 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
     has some, legacy none), otherwise legacy when the kernel still has it
     (python-iptables writes there), otherwise nft; nft binaries without
     nf_tables in the kernel count as no nft. ``--cleanup`` with ``auto``
-    visits both, so that nothing of ours is left in either.
+    visits both, so that nothing of ours is left in either. A legacy table
+    that does not exist yet is not opened unless legacy is where the rules
+    go (see :func:`legacy_nat_exists`).
     """
     if choice == "legacy":
         return [LegacyBackend(family)]
     if choice == "nft":
         return [NftBackend(family)]
     nft_ok = NftBackend.available(family)
-    backends: list[Backend] = []
+    no_legacy_table = legacy_nat_exists(family) is False
+    legacy: Backend | None = None
     legacy_error: InitError | None = None
-    try:
-        backends.append(LegacyBackend(family))
-    except InitError as exc:
-        if exc.code != ExitCode.ENVIRONMENT:
-            raise
-        legacy_error = exc
+
+    def open_legacy() -> Backend | None:
+        nonlocal legacy_error
+        try:
+            return LegacyBackend(family)
+        except InitError as exc:
+            if exc.code != ExitCode.ENVIRONMENT:
+                raise
+            legacy_error = exc
+            return None
+
+    if not no_legacy_table:
+        legacy = open_legacy()
     if mode == "cleanup":
+        backends: list[Backend] = [NoLegacyTable(family)] if no_legacy_table else []
+        if legacy is not None:
+            backends.append(legacy)
         if nft_ok:
             backends.append(NftBackend(family))
-    elif nft_ok:
-        try:
-            nft: str | None = NftBackend(family).read()
-        except InitError as exc:  # the binaries are there, nf_tables is not
-            if exc.code != ExitCode.ENVIRONMENT or not backends:
-                raise
-            nft = None
+        if backends:
+            return backends
+    else:
+        nft: str | None = None
+        nft_error: InitError | None = None
+        if nft_ok:
+            try:
+                nft = NftBackend(family).read()
+            except InitError as exc:  # the binaries are there, nf_tables is not
+                if exc.code != ExitCode.ENVIRONMENT:
+                    raise
+                nft_error = exc
         if nft is not None and (
-            not backends
-            or parse_save(nft).our_lines()
+            parse_save(nft).our_lines()
             # The pod's namespace already has nat rules in nft (a CNI, the
             # runtime) and none in legacy: ours go beside them, where
             # iptables-save shows them and no hook order decides between
             # two tables (kube-proxy's iptables-wrapper decides so too).
-            or (_has_rules(nft) and not _has_rules(backends[0].read()))
+            or (_has_rules(nft) and (legacy is None or not _has_rules(legacy.read())))
         ):
-            backends = [NftBackend(family)]
-    if not backends:
-        raise InitError(
-            ExitCode.ENVIRONMENT,
-            f"no iptables backend works for IPv{family}: legacy: "
-            f"{legacy_error.message if legacy_error else '?'}; nft: {NftBackend(family).restore} "
-            f"not found (install the iptables package)",
-        )
-    return backends[:1] if mode != "cleanup" else backends
+            return [NftBackend(family)]
+        if legacy is None and no_legacy_table:
+            legacy = open_legacy()  # legacy it is: only now is its table created
+        if legacy is not None:
+            return [legacy]
+        if nft is not None:
+            return [NftBackend(family)]
+        if nft_error is not None:
+            raise nft_error
+    raise InitError(
+        ExitCode.ENVIRONMENT,
+        f"no iptables backend works for IPv{family}: legacy: "
+        f"{legacy_error.message if legacy_error else '?'}; nft: {NftBackend(family).restore} "
+        f"not found (install the iptables package)",
+    )
 
 
 def _has_rules(save_text: str) -> bool:
@@ -488,6 +550,8 @@ def _warn_if_ours_elsewhere(report: FamilyReport) -> FamilyReport:
     other = f"{prefix}-legacy" if report.backend.endswith("-nft") else f"{prefix}-nft"
     if shutil.which(f"{other}-save") is None:
         return report
+    if other.endswith("-legacy") and legacy_nat_exists(report.family) is False:
+        return report  # nothing there, and reading would create the table
     result = subprocess.run(
         [f"{other}-save", "-t", "nat"], capture_output=True, text=True, check=False
     )

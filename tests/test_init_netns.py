@@ -288,6 +288,29 @@ def test_switching_backend_warns_about_rules_left_in_the_other(pod_network: PodN
     assert f"l4proxy-init --netns {pod.netns} --cleanup --backend legacy" in result.stderr
 
 
+def legacy_tables(pod: Pod) -> list[str]:
+    """The legacy x_tables tables that exist in *pod*'s namespace (nat: both families)."""
+    names = pod.run(["cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"], check=False)
+    return names.stdout.split()
+
+
+def test_nft_runs_create_no_legacy_table(pod_network6: PodNetwork) -> None:
+    """Probing the legacy backend created an empty legacy nat table in the
+    pod, and the image's iptables-save warned "iptables-legacy tables
+    present" for the pod's life, though nothing of ours was ever there."""
+    pod = pod_network6.add_pod("a")
+    pod.run(["iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "198.18.5.5", "-j", "RETURN"])
+    for args in (("--backend", "nft"), (), ("--cleanup",), ("--cleanup", "--backend", "nft")):
+        result = init_ok(pod, *args)
+        assert "iptables-legacy)" not in result.stderr or "nothing of ours" in result.stderr
+    assert legacy_tables(pod) == []
+    assert "legacy tables present" not in pod.run(["iptables-nft-save"]).stdout
+    # where legacy is what auto picks, its table is made, as before
+    fresh = pod_network6.add_pod("b")
+    assert "IPv4 nat (iptables-legacy): installed" in init_ok(fresh, "--no-ipv6").stderr
+    assert "nat" in legacy_tables(fresh)
+
+
 FOREIGN = [
     ["-N", "OTHER"],
     ["-A", "OTHER", "-j", "RETURN"],
