@@ -520,16 +520,11 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
     if job.netns:
         enter_netns(job.netns)
     family = job.family
-    if family == 6 and job.ipv6 == "auto" and job.mode != "cleanup" and not has_global_ipv6():
-        return [
-            FamilyReport(
-                6,
-                "skipped",
-                "-",
-                "the namespace has no global IPv6 address (--ipv6 captures IPv6 anyway)",
-                "",
-            )
-        ]
+    skipped = _not_captured(job)
+    if skipped and job.mode == "dry-run":
+        return [FamilyReport(family, "skipped", "-", skipped, "")]
+    if skipped:
+        return _drop_stale(job, skipped)
     desired = None if job.mode == "cleanup" else desired_ruleset(job.options, family)
     if job.mode == "dry-run":
         assert desired is not None
@@ -539,6 +534,41 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
         for backend in choose_backends(family, job.backend, job.mode)
     ]
     if job.mode == "apply":
+        reports = [_warn_if_ours_elsewhere(report) for report in reports]
+    return reports
+
+
+def _not_captured(job: FamilyJob) -> str:
+    """Why *job*'s family is not to be captured ("" if it is)."""
+    if job.family != 6 or job.mode == "cleanup":
+        return ""
+    if job.ipv6 == "off":
+        return "--no-ipv6"
+    if job.ipv6 == "auto" and not has_global_ipv6():
+        return "the namespace has no global IPv6 address (--ipv6 captures IPv6 anyway)"
+    return ""
+
+
+def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
+    """A family that is not captured holds no capture of ours: rules an
+    earlier run left (with --ipv6, or before the address went) would keep
+    redirecting with that run's settings, to a port that may be no proxy's
+    now. Ours are removed as --cleanup removes them; other tools' rules and
+    a table without any rule of ours are left as they are."""
+    family = job.family
+    backends = choose_backends(family, job.backend, "cleanup")
+    reports = []
+    for backend in backends:
+        if any(rule.is_ours for rule in parse_save(backend.read()).rules):
+            report = _converge(backend, None, family)
+            summary = f"IPv{family} is not captured ({why}), so our rules of an earlier run "
+            reports.append(
+                dataclasses.replace(report, summary=summary + f"were removed: {report.summary}")
+            )
+    if not reports:
+        where = "-" if job.backend == "auto" else backends[0].name
+        reports = [FamilyReport(family, "skipped", where, why, "")]
+    if job.backend != "auto":
         reports = [_warn_if_ours_elsewhere(report) for report in reports]
     return reports
 
@@ -655,7 +685,8 @@ def run(
     path = resolve_netns(netns) if netns is not None else None
     if mode != "dry-run":
         check_privileges()
-    families: list[Family] = [4] if ipv6 == "off" else [4, 6]
+    # --no-ipv6 still visits IPv6 (unless dry-run): to remove our stale rules
+    families: list[Family] = [4] if ipv6 == "off" and mode == "dry-run" else [4, 6]
     reports: list[FamilyReport] = []
     for family in families:
         job = FamilyJob(family, mode, options, path, ipv6, backend)

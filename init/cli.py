@@ -175,10 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ipv6",
         action="store_const",
         const="on",
-        help="also capture IPv6 (default: only if the namespace has a global IPv6 address)",
+        help="also capture IPv6 (default: only if the namespace has a global IPv6 address; "
+        "when IPv6 is not captured, IPv6 rules of ours from an earlier run are removed)",
     )
     v6.add_argument(
-        "--no-ipv6", dest="ipv6", action="store_const", const="off", help="leave IPv6 alone"
+        "--no-ipv6",
+        dest="ipv6",
+        action="store_const",
+        const="off",
+        help="do not capture IPv6 (IPv6 rules of ours from an earlier run are removed; "
+        "--cleanup still cleans both families)",
     )
     p.set_defaults(ipv6="auto")
     run_group.add_argument(

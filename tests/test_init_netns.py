@@ -257,6 +257,41 @@ def test_changed_options_replace_our_chains(pod_network: PodNetwork, backend: st
     )
 
 
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_ipv6_not_captured_keeps_no_stale_rules_of_ours(
+    pod_network6: PodNetwork, backend: str
+) -> None:
+    """An earlier run captured IPv6; this one is told not to: its IPv6 rules
+    stayed live with the old settings (redirecting to 15001 though the
+    proxy now listens on 15002), and nothing said so."""
+    pod = pod_network6.add_pod("a")
+    v4, v6 = SAVE[backend]
+    ipt6 = f"ip6tables-{backend}"
+    pod.run([ipt6, "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN"])
+    foreign6 = save(pod, v6)
+    init_ok(pod, "-p", "15001", "--backend", backend)
+    assert "--to-ports 15001" in "\n".join(ours(pod, v6))
+    result = init_ok(pod, "-p", "15002", "--no-ipv6", "--backend", backend)
+    assert f"IPv6 nat ({ipt6}): removed: IPv6 is not captured (--no-ipv6)" in result.stderr
+    assert save(pod, v6) == foreign6  # ours gone, the other tool's rule kept
+    assert "--to-ports 15002" in "\n".join(ours(pod, v4))
+    again = init_ok(pod, "-p", "15002", "--no-ipv6", "--backend", backend)
+    assert f"IPv6 nat ({ipt6}): skipped: --no-ipv6" in again.stderr, again.stderr
+    assert "unchanged" in again.stderr
+
+
+def test_ipv6_auto_skipped_removes_stale_rules_too(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")  # no global IPv6 address: auto skips IPv6
+    init_ok(pod, "--ipv6", "--backend", "nft")
+    assert ours(pod, "ip6tables-nft-save")
+    result = init_ok(pod)
+    assert "IPv6 nat (ip6tables-nft): removed: IPv6 is not captured (the namespace has no " in (
+        result.stderr
+    )
+    assert ours(pod, "ip6tables-nft-save") == []
+    assert "IPv6 nat: skipped: the namespace has no global IPv6" in init_ok(pod).stderr
+
+
 def test_auto_backend_stays_where_our_rules_are(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")
     init_ok(pod, "-p", "15001", "--backend", "nft", "--no-ipv6")
