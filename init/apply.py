@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal, Protocol
@@ -87,6 +87,10 @@ class FamilyJob:
     netns: str | None
     ipv6: IPv6Choice
     backend: BackendChoice
+    #: Read and plan only, change nothing: the first pass, over every family
+    #: (and every backend --cleanup visits), so that whatever refuses (a
+    #: conflict, a missing backend) refuses before anything is changed.
+    check_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -529,10 +533,12 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
     if job.mode == "dry-run":
         assert desired is not None
         return [FamilyReport(family, "planned", "-", "nothing was changed", desired.restore_text())]
-    reports = [
-        _converge(backend, desired, family)
-        for backend in choose_backends(family, job.backend, job.mode)
-    ]
+    backends = choose_backends(family, job.backend, job.mode)
+    if job.check_only:
+        for backend in backends:
+            plan_changes(desired, parse_save(backend.read()), family)  # raises Conflict
+        return []
+    reports = [_converge(backend, desired, family) for backend in backends]
     if job.mode == "apply":
         reports = [_warn_if_ours_elsewhere(report) for report in reports]
     return reports
@@ -559,12 +565,19 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
     backends = choose_backends(family, job.backend, "cleanup")
     reports = []
     for backend in backends:
-        if any(rule.is_ours for rule in parse_save(backend.read()).rules):
+        state = parse_save(backend.read())
+        if not any(rule.is_ours for rule in state.rules):
+            continue
+        if job.check_only:
+            plan_changes(None, state, family)  # raises Conflict
+        else:
             report = _converge(backend, None, family)
             summary = f"IPv{family} is not captured ({why}), so our rules of an earlier run "
             reports.append(
                 dataclasses.replace(report, summary=summary + f"were removed: {report.summary}")
             )
+    if job.check_only:
+        return []
     if not reports:
         where = "-" if job.backend == "auto" else backends[0].name
         reports = [FamilyReport(family, "skipped", where, why, "")]
@@ -680,15 +693,28 @@ def run(
     netns: str | None,
     ipv6: IPv6Choice,
     backend: BackendChoice,
+    on_report: Callable[[FamilyReport], None] | None = None,
 ) -> list[FamilyReport]:
-    """Plan (and unless dry-run, apply) IPv4 then IPv6; stop at the first error."""
+    """Plan (and unless dry-run, apply) IPv4 then IPv6; stop at the first error.
+
+    Every family is read and checked before any is changed, so that a
+    refusal (exit 3, 4, 5) means nothing was touched. *on_report* gets each
+    report as soon as its family is done: if a later family then fails, what
+    was already applied has been said.
+    """
     path = resolve_netns(netns) if netns is not None else None
     if mode != "dry-run":
         check_privileges()
     # --no-ipv6 still visits IPv6 (unless dry-run): to remove our stale rules
     families: list[Family] = [4] if ipv6 == "off" and mode == "dry-run" else [4, 6]
+    jobs = [FamilyJob(family, mode, options, path, ipv6, backend) for family in families]
+    if mode != "dry-run":
+        for job in jobs:
+            _in_own_process(dataclasses.replace(job, check_only=True))
     reports: list[FamilyReport] = []
-    for family in families:
-        job = FamilyJob(family, mode, options, path, ipv6, backend)
-        reports += _in_own_process(job)
+    for job in jobs:
+        for report in _in_own_process(job):
+            reports.append(report)
+            if on_report is not None:
+                on_report(report)
     return reports

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .apply import BackendChoice, IPv6Choice, Mode, run
+from .apply import BackendChoice, FamilyReport, IPv6Choice, Mode, run
 from .errors import ExitCode, InitError, UsageError
 from .options import (
     CaptureOptions,
@@ -56,7 +56,8 @@ exit codes:
   0 done   2 bad flag or value   3 missing NET_ADMIN/NET_RAW   4 namespace,
   libxtables or iptables backend missing   5 conflicting chain not ours
   6 the kernel refused the change   1 internal error
-  (nothing is touched when a value is wrong; each family is atomic)
+  (every family is checked before any is changed: on 2-5 nothing was touched;
+  each family is atomic, and one applied before a 6 is reported above it)
 
 See docs/init.md for the rule layout and troubleshooting."""
 
@@ -237,6 +238,27 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+def _show(report: FamilyReport, netns: str | None) -> None:
+    """One family's outcome: its line on stderr, its table on stdout."""
+    where = f"IPv{report.family} nat"
+    if report.backend != "-":
+        where += f" ({report.backend})"
+    _say(f"{where}: {report.status}: {report.summary}")
+    if report.warning:
+        warning = report.warning
+        if netns and "l4proxy-init --cleanup" in warning:
+            # run as written on the node, it would clean the node's own namespace
+            warning = warning.replace(
+                "l4proxy-init --cleanup", f"l4proxy-init --netns {netns} --cleanup"
+            )
+        _say(f"warning: {warning}")
+    if report.status == "planned":
+        print(f"# {PROG} --dry-run: IPv{report.family} nat rules (nothing was changed)")
+    if report.ruleset:
+        sys.stdout.write(report.ruleset)
+    sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode: Mode = "dry-run" if args.dry_run else "cleanup" if args.cleanup else "apply"
@@ -245,26 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = options_from(args)
         netns = parse_netns(args.netns)
-        reports = run(mode, options, netns, ipv6, backend)
+        # Each family is shown as soon as it is done: if IPv6 then fails,
+        # the IPv4 line above the error says what was applied.
+        run(mode, options, netns, ipv6, backend, on_report=lambda r: _show(r, netns))
     except InitError as exc:
         _say(f"error: {exc.message}")
         return int(exc.code)
-    for report in reports:
-        where = f"IPv{report.family} nat"
-        if report.backend != "-":
-            where += f" ({report.backend})"
-        _say(f"{where}: {report.status}: {report.summary}")
-        if report.warning:
-            warning = report.warning
-            if args.netns and "l4proxy-init --cleanup" in warning:
-                # run as written on the node, it would clean the node's own namespace
-                warning = warning.replace(
-                    "l4proxy-init --cleanup", f"l4proxy-init --netns {args.netns} --cleanup"
-                )
-            _say(f"warning: {warning}")
-        if report.status == "planned":
-            print(f"# {PROG} --dry-run: IPv{report.family} nat rules (nothing was changed)")
-        if report.ruleset:
-            sys.stdout.write(report.ruleset)
-    sys.stdout.flush()
     return int(ExitCode.OK)

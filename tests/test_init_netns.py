@@ -413,6 +413,56 @@ def test_conflicting_chain_is_refused(pod_network: PodNetwork, backend: str) -> 
     assert save(pod, SAVE[backend][0]) == before
 
 
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_a_conflict_in_ipv6_is_found_before_ipv4_is_changed(
+    pod_network6: PodNetwork, backend: str
+) -> None:
+    """Exit 5 says "nothing touched": IPv4 used to be applied (or cleaned)
+    before IPv6's conflict was even read."""
+    pod = pod_network6.add_pod("a")
+    v4, v6 = SAVE[backend]
+    init_ok(pod, "-p", "15001", "--backend", backend)
+    # another tool jumps into our IPv6 chain
+    pod.run([f"ip6tables-{backend}", "-t", "nat", "-I", "OUTPUT", "-p", "udp",
+             "-j", "L4PROXY_OUTPUT"])  # fmt: skip
+    before = [save(pod, v4), save(pod, v6)]
+    for args in (("-p", "15002", "--backend", backend), ("--cleanup", "--backend", backend),
+                 ("--cleanup",)):  # fmt: skip
+        result = init(pod, *args)
+        assert result.returncode == 5, result.stderr
+        assert "IPv6 nat table" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert [save(pod, v4), save(pod, v6)] == before
+
+
+def test_cleanup_checks_every_backend_before_cleaning_any(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("a")
+    init_ok(pod, "--backend", "legacy", "--no-ipv6")
+    pod.run(["iptables-nft", "-t", "nat", "-N", "L4PROXY_OUTPUT"])
+    pod.run(["iptables-nft", "-t", "nat", "-A", "L4PROXY_OUTPUT", "-j", "ACCEPT"])
+    before = save(pod, "iptables-legacy-save")
+    result = init(pod, "--cleanup")  # auto: legacy first, then nft
+    assert result.returncode == 5, result.stderr
+    assert save(pod, "iptables-legacy-save") == before
+
+
+def test_each_family_is_reported_as_soon_as_it_is_done(pod_network6: PodNetwork) -> None:
+    """If IPv6 then fails, IPv4's line is already out: the user sees what
+    was applied. Here: IPv4's report arrives while IPv6 is untouched."""
+    from l4proxy_init import CaptureOptions
+    from l4proxy_init.apply import FamilyReport, run
+
+    pod = pod_network6.add_pod("a")
+    seen: list[tuple[int, list[str]]] = []
+
+    def on_report(report: FamilyReport) -> None:
+        seen.append((report.family, ours(pod, "ip6tables-nft-save")))
+
+    run("apply", CaptureOptions(), pod.netns, "on", "nft", on_report=on_report)
+    assert [family for family, _ in seen] == [4, 6]
+    assert seen[0][1] == [] and seen[1][1] != []
+
+
 def test_without_net_admin_nothing_is_touched(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")
     # Inside the pod (as an init container would run), as a UID without capabilities.
