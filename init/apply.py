@@ -185,6 +185,7 @@ def has_global_ipv6() -> bool:
 
 class Backend(Protocol):
     name: str
+    save: str  # the command that shows its nat table
 
     def read(self) -> str: ...
 
@@ -423,6 +424,7 @@ class NoLegacyTable:
 
     def __init__(self, family: Family) -> None:
         self.name = f"{'iptables' if family == 4 else 'ip6tables'}-legacy"
+        self.save = f"{self.name}-save"
 
     def read(self) -> str:
         return ""
@@ -536,7 +538,7 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
     backends = choose_backends(family, job.backend, job.mode)
     if job.check_only:
         for backend in backends:
-            plan_changes(desired, parse_save(backend.read()), family)  # raises Conflict
+            plan_changes(desired, parse_save(backend.read()), family, backend.save)  # Conflict
         return []
     reports = [_converge(backend, desired, family) for backend in backends]
     if job.mode == "apply":
@@ -569,7 +571,7 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
         if not any(rule.is_ours for rule in state.rules):
             continue
         if job.check_only:
-            plan_changes(None, state, family)  # raises Conflict
+            plan_changes(None, state, family, backend.save)  # raises Conflict
         else:
             report = _converge(backend, None, family)
             summary = f"IPv{family} is not captured ({why}), so our rules of an earlier run "
@@ -612,7 +614,7 @@ def _converge(backend: Backend, desired: RuleSet | None, family: Family) -> Fami
     want = desired.save_lines() if desired else []
     for _attempt in range(COMMIT_ATTEMPTS):
         with backend.transaction():
-            changes = plan_changes(desired, parse_save(backend.read()), family)
+            changes = plan_changes(desired, parse_save(backend.read()), family, backend.save)
             if not changes:
                 break
             try:

@@ -395,9 +395,13 @@ class DeleteChain:
 Change = CreateChain | FlushChain | DeleteRule | AppendRule | DeleteChain
 
 
-def check_conflicts(state: TableState, family: Family) -> None:
-    """Refuse to touch a table where our names are taken by someone else."""
-    save = "iptables-save" if family == 4 else "ip6tables-save"
+def check_conflicts(state: TableState, family: Family, save: str | None = None) -> None:
+    """Refuse to touch a table where our names are taken by someone else.
+
+    *save* is the command that shows the table (the backend's own, e.g.
+    ``ip6tables-legacy-save``: Debian's plain iptables-save shows only nft).
+    """
+    save = save or ("iptables-save" if family == 4 else "ip6tables-save")
     for rule in state.rules:
         if rule.chain in OUR_CHAINS and not rule.is_ours:
             raise Conflict(
@@ -413,15 +417,18 @@ def check_conflicts(state: TableState, family: Family) -> None:
             )
 
 
-def plan_changes(desired: RuleSet | None, state: TableState, family: Family) -> tuple[Change, ...]:
+def plan_changes(
+    desired: RuleSet | None, state: TableState, family: Family, save: str | None = None
+) -> tuple[Change, ...]:
     """What turns *state* into *desired* (``None``: remove all of ours).
 
     Chains that already match are left alone, so that applying an unchanged
     plan is a no-op and our jumps keep their place among other tools' rules.
     Raises :class:`Conflict` (also for a removal: flushing a chain that holds
-    someone else's rules would destroy them).
+    someone else's rules would destroy them), naming *save* as the command
+    that shows the table.
     """
-    check_conflicts(state, family)
+    check_conflicts(state, family, save)
     creates: list[Change] = []
     flushes: list[Change] = []
     deletes: list[Change] = []

@@ -409,6 +409,7 @@ def test_conflicting_chain_is_refused(pod_network: PodNetwork, backend: str) -> 
         result = init(pod, *args, "--backend", backend, "--no-ipv6")
         assert result.returncode == 5, result.stderr
         assert "L4PROXY_OUTPUT" in result.stderr and "did not write" in result.stderr
+        assert f"(see: {SAVE[backend][0]} -t nat)" in result.stderr  # where it is shown
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert save(pod, SAVE[backend][0]) == before
 

@@ -358,6 +358,11 @@ def test_names_taken_by_someone_else_are_a_conflict(
         with pytest.raises(Conflict, match=needle) as info:
             plan_changes(desired, state, 4)
         assert info.value.code == 5
+        assert "(see: iptables-save -t nat)" in info.value.message
+        # the backend's own command: plain iptables-save shows nft only
+        with pytest.raises(Conflict, match=needle) as info:
+            plan_changes(desired, state, 4, "iptables-legacy-save")
+        assert "(see: iptables-legacy-save -t nat)" in info.value.message
 
 
 def test_a_failed_restore_names_the_line_the_user_cannot_see() -> None:
