@@ -84,6 +84,14 @@ def parse_cidrs(text: str, flag: str) -> tuple[IPNetwork, ...]:
     """``"10.0.0.0/8,fd00::/8"``; a bare address means that one host."""
     nets: list[IPNetwork] = []
     for item in _items(text):
+        if "%" in item:
+            # ipaddress keeps fe80::1%eth0 as a scoped address, but an
+            # iptables rule has no zone: it would silently become fe80::1/128
+            # on every interface.
+            raise UsageError(
+                f"{flag}: {item!r} has an IPv6 zone index (%...), which an iptables rule "
+                f"cannot match; pass the address without it (e.g. fe80::1/128)"
+            )
         try:
             # strict=False: iptables itself masks the host bits (10.1.2.3/8
             # is 10.0.0.0/8), and users copy such values from `ip addr`.

@@ -62,6 +62,8 @@ BAD = {
     ("-x", "10.0.0.0/33"): "-x: '10.0.0.0/33' is not an IPv4 or IPv6 CIDR",
     ("-i", "300.1.1.1"): "-i: '300.1.1.1' is not an IPv4 or IPv6 CIDR",
     ("-x", "*"): "-x: '*'",
+    ("-x", "fe80::1%eth0"): "-x: 'fe80::1%eth0' has an IPv6 zone index",
+    ("-i", "10.0.0.0/8,fe80::%eth0/64"): "-i: 'fe80::%eth0/64' has an IPv6 zone index",
     ("-m", "TPROXY"): "only REDIRECT is implemented",
     ("--backend", "iptables"): "invalid choice",
     ("--cleanup", "--dry-run"): "not allowed with",
