@@ -514,8 +514,17 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
 
 
 def _has_rules(save_text: str) -> bool:
-    """Whether an iptables-save dump of the nat table holds any rule."""
-    return any(line.startswith("-A ") for line in save_text.splitlines())
+    """Whether an iptables-save dump of the nat table holds any rule.
+
+    Rules written with ``nft`` itself in base chains iptables-nft does not
+    know show only as a comment, "# Table `nat' contains incompatible
+    base-chains, use 'nft' tool to list them." (1.8.9; older: "# Table
+    `nat' is incompatible, use 'nft' tool."): that table has rules too.
+    """
+    return any(
+        line.startswith("-A ") or (line.startswith("# Table ") and "incompatible" in line)
+        for line in save_text.splitlines()
+    )
 
 
 # -- one family ---------------------------------------------------------------

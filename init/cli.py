@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("legacy", "nft", "auto"),
         default="auto",
         help="legacy: x_tables via python-iptables; nft: iptables-nft-restore; "
-        "auto (default): nft if our rules are already there or legacy is unsupported, "
-        "else legacy",
+        "auto (default): nft if our rules are already there, or if nf_tables' nat table "
+        "has rules (also ones written with nft itself) and the legacy one has none, or if "
+        "legacy is unsupported; else legacy",
     )
     return p
 

@@ -314,6 +314,22 @@ def test_auto_backend_goes_where_the_namespaces_nat_rules_are(pod_network: PodNe
     assert "--to-ports 15001" in "\n".join(ours(pod, "iptables-nft-save"))
 
 
+def test_auto_backend_sees_nat_rules_written_with_nft_itself(pod_network: PodNetwork) -> None:
+    """A base chain iptables-nft does not know (nft's own syntax, as a CNI
+    writes it): iptables-nft-save prints no rule, only "# Table `nat'
+    contains incompatible base-chains", and auto went to legacy beside it."""
+    pod = pod_network.add_pod("a")
+    pod.run(["nft", "add table ip nat"])
+    pod.run(["nft", "add chain ip nat cni-post { type nat hook postrouting priority 100 ; }"])
+    pod.run(["nft", "add rule ip nat cni-post ip daddr 198.18.9.9 masquerade"])
+    assert "incompatible" in pod.run(["iptables-nft-save", "-t", "nat"]).stdout
+    result = init_ok(pod, "-p", "15001", "--no-ipv6")  # auto
+    assert "IPv4 nat (iptables-nft): installed" in result.stderr, result.stderr
+    assert "--to-ports 15001" in "\n".join(ours(pod, "iptables-nft-save"))
+    assert "cni-post" in pod.run(["nft", "list", "table", "ip", "nat"]).stdout
+    assert "unchanged" in init_ok(pod, "-p", "15001", "--no-ipv6").stderr
+
+
 def test_switching_backend_warns_about_rules_left_in_the_other(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")
     assert "warning" not in init_ok(pod, "--backend", "legacy", "--no-ipv6").stderr
