@@ -18,7 +18,12 @@ backend, read the nat table with ``*-save``, plan with :mod:`.plan`, apply the
 changes as one commit (python-iptables ``commit()`` for legacy, one
 ``*-nft-restore --noflush`` transaction for nft), then read the table again
 and check that our part of it is exactly the plan. The parent never imports
-iptc.
+iptc. Every family goes through that twice: first a pass that stops after
+planning (``FamilyJob.check_only``) for all families, so that a conflict or
+a missing backend anywhere refuses before anything is changed; then the
+pass that applies, IPv4 before IPv6, each family reported as it is done.
+A family that is not captured (IPv6 with --no-ipv6, or no global IPv6
+address) has our rules of an earlier run removed (:func:`_drop_stale`).
 
 The legacy commit replaces the whole table and fails with EAGAIN when
 someone changed it since our snapshot (python-iptables takes no xtables
@@ -571,12 +576,33 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
     earlier run left (with --ipv6, or before the address went) would keep
     redirecting with that run's settings, to a port that may be no proxy's
     now. Ours are removed as --cleanup removes them; other tools' rules and
-    a table without any rule of ours are left as they are."""
+    a table without any rule of ours are left as they are.
+
+    Looking never fails the run for the environment (--no-ipv6 is also
+    what one passes where IPv6's tables or tools are missing: nothing of
+    ours can be there then) and never creates a legacy table.
+    """
     family = job.family
-    backends = choose_backends(family, job.backend, "cleanup")
+    unreadable: list[str] = []
+    backends: list[Backend] = []
+    try:
+        if job.backend == "legacy" and legacy_nat_exists(family) is False:
+            backends = [NoLegacyTable(family)]
+        else:
+            backends = choose_backends(family, job.backend, "cleanup")
+    except InitError as exc:
+        if exc.code != ExitCode.ENVIRONMENT:
+            raise
+        unreadable.append(exc.message)
     reports = []
     for backend in backends:
-        state = parse_save(backend.read())
+        try:
+            state = parse_save(backend.read())
+        except InitError as exc:
+            if exc.code != ExitCode.ENVIRONMENT:
+                raise
+            unreadable.append(exc.message)
+            continue
         if not any(rule.is_ours for rule in state.rules):
             continue
         if job.check_only:
@@ -590,7 +616,9 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
     if job.check_only:
         return []
     if not reports:
-        where = "-" if job.backend == "auto" else backends[0].name
+        where = backends[0].name if job.backend != "auto" and backends else "-"
+        if unreadable:
+            why += f"; not looked at for rules of ours: {'; '.join(unreadable)}"
         reports = [FamilyReport(family, "skipped", where, why, "")]
     if job.backend != "auto":
         reports = [_warn_if_ours_elsewhere(report) for report in reports]
