@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from l4proxy.demo import tutorial as demo
+from l4proxy.demo.podnet import unique_prefix
 from tests.mesh import SEED_DIR, binomial_ok
 
 pytestmark = pytest.mark.netns
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.netns
 EXPECTED_V1 = {"no-rule": 2 / 3, "all-v1": 1.0, "50-v2": 0.5, "all-v2": 0.0, "delete": 2 / 3}
 # Requests per step on the keep-alive client's one connection (l4proxy demo --keepalive).
 KEEPALIVE = 200
+# This process's namespaces (l4d<pid>-*), never the user's demo (l4demo-*) or
+# another test run's: every demo and --down here names them with --prefix.
+PREFIX = unique_prefix("l4d")
 
 
 def _check_split(step: str, path: str, got: dict[str, Any], n: int) -> None:
@@ -60,7 +64,7 @@ def _check(results: list[dict[str, Any]], n: int, keepalive: int = KEEPALIVE) ->
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "l4proxy", "demo", *args],
+        [sys.executable, "-m", "l4proxy", "demo", "--prefix", PREFIX, *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -91,7 +95,7 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     with open(out_json) as f:
         _check(json.load(f), 90)
     assert elapsed < 60, f"demo took {elapsed:.1f}s"
-    assert not any(n.startswith("l4demo-") for n in os.listdir("/var/run/netns"))
+    assert not any(n.startswith(f"{PREFIX}-") for n in os.listdir("/var/run/netns"))
 
 
 @pytest.mark.usefixtures("seed_dir")
@@ -104,13 +108,36 @@ def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
 
 
 def test_refuses_when_its_namespaces_exist() -> None:
-    subprocess.run(["ip", "netns", "add", "l4demo-node"], check=True)
+    subprocess.run(["ip", "netns", "add", f"{PREFIX}-node"], check=True)
     try:
         r = _run_cli("--requests", "3")
         assert r.returncode == 2
-        assert "l4proxy demo --down" in r.stderr
+        assert f"l4proxy demo --down --prefix {PREFIX}" in r.stderr
     finally:
-        subprocess.run(["ip", "netns", "del", "l4demo-node"], check=False)
+        subprocess.run(["ip", "netns", "del", f"{PREFIX}-node"], check=False)
+
+
+def test_a_tutorial_names_its_namespaces_after_its_process() -> None:
+    """Tutorial() outside the command: namespaces of its own process, never
+    the command's l4demo-* (a user's demo) nor another process's."""
+    tut = demo.Tutorial(demo.read_manifests(demo.DEFAULT_MANIFESTS), out=io.StringIO())
+    try:
+        assert tut.net.node_ns == f"{unique_prefix('l4d')}-node"
+        assert demo.PREFIX == "l4demo" and not tut.prefix.startswith(demo.PREFIX)
+    finally:
+        tut.down()
+    assert unique_prefix("l4d", 4_194_303) == "l4d2hwcf" != unique_prefix("l4d", 4_194_302)
+
+
+@pytest.mark.parametrize("bad", ["", "L4demo", "l4-demo", "../etc", "l4demo1234", "9demo"])
+def test_prefix_must_make_valid_names(bad: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "l4proxy", "demo", "--prefix", bad, "--down"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--prefix" in r.stderr, r.stderr
 
 
 def test_refuses_without_root() -> None:
@@ -141,6 +168,7 @@ def tutorial() -> Iterator[demo.Tutorial]:
         out=io.StringIO(),
         seed=1,
         keepalive=20,
+        prefix=PREFIX,
     )
     try:
         tut.up()
@@ -199,13 +227,13 @@ def test_keep_and_down() -> None:
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         assert "l4proxy demo --down" in r.stdout
-        assert os.path.exists("/var/run/netns/l4demo-client")
+        assert os.path.exists(f"/var/run/netns/{PREFIX}-client")
         out = subprocess.run(
             [
                 "ip",
                 "netns",
                 "exec",
-                "l4demo-client",
+                f"{PREFIX}-client",
                 "setpriv",
                 "--reuid=1000",
                 "--regid=1000",
@@ -223,7 +251,7 @@ def test_keep_and_down() -> None:
     finally:
         d = _run_cli("--down")
     assert d.returncode == 0
-    assert not any(n.startswith("l4demo-") for n in os.listdir("/var/run/netns"))
+    assert not any(n.startswith(f"{PREFIX}-") for n in os.listdir("/var/run/netns"))
 
 
 def test_bar_rendering() -> None:
@@ -236,11 +264,7 @@ def test_demo_api_gateway_replays_the_steps_with_httproutes(tmp_path: object) ->
     """--api gateway: HTTPRoutes on the mesh path (Service parentRef) and the
     gateway path (a Gateway), the same five steps within the same bounds."""
     out_json = os.path.join(str(tmp_path), "demo.json")
-    for _ in range(20):  # the demo's namespace names are fixed: wait for another run
-        r = _run_cli("--api", "gateway", "--requests", "90", "--json", out_json)
-        if not (r.returncode == 2 and "exists: a demo is running" in r.stderr):
-            break
-        time.sleep(3)
+    r = _run_cli("--api", "gateway", "--requests", "90", "--json", out_json)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "gateway-api" in r.stdout
     assert "HTTPRoute from httproute-50-v2.yaml: bootcamp-v1 50, bootcamp-v2 50" in r.stdout

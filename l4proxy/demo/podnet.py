@@ -13,7 +13,8 @@ REDIRECT takes it; nothing answers on a VIP otherwise.
 
 Everything created is removed by :meth:`PodNetwork.close` (deleting a
 namespace deletes the veth ends inside it), also when a test fails halfway;
-names carry the creating process id so that parallel runs never collide.
+names carry the creating process id (:func:`unique_prefix`) so that parallel
+runs never collide.
 """
 
 from __future__ import annotations
@@ -35,10 +36,32 @@ IFA_F_NODAD = 0x02  # linux/if_addr.h: skip duplicate address detection
 POD_NET4 = ipaddress.ip_network("198.18.0.0/16")
 POD_NET6 = ipaddress.ip_network("2001:2::/64")
 VIP_NET4 = ipaddress.ip_network("198.19.0.0/16")
+# A pod's veth ends are "<prefix>p<host>" and "<prefix>b<host>": interface
+# names are at most 15 characters (IFNAMSIZ - 1), a host number has 3 digits.
+MAX_PREFIX = 9
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 class PodNetworkError(RuntimeError):
     pass
+
+
+def unique_prefix(stem: str, pid: int | None = None) -> str:
+    """*stem* followed by this process's id (or *pid*) in base 36: a prefix no
+    other running process makes. A pid is below 2**22 (the kernel's highest
+    pid_max), at most 5 base-36 digits, so a stem of up to 4 characters keeps
+    the prefix within :data:`MAX_PREFIX`."""
+    n = os.getpid() if pid is None else pid
+    digits = ""
+    while True:
+        n, d = divmod(n, 36)
+        digits = _BASE36[d] + digits
+        if not n:
+            break
+    prefix = stem + digits
+    if len(prefix) > MAX_PREFIX:
+        raise PodNetworkError(f"prefix {prefix!r} too long (max {MAX_PREFIX}: interface names)")
+    return prefix
 
 
 def namespace_exists(name: str) -> bool:
@@ -126,8 +149,10 @@ class PodNetwork:
 
     def __init__(self, prefix: str | None = None, ipv6: bool = False) -> None:
         self.prefix = prefix or f"l4t{os.getpid()}"
-        if len(self.prefix) > 9:
-            raise PodNetworkError(f"prefix {self.prefix!r} too long (max 9: interface names)")
+        if len(self.prefix) > MAX_PREFIX:
+            raise PodNetworkError(
+                f"prefix {self.prefix!r} too long (max {MAX_PREFIX}: interface names)"
+            )
         self.ipv6 = ipv6
         self.node_ns = f"{self.prefix}-node"
         self.pods: dict[str, Pod] = {}

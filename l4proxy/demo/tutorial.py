@@ -52,8 +52,18 @@ from typing import Any
 import yaml
 
 from l4proxy.demo.bootcamp import tally
-from l4proxy.demo.podnet import Pod, PodNetwork, PodNetworkError, namespace_exists
+from l4proxy.demo.podnet import (
+    MAX_PREFIX,
+    Pod,
+    PodNetwork,
+    PodNetworkError,
+    namespace_exists,
+    unique_prefix,
+)
 
+# The command's namespaces are PREFIX-*, unless --prefix names others (a second
+# demo beside the first, the tests). A Tutorial made by other code gets a
+# prefix of its own process (unique_prefix): it never meets the user's demo.
 PREFIX = "l4demo"
 STATE_DIR = "/run/l4proxy-demo"
 VIP_BASE = "198.19.0."
@@ -219,6 +229,7 @@ class Tutorial:
         out: Any = sys.stdout,
         seed: int | None = None,
         keepalive: int = 0,
+        prefix: str | None = None,
     ) -> None:
         self.man = man
         self.requests = requests
@@ -231,7 +242,8 @@ class Tutorial:
         # --seed for the client and gateway sidecars: their weighted splits repeat.
         self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
-        self.net = PodNetwork(prefix=PREFIX)
+        self.prefix = prefix or unique_prefix("l4d")
+        self.net = PodNetwork(prefix=self.prefix)
         self.rules_dir = tempfile.mkdtemp(prefix="l4proxy-demo-rules-")
         os.chmod(self.rules_dir, 0o755)
         self.log_dir = tempfile.mkdtemp(prefix="l4proxy-demo-logs-")
@@ -657,6 +669,8 @@ examples:
   l4proxy demo --manifests ../shared/seed/istio-request-routing
   l4proxy demo --keep                  # leave the pods up and show how to curl them
   l4proxy demo --down                  # remove what --keep left
+  l4proxy demo --prefix l4demo2        # a second demo beside the first (its own
+                                       # namespaces, l4demo2-*; --down takes it too)
 
 needs root (network namespaces, iptables). Exit codes: 0 done, 1 a step
 failed or the topology could not be built, 2 usage (not root, already up).""",
@@ -702,6 +716,14 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
     )
     p.add_argument("--keep", action="store_true", help="leave the topology running")
     p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
+    p.add_argument(
+        "--prefix",
+        type=_prefix,
+        default=PREFIX,
+        metavar="NAME",
+        help=f"the network namespaces' names begin NAME- ({PREFIX}); up to {MAX_PREFIX} "
+        "lowercase letters and digits",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument(
         "--api",
@@ -714,6 +736,14 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
     p.set_defaults(func=_run_with_api)
 
 
+def _prefix(value: str) -> str:
+    if not re.fullmatch(rf"[a-z][a-z0-9]{{0,{MAX_PREFIX - 1}}}", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a letter, then letters and digits, {MAX_PREFIX} at most (lowercase)"
+        )
+    return value
+
+
 def _run_with_api(args: argparse.Namespace) -> int:
     """``--api gateway`` picks the Gateway API manifests unless --manifests is given."""
     if getattr(args, "api", "istio") == "gateway" and args.manifests == DEFAULT_MANIFESTS:
@@ -721,7 +751,7 @@ def _run_with_api(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _down() -> int:
+def _down(prefix: str) -> int:
     state = os.path.join(STATE_DIR, "pids")
     if os.path.exists(state):
         with open(state) as f:
@@ -731,7 +761,7 @@ def _down() -> int:
         os.unlink(state)
     removed = 0
     for name in sorted(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else []:
-        if name.startswith(PREFIX + "-"):
+        if name.startswith(prefix + "-"):
             subprocess.run(["ip", "netns", "del", name], check=False)
             shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
             removed += 1
@@ -771,16 +801,15 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     if args.down:
-        return _down()
+        return _down(args.prefix)
     why = _unreachable()
     if why:
         print(f"l4proxy demo: {why}", file=sys.stderr)
         return 2
-    if namespace_exists(f"{PREFIX}-node"):
+    if namespace_exists(f"{args.prefix}-node"):
         print(
-            f"l4proxy demo: namespace {PREFIX}-node exists: a demo is running or was left "
-            "behind; remove it with: l4proxy demo --down "
-            "(in a checkout: make demo DEMO_ARGS=--down)",
+            f"l4proxy demo: namespace {args.prefix}-node exists: a demo is running or was left "
+            f"behind; remove it with: {_down_command(args.prefix)}",
             file=sys.stderr,
         )
         return 2
@@ -797,7 +826,13 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     chosen = [s for s in steps if not args.step or s in args.step]
-    tut = Tutorial(man, requests=args.requests, seed=args.seed, keepalive=args.keepalive)
+    tut = Tutorial(
+        man,
+        requests=args.requests,
+        seed=args.seed,
+        keepalive=args.keepalive,
+        prefix=args.prefix,
+    )
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0
@@ -838,6 +873,13 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return code
+
+
+def _down_command(prefix: str) -> str:
+    """How the user removes the demo of *prefix*."""
+    if prefix == PREFIX:
+        return "l4proxy demo --down (in a checkout: make demo DEMO_ARGS=--down)"
+    return f"l4proxy demo --down --prefix {prefix}"
 
 
 def _failures(result: dict[str, Any]) -> int:
@@ -909,4 +951,4 @@ the topology is up. Try:
   ip netns exec {tut.client.netns} setpriv --reuid=1000 --regid=1000 --clear-groups curl -s {url}
   ip netns exec {tut.client.netns} curl -s 127.0.0.1:15000/stats
   rules (edit to shift traffic): {STATE_DIR}/rules/   logs: {STATE_DIR}/logs/
-remove it with: l4proxy demo --down""")
+remove it with: {_down_command(tut.prefix)}""")
