@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from l4proxy.demo.podnet import PodNetwork
+from l4proxy.demo.podnet import PodNetwork, namespace_pids, unique_prefix
 
 pytestmark = pytest.mark.netns
 
@@ -42,7 +46,63 @@ def test_close_removes_namespaces() -> None:
     with net:
         net.add_pod("x")
         assert net.pods["x"].run(["true"]).returncode == 0
-    import os
-
     assert not os.path.exists("/var/run/netns/l4tclose-node")
     assert not os.path.exists("/var/run/netns/l4tclose-x")
+
+
+def _running(pid: int) -> bool:
+    """*pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ip_netns_pids(netns: str, n: int) -> list[int]:
+    """``ip netns pids``, once *n* processes are in *netns* (a process started
+    with ``ip netns exec`` is in it only once ip has entered it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+        pids = sorted(int(line) for line in out.stdout.split())
+        if len(pids) >= n or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.02)
+
+
+def test_close_stops_what_still_runs_in_its_namespaces() -> None:
+    """Deleting a namespace's name does not stop its processes: close() kills
+    what its owner left running, in a session of its own or orphaned (like a
+    sidecar's worker whose supervisor was killed), before it deletes them."""
+    net = PodNetwork(prefix=unique_prefix("l4k"))
+    net.open()
+    pod = net.add_pod("x")
+    leader = pod.popen(["sleep", "600"], user=1000, start_new_session=True)
+    orphan = int(pod.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], user=1000).stdout)
+    try:
+        assert _ip_netns_pids(pod.netns, 2) == sorted([leader.pid, orphan])
+        assert namespace_pids([pod.netns]) == {pod.netns: sorted([leader.pid, orphan])}
+        net.close()
+        assert leader.wait(timeout=10) == -signal.SIGKILL
+        assert not _running(orphan)
+        assert not os.path.exists(f"/var/run/netns/{pod.netns}")
+    finally:
+        for pid in (leader.pid, orphan):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        leader.wait()
+        net.close()
+
+
+def test_namespace_pids_agrees_with_ip_netns_pids(pod_network: PodNetwork) -> None:
+    pod = pod_network.add_pod("x")
+    procs = [pod.popen(["sleep", "600"], user=1000) for _ in range(2)]
+    try:
+        want = _ip_netns_pids(pod.netns, 2)
+        assert want == sorted(p.pid for p in procs)
+        assert namespace_pids([pod.netns, "l4-no-such-namespace"]) == {pod.netns: want}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -12,7 +12,11 @@ finds a route and reaches the pod's nat OUTPUT chain, where l4proxy-init's
 REDIRECT takes it; nothing answers on a VIP otherwise.
 
 Everything created is removed by :meth:`PodNetwork.close` (deleting a
-namespace deletes the veth ends inside it), also when a test fails halfway;
+namespace deletes the veth ends inside it), also when a test fails halfway.
+Deleting a namespace's name does not stop the processes in it (they run on in
+a namespace nobody can name), so close() first kills whatever still runs in
+its namespaces (:func:`stop_processes`): a sidecar's worker that outlived its
+supervisor, a server a test did not stop;
 names carry the creating process id (:func:`unique_prefix`) so that parallel
 runs never collide.
 """
@@ -23,10 +27,11 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +71,61 @@ def unique_prefix(stem: str, pid: int | None = None) -> str:
 
 def namespace_exists(name: str) -> bool:
     return os.path.exists(f"/var/run/netns/{name}")
+
+
+def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
+    """The processes in each named network namespace, as ``ip netns pids``
+    finds them: those whose /proc/PID/ns/net is the namespace's file (the
+    same device and inode). A zombie is in none; a name that does not exist
+    is left out."""
+    wanted: dict[tuple[int, int], str] = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/var/run/netns/{name}")
+            wanted[(st.st_dev, st.st_ino)] = name
+    found: dict[str, list[int]] = {name: [] for name in wanted.values()}
+    if not wanted:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+        owner = wanted.get((st.st_dev, st.st_ino))
+        if owner is not None:
+            found[owner].append(int(entry))
+    return {name: sorted(pids) for name, pids in found.items()}
+
+
+def stop_processes(names: Iterable[str], grace: float = 0.0) -> int:
+    """Stop every process in the named namespaces: SIGTERM, and SIGKILL for
+    any still there after *grace* seconds (at once when *grace* is 0), until
+    none is left (one may fork meanwhile). Returns how many there were."""
+    names = list(names)
+
+    def running() -> list[int]:
+        return [pid for pids in namespace_pids(names).values() for pid in pids]
+
+    def send(pids: list[int], signum: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    first = left = running()
+    if grace > 0 and left:
+        send(left, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = running()
+    deadline = time.monotonic() + 5
+    while left and time.monotonic() < deadline:
+        send(left, signal.SIGKILL)
+        time.sleep(0.02)
+        left = running()
+    return len(first)
 
 
 @dataclass
@@ -193,6 +253,7 @@ class PodNetwork:
                 )
 
     def close(self) -> None:
+        stop_processes(self._namespaces)
         for name in reversed(self._namespaces):
             with contextlib.suppress(Exception):
                 netns.remove(name)

@@ -58,6 +58,7 @@ from l4proxy.demo.podnet import (
     PodNetwork,
     PodNetworkError,
     namespace_exists,
+    stop_processes,
     unique_prefix,
 )
 
@@ -360,9 +361,11 @@ class Tutorial:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                # its session (start_new_session): a sidecar's workers too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        self.net.close()
+        self.net.close()  # and whatever still runs in the pods (podnet.stop_processes)
         shutil.rmtree(self.rules_dir, ignore_errors=True)
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -759,12 +762,16 @@ def _down(prefix: str) -> int:
                 with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
                     os.killpg(int(line), signal.SIGTERM)
         os.unlink(state)
-    removed = 0
-    for name in sorted(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else []:
-        if name.startswith(prefix + "-"):
-            subprocess.run(["ip", "netns", "del", name], check=False)
-            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
-            removed += 1
+    netns_dir = "/var/run/netns"
+    names = sorted(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else []
+    names = [n for n in names if n.startswith(prefix + "-")]
+    # Deleting a namespace's name stops nothing in it: the sidecars (their
+    # workers too), apps and clients first, with SIGTERM and then SIGKILL.
+    stop_processes(names, grace=5)
+    for name in names:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+    removed = len(names)
     for extra in ("rules", "logs"):
         path = os.path.join(STATE_DIR, extra)
         if os.path.islink(path):
