@@ -31,7 +31,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +207,14 @@ class Pod:
 class PodNetwork:
     """A bridge in a node namespace plus pod namespaces; a context manager."""
 
-    def __init__(self, prefix: str | None = None, ipv6: bool = False) -> None:
+    def __init__(
+        self,
+        prefix: str | None = None,
+        ipv6: bool = False,
+        on_namespace: Callable[[str], None] | None = None,
+    ) -> None:
+        """*on_namespace* is called with each namespace's name before it is
+        created (the demo records it where ``l4proxy demo --down`` finds it)."""
         self.prefix = prefix or f"l4t{os.getpid()}"
         if len(self.prefix) > MAX_PREFIX:
             raise PodNetworkError(
@@ -215,6 +222,7 @@ class PodNetwork:
             )
         self.ipv6 = ipv6
         self.node_ns = f"{self.prefix}-node"
+        self._on_namespace = on_namespace
         self.pods: dict[str, Pod] = {}
         self._namespaces: list[str] = []
         self._next_host = 10
@@ -306,6 +314,8 @@ class PodNetwork:
 
     # -- helpers ---------------------------------------------------------
     def _create_ns(self, name: str) -> None:
+        if self._on_namespace is not None:
+            self._on_namespace(name)
         netns.create(name)
         self._namespaces.append(name)
 

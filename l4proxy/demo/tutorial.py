@@ -28,6 +28,15 @@ each request is routed on its own: a weighted rule splits the requests of
 that one connection, and each swap reaches it at its next request. After the
 steps the routing sidecars' /stats show how few upstream connections their
 pools opened for all those requests.
+
+What a run creates it first records in ``/run/l4proxy-demo/PREFIX/state.json``
+(the namespaces, before each is made; the rules and logs directories; the
+process that made them). Making that directory claims the prefix: a second
+run of it refuses. ``--down`` removes what the record lists, and nothing
+else: the processes still in those namespaces, the namespaces, the
+directories; so a demo that died without cleaning up (SIGKILL, a crash)
+is removed as one left by ``--keep``, and no namespace of the same prefix that
+the run did not make (another program's, another run's) is touched.
 """
 
 from __future__ import annotations
@@ -66,7 +75,11 @@ from l4proxy.demo.podnet import (
 # demo beside the first, the tests). A Tutorial made by other code gets a
 # prefix of its own process (unique_prefix): it never meets the user's demo.
 PREFIX = "l4demo"
+# One directory per prefix: state.json (see the module's docstring), and the
+# links to the rules and logs of a topology left by --keep.
 STATE_DIR = "/run/l4proxy-demo"
+STATE_FILE = "state.json"
+TEMP_PREFIX = "l4proxy-demo-"  # the rules and logs directories (tempfile.mkdtemp)
 VIP_BASE = "198.19.0."
 TUTORIAL_ORDER = ["all-v1", "50-v2", "all-v2"]
 BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -82,6 +95,10 @@ BASE_STEP = "base"
 
 class DemoError(Exception):
     pass
+
+
+class DemoBusy(DemoError):
+    """The prefix is taken: a run of it is up, or left something behind."""
 
 
 # -- manifests ----------------------------------------------------------------
@@ -244,10 +261,13 @@ class Tutorial:
         self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
         self.prefix = prefix or unique_prefix("l4d")
-        self.net = PodNetwork(prefix=self.prefix)
-        self.rules_dir = tempfile.mkdtemp(prefix="l4proxy-demo-rules-")
+        self.state_dir = state_dir(self.prefix)
+        # What this run made, as state.json lists it; None until claim().
+        self._state: dict[str, Any] | None = None
+        self.net = PodNetwork(prefix=self.prefix, on_namespace=self._record_namespace)
+        self.rules_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "rules-")
         os.chmod(self.rules_dir, 0o755)
-        self.log_dir = tempfile.mkdtemp(prefix="l4proxy-demo-logs-")
+        self.log_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "logs-")
         os.chmod(self.log_dir, 0o755)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.app_pods: list[PodInfo] = []
@@ -259,7 +279,59 @@ class Tutorial:
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
+    def claim(self) -> None:
+        """Take the prefix: make its state directory (of two runs, one does)
+        and record this process and the rules and logs directories in it;
+        each namespace is recorded before it is made (:meth:`_record_namespace`)."""
+        if self._state is not None:
+            return
+        os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(self.state_dir, 0o755)
+        except FileExistsError:
+            raise DemoBusy(
+                f"{self.state_dir} exists: a demo of these namespaces ({self.prefix}-*) is "
+                f"running or was left behind; remove it with: {_down_command(self.prefix)}"
+            ) from None
+        self._state = {
+            "owner": os.getpid(),
+            "owner_start": _start_time(os.getpid()),
+            "namespaces": [],
+            "dirs": [self.rules_dir, self.log_dir],
+        }
+        self._save_state()
+
+    def _record_namespace(self, name: str) -> None:
+        if self._state is not None:
+            self._state["namespaces"].append(name)
+            self._save_state()
+
+    def _save_state(self) -> None:
+        path = os.path.join(self.state_dir, STATE_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self._state, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def _release(self) -> None:
+        """Drop the record once what it lists is gone (kept, listing what is
+        not, for --down)."""
+        if self._state is None:
+            return
+        left = [n for n in self._state["namespaces"] if namespace_exists(n)]
+        if left:
+            self._state["namespaces"] = left
+            self._save_state()
+            print(
+                f"l4proxy demo: could not remove {', '.join(left)}; "
+                f"{_down_command(self.prefix)} will",
+                file=sys.stderr,
+            )
+        else:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self._state = None
+
     def up(self) -> None:
+        self.claim()
         self.net.open()
         svc = self.man.services[0]
         for i, s in enumerate(self.man.services):
@@ -368,6 +440,7 @@ class Tutorial:
         self.net.close()  # and whatever still runs in the pods (podnet.stop_processes)
         shutil.rmtree(self.rules_dir, ignore_errors=True)
         shutil.rmtree(self.log_dir, ignore_errors=True)
+        self._release()
 
     # -- helpers ---------------------------------------------------------
     def _init(self, pod: Pod) -> None:
@@ -754,29 +827,92 @@ def _run_with_api(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def state_dir(prefix: str) -> str:
+    return os.path.join(STATE_DIR, prefix)
+
+
+def _start_time(pid: int) -> str | None:
+    """When *pid* started (clock ticks since boot; None: no such process):
+    with the pid, names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _read_state(directory: str) -> dict[str, Any] | None:
+    """The record in *directory*; None when there is none. A record that
+    cannot be read is an error: guessing could remove what it does not list."""
+    try:
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DemoError(f"cannot read {directory}/{STATE_FILE}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise DemoError(f"{directory}/{STATE_FILE}: not a demo's record")
+    return state
+
+
 def _down(prefix: str) -> int:
-    state = os.path.join(STATE_DIR, "pids")
-    if os.path.exists(state):
-        with open(state) as f:
-            for line in f:
-                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-                    os.killpg(int(line), signal.SIGTERM)
-        os.unlink(state)
-    netns_dir = "/var/run/netns"
-    names = sorted(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else []
-    names = [n for n in names if n.startswith(prefix + "-")]
+    """Remove what the run of *prefix* recorded (see the module's docstring)."""
+    directory = state_dir(prefix)
+    try:
+        state = _read_state(directory)
+    except DemoError as exc:
+        print(f"l4proxy demo: {exc}; nothing removed", file=sys.stderr)
+        return 1
+    if state is None:
+        # Nothing recorded (a run that died before its first record left at
+        # most an empty directory): a namespace of this prefix is not ours.
+        shutil.rmtree(directory, ignore_errors=True)
+        netns_dir = "/var/run/netns"
+        names = sorted(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else []
+        others = [n for n in names if n.startswith(prefix + "-")]
+        if others:
+            print(
+                f"l4proxy demo: no demo recorded in {directory}, so nothing was removed; "
+                f"{', '.join(others)} exist, made by another program (or an older "
+                "l4proxy): remove them with ip netns del NAME",
+                file=sys.stderr,
+            )
+            return 1
+        print("removed 0 namespace(s)")
+        return 0
+    owner = state.get("owner")
+    started = _start_time(owner) if isinstance(owner, int) else None
+    if started is not None and started == state.get("owner_start"):
+        # (the pid and its start time: that very process, not one given its pid since)
+        print(
+            f"l4proxy demo: the demo that made {prefix}-* is still running (pid {owner}): "
+            f"stop it (Ctrl-C, or kill {owner}) and it removes them itself",
+            file=sys.stderr,
+        )
+        return 2
+    names = [
+        n
+        for n in state.get("namespaces") or []
+        if isinstance(n, str) and n.startswith(prefix + "-")
+    ]
     # Deleting a namespace's name stops nothing in it: the sidecars (their
     # workers too), apps and clients first, with SIGTERM and then SIGKILL.
     stop_processes(names, grace=5)
-    for name in names:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    removed = 0
+    for name in reversed(names):
+        if namespace_exists(name):
+            subprocess.run(["ip", "netns", "del", name], check=False)
+            removed += 1
         shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
-    removed = len(names)
-    for extra in ("rules", "logs"):
-        path = os.path.join(STATE_DIR, extra)
-        if os.path.islink(path):
-            shutil.rmtree(os.path.realpath(path), ignore_errors=True)
-            os.unlink(path)
+    for path in state.get("dirs") or []:
+        if isinstance(path, str) and os.path.basename(path).startswith(TEMP_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+    left = [n for n in names if namespace_exists(n)]
+    if left:
+        print(f"l4proxy demo: could not remove {', '.join(left)}", file=sys.stderr)
+        return 1
+    shutil.rmtree(directory, ignore_errors=True)
     print(f"removed {removed} namespace(s)")
     return 0
 
@@ -845,6 +981,7 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     with _signals_as_exceptions():
         try:
+            tut.claim()
             tut.say(f"building the topology from {man.directory} ...")
             tut.up()
             tut.say(_topology_summary(tut))
@@ -862,6 +999,9 @@ def run(args: argparse.Namespace) -> int:
             tut.say(f"done in {time.monotonic() - started:.1f} s")
             if any(_failures(r) for r in results):
                 code = 1
+        except DemoBusy as exc:
+            print(f"l4proxy demo: {exc}", file=sys.stderr)
+            code = 2
         except (DemoError, PodNetworkError, OSError, subprocess.SubprocessError) as exc:
             print(f"l4proxy demo: {exc}", file=sys.stderr)
             code = 1
@@ -942,12 +1082,10 @@ def _topology_summary(tut: Tutorial) -> str:
 
 
 def _keep(tut: Tutorial) -> None:
-    os.makedirs(STATE_DIR, exist_ok=True)
-    with open(os.path.join(STATE_DIR, "pids"), "w") as f:
-        for p in tut.procs:
-            f.write(f"{p.pid}\n")
+    """Leave the topology up: its record stays for --down, with links to its
+    rules and logs beside it."""
     for name, path in (("rules", tut.rules_dir), ("logs", tut.log_dir)):
-        link = os.path.join(STATE_DIR, name)
+        link = os.path.join(tut.state_dir, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(link)
         os.symlink(path, link)
@@ -957,5 +1095,5 @@ def _keep(tut: Tutorial) -> None:
 the topology is up. Try:
   ip netns exec {tut.client.netns} setpriv --reuid=1000 --regid=1000 --clear-groups curl -s {url}
   ip netns exec {tut.client.netns} curl -s 127.0.0.1:15000/stats
-  rules (edit to shift traffic): {STATE_DIR}/rules/   logs: {STATE_DIR}/logs/
+  rules (edit to shift traffic): {tut.state_dir}/rules/   logs: {tut.state_dir}/logs/
 remove it with: {_down_command(tut.prefix)}""")

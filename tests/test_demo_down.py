@@ -1,0 +1,147 @@
+"""``l4proxy demo --down`` and the demo's record of what it made.
+
+A demo that dies without cleaning up is made here by a process that builds a
+small part of the topology through :class:`l4proxy.demo.tutorial.Tutorial`
+(the record, two namespaces, a process in a session of its own with a child,
+as a sidecar and its worker) and then kills itself with SIGKILL. Every prefix
+is this process's own (``l4e<pid>``): nothing here can meet a user's demo
+(``l4demo-*``) or another test run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from l4proxy.demo import tutorial as demo
+from l4proxy.demo.podnet import namespace_exists, namespace_pids, stop_processes, unique_prefix
+
+pytestmark = pytest.mark.netns
+
+PREFIX = unique_prefix("l4e")
+
+# Records the topology, starts a "sidecar" (a session leader with a child in
+# the pod), prints what it made as JSON, and dies without unwinding.
+CRASH = """
+import io, json, os, signal, sys, time
+from l4proxy.demo import tutorial as demo
+tut = demo.Tutorial(demo.read_manifests(demo.DEFAULT_MANIFESTS), out=io.StringIO(),
+                    prefix=sys.argv[1])
+tut.claim()
+tut.net.open()
+pod = tut.net.add_pod("app")
+tut._spawn(pod, ["sh", "-c", "sleep 600 & echo $! >&2; exec sleep 600"], "app.sidecar")
+worker = ""
+with open(os.path.join(tut.log_dir, "app.sidecar.log")) as f:
+    while not worker.endswith("\\n"):
+        time.sleep(0.01)
+        worker += f.read()
+print(json.dumps({"netns": pod.netns, "leader": tut.procs[0].pid, "worker": int(worker),
+                  "dirs": [tut.rules_dir, tut.log_dir]}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l4proxy", "demo", "--prefix", PREFIX, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _running(pid: int) -> bool:
+    """*pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _tutorial() -> demo.Tutorial:
+    return demo.Tutorial(
+        demo.read_manifests(demo.DEFAULT_MANIFESTS), out=io.StringIO(), prefix=PREFIX
+    )
+
+
+@pytest.fixture
+def bystander() -> Iterator[str]:
+    """A namespace of the same prefix that no demo recorded (another
+    program's): --down must leave it alone. Whatever a test leaves of its
+    prefix is removed afterwards."""
+    name = f"{PREFIX}-bystander"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        left = [n for n in os.listdir("/var/run/netns") if n.startswith(f"{PREFIX}-")]
+        stop_processes(left)
+        for n in left:
+            subprocess.run(["ip", "netns", "del", n], check=False)
+        shutil.rmtree(demo.state_dir(PREFIX), ignore_errors=True)
+
+
+def test_down_removes_what_a_dead_demo_recorded_and_nothing_else(bystander: str) -> None:
+    crash = subprocess.run(
+        [sys.executable, "-c", CRASH, PREFIX], capture_output=True, text=True, timeout=60
+    )
+    assert crash.returncode == -9, crash.stderr
+    made = json.loads(crash.stdout)
+    with open(os.path.join(demo.state_dir(PREFIX), demo.STATE_FILE)) as f:
+        state = json.load(f)
+    assert state["namespaces"] == [f"{PREFIX}-node", f"{PREFIX}-app"]
+    assert state["dirs"] == made["dirs"]
+    # The demo is gone; its sidecar and the sidecar's worker run on.
+    assert namespace_pids([made["netns"]])[made["netns"]] == sorted(
+        [made["leader"], made["worker"]]
+    )
+
+    r = _cli("--down")
+    assert r.returncode == 0, r.stderr
+    assert "removed 2 namespace(s)" in r.stdout
+    assert not _running(made["leader"]) and not _running(made["worker"])
+    assert not namespace_exists(f"{PREFIX}-node") and not namespace_exists(f"{PREFIX}-app")
+    assert not any(os.path.exists(d) for d in made["dirs"])
+    assert not os.path.exists(demo.state_dir(PREFIX))
+    assert namespace_exists(bystander)
+
+    # Nothing recorded any more: the bystander is not --down's to remove.
+    again = _cli("--down")
+    assert again.returncode == 1
+    assert bystander in again.stderr and "ip netns del" in again.stderr
+    assert namespace_exists(bystander)
+
+
+def test_down_refuses_while_the_demo_that_recorded_it_runs() -> None:
+    tut = _tutorial()
+    try:
+        tut.claim()  # this process is the running demo
+        r = _cli("--down")
+        assert r.returncode == 2
+        assert f"still running (pid {os.getpid()})" in r.stderr
+        assert os.path.exists(os.path.join(tut.state_dir, demo.STATE_FILE))
+    finally:
+        tut.down()
+    assert not os.path.exists(tut.state_dir)
+
+
+def test_one_run_of_a_prefix_at_a_time() -> None:
+    first, second = _tutorial(), _tutorial()
+    try:
+        first.claim()
+        with pytest.raises(demo.DemoBusy, match=r"--down --prefix"):
+            second.claim()
+        second.down()  # not its record: left alone
+        assert os.path.exists(os.path.join(first.state_dir, demo.STATE_FILE))
+    finally:
+        first.down()
+    assert not os.path.exists(first.state_dir)
