@@ -1,4 +1,4 @@
-"""``l4proxy demo --down`` and the demo's record of what it made.
+"""``l4proxy demo --down``, the demo's record of what it made, and its signals.
 
 A demo that dies without cleaning up is made here by a process that builds a
 small part of the topology through :class:`l4proxy.demo.tutorial.Tutorial`
@@ -14,8 +14,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -73,21 +75,25 @@ def _tutorial() -> demo.Tutorial:
     )
 
 
+@pytest.fixture(autouse=True)
+def _leave_nothing() -> Iterator[None]:
+    """Whatever a test leaves of its prefix (a failure halfway) is removed."""
+    yield
+    left = [n for n in os.listdir("/var/run/netns") if n.startswith(f"{PREFIX}-")]
+    stop_processes(left)
+    for n in left:
+        subprocess.run(["ip", "netns", "del", n], check=False)
+        shutil.rmtree(f"/etc/netns/{n}", ignore_errors=True)
+    shutil.rmtree(demo.state_dir(PREFIX), ignore_errors=True)
+
+
 @pytest.fixture
-def bystander() -> Iterator[str]:
+def bystander() -> str:
     """A namespace of the same prefix that no demo recorded (another
-    program's): --down must leave it alone. Whatever a test leaves of its
-    prefix is removed afterwards."""
+    program's): --down must leave it alone."""
     name = f"{PREFIX}-bystander"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        left = [n for n in os.listdir("/var/run/netns") if n.startswith(f"{PREFIX}-")]
-        stop_processes(left)
-        for n in left:
-            subprocess.run(["ip", "netns", "del", n], check=False)
-        shutil.rmtree(demo.state_dir(PREFIX), ignore_errors=True)
+    return name
 
 
 def test_down_removes_what_a_dead_demo_recorded_and_nothing_else(bystander: str) -> None:
@@ -145,3 +151,71 @@ def test_one_run_of_a_prefix_at_a_time() -> None:
     finally:
         first.down()
     assert not os.path.exists(first.state_dir)
+
+
+# Signals as the demo gets them, and a second and third while it cleans up.
+SIGNALS = """
+import os, signal, sys, time
+from l4proxy.demo import tutorial as demo
+first = getattr(signal, sys.argv[1])
+with demo._signals_as_exceptions() as cleanup_begins:
+    try:
+        os.kill(os.getpid(), first)
+        time.sleep(10)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        for again in demo.STOP_SIGNALS:  # while it unwinds
+            os.kill(os.getpid(), again)
+    finally:
+        cleanup_begins()
+        for again in demo.STOP_SIGNALS:  # while it cleans up
+            os.kill(os.getpid(), again)
+        time.sleep(0.2)
+        print("cleaned up", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_unwinds_and_nothing_interrupts_the_cleanup(first: str) -> None:
+    """Ctrl-C, kill and a closed terminal (SIGHUP, which killed the demo on
+    the spot and left every sidecar running) all unwind into the cleanup, and
+    no further signal cuts it short."""
+    r = subprocess.run(
+        [sys.executable, "-c", SIGNALS, first], capture_output=True, text=True, timeout=60
+    )
+    assert (r.returncode, r.stdout) == (0, "interrupted\ncleaned up\n"), r.stderr
+    assert r.stderr.count("cleaning up, a moment") == 2 * len(demo.STOP_SIGNALS)
+
+
+def test_a_closed_terminal_stops_the_demo_and_its_pods() -> None:
+    """SIGHUP while the topology is built (the app pods' sidecars running),
+    then SIGTERM and SIGINT: exit 130, nothing left behind."""
+    args = ["--prefix", PREFIX, "--step", "all-v1", "--requests", "1", "--keepalive", "0"]
+    demo_run = subprocess.Popen(
+        [sys.executable, "-m", "l4proxy", "demo", *args, "--no-canary"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = os.path.join(demo.state_dir(PREFIX), demo.STATE_FILE)
+    recorded: list[str] = []
+    deadline = time.monotonic() + 60
+    while f"{PREFIX}-client" not in recorded and demo_run.poll() is None:
+        assert time.monotonic() < deadline, "the demo did not get to the client pod"
+        time.sleep(0.02)
+        try:
+            with open(state) as f:
+                recorded = json.load(f)["namespaces"]
+        except (FileNotFoundError, ValueError):
+            pass
+    pods = [pid for pids in namespace_pids(recorded).values() for pid in pids]
+    assert pods, "no sidecar or app runs yet"
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        demo_run.send_signal(signum)
+    out, err = demo_run.communicate(timeout=60)
+    assert demo_run.returncode == 130, out + err
+    assert "interrupted; cleaning up" in err
+    assert not [pid for pid in pods if _running(pid)]
+    assert not [n for n in recorded if namespace_exists(n)]
+    assert not os.path.exists(demo.state_dir(PREFIX))

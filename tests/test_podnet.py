@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from l4proxy.demo.podnet import PodNetwork, namespace_pids, unique_prefix
+from l4proxy.demo.podnet import PodNetwork, PodNetworkError, namespace_pids, unique_prefix
 
 pytestmark = pytest.mark.netns
 
@@ -48,6 +48,20 @@ def test_close_removes_namespaces() -> None:
         assert net.pods["x"].run(["true"]).returncode == 0
     assert not os.path.exists("/var/run/netns/l4tclose-node")
     assert not os.path.exists("/var/run/netns/l4tclose-x")
+
+
+def test_a_namespace_it_did_not_make_is_never_its_own(pod_network: PodNetwork) -> None:
+    """A pod whose namespace exists already (another program's) is refused,
+    and close() leaves that namespace alone."""
+    theirs = f"{pod_network.prefix}-theirs"
+    subprocess.run(["ip", "netns", "add", theirs], check=True)
+    try:
+        with pytest.raises(PodNetworkError, match="already exists"):
+            pod_network.add_pod("theirs")
+        pod_network.close()
+        assert os.path.exists(f"/var/run/netns/{theirs}")
+    finally:
+        subprocess.run(["ip", "netns", "del", theirs], check=False)
 
 
 def _running(pid: int) -> bool:

@@ -314,10 +314,14 @@ class PodNetwork:
 
     # -- helpers ---------------------------------------------------------
     def _create_ns(self, name: str) -> None:
+        if namespace_exists(name):  # not ours: neither recorded nor ever removed
+            raise PodNetworkError(f"network namespace {name} already exists")
         if self._on_namespace is not None:
             self._on_namespace(name)
-        netns.create(name)
+        # Known before it exists: close() removes it even if an exception (a
+        # signal's KeyboardInterrupt) comes between its creation and the next line.
         self._namespaces.append(name)
+        netns.create(name)
 
     @staticmethod
     def _link_up(ns: Any, ifname: str) -> None:

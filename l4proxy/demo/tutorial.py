@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,10 +313,12 @@ class Tutorial:
         os.replace(path + ".tmp", path)
 
     def _release(self) -> None:
-        """Drop the record once what it lists is gone (kept, listing what is
-        not, for --down)."""
+        """Drop the record once what it lists is gone: a namespace that the
+        network did not know (a signal between the record and its creation)
+        is removed here. Kept, listing what is left, for --down."""
         if self._state is None:
             return
+        _remove_namespaces(self._state["namespaces"], grace=0)
         left = [n for n in self._state["namespaces"] if namespace_exists(n)]
         if left:
             self._state["namespaces"] = left
@@ -856,6 +858,20 @@ def _read_state(directory: str) -> dict[str, Any] | None:
     return state
 
 
+def _remove_namespaces(names: list[str], grace: float) -> int:
+    """Delete the namespaces of *names* that exist; how many did. Deleting a
+    namespace's name stops nothing in it: the sidecars (their workers too),
+    apps and clients are stopped first (SIGTERM, SIGKILL after *grace* s)."""
+    stop_processes(names, grace=grace)
+    removed = 0
+    for name in reversed(names):
+        if namespace_exists(name):
+            subprocess.run(["ip", "netns", "del", name], check=False)
+            removed += 1
+        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+    return removed
+
+
 def _down(prefix: str) -> int:
     """Remove what the run of *prefix* recorded (see the module's docstring)."""
     directory = state_dir(prefix)
@@ -896,15 +912,7 @@ def _down(prefix: str) -> int:
         for n in state.get("namespaces") or []
         if isinstance(n, str) and n.startswith(prefix + "-")
     ]
-    # Deleting a namespace's name stops nothing in it: the sidecars (their
-    # workers too), apps and clients first, with SIGTERM and then SIGKILL.
-    stop_processes(names, grace=5)
-    removed = 0
-    for name in reversed(names):
-        if namespace_exists(name):
-            subprocess.run(["ip", "netns", "del", name], check=False)
-            removed += 1
-        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+    removed = _remove_namespaces(names, grace=5)
     for path in state.get("dirs") or []:
         if isinstance(path, str) and os.path.basename(path).startswith(TEMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
@@ -917,22 +925,46 @@ def _down(prefix: str) -> int:
     return 0
 
 
+# Ctrl-C, kill (SIGTERM) and a closed terminal (SIGHUP) all stop the demo. Its
+# pods run in sessions of their own (start_new_session: the terminal's signals
+# do not reach them), so only the demo's own cleanup stops them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _signals_as_exceptions() -> Iterator[None]:
+def _signals_as_exceptions() -> Iterator[Callable[[], None]]:
+    """The first of STOP_SIGNALS raises KeyboardInterrupt, so that the demo
+    unwinds into its cleanup; any later one, and any once the cleanup has
+    begun (the function yielded is called), is only noted: a second Ctrl-C
+    never cuts the cleanup short and leaves pods behind."""
     owner = os.getpid()
+    stopping = False
 
     def handler(signum: int, frame: object) -> None:
-        # pyroute2 forks helpers that inherit this handler and are stopped
-        # with SIGTERM: only the demo process itself may unwind and clean up.
+        nonlocal stopping
         if os.getpid() != owner:
-            os._exit(0)
+            # pyroute2 forks helpers that inherit this handler and are stopped
+            # with SIGTERM: only the demo process itself may unwind and clean up.
+            if signum == signal.SIGTERM:
+                os._exit(0)
+            return
+        if stopping:
+            with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
+                os.write(2, b"l4proxy demo: cleaning up, a moment\n")
+            return
+        stopping = True
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    def cleanup_begins() -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield cleanup_begins
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for signum, previous in old.items():
+            signal.signal(signum, previous)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -979,7 +1011,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0
-    with _signals_as_exceptions():
+    with _signals_as_exceptions() as cleanup_begins:
         try:
             tut.claim()
             tut.say(f"building the topology from {man.directory} ...")
@@ -1009,9 +1041,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"l4proxy demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
+            with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
+                print("\ninterrupted; cleaning up", file=sys.stderr)
             code = 130
         finally:
+            cleanup_begins()
             if args.keep and code == 0:
                 _keep(tut)
             else:
