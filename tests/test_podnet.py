@@ -120,3 +120,15 @@ def test_namespace_pids_agrees_with_ip_netns_pids(pod_network: PodNetwork) -> No
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_the_default_prefix_fits_any_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """l4t<pid> was 10 characters, over the limit, from pid 1,000,000 (pid_max
+    is 4194304 on many systemd hosts): every test topology failed there."""
+    seen = set()
+    for pid in (1, 99_999, 1_000_000, 4_194_303, 4_194_304):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        net = PodNetwork()
+        assert len(net.prefix) <= 9 and net.node_ns == f"{net.prefix}-node"
+        seen.add(net.prefix)
+    assert len(seen) == 5

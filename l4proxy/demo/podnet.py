@@ -215,7 +215,7 @@ class PodNetwork:
     ) -> None:
         """*on_namespace* is called with each namespace's name before it is
         created (the demo records it where ``l4proxy demo --down`` finds it)."""
-        self.prefix = prefix or f"l4t{os.getpid()}"
+        self.prefix = prefix or unique_prefix("l4t")
         if len(self.prefix) > MAX_PREFIX:
             raise PodNetworkError(
                 f"prefix {self.prefix!r} too long (max {MAX_PREFIX}: interface names)"
