@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.demo import tutorial as demo
-from l4proxy.demo.podnet import PodNetworkError
+from l4proxy.demo.podnet import PodNetworkError, unique_prefix
 from tests.conftest import REPO, _skip_or_fail
 
 TESTS = Path(REPO) / "tests"
@@ -277,8 +277,10 @@ def test_demo_fails_in_one_line_never_a_traceback(
 
     monkeypatch.setattr(demo.Tutorial, "up", up)
     monkeypatch.setattr(demo, "namespace_exists", lambda name: False)
-    args = demo_parser().parse_args(["demo"])
+    # (its own prefix: run() claims it, and the user's demo may hold l4demo)
+    args = demo_parser().parse_args(["demo", "--prefix", unique_prefix("l4c")])
     assert demo.run(args) == 1
+    assert not os.path.exists(demo.state_dir(args.prefix))
     assert capsys.readouterr().err == line
 
 
