@@ -746,9 +746,9 @@ examples:
   l4proxy demo --requests 300 --step 50-v2
   l4proxy demo --manifests ../shared/seed/istio-request-routing
   l4proxy demo --keep                  # leave the pods up and show how to curl them
-  l4proxy demo --down                  # remove what --keep left
-  l4proxy demo --prefix l4demo2        # a second demo beside the first (its own
-                                       # namespaces, l4demo2-*; --down takes it too)
+  l4proxy demo --down                  # remove what --keep (or a killed demo) left
+  l4proxy demo --prefix l4demo2        # a second demo beside the first, in namespaces
+                                       # l4demo2-*: l4proxy demo --down --prefix l4demo2
 
 needs root (network namespaces, iptables). Exit codes: 0 done, 1 a step
 failed or the topology could not be built, 2 usage (not root, already up).""",
@@ -793,7 +793,12 @@ failed or the topology could not be built, 2 usage (not root, already up).""",
         help="skip the two l4proxy canary rollouts after the tutorial's steps",
     )
     p.add_argument("--keep", action="store_true", help="leave the topology running")
-    p.add_argument("--down", action="store_true", help="remove a topology left by --keep")
+    p.add_argument(
+        "--down",
+        action="store_true",
+        help="remove a topology left by --keep or by a demo that was killed: what that run "
+        f"recorded in {STATE_DIR}/PREFIX/, nothing else",
+    )
     p.add_argument(
         "--prefix",
         type=_prefix,
