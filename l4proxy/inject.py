@@ -13,8 +13,9 @@ kept.)
 
 Injection is a pure function of (template, options): it first removes what an
 earlier injection added (the containers ``l4proxy-init`` and ``l4proxy`` and
-the volume ``l4proxy-rules``, as its status annotation records them: a
-container of the user's with one of those names is an error, never replaced),
+the volumes ``l4proxy-rules`` and ``l4proxy-podinfo``, as its status annotation
+records them: a container or volume of the user's with one of those names is
+an error, never replaced),
 then adds them afresh. So injecting twice
 equals injecting once, and injecting again with other options updates a
 manifest in place. The template's ``l4proxy.io/status`` annotation records
@@ -47,6 +48,8 @@ from l4proxy.k8s_names import DNS1123_SUBDOMAIN
 INIT_NAME = "l4proxy-init"
 SIDECAR_NAME = "l4proxy"
 VOLUME_NAME = "l4proxy-rules"
+PODINFO_VOLUME = "l4proxy-podinfo"  # the pod's labels (Downward API), for match.source
+PODINFO_MOUNT = "/etc/l4proxy-pod"
 STATUS_ANNOTATION = "l4proxy.io/status"
 INJECT_ANNOTATION = "l4proxy.io/inject"
 RULES_MOUNT = "/etc/l4proxy"
@@ -96,11 +99,14 @@ what is added to each Pod template:
                      l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
                      as root with only NET_ADMIN and NET_RAW, read-only root filesystem:
                      installs the iptables rules that send the pod's TCP to the sidecar
-  the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}, as uid {PROXY_UID},
+  the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}
+                     --pod-labels-file {PODINFO_MOUNT}/labels, as uid {PROXY_UID},
                      read-only root filesystem, no capabilities; readiness (and startup)
                      probe: the exec command l4proxy-ready, which asks the admin
                      endpoint's /ready on 127.0.0.1:15000 from inside the pod
-  volume             {VOLUME_NAME}: the rule ConfigMap (--configmap), mounted read-only
+  volumes            {VOLUME_NAME}: the rule ConfigMap (--configmap), mounted read-only
+                     at {RULES_MOUNT}; {PODINFO_VOLUME}: the pod's labels (Downward API)
+                     at {PODINFO_MOUNT}, for RouteRule match.source / sourceLabels
   annotation         {STATUS_ANNOTATION} on the template: what was injected
 A template annotated {INJECT_ANNOTATION}: "false", or with hostNetwork: true, is left
 alone (capturing a host-network pod would capture the node's traffic).
@@ -150,7 +156,7 @@ class InjectOptions:
                 if self.sidecar == "native"
                 else [INIT_NAME],
                 "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
-                "volumes": [VOLUME_NAME],
+                "volumes": [VOLUME_NAME, PODINFO_VOLUME],
                 # the Prometheus annotations are ours only when we added them
                 **({"statsPort": self.stats_port} if self.stats_port else {}),
             },
@@ -212,6 +218,7 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
     c.update(
         {
             "command": ["l4proxy", "run", "--rules", RULES_MOUNT]
+            + ["--pod-labels-file", f"{PODINFO_MOUNT}/labels"]
             + (["--http-routing", "connection"] if opts.http_routing == "connection" else [])
             + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
             "env": [
@@ -234,7 +241,10 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
                 "requests": {"cpu": "50m", "memory": "64Mi"},
                 "limits": {"memory": "256Mi"},
             },
-            "volumeMounts": [{"name": VOLUME_NAME, "mountPath": RULES_MOUNT, "readOnly": True}],
+            "volumeMounts": [
+                {"name": VOLUME_NAME, "mountPath": RULES_MOUNT, "readOnly": True},
+                {"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True},
+            ],
         }
     )
     if opts.sidecar == "native":
@@ -245,6 +255,17 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
 
 def rules_volume(opts: InjectOptions) -> dict[str, Any]:
     return {"name": VOLUME_NAME, "configMap": {"name": opts.configmap}}
+
+
+def podinfo_volume() -> dict[str, Any]:
+    """The pod's labels as a file: RouteRule match.source and sourceLabels
+    match on them (without them no such rule matches in an injected pod)."""
+    return {
+        "name": PODINFO_VOLUME,
+        "downwardAPI": {
+            "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+        },
+    }
 
 
 def _without(items: Any, names: Sequence[str]) -> list[Any]:
@@ -328,7 +349,7 @@ def inject_template(
     for key, items, names in (
         ("containers", containers, (SIDECAR_NAME,)),
         ("initContainers", init_containers, (INIT_NAME, SIDECAR_NAME)),
-        ("volumes", volumes, (VOLUME_NAME,)),
+        ("volumes", volumes, (VOLUME_NAME, PODINFO_VOLUME)),
     ):
         for item in items:
             name = item.get("name")
@@ -380,7 +401,11 @@ def inject_template(
             new_spec[key] = value
     spec.clear()
     spec.update(new_spec)
-    spec["volumes"] = [*_without(volumes, [VOLUME_NAME]), rules_volume(opts)]
+    spec["volumes"] = [
+        *_without(volumes, [VOLUME_NAME, PODINFO_VOLUME]),
+        rules_volume(opts),
+        podinfo_volume(),
+    ]
     annotations = dict(annotations)
     if before.get("statsPort"):  # ours, from last time
         for key in PROMETHEUS_ANNOTATIONS:

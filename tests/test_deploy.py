@@ -142,7 +142,7 @@ def test_whole_example_is_what_the_issue_asks_for() -> None:
         assert dep["spec"]["selector"]["matchLabels"] == headless["selector"]
         spec = dep["spec"]["template"]["spec"]
         assert [c["name"] for c in spec["initContainers"]] == ["l4proxy-init", "l4proxy"]
-        assert spec["volumes"][-1]["configMap"]["name"] == "l4proxy-rules"
+        assert spec["volumes"][-2]["configMap"]["name"] == "l4proxy-rules"
         kubernetes_validate.validate(dep, K8S_NATIVE_SIDECARS, strict=True)
     gw = objs[("Deployment", "l4proxy-gateway")]["spec"]["template"]["spec"]["containers"][0]
     assert gw["command"][:4] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]

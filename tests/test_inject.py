@@ -19,6 +19,7 @@ from l4proxy import inject as inject_module
 from l4proxy.cli import main
 from l4proxy.inject import (
     INIT_NAME,
+    PODINFO_VOLUME,
     SIDECAR_NAME,
     STATUS_ANNOTATION,
     VOLUME_NAME,
@@ -133,9 +134,9 @@ def test_every_kind_is_injected_and_validates(kind: str, sidecar: str) -> None:
         assert "startupProbe" in spec["initContainers"][1]
     else:
         assert init == [INIT_NAME] and apps == ["app", SIDECAR_NAME]
-    assert [v["name"] for v in spec["volumes"]] == [VOLUME_NAME]
+    assert [v["name"] for v in spec["volumes"]] == [VOLUME_NAME, PODINFO_VOLUME]
     status = json.loads(tpl["metadata"]["annotations"][STATUS_ANNOTATION])
-    assert status["sidecar"] == sidecar and status["volumes"] == [VOLUME_NAME]
+    assert status["sidecar"] == sidecar and status["volumes"] == [VOLUME_NAME, PODINFO_VOLUME]
     _validate(res.text)
     if sidecar == "container":
         _validate(res.text, "1.25.0")  # the oldest schema shipped; no native sidecars there
@@ -150,16 +151,32 @@ def test_init_and_sidecar_security_and_probe() -> None:
     assert sc["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     assert sc["privileged"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["runAsUser"] == 0
-    assert sidecar["command"] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]
+    assert sidecar["command"] == [
+        "l4proxy",
+        "run",
+        "--rules",
+        "/etc/l4proxy",
+        "--pod-labels-file",
+        "/etc/l4proxy-pod/labels",
+    ]
     ssc = sidecar["securityContext"]
     assert ssc["runAsUser"] == 1337 and ssc["runAsNonRoot"] is True
     assert ssc["readOnlyRootFilesystem"] is True and ssc["capabilities"] == {"drop": ["ALL"]}
     assert sidecar["readinessProbe"]["exec"]["command"] == ["l4proxy-ready"]
     assert sidecar["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
     assert sidecar["volumeMounts"] == [
-        {"name": VOLUME_NAME, "mountPath": "/etc/l4proxy", "readOnly": True}
+        {"name": VOLUME_NAME, "mountPath": "/etc/l4proxy", "readOnly": True},
+        {"name": PODINFO_VOLUME, "mountPath": "/etc/l4proxy-pod", "readOnly": True},
     ]
-    assert spec["volumes"] == [{"name": VOLUME_NAME, "configMap": {"name": "l4proxy-rules"}}]
+    assert spec["volumes"] == [
+        {"name": VOLUME_NAME, "configMap": {"name": "l4proxy-rules"}},
+        {
+            "name": PODINFO_VOLUME,
+            "downwardAPI": {
+                "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+            },
+        },
+    ]
     assert "&id" not in res.text  # no YAML anchors
 
 
@@ -184,7 +201,7 @@ def test_other_documents_byte_for_byte_and_twice_is_once() -> None:
     assert [c["name"] for c in spec["initContainers"]] == [INIT_NAME, SIDECAR_NAME]
     assert spec["initContainers"][0]["image"] == "reg.example/l4proxy:2"
     assert spec["initContainers"][0]["command"][-2:] == ["-d", "9090"]
-    assert len(spec["volumes"]) == 1
+    assert len(spec["volumes"]) == 2
     assert inject_text(updated, InjectOptions()).text == once
 
 
@@ -199,7 +216,7 @@ def test_user_init_containers_volumes_and_list() -> None:
     out = yaml.safe_load(res.text)["items"][0]["spec"]["template"]["spec"]
     assert [c["name"] for c in out["initContainers"]] == [INIT_NAME, SIDECAR_NAME, "migrate"]
     assert out["initContainers"][0]["command"][-2:] == ["-o", "5432,6379"]
-    assert [v["name"] for v in out["volumes"]] == ["data", VOLUME_NAME]
+    assert [v["name"] for v in out["volumes"]] == ["data", VOLUME_NAME, PODINFO_VOLUME]
 
 
 def test_opt_out_host_network_and_proxy_uid_warnings() -> None:

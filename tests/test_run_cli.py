@@ -61,6 +61,32 @@ def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
     assert args.max_connections == 0 and args.reload_interval == 1.0
 
 
+def test_the_pod_labels_file_is_read_as_the_downward_api_writes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels"
+    labels.write_text('app="bootcamp"\nversion="v2"\nexample.com/team="a.b-c_d"\n')
+    args = build_parser("run").parse_args(
+        ["run", "--pod-labels-file", str(labels), "--pod-labels", "version=v3"]
+    )
+    assert args.pod_labels_file == {
+        "app": "bootcamp",
+        "version": "v2",
+        "example.com/team": "a.b-c_d",
+    }
+    assert args.pod_labels == {"version": "v3"}  # (wins: the worker merges them so)
+    for text, where in (("app=bootcamp\n", ":1:"), ('app="a"\nx\n', ":2:")):
+        labels.write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            build_parser("run").parse_args(["run", "--pod-labels-file", str(labels)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{labels}{where}" in err and "Downward API" in err, err
+    with pytest.raises(SystemExit):
+        build_parser("run").parse_args(["run", "--pod-labels-file", str(tmp_path / "none")])
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_a_rules_path_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     """A typo in --rules started a ready sidecar that routed by no rules (an
     ERROR line in its log); an empty directory is still fine (rules come later)."""

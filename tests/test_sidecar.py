@@ -160,6 +160,40 @@ def test_registry_only_refuses_unknown(mesh: Mesh) -> None:
     assert "502" in lines
 
 
+@pytest.mark.parametrize("routing", ["connection", "request"])
+def test_source_labels_come_from_the_downward_api_file(mesh: Mesh, routing: str) -> None:
+    """match.source (sourceLabels) matches on the pod's labels; l4proxy inject
+    mounts them as a Downward API file, which --pod-labels-file reads. Before,
+    the sidecar had no way to learn them in a pod, so no such rule matched."""
+    podinfo = os.path.join(mesh.rules_dir, "podinfo")  # (not a rule file: no suffix)
+    os.mkdir(podinfo)
+    os.chmod(podinfo, 0o755)
+    with open(os.path.join(podinfo, "labels"), "w") as f:
+        f.write('app="client"\npod-template-hash="7d4b9c"\ntrack="canary"\n')
+    os.chmod(os.path.join(podinfo, "labels"), 0o644)
+    canary_callers_to_v2 = (
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\n"
+        "metadata:\n  name: canary-callers\nspec:\n  destination:\n    name: bootcamp\n"
+        "  precedence: 2\n  match:\n    source:\n      labels:\n        track: canary\n"
+        "  route:\n  - labels:\n      version: v2\n"
+    )
+    mesh.write_rules(
+        service_entry("bootcamp", VIP, 8080, mesh.endpoints()),
+        route_rule({"v1": 100}),
+        canary_callers_to_v2,
+    )
+    mesh.start_client(
+        run_args=(
+            "--http-routing",
+            routing,
+            "--pod-labels-file",
+            os.path.join(podinfo, "labels"),
+        )
+    )
+    versions, _, failures = mesh.split(n=20)
+    assert not failures and versions == {"v2": 20}, (versions, failures)
+
+
 def test_dead_endpoint_skipped_and_all_dead_gives_503(mesh: Mesh) -> None:
     dead = mesh.net.add_pod("dead", labels={"app": "bootcamp", "version": "v1"})
     eps = [*mesh.endpoints(), (dead.ipv4, dead.labels)]  # nothing listens on dead:8080

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
+import json
 import logging
 import os
 import pwd
@@ -116,6 +117,34 @@ def _labels(value: str) -> dict[str, str]:
         if not sep or not k:
             raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
         out[k.strip()] = v.strip()
+    return out
+
+
+def _labels_file(path: str) -> dict[str, str]:
+    """The pod's labels as the Downward API writes them (a ``labels`` file
+    of a downwardAPI volume, ``fieldPath: metadata.labels``): one
+    ``key="value"`` per line, the value quoted as Go quotes strings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, quoted = line.partition("=")
+        value = None
+        if sep and key and quoted.startswith('"'):
+            try:  # (label values are [A-Za-z0-9._-]: JSON reads Go's quoting of them)
+                value = json.loads(quoted)
+            except ValueError:
+                pass
+        if not isinstance(value, str):
+            raise argparse.ArgumentTypeError(
+                f'{path}:{lineno}: expected key="value" (a Downward API labels file), got {line!r}'
+            )
+        out[key] = value
     return out
 
 
@@ -282,7 +311,17 @@ def add_parser(sub: Any) -> None:
         type=_labels,
         default={},
         metavar="K=V,...",
-        help="this pod's labels, for RouteRule match.source / sourceLabels",
+        help="this pod's labels, for RouteRule match.source / sourceLabels (they win over "
+        "--pod-labels-file's)",
+    )
+    p.add_argument(
+        "--pod-labels-file",
+        type=_labels_file,
+        default={},
+        metavar="PATH",
+        help="this pod's labels from a Downward API file (a downwardAPI volume's item with "
+        "fieldPath: metadata.labels; l4proxy inject mounts one at "
+        "/etc/l4proxy-pod/labels); read at start",
     )
     p.add_argument(
         "--reload-interval",
@@ -526,7 +565,7 @@ async def _serve(
         header_timeout=args.header_timeout,
         idle_timeout=args.idle_timeout,
         outbound_policy=args.outbound_policy,
-        source_labels=args.pod_labels,
+        source_labels={**args.pod_labels_file, **args.pod_labels},
         max_connections=args.max_connections,
         max_pipes=args.max_pipes,
         http_routing=args.http_routing,
