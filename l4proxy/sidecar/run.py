@@ -51,10 +51,11 @@ upstream connections are pooled (per worker and endpoint; idle for at most
 min(--idle-timeout, 60) seconds). With --http-routing connection the first
 request on a keep-alive connection picks the subset, and later ones follow.
 
-SIGTERM drains: inbound stops at once; the app's outbound calls are still
-captured and routed until none has been active for --drain-quiet seconds (the
-app is gone) or --drain-duration ends; then connections in flight finish
-within what is left of --drain-duration.
+SIGTERM drains: inbound stops at once (after --drain-inbound seconds, for a
+gateway behind a load balancer); the app's outbound calls are still captured
+and routed until none has been active for --drain-quiet seconds (the app is
+gone) or --drain-duration ends; then connections in flight finish within
+what is left of --drain-duration. /ready answers 503 from the SIGTERM on.
 
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
@@ -238,7 +239,18 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="on SIGTERM, keep capturing the app's outbound calls until no connection "
         "has been active for this long (the app is gone), or --drain-duration ends; "
-        "inbound stops at once. 0: outbound stops at once too (5)",
+        "inbound stops at once (but see --drain-inbound). 0: outbound stops at once too (5)",
+    )
+    p.add_argument(
+        "--drain-inbound",
+        type=seconds_or_zero,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep accepting inbound (gateway and --inbound-port listeners, "
+        "connections to the pod's own address) for this long while /ready answers 503: "
+        "a load balancer that has not yet seen the pod go (its health checks, the "
+        "endpoints' lag) is served instead of refused. For a gateway behind one; within "
+        "--drain-duration. 0: inbound stops at once (0)",
     )
     p.add_argument(
         "--outbound-policy",
@@ -620,11 +632,15 @@ async def _serve(
     )
     await stop.wait()
     log.info(
-        "draining for up to %.1fs: inbound stopped; outbound served until %.1fs quiet",
+        "draining for up to %.1fs: inbound served for %.1fs more; outbound served until "
+        "%.1fs quiet",
         args.drain_duration,
+        min(args.drain_inbound, args.drain_duration),
         args.drain_quiet,
     )
-    forced = await worker.drain(args.drain_duration, quiet=args.drain_quiet)
+    forced = await worker.drain(
+        args.drain_duration, quiet=args.drain_quiet, inbound=args.drain_inbound
+    )
     if forced:
         log.warning("drain window over: closed %d connection(s)", forced)
     await rules.stop()

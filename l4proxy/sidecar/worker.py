@@ -182,6 +182,7 @@ class Worker:
         self.handshakes: set[asyncio.Task[None]] = set()
         self.active_per_endpoint: dict[tuple[str, int], int] = {}
         self.draining = False
+        self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
@@ -305,8 +306,9 @@ class Worker:
             lst.sock.close()
         self.listeners = kept
 
-    async def drain(self, timeout: float, quiet: float = 0.0) -> int:
-        """SIGTERM: stop inbound now, outbound once the app is gone; then close.
+    async def drain(self, timeout: float, quiet: float = 0.0, inbound: float = 0.0) -> int:
+        """SIGTERM: stop inbound now (or after *inbound* s), outbound once the
+        app is gone; then close.
 
         Theory of operation. A pod that is told to stop gets SIGTERM in every
         container at once, and the app's own shutdown often calls out (flush
@@ -328,20 +330,35 @@ class Worker:
           *quiet* should exceed the app's longest pause while shutting down.
           ``quiet`` 0 stops outbound at once too (the behaviour before).
 
+        * *inbound* > 0 (a gateway behind a load balancer): inbound is still
+          accepted for that long (within *timeout*), while /ready answers 503.
+          A load balancer learns that the pod is going from its own health
+          checks or from the endpoints, seconds after the SIGTERM; meanwhile
+          it still sends new connections, which a closed listener refuses
+          (what a preStop sleep works around, as a kubelet feature or with a
+          ``sleep`` binary an image may not have).
+
         Then the listeners close, and connections in flight get what is left
         of *timeout* to finish; the count of those forced closed is returned.
         """
         self.draining = True
-        self.stop_accepting(keep=("outbound",) if quiet > 0 else ())
         now = time.monotonic()
         deadline = now + timeout
+        self.inbound_until = min(now + inbound, deadline)
+        outbound = ("outbound",) if quiet > 0 else ()
+        self.stop_accepting(keep=(*outbound, "inbound", "gateway") if inbound > 0 else outbound)
         self._last_accept = max(self._last_accept, now)
         while self.listeners and time.monotonic() < deadline:
+            if inbound > 0 and time.monotonic() >= self.inbound_until:
+                self.stop_accepting(keep=outbound)
+                inbound = 0.0
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
-            if idle and time.monotonic() - self.last_accept() >= quiet:
+            if inbound > 0:
+                pass  # inbound is still served: not over before inbound_until
+            elif idle and time.monotonic() - self.last_accept() >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
-            await asyncio.sleep(min(0.1, max(quiet, 0.01)))  # (never a busy loop)
+            await asyncio.sleep(0.1 if inbound > 0 else min(0.1, max(quiet, 0.01)))
         self.stop_accepting()
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
@@ -625,9 +642,10 @@ class Worker:
         assert origin is not None and origin.ip is not None, c
         if c.kind is Kind.INBOUND:
             # Inbound: the pod's own address. Forward to the local app as is.
-            if self.draining:
+            if self.draining and time.monotonic() >= self.inbound_until:
                 # Draining: inbound stops at SIGTERM (the pod is leaving the
-                # endpoints; callers retry elsewhere). Outbound continues.
+                # endpoints; callers retry elsewhere), or --drain-inbound
+                # seconds after it. Outbound continues.
                 _reset(conn)
                 raise Refused("draining_inbound")
             self.counters.inc("l4proxy_inbound_total")
