@@ -13,6 +13,7 @@ import shutil
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -119,6 +120,28 @@ def test_resume_keeps_the_step_and_never_restarts_a_rolled_back_canary() -> None
     assert resume(P, "svc", "v2", "v3", back, 6).kind == "start"
 
 
+def test_a_rollout_that_judges_nothing_for_the_progress_deadline_rolls_back() -> None:
+    """Halts alone (no traffic to judge) held a rollout half-shifted, and its
+    Job running, for ever; now progress_deadline seconds of them roll back
+    (Flagger's progressDeadlineSeconds). A pass or a fail is progress."""
+    p = Policy(steps=(5, 25, 50, 100), interval=1, min_requests=10, progress_deadline=4)
+    events = run_table(p, [QUIET] * 10)
+    assert [e.rollout.weight for e in events] == [5, 5, 5, 5, 0]  # 4 s: the 4th halt
+    assert events[-1].rollout.phase == "rolled_back"
+    assert "nothing judged for 4 s (--progress-deadline 4)" in events[-1].rollout.reason
+    # the clock starts again at every interval judged
+    events = run_table(p, [QUIET] * 3 + [GOOD] + [QUIET] * 3 + [ERRORS] + [QUIET] * 3)
+    assert events[-1].rollout.phase == "progressing" and events[-1].rollout.weight == 25
+    # 0: for ever, as before
+    events = run_table(replace(p, progress_deadline=0), [QUIET] * 50)
+    assert events[-1].rollout.phase == "progressing"
+    # time stopped (the Job not running) does not count: a resume starts it again
+    saved = run_table(p, [QUIET] * 3)[-1].rollout
+    again = resume(p, "svc", "v1", "v2", Rollout.from_json(saved.to_json()), 1000).rollout
+    assert advance(p, again, check(p, QUIET), 1001).rollout.phase == "progressing"
+    assert advance(p, again, check(p, QUIET), 1004).rollout.phase == "rolled_back"
+
+
 def test_resume_with_other_steps_never_goes_down() -> None:
     saved = Rollout("svc", "v1", "v2", step=2, weight=50, steps=(5, 25, 50, 100))
     ev = resume(Policy(steps=(10, 20, 40, 60, 80, 100)), "svc", "v1", "v2", saved, 0)
@@ -133,6 +156,8 @@ def test_resume_with_other_steps_never_goes_down() -> None:
         ({"steps": (5, 101)}, "rise strictly"),
         ({"steps": (5,), "threshold": 0}, "--threshold"),
         ({"steps": (5,), "interval": 0}, "--interval"),
+        ({"steps": (5,), "progress_deadline": -1}, "--progress-deadline"),
+        ({"steps": (5,), "progress_deadline": math.inf}, "--progress-deadline"),
     ],
 )
 def test_bad_policies_name_the_option(kwargs: dict[str, object], message: str) -> None:

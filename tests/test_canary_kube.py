@@ -660,14 +660,18 @@ def test_inject_http_routing_reaches_the_sidecar_command() -> None:
     for dep in (d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"):
         sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
         assert sidecar["command"] == [
-            "l4proxy", "run", "--rules", "/etc/l4proxy", "--http-routing", "connection"
+            "l4proxy", "run", "--rules", "/etc/l4proxy",
+            "--pod-labels-file", "/etc/l4proxy-pod/labels", "--http-routing", "connection",
         ]  # fmt: skip
     # injecting again with the default (request, l4proxy run's own) takes it out
     again = inject_text(out, InjectOptions()).text
     assert again == inject_text(plain, InjectOptions()).text
     for dep in (d for d in yaml.safe_load_all(again) if d and d["kind"] == "Deployment"):
         sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
-        assert sidecar["command"] == ["l4proxy", "run", "--rules", "/etc/l4proxy"]
+        assert sidecar["command"] == [
+            "l4proxy", "run", "--rules", "/etc/l4proxy",
+            "--pod-labels-file", "/etc/l4proxy-pod/labels",
+        ]  # fmt: skip
     from l4proxy.cli import build_parser
 
     assert build_parser("inject").parse_args(["inject", "-f", "x.yaml"]).http_routing == "request"

@@ -12,7 +12,11 @@ interval; :func:`check` grades it and :func:`advance` moves the
 
 * **halt**: fewer than ``min_requests`` canary requests. Nothing is learnt,
   so nothing changes: no step, no failed check (Flagger #1035: too little
-  traffic must neither pass nor promote). The next interval tries again.
+  traffic must neither pass nor promote). The next interval tries again;
+  but a rollout that has judged nothing for ``progress_deadline`` seconds
+  (Flagger's ``progressDeadlineSeconds``) is **rolled back**: a canary that
+  gets no traffic is not left half-shifted, and its Job not running, for
+  ever.
 * **fail**: success rate (non-5xx %) below ``min_success_rate``, or p99
   above ``max_p99_ms``. ``failed_checks`` goes up by one and is never reset
   by a later pass (as in Flagger: ``threshold`` failures over the whole
@@ -51,6 +55,7 @@ class Policy:
     min_success_rate: float = 99.0  # percent of requests that are not 5xx
     max_p99_ms: float = 500.0
     min_requests: int = 10  # canary requests per interval, fewer halts
+    progress_deadline: float = 600.0  # halts only, for this long: roll back; 0: never
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -73,6 +78,10 @@ class Policy:
             raise PolicyError(f"--max-p99: must be > 0 ms, got {self.max_p99_ms:g}")
         if self.min_requests < 0:
             raise PolicyError(f"--min-requests: must be >= 0, got {self.min_requests}")
+        if not 0 <= self.progress_deadline < math.inf:
+            raise PolicyError(
+                f"--progress-deadline: seconds >= 0 (0: none), got {self.progress_deadline:g}"
+            )
 
 
 def steps_from(step_weight: int, max_weight: int) -> tuple[int, ...]:
@@ -153,6 +162,9 @@ class Rollout:
     reason: str = ""  # why it ended (rolled back, or by hand)
     updated: float = 0.0  # the ``now`` of the last change (seconds since the epoch)
     steps: tuple[int, ...] = field(default=())  # the policy's, to resume with
+    # the ``now`` of the start, a resume, or the last pass or fail (None: a
+    # state file from before it was kept)
+    judged: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,6 +188,7 @@ class Rollout:
                 reason=str(data.get("reason", "")),
                 updated=float(data.get("updated", 0.0)),
                 steps=tuple(int(w) for w in data.get("steps", ())),
+                judged=None if data.get("judged") is None else float(data["judged"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
@@ -233,13 +246,15 @@ def resume(
             if idx is None:
                 idx = len(policy.steps) - 1
             steps = policy.steps
-            r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now)
+            r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now, judged=now)
             return Event("resume", r, previous_weight=saved.weight)
-        return Event("resume", replace(saved, steps=steps), previous_weight=saved.weight)
+        # (the deadline counts time the analysis ran: not the time it was stopped)
+        r = replace(saved, steps=steps, judged=now)
+        return Event("resume", r, previous_weight=saved.weight)
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     r = Rollout(
-        service, stable, canary, "progressing", 0, policy.steps[0], 0, 0, "", now, policy.steps
+        service, stable, canary, "progressing", 0, policy.steps[0], 0, 0, "", now, policy.steps, now
     )
     return Event("start", r, previous_weight=saved.weight if saved is not None else None)
 
@@ -252,7 +267,18 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
     before = rollout.weight
     steps = rollout.steps or policy.steps
     if result.verdict == "halt":
+        since = rollout.updated if rollout.judged is None else rollout.judged
+        if policy.progress_deadline and now - since >= policy.progress_deadline:
+            r = replace(
+                r,
+                phase="rolled_back",
+                weight=0,
+                reason=f"nothing judged for {now - since:.0f} s (--progress-deadline "
+                f"{policy.progress_deadline:g}): {'; '.join(result.reasons)}",
+            )
+            return Event("rolled_back", r, result, before)
         return Event("check", r, result, before)
+    r = replace(r, judged=now)
     if result.verdict == "fail":
         r = replace(r, failed_checks=r.failed_checks + 1)
         if r.failed_checks >= policy.threshold:

@@ -180,6 +180,15 @@ def add_parser(sub: Any) -> None:
         help="canary requests per interval; fewer halts the rollout (10)",
     )
     p.add_argument(
+        "--progress-deadline",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="roll back a rollout that has judged no interval (only halts: too little "
+        "canary traffic) for this long; Flagger's progressDeadlineSeconds. 0: wait for "
+        "traffic for ever (600)",
+    )
+    p.add_argument(
         "--metrics",
         action="append",
         default=[],
@@ -244,6 +253,7 @@ def policy_of(args: argparse.Namespace) -> Policy:
         min_success_rate=args.min_success_rate,
         max_p99_ms=args.max_p99,
         min_requests=args.min_requests,
+        progress_deadline=args.progress_deadline,
     )
 
 
