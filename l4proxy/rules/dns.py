@@ -586,7 +586,10 @@ class DnsEndpoints:
         return changed
 
     async def refresh_due(
-        self, now: float | None = None, on_change: Callable[[], None] | None = None
+        self,
+        now: float | None = None,
+        on_change: Callable[[], None] | None = None,
+        wake: asyncio.Event | None = None,
     ) -> bool:
         """Look up every name whose time has come, MAX_LOOKUPS at a time.
         True if any changed.
@@ -594,7 +597,9 @@ class DnsEndpoints:
         Each answer is applied as it comes, and *on_change* is called after
         each batch that changed something: one name timing out (up to
         attempts x servers x timeout, 30 s with the defaults) held back the
-        answers of every other name due with it.
+        answers of every other name due with it. *wake* set meanwhile (a
+        reload tracked new names): the names due then are looked up at once,
+        not after the slowest lookup under way.
         """
         now = time.monotonic() if now is None else now
         due = [name for name, st in self.names.items() if st.next_at <= now]
@@ -606,17 +611,36 @@ class DnsEndpoints:
             async with slots:
                 return await self.resolver.resolve(name)
 
-        tasks: dict[asyncio.Future[Resolution], str] = {
-            asyncio.ensure_future(lookup(name)): name for name in due
-        }
+        tasks: dict[asyncio.Future[Resolution], str] = {}
+        pending: set[asyncio.Future[Any]] = set()
+
+        def start(names: list[str]) -> None:
+            for name in names:
+                task = asyncio.ensure_future(lookup(name))
+                tasks[task] = name
+                pending.add(task)
+
+        start(due)
+        waker: asyncio.Future[Any] | None = None
         changed_any = False
         try:
-            pending: set[asyncio.Future[Resolution]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            while pending - {waker}:
+                if wake is not None and waker is None:
+                    waker = asyncio.ensure_future(wake.wait())
+                    pending.add(waker)
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                pending.difference_update(done)
                 at = time.monotonic()
+                if waker is not None and waker in done:
+                    assert wake is not None
+                    wake.clear()
+                    waker = None
+                    busy = {tasks[t] for t in pending if t in tasks}
+                    start([n for n, st in self.names.items() if st.next_at <= at and n not in busy])
                 changed = False
                 for task in done:
+                    if task not in tasks:
+                        continue
                     exc = task.exception()
                     if exc is not None and not isinstance(exc, Exception):
                         raise exc  # KeyboardInterrupt and the like
@@ -628,6 +652,8 @@ class DnsEndpoints:
         finally:
             for task in tasks:
                 task.cancel()
+            if waker is not None:
+                waker.cancel()
         return changed_any
 
     def for_service(self, host: str) -> list[dict[str, Any]]:

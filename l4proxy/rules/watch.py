@@ -324,7 +324,7 @@ class RuleWatcher:
             if self.on_swap:
                 self.on_swap(st)
 
-        return await self.dns.refresh_due(on_change=publish)
+        return await self.dns.refresh_due(on_change=publish, wake=self._dns_wake)
 
     async def _run_dns(self) -> None:
         while True:
