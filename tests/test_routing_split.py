@@ -116,3 +116,40 @@ def test_round_robin_inside_a_subset_is_even(tmp_path: Path) -> None:
     for _ in range(N):
         pods[table.decide(svc, 8080, Request()).endpoints[0].address] += 1
     assert pods == {"198.18.0.11": 1500, "198.18.0.12": 1500}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_virtual_service_weights_are_relative(tmp_path: Path, seed: int) -> None:
+    """Istio 1.15 on (istio/istio #39544): a destination gets weight / sum of
+    weights; 1 and 2 is a third and two thirds. l4proxy refused any total but
+    100, so such a VirtualService, valid for Istio, was rejected whole."""
+    f = tmp_path / "vs.yaml"
+    f.write_text(
+        textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: split}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - route:
+            - destination: {host: bootcamp, subset: v1}
+              weight: 1
+            - destination: {host: bootcamp, subset: v2}
+              weight: 2
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: split}
+        spec:
+          host: bootcamp
+          subsets:
+          - {name: v1, labels: {version: v1}}
+          - {name: v2, labels: {version: v2}}
+        """)
+    )
+    result = load_rules([str(f), REGISTRY], seed=seed)  # (raises ConfigError if refused)
+    svc = result.table.service(HOST)
+    assert svc is not None
+    seen = observe(result.table, svc)
+    assert chi_square(seen, {"v1": 1, "v2": 2}) < CRITICAL[1], seen

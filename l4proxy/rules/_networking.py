@@ -325,7 +325,7 @@ def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[Destinatio
         )
         raw_weights.append((None if e is None else e.get("weight"), (*epath, "weight")))
         parts.append(None if e is None else _destination(ctx, e.get("destination"), epath, env))
-    ws = weights(ctx, raw_weights, path)
+    ws = weights(ctx, raw_weights, path, relative=True)  # (Istio 1.15 on)
     if ws is None or any(p is None for p in parts):
         return None
     out = []

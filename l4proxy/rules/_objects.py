@@ -120,13 +120,28 @@ class IngressDraft:
     where: Where
 
 
-def weights(ctx: Ctx, entries: list[tuple[Any, Path]], path: Path) -> list[int] | None:
+MAX_RELATIVE_WEIGHT = 2**31 - 1  # Istio's weight is an int32
+
+
+def weights(
+    ctx: Ctx, entries: list[tuple[Any, Path]], path: Path, relative: bool = False
+) -> list[int] | None:
     """Route weights: one entry may omit its weight (100); several must total 100.
 
     Istio 0.x and v1alpha3 required exactly 100 and a wrong total took hosts
     down (istio/api #586), so a wrong total is refused here, before any use.
+    With *relative* (VirtualService: Istio 1.15 and later, istio/istio
+    #39544), a destination gets ``weight / sum of weights`` of the requests:
+    any total above 0 does, and a lone destination gets them all whatever
+    its weight says.
     """
-    if len(entries) == 1 and entries[0][0] is None:
+    if len(entries) == 1 and (entries[0][0] is None or relative):
+        if (
+            entries[0][0] is not None
+            and integer(ctx, entries[0][0], entries[0][1], 0, MAX_RELATIVE_WEIGHT, what="weight")
+            is None
+        ):
+            return None
         return [100]
     out: list[int] = []
     ok = True
@@ -134,7 +149,7 @@ def weights(ctx: Ctx, entries: list[tuple[Any, Path]], path: Path) -> list[int] 
         if value is None:
             out.append(0)  # Istio: an omitted weight among several is 0
             continue
-        w = integer(ctx, value, wpath, 0, 100, what="weight")
+        w = integer(ctx, value, wpath, 0, MAX_RELATIVE_WEIGHT if relative else 100, what="weight")
         if w is None:
             ok = False
         else:
@@ -142,7 +157,10 @@ def weights(ctx: Ctx, entries: list[tuple[Any, Path]], path: Path) -> list[int] 
     if not ok:
         return None
     total = sum(out)
-    if total != 100:
+    if relative and total <= 0:
+        ctx.error(path, "route weights total 0: at least one destination needs a weight above 0")
+        return None
+    if not relative and total != 100:
         ctx.error(
             path,
             f"route weights total {total} (must total 100)"
