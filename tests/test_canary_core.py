@@ -128,10 +128,13 @@ def test_a_rollout_that_judges_nothing_for_the_progress_deadline_rolls_back() ->
     events = run_table(p, [QUIET] * 10)
     assert [e.rollout.weight for e in events] == [5, 5, 5, 5, 0]  # 4 s: the 4th halt
     assert events[-1].rollout.phase == "rolled_back"
-    assert "nothing judged for 4 s (--progress-deadline 4)" in events[-1].rollout.reason
+    assert "nothing judged for 4 s (--progress-deadline 4, " in events[-1].rollout.reason
     # the clock starts again at every interval judged
     events = run_table(p, [QUIET] * 3 + [GOOD] + [QUIET] * 3 + [ERRORS] + [QUIET] * 3)
     assert events[-1].rollout.phase == "progressing" and events[-1].rollout.weight == 25
+    # two intervals at least: one quiet interval longer than the deadline is not it
+    long = replace(p, interval=900, progress_deadline=600)
+    assert [e.rollout.weight for e in run_table(long, [QUIET] * 3)] == [5, 5, 0]
     # 0: for ever, as before
     events = run_table(replace(p, progress_deadline=0), [QUIET] * 50)
     assert events[-1].rollout.phase == "progressing"

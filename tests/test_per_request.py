@@ -333,7 +333,7 @@ def test_a_gateway_serves_for_drain_inbound_after_sigterm_then_refuses(mesh: Mes
     )
     caller = mesh.net.add_pod("lb")
     probe = caller.popen(
-        [PYTHON, "-c", GATEWAY_PROBE, gateway.ipv4, "8000", "4"],
+        [PYTHON, "-c", GATEWAY_PROBE, gateway.ipv4, "8000", "5"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -348,7 +348,7 @@ def test_a_gateway_serves_for_drain_inbound_after_sigterm_then_refuses(mesh: Mes
     assert ready == "503", ready
     before = [w for t, w in results if t < 0]
     during = [w for t, w in results if 0.2 < t < 1.6]
-    after = [w for t, w in results if t > 2.6]
+    after = [w for t, w in results if t > 3.5]  # (2 s, and room for a slow machine)
     assert before and set(before) == {"200"}, results
     assert during and set(during) == {"200"}, results  # was: ConnectionRefusedError
     assert after and set(after) == {"ConnectionRefusedError"}, results

@@ -55,7 +55,8 @@ class Policy:
     min_success_rate: float = 99.0  # percent of requests that are not 5xx
     max_p99_ms: float = 500.0
     min_requests: int = 10  # canary requests per interval, fewer halts
-    progress_deadline: float = 600.0  # halts only, for this long: roll back; 0: never
+    # halts only, for this long (two intervals at least): roll back; 0: never
+    progress_deadline: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -268,13 +269,17 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
     steps = rollout.steps or policy.steps
     if result.verdict == "halt":
         since = rollout.updated if rollout.judged is None else rollout.judged
-        if policy.progress_deadline and now - since >= policy.progress_deadline:
+        # never less than two intervals: with --interval past the deadline,
+        # one quiet interval rolled back
+        limit = max(policy.progress_deadline, 2 * policy.interval)
+        if policy.progress_deadline and now - since >= limit:
             r = replace(
                 r,
                 phase="rolled_back",
                 weight=0,
                 reason=f"nothing judged for {now - since:.0f} s (--progress-deadline "
-                f"{policy.progress_deadline:g}): {'; '.join(result.reasons)}",
+                f"{policy.progress_deadline:g}, two intervals at least): "
+                f"{'; '.join(result.reasons)}",
             )
             return Event("rolled_back", r, result, before)
         return Event("check", r, result, before)

@@ -185,8 +185,8 @@ def add_parser(sub: Any) -> None:
         default=600.0,
         metavar="SECONDS",
         help="roll back a rollout that has judged no interval (only halts: too little "
-        "canary traffic) for this long; Flagger's progressDeadlineSeconds. 0: wait for "
-        "traffic for ever (600)",
+        "canary traffic) for this long, and two intervals at least; Flagger's "
+        "progressDeadlineSeconds. 0: wait for traffic for ever (600)",
     )
     p.add_argument(
         "--metrics",

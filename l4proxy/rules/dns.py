@@ -635,7 +635,9 @@ class DnsEndpoints:
                     assert wake is not None
                     wake.clear()
                     waker = None
-                    busy = {tasks[t] for t in pending if t in tasks}
+                    # (a lookup done in this same wait is not applied yet: its
+                    # name still looks due, and is not looked up again)
+                    busy = {tasks[t] for t in pending | done if t in tasks}
                     start([n for n, st in self.names.items() if st.next_at <= at and n not in busy])
                 changed = False
                 for task in done:

@@ -99,6 +99,7 @@ class AdminServer:
         self.turned_away = 0  # connections closed at once: MAX_CLIENTS were being served
         self.evicted = 0  # connections closed for a new one while waiting for their head
         self._reading: dict[int, asyncio.StreamWriter] = {}  # no head yet, oldest first
+        self._lingering: dict[int, asyncio.StreamWriter] = {}  # answered, oldest first
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(
@@ -118,12 +119,15 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            if not self._reading:  # every one is being answered: this one waits its turn
+            # an answered one first (it is done), then the one that has waited
+            # longest for its head
+            waiting = self._lingering or self._reading
+            if not waiting:  # every one is being answered: this one waits its turn
                 self.turned_away += 1
                 writer.close()
                 return
-            oldest = next(iter(self._reading))
-            self._reading.pop(oldest).transport.abort()
+            oldest = next(iter(waiting))
+            waiting.pop(oldest).transport.abort()
             self.evicted += 1
         self.clients += 1
         self._reading[id(writer)] = writer
@@ -152,9 +156,10 @@ class AdminServer:
             # Request bytes left unread (a body: only the head is read) make
             # the close an RST, which cuts the answer short at the client.
             # Read and drop them first, within limits; meanwhile a new
-            # connection may take this one's place, as one waiting for its head.
+            # connection may take this one's place (before any waiting for its
+            # head: this one has had its answer).
             writer.write_eof()
-            self._reading[id(writer)] = writer
+            self._lingering[id(writer)] = writer
             await asyncio.wait_for(_discard(reader, LINGER_BYTES), LINGER_S)
         except (TimeoutError, ConnectionError, OSError):
             pass
@@ -162,6 +167,7 @@ class AdminServer:
             log.exception("admin request failed")
         finally:
             self._reading.pop(id(writer), None)
+            self._lingering.pop(id(writer), None)
             self.clients -= 1
             writer.close()
 

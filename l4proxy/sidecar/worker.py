@@ -346,7 +346,9 @@ class Worker:
         deadline = now + timeout
         self.inbound_until = min(now + inbound, deadline)
         outbound = ("outbound",) if quiet > 0 else ()
-        self.stop_accepting(keep=(*outbound, "inbound", "gateway") if inbound > 0 else outbound)
+        # (inbound also arrives on the shared outbound port, without
+        # --inbound-port: it stays open while inbound is served)
+        self.stop_accepting(keep=("outbound", "inbound", "gateway") if inbound > 0 else outbound)
         self._last_accept = max(self._last_accept, now)
         while self.listeners and time.monotonic() < deadline:
             if inbound > 0 and time.monotonic() >= self.inbound_until:
