@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules import DEFAULT_MAX_NODES, ConfigError, load_rules
 from l4proxy.rules._yaml import SourceProblem, parse_documents, read_file
 
 
@@ -22,12 +22,12 @@ def _billion_laughs(levels: int = 9) -> str:
     return text
 
 
-def _refused(path: Path) -> tuple[ConfigError, float, int]:
+def _refused(path: Path, **kw: int) -> tuple[ConfigError, float, int]:
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
         with pytest.raises(ConfigError) as info:
-            load_rules([str(path)])
+            load_rules([str(path)], **kw)
     finally:
         elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
@@ -59,10 +59,67 @@ def test_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
     bomb.write_text(_billion_laughs())
     err, elapsed, peak = _refused(bomb)
     (d,) = err.errors
-    assert "expands to more than 1000000 YAML nodes" in d.message
+    assert f"expands to more than {DEFAULT_MAX_NODES} YAML nodes" in d.message
     assert d.line == 1
     assert elapsed < 0.5
     assert peak < 2 * 1024 * 1024
+
+
+def test_a_document_over_the_budget_is_refused_while_it_is_composed(tmp_path: Path) -> None:
+    """The budget was checked once a document was composed whole, as PyYAML
+    nodes with two Mark objects each: a 1 MB ``[0,0,0,...]`` (500,000 items,
+    a ConfigMap's worth) under a budget of 1,000,000 took a worker to 310 MiB
+    peak (258 MiB traced), to be refused anyway. Here 200,000 items against
+    a budget of 20,000: refused at the item that passes it, in memory for
+    about that many."""
+    big = tmp_path / "zeros.yaml"
+    big.write_text("[" + "0," * 199_999 + "0]\n")
+    err, _, peak = _refused(big, max_nodes=20_000)
+    (d,) = err.errors
+    assert d.message.startswith("document 1 has more than 20000 YAML nodes (")
+    assert (d.line, d.column) == (1, 2 * 20_000)  # the 20,000th item: the list is the first
+    assert peak < 6 * 1024 * 1024, peak  # was 55 MiB: 200,000 nodes composed (now 2.8)
+
+
+def test_a_configmap_sized_list_is_refused_under_the_default_budget(tmp_path: Path) -> None:
+    big = tmp_path / "zeros.yaml"
+    big.write_text("[" + "0," * 500_000 + "0]\n")  # 1 MB: what a ConfigMap holds
+    with pytest.raises(ConfigError, match=f"has more than {DEFAULT_MAX_NODES} YAML nodes"):
+        load_rules([str(big)])
+
+
+def _virtual_services_and_destination_rules(n: int) -> str:
+    docs = []
+    for i in range(n):
+        host = f"svc{i}.default.svc.cluster.local"
+        route = (
+            f"    - destination:\n        host: {host}\n        subset: v1\n      weight: 90\n"
+            f"    - destination:\n        host: {host}\n        subset: v2\n      weight: 10\n"
+        )
+        docs.append(
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n"
+            f"metadata:\n  name: svc{i}\n  namespace: default\nspec:\n  hosts:\n  - {host}\n"
+            "  http:\n  - match:\n    - headers:\n        end-user:\n          exact: jason\n"
+            f"    route:\n    - destination:\n        host: {host}\n        subset: v2\n"
+            f"  - route:\n{route}"
+        )
+        docs.append(
+            "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n"
+            f"metadata:\n  name: svc{i}\n  namespace: default\nspec:\n  host: {host}\n"
+            "  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n"
+            "  subsets:\n  - name: v1\n    labels:\n      version: v1\n"
+            "  - name: v2\n    labels:\n      version: v2\n"
+        )
+    return "---\n".join(docs)
+
+
+def test_the_default_budget_holds_twice_a_large_real_rule_set(tmp_path: Path) -> None:
+    """The default budget is sized to a large rule set: 2,000 VirtualServices
+    and 2,000 DestinationRules (1.7 MB, 190,000 nodes) load with half of it."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_virtual_services_and_destination_rules(2000))
+    result = load_rules([str(rules)], max_nodes=DEFAULT_MAX_NODES // 2)
+    assert len(result.documents) == 4000
 
 
 def test_moderate_aliases_are_fine_and_expanded() -> None:

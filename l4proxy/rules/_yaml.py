@@ -11,7 +11,11 @@ reading it must be cheap to refuse when hostile:
 2. **Compose, don't construct.** We compose the parser's event stream (the C
    parser when available) into a node graph ourselves, with a nesting limit.
    An alias is a second reference to the *same* node, so a billion-laughs
-   document composes to a few dozen nodes.
+   document composes to a few dozen nodes. Each node keeps its tag, value and
+   (line, column), not the parser's two Mark objects, and composing stops as
+   soon as a document has more nodes than the load may still build: a 1 MB
+   ``[0,0,0,...]`` (500,000 nodes) composed in full took 134 MiB before the
+   budget was checked.
 3. **Measure the expansion.** Before building Python values we compute, with
    memoisation over that graph, how many nodes the document would expand to.
    This is linear in the composed size; a document over ``max_nodes`` (or a
@@ -20,7 +24,7 @@ reading it must be cheap to refuse when hostile:
    per document, a 16 MiB file of small bombs just under it each was a day
    of CPU, with the reload thread stuck in it.
 4. **Build plain values** (dict, list, str, int, ...) with our own walker, which
-   also records the 1-based (line, column) of every value by its path, e.g.
+   also records the 1-based line of every value by its path, e.g.
    ``("spec", "route", 0, "weight")``, so that later checks can point at the
    line of the field they complain about. Duplicate mapping keys (which PyYAML
    silently collapses) and merge keys are refused here.
@@ -35,7 +39,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 try:
@@ -44,7 +48,12 @@ except AttributeError:  # PyYAML built without libyaml
     _Loader = yaml.SafeLoader
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_NODES = 1_000_000
+# Nodes a load may build: twice a large real rule set (2,000 VirtualServices
+# and 2,000 DestinationRules compose to 190,000 nodes, 1.7 MB; 2,000
+# ServiceEntries and RouteRules to 154,000). A document over it is refused
+# as it is composed, in about 110 bytes a node: 40 MiB at most. (It was
+# 1,000,000: a refused 1 MB list of 500,000 zeros took a worker to 310 MiB.)
+DEFAULT_MAX_NODES = 400_000
 MAX_DEPTH = 64
 
 Path = tuple[str | int, ...]
@@ -76,14 +85,16 @@ class Document:
     index: int
     line: int
     value: Any
-    positions: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False)
+    # the line of each value, by its path (no column: no check points at one,
+    # and a (line, column) tuple per value was 47 MiB of a 500,000-item list)
+    positions: dict[Path, int] = field(default_factory=dict, repr=False)
 
     def line_of(self, path: Path) -> int:
         """Line of *path*, or of its nearest ancestor that has one."""
         for end in range(len(path), -1, -1):
-            pos = self.positions.get(path[:end])
-            if pos is not None:
-                return pos[0]
+            line = self.positions.get(path[:end])
+            if line is not None:
+                return line
         return self.line
 
 
@@ -142,9 +153,10 @@ def parse_documents(
     """Yield each non-empty document of *text*; raise :class:`SourceProblem`.
     *budget*: the load's, when this file is one of several (else one of
     *max_nodes* for this file)."""
-    builder = _Builder(budget if budget is not None else NodeBudget(max_nodes))
+    budget = budget if budget is not None else NodeBudget(max_nodes)
+    builder = _Builder(budget)
     try:
-        for index, root in enumerate(_compose(text), start=1):
+        for index, root in enumerate(_compose(text, budget), start=1):
             yield builder.build(root, file, index)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -160,7 +172,42 @@ def parse_documents(
         raise SourceProblem(f"YAML error: {exc}") from exc
 
 
-def _compose(text: str) -> Iterator[Node]:
+class _Node:
+    """A composed YAML node: PyYAML's, less its two Mark objects (1-based
+    line and column instead) and its style, in slots. 500,000 of PyYAML's
+    took 130 MiB (56 bytes each, and 80 for each mark)."""
+
+    __slots__ = ("column", "line", "tag", "value")
+
+    def __init__(self, tag: str, value: Any, line: int, column: int) -> None:
+        self.tag = tag
+        self.value = value
+        self.line = line
+        self.column = column
+
+
+class _Scalar(_Node):
+    __slots__ = ()
+    value: str
+
+
+class _Sequence(_Node):
+    __slots__ = ()
+    value: list[_Node]
+
+
+class _Mapping(_Node):
+    __slots__ = ()
+    value: list[tuple[_Node, _Node]]
+
+
+def _too_many(index: int, left: int, budget: NodeBudget, what: str) -> str:
+    whole = budget.max_nodes
+    share = f", what is left of the {whole} that a load may build" if left < whole else ""
+    return f"document {index} {what} more than {left} YAML nodes{share}"
+
+
+def _compose(text: str, budget: NodeBudget) -> Iterator[_Node]:
     """PyYAML's composer, rewritten over the event stream with a depth limit.
 
     libyaml's own composer recurses in C and crashes the process on a
@@ -168,21 +215,30 @@ def _compose(text: str) -> Iterator[Node]:
     is quadratic in flow depth; pulling events lazily and stopping at
     ``MAX_DEPTH`` keeps both cheap. Anchors are registered when their node is
     complete, so an alias cannot refer to its own ancestor (no cycles).
+
+    Each node composed counts against what is left of *budget* (a document
+    expands to at least as many nodes as it composes to), so a document
+    too big to build is refused at the node that passes the budget, not
+    after it is composed whole. Documents are composed one at a time, as
+    the caller builds them: what is left is read at each document's start.
     """
     resolve: Any = Resolver().resolve
-    anchors: dict[str, Node] = {}
+    anchors: dict[str, _Node] = {}
     # Each open collection, with (for a mapping) the key waiting for its value
     # and the anchor to register once the collection is complete.
-    stack: list[tuple[SequenceNode | MappingNode, list[Node | None], str | None]] = []
-    root: Node | None = None
+    stack: list[tuple[_Sequence | _Mapping, list[_Node | None], str | None]] = []
+    root: _Node | None = None
+    index = 1  # of the next non-empty document, as parse_documents counts them
+    left = budget.left
+    composed = 0
 
-    def attach(node: Node) -> None:
+    def attach(node: _Node) -> None:
         nonlocal root
         if not stack:
             root = node
             return
         parent, pending, _ = stack[-1]
-        if isinstance(parent, SequenceNode):
+        if isinstance(parent, _Sequence):
             parent.value.append(node)
         elif pending[0] is None:
             pending[0] = node
@@ -194,14 +250,29 @@ def _compose(text: str) -> Iterator[Node]:
     for ev in yaml.parse(text, Loader=_Loader):
         # Marks typed as Any: the C and the pure parser have different Mark classes.
         start: Any = ev.start_mark
-        end: Any = ev.end_mark
         if isinstance(ev, yaml.DocumentStartEvent):
             anchors.clear()
             root = None
-        elif isinstance(ev, yaml.DocumentEndEvent):
+            left = budget.left
+            composed = 0
+            continue
+        if isinstance(ev, yaml.DocumentEndEvent):
             if root is not None and not _is_empty(root):
                 yield root
-        elif isinstance(ev, yaml.AliasEvent):
+                index += 1
+            root = None
+            continue
+        if isinstance(ev, yaml.ScalarEvent | yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            composed += 1
+            if composed > left:
+                raise SourceProblem(
+                    _too_many(index, left, budget, "has")
+                    + " (split the rules into fewer, smaller objects, or check it is the "
+                    "right file)",
+                    start.line + 1,
+                    start.column + 1,
+                )
+        if isinstance(ev, yaml.AliasEvent):
             target = anchors.get(ev.anchor or "")
             if target is None:
                 raise SourceProblem(
@@ -214,7 +285,7 @@ def _compose(text: str) -> Iterator[Node]:
             tag = ev.tag
             if tag is None or tag == "!":
                 tag = resolve(ScalarNode, ev.value, ev.implicit)
-            node: Node = ScalarNode(tag, ev.value, start, end, style=ev.style)
+            node: _Node = _Scalar(tag, ev.value, start.line + 1, start.column + 1)
             if ev.anchor:
                 anchors[ev.anchor] = node
             attach(node)
@@ -225,24 +296,26 @@ def _compose(text: str) -> Iterator[Node]:
                     start.line + 1,
                     start.column + 1,
                 )
-            coll: SequenceNode | MappingNode
+            coll: _Sequence | _Mapping
             if isinstance(ev, yaml.SequenceStartEvent):
                 tag = ev.tag or resolve(SequenceNode, None, ev.implicit)
-                coll = SequenceNode(tag, [], start, None, flow_style=ev.flow_style)
+                coll = _Sequence(tag, [], start.line + 1, start.column + 1)
             else:
                 tag = ev.tag or resolve(MappingNode, None, ev.implicit)
-                coll = MappingNode(tag, [], start, None, flow_style=ev.flow_style)
+                coll = _Mapping(tag, [], start.line + 1, start.column + 1)
             attach(coll)
             stack.append((coll, [None], ev.anchor))
         elif isinstance(ev, yaml.SequenceEndEvent | yaml.MappingEndEvent):
             done, _, anchor = stack.pop()
-            done.end_mark = end
             if anchor:
                 anchors[anchor] = done
 
 
-def _is_empty(node: Node) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == NULL_TAG and node.value in ("", "~", "null")
+def _is_empty(node: _Node) -> bool:
+    return isinstance(node, _Scalar) and node.tag == NULL_TAG and node.value in ("", "~", "null")
+
+
+STR_TAG = "tag:yaml.org,2002:str"
 
 
 class _Builder:
@@ -251,40 +324,40 @@ class _Builder:
         self.max_nodes = 0  # what is left of the budget, set by build()
         self.scalars = SafeConstructor()
 
-    def build(self, root: Node, file: str, index: int) -> Document:
+    def build(self, root: _Node, file: str, index: int) -> Document:
         left = self.max_nodes = self.budget.left  # _expanded_size stops counting past it
         size = self._expanded_size(root, {}, set(), 0)
         if size > left:
-            whole = self.budget.max_nodes
-            share = f", what is left of the {whole} that a load may build" if left < whole else ""
             raise SourceProblem(
-                f"document {index} expands to more than {left} YAML nodes{share} "
-                "(an alias bomb? each alias repeats everything its anchor holds)",
-                root.start_mark.line + 1,
+                _too_many(index, left, self.budget, "expands to")
+                + " (an alias bomb? each alias repeats everything its anchor holds)",
+                root.line,
             )
         self.budget.left -= size
-        doc = Document(file, index, root.start_mark.line + 1, None)
-        doc.positions[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
+        doc = Document(file, index, root.line, None)
+        doc.positions[()] = root.line
         doc.value = self._value(root, (), doc)
         return doc
 
-    def _expanded_size(self, node: Node, memo: dict[int, int], active: set[int], depth: int) -> int:
+    def _expanded_size(
+        self, node: _Node, memo: dict[int, int], active: set[int], depth: int
+    ) -> int:
         key = id(node)
         done = memo.get(key)
         if done is not None:
             return done
         if key in active:
-            raise SourceProblem("recursive YAML alias (a value contains itself)", _line(node))
+            raise SourceProblem("recursive YAML alias (a value contains itself)", node.line)
         if depth > MAX_DEPTH:
             raise SourceProblem(
-                f"YAML nesting is too deep (more than {MAX_DEPTH} levels)", _line(node)
+                f"YAML nesting is too deep (more than {MAX_DEPTH} levels)", node.line
             )
         total = 1
-        if isinstance(node, SequenceNode | MappingNode):
+        if isinstance(node, _Sequence | _Mapping):
             active.add(key)
-            children: list[Node] = (
+            children: list[_Node] = (
                 node.value
-                if isinstance(node, SequenceNode)
+                if isinstance(node, _Sequence)
                 else [n for pair in node.value for n in pair]
             )
             for child in children:
@@ -295,13 +368,20 @@ class _Builder:
         memo[key] = total
         return total
 
-    def _value(self, node: Node, path: Path, doc: Document) -> Any:
-        if isinstance(node, ScalarNode):
+    def _scalar(self, node: _Scalar) -> Any:
+        if node.tag == STR_TAG:
+            return node.value  # what SafeConstructor makes of it, without a node
+        # construct_document, not construct_object: that one keeps every node
+        # it was given, and what it made of it, until the constructor goes.
+        return self.scalars.construct_document(ScalarNode(node.tag, node.value, None, None))
+
+    def _value(self, node: _Node, path: Path, doc: Document) -> Any:
+        if isinstance(node, _Scalar):
             try:
-                return self.scalars.construct_object(node)
+                return self._scalar(node)
             except yaml.constructor.ConstructorError as exc:
                 raise SourceProblem(
-                    f"cannot read value: {exc.problem}", _line(node), _col(node)
+                    f"cannot read value: {exc.problem}", node.line, node.column
                 ) from exc
             except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
                 # an explicit tag the value does not fit (!!int abc, !!bool
@@ -309,28 +389,28 @@ class _Builder:
                 raise SourceProblem(
                     f"cannot read value {node.value[:40]!r} as {node.tag.rsplit(':', 1)[-1]}: "
                     f"{exc}"[:300],
-                    _line(node),
-                    _col(node),
+                    node.line,
+                    node.column,
                 ) from exc
-        if isinstance(node, SequenceNode):
+        if isinstance(node, _Sequence):
             items = []
             for i, child in enumerate(node.value):
                 sub = (*path, i)
-                doc.positions[sub] = (_line(child), _col(child))
+                doc.positions[sub] = child.line
                 items.append(self._value(child, sub, doc))
             return items
-        if isinstance(node, MappingNode):
+        if isinstance(node, _Mapping):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 if key_node.tag == MERGE_TAG:
                     raise SourceProblem(
                         "YAML merge keys (<<) are not supported; write the fields out",
-                        _line(key_node),
-                        _col(key_node),
+                        key_node.line,
+                        key_node.column,
                     )
-                if not isinstance(key_node, ScalarNode):
+                if not isinstance(key_node, _Scalar):
                     raise SourceProblem(
-                        "mapping keys must be plain scalars", _line(key_node), _col(key_node)
+                        "mapping keys must be plain scalars", key_node.line, key_node.column
                     )
                 key = self._value(key_node, path, doc)
                 try:
@@ -341,19 +421,11 @@ class _Builder:
                     raise SourceProblem(
                         f"duplicate key {key!r} in one mapping (YAML keeps only one; "
                         "remove the other)",
-                        _line(key_node),
-                        _col(key_node),
+                        key_node.line,
+                        key_node.column,
                     )
                 sub = (*path, key if isinstance(key, str | int) else str(key))
-                doc.positions[sub] = (_line(key_node), _col(key_node))
+                doc.positions[sub] = key_node.line
                 out[key] = self._value(value_node, sub, doc)
             return out
-        raise SourceProblem(f"unexpected YAML node {type(node).__name__}", _line(node))
-
-
-def _line(node: Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _col(node: Node) -> int:
-    return int(node.start_mark.column) + 1
+        raise SourceProblem(f"unexpected YAML node {type(node).__name__}", node.line)
