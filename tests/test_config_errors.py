@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -786,6 +787,67 @@ def test_unreadable_paths(tmp_path: Path) -> None:
         f.chmod(0)
         with pytest.raises(ConfigUnreadable, match=r"secret\.yaml: cannot read"):
             load_rules([str(f)])
+
+
+def _load_in_a_thread(paths: list[str], fifo: Path) -> tuple[object, bool]:
+    """load_rules(*paths*) in a thread; what it returned or raised, and whether
+    it was still waiting after 5 s (it is then let go by a writer on *fifo*;
+    another it waits on next stays stuck, in a daemon thread)."""
+    out: list[object] = []
+
+    def load() -> None:
+        try:
+            out.append(load_rules(paths))
+        except ConfigError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    stuck = t.is_alive()
+    if stuck:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # EOF: the open returns
+        t.join(5)
+    return (out[0] if out else None), stuck
+
+
+def test_a_named_pipe_in_a_rules_directory_is_refused_without_waiting(tmp_path: Path) -> None:
+    """open() of a FIFO named pipe.yaml in the rules directory waited for a
+    writer: the reload thread never returned, with the collector paused and
+    the worker unable to exit. A rules directory is read for regular files
+    (and symlinks to them, a ConfigMap's way); anything else is an error
+    naming the file, at once."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shutil.copy(REGISTRY, rules)
+    pipe = rules / "pipe.yaml"
+    os.mkfifo(pipe)
+    (rules / "..data").mkdir()  # a ConfigMap's way: a visible symlink into ..data
+    os.mkfifo(rules / "..data" / "routes.yaml")
+    (rules / "routes.yaml").symlink_to("..data/routes.yaml")
+    got, stuck = _load_in_a_thread([str(rules)], pipe)
+    assert not stuck
+    assert isinstance(got, ConfigUnreadable)
+    assert sorted(str(e) for e in got.errors) == [
+        f"{rules / name}: cannot read: is a named pipe, not a regular file (a rules "
+        "directory is read for regular files and symlinks to them)"
+        for name in ("pipe.yaml", "routes.yaml")
+    ]
+
+
+def test_a_named_pipe_named_on_its_own_is_read(tmp_path: Path) -> None:
+    """``l4proxy validate <(kubectl get ... -o yaml)``: a path given by name
+    is read as it is, pipe or not."""
+    pipe = tmp_path / "fd63"
+    os.mkfifo(pipe)
+
+    def write() -> None:
+        with open(pipe, "w") as f:
+            f.write(Path(REGISTRY).read_text())
+
+    threading.Thread(target=write, daemon=True).start()
+    got, stuck = _load_in_a_thread([str(pipe)], pipe)
+    assert not stuck and not isinstance(got, ConfigError), got
 
 
 def test_error_str_lists_every_diagnostic_one_per_line(tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ A directory is read the way a Kubernetes ConfigMap mount needs: its visible
 order; hidden names (``..data``, ``..2024_01_01_00_00_00.123``) are skipped,
 so each file is read once through its visible name even while the kubelet
 swaps ``..data``. Sub-directories are not descended into (like
-``kubectl apply -f DIR`` without ``-R``).
+``kubectl apply -f DIR`` without ``-R``). What a directory holds must be a
+regular file (after symlinks): a named pipe or a device there is an error
+naming it, not a wait for a writer. A path named on its own is read as it
+is (``l4proxy validate <(kubectl get ...)``).
 
 The load is all or nothing: every problem of every file is collected, and if
 any is an error, :class:`ConfigError` carries them all and no table is made.
@@ -148,9 +151,10 @@ def load_rules(
     seen: dict[tuple[str, str, str], Where] = {}
     sources: list[str] = []
     budget = NodeBudget(max_nodes)  # one for the whole load
+    named = set(paths)  # as given, not found in a directory: read as they are
     for path in files:
         try:
-            text = read_file(path, max_bytes=max_bytes)
+            text = read_file(path, max_bytes=max_bytes, regular_only=path not in named)
         except Unreadable as exc:
             unreadable.append(Diagnostic(file=path, message=f"cannot read: {exc}"))
             continue

@@ -32,10 +32,12 @@ reading it must be cheap to refuse when hostile:
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -98,10 +100,17 @@ class Document:
         return self.line
 
 
-def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
-    """The text of *path*, refusing oversized or non-UTF-8 files cheaply."""
+def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES, regular_only: bool = False) -> str:
+    """The text of *path*, refusing oversized or non-UTF-8 files cheaply.
+
+    *regular_only*: refuse anything but a regular file (after symlinks)
+    without waiting on it: what a rules directory holds is read by the
+    sidecar's reload thread, and opening a named pipe there waited for a
+    writer forever (so would reading a device). A path named on its own is
+    read as it is (``l4proxy validate <(kubectl get ...)`` reads a pipe).
+    """
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) if regular_only else open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
                 raise SourceProblem(_too_big(size, max_bytes))
@@ -126,6 +135,36 @@ def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
         raise SourceProblem(
             f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8", line
         ) from exc
+
+
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _open_regular(path: str) -> BinaryIO:
+    # O_NONBLOCK: opening a FIFO for reading returns at once instead of
+    # waiting for a writer; fstat then says what was opened. (It changes
+    # nothing for a regular file.)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):
+            kind = _NOT_REGULAR.get(stat.S_IFMT(mode))
+            raise Unreadable(
+                (f"is {kind}, not a regular file" if kind else "not a regular file")
+                + " (a rules directory is read for regular files and symlinks to them)"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _too_big(size: int, limit: int) -> str:
