@@ -12,11 +12,14 @@ relay's thread, the accept on the loop: both must go on during a parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -524,3 +527,81 @@ def test_a_name_that_does_not_resolve_is_a_failed_connect_not_a_lost_connection(
         backend.shutdown()
     assert answers == ["v1"] * 4
     assert failures and failures[0] >= 1
+
+
+def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load whose open() never returns (a hung NFS or FUSE mount; a named
+    pipe here, opened the blocking way): no reload happened again, the
+    collector stayed paused for the whole process, and asyncio.run waited
+    for the executor's thread on the way out, so the worker did not exit on
+    SIGTERM. Now it is reported after load_deadline, the collector runs, no
+    second load starts while its thread is stuck, and once it ends the rules
+    are loaded again; exiting waits for nothing."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a.yaml").write_text(big_rules(1))
+    hung = tmp_path / "hung"
+    os.mkfifo(hung)
+    real = rulewatch.load_rules
+    hangs = [True]
+
+    def on_a_hung_mount(*args: Any, **kw: Any) -> Any:
+        if hangs[0]:
+            hangs[0] = False
+            with open(hung, "rb"):  # blocks in the kernel until a writer opens it
+                pass
+        return real(*args, **kw)
+
+    def let_go() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
+            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
+
+    watcher = RuleWatcher([str(rules)], interval=0.05, settle=0, load_deadline=0.5)
+    assert watcher.load_now()
+    monkeypatch.setattr(rulewatch, "load_rules", on_a_hung_mount)
+    good = watcher.state.table
+    rescue = threading.Timer(8, let_go)  # before the fix nothing else would end it
+    rescue.start()
+
+    def loaders() -> int:
+        return sum(t.name == rulewatch.LOAD_THREAD and t.is_alive() for t in threading.enumerate())
+
+    async def until(what: Callable[[], bool]) -> None:
+        for _ in range(60):
+            if what():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("not within 3 s")
+
+    stopped = [0.0]
+
+    async def main() -> None:
+        st = watcher.state
+        watcher.start()
+        se1, rr1 = big_rules(2).split("\n---\n")[1::2]  # a.yaml holds svc0 and rr0
+        (rules / "b.yaml").write_text(f"{se1}\n---\n{rr1}")
+        await until(lambda: st.reload_failures == 1)
+        assert st.last_error is not None
+        assert st.last_error.startswith("the rules were not loaded within 0.5 s (is reading ")
+        assert gc.isenabled() and st.generation == 1 and st.table is good
+        (rules / "c.yaml").write_text("# a further change\n")
+        await asyncio.sleep(0.3)
+        assert loaders() == 1 and st.reload_failures == 1  # no second load
+        let_go()  # the mount comes back: the stuck load ends, the rules load again
+        await until(lambda: st.generation == 2)
+        assert st.last_error is None and loaders() == 0
+        assert "svc1.default.svc.cluster.local" in json.dumps(st.table.to_json())
+        hangs[0] = True  # hung again, and SIGTERM meanwhile
+        (rules / "c.yaml").write_text("# and another\n")
+        await until(lambda: st.reload_failures == 2)
+        await watcher.stop()
+        stopped[0] = time.monotonic()
+
+    try:
+        asyncio.run(main())
+        assert time.monotonic() - stopped[0] < 2  # was: until the load's thread ended
+    finally:
+        rescue.cancel()
+        let_go()

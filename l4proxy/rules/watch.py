@@ -19,6 +19,13 @@ again.
 A reload is parsed and compiled off the accept path: in a thread
 (:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
 serving; only the swap (one assignment of ``state.table``) runs on the loop.
+The thread is a daemon of its own, not the default executor's: a load stuck
+in the kernel (an open() on a hung NFS or FUSE mount) must not keep the
+worker from exiting, and asyncio.run joins the executor's threads. A load
+not done within ``load_deadline`` seconds is reported as a failure (the last
+good table keeps serving, and the cyclic GC, paused for the parse, runs
+again); no other load starts while its thread is still in it, and once it
+ends (its result is dropped) the rules are loaded afresh.
 The worker reads the table once per connection, *after* the request head is
 complete, so a head that arrives after a swap is routed by the new rules.
 
@@ -38,10 +45,11 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from l4proxy.rules import ConfigError, LoadResult, load_rules
 from l4proxy.rules.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
@@ -52,6 +60,46 @@ log = logging.getLogger("l4proxy.rules")
 
 RULE_SUFFIXES = (".yaml", ".yml", ".json")
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+# Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
+# objects parse in 1-3 s.
+DEFAULT_LOAD_DEADLINE = 30.0
+LOAD_THREAD = "l4proxy-rules"
+
+T = TypeVar("T")
+
+
+def in_a_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """*fn* run in a daemon thread of its own; its outcome, on the running loop.
+
+    Not asyncio.to_thread: asyncio.run waits for the default executor's
+    threads on its way out (and concurrent.futures joins them at interpreter
+    exit), so a load stuck in open() on a hung mount kept the worker from
+    exiting after SIGTERM. Nothing waits for this thread.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():  # its waiter was cancelled (stop())
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        value: Any
+        try:
+            ok, value = True, fn()
+        except Exception as exc:
+            ok, value = False, exc
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
+    return future
 
 
 def fingerprint(paths: Sequence[str]) -> Fingerprint:
@@ -133,6 +181,7 @@ class RuleWatcher:
         dns_max_ttl: float | None = None,
         counters: Counters | None = None,
         seed: int | None = None,
+        load_deadline: float = DEFAULT_LOAD_DEADLINE,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
@@ -161,6 +210,10 @@ class RuleWatcher:
         # Not after a DNS swap: it frees one table's copy, no parse.
         self.after_load: Callable[[], object] | None = None
         self.reloading = False  # a reload is being parsed in a thread
+        self.load_deadline = load_deadline
+        # A load past its deadline whose thread is still in it: while it is,
+        # no other starts (each would leave one more thread stuck there).
+        self.stuck: asyncio.Future[LoadResult] | None = None
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
         self._fingerprint: Fingerprint | None = None
@@ -201,11 +254,20 @@ class RuleWatcher:
         assignment, on the loop, between two connections' decisions. Reloads
         are serialized: only the :meth:`_run` task calls this.
         """
-        self._fingerprint = fingerprint(self.paths)
+        if self.stuck is not None:
+            return False  # reported already; a reload follows once it ends
+        self._fingerprint = fp = fingerprint(self.paths)
         self.reloading = True
         result: LoadResult | None = None
+        collecting = gc.isenabled()  # what to restore if the load is stuck
+        parse = in_a_daemon_thread(self._parse_without_gc)
         try:
-            result = await asyncio.to_thread(self._parse_without_gc)
+            result = await asyncio.wait_for(asyncio.shield(parse), self.load_deadline)
+        except TimeoutError:
+            self._stuck(parse, collecting, fp)
+        except asyncio.CancelledError:
+            parse.cancel()  # stop(): what the thread makes, if it ends, is dropped
+            raise
         except ConfigError as exc:
             self._reject(str(exc))
         except Exception as exc:  # a loader bug: see _reject_bug
@@ -216,6 +278,33 @@ class RuleWatcher:
             self._swap(result)  # the previous table is dropped here
         self._loaded()
         return result is not None
+
+    def _stuck(self, parse: asyncio.Future[LoadResult], collecting: bool, fp: Fingerprint) -> None:
+        """A load past its deadline: say so, and let the collector run again
+        (the parse paused it for the whole process, and may never end). If it
+        ends, what it loaded goes live when the files are still as it found
+        them (a slow load, not a stuck one), else they are loaded again."""
+        self.stuck = parse
+        if collecting:
+            gc.enable()
+        self._reject(
+            f"the rules were not loaded within {self.load_deadline:g} s (is reading "
+            f"{', '.join(self.paths)} hung? an NFS or FUSE mount, a file that blocks?); "
+            "the next load starts when this one ends"
+        )
+
+        def ended(done: asyncio.Future[LoadResult]) -> None:
+            self.stuck = None
+            late = not done.cancelled() and done.exception() is None
+            if late and fingerprint(self.paths) == fp:
+                log.warning("a load of the rules ended after its deadline")
+                self._swap(done.result())
+                self._loaded()
+                return
+            log.warning("a load of the rules past its deadline ended; loading them again")
+            self.request_reload()
+
+        parse.add_done_callback(ended)
 
     def _loaded(self) -> None:
         if self.after_load is not None:
