@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import socket
 import socketserver
 import threading
@@ -605,3 +606,93 @@ def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
     finally:
         rescue.cancel()
         let_go()
+
+
+DATA = Path(__file__).parent / "data" / "rules"
+
+
+def _configmap_version(mount: Path, name: str, files: dict[str, str]) -> str:
+    (mount / name).mkdir()
+    for key, text in files.items():
+        (mount / name / key).write_text(text)
+    return name
+
+
+def _kubelet_swap(mount: Path, new: str) -> None:
+    """The kubelet's AtomicWriter: ..data_tmp to the new version, renamed over ..data."""
+    old = os.readlink(mount / "..data")
+    os.symlink(new, mount / "..data_tmp")
+    os.rename(mount / "..data_tmp", mount / "..data")
+    shutil.rmtree(mount / old)
+
+
+def test_a_configmap_swapped_during_a_load_is_not_served_half_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet swaps ..data while the loader is between two keys: it read
+    a-registry.yaml of the old version and b-routes.yaml of the new one, and
+    that mix went live (here: no route at all, the rule having moved from b
+    to a) until the next poll. Files that change during a load drop it."""
+    import l4proxy.rules._loader as loader
+
+    registry = (DATA / "registry.yaml").read_text()
+    mount = tmp_path / "config"
+    mount.mkdir()
+    old = _configmap_version(
+        mount,
+        "..2024_01_01_00_00_00.1",
+        {"a-registry.yaml": registry, "b-routes.yaml": (DATA / "vs-50-v2.yaml").read_text()},
+    )
+    os.symlink(old, mount / "..data")
+    for key in ("a-registry.yaml", "b-routes.yaml"):
+        os.symlink(f"..data/{key}", mount / key)
+
+    def subsets(table: Any) -> list[list[tuple[str | None, int]]]:
+        return [
+            [(d.subset.name if d.subset else None, d.weight) for d in r.destinations]
+            for r in table.routes_for("bootcamp.default.svc.cluster.local")
+        ]
+
+    served: list[list[list[tuple[str | None, int]]]] = []
+    watcher = RuleWatcher(
+        [str(mount)],
+        interval=0.05,
+        settle=0.05,
+        on_swap=lambda st: served.append(subsets(st.table)),
+    )
+    assert watcher.load_now()
+    # Instrumentation, not a stand-in: the real read_file, with the kubelet's
+    # swap right after the first key is read (the window, hit every time).
+    real = loader.read_file
+    armed = [True]
+
+    def read_then_swap(path: str, **kw: Any) -> str:
+        text = real(path, **kw)
+        if armed[0] and path.endswith("a-registry.yaml"):
+            armed[0] = False
+            new = _configmap_version(
+                mount,
+                "..2024_01_01_00_05_00.2",
+                {
+                    "a-registry.yaml": registry + "---\n" + (DATA / "vs-all-v1.yaml").read_text(),
+                    "b-routes.yaml": "# moved into a-registry.yaml\n",
+                },
+            )
+            _kubelet_swap(mount, new)
+        return text
+
+    monkeypatch.setattr(loader, "read_file", read_then_swap)
+
+    async def main() -> None:
+        watcher.start()
+        watcher.request_reload()
+        for _ in range(60):
+            await asyncio.sleep(0.05)
+            if not armed[0] and watcher.state.generation >= 2 and not watcher.reloading:
+                break
+        await asyncio.sleep(0.3)  # what a poll or two would still swap in
+        await watcher.stop()
+
+    asyncio.run(main())
+    assert served == [[[("v1", 50), ("v2", 50)]], [[("v1", 100)]]]  # was: ..., [], [v1 100]
+    assert watcher.state.last_error is None

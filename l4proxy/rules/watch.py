@@ -11,7 +11,10 @@ even when sizes and times repeat.
 
 On a change the watcher waits ``settle`` seconds and fingerprints again; it
 loads only when two fingerprints agree, so a file caught mid-write is read
-once the writer is done. A load that fails keeps the last good table (Istio
+once the writer is done. It fingerprints once more after the load: files
+that changed while they were read (a ``..data`` swap between two of them)
+may have given a mix of old and new, which is dropped, neither served nor
+reported, and loaded again. A load that fails keeps the last good table (Istio
 #5204, istio/api #586: a half-applied or invalid config took hosts down) and
 records the error for ``/config_dump`` and ``/stats``; the next change tries
 again.
@@ -259,21 +262,34 @@ class RuleWatcher:
         self._fingerprint = fp = fingerprint(self.paths)
         self.reloading = True
         result: LoadResult | None = None
+        error: Exception | None = None
         collecting = gc.isenabled()  # what to restore if the load is stuck
         parse = in_a_daemon_thread(self._parse_without_gc)
         try:
             result = await asyncio.wait_for(asyncio.shield(parse), self.load_deadline)
         except TimeoutError:
             self._stuck(parse, collecting, fp)
+            self._loaded()
+            return False
         except asyncio.CancelledError:
             parse.cancel()  # stop(): what the thread makes, if it ends, is dropped
             raise
-        except ConfigError as exc:
-            self._reject(str(exc))
-        except Exception as exc:  # a loader bug: see _reject_bug
-            self._reject_bug(exc)
+        except Exception as exc:
+            error = exc
         finally:
             self.reloading = False
+        if fingerprint(self.paths) != fp:
+            # The files changed while they were read (a ConfigMap's ..data
+            # swapped between two of them): what was read may be half old,
+            # half new, valid or not. Neither served nor reported: the
+            # watcher loads them again once they settle.
+            log.info("rules changed while they were loaded; loading them again")
+            self.request_reload()
+            result = error = None
+        elif isinstance(error, ConfigError):
+            self._reject(str(error))
+        elif error is not None:  # a loader bug: see _reject_bug
+            self._reject_bug(error)
         if result is not None:
             self._swap(result)  # the previous table is dropped here
         self._loaded()
