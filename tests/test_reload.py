@@ -696,3 +696,25 @@ def test_a_configmap_swapped_during_a_load_is_not_served_half_old(
     asyncio.run(main())
     assert served == [[[("v1", 50), ("v2", 50)]], [[("v1", 100)]]]  # was: ..., [], [v1 100]
     assert watcher.state.last_error is None
+
+
+def test_the_fingerprint_sees_what_keeps_size_and_mtime(tmp_path: Path) -> None:
+    """A same-size rewrite in place that puts the mtime back (cp -p, rsync -t
+    --inplace, touch -r) and a chmod that makes an unreadable file readable
+    change neither size nor mtime: such a file was never loaded again."""
+    fingerprint = rulewatch.fingerprint
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("subset: v1\n")
+    before = os.stat(rules)
+    base = fingerprint([str(tmp_path)])
+    time.sleep(0.01)  # a ctime of its own, on a coarse clock too
+    with open(rules, "r+") as f:  # in place: same inode
+        f.write("subset: v2\n")
+    os.utime(rules, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(rules).st_mtime_ns == before.st_mtime_ns
+    assert fingerprint([str(tmp_path)]) != base
+    rules.chmod(0)
+    unreadable = fingerprint([str(tmp_path)])
+    assert unreadable != base
+    rules.chmod(0o644)
+    assert fingerprint([str(tmp_path)]) != unreadable

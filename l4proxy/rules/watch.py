@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 Every ``interval`` seconds the watcher takes a *fingerprint* of the rule
-paths: for a file its resolved path, inode, size and mtime; for a directory
-the same for each visible ``*.yaml``/``*.yml``/``*.json`` entry, following
-symlinks. A Kubernetes ConfigMap mount swaps the ``..data`` symlink
-atomically, which changes the resolved paths and inodes, so a swap is seen
-even when sizes and times repeat.
+paths: for a file its resolved path, device, inode, size, mtime, ctime,
+mode and owner; for a directory the same for each visible
+``*.yaml``/``*.yml``/``*.json`` entry, following symlinks. A Kubernetes
+ConfigMap mount swaps the ``..data`` symlink atomically, which changes the
+resolved paths and inodes, so a swap is seen even when sizes and times
+repeat.
 
 On a change the watcher waits ``settle`` seconds and fingerprints again; it
 loads only when two fingerprints agree, so a file caught mid-write is read
@@ -62,7 +63,9 @@ from l4proxy.stats import Counters
 log = logging.getLogger("l4proxy.rules")
 
 RULE_SUFFIXES = (".yaml", ".yml", ".json")
-Fingerprint = tuple[tuple[str, int, int, int], ...]
+# (path as resolved, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode, st_uid)
+Fingerprint = tuple[tuple[str, int, int, int, int, int, int, int], ...]
+_GONE = (-1, -1, -1, -1, -1, -1, -1)
 # Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
 # objects parse in 1-3 s.
 DEFAULT_LOAD_DEADLINE = 30.0
@@ -106,22 +109,37 @@ def in_a_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
 
 def fingerprint(paths: Sequence[str]) -> Fingerprint:
-    items: list[tuple[str, int, int, int]] = []
+    """What the rule files are, as stat sees them. The ctime is there for
+    what leaves the mtime as it was: a rewrite in place that puts the mtime
+    back (cp -p, rsync -t --inplace, touch -r), a chmod or chown that makes
+    an unreadable file readable (mode and owner are there too)."""
+    items: list[tuple[str, int, int, int, int, int, int, int]] = []
 
     def add(path: str) -> None:
         try:
             st = os.stat(path)
         except OSError:
-            items.append((path, -1, -1, -1))
+            items.append((path, *_GONE))
             return
-        items.append((os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns))
+        items.append(
+            (
+                os.path.realpath(path),
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_mode,
+                st.st_uid,
+            )
+        )
 
     for p in paths:
         if os.path.isdir(p):
             try:
                 names = sorted(os.listdir(p))
             except OSError:
-                items.append((p, -1, -1, -1))
+                items.append((p, *_GONE))
                 continue
             for name in names:
                 if not name.startswith(".") and name.endswith(RULE_SUFFIXES):
