@@ -718,3 +718,47 @@ def test_the_fingerprint_sees_what_keeps_size_and_mtime(tmp_path: Path) -> None:
     assert unreadable != base
     rules.chmod(0o644)
     assert fingerprint([str(tmp_path)]) != unreadable
+
+
+SE = """apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: svc{i}}}
+spec:
+  hosts: [svc{i}.example.com]
+  addresses: [198.19.1.{i}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 198.18.1.{i}}}]
+"""
+
+
+def test_a_writer_that_pauses_is_not_loaded_half_way(tmp_path: Path) -> None:
+    """A generator rewriting the rule file a document at a time, pausing 0.4 s
+    between two (scp and kubectl cp pause too): with a settle of 0.1 s the
+    file was loaded three documents in, and for a second svc4 was gone. The
+    files must now have been still for 1 s (a sidecar's default interval)."""
+    rules = tmp_path / "r.yaml"
+    docs = [SE.format(i=i) for i in range(1, 5)]
+    rules.write_text("---\n".join(docs))
+    served: list[int] = []
+    watcher = RuleWatcher(
+        [str(tmp_path)], interval=1.0, on_swap=lambda st: served.append(len(st.table.services()))
+    )
+    assert watcher.settle == 1.0
+    assert watcher.load_now()
+
+    async def main() -> None:
+        watcher.start()
+        with open(rules, "w") as f:
+            for doc in docs:
+                f.write(doc + "---\n")
+                f.flush()
+                await asyncio.sleep(0.4)
+        for _ in range(60):
+            await asyncio.sleep(0.05)
+            if watcher.state.generation == 2:
+                break
+        await watcher.stop()
+
+    asyncio.run(main())
+    assert served == [4, 4]  # was: [4, 3] (then 4 again, a poll later)

@@ -10,9 +10,13 @@ ConfigMap mount swaps the ``..data`` symlink atomically, which changes the
 resolved paths and inodes, so a swap is seen even when sizes and times
 repeat.
 
-On a change the watcher waits ``settle`` seconds and fingerprints again; it
+On a change the watcher waits until the newest mtime or ctime of the files
+is ``settle`` seconds old (1 s for a sidecar), then fingerprints again; it
 loads only when two fingerprints agree, so a file caught mid-write is read
-once the writer is done. It fingerprints once more after the load: files
+once the writer is done, if it pauses for less than that. A writer should
+write a temporary file and rename it over the rule file (``l4proxy
+create|replace`` do, and so does the kubelet): a reader never sees half of
+it. It fingerprints once more after the load: files
 that changed while they were read (a ``..data`` swap between two of them)
 may have given a mix of old and new, which is dropped, neither served nor
 reported, and loaded again. A load that fails keeps the last good table (Istio
@@ -194,7 +198,7 @@ class RuleWatcher:
         namespace: str = "default",
         domain: str = "cluster.local",
         interval: float = 1.0,
-        settle: float = 0.1,
+        settle: float | None = None,
         on_swap: Callable[[RuleState], None] | None = None,
         *,
         resolver: Resolver | None = None,
@@ -208,7 +212,11 @@ class RuleWatcher:
         self.namespace = namespace
         self.domain = domain
         self.interval = interval
-        self.settle = settle
+        # How long the files must have been still before they are loaded:
+        # a writer that pauses longer between two writes (a generator, scp,
+        # kubectl cp) had a half-written file loaded. None: the interval,
+        # within 0.1..1 s (so 1 s for a sidecar; 0.1 at the tests' 0.05).
+        self.settle = max(0.1, min(1.0, interval)) if settle is None else settle
         self.on_swap = on_swap
         # Counters the worker shows in /stats (it adopts them: see sidecar/run.py).
         self.counters = counters or Counters()
@@ -339,6 +347,16 @@ class RuleWatcher:
             self.request_reload()
 
         parse.add_done_callback(ended)
+
+    def _still_for(self, fp: Fingerprint) -> float:
+        """How much longer to wait before the files in *fp* have been still
+        for ``settle`` seconds, counted from their newest mtime or ctime (a
+        change seen late loads at once; one seen early waits the rest)."""
+        changed = max((max(e[4], e[5]) for e in fp if e[1] != -1), default=0) / 1e9
+        age = time.time() - changed
+        if age < 0:  # a time from the future (another clock: NFS): count from now
+            return self.settle
+        return max(0.0, self.settle - age)
 
     def _loaded(self) -> None:
         if self.after_load is not None:
@@ -477,7 +495,7 @@ class RuleWatcher:
             fp = fingerprint(self.paths)
             if fp == self._fingerprint:
                 continue
-            await asyncio.sleep(self.settle)
+            await asyncio.sleep(self._still_for(fp))
             if fingerprint(self.paths) != fp:
                 continue  # still being written; look again next round
             try:
