@@ -65,6 +65,22 @@ def test_create_refuses_an_existing_object(rules: Path, capsys: pytest.CaptureFi
     assert snapshot(rules) == before
 
 
+@pytest.mark.parametrize("name", ["route-v1.YAML", ".route-v1.yaml", "route-v1.txt"])
+def test_create_refuses_a_name_the_sidecar_does_not_read(
+    rules: Path, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed as DIR/route-v1.YAML (the suffix is matched case and all), a
+    hidden name or another suffix, the file was never read by the sidecar,
+    and create said it had worked."""
+    src = tmp_path / name
+    src.write_text(Path(ex("httproute-all-v1.yaml")).read_text())
+    before = snapshot(rules)
+    assert l4("create", str(src), rules) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: the sidecars would not read {name!r} in {rules}" in err
+    assert snapshot(rules) == before and not (rules / name).exists()
+
+
 @pytest.mark.parametrize("verb", ["replace", "delete"])
 def test_replace_and_delete_need_the_objects(
     rules: Path, verb: str, capsys: pytest.CaptureFixture[str]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from l4proxy.cli import positive_seconds
-from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules, rule_files
+from l4proxy.rules import RULE_SUFFIXES, ConfigError, ConfigUnreadable, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
 
@@ -193,7 +193,17 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
                 f"{k[0]} {k[1]}/{k[2]} already exists in {where[k]}; "
                 f"use 'l4proxy replace -f {source}' to change it"
             )
-        target = os.path.join(directory, os.path.basename(source))
+        name = os.path.basename(source)
+        if name.startswith(".") or not name.endswith(RULE_SUFFIXES):
+            # the sidecar reads visible *.yaml, *.yml and *.json only (case
+            # matters): installed as route-v1.YAML, it was never read
+            raise Refusal(
+                f"{source}: the sidecars would not read {name!r} in {directory} (they read "
+                f"names ending in {', '.join(RULE_SUFFIXES)}, not starting with '.'); "
+                "copy it to such a name first",
+                EXIT_USAGE,
+            )
+        target = os.path.join(directory, name)
         if target in held or os.path.lexists(target):
             raise Refusal(f"{target} exists (holding other objects); rename {source} first")
         return Plan([], target, files)
