@@ -608,6 +608,78 @@ def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
         let_go()
 
 
+def test_a_stat_stuck_on_a_hung_mount_does_not_stop_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's poll (a stat of each rule file) ran on the event loop: on
+    a hung mount it never returned, and the worker with it (its watchdog
+    killed it, and its successor hung at the same stat). It runs in a thread
+    now; while one is stuck the loop goes on, nothing else is started, and
+    once it ends changes are seen again."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a.yaml").write_text(big_rules(1))
+    hung = tmp_path / "hung"
+    os.mkfifo(hung)
+    real = rulewatch.fingerprint
+    hangs = [False]
+    calls = [0]
+
+    def on_a_hung_mount(paths: Any) -> Any:
+        calls[0] += 1
+        if hangs[0]:
+            hangs[0] = False
+            with open(hung, "rb"):  # blocks in the kernel until a writer opens it
+                pass
+        return real(paths)
+
+    def let_go() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
+            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
+
+    monkeypatch.setattr(rulewatch, "fingerprint", on_a_hung_mount)
+    monkeypatch.setattr(rulewatch, "FINGERPRINT_DEADLINE", 0.3, raising=False)
+    watcher = RuleWatcher([str(rules)], interval=0.05, settle=0)
+    assert watcher.load_now()
+    rescued: list[bool] = []
+
+    def rescue_it() -> None:  # before the fix, only this ended the stat, 8 s on
+        rescued.append(True)
+        let_go()
+
+    rescue = threading.Timer(8, rescue_it)
+    rescue.start()
+    ticks = [0]
+
+    async def main() -> None:
+        st = watcher.state
+        watcher.start()
+        await asyncio.sleep(0.2)
+        hangs[0] = True
+        for _ in range(20):  # 1 s of a loop that must keep turning
+            await asyncio.sleep(0.05)
+            ticks[0] += 1
+        before = calls[0]
+        await asyncio.sleep(0.3)
+        assert calls[0] == before  # no second stat while one is stuck
+        se1, rr1 = big_rules(2).split("\n---\n")[1::2]
+        (rules / "b.yaml").write_text(f"{se1}\n---\n{rr1}")
+        let_go()  # the mount comes back: the change is seen
+        for _ in range(60):
+            if st.generation == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert st.generation == 2
+        await watcher.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        rescue.cancel()
+        let_go()
+    assert ticks[0] == 20 and not rescued  # the loop turned while the stat hung
+
+
 DATA = Path(__file__).parent / "data" / "rules"
 
 

@@ -73,6 +73,11 @@ _GONE = (-1, -1, -1, -1, -1, -1, -1)
 # Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
 # objects parse in 1-3 s.
 DEFAULT_LOAD_DEADLINE = 30.0
+# Seconds a fingerprint (a stat of each rule file) may take: on a hung mount
+# it never ends, and it is taken off the loop so that the loop does not hang
+# with it (the watchdog would kill the worker, and its successor would hang
+# at the same place).
+FINGERPRINT_DEADLINE = 10.0
 LOAD_THREAD = "l4proxy-rules"
 
 T = TypeVar("T")
@@ -243,6 +248,8 @@ class RuleWatcher:
         # A load past its deadline whose thread is still in it: while it is,
         # no other starts (each would leave one more thread stuck there).
         self.stuck: asyncio.Future[LoadResult] | None = None
+        self._stat_stuck: asyncio.Future[Fingerprint] | None = None  # see _stat()
+        self._late_tasks: set[asyncio.Task[None]] = set()
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
         self._fingerprint: Fingerprint | None = None
@@ -285,7 +292,10 @@ class RuleWatcher:
         """
         if self.stuck is not None:
             return False  # reported already; a reload follows once it ends
-        self._fingerprint = fp = fingerprint(self.paths)
+        fp = await self._stat()
+        if fp is None:
+            return False  # the files cannot be looked at: logged
+        self._fingerprint = fp
         self.reloading = True
         result: LoadResult | None = None
         error: Exception | None = None
@@ -304,7 +314,7 @@ class RuleWatcher:
             error = exc
         finally:
             self.reloading = False
-        if fingerprint(self.paths) != fp:
+        if await self._stat() != fp:
             # The files changed while they were read (a ConfigMap's ..data
             # swapped between two of them): what was read may be half old,
             # half new, valid or not. Neither served nor reported: the
@@ -335,18 +345,46 @@ class RuleWatcher:
             "the next load starts when this one ends"
         )
 
-        def ended(done: asyncio.Future[LoadResult]) -> None:
-            self.stuck = None
+        async def ended_late(done: asyncio.Future[LoadResult]) -> None:
             late = not done.cancelled() and done.exception() is None
-            if late and fingerprint(self.paths) == fp:
+            if late and await self._stat() == fp:
                 log.warning("a load of the rules ended after its deadline")
                 self._swap(done.result())
                 self._loaded()
-                return
-            log.warning("a load of the rules past its deadline ended; loading them again")
-            self.request_reload()
+            else:
+                log.warning("a load of the rules past its deadline ended; loading them again")
+                self.request_reload()
+            self.stuck = None
+
+        def ended(done: asyncio.Future[LoadResult]) -> None:
+            task = asyncio.ensure_future(ended_late(done))
+            self._late_tasks.add(task)
+            task.add_done_callback(self._late_tasks.discard)
 
         parse.add_done_callback(ended)
+
+    async def _stat(self) -> Fingerprint | None:
+        """:func:`fingerprint`, in a thread: a stat on a hung mount (NFS,
+        FUSE) never returns, and on the loop it would stop the worker. None
+        while one is stuck (logged once); a later call tries again once it
+        has ended. 2,000 files take some 40 ms, also better off the loop."""
+        if self._stat_stuck is not None:
+            if not self._stat_stuck.done():
+                return None
+            self._stat_stuck = None
+        paths = list(self.paths)
+        look = in_a_daemon_thread(lambda: fingerprint(paths))
+        try:
+            return await asyncio.wait_for(asyncio.shield(look), FINGERPRINT_DEADLINE)
+        except TimeoutError:
+            self._stat_stuck = look
+            log.warning(
+                "the rule files could not be looked at within %g s (%s: a hung mount?); "
+                "changes to them are not seen until that ends",
+                FINGERPRINT_DEADLINE,
+                ", ".join(paths),
+            )
+            return None
 
     def _still_for(self, fp: Fingerprint) -> float:
         """How much longer to wait before the files in *fp* have been still
@@ -492,11 +530,11 @@ class RuleWatcher:
             except TimeoutError:
                 pass
             self._wake.clear()
-            fp = fingerprint(self.paths)
-            if fp == self._fingerprint:
+            fp = await self._stat()
+            if fp is None or fp == self._fingerprint:
                 continue
             await asyncio.sleep(self._still_for(fp))
-            if fingerprint(self.paths) != fp:
+            if await self._stat() != fp:
                 continue  # still being written; look again next round
             try:
                 await self.reload()
