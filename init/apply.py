@@ -269,6 +269,21 @@ class NftBackend:
             raise InitError(exc.code, failed_line(exc.message, text))
 
 
+def load_iptc() -> Any:
+    """python-iptables, or the error that says its libraries are missing.
+    Loading it opens no table."""
+    try:
+        import iptc
+    except Exception as exc:  # any failure here means "no libxtables"
+        raise InitError(
+            ExitCode.ENVIRONMENT,
+            f"python-iptables cannot load libxtables/libiptc ({type(exc).__name__}: {exc}); "
+            f"install the iptables package (libxtables12, libip4tc2, libip6tc2) in the "
+            f"init image, or use --backend nft",
+        ) from None
+    return iptc
+
+
 class LegacyBackend:
     """iptables-legacy (x_tables) through python-iptables."""
 
@@ -277,15 +292,7 @@ class LegacyBackend:
         self.family = family
         self.name = f"{prefix}-legacy"
         self.save = f"{prefix}-legacy-save"
-        try:
-            import iptc
-        except Exception as exc:  # any failure here means "no libxtables"
-            raise InitError(
-                ExitCode.ENVIRONMENT,
-                f"python-iptables cannot load libxtables/libiptc ({type(exc).__name__}: {exc}); "
-                f"install the iptables package (libxtables12, libip4tc2, libip6tc2) in the "
-                f"init image, or use --backend nft",
-            ) from None
+        iptc = load_iptc()
         self.iptc: Any = iptc
         table_type = iptc.Table if family == 4 else iptc.Table6
         try:
@@ -442,7 +449,9 @@ class NoLegacyTable:
         raise AssertionError(f"changes planned for a {self.name} table that does not exist")
 
 
-def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[Backend]:
+def choose_backends(
+    family: Family, choice: BackendChoice, mode: Mode, check_only: bool = False
+) -> list[Backend]:
     """The backend(s) to use in the current namespace.
 
     ``auto`` uses nft where our rules already are there (the node switched, or
@@ -452,7 +461,9 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
     nf_tables in the kernel count as no nft. ``--cleanup`` with ``auto``
     visits both, so that nothing of ours is left in either. A legacy table
     that does not exist yet is not opened unless legacy is where the rules
-    go (see :func:`legacy_nat_exists`).
+    go (see :func:`legacy_nat_exists`), and then only by the pass that
+    applies: with *check_only* (the first pass, which may yet refuse) it is
+    read as empty.
     """
     if choice == "legacy":
         return [LegacyBackend(family)]
@@ -466,6 +477,9 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
     def open_legacy() -> Backend | None:
         nonlocal legacy_error
         try:
+            if check_only and no_legacy_table:
+                load_iptc()  # without libxtables, legacy is out here as in the apply pass
+                return NoLegacyTable(family)
             return LegacyBackend(family)
         except InitError as exc:
             if exc.code != ExitCode.ENVIRONMENT:
@@ -503,7 +517,8 @@ def choose_backends(family: Family, choice: BackendChoice, mode: Mode) -> list[B
         ):
             return [NftBackend(family)]
         if legacy is None and no_legacy_table:
-            legacy = open_legacy()  # legacy it is: only now is its table created
+            # legacy it is: only now is its table created (by the apply pass)
+            legacy = open_legacy()
         if legacy is not None:
             return [legacy]
         if nft is not None:
@@ -549,7 +564,7 @@ def run_family(job: FamilyJob) -> list[FamilyReport]:
     if job.mode == "dry-run":
         assert desired is not None
         return [FamilyReport(family, "planned", "-", "nothing was changed", desired.restore_text())]
-    backends = choose_backends(family, job.backend, job.mode)
+    backends = choose_backends(family, job.backend, job.mode, job.check_only)
     if job.check_only:
         for backend in backends:
             plan_changes(desired, parse_save(backend.read()), family, backend.save)  # Conflict

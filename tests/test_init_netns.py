@@ -456,6 +456,26 @@ def test_a_conflict_in_ipv6_is_found_before_ipv4_is_changed(
         assert [save(pod, v4), save(pod, v6)] == before
 
 
+def test_a_refused_run_creates_no_legacy_table(pod_network6: PodNetwork) -> None:
+    """auto picks legacy for IPv4 (nft has no rules, legacy no table): the
+    pass that only checks opened it, and so created the IPv4 legacy nat
+    table, though IPv6's conflict then refused the run (exit 5: nothing
+    touched)."""
+    pod = pod_network6.add_pod("a")
+    pod.run(["ip6tables-legacy", "-t", "nat", "-N", "L4PROXY_OUTPUT"])
+    pod.run(["ip6tables-legacy", "-t", "nat", "-A", "L4PROXY_OUTPUT", "-j", "RETURN"])
+    assert legacy_tables(pod, 4) == []
+    result = init(pod, "-p", "15001", "-u", "1337", "--ipv6")
+    assert result.returncode == 5, result.stderr
+    assert "IPv6 nat table" in result.stderr
+    assert legacy_tables(pod, 4) == []
+    # once IPv6 is in order, the apply pass makes the IPv4 table, as before
+    pod.run(["ip6tables-legacy", "-t", "nat", "-F", "L4PROXY_OUTPUT"])
+    result = init_ok(pod, "-p", "15001", "-u", "1337", "--ipv6")
+    assert "IPv4 nat (iptables-legacy): installed" in result.stderr, result.stderr
+    assert "nat" in legacy_tables(pod, 4)
+
+
 def test_cleanup_checks_every_backend_before_cleaning_any(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")
     init_ok(pod, "--backend", "legacy", "--no-ipv6")
