@@ -23,7 +23,8 @@ planning (``FamilyJob.check_only``) for all families, so that a conflict or
 a missing backend anywhere refuses before anything is changed; then the
 pass that applies, IPv4 before IPv6, each family reported as it is done.
 A family that is not captured (IPv6 with --no-ipv6, or no global IPv6
-address) has our rules of an earlier run removed (:func:`_drop_stale`).
+address) has our rules of an earlier run removed (:func:`_drop_stale`), or
+left with a warning: it never refuses the run.
 
 The legacy commit replaces the whole table and fails with EAGAIN when
 someone changed it since our snapshot (python-iptables takes no xtables
@@ -593,12 +594,20 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
     now. Ours are removed as --cleanup removes them; other tools' rules and
     a table without any rule of ours are left as they are.
 
-    Looking never fails the run for the environment (--no-ipv6 is also
-    what one passes where IPv6's tables or tools are missing: nothing of
-    ours can be there then) and never creates a legacy table.
+    Looking never fails the run (--no-ipv6 is also what one passes where
+    IPv6's tables or tools are missing, or broken: nothing of ours can be
+    there then, or the captured family must go on all the same) and never
+    creates a legacy table. A table it cannot look at (no tools, no
+    privilege) or cannot clean (another tool's rule in or into our chains)
+    is left as it is, and the family's "skipped" line says so; a warning
+    names rules of ours that may still capture there. So the check pass
+    has nothing to check here.
     """
+    if job.check_only:
+        return []
     family = job.family
     unreadable: list[str] = []
+    left: list[tuple[str, str]] = []  # (backend, why rules of ours may be left there)
     backends: list[Backend] = []
     try:
         if job.backend == "legacy" and legacy_nat_exists(family) is False:
@@ -606,34 +615,46 @@ def _drop_stale(job: FamilyJob, why: str) -> list[FamilyReport]:
         else:
             backends = choose_backends(family, job.backend, "cleanup")
     except InitError as exc:
-        if exc.code != ExitCode.ENVIRONMENT:
+        if exc.code == ExitCode.PRIVILEGE:
+            where = f"{'iptables' if family == 4 else 'ip6tables'}-{job.backend}"
+            left.append(("-" if job.backend == "auto" else where, exc.message))
+        elif exc.code == ExitCode.ENVIRONMENT:
+            unreadable.append(exc.message)
+        else:
             raise
-        unreadable.append(exc.message)
     reports = []
     for backend in backends:
         try:
             state = parse_save(backend.read())
+            if not any(rule.is_ours for rule in state.rules):
+                continue
+            report = _converge(backend, None, family)  # Conflict: nothing was changed
         except InitError as exc:
-            if exc.code != ExitCode.ENVIRONMENT:
+            if exc.code == ExitCode.ENVIRONMENT:
+                unreadable.append(exc.message)
+            elif exc.code in (ExitCode.CONFLICT, ExitCode.PRIVILEGE):
+                left.append((backend.name, exc.message))
+            else:
                 raise
-            unreadable.append(exc.message)
             continue
-        if not any(rule.is_ours for rule in state.rules):
-            continue
-        if job.check_only:
-            plan_changes(None, state, family, backend.save)  # raises Conflict
-        else:
-            report = _converge(backend, None, family)
-            summary = f"IPv{family} is not captured ({why}), so our rules of an earlier run "
-            reports.append(
-                dataclasses.replace(report, summary=summary + f"were removed: {report.summary}")
-            )
-    if job.check_only:
-        return []
-    if not reports:
+        summary = f"IPv{family} is not captured ({why}), so our rules of an earlier run "
+        reports.append(
+            dataclasses.replace(report, summary=summary + f"were removed: {report.summary}")
+        )
+    if unreadable:
+        why += f"; not looked at for rules of ours: {'; '.join(unreadable)}"
+    if left:
+        where = left[0][0]
+        warning = (
+            f"IPv{family} rules of ours from an earlier run were left in "
+            f"{' and '.join(name for name, _ in left if name != '-') or 'its nat table'}, "
+            f"where they may still capture with that run's settings: "
+            f"{'; '.join(message for _, message in left)}; then run this l4proxy-init "
+            f"command again to remove them (--cleanup would remove IPv4's rules too)"
+        )
+        reports.append(FamilyReport(family, "skipped", where, why, "", warning))
+    elif not reports:
         where = backends[0].name if job.backend != "auto" and backends else "-"
-        if unreadable:
-            why += f"; not looked at for rules of ours: {'; '.join(unreadable)}"
         reports = [FamilyReport(family, "skipped", where, why, "")]
     if job.backend != "auto":
         reports = [_warn_if_ours_elsewhere(report) for report in reports]
@@ -654,11 +675,13 @@ def _warn_if_ours_elsewhere(report: FamilyReport) -> FamilyReport:
     )
     if result.returncode != 0 or not parse_save(result.stdout).our_lines():
         return report
-    return dataclasses.replace(
-        report,
-        warning=f"IPv{report.family} rules of ours are also in {other}, where they still "
+    warning = (
+        f"IPv{report.family} rules of ours are also in {other}, where they still "
         f"capture; remove them with: l4proxy-init --cleanup --backend "
-        f"{other.rsplit('-', 1)[1]}",
+        f"{other.rsplit('-', 1)[1]}"
+    )
+    return dataclasses.replace(
+        report, warning=f"{report.warning}; {warning}" if report.warning else warning
     )
 
 

@@ -280,6 +280,40 @@ def test_ipv6_not_captured_keeps_no_stale_rules_of_ours(
     assert "unchanged" in again.stderr
 
 
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("then", ["auto", "same"])
+def test_ipv6_not_captured_cannot_block_ipv4(
+    pod_network6: PodNetwork, backend: str, then: str
+) -> None:
+    """Another tool's rule jumps into our stale IPv6 chain: removing ours
+    would break it, and --no-ipv6 refused the whole run (exit 5), IPv4
+    included, though --no-ipv6 is the way out of a broken IPv6 table."""
+    pod = pod_network6.add_pod("a")
+    v4, v6 = SAVE[backend]
+    ipt6 = f"ip6tables-{backend}"
+    init_ok(pod, "-p", "15001", "-u", "1337", "--ipv6", "--backend", backend)
+    backend = backend if then == "same" else "auto"
+    pod.run([ipt6, "-t", "nat", "-I", "OUTPUT", "-p", "udp", "-j", "L4PROXY_OUTPUT"])
+    before6 = save(pod, v6)
+    result = init_ok(pod, "-p", "15002", "-u", "1337", "--no-ipv6", "--backend", backend)
+    assert "--to-ports 15002" in "\n".join(ours(pod, v4))
+    assert save(pod, v6) == before6  # left as it was: the other tool's rule needs our chain
+    lines = result.stderr.splitlines()
+    skipped = lines.index(f"l4proxy-init: IPv6 nat ({ipt6}): skipped: --no-ipv6")
+    warning = lines[skipped + 1]
+    assert warning.startswith(
+        f"l4proxy-init: warning: IPv6 rules of ours from an earlier run "
+        f"were left in {ipt6}, where they may still capture"
+    ), warning
+    assert "-A OUTPUT -p udp -j L4PROXY_OUTPUT" in warning
+    assert "run this l4proxy-init command again to remove them" in warning
+    # the other tool's rule gone, the same command removes ours
+    pod.run([ipt6, "-t", "nat", "-D", "OUTPUT", "-p", "udp", "-j", "L4PROXY_OUTPUT"])
+    again = init_ok(pod, "-p", "15002", "-u", "1337", "--no-ipv6", "--backend", backend)
+    assert f"IPv6 nat ({ipt6}): removed: IPv6 is not captured (--no-ipv6)" in again.stderr
+    assert ours(pod, v6) == []
+
+
 def test_ipv6_auto_skipped_removes_stale_rules_too(pod_network: PodNetwork) -> None:
     pod = pod_network.add_pod("a")  # no global IPv6 address: auto skips IPv6
     init_ok(pod, "--ipv6", "--backend", "nft")
