@@ -17,8 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,43 @@ def test_down_removes_what_a_dead_demo_recorded_and_nothing_else(bystander: str)
     assert again.returncode == 1
     assert bystander in again.stderr and "ip netns del" in again.stderr
     assert namespace_exists(bystander)
+
+
+def test_down_removes_a_demo_an_earlier_l4proxy_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Before the record, --keep wrote STATE_DIR/pids (the sidecars'
+    sessions) and links to its rules and logs there: --down read only
+    STATE_DIR/l4demo/state.json, refused, and the old sidecars ran on. As a
+    user's would be, but in a state directory and prefix of this test's."""
+    monkeypatch.setattr(demo, "STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(demo, "PREFIX", PREFIX)  # the default prefix, here
+    node, app = f"{PREFIX}-node", f"{PREFIX}-app"
+    for name in (node, app):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    # a sidecar as the old demo started it: a session of its own, and a worker
+    sidecar = subprocess.Popen(
+        ["ip", "netns", "exec", app, "sh", "-c", "sleep 600 & echo $!; exec sleep 600"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert sidecar.stdout is not None
+    worker = int(sidecar.stdout.readline())
+    (tmp_path / "pids").write_text(f"{sidecar.pid}\n")
+    dirs = []
+    for name in ("rules", "logs"):
+        dirs.append(tempfile.mkdtemp(prefix=f"{demo.TEMP_PREFIX}{name}-"))
+        (tmp_path / name).symlink_to(dirs[-1])
+
+    assert demo._down(PREFIX) == 0
+    sidecar.wait(timeout=10)
+    assert not _running(worker)
+    assert not namespace_exists(node) and not namespace_exists(app)
+    assert not any(os.path.exists(d) for d in dirs)
+    assert list(tmp_path.iterdir()) == []
+    # and a demo of that prefix can be made again
+    assert not os.path.exists(demo.state_dir(PREFIX))
 
 
 def test_down_refuses_while_the_demo_that_recorded_it_runs() -> None:

@@ -36,7 +36,10 @@ run of it refuses. ``--down`` removes what the record lists, and nothing
 else: the processes still in those namespaces, the namespaces, the
 directories; so a demo that died without cleaning up (SIGKILL, a crash)
 is removed as one left by ``--keep``, and no namespace of the same prefix that
-the run did not make (another program's, another run's) is touched.
+the run did not make (another program's, another run's) is touched. The one
+exception: a demo that an l4proxy before the record left with ``--keep``
+(``/run/l4proxy-demo/pids``, and ``rules`` and ``logs`` links beside it) is
+removed as that l4proxy's ``--down`` did, every ``l4demo-*`` namespace with it.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from l4proxy.demo.podnet import (
     PodNetwork,
     PodNetworkError,
     namespace_exists,
+    namespace_pids,
     stop_processes,
     unique_prefix,
 )
@@ -79,6 +83,11 @@ PREFIX = "l4demo"
 # links to the rules and logs of a topology left by --keep.
 STATE_DIR = "/run/l4proxy-demo"
 STATE_FILE = "state.json"
+# What --keep wrote before there was a record (l4proxy before --prefix), in
+# STATE_DIR itself: "pids", the sessions it started, one a line, and the links
+# "rules" and "logs" to its directories; its namespaces were every l4demo-*.
+OLD_PIDS = "pids"
+OLD_LINKS = ("rules", "logs")
 TEMP_PREFIX = "l4proxy-demo-"  # the rules and logs directories (tempfile.mkdtemp)
 VIP_BASE = "198.19.0."
 TUTORIAL_ORDER = ["all-v1", "50-v2", "all-v2"]
@@ -878,7 +887,62 @@ def _remove_namespaces(names: list[str], grace: float) -> int:
 
 
 def _down(prefix: str) -> int:
-    """Remove what the run of *prefix* recorded (see the module's docstring)."""
+    """Remove what the run of *prefix* recorded (see the module's docstring),
+    and, for the default prefix, a demo an earlier l4proxy left with --keep
+    (:func:`_down_old_layout`)."""
+    if prefix == PREFIX and os.path.exists(os.path.join(STATE_DIR, OLD_PIDS)):
+        recorded = os.path.exists(os.path.join(state_dir(prefix), STATE_FILE))
+        code = _down_recorded(prefix) if recorded else 0
+        return code or _down_old_layout(prefix)
+    return _down_recorded(prefix)
+
+
+def _down_old_layout(prefix: str) -> int:
+    """Remove a demo that an l4proxy before the record left with --keep, as
+    its --down did: SIGTERM to the sessions listed in STATE_DIR/pids, then
+    whatever still runs in the *prefix*-* namespaces is stopped and the
+    namespaces deleted, and the rules and logs directories its links point
+    to are removed with the links and the list."""
+    pids_file = os.path.join(STATE_DIR, OLD_PIDS)
+    netns_dir = "/var/run/netns"
+    names = sorted(
+        n
+        for n in (os.listdir(netns_dir) if os.path.isdir(netns_dir) else [])
+        if n.startswith(prefix + "-")
+    )
+    # A pid that is in none of the namespaces any more is another process's now.
+    inside = {pid for pids in namespace_pids(names).values() for pid in pids}
+    try:
+        with open(pids_file) as f:
+            listed = [int(line) for line in f if line.strip().isdigit()]
+    except OSError as exc:
+        print(f"l4proxy demo: cannot read {pids_file}: {exc}; nothing removed", file=sys.stderr)
+        return 1
+    for pid in listed:
+        if pid in inside:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+    removed = _remove_namespaces(names, grace=5)
+    for name in OLD_LINKS:
+        link = os.path.join(STATE_DIR, name)
+        if os.path.islink(link):
+            target = os.path.realpath(link)
+            if os.path.basename(target).startswith(TEMP_PREFIX):
+                shutil.rmtree(target, ignore_errors=True)
+            os.unlink(link)
+    left = [n for n in names if namespace_exists(n)]
+    if left:
+        print(f"l4proxy demo: could not remove {', '.join(left)}", file=sys.stderr)
+        return 1
+    os.unlink(pids_file)
+    with contextlib.suppress(OSError):  # an empty record directory (a run that died early)
+        os.rmdir(state_dir(prefix))
+    print(f"removed {removed} namespace(s) (a demo left by an earlier l4proxy)")
+    return 0
+
+
+def _down_recorded(prefix: str) -> int:
+    """Remove what the run of *prefix* recorded in its state directory."""
     directory = state_dir(prefix)
     try:
         state = _read_state(directory)
