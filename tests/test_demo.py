@@ -25,9 +25,9 @@ pytestmark = pytest.mark.netns
 EXPECTED_V1 = {"no-rule": 2 / 3, "all-v1": 1.0, "50-v2": 0.5, "all-v2": 0.0, "delete": 2 / 3}
 # Requests per step on the keep-alive client's one connection (l4proxy demo --keepalive).
 KEEPALIVE = 200
-# This process's namespaces (l4d<pid>-*), never the user's demo (l4demo-*) or
+# This process's namespaces (l4x<pid>-*), never the user's demo (l4demo-*) or
 # another test run's: every demo and --down here names them with --prefix.
-PREFIX = unique_prefix("l4d")
+PREFIX = demo.default_prefix()
 
 
 def _check_split(step: str, path: str, got: dict[str, Any], n: int) -> None:
@@ -122,11 +122,18 @@ def test_a_tutorial_names_its_namespaces_after_its_process() -> None:
     the command's l4demo-* (a user's demo) nor another process's."""
     tut = demo.Tutorial(demo.read_manifests(demo.DEFAULT_MANIFESTS), out=io.StringIO())
     try:
-        assert tut.net.node_ns == f"{unique_prefix('l4d')}-node"
+        assert tut.net.node_ns == f"{unique_prefix('l4x')}-node"
         assert demo.PREFIX == "l4demo" and not tut.prefix.startswith(demo.PREFIX)
     finally:
         tut.down()
-    assert unique_prefix("l4d", 4_194_303) == "l4d2hwcf" != unique_prefix("l4d", 4_194_302)
+    assert demo.default_prefix(4_194_303) == "l4x2hwcf" != demo.default_prefix(4_194_302)
+
+
+def test_no_pid_gives_a_tutorial_the_users_prefix() -> None:
+    """Tutorial()'s prefix was "l4d" + the pid in base 36: the process of pid
+    18960 got "l4demo", the user's demo's namespaces and record."""
+    pid_max = 4_194_304  # the kernel's highest (PID_MAX_LIMIT)
+    assert [pid for pid in range(pid_max + 1) if demo.default_prefix(pid) == demo.PREFIX] == []
 
 
 @pytest.mark.parametrize("bad", ["", "L4demo", "l4-demo", "../etc", "l4demo1234", "9demo"])

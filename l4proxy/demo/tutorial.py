@@ -77,8 +77,11 @@ from l4proxy.demo.podnet import (
 
 # The command's namespaces are PREFIX-*, unless --prefix names others (a second
 # demo beside the first, the tests). A Tutorial made by other code gets a
-# prefix of its own process (unique_prefix): it never meets the user's demo.
+# prefix of its own process (default_prefix): it never meets the user's demo.
 PREFIX = "l4demo"
+# default_prefix's stem: not the start of PREFIX, so that no pid makes PREFIX
+# ("l4d" + 18960 in base 36 was "l4demo").
+STEM = "l4x"
 # One directory per prefix: state.json (see the module's docstring), and the
 # links to the rules and logs of a topology left by --keep.
 STATE_DIR = "/run/l4proxy-demo"
@@ -269,7 +272,7 @@ class Tutorial:
         # --seed for the client and gateway sidecars: their weighted splits repeat.
         self.seed_args = [] if seed is None else ["--seed", str(seed)]
         self.out = out
-        self.prefix = prefix or unique_prefix("l4d")
+        self.prefix = prefix or default_prefix()
         self.state_dir = state_dir(self.prefix)
         # What this run made, as state.json lists it; None until claim().
         self._state: dict[str, Any] | None = None
@@ -841,6 +844,12 @@ def _run_with_api(args: argparse.Namespace) -> int:
     if getattr(args, "api", "istio") == "gateway" and args.manifests == DEFAULT_MANIFESTS:
         args.manifests = GATEWAY_API_MANIFESTS
     return run(args)
+
+
+def default_prefix(pid: int | None = None) -> str:
+    """The prefix of a Tutorial made without one: this process's (or *pid*'s),
+    never :data:`PREFIX`."""
+    return unique_prefix(STEM, pid)
 
 
 def state_dir(prefix: str) -> str:
