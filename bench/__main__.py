@@ -126,6 +126,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"raw numbers (default {DEFAULT_OUT}/latest.json; the table goes beside it, .md)",
     )
     p.add_argument("--no-install", action="store_true", help="do not apt-get/pip install peers")
+    p.add_argument(
+        "--editable",
+        action="store_true",
+        help="run l4proxy through make's editable install, as the tests do; by default it "
+        "runs as installed in a pod (the editable install's import hook costs ~0.9 MB of RSS "
+        "per process: see bench/scenarios.py installed_l4proxy)",
+    )
     return p
 
 
@@ -171,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     signal.signal(signal.SIGTERM, _terminate)
     # Imported after provisioning: the peers' modules look their programs up.
-    from bench import measure, memory, pin, profile, report
+    from bench import measure, memory, pin, profile, report, scenarios
     from bench.peers import missing_programs
     from bench.process import raise_fd_limit
     from bench.scenarios import LOOPBACK_PEERS, SIDECAR_PEERS, LoopbackBed, SidecarBed
+
+    scenarios.EDITABLE = args.editable
 
     missing = missing_programs(args.peers)
     if missing:
