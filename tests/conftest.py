@@ -152,6 +152,15 @@ def dead_ports(n: int) -> Iterator[list[int]]:
             s.close()
 
 
+def running(pid: int) -> bool:
+    """*pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def load_twin(name: str, which: str) -> ModuleType:
     """Import the ``which`` ("compiled" or "pure") twin of module *name*."""
     if which == "pure":

@@ -26,6 +26,7 @@ import pytest
 
 from l4proxy.demo import tutorial as demo
 from l4proxy.demo.podnet import namespace_exists, namespace_pids, stop_processes, unique_prefix
+from tests.conftest import running
 
 pytestmark = pytest.mark.netns
 
@@ -60,15 +61,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def _running(pid: int) -> bool:
-    """*pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _tutorial() -> demo.Tutorial:
@@ -116,7 +108,7 @@ def test_down_removes_what_a_dead_demo_recorded_and_nothing_else(bystander: str)
     r = _cli("--down")
     assert r.returncode == 0, r.stderr
     assert "removed 2 namespace(s)" in r.stdout
-    assert not _running(made["leader"]) and not _running(made["worker"])
+    assert not running(made["leader"]) and not running(made["worker"])
     assert not namespace_exists(f"{PREFIX}-node") and not namespace_exists(f"{PREFIX}-app")
     assert not any(os.path.exists(d) for d in made["dirs"])
     assert not os.path.exists(demo.state_dir(PREFIX))
@@ -158,7 +150,7 @@ def test_down_removes_a_demo_an_earlier_l4proxy_kept(
 
     assert demo._down(PREFIX) == 0
     sidecar.wait(timeout=10)
-    assert not _running(worker)
+    assert not running(worker)
     assert not namespace_exists(node) and not namespace_exists(app)
     assert not any(os.path.exists(d) for d in dirs)
     assert list(tmp_path.iterdir()) == []
@@ -255,6 +247,6 @@ def test_a_closed_terminal_stops_the_demo_and_its_pods() -> None:
     out, err = demo_run.communicate(timeout=60)
     assert demo_run.returncode == 130, out + err
     assert "interrupted; cleaning up" in err
-    assert not [pid for pid in pods if _running(pid)]
+    assert not [pid for pid in pods if running(pid)]
     assert not [n for n in recorded if namespace_exists(n)]
     assert not os.path.exists(demo.state_dir(PREFIX))

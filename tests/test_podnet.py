@@ -11,6 +11,7 @@ import time
 import pytest
 
 from l4proxy.demo.podnet import PodNetwork, PodNetworkError, namespace_pids, unique_prefix
+from tests.conftest import running
 
 pytestmark = pytest.mark.netns
 
@@ -64,15 +65,6 @@ def test_a_namespace_it_did_not_make_is_never_its_own(pod_network: PodNetwork) -
         subprocess.run(["ip", "netns", "del", theirs], check=False)
 
 
-def _running(pid: int) -> bool:
-    """*pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _ip_netns_pids(netns: str, n: int) -> list[int]:
     """``ip netns pids``, once *n* processes are in *netns* (a process started
     with ``ip netns exec`` is in it only once ip has entered it)."""
@@ -99,11 +91,11 @@ def test_close_stops_what_still_runs_in_its_namespaces() -> None:
         assert namespace_pids([pod.netns]) == {pod.netns: sorted([leader.pid, orphan])}
         net.close()
         assert leader.wait(timeout=10) == -signal.SIGKILL
-        assert not _running(orphan)
+        assert not running(orphan)
         assert not os.path.exists(f"/var/run/netns/{pod.netns}")
     finally:
         for pid in (leader.pid, orphan):
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
         leader.wait()
         net.close()

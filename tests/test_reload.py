@@ -530,6 +530,30 @@ def test_a_name_that_does_not_resolve_is_a_failed_connect_not_a_lost_connection(
     assert failures and failures[0] >= 1
 
 
+class HungMount:
+    """A call that blocks in the kernel, as on a hung NFS or FUSE mount: an
+    open() of a named pipe with no writer. ``arm()`` makes the next
+    ``block()`` hang until ``let_go()``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.fifo = tmp_path / "hung"
+        os.mkfifo(self.fifo)
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def block(self) -> None:
+        if self.armed:
+            self.armed = False
+            with open(self.fifo, "rb"):  # until a writer opens it
+                pass
+
+    def let_go(self) -> None:
+        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
+            os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -543,21 +567,14 @@ def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "a.yaml").write_text(big_rules(1))
-    hung = tmp_path / "hung"
-    os.mkfifo(hung)
+    mount = HungMount(tmp_path)
+    mount.arm()
+    let_go = mount.let_go
     real = rulewatch.load_rules
-    hangs = [True]
 
     def on_a_hung_mount(*args: Any, **kw: Any) -> Any:
-        if hangs[0]:
-            hangs[0] = False
-            with open(hung, "rb"):  # blocks in the kernel until a writer opens it
-                pass
+        mount.block()
         return real(*args, **kw)
-
-    def let_go() -> None:
-        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
-            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
 
     watcher = RuleWatcher([str(rules)], interval=0.05, settle=0, load_deadline=0.5)
     assert watcher.load_now()
@@ -594,7 +611,7 @@ def test_a_load_stuck_in_the_kernel_is_reported_and_does_not_hold_the_worker(
         await until(lambda: st.generation == 2)
         assert st.last_error is None and loaders() == 0
         assert "svc1.default.svc.cluster.local" in json.dumps(st.table.to_json())
-        hangs[0] = True  # hung again, and SIGTERM meanwhile
+        mount.arm()  # hung again, and SIGTERM meanwhile
         (rules / "c.yaml").write_text("# and another\n")
         await until(lambda: st.reload_failures == 2)
         await watcher.stop()
@@ -619,23 +636,15 @@ def test_a_stat_stuck_on_a_hung_mount_does_not_stop_the_loop(
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "a.yaml").write_text(big_rules(1))
-    hung = tmp_path / "hung"
-    os.mkfifo(hung)
+    mount = HungMount(tmp_path)
+    let_go = mount.let_go
     real = rulewatch.fingerprint
-    hangs = [False]
     calls = [0]
 
     def on_a_hung_mount(paths: Any) -> Any:
         calls[0] += 1
-        if hangs[0]:
-            hangs[0] = False
-            with open(hung, "rb"):  # blocks in the kernel until a writer opens it
-                pass
+        mount.block()
         return real(paths)
-
-    def let_go() -> None:
-        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
-            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
 
     monkeypatch.setattr(rulewatch, "fingerprint", on_a_hung_mount)
     monkeypatch.setattr(rulewatch, "FINGERPRINT_DEADLINE", 0.3, raising=False)
@@ -655,7 +664,7 @@ def test_a_stat_stuck_on_a_hung_mount_does_not_stop_the_loop(
         st = watcher.state
         watcher.start()
         await asyncio.sleep(0.2)
-        hangs[0] = True
+        mount.arm()
         for _ in range(20):  # 1 s of a loop that must keep turning
             await asyncio.sleep(0.05)
             ticks[0] += 1
