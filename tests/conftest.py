@@ -200,5 +200,5 @@ def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
         yield m
     finally:
         if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
+            print(m.sidecar_log(5000))
         m.close()

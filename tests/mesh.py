@@ -270,21 +270,25 @@ class Mesh:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited {proc.returncode}:\n{self.sidecar_log()}")
+                raise RuntimeError(f"sidecar exited {proc.returncode}:\n{self.sidecar_log(5000)}")
             try:
                 if "LIVE" in sidecar.admin("/ready"):
                     return sidecar
             except subprocess.CalledProcessError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"sidecar not ready:\n{self.sidecar_log()}")
+        raise RuntimeError(f"sidecar not ready:\n{self.sidecar_log(5000)}")
 
-    def sidecar_log(self) -> str:
+    def sidecar_log(self, tail: int | None = None) -> str:
+        """The sidecar's log: whole for assertions (a storm of reload lines
+        pushed what a test looked for out of a tail), or its last *tail*
+        characters for a message."""
         try:
             with open(self.log_path) as f:
-                return f.read()[-5000:]
+                text = f.read()
         except OSError:
             return ""
+        return text if tail is None else text[-tail:]
 
     # -- traffic -------------------------------------------------------------
     def curl(

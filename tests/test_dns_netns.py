@@ -125,7 +125,7 @@ def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
         yield m
     finally:
         if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
+            print(m.sidecar_log(5000))
         m.close()
 
 
@@ -141,7 +141,7 @@ def _wait(what: str, check: Callable[[], bool], mesh: Mesh, timeout: float = 10)
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n{mesh.sidecar_log()}")
+    raise AssertionError(f"timed out waiting for {what}:\n{mesh.sidecar_log(5000)}")
 
 
 def test_split_follows_rule_and_dns_change_moves_traffic(mesh: Mesh) -> None:

@@ -249,7 +249,7 @@ def _wait_stat(mesh: Mesh, name: str, pred: object, timeout: float = 5) -> None:
     assert mesh.sidecar is not None
     sc = mesh.sidecar
     ok = wait_until(lambda: pred(sc.stat(name)), timeout)  # type: ignore[operator]
-    assert ok, (name, sc.stat(name), mesh.sidecar_log())
+    assert ok, (name, sc.stat(name), mesh.sidecar_log(5000))
 
 
 def test_rule_file_mid_write_invalid_deleted_path_keep_the_last_good_table(mesh: Mesh) -> None:

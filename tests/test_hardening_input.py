@@ -123,7 +123,7 @@ def hostile(http_routing: str) -> Iterator[Hostile]:
             yield Hostile(mesh, odd, observers, mode)
         finally:
             if mesh.sidecar and not mesh.sidecar.alive():
-                print(mesh.sidecar_log())
+                print(mesh.sidecar_log(5000))
             mesh.close()
 
 

@@ -87,7 +87,7 @@ def _wait_generation(mesh: Mesh, gen: float, timeout: float = 10) -> None:
         if mesh.sidecar.stat("l4proxy_rules_generation") >= gen:
             return
         time.sleep(0.1)
-    raise AssertionError(f"rules generation {gen} not reached:\n{mesh.sidecar_log()}")
+    raise AssertionError(f"rules generation {gen} not reached:\n{mesh.sidecar_log(5000)}")
 
 
 @pytest.mark.usefixtures("seed_dir")
@@ -672,7 +672,7 @@ def test_sigterm_keeps_serving_the_apps_outbound_calls(mesh: Mesh, impl: str) ->
     probe = caller.run([PYTHON, "-c", INBOUND_PROBE, mesh.client.ipv4]).stdout.strip()
     assert probe in ("ConnectionResetError", "ConnectionRefusedError", "b''"), probe
     out, _ = app.communicate(timeout=30)
-    assert out.split("\n")[:5] == ["HTTP/1.1 200 OK"] * 5, (out, mesh.sidecar_log())
+    assert out.split("\n")[:5] == ["HTTP/1.1 200 OK"] * 5, (out, mesh.sidecar_log(5000))
     assert mesh.sidecar.proc.wait(20) == 0
     # Exited on the app's silence (last call at ~2.5 s, then 1 s quiet), not at
     # the 15 s deadline; 10 s leaves a loaded machine plenty of room.

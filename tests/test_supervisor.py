@@ -40,7 +40,7 @@ def bare(pod_network: PodNetwork) -> Iterator[Mesh]:
         yield m
     finally:
         if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log())
+            print(m.sidecar_log(5000))
         m.close()
 
 
@@ -63,7 +63,7 @@ def _wait(cond: object, what: str, m: Mesh, timeout: float = 20) -> None:
         except Exception:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s:\n{m.sidecar_log()}")
+    raise AssertionError(f"{what} within {timeout}s:\n{m.sidecar_log(5000)}")
 
 
 def _replaced(m: Mesh, old: int) -> int:
@@ -252,7 +252,7 @@ def test_a_sighup_to_a_worker_that_is_loading_its_first_rules(bare: Mesh) -> Non
                     pass
         time.sleep(0.005)
     _ready(bare)
-    assert len(hit) == 1 and sc.worker_pids() == list(hit), (hit, bare.sidecar_log())
+    assert len(hit) == 1 and sc.worker_pids() == list(hit), (hit, bare.sidecar_log(5000))
     assert bare.sidecar_log().count("died with") == 1
 
 
