@@ -79,11 +79,12 @@ DEFAULT_LOAD_DEADLINE = 30.0
 # at the same place).
 FINGERPRINT_DEADLINE = 10.0
 LOAD_THREAD = "l4proxy-rules"
+STAT_THREAD = "l4proxy-rules-stat"  # see RuleWatcher._stat()
 
 T = TypeVar("T")
 
 
-def in_a_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+def in_a_daemon_thread(fn: Callable[[], T], name: str = LOAD_THREAD) -> asyncio.Future[T]:
     """*fn* run in a daemon thread of its own; its outcome, on the running loop.
 
     Not asyncio.to_thread: asyncio.run waits for the default executor's
@@ -113,7 +114,7 @@ def in_a_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
 
-    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -373,7 +374,7 @@ class RuleWatcher:
                 return None
             self._stat_stuck = None
         paths = list(self.paths)
-        look = in_a_daemon_thread(lambda: fingerprint(paths))
+        look = in_a_daemon_thread(lambda: fingerprint(paths), STAT_THREAD)
         try:
             return await asyncio.wait_for(asyncio.shield(look), FINGERPRINT_DEADLINE)
         except TimeoutError:
