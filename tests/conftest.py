@@ -24,7 +24,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
@@ -150,6 +151,25 @@ def dead_ports(n: int) -> Iterator[list[int]]:
     finally:
         for s in socks:
             s.close()
+
+
+def accept_until_closed(
+    listener: socket.socket, on_accept: Callable[[socket.socket], None]
+) -> threading.Thread:
+    """A daemon thread handing each connection *listener* accepts to
+    *on_accept*, until the listener is closed (accept() then fails)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            on_accept(conn)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
 
 
 def running(pid: int) -> bool:

@@ -26,7 +26,7 @@ import pytest
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
-from tests.conftest import dead_ports, load_twin
+from tests.conftest import accept_until_closed, dead_ports, load_twin
 from tests.mesh import binomial_ok
 
 
@@ -170,15 +170,10 @@ class Proxy:
         self.relay.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_until_closed(self.listener, self._hand_over)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.relay.add(conn, ("198.19.0.10", 8080))
+    def _hand_over(self, conn: socket.socket) -> None:
+        self.relay.add(conn, ("198.19.0.10", 8080))
 
     def _l4(
         self, client: socket.socket, up: object, to_client: bytes, to_up: bytes, origin: object
@@ -617,7 +612,7 @@ def _resolving_proxy(
     proxy.relay.start()
     proxy.listener = socket.create_server(("127.0.0.1", 0))
     proxy.port = proxy.listener.getsockname()[1]
-    threading.Thread(target=proxy._accept, daemon=True).start()
+    accept_until_closed(proxy.listener, proxy._hand_over)
     return proxy, calls
 
 

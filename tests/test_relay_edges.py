@@ -17,7 +17,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
-from tests.conftest import load_twin
+from tests.conftest import accept_until_closed, load_twin
 
 TWINS = ("pure", "compiled")
 ORIGIN = ("198.19.0.10", 8080)
@@ -30,15 +30,10 @@ class Backend:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = ("127.0.0.1", self.listener.getsockname()[1])
         self.handler = handler
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_until_closed(
+            self.listener,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

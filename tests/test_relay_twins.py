@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
-from tests.conftest import dead_ports, load_twin
+from tests.conftest import accept_until_closed, dead_ports, load_twin
 
 ORIGIN = ("198.19.0.10", 8080)
 QUIET = 0.03  # seconds without any movement: a conversation has settled
@@ -241,8 +241,8 @@ class Backend:
         self.at_gate = threading.Event()  # a "gated" request's head was read
         self.gate = threading.Event()  # the test lets the backend close it
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        self.threads: list[threading.Thread] = []
+        self.threads.append(accept_until_closed(self.listener, self._take))
 
     def sockets(self) -> list[socket.socket]:
         with self.lock:
@@ -270,20 +270,15 @@ class Backend:
         for t in self.threads:
             t.join(5)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            # Segments go out as scripted, not held for a delayed ACK (Nagle).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = BackendConn(sock)
-            serving = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            with self.lock:
-                self.conns.append(conn)
-                self.threads.append(serving)
-            serving.start()
+    def _take(self, sock: socket.socket) -> None:
+        # Segments go out as scripted, not held for a delayed ACK (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = BackendConn(sock)
+        serving = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+        with self.lock:
+            self.conns.append(conn)
+            self.threads.append(serving)
+        serving.start()
 
     def _more(self, c: BackendConn) -> bool:
         try:
