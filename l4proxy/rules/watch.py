@@ -277,7 +277,7 @@ class RuleWatcher:
         self._swap(result)
         return True
 
-    async def reload(self) -> bool:
+    async def reload(self, fp: Fingerprint | None = None) -> bool:
         """Parse and compile the rules in a thread, then swap on the loop.
 
         Parsing 2,000 ServiceEntries and 2,000 RouteRules takes about a
@@ -289,13 +289,15 @@ class RuleWatcher:
         bytecodes; the new table is built entirely on the thread and is not
         seen by the loop until :meth:`_swap` replaces ``state.table`` in one
         assignment, on the loop, between two connections' decisions. Reloads
-        are serialized: only the :meth:`_run` task calls this.
+        are serialized: only the :meth:`_run` task calls this. *fp*: the
+        files' fingerprint, when the caller has just taken it.
         """
         if self.stuck is not None:
             return False  # reported already; a reload follows once it ends
-        fp = await self._stat()
-        if fp is None:
-            return False  # the files cannot be looked at: logged
+        if fp is None:  # (_run passes the one it has just taken twice)
+            fp = await self._stat()
+            if fp is None:
+                return False  # the files cannot be looked at: logged
         self._fingerprint = fp
         self.reloading = True
         result: LoadResult | None = None
@@ -538,7 +540,7 @@ class RuleWatcher:
             if await self._stat() != fp:
                 continue  # still being written; look again next round
             try:
-                await self.reload()
+                await self.reload(fp)
             except Exception:  # a loader bug must not stop reloads for good
                 log.exception("unexpected error while loading rules")
                 self._fingerprint = fp
