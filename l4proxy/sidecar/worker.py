@@ -348,19 +348,19 @@ class Worker:
         outbound = ("outbound",) if quiet > 0 else ()
         # (inbound also arrives on the shared outbound port, without
         # --inbound-port: it stays open while inbound is served)
-        self.stop_accepting(keep=("outbound", "inbound", "gateway") if inbound > 0 else outbound)
+        serving_inbound = inbound > 0
+        every = ("outbound", "inbound", "gateway")
+        self.stop_accepting(keep=every if serving_inbound else outbound)
         self._last_accept = max(self._last_accept, now)
         while self.listeners and time.monotonic() < deadline:
-            if inbound > 0 and time.monotonic() >= self.inbound_until:
+            if serving_inbound and time.monotonic() >= self.inbound_until:
                 self.stop_accepting(keep=outbound)
-                inbound = 0.0
+                serving_inbound = False
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
-            if inbound > 0:
-                pass  # inbound is still served: not over before inbound_until
-            elif idle and time.monotonic() - self.last_accept() >= quiet:
+            if not serving_inbound and idle and time.monotonic() - self.last_accept() >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
-            await asyncio.sleep(0.1 if inbound > 0 else min(0.1, max(quiet, 0.01)))
+            await asyncio.sleep(0.1 if serving_inbound else min(0.1, max(quiet, 0.01)))
         self.stop_accepting()
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
@@ -1105,7 +1105,10 @@ class Worker:
 def _cluster(service: Service | None) -> str:
     """The ``service`` label of a connect failure (Istio's name for a
     destination no rule names)."""
-    return service.host if service is not None else "PassthroughCluster"
+    return service.host if service is not None else PASSTHROUGH
+
+
+PASSTHROUGH = "PassthroughCluster"  # Istio's name for a destination no rule names
 
 
 class _HandedToRelay(Exception):
@@ -1178,7 +1181,7 @@ def _subset_tag(
 def _istio_labels(tag: _Tag | _SubsetTag | None, status: int) -> dict[str, str]:
     """Istio's standard metric labels, so Flagger's and Argo's queries work."""
     if tag is None:
-        service, name, version, workload = "unknown", "PassthroughCluster", "unknown", "unknown"
+        service, name, version, workload = "unknown", PASSTHROUGH, "unknown", "unknown"
     elif isinstance(tag, _SubsetTag):
         service, version, workload = tag.service, tag.version, tag.workload
         name = service.split(".", 1)[0]
