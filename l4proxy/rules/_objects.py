@@ -135,27 +135,24 @@ def weights(
     any total above 0 does, and a lone destination gets them all whatever
     its weight says.
     """
-    if len(entries) == 1 and (entries[0][0] is None or relative):
-        if (
-            entries[0][0] is not None
-            and integer(ctx, entries[0][0], entries[0][1], 0, MAX_RELATIVE_WEIGHT, what="weight")
-            is None
-        ):
-            return None
+    if len(entries) == 1 and entries[0][0] is None:
         return [100]
+    limit = MAX_RELATIVE_WEIGHT if relative else 100
     out: list[int] = []
     ok = True
     for value, wpath in entries:
         if value is None:
             out.append(0)  # Istio: an omitted weight among several is 0
             continue
-        w = integer(ctx, value, wpath, 0, MAX_RELATIVE_WEIGHT if relative else 100, what="weight")
+        w = integer(ctx, value, wpath, 0, limit, what="weight")
         if w is None:
             ok = False
         else:
             out.append(w)
     if not ok:
         return None
+    if relative and len(entries) == 1:
+        return [100]  # a lone destination gets everything, whatever its weight
     total = sum(out)
     if relative and total <= 0:
         ctx.error(path, "route weights total 0: at least one destination needs a weight above 0")
