@@ -24,6 +24,7 @@ sidecar
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def probe(target: Target, tries: int = 12) -> set[str]:
     return {f"v{v}" for v in versions}
 
 
-def installed_l4proxy() -> list[str]:
+@functools.cache  # (one venv check per run; EDITABLE is set before the first call)
+def installed_l4proxy() -> tuple[str, ...]:
     """The command that runs l4proxy as it runs in a pod.
 
     ``make`` installs the project in editable mode, and setuptools' editable
@@ -119,7 +121,7 @@ def installed_l4proxy() -> list[str]:
     """
     hooked = any(name.startswith("__editable__") for name in sys.modules)
     if EDITABLE or not hooked:
-        return [L4PROXY]
+        return (L4PROXY,)
     python = os.path.join(INSTALLED, "bin", "python")
     old = os.umask(0o022)  # the sidecar placement runs it as uid 1337
     try:
@@ -142,7 +144,7 @@ def installed_l4proxy() -> list[str]:
             f.write(f"{project}\n{sysconfig.get_paths()['purelib']}\n")
     finally:
         os.umask(old)
-    return [python, "-m", "l4proxy"]
+    return (python, "-m", "l4proxy")
 
 
 def l4proxy_command(
