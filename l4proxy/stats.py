@@ -11,6 +11,7 @@ import contextlib
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -113,3 +114,57 @@ def render_prometheus(
         for labels, v in sorted(series.items()):
             lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+# -- which rules a sidecar serves -------------------------------------------------
+GENERATION = "l4proxy_rules_generation"
+DIGEST = "l4proxy_rules_digest"
+DIGEST_DISAGREE = -1  # the supervisor's digest while its workers serve different files
+
+
+@dataclass(frozen=True)
+class RulesMark:
+    """Which rules a sidecar serves, as its ``/stats`` says.
+
+    ``generation`` (the lowest over the workers) counts rule loads per
+    process and starts again at 1 in a restarted worker: a change made
+    while one restarted left the lowest generation at or below its value
+    before the change although the change was live. ``digest`` names the
+    files the tables were loaded from (the same in every worker that loaded
+    the same files; DIGEST_DISAGREE while they differ; None from an l4proxy
+    that had no digest). A writer reads the mark, changes the files, and
+    waits until the mark it reads is :meth:`past` the first.
+    """
+
+    generation: int
+    digest: int | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, float | None]) -> RulesMark | None:
+        """From /stats' unlabelled values by name (None: not an l4proxy)."""
+        gen = values.get(GENERATION)
+        if gen is None:
+            return None
+        digest = values.get(DIGEST)
+        return cls(int(gen), None if digest is None else int(digest))
+
+    @classmethod
+    def parse(cls, text: str) -> RulesMark | None:
+        """From /stats' Prometheus text."""
+        found: dict[str, float | None] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in (GENERATION, DIGEST):
+                with contextlib.suppress(ValueError):
+                    found[name] = float(value.split()[0])
+        return cls.of(found)
+
+    def past(self, before: RulesMark) -> bool:
+        """Every worker serves files other than those of *before*."""
+        if self.digest is None or before.digest is None:
+            return self.generation > before.generation
+        if self.digest in (DIGEST_DISAGREE, 0):
+            return False  # workers on different files, or one that loaded none
+        if before.digest == DIGEST_DISAGREE:  # which files came before is unknown
+            return self.generation > before.generation
+        return self.digest != before.digest

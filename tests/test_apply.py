@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from l4proxy.cli import main
+from tests._hardening import wait_until
 from tests.mesh import L4PROXY, VIP, Mesh, binomial_ok, service_entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,9 +155,9 @@ def test_unreadable_file_is_a_usage_error(rules: Path, tmp_path: Path) -> None:
 # -- with a live sidecar ----------------------------------------------------------
 
 
-@pytest.mark.netns
-def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> None:
-    per_version = [
+def per_version(mesh: Mesh) -> list[str]:
+    """ServiceEntries bootcamp-v1 and bootcamp-v2 (the examples' backends) of *mesh*'s pods."""
+    return [
         service_entry(
             f"bootcamp-{v}",
             f"198.19.0.{11 + i}",
@@ -163,8 +166,12 @@ def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> No
         )
         for i, v in enumerate(("v1", "v2"))
     ]
+
+
+@pytest.mark.netns
+def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> None:
     mesh.write_rules(Path(ex("gateway.yaml")).read_text(), name="gateway.yaml")
-    mesh.start("compiled-uvloop", *per_version)
+    mesh.start("compiled-uvloop", *per_version(mesh))
     assert mesh.client is not None and mesh.sidecar is not None
     d = mesh.rules_dir
     step = mesh.client.run(
@@ -208,6 +215,35 @@ def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> No
     )
     assert step.returncode == 1 and "nothing changed" in step.stderr
     assert mesh.sidecar.stat("l4proxy_rules_generation") == gen
+
+
+@pytest.mark.netns
+def test_admin_sees_a_change_live_in_a_worker_restarted_meanwhile(mesh: Mesh) -> None:
+    """A worker restarted after the change counts its loads from 1 again: the
+    lowest generation over the workers stayed at its value before the change,
+    and ``--admin`` timed out (exit 3) on a change that every worker served.
+    The worker is killed once the file is in place and before the sidecar
+    reloads it (the files must be still for a second first)."""
+    mesh.write_rules(Path(ex("gateway.yaml")).read_text(), name="gateway.yaml")
+    mesh.start("compiled-uvloop", *per_version(mesh))
+    assert mesh.client is not None and mesh.sidecar is not None
+    [worker] = mesh.sidecar.worker_pids()
+    target = Path(mesh.rules_dir) / "httproute-all-v1.yaml"
+    argv = [L4PROXY, "create", "-f", ex("httproute-all-v1.yaml"), "--rules", mesh.rules_dir]
+    argv += ["--admin", "127.0.0.1:15000", "--timeout", "8"]
+    step = mesh.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(target.exists, timeout=10, step=0.005)
+        os.kill(worker, signal.SIGKILL)
+        out, err = step.communicate(timeout=30)
+    finally:
+        if step.poll() is None:
+            step.kill()
+    assert step.returncode == 0, err
+    assert mesh.sidecar.worker_pids() not in ([], [worker])
+    assert "serves rules generation 1" in out  # the new worker's first load
+    versions, _, failures = mesh.split(n=20)
+    assert (versions["v1"], failures) == (20, [])
 
 
 @pytest.mark.netns

@@ -557,6 +557,38 @@ def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(
     assert _routes(tmp_path) == [("v1", 100)]
 
 
+def test_a_change_is_live_on_a_sidecar_whose_worker_restarted_meanwhile(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar's worker restarted after the change: its generation went
+    from 7 to 1 and never past 7 again, so every step waited --wait-live and
+    warned "still serves rules generation 1". Its files' digest says the
+    change is live."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+    reads = []
+
+    def stats(target: str) -> bytes:
+        reads.append(target)
+        gen, digest = (7, 5) if len(reads) == 1 else (1, 6)  # before the change / after
+        return (
+            b"# TYPE istio_requests_total counter\nistio_requests_total 0\n"
+            b"l4proxy_rules_generation %d\nl4proxy_rules_digest %d\n" % (gen, digest)
+        )
+
+    with _serving(stats) as admin:
+        argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
+        assert main([*argv, "--wait-live", "3"]) == 1
+    assert "warning" not in capsys.readouterr().err
+    assert len(reads) == 2
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
 def test_wait_live_defaults_to_the_delay_of_where_the_rules_are_written() -> None:
     """5 s for a rules directory (sidecars poll it every second), 150 s for a
     ConfigMap: the kubelet projects a change on its sync period (a minute by

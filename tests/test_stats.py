@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from l4proxy.stats import Counters
+from l4proxy.stats import Counters, RulesMark
 
 
 def test_render_counters_with_labels_and_gauges() -> None:
@@ -92,3 +92,20 @@ def test_the_workers_report_of_a_row_is_one_batch() -> None:
     Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets)])  # type: ignore[arg-type]
     assert counters.total("istio_requests_total") == 1
     assert outside == []
+
+
+def test_rules_mark_from_stats_and_when_a_change_is_live() -> None:
+    text = "# TYPE l4proxy_rules_generation untyped\nl4proxy_rules_generation 3\n"
+    assert RulesMark.parse(text) == RulesMark(3, None)  # an l4proxy before digests
+    assert RulesMark.parse(text + "l4proxy_rules_digest 281474976710655\n") == RulesMark(
+        3, 2**48 - 1
+    )
+    assert RulesMark.parse("istio_requests_total 5\n") is None  # not an l4proxy
+    before = RulesMark(3, 10)
+    assert RulesMark(1, 11).past(before)  # a restarted worker on the new files
+    assert not RulesMark(9, 10).past(before)  # reloaded (SIGHUP), the same files
+    assert not RulesMark(4, -1).past(before)  # workers on different files
+    assert not RulesMark(4, 0).past(before)  # one that loaded no rules
+    assert RulesMark(4, 11).past(RulesMark(3, -1))  # before unknown: the generation too
+    assert not RulesMark(3, 11).past(RulesMark(3, -1))
+    assert RulesMark(4).past(RulesMark(3)) and not RulesMark(3).past(RulesMark(3))

@@ -25,6 +25,7 @@ import pytest
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.demo.podnet import PodNetwork
 from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit
+from l4proxy.stats import RulesMark
 from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
 
 netns = pytest.mark.netns
@@ -562,6 +563,36 @@ def test_totals_reported_as_gauges_and_dns_gauges_survive_silence_and_restarts()
     assert relayed == [2000, 2000, 2005, 2010]
     assert dns == [3, 3, 3, 3]  # was: 6, 3, 9, 12
     assert [s["l4proxy_rules_generation"] for s in seen] == [1] * 4  # the gauges as before
+
+
+def test_rules_digest_is_the_workers_when_they_agree() -> None:
+    """/stats' l4proxy_rules_digest: the files every answering worker serves;
+    -1 while they differ (one has not reloaded yet), which no writer waiting
+    for its change takes for live (RulesMark.past)."""
+
+    def raw(gen: int, digest: int) -> dict[str, object]:
+        r = _raw(1, 0, 0)
+        r["gauges"] = {**r["gauges"], "l4proxy_rules_generation": gen}  # type: ignore[dict-item]
+        r["gauges"]["l4proxy_rules_digest"] = digest  # type: ignore[index]
+        return r
+
+    sup = Supervisor(argparse.Namespace(), [[], []])
+    s0, s1 = sup.slots
+    s0.proc, s0.link = _Proc(100), _Link(raw(5, 77))  # type: ignore[assignment]
+    s1.proc, s1.link = _Proc(101), _Link(raw(5, 77))  # type: ignore[assignment]
+    before = _scrape(sup)
+    s0.link = _Link(raw(6, 88))  # type: ignore[assignment]  # reloaded; s1 not yet
+    midway = _scrape(sup)
+    s1.proc, s1.link = _Proc(202), _Link(raw(1, 88))  # type: ignore[assignment]  # restarted
+    after = _scrape(sup)
+    digests = [s["l4proxy_rules_digest"] for s in (before, midway, after)]
+    assert digests == [77, -1, 88]
+    assert [s["l4proxy_rules_generation"] for s in (before, midway, after)] == [5, 5, 1]
+    marks = [
+        RulesMark(int(s["l4proxy_rules_generation"]), int(s["l4proxy_rules_digest"]))
+        for s in (before, midway, after)
+    ]
+    assert [m.past(marks[0]) for m in marks] == [False, False, True]
 
 
 def test_an_answer_counts_for_the_process_that_was_asked() -> None:

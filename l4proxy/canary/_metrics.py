@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.canary._analysis import Sample
+from l4proxy.stats import RulesMark
 
 REQUESTS = "istio_requests_total"
 BUCKETS = "istio_request_duration_milliseconds_bucket"
-GENERATION = "l4proxy_rules_generation"
 
 NO_REQUEST_METRICS = (
     "{url} has no {name}: l4proxy canary reads per-request metrics, which a sidecar "
@@ -227,14 +227,13 @@ def http_get(url: str, timeout: float = 3.0) -> str:
         raise MetricsError(f"{url}: cannot read it ({reason})") from exc
 
 
-def read_sidecar(url: str, text: str) -> tuple[dict[Series, float], int | None]:
-    """Parse one sidecar's ``/stats``: (its series, its rules generation).
+def read_sidecar(url: str, text: str) -> tuple[dict[Series, float], RulesMark | None]:
+    """Parse one sidecar's ``/stats``: (its series, which rules it serves).
     Raises :class:`MetricsError` when it has no per-request metrics."""
     values, declared = parse_text(text)
     if REQUESTS not in declared and not any(k[0] == REQUESTS for k in values):
         raise MetricsError(NO_REQUEST_METRICS.format(url=url, name=REQUESTS))
-    gen = values.get((GENERATION, ()))
-    return values, None if gen is None else int(gen)
+    return values, RulesMark.of({name: v for (name, labels), v in values.items() if not labels})
 
 
 # -- Prometheus -----------------------------------------------------------------

@@ -85,6 +85,7 @@ from l4proxy.canary._metrics import (
 from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.stats import RulesMark
 
 EXIT_PROMOTED = 0
 EXIT_ROLLED_BACK = 1
@@ -590,14 +591,14 @@ class SidecarMetrics:
         self.service = service
         self.get = get
         self.window = CounterWindow()
-        self.generations: dict[str, int | None] = {}
+        self.marks: dict[str, RulesMark | None] = {}
 
     def _read(self) -> dict[Series, float]:
         readings: dict[str, dict[Series, float]] = {}
         for url in self.urls:
-            values, gen = read_sidecar(url, self.get(url))
+            values, mark = read_sidecar(url, self.get(url))
             readings[url] = values
-            self.generations[url] = gen
+            self.marks[url] = mark
         return self.window.read(readings)
 
     def start_window(self) -> None:
@@ -606,20 +607,29 @@ class SidecarMetrics:
     def sample(self, version: str, interval: float) -> Sample:
         return totals_of(self._read(), self.service, version).sample()
 
-    def wait_live(self, before: dict[str, int | None], timeout: float) -> None:
-        """Until every sidecar serves a rules generation past *before*."""
+    def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
+        """Until every sidecar serves the rules as they are now (its workers
+        agree on files other than *before*'s: see RulesMark)."""
         deadline = time.monotonic() + timeout
+
+        def late() -> list[str]:
+            return [
+                u
+                for u in self.urls
+                if (b := before.get(u)) is not None
+                and ((m := self.marks.get(u)) is None or not m.past(b))
+            ]
+
         while True:
             self._read()
-            if all(
-                before.get(u) is None or (self.generations.get(u) or 0) > (before[u] or 0)
-                for u in self.urls
-            ):
+            if not late():
                 return
             if time.monotonic() >= deadline:
-                late = [u for u in self.urls if (self.generations.get(u) or 0) <= (before[u] or 0)]
+                url = late()[0]
+                mark = self.marks.get(url)
+                gen = mark.generation if mark is not None else None
                 raise NotLive(
-                    f"{late[0]} still serves rules generation {self.generations.get(late[0])} "
+                    f"{url} still serves rules generation {gen} "
                     f"{timeout:g} s after the change (--wait-live): is it watching these "
                     "rules? (its /config_dump says why it refused a change)"
                 )
@@ -636,7 +646,7 @@ class PrometheusMetrics:
         self.service = service
         self.reporter = reporter
         self.get = get
-        self.generations: dict[str, int | None] = {}
+        self.marks: dict[str, RulesMark | None] = {}
 
     def start_window(self) -> None:
         pass
@@ -648,7 +658,7 @@ class PrometheusMetrics:
             answers[key] = parse_query_response(url, self.get(url))
         return sample_from_prometheus(answers)
 
-    def wait_live(self, before: dict[str, int | None], timeout: float) -> None:
+    def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
         pass
 
 
@@ -848,11 +858,11 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         saved = roll_back(saved, time.time())
     if action != "status":
         sidecars = SidecarMetrics(args.metrics, store.service) if args.metrics else None
-        before: dict[str, int | None] = {}
+        before: dict[str, RulesMark | None] = {}
         if sidecars is not None:
             try:
                 sidecars.start_window()
-                before = dict(sidecars.generations)
+                before = dict(sidecars.marks)
             except MetricsError as exc:
                 print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
                 sidecars = None
@@ -994,7 +1004,7 @@ def _set_weight(
     store: Store, metrics: Metrics, r: Rollout, wait: float, expected: Rollout | None = ANY
 ) -> None:
     """State first, then the document; then a fresh window at that weight."""
-    before = dict(metrics.generations)
+    before = dict(metrics.marks)
     if store.commit(r, expected):  # unchanged (a resume): no reload to wait for
         metrics.wait_live(before, wait)  # also on the way out: exit once it is live
     if r.phase == "progressing":

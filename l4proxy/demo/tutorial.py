@@ -74,6 +74,7 @@ from l4proxy.demo.podnet import (
     stop_processes,
     unique_prefix,
 )
+from l4proxy.stats import RulesMark
 
 # The command's namespaces are PREFIX-*, unless --prefix names others (a second
 # demo beside the first, the tests). A Tutorial made by other code gets a
@@ -545,9 +546,8 @@ class Tutorial:
         r = pod.run(["curl", "-s", "--max-time", "2", f"http://127.0.0.1:15000{path}"], check=False)
         return r.stdout
 
-    def _generation(self, pod: Pod) -> int:
-        m = re.search(r"^l4proxy_rules_generation (\d+)", self._admin(pod, "/stats"), re.M)
-        return int(m.group(1)) if m else -1
+    def _rules_mark(self, pod: Pod) -> RulesMark:
+        return RulesMark.parse(self._admin(pod, "/stats")) or RulesMark(-1)
 
     def _wait_ready(self, pod: Pod, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -569,7 +569,7 @@ class Tutorial:
     def apply(self, step: str) -> str:
         """Make *step* the live rule; returns a line describing it."""
         assert self.client is not None and self.gateway is not None
-        before = [self._generation(p) for p in (self.client, self.gateway)]
+        before = [self._rules_mark(p) for p in (self.client, self.gateway)]
         rule_path = os.path.join(self.rules_dir, "route-rule.yaml")
         if step in ("no-rule", "delete") and self.man.base_rule is not None:
             # Gateway API: a gateway serves nothing without a route, so the
@@ -591,8 +591,8 @@ class Tutorial:
             kind = "HTTPRoute" if "kind: HTTPRoute" in text else "RouteRule"
             what = f"{kind} from {fname}: " + _describe_rule(text)
         deadline = time.monotonic() + 10
-        for pod, gen in zip((self.client, self.gateway), before, strict=True):
-            while self._generation(pod) <= gen:
+        for pod, mark in zip((self.client, self.gateway), before, strict=True):
+            while not self._rules_mark(pod).past(mark):
                 err = self._rule_errors(pod)
                 if err:
                     raise DemoError(f"the sidecar in {pod.name} rejected the rule:\n{err}")

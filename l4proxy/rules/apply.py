@@ -20,8 +20,10 @@ errors and the directory is left as it was. Writes are atomic (a temporary
 file in DIR, fsync, rename over the target; hidden names are never read by
 the sidecar), and an flock on ``DIR/.l4proxy.lock`` serializes concurrent
 invocations. With ``--admin``, the command then polls the sidecar's
-``/stats`` until ``l4proxy_rules_generation`` moves past the value read
-before the change, or fails after ``--timeout`` naming what the sidecar said
+``/stats`` until every worker serves the files as they are now (the
+``l4proxy_rules_digest`` they agree on has moved; from an older sidecar,
+``l4proxy_rules_generation`` has moved past the value read before the
+change), or fails after ``--timeout`` naming what the sidecar said
 (``/config_dump``'s ``last_error``).
 """
 
@@ -32,7 +34,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import sys
 import time
 import urllib.request
@@ -44,6 +45,7 @@ from l4proxy.cli import positive_seconds
 from l4proxy.rules import RULE_SUFFIXES, ConfigError, ConfigUnreadable, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.stats import DIGEST_DISAGREE, GENERATION, RulesMark
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # invalid, exists (create), missing (replace, delete): DIR unchanged
@@ -253,30 +255,34 @@ def _admin_get(admin: str, path: str) -> str:
         return body.decode()
 
 
-def generation(admin: str) -> int:
-    m = re.search(r"^l4proxy_rules_generation (\d+)", _admin_get(admin, "/stats"), re.M)
-    if m is None:
-        raise Refusal(f"{admin}/stats has no l4proxy_rules_generation (is it l4proxy?)")
-    return int(m.group(1))
+def rules_mark(admin: str) -> RulesMark:
+    mark = RulesMark.parse(_admin_get(admin, "/stats"))
+    if mark is None:
+        raise Refusal(f"{admin}/stats has no {GENERATION} (is it l4proxy?)")
+    return mark
 
 
-def wait_live(admin: str, before: int, timeout: float) -> int:
+def wait_live(admin: str, before: RulesMark, timeout: float) -> int:
+    """Until the sidecar serves the files as they are now (every worker,
+    one restarted meanwhile included: see RulesMark); its generation."""
     deadline = time.monotonic() + timeout
     last = before
     while True:
-        try:
-            last = generation(admin)
-        except OSError:
-            pass
-        if last > before:
-            return last
+        with contextlib.suppress(OSError):
+            # (no mark: no worker answered, one restarting; ask again)
+            last = RulesMark.parse(_admin_get(admin, "/stats")) or last
+        if last.past(before):
+            return last.generation
         if time.monotonic() >= deadline:
             why = ""
             with contextlib.suppress(OSError, ValueError):
                 err = json.loads(_admin_get(admin, "/config_dump")).get("last_error")
                 why = f"; its last error: {err}" if err else ""
+            if last.digest == DIGEST_DISAGREE:
+                why += "; its workers serve different files"
             raise Refusal(
-                f"the sidecar at {admin} still serves generation {last} after {timeout:g} s" + why,
+                f"the sidecar at {admin} still serves generation {last.generation} "
+                f"after {timeout:g} s" + why,
                 EXIT_NOT_LIVE,
             )
         time.sleep(0.05)
@@ -290,7 +296,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     try:
         if not os.path.isdir(directory):
             raise Refusal(f"{directory} is not a directory", EXIT_USAGE)
-        before = generation(args.admin) if args.admin else 0
+        before = rules_mark(args.admin) if args.admin else RulesMark(0)
         with _locked(directory):
             p = plan(verb, args.filename, directory, args.namespace)
             after = [*p.keep, *([args.filename] if verb != "delete" else [])]

@@ -45,12 +45,20 @@ base with the addresses already known (no regression to names), and a DNS
 change swaps in a re-expanded table without touching ``generation`` (that
 counts rule loads; ``dns_updates`` counts DNS swaps). Both swaps replace the
 whole table at once, between two connections' decisions.
+
+Which files a table came from is its ``digest``: a hash of the fingerprint
+they were loaded at. ``generation`` counts one process's loads and starts
+again at 1 in a worker that is restarted; the digest is the same in every
+worker that loaded the same files, so "the change is live" is "every worker
+has a digest, the same one, other than before the change" (see
+:class:`l4proxy.stats.RulesMark`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import os
 import threading
@@ -165,12 +173,20 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
     return tuple(items)
 
 
+def fingerprint_digest(fp: Fingerprint) -> int:
+    """A fingerprint as a number for ``/stats`` (48 bits: exact in a float,
+    as Prometheus carries values). Every process that stats the same files
+    gets the same one."""
+    return int.from_bytes(hashlib.blake2b(repr(fp).encode(), digest_size=6).digest(), "big")
+
+
 @dataclass
 class RuleState:
     """What the sidecar serves from, and how it got there."""
 
     table: RouteTable
     generation: int = 0
+    digest: int = 0  # fingerprint_digest of the files the table came from (0: none loaded)
     loaded_at: float = field(default_factory=time.time)
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -184,6 +200,7 @@ class RuleState:
     def to_json(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
+            "digest": self.digest,
             "loaded_at": self.loaded_at,
             "sources": self.sources,
             "notes": self.notes,
@@ -265,7 +282,7 @@ class RuleWatcher:
         For startup (nothing is accepted yet) and tests. While serving, the
         watcher reloads with :meth:`reload`, which parses off the loop.
         """
-        self._fingerprint = fingerprint(self.paths)
+        fp = self._fingerprint = fingerprint(self.paths)
         try:
             result = self._parse()
         except ConfigError as exc:
@@ -274,7 +291,7 @@ class RuleWatcher:
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
             return False
-        self._swap(result)
+        self._swap(result, fp)
         return True
 
     async def reload(self, fp: Fingerprint | None = None) -> bool:
@@ -330,7 +347,7 @@ class RuleWatcher:
         elif error is not None:  # a loader bug: see _reject_bug
             self._reject_bug(error)
         if result is not None:
-            self._swap(result)  # the previous table is dropped here
+            self._swap(result, fp)  # the previous table is dropped here
         self._loaded()
         return result is not None
 
@@ -352,7 +369,7 @@ class RuleWatcher:
             late = not done.cancelled() and done.exception() is None
             if late and await self._stat() == fp:
                 log.warning("a load of the rules ended after its deadline")
-                self._swap(done.result())
+                self._swap(done.result(), fp)
                 self._loaded()
             else:
                 log.warning("a load of the rules past its deadline ended; loading them again")
@@ -448,14 +465,15 @@ class RuleWatcher:
         for line in why.splitlines():
             log.error("rules rejected, keeping generation %d: %s", st.generation, line)
 
-    def _swap(self, result: LoadResult) -> None:
-        """Make *result* the live table (on the loop)."""
+    def _swap(self, result: LoadResult, fp: Fingerprint) -> None:
+        """Make *result*, read from the files *fp* describes, the live table (on the loop)."""
         st = self.state
         self.base = result.table
         if self.dns.track(self.base):
             self._dns_wake.set()
         self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
         st.generation += 1
+        st.digest = fingerprint_digest(fp)
         st.reloads += 1
         st.loaded_at = time.time()
         st.sources = list(result.sources)

@@ -316,6 +316,7 @@ class WorkerView:
             "l4proxy_pipe_refusals_total": ps.get("pipe_refusals", 0),
             "l4proxy_urgent_marks_total": ps.get("urgent", 0),
             "l4proxy_rules_generation": st.generation,
+            "l4proxy_rules_digest": st.digest,
             "l4proxy_reloads_total": st.reloads,
             "l4proxy_reload_failures_total": st.reload_failures,
             "l4proxy_rules_valid": 0 if st.last_error else 1,

@@ -53,7 +53,7 @@ from l4proxy.dataplane.listener import Listener
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
 from l4proxy.sidecar.signals import reloads_blocked
-from l4proxy.stats import LabelSet, render_prometheus
+from l4proxy.stats import DIGEST, DIGEST_DISAGREE, LabelSet, render_prometheus
 
 log = logging.getLogger("l4proxy.supervisor")
 
@@ -350,6 +350,8 @@ class Supervisor:
                     continue  # summed with the counters above (kept across restarts)
                 if k in MIN_GAUGES:
                     gauges[k] = min(gauges.get(k, v), v)
+                elif k == DIGEST:  # the workers' files, when they all serve the same
+                    gauges[k] = v if gauges.get(k, v) == v else DIGEST_DISAGREE
                 else:
                     gauges[k] = gauges.get(k, 0) + v
         help_.update(self.help_seen)
