@@ -5,6 +5,7 @@ Every refusal must leave the directory byte for byte as it was.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import pytest
 from l4proxy.cli import main
 from tests._hardening import wait_until
 from tests.mesh import L4PROXY, VIP, Mesh, binomial_ok, service_entry
+from tests.test_canary_core import _serving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "deploy", "examples", "gateway-api")
@@ -150,6 +152,35 @@ def test_files_holding_other_objects_are_not_split(
 def test_unreadable_file_is_a_usage_error(rules: Path, tmp_path: Path) -> None:
     assert l4("create", str(tmp_path / "nope.yaml"), rules) == 2
     assert l4("create", ex("gateway.yaml"), tmp_path / "no-dir") == 2
+
+
+def test_admin_reads_what_the_sidecar_serves_under_the_lock_after_validating(
+    rules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The mark to wait past was read before the lock and the validation (seconds
+    on big rule sets): another writer's change going live meanwhile was taken
+    for this one. It is read last before the change, with the lock held."""
+    held: list[bool] = []
+
+    def stats(target: str) -> bytes:
+        if not held:
+            fd = os.open(rules / ".l4proxy.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+            finally:
+                os.close(fd)
+            return b"l4proxy_rules_generation 1\nl4proxy_rules_digest 5\n"
+        return b"l4proxy_rules_generation 2\nl4proxy_rules_digest 6\n"
+
+    with _serving(stats) as admin:
+        assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", admin) == 0
+        # A refused change asks the sidecar nothing.
+        assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", "127.0.0.1:1") == 1
+    assert held == [True]
+    assert "live: " in capsys.readouterr().out
 
 
 # -- with a live sidecar ----------------------------------------------------------

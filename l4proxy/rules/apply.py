@@ -296,7 +296,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     try:
         if not os.path.isdir(directory):
             raise Refusal(f"{directory} is not a directory", EXIT_USAGE)
-        before = rules_mark(args.admin) if args.admin else RulesMark(0)
         with _locked(directory):
             p = plan(verb, args.filename, directory, args.namespace)
             after = [*p.keep, *([args.filename] if verb != "delete" else [])]
@@ -316,6 +315,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             for d in result.notes:
                 if d.severity == "warning":
                     print(str(d), file=err)
+            # What the sidecar serves, read last before the change (after the
+            # validation, which takes seconds on big rule sets, under the lock
+            # every writer takes): a change another writer made meanwhile, live
+            # after this read, would be taken for ours.
+            before = rules_mark(args.admin) if args.admin else RulesMark(0)
             if p.write is not None:
                 _install(args.filename, p.write)
                 print(f"{verb}d {p.write}", file=out)
