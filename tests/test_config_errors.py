@@ -829,8 +829,8 @@ def test_a_named_pipe_in_a_rules_directory_is_refused_without_waiting(tmp_path: 
     assert not stuck
     assert isinstance(got, ConfigUnreadable)
     assert sorted(str(e) for e in got.errors) == [
-        f"{rules / name}: cannot read: is a named pipe, not a regular file (a rules "
-        "directory is read for regular files and symlinks to them)"
+        f"{rules / name}: cannot read: is a named pipe, not a regular file (rules "
+        "are read from regular files and symlinks to them)"
         for name in ("pipe.yaml", "routes.yaml")
     ]
 
@@ -848,6 +848,35 @@ def test_a_named_pipe_named_on_its_own_is_read(tmp_path: Path) -> None:
     threading.Thread(target=write, daemon=True).start()
     got, stuck = _load_in_a_thread([str(pipe)], pipe)
     assert not stuck and not isinstance(got, ConfigError), got
+
+
+def test_the_sidecar_refuses_a_named_pipe_named_on_its_own(tmp_path: Path) -> None:
+    """The rule file a sidecar was started with, replaced by a FIFO: its reload
+    thread waited for a writer for ever, and no load came after it. The
+    sidecar's loads (read_pipes=False) read regular files only."""
+    pipe = tmp_path / "rules.yaml"
+    os.mkfifo(pipe)
+    out: list[object] = []
+
+    def load() -> None:
+        try:
+            out.append(load_rules([str(pipe)], read_pipes=False))
+        except ConfigError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        raise AssertionError("the load waited on the pipe")
+    [got] = out
+    assert isinstance(got, ConfigUnreadable)
+    assert [str(e) for e in got.errors] == [
+        f"{pipe}: cannot read: is a named pipe, not a regular file (rules "
+        "are read from regular files and symlinks to them)"
+    ]
 
 
 def test_error_str_lists_every_diagnostic_one_per_line(tmp_path: Path) -> None:

@@ -15,6 +15,25 @@ from l4proxy.cli import build_parser
 L4PROXY = os.path.join(os.path.dirname(sys.executable), "l4proxy")
 
 
+def test_a_rules_path_that_is_a_pipe_is_a_usage_error(tmp_path: Path) -> None:
+    """--rules naming a FIFO (or <(...)): the worker's open waited for a writer
+    for ever, a sidecar never ready; and a pipe is read once, the sidecar
+    reads its rules again at every change."""
+    pipe = tmp_path / "rules.yaml"
+    os.mkfifo(pipe)
+    done = subprocess.run(
+        [
+            *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", "--rules", str(pipe)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"--rules {pipe}: not a regular file or a directory" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

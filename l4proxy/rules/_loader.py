@@ -8,7 +8,7 @@ swaps ``..data``. Sub-directories are not descended into (like
 ``kubectl apply -f DIR`` without ``-R``). What a directory holds must be a
 regular file (after symlinks): a named pipe or a device there is an error
 naming it, not a wait for a writer. A path named on its own is read as it
-is (``l4proxy validate <(kubectl get ...)``).
+is (``l4proxy validate <(kubectl get ...)``), except by the sidecar.
 
 The load is all or nothing: every problem of every file is collected, and if
 any is an error, :class:`ConfigError` carries them all and no table is made.
@@ -133,6 +133,7 @@ def load_rules(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_nodes: int = DEFAULT_MAX_NODES,
     seed: int | None = None,
+    read_pipes: bool = True,
 ) -> LoadResult:
     """Load rule documents from files and directories into one RouteTable.
 
@@ -151,7 +152,10 @@ def load_rules(
     seen: dict[tuple[str, str, str], Where] = {}
     sources: list[str] = []
     budget = NodeBudget(max_nodes)  # one for the whole load
-    named = set(paths)  # as given, not found in a directory: read as they are
+    # As given, not found in a directory: read as they are (a pipe too,
+    # unless *read_pipes* is False: the sidecar reads its rules again at every
+    # change, and the open of a pipe without a writer never returned).
+    named = set(paths) if read_pipes else set()
     for path in files:
         try:
             text = read_file(path, max_bytes=max_bytes, regular_only=path not in named)

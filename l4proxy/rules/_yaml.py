@@ -158,7 +158,7 @@ def _open_regular(path: str) -> BinaryIO:
             kind = _NOT_REGULAR.get(stat.S_IFMT(mode))
             raise Unreadable(
                 (f"is {kind}, not a regular file" if kind else "not a regular file")
-                + " (a rules directory is read for regular files and symlinks to them)"
+                + " (rules are read from regular files and symlinks to them)"
             )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -425,7 +425,9 @@ class RuleWatcher:
 
     def _parse(self) -> LoadResult:
         """Read, parse and compile the rule files (pure: no shared state touched)."""
-        return load_rules(self.paths, namespace=self.namespace, domain=self.domain)
+        return load_rules(
+            self.paths, namespace=self.namespace, domain=self.domain, read_pipes=False
+        )
 
     def _parse_without_gc(self) -> LoadResult:
         """:meth:`_parse` with the cyclic garbage collector paused.

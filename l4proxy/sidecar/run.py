@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import grp
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -471,6 +473,18 @@ def run(args: argparse.Namespace) -> int:
     if missing:  # a typo is a usage error, not a sidecar that routes by no rules
         log.error("--rules %s: no such file or directory", missing[0])
         return 2
+    for path in args.rules:
+        with contextlib.suppress(OSError):  # (a dangling link: reported by the load)
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                # A pipe (<(...)) is read once; the sidecar reads its rules
+                # again at every change, and waited for a writer for ever.
+                log.error(
+                    "--rules %s: not a regular file or a directory (the sidecar reads its "
+                    "rules again at every change; write them to a file)",
+                    path,
+                )
+                return 2
     specs = _listener_specs(args)
     sets: list[list[Listener]] = []
     try:
