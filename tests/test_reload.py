@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import shutil
 import socket
 import socketserver
@@ -843,3 +844,36 @@ def test_a_writer_that_pauses_is_not_loaded_half_way(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert served == [4, 4]  # was: [4, 3] (then 4 again, a poll later)
+
+
+def test_rules_that_could_not_be_read_are_tried_again(tmp_path: Path) -> None:
+    """A load that could not read the files (here EMFILE: a worker at its fd
+    limit; EIO on a mount, an ACL alike) was tried again only at the next
+    change of the files: their stat had not changed, so the old rules (or
+    none) were served until then. They are tried again after a second,
+    doubling to 30 s, until a load reads them."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(big_rules(1))
+    watcher = RuleWatcher([str(rules)], interval=0.05, settle=0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open("/dev/null", os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd to open with
+    try:
+        assert not watcher.load_now()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    st = watcher.state
+    assert (st.generation, st.reload_failures) == (0, 1)
+    assert st.last_error is not None and "Too many open files" in st.last_error
+
+    async def main() -> None:
+        watcher.start()
+        for _ in range(100):  # 5 s; the retry comes after 1 s
+            await asyncio.sleep(0.05)
+            if st.generation:
+                break
+        await watcher.stop()
+
+    asyncio.run(main())
+    assert (st.generation, st.reload_failures, st.last_error) == (1, 1, None)

@@ -22,7 +22,8 @@ may have given a mix of old and new, which is dropped, neither served nor
 reported, and loaded again. A load that fails keeps the last good table (Istio
 #5204, istio/api #586: a half-applied or invalid config took hosts down) and
 records the error for ``/config_dump`` and ``/stats``; the next change tries
-again.
+again, and so does the poll after RETRY_FIRST seconds (doubling) when the
+files could not be read.
 
 A reload is parsed and compiled off the accept path: in a thread
 (:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
@@ -67,7 +68,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from l4proxy.rules import ConfigError, LoadResult, load_rules
+from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, load_rules
 from l4proxy.rules.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
 from l4proxy.rules.routing import RouteTable
 from l4proxy.stats import Counters
@@ -90,6 +91,15 @@ LOAD_THREAD = "l4proxy-rules"
 STAT_THREAD = "l4proxy-rules-stat"  # see RuleWatcher._stat()
 
 T = TypeVar("T")
+
+
+# A load that could not read the files (EACCES, EIO, EMFILE: a worker at its
+# fd limit) is tried again after RETRY_FIRST seconds, doubling to RETRY_MAX,
+# until one reads them: what fixes it (an ACL, a mount back, fds freed)
+# may leave every stat of the files as it was, and waiting for the next change
+# served the old rules until then.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 
 def in_a_daemon_thread(fn: Callable[[], T], name: str = LOAD_THREAD) -> asyncio.Future[T]:
@@ -271,6 +281,8 @@ class RuleWatcher:
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
         self._fingerprint: Fingerprint | None = None
+        self._retry_in = RETRY_FIRST  # the wait before the next try of an unreadable load
+        self._retry_at: float | None = None  # time.monotonic() of that try; None: none due
         self._wake = asyncio.Event()
         self._dns_wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -287,6 +299,7 @@ class RuleWatcher:
             result = self._parse()
         except ConfigError as exc:
             self._reject(str(exc))
+            self._retry_later(exc)
             return False
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
@@ -344,6 +357,7 @@ class RuleWatcher:
             result = error = None
         elif isinstance(error, ConfigError):
             self._reject(str(error))
+            self._retry_later(error)
         elif error is not None:  # a loader bug: see _reject_bug
             self._reject_bug(error)
         if result is not None:
@@ -450,6 +464,19 @@ class RuleWatcher:
             if was_enabled:
                 gc.enable()
 
+    def _retry_later(self, error: ConfigError) -> None:
+        """After a refused load: an unreadable file is tried again (RETRY_FIRST);
+        an invalid one waits for the next change."""
+        if not isinstance(error, ConfigUnreadable):
+            self._retry_at, self._retry_in = None, RETRY_FIRST
+            return
+        self._retry_at = time.monotonic() + self._retry_in
+        log.info("rules unreadable; trying again in %g s", self._retry_in)
+        self._retry_in = min(RETRY_MAX, self._retry_in * 2)
+
+    def _retry_due(self) -> bool:
+        return self._retry_at is not None and time.monotonic() >= self._retry_at
+
     def _reject_bug(self, exc: Exception) -> None:
         """A loader error that is not a ConfigError (a bug of ours): the rule
         set is rejected as an invalid one is, the last good rules keep
@@ -474,6 +501,7 @@ class RuleWatcher:
         if self.dns.track(self.base):
             self._dns_wake.set()
         self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
+        self._retry_at, self._retry_in = None, RETRY_FIRST
         st.generation += 1
         st.digest = fingerprint_digest(fp)
         st.reloads += 1
@@ -554,8 +582,9 @@ class RuleWatcher:
                 pass
             self._wake.clear()
             fp = await self._stat()
-            if fp is None or fp == self._fingerprint:
+            if fp is None or (fp == self._fingerprint and not self._retry_due()):
                 continue
+            self._retry_at = None  # (set again if this load cannot read them either)
             await asyncio.sleep(self._still_for(fp))
             if await self._stat() != fp:
                 continue  # still being written; look again next round
