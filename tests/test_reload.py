@@ -877,3 +877,35 @@ def test_rules_that_could_not_be_read_are_tried_again(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert (st.generation, st.reload_failures, st.last_error) == (1, 1, None)
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+def test_stop_ends_the_watch_after_a_sighup_in_the_same_loop_turn(
+    tmp_path: Path, turns: int
+) -> None:
+    """A SIGHUP (request_reload) a loop turn or two before stop() cancelled the
+    watch: asyncio.wait_for (Python 3.11) returned the woken wait instead of
+    raising the cancel, the task looped on, and stop() waited for it for
+    ever: a worker that never ended its drain (35 s with a supervisor, for
+    good with --single-process)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(big_rules(1))
+    watcher = RuleWatcher([str(rules)], interval=1.0)
+    assert watcher.load_now()
+    ended: list[bool] = []
+
+    async def main() -> None:
+        watcher.start()
+        await asyncio.sleep(0.3)
+        watcher.request_reload()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        stop = asyncio.ensure_future(watcher.stop())
+        done, _ = await asyncio.wait({stop}, timeout=5)
+        ended.append(stop in done)
+        if not ended[-1]:  # let the test end: the task is stuck in its loop
+            assert watcher._task is not None
+            watcher._task.cancel()
+
+    asyncio.run(main())
+    assert ended == [True]

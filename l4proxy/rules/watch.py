@@ -58,6 +58,7 @@ has a digest, the same one, other than before the change" (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -100,6 +101,16 @@ T = TypeVar("T")
 # served the old rules until then.
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+
+
+async def woken(event: asyncio.Event, timeout: float | None) -> None:
+    """Until *event* is set or *timeout* seconds have passed. Not
+    asyncio.wait_for: in Python 3.11 it swallows a cancel that comes in the
+    loop turn the event is set (a SIGHUP as the worker stops), and the task
+    that should have ended loops on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 def in_a_daemon_thread(fn: Callable[[], T], name: str = LOAD_THREAD) -> asyncio.Future[T]:
@@ -335,7 +346,8 @@ class RuleWatcher:
         collecting = gc.isenabled()  # what to restore if the load is stuck
         parse = in_a_daemon_thread(self._parse_without_gc)
         try:
-            result = await asyncio.wait_for(asyncio.shield(parse), self.load_deadline)
+            async with asyncio.timeout(self.load_deadline):  # (see woken)
+                result = await asyncio.shield(parse)
         except TimeoutError:
             self._stuck(parse, collecting, fp)
             self._loaded()
@@ -409,7 +421,8 @@ class RuleWatcher:
         paths = list(self.paths)
         look = in_a_daemon_thread(lambda: fingerprint(paths), STAT_THREAD)
         try:
-            return await asyncio.wait_for(asyncio.shield(look), FINGERPRINT_DEADLINE)
+            async with asyncio.timeout(FINGERPRINT_DEADLINE):  # (see woken)
+                return await asyncio.shield(look)
         except TimeoutError:
             self._stat_stuck = look
             log.warning(
@@ -535,13 +548,16 @@ class RuleWatcher:
         self._dns_task = loop.create_task(self._run_dns())
 
     async def stop(self) -> None:
+        """Cancel the watch and DNS tasks and wait for their end. A cancel a
+        task did not take (asyncio.wait_for in Python 3.11 drops one that
+        comes in the loop turn its awaited thing completes: a SIGHUP as the
+        drain ended left the worker waiting here for ever) is sent again."""
         for task in (self._task, self._dns_task):
-            if task:
+            while task is not None and not task.done():
                 task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+                await asyncio.wait({task}, timeout=0.5)
+            if task is not None and not task.cancelled():
+                task.exception()  # (retrieved: a task that ended otherwise was logged)
 
     async def refresh_dns(self) -> bool:
         """Look up the names that are due; swap in a re-expanded table each
@@ -563,10 +579,7 @@ class RuleWatcher:
             # (time.monotonic, not loop.time: uvloop's clock is cached per tick.)
             wait = None if due is None else max(0.0, due - time.monotonic())
             if wait is None or wait > 0:
-                try:
-                    await asyncio.wait_for(self._dns_wake.wait(), wait)
-                except TimeoutError:
-                    pass
+                await woken(self._dns_wake, wait)
             self._dns_wake.clear()
             try:
                 await self.refresh_dns()
@@ -576,10 +589,7 @@ class RuleWatcher:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass
+            await woken(self._wake, self.interval)
             self._wake.clear()
             fp = await self._stat()
             if fp is None or (fp == self._fingerprint and not self._retry_due()):
