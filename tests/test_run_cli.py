@@ -3,9 +3,14 @@ then misbehaved are usage errors (exit 2, one line naming the flag)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -141,3 +146,52 @@ def test_the_rule_commands_refuse_such_values_too(
         build_parser(argv[0]).parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_not_ready_until_the_rules_given_were_loaded(tmp_path: Path) -> None:
+    """A first rule set refused (invalid here; unreadable by uid 1337 alike)
+    left /ready at 200 LIVE: the pod went ready, and every connection passed
+    through unrouted. /ready says 503 until a set loads."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bad.yaml").write_text("kind: [\n")
+    admin = f"127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [
+            *(L4PROXY, "run", "--no-transparent", "--listen", f"127.0.0.1:{_free_port()}"),
+            *("--admin", admin, "--rules", str(rules), "--reload-interval", "0.1"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        stats = ""
+        while "l4proxy_rules_valid 0" not in stats:  # the worker has refused the set
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                stats = _get(f"http://{admin}/stats")[1]
+        assert _get(f"http://{admin}/ready")[0] == 503
+        (rules / "bad.yaml").write_text("# no rules yet\n")  # valid: no documents
+        while _get(f"http://{admin}/ready") != (200, "LIVE\n"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -243,10 +243,16 @@ class WorkerView:
         self.implementation = implementation
 
     async def ready(self) -> bool:
-        # Not before every DNS endpoint name had its first lookup: until then
-        # the per-request relay answers 503 for its services (Envoy's
-        # readiness waits for its clusters' first resolution too).
-        return not self.worker.draining and self.worker.rules.dns.warmed()
+        # Not before the rules given were loaded once: a first load refused
+        # (invalid, or unreadable by uid 1337) left a ready pod whose every
+        # connection passed through unrouted (Envoy is not ready before its
+        # first configuration either). Nor before every DNS endpoint name had
+        # its first lookup: until then the per-request relay answers 503 for
+        # its services (Envoy's readiness waits for its clusters' first
+        # resolution too).
+        rules = self.worker.rules
+        loaded = rules.state.generation > 0 or not rules.paths
+        return loaded and not self.worker.draining and rules.dns.warmed()
 
     def clusters_now(self) -> list[dict[str, Any]]:
         out = []
