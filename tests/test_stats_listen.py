@@ -259,3 +259,132 @@ def test_a_request_with_a_body_gets_its_whole_answer() -> None:
 
     answer = asyncio.run(main())
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"LIVE\n"), answer
+
+
+def _unsendable() -> int:
+    """An answer size that a client with a small receive buffer, not reading,
+    cannot take whole: more than the server's socket send buffer can grow to."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return max(8 << 20, int(f.read().split()[2]) + (2 << 20))
+
+
+def _hogs(address: tuple[str, int], request: bytes, n: int) -> list[socket.socket]:
+    """*n* clients that send *request* and never read (a 4 KiB receive buffer)."""
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(address)
+        s.sendall(request)
+        out.append(s)
+    return out
+
+
+async def _reset(hogs: list[socket.socket], within: float) -> int:
+    """How many of *hogs* the server has reset (POLLERR/POLLHUP), waiting up to *within* s."""
+    poll = select.poll()
+    for s in hogs:
+        poll.register(s, select.POLLERR | select.POLLHUP)
+    deadline = time.monotonic() + within
+    while True:
+        gone = sum(1 for _, ev in poll.poll(0) if ev & (select.POLLERR | select.POLLHUP))
+        if gone == len(hogs) or time.monotonic() > deadline:
+            return gone
+        await asyncio.sleep(0.1)
+
+
+async def _get(address: tuple[str, int], path: str, within: float) -> tuple[bytes, float]:
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(b"GET %s HTTP/1.1\r\n\r\n" % path.encode())
+        answer = await asyncio.wait_for(reader.read(), within)
+    except ConnectionError:
+        answer = b""
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+def test_clients_that_do_not_read_their_answers_do_not_hold_the_endpoint() -> None:
+    """64 clients that asked for a big /config_dump and did not read it held
+    every place for 30 s: /ready (the kubelet's readiness probe) was reset
+    meanwhile, and each held ~3 copies of the answer (1.3 GB for 8 MB)."""
+    import l4proxy.sidecar.admin as admin
+
+    big = "x" * _unsendable()
+
+    class Big(Source):
+        async def config_dump(self) -> Any:
+            return {"rules": big}
+
+    async def main() -> None:
+        server = AdminServer(Big(), lambda: None)
+        await server.start("127.0.0.1", 0)
+        hogs = _hogs(server.address, b"GET /config_dump HTTP/1.1\r\n\r\n", admin.MAX_CLIENTS)
+        try:
+            for _ in range(50):  # every one has its answer, and is not taking it
+                await asyncio.sleep(0.1)
+                if server.clients == admin.MAX_CLIENTS and not server._reading:
+                    break
+            ready, took = await _get(server.address, "/ready", 1.0)
+            assert ready.startswith(b"HTTP/1.1 200 ") and ready.endswith(b"LIVE\n"), ready
+            assert took < 1.0 and server.turned_away == 0, (took, server.turned_away)
+            # the oldest one made room (reset), and one answer is held for the rest
+            assert server.evicted == 1
+            assert len({id(a) for a in server._answers.values()}) == 1
+            assert len(server._answers) == admin.MAX_CLIENTS - 1
+            # the rest are reset when they have taken nothing for SEND_STALL_S
+            assert await _reset(hogs, admin.SEND_STALL_S + 3) == len(hogs)
+            for _ in range(20):
+                if server.clients == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.clients == 0 and not server._answers
+            assert server.stalled == admin.MAX_CLIENTS - 1
+        finally:
+            for s in hogs:
+                s.close()
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_answers_not_taken_hold_at_most_answer_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Different big answers (a /stats that changes between requests) that
+    their clients do not take: the oldest are reset to keep what is held
+    within ANSWER_BYTES."""
+    import l4proxy.sidecar.admin as admin
+
+    size = _unsendable()
+    monkeypatch.setattr(admin, "ANSWER_BYTES", 3 * size + size // 2)  # 3 of them
+    monkeypatch.setattr(admin, "SEND_STALL_S", 1.0)
+    scrapes = iter(range(1000))
+
+    class Changing(Source):
+        async def stats_text(self) -> str:
+            return f"l4proxy_scrapes {next(scrapes)}\n" + "#" * size
+
+    async def main() -> None:
+        server = AdminServer(Changing(), lambda: None, stats_only=True)
+        await server.start("127.0.0.1", 0)
+        hogs = _hogs(server.address, b"GET /stats HTTP/1.1\r\n\r\n", 8)
+        try:
+            held = 0
+            for _ in range(30):
+                await asyncio.sleep(0.1)
+                held = max(held, sum(len(a) for a in server._answers.values()))
+                if server.evicted + len(server._sending) == len(hogs):
+                    break
+            assert 0 < held <= admin.ANSWER_BYTES, held
+            assert len(server._sending) == 3 and server.evicted == 5
+            stats, _ = await _get(server.address, "/stats", 1.0)
+            head, _, body = stats.partition(b"\r\n\r\n")  # a client that reads gets it whole
+            assert head.startswith(b"HTTP/1.1 200 ") and body.endswith(b"#" * size), head
+            assert await _reset(hogs, admin.SEND_STALL_S + 3) == len(hogs)
+        finally:
+            for s in hogs:
+                s.close()
+            await server.close()
+
+    asyncio.run(main())

@@ -18,8 +18,11 @@ answers one request per connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +43,17 @@ HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_LINES = 100
 LINE_LIMIT = 8192
 MAX_CLIENTS = 64
+# The answer: a client must take some of it every SEND_STALL_S, or the
+# connection is reset. Until it has taken the whole answer (to the kernel's
+# buffers), a new connection at MAX_CLIENTS may take its place too, and
+# answers waiting for their clients hold at most ANSWER_BYTES of memory (the
+# connection that has waited longest is reset to make room; equal answers,
+# 64 clients of one /config_dump, are held once). 64 clients that asked for
+# an 8 MB /config_dump and did not read held every place for 30 s (the
+# readiness probe was turned away) and 1.3 GB.
+SEND_STALL_S = 5.0
+ANSWER_BYTES = 32 << 20
+CHUNK = 1 << 16  # written at a time, from the answer's bytes (no copy of a whole answer)
 # After the answer: what a client still sends (a request body) is read and
 # dropped, up to LINGER_BYTES within LINGER_S, so that the close is not an RST.
 LINGER_BYTES = 1 << 20
@@ -65,6 +79,18 @@ async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
         if not data:
             return
         limit -= len(data)
+
+
+def _cut(writer: asyncio.StreamWriter, reset: bool) -> None:
+    """Close at once; with *reset*, with an RST (SO_LINGER 0): an answer its
+    client does not take is dropped from the kernel's buffers too, and the
+    client learns at once that it will not get the rest."""
+    if reset:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def _request_line(reader: asyncio.StreamReader) -> bytes:
@@ -97,8 +123,13 @@ class AdminServer:
         self._server: asyncio.Server | None = None
         self.clients = 0  # connections being served
         self.turned_away = 0  # connections closed at once: MAX_CLIENTS were being served
-        self.evicted = 0  # connections closed for a new one while waiting for their head
+        # connections closed for a new one (waiting for their head, or for their
+        # client to take the answer), or for memory (an answer not taken)
+        self.evicted = 0
+        self.stalled = 0  # connections reset: the client took nothing for SEND_STALL_S
         self._reading: dict[int, asyncio.StreamWriter] = {}  # no head yet, oldest first
+        self._sending: dict[int, asyncio.StreamWriter] = {}  # answer being taken, oldest first
+        self._answers: dict[int, bytes] = {}  # the answer of each one in _sending
         self._lingering: dict[int, asyncio.StreamWriter] = {}  # answered, oldest first
 
     async def start(self, host: str, port: int) -> None:
@@ -119,24 +150,26 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            # an answered one first (it is done), then the one that has waited
-            # longest for its head
-            waiting = self._lingering or self._reading
+            # an answered one first (it is done), then one whose client has not
+            # taken its answer, then the one that has waited longest for its head
+            waiting = self._lingering or self._sending or self._reading
             if not waiting:  # every one is being answered: this one waits its turn
                 self.turned_away += 1
                 writer.close()
                 return
             oldest = next(iter(waiting))
-            waiting.pop(oldest).transport.abort()
+            _cut(waiting.pop(oldest), reset=waiting is self._sending)
+            self._answers.pop(oldest, None)
             self.evicted += 1
         self.clients += 1
-        self._reading[id(writer)] = writer
+        key = id(writer)
+        self._reading[key] = writer
         try:
             try:
                 line = await asyncio.wait_for(_request_line(reader), HEAD_TIMEOUT_S)
             except ValueError:  # a line over LINE_LIMIT, or too many
                 line = b""
-            if self._reading.pop(id(writer), None) is None:
+            if self._reading.pop(key, None) is None:
                 return  # evicted meanwhile
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
@@ -144,32 +177,92 @@ class AdminServer:
             else:
                 status, ctype, body = await self.dispatch(parts[0], parts[1])
             data = body.encode()
-            writer.write(
+            del body  # the answer is held once, as bytes, while it is sent
+            head = (
                 f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                 f"content-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
-                "connection: close\r\n\r\n".encode()
-                + (b"" if parts[:1] == ["HEAD"] else data)
-            )
-            # a client that does not read its answer (a big /config_dump)
-            # does not hold it, and the connection, for ever either
-            await asyncio.wait_for(writer.drain(), 3 * HEAD_TIMEOUT_S)
+                "connection: close\r\n\r\n"
+            ).encode()
+            if parts[:1] == ["HEAD"]:
+                data = b""
+            self._sending[key] = writer
+            self._hold(key, data)
+            del data  # held in _answers only: an evicted one's is freed at once
+            try:
+                await self._send(key, writer, head)
+            except TimeoutError:
+                self.stalled += 1
+                raise
+            if self._sending.pop(key, None) is None:
+                return  # evicted meanwhile
+            del self._answers[key]
             # Request bytes left unread (a body: only the head is read) make
             # the close an RST, which cuts the answer short at the client.
             # Read and drop them first, within limits; meanwhile a new
             # connection may take this one's place (before any waiting for its
             # head: this one has had its answer).
             writer.write_eof()
-            self._lingering[id(writer)] = writer
+            self._lingering[key] = writer
             await asyncio.wait_for(_discard(reader, LINGER_BYTES), LINGER_S)
         except (TimeoutError, ConnectionError, OSError):
             pass
         except Exception:
             log.exception("admin request failed")
         finally:
-            self._reading.pop(id(writer), None)
-            self._lingering.pop(id(writer), None)
+            self._reading.pop(key, None)
+            self._sending.pop(key, None)
+            self._answers.pop(key, None)
+            self._lingering.pop(key, None)
             self.clients -= 1
+            if writer.transport.get_write_buffer_size():
+                # an answer not taken: close() would wait for the client for ever
+                _cut(writer, reset=True)
             writer.close()
+
+    async def _send(self, key: int, writer: asyncio.StreamWriter, head: bytes) -> None:
+        """Write *head* and the answer held for *key*, a CHUNK at a time;
+        return when all is with the kernel. TimeoutError when the client took
+        nothing for SEND_STALL_S; ConnectionResetError when evicted."""
+        size = len(self._answers[key])
+        if size <= CHUNK:
+            writer.write(head + self._answers[key])
+        else:
+            writer.write(head)
+            for offset in range(0, size, CHUNK):
+                if key not in self._answers:
+                    raise ConnectionResetError("evicted")
+                # a copy of the chunk only: no reference to the whole answer
+                # is left here while the client takes its time
+                writer.write(self._answers[key][offset : offset + CHUNK])
+                async with asyncio.timeout(SEND_STALL_S):
+                    await writer.drain()
+        # drain() returns below the low-water mark; the rest, to the last byte
+        writer.transport.set_write_buffer_limits(high=0)
+        async with asyncio.timeout(SEND_STALL_S):
+            await writer.drain()
+
+    def _hold(self, key: int, data: bytes) -> None:
+        """Hold *data* as the answer for *key*, or an equal answer already held
+        for another connection; connections that have waited longest for
+        their clients to take their answers are reset until the answers held
+        come to ANSWER_BYTES at most (this one's included; never this one)."""
+        held = {id(a): a for a in self._answers.values()}
+        for answer in held.values():
+            if len(answer) == len(data) and answer == data:
+                self._answers[key] = answer
+                return
+        total = len(data) + sum(len(a) for a in held.values())
+        for other in list(self._sending):
+            if total <= ANSWER_BYTES:
+                break
+            if other == key or len(self._answers[other]) <= CHUNK:
+                continue  # this one, or one that holds next to nothing
+            answer = self._answers.pop(other, b"")
+            if all(a is not answer for a in self._answers.values()):
+                total -= len(answer)
+            _cut(self._sending.pop(other), reset=True)
+            self.evicted += 1
+        self._answers[key] = data
 
     async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
         path, _, query = target.partition("?")
