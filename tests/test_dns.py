@@ -210,13 +210,17 @@ class FakeDns:
     """UDP and TCP DNS on 127.0.0.1:<port> answering from ``zone``.
 
     ``truncate`` answers over UDP with TC set and no records (so the client must
-    retry over TCP); ``servfail`` answers SERVFAIL; ``silent`` drops queries.
+    retry over TCP), ``truncate_types`` so for those types only; ``servfail``
+    answers SERVFAIL; ``silent`` drops queries; ``cut_tcp`` > 0 sends that
+    many bytes of a TCP reply (its length prefix included), then closes.
     """
 
     def __init__(self) -> None:
         self.zone: Zone = {}
         self.ttl = 30
         self.truncate = False
+        self.truncate_types: set[int] = set()
+        self.cut_tcp = 0
         self.servfail = False
         self.silent = False
         self.drop_types: set[int] = set()  # queries of these types are never answered
@@ -239,7 +243,7 @@ class FakeDns:
             return None
         if self.servfail:
             return wire.encode_response(query, [], rcode=wire.RCODE_SERVFAIL)
-        if over == "udp" and self.truncate:
+        if over == "udp" and (self.truncate or qtype in self.truncate_types):
             return wire.encode_response(query, [], truncated=True)
         addrs = self.zone.get((name, qtype))
         if addrs is None and not any(n == name for n, _ in self.zone):
@@ -276,7 +280,8 @@ class FakeDns:
                 size = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
                 reply = self.answer(conn.recv(size, socket.MSG_WAITALL), "tcp")
                 if reply is not None:
-                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+                    framed = struct.pack("!H", len(reply)) + reply
+                    conn.sendall(framed[: self.cut_tcp] if self.cut_tcp else framed)
 
     def close(self) -> None:
         self._stop = True
@@ -296,10 +301,14 @@ def fake_dns() -> Iterator[FakeDns]:
 
 
 def _resolver(
-    server: FakeDns, tmp_path: Path, timeout: float = 0.3, family: str = "v4_preferred"
+    server: FakeDns,
+    tmp_path: Path,
+    timeout: float = 0.3,
+    family: str = "v4_preferred",
+    conf: ResolvConf | None = None,
 ) -> Resolver:
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
-    conf = ResolvConf(("127.0.0.1",), ("default.svc.cluster.local",), timeout, 1)
+    conf = conf or ResolvConf(("127.0.0.1",), ("default.svc.cluster.local",), timeout, 1)
     return Resolver(
         conf, hosts_file=str(tmp_path / "hosts"), port=server.port, lookup_family=family
     )
@@ -382,6 +391,30 @@ def test_resolver_search_list_for_single_labels(fake_dns: FakeDns, tmp_path: Pat
     fake_dns.zone = {("bootcamp-v1.default.svc.cluster.local", wire.TYPE_A): ["198.18.0.11"]}
     res = asyncio.run(_resolver(fake_dns, tmp_path).resolve("bootcamp-v1"))
     assert res.addresses == ("198.18.0.11",)
+
+
+def test_a_tcp_reply_cut_short_is_a_failed_try_not_a_crash(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """A answered over UDP, AAAA truncated, and the TCP connection closed
+    after one byte: asyncio's IncompleteReadError (an EOFError, not a
+    DnsError) went through the lookup, so the A answer was thrown away and
+    the other tries (servers, attempts) never made."""
+    fake_dns.zone = {("svc.example.com", wire.TYPE_A): ["198.18.0.9"]}
+    fake_dns.truncate_types = {wire.TYPE_AAAA}
+    fake_dns.cut_tcp = 1
+    conf = ResolvConf(("127.0.0.1", "127.0.0.1"), (), 0.3, 1)  # two servers (one here)
+    res = asyncio.run(_resolver(fake_dns, tmp_path, conf=conf).resolve("svc.example.com"))
+    assert res.addresses == ("198.18.0.9",)
+    tcp = [q for q in fake_dns.queries if q[0] == "tcp"]
+    assert tcp == [("tcp", "svc.example.com", wire.TYPE_AAAA)] * 2  # the next server asked
+    # preferred family failing so: a DnsError (the last good addresses stay)
+    with pytest.raises(DnsError, match="cut short"):
+        asyncio.run(
+            _resolver(fake_dns, tmp_path, family="v6_preferred", conf=conf).resolve(
+                "svc.example.com"
+            )
+        )
 
 
 def test_resolver_truncated_udp_retries_over_tcp(fake_dns: FakeDns, tmp_path: Path) -> None:

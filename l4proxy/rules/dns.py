@@ -368,6 +368,10 @@ async def _tcp_exchange(server: str, port: int, packet: bytes) -> bytes:
         await writer.drain()
         size = int.from_bytes(await reader.readexactly(2), "big")
         return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        # (an EOFError, which the callers did not take for a failed exchange:
+        # it ended the whole lookup, the other question's answer with it)
+        raise DnsError(f"TCP reply cut short: {len(exc.partial)} of {exc.expected} bytes") from None
     finally:
         writer.close()
 
