@@ -151,11 +151,36 @@ def test_resolv_conf_like_a_kubernetes_pod() -> None:
     assert conf.search == ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
     assert (conf.timeout, conf.attempts) == (2.0, 3)
     assert ResolvConf.parse("").nameservers == ("127.0.0.1",)
+    assert (conf.ndots, ResolvConf.parse("").ndots) == (5, 1)
     r = Resolver(conf)
+    # 4 dots < ndots 5: the search list first, as glibc (a trailing dot skips it)
     assert r.candidates("bootcamp-v1.default.svc.cluster.local", conf) == [
+        "bootcamp-v1.default.svc.cluster.local.default.svc.cluster.local",
+        "bootcamp-v1.default.svc.cluster.local.svc.cluster.local",
+        "bootcamp-v1.default.svc.cluster.local.cluster.local",
+        "bootcamp-v1.default.svc.cluster.local",
+    ]
+    assert r.candidates("bootcamp-v1.default.svc.cluster.local.", conf) == [
         "bootcamp-v1.default.svc.cluster.local"
     ]
     assert r.candidates("bootcamp-v1", conf)[0] == "bootcamp-v1.default.svc.cluster.local"
+
+
+def test_resolv_conf_bounds_and_environment(tmp_path: Path) -> None:
+    """ndots at most 15 and 6 search domains (glibc's bounds: each domain is a
+    lookup per refresh); LOCALDOMAIN and RES_OPTIONS override the file, as
+    for glibc's getaddrinfo at connect time."""
+    many = " ".join(f"d{i}.test" for i in range(9))
+    conf = ResolvConf.parse(f"search {many}\noptions ndots:99\n")
+    assert conf.ndots == 15 and conf.search == tuple(f"d{i}.test" for i in range(6))
+    path = tmp_path / "resolv.conf"
+    path.write_text("search a.test\noptions ndots:5 timeout:2\n")
+    assert ResolvConf.read(str(path), {}).search == ("a.test",)
+    env = {"LOCALDOMAIN": "b.test c.test", "RES_OPTIONS": "ndots:2 attempts:4"}
+    conf = ResolvConf.read(str(path), env)
+    assert conf.search == ("b.test", "c.test")
+    assert (conf.ndots, conf.timeout, conf.attempts) == (2, 2.0, 4)
+    assert ResolvConf.read(str(tmp_path / "none"), {"RES_OPTIONS": "ndots:0"}).ndots == 0
 
 
 def test_hosts_file(tmp_path: Path) -> None:
@@ -391,6 +416,81 @@ def test_resolver_search_list_for_single_labels(fake_dns: FakeDns, tmp_path: Pat
     fake_dns.zone = {("bootcamp-v1.default.svc.cluster.local", wire.TYPE_A): ["198.18.0.11"]}
     res = asyncio.run(_resolver(fake_dns, tmp_path).resolve("bootcamp-v1"))
     assert res.addresses == ("198.18.0.11",)
+
+
+K8S_SEARCH = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
+
+
+def test_names_with_dots_go_through_the_search_list_as_glibc(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """With a pod's ndots:5, a dotted name short of 5 dots was looked up only
+    as written: ``bootcamp-v1.default`` got NXDOMAIN and its endpoints
+    vanished, though the app's getaddrinfo finds it through the search list.
+    glibc's order: fewer dots than ndots, the search list first; ndots or
+    more, as written first; a trailing dot, as written only."""
+    fake_dns.zone = {
+        ("bootcamp-v1.default.svc.cluster.local", wire.TYPE_A): ["198.18.0.7"],
+        ("v1.a.b.c.d.e.svc.cluster.local", wire.TYPE_A): ["198.18.0.8"],
+        ("pods.a.b.c.d.e", wire.TYPE_A): ["198.18.0.9"],
+    }
+    conf = ResolvConf(("127.0.0.1",), K8S_SEARCH, 0.3, 1, ndots=5)
+    r = _resolver(fake_dns, tmp_path, conf=conf)
+
+    def asked(name: str) -> tuple[tuple[str, ...], list[str]]:
+        fake_dns.queries.clear()
+        addresses = asyncio.run(r.resolve(name)).addresses
+        # (A and AAAA go out together; the names, in order, per type)
+        return addresses, [n for over, n, t in fake_dns.queries if t == wire.TYPE_A]
+
+    assert asked("bootcamp-v1.default") == (
+        ("198.18.0.7",),
+        ["bootcamp-v1.default.default.svc.cluster.local", "bootcamp-v1.default.svc.cluster.local"],
+    )
+    assert asked("bootcamp-v1.default.svc")[0] == ("198.18.0.7",)
+    assert asked("bootcamp-v1")[0] == ("198.18.0.7",)
+    assert asked("bootcamp-v1.default.svc.cluster.local")[1] == [
+        *(f"bootcamp-v1.default.svc.cluster.local.{d}" for d in K8S_SEARCH),
+        "bootcamp-v1.default.svc.cluster.local",
+    ]
+    # 5 dots: as written first, then the search list while NXDOMAIN
+    assert asked("pods.a.b.c.d.e") == (("198.18.0.9",), ["pods.a.b.c.d.e"])
+    assert asked("v1.a.b.c.d.e") == (
+        ("198.18.0.8",),
+        [
+            "v1.a.b.c.d.e",
+            "v1.a.b.c.d.e.default.svc.cluster.local",
+            "v1.a.b.c.d.e.svc.cluster.local",
+        ],
+    )
+    # a trailing dot: absolute, one name asked
+    assert asked("bootcamp-v1.default.") == ((), ["bootcamp-v1.default"])
+    assert asked("bootcamp-v1.default.svc.cluster.local.") == (
+        ("198.18.0.7",),
+        ["bootcamp-v1.default.svc.cluster.local"],
+    )
+
+
+def test_an_endpoint_name_keeps_its_trailing_dot() -> None:
+    """``a.b.`` (absolute) and ``a.b`` (through the search list) can be
+    different names: the tracked name kept no dot, so the trailing dot an
+    endpoint was written with never reached the resolver."""
+    svc = Service.create(
+        "bootcamp.default.svc.cluster.local",
+        [ServicePort(8080, "http", "HTTP")],
+        [Endpoint("Bootcamp-V1.default.", 8080, {"version": "v1"})],
+        resolution="DNS",
+    )
+    base = RouteTable([svc])
+    assert dns_names(base) == {"bootcamp-v1.default.": [svc.host]}
+    r = ScriptedResolver({"bootcamp-v1.default.": Resolution(("198.18.0.7",), 5, "dns")})
+    dns = DnsEndpoints(r)
+    dns.track(base)
+    asyncio.run(dns.refresh_due())
+    assert r.asked == ["bootcamp-v1.default."]
+    assert [e.address for e in resolved_table(base, dns.names).services()[0].endpoints] == [
+        "198.18.0.7"
+    ]
 
 
 def test_a_tcp_reply_cut_short_is_a_failed_try_not_a_crash(

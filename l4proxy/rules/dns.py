@@ -33,11 +33,21 @@ Why our own client: the stdlib (``getaddrinfo``) does not report TTLs, and a
 thread per lookup is what "never block the event loop" would otherwise cost.
 :mod:`l4proxy.rules._dnswire` is the sans-IO codec; this module does UDP (TCP when
 an answer is truncated) on the running event loop. It reads nameservers,
-``search`` and ``options timeout/attempts`` from ``/etc/resolv.conf`` and
-consults ``/etc/hosts`` first, as glibc's ``files dns`` order does. A name
-with a dot (``bootcamp-v1.default.svc.cluster.local``) is looked up as
-written; the search list applies only to single-label names, so a
-Kubernetes ``ndots:5`` does not cost three NXDOMAIN round trips per refresh.
+``search`` and ``options timeout/attempts/ndots`` from ``/etc/resolv.conf``
+(then ``LOCALDOMAIN`` and ``RES_OPTIONS`` from the environment) and consults
+``/etc/hosts`` first, as glibc's ``files dns`` order does.
+
+Names go through the search list as glibc's ``res_search`` takes them, so a
+name resolves here as the app's own connect resolves it: a name with a
+trailing dot is looked up as written only; one with ``ndots`` dots or more
+(default 1, at most 15) as written first, then with each search domain; one
+with fewer dots with each search domain first, then as written. The next is
+tried while the answers are NXDOMAIN or no records; a failure (timeout,
+SERVFAIL) ends the lookup as a failure. In a Kubernetes pod (``ndots:5``)
+``bootcamp-v1.default`` is ``bootcamp-v1.default.svc.cluster.local`` (it was
+looked up as written, got NXDOMAIN, and its endpoints vanished), and
+``bootcamp-v1.default.svc.cluster.local`` costs three NXDOMAIN round trips
+before its answer, as for glibc; written with a trailing dot it costs none.
 """
 
 from __future__ import annotations
@@ -82,6 +92,9 @@ MAX_RETRY = 30.0  # a failing name is retried at most this far apart (unless min
 MAX_LOOKUPS = 8
 # the longest the sidecar's readiness waits for the names' first lookups
 WARM_WAIT = 10.0
+# resolv.conf bounds, as glibc's: search domains used (MAXDNSRCH), ndots
+MAX_SEARCH = 6
+MAX_NDOTS = 15
 
 DnsError = wire.DnsError
 
@@ -94,12 +107,13 @@ class ResolvConf:
     search: tuple[str, ...] = ()
     timeout: float = 5.0
     attempts: int = 2
+    ndots: int = 1
 
     @classmethod
     def parse(cls, text: str) -> ResolvConf:
         servers: list[str] = []
         search: list[str] = []
-        timeout, attempts = 5.0, 2
+        timeout, attempts, ndots = 5.0, 2, 1
         for raw in text.splitlines():
             parts = raw.split("#", 1)[0].split(";", 1)[0].split()
             if not parts:
@@ -111,7 +125,9 @@ class ResolvConf:
                 except ValueError:
                     continue
             elif key in ("search", "domain"):
-                search = [a.rstrip(".") for a in args if a.strip(".")]
+                # (at most MAX_SEARCH domains, as glibc before 2.26: each is a
+                # lookup of its own, every refresh)
+                search = [a.rstrip(".") for a in args if a.strip(".")][:MAX_SEARCH]
             elif key == "options":
                 for opt in args:
                     name, _, value = opt.partition(":")
@@ -119,15 +135,28 @@ class ResolvConf:
                         timeout = float(min(max(int(value), 1), 30))
                     elif name == "attempts" and value.isdigit():
                         attempts = min(max(int(value), 1), 5)
-        return cls(tuple(servers) or ("127.0.0.1",), tuple(search), timeout, attempts)
+                    elif name == "ndots" and value.isdigit():
+                        ndots = min(int(value), MAX_NDOTS)
+        return cls(tuple(servers) or ("127.0.0.1",), tuple(search), timeout, attempts, ndots)
 
     @classmethod
-    def read(cls, path: str = "/etc/resolv.conf") -> ResolvConf:
+    def read(
+        cls, path: str = "/etc/resolv.conf", environ: Mapping[str, str] | None = None
+    ) -> ResolvConf:
+        """The file, then as glibc the environment: ``LOCALDOMAIN`` (the
+        search list instead of the file's) and ``RES_OPTIONS`` (options after
+        the file's)."""
+        env = os.environ if environ is None else environ
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
-                return cls.parse(f.read())
+                text = f.read()
         except OSError:
-            return cls()
+            text = ""
+        if "LOCALDOMAIN" in env:
+            text += f"\nsearch {env['LOCALDOMAIN']}"
+        if "RES_OPTIONS" in env:
+            text += f"\noptions {env['RES_OPTIONS']}"
+        return cls.parse(text)
 
 
 def read_hosts(path: str = "/etc/hosts") -> dict[str, list[str]]:
@@ -219,10 +248,16 @@ class Resolver:
         return self._conf if self._conf is not None else ResolvConf.read(self.resolv_conf)
 
     def candidates(self, name: str, conf: ResolvConf) -> list[str]:
-        """Names to try, in order (see the module docstring on ``ndots``)."""
-        if name.endswith(".") or "." in name:
+        """Names to try, in order, as glibc's res_search: a name with a
+        trailing dot as written only; one with ``ndots`` dots or more as
+        written, then with each search domain; one with fewer through the
+        search list first, then as written."""
+        if name.endswith("."):
             return [name.rstrip(".")]
-        return [f"{name}.{d}" for d in conf.search] + [name]
+        searched = [f"{name}.{d}" for d in conf.search]
+        if name.count(".") >= conf.ndots:
+            return [name, *searched]
+        return [*searched, name]
 
     async def resolve(self, name: str) -> Resolution:
         name = name.lower()
@@ -426,14 +461,17 @@ def _is_ip(address: str) -> bool:
 
 
 def dns_names(table: RouteTable) -> dict[str, list[str]]:
-    """Host-name endpoint addresses of DNS services → the service hosts using them."""
+    """Host-name endpoint addresses of DNS services → the service hosts using them.
+
+    A name is kept with its trailing dot: ``a.b.`` is absolute, ``a.b`` may
+    go through the search list, and they can be different names."""
     out: dict[str, list[str]] = {}
     for svc in table.services():
         if svc.resolution != "DNS":
             continue
         for ep in svc.endpoints:
             if not _is_ip(ep.address):
-                hosts = out.setdefault(ep.address.lower().rstrip("."), [])
+                hosts = out.setdefault(ep.address.lower(), [])
                 if svc.host not in hosts:
                     hosts.append(svc.host)
     return out
@@ -444,7 +482,7 @@ def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
     for number, eps in svc.port_endpoints:
         seen: dict[Endpoint, None] = {}
         for ep in eps:
-            st = states.get(ep.address.lower().rstrip("."))
+            st = states.get(ep.address.lower())
             if st is None or not st.resolved or _is_ip(ep.address):
                 seen.setdefault(ep, None)
                 continue
