@@ -613,3 +613,113 @@ def test_wait_live_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["canary", "--help"])
     assert "--wait-live SECONDS" in capsys.readouterr().out
+
+
+@contextlib.contextmanager
+def _watching_sidecar(tmp_path: pathlib.Path, fails: Callable[[int], bool]) -> Iterator[str]:
+    """A sidecar serving the rules directory *tmp_path*: its generation
+    moves when the canary's document changes, its canary answers 100 x 200
+    between two reads; the n-th read (from 1) answers 503 when *fails*(n)."""
+    reads = itertools.count(1)
+    seen = [""]  # the document's text at each change of generation
+
+    def reply(target: str) -> bytes | None:
+        n = next(reads)
+        doc = tmp_path / "canary-bootcamp.yaml"
+        text = doc.read_text() if doc.exists() else ""
+        if text != seen[-1]:
+            seen.append(text)
+        if fails(n):
+            return None
+        lab = 'destination_service_name="bootcamp",destination_version="v2",response_code="200"'
+        return (
+            "# TYPE istio_requests_total counter\n"
+            f"istio_requests_total{{{lab}}} {100 * n}\n"
+            f"l4proxy_rules_generation {len(seen)}\n"
+        ).encode()
+
+    with _serving(reply) as address:
+        yield address
+
+
+def _rollout_on_sidecar(tmp_path: pathlib.Path, admin: str) -> int:
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+    extra = ["--interval", "0.05", "--threshold", "2", "--steps", "50,100", "--wait-live", "1"]
+    return main([*argv, "--metrics", admin, *extra])
+
+
+def test_a_sidecar_unreadable_after_a_weight_is_written_is_a_failed_check(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar answers 503 once, just after 100 % was written (while the
+    controller waited for it to be live): the command ended with exit 2 and
+    the canary at 100 %, progressing, with nothing watching it. It is a
+    failed check, and the analysis goes on (here: to promotion)."""
+    # reads: 1 start, 2 live at 50 %, 3 window, 4 sample, 5 live at 100 %
+    with _watching_sidecar(tmp_path, lambda n: n == 5) as admin:
+        code = _rollout_on_sidecar(tmp_path, admin)
+    out = capsys.readouterr().out
+    assert code == 0, out  # promoted
+    assert "fail (1/2): metrics unreadable" in out and "HTTP 503" in out
+    assert "PROMOTED" in out
+    assert _routes(tmp_path) == [("v2", 100)]
+
+
+def test_a_rollback_not_seen_live_exits_as_rolled_back_with_a_warning(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar goes away after the first check: two failed checks roll
+    back; the rollback is written, but the sidecar cannot confirm it. Exit
+    1 (rolled back: what was done) with the ROLLED BACK line and a warning,
+    not exit 2 with the state left progressing."""
+    with _watching_sidecar(tmp_path, lambda n: n >= 5) as admin:
+        code = _rollout_on_sidecar(tmp_path, admin)
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "ROLLED BACK" in captured.out
+    assert "warning: metrics unreadable" in captured.err
+    assert _routes(tmp_path) == [("v1", 100)]
+    state = json.loads((tmp_path / ".canary-bootcamp.state.json").read_text())
+    assert state["phase"] == "rolled_back"
+
+
+def test_a_rollback_json_event_is_printed_when_it_is_not_seen_live(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    with _watching_sidecar(tmp_path, lambda n: n >= 2) as admin:
+        shutil.copy(
+            os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path
+        )
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+        extra = ["--interval", "0.05", "--threshold", "1", "--wait-live", "1", "--json"]
+        code = main([*argv, "--metrics", admin, *extra])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events] == ["start", "rolled_back"]
+    assert "metrics unreadable" in events[-1]["reason"]
+
+
+def test_a_weight_not_live_in_time_is_a_failed_check(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first weight never reaches the sidecar within --wait-live: it
+    ended the command (exit 2) with the canary at its weight. A failed
+    check (here the threshold: rolled back), and the rollback, not live
+    either, exits 1 with a warning."""
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    with _stuck_sidecar() as admin:
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+        code = main([*argv, "--metrics", admin, "--threshold", "1", "--wait-live", "0.1"])
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "ROLLED BACK" in captured.out and "not live: " in captured.out
+    assert "warning: not live: " in captured.err
+    assert _routes(tmp_path) == [("v1", 100)]

@@ -34,7 +34,10 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
 
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
 invalid rules, metrics missing), 3 interrupted with the weights left as
-they were (run the same command again to resume).
+they were (run the same command again to resume). Once a weight is
+written, the sidecars unreadable or not serving it within --wait-live is a
+failed check (the analysis goes on watching), and an end written but not
+seen live exits as that end, with a warning.
 """
 
 from __future__ import annotations
@@ -938,39 +941,47 @@ def _analyse(
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
         try:
-            _set_weight(store, metrics, r, wait, expected=loaded)
+            unseen = _set_weight(store, metrics, r, wait, expected=loaded)
         except Superseded as exc:
             return _ended_by_hand(display, exc.current, r)
         while True:
-            time.sleep(policy.interval)
-            now_saved = store.load_state()
-            if now_saved != r:  # promote/abort from another shell ended it
-                return _ended_by_hand(display, now_saved, r)
-            try:
-                graded = check(policy, metrics.sample(r.canary, policy.interval))
-            except MetricsError as exc:
-                # A sidecar restarting or Prometheus answering 503 once must
-                # not leave the canary at its weight with nothing watching:
-                # a failed check (Flagger counts it so), and --threshold of
-                # them in a row roll back.
-                graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
-                with contextlib.suppress(MetricsError):
-                    metrics.start_window()  # the next interval counts from now
+            if unseen:
+                # The weight is written but could not be seen live, or the
+                # sidecars not read: a failed check now, as an unreadable
+                # sample is, and the analysis goes on watching (it ended
+                # with exit 2 and the canary left at its weight).
+                graded = Check("fail", 0.0, None, None, (unseen,))
+                unseen = ""
+            else:
+                time.sleep(policy.interval)
+                now_saved = store.load_state()
+                if now_saved != r:  # promote/abort from another shell ended it
+                    return _ended_by_hand(display, now_saved, r)
+                try:
+                    graded = check(policy, metrics.sample(r.canary, policy.interval))
+                except MetricsError as exc:
+                    # A sidecar restarting or Prometheus answering 503 once must
+                    # not leave the canary at its weight with nothing watching:
+                    # a failed check (Flagger counts it so), and --threshold of
+                    # them in a row roll back.
+                    graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
+                    with contextlib.suppress(MetricsError):
+                        metrics.start_window()  # the next interval counts from now
             ev = advance(policy, r, graded, time.time())
             new = ev.rollout
             try:
                 if new.weight != r.weight or new.phase != r.phase:
-                    _set_weight(store, metrics, new, wait, expected=r)
+                    unseen = _set_weight(store, metrics, new, wait, expected=r)
                 else:
                     store.save_state(new, expected=r)
             except Superseded as exc:  # promote/abort by hand while we measured
                 return _ended_by_hand(display, exc.current, r)
             r = new
             display.emit(ev)
-            if r.phase == "promoted":
-                return EXIT_PROMOTED
-            if r.phase == "rolled_back":
-                return EXIT_ROLLED_BACK
+            if r.phase != "progressing":
+                if unseen:  # written: warn, exit as what was done (as _by_hand)
+                    print(f"l4proxy canary: warning: {unseen}", file=err)
+                return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     except KeyboardInterrupt:
         choice = args.on_abort
         if choice == "ask":
@@ -1002,13 +1013,28 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
 
 def _set_weight(
     store: Store, metrics: Metrics, r: Rollout, wait: float, expected: Rollout | None = ANY
-) -> None:
-    """State first, then the document; then a fresh window at that weight."""
+) -> str:
+    """State first, then the document; then a fresh window at that weight.
+
+    Once the commit is done the change is made, so what fails after it
+    (the sidecars unreadable, or not serving it within *wait*) is not
+    raised: it is returned, as the reason of a failed check ("" when all
+    went well), and the caller counts it (progressing) or warns (ended)."""
     before = dict(metrics.marks)
+    unseen = ""
     if store.commit(r, expected):  # unchanged (a resume): no reload to wait for
-        metrics.wait_live(before, wait)  # also on the way out: exit once it is live
+        try:
+            metrics.wait_live(before, wait)  # also on the way out: exit once it is live
+        except MetricsError as exc:
+            unseen = f"metrics unreadable: {exc}"
+        except NotLive as exc:
+            unseen = f"not live: {exc}"
     if r.phase == "progressing":
-        metrics.start_window()
+        try:
+            metrics.start_window()
+        except MetricsError as exc:
+            unseen = unseen or f"metrics unreadable: {exc}"
+    return unseen
 
 
 def _ask(err: TextIO) -> str:
