@@ -723,3 +723,65 @@ def test_a_weight_not_live_in_time_is_a_failed_check(
     assert "ROLLED BACK" in captured.out and "not live: " in captured.out
     assert "warning: not live: " in captured.err
     assert _routes(tmp_path) == [("v1", 100)]
+
+
+def _disk_full_on_rollback(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> tuple[int, list[str]]:
+    """A canary answering 50 % 5xx, --threshold 1, whose rollback meets
+    *failures* OSErrors (ENOSPC) on the rules directory; the store's
+    end_retry without waits. Returns the exit code and the writes tried."""
+    import errno
+
+    from l4proxy.canary.command import FileStore
+    from l4proxy.rules import apply
+
+    monkeypatch.setattr(FileStore, "end_retry", (0.0,) * len(FileStore.end_retry))
+    real, tried, armed = apply._install, [], [False]
+
+    def install(source: str, target: str) -> None:
+        if armed[0]:
+            tried.append(os.path.basename(target))
+            if len(tried) <= failures:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(apply, "_install", install)
+
+    def answer(n: int, path: str, query: str) -> str:
+        armed[0] = True  # after the first weight is written
+        return _healthy(query, success="50")
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--threshold", "1")
+    return code, tried
+
+
+def test_a_rollback_on_a_full_disk_for_a_moment_is_written_again(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An OSError writing the rollback ended the command (exit 2) with the
+    canary at 50 %: the rollback is tried again (FileStore.end_retry)."""
+    code, tried = _disk_full_on_rollback(tmp_path, monkeypatch, failures=2)
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "ROLLED BACK" in captured.out
+    assert captured.err.count("rollback not written") == 2
+    assert _routes(tmp_path) == [("v1", 100)]
+    assert tried[:3] == [".canary-bootcamp.state.json"] * 3  # two refused, then written
+
+
+def test_a_rollback_never_written_says_it_was_not_applied(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.canary.command import FileStore
+
+    code, tried = _disk_full_on_rollback(tmp_path, monkeypatch, failures=1000)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the rollback was NOT applied" in err and "No space left on device" in err
+    assert "still routes as before (50 %)" in err
+    assert len(tried) == len(FileStore.end_retry) + 1
+    assert _routes(tmp_path) == [("v1", 50), ("v2", 50)]
+    state = json.loads((tmp_path / ".canary-bootcamp.state.json").read_text())
+    assert (state["phase"], state["weight"]) == ("progressing", 50)

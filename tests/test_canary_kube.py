@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from l4proxy.canary import kube
 from l4proxy.canary._analysis import Rollout
 from l4proxy.canary.kube import (
     ATTEMPTS,
@@ -212,6 +213,10 @@ class FakeAPI:
     forbid: set[str] = field(default_factory=set)  # methods answered 403
     before_put: Callable[[FakeAPI], None] | None = None  # a concurrent writer
     prometheus: dict[str, str] = field(default_factory=dict)  # query part -> value
+    # what goes wrong with the next requests of a method, in turn: "503" (not
+    # applied), "applied 504" (applied, its answer lost), "drop" (the
+    # connection closed with no answer)
+    faults: dict[str, list[str]] = field(default_factory=dict)
 
     def edit(self, path: str, change: Callable[[dict[str, Any]], None]) -> None:
         """What ``kubectl edit`` does between our GET and our PUT."""
@@ -260,6 +265,14 @@ def api() -> Iterator[FakeAPI]:
 
         def serve(self, method: str, path: str, body: Any) -> None:
             name = path.rsplit("/", 1)[-1]
+            queue = fake.faults.get(method)
+            fault = queue.pop(0) if queue else None
+            if fault == "drop":
+                self.close_connection = True
+                return
+            if fault == "503":
+                self.answer(503, status(503, "ServiceUnavailable", "etcdserver: request timed out"))
+                return
             if method in fake.forbid:
                 verb = {"GET": "get", "PUT": "update"}[method]
                 self.answer(
@@ -299,6 +312,9 @@ def api() -> Iterator[FakeAPI]:
             new = copy.deepcopy(body)
             new["metadata"]["resourceVersion"] = str(fake.rv)
             fake.objects[path] = new
+            if fault == "applied 504":
+                self.answer(504, status(504, "Timeout", "context deadline exceeded"))
+                return
             self.answer(200, new)
 
         def log_message(self, *a: object) -> None:
@@ -313,6 +329,13 @@ def api() -> Iterator[FakeAPI]:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tries are counted, not timed: no waiting between them."""
+    monkeypatch.setattr(kube, "BACKOFF", (0.0,) * len(kube.BACKOFF))
+    monkeypatch.setattr(ConfigMapStore, "end_retry", (0.0,) * len(ConfigMapStore.end_retry))
 
 
 @pytest.fixture
@@ -509,6 +532,47 @@ def test_an_unreachable_api_server_says_so(token: str) -> None:
         st.load_state()
 
 
+def test_an_api_server_down_for_a_moment_is_asked_again(api: FakeAPI, token: str) -> None:
+    """One 503 (etcd timing out), a connection closed with no answer: each
+    request is sent again after a pause (kube.BACKOFF), GET and PUT alike.
+    A rollback's PUT answered 503 once ended the command (exit 2) with the
+    canary serving traffic."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.faults = {"GET": ["drop"], "PUT": ["503", "drop"]}
+    assert store(api, token).commit(R) is True
+    assert [r.method for r in api.requests] == ["GET", "GET", "PUT", "PUT", "PUT"]
+    assert store(api, token).load_state() == R
+
+
+def test_a_put_applied_whose_answer_was_lost_is_not_someone_elses(api: FakeAPI, token: str) -> None:
+    """The PUT was applied but its answer lost (504): sent again, it meets a
+    409 (its own resourceVersion is stale now), and the fresh object holds
+    the state being written: that is this write, done, not an abort by
+    someone else (Superseded), and the document did change."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    store(api, token).commit(R)
+    api.requests.clear()
+    step = Rollout("bootcamp", "v1", "v2", weight=50, step=2, steps=R.steps, updated=3.0)
+    api.faults = {"PUT": ["applied 504"]}
+    assert store(api, token).commit(step, expected=R) is True
+    assert [r.method for r in api.requests] == ["GET", "PUT", "PUT", "GET", "PUT"]
+    assert store(api, token).load_state() == step
+
+
+def test_an_api_server_down_for_good_says_so_after_the_tries(api: FakeAPI, token: str) -> None:
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.faults = {"PUT": ["503"] * 100}
+    with pytest.raises(kube.KubeUnavailable, match=r"PUT ConfigMap .* HTTP 503: etcdserver"):
+        store(api, token).commit(R)
+    assert [r.method for r in api.requests] == ["GET"] + ["PUT"] * (len(kube.BACKOFF) + 1)
+    api.faults = {}
+    api.forbid = {"PUT"}  # a refusal is not asked again
+    api.requests.clear()
+    with pytest.raises(KubeError, match="403"):
+        store(api, token).commit(R)
+    assert [r.method for r in api.requests] == ["GET", "PUT"]
+
+
 def test_the_path_prefix_of_the_api_url_is_kept(api: FakeAPI) -> None:
     api.objects["/k8s" + CM_PATH] = configmap(bootcamp_data())
     client = KubeClient(Endpoint(api.url + "/k8s", None, None))
@@ -561,6 +625,49 @@ def test_a_rollout_through_the_api_promotes(
     assert main(canary(api, token, "abort", "bootcamp")) == 1
     doc = yaml.safe_load(api.objects[CM_PATH]["data"]["canary-bootcamp.yaml"])
     assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v1", 100)]
+
+
+def _failing_rollout(api: FakeAPI, token: str, put_faults: list[str]) -> int:
+    """A canary answering 50 % 5xx, --threshold 1: a PUT at 50 %, then the
+    rollback's; *put_faults* for the PUTs in turn ("": none)."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.prometheus = {"increase": "100", "* 100": "50", "histogram_quantile": "12"}
+    api.faults = {"PUT": put_faults}
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    return main([*argv, "--prometheus", api.url, "--threshold", "1"])
+
+
+def _stored(api: FakeAPI) -> tuple[str, list[tuple[str, int]]]:
+    obj = api.objects[CM_PATH]
+    state = json.loads(obj["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"])
+    doc = yaml.safe_load(obj["data"]["canary-bootcamp.yaml"])
+    return state["phase"], [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]]
+
+
+def test_a_rollback_put_answered_503_is_sent_again(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reviewer's case: one 503 on the rollback's PUT ended the command
+    (exit 2) with the canary at 50 % and the state progressing."""
+    assert _failing_rollout(api, token, ["", "503"]) == 1
+    assert "ROLLED BACK" in capsys.readouterr().out
+    assert _stored(api) == ("rolled_back", [("v1", 100)])
+
+
+def test_a_rollback_the_api_server_never_takes_says_it_was_not_applied(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API server answers 503 to every PUT after the first: the
+    rollback is tried (kube.BACKOFF) and tried again (end_retry), then the
+    command exits 2 saying loudly that the canary still gets its traffic."""
+    tries = (len(kube.BACKOFF) + 1) * (len(ConfigMapStore.end_retry) + 1)
+    assert _failing_rollout(api, token, ["", *["503"] * tries]) == 2
+    err = capsys.readouterr().err
+    assert "the rollback was NOT applied" in err and "HTTP 503" in err
+    assert "still routes as before (50 %)" in err and "l4proxy canary abort bootcamp" in err
+    assert [r.method for r in api.api()].count("PUT") == 1 + tries
+    assert _stored(api) == ("progressing", [("v1", 50), ("v2", 50)])
 
 
 def test_rules_and_configmap_are_one_or_the_other(

@@ -135,6 +135,12 @@ class NotLive(CanaryError):
     """A change written did not reach every sidecar within --wait-live."""
 
 
+class Transient(CanaryError):
+    """A write that failed for a reason that may pass (the API server down,
+    429 or 5xx, a timeout; an OSError on the rules directory): a rollback
+    is tried again (the store's ``end_retry``) before it is given up."""
+
+
 # --wait-live defaults: a rules directory the sidecars poll (1 s, see
 # l4proxy run --reload-interval), and a ConfigMap the kubelet projects into
 # the pods (its syncFrequency, 1 min by default, plus the ConfigMap cache's
@@ -510,6 +516,9 @@ class Store(Protocol):
 
     service: str
     where: str
+    # seconds between the tries of a rollback (or promotion) that failed
+    # with Transient; then it is given up, loudly (exit 2)
+    end_retry: tuple[float, ...]
 
     def load_state(self) -> Rollout | None: ...
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
@@ -520,7 +529,12 @@ class Store(Protocol):
 
 class FileStore:
     """Where the rollout lives with ``--rules``: the state file and the document.
-    (``--configmap``: :class:`l4proxy.canary.kube.ConfigMapStore`, same methods.)"""
+    (``--configmap``: :class:`l4proxy.canary.kube.ConfigMapStore`, same methods.)
+
+    An OSError (a full disk, an I/O error, a directory made read-only) is
+    :class:`Transient`: a rollback is tried again for a few seconds."""
+
+    end_retry: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
 
     def __init__(self, paths: Paths, writer: RulesWriter) -> None:
         self.paths = paths
@@ -532,9 +546,12 @@ class FileStore:
         return load_state(self.paths.state)
 
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
-        with apply._locked(self.paths.directory):
-            self._still(expected)
-            save_state(self.paths.state, r)
+        try:
+            with apply._locked(self.paths.directory):
+                self._still(expected, r)
+                save_state(self.paths.state, r)
+        except OSError as exc:
+            raise Transient(f"{self.paths.state}: cannot write it: {exc}") from exc
 
     def install(self, r: Rollout) -> bool:
         return self.writer.install(r)
@@ -543,23 +560,28 @@ class FileStore:
         """State first, then the document (a crash between: resume rewrites
         it), under the directory's lock and only while the stored rollout is
         *expected* (else :class:`Superseded`: an abort typed meanwhile is not
-        overwritten). A document refused puts the state back."""
-        with apply._locked(self.paths.directory):
-            before = self._still(expected)
-            save_state(self.paths.state, r)
-            try:
-                return self.writer.install_locked(r)
-            except CanaryError:
-                if before is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.paths.state)
-                else:
-                    save_state(self.paths.state, before)
-                raise
+        overwritten). A document refused, or not written, puts the state back."""
+        try:
+            with apply._locked(self.paths.directory):
+                before = self._still(expected, r)
+                save_state(self.paths.state, r)
+                try:
+                    return self.writer.install_locked(r)
+                except (CanaryError, OSError):
+                    if before is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.paths.state)
+                    else:
+                        save_state(self.paths.state, before)
+                    raise
+        except OSError as exc:
+            raise Transient(f"{self.paths.rules}: cannot write it: {exc}") from exc
 
-    def _still(self, expected: Rollout | None) -> Rollout | None:
+    def _still(self, expected: Rollout | None, r: Rollout) -> Rollout | None:
         current = load_state(self.paths.state)
-        if expected is not ANY and current != expected:
+        # *r* stored already: a try of this write that failed after the state
+        # (and could not put it back)
+        if expected is not ANY and current != expected and current != r:
             raise Superseded(current)
         return current
 
@@ -869,7 +891,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             except MetricsError as exc:
                 print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
                 sidecars = None
-        if not store.commit(saved, loaded):
+        if not _commit(store, saved, loaded, err):
             sidecars = None  # the document was so already: nothing reloads
         if sidecars is not None:
             try:
@@ -941,7 +963,7 @@ def _analyse(
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
         try:
-            unseen = _set_weight(store, metrics, r, wait, expected=loaded)
+            unseen = _set_weight(store, metrics, r, wait, loaded, err)
         except Superseded as exc:
             return _ended_by_hand(display, exc.current, r)
         while True:
@@ -971,7 +993,7 @@ def _analyse(
             new = ev.rollout
             try:
                 if new.weight != r.weight or new.phase != r.phase:
-                    unseen = _set_weight(store, metrics, new, wait, expected=r)
+                    unseen = _set_weight(store, metrics, new, wait, r, err)
                 else:
                     store.save_state(new, expected=r)
             except Superseded as exc:  # promote/abort by hand while we measured
@@ -988,7 +1010,7 @@ def _analyse(
             choice = _ask(err)
         if choice == "rollback":
             r = roll_back(r, time.time(), "interrupted; rolled back on request")
-            store.commit(r)
+            _commit(store, r, err=err)
             display.emit(Event("rolled_back", r, None, None), "interrupted")
             return EXIT_ROLLED_BACK
         print(
@@ -1012,7 +1034,12 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
 
 
 def _set_weight(
-    store: Store, metrics: Metrics, r: Rollout, wait: float, expected: Rollout | None = ANY
+    store: Store,
+    metrics: Metrics,
+    r: Rollout,
+    wait: float,
+    expected: Rollout | None = ANY,
+    err: TextIO | None = None,
 ) -> str:
     """State first, then the document; then a fresh window at that weight.
 
@@ -1022,7 +1049,7 @@ def _set_weight(
     went well), and the caller counts it (progressing) or warns (ended)."""
     before = dict(metrics.marks)
     unseen = ""
-    if store.commit(r, expected):  # unchanged (a resume): no reload to wait for
+    if _commit(store, r, expected, err):  # unchanged (a resume): no reload to wait for
         try:
             metrics.wait_live(before, wait)  # also on the way out: exit once it is live
         except MetricsError as exc:
@@ -1035,6 +1062,36 @@ def _set_weight(
         except MetricsError as exc:
             unseen = unseen or f"metrics unreadable: {exc}"
     return unseen
+
+
+def _commit(
+    store: Store, r: Rollout, expected: Rollout | None = ANY, err: TextIO | None = None
+) -> bool:
+    """store.commit; the end of a rollout (a rollback above all) is tried
+    again while it fails with :class:`Transient`, on the store's
+    ``end_retry``: one 503 from the API server left the canary serving
+    traffic. Given up, it says loudly that it was NOT applied (exit 2)."""
+    if r.phase == "progressing":
+        return store.commit(r, expected)  # the next run resumes it
+    what = "rollback" if r.phase == "rolled_back" else "promotion"
+    for delay in (*store.end_retry, None):
+        try:
+            return store.commit(r, expected)
+        except Transient as exc:
+            if delay is None:
+                now = f" ({expected.weight} %)" if isinstance(expected, Rollout) else ""
+                raise CanaryError(
+                    f"the {what} was NOT applied: {exc}; tried {len(store.end_retry) + 1} "
+                    f"times. {store.where} still routes as before{now}: "
+                    f"'l4proxy canary {'abort' if what == 'rollback' else 'promote'} "
+                    f"{store.service}' once it can be written"
+                ) from exc
+            print(
+                f"l4proxy canary: {what} not written ({exc}); trying again in {delay:g} s",
+                file=err or sys.stderr,
+            )
+            time.sleep(delay)
+    raise AssertionError("not reached")
 
 
 def _ask(err: TextIO) -> str:

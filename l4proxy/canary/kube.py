@@ -26,6 +26,15 @@ service account) or from a laptop (``kubectl proxy``, ``--kube-api``):
   server answers 409 Conflict and nothing is written; the change is then
   computed again on the fresh object (:data:`ATTEMPTS` times at most), so a
   concurrent edit is never clobbered.
+* **Transient failures.** An API server that does not answer (refused,
+  reset, timed out) or answers 429 or 5xx (etcd timing out, a restart, a
+  load balancer between) is asked again after :data:`BACKOFF`, GET and PUT
+  alike: a PUT is safe to send again, its resourceVersion makes a second
+  copy a 409, and a PUT whose answer was lost but that was applied is
+  recognised on the next GET (the stored state is the one being written).
+  One 503 on a rollback's PUT ended the command with the canary serving
+  traffic. What still fails is :class:`~l4proxy.canary.command.Transient`:
+  the command tries a rollback again for longer (``end_retry``).
 * **Validated first.** The object as it would be is written into a
   temporary directory, one file per data key, as the kubelet mounts it, and
   loaded exactly as a sidecar loads its rules directory (and checked for a
@@ -53,6 +62,7 @@ import json
 import os
 import ssl
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +74,7 @@ from l4proxy.canary.command import (
     ANY,
     CanaryError,
     Superseded,
+    Transient,
     competing,
     document,
     first_error,
@@ -77,10 +88,22 @@ ANNOTATION_PREFIX = "l4proxy.io/canary-"
 FIELD_MANAGER = "l4proxy-canary"
 ATTEMPTS = 5
 TIMEOUT = 10.0
+# Seconds between the tries of a request that found the API server down or
+# overloaded (about 8 s in all, plus up to TIMEOUT a try).
+BACKOFF = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
 class KubeError(CanaryError):
     """The API refused or could not be reached (exit 2, with what to do)."""
+
+
+class KubeUnavailable(KubeError, Transient):
+    """No answer, or 429/5xx: what asking again later may get past."""
+
+
+def transient(status: int) -> bool:
+    """429 Too Many Requests (API priority and fairness) and 5xx."""
+    return status == 429 or status >= 500
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,6 +222,8 @@ def api_error(method: str, status: int, where: str, message: str) -> KubeError:
         )
     if status == 422:
         return KubeError(f"{method} {where}: 422 Invalid: {message}")
+    if transient(status):
+        return KubeUnavailable(f"{method} {where}: HTTP {status}: {message}")
     return KubeError(f"{method} {where}: HTTP {status}: {message}")
 
 
@@ -308,7 +333,7 @@ class KubeClient:
             resp = conn.getresponse()
             return resp.status, resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise KubeError(
+            raise KubeUnavailable(
                 f"{method} {self.ep.base}{path}: {exc}: is the API server reachable "
                 "(kubectl proxy running, --kube-api right)?"
             ) from exc
@@ -318,6 +343,9 @@ class KubeClient:
 
 class ConfigMapStore:
     """The canary's document and state in the rules ConfigMap (see the module doc)."""
+
+    # after the requests' own BACKOFF: about two minutes for a rollback
+    end_retry: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
     def __init__(
         self, client: KubeClient, namespace: str, name: str, service: str, domain: str
@@ -330,8 +358,26 @@ class ConfigMapStore:
         self.path = configmap_path(namespace, name)
         self.where = f"ConfigMap {namespace}/{name}"
 
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        """The client's request, asked again after each of :data:`BACKOFF`
+        while the API server does not answer or answers 429/5xx; the last
+        failure is raised (:class:`KubeUnavailable`)."""
+        for delay in (*BACKOFF, None):
+            try:
+                status, data = self.client.request(method, path, body)
+            except KubeUnavailable:
+                if delay is None:
+                    raise
+            else:
+                if not transient(status):
+                    return status, data
+                if delay is None:
+                    raise api_error(method, status, self.where, status_message(data))
+            time.sleep(delay)
+        raise AssertionError("not reached")
+
     def get(self) -> dict[str, Any]:
-        status, body = self.client.request("GET", self.path)
+        status, body = self.request("GET", self.path)
         if status != 200:
             raise api_error("GET", status, self.where, status_message(body))
         try:
@@ -404,19 +450,25 @@ class ConfigMapStore:
         (an identical one makes the kubelet change nothing, and the
         sidecars reload nothing: there is no new generation to wait for)."""
         query = "?" + urllib.parse.urlencode({"fieldManager": FIELD_MANAGER})
+        key = doc_key(self.service)
+        first: str | None = None
         for attempt in range(1, ATTEMPTS + 1):
             obj = self.get()
-            if expected is not ANY and state_of(obj, self.service) != expected:
-                raise Superseded(state_of(obj, self.service))
+            if attempt == 1:
+                first = mounted_files(obj).get(key)
+            current = state_of(obj, self.service)
+            # *r* stored already: a PUT of ours that was applied although its
+            # answer was lost (a timeout, a 5xx, then 409 on sending it again)
+            if expected is not ANY and current != expected and current != r:
+                raise Superseded(current)
             new = edited(obj, self.service, r, with_document)
             # A state alone changes nothing the sidecars read; a rollback is
             # written whatever the rest holds (RulesWriter.install_locked).
             if with_document and r.phase != "rolled_back":
                 self.validate(new, r.weight)
-            status, body = self.client.request("PUT", self.path + query, new)
+            status, body = self.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
-                key = doc_key(self.service)
-                return mounted_files(new).get(key) != mounted_files(obj).get(key)
+                return mounted_files(new).get(key) != first
         return False  # not reached: after_put raises on the last attempt
 
 
