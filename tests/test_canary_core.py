@@ -93,7 +93,9 @@ def test_rollouts(samples: list[Sample], weights: list[int], end: str) -> None:
         (Sample(100, 2, 10.0), "fail", "success rate 98.0 % < 99 %"),
         (Sample(100, 0, 500.1), "fail", "p99 500 ms > 500 ms"),
         (Sample(9, 0, 1.0), "halt", "9 canary requests < 10"),
-        (Sample(10, 0, None), "pass", ""),  # no histogram: latency not judged
+        # requests but no histogram: a latency that cannot be read never passes
+        (Sample(10, 0, None), "fail", "p99 unknown: no latency histogram for 10 requests"),
+        (Sample(100, 0, math.inf), "fail", "p99 beyond the largest latency bucket > 500 ms"),
     ],
 )
 def test_check(sample: Sample, verdict: str, reason: str) -> None:
@@ -203,7 +205,9 @@ def test_totals_and_quantile() -> None:
     # rank 99 is the 49th of 49 in (10, 100]: the bucket's top
     assert t.sample().p99_ms == pytest.approx(100.0)
     assert histogram_quantile(0.5, {10.0: 50, 100.0: 99, math.inf: 100}) == pytest.approx(10.0)
-    assert histogram_quantile(0.99, {10.0: 0, 100.0: 0, math.inf: 100}) == 100.0  # in +Inf
+    # in +Inf: beyond every finite bound (Prometheus says 100, a number it does not know)
+    assert histogram_quantile(0.99, {10.0: 0, 100.0: 0, math.inf: 100}) == math.inf
+    assert histogram_quantile(0.99, {math.inf: 100}) == math.inf  # it said 0
     assert histogram_quantile(0.99, {10.0: 0, math.inf: 0}) is None
     assert histogram_quantile(0.9, {100.0: 10, 200.0: 20, math.inf: 20}) == pytest.approx(180.0)
     assert totals_of(values, "bootcamp.default.svc.cluster.local", "v2").requests == 100
@@ -411,7 +415,7 @@ def _serving(reply: Callable[[str], bytes | None]) -> Iterator[str]:
 
 
 def _healthy(query: str, success: str = "100") -> str:
-    return "250" if "increase" in query else success if "* 100" in query else "NaN"
+    return "250" if "increase" in query else success if "* 100" in query else "12"
 
 
 def _rollout_in(tmp_path: pathlib.Path, url: str, *extra: str) -> int:
@@ -635,6 +639,8 @@ def _watching_sidecar(tmp_path: pathlib.Path, fails: Callable[[int], bool]) -> I
         return (
             "# TYPE istio_requests_total counter\n"
             f"istio_requests_total{{{lab}}} {100 * n}\n"
+            f'istio_request_duration_milliseconds_bucket{{{lab},le="10"}} {100 * n}\n'
+            f'istio_request_duration_milliseconds_bucket{{{lab},le="+Inf"}} {100 * n}\n'
             f"l4proxy_rules_generation {len(seen)}\n"
         ).encode()
 
@@ -785,3 +791,79 @@ def test_a_rollback_never_written_says_it_was_not_applied(
     assert _routes(tmp_path) == [("v1", 50), ("v2", 50)]
     state = json.loads((tmp_path / ".canary-bootcamp.state.json").read_text())
     assert (state["phase"], state["weight"]) == ("progressing", 50)
+
+
+def test_a_canary_slower_than_the_largest_bucket_fails_its_p99() -> None:
+    """The reviewer's case, through the sidecar's own exposition: every
+    canary request takes 70 s (beyond the 60000 ms bucket). p99 read 0 ms
+    and the check passed; it is beyond every bucket, and fails."""
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker, _SubsetTag
+    from l4proxy.stats import Counters
+
+    tag = _SubsetTag("bootcamp.default.svc.cluster.local", "r", "v2", "v2", "bootcamp-v2")
+    c = Counters()
+    w = CounterWindow()
+    w.read({"s": parse_text(c.render())[0]})
+    none = (0,) * len(_DURATION_BUCKETS_MS)
+    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none)])
+    s = totals_of(w.read({"s": parse_text(c.render())[0]}), "bootcamp", "v2").sample()
+    assert (s.requests, s.p99_ms) == (100, math.inf)
+    graded = check(P, s)
+    assert graded.verdict == "fail"
+    assert graded.reasons == ("p99 beyond the largest latency bucket > 500 ms",)
+
+
+def test_a_bucket_that_did_not_move_still_bounds_the_next() -> None:
+    """Zero deltas were dropped from the window: a bucket whose count did
+    not move vanished, and the next one was interpolated from 0 ms."""
+    w = CounterWindow()
+    w.read({"a": parse_text(stats(5, 0, {"100": 5, "250": 5, "+Inf": 5}))[0]})
+    t = totals_of(
+        w.read({"a": parse_text(stats(105, 0, {"100": 5, "250": 105, "+Inf": 105}))[0]}),
+        "bootcamp",
+        "v2",
+    )
+    assert t.buckets == {100.0: 0, 250.0: 100, math.inf: 100}
+    assert t.sample().p99_ms == pytest.approx(100 + 150 * 0.99)  # not 250 * 0.99
+
+
+def test_a_p99_beyond_the_buckets_is_shown_and_is_valid_json() -> None:
+    """inf as text is "+Inf" (as le="+Inf"); JSON has no Infinity
+    (json.dumps wrote it bare, which JSON parsers refuse): "+Inf" too."""
+    import io
+
+    from l4proxy.canary._analysis import Event
+    from l4proxy.canary.command import Display
+
+    r = Rollout("bootcamp", "v1", "v2", weight=5, failed_checks=1, steps=P.steps)
+    ev = Event("check", r, check(P, Sample(100, 0, math.inf)), 5)
+    text, as_json = io.StringIO(), io.StringIO()
+    Display(text, False, P).emit(ev)
+    Display(as_json, True, P).emit(ev)
+    assert "p99 +Inf ms <= 500 NO" in text.getvalue()
+
+    def no_constants(name: str) -> object:
+        raise AssertionError(f"not JSON: {name}")
+
+    doc = json.loads(as_json.getvalue(), parse_constant=no_constants)
+    assert doc["check"]["p99_ms"] == "+Inf" and doc["check"]["verdict"] == "fail"
+
+
+def test_requests_without_a_latency_histogram_fail_the_p99_check(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prometheus' histogram_quantile is NaN when only the +Inf bucket has
+    data (a canary slower than every bucket, on sidecars that wrote no zero
+    buckets) or the buckets are not kept: p99 unknown, and the check passed
+    on success alone. With requests to judge, it fails."""
+
+    def answer(n: int, path: str, query: str) -> str:
+        return "NaN" if "histogram_quantile" in query else _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--threshold", "1")
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "p99    - ms <= 500 NO" in out
+    assert "p99 unknown: no latency histogram for 250 requests" in out
+    assert _routes(tmp_path) == [("v1", 100)]

@@ -109,3 +109,21 @@ def test_rules_mark_from_stats_and_when_a_change_is_live() -> None:
     assert RulesMark(4, 11).past(RulesMark(3, -1))  # before unknown: the generation too
     assert not RulesMark(3, 11).past(RulesMark(3, -1))
     assert RulesMark(4).past(RulesMark(3)) and not RulesMark(3).past(RulesMark(3))
+
+
+def test_a_histogram_row_writes_every_bucket_zeros_included() -> None:
+    """As Prometheus clients do: every le of a series, cumulative. 100
+    requests of 70 s wrote only le="+Inf", and a reader could not tell that
+    the finite buckets end at 60000 ms (the canary read p99 = 0 ms)."""
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker, _SubsetTag
+
+    tag = _SubsetTag("bootcamp.default.svc.cluster.local", "r", "v2", "v2", "bootcamp-v2")
+    c = Counters()
+    none = (0,) * len(_DURATION_BUCKETS_MS)
+    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none)])
+    fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)  # one request of 2 ms
+    Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast)])
+    series = c.snapshot()["istio_request_duration_milliseconds_bucket"]
+    les = {dict(labels)["le"]: v for labels, v in series.items()}
+    assert list(les) == [*map(str, _DURATION_BUCKETS_MS), "+Inf"]
+    assert les["1"] == 0 and les["5"] == 1 and les["60000"] == 1 and les["+Inf"] == 101

@@ -18,7 +18,11 @@ interval; :func:`check` grades it and :func:`advance` moves the
   gets no traffic is not left half-shifted, and its Job not running, for
   ever.
 * **fail**: success rate (non-5xx %) below ``min_success_rate``, or p99
-  above ``max_p99_ms``. ``failed_checks`` goes up by one and is never reset
+  above ``max_p99_ms`` (``math.inf``: beyond the largest histogram bucket),
+  or p99 unknown although there were requests (no histogram to read: a
+  Prometheus ``histogram_quantile`` that is NaN because only the +Inf
+  bucket has data, or bucket series dropped; a canary is never promoted on
+  a latency that could not be read). ``failed_checks`` goes up by one and is never reset
   by a later pass (as in Flagger: ``threshold`` failures over the whole
   analysis roll back); at ``threshold`` the rollout is **rolled back**:
   weight 0, every request to stable.
@@ -110,7 +114,7 @@ class Sample:
 
     requests: float
     errors: float  # 5xx answers among them
-    p99_ms: float | None  # None: no histogram data
+    p99_ms: float | None  # None: no histogram data; math.inf: beyond its largest bucket
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,11 @@ def check(policy: Policy, sample: Sample) -> Check:
     assert rate is not None
     if rate < policy.min_success_rate:
         reasons.append(f"success rate {rate:.1f} % < {policy.min_success_rate:g} %")
-    if p99 is not None and p99 > policy.max_p99_ms:
+    if p99 is None:
+        reasons.append(f"p99 unknown: no latency histogram for {_num(n)} requests")
+    elif p99 == math.inf:
+        reasons.append(f"p99 beyond the largest latency bucket > {policy.max_p99_ms:g} ms")
+    elif p99 > policy.max_p99_ms:
         reasons.append(f"p99 {p99:.0f} ms > {policy.max_p99_ms:g} ms")
     return Check("fail" if reasons else "pass", n, rate, p99, tuple(reasons))
 

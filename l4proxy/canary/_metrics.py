@@ -18,8 +18,10 @@ and takes deltas. A sidecar that restarted starts again from 0: a series
 lower than last time is a reset, and its new value is the delta (what
 Prometheus' ``rate()`` does); a series seen for the first time counts from
 0 only after the first reading (the baseline), never with its history.
-Deltas are summed over URLs; p99 is :func:`histogram_quantile` over the
-summed bucket deltas (linear inside the bucket, as Prometheus does).
+Deltas are summed over URLs (a bucket's zero delta included: it is where
+the next bucket's interpolation starts); p99 is :func:`histogram_quantile`
+over the summed bucket deltas (linear inside the bucket, as Prometheus
+does), and ``math.inf`` when it lies beyond the largest finite bucket.
 
 **Prometheus** (``--prometheus URL``): the PromQL Flagger runs for Istio
 (request-success-rate and request-duration), with l4proxy's labels (the
@@ -155,8 +157,14 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
 
     The rank q·total falls in the first bucket whose count reaches it; the
     value is interpolated linearly between that bucket's bounds (the first
-    bucket starts at 0). A rank in the +Inf bucket answers the highest
-    finite bound. None when there is no observation.
+    bucket starts at 0). None when there is no observation.
+
+    A rank in the +Inf bucket answers ``math.inf``, where Prometheus answers
+    the highest finite bound: all that is known is that the quantile is
+    above every finite bound, so a number would be made up. It was 0 when
+    no finite bucket had been seen (a canary slower than the largest one
+    passed --max-p99), and the highest bound passes a --max-p99 above it
+    however slow the canary is. inf fails every --max-p99.
     """
     if not buckets:
         return None
@@ -170,7 +178,7 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
         n = buckets[le]
         if n >= rank:
             if le == math.inf:
-                return prev_le
+                return math.inf
             if n == prev_n:
                 return le
             return prev_le + (le - prev_le) * (rank - prev_n) / (n - prev_n)
@@ -198,7 +206,8 @@ class CounterWindow:
                 for key, v in now.items():
                     before = last.get(key, 0.0)
                     delta = v if v < before else v - before  # lower: the sidecar restarted
-                    if delta:
+                    # a bucket's 0 is kept: it bounds the next bucket from below
+                    if delta or key[0] == BUCKETS:
                         out[key] = out.get(key, 0.0) + delta
             self._last[url] = now
         return out

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -745,7 +746,9 @@ class Display:
                 "ms",
                 p.max_p99_ms,
                 "<=",
-                ok=c.p99_ms is None or c.p99_ms <= p.max_p99_ms,
+                # unknown with requests fails (see check); an unreadable
+                # interval (no requests) has no p99 to blame
+                ok=c.p99_ms <= p.max_p99_ms if c.p99_ms is not None else c.requests <= 0,
             )
         verdict = self.verdict(ev)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
@@ -773,7 +776,13 @@ def _num(x: float) -> str:
 
 
 def _judge(label: str, value: float | None, unit: str, limit: float, op: str, ok: bool) -> str:
-    shown = "   -" if value is None else (f"{value:5.1f}" if unit == "%" else f"{value:4.0f}")
+    if value is None:
+        shown = "   -"
+    elif value == math.inf:
+        shown = "+Inf"  # beyond the largest bucket, as Prometheus' le="+Inf"
+    else:
+        shown = f"{value:5.1f}" if unit == "%" else f"{value:4.0f}"
+
     return f"{label} {shown} {unit} {op} {limit:g} {'ok' if ok else 'NO'}"
 
 
@@ -798,7 +807,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
             "verdict": c.verdict,
             "requests": c.requests,
             "success_rate": c.success_rate,
-            "p99_ms": c.p99_ms,
+            # JSON has no infinity: beyond the largest bucket is "+Inf"
+            "p99_ms": "+Inf" if c.p99_ms == math.inf else c.p99_ms,
             "reasons": list(c.reasons),
         }
     if note:

@@ -882,11 +882,14 @@ class Worker:
         for tag, status, count, seconds, buckets in answered:
             labels = _istio_labels(tag, status)
             c.add("istio_requests_total", labels, count)
+            # every bucket, zeros included, as Prometheus clients write a
+            # histogram: a canary slower than the largest finite bucket
+            # had only le="+Inf", and a reader could not tell where the
+            # finite buckets end (the canary read p99 = 0 ms)
             running = 0
             for le, n in zip(_DURATION_BUCKETS_MS, buckets, strict=False):
                 running += n
-                if running:
-                    c.add(bucket, {**labels, "le": str(le)}, running)
+                c.add(bucket, {**labels, "le": str(le)}, running)
             c.add(bucket, {**labels, "le": "+Inf"}, count)
             c.add("istio_request_duration_milliseconds_sum", labels, seconds * 1000.0)
             c.add("istio_request_duration_milliseconds_count", labels, count)
