@@ -31,8 +31,10 @@ from l4proxy.canary._analysis import (
     steps_from,
 )
 from l4proxy.canary._metrics import (
+    REQUESTS,
     CounterWindow,
     MetricsError,
+    Series,
     histogram_quantile,
     parse_query_response,
     parse_text,
@@ -867,3 +869,33 @@ def test_requests_without_a_latency_histogram_fail_the_p99_check(
     assert "p99    - ms <= 500 NO" in out
     assert "p99 unknown: no latency histogram for 250 requests" in out
     assert _routes(tmp_path) == [("v1", 100)]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((1000, 40), (990, 45)),  # the 200s went down, the 503s did not
+        ((5, 40), (990, None)),  # no 503 yet since the restart: that series is gone
+    ],
+)
+def test_a_sidecar_restart_counts_all_its_series_anew(
+    before: tuple[float, float], after: tuple[float, float | None]
+) -> None:
+    """A sidecar restarted within the interval. Reset was decided per
+    series: the 200s (lower) counted whole, the 503s (40 -> 45, higher)
+    counted 5: 995 requests, 5 errors, a pass, for a canary failing 45 of
+    1035. One series down (or gone) is a restart of the whole sidecar."""
+
+    def series(ok: float, err: float | None) -> dict[Series, float]:
+        def key(code: str) -> Series:
+            labels = {"destination_service_name": "bootcamp", "destination_version": "v2"}
+            return (REQUESTS, tuple(sorted({**labels, "response_code": code}.items())))
+
+        return {key("200"): ok} | ({} if err is None else {key("503"): err})
+
+    w = CounterWindow()
+    w.read({"a": series(*before), "b": series(7, 0)})
+    t = totals_of(w.read({"a": series(*after), "b": series(17, 0)}), "bootcamp", "v2")
+    assert (t.requests, t.errors) == (sum(x or 0 for x in after) + 10, after[1] or 0)
+    if after[1]:
+        assert check(P, t.sample()).verdict == "fail"

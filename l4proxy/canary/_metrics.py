@@ -14,10 +14,13 @@ request`` (per-connection routing has no requests to count):
 response_code}`` and the cumulative histogram
 ``istio_request_duration_milliseconds_bucket{..., le}``. They are counters,
 so a :class:`CounterWindow` keeps the last value of every series of every URL
-and takes deltas. A sidecar that restarted starts again from 0: a series
-lower than last time is a reset, and its new value is the delta (what
-Prometheus' ``rate()`` does); a series seen for the first time counts from
-0 only after the first reading (the baseline), never with its history.
+and takes deltas. A sidecar that restarted starts again from 0: any series
+of a URL lower than last time (or gone) means that sidecar restarted, and every one
+of its series counts its new value whole (Prometheus' ``rate()`` decides per
+series, which mixed a restart's fresh counts with old ones: a 503 series
+from 40 to 45 across a restart counted 5 errors, not 45); a series seen
+for the first time counts from 0 only after the first reading (the
+baseline), never with its history.
 Deltas are summed over URLs (a bucket's zero delta included: it is where
 the next bucket's interpolation starts); p99 is :func:`histogram_quantile`
 over the summed bucket deltas (linear inside the bucket, as Prometheus
@@ -203,9 +206,12 @@ class CounterWindow:
             last = self._last.get(url)
             now = {k: v for k, v in values.items() if k[0] in (REQUESTS, BUCKETS)}
             if last is not None:
+                # one series lower than last time, or gone (a live sidecar
+                # never drops one): the sidecar restarted, and all its series
+                # count since then (none may be taken as a delta)
+                reset = any(now.get(key, 0.0) < v for key, v in last.items())
                 for key, v in now.items():
-                    before = last.get(key, 0.0)
-                    delta = v if v < before else v - before  # lower: the sidecar restarted
+                    delta = v if reset else v - last.get(key, 0.0)
                     # a bucket's 0 is kept: it bounds the next bucket from below
                     if delta or key[0] == BUCKETS:
                         out[key] = out.get(key, 0.0) + delta
