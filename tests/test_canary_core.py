@@ -36,6 +36,7 @@ from l4proxy.canary._metrics import (
     MetricsError,
     Series,
     histogram_quantile,
+    http_get,
     parse_query_response,
     parse_text,
     promql,
@@ -899,3 +900,33 @@ def test_a_sidecar_restart_counts_all_its_series_anew(
     assert (t.requests, t.errors) == (sum(x or 0 for x in after) + 10, after[1] or 0)
     if after[1]:
         assert check(P, t.sample()).verdict == "fail"
+
+
+def test_sidecar_and_prometheus_reads_never_go_through_http_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With http_proxy set (a Job or shell with a proxy to the outside),
+    the canary's and ``l4proxy create --admin``'s reads of 127.0.0.1:15000
+    went to the proxy. They go direct, as the Kubernetes client does."""
+    import urllib.request
+
+    from l4proxy.rules import apply
+
+    hits: list[str] = []
+
+    def server(name: str) -> Callable[[str], bytes]:
+        def reply(target: str) -> bytes:
+            hits.append(name)
+            return b"# TYPE istio_requests_total counter\nl4proxy_rules_generation 4\n"
+
+        return reply
+
+    with _serving(server("sidecar")) as sidecar, _serving(server("proxy")) as proxy:
+        for var in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        for var in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(var, f"http://{proxy}")
+        monkeypatch.setattr(urllib.request, "_opener", None)  # built again from the env
+        http_get(f"http://{sidecar}/stats")
+        assert apply.rules_mark(sidecar).generation == 4
+    assert hits == ["sidecar", "sidecar"]

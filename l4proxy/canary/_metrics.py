@@ -41,11 +41,11 @@ import math
 import re
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.canary._analysis import Sample
 from l4proxy.stats import RulesMark
 
@@ -231,7 +231,7 @@ def stats_url(url: str) -> str:
 
 def http_get(url: str, timeout: float = 3.0) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with direct_urlopen(url, timeout=timeout) as r:  # never http_proxy
             body: bytes = r.read()
             return body.decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:

@@ -36,11 +36,11 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.cli import positive_seconds
 from l4proxy.rules import RULE_SUFFIXES, ConfigError, ConfigUnreadable, load_rules, rule_files
 from l4proxy.rules._schema import Report
@@ -250,7 +250,7 @@ def _install(source: str, target: str) -> None:
 
 
 def _admin_get(admin: str, path: str) -> str:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=2) as r:
+    with direct_urlopen(f"http://{admin}{path}", timeout=2) as r:  # never http_proxy
         body: bytes = r.read()
         return body.decode()
 
