@@ -8,6 +8,7 @@ are read through ``Pump.stats()`` when ``/stats`` is rendered.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -141,12 +142,13 @@ class RulesMark:
 
     @classmethod
     def of(cls, values: Mapping[str, float | None]) -> RulesMark | None:
-        """From /stats' unlabelled values by name (None: not an l4proxy)."""
-        gen = values.get(GENERATION)
-        if gen is None:
+        """From /stats' unlabelled values by name (None: not an l4proxy).
+        A value that is not a finite number (NaN, +Inf: not l4proxy's) is
+        taken as absent; int() of it raised ValueError or OverflowError."""
+        gen, digest = (values.get(name) for name in (GENERATION, DIGEST))
+        if gen is None or not math.isfinite(gen):
             return None
-        digest = values.get(DIGEST)
-        return cls(int(gen), None if digest is None else int(digest))
+        return cls(int(gen), None if digest is None or not math.isfinite(digest) else int(digest))
 
     @classmethod
     def parse(cls, text: str) -> RulesMark | None:

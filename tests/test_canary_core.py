@@ -286,6 +286,9 @@ def test_a_canary_answering_only_5xx_is_all_errors() -> None:
         ('{"status":"success","data":{"resultType":"scalar","result":[1,"2.5"]}}', 2.5),
         ('{"status":"error","error":"parse error at char 3"}', "parse error at char 3"),
         ("<html>", "not JSON"),
+        # data a list: AttributeError, exit 1 (the code of a rollback)
+        ('{"status":"success","data":[1]}', "data is not an object"),
+        ('{"status":"success","data":{"resultType":"vector","result":["x"]}}', "unexpected"),
     ],
 )
 def test_prometheus_answers(body: str, value: object) -> None:
@@ -930,3 +933,76 @@ def test_sidecar_and_prometheus_reads_never_go_through_http_proxy(
         http_get(f"http://{sidecar}/stats")
         assert apply.rules_mark(sidecar).generation == 4
     assert hits == ["sidecar", "sidecar"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-1"])
+def test_a_request_count_that_is_not_a_count_is_unreadable(value: str) -> None:
+    """NaN compares false with every limit: a canary whose sidecar said NaN
+    requests passed its checks. An unreadable sidecar (a failed check)."""
+    text = stats(90, 10, {"+Inf": 100}).replace(" 90\n", f" {value}\n")
+    with pytest.raises(MetricsError, match=f"is {value.lstrip('+').lower()}.*not a count"):
+        read_sidecar("http://x/stats", text)
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf"])
+def test_an_abort_with_a_sidecar_saying_nan_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """l4proxy_rules_generation NaN (not an l4proxy's): int() of it raised
+    ValueError (OverflowError for inf), and the abort ended with a
+    traceback and exit 1. A mark that is not a number is no mark."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+    body = (
+        "# TYPE istio_requests_total counter\nistio_requests_total 0\n"
+        f"l4proxy_rules_generation {value}\nl4proxy_rules_digest {value}\n"
+    ).encode()
+    with _serving(lambda target: body) as admin:
+        argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
+        assert main(argv) == 1  # rolled back
+    assert "Error" not in capsys.readouterr().err
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_an_unexpected_error_exits_2_not_1(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug escaped run() as a traceback, exit 1: what a Job's
+    podFailurePolicy and a script read as "rolled back"."""
+    from l4proxy.canary import command
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(command, "resume", broken)
+    with _fake_prometheus(lambda n, path, query: _healthy(query)) as url:
+        assert _rollout_in(tmp_path, url) == 2
+    err = capsys.readouterr().err
+    assert "l4proxy canary: unexpected error: RuntimeError: boom (" in err
+    assert "a bug, please report it" in err
+
+
+def test_an_abort_that_meets_another_writer_exits_2_saying_so(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stored rollout changed between an abort's read and its write
+    (Superseded): a traceback, exit 1."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter, Superseded
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+
+    def meanwhile(self: FileStore, r: Rollout, expected: Rollout | None = None) -> bool:
+        raise Superseded(None)
+
+    monkeypatch.setattr(FileStore, "commit", meanwhile)
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
+    assert "the rollout changed meanwhile: None; nothing written" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from l4proxy.stats import Counters, RulesMark
@@ -127,3 +128,15 @@ def test_a_histogram_row_writes_every_bucket_zeros_included() -> None:
     les = {dict(labels)["le"]: v for labels, v in series.items()}
     assert list(les) == [*map(str, _DURATION_BUCKETS_MS), "+Inf"]
     assert les["1"] == 0 and les["5"] == 1 and les["60000"] == 1 and les["+Inf"] == 101
+
+
+def test_a_rules_mark_that_is_not_a_number_is_absent() -> None:
+    """int() of NaN raised ValueError, of inf OverflowError: l4proxy canary
+    --metrics and create --admin ended with a traceback."""
+    assert RulesMark.parse("l4proxy_rules_generation NaN\n") is None
+    assert RulesMark.parse("l4proxy_rules_generation +Inf\n") is None
+    text = "l4proxy_rules_generation 3\nl4proxy_rules_digest NaN\n"
+    assert RulesMark.parse(text) == RulesMark(3, None)
+    assert RulesMark.of({"l4proxy_rules_generation": 2.0, "l4proxy_rules_digest": -math.inf}) == (
+        RulesMark(2, None)
+    )

@@ -248,6 +248,11 @@ def read_sidecar(url: str, text: str) -> tuple[dict[Series, float], RulesMark | 
     values, declared = parse_text(text)
     if REQUESTS not in declared and not any(k[0] == REQUESTS for k in values):
         raise MetricsError(NO_REQUEST_METRICS.format(url=url, name=REQUESTS))
+    for (name, labels), v in values.items():
+        # NaN compares false with every limit: a canary counted NaN passed
+        if name in (REQUESTS, BUCKETS) and not (math.isfinite(v) and v >= 0):
+            shown = ",".join(f'{k}="{val}"' for k, val in labels)
+            raise MetricsError(f"{url}: {name}{{{shown}}} is {v:g}, not a count")
     return values, RulesMark.of({name: v for (name, labels), v in values.items() if not labels})
 
 
@@ -300,6 +305,8 @@ def parse_query_response(url: str, text: str) -> float | None:
         err = doc.get("error") if isinstance(doc, dict) else None
         raise MetricsError(f"{url}: Prometheus says: {err or 'no status success'}")
     data = doc.get("data") or {}
+    if not isinstance(data, dict):
+        raise MetricsError(f"{url}: unexpected answer (data is not an object)")
     result = data.get("result")
     if data.get("resultType") == "scalar" and isinstance(result, list):
         result = [{"value": result}]

@@ -51,6 +51,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
@@ -123,7 +124,8 @@ canary-SERVICE.yaml and the annotation l4proxy.io/canary-SERVICE. Metrics need s
 exit status:
   0  promoted (100 % to the canary)
   1  rolled back (100 % to stable), by the analysis or by abort
-  2  error: usage, unreadable or invalid rules, a competing rule, no metrics
+  2  error: usage, unreadable or invalid rules, a competing rule, no metrics,
+     a rollback that could not be written (NOT applied), an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
 """
 
@@ -859,6 +861,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return EXIT_ERROR
     except OSError as exc:
         print(f"l4proxy canary: {exc}", file=err)
+        return EXIT_ERROR
+    except Superseded as exc:  # by hand, while another controller wrote
+        print(f"l4proxy canary: {exc}; nothing written", file=err)
+        return EXIT_ERROR
+    except Exception as exc:
+        # a bug: exit 2, never the traceback's 1, which says "rolled back"
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}; " if frames else ""
+        print(
+            f"l4proxy canary: unexpected error: {type(exc).__name__}: {exc} "
+            f"({at}a bug, please report it)",
+            file=err,
+        )
         return EXIT_ERROR
 
 
