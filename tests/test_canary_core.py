@@ -1006,3 +1006,36 @@ def test_an_abort_that_meets_another_writer_exits_2_saying_so(
     monkeypatch.setattr(FileStore, "commit", meanwhile)
     assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
     assert "the rollout changed meanwhile: None; nothing written" in capsys.readouterr().err
+
+
+def test_a_prometheus_ratio_exactly_at_the_limits_passes() -> None:
+    """(990/60)/(1000/60)*100 is 98.99999999999999 in floating point: a
+    canary at exactly 99 % failed --min-success-rate 99 (and shown as
+    "99.0 % >= 99 NO"). Likewise a p99 of 500.0000000000001 ms."""
+    import io
+
+    from l4proxy.canary._analysis import Event
+    from l4proxy.canary.command import Display
+
+    def answer(value: float) -> float | None:
+        data = {"resultType": "vector", "result": [{"metric": {}, "value": [1, repr(value)]}]}
+        return parse_query_response("u", json.dumps({"status": "success", "data": data}))
+
+    rate = (990 / 60) / (1000 / 60) * 100
+    assert rate < 99  # the arithmetic, not a choice
+    s = sample_from_prometheus(
+        {
+            "requests": answer(1000.0),
+            "success_rate": answer(rate),
+            "p99": answer(0.1 * 3 * 1000 / 300 * 500),
+        }
+    )
+    assert s.p99_ms is not None and s.p99_ms > 500
+    graded = check(P, s)
+    assert (graded.verdict, graded.reasons) == ("pass", ())
+    out = io.StringIO()
+    r = Rollout("bootcamp", "v1", "v2", weight=5, steps=P.steps)
+    Display(out, False, P).emit(Event("check", r, graded, 5))
+    assert "success  99.0 % >= 99 ok  p99  500 ms <= 500 ok  pass" in out.getvalue()
+    # and a hair below is still below
+    assert check(P, Sample(1000, 10.001, 12.0)).verdict == "fail"

@@ -126,6 +126,24 @@ class Check:
     reasons: tuple[str, ...] = ()  # why it failed or halted, for the display
 
 
+# Relative: the limits are compared to float arithmetic (Prometheus' ratio of
+# two rates: (990/60)/(1000/60)*100 is 98.99999999999999), and a value on
+# the limit passes; a part in a billion is far below any meaningful margin.
+TOLERANCE = 1e-9
+
+
+def success_ok(policy: Policy, rate: float) -> bool:
+    """The success rate meets --min-success-rate (at it, give or take rounding)."""
+    return rate >= policy.min_success_rate or math.isclose(
+        rate, policy.min_success_rate, rel_tol=TOLERANCE
+    )
+
+
+def p99_ok(policy: Policy, p99: float) -> bool:
+    """The p99 meets --max-p99 (at it, give or take rounding; +Inf never)."""
+    return p99 <= policy.max_p99_ms or math.isclose(p99, policy.max_p99_ms, rel_tol=TOLERANCE)
+
+
 def check(policy: Policy, sample: Sample) -> Check:
     """Grade one interval against the policy."""
     n = sample.requests
@@ -141,13 +159,13 @@ def check(policy: Policy, sample: Sample) -> Check:
         )
     reasons: list[str] = []
     assert rate is not None
-    if rate < policy.min_success_rate:
+    if not success_ok(policy, rate):
         reasons.append(f"success rate {rate:.1f} % < {policy.min_success_rate:g} %")
     if p99 is None:
         reasons.append(f"p99 unknown: no latency histogram for {_num(n)} requests")
     elif p99 == math.inf:
         reasons.append(f"p99 beyond the largest latency bucket > {policy.max_p99_ms:g} ms")
-    elif p99 > policy.max_p99_ms:
+    elif not p99_ok(policy, p99):
         reasons.append(f"p99 {p99:.0f} ms > {policy.max_p99_ms:g} ms")
     return Check("fail" if reasons else "pass", n, rate, p99, tuple(reasons))
 

@@ -68,11 +68,13 @@ from l4proxy.canary._analysis import (
     Sample,
     advance,
     check,
+    p99_ok,
     parse_steps,
     promote,
     resume,
     roll_back,
     steps_from,
+    success_ok,
 )
 from l4proxy.canary._metrics import (
     CounterWindow,
@@ -740,7 +742,7 @@ class Display:
                 "%",
                 p.min_success_rate,
                 ">=",
-                ok=c.success_rate is not None and c.success_rate >= p.min_success_rate,
+                ok=c.success_rate is not None and success_ok(p, c.success_rate),
             )
             cells += "  " + _judge(
                 "p99",
@@ -750,7 +752,7 @@ class Display:
                 "<=",
                 # unknown with requests fails (see check); an unreadable
                 # interval (no requests) has no p99 to blame
-                ok=c.p99_ms <= p.max_p99_ms if c.p99_ms is not None else c.requests <= 0,
+                ok=p99_ok(p, c.p99_ms) if c.p99_ms is not None else c.requests <= 0,
             )
         verdict = self.verdict(ev)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
