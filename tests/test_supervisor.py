@@ -656,6 +656,66 @@ def test_concurrent_scrapes_share_one_round_of_requests() -> None:
     assert link.asked == 2
 
 
+class _HeldLink:
+    """A worker's control link whose answers wait for *release* (a worker busy
+    building /config_dump answers); counts the requests it was sent, and the
+    most ever waiting at once."""
+
+    closed = False
+    stale = 0
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.asked: dict[str, int] = {}
+        self.waiting = 0
+        self.most_waiting = 0
+
+    async def ask(self, op: str, timeout: float | None) -> object:
+        self.asked[op] = self.asked.get(op, 0) + 1
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.release.wait()
+        except TimeoutError:
+            return None  # (the worker answers anyway, later: queued at it)
+        finally:
+            self.waiting -= 1
+        return {"op": op}
+
+
+@pytest.mark.parametrize("op", ["config_dump", "clusters"])
+def test_heavy_requests_are_one_in_flight_per_worker_even_past_their_timeout(op: str) -> None:
+    """Every /config_dump (or /clusters) sent one more request to the worker,
+    given up on after 3 s but still built and encoded there in turn: 20
+    clients looping on /config_dump of a big table queued answers without
+    bound ahead of the watchdog's ready ping, and the watchdog killed the
+    healthy worker. Now concurrent callers share one request, and one that
+    timed out stays in flight until its late answer comes."""
+    sup = Supervisor(argparse.Namespace(), [[]])
+    sup.SHARED_ASK_TIMEOUT_S = 0.05
+    [slot] = sup.slots
+    link = _HeldLink()
+    slot.proc, slot.link = _Proc(100), link  # type: ignore[assignment]
+    ask = getattr(sup, op)
+
+    async def main() -> tuple[list[object], list[object], list[object]]:
+        timed_out = list(await asyncio.gather(*(ask() for _ in range(20))))
+        later = [await ask() for _ in range(5)]  # each after the one before gave up
+        link.release.set()  # the worker gets to them: the late answer
+        await asyncio.sleep(0)
+        while link.waiting:
+            await asyncio.sleep(0.01)
+        after = list(await asyncio.gather(*(ask() for _ in range(20))))
+        return timed_out, later, after
+
+    timed_out, later, after = asyncio.run(main())
+    assert timed_out == [None] * 20 and later == [None] * 5
+    assert after == [{"op": op}] * 20
+    assert link.asked == {op: 2}  # was 45: one per call
+    assert link.most_waiting == 1
+
+
 def test_workers_still_draining_at_the_deadline_are_killed_together() -> None:
     """Two workers that never finish their drain (SIGTERM ignored): both are
     killed at the one deadline, --drain-duration (1 s) + the grace (0.5 s

@@ -258,8 +258,10 @@ class SupervisorEnd:
         reader, self._writer = await asyncio.open_connection(sock=self._sock)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
-    async def ask(self, op: str, timeout: float) -> Any:
-        """The worker's answer to *op*, or None (no answer in time, an error, closed)."""
+    async def ask(self, op: str, timeout: float | None) -> Any:
+        """The worker's answer to *op*, or None (no answer in time, an error, closed).
+
+        *timeout* None: no limit; the answer or the end's close ends the wait."""
         if self.closed or self._writer is None:
             return None
         request_id, frame = self._book.request(op)

@@ -28,8 +28,12 @@ frame on its control socket is replaced at once (channel explains why).
 
 The admin endpoint lives in the supervisor and asks the workers over their
 control sockets (framed requests with ids: see channel), summing counters
-across workers. SIGTERM and SIGHUP are forwarded to every worker; the
-supervisor exits when all workers have drained. Workers are started with
+across workers. A worker answers its requests in turn, so concurrent admin
+requests share what is asked of it: one /stats round at a time, and at most
+one /config_dump and one /clusters request in flight to each worker, even
+past the admin's timeout (a late answer is still built and sent, and a queue
+of them would starve the watchdog's ping). SIGTERM and SIGHUP are forwarded
+to every worker; the supervisor exits when all workers have drained. Workers are started with
 SIGHUP blocked, so a reload forwarded to one that is still starting waits
 for its handler instead of killing it (signals).
 """
@@ -127,6 +131,8 @@ def describe_exit(code: int) -> str:
 class Supervisor:
     # past --drain-duration, what a worker gets to close before it is killed
     DRAIN_GRACE_S = 10.0
+    # what a /config_dump or /clusters waits for one worker's answer
+    SHARED_ASK_TIMEOUT_S = 3.0
 
     def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
         self.args = args
@@ -139,6 +145,9 @@ class Supervisor:
         self.help_seen: dict[str, tuple[str, ...]] = {}  # workers' metric types and help
         self._keepers: list[asyncio.Task[None]] = []
         self._stats_round: asyncio.Future[Any] | None = None  # stats(): the round under way
+        # config_dump and clusters: the request under way to each worker, per
+        # op, and the link it went out on (_ask_shared)
+        self._heavy: dict[tuple[int, str], tuple[SupervisorEnd, asyncio.Task[Any]]] = {}
 
     # -- workers -------------------------------------------------------------
     def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
@@ -260,8 +269,9 @@ class Supervisor:
         return await self._ask_link(slot, slot.link, op, timeout)
 
     async def _ask_link(
-        self, slot: WorkerSlot, link: SupervisorEnd | None, op: str, timeout: float = 3.0
+        self, slot: WorkerSlot, link: SupervisorEnd | None, op: str, timeout: float | None = 3.0
     ) -> Any:
+        """*timeout* None: until the answer comes or the link closes."""
         if link is None:
             return None
         answer = await link.ask(op, timeout)
@@ -384,10 +394,48 @@ class Supervisor:
 
     async def first(self, op: str) -> Any:
         for slot in self.slots:
-            ans = await self.ask(slot, op)
+            ans = await self._ask_shared(slot, op)
             if ans is not None:
                 return ans
         return None
+
+    async def _ask_shared(self, slot: WorkerSlot, op: str) -> Any:
+        """*op* asked of *slot*'s worker once for every caller meanwhile.
+
+        /config_dump and /clusters build and encode the whole table on the
+        worker's event loop, and a worker answers its control requests in
+        turn. Asked once per admin request, with each request given up on
+        after 3 s but still answered, 20 clients looping on /config_dump of a
+        big table queued answers without bound ahead of the watchdog's ready
+        ping: the watchdog killed a healthy worker. So the request stays in
+        flight, counted, until its answer comes (however late) or the link
+        closes (the worker gone), and every caller meanwhile waits on that
+        one (each for SHARED_ASK_TIMEOUT_S): at most one such request per op is ever
+        queued at a worker.
+        """
+        link = slot.link
+        if link is None:
+            return None
+        key = (slot.index, op)
+        entry = self._heavy.get(key)
+        if entry is None or entry[0] is not link:
+            # No timeout: bounded by the link's life (a hung worker's is ended
+            # by the watchdog, and its close answers None).
+            task = asyncio.ensure_future(self._ask_link(slot, link, op, None))
+            entry = (link, task)
+            self._heavy[key] = entry
+
+            def done(fut: asyncio.Future[Any], entry: Any = entry) -> None:
+                if self._heavy.get(key) is entry:
+                    del self._heavy[key]
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: each waiter got it raised already
+
+            task.add_done_callback(done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry[1]), self.SHARED_ASK_TIMEOUT_S)
+        except TimeoutError:
+            return None
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self, admin_start: Any) -> int:
