@@ -195,3 +195,41 @@ def test_not_ready_until_the_rules_given_were_loaded(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _run_briefly(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """``l4proxy run ARGV``, which should exit; one still running at *timeout*
+    is stopped (SIGTERM) and fails the test, with its log."""
+    proc = subprocess.Popen([L4PROXY, "run", *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"still running after {timeout}s:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_a_usage_error_with_several_workers_too(workers: str) -> None:
+    """Several workers bind the port with SO_REUSEPORT, which shared it with any
+    other socket of the same user that set it: a second sidecar on the same
+    --listen port started and took part of the traffic, silently."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        done = _run_briefly(
+            [
+                *("--no-transparent", "--listen", f"127.0.0.1:{port}"),
+                *("--admin", "127.0.0.1:0", "--workers", workers),
+            ]
+        )
+    finally:
+        holder.close()
+    assert done.returncode == 2, done.stderr
+    assert f"cannot bind a listener on 127.0.0.1:{port}: " in done.stderr
+    assert "Address already in use" in done.stderr

@@ -29,7 +29,7 @@ class Listener:
         return f"{self.mode}:{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -40,6 +40,29 @@ def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> 
             # "::" accepts IPv4 too (dual stack): one listener serves both families.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when another socket holds *host*:*port*.
+
+    Several workers' listeners share a port with ``SO_REUSEPORT``, and so
+    would any other process's (of the same user) that set it too: a second
+    sidecar started on the same port took part of the traffic, silently. A
+    throwaway bind without ``SO_REUSEPORT``, before the group binds, fails
+    on any holder. (For the supervisor's first bind only: a restarted worker
+    inherits the sockets bound then.)
+    """
+    if port != 0:  # (port 0: the kernel picks a free one)
+        _bound(host, port, reuse_port=False).close()
+
+
+def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
+    sock = _bound(host, port, reuse_port)
+    try:
         sock.listen(4096)
         sock.setblocking(False)
     except OSError:

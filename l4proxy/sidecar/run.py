@@ -23,7 +23,7 @@ from typing import Any
 
 from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
-from l4proxy.dataplane.listener import Listener, bind_listener
+from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
 from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.sidecar.admin import AdminServer, WorkerView
 from l4proxy.sidecar.channel import serve_supervisor
@@ -487,11 +487,21 @@ def run(args: argparse.Namespace) -> int:
                 return 2
     specs = _listener_specs(args)
     sets: list[list[Listener]] = []
+    shared = not args.single_process and args.workers > 1
+    where = ""
     try:
+        if shared:  # SO_REUSEPORT would share the port with whoever holds it
+            for h, p, _ in specs:
+                where = f" on {'[' + h + ']' if ':' in h else h}:{p}"
+                check_port_free(h, p)
         for _ in range(1 if args.single_process else args.workers):
-            sets.append([bind_listener(h, p, m, reuse_port=args.workers > 1) for h, p, m in specs])
+            group: list[Listener] = []
+            sets.append(group)
+            for h, p, m in specs:
+                where = f" on {'[' + h + ']' if ':' in h else h}:{p}"
+                group.append(bind_listener(h, p, m, reuse_port=shared))
     except OSError as exc:
-        log.error("cannot bind a listener: %s", exc)
+        log.error("cannot bind a listener%s: %s", where, exc)
         for lst in (x for group in sets for x in group):
             lst.sock.close()
         return 2
