@@ -233,3 +233,30 @@ def test_a_port_in_use_is_a_usage_error_with_several_workers_too(workers: str) -
     assert done.returncode == 2, done.stderr
     assert f"cannot bind a listener on 127.0.0.1:{port}: " in done.stderr
     assert "Address already in use" in done.stderr
+
+
+def test_port_0_is_one_port_for_all_the_workers() -> None:
+    """--listen HOST:0 --workers 2: each worker's listener got a port of its own
+    from the kernel, and only the first worker's was logged."""
+    proc = subprocess.Popen(
+        [
+            *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", "--workers", "2"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        while sum("worker: listening: " in line for line in log) < 2:
+            line = proc.stderr.readline()
+            assert line, "".join(log)
+            log.append(line)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    [supervisor] = [line for line in log if "supervisor: 2 worker(s); listening: " in line]
+    listening = supervisor.split("listening: ")[1].split(";")[0]
+    workers = [line.split("listening: ")[1].split(";")[0] for line in log if "worker:" in line]
+    assert workers == [listening, listening], log

@@ -497,7 +497,9 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(1 if args.single_process else args.workers):
             group: list[Listener] = []
             sets.append(group)
-            for h, p, m in specs:
+            for i, (h, p, m) in enumerate(specs):
+                if len(sets) > 1:  # port 0: the one the kernel gave the first worker's
+                    p = sets[0][i].address[1]
                 where = f" on {'[' + h + ']' if ':' in h else h}:{p}"
                 group.append(bind_listener(h, p, m, reuse_port=shared))
     except OSError as exc:
