@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,17 @@ def test_a_port_in_use_is_a_usage_error_with_several_workers_too(workers: str) -
     assert "Address already in use" in done.stderr
 
 
+def _log_until(proc: subprocess.Popen[str], done: Callable[[list[str]], bool]) -> list[str]:
+    """*proc*'s stderr lines until done(lines) (an exit first fails the test)."""
+    assert proc.stderr is not None
+    log: list[str] = []
+    while not done(log):
+        line = proc.stderr.readline()
+        assert line, f"exited ({proc.wait()}):\n{''.join(log)}"
+        log.append(line)
+    return log
+
+
 def test_port_0_is_one_port_for_all_the_workers() -> None:
     """--listen HOST:0 --workers 2: each worker's listener got a port of its own
     from the kernel, and only the first worker's was logged."""
@@ -246,13 +258,8 @@ def test_port_0_is_one_port_for_all_the_workers() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stderr is not None
-    log: list[str] = []
     try:
-        while sum("worker: listening: " in line for line in log) < 2:
-            line = proc.stderr.readline()
-            assert line, "".join(log)
-            log.append(line)
+        log = _log_until(proc, lambda log: sum("worker: listening: " in ln for ln in log) == 2)
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
@@ -260,3 +267,45 @@ def test_port_0_is_one_port_for_all_the_workers() -> None:
     listening = supervisor.split("listening: ")[1].split(";")[0]
     workers = [line.split("listening: ")[1].split(";")[0] for line in log if "worker:" in line]
     assert workers == [listening, listening], log
+
+
+RUN_AS_1337 = ("setpriv", "--reuid=1337", "--regid=1337", "--clear-groups")
+
+
+@pytest.mark.netns  # (root, to run it as 1337)
+@pytest.mark.parametrize("flags", [["--uid", "1337", "--gid", "1337"], ["--gid", "1337"]])
+def test_uid_and_gid_of_the_user_it_already_runs_as_are_nothing_to_do(flags: list[str]) -> None:
+    """An image with USER 1337:1337 (or a pod's runAsUser and runAsGroup 1337)
+    and the injected --uid 1337 --gid 1337: setgroups was called first, which
+    only root may, and the sidecar exited 2 ("cannot drop privileges"), a
+    crash loop."""
+    proc = subprocess.Popen(
+        [
+            *(*RUN_AS_1337, L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", *flags),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = _log_until(proc, lambda log: any("worker: listening: " in ln for ln in log))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert next(ln for ln in log if "supervisor:" in ln).rstrip().endswith("; uid 1337")
+
+
+@pytest.mark.netns
+def test_uid_and_gid_a_user_cannot_take_are_still_an_error() -> None:
+    done = subprocess.run(
+        [
+            *(*RUN_AS_1337, L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", "--uid", "1337", "--gid", "1338"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "cannot drop privileges to uid=1337 gid=1338: [Errno 1]" in done.stderr

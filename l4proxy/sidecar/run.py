@@ -402,12 +402,21 @@ def add_parser(sub: Any) -> None:
 
 
 def _drop_privileges(uid: str | None, gid: str | None) -> None:
-    if gid is not None:
-        g = int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid
+    g = None if gid is None else int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid
+    u = None if uid is None else int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+    if (
+        os.geteuid() != 0
+        and (g is None or os.getgid() == os.getegid() == g)
+        and (u is None or os.getuid() == os.geteuid() == u)
+    ):
+        # Already that user and group (an image's USER 1337:1337, a pod's
+        # runAsUser and runAsGroup): nothing to drop, and no right to call
+        # setgroups, which failed: exit 2, a crash loop.
+        return
+    if g is not None:
         os.setgroups([])
         os.setgid(g)
-    if uid is not None:
-        u = int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+    if u is not None:
         if os.getuid() == u:
             return
         if gid is None:  # the user's primary group (the uid's number when it has no entry)
