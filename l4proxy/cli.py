@@ -108,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in args_list if not a.startswith("-")), None)
     if first == "run":  # supervisor and workers: see l4proxy.sidecar.lean
         from l4proxy.sidecar.lean import keep_out
+        from l4proxy.sidecar.signals import hold_signals
 
+        hold_signals()  # first (signals): a SIGTERM to a starting PID 1 was lost
         keep_out()
     parser = build_parser(first if first in SUBCOMMANDS else None)
     args = parser.parse_args(args_list)

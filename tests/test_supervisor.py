@@ -268,6 +268,73 @@ def test_sighup_reloads_a_single_process_sidecar(bare: Mesh) -> None:
     assert sc.alive()
 
 
+RUN_GATEWAY = ("run", "--no-transparent", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+
+
+def _caught(pid: int) -> int:
+    """The signals *pid* has a handler for (SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("SigCgt:")).split()[1], 16)
+
+
+@netns  # (root: a PID namespace)
+def test_a_sigterm_to_a_starting_supervisor_that_is_pid_1_stops_it() -> None:
+    """PID 1 of a PID namespace (a container without an init) is sent only the
+    signals it has a handler for. Only SIGHUP had one while it started: a
+    SIGTERM then (a pod deleted as it starts) was discarded, and the sidecar
+    ran on until the kubelet's SIGKILL. Here the SIGTERM comes as soon as the
+    supervisor can hear a SIGHUP."""
+    proc = subprocess.Popen(
+        ["unshare", "-fp", "--mount-proc", sys.executable, "-m", "l4proxy", *RUN_GATEWAY],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid1 = 0
+    try:
+        while not pid1:
+            assert proc.poll() is None
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                pid1 = int((f.read().split() or ["0"])[0])  # (as this namespace sees it)
+        while not _caught(pid1) & (1 << (signal.SIGHUP - 1)):
+            assert proc.poll() is None
+        os.kill(pid1, signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            if pid1:  # (unshare's child does not die with it: no --kill-child)
+                os.kill(pid1, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "stopping: draining 0 worker(s)" in err and err.rstrip().endswith("stopped"), err
+
+
+def test_a_sigterm_while_a_worker_starts_makes_it_drain_once_started() -> None:
+    """The supervisor forwards SIGTERM to its workers; one still starting had
+    no handler yet and was killed (no drain: what its listener had queued was
+    reset). Workers now start with SIGTERM blocked, held until their loop
+    runs: the worker drains."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l4proxy", *RUN_GATEWAY], stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        while not any("worker 0 started (pid" in ln for ln in log):
+            line = proc.stderr.readline()
+            assert line, "".join(log)
+            log.append(line)
+        proc.terminate()  # the worker is still importing: hundreds of ms
+        log.append(proc.communicate(timeout=30)[1])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = "".join(log)
+    assert proc.returncode == 0, text
+    assert "[w0] draining for up to" in text and "[w0] stopped" in text, text
+
+
 # -- the real Supervisor with a scripted worker (garbage on the channel) --------
 
 SCRIPTED_WORKER = r"""

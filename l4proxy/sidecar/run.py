@@ -28,7 +28,7 @@ from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.sidecar.admin import AdminServer, WorkerView
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop
-from l4proxy.sidecar.signals import HeldReloads, hold_reloads
+from l4proxy.sidecar.signals import HeldSignals, hold_signals
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -457,9 +457,10 @@ def _event_loop_runner(name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Before anything else (signals): a SIGHUP while starting is a reload
-    # request to remember, never the default action (terminate).
-    held = hold_reloads()
+    # Before anything else (signals; cli.main did it already): a SIGHUP while
+    # starting is a reload request to remember, never the default action
+    # (terminate), and a SIGTERM a stop to make once the loop runs.
+    held = hold_signals()
     tag = f"[w{args.worker_index}] " if args.worker_fds else ""
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -519,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.single_process:
             return int(_event_loop_runner(args.loop)(_serve(args, sets[0], None, held)))
-        return int(asyncio.run(_supervise(args, sets)))
+        return int(asyncio.run(_supervise(args, sets, held)))
     except KeyboardInterrupt:
         return 0
 
@@ -550,7 +551,9 @@ async def _start_stats(args: argparse.Namespace, source: Any) -> AdminServer | N
     return stats
 
 
-async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> int:
+async def _supervise(
+    args: argparse.Namespace, sets: list[list[Listener]], held: HeldSignals | None = None
+) -> int:
     from l4proxy.sidecar.supervisor import Supervisor  # the supervisor's only
 
     sup = Supervisor(args, sets)
@@ -576,7 +579,7 @@ async def _supervise(args: argparse.Namespace, sets: list[list[Listener]]) -> in
         )
         give_back_memory()  # what start-up freed (lean)
 
-    code = await sup.run(start_admin)
+    code = await sup.run(start_admin, held)
     for server in (admin, stats):
         if server:
             await server.close()
@@ -587,7 +590,7 @@ async def _serve(
     args: argparse.Namespace,
     listeners: list[Listener],
     control: socket.socket | None,
-    held: HeldReloads,
+    held: HeldSignals,
 ) -> int:
     from l4proxy.dataplane import peek, pump, relay
     from l4proxy.dataplane._pool_py import PoolOptions
@@ -654,6 +657,8 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
     if held.requested:  # SIGHUP during the first load: load again
         rules.request_reload()
+    if held.stop_requested:  # SIGTERM while starting: drain now
+        stop.set()
     control_task = None
     if control is not None:
         control_task = loop.create_task(_answer_supervisor(control, view, stop))

@@ -1,4 +1,4 @@
-"""Signals while a process starts: a reload request (SIGHUP) never kills anything.
+"""Signals while a process starts: a reload never kills it, a stop is never lost.
 
 Theory of operation
 -------------------
@@ -6,19 +6,35 @@ SIGHUP means "reload the rules". Its default action is to terminate, so a
 SIGHUP that reaches a process before it has a handler kills it: a worker
 that is still importing or loading its first rules, or the supervisor before
 its event loop runs (issue 12: a SIGHUP every 50 ms after a worker crash
-killed four workers in a row). Two rules close that window:
+killed four workers in a row).
 
-* A process installs its SIGHUP handler before anything else it runs
-  (:func:`hold_reloads`, first thing in ``l4proxy run``). Until the event
-  loop takes over, the handler only records the request; the worker then
-  reloads once after its first load if one arrived during it. A request
-  before the first load needs nothing: that load reads the latest rules.
-* The supervisor starts workers with SIGHUP *blocked* (:func:`reloads_blocked`
-  around the fork). The signal mask survives ``exec``, so a SIGHUP forwarded
-  to a worker before its handler exists stays pending in the kernel instead
-  of killing it, and is delivered to the handler the moment
-  :func:`hold_reloads` unblocks it. The interpreter's own start-up (before
-  any of our code runs) is covered this way too, which no handler could do.
+SIGTERM (and SIGINT) mean "drain and stop", and the event loop's handler
+does that. Before it exists, the default action either kills the process
+without a drain (a worker still loading its rules, whose listeners' queued
+connections are then reset) or, for a process that is PID 1 of its PID
+namespace (a container without an init), *discards* the signal: the kernel
+delivers nothing to PID 1 that it has no handler for, and a SIGTERM in the
+supervisor's first tens of milliseconds was lost; it ran until the SIGKILL.
+
+Two rules close those windows:
+
+* A process installs its handlers for the three before anything else it
+  runs (:func:`hold_signals`: ``l4proxy run``'s first step, in
+  :func:`l4proxy.cli.main`). Until the event loop takes over, they only
+  record what came: the worker reloads once after its first load if a
+  SIGHUP arrived during it (a request before that load needs nothing: the
+  load reads the latest rules), and a process that recorded a SIGTERM or
+  SIGINT stops as soon as its loop's handlers exist (the supervisor without
+  starting its workers, a worker by draining after its first load).
+* The supervisor starts workers with the three *blocked*
+  (:func:`start_signals_blocked` around the fork). The signal mask
+  survives ``exec``, so a signal forwarded to a worker before its handlers
+  exist stays pending in the kernel instead of killing it, and is delivered
+  to them the moment :func:`hold_signals` unblocks it. The interpreter's
+  own start-up (before any of our code runs) is covered this way too, which
+  no handler could do. (The supervisor's own interpreter start-up is not:
+  as PID 1, a SIGTERM in its first milliseconds, before any Python code
+  runs, is still discarded; an init such as tini closes that too.)
 """
 
 from __future__ import annotations
@@ -28,41 +44,55 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP last: see hold_signals
+
 _blocked_depth = 0
 _mask_before: set[int | signal.Signals] = set()
+_held: HeldSignals | None = None
 
 
-class HeldReloads:
-    """Reload requests that arrived before the event loop's handler existed."""
+class HeldSignals:
+    """What arrived before the event loop's handlers existed."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # a reload (SIGHUP)
         self.count = 0
+        self.stop_requested = False  # SIGTERM or SIGINT
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        self.count += 1
+        if signum == signal.SIGHUP:
+            self.requested = True
+            self.count += 1
+        else:
+            self.stop_requested = True
 
 
-def hold_reloads() -> HeldReloads:
-    """Record SIGHUP from now on, then unblock it (a parent may have blocked it)."""
-    held = HeldReloads()
-    signal.signal(signal.SIGHUP, held.on_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    return held
+def hold_signals() -> HeldSignals:
+    """Record SIGTERM, SIGINT and SIGHUP from now on, then unblock them (a
+    parent may have blocked them). Once per process: a second call returns
+    the same record."""
+    global _held
+    if _held is None:
+        held = HeldSignals()
+        for sig in HELD:  # (SIGHUP caught means the stop signals are too)
+            signal.signal(sig, held.on_signal)
+        _held = held
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(HELD))
+    return _held
 
 
 @contextmanager
-def reloads_blocked() -> Iterator[None]:
-    """SIGHUP blocked in this thread (and in children forked meanwhile).
+def start_signals_blocked() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP blocked in this thread (and in children
+    forked meanwhile).
 
-    Nests: concurrent spawns (one per worker slot, across ``await``) keep it
-    blocked until the last one is done. A SIGHUP for this process meanwhile
-    stays pending and is handled on unblocking.
+    Nests: concurrent spawns (one per worker slot, across ``await``) keep
+    them blocked until the last one is done. A signal for this process
+    meanwhile stays pending and is handled on unblocking.
     """
     global _blocked_depth, _mask_before
     if _blocked_depth == 0:
-        _mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        _mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, set(HELD))
     _blocked_depth += 1
     try:
         yield

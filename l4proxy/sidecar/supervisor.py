@@ -33,9 +33,10 @@ requests share what is asked of it: one /stats round at a time, and at most
 one /config_dump and one /clusters request in flight to each worker, even
 past the admin's timeout (a late answer is still built and sent, and a queue
 of them would starve the watchdog's ping). SIGTERM and SIGHUP are forwarded
-to every worker; the supervisor exits when all workers have drained. Workers are started with
-SIGHUP blocked, so a reload forwarded to one that is still starting waits
-for its handler instead of killing it (signals).
+to every worker; the supervisor exits when all workers have drained.
+Workers are started with SIGHUP and SIGTERM (and SIGINT) blocked, so a
+reload forwarded to one still starting waits for its handler instead of
+killing it, and a stop makes it drain once started (signals).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from typing import Any
 from l4proxy.dataplane.listener import Listener
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
-from l4proxy.sidecar.signals import reloads_blocked
+from l4proxy.sidecar.signals import HeldSignals, start_signals_blocked
 from l4proxy.stats import DIGEST, DIGEST_DISAGREE, LabelSet, render_prometheus
 
 log = logging.getLogger("l4proxy.supervisor")
@@ -174,9 +175,10 @@ class Supervisor:
         try:
             argv = self._worker_argv(slot, child.fileno())
             pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
-            # SIGHUP blocked across the fork: the worker starts with it
-            # pending rather than fatal until its handler exists (signals).
-            with reloads_blocked():
+            # SIGHUP and SIGTERM blocked across the fork: the worker starts
+            # with them pending rather than fatal until its handlers exist
+            # (signals).
+            with start_signals_blocked():
                 proc = await asyncio.create_subprocess_exec(
                     *argv, pass_fds=pass_fds, env=worker_env(os.environ)
                 )
@@ -438,7 +440,7 @@ class Supervisor:
             return None
 
     # -- lifecycle -------------------------------------------------------------
-    async def run(self, admin_start: Any) -> int:
+    async def run(self, admin_start: Any, held: HeldSignals | None = None) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         # Signal handling first (signals): a SIGHUP from here on reaches
@@ -446,13 +448,16 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        if held is not None and held.stop_requested:
+            stop.set()  # a SIGTERM while starting (as PID 1, lost before: signals)
         await admin_start(self, stop.set)
-        self._keepers = [loop.create_task(self._keep(slot)) for slot in self.slots]
+        if not stop.is_set():  # (stopped already: no worker to start and drain)
+            self._keepers = [loop.create_task(self._keep(slot)) for slot in self.slots]
         watchdog = loop.create_task(self._watchdog())
         await stop.wait()
         self.stopping = True
         watchdog.cancel()
-        log.info("stopping: draining %d worker(s)", len(self.slots))
+        log.info("stopping: draining %d worker(s)", len(self._keepers))
         # Close our copies now. The workers hold the same sockets (inherited
         # fds), so this alone stops nothing: each listener closes when its
         # worker closes its copy, inbound and gateway ones at once, outbound
