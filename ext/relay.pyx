@@ -704,11 +704,14 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
         want |= sys_.EPOLLOUT
     if (c.phase == P_CLOSING and not c.client_eof) or reading_client(c):
         want |= sys_.EPOLLIN
-    elif c.mask & sys_.EPOLLIN and not c.unwanted and c.phase != P_HEAD:
+    elif c.mask & sys_.EPOLLIN and not c.unwanted and not c.client_eof and c.phase != P_HEAD:
         # Lazily: a client rarely sends while its request is answered, so
         # EPOLLIN stays registered through the exchange (two epoll_ctl calls
         # fewer per request) until it fires unwanted (client_event), which
-        # drops it until the next request.
+        # drops it until the next request. Never once the client's EOF was
+        # read (a half-close while the rest of a closing answer waits for
+        # it): level-triggered, an EOF is readable for ever, and the loop
+        # spun at 100 % CPU until the client read the answer's end.
         want |= sys_.EPOLLIN
     set_mask(R, c.fd, &c.mask, want, c)
 

@@ -6,12 +6,18 @@ hands over), so its failures reach compiled deployments too.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import re
 import socket
+import stat
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -294,5 +300,175 @@ def test_an_idle_connection_the_server_closed_is_not_handed_out_in_the_same_batc
         hold.set()
         for close in closes:
             close.set()
+        relay.close()
+        backend.close()
+
+
+# -- a half-closing client ---------------------------------------------------------------
+
+EPOLLIN = 0x1
+EPOLLOUT = 0x4
+
+
+class RelayFd(NamedTuple):
+    """A socket the relay owns (the file at *fd* while *inode* is it)."""
+
+    fd: int
+    inode: int
+
+
+def _tcp_client(relay: Any, rcvbuf: int = 0, sndbuf: int = 0) -> tuple[socket.socket, RelayFd]:
+    """A TCP client handed to *relay*, and the relay's socket for it;
+    *rcvbuf*: the client's receive buffer, *sndbuf*: the relay side's send
+    buffer (both small: an answer waits in the relay)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.socket()
+    if rcvbuf:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    ours.connect(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    if sndbuf:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    # both twins keep the number (the compiled one detaches the socket)
+    fd = RelayFd(theirs.fileno(), os.fstat(theirs.fileno()).st_ino)
+    relay.add(theirs, ORIGIN)
+    return ours, fd
+
+
+_TFD = re.compile(r"^tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s.*\sino:([0-9a-f]+)", re.M)
+
+
+def _watched_with(fd: RelayFd) -> dict[int, int]:
+    """What the epoll instance watching *fd* watches: fd -> event mask
+    (EPOLLERR and EPOLLHUP are always in it); {}: *fd* is not watched."""
+    for name in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                entries = [
+                    (int(m[1]), int(m[2], 16), int(m[3], 16)) for m in _TFD.finditer(f.read())
+                ]
+        except OSError:
+            continue
+        if (fd.fd, fd.inode) in {(t, i) for t, _, i in entries}:
+            return {t: mask for t, mask, _ in entries}
+    return {}
+
+
+def _relay_socket(fd: int) -> socket.socket:
+    """A duplicate of the relay's socket *fd*, to look at (close it)."""
+    return socket.socket(fileno=os.dup(fd))
+
+
+def _upstream_of(endpoint: tuple[str, int]) -> RelayFd:
+    """The relay's connection to *endpoint* (the only socket of this process
+    connected to it)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            with _relay_socket(int(name)) as s, contextlib.suppress(OSError):
+                if s.family == socket.AF_INET and s.getpeername() == endpoint:
+                    found.append(RelayFd(int(name), st.st_ino))
+    assert len(found) == 1, f"connections to {endpoint}: {found}"
+    return found[0]
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the receive queue of the relay's socket *fd*."""
+    with _relay_socket(fd) as s:
+        n: int = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        return n
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Poll *check* (on state the relay's thread changes) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.002)
+
+
+def _holding_decide(
+    endpoint: tuple[str, int], decided: list[str]
+) -> tuple[Callable[[Any, Any], Decision], threading.Event, threading.Event]:
+    """decide() sending every request to *endpoint*, except Host: hold's: it
+    holds the relay's thread (set the second event to let it go) once it has
+    set the first. The paths decided go to *decided*."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def decide(head: Any, origin: Any) -> Decision:
+        decided.append(head.path)
+        if head.host == "hold":
+            holding.set()
+            hold.wait(10)
+            return Decision(local=(404, "held"))
+        return Decision((endpoint,))
+
+    return decide, holding, hold
+
+
+def test_a_half_close_while_a_closing_answer_waits_does_not_spin_the_loop(which: str) -> None:
+    """A client half-closed (SHUT_WR: nc -N, HTTP/1.0 tools) while the rest
+    of a closing answer (HTTP/1.0 here) still waited for it, a slow reader:
+    the compiled relay read the EOF but kept EPOLLIN on the socket (the lazy
+    EPOLLIN of an exchange), and the EOF, level-triggered, woke its loop at
+    once, for ever: the thread serving every fast-path connection at 100 %
+    CPU until the client read the answer's end, or the idle timeout (300 s).
+    Once the EOF is read the socket is watched for EPOLLOUT only; the answer
+    still goes out whole, then the close.
+
+    The answer is in the relay's socket whole before the relay reads it (its
+    thread held in another request's decide()): one read takes it, the
+    exchange is over, and most of it waits for the client."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n" + bytes(range(250)) * 240
+    go, released, head_read = threading.Event(), threading.Event(), threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        if _read_head(conn):
+            head_read.set()
+            go.wait(10)
+            conn.sendall(answer)
+            if not conn.recv(1):  # an HTTP/1.0 request's connection: closed at its end
+                released.set()
+
+    backend = Backend(serve)
+    decided: list[str] = []
+    decide, holding, hold = _holding_decide(backend.endpoint, decided)
+    relay = _relay(which, decide)
+    try:
+        a, fd = _tcp_client(relay, rcvbuf=4096, sndbuf=4096)
+        a.sendall(b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n")
+        assert head_read.wait(5)
+        up = _upstream_of(backend.endpoint)
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: hold\r\n\r\n")
+        assert holding.wait(5)
+        go.set()
+        _wait_for("the answer is in, whole", lambda: _unread(up.fd) == len(answer))
+        hold.set()
+        assert released.wait(5)  # one read: the exchange is over, the answer in the relay
+        both = EPOLLIN | EPOLLOUT
+        _wait_for(
+            "the answer waits for the client (EPOLLOUT), which may still send (EPOLLIN)",
+            lambda: _watched_with(fd).get(fd.fd, 0) & both == both,
+        )
+        a.shutdown(socket.SHUT_WR)
+        _wait_for(
+            "the client's EOF is read, and its socket no longer watched for EPOLLIN",
+            lambda: not _watched_with(fd).get(fd.fd, EPOLLIN) & EPOLLIN,
+        )
+        got, how = _read_all(a, 5)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == answer[-60000:], got[:80]
+        assert how == "EOF"
+        assert relay.stats()["errors"] == 0
+        b.close()
+    finally:
+        hold.set()
+        go.set()
         relay.close()
         backend.close()
