@@ -340,6 +340,7 @@ cdef struct Up:
     bint connecting
     bint reused
     bint closed
+    bint send_failed       # a send to it failed (a reset): never pooled
     int requests
     double idle_since
     double deadline        # connect deadline
@@ -782,7 +783,7 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
     ep = u.ep
     ep.active -= 1
     u.requests += 1
-    if not reusable or u.out.len:
+    if not reusable or u.out.len or u.send_failed:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
     elif R.max_requests and u.requests >= R.max_requests:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
@@ -1866,9 +1867,8 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
     """The request body: client -> pipe -> upstream (splice_moves)."""
     cdef Up *u = c.up
     cdef int r = splice_moves(c, c.fd, u.fd, &c.req_left, True, readable, now)
-    if r == SP_OUT_FAILED:
-        splice_stop(c)  # the server went away mid-body
-        on_upstream_eof(R, c, now)
+    if r == SP_OUT_FAILED:  # the server went away mid-body (or answered, and reset)
+        upstream_send_failed(R, c, now)
     elif r == SP_IN_EOF:  # a request body cut short
         c.client_eof = True
         splice_stop(c)
@@ -1878,7 +1878,7 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
         conn_abort(R, c)
     elif r == SP_MARK:
         if splice_fallback(R, c) == 0 and flush_up(R, u) != 0:
-            on_upstream_eof(R, c, now)
+            upstream_send_failed(R, c, now)
     elif c.req_left == 0 and c.piped == 0:
         splice_stop(c)
         if c.rs == RS_DONE:
@@ -1946,8 +1946,7 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     c.phase = P_EXCH
     c.rs = RS_HEAD
     if flush_up(R, u) != 0:
-        on_upstream_eof(R, c, now)
-        return
+        upstream_send_failed(R, c, now)
 
 
 
@@ -2179,6 +2178,38 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
     upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN, now)
 
 
+cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
+    """A send to c.up failed: the connection is dead (reset), but what the
+    server sent before it may wait in our receive queue: a server answering
+    early (413, 401) before reading the body closes with the body unread, and
+    its kernel resets the connection. That answer is the client's. So: stop
+    sending (held request bytes dropped, a request splice stopped), read
+    what is pending through the response path, then take the connection's
+    end (on_upstream_eof) if the exchange is still on it: only a request
+    with nothing received back may be retried (a reused connection) or get
+    the 502. Python judging a response head (c.need) stops the reading; the
+    loop reads the rest after it, as any response's."""
+    cdef Up *u = c.up
+    cdef ssize_t n
+    u.send_failed = True
+    buf_free(&u.out)
+    c.no_splice = True
+    if c.splicing == SPL_REQ:
+        splice_stop(c)  # the body's bytes in the pipe go nowhere
+    elif c.splicing == SPL_RESP and splice_fallback(R, c) != 0:
+        return  # (the response's bytes in the pipe first: order kept)
+    while not c.closed and c.up == u and c.need == N_NONE:
+        n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            break  # its end (a reset, once its bytes are read), or nothing more
+        c.last_active = now
+        upstream_bytes(R, c, R.scratch, <size_t>n, now)
+    if not c.closed and c.up == u and c.need == N_NONE:
+        on_upstream_eof(R, c, now)
+
+
 cdef char *_LOCAL_502_BEFORE = NULL
 cdef size_t _LOCAL_502_BEFORE_LEN = 0
 cdef char *_LOCAL_502_MID = NULL
@@ -2367,7 +2398,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                     conn_abort(R, c)
                     return
             if flush_up(R, c.up) != 0:
-                on_upstream_eof(R, c, now)
+                upstream_send_failed(R, c, now)
             elif c.req_left == 0 and c.rs == RS_DONE:
                 complete(R, c, False, False, now)
     elif ev & (sys_.EPOLLHUP | sys_.EPOLLERR) and not c.out.len and c.phase != P_RESOLVE:
@@ -2395,18 +2426,15 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
         if ev & (sys_.EPOLLOUT | sys_.EPOLLERR | sys_.EPOLLHUP):
             connected(R, c, u, now)
     else:
-        if ev & sys_.EPOLLOUT and u.out.len:
-            if flush_up(R, u) != 0:
-                on_upstream_eof(R, c, now)
-        if not c.closed and c.up == u and c.splicing == SPL_REQ and not u.out.len \
-                and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) and c.need == N_NONE:
-            splice_request(R, c, False, now)
-        if not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
+        # Read first, then send: an answer that came (an early 413, say)
+        # ends the exchange before more of the body is pushed at a server
+        # that may have reset the connection already.
+        if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
                 and c.need == N_NONE and c.splicing != SPL_REQ and (c.splicing == SPL_RESP or (
                     not c.out.len and c.rs == RS_BODY and c.framing == F_LENGTH
                     and c.resp_left >= SPLICE_MIN and splice_start(R, c, SPL_RESP) == 0)):
             splice_body(R, c, True, now)
-        elif not c.closed and c.up == u and ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
+        elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
                 and not c.out.len and c.need == N_NONE:
             n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
             if n < 0 and (errno == EAGAIN or errno == EINTR):
@@ -2417,6 +2445,12 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
                     upstream_bytes(R, c, R.scratch, <size_t>n, now)
                 else:
                     on_upstream_eof(R, c, now)
+        if not c.closed and c.up == u and ev & sys_.EPOLLOUT and u.out.len:
+            if flush_up(R, u) != 0:
+                upstream_send_failed(R, c, now)
+        if not c.closed and c.up == u and c.splicing == SPL_REQ and not u.out.len \
+                and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) and c.need == N_NONE:
+            splice_request(R, c, False, now)
     settle(R, c)
 
 

@@ -472,3 +472,163 @@ def test_a_half_close_while_a_closing_answer_waits_does_not_spin_the_loop(which:
         go.set()
         relay.close()
         backend.close()
+
+
+# -- an answer, then a reset ------------------------------------------------------------
+
+TCP_CLOSE = 7  # tcpi_state
+
+
+def _tcp_state(fd: int) -> int:
+    with _relay_socket(fd) as s:
+        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def _read_head_only(s: socket.socket) -> bytes:
+    """A request head, leaving the bytes after it unread (MSG_PEEK)."""
+    while True:
+        data = s.recv(65536, socket.MSG_PEEK)
+        if not data:
+            return b""
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            return s.recv(end + 4)
+        time.sleep(0.002)  # the rest of the head (it comes in one segment)
+
+
+_EARLY = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 3\r\n\r\nbig"
+
+
+def _early_answer_seen(got: bytes) -> None:
+    """The server's early answer, whole, with the relay's close: the rest of
+    the request body will never be read (its framing is lost)."""
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and rest == b"big", got
+    assert b"\r\nconnection: close" in head.lower(), head
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_an_early_answer_then_a_reset_reaches_the_client(which: str, method: str) -> None:
+    """A server answered before reading the request body (a 413) and closed;
+    with the body unread its kernel reset the connection. The answer is
+    still readable on the relay's socket after the reset, but both twins
+    tried to send more of the body first, took the failed send for the
+    upstream's end with nothing received, and answered 502 "upstream closed
+    the connection before a response": the server's answer was lost.
+
+    The relay holds body bytes the server does not take (its buffers are
+    full), and its thread is held in decide() (another client's request)
+    while the answer and the reset arrive: it finds both at once. The rest of
+    the body (bytes that look like requests) goes nowhere: not upstream, not
+    read as requests."""
+    go, answered, head_read = threading.Event(), threading.Event(), threading.Event()
+    heads: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        heads.append(_read_head_only(conn))
+        head_read.set()
+        go.wait(10)
+        conn.sendall(_EARLY)
+        conn.close()  # the body unread: a reset
+        answered.set()
+
+    backend = Backend(answer)
+    backend.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon
+    decided: list[str] = []
+    decide, holding, hold = _holding_decide(backend.endpoint, decided)
+    relay = _relay(which, decide)
+    try:
+        a, _ = _tcp_client(relay)
+        a.sendall(
+            b"%s /up HTTP/1.1\r\nHost: a\r\nContent-Length: 50000000\r\n\r\n" % method.encode()
+        )
+        assert head_read.wait(5)
+        up = _upstream_of(backend.endpoint)
+        a.setblocking(False)
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n" * 1000
+
+        def relay_holds_body_bytes() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                a.send(smuggled)
+            both = EPOLLIN | EPOLLOUT  # (a connecting upstream: EPOLLOUT only)
+            return _watched_with(up).get(up.fd, 0) & both == both
+
+        _wait_for("the relay holds body bytes for the server", relay_holds_body_bytes, 10)
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: hold\r\n\r\n")
+        assert holding.wait(5)
+        go.set()
+        assert answered.wait(5)
+        _wait_for("the reset is in", lambda: _tcp_state(up.fd) == TCP_CLOSE)
+        hold.set()
+        a.setblocking(True)
+        got, how = _read_all(a, 5)
+        _early_answer_seen(got)
+        assert how == "EOF", how
+        assert decided == ["/up", "/"] and len(heads) == 1, (decided, heads)
+        b.close()
+    finally:
+        hold.set()
+        go.set()
+        relay.close()
+        backend.close()
+
+
+def test_a_put_answered_early_on_a_pooled_connection_is_not_sent_again(which: str) -> None:
+    """The same on a pooled connection, with the client's next body bytes
+    read first: the failed send, with nothing received, looked like a pooled
+    connection the server had closed while idle, and the PUT (idempotent, all
+    of it still held) was sent again on a new connection: the server got it
+    twice, though it had answered it, and the client got the second answer.
+    Once the answer is read, the request is not sent again."""
+    go, answered, put_read = threading.Event(), threading.Event(), threading.Event()
+    puts: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        while head := _read_head_only(conn):
+            if head.startswith(b"GET"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                continue
+            puts.append(head.split(b"\r\n")[0])
+            if len(puts) > 1:  # sent again (the fault): answered at once
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.recv(1, socket.MSG_PEEK)  # body bytes came, and stay unread
+            put_read.set()
+            go.wait(10)
+            conn.sendall(_EARLY)
+            conn.close()  # the body unread: a reset
+            answered.set()
+            return
+
+    backend = Backend(serve)
+    decided: list[str] = []
+    decide, holding, hold = _holding_decide(backend.endpoint, decided)
+    relay = _relay(which, decide)
+    try:
+        a, fd = _tcp_client(relay)
+        a.settimeout(5)
+        a.sendall(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert a.recv(4096) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"  # pooled now
+        a.sendall(b"PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n" + b"z" * 5000)
+        assert put_read.wait(5)
+        up = _upstream_of(backend.endpoint)
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: hold\r\n\r\n")
+        assert holding.wait(5)
+        a.sendall(b"z" * 5000)  # more body: the relay reads it, and sends it, first
+        _wait_for("the body bytes are in", lambda: _unread(fd.fd) == 5000)
+        go.set()
+        assert answered.wait(5)
+        _wait_for("the reset is in", lambda: _tcp_state(up.fd) == TCP_CLOSE)
+        hold.set()
+        got, how = _read_all(a, 5)
+        _early_answer_seen(got)
+        assert how == "EOF", how
+        assert puts == [b"PUT /doc HTTP/1.1"], puts
+        b.close()
+    finally:
+        hold.set()
+        go.set()
+        relay.close()
+        backend.close()

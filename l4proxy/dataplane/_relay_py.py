@@ -19,6 +19,10 @@ to do; this module only performs it:
   is reported for outlier detection); no candidate left: 503.
 * bytes to a side are sent at once; what the kernel does not take is held
   (one buffer per side) and the other side is not read until it drains.
+* a send to the upstream that fails (a reset: a server answering before it
+  read the body, a 413, resets the connection as it closes) stops the
+  sending only: what the server sent before is read first, and is the
+  client's answer; then its end (a retry only with nothing received).
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed.
@@ -113,6 +117,7 @@ class _Up:
     reused: bool = False
     owner: _Conn | None = None  # None while idle in the pool
     mask: int = 0
+    send_failed: bool = False  # a send to it failed (a reset): never pooled
 
     @property
     def fd(self) -> int:
@@ -415,9 +420,10 @@ class HttpRelay:
             if c.fd in self._conns and c.up is up:
                 self._interest_up(up)
             return
-        if ev & _EPOLLOUT and up.out and not self._flush_up(up):
-            self._perform(c, c.ex.upstream_eof(), now)
-        elif ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not c.out:
+        # Read first, then send: an answer that came (an early 413, say)
+        # ends the exchange before more of the body is pushed at a server
+        # that may have reset the connection already.
+        if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not c.out:
             try:
                 data = up.sock.recv(_READ)
             except ConnectionError:
@@ -427,10 +433,44 @@ class HttpRelay:
                 self._perform(c, c.ex.upstream_data(data), now)
             else:
                 self._perform(c, c.ex.upstream_eof(), now)
+        if (
+            c.fd in self._conns
+            and c.up is up
+            and ev & _EPOLLOUT
+            and up.out
+            and not self._flush_up(up)
+        ):
+            self._perform(c, self._send_failed(c, up, now), now)
         if c.fd in self._conns:
             self._interest(c)
             if c.up is up:
                 self._interest_up(up)
+
+    def _send_failed(self, c: _Conn, up: _Up, now: float) -> list[Action]:
+        """A send to *up* failed: the connection is dead (reset), but what the
+        server sent before it may wait in our receive queue: a server
+        answering early (413, 401) before reading the body closes with the
+        body unread, and its kernel resets the connection. That answer is the
+        client's. So: stop sending (held request bytes dropped), read what is
+        pending into the exchange, then take the connection's end
+        (upstream_eof) if the exchange is still on it: only a request with
+        nothing received back may be retried (a reused connection) or get
+        the 502. The actions, for the caller to perform (or queue)."""
+        up.send_failed = True
+        up.out.clear()
+        actions: list[Action] = []
+        while c.ex.phase == Phase.EXCHANGE:
+            try:
+                data = up.sock.recv(_READ)
+            except OSError:  # BlockingIOError: nothing more (not a reset)
+                break
+            if not data:
+                break
+            c.last_active = now
+            actions += c.ex.upstream_data(data)
+        if c.ex.phase == Phase.EXCHANGE:
+            actions += c.ex.upstream_eof()
+        return actions
 
     def _reading_client(self, c: _Conn) -> bool:
         # Not while bytes are held for either side: for the client (our
@@ -503,7 +543,7 @@ class HttpRelay:
                 and up.out
                 and not self._flush_up(up)
             ):
-                c.todo.extend(c.ex.upstream_eof())
+                c.todo.extend(self._send_failed(c, up, now))
                 return  # (done by _perform's loop, then this again)
             if c.out:
                 self._flush_client(c)
@@ -603,7 +643,9 @@ class HttpRelay:
         if up.connecting:
             self._drop_upstream(up)
             return
-        closing = self.pools.checkin(up.endpoint, up.fd, reusable and not up.out, now)
+        closing = self.pools.checkin(
+            up.endpoint, up.fd, reusable and not up.out and not up.send_failed, now
+        )
         if closing:
             up.owner = None  # checked in: the pool has forgotten it already
             self._drop_upstream(up)
@@ -659,9 +701,10 @@ class HttpRelay:
 
     def _flush_up(self, up: _Up) -> bool:
         """Send what waits for the upstream; False: it failed (a reset, a
-        broken pipe), which is the upstream's end, not the client's: the
-        exchange decides (a retry when nothing was answered yet and the
-        request may be sent again, else a 502), as the compiled twin does."""
+        broken pipe), which is the upstream's end, not the client's: once
+        what it sent before is read (_send_failed), the exchange decides (a
+        retry when nothing was answered and the request may be sent again,
+        else a 502), as the compiled twin does."""
         while up.out:
             try:
                 n = up.sock.send(up.out, _SEND_FLAGS)
