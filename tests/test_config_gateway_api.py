@@ -425,7 +425,7 @@ def test_matches_of_one_rule_are_ored_and_merge_into_one_route(tmp_path: Path) -
     assert svc is not None
     for req in (Request(path="/v2"), Request(path="/", headers={"end-user": "jason"})):
         assert table.decide(svc, 8080, req).route == "bootcamp"
-    assert table.decide(svc, 8080, Request(path="/")).route == "default"
+    assert table.decide(svc, 8080, Request(path="/")).route == "no_route"
 
 
 def test_path_prefix_matches_whole_elements() -> None:
@@ -490,6 +490,77 @@ def test_all_weights_zero_answer_500(tmp_path: Path) -> None:
     assert (d.endpoints, d.status) == ([], 500)
 
 
+SHOP = """\
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: shop}
+spec:
+  hosts: [shop.default.svc.cluster.local]
+  ports:
+  - {number: 8080, name: http, protocol: HTTP}
+  - {number: 9090, name: http-admin, protocol: HTTP}
+  endpoints: [{address: 198.18.2.1}, {address: 198.18.2.2}]
+"""
+
+
+def test_a_request_no_rule_matches_is_answered_404(tmp_path: Path) -> None:
+    """The Gateway API (HTTPRouteRule): "When no rules matching a request
+    have been successfully attached to the parent a request is coming from,
+    a HTTP 404 status code MUST be returned" (GAMMA: rejected). A mesh
+    request to bootcamp for another path went to every pod round robin, and
+    at the gateway it was a 503 "no healthy upstream" (a gateway service
+    has no endpoints of its own)."""
+    text = (
+        HR
+        + "  parentRefs:\n  - {group: '', kind: Service, name: bootcamp}\n  - {name: gw}\n"
+        + "  rules:\n  - matches: [{path: {type: Exact, value: /only}}]\n"
+        + backends(("bootcamp-v2", 1))
+        + GW
+    )
+    table = load(tmp_path, text)
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    assert table.decide(svc, 8080, Request(path="/only")).endpoints[0].address == "198.18.0.13"
+    d = table.decide(svc, 8080, Request(path="/other"))
+    assert (d.route, d.endpoints, d.status) == ("no_route", [], 404)
+    rc = table.choices(svc, 8080, Request(path="/other"))
+    assert (rc.route, rc.subsets, rc.status) == ("no_route", (), 404)
+    # Bytes that are not HTTP/1.x (h2, gRPC) are routed per connection, unread.
+    assert table.decide(svc, 8080, None).route == "default"
+    hit = table.ingress("x.example.com", "/other", 80)
+    assert hit is not None
+    gsvc = hit[0]
+    assert gsvc.role == "gateway"
+    d = table.decide(gsvc, 80, Request(path="/other", authority="x.example.com"))
+    assert (d.route, d.endpoints, d.status) == ("no_route", [], 404)
+    rc = table.choices(gsvc, 80, Request(path="/other", authority="x.example.com"))
+    assert (rc.route, rc.subsets, rc.status) == ("no_route", (), 404)
+    d = table.decide(gsvc, 80, Request(path="/only", authority="x.example.com"))
+    assert d.endpoints[0].address == "198.18.0.13"
+
+
+def test_a_service_parent_with_a_port_answers_404_on_that_port_only(tmp_path: Path) -> None:
+    """A Service parentRef with a port attaches to that port: a request on
+    another port of the Service is not this route's (round robin)."""
+    text = (
+        HR.replace("name: bootcamp", "name: shop")
+        + "  parentRefs:\n  - {group: '', kind: Service, name: shop, port: 8080}\n"
+        + "  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n"
+        + backends(("bootcamp-v2", 1))
+        + SHOP
+    )
+    table = load(tmp_path, text)
+    shop = table.service("shop.default.svc.cluster.local")
+    assert shop is not None
+    assert table.decide(shop, 8080, Request(path="/api/x")).route == "shop"
+    d = table.decide(shop, 8080, Request(path="/web"))
+    assert (d.route, d.endpoints, d.status) == ("no_route", [], 404)
+    d = table.decide(shop, 9090, Request(path="/web"))
+    assert (d.route, len(d.endpoints)) == ("default", 2)
+    assert table.to_json()["unmatched"] == {"shop.default.svc.cluster.local": [8080]}
+
+
 def test_unresolved_backend_warns_and_its_share_answers_500(tmp_path: Path) -> None:
     text = HR + MESH + "  rules:\n  - " + backends(("bootcamp-v1", 1), ("bootcamp-v3", 1)).lstrip()
     result = load_rules([write(tmp_path, text), PER_VERSION], seed=7)
@@ -528,7 +599,7 @@ def test_query_params_match_the_first_value(tmp_path: Path) -> None:
             "/?Canary=yes&u=j",
         )
     ]
-    assert hits == ["bootcamp", "bootcamp", "default", "default"]
+    assert hits == ["bootcamp", "bootcamp", "no_route", "no_route"]
 
 
 # -- the gateway path -------------------------------------------------------------
@@ -559,7 +630,7 @@ def test_gateway_listener_routes_by_port_and_hostname(tmp_path: Path) -> None:
     # Not on another listener's port, not for another host; another path: no route.
     assert table.ingress("bootcamp.example.com", "/bootcamp", 8000) is None
     assert table.ingress("other.example.com", "/bootcamp", 80) is None
-    assert table.decide(gsvc, 80, Request(path="/x")).route == "default"
+    assert table.decide(gsvc, 80, Request(path="/x")).route == "no_route"
     assert not table.is_http_port(80)  # a gateway listener makes no mesh port HTTP
 
 

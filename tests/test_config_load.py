@@ -254,6 +254,64 @@ def test_virtual_service_matches_compile(tmp_path: Path) -> None:
     assert table.load_balancer(HOST) == "LEAST_CONN"
 
 
+def test_a_virtual_service_answers_404_when_no_route_matches_a_route_rule_does_not(
+    tmp_path: Path,
+) -> None:
+    """Istio answers 404 (Envoy's NR) to a request for a VirtualService's
+    host that none of its http routes matches; l4proxy spread it over every
+    endpoint. A RouteRule (Istio 0.7, the tutorial's API) keeps its rule:
+    no rule matched, round robin over every endpoint."""
+    vs = write(
+        tmp_path,
+        "vs.yaml",
+        """\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - match: [{uri: {prefix: /api}}]
+            route: [{destination: {host: bootcamp, subset: v2}}]
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: bootcamp}
+        spec:
+          host: bootcamp
+          subsets: [{name: v2, labels: {version: v2}}]
+        """,
+    )
+    rr = write(
+        tmp_path,
+        "rr.yaml",
+        """\
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata: {name: api}
+        spec:
+          destination: {name: bootcamp}
+          match:
+            request:
+              headers:
+                uri: {prefix: /api}
+          route:
+          - labels: {version: v2}
+        """,
+    )
+    t = load_rules([vs, REGISTRY]).table
+    svc = t.service(HOST)
+    assert svc is not None
+    assert t.decide(svc, 8080, Request(path="/api/x")).route == "bootcamp"
+    d = t.decide(svc, 8080, Request(path="/other"))
+    assert (d.route, d.endpoints, d.status) == ("no_route", [], 404)
+    assert t.decide(svc, 8080, None).route == "default"  # not HTTP/1.x: per connection
+    t = load_rules([rr, REGISTRY]).table
+    assert t.decide(svc, 8080, Request(path="/api/x")).route == "api"
+    d = t.decide(svc, 8080, Request(path="/other"))
+    assert (d.route, len(d.endpoints), d.status) == ("default", 3, 503)
+
+
 def test_route_rule_match_compiles(tmp_path: Path) -> None:
     f = write(
         tmp_path,

@@ -15,7 +15,16 @@ from collections import Counter
 import pytest
 
 from tests._hardening import TCP_ECHO
-from tests.mesh import IMPLS, PYTHON, VIP, Mesh, binomial_ok, route_rule, service_entry
+from tests.mesh import (
+    IMPLS,
+    PYTHON,
+    ROUTING_MODES,
+    VIP,
+    Mesh,
+    binomial_ok,
+    route_rule,
+    service_entry,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -242,6 +251,55 @@ spec:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
 """
+
+API_ONLY = """
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: bootcamp
+spec:
+  hosts: [bootcamp.default.svc.cluster.local]
+  http:
+  - match:
+    - uri: {prefix: /api}
+    route:
+    - destination: {host: bootcamp.default.svc.cluster.local, subset: v2}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: bootcamp
+spec:
+  host: bootcamp.default.svc.cluster.local
+  subsets:
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("impl", "mode"),
+    [
+        ("compiled-uvloop", "request"),
+        ("pure-asyncio", "request"),
+        ("compiled-uvloop", "connection"),
+    ],
+)
+def test_a_request_no_virtual_service_route_matches_is_answered_404(
+    mesh: Mesh, impl: str, mode: str
+) -> None:
+    """Istio answers 404 (Envoy's NR) to a request for a VirtualService's
+    host that none of its http routes matches; it went to any bootcamp pod,
+    round robin. Each of the worker's three answers: the compiled relay's
+    verdict, the pure relay's decision, the per-connection refusal."""
+    mesh.start(impl, API_ONLY, run_args=ROUTING_MODES[mode])
+    assert mesh.sidecar is not None
+    api = [ln for ln in mesh.curl(f"http://{VIP}:8080/api", 3) if ln]
+    assert api[1::2] == ["200"] * 3 and all(ln.endswith("v=2") for ln in api[::2]), api
+    other = [ln for ln in mesh.curl(f"http://{VIP}:8080/other", 3) if ln]
+    assert other == ["no route matched", "404"] * 3, other  # was: any pod's 200
+    if mode == "connection":
+        assert mesh.sidecar.stat('l4proxy_refused_total{reason="no_route"}') == 3
+
 
 USERS_CLIENT = r"""
 import http.client, sys

@@ -119,6 +119,40 @@ def test_no_matching_route_falls_back_to_default() -> None:
     assert (d.route, d.subset, len(d.endpoints)) == ("default", "default", 3)
 
 
+def test_an_unmatched_refusing_host_answers_404_where_its_http_routes_apply() -> None:
+    """A VirtualService's or an HTTPRoute's host (``unmatched``): a request
+    no route matches is answered 404 (Envoy's NR), on the ports and for the
+    callers some http route serves; elsewhere Istio builds no route
+    configuration from it, and the host keeps the round robin."""
+    api = Match(uri=StringMatch("prefix", "/api"))
+    t = table(Route("api", (to(V2S),), (api,)), unmatched=[HOST])
+    d = t.decide(BOOTCAMP, 8080, req("/web"))
+    assert (d.route, d.subset, d.endpoints, d.status) == ("no_route", "none", [], 404)
+    rc = t.choices(BOOTCAMP, 8080, req("/web"))
+    assert (rc.route, rc.subsets, rc.status) == ("no_route", (), 404)
+    assert t.decide(BOOTCAMP, 8080, None).route == "default"  # raw bytes: per connection
+    assert t.refuses_unmatched(BOOTCAMP, 8080)
+    # Routes only for port 9090, or only for callers labelled app=client:
+    on_9090 = Match(uri=api.uri, port=9090)
+    t = table(Route("api", (to(V2S),), (on_9090,)), unmatched=[HOST])
+    assert t.decide(BOOTCAMP, 8080, req("/web")).route == "default"
+    clients = Match(uri=api.uri, source_labels=Labels({"app": "client"}))
+    t = table(Route("api", (to(V2S),), (clients,)), unmatched=[HOST])
+    assert t.decide(BOOTCAMP, 8080, req("/web"), {"app": "other"}).route == "default"
+    assert t.decide(BOOTCAMP, 8080, req("/web"), {"app": "client"}).status == 404
+    # tcp routes only: no http route configuration, nothing refused.
+    t = table(Route("pg", (to(V2S),), (Match(port=5432),), "tcp"), unmatched=[HOST])
+    assert t.decide(BOOTCAMP, 8080, req("/web")).route == "default"
+
+
+def test_a_catch_all_route_makes_unmatched_moot_for_equality() -> None:
+    """A host with a route matching every request has no unmatched request:
+    a RouteRule and the equivalent VirtualService compare equal."""
+    assert table(Route("all", (to(V1),)), unmatched=[HOST]) == table(Route("all", (to(V1),)))
+    api = Route("api", (to(V2S),), (Match(uri=StringMatch("prefix", "/api")),))
+    assert table(api, unmatched=[HOST]) != table(api)
+
+
 @pytest.mark.parametrize(
     ("match", "hit", "miss"),
     [

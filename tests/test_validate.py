@@ -62,6 +62,44 @@ def test_verbose_prints_notes_and_the_route_table(capsys: pytest.CaptureFixture[
     assert "otherwise: round robin over all endpoints" in out
 
 
+def test_verbose_says_what_a_request_no_route_matches_gets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VirtualService's host answers such a request 404 (as the sidecar
+    does), a RouteRule's spreads it over every endpoint."""
+    vs = tmp_path / "vs.yaml"
+    vs.write_text(
+        textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - match: [{uri: {prefix: /api}}]
+            route: [{destination: {host: bootcamp}}]
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert "      otherwise: 404 (no route matched)\n" in out
+    rr = tmp_path / "rr.yaml"
+    rr.write_text(
+        textwrap.dedent("""\
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata: {name: api}
+        spec:
+          destination: {name: bootcamp}
+          match: {request: {headers: {uri: {prefix: /api}}}}
+          route: [{labels: {version: v2}}]
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(rr), REGISTRY)
+    assert code == 0, err
+    assert "      otherwise: round robin over all endpoints (route 'default')\n" in out
+
+
 def test_invalid_exits_1_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,11 +63,17 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     gateway_api = Compiler(services, policies, routed, env)
     gateway_api.compile(d.http_routes, d.gateways)
     routes.update(gateway_api.routes)
+    # A request no route matches: Istio answers 404 for a VirtualService's
+    # host (Envoy's NR), the Gateway API says 404 for an HTTPRoute's parent;
+    # RouteRules (Istio 0.7) fell back to every endpoint, and still do.
+    unmatched = {h for r in d.rules if r.kind == "VirtualService" for h in r.hosts}
+    unmatched.update(gateway_api.routes)
     return RouteTable(
         [*services.values(), *gateway_api.gateway_services],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
         ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
+        unmatched=unmatched,
         namespace=env.namespace,
         domain=env.domain,
         seed=seed,

@@ -26,7 +26,13 @@ whose match accepts the request picks one destination *at random by weight*
 (as Envoy does per request), then the subset's policy orders that subset's
 endpoints. No matching route means round robin over every endpoint of the
 service, which is the tutorial's "no rule" 2:1 split over two v1 pods and one
-v2 pod.
+v2 pod (RouteRule's rule), unless the host is *unmatched-refusing*: a
+VirtualService's or an HTTPRoute's host (and every gateway service), whose
+request no route matches is answered 404 (Envoy's NR; the Gateway API's
+"MUST be 404"). That holds on the ports and for the callers some ``http``
+route of the host can apply to (its match blocks' ``port`` and
+``sourceLabels``): elsewhere, as in Istio, the host has no route
+configuration of its own and keeps the round robin; so do raw connections.
 
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
@@ -49,6 +55,8 @@ from l4proxy.rules._regex import Pattern, compile_regex
 __all__ = [
     "HTTP_PROTOCOLS",
     "LB_POLICIES",
+    "NO_ROUTE",
+    "NO_ROUTE_STATUS",
     "Decision",
     "Destination",
     "Endpoint",
@@ -72,6 +80,10 @@ LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
 # by itself when the bytes are not HTTP/1.x.
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 DEFAULT = "default"  # route name when no rule matched; subset name of "all endpoints"
+# Route name of a request no route of an unmatched-refusing host matched (not
+# a DNS name, so no rule's name); answered NO_ROUTE_STATUS.
+NO_ROUTE = "no_route"
+NO_ROUTE_STATUS = 404
 
 # One thing a route reads of a request, as a test a relay can evaluate
 # without this module: (kind, value). Kinds, over an origin-form target whose
@@ -480,6 +492,16 @@ class Route:
             return True
         return any(m.matches(port, request, source) for m in self.matches)
 
+    def serves(self, port: int, source: Mapping[str, str] | None) -> bool:
+        """Whether some request on *port* from a caller labelled *source*
+        (None: any caller) can take this route: the match blocks' port and
+        source labels, what Istio filters a port's route configuration by."""
+        return not self.matches or any(
+            (m.port is None or m.port == port)
+            and (source is None or m.source_labels.selects(source))
+            for m in self.matches
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -565,7 +587,9 @@ class WeightedSubset:
 class RouteChoices:
     """The route a request matched and its weighted destinations (see
     :meth:`RouteTable.choices`); ``status`` answers a destination without
-    endpoints (503; 500 for a Gateway API backend that resolves to nothing)."""
+    endpoints (503; 500 for a Gateway API backend that resolves to nothing),
+    or, with no subsets and route :data:`NO_ROUTE`, a request no route
+    matched (404)."""
 
     service: Service
     route: str
@@ -580,7 +604,8 @@ class Decision:
     ``endpoints`` is the order to try: the load balancer's pick first, then the
     rest of the subset for a retry on connect failure. Empty means nothing can
     serve it: the proxy answers ``status`` (503; 500 for a Gateway API backend
-    that resolves to nothing).
+    that resolves to nothing; 404 with route :data:`NO_ROUTE`: no route
+    matched a request to a VirtualService's or an HTTPRoute's host).
     """
 
     service: Service
@@ -636,18 +661,28 @@ class RouteTable:
         *,
         load_balancers: Mapping[str, str] | None = None,
         ingress: Sequence[IngressPath] = (),
+        unmatched: Iterable[str] = (),
         namespace: str = "default",
         domain: str = "cluster.local",
         seed: int | None = None,
     ) -> None:
         self.namespace = namespace
         self.domain = domain
-        self._services: dict[str, Service] = {}
-        for svc in services:
-            self._services.setdefault(svc.host, svc)
         self._routes: dict[str, tuple[Route, ...]] = {
             host: tuple(rs) for host, rs in (routes or {}).items() if rs
         }
+        # Hosts whose requests no route matches are answered NO_ROUTE_STATUS
+        # (VirtualService, HTTPRoute, gateway services); the others' take
+        # the round robin over every endpoint (RouteRule, no rule).
+        # A host with a route that matches every request never has one
+        # unmatched: left out, so that tables that route alike compare equal
+        # (a RouteRule and the equivalent VirtualService, both catch-alls).
+        self._unmatched: frozenset[str] = frozenset(
+            h for h in unmatched if not any(not r.matches for r in self._routes.get(h, ()))
+        )
+        self._services: dict[str, Service] = {}
+        for svc in services:
+            self._services.setdefault(svc.host, svc)
         self._load_balancers: dict[str, str] = dict(load_balancers or {})
         self._ingress: tuple[IngressPath, ...] = tuple(ingress)
 
@@ -710,6 +745,7 @@ class RouteTable:
             tuple(sorted(self._routes.items())),
             tuple(sorted(self._load_balancers.items())),
             self._ingress,
+            tuple(sorted(self._unmatched)),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -739,6 +775,21 @@ class RouteTable:
 
     def load_balancer(self, host: str) -> str:
         return self._load_balancers.get(host, "ROUND_ROBIN")
+
+    def refuses_unmatched(
+        self, service: Service, port: int, source: Mapping[str, str] | None = None
+    ) -> bool:
+        """Whether a request to *service* on *port* from a caller labelled
+        *source* (None: any caller) that no route matches is answered
+        :data:`NO_ROUTE_STATUS` rather than spread over every endpoint: the
+        host is a VirtualService's or an HTTPRoute's and one of its ``http``
+        routes serves that port and caller (see the module docstring)."""
+        if service.host not in self._unmatched:
+            return False
+        return any(
+            r.protocol == "http" and r.serves(port, source)
+            for r in self._routes.get(service.host, ())
+        )
 
     @property
     def ingress_paths(self) -> tuple[IngressPath, ...]:
@@ -806,6 +857,8 @@ class RouteTable:
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
             ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
             return Decision(target, route.name, dest.subset.name, ordered, status)
+        if request is not None and self.refuses_unmatched(service, port, source_labels):
+            return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
         eps = service.endpoints_for(port)
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
@@ -857,6 +910,8 @@ class RouteTable:
         (:class:`l4proxy.dataplane.verdict.Verdict`).
         """
         route = self._match(service, port, request, source_labels)
+        if route is None and self.refuses_unmatched(service, port, source_labels):
+            return RouteChoices(service, NO_ROUTE, (), NO_ROUTE_STATUS)
         if route is None:
             eps = self._healthy(service.endpoints_for(port), healthy)
             policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
@@ -1065,5 +1120,12 @@ class RouteTable:
                 for svc in self._services.values()
             ],
             "routes": {host: [r.to_json() for r in rs] for host, rs in self._routes.items()},
+            # hosts whose unmatched requests get 404, with the ports where
+            # that holds (for some caller): see refuses_unmatched
+            "unmatched": {
+                host: sorted(p.number for p in svc.ports if self.refuses_unmatched(svc, p.number))
+                for host in sorted(self._unmatched)
+                if (svc := self._services.get(host)) is not None
+            },
             "ingress": [p.to_json() for p in self._ingress],
         }

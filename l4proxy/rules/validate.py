@@ -201,6 +201,20 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
     return lines
 
 
+def _otherwise(service: dict[str, Any], refusing: list[int] | None) -> str:
+    """What a request no route matches gets: 404 on the ports of a
+    VirtualService's or HTTPRoute's host that its routes serve, else the
+    round robin (RouteRule; the ports no route names)."""
+    rr = "round robin over all endpoints (route 'default')"
+    if not refusing:
+        return f"      otherwise: {rr}"
+    ports = [p["number"] for p in service["ports"]]
+    if refusing == ports:
+        return "      otherwise: 404 (no route matched)"
+    on = ("port " if len(refusing) == 1 else "ports ") + ", ".join(str(p) for p in refusing)
+    return f"      otherwise: 404 on {on} (no route matched); on other ports {rr}"
+
+
 def format_table(t: dict[str, Any]) -> str:
     """The compiled table (``RouteTable.to_json()``) in readable form."""
     lines: list[str] = [f"route table (namespace {t['namespace']}, domain {t['domain']}):"]
@@ -212,7 +226,7 @@ def format_table(t: dict[str, Any]) -> str:
             lines.append(f"  gateway listener {s['host']} (local port {ports})")
             lines.append("    routes, first match wins:")
             lines.extend(_format_routes(t["routes"].get(s["host"], []), "      "))
-            lines.append("      otherwise: 404")
+            lines.append("      otherwise: 404 (no route matched)")
             continue
         also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
         lines.append(f"  service {s['host']}{also}")
@@ -230,7 +244,7 @@ def format_table(t: dict[str, Any]) -> str:
         if routes:
             lines.append("    routes, first match wins:")
             lines.extend(_format_routes(routes, "      "))
-            lines.append("      otherwise: round robin over all endpoints (route 'default')")
+            lines.append(_otherwise(s, t.get("unmatched", {}).get(s["host"])))
         else:
             lines.append("    no routes: round robin over all endpoints (route 'default')")
     orphans = {h: r for h, r in t["routes"].items() if h not in known}

@@ -80,6 +80,8 @@ from l4proxy.dataplane.verdict import (
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import (
+    NO_ROUTE,
+    NO_ROUTE_STATUS,
     Decision,
     Endpoint,
     Request,
@@ -707,6 +709,8 @@ class Worker:
             )
         # -- issue 14 (HTTPRoute): a backend that resolves to nothing answers 500 --
         if not decision.endpoints and decision.status != 503:
+            if decision.route == NO_ROUTE:  # a VirtualService's or HTTPRoute's host: 404
+                raise Refused("no_route", decision.status, _local_body(decision.status))
             raise Refused(
                 "unresolved_backend",
                 decision.status if head is not None else None,
@@ -772,7 +776,7 @@ class Worker:
             subset=decision.subset,
         )
         if not decision.endpoints:
-            body = "no healthy upstream" if decision.status == 503 else "backend not resolved"
+            body = _local_body(decision.status)
             return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(tuple((e.address, e.port) for e in tried), tag=_Tag(decision))
@@ -821,9 +825,9 @@ class Worker:
         )
         if not origin.gateway:
             shape = _shape_bits(table.request_shape(c.service))
-        if not rc.subsets:  # every weight 0 (Gateway API): nothing serves it
+        if not rc.subsets:  # every weight 0 (Gateway API), or no route matched (404)
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
-            body = "no healthy upstream" if rc.status == 503 else "backend not resolved"
+            body = _local_body(rc.status)
             return Verdict(local=(rc.status, body), tag=tag, shape=shape.bits, tests=shape.tests)
         choices = tuple(
             Choice(
@@ -1148,6 +1152,13 @@ class _SubsetTag(NamedTuple):
     subset: str
     version: str
     workload: str
+
+
+def _local_body(status: int) -> str:
+    """The body of a local answer to a request whose decision has no endpoint."""
+    if status == NO_ROUTE_STATUS:
+        return "no route matched"  # a VirtualService's or HTTPRoute's host (Envoy's NR)
+    return "no healthy upstream" if status == 503 else "backend not resolved"
 
 
 def _refusal_tag(c: Classification) -> _SubsetTag:
