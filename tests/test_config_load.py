@@ -449,6 +449,67 @@ def test_ingress_v1_path_types(tmp_path: Path) -> None:
     ]
 
 
+def test_ingress_paths_ending_in_slash_star_are_prefixes_as_istio_reads_them(
+    tmp_path: Path,
+) -> None:
+    """ImplementationSpecific ``/*`` (the GKE idiom) and ``/api/*`` were exact
+    paths nothing requests (every request 404); Istio's
+    createFallbackStringMatch makes ``/*`` every path and ``/api/*`` the
+    string prefix ``/api``, for v1beta1 paths without pathType too."""
+    f = write(
+        tmp_path,
+        "ing.yaml",
+        """\
+        apiVersion: networking.k8s.io/v1
+        kind: Ingress
+        metadata: {name: web}
+        spec:
+          rules:
+          - http:
+              paths:
+              - path: /api/*
+                pathType: ImplementationSpecific
+                backend: {service: {name: bootcamp, port: {number: 8080}}}
+          - host: all.example.com
+            http:
+              paths:
+              - path: /*
+                pathType: ImplementationSpecific
+                backend: {service: {name: bootcamp, port: {number: 8080}}}
+        ---
+        apiVersion: extensions/v1beta1
+        kind: Ingress
+        metadata: {name: old}
+        spec:
+          rules:
+          - host: old.example.com
+            http:
+              paths:
+              - path: /v1/*
+                backend: {serviceName: bootcamp, servicePort: 8080}
+        """,
+    )
+    result = load_rules([f, REGISTRY])
+    table = result.table
+    assert table.ingress(None, "/api/users") is not None
+    assert table.ingress(None, "/api") is not None
+    assert table.ingress(None, "/web") is None
+    for path in ("/", "/index.html", "/a/b?c=d"):
+        assert table.ingress("all.example.com", path) is not None
+    assert table.ingress("old.example.com", "/v1/x") is not None
+    assert table.ingress("old.example.com", "/v2/x") is None
+    notes = [n.message for n in result.notes if n.severity == "note"]
+    assert notes == [
+        "path '/api/*' (ImplementationSpecific) is read as Istio reads it: "
+        "the string prefix '/api', which /apix matches too (pathType: Prefix with path "
+        "/api matches whole path elements only)",
+        "path '/*' (ImplementationSpecific) is read as Istio reads it: every path",
+        "path '/v1/*' (no pathType) is read as Istio reads it: "
+        "the string prefix '/v1', which /v1x matches too (pathType: Prefix with path "
+        "/v1 matches whole path elements only)",
+    ]
+
+
 def test_unknown_destinations_warn_but_load(tmp_path: Path) -> None:
     f = write(
         tmp_path,

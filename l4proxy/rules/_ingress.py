@@ -5,10 +5,13 @@ Path semantics:
 * v1beta1 without ``pathType`` follows Istio 0.7: a path is exact unless it
   ends in ``.*``, which makes the rest a plain string prefix (``/bootcamp``
   matches only ``/bootcamp``; ``/bootcamp.*`` matches ``/bootcamp2`` too).
-  No path means every path.
+  No path means every path. A path ending in ``/*`` (the GKE idiom) is, as
+  Istio converts it (``createFallbackStringMatch``), the string prefix before
+  it: ``/*`` matches every path, ``/api/*`` is the prefix ``/api`` (``/api``,
+  ``/api/users``, ``/apiary`` too); a note says so.
 * ``pathType: Exact`` and ``Prefix`` follow Kubernetes (``Prefix`` compares
   whole path elements: ``/a`` matches ``/a/b`` but not ``/ab``);
-  ``ImplementationSpecific`` means the Istio 0.7 rule above.
+  ``ImplementationSpecific`` means the Istio rule above.
 
 Every Ingress in the rule files is served whatever its class (annotation or
 ``ingressClassName``): the rule file is the gateway's whole configuration.
@@ -147,6 +150,21 @@ def _path(
         kind = "StringPrefix"  # no path: every path
     elif raw.endswith(".*"):
         kind, raw = "StringPrefix", raw[:-2]
+    elif raw.endswith("/*"):
+        # Istio's createFallbackStringMatch: "/*" is every path, "/api/*"
+        # the string prefix "/api". It was an exact path nothing requests.
+        kind, given, raw = "StringPrefix", raw, raw[:-2]
+        ctx.note(
+            (*path, "path"),
+            f"path {given!r} ({ptype if p.get('pathType') else 'no pathType'}) is read as "
+            "Istio reads it: "
+            + (
+                "every path"
+                if not raw
+                else f"the string prefix {raw!r}, which {raw}x matches too (pathType: Prefix "
+                f"with path {raw} matches whole path elements only)"
+            ),
+        )
     else:
         kind = "Exact"
     target = _backend(ctx, p["backend"], (*path, "backend"), env, v1)
