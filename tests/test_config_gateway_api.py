@@ -634,6 +634,49 @@ def test_gateway_listener_routes_by_port_and_hostname(tmp_path: Path) -> None:
     assert not table.is_http_port(80)  # a gateway listener makes no mesh port HTTP
 
 
+def _two_gateways(hostname2: str | None) -> str:
+    """Gateways gw1 (port 80, any hostname) and gw2 (port 80, *hostname2*),
+    an HTTPRoute on each: /a → bootcamp-v1, /b → bootcamp-v2."""
+    text = ""
+    for name, prefix, backend, hostname in (
+        ("gw1", "/a", "bootcamp-v1", None),
+        ("gw2", "/b", "bootcamp-v2", hostname2),
+    ):
+        listener = "{name: http, port: 80, protocol: HTTP}"
+        if hostname is not None:
+            listener = listener.replace("}", f", hostname: {hostname}}}")
+        text += GW.replace("name: gw\n", f"name: {name}\n").replace(
+            "{name: http, port: 80, protocol: HTTP}", listener
+        )
+        text += "---\n" + HR.replace("name: bootcamp", f"name: r-{name}")
+        text += f"  parentRefs: [{{name: {name}}}]\n"
+        text += f"  rules:\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n"
+        text += backends((backend, 1))
+    return text
+
+
+def test_a_second_gateway_on_the_same_port_and_hostname_is_refused(tmp_path: Path) -> None:
+    """Both Gateways listen on the gateway's one port 80 for any hostname:
+    the second's routes were silently shadowed by the first's (/b: no
+    route). Refused like two such listeners of one Gateway, naming both."""
+    f = write(tmp_path, _two_gateways(None))
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert (err.file, err.line) == (f, 31)  # gw2's listener
+    assert "Gateway gw2: listener http serves port 80 for hostname (any)" in str(err)
+    assert f"as listener http of Gateway default/gw1 ({f}:9) does" in str(err)
+
+
+def test_gateways_on_one_port_with_distinct_hostnames_share_it(tmp_path: Path) -> None:
+    """Compatible listeners (one port, distinct hostnames) of two Gateways:
+    a request takes the most specific hostname's listener."""
+    t = load(tmp_path, _two_gateways("b.example.com"))
+    assert _served_by(t, "b.example.com", "/b") == "bootcamp-v2"
+    assert _served_by(t, "x.example.com", "/a") == "bootcamp-v1"
+    assert _served_by(t, "b.example.com", "/a") == "none (no_route)"  # gw2's listener
+
+
 def _gateway_routes(tmp_path: Path, *routes: tuple[str, str | None, str, str]) -> RouteTable:
     """One listener (port 80, any hostname); HTTPRoutes (name, hostname,
     PathPrefix, backend)."""

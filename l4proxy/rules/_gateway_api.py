@@ -12,6 +12,10 @@ An HTTPRoute attaches to parents (``spec.parentRefs``):
   hostname. Each (listener, hostname) becomes a *gateway service*: a host
   with no endpoints whose routes are the attached rules, reached through a
   catch-all ingress path of that listener (see :mod:`l4proxy.rules.routing`).
+  Every Gateway is served on the same local ports, so Gateways are merged
+  onto one set of addresses: listeners of different Gateways on one port
+  need distinct hostnames (the API's "compatible" listeners), as within
+  one Gateway.
 
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
@@ -580,6 +584,32 @@ def _endpoint_owner(services: dict[str, Service], host: str) -> tuple[Service, L
     return None
 
 
+def _check_shared_ports(gateways: list[GatewayDraft]) -> None:
+    """Listeners of different Gateways on one port and hostname: an error.
+
+    Every Gateway is served on the same local ports (``l4proxy run
+    --listen``), so Gateways are merged onto one set of addresses, which the
+    API allows only for compatible listeners: on one port, HTTP listeners
+    with distinct hostnames (a request takes the most specific hostname's
+    listener, whichever Gateway it is of). Two on the same port and
+    hostname conflict, as in one Gateway, and the first one's routes
+    silently took every request of the second."""
+    first: dict[tuple[int, str | None], tuple[GatewayDraft, ListenerDraft]] = {}
+    for gw in gateways:
+        for lst in gw.listeners:
+            other_gw, other = first.setdefault((lst.port, lst.hostname), (gw, lst))
+            if other_gw is gw:
+                continue  # one Gateway's own listeners are checked by read_gateway
+            lst.where.error(
+                f"listener {lst.name} serves port {lst.port} for hostname "
+                f"{lst.hostname or '(any)'}, as listener {other.name} of Gateway "
+                f"{other_gw.namespace}/{other_gw.name} ({other.where.location}) does; "
+                "Gateways share the gateway's ports, so one port and hostname is one "
+                "listener: give one a hostname of its own or another port, or attach "
+                "the routes to one Gateway"
+            )
+
+
 class Compiler:
     """HTTPRoutes and Gateways → routes per host, gateway services, ingress paths."""
 
@@ -599,6 +629,8 @@ class Compiler:
         self.ingress: list[IngressPath] = []
 
     def compile(self, routes: Iterable[HttpRouteDraft], gateways: Iterable[GatewayDraft]) -> None:
+        gateways = list(gateways)
+        _check_shared_ports(gateways)
         by_gateway = {(g.namespace, g.name): g for g in gateways}
         # parent key → [(sort key, rule's route name, match or None, destinations)]
         entries: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
