@@ -602,6 +602,46 @@ def test_query_params_match_the_first_value(tmp_path: Path) -> None:
     assert hits == ["bootcamp", "bootcamp", "no_route", "no_route"]
 
 
+def test_query_params_are_compared_as_sent_not_decoded(tmp_path: Path) -> None:
+    """Envoy matches a query parameter's raw value (parseQueryString, not
+    the decoding one): tag=c++ is "c++" and tag=c%2B%2B is not; q=a+b is
+    not "a%20b". They were URL-decoded first ('+' a space, %2B a plus)."""
+    text = (
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - queryParams:\n"
+        + "      - {name: tag, value: 'c++'}\n"
+        + backends(("bootcamp-v2", 1))
+        + "  - matches:\n    - queryParams:\n"
+        + "      - {name: q, value: 'a%20b'}\n"
+        + backends(("bootcamp-v1", 1))
+    )
+    table = load(tmp_path, text)
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    routes = {
+        p: table.decide(svc, 8080, Request(path=p)).route
+        for p in (
+            "/?tag=c++",
+            "/?tag=c%2B%2B",
+            "/?tag=c++&tag=x",  # the first value of a name
+            "/?tag=x&tag=c++",
+            "/?q=a%20b",
+            "/?q=a+b",
+            "/?x=1=2&tag=c++",  # split at the first '='
+        )
+    }
+    assert routes == {
+        "/?tag=c++": "bootcamp[0]",
+        "/?tag=c%2B%2B": "no_route",
+        "/?tag=c++&tag=x": "bootcamp[0]",
+        "/?tag=x&tag=c++": "no_route",
+        "/?q=a%20b": "bootcamp[1]",
+        "/?q=a+b": "no_route",
+        "/?x=1=2&tag=c++": "bootcamp[0]",
+    }
+
+
 # -- the gateway path -------------------------------------------------------------
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -356,14 +355,20 @@ class Request:
 
 
 def _query_params(target: str) -> dict[str, str]:
-    """The request target's query parameters, first value of each name, decoded."""
+    """The request target's query parameters, first value of each name, as
+    sent: split on ``&`` and each at its first ``=`` (none: the value is
+    empty), nothing percent-decoded and ``+`` left a plus, as Envoy's
+    query parameter match reads them (``parseQueryString``, not the
+    decoding one). ``tag=c%2B%2B`` is not ``c++``."""
     q = target.find("?")
     if q == -1:
         return {}
     query = target[q + 1 :].split("#", 1)[0]
     out: dict[str, str] = {}
-    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        out.setdefault(name, value)
+    for param in query.split("&"):
+        if param:
+            name, _, value = param.partition("=")
+            out.setdefault(name, value)
     return out
 
 
