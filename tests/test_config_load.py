@@ -510,6 +510,84 @@ def test_ingress_paths_ending_in_slash_star_are_prefixes_as_istio_reads_them(
     ]
 
 
+OTHER = """\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other.default.svc.cluster.local]
+  ports:
+  - {number: 9080, name: http, protocol: HTTP}
+  - {number: 9090, name: http-admin, protocol: HTTP}
+  endpoints: [{address: 198.18.1.1}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  hosts: [bootcamp]
+  http:
+  - route: [{destination: {host: other}}]
+"""
+
+
+def _port_warnings(tmp_path: Path, text: str, *more: str) -> list[str]:
+    f = write(tmp_path, "rules.yaml", text)
+    notes = [n for n in load_rules([f, *more]).notes if "port required" in n.message]
+    assert all(n.severity == "warning" for n in notes)  # printed by validate without -v
+    return [f"{n.line}: {n.message}" for n in notes]
+
+
+def test_a_destination_without_port_on_a_host_of_several_ports_warns(tmp_path: Path) -> None:
+    """bootcamp (port 8080) routed to other (ports 9080, 9090) without a
+    port: a request goes to other:8080, which does not exist, and every one
+    is answered 503. It loaded without a word (Istio's analyzer: IST0112)."""
+    assert _port_warnings(tmp_path, OTHER, REGISTRY) == [
+        "17: port required: host other.default.svc.cluster.local has ports 9080, 9090; a "
+        "request to bootcamp.default.svc.cluster.local port 8080 goes to port 8080 of "
+        "other.default.svc.cluster.local, which has none, and is answered 503 (set "
+        "destination.port.number)"
+    ]
+    t = load_rules([write(tmp_path, "rules.yaml", OTHER), REGISTRY]).table
+    svc = t.service(HOST)
+    assert svc is not None
+    assert t.decide(svc, 8080, Request()).endpoints == []  # what the warning says
+    # With a port, or to a host of one port: no warning.
+    with_port = OTHER.replace("{host: other}", "{host: other, port: {number: 9080}}")
+    assert _port_warnings(tmp_path, with_port, REGISTRY) == []
+    one_port = OTHER.replace("  - {number: 9090, name: http-admin, protocol: HTTP}\n", "")
+    assert _port_warnings(tmp_path, one_port, REGISTRY) == []
+    # The routed host not known yet: the dialled port cannot be checked.
+    (unknown,) = _port_warnings(tmp_path, OTHER)
+    assert "port required: host other.default.svc.cluster.local has ports 9080, 9090" in unknown
+
+
+def test_a_destination_without_port_that_has_the_dialled_port_does_not_warn(
+    tmp_path: Path,
+) -> None:
+    """Several ports, but every port the route is dialled on among them:
+    the dialled port serves (its own host's subsets, or a twin service)."""
+    twin = OTHER.replace("number: 9080", "number: 8080")
+    assert _port_warnings(tmp_path, twin, REGISTRY) == []
+    own = """\
+    apiVersion: networking.istio.io/v1alpha3
+    kind: ServiceEntry
+    metadata: {name: shop}
+    spec:
+      hosts: [shop.default.svc.cluster.local]
+      ports: [{number: 8080, name: http}, {number: 9090, name: http-admin}]
+      endpoints: [{address: 198.18.1.1, labels: {version: v1}}]
+    ---
+    apiVersion: config.istio.io/v1alpha2
+    kind: RouteRule
+    metadata: {name: shop}
+    spec:
+      destination: {name: shop}
+      route: [{labels: {version: v1}}]
+    """
+    assert _port_warnings(tmp_path, own) == []
+
+
 def test_unknown_destinations_warn_but_load(tmp_path: Path) -> None:
     f = write(
         tmp_path,
