@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from l4proxy.rules.dns import NameState, resolved_table
 from l4proxy.rules.routing import (
     Decision,
     Destination,
@@ -151,6 +152,23 @@ def test_a_catch_all_route_makes_unmatched_moot_for_equality() -> None:
     assert table(Route("all", (to(V1),)), unmatched=[HOST]) == table(Route("all", (to(V1),)))
     api = Route("api", (to(V2S),), (Match(uri=StringMatch("prefix", "/api")),))
     assert table(api, unmatched=[HOST]) != table(api)
+
+
+def test_a_dns_resolved_table_keeps_the_404_of_an_unmatched_request() -> None:
+    """The table the sidecar serves when endpoints are DNS names is rebuilt
+    per resolution: it dropped the unmatched-refusing hosts, and a
+    VirtualService's unmatched request went round robin again."""
+    svc = Service.create(
+        HOST, [HTTP], [Endpoint("bootcamp-v1.default", 8080, {"version": "v1"})], resolution="DNS"
+    )
+    api = Route("api", (to(V1),), (Match(uri=StringMatch("prefix", "/api")),))
+    base = RouteTable([svc], {HOST: [api]}, unmatched=[HOST])
+    states = {"bootcamp-v1.default": NameState("bootcamp-v1.default", ("198.18.0.7",), True)}
+    t = resolved_table(base, states)
+    resolved = t.service(HOST)
+    assert resolved is not None
+    assert t.decide(resolved, 8080, req("/api")).endpoints[0].address == "198.18.0.7"
+    assert t.decide(resolved, 8080, req("/web")).status == 404
 
 
 @pytest.mark.parametrize(

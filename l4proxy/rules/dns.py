@@ -502,9 +502,10 @@ def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
 def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTable:
     """*base* with every resolved host-name endpoint replaced by its addresses.
 
-    Routes, load-balancer policies and ingress paths are carried over as they
-    are; only the services' endpoint lists change. (RouteTable has no public
-    "copy with other services"; the private fields read here are its inputs.)
+    Routes, load-balancer policies, ingress paths and the hosts that answer
+    an unmatched request 404 are carried over as they are; only the
+    services' endpoint lists change. (RouteTable has no public "copy with
+    other services"; the private fields read here are its inputs.)
     """
     services = [_expand(svc, states) if svc.resolution == "DNS" else svc for svc in base.services()]
     return RouteTable(
@@ -512,6 +513,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
         base._routes,
         load_balancers=base._load_balancers,
         ingress=base.ingress_paths,
+        unmatched=base._unmatched,
         namespace=base.namespace,
         domain=base.domain,
     )
