@@ -299,6 +299,14 @@ def test_a_request_no_virtual_service_route_matches_is_answered_404(
     assert other == ["no route matched", "404"] * 3, other  # was: any pod's 200
     if mode == "connection":
         assert mesh.sidecar.stat('l4proxy_refused_total{reason="no_route"}') == 3
+    else:  # Istio's labels for it, the same from both relays (the pure one said "none")
+        [series] = [
+            ln.rsplit(" ", 1)[0]
+            for ln in mesh.sidecar.admin("/stats").splitlines()
+            if ln.startswith("istio_requests_total{") and 'response_code="404"' in ln
+        ]
+        assert 'destination_version="unknown"' in series, series
+        assert 'destination_workload="unknown"' in series, series
 
 
 USERS_CLIENT = r"""

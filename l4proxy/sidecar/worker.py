@@ -1203,9 +1203,12 @@ def _istio_labels(tag: _Tag | _SubsetTag | None, status: int) -> dict[str, str]:
         d = tag.decision
         service = d.service.host
         name = service.split(".", 1)[0]
-        labels = d.endpoints[0].labels if d.endpoints else {}
-        version = labels.get("version", d.subset or "unknown")
-        workload = f"{labels.get('app', name)}-{version}"
+        if d.subset == "none" and not d.endpoints:  # a local answer (404, weights 0):
+            version = workload = "unknown"  # labelled as the compiled relay's are
+        else:
+            labels = d.endpoints[0].labels if d.endpoints else {}
+            version = labels.get("version", d.subset or "unknown")
+            workload = f"{labels.get('app', name)}-{version}"
     return {
         "reporter": "source",
         "destination_service": service,
