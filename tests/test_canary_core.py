@@ -11,9 +11,12 @@ import os
 import pathlib
 import shutil
 import threading
+import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import yaml
@@ -37,15 +40,19 @@ from l4proxy.canary._metrics import (
     Series,
     histogram_quantile,
     http_get,
+    marks_of,
+    marks_query,
     parse_query_response,
     parse_text,
     promql,
     query_url,
     read_sidecar,
     sample_from_prometheus,
+    targets_query,
     totals_of,
 )
 from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
+from l4proxy.stats import DIGEST, GENERATION, RulesMark
 
 P = Policy(
     steps=(5, 25, 50, 100),
@@ -373,19 +380,48 @@ def test_the_document_quotes_the_versions() -> None:
     assert [x["labels"]["version"] for x in doc["spec"]["route"]] == ["1.9", "1.10"]
 
 
+Rows = list[dict[str, Any]]  # a Prometheus answer's data.result
+
+
+def _mark_rows(target: str, generation: float, digest: float | None) -> Rows:
+    """One scrape target's rules marks, as Prometheus answers them."""
+    labels = {"job": "pods", "instance": f"{target}:15090", "pod": target}
+    rows: Rows = [{"metric": {"__name__": GENERATION, **labels}, "value": [1, f"{generation:g}"]}]
+    if digest is not None:
+        rows.append({"metric": {"__name__": DIGEST, **labels}, "value": [1, f"{digest:g}"]})
+    return rows
+
+
+def _moving_marks() -> Callable[[str], Rows | None]:
+    """One sidecar whose rules move at every read: each change is live at once."""
+    reads = itertools.count(1)
+    return lambda query: _mark_rows("caller-0", 1, next(reads))
+
+
 @contextlib.contextmanager
-def _fake_prometheus(answer: Callable[[int, str, str], str | None]) -> Iterator[str]:
-    """A Prometheus whose answer to the n-th query (from 1) is *answer*(n,
-    path, query): a value, or None for a 503."""
+def _fake_prometheus(
+    answer: Callable[[int, str, str], str | None],
+    marks: Callable[[str], Rows | None] | None = None,
+) -> Iterator[str]:
+    """A Prometheus whose answer to the n-th query (from 1) of the canary's
+    numbers is *answer*(n, path, query): a value, or None for a 503. The
+    sidecars' rules marks (and ``up``) are *marks*(query) instead (None: a
+    503), uncounted; by default :func:`_moving_marks`."""
     asked = itertools.count(1)
+    marks = marks or _moving_marks()
 
     def reply(target: str) -> bytes | None:
         parts = urllib.parse.urlsplit(target)
         query = urllib.parse.parse_qs(parts.query)["query"][0]
-        value = answer(next(asked), parts.path, query)
-        if value is None:
+        result: Rows | None
+        if GENERATION in query:
+            result = marks(query)
+        else:
+            value = answer(next(asked), parts.path, query)
+            result = None if value is None else [{"metric": {}, "value": [1, value]}]
+        if result is None:
             return None
-        data = {"resultType": "vector", "result": [{"metric": {}, "value": [1, value]}]}
+        data = {"resultType": "vector", "result": result}
         return json.dumps({"status": "success", "data": data}).encode()
 
     with _serving(reply) as address:
@@ -1039,3 +1075,182 @@ def test_a_prometheus_ratio_exactly_at_the_limits_passes() -> None:
     assert "success  99.0 % >= 99 ok  p99  500 ms <= 500 ok  pass" in out.getvalue()
     # and a hair below is still below
     assert check(P, Sample(1000, 10.001, 12.0)).verdict == "fail"
+
+
+# -- Prometheus: a change is judged once the sidecars serve it --------------------------
+class _Sidecars:
+    """Sidecars as Prometheus scrapes them, serving the rules directory
+    *tmp_path* with a delay: each pod serves the canary's document as it was
+    *lag* reads of the rules marks ago (the kubelet projecting a ConfigMap a
+    minute late); the pods of *stuck* never load anything new. *judged* has,
+    for each query of the canary's numbers, whether every pod served the
+    document as it is then."""
+
+    def __init__(
+        self, tmp_path: pathlib.Path, lag: int, pods: tuple[str, ...], stuck: tuple[str, ...] = ()
+    ) -> None:
+        self.doc = tmp_path / "canary-bootcamp.yaml"
+        self.lag, self.pods, self.stuck = lag, pods, stuck
+        self.seen: list[str] = []  # the document at each read of the marks
+        self.judged: list[bool] = []
+        self.log: list[str] = []  # "marks" or "numbers", in turn
+
+    def now(self) -> str:
+        return self.doc.read_text() if self.doc.exists() else ""
+
+    def served(self, pod: str) -> str | None:
+        if not self.seen:
+            return None  # nobody asked: whatever it serves, it was never seen live
+        return self.seen[0 if pod in self.stuck else max(0, len(self.seen) - 1 - self.lag)]
+
+    def marks(self, query: str) -> Rows:
+        self.log.append("marks")
+        self.seen.append(self.now())
+        rows: Rows = []
+        for pod in self.pods:
+            served = self.served(pod) or ""
+            rows += _mark_rows(pod, len(set(self.seen)), zlib.crc32((pod + served).encode()) + 1)
+        return rows
+
+    def answer(self, n: int, path: str, query: str) -> str:
+        self.log.append("numbers")
+        self.judged.append(all(self.served(pod) == self.now() for pod in self.pods))
+        return _healthy(query)
+
+
+def test_prometheus_judges_a_weight_only_once_every_sidecar_serves_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reviewer's case: with --prometheus the command judged at once
+    after each change, so with a ConfigMap (the kubelet projects it up to a
+    minute or two later) the window of the step to 100 % held traffic routed
+    at 50 %, and passed it: promoted with 100 % never measured. Each change
+    now waits until Prometheus shows every sidecar serving it."""
+    monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
+    sidecars = _Sidecars(tmp_path, lag=3, pods=("caller-0", "caller-1"))
+    with _fake_prometheus(sidecars.answer, sidecars.marks) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--wait-live", "10")
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "PROMOTED" in captured.out and "warning" not in captured.err
+    assert sidecars.judged == [True] * 6  # two checks of three queries, all on live weights
+    # before each weight: the marks before it, then three reads that still
+    # show the rules before it (the lag), then the one that shows it live
+    first = sidecars.log.index("numbers")
+    assert sidecars.log[:first] == ["marks"] * 5
+
+
+def test_prometheus_a_weight_a_sidecar_never_serves_is_a_failed_check(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As with --metrics (test_a_weight_not_live_in_time_is_a_failed_check):
+    one sidecar never loads the change within --wait-live; that is a failed
+    check (here the threshold: rolled back, before any window was judged),
+    and the rollback, not live either, exits 1 with a warning naming it."""
+    monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
+    sidecars = _Sidecars(tmp_path, lag=0, pods=("caller-0", "caller-1"), stuck=("caller-1",))
+    with _fake_prometheus(sidecars.answer, sidecars.marks) as url:
+        code = _rollout_in(tmp_path, url, "--threshold", "1", "--wait-live", "0.2")
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "ROLLED BACK" in captured.out and "not live: " in captured.out
+    assert "warning: not live: " in captured.err
+    assert 'pod="caller-1"' in captured.err and "still serves rules generation" in captured.err
+    assert "caller-0" not in captured.err  # the one that loaded it is not blamed
+    assert "numbers" not in sidecars.log  # nothing judged on a weight not live
+    assert _routes(tmp_path) == [("v1", 100)]
+
+
+def test_prometheus_without_rules_marks_each_window_starts_wait_live_after_its_change(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sidecars whose rules marks Prometheus does not have (not scraped):
+    one warning, and each change is taken as live --wait-live after it was
+    written, the next window (an --interval long) starting then."""
+    times: list[tuple[str, float]] = []
+
+    def marks(query: str) -> Rows:
+        times.append(("marks", time.monotonic()))
+        return []  # no l4proxy_rules_* series at all
+
+    def answer(n: int, path: str, query: str) -> str:
+        times.append(("numbers", time.monotonic()))
+        return _healthy(query)
+
+    with _fake_prometheus(answer, marks) as url:
+        code = _rollout_in(tmp_path, url, "--steps", "50,100", "--wait-live", "0.3")
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert captured.err.count("warning: ") == 1
+    assert "Prometheus has no l4proxy_rules_digest nor l4proxy_rules_generation" in captured.err
+    assert "taken as live 0.3 s (--wait-live) after it is written" in captured.err
+    # read before each of the three changes (50 %, 100 %, promoted), never polled
+    kinds = [k for k, _ in times]
+    assert kinds == ["marks", *["numbers"] * 3] * 2 + ["marks"]
+    for i in (0, 4):  # each check's first query: --wait-live + --interval after its change
+        assert times[i + 1][1] - times[i][1] >= 0.3 + 0.05
+
+
+def test_prometheus_wait_live_drops_a_pod_gone_and_waits_for_one_down_or_new() -> None:
+    """After the change: a pod deleted (no ``up`` any more) is not waited
+    for; one whose scrapes fail (``up`` 0, its series stale) is, as is a new
+    one until its workers agree on files (digest -1 first)."""
+    from l4proxy.canary.command import NotLive
+
+    def fake(after: Callable[[int, str], Rows]) -> tuple[PrometheusMetrics, list[str]]:
+        asked: list[str] = []
+
+        def get(url: str) -> str:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["query"][0]
+            asked.append("up" if query.startswith('{__name__=~"up|') else "marks")
+            rows = after(len(asked), query) if len(asked) > 1 else before
+            return json.dumps(
+                {"status": "success", "data": {"resultType": "vector", "result": rows}}
+            )
+
+        p = PrometheusMetrics("prom:9090", "bootcamp", "source", get=get)
+        p.POLL = 0.0
+        return p, asked
+
+    before = _mark_rows("a", 3, 10) + _mark_rows("b", 3, 20)
+    moved = _mark_rows("a", 4, 11)
+
+    # b deleted: not in the answer, no up either
+    p, asked = fake(lambda n, q: [] if "up|" in q else moved)
+    p.wait_live(p.before_change(), 5)
+    assert asked == ["marks", "marks", "up"]
+    names = '__name__=~"up|l4proxy_rules_generation|l4proxy_rules_digest"'
+    assert targets_query(['{instance="b:15090",job="pods",pod="b"}', '{x="1"}']) == (
+        f'{{{names},instance="b:15090",job="pods",pod="b"}} or {{{names},x="1"}}'
+    )
+
+    # b's scrapes fail: up 0, waited for until --wait-live
+    b = {"job": "pods", "instance": "b:15090", "pod": "b"}
+    down: Rows = [{"metric": {"__name__": "up", **b}, "value": [1, "0"]}]
+    p, asked = fake(lambda n, q: down if "up|" in q else moved)
+    with pytest.raises(NotLive, match=r'pod="b"\} is not scraped \(up 0\) 0.05 s after'):
+        p.wait_live(p.before_change(), 0.05)
+
+    # b back with the change, and c new: live once c's workers agree
+    def new(n: int, q: str) -> Rows:
+        return moved + _mark_rows("b", 4, 21) + _mark_rows("c", 1, -1 if n < 4 else 30)
+
+    p, asked = fake(new)
+    p.wait_live(p.before_change(), 5)
+    assert asked == ["marks"] * 4  # before, c at -1 twice, then c at 30
+
+
+def test_prometheus_windows_are_the_interval_to_the_millisecond() -> None:
+    """The range was the interval rounded up to a second: 1.5 s read 2 s,
+    half a second before the window started (after a change: traffic at
+    the weight before it)."""
+    assert "[1500ms]" in promql("bootcamp", "v2", 1.5)["requests"]
+    assert "[60s]" in promql("bootcamp", "v2", 60)["requests"]
+    assert "[50ms]" in promql("bootcamp", "v2", 0.05)["p99"]
+    q = marks_query("bootcamp")
+    assert q == (
+        '{__name__=~"l4proxy_rules_generation|l4proxy_rules_digest"} and on (job, instance) '
+        'istio_requests_total{reporter="source",destination_service_name="bootcamp"}'
+    )
+    rows = [(dict(r["metric"]), float(r["value"][1])) for r in _mark_rows("a", 2, math.nan)]
+    assert marks_of(rows) == {'{instance="a:15090",job="pods",pod="a"}': RulesMark(2, None)}

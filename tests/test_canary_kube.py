@@ -14,6 +14,7 @@ import json
 import re
 import threading
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from l4proxy.canary.kube import (
     state_of,
 )
 from l4proxy.cli import main
+from l4proxy.stats import DIGEST, GENERATION
 from tests.conftest import _skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +215,14 @@ class FakeAPI:
     forbid: set[str] = field(default_factory=set)  # methods answered 403
     before_put: Callable[[FakeAPI], None] | None = None  # a concurrent writer
     prometheus: dict[str, str] = field(default_factory=dict)  # query part -> value
+    # The kubelet and the sidecars, as Prometheus scrapes them: each pod of
+    # *pods* serves the ConfigMap's data as it was *kubelet_lag* reads of the
+    # rules marks ago (the data at each read in *seen*); *judged* says, for
+    # each query of the canary's numbers, whether they served the data then
+    pods: tuple[str, ...] = ("caller-0",)
+    kubelet_lag: int = 0
+    seen: list[str] = field(default_factory=list)
+    judged: list[bool] = field(default_factory=list)
     # what goes wrong with the next requests of a method, in turn: "503" (not
     # applied), "applied 504" (applied, its answer lost), "drop" (the
     # connection closed with no answer)
@@ -226,6 +236,25 @@ class FakeAPI:
 
     def api(self) -> list[Req]:
         return [r for r in self.requests if not r.path.startswith("/api/v1/query")]
+
+    def data(self) -> str:
+        return json.dumps(self.objects.get(CM_PATH, {}).get("data"), sort_keys=True)
+
+    def served(self) -> str | None:
+        return self.seen[max(0, len(self.seen) - 1 - self.kubelet_lag)] if self.seen else None
+
+    def marks(self) -> list[dict[str, Any]]:
+        """The rules marks the sidecars report (a digest of what they serve)."""
+        self.seen.append(self.data())
+        served = self.served() or ""
+        generation = len(set(self.seen[: len(self.seen) - self.kubelet_lag])) or 1
+        rows: list[dict[str, Any]] = []
+        for pod in self.pods:
+            labels = {"job": "pods", "instance": f"{pod}:15090", "pod": pod}
+            digest = zlib.crc32((pod + served).encode()) + 1
+            for name, v in ((GENERATION, generation), (DIGEST, digest)):
+                rows.append({"metric": {"__name__": name, **labels}, "value": [1, str(v)]})
+        return rows
 
 
 @pytest.fixture
@@ -246,8 +275,12 @@ def api() -> Iterator[FakeAPI]:
             if parts.path == "/api/v1/query":  # Prometheus, same server
                 q = urllib.parse.parse_qs(parts.query)["query"][0]
                 self.requests_append(None)
-                value = next(v for k, v in fake.prometheus.items() if k in q)
-                result = [{"metric": {}, "value": [1, value]}]
+                if GENERATION in q:
+                    result = fake.marks()
+                else:
+                    fake.judged.append(fake.served() == fake.data())
+                    value = next(v for k, v in fake.prometheus.items() if k in q)
+                    result = [{"metric": {}, "value": [1, value]}]
                 data = {"resultType": "vector", "result": result}
                 self.answer(200, {"status": "success", "data": data})
                 return
@@ -643,6 +676,29 @@ def _stored(api: FakeAPI) -> tuple[str, list[tuple[str, int]]]:
     state = json.loads(obj["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"])
     doc = yaml.safe_load(obj["data"]["canary-bootcamp.yaml"])
     return state["phase"], [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]]
+
+
+def test_a_configmap_change_is_judged_once_prometheus_shows_it_live(
+    api: FakeAPI, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reviewer's case: --configmap with --prometheus judged each step
+    at once, while the kubelet had not projected the PUT into the pods yet
+    (up to ~150 s): the step to 100 % passed on traffic routed at 50 %, and
+    was promoted. Each step now waits until Prometheus shows every sidecar
+    serving the ConfigMap as PUT (its rules marks past those before it)."""
+    from l4proxy.canary.command import PrometheusMetrics
+
+    monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    api.pods, api.kubelet_lag = ("caller-0", "caller-1"), 3
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    assert main([*argv, "--prometheus", api.url, "--wait-live", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "PROMOTED" in captured.out and "warning" not in captured.err
+    assert api.judged == [True] * 6  # two checks of three queries, on live weights only
+    assert _stored(api) == ("promoted", [("v2", 100)])
 
 
 def test_a_rollback_put_answered_503_is_sent_again(

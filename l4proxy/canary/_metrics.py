@@ -30,7 +30,11 @@ does), and ``math.inf`` when it lies beyond the largest finite bucket.
 (request-success-rate and request-duration), with l4proxy's labels (the
 sidecar reports as ``reporter="source"`` and names the version in
 ``destination_version``), plus ``increase()`` for the request count,
-against ``/api/v1/query``.
+against ``/api/v1/query``. Their range is the interval, exactly
+(:func:`window`). Which rules each sidecar serves comes from the same
+Prometheus (:func:`marks_query`): the sidecars' ``l4proxy_rules_digest``
+and ``l4proxy_rules_generation`` as scraped, one
+:class:`~l4proxy.stats.RulesMark` per scrape target (:func:`marks_of`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Any
 
 from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.canary._analysis import Sample
-from l4proxy.stats import RulesMark
+from l4proxy.stats import DIGEST, GENERATION, RulesMark
 
 REQUESTS = "istio_requests_total"
 BUCKETS = "istio_request_duration_milliseconds_bucket"
@@ -269,6 +273,20 @@ def _q(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def window(interval: float) -> float:
+    """The seconds a check's queries cover: the interval, to the millisecond."""
+    return max(1, round(interval * 1000)) / 1000
+
+
+def range_of(interval: float) -> str:
+    """:func:`window` as a PromQL range: ``30s``, or ``1500ms`` (it was the
+    interval rounded up to a second: 1.5 s covered 2 s, the last half
+    second before the window, which after a change is traffic at the weight
+    before it)."""
+    ms = max(1, round(interval * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def promql(service: str, version: str, interval: float, reporter: str = "source") -> dict[str, str]:
     """The three queries of one check: requests, success rate (%), p99 (ms).
 
@@ -277,7 +295,7 @@ def promql(service: str, version: str, interval: float, reporter: str = "source"
     (Flagger selects a Deployment by ``destination_workload``; the sidecar
     names both, the version is what the rules route on).
     """
-    window = f"[{max(1, math.ceil(interval))}s]"
+    window = f"[{range_of(interval)}]"
     sel = _selector(service, version, reporter)
     ok = _selector(service, version, reporter, 'response_code!~"5.*"')
     return {
@@ -297,6 +315,35 @@ def query_url(base: str, query: str) -> str:
 
 def parse_query_response(url: str, text: str) -> float | None:
     """One instant-vector answer -> its value; None when empty or NaN."""
+    result = _result(url, text)
+    if not result:
+        return None
+    try:
+        v = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise MetricsError(f"{url}: unexpected answer ({result[0]!r})") from exc
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def parse_query_vector(url: str, text: str) -> list[tuple[dict[str, str], float]]:
+    """An instant-vector answer -> every series' (labels, value)."""
+    rows: list[tuple[dict[str, str], float]] = []
+    for row in _result(url, text):
+        try:
+            metric = row["metric"]
+            v = float(row["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise MetricsError(f"{url}: unexpected answer ({row!r})") from exc
+        if not isinstance(metric, dict) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in metric.items()
+        ):
+            raise MetricsError(f"{url}: unexpected answer ({row!r})")
+        rows.append((metric, v))  # NaN kept: RulesMark.of takes it as absent
+    return rows
+
+
+def _result(url: str, text: str) -> list[Any]:
+    """The ``data.result`` of an answer (a scalar as one row)."""
     try:
         doc: Any = json.loads(text)
     except ValueError as exc:
@@ -312,13 +359,47 @@ def parse_query_response(url: str, text: str) -> float | None:
         result = [{"value": result}]
     if not isinstance(result, list):
         raise MetricsError(f"{url}: unexpected answer (no data.result list)")
-    if not result:
-        return None
-    try:
-        v = float(result[0]["value"][1])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise MetricsError(f"{url}: unexpected answer ({result[0]!r})") from exc
-    return None if math.isnan(v) or math.isinf(v) else v
+    return result
+
+
+def marks_query(service: str, reporter: str = "source") -> str:
+    """The sidecars' rules marks, of the sidecars that route SERVICE.
+
+    Only the scrape targets (``job``, ``instance``) that report requests to
+    SERVICE: the traffic the checks judge is theirs, and a Prometheus that
+    scrapes sidecars watching other rules (another namespace's ConfigMap)
+    would have their marks never move. A caller that has sent SERVICE no
+    request yet has no such series and is not waited for."""
+    sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(service)}"'
+    return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
+
+
+def targets_query(targets: Iterable[str]) -> str:
+    """``up`` and the rules marks of these targets (keys of :func:`marks_of`),
+    whatever they report: where a target that :func:`marks_query` no longer
+    answers has gone. A target whose scrape failed has ``up`` 0 and its
+    other series marked stale (absent); one removed (a pod deleted) has no
+    ``up`` either."""
+    names = f'__name__=~"up|{GENERATION}|{DIGEST}"'
+    return " or ".join("{" + names + ("," + t[1:-1] if t != "{}" else "") + "}" for t in targets)
+
+
+def target_of(metric: Mapping[str, str]) -> str:
+    """A series' scrape target: its labels but ``__name__`` (job, instance,
+    and whatever the scrape configuration adds: pod, namespace), written as
+    a PromQL selector (``up`` of the target has exactly these labels)."""
+    labels = sorted((k, x) for k, x in metric.items() if k != "__name__")
+    return "{" + ",".join(f'{k}="{_q(x)}"' for k, x in labels) + "}"
+
+
+def marks_of(rows: Iterable[tuple[Mapping[str, str], float]]) -> dict[str, RulesMark | None]:
+    """The rules marks among *rows* -> {target (:func:`target_of`): its mark}."""
+    found: dict[str, dict[str, float | None]] = {}
+    for metric, v in rows:
+        name = metric.get("__name__")
+        if name in (GENERATION, DIGEST):
+            found.setdefault(target_of(metric), {})[name] = v
+    return {key: RulesMark.of(values) for key, values in found.items()}
 
 
 def sample_from_prometheus(answers: Mapping[str, float | None]) -> Sample:

@@ -29,8 +29,14 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   promote|abort`` from another shell ends a running analysis, and a killed
   command resumes at its step (:func:`l4proxy.canary._analysis.resume`).
 * **Windows.** After each weight change the command waits until the
-  sidecars it reads serve the new rules generation, then starts the
-  interval's window: each interval's sample is traffic at one weight.
+  sidecars serve the new rules, then starts the interval's window: each
+  interval's sample is traffic at one weight. With ``--metrics`` it reads
+  that from each sidecar's ``/stats``; with ``--prometheus``, from the same
+  marks as Prometheus scraped them (``l4proxy_rules_digest`` and
+  ``l4proxy_rules_generation`` of each target that reports requests to
+  SERVICE), and the queries' range is the interval, ending an interval
+  after the change was seen live. A Prometheus without those marks: a
+  warning, and a change is taken as live --wait-live after it was written.
 
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
 invalid rules, metrics missing), 3 interrupted with the weights left as
@@ -81,18 +87,24 @@ from l4proxy.canary._metrics import (
     MetricsError,
     Series,
     http_get,
+    marks_of,
+    marks_query,
     parse_query_response,
+    parse_query_vector,
     promql,
     query_url,
     read_sidecar,
     sample_from_prometheus,
     stats_url,
+    target_of,
+    targets_query,
     totals_of,
+    window,
 )
 from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
-from l4proxy.stats import RulesMark
+from l4proxy.stats import DIGEST, DIGEST_DISAGREE, GENERATION, RulesMark
 
 EXIT_PROMOTED = 0
 EXIT_ROLLED_BACK = 1
@@ -232,8 +244,10 @@ def add_parser(sub: Any) -> None:
         "--wait-live",
         type=float,
         metavar="SECONDS",
-        help="with --metrics: how long a change may take to reach every sidecar before it "
-        f"is an error ({WAIT_LIVE_FILES:g} with --rules, which sidecars poll every second; "
+        help="how long a change may take to reach every sidecar (read with --metrics, or as "
+        "Prometheus scraped them) before it is a failed check; with --prometheus and no "
+        "sidecar's rules marks in it, how long after a change its window starts "
+        f"({WAIT_LIVE_FILES:g} with --rules, which sidecars poll every second; "
         f"{WAIT_LIVE_CONFIGMAP:g} with --configmap: the kubelet refreshes a mounted "
         "ConfigMap on its sync period, a minute by default, plus its cache's delay)",
     )
@@ -634,6 +648,11 @@ class SidecarMetrics:
     def start_window(self) -> None:
         self._read()
 
+    def before_change(self) -> dict[str, RulesMark | None]:
+        """The marks of the last read (the sample that decided the change, or
+        the window's start): reading again would take the window's counts."""
+        return dict(self.marks)
+
     def sample(self, version: str, interval: float) -> Sample:
         return totals_of(self._read(), self.service, version).sample()
 
@@ -667,21 +686,63 @@ class SidecarMetrics:
 
 
 class PrometheusMetrics:
-    """``--prometheus URL``: Flagger's Istio queries, one instant each."""
+    """``--prometheus URL``: Flagger's Istio queries, one instant each.
+
+    Which rules the sidecars serve is read from the same Prometheus: each
+    scrape target's ``l4proxy_rules_digest`` and ``l4proxy_rules_generation``
+    (:func:`~l4proxy.canary._metrics.marks_query`: the targets that report
+    requests to SERVICE), read just before a change (:meth:`before_change`)
+    and then polled until every target is past its mark (:meth:`wait_live`).
+    A check's window starts once the change is live (:meth:`sample`)."""
+
+    POLL = 1.0  # seconds between two reads of the marks while waiting
 
     def __init__(
-        self, base: str, service: str, reporter: str, get: Callable[[str], str] = http_get
+        self,
+        base: str,
+        service: str,
+        reporter: str,
+        get: Callable[[str], str] = http_get,
+        err: TextIO | None = None,
     ):
         self.base = base
         self.service = service
         self.reporter = reporter
         self.get = get
+        self.err = err
         self.marks: dict[str, RulesMark | None] = {}
+        self.unread = ""  # why the marks could not be read before the change
+        self.warned: set[str] = set()
+        # time.monotonic() from which the rules last written are live (or
+        # presumed so): no check's window starts before it
+        self.live_at: float | None = None
+
+    def _marks(self) -> dict[str, RulesMark | None]:
+        url = query_url(self.base, marks_query(self.service, self.reporter))
+        return marks_of(parse_query_vector(url, self.get(url)))
 
     def start_window(self) -> None:
         pass
 
+    def before_change(self) -> dict[str, RulesMark | None]:
+        """The marks now, to wait past once the change is written. Not
+        readable: {} (the change is written all the same, and
+        :meth:`wait_live` falls back to waiting its timeout)."""
+        try:
+            self.marks = self._marks()
+            self.unread = ""
+        except MetricsError as exc:
+            self.marks, self.unread = {}, str(exc)
+        return dict(self.marks)
+
     def sample(self, version: str, interval: float) -> Sample:
+        # The queries cover the window that ends now: after a change, not
+        # before it is live (the loop has slept an interval since: this
+        # waits only for what it has not)
+        if self.live_at is not None:
+            rest = self.live_at + window(interval) - time.monotonic()
+            if rest > 0:
+                time.sleep(rest)
         answers = {}
         for key, q in promql(self.service, version, interval, self.reporter).items():
             url = query_url(self.base, q)
@@ -689,7 +750,96 @@ class PrometheusMetrics:
         return sample_from_prometheus(answers)
 
     def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
-        pass
+        """Until every target of *before* serves the rules as they are now
+        (see RulesMark.past), as Prometheus scrapes them.
+
+        A target gone since (a pod deleted: Prometheus has no ``up`` of it
+        any more) is not waited for; one whose scrape fails (``up`` 0, its
+        series stale) is. One that has come (a new pod, which mounts the
+        rules as they are when it starts) counts once its workers agree on
+        files (its digest not -1, nor 0: none loaded). Staleness needs no
+        timestamps: Prometheus answers a target's last scrape, and a value
+        that has not changed is not past; one that has changed was scraped
+        after *before* was read, a moment before the change was written.
+
+        No marks to wait past (none scraped, or Prometheus unreadable just
+        before the change): warns once, and the change is presumed live
+        *timeout* (--wait-live, how long it may take) after it was written;
+        the next window starts then. Nothing is slept here: the end of a
+        rollout exits at once."""
+        known = {k: b for k, b in before.items() if b is not None}
+        if not known:
+            self._presume(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        after = f"{timeout:g} s after the change (--wait-live)"
+        try:
+            while True:
+                late = self._late(known, before, after)
+                if not late:
+                    return
+                if time.monotonic() >= deadline:
+                    raise NotLive(late[0])
+                time.sleep(max(0.0, min(self.POLL, deadline - time.monotonic())))
+        finally:
+            self.live_at = time.monotonic()
+
+    def _late(
+        self, known: dict[str, RulesMark], before: dict[str, RulesMark | None], after: str
+    ) -> list[str]:
+        """Why each target that does not serve the change yet does not."""
+        now = self._marks()
+        missing = [k for k in known if k not in now]
+        up: dict[str, float] = {}
+        if missing:
+            url = query_url(self.base, targets_query(missing))
+            rows = parse_query_vector(url, self.get(url))
+            now.update((k, m) for k, m in marks_of(rows).items() if k in known)
+            up = {target_of(metric): v for metric, v in rows if metric.get("__name__") == "up"}
+        late: list[str] = []
+        for key, b in known.items():
+            if key not in now:
+                if key in up:  # there, but its scrapes fail
+                    late.append(
+                        f"{key} is not scraped (up {up[key]:g}) {after}: which rules it "
+                        "serves is not known"
+                    )
+                continue  # gone: a pod deleted
+            m = now[key]
+            if m is None or not m.past(b):
+                gen = m.generation if m is not None else None
+                late.append(
+                    f"{key} still serves rules generation {gen} {after}, as Prometheus "
+                    "scraped it: is it watching these rules? (its /config_dump says why it "
+                    "refused a change)"
+                )
+        for key, m in now.items():
+            if key not in before and m is not None and m.digest in (DIGEST_DISAGREE, 0):
+                late.append(
+                    f"{key}, come since the change, serves no rules all its workers agree "
+                    f"on ({DIGEST} {m.digest}) {after}"
+                )
+        return late
+
+    def _presume(self, timeout: float) -> None:
+        if self.unread:
+            kind = "unread"
+            why = f"the sidecars' rules could not be read from Prometheus ({self.unread})"
+        else:
+            kind = "absent"
+            why = (
+                f"Prometheus has no {DIGEST} nor {GENERATION} of a sidecar that reports "
+                f'requests to {self.service} (reporter="{self.reporter}"): are the sidecars\' '
+                "/stats scraped? (l4proxy inject --stats-port 15090)"
+            )
+        if kind not in self.warned:
+            self.warned.add(kind)
+            print(
+                f"l4proxy canary: warning: {why}; a change is taken as live {timeout:g} s "
+                "(--wait-live) after it is written, and the next window starts then",
+                file=self.err or sys.stderr,
+            )
+        self.live_at = time.monotonic() + timeout
 
 
 Metrics = SidecarMetrics | PrometheusMetrics
@@ -965,7 +1115,7 @@ def _analyse(
     metrics: Metrics = (
         SidecarMetrics(args.metrics, service)
         if args.metrics
-        else PrometheusMetrics(args.prometheus, service, args.reporter)
+        else PrometheusMetrics(args.prometheus, service, args.reporter, err=err)
     )
     display = Display(out, args.json, policy)
     store.check_competing()
@@ -1074,7 +1224,7 @@ def _set_weight(
     (the sidecars unreadable, or not serving it within *wait*) is not
     raised: it is returned, as the reason of a failed check ("" when all
     went well), and the caller counts it (progressing) or warns (ended)."""
-    before = dict(metrics.marks)
+    before = metrics.before_change()
     unseen = ""
     if _commit(store, r, expected, err):  # unchanged (a resume): no reload to wait for
         try:
