@@ -107,7 +107,9 @@ what is added to each Pod template:
   volumes            {VOLUME_NAME}: the rule ConfigMap (--configmap), mounted read-only
                      at {RULES_MOUNT}; {PODINFO_VOLUME}: the pod's labels (Downward API)
                      at {PODINFO_MOUNT}, for RouteRule match.source / sourceLabels
-  annotation         {STATUS_ANNOTATION} on the template: what was injected
+  annotations        {STATUS_ANNOTATION} on the template: what was injected; with
+                     --stats-port, prometheus.io/scrape, /port, /path, unless the
+                     template has prometheus.io/* of its own (those are kept)
 A template annotated {INJECT_ANNOTATION}: "false", or with hostNetwork: true, is left
 alone (capturing a host-network pod would capture the node's traffic).
 
@@ -132,7 +134,27 @@ class InjectError(Exception):
     """The manifest cannot be injected (exit code 1)."""
 
 
-PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+STATS_PORT_NAME = "http-envoy-prom"  # Istio's name for its sidecars' scrape port
+
+
+def prometheus_annotations(port: int) -> dict[str, str]:
+    """What ``--stats-port PORT`` adds to a template that has none of its own."""
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/stats/prometheus",
+    }
+
+
+def _ours_before(before: dict[str, Any]) -> dict[str, str]:
+    """The annotations an earlier injection added, with the values it wrote."""
+    port = before.get("statsPort")
+    if not isinstance(port, int) or isinstance(port, bool):
+        return {}
+    wrote = prometheus_annotations(port)
+    # a status without the list is an older inject's, which added all three always
+    keys = before.get("annotations", list(wrote))
+    return {k: wrote[k] for k in keys if k in wrote} if isinstance(keys, list) else {}
 
 
 @dataclass(frozen=True)
@@ -146,7 +168,7 @@ class InjectOptions:
     http_routing: str = "request"  # "connection": route by each connection's first head
     stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
 
-    def status(self) -> str:
+    def status(self, added: Sequence[str] = ()) -> str:
         return json.dumps(
             {
                 "version": __version__,
@@ -157,8 +179,13 @@ class InjectOptions:
                 else [INIT_NAME],
                 "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
                 "volumes": [VOLUME_NAME, PODINFO_VOLUME],
-                # the Prometheus annotations are ours only when we added them
-                **({"statsPort": self.stats_port} if self.stats_port else {}),
+                # and the annotations it added for it (the user's are never
+                # recorded: they were there first, and they stay)
+                **(
+                    {"statsPort": self.stats_port, "annotations": list(added)}
+                    if self.stats_port
+                    else {}
+                ),
             },
             separators=(",", ":"),
         )
@@ -236,6 +263,11 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
                 "readOnlyRootFilesystem": True,
                 "capabilities": {"drop": ["ALL"]},
             },
+            **(
+                {"ports": [{"name": STATS_PORT_NAME, "containerPort": opts.stats_port}]}
+                if opts.stats_port
+                else {}
+            ),
             "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 2},
             "resources": {
                 "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -407,18 +439,28 @@ def inject_template(
         podinfo_volume(),
     ]
     annotations = dict(annotations)
-    if before.get("statsPort"):  # ours, from last time
-        for key in PROMETHEUS_ANNOTATIONS:
-            annotations.pop(key, None)
+    # The Prometheus annotations: only those inject added are taken out, and
+    # only while they still hold what it wrote; the user's own are never
+    # replaced (they scrape the app's metrics).
+    for key, value in _ours_before(before).items():
+        if annotations.get(key) == value:
+            del annotations[key]
+    added: list[str] = []
     if opts.stats_port:
-        annotations.update(
-            {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(opts.stats_port),
-                "prometheus.io/path": "/stats/prometheus",
-            }
-        )
-    annotations[STATUS_ANNOTATION] = opts.status()
+        wanted = prometheus_annotations(opts.stats_port)
+        users = {k: v for k, v in annotations.items() if str(k).startswith("prometheus.io/")}
+        if not users:
+            annotations.update(wanted)
+            added = list(wanted)
+        elif users != wanted:
+            warnings.append(
+                f"{what}: kept the template's own prometheus.io/* annotations "
+                f"({', '.join(f'{k}={v}' for k, v in users.items())}): the app's metrics "
+                f"win; the sidecar still serves /stats/prometheus on port {opts.stats_port} "
+                f"(container port {STATS_PORT_NAME}): scrape it with a PodMonitor or a job "
+                "on the port name *-envoy-prom, as Istio's envoy-stats does"
+            )
+    annotations[STATUS_ANNOTATION] = opts.status(added)
     meta["annotations"] = annotations
     return True
 

@@ -470,3 +470,73 @@ def test_cli_help_teaches_and_warns_on_stderr(seed_dir: str) -> None:
     )
     assert proc.stderr.count("warning:") == 2 and "apps/v1beta1" in proc.stderr
     assert proc.stdout.count(f"name: {SIDECAR_NAME}\n") == 2
+
+
+# -- what inject adds and takes out again ----------------------------------------
+
+
+def test_the_users_prometheus_annotations_are_never_lost() -> None:
+    """--stats-port wrote its prometheus.io/* over the app's own (scraping the
+    sidecar instead of the app), and injecting again without it deleted them:
+    the app's metrics were gone for good. The user's win, with a warning, and
+    only what inject added (the status records it) is taken out again."""
+    dep = workloads()["Deployment"]
+    theirs = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+    }
+    dep["spec"]["template"]["metadata"]["annotations"] = dict(theirs)
+    text = yaml.safe_dump(dep, sort_keys=False)
+    res = inject_text(text, InjectOptions(stats_port=15090))
+    tpl = yaml.safe_load(res.text)["spec"]["template"]
+    notes = tpl["metadata"]["annotations"]
+    assert {k: v for k, v in notes.items() if k != STATUS_ANNOTATION} == theirs
+    assert json.loads(notes[STATUS_ANNOTATION])["annotations"] == []
+    (warning,) = res.warnings
+    assert "kept the template's own prometheus.io/*" in warning
+    assert "port 15090" in warning and "http-envoy-prom" in warning
+    sidecar = tpl["spec"]["initContainers"][1]
+    assert sidecar["ports"] == [{"name": "http-envoy-prom", "containerPort": 15090}]
+    assert sidecar["command"][-2:] == ["--stats-listen", "0.0.0.0:15090"]
+    again = inject_text(res.text, InjectOptions())
+    notes = yaml.safe_load(again.text)["spec"]["template"]["metadata"]["annotations"]
+    assert {k: v for k, v in notes.items() if k != STATUS_ANNOTATION} == theirs
+    assert again.text == inject_text(text, InjectOptions()).text
+    # a template with only some of them (scrape every port): none of ours either
+    dep["spec"]["template"]["metadata"]["annotations"] = {"prometheus.io/scrape": "true"}
+    res = inject_text(yaml.safe_dump(dep), InjectOptions(stats_port=15090))
+    notes = yaml.safe_load(res.text)["spec"]["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and "prometheus.io/port" not in notes
+    assert len(res.warnings) == 1
+
+
+def test_stats_port_annotations_are_ours_only_while_they_hold_what_we_wrote() -> None:
+    plain = yaml.safe_dump(workloads()["Deployment"], sort_keys=False)
+    once = inject_text(plain, InjectOptions(stats_port=15090))
+    assert not once.warnings
+    notes = yaml.safe_load(once.text)["spec"]["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/port"] == "15090"
+    status = json.loads(notes[STATUS_ANNOTATION])
+    assert status["annotations"] == [
+        "prometheus.io/scrape",
+        "prometheus.io/port",
+        "prometheus.io/path",
+    ]
+    assert inject_text(once.text, InjectOptions(stats_port=15090)).text == once.text
+    moved = inject_text(once.text, InjectOptions(stats_port=15091)).text
+    assert "prometheus.io/port: '15091'" in moved
+    assert inject_text(moved, InjectOptions()).text == inject_text(plain, InjectOptions()).text
+    # the user changed our path since: it is theirs now, and stays
+    edited = once.text.replace("prometheus.io/path: /stats/prometheus", "prometheus.io/path: /m")
+    notes = yaml.safe_load(inject_text(edited, InjectOptions()).text)["spec"]["template"][
+        "metadata"
+    ]["annotations"]
+    assert notes["prometheus.io/path"] == "/m" and "prometheus.io/port" not in notes
+    # an older inject's status (statsPort, no list) added all three
+    old = yaml.safe_load(once.text)
+    tpl_notes = old["spec"]["template"]["metadata"]["annotations"]
+    status.pop("annotations")
+    tpl_notes[STATUS_ANNOTATION] = json.dumps(status)
+    out = inject_text(yaml.safe_dump(old, sort_keys=False), InjectOptions()).text
+    assert out == inject_text(plain, InjectOptions()).text
