@@ -25,8 +25,11 @@ The sidecar is by default a Kubernetes *native sidecar* (an init container
 with ``restartPolicy: Always``, Kubernetes 1.29 and later): it starts before
 the app's containers and is ready (its startup probe) before they run, so an
 app's first connection is not refused, and it stops after them, so a Job's
-pod completes. ``--sidecar container`` puts it among the app's containers
-instead, for older clusters.
+pod completes. ``--sidecar container`` puts it first among the app's
+containers instead, for older clusters: its postStart hook (``l4proxy-ready
+--wait``) holds the app's containers until the proxy is ready, and it keeps
+accepting inbound for a few seconds after SIGTERM (``--drain-inbound``), which
+it gets together with the app.
 """
 
 from __future__ import annotations
@@ -52,9 +55,12 @@ PODINFO_VOLUME = "l4proxy-podinfo"  # the pod's labels (Downward API), for match
 PODINFO_MOUNT = "/etc/l4proxy-pod"
 STATUS_ANNOTATION = "l4proxy.io/status"
 INJECT_ANNOTATION = "l4proxy.io/inject"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 RULES_MOUNT = "/etc/l4proxy"
 PROXY_UID = 1337
 PROXY_PORT = 15001
+READY_WAIT_S = 60  # container mode: the most the app's start waits for the proxy
+DRAIN_INBOUND_S = 5  # container mode: inbound accepted this long after SIGTERM
 DEFAULT_IMAGE = f"l4proxy:{__version__}"
 DEFAULT_CONFIGMAP = "l4proxy-rules"
 
@@ -103,7 +109,11 @@ what is added to each Pod template:
                      --pod-labels-file {PODINFO_MOUNT}/labels, as uid {PROXY_UID},
                      read-only root filesystem, no capabilities; readiness (and startup)
                      probe: the exec command l4proxy-ready, which asks the admin
-                     endpoint's /ready on 127.0.0.1:15000 from inside the pod
+                     endpoint's /ready on 127.0.0.1:15000 from inside the pod.
+                     With --sidecar container: the first container, a postStart hook
+                     l4proxy-ready --wait {READY_WAIT_S} (the app starts once the proxy is
+                     ready), --drain-inbound {DRAIN_INBOUND_S}, and the annotation
+                     kubectl.kubernetes.io/default-container: the first app container
   volumes            {VOLUME_NAME}: the rule ConfigMap (--configmap), mounted read-only
                      at {RULES_MOUNT}; {PODINFO_VOLUME}: the pod's labels (Downward API)
                      at {PODINFO_MOUNT}, for RouteRule match.source / sourceLabels
@@ -148,13 +158,14 @@ def prometheus_annotations(port: int) -> dict[str, str]:
 
 def _ours_before(before: dict[str, Any]) -> dict[str, str]:
     """The annotations an earlier injection added, with the values it wrote."""
+    recorded = before.get("annotations")
+    if isinstance(recorded, dict):
+        return {str(k): str(v) for k, v in recorded.items()}
     port = before.get("statsPort")
-    if not isinstance(port, int) or isinstance(port, bool):
-        return {}
-    wrote = prometheus_annotations(port)
-    # a status without the list is an older inject's, which added all three always
-    keys = before.get("annotations", list(wrote))
-    return {k: wrote[k] for k in keys if k in wrote} if isinstance(keys, list) else {}
+    if isinstance(port, int) and not isinstance(port, bool):
+        # an older inject's status: with statsPort it added all three, always
+        return prometheus_annotations(port)
+    return {}
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,7 @@ class InjectOptions:
     http_routing: str = "request"  # "connection": route by each connection's first head
     stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
 
-    def status(self, added: Sequence[str] = ()) -> str:
+    def status(self, added: dict[str, str] | None = None) -> str:
         return json.dumps(
             {
                 "version": __version__,
@@ -179,13 +190,10 @@ class InjectOptions:
                 else [INIT_NAME],
                 "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
                 "volumes": [VOLUME_NAME, PODINFO_VOLUME],
-                # and the annotations it added for it (the user's are never
-                # recorded: they were there first, and they stay)
-                **(
-                    {"statsPort": self.stats_port, "annotations": list(added)}
-                    if self.stats_port
-                    else {}
-                ),
+                **({"statsPort": self.stats_port} if self.stats_port else {}),
+                # the annotations inject added, as it wrote them: only those are
+                # taken out again (the user's are never recorded, and stay)
+                **({"annotations": added} if added or self.stats_port else {}),
             },
             separators=(",", ":"),
         )
@@ -247,6 +255,9 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
             "command": ["l4proxy", "run", "--rules", RULES_MOUNT]
             + ["--pod-labels-file", f"{PODINFO_MOUNT}/labels"]
             + (["--http-routing", "connection"] if opts.http_routing == "connection" else [])
+            # As a container it gets SIGTERM with the app, while endpoints still
+            # send the pod requests the app is serving: keep accepting them.
+            + (["--drain-inbound", str(DRAIN_INBOUND_S)] if opts.sidecar == "container" else [])
             + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
             "env": [
                 {
@@ -282,6 +293,12 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
     if opts.sidecar == "native":
         # The kubelet starts the app's containers once this succeeds.
         c["startupProbe"] = {**probe, "periodSeconds": 1, "failureThreshold": 60}
+    else:
+        # The kubelet starts the next container (the app's) only once this
+        # hook has returned: the app's first connection finds the proxy.
+        c["lifecycle"] = {
+            "postStart": {"exec": {"command": ["l4proxy-ready", "--wait", str(READY_WAIT_S)]}}
+        }
     return c
 
 
@@ -427,8 +444,11 @@ def inject_template(
     for key, value in spec.items():
         if key == "containers":  # initContainers just before containers, as one reads them
             new_spec["initContainers"] = all_init
+            # As a container the sidecar comes first: the kubelet starts the
+            # containers in order, and its postStart hook holds the next one
+            # until the proxy is ready (Istio's holdApplicationUntilProxyStarts).
             sidecar = [sidecar_container(opts)] if opts.sidecar == "container" else []
-            new_spec["containers"] = app_containers + sidecar
+            new_spec["containers"] = sidecar + app_containers
         elif key != "initContainers":
             new_spec[key] = value
     spec.clear()
@@ -439,19 +459,18 @@ def inject_template(
         podinfo_volume(),
     ]
     annotations = dict(annotations)
-    # The Prometheus annotations: only those inject added are taken out, and
-    # only while they still hold what it wrote; the user's own are never
-    # replaced (they scrape the app's metrics).
+    # Annotations: only those inject added are taken out, and only while they
+    # still hold what it wrote; the user's own are never replaced (their
+    # prometheus.io/* scrape the app's metrics).
     for key, value in _ours_before(before).items():
         if annotations.get(key) == value:
             del annotations[key]
-    added: list[str] = []
+    added: dict[str, str] = {}
     if opts.stats_port:
         wanted = prometheus_annotations(opts.stats_port)
         users = {k: v for k, v in annotations.items() if str(k).startswith("prometheus.io/")}
         if not users:
-            annotations.update(wanted)
-            added = list(wanted)
+            added.update(wanted)
         elif users != wanted:
             warnings.append(
                 f"{what}: kept the template's own prometheus.io/* annotations "
@@ -460,6 +479,10 @@ def inject_template(
                 f"(container port {STATS_PORT_NAME}): scrape it with a PodMonitor or a job "
                 "on the port name *-envoy-prom, as Istio's envoy-stats does"
             )
+    if opts.sidecar == "container" and DEFAULT_CONTAINER not in annotations:
+        # the sidecar is the first container: kubectl logs/exec would pick it
+        added[DEFAULT_CONTAINER] = str(app_containers[0].get("name"))
+    annotations.update(added)
     annotations[STATUS_ANNOTATION] = opts.status(added)
     meta["annotations"] = annotations
     return True

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,57 @@ def test_readiness_probe_script(admin: http.server.HTTPServer) -> None:
     assert os.access(DEPLOY / "l4proxy-ready", os.X_OK)
     first = (DEPLOY / "l4proxy-ready").read_text().splitlines()[0]
     assert first == "#!/usr/local/bin/python3 -IS"  # python:3.11-slim's interpreter
+
+
+class _TurnsReady(http.server.BaseHTTPRequestHandler):
+    """/ready: 503 until the server's ready_at, then 200."""
+
+    def do_GET(self) -> None:
+        ready = time.monotonic() >= self.server.ready_at  # type: ignore[attr-defined]
+        self.send_response(200 if ready and self.path == "/ready" else 503)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_readiness_probe_wait_holds_until_ready() -> None:
+    """--sidecar container's postStart hook, l4proxy-ready --wait SECONDS:
+    exit 0 once /ready answers 200, 1 when the time is up (saying why)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _TurnsReady)
+    server.ready_at = time.monotonic() + 1.0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    script = str(DEPLOY / "l4proxy-ready")
+    port = str(server.server_address[1])
+    try:
+        assert _probe(int(port)).returncode == 1  # not ready yet: one question, no wait
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", script, "--wait", "10", port],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert proc.returncode == 0, proc.stdout
+        assert time.monotonic() - start < 5
+        server.ready_at = time.monotonic() + 60  # type: ignore[attr-defined]
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", script, "--wait", "1", port],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert proc.returncode == 1 and "503" in proc.stdout and "waited 1 s" in proc.stdout
+        assert 0.7 < time.monotonic() - start < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", script, "--wait", "x"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "--wait" in proc.stdout
 
 
 def test_gateway_api_variant_rules_compile(tmp_path: Path) -> None:

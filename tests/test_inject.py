@@ -133,7 +133,7 @@ def test_every_kind_is_injected_and_validates(kind: str, sidecar: str) -> None:
         assert spec["initContainers"][1]["restartPolicy"] == "Always"
         assert "startupProbe" in spec["initContainers"][1]
     else:
-        assert init == [INIT_NAME] and apps == ["app", SIDECAR_NAME]
+        assert init == [INIT_NAME] and apps == [SIDECAR_NAME, "app"]
     assert [v["name"] for v in spec["volumes"]] == [VOLUME_NAME, PODINFO_VOLUME]
     status = json.loads(tpl["metadata"]["annotations"][STATUS_ANNOTATION])
     assert status["sidecar"] == sidecar and status["volumes"] == [VOLUME_NAME, PODINFO_VOLUME]
@@ -492,7 +492,7 @@ def test_the_users_prometheus_annotations_are_never_lost() -> None:
     tpl = yaml.safe_load(res.text)["spec"]["template"]
     notes = tpl["metadata"]["annotations"]
     assert {k: v for k, v in notes.items() if k != STATUS_ANNOTATION} == theirs
-    assert json.loads(notes[STATUS_ANNOTATION])["annotations"] == []
+    assert json.loads(notes[STATUS_ANNOTATION])["annotations"] == {}
     (warning,) = res.warnings
     assert "kept the template's own prometheus.io/*" in warning
     assert "port 15090" in warning and "http-envoy-prom" in warning
@@ -518,11 +518,11 @@ def test_stats_port_annotations_are_ours_only_while_they_hold_what_we_wrote() ->
     notes = yaml.safe_load(once.text)["spec"]["template"]["metadata"]["annotations"]
     assert notes["prometheus.io/port"] == "15090"
     status = json.loads(notes[STATUS_ANNOTATION])
-    assert status["annotations"] == [
-        "prometheus.io/scrape",
-        "prometheus.io/port",
-        "prometheus.io/path",
-    ]
+    assert status["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "15090",
+        "prometheus.io/path": "/stats/prometheus",
+    }
     assert inject_text(once.text, InjectOptions(stats_port=15090)).text == once.text
     moved = inject_text(once.text, InjectOptions(stats_port=15091)).text
     assert "prometheus.io/port: '15091'" in moved
@@ -540,3 +540,44 @@ def test_stats_port_annotations_are_ours_only_while_they_hold_what_we_wrote() ->
     tpl_notes[STATUS_ANNOTATION] = json.dumps(status)
     out = inject_text(yaml.safe_dump(old, sort_keys=False), InjectOptions()).text
     assert out == inject_text(plain, InjectOptions()).text
+
+
+def test_container_mode_starts_the_proxy_before_the_app_and_serves_inbound_at_sigterm() -> None:
+    """--sidecar container appended the sidecar after the app's containers with
+    nothing holding them: the app started first and its first connections were
+    refused (Istio's holdApplicationUntilProxyStarts, istio#11130); and at
+    SIGTERM, which the app and the sidecar get together, inbound stopped at once
+    while the app still served what the endpoints sent. The sidecar is first,
+    its postStart hook waits for /ready, and it drains inbound for 5 s."""
+    dep = workloads()["Deployment"]
+    dep["spec"]["template"]["spec"]["containers"].append({"name": "worker", "image": "w:1"})
+    res = inject_text(yaml.safe_dump(dep), InjectOptions(sidecar="container"))
+    tpl = yaml.safe_load(res.text)["spec"]["template"]
+    containers = tpl["spec"]["containers"]
+    assert [c["name"] for c in containers] == [SIDECAR_NAME, "app", "worker"]
+    sidecar = containers[0]
+    assert sidecar["lifecycle"] == {
+        "postStart": {"exec": {"command": ["l4proxy-ready", "--wait", "60"]}}
+    }
+    assert "restartPolicy" not in sidecar and "startupProbe" not in sidecar
+    command = sidecar["command"]
+    assert command[command.index("--drain-inbound") + 1] == "5"
+    # kubectl logs/exec without -c still pick the app, not the first container
+    notes = tpl["metadata"]["annotations"]
+    assert notes["kubectl.kubernetes.io/default-container"] == "app"
+    _validate(res.text, "1.25.0")
+    # native: none of it (the startup probe holds the app; the app is gone at SIGTERM)
+    native = inject_text(res.text, InjectOptions())
+    tpl = yaml.safe_load(native.text)["spec"]["template"]
+    assert "kubectl.kubernetes.io/default-container" not in tpl["metadata"]["annotations"]
+    (sidecar,) = [c for c in tpl["spec"]["initContainers"] if c["name"] == SIDECAR_NAME]
+    assert "lifecycle" not in sidecar and "--drain-inbound" not in sidecar["command"]
+    assert native.text == inject_text(yaml.safe_dump(dep), InjectOptions()).text
+    # the user's own default-container is theirs, and stays
+    dep["spec"]["template"]["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/default-container": "worker"
+    }
+    text = inject_text(yaml.safe_dump(dep), InjectOptions(sidecar="container")).text
+    again = inject_text(text, InjectOptions()).text
+    notes = yaml.safe_load(again)["spec"]["template"]["metadata"]["annotations"]
+    assert notes["kubectl.kubernetes.io/default-container"] == "worker"
