@@ -35,7 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 BOOTCAMP = K8S / "bootcamp"
-KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+KUSTOMIZATIONS = sorted(
+    p.parent
+    for p in K8S.rglob("kustomization.yaml")
+    if yaml.safe_load(p.read_text())["kind"] == "Kustomization"  # not a Component
+)
 K8S_CURRENT = "1.37.0"
 K8S_NATIVE_SIDECARS = "1.29.0"  # restartPolicy: Always init containers on by default
 
@@ -52,7 +56,7 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
     with open(root / "kustomization.yaml") as f:
         k = yaml.safe_load(f)
     known = {"apiVersion", "kind", "resources", "namespace", "configMapGenerator"}
-    known |= {"generatorOptions", "images"}
+    known |= {"generatorOptions", "images", "components"}
     assert set(k) <= known, f"{root}: kustomization fields not covered: {set(k) - known}"
     assert k["kind"] == "Kustomization"
     out: list[dict[str, Any]] = []
@@ -75,7 +79,13 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
         if opts.get("labels"):
             meta["labels"] = dict(opts["labels"])
         out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
-    for image in k.get("images", []):
+    images = list(k.get("images", []))
+    for component in k.get("components", []):  # a Component here only sets images
+        with open(root / component / "kustomization.yaml") as f:
+            c = yaml.safe_load(f)
+        assert c["kind"] == "Component" and set(c) <= {"apiVersion", "kind", "images"}, c
+        images = c["images"] + images
+    for image in images:
         assert set(image) <= {"name", "newName", "newTag"}, image
         for container in _containers(out):
             name, _, tag = container["image"].partition(":")
@@ -388,19 +398,37 @@ def test_gateway_api_variant_rules_compile(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("root", [BOOTCAMP, K8S / "canary"], ids=["bootcamp", "canary"])
+@pytest.mark.parametrize("root", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
 def test_one_images_entry_sets_every_l4proxy_container(root: Path, tmp_path: Path) -> None:
     """README step 2 had a sed over the build output; applying again with
     kubectl apply -k (step 4) put the unqualified image back, and the pods
-    went to ImagePullBackOff. The kustomization's images entry holds it."""
-    copy = tmp_path / root.name
-    shutil.copytree(root, copy)  # (bootcamp's resources are its subdirectories)
-    k = yaml.safe_load((copy / "kustomization.yaml").read_text())
+    went to ImagePullBackOff. Then bootcamp-gateway-api had no images entry
+    at all, and its pods pulled l4proxy:0.1.0 whatever bootcamp's said. One
+    component, deploy/kubernetes/image, sets every overlay's."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copy)
+    component = copy / "image" / "kustomization.yaml"
+    k = yaml.safe_load(component.read_text())
     [entry] = [i for i in k["images"] if i["name"] == "l4proxy"]
     entry["newName"] = "registry.example/l4proxy"
-    (copy / "kustomization.yaml").write_text(yaml.safe_dump(k))
-    images = {c["image"] for c in _containers(kustomize(copy))}
-    assert {i for i in images if "l4proxy" in i} == {"registry.example/l4proxy:0.1.0"}
+    component.write_text(yaml.safe_dump(k))
+    built = copy / root.relative_to(K8S)
+    images = {c["image"] for c in _containers(kustomize(built))}
+    assert not {i for i in images if i.startswith("l4proxy:")}, images
+    assert {i for i in images if "l4proxy" in i} <= {"registry.example/l4proxy:0.1.0"}
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        proc = subprocess.run([kubectl, "kustomize", str(built)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "image: l4proxy:" not in proc.stdout
+
+
+def test_the_readme_sets_the_image_where_every_overlay_takes_it() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "deploy/kubernetes/image/kustomization.yaml" in readme
+    assert "newName: l4proxy" in (K8S / "image" / "kustomization.yaml").read_text()
+    for root in KUSTOMIZATIONS:
+        assert "images:" not in (root / "kustomization.yaml").read_text(), root
 
 
 def test_the_canary_job_validates_on_every_schema_with_native_sidecars() -> None:
