@@ -105,9 +105,11 @@ what is added to each Pod template:
                      l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
                      as root with only NET_ADMIN and NET_RAW, read-only root filesystem:
                      installs the iptables rules that send the pod's TCP to the sidecar
+                     (so the namespace needs the Pod Security level privileged)
   the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}
                      --pod-labels-file {PODINFO_MOUNT}/labels, as uid {PROXY_UID},
-                     read-only root filesystem, no capabilities; readiness (and startup)
+                     read-only root filesystem, no capabilities (both containers:
+                     seccompProfile RuntimeDefault); readiness (and startup)
                      probe: the exec command l4proxy-ready, which asks the admin
                      endpoint's /ready on 127.0.0.1:15000 from inside the pod.
                      With --sidecar container: the first container, a postStart hook
@@ -199,12 +201,25 @@ class InjectOptions:
         )
 
 
+PSA_NOTE = (
+    f"{INIT_NAME} runs as root with NET_ADMIN and NET_RAW, which the Pod Security "
+    "Standards baseline and restricted levels refuse: the namespace needs "
+    "pod-security.kubernetes.io/enforce=privileged (as Istio without its CNI plugin); "
+    "the sidecar itself meets restricted"
+)
+
+
 @dataclass
 class InjectResult:
     text: str
     injected: list[str] = field(default_factory=list)  # "Kind name" of each injected template
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """Said once per run, whatever the number of templates."""
+        return [PSA_NOTE] if self.injected else []
 
 
 def _ports(values: Sequence[int]) -> str:
@@ -233,6 +248,8 @@ def init_container(opts: InjectOptions) -> dict[str, Any]:
                 "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True,
                 "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                # the runtime's default filter (unset is Unconfined on most kubelets)
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
             "resources": {
                 "requests": {"cpu": "10m", "memory": "32Mi"},
@@ -273,6 +290,7 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
                 "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True,
                 "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},  # as Pod Security "restricted" asks
             },
             **(
                 {"ports": [{"name": STATS_PORT_NAME, "containerPort": opts.stats_port}]}
@@ -781,6 +799,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for w in result.warnings:
         print(f"l4proxy inject: warning: {w}", file=sys.stderr)
+    for note in result.notes:
+        print(f"l4proxy inject: note: {note}", file=sys.stderr)
     if not result.injected:
         print(f"l4proxy inject: warning: {source}: no Pod template was injected", file=sys.stderr)
     try:

@@ -454,3 +454,17 @@ def test_no_tcp_socket_probe_on_a_captured_port_and_the_gateway_is_scraped() -> 
     command = tpl["spec"]["containers"][0]["command"]
     assert command[command.index("--stats-listen") + 1] == "0.0.0.0:15090"
     assert tpl["metadata"]["annotations"]["prometheus.io/port"] == "15090"
+
+
+def test_every_l4proxy_container_runs_under_the_runtime_default_seccomp_profile() -> None:
+    """Pod Security "restricted" asks for it; unset is Unconfined on most kubelets."""
+    checked = 0
+    for root in KUSTOMIZATIONS:
+        for c in _containers(kustomize(root)):
+            if c["image"].startswith("l4proxy:"):
+                assert c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, (
+                    root,
+                    c["name"],
+                )
+                checked += 1
+    assert checked >= 8

@@ -581,3 +581,36 @@ def test_container_mode_starts_the_proxy_before_the_app_and_serves_inbound_at_si
     again = inject_text(text, InjectOptions()).text
     notes = yaml.safe_load(again)["spec"]["template"]["metadata"]["annotations"]
     assert notes["kubectl.kubernetes.io/default-container"] == "worker"
+
+
+@pytest.mark.parametrize("sidecar", ["native", "container"])
+def test_both_containers_run_under_the_runtime_default_seccomp_profile(sidecar: str) -> None:
+    """No seccompProfile: Unconfined on a default kubelet, and Pod Security
+    "restricted" refuses the pod (it asks RuntimeDefault or Localhost)."""
+    res = inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions(sidecar=sidecar))
+    spec = yaml.safe_load(res.text)["spec"]
+    ours = [c for c in spec["initContainers"] + spec["containers"] if c["name"] != "app"]
+    assert sorted(c["name"] for c in ours) == sorted([INIT_NAME, SIDECAR_NAME])
+    for c in ours:
+        assert c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+    _validate(res.text)
+
+
+def test_the_pod_security_note_is_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NET_ADMIN and NET_RAW on l4proxy-init break Pod Security baseline: the
+    namespace needs the privileged level, which inject says once per run."""
+    src = tmp_path / "in.yaml"
+    src.write_text(
+        yaml.safe_dump_all([workloads()["Deployment"], workloads()["Job"]], sort_keys=False)
+    )
+    assert main(["inject", "-f", str(src)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "pod-security.kubernetes.io/enforce=privileged" in err
+    assert "warning" not in err
+    pod = workloads()["Pod"]
+    pod["metadata"]["annotations"] = {"l4proxy.io/inject": "false"}
+    src.write_text(yaml.safe_dump(pod))
+    assert main(["inject", "-f", str(src)]) == 0
+    assert "note:" not in capsys.readouterr().err  # nothing injected, nothing to say
