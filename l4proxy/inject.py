@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import json
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -56,6 +57,11 @@ PODINFO_MOUNT = "/etc/l4proxy-pod"
 STATUS_ANNOTATION = "l4proxy.io/status"
 INJECT_ANNOTATION = "l4proxy.io/inject"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+ISTIO_INJECT = "sidecar.istio.io/inject"
+# Per-template capture exclusions, PREFIX + excludeInboundPorts,
+# excludeOutboundPorts or excludeOutboundIPRanges: l4proxy's names and Istio's;
+# they add to the command line's --exclude-inbound-ports/--exclude-outbound-ports.
+EXCLUDE_PREFIXES = ("l4proxy.io/", "traffic.sidecar.istio.io/")
 RULES_MOUNT = "/etc/l4proxy"
 PROXY_UID = 1337
 PROXY_PORT = 15001
@@ -123,7 +129,15 @@ what is added to each Pod template:
                      --stats-port, prometheus.io/scrape, /port, /path, unless the
                      template has prometheus.io/* of its own (those are kept)
 A template annotated {INJECT_ANNOTATION}: "false", or with hostNetwork: true, is left
-alone (capturing a host-network pod would capture the node's traffic).
+alone (capturing a host-network pod would capture the node's traffic), and what an
+earlier injection added to it is taken out. ({ISTIO_INJECT}: "false" is not
+honoured: a warning says so.)
+
+per-template annotations (Istio's traffic.sidecar.istio.io/ names work too; both add
+to the options above):
+  l4proxy.io/excludeInboundPorts: "9090,9091"       l4proxy-init -d
+  l4proxy.io/excludeOutboundPorts: "5432"           l4proxy-init -o
+  l4proxy.io/excludeOutboundIPRanges: "10.0.0.0/8"  l4proxy-init -x (CIDRs)
 
 examples:
   l4proxy inject -f bootcamp.yaml -o bootcamp-injected.yaml
@@ -176,6 +190,7 @@ class InjectOptions:
     configmap: str = DEFAULT_CONFIGMAP
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()  # from the template's annotations
     sidecar: str = "native"  # or "container"
     pull_policy: str | None = None
     http_routing: str = "request"  # "connection": route by each connection's first head
@@ -232,6 +247,8 @@ def init_container(opts: InjectOptions) -> dict[str, Any]:
         command += ["-d", _ports(opts.exclude_inbound_ports)]
     if opts.exclude_outbound_ports:
         command += ["-o", _ports(opts.exclude_outbound_ports)]
+    if opts.exclude_outbound_cidrs:
+        command += ["-x", ",".join(opts.exclude_outbound_cidrs)]
     c: dict[str, Any] = {"name": INIT_NAME, "image": opts.image}
     if opts.pull_policy:
         c["imagePullPolicy"] = opts.pull_policy
@@ -379,6 +396,101 @@ def _injected_before(annotations: dict[str, Any]) -> dict[str, Any]:
     return before if isinstance(before, dict) else {}
 
 
+def _annotated(annotations: dict[str, Any], name: str) -> list[tuple[str, list[str]]]:
+    """(key, items) of each of the template's PREFIX + *name* annotations."""
+    out = []
+    for key in (prefix + name for prefix in EXCLUDE_PREFIXES):
+        if annotations.get(key) is not None:
+            out.append((key, [i.strip() for i in str(annotations[key]).split(",") if i.strip()]))
+    return out
+
+
+def _annotated_ports(annotations: dict[str, Any], name: str, what: str) -> list[int]:
+    ports = []
+    for key, items in _annotated(annotations, name):
+        for item in items:
+            if not (item.isascii() and item.isdigit()) or not 1 <= int(item) <= 65535:
+                raise InjectError(
+                    f"{what}: annotation {key}: {item!r} is not a TCP port (1-65535; "
+                    "a comma-separated list, e.g. 9090,9091)"
+                )
+            ports.append(int(item))
+    return ports
+
+
+def _annotated_cidrs(annotations: dict[str, Any], what: str) -> list[str]:
+    """The excludeOutboundIPRanges as l4proxy-init -x reads them (host bits
+    masked, as iptables does)."""
+    nets = []
+    for key, items in _annotated(annotations, "excludeOutboundIPRanges"):
+        for item in items:
+            if "%" in item:
+                raise InjectError(
+                    f"{what}: annotation {key}: {item!r} has an IPv6 zone index (%...), "
+                    "which an iptables rule cannot match"
+                )
+            try:
+                nets.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise InjectError(
+                    f"{what}: annotation {key}: {item!r} is not an IPv4 or IPv6 CIDR "
+                    "(a comma-separated list, e.g. 10.0.0.0/8,fd00::/8)"
+                ) from None
+    return nets
+
+
+T = TypeVar("T")
+
+
+def _unique(values: Sequence[T]) -> tuple[T, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _remove_injection(
+    meta: dict[str, Any],
+    spec: dict[str, Any],
+    annotations: dict[str, Any],
+    why: str,
+    what: str,
+    warnings: list[str],
+) -> None:
+    """A template left alone that an earlier injection changed: take out what
+    that injection recorded (its containers, volumes and annotations), and
+    nothing of the user's."""
+    if STATUS_ANNOTATION not in annotations:
+        return
+    before = _injected_before(annotations)
+    removed = []
+    for key, names in (
+        ("initContainers", (INIT_NAME, SIDECAR_NAME)),
+        ("containers", (SIDECAR_NAME,)),
+        ("volumes", (VOLUME_NAME, PODINFO_VOLUME)),
+    ):
+        items = _list_of_mappings(spec, key, what)
+        ours = [n for n in names if n in (before.get(key) or ())]
+        kept = _without(items, ours)
+        removed += [f"{key} {i.get('name')}" for i in items if i not in kept]
+        if len(kept) != len(items):
+            if kept or key == "containers":
+                spec[key] = kept
+            else:
+                del spec[key]
+    notes = dict(annotations)
+    for key, value in _ours_before(before).items():
+        if notes.get(key) == value:
+            del notes[key]
+            removed.append(f"annotation {key}")
+    del notes[STATUS_ANNOTATION]
+    removed.append(f"annotation {STATUS_ANNOTATION}")
+    if notes:
+        meta["annotations"] = notes
+    else:
+        meta.pop("annotations", None)
+    warnings.append(
+        f"{what}: {why}: took out what an earlier l4proxy inject added ({', '.join(removed)})"
+    )
+
+
 def inject_template(
     template: dict[str, Any], opts: InjectOptions, what: str, warnings: list[str], kind: str = "Pod"
 ) -> bool:
@@ -393,13 +505,40 @@ def inject_template(
     if not isinstance(annotations, dict):
         raise InjectError(f"{what}: metadata.annotations must be a mapping")
     if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false":
+        _remove_injection(meta, spec, annotations, f'{INJECT_ANNOTATION}: "false"', what, warnings)
         return False
     if spec.get("hostNetwork") is True:
         warnings.append(
             f"{what}: hostNetwork: true, not injected (l4proxy-init would capture the node's "
             "traffic)"
         )
+        _remove_injection(meta, spec, annotations, "hostNetwork: true", what, warnings)
         return False
+    labels = meta.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
+    if "false" in (str(d.get(ISTIO_INJECT, "")).lower() for d in (annotations, labels)):
+        warnings.append(
+            f"{what}: {ISTIO_INJECT}: \"false\" is Istio's, not l4proxy's: injected all the "
+            f'same; annotate the template {INJECT_ANNOTATION}: "false" to leave it alone'
+        )
+    opts = replace(
+        opts,
+        exclude_inbound_ports=_unique(
+            [
+                *opts.exclude_inbound_ports,
+                *_annotated_ports(annotations, "excludeInboundPorts", what),
+            ]
+        ),
+        exclude_outbound_ports=_unique(
+            [
+                *opts.exclude_outbound_ports,
+                *_annotated_ports(annotations, "excludeOutboundPorts", what),
+            ]
+        ),
+        exclude_outbound_cidrs=_unique(
+            [*opts.exclude_outbound_cidrs, *_annotated_cidrs(annotations, what)]
+        ),
+    )
     containers = _list_of_mappings(spec, "containers", what)
     init_containers = _list_of_mappings(spec, "initContainers", what)
     volumes = _list_of_mappings(spec, "volumes", what)
@@ -541,10 +680,10 @@ def inject_object(obj: Any, opts: InjectOptions, where: str, result: InjectResul
             "current cluster"
         )
     before = copy.deepcopy(template)
-    if not inject_template(template, opts, what, result.warnings, kind):
+    if inject_template(template, opts, what, result.warnings, kind):
+        result.injected.append(f"{kind} {name}")
+    else:  # (what an earlier injection added is taken out)
         result.skipped.append(f"{kind} {name}")
-        return False
-    result.injected.append(f"{kind} {name}")
     return template != before
 
 

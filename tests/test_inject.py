@@ -614,3 +614,117 @@ def test_the_pod_security_note_is_said_once(
     src.write_text(yaml.safe_dump(pod))
     assert main(["inject", "-f", str(src)]) == 0
     assert "note:" not in capsys.readouterr().err  # nothing injected, nothing to say
+
+
+# -- per-workload annotations -------------------------------------------------------
+
+
+def _annotated_pod(notes: dict[str, str]) -> dict[str, Any]:
+    pod = workloads()["Pod"]
+    pod["metadata"]["annotations"] = dict(notes)
+    return pod
+
+
+def test_exclusion_annotations_reach_l4proxy_init() -> None:
+    """l4proxy.io/exclude* and Istio's traffic.sidecar.istio.io/exclude* were
+    ignored: a workload's database port or metadata-server range was captured
+    whatever its manifest said. They add to the command line's."""
+    pod = _annotated_pod(
+        {
+            "l4proxy.io/excludeInboundPorts": "9090, 9091",
+            "traffic.sidecar.istio.io/excludeInboundPorts": "9091,8443",
+            "l4proxy.io/excludeOutboundPorts": "5432",
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "6379",
+            "l4proxy.io/excludeOutboundIPRanges": "169.254.169.254/32",
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.1.2.3/8,fd00::/8",
+        }
+    )
+    app = pod["spec"]["containers"][0]
+    app["readinessProbe"] = {"tcpSocket": {"port": 9090}}  # excluded: no warning
+    res = inject_text(yaml.safe_dump(pod), InjectOptions(exclude_inbound_ports=(8080,)))
+    assert not res.warnings, res.warnings
+    init = yaml.safe_load(res.text)["spec"]["initContainers"][0]
+    assert init["command"] == [
+        "l4proxy-init", "-p", "15001", "-u", "1337",
+        "-d", "8080,9090,9091,8443",
+        "-o", "5432,6379",
+        "-x", "169.254.169.254/32,10.0.0.0/8,fd00::/8",
+    ]  # fmt: skip
+    _validate(res.text)
+    # removing the annotation and injecting again takes the exclusion out
+    again = yaml.safe_load(res.text)
+    again["metadata"]["annotations"] = {
+        k: v for k, v in again["metadata"]["annotations"].items() if "IPRanges" not in k
+    }
+    out = inject_text(yaml.safe_dump(again), InjectOptions(exclude_inbound_ports=(8080,))).text
+    assert "-x" not in yaml.safe_load(out)["spec"]["initContainers"][0]["command"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("l4proxy.io/excludeInboundPorts", "0", "'0' is not a TCP port"),
+        ("l4proxy.io/excludeInboundPorts", "9090;9091", "'9090;9091' is not a TCP port"),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "70000", "'70000' is not a TCP"),
+        ("l4proxy.io/excludeOutboundPorts", "*", "'\\*' is not a TCP port"),
+        ("l4proxy.io/excludeOutboundIPRanges", "10.0.0.0/33", "'10.0.0.0/33' is not an IPv4"),
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "fe80::1%eth0", "'fe80::1%eth0' has"),
+        ("l4proxy.io/excludeOutboundIPRanges", "*", "'\\*' is not an IPv4 or IPv6 CIDR"),
+    ],
+)
+def test_bad_exclusion_annotations_are_errors_naming_the_workload(
+    key: str, value: str, message: str
+) -> None:
+    """(l4proxy-init would have refused them in the pod: a crash-looping init
+    container instead of an error here.)"""
+    with pytest.raises(InjectError, match=f"document 1: Pod p: annotation {key}: {message}"):
+        inject_text(yaml.safe_dump(_annotated_pod({key: value})), InjectOptions(), "in.yaml")
+
+
+def test_istios_opt_out_is_warned_about_not_honoured() -> None:
+    for where in ("annotations", "labels"):
+        pod = workloads()["Pod"]
+        pod["metadata"][where] = {"sidecar.istio.io/inject": "false"}
+        res = inject_text(yaml.safe_dump(pod), InjectOptions())
+        assert res.injected == ["Pod p"]
+        (warning,) = res.warnings
+        assert 'sidecar.istio.io/inject: "false" is Istio\'s' in warning
+        assert 'l4proxy.io/inject: "false"' in warning
+
+
+@pytest.mark.parametrize("sidecar", ["native", "container"])
+def test_opting_out_an_injected_template_takes_out_what_inject_added(sidecar: str) -> None:
+    """l4proxy.io/inject: "false" on an injected template left the init
+    container and the sidecar in place (the template was "left alone"): the
+    pod stayed captured. What the status records is taken out, and only that."""
+    dep = workloads()["Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    spec["initContainers"] = [{"name": "migrate", "image": "m:1"}]
+    spec["volumes"] = [{"name": "data", "emptyDir": {}}]
+    dep["spec"]["template"]["metadata"]["annotations"] = {"team": "a"}
+    plain = yaml.safe_load(yaml.safe_dump(dep))
+    injected = yaml.safe_load(
+        inject_text(yaml.safe_dump(dep), InjectOptions(sidecar=sidecar, stats_port=15090)).text
+    )
+    notes = injected["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.io/port" in notes
+    notes["l4proxy.io/inject"] = "false"
+    res = inject_text(yaml.safe_dump(injected), InjectOptions(), "in.yaml")
+    assert res.skipped == ["Deployment d"] and not res.injected
+    (warning,) = res.warnings
+    assert 'l4proxy.io/inject: "false": took out what an earlier l4proxy inject added' in warning
+    assert "initContainers l4proxy-init" in warning and "volumes l4proxy-rules" in warning
+    plain["spec"]["template"]["metadata"]["annotations"]["l4proxy.io/inject"] = "false"
+    assert yaml.safe_load(res.text) == plain
+    # and once out, nothing more happens
+    assert inject_text(res.text, InjectOptions()).text == res.text
+
+
+def test_host_network_on_an_injected_template_takes_out_the_capture() -> None:
+    once = yaml.safe_load(inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions()).text)
+    once["spec"]["hostNetwork"] = True
+    res = inject_text(yaml.safe_dump(once), InjectOptions())
+    out = yaml.safe_load(res.text)
+    assert "initContainers" not in out["spec"] and "volumes" not in out["spec"]
+    assert "annotations" not in out["metadata"]
+    assert len(res.warnings) == 2 and "hostNetwork: true, not injected" in res.warnings[0]
