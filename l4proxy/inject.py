@@ -42,6 +42,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
 import yaml
@@ -62,6 +63,16 @@ ISTIO_INJECT = "sidecar.istio.io/inject"
 # excludeOutboundPorts or excludeOutboundIPRanges: l4proxy's names and Istio's;
 # they add to the command line's --exclude-inbound-ports/--exclude-outbound-ports.
 EXCLUDE_PREFIXES = ("l4proxy.io/", "traffic.sidecar.istio.io/")
+# The sidecar's resources: option -> (annotation name, Istio's); an annotation
+# wins over the command line (it is the workload's own).
+PROXY_CPU, PROXY_MEMORY, PROXY_MEMORY_LIMIT = "50m", "64Mi", "256Mi"
+RESOURCE_ANNOTATIONS = {
+    "proxy_cpu": "proxyCPU",
+    "proxy_memory": "proxyMemory",
+    "proxy_cpu_limit": "proxyCPULimit",
+    "proxy_memory_limit": "proxyMemoryLimit",
+}
+RESOURCE_PREFIXES = ("l4proxy.io/", "sidecar.istio.io/")
 RULES_MOUNT = "/etc/l4proxy"
 PROXY_UID = 1337
 PROXY_PORT = 15001
@@ -138,6 +149,10 @@ to the options above):
   l4proxy.io/excludeInboundPorts: "9090,9091"       l4proxy-init -d
   l4proxy.io/excludeOutboundPorts: "5432"           l4proxy-init -o
   l4proxy.io/excludeOutboundIPRanges: "10.0.0.0/8"  l4proxy-init -x (CIDRs)
+and (Istio's sidecar.istio.io/ names work too; they win over the options):
+  l4proxy.io/proxyCPU, proxyMemory                  the sidecar's requests
+  l4proxy.io/proxyCPULimit, proxyMemoryLimit        its limits (Kubernetes quantities)
+Set resources this way: re-injecting replaces hand edits of the sidecar.
 
 examples:
   l4proxy inject -f bootcamp.yaml -o bootcamp-injected.yaml
@@ -195,6 +210,21 @@ class InjectOptions:
     pull_policy: str | None = None
     http_routing: str = "request"  # "connection": route by each connection's first head
     stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
+    # the sidecar's resources (Kubernetes quantities); None: the defaults
+    proxy_cpu: str | None = None
+    proxy_memory: str | None = None
+    proxy_cpu_limit: str | None = None
+    proxy_memory_limit: str | None = None
+
+    def proxy_resources(self) -> dict[str, dict[str, str]]:
+        limits = {"cpu": self.proxy_cpu_limit} if self.proxy_cpu_limit else {}
+        return {
+            "requests": {
+                "cpu": self.proxy_cpu or PROXY_CPU,
+                "memory": self.proxy_memory or PROXY_MEMORY,
+            },
+            "limits": {**limits, "memory": self.proxy_memory_limit or PROXY_MEMORY_LIMIT},
+        }
 
     def status(self, added: dict[str, str] | None = None) -> str:
         return json.dumps(
@@ -315,10 +345,7 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
                 else {}
             ),
             "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 2},
-            "resources": {
-                "requests": {"cpu": "50m", "memory": "64Mi"},
-                "limits": {"memory": "256Mi"},
-            },
+            "resources": opts.proxy_resources(),
             "volumeMounts": [
                 {"name": VOLUME_NAME, "mountPath": RULES_MOUNT, "readOnly": True},
                 {"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True},
@@ -387,6 +414,10 @@ def _tcp_probe_ports(container: dict[str, Any]) -> list[int]:
     return out
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
 def _injected_before(annotations: dict[str, Any]) -> dict[str, Any]:
     """What an earlier ``l4proxy inject`` recorded in the status annotation."""
     try:
@@ -437,6 +468,68 @@ def _annotated_cidrs(annotations: dict[str, Any], what: str) -> list[str]:
                     "(a comma-separated list, e.g. 10.0.0.0/8,fd00::/8)"
                 ) from None
     return nets
+
+
+_QUANTITY = re.compile(
+    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?"
+)
+_SUFFIX = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{
+        s: Decimal(10) ** e
+        for s, e in zip("numkMGTPE", (-9, -6, -3, 3, 6, 9, 12, 15, 18), strict=True)
+    },
+}
+
+
+def quantity(text: str) -> Decimal | None:
+    """A Kubernetes resource quantity's value (``250m``, ``1.5``, ``128Mi``,
+    ``1e3``); None if *text* is not one (or is negative)."""
+    m = _QUANTITY.fullmatch(text.strip())
+    if m is None:
+        return None
+    suffix = m["suffix"] or ""
+    if suffix[:1] in ("e", "E"):
+        return Decimal(m["number"]) * Decimal(10) ** int(suffix[1:])
+    return Decimal(m["number"]) * _SUFFIX.get(suffix, Decimal(1))
+
+
+def _resources_of(
+    opts: InjectOptions, annotations: dict[str, Any], what: str, warnings: list[str]
+) -> InjectOptions:
+    """*opts* with the template's proxyCPU/proxyMemory/... annotations, checked."""
+    chosen: dict[str, Any] = {}
+    for option, name in RESOURCE_ANNOTATIONS.items():
+        found = {
+            prefix + name: str(annotations[prefix + name]).strip()
+            for prefix in RESOURCE_PREFIXES
+            if annotations.get(prefix + name) is not None
+        }
+        for key, value in found.items():
+            if quantity(value) is None:
+                raise InjectError(
+                    f"{what}: annotation {key}: {value!r} is not a Kubernetes quantity "
+                    "(e.g. 100m or 0.5 CPU, 128Mi or 1Gi memory)"
+                )
+        if len(set(found.values())) > 1:
+            warnings.append(
+                f"{what}: {' and '.join(f'{k}={v}' for k, v in found.items())} differ: "
+                f"{next(iter(found))} is the one used"
+            )
+        chosen[option] = next(iter(found.values()), getattr(opts, option))
+    opts = replace(opts, **chosen)
+    resources = opts.proxy_resources()
+    for kind in ("cpu", "memory"):
+        request, limit = resources["requests"][kind], resources["limits"].get(kind)
+        if limit is not None and (quantity(request) or 0) > (quantity(limit) or 0):
+            raise InjectError(
+                f"{what}: the sidecar's {kind} request {request} is above its limit {limit} "
+                f"(the API server refuses such a pod): set the {kind} limit too "
+                f"(--proxy-{kind}-limit or the annotation "
+                f"l4proxy.io/{RESOURCE_ANNOTATIONS[f'proxy_{kind}_limit']})"
+            )
+    return opts
 
 
 T = TypeVar("T")
@@ -539,6 +632,7 @@ def inject_template(
             [*opts.exclude_outbound_cidrs, *_annotated_cidrs(annotations, what)]
         ),
     )
+    opts = _resources_of(opts, annotations, what, warnings)
     containers = _list_of_mappings(spec, "containers", what)
     init_containers = _list_of_mappings(spec, "initContainers", what)
     volumes = _list_of_mappings(spec, "volumes", what)
@@ -567,6 +661,15 @@ def inject_template(
     app_containers = _without(containers, [SIDECAR_NAME])
     if not app_containers:
         raise InjectError(f"{what}: the Pod template has no containers besides the sidecar")
+    resources = opts.proxy_resources()
+    for old in init_containers + containers:
+        if old.get("name") == SIDECAR_NAME and old.get("resources", resources) != resources:
+            warnings.append(
+                f"{what}: the sidecar's resources {_json(old.get('resources'))} became "
+                f"{_json(resources)}: to keep yours, annotate the template "
+                "l4proxy.io/proxyCPU, proxyMemory, proxyCPULimit, proxyMemoryLimit (or pass "
+                "--proxy-cpu, ...)"
+            )
     for c in app_containers:
         for port in _tcp_probe_ports(c):
             if port not in opts.exclude_inbound_ports:
@@ -829,6 +932,14 @@ def _stats_port(value: str) -> int:
     return port
 
 
+def _quantity(value: str) -> str:
+    if quantity(value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Kubernetes quantity (e.g. 100m or 0.5 CPU, 128Mi or 1Gi memory)"
+        )
+    return value.strip()
+
+
 def _configmap_name(value: str) -> str:
     if not DNS1123_SUBDOMAIN.fullmatch(value):
         raise argparse.ArgumentTypeError(
@@ -907,6 +1018,21 @@ def add_parser(sub: Any) -> None:
         "--stats-listen) for Prometheus and l4proxy canary --metrics; 15090 is "
         "Istio's (off)",
     )
+    for flag, what, default in (
+        ("--proxy-cpu", "CPU request", PROXY_CPU),
+        ("--proxy-memory", "memory request", PROXY_MEMORY),
+        ("--proxy-cpu-limit", "CPU limit", "none"),
+        ("--proxy-memory-limit", "memory limit", PROXY_MEMORY_LIMIT),
+    ):
+        name = RESOURCE_ANNOTATIONS[flag[2:].replace("-", "_")]
+        p.add_argument(
+            flag,
+            type=_quantity,
+            default=None,
+            metavar="QUANTITY",
+            help=f"the sidecar's {what} ({default}); a template's annotation "
+            f"l4proxy.io/{name} (or sidecar.istio.io/{name}) wins",
+        )
     p.set_defaults(func=run)
 
 
@@ -930,6 +1056,10 @@ def run(args: argparse.Namespace) -> int:
         pull_policy=args.image_pull_policy,
         http_routing=args.http_routing,
         stats_port=args.stats_port,
+        proxy_cpu=args.proxy_cpu,
+        proxy_memory=args.proxy_memory,
+        proxy_cpu_limit=args.proxy_cpu_limit,
+        proxy_memory_limit=args.proxy_memory_limit,
     )
     try:
         result = inject_text(text, opts, source)

@@ -728,3 +728,108 @@ def test_host_network_on_an_injected_template_takes_out_the_capture() -> None:
     assert "initContainers" not in out["spec"] and "volumes" not in out["spec"]
     assert "annotations" not in out["metadata"]
     assert len(res.warnings) == 2 and "hostNetwork: true, not injected" in res.warnings[0]
+
+
+# -- the sidecar's resources ---------------------------------------------------------
+
+
+def _sidecar(text: str) -> dict[str, Any]:
+    spec = yaml.safe_load(text)["spec"]
+    (c,) = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "l4proxy"
+    ]
+    return c  # type: ignore[no-any-return]
+
+
+def test_an_annotated_limit_survives_reinjection() -> None:
+    """Re-injecting put the default resources back over the sidecar's tuned
+    ones, and there was no way to set them. The template's annotations (and
+    the options) set them; a hand edit that re-injecting replaces is warned about."""
+    pod = _annotated_pod({"l4proxy.io/proxyMemoryLimit": "512Mi", "l4proxy.io/proxyCPU": "200m"})
+    once = inject_text(yaml.safe_dump(pod), InjectOptions())
+    assert _sidecar(once.text)["resources"] == {
+        "requests": {"cpu": "200m", "memory": "64Mi"},
+        "limits": {"memory": "512Mi"},
+    }
+    assert not once.warnings
+    again = inject_text(once.text, InjectOptions(image="reg.example/l4proxy:2"))
+    assert _sidecar(again.text)["resources"]["limits"] == {"memory": "512Mi"}
+    assert not again.warnings
+    _validate(again.text)
+    # a hand edit is replaced, with a warning that says how to keep it
+    edited = yaml.safe_load(once.text)
+    edited["spec"]["initContainers"][1]["resources"] = {"limits": {"memory": "1Gi"}}
+    res = inject_text(yaml.safe_dump(edited), InjectOptions())
+    assert _sidecar(res.text)["resources"]["limits"] == {"memory": "512Mi"}
+    (warning,) = res.warnings
+    assert '{"limits":{"memory":"1Gi"}} became' in warning and "l4proxy.io/proxyCPU" in warning
+
+
+def test_resource_options_and_istios_annotations() -> None:
+    opts = InjectOptions(
+        proxy_cpu="100m", proxy_memory="128Mi", proxy_cpu_limit="1", proxy_memory_limit="1Gi"
+    )
+    res = inject_text(yaml.safe_dump(workloads()["Pod"]), opts)
+    assert _sidecar(res.text)["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    _validate(res.text)
+    # a template's annotation wins over the option; Istio's name works; ours over Istio's
+    pod = _annotated_pod(
+        {
+            "sidecar.istio.io/proxyCPU": "300m",
+            "sidecar.istio.io/proxyCPULimit": "2",
+            "l4proxy.io/proxyMemoryLimit": "2Gi",
+            "sidecar.istio.io/proxyMemoryLimit": "3Gi",
+        }
+    )
+    res = inject_text(yaml.safe_dump(pod), opts)
+    assert _sidecar(res.text)["resources"] == {
+        "requests": {"cpu": "300m", "memory": "128Mi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
+    }
+    (warning,) = res.warnings
+    assert "l4proxy.io/proxyMemoryLimit=2Gi and sidecar.istio.io/proxyMemoryLimit=3Gi" in warning
+
+
+@pytest.mark.parametrize(
+    ("notes", "message"),
+    [
+        ({"l4proxy.io/proxyCPU": "lots"}, "annotation l4proxy.io/proxyCPU: 'lots' is not a"),
+        ({"sidecar.istio.io/proxyMemory": "-1Mi"}, "proxyMemory: '-1Mi' is not a Kubernetes"),
+        ({"l4proxy.io/proxyMemory": "128MB"}, "'128MB' is not a Kubernetes quantity"),
+        ({"l4proxy.io/proxyMemory": "512Mi"}, "memory request 512Mi is above its limit 256Mi"),
+        (
+            {"l4proxy.io/proxyCPU": "2", "l4proxy.io/proxyCPULimit": "1500m"},
+            "cpu request 2 is above its limit 1500m",
+        ),
+    ],
+)
+def test_bad_resources_are_errors_naming_the_workload(notes: dict[str, str], message: str) -> None:
+    with pytest.raises(InjectError, match=f"Pod p: .*{message}"):
+        inject_text(yaml.safe_dump(_annotated_pod(notes)), InjectOptions())
+
+
+def test_quantities() -> None:
+    q = inject_module.quantity
+    assert q("250m") == q("0.25") and q("1Gi") == 1024**3 and q("1e3") == q("1k") == 1000
+    assert q("128Mi") == 128 * 1024**2 and q(".5") == q("500m")
+    for bad in ("", "Mi", "1.2.3", "-1", "1 Gi", "1GB", "1mi"):
+        assert q(bad) is None, bad
+
+
+def test_resource_options_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in.yaml"
+    src.write_text(yaml.safe_dump(workloads()["Pod"]))
+    argv = ["inject", "-f", str(src), "--proxy-cpu", "100m", "--proxy-memory-limit", "1Gi"]
+    assert main(argv) == 0
+    resources = _sidecar(capsys.readouterr().out)["resources"]
+    assert resources == {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}}
+    with pytest.raises(SystemExit) as exc:
+        main(["inject", "-f", str(src), "--proxy-cpu-limit", "two"])
+    assert exc.value.code == 2 and "not a Kubernetes quantity" in capsys.readouterr().err
+    assert main(["inject", "-f", str(src), "--proxy-memory", "1Gi"]) == 1
+    assert "memory request 1Gi is above its limit 256Mi" in capsys.readouterr().err
