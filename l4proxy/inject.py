@@ -119,7 +119,8 @@ CURRENT_API = {
 EPILOG = f"""\
 what is added to each Pod template:
   initContainers     {INIT_NAME} (first; with --sidecar container last, after yours):
-                     l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS]
+                     l4proxy-init -p {PROXY_PORT} -u {PROXY_UID} [-d PORTS] [-o PORTS] [-x CIDRS]
+                     (-d includes --stats-port: the sidecar's own, not captured)
                      as root with only NET_ADMIN and NET_RAW, read-only root filesystem:
                      installs the iptables rules that send the pod's TCP to the sidecar
                      (so the namespace needs the Pod Security level privileged)
@@ -620,6 +621,10 @@ def inject_template(
             [
                 *opts.exclude_inbound_ports,
                 *_annotated_ports(annotations, "excludeInboundPorts", what),
+                # the sidecar serves it itself: not through its own capture (as
+                # Istio excludes 15090 and 15021), so a scrape reaches it while it
+                # drains and is no inbound connection of the app's
+                *([opts.stats_port] if opts.stats_port else []),
             ]
         ),
         exclude_outbound_ports=_unique(

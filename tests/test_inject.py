@@ -833,3 +833,17 @@ def test_resource_options_on_the_command_line(
     assert exc.value.code == 2 and "not a Kubernetes quantity" in capsys.readouterr().err
     assert main(["inject", "-f", str(src), "--proxy-memory", "1Gi"]) == 1
     assert "memory request 1Gi is above its limit 256Mi" in capsys.readouterr().err
+
+
+def test_the_stats_port_is_not_captured_inbound() -> None:
+    """--stats-port's listener is the sidecar's own: a scrape captured went
+    through the proxy (refused once it drains). Excluded as Istio excludes 15090."""
+    opts = InjectOptions(stats_port=15090, exclude_inbound_ports=(9000,))
+    res = inject_text(yaml.safe_dump(workloads()["Pod"]), opts)
+    init = yaml.safe_load(res.text)["spec"]["initContainers"][0]
+    assert init["command"][-2:] == ["-d", "9000,15090"]
+    off = inject_text(res.text, InjectOptions(exclude_inbound_ports=(9000,))).text
+    assert yaml.safe_load(off)["spec"]["initContainers"][0]["command"][-2:] == ["-d", "9000"]
+    pod = _annotated_pod({"l4proxy.io/excludeInboundPorts": "15090"})  # said twice: once
+    res = inject_text(yaml.safe_dump(pod), InjectOptions(stats_port=15090))
+    assert yaml.safe_load(res.text)["spec"]["initContainers"][0]["command"][-2:] == ["-d", "15090"]
