@@ -56,7 +56,7 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
     with open(root / "kustomization.yaml") as f:
         k = yaml.safe_load(f)
     known = {"apiVersion", "kind", "resources", "namespace", "configMapGenerator"}
-    known |= {"generatorOptions", "images", "components"}
+    known |= {"generatorOptions", "images", "components", "patches"}
     assert set(k) <= known, f"{root}: kustomization fields not covered: {set(k) - known}"
     assert k["kind"] == "Kustomization"
     out: list[dict[str, Any]] = []
@@ -92,6 +92,21 @@ def kustomize(root: Path) -> list[dict[str, Any]]:
             if name == image["name"]:
                 new_name = image.get("newName", name)
                 container["image"] = f"{new_name}:{image.get('newTag', tag)}"
+    for patch in k.get("patches", []):  # JSON 6902 remove ops on one target
+        assert set(patch) == {"target", "patch"} and set(patch["target"]) <= {"kind", "name"}
+        [target] = [
+            o
+            for o in out
+            if o["kind"] == patch["target"]["kind"]
+            and o["metadata"]["name"] == patch["target"]["name"]
+        ]
+        for op in yaml.safe_load(patch["patch"]):
+            assert op["op"] == "remove", op
+            *parents, last = op["path"].lstrip("/").split("/")
+            node = target
+            for key in parents:
+                node = node[key]
+            del node[last]  # a KeyError where kustomize fails too
     if "namespace" in k:
         for obj in out:
             obj.setdefault("metadata", {})["namespace"] = k["namespace"]
@@ -429,6 +444,58 @@ def test_the_readme_sets_the_image_where_every_overlay_takes_it() -> None:
     assert "newName: l4proxy" in (K8S / "image" / "kustomization.yaml").read_text()
     for root in KUSTOMIZATIONS:
         assert "images:" not in (root / "kustomization.yaml").read_text(), root
+
+
+def test_the_canary_job_starts_beside_the_bootcamp_example_it_names() -> None:
+    """deploy/kubernetes/canary beside deploy/kubernetes/bootcamp: bootcamp's
+    ConfigMap has route.yaml, a RouteRule for every request of bootcamp, and
+    the Job's first GET refused it ("RouteRule bootcamp-default routes every
+    request of bootcamp"): exit 2, Job failed. bootcamp-canary is bootcamp
+    without it; the Job's every step validates there, as the canary checks
+    the ConfigMap before each PUT."""
+    from l4proxy.canary._analysis import Rollout, parse_steps
+    from l4proxy.canary.kube import (
+        ConfigMapStore,
+        Endpoint,
+        KubeClient,
+        KubeError,
+        edited,
+        parse_ref,
+    )
+    from l4proxy.cli import build_parser
+
+    [job] = [o for o in kustomize(K8S / "canary") if o["kind"] == "Job"]
+    args = build_parser("canary").parse_args(
+        job["spec"]["template"]["spec"]["containers"][0]["command"][1:]
+    )
+    namespace, name = parse_ref(args.configmap, job["metadata"]["namespace"])
+    [service] = args.words
+
+    def configmap(root: Path) -> dict[str, Any]:
+        [cm] = [
+            o for o in kustomize(root) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name
+        ]
+        assert cm["metadata"]["namespace"] == namespace
+        return cm
+
+    # the ConfigMap is all it reads: no request is sent (nothing listens there)
+    client = KubeClient(Endpoint("http://127.0.0.1:9", None, None))
+    store = ConfigMapStore(client, namespace, name, service, "cluster.local")
+    with pytest.raises(KubeError, match="RouteRule bootcamp-default routes every request"):
+        store.check_competing(configmap(BOOTCAMP))  # what the README had you apply
+    cm = configmap(K8S / "bootcamp-canary")
+    assert sorted(cm["data"]) == ["ingress.yaml", "registry.yaml"]
+    store.check_competing(cm)
+    steps = parse_steps(args.steps)
+    for step, weight in enumerate(steps):
+        state = Rollout(service, args.stable, args.canary, step=step, weight=weight, steps=steps)
+        store.validate(edited(cm, service, state, with_document=True), weight)
+    # and the rest of the example is bootcamp's
+    assert _ids([o for o in kustomize(K8S / "bootcamp-canary") if o["kind"] != "ConfigMap"]) == (
+        _ids([o for o in kustomize(BOOTCAMP) if o["kind"] != "ConfigMap"])
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl apply -k deploy/kubernetes/bootcamp-canary" in readme
 
 
 def test_the_canary_job_validates_on_every_schema_with_native_sidecars() -> None:
