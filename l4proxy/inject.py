@@ -125,7 +125,8 @@ what is added to each Pod template:
                      installs the iptables rules that send the pod's TCP to the sidecar
                      (so the namespace needs the Pod Security level privileged)
   the sidecar        {SIDECAR_NAME}: l4proxy run --rules {RULES_MOUNT}
-                     --pod-labels-file {PODINFO_MOUNT}/labels, as uid {PROXY_UID},
+                     --pod-labels-file {PODINFO_MOUNT}/labels [--drain-quiet 0: native,
+                     stopped once the app has exited], as uid {PROXY_UID},
                      read-only root filesystem, no capabilities (both containers:
                      seccompProfile RuntimeDefault); readiness (and startup)
                      probe: the exec command l4proxy-ready, which asks the admin
@@ -323,6 +324,10 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
             # As a container it gets SIGTERM with the app, while endpoints still
             # send the pod requests the app is serving: keep accepting them.
             + (["--drain-inbound", str(DRAIN_INBOUND_S)] if opts.sidecar == "container" else [])
+            # A native sidecar gets SIGTERM once the app's containers have
+            # exited: no outbound call is left to wait 5 quiet seconds for (each
+            # termination, and a Job's completion, waited for them).
+            + (["--drain-quiet", "0"] if opts.sidecar == "native" else [])
             + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
             "env": [
                 {

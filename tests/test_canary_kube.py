@@ -825,6 +825,7 @@ def test_inject_http_routing_reaches_the_sidecar_command() -> None:
         assert sidecar["command"] == [
             "l4proxy", "run", "--rules", "/etc/l4proxy",
             "--pod-labels-file", "/etc/l4proxy-pod/labels", "--http-routing", "connection",
+            "--drain-quiet", "0",
         ]  # fmt: skip
     # injecting again with the default (request, l4proxy run's own) takes it out
     again = inject_text(out, InjectOptions()).text
@@ -833,7 +834,7 @@ def test_inject_http_routing_reaches_the_sidecar_command() -> None:
         sidecar = dep["spec"]["template"]["spec"]["initContainers"][1]
         assert sidecar["command"] == [
             "l4proxy", "run", "--rules", "/etc/l4proxy",
-            "--pod-labels-file", "/etc/l4proxy-pod/labels",
+            "--pod-labels-file", "/etc/l4proxy-pod/labels", "--drain-quiet", "0",
         ]  # fmt: skip
     from l4proxy.cli import build_parser
 

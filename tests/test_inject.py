@@ -158,6 +158,8 @@ def test_init_and_sidecar_security_and_probe() -> None:
         "/etc/l4proxy",
         "--pod-labels-file",
         "/etc/l4proxy-pod/labels",
+        "--drain-quiet",
+        "0",
     ]
     ssc = sidecar["securityContext"]
     assert ssc["runAsUser"] == 1337 and ssc["runAsNonRoot"] is True
@@ -847,3 +849,18 @@ def test_the_stats_port_is_not_captured_inbound() -> None:
     pod = _annotated_pod({"l4proxy.io/excludeInboundPorts": "15090"})  # said twice: once
     res = inject_text(yaml.safe_dump(pod), InjectOptions(stats_port=15090))
     assert yaml.safe_load(res.text)["spec"]["initContainers"][0]["command"][-2:] == ["-d", "15090"]
+
+
+def test_a_native_sidecar_stops_without_waiting_for_quiet() -> None:
+    """A native sidecar gets SIGTERM after the app's containers have exited; its
+    default --drain-quiet 5 waited 5 s for outbound calls that cannot come,
+    on every pod's termination and every Job's completion."""
+    for kind in ("Job", "Deployment"):
+        res = inject_text(yaml.safe_dump(workloads()[kind]), InjectOptions(stats_port=15090))
+        sidecar = _pod_spec(yaml.safe_load(res.text))["spec"]["initContainers"][1]
+        command = sidecar["command"]
+        assert command[command.index("--drain-quiet") + 1] == "0"
+        assert command[-2:] == ["--stats-listen", "0.0.0.0:15090"]
+    # as a container it gets SIGTERM with the app, whose calls still need it
+    res = inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions(sidecar="container"))
+    assert "--drain-quiet" not in _sidecar(res.text)["command"]
