@@ -280,6 +280,27 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_1337() -> None:
     assert "/usr/local/bin/l4proxy-ready" in " ".join(lines)
 
 
+def test_the_runtime_image_has_no_installers() -> None:
+    """pip, setuptools and wheel came with the base image into the runtime
+    stage, which needs none of them: uninstalled there, before the checks that
+    import every runtime dependency (python-iptables reads distutils, which
+    setuptools had shadowed)."""
+    lines = _dockerfile()
+    last_from = max(i for i, ln in enumerate(lines) if ln.startswith("FROM"))
+    runtime = " ".join(ln for ln in lines[last_from:] if ln.startswith("RUN"))
+    uninstall = re.search(r"pip uninstall -y [^&]*", runtime)
+    assert uninstall is not None, runtime
+    assert set(uninstall.group().split()) >= {"pip", "setuptools", "wheel"}
+    after = runtime[uninstall.end() :]
+    assert "pip " not in after.replace("pip uninstall", "")
+    assert "l4proxy --version" in after and "l4proxy-init --help" in after
+    assert re.search(r"import iptc\b", after)
+    # a digest for the base image is the builder's to pass (none here to look one up)
+    assert "--build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:" in (
+        (DEPLOY / "Dockerfile").read_text()
+    )
+
+
 def test_dockerfile_lint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not os.path.exists(hadolint):
