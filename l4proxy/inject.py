@@ -63,8 +63,9 @@ ISTIO_INJECT = "sidecar.istio.io/inject"
 # excludeOutboundPorts or excludeOutboundIPRanges: l4proxy's names and Istio's;
 # they add to the command line's --exclude-inbound-ports/--exclude-outbound-ports.
 EXCLUDE_PREFIXES = ("l4proxy.io/", "traffic.sidecar.istio.io/")
-# The sidecar's resources: option -> (annotation name, Istio's); an annotation
-# wins over the command line (it is the workload's own).
+# The sidecar's resources: option -> annotation name, after l4proxy.io/ or
+# Istio's sidecar.istio.io/; an annotation wins over the command line (it is
+# the workload's own), l4proxy's over Istio's.
 PROXY_CPU, PROXY_MEMORY, PROXY_MEMORY_LIMIT = "50m", "64Mi", "256Mi"
 RESOURCE_ANNOTATIONS = {
     "proxy_cpu": "proxyCPU",
@@ -187,6 +188,21 @@ def prometheus_annotations(port: int) -> dict[str, str]:
         "prometheus.io/port": str(port),
         "prometheus.io/path": "/stats/prometheus",
     }
+
+
+def _take_out_ours(annotations: dict[str, Any], before: dict[str, Any]) -> list[str]:
+    """Remove from *annotations* those an earlier injection added, while they
+    hold what it wrote; the keys removed. The prometheus.io/* go together: one
+    of them edited (or deleted) by hand makes them all the user's, so a
+    scrape is never left half configured."""
+    ours = _ours_before(before)
+    prometheus = {k: v for k, v in ours.items() if k.startswith("prometheus.io/")}
+    if any(annotations.get(k) != v for k, v in prometheus.items()):
+        ours = {k: v for k, v in ours.items() if k not in prometheus}
+    removed = [k for k, v in ours.items() if annotations.get(k) == v]
+    for key in removed:
+        del annotations[key]
+    return removed
 
 
 def _ours_before(before: dict[str, Any]) -> dict[str, str]:
@@ -575,10 +591,7 @@ def _remove_injection(
             else:
                 del spec[key]
     notes = dict(annotations)
-    for key, value in _ours_before(before).items():
-        if notes.get(key) == value:
-            del notes[key]
-            removed.append(f"annotation {key}")
+    removed += [f"annotation {key}" for key in _take_out_ours(notes, before)]
     del notes[STATUS_ANNOTATION]
     removed.append(f"annotation {STATUS_ANNOTATION}")
     if notes:
@@ -732,9 +745,7 @@ def inject_template(
     # Annotations: only those inject added are taken out, and only while they
     # still hold what it wrote; the user's own are never replaced (their
     # prometheus.io/* scrape the app's metrics).
-    for key, value in _ours_before(before).items():
-        if annotations.get(key) == value:
-            del annotations[key]
+    _take_out_ours(annotations, before)
     added: dict[str, str] = {}
     if opts.stats_port:
         wanted = prometheus_annotations(opts.stats_port)

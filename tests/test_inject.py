@@ -526,15 +526,20 @@ def test_stats_port_annotations_are_ours_only_while_they_hold_what_we_wrote() ->
         "prometheus.io/path": "/stats/prometheus",
     }
     assert inject_text(once.text, InjectOptions(stats_port=15090)).text == once.text
+    _validate(once.text)
+    _validate(inject_text(plain, InjectOptions(stats_port=15090, sidecar="container")).text)
     moved = inject_text(once.text, InjectOptions(stats_port=15091)).text
     assert "prometheus.io/port: '15091'" in moved
     assert inject_text(moved, InjectOptions()).text == inject_text(plain, InjectOptions()).text
-    # the user changed our path since: it is theirs now, and stays
+    # the user changed our path since: the three are theirs now, and stay (the
+    # scrape whole, not a path without its port and scrape)
     edited = once.text.replace("prometheus.io/path: /stats/prometheus", "prometheus.io/path: /m")
-    notes = yaml.safe_load(inject_text(edited, InjectOptions()).text)["spec"]["template"][
-        "metadata"
-    ]["annotations"]
-    assert notes["prometheus.io/path"] == "/m" and "prometheus.io/port" not in notes
+    for opts in (InjectOptions(), InjectOptions(stats_port=15090)):
+        res = inject_text(edited, opts)
+        notes = yaml.safe_load(res.text)["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/path"] == "/m" and notes["prometheus.io/port"] == "15090"
+        assert notes["prometheus.io/scrape"] == "true"
+        assert json.loads(notes[STATUS_ANNOTATION]).get("annotations", {}) == {}
     # an older inject's status (statsPort, no list) added all three
     old = yaml.safe_load(once.text)
     tpl_notes = old["spec"]["template"]["metadata"]["annotations"]
