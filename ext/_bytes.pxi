@@ -10,3 +10,5 @@ cdef enum:
     SEMI = 0x3B
     SLASH = 0x2F
     QMARK = 0x3F
+    HASH = 0x23
+    BACKSLASH = 0x5C

@@ -32,6 +32,7 @@ cdef enum:
     E_TE_NOT_CHUNKED = 23
     E_CL_AND_TE = 24
     E_TOO_LARGE = 25
+    E_DOT_SEGMENT = 26
 
 # Request-line states: the values of _S_* in _peek_py.py.
 cdef enum:
@@ -122,6 +123,42 @@ cdef inline bint all_host(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) 
 
 cdef inline bint is_ows(unsigned char c) noexcept nogil:
     return c == SP or c == HTAB
+
+
+cdef inline Py_ssize_t dot_at(const unsigned char* buf, Py_ssize_t i, Py_ssize_t b) noexcept nogil:
+    """The length of the dot at buf[i] ("." 1, "%2e" or "%2E" 3), 0 if none."""
+    if buf[i] == 0x2E:
+        return 1
+    if buf[i] == 0x25 and i + 2 < b and buf[i + 1] == 0x32 and LOWER[buf[i + 2]] == 0x65:
+        return 3
+    return 0
+
+
+cdef bint has_dot_segment(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """Whether the path buf[a:b] has a dot-segment: "/" or "\\", one or two
+    dots ("." or %2e, any case), then "/", "\\", "#", "?" or b. Read up to
+    the first "?". The pure twin's has_dot_segment() (see its "Decisions")."""
+    cdef Py_ssize_t i = a, n
+    cdef int dots
+    cdef unsigned char c
+    while i < b:
+        c = buf[i]
+        if c == QMARK:
+            return False
+        i += 1
+        if c != SLASH and c != BACKSLASH:
+            continue
+        dots = 0
+        while dots < 2 and i < b:
+            n = dot_at(buf, i, b)
+            if n == 0:
+                break
+            i += n
+            dots += 1
+        if dots and (i == b or buf[i] == SLASH or buf[i] == BACKSLASH
+                     or buf[i] == HASH or buf[i] == QMARK):
+            return True
+    return False
 
 
 cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end) noexcept nogil:

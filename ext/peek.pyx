@@ -121,6 +121,9 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
         host = target
         path = ""
     elif buf[ts] == SLASH:  # origin-form
+        if has_dot_segment(buf, ts, te):
+            code[0] = E_DOT_SEGMENT
+            return None
         path = target
     elif te - ts == 1 and buf[ts] == 0x2A:  # "*": asterisk-form, OPTIONS only
         if not (me - ms == 7 and memcmp(buf + ms, b"OPTIONS", 7) == 0):
@@ -149,6 +152,9 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
         path = latin1(buf, e, te)
         if e == te or buf[e] != SLASH:
             path = "/" + path
+        if has_dot_segment(buf, e, te):
+            code[0] = E_DOT_SEGMENT
+            return None
 
     if cl_error:
         code[0] = cl_error

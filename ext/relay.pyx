@@ -28,13 +28,17 @@ response heads and the chunked machine (``_chunked.pxi``).
 The fast path and the slow path
 -------------------------------
 A complete request head is served here when it is the common case: no error,
-origin-form target, exactly one valid Host, no Transfer-Encoding, no
-``Expect``, no ``Upgrade``, not ``CONNECT``. Anything else (a head error, a
-first request that is not HTTP, a chunked request body, a tunnel, an
-``Expect: 100-continue``) is a rare event: the connection, with every byte
-read from it, is handed to the pure relay at that request boundary
-(``HttpRelay.add(..., requests=n)``), which answers it (400, 431, an L4
-tunnel, ...) exactly as it would have answered it from the first byte. A
+origin-form target without a dot-segment, exactly one valid Host, no
+Transfer-Encoding, no ``Expect``, no ``Upgrade``, not ``CONNECT``. Anything
+else (a head error, a dot-segment in the path, a first request that is not
+HTTP, a chunked request body, a tunnel, an ``Expect: 100-continue``) is a
+rare event: the connection, with every byte read from it, is handed to the
+pure relay at that request boundary (``HttpRelay.add(..., requests=n)``),
+which answers it (400, 431, an L4 tunnel, ...) exactly as it would have
+answered it from the first byte. A dot-segment (``has_dot_segment`` in
+``_head_scan.pxi``) is handed over before any verdict is looked up: its
+path passes the tests of the rule it would escape (``/public/../private``
+those of ``/public``), so a cached verdict would route it. A
 response head that the C recogniser does not take (HTTP/1.0, several
 Content-Length lines, a malformed line, a transfer coding other than
 ``chunked``) is judged by ``parse_response_head``/``response_framing`` in
@@ -1105,6 +1109,10 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
     if h.host_count != 1 or not all_host(buf, h.host_s, h.host_e):
         return False
     if buf[h.ts] != SLASH:  # absolute-form, asterisk-form, authority-form
+        return False
+    # a dot-segment in the path: refused (400) by the pure relay's parser,
+    # before any verdict (cached or not) is looked at
+    if has_dot_segment(buf, h.ts, h.te):
         return False
     if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
         return False

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from l4proxy.dataplane import _impl
+from l4proxy.dataplane import _impl, _peek_py
 from l4proxy.dataplane import peek as chosen
 from l4proxy.dataplane._peek_py import HeadError, NotHTTP, RequestHead
 from tests.conftest import load_twin
@@ -426,6 +426,63 @@ def test_malformed_is_400(twin: ModuleType, mode: str, data: bytes, reason: str)
     assert reason in err.reason
 
 
+# -- dot-segments in the path: 400 ------------------------------------------------
+# Routes match the path as sent and it is forwarded as sent: a server that
+# removes dot-segments would serve /private for /public/../private, routed
+# by the rules for /public (see "Decisions" in _peek_py.py).
+
+DOT_SEGMENTS = [
+    "/a/./b", "/a/../b", "/..", "/.", "/a/.", "/a/..", "/./", "/../", "/a/%2e%2E/b",
+    "/a/%2E%2e/b", "/a/.%2e", "/a/%2e.", "/a/%2e", "/a/%2E", "/a/%2e%2e", "/a/..?x=1",
+    "/a/.?x", "/public/../private", "/public/%2e%2e/private", "/a//../b", "/a/../",
+    "/a/..#f", "/a#/../b", "/public\\..\\private", "/a\\.", "/a/..\\b",
+    "http://h/a/../b", "http://h/..", "http://h:80/%2e?q", "HTTP://h/a/./b?x=/../",
+]  # fmt: skip
+NOT_DOT_SEGMENTS = [
+    "/", "/a/b..c", "/a/...", "/a/.../b", "/a/.hidden", "/a/..hidden", "/a/hidden.",
+    "/a/b.", "/a?p=../x", "/a?p=/../x", "/a?/./", "/a/%2e%2e%2e", "/a/%2e%2", "/a/%2",
+    "/a/%", "/a/%2f..", "/a/..%2fb", "/a/%2e%2fb", "/a/..%5cb", "/a.", "/.a", "/%2ea",
+    "/a\\b", "/a#b", "http://h/a/b", "http://h?/../", "http://h", "http://h/a..b",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", DOT_SEGMENTS)
+def test_a_dot_segment_in_the_path_is_400(twin: ModuleType, mode: str, target: str) -> None:
+    err = error_of(twin, mode, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+    assert type(err) is HeadError and err.status == 400
+    assert err.reason == "dot-segment (. or ..) in the request path"
+    path = 0 if target.startswith("/") else target.index("/", target.index("//") + 2)
+    assert _peek_py.has_dot_segment(target.encode(), path)
+
+
+@pytest.mark.parametrize("target", NOT_DOT_SEGMENTS)
+def test_dots_that_are_not_a_segment_pass(twin: ModuleType, mode: str, target: str) -> None:
+    head = parse(twin, mode, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+    assert head is not None and head.target == target
+    assert not _peek_py.has_dot_segment(target.encode(), 0 if target.startswith("/") else 7)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"CONNECT ..:443 HTTP/1.1\r\nHost: a\r\n\r\n",  # authority-form: no path
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nReferer: http://h/../x\r\n\r\n",  # not the target
+    ],
+)
+def test_dots_outside_a_path_pass(twin: ModuleType, mode: str, data: bytes) -> None:
+    assert parse(twin, mode, data) is not None
+
+
+def test_a_dot_segment_is_judged_in_its_order_among_the_errors(twin: ModuleType) -> None:
+    """After Host and the target's form, before the framing headers: both
+    twins raise the same error for a head with several."""
+    no_host = b"GET /../ HTTP/1.1\r\n\r\n"
+    assert "without Host" in error_of(twin, "parse_head", no_host).reason
+    bad_cl = b"GET /../ HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"
+    assert "dot-segment" in error_of(twin, "parse_head", bad_cl).reason
+
+
 def test_bad_header_line_is_answered_before_the_head_completes(twin: ModuleType) -> None:
     parser = twin.HeadParser()
     assert parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x") is None  # line not complete
@@ -611,6 +668,7 @@ FRAGMENTS = [
     b"content-length: 6", b"Content-Length: 5, 5", b"Transfer-Encoding: chunked",
     b"Transfer-Encoding: gzip", b"Connection: close", b"Connection: keep-alive",
     b"Expect: 100-continue", b"X-A: b", b" x", b"0123456789", b"body",
+    b".", b"..", b"/..", b"%2e", b"%2E", b"\\", b"#", b"?",  # dot-segments
 ]  # fmt: skip
 
 VALID_HEAD_START = [
@@ -633,7 +691,7 @@ def mutated_heads(draw: st.DrawFn) -> bytes:
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(data)))
         op = draw(st.sampled_from(["replace", "insert", "delete"]))
-        byte = draw(st.sampled_from([0, 9, 10, 13, 32, 44, 58, 59, 127, 0xE9, *b"aZ/:*0"]))
+        byte = draw(st.sampled_from([0, 9, 10, 13, 32, 44, 58, 59, 127, 0xE9, *b"aZ/:*0.%\\?#"]))
         if op == "insert":
             data.insert(i, byte)
         elif i < len(data):
@@ -660,6 +718,12 @@ header_line = st.one_of(
     st.sampled_from(GOOD_LINES), st.sampled_from(GOOD_LINES), st.sampled_from(BAD_LINES)
 )
 
+TARGETS = [
+    b"/", b"/a?b", b"*", b"http://h:1/p", b"http://u@h", b"h:443", b"http:///x", b"foo",
+    b"/a/../b", b"/a/%2E./b", b"/a/.%2e", b"/a/...", b"/a\\.\\b", b"/a?../b", b"http://h/./p",
+    b"http://h?/.",
+]  # fmt: skip
+
 # Well-formed request lines and header lines, mixed: reaches the cross-header
 # rules (Host, Content-Length, Transfer-Encoding, target forms) often.
 structured_heads = st.builds(
@@ -678,9 +742,7 @@ structured_heads = st.builds(
     ),
     st.sampled_from([b"", b"\r\n", b"\n"]),
     st.sampled_from([b"GET", b"POST", b"POST", b"CONNECT", b"OPTIONS", b"PRI"]),
-    st.sampled_from(
-        [b"/", b"/a?b", b"*", b"http://h:1/p", b"http://u@h", b"h:443", b"http:///x", b"foo"]
-    ),
+    st.sampled_from(TARGETS),
     st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.9"]),
     st.sampled_from([b"", b"Host: a\r\n", b"Host: a\r\n"]),
     st.lists(
@@ -749,6 +811,9 @@ def test_generated_heads_round_trip(
     data = text.encode()
     twins = [load_twin("peek", "compiled"), load_twin("peek", "pure")]
     result = _check_agreement(twins, data + b"tail", [len(data) // 2], 65536)
+    if _peek_py.has_dot_segment(path.encode()):  # "/." and "/a/.." are drawn too
+        assert result[0] == "error" and "dot-segment" in result[3], result
+        return
     assert result[0] == "head"
     head: RequestHead = result[1]
     assert (head.method, head.target, head.path, head.host) == (method, path, path, "svc")

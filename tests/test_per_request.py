@@ -203,6 +203,45 @@ def test_ingress_paths_are_enforced_on_every_request(mesh: Mesh) -> None:
     assert 'destination_service="unknown"' in series[0] and series[0].endswith(" 41"), series
 
 
+INGRESS_PUBLIC = INGRESS.replace(
+    "/bootcamp\n        pathType: Exact", "/public\n        pathType: Prefix"
+)
+
+
+@pytest.mark.parametrize("routing", list(ROUTING_MODES))
+def test_a_dot_segment_does_not_reach_a_path_the_ingress_does_not_expose(
+    mesh: Mesh, routing: str
+) -> None:
+    """An Ingress exposes only Prefix /public; bootcamp, as many servers
+    do, would serve any path it is sent. /public/../private was routed by
+    /public and forwarded as sent, so a server that removes dot-segments
+    served /private: it gets 400 now, in both data planes (the per-request
+    relay, and the per-connection peek of a connection's first head). curl
+    removes dot-segments itself unless told --path-as-is."""
+    run_args = (*ROUTING_MODES[routing], "--listen", "0.0.0.0:8000")
+    mesh.start("compiled-uvloop", INGRESS_PUBLIC, run_args=run_args)
+    assert mesh.client is not None and mesh.sidecar is not None
+    base = f"http://{mesh.client.ipv4}:8000"
+
+    def get(path: str) -> tuple[str, list[str]]:
+        lines = mesh.curl(base + path, extra=["--path-as-is"])
+        return lines[-1], [ln for ln in lines[:-1] if ln]
+
+    assert get("/public/x")[0] == "200"
+    assert get("/private")[0] == "404"
+    dots = ("/public/../private", "/public/%2e%2e/private", "/public/%2E./private?a=1")
+    for path in dots:
+        assert get(path) == ("400", ["dot-segment (. or ..) in the request path"]), path
+    assert get("/public/a..b/.well-known?to=../x")[0] == "200"  # no dot-segment
+    # counted as the other malformed heads are
+    if routing == "connection":
+        assert mesh.sidecar.stat('l4proxy_refused_total{reason="bad_request_400"}') == len(dots)
+    else:
+        stats = mesh.sidecar.admin("/stats").splitlines()
+        bad = [ln for ln in stats if ln.startswith("istio_requests_total{") and '"400"' in ln]
+        assert len(bad) == 1 and bad[0].endswith(f" {len(dots)}"), bad
+
+
 def test_bytes_that_are_not_http_still_go_through_at_l4(mesh: Mesh) -> None:
     odd = mesh.net.add_pod("odd", labels={"app": "odd"})
     mesh.procs.append(odd.popen([PYTHON, "-c", TCP_ECHO, "8082"], user=1000))

@@ -38,6 +38,7 @@ class Backend(socketserver.ThreadingTCPServer):
         self.name = name
         self.close_after = close_after  # close the connection after n responses
         self.accepted = 0
+        self.targets: list[bytes] = []  # every request's target, in order
         self.lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, 0), _Handler)
@@ -77,6 +78,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if chunked:
                 body = self._chunked_body()
             target = line.split()[1]
+            with self.server.lock:
+                self.server.targets.append(target)
             answer = f"v={self.server.name} {target.decode()} {len(body)}".encode()
             # /http10/: an HTTP/1.0 server, which closes after its answer
             # unless the request's path also says keep-alive (/http10/ka/)
@@ -278,6 +281,103 @@ def test_no_route_answers_locally_and_keeps_the_connection(backends: list[Backen
             assert read_response(c) == b"v=v1 /bootcamp 0"
     finally:
         proxy.close()
+
+
+def _answer_and_close(c: socket.socket) -> bytes:
+    """Everything the relay sends on *c* until it closes it."""
+    c.settimeout(5)
+    data = b""
+    while chunk := c.recv(65536):
+        data += chunk
+    return data
+
+
+# What a rule for /public must not let through: each a dot-segment, plain or
+# percent-encoded, that a server removing dot-segments reads as /private.
+DOT_TARGETS = [
+    b"/public/../private",
+    b"/public/%2e%2e/private",
+    b"/public/%2E./private?x=1",
+    b"/public/./../private",
+    b"/public\\..\\private",
+    b"http://gw/public/../private",
+]
+
+
+def _public_only(backend: Backend) -> Callable[[RequestHead, object], Decision]:
+    """An Ingress with one Prefix path, /public (segment-wise, as Ingress
+    matches it): everything else is a local 404."""
+
+    def decide(head: RequestHead, origin: object) -> Decision:
+        path = head.path.split("?")[0]
+        if path == "/public" or path.startswith("/public/"):
+            return Decision((backend.endpoint,))
+        return Decision(local=(404, "no route"))
+
+    return decide
+
+
+@pytest.mark.parametrize("target", DOT_TARGETS)
+def test_a_dot_segment_gets_400_and_a_close_and_never_goes_upstream(
+    backends: list[Backend], target: bytes
+) -> None:
+    """/public/../private matched the rule for /public and went upstream as
+    it was sent: a server that removes dot-segments served /private, which no
+    rule exposed. Now it is refused like other malformed heads, on its own
+    and as the next request of a keep-alive connection the relay routed
+    before (the compiled twin's fast path hands it to its pure relay)."""
+    proxy = Proxy(_public_only(backends[0]))
+    try:
+        with proxy.connect() as c:
+            c.sendall(b"GET /private HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(c) == b"no route"
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: gw\r\n\r\n" % target)
+            data = _answer_and_close(c)
+            assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+            assert b"connection: close\r\n" in data
+            assert data.endswith(b"dot-segment (. or ..) in the request path")
+        with proxy.connect() as c:  # after a routed request on the same connection
+            c.sendall(b"GET /public/a HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(c) == b"v=v1 /public/a 0"
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: gw\r\n\r\n" % target)
+            assert _answer_and_close(c).startswith(b"HTTP/1.1 400 ")
+        assert backends[0].targets == [b"/public/a"]  # never the dot-segment
+        assert proxy.relay.stats()["local_answers"] == 3
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_a_cached_verdict_never_serves_a_dot_segment(backends: list[Backend], twin: str) -> None:
+    """The loop keys verdicts by which tests a target passes: /public/../private
+    passes the Ingress path's test for /public (request_bits b"\\x01") like
+    /public/a, so after /public/a it took that cached verdict, without Python.
+    It gets 400 now, and Python is never asked about it."""
+    from l4proxy.dataplane.verdict import SHAPE_TESTS, Choice, Verdict
+
+    tests = (("segments", "/public"),)
+    up = (Choice(1, (backends[0].endpoint,)),)
+
+    def answer(head: RequestHead) -> Verdict:
+        if _public_only(backends[0])(head, None).local is not None:
+            return Verdict(local=(404, "no route"), ttl=3600.0, shape=SHAPE_TESTS, tests=tests)
+        return Verdict(up, ttl=3600.0, shape=SHAPE_TESTS, tests=tests)
+
+    proxy, calls = _resolving_proxy(backends, None, answer)
+    try:
+        with proxy.connect() as c:
+            assert _get(c, "/public/a") == b"v=v1 /public/a 0"
+            assert _get(c, "/private") == b"no route"
+        for target in DOT_TARGETS[:5]:  # (origin-form: the fast path's)
+            with proxy.connect() as c:
+                assert _get(c, "/public/b") == b"v=v1 /public/b 0"  # the cached verdict
+                c.sendall(b"GET %s HTTP/1.1\r\nHost: svc\r\n\r\n" % target)
+                assert _answer_and_close(c).startswith(b"HTTP/1.1 400 "), target
+    finally:
+        proxy.close()
+    assert calls == [("GET", "/public/a"), ("GET", "/private")], calls
+    assert backends[0].targets == [b"/public/a"] + [b"/public/b"] * 5
+    assert proxy.relay.stats()["verdict_cache_hits"] == 5
 
 
 def test_dead_endpoint_is_skipped_and_all_dead_is_503(backends: list[Backend]) -> None:
@@ -681,7 +781,8 @@ def test_both_twins_of_the_request_tests_agree() -> None:
     OWS, in any case of name."""
     import random
 
-    from l4proxy.dataplane.peek import parse_head
+    from l4proxy.dataplane._peek_py import has_dot_segment
+    from l4proxy.dataplane.peek import HeadError, parse_head
     from l4proxy.dataplane.verdict import TEST_KINDS, request_bits
 
     relay = load_twin("relay", "compiled").HttpRelay(
@@ -710,6 +811,10 @@ def test_both_twins_of_the_request_tests_agree() -> None:
                 ows = rng.choice(["", " ", "\t"])
                 lines.append(name + ":" + ows + text(5) + rng.choice(["", " "]) + "\r\n")
             raw = f"GET {target} HTTP/1.1\r\nHost: h\r\n{''.join(lines)}\r\n".encode()
+            if has_dot_segment(target.encode()):  # ("/." is drawn) refused: no tests
+                with pytest.raises(HeadError, match="dot-segment"):
+                    parse_head(raw)
+                continue
             head = parse_head(raw)
             assert head is not None
             want = request_bits(tuple(tests), head.path, dict(head.headers))

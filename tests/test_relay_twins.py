@@ -1040,6 +1040,15 @@ SMUGGLING: dict[str, bytes] = {
     "cl_list_equal": get("cl", b"Content-Length: 5, 5\r\n") + b"hello",
     "chunked_overflow": get("cl", b"Transfer-Encoding: chunked\r\n", b"POST")
     + b"fffffffffffffffff1\r\n",
+    # a dot-segment: routed by /x, served as /cl by a server that normalizes
+    "dot_dot": b"GET /x/../cl HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot": b"GET /x/./cl HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_encoded": b"GET /x/%2E%2e/cl HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_half_encoded": b"GET /x/.%2e/cl?q=1 HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_at_the_end": b"GET /x/cl/.. HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_backslash": b"GET /x\\..\\cl HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_absolute_form": b"GET http://b/x/../cl HTTP/1.1\r\nHost: b\r\n\r\n",
+    "dot_dot_with_a_body": b"POST /x/../cl HTTP/1.1\r\nHost: b\r\nContent-Length: 5\r\n\r\nhello",
 }
 
 
@@ -1537,11 +1546,13 @@ REQUEST_BASES = [
     b"CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n",
 ]
 # What a head parser weighs: line ends, separators, the bytes HTTP forbids
-# (NUL, DEL, bare CR), and the framing headers, dropped in where they do not belong.
+# (NUL, DEL, bare CR), the framing headers, dropped in where they do not
+# belong, and what makes a dot-segment of a path.
 HEAD_NOISE = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b"\x00", b"\x7f", b"\xff", b"/",
               b"\xa0", b"\x85",  # obs-text that str.strip() takes for whitespace
               b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n", b"Host: c\r\n",
-              b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"\r\n "]  # fmt: skip
+              b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"\r\n ",
+              b".", b"/..", b"/.", b"%2e", b"\\"]  # fmt: skip
 
 
 @st.composite

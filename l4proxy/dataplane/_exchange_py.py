@@ -60,7 +60,9 @@ Decisions
 * A response that ends before the request body does (an early 413, say)
   closes both connections after it: the rest of the body is never read.
 * Error answers are the proxy's own, ``connection: close``: 400/431/505 for
-  a head or body that cannot be framed unambiguously, 502 for an upstream
+  a head or body that cannot be framed unambiguously, or whose path has a
+  dot-segment (routed by the path as sent, served by a server that removes
+  them as another: see "Decisions" in ``_peek_py.py``), 502 for an upstream
   response that cannot.
 """
 

@@ -68,6 +68,25 @@ Decisions (RFC 9112 leaves them to the recipient)
   blob, say) be passed through at L4 quickly.
 * The request-target must be visible ASCII (0x21-0x7E); header values may
   carry obs-text (0x80-0xFF) and are decoded as Latin-1.
+* A path with a dot-segment is a 400: a segment ``.`` or ``..``, each dot
+  also written ``%2e`` or ``%2E`` (``/a/../b``, ``/a/%2e%2E/b``, ``/a/.``,
+  ``/..``), in an origin-form target or the path of an absolute-form one.
+  Routes match the path as sent (Ingress paths, uri matches) and we forward
+  it as sent, so a server that removes dot-segments (RFC 3986 §5.2.4) would
+  serve ``/private`` for ``/public/../private``, routed by ``/public``.
+  Envoy (Istio's default ``pathNormalization: BASE``) normalizes the path
+  before it routes and forwards that; we never rewrite the bytes we forward,
+  so we refuse. The path is the target up to its first ``?`` (a query is
+  not a path); a segment ends at ``/``, ``\\``, ``#`` or there. A raw ``\\``
+  separates segments here (``/public\\..\\private``): Envoy's normalization
+  turns it into ``/`` (Chromium's URL canonicalizer), as some servers do. A
+  ``#`` cannot appear in a request-target (RFC 9112 §3.2) and servers read it
+  either way, so the check reads on past it. Not refused: ``...``,
+  ``.hidden``, ``b..c`` (ordinary segments); a ``\\`` or ``#`` elsewhere
+  (llhttp and HAProxy pass ``\\`` on untouched); ``%2f`` and ``%5c``: an
+  encoded slash or backslash is data, not a separator, and Envoy keeps them
+  unchanged by default (``pathWithEscapedSlashes`` ``KEEP_UNCHANGED``), so
+  ``/public/..%2fprivate`` is routed by ``/public`` there too.
 """
 
 from __future__ import annotations
@@ -108,9 +127,11 @@ class RequestHead(NamedTuple):
     ``target`` is the raw request-target. ``path`` is what a route matches:
     the target itself in origin-form (query included), the path and query of
     an absolute-form target (``"/"`` when it has none), ``"*"`` in
-    asterisk-form and ``""`` for CONNECT. ``host`` is the authority of an
-    absolute-form or CONNECT target when there is one (it wins over the Host
-    header, RFC 9112 §3.2.2), else the Host header as sent, else None.
+    asterisk-form and ``""`` for CONNECT; it never has a dot-segment (a head
+    whose path has one is refused, see "Decisions"). ``host`` is the
+    authority of an absolute-form or CONNECT target when there is one (it
+    wins over the Host header, RFC 9112 §3.2.2), else the Host header as
+    sent, else None.
     ``head_length`` counts every byte of the head from the start of the
     stream, skipped empty lines and the final empty line included: the body
     (or the next request) starts at ``buffered[head_length:]``.
@@ -169,6 +190,7 @@ E_TE_HTTP10: Final = 22
 E_TE_NOT_CHUNKED: Final = 23
 E_CL_AND_TE: Final = 24
 E_TOO_LARGE: Final = 25
+E_DOT_SEGMENT: Final = 26
 
 ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_NOT_HTTP_START: (NotHTTP, 400, "not HTTP: bad first byte"),
@@ -195,6 +217,7 @@ ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_TE_NOT_CHUNKED: (HeadError, 400, "Transfer-Encoding must end in one chunked"),
     E_CL_AND_TE: (HeadError, 400, "both Content-Length and Transfer-Encoding"),
     E_TOO_LARGE: (HeadError, 431, "request head larger than {max_head} bytes"),
+    E_DOT_SEGMENT: (HeadError, 400, "dot-segment (. or ..) in the request path"),
 }
 
 
@@ -240,6 +263,20 @@ _OWS: Final = b" \t"
 _HOST: Final = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*://")
 _H2_PREFACE_LINE: Final = b"PRI * HTTP/2.0"
+# A dot-segment of a path (see "Decisions"): "/" or "\", then "." or ".." (each
+# dot also as %2e, any case), then the segment's end. Searched up to the
+# target's first "?" only: "#" ends a segment but does not end the search.
+_DOT_SEGMENT: Final = re.compile(rb"[/\\](?:\.|%2[eE]){1,2}(?:[/\\#]|\Z)")
+
+
+def has_dot_segment(target: bytes | bytearray, start: int = 0, end: int = -1) -> bool:
+    """Whether the path that starts at ``target[start]`` (up to *end*, or the
+    end) has a dot-segment: a segment ``.`` or ``..``, percent-encoded or
+    not (see "Decisions"). The compiled twin's ``has_dot_segment``."""
+    if end < 0:
+        end = len(target)
+    q = target.find(b"?", start, end)
+    return _DOT_SEGMENT.search(target, start, end if q < 0 else q) is not None
 
 
 def _header_line_error(line: bytes | bytearray, start: int, end: int) -> int:
@@ -530,6 +567,8 @@ class HeadParser:
                 return E_TARGET
             host, path = target, ""
         elif tb[0] == 0x2F:  # "/": origin-form
+            if has_dot_segment(tb):
+                return E_DOT_SEGMENT
             path = target
         elif tb == b"*":  # asterisk-form, OPTIONS only (RFC 9112 §3.2.4)
             if method != "OPTIONS":
@@ -549,6 +588,8 @@ class HeadParser:
             path = target[e:]
             if not path.startswith("/"):
                 path = "/" + path
+            if has_dot_segment(tb, e):
+                return E_DOT_SEGMENT
 
         if cl_error:
             return cl_error

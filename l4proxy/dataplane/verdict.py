@@ -70,7 +70,9 @@ def request_bits(
     """Which of *tests* a request passes (its origin-form *target*, its
     *headers* by lowercase name, as ``dict(head.headers)`` makes them): bit
     ``i % 8`` of byte ``i // 8`` for test ``i`` (the compiled relay keys its
-    verdicts by the same bytes)."""
+    verdicts by the same bytes). Tests read the path as sent: a target with
+    a dot-segment (``/public/../private`` passes ``segments /public``) never
+    gets here, the head parsers refuse it."""
     path = target_path(target)
     out = bytearray((len(tests) + 7) // 8)
     for i, (kind, value) in enumerate(tests):
