@@ -543,12 +543,12 @@ def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> Non
     """wrk with Connection: close for a while: the sidecar lives, fds return to baseline.
 
     Request mode churns for 10 s (~30,000 requests here), connection mode
-    for 20 s (pure) or 30 s (compiled), for the suite's time: make soak runs
+    for 15 s (pure) or 20 s (compiled), for the suite's time: make soak runs
     it for 10 minutes."""
     mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[routing])
     assert mesh.client is not None and mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
-    default = "10" if routing == "request" else "20" if impl.startswith("pure") else "30"
+    default = "10" if routing == "request" else "15" if impl.startswith("pure") else "20"
     seconds = int(os.environ.get("L4PROXY_CHURN_SECONDS", default))
     out = mesh.client.run(
         ["wrk", "-t2", "-c50", f"-d{seconds}s", "-H", "Connection: close", f"http://{VIP}:8080/"],
