@@ -649,6 +649,10 @@ def test_wait_live_defaults_to_the_delay_of_where_the_rules_are_written() -> Non
     assert args("--rules", "/etc/l4proxy") == 5.0
     assert args("--configmap", "default/l4proxy-rules") == 150.0
     assert args("--configmap", "l4proxy-rules", "--wait-live", "20") == 20.0
+    # with --prometheus, one scrape interval more: 5 s failed nearly every step
+    # (a "not live" is a failed check: a healthy canary rolled back)
+    assert args("--rules", "/etc/l4proxy", "--prometheus", "http://prom:9090") == 65.0
+    assert args("--configmap", "l4proxy-rules", "--prometheus", "http://prom:9090") == 210.0
     with pytest.raises(CanaryError, match="more than 0"):
         args("--rules", "/etc/l4proxy", "--wait-live", "0")
 

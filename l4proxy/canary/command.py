@@ -164,6 +164,11 @@ class Transient(CanaryError):
 # propagation delay: Kubernetes documents the sum as the delay to expect).
 WAIT_LIVE_FILES = 5.0
 WAIT_LIVE_CONFIGMAP = 150.0
+# With --prometheus a change is seen live once Prometheus has scraped it: one
+# scrape interval more (Prometheus' default, 1 min; Istio's setup scrapes
+# every 15 s). Without it, 5 s with --rules failed nearly every step, and each
+# "not live" counted as a failed check: a healthy canary rolled back.
+WAIT_LIVE_SCRAPE = 60.0
 
 
 def wait_live_of(args: argparse.Namespace) -> float:
@@ -172,7 +177,8 @@ def wait_live_of(args: argparse.Namespace) -> float:
         if not args.wait_live > 0:
             raise CanaryError(f"--wait-live must be more than 0 seconds, got {args.wait_live:g}")
         return float(args.wait_live)
-    return WAIT_LIVE_CONFIGMAP if getattr(args, "configmap", None) else WAIT_LIVE_FILES
+    wait = WAIT_LIVE_CONFIGMAP if getattr(args, "configmap", None) else WAIT_LIVE_FILES
+    return wait + (WAIT_LIVE_SCRAPE if getattr(args, "prometheus", None) else 0.0)
 
 
 # -- arguments ------------------------------------------------------------------
@@ -249,7 +255,8 @@ def add_parser(sub: Any) -> None:
         "sidecar's rules marks in it, how long after a change its window starts "
         f"({WAIT_LIVE_FILES:g} with --rules, which sidecars poll every second; "
         f"{WAIT_LIVE_CONFIGMAP:g} with --configmap: the kubelet refreshes a mounted "
-        "ConfigMap on its sync period, a minute by default, plus its cache's delay)",
+        "ConfigMap on its sync period, a minute by default, plus its cache's delay; "
+        f"{WAIT_LIVE_SCRAPE:g} more with --prometheus, for its scrape interval)",
     )
     p.add_argument(
         "-n", "--namespace", help="as for l4proxy validate (default: default; the ConfigMap's)"
