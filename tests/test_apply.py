@@ -183,6 +183,28 @@ def test_admin_reads_what_the_sidecar_serves_under_the_lock_after_validating(
     assert "live: " in capsys.readouterr().out
 
 
+def test_admin_asks_again_while_no_worker_answers(
+    rules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The supervisor's /stats has no rules mark in a round no worker answered
+    (one restarting): the read before the change refused, exit 1, "is it
+    l4proxy?". It is asked again."""
+    reads: list[str] = []
+
+    def stats(target: str) -> bytes:
+        reads.append(target)
+        if len(reads) <= 3:
+            return b"l4proxy_workers 0\n"
+        return b"l4proxy_rules_generation %d\nl4proxy_rules_digest %d\n" % (
+            (1, 5) if len(reads) == 4 else (2, 6)
+        )
+
+    with _serving(stats) as admin:
+        assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", admin) == 0
+    assert len(reads) == 5
+    assert "live: " in capsys.readouterr().out
+
+
 # -- with a live sidecar ----------------------------------------------------------
 
 
