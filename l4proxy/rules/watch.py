@@ -556,8 +556,8 @@ class RuleWatcher:
             while task is not None and not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.5)
-            if task is not None and not task.cancelled():
-                task.exception()  # (retrieved: a task that ended otherwise was logged)
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                log.error("the rules watch had ended", exc_info=task.exception())
 
     async def refresh_dns(self) -> bool:
         """Look up the names that are due; swap in a re-expanded table each
@@ -594,10 +594,10 @@ class RuleWatcher:
             fp = await self._stat()
             if fp is None or (fp == self._fingerprint and not self._retry_due()):
                 continue
-            self._retry_at = None  # (set again if this load cannot read them either)
             await asyncio.sleep(self._still_for(fp))
             if await self._stat() != fp:
                 continue  # still being written; look again next round
+            self._retry_at = None  # (set again if this load cannot read them either)
             try:
                 await self.reload(fp)
             except Exception:  # a loader bug must not stop reloads for good
