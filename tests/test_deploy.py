@@ -378,13 +378,14 @@ def test_readiness_probe_wait_holds_until_ready() -> None:
     """--sidecar container's postStart hook, l4proxy-ready --wait SECONDS:
     exit 0 once /ready answers 200, 1 when the time is up (saying why)."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _TurnsReady)
-    server.ready_at = time.monotonic() + 1.0  # type: ignore[attr-defined]
+    server.ready_at = time.monotonic() + 60  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     script = str(DEPLOY / "l4proxy-ready")
     port = str(server.server_address[1])
     try:
         assert _probe(int(port)).returncode == 1  # not ready yet: one question, no wait
+        server.ready_at = time.monotonic() + 1.0  # type: ignore[attr-defined]
         start = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-I", "-S", script, "--wait", "10", port],

@@ -149,11 +149,16 @@ def test_the_rule_commands_refuse_such_values_too(
     assert message in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(n: int) -> list[int]:
+    """*n* distinct ports free now (bound together, so never the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -171,10 +176,11 @@ def test_not_ready_until_the_rules_given_were_loaded(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "bad.yaml").write_text("kind: [\n")
-    admin = f"127.0.0.1:{_free_port()}"
+    admin_port, listen_port = _free_ports(2)
+    admin = f"127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
         [
-            *(L4PROXY, "run", "--no-transparent", "--listen", f"127.0.0.1:{_free_port()}"),
+            *(L4PROXY, "run", "--no-transparent", "--listen", f"127.0.0.1:{listen_port}"),
             *("--admin", admin, "--rules", str(rules), "--reload-interval", "0.1"),
         ],
         stdout=subprocess.DEVNULL,

@@ -327,9 +327,10 @@ def test_clients_that_do_not_read_their_answers_do_not_hold_the_endpoint() -> No
                 await asyncio.sleep(0.1)
                 if server.clients == admin.MAX_CLIENTS and not server._reading:
                     break
-            ready, took = await _get(server.address, "/ready", 1.0)
+            ready, took = await _get(server.address, "/ready", 5.0)
             assert ready.startswith(b"HTTP/1.1 200 ") and ready.endswith(b"LIVE\n"), ready
-            assert took < 1.0 and server.turned_away == 0, (took, server.turned_away)
+            # (at once; 5 s for a loaded machine: before, it was reset, or waited 30 s)
+            assert took < 5.0 and server.turned_away == 0, (took, server.turned_away)
             # the oldest one made room (reset), and one answer is held for the rest
             assert server.evicted == 1
             assert len({id(a) for a in server._answers.values()}) == 1

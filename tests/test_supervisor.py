@@ -295,8 +295,10 @@ def test_a_sigterm_to_a_starting_supervisor_that_is_pid_1_stops_it() -> None:
             assert proc.poll() is None
             with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
                 pid1 = int((f.read().split() or ["0"])[0])  # (as this namespace sees it)
+            time.sleep(0.0005)  # (not a busy loop against the process it waits for)
         while not _caught(pid1) & (1 << (signal.SIGHUP - 1)):
             assert proc.poll() is None
+            time.sleep(0.0005)
         os.kill(pid1, signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     finally:

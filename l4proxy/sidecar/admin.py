@@ -150,9 +150,11 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            # an answered one first (it is done), then one whose client has not
-            # taken its answer, then the one that has waited longest for its head
-            waiting = self._lingering or self._sending or self._reading
+            # an answered one first (it is done), then the one that has waited
+            # longest for its head, then one whose client is still taking its
+            # answer (a slow download of /config_dump is not cut for a probe
+            # while an idle connection can make room)
+            waiting = self._lingering or self._reading or self._sending
             if not waiting:  # every one is being answered: this one waits its turn
                 self.turned_away += 1
                 writer.close()
