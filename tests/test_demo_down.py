@@ -222,7 +222,9 @@ def test_a_stop_signal_unwinds_and_nothing_interrupts_the_cleanup(first: str) ->
 def test_a_closed_terminal_stops_the_demo_and_its_pods() -> None:
     """SIGHUP while the topology is built (the app pods' sidecars running),
     then SIGTERM and SIGINT: exit 130, nothing left behind."""
-    args = ["--prefix", PREFIX, "--step", "all-v1", "--requests", "1", "--keepalive", "0"]
+    # 300 requests: the step runs for seconds after the client pod is recorded
+    # (with 1, the whole demo could end, 3 s on CI, before the signals came)
+    args = ["--prefix", PREFIX, "--step", "all-v1", "--requests", "300", "--keepalive", "0"]
     demo_run = subprocess.Popen(
         [sys.executable, "-m", "l4proxy", "demo", *args, "--no-canary"],
         stdout=subprocess.PIPE,
