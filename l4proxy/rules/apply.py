@@ -262,15 +262,13 @@ def rules_mark(admin: str) -> RulesMark:
     """What the sidecar serves now. A /stats without it is asked again for a
     few seconds: no worker answered that round (one was restarting), and a
     refusal (exit 1, as for invalid rules) said nothing true."""
-    for _ in range(MARK_TRIES - 1):
+    for attempt in range(MARK_TRIES):
+        if attempt:
+            time.sleep(0.1)
         mark = RulesMark.parse(_admin_get(admin, "/stats"))
         if mark is not None:
             return mark
-        time.sleep(0.1)
-    mark = RulesMark.parse(_admin_get(admin, "/stats"))
-    if mark is None:
-        raise Refusal(f"{admin}/stats has no {GENERATION} (is it l4proxy?)")
-    return mark
+    raise Refusal(f"{admin}/stats has no {GENERATION} (is it l4proxy?)")
 
 
 def wait_live(admin: str, before: RulesMark, timeout: float) -> int:
