@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import importlib
 import os
 import shutil
@@ -222,3 +223,31 @@ def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
         if m.sidecar and not m.sidecar.alive():
             print(m.sidecar_log(5000))
         m.close()
+
+
+@contextlib.contextmanager
+def serving(reply: Callable[[str], bytes | None]) -> Iterator[str]:
+    """GETs answered with *reply(target)* (None: a 503), on 127.0.0.1 in a
+    thread; yields HOST:PORT."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = reply(self.path)
+            if body is None:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

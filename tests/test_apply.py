@@ -17,8 +17,8 @@ import pytest
 
 from l4proxy.cli import main
 from tests._hardening import wait_until
+from tests.conftest import serving
 from tests.mesh import L4PROXY, VIP, Mesh, binomial_ok, service_entry
-from tests.test_canary_core import _serving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "deploy", "examples", "gateway-api")
@@ -175,7 +175,7 @@ def test_admin_reads_what_the_sidecar_serves_under_the_lock_after_validating(
             return b"l4proxy_rules_generation 1\nl4proxy_rules_digest 5\n"
         return b"l4proxy_rules_generation 2\nl4proxy_rules_digest 6\n"
 
-    with _serving(stats) as admin:
+    with serving(stats) as admin:
         assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", admin) == 0
         # A refused change asks the sidecar nothing.
         assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", "127.0.0.1:1") == 1
@@ -199,7 +199,7 @@ def test_admin_asks_again_while_no_worker_answers(
             (1, 5) if len(reads) == 4 else (2, 6)
         )
 
-    with _serving(stats) as admin:
+    with serving(stats) as admin:
         assert l4("create", ex("httproute-all-v1.yaml"), rules, "--admin", admin) == 0
     assert len(reads) == 5
     assert "live: " in capsys.readouterr().out

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import itertools
 import json
 import math
 import os
 import pathlib
 import shutil
-import threading
 import time
 import urllib.parse
 import zlib
@@ -53,6 +51,7 @@ from l4proxy.canary._metrics import (
 )
 from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
 from l4proxy.stats import DIGEST, GENERATION, RulesMark
+from tests.conftest import serving
 
 P = Policy(
     steps=(5, 25, 50, 100),
@@ -424,36 +423,8 @@ def _fake_prometheus(
         data = {"resultType": "vector", "result": result}
         return json.dumps({"status": "success", "data": data}).encode()
 
-    with _serving(reply) as address:
+    with serving(reply) as address:
         yield f"http://{address}"
-
-
-@contextlib.contextmanager
-def _serving(reply: Callable[[str], bytes | None]) -> Iterator[str]:
-    """GETs answered with *reply(target)* (None: a 503), on 127.0.0.1 in a
-    thread; yields HOST:PORT."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = reply(self.path)
-            if body is None:
-                self.send_error(503)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _healthy(query: str, success: str = "100") -> str:
@@ -577,7 +548,7 @@ def _stuck_sidecar() -> Iterator[str]:
         b"# TYPE istio_requests_total counter\nistio_requests_total 0\n"
         b"# TYPE l4proxy_rules_generation gauge\nl4proxy_rules_generation 7\n"
     )
-    with _serving(lambda target: body) as address:
+    with serving(lambda target: body) as address:
         yield address
 
 
@@ -627,7 +598,7 @@ def test_a_change_is_live_on_a_sidecar_whose_worker_restarted_meanwhile(
             b"l4proxy_rules_generation %d\nl4proxy_rules_digest %d\n" % (gen, digest)
         )
 
-    with _serving(stats) as admin:
+    with serving(stats) as admin:
         argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
         assert main([*argv, "--wait-live", "3"]) == 1
     assert "warning" not in capsys.readouterr().err
@@ -690,7 +661,7 @@ def _watching_sidecar(tmp_path: pathlib.Path, fails: Callable[[int], bool]) -> I
             f"l4proxy_rules_generation {len(seen)}\n"
         ).encode()
 
-    with _serving(reply) as address:
+    with serving(reply) as address:
         yield address
 
 
@@ -964,7 +935,7 @@ def test_sidecar_and_prometheus_reads_never_go_through_http_proxy(
 
         return reply
 
-    with _serving(server("sidecar")) as sidecar, _serving(server("proxy")) as proxy:
+    with serving(server("sidecar")) as sidecar, serving(server("proxy")) as proxy:
         for var in ("no_proxy", "NO_PROXY"):
             monkeypatch.delenv(var, raising=False)
         for var in ("http_proxy", "HTTP_PROXY"):
@@ -1002,7 +973,7 @@ def test_an_abort_with_a_sidecar_saying_nan_is_written(
         "# TYPE istio_requests_total counter\nistio_requests_total 0\n"
         f"l4proxy_rules_generation {value}\nl4proxy_rules_digest {value}\n"
     ).encode()
-    with _serving(lambda target: body) as admin:
+    with serving(lambda target: body) as admin:
         argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
         assert main(argv) == 1  # rolled back
     assert "Error" not in capsys.readouterr().err
