@@ -20,7 +20,7 @@ EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi)
 # What the Makefile creates, others (uid 1000, 1337) must be able to read.
 UMASK := umask 022 &&
 
-WORK_TARGETS := venv build lint unit test demo bench soak
+WORK_TARGETS := venv build lint unit test demo bench soak fuzz
 .PHONY: help deps clean $(WORK_TARGETS)
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make test   - lint, type-check, and run the whole test suite"
 	@echo "make bench  - benchmark against HAProxy, nginx and Envoy (not part of test)"
 	@echo "make soak   - the 10-minute churn and keep-alive soaks (not part of test)"
+	@echo "make fuzz   - the twins' mutation fuzz, 1,000 examples each (not part of test)"
 	@echo "make clean  - remove the virtualenv, build outputs and the mirror (if any)"
 
 # Debian packages: install only those missing (dpkg-query is quick and offline).
@@ -97,6 +98,11 @@ bench: venv
 
 soak: venv
 	$(UMASK) $(VENV)/bin/pytest -q -m slow --soak $(PYTEST_ARGS)
+
+# The twins' mutation fuzz (tests/test_relay_twins.py), 1,000 examples each
+# instead of the suite's 35: about 15 minutes.
+fuzz: venv
+	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k mutated $(PYTEST_ARGS)
 
 endif
 

@@ -94,6 +94,14 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     assert all(int(p[1]) <= 10 for p in pools), pools
     with open(out_json) as f:
         _check(json.load(f), 90)
+    # Then the two canaries: v2 promoted step by step, v3 (500 to 20 % of
+    # requests) rolled back from its first step.
+    canary = r.stdout.split("== progressive delivery: l4proxy canary", 1)[1]
+    first, second = canary.split("$ l4proxy canary bootcamp")[1:]
+    assert "--stable v1 --canary v2" in first and "exit 0 (promoted)" in first, canary
+    assert re.search(r"v2 100 % .* pass -> PROMOTED", first), canary
+    assert "--stable v2 --canary v3" in second and "exit 1 (rolled back)" in second, canary
+    assert "ROLLED BACK: 100 % to v2" in second and " 25 %" not in second, canary
     assert elapsed < 60, f"demo took {elapsed:.1f}s"
     assert not any(n.startswith(f"{PREFIX}-") for n in os.listdir("/var/run/netns"))
 
@@ -101,7 +109,10 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
 @pytest.mark.usefixtures("seed_dir")
 def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
     out_json = os.path.join(str(tmp_path), "seed.json")
-    r = _run_cli("--manifests", SEED_DIR, "--requests", "90", "--seed", "1", "--json", out_json)
+    r = _run_cli(
+        "--manifests", SEED_DIR, "--requests", "90", "--seed", "1", "--json", out_json,
+        "--no-canary",  # (the canaries: test_make_demo_prints_five_steps_within_bounds)
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out_json) as f:
         _check(json.load(f), 90)

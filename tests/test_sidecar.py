@@ -339,14 +339,14 @@ def test_rule_swaps_under_load_fail_nothing(mesh: Mesh, impl: str) -> None:
     rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
     gen = mesh.sidecar.stat("l4proxy_rules_generation")
     try:
-        for i in range(24):
+        for i in range(12):
             mesh.write_rules(rules[i % 3])
             time.sleep(0.4)
     finally:
         done.set()
         t.join()
-    assert mesh.sidecar.stat("l4proxy_rules_generation") >= gen + 12
-    assert len(codes) >= 200
+    assert mesh.sidecar.stat("l4proxy_rules_generation") >= gen + 6
+    assert len(codes) >= 100
     assert set(codes) == {"200"}, [c for c in codes if c != "200"]
     assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
 
@@ -542,13 +542,13 @@ def test_bulk_transfer_through_the_per_request_relay_is_byte_identical(mesh: Mes
 def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> None:
     """wrk with Connection: close for a while: the sidecar lives, fds return to baseline.
 
-    Request mode churns for 10 s (~30,000 requests here), connection mode
-    for 15 s (pure) or 20 s (compiled), for the suite's time: make soak runs
+    Request mode churns for 6 s (~18,000 requests here), connection mode
+    for 8 s (pure) or 10 s (compiled), for the suite's time: make soak runs
     it for 10 minutes."""
     mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[routing])
     assert mesh.client is not None and mesh.sidecar is not None
     baseline = mesh.sidecar.fd_count()
-    default = "10" if routing == "request" else "15" if impl.startswith("pure") else "20"
+    default = "6" if routing == "request" else "8" if impl.startswith("pure") else "10"
     seconds = int(os.environ.get("L4PROXY_CHURN_SECONDS", default))
     out = mesh.client.run(
         ["wrk", "-t2", "-c50", f"-d{seconds}s", "-H", "Connection: close", f"http://{VIP}:8080/"],
