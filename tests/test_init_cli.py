@@ -107,3 +107,38 @@ def test_empty_netns_is_refused_not_the_current_namespace(
     # and the library entry point says the same (it used to treat "" as "no --netns")
     with pytest.raises(UsageError, match="--netns: empty"):
         run("dry-run", CaptureOptions(), value, "off", "auto")
+
+
+LOAD_IPTC_COUNTING_PROCESSES = r"""
+import os, subprocess, sys
+for name in ("XTABLES_LIBDIR", "IPTABLES_LIBDIR"):
+    os.environ.pop(name, None)
+started = []
+real = subprocess.Popen.__init__
+def counting(self, args, *a, **kw):
+    started.append(args if isinstance(args, str) else " ".join(map(str, args)))
+    real(self, args, *a, **kw)
+subprocess.Popen.__init__ = counting
+from l4proxy_init.apply import load_iptc
+load_iptc()
+print("\n".join(started))
+"""
+
+
+def test_loading_python_iptables_runs_no_compiler_and_no_library_scan() -> None:
+    """python-iptables alone runs ``ldconfig -N -v`` and gcc/ld probes (about
+    20 processes, ~0.1 s) to find its own libraries, in each of init's family
+    processes: load_iptc tells it where they are."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_IPTC_COUNTING_PROCESSES],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    started = r.stdout.splitlines()
+    assert not [a for a in started if "gcc" in a or " -N" in a or a.endswith("/ld")], started
+    assert len(started) <= 6, started  # the ldconfig -p lookups of libxtables and libiptc
