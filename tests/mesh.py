@@ -98,12 +98,12 @@ class Sidecar:
 
     def admin(self, path: str, method: str = "GET") -> str:
         """Query the admin endpoint inside the pod (it listens on the pod's loopback)."""
-        code = (
-            "import urllib.request,sys;"
-            f"r=urllib.request.Request('http://127.0.0.1:{self.admin_port}{path}',method='{method}');"
-            "sys.stdout.write(urllib.request.urlopen(r,timeout=5).read().decode())"
-        )
-        return self.pod.run([PYTHON, "-c", code]).stdout
+        # curl, not a Python one-liner: ~7 ms a query against ~45 ms (the
+        # suite asks the admin endpoint hundreds of times). -f: an HTTP error
+        # raises CalledProcessError, as urlopen did; no proxy, no globbing.
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        argv = ["curl", "-sS", "-f", "-g", "--noproxy", "*", "--max-time", "5", "-X", method, url]
+        return self.pod.run(argv).stdout
 
     def stat(self, name: str) -> float:
         total = 0.0
@@ -251,7 +251,7 @@ class Mesh:
                 "--drain-duration",
                 "5",
                 "--drain-quiet",  # stop soon after the test's traffic (default 5 s)
-                "0.5",
+                "0.1",
                 "--seed",  # weighted splits repeat run after run (see ALPHA)
                 "1",
                 # The per-connection path unless a test asks for per-request

@@ -152,7 +152,7 @@ def test_sigterm_during_load_lets_in_flight_requests_finish(mesh: Mesh, http_rou
         assert r["end"] == "eof"
     n = _wrk_numbers(out)
     # After SIGTERM wrk's new connections are still served while it runs (the
-    # app is not gone), then refused once it is quiet (--drain-quiet 0.5);
+    # app is not gone), then refused once it is quiet (--drain-quiet 0.1);
     # connect/read errors are expected, a wrong answer is not.
     assert n["non_2xx"] == 0, out
     assert "draining" in mesh.sidecar_log()

@@ -602,7 +602,7 @@ def test_sigterm_drains_in_flight(mesh: Mesh) -> None:
     assert mesh.client.run([PYTHON, "-c", banner], user=1000, timeout=20).stdout.strip() == "5"
     out, _ = reader.communicate(timeout=30)
     assert out.strip() == str(64 << 20)
-    time.sleep(1.0)  # --drain-quiet 0.5 (tests/mesh.py) has passed: outbound stopped
+    time.sleep(1.0)  # --drain-quiet 0.1 (tests/mesh.py) has passed: outbound stopped
     # Draining: a new connection is refused at once (not left hanging in a queue).
     probe = (
         "import socket,time;t=time.monotonic()\n"
