@@ -10,11 +10,25 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 LabelSet = tuple[tuple[str, str], ...]
+
+# The standard gauge of Prometheus clients: when the process serving /stats
+# started (Unix time). Its counters count from then: a reader that sees it
+# change knows they started again from 0, whatever their values (a sidecar
+# restarted within an interval may show every counter higher than before).
+START_TIME = "process_start_time_seconds"
+START_TIME_HELP = ("gauge", "Start time of the process since unix epoch in seconds.")
+_STARTED = time.time()
+
+
+def process_start_time() -> float:
+    """This process's :data:`START_TIME` (when this module was first imported)."""
+    return _STARTED
 
 
 class Counters:

@@ -50,7 +50,7 @@ from l4proxy.canary._metrics import (
     totals_of,
 )
 from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
-from l4proxy.stats import DIGEST, GENERATION, RulesMark
+from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 from tests.conftest import serving
 
 P = Policy(
@@ -914,6 +914,35 @@ def test_a_sidecar_restart_counts_all_its_series_anew(
     assert (t.requests, t.errors) == (sum(x or 0 for x in after) + 10, after[1] or 0)
     if after[1]:
         assert check(P, t.sample()).verdict == "fail"
+
+
+def test_a_restart_every_counter_of_which_passed_its_old_value_is_told_by_the_start_time() -> None:
+    """A sidecar restarted within the interval and served more since than
+    before (5 -> 990 successes, 40 -> 45 errors): no counter went down, so
+    only its process_start_time_seconds tells the restart. Without it the
+    deltas (985, 5) passed a canary failing 45 of 1035."""
+
+    def stats(ok: float, err: float, started: float | None) -> dict[Series, float]:
+        def key(code: str) -> Series:
+            labels = {"destination_service_name": "bootcamp", "destination_version": "v2"}
+            return (REQUESTS, tuple(sorted({**labels, "response_code": code}.items())))
+
+        start = {} if started is None else {(START_TIME, ()): started}
+        return {key("200"): ok, key("503"): err} | start
+
+    w = CounterWindow()
+    w.read({"a": stats(5, 40, 1000.0)})
+    t = totals_of(w.read({"a": stats(990, 45, 2000.0)}), "bootcamp", "v2")
+    assert (t.requests, t.errors) == (1035, 45)
+    assert check(P, t.sample()).verdict == "fail"
+    # the same start time: deltas, as before
+    t = totals_of(w.read({"a": stats(1990, 45, 2000.0)}), "bootcamp", "v2")
+    assert (t.requests, t.errors) == (1000, 0)
+    # an older sidecar without the gauge: deltas (the restart cannot be told)
+    w = CounterWindow()
+    w.read({"a": stats(5, 40, None)})
+    t = totals_of(w.read({"a": stats(990, 45, None)}), "bootcamp", "v2")
+    assert (t.requests, t.errors) == (990, 5)
 
 
 def test_sidecar_and_prometheus_reads_never_go_through_http_proxy(

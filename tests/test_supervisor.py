@@ -25,7 +25,7 @@ import pytest
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.demo.podnet import PodNetwork
 from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit
-from l4proxy.stats import RulesMark
+from l4proxy.stats import START_TIME, RulesMark, process_start_time
 from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
 
 netns = pytest.mark.netns
@@ -260,12 +260,17 @@ def test_a_sighup_to_a_worker_that_is_loading_its_first_rules(bare: Mesh) -> Non
 @netns
 def test_sighup_reloads_a_single_process_sidecar(bare: Mesh) -> None:
     """--single-process: the early handler hands over to the loop's; SIGHUP reloads."""
+    started = time.time()
     sc = _start(bare, "--single-process")
     assert sc.worker_pids() == []
     before = sc.stat("l4proxy_reloads_total")
+    # process_start_time_seconds: when this process started (its counters' zero)
+    start = sc.stat(START_TIME)
+    assert started - 1 <= start <= time.time(), (started, start)
     sc.proc.send_signal(signal.SIGHUP)
     _wait(lambda: sc.stat("l4proxy_reloads_total") > before, "a reload after SIGHUP", bare)
     assert sc.alive()
+    assert sc.stat(START_TIME) == start  # a reload is not a restart
 
 
 RUN_GATEWAY = ("run", "--no-transparent", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
@@ -515,9 +520,12 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
     sums: list[float] = []
     kinds: list[object] = []
 
+    starts: set[float] = set()
+
     async def requests_total() -> float:
-        values, help_, _ = await sup.stats()
+        values, help_, gauges = await sup.stats()
         kinds.append(help_.get("l4proxy_requests_total"))
+        starts.add(gauges[START_TIME])
         return sum(values["l4proxy_requests_total"].values())
 
     async def main() -> None:
@@ -545,6 +553,9 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
         lst.sock.close()
     assert sums == [10, 20, 20, 30]  # was [10, 20, 0, 10]
     assert kinds == [("counter", "Requests.")] * 4  # typed while silent too
+    # The sums count from the supervisor's start, and say so across the
+    # replacement (a reader must not take it for a restart).
+    assert starts == {process_start_time()}
 
 
 class _Proc:

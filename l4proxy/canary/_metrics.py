@@ -14,8 +14,9 @@ request`` (per-connection routing has no requests to count):
 response_code}`` and the cumulative histogram
 ``istio_request_duration_milliseconds_bucket{..., le}``. They are counters,
 so a :class:`CounterWindow` keeps the last value of every series of every URL
-and takes deltas. A sidecar that restarted starts again from 0: any series
-of a URL lower than last time (or gone) means that sidecar restarted, and every one
+and takes deltas. A sidecar that restarted starts again from 0: a new
+``process_start_time_seconds``, or any series of a URL lower than last time
+(or gone), means that sidecar restarted, and every one
 of its series counts its new value whole (Prometheus' ``rate()`` decides per
 series, which mixed a restart's fresh counts with old ones: a 503 series
 from 40 to 45 across a restart counted 5 errors, not 45); a series seen
@@ -51,7 +52,7 @@ from typing import Any
 
 from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.canary._analysis import Sample
-from l4proxy.stats import DIGEST, GENERATION, RulesMark
+from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 
 REQUESTS = "istio_requests_total"
 BUCKETS = "istio_request_duration_milliseconds_bucket"
@@ -203,23 +204,32 @@ class CounterWindow:
 
     def __init__(self) -> None:
         self._last: dict[str, dict[Series, float]] = {}
+        self._started: dict[str, float | None] = {}
 
     def read(self, readings: Mapping[str, Mapping[Series, float]]) -> dict[Series, float]:
         out: dict[Series, float] = {}
         for url, values in readings.items():
             last = self._last.get(url)
             now = {k: v for k, v in values.items() if k[0] in (REQUESTS, BUCKETS)}
+            started = values.get((START_TIME, ()))
             if last is not None:
                 # one series lower than last time, or gone (a live sidecar
-                # never drops one): the sidecar restarted, and all its series
-                # count since then (none may be taken as a delta)
-                reset = any(now.get(key, 0.0) < v for key, v in last.items())
+                # never drops one), or a new process_start_time_seconds: the
+                # sidecar restarted, and all its series count since then
+                # (none may be taken as a delta). The start time tells a
+                # restart whose every counter passed its old value; without
+                # it (an older sidecar) such a restart reads as traffic.
+                before = self._started.get(url)
+                reset = any(now.get(key, 0.0) < v for key, v in last.items()) or (
+                    started is not None and before is not None and started != before
+                )
                 for key, v in now.items():
                     delta = v if reset else v - last.get(key, 0.0)
                     # a bucket's 0 is kept: it bounds the next bucket from below
                     if delta or key[0] == BUCKETS:
                         out[key] = out.get(key, 0.0) + delta
             self._last[url] = now
+            self._started[url] = started
         return out
 
 

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from l4proxy.stats import render_prometheus
+from l4proxy.stats import START_TIME, START_TIME_HELP, process_start_time, render_prometheus
 
 if TYPE_CHECKING:
     from l4proxy.sidecar.worker import Worker
@@ -421,11 +421,13 @@ class WorkerView:
             "l4proxy_reloads_total": st.reloads,
             "l4proxy_reload_failures_total": st.reload_failures,
             "l4proxy_rules_valid": 0 if st.last_error else 1,
+            START_TIME: process_start_time(),
         }
 
     async def stats_text(self) -> str:
         w = self.worker
-        return render_prometheus(w.counter_snapshot(), w.counter_help(), self.gauges())
+        help_ = {**w.counter_help(), START_TIME: START_TIME_HELP}
+        return render_prometheus(w.counter_snapshot(), help_, self.gauges())
 
     async def stats_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.gauges())

@@ -58,7 +58,15 @@ from l4proxy.dataplane.listener import Listener
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
 from l4proxy.sidecar.signals import HeldSignals, start_signals_blocked
-from l4proxy.stats import DIGEST, DIGEST_DISAGREE, LabelSet, render_prometheus
+from l4proxy.stats import (
+    DIGEST,
+    DIGEST_DISAGREE,
+    START_TIME,
+    START_TIME_HELP,
+    LabelSet,
+    process_start_time,
+    render_prometheus,
+)
 
 log = logging.getLogger("l4proxy.supervisor")
 
@@ -367,6 +375,10 @@ class Supervisor:
                 else:
                     gauges[k] = gauges.get(k, 0) + v
         help_.update(self.help_seen)
+        # the supervisor's: its summed counters count from its start (a
+        # replaced worker's do not start them again)
+        gauges[START_TIME] = process_start_time()
+        help_[START_TIME] = START_TIME_HELP
         gauges["l4proxy_workers"] = sum(1 for s in self.slots if s.link and not s.link.closed)
         gauges["l4proxy_worker_restarts_total"] = self.restarts_total
         gauges["l4proxy_worker_spawn_failures_total"] = self.spawn_failures_total
