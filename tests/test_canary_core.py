@@ -886,6 +886,41 @@ def test_requests_without_a_latency_histogram_fail_the_p99_check(
     assert _routes(tmp_path) == [("v1", 100)]
 
 
+def test_max_p99_off_judges_on_success_alone(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Prometheus without the latency histogram failed every check (p99
+    unknown) and no option turned the latency check off: --max-p99 off does,
+    and the rollout says so."""
+
+    def answer(n: int, path: str, query: str) -> str:
+        return "NaN" if "histogram_quantile" in query else _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(
+            tmp_path, url, "--steps", "50,100", "--threshold", "1", "--max-p99", "off"
+        )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "success >= 99 %, p99 not checked, >= 10 requests" in out
+    assert "p99    - ms (not checked)  pass" in out
+    assert _routes(tmp_path) == [("v2", 100)]
+    off = replace(P, max_p99_ms=math.inf)
+    assert check(off, Sample(100, 0, math.inf)).verdict == "pass"
+    assert check(off, Sample(100, 5, None)).reasons == ("success rate 95.0 % < 99 %",)
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "fast", ""])
+def test_max_p99_takes_milliseconds_or_off(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from l4proxy.cli import main
+
+    argv = ["canary", "bootcamp", "--rules", "x", "--stable", "v1", "--canary", "v2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, f"--max-p99={bad}"])
+    assert exc.value.code == 2
+    assert "argument --max-p99: milliseconds or off, got" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("before", "after"),
     [

@@ -57,7 +57,7 @@ class Policy:
     interval: float = 60.0  # seconds per check
     threshold: int = 5  # failed checks that roll back
     min_success_rate: float = 99.0  # percent of requests that are not 5xx
-    max_p99_ms: float = 500.0
+    max_p99_ms: float = 500.0  # math.inf: not checked (--max-p99 off)
     min_requests: int = 10  # canary requests per interval, fewer halts
     # halts only, for this long (two intervals at least): roll back; 0: never
     progress_deadline: float = 600.0
@@ -140,8 +140,18 @@ def success_ok(policy: Policy, rate: float) -> bool:
 
 
 def p99_ok(policy: Policy, p99: float) -> bool:
-    """The p99 meets --max-p99 (at it, give or take rounding; +Inf never)."""
+    """The p99 meets --max-p99 (at it, give or take rounding; +Inf never,
+    unless the p99 is not checked)."""
+    if policy.max_p99_ms == math.inf:
+        return True
     return p99 <= policy.max_p99_ms or math.isclose(p99, policy.max_p99_ms, rel_tol=TOLERANCE)
+
+
+def p99_limit(policy: Policy) -> str:
+    """The latency check, as the rollout's first line says it."""
+    if policy.max_p99_ms == math.inf:
+        return "p99 not checked"
+    return f"p99 <= {policy.max_p99_ms:g} ms"
 
 
 def check(policy: Policy, sample: Sample) -> Check:
@@ -161,7 +171,9 @@ def check(policy: Policy, sample: Sample) -> Check:
     assert rate is not None
     if not success_ok(policy, rate):
         reasons.append(f"success rate {rate:.1f} % < {policy.min_success_rate:g} %")
-    if p99 is None:
+    if policy.max_p99_ms == math.inf:
+        pass  # --max-p99 off
+    elif p99 is None:
         reasons.append(f"p99 unknown: no latency histogram for {_num(n)} requests")
     elif p99 == math.inf:
         reasons.append(f"p99 beyond the largest latency bucket > {policy.max_p99_ms:g} ms")

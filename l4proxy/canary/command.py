@@ -74,6 +74,7 @@ from l4proxy.canary._analysis import (
     Sample,
     advance,
     check,
+    p99_limit,
     p99_ok,
     parse_steps,
     promote,
@@ -204,7 +205,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--min-success-rate", type=float, default=99.0, metavar="PCT", help="non-5xx %% (99)"
     )
-    p.add_argument("--max-p99", type=float, default=500.0, metavar="MS", help="(500)")
+    p.add_argument(
+        "--max-p99",
+        type=_max_p99,
+        default=500.0,
+        metavar="MS",
+        help="(500; off: no latency check, for sources without the latency histogram)",
+    )
     p.add_argument(
         "--min-requests",
         type=int,
@@ -878,7 +885,7 @@ class Display:
             head = (
                 f"{r.service}: {r.stable} -> {r.canary}, steps {','.join(map(str, r.steps))} "
                 f"every {p.interval:g} s; a check passes with success >= "
-                f"{p.min_success_rate:g} %, p99 <= {p.max_p99_ms:g} ms, >= {p.min_requests} "
+                f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
                 f"requests; {p.threshold} failed checks roll back"
             )
             if ev.kind == "resume":
@@ -936,6 +943,19 @@ def _num(x: float) -> str:
     return str(round(x))
 
 
+def _max_p99(text: str) -> float:
+    """``--max-p99``: milliseconds, or ``off`` (math.inf: p99 not checked)."""
+    if text.strip().lower() == "off":
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"milliseconds or off, got {text!r}") from None
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"milliseconds or off, got {text!r}")
+    return value
+
+
 def _judge(label: str, value: float | None, unit: str, limit: float, op: str, ok: bool) -> str:
     if value is None:
         shown = "   -"
@@ -944,6 +964,8 @@ def _judge(label: str, value: float | None, unit: str, limit: float, op: str, ok
     else:
         shown = f"{value:5.1f}" if unit == "%" else f"{value:4.0f}"
 
+    if limit == math.inf:  # --max-p99 off
+        return f"{label} {shown} {unit} (not checked)"
     return f"{label} {shown} {unit} {op} {limit:g} {'ok' if ok else 'NO'}"
 
 
