@@ -187,8 +187,10 @@ def test_rule_configmap_loads_with_dns_endpoints_of_the_headless_services(
     table = load_rules([str(tmp_path)], namespace="default").table
     svc = table.service("bootcamp.default.svc.cluster.local")
     assert svc is not None and svc.resolution == "DNS"
+    # fully qualified (a trailing dot): looked up as written, not through
+    # Kubernetes' search list first (ndots:5: three NXDOMAIN answers each)
     headless = {
-        f"{o['metadata']['name']}.default.svc.cluster.local": o["spec"]["selector"]
+        f"{o['metadata']['name']}.default.svc.cluster.local.": o["spec"]["selector"]
         for o in objs
         if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
     }
