@@ -132,6 +132,10 @@ def test_every_request_on_a_keep_alive_connection_is_split(mesh: Mesh, impl: str
     assert sum(ep["rq_active"] for ep in eps) == 0  # nothing in flight now
 
 
+# What ends a pooled upstream connection, each a counter in /stats
+POOL_EXITS = ("closed_max_requests", "closed_unreusable", "closed_overflow", "evicted", "expired")
+
+
 def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
     # --pool-max-requests 5: an upstream connection serves 5 requests at most
     run_args = (*PER_REQUEST, "--pool-max-requests", "5")
@@ -150,7 +154,14 @@ def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
         client.close()
     served = mesh.sidecar.stat("l4proxy_http_requests_total")
     assert served == 120  # 3 batches x 2 connections x 20
-    assert mesh.sidecar.stat("l4proxy_upstream_pool_opened_total") >= served // 5
+    opened = mesh.sidecar.stat("l4proxy_upstream_pool_opened_total")
+    assert opened >= served // 5
+    # Where each of them went, as /stats says: closed at check-in (its 5th
+    # request, here), evicted or expired idle, or idle now. Nothing in flight:
+    # they add up.
+    gone = {why: mesh.sidecar.stat(f"l4proxy_upstream_pool_{why}_total") for why in POOL_EXITS}
+    assert gone["closed_max_requests"] >= 1, gone
+    assert opened == sum(gone.values()) + mesh.sidecar.stat("l4proxy_upstream_pool_idle"), gone
 
 
 INGRESS = """

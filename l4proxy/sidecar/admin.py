@@ -396,6 +396,15 @@ class WorkerView:
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),
             "l4proxy_upstream_pool_reused_total": rs.get("pool_reused", 0),
+            # where pooled connections went: back to idle, or closed at check-in
+            # (the exchange said not to reuse it; --pool-max-requests; the pool
+            # was full), or evicted idle (the server closed it), or expired
+            "l4proxy_upstream_pool_returned_total": rs.get("pool_returned", 0),
+            "l4proxy_upstream_pool_closed_unreusable_total": rs.get("pool_closed_unreusable", 0),
+            "l4proxy_upstream_pool_closed_max_requests_total": rs.get(
+                "pool_closed_max_requests", 0
+            ),
+            "l4proxy_upstream_pool_closed_overflow_total": rs.get("pool_closed_overflow", 0),
             "l4proxy_upstream_pool_evicted_total": rs.get("pool_evicted", 0),
             "l4proxy_upstream_pool_expired_total": rs.get("pool_expired", 0),
             "l4proxy_upstream_pool_idle": rs.get("pool_idle", 0),
