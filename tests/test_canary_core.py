@@ -574,6 +574,39 @@ def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(
     assert _routes(tmp_path) == [("v1", 100)]
 
 
+@pytest.mark.parametrize("moving", [True, False])
+def test_a_promote_by_hand_with_prometheus_waits_until_it_is_live(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], moving: bool
+) -> None:
+    """``promote --prometheus`` returned as soon as it was written, not live
+    (``--metrics`` waited): a script that promotes then checks found the old
+    weights. It now waits for the sidecars' rules marks, as Prometheus
+    scrapes them, to move past the change; not within --wait-live, it warns
+    (written all the same)."""
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    paths = Paths.of(str(tmp_path), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
+    reads: list[str] = []
+
+    def marks(query: str) -> Rows:
+        reads.append(query)
+        return _mark_rows("caller-0", 1, len(reads) if moving else 5)
+
+    with _fake_prometheus(lambda n, path, query: None, marks) as url:
+        argv = ["canary", "promote", "bootcamp", "--rules", str(tmp_path), "--prometheus", url]
+        assert main([*argv, "--wait-live", "1.5"]) == 0
+    err = capsys.readouterr().err
+    assert _routes(tmp_path) == [("v2", 100)]
+    if moving:  # read before the change, then once after: live
+        assert len(reads) == 2 and err == "", err
+    else:
+        assert len(reads) >= 2 and "warning: " in err and "--wait-live" in err, err
+
+
 def test_a_change_is_live_on_a_sidecar_whose_worker_restarted_meanwhile(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

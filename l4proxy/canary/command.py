@@ -1074,10 +1074,12 @@ def _store(args: argparse.Namespace, service: str) -> Store:
 
 
 def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """status, promote, abort; with --metrics, promote/abort return once live.
+    """status, promote, abort; with --metrics or --prometheus, promote/abort
+    return once live.
 
-    The sidecars are read on a best-effort basis: an abort is an emergency,
-    and one unreachable sidecar must not keep it from being written."""
+    The sidecars (or Prometheus) are read on a best-effort basis: an abort is
+    an emergency, and one unreachable sidecar must not keep it from being
+    written."""
     as_json: bool = args.json
     wait = wait_live_of(args)
     saved = loaded = store.load_state()
@@ -1088,14 +1090,27 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     elif action == "abort":
         saved = roll_back(saved, time.time())
     if action != "status":
-        sidecars = SidecarMetrics(args.metrics, store.service) if args.metrics else None
+        sidecars: SidecarMetrics | PrometheusMetrics | None = None
         before: dict[str, RulesMark | None] = {}
-        if sidecars is not None:
+        if args.metrics:
+            sidecars = SidecarMetrics(args.metrics, store.service)
             try:
                 sidecars.start_window()
                 before = dict(sidecars.marks)
             except MetricsError as exc:
                 print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
+                sidecars = None
+        elif args.prometheus:
+            # the marks as Prometheus scraped them; none readable: the change
+            # is written all the same, and not waited for
+            sidecars = PrometheusMetrics(args.prometheus, store.service, args.reporter)
+            before = sidecars.before_change()
+            if not any(m is not None for m in before.values()):
+                why = sidecars.unread or (
+                    f"Prometheus has no {DIGEST} of a sidecar that reports requests to "
+                    f"{store.service}"
+                )
+                print(f"l4proxy canary: warning: {why}; not waiting for it to be live", file=err)
                 sidecars = None
         if not _commit(store, saved, loaded, err):
             sidecars = None  # the document was so already: nothing reloads
