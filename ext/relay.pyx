@@ -180,6 +180,10 @@ cdef enum:
     REPLAY_LIMIT = 65536
     MAX_OKS = 1024
 
+# Row.status of a request that ended with no response head sent (a reset):
+# reported as response code 0 (Envoy's), apart from the decisions' rows (0)
+cdef int ST_NONE = -1
+
 cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
@@ -455,10 +459,11 @@ cdef struct Conn:
     unsigned char no_linger        # the client cannot send more: close, no lingering read
     unsigned char unwanted         # EPOLLIN fired while the client was not to be read
     unsigned char slow_after_flush # hand to the pure relay once c.out is sent (_to_slow)
+    unsigned char uncounted        # a routed request not counted yet (request_done)
 
 cdef struct Row:
     int tag
-    int status             # 0: a decision (count only)
+    int status             # 0: a decision (count only); ST_NONE: answered with no status
     int64_t count
     double sum_s
     int64_t buckets[MAX_BUCKETS]
@@ -870,6 +875,8 @@ cdef void conn_close(Relay *R, Conn *c, bint reset) noexcept nogil:
     cdef sys_.linger lg
     if c.closed:
         return
+    if c.uncounted:  # dropped mid-request (a reset, the idle timeout)
+        request_cut(R, c, now_s())
     if c.up != NULL:
         up_discard(R, c)
     conn_forget(R, c, True)
@@ -1421,10 +1428,21 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
 
 
 cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
+    """The routed request is over (answered, or cut short): counted once."""
+    if not c.uncounted:
+        return
+    c.uncounted = False
     L4R_ADD(&R.ctr[<int>CT_REQUESTS], 1)
     if local:
         L4R_ADD(&R.ctr[<int>CT_LOCAL], 1)
-    count_row(R, c.tag, status, now - c.started)
+    count_row(R, c.tag, status if status else ST_NONE, now - c.started)
+
+
+cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
+    """The request ends unanswered (a reset, the client gone, an idle
+    timeout): counted with the status of the final head the client got, else
+    0 (Envoy's response code for a request reset before its response)."""
+    request_done(R, c, c.status if c.rs != RS_HEAD else 0, False, now)
 
 
 cdef void reset_exchange(Conn *c) noexcept nogil:
@@ -1447,14 +1465,17 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
 
 cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
                           double now) noexcept nogil:
-    """Give up on this exchange (_upstream_failed in _exchange_py.py)."""
+    """Give up on this exchange (_upstream_failed in _exchange_py.py): answer
+    when no final head went out (interim ones may have), counted either way."""
     if c.up != NULL:
         up_discard(R, c)
-    if c.client_bytes == 0:
+    if c.rs == RS_HEAD:
         c.status = status
         if reason != NULL and to_client(R, c, reason, n) != 0:
             return  # out of memory: aborted
         request_done(R, c, status, True, now)
+    else:  # a body cut short: counted with its head's status (as Envoy does)
+        request_cut(R, c, now)
     if not c.closed:
         start_close(R, c, now)
 
@@ -1879,6 +1900,7 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
         upstream_send_failed(R, c, now)
     elif r == SP_IN_EOF:  # a request body cut short
         c.client_eof = True
+        request_cut(R, c, now)
         splice_stop(c)
         up_discard(R, c)
         start_close(R, c, now)
@@ -2038,6 +2060,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     cdef Up *u
     cdef EP *ep
     c.started = now
+    c.uncounted = True
     if v.kind == V_LOCAL:
         local_answer(R, c, v, now)
         return
@@ -2379,6 +2402,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                     interest(R, c)
                 return
             # a request body cut short
+            request_cut(R, c, now)
             if c.up != NULL:
                 up_discard(R, c)
             start_close(R, c, now)
@@ -3720,7 +3744,7 @@ cdef class HttpRelay:
             if r.status == 0:
                 decided.append((tag, r.count))
             else:
-                answered.append((tag, r.status, r.count, r.sum_s,
+                answered.append((tag, r.status if r.status != ST_NONE else 0, r.count, r.sum_s,
                                  tuple(r.buckets[b] for b in range(R.n_buckets + 1))))
             memset(r, 0, sizeof(Row))
         R.rows_used = 0

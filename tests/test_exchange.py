@@ -239,6 +239,7 @@ def test_reused_connection_closed_before_any_response_byte_is_retried_once(
     d.answer(response)
     d.play(d.ex.upstream_eof())  # truncated after bytes were forwarded: no 502 over them
     assert d.client == response and d.events == ["Retry", "Close"]
+    assert d.done == [(200, False)]  # counted, once, as the 200 the client got
 
 
 @pytest.mark.parametrize(
@@ -302,15 +303,17 @@ def test_ambiguous_response_is_a_502() -> None:
     assert d.released == [False] and d.events == ["Close"]
 
 
-def test_a_bad_head_after_an_interim_one_keeps_the_interim_and_closes() -> None:
-    """The interim head went to the client (it counts as sent): the bad
-    final head that follows in the same bytes cannot take it back, and no
-    502 can follow it. It was counted and dropped: the client got nothing."""
+def test_a_bad_head_after_an_interim_one_keeps_the_interim_then_answers_502() -> None:
+    """The interim head went to the client: the bad final head that follows
+    in the same bytes cannot take it back. An interim head is not an answer,
+    so the 502 follows it (it did not: the request ended unanswered, and
+    uncounted)."""
     d = Driver()
     d.send(GET)
     d.answer(b"HTTP/1.1 100 Continue\r\n\r\n\rTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    assert d.client == b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert d.released == [False] and d.events == ["Close"]
+    interim, _, final = bytes(d.client).partition(b"\r\n\r\n")
+    assert interim == b"HTTP/1.1 100 Continue" and final.startswith(b"HTTP/1.1 502 "), d.client
+    assert d.released == [False] and d.events == ["Close"] and d.done == [(502, True)]
 
 
 def test_local_answer_keeps_a_bodyless_keep_alive_connection_usable() -> None:
@@ -360,6 +363,7 @@ def test_client_gone_mid_body_releases_the_upstream_unreusable() -> None:
     d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nabc")
     d.play(d.ex.client_eof())
     assert d.released == [False] and d.events == ["Close"]
+    assert d.done == [(0, False)]  # counted, with no status (Envoy's response code 0)
 
 
 def test_response_that_says_close_is_not_reused_and_closes_the_client() -> None:

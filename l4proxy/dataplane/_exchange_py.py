@@ -55,8 +55,17 @@ Decisions
   upstream connection closes before any response byte, the request is sent
   once more on a new connection, when the method is idempotent (RFC 9110
   §9.2.2) and every byte sent so far is still held (at most
-  ``replay_limit``). Otherwise the client gets 502, or a close if part of a
-  response was already forwarded.
+  ``replay_limit``). Otherwise the client gets 502, or a close if a final
+  response head was already forwarded (interim ones, 100 Continue, do not
+  count: a final answer is still due after them).
+* *Counting*: every request whose head was read is counted once
+  (:class:`Done`), however it ends: answered, answered locally, or cut
+  short (a reset, a malformed body, a client gone mid-request). A request
+  cut short is counted with the status of the final head the client got (a
+  200 whose body was cut counts as 200, as Envoy counts it), else 0 (no
+  response began: Envoy's ``response_code`` 0). The shell counts the
+  requests it drops itself (a client reset, an idle timeout) the same way
+  (:attr:`Exchange.sent_status`).
 * A response that ends before the request body does (an early 413, say)
   closes both connections after it: the rest of the body is never read.
 * Error answers are the proxy's own, ``connection: close``: 400/431/505 for
@@ -286,7 +295,6 @@ class Exchange:
         self._response: BodyFramer | None = None
         self._response_persistent = False
         self._upstream_bytes = 0  # response bytes received for this request
-        self._client_bytes = 0  # response bytes forwarded to the client
         self.status = 0
 
     # -- what the shell asks ------------------------------------------------
@@ -296,6 +304,13 @@ class Exchange:
         """Bytes of the next request head are here already (a pipelined
         segment's rest): its header timeout runs from now."""
         return self.phase == Phase.HEAD and bool(self._inbox or self._parser.buffered)
+
+    @property
+    def sent_status(self) -> int:
+        """The status of the final response head the client got for the
+        current request; 0 when none went out (Envoy's response code for a
+        request reset before its response: the client saw no status)."""
+        return self.status if self._response is not None else 0
 
     @property
     def wants_client_data(self) -> bool:
@@ -321,7 +336,8 @@ class Exchange:
         if self.phase == Phase.HEAD:
             return self._close()  # between requests, or a head cut short
         if self.phase == Phase.EXCHANGE and self._request is not None and not self._request.done:
-            return [Release(False), *self._close()]  # a request body cut short
+            # a request body cut short: counted (Envoy's response code 0, DC)
+            return [Release(False), Done(self.sent_status, False), *self._close()]
         return []  # half-closed after its request: answer, then close
 
     def routed(self, reused: bool) -> list[Action]:
@@ -465,13 +481,11 @@ class Exchange:
                 return [*out, Done(resp.status, False), Tunnel()]
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
                 out.append(Client(raw))
-                self._client_bytes += len(raw)
                 self._response_head += rest
                 continue
             if not self._client_persists(resp, kind):
                 raw = client_head(raw, resp)
             out.append(Client(raw))
-            self._client_bytes += len(raw)
             self.status = resp.status
             self._response_persistent = _persistent(resp)
             self._response = BodyFramer(kind, length, error_status=502, max_trailers=self.max_head)
@@ -490,7 +504,6 @@ class Exchange:
         used = self._response.feed(data)
         if used:
             out.append(Client(data[:used]))
-            self._client_bytes += used
         if used < len(data):  # bytes after a complete response: the server is confused
             self._response_persistent = False
         if self._response.done:
@@ -544,11 +557,17 @@ class Exchange:
         return self._advance()  # a pipelined request may be waiting
 
     def _upstream_failed(self, status: int, reason: str) -> list[Action]:
-        """Give up on this exchange: the upstream closes; answer if we still can."""
+        """Give up on this exchange: the upstream closes; answer if we still can
+        (no final head went out: after interim ones, 100 Continue, a final
+        answer is still due). Counted either way: with the status the client
+        got when a final head went out (a body cut short is counted as its
+        200, as Envoy counts it), else with the local answer's."""
         out: list[Action] = [Release(False)]
-        if self._client_bytes == 0:
+        if self._response is None:
             self.status = status
             out += [Client(local_response(status, reason)), Done(status, True)]
+        else:
+            out.append(Done(self.status, False))
         return out + self._close()
 
     def _local_error(self, status: int, reason: str) -> list[Action]:

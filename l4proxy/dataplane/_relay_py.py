@@ -521,15 +521,7 @@ class HttpRelay:
                 c.up = None
                 self._connect(c, endpoint, now)
             elif isinstance(a, Done):
-                self.counters["requests"] += 1
-                if a.local:
-                    self.counters["local_answers"] += 1
-                d, c.decision = c.decision, None  # this request's, used up here
-                if self.report is not None:
-                    # No decision: a head refused before routing (400, 431):
-                    # no destination, no duration (not the previous request's).
-                    tag = d.tag if d is not None else None
-                    self.report(tag, a.status, now - c.started if d is not None else 0.0)
+                self._count(c, a.status, a.local, now)
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
@@ -551,6 +543,18 @@ class HttpRelay:
             self._interest(c)
             if c.up is not None and c.up.owner is c and not c.up.connecting:
                 self._interest_up(c.up)
+
+    def _count(self, c: _Conn, status: int, local: bool, now: float) -> None:
+        """A request is over (answered, or cut short): counted, reported."""
+        self.counters["requests"] += 1
+        if local:
+            self.counters["local_answers"] += 1
+        d, c.decision = c.decision, None  # this request's, used up here
+        if self.report is not None:
+            # No decision: a head refused before routing (400, 431):
+            # no destination, no duration (not the previous request's).
+            tag = d.tag if d is not None else None
+            self.report(tag, status, now - c.started if d is not None else 0.0)
 
     def _route(self, c: _Conn, head: RequestHead, now: float) -> None:
         c.head_started = None
@@ -774,6 +778,10 @@ class HttpRelay:
         up.sock.close()
 
     def _close_client(self, c: _Conn, reset: bool = False) -> None:
+        if c.decision is not None:
+            # a routed request not counted yet: dropped here (the client
+            # reset, the idle timeout), counted with what the client got
+            self._count(c, c.ex.sent_status, False, time.monotonic())
         if c.up is not None:
             up, c.up = c.up, None
             self._drop_upstream(up)
