@@ -222,6 +222,16 @@ def test_totals_and_quantile() -> None:
     assert totals_of(values, "bootcamp.default.svc.cluster.local", "v2").requests == 100
 
 
+def test_a_request_with_no_response_failed() -> None:
+    """response_code 0: a request that got no response at all (reset, its
+    client gone, the idle timeout), which the sidecar counts as Envoy does:
+    a failure of the canary's, not a success (it was: not a 5xx)."""
+    text = stats(90, 5, {"+Inf": 100})  # and as many 0 as 503:
+    zero = [ln.replace('"503"', '"0"') for ln in text.splitlines() if '"503"' in ln]
+    t = totals_of(parse_text(text + "\n".join(zero) + "\n")[0], "bootcamp", "v2")
+    assert (t.requests, t.errors) == (100, 10)
+
+
 def test_counter_window_sums_sidecars_and_handles_a_restart() -> None:
     w = CounterWindow()
     a1, _ = parse_text(stats(100, 0, {"+Inf": 100}))
@@ -244,7 +254,7 @@ def test_promql_is_flaggers_istio_queries() -> None:
     q = promql("bootcamp", "v2", 30)
     sel = 'reporter="source",destination_service_name="bootcamp",destination_version="v2"'
     assert q["success_rate"] == (
-        f'sum(rate(istio_requests_total{{{sel},response_code!~"5.*"}}[30s])) / '
+        f'sum(rate(istio_requests_total{{{sel},response_code!~"5.*|0"}}[30s])) / '
         f"sum(rate(istio_requests_total{{{sel}}}[30s])) * 100"
     )
     assert q["p99"] == (

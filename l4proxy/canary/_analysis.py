@@ -17,9 +17,10 @@ interval; :func:`check` grades it and :func:`advance` moves the
   (Flagger's ``progressDeadlineSeconds``) is **rolled back**: a canary that
   gets no traffic is not left half-shifted, and its Job not running, for
   ever.
-* **fail**: success rate (non-5xx %) below ``min_success_rate``, or p99
-  above ``max_p99_ms`` (``math.inf``: beyond the largest histogram bucket),
-  or p99 unknown although there were requests (no histogram to read: a
+* **fail**: success rate (the % of requests neither 5xx nor 0, no response
+  at all) below ``min_success_rate``, or p99 above ``max_p99_ms``
+  (``math.inf``: beyond the largest histogram bucket), or p99 unknown
+  although there were requests (no histogram to read: a
   Prometheus ``histogram_quantile`` that is NaN because only the +Inf
   bucket has data, or bucket series dropped; a canary is never promoted on
   a latency that could not be read). ``failed_checks`` goes up by one and is never reset
@@ -56,7 +57,7 @@ class Policy:
     steps: tuple[int, ...]  # canary weights, strictly increasing, 1..100
     interval: float = 60.0  # seconds per check
     threshold: int = 5  # failed checks that roll back
-    min_success_rate: float = 99.0  # percent of requests that are not 5xx
+    min_success_rate: float = 99.0  # percent of requests that are neither 5xx nor 0
     max_p99_ms: float = 500.0  # math.inf: not checked (--max-p99 off)
     min_requests: int = 10  # canary requests per interval, fewer halts
     # halts only, for this long (two intervals at least): roll back; 0: never
@@ -113,7 +114,7 @@ class Sample:
     """The canary's requests in one interval (deltas, not totals)."""
 
     requests: float
-    errors: float  # 5xx answers among them
+    errors: float  # failed among them: 5xx answers, or none (response code 0)
     p99_ms: float | None  # None: no histogram data; math.inf: beyond its largest bucket
 
 

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Both sources answer one question per interval: how many requests did the
-canary version of SERVICE get, how many were 5xx, and what was their p99?
+canary version of SERVICE get, how many failed (5xx, or response code 0:
+no response at all, see :func:`failed`), and what was their p99?
 (a :class:`~l4proxy.canary._analysis.Sample`). Parsing and arithmetic are pure
 functions here; the only I/O is :func:`http_get`.
 
@@ -118,7 +119,7 @@ class Totals:
     """One version's counters (or their deltas) for one service."""
 
     requests: float = 0.0
-    errors: float = 0.0  # 5xx
+    errors: float = 0.0  # failed: 5xx, or 0
     buckets: dict[float, float] = field(default_factory=dict)  # le (ms) -> cumulative count
 
     def add(self, other: Totals) -> None:
@@ -129,6 +130,20 @@ class Totals:
 
     def sample(self) -> Sample:
         return Sample(self.requests, self.errors, histogram_quantile(0.99, self.buckets))
+
+
+# The response codes of failed requests, as PromQL's regular expression
+# (anchored, as PromQL's are) and in Python: a 5xx, or 0, a request that got
+# no response at all (Envoy's and l4proxy's response_code for a request reset
+# before its response: a canary that resets connections, or that its clients
+# give up on, failed them). Flagger's Istio query (response_code!~"5.*")
+# counts 0 as a success.
+FAILED_CODES = "5.*|0"
+
+
+def failed(code: str) -> bool:
+    """Whether a ``response_code`` label is a failed request (FAILED_CODES)."""
+    return code.startswith("5") or code == "0"
 
 
 def totals_of(values: Mapping[Series, float], service: str, version: str) -> Totals:
@@ -142,7 +157,7 @@ def totals_of(values: Mapping[Series, float], service: str, version: str) -> Tot
             continue
         if name == REQUESTS:
             t.requests += v
-            if d.get("response_code", "").startswith("5"):
+            if failed(d.get("response_code", "")):
                 t.errors += v
         else:
             le = _le(d.get("le", ""))
@@ -301,13 +316,14 @@ def promql(service: str, version: str, interval: float, reporter: str = "source"
     """The three queries of one check: requests, success rate (%), p99 (ms).
 
     Flagger's built-in Istio metrics ``request-success-rate`` and
-    ``request-duration``, selecting the version by ``destination_version``
+    ``request-duration`` (a response code 0 failed too: FAILED_CODES),
+    selecting the version by ``destination_version``
     (Flagger selects a Deployment by ``destination_workload``; the sidecar
     names both, the version is what the rules route on).
     """
     window = f"[{range_of(interval)}]"
     sel = _selector(service, version, reporter)
-    ok = _selector(service, version, reporter, 'response_code!~"5.*"')
+    ok = _selector(service, version, reporter, f'response_code!~"{FAILED_CODES}"')
     return {
         "requests": f"sum(increase({REQUESTS}{{{sel}}}{window}))",
         "success_rate": (

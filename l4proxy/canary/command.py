@@ -203,7 +203,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
-        "--min-success-rate", type=float, default=99.0, metavar="PCT", help="non-5xx %% (99)"
+        "--min-success-rate", type=float, default=99.0, metavar="PCT", help="not 5xx nor 0 %% (99)"
     )
     p.add_argument(
         "--max-p99",
