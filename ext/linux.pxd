@@ -25,6 +25,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
+        EPOLLRDHUP
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
         EPOLL_CTL_DEL

@@ -349,6 +349,7 @@ cdef struct Up:
     bint reused
     bint closed
     bint send_failed       # a send to it failed (a reset): never pooled
+    bint peer_closed       # its FIN came (EPOLLRDHUP): never pooled
     int requests
     double idle_since
     double deadline        # connect deadline
@@ -742,6 +743,11 @@ cdef void interest_up(Relay *R, Up *u) noexcept nogil:
                 want |= sys_.EPOLLIN
         elif not u.owner.out.len:
             want |= sys_.EPOLLIN
+    if want & sys_.EPOLLIN:
+        # the server's FIN, said by the event that reads the bytes before
+        # it (upstream_event): no syscall more, and no wake-up more (a FIN
+        # makes the socket readable anyway)
+        want |= sys_.EPOLLRDHUP
     set_mask(R, u.fd, &u.mask, want, u)
 
 
@@ -792,7 +798,7 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
     ep = u.ep
     ep.active -= 1
     u.requests += 1
-    if not reusable or u.out.len or u.send_failed:
+    if not reusable or u.out.len or u.send_failed or u.peer_closed:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
     elif R.max_requests and u.requests >= R.max_requests:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
@@ -2445,6 +2451,13 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
     cdef Conn *c = u.owner
     cdef ssize_t n
     cdef char peek
+    if ev & sys_.EPOLLRDHUP:
+        # The server closed its side: its FIN came with (or after) what this
+        # event reads. Were the response that completes in this read pooled,
+        # a request in the same step (a pipelined one, the next client's in
+        # this batch) would take the connection and go onto a half-closed
+        # socket (a POST, not retried: a 502).
+        u.peer_closed = True
     if c == NULL:  # idle in the pool: the server closed it, or spoke
         # ... or the event is from before it came back to the pool, earlier
         # in this batch (a client's event finished its response): nothing

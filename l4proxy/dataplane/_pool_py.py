@@ -15,7 +15,11 @@ Theory of operation
   connections for readability: an idle connection that turns readable was
   closed by the server (or sent bytes nobody asked for) and is
   :meth:`Pools.evict`-ed, never handed out (Envoy hands out a pooled
-  connection only when known idle).
+  connection only when known idle). One whose FIN came in the very read
+  that completed its last response is checked in not reusable (the relays
+  ask for EPOLLRDHUP, which says so on that event): pooled, it would be
+  handed out in the same step, before any idle event could evict it (a
+  pipelined request, the next client's head in the same epoll batch).
 * Bounds: at most ``max_idle`` idle connections per endpoint (the excess is
   closed at check-in), ``idle_timeout`` seconds idle (closed by
   :meth:`Pools.expire`), ``max_requests`` requests per connection (closed

@@ -85,6 +85,7 @@ _EPOLLIN: Final = select.EPOLLIN
 _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLERR: Final = select.EPOLLERR
 _EPOLLHUP: Final = select.EPOLLHUP
+_EPOLLRDHUP: Final = select.EPOLLRDHUP
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _READ: Final = 65536
@@ -118,6 +119,7 @@ class _Up:
     owner: _Conn | None = None  # None while idle in the pool
     mask: int = 0
     send_failed: bool = False  # a send to it failed (a reset): never pooled
+    peer_closed: bool = False  # its FIN came (EPOLLRDHUP): never pooled
 
     @property
     def fd(self) -> int:
@@ -403,6 +405,13 @@ class HttpRelay:
                 self._interest_up(c.up)
 
     def _upstream_event(self, c: _Conn, up: _Up, ev: int, now: float) -> None:
+        if ev & _EPOLLRDHUP:
+            # The server closed its side: its FIN came with (or after) what
+            # this event reads. Were the response that completes in this read
+            # pooled, a request in the same step (a pipelined one, the next
+            # client's in this batch) would take the connection and go onto
+            # a half-closed socket (a POST, not retried: a 502).
+            up.peer_closed = True
         if up.connecting:
             if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
                 return
@@ -648,7 +657,10 @@ class HttpRelay:
             self._drop_upstream(up)
             return
         closing = self.pools.checkin(
-            up.endpoint, up.fd, reusable and not up.out and not up.send_failed, now
+            up.endpoint,
+            up.fd,
+            reusable and not up.out and not up.send_failed and not up.peer_closed,
+            now,
         )
         if closing:
             up.owner = None  # checked in: the pool has forgotten it already
@@ -656,7 +668,7 @@ class HttpRelay:
             return
         up.owner = None
         self._idle[up.fd] = up
-        self._set_mask(up.fd, up, _EPOLLIN)  # readable while idle: evict
+        self._set_mask(up.fd, up, _EPOLLIN | _EPOLLRDHUP)  # readable while idle: evict
 
     def _hand_off(self, c: _Conn, a: Tunnel | NotHTTPConnection) -> None:
         up = c.up
@@ -735,7 +747,10 @@ class HttpRelay:
         if up.out:
             want |= _EPOLLOUT
         if c is not None and not c.out:
-            want |= _EPOLLIN
+            # and the server's FIN, said by the event that reads the bytes
+            # before it (_upstream_event): no syscall more, and no wake-up
+            # more (a FIN makes the socket readable anyway)
+            want |= _EPOLLIN | _EPOLLRDHUP
         self._set_mask(up.fd, up, want)
 
     def _set_mask(self, fd: int, obj: _Conn | _Up, want: int) -> None:

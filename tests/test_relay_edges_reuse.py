@@ -1,0 +1,133 @@
+"""Pooled upstream connections, reuse and retries: both twins, real sockets.
+
+How a batch is made (see tests/test_relay_edges.py): the relay's thread is
+held in ``decide`` for another client (Host: hold) while the backend sends;
+everything sent meanwhile is in the relay's sockets when it next looks.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import Choice, Verdict
+from tests.test_relay_edges import TWINS, Backend, _client, _read_head, _relay
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture(params=TWINS)
+def which(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield request.param
+
+
+def _read_n(s: socket.socket, n: int, timeout: float = 5.0) -> bytes:
+    """At least *n* bytes (or what came before EOF or *timeout*)."""
+    s.settimeout(timeout)
+    got = b""
+    try:
+        while len(got) < n and (data := s.recv(65536)):
+            got += data
+    except TimeoutError:
+        pass
+    return got
+
+
+class Hold:
+    """decide() for *endpoints*, holding the relay's thread on Host: hold."""
+
+    def __init__(self, *endpoints: tuple[str, int]) -> None:
+        self.endpoints = endpoints
+        self.hold, self.holding = threading.Event(), threading.Event()
+
+    def decide(self, head: Any, origin: Any) -> Decision:
+        if head.host == "hold":
+            self.holding.set()
+            self.hold.wait(5)
+            return Decision(local=(404, "held"))
+        return Decision(self.endpoints)
+
+    def resolve(self, head: Any, origin: Any) -> Verdict:
+        """The compiled twin's fast path: a verdict per origin and Host,
+        cached and applied in the C loop (a checkout in the loop's step)."""
+        if head.host == "hold":
+            self.holding.set()
+            self.hold.wait(5)
+            return Verdict(local=(404, "held"), shape=0)
+        return Verdict((Choice(1, self.endpoints, "ORDERED"),), ttl=60, shape=0)
+
+    def relay(self, which: str) -> Any:
+        return _relay(
+            which, self.decide, **({"resolve": self.resolve} if which == "compiled" else {})
+        )
+
+    def held(self, relay: Any) -> socket.socket:
+        """Hold the relay's thread (until release()); the holding client."""
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: hold\r\n\r\n")
+        assert self.holding.wait(5)
+        return b
+
+    def release(self) -> None:
+        self.hold.set()
+
+
+def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which: str) -> None:
+    """The server answered and closed in one send (no Connection: close): the
+    FIN came in the same read as the answer. The answer completed, the
+    connection went back to the pool, and the client's pipelined POST took
+    it in the same step: sent onto a half-closed socket, it got a 502 (a
+    GET is retried, a POST is not). The event that read the answer says
+    EPOLLRDHUP: such a connection is never pooled, and the POST goes on a
+    new one (no syscall more per request)."""
+    go, got_head, closed = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[int, bytes]] = []  # (connection, request line)
+    conns = iter(range(100))
+
+    def serve(conn: socket.socket) -> None:
+        n = next(conns)
+        while head := _read_head(conn):
+            seen.append((n, head.split(b"\r\n")[0]))
+            if n == 0:
+                got_head.set()
+                go.wait(5)
+                conn.sendall(OK)
+                conn.close()  # its FIN right behind the answer
+                closed.set()
+                return
+            conn.sendall(OK)
+
+    backend = Backend(serve)
+    h = Hold(backend.endpoint)
+    relay = h.relay(which)
+    try:
+        a = _client(relay)
+        a.sendall(
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        assert got_head.wait(5)
+        b = h.held(relay)
+        go.set()
+        assert closed.wait(5)  # the answer and the FIN wait in the relay's socket
+        h.release()
+        got = _read_n(a, 2 * len(OK))
+        assert got == OK + OK, got
+        assert seen == [(0, b"GET /1 HTTP/1.1"), (1, b"POST /2 HTTP/1.1")], seen
+        b.close()
+    finally:
+        h.release()
+        go.set()
+        relay.close()
+        backend.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
