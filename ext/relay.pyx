@@ -2178,7 +2178,8 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
 
 
 cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
-    """After Python heard of a failed connect: the next candidate, or 503/502."""
+    """After Python heard of a failed connect: the next candidate (a first
+    attempt's, or a retry's), or 503 (502 for a retry: the request is lost)."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
     for i in range(c.n_cand):
@@ -2186,12 +2187,28 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             c.cand[j] = c.cand[i]
             j += 1
     c.n_cand = j
-    if c.retried:  # a retry's connect failed: the request is lost
-        on_upstream_eof(R, c, now)
-    elif c.n_cand:
+    if c.n_cand:
         connect_to(R, c, c.cand[0], now)
+    elif c.retried:  # a retry's last connect failed: the request is lost
+        on_upstream_eof(R, c, now)
     else:
         local_answer(R, c, R_no_upstream, now)
+
+
+cdef void retry_order(Conn *c, EP *failed) noexcept nogil:
+    """A retry's candidates: the endpoint whose connection failed goes last
+    (Istio's default retry policy skips the previous hosts), the others keep
+    their order; it stays one, the last resort."""
+    cdef int i, j = 0, n = c.n_cand
+    for i in range(n):
+        if c.cand[i] != failed:
+            c.cand[j] = c.cand[i]
+            j += 1
+    if j == n and n < MAX_ATTEMPTS:  # (not a candidate: it always is one)
+        n += 1
+    for i in range(j, n):
+        c.cand[i] = failed
+    c.n_cand = n
 
 
 cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
@@ -2202,10 +2219,12 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
     cdef EP *ep
     if c.up_bytes == 0:
         if c.up != NULL and c.up.reused and not c.retried and c.replayable:
+            # once more, on a new connection, to another endpoint first
             c.retried = True
             ep = c.up.ep
             up_discard(R, c)
-            connect_to(R, c, ep, now)
+            retry_order(c, ep)
+            connect_to(R, c, c.cand[0], now)
             return
         upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, now)
         return

@@ -131,3 +131,57 @@ def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which:
 def _reset(conn: socket.socket) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
+
+
+def _answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.mark.parametrize("case", ["a_gone", "a_alive", "b_dead"])
+def test_a_retry_goes_to_another_endpoint_and_past_a_failed_connect(which: str, case: str) -> None:
+    """A request on a pooled connection to A that the server reset before
+    any answer is sent again (a GET): the retry was pinned to A, and when
+    its connect failed the client got a 502, though B was healthy. It goes
+    to another endpoint when there is one (Istio's default retry policy
+    skips the previous hosts), and a retry's failed connect moves on to the
+    next candidate, as a first attempt's does (A last).
+
+    a_gone: A stops listening (its pod went away): B answers. a_alive: A
+    still answers new connections: B answers all the same. b_dead: B
+    refuses connections: A answers, on a new connection."""
+    conns = iter(range(100))
+
+    def serve_a(conn: socket.socket) -> None:
+        n = next(conns)
+        while _read_head(conn):
+            if n == 0 and first_done.is_set():
+                _reset(conn)  # the pooled connection: reset, unanswered
+                return
+            conn.sendall(_answer(b"A"))
+            first_done.set()
+
+    def serve_b(conn: socket.socket) -> None:
+        while _read_head(conn):
+            conn.sendall(_answer(b"B"))
+
+    first_done = threading.Event()
+    a_backend = Backend(serve_a)
+    b_backend = Backend(serve_b)
+    if case == "b_dead":
+        b_backend.listener.shutdown(socket.SHUT_RDWR)
+    h = Hold(a_backend.endpoint, b_backend.endpoint)
+    relay = h.relay(which)
+    try:
+        c = _client(relay)
+        c.sendall(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _read_n(c, len(_answer(b"A"))) == _answer(b"A")  # pooled now
+        if case == "a_gone":
+            a_backend.listener.shutdown(socket.SHUT_RDWR)
+        c.sendall(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        want = _answer(b"A" if case == "b_dead" else b"B")
+        assert _read_n(c, len(want)) == want
+        assert relay.stats()["requests"] == 2
+    finally:
+        relay.close()
+        a_backend.close()
+        b_backend.close()

@@ -161,7 +161,8 @@ class Release(NamedTuple):
 
 
 class Retry(NamedTuple):
-    """Open a new upstream connection to the same endpoint; call routed(False)."""
+    """Open a new upstream connection (to another endpoint when there is
+    one: the shell's choice); call routed(False)."""
 
 
 class Done(NamedTuple):

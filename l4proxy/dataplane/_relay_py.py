@@ -23,6 +23,11 @@ to do; this module only performs it:
   read the body, a 413, resets the connection as it closes) stops the
   sending only: what the server sent before is read first, and is the
   client's answer; then its end (a retry only with nothing received).
+* :class:`Retry` (a pooled connection closed before any answer): a new
+  connection, to another candidate endpoint when there is one (the one
+  whose connection failed goes last: Istio's default retry policy skips the
+  previous hosts); a retry's failed connect moves on to the next candidate,
+  as a first attempt's does.
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed.
@@ -526,9 +531,15 @@ class HttpRelay:
                     sent = self._flush_up(c.up)
                 self._release(c, a.reusable and sent, now)
             elif isinstance(a, Retry):
-                endpoint = c.up.endpoint if c.up else c.candidates[0]
+                # On a new connection, to another endpoint when there is one:
+                # the one whose (pooled) connection failed goes last, as
+                # Istio's default retry policy skips previous hosts; a failed
+                # connect moves on to the next (_connect_error). The pooled
+                # connection was candidates[0]'s (_route).
+                failed = c.candidates[0]
+                c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
-                self._connect(c, endpoint, now)
+                self._connect(c, c.candidates[0], now)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
             elif isinstance(a, Tunnel | NotHTTPConnection):
@@ -641,11 +652,11 @@ class HttpRelay:
             self.connect_failed(endpoint, c.decision.tag if c.decision else None, why)
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
-        if c.ex.phase == Phase.ROUTING and c.candidates:
+        if c.candidates:  # the next candidate: a first attempt's, or a retry's
             self._connect(c, c.candidates[0], now)
         elif c.ex.phase == Phase.ROUTING:
             self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
-        else:  # a retry's connect failed: the request is lost
+        else:  # a retry's last connect failed: the request is lost
             self._perform(c, c.ex.upstream_eof(), now)
 
     def _release(self, c: _Conn, reusable: bool, now: float) -> None:
