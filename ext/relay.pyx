@@ -350,6 +350,7 @@ cdef struct Up:
     bint closed
     bint send_failed       # a send to it failed (a reset): never pooled
     bint peer_closed       # its FIN came (EPOLLRDHUP): never pooled
+    bint sent              # the kernel took a byte of the current request
     int requests
     double idle_since
     double deadline        # connect deadline
@@ -985,7 +986,11 @@ cdef void settle(Relay *R, Conn *c) noexcept nogil:
 
 cdef inline int flush_up(Relay *R, Up *u) noexcept nogil:
     """-1: the upstream failed (the caller decides what that means)."""
-    return send_buf(u.fd, &u.out)
+    cdef size_t before = u.out.len
+    cdef int r = send_buf(u.fd, &u.out)
+    if u.out.len < before:
+        u.sent = True
+    return r
 
 
 cdef inline int to_client(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
@@ -2084,6 +2089,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         L4R_ADD(&R.ctr[<int>CT_REUSED], 1)
         u.owner = c
         u.reused = True
+        u.sent = False
         ep.active += 1
         c.up = u
         send_request(R, c, now)
@@ -2244,10 +2250,20 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
     end (on_upstream_eof) if the exchange is still on it: only a request
     with nothing received back may be retried (a reused connection) or get
     the 502. Python judging a response head (c.need) stops the reading; the
-    loop reads the rest after it, as any response's."""
+    loop reads the rest after it, as any response's. A request of which the
+    kernel took no byte (a pooled connection reset before its first send)
+    never left: it may be sent again whatever its method, its bytes (all
+    held in u.out) kept for that as an idempotent request's are."""
     cdef Up *u = c.up
     cdef ssize_t n
     u.send_failed = True
+    if u.reused and not u.sent and not c.replayable and not c.retried \
+            and c.up_bytes == 0 and u.out.len <= REPLAY_LIMIT:
+        buf_free(&c.replay)
+        c.replay = u.out  # (moved: u.out is left empty)
+        u.out.p = NULL
+        u.out.len = u.out.cap = 0
+        c.replayable = True
     buf_free(&u.out)
     c.no_splice = True
     if c.splicing == SPL_REQ:

@@ -257,6 +257,20 @@ def test_no_retry_when_unsafe(reused: bool, request_raw: bytes) -> None:
     assert d.client.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and d.done == [(502, True)]
 
 
+def test_a_request_that_never_left_is_retried_whatever_its_method() -> None:
+    """The shell says the connection failed before the kernel took a byte
+    of the request (unsent: the bytes it held): a POST is sent again too."""
+    post = b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\n\r\nx"
+    d = Driver(reuse=[True])
+    d.send(post)
+    d.play(d.ex.upstream_eof(unsent=bytes(d.upstreams[0])))
+    assert d.events == ["Retry"] and [bytes(u) for u in d.upstreams] == [post, post]
+    d = Driver(reuse=[False])  # a new connection: the server refused it, not sent again
+    d.send(post)
+    d.play(d.ex.upstream_eof(unsent=bytes(d.upstreams[0])))
+    assert "Retry" not in d.events and d.done == [(502, True)]
+
+
 def test_no_retry_when_the_body_outgrew_the_replay_buffer() -> None:
     d = Driver(ex=Exchange(replay_limit=10), reuse=[True])
     d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 20\r\n\r\n" + b"x" * 20)

@@ -7,9 +7,11 @@ everything sent meanwhile is in the relay's sockets when it next looks.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,3 +187,72 @@ def test_a_retry_goes_to_another_endpoint_and_past_a_failed_connect(which: str, 
         relay.close()
         a_backend.close()
         b_backend.close()
+
+
+@pytest.mark.parametrize("body", [b"hi", b"x" * 4_000_000], ids=["unsent", "partly_sent"])
+def test_a_post_that_never_left_is_sent_again(which: str, body: bytes) -> None:
+    """A POST found a pooled connection the server had reset while the relay
+    decided it (no idle event could evict it in between): its first send
+    failed (ECONNRESET), the kernel had taken no byte of it, so it never
+    left; but only idempotent requests were sent again, and the POST got a
+    502. Whatever its method, a request of which no byte was taken is sent
+    again, on a new connection. One of which the kernel took bytes is not
+    (partly_sent: the server read its head, then reset): 502."""
+    unsent = body == b"hi"
+    go, reset_done, holding = threading.Event(), threading.Event(), threading.Event()
+    posts: list[int] = []  # the connection each POST came on
+    conns = iter(range(100))
+
+    def serve(conn: socket.socket) -> None:
+        n = next(conns)
+        while head := _read_head(conn):
+            if head.startswith(b"POST"):
+                posts.append(n)
+                if n == 0:  # partly_sent, on the pooled connection: its head came
+                    _reset(conn)
+                    return
+                left = len(body) - len(head.partition(b"\r\n\r\n")[2])
+                while left > 0 and (data := conn.recv(1 << 20)):
+                    left -= len(data)
+            conn.sendall(_answer(b"#%d" % n))
+            if unsent and n == 0:
+                go.wait(5)  # while the relay decides the POST: reset, and gone
+                _reset(conn)
+                reset_done.set()
+                return
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.method == "POST" and unsent:
+            holding.set()
+            go.wait(5)
+            assert reset_done.wait(5)
+            time.sleep(0.05)  # the RST is in the relay's socket
+        return Decision((backend.endpoint,))
+
+    backend = Backend(serve)
+    relay = _relay(which, decide)  # (the compiled twin asks decide per request)
+    try:
+        c = _client(relay)
+        c.sendall(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _read_n(c, len(_answer(b"#0"))) == _answer(b"#0")  # pooled now
+        post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
+        threading.Thread(target=_send_quietly, args=(c, post + body), daemon=True).start()
+        if unsent:
+            assert holding.wait(5)
+            go.set()
+            want = _answer(b"#1")  # on a new connection
+            assert _read_n(c, len(want)) == want
+            assert posts == [1], posts
+        else:
+            got = _read_n(c, 12)
+            assert got.startswith(b"HTTP/1.1 502 "), got
+            assert posts == [0], posts  # not sent again: its head had left
+    finally:
+        go.set()
+        relay.close()
+        backend.close()
+
+
+def _send_quietly(s: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        s.sendall(data)

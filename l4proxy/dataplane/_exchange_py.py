@@ -55,9 +55,12 @@ Decisions
   upstream connection closes before any response byte, the request is sent
   once more on a new connection, when the method is idempotent (RFC 9110
   §9.2.2) and every byte sent so far is still held (at most
-  ``replay_limit``). Otherwise the client gets 502, or a close if a final
-  response head was already forwarded (interim ones, 100 Continue, do not
-  count: a final answer is still due after them).
+  ``replay_limit``), or whatever the method when the connection failed
+  before the kernel took a byte of the request (it never left: the shell
+  says so, with the bytes it held, to :meth:`Exchange.upstream_eof`).
+  Otherwise the client gets 502, or a close if a final response head was
+  already forwarded (interim ones, 100 Continue, do not count: a final
+  answer is still due after them).
 * *Counting*: every request whose head was read is counted once
   (:class:`Done`), however it ends: answered, answered locally, or cut
   short (a reset, a malformed body, a client gone mid-request). A request
@@ -384,9 +387,20 @@ class Exchange:
         except FramingError as exc:
             return self._upstream_failed(exc.status, exc.reason)
 
-    def upstream_eof(self) -> list[Action]:
+    def upstream_eof(self, unsent: bytes | None = None) -> list[Action]:
+        """The upstream connection ended. *unsent*: it failed before the
+        kernel took any byte of this request, and these are all the bytes
+        sent upstream for it so far (held, unsent): the request never left,
+        so it may be sent again whatever its method (a retry's rules else)."""
         if self.phase != Phase.EXCHANGE:
             return []
+        if (
+            unsent is not None
+            and self._replay is None
+            and self._upstream_bytes == 0
+            and len(unsent) <= self.replay_limit
+        ):
+            self._replay = bytearray(unsent)
         if self._upstream_bytes == 0:
             if (
                 self._reused

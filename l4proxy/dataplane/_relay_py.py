@@ -125,6 +125,7 @@ class _Up:
     mask: int = 0
     send_failed: bool = False  # a send to it failed (a reset): never pooled
     peer_closed: bool = False  # its FIN came (EPOLLRDHUP): never pooled
+    sent: bool = False  # the kernel took a byte of the current request
 
     @property
     def fd(self) -> int:
@@ -469,8 +470,12 @@ class HttpRelay:
         pending into the exchange, then take the connection's end
         (upstream_eof) if the exchange is still on it: only a request with
         nothing received back may be retried (a reused connection) or get
-        the 502. The actions, for the caller to perform (or queue)."""
+        the 502; one of which the kernel took no byte (a pooled connection
+        reset before its first send) never left, and may be sent again
+        whatever its method: its bytes, all of them held, go back to the
+        exchange. The actions, for the caller to perform (or queue)."""
         up.send_failed = True
+        unsent = None if up.sent else bytes(up.out)
         up.out.clear()
         actions: list[Action] = []
         while c.ex.phase == Phase.EXCHANGE:
@@ -483,7 +488,7 @@ class HttpRelay:
             c.last_active = now
             actions += c.ex.upstream_data(data)
         if c.ex.phase == Phase.EXCHANGE:
-            actions += c.ex.upstream_eof()
+            actions += c.ex.upstream_eof(unsent)
         return actions
 
     def _reading_client(self, c: _Conn) -> bool:
@@ -596,6 +601,7 @@ class HttpRelay:
             up = self._idle.pop(int(handle))  # type: ignore[call-overload]
             up.owner = c
             up.reused = True
+            up.sent = False
             c.up = up
             self._perform(c, c.ex.routed(True), now)
             return
@@ -740,6 +746,7 @@ class HttpRelay:
             except OSError:
                 return False
             del up.out[:n]
+            up.sent = True
         return True
 
     # -- epoll interest ----------------------------------------------------------
