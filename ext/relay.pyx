@@ -712,7 +712,7 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
     cdef uint32_t want = 0
     if c.closed:
         return
-    if c.out.len or (c.splicing == SPL_RESP and c.piped):
+    if c.out.len or (c.splicing == SPL_RESP and c.piped and c.up != NULL):
         want |= sys_.EPOLLOUT
     if (c.phase == P_CLOSING and not c.client_eof) or reading_client(c):
         want |= sys_.EPOLLIN
@@ -934,6 +934,17 @@ cdef inline bint done_talking(Conn *c) noexcept nogil:
 cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
     if c.closed:  # (a failed to_client() aborted it: its fd number may be reused)
         return
+    # A body still going through the pipe ends here (its upstream is gone,
+    # or going): what the pipe holds of an answer is the client's, after
+    # what c.out holds and before the close (splice_body must not run
+    # again: it splices from c.up); a request body's bytes go nowhere.
+    # (An answer spliced has begun: upstream_failed() queued no local
+    # answer ahead of these bytes.)
+    if c.splicing == SPL_RESP:
+        if splice_fallback(R, c) != 0:
+            return  # gone (aborted)
+    elif c.splicing == SPL_REQ:
+        splice_stop(c)
     if c.up != NULL:
         up_release(R, c, False, now)
     c.phase = P_CLOSING
@@ -2402,7 +2413,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
         if c.closed:
             return
     if c.splicing == SPL_RESP and ev & (sys_.EPOLLOUT | sys_.EPOLLHUP | sys_.EPOLLERR) \
-            and c.need == N_NONE:
+            and c.need == N_NONE and c.up != NULL:
         splice_body(R, c, False, now)
         if c.closed:
             return

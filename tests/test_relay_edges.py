@@ -632,3 +632,91 @@ def test_a_put_answered_early_on_a_pooled_connection_is_not_sent_again(which: st
         go.set()
         relay.close()
         backend.close()
+
+
+# -- a spliced answer, then the request's end ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("end", "stalled"),
+    [("bad chunk", False), ("bad chunk", True), ("half-close", True)],
+    ids=["bad-chunk", "bad-chunk-stalled", "half-close-stalled"],
+)
+def test_a_request_ending_while_its_answer_is_spliced(which: str, end: str, stalled: bool) -> None:
+    """A chunked POST answered early (the body unread) with a long
+    Content-Length answer, whose rest the compiled twin splices (upstream ->
+    pipe -> client); then the request ends badly: a chunk-size line that is
+    not one (the exchange fails: no 400, the answer has begun) or the
+    client's half-close (a request body cut short). The compiled twin let
+    go of the upstream connection but not of the splice: the next event on
+    the client's socket (its EPOLLOUT with bytes in the pipe, its close)
+    spliced from the upstream connection it no longer had, a NULL
+    dereference that took the process down; and the pipe's bytes were lost
+    (its FIN went first). Now they go to the client, in order, then the
+    close, as the pure twin sends what it has read. *stalled*: the client
+    reads nothing meanwhile (the pipe holds bytes; the pure twin reads
+    neither side while its own buffer holds them, so it may stop short)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n"
+    first, more = head + b"\r\n" + b"a" * 1000, b"b" * 65536
+    # as the client gets it: the relay says it closes (the request is not over)
+    expected = head + b"connection: close\r\n\r\n" + b"a" * 1000 + more
+    received_first, sent, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        _read_head_only(conn)
+        conn.sendall(first)
+        received_first.wait(5)
+        conn.sendall(more)  # in the relay's socket once c.out is empty: spliced
+        sent.set()
+        finished.wait(5)
+
+    backend = Backend(answer)
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.host == "b":
+            return Decision(local=(404, "no route"))
+        return Decision((backend.endpoint,))
+
+    relay = _relay(which, decide)
+    try:
+        bufsize = 4096 if stalled else 0
+        a, _ = _tcp_client(relay, rcvbuf=bufsize, sndbuf=bufsize)
+        a.sendall(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        a.settimeout(5)
+        got = b""
+        while len(got) < len(expected) - len(more):
+            got += a.recv(65536)
+        received_first.set()
+        assert sent.wait(5)
+        up = _upstream_of(backend.endpoint)
+        if which == "compiled":
+            # every byte is in the relay (the pipe), most still there if stalled
+            _wait_for("the answer's rest is spliced", lambda: relay.stats()["spliced"] == 1)
+            _wait_for("the relay has read it all", lambda: _unread(up.fd) == 0)
+        if not stalled:
+            while len(got) < len(expected):
+                got += a.recv(65536)
+        if end == "bad chunk":
+            a.sendall(b"zz\r\n")
+        else:
+            a.shutdown(socket.SHUT_WR)
+        rest, how = _read_all(a, 5)
+        got += rest
+        assert how == "EOF", how
+        if which == "compiled" or not stalled:
+            assert got == expected, (len(got), got[-20:])
+        else:  # the pure twin: in order, but maybe short
+            assert got == expected[: len(got)], (len(got), got[-20:])
+        a.close()  # after the relay's FIN (or close): its socket hangs up
+        b = _client(relay)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        b.settimeout(5)
+        assert b.recv(4096).startswith(b"HTTP/1.1 404 ")
+        assert relay.stats()["errors"] == 0
+        b.close()
+    finally:
+        finished.set()
+        relay.close()
+        backend.close()
