@@ -1081,7 +1081,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.expect_continue = False
     h.n_conn = 0
     h.conn_overflow = h.kept_close = False
-    for j in range(R.n_keys):
+    for j in range(MAX_KEY_HEADERS):  # every slot: a test never reads one unset
         h.key_s[j] = -1
         h.key_e[j] = -1
     while next_field(buf, p, s.head_length, &f):
@@ -1231,11 +1231,11 @@ cdef Py_ssize_t test_bits(const Tests_ *T, const unsigned char *buf, Head *h,
     return nb
 
 
-cdef Tests_ *_tests(tests, dict key_index) except NULL:
+cdef Tests_ *_tests(tests, dict key_index, int n_keys) except NULL:
     """verdict.tests ((kind, value) pairs, TEST_KINDS) as one malloc'ed block;
-    a header test names a key header (*key_index*: name -> index). KeyError:
-    an unknown kind, or a header that is not a key; ValueError (encoding): a
-    value no request byte can equal."""
+    a header test names a key header (*key_index*: name -> index, below
+    *n_keys*). KeyError: an unknown kind, or a header that is not a key;
+    ValueError (encoding): a value no request byte can equal."""
     cdef Py_ssize_t n = len(tests), size, i
     cdef Tests_ *T
     cdef char *p
@@ -1245,6 +1245,8 @@ cdef Tests_ *_tests(tests, dict key_index) except NULL:
     for kind, value in tests:
         if kind.startswith("header_"):
             name, _, value = value.partition(":")
+            if not 0 <= key_index[name] < n_keys:  # (never so: _set_keys)
+                raise KeyError(name)
             keys.append(key_index[name])
         else:
             keys.append(-1)
@@ -3050,26 +3052,45 @@ cdef class HttpRelay:
         thread, or before it starts): cached verdicts go, as their keys and
         tests number the names."""
         cdef Relay *R = self.R
-        cdef int i
+        cdef int i, n = 0
         cdef bytes b
+        cdef char *fresh[MAX_KEY_HEADERS]
         cache_clear(R)
         if R.seeded:  # a new table: as the route table reseeds its RNG (--seed),
             R.rng = R.seed  # and not at a failed connect's forgetting
-        names = [n.lower() for n in names]
+        # What the loop can compare byte for byte (rule validation lets
+        # only tokens through); a name left out, or past the key's room,
+        # and a verdict reading headers is not cached (keys_overflow).
+        # Everything is made before anything changes: the index numbers
+        # exactly the names stored, whatever fails.
+        names = [s.lower() for s in names]
+        stored = []
+        overflow = False
+        for s in names:
+            try:
+                b = s.encode("ascii")
+            except UnicodeEncodeError:
+                overflow = True
+                continue
+            if len(stored) == MAX_KEY_HEADERS:
+                overflow = True
+                break
+            stored.append(b)
+        for n in range(len(stored)):
+            fresh[n] = <char*>malloc(len(stored[n]) + 1)
+            if fresh[n] == NULL:
+                for i in range(n):
+                    free(fresh[i])
+                raise MemoryError()
         for i in range(R.n_keys):
             free(R.keys[i])
-        R.n_keys = 0
-        R.keys_overflow = len(names) > MAX_KEY_HEADERS
-        names = names[:MAX_KEY_HEADERS]
-        self._key_index = {n: i for i, n in enumerate(names)}
-        for n in names:
-            b = n.encode("ascii")
-            R.keys[R.n_keys] = <char*>malloc(len(b) + 1)
-            if R.keys[R.n_keys] == NULL:
-                raise MemoryError()
-            memcpy(R.keys[R.n_keys], <char*>b, len(b))
-            R.key_len[R.n_keys] = len(b)
-            R.n_keys += 1
+        for i, b in enumerate(stored):
+            memcpy(fresh[i], <char*>b, len(b))
+            R.keys[i] = fresh[i]
+            R.key_len[i] = len(b)
+        R.n_keys = len(stored)
+        R.keys_overflow = overflow
+        self._key_index = {b.decode("ascii"): i for i, b in enumerate(stored)}
 
     def _request_bits(self, tests, bytes head):
         """verdict.request_bits() as the loop computes it for the request
@@ -3083,7 +3104,7 @@ cdef class HttpRelay:
         if scan(&sc, <const unsigned char*>PyBytes_AS_STRING(head), len(head)) != COMPLETE:
             raise ValueError("not a complete request head")
         summarize(self.R, &sc, <const unsigned char*>PyBytes_AS_STRING(head), &h)
-        T = _tests(tests, self._key_index)
+        T = _tests(tests, self._key_index, self.R.n_keys)
         try:
             if (T.n + 7) // 8 > <int>sizeof(out):
                 raise ValueError("too many tests")
@@ -3667,7 +3688,7 @@ cdef class HttpRelay:
         tests = NULL
         if cacheable and shape & SHAPE_TESTS:
             try:
-                tests = _tests(verdict.tests, self._key_index)
+                tests = _tests(verdict.tests, self._key_index, R.n_keys)
             except (KeyError, ValueError):
                 cacheable = False  # a test the loop cannot evaluate: this request only
             except BaseException:

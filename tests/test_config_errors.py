@@ -287,6 +287,34 @@ spec:
         10,
     ),
     (
+        # lowercase, so it passed; the compiled relay's key headers are ASCII
+        "non-ASCII header name (VirtualService)",
+        VS
+        + """\
+  http:
+  - match:
+    - headers:
+        x-caf\u00e9: {exact: jason}
+    route:
+    - destination: {host: bootcamp}
+""",
+        "header name 'x-caf\u00e9' is not an HTTP field name",
+        10,
+    ),
+    (
+        "header name with a space (RouteRule)",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  match:
+    request:
+      headers:
+        "x user": {exact: jason}
+""",
+        "header name 'x user' is not an HTTP field name",
+        10,
+    ),
+    (
         "empty RouteRule destination",
         RR
         + """\

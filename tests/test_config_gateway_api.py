@@ -190,6 +190,16 @@ CASES = [
         12,
     ),
     (
+        "header name not a token",
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - headers:\n      - {name: a, value: x}\n"
+        + "      - {name: x-caf\u00e9, value: y}\n"
+        + backends(("bootcamp-v1", 1)),
+        "header name 'x-caf\u00e9' is not an HTTP field name",
+        12,
+    ),
+    (
         "Gateway listener protocol HTTPS",
         GW.replace("protocol: HTTP}", "protocol: HTTPS}"),
         "listener protocol HTTPS is not implemented by l4proxy",

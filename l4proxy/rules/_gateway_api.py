@@ -71,6 +71,7 @@ from l4proxy.rules._schema import (
     dns_subdomain,
     dotted,
     fields,
+    header_name,
     integer,
     listing,
     text,
@@ -455,7 +456,7 @@ def _name_matches(
         name = text(ctx, h["name"], (*ipath, "name"), required=True)
         val = text(ctx, h.get("value", ""), (*ipath, "value"))
         htype = h.get("type", "Exact")
-        if name is None or val is None:
+        if name is None or val is None or (fold and not header_name(ctx, name, (*ipath, "name"))):
             ok = False
             continue
         key = name.lower() if fold else name

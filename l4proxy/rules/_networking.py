@@ -31,6 +31,7 @@ from l4proxy.rules._schema import (
     dns_label,
     dotted,
     fields,
+    header_name,
     integer,
     labels,
     listing,
@@ -279,6 +280,8 @@ def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
             ok = False
         elif hname != hname.lower():
             ctx.error(sub, f"header name {hname} must be in lower case")
+            ok = False
+        elif not header_name(ctx, hname, sub):
             ok = False
         else:
             sm = string_match(ctx, hval, sub, bare_ok=False)

@@ -23,6 +23,7 @@ from l4proxy.rules._schema import (
     dns_label,
     dotted,
     fields,
+    header_name,
     integer,
     labels,
     listing,
@@ -172,6 +173,9 @@ def _match(ctx: Ctx, value: Any, path: Path) -> tuple[Match, ...] | None:
                     continue
                 if hname != hname.lower():
                     ctx.error(sub, f"header name {hname} must be in lower case")
+                    ok = False
+                    continue
+                if not header_name(ctx, hname, sub):
                     ok = False
                     continue
                 sm = string_match(ctx, hval, sub, bare_ok=True)

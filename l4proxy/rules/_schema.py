@@ -25,6 +25,9 @@ _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+# RFC 9110 §5.1: a field name is a token (§5.6.2), ASCII; the Gateway API's
+# HTTPHeaderName says the same
+_FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 
 
 @dataclass
@@ -226,6 +229,19 @@ def dns_subdomain(ctx: Ctx, value: Any, path: Path) -> str | None:
         )
         return None
     return s
+
+
+def header_name(ctx: Ctx, name: str, path: Path) -> bool:
+    """Whether *name* is an HTTP header name (no request has another, and
+    the compiled relay compares names as ASCII bytes); an error if not."""
+    if _FIELD_NAME.fullmatch(name):
+        return True
+    ctx.error(
+        path,
+        f"header name {name!r} is not an HTTP field name "
+        "(letters, digits and !#$%&'*+-.^_`|~ only)",
+    )
+    return False
 
 
 def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
