@@ -304,6 +304,7 @@ cdef enum:
     CT_SLOW
     CT_SPLICED
     CT_PY_HEADS
+    CT_URGENT
     N_CT
 
 _STAT_NAMES = (
@@ -311,7 +312,7 @@ _STAT_NAMES = (
     "active", "pool_idle", "pool_opened", "pool_reused", "pool_returned",
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "verdict_cache_hits", "verdict_cache_misses",
-    "slow_path", "spliced", "response_heads_in_python",
+    "slow_path", "spliced", "response_heads_in_python", "urgent",
 )
 
 
@@ -703,7 +704,7 @@ cdef inline bint reading_client(Conn *c) noexcept nogil:
         return not c.client_eof
     if c.phase == P_EXCH:
         if c.splicing == SPL_REQ:
-            return c.req_left > 0 and c.piped < c.pipe_cap
+            return c.req_left > 0 and c.piped == 0  # (splice_moves)
         return c.req_left > 0
     return False
 
@@ -740,7 +741,7 @@ cdef void interest_up(Relay *R, Up *u) noexcept nogil:
         if u.out.len or (u.owner.splicing == SPL_REQ and u.owner.piped):
             want |= sys_.EPOLLOUT
         if u.owner.splicing == SPL_RESP:
-            if u.owner.resp_left and u.owner.piped < u.owner.pipe_cap:
+            if u.owner.resp_left and u.owner.piped == 0:  # (splice_moves)
                 want |= sys_.EPOLLIN
         elif not u.owner.out.len:
             want |= sys_.EPOLLIN
@@ -1784,11 +1785,13 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
 # upstream -> pipe -> client for a response (SPL_RESP), client -> pipe ->
 # upstream for a request that can no longer be replayed (SPL_REQ); one at a
 # time. The bytes never enter user space. The pipe is the connection's own
-# (made for this body, closed at its end: no fds held between requests); what
-# it holds is bounded by its size, and nothing is read into it while it is
-# full (backpressure as with c.out). An urgent mark stops splice() (see
-# pump.pyx): readable yet nothing spliced means one, and this body goes back
-# to the copy path, the pipe's bytes first (splice_fallback).
+# (made for this body, closed at its end: no fds held between requests); it
+# is filled only when empty, as the pump's (backpressure as with c.out: a
+# pipe counts slots, one per segment spliced, so "full" cannot be told from
+# the bytes it holds). An urgent mark stops splice() (see pump.pyx): an
+# empty pipe, a readable socket, nothing spliced and sockatmark() says one;
+# this body then goes back to the copy path, the pipe's bytes first
+# (splice_fallback).
 
 cdef void splice_stop(Conn *c) noexcept nogil:
     if c.splicing:
@@ -1855,7 +1858,7 @@ cdef enum:
 cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, bint readable,
                       double now) noexcept nogil:
     """Move a body through c's pipe: pipe -> *dst* while it takes it (and
-    *may_send*), *src* -> pipe while the pipe has room and *left* bytes are
+    *may_send*), *src* -> pipe when the pipe is empty and *left* bytes are
     to come. *readable*: epoll said *src* is. SP_*."""
     cdef ssize_t n
     cdef int64_t want
@@ -1871,8 +1874,10 @@ cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, b
                 moved = True
             elif n == 0 or (errno != EAGAIN and errno != EINTR):
                 return SP_OUT_FAILED
-        if left[0] and c.piped < c.pipe_cap:
-            want = c.pipe_cap - c.piped
+        if left[0] and c.piped == 0:
+            # Only into an empty pipe: one with bytes may be full (its
+            # slots), and splice() into it fails (EAGAIN) like one at a mark.
+            want = c.pipe_cap
             if want > left[0]:
                 want = left[0]
             n = sys_.splice(src, NULL, c.pipe_w, NULL, <size_t>want, flags)
@@ -1885,7 +1890,9 @@ cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, b
                 return SP_IN_EOF
             elif errno != EAGAIN and errno != EINTR:
                 return SP_IN_FAILED
-            elif first and readable:
+            elif first and readable and sys_.sockatmark(src) == 1:
+                # (readable, yet nothing: the bytes may have gone earlier in
+                # this batch, to the other side's event; that is no mark)
                 return SP_MARK
             first = False
     return SP_WAIT
@@ -1904,6 +1911,7 @@ cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nog
         if splice_fallback(R, c) == 0:
             on_upstream_eof(R, c, now)
     elif r == SP_MARK:
+        L4R_ADD(&R.ctr[<int>CT_URGENT], 1)
         splice_fallback(R, c)  # recv() takes it from here
     elif c.resp_left == 0 and c.piped == 0:
         splice_stop(c)
@@ -1931,6 +1939,7 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
     elif r == SP_IN_FAILED:
         conn_abort(R, c)
     elif r == SP_MARK:
+        L4R_ADD(&R.ctr[<int>CT_URGENT], 1)
         if splice_fallback(R, c) == 0 and flush_up(R, u) != 0:
             upstream_send_failed(R, c, now)
     elif c.req_left == 0 and c.piped == 0:

@@ -720,3 +720,52 @@ def test_a_request_ending_while_its_answer_is_spliced(which: str, end: str, stal
         finished.set()
         relay.close()
         backend.close()
+
+
+def test_a_pipe_full_of_small_segments_is_no_urgent_mark() -> None:
+    """Compiled twin: a spliced answer to a client that reads nothing for a
+    while, arriving in many small segments. A pipe counts slots (one per
+    segment spliced on its own), not bytes, so it filled with far fewer
+    bytes than its size; splice() into it then failed (EAGAIN) while the
+    upstream socket was readable, which splice_moves() took for an urgent
+    mark: the splice was given up, the pipe's bytes copied into the
+    client's buffer and the rest of the body copied too. Now the pipe is
+    filled only when empty (as the pump does), and an EAGAIN is a mark only
+    when sockatmark() says so."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n"
+    first = b"a" * 1000
+    small = [b"%04d" % i * 25 for i in range(400)]  # 100 bytes each
+    received_first, sent, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _read_head(conn)
+        conn.sendall(head + first)
+        received_first.wait(5)
+        for seg in small:  # each in a read of the relay's: a slot each
+            conn.sendall(seg)
+            time.sleep(0.0005)
+        sent.set()
+        finished.wait(5)
+
+    backend = Backend(answer)
+    relay = _relay("compiled", lambda h, o: Decision((backend.endpoint,)))
+    try:
+        a, _ = _tcp_client(relay, rcvbuf=4096, sndbuf=4096)
+        a.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        a.settimeout(5)
+        expected = head + first + b"".join(small)
+        got = b""
+        while len(got) < len(head + first):
+            got += a.recv(65536)
+        received_first.set()  # then nothing read until all is sent
+        assert sent.wait(5)
+        assert relay.stats()["spliced"] == 1
+        while len(got) < len(expected):
+            got += a.recv(65536)
+        assert got == expected
+        assert relay.stats()["urgent"] == 0
+    finally:
+        finished.set()
+        relay.close()
+        backend.close()
