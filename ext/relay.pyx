@@ -1887,7 +1887,9 @@ cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, b
                 c.last_active = now
                 moved = True
             elif n == 0:
-                return SP_IN_EOF
+                # at a mark with the FIN queued behind it splice() says EOF
+                # (pump.pyx): what follows the mark is for recv()
+                return SP_MARK if sys_.sockatmark(src) == 1 else SP_IN_EOF
             elif errno != EAGAIN and errno != EINTR:
                 return SP_IN_FAILED
             elif first and readable and sys_.sockatmark(src) == 1:
@@ -2148,6 +2150,11 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         ask_python(R, c, N_CONNECT_FAILED)
         return
     sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    # Urgent data (send(MSG_OOB)) is read in its place in the stream: without
+    # SO_OOBINLINE recv() skips the urgent byte (a body a byte short), as
+    # the pump's sockets have it (accepted clients: from the listener,
+    # listen(); handed-off ones: new_conn())
+    sys_.setsockopt(fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &one, sizeof(one))
     if ep.v6:
         memset(&sa6, 0, sizeof(sa6))
         sa6.sin6_family = AF_INET6
@@ -2609,6 +2616,7 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
         client_event(R, c, sys_.EPOLLIN, now)
         return
     sys_.setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    sys_.setsockopt(c.fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &one, sizeof(one))  # (connect_to)
     if n:
         if buf_add(&c.inb, data, n) != 0:
             conn_abort(R, c)
@@ -3160,8 +3168,10 @@ cdef class HttpRelay:
             R.reserve_fd = c_open(b"/dev/null", O_RDONLY | sys_.O_CLOEXEC)
         # inherited by every connection accepted from it (one setsockopt, not
         # one per connection); the worker's L4 connections get it too, as
-        # their upstream sockets have it already (Envoy sets it on both sides)
+        # their upstream sockets have it already (Envoy sets it on both sides);
+        # SO_OOBINLINE too (connect_to), as the pump's sockets have it
         sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        sys_.setsockopt(fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &one, sizeof(one))
         set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
 
     def unlisten(self, int index, double timeout=2.0):

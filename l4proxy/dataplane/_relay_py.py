@@ -299,6 +299,10 @@ class HttpRelay:
                 sock.close()
                 continue
             sock.setblocking(False)
+            # Urgent data (send(MSG_OOB)) is read in its place in the stream:
+            # without SO_OOBINLINE recv() skips the urgent byte (a body a
+            # byte short), as the pump's sockets and the compiled twin's.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
             try:  # small answers go out at once (no Nagle delay behind a head)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -627,6 +631,7 @@ class HttpRelay:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # (see _take_queue)
         up = _Up(sock, endpoint, connecting=True, owner=c)
         self._ups[up.fd] = up
         c.up = up
