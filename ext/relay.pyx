@@ -679,21 +679,29 @@ cdef inline void buf_free(Buf *b) noexcept nogil:
 
 # -- epoll ---------------------------------------------------------------------
 
-cdef void set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
+cdef int set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
+    """Watch fd for *want*; -1 (the mask as it was, errno set) when epoll
+    refuses (ENOMEM, ENOSPC at max_user_watches, EPERM: not pollable): the
+    caller gives the fd up, which would otherwise never be woken."""
     cdef sys_.epoll_event ev
+    cdef int r = 0
     if mask[0] == want:
-        return
+        return 0
     ev.events = want
     ev.data.ptr = ptr
     if mask[0] == 0:
-        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_ADD, fd, &ev)
+        r = sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_ADD, fd, &ev)
     elif want:
-        sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_MOD, fd, &ev)
+        r = sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_MOD, fd, &ev)
     else:
         # EPOLLHUP ignores the mask: a registered fd with nothing wanted
-        # would wake the loop for ever once its peer hangs up.
+        # would wake the loop for ever once its peer hangs up. (A failure
+        # means it was not registered: not watched either way.)
         sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, fd, &ev)
+    if r != 0:
+        return -1
     mask[0] = want
+    return 0
 
 
 cdef inline bint reading_client(Conn *c) noexcept nogil:
@@ -726,7 +734,8 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
         # it): level-triggered, an EOF is readable for ever, and the loop
         # spun at 100 % CPU until the client read the answer's end.
         want |= sys_.EPOLLIN
-    set_mask(R, c.fd, &c.mask, want, c)
+    if set_mask(R, c.fd, &c.mask, want, c) != 0:
+        conn_abort(R, c)  # (callers look at c.closed after a step)
 
 
 cdef void interest_up(Relay *R, Up *u) noexcept nogil:
@@ -750,7 +759,11 @@ cdef void interest_up(Relay *R, Up *u) noexcept nogil:
         # it (upstream_event): no syscall more, and no wake-up more (a FIN
         # makes the socket readable anyway)
         want |= sys_.EPOLLRDHUP
-    set_mask(R, u.fd, &u.mask, want, u)
+    if set_mask(R, u.fd, &u.mask, want, u) != 0:
+        if u.owner != NULL:
+            conn_abort(R, u.owner)  # its upstream with it
+        else:
+            up_close(R, u)  # idle: out of the pool
 
 
 # -- upstream connections and pools ------------------------------------------
@@ -2732,7 +2745,7 @@ cdef void watch_listeners(Relay *R, double now) noexcept nogil:
                 l.mask = 0
             l.removed = True
         elif l.mask == 0 and l.paused_until <= now:
-            set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
+            set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)  # (refused: again next time)
 
 
 cdef void tick(Relay *R, double now) noexcept nogil:
@@ -2773,7 +2786,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
                 flush_client(R, c)
             if not c.closed:
                 interest(R, c)
-            else:
+            if c.closed:  # (still readable: buried after the tick)
                 i -= 1
         elif c.last_active + R.idle_timeout <= now:
             # between requests, or in an exchange where no byte moved either
@@ -3172,7 +3185,7 @@ cdef class HttpRelay:
         # SO_OOBINLINE too (connect_to), as the pump's sockets have it
         sys_.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         sys_.setsockopt(fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &one, sizeof(one))
-        set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)
+        set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)  # (refused: watch_listeners() asks again)
 
     def unlisten(self, int index, double timeout=2.0):
         """Stop accepting on the listener *index*; returns once the loop has

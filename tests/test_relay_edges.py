@@ -876,3 +876,47 @@ def test_an_urgent_byte_is_relayed_in_its_place(which: str, case: str) -> None:
         finished.set()
         relay.close()
         backend.close()
+
+
+# -- epoll refusing a connection ---------------------------------------------------------------
+
+
+def test_a_connection_epoll_refuses_is_given_up_at_once(tmp_path: Any) -> None:
+    """Compiled twin: set_mask() ignored epoll_ctl()'s failures and recorded
+    the mask as if the fd were watched: a connection epoll refused (ENOSPC
+    at max_user_watches, ENOMEM; here EPERM, an fd that cannot be polled)
+    was never woken, and held its fd and memory until a timeout, every later
+    change of its mask failing too. Now it is aborted at once (an error)."""
+
+    class FileAsSocket:
+        """What add() asks of a socket, over a regular file's fd."""
+
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def setblocking(self, flag: bool) -> None:
+            pass
+
+        def detach(self) -> int:
+            return self.fd
+
+    path = tmp_path / "not-pollable"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+
+    def still_open() -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            return False
+
+    relay = _relay("compiled", lambda h, o: Decision(local=(404, "no")), header_timeout=30.0)
+    try:
+        relay.add(FileAsSocket(fd), ORIGIN)
+        _wait_for("the connection is given up", lambda: not still_open())
+        stats = relay.stats()
+        assert (stats["connections"], stats["active"], stats["errors"]) == (1, 0, 1), stats
+    finally:
+        relay.close()
+        if still_open():
+            os.close(fd)
