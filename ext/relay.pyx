@@ -463,6 +463,7 @@ cdef struct Conn:
     unsigned char unwanted         # EPOLLIN fired while the client was not to be read
     unsigned char slow_after_flush # hand to the pure relay once c.out is sent (_to_slow)
     unsigned char uncounted        # a routed request not counted yet (request_done)
+    unsigned char scanning         # in head_step()'s loop (a call from below returns)
 
 cdef struct Row:
     int tag
@@ -2404,24 +2405,33 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
 
 
 cdef void head_step(Relay *R, Conn *c, double now) noexcept nogil:
-    """Scan what the client sent for a head (phase HEAD)."""
+    """Scan what the client sent for a head (phase HEAD), and the next one
+    while each is answered here and the connection stays (pipelined requests
+    answered locally: local_answer() -> next_request() -> head_step() comes
+    back here). A loop: one call deeper per request was thousands of frames
+    for one read, flat only where the C compiler turned tail calls into
+    jumps."""
     cdef int code
     cdef Py_ssize_t limit
-    if c.inb.len == 0:
-        return
-    if c.head_started == 0:
-        c.head_started = now
-    limit = <Py_ssize_t>c.inb.len if <Py_ssize_t>c.inb.len < R.max_head else R.max_head
-    code = scan(&c.s, <const unsigned char*>c.inb.p, limit)
-    if code == NEED_MORE and <Py_ssize_t>c.inb.len > R.max_head:
-        code = E_TOO_LARGE
-    if code == NEED_MORE:
-        return
-    if code == COMPLETE:
-        on_head(R, c, now)
-        return
-    c.phase = P_RESOLVE  # an error or not HTTP: the pure relay answers it
-    ask_python(R, c, N_SLOW)
+    if c.scanning:
+        return  # from below the loop (next_request): it goes on with the head
+    c.scanning = True
+    while c.inb.len and c.phase == P_HEAD and not c.closed:
+        if c.head_started == 0:
+            c.head_started = now
+        limit = <Py_ssize_t>c.inb.len if <Py_ssize_t>c.inb.len < R.max_head else R.max_head
+        code = scan(&c.s, <const unsigned char*>c.inb.p, limit)
+        if code == NEED_MORE and <Py_ssize_t>c.inb.len > R.max_head:
+            code = E_TOO_LARGE
+        if code == NEED_MORE:
+            break
+        if code == COMPLETE:
+            on_head(R, c, now)  # (the phase is P_HEAD again only after an answer)
+            continue
+        c.phase = P_RESOLVE  # an error or not HTTP: the pure relay answers it
+        ask_python(R, c, N_SLOW)
+        break
+    c.scanning = False  # (c closed: still allocated until bury())
 
 
 cdef void next_request(Relay *R, Conn *c, double now) noexcept nogil:

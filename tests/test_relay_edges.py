@@ -111,6 +111,40 @@ def test_thousands_of_pipelined_requests_answered_locally(which: str) -> None:
         relay.close()
 
 
+def test_pipelined_requests_answered_from_the_verdict_cache_on_a_small_stack() -> None:
+    """Compiled twin: each request answered locally went on to the next
+    pipelined head by a call one level deeper (local_answer -> next_request
+    -> head_step -> on_head, with its 2 KiB key, -> apply_verdict ->
+    local_answer): thousands of heads in one read, all answered from the
+    verdict cache, took thousands of frames, and only the C compiler's tail
+    calls (-O2) kept the stack flat; built without them, the loop's thread
+    overflowed its stack. head_step() now loops over the heads. Here on a
+    256 KiB stack, 2,849 heads in one read."""
+    heads = b"GET / HTTP/1.1\nHost:a\n\n" * 2849  # 65,527 bytes: one read
+    relay_class = load_twin("relay", "compiled").HttpRelay
+    relay = relay_class(
+        lambda h, o: Decision(local=(404, "no route")),
+        lambda *a: None,
+        resolve=lambda h, o: Verdict(local=(404, "no route"), ttl=60.0, shape=0),
+    )
+    was = threading.stack_size(256 << 10)
+    try:
+        relay.start()
+    finally:
+        threading.stack_size(was)
+    try:
+        a = _client(relay)
+        a.sendall(heads)
+        a.shutdown(socket.SHUT_WR)
+        got, how = _read_all(a, 10)
+        assert got.count(b"HTTP/1.1 404") == 2849 and how == "EOF", (len(got), how)
+        stats = relay.stats()
+        # (the second head is read before the first's verdict is cached)
+        assert stats["verdict_cache_hits"] >= 2847 and stats["errors"] == 0, stats
+    finally:
+        relay.close()
+
+
 def test_the_rest_of_a_pipelined_segment_has_the_header_timeout(which: str) -> None:
     """A head begun in the segment of the request before it: the pure twin
     timed it only from the next read, so it waited for the idle timeout."""
