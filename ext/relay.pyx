@@ -319,9 +319,10 @@ _STAT_NAMES = (
 # -- state ------------------------------------------------------------------
 
 cdef struct Buf:
-    char *p
+    char *p                # the bytes: p[0:len]
     size_t len
-    size_t cap
+    size_t cap             # of the block, which begins off bytes before p
+    size_t off             # dropped from the front (buf_drop), not moved yet
 
 cdef struct Up
 cdef struct Conn
@@ -631,6 +632,13 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
     cdef char *p
     if n == 0:
         return 0
+    if b.off and b.off + b.len + n > b.cap:
+        # no room after the bytes: what buf_drop() left goes to the block's
+        # start now, one move for every drop since (a read's worth of
+        # pipelined heads dropped one by one moved the rest each time)
+        memmove(b.p - b.off, b.p, b.len)
+        b.p -= b.off
+        b.off = 0
     if b.len + n > b.cap:
         if b.cap == 0 and n <= BUF_FIRST:
             p = <char*>pool_get()
@@ -658,24 +666,26 @@ cdef inline void replay_add(Conn *c, const char *data, size_t n) noexcept nogil:
 
 
 cdef inline void buf_drop(Buf *b, size_t n) noexcept nogil:
-    """Remove the first n bytes; an empty buffer is freed (HAProxy's dynamic
-    buffers: an idle connection holds no buffer at all)."""
+    """Remove the first n bytes (moved by the next buf_add() that needs the
+    room); an empty buffer is freed (HAProxy's dynamic buffers: an idle
+    connection holds no buffer at all)."""
     if n >= b.len:
         b.len = 0
     else:
-        memmove(b.p, b.p + n, b.len - n)
+        b.p += n
+        b.off += n
         b.len -= n
     if b.len == 0:
-        buf_release(b.p, b.cap)
+        buf_release(b.p - b.off, b.cap)
         b.p = NULL
-        b.cap = 0
+        b.cap = b.off = 0
 
 
 cdef inline void buf_free(Buf *b) noexcept nogil:
     if b.p != NULL:
-        buf_release(b.p, b.cap)
+        buf_release(b.p - b.off, b.cap)
     b.p = NULL
-    b.len = b.cap = 0
+    b.len = b.cap = b.off = 0
 
 
 # -- epoll ---------------------------------------------------------------------
