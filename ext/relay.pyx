@@ -299,6 +299,7 @@ cdef enum:
     CT_CLOSED_OVERFLOW
     CT_EVICTED
     CT_EXPIRED
+    CT_CLOSED_REMOVED
     CT_CACHE_HITS
     CT_CACHE_MISSES
     CT_SLOW
@@ -311,8 +312,8 @@ _STAT_NAMES = (
     "connections", "requests", "local_answers", "connect_errors", "timeouts", "errors",
     "active", "pool_idle", "pool_opened", "pool_reused", "pool_returned",
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
-    "pool_evicted", "pool_expired", "verdict_cache_hits", "verdict_cache_misses",
-    "slow_path", "spliced", "response_heads_in_python", "urgent",
+    "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
+    "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
 )
 
 
@@ -353,6 +354,7 @@ cdef struct Up:
     bint send_failed       # a send to it failed (a reset): never pooled
     bint peer_closed       # its FIN came (EPOLLRDHUP): never pooled
     bint sent              # the kernel took a byte of the current request
+    bint removed           # its endpoint left the route table: closed at check-in
     int requests
     double idle_since
     double deadline        # connect deadline
@@ -520,6 +522,7 @@ cdef struct Relay:
     Handoff *q_tail
     bint stop
     bint flush_req         # flush_reports() waits for a flush
+    bint py_req            # Python left work for the loop's thread (retain_endpoints)
     # loop thread
     char *scratch
     Conn *need_head
@@ -826,6 +829,8 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
     u.requests += 1
     if not reusable or u.out.len or u.send_failed or u.peer_closed:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
+    elif u.removed:
+        L4R_ADD(&R.ctr[<int>CT_CLOSED_REMOVED], 1)
     elif R.max_requests and u.requests >= R.max_requests:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
     elif ep.n_idle >= R.max_idle:
@@ -2849,6 +2854,7 @@ cdef int run(Relay *R) noexcept nogil:
     cdef double now
     cdef uint64_t junk
     cdef void *ptr
+    cdef bint py_req
     while True:
         now = now_s()
         timeout = <int>((R.next_tick - now) * 1000) + 1
@@ -2886,6 +2892,8 @@ cdef int run(Relay *R) noexcept nogil:
         if R.flush_req:
             R.flush_req = False
             R.flush_due = True
+        py_req = R.py_req
+        R.py_req = False
         sys_.pthread_mutex_unlock(&R.lock)
         take_queue(R, now)
         if now >= R.next_tick:
@@ -2898,7 +2906,7 @@ cdef int run(Relay *R) noexcept nogil:
             R.next_flush = now + FLUSH_S
             R.flush_due = R.rows_used > 0 or R.n_lsts > 0
         if (R.need_head != NULL or R.flush_due or R.n_oks or R.n_head_timeouts
-                or R.n_fd_limit or R.n_others or R.n_max_conns):
+                or R.n_fd_limit or R.n_others or R.n_max_conns or py_req):
             return 1
 
 
@@ -2941,6 +2949,7 @@ cdef class HttpRelay:
     cdef bint _stuck               # close() left the thread running (a callback hung)
     cdef object _buckets
     cdef object _pending_keys
+    cdef object _named, _pending_named  # retain_endpoints(): as applied, as last given
     cdef list _flushed
 
     def __cinit__(self, *args, **kwargs):
@@ -3283,6 +3292,57 @@ cdef class HttpRelay:
         cdef uint64_t one = 1
         sys_.write(self.R.wakefd, &one, sizeof(one))
 
+    def retain_endpoints(self, endpoints):
+        """The endpoints the live route table names (the worker's thread;
+        applied on the loop's, in _service): see the pure twin's. The pure
+        relay this one hands requests to has its own pools: told too."""
+        named = frozenset(endpoints)
+        self.slow.retain_endpoints(named)
+        if self._closed:
+            return
+        self._pending_named = named
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.py_req = True
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
+    cdef _apply_pending_named(self):
+        """retain_endpoints(), on the loop's thread: the idle connections of
+        an endpoint that left the table are closed, those in flight marked
+        to be closed at check-in (up_release); named again, unmarked."""
+        cdef Relay *R = self.R
+        cdef EP *ep
+        cdef Up *u
+        cdef int i
+        if self._pending_named is None:
+            return
+        named, self._pending_named = self._pending_named, None
+        before, self._named = self._named, named
+        if before is None:
+            return
+        gone = set()
+        back = set()
+        for key in before - named:
+            i = self._ep_ids.get(key, -1)
+            if i < 0:
+                continue
+            gone.add(i)
+            ep = R.eps[i]
+            while ep.idle_head != NULL:
+                L4R_ADD(&R.ctr[<int>CT_CLOSED_REMOVED], 1)
+                up_close(R, ep.idle_head)
+        for key in named - before:
+            i = self._ep_ids.get(key, -1)
+            if i >= 0:
+                back.add(i)
+        if gone or back:
+            for i in range(R.n_conns):
+                u = R.conns[i].up
+                if u != NULL and u.ep.index in gone:
+                    u.removed = True
+                elif u != NULL and u.ep.index in back:
+                    u.removed = False
+
     def invalidate(self, key_headers=None):
         """Forget every cached verdict (a rule swap, an endpoint's health)."""
         if key_headers is not None:
@@ -3408,6 +3468,7 @@ cdef class HttpRelay:
         cdef Conn *c
         cdef double now
         self._apply_pending_keys()
+        self._apply_pending_named()
         while R.need_head != NULL:
             c = R.need_head
             R.need_head = c.need_next

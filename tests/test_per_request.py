@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 
+from l4proxy.demo.podnet import Pod
 from tests._hardening import TCP_ECHO
 from tests.mesh import (
     IMPLS,
@@ -133,7 +134,14 @@ def test_every_request_on_a_keep_alive_connection_is_split(mesh: Mesh, impl: str
 
 
 # What ends a pooled upstream connection, each a counter in /stats
-POOL_EXITS = ("closed_max_requests", "closed_unreusable", "closed_overflow", "evicted", "expired")
+POOL_EXITS = (
+    "closed_max_requests",
+    "closed_unreusable",
+    "closed_overflow",
+    "evicted",
+    "expired",
+    "closed_removed",
+)
 
 
 def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
@@ -162,6 +170,45 @@ def test_a_rule_swap_and_a_rollback_reach_open_connections(mesh: Mesh) -> None:
     gone = {why: mesh.sidecar.stat(f"l4proxy_upstream_pool_{why}_total") for why in POOL_EXITS}
     assert gone["closed_max_requests"] >= 1, gone
     assert opened == sum(gone.values()) + mesh.sidecar.stat("l4proxy_upstream_pool_idle"), gone
+
+
+def _established_from(pod: Pod, port: int = 8080) -> int:
+    """Connections to *pod*'s *port* it has not seen the end of (ESTABLISHED)."""
+    out = pod.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"]).stdout
+    return len(out.splitlines())
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_reload_that_removes_an_endpoint_closes_its_pooled_connections(
+    mesh: Mesh, impl: str
+) -> None:
+    """A pod a reload took out of the ServiceEntry kept its pooled upstream
+    connections for --pool-idle-timeout (60 s), invisible in /clusters, and
+    held its graceful shutdown so long. They are closed as the table goes live."""
+    a, b = mesh.bootcamp[0], mesh.bootcamp[1]
+
+    def registry(*pods: Pod) -> str:
+        return service_entry("bootcamp", VIP, 8080, [(p.ipv4, p.labels) for p in pods])
+
+    env, args = IMPLS[impl]
+    mesh.env.update(env)
+    mesh.write_rules(registry(a, b), name="registry.yaml")
+    sidecar = mesh.start_client(run_args=(*args, *PER_REQUEST))
+    lines = mesh.curl(f"http://{VIP}:8080/", 4)  # round robin: A, B, A, B
+    assert lines.count("200") == 4, lines
+    assert _established_from(a) == 1  # pooled, idle
+    idle = sidecar.stat("l4proxy_upstream_pool_idle")
+    assert idle == 2
+    gen = sidecar.stat("l4proxy_rules_generation")
+    mesh.write_rules(registry(b), name="registry.yaml")
+    wait_generation(mesh, gen)
+    deadline = time.monotonic() + 1
+    while _established_from(a):
+        assert time.monotonic() < deadline, "A's pooled connection is still open"
+        time.sleep(0.05)
+    assert sidecar.stat("l4proxy_upstream_pool_idle") == 1  # B's
+    assert sidecar.stat("l4proxy_upstream_pool_closed_removed_total") == 1
+    assert _established_from(b) == 1
 
 
 INGRESS = """

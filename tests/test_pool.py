@@ -83,8 +83,24 @@ def test_removed_endpoint_gives_back_its_idle_connections() -> None:
     p.opened(A, 2)
     p.checkin(A, 1, reusable=True, now=0)
     assert p.remove_endpoint(A) == [1]
-    assert p.active(A) == 1  # the one in flight finishes, then is closed or pooled
+    assert p.active(A) == 1  # the one in flight finishes, then is closed
     assert p.remove_endpoint(B) == []
+    assert p.checkin(A, 2, reusable=True, now=0) == [2]
+    assert p.counters["closed_removed"] == 2 and p.snapshot() == {A: (0, 0)}
+
+
+def test_an_endpoint_named_again_pools_its_connections_in_flight() -> None:
+    p = Pools()
+    p.opened(A, 1)
+    p.opened(A, 2)
+    p.opened(A, 3)
+    assert p.remove_endpoint(A) == []
+    assert p.discard(A, 3) is True  # a reset meanwhile: forgotten, not closed twice
+    p.restore_endpoint(A)
+    assert p.checkin(A, 1, reusable=True, now=0) == []
+    assert p.remove_endpoint(A) == [1]  # idle now: closed at once
+    assert p.checkin(A, 2, reusable=False, now=0) == [2]  # not reusable anyway
+    assert p.counters["closed_unreusable"] == 1 and p.counters["closed_removed"] == 1
 
 
 def test_options_are_validated() -> None:

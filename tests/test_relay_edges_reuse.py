@@ -256,3 +256,95 @@ def test_a_post_that_never_left_is_sent_again(which: str, body: bytes) -> None:
 def _send_quietly(s: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):
         s.sendall(data)
+
+
+class Tracked:
+    """A backend answering its name, that holds the answers to /hold until
+    release() and says when each of its connections saw the relay's EOF."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.go = threading.Event()
+        self.lock = threading.Lock()
+        self.open = 0  # connections the relay has not closed
+        self.backend = Backend(self._serve)
+        self.endpoint = self.backend.endpoint
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.open += 1
+        try:
+            while head := _read_head(conn):
+                if b" /hold " in head:
+                    self.go.wait(5)
+                conn.sendall(_answer(self.name))
+        finally:
+            with self.lock:
+                self.open -= 1
+
+    def wait_open(self, n: int, timeout: float = 1.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.open != n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        self.go.set()
+        self.backend.close()
+
+
+def test_an_endpoint_the_table_no_longer_names_gives_back_its_connections(which: str) -> None:
+    """A reload removed endpoint A: its idle pooled connection stayed open
+    until the pool's idle timeout (60 s), and one in flight went back to
+    the pool when its request ended, which held A's graceful shutdown. Now
+    retain_endpoints() without A closes A's idle connection at once and the
+    one in flight at its check-in (pool_closed_removed). B, dropped and named
+    again before its request ends (a DNS answer that lost an address for a
+    moment), keeps its connection; C, never named (PassthroughCluster's),
+    keeps its pool."""
+    a, b, c = Tracked(b"A"), Tracked(b"B"), Tracked(b"C")
+    by_host = {"a": a, "b": b, "c": c}
+
+    def decide(head: Any, origin: Any) -> Decision:
+        return Decision((by_host[head.host].endpoint,))
+
+    relay = _relay(which, decide)
+    clients: list[socket.socket] = []
+
+    def request(host: str, path: str = "/") -> socket.socket:
+        s = _client(relay)
+        clients.append(s)
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode()))
+        return s
+
+    try:
+        relay.retain_endpoints({a.endpoint, b.endpoint})
+        held_a, held_b = request("a", "/hold"), request("b", "/hold")
+        assert a.wait_open(1) and b.wait_open(1)  # in flight
+        for host in ("a", "c"):  # then one idle to A (a second connection), one to C
+            assert _read_n(request(host), len(_answer(b"A"))) == _answer(host.upper().encode())
+        assert a.wait_open(2) and relay.stats()["pool_idle"] == 2
+
+        relay.retain_endpoints(set())  # A and B leave the table
+        assert a.wait_open(1), "A's idle connection is still open"
+        assert relay.stats()["pool_idle"] == 1  # C's
+        relay.retain_endpoints({b.endpoint})  # B is back before its answer
+        a.go.set()
+        b.go.set()
+        assert _read_n(held_a, len(_answer(b"A"))) == _answer(b"A")
+        assert _read_n(held_b, len(_answer(b"B"))) == _answer(b"B")
+        assert a.wait_open(0), "A's connection in flight was pooled"
+        deadline = time.monotonic() + 1
+        while relay.stats()["pool_idle"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        st = relay.stats()
+        assert (st["pool_idle"], st["pool_closed_removed"]) == (2, 2), st  # B's and C's
+        assert b.open == 1 and c.open == 1
+    finally:
+        for s in clients:
+            s.close()
+        relay.close()
+        for t in (a, b, c):
+            t.close()

@@ -26,6 +26,12 @@ Theory of operation
   at check-in once reached; 0 means unlimited).
 * ``active`` counts checked-out connections per endpoint: the live request
   count LEAST_CONN and outlier detection read.
+* An endpoint the route table no longer names (a pod a reload removed)
+  gives back its idle connections at once (:meth:`Pools.remove_endpoint`),
+  and those in flight to it are closed at check-in, not pooled: kept, they
+  held a draining pod's connections open for ``idle_timeout``. Named again
+  before they are checked in (:meth:`Pools.restore_endpoint`), they are
+  pooled as before.
 
 Every decision returns the handles the relay must close; counters explain
 them in ``/stats`` and ``/clusters``.
@@ -49,6 +55,7 @@ COUNTERS: Final = (
     "closed_overflow",  # over max_idle at check-in
     "evicted",  # idle connections the server closed (or spoke on)
     "expired",  # idle longer than idle_timeout
+    "closed_removed",  # the route table no longer names its endpoint (idle, or at check-in)
 )
 
 
@@ -74,6 +81,7 @@ class _Idle:
 class _Endpoint:
     idle: list[_Idle] = field(default_factory=list)  # a stack: newest last
     active: int = 0
+    out: set[Hashable] = field(default_factory=set)  # the checked-out handles
 
 
 class Pools:
@@ -84,6 +92,7 @@ class Pools:
         self._endpoints: dict[Hashable, _Endpoint] = {}
         self._where: dict[Hashable, Hashable] = {}  # idle handle -> endpoint
         self._requests: dict[Hashable, int] = {}  # checked-out handle -> requests so far
+        self._removed: set[Hashable] = set()  # checked out; closed at check-in (remove_endpoint)
         self.counters: collections.Counter[str] = collections.Counter({k: 0 for k in COUNTERS})
 
     def _ep(self, endpoint: Hashable) -> _Endpoint:
@@ -101,6 +110,7 @@ class Pools:
         del self._where[idle.handle]
         self._requests[idle.handle] = idle.requests
         ep.active += 1
+        ep.out.add(idle.handle)
         self.counters["reused"] += 1
         return idle.handle
 
@@ -109,7 +119,9 @@ class Pools:
         if handle in self._requests or handle in self._where:
             raise ValueError(f"handle {handle!r} is already pooled")
         self._requests[handle] = 0
-        self._ep(endpoint).active += 1
+        ep = self._ep(endpoint)
+        ep.active += 1
+        ep.out.add(handle)
         self.counters["opened"] += 1
 
     def checkin(
@@ -119,9 +131,14 @@ class Pools:
         requests = self._requests.pop(handle) + 1
         ep = self._ep(endpoint)
         ep.active -= 1
+        ep.out.discard(handle)
         o = self.options
         if not reusable:
+            self._removed.discard(handle)
             self.counters["closed_unreusable"] += 1
+        elif handle in self._removed:
+            self._removed.remove(handle)
+            self.counters["closed_removed"] += 1
         elif o.max_requests and requests >= o.max_requests:
             self.counters["closed_max_requests"] += 1
         elif len(ep.idle) >= o.max_idle:
@@ -141,7 +158,10 @@ class Pools:
         """
         if self._requests.pop(handle, None) is None:
             return False
-        self._ep(endpoint).active -= 1
+        ep = self._ep(endpoint)
+        ep.active -= 1
+        ep.out.discard(handle)
+        self._removed.discard(handle)
         return True
 
     def evict(self, handle: Hashable) -> bool:
@@ -181,7 +201,9 @@ class Pools:
         return out
 
     def remove_endpoint(self, endpoint: Hashable) -> list[Hashable]:
-        """*endpoint* left the table: its idle connections, to close."""
+        """*endpoint* left the route table: its idle connections, to close;
+        those checked out are closed at check-in (both counted
+        ``closed_removed``)."""
         ep = self._endpoints.get(endpoint)
         if ep is None:
             return []
@@ -189,9 +211,18 @@ class Pools:
         ep.idle = []
         for h in out:
             del self._where[h]
+        self._removed |= ep.out
+        self.counters["closed_removed"] += len(out)
         if not ep.active:
             del self._endpoints[endpoint]
         return out
+
+    def restore_endpoint(self, endpoint: Hashable) -> None:
+        """*endpoint* is named again (a DNS answer that dropped an address and
+        gave it back): its connections in flight are pooled at check-in."""
+        ep = self._endpoints.get(endpoint)
+        if ep is not None:
+            self._removed -= ep.out
 
     def active(self, endpoint: Hashable) -> int:
         """Requests in flight to *endpoint* (LEAST_CONN's count)."""

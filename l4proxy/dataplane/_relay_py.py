@@ -31,6 +31,9 @@ to do; this module only performs it:
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed.
+* :meth:`HttpRelay.retain_endpoints` (a new route table went live): the
+  endpoints it no longer names give back their idle pooled connections at
+  once, and those in flight are closed when they are released.
 * :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
   the sockets to the ``l4`` callback (the L4 pump), with what is held.
 * :class:`Close`: after the held bytes are sent, ``shutdown(SHUT_WR)`` and a
@@ -63,7 +66,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -189,6 +192,8 @@ class HttpRelay:
         self._lock = threading.Lock()
         self._queue: list[tuple[socket.socket, Any, bytes, int]] = []
         self._stop = False
+        self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
+        self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.ep.register(self._wake_r.fileno(), _EPOLLIN)
@@ -232,6 +237,20 @@ class HttpRelay:
         with self._lock:
             queued = len(self._queue)
         return queued + len(self._conns)
+
+    def retain_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """The endpoints the live route table names (any thread; applied on
+        the relay's). One the previous call named and this one does not has
+        left the table (a pod a reload removed): its idle pooled connections
+        are closed at once, and those in flight to it are closed at check-in
+        instead of pooled (``pool_closed_removed``), or they held the pod's
+        graceful shutdown for the pool's idle timeout. One named again (a DNS
+        answer that dropped an address and gave it back) keeps those in
+        flight; endpoints never named (PassthroughCluster's) are left alone."""
+        named = frozenset(endpoints)
+        with self._lock:
+            self._named_next = named
+        self._wake()
 
     def invalidate(self, key_headers: object = None) -> None:
         """The compiled twin forgets its cached verdicts here; this twin asks
@@ -294,6 +313,9 @@ class HttpRelay:
         with self._lock:
             queue, self._queue = self._queue, []
             stop = self._stop
+            named, self._named_next = self._named_next, None
+        if named is not None and not stop:
+            self._retain(named)
         for sock, origin, data, requests in queue:
             if stop:
                 sock.close()
@@ -323,6 +345,19 @@ class HttpRelay:
                 else:
                     self.counters["errors"] += 1
         return stop
+
+    def _retain(self, named: frozenset[Endpoint]) -> None:
+        """retain_endpoints(), on the relay's thread."""
+        before, self._named = self._named, named
+        if before is None:
+            return
+        for endpoint in before - named:
+            for handle in self.pools.remove_endpoint(endpoint):
+                up = self._idle.get(int(handle))  # type: ignore[call-overload]
+                if up is not None:
+                    self._drop_upstream(up)
+        for endpoint in named - before:
+            self.pools.restore_endpoint(endpoint)
 
     def _shutdown(self) -> None:
         for c in list(self._conns.values()):

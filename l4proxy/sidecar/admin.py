@@ -398,7 +398,8 @@ class WorkerView:
             "l4proxy_upstream_pool_reused_total": rs.get("pool_reused", 0),
             # where pooled connections went: back to idle, or closed at check-in
             # (the exchange said not to reuse it; --pool-max-requests; the pool
-            # was full), or evicted idle (the server closed it), or expired
+            # was full), or evicted idle (the server closed it), or expired, or
+            # closed because the route table no longer names its endpoint
             "l4proxy_upstream_pool_returned_total": rs.get("pool_returned", 0),
             "l4proxy_upstream_pool_closed_unreusable_total": rs.get("pool_closed_unreusable", 0),
             "l4proxy_upstream_pool_closed_max_requests_total": rs.get(
@@ -407,6 +408,7 @@ class WorkerView:
             "l4proxy_upstream_pool_closed_overflow_total": rs.get("pool_closed_overflow", 0),
             "l4proxy_upstream_pool_evicted_total": rs.get("pool_evicted", 0),
             "l4proxy_upstream_pool_expired_total": rs.get("pool_expired", 0),
+            "l4proxy_upstream_pool_closed_removed_total": rs.get("pool_closed_removed", 0),
             "l4proxy_upstream_pool_idle": rs.get("pool_idle", 0),
         }
         return {

@@ -236,6 +236,8 @@ class Worker:
                 **compiled,
             )
             _describe_istio(self.relay_counters)
+            rules.on_publish.append(self._retain_pooled_endpoints)
+            self.relay.retain_endpoints(_named_endpoints(rules.state.table))
 
     # -- lifecycle ---------------------------------------------------------
     def _describe_counters(self) -> None:
@@ -847,6 +849,13 @@ class Worker:
         (pods gone, addresses rotated) is dropped, or churn grew it for ever."""
         self.health.retain(ep for svc in table.services() for ep in svc.endpoints)
 
+    def _retain_pooled_endpoints(self, table: RouteTable) -> None:
+        """A new table is live (loop): the relay closes the pooled upstream
+        connections of endpoints it no longer names (a pod a reload removed),
+        which would otherwise hold the pod's drain for --pool-idle-timeout."""
+        if self.relay is not None:
+            self.relay.retain_endpoints(_named_endpoints(table))
+
     def _table_published(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay's verdicts are stale.
 
@@ -1107,6 +1116,13 @@ class Worker:
             "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=err
         )
         return None
+
+
+def _named_endpoints(table: RouteTable) -> set[tuple[str, int]]:
+    """Every (address, port) *table* routes to, over all its services: an
+    endpoint that moves to another service, or that two services share,
+    keeps its pooled connections."""
+    return {(ep.address, ep.port) for svc in table.services() for ep in svc.endpoints}
 
 
 def _cluster(service: Service | None) -> str:
