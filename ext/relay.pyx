@@ -336,7 +336,7 @@ cdef struct EP:
     bint v6                # an IPv6 address, in addr6
     unsigned char addr6[16]
     int index              # in Relay.eps
-    int64_t active         # checked-out connections (LEAST_CONN's count)
+    int64_t active         # checked-out connections, connecting ones too (LEAST_CONN's count)
     int n_idle
     Up *idle_head
     Up *idle_tail
@@ -821,11 +821,11 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
     if u == NULL:
         return
     u.owner = NULL
+    ep = u.ep
+    ep.active -= 1  # counted from its assignment, connecting or not (connect_to)
     if u.connecting:
         up_close(R, u)
         return
-    ep = u.ep
-    ep.active -= 1
     u.requests += 1
     if not reusable or u.out.len or u.send_failed or u.peer_closed:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
@@ -859,8 +859,7 @@ cdef void up_discard(Relay *R, Conn *c) noexcept nogil:
     c.up = NULL
     if u == NULL:
         return
-    if not u.connecting:
-        u.ep.active -= 1
+    u.ep.active -= 1
     u.owner = NULL
     up_close(R, u)
 
@@ -2214,6 +2213,10 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.owner = c
     u.connecting = True
     u.deadline = now + R.connect_timeout
+    # LEAST_CONN counts a request from its assignment (Envoy's LEAST_REQUEST,
+    # HAProxy's leastconn): counted from the connect's end, every request
+    # sent meanwhile saw a slow endpoint as idle and went to it
+    ep.active += 1
     c.up = u
     interest_up(R, u)
 
@@ -2227,12 +2230,12 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
         c.fail_errno = err
         c.up = NULL
         u.owner = NULL
+        u.ep.active -= 1
         up_close(R, u)
         L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
         ask_python(R, c, N_CONNECT_FAILED)
         return
     u.connecting = False
-    u.ep.active += 1
     L4R_ADD(&R.ctr[<int>CT_OPENED], 1)
     if R.n_oks < MAX_OKS:  # outlier detection hears of it (rare: pooled from here)
         R.ok_ep[R.n_oks] = u.ep.index
@@ -2788,6 +2791,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             u = c.up
             c.up = NULL
             u.owner = NULL
+            u.ep.active -= 1
             c.fail_ep = u.ep
             c.fail_errno = -2  # "connect timeout"
             up_close(R, u)

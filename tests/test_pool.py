@@ -77,6 +77,20 @@ def test_active_counts_checked_out_connections_for_least_conn() -> None:
         p.opened(B, 3)
 
 
+def test_a_connection_counts_from_its_connect_on() -> None:
+    """LEAST_CONN reads active(): a connection still connecting counts (a
+    request counts from its assignment); a failed connect is forgotten."""
+    p = Pools()
+    p.connecting(B, 1)
+    p.connecting(B, 2)
+    assert p.active(B) == 2 and p.counters["opened"] == 0
+    p.connected()
+    assert p.discard(B, 2) is True  # its connect failed
+    assert p.active(B) == 1 and p.counters["opened"] == 1
+    assert p.checkin(B, 1, reusable=True, now=0) == []
+    assert (p.active(B), p.idle(B)) == (0, 1)
+
+
 def test_removed_endpoint_gives_back_its_idle_connections() -> None:
     p = Pools()
     p.opened(A, 1)

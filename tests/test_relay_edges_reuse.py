@@ -19,6 +19,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
+from tests.conftest import dead_ports
 from tests.test_relay_edges import TWINS, Backend, _client, _read_head, _relay
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -348,3 +349,86 @@ def test_an_endpoint_the_table_no_longer_names_gives_back_its_connections(which:
         relay.close()
         for t in (a, b, c):
             t.close()
+
+
+def test_least_conn_counts_a_request_whose_connect_is_still_on_its_way(which: str) -> None:
+    """LEAST_CONN over A and B, B slow to accept (its accept queue full: the
+    SYNs go unanswered). A request counted only once its connect succeeded:
+    while B's connect hung, B had 0 requests, every other request at an even
+    count went to it, and hung too (half of them). Counted from its
+    assignment, as Envoy's LEAST_REQUEST counts, B has 1: the rest go to A."""
+    a = Tracked(b"A")
+    slow = socket.socket()
+    slow.bind(("127.0.0.1", 0))
+    slow.listen(0)
+    b = slow.getsockname()
+    filler = socket.create_connection(b)  # the accept queue's one place
+    picks = iter(range(1000))
+
+    def decide(head: Any, origin: Any) -> Decision:
+        """The worker's LEAST_CONN (RouteTable.decide): round-robin order,
+        then a stable sort by requests in flight."""
+        order = [a.endpoint, b] if next(picks) % 2 == 0 else [b, a.endpoint]
+        return Decision(tuple(sorted(order, key=relay.pools.active)))
+
+    def resolve(head: Any, origin: Any) -> Verdict:  # the compiled loop's own pick()
+        return Verdict((Choice(1, (a.endpoint, b), "LEAST_CONN"),), ttl=60, shape=0)
+
+    relay = _relay(which, decide, **({"resolve": resolve} if which == "compiled" else {}))
+    clients: list[socket.socket] = []
+    try:
+        answered = 0
+        for _ in range(6):
+            s = _client(relay)
+            clients.append(s)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            answered += _read_n(s, len(_answer(b"A")), timeout=0.25) == _answer(b"A")
+        assert answered == 5, f"{6 - answered} of 6 requests went to the endpoint still connecting"
+        assert relay.pools.active(b) == 1 and relay.pools.active(a.endpoint) == 0
+    finally:
+        for s in clients:
+            s.close()
+        relay.close()
+        a.close()
+        filler.close()
+        slow.close()
+
+
+def test_a_request_counted_from_its_assignment_is_counted_down_once(which: str) -> None:
+    """Counted from its assignment, a request must leave the count exactly
+    once however its connect ends: refused (the next candidate answers),
+    timed out (likewise), or the client gone while it connects."""
+    a = Tracked(b"A")
+    slow = socket.socket()
+    slow.bind(("127.0.0.1", 0))
+    slow.listen(0)
+    b = slow.getsockname()
+    filler = socket.create_connection(b)  # the accept queue's one place: SYNs unanswered
+    with dead_ports(1) as (dead,):
+        d = ("127.0.0.1", dead)
+        order = {"refused": (d, a.endpoint), "timeout": (b, a.endpoint), "gone": (b,)}
+        relay = _relay(which, lambda head, origin: Decision(order[head.host]), connect_timeout=0.1)
+        try:
+            for host in ("refused", "timeout"):
+                s = _client(relay)
+                s.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+                assert _read_n(s, len(_answer(b"A"))) == _answer(b"A"), host
+                s.close()
+                assert [relay.pools.active(e) for e in (a.endpoint, b, d)] == [0, 0, 0], host
+            s = _client(relay)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: gone\r\n\r\n")
+            deadline = time.monotonic() + 1
+            while relay.pools.active(b) != 1:
+                assert time.monotonic() < deadline, "the request connecting is not counted"
+                time.sleep(0.005)
+            s.close()
+            while relay.pools.active(b) != 0:
+                assert time.monotonic() < deadline, relay.pools.active(b)
+                time.sleep(0.005)
+            time.sleep(0.3)  # its connect deadline and a tick pass: not counted down again
+            assert relay.pools.active(b) == 0
+        finally:
+            relay.close()
+            a.close()
+            filler.close()
+            slow.close()

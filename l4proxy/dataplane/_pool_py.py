@@ -24,8 +24,12 @@ Theory of operation
   closed at check-in), ``idle_timeout`` seconds idle (closed by
   :meth:`Pools.expire`), ``max_requests`` requests per connection (closed
   at check-in once reached; 0 means unlimited).
-* ``active`` counts checked-out connections per endpoint: the live request
-  count LEAST_CONN and outlier detection read.
+* ``active`` counts checked-out connections per endpoint, connecting ones
+  included: the live request count LEAST_CONN and outlier detection read.
+  A request counts from its assignment (:meth:`Pools.connecting`), as
+  Envoy's LEAST_REQUEST and HAProxy's leastconn count: counted from the
+  connect's end, every request sent while an endpoint was slow to accept
+  saw it idle and went to it.
 * An endpoint the route table no longer names (a pod a reload removed)
   gives back its idle connections at once (:meth:`Pools.remove_endpoint`),
   and those in flight to it are closed at check-in, not pooled: kept, they
@@ -47,7 +51,7 @@ from typing import Final
 __all__ = ["PoolOptions", "Pools"]
 
 COUNTERS: Final = (
-    "opened",  # new upstream connections (a checkout that found none idle)
+    "opened",  # new upstream connections, once connected (a checkout that found none idle)
     "reused",  # checkouts served from the idle stack
     "returned",  # check-ins kept idle
     "closed_unreusable",  # check-ins the exchange said not to reuse
@@ -114,15 +118,25 @@ class Pools:
         self.counters["reused"] += 1
         return idle.handle
 
-    def opened(self, endpoint: Hashable, handle: Hashable) -> None:
-        """A new connection to *endpoint* is checked out as *handle*."""
+    def connecting(self, endpoint: Hashable, handle: Hashable) -> None:
+        """A new connection to *endpoint* is being opened as *handle*: checked
+        out from now on (counted in active()); then connected(), or discard()
+        when its connect fails."""
         if handle in self._requests or handle in self._where:
             raise ValueError(f"handle {handle!r} is already pooled")
         self._requests[handle] = 0
         ep = self._ep(endpoint)
         ep.active += 1
         ep.out.add(handle)
+
+    def connected(self) -> None:
+        """The connect of a connection given to connecting() succeeded."""
         self.counters["opened"] += 1
+
+    def opened(self, endpoint: Hashable, handle: Hashable) -> None:
+        """A new connection to *endpoint*, connected, is checked out as *handle*."""
+        self.connecting(endpoint, handle)
+        self.connected()
 
     def checkin(
         self, endpoint: Hashable, handle: Hashable, reusable: bool, now: float

@@ -467,7 +467,7 @@ class HttpRelay:
                 self._connect_error(c, up, now, os.strerror(err))
                 return
             up.connecting = False
-            self.pools.opened(up.endpoint, up.fd)
+            self.pools.connected()
             if self.connect_ok is not None:
                 self.connect_ok(up.endpoint, c.decision.tag if c.decision else None)
             self._perform(c, c.ex.routed(False), now)
@@ -669,6 +669,8 @@ class HttpRelay:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # (see _take_queue)
         up = _Up(sock, endpoint, connecting=True, owner=c)
         self._ups[up.fd] = up
+        # counted from here, not from the connect's end (see _pool_py.py)
+        self.pools.connecting(endpoint, up.fd)
         c.up = up
         if not _numeric(endpoint[0]):
             # A DNS endpoint before its first answer: a getaddrinfo() here
@@ -844,8 +846,8 @@ class HttpRelay:
             up.mask = 0
 
     def _drop_upstream(self, up: _Up) -> None:
-        if up.owner is not None and not up.connecting and up.fd in self._ups:
-            self.pools.discard(up.endpoint, up.fd)
+        if up.owner is not None and up.fd in self._ups:
+            self.pools.discard(up.endpoint, up.fd)  # connecting or not
         self._forget_upstream(up)
         up.owner = None
         up.sock.close()
