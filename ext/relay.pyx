@@ -1931,6 +1931,7 @@ cdef int splice_moves(Conn *c, int src, int dst, int64_t *left, bint may_send, b
 cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nogil:
     """The response body: upstream -> pipe -> client (splice_moves)."""
     cdef int64_t before = c.resp_left
+    cdef ssize_t n
     cdef int r = splice_moves(c, c.up.fd, c.fd, &c.resp_left, not c.out.len, readable, now)
     c.up_bytes += before - c.resp_left
     c.client_bytes += before - c.resp_left
@@ -1948,9 +1949,17 @@ cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nog
         c.rs = RS_DONE
         # bytes after the body: the server is confused (as forward_body
         # sees them in the read that ends a copied body); pooled, the
-        # connection would hand them to the next request as its answer
-        if sys_.recv(c.up.fd, R.scratch, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT) > 0:
+        # connection would hand them to the next request as its answer.
+        # Its FIN (0), or an error (a reset): the body's last bytes may have
+        # been read here from the client's EPOLLOUT, the upstream unwatched
+        # while the pipe held bytes, so no event said EPOLLRDHUP; pooled, a
+        # request in this step (a pipelined one) would take a half-closed
+        # connection (a POST: a 502)
+        n = sys_.recv(c.up.fd, R.scratch, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT)
+        if n > 0:
             c.resp_persistent = False
+        elif n == 0 or errno != EAGAIN:
+            c.up.peer_closed = True
         complete(R, c, False, c.req_left > 0, now)
 
 

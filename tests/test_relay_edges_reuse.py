@@ -8,8 +8,10 @@ everything sent meanwhile is in the relay's sockets when it next looks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -127,6 +129,75 @@ def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which:
     finally:
         h.release()
         go.set()
+        relay.close()
+        backend.close()
+
+
+def _queued(s: socket.socket) -> int:
+    """Bytes waiting in *s*'s receive queue (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+def test_a_spliced_answer_ended_by_a_fin_read_for_the_client_is_not_pooled(which: str) -> None:
+    """A long answer goes through the compiled relay's pipe (splice). While
+    the pipe holds bytes the client has not taken, the upstream is not
+    watched; its last bytes and the server's FIN (no Connection: close)
+    came meanwhile, and the client's EPOLLOUT read them when the pipe
+    emptied: no upstream event, so no EPOLLRDHUP said the FIN. The answer
+    completed, the connection went back to the pool, and the client's
+    pipelined POST took it at once: sent onto a half-closed socket, a 502.
+    The peek that ends a spliced body takes the FIN (and an error) too: not
+    pooled, and the POST goes on a new connection."""
+    X, Y = 700_000, 1_000  # the pipe and the client's socket cannot take X
+    sent, tail, closed = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[int, bytes]] = []  # (connection, request line)
+    conns = iter(range(100))
+
+    def serve(conn: socket.socket) -> None:
+        n = next(conns)
+        while head := _read_head(conn):
+            seen.append((n, head.split(b"\r\n")[0]))
+            if n == 0:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (X + Y))
+                conn.sendall(b"a" * X)
+                sent.set()
+                tail.wait(5)
+                conn.sendall(b"b" * Y)
+                conn.close()  # its FIN right behind the body's end
+                closed.set()
+                return
+            conn.sendall(OK)
+
+    backend = Backend(serve)
+    h = Hold(backend.endpoint)
+    relay = h.relay(which)
+    try:
+        a = _client(relay)
+        a.sendall(
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        assert sent.wait(5)
+        # the client's socket fills, then stays full: the relay waits for it
+        deadline, last = time.monotonic() + 2, -1
+        while (n := _queued(a)) != last or n == 0:
+            assert time.monotonic() < deadline, "the client's socket never filled"
+            last = n
+            time.sleep(0.05)
+        tail.set()
+        assert closed.wait(5)
+        time.sleep(0.05)  # the tail and the FIN wait in the relay's upstream socket
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (X + Y)
+        got = _read_n(a, len(head) + X + Y + len(OK))
+        assert got.startswith(head), got[:200]
+        body, after = got[len(head) : len(head) + X + Y], got[len(head) + X + Y :]
+        assert body == b"a" * X + b"b" * Y, len(body)
+        assert after == OK, after  # not a 502
+        assert seen == [(0, b"GET /1 HTTP/1.1"), (1, b"POST /2 HTTP/1.1")], seen
+        if which == "compiled":
+            assert relay.stats()["spliced"] == 1
+    finally:
+        tail.set()
         relay.close()
         backend.close()
 
