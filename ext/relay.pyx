@@ -3380,6 +3380,13 @@ cdef class HttpRelay:
             self._stuck = True
             return
         self._shutdown()
+        # The requests _shutdown cut (in flight: a drain that timed out) were
+        # counted after the loop's last flush (its thread is gone, so the
+        # rows are ours): handed over here, as the pure twin reports them.
+        try:
+            self._flush()
+        except Exception:
+            L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
         # Not left to __dealloc__: self.slow holds bound methods of self,
         # so a closed relay is freed by the cyclic GC only, whenever.
         sys_.close(self.R.epfd)

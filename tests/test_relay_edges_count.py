@@ -217,3 +217,31 @@ def test_an_exchange_the_idle_timeout_ends_counts_as_0(which: str) -> None:
     assert got == b""
     _one(rows, stats, 0)
     assert stats["timeouts"] == 1
+
+
+def test_a_request_in_flight_when_the_relay_closes_counts_as_0(which: str) -> None:
+    """A drain that timed out: close() cuts the requests still in flight. The
+    compiled twin counted them after its loop's last report, into rows never
+    handed to report_rows: istio_requests_total missed them (the pure twin
+    reported them). Its close() hands them over."""
+    got_head, go = threading.Event(), threading.Event()
+
+    def hang(conn: socket.socket) -> None:
+        if _read_head(conn):
+            got_head.set()
+            go.wait(5)
+
+    backend = Backend(hang)
+    counted = Counted()
+    relay = _relay(which, lambda h, o: Decision((backend.endpoint,), tag="t"), **counted.kw(which))
+    try:
+        a = _client(relay)
+        a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert got_head.wait(5)
+        relay.close()
+        _one(counted.rows, relay.stats(), 0)
+        a.close()
+    finally:
+        go.set()
+        relay.close()
+        backend.close()
