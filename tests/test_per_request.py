@@ -515,3 +515,45 @@ def test_a_gateway_serves_for_drain_inbound_after_sigterm_then_refuses(mesh: Mes
     assert before and set(before) == {"200"}, results
     assert during and set(during) == {"200"}, results  # was: ConnectionRefusedError
     assert after and set(after) == {"ConnectionRefusedError"}, results
+
+
+URGENT_SERVER = r"""
+import socket, sys
+s = socket.create_server(("", int(sys.argv[1])))
+body = bytes(range(256)) * 2048  # 512 KiB: spliced by the relay
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(body) + 1) + body[:300000])
+    c.send(b"!", socket.MSG_OOB)  # an urgent byte in the body's middle
+    c.sendall(body[300000:])
+    c.close()
+"""
+
+URGENT_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), 10)
+c.sendall(b"GET / HTTP/1.1\r\nHost: urgent\r\nConnection: close\r\n\r\n")
+data = b""
+while chunk := c.recv(1 << 16):
+    data += chunk
+body = bytes(range(256)) * 2048
+print(data.endswith(b"\r\n\r\n" + body[:300000] + b"!" + body[300000:]))
+"""
+
+
+def test_an_urgent_byte_in_a_spliced_body_arrives_in_place_and_is_counted(mesh: Mesh) -> None:
+    """Through the sidecar: the per-request relay's sockets take urgent data
+    inline (SO_OOBINLINE; the byte was skipped and the body came one short),
+    and the marks its splice crossed are in l4proxy_urgent_marks_total, with
+    the L4 pump's."""
+    pod = mesh.net.add_pod("urgent", labels={"app": "urgent"})
+    mesh.procs.append(pod.popen([PYTHON, "-c", URGENT_SERVER, "7010"], user=1000))
+    pod.wait_listening(7010)
+    mesh.write_rules(service_entry("urgent", "198.19.0.44", 7010, [(pod.ipv4, {})]), name="u.yaml")
+    mesh.start("compiled-uvloop", run_args=PER_REQUEST)
+    assert mesh.client is not None and mesh.sidecar is not None
+    r = mesh.client.run([PYTHON, "-c", URGENT_CLIENT, "198.19.0.44", "7010"], user=1000)
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
+    assert mesh.sidecar.stat("l4proxy_http_spliced_bodies_total") == 1
+    assert mesh.sidecar.stat("l4proxy_urgent_marks_total") >= 1

@@ -426,7 +426,8 @@ class WorkerView:
             "l4proxy_pipes_in_use": ps.get("pipes_used", 0),
             "l4proxy_pipes_pooled": ps.get("pipes_free", 0),
             "l4proxy_pipe_refusals_total": ps.get("pipe_refusals", 0),
-            "l4proxy_urgent_marks_total": ps.get("urgent", 0),
+            # urgent marks crossed by splice: the L4 pump's and the per-request relay's
+            "l4proxy_urgent_marks_total": ps.get("urgent", 0) + rs.get("urgent", 0),
             "l4proxy_rules_generation": st.generation,
             "l4proxy_rules_digest": st.digest,
             "l4proxy_reloads_total": st.reloads,
