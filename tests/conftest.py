@@ -245,7 +245,7 @@ def serving(reply: Callable[[str], bytes | None]) -> Iterator[str]:
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield f"127.0.0.1:{srv.server_address[1]}"
     finally:

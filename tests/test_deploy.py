@@ -329,7 +329,7 @@ class _Ready(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def admin() -> Iterator[http.server.HTTPServer]:
     server = http.server.HTTPServer(("127.0.0.1", 0), _Ready)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
@@ -381,7 +381,7 @@ def test_readiness_probe_wait_holds_until_ready() -> None:
     exit 0 once /ready answers 200, 1 when the time is up (saying why)."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _TurnsReady)
     server.ready_at = time.monotonic() + 60  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     script = str(DEPLOY / "l4proxy-ready")
     port = str(server.server_address[1])

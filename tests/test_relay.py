@@ -42,7 +42,9 @@ class Backend(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, 0), _Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # polled every 50 ms: shutdown() waits for the next poll (0.5 s by default,
+        # twice per test with two backends)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def endpoint(self) -> tuple[str, int]:
