@@ -770,7 +770,9 @@ def test_host_header_routes_when_the_address_is_unknown(mesh: Mesh) -> None:
     )
     assert "addresses" not in entry
     mesh.write_rules(entry, route_rule({"v2": 100}))
-    mesh.start_client()
+    # (--connect-timeout 1: the passthrough below dials nothing, and the
+    # sidecar's drain at teardown waited the default 5 s for that connect)
+    mesh.start_client(run_args=("--connect-timeout", "1"))
     assert mesh.sidecar is not None
     unknown = "http://198.19.0.99:8080/"  # in no ServiceEntry: routed by Host alone
     for host in ("bootcamp", "bootcamp.default", "bootcamp.default.svc.cluster.local:8080"):
