@@ -14,7 +14,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -83,6 +83,34 @@ class Hold:
         self.hold.set()
 
 
+# A GET and a pipelined POST; the GET's connection ends with its answer, so
+# the POST must go on a new one (a 502 if it took the half-closed one).
+GET_THEN_POST = (
+    b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+)
+POST_ON_A_NEW_CONNECTION = [(0, b"GET /1 HTTP/1.1"), (1, b"POST /2 HTTP/1.1")]
+
+
+def _first_then_ok(
+    first: Callable[[socket.socket], None], seen: list[tuple[int, bytes]]
+) -> Callable[[socket.socket], None]:
+    """A backend's handler: every request line logged in *seen* as
+    (connection, line); the first connection's first request answered by
+    *first* (which closes it), every other one OK."""
+    conns = iter(range(100))
+
+    def serve(conn: socket.socket) -> None:
+        n = next(conns)
+        while head := _read_head(conn):
+            seen.append((n, head.split(b"\r\n")[0]))
+            if n == 0:
+                first(conn)
+                return
+            conn.sendall(OK)
+
+    return serve
+
+
 def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which: str) -> None:
     """The server answered and closed in one send (no Connection: close): the
     FIN came in the same read as the answer. The answer completed, the
@@ -93,30 +121,20 @@ def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which:
     new one (no syscall more per request)."""
     go, got_head, closed = threading.Event(), threading.Event(), threading.Event()
     seen: list[tuple[int, bytes]] = []  # (connection, request line)
-    conns = iter(range(100))
 
-    def serve(conn: socket.socket) -> None:
-        n = next(conns)
-        while head := _read_head(conn):
-            seen.append((n, head.split(b"\r\n")[0]))
-            if n == 0:
-                got_head.set()
-                go.wait(5)
-                conn.sendall(OK)
-                conn.close()  # its FIN right behind the answer
-                closed.set()
-                return
-            conn.sendall(OK)
+    def first(conn: socket.socket) -> None:
+        got_head.set()
+        go.wait(5)
+        conn.sendall(OK)
+        conn.close()  # its FIN right behind the answer
+        closed.set()
 
-    backend = Backend(serve)
+    backend = Backend(_first_then_ok(first, seen))
     h = Hold(backend.endpoint)
     relay = h.relay(which)
     try:
         a = _client(relay)
-        a.sendall(
-            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
-        )
+        a.sendall(GET_THEN_POST)
         assert got_head.wait(5)
         b = h.held(relay)
         go.set()
@@ -124,7 +142,7 @@ def test_a_connection_closed_with_its_last_answer_is_not_handed_out_again(which:
         h.release()
         got = _read_n(a, 2 * len(OK))
         assert got == OK + OK, got
-        assert seen == [(0, b"GET /1 HTTP/1.1"), (1, b"POST /2 HTTP/1.1")], seen
+        assert seen == POST_ON_A_NEW_CONNECTION, seen
         b.close()
     finally:
         h.release()
@@ -151,32 +169,22 @@ def test_a_spliced_answer_ended_by_a_fin_read_for_the_client_is_not_pooled(which
     X, Y = 700_000, 1_000  # the pipe and the client's socket cannot take X
     sent, tail, closed = threading.Event(), threading.Event(), threading.Event()
     seen: list[tuple[int, bytes]] = []  # (connection, request line)
-    conns = iter(range(100))
 
-    def serve(conn: socket.socket) -> None:
-        n = next(conns)
-        while head := _read_head(conn):
-            seen.append((n, head.split(b"\r\n")[0]))
-            if n == 0:
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (X + Y))
-                conn.sendall(b"a" * X)
-                sent.set()
-                tail.wait(5)
-                conn.sendall(b"b" * Y)
-                conn.close()  # its FIN right behind the body's end
-                closed.set()
-                return
-            conn.sendall(OK)
+    def first(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (X + Y))
+        conn.sendall(b"a" * X)
+        sent.set()
+        tail.wait(5)
+        conn.sendall(b"b" * Y)
+        conn.close()  # its FIN right behind the body's end
+        closed.set()
 
-    backend = Backend(serve)
+    backend = Backend(_first_then_ok(first, seen))
     h = Hold(backend.endpoint)
     relay = h.relay(which)
     try:
         a = _client(relay)
-        a.sendall(
-            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
-        )
+        a.sendall(GET_THEN_POST)
         assert sent.wait(5)
         # the client's socket fills, then stays full: the relay waits for it
         deadline, last = time.monotonic() + 2, -1
@@ -193,7 +201,7 @@ def test_a_spliced_answer_ended_by_a_fin_read_for_the_client_is_not_pooled(which
         body, after = got[len(head) : len(head) + X + Y], got[len(head) + X + Y :]
         assert body == b"a" * X + b"b" * Y, len(body)
         assert after == OK, after  # not a 502
-        assert seen == [(0, b"GET /1 HTTP/1.1"), (1, b"POST /2 HTTP/1.1")], seen
+        assert seen == POST_ON_A_NEW_CONNECTION, seen
         if which == "compiled":
             assert relay.stats()["spliced"] == 1
     finally:
