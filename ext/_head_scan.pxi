@@ -104,13 +104,53 @@ cdef const char* HTTP_SLASH = b"HTTP/"
 cdef const char* H2_PREFACE_LINE = b"PRI * HTTP/2.0"
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* Whether the word x, ASCII-lowercased, is the word l of a lowercase
+       ASCII literal: bit 5 is set in x only where l has a letter (a byte
+       of l is 0x61..0x7A when l + 0x1F carries into bit 7 and l + 0x05
+       does not; no carry crosses a byte, l < 0x80). Exact: at a letter,
+       only the letter and its capital have it once bit 5 is set; elsewhere
+       x must be l as it is. */
+    static inline int l4_word_is(uint64_t x, uint64_t l) {
+        uint64_t letter = (l + 0x1F1F1F1F1F1F1F1FULL) & ~(l + 0x0505050505050505ULL)
+                          & 0x8080808080808080ULL;
+        return (x | (letter >> 2)) == l;
+    }
+    static inline uint64_t l4_load_upto8(const unsigned char *p, size_t n) {
+        uint64_t w = 0;
+        size_t k;
+        for (k = 0; k < n; k++) w |= (uint64_t)p[k] << (8 * k);
+        return w;
+    }
+    /* p[:n] is the lowercase ASCII literal lit[:n], whatever the case of
+       p's letters: a word at a time, the last word overlapping the one
+       before it; a literal under 8 bytes, in one word. */
+    static inline int l4_eq_lower(const unsigned char *p, const char *lit, size_t n) {
+        const unsigned char *l = (const unsigned char *)lit;
+        uint64_t x, y;
+        size_t i;
+        if (n < 8)
+            return l4_word_is(l4_load_upto8(p, n), l4_load_upto8(l, n));
+        for (i = 0; i + 8 < n; i += 8) {
+            memcpy(&x, p + i, 8);
+            memcpy(&y, l + i, 8);
+            if (!l4_word_is(x, y)) return 0;
+        }
+        memcpy(&x, p + n - 8, 8);
+        memcpy(&y, l + n - 8, 8);
+        return l4_word_is(x, y);
+    }
+    """
+    bint eq_lower_words "l4_eq_lower"(const unsigned char* p, const char* lit, size_t n) noexcept nogil
+
+
 cdef inline bint eq_lower(const unsigned char* p, const char* lit, Py_ssize_t n) noexcept nogil:
-    """p[:n], ASCII-lowercased, equals the lowercase literal lit[:n]."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if LOWER[p[i]] != <unsigned char>lit[i]:
-            return False
-    return True
+    """p[:n], ASCII-lowercased, equals the lowercase literal lit[:n] (LOWER,
+    a word at a time)."""
+    return eq_lower_words(p, lit, <size_t>n)
 
 
 cdef inline bint all_host(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -118,6 +158,64 @@ cdef inline bint all_host(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) 
         if not HOSTC[buf[a]]:
             return False
         a += 1
+    return True
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* Whether no byte of p[:n] is below 0x20 or is 0x7F, read a word at a
+       time (the last word overlapping the one before it): then all are
+       field-value bytes (RFC 9110 5.5). A byte below 0x20 borrows in x -
+       0x20.., a 0x7F is a zero once XORed with 0x7F..; a byte of 0x80 or
+       more is neither. 0 also for HTAB, which is a field-value byte: the
+       caller then judges byte by byte. */
+    #define L4_ONES64 0x0101010101010101ULL
+    #define L4_HIGH64 0x8080808080808080ULL
+    static inline int l4_plain64(uint64_t x) {
+        uint64_t y = x ^ (0x7F * L4_ONES64);
+        return !(((x - 0x20 * L4_ONES64) & ~x & L4_HIGH64) | ((y - L4_ONES64) & ~y & L4_HIGH64));
+    }
+    static inline int l4_plain32(uint32_t x) {
+        uint32_t y = x ^ 0x7F7F7F7FU;
+        return !(((x - 0x20202020U) & ~x & 0x80808080U) | ((y - 0x01010101U) & ~y & 0x80808080U));
+    }
+    static inline int l4_plain(const unsigned char *p, size_t n) {
+        uint64_t x;
+        uint32_t w;
+        size_t i;
+        if (n >= 8) {
+            for (i = 0; i + 8 < n; i += 8) {
+                memcpy(&x, p + i, 8);
+                if (!l4_plain64(x)) return 0;
+            }
+            memcpy(&x, p + n - 8, 8);
+            return l4_plain64(x);
+        }
+        if (n >= 4) {
+            memcpy(&w, p, 4);
+            if (!l4_plain32(w)) return 0;
+            memcpy(&w, p + n - 4, 4);
+            return l4_plain32(w);
+        }
+        for (i = 0; i < n; i++)
+            if (p[i] < 0x20 || p[i] == 0x7F) return 0;
+        return 1;
+    }
+    """
+    bint plain "l4_plain"(const unsigned char* p, size_t n) noexcept nogil
+
+
+cdef inline bint field_ok(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Every byte of p[:n] is a field-value byte (FIELD): words at a time,
+    byte by byte only where a control byte (HTAB, or a refused one) is."""
+    cdef Py_ssize_t i
+    if plain(p, <size_t>n):
+        return True
+    for i in range(n):
+        if not FIELD[p[i]]:
+            return False
     return True
 
 
@@ -179,10 +277,8 @@ cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_
     if buf[i] != COLON:
         return E_NAME_CHAR
     i += 1
-    while i < end:
-        if not FIELD[buf[i]]:
-            return E_VALUE_CHAR
-        i += 1
+    if not field_ok(buf + i, end - i):
+        return E_VALUE_CHAR
     return 0
 
 

@@ -446,6 +446,72 @@ NOT_DOT_SEGMENTS = [
 ]  # fmt: skip
 
 
+def test_every_byte_at_every_place_of_a_word_in_a_value(twin: ModuleType) -> None:
+    """The compiled scanner judges a value 8 bytes at a time (4 when it is
+    shorter, the last word overlapping the one before it): each byte value,
+    at each place of values of every length the words fall differently in,
+    is judged as RFC 9110 says: HTAB, SP, VCHAR and obs-text pass; other
+    controls and DEL are refused."""
+    field = {0x09, *range(0x20, 0x7F), *range(0x80, 0x100)}
+    lengths = (1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24)
+    refused = 0
+    for length in lengths:
+        for place in range(length):
+            for byte in range(256):
+                if byte == 0x0A:
+                    continue  # an LF ends the line
+                value = bytearray(b"v" * length)
+                value[place] = byte
+                data = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + bytes(value) + b"\r\n\r\n"
+                if byte in field:
+                    head = twin.parse_head(data)
+                    assert head is not None, (length, place, byte)
+                    assert head.headers[1][1] == bytes(value).strip(b" \t").decode("latin-1")
+                else:
+                    refused += 1
+                    with pytest.raises(HeadError, match="invalid character in header value"):
+                        twin.parse_head(data)
+    assert refused == 31 * sum(lengths)  # 0x00-0x1F but HTAB and LF, and DEL
+
+
+KNOWN_FIELDS = {
+    b"Host": b"a",
+    b"Content-Length": b"3",
+    b"Transfer-Encoding": b"chunked",
+    b"Connection": b"keep-alive",
+    b"Expect": b"100-continue",
+}
+
+
+def _outcome(mod: ModuleType, data: bytes) -> object:
+    try:
+        return mod.parse_head(data)
+    except HeadError as err:
+        return (err.status, err.reason)
+
+
+def test_every_byte_in_the_names_and_values_the_scanner_knows() -> None:
+    """The compiled scanner compares names and values with its lowercase
+    literals a word at a time (case folded only where the literal has a
+    letter): every byte value at every place of each name and value it
+    knows is judged as the pure twin judges it, with the byte's capital,
+    its neighbours 0x20 away and the other letters among them."""
+    compiled, pure = load_twin("peek", "compiled"), load_twin("peek", "pure")
+    differ = []
+    for name, value in KNOWN_FIELDS.items():
+        host = b"" if name == b"Host" else b"Host: a\r\n"
+        for field, place in itertools.chain(
+            ((0, k) for k in range(len(name))), ((1, k) for k in range(len(value)))
+        ):
+            for byte in range(256):
+                parts = [bytearray(name), bytearray(value)]
+                parts[field][place] = byte
+                data = b"POST / HTTP/1.1\r\n%s%s: %s\r\n\r\n" % (host, *map(bytes, parts))
+                if _outcome(compiled, data) != _outcome(pure, data):
+                    differ.append(data)
+    assert differ == []
+
+
 @pytest.mark.parametrize("target", DOT_SEGMENTS)
 def test_a_dot_segment_in_the_path_is_400(twin: ModuleType, mode: str, target: str) -> None:
     err = error_of(twin, mode, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
