@@ -597,24 +597,36 @@ cdef inline uint64_t rng_next(Relay *R) noexcept nogil:
 # cache keeps (7 a size), so malloc and free went to the arena's bins, 2 %
 # of a keep-alive request's CPU. First-size blocks freed go to a small
 # per-thread stack instead, bounded (64 KiB a thread), and an idle
-# connection still holds no buffer.
+# connection still holds no buffer. The thread's stack is found through one
+# pointer in static TLS (initial-exec: a load off %fs, where a __thread
+# array in a module loaded by dlopen() cost a call to __tls_get_addr on
+# every get and put, 2 % of the loop's instructions); the stack itself is
+# allocated on the thread's first put.
 cdef extern from *:
     """
     #include <stdlib.h>
     #define L4_BUF_FIRST 1024
     #define L4_POOL_MAX 64
-    static __thread void *l4_pool[L4_POOL_MAX];
-    static __thread int l4_pool_n = 0;
+    typedef struct { int n; void *p[L4_POOL_MAX]; } l4_pool_t;
+    static __thread l4_pool_t *l4_pool __attribute__((tls_model("initial-exec")));
     static inline void *l4_pool_get(void) {
-        return l4_pool_n ? l4_pool[--l4_pool_n] : malloc(L4_BUF_FIRST);
+        l4_pool_t *s = l4_pool;
+        return (s && s->n) ? s->p[--s->n] : malloc(L4_BUF_FIRST);
     }
     static inline void l4_pool_put(void *p) {
-        if (l4_pool_n < L4_POOL_MAX) l4_pool[l4_pool_n++] = p; else free(p);
+        l4_pool_t *s = l4_pool;
+        if (s == NULL)
+            s = l4_pool = (l4_pool_t *)calloc(1, sizeof(l4_pool_t));
+        if (s && s->n < L4_POOL_MAX) s->p[s->n++] = p; else free(p);
     }
     static void l4_pool_drain(void) {
-        while (l4_pool_n) free(l4_pool[--l4_pool_n]);
+        l4_pool_t *s = l4_pool;
+        if (s == NULL) return;
+        while (s->n) free(s->p[--s->n]);
+        free(s);
+        l4_pool = NULL;
     }
-    static int l4_pool_size(void) { return l4_pool_n; }
+    static int l4_pool_size(void) { return l4_pool ? l4_pool->n : 0; }
     """
     size_t BUF_FIRST "L4_BUF_FIRST"
     void *pool_get "l4_pool_get"() noexcept nogil
@@ -1203,15 +1215,34 @@ cdef bint idempotent(const unsigned char *buf, Head *h) noexcept nogil:
 
 # -- the verdict cache ------------------------------------------------------------
 
-cdef uint64_t FNV_BASIS = <uint64_t>14695981039346656037
+# The cache's hash: a key 8 bytes at a time (FNV-1a, a byte at a time, was
+# 4 % of a keep-alive request's instructions), from a seed drawn once per
+# process, so that no client can aim its hosts and paths at one slot.
+cdef uint64_t KEY_SEED = <uint64_t>int.from_bytes(os.urandom(8), "little")
+cdef uint64_t MIX_A = <uint64_t>0xFF51AFD7ED558CCD
+cdef uint64_t MIX_B = <uint64_t>0xC4CEB9FE1A85EC53
 
 
-cdef inline uint64_t fnv(uint64_t x, const char *p, size_t n) noexcept nogil:
-    cdef size_t i
-    for i in range(n):
-        x ^= <uint8_t>p[i]
-        x *= <uint64_t>1099511628211
-    return x
+cdef inline uint64_t mix(uint64_t h, uint64_t w) noexcept nogil:
+    h = (h ^ w) * MIX_A
+    return h ^ (h >> 32)
+
+
+cdef inline uint64_t key_hash(const char *p, size_t n) noexcept nogil:
+    cdef uint64_t h = KEY_SEED ^ n, w
+    cdef size_t i = 0, k
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = mix(h, w)
+        i += 8
+    if i < n:
+        w = 0
+        for k in range(n - i):
+            w |= (<uint64_t><uint8_t>p[i + k]) << (8 * k)
+        h = mix(h, w)
+    h ^= h >> 29
+    h *= MIX_B
+    return h ^ (h >> 32)
 
 
 cdef bint test_passes(const Test_ *t, const unsigned char *target, Py_ssize_t tn,
@@ -1600,69 +1631,62 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
 
     0: incomplete; 1: done (c.status, c.framing, c.resp_left,
     c.resp_persistent set, *head_len); 2: not the common case (Python judges
-    it: parse_response_head and response_framing).
+    it: parse_response_head and response_framing); 3: an interim head alone
+    (*head_len).
+
+    One pass, line by line: the lines are judged as they are found, and the
+    verdict waits for the head's end (a head that is not the common case but
+    not complete yet is 0, as before its end was known).
     """
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
-    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, end = -1
+    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, end, sl
     cdef const unsigned char *lf
-    cdef int n_cl = 0, n_te = 0, status
+    cdef int n_cl = 0, n_te = 0, status = 0, lines = 0
     cdef long long cl = -1
-    cdef bint close = False, keep = False, te_chunked = False, v10
-    # the end of the head
-    i = 0
+    cdef bint close = False, keep = False, te_chunked = False, v10 = False, odd = False
+    # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
+    lf = <const unsigned char*>memchr(b, LF, <size_t>n)
+    if lf == NULL:
+        return 2 if n > R.max_head else 0
+    sl = lf - b  # the LF of the status line
+    if sl < 13 or memcmp(b, b"HTTP/1.", 7) != 0 or b[8] != SP \
+            or not (b[7] == 0x31 or b[7] == 0x30) or b[sl - 1] != CR \
+            or not (0x31 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39) \
+            or (sl - 1 > 12 and (b[12] != SP or not field_ok(b + 13, sl - 14))):
+        odd = True
+    else:
+        v10 = b[7] == 0x30
+        status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
+        # a tunnel or refused (101), an interim head from an HTTP/1.0 server:
+        # Python (an interim head alone: passed on as it is, below)
+        odd = status == 101 or (status < 200 and v10)
+    # header lines, each ending in CRLF, up to the empty line
+    i = sl + 1
     while True:
+        if i >= n or (b[i] == CR and i + 1 >= n):
+            return 2 if n > R.max_head else 0
+        if b[i] == LF:
+            return 2  # a bare LF ends the head: Python
+        if b[i] == CR and b[i + 1] == LF:
+            end = i + 2
+            break
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(n - i))
         if lf == NULL:
             return 2 if n > R.max_head else 0
-        i = lf - b + 1
-        if i < n and b[i] == LF:
-            return 2  # bare LF lines: Python
-        if i + 1 < n and b[i] == CR and b[i + 1] == LF:
-            end = i + 2
-            break
-        if i >= n or (i + 1 >= n and b[i] == CR):
-            return 2 if n > R.max_head else 0
-    if end > R.max_head:
-        return 2
-    # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
-    if end < 16 or memcmp(b, b"HTTP/1.", 7) != 0 or b[8] != SP or not (b[7] == 0x31 or b[7] == 0x30):
-        return 2
-    v10 = b[7] == 0x30
-    if not (0x31 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39):
-        return 2
-    status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
-    if status == 101:
-        return 2  # a tunnel, or refused: Python
-    lf = <const unsigned char*>memchr(b, LF, <size_t>end)
-    ls = lf - b  # the LF of the status line
-    if b[ls - 1] != CR or (ls - 1 > 12 and b[12] != SP):
-        return 2
-    for i in range(13, ls - 1):
-        if not FIELD[b[i]]:
-            return 2
-    if status < 200:
-        # interim (100 Continue): passed on as it is; with header lines
-        # (103 Early Hints), or from an HTTP/1.0 server, Python judges it
-        if end != ls + 3 or v10:
-            return 2
-        head_len[0] = end
-        return 3
-    # header lines, each ending in CRLF
-    i = ls + 1
-    while i < end - 2:
-        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         le = lf - b - 1  # the CR
-        if b[le] != CR:
-            return 2
+        lines += 1
+        if odd or b[le] != CR:
+            odd = True
+            i = le + 2
+            continue
         ls = i
         colon = ls
         while colon < le and TCHAR[b[colon]]:
             colon += 1
-        if colon == ls or colon == le or b[colon] != COLON:
-            return 2
-        for k in range(colon + 1, le):
-            if not FIELD[b[k]]:
-                return 2
+        if colon == ls or colon == le or b[colon] != COLON or not field_ok(b + colon + 1, le - colon - 1):
+            odd = True
+            i = le + 2
+            continue
         vs = colon + 1
         ve = le
         while vs < ve and is_ows(b[vs]):
@@ -1673,22 +1697,31 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
         if header_is(b + ls, k, b"content-length", 14):
             n_cl += 1
             if n_cl > 1 or ve - vs < 1 or ve - vs > 18:
-                return 2
-            cl = 0
-            for k in range(vs, ve):
-                if not (0x30 <= b[k] <= 0x39):
-                    return 2
-                cl = cl * 10 + (b[k] - 0x30)
+                odd = True
+            else:
+                cl = 0
+                for k in range(vs, ve):
+                    if not (0x30 <= b[k] <= 0x39):
+                        odd = True
+                        break
+                    cl = cl * 10 + (b[k] - 0x30)
         elif header_is(b + ls, k, b"transfer-encoding", 17):
             n_te += 1
             if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
-                return 2  # (in HTTP/1.0 Python refuses it, unless no body may follow)
+                odd = True  # (in HTTP/1.0 Python refuses it, unless no body may follow)
             te_chunked = True
         elif header_is(b + ls, k, b"connection", 10):
             scan_connection(b, vs, ve, &close, &keep)
         i = le + 2
-    if n_cl and n_te:
-        return 2  # Python refuses it, with its reason
+    if odd or end > R.max_head or (n_cl and n_te):
+        return 2  # (CL with TE: Python refuses it, with its reason)
+    if status < 200:
+        # interim (100 Continue): passed on as it is; with header lines
+        # (103 Early Hints) Python judges it
+        if lines:
+            return 2
+        head_len[0] = end
+        return 3
     c.status = status
     # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
     c.resp_persistent = not close and (keep or not v10)
@@ -1736,7 +1769,8 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
                           and c.req_left == 0 and not c.client_eof)
     cdef Py_ssize_t end
     cdef size_t rest
-    cdef char *tmp
+    cdef Buf held
+    cdef int r
     if not persists and not says_close(<const unsigned char*>c.rhead.p, hl):
         # client_head(): the client does not read our close otherwise; the
         # header goes before the empty line that ends the head (CRLF or LF)
@@ -1758,16 +1792,16 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
         c.ck.max_trailers = R.max_head
     rest = c.rhead.len - hl
     if rest:
-        tmp = <char*>malloc(rest)
-        if tmp == NULL:
-            conn_abort(R, c)
+        # what followed the head, from c.rhead's block taken out of c (the
+        # exchange may end in forward_body and the next request's head be
+        # staged in c.rhead): no copy
+        held = c.rhead
+        c.rhead.p = NULL
+        c.rhead.len = c.rhead.cap = c.rhead.off = 0
+        r = forward_body(R, c, held.p + hl, rest, now)
+        buf_free(&held)
+        if r != 0:
             return -1
-        memcpy(tmp, c.rhead.p + hl, rest)
-        buf_free(&c.rhead)
-        if forward_body(R, c, tmp, rest, now) != 0:
-            free(tmp)
-            return -1
-        free(tmp)
     else:
         buf_free(&c.rhead)
         if c.framing == F_NONE:
@@ -2025,7 +2059,12 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     else:
         # the head was rewritten when it completed: it is c.replay's start
         # when replayable, else rebuilt here
-        if buf_add(&u.out, c.rhead.p, c.rhead.len) != 0:  # (the upstream head, staged)
+        if u.out.len == 0:  # (the upstream head, staged): its block moves
+            buf_free(&u.out)
+            u.out = c.rhead
+            c.rhead.p = NULL
+            c.rhead.len = c.rhead.cap = c.rhead.off = 0
+        elif buf_add(&u.out, c.rhead.p, c.rhead.len) != 0:
             conn_abort(R, c)
             return
         buf_free(&c.rhead)
@@ -2417,12 +2456,12 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     n = make_key(R, c, b, &h, key, sizeof(key), SHAPE_ONLY)
     e = NULL
     if n >= 0:
-        e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
+        e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now)
     if e != NULL:
         n = make_key(R, c, b, &h, key, sizeof(key), e.shape, e.tests)
         e = NULL
         if n >= 0:
-            e = cache_get(R, key, <size_t>n, fnv(FNV_BASIS, key, <size_t>n), now)
+            e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now)
     if e == NULL or e.v == NULL:
         L4R_ADD(&R.ctr[<int>CT_CACHE_MISSES], 1)
         ask_python(R, c, N_RESOLVE)
@@ -2755,7 +2794,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
         memcpy(key, &dst.sin_addr.s_addr, 4)
         memcpy(key + 4, &dst.sin_port, 2)
         key[6] = <char>SHAPE_ORIGIN
-        e = cache_get(R, key, 7, fnv(FNV_BASIS, key, 7), now)
+        e = cache_get(R, key, 7, key_hash(key, 7), now)
         if e != NULL and e.shape == OC_RELAY:
             new_conn(R, fd, e.origin, NULL, 0, True, now)
         else:  # another kind of connection, or not known yet: Python says
@@ -3560,7 +3599,7 @@ cdef class HttpRelay:
                     memcpy(key + 4, &o.port, 2)
                     key[6] = <char>SHAPE_ORIGIN
                     if epoch == R.cache_epoch:
-                        cache_put(R, key, 7, fnv(FNV_BASIS, key, 7), NULL,
+                        cache_put(R, key, 7, key_hash(key, 7), NULL,
                                   OC_RELAY if mine else OC_OTHER, now + 1.0, epoch, oid)
                 if mine:
                     new_conn(R, sock.detach(), oid, NULL, 0, True, now)
@@ -3835,13 +3874,13 @@ cdef class HttpRelay:
                          tests)
             sn = make_key(R, c, <const unsigned char*>c.inb.p, &h, key, sizeof(key), SHAPE_ONLY)
             if sn >= 0:
-                cache_put(R, key, <size_t>sn, fnv(FNV_BASIS, key, <size_t>sn), NULL, shape,
+                cache_put(R, key, <size_t>sn, key_hash(key, <size_t>sn), NULL, shape,
                           now + ttl, epoch, 0, tests)
             else:
                 free(tests)
             if n >= 0:
                 apply_verdict(R, c, v, now)
-                cache_put(R, vkey, <size_t>n, fnv(FNV_BASIS, vkey, <size_t>n), v, shape,
+                cache_put(R, vkey, <size_t>n, key_hash(vkey, <size_t>n), v, shape,
                           now + ttl, epoch)
                 return
         try:

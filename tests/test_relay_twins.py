@@ -205,10 +205,32 @@ ANSWERS: dict[str, Answer] = {
 }
 
 
+# One byte value at one place of a response's header value (16 bytes: the
+# compiled twin judges a word of 8 at a time) or of its reason phrase.
+BYTE_PLACES = (0, 7, 8, 15, "reason")
+INTERESTING_BYTES = (0x00, 0x09, 0x0D, 0x1F, 0x20, 0x7F, 0x80, 0xFF)
+
+
+def _byte_answer(byte: int, place: int | str) -> Answer:
+    if place == "reason":
+        return Answer((_head(_CL2, status=b"HTTP/1.1 200 O%cK" % byte) + b"ok",))
+    assert isinstance(place, int)
+    value = bytearray(b"v" * 16)
+    value[place] = byte
+    return Answer((_head(b"X-V: " + bytes(value), _CL2) + b"ok",))
+
+
+BYTE_ANSWERS = {
+    f"byte_{byte:02x}_{place}": _byte_answer(byte, place)
+    for byte in INTERESTING_BYTES
+    for place in BYTE_PLACES
+}
+
+
 def answer_for(name: str) -> Answer:
     """``name`` or ``name~k[,k...]``: the answer, split at those bytes."""
     base, _, cuts = name.partition("~")
-    a = ANSWERS.get(base, ANSWERS["cl"])  # "*", "b:443": OPTIONS, CONNECT
+    a = ANSWERS.get(base) or BYTE_ANSWERS.get(base) or ANSWERS["cl"]  # "*", "b:443": CONNECT
     if not cuts:
         return a
     data = a.data
@@ -838,6 +860,25 @@ GET_ANSWERS = [n for n in sorted(ANSWERS) if n not in NOT_FOR_GET]
 @pytest.mark.parametrize("name", GET_ANSWERS)
 def test_each_answer_then_the_next_request(name: str) -> None:
     both(conv(get(name), Settle(1), get("cl"), requests=2))
+
+
+@pytest.mark.parametrize("byte", INTERESTING_BYTES)
+def test_a_byte_at_each_place_of_a_word_in_a_response_head(byte: int) -> None:
+    """Controls but HTAB, and DEL, in a response's header value or reason
+    are refused (502, and the client connection closed), wherever they fall
+    in the words the compiled twin reads at once; the other bytes pass, and
+    the connection serves one more request."""
+    names = [f"byte_{byte:02x}_{place}" for place in BYTE_PLACES]
+    refused = byte not in (0x09, 0x20, 0x80, 0xFF)
+    if refused:
+        outcome = both(*(conv(get(name), requests=1) for name in names))
+    else:
+        outcome = both(*(conv(get(name), Settle(1), get("cl"), requests=2) for name in names))
+    for (received, closed), name in zip(outcome.clients, names, strict=True):
+        if refused:
+            assert received.startswith(b"HTTP/1.1 502 ") and closed, (name, received)
+        else:
+            assert received == BYTE_ANSWERS[name].data + ANSWERS["cl"].data, name
 
 
 @pytest.mark.parametrize(
