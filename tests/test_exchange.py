@@ -8,7 +8,7 @@ again one byte at a time: the bytes delivered must not depend on the split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -44,6 +44,8 @@ class Driver:
     done: list[tuple[int, bool]] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # Close, Tunnel, Retry, NotHTTP
+    # what each Release told outlier detection: "answered", or the failure
+    outcomes: list[str] = field(default_factory=list)
 
     def play(self, actions: Sequence[Action]) -> None:
         for a in actions:
@@ -61,6 +63,8 @@ class Driver:
                 self.client += a.data
             elif isinstance(a, Release):
                 self.released.append(a.reusable)
+                if a.answered or a.failure:
+                    self.outcomes.append(a.failure or "answered")
             elif isinstance(a, Done):
                 self.done.append((a.status, a.local))
             elif isinstance(a, Retry):
@@ -426,3 +430,72 @@ def test_connection_close_goes_before_the_empty_line_whatever_the_line_ends(end:
     assert again is not None and again.head_length == len(out)  # still one head
     assert again.values("connection") == ["close"]
     assert again.header("content-length") == "2"
+
+
+# -- outlier detection: how the endpoint served, per Release -----------------------
+
+BEFORE = "upstream closed the connection before a response"
+MID = "upstream closed the connection mid-response"
+
+
+def _eof(d: Driver) -> None:
+    d.play(d.ex.upstream_eof())
+
+
+OUTCOMES: dict[str, tuple[list[bool], Callable[[Driver], None], list[str]]] = {
+    # name: (reuse per checkout, what happens after the GET, outcomes)
+    "answered": ([], lambda d: d.answer(OK), ["answered"]),
+    "a 5xx is an answer": (
+        [],
+        lambda d: d.answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"),
+        ["answered"],
+    ),
+    "close-delimited": (
+        [],
+        lambda d: (d.answer(b"HTTP/1.1 200 OK\r\n\r\nall"), _eof(d)),
+        ["answered"],
+    ),
+    "closed before": ([], _eof, [BEFORE]),
+    "cut mid-body": (
+        [],
+        lambda d: (d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"), _eof(d)),
+        [MID],
+    ),
+    "cut mid-head": ([], lambda d: (d.answer(b"HTTP/1.1 200 OK\r\n"), _eof(d)), [MID]),
+    "unframeable": (
+        [],
+        lambda d: d.answer(b"HTTP/1.1 OK\r\n\r\n"),
+        ["malformed response status line"],
+    ),
+    "bad chunk": (
+        [],
+        lambda d: d.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        ["chunk size is not hexadecimal"],
+    ),
+    # a reused connection closed before its answer: the retry is not a failure
+    "retried, answered": ([True], lambda d: (_eof(d), d.answer(OK)), ["answered"]),
+    "retried, failed again": ([True], lambda d: (_eof(d), _eof(d)), [BEFORE]),
+    "client gone": ([], lambda d: d.play(d.ex.client_eof()), []),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTCOMES))
+def test_a_release_tells_how_the_endpoint_served(case: str) -> None:
+    """Outlier detection's input (see health.py): an answer, whatever its
+    status; a failure when the upstream closed before the response's end or
+    sent one that cannot be framed; nothing for a retried reused connection
+    or a client gone."""
+    reuse, then, outcomes = OUTCOMES[case]
+    d = Driver(reuse=list(reuse))
+    d.send(b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+    then(d)
+    assert d.outcomes == outcomes
+
+
+def test_a_client_error_is_no_failure_of_the_endpoint() -> None:
+    """A request body that cannot be framed (the client's 400) releases the
+    upstream without a word against it."""
+    d = Driver()
+    d.send(b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert d.released == [False] and d.outcomes == []

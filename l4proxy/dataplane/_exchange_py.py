@@ -71,6 +71,13 @@ Decisions
   (:attr:`Exchange.sent_status`).
 * A response that ends before the request body does (an early 413, say)
   closes both connections after it: the rest of the body is never read.
+* *Outlier detection* (``l4proxy/rules/health.py``): :class:`Release` says
+  how the endpoint served the request. A complete response, whatever its
+  status, is an answer (a tunnel's 101 or 2xx too: the shell reports it). A
+  gateway failure: the upstream connection closed or reset before any
+  response byte (not retried, or the retry's), or before the response's end,
+  or a response that cannot be framed. A request sent once more after a
+  reused connection failed, a client's error and a client gone tell nothing.
 * Error answers are the proxy's own, ``connection: close``: 400/431/505 for
   a head or body that cannot be framed unambiguously, or whose path has a
   dot-segment (routed by the path as sent, served by a server that removes
@@ -158,9 +165,16 @@ class Client(NamedTuple):
 
 
 class Release(NamedTuple):
-    """The upstream connection is done with: back to its pool, or closed."""
+    """The upstream connection is done with: back to its pool, or closed.
+
+    And how its endpoint served the request, for outlier detection (see
+    "Outlier detection" above): *answered*, a complete response; *failure*,
+    why the response failed (a gateway failure); neither, nothing to tell.
+    """
 
     reusable: bool
+    answered: bool = False
+    failure: str = ""
 
 
 class Retry(NamedTuple):
@@ -385,7 +399,7 @@ class Exchange:
                 return self._response_head_bytes(data)
             return self._response_body_bytes(data)
         except FramingError as exc:
-            return self._upstream_failed(exc.status, exc.reason)
+            return self._upstream_failed(exc.status, exc.reason, gateway=True)
 
     def upstream_eof(self, unsent: bytes | None = None) -> list[Action]:
         """The upstream connection ended. *unsent*: it failed before the
@@ -411,14 +425,18 @@ class Exchange:
                 self._retried = True
                 self._retrying = True
                 return [Release(False), Retry()]
-            return self._upstream_failed(502, "upstream closed the connection before a response")
+            return self._upstream_failed(
+                502, "upstream closed the connection before a response", gateway=True
+            )
         if self._response is not None and self._response.framing == Framing.CLOSE:
             # the request body still arriving: the client is still sending,
             # so the close lingers (as the compiled twin's complete() does)
             cut = self._request is not None and not self._request.done
             return self._response_complete(upstream_closed=True, request_cut=cut)
         # a head or a length-delimited/chunked body cut short
-        return self._upstream_failed(502, "upstream closed the connection mid-response")
+        return self._upstream_failed(
+            502, "upstream closed the connection mid-response", gateway=True
+        )
 
     # -- internals ------------------------------------------------------------
 
@@ -482,7 +500,7 @@ class Exchange:
                     return out
                 kind, length = response_framing(self.head, resp)
             except FramingError as exc:  # interim heads already out: they stay
-                return out + self._upstream_failed(exc.status, exc.reason)
+                return out + self._upstream_failed(exc.status, exc.reason, gateway=True)
             raw = bytes(self._response_head[: resp.head_length])
             rest = bytes(self._response_head[resp.head_length :])
             self._response_head.clear()
@@ -508,7 +526,7 @@ class Exchange:
                 try:
                     out += self._response_body_bytes(rest)
                 except FramingError as exc:  # the head went out: keep it, then give up
-                    return out + self._upstream_failed(exc.status, exc.reason)
+                    return out + self._upstream_failed(exc.status, exc.reason, gateway=True)
             elif self._response.done:
                 out += self._maybe_complete()
             return out
@@ -553,7 +571,7 @@ class Exchange:
             and self._response_persistent
             and self._sent_persistent
         )
-        out: list[Action] = [Done(self.status, False), Release(reusable)]
+        out: list[Action] = [Done(self.status, False), Release(reusable, answered=True)]
         keep_client = (
             self.head.keep_alive
             and self._response_persistent
@@ -571,13 +589,15 @@ class Exchange:
         self._reset_exchange()
         return self._advance()  # a pipelined request may be waiting
 
-    def _upstream_failed(self, status: int, reason: str) -> list[Action]:
+    def _upstream_failed(self, status: int, reason: str, gateway: bool = False) -> list[Action]:
         """Give up on this exchange: the upstream closes; answer if we still can
         (no final head went out: after interim ones, 100 Continue, a final
         answer is still due). Counted either way: with the status the client
         got when a final head went out (a body cut short is counted as its
-        200, as Envoy counts it), else with the local answer's."""
-        out: list[Action] = [Release(False)]
+        200, as Envoy counts it), else with the local answer's. *gateway*:
+        the upstream's failure, not the client's (a request body that cannot
+        be framed): outlier detection hears of it."""
+        out: list[Action] = [Release(False, failure=reason if gateway else "")]
         if self._response is None:
             self.status = status
             out += [Client(local_response(status, reason)), Done(status, True)]
