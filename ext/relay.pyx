@@ -60,6 +60,18 @@ increment the loop checks per lookup): the next request asks Python again.
 Without ``resolve``, ``decide`` is asked for every request (tests; the
 verdict is then one ordered choice, used once).
 
+Outlier detection
+-----------------
+What ``_relay_py.py`` says under "Outlier detection", without the GIL: the
+loop queues an endpoint's failures and its answers that are news
+(``outcome()``: its first, or its first since any failure was reported; an
+EP keeps the generation ``Relay.failures_seen`` had at its last answer
+reported) and returns to Python, which hands them on in order; the steady
+state queues nothing. A failed connect goes to Python at once, as before
+(the connection waits for its next candidate). A failure reported by either
+relay, or by the worker (``report_next_successes()``), makes every
+endpoint's next answer news in both.
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -178,7 +190,7 @@ cdef enum:
     CACHE_MAX = 2048          # entries before the cache is cleared
     ROWS_SLOTS = 1024         # power of two
     REPLAY_LIMIT = 65536
-    MAX_OKS = 1024
+    MAX_OUTCOMES = 1024
 
 # Row.status of a request that ended with no response head sent (a reset):
 # reported as response code 0 (Envoy's), apart from the decisions' rows (0)
@@ -281,6 +293,14 @@ cdef enum:
     N_CONNECT_FAILED = 4
     N_CONNECT_OK = 5
 
+# how an endpoint served a request (outcome()): an answer, or why it failed
+cdef enum:
+    OD_ANSWERED = 0
+    OD_BEFORE = 1       # closed (or reset) before any response byte
+    OD_MID = 2          # ... before the response's end
+    OD_CHUNKED = 16     # + the chunked machine's E_*: a response body's framing
+    OD_TEXT = 64        # + an index in _outcome_texts: judged in Python
+
 # counters (stats())
 cdef enum:
     CT_CONNECTIONS
@@ -336,6 +356,7 @@ cdef struct EP:
     bint v6                # an IPv6 address, in addr6
     unsigned char addr6[16]
     int index              # in Relay.eps
+    int64_t answer_seen    # Relay.failures_seen at its last answer reported; 0: none
     int64_t active         # checked-out connections, connecting ones too (LEAST_CONN's count)
     int n_idle
     Up *idle_head
@@ -552,9 +573,13 @@ cdef struct Relay:
     bint flush_due
     int n_head_timeouts    # for refused("header_timeout"), on the next return
     int n_fd_limit         # for refused("fd_limit")
-    int n_oks              # connects that succeeded, for outlier detection
-    int ok_ep[MAX_OKS]
-    int ok_tag[MAX_OKS]
+    # outlier detection: what the endpoints' responses told, for Python
+    # (outcome(): failures, and answers that are news)
+    int n_outcomes
+    int out_ep[MAX_OUTCOMES]   # EP index
+    int out_tag[MAX_OUTCOMES]
+    int out_why[MAX_OUTCOMES]  # OD_*: 0, an answer; else a failure's reason
+    int64_t failures_seen  # bumped by each failure reported (atomic): a generation
     # conns for the timers: a simple intrusive list
     Conn **conns
     int n_conns
@@ -1547,11 +1572,37 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.rck = NULL
 
 
+cdef void outcome(Relay *R, Conn *c, EP *ep, int why) noexcept nogil:
+    """How *ep* served c's request, for outlier detection (see "Outlier
+    detection" in _relay_py.py): a failure (*why*, OD_*) is always queued for
+    Python; an answer (0) only when it is news, the endpoint's first, or its
+    first since a failure was reported: the steady state queues nothing."""
+    cdef int64_t seen
+    if why == OD_ANSWERED:
+        seen = L4R_LOAD(&R.failures_seen)
+        if ep.answer_seen == seen or R.n_outcomes >= MAX_OUTCOMES:
+            return
+        ep.answer_seen = seen
+    else:
+        ep.answer_seen = 0  # its next answer is news
+        if R.n_outcomes >= MAX_OUTCOMES:
+            return  # (1024 failures in one turn of the loop: it is ejected anyway)
+    R.out_ep[R.n_outcomes] = ep.index
+    R.out_tag[R.n_outcomes] = c.tag
+    R.out_why[R.n_outcomes] = why
+    R.n_outcomes += 1
+
+
 cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
-                          double now) noexcept nogil:
+                          double now, int why) noexcept nogil:
     """Give up on this exchange (_upstream_failed in _exchange_py.py): answer
-    when no final head went out (interim ones may have), counted either way."""
+    when no final head went out (interim ones may have), counted either way.
+    *why*: OD_* when the upstream failed (outlier detection hears of it);
+    OD_ANSWERED (0) when it is not the upstream's failure (a request body
+    that cannot be framed)."""
     if c.up != NULL:
+        if why != OD_ANSWERED:
+            outcome(R, c, c.up.ep, why)
         up_discard(R, c)
     if c.rs == RS_HEAD:
         c.status = status
@@ -1579,6 +1630,7 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
     request_done(R, c, c.status, False, now)
     c.no_linger = done_talking(c)
     if c.up != NULL:
+        outcome(R, c, c.up.ep, OD_ANSWERED)
         if upstream_closed:
             up_discard(R, c)
         else:
@@ -1601,7 +1653,8 @@ cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now)
         used = chunked(&c.ck, <const unsigned char*>data, <Py_ssize_t>n)
         if c.ck.state == C_ERROR:
             # the head went out already: nothing to answer, close (502 unsent)
-            upstream_failed(R, c, 502, NULL, 0, now)
+            upstream_failed(R, c, 502, NULL, 0, now,
+                            OD_CHUNKED + (c.ck.error if 0 < c.ck.error < N_CHUNK_ERRORS else 0))
             return -1
         if c.ck.state == C_DONE:
             c.rs = RS_DONE
@@ -2041,7 +2094,7 @@ cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
     """A chunked request body that cannot be framed: 400 (when no response
     byte went out yet) and close (_upstream_failed in _exchange_py.py)."""
     cdef int e = c.rck.error if 0 < c.rck.error < N_CHUNK_ERRORS else 0
-    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], now)
+    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], now, OD_ANSWERED)
 
 
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2285,10 +2338,7 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
         return
     u.connecting = False
     L4R_ADD(&R.ctr[<int>CT_OPENED], 1)
-    if R.n_oks < MAX_OKS:  # outlier detection hears of it (rare: pooled from here)
-        R.ok_ep[R.n_oks] = u.ep.index
-        R.ok_tag[R.n_oks] = c.tag
-        R.n_oks += 1
+    # (no news for outlier detection: an answer is, see outcome())
     send_request(R, c, now)
 
 
@@ -2341,12 +2391,12 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             retry_order(c, ep)
             connect_to(R, c, c.cand[0], now)
             return
-        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, now)
+        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, now, OD_BEFORE)
         return
     if c.rs == RS_BODY and c.framing == F_CLOSE:
         complete(R, c, True, c.req_left > 0, now)
         return
-    upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN, now)
+    upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN, now, OD_MID)
 
 
 cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2957,7 +3007,7 @@ cdef int run(Relay *R) noexcept nogil:
         if now >= R.next_flush:
             R.next_flush = now + FLUSH_S
             R.flush_due = R.rows_used > 0 or R.n_lsts > 0
-        if (R.need_head != NULL or R.flush_due or R.n_oks or R.n_head_timeouts
+        if (R.need_head != NULL or R.flush_due or R.n_outcomes or R.n_head_timeouts
                 or R.n_fd_limit or R.n_others or R.n_max_conns or py_req):
             return 1
 
@@ -2981,7 +3031,7 @@ cdef class HttpRelay:
     cdef Relay *R
     cdef object decide, l4, resolve, report_rows, refused
     cdef object accepted, classify_origin, accepts
-    cdef public object connect_failed, connect_ok
+    cdef public object connect_failed, response_failed, answered
     cdef readonly object slow
     cdef object _thread
     cdef dict _origin_ids
@@ -3003,13 +3053,15 @@ cdef class HttpRelay:
     cdef object _pending_keys
     cdef object _named, _pending_named  # retain_endpoints(): as applied, as last given
     cdef list _flushed
+    cdef list _outcome_texts       # OD_TEXT's reasons, until the outcomes are reported
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
 
     def __init__(self, decide, l4, pool=None, double connect_timeout=5.0,
                  double header_timeout=10.0, double idle_timeout=300.0, report=None,
-                 connect_failed=None, connect_ok=None, refused=None, *, resolve=None,
+                 connect_failed=None, response_failed=None, answered=None, refused=None, *,
+                 resolve=None,
                  report_rows=None, accepted=None, classify_origin=None, accepts=None,
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
@@ -3032,10 +3084,13 @@ cdef class HttpRelay:
         self.classify_origin = classify_origin
         self.accepts = accepts
         self.connect_failed = connect_failed
-        self.connect_ok = connect_ok
+        self.response_failed = response_failed
+        self.answered = answered
+        self._outcome_texts = []
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
-            self._slow_connect_failed, self._slow_connect_ok, refused, max_head,
+            self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
+            refused, max_head,
         )
         self._origin_ids = {}
         self._origins = {}
@@ -3099,6 +3154,7 @@ cdef class HttpRelay:
         else:
             R.seed = (int.from_bytes(os.urandom(8), "little")) | 1
         R.rng = R.seed
+        R.failures_seen = 1  # (an EP's answer_seen starts at 0: its first answer is news)
         self._set_keys(key_headers)
         R.next_tick = now_s() + TICK_S
         R.next_flush = now_s() + FLUSH_S
@@ -3395,6 +3451,12 @@ cdef class HttpRelay:
                 elif u != NULL and u.ep.index in back:
                     u.removed = False
 
+    def report_next_successes(self):
+        """Outlier detection counted a failure this relay did not report (the
+        L4 path's): report every endpoint's next answer (any thread)."""
+        L4R_ADD(&self.R.failures_seen, 1)
+        self.slow.report_next_successes()
+
     def invalidate(self, key_headers=None):
         """Forget every cached verdict (a rule swap, an endpoint's health)."""
         if key_headers is not None:
@@ -3478,6 +3540,10 @@ cdef class HttpRelay:
             with nogil:
                 r = run(self.R)
             if r == 3:
+                try:  # what the last turn told outlier detection, as the metrics
+                    self._report_outcomes()
+                except BaseException:
+                    L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
                 self._flush()
                 pool_drain()  # this thread's spare buffers go with it
                 return
@@ -3528,6 +3594,8 @@ cdef class HttpRelay:
         cdef double now
         self._apply_pending_keys()
         self._apply_pending_named()
+        # (first: a failed connect reported below came after these)
+        self._report_outcomes()
         while R.need_head != NULL:
             c = R.need_head
             R.need_head = c.need_next
@@ -3567,12 +3635,41 @@ cdef class HttpRelay:
             for why, n in refusals:
                 for _ in range(n):
                     self.refused(why)
-        if R.n_oks:
-            oks = [(R.ok_ep[i], R.ok_tag[i]) for i in range(R.n_oks)]
-            R.n_oks = 0
-            if self.connect_ok is not None:
-                for ep, tag in oks:
-                    self.connect_ok(self._ep_keys[ep], self._tag(tag))
+        self._report_outcomes()
+
+    cdef _report_outcomes(self):
+        """outcome()'s queue, to the callbacks, in order."""
+        cdef Relay *R = self.R
+        cdef int i, why
+        if not R.n_outcomes:
+            return
+        queued = [(R.out_ep[i], R.out_tag[i], R.out_why[i]) for i in range(R.n_outcomes)]
+        R.n_outcomes = 0
+        texts, self._outcome_texts = self._outcome_texts, []
+        for ep, tag, why in queued:
+            key = self._ep_keys[ep]
+            if why == OD_ANSWERED:
+                if self.answered is not None:
+                    self.answered(key, self._tag(tag))
+                continue
+            if why == OD_BEFORE:
+                reason = "upstream closed the connection before a response"
+            elif why == OD_MID:
+                reason = "upstream closed the connection mid-response"
+            elif why >= OD_TEXT:
+                reason = texts[why - OD_TEXT]
+            else:
+                reason = CHUNKED_ERRORS.get(why - OD_CHUNKED, "malformed chunked body")
+                reason = reason.format(max_trailers=R.max_head)
+            L4R_ADD(&R.epoch, 1)  # health may change: decide again
+            self.slow.report_next_successes()
+            if self.response_failed is not None:
+                self.response_failed(key, self._tag(tag), reason)
+
+    cdef int _outcome_text(self, str reason) except -1:
+        """OD_TEXT's code for *reason* (a failure judged in Python)."""
+        self._outcome_texts.append(reason)
+        return OD_TEXT + len(self._outcome_texts) - 1
 
     cdef _others(self, double now):
         """Accepted connections Python must look at: classify their original
@@ -3657,7 +3754,7 @@ cdef class HttpRelay:
         cdef Conn *c
         cdef Handoff *h
         cdef EP *ep
-        if R.n_oks:  # EP indices wait to be reported: next time
+        if R.n_outcomes:  # EP indices wait to be reported: next time
             return
         bury(R)
         cache_clear(R)
@@ -3925,13 +4022,15 @@ cdef class HttpRelay:
                 if resp is None:
                     return  # wait for more
                 kind, length = response_framing(req, resp)
-            except FramingError as exc:
+            except FramingError as exc:  # (a response's: status 502)
                 answer = local_response(exc.status, exc.reason)
-                upstream_failed(self.R, c, exc.status, answer, len(answer), now)
+                upstream_failed(self.R, c, exc.status, answer, len(answer), now,
+                                self._outcome_text(exc.reason))
                 return
             if kind == Framing.TUNNEL:  # 101 without Upgrade, 2xx to CONNECT: refused above
                 answer = local_response(502, "unexpected tunnel response")
-                upstream_failed(self.R, c, 502, answer, len(answer), now)
+                upstream_failed(self.R, c, 502, answer, len(answer), now,
+                                self._outcome_text("unexpected tunnel response"))
                 return
             hl = resp.head_length
             if 100 <= resp.status < 200:  # interim: forward, another head follows
@@ -3967,18 +4066,30 @@ cdef class HttpRelay:
             why = os.strerror(c.fail_errno)
         tag = self._tag(c.tag)
         L4R_ADD(&self.R.epoch, 1)  # health may change: decide again
+        ep.answer_seen = 0  # its next answer is news, and the pure relay's
+        self.slow.report_next_successes()
         if self.connect_failed is not None:
             self.connect_failed(key, tag, why)
         connect_failed_next(self.R, c, now)
 
+    # The pure relay's reports (its thread): a failure there makes every
+    # endpoint's next answer here news too.
+
     def _slow_connect_failed(self, endpoint, tag, why):
         L4R_ADD(&self.R.epoch, 1)
+        L4R_ADD(&self.R.failures_seen, 1)
         if self.connect_failed is not None:
             self.connect_failed(endpoint, tag, why)
 
-    def _slow_connect_ok(self, endpoint, tag):
-        if self.connect_ok is not None:
-            self.connect_ok(endpoint, tag)
+    def _slow_response_failed(self, endpoint, tag, why):
+        L4R_ADD(&self.R.epoch, 1)
+        L4R_ADD(&self.R.failures_seen, 1)
+        if self.response_failed is not None:
+            self.response_failed(endpoint, tag, why)
+
+    def _slow_answered(self, endpoint, tag):
+        if self.answered is not None:
+            self.answered(endpoint, tag)
 
     cdef _flush(self):
         """Hand the loop's metrics to report_rows, and start counting afresh."""

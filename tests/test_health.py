@@ -136,5 +136,5 @@ def test_retain_forgets_endpoints_the_table_no_longer_names() -> None:
     h.failure(pods[0], "refused")
     assert h.retain(pods[:2]) == 197
     assert not h.is_healthy(pods[0])  # kept: still in the table, still ejected
-    assert h.describe(pods[1])["connect_successes"] == 1
-    assert h.describe(pods[5])["connect_successes"] == 0  # forgotten
+    assert h.describe(pods[1])["successes"] == 1
+    assert h.describe(pods[5])["successes"] == 0  # forgotten

@@ -482,7 +482,10 @@ class Outcome:
     requests: list[bytes] = field(default_factory=list)  # as the backend read them, in order
     handed: list[tuple[bytes, bytes, bool]] = field(default_factory=list)  # to L4
     decided: list[str] = field(default_factory=list)  # decide()'s calls: the paths
-    connects: list[tuple[str, str]] = field(default_factory=list)  # ok / failed, which
+    # outlier detection's failures: a connect's ("failed") or a response's
+    # ("response_failed"), and which endpoint; the answers reported are not
+    # compared (the compiled twin's two relays each report their own first)
+    connects: list[tuple[str, str]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     # connect_failed()'s reasons: compared only where asked (see
     # test_a_refused_connect_is_reported_as_refused)
@@ -587,7 +590,7 @@ class Run:
             pool=pool,
             header_timeout=5.0,
             connect_failed=lambda ep, tag, why: self._connected("failed", ep, why),
-            connect_ok=lambda ep, tag: self._connected("ok", ep),
+            response_failed=lambda ep, tag, why: self._connected("response_failed", ep),
         )
         self.relay.start()
         self.relay_fds = _open_fds() - self._mine_open() - self.base_fds

@@ -441,16 +441,16 @@ def test_a_reload_forgets_the_outlier_state_of_endpoints_gone(tmp_path: Path) ->
         assert await ask("ann") == "v1"
         eps = watcher.state.table.services()[0].endpoints
         [v1] = [e for e in eps if e.labels["version"] == "v1"]
-        for _ in range(50):  # the relay reports its connect from its thread
-            if worker.health.describe(v1)["connect_successes"]:
+        for _ in range(50):  # the relay reports its first answer from its thread
+            if worker.health.describe(v1)["successes"]:
                 break
             await asyncio.sleep(0.02)
         gone = Endpoint("198.18.0.99", 8080, {})
         worker.health.failure(gone, "refused")  # a pod no table names
-        seen.append(worker.health.describe(v1)["connect_successes"])
+        seen.append(worker.health.describe(v1)["successes"])
         seen.append(worker.health.describe(gone)["connect_failures"])
         assert await watcher.reload()  # (any reload publishes a new table)
-        seen.append(worker.health.describe(v1)["connect_successes"])
+        seen.append(worker.health.describe(v1)["successes"])
         seen.append(worker.health.describe(gone)["connect_failures"])
 
     _on_a_gateway(tmp_path, ALL_V1, scenario)

@@ -30,7 +30,7 @@ to do; this module only performs it:
   as a first attempt's does.
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
-  is closed.
+  is closed; how it served the request goes to outlier detection (below).
 * :meth:`HttpRelay.retain_endpoints` (a new route table went live): the
   endpoints it no longer names give back their idle pooled connections at
   once, and those in flight are closed when they are released.
@@ -39,6 +39,16 @@ to do; this module only performs it:
 * :class:`Close`: after the held bytes are sent, ``shutdown(SHUT_WR)`` and a
   short lingering read, so a client still sending does not turn our answer
   into a RST.
+
+Outlier detection (``l4proxy/rules/health.py``): ``connect_failed`` hears of
+every failed connect, ``response_failed`` of every gateway failure on an
+established connection (:class:`Release` with a *failure*: closed or reset
+before the response's end, a response that cannot be framed), ``answered`` of
+a complete response, but only when that may change the count: an endpoint's
+first answer, and its first after any failure this relay reported or
+:meth:`HttpRelay.report_next_successes` announced (a failure reported
+elsewhere). Every answer reported would cost the worker's event loop a
+wake-up per request. A connect is no success here (see health.py).
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
 than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
@@ -100,6 +110,7 @@ _READ: Final = 65536
 _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
 _FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
+_MAX_REMEMBERED: Final = 4096  # endpoints whose last answer was reported
 
 Endpoint = tuple[str, int]
 
@@ -152,6 +163,7 @@ class _Conn:
     eof: bool = False  # closing: the client half-closed; its answer still goes out
     mask: int = 0
     fd: int = -1
+    tag: Any = None  # the last routed request's Decision.tag (outlier reports)
     # _perform's actions still to do, and whether a _perform is running for
     # this connection: an action that yields more actions (a local answer and
     # the next pipelined head) queues them instead of recursing, which 2,000
@@ -173,7 +185,8 @@ class HttpRelay:
         idle_timeout: float = 300.0,
         report: Callable[[Any, int, float], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
-        connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        response_failed: Callable[[Endpoint, Any, str], None] | None = None,
+        answered: Callable[[Endpoint, Any], None] | None = None,
         refused: Callable[[str], None] | None = None,
         max_head: int = DEFAULT_MAX_HEAD,
     ) -> None:
@@ -185,8 +198,12 @@ class HttpRelay:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.report = report
+        # outlier detection (see "Outlier detection" above)
         self.connect_failed = connect_failed
-        self.connect_ok = connect_ok
+        self.response_failed = response_failed
+        self.answered = answered
+        self._failures_seen = 0  # report_next_successes() calls: a generation
+        self._answer_reported: dict[Endpoint, int] = {}  # ... at each one's last answered()
         self.refused = refused  # a connection closed unrouted, with the reason
         self.ep = select.epoll()
         self._lock = threading.Lock()
@@ -251,6 +268,14 @@ class HttpRelay:
         with self._lock:
             self._named_next = named
         self._wake()
+
+    def report_next_successes(self) -> None:
+        """Outlier detection counted a failure this relay did not report (the
+        L4 path's, the other twin's): report every endpoint's next answer
+        (any thread)."""
+        # (two at once may make one step: either way it is not the value
+        # an endpoint's last report saw)
+        self._failures_seen += 1
 
     def invalidate(self, key_headers: object = None) -> None:
         """The compiled twin forgets its cached verdicts here; this twin asks
@@ -468,8 +493,6 @@ class HttpRelay:
                 return
             up.connecting = False
             self.pools.connected()
-            if self.connect_ok is not None:
-                self.connect_ok(up.endpoint, c.decision.tag if c.decision else None)
             self._perform(c, c.ex.routed(False), now)
             if c.fd in self._conns and c.up is up:
                 self._interest_up(up)
@@ -573,6 +596,10 @@ class HttpRelay:
                 sent = True
                 if c.up is not None and not c.up.connecting:
                     sent = self._flush_up(c.up)
+                    if a.failure:
+                        self._response_failed(c.up.endpoint, c.tag, a.failure)
+                    elif a.answered:
+                        self._answered(c.up.endpoint, c.tag)
                 self._release(c, a.reusable and sent, now)
             elif isinstance(a, Retry):
                 # On a new connection, to another endpoint when there is one:
@@ -629,6 +656,7 @@ class HttpRelay:
             self.counters["errors"] += 1
             d = Decision(local=(503, "no healthy upstream"))
         c.decision = d
+        c.tag = d.tag
         if d.local is not None or not d.endpoints:
             status, body = d.local or (503, "no healthy upstream")
             self._perform(c, c.ex.refuse(status, body), now)
@@ -696,6 +724,7 @@ class HttpRelay:
         self._deadlines.pop(up.fd, None)
         self._drop_upstream(up)
         c.up = None
+        self._answer_reported.pop(endpoint, None)  # its next answer is news
         if self.connect_failed is not None:
             self.connect_failed(endpoint, c.decision.tag if c.decision else None, why)
         if endpoint in c.candidates:
@@ -706,6 +735,22 @@ class HttpRelay:
             self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
         else:  # a retry's last connect failed: the request is lost
             self._perform(c, c.ex.upstream_eof(), now)
+
+    def _response_failed(self, endpoint: Endpoint, tag: Any, why: str) -> None:
+        self._answer_reported.pop(endpoint, None)  # its next answer is news
+        if self.response_failed is not None:
+            self.response_failed(endpoint, tag, why)
+
+    def _answered(self, endpoint: Endpoint, tag: Any) -> None:
+        """A complete response: reported when news (see "Outlier detection")."""
+        seen = self._failures_seen
+        if self._answer_reported.get(endpoint) == seen:
+            return
+        if len(self._answer_reported) >= _MAX_REMEMBERED:
+            self._answer_reported.clear()  # (forgetting costs a report each)
+        self._answer_reported[endpoint] = seen
+        if self.answered is not None:
+            self.answered(endpoint, tag)
 
     def _release(self, c: _Conn, reusable: bool, now: float) -> None:
         up = c.up
@@ -731,6 +776,8 @@ class HttpRelay:
 
     def _hand_off(self, c: _Conn, a: Tunnel | NotHTTPConnection) -> None:
         up = c.up
+        if up is not None and isinstance(a, Tunnel):
+            self._answered(up.endpoint, c.tag)  # its 101 (or 2xx to CONNECT)
         self._forget_client(c)
         to_up = b""
         if up is not None:

@@ -1,10 +1,55 @@
-"""Endpoint health: passive outlier detection on connect failures.
+"""Endpoint health: passive outlier detection on gateway failures.
 
-An endpoint that fails ``consecutive_failures`` connects in a row is ejected
+An endpoint that fails ``consecutive_failures`` times in a row is ejected
 for ``base_ejection`` seconds times the number of times it has been ejected
 (capped at ``max_ejection``), like Envoy's outlier detection. While ejected
 the router skips it; when the time is up it is tried again (a success clears
-its count, a failure counts again). As in Envoy:
+its count, a failure counts again).
+
+What counts (the data planes report it; ``l4proxy/sidecar/worker.py`` feeds
+it here): a *failure* is a gateway failure, the proxy's own evidence that the
+endpoint is broken; Envoy maps these to 503 (504 for a timeout) and counts
+them in ``consecutive_gateway_failure`` and ``consecutive_5xx`` when local and
+external errors are not split (its default). ``consecutive_failures`` (3;
+Envoy's default is 5) is the one threshold for both kinds:
+
+* a failed connect: refused, timed out, a name not resolved (``kind``
+  ``"connect"``; both HTTP routing modes, and TCP);
+* with ``--http-routing request``, a response that fails on an established
+  connection (``kind`` ``"response"``): the connection closed or reset before
+  any response byte (the client gets the proxy's 502), or before the
+  response's end (a body cut short), or a response the proxy cannot frame
+  (502). A request on a *reused* connection that is sent once more (the
+  relay's one retry) is not counted against the endpoint whose connection
+  failed: a server may close an idle keep-alive connection at any moment
+  (RFC 9112 9.3.1), the retry is for that race, and an endpoint that is
+  really down fails its new connections. The retry's own failure counts.
+
+A *success*: with ``--http-routing request``, a complete response, whatever
+its status; per connection (``--http-routing connection``, TCP), a connect
+(the proxy sees no response there). A connect in request mode is no
+success: an endpoint that accepts and resets every request would clear its
+count with each connect (Envoy does not map a connect to a result either
+where a protocol runs above it). Nor is a response head: Envoy reports a
+status when its head arrives and a reset after it; counted so, an endpoint
+that cuts every body short alternates success and failure and is never
+ejected. A status the application sends itself (its 500, or its own
+502/503/504) is not counted either way: Envoy counts those too, but Istio
+turns detection on only where a DestinationRule's ``outlierDetection`` asks
+for it, while l4proxy's is always on, with no such switch; an application
+that answers 503 to every request of a kind (a dependency down) would lose
+half its pods to ejection. Neither counts: the proxy's own local answers
+(404, 503 ``no healthy upstream``), a client's error or a client gone, an
+idle timeout, and running out of fds (ours).
+
+The request-mode relay reports every failure, but a success only when it may
+change something: an endpoint's first answer, its first after a failure of
+its own, and every endpoint's first after a failure reported by another path
+(the L4 path, the compiled relay's pure half): the steady state calls
+nothing here (the compiled relay stays without the GIL). ``successes`` in
+:meth:`describe` counts those reports, not every answer.
+
+As in Envoy:
 
 * only time ends an ejection: a connect that was under way when the endpoint
   was ejected may still succeed, and that does not bring it back early;
@@ -56,8 +101,9 @@ class _EndpointLike(Protocol):
 @dataclass
 class _State:
     consecutive_failures: int = 0
-    total_failures: int = 0
-    total_successes: int = 0
+    connect_failures: int = 0
+    response_failures: int = 0
+    successes: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
     last_error: str = ""
@@ -94,16 +140,27 @@ class EndpointHealth:
     def success(self, ep: _EndpointLike) -> None:
         st = self._state(ep)
         st.consecutive_failures = 0
-        st.total_successes += 1
+        st.successes += 1
 
-    def failure(self, ep: _EndpointLike, error: str, peers: Sequence[_EndpointLike] = ()) -> None:
-        """Count a failed connect; eject after enough in a row, within the bound.
+    def failure(
+        self,
+        ep: _EndpointLike,
+        error: str,
+        peers: Sequence[_EndpointLike] = (),
+        kind: str = "connect",
+    ) -> None:
+        """Count a gateway failure; eject after enough in a row, within the bound.
 
         *peers*: the endpoints *ep* shares its service port with (itself
-        included or not); empty means no bound is applied.
+        included or not); empty means no bound is applied. *kind*:
+        ``"connect"`` or ``"response"`` (see the module's doc); both count
+        alike, the totals are kept apart for :meth:`describe`.
         """
         st = self._state(ep)
-        st.total_failures += 1
+        if kind == "response":
+            st.response_failures += 1
+        else:
+            st.connect_failures += 1
         st.last_error = error
         now = self._clock()
         if st.ejected_until > now:
@@ -157,8 +214,9 @@ class EndpointHealth:
             "ejected_for_s": round(max(0.0, st.ejected_until - now), 3),
             "ejections": st.ejections,
             "consecutive_failures": st.consecutive_failures,
-            "connect_failures": st.total_failures,
-            "connect_successes": st.total_successes,
+            "connect_failures": st.connect_failures,
+            "response_failures": st.response_failures,
+            "successes": st.successes,
             "last_error": st.last_error,
             "ejections_suppressed": st.ejections_suppressed,
         }

@@ -318,6 +318,7 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
             base = f"{c['service']}::{ep['address']}:{ep['port']}"
             lines.append(f"{base}::health_flags::{flag}")
             lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
+            lines.append(f"{base}::response_failures::{ep['response_failures']}")
             lines.append(f"{base}::ejections::{ep['ejections']}")
             if "rq_active" in ep:
                 lines.append(f"{base}::rq_active::{ep['rq_active']}")

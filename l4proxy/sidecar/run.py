@@ -310,8 +310,9 @@ def add_parser(sub: Any) -> None:
         type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="outlier detection: first ejection of a failing endpoint; the n-th lasts n times "
-        "as long, up to 300 s, and each such span healthy takes one ejection off (10)",
+        help="outlier detection: first ejection of an endpoint with 3 gateway failures in a "
+        "row (failed connects; per request also responses reset or cut short); the n-th "
+        "lasts n times as long, up to 300 s, and each such span healthy takes one off (10)",
     )
     p.add_argument(
         "--namespace",

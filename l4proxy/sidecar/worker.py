@@ -230,7 +230,8 @@ class Worker:
                 idle_timeout=options.idle_timeout,
                 report=self._report_request,
                 connect_failed=self._relay_connect_failed,
-                connect_ok=self._relay_connect_ok,
+                response_failed=self._relay_response_failed,
+                answered=self._relay_answered,
                 refused=self._relay_refused,
                 max_head=options.max_head,
                 **compiled,
@@ -954,13 +955,22 @@ class Worker:
     def _relay_connect_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
         self._on_loop(self._endpoint_result, addr, tag, why)
 
-    def _relay_connect_ok(self, addr: tuple[str, int], tag: _Tag | None) -> None:
+    def _relay_response_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, why, "response")
+
+    def _relay_answered(self, addr: tuple[str, int], tag: _Tag | None) -> None:
         self._on_loop(self._endpoint_result, addr, tag, "")
 
     def _endpoint_result(
-        self, addr: tuple[str, int], tag: _Tag | _SubsetTag | None, why: str
+        self,
+        addr: tuple[str, int],
+        tag: _Tag | _SubsetTag | None,
+        why: str,
+        kind: str = "connect",
     ) -> None:
-        """Outlier detection for the relay's connects (event loop)."""
+        """Outlier detection for the relay's reports (event loop): a failed
+        connect, a failed response (*kind* ``"response"``), or (no *why*) an
+        answer. See l4proxy/rules/health.py for what each is."""
         ep = None
         service: Service | None = None
         if isinstance(tag, _Tag):
@@ -977,11 +987,13 @@ class Worker:
         if ep is not None and service is not None:
             peers = [e for e in service.endpoints if e.port == ep.port]
             healthy = self.health.is_healthy(ep)
-            self.health.failure(ep, why, peers)
+            self.health.failure(ep, why, peers, kind)
             if healthy and not self.health.is_healthy(ep) and self.relay is not None:
-                # ejected now: verdicts cached since the failed connect (the
-                # relay forgot its cache then, before this ran) still hold it
+                # ejected now: verdicts cached since the failure (the relay
+                # forgot its cache then, before this ran) still hold it
                 self.relay.invalidate()
+        if kind != "connect":
+            return
         self.counters.inc(
             "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=why
         )
@@ -1112,6 +1124,8 @@ class Worker:
         if ep is not None:
             peers = [e for e in service.endpoints if e.port == ep.port] if service else ()
             self.health.failure(ep, err, peers)
+            if self.relay is not None:  # the relay's next answer from each endpoint is news
+                self.relay.report_next_successes()
         self.counters.inc(
             "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=err
         )

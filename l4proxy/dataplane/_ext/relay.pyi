@@ -25,7 +25,8 @@ class _Pools:
 
 class HttpRelay:
     connect_failed: Callable[[Endpoint, Any, str], None] | None
-    connect_ok: Callable[[Endpoint, Any], None] | None
+    response_failed: Callable[[Endpoint, Any, str], None] | None
+    answered: Callable[[Endpoint, Any], None] | None
     @property
     def slow(self) -> PureRelay: ...
     @property
@@ -40,7 +41,8 @@ class HttpRelay:
         idle_timeout: float = 300.0,
         report: Callable[[Any, int, float], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
-        connect_ok: Callable[[Endpoint, Any], None] | None = None,
+        response_failed: Callable[[Endpoint, Any, str], None] | None = None,
+        answered: Callable[[Endpoint, Any], None] | None = None,
         refused: Callable[[str], None] | None = None,
         *,
         resolve: Callable[[RequestHead, Any], Verdict] | None = None,
@@ -57,6 +59,7 @@ class HttpRelay:
     def start(self) -> None: ...
     def add(self, sock: socket, origin: Any, data: bytes = b"", requests: int = 0) -> None: ...
     def invalidate(self, key_headers: Iterable[str] | None = None) -> None: ...
+    def report_next_successes(self) -> None: ...
     def retain_endpoints(self, endpoints: Iterable[Endpoint]) -> None: ...
     def close(self) -> None: ...
     def active(self) -> int: ...
