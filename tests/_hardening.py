@@ -88,6 +88,28 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
+# Accepts, reads a request head, and resets the connection (SO_LINGER 0):
+# every request fails after its connect succeeded.
+RESETTER = r"""
+import socket, struct, sys, threading
+def serve(c):
+    try:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                break
+            buf += d
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    c.close()
+s = socket.create_server(("", int(sys.argv[1])), backlog=256)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
 TCP_ECHO = r"""
 import socket, sys, threading
 def serve(c):

@@ -17,7 +17,15 @@ import time
 
 import pytest
 
-from tests._hardening import HOLDER, HTTP_ECHO, TCP_ECHO, exchange, settle_fds, wait_until
+from tests._hardening import (
+    HOLDER,
+    HTTP_ECHO,
+    RESETTER,
+    TCP_ECHO,
+    exchange,
+    settle_fds,
+    wait_until,
+)
 from tests.mesh import PYTHON, ROUTING_MODES, VIP, Mesh, route_rule, service_entry
 
 pytestmark = pytest.mark.netns
@@ -186,6 +194,37 @@ def test_failing_endpoints_are_retried_ejected_and_readmitted(
     assert not failures
     assert pods["bootcamp-v1-new"] >= 2, pods
     assert _clusters(mesh)[f"{svc}|{refusing.ipv4}"]["healthy"] is True
+    _no_restarts(mesh)
+
+
+def test_an_endpoint_that_resets_every_request_is_ejected(mesh: Mesh) -> None:
+    """Request mode: one of three v1 endpoints accepts every connection and
+    resets it once it has read the request. Its connects succeed, so only
+    its responses can tell (they used to go unheard: each client got a 502
+    for every third request, for ever). Three such failures eject it; the
+    good two serve the rest. Connection mode cannot see responses (the pump
+    relays the reset): not run there."""
+    resetting = mesh.net.add_pod("resetting", labels={"app": "bootcamp", "version": "v1"})
+    mesh.procs.append(resetting.popen([PYTHON, "-c", RESETTER, "8080"], user=1000))
+    resetting.wait_listening(8080)
+    eps = [*mesh.endpoints(), (resetting.ipv4, resetting.labels)]
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, eps), route_rule({"v1": 100}))
+    mesh.start_client(run_args=ROUTING_MODES["request"])
+    assert mesh.sidecar is not None
+    _, pods, failures = mesh.split(n=24)
+    # Round robin gives it every third request; its third failure reaches
+    # the worker's loop while the relay routes on, so one more may land.
+    assert set(failures) == {"502"} and len(failures) in (3, 4), failures
+    assert set(pods) == {"bootcamp-v1-0", "bootcamp-v1-1"}
+    assert sum(pods.values()) == 24 - len(failures)
+    svc = "bootcamp.default.svc.cluster.local"
+    ep = _clusters(mesh)[f"{svc}|{resetting.ipv4}"]
+    assert ep["healthy"] is False, ep
+    assert (ep["response_failures"], ep["connect_failures"]) == (len(failures), 0), ep
+    assert ep["last_error"] == "upstream closed the connection before a response", ep
+    assert f"{resetting.ipv4}:8080::response_failures::" in mesh.sidecar.admin("/clusters")
+    _, pods, failures = mesh.split(n=12)
+    assert not failures and set(pods) == {"bootcamp-v1-0", "bootcamp-v1-1"}, (pods, failures)
     _no_restarts(mesh)
 
 
