@@ -89,6 +89,20 @@ splice() reads nothing, ``sockatmark()`` asks whether a mark is next; if so
 one recv() takes the urgent byte and what follows, which clears the mark, and
 splice resumes (counted as ``urgent``).
 
+Ends reported back (tokens)
+---------------------------
+``add(..., token=t)`` with ``t`` != 0 asks to hear of that connection's end:
+once both its sockets are closed (however: both directions done, a reset,
+the idle timeout, a drain's deadline, ``close()``, or a hand-off that never
+became a connection) ``t`` goes on the ended list, which ``ended()`` takes,
+and the ``ended_fd`` eventfd turns readable when that list stops being
+empty. The sidecar's event loop watches that fd: it is how the worker
+learns that a connection it counted against an endpoint (LEAST_CONN) is
+gone. The list's node is allocated by ``add()`` (with the GIL; a failure
+there raises, as any failure of ``add()``): the loop never allocates to
+report an end, so no end is ever lost. An ``add()`` that raises reports
+nothing: that connection never was the pump's.
+
 Kernel notes
 ------------
 * We do not ask for EPOLLRDHUP: a peer's FIN makes the socket readable and
@@ -179,6 +193,12 @@ cdef int64_t NEVER = 0x7fffffffffffffff
 
 cdef struct Conn
 
+cdef struct Ended:
+    # an end to report (add(..., token)): allocated by add(), owned by the
+    # hand-off, then by its connection, then by the ended list
+    int64_t token
+    Ended *next
+
 cdef struct Side:
     int fd
     int idx              # 0 = client, 1 = upstream
@@ -210,6 +230,7 @@ cdef struct Conn:
     Conn *next
     Conn *grave_next
     double last_active
+    Ended *end           # reported when the connection closes; NULL: no token
     bint closed
     bint spliced
 
@@ -227,12 +248,14 @@ cdef struct Handoff:
     size_t pend_up_len
     char *pend_down
     size_t pend_down_len
+    Ended *end           # NULL: no token
     Handoff *next
 
 cdef struct Loop:
     # fixed at creation
     int epfd
     int wakefd
+    int endfd            # eventfd: readable while ended_head is not empty
     size_t bufsize
     int64_t threshold
     double idle
@@ -244,6 +267,8 @@ cdef struct Loop:
     bint accepting
     bint stop
     bint force
+    Ended *ended_head    # ends not taken by ended() yet, oldest first
+    Ended *ended_tail
     # owned by the loop thread
     char *scratch
     Conn *lru_head
@@ -319,6 +344,26 @@ cdef inline void touch(Loop *L, Conn *c, double now) noexcept nogil:
 
 # -- connection lifetime ----------------------------------------------------
 
+cdef void report_end(Loop *L, Ended *e) noexcept nogil:
+    """Put a connection's end on the ended list (see "Ends reported back");
+    the eventfd is written when the list was empty (ended() empties it)."""
+    cdef uint64_t one = 1
+    cdef bint was_empty
+    if e == NULL:
+        return
+    e.next = NULL
+    sys_.pthread_mutex_lock(&L.lock)
+    was_empty = L.ended_head == NULL
+    if L.ended_tail != NULL:
+        L.ended_tail.next = e
+    else:
+        L.ended_head = e
+    L.ended_tail = e
+    sys_.pthread_mutex_unlock(&L.lock)
+    if was_empty and L.endfd >= 0:
+        sys_.write(L.endfd, &one, sizeof(one))
+
+
 cdef void conn_close(Loop *L, Conn *c, bint reset) noexcept nogil:
     """Close both sockets exactly once, release buffers and pipes; the Conn
     itself is freed after the current epoll batch (see the graveyard)."""
@@ -348,6 +393,8 @@ cdef void conn_close(Loop *L, Conn *c, bint reset) noexcept nogil:
     L.grave = c
     L4_ADD(&L.ctr[C_ACTIVE], -1)
     L4_ADD(&L.ctr[C_CLOSED], 1)
+    report_end(L, c.end)
+    c.end = NULL
 
 
 cdef void conn_abort(Loop *L, Conn *c, int why) noexcept nogil:
@@ -669,6 +716,8 @@ cdef void handoff_drop(Loop *L, Handoff *h, int why) noexcept nogil:
     L4_ADD(&L.ctr[why], 1)
     L4_ADD(&L.ctr[C_ACTIVE], -1)
     L4_ADD(&L.ctr[C_CLOSED], 1)
+    report_end(L, h.end)
+    h.end = NULL
 
 
 cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
@@ -687,6 +736,8 @@ cdef void conn_open(Loop *L, Handoff *h, double now) noexcept nogil:
     c.dir[0].pend_len = h.pend_up_len
     c.dir[1].pend = h.pend_down
     c.dir[1].pend_len = h.pend_down_len
+    c.end = h.end
+    h.end = NULL
     for i in range(2):
         c.side[i].idx = i
         c.side[i].conn = c
@@ -815,6 +866,14 @@ cdef char *copy_bytes(const unsigned char[::1] data) except? NULL:
     return p
 
 
+cdef void ended_free(Ended *e) noexcept nogil:
+    cdef Ended *n
+    while e != NULL:
+        n = e.next
+        free(e)
+        e = n
+
+
 cdef void close_fd_quietly(int fd) noexcept nogil:
     if fd >= 0:
         sys_.close(fd)
@@ -856,7 +915,7 @@ cdef class Pump:
         L = <Loop *>calloc(1, sizeof(Loop))
         if L == NULL:
             raise MemoryError()
-        L.epfd = L.wakefd = -1
+        L.epfd = L.wakefd = L.endfd = -1
         L.scratch = <char *>malloc(buffer_size)
         if L.scratch == NULL:
             free(L)
@@ -874,6 +933,9 @@ cdef class Pump:
         L.wakefd = sys_.eventfd(0, sys_.EFD_NONBLOCK | sys_.EFD_CLOEXEC)
         if L.wakefd < 0:
             raise OSError(errno, "eventfd failed")
+        L.endfd = sys_.eventfd(0, sys_.EFD_NONBLOCK | sys_.EFD_CLOEXEC)
+        if L.endfd < 0:
+            raise OSError(errno, "eventfd failed")
         ev.events = sys_.EPOLLIN
         ev.data.ptr = NULL          # NULL marks the wake-up fd
         if sys_.epoll_ctl(L.epfd, sys_.EPOLL_CTL_ADD, L.wakefd, &ev) < 0:
@@ -889,8 +951,11 @@ cdef class Pump:
         L.q_head = L.q_tail = NULL
         close_all(L)
         pool_close(L)
+        ended_free(L.ended_head)
+        L.ended_head = L.ended_tail = NULL
         close_fd_quietly(L.epfd)
         close_fd_quietly(L.wakefd)
+        close_fd_quietly(L.endfd)
         sys_.pthread_mutex_destroy(&L.lock)
         free(L.scratch)
         free(L)
@@ -911,13 +976,16 @@ cdef class Pump:
         self._thread.start()
         self._started = 1
 
-    def add(self, int client_fd, int upstream_fd, pending_upstream=b"", pending_client=b""):
+    def add(self, int client_fd, int upstream_fd, pending_upstream=b"", pending_client=b"",
+            int64_t token=0):
         """Hand two connected non-blocking TCP sockets to the pump.
 
         The pump owns both fds from here on and closes each exactly once,
         whatever happens (also when this raises). ``pending_upstream`` is
         written upstream before anything read from the client;
-        ``pending_client`` likewise toward the client.
+        ``pending_client`` likewise toward the client. ``token`` (not 0):
+        reported by :meth:`ended` once the connection has ended, unless
+        this raises.
         """
         cdef Loop *L = self.L
         cdef Handoff *h = NULL
@@ -932,6 +1000,11 @@ cdef class Pump:
                 raise MemoryError()
             h.cfd = client_fd
             h.ufd = upstream_fd
+            if token != 0:
+                h.end = <Ended *>calloc(1, sizeof(Ended))
+                if h.end == NULL:
+                    raise MemoryError()
+                h.end.token = token
             h.pend_up = copy_bytes(pending_upstream)
             h.pend_up_len = len(pending_upstream)
             h.pend_down = copy_bytes(pending_client)
@@ -939,6 +1012,7 @@ cdef class Pump:
         except BaseException:
             if h != NULL:
                 free(h.pend_up)
+                free(h.end)
                 free(h)
             close_fd_quietly(client_fd)
             close_fd_quietly(upstream_fd)
@@ -948,6 +1022,7 @@ cdef class Pump:
             sys_.pthread_mutex_unlock(&L.lock)
             free(h.pend_up)
             free(h.pend_down)
+            free(h.end)
             free(h)
             close_fd_quietly(client_fd)
             close_fd_quietly(upstream_fd)
@@ -967,6 +1042,36 @@ cdef class Pump:
     def active(self):
         """Connections owned: queued or being relayed."""
         return L4_LOAD(&self.L.ctr[C_ACTIVE])
+
+    @property
+    def ended_fd(self):
+        """An eventfd, readable while :meth:`ended` has tokens to give (-1
+        once closed). Watch it; do not read it (:meth:`ended` does)."""
+        return self.L.endfd
+
+    def ended(self):
+        """The tokens of the connections that ended since the last call, in
+        the order they ended (see "Ends reported back"); any thread."""
+        cdef Loop *L = self.L
+        cdef uint64_t junk
+        cdef Ended *e
+        cdef Ended *n
+        if L.endfd >= 0:
+            sys_.read(L.endfd, &junk, sizeof(junk))  # EAGAIN: nothing new
+        sys_.pthread_mutex_lock(&L.lock)
+        e = L.ended_head
+        L.ended_head = L.ended_tail = NULL
+        sys_.pthread_mutex_unlock(&L.lock)
+        out = []
+        try:
+            while e != NULL:
+                out.append(e.token)
+                n = e.next
+                free(e)
+                e = n
+        finally:
+            ended_free(e)  # (only after a MemoryError in append)
+        return out
 
     def stats(self):
         cdef int i
@@ -1031,7 +1136,8 @@ cdef class Pump:
             queue_discard(L, h)
         close_fd_quietly(L.epfd)
         close_fd_quietly(L.wakefd)
-        L.epfd = L.wakefd = -1
+        close_fd_quietly(L.endfd)
+        L.epfd = L.wakefd = L.endfd = -1
 
     def __enter__(self):
         self.start()

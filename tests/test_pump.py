@@ -17,6 +17,7 @@ import hashlib
 import os
 import random
 import resource
+import select
 import socket
 import struct
 import threading
@@ -70,6 +71,7 @@ class Net:
         pending_upstream: bytes = b"",
         pending_client: bytes = b"",
         small_buffers: bool = False,
+        token: int = 0,
     ) -> tuple[socket.socket, socket.socket]:
         """Return (client, server), relayed by *pump* through two fresh fds."""
         client = socket.create_connection(self.front.getsockname())
@@ -82,7 +84,13 @@ class Net:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * KiB)
         proxy_client.setblocking(False)
         proxy_upstream.setblocking(False)
-        pump.add(proxy_client.detach(), proxy_upstream.detach(), pending_upstream, pending_client)
+        pump.add(
+            proxy_client.detach(),
+            proxy_upstream.detach(),
+            pending_upstream,
+            pending_client,
+            token=token,
+        )
         client.settimeout(10)
         server.settimeout(10)
         return client, server
@@ -734,6 +742,104 @@ def test_churn_with_mixed_endings(twin: ModuleType, net: Net) -> None:
     assert st["resets"] <= kinds.get("rst-client", 0) + kinds.get("rst-server", 0)
 
 
+# -- ends reported back (the worker's LEAST_CONN counts) -------------------------------
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def take_ended(p: Any, n: int) -> list[int]:
+    """Tokens from p.ended() until *n* came (or 5 s passed), each woken by
+    ended_fd as the worker's loop is."""
+    got: list[int] = []
+    deadline = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
+        if select.select([p.ended_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            got += p.ended()
+    return got
+
+
+def test_every_ending_reports_its_token_once(twin: ModuleType, net: Net) -> None:
+    """A connection added with a token is reported by ended() once it has
+    ended, whatever ended it: both sides done, a reset, a hand-off that was
+    not a socket, the pump's close. One without a token is not reported; an
+    add() that raised reports nothing (the caller knows already)."""
+    p = make_pump(twin)
+    assert p.ended() == [] and not readable(p.ended_fd)
+    clean = net.pair(p, token=1)
+    reset = net.pair(p, token=2)
+    quiet = net.pair(p)  # no token
+    live = net.pair(p, token=5)
+    clean[0].close()
+    clean[1].close()
+    reset[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+    reset[1].close()
+    r, w = os.pipe()
+    p.add(r, w, token=3)  # not sockets: closed at once, counted as an error
+    quiet[0].close()
+    quiet[1].close()
+    assert sorted(take_ended(p, 3)) == [1, 2, 3]
+    assert wait_for(lambda: p.active == 1)  # only live is left (quiet ended unreported)
+    assert p.ended() == [] and not readable(p.ended_fd)
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError):
+        p.add(a.fileno(), a.detach(), token=6)
+    b.close()
+    p.close()  # resets live
+    assert p.ended() == [5]
+    assert p.ended() == []
+    for c, s in (live, reset, clean, quiet):
+        c.close()
+        s.close()
+
+
+def test_a_drain_and_a_queue_never_started_report_their_tokens(twin: ModuleType, net: Net) -> None:
+    """Force-closed by a drain's deadline, or closed while still queued (the
+    pump never started): reported too, so no count stays up for ever."""
+    p = make_pump(twin)
+    stuck = net.pair(p, token=10)
+    assert p.drain(0.05) == 1
+    assert take_ended(p, 1) == [10]
+    with pytest.raises(RuntimeError):  # draining: refused, not reported
+        a, b = socket.socketpair()
+        p.add(a.detach(), b.detach(), token=11)
+    p.close()
+    assert p.ended() == []
+    queued = twin.Pump()
+    pair = net.pair(queued, token=12)
+    queued.close()
+    assert queued.ended() == [12]
+    for c, s in (stuck, pair):
+        c.close()
+        s.close()
+
+
+def test_many_ends_wake_the_watcher_and_none_is_lost(twin: ModuleType, net: Net) -> None:
+    """Connections ending from several threads at once while the watcher
+    takes the list: each token comes exactly once."""
+    p = make_pump(twin)
+    n = 400
+    lock = threading.Lock()
+
+    def churn(first: int) -> None:
+        for token in range(first, n + 1, 4):
+            with lock:
+                c, s = net.pair(p, token=token)
+            c.close()
+            s.close()
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(1, 5)]
+    for t in threads:
+        t.start()
+    got = take_ended(p, n)
+    for t in threads:
+        t.join()
+    got += take_ended(p, n - len(got))
+    assert sorted(got) == list(range(1, n + 1))
+    finish(p)
+
+
 # -- urgent data (issue 12) --------------------------------------------------------
 
 PAST_SWITCH = 512 * KiB  # more than the default splice_threshold: the direction splices
@@ -864,7 +970,7 @@ def test_pipes_are_pooled_and_reused(twin: ModuleType, net: Net) -> None:
         assert fd_count() == base + 2 * st["pipes_free"]
     st = finish(p)  # close(): the pool too
     assert st["spliced"] == 3
-    assert fd_count() == base - 2  # and the pump's epoll and eventfd
+    assert fd_count() == base - 3  # and the pump's epoll and eventfds (wake-up, ends)
 
 
 def test_max_pipes_bounds_splicing_not_relaying(twin: ModuleType, net: Net) -> None:

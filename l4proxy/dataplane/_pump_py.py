@@ -53,6 +53,15 @@ stops there: EAGAIN for ever while epoll reports readable, or 0 once the FIN
 is queued), so when splice reads nothing and ``sockatmark()`` says the mark
 is next, one recv() steps over it. ext/pump.pyx says more.
 
+Ends reported back: ``add(..., token=t)`` with ``t`` != 0 asks to hear of
+that connection's end. Once both its sockets are closed (however it ended,
+a hand-off discarded unopened included) ``t`` goes on the ended list, which
+:meth:`Pump.ended` takes; the ``ended_fd`` eventfd turns readable when the
+list stops being empty. The worker's event loop watches it: that is how it
+learns that a connection it counts against an endpoint (LEAST_CONN) is
+gone. An ``add()`` that raises reports nothing (the connection never was
+the pump's). ext/pump.pyx says more.
+
 Kernel notes: no EPOLLRDHUP (EOF shows up as readable + recv() == 0); EPOLLHUP
 and EPOLLERR arrive whatever the mask, so a side that hung up and has nothing
 for us is removed from epoll instead of spinning; sends use MSG_NOSIGNAL;
@@ -167,24 +176,26 @@ class _Side:
 
 
 class _Conn:
-    __slots__ = ("closed", "dirs", "last_active", "sides", "spliced")
+    __slots__ = ("closed", "dirs", "last_active", "sides", "spliced", "token")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, token: int) -> None:
         self.sides: list[_Side] = []
         self.dirs: list[_Dir] = []
         self.last_active = now
         self.closed = False
         self.spliced = False
+        self.token = token  # reported by Pump.ended() once closed; 0: not
 
 
 class _Handoff:
-    __slots__ = ("cfd", "pend_down", "pend_up", "ufd")
+    __slots__ = ("cfd", "pend_down", "pend_up", "token", "ufd")
 
-    def __init__(self, cfd: int, ufd: int, pend_up: bytes, pend_down: bytes) -> None:
+    def __init__(self, cfd: int, ufd: int, pend_up: bytes, pend_down: bytes, token: int) -> None:
         self.cfd = cfd
         self.ufd = ufd
         self.pend_up = pend_up
         self.pend_down = pend_down
+        self.token = token
 
 
 def _close_fd_reset(fd: int) -> None:
@@ -222,9 +233,11 @@ class _Loop:
         self.ep = select.epoll()
         self.wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ep.register(self.wakefd, _EPOLLIN)
+        self.endfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable: ended
         self.lock = threading.Lock()
         # guarded by lock
         self.queue: list[_Handoff] = []
+        self.ended: list[int] = []  # tokens of connections that ended, oldest first
         self.accepted = 0
         self.queued_bytes = 0  # pending bytes of queued hand-offs
         self.accepting = True
@@ -255,6 +268,20 @@ class _Loop:
             out["buffered"] += self.queued_bytes
         out["active"] = out["accepted"] - out["closed"]
         return out
+
+    def report_end(self, token: int) -> None:
+        """A connection added with *token* has ended (see "Ends reported
+        back"); the eventfd is written when the list was empty."""
+        if not token:
+            return
+        with self.lock:
+            was_empty = not self.ended
+            self.ended.append(token)
+        if was_empty and self.endfd >= 0:
+            try:
+                os.eventfd_write(self.endfd, 1)
+            except OSError:
+                pass  # EAGAIN: saturated, readable anyway
 
     def wake(self) -> None:
         try:
@@ -292,6 +319,7 @@ class _Loop:
             self.pipe_put(x)  # pooled if empty, closed if it still holds bytes
             x.pipe_bytes = 0
         self.ctr["closed"] += 1
+        self.report_end(c.token)
 
     def abort(self, c: _Conn, why: int) -> None:
         self.ctr["resets" if why == _RESET else "errors"] += 1
@@ -507,7 +535,7 @@ class _Loop:
         self.set_interest(c, 1 - i, False)
 
     def open_conn(self, h: _Handoff, now: float) -> None:
-        c = _Conn(now)
+        c = _Conn(now, h.token)
         socks: list[socket.socket] = []
         try:
             for fd in (h.cfd, h.ufd):
@@ -531,6 +559,7 @@ class _Loop:
                 _close_fd_reset(fd)
             self.ctr["errors"] += 1
             self.ctr["closed"] += 1
+            self.report_end(h.token)
             return
         c.sides = [_Side(c, 0, socks[0]), _Side(c, 1, socks[1])]
         splice_at = self.threshold if self.max_pipes > 0 else _NEVER
@@ -556,6 +585,7 @@ class _Loop:
             _close_fd_reset(h.ufd)
             self.ctr["force_closed"] += 1
             self.ctr["closed"] += 1
+            self.report_end(h.token)
 
     def run(self) -> None:
         while True:
@@ -660,13 +690,16 @@ class Pump:
         upstream_fd: int,
         pending_upstream: bytes = b"",
         pending_client: bytes = b"",
+        token: int = 0,
     ) -> None:
         """Hand two connected non-blocking TCP sockets to the pump.
 
         The pump owns both fds from here on and closes each exactly once,
         whatever happens (also when this raises). ``pending_upstream`` is
         written upstream before anything read from the client;
-        ``pending_client`` likewise toward the client.
+        ``pending_client`` likewise toward the client. ``token`` (not 0):
+        reported by :meth:`ended` once the connection has ended, unless
+        this raises.
         """
         if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
             for fd in {client_fd, upstream_fd}:
@@ -675,7 +708,9 @@ class Pump:
             raise ValueError(f"need two distinct fds, got {client_fd} and {upstream_fd}")
         lp = self._loop
         try:
-            h = _Handoff(client_fd, upstream_fd, bytes(pending_upstream), bytes(pending_client))
+            h = _Handoff(
+                client_fd, upstream_fd, bytes(pending_upstream), bytes(pending_client), int(token)
+            )
         except BaseException:  # not bytes-like: the fds are still ours to close
             os.close(client_fd)
             os.close(upstream_fd)
@@ -696,6 +731,25 @@ class Pump:
     def active(self) -> int:
         """Connections owned: queued or being relayed."""
         return self._loop.active()
+
+    @property
+    def ended_fd(self) -> int:
+        """An eventfd, readable while :meth:`ended` has tokens to give (-1
+        once closed). Watch it; do not read it (:meth:`ended` does)."""
+        return self._loop.endfd
+
+    def ended(self) -> list[int]:
+        """The tokens of the connections that ended since the last call, in
+        the order they ended (see "Ends reported back"); any thread."""
+        lp = self._loop
+        if lp.endfd >= 0:
+            try:
+                os.eventfd_read(lp.endfd)
+            except OSError:
+                pass  # EAGAIN: nothing new; EBADF: closed meanwhile
+        with lp.lock:
+            out, lp.ended = lp.ended, []
+        return out
 
     def stats(self) -> dict[str, int]:
         return self._loop.stats()
@@ -740,6 +794,8 @@ class Pump:
             lp.discard(lp.take_queue()[0])
         lp.ep.close()
         os.close(lp.wakefd)
+        os.close(lp.endfd)
+        lp.endfd = -1
 
     def __enter__(self) -> Pump:
         self.start()

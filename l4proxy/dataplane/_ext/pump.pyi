@@ -14,6 +14,10 @@ idle_timeouts, errors, spliced, buffered, force_closed; and
 * ``pipe_refusals``: times a direction asked for a pipe and got none
   (``max_pipes`` in use, or pipe2() failed: EMFILE, ENFILE, ENOMEM); it
   relays through recv/send and asks again after another MiB.
+
+``add(..., token=t)`` (t != 0): ``ended()`` returns ``t`` once that
+connection has ended, and ``ended_fd`` (an eventfd) is readable while
+there are tokens to take.
 """
 
 from types import TracebackType
@@ -40,9 +44,13 @@ class Pump:
         upstream_fd: int,
         pending_upstream: bytes = b"",
         pending_client: bytes = b"",
+        token: int = 0,
     ) -> None: ...
     @property
     def active(self) -> int: ...
+    @property
+    def ended_fd(self) -> int: ...
+    def ended(self) -> list[int]: ...
     def stats(self) -> dict[str, int]: ...
     def drain(self, timeout: float) -> int: ...
     def close(self) -> None: ...
