@@ -323,6 +323,8 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
             if "rq_active" in ep:
                 lines.append(f"{base}::rq_active::{ep['rq_active']}")
                 lines.append(f"{base}::cx_idle::{ep['cx_idle']}")
+            if "cx_active" in ep:
+                lines.append(f"{base}::cx_active::{ep['cx_active']}")
         for d in c.get("dns", ()):
             base = f"{c['service']}::dns::{d['name']}"
             lines.append(f"{base}::addresses::{','.join(d['addresses']) or '-'}")
@@ -353,6 +355,7 @@ class WorkerView:
     def clusters_now(self) -> list[dict[str, Any]]:
         out = []
         pools = self.worker.pool_snapshot()
+        connections = self.worker.connection_snapshot() if pools is None else {}
         for svc in self.worker.rules.state.table.services():
             eps = []
             for ep in svc.endpoints:
@@ -366,6 +369,8 @@ class WorkerView:
                     active, idle = pools.get((ep.address, ep.port), (0, 0))
                     d["rq_active"] = active
                     d["cx_idle"] = idle
+                else:  # --http-routing connection: connections relayed (LEAST_CONN's count)
+                    d["cx_active"] = connections.get((ep.address, ep.port), 0)
                 eps.append(d)
             cluster: dict[str, Any] = {"service": svc.host, "endpoints": eps}
             dns = self.worker.rules.dns.for_service(svc.host)

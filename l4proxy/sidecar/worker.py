@@ -53,9 +53,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -182,7 +184,14 @@ class Worker:
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
+        # LEAST_CONN's count of the connections this worker routes at L4, per
+        # endpoint: from the endpoint's choice (its connect included) until
+        # the pump reports the connection's end (a token per connection:
+        # _pump_add, _pump_ended). See "LEAST_CONN's counts" in _count.
         self.active_per_endpoint: dict[tuple[str, int], int] = {}
+        self._active_lock = threading.Lock()  # /clusters reads it from other threads
+        self._pumped: dict[int, tuple[str, int]] = {}  # pump token -> endpoint
+        self._tokens = itertools.count(1)
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -265,6 +274,7 @@ class Worker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pump.start()
+        self._loop.add_reader(self.pump.ended_fd, self._pump_ended)
         self._take_reserve()
         self.refresh_local_addresses()
         relay_accepts = self.relay is not None and hasattr(self.relay, "listen")
@@ -425,6 +435,12 @@ class Worker:
                 continue
         return {}
 
+    def connection_snapshot(self) -> dict[tuple[str, int], int]:
+        """``{endpoint: connections}`` routed at L4 and not ended yet (what
+        LEAST_CONN orders by with --http-routing connection), for /clusters."""
+        with self._active_lock:
+            return dict(self.active_per_endpoint)
+
     def counter_help(self) -> dict[str, tuple[str, str]]:
         return {**self.counters.help(), **self.relay_counters.help()}
 
@@ -433,6 +449,11 @@ class Worker:
             t.cancel()
         if self.relay is not None:
             self.relay.close()
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.pump.ended_fd)
+            except (ValueError, OSError):
+                pass
         self.pump.close()
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
@@ -568,8 +589,8 @@ class Worker:
             up_fd = upstream.detach()
             upstream = None
             # From here the pump owns both fds and closes each exactly once.
-            self.pump.add(conn_fd, up_fd, pending)
-            del endpoint
+            counted = None if endpoint is None else (endpoint.address, endpoint.port)
+            self._pump_add(conn_fd, up_fd, pending, b"", counted)
         except _HandedToRelay:
             pass  # the relay owns conn now
         except Refused as r:
@@ -721,17 +742,72 @@ class Worker:
             )
         # -- end issue 14 --
         for ep in decision.endpoints[:MAX_ATTEMPTS]:
-            up = await self._connect(
-                (ep.address, ep.port), ep, decision.service, http=head is not None
-            )
+            # counted from here, its connect included (as the relay counts a
+            # request: _pool_py.py), and handed to the pump counted
+            key = (ep.address, ep.port)
+            self._count(key, 1)
+            try:
+                up = await self._connect(key, ep, decision.service, http=head is not None)
+            except BaseException:
+                self._count(key, -1)
+                raise
             if up is not None:
                 return up, pending, ep
+            self._count(key, -1)
         raise Refused(
             "no_healthy_upstream", 503 if head is not None else None, "no healthy upstream"
         )
 
     def _active_for(self, ep: Endpoint) -> int:
         return self.active_per_endpoint.get((ep.address, ep.port), 0)
+
+    # -- LEAST_CONN's counts -----------------------------------------------------
+
+    def _count(self, endpoint: tuple[str, int], n: int) -> None:
+        """*n* more connections of this worker's to *endpoint* (any thread).
+
+        A connection routed at L4 counts from the choice of its endpoint
+        (_route) until the pump reports its end."""
+        with self._active_lock:
+            left = self.active_per_endpoint.get(endpoint, 0) + n
+            if left:
+                self.active_per_endpoint[endpoint] = left
+            else:
+                self.active_per_endpoint.pop(endpoint, None)
+
+    def _pump_add(
+        self,
+        client_fd: int,
+        upstream_fd: int,
+        to_upstream: bytes,
+        to_client: bytes,
+        counted: tuple[str, int] | None,
+    ) -> None:
+        """pump.add(); *counted*: the endpoint this connection is counted
+        against (_count), which stays counted until the pump reports its end
+        (_pump_ended), or is counted down here when add() raises."""
+        token = 0
+        if counted is not None:
+            token = next(self._tokens)
+            with self._active_lock:
+                self._pumped[token] = counted
+        try:
+            self.pump.add(client_fd, upstream_fd, to_upstream, to_client, token=token)
+        except BaseException:
+            if token:
+                self._forget_token(token)
+            raise
+
+    def _pump_ended(self) -> None:
+        """The pump's ended_fd is readable (loop): connections that ended."""
+        for token in self.pump.ended():
+            self._forget_token(token)
+
+    def _forget_token(self, token: int) -> None:
+        with self._active_lock:
+            endpoint = self._pumped.pop(token, None)
+        if endpoint is not None:
+            self._count(endpoint, -1)
 
     # -- per-request routing: the relay's callbacks ----------------------------
     #
