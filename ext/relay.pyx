@@ -54,9 +54,13 @@ request's origin, method, Host, target and the headers named by
 ``key_headers`` (every header any route matches on); the loop caches the
 verdict under those bytes for ``Verdict.ttl`` seconds (a miss asks
 ``resolve`` again), and *applies* it per request: the weighted draw, the
-round-robin, random or least-connections order of the endpoints. A rule swap
-or an endpoint failure calls :meth:`HttpRelay.invalidate` (a relaxed atomic
-increment the loop checks per lookup): the next request asks Python again.
+round-robin, random or least-connections order of the endpoints (by
+``ep_load()``: this loop's requests in flight to the endpoint, and those
+:meth:`HttpRelay.add_external` tells of: the slow path's, the worker's
+connections routed at L4 and the tunnels in the pump, until they end). A
+rule swap or an endpoint failure calls :meth:`HttpRelay.invalidate` (a
+relaxed atomic increment the loop checks per lookup): the next request asks
+Python again.
 Without ``resolve``, ``decide`` is asked for every request (tests; the
 verdict is then one ordered choice, used once).
 
@@ -358,6 +362,7 @@ cdef struct EP:
     int index              # in Relay.eps
     int64_t answer_seen    # Relay.failures_seen at its last answer reported; 0: none
     int64_t active         # checked-out connections, connecting ones too (LEAST_CONN's count)
+    int64_t ext            # ... and the endpoint's others (add_external; atomic, see ep_load)
     int n_idle
     Up *idle_head
     Up *idle_tail
@@ -2145,6 +2150,14 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
 
 
 
+cdef inline int64_t ep_load(EP *ep) noexcept nogil:
+    """What LEAST_CONN orders by: this loop's requests to *ep* (connecting
+    ones too) and those it does not hold (``ext``: the slow path's, the
+    worker's L4 connections and the tunnels in the pump, until they end),
+    which other threads store (HttpRelay.add_external)."""
+    return ep.active + L4R_LOAD(&ep.ext)
+
+
 cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     """The weighted draw and the endpoint order of one request."""
     cdef Choice_ *ch = &v.choices[0]
@@ -2179,12 +2192,12 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
                 c.cand[c.n_cand] = tmp
                 c.n_cand += 1
                 j = c.n_cand - 1
-            elif tmp.active < c.cand[MAX_ATTEMPTS - 1].active:
+            elif ep_load(tmp) < ep_load(c.cand[MAX_ATTEMPTS - 1]):
                 c.cand[MAX_ATTEMPTS - 1] = tmp
                 j = MAX_ATTEMPTS - 1
             else:
                 continue
-            while j > 0 and c.cand[j].active < c.cand[j - 1].active:
+            while j > 0 and ep_load(c.cand[j]) < ep_load(c.cand[j - 1]):
                 tmp = c.cand[j]
                 c.cand[j] = c.cand[j - 1]
                 c.cand[j - 1] = tmp
@@ -3043,6 +3056,7 @@ cdef class HttpRelay:
     cdef readonly int sweeps
     cdef dict _ep_ids
     cdef list _ep_keys
+    cdef dict _external            # add_external()'s counts (under _intern_lock)
     cdef dict _rr_ids
     cdef dict _tag_ids
     cdef dict _key_index           # key header name -> its index in the Head
@@ -3092,6 +3106,8 @@ cdef class HttpRelay:
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
             refused, max_head,
         )
+        # the slow path's requests, as the loop's LEAST_CONN must see them
+        self.slow.pools.on_active = self.add_external
         self._origin_ids = {}
         self._origins = {}
         self._free_oids = []
@@ -3099,6 +3115,7 @@ cdef class HttpRelay:
         self.intern_limit = max(1, intern_limit)
         self._ep_ids = {}
         self._ep_keys = []
+        self._external = {}
         self._rr_ids = {}
         self._tag_ids = {}
         self._tags = []
@@ -3516,20 +3533,42 @@ cdef class HttpRelay:
         out["slow_path"] = L4R_LOAD(&self.R.ctr[<int>CT_SLOW])
         return out
 
+    def add_external(self, endpoint, int64_t n):
+        """*n* more requests or connections to *endpoint* that this loop does
+        not hold (any thread): the slow path's (its pools tell), the
+        worker's L4 connections and the tunnels it took over. The loop's
+        LEAST_CONN adds them to its own (ep_load); the count lives here,
+        under the intern lock, and in the endpoint's EP while it has one."""
+        cdef int64_t left
+        key = (str(endpoint[0]), int(endpoint[1]))
+        with self._intern_lock:
+            left = self._external.get(key, 0) + n
+            if left:
+                self._external[key] = left
+            else:
+                self._external.pop(key, None)
+            i = self._ep_ids.get(key)
+            if i is not None:
+                L4R_STORE(&self.R.eps[<int>i].ext, left)
+
     def pool_active(self, endpoint):
         with self._intern_lock:  # not while a sweep moves the EPs
             i = self._ep_ids.get(endpoint)
             mine = self.R.eps[<int>i].active if i is not None else 0
-        return mine + self.slow.pools.active(endpoint)
+            return mine + self._external.get(endpoint, 0)
 
     def pool_snapshot(self):
         out = {}
         with self._intern_lock:
+            external = dict(self._external)
             for key, i in self._ep_ids.items():
-                out[key] = (self.R.eps[<int>i].active, self.R.eps[<int>i].n_idle)
-        for key, (a, n) in self.slow.pools.snapshot().items():
+                out[key] = (self.R.eps[<int>i].active + external.pop(key, 0),
+                            self.R.eps[<int>i].n_idle)
+        for key, n in external.items():
+            out[key] = (n, 0)
+        for key, (_, n) in self.slow.pools.snapshot().items():  # its active: in external
             x = out.get(key, (0, 0))
-            out[key] = (x[0] + a, x[1] + n)
+            out[key] = (x[0], x[1] + n)
         return out
 
     # -- the loop thread ---------------------------------------------------------
@@ -3822,13 +3861,18 @@ cdef class HttpRelay:
 
     cdef EP *_ep(self, key) except NULL:
         cdef Relay *R = self.R
+        i = self._ep_ids.get(key)
+        if i is not None:
+            return R.eps[<int>i]
+        with self._intern_lock:  # add_external() (other threads) reads these
+            return self._new_ep(key)
+
+    cdef EP *_new_ep(self, key) except NULL:
+        cdef Relay *R = self.R
         cdef EP *ep
         cdef EP **grown
         cdef bytes host
         cdef uint32_t addr
-        i = self._ep_ids.get(key)
-        if i is not None:
-            return R.eps[<int>i]
         if R.n_eps == R.cap_eps:
             grown = <EP**>realloc(R.eps, sizeof(EP*) * (R.cap_eps * 2 + 16))
             if grown == NULL:
@@ -3844,6 +3888,7 @@ cdef class HttpRelay:
         if not ep.numeric and inet_pton(AF_INET6, host, ep.addr6) == 1:
             ep.numeric = ep.v6 = True
         ep.port = htons(<uint16_t>int(key[1]))
+        ep.ext = self._external.get(key, 0)
         ep.index = R.n_eps
         R.eps[R.n_eps] = ep
         self._ep_ids[key] = R.n_eps

@@ -1,4 +1,4 @@
-"""LEAST_CONN orders endpoints by what they really carry.
+"""LEAST_CONN orders endpoints by what they really carry, in both HTTP modes.
 
 In-process: a real :class:`~l4proxy.sidecar.worker.Worker` on a gateway
 listener on loopback, a real :class:`~l4proxy.rules.watch.RuleWatcher`, and
@@ -7,9 +7,13 @@ subset); everything else goes to A or B by LEAST_CONN. The test pins long-
 lived work on A (connections, tunnels, requests in flight), then sends new
 work unpinned: all of it must go to B, which carries less. A round robin
 sends half of it to A, which is what LEAST_CONN did where it did not see
-A's load: with ``--http-routing connection`` the worker never counted the
-connections it handed to the pump (``active_per_endpoint`` was read, never
-written).
+A's load:
+
+* ``--http-routing connection``: the worker never counted the connections
+  it handed to the pump (``active_per_endpoint`` was read, never written);
+* ``--http-routing request``: a tunnel (Upgrade, CONNECT) left the count
+  once handed to the pump, and the compiled relay's own pick did not see
+  the requests its slow path (chunked bodies, Expect, tunnels) had in flight.
 
 Counts are waited for, never slept for. Every test runs on both twins (the
 compiled pump and relay, and the pure ones).
@@ -294,3 +298,48 @@ def test_per_connection_counts_the_connections_in_the_pump(
         assert stats[a.endpoint]["cx_active"] == stats[b.endpoint]["cx_active"] == 0
 
     run_worker(tmp_path, backends, "connection", "LEAST_CONN", scenario)
+
+
+@pytest.mark.parametrize("held", ["tunnel", "slow_path"])
+def test_per_request_counts_tunnels_and_the_slow_paths_requests(
+    tmp_path: Path, backends: tuple[Backend, Backend], twin: str, held: str
+) -> None:
+    """--http-routing request, LEAST_REQUEST (the newer name of LEAST_CONN):
+    N WebSockets to A (in the pump once upgraded), or N requests in flight
+    to A on the compiled relay's slow path, count as A's requests; 2 N
+    requests after them, one at a time, all go to B. The tunnels count until
+    the pump reports their end; /clusters shows the counts (rq_active)."""
+    a = backends[0]
+    pin = tunnel if held == "tunnel" else slow_in_flight
+
+    async def scenario(worker: Worker, address: tuple[str, int]) -> None:
+        assert worker.relay is not None
+        opened: list[socket.socket] = []
+        try:
+            for _ in range(N):
+                opened.append(await in_thread(pin, address))
+            await in_thread(wait_for, f"A holds {N}", lambda: a.held == N)
+            if twin == "compiled":  # what this test is about: not the C loop's requests
+                assert worker.relay.stats()["slow_path"] == N
+            # (a tunnel counts twice for a moment: the worker counts it before
+            # the relay's pool forgets its request, never after)
+            relay = worker.relay
+            await in_thread(wait_for, f"A counts {N}", lambda: relay.pools.active(a.endpoint) == N)
+            client = await in_thread(socket.create_connection, address, 10)
+            opened.append(client)
+            names = [await in_thread(get, client) for _ in range(2 * N)]
+            assert names == ["b"] * (2 * N), f"LEAST_REQUEST sent requests to A: {names}"
+            stats = endpoint_stats(worker, twin)
+            assert stats[a.endpoint]["rq_active"] == N
+        finally:
+            for s in opened:
+                s.close()
+            a.release()
+        await in_thread(
+            wait_for,
+            "A's tunnels or requests counted down",
+            lambda: relay.pools.active(a.endpoint) == 0 and worker.connection_snapshot() == {},
+        )
+        assert endpoint_stats(worker, twin)[a.endpoint]["rq_active"] == 0
+
+    run_worker(tmp_path, backends, "request", "LEAST_REQUEST", scenario)

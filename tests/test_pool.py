@@ -8,6 +8,7 @@ from l4proxy.dataplane._pool_py import PoolOptions, Pools
 
 A = ("198.18.0.10", 8080)
 B = ("198.18.0.11", 8080)
+C = ("198.18.0.12", 8080)
 
 
 def test_reuse_is_lifo_per_endpoint_and_counted() -> None:
@@ -89,6 +90,30 @@ def test_a_connection_counts_from_its_connect_on() -> None:
     assert p.active(B) == 1 and p.counters["opened"] == 1
     assert p.checkin(B, 1, reusable=True, now=0) == []
     assert (p.active(B), p.idle(B)) == (0, 1)
+
+
+def test_external_connections_count_for_least_conn_and_own_changes_are_told() -> None:
+    """add_external(): what LEAST_CONN must see that the pool does not hold
+    (tunnels in the pump, the worker's L4 connections) counts in active()
+    and in /clusters' snapshot; on_active hears of every change of the
+    pool's own count (the compiled relay's slow path feeds its loop so)."""
+    p = Pools()
+    told: list[tuple[object, int]] = []
+    p.on_active = lambda endpoint, n: told.append((endpoint, n))
+    p.add_external(B, 2)
+    p.add_external(C, 1)
+    p.opened(A, 1)
+    p.connecting(B, 2)
+    assert (p.active(A), p.active(B), p.active(C)) == (1, 3, 1)
+    assert p.snapshot() == {A: (1, 0), B: (3, 0), C: (1, 0)}
+    p.checkin(A, 1, reusable=True, now=0)
+    assert p.checkout(A) == 1
+    p.discard(B, 2)
+    p.add_external(B, -2)
+    p.add_external(C, -1)
+    assert (p.active(B), p.active(C)) == (0, 0)
+    assert told == [(A, 1), (B, 1), (A, -1), (A, 1), (B, -1)]  # its own only
+    assert p.expire(now=100) == [] and p.snapshot() == {A: (1, 0)}  # B: nothing left
 
 
 def test_removed_endpoint_gives_back_its_idle_connections() -> None:

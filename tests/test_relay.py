@@ -181,7 +181,13 @@ class Proxy:
         self.relay.add(conn, ("198.19.0.10", 8080))
 
     def _l4(
-        self, client: socket.socket, up: object, to_client: bytes, to_up: bytes, origin: object
+        self,
+        client: socket.socket,
+        up: object,
+        to_client: bytes,
+        to_up: bytes,
+        origin: object,
+        endpoint: object,
     ) -> None:
         self.handed.append(to_up)
         client.close()

@@ -21,7 +21,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
-from tests.conftest import dead_ports
+from tests.conftest import dead_ports, load_twin
 from tests.test_relay_edges import TWINS, Backend, _client, _read_head, _relay
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -511,3 +511,85 @@ def test_a_request_counted_from_its_assignment_is_counted_down_once(which: str) 
             a.close()
             filler.close()
             slow.close()
+
+
+def test_least_conn_orders_by_what_add_external_tells_of_too(which: str) -> None:
+    """The worker's connections routed at L4 and the tunnels it took over
+    from the relay are not the relay's requests; add_external() tells of
+    them, and LEAST_CONN (the compiled loop's own pick too) orders by them
+    with its own. Told before the loop knew the endpoint (an interned EP
+    takes the count then) and after."""
+    a, b = Tracked(b"A"), Tracked(b"B")
+    picks = iter(range(1000))
+
+    def decide(head: Any, origin: Any) -> Decision:  # the worker's LEAST_CONN
+        order = [a.endpoint, b.endpoint] if next(picks) % 2 == 0 else [b.endpoint, a.endpoint]
+        return Decision(tuple(sorted(order, key=relay.pools.active)))
+
+    def resolve(head: Any, origin: Any) -> Verdict:  # the compiled loop's own pick()
+        return Verdict((Choice(1, (a.endpoint, b.endpoint), "LEAST_CONN"),), ttl=60, shape=0)
+
+    relay = _relay(which, decide, **({"resolve": resolve} if which == "compiled" else {}))
+    s = _client(relay)
+
+    def answers(n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            out.append(_read_n(s, len(_answer(b"A"))))
+        return out
+
+    try:
+        relay.add_external(a.endpoint, 2)
+        assert relay.pools.active(a.endpoint) == 2
+        assert answers(4) == [_answer(b"B")] * 4
+        relay.add_external(a.endpoint, -2)
+        relay.add_external(b.endpoint, 1)
+        assert answers(4) == [_answer(b"A")] * 4
+        relay.add_external(b.endpoint, -1)
+        assert sorted(answers(4)) == [_answer(b"A")] * 2 + [_answer(b"B")] * 2
+        assert relay.pools.active(a.endpoint) == relay.pools.active(b.endpoint) == 0
+    finally:
+        s.close()
+        relay.close()
+        a.close()
+        b.close()
+
+
+def test_a_tunnel_stays_counted_until_the_l4_callback_has_taken_it(which: str) -> None:
+    """A WebSocket's request leaves the relay's count only once the l4
+    callback (the worker, which counts the tunnel from there until the pump
+    reports its end) has returned, and that callback is told the tunnel's
+    endpoint: LEAST_CONN never sees the endpoint without it."""
+
+    def upgrade(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        conn.recv(1)
+
+    backend = Backend(upgrade)
+    seen: list[tuple[Any, int]] = []
+
+    def l4(client: Any, up: Any, to_client: bytes, to_up: bytes, origin: Any, ep: Any) -> None:
+        seen.append((ep, relay.pools.active(backend.endpoint)))
+        client.close()
+        up.close()
+
+    relay = load_twin("relay", which).HttpRelay(
+        lambda head, origin: Decision((backend.endpoint,)), l4
+    )
+    relay.start()
+    try:
+        s = _client(relay)
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        deadline = time.monotonic() + 5
+        while not seen or relay.pools.active(backend.endpoint):
+            assert time.monotonic() < deadline, (seen, relay.pools.active(backend.endpoint))
+            time.sleep(0.005)
+        assert seen == [(backend.endpoint, 1)]
+        s.close()
+    finally:
+        relay.close()
+        backend.close()

@@ -623,6 +623,7 @@ class Run:
         to_client: bytes,
         to_up: bytes,
         _: Any,
+        endpoint: tuple[str, int] | None,
     ) -> None:
         stream = bytearray(to_up)
         try:

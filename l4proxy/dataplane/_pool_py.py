@@ -30,6 +30,12 @@ Theory of operation
   Envoy's LEAST_REQUEST and HAProxy's leastconn count: counted from the
   connect's end, every request sent while an endpoint was slow to accept
   saw it idle and went to it.
+* ``active`` also counts what LEAST_CONN must see that is not this pool's:
+  :meth:`Pools.add_external` (any thread), the worker's connections routed
+  at L4 and the tunnels (Upgrade, CONNECT) the relay handed to the L4 pump,
+  until they end. ``on_active``, when set, hears of every change of this
+  pool's own count (the compiled relay feeds its slow path's count to its
+  C loop's LEAST_CONN this way).
 * An endpoint the route table no longer names (a pod a reload removed)
   gives back its idle connections at once (:meth:`Pools.remove_endpoint`),
   and those in flight to it are closed at check-in, not pooled: kept, they
@@ -44,7 +50,8 @@ them in ``/stats`` and ``/clusters``.
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -98,6 +105,25 @@ class Pools:
         self._requests: dict[Hashable, int] = {}  # checked-out handle -> requests so far
         self._removed: set[Hashable] = set()  # checked out; closed at check-in (remove_endpoint)
         self.counters: collections.Counter[str] = collections.Counter({k: 0 for k in COUNTERS})
+        # add_external()'s counts: written by other threads, hence the lock
+        self._external: dict[Hashable, int] = {}
+        self._external_lock = threading.Lock()
+        self.on_active: Callable[[Hashable, int], None] | None = None
+
+    def _counted(self, endpoint: Hashable, ep: _Endpoint, n: int) -> None:
+        ep.active += n
+        if self.on_active is not None:
+            self.on_active(endpoint, n)
+
+    def add_external(self, endpoint: Hashable, n: int) -> None:
+        """*n* more connections or requests to *endpoint* that are not this
+        pool's (any thread): active() counts them, as LEAST_CONN must."""
+        with self._external_lock:
+            left = self._external.get(endpoint, 0) + n
+            if left:
+                self._external[endpoint] = left
+            else:
+                self._external.pop(endpoint, None)
 
     def _ep(self, endpoint: Hashable) -> _Endpoint:
         ep = self._endpoints.get(endpoint)
@@ -113,7 +139,7 @@ class Pools:
         idle = ep.idle.pop()
         del self._where[idle.handle]
         self._requests[idle.handle] = idle.requests
-        ep.active += 1
+        self._counted(endpoint, ep, 1)
         ep.out.add(idle.handle)
         self.counters["reused"] += 1
         return idle.handle
@@ -126,7 +152,7 @@ class Pools:
             raise ValueError(f"handle {handle!r} is already pooled")
         self._requests[handle] = 0
         ep = self._ep(endpoint)
-        ep.active += 1
+        self._counted(endpoint, ep, 1)
         ep.out.add(handle)
 
     def connected(self) -> None:
@@ -144,7 +170,7 @@ class Pools:
         """The exchange on *handle* is over; the handles to close."""
         requests = self._requests.pop(handle) + 1
         ep = self._ep(endpoint)
-        ep.active -= 1
+        self._counted(endpoint, ep, -1)
         ep.out.discard(handle)
         o = self.options
         if not reusable:
@@ -173,7 +199,7 @@ class Pools:
         if self._requests.pop(handle, None) is None:
             return False
         ep = self._ep(endpoint)
-        ep.active -= 1
+        self._counted(endpoint, ep, -1)
         ep.out.discard(handle)
         self._removed.discard(handle)
         return True
@@ -239,14 +265,20 @@ class Pools:
             self._removed -= ep.out
 
     def active(self, endpoint: Hashable) -> int:
-        """Requests in flight to *endpoint* (LEAST_CONN's count)."""
+        """Requests in flight to *endpoint*, and what add_external() counts
+        (LEAST_CONN's count)."""
         ep = self._endpoints.get(endpoint)
-        return ep.active if ep else 0
+        return (ep.active if ep else 0) + self._external.get(endpoint, 0)
 
     def idle(self, endpoint: Hashable) -> int:
         ep = self._endpoints.get(endpoint)
         return len(ep.idle) if ep else 0
 
     def snapshot(self) -> dict[Hashable, tuple[int, int]]:
-        """``{endpoint: (active, idle)}`` for /clusters."""
-        return {k: (v.active, len(v.idle)) for k, v in self._endpoints.items()}
+        """``{endpoint: (active, idle)}`` for /clusters (active as active()
+        counts)."""
+        with self._external_lock:
+            external = dict(self._external)
+        out = {k: (v.active + external.pop(k, 0), len(v.idle)) for k, v in self._endpoints.items()}
+        out.update({k: (n, 0) for k, n in external.items()})
+        return out

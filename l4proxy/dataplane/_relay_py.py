@@ -35,7 +35,11 @@ to do; this module only performs it:
   endpoints it no longer names give back their idle pooled connections at
   once, and those in flight are closed when they are released.
 * :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
-  the sockets to the ``l4`` callback (the L4 pump), with what is held.
+  the sockets to the ``l4`` callback (the L4 pump), with what is held and
+  the tunnel's endpoint. The tunnel's request leaves the pool's count only
+  once ``l4`` has returned: the worker counts the tunnel from there until
+  the pump reports its end (:meth:`HttpRelay.add_external`), so LEAST_CONN
+  never sees an endpoint carrying WebSockets as idle.
 * :class:`Close`: after the held bytes are sent, ``shutdown(SHUT_WR)`` and a
   short lingering read, so a client still sending does not turn our answer
   into a RST.
@@ -178,7 +182,9 @@ class HttpRelay:
     def __init__(
         self,
         decide: Callable[[RequestHead, Any], Decision],
-        l4: Callable[[socket.socket, socket.socket | None, bytes, bytes, Any], None],
+        l4: Callable[
+            [socket.socket, socket.socket | None, bytes, bytes, Any, Endpoint | None], None
+        ],
         pool: PoolOptions | None = None,
         connect_timeout: float = 5.0,
         header_timeout: float = 10.0,
@@ -276,6 +282,12 @@ class HttpRelay:
         # (two at once may make one step: either way it is not the value
         # an endpoint's last report saw)
         self._failures_seen += 1
+
+    def add_external(self, endpoint: Endpoint, n: int) -> None:
+        """*n* more connections to *endpoint* that are not this relay's (any
+        thread): the worker's L4 connections and the tunnels it took over.
+        ``pools.active()``, which LEAST_CONN orders by, counts them."""
+        self.pools.add_external(endpoint, n)
 
     def invalidate(self, key_headers: object = None) -> None:
         """The compiled twin forgets its cached verdicts here; this twin asks
@@ -780,12 +792,21 @@ class HttpRelay:
             self._answered(up.endpoint, c.tag)  # its 101 (or 2xx to CONNECT)
         self._forget_client(c)
         to_up = b""
+        handle = -1
         if up is not None:
-            self.pools.discard(up.endpoint, up.fd)
+            handle = up.fd
             self._forget_upstream(up)
             to_up = bytes(up.out)
         data = a.data if isinstance(a, NotHTTPConnection) else b""
-        self.l4(c.sock, up.sock if up else None, bytes(c.out), to_up or data, c.origin)
+        endpoint = up.endpoint if up is not None else None
+        try:
+            self.l4(
+                c.sock, up.sock if up else None, bytes(c.out), to_up or data, c.origin, endpoint
+            )
+        finally:
+            # l4 counts the tunnel from here (add_external): never uncounted between
+            if up is not None:
+                self.pools.discard(up.endpoint, handle)
 
     def _start_close(self, c: _Conn, now: float, quiet: bool = False) -> None:
         if c.up is not None:

@@ -189,7 +189,7 @@ class Worker:
         # the pump reports the connection's end (a token per connection:
         # _pump_add, _pump_ended). See "LEAST_CONN's counts" in _count.
         self.active_per_endpoint: dict[tuple[str, int], int] = {}
-        self._active_lock = threading.Lock()  # /clusters reads it from other threads
+        self._active_lock = threading.Lock()  # the relay's thread counts too
         self._pumped: dict[int, tuple[str, int]] = {}  # pump token -> endpoint
         self._tokens = itertools.count(1)
         self.draining = False
@@ -759,6 +759,10 @@ class Worker:
         )
 
     def _active_for(self, ep: Endpoint) -> int:
+        """LEAST_CONN's count of *ep*: with the per-request relay, its pools'
+        (which add this worker's own: _count); else this worker's."""
+        if self.relay is not None:
+            return self.relay.pools.active((ep.address, ep.port))
         return self.active_per_endpoint.get((ep.address, ep.port), 0)
 
     # -- LEAST_CONN's counts -----------------------------------------------------
@@ -767,13 +771,20 @@ class Worker:
         """*n* more connections of this worker's to *endpoint* (any thread).
 
         A connection routed at L4 counts from the choice of its endpoint
-        (_route) until the pump reports its end."""
+        (_route) until the pump reports its end; so does a tunnel (Upgrade,
+        CONNECT) the per-request relay hands over, from the hand-off
+        (_from_relay, on the relay's thread: the relay's own count of its
+        request ends only after that). With the relay, the count is its too
+        (add_external): its LEAST_CONN, in the C loop or in _decide_request,
+        orders by its requests in flight and these together."""
         with self._active_lock:
             left = self.active_per_endpoint.get(endpoint, 0) + n
             if left:
                 self.active_per_endpoint[endpoint] = left
             else:
                 self.active_per_endpoint.pop(endpoint, None)
+        if self.relay is not None:
+            self.relay.add_external(endpoint, n)
 
     def _pump_add(
         self,
@@ -1081,12 +1092,21 @@ class Worker:
         to_client: bytes,
         to_upstream: bytes,
         origin: Origin,
+        endpoint: tuple[str, int] | None = None,
     ) -> None:
-        """The relay gives a connection back: a tunnel, or bytes that are not HTTP."""
-        if not self._on_loop(self._after_relay, client, upstream, to_client, to_upstream, origin):
+        """The relay gives a connection back (its thread): a tunnel to
+        *endpoint*, counted from here (_count), or bytes that are not HTTP."""
+        counted = endpoint if upstream is not None else None
+        if counted is not None:
+            self._count(counted, 1)
+        if not self._on_loop(
+            self._after_relay, client, upstream, to_client, to_upstream, origin, counted
+        ):
             client.close()
             if upstream is not None:
                 upstream.close()
+            if counted is not None:
+                self._count(counted, -1)
 
     def _after_relay(
         self,
@@ -1095,9 +1115,10 @@ class Worker:
         to_client: bytes,
         to_upstream: bytes,
         origin: Origin,
+        counted: tuple[str, int] | None = None,
     ) -> None:
         if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
-            self.pump.add(client.detach(), upstream.detach(), to_upstream, to_client)
+            self._pump_add(client.detach(), upstream.detach(), to_upstream, to_client, counted)
             return
         self._handshake(self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay"))
 
