@@ -29,8 +29,8 @@ def _deb_installed(package: str) -> bool:
     return "ok installed" in done.stdout
 
 
-def missing_debian() -> list[str]:
-    return [p for p in DEBIAN_PACKAGES if not _deb_installed(p)]
+def missing_debian(packages: tuple[str, ...] = DEBIAN_PACKAGES) -> list[str]:
+    return [p for p in packages if not _deb_installed(p)]
 
 
 def requirement_names(path: str = REQUIREMENTS) -> list[str]:
@@ -55,9 +55,11 @@ def missing_pip(path: str = REQUIREMENTS) -> list[str]:
     return out
 
 
-def ensure() -> None:
-    """apt-get / pip install whatever is missing; raise ProvisionError if it cannot."""
-    debs = missing_debian()
+def ensure(extra_debian: tuple[str, ...] = ()) -> None:
+    """apt-get / pip install whatever is missing (the peers, and *extra_debian*:
+    valgrind for ``python -m bench.instructions``); raise ProvisionError if
+    it cannot."""
+    debs = missing_debian(DEBIAN_PACKAGES + extra_debian)
     if debs:
         if os.geteuid() != 0:
             raise ProvisionError(f"need root to apt-get install {' '.join(debs)}")

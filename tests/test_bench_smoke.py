@@ -8,13 +8,14 @@ only checks, in a few seconds, that the harness's pure parts are right and
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import tempfile
 
 import pytest
 import yaml
 
-from bench import measure, peers, profile, report, rules, wrk
+from bench import instructions, measure, peers, profile, report, rules, wrk
 from bench.memory import MemoryResult
 from bench.peers import Address, Backend
 
@@ -324,3 +325,40 @@ def test_one_second_run_direct_and_haproxy() -> None:
         )
     assert all(s.wrk.requests > 0 and s.wrk.errors == 0 for s in samples)
     assert all(s.cpu_s >= 0 for s in samples)
+
+
+# -- python -m bench.instructions ------------------------------------------------------
+
+
+def test_instruction_totals_read_from_a_toggled_dump(tmp_path: pathlib.Path) -> None:
+    """A dump whose instrumentation was switched on mid-run says "summary: 0"
+    and has the count in "totals:"; the report divides by wrk's requests and
+    compares with HAProxy tcp's, the compiled loop's figure beside."""
+    dump = tmp_path / "callgrind.out.7"
+    dump.write_text(
+        "version: 1\ncmd: haproxy\nevents: Ir\nsummary: 0\nfn=main\n5 10\ntotals: 4200000\n"
+    )
+    assert instructions.dump_total(str(dump)) == 4_200_000
+    counts = [
+        instructions.Count("l4proxy-request", 1000, 6_000_000, (), loop=5_000_000),
+        instructions.Count("haproxy", 1000, 4_000_000, ()),
+    ]
+    text = instructions.report(counts)
+    assert "6000           5000" in text
+    assert "l4proxy-request: 1.50x HAProxy tcp's" in text
+    assert "l4proxy-request, its compiled loop alone: 1.25x HAProxy tcp's" in text
+
+
+@pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("nginx", "haproxy", "wrk", "curl", "valgrind")),
+    reason="python -m bench.instructions installs valgrind; make bench the rest",
+)
+def test_haproxy_instructions_counted_under_callgrind() -> None:
+    from bench.scenarios import LoopbackBed
+
+    with tempfile.TemporaryDirectory() as d, LoopbackBed(os.path.join(d, "bed")) as bed:
+        bed.start([])
+        c = instructions.count("haproxy", d, bed.backends, duration=1.0, connections=4)
+    assert c.requests > 0 and len(c.dumps) == 1
+    # a relayed request is thousands of instructions, not none and not millions
+    assert 500 < c.per_request < 100_000, c
