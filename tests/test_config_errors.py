@@ -420,6 +420,78 @@ spec:
         10,
     ),
     (
+        "timeout without a unit",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: "5"
+""",
+        "spec.http[0].timeout '5' is not a duration (write it like '5s', '0.5s' or '250ms')",
+        10,
+    ),
+    (
+        "timeout a number",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: 5
+""",
+        "spec.http[0].timeout must be a duration string like '5s', '0.5s' or '250ms', not a number",
+        10,
+    ),
+    (
+        "timeout negative",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: -1s
+""",
+        "spec.http[0].timeout '-1s' is not a duration",
+        10,
+    ),
+    (
+        "timeout an unknown unit",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: 5d
+""",
+        "spec.http[0].timeout '5d' is not a duration",
+        10,
+    ),
+    (
+        "timeout under a millisecond",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: 500us
+""",
+        "spec.http[0].timeout '500us' must be 0 (no timeout) or whole milliseconds",
+        10,
+    ),
+    (
+        "timeout finer than milliseconds",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    timeout: 1.0005s
+""",
+        "spec.http[0].timeout '1.0005s' must be 0 (no timeout) or whole milliseconds",
+        10,
+    ),
+    (
         "unimplemented DestinationRule field",
         """\
 apiVersion: networking.istio.io/v1alpha3
@@ -709,13 +781,13 @@ spec:
   http:
   - route:
     - destination: {host: other}
-    timeout: 1s
+    timeout: 1 s
 """,
     )
     text = "\n".join(map(str, errs))
     assert "spec.httpFault is not implemented" in text
     assert "route weights total 90" in text
-    assert "spec.http[0].timeout is not implemented" in text
+    assert "spec.http[0].timeout '1 s' is not a duration" in text
     assert len(errs) == 3
 
 

@@ -136,10 +136,29 @@ CASES = [
         10,
     ),
     (
-        "timeouts refused by name",
-        HR + MESH + "  rules:\n  - timeouts: {request: 1s}\n" + backends(("bootcamp-v1", 1)),
-        "spec.rules[0].timeouts is not implemented by l4proxy",
+        "timeouts.backendRequest refused by name",
+        HR
+        + MESH
+        + "  rules:\n  - timeouts: {request: 2s, backendRequest: 1s}\n"
+        + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].timeouts.backendRequest is not implemented by l4proxy",
         9,
+    ),
+    (
+        "timeouts.request not a Gateway API duration",
+        HR + MESH + "  rules:\n  - timeouts: {request: 1.5s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].timeouts.request '1.5s' is not a duration (write it like '10s' or '500ms')",
+        9,
+    ),
+    (
+        "timeouts.request a number",
+        HR
+        + MESH
+        + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, port: 8080}\n"
+        + "    timeouts:\n      request: 10\n",
+        "spec.rules[0].timeouts.request must be a duration string like '10s' or '500ms', "
+        "not a number",
+        12,
     ),
     (
         "backendRef filters refused by name",
@@ -311,6 +330,41 @@ def test_httproute_equals_virtualservice_per_version_services(tmp_path: Path) ->
         500,
         500,
     ]
+
+
+def test_timeouts_request_equals_virtualservice_timeout(tmp_path: Path) -> None:
+    """timeouts.request is the route's timeout, as http[].timeout: the same
+    table; "0s" (and none) is no timeout."""
+    hr = (
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - path: {type: Exact, value: /none}\n"
+        + "    timeouts: {request: 0s}\n"
+        + backends(("bootcamp-v2", None))
+        + "  - timeouts: {request: 1m500ms}\n"
+        + backends(("bootcamp-v1", None))
+    )
+    vs = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - match:
+        - uri: {exact: /none}
+        route:
+        - destination: {host: bootcamp-v2, port: {number: 8080}}
+        timeout: 0s
+      - route:
+        - destination: {host: bootcamp-v1, port: {number: 8080}}
+        timeout: 60.5s
+    """
+    a = load(tmp_path, hr)
+    b = load_rules([write(tmp_path, vs, "vs.yaml"), PER_VERSION], seed=1).table
+    assert a == b
+    routes = a.routes_for("bootcamp.default.svc.cluster.local")
+    assert [r.timeout for r in routes] == [0.0, 60.5]
 
 
 def test_httproute_equals_virtualservice_and_destinationrule_dns_registry(

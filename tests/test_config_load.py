@@ -312,6 +312,33 @@ def test_a_virtual_service_answers_404_when_no_route_matches_a_route_rule_does_n
     assert (d.route, len(d.endpoints), d.status) == ("default", 3, 503)
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("5s", 5.0), ("0.5s", 0.5), ("250ms", 0.25), ("1m30s", 90.0), ("1h", 3600.0), ("0s", 0.0)],
+)
+def test_virtual_service_timeout_compiles(tmp_path: Path, value: str, seconds: float) -> None:
+    """http[].timeout is the route's timeout in seconds ("0s": none, Istio's
+    default); a reload that changes only it is a new table."""
+    vs = f"""\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {{name: bootcamp}}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - route:
+        - destination: {{host: bootcamp}}
+        timeout: {value}
+    """
+    table = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+    (route,) = table.routes_for(HOST)
+    assert route.timeout == seconds
+    untimed = vs.replace(f"timeout: {value}", "")
+    other = load_rules([write(tmp_path, "vs.yaml", untimed), REGISTRY]).table
+    assert (table == other) == (seconds == 0)
+    assert table.to_json()["routes"][HOST][0]["timeout"] == seconds
+
+
 def test_route_rule_match_compiles(tmp_path: Path) -> None:
     f = write(
         tmp_path,

@@ -37,10 +37,14 @@ that resolves to nothing in the files is a warning and its share is answered
 HTTP 500 (the API's rule) until a ServiceEntry names it; a rule whose every
 backend resolves to nothing is an error.
 
-Refused by name: filters (the data plane forwards a connection's bytes
-untouched and cannot rewrite, redirect or mirror), timeouts, retries,
-session persistence, cross-namespace references (no ReferenceGrant), TLS
-listeners and listener protocols other than HTTP.
+A rule's ``timeouts.request`` is the route's timeout (Envoy's route timeout,
+as a VirtualService's ``http[].timeout``: 504 when it passes before the
+response). Refused by name: filters (the data plane forwards a connection's
+bytes untouched and cannot rewrite, redirect or mirror),
+``timeouts.backendRequest`` (a per-attempt timeout; the relay's only retry is
+a pooled connection's), retries, session persistence, cross-namespace
+references (no ReferenceGrant), TLS listeners and listener protocols other
+than HTTP.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from l4proxy.rules._schema import (
     dns_label,
     dns_subdomain,
     dotted,
+    duration,
     fields,
     header_name,
     integer,
@@ -344,9 +349,8 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         ctx,
         value,
         path,
-        allowed=("name", "matches", "backendRefs", "filters"),
+        allowed=("name", "matches", "backendRefs", "filters", "timeouts"),
         unimplemented={
-            "timeouts": "the sidecar has --connect-timeout and --idle-timeout only",
             "retry": "a failed connect is retried on the next endpoint by itself",
             "sessionPersistence": "",
         },
@@ -356,6 +360,8 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
     ok = True
     if "name" in r:
         ok = dns_label(ctx, r["name"], (*path, "name")) is not None
+    timeout = _timeouts(ctx, r.get("timeouts"), (*path, "timeouts"))
+    ok = ok and timeout is not None
     _refuse_filters(ctx, r.get("filters"), (*path, "filters"))
     if r.get("filters"):
         ok = False
@@ -373,9 +379,27 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
             ok = False
         else:
             backends.append(got_b)
-    if not ok:
+    if not ok or timeout is None:
         return None
-    return HttpRuleDraft(name, matches, backends, Where(ctx, path))
+    return HttpRuleDraft(name, matches, backends, Where(ctx, path), timeout)
+
+
+def _timeouts(ctx: Ctx, value: Any, path: Path) -> float | None:
+    """``timeouts.request`` in seconds (0: none, also for "0s"); None: an error."""
+    t = fields(
+        ctx,
+        value,
+        path,
+        allowed=("request",),
+        unimplemented={
+            "backendRequest": "a timeout per attempt needs retries; use timeouts.request",
+        },
+    )
+    if t is None or "backendRequest" in t:
+        return None
+    if t.get("request") is None:
+        return 0.0
+    return duration(ctx, t["request"], (*path, "request"), gateway_api=True)
 
 
 def _refuse_filters(ctx: Ctx, value: Any, path: Path) -> None:
@@ -657,7 +681,7 @@ class Compiler:
                         # this namespace's consumer routes before the
                         # Service's producer routes (GAMMA)
                         sort = (not consumer, md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
-                        entries[key].append((sort, (id(hr), ri), rule.name, m, rd))
+                        entries[key].append((sort, (id(hr), ri), rule.name, m, rd, rule.timeout))
         for items in entries.values():
             items.sort(key=lambda e: e[0])
         # Routes of a listener compete across hostnames: a request for
@@ -683,17 +707,27 @@ class Compiler:
         for key, items in {**entries, **folded}.items():
             compiled: list[Route] = []
             last: Any = None
-            for _, rule_id, name, m, rd in items:
+            for _, rule_id, name, m, rd, timeout in items:
                 if rule_id == last:
                     prev = compiled[-1]
                     merged = () if not prev.matches or m == Match() else (*prev.matches, m)
                     compiled[-1] = Route(
-                        prev.name, prev.destinations, merged, unresolved_status=UNRESOLVED_STATUS
+                        prev.name,
+                        prev.destinations,
+                        merged,
+                        unresolved_status=UNRESOLVED_STATUS,
+                        timeout=timeout,
                     )
                 else:
                     matches = () if m == Match() else (m,)
                     compiled.append(
-                        Route(name, tuple(rd), matches, unresolved_status=UNRESOLVED_STATUS)
+                        Route(
+                            name,
+                            tuple(rd),
+                            matches,
+                            unresolved_status=UNRESOLVED_STATUS,
+                            timeout=timeout,
+                        )
                     )
                 last = rule_id
             self.routes[key] = compiled

@@ -1,9 +1,10 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (timeouts, retries, faults, mirroring, TLS, connection pools...) is
-an error that names the field: a sidecar that silently ignored a timeout
-would be worse than one that refuses it.
+implement (retries, faults, mirroring, TLS, connection pools...) is an error
+that names the field: a sidecar that silently ignored a retry policy would be
+worse than one that refuses it. ``http[].timeout`` is honoured by the
+per-request relay (Envoy's route timeout, see ``Route.timeout``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from l4proxy.rules._schema import (
     Where,
     dns_label,
     dotted,
+    duration,
     fields,
     header_name,
     integer,
@@ -50,7 +52,6 @@ SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
 _HTTP_ROUTE_UNIMPLEMENTED = (
     "rewrite",
-    "timeout",
     "retries",
     "fault",
     "mirror",
@@ -191,7 +192,7 @@ def _vs_route(
             ctx,
             value,
             path,
-            allowed=("name", "match", "route"),
+            allowed=("name", "match", "route", "timeout"),
             unimplemented=(*_HTTP_ROUTE_UNIMPLEMENTED, "redirect"),
         )
     else:
@@ -203,11 +204,14 @@ def _vs_route(
         return None
     if "name" in r:
         text(ctx, r["name"], (*path, "name"))
+    timeout: float | None = 0.0
+    if r.get("timeout") is not None:  # "0s" too: no timeout, Istio's default
+        timeout = duration(ctx, r["timeout"], (*path, "timeout"))
     matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
     dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
-    if matches is None or dests is None:
+    if matches is None or dests is None or timeout is None:
         return None
-    return RouteDraft(name, proto, matches, dests)
+    return RouteDraft(name, proto, matches, dests, timeout)
 
 
 def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] | None:

@@ -70,6 +70,7 @@ class RouteDraft:
     protocol: Literal["http", "tcp"]
     matches: tuple[Match, ...]
     destinations: list[DestinationDraft]
+    timeout: float = 0.0  # seconds (Route.timeout); 0: none
 
 
 @dataclass
@@ -221,6 +222,7 @@ class HttpRuleDraft:
     matches: list[HttpMatchDraft]  # empty: every request
     backends: list[BackendDraft]
     where: Where
+    timeout: float = 0.0  # timeouts.request, seconds (Route.timeout); 0: none
 
 
 @dataclass

@@ -28,6 +28,13 @@ _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 # RFC 9110 §5.1: a field name is a token (§5.6.2), ASCII; the Gateway API's
 # HTTPHeaderName says the same
 _FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# Istio's durations (protobuf Duration as Istio's validation reads it, Go's
+# time.ParseDuration): "5s", "0.5s", "250ms", "1m30s"; no sign
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)")
+# The Gateway API's Duration (GEP-2257): "1h", "1m30s", "500ms", no fractions
+_GATEWAY_DURATION = re.compile(r"([0-9]{1,5}(h|ms|m|s)){1,4}")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+MAX_DURATION_S = 315_576_000_000  # protobuf Duration's largest
 
 
 @dataclass
@@ -197,6 +204,43 @@ def integer(
         ctx.error(path, f"{what or dotted(path)} {value} is not in range {lo}..{hi}")
         return None
     return value
+
+
+def duration(ctx: Ctx, value: Any, path: Path, *, gateway_api: bool = False) -> float | None:
+    """A duration string as seconds (0: none given, "0s": no timeout).
+
+    Istio's form by default ("5s", "0.5s", "250ms", "1m30s"; at least 1ms
+    unless 0, in whole milliseconds, as Istio's validation asks); with
+    *gateway_api*, GEP-2257's ("1h", "1m30s", "500ms": whole numbers, at
+    most four parts). A number is refused: "5" says no unit.
+    """
+    example = "'10s' or '500ms'" if gateway_api else "'5s', '0.5s' or '250ms'"
+    if not isinstance(value, str):
+        ctx.error(
+            path, f"{dotted(path)} must be a duration string like {example}, not {type_name(value)}"
+        )
+        return None
+    parts = None
+    if gateway_api:
+        if _GATEWAY_DURATION.fullmatch(value):
+            parts = _DURATION_PART.findall(value)
+    elif value and _DURATION_PART.sub("", value) == "":
+        parts = _DURATION_PART.findall(value)
+    if not parts:
+        ctx.error(path, f"{dotted(path)} {value!r} is not a duration (write it like {example})")
+        return None
+    seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+    if seconds == 0:
+        return 0.0
+    ms = seconds * 1000
+    if seconds > MAX_DURATION_S or ms < 1 or abs(ms - round(ms)) > 1e-6:
+        ctx.error(
+            path,
+            f"{dotted(path)} {value!r} must be 0 (no timeout) or whole milliseconds "
+            f"from 1ms to {MAX_DURATION_S}s",
+        )
+        return None
+    return round(ms) / 1000
 
 
 def listing(ctx: Ctx, value: Any, path: Path) -> list[Any] | None:

@@ -203,7 +203,9 @@ def _routes(
                         dests.append(dest)
                         _check_port_required(dd, rule.kind, host, rd, services)
                 if len(dests) == len(rd.destinations):
-                    compiled.append(Route(rd.name, tuple(dests), rd.matches, rd.protocol))
+                    compiled.append(
+                        Route(rd.name, tuple(dests), rd.matches, rd.protocol, timeout=rd.timeout)
+                    )
         table[host] = compiled
     return table
 

@@ -491,6 +491,11 @@ class Route:
     # Not part of equality: it is each API's convention for the same routing,
     # and an HTTPRoute and the equivalent VirtualService must compare equal.
     unresolved_status: int = field(default=503, compare=False)
+    # Seconds from the end of the request (read whole) to the end of its
+    # response: Envoy's route timeout (VirtualService http[].timeout, an
+    # HTTPRoute rule's timeouts.request); 0 is none, Istio's default. Past it
+    # the client gets 504, or its connection cut once the response began.
+    timeout: float = 0.0
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -514,6 +519,7 @@ class Route:
             "match": [m.to_json() for m in self.matches],
             "route": [d.to_json() for d in self.destinations],
             "unresolved_status": self.unresolved_status,
+            "timeout": self.timeout,
         }
 
 
@@ -600,6 +606,7 @@ class RouteChoices:
     route: str
     subsets: tuple[WeightedSubset, ...]
     status: int = 503
+    timeout: float = 0.0  # the route's (Route.timeout)
 
 
 @dataclass(frozen=True)
@@ -618,6 +625,7 @@ class Decision:
     subset: str
     endpoints: list[Endpoint]
     status: int = 503
+    timeout: float = 0.0  # the route's (Route.timeout): 0, none
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -852,16 +860,16 @@ class RouteTable:
         if route is not None:
             status = route.unresolved_status
             if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
-                return Decision(service, route.name, "none", [], status)
+                return Decision(service, route.name, "none", [], status, route.timeout)
             dest = self._pick(route.destinations)
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:
-                return Decision(service, route.name, dest.subset.name, [], status)
+                return Decision(service, route.name, dest.subset.name, [], status, route.timeout)
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
             ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
-            return Decision(target, route.name, dest.subset.name, ordered, status)
+            return Decision(target, route.name, dest.subset.name, ordered, status, route.timeout)
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
         eps = service.endpoints_for(port)
@@ -937,7 +945,7 @@ class RouteTable:
                     dest.weight, target, dest.subset.name, eps, dest.subset.load_balancer, key
                 )
             )
-        return RouteChoices(service, route.name, tuple(out), route.unresolved_status)
+        return RouteChoices(service, route.name, tuple(out), route.unresolved_status, route.timeout)
 
     @staticmethod
     def _healthy(

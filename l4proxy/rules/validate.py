@@ -198,6 +198,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(
                 f"{indent}     (a backend without endpoints is answered {r['unresolved_status']})"
             )
+        if r.get("timeout"):
+            lines.append(f"{indent}     timeout {r['timeout']:g} s (then 504)")
     return lines
 
 
