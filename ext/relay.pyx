@@ -302,6 +302,7 @@ cdef enum:
     OD_ANSWERED = 0
     OD_BEFORE = 1       # closed (or reset) before any response byte
     OD_MID = 2          # ... before the response's end
+    OD_TIMEOUT = 3      # the route's timeout passed before the response's end
     OD_CHUNKED = 16     # + the chunked machine's E_*: a response body's framing
     OD_TEXT = 64        # + an index in _outcome_texts: judged in Python
 
@@ -410,6 +411,7 @@ cdef struct Verdict_:
     size_t keep_len
     char *close            # ... when it closes
     size_t close_len
+    double timeout         # V_ROUTE: the route's timeout, seconds (0: none)
 
 cdef struct Test_:
     int kind               # T_*
@@ -467,6 +469,8 @@ cdef struct Conn:
     double head_started    # 0: no head pending
     double last_active
     double closing         # lingering-close deadline; 0: not closing
+    double timeout         # the current request's route timeout (0: none)
+    double resp_deadline   # ... when it passes: set once the request is read whole
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     EP *fail_ep
     Conn *need_next
@@ -1561,6 +1565,8 @@ cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
 
 cdef void reset_exchange(Conn *c) noexcept nogil:
     c.rs = RS_HEAD
+    c.timeout = 0
+    c.resp_deadline = 0
     c.no_splice = False
     c.framing = F_NONE
     c.resp_left = 0
@@ -1620,6 +1626,31 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         start_close(R, c, now)
 
 
+
+
+cdef inline void request_read(Conn *c, double now) noexcept nogil:
+    """The request was read whole (c.req_left 0): its route timeout runs
+    from now (Envoy's, from the end of the downstream request)."""
+    if c.timeout > 0 and c.resp_deadline == 0:
+        c.resp_deadline = now + c.timeout
+
+
+cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
+    """The route's timeout passed before the response's end
+    (upstream_timeout() in _exchange_py.py): 504 "upstream request timeout"
+    when no final head went out, else the client connection is reset (a
+    clean close would pass a cut close-delimited body off as whole). The
+    upstream is closed either way, a gateway failure unless still connecting."""
+    L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+    c.resp_deadline = 0
+    if c.rs == RS_HEAD:
+        upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN, now,
+                        OD_ANSWERED if c.up == NULL or c.up.connecting else OD_TIMEOUT)
+        return
+    if c.up != NULL:
+        outcome(R, c, c.up.ep, OD_TIMEOUT)
+        up_discard(R, c)
+    conn_close(R, c, True)  # (counted there: the status the client got)
 
 
 cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, double now) noexcept nogil:
@@ -2075,6 +2106,7 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
             upstream_send_failed(R, c, now)
     elif c.req_left == 0 and c.piped == 0:
         splice_stop(c)
+        request_read(c, now)
         if c.rs == RS_DONE:
             complete(R, c, False, False, now)
 
@@ -2142,6 +2174,8 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
         if c.replayable and c.replay.len > REPLAY_LIMIT:
             buf_free(&c.replay)
             c.replayable = False
+    if c.req_left == 0:
+        request_read(c, now)
     c.phase = P_EXCH
     c.rs = RS_HEAD
     if flush_up(R, u) != 0:
@@ -2247,6 +2281,9 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     if c.n_cand == 0:
         local_answer(R, c, c.empty if c.empty != NULL else v, now)
         return
+    c.timeout = v.timeout
+    if c.req_left == 0:
+        request_read(c, now)  # a request without a body: its connect counts
     ep = c.cand[0]
     if ep.idle_head != NULL:
         u = ep.idle_head
@@ -2460,6 +2497,8 @@ cdef char *_LOCAL_502_MID = NULL
 cdef size_t _LOCAL_502_MID_LEN = 0
 cdef char *_LOCAL_408 = NULL
 cdef size_t _LOCAL_408_LEN = 0
+cdef char *_LOCAL_504 = NULL
+cdef size_t _LOCAL_504_LEN = 0
 
 
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2651,6 +2690,8 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 if buf_add(&c.inb, R.scratch + take, <size_t>(n - take)) != 0:
                     conn_abort(R, c)
                     return
+            if c.req_left == 0:
+                request_read(c, now)
             if flush_up(R, c.up) != 0:
                 upstream_send_failed(R, c, now)
             elif c.req_left == 0 and c.rs == RS_DONE:
@@ -2897,6 +2938,15 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         i += 1
         if c.need != N_NONE:
             continue
+        if c.resp_deadline and c.resp_deadline <= now and (c.phase == P_CONNECT or c.phase == P_EXCH):
+            # the route timeout: before the connect timeout (the request is
+            # over, whatever its connect does)
+            route_timeout(R, c, now)
+            if not c.closed:
+                settle(R, c)  # the 504 goes out now
+            if c.closed:
+                i -= 1  # conn_forget() moved the last one here
+            continue
         if c.up != NULL and c.up.connecting and c.up.deadline <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             u = c.up
@@ -3083,7 +3133,7 @@ cdef class HttpRelay:
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
-        global _LOCAL_408, _LOCAL_408_LEN, R_no_upstream, R_overloaded
+        global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded
         if self.R != NULL:
             raise RuntimeError("HttpRelay.__init__ called twice")
         pool = pool or PoolOptions()
@@ -3129,6 +3179,7 @@ cdef class HttpRelay:
                 local_response(502, "upstream closed the connection mid-response"),
                 &_LOCAL_502_MID_LEN)
             _LOCAL_408 = _dup(_relay_py._timeout_answer(), &_LOCAL_408_LEN)
+            _LOCAL_504 = _dup(local_response(504, "upstream request timeout"), &_LOCAL_504_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
         R = <Relay*>calloc(1, sizeof(Relay))
@@ -3693,6 +3744,8 @@ cdef class HttpRelay:
                 continue
             if why == OD_BEFORE:
                 reason = "upstream closed the connection before a response"
+            elif why == OD_TIMEOUT:
+                reason = "upstream request timeout"
             elif why == OD_MID:
                 reason = "upstream closed the connection mid-response"
             elif why >= OD_TEXT:
@@ -3924,6 +3977,7 @@ cdef class HttpRelay:
         choices = verdict.choices
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
+        v.timeout = max(0.0, float(verdict.timeout))
         v.choices = <Choice_*>calloc(len(choices) or 1, sizeof(Choice_))
         if v.choices == NULL:
             verdict_free(v)
@@ -3981,7 +4035,8 @@ cdef class HttpRelay:
             if d.local is not None or not d.endpoints:
                 verdict = Verdict(local=d.local or (503, "no healthy upstream"), tag=d.tag)
             else:
-                verdict = Verdict((Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),))
+                verdict = Verdict(
+                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),), timeout=d.timeout)
             v = self._convert(verdict)
             try:
                 apply_verdict(R, c, v, now)

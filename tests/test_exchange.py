@@ -499,3 +499,47 @@ def test_a_client_error_is_no_failure_of_the_endpoint() -> None:
     d.send(b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert d.released == [False] and d.outcomes == []
+
+
+# -- the route timeout ----------------------------------------------------------
+
+
+def test_route_timeout_before_the_response_answers_504_and_drops_the_upstream() -> None:
+    d = Driver()
+    assert not d.ex.request_complete
+    d.send(b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nab")
+    assert d.ex.phase == Phase.EXCHANGE and not d.ex.request_complete  # its body is due
+    d.send(b"cd")
+    assert d.ex.request_complete  # the timer runs from here
+    d.play(d.ex.upstream_timeout())
+    head, _, body = bytes(d.client).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and b"connection: close" in head
+    assert body == b"upstream request timeout"
+    assert d.released == [False] and d.outcomes == ["upstream request timeout"]
+    assert d.done == [(504, True)] and d.events == ["Close"]
+    assert d.ex.upstream_timeout() == []  # over: a late timer does nothing
+    d.answer(OK)  # nor does a late answer
+    assert d.done == [(504, True)]
+
+
+def test_route_timeout_after_the_response_began_resets_the_client() -> None:
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    actions = d.ex.upstream_timeout()
+    d.play(actions)
+    assert Close(reset=True) in actions
+    assert d.client.endswith(b"\r\n\r\nabc")  # no 504 after a head
+    assert d.released == [False] and d.outcomes == ["upstream request timeout"]
+    assert d.done == [(200, False)]  # the status the client got, once
+
+
+def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
+    ex = Exchange()
+    (route,) = ex.client_data(GET)
+    assert isinstance(route, Route) and ex.phase == Phase.ROUTING
+    assert ex.request_complete  # no body: timed from the head, the connect counts
+    actions = ex.upstream_timeout()
+    assert actions[0] == Release(False)  # no failure to report
+    assert Done(504, True) in actions and isinstance(actions[-1], Close)
+    assert not ex.request_complete

@@ -78,6 +78,15 @@ Decisions
   response byte (not retried, or the retry's), or before the response's end,
   or a response that cannot be framed. A request sent once more after a
   reused connection failed, a client's error and a client gone tell nothing.
+* *Route timeout* (Envoy's, ``http[].timeout``): the shell times the
+  request from its last byte read (:attr:`Exchange.request_complete`) and
+  calls :meth:`Exchange.upstream_timeout` when the route's timeout passes
+  before the response's end: 504 ``upstream request timeout`` (Envoy's
+  local reply) when no final head went out, else the client connection is
+  reset (the response cut); the upstream connection is closed either way
+  (its late answer must not reach the next request) and counts as a gateway
+  failure (Envoy reports a timeout to outlier detection as a 504), unless it
+  was still connecting.
 * Error answers are the proxy's own, ``connection: close``: 400/431/505 for
   a head or body that cannot be framed unambiguously, or whose path has a
   dot-segment (routed by the path as sent, served by a server that removes
@@ -131,6 +140,7 @@ REASONS: Final = {
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
 
@@ -204,9 +214,14 @@ class Close(NamedTuple):
 
     *quiet*: the client cannot send more (it closed its side, or asked to
     close and every byte it sent was read, RFC 9112 9.6), so no lingering read
-    is needed before the close."""
+    is needed before the close.
+
+    *reset*: close at once with a reset, dropping what is queued: a response
+    cut short by the route's timeout, which a clean close would pass off as
+    the end of a close-delimited body."""
 
     quiet: bool = False
+    reset: bool = False
 
 
 Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
@@ -331,6 +346,16 @@ class Exchange:
         return self.status if self._response is not None else 0
 
     @property
+    def request_complete(self) -> bool:
+        """The current request was read whole (its head, with no body, in
+        ROUTING): its route timeout runs from now."""
+        if self.phase == Phase.EXCHANGE:
+            return self._request is not None and self._request.done
+        if self.phase == Phase.ROUTING and self.head is not None:
+            return request_framing(self.head)[0] == Framing.NONE
+        return False
+
+    @property
     def wants_client_data(self) -> bool:
         """Whether the shell should read the client now (backpressure)."""
         if self.phase == Phase.HEAD:
@@ -437,6 +462,27 @@ class Exchange:
         return self._upstream_failed(
             502, "upstream closed the connection mid-response", gateway=True
         )
+
+    def upstream_timeout(self) -> list[Action]:
+        """The route's timeout passed before the response's end (see "Route
+        timeout"); the upstream connection, connecting or not, is dropped."""
+        if self.phase not in (Phase.ROUTING, Phase.EXCHANGE):
+            return []
+        reason = "upstream request timeout"
+        if self.phase == Phase.ROUTING:  # still connecting: no endpoint to blame
+            self.status = 504
+            return [
+                Release(False),
+                Client(local_response(504, reason)),
+                Done(504, True),
+                *self._close(),
+            ]
+        if self._response is None:
+            return self._upstream_failed(504, reason, gateway=True)
+        # (the status the client got, as for a body cut short)
+        self.phase = Phase.CLOSED
+        self._inbox.clear()
+        return [Release(False, failure=reason), Done(self.status, False), Close(reset=True)]
 
     # -- internals ------------------------------------------------------------
 

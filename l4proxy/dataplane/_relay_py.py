@@ -62,7 +62,12 @@ head is timed from its hand-off, as the L4 path times its peek from accept
 from their first byte (idle keep-alive is not a slow head); a connection
 idle for ``idle_timeout`` is closed, between requests or in the middle of
 one (a hung upstream); idle pooled connections expire after the pool's idle
-timeout.
+timeout. A route with a timeout (``Decision.timeout``, Envoy's route
+timeout) times its request from the request's last byte read
+(``Exchange.request_complete``: the head's, for a request without a body,
+so a slow connect counts) to the response's last byte; past it
+``Exchange.upstream_timeout`` says what to do (504, or a reset once the
+response began), and the upstream connection is closed, never pooled.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -125,11 +130,13 @@ class Decision(NamedTuple):
     ``endpoints``: candidates in order (the relay tries each once); empty
     with ``local`` set: answer locally with ``(status, body)``. ``tag`` is
     passed back in reports (service and subset, for the metrics).
+    ``timeout``: the route's (seconds, 0: none; see "Timers").
     """
 
     endpoints: tuple[Endpoint, ...] = ()
     local: tuple[int, str] | None = None
     tag: Any = None
+    timeout: float = 0.0
 
 
 @dataclass(eq=False)
@@ -168,6 +175,8 @@ class _Conn:
     mask: int = 0
     fd: int = -1
     tag: Any = None  # the last routed request's Decision.tag (outlier reports)
+    timeout: float = 0.0  # the current request's route timeout (0: none)
+    deadline: float = 0.0  # ... when it passes: set once the request is read whole
     # _perform's actions still to do, and whether a _perform is running for
     # this connection: an action that yields more actions (a local answer and
     # the next pipelined head) queues them instead of recursing, which 2,000
@@ -588,6 +597,8 @@ class HttpRelay:
             c.todo.clear()
         if c.head_started is None and c.fd in self._conns and c.ex.head_pending:
             c.head_started = now  # the rest of a pipelined segment: timed from here
+        if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
+            c.deadline = now + c.timeout  # the route timeout runs from here
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
         while c.todo:
@@ -628,7 +639,10 @@ class HttpRelay:
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
-                self._start_close(c, now, a.quiet)
+                if a.reset:
+                    self._close_client(c, reset=True)
+                else:
+                    self._start_close(c, now, a.quiet)
         if c.fd in self._conns:
             up = c.up
             if (
@@ -652,6 +666,7 @@ class HttpRelay:
         self.counters["requests"] += 1
         if local:
             self.counters["local_answers"] += 1
+        c.timeout = c.deadline = 0.0  # its route timeout with it
         d, c.decision = c.decision, None  # this request's, used up here
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
@@ -669,6 +684,8 @@ class HttpRelay:
             d = Decision(local=(503, "no healthy upstream"))
         c.decision = d
         c.tag = d.tag
+        c.timeout = d.timeout
+        c.deadline = 0.0
         if d.local is not None or not d.endpoints:
             status, body = d.local or (503, "no healthy upstream")
             self._perform(c, c.ex.refuse(status, body), now)
@@ -941,6 +958,16 @@ class HttpRelay:
         self._close_client(c, reset=True)
 
     def _tick(self, now: float) -> None:
+        for c in list(self._conns.values()):
+            if c.deadline and c.deadline <= now and c.fd in self._conns:
+                # the route timeout: before the connect timeout (the request
+                # is over, whatever its connect does)
+                self.counters["timeouts"] += 1
+                c.deadline = 0.0
+                try:
+                    self._perform(c, c.ex.upstream_timeout(), now)
+                except Exception:  # OSError, or a bug: this connection, not the thread
+                    self._abort(c)
         for fd, deadline in list(self._deadlines.items()):
             up = self._ups.get(fd)
             if deadline <= now and up is not None and up.owner is not None:

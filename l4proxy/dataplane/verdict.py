@@ -125,6 +125,9 @@ class Verdict(NamedTuple):
     (``SHAPE_*`` bits): what of a request besides origin and Host the verdict
     depends on; the same for every request to one origin and Host, as are
     ``tests`` (with ``SHAPE_TESTS``: the target is read only through them).
+    ``timeout``: the route's timeout in seconds (0: none), from the end of the
+    request to the end of its response; past it the relay answers 504
+    ``upstream request timeout``, or cuts a response that began.
     """
 
     choices: tuple[Choice, ...] = ()
@@ -133,3 +136,4 @@ class Verdict(NamedTuple):
     ttl: float = 1.0
     shape: int = SHAPE_FULL
     tests: tuple[RequestTest, ...] = ()
+    timeout: float = 0.0

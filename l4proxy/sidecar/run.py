@@ -278,7 +278,8 @@ def add_parser(sub: Any) -> None:
         "(request, the default: a canary split, a rule swap and path rules reach "
         "keep-alive connections at their next request; upstream connections are "
         "pooled, see --pool-*), or by the first request head of each connection "
-        "(connection: the connection then goes to the L4 pump as it is)",
+        "(connection: the connection then goes to the L4 pump as it is, and a "
+        "route's timeout, http[].timeout or timeouts.request, is not enforced)",
     )
     p.add_argument(
         "--pool-max-idle",

@@ -869,7 +869,9 @@ class Worker:
             body = _local_body(decision.status)
             return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
         tried = decision.endpoints[:MAX_ATTEMPTS]
-        return RelayDecision(tuple((e.address, e.port) for e in tried), tag=_Tag(decision))
+        return RelayDecision(
+            tuple((e.address, e.port) for e in tried), tag=_Tag(decision), timeout=decision.timeout
+        )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
         """Where requests shaped like *head* go, for the compiled relay to
@@ -930,7 +932,7 @@ class Worker:
             )
             for ws in rc.subsets
         )
-        return Verdict(choices, shape=shape.bits, tests=shape.tests)
+        return Verdict(choices, shape=shape.bits, tests=shape.tests, timeout=rc.timeout)
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
         """A new table is live: outlier state of endpoints it no longer names
