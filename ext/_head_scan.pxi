@@ -181,6 +181,28 @@ cdef extern from *:
         uint32_t y = x ^ 0x7F7F7F7FU;
         return !(((x - 0x20202020U) & ~x & 0x80808080U) | ((y - 0x01010101U) & ~y & 0x80808080U));
     }
+    /* Whether every byte of the word is visible ASCII, 0x21..0x7E: none
+       borrows in x - 0x21.. (below 0x21), none has bit 7 set in x or in
+       x + 0x01.. (0x7F and up; a carry only leaves a byte that is already
+       one). */
+    static inline int l4_visible64(uint64_t x) {
+        return !((((x - 0x21 * L4_ONES64) & ~x) | x | (x + L4_ONES64)) & L4_HIGH64);
+    }
+    static inline int l4_visible(const unsigned char *p, size_t n) {
+        uint64_t x;
+        size_t i;
+        if (n >= 8) {
+            for (i = 0; i + 8 < n; i += 8) {
+                memcpy(&x, p + i, 8);
+                if (!l4_visible64(x)) return 0;
+            }
+            memcpy(&x, p + n - 8, 8);
+            return l4_visible64(x);
+        }
+        for (i = 0; i < n; i++)
+            if (p[i] < 0x21 || p[i] > 0x7E) return 0;
+        return 1;
+    }
     static inline int l4_plain(const unsigned char *p, size_t n) {
         uint64_t x;
         uint32_t w;
@@ -205,6 +227,7 @@ cdef extern from *:
     }
     """
     bint plain "l4_plain"(const unsigned char* p, size_t n) noexcept nogil
+    bint visible "l4_visible"(const unsigned char* p, size_t n) noexcept nogil
 
 
 cdef inline bint field_ok(const unsigned char* p, Py_ssize_t n) noexcept nogil:
@@ -282,16 +305,55 @@ cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_
     return 0
 
 
+cdef bint request_line_at_once(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept nogil:
+    """The request line, judged whole when it is all in buf[:limit] and is
+    the plain form: a method (1 to MAX_METHOD token bytes), SP, a target of
+    visible bytes, SP, "HTTP/1." and a digit, CRLF. Then s is where the
+    byte-by-byte states below would leave it (S_HEADERS at the next line);
+    anything else leaves s as it was (but for steps) and they judge it,
+    errors and all. One LF search: a line without its LF yet is not looked
+    at again (the states have moved on from S_EMPTY)."""
+    cdef const unsigned char* lf = <const unsigned char*>memchr(buf, LF, <size_t>limit)
+    cdef Py_ssize_t e, i = 0, t
+    if lf == NULL:
+        s.steps += limit
+        return False
+    e = lf - buf
+    s.steps += e + 1
+    while i < e and TCHAR[buf[i]]:
+        i += 1
+    if i == 0 or i > MAX_METHOD or buf[i] != SP or e < i + 12:
+        return False
+    t = e - 10  # " HTTP/1.1\r"
+    if buf[t] != SP or memcmp(buf + t + 1, HTTP_SLASH, 5) != 0 or buf[t + 6] != 0x31 \
+            or buf[t + 7] != 0x2E or not (0x30 <= buf[t + 8] <= 0x39) or buf[t + 9] != CR:
+        return False
+    if not visible(buf + i + 1, <size_t>(t - i - 1)):
+        return False
+    s.method_start = 0
+    s.method_end = i
+    s.target_end = t
+    s.vi = 5
+    s.state = S_HEADERS
+    s.pos = s.headers_start = s.line_start = e + 1
+    return True
+
+
 cdef int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept nogil:
     """Advance over buf[s.pos:limit]: NEED_MORE, COMPLETE or an error code.
 
-    Mirrors HeadParser._scan() in _peek_py.py.
+    Mirrors HeadParser._scan() in _peek_py.py (the request line at once when
+    it is plain, request_line_at_once()).
     """
     cdef Py_ssize_t pos = s.pos, start, end, i
     cdef const unsigned char* lf
     cdef unsigned char c
     cdef int state = s.state
     cdef int code = NEED_MORE
+    if state == S_EMPTY and pos == 0 and limit > 0 and TCHAR[buf[0]] \
+            and request_line_at_once(s, buf, limit):
+        pos = s.pos
+        state = S_HEADERS
     while pos < limit:
         s.steps += 1
         if state == S_HEADERS:

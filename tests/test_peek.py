@@ -512,6 +512,34 @@ def test_every_byte_in_the_names_and_values_the_scanner_knows() -> None:
     assert differ == []
 
 
+def test_every_byte_at_every_place_of_a_request_line() -> None:
+    """The compiled scanner judges a plain request line whole (the method's
+    tokens, the target's visible bytes a word at a time, " HTTP/1.d" CRLF)
+    and falls back to its byte-by-byte states for anything else: every byte
+    value at every place of request lines whose targets end at different
+    places of a word, with methods up to and past the longest allowed, is
+    judged as the pure twin judges it."""
+    compiled, pure = load_twin("peek", "compiled"), load_twin("peek", "pure")
+    lines = [
+        b"GET /abcdefghijklmnopqrstu HTTP/1.1",
+        b"POST /a?b=c HTTP/1.0",
+        b"M / HTTP/1.1",
+        b"%s /x HTTP/1.1" % (b"M" * 32),
+        b"%s /x HTTP/1.1" % (b"M" * 33),
+        b"PRI * HTTP/2.0",
+    ]
+    differ = []
+    for line in lines:
+        for place in range(len(line) + 2):
+            for byte in range(256):
+                raw = bytearray(line + b"\r\n")
+                raw[place] = byte
+                data = bytes(raw) + b"Host: a\r\n\r\n"
+                if _outcome(compiled, data) != _outcome(pure, data):
+                    differ.append(data)
+    assert differ == []
+
+
 @pytest.mark.parametrize("target", DOT_SEGMENTS)
 def test_a_dot_segment_in_the_path_is_400(twin: ModuleType, mode: str, target: str) -> None:
     err = error_of(twin, mode, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
