@@ -401,11 +401,117 @@ spec:
         RR
         + """\
   destination: {name: bootcamp}
-  httpReqTimeout:
-    simpleTimeout: {timeout: 1s}
+  httpReqRetries:
+    simpleRetry: {attempts: 3}
 """,
-        "spec.httpReqTimeout is not implemented by l4proxy",
+        "spec.httpReqRetries is not implemented by l4proxy",
         7,
+    ),
+    (
+        "RouteRule timeout without a unit",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeout: "5"
+""",
+        "spec.httpReqTimeout.simpleTimeout.timeout '5' is not a duration "
+        "(write it like '5s', '0.5s' or '250ms')",
+        9,
+    ),
+    (
+        "RouteRule timeout a number",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeout: 5
+""",
+        "spec.httpReqTimeout.simpleTimeout.timeout must be a duration string like "
+        "'5s', '0.5s' or '250ms', not a number",
+        9,
+    ),
+    (
+        "RouteRule timeout of zero (Istio 0.7: greater than 1ms)",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeout: 0s
+""",
+        "spec.httpReqTimeout.simpleTimeout.timeout '0s' must be whole milliseconds from 1ms",
+        9,
+    ),
+    (
+        "RouteRule timeout finer than milliseconds",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeout: 1500us
+""",
+        "spec.httpReqTimeout.simpleTimeout.timeout '1500us' must be whole milliseconds from 1ms",
+        9,
+    ),
+    (
+        "RouteRule timeout without simpleTimeout",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout: {}
+""",
+        "spec.httpReqTimeout.simpleTimeout is required (simpleTimeout: {timeout: 10s})",
+        7,
+    ),
+    (
+        "RouteRule timeout written the v1alpha3 way",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout: 5s
+""",
+        "spec.httpReqTimeout must be a mapping: httpReqTimeout: {simpleTimeout: {timeout: 5s}}",
+        7,
+    ),
+    (
+        "RouteRule simpleTimeout with its timeout misspelt",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeOut: 1s
+""",
+        "unknown field spec.httpReqTimeout.simpleTimeout.timeOut (expected one of: timeout)",
+        9,
+    ),
+    (
+        "RouteRule timeout from a request header",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    simpleTimeout:
+      timeout: 1s
+      overrideHeaderName: x-timeout
+""",
+        "spec.httpReqTimeout.simpleTimeout.overrideHeaderName is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "RouteRule custom timeout policy",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqTimeout:
+    custom: {"@type": type.googleapis.com/x}
+""",
+        "spec.httpReqTimeout.custom is not implemented by l4proxy",
+        8,
     ),
     (
         "unimplemented VirtualService field",
@@ -514,7 +620,8 @@ spec:
   rout:
   - labels: {version: v1}
 """,
-        "unknown field spec.rout (expected one of: destination, match, precedence, route)",
+        "unknown field spec.rout (expected one of: destination, httpReqTimeout, match, precedence, "
+        "route)",
         7,
     ),
     (

@@ -339,6 +339,37 @@ def test_virtual_service_timeout_compiles(tmp_path: Path, value: str, seconds: f
     assert table.to_json()["routes"][HOST][0]["timeout"] == seconds
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("10s", 10.0), ("0.5s", 0.5), ("250ms", 0.25), ("1m30s", 90.0), ("1h", 3600.0)],
+)
+def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, seconds: float) -> None:
+    """httpReqTimeout.simpleTimeout.timeout is the route's timeout, read by
+    the VirtualService's duration parser; without it the rule has none, and a
+    reload that changes only it is a new table."""
+    rr = f"""\
+    apiVersion: config.istio.io/v1alpha2
+    kind: RouteRule
+    metadata: {{name: bootcamp-default}}
+    spec:
+      destination: {{name: bootcamp}}
+      route:
+      - labels: {{version: v1}}
+      httpReqTimeout:
+        simpleTimeout:
+          timeout: {value}
+    """
+    table = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY]).table
+    (route,) = table.routes_for(HOST)
+    assert route.timeout == seconds
+    assert table.to_json()["routes"][HOST][0]["timeout"] == seconds
+    untimed = rr.split("  httpReqTimeout:")[0]
+    other = load_rules([write(tmp_path, "rr.yaml", untimed), REGISTRY]).table
+    (plain,) = other.routes_for(HOST)
+    assert plain.timeout == 0.0
+    assert table != other
+
+
 def test_route_rule_match_compiles(tmp_path: Path) -> None:
     f = write(
         tmp_path,

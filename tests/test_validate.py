@@ -100,6 +100,29 @@ def test_verbose_says_what_a_request_no_route_matches_gets(
     assert "      otherwise: round robin over all endpoints (route 'default')\n" in out
 
 
+def test_verbose_shows_a_route_rule_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rr = tmp_path / "rr.yaml"
+    rr.write_text(
+        textwrap.dedent("""\
+        apiVersion: config.istio.io/v1alpha2
+        kind: RouteRule
+        metadata: {name: bootcamp-default}
+        spec:
+          destination: {name: bootcamp}
+          route: [{labels: {version: v1}}]
+          httpReqTimeout:
+            simpleTimeout:
+              timeout: 1500ms
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(rr), REGISTRY)
+    assert code == 0, err
+    assert "      1. bootcamp-default: any request\n" in out
+    assert "           timeout 1.5 s (then 504)\n" in out
+
+
 def test_invalid_exits_1_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

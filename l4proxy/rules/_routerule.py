@@ -22,6 +22,7 @@ from l4proxy.rules._schema import (
     Where,
     dns_label,
     dotted,
+    duration,
     fields,
     header_name,
     integer,
@@ -40,7 +41,6 @@ _SPEC_UNIMPLEMENTED = (
     "redirect",
     "rewrite",
     "websocketUpgrade",
-    "httpReqTimeout",
     "httpReqRetries",
     "httpFault",
     "l4Fault",
@@ -63,7 +63,7 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         ctx,
         raw,
         ("spec",),
-        allowed=("destination", "precedence", "match", "route"),
+        allowed=("destination", "precedence", "match", "route", "httpReqTimeout"),
         unimplemented=_SPEC_UNIMPLEMENTED,
         required=("destination",),
     )
@@ -76,10 +76,55 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         precedence = p if p is not None else 0
     matches = _match(ctx, spec.get("match"), ("spec", "match"))
     dests = _route(ctx, spec.get("route"), ("spec", "route"), host, env)
-    if host is None or matches is None or dests is None:
+    timeout: float | None = 0.0
+    if spec.get("httpReqTimeout") is not None:
+        timeout = _timeout(ctx, spec["httpReqTimeout"], ("spec", "httpReqTimeout"))
+    if host is None or matches is None or dests is None or timeout is None:
         return None
-    route = RouteDraft(ctx.name, "http", matches, dests)
+    route = RouteDraft(ctx.name, "http", matches, dests, timeout)
     return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
+
+
+def _timeout(ctx: Ctx, value: Any, path: Path) -> float | None:
+    """httpReqTimeout.simpleTimeout.timeout → the route's timeout in seconds.
+
+    Istio 0.7 required the duration and refused one under 1ms ("0s" too);
+    a rule without httpReqTimeout has no timeout here (Envoy's default then
+    was 15 s).
+    """
+    if isinstance(value, str):  # the v1alpha3 spelling, timeout: 5s
+        ctx.error(
+            path,
+            f"{dotted(path)} must be a mapping: httpReqTimeout: "
+            f"{{simpleTimeout: {{timeout: {value}}}}}",
+        )
+        return None
+    t = fields(
+        ctx,
+        value,
+        path,
+        allowed=("simpleTimeout",),
+        unimplemented={"custom": "use simpleTimeout"},
+    )
+    spath = (*path, "simpleTimeout")
+    if t is None or "custom" in t:
+        return None
+    if t.get("simpleTimeout") is None:
+        ctx.error(path, f"{dotted(spath)} is required (simpleTimeout: {{timeout: 10s}})")
+        return None
+    s = fields(
+        ctx,
+        t["simpleTimeout"],
+        spath,
+        allowed=("timeout",),
+        unimplemented={
+            "overrideHeaderName": "the timeout comes from the rule, never from a request header"
+        },
+        required=("timeout",),
+    )
+    if s is None or s.get("timeout") is None:
+        return None
+    return duration(ctx, s["timeout"], (*spath, "timeout"), zero=False)
 
 
 def _destination(ctx: Ctx, value: Any, path: Path, env: Env, *, rule: bool) -> str | None:

@@ -206,13 +206,16 @@ def integer(
     return value
 
 
-def duration(ctx: Ctx, value: Any, path: Path, *, gateway_api: bool = False) -> float | None:
+def duration(
+    ctx: Ctx, value: Any, path: Path, *, gateway_api: bool = False, zero: bool = True
+) -> float | None:
     """A duration string as seconds (0: none given, "0s": no timeout).
 
     Istio's form by default ("5s", "0.5s", "250ms", "1m30s"; at least 1ms
     unless 0, in whole milliseconds, as Istio's validation asks); with
     *gateway_api*, GEP-2257's ("1h", "1m30s", "500ms": whole numbers, at
-    most four parts). A number is refused: "5" says no unit.
+    most four parts). A number is refused: "5" says no unit. Without *zero*,
+    "0s" is refused too (Istio 0.7's RouteRule: "greater than 1ms").
     """
     example = "'10s' or '500ms'" if gateway_api else "'5s', '0.5s' or '250ms'"
     if not isinstance(value, str):
@@ -230,14 +233,15 @@ def duration(ctx: Ctx, value: Any, path: Path, *, gateway_api: bool = False) -> 
         ctx.error(path, f"{dotted(path)} {value!r} is not a duration (write it like {example})")
         return None
     seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
-    if seconds == 0:
+    if seconds == 0 and zero:
         return 0.0
     ms = seconds * 1000
     if seconds > MAX_DURATION_S or ms < 1 or abs(ms - round(ms)) > 1e-6:
         ctx.error(
             path,
-            f"{dotted(path)} {value!r} must be 0 (no timeout) or whole milliseconds "
-            f"from 1ms to {MAX_DURATION_S}s",
+            f"{dotted(path)} {value!r} must be "
+            + ("0 (no timeout) or " if zero else "")
+            + f"whole milliseconds from 1ms to {MAX_DURATION_S}s",
         )
         return None
     return round(ms) / 1000
