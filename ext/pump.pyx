@@ -1056,9 +1056,9 @@ cdef class Pump:
         cdef uint64_t junk
         cdef Ended *e
         cdef Ended *n
-        if L.endfd >= 0:
-            sys_.read(L.endfd, &junk, sizeof(junk))  # EAGAIN: nothing new
         sys_.pthread_mutex_lock(&L.lock)
+        if L.endfd >= 0:  # (under the lock: close() on another thread may close it)
+            sys_.read(L.endfd, &junk, sizeof(junk))  # EAGAIN: nothing new
         e = L.ended_head
         L.ended_head = L.ended_tail = NULL
         sys_.pthread_mutex_unlock(&L.lock)
@@ -1119,6 +1119,7 @@ cdef class Pump:
         Idempotent."""
         cdef Loop *L = self.L
         cdef Handoff *h
+        cdef int endfd
         if self._closed:
             return
         self._closed = 1
@@ -1136,8 +1137,12 @@ cdef class Pump:
             queue_discard(L, h)
         close_fd_quietly(L.epfd)
         close_fd_quietly(L.wakefd)
-        close_fd_quietly(L.endfd)
-        L.epfd = L.wakefd = L.endfd = -1
+        sys_.pthread_mutex_lock(&L.lock)
+        endfd = L.endfd
+        L.endfd = -1  # (ended() on another thread reads it under the lock)
+        sys_.pthread_mutex_unlock(&L.lock)
+        close_fd_quietly(endfd)
+        L.epfd = L.wakefd = -1
 
     def __enter__(self):
         self.start()

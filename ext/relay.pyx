@@ -3753,7 +3753,10 @@ cdef class HttpRelay:
             else:
                 reason = CHUNKED_ERRORS.get(why - OD_CHUNKED, "malformed chunked body")
                 reason = reason.format(max_trailers=R.max_head)
-            L4R_ADD(&R.epoch, 1)  # health may change: decide again
+            # (the cache is kept: a failure alone changes no verdict; an
+            # ejection does, and the worker then calls invalidate(). Forgetting
+            # it on every failure sent every request to Python while an
+            # endpoint, or a client, made responses fail.)
             self.slow.report_next_successes()
             if self.response_failed is not None:
                 self.response_failed(key, self._tag(tag), reason)
@@ -4182,8 +4185,7 @@ cdef class HttpRelay:
             self.connect_failed(endpoint, tag, why)
 
     def _slow_response_failed(self, endpoint, tag, why):
-        L4R_ADD(&self.R.epoch, 1)
-        L4R_ADD(&self.R.failures_seen, 1)
+        L4R_ADD(&self.R.failures_seen, 1)  # (the cache kept: see _report_outcomes)
         if self.response_failed is not None:
             self.response_failed(endpoint, tag, why)
 

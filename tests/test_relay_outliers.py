@@ -241,6 +241,37 @@ def test_failures_between_answers_do_not_eject(which: str) -> None:
     assert h.count("answered", ep.key) == 5  # after each failure; not the last ten
 
 
+def test_a_failed_response_keeps_the_cached_verdict() -> None:
+    """The compiled twin serving from a cached verdict (as the sidecar runs
+    it): a response failure alone changes no verdict, so the cache is kept;
+    forgetting it on every failure sent every request to Python for as long
+    as an endpoint (or a client) made responses fail. An ejection is what
+    changes verdicts, and the worker then calls invalidate()."""
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    flaky = Served(_every_other)
+    backend = Backend(flaky)
+    h = Health(backend.endpoint)
+    verdict = Verdict((Choice(1, (backend.endpoint,), tag="t"),), ttl=60.0)
+    relay = _relay(
+        "compiled",
+        h.decide,
+        response_failed=h.response_failed,
+        answered=h.answered,
+        resolve=lambda head, origin: verdict,
+    )
+    try:
+        answers = [_ask(relay) for _ in range(10)]
+        relay.flush_reports(1.0)
+        stats = relay.stats()
+    finally:
+        relay.close()
+        backend.close()
+    assert [a.startswith(b"HTTP/1.1 502 ") for a in answers] == [True, False] * 5
+    assert h.count("response_failed", h.endpoints[0].key) == 5
+    assert (stats["verdict_cache_misses"], stats["verdict_cache_hits"]) == (1, 9), stats
+
+
 def test_an_answer_with_a_5xx_status_is_an_answer(which: str) -> None:
     """A status the application sends (its own 503) is no failure: the
     detection is always on, with no DestinationRule to ask for it (see

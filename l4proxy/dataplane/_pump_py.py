@@ -302,24 +302,28 @@ class _Loop:
         # out of the idle order first: should a close below raise, the idle
         # sweep must not meet this connection again (it would spin on it)
         self.conns.pop(id(c), None)
-        for s in c.sides:
-            if s.in_epoll:
-                self.ep.unregister(s.fd)
-                s.in_epoll = False
-            self.sides.pop(s.fd, None)
-            if reset:
-                try:
-                    s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-                except OSError:
-                    pass
-            s.sock.close()
-        for x in c.dirs:
-            self.ctr["buffered"] -= x.held()
-            x.pend = None
-            self.pipe_put(x)  # pooled if empty, closed if it still holds bytes
-            x.pipe_bytes = 0
-        self.ctr["closed"] += 1
-        self.report_end(c.token)
+        try:
+            for s in c.sides:
+                if s.in_epoll:
+                    self.ep.unregister(s.fd)
+                    s.in_epoll = False
+                self.sides.pop(s.fd, None)
+                if reset:
+                    try:
+                        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                    except OSError:
+                        pass
+                s.sock.close()
+            for x in c.dirs:
+                self.ctr["buffered"] -= x.held()
+                x.pend = None
+                self.pipe_put(x)  # pooled if empty, closed if it still holds bytes
+                x.pipe_bytes = 0
+            self.ctr["closed"] += 1
+        finally:
+            # whatever raised above, the end is reported (once: c.closed):
+            # the worker's LEAST_CONN count would keep it for good otherwise
+            self.report_end(c.token)
 
     def abort(self, c: _Conn, why: int) -> None:
         self.ctr["resets" if why == _RESET else "errors"] += 1
@@ -550,9 +554,10 @@ class _Loop:
                 # Urgent data is read in its place in the stream: without
                 # SO_OOBINLINE recv() skips (loses) the urgent byte.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        except OSError:
+        except BaseException as exc:
             # Not a socket (ENOTSOCK), or worse: close each fd exactly once,
-            # through its socket object where one took ownership.
+            # through its socket object where one took ownership; the end is
+            # reported whatever raised (what is not an OSError still raises).
             for sock in socks:
                 _close_fd_reset(sock.detach())
             for fd in (h.cfd, h.ufd)[len(socks) :]:
@@ -560,6 +565,8 @@ class _Loop:
             self.ctr["errors"] += 1
             self.ctr["closed"] += 1
             self.report_end(h.token)
+            if not isinstance(exc, OSError):
+                raise
             return
         c.sides = [_Side(c, 0, socks[0]), _Side(c, 1, socks[1])]
         splice_at = self.threshold if self.max_pipes > 0 else _NEVER

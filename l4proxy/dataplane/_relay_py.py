@@ -807,21 +807,21 @@ class HttpRelay:
         up = c.up
         if up is not None and isinstance(a, Tunnel):
             self._answered(up.endpoint, c.tag)  # its 101 (or 2xx to CONNECT)
-        self._forget_client(c)
-        to_up = b""
-        handle = -1
-        if up is not None:
-            handle = up.fd
-            self._forget_upstream(up)
-            to_up = bytes(up.out)
-        data = a.data if isinstance(a, NotHTTPConnection) else b""
-        endpoint = up.endpoint if up is not None else None
+        handle = up.fd if up is not None else -1
         try:
+            self._forget_client(c)
+            to_up = b""
+            if up is not None:
+                self._forget_upstream(up)
+                to_up = bytes(up.out)
+            data = a.data if isinstance(a, NotHTTPConnection) else b""
+            endpoint = up.endpoint if up is not None else None
             self.l4(
                 c.sock, up.sock if up else None, bytes(c.out), to_up or data, c.origin, endpoint
             )
         finally:
-            # l4 counts the tunnel from here (add_external): never uncounted between
+            # l4 counts the tunnel from here (add_external): never uncounted
+            # between, nor counted for good when something above raised
             if up is not None:
                 self.pools.discard(up.endpoint, handle)
 

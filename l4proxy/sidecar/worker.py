@@ -811,8 +811,11 @@ class Worker:
 
     def _pump_ended(self) -> None:
         """The pump's ended_fd is readable (loop): connections that ended."""
-        for token in self.pump.ended():
-            self._forget_token(token)
+        for token in self.pump.ended():  # (taken off the pump: each one forgotten here)
+            try:
+                self._forget_token(token)
+            except Exception:
+                log.exception("forgetting pumped connection %d", token)
 
     def _forget_token(self, token: int) -> None:
         with self._active_lock:
