@@ -481,6 +481,8 @@ cdef struct Conn:
     signed char framing
     signed char n_cand
     unsigned char keep_alive       # the head asks to keep the connection
+    unsigned char http10           # ... and is HTTP/1.0
+    unsigned char keeps_client     # the final response head as sent lets the client persist
     unsigned char sent_persistent
     unsigned char method_head
     unsigned char idempotent
@@ -1572,6 +1574,7 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.resp_left = 0
     buf_free(&c.rhead)
     c.resp_persistent = False
+    c.keeps_client = False
     c.status = 0
     c.up_bytes = 0
     c.client_bytes = 0
@@ -1661,8 +1664,9 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
                           and c.splicing != SPL_REQ)
     if c.splicing == SPL_REQ:  # answered before its body was all sent
         splice_stop(c)
-    cdef bint keep = (c.keep_alive and c.resp_persistent and not close_delimited
-                      and not request_cut and not c.client_eof)
+    # as its head told the client (final_head), unless the request was cut
+    # or the client left since
+    cdef bint keep = c.keeps_client and not request_cut and not c.client_eof
     request_done(R, c, c.status, False, now)
     c.no_linger = done_talking(c)
     if c.up != NULL:
@@ -1851,16 +1855,125 @@ cdef bint says_close(const unsigned char *b, Py_ssize_t end) noexcept nogil:
     return close
 
 
+# What a Connection line's tokens are, as kept_client_head() in
+# _exchange_py.py weighs them (an empty token is none of these).
+cdef enum:
+    TOK_CLOSE = 1
+    TOK_KEEP = 2
+    TOK_OTHER = 4
+
+
+cdef int connection_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
+    """b[i:le], a header line of a validated head without its line end: -1
+    when it is not a Connection line, else its tokens (TOK_*), each without
+    the OWS around it (_connection_tokens in _exchange_py.py)."""
+    cdef Py_ssize_t colon = i, es, ee
+    cdef int t = 0
+    while colon < le and b[colon] != COLON:
+        colon += 1
+    if colon == le or not header_is(b + i, colon - i, b"connection", 10):
+        return -1
+    i = colon + 1
+    while True:
+        es = i
+        while i < le and b[i] != COMMA:
+            i += 1
+        ee = i
+        while es < ee and is_ows(b[es]):
+            es += 1
+        while ee > es and is_ows(b[ee - 1]):
+            ee -= 1
+        if ee - es == 5 and eq_lower(b + es, b"close", 5):
+            t |= TOK_CLOSE
+        elif ee - es == 10 and eq_lower(b + es, b"keep-alive", 10):
+            t |= TOK_KEEP
+        elif ee > es:
+            t |= TOK_OTHER
+        if i == le:
+            return t
+        i += 1
+
+
+cdef inline Py_ssize_t line_end(const unsigned char *b, Py_ssize_t i, const unsigned char *lf) noexcept nogil:
+    """Where the line from i to its LF at lf ends, without the CR before it."""
+    cdef Py_ssize_t le = lf - b
+    return le - 1 if (le > i and b[le - 1] == CR) else le
+
+
+cdef bint close_beside_others(const unsigned char *b, Py_ssize_t hl) noexcept nogil:
+    """Whether a Connection line of the head b[:hl] names close beside
+    another token (kept_client_head() then answers None: not rewritten)."""
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef Py_ssize_t i = lf - b + 1
+    cdef int t
+    while i < hl:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
+        if lf == NULL:
+            break
+        t = connection_line(b, i, line_end(b, i, lf))
+        if t > 0 and t & TOK_CLOSE and t & TOK_OTHER:
+            return True
+        i = lf - b + 1
+    return False
+
+
+cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
+    """kept_client_head() in _exchange_py.py, to the client: the head in
+    c.rhead[:hl] without its Connection lines of close / keep-alive alone,
+    with "connection: keep-alive" added when the response (its status line
+    was validated: b[7] is its minor version) or the request is HTTP/1.0.
+    -1 when the connection went away."""
+    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0
+    cdef int t
+    # the empty line that ends the head (CRLF or a bare LF)
+    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        t = connection_line(b, i, line_end(b, i, lf))
+        if t >= 0 and not t & TOK_OTHER:  # dropped
+            if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
+                return -1
+            sent += i - run
+            run = lf - b + 1
+        i = lf - b + 1
+    if to_client(R, c, c.rhead.p + run, <size_t>(end - run)) != 0:
+        return -1
+    sent += end - run
+    if b[7] == 0x30 or c.http10:
+        if to_client(R, c, b"connection: keep-alive\r\n", 24) != 0:
+            return -1
+        sent += 24
+    if to_client(R, c, c.rhead.p + end, <size_t>(hl - end)) != 0:
+        return -1
+    c.client_bytes += sent + hl - end
+    return 0
+
+
 cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
     """The final response head is c.rhead[:hl] (status, framing known):
-    forward it, then what followed it. -1 when the connection went away."""
-    cdef bint persists = (c.keep_alive and c.resp_persistent and c.framing != F_CLOSE
-                          and c.req_left == 0 and not c.client_eof)
+    forward it, then what followed it. -1 when the connection went away.
+
+    Whether the client connection persists is the client's (_client_persists
+    in _exchange_py.py), not the upstream's: a head that does not persist is
+    rewritten for a client that does (send_kept_head), unless a Connection
+    line names close beside other tokens."""
+    cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
+                      and not c.client_eof)
+    cdef bint rewrite = False
     cdef Py_ssize_t end
     cdef size_t rest
     cdef Buf held
     cdef int r
-    if not persists and not says_close(<const unsigned char*>c.rhead.p, hl):
+    if keep and not c.resp_persistent:
+        rewrite = not close_beside_others(<const unsigned char*>c.rhead.p, hl)
+        keep = rewrite
+    c.keeps_client = keep
+    if rewrite:
+        if send_kept_head(R, c, hl) != 0:
+            return -1
+    elif not keep and not says_close(<const unsigned char*>c.rhead.p, hl):
         # client_head(): the client does not read our close otherwise; the
         # header goes before the empty line that ends the head (CRLF or LF)
         end = hl - 2 if (hl >= 2 and c.rhead.p[hl - 2] == CR) else hl - 1
@@ -2523,6 +2636,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     c.head_started = 0
     c.head_len = <size_t>c.s.head_length
     c.keep_alive = not h.conn_close and (h.minor >= 1 or h.conn_keep_alive)
+    c.http10 = h.minor == 0
     c.method_head = method_is(b, &h, b"HEAD", 4)
     c.idempotent = idempotent(b, &h)
     reset_exchange(c)

@@ -28,6 +28,7 @@ from l4proxy.dataplane._exchange_py import (
     Upstream,
     upstream_head,
 )
+from l4proxy.dataplane._framing_py import parse_response_head
 from l4proxy.dataplane._peek_py import parse_head
 
 
@@ -384,13 +385,105 @@ def test_client_gone_mid_body_releases_the_upstream_unreusable() -> None:
     assert d.done == [(0, False)]  # counted, with no status (Envoy's response code 0)
 
 
-def test_response_that_says_close_is_not_reused_and_closes_the_client() -> None:
+def test_response_that_says_close_is_not_reused_but_the_client_stays() -> None:
+    """The upstream's persistence is not the client's (HAProxy, Envoy): its
+    connection is closed, the client's stays, and the head the client gets
+    no longer says close (nothing else in it changes)."""
     d = Driver()
     d.send(GET)
     closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nv1"
     d.answer(closing)
+    assert d.client == OK and d.released == [False] and d.events == []
+    d.send(GET_B)
+    d.answer(OK2)
+    assert d.client == OK + OK2 and d.released == [False, True] and d.events == []
+    assert d.done == [(200, False), (200, False)] and d.ex.phase == Phase.HEAD
+
+
+def test_response_that_says_close_closes_a_client_that_asked_to_close() -> None:
+    d = Driver()
+    d.send(b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nv1"
+    d.answer(closing)
     assert d.client == closing  # it says so already: not added twice
     assert d.released == [False] and d.events == ["Close"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_chunked_response_that_says_close_keeps_the_client(step: int) -> None:
+    d = Driver()
+    d.send(GET)
+    body = b"2\r\nv1\r\n0\r\n\r\n"
+    d.answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body, step
+    )
+    assert d.client == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    assert d.released == [False] and d.events == [] and d.ex.phase == Phase.HEAD
+
+
+def test_close_delimited_response_closes_the_client_whatever_it_asked() -> None:
+    d = Driver()
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close")
+    d.play(d.ex.upstream_eof())
+    assert d.client == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close"
+    assert d.released == [False] and d.events == ["Close"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "response", "client"),
+    [
+        # HTTP/1.0 without keep-alive: the client is told keep-alive
+        (
+            GET,
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nv1",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nv1",
+        ),
+        # an HTTP/1.0 client that asked keep-alive, answered close in HTTP/1.1
+        (
+            b"GET /a HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: CLOSE\r\nContent-Length: 2\r\n\r\nv1",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nv1",
+        ),
+        # every line of close / keep-alive alone goes, other lines stay
+        (
+            GET,
+            b"HTTP/1.1 200 OK\nConnection: keep-alive\nX-A: 1\nConnection: , close \n"
+            b"Connection: x-b\nContent-Length: 2\n\nv1",
+            b"HTTP/1.1 200 OK\nX-A: 1\nConnection: x-b\nContent-Length: 2\n\nv1",
+        ),
+        # a 204 (no body): the same
+        (
+            GET,
+            b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ),
+    ],
+    ids=["http10", "http10_client", "lines", "204"],
+)
+def test_a_closing_response_head_is_rewritten_for_a_client_that_stays(
+    request_: bytes, response: bytes, client: bytes
+) -> None:
+    d = Driver()
+    d.send(request_)
+    d.answer(response)
+    assert d.client == client and d.released == [False] and d.events == []
+    sent, got = parse_response_head(response), parse_response_head(bytes(d.client))
+    assert sent is not None and got is not None  # one head, framed as before
+    for name in ("content-length", "transfer-encoding"):
+        assert got.values(name) == sent.values(name)
+
+
+def test_a_close_beside_other_tokens_is_not_rewritten_and_closes_the_client() -> None:
+    """``Connection: close, x-foo``: the line also names a hop-by-hop header
+    of that response; it is passed on as it is, and the client closes."""
+    d = Driver()
+    d.send(GET)
+    closing = (
+        b"HTTP/1.1 200 OK\r\nConnection: close, x-foo\r\nx-foo: 1\r\nContent-Length: 2\r\n\r\nv1"
+    )
+    d.answer(closing)
+    assert d.client == closing and d.released == [False] and d.events == ["Close"]
 
 
 def test_http10_request_is_not_pooled_unless_keep_alive() -> None:

@@ -158,6 +158,21 @@ ANSWERS: dict[str, Answer] = {
         (_head(status=b"HTTP/1.0 200 OK") + b"old", b" style"), close=True
     ),
     "silent_close": Answer((_ok(b"ok"),), close=True),  # closes without saying so
+    "chunked_close": Answer(
+        (_head(b"Transfer-Encoding: chunked", b"Connection: close") + b"2\r\nok\r\n0\r\n\r\n",),
+        close=True,
+    ),
+    "http10_chunkless_close": Answer(
+        (_head(_CL2, b"Connection: close", status=b"HTTP/1.0 200 OK") + b"ok",), close=True
+    ),
+    "conn_close_others": Answer(
+        (_ok(b"ok", b"Connection: close, x-foo\r\nx-foo: 1\r\n"),), close=True
+    ),
+    "conn_close_lines": Answer(
+        (_ok(b"ok", b"Connection: keep-alive\r\nConnection: x-b\r\nConnection: ,CLOSE\t\r\n"),),
+        close=True,
+    ),
+    "204_close": Answer((_head(b"Connection: close", status=b"HTTP/1.1 204 No Content"),), True),
     # obs-text beside a token: NBSP and NEL are not OWS (RFC 9110 §5.6.3), so
     # "close\xa0" is not "close", nor "\x85keep-alive" keep-alive, nor
     # "\xa02" a length (Python's str.strip() would have taken them off)
@@ -866,6 +881,58 @@ def test_each_answer_then_the_next_request(name: str) -> None:
     both(conv(get(name), Settle(1), get("cl"), requests=2))
 
 
+# A closing answer to a keep-alive client, as the client gets it: without the
+# upstream's close (its lines of close / keep-alive alone dropped), told
+# keep-alive when HTTP/1.0; framing headers and other lines as they were.
+_KEPT_10 = _head(_CL2, b"connection: keep-alive", status=b"HTTP/1.0 200 OK") + b"ok"
+KEPT_ANSWERS = {
+    "conn_close": _ok(b"ok"),
+    "conn_close_open": _ok(b"ok"),
+    "conn_ka_close": _ok(b"ok"),
+    "conn_close_lines": _ok(b"ok", b"Connection: x-b\r\n"),
+    "chunked_close": _CHUNKED + b"2\r\nok\r\n0\r\n\r\n",
+    "http10": _KEPT_10,
+    "http10_open": _KEPT_10,
+    "http10_chunkless_close": _KEPT_10,
+    "204_close": _head(status=b"HTTP/1.1 204 No Content"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT_ANSWERS))
+def test_a_closing_answer_keeps_a_keep_alive_client(name: str) -> None:
+    """The upstream's ``Connection: close`` (or HTTP/1.0 without keep-alive)
+    is about its own connection: that one is closed, never pooled, and the
+    client's stays (HAProxy, Envoy). The client's next request goes on a
+    new upstream connection and is answered."""
+    out = both(conv(get(name), Settle(1), get("cl"), requests=2))
+    assert out.clients == [(KEPT_ANSWERS[name] + ANSWERS["cl"].data, False)]
+    first_state = "closed" if ANSWERS[name].close else "eof"
+    assert out.backend == [(get(name), first_state), (get("cl"), "open")]
+    assert out.counters == {"requests": 2, "local_answers": 0, "errors": 0}
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "version"),
+    [
+        ("close_delim", b"", b"1.1"),  # framed by the close: the client's ends too
+        ("http10_close_delim", b"", b"1.1"),
+        ("conn_close", b"Connection: close\r\n", b"1.1"),  # the client asked
+        ("http10", b"Connection: close\r\n", b"1.1"),
+        ("conn_close", b"", b"1.0"),  # an HTTP/1.0 client that did not ask keep-alive
+        ("conn_close_others", b"", b"1.1"),  # a close beside other tokens: not rewritten
+    ],
+)
+def test_a_closing_answer_still_closes_when_the_client_must_close(
+    name: str, extra: bytes, version: bytes
+) -> None:
+    request = get(name, extra, version=version)
+    out = both(conv(request + get("cl"), requests=1))
+    ((received, closed),) = out.clients
+    assert closed and received.startswith(ANSWERS[name].data.split(b"\r\n\r\n")[0])
+    assert b"\r\nconnection: close" in received.lower()
+    assert out.counters["requests"] == 1
+
+
 @pytest.mark.parametrize("byte", INTERESTING_BYTES)
 def test_a_byte_at_each_place_of_a_word_in_a_response_head(byte: int) -> None:
     """Controls but HTAB, and DEL, in a response's header value or reason
@@ -953,6 +1020,32 @@ CLIENT_CASES: dict[str, tuple[Conversation, ...]] = {
         ),
     ),
     "http10_with_host": (conv(get("cl", b"Host: b\r\n", version=b"1.0"), requests=1),),
+    "http10_keep_alive_answered_close": (
+        conv(
+            get("conn_close", b"Host: b\r\nConnection: keep-alive\r\n", version=b"1.0"),
+            Settle(1),
+            get("http10", b"Host: b\r\nConnection: keep-alive\r\n", version=b"1.0"),
+            Settle(2),
+            get("cl"),
+            requests=3,
+        ),
+    ),
+    "pipelined_after_closing_answers": (
+        conv(get("conn_close") + get("http10") + get("chunked_close") + get("cl"), requests=4),
+    ),
+    "post_answered_close": (
+        conv(
+            post("conn_close", SMALL),
+            Settle(1),
+            chunked_post("chunked_close", [SMALL]),
+            Settle(2),
+            get("cl"),
+            requests=3,
+        ),
+    ),
+    "head_answered_close": (
+        conv(get("conn_close", method=b"HEAD"), Settle(1), get("cl"), requests=2),
+    ),
     "empty_lines_before_the_head": (
         conv(b"\r\n\r\n" + get("cl") + b"\r\n" + get("cl"), requests=2),
     ),

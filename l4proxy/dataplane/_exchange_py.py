@@ -48,9 +48,21 @@ Decisions
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without
   ``keep-alive``), and no byte came after the response.
-* The client connection stays open when its request and the response were
-  persistent, the response was not close-delimited, the request body was
-  read to its end, and the client has not half-closed.
+* *Client persistence is the client's* (HAProxy's and Envoy's rule): the
+  client connection stays open when its request was persistent, the
+  response is not close-delimited, the request body was read to its end
+  when the final response head arrived, and the client has not
+  half-closed; whether the *upstream* connection persists does not matter.
+  A response head that says ``Connection: close`` (or an HTTP/1.0 one
+  without ``keep-alive``) then goes to the client without its Connection
+  lines that say only ``close`` / ``keep-alive`` (the upstream connection
+  is closed, not pooled), with ``connection: keep-alive`` added when the
+  response or the request is HTTP/1.0 (such a client closes otherwise):
+  see :func:`kept_client_head`. Nothing else is rewritten: the framing
+  headers never are. A Connection line that names ``close`` beside other
+  tokens (``close, x-foo``) is left as it is, and the client connection
+  closes after that response. A close-delimited response is framed by the
+  close, so the client connection ends with it, whatever was asked.
 * *Retry* (Envoy's rule for pooled HTTP/1 connections): if a *reused*
   upstream connection closes before any response byte, the request is sent
   once more on a new connection, when the method is idempotent (RFC 9110
@@ -287,6 +299,37 @@ def client_head(raw: bytes, resp: ResponseHead) -> bytes:
     return raw[:end] + b"connection: close\r\n" + raw[end:]
 
 
+def kept_client_head(raw: bytes, resp: ResponseHead, request_http10: bool) -> bytes | None:
+    """*raw* (a final response head that does not persist: ``Connection:
+    close``, or HTTP/1.0 without ``keep-alive``) as sent to a client whose
+    connection stays open (see "Client persistence is the client's").
+
+    Its Connection lines whose tokens are only ``close`` and ``keep-alive``
+    go (the upstream's word on its own connection); ``connection:
+    keep-alive`` is added before the empty line that ends the head when the
+    response or the request is HTTP/1.0 (a client persists after an HTTP/1.0
+    response, or as an HTTP/1.0 client, only when told). Every other line is
+    kept as it is, the framing headers included. None when a Connection line
+    names ``close`` beside another token: it is not rewritten (its other
+    tokens name hop-by-hop headers of that response), so the client closes.
+    """
+    lines = raw.split(b"\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        tokens = _connection_tokens(line)
+        if tokens is not None:
+            if tokens <= {b"close", b"keep-alive", b""}:
+                continue
+            if b"close" in tokens:
+                return None
+        kept.append(line)
+    out = b"\n".join(kept)
+    if resp.version == "HTTP/1.0" or request_http10:
+        end = len(out) - (2 if out.endswith(b"\r\n") else 1)
+        out = out[:end] + b"connection: keep-alive\r\n" + out[end:]
+    return out
+
+
 def _persistent(resp: ResponseHead) -> bool:
     tokens = {t.lower() for t in resp.values("connection")}
     if "close" in tokens:
@@ -327,6 +370,7 @@ class Exchange:
         self._response_head = bytearray()  # response bytes before the final head
         self._response: BodyFramer | None = None
         self._response_persistent = False
+        self._keeps_client = False  # the final head as sent lets the client persist
         self._upstream_bytes = 0  # response bytes received for this request
         self.status = 0
 
@@ -562,11 +606,17 @@ class Exchange:
                 out.append(Client(raw))
                 self._response_head += rest
                 continue
-            if not self._client_persists(resp, kind):
+            self._response_persistent = _persistent(resp)
+            keep = self._client_persists(kind)
+            if keep and not self._response_persistent:
+                kept = kept_client_head(raw, resp, self.head.version == "HTTP/1.0")
+                keep = kept is not None
+                raw = kept if kept is not None else raw
+            if not keep:
                 raw = client_head(raw, resp)
+            self._keeps_client = keep
             out.append(Client(raw))
             self.status = resp.status
-            self._response_persistent = _persistent(resp)
             self._response = BodyFramer(kind, length, error_status=502, max_trailers=self.max_head)
             if rest:
                 try:
@@ -596,12 +646,13 @@ class Exchange:
         # The response ended before the request body did: close both after it.
         return self._response_complete(upstream_closed=False, request_cut=True)
 
-    def _client_persists(self, resp: ResponseHead, kind: Framing) -> bool:
-        """Whether the client connection may stay open after *resp* (so far)."""
+    def _client_persists(self, kind: Framing) -> bool:
+        """Whether the client connection may stay open after a final
+        response head framed as *kind* (so far): the upstream's persistence
+        aside (see "Client persistence is the client's")."""
         assert self.head is not None and self._request is not None
         return (
             self.head.keep_alive
-            and _persistent(resp)
             and kind != Framing.CLOSE
             and self._request.done
             and not self._client_eof
@@ -618,13 +669,9 @@ class Exchange:
             and self._sent_persistent
         )
         out: list[Action] = [Done(self.status, False), Release(reusable, answered=True)]
-        keep_client = (
-            self.head.keep_alive
-            and self._response_persistent
-            and not close_delimited
-            and not request_cut
-            and not self._client_eof
-        )
+        # as its head told the client (_client_persists), unless the request
+        # was cut or the client left since
+        keep_client = self._keeps_client and not request_cut and not self._client_eof
         if not keep_client:
             return out + self._close(self._done_talking(request_cut))
         return out + self._next_request()
