@@ -1608,18 +1608,35 @@ cdef void outcome(Relay *R, Conn *c, EP *ep, int why) noexcept nogil:
 
 
 cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
-                          double now, int why) noexcept nogil:
+                          const char *kept, size_t kn, double now, int why) noexcept nogil:
     """Give up on this exchange (_upstream_failed in _exchange_py.py): answer
     when no final head went out (interim ones may have), counted either way.
-    *why*: OD_* when the upstream failed (outlier detection hears of it);
-    OD_ANSWERED (0) when it is not the upstream's failure (a request body
-    that cannot be framed)."""
+    *reason*: that answer, saying "connection: close"; *kept*: the same
+    without (NULL: a gateway failure's local answer it is not), sent when
+    the client connection stays: the request was read whole and its head
+    asked to persist (_keeps_after_local_answer). *why*: OD_* when the
+    upstream failed (outlier detection hears of it); OD_ANSWERED (0) when
+    it is not the upstream's failure (a request body that cannot be
+    framed), or no endpoint is to blame (the route timeout while
+    connecting)."""
     if c.up != NULL:
         if why != OD_ANSWERED:
             outcome(R, c, c.up.ep, why)
         up_discard(R, c)
     if c.rs == RS_HEAD:
         c.status = status
+        if kept != NULL and c.keep_alive and c.req_left == 0 and not c.client_eof:
+            if to_client(R, c, kept, kn) != 0:
+                return  # out of memory: aborted
+            request_done(R, c, status, True, now)
+            if c.splicing == SPL_REQ:  # (the body's bytes in the pipe go nowhere)
+                splice_stop(c)
+            # the head, when its connect failed or timed out before it was
+            # sent (send_request() drops it); a pipelined request waits after it
+            buf_drop(&c.inb, c.head_len)
+            c.head_len = 0
+            next_request(R, c, now)
+            return
         if reason != NULL and to_client(R, c, reason, n) != 0:
             return  # out of memory: aborted
         request_done(R, c, status, True, now)
@@ -1647,7 +1664,8 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
     L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
     c.resp_deadline = 0
     if c.rs == RS_HEAD:
-        upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN, now,
+        upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN,
+                        _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN, now,
                         OD_ANSWERED if c.up == NULL or c.up.connecting else OD_TIMEOUT)
         return
     if c.up != NULL:
@@ -1693,7 +1711,7 @@ cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now)
         used = chunked(&c.ck, <const unsigned char*>data, <Py_ssize_t>n)
         if c.ck.state == C_ERROR:
             # the head went out already: nothing to answer, close (502 unsent)
-            upstream_failed(R, c, 502, NULL, 0, now,
+            upstream_failed(R, c, 502, NULL, 0, NULL, 0, now,
                             OD_CHUNKED + (c.ck.error if 0 < c.ck.error < N_CHUNK_ERRORS else 0))
             return -1
         if c.ck.state == C_DONE:
@@ -2244,7 +2262,7 @@ cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
     """A chunked request body that cannot be framed: 400 (when no response
     byte went out yet) and close (_upstream_failed in _exchange_py.py)."""
     cdef int e = c.rck.error if 0 < c.rck.error < N_CHUNK_ERRORS else 0
-    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], now, OD_ANSWERED)
+    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], NULL, 0, now, OD_ANSWERED)
 
 
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2554,12 +2572,14 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             retry_order(c, ep)
             connect_to(R, c, c.cand[0], now)
             return
-        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, now, OD_BEFORE)
+        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN,
+                        _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, now, OD_BEFORE)
         return
     if c.rs == RS_BODY and c.framing == F_CLOSE:
         complete(R, c, True, c.req_left > 0, now)
         return
-    upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN, now, OD_MID)
+    upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN,
+                    _LOCAL_502_MID_KEEP, _LOCAL_502_MID_KEEP_LEN, now, OD_MID)
 
 
 cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2612,6 +2632,13 @@ cdef char *_LOCAL_408 = NULL
 cdef size_t _LOCAL_408_LEN = 0
 cdef char *_LOCAL_504 = NULL
 cdef size_t _LOCAL_504_LEN = 0
+# ... as the client gets them when its connection stays (upstream_failed)
+cdef char *_LOCAL_502_BEFORE_KEEP = NULL
+cdef size_t _LOCAL_502_BEFORE_KEEP_LEN = 0
+cdef char *_LOCAL_502_MID_KEEP = NULL
+cdef size_t _LOCAL_502_MID_KEEP_LEN = 0
+cdef char *_LOCAL_504_KEEP = NULL
+cdef size_t _LOCAL_504_KEEP_LEN = 0
 
 
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
@@ -3248,6 +3275,8 @@ cdef class HttpRelay:
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
         global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded
+        global _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, _LOCAL_502_MID_KEEP
+        global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
         if self.R != NULL:
             raise RuntimeError("HttpRelay.__init__ called twice")
         pool = pool or PoolOptions()
@@ -3294,6 +3323,15 @@ cdef class HttpRelay:
                 &_LOCAL_502_MID_LEN)
             _LOCAL_408 = _dup(_relay_py._timeout_answer(), &_LOCAL_408_LEN)
             _LOCAL_504 = _dup(local_response(504, "upstream request timeout"), &_LOCAL_504_LEN)
+            _LOCAL_502_BEFORE_KEEP = _dup(
+                local_response(502, "upstream closed the connection before a response",
+                               close=False),
+                &_LOCAL_502_BEFORE_KEEP_LEN)
+            _LOCAL_502_MID_KEEP = _dup(
+                local_response(502, "upstream closed the connection mid-response", close=False),
+                &_LOCAL_502_MID_KEEP_LEN)
+            _LOCAL_504_KEEP = _dup(local_response(504, "upstream request timeout", close=False),
+                                   &_LOCAL_504_KEEP_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
         R = <Relay*>calloc(1, sizeof(Relay))
@@ -4241,12 +4279,14 @@ cdef class HttpRelay:
                 kind, length = response_framing(req, resp)
             except FramingError as exc:  # (a response's: status 502)
                 answer = local_response(exc.status, exc.reason)
-                upstream_failed(self.R, c, exc.status, answer, len(answer), now,
-                                self._outcome_text(exc.reason))
+                kept = local_response(exc.status, exc.reason, close=False)
+                upstream_failed(self.R, c, exc.status, answer, len(answer), kept, len(kept),
+                                now, self._outcome_text(exc.reason))
                 return
             if kind == Framing.TUNNEL:  # 101 without Upgrade, 2xx to CONNECT: refused above
                 answer = local_response(502, "unexpected tunnel response")
-                upstream_failed(self.R, c, 502, answer, len(answer), now,
+                kept = local_response(502, "unexpected tunnel response", close=False)
+                upstream_failed(self.R, c, 502, answer, len(answer), kept, len(kept), now,
                                 self._outcome_text("unexpected tunnel response"))
                 return
             hl = resp.head_length

@@ -239,7 +239,8 @@ def test_reused_connection_closed_before_any_response_byte_is_retried_once(
     assert [bytes(u) for u in d.upstreams] == [GET, GET]
     if not response:  # the fresh connection fails too: no second retry
         d.play(d.ex.upstream_eof())
-        assert d.client.startswith(b"HTTP/1.1 502 ") and d.events == ["Retry", "Close"]
+        assert d.client.startswith(b"HTTP/1.1 502 ") and d.events == ["Retry"]
+        assert b"connection: close" not in d.client and d.ex.phase == Phase.HEAD  # it stays
         return
     d.answer(response)
     d.play(d.ex.upstream_eof())  # truncated after bytes were forwarded: no 502 over them
@@ -319,7 +320,34 @@ def test_ambiguous_response_is_a_502() -> None:
     d.send(GET)
     d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nxx")
     assert d.client.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
-    assert d.released == [False] and d.events == ["Close"]
+    assert d.released == [False] and d.events == []  # the request was read whole: it stays
+
+
+def test_a_502_keeps_the_client_only_when_its_request_was_read_whole() -> None:
+    """A gateway failure's local answer (Envoy's local reply): the client
+    connection stays when the request, its body too, was read and its head
+    asked to persist; a pipelined request is then served. Else it closes: a
+    body half read, a client that asked to close or half-closed."""
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"
+    d = Driver()
+    d.send(b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nab" + GET_B)
+    d.answer(bad)
+    assert d.client.startswith(b"HTTP/1.1 502 ") and b"connection: close" not in d.client
+    assert d.routes == ["/a", "/b"] and d.events == []
+    d.answer(OK2)
+    assert d.client.endswith(OK2) and d.done == [(502, True), (200, False)]
+
+    for request, eof in (
+        (b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nab", False),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n", False),
+        (GET, True),
+    ):
+        d = Driver()
+        d.send(request)
+        if eof:
+            d.play(d.ex.client_eof())
+        d.answer(bad)
+        assert b"connection: close" in d.client and d.events == ["Close"], request
 
 
 def test_a_bad_head_after_an_interim_one_keeps_the_interim_then_answers_502() -> None:
@@ -332,7 +360,7 @@ def test_a_bad_head_after_an_interim_one_keeps_the_interim_then_answers_502() ->
     d.answer(b"HTTP/1.1 100 Continue\r\n\r\n\rTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     interim, _, final = bytes(d.client).partition(b"\r\n\r\n")
     assert interim == b"HTTP/1.1 100 Continue" and final.startswith(b"HTTP/1.1 502 "), d.client
-    assert d.released == [False] and d.events == ["Close"] and d.done == [(502, True)]
+    assert d.released == [False] and d.events == [] and d.done == [(502, True)]
 
 
 def test_local_answer_keeps_a_bodyless_keep_alive_connection_usable() -> None:
@@ -606,10 +634,11 @@ def test_route_timeout_before_the_response_answers_504_and_drops_the_upstream() 
     assert d.ex.request_complete  # the timer runs from here
     d.play(d.ex.upstream_timeout())
     head, _, body = bytes(d.client).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and b"connection: close" in head
+    assert head.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert b"connection: close" not in head  # read whole: the connection stays
     assert body == b"upstream request timeout"
     assert d.released == [False] and d.outcomes == ["upstream request timeout"]
-    assert d.done == [(504, True)] and d.events == ["Close"]
+    assert d.done == [(504, True)] and d.events == [] and d.ex.phase == Phase.HEAD
     assert d.ex.upstream_timeout() == []  # over: a late timer does nothing
     d.answer(OK)  # nor does a late answer
     assert d.done == [(504, True)]
@@ -634,5 +663,10 @@ def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
     assert ex.request_complete  # no body: timed from the head, the connect counts
     actions = ex.upstream_timeout()
     assert actions[0] == Release(False)  # no failure to report
+    assert Done(504, True) in actions and not any(isinstance(a, Close) for a in actions)
+    assert not ex.request_complete and ex.phase == Phase.HEAD
+
+    ex = Exchange()  # a client that asked to close: closed
+    ex.client_data(b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    actions = ex.upstream_timeout()
     assert Done(504, True) in actions and isinstance(actions[-1], Close)
-    assert not ex.request_complete

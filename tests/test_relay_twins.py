@@ -214,6 +214,7 @@ ANSWERS: dict[str, Answer] = {
     "trailing": Answer((_ok(b"ok") + b"EXTRA",)),
     "trailing_later": Answer((_ok(b"ok"), b"EXTRA")),
     "two_answers": Answer((_ok(b"ok") + _ok(b"no"),)),
+    "early_bad": Answer((_head(_CL2, b"Content-Length: 3") + b"ok",), read_body=False),
     "early": Answer(
         (_head(b"Content-Length: 0", status=b"HTTP/1.1 413 Too Large"),), read_body=False
     ),
@@ -881,6 +882,32 @@ def test_each_answer_then_the_next_request(name: str) -> None:
     both(conv(get(name), Settle(1), get("cl"), requests=2))
 
 
+@pytest.mark.parametrize(
+    ("first", "keeps"),
+    [
+        (get("two_cl"), True),  # a response that cannot be framed
+        (get("mid_head"), True),  # the upstream gone before the head's end
+        (post("two_cl", b"0123456789abcdef"), True),  # its body was read
+        (post("early_bad", b"0123456789abcdef")[:-4], False),  # half read: a 502, then a close
+        (get("two_cl", b"Connection: close\r\n"), False),
+        (get("two_cl", version=b"1.0"), False),
+    ],
+    ids=["bad_head", "mid_head", "post", "post_half_read", "client_close", "http10"],
+)
+def test_a_gateway_failures_502_keeps_the_client_when_its_request_was_read(
+    first: bytes, keeps: bool
+) -> None:
+    """Envoy's local replies: a 502 (or the route timeout's 504) keeps the
+    client connection when its request was read whole and asked to persist;
+    the next request is then answered on the same connection."""
+    out = both(conv(first, Settle(1), get("cl"), requests=2))
+    ((received, closed),) = out.clients
+    assert received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received
+    assert closed != keeps
+    assert (b"connection: close" not in received) == keeps
+    assert received.endswith(ANSWERS["cl"].data) == keeps
+
+
 # A closing answer to a keep-alive client, as the client gets it: without the
 # upstream's close (its lines of close / keep-alive alone dropped), told
 # keep-alive when HTTP/1.0; framing headers and other lines as they were.
@@ -936,18 +963,17 @@ def test_a_closing_answer_still_closes_when_the_client_must_close(
 @pytest.mark.parametrize("byte", INTERESTING_BYTES)
 def test_a_byte_at_each_place_of_a_word_in_a_response_head(byte: int) -> None:
     """Controls but HTAB, and DEL, in a response's header value or reason
-    are refused (502, and the client connection closed), wherever they fall
-    in the words the compiled twin reads at once; the other bytes pass, and
-    the connection serves one more request."""
+    are refused (a 502: the request was read whole, so the client connection
+    stays), wherever they fall in the words the compiled twin reads at once;
+    the other bytes pass. Either way the connection serves one more request."""
     names = [f"byte_{byte:02x}_{place}" for place in BYTE_PLACES]
     refused = byte not in (0x09, 0x20, 0x80, 0xFF)
-    if refused:
-        outcome = both(*(conv(get(name), requests=1) for name in names))
-    else:
-        outcome = both(*(conv(get(name), Settle(1), get("cl"), requests=2) for name in names))
+    outcome = both(*(conv(get(name), Settle(1), get("cl"), requests=2) for name in names))
     for (received, closed), name in zip(outcome.clients, names, strict=True):
+        assert not closed and received.endswith(ANSWERS["cl"].data), (name, received)
         if refused:
-            assert received.startswith(b"HTTP/1.1 502 ") and closed, (name, received)
+            assert received.startswith(b"HTTP/1.1 502 "), (name, received)
+            assert b"connection: close" not in received, (name, received)
         else:
             assert received == BYTE_ANSWERS[name].data + ANSWERS["cl"].data, name
 

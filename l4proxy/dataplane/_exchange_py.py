@@ -102,8 +102,15 @@ Decisions
 * Error answers are the proxy's own, ``connection: close``: 400/431/505 for
   a head or body that cannot be framed unambiguously, or whose path has a
   dot-segment (routed by the path as sent, served by a server that removes
-  them as another: see "Decisions" in ``_peek_py.py``), 502 for an upstream
-  response that cannot.
+  them as another: see "Decisions" in ``_peek_py.py``); 502 for an upstream
+  response that cannot, unless it may keep the connection (next).
+* A gateway failure's local answer (502, the route timeout's 504) keeps
+  the client connection, as Envoy's local replies do, when the request was
+  read whole (its body too: where the next request starts is known, and a
+  pipelined one waits unread in ``_inbox``), its head asked to persist and
+  the client has not half-closed; otherwise it says ``connection: close``
+  and the connection closes (a body half-read would be taken for the next
+  request's head).
 """
 
 from __future__ import annotations
@@ -514,12 +521,14 @@ class Exchange:
             return []
         reason = "upstream request timeout"
         if self.phase == Phase.ROUTING:  # still connecting: no endpoint to blame
+            # (its request has no body: the timeout runs from its head's end)
             self.status = 504
+            keep = self._keeps_after_local_answer()
             return [
                 Release(False),
-                Client(local_response(504, reason)),
+                Client(local_response(504, reason, close=not keep)),
                 Done(504, True),
-                *self._close(),
+                *(self._next_request() if keep else self._close()),
             ]
         if self._response is None:
             return self._upstream_failed(504, reason, gateway=True)
@@ -693,10 +702,24 @@ class Exchange:
         out: list[Action] = [Release(False, failure=reason if gateway else "")]
         if self._response is None:
             self.status = status
-            out += [Client(local_response(status, reason)), Done(status, True)]
+            keep = (
+                gateway
+                and self._request is not None
+                and self._request.done
+                and self._keeps_after_local_answer()
+            )
+            out += [Client(local_response(status, reason, close=not keep)), Done(status, True)]
+            if keep:  # see "A gateway failure's local answer"
+                return out + self._next_request()
         else:
             out.append(Done(self.status, False))
         return out + self._close()
+
+    def _keeps_after_local_answer(self) -> bool:
+        """After a gateway failure's local answer to a request read whole:
+        the client connection stays when its head asked for it."""
+        assert self.head is not None
+        return self.head.keep_alive and not self._client_eof
 
     def _local_error(self, status: int, reason: str) -> list[Action]:
         self.status = status
