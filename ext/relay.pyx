@@ -1625,7 +1625,8 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         up_discard(R, c)
     if c.rs == RS_HEAD:
         c.status = status
-        if kept != NULL and c.keep_alive and c.req_left == 0 and not c.client_eof:
+        if kept != NULL and c.keep_alive and not c.http10 and c.req_left == 0 \
+                and not c.client_eof:
             if to_client(R, c, kept, kn) != 0:
                 return  # out of memory: aborted
             request_done(R, c, status, True, now)
@@ -1922,8 +1923,11 @@ cdef bint close_beside_others(const unsigned char *b, Py_ssize_t hl) noexcept no
     """Whether a Connection line of the head b[:hl] names close beside
     another token (kept_client_head() then answers None: not rewritten)."""
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
-    cdef Py_ssize_t i = lf - b + 1
+    cdef Py_ssize_t i
     cdef int t
+    if lf == NULL:  # (never: the head was judged whole)
+        return False
+    i = lf - b + 1
     while i < hl:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
         if lf == NULL:
@@ -1949,6 +1953,8 @@ cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
     cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
     while i < end:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        if lf == NULL:  # (never: the head was judged whole; the rest goes as it is)
+            break
         t = connection_line(b, i, line_end(b, i, lf))
         if t >= 0 and not t & TOK_OTHER:  # dropped
             if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:

@@ -670,3 +670,15 @@ def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
     ex.client_data(b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
     actions = ex.upstream_timeout()
     assert Done(504, True) in actions and isinstance(actions[-1], Close)
+
+    # a request whose body is not read yet (the relays start the timer only
+    # once it is: this is the exchange's own guard): closed, never the body
+    # read as the next request
+    ex = Exchange()
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n"
+    ex.client_data(
+        b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+    )
+    actions = ex.upstream_timeout()
+    assert Done(504, True) in actions and isinstance(actions[-1], Close), actions
+    assert not any(isinstance(a, Route) for a in actions)

@@ -521,9 +521,12 @@ class Exchange:
             return []
         reason = "upstream request timeout"
         if self.phase == Phase.ROUTING:  # still connecting: no endpoint to blame
-            # (its request has no body: the timeout runs from its head's end)
+            # (its request has no body: the timeout runs from its head's end;
+            # one with a body unread is closed, never read as the next head)
+            assert self.head is not None
             self.status = 504
-            keep = self._keeps_after_local_answer()
+            bodyless = request_framing(self.head)[0] == Framing.NONE
+            keep = bodyless and self._keeps_after_local_answer()
             return [
                 Release(False),
                 Client(local_response(504, reason, close=not keep)),
@@ -717,9 +720,11 @@ class Exchange:
 
     def _keeps_after_local_answer(self) -> bool:
         """After a gateway failure's local answer to a request read whole:
-        the client connection stays when its head asked for it."""
+        the client connection stays when its head asked for it, and is
+        HTTP/1.1 (an HTTP/1.0 client persists only when told so: the local
+        answers say nothing)."""
         assert self.head is not None
-        return self.head.keep_alive and not self._client_eof
+        return self.head.keep_alive and self.head.version != "HTTP/1.0" and not self._client_eof
 
     def _local_error(self, status: int, reason: str) -> list[Action]:
         self.status = status
