@@ -1,7 +1,7 @@
 """``python -m bench.instructions``: user-space instructions per request, counted.
 
-Throughput on a loaded or 2-core machine is noise, and this machine's
-kernel lends no hardware counters; the instructions a proxy's own code runs
+Throughput on a loaded or 2-core machine is noise, and a kernel in a VM
+often lends no hardware counters; the instructions a proxy's own code runs
 for one request are neither. Each peer runs under callgrind (valgrind) with
 instrumentation off, so it starts at near native speed. Once it listens and
 has served a few requests, instrumentation is switched on in each of its

@@ -34,7 +34,7 @@ duplicate names). Prints what it understood; --verbose prints the compiled
 route table too.
 
 Kinds read: RouteRule (config.istio.io/v1alpha2), VirtualService and
-DestinationRule (networking.istio.io/v1alpha3, v1beta1), ServiceEntry (the
+DestinationRule (networking.istio.io/v1alpha3, v1beta1, v1), ServiceEntry (the
 service registry: hosts, VIP addresses, ports, endpoints with labels) and
 Ingress (extensions/v1beta1, networking.k8s.io/v1), HTTPRoute and Gateway
 (gateway.networking.k8s.io/v1, v1beta1). Kubernetes objects

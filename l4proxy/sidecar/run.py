@@ -279,7 +279,7 @@ def add_parser(sub: Any) -> None:
         "keep-alive connections at their next request; upstream connections are "
         "pooled, see --pool-*), or by the first request head of each connection "
         "(connection: the connection then goes to the L4 pump as it is, and a "
-        "route's timeout, http[].timeout or timeouts.request, is not enforced)",
+        "route's timeout, http[].timeout, httpReqTimeout or timeouts.request, is not enforced)",
     )
     p.add_argument(
         "--pool-max-idle",
@@ -312,7 +312,8 @@ def add_parser(sub: Any) -> None:
         default=10.0,
         metavar="SECONDS",
         help="outlier detection: first ejection of an endpoint with 3 gateway failures in a "
-        "row (failed connects; per request also responses reset or cut short); the n-th "
+        "row (failed connects; per request also responses that fail: closed or reset before or "
+        "during the response, unframeable, or past the route's timeout); the n-th "
         "lasts n times as long, up to 300 s, and each such span healthy takes one off (10)",
     )
     p.add_argument(
