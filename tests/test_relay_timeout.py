@@ -284,3 +284,65 @@ def test_a_connect_that_outlasts_the_timeout_gets_504(mode: tuple[str, str]) -> 
         for s in fillers:
             s.close()
         listener.close()
+
+
+TIMED_RULES = """
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  addresses: [198.19.200.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {http: 9}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  http:
+  - name: slow
+    timeout: 2.5s
+    route: [{destination: {host: svc.default.svc.cluster.local}}]
+"""
+
+
+@pytest.mark.parametrize("mode", ["connection", "request"])
+def test_connection_mode_says_it_does_not_enforce_a_route_timeout(
+    mode: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A field is never silently ignored: --http-routing connection relays
+    bytes and cannot time a request, so a table with a route timeout is a
+    warning naming the route; per request, the default, there is none."""
+    import asyncio
+
+    from l4proxy.dataplane.listener import bind_listener
+    from l4proxy.rules.watch import RuleWatcher
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TIMED_RULES)
+
+    async def main() -> None:
+        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+        assert watcher.load_now()
+        assert watcher.state.table.timed_routes() == [
+            ("svc.default.svc.cluster.local", "svc/slow", 2.5)
+        ]
+        worker = Worker(
+            [bind_listener("127.0.0.1", 0, "gateway")], watcher, WorkerOptions(http_routing=mode)
+        )
+        worker.close()
+
+    with caplog.at_level("WARNING", logger="l4proxy.worker"):
+        asyncio.run(main())
+    warned = [r.getMessage() for r in caplog.records if "not enforced" in r.getMessage()]
+    if mode == "connection":
+        assert warned == [
+            "route timeouts are not enforced with --http-routing connection (only per "
+            "request, the default): svc.default.svc.cluster.local route svc/slow 2.5 s"
+        ]
+    else:
+        assert warned == []

@@ -994,6 +994,16 @@ class RouteTable:
                 shape = shape.merged(self.request_shape(svc))
         return shape
 
+    def timed_routes(self) -> list[tuple[str, str, float]]:
+        """(host, route name, timeout in seconds) of every route with a
+        timeout, sorted: what --http-routing connection cannot enforce."""
+        return sorted(
+            (host, route.name, route.timeout)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.timeout > 0
+        )
+
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
         method, Host and target, what a request's route depends on."""

@@ -162,6 +162,23 @@ class Refused(Exception):
         self.body = body or why
 
 
+def _warn_ignored_timeouts(table: RouteTable) -> None:
+    """--http-routing connection relays bytes: a route's timeout is not
+    enforced there. Said at each table that has one, never silently."""
+    timed = table.timed_routes()
+    if timed:
+        shown = ", ".join(
+            f"{host} route {name or '(unnamed)'} {t:g} s" for host, name, t in timed[:5]
+        )
+        more = f" and {len(timed) - 5} more" if len(timed) > 5 else ""
+        log.warning(
+            "route timeouts are not enforced with --http-routing connection "
+            "(only per request, the default): %s%s",
+            shown,
+            more,
+        )
+
+
 class Worker:
     def __init__(
         self,
@@ -248,6 +265,10 @@ class Worker:
             _describe_istio(self.relay_counters)
             rules.on_publish.append(self._retain_pooled_endpoints)
             self.relay.retain_endpoints(_named_endpoints(rules.state.table))
+        else:
+            # a field never silently ignored: this mode cannot time a request
+            rules.on_publish.append(_warn_ignored_timeouts)
+            _warn_ignored_timeouts(rules.state.table)
 
     # -- lifecycle ---------------------------------------------------------
     def _describe_counters(self) -> None:
