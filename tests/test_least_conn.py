@@ -35,10 +35,9 @@ import pytest
 import l4proxy.dataplane.pump as pump_module
 import l4proxy.dataplane.relay as relay_module
 import l4proxy.sidecar.worker as worker_module
-from l4proxy.dataplane.listener import bind_listener
-from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.admin import WorkerView, clusters_text
-from l4proxy.sidecar.worker import Worker, WorkerOptions
+from l4proxy.sidecar.worker import Worker
+from tests._worker import gateway_worker
 from tests.conftest import load_twin
 
 N = 3  # long-lived things pinned on A
@@ -232,16 +231,8 @@ def run_worker(
     rules.write_text(RULES % (a.endpoint[1], b.endpoint[1], policy))
 
     async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        lst = bind_listener("127.0.0.1", 0, "gateway")
-        worker = Worker([lst], watcher, WorkerOptions(http_routing=mode))
-        worker.start()
-        try:
-            await scenario(worker, lst.address)
-        finally:
-            await worker.drain(1)
-            worker.close()
+        async with gateway_worker(rules, http_routing=mode) as (_, worker, address):
+            await scenario(worker, address)
 
     asyncio.run(main())
 

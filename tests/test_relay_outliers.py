@@ -29,11 +29,9 @@ from typing import Any
 import pytest
 
 from l4proxy.dataplane._relay_py import Decision
-from l4proxy.dataplane.listener import bind_listener
 from l4proxy.dataplane.relay import HttpRelay
 from l4proxy.rules.health import EndpointHealth
-from l4proxy.rules.watch import RuleWatcher
-from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests._worker import gateway_service, gateway_worker
 from tests.conftest import load_twin
 from tests.test_relay_edges import TWINS, Backend, _client, _read_all, _read_head, _relay
 
@@ -333,27 +331,6 @@ def _read_all_n(s: socket.socket, n: int) -> bytes:
 
 # -- the whole worker -------------------------------------------------------------
 
-RULES = """
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints:
-  - {address: 127.0.0.1, ports: {http: %d}}
-  - {address: 127.0.0.1, ports: {http: %d}}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: gateway}
-spec:
-  defaultBackend:
-    service: {name: svc, port: {number: 8080}}
-"""
-
 
 def _gateway_get(address: tuple[str, int]) -> bytes:
     with socket.create_connection(address, timeout=10) as s:
@@ -382,22 +359,17 @@ def test_a_worker_ejects_an_endpoint_that_resets_every_request(
     bad, good = Served(lambda conn, n: _reset(conn)), Served(_ok)
     bad_backend, good_backend = Backend(bad), Backend(good)
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES % (bad_backend.endpoint[1], good_backend.endpoint[1]))
+    rules.write_text(gateway_service(bad_backend.endpoint[1], good_backend.endpoint[1]))
     answers: list[bytes] = []
     seen: dict[str, Any] = {}
 
     async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        lst = bind_listener("127.0.0.1", 0, "gateway")
-        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
-        worker.start()
-        loop = asyncio.get_running_loop()
-        [svc] = watcher.state.table.services()
-        [ep] = [e for e in svc.endpoints if e.port == bad_backend.endpoint[1]]
-        try:
+        async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
+            loop = asyncio.get_running_loop()
+            [svc] = watcher.state.table.services()
+            [ep] = [e for e in svc.endpoints if e.port == bad_backend.endpoint[1]]
             for _ in range(30):  # round robin: until the bad one had its three
-                answers.append(await loop.run_in_executor(None, _gateway_get, lst.address))
+                answers.append(await loop.run_in_executor(None, _gateway_get, address))
                 if bad.requests == EJECT_AFTER:
                     break
             for _ in range(100):  # its last failure crosses to the loop
@@ -406,11 +378,8 @@ def test_a_worker_ejects_an_endpoint_that_resets_every_request(
                 await asyncio.sleep(0.02)
             seen["ejected"] = not worker.health.is_healthy(ep)
             for _ in range(10):
-                answers.append(await loop.run_in_executor(None, _gateway_get, lst.address))
+                answers.append(await loop.run_in_executor(None, _gateway_get, address))
             seen["describe"] = worker.health.describe(ep)
-        finally:
-            await worker.drain(1)
-            worker.close()
 
     try:
         asyncio.run(main())

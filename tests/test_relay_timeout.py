@@ -25,6 +25,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
+from tests._worker import gateway_service, gateway_worker
 from tests.test_relay_edges import ORIGIN, Backend, _read_all, _read_head, _relay
 from tests.test_relay_edges_count import Counted
 
@@ -286,16 +287,9 @@ def test_a_connect_that_outlasts_the_timeout_gets_504(mode: tuple[str, str]) -> 
         listener.close()
 
 
-TIMED_RULES = """
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1, ports: {http: 9}}]
+TIMED_RULES = (
+    gateway_service(9)
+    + """
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -307,6 +301,7 @@ spec:
     timeout: 2.5s
     route: [{destination: {host: svc.default.svc.cluster.local}}]
 """
+)
 
 
 @pytest.mark.parametrize("mode", ["connection", "request"])
@@ -318,23 +313,14 @@ def test_connection_mode_says_it_does_not_enforce_a_route_timeout(
     warning naming the route; per request, the default, there is none."""
     import asyncio
 
-    from l4proxy.dataplane.listener import bind_listener
-    from l4proxy.rules.watch import RuleWatcher
-    from l4proxy.sidecar.worker import Worker, WorkerOptions
-
     rules = tmp_path / "rules.yaml"
     rules.write_text(TIMED_RULES)
 
     async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        assert watcher.state.table.timed_routes() == [
-            ("svc.default.svc.cluster.local", "svc/slow", 2.5)
-        ]
-        worker = Worker(
-            [bind_listener("127.0.0.1", 0, "gateway")], watcher, WorkerOptions(http_routing=mode)
-        )
-        worker.close()
+        async with gateway_worker(rules, http_routing=mode) as (watcher, _, _):
+            assert watcher.state.table.timed_routes() == [
+                ("svc.default.svc.cluster.local", "svc/slow", 2.5)
+            ]
 
     with caplog.at_level("WARNING", logger="l4proxy.worker"):
         asyncio.run(main())

@@ -34,6 +34,7 @@ from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules import load_rules
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests._worker import gateway_worker
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "uvloop": uvloop.run,
@@ -290,20 +291,12 @@ def _on_a_gateway(tmp_path: Path, routes: str, scenario: Scenario) -> None:
     rules.write_text(SWAP_BASE % (v1.server_address[1], v2.server_address[1]) + routes)
 
     async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        lst = bind_listener("127.0.0.1", 0, "gateway")
-        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
-        worker.start()
+        async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
 
-        async def ask(user: str) -> str:
-            return await asyncio.get_running_loop().run_in_executor(None, _ask, lst.address, user)
+            async def ask(user: str) -> str:
+                return await asyncio.get_running_loop().run_in_executor(None, _ask, address, user)
 
-        try:
             await scenario(watcher, worker, ask)
-        finally:
-            await worker.drain(1)
-            worker.close()
 
     try:
         asyncio.run(main())
@@ -507,21 +500,14 @@ def test_a_name_that_does_not_resolve_is_a_failed_connect_not_a_lost_connection(
     failures: list[int] = []
 
     async def main() -> None:
-        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
-        assert watcher.load_now()
-        lst = bind_listener("127.0.0.1", 0, "gateway")
-        worker = Worker([lst], watcher, WorkerOptions(http_routing="connection", connect_timeout=2))
-        worker.start()
-        loop = asyncio.get_running_loop()
-        try:
+        opts = {"http_routing": "connection", "connect_timeout": 2}
+        async with gateway_worker(rules, **opts) as (watcher, worker, address):
+            loop = asyncio.get_running_loop()
             for _ in range(4):  # round robin: the name, then the address, ...
-                answers.append(await loop.run_in_executor(None, _ask_one, lst.address))
+                answers.append(await loop.run_in_executor(None, _ask_one, address))
             svc = watcher.state.table.services()[0]
             [name] = [e for e in svc.endpoints if e.address == "no-such-pod.invalid"]
             failures.append(worker.health.describe(name)["connect_failures"])
-        finally:
-            await worker.drain(1)
-            worker.close()
 
     try:
         asyncio.run(main())

@@ -1,0 +1,68 @@
+"""An in-process worker on a gateway listener, for tests that drive a real
+:class:`~l4proxy.sidecar.worker.Worker` and :class:`~l4proxy.rules.watch.RuleWatcher`
+on loopback (no supervisor, no namespaces): the rules loaded once, the
+listener bound, the worker started, then drained and closed whatever the
+test did."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+# A service of endpoints on 127.0.0.1 (their ports filled in) that a gateway
+# listener sends everything to: an Ingress default backend.
+GATEWAY_SERVICE = """
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  addresses: [198.19.200.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+%s
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: gateway}
+spec:
+  defaultBackend:
+    service: {name: svc, port: {number: 8080}}
+"""
+
+
+def gateway_service(*ports: int, labels: tuple[str, ...] = ()) -> str:
+    """GATEWAY_SERVICE with an endpoint per port (and a version label each,
+    when *labels* are given)."""
+    rows = []
+    for i, port in enumerate(ports):
+        label = f", labels: {{version: {labels[i]}}}" if labels else ""
+        rows.append(f"  - {{address: 127.0.0.1, ports: {{http: {port}}}{label}}}")
+    return GATEWAY_SERVICE % "\n".join(rows)
+
+
+@contextlib.asynccontextmanager
+async def gateway_worker(
+    rules: Path, start_watcher: bool = False, **options: Any
+) -> AsyncIterator[tuple[RuleWatcher, Worker, tuple[str, int]]]:
+    """(watcher, worker, listener address) for the rules in *rules*; the
+    worker's options are *options* (WorkerOptions' fields)."""
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    worker = Worker([lst], watcher, WorkerOptions(**options))
+    worker.start()
+    if start_watcher:
+        watcher.start()
+    try:
+        yield watcher, worker, lst.address
+    finally:
+        await worker.drain(1)
+        worker.close()
