@@ -761,7 +761,14 @@ class _HeldLink:
             return None  # (the worker answers anyway, later: queued at it)
         finally:
             self.waiting -= 1
-        return {"op": op}
+        return _held_answer(op)
+
+
+def _held_answer(op: str) -> object:
+    """What _HeldLink answers: a /clusters answer is a list of clusters."""
+    if op == "clusters":
+        return [{"service": op, "endpoints": []}]
+    return {"op": op}
 
 
 @pytest.mark.parametrize("op", ["config_dump", "clusters"])
@@ -791,9 +798,123 @@ def test_heavy_requests_are_one_in_flight_per_worker_even_past_their_timeout(op:
 
     timed_out, later, after = asyncio.run(main())
     assert timed_out == [None] * 20 and later == [None] * 5
-    assert after == [{"op": op}] * 20
+    if op == "clusters":  # merged (merge_clusters): who answered is said
+        assert after == [[{"service": op, "endpoints": [], "unanswered_workers": []}]] * 20
+    else:
+        assert after == [_held_answer(op)] * 20
     assert link.asked == {op: 2}  # was 45: one per call
     assert link.most_waiting == 1
+
+
+def _cluster_ep(address: str, healthy: bool = True, **state: object) -> dict[str, object]:
+    """One endpoint of a worker's /clusters answer (WorkerView.clusters_now)."""
+    ep: dict[str, object] = {
+        "address": address,
+        "port": 8080,
+        "labels": {"version": "v1"},
+        "healthy": healthy,
+        "ejected_for_s": 0.0 if healthy else 9.5,
+        "ejections": 0 if healthy else 1,
+        "consecutive_failures": 0,
+        "connect_failures": 0,
+        "response_failures": 0,
+        "successes": 0,
+        "last_error": None,
+        "ejections_suppressed": 0,
+    }
+    ep.update(state)
+    return ep
+
+
+def test_clusters_merges_every_workers_view_and_names_a_silent_one() -> None:
+    """/clusters asked worker 0 only: each worker's counts and ejections are
+    its own (outlier detection, pools, connections per worker), so with
+    --workers N it showed a fraction of the traffic and missed an endpoint
+    another worker had ejected. Now the counts are summed, the endpoint is
+    failed where any worker ejects it (which ones: ejected_in), each worker's
+    view is kept (workers), and a worker that does not answer in time is
+    named instead of holding up the answer."""
+    from l4proxy.sidecar.admin import clusters_text
+
+    sup = Supervisor(argparse.Namespace(), [[], [], []])
+    sup.SHARED_ASK_TIMEOUT_S = 0.05
+    s0, s1, s2 = sup.slots
+    svc = "db.default.svc.cluster.local"
+    dns = [{"name": "db.example", "addresses": ["10.0.0.1"], "last_error": None, "failures": 0}]
+    w0 = [
+        {
+            "service": svc,
+            "endpoints": [
+                _cluster_ep("10.0.0.1", rq_active=2, cx_idle=1, successes=5),
+                _cluster_ep(
+                    "10.0.0.2",
+                    connect_failures=1,
+                    consecutive_failures=1,
+                    last_error="a",
+                    rq_active=0,
+                    cx_idle=0,
+                ),
+            ],
+            "dns": dns,
+        }
+    ]
+    w1 = [
+        {
+            "service": svc,
+            "endpoints": [
+                _cluster_ep("10.0.0.1", rq_active=3, cx_idle=4, successes=1),
+                _cluster_ep(
+                    "10.0.0.2",
+                    False,
+                    connect_failures=3,
+                    last_error="refused",
+                    ejections_suppressed=2,
+                    rq_active=0,
+                    cx_idle=0,
+                ),
+                # only this worker has reloaded to the rules that name it
+                _cluster_ep("10.0.0.3", rq_active=1, cx_idle=0),
+            ],
+            "dns": dns,
+        }
+    ]
+    held = _HeldLink()  # worker 2: busy past the timeout
+    s0.proc, s0.link = _Proc(100), _Link(w0)  # type: ignore[assignment]
+    s1.proc, s1.link = _Proc(101), _Link(w1)  # type: ignore[assignment]
+    s2.proc, s2.link = _Proc(102), held  # type: ignore[assignment]
+    [cluster] = asyncio.run(sup.clusters())
+    assert cluster["service"] == svc and cluster["dns"] == dns
+    assert cluster["unanswered_workers"] == [2]
+    one, two, three = cluster["endpoints"]
+    assert (one["rq_active"], one["cx_idle"], one["successes"]) == (5, 5, 6)
+    assert one["healthy"] is True and one["ejected_in"] == []
+    assert [w["worker"] for w in one["workers"]] == [0, 1]
+    assert [w["rq_active"] for w in one["workers"]] == [2, 3]
+    assert two["healthy"] is False and two["ejected_in"] == [1]
+    assert (two["connect_failures"], two["ejections"], two["ejections_suppressed"]) == (4, 1, 2)
+    assert (two["ejected_for_s"], two["consecutive_failures"]) == (9.5, 1)
+    assert two["last_error"] == "a"  # the lowest-numbered worker's
+    assert [w["last_error"] for w in two["workers"]] == ["a", "refused"]
+    assert two["labels"] == {"version": "v1"} and two["port"] == 8080
+    assert three["address"] == "10.0.0.3" and [w["worker"] for w in three["workers"]] == [1]
+    assert held.asked == {"clusters": 1}
+    text = clusters_text([cluster]).splitlines()
+    assert f"{svc}::unanswered_workers::2" in text
+    assert f"{svc}::10.0.0.1:8080::health_flags::healthy" in text
+    assert f"{svc}::10.0.0.1:8080::ejected_in::-" in text
+    assert f"{svc}::10.0.0.1:8080::rq_active::5" in text
+    assert f"{svc}::10.0.0.2:8080::health_flags::failed_outlier_check" in text
+    assert f"{svc}::10.0.0.2:8080::ejected_in::1" in text
+    assert f"{svc}::10.0.0.2:8080::connect_failures::4" in text
+    # connection mode: cx_active summed alike; no worker answering: None (503)
+    s0.link = _Link([{"service": svc, "endpoints": [_cluster_ep("10.0.0.1", cx_active=2)]}])  # type: ignore[assignment]
+    s1.link = _Link([{"service": svc, "endpoints": [_cluster_ep("10.0.0.1", cx_active=7)]}])  # type: ignore[assignment]
+    s2.link = None
+    [cluster] = asyncio.run(sup.clusters())
+    assert cluster["endpoints"][0]["cx_active"] == 9 and "rq_active" not in cluster["endpoints"][0]
+    assert cluster["unanswered_workers"] == [2]
+    s0.link = s1.link = _Link(None)  # type: ignore[assignment]
+    assert asyncio.run(sup.clusters()) is None
 
 
 def test_workers_still_draining_at_the_deadline_are_killed_together() -> None:

@@ -310,13 +310,23 @@ def _json(obj: Any) -> str:
 
 
 def clusters_text(clusters: list[dict[str, Any]]) -> str:
-    """Envoy's /clusters text form: service::address:port::key::value."""
+    """Envoy's /clusters text form: service::address:port::key::value.
+
+    From the supervisor (the workers' views merged: supervisor.merge_clusters)
+    each endpoint also has ``ejected_in`` (the workers that eject it, ``-``
+    for none), and a service ``unanswered_workers`` while some worker did
+    not answer."""
     lines = []
     for c in clusters:
+        if c.get("unanswered_workers"):
+            workers = ",".join(str(i) for i in c["unanswered_workers"])
+            lines.append(f"{c['service']}::unanswered_workers::{workers}")
         for ep in c["endpoints"]:
             flag = "healthy" if ep["healthy"] else "failed_outlier_check"
             base = f"{c['service']}::{ep['address']}:{ep['port']}"
             lines.append(f"{base}::health_flags::{flag}")
+            if "ejected_in" in ep:
+                lines.append(f"{base}::ejected_in::{','.join(map(str, ep['ejected_in'])) or '-'}")
             lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
             lines.append(f"{base}::response_failures::{ep['response_failures']}")
             lines.append(f"{base}::ejections::{ep['ejections']}")

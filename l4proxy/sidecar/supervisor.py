@@ -28,8 +28,10 @@ frame on its control socket is replaced at once (channel explains why).
 
 The admin endpoint lives in the supervisor and asks the workers over their
 control sockets (framed requests with ids: see channel), summing counters
-across workers. A worker answers its requests in turn, so concurrent admin
-requests share what is asked of it: one /stats round at a time, and at most
+across workers; /clusters merges every worker's view of each endpoint (its
+counts summed, ejected where any worker ejects it: merge_clusters).
+A worker answers its requests in turn, so concurrent admin requests share
+what is asked of it: one /stats round at a time, and at most
 one /config_dump and one /clusters request in flight to each worker, even
 past the admin's timeout (a late answer is still built and sent, and a queue
 of them would starve the watchdog's ping). SIGTERM and SIGHUP are forwarded
@@ -122,6 +124,81 @@ class WorkerSlot:
             ]
         out = [(name, labels, v) for (name, labels), v in self.base.items()]
         return out + self.last_counters
+
+
+# /clusters: what each worker counts on its own, summed over the workers
+CLUSTER_SUMS = (
+    "connect_failures",
+    "response_failures",
+    "successes",
+    "ejections",
+    "ejections_suppressed",
+    "rq_active",
+    "cx_idle",
+    "cx_active",
+)
+_ENDPOINT_KEYS = ("address", "port", "labels")
+
+
+def merge_clusters(answers: list[tuple[int, Any]]) -> list[dict[str, Any]] | None:
+    """The workers' /clusters answers (worker index, answer or None) as one.
+
+    Each worker keeps its own outlier detection and its own connections, so
+    an endpoint's counts (CLUSTER_SUMS) are summed over the workers that
+    answered. It is healthy only where every worker holds it healthy:
+    ``ejected_in`` lists the workers that eject it, ``ejected_for_s`` and
+    ``consecutive_failures`` are the most of any worker, ``last_error`` the
+    lowest-numbered worker's that has one, and ``workers`` holds each
+    worker's own view (its ``worker`` index, and what it reported). Every
+    cluster names the workers that did not answer (``unanswered_workers``).
+    Clusters and endpoints come in the first answer's order; those only some
+    workers know (one not yet reloaded) follow, from those workers only. A
+    cluster's ``dns`` is the first answer's (each worker resolves the same
+    names). None when no worker answered.
+    """
+    unanswered = [i for i, a in answers if a is None]
+    got = [(i, a) for i, a in answers if a is not None]
+    if not got:
+        return None
+    clusters: dict[str, dict[str, Any]] = {}
+    # per cluster, per endpoint: each worker's view
+    views: dict[str, dict[tuple[Any, Any], list[tuple[int, dict[str, Any]]]]] = {}
+    for index, answer in got:
+        for c in answer:
+            service = c["service"]
+            if service not in clusters:
+                clusters[service] = {k: v for k, v in c.items() if k != "endpoints"}
+                views[service] = {}
+            elif "dns" in c and "dns" not in clusters[service]:
+                clusters[service]["dns"] = c["dns"]
+            for ep in c["endpoints"]:
+                views[service].setdefault((ep["address"], ep["port"]), []).append((index, ep))
+    out = []
+    for service, cluster in clusters.items():
+        eps = [_merge_endpoint(per_worker) for per_worker in views[service].values()]
+        out.append({**cluster, "endpoints": eps, "unanswered_workers": unanswered})
+    return out
+
+
+def _merge_endpoint(per_worker: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    first = per_worker[0][1]
+    merged: dict[str, Any] = {k: first[k] for k in _ENDPOINT_KEYS if k in first}
+    ejected_in = [i for i, ep in per_worker if not ep.get("healthy", True)]
+    merged["healthy"] = not ejected_in
+    merged["ejected_for_s"] = max(ep.get("ejected_for_s", 0.0) for _, ep in per_worker)
+    merged["consecutive_failures"] = max(ep.get("consecutive_failures", 0) for _, ep in per_worker)
+    for key in CLUSTER_SUMS:
+        if any(key in ep for _, ep in per_worker):
+            merged[key] = sum(ep.get(key, 0) for _, ep in per_worker)
+    merged["last_error"] = next(
+        (ep["last_error"] for _, ep in per_worker if ep.get("last_error")), None
+    )
+    merged["ejected_in"] = ejected_in
+    merged["workers"] = [
+        {"worker": i, **{k: v for k, v in ep.items() if k not in _ENDPOINT_KEYS}}
+        for i, ep in per_worker
+    ]
+    return merged
 
 
 def describe_exit(code: int) -> str:
@@ -403,8 +480,12 @@ class Supervisor:
         return await self.first("config_dump")
 
     async def clusters(self) -> Any:
-        # Outlier detection is per worker; worker 0's view is shown.
-        return await self.first("clusters")
+        """Every live worker's /clusters, merged (merge_clusters); None when
+        none answered. Asked at once, each within SHARED_ASK_TIMEOUT_S: a
+        worker that does not answer in time (busy, restarting) is left out
+        and named, it does not hold up the rest."""
+        answers = await asyncio.gather(*(self._ask_shared(s, "clusters") for s in self.slots))
+        return merge_clusters([(s.index, a) for s, a in zip(self.slots, answers, strict=True)])
 
     async def first(self, op: str) -> Any:
         for slot in self.slots:
