@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -142,6 +143,59 @@ def test_a_worker_stopped_past_the_timeout_does_not_shift_the_answers(bare: Mesh
 
 
 # -- keepers: any exit status, any spawn failure -------------------------------
+
+
+REFUSING_VIP = "198.19.0.51"
+
+
+@netns
+def test_clusters_sums_the_connect_failures_of_every_worker(bare: Mesh) -> None:
+    """--workers 2, one endpoint that refuses every connect: each worker
+    counts (and ejects on) the failures it met itself, and /clusters showed
+    worker 0's alone. Connections until both workers have met three (the
+    kernel spreads them, SO_REUSEPORT): /clusters shows the sum, which is
+    /stats' summed count, and the endpoint ejected in both."""
+    env, args = IMPLS["compiled-uvloop"]
+    bare.env.update(env)
+    refusing = bare.net.add_pod("refusing", labels={"app": "db"})  # nothing listens
+    bare.write_rules(
+        service_entry("db", REFUSING_VIP, 8080, [(refusing.ipv4, {})], "TCP", "tcp-db")
+    )
+    sc = bare.start_client(run_args=(*args, "--workers", "2", "--ejection-time", "300"))
+    assert len(sc.worker_pids()) == 2
+    svc = "db.default.svc.cluster.local"
+
+    def endpoint() -> dict[str, Any]:
+        [cluster] = [
+            c for c in json.loads(sc.admin("/clusters?format=json")) if c["service"] == svc
+        ]
+        assert cluster["unanswered_workers"] == []
+        [ep] = cluster["endpoints"]
+        return ep  # type: ignore[no-any-return]
+
+    for _ in range(100):  # 400 connections: both get 3 but for a 1 in 2**390 draw
+        ep = endpoint()
+        per_worker = [w["connect_failures"] for w in ep["workers"]]
+        if len(per_worker) == 2 and min(per_worker) >= 3:
+            break
+        codes = [ln for ln in bare.curl(f"http://{REFUSING_VIP}:8080/", n=4) if ln]
+        assert codes == ["000"] * 4, codes
+    else:
+        raise AssertionError(f"both workers never met 3 failures: {ep}")
+    ep = endpoint()
+    assert [w["worker"] for w in ep["workers"]] == [0, 1], ep
+    total = sum(w["connect_failures"] for w in ep["workers"])
+    assert ep["connect_failures"] == total == sc.stat("l4proxy_upstream_connect_failures_total")
+    assert ep["ejections"] == sum(w["ejections"] for w in ep["workers"]) == 2, ep
+    assert ep["healthy"] is False and ep["ejected_in"] == [0, 1], ep
+    assert "refused" in str(ep["last_error"]).lower(), ep
+    text = sc.admin("/clusters").splitlines()
+    base = f"{svc}::{refusing.ipv4}:8080"
+    assert f"{base}::connect_failures::{total}" in text, text
+    assert f"{base}::health_flags::failed_outlier_check" in text, text
+    assert f"{base}::ejected_in::0,1" in text, text
+    assert f"{base}::cx_active::0" in text, text
+    assert not any("unanswered_workers" in line for line in text), text
 
 
 @netns
