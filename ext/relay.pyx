@@ -1919,12 +1919,22 @@ cdef inline Py_ssize_t line_end(const unsigned char *b, Py_ssize_t i, const unsi
     return le - 1 if (le > i and b[le - 1] == CR) else le
 
 
+cdef bint keep_alive_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
+    """Whether b[i:le], a header line of a validated head, is a Keep-Alive
+    line (its name, to its ":"; _is_keep_alive_line in _exchange_py.py)."""
+    cdef Py_ssize_t colon = i
+    while colon < le and b[colon] != COLON:
+        colon += 1
+    return colon < le and header_is(b + i, colon - i, b"keep-alive", 10)
+
+
 cdef bint close_beside_others(const unsigned char *b, Py_ssize_t hl) noexcept nogil:
-    """Whether a Connection line of the head b[:hl] names close beside
-    another token (kept_client_head() then answers None: not rewritten)."""
+    """Whether the Connection field of the head b[:hl] (its lines together)
+    names close beside another token, on one line or on several
+    (kept_client_head() then answers None: not rewritten)."""
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i
-    cdef int t
+    cdef int t, field = 0
     if lf == NULL:  # (never: the head was judged whole)
         return False
     i = lf - b + 1
@@ -1933,21 +1943,21 @@ cdef bint close_beside_others(const unsigned char *b, Py_ssize_t hl) noexcept no
         if lf == NULL:
             break
         t = connection_line(b, i, line_end(b, i, lf))
-        if t > 0 and t & TOK_CLOSE and t & TOK_OTHER:
-            return True
+        if t > 0:
+            field |= t
         i = lf - b + 1
-    return False
+    return (field & TOK_CLOSE) != 0 and (field & TOK_OTHER) != 0
 
 
 cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
     """kept_client_head() in _exchange_py.py, to the client: the head in
-    c.rhead[:hl] without its Connection lines of close / keep-alive alone,
-    with "connection: keep-alive" added when the response (its status line
+    c.rhead[:hl] without its Connection lines of close / keep-alive alone
+    nor its Keep-Alive lines, with "connection: keep-alive" added when the response (its status line
     was validated: b[7] is its minor version) or the request is HTTP/1.0.
     -1 when the connection went away."""
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
-    cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0
+    cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le
     cdef int t
     # the empty line that ends the head (CRLF or a bare LF)
     cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
@@ -1955,8 +1965,9 @@ cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         if lf == NULL:  # (never: the head was judged whole; the rest goes as it is)
             break
-        t = connection_line(b, i, line_end(b, i, lf))
-        if t >= 0 and not t & TOK_OTHER:  # dropped
+        le = line_end(b, i, lf)
+        t = connection_line(b, i, le)
+        if (t >= 0 and not t & TOK_OTHER) or (t < 0 and keep_alive_line(b, i, le)):  # dropped
             if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
                 return -1
             sent += i - run
@@ -1981,8 +1992,8 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
 
     Whether the client connection persists is the client's (_client_persists
     in _exchange_py.py), not the upstream's: a head that does not persist is
-    rewritten for a client that does (send_kept_head), unless a Connection
-    line names close beside other tokens."""
+    rewritten for a client that does (send_kept_head), unless the Connection
+    field names close beside other tokens (close_beside_others)."""
     cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
                       and not c.client_eof)
     cdef bint rewrite = False

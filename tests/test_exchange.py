@@ -26,6 +26,7 @@ from l4proxy.dataplane._exchange_py import (
     Route,
     Tunnel,
     Upstream,
+    kept_client_head,
     upstream_head,
 )
 from l4proxy.dataplane._framing_py import parse_response_head
@@ -477,8 +478,33 @@ def test_close_delimited_response_closes_the_client_whatever_it_asked() -> None:
         (
             GET,
             b"HTTP/1.1 200 OK\nConnection: keep-alive\nX-A: 1\nConnection: , close \n"
-            b"Connection: x-b\nContent-Length: 2\n\nv1",
-            b"HTTP/1.1 200 OK\nX-A: 1\nConnection: x-b\nContent-Length: 2\n\nv1",
+            b"Content-Length: 2\n\nv1",
+            b"HTTP/1.1 200 OK\nX-A: 1\nContent-Length: 2\n\nv1",
+        ),
+        # the upstream's Keep-Alive goes too: its timeout / max were about
+        # the upstream connection, which closes
+        (
+            GET,
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=1, max=1\r\n"
+            b"Content-Length: 2\r\n\r\nv1",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv1",
+        ),
+        # whatever its case, among other lines, as many as there are; a
+        # header whose name only starts so (Keep-Alive-X) stays
+        (
+            GET,
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nkEEP-aLIVE: max=5\r\nConnection: close\r\n"
+            b"Keep-Alive-X: 2\r\nContent-Length: 2\r\nKEEP-ALIVE:timeout=3\r\nX-B: keep-alive\r\n"
+            b"\r\nv1",
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nKeep-Alive-X: 2\r\nContent-Length: 2\r\n"
+            b"X-B: keep-alive\r\n\r\nv1",
+        ),
+        # HTTP/1.0 without keep-alive but with a Keep-Alive line: it goes,
+        # and the client is told keep-alive (by us, with no parameters)
+        (
+            GET,
+            b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=1, max=1\r\nContent-Length: 2\r\n\r\nv1",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nv1",
         ),
         # a 204 (no body): the same
         (
@@ -487,7 +513,15 @@ def test_close_delimited_response_closes_the_client_whatever_it_asked() -> None:
             b"HTTP/1.1 204 No Content\r\n\r\n",
         ),
     ],
-    ids=["http10", "http10_client", "lines", "204"],
+    ids=[
+        "http10",
+        "http10_client",
+        "lines",
+        "keep_alive",
+        "keep_alive_mixed",
+        "http10_ka_line",
+        "204",
+    ],
 )
 def test_a_closing_response_head_is_rewritten_for_a_client_that_stays(
     request_: bytes, response: bytes, client: bytes
@@ -502,16 +536,63 @@ def test_a_closing_response_head_is_rewritten_for_a_client_that_stays(
         assert got.values(name) == sent.values(name)
 
 
-def test_a_close_beside_other_tokens_is_not_rewritten_and_closes_the_client() -> None:
-    """``Connection: close, x-foo``: the line also names a hop-by-hop header
-    of that response; it is passed on as it is, and the client closes."""
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"Connection: close, x-foo\r\n",
+        # the same field on two lines (RFC 9110 §5.3): the same answer
+        b"Connection: close\r\nConnection: x-foo\r\n",
+        b"Connection: x-foo\r\nConnection: close\r\n",
+        b"Connection: keep-alive, x-foo\r\nConnection: CLOSE\r\n",
+    ],
+    ids=["one_line", "two_lines", "two_lines_other_first", "keep_alive_beside_other"],
+)
+def test_a_close_beside_other_tokens_is_not_rewritten_and_closes_the_client(
+    connection: bytes,
+) -> None:
+    """``Connection: close, x-foo``: the field also names a hop-by-hop header
+    of that response; it is passed on as it is (Keep-Alive too), and the
+    client closes, whether its tokens are on one line or on several."""
     d = Driver()
     d.send(GET)
     closing = (
-        b"HTTP/1.1 200 OK\r\nConnection: close, x-foo\r\nx-foo: 1\r\nContent-Length: 2\r\n\r\nv1"
+        b"HTTP/1.1 200 OK\r\n" + connection + b"x-foo: 1\r\nKeep-Alive: timeout=1\r\n"
+        b"Content-Length: 2\r\n\r\nv1"
     )
     d.answer(closing)
     assert d.client == closing and d.released == [False] and d.events == ["Close"]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close, x-foo\r\nKeep-Alive: max=1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: x-foo\r\nKeep-Alive: max=1\r\n\r\n",
+    ],
+    ids=["one_line", "two_lines"],
+)
+def test_kept_client_head_refuses_a_close_beside_other_tokens(head: bytes) -> None:
+    resp = parse_response_head(head)
+    assert resp is not None
+    assert kept_client_head(head, resp, False) is None
+    assert kept_client_head(head, resp, True) is None
+
+
+def test_kept_client_head_drops_keep_alive_lines_only_when_it_rewrites() -> None:
+    """A Keep-Alive line goes with the rewrite; a persistent answer (not
+    rewritten) keeps it, as the upstream's word on a connection that stays."""
+    head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=1, max=1\r\n\r\n"
+    resp = parse_response_head(head)
+    assert resp is not None
+    assert kept_client_head(head, resp, False) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert kept_client_head(head, resp, True) == (
+        b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\n\r\n"
+    )
+    d = Driver()
+    d.send(GET)
+    persistent = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=1\r\nContent-Length: 2\r\n\r\nv1"
+    d.answer(persistent)
+    assert d.client == persistent and d.released == [True] and d.events == []
 
 
 def test_http10_request_is_not_pooled_unless_keep_alive() -> None:

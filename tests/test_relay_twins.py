@@ -172,6 +172,44 @@ ANSWERS: dict[str, Answer] = {
         (_ok(b"ok", b"Connection: keep-alive\r\nConnection: x-b\r\nConnection: ,CLOSE\t\r\n"),),
         close=True,
     ),
+    "conn_close_split": Answer(  # conn_close_others' field on two lines
+        (_ok(b"ok", b"Connection: close\r\nConnection: x-foo\r\nx-foo: 1\r\n"),), close=True
+    ),
+    "conn_close_others_ka": Answer(
+        (_ok(b"ok", b"Connection: close, x-foo\r\nx-foo: 1\r\nKeep-Alive: max=1\r\n"),),
+        close=True,
+    ),
+    # the upstream's Keep-Alive (parameters of its own connection)
+    "ka_close": Answer(
+        (_ok(b"ok", b"Connection: close\r\nKeep-Alive: timeout=1, max=1\r\n"),), close=True
+    ),
+    "ka_mixed_case": Answer(
+        (
+            _head(
+                b"X-A: 1",
+                b"kEEP-aLIVE: max=5",
+                b"Connection: close",
+                b"Keep-Alive-X: 2",
+                _CL2,
+                b"KEEP-ALIVE:timeout=3",
+                b"X-B: keep-alive",
+            )
+            + b"ok",
+        ),
+        close=True,
+    ),
+    "ka_chunked_close": Answer(
+        (
+            _head(b"Keep-Alive: timeout=1", b"Transfer-Encoding: chunked", b"Connection: close")
+            + b"2\r\nok\r\n0\r\n\r\n",
+        ),
+        close=True,
+    ),
+    "http10_ka_line": Answer(
+        (_head(b"Keep-Alive: timeout=1, max=1", _CL2, status=b"HTTP/1.0 200 OK") + b"ok",),
+        close=True,
+    ),
+    "ka_persistent": Answer((_ok(b"ok", b"Keep-Alive: timeout=5, max=100\r\n"),)),
     "204_close": Answer((_head(b"Connection: close", status=b"HTTP/1.1 204 No Content"),), True),
     # obs-text beside a token: NBSP and NEL are not OWS (RFC 9110 §5.6.3), so
     # "close\xa0" is not "close", nor "\x85keep-alive" keep-alive, nor
@@ -919,8 +957,13 @@ KEPT_ANSWERS = {
     "conn_close": _ok(b"ok"),
     "conn_close_open": _ok(b"ok"),
     "conn_ka_close": _ok(b"ok"),
-    "conn_close_lines": _ok(b"ok", b"Connection: x-b\r\n"),
     "chunked_close": _CHUNKED + b"2\r\nok\r\n0\r\n\r\n",
+    # the upstream's Keep-Alive lines go with its close (and only they: a
+    # name that starts so, or a value that says keep-alive, stays)
+    "ka_close": _ok(b"ok"),
+    "ka_mixed_case": _head(b"X-A: 1", b"Keep-Alive-X: 2", _CL2, b"X-B: keep-alive") + b"ok",
+    "ka_chunked_close": _CHUNKED + b"2\r\nok\r\n0\r\n\r\n",
+    "http10_ka_line": _KEPT_10,
     "http10": _KEPT_10,
     "http10_open": _KEPT_10,
     "http10_chunkless_close": _KEPT_10,
@@ -950,6 +993,7 @@ def test_a_closing_answer_keeps_a_keep_alive_client(name: str) -> None:
         ("http10", b"Connection: close\r\n", b"1.1"),
         ("conn_close", b"", b"1.0"),  # an HTTP/1.0 client that did not ask keep-alive
         ("conn_close_others", b"", b"1.1"),  # a close beside other tokens: not rewritten
+        ("conn_close_split", b"", b"1.1"),  # ... on another line of the field
     ],
 )
 def test_a_closing_answer_still_closes_when_the_client_must_close(
@@ -961,6 +1005,27 @@ def test_a_closing_answer_still_closes_when_the_client_must_close(
     assert closed and received.startswith(ANSWERS[name].data.split(b"\r\n\r\n")[0])
     assert b"\r\nconnection: close" in received.lower()
     assert out.counters["requests"] == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["conn_close_others", "conn_close_split", "conn_close_lines", "conn_close_others_ka"]
+)
+def test_a_close_beside_other_tokens_closes_the_client_on_one_line_or_several(name: str) -> None:
+    """The Connection field is its lines together (RFC 9110 §5.3): ``close,
+    x-foo`` on one line and ``close`` with ``x-foo`` on another are the same
+    field, and both twins answer them alike: the head goes as the upstream
+    sent it (its Keep-Alive too: nothing is rewritten), and the client
+    connection closes after it."""
+    out = both(conv(get(name), requests=1))
+    assert out.clients == [(ANSWERS[name].data, True)]
+    assert out.counters == {"requests": 1, "local_answers": 0, "errors": 0}
+
+
+def test_a_persistent_answers_keep_alive_line_is_left_as_it_is() -> None:
+    """Keep-Alive goes only with a rewritten head: a persistent answer keeps
+    it (its upstream connection stays too)."""
+    out = both(conv(get("ka_persistent"), Settle(1), get("cl"), requests=2))
+    assert out.clients == [(ANSWERS["ka_persistent"].data + ANSWERS["cl"].data, False)]
 
 
 @pytest.mark.parametrize("byte", INTERESTING_BYTES)

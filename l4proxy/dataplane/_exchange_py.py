@@ -55,14 +55,17 @@ Decisions
   half-closed; whether the *upstream* connection persists does not matter.
   A response head that says ``Connection: close`` (or an HTTP/1.0 one
   without ``keep-alive``) then goes to the client without its Connection
-  lines that say only ``close`` / ``keep-alive`` (the upstream connection
-  is closed, not pooled), with ``connection: keep-alive`` added when the
-  response or the request is HTTP/1.0 (such a client closes otherwise):
-  see :func:`kept_client_head`. Nothing else is rewritten: the framing
-  headers never are. A Connection line that names ``close`` beside other
-  tokens (``close, x-foo``) is left as it is, and the client connection
-  closes after that response. A close-delimited response is framed by the
-  close, so the client connection ends with it, whatever was asked.
+  lines that say only ``close`` / ``keep-alive`` and without its
+  ``Keep-Alive`` lines (the upstream connection is closed, not pooled:
+  their ``timeout`` / ``max`` are not the client's), with ``connection:
+  keep-alive`` added when the response or the request is HTTP/1.0 (such a
+  client closes otherwise): see :func:`kept_client_head`. Nothing else is
+  rewritten: the framing headers never are. A Connection field that names
+  ``close`` beside other tokens, on one line (``close, x-foo``) or on
+  several (``close`` and ``x-foo``, the same field to HTTP), is left as it
+  is, and the client connection closes after that response. A
+  close-delimited response is framed by the close, so the client
+  connection ends with it, whatever was asked.
 * *Retry* (Envoy's rule for pooled HTTP/1 connections): if a *reused*
   upstream connection closes before any response byte, the request is sent
   once more on a new connection, when the method is idempotent (RFC 9110
@@ -312,29 +315,49 @@ def kept_client_head(raw: bytes, resp: ResponseHead, request_http10: bool) -> by
     connection stays open (see "Client persistence is the client's").
 
     Its Connection lines whose tokens are only ``close`` and ``keep-alive``
-    go (the upstream's word on its own connection); ``connection:
-    keep-alive`` is added before the empty line that ends the head when the
-    response or the request is HTTP/1.0 (a client persists after an HTTP/1.0
-    response, or as an HTTP/1.0 client, only when told). Every other line is
-    kept as it is, the framing headers included. None when a Connection line
-    names ``close`` beside another token: it is not rewritten (its other
-    tokens name hop-by-hop headers of that response), so the client closes.
+    go (the upstream's word on its own connection), and so do its
+    ``Keep-Alive`` lines (their ``timeout`` / ``max`` describe the upstream
+    connection, which closes, not the client's); ``connection: keep-alive``
+    is added before the empty line that ends the head when the response or
+    the request is HTTP/1.0 (a client persists after an HTTP/1.0 response,
+    or as an HTTP/1.0 client, only when told). Every other line is kept as
+    it is, the framing headers included.
+
+    None when the Connection field (its lines together, as RFC 9110 §5.3
+    combines them) names ``close`` beside another token, on one line
+    (``close, x-foo``) or on several (``close`` and ``x-foo``): it is not
+    rewritten (its other tokens name hop-by-hop headers of the upstream's
+    connection), so the client closes.
     """
     lines = raw.split(b"\n")
     kept = [lines[0]]
+    field: set[bytes] = set()
     for line in lines[1:]:
         tokens = _connection_tokens(line)
         if tokens is not None:
-            if tokens <= {b"close", b"keep-alive", b""}:
+            field |= tokens
+            if tokens <= _CLOSE_OR_KEEP:
                 continue
-            if b"close" in tokens:
-                return None
+        elif _is_keep_alive_line(line):
+            continue
         kept.append(line)
+    if b"close" in field and not field <= _CLOSE_OR_KEEP:
+        return None
     out = b"\n".join(kept)
     if resp.version == "HTTP/1.0" or request_http10:
         end = len(out) - (2 if out.endswith(b"\r\n") else 1)
         out = out[:end] + b"connection: keep-alive\r\n" + out[end:]
     return out
+
+
+# Connection tokens that are about the connection alone ("" an empty one).
+_CLOSE_OR_KEEP = frozenset((b"close", b"keep-alive", b""))
+
+
+def _is_keep_alive_line(line: bytes) -> bool:
+    """Whether a header line is a Keep-Alive line (its name, to its ":")."""
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and name.lower() == b"keep-alive"
 
 
 def _persistent(resp: ResponseHead) -> bool:
