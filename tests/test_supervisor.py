@@ -25,7 +25,7 @@ import pytest
 
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.demo.podnet import PodNetwork
-from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit
+from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit, merge_clusters
 from l4proxy.stats import START_TIME, RulesMark, process_start_time
 from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
 
@@ -1004,3 +1004,62 @@ def test_workers_still_draining_at_the_deadline_are_killed_together() -> None:
             lst.sock.close()
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
     assert 1.4 < took < 2.25, took  # one deadline (1.5 s), not two (3 s)
+
+
+def _ep(port: int, version: str, **fields: Any) -> dict[str, Any]:
+    return {"address": "10.0.0.1", "port": port, "labels": {"version": version}, **fields}
+
+
+def test_clusters_merge_keeps_one_address_with_two_label_sets_apart() -> None:
+    """One address:port may be two endpoints of a service (two ServiceEntry
+    endpoints told apart by labels, for two subsets): each worker reports
+    both, with the same per-address counts; merged per (address, port,
+    labels), each is summed once over the workers, not once per entry."""
+    worker = [
+        {
+            "service": "svc",
+            "endpoints": [
+                _ep(9000, "a", healthy=True, connect_failures=2, cx_active=1),
+                _ep(9000, "b", healthy=True, connect_failures=2, cx_active=1),
+            ],
+        }
+    ]
+    other = [
+        {
+            "service": "svc",
+            "endpoints": [
+                _ep(9000, "a", healthy=False, connect_failures=3, cx_active=1),
+                _ep(9000, "b", healthy=False, connect_failures=3, cx_active=1),
+            ],
+        }
+    ]
+    merged = merge_clusters([(0, worker), (1, other)])
+    assert merged is not None
+    [svc] = merged
+    assert [ep["labels"] for ep in svc["endpoints"]] == [{"version": "a"}, {"version": "b"}]
+    for ep in svc["endpoints"]:
+        assert (ep["connect_failures"], ep["cx_active"], ep["ejected_in"]) == (5, 2, [1]), ep
+        assert [w["worker"] for w in ep["workers"]] == [0, 1]
+    # one worker alone: its own figures, as --single-process shows them
+    [alone] = merge_clusters([(0, worker)]) or []
+    assert [ep["connect_failures"] for ep in alone["endpoints"]] == [2, 2]
+
+
+def test_clusters_merge_names_a_malformed_answer_and_keeps_unknown_fields() -> None:
+    """An answer not shaped as a worker's (a bug, a version skew) counts as
+    none: named in unanswered_workers, the others merged, never an error; a
+    field the merge does not know is carried as the first worker says it."""
+    good = [{"service": "svc", "endpoints": [_ep(9000, "a", healthy=True, new_field=7)]}]
+    for bad in (
+        {"service": "svc"},
+        [{"service": "svc"}],
+        [{"service": "svc", "endpoints": [{}]}],
+        [None],
+    ):
+        merged = merge_clusters([(0, good), (1, bad), (2, None)])
+        assert merged is not None
+        [svc] = merged
+        assert svc["unanswered_workers"] == [1, 2]
+        [ep] = svc["endpoints"]
+        assert ep["new_field"] == 7 and ep["healthy"] is True
+    assert merge_clusters([(0, {"nonsense": 1}), (1, None)]) is None

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -156,13 +157,16 @@ def merge_clusters(answers: list[tuple[int, Any]]) -> list[dict[str, Any]] | Non
     cluster's ``dns`` is the first answer's (each worker resolves the same
     names). None when no worker answered.
     """
-    unanswered = [i for i, a in answers if a is None]
-    got = [(i, a) for i, a in answers if a is not None]
+    # an answer not of the shape a worker sends (a bug, a version skew) is
+    # counted as none: the endpoint answers the others', never an error
+    unanswered = [i for i, a in answers if not _clusters_shaped(a)]
+    got = [(i, a) for i, a in answers if _clusters_shaped(a)]
     if not got:
         return None
     clusters: dict[str, dict[str, Any]] = {}
-    # per cluster, per endpoint: each worker's view
-    views: dict[str, dict[tuple[Any, Any], list[tuple[int, dict[str, Any]]]]] = {}
+    # per cluster, per endpoint (its labels too: one address:port may be two
+    # endpoints of a service, told apart by their labels): each worker's view
+    views: dict[str, dict[tuple[Any, Any, str], list[tuple[int, dict[str, Any]]]]] = {}
     for index, answer in got:
         for c in answer:
             service = c["service"]
@@ -172,7 +176,8 @@ def merge_clusters(answers: list[tuple[int, Any]]) -> list[dict[str, Any]] | Non
             elif "dns" in c and "dns" not in clusters[service]:
                 clusters[service]["dns"] = c["dns"]
             for ep in c["endpoints"]:
-                views[service].setdefault((ep["address"], ep["port"]), []).append((index, ep))
+                key = (ep["address"], ep["port"], json.dumps(ep.get("labels"), sort_keys=True))
+                views[service].setdefault(key, []).append((index, ep))
     out = []
     for service, cluster in clusters.items():
         eps = [_merge_endpoint(per_worker) for per_worker in views[service].values()]
@@ -180,9 +185,23 @@ def merge_clusters(answers: list[tuple[int, Any]]) -> list[dict[str, Any]] | Non
     return out
 
 
+def _clusters_shaped(answer: Any) -> bool:
+    """A list of clusters, each a dict with its service and a list of
+    endpoints, each a dict with its address and port."""
+    return isinstance(answer, list) and all(
+        isinstance(c, dict)
+        and "service" in c
+        and isinstance(c.get("endpoints"), list)
+        and all(isinstance(ep, dict) and "address" in ep and "port" in ep for ep in c["endpoints"])
+        for c in answer
+    )
+
+
 def _merge_endpoint(per_worker: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     first = per_worker[0][1]
-    merged: dict[str, Any] = {k: first[k] for k in _ENDPOINT_KEYS if k in first}
+    # what this merge does not know (a field added later) as the first
+    # worker says it, then what it does
+    merged: dict[str, Any] = dict(first)
     ejected_in = [i for i, ep in per_worker if not ep.get("healthy", True)]
     merged["healthy"] = not ejected_in
     merged["ejected_for_s"] = max(ep.get("ejected_for_s", 0.0) for _, ep in per_worker)
