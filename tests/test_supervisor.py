@@ -1063,3 +1063,30 @@ def test_clusters_merge_names_a_malformed_answer_and_keeps_unknown_fields() -> N
         [ep] = svc["endpoints"]
         assert ep["new_field"] == 7 and ep["healthy"] is True
     assert merge_clusters([(0, {"nonsense": 1}), (1, None)]) is None
+
+
+def test_config_dump_asks_the_other_workers_at_once_when_the_first_is_busy() -> None:
+    """/config_dump is the first worker's answer; when that one is busy past
+    the timeout, the others are asked at once (not in turn, one timeout
+    each: N hung workers were N waits): worker 2 is asked before the wait on
+    worker 1, also busy, is over, and its answer is the one given."""
+    sup = Supervisor(argparse.Namespace(), [[], [], []])
+    sup.SHARED_ASK_TIMEOUT_S = 0.05
+    s0, s1, s2 = sup.slots
+    s0.proc, s0.link = _Proc(100), _HeldLink()  # type: ignore[assignment]
+    s1.proc, s1.link = _Proc(101), _HeldLink()  # type: ignore[assignment]
+    s2.proc, s2.link = _Proc(102), _Link({"generation": 7})  # type: ignore[assignment]
+    events: list[tuple[str, int]] = []
+    ask_shared = sup._ask_shared
+
+    async def logged(slot: WorkerSlot, op: str) -> Any:
+        events.append(("asked", slot.index))
+        try:
+            return await ask_shared(slot, op)
+        finally:
+            events.append(("over", slot.index))
+
+    sup._ask_shared = logged  # type: ignore[method-assign]
+    assert asyncio.run(sup.config_dump()) == {"generation": 7}
+    assert events.index(("asked", 2)) < events.index(("over", 1)), events
+    assert events[:2] == [("asked", 0), ("over", 0)]

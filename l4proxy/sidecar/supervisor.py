@@ -507,11 +507,17 @@ class Supervisor:
         return merge_clusters([(s.index, a) for s, a in zip(self.slots, answers, strict=True)])
 
     async def first(self, op: str) -> Any:
-        for slot in self.slots:
-            ans = await self._ask_shared(slot, op)
-            if ans is not None:
-                return ans
-        return None
+        """The first worker's answer to *op* (/config_dump: every worker has
+        the same table); when it has none in time (busy, restarting), the
+        first of the others', asked at once: two waits at most, where asking
+        them in turn made N hung workers N waits of SHARED_ASK_TIMEOUT_S."""
+        if not self.slots:
+            return None
+        ans = await self._ask_shared(self.slots[0], op)
+        if ans is not None:
+            return ans
+        rest = await asyncio.gather(*(self._ask_shared(s, op) for s in self.slots[1:]))
+        return next((a for a in rest if a is not None), None)
 
     async def _ask_shared(self, slot: WorkerSlot, op: str) -> Any:
         """*op* asked of *slot*'s worker once for every caller meanwhile.
