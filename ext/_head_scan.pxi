@@ -1,8 +1,8 @@
 # The request-head scanner of ext/peek.pyx, shared (``include``) by the
 # modules that scan request heads without the GIL: ext/peek.pyx (the
 # HeadParser twin) and ext/relay.pyx (the compiled relay). C declarations and
-# nogil functions only; include ext/_bytes.pxi first, and cimport memchr and
-# memcmp from libc.string.
+# nogil functions only; include ext/_bytes.pxi first, cimport memchr and
+# memcmp from libc.string and uint64_t from libc.stdint.
 
 # Result and error codes: the values of the same names in _peek_py.py.
 cdef enum:
@@ -145,6 +145,7 @@ cdef extern from *:
     }
     """
     bint eq_lower_words "l4_eq_lower"(const unsigned char* p, const char* lit, size_t n) noexcept nogil
+    uint64_t load_upto8 "l4_load_upto8"(const unsigned char* p, size_t n) noexcept nogil
 
 
 cdef inline bint eq_lower(const unsigned char* p, const char* lit, Py_ssize_t n) noexcept nogil:
@@ -536,9 +537,18 @@ cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssiz
         i += 1
 
 
-cdef void scan_connection(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
-                          bint* close, bint* keep_alive) noexcept nogil:
+# What the tokens of a Connection value are (an empty token is none of these).
+cdef enum:
+    TOK_CLOSE = 1
+    TOK_KEEP = 2
+    TOK_OTHER = 4
+
+
+cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """The tokens of the Connection value buf[a:b] (a comma list, each
+    without the OWS around it), as TOK_* bits."""
     cdef Py_ssize_t i = a, es, ee
+    cdef int t = 0
     while True:
         es = i
         while i < b and buf[i] != COMMA:
@@ -549,12 +559,23 @@ cdef void scan_connection(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
         while ee > es and is_ows(buf[ee - 1]):
             ee -= 1
         if ee - es == 5 and eq_lower(buf + es, b"close", 5):
-            close[0] = True
+            t |= TOK_CLOSE
         elif ee - es == 10 and eq_lower(buf + es, b"keep-alive", 10):
-            keep_alive[0] = True
+            t |= TOK_KEEP
+        elif ee > es:
+            t |= TOK_OTHER
         if i == b:
-            return
+            return t
         i += 1
+
+
+cdef inline void scan_connection(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
+                                 bint* close, bint* keep_alive) noexcept nogil:
+    cdef int t = connection_tokens(buf, a, b)
+    if t & TOK_CLOSE:
+        close[0] = True
+    if t & TOK_KEEP:
+        keep_alive[0] = True
 
 
 cdef struct Field:

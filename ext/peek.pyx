@@ -21,6 +21,7 @@ pointer into a caller's object after the call.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 from l4proxy.dataplane._peek_py import HeadError, NotHTTP, RequestHead, make_error

@@ -1116,31 +1116,11 @@ cdef struct Head:
     Py_ssize_t key_e[MAX_KEY_HEADERS]
 
 
-cdef bint only_close_tokens(const unsigned char *buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
-    """The Connection value a..b has no token but close and keep-alive."""
-    cdef Py_ssize_t i = a, es, ee
-    while True:
-        es = i
-        while i < b and buf[i] != COMMA:
-            i += 1
-        ee = i
-        while es < ee and (is_ows(buf[es]) or buf[es] == CR):
-            es += 1
-        while ee > es and (is_ows(buf[ee - 1]) or buf[ee - 1] == CR):
-            ee -= 1
-        if ee > es and not (ee - es == 5 and eq_lower(buf + es, b"close", 5)) and not (
-                ee - es == 10 and eq_lower(buf + es, b"keep-alive", 10)):
-            return False
-        if i == b:
-            return True
-        i += 1
-
-
 cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
     """What the fast path needs from a complete head (mirrors build() in peek.pyx)."""
-    cdef Py_ssize_t p = s.headers_start, i, ls, colon, ns, ne, vs, ve, k
+    cdef Py_ssize_t p = s.headers_start, i, ls, ns, ne, vs, ve, k
     cdef int j
-    cdef bint kc, ka
+    cdef int t
     cdef Field f
     h.ms = s.method_start
     h.me = s.method_end
@@ -1164,7 +1144,6 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     while next_field(buf, p, s.head_length, &f):
         ls = f.ls
         i = f.lf
-        colon = f.ne
         ns = f.ns
         ne = f.ne
         vs = f.vs
@@ -1183,10 +1162,13 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             h.te_lines += 1
             h.te_chunked = ve - vs == 7 and eq_lower(buf + vs, b"chunked", 7)
         elif k == 10 and eq_lower(buf + ns, b"connection", 10):
-            scan_connection(buf, vs, ve, &h.conn_close, &h.conn_keep_alive)
-            # upstream_head() in _exchange_py.py splits the line at its ":"
-            # and the value's tokens, CR included, around commas.
-            if only_close_tokens(buf, colon + 1, i):
+            t = connection_tokens(buf, vs, ve)
+            h.conn_close = h.conn_close or (t & TOK_CLOSE) != 0
+            h.conn_keep_alive = h.conn_keep_alive or (t & TOK_KEEP) != 0
+            # upstream_head() in _exchange_py.py drops a line of close and
+            # keep-alive tokens alone (a validated value holds no CR but its
+            # line's end: its tokens are the trimmed value's)
+            if not t & TOK_OTHER:
                 if h.n_conn < MAX_CONN_LINES:
                     h.conn_s[h.n_conn] = ls
                     h.conn_e[h.n_conn] = i + 1
@@ -1194,9 +1176,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
                 else:
                     h.conn_overflow = True
             else:  # sent as it is (_asks_close() in _exchange_py.py)
-                kc = ka = False
-                scan_connection(buf, vs, ve, &kc, &ka)
-                h.kept_close = h.kept_close or kc
+                h.kept_close = h.kept_close or (t & TOK_CLOSE) != 0
         elif k == 6 and eq_lower(buf + ns, b"expect", 6):
             h.expect = True
             h.expect_lines += 1
@@ -1266,16 +1246,13 @@ cdef inline uint64_t mix(uint64_t h, uint64_t w) noexcept nogil:
 
 cdef inline uint64_t key_hash(const char *p, size_t n) noexcept nogil:
     cdef uint64_t h = KEY_SEED ^ n, w
-    cdef size_t i = 0, k
+    cdef size_t i = 0
     while i + 8 <= n:
         memcpy(&w, p + i, 8)
         h = mix(h, w)
         i += 8
     if i < n:
-        w = 0
-        for k in range(n - i):
-            w |= (<uint64_t><uint8_t>p[i + k]) << (8 * k)
-        h = mix(h, w)
+        h = mix(h, load_upto8(<const unsigned char*>p + i, n - i))
     h ^= h >> 29
     h *= MIX_B
     return h ^ (h >> 32)
@@ -1874,43 +1851,16 @@ cdef bint says_close(const unsigned char *b, Py_ssize_t end) noexcept nogil:
     return close
 
 
-# What a Connection line's tokens are, as kept_client_head() in
-# _exchange_py.py weighs them (an empty token is none of these).
-cdef enum:
-    TOK_CLOSE = 1
-    TOK_KEEP = 2
-    TOK_OTHER = 4
-
-
 cdef int connection_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
     """b[i:le], a header line of a validated head without its line end: -1
-    when it is not a Connection line, else its tokens (TOK_*), each without
-    the OWS around it (_connection_tokens in _exchange_py.py)."""
-    cdef Py_ssize_t colon = i, es, ee
-    cdef int t = 0
+    when it is not a Connection line, else its tokens (TOK_*, as
+    kept_client_head() in _exchange_py.py weighs them)."""
+    cdef Py_ssize_t colon = i
     while colon < le and b[colon] != COLON:
         colon += 1
     if colon == le or not header_is(b + i, colon - i, b"connection", 10):
         return -1
-    i = colon + 1
-    while True:
-        es = i
-        while i < le and b[i] != COMMA:
-            i += 1
-        ee = i
-        while es < ee and is_ows(b[es]):
-            es += 1
-        while ee > es and is_ows(b[ee - 1]):
-            ee -= 1
-        if ee - es == 5 and eq_lower(b + es, b"close", 5):
-            t |= TOK_CLOSE
-        elif ee - es == 10 and eq_lower(b + es, b"keep-alive", 10):
-            t |= TOK_KEEP
-        elif ee > es:
-            t |= TOK_OTHER
-        if i == le:
-            return t
-        i += 1
+    return connection_tokens(b, colon + 1, le)
 
 
 cdef inline Py_ssize_t line_end(const unsigned char *b, Py_ssize_t i, const unsigned char *lf) noexcept nogil:
