@@ -37,23 +37,13 @@ import l4proxy.dataplane.relay as relay_module
 import l4proxy.sidecar.worker as worker_module
 from l4proxy.sidecar.admin import WorkerView, clusters_text
 from l4proxy.sidecar.worker import Worker
-from tests._worker import gateway_worker
+from tests._worker import gateway_service, gateway_worker
 from tests.conftest import load_twin
 
 N = 3  # long-lived things pinned on A
 
-RULES = """
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints:
-  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: a}}
-  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: b}}
+# A and B (versions a and b) behind a gateway; x-pin: a routes to A alone.
+ROUTES = """
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: DestinationRule
@@ -64,13 +54,6 @@ spec:
   subsets:
   - {name: a, labels: {version: a}}
   - {name: b, labels: {version: b}}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: gateway}
-spec:
-  defaultBackend:
-    service: {name: svc, port: {number: 8080}}
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -228,7 +211,9 @@ def run_worker(
 ) -> None:
     a, b = backends
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES % (a.endpoint[1], b.endpoint[1], policy))
+    rules.write_text(
+        gateway_service(a.endpoint[1], b.endpoint[1], labels=("a", "b")) + ROUTES % policy
+    )
 
     async def main() -> None:
         async with gateway_worker(rules, http_routing=mode) as (_, worker, address):
