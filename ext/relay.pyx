@@ -53,7 +53,10 @@ endpoints and load-balancing policy). What a verdict depends on is the
 request's origin, method, Host, target and the headers named by
 ``key_headers`` (every header any route matches on); the loop caches the
 verdict under those bytes for ``Verdict.ttl`` seconds (a miss asks
-``resolve`` again), and *applies* it per request: the weighted draw, the
+``resolve`` again; once expired, one request asks while the others are
+served the expired verdict, for ``STALE_S`` at most, so that an expiry
+does not send every connection's next request to Python), and *applies*
+it per request: the weighted draw, the
 round-robin, random or least-connections order of the endpoints (by
 ``ep_load()``: this loop's requests in flight to the endpoint, and those
 :meth:`HttpRelay.add_external` tells of: the slow path's, the worker's
@@ -203,6 +206,7 @@ cdef int ST_NONE = -1
 cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
+cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
 
 # what an epoll registration points at
 cdef enum:
@@ -433,6 +437,7 @@ cdef struct Entry:
     uint32_t origin        # an origin's class entry: its origin id
     double expires
     int64_t epoch
+    unsigned char asked    # expired, and one request went to Python for it
 
 cdef struct Conn:
     # (sized for 10k idle connections: the wide fields first, the states and
@@ -1427,7 +1432,18 @@ cdef void cache_clear(Relay *R) noexcept nogil:
     R.cache_used = 0
 
 
-cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double now) noexcept nogil:
+cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double now,
+                      bint shape=False) noexcept nogil:
+    """The entry under key; NULL: ask Python.
+
+    Stale while revalidated: an entry expired less than STALE_S ago sends
+    one request to Python (which refills it) and serves the others while
+    that one is out, so that an expiry does not send every connection's
+    next request to Python at once. A shape entry (*shape*) is served
+    stale without asking: the verdict lookup after it asks for both. A
+    rule swap or an endpoint failure clears the cache (the epoch): nothing
+    stale outlives them.
+    """
     cdef int64_t epoch = L4R_LOAD(&R.epoch)
     cdef uint32_t i = <uint32_t>(hash & (CACHE_SLOTS - 1))
     cdef Entry *e
@@ -1440,9 +1456,14 @@ cdef Entry *cache_get(Relay *R, const char *key, size_t n, uint64_t hash, double
         if e.key == NULL:
             return NULL
         if e.hash == hash and e.key_len == n and memcmp(e.key, key, n) == 0:
-            if e.expires <= now:
+            if e.expires > now:
+                return e
+            if now >= e.expires + STALE_S:
                 return NULL
-            return e
+            if shape or e.asked:
+                return e
+            e.asked = True
+            return NULL
         i = (i + 1) & (CACHE_SLOTS - 1)
 
 
@@ -1472,6 +1493,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
             e.shape = shape
             e.origin = origin
             e.expires = expires
+            e.asked = False
             return
         i = (i + 1) & (CACHE_SLOTS - 1)
     e.key = <char*>malloc(n if n else 1)
@@ -1488,6 +1510,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
     e.origin = origin
     e.expires = expires
     e.epoch = epoch
+    e.asked = False
     R.cache_used += 1
 
 
@@ -2666,7 +2689,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     n = make_key(R, c, b, &h, key, sizeof(key), SHAPE_ONLY)
     e = NULL
     if n >= 0:
-        e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now)
+        e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now, True)
     if e != NULL:
         n = make_key(R, c, b, &h, key, sizeof(key), e.shape, e.tests)
         e = NULL

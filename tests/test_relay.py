@@ -33,6 +33,7 @@ from tests.mesh import binomial_ok
 class Backend(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # (5 by default: a burst of connects lost SYNs, 1 s each)
 
     def __init__(self, name: str, close_after: int = 0, host: str = "127.0.0.1") -> None:
         self.name = name
@@ -761,6 +762,50 @@ def test_a_verdict_is_asked_once_per_request_shape(backends: list[Backend], twin
         assert len(calls) == want, (shape, calls[:3])
         stats = proxy.relay.stats()
         assert stats["verdict_cache_hits"] == 40 - want
+
+
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_an_expired_verdict_sends_one_request_to_python_not_every_one(
+    backends: list[Backend], twin: str
+) -> None:
+    """Stale while revalidated: 40 keep-alive connections whose verdict has
+    expired send their next requests in one burst. One of them asks Python;
+    the 39 others are served the expired verdict while that one is out (the
+    loop used to ask Python for each). The burst is queued whole before the
+    loop reads any of it: the loop is held in resolve() for another Host."""
+    from l4proxy.dataplane.verdict import Choice, Verdict
+
+    ttl = 0.2
+    release = threading.Event()
+
+    def answer(head: RequestHead) -> Verdict:
+        if head.host == "hold":  # the loop waits here while the burst queues
+            assert release.wait(10)
+        return Verdict((Choice(1, (backends[0].endpoint,)),), ttl=ttl, shape=0)
+
+    proxy, calls = _resolving_proxy(backends, None, answer)
+    conns = [proxy.connect() for _ in range(40)]
+    holder = proxy.connect()
+    try:
+        for c in conns:  # the verdict is cached (and refilled) while in use
+            assert _get(c, "/warm").startswith(b"v=v1")
+        time.sleep(ttl * 1.5)  # expired; served stale for 1 s more
+        asked = len(calls)
+        holder.sendall(b"GET /hold HTTP/1.1\r\nHost: hold\r\n\r\n")
+        while len(calls) == asked:  # the loop is in resolve() for it
+            time.sleep(0.005)
+        for c in conns:
+            c.sendall(b"GET /burst HTTP/1.1\r\nHost: svc\r\n\r\n")
+        release.set()
+        answers = [read_response(c) for c in conns]
+        assert read_response(holder).startswith(b"v=v1")
+    finally:
+        for c in [*conns, holder]:
+            c.close()
+        proxy.close()
+    assert all(a.startswith(b"v=v1 /burst") for a in answers), answers[:3]
+    burst = [call for call in calls if call[1] == "/burst"]
+    assert len(burst) == 1, len(burst)
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)

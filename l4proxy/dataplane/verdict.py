@@ -120,8 +120,10 @@ class Verdict(NamedTuple):
     """Where requests of one shape go: weighted ``choices``, or a ``local`` answer.
 
     ``ttl``: seconds the relay may apply this verdict to later requests of the
-    same shape without asking again (0: this request only). A rule swap or an
-    endpoint failure forgets it sooner (``HttpRelay.invalidate``). ``shape``
+    same shape without asking again (0: this request only); once it expires,
+    the compiled relay asks again with one request and serves the others
+    the expired verdict until the answer is cached (1 s at most). A rule
+    swap or an endpoint failure forgets it at once (``HttpRelay.invalidate``). ``shape``
     (``SHAPE_*`` bits): what of a request besides origin and Host the verdict
     depends on; the same for every request to one origin and Host, as are
     ``tests`` (with ``SHAPE_TESTS``: the target is read only through them).
