@@ -191,7 +191,7 @@ cdef enum:
     READ_SIZE = 65536
     MAX_ATTEMPTS = 3
     MAX_KEY_HEADERS = 16
-    MAX_CONN_LINES = 8
+    MAX_DROP_LINES = 8
     MAX_BUCKETS = 24
     CACHE_SLOTS = 4096        # power of two
     CACHE_MAX = 2048          # entries before the cache is cleared
@@ -1112,11 +1112,11 @@ cdef struct Head:
     int expect_lines
     bint expect_continue   # one Expect line, "100-continue" alone
     bint upgrade
-    int n_conn
-    Py_ssize_t conn_s[MAX_CONN_LINES]   # Connection lines to drop upstream
-    Py_ssize_t conn_e[MAX_CONN_LINES]
-    bint conn_overflow
-    bint kept_close        # a Connection line sent as it is says close
+    int n_drop
+    Py_ssize_t drop_s[MAX_DROP_LINES]   # hop-by-hop lines not sent upstream
+    Py_ssize_t drop_e[MAX_DROP_LINES]
+    bint drop_overflow
+    bint names_fields      # a Connection token other than close, keep-alive
     Py_ssize_t key_s[MAX_KEY_HEADERS]
     Py_ssize_t key_e[MAX_KEY_HEADERS]
 
@@ -1141,8 +1141,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.te_chunked = False
     h.expect_lines = 0
     h.expect_continue = False
-    h.n_conn = 0
-    h.conn_overflow = h.kept_close = False
+    h.n_drop = 0
+    h.drop_overflow = h.names_fields = False
     for j in range(MAX_KEY_HEADERS):  # every slot: a test never reads one unset
         h.key_s[j] = -1
         h.key_e[j] = -1
@@ -1170,18 +1170,21 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             t = connection_tokens(buf, vs, ve)
             h.conn_close = h.conn_close or (t & TOK_CLOSE) != 0
             h.conn_keep_alive = h.conn_keep_alive or (t & TOK_KEEP) != 0
-            # upstream_head() in _exchange_py.py drops a line of close and
-            # keep-alive tokens alone (a validated value holds no CR but its
-            # line's end: its tokens are the trimmed value's)
-            if not t & TOK_OTHER:
-                if h.n_conn < MAX_CONN_LINES:
-                    h.conn_s[h.n_conn] = ls
-                    h.conn_e[h.n_conn] = i + 1
-                    h.n_conn += 1
-                else:
-                    h.conn_overflow = True
-            else:  # sent as it is (_asks_close() in _exchange_py.py)
-                h.kept_close = h.kept_close or (t & TOK_CLOSE) != 0
+            # upstream_head() in _exchange_py.py: a line of close and
+            # keep-alive tokens alone goes in HTTP/1.1 (a validated value
+            # holds no CR but its line's end: its tokens are the trimmed
+            # value's); one that names fields to drop: the pure relay
+            if t & TOK_OTHER:
+                h.names_fields = True
+            elif h.minor == 1:
+                drop_line(h, ls, i)
+        elif k == 10 and eq_lower(buf + ns, b"keep-alive", 10):
+            drop_line(h, ls, i)
+        elif k == 16 and eq_lower(buf + ns, b"proxy-connection", 16):
+            drop_line(h, ls, i)
+        elif k == 2 and eq_lower(buf + ns, b"te", 2) \
+                and not (ve - vs == 8 and eq_lower(buf + vs, b"trailers", 8)):
+            drop_line(h, ls, i)
         elif k == 6 and eq_lower(buf + ns, b"expect", 6):
             h.expect = True
             h.expect_lines += 1
@@ -1193,6 +1196,16 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
                 h.key_s[j] = vs  # the last one wins, as in dict(head.headers)
                 h.key_e[j] = ve
         p = i + 1
+
+
+cdef inline void drop_line(Head *h, Py_ssize_t ls, Py_ssize_t lf) noexcept nogil:
+    """The header line from ls to its LF (lf) is not sent upstream."""
+    if h.n_drop < MAX_DROP_LINES:
+        h.drop_s[h.n_drop] = ls
+        h.drop_e[h.n_drop] = lf + 1
+        h.n_drop += 1
+    else:
+        h.drop_overflow = True
 
 
 cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
@@ -1207,7 +1220,8 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
         return False
     if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
         return False
-    if h.cl_error or h.upgrade or h.conn_overflow:
+    # (a Connection field that names fields: they go too, in the pure relay)
+    if h.cl_error or h.upgrade or h.drop_overflow or h.names_fields:
         return False
     # Expect: 100-continue goes up as it is, the 100 comes back as any
     # interim answer; another expectation goes to the pure relay
@@ -2665,16 +2679,16 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     # the head as sent upstream (upstream_head()), staged in c.rhead
     c.rhead.len = 0
     failed = 0
-    if h.minor == 1 and h.n_conn:
+    if h.n_drop:
         p = 0
-        for i in range(h.n_conn):
-            failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.conn_s[i] - p))
-            p = h.conn_e[i]
+        for i in range(h.n_drop):
+            failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.drop_s[i] - p))
+            p = h.drop_e[i]
         failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
-        c.sent_persistent = not h.kept_close
     else:
         failed = buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
-        c.sent_persistent = c.keep_alive
+    # (HTTP/1.1: a close went with its line; HTTP/1.0: sent as it came)
+    c.sent_persistent = h.minor == 1 or c.keep_alive
     if failed:  # out of memory: a head with a part left out must not go up
         conn_abort(R, c)
         return

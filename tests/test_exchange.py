@@ -129,21 +129,43 @@ def test_connection_close_client_keeps_the_upstream_reusable(step: int) -> None:
     assert d.client == OK_CLOSING and d.released == [True] and d.events == ["Close"]
 
 
-def test_upstream_head_rewrites_only_a_bare_connection_close_in_http11() -> None:
-    def up(raw: bytes) -> bytes:
-        head = parse_head(raw)
-        assert head is not None
-        return upstream_head(raw, head)
+def _up(raw: bytes) -> bytes:
+    head = parse_head(raw)
+    assert head is not None
+    return upstream_head(raw, head)
 
-    assert up(b"GET / HTTP/1.1\r\nHost: a\r\nconnection: Keep-Alive\r\n\r\n") == (
+
+def test_upstream_head_drops_http11_connection_lines() -> None:
+    assert _up(b"GET / HTTP/1.1\r\nHost: a\r\nconnection: Keep-Alive\r\n\r\n") == (
         b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert _up(b"GET / HTTP/1.1\nHost: a\nConnection: close, x-a\nX-A: 1\nX-B: 2\n\n") == (
+        b"GET / HTTP/1.1\nHost: a\nX-B: 2\n\n"
     )
     for kept in (
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, upgrade\r\nUpgrade: x\r\n\r\n",
         b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n",
-        b"GET / HTTP/1.1\nHost: a\nX-Connection: close\n\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\nX-Connection: close\nTE: trailers\n\n",
     ):
-        assert up(kept) is kept
+        assert _up(kept) is kept
+
+
+def test_upstream_head_drops_hop_by_hop_fields_and_those_connection_names() -> None:
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: a\r\nKeep-Alive: 1\r\nPROXY-CONNECTION: x\r\nTE: gzip\r\n"
+        b"Content-Length: 0\r\nConnection: x-a, Content-Length\r\nconnection: HOST, x-b\r\n"
+        b"x-a: 1\r\nX-B: 2\r\nX-C: 3\r\n\r\n"
+    )
+    assert _up(raw) == b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nX-C: 3\r\n\r\n"
+    # an HTTP/1.0 Connection line stays unless it names only fields that go
+    raw = b"GET / HTTP/1.0\r\nConnection: x-a\r\nConnection: close, x-b\r\nX-A: 1\r\n\r\n"
+    assert _up(raw) == b"GET / HTTP/1.0\r\nConnection: close, x-b\r\n\r\n"
+    # an Upgrade request keeps its upgrade (and its Connection line naming it)
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\nX-A: 1\r\n\r\n"
+    assert (
+        _up(raw) == b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\n\r\n"
+    )
 
 
 CHUNKED_REQ = (

@@ -1579,18 +1579,64 @@ def test_a_retried_request_keeps_its_body_in_order() -> None:
 
 
 def test_a_close_sent_upstream_is_never_pooled() -> None:
-    """``Connection: keep-alive`` and ``Connection: close, x-foo``: the first
-    line goes (only close and keep-alive in it), the second, with another
-    token, is sent as it is, so the server was asked to close. That
-    connection must not be pooled: both twins counted it persistent because
-    a line had been dropped, and the next client's request went on it (into
-    a connection the server closes after its answer, a 502 for a POST). Our
-    backend here ignores the close, so the reuse shows as one connection."""
-    extra = b"Connection: keep-alive\r\nConnection: close, x-foo\r\nx-foo: 1\r\n"
-    out = both(conv(get("cl", extra), requests=1), conv(get("cl"), requests=1))
+    """An HTTP/1.0 request with ``Connection: close`` and a ``Keep-Alive``
+    line: the Keep-Alive line goes (hop-by-hop), the close is sent as it is
+    (an HTTP/1.0 request's own hop persists only when asked), so the server
+    was asked to close. That connection must not be pooled: both twins once
+    counted a request persistent because a line had been dropped, and the
+    next client's request went on it (into a connection the server closes
+    after its answer, a 502 for a POST). Our backend here ignores the close,
+    so a reuse would show as one connection."""
+    extra = b"Host: b\r\nConnection: close\r\nKeep-Alive: 300\r\n"
+    out = both(conv(get("cl", extra, version=b"1.0"), requests=1), conv(get("cl"), requests=1))
     (first, _), (second, _) = out.backend  # two connections, one request each
-    assert b"Connection: close, x-foo\r\n" in first and b"keep-alive" not in first
+    assert first == get("cl", b"Host: b\r\nConnection: close\r\n", version=b"1.0")
     assert second == get("cl")
+
+
+def test_hop_by_hop_request_fields_do_not_go_upstream() -> None:
+    """RFC 9110 §7.6.1, as Envoy does it: Keep-Alive, Proxy-Connection, TE
+    (but ``TE: trailers``) and HTTP/1.1's Connection stay on the client's
+    hop, on both twins (the compiled one in its loop). The upstream
+    connection is reused though the client asked to close."""
+    hop = b"Keep-Alive: 300\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nte:  trailers \r\n"
+    out = both(
+        conv(get("cl", b"X-A: 1\r\n" + hop + b"Connection: close\r\n"), requests=1),
+        conv(get("cl", b"TE: trailers\r\n" + hop), requests=1),
+    )
+    ((got, _),) = out.backend  # one connection, reused
+    assert got == get("cl", b"X-A: 1\r\nte:  trailers \r\n") + get(
+        "cl", b"TE: trailers\r\nte:  trailers \r\n"
+    )
+
+
+def test_the_fields_connection_names_do_not_go_upstream() -> None:
+    """Fields the Connection field names go with it (the compiled twin's
+    pure relay does it), on one line or several, in any case; never the
+    body's framing fields or Host, whatever it names. An HTTP/1.0 request
+    keeps its ``Connection: keep-alive``."""
+    out = both(
+        conv(
+            post(
+                "cl",
+                b"abc",
+                b"Connection: X-Foo, content-length\r\nx-foo: 1\r\nX-Bar: 2\r\n"
+                b"connection: x-bar, host\r\n",
+            ),
+            requests=1,
+        ),
+        conv(
+            get(
+                "http10_ka", b"Host: b\r\nConnection: keep-alive, x-a\r\nX-A: 1\r\n", version=b"1.0"
+            ),
+            requests=1,
+        ),
+        split_pools=True,
+    )
+    assert out.requests == [
+        post("cl", b"abc"),
+        get("http10_ka", b"Host: b\r\nConnection: keep-alive, x-a\r\n", version=b"1.0"),
+    ]
 
 
 def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:

@@ -38,12 +38,20 @@ one before it is complete)::
 
 Decisions
 ---------
-* *Upstream reuse.* The upstream gets the client's head with its
-  ``Connection: close`` / ``keep-alive`` header removed when that is all the
-  header says (HTTP/1.1 only), so that a ``Connection: close`` client does
-  not cost an upstream handshake per request (HAProxy's default
-  ``http-server-close`` behaviour towards the client, with reuse towards the
-  server). Nothing else in a head is rewritten, and bodies never are.
+* *Hop-by-hop fields* (RFC 9110 §7.6.1). The upstream gets the client's
+  head without the fields that are about the client's connection alone
+  (:func:`upstream_head`): ``Keep-Alive``, ``Proxy-Connection``, ``TE``
+  (unless it says only ``trailers``, as Envoy keeps it), the fields the
+  Connection field names (never ``Content-Length``, ``Transfer-Encoding``
+  or ``Host``: the proxy framed the body by them), and in HTTP/1.1 the
+  Connection lines themselves. So a ``Connection: close`` client does not
+  cost an upstream handshake per request (*upstream reuse*: HAProxy's
+  default ``http-server-close`` behaviour towards the client, with reuse
+  towards the server). Kept: an HTTP/1.0 request's Connection lines that
+  say ``close`` or ``keep-alive`` (its hop to the server persists only if
+  asked), and an Upgrade request's Connection lines that name ``upgrade``
+  with its ``Upgrade`` field (the server must see the upgrade asked).
+  Nothing else in a head is rewritten, and bodies never are.
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without
@@ -262,19 +270,58 @@ def local_response(status: int, body: str, close: bool = True) -> bytes:
 
 
 def upstream_head(raw: bytes, head: RequestHead) -> bytes:
-    """*raw* (the head's bytes) as sent upstream: see "Upstream reuse"."""
-    if head.version != "HTTP/1.1":
-        return raw
+    """*raw* (the head's bytes) as sent upstream: see "Hop-by-hop fields".
+
+    *raw* itself (the same object) when nothing is dropped."""
     lines = raw.split(b"\n")
-    kept = [lines[0]]
-    dropped = False
+    upgrading = head.header("upgrade") is not None
+    field: set[bytes] = set()
     for line in lines[1:]:
-        tokens = _connection_tokens(line)
-        if tokens is not None and tokens <= {b"close", b"keep-alive", b""}:
-            dropped = True
-            continue
-        kept.append(line)
-    return b"\n".join(kept) if dropped else raw
+        field |= _connection_tokens(line) or set()
+    named = field - _CLOSE_OR_KEEP - _NEVER_DROPPED
+    if upgrading:
+        named.discard(b"upgrade")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if _sent_up(line, head, named, upgrading):
+            kept.append(line)
+    return b"\n".join(kept) if len(kept) < len(lines) else raw
+
+
+def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool) -> bool:
+    """Whether a request head's *line* goes upstream (see upstream_head())."""
+    name = _field_name(line)
+    if name is None or (name not in named and name not in _HOP_BY_HOP):
+        return True
+    if name == b"te":
+        return _value(line).lower() == b"trailers"  # (trailers are read: Envoy keeps it)
+    if name != b"connection":
+        return False
+    tokens = _connection_tokens(line) or set()
+    if upgrading and b"upgrade" in tokens:
+        return True
+    # HTTP/1.0: its hop persists only if asked (a line naming only
+    # fields that go, goes)
+    return head.version == "HTTP/1.0" and not tokens <= named
+
+
+# Request fields for this connection alone (RFC 9110 §7.6.1), dropped on the
+# way up: those the Connection field names go too.
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"))
+# ... but never these, whatever Connection names: the body's framing and the
+# authority (the proxy framed the body by them; dropping one would let the
+# server frame it otherwise).
+_NEVER_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"host"))
+
+
+def _field_name(line: bytes) -> bytes | None:
+    """A header line's name, lower case (None for the empty line)."""
+    name, colon, _ = line.partition(b":")
+    return name.lower() if colon else None
+
+
+def _value(line: bytes) -> bytes:
+    return line.partition(b":")[2].strip(b" \t\r")
 
 
 def _connection_tokens(line: bytes) -> set[bytes] | None:
@@ -298,7 +345,7 @@ def client_head(raw: bytes, resp: ResponseHead) -> bytes:
     closes after it: with ``connection: close`` added unless it says so.
 
     The client may have asked for the close, but the upstream did not see
-    that request (see "Upstream reuse"), so its answer may not say it; a
+    that request (see "Hop-by-hop fields"), so its answer may not say it; a
     client that does not read our close from the answer sends its next
     request into a closing socket (wrk does). HAProxy adds the header too.
     """
@@ -591,7 +638,7 @@ class Exchange:
             raw_head = raw[: head.head_length]
             self._sent_head = upstream_head(raw_head, head)
             self._sent_persistent = head.keep_alive or (
-                self._sent_head is not raw_head and not _asks_close(self._sent_head)
+                head.version == "HTTP/1.1" and not _asks_close(self._sent_head)
             )
             self.phase = Phase.ROUTING
             return [Route(head)]
