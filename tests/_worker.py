@@ -50,11 +50,17 @@ def gateway_service(*ports: int, labels: tuple[str, ...] = ()) -> str:
 
 @contextlib.asynccontextmanager
 async def gateway_worker(
-    rules: Path, start_watcher: bool = False, **options: Any
+    rules: Path,
+    start_watcher: bool = False,
+    watcher_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[tuple[RuleWatcher, Worker, tuple[str, int]]]:
     """(watcher, worker, listener address) for the rules in *rules*; the
-    worker's options are *options* (WorkerOptions' fields)."""
-    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    worker's options are *options* (WorkerOptions' fields), the watcher's
+    *watcher_options* (RuleWatcher's keywords: a resolver, an interval)."""
+    watcher = RuleWatcher(
+        [str(rules)], **{"interval": 3600, "settle": 0, **(watcher_options or {})}
+    )
     assert watcher.load_now()
     lst = bind_listener("127.0.0.1", 0, "gateway")
     worker = Worker([lst], watcher, WorkerOptions(**options))

@@ -5,6 +5,7 @@ the rule watcher swapping re-resolved tables."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -237,7 +239,9 @@ class FakeDns:
     ``truncate`` answers over UDP with TC set and no records (so the client must
     retry over TCP), ``truncate_types`` so for those types only; ``servfail``
     answers SERVFAIL; ``silent`` drops queries; ``cut_tcp`` > 0 sends that
-    many bytes of a TCP reply (its length prefix included), then closes.
+    many bytes of a TCP reply (its length prefix included), then closes;
+    ``delay`` > 0 sends each UDP reply that many seconds late (from a timer:
+    the queries after it are not held up).
     """
 
     def __init__(self) -> None:
@@ -250,6 +254,7 @@ class FakeDns:
         self.silent = False
         self.drop_types: set[int] = set()  # queries of these types are never answered
         self.cut_udp = 0  # > 0: UDP replies with TC set, cut to this many bytes
+        self.delay = 0.0
         self.queries: list[tuple[str, str, int]] = []
         self.udp, self.tcp, self.port = _udp_and_tcp_on_one_port()
         self._stop = False
@@ -289,8 +294,16 @@ class FakeDns:
             except OSError:
                 return
             reply = self.answer(data, "udp")
-            if reply is not None:
+            if reply is not None and self.delay > 0:
+                late = threading.Timer(self.delay, self._send_late, (reply, peer))
+                late.daemon = True
+                late.start()
+            elif reply is not None:
                 self.udp.sendto(reply, peer)
+
+    def _send_late(self, reply: bytes, peer: Any) -> None:
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            self.udp.sendto(reply, peer)
 
     def _serve_tcp(self) -> None:
         self.tcp.settimeout(0.2)
