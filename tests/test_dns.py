@@ -12,6 +12,7 @@ import struct
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -836,7 +837,9 @@ def test_the_sidecar_is_ready_once_every_name_had_its_first_lookup(tmp_path: Pat
     """Until its first answer a name is no address, and the per-request relay
     answers its services 503: /ready said LIVE already, so the app's first
     requests could meet those. Ready waits for every name's first lookup
-    (answered or failed), once: names a reload adds later do not flap it."""
+    (answered or failed), once: names a reload adds later do not flap it (a
+    reload waits for their first lookups, but not for ever: one still under
+    way at the bound, here 0.05 s, goes live unresolved)."""
     from l4proxy.dataplane.listener import bind_listener
     from l4proxy.sidecar.admin import WorkerView
     from l4proxy.sidecar.worker import Worker, WorkerOptions
@@ -846,7 +849,7 @@ def test_the_sidecar_is_ready_once_every_name_had_its_first_lookup(tmp_path: Pat
     seen: list[bool] = []
 
     async def main() -> None:
-        w = RuleWatcher([str(tmp_path)], resolver=slow)
+        w = RuleWatcher([str(tmp_path)], resolver=slow, dns_warm_timeout=0.05)
         assert w.load_now()
         lst = bind_listener("127.0.0.1", 0, "gateway")
         worker = Worker([lst], w, WorkerOptions())
@@ -856,7 +859,7 @@ def test_the_sidecar_is_ready_once_every_name_had_its_first_lookup(tmp_path: Pat
             await w.refresh_dns()
             seen.append(await view.ready())
             third = "bootcamp-v3.default.svc.cluster.local"
-            slow.delays[third] = 0.0
+            slow.delays[third] = 1.0
             extra = RULES + "  - address: " + third + "\n    labels: {version: v3}\n"
             (tmp_path / "rules.yaml").write_text(extra)
             assert await w.reload()
@@ -883,3 +886,202 @@ def test_readiness_waits_for_dns_no_longer_than_warm_wait() -> None:
     assert not dns.warmed()
     dns._tracked_at -= dns_module.WARM_WAIT
     assert dns.warmed()
+
+
+# -- a reload's new names: looked up before the table goes live ---------------------
+
+
+def _gateway_rules(rows: str, resolution: str = "STATIC") -> str:
+    """tests._worker's gateway to svc, its endpoints *rows*, resolved so."""
+    from tests._worker import GATEWAY_SERVICE
+
+    return GATEWAY_SERVICE.replace("resolution: STATIC", f"resolution: {resolution}") % rows
+
+
+def _row(address: str, port: int) -> str:
+    return f"  - {{address: {address}, ports: {{http: {port}}}}}"
+
+
+def _status_and_body(address: tuple[str, int]) -> str:
+    """One request on a connection of its own: "200 v1", "503 no healthy upstream"."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1].decode() if b" " in head else "closed"
+    return f"{status} {body.decode(errors='replace').strip()}"
+
+
+class Hammer:
+    """A client in a thread sending requests one after the other until
+    stopped, counting the answers (status and body)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.seen: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen[_status_and_body(self.address)] += 1
+            except OSError as exc:
+                self.seen[f"error {exc}"] += 1
+
+    async def until(self, answer: str, count: int) -> None:
+        for _ in range(500):
+            if self.seen[answer] >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not {count} x {answer!r} in 10 s: {self.seen}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+
+def test_a_name_a_reload_adds_answers_at_once_no_503_window(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """A reload that makes a service's endpoint a DNS name went live at once,
+    the name not looked up yet: per request, its requests were answered
+    ``503 no healthy upstream`` until the lookup landed (here 0.5 s; with a
+    slow server, seconds). As Envoy warms a new cluster, the old table now
+    serves until the new names have had their first lookup: a client sending
+    requests all through the reload gets v1, then v2, and never a 503."""
+    from tests._worker import gateway_service, gateway_worker
+    from tests.conftest import serving
+
+    fake_dns.zone[("v2.test", wire.TYPE_A)] = ["127.0.0.1"]
+    fake_dns.delay = 0.5
+    resolver = _resolver(fake_dns, tmp_path, timeout=2.0)
+    rules = tmp_path / "rules.yaml"
+    with serving(lambda _: b"v1") as v1, serving(lambda _: b"v2") as v2:
+        rules.write_text(gateway_service(int(v1.rsplit(":", 1)[1])))
+        dns_rules = _gateway_rules(_row("v2.test.", int(v2.rsplit(":", 1)[1])), "DNS")
+        seen: Counter[str] = Counter()
+
+        async def main() -> None:
+            opts = {"resolver": resolver, "seed": 7}
+            async with gateway_worker(rules, True, opts, http_routing="request") as (
+                watcher,
+                _,
+                address,
+            ):
+                hammer = Hammer(address)
+                try:
+                    await hammer.until("200 v1", 5)
+                    rules.write_text(dns_rules)
+                    assert await watcher.reload()
+                    await hammer.until("200 v2", 20)
+                finally:
+                    await hammer.stop()
+                    seen.update(hammer.seen)
+
+        asyncio.run(main())
+    assert ("udp", "v2.test", wire.TYPE_A) in fake_dns.queries
+    assert set(seen) == {"200 v1", "200 v2"}, seen  # was: hundreds of 503s between
+
+
+def test_a_silent_dns_server_holds_a_reload_no_longer_than_one_query_timeout(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """The warm-up of a reload's new names is bounded by the resolver's
+    per-query timeout (0.5 s here; the whole lookup, 5 attempts x 2 servers,
+    would be 5 s): a DNS server that never answers delays the reload by that
+    much, and the table goes live as it did before, the name unresolved and
+    due for the background lookup at once."""
+    fake_dns.silent = True
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    conf = ResolvConf(("127.0.0.1", "127.0.0.1"), (), 0.5, 5)
+    resolver = Resolver(
+        conf, hosts_file=str(tmp_path / "hosts"), port=fake_dns.port, lookup_family="v4_preferred"
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_gateway_rules(_row("127.0.0.1", 8080)))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, resolver=resolver)
+    assert watcher.load_now()
+    rules.write_text(_gateway_rules(_row("v2.test.", 8080), "DNS"))
+
+    async def main() -> None:
+        async with asyncio.timeout(3):  # not the lookup's 5 s
+            assert await watcher.reload()
+
+    asyncio.run(main())
+    assert watcher.state.generation == 2
+    assert [e.address for e in watcher.state.table.services()[0].endpoints] == ["v2.test."]
+    st = watcher.dns.names["v2.test."]
+    assert not st.resolved and st.lookups == 0 and st.next_at <= time.monotonic()
+    assert ("udp", "v2.test", wire.TYPE_A) in fake_dns.queries  # it was asked
+
+
+def test_changes_during_a_warm_up_are_loaded_after_it_in_order(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """While a reload waits for its new names, the old table serves and the
+    watch is not polling: a file written, or a SIGHUP, meanwhile is loaded
+    right after, never lost, never before the table it follows."""
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    fake_dns.zone[("c.test", wire.TYPE_A)] = ["127.0.0.3"]
+    fake_dns.delay = 0.4
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_gateway_rules(_row("127.0.0.9", 9)))
+    published: list[tuple[int, list[str]]] = []
+
+    def write(text: str) -> None:  # whole, as a writer should (the watch polls)
+        (tmp_path / ".rules.tmp").write_text(text)
+        (tmp_path / ".rules.tmp").replace(rules)
+
+    def on_swap(st: Any) -> None:
+        eps = st.table.services()[0].endpoints
+        published.append((st.generation, [f"{e.address}:{e.port}" for e in eps]))
+
+    async def asked(name: str) -> None:
+        for _ in range(250):
+            if any(q[1] == name for q in fake_dns.queries):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{name} never asked")
+
+    async def until(generation: int) -> None:
+        for _ in range(250):
+            if published and published[-1][0] >= generation:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"generation {generation} never published: {published}")
+
+    async def main() -> None:
+        w = RuleWatcher(
+            [str(rules)],
+            interval=0.02,
+            settle=0,
+            resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+            on_swap=on_swap,
+        )
+        assert w.load_now()
+        w.start()
+        try:
+            write(_gateway_rules(_row("a.test.", 1), "DNS"))
+            await asked("a.test")  # its warm-up is under way: a change now
+            write(_gateway_rules(_row("127.0.0.2", 2)))
+            await until(3)
+            write(_gateway_rules(_row("c.test.", 3), "DNS"))
+            await asked("c.test")  # and a SIGHUP during this one's
+            w.request_reload()
+            await until(5)
+            await asyncio.sleep(0.2)  # nothing more comes
+        finally:
+            await w.stop()
+
+    asyncio.run(main())
+    assert published == [
+        (1, ["127.0.0.9:9"]),
+        (2, ["127.0.0.1:1"]),  # was: a.test.:1 first, the address a DNS update later
+        (3, ["127.0.0.2:2"]),
+        (4, ["127.0.0.3:3"]),
+        (5, ["127.0.0.3:3"]),
+    ]

@@ -15,7 +15,12 @@ table mentions, refreshes each when its TTL runs out, and
 round robin, subsets by label and outlier detection see pods, not names.
 
 * A name not resolved yet stays a name; the worker's connect resolves it with
-  ``getaddrinfo`` in a thread, so the first seconds after start still route.
+  ``getaddrinfo`` in a thread, so the first seconds after start still route
+  (per connection: the per-request relay answers 503 for it, and the sidecar
+  is not ready until every name had its first lookup).
+* A name a reload adds is looked up before the reloaded table goes live
+  (:meth:`DnsEndpoints.first_lookups`, for one query's timeout at most),
+  the old table serving meanwhile, as Envoy warms a new cluster.
 * An answer (records, or a negative answer: NXDOMAIN / no records) replaces
   the addresses. A headless Service with no ready pod answers NXDOMAIN, and
   then the pods are gone: sending to the old addresses would be wrong.
@@ -564,6 +569,61 @@ class DnsEndpoints:
                 self.counters.set("l4proxy_dns_stale", 0, hostname=name)
         self.users = wanted
         return new
+
+    def new_names(self, table: RouteTable) -> list[str]:
+        """The names *table* uses that are not followed yet (a reload's new ones)."""
+        return [name for name in dns_names(table) if name not in self.names]
+
+    def first_lookup_bound(self) -> float:
+        """How long a reload waits for its new names' first lookups: one
+        query's timeout (resolv.conf's ``options timeout``, 5 s by default),
+        at most WARM_WAIT. A live server answers a name's queries (those of
+        its search list too) well within it; a silent one costs the reload
+        that much, not the whole lookup's attempts x servers x timeout."""
+        return min(self.resolver.conf.timeout, WARM_WAIT)
+
+    async def first_lookups(
+        self, names: list[str], within: float
+    ) -> dict[str, Resolution | Exception]:
+        """Look up *names* (not followed yet), MAX_LOOKUPS at a time, for
+        *within* seconds at most: the outcomes that came by then, by name (an
+        answer, or the failure). Nothing is recorded here: when the table
+        that uses them goes live, the caller tracks it (:meth:`track`), then
+        records each outcome (:meth:`apply`). A lookup still under way at the
+        end is cancelled, and its name, once tracked, is due at once, as a
+        new name was before there was a first lookup (Envoy's cluster
+        warming: a new cluster is used once its first resolution is done or
+        has failed; here, or once the bound has passed)."""
+        if not names:
+            return {}
+        slots = asyncio.Semaphore(MAX_LOOKUPS)
+
+        async def lookup(name: str) -> Resolution:
+            async with slots:
+                return await self.resolver.resolve(name)
+
+        def retrieved(task: asyncio.Future[Resolution]) -> None:
+            # (a lookup that finishes after all, its cancel swallowed by a
+            # wait_for, must not log "exception never retrieved")
+            if not task.cancelled():
+                task.exception()
+
+        tasks = {asyncio.ensure_future(lookup(name)): name for name in names}
+        try:
+            await asyncio.wait(tasks, timeout=within)
+        finally:
+            for task in tasks:
+                task.add_done_callback(retrieved)
+                task.cancel()
+        out: dict[str, Resolution | Exception] = {}
+        for task, name in tasks.items():
+            if not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, Exception):
+                raise exc  # KeyboardInterrupt and the like
+            out[name] = exc or task.result()
+        return out
 
     def warmed(self) -> bool:
         """Whether every name has been looked up once (answered or failed),

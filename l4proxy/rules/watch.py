@@ -45,7 +45,12 @@ with each resolved name replaced by its addresses. A reload re-expands the new
 base with the addresses already known (no regression to names), and a DNS
 change swaps in a re-expanded table without touching ``generation`` (that
 counts rule loads; ``dns_updates`` counts DNS swaps). Both swaps replace the
-whole table at once, between two connections' decisions.
+whole table at once, between two connections' decisions. The names a reload
+adds are looked up before its table goes live, the old table serving
+meanwhile, for one query's timeout at most (see
+:meth:`RuleWatcher._first_lookups`: Envoy's cluster warming); the first load,
+at start, has no table to keep serving and goes live at once, and ``/ready``
+waits for its names' first lookups instead.
 
 Which files a table came from is its ``digest``: a hash of the fingerprint
 they were loaded at. ``generation`` counts one process's loads and starts
@@ -65,12 +70,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, load_rules
-from l4proxy.rules.dns import DnsEndpoints, Resolver, resolved_table, ttl_bounds_from_env
+from l4proxy.rules.dns import (
+    DnsEndpoints,
+    Resolution,
+    Resolver,
+    resolved_table,
+    ttl_bounds_from_env,
+)
 from l4proxy.rules.routing import RouteTable
 from l4proxy.stats import Counters
 
@@ -251,6 +262,7 @@ class RuleWatcher:
         counters: Counters | None = None,
         seed: int | None = None,
         load_deadline: float = DEFAULT_LOAD_DEADLINE,
+        dns_warm_timeout: float | None = None,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
@@ -271,6 +283,9 @@ class RuleWatcher:
             max_ttl=env_max if dns_max_ttl is None else dns_max_ttl,
             counters=self.counters,
         )
+        # How long a reload waits for the first lookups of the DNS names it
+        # adds (see _first_lookups); None: one query's timeout.
+        self.dns_warm_timeout = dns_warm_timeout
         # --seed: every table this watcher publishes gets its RNG seeded with
         # it, so weighted choices repeat run after run (tests); None: OS entropy.
         self.seed = seed
@@ -373,9 +388,48 @@ class RuleWatcher:
         elif error is not None:  # a loader bug: see _reject_bug
             self._reject_bug(error)
         if result is not None:
-            self._swap(result, fp)  # the previous table is dropped here
+            first = await self._first_lookups(result.table)
+            self._swap(result, fp, first)  # the previous table is dropped here
         self._loaded()
         return result is not None
+
+    async def _first_lookups(self, table: RouteTable) -> dict[str, Resolution | Exception]:
+        """The first lookup of each DNS endpoint name *table* adds, before it
+        goes live (Envoy warms a new cluster so): put live at once, such a
+        name was its own endpoint until the DNS task's lookup landed, and the
+        per-request relay answered its requests 503 ``no healthy upstream``
+        meanwhile. The table live now keeps serving while they are looked up
+        (on the loop, as the DNS task's), for one query's timeout at most
+        (``first_lookup_bound``): a name not answered by then goes live
+        unresolved, as before, and is looked up again at once. The watch
+        does not poll meanwhile: a change or a SIGHUP that comes is loaded
+        after this table, as any that comes during a parse."""
+        names = self.dns.new_names(table)
+        if not names:
+            return {}
+        within = self.dns_warm_timeout
+        if within is None:
+            within = self.dns.first_lookup_bound()
+        started = time.monotonic()
+        try:
+            got = await self.dns.first_lookups(names, within)
+        except Exception:  # a resolver bug: the names are looked up after the swap
+            log.exception("unexpected error while looking up the rules' new DNS names")
+            return {}
+        took = time.monotonic() - started
+        late = [name for name in names if name not in got]
+        if late:
+            log.warning(
+                "rules: %d of %d new DNS endpoint name(s) not answered within %.3g s (%s); "
+                "they go live unresolved and are looked up again",
+                len(late),
+                len(names),
+                within,
+                ", ".join(late[:5]) + (", ..." if len(late) > 5 else ""),
+            )
+        else:
+            log.info("rules: %d new DNS endpoint name(s) looked up in %.3f s", len(names), took)
+        return got
 
     def _stuck(self, parse: asyncio.Future[LoadResult], collecting: bool, fp: Fingerprint) -> None:
         """A load past its deadline: say so, and let the collector run again
@@ -395,7 +449,8 @@ class RuleWatcher:
             late = not done.cancelled() and done.exception() is None
             if late and await self._stat() == fp:
                 log.warning("a load of the rules ended after its deadline")
-                self._swap(done.result(), fp)
+                first = await self._first_lookups(done.result().table)
+                self._swap(done.result(), fp, first)
                 self._loaded()
             else:
                 log.warning("a load of the rules past its deadline ended; loading them again")
@@ -507,12 +562,22 @@ class RuleWatcher:
         for line in why.splitlines():
             log.error("rules rejected, keeping generation %d: %s", st.generation, line)
 
-    def _swap(self, result: LoadResult, fp: Fingerprint) -> None:
-        """Make *result*, read from the files *fp* describes, the live table (on the loop)."""
+    def _swap(
+        self,
+        result: LoadResult,
+        fp: Fingerprint,
+        first: Mapping[str, Resolution | Exception] | None = None,
+    ) -> None:
+        """Make *result*, read from the files *fp* describes, the live table
+        (on the loop), with *first*, the first lookups of its new DNS names
+        (see :meth:`_first_lookups`), recorded before it goes live."""
         st = self.state
         self.base = result.table
         if self.dns.track(self.base):
-            self._dns_wake.set()
+            self._dns_wake.set()  # (names *first* has no outcome for are due now)
+        now = time.monotonic()
+        for name, outcome in (first or {}).items():
+            self.dns.apply(name, outcome, now)
         self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
         self._retry_at, self._retry_in = None, RETRY_FIRST
         st.generation += 1
