@@ -9,6 +9,9 @@ the sidecar routes to the addresses they resolve to.
    bootcamp-v2's name, and traffic moves onto both v2 pods.
 4. dnsmasq stops: lookups fail, /clusters and /stats say so, and the last good
    addresses keep serving.
+5. A reload adds a name while dnsmasq is down: the reload's first lookup of it
+   fails, and the rules go live all the same (a dead server never holds a
+   reload for more than a query's timeout), the failure reported as any.
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ class Dnsmasq:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def dns_entry() -> str:
+def dns_entry(extra: dict[str, str] | None = None) -> str:
+    """The ServiceEntry of NAMES, and of *extra* (name -> version)."""
+    names = {NAMES[v]: v for v in ("v1", "v2")} | (extra or {})
     doc = {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "ServiceEntry",
@@ -109,8 +114,8 @@ def dns_entry() -> str:
             "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
             "resolution": "DNS",
             "endpoints": [
-                {"address": NAMES[v], "labels": {"app": "bootcamp", "version": v}}
-                for v in ("v1", "v2")
+                {"address": name, "labels": {"app": "bootcamp", "version": v}}
+                for name, v in names.items()
             ],
         },
     }
@@ -211,6 +216,24 @@ def test_split_follows_rule_and_dns_change_moves_traffic(mesh: Mesh) -> None:
         assert mesh.sidecar.stat("l4proxy_dns_stale") >= 1
         stats = mesh.sidecar.admin("/stats")
         assert f'l4proxy_dns_lookups_total{{hostname="{NAMES["v2"]}",result="error"}}' in stats
+        versions, pods, failures = mesh.split(n=10)
+        assert not failures and versions == {"v2": 10}
+
+        # 5. A reload adds a name while the server is down: it goes live all
+        # the same, the new name's failed first lookup reported as any.
+        generation = mesh.sidecar.stat("l4proxy_rules_generation")
+        v3 = "bootcamp-v3.default.svc.cluster.local"
+        mesh.write_rules(dns_entry({v3: "v3"}), name="registry.yaml")
+        _wait(
+            "the reload",
+            lambda: (
+                mesh.sidecar is not None
+                and mesh.sidecar.stat("l4proxy_rules_generation") > generation
+            ),
+            mesh,
+        )
+        new = _clusters(mesh)[v3]
+        assert not new["resolved"] and new["last_error"] and new["lookups"] >= 1, new
         versions, pods, failures = mesh.split(n=10)
         assert not failures and versions == {"v2": 10}
     finally:
