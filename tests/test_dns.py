@@ -1085,3 +1085,120 @@ def test_changes_during_a_warm_up_are_loaded_after_it_in_order(
         (4, ["127.0.0.3:3"]),
         (5, ["127.0.0.3:3"]),
     ]
+
+
+# -- review: failures around a reload's warm-up ------------------------------------
+
+
+class _ConfBroken(Resolver):
+    """A resolver whose resolv.conf cannot be read as it should (a bug of
+    ours): every lookup fails, as the DNS task records it; ``conf`` raises."""
+
+    @property
+    def conf(self) -> ResolvConf:
+        raise RuntimeError("resolv.conf: a bug")
+
+
+def test_a_resolver_bug_in_the_warm_up_bound_does_not_lose_the_reload(tmp_path: Path) -> None:
+    """_first_lookups contains a resolver bug ("the names are looked up after
+    the swap"), but the bound (first_lookup_bound: resolv.conf's timeout) was
+    read outside that guard: the error left reload(), _run took the files as
+    loaded, and valid rules never went live (no last_error either) until the
+    next change. Before the warm-up, the table went live and the names'
+    lookups failed, shown in /clusters."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_gateway_rules(_row("127.0.0.1", 8080)))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, resolver=_ConfBroken())
+    assert watcher.load_now()
+    rules.write_text(_gateway_rules(_row("v2.test.", 8080), "DNS"))
+
+    async def main() -> bool:
+        return await watcher.reload()
+
+    assert asyncio.run(main())  # was: RuntimeError out of reload()
+    assert watcher.state.generation == 2 and watcher.state.last_error is None
+    assert [e.address for e in watcher.state.table.services()[0].endpoints] == ["v2.test."]
+
+
+def test_a_resolver_bug_in_a_late_loads_warm_up_does_not_wedge_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load past its deadline that ends after all goes live from
+    ended_late, which now awaits the warm-up between its check and the swap;
+    an error there ended that task with ``stuck`` still set, and every later
+    reload returned False at once: the rules were never reloaded again."""
+    from l4proxy.rules import watch as rulewatch
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_gateway_rules(_row("127.0.0.1", 8080)))
+    watcher = RuleWatcher(
+        [str(rules)], interval=3600, settle=0, resolver=_ConfBroken(), load_deadline=0.1
+    )
+    assert watcher.load_now()
+    real = rulewatch.load_rules
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        time.sleep(0.4)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rulewatch, "load_rules", slow)
+    rules.write_text(_gateway_rules(_row("v2.test.", 8080), "DNS"))
+
+    async def main() -> None:
+        assert not await watcher.reload()  # past its deadline: reported
+        assert watcher.stuck is not None
+        for _ in range(100):  # the load ends at 0.4 s; ended_late swaps it in
+            if watcher.stuck is None:
+                break
+            await asyncio.sleep(0.02)
+        assert watcher.stuck is None, "stuck for ever: no reload starts again"
+
+    asyncio.run(main())
+    assert watcher.state.generation == 2
+
+
+def test_a_first_lookups_ttl_counts_from_its_answer_not_from_the_swap(tmp_path: Path) -> None:
+    """Every first outcome was recorded with the swap's time: a name answered
+    at once, with another name holding the warm-up to its bound, was cached
+    for its TTL *plus* the bound (10 s at most), and its failure backoff so
+    too. Its refresh is due TTL after its answer, as for the DNS task's."""
+    answered: dict[str, float] = {}
+
+    class Clocked(Resolver):
+        async def resolve(self, name: str) -> Resolution:
+            if name.startswith("slow"):
+                await asyncio.sleep(30)
+            answered[name] = time.monotonic()
+            return Resolution(("127.0.0.1",), 1.0, "dns")
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_gateway_rules(_row("127.0.0.1", 8080)))
+    watcher = RuleWatcher(
+        [str(rules)],
+        interval=3600,
+        settle=0,
+        resolver=Clocked(ResolvConf()),
+        dns_min_ttl=1.0,
+        dns_warm_timeout=0.6,
+    )
+    assert watcher.load_now()
+    rows = "\n".join([_row("fast.test.", 8080), _row("slow.test.", 8080)])
+    rules.write_text(_gateway_rules(rows, "DNS"))
+
+    async def main() -> None:
+        assert await watcher.reload()
+
+    asyncio.run(main())
+    st = watcher.dns.names["fast.test."]
+    assert st.resolved and st.lookups == 1
+    late = st.next_at - (answered["fast.test."] + 1.0)
+    assert late < 0.3, f"refresh due {late:.2f} s past the answer's TTL (the warm-up's bound)"
+
+
+def test_resolv_conf_options_with_a_non_ascii_digit_are_ignored() -> None:
+    """``str.isdigit`` is true of "²", which int() refuses: parse() raised
+    ValueError, and every lookup (and, with a reload's warm-up, the reload)
+    failed with it. Such an option is ignored, as glibc ignores what it
+    cannot read."""
+    conf = ResolvConf.parse("nameserver 10.0.0.10\noptions timeout:\u00b2 attempts:3 ndots:\u00b9\n")
+    assert (conf.timeout, conf.attempts, conf.ndots) == (5.0, 3, 1)
