@@ -408,10 +408,10 @@ class RuleWatcher:
         if not names:
             return {}
         within = self.dns_warm_timeout
-        if within is None:
-            within = self.dns.first_lookup_bound()
         started = time.monotonic()
         try:
+            if within is None:  # (reads resolv.conf: inside the guard)
+                within = self.dns.first_lookup_bound()
             got = await self.dns.first_lookups(names, within)
         except Exception:  # a resolver bug: the names are looked up after the swap
             log.exception("unexpected error while looking up the rules' new DNS names")
@@ -446,16 +446,23 @@ class RuleWatcher:
         )
 
         async def ended_late(done: asyncio.Future[LoadResult]) -> None:
-            late = not done.cancelled() and done.exception() is None
-            if late and await self._stat() == fp:
-                log.warning("a load of the rules ended after its deadline")
-                first = await self._first_lookups(done.result().table)
-                self._swap(done.result(), fp, first)
-                self._loaded()
-            else:
-                log.warning("a load of the rules past its deadline ended; loading them again")
+            # (stuck is cleared whatever happens here: left set, every later
+            # reload returned at once, and the rules were never loaded again)
+            try:
+                late = not done.cancelled() and done.exception() is None
+                if late and await self._stat() == fp:
+                    log.warning("a load of the rules ended after its deadline")
+                    first = await self._first_lookups(done.result().table)
+                    self._swap(done.result(), fp, first)
+                    self._loaded()
+                else:
+                    log.warning("a load of the rules past its deadline ended; loading them again")
+                    self.request_reload()
+            except Exception:
+                log.exception("unexpected error while loading rules; loading them again")
                 self.request_reload()
-            self.stuck = None
+            finally:
+                self.stuck = None
 
         def ended(done: asyncio.Future[LoadResult]) -> None:
             task = asyncio.ensure_future(ended_late(done))
