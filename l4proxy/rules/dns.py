@@ -136,11 +136,13 @@ class ResolvConf:
             elif key == "options":
                 for opt in args:
                     name, _, value = opt.partition(":")
-                    if name == "timeout" and value.isdigit():
+                    if not (value.isascii() and value.isdigit()):
+                        continue  # ("²".isdigit(), and int() refuses it)
+                    if name == "timeout":
                         timeout = float(min(max(int(value), 1), 30))
-                    elif name == "attempts" and value.isdigit():
+                    elif name == "attempts":
                         attempts = min(max(int(value), 1), 5)
-                    elif name == "ndots" and value.isdigit():
+                    elif name == "ndots":
                         ndots = min(int(value), MAX_NDOTS)
         return cls(tuple(servers) or ("127.0.0.1",), tuple(search), timeout, attempts, ndots)
 
