@@ -1200,5 +1200,7 @@ def test_resolv_conf_options_with_a_non_ascii_digit_are_ignored() -> None:
     ValueError, and every lookup (and, with a reload's warm-up, the reload)
     failed with it. Such an option is ignored, as glibc ignores what it
     cannot read."""
-    conf = ResolvConf.parse("nameserver 10.0.0.10\noptions timeout:\u00b2 attempts:3 ndots:\u00b9\n")
+    conf = ResolvConf.parse(
+        "nameserver 10.0.0.10\noptions timeout:\u00b2 attempts:3 ndots:\u00b9\n"
+    )
     assert (conf.timeout, conf.attempts, conf.ndots) == (5.0, 3, 1)
