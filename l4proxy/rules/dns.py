@@ -586,10 +586,12 @@ class DnsEndpoints:
 
     async def first_lookups(
         self, names: list[str], within: float
-    ) -> dict[str, Resolution | Exception]:
+    ) -> dict[str, tuple[Resolution | Exception, float]]:
         """Look up *names* (not followed yet), MAX_LOOKUPS at a time, for
         *within* seconds at most: the outcomes that came by then, by name (an
-        answer, or the failure). Nothing is recorded here: when the table
+        answer, or the failure), each with the time.monotonic() it came at
+        (its TTL, or its backoff, counts from then, not from the swap).
+        Nothing is recorded here: when the table
         that uses them goes live, the caller tracks it (:meth:`track`), then
         records each outcome (:meth:`apply`). A lookup still under way at the
         end is cancelled, and its name, once tracked, is due at once, as a
@@ -610,21 +612,29 @@ class DnsEndpoints:
             if not task.cancelled():
                 task.exception()
 
+        came: dict[asyncio.Future[Resolution], float] = {}
+
+        def clock(task: asyncio.Future[Resolution]) -> None:
+            came[task] = time.monotonic()
+
         tasks = {asyncio.ensure_future(lookup(name)): name for name in names}
+        for task in tasks:
+            task.add_done_callback(clock)
         try:
             await asyncio.wait(tasks, timeout=within)
         finally:
             for task in tasks:
                 task.add_done_callback(retrieved)
                 task.cancel()
-        out: dict[str, Resolution | Exception] = {}
+        out: dict[str, tuple[Resolution | Exception, float]] = {}
+        now = time.monotonic()
         for task, name in tasks.items():
             if not task.done() or task.cancelled():
                 continue
             exc = task.exception()
             if exc is not None and not isinstance(exc, Exception):
                 raise exc  # KeyboardInterrupt and the like
-            out[name] = exc or task.result()
+            out[name] = (exc or task.result(), came.get(task, now))
         return out
 
     def warmed(self) -> bool:

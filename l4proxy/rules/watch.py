@@ -393,7 +393,9 @@ class RuleWatcher:
         self._loaded()
         return result is not None
 
-    async def _first_lookups(self, table: RouteTable) -> dict[str, Resolution | Exception]:
+    async def _first_lookups(
+        self, table: RouteTable
+    ) -> dict[str, tuple[Resolution | Exception, float]]:
         """The first lookup of each DNS endpoint name *table* adds, before it
         goes live (Envoy warms a new cluster so): put live at once, such a
         name was its own endpoint until the DNS task's lookup landed, and the
@@ -573,7 +575,7 @@ class RuleWatcher:
         self,
         result: LoadResult,
         fp: Fingerprint,
-        first: Mapping[str, Resolution | Exception] | None = None,
+        first: Mapping[str, tuple[Resolution | Exception, float]] | None = None,
     ) -> None:
         """Make *result*, read from the files *fp* describes, the live table
         (on the loop), with *first*, the first lookups of its new DNS names
@@ -582,9 +584,8 @@ class RuleWatcher:
         self.base = result.table
         if self.dns.track(self.base):
             self._dns_wake.set()  # (names *first* has no outcome for are due now)
-        now = time.monotonic()
-        for name, outcome in (first or {}).items():
-            self.dns.apply(name, outcome, now)
+        for name, (outcome, came) in (first or {}).items():
+            self.dns.apply(name, outcome, came)  # (its TTL counts from its answer)
         self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
         self._retry_at, self._retry_in = None, RETRY_FIRST
         st.generation += 1
