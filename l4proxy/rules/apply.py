@@ -113,9 +113,11 @@ def add_parser(sub: Any) -> None:
         p.add_argument(
             "--timeout",
             type=positive_seconds,
-            default=10.0,
+            default=20.0,
             metavar="SECONDS",
-            help="how long to wait for --admin (default: %(default)s)",
+            help="how long to wait for --admin (default: %(default)s: a reload can take"
+            " the watcher's poll and settle, seconds to compile, and up to 10 s for the"
+            " first lookups of DNS names it adds)",
         )
         p.add_argument("-n", "--namespace", default="default", help="as for l4proxy validate")
         p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
