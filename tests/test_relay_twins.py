@@ -1639,6 +1639,24 @@ def test_the_fields_connection_names_do_not_go_upstream() -> None:
     ]
 
 
+def test_a_later_http1_minor_version_drops_its_connection_lines_as_http11_does() -> None:
+    """HTTP/1.2 (the scanners take any ``HTTP/1.<digit>``): a later minor
+    version persists as 1.1 does, so its Connection lines stay on the
+    client's hop, on both twins, and the upstream connection it used is
+    reused. The pure twin dropped them (all but HTTP/1.0) and the compiled
+    loop sent them (only HTTP/1.1), so the backend read different bytes;
+    the pure twin also counted that request not persistent (only HTTP/1.1
+    was) and closed the upstream connection though no close went up."""
+    http12 = b"GET /x/cl HTTP/1.2\r\nHost: b\r\n"
+    out = both(
+        conv(http12 + b"Connection: close\r\nKeep-Alive: 1\r\n\r\n", requests=1),
+        conv(http12 + b"Connection: keep-alive\r\n\r\n", requests=1),
+        conv(get("cl"), requests=1),
+    )
+    ((got, _),) = out.backend  # one connection, reused
+    assert got == http12 + b"\r\n" + http12 + b"\r\n" + get("cl")
+
+
 def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:
     """The server resets an idle pooled connection, and before the relay sees
     it (its thread held in ``decide``), a request checks that connection out:
