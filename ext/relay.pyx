@@ -1171,12 +1171,13 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             h.conn_close = h.conn_close or (t & TOK_CLOSE) != 0
             h.conn_keep_alive = h.conn_keep_alive or (t & TOK_KEEP) != 0
             # upstream_head() in _exchange_py.py: a line of close and
-            # keep-alive tokens alone goes in HTTP/1.1 (a validated value
-            # holds no CR but its line's end: its tokens are the trimmed
-            # value's); one that names fields to drop: the pure relay
+            # keep-alive tokens alone goes in HTTP/1.1 and later minors (a
+            # validated value holds no CR but its line's end: its tokens
+            # are the trimmed value's); one that names fields to drop: the
+            # pure relay
             if t & TOK_OTHER:
                 h.names_fields = True
-            elif h.minor == 1:
+            elif h.minor >= 1:
                 drop_line(h, ls, i)
         elif k == 10 and eq_lower(buf + ns, b"keep-alive", 10):
             drop_line(h, ls, i)
@@ -2687,8 +2688,8 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
     else:
         failed = buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
-    # (HTTP/1.1: a close went with its line; HTTP/1.0: sent as it came)
-    c.sent_persistent = h.minor == 1 or c.keep_alive
+    # (HTTP/1.1 and later: a close went with its line; HTTP/1.0: sent as it came)
+    c.sent_persistent = h.minor >= 1 or c.keep_alive
     if failed:  # out of memory: a head with a part left out must not go up
         conn_abort(R, c)
         return

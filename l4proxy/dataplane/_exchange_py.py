@@ -638,7 +638,7 @@ class Exchange:
             raw_head = raw[: head.head_length]
             self._sent_head = upstream_head(raw_head, head)
             self._sent_persistent = head.keep_alive or (
-                head.version == "HTTP/1.1" and not _asks_close(self._sent_head)
+                head.version != "HTTP/1.0" and not _asks_close(self._sent_head)
             )
             self.phase = Phase.ROUTING
             return [Route(head)]
