@@ -1657,6 +1657,77 @@ def test_a_later_http1_minor_version_drops_its_connection_lines_as_http11_does()
     assert got == http12 + b"\r\n" + http12 + b"\r\n" + get("cl")
 
 
+_HOP_TOKENS = [
+    b"close",
+    b"Close",
+    b"keep-alive",
+    b"KEEP-ALIVE",
+    b"",
+    b" ",
+    b"te",
+    b"TE",
+    b"x-a",
+    b"X-A",
+    b"x",
+    b"content-length",
+    b"host",
+    b"upgrade",
+    b"keep-alivex",
+    b"closed",
+]
+_HOP_OWS = [b"", b" ", b"\t", b"  "]
+
+
+@st.composite
+def _hop_line(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["conn", "conn", "ka", "pc", "te", "xa", "x", "cl0", "kax", "up"]))
+    o1, o2 = draw(st.sampled_from(_HOP_OWS)), draw(st.sampled_from(_HOP_OWS))
+    if kind == "conn":
+        tokens = draw(st.lists(st.sampled_from(_HOP_TOKENS), min_size=1, max_size=3))
+        name = draw(st.sampled_from([b"Connection", b"connection", b"CONNECTION"]))
+        return name + b":" + o1 + b",".join(tokens) + o2
+    if kind == "te":
+        value = draw(st.sampled_from([b"trailers", b"Trailers", b"gzip", b"trailers, gzip", b""]))
+        return draw(st.sampled_from([b"TE", b"te"])) + b":" + o1 + value + o2
+    fixed = {
+        "ka": b"Keep-Alive:" + o1 + b"300" + o2,
+        "pc": b"Proxy-Connection:" + o1 + b"keep-alive" + o2,
+        "xa": b"X-A: 1",
+        "x": b"x: 2",
+        "cl0": b"Content-Length: 0",
+        "kax": b"Keep-Alive-X: 1",
+        "up": b"Upgrade: x",
+    }
+    return fixed[kind]
+
+
+@st.composite
+def _hop_head(draw: st.DrawFn) -> bytes:
+    version = draw(st.sampled_from([b"1.0", b"1.1", b"1.1", b"1.2"]))
+    lines = draw(st.lists(_hop_line(), max_size=6))
+    if version != b"1.0" or draw(st.booleans()):
+        lines.insert(draw(st.integers(0, len(lines))), b"Host: b")
+    eol = draw(st.sampled_from([b"\r\n", b"\n"]))
+    name = b"http10_ka" if version == b"1.0" else b"cl"
+    return eol.join([b"GET /x/" + name + b" HTTP/" + version, *lines, b"", b""])
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(_hop_head(), _hop_head())
+def test_generated_hop_by_hop_heads(first: bytes, second: bytes) -> None:
+    """Connection (case, OWS, empty tokens, several lines, tokens that name
+    fields or not), Keep-Alive, Proxy-Connection, TE and Upgrade lines, in
+    HTTP/1.0 (with Host or not), 1.1 and 1.2, CRLF or bare LF, two pipelined:
+    the backend reads the same heads from both twins."""
+    both(conv(first + second, requests=2), conv(get("cl"), requests=1), split_pools=True)
+
+
 def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:
     """The server resets an idle pooled connection, and before the relay sees
     it (its thread held in ``decide``), a request checks that connection out:
