@@ -43,9 +43,10 @@ Decisions
   (:func:`upstream_head`): ``Keep-Alive``, ``Proxy-Connection``, ``TE``
   (unless it says only ``trailers``, as Envoy keeps it), the fields the
   Connection field names (never ``Content-Length``, ``Transfer-Encoding``
-  or ``Host``: the proxy framed the body by them), and in HTTP/1.1 the
-  Connection lines themselves. So a ``Connection: close`` client does not
-  cost an upstream handshake per request (*upstream reuse*: HAProxy's
+  or ``Host``: the proxy framed the body by them), and in HTTP/1.1 (or a
+  later 1.x, persistent as 1.1 is) the Connection lines themselves. So a
+  ``Connection: close`` client does not cost an upstream handshake per
+  request (*upstream reuse*: HAProxy's
   default ``http-server-close`` behaviour towards the client, with reuse
   towards the server). Kept: an HTTP/1.0 request's Connection lines that
   say ``close`` or ``keep-alive`` (its hop to the server persists only if
@@ -335,8 +336,10 @@ def _connection_tokens(line: bytes) -> set[bytes] | None:
 
 def _asks_close(sent: bytes) -> bool:
     """Whether a Connection line of *sent* (a head as upstream_head() left
-    it) still has ``close`` among its tokens: one with other tokens too
-    (``close, x-foo``) is sent as it is, and the server closes after it."""
+    it) still has ``close`` among its tokens: an Upgrade request's line that
+    names ``upgrade`` (``upgrade, close``) is sent as it is, and the server
+    closes after it (an HTTP/1.0 request's lines are not read here: its
+    hop persists only when it asked, ``head.keep_alive``)."""
     return any(b"close" in (_connection_tokens(line) or ()) for line in sent.split(b"\n")[1:])
 
 
