@@ -1657,6 +1657,22 @@ def test_a_later_http1_minor_version_drops_its_connection_lines_as_http11_does()
     assert got == http12 + b"\r\n" + http12 + b"\r\n" + get("cl")
 
 
+def test_an_upgrade_keeps_the_fields_its_connection_line_names() -> None:
+    """An h2c upgrade (``curl --http2 http://``; Java's HttpClient on an
+    http URI): ``Connection: Upgrade, HTTP2-Settings`` goes up as it is (it
+    names ``upgrade``), and so must ``HTTP2-Settings``, which it names. Both
+    twins dropped that field and kept the line that names it: RFC 7540
+    §3.2.1 forbids an upgrade without it, and Go's x/net h2c handler (it
+    upgrades when Connection names HTTP2-Settings) answers 500 "missing
+    HTTP2-Settings header"; before, the upgrade went through."""
+    up = (
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    )
+    out = both(conv(get("101", up) + b"after", requests=1))
+    assert out.requests == [get("101", up)]
+
+
 _HOP_TOKENS = [
     b"close",
     b"Close",
