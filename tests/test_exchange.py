@@ -161,10 +161,15 @@ def test_upstream_head_drops_hop_by_hop_fields_and_those_connection_names() -> N
     # an HTTP/1.0 Connection line stays unless it names only fields that go
     raw = b"GET / HTTP/1.0\r\nConnection: x-a\r\nConnection: close, x-b\r\nX-A: 1\r\n\r\n"
     assert _up(raw) == b"GET / HTTP/1.0\r\nConnection: close, x-b\r\n\r\n"
-    # an Upgrade request keeps its upgrade (and its Connection line naming it)
-    raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\nX-A: 1\r\n\r\n"
-    assert (
-        _up(raw) == b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\n\r\n"
+    # an Upgrade request keeps its upgrade: its Connection line naming it,
+    # and the fields that line names (h2c's HTTP2-Settings); another
+    # Connection line goes, with what it names alone
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\nX-A: 1\r\n"
+        b"Connection: x-a, x-b\r\nX-B: 2\r\n\r\n"
+    )
+    assert _up(raw) == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, x-a\r\nUpgrade: ws\r\nX-A: 1\r\n\r\n"
     )
 
 

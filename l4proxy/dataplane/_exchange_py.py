@@ -51,7 +51,9 @@ Decisions
   towards the server). Kept: an HTTP/1.0 request's Connection lines that
   say ``close`` or ``keep-alive`` (its hop to the server persists only if
   asked), and an Upgrade request's Connection lines that name ``upgrade``
-  with its ``Upgrade`` field (the server must see the upgrade asked).
+  with its ``Upgrade`` field and the fields those lines name (the server
+  must see the upgrade asked, and h2c's ``HTTP2-Settings``: RFC 7540
+  §3.2.1).
   Nothing else in a head is rewritten, and bodies never are.
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
@@ -277,11 +279,16 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
     lines = raw.split(b"\n")
     upgrading = head.header("upgrade") is not None
     field: set[bytes] = set()
+    upgrade: set[bytes] = set()  # what the Connection lines sent up name: kept
     for line in lines[1:]:
-        field |= _connection_tokens(line) or set()
-    named = field - _CLOSE_OR_KEEP - _NEVER_DROPPED
-    if upgrading:
-        named.discard(b"upgrade")
+        tokens = _connection_tokens(line)
+        if tokens is None:
+            continue
+        if upgrading and b"upgrade" in tokens:
+            upgrade |= tokens  # the upgrade's own fields (HTTP2-Settings)
+        else:
+            field |= tokens
+    named = field - upgrade - _CLOSE_OR_KEEP - _NEVER_DROPPED
     kept = [lines[0]]
     for line in lines[1:]:
         if _sent_up(line, head, named, upgrading):
