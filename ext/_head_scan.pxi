@@ -541,7 +541,9 @@ cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssiz
 cdef enum:
     TOK_CLOSE = 1
     TOK_KEEP = 2
-    TOK_OTHER = 4
+    TOK_OTHER = 4          # a token other than close and keep-alive: one of
+    TOK_TE = 8             # ... "te" (with TOK_OTHER)
+    TOK_FIELD = 16         # ... any other (with TOK_OTHER)
 
 
 cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -562,8 +564,10 @@ cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b)
             t |= TOK_CLOSE
         elif ee - es == 10 and eq_lower(buf + es, b"keep-alive", 10):
             t |= TOK_KEEP
+        elif ee - es == 2 and eq_lower(buf + es, b"te", 2):
+            t |= TOK_OTHER | TOK_TE
         elif ee > es:
-            t |= TOK_OTHER
+            t |= TOK_OTHER | TOK_FIELD
         if i == b:
             return t
         i += 1

@@ -1173,9 +1173,11 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             # upstream_head() in _exchange_py.py: a line of close and
             # keep-alive tokens alone goes in HTTP/1.1 and later minors (a
             # validated value holds no CR but its line's end: its tokens
-            # are the trimmed value's); one that names fields to drop: the
-            # pure relay
-            if t & TOK_OTHER:
+            # are the trimmed value's); one that names TE (RFC 9110 §10.1.4
+            # asks a client sending TE to: Perl's LWP does) goes too, TE
+            # itself dropped below unless it says trailers; one that names
+            # other fields to drop, or TE in HTTP/1.0: the pure relay
+            if t & TOK_FIELD or (t & TOK_TE and h.minor == 0):
                 h.names_fields = True
             elif h.minor >= 1:
                 drop_line(h, ls, i)

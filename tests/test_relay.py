@@ -233,6 +233,34 @@ def test_every_request_on_a_keep_alive_connection_is_split_on_its_own(
     assert stats["requests"] == 200 and stats["pool_reused"] >= 190
 
 
+@pytest.mark.parametrize("twin", ["compiled"], indirect=True)
+def test_hop_by_hop_request_fields_are_dropped_in_the_loop(
+    backends: list[Backend], twin: str
+) -> None:
+    """Keep-Alive, Proxy-Connection, TE and a Connection naming TE (RFC 9110
+    §10.1.4; Perl's LWP sends ``Connection: TE, close``) are dropped by the
+    compiled loop itself: no request goes to its pure relay. A Connection
+    naming another field does (the twins' agreement on the bytes is in
+    test_relay_twins.py)."""
+    proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,)))
+    heads = (
+        "Keep-Alive: 300\r\nProxy-Connection: keep-alive\r\n",
+        "Connection: TE\r\nTE: trailers\r\n",
+        "connection: te, keep-alive\r\nTE: deflate\r\n",
+    )
+    try:
+        with proxy.connect() as c:
+            for i, extra in enumerate(heads):
+                c.sendall(f"GET /h{i} HTTP/1.1\r\nHost: svc\r\n{extra}\r\n".encode())
+                assert read_response(c).startswith(b"v=v1 /h%d" % i)
+            assert proxy.relay.stats()["slow_path"] == 0
+            c.sendall(b"GET /named HTTP/1.1\r\nHost: svc\r\nConnection: x-a\r\nX-A: 1\r\n\r\n")
+            assert read_response(c).startswith(b"v=v1 /named")
+        assert proxy.relay.stats()["slow_path"] == 1
+    finally:
+        proxy.close()
+
+
 def test_connection_close_clients_reuse_pooled_upstreams(backends: list[Backend]) -> None:
     def decide(head: RequestHead, origin: tuple[str, int]) -> Decision:
         return Decision((backends[0].endpoint,))

@@ -1597,17 +1597,19 @@ def test_a_close_sent_upstream_is_never_pooled() -> None:
 def test_hop_by_hop_request_fields_do_not_go_upstream() -> None:
     """RFC 9110 §7.6.1, as Envoy does it: Keep-Alive, Proxy-Connection, TE
     (but ``TE: trailers``) and HTTP/1.1's Connection stay on the client's
-    hop, on both twins (the compiled one in its loop). The upstream
-    connection is reused though the client asked to close."""
+    hop, on both twins (the compiled one in its loop), also when Connection
+    names TE. The upstream connection is reused though the client asked to
+    close."""
     hop = b"Keep-Alive: 300\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nte:  trailers \r\n"
     out = both(
         conv(get("cl", b"X-A: 1\r\n" + hop + b"Connection: close\r\n"), requests=1),
         conv(get("cl", b"TE: trailers\r\n" + hop), requests=1),
+        conv(get("cl", b"Connection: TE, close\r\n" + hop), requests=1),
     )
     ((got, _),) = out.backend  # one connection, reused
     assert got == get("cl", b"X-A: 1\r\nte:  trailers \r\n") + get(
         "cl", b"TE: trailers\r\nte:  trailers \r\n"
-    )
+    ) + get("cl", b"te:  trailers \r\n")
 
 
 def test_the_fields_connection_names_do_not_go_upstream() -> None:
