@@ -520,10 +520,150 @@ spec:
   http:
   - route:
     - destination: {host: bootcamp}
-    retries: {attempts: 3}
+    fault: {abort: {httpStatus: 503}}
 """,
-        "spec.http[0].retries is not implemented by l4proxy",
+        "spec.http[0].fault is not implemented by l4proxy",
         10,
+    ),
+    (
+        "retries attempts negative",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries: {attempts: -1}
+""",
+        "spec.http[0].retries.attempts -1 is not in range 0..2147483647",
+        10,
+    ),
+    (
+        "retries attempts a string",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: "3"
+""",
+        "spec.http[0].retries.attempts must be an integer, not a string",
+        11,
+    ),
+    (
+        "retries perTryTimeout without a unit",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      perTryTimeout: "2"
+""",
+        "spec.http[0].retries.perTryTimeout '2' is not a duration "
+        "(write it like '5s', '0.5s' or '250ms')",
+        12,
+    ),
+    (
+        "retries perTryTimeout of zero",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      perTryTimeout: 0s
+""",
+        "spec.http[0].retries.perTryTimeout '0s' must be whole milliseconds from 1ms",
+        12,
+    ),
+    (
+        "retries retryOn unknown policy",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: 5xx,gateway-eror
+""",
+        "spec.http[0].retries.retryOn: 'gateway-eror' is not a retry policy "
+        "(expected status codes or: 5xx, gateway-error,",
+        12,
+    ),
+    (
+        "retries retryOn status code out of range",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: "5xx,99"
+""",
+        "spec.http[0].retries.retryOn: status code 99 is not in range 100..599",
+        12,
+    ),
+    (
+        "retries retryOn a list",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: [5xx]
+""",
+        "spec.http[0].retries.retryOn must be a string like '5xx,reset', not a list",
+        12,
+    ),
+    (
+        "retries field misspelt",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryon: 5xx
+""",
+        "unknown field spec.http[0].retries.retryon "
+        "(expected one of: attempts, perTryTimeout, retryOn, retryRemoteLocalities)",
+        12,
+    ),
+    (
+        "retries backoff",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      backoff: 1s
+""",
+        "spec.http[0].retries.backoff is not implemented by l4proxy",
+        12,
+    ),
+    (
+        "retries retryRemoteLocalities not a bool",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryRemoteLocalities: "yes"
+""",
+        "spec.http[0].retries.retryRemoteLocalities must be true or false, not a string",
+        12,
     ),
     (
         "timeout without a unit",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.rules import ConfigError, load_rules
-from l4proxy.rules.routing import Labels, Request
+from l4proxy.rules.routing import HttpRetry, Labels, Request
 from tests.mesh import SEED_DIR as SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -368,6 +368,68 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
     (plain,) = other.routes_for(HOST)
     assert plain.timeout == 0.0
     assert table != other
+
+
+@pytest.mark.parametrize(
+    ("retries", "expected"),
+    [
+        # Istio's default policy when retryOn is omitted: 503 its status code
+        (
+            "{attempts: 3}",
+            HttpRetry(
+                3,
+                0.0,
+                (
+                    "connect-failure",
+                    "refused-stream",
+                    "unavailable",
+                    "cancelled",
+                    "retriable-status-codes",
+                ),
+                (503,),
+            ),
+        ),
+        (
+            "{attempts: 2, perTryTimeout: 250ms, retryOn: 'gateway-error,reset'}",
+            HttpRetry(2, 0.25, ("gateway-error", "reset"), ()),
+        ),
+        # bare codes are retriable status codes, and imply the policy (Istio)
+        (
+            "{attempts: 1, retryOn: '503, 409,5xx,503', retryRemoteLocalities: true}",
+            HttpRetry(1, 0.0, ("5xx", "retriable-status-codes"), (503, 409)),
+        ),
+        ("{attempts: 0, retryOn: 5xx}", None),  # Istio: retries disabled
+        ("{perTryTimeout: 1s}", None),  # (attempts 0)
+    ],
+)
+def test_virtual_service_retries_compile(
+    tmp_path: Path, retries: str, expected: HttpRetry | None
+) -> None:
+    """http[].retries is the route's retry policy as Istio makes Envoy's; a
+    reload that changes only it is a new table; validate -v's JSON has it."""
+    vs = f"""\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {{name: bootcamp}}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - route:
+        - destination: {{host: bootcamp}}
+        retries: {retries}
+    """
+    table = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+    (route,) = table.routes_for(HOST)
+    assert route.retries == expected
+    plain = load_rules(
+        [write(tmp_path, "vs.yaml", vs.replace(f"retries: {retries}", "")), REGISTRY]
+    )
+    assert (table == plain.table) == (expected is None)
+    got = table.to_json()["routes"][HOST][0]["retries"]
+    assert got == (expected.to_json() if expected else None)
+    svc = table.service(HOST)
+    assert svc is not None
+    assert table.decide(svc, 8080, Request(path="/")).retries == expected
 
 
 def test_route_rule_match_compiles(tmp_path: Path) -> None:

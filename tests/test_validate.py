@@ -123,6 +123,37 @@ def test_verbose_shows_a_route_rule_timeout(
     assert "           timeout 1.5 s (then 504)\n" in out
 
 
+def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_route_s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vs = tmp_path / "vs.yaml"
+    vs.write_text(
+        textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - route: [{destination: {host: bootcamp}}]
+            timeout: 1s
+            retries:
+              attempts: 3
+              perTryTimeout: 2s
+              retryOn: gateway-error,409
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert (
+        "           retries 3 on gateway-error,retriable-status-codes (codes 409), 2 s per try\n"
+        in out
+    )
+    assert "vs.yaml:11: warning: VirtualService bootcamp: spec.http[0].retries.perTryTimeout" in (
+        out + err
+    )
+
+
 def test_invalid_exits_1_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

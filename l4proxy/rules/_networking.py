@@ -1,10 +1,11 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (retries, faults, mirroring, TLS, connection pools...) is an error
-that names the field: a sidecar that silently ignored a retry policy would be
-worse than one that refuses it. ``http[].timeout`` is honoured by the
-per-request relay (Envoy's route timeout, see ``Route.timeout``).
+implement (faults, mirroring, TLS, connection pools...) is an error that
+names the field: a sidecar that silently ignored a fault would be worse than
+one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
+by the per-request relay (Envoy's route timeout and retry policy, see
+``Route.timeout`` and ``Route.retries``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,21 @@ from l4proxy.rules._schema import (
     listing,
     string_match,
     text,
+    type_name,
 )
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import LB_POLICIES, Endpoint, Match, Service, ServicePort
+from l4proxy.rules.routing import (
+    ISTIO_DEFAULT_RETRY_CODES,
+    ISTIO_DEFAULT_RETRY_ON,
+    LB_POLICIES,
+    RETRY_ON_NO_OPS,
+    RETRY_ON_POLICIES,
+    Endpoint,
+    HttpRetry,
+    Match,
+    Service,
+    ServicePort,
+)
 
 API_VERSIONS = (
     "networking.istio.io/v1alpha3",
@@ -52,7 +65,6 @@ SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
 _HTTP_ROUTE_UNIMPLEMENTED = (
     "rewrite",
-    "retries",
     "fault",
     "mirror",
     "mirrors",
@@ -192,7 +204,7 @@ def _vs_route(
             ctx,
             value,
             path,
-            allowed=("name", "match", "route", "timeout"),
+            allowed=("name", "match", "route", "timeout", "retries"),
             unimplemented=(*_HTTP_ROUTE_UNIMPLEMENTED, "redirect"),
         )
     else:
@@ -207,11 +219,114 @@ def _vs_route(
     timeout: float | None = 0.0
     if r.get("timeout") is not None:  # "0s" too: no timeout, Istio's default
         timeout = duration(ctx, r["timeout"], (*path, "timeout"))
+    retries_ok, retries = _retries(ctx, r.get("retries"), (*path, "retries"), timeout or 0.0)
     matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
     dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
-    if matches is None or dests is None or timeout is None:
+    if matches is None or dests is None or timeout is None or not retries_ok:
         return None
-    return RouteDraft(name, proto, matches, dests, timeout)
+    return RouteDraft(name, proto, matches, dests, timeout, retries)
+
+
+def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, HttpRetry | None]:
+    """``http[].retries`` (Istio's HTTPRetry) as Istio's ConvertPolicy()
+    makes Envoy's retry policy: (valid, the policy); None when there is none
+    (no field, or ``attempts`` 0 or absent: Istio's "retries disabled").
+
+    ``retryOn`` is Envoy's comma-separated policy names; a status code in it
+    ("503") is a retriable status code and implies
+    ``retriable-status-codes``. Omitted: Istio's default policy
+    (connect-failure, refused-stream, unavailable, cancelled,
+    retriable-status-codes with 503). Unknown names are errors, as in
+    Istio's validation; those that cannot occur on an HTTP/1.1 exchange
+    (HTTP/2 resets, gRPC statuses) are accepted and do nothing. Without a
+    retries field the relay's own retries stay (Istio's default of 2
+    attempts when the field is absent is not imitated: see the README).
+    """
+    if value is None:
+        return True, None
+    r = fields(
+        ctx,
+        value,
+        path,
+        allowed=("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities"),
+        unimplemented={
+            "backoff": "retries go at once, to another endpoint first",
+            "retryIgnorePreviousHosts": "a retry always prefers another endpoint",
+        },
+    )
+    if r is None:
+        return False, None
+    ok = not any(
+        k not in ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities") for k in r
+    )
+    attempts: int | None = 0
+    if r.get("attempts") is not None:
+        attempts = integer(ctx, r["attempts"], (*path, "attempts"), 0, 2**31 - 1)
+    per_try: float | None = 0.0
+    if r.get("perTryTimeout") is not None:
+        per_try = duration(ctx, r["perTryTimeout"], (*path, "perTryTimeout"), zero=False)
+        if per_try is not None and timeout and per_try > timeout:
+            ctx.warning(
+                (*path, "perTryTimeout"),
+                f"{dotted((*path, 'perTryTimeout'))} {r['perTryTimeout']} is longer than the "
+                f"route's timeout ({timeout:g}s), which bounds every try together",
+            )
+    rrl = r.get("retryRemoteLocalities")
+    if rrl is not None and not isinstance(rrl, bool):
+        ctx.error(
+            (*path, "retryRemoteLocalities"),
+            f"{dotted((*path, 'retryRemoteLocalities'))} must be true or false, "
+            f"not {type_name(rrl)}",
+        )
+        ok = False
+    policies: tuple[str, ...] | None = ISTIO_DEFAULT_RETRY_ON
+    codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
+    if r.get("retryOn") is not None:
+        got = _retry_on(ctx, r["retryOn"], (*path, "retryOn"))
+        policies = None if got is None else got[0]
+        codes = () if got is None else got[1]
+    if attempts is None or per_try is None or policies is None or not ok:
+        return False, None
+    if attempts == 0:
+        return True, None  # Istio: "If 0, retries will be disabled"
+    return True, HttpRetry(attempts, per_try, policies, codes)
+
+
+def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    """retryOn: (policy names, status codes), each once, in order."""
+    if not isinstance(value, str):
+        ctx.error(path, f"{dotted(path)} must be a string like '5xx,reset', not {type_name(value)}")
+        return None
+    policies: list[str] = []
+    codes: list[int] = []
+    ok = True
+    for part in value.split(","):
+        token = part.strip()
+        if not token:
+            continue
+        if token.isdigit():
+            code = int(token)
+            if not 100 <= code <= 599:
+                ctx.error(path, f"{dotted(path)}: status code {token} is not in range 100..599")
+                ok = False
+            elif code not in codes:
+                codes.append(code)
+        elif token in RETRY_ON_POLICIES or token in RETRY_ON_NO_OPS:
+            if token not in policies:
+                policies.append(token)
+        else:
+            known = ", ".join((*RETRY_ON_POLICIES, *RETRY_ON_NO_OPS))
+            ctx.error(
+                path,
+                f"{dotted(path)}: {token!r} is not a retry policy "
+                f"(expected status codes or: {known})",
+            )
+            ok = False
+    if not ok:
+        return None
+    if codes and "retriable-status-codes" not in policies:
+        policies.append("retriable-status-codes")  # as Istio adds it
+    return tuple(policies), tuple(codes)
 
 
 def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] | None:

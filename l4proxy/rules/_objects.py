@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import IngressPath, Labels, Match, Service
+from l4proxy.rules.routing import HttpRetry, IngressPath, Labels, Match, Service
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class RouteDraft:
     matches: tuple[Match, ...]
     destinations: list[DestinationDraft]
     timeout: float = 0.0  # seconds (Route.timeout); 0: none
+    retries: HttpRetry | None = None  # Route.retries
 
 
 @dataclass

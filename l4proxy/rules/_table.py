@@ -204,7 +204,14 @@ def _routes(
                         _check_port_required(dd, rule.kind, host, rd, services)
                 if len(dests) == len(rd.destinations):
                     compiled.append(
-                        Route(rd.name, tuple(dests), rd.matches, rd.protocol, timeout=rd.timeout)
+                        Route(
+                            rd.name,
+                            tuple(dests),
+                            rd.matches,
+                            rd.protocol,
+                            timeout=rd.timeout,
+                            retries=rd.retries,
+                        )
                     )
         table[host] = compiled
     return table

@@ -47,7 +47,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from l4proxy.rules._regex import Pattern, compile_regex
 
@@ -59,6 +59,7 @@ __all__ = [
     "Decision",
     "Destination",
     "Endpoint",
+    "HttpRetry",
     "IngressPath",
     "Labels",
     "Match",
@@ -476,6 +477,65 @@ class Destination:
         }
 
 
+# Envoy's retry policies (x-envoy-retry-on) that an HTTP/1.1 exchange can
+# meet, and those it never can (HTTP/2 stream resets, gRPC statuses, HTTP/3)
+# or that need what Istio does not configure (retriable headers, Envoy's
+# rate limit service): accepted, with no effect.
+RETRY_ON_POLICIES: Final = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "retriable-status-codes",
+)
+RETRY_ON_NO_OPS: Final = (
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+    "reset-before-request",
+)
+# Istio's policy when a VirtualService gives attempts but no retryOn
+# (DefaultPolicy() in pilot's route/retry package), with its status code
+ISTIO_DEFAULT_RETRY_ON: Final = (
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+)
+ISTIO_DEFAULT_RETRY_CODES: Final = (503,)
+
+
+@dataclass(frozen=True)
+class HttpRetry:
+    """A route's retry policy: a VirtualService's ``http[].retries``
+    (Istio's HTTPRetry), as Istio configures Envoy's. ``attempts``: retries
+    after the first try (at least 1: ``attempts: 0`` is no policy at all);
+    ``per_try_timeout``: seconds a try may take before its response head (0:
+    none); ``retry_on``: Envoy's policy names, without the status codes,
+    which are in ``codes`` (``retriable-status-codes``)."""
+
+    attempts: int
+    per_try_timeout: float = 0.0
+    retry_on: tuple[str, ...] = ISTIO_DEFAULT_RETRY_ON
+    codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "per_try_timeout": self.per_try_timeout,
+            "retry_on": list(self.retry_on),
+            "codes": list(self.codes),
+        }
+
+
 @dataclass(frozen=True)
 class Route:
     """Matches (OR'ed; empty = any request) → weighted destinations."""
@@ -496,6 +556,9 @@ class Route:
     # HTTPRoute rule's timeouts.request); 0 is none, Istio's default. Past it
     # the client gets 504, or its connection cut once the response began.
     timeout: float = 0.0
+    # Envoy's retry policy (VirtualService http[].retries); None: none, the
+    # relay's own retries only (a reused connection's, failed connects)
+    retries: HttpRetry | None = None
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -520,6 +583,7 @@ class Route:
             "route": [d.to_json() for d in self.destinations],
             "unresolved_status": self.unresolved_status,
             "timeout": self.timeout,
+            "retries": self.retries.to_json() if self.retries is not None else None,
         }
 
 
@@ -607,6 +671,7 @@ class RouteChoices:
     subsets: tuple[WeightedSubset, ...]
     status: int = 503
     timeout: float = 0.0  # the route's (Route.timeout)
+    retries: HttpRetry | None = None  # the route's (Route.retries)
 
 
 @dataclass(frozen=True)
@@ -626,6 +691,7 @@ class Decision:
     endpoints: list[Endpoint]
     status: int = 503
     timeout: float = 0.0  # the route's (Route.timeout): 0, none
+    retries: HttpRetry | None = None  # the route's (Route.retries)
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -860,16 +926,28 @@ class RouteTable:
         if route is not None:
             status = route.unresolved_status
             if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
-                return Decision(service, route.name, "none", [], status, route.timeout)
+                return Decision(
+                    service, route.name, "none", [], status, route.timeout, route.retries
+                )
             dest = self._pick(route.destinations)
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:
-                return Decision(service, route.name, dest.subset.name, [], status, route.timeout)
+                return Decision(
+                    service, route.name, dest.subset.name, [], status, route.timeout, route.retries
+                )
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
             ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
-            return Decision(target, route.name, dest.subset.name, ordered, status, route.timeout)
+            return Decision(
+                target,
+                route.name,
+                dest.subset.name,
+                ordered,
+                status,
+                route.timeout,
+                route.retries,
+            )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
         eps = service.endpoints_for(port)
@@ -945,7 +1023,9 @@ class RouteTable:
                     dest.weight, target, dest.subset.name, eps, dest.subset.load_balancer, key
                 )
             )
-        return RouteChoices(service, route.name, tuple(out), route.unresolved_status, route.timeout)
+        return RouteChoices(
+            service, route.name, tuple(out), route.unresolved_status, route.timeout, route.retries
+        )
 
     @staticmethod
     def _healthy(

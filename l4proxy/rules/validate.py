@@ -177,6 +177,14 @@ def _describe_match(m: dict[str, Any]) -> str:
     return " and ".join(parts) or "any request"
 
 
+def _retries(rt: dict[str, Any]) -> str:
+    """A route's retry policy, as 'validate -v' prints it."""
+    on = ",".join(rt["retry_on"]) or "nothing"
+    codes = f" (codes {','.join(str(c) for c in rt['codes'])})" if rt["codes"] else ""
+    per_try = f", {rt['per_try_timeout']:g} s per try" if rt["per_try_timeout"] else ""
+    return f"retries {rt['attempts']} on {on}{codes}{per_try}"
+
+
 def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
     lines = []
     for i, r in enumerate(routes, 1):
@@ -200,6 +208,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             )
         if r.get("timeout"):
             lines.append(f"{indent}     timeout {r['timeout']:g} s (then 504)")
+        if r.get("retries"):
+            lines.append(f"{indent}     {_retries(r['retries'])}")
     return lines
 
 
