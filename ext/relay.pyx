@@ -67,6 +67,19 @@ Python again.
 Without ``resolve``, ``decide`` is asked for every request (tests; the
 verdict is then one ordered choice, used once).
 
+Retry policy
+------------
+A route's retry policy (``Verdict.retry``, "Retry policy" in
+``_exchange_py.py``) is interned as a ``Retry_`` the verdicts and the
+connections point at (never freed before the relay: a cached verdict may go
+while a request still follows its policy). A request under one keeps its
+bytes in ``c.replay`` whatever its method; the decision points are the
+final response head (``head_out``: a status the policy names), the
+upstream's end before that head (``on_upstream_eof``) and the per-try timer
+(``tick``), each through ``can_retry`` and ``policy_retry``. Without a
+policy each of these costs a test of ``c.retry``, the steady state nothing
+more.
+
 Outlier detection
 -----------------
 What ``_relay_py.py`` says under "Outlier detection", without the GIL: the
@@ -310,6 +323,15 @@ cdef enum:
     OD_CHUNKED = 16     # + the chunked machine's E_*: a response body's framing
     OD_TEXT = 64        # + an index in _outcome_texts: judged in Python
 
+# a retry policy's RETRY_* bits (verdict.py)
+cdef enum:
+    RT_5XX = 1
+    RT_GATEWAY_ERROR = 2
+    RT_RESET = 4
+    RT_4XX = 8
+    RT_STATUS_CODES = 16
+    RT_ON_RESET = 7       # 5xx, gateway-error, reset: a close before the response head
+
 # counters (stats())
 cdef enum:
     CT_CONNECTIONS
@@ -335,6 +357,7 @@ cdef enum:
     CT_SPLICED
     CT_PY_HEADS
     CT_URGENT
+    CT_RETRIES
     N_CT
 
 _STAT_NAMES = (
@@ -343,6 +366,7 @@ _STAT_NAMES = (
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
+    "retries",
 )
 
 
@@ -395,6 +419,15 @@ cdef struct Up:
 
 cdef struct Verdict_
 
+cdef struct Retry_:
+    # a route's retry policy (verdict.RetryPolicy), interned: one per
+    # distinct policy, never freed before the relay (a Conn points at it
+    # for its request, whatever the verdict cache does meanwhile)
+    int attempts
+    double per_try         # seconds; 0: none
+    uint32_t on            # RT_*
+    uint64_t codes[8]      # RT_STATUS_CODES: bit (status - 100), 100..611
+
 cdef struct Choice_:
     uint32_t weight
     int policy
@@ -416,6 +449,7 @@ cdef struct Verdict_:
     char *close            # ... when it closes
     size_t close_len
     double timeout         # V_ROUTE: the route's timeout, seconds (0: none)
+    Retry_ *retry          # V_ROUTE: the route's retry policy (NULL: none); interned
 
 cdef struct Test_:
     int kind               # T_*
@@ -476,6 +510,9 @@ cdef struct Conn:
     double closing         # lingering-close deadline; 0: not closing
     double timeout         # the current request's route timeout (0: none)
     double resp_deadline   # ... when it passes: set once the request is read whole
+    Retry_ *retry          # the current request's retry policy (NULL: none)
+    double try_deadline    # ... the current try's per-try timeout, when it passes
+    int tries              # ... the policy's retries so far
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     EP *fail_ep
     Conn *need_next
@@ -496,7 +533,8 @@ cdef struct Conn:
     unsigned char splicing         # SPL_RESP, SPL_REQ: a body goes through the pipe
     unsigned char no_splice        # ... not in this exchange any more (splice_fallback)
     unsigned char replayable
-    unsigned char retried
+    unsigned char retried          # the request is being sent again (c.replay)
+    unsigned char never_left       # a reused connection failed before the kernel took a byte
     unsigned char closed
     unsigned char solo             # accepted by this loop: no other fd shares its file
     unsigned char no_linger        # the client cannot send more: close, no lingering read
@@ -1598,6 +1636,10 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     buf_free(&c.replay)
     c.replayable = False
     c.retried = False
+    c.never_left = False
+    c.retry = NULL
+    c.try_deadline = 0
+    c.tries = 0
     c.req_left = 0
     free(c.rck)
     c.rck = NULL
@@ -1671,6 +1713,73 @@ cdef inline void request_read(Conn *c, double now) noexcept nogil:
     from now (Envoy's, from the end of the downstream request)."""
     if c.timeout > 0 and c.resp_deadline == 0:
         c.resp_deadline = now + c.timeout
+    if c.retry != NULL and c.retry.per_try > 0 and c.try_deadline == 0:
+        c.try_deadline = now + c.retry.per_try  # (the first try's)
+
+
+cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
+    """Whether the policy retries a try answered with this final status."""
+    cdef int b = status - 100
+    return ((p.on & RT_5XX and 500 <= status <= 599)
+            or (p.on & RT_GATEWAY_ERROR and 502 <= status <= 504)
+            or (p.on & RT_4XX and status == 409)
+            or (p.on & RT_STATUS_CODES and 0 <= b < 512
+                and (p.codes[b >> 6] >> (b & 63)) & 1))
+
+
+cdef inline bint can_retry(Conn *c) noexcept nogil:
+    """The route's retry policy has a try left, and the request is held
+    whole for it (read to its end, every byte in c.replay), nothing of the
+    response having reached the client (_can_retry in _exchange_py.py).
+    c.up: the try to give up (NULL: a retry's last connect failed)."""
+    return (c.retry != NULL and c.tries < c.retry.attempts and c.up != NULL
+            and c.req_left == 0 and c.replayable and c.client_bytes == 0
+            and c.splicing == 0)
+
+
+cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
+    """Give the try on c.up up (closed, never pooled; *why*: how its
+    endpoint served it, OD_*, or -1: nothing to tell) and send the request
+    again, to another endpoint first (retry_order), its per-try timer
+    started again (_policy_retry in _exchange_py.py; the route timeout
+    runs on)."""
+    cdef EP *ep = c.up.ep
+    if why >= 0:
+        outcome(R, c, ep, why)
+    up_discard(R, c)
+    c.tries += 1
+    L4R_ADD(&R.ctr[<int>CT_RETRIES], 1)
+    if c.phase == P_EXCH:
+        # the request went: c.replay holds it whole; the try's response
+        # head (bytes of it) goes
+        c.retried = True
+        buf_free(&c.rhead)
+    # (else the first try was still connecting: its head, staged in
+    # c.rhead, and its body in c.inb go as a first try's)
+    c.rs = RS_HEAD
+    c.up_bytes = 0
+    c.status = 0
+    c.framing = F_NONE
+    c.resp_left = 0
+    c.try_deadline = now + c.retry.per_try if c.retry.per_try > 0 else 0
+    retry_order(c, ep)
+    connect_to(R, c, c.cand[0], now)
+
+
+cdef int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
+    """The final response head is c.rhead[:hl] (status, framing known): a
+    status the route's retry policy names is dropped with its connection
+    and the request sent again (an answer of its endpoint, as any
+    application status); else it goes out (final_head), and the request
+    is never sent again. -1 when the connection went away."""
+    if c.retry != NULL:
+        if retry_status(c.retry, c.status) and can_retry(c):
+            policy_retry(R, c, OD_ANSWERED, now)
+            return 0
+        if c.replayable:
+            buf_free(&c.replay)
+            c.replayable = False
+    return final_head(R, c, hl, now)
 
 
 cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
@@ -2042,8 +2151,8 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     cdef Py_ssize_t hl = 0
     cdef int r
     c.up_bytes += n
-    if c.replayable:  # a response began: never send this request again
-        buf_free(&c.replay)
+    if c.replayable and c.retry == NULL:  # a response began: never send this request again
+        buf_free(&c.replay)  # (under a retry policy: once its final head is judged, head_out)
         c.replayable = False
     if c.rs == RS_BODY:
         return forward_body(R, c, data, n, now)
@@ -2056,7 +2165,7 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     while r == 3:  # an interim head: to the client, then the next head
         if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
             return -1
-        c.client_bytes += hl
+        c.client_bytes += hl  # (no retry after it: can_retry)
         buf_drop(&c.rhead, <size_t>hl)
         r = response_head_fast(R, c, &hl) if c.rhead.len else 0
     if r == 0:
@@ -2065,7 +2174,7 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         L4R_ADD(&R.ctr[<int>CT_PY_HEADS], 1)
         ask_python(R, c, N_RESPONSE)
         return 0
-    return final_head(R, c, hl, now)
+    return head_out(R, c, hl, now)
 
 
 # -- long bodies: spliced ------------------------------------------------------------
@@ -2420,6 +2529,13 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         local_answer(R, c, c.empty if c.empty != NULL else v, now)
         return
     c.timeout = v.timeout
+    if v.retry != NULL:
+        # every method is held for the policy's tries (Envoy retries any):
+        # the head as sent upstream, staged in c.rhead; its body follows
+        c.retry = v.retry
+        if not c.replayable:
+            c.replayable = True
+            replay_add(c, c.rhead.p, c.rhead.len)
     if c.req_left == 0:
         request_read(c, now)  # a request without a body: its connect counts
     ep = c.cand[0]
@@ -2571,7 +2687,8 @@ cdef Verdict_ *R_overloaded = NULL   # 503 "overloaded": out of fds
 cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
     cdef EP *ep
     if c.up_bytes == 0:
-        if c.up != NULL and c.up.reused and not c.retried and c.replayable:
+        if c.up != NULL and c.up.reused and not c.retried and c.replayable \
+                and (c.idempotent or c.never_left):  # (not a retry policy's hold)
             # once more, on a new connection, to another endpoint first
             c.retried = True
             ep = c.up.ep
@@ -2579,11 +2696,17 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             retry_order(c, ep)
             connect_to(R, c, c.cand[0], now)
             return
+        if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
+            policy_retry(R, c, OD_BEFORE, now)
+            return
         upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN,
                         _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, now, OD_BEFORE)
         return
     if c.rs == RS_BODY and c.framing == F_CLOSE:
         complete(R, c, True, c.req_left > 0, now)
+        return
+    if c.rs == RS_HEAD and c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
+        policy_retry(R, c, OD_MID, now)  # closed within the response head
         return
     upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN,
                     _LOCAL_502_MID_KEEP, _LOCAL_502_MID_KEEP_LEN, now, OD_MID)
@@ -2606,13 +2729,15 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Up *u = c.up
     cdef ssize_t n
     u.send_failed = True
-    if u.reused and not u.sent and not c.replayable and not c.retried \
+    if u.reused and not u.sent and not c.retried \
             and c.up_bytes == 0 and u.out.len <= REPLAY_LIMIT:
-        buf_free(&c.replay)
-        c.replay = u.out  # (moved: u.out is left empty)
-        u.out.p = NULL
-        u.out.len = u.out.cap = 0
-        c.replayable = True
+        c.never_left = True
+        if not c.replayable:
+            buf_free(&c.replay)
+            c.replay = u.out  # (moved: u.out is left empty)
+            u.out.p = NULL
+            u.out.len = u.out.cap = 0
+            c.replayable = True
     buf_free(&u.out)
     c.no_splice = True
     if c.splicing == SPL_REQ:
@@ -3095,6 +3220,22 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             if c.closed:
                 i -= 1  # conn_forget() moved the last one here
             continue
+        if c.try_deadline and c.try_deadline <= now and c.rs == RS_HEAD \
+                and (c.phase == P_CONNECT or c.phase == P_EXCH):
+            # the retry policy's per-try timeout (ignored once a final head
+            # went out, as Envoy ignores it); out of tries, the route
+            # timeout's answer
+            c.try_deadline = 0
+            if can_retry(c):
+                L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+                policy_retry(R, c, -1 if c.up.connecting else OD_TIMEOUT, now)
+            else:
+                route_timeout(R, c, now)
+            if not c.closed:
+                settle(R, c)
+            if c.closed:
+                i -= 1
+            continue
         if c.up != NULL and c.up.connecting and c.up.deadline <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             u = c.up
@@ -3266,6 +3407,7 @@ cdef class HttpRelay:
     cdef object _named, _pending_named  # retain_endpoints(): as applied, as last given
     cdef list _flushed
     cdef list _outcome_texts       # OD_TEXT's reasons, until the outcomes are reported
+    cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -3301,6 +3443,7 @@ cdef class HttpRelay:
         self.response_failed = response_failed
         self.answered = answered
         self._outcome_texts = []
+        self._retries = {}
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
@@ -3433,6 +3576,8 @@ cdef class HttpRelay:
             free(R.bad_chunk[i])
         sys_.pthread_mutex_destroy(&R.lock)
         free(R)
+        for addr in (self._retries or {}).values():
+            free(<Retry_*><size_t>addr)
         self.R = NULL
 
     cdef void _apply_pending_keys(self):
@@ -4128,6 +4273,28 @@ cdef class HttpRelay:
         R.n_rr += 1
         return R.n_rr - 1
 
+    cdef Retry_ *_retry(self, policy) except? NULL:
+        """A RetryPolicy as the loop's struct, interned (None: NULL)."""
+        cdef Retry_ *p
+        cdef int b
+        if policy is None or policy.attempts <= 0:
+            return NULL
+        addr = self._retries.get(policy)
+        if addr is not None:
+            return <Retry_*><size_t>addr
+        p = <Retry_*>calloc(1, sizeof(Retry_))
+        if p == NULL:
+            raise MemoryError()
+        p.attempts = min(int(policy.attempts), 0x7FFFFFFF)
+        p.per_try = max(0.0, float(policy.per_try_timeout))
+        p.on = <uint32_t>int(policy.on)
+        for code in policy.codes:
+            b = int(code) - 100
+            if 0 <= b < 512:
+                p.codes[b >> 6] |= (<uint64_t>1) << (b & 63)
+        self._retries[policy] = <size_t>p
+        return p
+
     cdef Verdict_ *_convert(self, verdict) except NULL:
         """A Verdict (Python) as the loop's struct."""
         cdef Verdict_ *v
@@ -4140,6 +4307,7 @@ cdef class HttpRelay:
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
         v.timeout = max(0.0, float(verdict.timeout))
+        v.retry = self._retry(verdict.retry)
         v.choices = <Choice_*>calloc(len(choices) or 1, sizeof(Choice_))
         if v.choices == NULL:
             verdict_free(v)
@@ -4198,7 +4366,8 @@ cdef class HttpRelay:
                 verdict = Verdict(local=d.local or (503, "no healthy upstream"), tag=d.tag)
             else:
                 verdict = Verdict(
-                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),), timeout=d.timeout)
+                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),), timeout=d.timeout,
+                    retry=d.retry)
             v = self._convert(verdict)
             try:
                 apply_verdict(R, c, v, now)
@@ -4305,7 +4474,7 @@ cdef class HttpRelay:
                 raw = raw[hl:]
                 r = response_head_fast(self.R, c, &hl)
                 if r == 1:
-                    final_head(self.R, c, hl, now)
+                    head_out(self.R, c, hl, now)
                     return
                 if r == 0:
                     return
@@ -4316,7 +4485,7 @@ cdef class HttpRelay:
                 resp.version != "HTTP/1.0" or "keep-alive" in tokens)
             c.framing = int(kind)
             c.resp_left = length
-            final_head(self.R, c, hl, now)
+            head_out(self.R, c, hl, now)
             return
 
     cdef _connect_failed(self, Conn *c, double now):

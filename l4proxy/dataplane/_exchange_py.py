@@ -87,6 +87,25 @@ Decisions
   Otherwise the client gets 502, or a close if a final response head was
   already forwarded (interim ones, 100 Continue, do not count: a final
   answer is still due after them).
+* *Retry policy* (Envoy's, a VirtualService's ``http[].retries``: the
+  shell sets :attr:`Exchange.retry` before :meth:`Exchange.routed`): a try
+  may be given up and the request sent again (:class:`Retry` with
+  *policy*), at most ``attempts`` times, only while the whole request is
+  held (read to its end, every byte kept: at most ``replay_limit``; with a
+  policy every method is held, as Envoy retries any method) and nothing of
+  the response went to the client (not even an interim head). A final
+  response head whose status the policy names (``5xx``, ``gateway-error``,
+  ``retriable-4xx``, the codes) is dropped with its connection, which is
+  closed, never pooled; it was an answer (:class:`Release` *answered*, as
+  any application status is). A connection closed or reset before the
+  final head is retried under ``5xx``, ``gateway-error`` or ``reset`` (a
+  gateway failure for outlier detection, as without a policy); the
+  shell's per-try timer (:meth:`Exchange.try_timeout`) retries whatever
+  the policy names, and is ignored once a final head went out (Envoy).
+  The route timeout spans every try. The reused-connection retry above is
+  not one of the policy's tries, and a failed connect moves on to the next
+  endpoint with or without a policy, as before. Out of tries, the last
+  try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once
   (:class:`Done`), however it ends: answered, answered locally, or cut
   short (a reset, a malformed body, a client gone mid-request). A request
@@ -145,6 +164,7 @@ from l4proxy.dataplane.framing import (
     response_framing,
 )
 from l4proxy.dataplane.peek import HeadError, HeadParser, NotHTTP, RequestHead
+from l4proxy.dataplane.verdict import RetryPolicy
 
 __all__ = [
     "Client",
@@ -222,7 +242,11 @@ class Release(NamedTuple):
 
 class Retry(NamedTuple):
     """Open a new upstream connection (to another endpoint when there is
-    one: the shell's choice); call routed(False)."""
+    one: the shell's choice); call routed(False). *policy*: one of the
+    route's retry policy's tries (see "Retry policy"), not the reused
+    connection's retry; its per-try timer starts again."""
+
+    policy: bool = False
 
 
 class Done(NamedTuple):
@@ -454,6 +478,9 @@ class Exchange:
         self._reused = False
         self._retried = False
         self._retrying = False  # between Retry() and routed(): hold client bytes
+        self.retry: RetryPolicy | None = None  # the route's (set by the shell)
+        self._tries = 0  # the retry policy's retries so far
+        self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
         self._response: BodyFramer | None = None
         self._response_persistent = False
@@ -527,7 +554,8 @@ class Exchange:
         kind, length = request_framing(self.head)
         self._request = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
         self.phase = Phase.EXCHANGE
-        self._replay = bytearray(self._sent_head) if self._retryable_method() else None
+        held = self._retryable_method() or self.retry is not None
+        self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
 
     def refuse(self, status: int, body: str) -> list[Action]:
@@ -549,7 +577,10 @@ class Exchange:
         if self.phase != Phase.EXCHANGE:
             return []
         self._upstream_bytes += len(data)
-        self._replay = None  # a response began: never send this request again
+        if self.retry is None or self._response is not None:
+            # a response began: never send this request again (under a
+            # retry policy, its final head may still say to: kept till then)
+            self._replay = None
         try:
             if self._response is None:
                 return self._response_head_bytes(data)
@@ -564,26 +595,33 @@ class Exchange:
         so it may be sent again whatever its method (a retry's rules else)."""
         if self.phase != Phase.EXCHANGE:
             return []
-        if (
-            unsent is not None
-            and self._replay is None
-            and self._upstream_bytes == 0
-            and len(unsent) <= self.replay_limit
-        ):
-            self._replay = bytearray(unsent)
+        never_left = (
+            unsent is not None and self._upstream_bytes == 0 and len(unsent) <= self.replay_limit
+        )
+        if never_left and self._replay is None:
+            self._replay = bytearray(unsent or b"")
+        before = "upstream closed the connection before a response"
         if self._upstream_bytes == 0:
             if (
                 self._reused
                 and not self._retried
                 and self._replay is not None
                 and len(self._replay) <= self.replay_limit
+                and (never_left or self._retryable_method())  # (not for a policy's hold)
             ):
                 self._retried = True
                 self._retrying = True
                 return [Release(False), Retry()]
-            return self._upstream_failed(
-                502, "upstream closed the connection before a response", gateway=True
-            )
+            if self.retry is not None and self.retry.on_reset and self._can_retry():
+                return self._policy_retry(before)
+            return self._upstream_failed(502, before, gateway=True)
+        if (
+            self._response is None
+            and self.retry is not None
+            and self.retry.on_reset
+            and self._can_retry()
+        ):  # closed within the response head: a reset before the response, to Envoy
+            return self._policy_retry("upstream closed the connection mid-response")
         if self._response is not None and self._response.framing == Framing.CLOSE:
             # the request body still arriving: the client is still sending,
             # so the close lingers (as the compiled twin's complete() does)
@@ -620,7 +658,53 @@ class Exchange:
         self._inbox.clear()
         return [Release(False, failure=reason), Done(self.status, False), Close(reset=True)]
 
+    def try_timeout(self) -> list[Action]:
+        """The retry policy's per-try timeout passed (the shell times each
+        try: the first from the end of the request, as the route timeout,
+        a retry from its Retry): the try is given up and the request sent
+        again when the policy has a try left and the request is held, else
+        as the route timeout (504). Ignored once a final response head went
+        out, as Envoy ignores it once the response began."""
+        if self.phase == Phase.ROUTING and self.retry is not None:
+            # the first try still connecting (a request without a body)
+            if self._tries < self.retry.attempts:
+                self._tries += 1
+                return [Release(False), Retry(policy=True)]
+            return self.upstream_timeout()
+        if self.phase != Phase.EXCHANGE or self._response is not None:
+            return []
+        if self._can_retry(connecting=True):
+            return self._policy_retry("upstream request timeout")
+        return self.upstream_timeout()
+
     # -- internals ------------------------------------------------------------
+
+    def _can_retry(self, connecting: bool = False) -> bool:
+        """The retry policy has a try left and the request is held whole
+        for it, nothing of the response having reached the client; a try
+        is on (not a retry's connect that failed: its end goes to the
+        client; *connecting*: a retry's connect that took too long is a
+        try given up)."""
+        return (
+            self.retry is not None
+            and (connecting or not self._retrying)
+            and self._tries < self.retry.attempts
+            and self._request is not None
+            and self._request.done
+            and self._replay is not None
+            and len(self._replay) <= self.replay_limit
+            and not self._forwarded
+        )
+
+    def _policy_retry(self, failure: str, answered: bool = False) -> list[Action]:
+        """Give this try up (its connection is closed, never pooled) and send
+        the request again: see "Retry policy"."""
+        self._tries += 1
+        self._retrying = True
+        self._response_head.clear()
+        self._upstream_bytes = 0
+        self.status = 0
+        return [Release(False, answered=answered, failure=failure), Retry(policy=True)]
 
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT
@@ -696,8 +780,13 @@ class Exchange:
                 return [*out, Done(resp.status, False), Tunnel()]
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
                 out.append(Client(raw))
+                self._forwarded = True
+                self._replay = None  # (a try after it would answer twice)
                 self._response_head += rest
                 continue
+            if self.retry is not None and self.retry.on_status(resp.status) and self._can_retry():
+                return out + self._policy_retry("", answered=True)
+            self._replay = None  # the final head goes out: never sent again
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
             if keep and not self._response_persistent:

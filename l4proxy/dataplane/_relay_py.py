@@ -23,11 +23,11 @@ to do; this module only performs it:
   read the body, a 413, resets the connection as it closes) stops the
   sending only: what the server sent before is read first, and is the
   client's answer; then its end (a retry only with nothing received).
-* :class:`Retry` (a pooled connection closed before any answer): a new
-  connection, to another candidate endpoint when there is one (the one
-  whose connection failed goes last: Istio's default retry policy skips the
-  previous hosts); a retry's failed connect moves on to the next candidate,
-  as a first attempt's does.
+* :class:`Retry` (a pooled connection closed before any answer, or a try
+  the route's retry policy gives up): a new connection, to another
+  candidate endpoint when there is one (the one whose connection failed
+  goes last: Istio's retry policy skips the previous hosts); a retry's
+  failed connect moves on to the next candidate, as a first attempt's does.
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed; how it served the request goes to outlier detection (below).
@@ -68,6 +68,11 @@ timeout) times its request from the request's last byte read
 so a slow connect counts) to the response's last byte; past it
 ``Exchange.upstream_timeout`` says what to do (504, or a reset once the
 response began), and the upstream connection is closed, never pooled.
+A route with a retry policy (``Decision.retry``) with a per-try timeout
+times each try the same way, the first from the request's last byte read,
+each retry from its start; past it ``Exchange.try_timeout`` says what to do
+(a retry, else the 504). The route timeout is not started again by a retry:
+it bounds every try together, as Envoy's.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -105,6 +110,7 @@ from l4proxy.dataplane._exchange_py import (
 )
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions, Pools
+from l4proxy.dataplane.verdict import RetryPolicy
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -130,13 +136,15 @@ class Decision(NamedTuple):
     ``endpoints``: candidates in order (the relay tries each once); empty
     with ``local`` set: answer locally with ``(status, body)``. ``tag`` is
     passed back in reports (service and subset, for the metrics).
-    ``timeout``: the route's (seconds, 0: none; see "Timers").
+    ``timeout``: the route's (seconds, 0: none; see "Timers"); ``retry``:
+    its retry policy (None: none; see "Retry policy" in ``_exchange_py.py``).
     """
 
     endpoints: tuple[Endpoint, ...] = ()
     local: tuple[int, str] | None = None
     tag: Any = None
     timeout: float = 0.0
+    retry: RetryPolicy | None = None
 
 
 @dataclass(eq=False)
@@ -177,6 +185,8 @@ class _Conn:
     tag: Any = None  # the last routed request's Decision.tag (outlier reports)
     timeout: float = 0.0  # the current request's route timeout (0: none)
     deadline: float = 0.0  # ... when it passes: set once the request is read whole
+    per_try: float = 0.0  # the current request's per-try timeout (0: none)
+    try_deadline: float = 0.0  # ... when the current try's passes
     # _perform's actions still to do, and whether a _perform is running for
     # this connection: an action that yields more actions (a local answer and
     # the next pipelined head) queues them instead of recursing, which 2,000
@@ -234,7 +244,15 @@ class HttpRelay:
         self._idle: dict[int, _Up] = {}
         self._deadlines: dict[int, float] = {}  # connecting upstream fd -> deadline
         self.counters: dict[str, int] = dict.fromkeys(
-            ("connections", "requests", "local_answers", "connect_errors", "timeouts", "errors"),
+            (
+                "connections",
+                "requests",
+                "local_answers",
+                "connect_errors",
+                "timeouts",
+                "errors",
+                "retries",
+            ),
             0,
         )
         self._thread = threading.Thread(target=self._run, name="l4proxy-relay", daemon=True)
@@ -599,6 +617,8 @@ class HttpRelay:
             c.head_started = now  # the rest of a pipelined segment: timed from here
         if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
             c.deadline = now + c.timeout  # the route timeout runs from here
+        if c.per_try and not c.try_deadline and c.fd in self._conns and c.ex.request_complete:
+            c.try_deadline = now + c.per_try  # ... and the first try's
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
         while c.todo:
@@ -633,6 +653,9 @@ class HttpRelay:
                 failed = c.candidates[0]
                 c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
+                if a.policy:
+                    self.counters["retries"] += 1
+                    c.try_deadline = now + c.per_try if c.per_try else 0.0
                 self._connect(c, c.candidates[0], now)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
@@ -667,6 +690,7 @@ class HttpRelay:
         if local:
             self.counters["local_answers"] += 1
         c.timeout = c.deadline = 0.0  # its route timeout with it
+        c.per_try = c.try_deadline = 0.0
         d, c.decision = c.decision, None  # this request's, used up here
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
@@ -686,6 +710,9 @@ class HttpRelay:
         c.tag = d.tag
         c.timeout = d.timeout
         c.deadline = 0.0
+        c.ex.retry = d.retry
+        c.per_try = d.retry.per_try_timeout if d.retry is not None else 0.0
+        c.try_deadline = 0.0
         if d.local is not None or not d.endpoints:
             status, body = d.local or (503, "no healthy upstream")
             self._perform(c, c.ex.refuse(status, body), now)
@@ -966,6 +993,16 @@ class HttpRelay:
                 c.deadline = 0.0
                 try:
                     self._perform(c, c.ex.upstream_timeout(), now)
+                except Exception:  # OSError, or a bug: this connection, not the thread
+                    self._abort(c)
+            if c.try_deadline and c.try_deadline <= now and c.fd in self._conns:
+                # the retry policy's per-try timeout (Retry sets it again)
+                c.try_deadline = 0.0
+                try:
+                    actions = c.ex.try_timeout()
+                    if actions:
+                        self.counters["timeouts"] += 1
+                    self._perform(c, actions, now)
                 except Exception:  # OSError, or a bug: this connection, not the thread
                     self._abort(c)
         for fd, deadline in list(self._deadlines.items()):

@@ -15,10 +15,15 @@ it has no Python in it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import NamedTuple
 
 __all__ = [
+    "RETRY_4XX",
+    "RETRY_5XX",
+    "RETRY_GATEWAY_ERROR",
+    "RETRY_RESET",
+    "RETRY_STATUS_CODES",
     "SHAPE_FULL",
     "SHAPE_HEADERS",
     "SHAPE_METHOD",
@@ -26,6 +31,7 @@ __all__ = [
     "SHAPE_TESTS",
     "TEST_KINDS",
     "Choice",
+    "RetryPolicy",
     "Verdict",
     "request_bits",
 ]
@@ -97,6 +103,66 @@ def request_bits(
     return bytes(out)
 
 
+# Envoy's retry_on policies that the relays act on (RetryPolicy.on). A
+# failed connect always moves on to the next endpoint, policy or not, so
+# connect-failure needs no bit; the policies of HTTP/2 and gRPC never occur.
+RETRY_5XX = 1  # any 5xx, and a reset before the response head
+RETRY_GATEWAY_ERROR = 2  # 502, 503, 504, and a reset (Envoy counts it as a 5xx)
+RETRY_RESET = 4  # the upstream closed or reset before the response head
+RETRY_4XX = 8  # retriable-4xx: 409
+RETRY_STATUS_CODES = 16  # retriable-status-codes: RetryPolicy.codes
+_RETRY_BITS = {
+    "5xx": RETRY_5XX,
+    "gateway-error": RETRY_GATEWAY_ERROR,
+    "reset": RETRY_RESET,
+    "retriable-4xx": RETRY_4XX,
+    "retriable-status-codes": RETRY_STATUS_CODES,
+}
+RETRY_ON_RESET = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
+
+
+class RetryPolicy(NamedTuple):
+    """A route's retry policy as the relays apply it (Envoy's, as Istio
+    configures it from a VirtualService's ``http[].retries``).
+
+    ``attempts``: retries after the first try; ``per_try_timeout``: seconds
+    a try may go without a response head (0: none; then the try is retried
+    whatever ``on`` says, as in Envoy); ``on``: ``RETRY_*`` bits;
+    ``codes``: the retriable status codes (``RETRY_STATUS_CODES``).
+    """
+
+    attempts: int
+    per_try_timeout: float = 0.0
+    on: int = 0
+    codes: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(
+        cls, attempts: int, per_try_timeout: float, retry_on: Iterable[str], codes: Iterable[int]
+    ) -> RetryPolicy:
+        """From Envoy's policy names (those without a bit do nothing here)."""
+        on = 0
+        for name in retry_on:
+            on |= _RETRY_BITS.get(name, 0)
+        return cls(attempts, per_try_timeout, on, frozenset(codes))
+
+    @property
+    def on_reset(self) -> bool:
+        """Whether a try whose connection closed before its response head
+        is retried."""
+        return bool(self.on & RETRY_ON_RESET)
+
+    def on_status(self, status: int) -> bool:
+        """Whether a try answered with this final status is retried."""
+        on = self.on
+        return bool(
+            (on & RETRY_5XX and 500 <= status <= 599)
+            or (on & RETRY_GATEWAY_ERROR and status in (502, 503, 504))
+            or (on & RETRY_4XX and status == 409)
+            or (on & RETRY_STATUS_CODES and status in self.codes)
+        )
+
+
 class Choice(NamedTuple):
     """One weighted destination of a route: a subset's endpoints.
 
@@ -129,7 +195,8 @@ class Verdict(NamedTuple):
     ``tests`` (with ``SHAPE_TESTS``: the target is read only through them).
     ``timeout``: the route's timeout in seconds (0: none), from the end of the
     request to the end of its response; past it the relay answers 504
-    ``upstream request timeout``, or cuts a response that began.
+    ``upstream request timeout``, or cuts a response that began. ``retry``:
+    the route's retry policy (None: the relay's own retries only).
     """
 
     choices: tuple[Choice, ...] = ()
@@ -139,3 +206,4 @@ class Verdict(NamedTuple):
     shape: int = SHAPE_FULL
     tests: tuple[RequestTest, ...] = ()
     timeout: float = 0.0
+    retry: RetryPolicy | None = None

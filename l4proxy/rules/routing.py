@@ -1084,6 +1084,16 @@ class RouteTable:
             if route.timeout > 0
         )
 
+    def retried_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route with a retry policy, sorted:
+        what --http-routing connection cannot apply either."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.retries is not None
+        )
+
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
         method, Host and target, what a request's route depends on."""

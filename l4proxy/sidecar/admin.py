@@ -408,6 +408,8 @@ class WorkerView:
             "l4proxy_http_requests_total": rs.get("requests", 0),
             "l4proxy_http_local_answers_total": rs.get("local_answers", 0),
             "l4proxy_http_spliced_bodies_total": rs.get("spliced", 0),
+            # a route's retry policy's retries (Envoy's upstream_rq_retry)
+            "l4proxy_upstream_rq_retry_total": rs.get("retries", 0),
             "l4proxy_http_verdict_cache_hits_total": rs.get("verdict_cache_hits", 0),
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import itertools
 import logging
@@ -77,6 +78,7 @@ from l4proxy.dataplane.verdict import (
     SHAPE_PATH,
     SHAPE_TESTS,
     Choice,
+    RetryPolicy,
     Verdict,
 )
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
@@ -86,6 +88,7 @@ from l4proxy.rules.routing import (
     NO_ROUTE_STATUS,
     Decision,
     Endpoint,
+    HttpRetry,
     Request,
     RequestShape,
     RequestTest,
@@ -162,6 +165,17 @@ class Refused(Exception):
         self.body = body or why
 
 
+@functools.lru_cache(maxsize=256)
+def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
+    """A route's retry policy as the relays apply it (one object per
+    policy: the compiled relay interns them)."""
+    if retries is None:
+        return None
+    return RetryPolicy.of(
+        retries.attempts, retries.per_try_timeout, retries.retry_on, retries.codes
+    )
+
+
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
     enforced there. Said at each table that has one, never silently."""
@@ -173,6 +187,16 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
         more = f" and {len(timed) - 5} more" if len(timed) > 5 else ""
         log.warning(
             "route timeouts are not enforced with --http-routing connection "
+            "(only per request, the default): %s%s",
+            shown,
+            more,
+        )
+    retried = table.retried_routes()
+    if retried:
+        shown = ", ".join(f"{host} route {name or '(unnamed)'}" for host, name in retried[:5])
+        more = f" and {len(retried) - 5} more" if len(retried) > 5 else ""
+        log.warning(
+            "retry policies (http[].retries) are not applied with --http-routing connection "
             "(only per request, the default): %s%s",
             shown,
             more,
@@ -894,7 +918,10 @@ class Worker:
             return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(
-            tuple((e.address, e.port) for e in tried), tag=_Tag(decision), timeout=decision.timeout
+            tuple((e.address, e.port) for e in tried),
+            tag=_Tag(decision),
+            timeout=decision.timeout,
+            retry=_retry_policy(decision.retries),
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -956,7 +983,13 @@ class Worker:
             )
             for ws in rc.subsets
         )
-        return Verdict(choices, shape=shape.bits, tests=shape.tests, timeout=rc.timeout)
+        return Verdict(
+            choices,
+            shape=shape.bits,
+            tests=shape.tests,
+            timeout=rc.timeout,
+            retry=_retry_policy(rc.retries),
+        )
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
         """A new table is live: outlier state of endpoints it no longer names
