@@ -279,7 +279,8 @@ def add_parser(sub: Any) -> None:
         "keep-alive connections at their next request; upstream connections are "
         "pooled, see --pool-*), or by the first request head of each connection "
         "(connection: the connection then goes to the L4 pump as it is, and a "
-        "route's timeout, http[].timeout, httpReqTimeout or timeouts.request, is not enforced)",
+        "route's timeout, http[].timeout, httpReqTimeout or timeouts.request, is not "
+        "enforced, nor a retry policy, http[].retries)",
     )
     p.add_argument(
         "--pool-max-idle",
