@@ -31,6 +31,7 @@ from l4proxy.dataplane._exchange_py import (
 )
 from l4proxy.dataplane._framing_py import parse_response_head
 from l4proxy.dataplane._peek_py import parse_head
+from l4proxy.dataplane.verdict import RetryPolicy
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Driver:
     events: list[str] = field(default_factory=list)  # Close, Tunnel, Retry, NotHTTP
     # what each Release told outlier detection: "answered", or the failure
     outcomes: list[str] = field(default_factory=list)
+    retry: RetryPolicy | None = None  # every route's retry policy
 
     def play(self, actions: Sequence[Action]) -> None:
         for a in actions:
@@ -58,6 +60,7 @@ class Driver:
                 else:
                     self.upstreams.append(bytearray())
                     reused = self.reuse.pop(0) if self.reuse else False
+                    self.ex.retry = self.retry
                     self.play(self.ex.routed(reused))
             elif isinstance(a, Upstream):
                 self.upstreams[-1] += a.data
@@ -70,7 +73,7 @@ class Driver:
             elif isinstance(a, Done):
                 self.done.append((a.status, a.local))
             elif isinstance(a, Retry):
-                self.events.append("Retry")
+                self.events.append("Retry(policy)" if a.policy else "Retry")
                 self.upstreams.append(bytearray())
                 self.play(self.ex.routed(False))
             elif isinstance(a, NotHTTPConnection):
@@ -310,6 +313,79 @@ def test_no_retry_when_the_body_outgrew_the_replay_buffer() -> None:
     d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 20\r\n\r\n" + b"x" * 20)
     d.play(d.ex.upstream_eof())
     assert "Retry" not in d.events and d.done == [(502, True)]
+
+
+# (the answers fed whole: a retried try's connection is closed, and its
+# bytes after the head that decided it never reach the exchange)
+def _policy(attempts: int, on: str, codes: tuple[int, ...] = ()) -> RetryPolicy:
+    return RetryPolicy.of(attempts, 0.0, on.split(","), codes)
+
+
+UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno"
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_retry_policy_drops_a_retriable_answer_and_sends_the_request_again(step: int) -> None:
+    post = b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc"
+    d = Driver(retry=_policy(2, "gateway-error"))
+    d.send(post, step)
+    d.answer(UNAVAILABLE)
+    d.answer(UNAVAILABLE)
+    d.answer(OK)
+    assert [bytes(u) for u in d.upstreams] == [post, post, post]  # any method, whole
+    assert d.events == ["Retry(policy)", "Retry(policy)"]
+    assert d.client == OK and d.done == [(200, False)]  # counted once
+    assert d.released == [False, False, True]  # the 503s' connections closed
+    assert d.outcomes == ["answered"] * 3  # an application's 503 is an answer
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_out_of_tries_the_last_answer_is_the_client_s(step: int) -> None:
+    d = Driver(retry=_policy(1, "retriable-status-codes", (503,)))
+    d.send(GET, step)
+    d.answer(UNAVAILABLE)
+    d.answer(UNAVAILABLE)
+    assert d.events == ["Retry(policy)"] and d.client == UNAVAILABLE
+    assert d.done == [(503, False)]
+
+
+def test_an_interim_head_forwarded_makes_the_next_head_final() -> None:
+    d = Driver(retry=_policy(3, "5xx"))
+    d.send(GET)
+    d.answer(b"HTTP/1.1 100 Continue\r\n\r\n" + UNAVAILABLE)
+    assert d.events == [] and d.client.endswith(UNAVAILABLE)
+
+
+def test_a_close_before_the_head_is_retried_under_reset_only() -> None:
+    for on, retried in (("reset", True), ("gateway-error", True), ("retriable-4xx", False)):
+        d = Driver(retry=_policy(1, on))
+        d.send(GET)
+        d.play(d.ex.upstream_eof())
+        assert d.events == (["Retry(policy)"] if retried else ["Close"][:0]), (on, d.events)
+        assert d.outcomes == ["upstream closed the connection before a response"]
+
+
+def test_the_reused_connection_s_retry_leaves_a_held_post_alone() -> None:
+    """A policy holds a POST: the keep-alive race's retry (idempotent
+    methods, or a request that never left) must not take it."""
+    post = b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\n\r\nx"
+    d = Driver(reuse=[True], retry=_policy(1, "retriable-4xx"))
+    d.send(post)
+    d.play(d.ex.upstream_eof())
+    assert d.events == [] and d.done == [(502, True)]
+
+
+def test_the_per_try_timeout_retries_until_a_final_head_went_out() -> None:
+    d = Driver(retry=_policy(1, "retriable-4xx"))
+    d.send(GET)
+    d.play(d.ex.try_timeout())
+    assert d.events == ["Retry(policy)"] and d.outcomes == ["upstream request timeout"]
+    d.play(d.ex.try_timeout())  # out of tries: the route timeout's 504
+    assert d.client.startswith(b"HTTP/1.1 504 ") and d.done == [(504, True)]
+    d = Driver(retry=_policy(3, "5xx"))
+    d.send(GET)
+    d.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsho")
+    assert d.ex.try_timeout() == []  # the response began: ignored (Envoy)
 
 
 SMUGGLING = [

@@ -579,7 +579,11 @@ class HttpRelay:
         unsent = None if up.sent else bytes(up.out)
         up.out.clear()
         actions: list[Action] = []
-        while c.ex.phase == Phase.EXCHANGE:
+
+        def retried() -> bool:  # a retry policy gave this try up: its bytes are no more
+            return any(isinstance(a, Retry) for a in actions)
+
+        while c.ex.phase == Phase.EXCHANGE and not retried():
             try:
                 data = up.sock.recv(_READ)
             except OSError:  # BlockingIOError: nothing more (not a reset)
@@ -588,7 +592,7 @@ class HttpRelay:
                 break
             c.last_active = now
             actions += c.ex.upstream_data(data)
-        if c.ex.phase == Phase.EXCHANGE:
+        if c.ex.phase == Phase.EXCHANGE and not retried():
             actions += c.ex.upstream_eof(unsent)
         return actions
 
