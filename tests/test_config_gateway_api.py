@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.rules import ConfigError, load_rules
-from l4proxy.rules.routing import Request, RouteTable, StringMatch
+from l4proxy.rules.routing import HttpRetry, Request, RouteTable, StringMatch
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
 PER_VERSION = os.path.join(DATA, "registry-per-version.yaml")
@@ -136,12 +136,40 @@ CASES = [
         10,
     ),
     (
-        "timeouts.backendRequest refused by name",
+        "timeouts.backendRequest without a retry refused by name",
         HR
         + MESH
         + "  rules:\n  - timeouts: {request: 2s, backendRequest: 1s}\n"
         + backends(("bootcamp-v1", 1)),
         "spec.rules[0].timeouts.backendRequest is not implemented by l4proxy",
+        9,
+    ),
+    (
+        "timeouts.backendRequest longer than timeouts.request",
+        HR
+        + MESH
+        + "  rules:\n  - timeouts: {request: 2s, backendRequest: 3s}\n"
+        + "    retry: {attempts: 1}\n"
+        + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].timeouts.backendRequest 3s must not be longer than timeouts.request (2s)",
+        9,
+    ),
+    (
+        "retry code out of range",
+        HR + MESH + "  rules:\n  - retry: {codes: [503, 302]}\n" + backends(("bootcamp-v1", 1)),
+        "status code 302 is not in range 400..599",
+        9,
+    ),
+    (
+        "retry attempts negative",
+        HR + MESH + "  rules:\n  - retry: {attempts: -1}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].retry.attempts -1 is not in range 0..2147483647",
+        9,
+    ),
+    (
+        "retry backoff refused by name",
+        HR + MESH + "  rules:\n  - retry: {backoff: 1s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].retry.backoff is not implemented by l4proxy",
         9,
     ),
     (
@@ -896,3 +924,50 @@ def test_a_consumer_route_routes_only_its_own_namespaces_clients(tmp_path: Path)
 
     assert served("default") == "bootcamp-v1"  # the consumer route is not for them
     assert served("other") == "canary"  # theirs, ahead of the producer's
+
+
+def test_retry_equals_virtualservice_retries(tmp_path: Path) -> None:
+    """An HTTPRoute rule's retry is the route's retry policy as Istio
+    converts it (attempts default 2, the codes beside connection failures,
+    timeouts.backendRequest the per-try timeout): the same table as the
+    VirtualService Istio makes of it; attempts 0 is none."""
+    hr = (
+        HR
+        + MESH
+        + "  rules:\n  - matches:\n    - path: {type: Exact, value: /none}\n"
+        + "    retry: {attempts: 0}\n"
+        + backends(("bootcamp-v2", None))
+        + "  - retry: {codes: [503, 409]}\n"
+        + "    timeouts: {request: 10s, backendRequest: 2s}\n"
+        + backends(("bootcamp-v1", None))
+    )
+    vs = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - match:
+        - uri: {exact: /none}
+        route:
+        - destination: {host: bootcamp-v2, port: {number: 8080}}
+      - route:
+        - destination: {host: bootcamp-v1, port: {number: 8080}}
+        timeout: 10s
+        retries:
+          attempts: 2
+          perTryTimeout: 2s
+          retryOn: connect-failure,refused-stream,unavailable,cancelled,503,409
+    """
+    a = load(tmp_path, hr)
+    b = load_rules([write(tmp_path, vs, "vs.yaml"), PER_VERSION], seed=1).table
+    assert a == b
+    routes = a.routes_for("bootcamp.default.svc.cluster.local")
+    assert routes[0].retries is None
+    assert routes[1].retries == HttpRetry(
+        2,
+        2.0,
+        ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"),
+        (503, 409),
+    )

@@ -39,12 +39,15 @@ backend resolves to nothing is an error.
 
 A rule's ``timeouts.request`` is the route's timeout (Envoy's route timeout,
 as a VirtualService's ``http[].timeout``: 504 when it passes before the
-response). Refused by name: filters (the data plane forwards a connection's
-bytes untouched and cannot rewrite, redirect or mirror),
-``timeouts.backendRequest`` (a per-attempt timeout; the relay's only retry is
-a pooled connection's), retries, session persistence, cross-namespace
-references (no ReferenceGrant), TLS listeners and listener protocols other
-than HTTP.
+response). Its ``retry`` (experimental, GEP-1731) is the route's retry
+policy as Istio converts it to a VirtualService's ``http[].retries``:
+``attempts`` (default 2; 0: none), the status ``codes``, and connection
+failures; ``timeouts.backendRequest`` is then the per-try timeout. Refused by
+name: filters (the data plane forwards a connection's bytes untouched and
+cannot rewrite, redirect or mirror), ``timeouts.backendRequest`` without a
+``retry``, ``retry.backoff`` (retries go at once), session persistence,
+cross-namespace references (no ReferenceGrant), TLS listeners and listener
+protocols other than HTTP.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
     Destination,
+    HttpRetry,
     IngressPath,
     Labels,
     Match,
@@ -349,19 +353,22 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         ctx,
         value,
         path,
-        allowed=("name", "matches", "backendRefs", "filters", "timeouts"),
-        unimplemented={
-            "retry": "a failed connect is retried on the next endpoint by itself",
-            "sessionPersistence": "",
-        },
+        allowed=("name", "matches", "backendRefs", "filters", "timeouts", "retry"),
+        unimplemented={"sessionPersistence": ""},
     )
     if r is None:
         return None
     ok = True
     if "name" in r:
         ok = dns_label(ctx, r["name"], (*path, "name")) is not None
-    timeout = _timeouts(ctx, r.get("timeouts"), (*path, "timeouts"))
-    ok = ok and timeout is not None
+    timeouts = _timeouts(ctx, r.get("timeouts"), (*path, "timeouts"), "retry" in r)
+    timeout = None if timeouts is None else timeouts[0]
+    ok = ok and timeouts is not None
+    retries: HttpRetry | None = None
+    if r.get("retry") is not None:
+        per_try = timeouts[1] if timeouts is not None else 0.0
+        retry_ok, retries = _retry(ctx, r["retry"], (*path, "retry"), per_try)
+        ok = ok and retry_ok
     _refuse_filters(ctx, r.get("filters"), (*path, "filters"))
     if r.get("filters"):
         ok = False
@@ -381,25 +388,80 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
             backends.append(got_b)
     if not ok or timeout is None:
         return None
-    return HttpRuleDraft(name, matches, backends, Where(ctx, path), timeout)
+    return HttpRuleDraft(name, matches, backends, Where(ctx, path), timeout, retries)
 
 
-def _timeouts(ctx: Ctx, value: Any, path: Path) -> float | None:
-    """``timeouts.request`` in seconds (0: none, also for "0s"); None: an error."""
+def _timeouts(ctx: Ctx, value: Any, path: Path, retry: bool) -> tuple[float, float] | None:
+    """(``timeouts.request``, ``timeouts.backendRequest``) in seconds (0:
+    none, also for "0s"); None: an error. *retry*: the rule has a retry, of
+    which backendRequest is the per-try timeout (as Istio converts it)."""
     t = fields(
         ctx,
         value,
         path,
-        allowed=("request",),
-        unimplemented={
-            "backendRequest": "a timeout per attempt needs retries; use timeouts.request",
-        },
+        allowed=("request", "backendRequest") if retry else ("request",),
+        unimplemented={}
+        if retry
+        else {"backendRequest": "a timeout per attempt needs a retry; use timeouts.request"},
     )
-    if t is None or "backendRequest" in t:
+    if t is None or (not retry and "backendRequest" in t):
         return None
-    if t.get("request") is None:
-        return 0.0
-    return duration(ctx, t["request"], (*path, "request"), gateway_api=True)
+    request: float | None = 0.0
+    if t.get("request") is not None:
+        request = duration(ctx, t["request"], (*path, "request"), gateway_api=True)
+    backend: float | None = 0.0
+    if t.get("backendRequest") is not None:
+        backend = duration(ctx, t["backendRequest"], (*path, "backendRequest"), gateway_api=True)
+        if backend and request and backend > request:
+            # the API: "MUST be <= the value of the Request timeout"
+            ctx.error(
+                (*path, "backendRequest"),
+                f"{dotted((*path, 'backendRequest'))} {t['backendRequest']} must not be longer "
+                f"than timeouts.request ({t['request']})",
+            )
+            return None
+    if request is None or backend is None:
+        return None
+    return request, backend
+
+
+# Istio's conversion of an HTTPRoute retry: connection failures always (the
+# API: "SHOULD retry on connection errors"), then the codes given
+_GATEWAY_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled")
+
+
+def _retry(ctx: Ctx, value: Any, path: Path, per_try: float) -> tuple[bool, HttpRetry | None]:
+    """A rule's ``retry`` (GEP-1731) as the route's retry policy, the way
+    Istio makes it a VirtualService's retries: ``attempts`` (default 2, as
+    Istio's; 0: no retries), ``codes`` (400..599) as retriable status codes
+    beside connect failures; ``timeouts.backendRequest`` the per-try
+    timeout. (valid, the policy or None)."""
+    r = fields(
+        ctx,
+        value,
+        path,
+        allowed=("codes", "attempts"),
+        unimplemented={"backoff": "retries go at once, to another endpoint first"},
+    )
+    if r is None or "backoff" in r:
+        return False, None
+    ok = True
+    attempts: int | None = 2
+    if r.get("attempts") is not None:
+        attempts = integer(ctx, r["attempts"], (*path, "attempts"), 0, 2**31 - 1)
+    codes: list[int] = []
+    for i, c in enumerate(listing(ctx, r.get("codes"), (*path, "codes")) or []):
+        code = integer(ctx, c, (*path, "codes", i), 400, 599, what="status code")
+        if code is None:
+            ok = False
+        elif code not in codes:
+            codes.append(code)
+    if attempts is None or not ok:
+        return False, None
+    if attempts == 0:
+        return True, None
+    on = (*_GATEWAY_RETRY_ON, "retriable-status-codes") if codes else _GATEWAY_RETRY_ON
+    return True, HttpRetry(attempts, per_try, on, tuple(codes))
 
 
 def _refuse_filters(ctx: Ctx, value: Any, path: Path) -> None:
@@ -681,7 +743,9 @@ class Compiler:
                         # this namespace's consumer routes before the
                         # Service's producer routes (GAMMA)
                         sort = (not consumer, md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
-                        entries[key].append((sort, (id(hr), ri), rule.name, m, rd, rule.timeout))
+                        entries[key].append(
+                            (sort, (id(hr), ri), rule.name, m, rd, rule.timeout, rule.retries)
+                        )
         for items in entries.values():
             items.sort(key=lambda e: e[0])
         # Routes of a listener compete across hostnames: a request for
@@ -707,7 +771,7 @@ class Compiler:
         for key, items in {**entries, **folded}.items():
             compiled: list[Route] = []
             last: Any = None
-            for _, rule_id, name, m, rd, timeout in items:
+            for _, rule_id, name, m, rd, timeout, retries in items:
                 if rule_id == last:
                     prev = compiled[-1]
                     merged = () if not prev.matches or m == Match() else (*prev.matches, m)
@@ -717,6 +781,7 @@ class Compiler:
                         merged,
                         unresolved_status=UNRESOLVED_STATUS,
                         timeout=timeout,
+                        retries=retries,
                     )
                 else:
                     matches = () if m == Match() else (m,)
@@ -727,6 +792,7 @@ class Compiler:
                             matches,
                             unresolved_status=UNRESOLVED_STATUS,
                             timeout=timeout,
+                            retries=retries,
                         )
                     )
                 last = rule_id

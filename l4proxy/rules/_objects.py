@@ -224,6 +224,7 @@ class HttpRuleDraft:
     backends: list[BackendDraft]
     where: Where
     timeout: float = 0.0  # timeouts.request, seconds (Route.timeout); 0: none
+    retries: HttpRetry | None = None  # retry (Route.retries)
 
 
 @dataclass
