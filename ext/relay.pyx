@@ -1637,9 +1637,10 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.replayable = False
     c.retried = False
     c.never_left = False
-    c.retry = NULL
-    c.try_deadline = 0
-    c.tries = 0
+    if c.retry != NULL:  # (set only under a policy: no stores per request without)
+        c.retry = NULL
+        c.try_deadline = 0
+        c.tries = 0
     c.req_left = 0
     free(c.rck)
     c.rck = NULL
@@ -1766,7 +1767,7 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     connect_to(R, c, c.cand[0], now)
 
 
-cdef int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
+cdef inline int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
     """The final response head is c.rhead[:hl] (status, framing known): a
     status the route's retry policy names is dropped with its connection
     and the request sent again (an answer of its endpoint, as any
