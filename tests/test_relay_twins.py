@@ -1731,7 +1731,7 @@ def _hop_head(draw: st.DrawFn) -> bytes:
 
 
 @settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("L4PROXY_FUZZ_EXAMPLES", "20")),  # (~0.3 s each)
     deadline=None,
     derandomize=True,
     database=None,
