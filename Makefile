@@ -102,7 +102,7 @@ soak: venv
 # The twins' mutation fuzz (tests/test_relay_twins.py), 1,000 examples each
 # instead of the suite's 35: about 15 minutes.
 fuzz: venv
-	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k mutated $(PYTEST_ARGS)
+	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k "mutated or generated_hop" $(PYTEST_ARGS)
 
 endif
 
