@@ -99,8 +99,9 @@ bench: venv
 soak: venv
 	$(UMASK) $(VENV)/bin/pytest -q -m slow --soak $(PYTEST_ARGS)
 
-# The twins' mutation fuzz (tests/test_relay_twins.py), 1,000 examples each
-# instead of the suite's 35: about 15 minutes.
+# The twins' mutation fuzz and generated hop-by-hop heads
+# (tests/test_relay_twins.py), 1,000 examples each instead of the suite's
+# 20 to 35: about 20 minutes.
 fuzz: venv
 	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k "mutated or generated_hop" $(PYTEST_ARGS)
 
