@@ -701,6 +701,10 @@ class Exchange:
         the request again: see "Retry policy"."""
         self._tries += 1
         self._retrying = True
+        # the reused connection's own retry is for the try on the pooled
+        # connection: not for this retry's connects failing (_reused is the
+        # given-up try's until routed()), as c.retried in the compiled twin
+        self._retried = True
         self._response_head.clear()
         self._upstream_bytes = 0
         self.status = 0
