@@ -6,6 +6,7 @@ import socket
 
 from tests.test_relay_edges_count import Counted
 from tests.test_relay_retries import (
+    STALL,
     GET,
     Scripted,
     _answer,
@@ -54,3 +55,39 @@ def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
         up.close()
     assert sorted(s for s, _ in counted.rows) == [200, 502]
     assert stats["errors"] == 0, stats
+
+
+ISTIO_DEFAULT = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+
+
+def test_a_per_try_timeout_is_retried_only_under_a_reset_policy(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """Envoy retries a try past its per-try timeout as a reset: only under
+    5xx, gateway-error or reset (retry_state_impl.cc: 'non-hedged per try
+    timeouts ... are only retried if the applicable retry policy specifies
+    either RETRY_ON_5XX or RETRY_ON_GATEWAY_ERROR'; wouldRetryFromReset adds
+    RETRY_ON_RESET). Under Istio's default retryOn a slow POST is not sent
+    a second time: the client gets the 504 at the per-try timeout."""
+    post = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    slow = Scripted([STALL])
+    fast = Scripted([])
+    counted = Counted()
+    relay = _proxy(
+        mode, (slow.endpoint, fast.endpoint), policy(2, ISTIO_DEFAULT, (503,), 0.3), counted
+    )
+    try:
+        a = _client(relay)
+        a.sendall(post)
+        got = _response(a)
+        assert got.startswith(b"HTTP/1.1 504 "), got
+        assert (len(slow.requests), len(fast.requests)) == (1, 0)
+        a.close()
+        relay.flush_reports(1.0)
+        stats = relay.stats()
+    finally:
+        relay.close()
+        slow.close()
+        fast.close()
+    assert [s for s, _ in counted.rows] == [504]
+    assert stats["retries"] == 0
