@@ -3227,7 +3227,9 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             # went out, as Envoy ignores it); out of tries, the route
             # timeout's answer
             c.try_deadline = 0
-            if can_retry(c):
+            # (a timed-out try is a reset to Envoy: retried only under the
+            # policies that retry one, RT_ON_RESET)
+            if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
                 L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
                 policy_retry(R, c, -1 if c.up.connecting else OD_TIMEOUT, now)
             else:

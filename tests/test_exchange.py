@@ -376,7 +376,7 @@ def test_the_reused_connection_s_retry_leaves_a_held_post_alone() -> None:
 
 
 def test_the_per_try_timeout_retries_until_a_final_head_went_out() -> None:
-    d = Driver(retry=_policy(1, "retriable-4xx"))
+    d = Driver(retry=_policy(1, "reset"))
     d.send(GET)
     d.play(d.ex.try_timeout())
     assert d.events == ["Retry(policy)"] and d.outcomes == ["upstream request timeout"]

@@ -100,8 +100,9 @@ Decisions
   any application status is). A connection closed or reset before the
   final head is retried under ``5xx``, ``gateway-error`` or ``reset`` (a
   gateway failure for outlier detection, as without a policy); the
-  shell's per-try timer (:meth:`Exchange.try_timeout`) retries whatever
-  the policy names, and is ignored once a final head went out (Envoy).
+  shell's per-try timer (:meth:`Exchange.try_timeout`) is a reset to
+  Envoy: retried under the same policies, else the 504; it is ignored
+  once a final head went out (Envoy).
   The route timeout spans every try. The reused-connection retry above is
   not one of the policy's tries, and a failed connect moves on to the next
   endpoint with or without a policy, as before. Out of tries, the last
@@ -667,13 +668,15 @@ class Exchange:
         out, as Envoy ignores it once the response began."""
         if self.phase == Phase.ROUTING and self.retry is not None:
             # the first try still connecting (a request without a body)
-            if self._tries < self.retry.attempts:
+            if self.retry.on_reset and self._tries < self.retry.attempts:
                 self._tries += 1
                 return [Release(False), Retry(policy=True)]
             return self.upstream_timeout()
         if self.phase != Phase.EXCHANGE or self._response is not None:
             return []
-        if self._can_retry(connecting=True):
+        # a timed-out try is a reset to Envoy: retried only under the
+        # policies that retry one (on_reset: 5xx, gateway-error, reset)
+        if self.retry is not None and self.retry.on_reset and self._can_retry(connecting=True):
             return self._policy_retry("upstream request timeout")
         return self.upstream_timeout()
 

@@ -126,8 +126,9 @@ class RetryPolicy(NamedTuple):
     configures it from a VirtualService's ``http[].retries``).
 
     ``attempts``: retries after the first try; ``per_try_timeout``: seconds
-    a try may go without a response head (0: none; then the try is retried
-    whatever ``on`` says, as in Envoy); ``on``: ``RETRY_*`` bits;
+    a try may go without a response head (0: none; then the try is given
+    up, a reset to Envoy: retried when ``on_reset``, else the 504);
+    ``on``: ``RETRY_*`` bits;
     ``codes``: the retriable status codes (``RETRY_STATUS_CODES``).
     """
 
