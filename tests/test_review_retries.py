@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from tests.test_relay_edges_count import Counted
 from tests.test_relay_retries import (
@@ -91,3 +92,27 @@ def test_a_per_try_timeout_is_retried_only_under_a_reset_policy(
         fast.close()
     assert [s for s, _ in counted.rows] == [504]
     assert stats["retries"] == 0
+
+
+def test_a_retry_on_token_of_unicode_digits_is_an_error_not_a_traceback(tmp_path: Any) -> None:
+    """str.isdigit() is true for '²' (and '٥'), which int() refuses: the
+    rule file was a ValueError traceback out of load_rules (validate, the
+    watcher), not an error with its line. Istio's strconv.Atoi takes ASCII
+    digits only."""
+    from tests.test_config_errors import VS, errors_of
+
+    text = (
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: "5xx,²"
+"""
+    )
+    errs = errors_of(tmp_path, text)
+    hits = [e for e in errs if "'²' is not a retry policy" in str(e)]
+    assert hits, "\n".join(map(str, errs))
+    assert hits[0].line == 12
