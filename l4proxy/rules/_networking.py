@@ -304,7 +304,7 @@ def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[
         token = part.strip()
         if not token:
             continue
-        if token.isdigit():
+        if token.isascii() and token.isdigit():  # (str.isdigit: '²' too, int() refuses it)
             code = int(token)
             if not 100 <= code <= 599:
                 ctx.error(path, f"{dotted(path)}: status code {token} is not in range 100..599")
