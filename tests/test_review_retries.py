@@ -116,3 +116,27 @@ def test_a_retry_on_token_of_unicode_digits_is_an_error_not_a_traceback(tmp_path
     hits = [e for e in errs if "'²' is not a retry policy" in str(e)]
     assert hits, "\n".join(map(str, errs))
     assert hits[0].line == 12
+
+
+def test_an_empty_retry_on_is_istio_s_default_policy(tmp_path: Any) -> None:
+    """Istio's ConvertPolicy() reads retryOn only when it is not empty
+    ('if in.RetryOn != ""'): retryOn: "" keeps the default policy (503),
+    as an absent retryOn does; it was a policy that retried nothing."""
+    from l4proxy.rules import load_rules
+    from l4proxy.rules.routing import ISTIO_DEFAULT_RETRY_CODES, ISTIO_DEFAULT_RETRY_ON, HttpRetry
+    from tests.test_config_load import HOST, REGISTRY, write
+
+    vs = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - route:
+        - destination: {host: bootcamp}
+        retries: {attempts: 2, retryOn: ""}
+    """
+    table = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+    (route,) = table.routes_for(HOST)
+    assert route.retries == HttpRetry(2, 0.0, ISTIO_DEFAULT_RETRY_ON, ISTIO_DEFAULT_RETRY_CODES)
