@@ -281,7 +281,7 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
         ok = False
     policies: tuple[str, ...] | None = ISTIO_DEFAULT_RETRY_ON
     codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
-    if r.get("retryOn") is not None:
+    if r.get("retryOn") is not None and r["retryOn"] != "":  # (Istio: "" is the default)
         got = _retry_on(ctx, r["retryOn"], (*path, "retryOn"))
         policies = None if got is None else got[0]
         codes = () if got is None else got[1]
