@@ -1,0 +1,163 @@
+"""Review: byte-level scenarios of a retried try (both twins)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.test_relay_retries import (
+    GET,
+    OK_BODY,
+    Scripted,
+    _answer,
+    _client,
+    _exchange,
+    _proxy,
+    _response,
+    _status,
+    mode,  # noqa: F401  (fixture)
+    policy,
+)
+
+
+def _split_503(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 503 Serv")
+    time.sleep(0.1)
+    conn.sendall(b"ice Unavailable\r\nContent-Length: 10\r\n\r\nabc")
+    time.sleep(0.1)
+    conn.sendall(b"defghij")
+
+
+def test_a_503_split_across_reads_with_a_body_is_retried_nothing_forwarded(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    got, up, counted, stats = _exchange(mode, [_split_503], policy(2, "5xx"))
+    assert got[0] == _answer(200, OK_BODY), got
+    assert len(up.requests) == 2 and counted == [200] and stats["retries"] == 1
+
+
+def test_a_503_judged_in_python_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
+    lf = b"HTTP/1.1 503 X\nContent-Length: 2\n\nno"
+    got, up, counted, stats = _exchange(mode, [lf], policy(2, "5xx"))
+    assert got[0] == _answer(200, OK_BODY), got
+    assert len(up.requests) == 2 and counted == [200]
+
+
+def test_interim_in_python_then_503_is_final(mode: tuple[str, str]) -> None:  # noqa: F811
+    lf = b"HTTP/1.1 100 Continue\n\nHTTP/1.1 503 X\r\nContent-Length: 2\r\n\r\nno"
+    got, up, counted, stats = _exchange(mode, [lf], policy(2, "5xx"))
+    assert _status(got[0].split(b"\n\n", 1)[1]) == 503, got
+    assert len(up.requests) == 1 and counted == [503]
+
+
+def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
+    head = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    up = Scripted([b"HTTP/1.1 503 X\r\nContent-Length: 7\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"])
+    relay = _proxy(mode, (up.endpoint,), policy(2, "5xx"))
+    try:
+        a = _client(relay)
+        a.sendall(head)
+        a.settimeout(3)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += a.recv(65536)
+        assert data == b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", data
+        a.sendall(GET)
+        assert _status(_response(a)) == 200
+        assert up.requests == [head, head, GET]
+    finally:
+        relay.close()
+        up.close()
+
+
+def test_pipelined_requests_after_a_retried_one(mode: tuple[str, str]) -> None:  # noqa: F811
+    second = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+    up = Scripted([_answer(503, b"no")])
+    relay = _proxy(mode, (up.endpoint,), policy(2, "5xx"))
+    try:
+        a = _client(relay)
+        a.sendall(GET + second)
+        assert _response(a) == _answer(200, OK_BODY)
+        assert _response(a) == _answer(200, OK_BODY)
+        assert up.requests == [GET, GET, second]
+    finally:
+        relay.close()
+        up.close()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) -> None:  # noqa: F811
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
+    seen: list[bytes] = []
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(5)
+    import threading
+
+    def serve() -> None:
+        for answer in (_answer(503, b"no"), _answer(200, OK_BODY)):
+            conn, _ = lst.accept()
+            conn.settimeout(5)
+            buf = b""
+            while not buf.endswith(b"0\r\n\r\n"):
+                d = conn.recv(65536)
+                if not d:
+                    break
+                buf += d
+            seen.append(buf)
+            conn.sendall(answer)
+            if answer.startswith(b"HTTP/1.1 200"):
+                time.sleep(0.3)
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    relay = _proxy(mode, (lst.getsockname()[:2],), policy(2, "5xx"))
+    try:
+        a = _client(relay)
+        if split:
+            a.sendall(head + body[:7])
+            time.sleep(0.1)
+            a.sendall(body[7:])
+        else:
+            a.sendall(head + body)
+        assert _response(a) == _answer(200, OK_BODY)
+        t.join(5)
+        assert seen == [head + body, head + body], seen
+    finally:
+        relay.close()
+        lst.close()
+
+
+@pytest.mark.parametrize("step", ["503", "close", "stall"])
+def test_active_counts_are_balanced_after_retries(
+    mode: tuple[str, str], step: str  # noqa: F811
+) -> None:
+    """LEAST_CONN's counts: every given-up try is uncounted (503, close,
+    per-try timeout), the last try's connection back in the pool."""
+    from tests.test_relay_retries import CLOSE, STALL
+
+    s = {"503": _answer(503, b"no"), "close": CLOSE, "stall": STALL}[step]
+    bad = Scripted([s] * 3)
+    good = Scripted([])
+    relay = _proxy(mode, (bad.endpoint, good.endpoint), policy(3, "5xx", per_try=0.3))
+    try:
+        a = _client(relay)
+        for _ in range(2):
+            a.sendall(GET)
+            assert _response(a) == _answer(200, OK_BODY)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            counts = (relay.pools.active(bad.endpoint), relay.pools.active(good.endpoint))
+            if counts == (0, 0):
+                break
+            time.sleep(0.05)
+        assert counts == (0, 0)
+        a.close()
+    finally:
+        relay.close()
+        bad.close()
+        good.close()
