@@ -161,3 +161,82 @@ def test_active_counts_are_balanced_after_retries(
         relay.close()
         bad.close()
         good.close()
+
+
+def _hanging_endpoint() -> tuple[socket.socket, list[socket.socket], tuple[str, int]]:
+    """A listener whose accept queue is full: a new connect hangs (SYN dropped)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(lst.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    time.sleep(0.1)
+    return lst, fillers, lst.getsockname()[:2]
+
+
+@pytest.mark.parametrize("body", [False, True])
+def test_a_first_try_still_connecting_past_its_per_try_timeout(
+    mode: tuple[str, str], body: bool  # noqa: F811
+) -> None:
+    lst, fillers, hang = _hanging_endpoint()
+    good = Scripted([])
+    relay = _proxy(mode, (hang, good.endpoint), policy(1, "reset", per_try=0.3))
+    request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi" if body else GET
+    try:
+        a = _client(relay)
+        t0 = time.monotonic()
+        a.sendall(request)
+        got = _response(a, timeout=6)
+        took = time.monotonic() - t0
+        assert got == _answer(200, OK_BODY), got
+        assert good.requests == [request]
+        if not body:
+            assert took < 1.5, took
+        a.sendall(GET)
+        assert _response(a) == _answer(200, OK_BODY)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            counts = (relay.pools.active(hang), relay.pools.active(good.endpoint))
+            if counts == (0, 0):
+                break
+            time.sleep(0.05)
+        assert counts == (0, 0)
+        assert relay.stats()["errors"] == 0
+    finally:
+        relay.close()
+        good.close()
+        for s in fillers:
+            s.close()
+        lst.close()
+
+
+def test_a_connecting_first_try_past_its_per_try_timeout_without_a_reset_policy(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """Istio's default retryOn retries no timeout (Envoy): the 504 at the
+    per-try timeout, nothing sent to the other endpoint."""
+    lst, fillers, hang = _hanging_endpoint()
+    good = Scripted([])
+    on = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    relay = _proxy(mode, (hang, good.endpoint), policy(2, on, (503,), per_try=0.3))
+    try:
+        a = _client(relay)
+        t0 = time.monotonic()
+        a.sendall(GET)
+        got = _response(a, timeout=6)
+        assert got.startswith(b"HTTP/1.1 504 "), got
+        assert time.monotonic() - t0 < 1.5
+        assert good.requests == []
+    finally:
+        relay.close()
+        good.close()
+        for s in fillers:
+            s.close()
+        lst.close()
