@@ -3856,6 +3856,13 @@ cdef class HttpRelay:
             self._stuck = True
             return
         self._shutdown()
+        # Every connection is gone: the interned retry policies go now, not
+        # in __dealloc__ only, which the cyclic GC reaches after tp_clear
+        # set _retries to None (they leaked). The cached verdicts that point
+        # at them are freed without reading them.
+        for addr in self._retries.values():
+            free(<Retry_*><size_t>addr)
+        self._retries.clear()
         # The requests _shutdown cut (in flight: a drain that timed out) were
         # counted after the loop's last flush (its thread is gone, so the
         # rows are ours): handed over here, as the pure twin reports them.
