@@ -27,7 +27,13 @@ def _retried(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.mark.parametrize("name", twins.GET_ANSWERS)
+# (a given-up try of a big answer: when the backend sees its connection
+# closed, 'eof' or still 'open' at the harness's snapshot, is timing: the
+# backend is blocked writing into a full socket buffer)
+RETRIED_ANSWERS = [n for n in twins.GET_ANSWERS if "big" not in n]
+
+
+@pytest.mark.parametrize("name", RETRIED_ANSWERS)
 def test_each_answer_retried(name: str) -> None:
     twins.test_each_answer_then_the_next_request(name)
 
