@@ -24,13 +24,22 @@ def _retried(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return d if d.local is not None else d._replace(retry=EVERY)
 
     monkeypatch.setattr(twins.Run, "_decide", with_policy)
+    run_case = twins.run_case
+
+    def settled(*args: object, **kw: object) -> twins.Outcome:
+        # a given-up try's connection is closed at once by both twins; when
+        # the backend's thread sees it ('eof', or still 'open' at the
+        # snapshot) is timing under load: its bytes are compared, not that
+        out = run_case(*args, **kw)  # type: ignore[arg-type]
+        out.backend = [(data, "closed" if how in ("eof", "open") else how)
+                       for data, how in out.backend]
+        return out
+
+    monkeypatch.setattr(twins, "run_case", settled)
     yield
 
 
-# (a given-up try of a big answer: when the backend sees its connection
-# closed, 'eof' or still 'open' at the harness's snapshot, is timing: the
-# backend is blocked writing into a full socket buffer)
-RETRIED_ANSWERS = [n for n in twins.GET_ANSWERS if "big" not in n]
+RETRIED_ANSWERS = twins.GET_ANSWERS
 
 
 @pytest.mark.parametrize("name", RETRIED_ANSWERS)
