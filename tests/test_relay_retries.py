@@ -323,7 +323,9 @@ def test_a_per_try_timeout_retries_on_another_endpoint(mode: tuple[str, str]) ->
     would be), on the other endpoint."""
     slow = Scripted([STALL])
     fast = Scripted([])
-    relay = _proxy(mode, (slow.endpoint, fast.endpoint), policy(1, "retriable-4xx,reset", per_try=0.3))
+    relay = _proxy(
+        mode, (slow.endpoint, fast.endpoint), policy(1, "retriable-4xx,reset", per_try=0.3)
+    )
     try:
         a = _client(relay)
         t0 = time.monotonic()

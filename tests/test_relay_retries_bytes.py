@@ -1,4 +1,6 @@
-"""Review: byte-level scenarios of a retried try (both twins)."""
+"""A retried try, byte by byte: nothing of a given-up response reaches the
+client, the request is sent whole, and LEAST_CONN counts return to zero
+(both twins)."""
 
 from __future__ import annotations
 
@@ -40,22 +42,26 @@ def test_a_503_split_across_reads_with_a_body_is_retried_nothing_forwarded(
 
 def test_a_503_judged_in_python_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
     lf = b"HTTP/1.1 503 X\nContent-Length: 2\n\nno"
-    got, up, counted, stats = _exchange(mode, [lf], policy(2, "5xx"))
+    got, up, counted, _stats = _exchange(mode, [lf], policy(2, "5xx"))
     assert got[0] == _answer(200, OK_BODY), got
     assert len(up.requests) == 2 and counted == [200]
 
 
 def test_interim_in_python_then_503_is_final(mode: tuple[str, str]) -> None:  # noqa: F811
     lf = b"HTTP/1.1 100 Continue\n\nHTTP/1.1 503 X\r\nContent-Length: 2\r\n\r\nno"
-    got, up, counted, stats = _exchange(mode, [lf], policy(2, "5xx"))
+    got, up, counted, _stats = _exchange(mode, [lf], policy(2, "5xx"))
     assert _status(got[0].split(b"\n\n", 1)[1]) == 503, got
     assert len(up.requests) == 1 and counted == [503]
 
 
 def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
     head = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
-    up = Scripted([b"HTTP/1.1 503 X\r\nContent-Length: 7\r\n\r\n",
-                   b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"])
+    up = Scripted(
+        [
+            b"HTTP/1.1 503 X\r\nContent-Length: 7\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+        ]
+    )
     relay = _proxy(mode, (up.endpoint,), policy(2, "5xx"))
     try:
         a = _client(relay)
@@ -140,7 +146,8 @@ def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) 
 
 @pytest.mark.parametrize("step", ["503", "close", "stall"])
 def test_active_counts_are_balanced_after_retries(
-    mode: tuple[str, str], step: str  # noqa: F811
+    mode: tuple[str, str],  # noqa: F811
+    step: str,
 ) -> None:
     """LEAST_CONN's counts: every given-up try is uncounted (503, close,
     per-try timeout), the last try's connection back in the pool."""
@@ -189,11 +196,16 @@ def _hanging_endpoint() -> tuple[socket.socket, list[socket.socket], tuple[str, 
 
 @pytest.mark.parametrize("body", [False, True])
 def test_a_first_try_still_connecting_past_its_per_try_timeout(
-    mode: tuple[str, str], body: bool  # noqa: F811
+    mode: tuple[str, str],  # noqa: F811
+    body: bool,
 ) -> None:
     lst, fillers, hang = _hanging_endpoint()
     good = Scripted([])
-    relay = _proxy(mode, (hang, good.endpoint), policy(1, "reset", per_try=0.3))
+    # (with a body, the per-try timer starts once the request is sent: the
+    # connect timeout moves it on)
+    relay = _proxy(
+        mode, (hang, good.endpoint), policy(1, "reset", per_try=0.3), connect_timeout=1.0
+    )
     request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi" if body else GET
     try:
         a = _client(relay)

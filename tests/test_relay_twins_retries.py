@@ -1,4 +1,4 @@
-"""Review: the twin harness (test_relay_twins) with a retry policy on every
+"""The twin harness (test_relay_twins) with a retry policy on every
 routed decision that retries every final status (and resets): each answer
 kind, HEAD, the client cases and the generated conversations go through
 given-up tries; the twins must still agree byte for byte."""
@@ -31,8 +31,9 @@ def _retried(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         # the backend's thread sees it ('eof', or still 'open' at the
         # snapshot) is timing under load: its bytes are compared, not that
         out = run_case(*args, **kw)  # type: ignore[arg-type]
-        out.backend = [(data, "closed" if how in ("eof", "open") else how)
-                       for data, how in out.backend]
+        out.backend = [
+            (data, "closed" if how in ("eof", "open") else how) for data, how in out.backend
+        ]
         return out
 
     monkeypatch.setattr(twins, "run_case", settled)
@@ -61,20 +62,3 @@ def test_clients_retried(name: str) -> None:
 
 def test_generated_conversations_retried() -> None:
     twins.test_generated_conversations()
-
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-
-@settings(
-    max_examples=120,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(st.lists(twins.request(), min_size=1, max_size=4), st.data())
-def test_more_generated_conversations_retried(
-    requests: list[tuple[bytes, bool]], data: st.DataObject
-) -> None:
-    twins.test_generated_conversations.hypothesis.inner_test(requests, data)

@@ -1,4 +1,5 @@
-"""Review findings on the retry policy (both twins, real sockets)."""
+"""The retry policy at its edges: a lost retry of a pooled try, per-try
+timeouts under retryOn, retryOn's parsing (both twins, real sockets)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 from tests.test_relay_edges_count import Counted
 from tests.test_relay_retries import (
-    STALL,
     GET,
+    STALL,
     Scripted,
     _answer,
     _client,
