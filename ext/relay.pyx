@@ -1883,6 +1883,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     cdef int n_cl = 0, n_te = 0, status = 0, lines = 0
     cdef long long cl = -1
     cdef bint close = False, keep = False, te_chunked = False, v10 = False, odd = False
+    if n == 0:  # an empty buffer is freed (b NULL): memchr must not see it
+        return 0
     # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
     lf = <const unsigned char*>memchr(b, LF, <size_t>n)
     if lf == NULL:
