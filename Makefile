@@ -101,9 +101,11 @@ soak: venv
 
 # The twins' mutation fuzz and generated hop-by-hop heads
 # (tests/test_relay_twins.py), 1,000 examples each instead of the suite's
-# 20 to 35: about 20 minutes.
+# 20 to 25, then every answer and client case under a retry policy (the
+# suite runs every other): about 20 minutes.
 fuzz: venv
 	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k "mutated or generated_hop" $(PYTEST_ARGS)
+	$(UMASK) L4PROXY_TWINS_RETRIED_ALL=1 $(VENV)/bin/pytest -q tests/test_relay_twins_retries.py $(PYTEST_ARGS)
 
 endif
 
