@@ -2520,16 +2520,19 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogi
 cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
     cdef Up *u
     cdef EP *ep
+    cdef Verdict_ *empty
     c.started = now
     c.uncounted = True
     if v.kind == V_LOCAL:
         local_answer(R, c, v, now)
         return
     pick(R, c, v)
+    empty = c.empty
+    c.empty = NULL  # (a part of v, which may be freed once this returns)
     if not R.decide_only:
         count_row(R, c.tag, 0, 0.0)  # l4proxy_decisions_total
     if c.n_cand == 0:
-        local_answer(R, c, c.empty if c.empty != NULL else v, now)
+        local_answer(R, c, empty if empty != NULL else v, now)
         return
     c.timeout = v.timeout
     if v.retry != NULL:
