@@ -54,7 +54,8 @@ Decisions
   with its ``Upgrade`` field and the fields those lines name (the server
   must see the upgrade asked, and h2c's ``HTTP2-Settings``: RFC 7540
   §3.2.1).
-  Nothing else in a head is rewritten, and bodies never are.
+  Nothing else in a head is rewritten (lines are dropped whole, never
+  edited), and bodies never are.
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without

@@ -49,8 +49,9 @@ Decisions (RFC 9112 leaves them to the recipient)
   it with SP is not an option because we forward the bytes verbatim).
 * obs-fold (a header line starting with SP or HTAB) is a 400. §5.2 allows
   rejecting it or unfolding it before forwarding; we never rewrite the bytes
-  we forward, so unfolding would make us read a header that the upstream
-  reads differently. The same rule rejects whitespace before the first
+  we forward (a hop-by-hop line is dropped whole, never edited), so
+  unfolding would make us read a header that the upstream reads
+  differently. The same rule rejects whitespace before the first
   header (§2.2).
 * Whitespace between a header name and its colon is a 400 (§5.1, MUST).
 * HTTP/1.1 (and 1.x, x >= 1) without Host, or with more than one Host, is a
@@ -75,8 +76,8 @@ Decisions (RFC 9112 leaves them to the recipient)
   it as sent, so a server that removes dot-segments (RFC 3986 §5.2.4) would
   serve ``/private`` for ``/public/../private``, routed by ``/public``.
   Envoy (Istio's default ``pathNormalization: BASE``) normalizes the path
-  before it routes and forwards that; we never rewrite the bytes we forward,
-  so we refuse. The path is the target up to its first ``?`` (a query is
+  before it routes and forwards that; we never rewrite the target we
+  forward, so we refuse. The path is the target up to its first ``?`` (a query is
   not a path); a segment ends at ``/``, ``\\``, ``#`` or there. A raw ``\\``
   separates segments here (``/public\\..\\private``): Envoy's normalization
   turns it into ``/`` (Chromium's URL canonicalizer), as some servers do. A
