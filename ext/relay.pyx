@@ -2003,13 +2003,17 @@ cdef bint says_close(const unsigned char *b, Py_ssize_t end) noexcept nogil:
     return close
 
 
+cdef inline Py_ssize_t colon_at(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
+    """Where b[i:le], a header line of a validated head, has its ":" (le: none)."""
+    cdef const unsigned char *p = <const unsigned char*>memchr(b + i, COLON, <size_t>(le - i))
+    return le if p == NULL else p - b
+
+
 cdef int connection_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
     """b[i:le], a header line of a validated head without its line end: -1
     when it is not a Connection line, else its tokens (TOK_*, as
     kept_client_head() in _exchange_py.py weighs them)."""
-    cdef Py_ssize_t colon = i
-    while colon < le and b[colon] != COLON:
-        colon += 1
+    cdef Py_ssize_t colon = colon_at(b, i, le)
     if colon == le or not header_is(b + i, colon - i, b"connection", 10):
         return -1
     return connection_tokens(b, colon + 1, le)
@@ -2023,10 +2027,8 @@ cdef inline Py_ssize_t line_end(const unsigned char *b, Py_ssize_t i, const unsi
 
 cdef bint keep_alive_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
     """Whether b[i:le], a header line of a validated head, is a Keep-Alive
-    line (its name, to its ":"; _is_keep_alive_line in _exchange_py.py)."""
-    cdef Py_ssize_t colon = i
-    while colon < le and b[colon] != COLON:
-        colon += 1
+    line (its name, to its ":", as kept_client_head() in _exchange_py.py)."""
+    cdef Py_ssize_t colon = colon_at(b, i, le)
     return colon < le and header_is(b + i, colon - i, b"keep-alive", 10)
 
 

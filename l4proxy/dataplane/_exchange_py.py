@@ -331,7 +331,7 @@ def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool)
         return _value(line).lower() == b"trailers"  # (trailers are read: Envoy keeps it)
     if name != b"connection":
         return False
-    tokens = _connection_tokens(line) or set()
+    tokens = _connection_tokens(line) or set()  # (a Connection line: never None)
     if upgrading and b"upgrade" in tokens:
         return True
     # HTTP/1.0: its hop persists only if asked (a line naming only
@@ -421,7 +421,7 @@ def kept_client_head(raw: bytes, resp: ResponseHead, request_http10: bool) -> by
             field |= tokens
             if tokens <= _CLOSE_OR_KEEP:
                 continue
-        elif _is_keep_alive_line(line):
+        elif _field_name(line) == b"keep-alive":
             continue
         kept.append(line)
     if b"close" in field and not field <= _CLOSE_OR_KEEP:
@@ -435,12 +435,6 @@ def kept_client_head(raw: bytes, resp: ResponseHead, request_http10: bool) -> by
 
 # Connection tokens that are about the connection alone ("" an empty one).
 _CLOSE_OR_KEEP = frozenset((b"close", b"keep-alive", b""))
-
-
-def _is_keep_alive_line(line: bytes) -> bool:
-    """Whether a header line is a Keep-Alive line (its name, to its ":")."""
-    name, colon, _ = line.partition(b":")
-    return bool(colon) and name.lower() == b"keep-alive"
 
 
 def _persistent(resp: ResponseHead) -> bool:
