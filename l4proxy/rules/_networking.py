@@ -244,11 +244,12 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     """
     if value is None:
         return True, None
+    allowed = ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities")
     r = fields(
         ctx,
         value,
         path,
-        allowed=("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities"),
+        allowed=allowed,
         unimplemented={
             "backoff": "retries go at once, to another endpoint first",
             "retryIgnorePreviousHosts": "a retry always prefers another endpoint",
@@ -256,9 +257,7 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     )
     if r is None:
         return False, None
-    ok = not any(
-        k not in ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities") for k in r
-    )
+    ok = all(k in allowed for k in r)  # (fields() reported the others)
     attempts: int | None = 0
     if r.get("attempts") is not None:
         attempts = integer(ctx, r["attempts"], (*path, "attempts"), 0, 2**31 - 1)
