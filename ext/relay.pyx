@@ -3209,6 +3209,29 @@ cdef void watch_listeners(Relay *R, double now) noexcept nogil:
             set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)  # (refused: again next time)
 
 
+cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
+    """An exchange's timers (tick()): whether one passed and was acted on.
+
+    The route timeout first, before the connect timeout (the request is
+    over, whatever its connect does); then the retry policy's per-try
+    timeout, ignored once a final head went out (as Envoy ignores it): a
+    timed-out try is a reset to Envoy, retried only under the policies
+    that retry one (RT_ON_RESET); else, or out of tries, the route
+    timeout's answer."""
+    if c.resp_deadline and c.resp_deadline <= now:
+        route_timeout(R, c, now)
+        return True
+    if not (c.try_deadline and c.try_deadline <= now and c.rs == RS_HEAD):
+        return False
+    c.try_deadline = 0
+    if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
+        L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+        policy_retry(R, c, -1 if c.up.connecting else OD_TIMEOUT, now)
+    else:
+        route_timeout(R, c, now)
+    return True
+
+
 cdef void tick(Relay *R, double now) noexcept nogil:
     cdef int i = 0, k
     cdef Conn *c
@@ -3219,32 +3242,11 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         i += 1
         if c.need != N_NONE:
             continue
-        if c.resp_deadline and c.resp_deadline <= now and (c.phase == P_CONNECT or c.phase == P_EXCH):
-            # the route timeout: before the connect timeout (the request is
-            # over, whatever its connect does)
-            route_timeout(R, c, now)
+        if (c.phase == P_CONNECT or c.phase == P_EXCH) and exchange_timer(R, c, now):
             if not c.closed:
-                settle(R, c)  # the 504 goes out now
+                settle(R, c)  # a 504 goes out now
             if c.closed:
                 i -= 1  # conn_forget() moved the last one here
-            continue
-        if c.try_deadline and c.try_deadline <= now and c.rs == RS_HEAD \
-                and (c.phase == P_CONNECT or c.phase == P_EXCH):
-            # the retry policy's per-try timeout (ignored once a final head
-            # went out, as Envoy ignores it); out of tries, the route
-            # timeout's answer
-            c.try_deadline = 0
-            # (a timed-out try is a reset to Envoy: retried only under the
-            # policies that retry one, RT_ON_RESET)
-            if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
-                L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
-                policy_retry(R, c, -1 if c.up.connecting else OD_TIMEOUT, now)
-            else:
-                route_timeout(R, c, now)
-            if not c.closed:
-                settle(R, c)
-            if c.closed:
-                i -= 1
             continue
         if c.up != NULL and c.up.connecting and c.up.deadline <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
