@@ -178,29 +178,28 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
 
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
-    enforced there. Said at each table that has one, never silently."""
+    enforced there, nor its retry policy. Said at each table that has one,
+    never silently."""
     timed = table.timed_routes()
     if timed:
-        shown = ", ".join(
-            f"{host} route {name or '(unnamed)'} {t:g} s" for host, name, t in timed[:5]
-        )
-        more = f" and {len(timed) - 5} more" if len(timed) > 5 else ""
         log.warning(
             "route timeouts are not enforced with --http-routing connection "
-            "(only per request, the default): %s%s",
-            shown,
-            more,
+            "(only per request, the default): %s",
+            _first_five([f"{host} route {name or '(unnamed)'} {t:g} s" for host, name, t in timed]),
         )
     retried = table.retried_routes()
     if retried:
-        shown = ", ".join(f"{host} route {name or '(unnamed)'}" for host, name in retried[:5])
-        more = f" and {len(retried) - 5} more" if len(retried) > 5 else ""
         log.warning(
             "retry policies (http[].retries) are not applied with --http-routing connection "
-            "(only per request, the default): %s%s",
-            shown,
-            more,
+            "(only per request, the default): %s",
+            _first_five([f"{host} route {name or '(unnamed)'}" for host, name in retried]),
         )
+
+
+def _first_five(items: list[str]) -> str:
+    """*items* for a log line: the first five, and how many more."""
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return ", ".join(items[:5]) + more
 
 
 class Worker:
