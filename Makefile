@@ -87,8 +87,13 @@ lint: venv
 unit: venv
 	$(UMASK) $(VENV)/bin/pytest -q -m "not netns"
 
+# The suite runs in TEST_JOBS processes (pytest-xdist), a test file to each
+# in turn: most of its time is spent waiting on namespaces, servers and
+# timeouts, and test files share nothing (pods, ports and namespaces carry
+# the process id; see l4proxy/demo/podnet.py). TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
 test: lint
-	$(UMASK) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(UMASK) $(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(UMASK) $(VENV)/bin/l4proxy demo $(DEMO_ARGS)
