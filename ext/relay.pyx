@@ -78,7 +78,18 @@ final response head (``head_out``: a status the policy names), the
 upstream's end before that head (``on_upstream_eof``) and the per-try timer
 (``tick``), each through ``can_retry`` and ``policy_retry``. Without a
 policy each of these costs a test of ``c.retry``, the steady state nothing
-more.
+more. A retry waits Envoy's jittered exponential backoff first
+(``backoff_delay``: uniformly random in [0, (2^n - 1) * base) before the
+n-th, at most 10 times base; base 25 ms unless the policy says, drawn from
+``Relay.jitter``, a xorshift of its own seeded from Python): the connection
+waits in ``P_CONNECT`` without an upstream, ``c.backoff_until`` set, no
+per-try timer running (Envoy starts it when the retry is sent), the route
+timeout running (its 504 ends the wait). ``R.next_backoff`` (no later than
+the soonest wait's end) shortens the epoll timeout, the tick being too
+coarse; when it passes, ``backoffs_due`` scans the connections once and
+sends the retries due (``retry_send``). The relay's own retries (a failed
+connect's next endpoint, the reused connection's one retry) go at once, as
+Envoy's do.
 
 Outlier detection
 -----------------
@@ -133,7 +144,7 @@ from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
-from l4proxy.dataplane.verdict import Choice, Verdict
+from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, Choice, Verdict
 
 Decision = _relay_py.Decision
 
@@ -425,6 +436,8 @@ cdef struct Retry_:
     # for its request, whatever the verdict cache does meanwhile)
     int attempts
     double per_try         # seconds; 0: none
+    double backoff         # the base interval before a retry, seconds (backoff_delay)
+    double backoff_max     # ... and the longest wait
     uint32_t on            # RT_*
     uint64_t codes[8]      # RT_STATUS_CODES: bit (status - 100), 100..611
 
@@ -512,6 +525,7 @@ cdef struct Conn:
     double resp_deadline   # ... when it passes: set once the request is read whole
     Retry_ *retry          # the current request's retry policy (NULL: none)
     double try_deadline    # ... the current try's per-try timeout, when it passes
+    double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     EP *fail_ep
@@ -624,6 +638,8 @@ cdef struct Relay:
     bint keys_overflow     # more names than keys: a verdict reading headers is not cached
     double next_tick
     double next_flush
+    double next_backoff    # the soonest Conn.backoff_until, or earlier (0: none)
+    uint64_t jitter        # backoff_delay()'s xorshift state (not rng: weights stay as seeded)
     bint flush_due
     int n_head_timeouts    # for refused("header_timeout"), on the next return
     int n_fd_limit         # for refused("fd_limit")
@@ -659,14 +675,18 @@ cdef inline double now_s() noexcept nogil:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
-cdef inline uint64_t rng_next(Relay *R) noexcept nogil:
-    # xorshift64*: seeded from Python (--seed), good enough for weights
-    cdef uint64_t x = R.rng
+cdef inline uint64_t xorshift(uint64_t *state) noexcept nogil:
+    # xorshift64*: seeded from Python (--seed), good enough for weights and jitter
+    cdef uint64_t x = state[0]
     x ^= x >> 12
     x ^= x << 25
     x ^= x >> 27
-    R.rng = x
+    state[0] = x
     return x * <uint64_t>0x2545F4914F6CDD1D
+
+
+cdef inline uint64_t rng_next(Relay *R) noexcept nogil:
+    return xorshift(&R.rng)
 
 
 # -- buffers -------------------------------------------------------------------
@@ -1067,6 +1087,7 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
         splice_stop(c)
     if c.up != NULL:
         up_release(R, c, False, now)
+    c.backoff_until = 0  # (a retry waiting: the route timeout's 504 went, say)
     c.phase = P_CLOSING
     c.closing = now + LINGER_S  # linger() sets it again when the answer's last byte goes
     c.no_linger = c.no_linger or c.client_eof
@@ -1640,6 +1661,7 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     if c.retry != NULL:  # (set only under a policy: no stores per request without)
         c.retry = NULL
         c.try_deadline = 0
+        c.backoff_until = 0
         c.tries = 0
     c.req_left = 0
     free(c.rck)
@@ -1738,12 +1760,33 @@ cdef inline bint can_retry(Conn *c) noexcept nogil:
             and c.splicing == 0)
 
 
+cdef double backoff_delay(Relay *R, const Retry_ *p, int n) noexcept nogil:
+    """The wait before the *n*-th retry (1, 2, ...): Envoy's jittered
+    exponential backoff, uniformly random in [0, (2^n - 1) * base), at most
+    p.backoff_max; the multiplier stops growing once past it (the twin of
+    RetryPolicy.backoff_s() in verdict.py)."""
+    cdef double mult = 1, d
+    cdef int i
+    if p.backoff <= 0:
+        return 0
+    for i in range(1, n):
+        if mult * p.backoff > p.backoff_max:
+            break
+        mult = mult * 2 + 1
+    # 53 random bits: uniform in [0, 1)
+    d = <double>(xorshift(&R.jitter) >> 11) * (1.0 / 9007199254740992.0) * mult * p.backoff
+    return d if d < p.backoff_max else p.backoff_max
+
+
 cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     """Give the try on c.up up (closed, never pooled; *why*: how its
     endpoint served it, OD_*, or -1: nothing to tell) and send the request
-    again, to another endpoint first (retry_order), its per-try timer
-    started again (_policy_retry in _exchange_py.py; the route timeout
-    runs on)."""
+    again once its backoff passed (backoff_delay; retry_send()), to another
+    endpoint first (retry_order), its per-try timer started again then
+    (_policy_retry in _exchange_py.py; the route timeout runs on, and
+    answers 504 should it pass during the backoff). Meanwhile c waits in
+    P_CONNECT without an upstream, c.backoff_until set, R.next_backoff no
+    later than it (backoffs_due())."""
     cdef EP *ep = c.up.ep
     if why >= 0:
         outcome(R, c, ep, why)
@@ -1762,9 +1805,52 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     c.status = 0
     c.framing = F_NONE
     c.resp_left = 0
-    c.try_deadline = now + c.retry.per_try if c.retry.per_try > 0 else 0
+    c.try_deadline = 0  # (Envoy starts it when the retry is sent)
     retry_order(c, ep)
+    c.phase = P_CONNECT
+    c.backoff_until = now + backoff_delay(R, c.retry, c.tries)
+    if R.next_backoff == 0 or c.backoff_until < R.next_backoff:
+        R.next_backoff = c.backoff_until
+
+
+cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
+    """A retry's backoff passed: its per-try timer starts, and its connect."""
+    c.backoff_until = 0
+    c.try_deadline = now + c.retry.per_try if c.retry.per_try > 0 else 0
     connect_to(R, c, c.cand[0], now)
+
+
+cdef void backoffs_due(Relay *R, double now) noexcept nogil:
+    """R.next_backoff passed: the retries whose backoff passed are sent,
+    and R.next_backoff becomes the soonest of the others (0: none). A scan
+    of the connections per firing: retries are rare, the steady state
+    never comes here. A connection whose exchange ended otherwise during
+    its backoff (the route timeout's 504, the client gone) is not waiting
+    any more: reset_exchange(), start_close() and conn_forget() see to it;
+    one in any other state is dropped from the wait rather than left due
+    for ever (the loop would spin)."""
+    cdef int i = 0
+    cdef Conn *c
+    cdef double soonest = 0
+    R.next_backoff = 0  # (what a retry_send() below schedules, if anything, sets it)
+    while i < R.n_conns:
+        c = R.conns[i]
+        i += 1
+        if c.backoff_until == 0:
+            continue
+        if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE or c.retry == NULL:
+            c.backoff_until = 0
+            continue
+        if c.backoff_until <= now:
+            retry_send(R, c, now)
+            settle(R, c)
+            if c.closed:
+                i -= 1  # conn_forget() moved the last one here
+                continue
+        if c.backoff_until and (soonest == 0 or c.backoff_until < soonest):
+            soonest = c.backoff_until
+    if soonest and (R.next_backoff == 0 or soonest < R.next_backoff):
+        R.next_backoff = soonest
 
 
 cdef inline int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
@@ -3317,13 +3403,16 @@ cdef int run(Relay *R) noexcept nogil:
     """Serve until Python is needed (1), a flush is due (2) or stop (3)."""
     cdef sys_.epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout
-    cdef double now
+    cdef double now, wake
     cdef uint64_t junk
     cdef void *ptr
     cdef bint py_req
     while True:
         now = now_s()
-        timeout = <int>((R.next_tick - now) * 1000) + 1
+        wake = R.next_tick
+        if R.next_backoff and R.next_backoff < wake:
+            wake = R.next_backoff  # a retry's backoff: the tick is too coarse
+        timeout = <int>((wake - now) * 1000) + 1
         if timeout < 0:
             timeout = 0
         n = sys_.epoll_wait(R.epfd, events, MAX_EVENTS, timeout)
@@ -3365,6 +3454,8 @@ cdef int run(Relay *R) noexcept nogil:
         if now >= R.next_tick:
             tick(R, now)
             R.next_tick = now + TICK_S
+        if R.next_backoff and now >= R.next_backoff:
+            backoffs_due(R, now)
         if R.n_lsts:
             watch_listeners(R, now)
         bury(R)
@@ -3536,6 +3627,7 @@ cdef class HttpRelay:
         else:
             R.seed = (int.from_bytes(os.urandom(8), "little")) | 1
         R.rng = R.seed
+        R.jitter = (R.seed * <uint64_t>0xD1B54A32D192ED03) | 1  # (its own sequence)
         R.failures_seen = 1  # (an EP's answer_seen starts at 0: its first answer is news)
         self._set_keys(key_headers)
         R.next_tick = now_s() + TICK_S
@@ -4306,6 +4398,8 @@ cdef class HttpRelay:
             raise MemoryError()
         p.attempts = min(int(policy.attempts), 0x7FFFFFFF)
         p.per_try = max(0.0, float(policy.per_try_timeout))
+        p.backoff = max(0.0, float(policy.backoff))
+        p.backoff_max = p.backoff * BACKOFF_MAX_FACTOR
         p.on = <uint32_t>int(policy.on)
         for code in policy.codes:
             b = int(code) - 100

@@ -13,7 +13,9 @@ import pytest
 import tests.test_relay_twins as twins
 from l4proxy.dataplane.verdict import RetryPolicy
 
-EVERY = RetryPolicy.of(2, 0.0, ["5xx", "reset", "retriable-status-codes"], range(200, 600))
+EVERY = RetryPolicy.of(
+    2, 0.0, ["5xx", "reset", "retriable-status-codes"], range(200, 600), backoff=0.001
+)
 
 
 @pytest.fixture(autouse=True)

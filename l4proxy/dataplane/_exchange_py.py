@@ -94,7 +94,11 @@ Decisions
   *policy*), at most ``attempts`` times, only while the whole request is
   held (read to its end, every byte kept: at most ``replay_limit``; with a
   policy every method is held, as Envoy retries any method) and nothing of
-  the response went to the client (not even an interim head). A final
+  the response went to the client (not even an interim head). The shell
+  sends a retry after Envoy's jittered exponential backoff
+  (``RetryPolicy.backoff_s``: random, up to 25 ms before the first retry,
+  75 ms, 175 ms, then 250 ms for the default base interval), during which
+  no per-try timer runs and the route timeout may still answer the 504. A final
   response head whose status the policy names (``5xx``, ``gateway-error``,
   ``retriable-4xx``, the codes) is dropped with its connection, which is
   closed, never pooled; it was an answer (:class:`Release` *answered*, as
@@ -104,9 +108,10 @@ Decisions
   shell's per-try timer (:meth:`Exchange.try_timeout`) is a reset to
   Envoy: retried under the same policies, else the 504; it is ignored
   once a final head went out (Envoy).
-  The route timeout spans every try. The reused-connection retry above is
-  not one of the policy's tries, and a failed connect moves on to the next
-  endpoint with or without a policy, as before. Out of tries, the last
+  The route timeout spans every try and backoff. The reused-connection
+  retry above is not one of the policy's tries, and a failed connect moves
+  on to the next endpoint with or without a policy, as before: both at
+  once, as Envoy's. Out of tries, the last
   try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once
   (:class:`Done`), however it ends: answered, answered locally, or cut
@@ -246,7 +251,9 @@ class Retry(NamedTuple):
     """Open a new upstream connection (to another endpoint when there is
     one: the shell's choice); call routed(False). *policy*: one of the
     route's retry policy's tries (see "Retry policy"), not the reused
-    connection's retry; its per-try timer starts again."""
+    connection's retry: the shell waits its backoff first
+    (``RetryPolicy.backoff_s`` of :attr:`Exchange.tries`), then its per-try
+    timer starts again."""
 
     policy: bool = False
 
@@ -498,6 +505,12 @@ class Exchange:
         current request; 0 when none went out (Envoy's response code for a
         request reset before its response: the client saw no status)."""
         return self.status if self._response is not None else 0
+
+    @property
+    def tries(self) -> int:
+        """The retry policy's retries of the current request so far (the
+        *n* of its latest :class:`Retry`, whose backoff the shell waits)."""
+        return self._tries
 
     @property
     def request_complete(self) -> bool:

@@ -28,6 +28,8 @@ to do; this module only performs it:
   candidate endpoint when there is one (the one whose connection failed
   goes last: Istio's retry policy skips the previous hosts); a retry's
   failed connect moves on to the next candidate, as a first attempt's does.
+  A policy's retry connects once its backoff passed (see "Timers"); the
+  pooled connection's retry and a failed connect's next candidate at once.
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed; how it served the request goes to outlier detection (below).
@@ -72,7 +74,12 @@ A route with a retry policy (``Decision.retry``) with a per-try timeout
 times each try the same way, the first from the request's last byte read,
 each retry from its start; past it ``Exchange.try_timeout`` says what to do
 (a retry, else the 504). The route timeout is not started again by a retry:
-it bounds every try together, as Envoy's.
+it bounds every try together, as Envoy's. A policy's retry waits Envoy's
+jittered exponential backoff first (``RetryPolicy.backoff_s``, drawn from
+this relay's ``random.Random``): the connection has no upstream then, no
+per-try timer runs, the route timeout does (its 504 ends the wait); the
+loop wakes for the soonest backoff (``_next_backoff``; the tick is too
+coarse) and sends those due (``_backoffs_due``).
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -84,6 +91,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import select
 import socket
 import struct
@@ -187,6 +195,7 @@ class _Conn:
     deadline: float = 0.0  # ... when it passes: set once the request is read whole
     per_try: float = 0.0  # the current request's per-try timeout (0: none)
     try_deadline: float = 0.0  # ... when the current try's passes
+    backoff_until: float = 0.0  # ... a policy's retry waiting: when it connects (0: none)
     # _perform's actions still to do, and whether a _perform is running for
     # this connection: an action that yields more actions (a local answer and
     # the next pipelined head) queues them instead of recursing, which 2,000
@@ -243,6 +252,8 @@ class HttpRelay:
         self._ups: dict[int, _Up] = {}  # every upstream fd: checked out or idle
         self._idle: dict[int, _Up] = {}
         self._deadlines: dict[int, float] = {}  # connecting upstream fd -> deadline
+        self._next_backoff = 0.0  # the soonest _Conn.backoff_until, or earlier (0: none)
+        self._random = random.Random()  # the backoffs' jitter
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "connections",
@@ -343,7 +354,10 @@ class HttpRelay:
         next_tick = time.monotonic() + _TICK
         while True:
             try:
-                events = self.ep.poll(max(0.0, next_tick - time.monotonic()), 256)
+                wake = next_tick
+                if self._next_backoff and self._next_backoff < wake:
+                    wake = self._next_backoff  # a retry's backoff: the tick is too coarse
+                events = self.ep.poll(max(0.0, wake - time.monotonic()), 256)
                 now = time.monotonic()
                 # Whose each event is, as the batch starts: a number closed
                 # and reused within the batch (a connect) must not get the
@@ -365,6 +379,8 @@ class HttpRelay:
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + _TICK
+                if self._next_backoff and now >= self._next_backoff:
+                    self._backoffs_due(now)
             except Exception:  # the thread must not die: count and go on
                 self.counters["errors"] += 1
 
@@ -621,7 +637,13 @@ class HttpRelay:
             c.head_started = now  # the rest of a pipelined segment: timed from here
         if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
             c.deadline = now + c.timeout  # the route timeout runs from here
-        if c.per_try and not c.try_deadline and c.fd in self._conns and c.ex.request_complete:
+        if (
+            c.per_try
+            and not c.try_deadline
+            and not c.backoff_until  # (a retry's: from its send, _backoffs_due)
+            and c.fd in self._conns
+            and c.ex.request_complete
+        ):
             c.try_deadline = now + c.per_try  # ... and the first try's
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
@@ -657,9 +679,16 @@ class HttpRelay:
                 failed = c.candidates[0]
                 c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
-                if a.policy:
+                if a.policy and c.ex.retry is not None:
+                    # after its backoff (_backoffs_due), its per-try timer
+                    # from then on, as Envoy's
                     self.counters["retries"] += 1
-                    c.try_deadline = now + c.per_try if c.per_try else 0.0
+                    c.try_deadline = 0.0
+                    wait = c.ex.retry.backoff_s(c.ex.tries, self._random.random())
+                    c.backoff_until = now + wait
+                    if not self._next_backoff or c.backoff_until < self._next_backoff:
+                        self._next_backoff = c.backoff_until
+                    continue
                 self._connect(c, c.candidates[0], now)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
@@ -695,6 +724,7 @@ class HttpRelay:
             self.counters["local_answers"] += 1
         c.timeout = c.deadline = 0.0  # its route timeout with it
         c.per_try = c.try_deadline = 0.0
+        c.backoff_until = 0.0  # (a retry waiting: the route timeout's 504 went)
         d, c.decision = c.decision, None  # this request's, used up here
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
@@ -987,6 +1017,36 @@ class HttpRelay:
     def _abort(self, c: _Conn) -> None:
         self.counters["errors"] += 1
         self._close_client(c, reset=True)
+
+    def _backoffs_due(self, now: float) -> None:
+        """_next_backoff passed: the policy's retries whose backoff passed
+        connect now (their per-try timer starts), and _next_backoff becomes
+        the soonest of the others (0: none). A scan of the connections per
+        firing: retries are rare. A connection whose request ended during
+        its backoff (the route timeout's 504: _count; closed: gone from
+        _conns) waits no more."""
+        self._next_backoff = 0.0  # (what a connect below schedules, if anything, sets it)
+        soonest = 0.0
+        for c in list(self._conns.values()):
+            if not c.backoff_until or c.fd not in self._conns:
+                continue
+            if c.up is not None or c.ex.phase not in (Phase.ROUTING, Phase.EXCHANGE):
+                c.backoff_until = 0.0  # (its exchange ended otherwise: not due for ever)
+                continue
+            if c.backoff_until <= now:
+                c.backoff_until = 0.0
+                c.try_deadline = now + c.per_try if c.per_try else 0.0
+                try:
+                    self._connect(c, c.candidates[0], now)
+                    if c.fd in self._conns:
+                        self._interest(c)
+                except Exception:  # OSError, or a bug: this connection, not the thread
+                    self._abort(c)
+                    continue
+            if c.backoff_until and (not soonest or c.backoff_until < soonest):
+                soonest = c.backoff_until
+        if soonest and (not self._next_backoff or soonest < self._next_backoff):
+            self._next_backoff = soonest
 
     def _tick(self, now: float) -> None:
         for c in list(self._conns.values()):

@@ -19,6 +19,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from typing import NamedTuple
 
 __all__ = [
+    "BACKOFF_MAX_FACTOR",
+    "DEFAULT_RETRY_BACKOFF",
     "RETRY_4XX",
     "RETRY_5XX",
     "RETRY_GATEWAY_ERROR",
@@ -121,6 +123,12 @@ _RETRY_BITS = {
 RETRY_ON_RESET = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
 
 
+# Envoy's default base interval between retries (RetryPolicy.backoff); the
+# longest wait is BACKOFF_MAX_FACTOR times it (Envoy's default max_interval)
+DEFAULT_RETRY_BACKOFF = 0.025
+BACKOFF_MAX_FACTOR = 10
+
+
 class RetryPolicy(NamedTuple):
     """A route's retry policy as the relays apply it (Envoy's, as Istio
     configures it from a VirtualService's ``http[].retries``).
@@ -129,23 +137,48 @@ class RetryPolicy(NamedTuple):
     a try may go without a response head (0: none; then the try is given
     up, a reset to Envoy: retried when ``on_reset``, else the 504);
     ``on``: ``RETRY_*`` bits;
-    ``codes``: the retriable status codes (``RETRY_STATUS_CODES``).
+    ``codes``: the retriable status codes (``RETRY_STATUS_CODES``);
+    ``backoff``: the base interval (seconds) of the wait before each retry
+    (:meth:`backoff_s`).
     """
 
     attempts: int
     per_try_timeout: float = 0.0
     on: int = 0
     codes: frozenset[int] = frozenset()
+    backoff: float = DEFAULT_RETRY_BACKOFF
 
     @classmethod
     def of(
-        cls, attempts: int, per_try_timeout: float, retry_on: Iterable[str], codes: Iterable[int]
+        cls,
+        attempts: int,
+        per_try_timeout: float,
+        retry_on: Iterable[str],
+        codes: Iterable[int],
+        backoff: float = DEFAULT_RETRY_BACKOFF,
     ) -> RetryPolicy:
         """From Envoy's policy names (those without a bit do nothing here)."""
         on = 0
         for name in retry_on:
             on |= _RETRY_BITS.get(name, 0)
-        return cls(attempts, per_try_timeout, on, frozenset(codes))
+        return cls(attempts, per_try_timeout, on, frozenset(codes), backoff)
+
+    def backoff_s(self, n: int, u: float) -> float:
+        """The wait before the *n*-th retry (1, 2, ...), given *u* uniform in
+        [0, 1): Envoy's JitteredExponentialBackOffStrategy, a uniformly
+        random time in [0, (2^n - 1) * base), at most ``BACKOFF_MAX_FACTOR``
+        times base (the multiplier stops growing once it passed that:
+        25 ms, 75 ms, 175 ms, then 250 ms for the default base). The
+        compiled relay's backoff_delay() is its twin."""
+        if self.backoff <= 0:
+            return 0.0
+        cap = BACKOFF_MAX_FACTOR * self.backoff
+        mult = 1.0
+        for _ in range(1, n):
+            if mult * self.backoff > cap:
+                break
+            mult = mult * 2 + 1
+        return min(u * mult * self.backoff, cap)
 
     @property
     def on_reset(self) -> bool:
