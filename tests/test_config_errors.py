@@ -634,11 +634,11 @@ spec:
       retryon: 5xx
 """,
         "unknown field spec.http[0].retries.retryon "
-        "(expected one of: attempts, perTryTimeout, retryOn, retryRemoteLocalities)",
+        "(expected one of: attempts, backoff, perTryTimeout, retryOn, retryRemoteLocalities)",
         12,
     ),
     (
-        "retries backoff",
+        "retries backoff not a duration",
         VS
         + """\
   http:
@@ -646,9 +646,54 @@ spec:
     - destination: {host: bootcamp}
     retries:
       attempts: 2
-      backoff: 1s
+      backoff: 1 second
 """,
-        "spec.http[0].retries.backoff is not implemented by l4proxy",
+        "spec.http[0].retries.backoff '1 second' is not a duration "
+        "(write it like '5s', '0.5s' or '250ms')",
+        12,
+    ),
+    (
+        "retries backoff a number",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      backoff: 100
+""",
+        "spec.http[0].retries.backoff must be a duration string like '5s', '0.5s' or '250ms', "
+        "not a number",
+        12,
+    ),
+    (
+        # Envoy's base_interval must be above 0 (Istio: at least 1ms)
+        "retries backoff zero",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      backoff: 0s
+""",
+        "spec.http[0].retries.backoff '0s' must be whole milliseconds from 1ms to",
+        12,
+    ),
+    (
+        "retries backoff negative",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      backoff: -25ms
+""",
+        "spec.http[0].retries.backoff '-25ms' is not a duration",
         12,
     ),
     (

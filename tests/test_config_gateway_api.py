@@ -167,9 +167,21 @@ CASES = [
         9,
     ),
     (
-        "retry backoff refused by name",
-        HR + MESH + "  rules:\n  - retry: {backoff: 1s}\n" + backends(("bootcamp-v1", 1)),
-        "spec.rules[0].retry.backoff is not implemented by l4proxy",
+        "retry backoff not a Gateway API duration",
+        HR + MESH + "  rules:\n  - retry: {backoff: 0.5s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].retry.backoff '0.5s' is not a duration (write it like '10s' or '500ms')",
+        9,
+    ),
+    (
+        "retry backoff zero",
+        HR + MESH + "  rules:\n  - retry: {backoff: 0s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].retry.backoff '0s' must be whole milliseconds from 1ms to",
+        9,
+    ),
+    (
+        "retry backoff negative",
+        HR + MESH + "  rules:\n  - retry: {backoff: -1s}\n" + backends(("bootcamp-v1", 1)),
+        "spec.rules[0].retry.backoff '-1s' is not a duration",
         9,
     ),
     (
@@ -929,15 +941,16 @@ def test_a_consumer_route_routes_only_its_own_namespaces_clients(tmp_path: Path)
 def test_retry_equals_virtualservice_retries(tmp_path: Path) -> None:
     """An HTTPRoute rule's retry is the route's retry policy as Istio
     converts it (attempts default 2, the codes beside connection failures,
-    timeouts.backendRequest the per-try timeout): the same table as the
-    VirtualService Istio makes of it; attempts 0 is none."""
+    timeouts.backendRequest the per-try timeout, backoff the base interval
+    between tries): the same table as the VirtualService Istio makes of it;
+    attempts 0 is none."""
     hr = (
         HR
         + MESH
         + "  rules:\n  - matches:\n    - path: {type: Exact, value: /none}\n"
         + "    retry: {attempts: 0}\n"
         + backends(("bootcamp-v2", None))
-        + "  - retry: {codes: [503, 409]}\n"
+        + "  - retry: {codes: [503, 409], backoff: 100ms}\n"
         + "    timeouts: {request: 10s, backendRequest: 2s}\n"
         + backends(("bootcamp-v1", None))
     )
@@ -959,6 +972,7 @@ def test_retry_equals_virtualservice_retries(tmp_path: Path) -> None:
           attempts: 2
           perTryTimeout: 2s
           retryOn: connect-failure,refused-stream,unavailable,cancelled,503,409
+          backoff: 100ms
     """
     a = load(tmp_path, hr)
     b = load_rules([write(tmp_path, vs, "vs.yaml"), PER_VERSION], seed=1).table
@@ -970,4 +984,5 @@ def test_retry_equals_virtualservice_retries(tmp_path: Path) -> None:
         2.0,
         ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"),
         (503, 409),
+        0.1,
     )

@@ -398,6 +398,11 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
             "{attempts: 1, retryOn: '503, 409,5xx,503', retryRemoteLocalities: true}",
             HttpRetry(1, 0.0, ("5xx", "retriable-status-codes"), (503, 409)),
         ),
+        # backoff: the base interval between tries (Envoy's 25 ms without it)
+        (
+            "{attempts: 2, retryOn: 5xx, backoff: 100ms}",
+            HttpRetry(2, 0.0, ("5xx",), (), 0.1),
+        ),
         ("{attempts: 0, retryOn: 5xx}", None),  # Istio: retries disabled
         ("{perTryTimeout: 1s}", None),  # (attempts 0)
     ],

@@ -63,6 +63,20 @@ def test_envoy_s_backoff_grows_to_its_cap() -> None:
     assert round(slow.backoff_s(2, below), 6) == 0.3 and slow.backoff_s(9, below) == 1.0
 
 
+def test_a_rule_s_backoff_reaches_the_relay_s_policy() -> None:
+    """The worker turns the route's HttpRetry into the relays' RetryPolicy
+    with its base interval; both default to Envoy's 25 ms."""
+    from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF as RULES_DEFAULT
+    from l4proxy.rules.routing import HttpRetry
+    from l4proxy.sidecar.worker import _retry_policy
+
+    assert RULES_DEFAULT == DEFAULT_RETRY_BACKOFF == 0.025
+    got = _retry_policy(HttpRetry(3, 0.0, ("5xx",), (), 0.1))
+    assert got is not None and got.backoff == 0.1 and got.attempts == 3
+    got = _retry_policy(HttpRetry(3))
+    assert got is not None and got.backoff == DEFAULT_RETRY_BACKOFF
+
+
 def test_a_backend_answering_503_at_once_is_not_hammered(
     mode: tuple[str, str],  # noqa: F811
 ) -> None:

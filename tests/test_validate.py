@@ -152,6 +152,14 @@ def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_ro
     assert "vs.yaml:11: warning: VirtualService bootcamp: spec.http[0].retries.perTryTimeout" in (
         out + err
     )
+    # a backoff other than Envoy's default (25 ms) is said
+    vs.write_text(vs.read_text() + "      backoff: 100ms\n")
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert (
+        "           retries 3 on gateway-error,retriable-status-codes (codes 409), 2 s per try, "
+        "backoff 100 ms\n" in out
+    )
 
 
 def test_invalid_exits_1_with_file_and_line(

@@ -42,10 +42,11 @@ as a VirtualService's ``http[].timeout``: 504 when it passes before the
 response). Its ``retry`` (experimental, GEP-1731) is the route's retry
 policy as Istio converts it to a VirtualService's ``http[].retries``:
 ``attempts`` (default 2; 0: none), the status ``codes``, and connection
-failures; ``timeouts.backendRequest`` is then the per-try timeout. Refused by
+failures, after a ``backoff`` (the base interval between tries);
+``timeouts.backendRequest`` is then the per-try timeout. Refused by
 name: filters (the data plane forwards a connection's bytes untouched and
 cannot rewrite, redirect or mirror), ``timeouts.backendRequest`` without a
-``retry``, ``retry.backoff`` (retries go at once), session persistence,
+``retry``, session persistence,
 cross-namespace references (no ReferenceGrant), TLS listeners and listener
 protocols other than HTTP.
 """
@@ -87,6 +88,7 @@ from l4proxy.rules._schema import (
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
+    DEFAULT_RETRY_BACKOFF,
     Destination,
     HttpRetry,
     IngressPath,
@@ -434,21 +436,21 @@ def _retry(ctx: Ctx, value: Any, path: Path, per_try: float) -> tuple[bool, Http
     """A rule's ``retry`` (GEP-1731) as the route's retry policy, the way
     Istio makes it a VirtualService's retries: ``attempts`` (default 2, as
     Istio's; 0: no retries), ``codes`` (400..599) as retriable status codes
-    beside connect failures; ``timeouts.backendRequest`` the per-try
-    timeout. (valid, the policy or None)."""
-    r = fields(
-        ctx,
-        value,
-        path,
-        allowed=("codes", "attempts"),
-        unimplemented={"backoff": "retries go at once, to another endpoint first"},
-    )
-    if r is None or "backoff" in r:
+    beside connect failures; ``backoff`` (a GEP-2257 duration, at least
+    1ms) the base interval of Envoy's jittered exponential backoff between
+    tries, as Istio passes it on (Envoy's 25 ms without it);
+    ``timeouts.backendRequest`` the per-try timeout. (valid, the policy or
+    None)."""
+    r = fields(ctx, value, path, allowed=("codes", "attempts", "backoff"))
+    if r is None:
         return False, None
     ok = True
     attempts: int | None = 2
     if r.get("attempts") is not None:
         attempts = integer(ctx, r["attempts"], (*path, "attempts"), 0, 2**31 - 1)
+    backoff: float | None = DEFAULT_RETRY_BACKOFF
+    if r.get("backoff") is not None:
+        backoff = duration(ctx, r["backoff"], (*path, "backoff"), gateway_api=True, zero=False)
     codes: list[int] = []
     for i, c in enumerate(listing(ctx, r.get("codes"), (*path, "codes")) or []):
         code = integer(ctx, c, (*path, "codes", i), 400, 599, what="status code")
@@ -456,12 +458,12 @@ def _retry(ctx: Ctx, value: Any, path: Path, per_try: float) -> tuple[bool, Http
             ok = False
         elif code not in codes:
             codes.append(code)
-    if attempts is None or not ok:
+    if attempts is None or backoff is None or not ok:
         return False, None
     if attempts == 0:
         return True, None
     on = (*_GATEWAY_RETRY_ON, "retriable-status-codes") if codes else _GATEWAY_RETRY_ON
-    return True, HttpRetry(attempts, per_try, on, tuple(codes))
+    return True, HttpRetry(attempts, per_try, on, tuple(codes), backoff)
 
 
 def _refuse_filters(ctx: Ctx, value: Any, path: Path) -> None:

@@ -44,6 +44,7 @@ from l4proxy.rules._schema import (
 )
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
+    DEFAULT_RETRY_BACKOFF,
     ISTIO_DEFAULT_RETRY_CODES,
     ISTIO_DEFAULT_RETRY_ON,
     LB_POLICIES,
@@ -238,20 +239,22 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     (connect-failure, refused-stream, unavailable, cancelled,
     retriable-status-codes with 503). Unknown names are errors, as in
     Istio's validation; those that cannot occur on an HTTP/1.1 exchange
-    (HTTP/2 resets, gRPC statuses) are accepted and do nothing. Without a
-    retries field the relay's own retries stay (Istio's default of 2
-    attempts when the field is absent is not imitated: see the README).
+    (HTTP/2 resets, gRPC statuses) are accepted and do nothing. ``backoff``
+    (an Istio duration, at least 1ms) is the base interval of Envoy's
+    jittered exponential backoff between tries (its max interval 10 times
+    it, Envoy's default); without it Envoy's 25 ms. Without a retries field
+    the relay's own retries stay (Istio's default of 2 attempts when the
+    field is absent is not imitated: see the README).
     """
     if value is None:
         return True, None
-    allowed = ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities")
+    allowed = ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "backoff")
     r = fields(
         ctx,
         value,
         path,
         allowed=allowed,
         unimplemented={
-            "backoff": "retries go at once, to another endpoint first",
             "retryIgnorePreviousHosts": "a retry always prefers another endpoint",
         },
     )
@@ -270,6 +273,9 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
                 f"{dotted((*path, 'perTryTimeout'))} {r['perTryTimeout']} is longer than the "
                 f"route's timeout ({timeout:g}s), which bounds every try together",
             )
+    backoff: float | None = DEFAULT_RETRY_BACKOFF
+    if r.get("backoff") is not None:
+        backoff = duration(ctx, r["backoff"], (*path, "backoff"), zero=False)
     rrl = r.get("retryRemoteLocalities")
     if rrl is not None and not isinstance(rrl, bool):
         ctx.error(
@@ -284,11 +290,11 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
         got = _retry_on(ctx, r["retryOn"], (*path, "retryOn"))
         policies = None if got is None else got[0]
         codes = () if got is None else got[1]
-    if attempts is None or per_try is None or policies is None or not ok:
+    if attempts is None or per_try is None or policies is None or backoff is None or not ok:
         return False, None
     if attempts == 0:
         return True, None  # Istio: "If 0, retries will be disabled"
-    return True, HttpRetry(attempts, per_try, policies, codes)
+    return True, HttpRetry(attempts, per_try, policies, codes, backoff)
 
 
 def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[int, ...]] | None:

@@ -511,6 +511,9 @@ ISTIO_DEFAULT_RETRY_ON: Final = (
     "retriable-status-codes",
 )
 ISTIO_DEFAULT_RETRY_CODES: Final = (503,)
+# Envoy's base interval between retries when none is given (the relays'
+# l4proxy.dataplane.verdict.DEFAULT_RETRY_BACKOFF: the same value)
+DEFAULT_RETRY_BACKOFF: Final = 0.025
 
 
 @dataclass(frozen=True)
@@ -520,12 +523,16 @@ class HttpRetry:
     after the first try (at least 1: ``attempts: 0`` is no policy at all);
     ``per_try_timeout``: seconds a try may take before its response head (0:
     none); ``retry_on``: Envoy's policy names, without the status codes,
-    which are in ``codes`` (``retriable-status-codes``)."""
+    which are in ``codes`` (``retriable-status-codes``); ``backoff``: the
+    base interval of Envoy's jittered exponential backoff before each retry
+    (seconds; ``backoff``, Envoy's 25 ms by default; the longest wait is 10
+    times it)."""
 
     attempts: int
     per_try_timeout: float = 0.0
     retry_on: tuple[str, ...] = ISTIO_DEFAULT_RETRY_ON
     codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
+    backoff: float = DEFAULT_RETRY_BACKOFF
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -533,6 +540,7 @@ class HttpRetry:
             "per_try_timeout": self.per_try_timeout,
             "retry_on": list(self.retry_on),
             "codes": list(self.codes),
+            "backoff": self.backoff,
         }
 
 

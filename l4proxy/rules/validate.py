@@ -21,6 +21,7 @@ from l4proxy.rules import (
     ObjectSummary,
     load_rules,
 )
+from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -182,7 +183,10 @@ def _retries(rt: dict[str, Any]) -> str:
     on = ",".join(rt["retry_on"]) or "nothing"
     codes = f" (codes {','.join(str(c) for c in rt['codes'])})" if rt["codes"] else ""
     per_try = f", {rt['per_try_timeout']:g} s per try" if rt["per_try_timeout"] else ""
-    return f"retries {rt['attempts']} on {on}{codes}{per_try}"
+    # (Envoy's default base interval is not said)
+    backoff = rt.get("backoff", DEFAULT_RETRY_BACKOFF)
+    after = f", backoff {backoff * 1000:g} ms" if backoff != DEFAULT_RETRY_BACKOFF else ""
+    return f"retries {rt['attempts']} on {on}{codes}{per_try}{after}"
 
 
 def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:

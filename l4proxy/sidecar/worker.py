@@ -172,7 +172,11 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
     if retries is None:
         return None
     return RetryPolicy.of(
-        retries.attempts, retries.per_try_timeout, retries.retry_on, retries.codes
+        retries.attempts,
+        retries.per_try_timeout,
+        retries.retry_on,
+        retries.codes,
+        retries.backoff,
     )
 
 
