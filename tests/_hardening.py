@@ -350,9 +350,16 @@ def wait_until(pred: Any, timeout: float = 10, step: float = 0.1) -> bool:
 
 
 def settle_fds(sidecar: Sidecar, baseline: int, timeout: float = 10) -> int:
-    """Wait for the fd count to come back to *baseline*; return the last count."""
-    wait_until(lambda: sidecar.fd_count() <= baseline, timeout)
-    return sidecar.fd_count()
+    """Wait for the fd count to come back to *baseline*; return the last count.
+
+    The count that met the baseline is the one returned, not a fresh one: the
+    sidecar opens fds for a moment now and then (the admin endpoint's
+    connection for the last count's /stats, closed a moment after curl's), so
+    a second count could see one of those and fail a check that held."""
+    deadline = time.monotonic() + timeout
+    while (count := sidecar.fd_count()) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
 
 
 def rss_kib(pids: Iterable[int]) -> int:

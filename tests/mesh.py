@@ -130,6 +130,22 @@ class Sidecar:
         pooled = 2 * self.stat("l4proxy_pipes_pooled") + self.stat("l4proxy_upstream_pool_idle")
         return raw - int(pooled)
 
+    def open_fds(self) -> str:
+        """Every open fd of the supervisor and its workers, one per line
+        (``PID FD TARGET``), for a failed fd check's message."""
+        lines = []
+        for pid in [self.proc.pid, *self.worker_pids()]:
+            try:
+                fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=int)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    lines.append(f"{pid} {fd} {os.readlink(f'/proc/{pid}/fd/{fd}')}")
+                except OSError:
+                    pass
+        return "\n".join(lines)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -78,6 +78,7 @@ class Hostile:
         self.client = mesh.client
         self.workers = mesh.sidecar.worker_pids()
         self.baseline_fds = mesh.sidecar.fd_count()
+        self.baseline_listing = mesh.sidecar.open_fds()
 
     def ex(
         self, vip: str, port: int, steps: Sequence[tuple[str, object]], timeout: float = 10
@@ -137,7 +138,9 @@ def same_worker_afterwards(hostile: Hostile) -> Iterator[None]:
     assert s.stat("l4proxy_worker_restarts_total") == 0
     versions, _, failures = hostile.mesh.split(n=3)
     assert not failures and sum(versions.values()) == 3
-    assert settle_fds(s, hostile.baseline_fds) <= hostile.baseline_fds
+    assert settle_fds(s, hostile.baseline_fds) <= hostile.baseline_fds, (
+        f"at the start:\n{hostile.baseline_listing}\nnow:\n{s.open_fds()}\n{s.admin('/stats')}"
+    )
 
 
 # -- the head: slow, large, malformed ---------------------------------------------
