@@ -127,6 +127,28 @@ def _unreachable() -> str:
     return ""
 
 
+# The longest test files (a minute or more each), longest first. Under
+# ``make test`` the suite runs in two processes, a file to each in turn
+# (pytest-xdist's --dist loadfile, in collection order): a long file handed
+# out last would run alone at the end. Every other file follows, in its
+# usual order.
+LONGEST_FILES = (
+    "test_sidecar.py",
+    "test_relay_twins.py",
+    "test_demo.py",
+    "test_hardening_backends.py",
+    "test_supervisor.py",
+    "test_per_request.py",
+    "test_init_netns.py",
+    "test_hardening_load.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("slow") and not item.config.getoption("--soak"):
         pytest.skip("soak test: run with make soak (pytest --soak)")
