@@ -543,7 +543,8 @@ cdef enum:
     TOK_KEEP = 2
     TOK_OTHER = 4          # a token other than close and keep-alive: one of
     TOK_TE = 8             # ... "te" (with TOK_OTHER)
-    TOK_FIELD = 16         # ... any other (with TOK_OTHER)
+    TOK_FIELD = 16         # ... any other (with TOK_OTHER) but:
+    TOK_UPGRADE = 32       # ... "upgrade" (with TOK_OTHER)
 
 
 cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -566,6 +567,8 @@ cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b)
             t |= TOK_KEEP
         elif ee - es == 2 and eq_lower(buf + es, b"te", 2):
             t |= TOK_OTHER | TOK_TE
+        elif ee - es == 7 and eq_lower(buf + es, b"upgrade", 7):
+            t |= TOK_OTHER | TOK_UPGRADE
         elif ee > es:
             t |= TOK_OTHER | TOK_FIELD
         if i == b:

@@ -115,7 +115,7 @@ handled is only marked and buried after the batch.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from libc.errno cimport (
     ECONNABORTED, EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno,
@@ -128,7 +128,7 @@ import socket as _socket
 import threading
 
 from l4proxy.dataplane import _relay_py
-from l4proxy.dataplane._exchange_py import local_response
+from l4proxy.dataplane._exchange_py import local_response, response_hop_by_hop
 from l4proxy.dataplane._framing_py import (
     CHUNKED_ERRORS,
     MAX_CHUNK_LINE,
@@ -216,6 +216,7 @@ cdef enum:
     MAX_ATTEMPTS = 3
     MAX_KEY_HEADERS = 16
     MAX_DROP_LINES = 8
+    MAX_NAMED = 16            # fields a response's Connection names, found without malloc
     MAX_BUCKETS = 24
     CACHE_SLOTS = 4096        # power of two
     CACHE_MAX = 2048          # entries before the cache is cleared
@@ -544,6 +545,7 @@ cdef struct Conn:
     unsigned char idempotent
     unsigned char client_eof
     unsigned char resp_persistent
+    unsigned char resp_hop         # HOP_*: the final response head's hop-by-hop lines
     unsigned char splicing         # SPL_RESP, SPL_REQ: a body goes through the pipe
     unsigned char no_splice        # ... not in this exchange any more (splice_fallback)
     unsigned char replayable
@@ -589,6 +591,11 @@ cdef struct Handoff:
     size_t len
     Handoff *next
 
+cdef struct Span:  # bytes of a head
+    const unsigned char *p
+    Py_ssize_t n
+
+
 cdef struct Relay:
     int epfd
     int wakefd
@@ -597,6 +604,10 @@ cdef struct Relay:
     double header_timeout
     double idle_timeout
     int max_head
+    # send_client_head()'s: the first fields a response's Connection names
+    # (in the relay, not on the stack: final_head() on the fast path has
+    # no array of its own, so no stack-protector canary)
+    Span named[MAX_NAMED]
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
     size_t bad_chunk_len[N_CHUNK_ERRORS]
     int max_idle
@@ -1236,7 +1247,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             # asks a client sending TE to: Perl's LWP does) goes too, TE
             # itself dropped below unless it says trailers; one that names
             # other fields to drop, or TE in HTTP/1.0: the pure relay
-            if t & TOK_FIELD or (t & TOK_TE and h.minor == 0):
+            if t & (TOK_FIELD | TOK_UPGRADE) or (t & TOK_TE and h.minor == 0):
                 h.names_fields = True
             elif h.minor >= 1:
                 drop_line(h, ls, i)
@@ -1650,6 +1661,7 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.resp_left = 0
     buf_free(&c.rhead)
     c.resp_persistent = False
+    c.resp_hop = 0
     c.keeps_client = False
     c.status = 0
     c.up_bytes = 0
@@ -1951,24 +1963,37 @@ cdef bint header_is(const unsigned char *p, Py_ssize_t n, const char *name, int 
     return n == k and eq_lower(p, name, k)
 
 
+# What a final response head holds of hop-by-hop lines (c.resp_hop): none
+# but Connection lines of close / keep-alive alone (0: it may go as it is),
+# lines to drop (Connection lines with other tokens, Keep-Alive,
+# Proxy-Connection, Upgrade), and fields its Connection field names, to
+# find (any token but close, keep-alive and upgrade).
+cdef enum:
+    HOP_LINES = 1
+    HOP_NAMED = 2
+
+
 cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
     """Recognise the common response head in c.rhead.
 
     0: incomplete; 1: done (c.status, c.framing, c.resp_left,
-    c.resp_persistent set, *head_len); 2: not the common case (Python judges
-    it: parse_response_head and response_framing); 3: an interim head alone
-    (*head_len).
+    c.resp_persistent, c.resp_hop set, *head_len); 2: not the common case
+    (Python judges it: parse_response_head and response_framing); 3: an
+    interim head alone (*head_len).
 
     One pass, line by line: the lines are judged as they are found, and the
     verdict waits for the head's end (a head that is not the common case but
     not complete yet is 0, as before its end was known).
     """
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
-    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, end, sl
+    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, j, end, sl
     cdef const unsigned char *lf
     cdef int n_cl = 0, n_te = 0, status = 0, lines = 0
+    # the Connection tokens of every line (TOK_*), with TOK_OTHER for a
+    # Keep-Alive, Proxy-Connection or Upgrade line: a line to drop
+    cdef int tokens = 0
     cdef long long cl = -1
-    cdef bint close = False, keep = False, te_chunked = False, v10 = False, odd = False
+    cdef bint te_chunked = False, v10 = False, odd = False
     if n == 0:  # an empty buffer is freed (b NULL): memchr must not see it
         return 0
     # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
@@ -2020,25 +2045,38 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
             vs += 1
         while ve > vs and is_ows(b[ve - 1]):
             ve -= 1
+        # the names weighed here, by their length first (one switch: most
+        # lines are none of them)
         k = colon - ls
-        if header_is(b + ls, k, b"content-length", 14):
-            n_cl += 1
-            if n_cl > 1 or ve - vs < 1 or ve - vs > 18:
-                odd = True
-            else:
-                cl = 0
-                for k in range(vs, ve):
-                    if not (0x30 <= b[k] <= 0x39):
-                        odd = True
-                        break
-                    cl = cl * 10 + (b[k] - 0x30)
-        elif header_is(b + ls, k, b"transfer-encoding", 17):
-            n_te += 1
-            if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
-                odd = True  # (in HTTP/1.0 Python refuses it, unless no body may follow)
-            te_chunked = True
-        elif header_is(b + ls, k, b"connection", 10):
-            scan_connection(b, vs, ve, &close, &keep)
+        if k == 14:
+            if eq_lower(b + ls, b"content-length", 14):
+                n_cl += 1
+                if n_cl > 1 or ve - vs < 1 or ve - vs > 18:
+                    odd = True
+                else:
+                    cl = 0
+                    for j in range(vs, ve):
+                        if not (0x30 <= b[j] <= 0x39):
+                            odd = True
+                            break
+                        cl = cl * 10 + (b[j] - 0x30)
+        elif k == 17:
+            if eq_lower(b + ls, b"transfer-encoding", 17):
+                n_te += 1
+                if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
+                    odd = True  # (in HTTP/1.0 Python refuses it, unless no body may follow)
+                te_chunked = True
+        elif k == 10:  # Connection or Keep-Alive (hop-by-hop lines: send_client_head)
+            if eq_lower(b + ls, b"connection", 10):
+                tokens |= connection_tokens(b, vs, ve)
+            elif eq_lower(b + ls, b"keep-alive", 10):
+                tokens |= TOK_OTHER
+        elif k == 16:
+            if eq_lower(b + ls, b"proxy-connection", 16):
+                tokens |= TOK_OTHER
+        elif k == 7:
+            if eq_lower(b + ls, b"upgrade", 7):
+                tokens |= TOK_OTHER  # (a 101 is Python's, above: a tunnel's head goes as it is)
         i = le + 2
     if odd or end > R.max_head or (n_cl and n_te):
         return 2  # (CL with TE: Python refuses it, with its reason)
@@ -2051,7 +2089,11 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
         return 3
     c.status = status
     # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
-    c.resp_persistent = not close and (keep or not v10)
+    c.resp_persistent = (tokens & TOK_CLOSE) == 0 and ((tokens & TOK_KEEP) != 0 or not v10)
+    # a Connection token other than close and keep-alive: its line goes,
+    # and the field it names (any but upgrade) with it
+    c.resp_hop = ((HOP_LINES if tokens & TOK_OTHER else 0)
+                  | (HOP_NAMED if tokens & (TOK_FIELD | TOK_TE) else 0))
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
     elif te_chunked:
@@ -2095,60 +2137,124 @@ cdef inline Py_ssize_t colon_at(const unsigned char *b, Py_ssize_t i, Py_ssize_t
     return le if p == NULL else p - b
 
 
-cdef int connection_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
-    """b[i:le], a header line of a validated head without its line end: -1
-    when it is not a Connection line, else its tokens (TOK_*, as
-    kept_client_head() in _exchange_py.py weighs them)."""
-    cdef Py_ssize_t colon = colon_at(b, i, le)
-    if colon == le or not header_is(b + i, colon - i, b"connection", 10):
-        return -1
-    return connection_tokens(b, colon + 1, le)
-
-
 cdef inline Py_ssize_t line_end(const unsigned char *b, Py_ssize_t i, const unsigned char *lf) noexcept nogil:
     """Where the line from i to its LF at lf ends, without the CR before it."""
     cdef Py_ssize_t le = lf - b
     return le - 1 if (le > i and b[le - 1] == CR) else le
 
 
-cdef bint keep_alive_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t le) noexcept nogil:
-    """Whether b[i:le], a header line of a validated head, is a Keep-Alive
-    line (its name, to its ":", as kept_client_head() in _exchange_py.py)."""
-    cdef Py_ssize_t colon = colon_at(b, i, le)
-    return colon < le and header_is(b + i, colon - i, b"keep-alive", 10)
+cdef inline int bytes_cmp(const unsigned char *a, Py_ssize_t an, const unsigned char *b,
+                          Py_ssize_t bn) noexcept nogil:
+    """a[:an] against b[:bn] in the order of their bytes, ASCII-lowercased."""
+    cdef Py_ssize_t i, n = an if an < bn else bn
+    cdef int d
+    for i in range(n):
+        d = <int>LOWER[a[i]] - <int>LOWER[b[i]]
+        if d != 0:
+            return d
+    return <int>(an > bn) - <int>(an < bn)
 
 
-cdef bint close_beside_others(const unsigned char *b, Py_ssize_t hl) noexcept nogil:
-    """Whether the Connection field of the head b[:hl] (its lines together)
-    names close beside another token, on one line or on several
-    (kept_client_head() then answers None: not rewritten)."""
-    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
-    cdef Py_ssize_t i
-    cdef int t, field = 0
-    if lf == NULL:  # (never: the head was judged whole)
-        return False
-    i = lf - b + 1
-    while i < hl:
-        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
-        if lf == NULL:
+cdef int span_cmp(const void *x, const void *y) noexcept nogil:
+    """qsort()'s order of Spans: bytes_cmp."""
+    cdef const Span *a = <const Span*>x
+    cdef const Span *b = <const Span*>y
+    return bytes_cmp(a.p, a.n, b.p, b.n)
+
+
+cdef bint among(const Span *named, Py_ssize_t n, const unsigned char *p, Py_ssize_t k) noexcept nogil:
+    """Whether p[:k] is one of named[:n] (sorted by span_cmp), whatever the
+    case of its letters: a binary search (no local's address taken, as
+    bsearch() would need: no stack-protector canary where it is inlined)."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    cdef int d
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        d = bytes_cmp(named[mid].p, named[mid].n, p, k)
+        if d == 0:
+            return True
+        if d < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return False
+
+
+cdef inline bint names_a_field(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """Whether the Connection token p[:n] names a field that goes with it:
+    not empty, not close or keep-alive (options), never Content-Length,
+    Transfer-Encoding or Host (client_head() in _exchange_py.py)."""
+    if n == 5:
+        return not eq_lower(p, b"close", 5)
+    if n == 10:
+        return not eq_lower(p, b"keep-alive", 10)
+    if n == 14:
+        return not eq_lower(p, b"content-length", 14)
+    if n == 17:
+        return not eq_lower(p, b"transfer-encoding", 17)
+    if n == 4:
+        return not eq_lower(p, b"host", 4)
+    return n > 0
+
+
+cdef Py_ssize_t named_fields(const unsigned char *b, Py_ssize_t end, Span *out,
+                             Py_ssize_t cap) noexcept nogil:
+    """How many fields the Connection lines of the response head b (its
+    lines end before end, the empty line) name (names_a_field), on one line
+    or several; the first cap of them, as spans of b, in out."""
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>end)
+    cdef Py_ssize_t i = lf - b + 1, le, colon, j, es, ee, n = 0
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        if lf == NULL:  # (never: the head was judged whole)
             break
-        t = connection_line(b, i, line_end(b, i, lf))
-        if t > 0:
-            field |= t
+        le = line_end(b, i, lf)
+        colon = colon_at(b, i, le)
+        if colon < le and header_is(b + i, colon - i, b"connection", 10):
+            j = colon + 1
+            while True:  # its tokens, each without the OWS around it
+                es = j
+                while j < le and b[j] != COMMA:
+                    j += 1
+                ee = j
+                while es < ee and is_ows(b[es]):
+                    es += 1
+                while ee > es and is_ows(b[ee - 1]):
+                    ee -= 1
+                if names_a_field(b + es, ee - es):
+                    if n < cap:
+                        out[n].p = b + es
+                        out[n].n = ee - es
+                    n += 1
+                if j == le:
+                    break
+                j += 1
         i = lf - b + 1
-    return (field & TOK_CLOSE) != 0 and (field & TOK_OTHER) != 0
+    return n
 
 
-cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
-    """kept_client_head() in _exchange_py.py, to the client: the head in
-    c.rhead[:hl] without its Connection lines of close / keep-alive alone
-    nor its Keep-Alive lines, with "connection: keep-alive" added when the response (its status line
-    was validated: b[7] is its minor version) or the request is HTTP/1.0.
-    -1 when the connection went away."""
+cdef inline bint hop_line(const unsigned char *b, Py_ssize_t i, Py_ssize_t colon,
+                          const Span *named, Py_ssize_t n) noexcept nogil:
+    """Whether the header line at i (its ":" at colon) of a response head
+    is hop-by-hop: Connection, Keep-Alive, Proxy-Connection, Upgrade, or a
+    field the Connection field names (named[:n], sorted)."""
+    cdef Py_ssize_t k = colon - i
+    if k == 10:
+        if eq_lower(b + i, b"connection", 10) or eq_lower(b + i, b"keep-alive", 10):
+            return True
+    elif header_is(b + i, k, b"proxy-connection", 16) or header_is(b + i, k, b"upgrade", 7):
+        return True
+    return n > 0 and among(named, n, b + i, k)
+
+
+cdef int send_without_hop_lines(Relay *R, Conn *c, Py_ssize_t hl, const Span *named,
+                                Py_ssize_t n, bint keep) noexcept nogil:
+    """send_client_head()'s sending: c.rhead[:hl] without its hop-by-hop
+    lines (hop_line), runs of the lines kept at once, with the relay's own
+    connection line before the empty line that ends the head."""
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le
-    cdef int t
     # the empty line that ends the head (CRLF or a bare LF)
     cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
     while i < end:
@@ -2156,17 +2262,21 @@ cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
         if lf == NULL:  # (never: the head was judged whole; the rest goes as it is)
             break
         le = line_end(b, i, lf)
-        t = connection_line(b, i, le)
-        if (t >= 0 and not t & TOK_OTHER) or (t < 0 and keep_alive_line(b, i, le)):  # dropped
-            if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
-                return -1
-            sent += i - run
+        if hop_line(b, i, colon_at(b, i, le), named, n):  # dropped
+            if i > run:
+                if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
+                    return -1
+                sent += i - run
             run = lf - b + 1
         i = lf - b + 1
     if to_client(R, c, c.rhead.p + run, <size_t>(end - run)) != 0:
         return -1
     sent += end - run
-    if b[7] == 0x30 or c.http10:
+    if not keep:
+        if to_client(R, c, b"connection: close\r\n", 19) != 0:
+            return -1
+        sent += 19
+    elif b[7] == 0x30 or c.http10:  # (the status line was validated: b[7] is its minor)
         if to_client(R, c, b"connection: keep-alive\r\n", 24) != 0:
             return -1
         sent += 24
@@ -2176,31 +2286,62 @@ cdef int send_kept_head(Relay *R, Conn *c, Py_ssize_t hl) noexcept nogil:
     return 0
 
 
+cdef int send_client_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil:
+    """client_head() in _exchange_py.py, for a head it rewrites (one with
+    hop-by-hop lines, c.resp_hop, or that does not persist to a client that
+    does): c.rhead[:hl] without its Connection, Keep-Alive,
+    Proxy-Connection and Upgrade lines nor the fields its Connection field
+    names, with "connection: close" added for a client that does not stay,
+    "connection: keep-alive" for one that does when the response or the
+    request is HTTP/1.0. The names are looked up sorted (among): no head
+    costs more than n log n, however many it names. -1 when the connection
+    went away."""
+    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
+    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef Span *few = R.named
+    cdef Span *named = few
+    cdef Py_ssize_t n = 0
+    cdef int r
+    if c.resp_hop & HOP_NAMED:
+        n = named_fields(b, end, few, MAX_NAMED)
+        if n > MAX_NAMED:
+            named = <Span*>malloc(<size_t>n * sizeof(Span))
+            if named == NULL:
+                conn_abort(R, c)
+                return -1
+            named_fields(b, end, named, n)
+        if n > 1:
+            qsort(named, <size_t>n, sizeof(Span), span_cmp)
+    r = send_without_hop_lines(R, c, hl, named, n, keep)
+    if named != few:
+        free(named)
+    return r
+
+
 cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
     """The final response head is c.rhead[:hl] (status, framing known):
     forward it, then what followed it. -1 when the connection went away.
 
     Whether the client connection persists is the client's (_client_persists
-    in _exchange_py.py), not the upstream's: a head that does not persist is
-    rewritten for a client that does (send_kept_head), unless the Connection
-    field names close beside other tokens (close_beside_others)."""
+    in _exchange_py.py), not the upstream's. The head goes as client_head()
+    in _exchange_py.py sends it. One with no hop-by-hop line to drop
+    (c.resp_hop: nginx's "Connection: keep-alive" is none) goes as it is to
+    a client that stays when it persists, and to one that does not with
+    "connection: close" added unless it says close; any other is rewritten
+    (send_client_head)."""
     cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
                       and not c.client_eof)
-    cdef bint rewrite = False
     cdef Py_ssize_t end
     cdef size_t rest
     cdef Buf held
     cdef int r
-    if keep and not c.resp_persistent:
-        rewrite = not close_beside_others(<const unsigned char*>c.rhead.p, hl)
-        keep = rewrite
     c.keeps_client = keep
-    if rewrite:
-        if send_kept_head(R, c, hl) != 0:
+    if c.resp_hop or (keep and not c.resp_persistent):
+        if send_client_head(R, c, hl, keep) != 0:
             return -1
     elif not keep and not says_close(<const unsigned char*>c.rhead.p, hl):
-        # client_head(): the client does not read our close otherwise; the
-        # header goes before the empty line that ends the head (CRLF or LF)
+        # the client does not read our close otherwise; the header goes
+        # before the empty line that ends the head (CRLF or LF)
         end = hl - 2 if (hl >= 2 and c.rhead.p[hl - 2] == CR) else hl - 1
         if to_client(R, c, c.rhead.p, end) != 0:
             return -1
@@ -4596,6 +4737,7 @@ cdef class HttpRelay:
             tokens = {t.lower() for t in resp.values("connection")}
             c.resp_persistent = "close" not in tokens and (
                 resp.version != "HTTP/1.0" or "keep-alive" in tokens)
+            c.resp_hop = (HOP_LINES | HOP_NAMED) if response_hop_by_hop(raw[:hl]) else 0
             c.framing = int(kind)
             c.resp_left = length
             head_out(self.R, c, hl, now)

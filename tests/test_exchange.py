@@ -26,7 +26,8 @@ from l4proxy.dataplane._exchange_py import (
     Route,
     Tunnel,
     Upstream,
-    kept_client_head,
+    client_head,
+    response_hop_by_hop,
     upstream_head,
 )
 from l4proxy.dataplane._framing_py import parse_response_head
@@ -650,12 +651,15 @@ def test_a_closing_response_head_is_rewritten_for_a_client_that_stays(
     ],
     ids=["one_line", "two_lines", "two_lines_other_first", "keep_alive_beside_other"],
 )
-def test_a_close_beside_other_tokens_is_not_rewritten_and_closes_the_client(
+def test_a_close_beside_other_tokens_drops_what_it_names_and_keeps_the_client(
     connection: bytes,
 ) -> None:
-    """``Connection: close, x-foo``: the field also names a hop-by-hop header
-    of that response; it is passed on as it is (Keep-Alive too), and the
-    client closes, whether its tokens are on one line or on several."""
+    """``Connection: close, x-foo``: the field also names a hop-by-hop field
+    of that response (RFC 9110 §7.6.1: a proxy MUST drop it), on one line
+    or on several. It used to go as it was (Keep-Alive too), and the client
+    connection closed, since only a close / keep-alive line could be
+    dropped; now x-foo goes with the Connection lines and Keep-Alive, so
+    nothing of the upstream's hop is left and the client stays."""
     d = Driver()
     d.send(GET)
     closing = (
@@ -663,39 +667,128 @@ def test_a_close_beside_other_tokens_is_not_rewritten_and_closes_the_client(
         b"Content-Length: 2\r\n\r\nv1"
     )
     d.answer(closing)
-    assert d.client == closing and d.released == [False] and d.events == ["Close"]
+    assert d.client == OK and d.released == [False] and d.events == []
 
 
 @pytest.mark.parametrize(
-    "head",
+    ("head", "keep", "http10", "out"),
     [
-        b"HTTP/1.1 200 OK\r\nConnection: close, x-foo\r\nKeep-Alive: max=1\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: x-foo\r\nKeep-Alive: max=1\r\n\r\n",
+        # Apache with mod_http2, on every HTTP/1.1 answer: its offer to
+        # upgrade its own connection and that connection's parameters go
+        (
+            b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\nContent-Length: 2\r\n\r\n",
+            True,
+            False,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+        ),
+        # ... to an HTTP/1.0 client, told keep-alive by the relay
+        (
+            b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\nContent-Length: 2\r\n\r\n",
+            True,
+            True,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\n",
+        ),
+        # ... to a client that does not stay, told close
+        (
+            b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\nContent-Length: 2\r\n\r\n",
+            False,
+            False,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n",
+        ),
+        # the fields Connection names, in any case, on any of its lines
+        # (before or after them), but never the framing headers nor Host
+        (
+            b"HTTP/1.1 200 OK\nX-A: 1\nconnection: x-a, Content-Length, HOST\nX-B: 2\n"
+            b"Content-Length: 2\nHost: h\nConnection: X-B,transfer-encoding\nX-C: 3\n\n",
+            True,
+            False,
+            b"HTTP/1.1 200 OK\nContent-Length: 2\nHost: h\nX-C: 3\n\n",
+        ),
+        # Proxy-Connection and an HTTP/1.0 answer's keep-alive on a line
+        # that goes: the relay says keep-alive itself
+        (
+            b"HTTP/1.0 200 OK\r\nProxy-Connection: keep-alive\r\n"
+            b"Connection: keep-alive, x-a\r\nContent-Length: 2\r\n\r\n",
+            True,
+            False,
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\n",
+        ),
+        # the upstream's close among lines that go: the relay's own instead
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: max=1\r\n\r\n",
+            False,
+            False,
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+        ),
     ],
-    ids=["one_line", "two_lines"],
+    ids=["apache", "apache_http10_client", "apache_closing", "named", "http10", "close"],
 )
-def test_kept_client_head_refuses_a_close_beside_other_tokens(head: bytes) -> None:
+def test_client_head_drops_hop_by_hop_fields(
+    head: bytes, keep: bool, http10: bool, out: bytes
+) -> None:
     resp = parse_response_head(head)
     assert resp is not None
-    assert kept_client_head(head, resp, False) is None
-    assert kept_client_head(head, resp, True) is None
+    assert response_hop_by_hop(head)
+    assert client_head(head, resp, keep, http10) == out
 
 
-def test_kept_client_head_drops_keep_alive_lines_only_when_it_rewrites() -> None:
-    """A Keep-Alive line goes with the rewrite; a persistent answer (not
-    rewritten) keeps it, as the upstream's word on a connection that stays."""
+@pytest.mark.parametrize(
+    ("head", "keep", "http10"),
+    [
+        # nginx, on every keep-alive answer: the relay's own word already
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", True, False),
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", True, True),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", True, True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", False, False),
+        # names that only start so, values that say so: not hop-by-hop
+        (
+            b"HTTP/1.1 200 OK\r\nKeep-Alive-X: 1\r\nX-Upgrade: h2\r\nX: close, x\r\n\r\n",
+            True,
+            False,
+        ),
+    ],
+)
+def test_a_head_without_hop_by_hop_lines_goes_as_it_is(
+    head: bytes, keep: bool, http10: bool
+) -> None:
+    resp = parse_response_head(head)
+    assert resp is not None
+    assert not response_hop_by_hop(head)
+    assert client_head(head, resp, keep, http10) is head
+
+
+def test_a_persistent_answers_keep_alive_line_goes() -> None:
+    """A Keep-Alive line goes whether or not the head says close: its
+    ``timeout`` / ``max`` are about the upstream connection (pooled under
+    the relay's own idle timeout), never the client's. It used to stay on
+    a persistent answer (only a rewritten head dropped it); RFC 9110 §7.6.1
+    asks a proxy to remove it, as Envoy and HAProxy do."""
     head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=1, max=1\r\n\r\n"
     resp = parse_response_head(head)
     assert resp is not None
-    assert kept_client_head(head, resp, False) == b"HTTP/1.1 200 OK\r\n\r\n"
-    assert kept_client_head(head, resp, True) == (
+    assert client_head(head, resp, True, False) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert client_head(head, resp, True, True) == (
         b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\n\r\n"
     )
     d = Driver()
     d.send(GET)
-    persistent = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=1\r\nContent-Length: 2\r\n\r\nv1"
-    d.answer(persistent)
-    assert d.client == persistent and d.released == [True] and d.events == []
+    d.answer(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=1\r\nContent-Length: 2\r\n\r\nv1")
+    assert d.client == OK and d.released == [True] and d.events == []
+
+
+def test_a_101_keeps_its_upgrade_and_connection_lines() -> None:
+    """A 101's head is the tunnel's: it goes as the server sent it."""
+    d = Driver()
+    d.send(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    switching = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Keep-Alive: timeout=5\r\n\r\n"
+    )
+    d.answer(switching)
+    assert d.client == switching
 
 
 def test_http10_request_is_not_pooled_unless_keep_alive() -> None:

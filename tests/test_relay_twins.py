@@ -91,6 +91,9 @@ def _head(*lines: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
 
 
 BIG = bytes(range(256)) * 4096  # 1 MiB
+_APACHE = (
+    b"Upgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\n"
+)
 _CHUNKED = _head(b"Transfer-Encoding: chunked")
 _CL2 = b"Content-Length: 2"
 _100 = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -210,6 +213,57 @@ ANSWERS: dict[str, Answer] = {
         close=True,
     ),
     "ka_persistent": Answer((_ok(b"ok", b"Keep-Alive: timeout=5, max=100\r\n"),)),
+    # hop-by-hop fields of persistent answers (RFC 9110 §7.6.1): Apache with
+    # mod_http2 offers h2 on every HTTP/1.1 answer
+    "apache": Answer((_ok(b"ok", _APACHE),)),
+    "apache_chunked": Answer((_CHUNKED[:-2] + _APACHE + b"\r\n2\r\nok\r\n0\r\n\r\n",)),
+    "apache_http10": Answer((_head(_CL2, status=b"HTTP/1.0 200 OK")[:-2] + _APACHE + b"\r\nok",)),
+    "proxy_conn": Answer((_ok(b"ok", b"Proxy-Connection: keep-alive\r\n"),)),
+    "named": Answer(  # before the Connection lines naming them, and after; any case
+        (
+            _ok(
+                b"ok",
+                b"x-a: 1\r\nConnection: X-A, x-b\r\nX-B: 2\r\nconnection: x-C\r\n"
+                b"X-C: 3\r\nX-D: 4\r\n",
+            ),
+        )
+    ),
+    "named_framing": Answer(  # never the framing headers (nor Host)
+        (
+            _head(
+                b"Connection: Transfer-Encoding, content-length, host, TE",
+                b"Host: h",
+                b"TE: x",
+                b"Transfer-Encoding: chunked",
+            )
+            + b"2\r\nok\r\n0\r\n\r\n",
+        )
+    ),
+    "named_many": Answer(  # more than the compiled loop finds without malloc
+        (
+            _ok(
+                b"ok",
+                b"Connection: "
+                + b", ".join(b"x-%d" % i for i in range(40))
+                + b"\r\n"
+                + b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(0, 50, 3)),
+            ),
+        )
+    ),
+    "named_lf": Answer(
+        (b"HTTP/1.1 200 OK\nConnection: x-a\nX-A: 1\nUpgrade: h2c\nContent-Length: 2\n\nok",)
+    ),
+    "101_hop": Answer(
+        (
+            _head(
+                b"Upgrade: x",
+                b"Connection: Upgrade, x-a",
+                b"X-A: 1",
+                b"Keep-Alive: timeout=5",
+                status=b"HTTP/1.1 101 Switching Protocols",
+            ),
+        )
+    ),
     "204_close": Answer((_head(b"Connection: close", status=b"HTTP/1.1 204 No Content"),), True),
     # obs-text beside a token: NBSP and NEL are not OWS (RFC 9110 §5.6.3), so
     # "close\xa0" is not "close", nor "\x85keep-alive" keep-alive, nor
@@ -911,7 +965,7 @@ def test_the_harness_sees_what_the_relay_has_not_read() -> None:
 # Answers that only make sense for HEAD (no body after a Content-Length) or
 # that need the request to say something (Expect, Upgrade): tested below.
 # cl_huge and cl_60k: for the backpressure tests below.
-NOT_FOR_GET = {"head", "head_chunked", "expect", "101", "cl_huge", "cl_60k"}
+NOT_FOR_GET = {"head", "head_chunked", "expect", "101", "101_hop", "cl_huge", "cl_60k"}
 GET_ANSWERS = [n for n in sorted(ANSWERS) if n not in NOT_FOR_GET]
 
 
@@ -968,6 +1022,14 @@ KEPT_ANSWERS = {
     "http10_open": _KEPT_10,
     "http10_chunkless_close": _KEPT_10,
     "204_close": _head(status=b"HTTP/1.1 204 No Content"),
+    # close beside other tokens, on one line or several (the same field,
+    # RFC 9110 §5.3): the fields named go too (they used to stay, the head
+    # as it came, and the client closed: nothing but close / keep-alive
+    # lines could be dropped then)
+    "conn_close_others": _ok(b"ok"),
+    "conn_close_split": _ok(b"ok"),
+    "conn_close_lines": _ok(b"ok"),
+    "conn_close_others_ka": _ok(b"ok"),
 }
 
 
@@ -992,8 +1054,6 @@ def test_a_closing_answer_keeps_a_keep_alive_client(name: str) -> None:
         ("conn_close", b"Connection: close\r\n", b"1.1"),  # the client asked
         ("http10", b"Connection: close\r\n", b"1.1"),
         ("conn_close", b"", b"1.0"),  # an HTTP/1.0 client that did not ask keep-alive
-        ("conn_close_others", b"", b"1.1"),  # a close beside other tokens: not rewritten
-        ("conn_close_split", b"", b"1.1"),  # ... on another line of the field
     ],
 )
 def test_a_closing_answer_still_closes_when_the_client_must_close(
@@ -1007,25 +1067,70 @@ def test_a_closing_answer_still_closes_when_the_client_must_close(
     assert out.counters["requests"] == 1
 
 
+# Persistent answers with hop-by-hop fields, as the client gets them: none
+# of those fields, the relay's own connection line when it needs one.
+HOP_ANSWERS = {
+    "apache": _ok(b"ok"),
+    "apache_chunked": _CHUNKED + b"2\r\nok\r\n0\r\n\r\n",
+    "apache_http10": _KEPT_10,  # (an HTTP/1.0 answer persists only when told)
+    "ka_persistent": _ok(b"ok"),
+    "proxy_conn": _ok(b"ok"),
+    "named": _ok(b"ok", b"X-D: 4\r\n"),
+    "named_framing": _head(b"Host: h", b"Transfer-Encoding: chunked") + b"2\r\nok\r\n0\r\n\r\n",
+    "named_many": _ok(b"ok", b"X-42: 42\r\nX-45: 45\r\nX-48: 48\r\n"),
+    "named_lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOP_ANSWERS))
+def test_a_persistent_answers_hop_by_hop_fields_go(name: str) -> None:
+    """RFC 9110 §7.6.1: the fields a response's Connection names (a MUST),
+    Keep-Alive, Proxy-Connection and Upgrade are about the upstream's
+    connection, not the client's: they go, with the Connection lines,
+    whether or not the head says close (a persistent answer's Keep-Alive
+    used to stay, as the upstream's word on a connection that stays; its
+    timeout and max are not the client connection's). The framing headers
+    never go, whatever Connection names; the upstream connection is
+    reused, and the client's stays."""
+    out = both(conv(get(name), Settle(1), get("cl"), requests=2))
+    assert out.clients == [(HOP_ANSWERS[name] + ANSWERS["cl"].data, False)]
+    assert out.backend == [(get(name) + get("cl"), "open")]
+
+
 @pytest.mark.parametrize(
-    "name", ["conn_close_others", "conn_close_split", "conn_close_lines", "conn_close_others_ka"]
+    ("name", "extra", "version", "own"),
+    [
+        ("apache", b"Connection: keep-alive\r\n", b"1.0", b"connection: keep-alive"),
+        ("apache", b"Host: b\r\nConnection: keep-alive\r\n", b"1.0", b"connection: keep-alive"),
+        ("named", b"Connection: close\r\n", b"1.1", b"connection: close"),  # the client asked
+        ("apache", b"", b"1.0", b"connection: close"),  # an HTTP/1.0 client that did not ask
+        ("conn_close_others", b"Connection: close\r\n", b"1.1", b"connection: close"),
+        ("conn_close_lines", b"", b"1.0", b"connection: close"),
+    ],
+    ids=["http10_kept", "http10_kept_host", "client_close", "http10", "close_others", "lines"],
 )
-def test_a_close_beside_other_tokens_closes_the_client_on_one_line_or_several(name: str) -> None:
-    """The Connection field is its lines together (RFC 9110 §5.3): ``close,
-    x-foo`` on one line and ``close`` with ``x-foo`` on another are the same
-    field, and both twins answer them alike: the head goes as the upstream
-    sent it (its Keep-Alive too: nothing is rewritten), and the client
-    connection closes after it."""
-    out = both(conv(get(name), requests=1))
-    assert out.clients == [(ANSWERS[name].data, True)]
-    assert out.counters == {"requests": 1, "local_answers": 0, "errors": 0}
+def test_a_head_without_its_hop_by_hop_fields_says_what_the_clients_hop_does(
+    name: str, extra: bytes, version: bytes, own: bytes
+) -> None:
+    """With the upstream's Connection lines gone, the relay says its own:
+    ``connection: close`` to a client that does not stay,
+    ``connection: keep-alive`` to an HTTP/1.0 one that does."""
+    request = get(name, extra, version=version)
+    out = both(conv(request, Settle(1), get("cl"), requests=2))
+    ((received, closed),) = out.clients
+    head = received.split(b"\r\n\r\n")[0].lower()
+    assert head.endswith(b"\r\n" + own), received
+    assert closed == (own == b"connection: close")
+    for gone in (b"keep-alive:", b"upgrade:", b"x-a:", b"x-b:", b"x-foo:", b"connection: x"):
+        assert gone not in head, received
 
 
-def test_a_persistent_answers_keep_alive_line_is_left_as_it_is() -> None:
-    """Keep-Alive goes only with a rewritten head: a persistent answer keeps
-    it (its upstream connection stays too)."""
-    out = both(conv(get("ka_persistent"), Settle(1), get("cl"), requests=2))
-    assert out.clients == [(ANSWERS["ka_persistent"].data + ANSWERS["cl"].data, False)]
+def test_a_101_keeps_its_upgrade_and_connection_lines() -> None:
+    """A 101's head is the tunnel's: it goes as the server sent it, its
+    Upgrade, Connection, the field Connection names and Keep-Alive too."""
+    up = b"Connection: Upgrade\r\nUpgrade: x\r\n"
+    out = both(conv(get("101_hop", up) + b"after", requests=1))
+    assert out.handed == [(ANSWERS["101_hop"].data, b"after", True)]
 
 
 @pytest.mark.parametrize("byte", INTERESTING_BYTES)
@@ -1744,6 +1849,84 @@ def test_generated_hop_by_hop_heads(first: bytes, second: bytes) -> None:
     HTTP/1.0 (with Host or not), 1.1 and 1.2, CRLF or bare LF, two pipelined:
     the backend reads the same heads from both twins."""
     both(conv(first + second, requests=2), conv(get("cl"), requests=1), split_pools=True)
+
+
+_RESPONSE_HOP_TOKENS = [
+    *_HOP_TOKENS,
+    b"Upgrade",
+    b"transfer-encoding",
+    b"Proxy-Connection",
+    b"x-b",
+]
+
+
+@st.composite
+def _response_hop_line(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["conn", "conn", "conn", "ka", "pc", "up", "xa", "xb", "te", "h"]))
+    o1, o2 = draw(st.sampled_from(_HOP_OWS)), draw(st.sampled_from(_HOP_OWS))
+    if kind == "conn":
+        tokens = draw(st.lists(st.sampled_from(_RESPONSE_HOP_TOKENS), min_size=1, max_size=3))
+        name = draw(st.sampled_from([b"Connection", b"connection", b"CONNECTION"]))
+        return name + b":" + o1 + b",".join(tokens) + o2
+    fixed = {
+        "ka": b"Keep-Alive:" + o1 + b"timeout=5, max=100" + o2,
+        "pc": b"Proxy-Connection:" + o1 + b"keep-alive" + o2,
+        "up": draw(st.sampled_from([b"Upgrade: h2,h2c", b"upgrade: h2c", b"Keep-Alive-X: 1"])),
+        "xa": draw(st.sampled_from([b"X-A: 1", b"x-a:2"])),
+        "xb": b"X-B: 3",
+        "te": b"TE: trailers",
+        "h": b"Host: h",
+    }
+    return fixed[kind]
+
+
+@st.composite
+def _response_hop_answer(draw: st.DrawFn) -> tuple[bytes, ...]:
+    """A final answer with hop-by-hop lines, framed (a length, chunked or a
+    204), CRLF or bare LF, in one segment or two."""
+    version = draw(st.sampled_from([b"1.0", b"1.1", b"1.1"]))
+    lines = draw(st.lists(_response_hop_line(), max_size=6))
+    framing = draw(st.sampled_from(["cl", "chunked", "none"] if version == b"1.1" else ["cl"]))
+    status = b"204 No Content" if framing == "none" else b"200 OK"
+    body = {"cl": b"ok", "chunked": b"2\r\nok\r\n0\r\n\r\n", "none": b""}[framing]
+    if framing != "none":
+        where = draw(st.integers(0, len(lines)))
+        lines.insert(where, _CL2 if framing == "cl" else b"Transfer-Encoding: chunked")
+    eol = draw(st.sampled_from([b"\r\n", b"\n"]))
+    data = eol.join([b"HTTP/" + version + b" " + status, *lines, b"", b""]) + body
+    cut = draw(st.integers(0, len(data) - 1))
+    return (data,) if not cut else (data[:cut], data[cut:])
+
+
+@settings(
+    max_examples=int(os.environ.get("L4PROXY_FUZZ_EXAMPLES", "15")),  # (~0.3 s each)
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    _response_hop_answer(),
+    st.sampled_from(
+        [
+            get("fuzz"),
+            get("fuzz", b"Connection: close\r\n"),
+            get("fuzz", b"Connection: keep-alive\r\n", version=b"1.0"),
+            get("fuzz", version=b"1.0"),
+        ]
+    ),
+)
+def test_generated_hop_by_hop_response_heads(segments: tuple[bytes, ...], request: bytes) -> None:
+    """Connection (case, OWS, empty tokens, several lines, tokens naming
+    fields, the framing headers or Host), Keep-Alive, Proxy-Connection and
+    Upgrade lines in answers (HTTP/1.0 or 1.1, a length, chunked or none,
+    CRLF or bare LF, in one segment or two) to clients that stay or not:
+    the client reads the same from both twins, then its next answer."""
+    ANSWERS["fuzz"] = Answer(segments)
+    try:
+        both(conv(request, Settle(1), get("cl"), requests=2))
+    finally:
+        del ANSWERS["fuzz"]
 
 
 def test_a_request_on_a_pooled_connection_the_server_reset_is_retried() -> None:

@@ -54,8 +54,24 @@ Decisions
   with its ``Upgrade`` field and the fields those lines name (the server
   must see the upgrade asked, and h2c's ``HTTP2-Settings``: RFC 7540
   §3.2.1).
+  A final response head loses its hop-by-hop fields on the way to the
+  client (:func:`client_head`): ``Keep-Alive``, ``Proxy-Connection``,
+  ``Upgrade`` (a server's offer to upgrade its own connection: Apache with
+  mod_http2 sends ``Upgrade: h2,h2c`` and ``Connection: Upgrade,
+  Keep-Alive`` on every answer), the fields the Connection field names
+  (never ``Content-Length``, ``Transfer-Encoding`` or ``Host``) and the
+  Connection lines; the relay then says its own ``connection: close`` or
+  ``connection: keep-alive`` when the client's hop needs it (see "Client
+  persistence is the client's"). A head whose Connection lines say only
+  ``close`` / ``keep-alive`` and that has none of the others is not
+  rewritten where its word will do: to a client that stays when it
+  persists (nginx's ``Connection: keep-alive`` on every answer, the
+  relay's own word), to one that does not with ``connection: close``
+  added unless it says close. A 101's head (and a 2xx to CONNECT) goes as
+  it is: the tunnel is the upgrade; interim heads (100, 103) go as they
+  came.
   Nothing else in a head is rewritten (lines are dropped whole, never
-  edited), and bodies never are.
+  edited, and one line may be added), and bodies never are.
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without
@@ -66,18 +82,17 @@ Decisions
   when the final response head arrived, and the client has not
   half-closed; whether the *upstream* connection persists does not matter.
   A response head that says ``Connection: close`` (or an HTTP/1.0 one
-  without ``keep-alive``) then goes to the client without its Connection
-  lines that say only ``close`` / ``keep-alive`` and without its
-  ``Keep-Alive`` lines (the upstream connection is closed, not pooled:
-  their ``timeout`` / ``max`` are not the client's), with ``connection:
-  keep-alive`` added when the response or the request is HTTP/1.0 (such a
-  client closes otherwise): see :func:`kept_client_head`. Nothing else is
-  rewritten: the framing headers never are. A Connection field that names
-  ``close`` beside other tokens, on one line (``close, x-foo``) or on
-  several (``close`` and ``x-foo``, the same field to HTTP), is left as it
-  is, and the client connection closes after that response. A
-  close-delimited response is framed by the close, so the client
-  connection ends with it, whatever was asked.
+  without ``keep-alive``) then goes to the client without its hop-by-hop
+  fields (its Connection lines, its ``Keep-Alive`` lines: the upstream
+  connection is closed, not pooled, their ``timeout`` / ``max`` are not
+  the client's; those its Connection field names, whether ``close`` is on
+  their line or on another), with ``connection: keep-alive`` added when
+  the response or the request is HTTP/1.0 (such a client closes
+  otherwise): see :func:`client_head`. The framing headers are never
+  rewritten. A client connection that does not stay is told
+  ``connection: close`` (added unless the head says it and has nothing
+  else to drop). A close-delimited response is framed by the close, so
+  the client connection ends with it, whatever was asked.
 * *Retry* (Envoy's rule for pooled HTTP/1 connections): if a *reused*
   upstream connection closes before any response byte, the request is sent
   once more on a new connection, when the method is idempotent (RFC 9110
@@ -185,7 +200,9 @@ __all__ = [
     "Route",
     "Tunnel",
     "Upstream",
+    "client_head",
     "local_response",
+    "response_hop_by_hop",
     "upstream_head",
 ]
 
@@ -383,63 +400,80 @@ def _asks_close(sent: bytes) -> bool:
     return any(b"close" in (_connection_tokens(line) or ()) for line in sent.split(b"\n")[1:])
 
 
-def client_head(raw: bytes, resp: ResponseHead) -> bytes:
-    """*raw* (a final response head) as sent to a client whose connection
-    closes after it: with ``connection: close`` added unless it says so.
+def response_hop_by_hop(raw: bytes) -> bool:
+    """Whether the response head *raw* has a hop-by-hop line that no client
+    may get (see "Hop-by-hop fields"): a ``Keep-Alive``,
+    ``Proxy-Connection`` or ``Upgrade`` line, or a Connection line with a
+    token other than ``close`` and ``keep-alive`` (it names a field, or
+    ``upgrade``). A head without one (its Connection lines, if any, of
+    ``close`` and ``keep-alive`` alone) may go as it is."""
+    for line in raw.split(b"\n")[1:]:
+        tokens = _connection_tokens(line)
+        if tokens is None:
+            if _field_name(line) in _RESPONSE_HOP_BY_HOP:
+                return True
+        elif not tokens <= _CLOSE_OR_KEEP:
+            return True
+    return False
 
-    The client may have asked for the close, but the upstream did not see
-    that request (see "Hop-by-hop fields"), so its answer may not say it; a
-    client that does not read our close from the answer sends its next
-    request into a closing socket (wrk does). HAProxy adds the header too.
-    """
-    if "close" in {t.lower() for t in resp.values("connection")}:
-        return raw
-    # before the empty line that ends the head (CRLF or a bare LF, either way)
-    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
-    return raw[:end] + b"connection: close\r\n" + raw[end:]
 
+def client_head(
+    raw: bytes, resp: ResponseHead, keep: bool = False, request_http10: bool = False
+) -> bytes:
+    """*raw* (a final response head, not a tunnel's) as sent to the client,
+    whose connection persists after it when *keep* (see "Client persistence
+    is the client's" and "Hop-by-hop fields").
 
-def kept_client_head(raw: bytes, resp: ResponseHead, request_http10: bool) -> bytes | None:
-    """*raw* (a final response head that does not persist: ``Connection:
-    close``, or HTTP/1.0 without ``keep-alive``) as sent to a client whose
-    connection stays open (see "Client persistence is the client's").
+    A head with no hop-by-hop line to drop (:func:`response_hop_by_hop`)
+    goes as it is to a client that stays when it persists, and to a client
+    that does not with ``connection: close`` added unless it says close
+    (the client may have asked for the close, but the upstream did not see
+    that request, so its answer may not say it; a client that does not read
+    our close from the answer sends its next request into a closing socket:
+    wrk does. HAProxy adds the header too).
 
-    Its Connection lines whose tokens are only ``close`` and ``keep-alive``
-    go (the upstream's word on its own connection), and so do its
-    ``Keep-Alive`` lines (their ``timeout`` / ``max`` describe the upstream
-    connection, which closes, not the client's); ``connection: keep-alive``
-    is added before the empty line that ends the head when the response or
+    Any other head is rewritten: its Connection lines, its ``Keep-Alive``,
+    ``Proxy-Connection`` and ``Upgrade`` lines and the fields its Connection
+    field (its lines together, as RFC 9110 §5.3 combines them) names go
+    (never ``Content-Length``, ``Transfer-Encoding`` or ``Host``), and the
+    relay says its own: ``connection: close`` to a client that does not
+    stay, ``connection: keep-alive`` to one that does when the response or
     the request is HTTP/1.0 (a client persists after an HTTP/1.0 response,
-    or as an HTTP/1.0 client, only when told). Every other line is kept as
-    it is, the framing headers included.
-
-    None when the Connection field (its lines together, as RFC 9110 §5.3
-    combines them) names ``close`` beside another token, on one line
-    (``close, x-foo``) or on several (``close`` and ``x-foo``): it is not
-    rewritten (its other tokens name hop-by-hop headers of the upstream's
-    connection), so the client closes.
+    or as an HTTP/1.0 client, only when told), nothing else (HTTP/1.1
+    persists). Lines are dropped whole, never edited; the line added goes
+    before the empty line that ends the head (CRLF or a bare LF).
     """
+    if not response_hop_by_hop(raw):
+        if keep and _persistent(resp):
+            return raw
+        if not keep:
+            if "close" in {t.lower() for t in resp.values("connection")}:
+                return raw
+            return _with_line(raw, b"connection: close\r\n")
     lines = raw.split(b"\n")
-    kept = [lines[0]]
     field: set[bytes] = set()
     for line in lines[1:]:
-        tokens = _connection_tokens(line)
-        if tokens is not None:
-            field |= tokens
-            if tokens <= _CLOSE_OR_KEEP:
-                continue
-        elif _field_name(line) == b"keep-alive":
-            continue
-        kept.append(line)
-    if b"close" in field and not field <= _CLOSE_OR_KEEP:
-        return None
-    out = b"\n".join(kept)
+        field |= _connection_tokens(line) or set()
+    dropped = (field - _CLOSE_OR_KEEP - _NEVER_DROPPED) | _RESPONSE_HOP_BY_HOP
+    out = b"\n".join([lines[0], *(x for x in lines[1:] if _field_name(x) not in dropped)])
+    if not keep:
+        return _with_line(out, b"connection: close\r\n")
     if resp.version == "HTTP/1.0" or request_http10:
-        end = len(out) - (2 if out.endswith(b"\r\n") else 1)
-        out = out[:end] + b"connection: keep-alive\r\n" + out[end:]
+        return _with_line(out, b"connection: keep-alive\r\n")
     return out
 
 
+def _with_line(raw: bytes, line: bytes) -> bytes:
+    """*raw* (a head) with *line* added before the empty line that ends it
+    (CRLF or a bare LF, either way)."""
+    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
+    return raw[:end] + line + raw[end:]
+
+
+# Response fields for the upstream's connection alone (RFC 9110 §7.6.1),
+# dropped on the way to the client (a 101 is a tunnel's: it goes as it
+# is), with the fields the Connection field names.
+_RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"upgrade"))
 # Connection tokens that are about the connection alone ("" an empty one).
 _CLOSE_OR_KEEP = frozenset((b"close", b"keep-alive", b""))
 
@@ -804,12 +838,7 @@ class Exchange:
             self._replay = None  # the final head goes out: never sent again
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
-            if keep and not self._response_persistent:
-                kept = kept_client_head(raw, resp, self.head.version == "HTTP/1.0")
-                keep = kept is not None
-                raw = kept if kept is not None else raw
-            if not keep:
-                raw = client_head(raw, resp)
+            raw = client_head(raw, resp, keep, self.head.version == "HTTP/1.0")
             self._keeps_client = keep
             out.append(Client(raw))
             self.status = resp.status
