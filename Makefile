@@ -104,10 +104,10 @@ bench: venv
 soak: venv
 	$(UMASK) $(VENV)/bin/pytest -q -m slow --soak $(PYTEST_ARGS)
 
-# The twins' mutation fuzz and generated hop-by-hop heads
-# (tests/test_relay_twins.py), 1,000 examples each instead of the suite's
-# 20 to 25, then every answer and client case under a retry policy (the
-# suite runs every other): about 20 minutes.
+# The twins' mutation fuzz and generated hop-by-hop request and response
+# heads (tests/test_relay_twins.py), 1,000 examples each instead of the
+# suite's 15 to 25, then every answer and client case under a retry policy (the
+# suite runs every other): about 25 minutes.
 fuzz: venv
 	$(UMASK) L4PROXY_FUZZ_EXAMPLES=$${L4PROXY_FUZZ_EXAMPLES:-1000} $(VENV)/bin/pytest -q tests/test_relay_twins.py -k "mutated or generated_hop" $(PYTEST_ARGS)
 	$(UMASK) L4PROXY_TWINS_RETRIED_ALL=1 $(VENV)/bin/pytest -q tests/test_relay_twins_retries.py $(PYTEST_ARGS)
