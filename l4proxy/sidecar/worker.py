@@ -51,6 +51,7 @@ gives back, for the pump, what turns out not to be HTTP or becomes a tunnel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import ipaddress
@@ -856,6 +857,11 @@ class Worker:
             if token:
                 self._forget_token(token)
             raise
+        # The pump counts the connection from now: its handshake no longer
+        # (its task's end is told a loop step later, and an accept in
+        # between would count the connection twice against --max-connections)
+        with contextlib.suppress(RuntimeError):  # (no loop running: no task)
+            self.handshakes.discard(asyncio.current_task())
 
     def _pump_ended(self) -> None:
         """The pump's ended_fd is readable (loop): connections that ended."""
