@@ -1967,10 +1967,13 @@ cdef bint header_is(const unsigned char *p, Py_ssize_t n, const char *name, int 
 # but Connection lines of close / keep-alive alone (0: it may go as it is),
 # lines to drop (Connection lines with other tokens, Keep-Alive,
 # Proxy-Connection, Upgrade), and fields its Connection field names, to
-# find (any token but close, keep-alive and upgrade).
+# find (any token but close, keep-alive and upgrade); and apart, whether a
+# Connection line says keep-alive (a client we close must not read it
+# beside our close: final_head()).
 cdef enum:
     HOP_LINES = 1
     HOP_NAMED = 2
+    HOP_KEEP = 4
 
 
 cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
@@ -2093,7 +2096,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     # a Connection token other than close and keep-alive: its line goes,
     # and the field it names (any but upgrade) with it
     c.resp_hop = ((HOP_LINES if tokens & TOK_OTHER else 0)
-                  | (HOP_NAMED if tokens & (TOK_FIELD | TOK_TE) else 0))
+                  | (HOP_NAMED if tokens & (TOK_FIELD | TOK_TE) else 0)
+                  | (HOP_KEEP if tokens & TOK_KEEP else 0))
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
     elif te_chunked:
@@ -2328,7 +2332,8 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     (c.resp_hop: nginx's "Connection: keep-alive" is none) goes as it is to
     a client that stays when it persists, and to one that does not with
     "connection: close" added unless it says close; any other is rewritten
-    (send_client_head)."""
+    (send_client_head), as is one saying keep-alive to a client that does
+    not stay (it would read "keep-alive" and our "close")."""
     cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
                       and not c.client_eof)
     cdef Py_ssize_t end
@@ -2336,7 +2341,8 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     cdef Buf held
     cdef int r
     c.keeps_client = keep
-    if c.resp_hop or (keep and not c.resp_persistent):
+    if (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
+            or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent)):
         if send_client_head(R, c, hl, keep) != 0:
             return -1
     elif not keep and not says_close(<const unsigned char*>c.rhead.p, hl):
@@ -4737,7 +4743,8 @@ cdef class HttpRelay:
             tokens = {t.lower() for t in resp.values("connection")}
             c.resp_persistent = "close" not in tokens and (
                 resp.version != "HTTP/1.0" or "keep-alive" in tokens)
-            c.resp_hop = (HOP_LINES | HOP_NAMED) if response_hop_by_hop(raw[:hl]) else 0
+            c.resp_hop = (((HOP_LINES | HOP_NAMED) if response_hop_by_hop(raw[:hl]) else 0)
+                          | (HOP_KEEP if "keep-alive" in tokens else 0))
             c.framing = int(kind)
             c.resp_left = length
             head_out(self.R, c, hl, now)

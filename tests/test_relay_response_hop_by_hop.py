@@ -225,6 +225,31 @@ def test_the_relay_says_its_own_connection_for_the_clients_hop(
         assert p.relay.stats()["response_heads_in_python"] == 0
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /nginx HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+        b"GET /nginx HTTP/1.0\r\n\r\n",
+    ],
+    ids=["client_close", "http10"],
+)
+def test_a_closed_client_reads_close_alone_not_nginxs_keep_alive_beside_it(
+    proxy: tuple[Proxy, Backend, str], request_: bytes
+) -> None:
+    """nginx says ``Connection: keep-alive`` on every answer (the relay took
+    the client's close off the request: the upstream connection stays
+    pooled). A client the relay closes reads ``connection: close`` alone,
+    not both words; in the loop, no head to Python."""
+    p, _, which = proxy
+    seen = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
+    with p.connect() as c:
+        c.sendall(request_)
+        assert _read(c, len(seen)) == seen
+        assert c.recv(1) == b""
+    if which == "compiled":
+        assert p.relay.stats()["response_heads_in_python"] == 0
+
+
 def test_a_101_goes_as_the_server_sent_it(proxy: tuple[Proxy, Backend, str]) -> None:
     """A 101's head is the tunnel's: Upgrade, Connection and Keep-Alive stay."""
     p = proxy[0]

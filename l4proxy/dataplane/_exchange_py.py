@@ -426,13 +426,15 @@ def client_head(
 
     A head with no hop-by-hop line to drop (:func:`response_hop_by_hop`)
     goes as it is to a client that stays when it persists, and to a client
-    that does not with ``connection: close`` added unless it says close
-    (the client may have asked for the close, but the upstream did not see
+    that does not with ``connection: close`` added unless it says close or
+    keep-alive (the client may have asked for the close, but the upstream did not see
     that request, so its answer may not say it; a client that does not read
     our close from the answer sends its next request into a closing socket:
     wrk does. HAProxy adds the header too).
 
-    Any other head is rewritten: its Connection lines, its ``Keep-Alive``,
+    Any other head is rewritten, as is one whose Connection says keep-alive
+    to a client that does not stay (nginx's: the client would read both
+    ``keep-alive`` and our ``close``): its Connection lines, its ``Keep-Alive``,
     ``Proxy-Connection`` and ``Upgrade`` lines and the fields its Connection
     field (its lines together, as RFC 9110 §5.3 combines them) names go
     (never ``Content-Length``, ``Transfer-Encoding`` or ``Host``), and the
@@ -447,9 +449,11 @@ def client_head(
         if keep and _persistent(resp):
             return raw
         if not keep:
-            if "close" in {t.lower() for t in resp.values("connection")}:
+            tokens = {t.lower() for t in resp.values("connection")}
+            if "close" in tokens:
                 return raw
-            return _with_line(raw, b"connection: close\r\n")
+            if "keep-alive" not in tokens:  # (else its line goes: not beside our close)
+                return _with_line(raw, b"connection: close\r\n")
     lines = raw.split(b"\n")
     field: set[bytes] = set()
     for line in lines[1:]:
