@@ -75,7 +75,9 @@ connections point at (never freed before the relay: a cached verdict may go
 while a request still follows its policy). A request under one keeps its
 bytes in ``c.replay`` whatever its method; the decision points are the
 final response head (``head_out``: a status the policy names), the
-upstream's end before that head (``on_upstream_eof``) and the per-try timer
+upstream's end before that head (``on_upstream_eof``), a response head that
+cannot be framed (``HttpRelay._response``: a protocol error, a reset to
+Envoy, where the 502 went without a policy) and the per-try timer
 (``tick``), each through ``can_retry`` and ``policy_retry``. Without a
 policy each of these costs a test of ``c.retry``, the steady state nothing
 more. A retry waits Envoy's jittered exponential backoff first
@@ -4714,6 +4716,11 @@ cdef class HttpRelay:
                     return  # wait for more
                 kind, length = response_framing(req, resp)
             except FramingError as exc:  # (a response's: status 502)
+                if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
+                    # a protocol error is a reset to Envoy: retried as one
+                    # (the try's connection closed, a gateway failure)
+                    policy_retry(self.R, c, self._outcome_text(exc.reason), now)
+                    return
                 answer = local_response(exc.status, exc.reason)
                 kept = local_response(exc.status, exc.reason, close=False)
                 upstream_failed(self.R, c, exc.status, answer, len(answer), kept, len(kept),

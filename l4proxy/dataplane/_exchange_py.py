@@ -118,8 +118,10 @@ Decisions
   ``retriable-4xx``, the codes) is dropped with its connection, which is
   closed, never pooled; it was an answer (:class:`Release` *answered*, as
   any application status is). A connection closed or reset before the
-  final head is retried under ``5xx``, ``gateway-error`` or ``reset`` (a
-  gateway failure for outlier detection, as without a policy); the
+  final head, or a final head that cannot be framed (the 502 without a
+  policy: an upstream protocol error, a reset to Envoy), is retried under
+  ``5xx``, ``gateway-error`` or ``reset`` (a gateway failure for outlier
+  detection, as without a policy); the
   shell's per-try timer (:meth:`Exchange.try_timeout`) is a reset to
   Envoy: retried under the same policies, else the 504; it is ignored
   once a final head went out (Envoy).
@@ -819,6 +821,9 @@ class Exchange:
                     return out
                 kind, length = response_framing(self.head, resp)
             except FramingError as exc:  # interim heads already out: they stay
+                if self.retry is not None and self.retry.on_reset and self._can_retry():
+                    # a protocol error is a reset to Envoy: retried as one
+                    return out + self._policy_retry(exc.reason)
                 return out + self._upstream_failed(exc.status, exc.reason, gateway=True)
             raw = bytes(self._response_head[: resp.head_length])
             rest = bytes(self._response_head[resp.head_length :])
