@@ -72,8 +72,10 @@ Retry policy
 A route's retry policy (``Verdict.retry``, "Retry policy" in
 ``_exchange_py.py``) is interned as a ``Retry_`` the verdicts and the
 connections point at (never freed before the relay: a cached verdict may go
-while a request still follows its policy). A request under one keeps its
-bytes in ``c.replay`` whatever its method; the decision points are the
+while a request still follows its policy; a policy not in effect,
+``RetryPolicy.in_effect``, is NULL). A request under one keeps its bytes in
+``c.replay`` whatever its method (unless its ``on`` is 0: a per-try timer
+alone, nothing to replay); the decision points are the
 final response head (``head_out``: a status the policy names), the
 upstream's end before that head (``on_upstream_eof``), a response head that
 cannot be framed (``HttpRelay._response``: a protocol error, a reset to
@@ -2773,10 +2775,11 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         return
     c.timeout = v.timeout
     if v.retry != NULL:
+        c.retry = v.retry
         # every method is held for the policy's tries (Envoy retries any):
         # the head as sent upstream, staged in c.rhead; its body follows
-        c.retry = v.retry
-        if not c.replayable:
+        # (not for a policy that never retries: its per-try timeout only)
+        if v.retry.on and not c.replayable:
             c.replayable = True
             replay_add(c, c.rhead.p, c.rhead.len)
     if c.req_left == 0:
@@ -4534,10 +4537,11 @@ cdef class HttpRelay:
         return R.n_rr - 1
 
     cdef Retry_ *_retry(self, policy) except? NULL:
-        """A RetryPolicy as the loop's struct, interned (None: NULL)."""
+        """A RetryPolicy as the loop's struct, interned (None, or a policy
+        not in effect: NULL)."""
         cdef Retry_ *p
         cdef int b
-        if policy is None or policy.attempts <= 0:
+        if policy is None or not policy.in_effect:
             return NULL
         addr = self._retries.get(policy)
         if addr is not None:

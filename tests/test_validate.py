@@ -162,6 +162,51 @@ def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_ro
     )
 
 
+@pytest.mark.parametrize(
+    ("retries", "said"),
+    [
+        (
+            "{attempts: 2, retryOn: 'connect-failure,unavailable'}",
+            "retries 2 on connect-failure,unavailable: no effect here (none of these "
+            "policies fires on HTTP/1.1 beyond the relay's own retries)",
+        ),
+        (
+            "{attempts: 2, perTryTimeout: 2s, retryOn: cancelled}",
+            "retries 2 on cancelled, 2 s per try: only the per-try timeout has effect here "
+            "(none of these policies fires on HTTP/1.1 beyond the relay's own retries)",
+        ),
+        # Istio's default fires (503)
+        (
+            "{attempts: 2}",
+            "retries 2 on connect-failure,refused-stream,unavailable,cancelled,"
+            "retriable-status-codes (codes 503)",
+        ),
+    ],
+)
+def test_verbose_says_when_a_retry_policy_has_no_effect_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], retries: str, said: str
+) -> None:
+    """A policy of retryOn words that never fire on HTTP/1.1 is shown as
+    written, and said to do nothing (the relays take it as none, holding
+    no request for a replay), or only its per-try timeout."""
+    vs = tmp_path / "vs.yaml"
+    vs.write_text(
+        textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {{name: bootcamp}}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - route: [{{destination: {{host: bootcamp}}}}]
+            retries: {retries}
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert f"           {said}\n" in out, out
+
+
 def test_invalid_exits_1_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -108,7 +108,9 @@ Decisions
   may be given up and the request sent again (:class:`Retry` with
   *policy*), at most ``attempts`` times, only while the whole request is
   held (read to its end, every byte kept: at most ``replay_limit``; with a
-  policy every method is held, as Envoy retries any method) and nothing of
+  policy every method is held, as Envoy retries any method; a policy
+  whose ``on`` is 0, a per-try timeout alone, holds nothing: the shell
+  takes one not ``in_effect`` as none) and nothing of
   the response went to the client (not even an interim head). The shell
   sends a retry after Envoy's jittered exponential backoff
   (``RetryPolicy.backoff_s``: random, up to 25 ms before the first retry,
@@ -603,7 +605,8 @@ class Exchange:
         kind, length = request_framing(self.head)
         self._request = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
         self.phase = Phase.EXCHANGE
-        held = self._retryable_method() or self.retry is not None
+        # (a policy that never retries, its per-try timeout only, holds nothing)
+        held = self._retryable_method() or (self.retry is not None and bool(self.retry.on))
         self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
 

@@ -744,8 +744,10 @@ class HttpRelay:
         c.tag = d.tag
         c.timeout = d.timeout
         c.deadline = 0.0
-        c.ex.retry = d.retry
-        c.per_try = d.retry.per_try_timeout if d.retry is not None else 0.0
+        # (a policy not in effect is none: nothing held for it)
+        retry = d.retry if d.retry is not None and d.retry.in_effect else None
+        c.ex.retry = retry
+        c.per_try = retry.per_try_timeout if retry is not None else 0.0
         c.try_deadline = 0.0
         if d.local is not None or not d.endpoints:
             status, body = d.local or (503, "no healthy upstream")

@@ -157,11 +157,24 @@ class RetryPolicy(NamedTuple):
         codes: Iterable[int],
         backoff: float = DEFAULT_RETRY_BACKOFF,
     ) -> RetryPolicy:
-        """From Envoy's policy names (those without a bit do nothing here)."""
+        """From Envoy's policy names (those without a bit do nothing here,
+        nor does ``retriable-status-codes`` without a code)."""
         on = 0
         for name in retry_on:
             on |= _RETRY_BITS.get(name, 0)
-        return cls(attempts, per_try_timeout, on, frozenset(codes), backoff)
+        codes = frozenset(codes)
+        if not codes:
+            on &= ~RETRY_STATUS_CODES
+        return cls(attempts, per_try_timeout, on, codes, backoff)
+
+    @property
+    def in_effect(self) -> bool:
+        """Whether the relays have anything to do for this policy: a try
+        left and a policy that may fire here (``on``: then every request
+        is held for a replay), or at least a per-try timeout (a try past
+        it gets the 504; nothing held). Otherwise the relays take it as
+        no policy at all (None), so it costs nothing per request."""
+        return self.attempts > 0 and (bool(self.on) or self.per_try_timeout > 0)
 
     def backoff_s(self, n: int, u: float) -> float:
         """The wait before the *n*-th retry (1, 2, ...), given *u* uniform in

@@ -186,7 +186,27 @@ def _retries(rt: dict[str, Any]) -> str:
     # (Envoy's default base interval is not said)
     backoff = rt.get("backoff", DEFAULT_RETRY_BACKOFF)
     after = f", backoff {backoff * 1000:g} ms" if backoff != DEFAULT_RETRY_BACKOFF else ""
-    return f"retries {rt['attempts']} on {on}{codes}{per_try}{after}"
+    said = f"retries {rt['attempts']} on {on}{codes}{per_try}{after}"
+    if _fires(rt):
+        return said
+    # (the relays take it as no policy, holding nothing for a replay:
+    # l4proxy.dataplane.verdict.RetryPolicy.in_effect)
+    why = "none of these policies fires on HTTP/1.1 beyond the relay's own retries"
+    if rt["per_try_timeout"]:
+        return f"{said}: only the per-try timeout has effect here ({why})"
+    return f"{said}: no effect here ({why})"
+
+
+# the retryOn policies that retry anything on an HTTP/1.1 exchange
+# (retriable-status-codes: with a code); the others occur only in HTTP/2,
+# HTTP/3 or gRPC, need what Istio does not configure, or are what the relay
+# does anyway (connect-failure, reset-before-request)
+_FIRING_RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "retriable-4xx"})
+
+
+def _fires(rt: dict[str, Any]) -> bool:
+    on = set(rt["retry_on"])
+    return bool(on & _FIRING_RETRY_ON) or ("retriable-status-codes" in on and bool(rt["codes"]))
 
 
 def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:

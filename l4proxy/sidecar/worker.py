@@ -169,16 +169,20 @@ class Refused(Exception):
 @functools.lru_cache(maxsize=256)
 def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
     """A route's retry policy as the relays apply it (one object per
-    policy: the compiled relay interns them)."""
+    policy: the compiled relay interns them); None when it has nothing to
+    do here (only policies that never fire on HTTP/1.1, and no per-try
+    timeout: see RetryPolicy.in_effect), so that no request is held for a
+    replay that cannot come."""
     if retries is None:
         return None
-    return RetryPolicy.of(
+    policy = RetryPolicy.of(
         retries.attempts,
         retries.per_try_timeout,
         retries.retry_on,
         retries.codes,
         retries.backoff,
     )
+    return policy if policy.in_effect else None
 
 
 def _warn_ignored_timeouts(table: RouteTable) -> None:

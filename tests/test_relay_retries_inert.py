@@ -1,0 +1,98 @@
+"""A retry policy that can never fire here is no policy.
+
+Only ``5xx``, ``gateway-error``, ``reset``, ``retriable-4xx`` and
+``retriable-status-codes`` with a code retry anything on an HTTP/1.1
+exchange; the others are HTTP/2, HTTP/3 or gRPC events, need what Istio
+does not configure, or are what the relay does anyway (``connect-failure``).
+A policy of those alone held up to 64 KiB of every request for a replay
+that could not come: it is now no policy (None), unless it has a per-try
+timeout, which still answers 504 (Envoy's), with nothing held.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from l4proxy.dataplane._exchange_py import Exchange, Route
+from l4proxy.dataplane.verdict import RETRY_STATUS_CODES, RetryPolicy
+from l4proxy.rules.routing import HttpRetry
+from l4proxy.sidecar.worker import _retry_policy
+from tests.test_relay_edges_count import Counted
+from tests.test_relay_retries import (
+    STALL,
+    Scripted,
+    _client,
+    _proxy,
+    _response,
+    mode,  # noqa: F401  (fixture)
+)
+
+NEVER = [
+    ("connect-failure",),
+    ("refused-stream", "unavailable", "cancelled"),
+    ("deadline-exceeded", "internal", "resource-exhausted", "http3-post-connect-failure"),
+    ("retriable-headers", "envoy-ratelimited", "reset-before-request"),
+    ("connect-failure", "retriable-status-codes"),  # without a code
+]
+FIRES = [
+    (("5xx",), ()),
+    (("gateway-error",), ()),
+    (("reset",), ()),
+    (("retriable-4xx",), ()),
+    (("connect-failure", "retriable-status-codes"), (503,)),
+]
+POST = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("on", NEVER)
+def test_a_policy_that_never_fires_is_none_unless_it_times_tries(on: tuple[str, ...]) -> None:
+    assert _retry_policy(HttpRetry(3, 0.0, on, ())) is None
+    timed = _retry_policy(HttpRetry(3, 2.0, on, ()))
+    assert timed is not None and timed.on == 0 and timed.per_try_timeout == 2.0
+    assert timed.in_effect
+
+
+@pytest.mark.parametrize(("on", "codes"), FIRES)
+def test_a_policy_that_fires_is_kept(on: tuple[str, ...], codes: tuple[int, ...]) -> None:
+    got = _retry_policy(HttpRetry(3, 0.0, on, codes))
+    assert got is not None and got.on and got.in_effect
+
+
+def test_retriable_status_codes_without_a_code_has_no_bit() -> None:
+    assert RetryPolicy.of(2, 0.0, ["retriable-status-codes"], ()).on == 0
+    assert RetryPolicy.of(2, 0.0, ["retriable-status-codes"], (503,)).on == RETRY_STATUS_CODES
+    assert not RetryPolicy.of(0, 1.0, ["5xx"], ()).in_effect  # attempts 0: none
+
+
+@pytest.mark.parametrize(("on", "held"), [("unavailable", False), ("5xx", True)])
+def test_a_post_is_held_only_for_a_policy_that_may_retry_it(on: str, held: bool) -> None:
+    ex = Exchange()
+    (route,) = ex.client_data(POST)
+    assert isinstance(route, Route)
+    ex.retry = RetryPolicy.of(2, 1.0, [on], ())
+    ex.routed(False)
+    assert (ex._replay is not None) == held
+
+
+def test_a_per_try_timeout_alone_still_answers_504(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """Envoy's per-try timeout applies whatever retryOn says: a policy that
+    never fires here keeps it (the try past it gets the 504), no retry."""
+    up = Scripted([STALL])
+    counted = Counted()
+    relay = _proxy(mode, (up.endpoint,), RetryPolicy.of(3, 0.2, ["unavailable"], ()), counted)
+    try:
+        a = _client(relay)
+        a.sendall(POST)
+        got = _response(a, timeout=3.0)
+        assert got.startswith(b"HTTP/1.1 504 "), got
+        a.close()
+        relay.flush_reports(1.0)
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert len(up.requests) == 1
+    assert [s for s, _ in counted.rows] == [504]
+    assert stats["retries"] == 0
