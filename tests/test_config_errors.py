@@ -605,7 +605,52 @@ spec:
       attempts: 2
       retryOn: "5xx,99"
 """,
-        "spec.http[0].retries.retryOn: status code 99 is not in range 100..599",
+        "spec.http[0].retries.retryOn: '99' is not an HTTP status code Istio knows "
+        "(100..511, as Go's net/http names them)",
+        12,
+    ),
+    (
+        "retries retryOn a code Go does not name",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: "5xx,599"
+""",
+        "spec.http[0].retries.retryOn: '599' is not an HTTP status code Istio knows",
+        12,
+    ),
+    (
+        "retries retryOn a comma too many",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: "5xx,reset,"
+""",
+        "spec.http[0].retries.retryOn: '5xx,reset,' has an empty policy (a comma too many; "
+        "Istio refuses it)",
+        12,
+    ),
+    (
+        "retries retryOn with spaces",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryOn: 5xx, reset
+""",
+        "spec.http[0].retries.retryOn: ' reset' has spaces around it (Istio refuses it: "
+        "write the list without spaces, like '5xx,reset')",
         12,
     ),
     (

@@ -395,7 +395,7 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
         ),
         # bare codes are retriable status codes, and imply the policy (Istio)
         (
-            "{attempts: 1, retryOn: '503, 409,5xx,503', retryRemoteLocalities: true}",
+            "{attempts: 1, retryOn: '503,409,5xx,503', retryRemoteLocalities: true}",
             HttpRetry(1, 0.0, ("5xx", "retriable-status-codes"), (503, 409)),
         ),
         # backoff: the base interval between tries (Envoy's 25 ms without it)
@@ -404,6 +404,11 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
             HttpRetry(2, 0.0, ("5xx",), (), 0.1),
         ),
         ("{attempts: 0, retryOn: 5xx}", None),  # Istio: retries disabled
+        # a sign, as Go's strconv.Atoi reads one (Istio's validation, its converter)
+        (
+            "{attempts: 1, retryOn: '+503,reset'}",
+            HttpRetry(1, 0.0, ("reset", "retriable-status-codes"), (503,)),
+        ),
         ("{perTryTimeout: 1s}", None),  # (attempts 0)
     ],
 )
@@ -435,6 +440,50 @@ def test_virtual_service_retries_compile(
     svc = table.service(HOST)
     assert svc is not None
     assert table.decide(svc, 8080, Request(path="/")).retries == expected
+
+
+@pytest.mark.parametrize(
+    ("retries", "said"),
+    [
+        ("{attempts: 0, retryOn: 5xx}", "retryOn does nothing"),
+        (
+            "{perTryTimeout: 1s, retryRemoteLocalities: false}",
+            "perTryTimeout, retryRemoteLocalities do nothing",
+        ),
+        ("{attempts: 0}", None),
+        ("{attempts: 0, retryOn: ''}", None),
+    ],
+)
+def test_retries_of_no_attempts_that_say_more_warn(
+    tmp_path: Path, retries: str, said: str | None
+) -> None:
+    """attempts 0 (or none) turns retries off (Istio's ConvertPolicy): a
+    perTryTimeout, retryOn or retryRemoteLocalities beside it does nothing,
+    which recent Istio's validation refuses; said in a warning here."""
+    vs = f"""\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {{name: bootcamp}}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - route:
+        - destination: {{host: bootcamp}}
+        retries: {retries}
+    """
+    result = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY])
+    (route,) = result.table.routes_for(HOST)
+    assert route.retries is None
+    warned = [d for d in result.notes if "retries" in d.message]
+    if said is None:
+        assert not warned, warned
+        return
+    (warning,) = warned
+    assert warning.severity == "warning" and warning.line == 9
+    assert (
+        f"spec.http[0].retries: attempts is 0 (or not given): retries are off, so {said} "
+        "(recent Istio refuses this)"
+    ) in warning.message, warning.message
 
 
 def test_route_rule_match_compiles(tmp_path: Path) -> None:

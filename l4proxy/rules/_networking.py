@@ -293,26 +293,70 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     if attempts is None or per_try is None or policies is None or backoff is None or not ok:
         return False, None
     if attempts == 0:
+        given = [
+            k
+            for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities")
+            if r.get(k) not in (None, "")
+        ]
+        if given:
+            # (recent Istio's validateHTTPRetry refuses it: "http retry policy
+            # configured when attempts are set to 0 (disabled)")
+            ctx.warning(
+                path,
+                f"{dotted(path)}: attempts is 0 (or not given): retries are off, so "
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing "
+                f"(recent Istio refuses this)",
+            )
         return True, None  # Istio: "If 0, retries will be disabled"
     return True, HttpRetry(attempts, per_try, policies, codes, backoff)
 
 
+# The status codes Istio's validation takes in retryOn: those Go's
+# http.StatusText() names (validateHTTPRetry: strconv.Atoi, then StatusText)
+_ISTIO_STATUS_CODES = frozenset(
+    {100, 101, 102, 103, *range(200, 209), 226, *range(300, 306), 307, 308}
+    | {*range(400, 419), 421, 422, 423, 424, 425, 426, 428, 429, 431, 451}
+    | {*range(500, 509), 510, 511}
+)
+_ATOI = re.compile(r"[+-]?[0-9]+")  # (Go's strconv.Atoi: ASCII digits, one sign)
+
+
 def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
-    """retryOn: (policy names, status codes), each once, in order."""
+    """retryOn: (policy names, status codes), each once, in order. As
+    Istio's validation (validateHTTPRetry) takes it: split at each comma,
+    every part a policy Envoy knows or a status code Go names, as written:
+    no spaces around it, no empty part (a comma too many)."""
     if not isinstance(value, str):
         ctx.error(path, f"{dotted(path)} must be a string like '5xx,reset', not {type_name(value)}")
         return None
     policies: list[str] = []
     codes: list[int] = []
     ok = True
-    for part in value.split(","):
-        token = part.strip()
-        if not token:
+    for token in value.split(","):
+        if not token.strip():
+            ctx.error(
+                path,
+                f"{dotted(path)}: {value!r} has an empty policy (a comma too many; "
+                f"Istio refuses it)",
+            )
+            ok = False
             continue
-        if token.isascii() and token.isdigit():  # (str.isdigit: '²' too, int() refuses it)
+        if token != token.strip():
+            ctx.error(
+                path,
+                f"{dotted(path)}: {token!r} has spaces around it (Istio refuses it: "
+                f"write the list without spaces, like '5xx,reset')",
+            )
+            ok = False
+            continue
+        if _ATOI.fullmatch(token):  # (str.isdigit: '²' too, int() refuses it)
             code = int(token)
-            if not 100 <= code <= 599:
-                ctx.error(path, f"{dotted(path)}: status code {token} is not in range 100..599")
+            if code not in _ISTIO_STATUS_CODES:
+                ctx.error(
+                    path,
+                    f"{dotted(path)}: {token!r} is not an HTTP status code Istio knows "
+                    f"(100..511, as Go's net/http names them)",
+                )
                 ok = False
             elif code not in codes:
                 codes.append(code)
