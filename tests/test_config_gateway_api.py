@@ -136,15 +136,6 @@ CASES = [
         10,
     ),
     (
-        "timeouts.backendRequest without a retry refused by name",
-        HR
-        + MESH
-        + "  rules:\n  - timeouts: {request: 2s, backendRequest: 1s}\n"
-        + backends(("bootcamp-v1", 1)),
-        "spec.rules[0].timeouts.backendRequest is not implemented by l4proxy",
-        9,
-    ),
-    (
         "timeouts.backendRequest longer than timeouts.request",
         HR
         + MESH
@@ -405,6 +396,60 @@ def test_timeouts_request_equals_virtualservice_timeout(tmp_path: Path) -> None:
     assert a == b
     routes = a.routes_for("bootcamp.default.svc.cluster.local")
     assert [r.timeout for r in routes] == [0.0, 60.5]
+
+
+@pytest.mark.parametrize("retry", ["", "    retry: null\n"])
+def test_backend_request_without_a_retry_is_the_route_timeout(tmp_path: Path, retry: str) -> None:
+    """Without a retry (absent, or null: the same to Kubernetes) there is one
+    try, and timeouts.backendRequest its timeout: Istio's converter makes it
+    the route's (vs.Timeout, over timeouts.request). retry: null kept
+    backendRequest past the check that refused it without a retry, then
+    dropped it silently."""
+    hr = (
+        HR
+        + MESH
+        + "  rules:\n  - timeouts: {request: 10s, backendRequest: 1500ms}\n"
+        + retry
+        + backends(("bootcamp-v1", None))
+    )
+    vs = """\
+    apiVersion: networking.istio.io/v1beta1
+    kind: VirtualService
+    metadata: {name: bootcamp}
+    spec:
+      hosts: [bootcamp]
+      http:
+      - route:
+        - destination: {host: bootcamp-v1, port: {number: 8080}}
+        timeout: 1.5s
+    """
+    result = load_rules([write(tmp_path, hr), PER_VERSION], seed=1)
+    assert not [d for d in result.notes if d.severity != "note"], result.notes
+    b = load_rules([write(tmp_path, vs, "vs.yaml"), PER_VERSION], seed=1).table
+    assert result.table == b
+    (route,) = result.table.routes_for("bootcamp.default.svc.cluster.local")
+    assert route.timeout == 1.5 and route.retries is None
+
+
+def test_backend_request_beside_a_retry_of_no_attempts_warns(tmp_path: Path) -> None:
+    """retry.attempts 0 turns the policy off, and the per-try timeout Istio
+    puts in it with it (ConvertPolicy: attempts <= 0 is no policy): said,
+    not silent; timeouts.request stays the route's timeout."""
+    hr = (
+        HR
+        + MESH
+        + "  rules:\n  - timeouts: {request: 10s, backendRequest: 2s}\n"
+        + "    retry: {attempts: 0}\n"
+        + backends(("bootcamp-v1", None))
+    )
+    result = load_rules([write(tmp_path, hr), PER_VERSION], seed=1)
+    (warning,) = [d for d in result.notes if "backendRequest" in d.message]
+    assert warning.severity == "warning" and warning.line == 9, warning
+    assert "spec.rules[0].timeouts.backendRequest does nothing: retry.attempts 0" in (
+        warning.message
+    )
+    (route,) = result.table.routes_for("bootcamp.default.svc.cluster.local")
+    assert route.timeout == 10.0 and route.retries is None
 
 
 def test_httproute_equals_virtualservice_and_destinationrule_dns_registry(

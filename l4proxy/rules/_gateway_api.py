@@ -43,10 +43,12 @@ response). Its ``retry`` (experimental, GEP-1731) is the route's retry
 policy as Istio converts it to a VirtualService's ``http[].retries``:
 ``attempts`` (default 2; 0: none), the status ``codes``, and connection
 failures, after a ``backoff`` (the base interval between tries);
-``timeouts.backendRequest`` is then the per-try timeout. Refused by
+``timeouts.backendRequest`` is then the per-try timeout, and without a
+``retry`` (absent or null) the route's timeout in place of
+``timeouts.request`` (the one try's: Istio's conversion); with ``attempts:
+0`` it does nothing (Istio's too), said in a warning. Refused by
 name: filters (the data plane forwards a connection's bytes untouched and
-cannot rewrite, redirect or mirror), ``timeouts.backendRequest`` without a
-``retry``, session persistence,
+cannot rewrite, redirect or mirror), session persistence,
 cross-namespace references (no ReferenceGrant), TLS listeners and listener
 protocols other than HTTP.
 """
@@ -363,14 +365,28 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
     ok = True
     if "name" in r:
         ok = dns_label(ctx, r["name"], (*path, "name")) is not None
-    timeouts = _timeouts(ctx, r.get("timeouts"), (*path, "timeouts"), "retry" in r)
+    timeouts = _timeouts(ctx, r.get("timeouts"), (*path, "timeouts"))
     timeout = None if timeouts is None else timeouts[0]
     ok = ok and timeouts is not None
     retries: HttpRetry | None = None
+    backend = timeouts[1] if timeouts is not None else 0.0
     if r.get("retry") is not None:
-        per_try = timeouts[1] if timeouts is not None else 0.0
-        retry_ok, retries = _retry(ctx, r["retry"], (*path, "retry"), per_try)
+        retry_ok, retries = _retry(ctx, r["retry"], (*path, "retry"), backend)
         ok = ok and retry_ok
+        if retry_ok and retries is None and backend:
+            # Istio's converter makes it the per-try timeout of a retry
+            # policy that attempts 0 disables: gone with it
+            bpath = (*path, "timeouts", "backendRequest")
+            ctx.warning(
+                bpath,
+                f"{dotted(bpath)} does nothing: retry.attempts 0 turns the retry policy off, "
+                f"and the per-try timeout with it (as in Istio); timeouts.request is the "
+                f"route's timeout",
+            )
+    elif backend:
+        # no retry (absent, or null): the one try's timeout is the route's,
+        # as Istio's converter makes it (backendRequest over request)
+        timeout = backend
     _refuse_filters(ctx, r.get("filters"), (*path, "filters"))
     if r.get("filters"):
         ok = False
@@ -393,20 +409,13 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
     return HttpRuleDraft(name, matches, backends, Where(ctx, path), timeout, retries)
 
 
-def _timeouts(ctx: Ctx, value: Any, path: Path, retry: bool) -> tuple[float, float] | None:
+def _timeouts(ctx: Ctx, value: Any, path: Path) -> tuple[float, float] | None:
     """(``timeouts.request``, ``timeouts.backendRequest``) in seconds (0:
-    none, also for "0s"); None: an error. *retry*: the rule has a retry, of
-    which backendRequest is the per-try timeout (as Istio converts it)."""
-    t = fields(
-        ctx,
-        value,
-        path,
-        allowed=("request", "backendRequest") if retry else ("request",),
-        unimplemented={}
-        if retry
-        else {"backendRequest": "a timeout per attempt needs a retry; use timeouts.request"},
-    )
-    if t is None or (not retry and "backendRequest" in t):
+    none, also for "0s"); None: an error. backendRequest is the per-try
+    timeout of the rule's retry, or the route's timeout without one (as
+    Istio converts it)."""
+    t = fields(ctx, value, path, allowed=("request", "backendRequest"))
+    if t is None:
         return None
     request: float | None = 0.0
     if t.get("request") is not None:
