@@ -79,7 +79,12 @@ jittered exponential backoff first (``RetryPolicy.backoff_s``, drawn from
 this relay's ``random.Random``): the connection has no upstream then, no
 per-try timer runs, the route timeout does (its 504 ends the wait); the
 loop wakes for the soonest backoff (``_next_backoff``; the tick is too
-coarse) and sends those due (``_backoffs_due``).
+coarse) and sends those due (``_backoffs_due``). While a request is in
+flight under a policy the client, not read then, is watched for its reset
+(``EPOLLRDHUP``, and the ``EPOLLHUP``/``EPOLLERR`` that come anyway): a
+client gone ends the exchange, its upstream closed, no retry more (the
+compiled twin's lazy ``EPOLLIN`` does the same); a FIN alone is a
+half-close, watched no more, its answer still due.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -188,6 +193,7 @@ class _Conn:
     closing: float = 0.0  # lingering-close deadline, 0: not closing
     quiet: bool = False  # closing: the client cannot send more (no lingering read)
     eof: bool = False  # closing: the client half-closed; its answer still goes out
+    fin_seen: bool = False  # its FIN came (EPOLLRDHUP) while not read: watched no more
     mask: int = 0
     fd: int = -1
     tag: Any = None  # the last routed request's Decision.tag (outlier reports)
@@ -520,8 +526,10 @@ class HttpRelay:
                     c.head_started = now
                 self._perform(c, c.ex.client_data(data), now)
         elif ev & (_EPOLLHUP | _EPOLLERR) and not c.out:
-            self._abort(c)  # gone while we waited for its upstream
+            self._abort(c)  # gone while we waited for its upstream (or a retry)
             return
+        elif ev & _EPOLLRDHUP:
+            c.fin_seen = True  # half-closed (see _interest): its answer still goes out
         if c.fd in self._conns:
             self._interest(c)
             # The client took what was held for it: its upstream is read
@@ -947,6 +955,19 @@ class HttpRelay:
             want |= _EPOLLOUT
         if (c.closing and not c.eof) or self._reading_client(c):
             want |= _EPOLLIN
+        elif (
+            c.ex.retry is not None
+            and not c.closing
+            and not c.fin_seen
+            and c.ex.phase in (Phase.ROUTING, Phase.EXCHANGE)
+        ):
+            # Its request in flight under a retry policy, the client is not
+            # read: watched for its reset (EPOLLHUP, EPOLLERR: _client_event
+            # ends it), else tries and backoffs went on for a client gone
+            # (the compiled twin's lazy EPOLLIN sees it). Its FIN alone is a
+            # half-close, whose answer still goes out: watched no more then
+            # (level-triggered, it would fire for ever).
+            want |= _EPOLLRDHUP
         self._set_mask(c.fd, c, want)
 
     def _interest_up(self, up: _Up) -> None:
