@@ -80,20 +80,24 @@ final response head (``head_out``: a status the policy names), the
 upstream's end before that head (``on_upstream_eof``), a response head that
 cannot be framed (``HttpRelay._response``: a protocol error, a reset to
 Envoy, where the 502 went without a policy) and the per-try timer
-(``tick``), each through ``can_retry`` and ``policy_retry``. Without a
-policy each of these costs a test of ``c.retry``, the steady state nothing
-more. A retry waits Envoy's jittered exponential backoff first
+(``exchange_timer``), each through ``can_retry`` and ``policy_retry``.
+Without a policy each of these costs a test of ``c.retry``, the steady
+state nothing more. A retry waits Envoy's jittered exponential backoff first
 (``backoff_delay``: uniformly random in [0, (2^n - 1) * base) before the
 n-th, at most 10 times base; base 25 ms unless the policy says, drawn from
 ``Relay.jitter``, a xorshift of its own seeded from Python): the connection
 waits in ``P_CONNECT`` without an upstream, ``c.backoff_until`` set, no
 per-try timer running (Envoy starts it when the retry is sent), the route
-timeout running (its 504 ends the wait). ``R.next_backoff`` (no later than
-the soonest wait's end) shortens the epoll timeout, the tick being too
-coarse; when it passes, ``backoffs_due`` scans the connections once and
-sends the retries due (``retry_send``). The relay's own retries (a failed
-connect's next endpoint, the reused connection's one retry) go at once, as
-Envoy's do.
+timeout running (its 504 ends the wait). ``R.next_timer``, no later than
+the soonest of every wait's end, route deadline (``resp_deadline``) and
+per-try deadline, shortens the epoll timeout, the 0.25 s tick being too
+coarse: a timeout of 100 ms fires at 100 ms, as Envoy's, not up to a tick
+later. Where one of them is set, a compare and a store keep it so; when it
+passes, ``timers_due`` scans the connections once, fires the timers due
+(``exchange_timer``), sends the retries due (``retry_send``) and finds the
+soonest again (the steady state scans about once per route timeout). The
+relay's own retries (a failed connect's next endpoint, the reused
+connection's one retry) go at once, as Envoy's do.
 
 Outlier detection
 -----------------
@@ -374,6 +378,7 @@ cdef enum:
     CT_PY_HEADS
     CT_URGENT
     CT_RETRIES
+    CT_TIMER_SCANS
     N_CT
 
 _STAT_NAMES = (
@@ -382,7 +387,7 @@ _STAT_NAMES = (
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
-    "retries",
+    "retries", "timer_scans",
 )
 
 
@@ -653,7 +658,8 @@ cdef struct Relay:
     bint keys_overflow     # more names than keys: a verdict reading headers is not cached
     double next_tick
     double next_flush
-    double next_backoff    # the soonest Conn.backoff_until, or earlier (0: none)
+    double next_timer      # the soonest of every Conn's backoff_until, resp_deadline
+                           # and try_deadline, or earlier (0: none; timers_due())
     uint64_t jitter        # backoff_delay()'s xorshift state (not rng: weights stay as seeded)
     bint flush_due
     int n_head_timeouts    # for refused("header_timeout"), on the next return
@@ -1747,13 +1753,19 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
 
 
 
-cdef inline void request_read(Conn *c, double now) noexcept nogil:
+cdef inline void request_read(Relay *R, Conn *c, double now) noexcept nogil:
     """The request was read whole (c.req_left 0): its route timeout runs
-    from now (Envoy's, from the end of the downstream request)."""
+    from now (Envoy's, from the end of the downstream request), and its
+    first try's per-try timeout; R.next_timer no later than either (a
+    compare, a store at most: timers_due())."""
     if c.timeout > 0 and c.resp_deadline == 0:
         c.resp_deadline = now + c.timeout
+        if R.next_timer == 0 or c.resp_deadline < R.next_timer:
+            R.next_timer = c.resp_deadline
     if c.retry != NULL and c.retry.per_try > 0 and c.try_deadline == 0:
         c.try_deadline = now + c.retry.per_try  # (the first try's)
+        if R.next_timer == 0 or c.try_deadline < R.next_timer:
+            R.next_timer = c.try_deadline
 
 
 cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
@@ -1801,8 +1813,8 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     endpoint first (retry_order), its per-try timer started again then
     (_policy_retry in _exchange_py.py; the route timeout runs on, and
     answers 504 should it pass during the backoff). Meanwhile c waits in
-    P_CONNECT without an upstream, c.backoff_until set, R.next_backoff no
-    later than it (backoffs_due())."""
+    P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
+    later than it (timers_due())."""
     cdef EP *ep = c.up.ep
     if why >= 0:
         outcome(R, c, ep, why)
@@ -1825,48 +1837,78 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     retry_order(c, ep)
     c.phase = P_CONNECT
     c.backoff_until = now + backoff_delay(R, c.retry, c.tries)
-    if R.next_backoff == 0 or c.backoff_until < R.next_backoff:
-        R.next_backoff = c.backoff_until
+    if R.next_timer == 0 or c.backoff_until < R.next_timer:
+        R.next_timer = c.backoff_until
 
 
 cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
     """A retry's backoff passed: its per-try timer starts, and its connect."""
     c.backoff_until = 0
-    c.try_deadline = now + c.retry.per_try if c.retry.per_try > 0 else 0
+    c.try_deadline = 0
+    if c.retry.per_try > 0:
+        c.try_deadline = now + c.retry.per_try
+        if R.next_timer == 0 or c.try_deadline < R.next_timer:
+            R.next_timer = c.try_deadline
     connect_to(R, c, c.cand[0], now)
 
 
-cdef void backoffs_due(Relay *R, double now) noexcept nogil:
-    """R.next_backoff passed: the retries whose backoff passed are sent,
-    and R.next_backoff becomes the soonest of the others (0: none). A scan
-    of the connections per firing: retries are rare, the steady state
-    never comes here. A connection whose exchange ended otherwise during
-    its backoff (the route timeout's 504, the client gone) is not waiting
-    any more: reset_exchange(), start_close() and conn_forget() see to it;
-    one in any other state is dropped from the wait rather than left due
-    for ever (the loop would spin)."""
+cdef void timers_due(Relay *R, double now) noexcept nogil:
+    """R.next_timer passed: one scan of the connections fires what is due
+    (exchange_timer(): the route timeout, the per-try timeout; then a
+    retry's backoff: retry_send()), and R.next_timer becomes the soonest
+    of what still runs (0: none). A compare and a store where a deadline is
+    set is all the hot path pays; the steady state (keep-alive requests
+    answered well within a route timeout) comes here about once per timeout:
+    after a scan the soonest is the oldest request in flight's, a timeout
+    from its start. No spin: a deadline of a connection the loop judges
+    (need N_NONE) is left in the past only where it no longer applies (a
+    per-try timer once a final head went out; either outside an exchange,
+    where no timer judges it, as before), and such a one is not counted; a
+    connection waiting on Python counts with whatever it has, Python
+    answering (run() returns for it) before the loop waits again. A connection whose exchange ended
+    otherwise during its backoff (the route timeout's 504, the client gone)
+    is not waiting any more: reset_exchange(), start_close() and
+    conn_forget() see to it; one in any other state is dropped from the
+    wait rather than left due for ever."""
     cdef int i = 0
     cdef Conn *c
     cdef double soonest = 0
-    R.next_backoff = 0  # (what a retry_send() below schedules, if anything, sets it)
+    cdef bint judged
+    L4R_ADD(&R.ctr[<int>CT_TIMER_SCANS], 1)
+    R.next_timer = 0  # (what is scheduled below, if anything, sets it)
     while i < R.n_conns:
         c = R.conns[i]
         i += 1
-        if c.backoff_until == 0:
-            continue
-        if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE or c.retry == NULL:
-            c.backoff_until = 0
-            continue
-        if c.backoff_until <= now:
-            retry_send(R, c, now)
-            settle(R, c)
+        judged = c.phase == P_CONNECT or c.phase == P_EXCH
+        if c.need == N_NONE and judged and exchange_timer(R, c, now):
+            if not c.closed:
+                settle(R, c)  # a 504 goes out now
             if c.closed:
                 i -= 1  # conn_forget() moved the last one here
                 continue
-        if c.backoff_until and (soonest == 0 or c.backoff_until < soonest):
-            soonest = c.backoff_until
-    if soonest and (R.next_backoff == 0 or soonest < R.next_backoff):
-        R.next_backoff = soonest
+            judged = c.phase == P_CONNECT or c.phase == P_EXCH
+        if c.backoff_until:
+            if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE or c.retry == NULL:
+                c.backoff_until = 0
+            elif c.backoff_until <= now:
+                retry_send(R, c, now)
+                settle(R, c)
+                if c.closed:
+                    i -= 1  # conn_forget() moved the last one here
+                    continue
+                judged = c.phase == P_CONNECT or c.phase == P_EXCH
+            elif soonest == 0 or c.backoff_until < soonest:
+                soonest = c.backoff_until
+        if not judged:
+            continue
+        if c.resp_deadline and (c.resp_deadline > now or c.need != N_NONE) \
+                and (soonest == 0 or c.resp_deadline < soonest):
+            soonest = c.resp_deadline
+        if c.try_deadline and c.rs == RS_HEAD and (c.try_deadline > now or c.need != N_NONE) \
+                and (soonest == 0 or c.try_deadline < soonest):
+            soonest = c.try_deadline
+    if soonest and (R.next_timer == 0 or soonest < R.next_timer):
+        R.next_timer = soonest
 
 
 cdef inline int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
@@ -2595,7 +2637,7 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
             upstream_send_failed(R, c, now)
     elif c.req_left == 0 and c.piped == 0:
         splice_stop(c)
-        request_read(c, now)
+        request_read(R, c, now)
         if c.rs == RS_DONE:
             complete(R, c, False, False, now)
 
@@ -2664,7 +2706,7 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
             buf_free(&c.replay)
             c.replayable = False
     if c.req_left == 0:
-        request_read(c, now)
+        request_read(R, c, now)
     c.phase = P_EXCH
     c.rs = RS_HEAD
     if flush_up(R, u) != 0:
@@ -2783,7 +2825,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
             c.replayable = True
             replay_add(c, c.rhead.p, c.rhead.len)
     if c.req_left == 0:
-        request_read(c, now)  # a request without a body: its connect counts
+        request_read(R, c, now)  # a request without a body: its connect counts
     ep = c.cand[0]
     if ep.idle_head != NULL:
         u = ep.idle_head
@@ -3210,7 +3252,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                     conn_abort(R, c)
                     return
             if c.req_left == 0:
-                request_read(c, now)
+                request_read(R, c, now)
             if flush_up(R, c.up) != 0:
                 upstream_send_failed(R, c, now)
             elif c.req_left == 0 and c.rs == RS_DONE:
@@ -3448,7 +3490,8 @@ cdef void watch_listeners(Relay *R, double now) noexcept nogil:
 
 
 cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
-    """An exchange's timers (tick()): whether one passed and was acted on.
+    """An exchange's timers (timers_due(); the tick's too, a backstop): whether
+    one passed and was acted on.
 
     The route timeout first, before the connect timeout (the request is
     over, whatever its connect does); then the retry policy's per-try
@@ -3562,8 +3605,8 @@ cdef int run(Relay *R) noexcept nogil:
     while True:
         now = now_s()
         wake = R.next_tick
-        if R.next_backoff and R.next_backoff < wake:
-            wake = R.next_backoff  # a retry's backoff: the tick is too coarse
+        if R.next_timer and R.next_timer < wake:
+            wake = R.next_timer  # a deadline or a backoff: the tick is too coarse
         timeout = <int>((wake - now) * 1000) + 1
         if timeout < 0:
             timeout = 0
@@ -3606,8 +3649,8 @@ cdef int run(Relay *R) noexcept nogil:
         if now >= R.next_tick:
             tick(R, now)
             R.next_tick = now + TICK_S
-        if R.next_backoff and now >= R.next_backoff:
-            backoffs_due(R, now)
+        if R.next_timer and now >= R.next_timer:
+            timers_due(R, now)
         if R.n_lsts:
             watch_listeners(R, now)
         bury(R)
