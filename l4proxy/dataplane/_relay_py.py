@@ -78,13 +78,19 @@ it bounds every try together, as Envoy's. A policy's retry waits Envoy's
 jittered exponential backoff first (``RetryPolicy.backoff_s``, drawn from
 this relay's ``random.Random``): the connection has no upstream then, no
 per-try timer runs, the route timeout does (its 504 ends the wait); the
-loop wakes for the soonest backoff (``_next_backoff``; the tick is too
-coarse) and sends those due (``_backoffs_due``). While a request is in
-flight under a policy the client, not read then, is watched for its reset
-(``EPOLLRDHUP``, and the ``EPOLLHUP``/``EPOLLERR`` that come anyway): a
-client gone ends the exchange, its upstream closed, no retry more (the
-compiled twin's lazy ``EPOLLIN`` does the same); a FIN alone is a
-half-close, watched no more, its answer still due.
+loop wakes for the soonest of every backoff's end, route deadline and
+per-try deadline (``_next_timer``, kept no later than each where it is set;
+the 0.25 s tick is too coarse: a timeout of 100 ms fires at 100 ms, as
+Envoy's), fires the timers due, sends the retries due and finds the soonest
+again (``_timers_due``: one scan; about once per route timeout in the
+steady state, the soonest then being the oldest request in flight's). The
+tick (idle, header and connect timeouts, the pool's expiry) judges the
+exchanges' timers too, a backstop. While a request is in flight under a
+policy the client, not read then, is watched for its reset (``EPOLLRDHUP``,
+and the ``EPOLLHUP``/``EPOLLERR`` that come anyway): a client gone ends the
+exchange, its upstream closed, no retry more (the compiled twin's lazy
+``EPOLLIN`` does the same); a FIN alone is a half-close, watched no more,
+its answer still due.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -258,7 +264,8 @@ class HttpRelay:
         self._ups: dict[int, _Up] = {}  # every upstream fd: checked out or idle
         self._idle: dict[int, _Up] = {}
         self._deadlines: dict[int, float] = {}  # connecting upstream fd -> deadline
-        self._next_backoff = 0.0  # the soonest _Conn.backoff_until, or earlier (0: none)
+        # the soonest _Conn.backoff_until, deadline or try_deadline, or earlier (0: none)
+        self._next_timer = 0.0
         self._random = random.Random()  # the backoffs' jitter
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -269,6 +276,7 @@ class HttpRelay:
                 "timeouts",
                 "errors",
                 "retries",
+                "timer_scans",
             ),
             0,
         )
@@ -361,8 +369,8 @@ class HttpRelay:
         while True:
             try:
                 wake = next_tick
-                if self._next_backoff and self._next_backoff < wake:
-                    wake = self._next_backoff  # a retry's backoff: the tick is too coarse
+                if self._next_timer and self._next_timer < wake:
+                    wake = self._next_timer  # a deadline or a backoff: the tick is too coarse
                 events = self.ep.poll(max(0.0, wake - time.monotonic()), 256)
                 now = time.monotonic()
                 # Whose each event is, as the batch starts: a number closed
@@ -385,8 +393,8 @@ class HttpRelay:
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + _TICK
-                if self._next_backoff and now >= self._next_backoff:
-                    self._backoffs_due(now)
+                if self._next_timer and now >= self._next_timer:
+                    self._timers_due(now)
             except Exception:  # the thread must not die: count and go on
                 self.counters["errors"] += 1
 
@@ -645,14 +653,18 @@ class HttpRelay:
             c.head_started = now  # the rest of a pipelined segment: timed from here
         if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
             c.deadline = now + c.timeout  # the route timeout runs from here
+            if not self._next_timer or c.deadline < self._next_timer:
+                self._next_timer = c.deadline
         if (
             c.per_try
             and not c.try_deadline
-            and not c.backoff_until  # (a retry's: from its send, _backoffs_due)
+            and not c.backoff_until  # (a retry's: from its send, _timers_due)
             and c.fd in self._conns
             and c.ex.request_complete
         ):
             c.try_deadline = now + c.per_try  # ... and the first try's
+            if not self._next_timer or c.try_deadline < self._next_timer:
+                self._next_timer = c.try_deadline
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
         while c.todo:
@@ -688,14 +700,14 @@ class HttpRelay:
                 c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
                 if a.policy and c.ex.retry is not None:
-                    # after its backoff (_backoffs_due), its per-try timer
+                    # after its backoff (_timers_due), its per-try timer
                     # from then on, as Envoy's
                     self.counters["retries"] += 1
                     c.try_deadline = 0.0
                     wait = c.ex.retry.backoff_s(c.ex.tries, self._random.random())
                     c.backoff_until = now + wait
-                    if not self._next_backoff or c.backoff_until < self._next_backoff:
-                        self._next_backoff = c.backoff_until
+                    if not self._next_timer or c.backoff_until < self._next_timer:
+                        self._next_timer = c.backoff_until
                     continue
                 self._connect(c, c.candidates[0], now)
             elif isinstance(a, Done):
@@ -1041,22 +1053,29 @@ class HttpRelay:
         self.counters["errors"] += 1
         self._close_client(c, reset=True)
 
-    def _backoffs_due(self, now: float) -> None:
-        """_next_backoff passed: the policy's retries whose backoff passed
-        connect now (their per-try timer starts), and _next_backoff becomes
-        the soonest of the others (0: none). A scan of the connections per
-        firing: retries are rare. A connection whose request ended during
-        its backoff (the route timeout's 504: _count; closed: gone from
-        _conns) waits no more."""
-        self._next_backoff = 0.0  # (what a connect below schedules, if anything, sets it)
+    def _timers_due(self, now: float) -> None:
+        """_next_timer passed: one scan of the connections fires the route
+        and per-try timeouts due (_exchange_timers), then sends the policy's
+        retries whose backoff passed (their per-try timer starts), and
+        _next_timer becomes the soonest of what still runs (0: none). A
+        deadline past is fired and cleared here, never left due (the loop
+        would spin). A connection whose request ended during its backoff
+        (the route timeout's 504: _count; closed: gone from _conns) waits
+        no more."""
+        self.counters["timer_scans"] += 1
+        self._next_timer = 0.0  # (what is scheduled below, if anything, sets it)
         soonest = 0.0
         for c in list(self._conns.values()):
-            if not c.backoff_until or c.fd not in self._conns:
+            if c.fd not in self._conns:
                 continue
-            if c.up is not None or c.ex.phase not in (Phase.ROUTING, Phase.EXCHANGE):
+            self._exchange_timers(c, now)
+            if c.fd not in self._conns:
+                continue
+            if c.backoff_until and (
+                c.up is not None or c.ex.phase not in (Phase.ROUTING, Phase.EXCHANGE)
+            ):
                 c.backoff_until = 0.0  # (its exchange ended otherwise: not due for ever)
-                continue
-            if c.backoff_until <= now:
+            if c.backoff_until and c.backoff_until <= now:
                 c.backoff_until = 0.0
                 c.try_deadline = now + c.per_try if c.per_try else 0.0
                 try:
@@ -1066,32 +1085,38 @@ class HttpRelay:
                 except Exception:  # OSError, or a bug: this connection, not the thread
                     self._abort(c)
                     continue
-            if c.backoff_until and (not soonest or c.backoff_until < soonest):
-                soonest = c.backoff_until
-        if soonest and (not self._next_backoff or soonest < self._next_backoff):
-            self._next_backoff = soonest
+            for t in (c.backoff_until, c.deadline, c.try_deadline):
+                if t > now and (not soonest or t < soonest):
+                    soonest = t
+        if soonest and (not self._next_timer or soonest < self._next_timer):
+            self._next_timer = soonest
+
+    def _exchange_timers(self, c: _Conn, now: float) -> None:
+        """c's route and per-try timeouts, fired (and cleared) when past."""
+        if c.deadline and c.deadline <= now and c.fd in self._conns:
+            # the route timeout: before the connect timeout (the request
+            # is over, whatever its connect does)
+            self.counters["timeouts"] += 1
+            c.deadline = 0.0
+            try:
+                self._perform(c, c.ex.upstream_timeout(), now)
+            except Exception:  # OSError, or a bug: this connection, not the thread
+                self._abort(c)
+        if c.try_deadline and c.try_deadline <= now and c.fd in self._conns:
+            # the retry policy's per-try timeout (Retry sets it again)
+            c.try_deadline = 0.0
+            try:
+                actions = c.ex.try_timeout()
+                if actions:
+                    self.counters["timeouts"] += 1
+                self._perform(c, actions, now)
+            except Exception:  # OSError, or a bug: this connection, not the thread
+                self._abort(c)
 
     def _tick(self, now: float) -> None:
         for c in list(self._conns.values()):
-            if c.deadline and c.deadline <= now and c.fd in self._conns:
-                # the route timeout: before the connect timeout (the request
-                # is over, whatever its connect does)
-                self.counters["timeouts"] += 1
-                c.deadline = 0.0
-                try:
-                    self._perform(c, c.ex.upstream_timeout(), now)
-                except Exception:  # OSError, or a bug: this connection, not the thread
-                    self._abort(c)
-            if c.try_deadline and c.try_deadline <= now and c.fd in self._conns:
-                # the retry policy's per-try timeout (Retry sets it again)
-                c.try_deadline = 0.0
-                try:
-                    actions = c.ex.try_timeout()
-                    if actions:
-                        self.counters["timeouts"] += 1
-                    self._perform(c, actions, now)
-                except Exception:  # OSError, or a bug: this connection, not the thread
-                    self._abort(c)
+            # (_timers_due fires these on time: here a backstop)
+            self._exchange_timers(c, now)
         for fd, deadline in list(self._deadlines.items()):
             up = self._ups.get(fd)
             if deadline <= now and up is not None and up.owner is not None:
