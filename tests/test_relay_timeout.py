@@ -8,9 +8,9 @@ never pooled (its late answer would be the next request's). A response that
 began and then stalls: the client connection is reset. Without a timeout
 (or with one not reached) nothing changes.
 
-Timings are not asserted tightly: a 0.2 s timeout must fire (the relays'
-timers tick every 0.25 s), and without one nothing may come in a window
-longer than that.
+Timings are not asserted tightly: a 0.2 s timeout must fire, and without
+one nothing may come in a window longer than that (that it fires on time,
+not at the relays' 0.25 s tick: test_relay_timers_on_time.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Route and per-try timeouts fire on time, not on the 0.25 s tick (both
+twins, real sockets).
+
+Each relay's loop wakes for the soonest deadline it has (a route timeout, a
+per-try timeout, a retry's backoff), as Envoy's timers fire, where it once
+judged them at its 0.25 s tick only: a 50 ms timeout fired anywhere between
+50 and 300 ms. The timings are asserted with bounds the tick cannot meet
+whatever the load: back-to-back requests on one connection, each one's
+timer started just after the previous one's fired, so that a tick-driven
+timer took a whole tick per request. And the steady state is counted, not
+timed: keep-alive requests answered well within their route timeout wake
+the loop's timer scan about once per timeout, never per request.
+"""
+
+from __future__ import annotations
+
+import time
+
+from l4proxy.dataplane.verdict import RetryPolicy
+from tests.test_relay_retries import (
+    GET,
+    STALL,
+    Scripted,
+    _client,
+    _proxy,
+    _response,
+    _status,
+    mode,  # noqa: F401  (fixture)
+)
+
+TICK = 0.25  # the relays' tick (TICK_S, _TICK)
+N = 8  # requests, one after another on one connection
+
+
+def test_a_route_timeout_fires_on_time_not_on_the_tick(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """A 50 ms route timeout and a backend that never answers: N 504s in a
+    row, each well before the tick after its deadline. The first request's
+    504 at a tick comes 50 to 300 ms after it; each later one's timer starts
+    just after that tick, so its 504 waited for the next: N of them took at
+    least (N - 1) ticks, 1.75 s, where on time they take N x 50 ms, 0.4 s;
+    the bound of 1.2 s leaves 100 ms a request to a loaded machine. None
+    comes early."""
+    timeout = 0.05
+    up = Scripted([STALL] * (N + 5))
+    relay = _proxy(mode, (up.endpoint,), None, timeout=timeout)
+    try:
+        a = _client(relay)
+        took = []
+        for _ in range(N):
+            t0 = time.monotonic()
+            a.sendall(GET)
+            got = _response(a)
+            took.append(time.monotonic() - t0)
+            assert _status(got) == 504, got
+            assert got.endswith(b"upstream request timeout"), got
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert min(took) >= timeout, took
+    assert sum(took) < 1.2, took  # (the tick: at least (N - 1) x TICK, 1.75 s)
+    assert stats["timeouts"] >= N and stats["timer_scans"] >= N
+
+
+def test_a_per_try_timeout_fires_on_time_not_on_the_tick(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """A 50 ms per-try timeout, one retry (a backoff of 1 ms at most) and a
+    backend that never answers: each request's two tries time out and its
+    504 comes. On the tick the first try's timeout of each request but the
+    first waited for the next tick, and its retry's for the one after: two
+    ticks a request, (N - 1) x 2 x 0.25 s in all, 3.5 s; on time N x 2 x
+    50 ms, 0.8 s. The bound, 2.0 s, leaves 75 ms a try to a loaded machine."""
+    per_try = 0.05
+    up = Scripted([STALL] * (2 * N + 5))
+    retry = RetryPolicy.of(1, per_try, ["5xx"], (), 0.001)
+    relay = _proxy(mode, (up.endpoint,), retry)
+    try:
+        a = _client(relay)
+        took = []
+        for _ in range(N):
+            t0 = time.monotonic()
+            a.sendall(GET)
+            got = _response(a)
+            took.append(time.monotonic() - t0)
+            assert _status(got) == 504, got
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert min(took) >= 2 * per_try, took
+    assert sum(took) < 2.0, took  # (the tick: at least (N - 1) x 2 x TICK, 3.5 s)
+    assert len(up.requests) == 2 * N
+    assert stats["retries"] == N
+
+
+def test_the_steady_state_scans_about_once_per_route_timeout(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """Keep-alive requests with a route timeout of 0.5 s answered at once,
+    back to back for 1.5 s (hundreds of them): the loop's timer scans stay
+    about one per timeout (after a scan the soonest deadline is the oldest
+    request in flight's, a timeout from its start; none in flight: none
+    until the next request's), at most two per timeout however slow a
+    request, never one per request, nor a spin on a deadline past."""
+    timeout = 0.5
+    up = Scripted([])  # 200 ok, at once
+    relay = _proxy(mode, (up.endpoint,), None, timeout=timeout)
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        assert _status(_response(a)) == 200
+        before = relay.stats()["timer_scans"]
+        n = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * timeout:
+            a.sendall(GET)
+            assert _status(_response(a)) == 200
+            n += 1
+        took = time.monotonic() - t0
+        scans = relay.stats()["timer_scans"] - before
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+    assert n >= 20, n  # (a relay this slow tells nothing)
+    assert 1 <= scans <= 2 * (took / timeout) + 2, (scans, took, n)
