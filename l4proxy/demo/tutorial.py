@@ -1010,32 +1010,39 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _signals_as_exceptions() -> Iterator[Callable[[], None]]:
-    """The first of STOP_SIGNALS raises KeyboardInterrupt, so that the demo
-    unwinds into its cleanup; any later one, and any once the cleanup has
-    begun (the function yielded is called), is only noted: a second Ctrl-C
-    never cuts the cleanup short and leaves pods behind."""
+def _signals_as_exceptions() -> Iterator[Callable[[], bool]]:
+    """Each of STOP_SIGNALS raises KeyboardInterrupt until the cleanup has
+    begun (the function yielded is called), so that the demo unwinds into
+    it; once it has, a signal is only noted: a second Ctrl-C never cuts the
+    cleanup short and leaves pods behind.
+
+    A raise can be lost: one that lands in an at-fork callback (logging's,
+    while a pod's process is started) is printed and dropped by Python. So
+    a later signal raises again, and the function yielded says whether any
+    came (the demo then exits 130 even if it finished its steps)."""
     owner = os.getpid()
-    stopping = False
+    cleaning = False
+    came = False
 
     def handler(signum: int, frame: object) -> None:
-        nonlocal stopping
+        nonlocal came
         if os.getpid() != owner:
             # pyroute2 forks helpers that inherit this handler and are stopped
             # with SIGTERM: only the demo process itself may unwind and clean up.
             if signum == signal.SIGTERM:
                 os._exit(0)
             return
-        if stopping:
+        came = True
+        if cleaning:
             with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
                 os.write(2, b"l4proxy demo: cleaning up, a moment\n")
             return
-        stopping = True
         raise KeyboardInterrupt
 
-    def cleanup_begins() -> None:
-        nonlocal stopping
-        stopping = True
+    def cleanup_begins() -> bool:
+        nonlocal cleaning
+        cleaning = True
+        return came
 
     old = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
@@ -1119,11 +1126,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"l4proxy demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
-            with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
-                print("\ninterrupted; cleaning up", file=sys.stderr)
+            cleanup_begins()
             code = 130
         finally:
-            cleanup_begins()
+            if cleanup_begins() and code != 130:
+                code = 130  # (its KeyboardInterrupt was lost: see _signals_as_exceptions)
+            if code == 130:
+                with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
+                    print("\ninterrupted; cleaning up", file=sys.stderr)
             if args.keep and code == 0:
                 _keep(tut)
             else:
