@@ -190,18 +190,17 @@ SIGNALS = """
 import os, signal, sys, time
 from l4proxy.demo import tutorial as demo
 first = getattr(signal, sys.argv[1])
-with demo._signals_as_exceptions() as cleanup_begins:
+with demo._signals_as_exceptions() as stop:
     try:
         os.kill(os.getpid(), first)
         time.sleep(10)
         print("not interrupted", flush=True)
     except KeyboardInterrupt:
-        cleanup_begins()
         print("interrupted", flush=True)
         for again in demo.STOP_SIGNALS:  # while it unwinds
             os.kill(os.getpid(), again)
     finally:
-        came = cleanup_begins()
+        came = stop.cleanup_begins()
         for again in demo.STOP_SIGNALS:  # while it cleans up
             os.kill(os.getpid(), again)
         time.sleep(0.2)
@@ -227,21 +226,21 @@ def test_a_stop_signal_unwinds_and_nothing_interrupts_the_cleanup(first: str) ->
 LOST = """
 import os, signal, time
 from l4proxy.demo import tutorial as demo
-with demo._signals_as_exceptions() as cleanup_begins:
+with demo._signals_as_exceptions() as stop:
     try:
         try:
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(10)
         except KeyboardInterrupt:
             print("lost", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(10)
+        os.kill(os.getpid(), signal.SIGTERM)  # (noted: the first one's raise is on its way)
+        time.sleep(0.1)
+        stop.checkpoint()
         print("not interrupted", flush=True)
     except KeyboardInterrupt:
-        cleanup_begins()
         print("interrupted", flush=True)
     finally:
-        print("came", cleanup_begins(), flush=True)
+        print("came", stop.cleanup_begins(), flush=True)
 """
 
 
@@ -249,8 +248,9 @@ def test_a_signal_after_a_lost_one_still_stops_the_demo() -> None:
     """The demo ran its whole step after a closed terminal (SIGHUP), kill and
     Ctrl-C, and exited 0: the first signal's KeyboardInterrupt landed in
     logging's at-fork callback and was dropped, and the others were taken
-    for signals during the cleanup. Now each signal raises until the cleanup
-    begins, which says that one came (run() exits 130 then)."""
+    for signals during the cleanup. Now the demo's next checkpoint raises
+    the lost one, and the cleanup says that one came (run() exits 130 if
+    it was lost after the last checkpoint)."""
     r = subprocess.run([sys.executable, "-c", LOST], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, "lost\ninterrupted\ncame True\n"), r.stderr
 

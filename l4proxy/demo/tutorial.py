@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1009,44 +1009,54 @@ def _down_recorded(prefix: str) -> int:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
-def _signals_as_exceptions() -> Iterator[Callable[[], bool]]:
-    """Each of STOP_SIGNALS raises KeyboardInterrupt until the cleanup has
-    begun (the function yielded is called), so that the demo unwinds into
-    it; once it has, a signal is only noted: a second Ctrl-C never cuts the
-    cleanup short and leaves pods behind.
+class StopSignals:
+    """What the stop signals did (_signals_as_exceptions)."""
 
-    A raise can be lost: one that lands in an at-fork callback (logging's,
-    while a pod's process is started) is printed and dropped by Python. So
-    a later signal raises again, and the function yielded says whether any
-    came (the demo then exits 130 even if it finished its steps)."""
+    def __init__(self) -> None:
+        self.came = False  # a stop signal came (its KeyboardInterrupt raised)
+        self.cleaning = False
+
+    def checkpoint(self) -> None:
+        """Raise again a stop signal's KeyboardInterrupt that Python dropped:
+        one raised in an at-fork callback (logging's, while a pod's process
+        starts) is printed and lost, and the demo went on. Called where the
+        demo runs on normally, so only a lost one is raised here."""
+        if self.came and not self.cleaning:
+            raise KeyboardInterrupt
+
+    def cleanup_begins(self) -> bool:
+        """From now on signals are only noted; whether one came."""
+        self.cleaning = True
+        return self.came
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions() -> Iterator[StopSignals]:
+    """The first of STOP_SIGNALS raises KeyboardInterrupt, so that the demo
+    unwinds into its cleanup; any later one, and any once the cleanup has
+    begun, is only noted: a second Ctrl-C never cuts the cleanup short and
+    leaves pods behind. A first one's raise that was lost is raised again
+    at the demo's next checkpoint (StopSignals.checkpoint)."""
     owner = os.getpid()
-    cleaning = False
-    came = False
+    stop = StopSignals()
 
     def handler(signum: int, frame: object) -> None:
-        nonlocal came
         if os.getpid() != owner:
             # pyroute2 forks helpers that inherit this handler and are stopped
             # with SIGTERM: only the demo process itself may unwind and clean up.
             if signum == signal.SIGTERM:
                 os._exit(0)
             return
-        came = True
-        if cleaning:
+        if stop.came or stop.cleaning:
             with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
                 os.write(2, b"l4proxy demo: cleaning up, a moment\n")
             return
+        stop.came = True
         raise KeyboardInterrupt
-
-    def cleanup_begins() -> bool:
-        nonlocal cleaning
-        cleaning = True
-        return came
 
     old = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield cleanup_begins
+        yield stop
     finally:
         for signum, previous in old.items():
             signal.signal(signum, previous)
@@ -1096,14 +1106,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     code = 0
-    with _signals_as_exceptions() as cleanup_begins:
+    with _signals_as_exceptions() as stop:
         try:
             tut.claim()
             tut.say(f"building the topology from {man.directory} ...")
             tut.up()
+            stop.checkpoint()
             tut.say(_topology_summary(tut))
             for i, step in enumerate(chosen, 1):
                 results.append(tut.run_step(i, len(chosen), step))
+                stop.checkpoint()
             tut.stop_keepalive()
             for line in tut.pool_summary():
                 tut.say(line)
@@ -1113,6 +1125,7 @@ def run(args: argparse.Namespace) -> int:
                 from l4proxy.demo import canary as demo_canary
 
                 code = demo_canary.rollouts(tut, _exe, QUICK_STOP)
+            stop.checkpoint()
             tut.say(f"done in {time.monotonic() - started:.1f} s")
             if any(_failures(r) for r in results):
                 code = 1
@@ -1126,14 +1139,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"l4proxy demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
-            cleanup_begins()
+            with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
+                print("\ninterrupted; cleaning up", file=sys.stderr)
             code = 130
         finally:
-            if cleanup_begins() and code != 130:
-                code = 130  # (its KeyboardInterrupt was lost: see _signals_as_exceptions)
-            if code == 130:
-                with contextlib.suppress(OSError):  # (SIGHUP: the terminal may be gone)
-                    print("\ninterrupted; cleaning up", file=sys.stderr)
+            if stop.cleanup_begins() and code == 0:
+                code = 130  # (its KeyboardInterrupt lost after the last checkpoint)
             if args.keep and code == 0:
                 _keep(tut)
             else:
