@@ -15,6 +15,7 @@ the loop's timer scan about once per timeout, never per request.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from l4proxy.dataplane.verdict import RetryPolicy
 from tests.test_relay_retries import (
@@ -32,6 +33,22 @@ TICK = 0.25  # the relays' tick (TICK_S, _TICK)
 N = 8  # requests, one after another on one connection
 
 
+def _timed_504s(relay: Any) -> tuple[list[float], list[bytes], dict[str, int]]:
+    """N GETs one after another on one connection, each answered 504: how
+    long each took, the answers, and the relay's stats after them."""
+    a = _client(relay)
+    took, answers = [], []
+    for _ in range(N):
+        t0 = time.monotonic()
+        a.sendall(GET)
+        got = _response(a)
+        took.append(time.monotonic() - t0)
+        assert _status(got) == 504, got
+        answers.append(got)
+    a.close()
+    return took, answers, relay.stats()
+
+
 def test_a_route_timeout_fires_on_time_not_on_the_tick(
     mode: tuple[str, str],  # noqa: F811
 ) -> None:
@@ -46,20 +63,12 @@ def test_a_route_timeout_fires_on_time_not_on_the_tick(
     up = Scripted([STALL] * (N + 5))
     relay = _proxy(mode, (up.endpoint,), None, timeout=timeout)
     try:
-        a = _client(relay)
-        took = []
-        for _ in range(N):
-            t0 = time.monotonic()
-            a.sendall(GET)
-            got = _response(a)
-            took.append(time.monotonic() - t0)
-            assert _status(got) == 504, got
-            assert got.endswith(b"upstream request timeout"), got
-        a.close()
-        stats = relay.stats()
+        took, answers, stats = _timed_504s(relay)
     finally:
         relay.close()
         up.close()
+    for got in answers:
+        assert got.endswith(b"upstream request timeout"), got
     assert min(took) >= timeout, took
     assert sum(took) < 1.2, took  # (the tick: at least (N - 1) x TICK, 1.75 s)
     assert stats["timeouts"] >= N and stats["timer_scans"] >= N
@@ -79,16 +88,7 @@ def test_a_per_try_timeout_fires_on_time_not_on_the_tick(
     retry = RetryPolicy.of(1, per_try, ["5xx"], (), 0.001)
     relay = _proxy(mode, (up.endpoint,), retry)
     try:
-        a = _client(relay)
-        took = []
-        for _ in range(N):
-            t0 = time.monotonic()
-            a.sendall(GET)
-            got = _response(a)
-            took.append(time.monotonic() - t0)
-            assert _status(got) == 504, got
-        a.close()
-        stats = relay.stats()
+        took, _, stats = _timed_504s(relay)
     finally:
         relay.close()
         up.close()
