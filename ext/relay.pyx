@@ -2015,11 +2015,13 @@ cdef bint header_is(const unsigned char *p, Py_ssize_t n, const char *name, int 
 # Proxy-Connection, Upgrade), and fields its Connection field names, to
 # find (any token but close, keep-alive and upgrade); and apart, whether a
 # Connection line says keep-alive (a client we close must not read it
-# beside our close: final_head()).
+# beside our close: final_head()), and whether one says close (final_head()
+# adds none then).
 cdef enum:
     HOP_LINES = 1
     HOP_NAMED = 2
     HOP_KEEP = 4
+    HOP_CLOSE = 8
 
 
 cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
@@ -2143,7 +2145,8 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     # and the field it names (any but upgrade) with it
     c.resp_hop = ((HOP_LINES if tokens & TOK_OTHER else 0)
                   | (HOP_NAMED if tokens & (TOK_FIELD | TOK_TE) else 0)
-                  | (HOP_KEEP if tokens & TOK_KEEP else 0))
+                  | (HOP_KEEP if tokens & TOK_KEEP else 0)
+                  | (HOP_CLOSE if tokens & TOK_CLOSE else 0))
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
     elif te_chunked:
@@ -2391,7 +2394,7 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
             or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent)):
         if send_client_head(R, c, hl, keep) != 0:
             return -1
-    elif not keep and not says_close(<const unsigned char*>c.rhead.p, hl):
+    elif not keep and not c.resp_hop & HOP_CLOSE:
         # the client does not read our close otherwise; the header goes
         # before the empty line that ends the head (CRLF or LF)
         end = hl - 2 if (hl >= 2 and c.rhead.p[hl - 2] == CR) else hl - 1
@@ -4798,7 +4801,8 @@ cdef class HttpRelay:
             c.resp_persistent = "close" not in tokens and (
                 resp.version != "HTTP/1.0" or "keep-alive" in tokens)
             c.resp_hop = (((HOP_LINES | HOP_NAMED) if response_hop_by_hop(raw[:hl]) else 0)
-                          | (HOP_KEEP if "keep-alive" in tokens else 0))
+                          | (HOP_KEEP if "keep-alive" in tokens else 0)
+                          | (HOP_CLOSE if says_close(<const unsigned char*>c.rhead.p, hl) else 0))
             c.framing = int(kind)
             c.resp_left = length
             head_out(self.R, c, hl, now)
