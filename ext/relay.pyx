@@ -89,10 +89,10 @@ n-th, at most 10 times base; base 25 ms unless the policy says, drawn from
 waits in ``P_CONNECT`` without an upstream, ``c.backoff_until`` set, no
 per-try timer running (Envoy starts it when the retry is sent), the route
 timeout running (its 504 ends the wait). ``R.next_timer``, no later than
-the soonest of every wait's end, route deadline (``resp_deadline``) and
-per-try deadline, shortens the epoll timeout, the 0.25 s tick being too
-coarse: a timeout of 100 ms fires at 100 ms, as Envoy's, not up to a tick
-later. Where one of them is set, a compare and a store keep it so; when it
+the soonest of every wait's end, route deadline (``resp_deadline``),
+per-try deadline and connect deadline (an upstream's ``deadline``),
+shortens the epoll timeout, the 0.25 s tick being too coarse: a timeout of
+100 ms fires at 100 ms, as Envoy's, not up to a tick later. Where one of them is set, a compare and a store keep it so; when it
 passes, ``timers_due`` scans the connections once, fires the timers due
 (``exchange_timer``), sends the retries due (``retry_send``) and finds the
 soonest again (the steady state scans about once per route timeout). The
@@ -1839,6 +1839,10 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     c.backoff_until = now + backoff_delay(R, c.retry, c.tries)
     if R.next_timer == 0 or c.backoff_until < R.next_timer:
         R.next_timer = c.backoff_until
+    # the idle timeout runs from the retry's send: a wait (a user's backoff
+    # of 30 s, say) is no idleness, and the tick closed the client at the
+    # idle timeout with no answer
+    c.last_active = c.backoff_until
 
 
 cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
@@ -1855,7 +1859,8 @@ cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
 cdef void timers_due(Relay *R, double now) noexcept nogil:
     """R.next_timer passed: one scan of the connections fires what is due
     (exchange_timer(): the route timeout, the per-try timeout; then a
-    retry's backoff: retry_send()), and R.next_timer becomes the soonest
+    retry's backoff: retry_send(); then a connect's deadline:
+    connect_timed_out()), and R.next_timer becomes the soonest
     of what still runs (0: none). A compare and a store where a deadline is
     set is all the hot path pays; the steady state (keep-alive requests
     answered well within a route timeout) comes here about once per timeout:
@@ -1901,6 +1906,11 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
                 soonest = c.backoff_until
         if not judged:
             continue
+        if c.up != NULL and c.up.connecting:
+            if c.need == N_NONE and c.up.deadline <= now:
+                connect_timed_out(R, c)  # (Python answers before the loop waits)
+            elif soonest == 0 or c.up.deadline < soonest:
+                soonest = c.up.deadline
         if c.resp_deadline and (c.resp_deadline > now or c.need != N_NONE) \
                 and (soonest == 0 or c.resp_deadline < soonest):
             soonest = c.resp_deadline
@@ -2909,6 +2919,8 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.owner = c
     u.connecting = True
     u.deadline = now + R.connect_timeout
+    if R.next_timer == 0 or u.deadline < R.next_timer:
+        R.next_timer = u.deadline  # (timers_due(): on time, not on the tick)
     # LEAST_CONN counts a request from its assignment (Envoy's LEAST_REQUEST,
     # HAProxy's leastconn): counted from the connect's end, every request
     # sent meanwhile saw a slow endpoint as idle and went to it
@@ -3516,10 +3528,24 @@ cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
     return True
 
 
+cdef void connect_timed_out(Relay *R, Conn *c) noexcept nogil:
+    """c's connect passed its deadline: given up, and Python told (the
+    next candidate, a retry, or the 503)."""
+    cdef Up *u = c.up
+    L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+    c.up = NULL
+    u.owner = NULL
+    u.ep.active -= 1
+    c.fail_ep = u.ep
+    c.fail_errno = -2  # "connect timeout"
+    up_close(R, u)
+    L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
+    ask_python(R, c, N_CONNECT_FAILED)
+
+
 cdef void tick(Relay *R, double now) noexcept nogil:
     cdef int i = 0, k
     cdef Conn *c
-    cdef Up *u
     cdef EP *ep
     while i < R.n_conns:
         c = R.conns[i]
@@ -3533,16 +3559,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
                 i -= 1  # conn_forget() moved the last one here
             continue
         if c.up != NULL and c.up.connecting and c.up.deadline <= now:
-            L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
-            u = c.up
-            c.up = NULL
-            u.owner = NULL
-            u.ep.active -= 1
-            c.fail_ep = u.ep
-            c.fail_errno = -2  # "connect timeout"
-            up_close(R, u)
-            L4R_ADD(&R.ctr[<int>CT_CONNECT_ERRORS], 1)
-            ask_python(R, c, N_CONNECT_FAILED)
+            connect_timed_out(R, c)  # (timers_due() fires it on time: a backstop)
         elif c.phase == P_CLOSING:
             # the linger runs from the answer's last byte (linger); until
             # then a slow reader gets its answer, within the idle timeout

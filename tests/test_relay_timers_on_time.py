@@ -1,19 +1,23 @@
-"""Route and per-try timeouts fire on time, not on the 0.25 s tick (both
-twins, real sockets).
+"""Route, per-try and connect timeouts fire on time, not on the 0.25 s tick
+(both twins, real sockets).
 
 Each relay's loop wakes for the soonest deadline it has (a route timeout, a
-per-try timeout, a retry's backoff), as Envoy's timers fire, where it once
+per-try timeout, a retry's backoff, a connect's deadline), as Envoy's timers
+fire, where it once
 judged them at its 0.25 s tick only: a 50 ms timeout fired anywhere between
 50 and 300 ms. The timings are asserted with bounds the tick cannot meet
 whatever the load: back-to-back requests on one connection, each one's
 timer started just after the previous one's fired, so that a tick-driven
 timer took a whole tick per request. And the steady state is counted, not
 timed: keep-alive requests answered well within their route timeout wake
-the loop's timer scan about once per timeout, never per request.
+the loop's timer scan about once per timeout, never per request. And a
+retry's wait is no idleness: the idle timeout runs from the retry's send.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Any
 
@@ -22,6 +26,7 @@ from tests.test_relay_retries import (
     GET,
     STALL,
     Scripted,
+    _answer,
     _client,
     _proxy,
     _response,
@@ -129,3 +134,79 @@ def test_the_steady_state_scans_about_once_per_route_timeout(
         up.close()
     assert n >= 20, n  # (a relay this slow tells nothing)
     assert 1 <= scans <= 2 * (took / timeout) + 2, (scans, took, n)
+
+
+def test_a_connect_timeout_fires_on_time_not_on_the_tick(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """A 50 ms connect timeout and a first endpoint that never answers a
+    SYN (its accept queue full), the second answering at once: N requests
+    in a row on one connection, each one's connect given up at its
+    deadline, then answered by the second. On the tick each but the first
+    waited for a whole tick, (N - 1) x 0.25 s in all, 1.75 s; on time N x
+    50 ms, 0.4 s; the bound of 1.2 s leaves 100 ms a request to a loaded
+    machine. None gave up early."""
+    connect_timeout = 0.05
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(0)
+    filler = socket.create_connection(hang.getsockname())  # the queue's one place
+    up = Scripted([])  # 200 ok, at once
+    relay = _proxy(mode, (hang.getsockname(), up.endpoint), None, connect_timeout=connect_timeout)
+    try:
+        a = _client(relay)
+        took = []
+        for _ in range(N):
+            t0 = time.monotonic()
+            a.sendall(GET)
+            assert _status(_response(a)) == 200
+            took.append(time.monotonic() - t0)
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+        filler.close()
+        hang.close()
+    assert stats["connect_errors"] == N, stats  # (each request tried the first)
+    assert min(took) >= connect_timeout, took
+    assert sum(took) < 1.2, took  # (the tick: at least (N - 1) x TICK, 1.75 s)
+
+
+def test_a_retry_s_wait_longer_than_the_idle_timeout_is_no_idleness(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """An idle timeout of 0.1 s and a policy's backoff of 2 s: K clients'
+    requests, each answered 503, wait up to 2 s for their retry (uniform,
+    seeded). A wait is no idleness: every client gets the retry's 200.
+    Counted from the 503, the idle timeout closed each client whose wait
+    passed 0.1 s to 0.35 s (a tick) with no answer: all but about one in
+    six of them."""
+    k = 8
+    up = Scripted([_answer(503, b"no")] * k)  # then 200 ok
+    retry = RetryPolicy.of(1, 0.0, ["5xx"], (), 2.0)
+    relay = _proxy(mode, (up.endpoint,), retry, idle_timeout=0.1, seed=7)
+    statuses: list[int | bytes] = [0] * k
+
+    def ask(i: int) -> None:
+        a = _client(relay)
+        try:
+            a.sendall(GET)
+            statuses[i] = _status(_response(a, timeout=10.0))
+        except AssertionError as exc:  # the connection closed with no answer
+            statuses[i] = str(exc).encode()
+        finally:
+            a.close()
+
+    try:
+        clients = [threading.Thread(target=ask, args=(i,)) for i in range(k)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert statuses == [200] * k, statuses
+    assert stats["retries"] == k and len(up.requests) == 2 * k

@@ -78,14 +78,16 @@ it bounds every try together, as Envoy's. A policy's retry waits Envoy's
 jittered exponential backoff first (``RetryPolicy.backoff_s``, drawn from
 this relay's ``random.Random``): the connection has no upstream then, no
 per-try timer runs, the route timeout does (its 504 ends the wait); the
-loop wakes for the soonest of every backoff's end, route deadline and
-per-try deadline (``_next_timer``, kept no later than each where it is set;
-the 0.25 s tick is too coarse: a timeout of 100 ms fires at 100 ms, as
-Envoy's), fires the timers due, sends the retries due and finds the soonest
-again (``_timers_due``: one scan; about once per route timeout in the
-steady state, the soonest then being the oldest request in flight's). The
-tick (idle, header and connect timeouts, the pool's expiry) judges the
-exchanges' timers too, a backstop. While a request is in flight under a
+loop wakes for the soonest of every backoff's end, route deadline,
+per-try deadline and connect deadline (``_next_timer``, kept no later than
+each where it is set; the 0.25 s tick is too coarse: a timeout of 100 ms
+fires at 100 ms, as Envoy's), fires the timers due, sends the retries due,
+gives up the connects due and finds the soonest again (``_timers_due``:
+one scan; about once per route timeout in the steady state, the soonest
+then being the oldest request in flight's). The tick (idle and header
+timeouts, the pool's expiry) judges the exchanges' timers and the connect
+deadlines too, a backstop. A policy's wait is no idleness: the idle
+timeout runs from the retry's send. While a request is in flight under a
 policy the client, not read then, is watched for its reset (``EPOLLRDHUP``,
 and the ``EPOLLHUP``/``EPOLLERR`` that come anyway): a client gone ends the
 exchange, its upstream closed, no retry more (the compiled twin's lazy
@@ -235,6 +237,7 @@ class HttpRelay:
         answered: Callable[[Endpoint, Any], None] | None = None,
         refused: Callable[[str], None] | None = None,
         max_head: int = DEFAULT_MAX_HEAD,
+        seed: int | None = None,
     ) -> None:
         self.decide = decide
         self.max_head = max_head  # request and response heads, trailer sections
@@ -266,7 +269,8 @@ class HttpRelay:
         self._deadlines: dict[int, float] = {}  # connecting upstream fd -> deadline
         # the soonest _Conn.backoff_until, deadline or try_deadline, or earlier (0: none)
         self._next_timer = 0.0
-        self._random = random.Random()  # the backoffs' jitter
+        # the backoffs' jitter (--seed: the same waits every run)
+        self._random = random.Random(None if seed is None else f"jitter {seed}")
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "connections",
@@ -708,6 +712,9 @@ class HttpRelay:
                     c.backoff_until = now + wait
                     if not self._next_timer or c.backoff_until < self._next_timer:
                         self._next_timer = c.backoff_until
+                    # the idle timeout runs from the retry's send: a wait
+                    # (a user's backoff of 30 s) is no idleness
+                    c.last_active = c.backoff_until
                     continue
                 self._connect(c, c.candidates[0], now)
             elif isinstance(a, Done):
@@ -824,7 +831,9 @@ class HttpRelay:
         except OSError as exc:
             self._connect_error(c, up, now, exc.strerror or str(exc))
             return
-        self._deadlines[up.fd] = now + self.connect_timeout
+        deadline = self._deadlines[up.fd] = now + self.connect_timeout
+        if not self._next_timer or deadline < self._next_timer:
+            self._next_timer = deadline  # (_timers_due: on time, not on the tick)
         self.ep.register(up.fd, _EPOLLOUT)
         up.mask = _EPOLLOUT
 
@@ -1056,7 +1065,8 @@ class HttpRelay:
     def _timers_due(self, now: float) -> None:
         """_next_timer passed: one scan of the connections fires the route
         and per-try timeouts due (_exchange_timers), then sends the policy's
-        retries whose backoff passed (their per-try timer starts), and
+        retries whose backoff passed (their per-try timer starts), gives up
+        the connects past their deadline (_connect_error), and
         _next_timer becomes the soonest of what still runs (0: none). A
         deadline past is fired and cleared here, never left due (the loop
         would spin). A connection whose request ended during its backoff
@@ -1085,7 +1095,14 @@ class HttpRelay:
                 except Exception:  # OSError, or a bug: this connection, not the thread
                     self._abort(c)
                     continue
-            for t in (c.backoff_until, c.deadline, c.try_deadline):
+            up = c.up
+            connect_by = self._deadlines.get(up.fd, 0.0) if up is not None else 0.0
+            if connect_by and connect_by <= now and up is not None and up.owner is c:
+                self.counters["timeouts"] += 1
+                self._connect_error(c, up, now)  # (the tick's too, a backstop)
+                if c.fd not in self._conns:
+                    continue
+            for t in (c.backoff_until, c.deadline, c.try_deadline, connect_by):
                 if t > now and (not soonest or t < soonest):
                     soonest = t
         if soonest and (not self._next_timer or soonest < self._next_timer):

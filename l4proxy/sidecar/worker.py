@@ -268,7 +268,6 @@ class Worker:
                     "report_rows": self._report_rows,
                     "key_headers": sorted(rules.state.table.match_headers()),
                     "buckets": _DURATION_BUCKETS_MS,
-                    "seed": rules.seed,
                 }
                 rules.on_publish.append(self._table_published)
                 # and the listeners: accept and the original destination in
@@ -292,6 +291,7 @@ class Worker:
                 answered=self._relay_answered,
                 refused=self._relay_refused,
                 max_head=options.max_head,
+                seed=rules.seed,  # (the weights' draws, the compiled loop's; the backoffs')
                 **compiled,
             )
             _describe_istio(self.relay_counters)
