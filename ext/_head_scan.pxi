@@ -119,11 +119,23 @@ cdef extern from *:
                           & 0x8080808080808080ULL;
         return (x | (letter >> 2)) == l;
     }
+    /* p[:n] (n < 8) as the low bytes of a word: two loads that overlap
+       where n is not their size, never a byte past p[n - 1] (a byte loop
+       was ~4 instructions a byte, the literal's too). */
     static inline uint64_t l4_load_upto8(const unsigned char *p, size_t n) {
-        uint64_t w = 0;
-        size_t k;
-        for (k = 0; k < n; k++) w |= (uint64_t)p[k] << (8 * k);
-        return w;
+        uint32_t a, b;
+        uint16_t c, d;
+        if (n >= 4) {
+            memcpy(&a, p, 4);
+            memcpy(&b, p + n - 4, 4);
+            return (uint64_t)a | ((uint64_t)b << (8 * (n - 4)));
+        }
+        if (n >= 2) {
+            memcpy(&c, p, 2);
+            memcpy(&d, p + n - 2, 2);
+            return (uint64_t)c | ((uint64_t)d << (8 * (n - 2)));
+        }
+        return n ? p[0] : 0;
     }
     /* p[:n] is the lowercase ASCII literal lit[:n], whatever the case of
        p's letters: a word at a time, the last word overlapping the one
@@ -154,7 +166,50 @@ cdef inline bint eq_lower(const unsigned char* p, const char* lit, Py_ssize_t n)
     return eq_lower_words(p, lit, <size_t>n)
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #ifdef __SSE2__
+    #include <emmintrin.h>
+    /* Which of the 16 bytes are letters, digits, ".", ":" or "-" (a bit
+       each): Host bytes all (HOSTC), the common ones. */
+    static inline unsigned l4_hostish16(__m128i x) {
+        __m128i t = _mm_sub_epi8(_mm_or_si128(x, _mm_set1_epi8(0x20)), _mm_set1_epi8(0x61));
+        __m128i d = _mm_sub_epi8(x, _mm_set1_epi8(0x2D));  /* - . / 0..9 : */
+        __m128i ok = _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(t, _mm_set1_epi8(25)), t),
+                                  _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(13)), d));
+        ok = _mm_andnot_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x2F)), ok);  /* not "/" */
+        return (unsigned)_mm_movemask_epi8(ok);
+    }
+    #endif
+    /* Whether p[:n] is all letters, digits, ".", ":" or "-": then all are
+       Host bytes; 0 says nothing (the caller judges byte by byte). 16
+       bytes at a time, the last 16 overlapping; 8 to 15, two words that
+       overlap; fewer, 0 (short: byte by byte is cheap). */
+    static inline int l4_host_fast(const unsigned char *p, size_t n) {
+    #ifdef __SSE2__
+        size_t i;
+        if (n >= 16) {
+            for (i = 0; i + 16 < n; i += 16)
+                if (l4_hostish16(_mm_loadu_si128((const __m128i *)(p + i))) != 0xFFFF) return 0;
+            return l4_hostish16(_mm_loadu_si128((const __m128i *)(p + n - 16))) == 0xFFFF;
+        }
+        if (n >= 8)
+            return l4_hostish16(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)p),
+                                                   _mm_loadl_epi64((const __m128i *)(p + n - 8)))) == 0xFFFF;
+    #endif
+        (void)p;
+        (void)n;
+        return 0;
+    }
+    """
+    bint host_fast "l4_host_fast"(const unsigned char* p, size_t n) noexcept nogil
+
+
 cdef inline bint all_host(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    if b > a and host_fast(buf + a, <size_t>(b - a)):
+        return True
     while a < b:
         if not HOSTC[buf[a]]:
             return False
@@ -229,6 +284,94 @@ cdef extern from *:
     """
     bint plain "l4_plain"(const unsigned char* p, size_t n) noexcept nogil
     bint visible "l4_visible"(const unsigned char* p, size_t n) noexcept nogil
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/types.h>
+    #ifdef __SSE2__
+    #include <emmintrin.h>
+    #endif
+    /* Where the field value from p[j] ends in p[:n]: the index of the CR of
+       its CRLF when every byte before it is a field-value byte (HTAB, SP,
+       VCHAR, obs-text: RFC 9110 5.5); -1 when p[j:n] ends first (no
+       refused byte yet: more may come); -2 at a refused byte (a control
+       but HTAB, DEL, a CR not before an LF, a bare LF): the line's LF is
+       the caller's to find. One pass: the LF search and the check of each
+       byte together, 16 bytes at a time (SSE2; else 8, a word), byte by
+       byte only at a control byte and in the last 15 (7). */
+    static inline ssize_t l4_value_end(const unsigned char *p, ssize_t j, ssize_t n) {
+        unsigned char c;
+    #ifdef __SSE2__
+        const __m128i c1f = _mm_set1_epi8(0x1F), del = _mm_set1_epi8(0x7F);
+    #endif
+        for (;;) {
+    #ifdef __SSE2__
+            if (j + 16 <= n) {
+                __m128i x = _mm_loadu_si128((const __m128i *)(p + j));
+                __m128i ctl = _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(x, c1f), x),
+                                           _mm_cmpeq_epi8(x, del));
+                unsigned m = (unsigned)_mm_movemask_epi8(ctl);
+                if (!m) { j += 16; continue; }
+                j += __builtin_ctz(m);
+            } else
+    #else
+            if (j + 8 <= n) {
+                uint64_t x, y, m;
+                memcpy(&x, p + j, 8);
+                y = x ^ 0x7F7F7F7F7F7F7F7FULL;
+                /* the lowest byte flagged is exact (a borrow only runs up) */
+                m = ((x - 0x2020202020202020ULL) & ~x & 0x8080808080808080ULL)
+                    | ((y - 0x0101010101010101ULL) & ~y & 0x8080808080808080ULL);
+                if (!m) { j += 8; continue; }
+                j += __builtin_ctzll(m) >> 3;
+            } else
+    #endif
+            {
+                if (j >= n) return -1;
+                c = p[j];
+                if (c >= 0x20 && c != 0x7F) { j++; continue; }
+            }
+            c = p[j];
+            if (c == 0x09) { j++; continue; }
+            if (c == 0x0D) {
+                if (j + 1 >= n) return -1;
+                return p[j + 1] == 0x0A ? j : -2;
+            }
+            return -2;
+        }
+    }
+    /* The length of the header name at p[0:16] when it is 1 to 15 letters,
+       digits or "-" and a ":" follows (the common case: every byte of it a
+       token byte); 0 otherwise, for the caller to judge byte by byte. p[:16]
+       must be readable. */
+    static inline int l4_name_fast(const unsigned char *p) {
+    #ifdef __SSE2__
+        __m128i x = _mm_loadu_si128((const __m128i *)p);
+        unsigned colon = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x3A)));
+        __m128i t, d, ok;
+        unsigned want;
+        int k;
+        if (!colon) return 0;
+        k = __builtin_ctz(colon);
+        /* a letter: x | 0x20 in a..z; a digit: x in 0..9 (unsigned ranges) */
+        t = _mm_sub_epi8(_mm_or_si128(x, _mm_set1_epi8(0x20)), _mm_set1_epi8(0x61));
+        d = _mm_sub_epi8(x, _mm_set1_epi8(0x30));
+        ok = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(t, _mm_set1_epi8(25)), t),
+                                       _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d)),
+                          _mm_cmpeq_epi8(x, _mm_set1_epi8(0x2D)));
+        want = (1u << k) - 1;
+        return ((unsigned)_mm_movemask_epi8(ok) & want) == want ? k : 0;
+    #else
+        (void)p;
+        return 0;
+    #endif
+    }
+    """
+    Py_ssize_t value_end "l4_value_end"(const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept nogil
+    int name_fast "l4_name_fast"(const unsigned char* p) noexcept nogil
 
 
 cdef inline bint field_ok(const unsigned char* p, Py_ssize_t n) noexcept nogil:
@@ -552,6 +695,11 @@ cdef int connection_tokens(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b)
     without the OWS around it), as TOK_* bits."""
     cdef Py_ssize_t i = a, es, ee
     cdef int t = 0
+    # the common values, whole (a value is trimmed of its OWS)
+    if b - a == 10 and eq_lower(buf + a, b"keep-alive", 10):
+        return TOK_KEEP
+    if b - a == 5 and eq_lower(buf + a, b"close", 5):
+        return TOK_CLOSE
     while True:
         es = i
         while i < b and buf[i] != COMMA:

@@ -2083,22 +2083,33 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
         if b[i] == CR and b[i + 1] == LF:
             end = i + 2
             break
-        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(n - i))
-        if lf == NULL:
-            return 2 if n > R.max_head else 0
-        le = lf - b - 1  # the CR
         lines += 1
-        if odd or b[le] != CR:
-            odd = True
-            i = le + 2
-            continue
         ls = i
-        colon = ls
-        while colon < le and TCHAR[b[colon]]:
-            colon += 1
-        if colon == ls or colon == le or b[colon] != COLON or not field_ok(b + colon + 1, le - colon - 1):
+        if odd:
+            colon = i
+            le = -2
+        else:
+            # the name: 1 to 15 letters, digits or "-" and its ":" at once
+            # (SSE2), else a token byte at a time; then the value, its
+            # bytes judged on the way to its CRLF (value_end: le, the CR)
+            k = name_fast(b + ls) if ls + 16 <= n else 0
+            if k:
+                colon = ls + k
+            else:
+                colon = ls
+                while colon < n and TCHAR[b[colon]]:
+                    colon += 1
+                if colon == n:
+                    return 2 if n > R.max_head else 0  # (no LF yet)
+            le = value_end(b, colon + 1, n) if colon > ls and b[colon] == COLON else -2
+            if le == -1:
+                return 2 if n > R.max_head else 0
+        if le == -2:  # not the common case: the line ends at its LF
             odd = True
-            i = le + 2
+            lf = <const unsigned char*>memchr(b + colon, LF, <size_t>(n - colon))
+            if lf == NULL:
+                return 2 if n > R.max_head else 0
+            i = lf - b + 1
             continue
         vs = colon + 1
         ve = le
