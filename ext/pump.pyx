@@ -545,7 +545,7 @@ cdef int dir_step(Loop *L, Conn *c, int d, double now) noexcept nogil:
         # 1. Flush, in order. A direction never holds heap bytes and pipe
         #    bytes at once (it only switches to splice when the heap is empty).
         if x.pend_len:
-            n = sys_.send(dst, x.pend + x.pend_off, x.pend_len,
+            n = sys_.send_nc(dst, x.pend + x.pend_off, x.pend_len,
                           sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
             if n < 0:
                 if errno == EINTR:
@@ -632,7 +632,7 @@ cdef int dir_step(Loop *L, Conn *c, int d, double now) noexcept nogil:
                     continue
                 return R_OK
             L4_ADD(&L.ctr[C_URGENT], 1)
-        n = sys_.recv(src, L.scratch, L.bufsize, sys_.MSG_DONTWAIT)
+        n = sys_.recv_nc(src, L.scratch, L.bufsize, sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EINTR:
                 continue
@@ -643,7 +643,7 @@ cdef int dir_step(Loop *L, Conn *c, int d, double now) noexcept nogil:
             x.eof = 1
             continue
         while True:
-            m = sys_.send(dst, L.scratch, n, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+            m = sys_.send_nc(dst, L.scratch, n, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
             if m < 0 and errno == EINTR:
                 continue
             break
@@ -802,7 +802,7 @@ cdef void run_loop(Loop *L) noexcept nogil:
         else:
             left = L.lru_head.last_active + L.idle - now_s()
             timeout_ms = 0 if left <= 0 else <int>(min(left, 3600.0) * 1000.0) + 1
-        n = sys_.epoll_wait(L.epfd, events, MAX_EVENTS, timeout_ms)
+        n = sys_.epoll_wait_nc(L.epfd, events, MAX_EVENTS, timeout_ms)
         # Every return counts: a loop that spins (a level-triggered event it
         # cannot act on) shows here, not only as CPU time.
         L4_ADD(&L.ctr[C_WAKEUPS], 1)

@@ -1121,7 +1121,7 @@ cdef int send_buf(int fd, Buf *b) noexcept nogil:
     """Send what *b* holds, as far as the kernel takes it; -1 on an error."""
     cdef ssize_t n
     while b.len:
-        n = sys_.send(fd, b.p, b.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+        n = sys_.send_nc(fd, b.p, b.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EINTR:
                 continue
@@ -3059,7 +3059,7 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
     elif c.splicing == SPL_RESP and splice_fallback(R, c) != 0:
         return  # (the response's bytes in the pipe first: order kept)
     while not c.closed and c.up == u and c.need == N_NONE:
-        n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+        n = sys_.recv_nc(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
         if n < 0 and errno == EINTR:
             continue
         if n <= 0:
@@ -3215,7 +3215,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
             return
     if c.phase == P_CLOSING:
         if ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
-            n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+            n = sys_.recv_nc(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
             if n == 0 and c.out.len and not ev & (sys_.EPOLLHUP | sys_.EPOLLERR):
                 # half-closed (SHUT_WR): it still reads; the rest of its
                 # answer goes out, then the close (no lingering read)
@@ -3234,7 +3234,7 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 and splice_start(R, c, SPL_REQ) == 0)):
         splice_request(R, c, True, now)
     elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) and reading_client(c):
-        n = sys_.recv(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+        n = sys_.recv_nc(c.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
         if n < 0:
             if errno == EAGAIN or errno == EINTR:
                 interest(R, c)
@@ -3325,7 +3325,7 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
             splice_body(R, c, True, now)
         elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR) \
                 and not c.out.len and c.need == N_NONE:
-            n = sys_.recv(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+            n = sys_.recv_nc(u.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
             if n < 0 and (errno == EAGAIN or errno == EINTR):
                 pass
             else:
@@ -3641,7 +3641,7 @@ cdef int run(Relay *R) noexcept nogil:
         timeout = <int>((wake - now) * 1000) + 1
         if timeout < 0:
             timeout = 0
-        n = sys_.epoll_wait(R.epfd, events, MAX_EVENTS, timeout)
+        n = sys_.epoll_wait_nc(R.epfd, events, MAX_EVENTS, timeout)
         now = now_s()
         # Idle pooled connections with an event (the server closed them, or
         # spoke) leave the pool before anything in the batch can check one
