@@ -79,7 +79,9 @@ cdef inline bint field_value_byte(unsigned char c) noexcept nogil:
 
 
 cdef Py_ssize_t chunked(Chunked* k, const unsigned char* data, Py_ssize_t n) noexcept nogil:
-    """Run the machine over data[0:n]; the bytes consumed (error: C_ERROR)."""
+    """Run the machine over data[0:n]; the bytes consumed (error: C_ERROR,
+    and the bytes before the refused one: the caller forwards them before it
+    gives up, as it would have had that byte come in a read of its own)."""
     cdef Py_ssize_t i = 0
     cdef int state = k.state
     cdef int err = 0
@@ -189,7 +191,7 @@ cdef Py_ssize_t chunked(Chunked* k, const unsigned char* data, Py_ssize_t n) noe
                 state = C_DONE
         if err:
             k.error = err
-            state = C_ERROR
-            break
+            k.state = C_ERROR
+            return i - 1
     k.state = state
     return i

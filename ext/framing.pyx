@@ -137,4 +137,5 @@ cdef class BodyFramer:
                 PyBuffer_Release(&view)
             if self._k.state != C_ERROR:
                 return i
+            raise chunked_error(self._k.error, self.error_status, self.max_trailers, i)
         raise chunked_error(self._k.error, self.error_status, self.max_trailers)

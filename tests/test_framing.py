@@ -112,8 +112,24 @@ def test_chunked_refusals(twin: ModuleType, body: bytes, why: str, step: int) ->
     with pytest.raises(FramingError) as e:
         run(f, body, step)
     assert (e.value.status, e.value.reason) == (400, why)
-    with pytest.raises(FramingError):  # and again, for good
+    with pytest.raises(FramingError) as again:  # and again, for good
         f.feed(b"0\r\n\r\n")
+    assert again.value.used == 0
+
+
+def test_a_refusal_counts_the_bytes_framed_before_the_refused_one(twin: ModuleType) -> None:
+    """Fed whole, a valid chunk then a bad chunk-size line: the error's
+    ``used`` is every byte before the refused LF, as many as a feed of the
+    valid chunk alone, then of the next line's "5", returns."""
+    body = b"5\r\nhello\r\n5\nhello\r\n0\r\n\r\n"
+    with pytest.raises(FramingError) as e:
+        twin.BodyFramer(Framing.CHUNKED, error_status=502).feed(body)
+    assert (e.value.reason, e.value.used) == ("bare LF in a chunk-size line", 11)
+    f = twin.BodyFramer(Framing.CHUNKED, error_status=502)
+    assert (f.feed(body[:10]), f.feed(body[10:11])) == (10, 1)
+    with pytest.raises(FramingError) as e:
+        f.feed(body[11:])
+    assert e.value.used == 0
 
 
 def test_trailer_section_is_bounded(twin: ModuleType) -> None:
@@ -195,15 +211,23 @@ FRAMING_BYTES = st.lists(
 @settings(max_examples=1500, deadline=None)
 @given(FRAMING_BYTES, st.integers(1, 7), st.sampled_from([16, 65536]))
 def test_twins_agree_on_any_bytes_at_any_split(data: bytes, step: int, max_trailers: int) -> None:
-    """Frame it or raise FramingError, the same way for both twins and any split."""
+    """Frame it or raise FramingError, the same way for both twins and any
+    split; an error at the same byte (the bytes framed before it: those fed
+    before the piece that raised, and its ``used``)."""
 
-    def outcome(twin: ModuleType, step: int) -> tuple[str, int | str]:
+    def outcome(twin: ModuleType, step: int) -> tuple[str, int | str, int]:
         f = twin.BodyFramer(Framing.CHUNKED, max_trailers=max_trailers)
+        framed = 0
         try:
-            used = run(f, data, step)
-            return ("ok" if f.done else "more", used)
+            for i in range(0, len(data), step or len(data) or 1):
+                piece = data[i : i + (step or len(data))]
+                framed += f.feed(piece)
+                if f.done:
+                    break
+            return ("ok" if f.done else "more", framed, 0)
         except FramingError as e:
-            return ("error", e.reason)
+            assert 0 <= e.used < len(piece)  # the refused byte is not framed
+            return ("error", e.reason, framed + e.used)
 
     twins = both()
     whole = outcome(twins[1], 0)

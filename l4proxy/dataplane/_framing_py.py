@@ -80,12 +80,15 @@ class FramingError(Exception):
     """The message cannot be framed unambiguously: answer ``status``, close.
 
     ``status`` is 400 for a client's message and 502 for a server's.
+    ``used``: from :meth:`BodyFramer.feed`, how many leading bytes of the
+    data fed were framed before the byte that is refused (0 otherwise).
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, used: int = 0) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.used = used
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
@@ -297,9 +300,10 @@ CHUNKED_ERRORS: Final[dict[int, str]] = {
 }
 
 
-def chunked_error(code: int, status: int, max_trailers: int) -> FramingError:
-    """The exception for chunked error *code* (shared by both twins)."""
-    return FramingError(status, CHUNKED_ERRORS[code].format(max_trailers=max_trailers))
+def chunked_error(code: int, status: int, max_trailers: int, used: int = 0) -> FramingError:
+    """The exception for chunked error *code* (shared by both twins); *used*:
+    the bytes of the data fed before the refused one."""
+    return FramingError(status, CHUNKED_ERRORS[code].format(max_trailers=max_trailers), used)
 
 
 _HEX: Final = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
@@ -328,7 +332,11 @@ class BodyFramer:
     may pass unseen; ``skip(n)`` accounts for *n* <= ``blind()`` such bytes.
     A CLOSE or TUNNEL body never ends here: the caller sees EOF.
     Errors raise :class:`FramingError` with *error_status* (400 or 502),
-    and again on every later call.
+    and again on every later call. Its ``used`` counts the leading bytes of
+    *data* framed before the refused byte (0 on a later call): the caller
+    forwards them before it gives up, as it would have had the refused byte
+    come in a read of its own, so that what is forwarded does not depend on
+    how the bytes were split.
     """
 
     __slots__ = (
@@ -408,12 +416,14 @@ class BodyFramer:
             i = self._chunked(data, n)
             if self._state != _C_ERROR:
                 return i
+            raise chunked_error(self._error, self.error_status, self.max_trailers, i)
         raise chunked_error(self._error, self.error_status, self.max_trailers)
 
     # -- the chunked machine: mirrors chunked() in ext/framing.pyx ----------
 
     def _chunked(self, data: bytes | bytearray | memoryview, n: int) -> int:
-        """Run the machine over *data*; the bytes consumed (error: _C_ERROR)."""
+        """Run the machine over *data*; the bytes consumed (error: _C_ERROR,
+        and the bytes before the refused one)."""
         i = 0
         state = self._state
         err = 0
@@ -517,7 +527,7 @@ class BodyFramer:
                     state = _C_DONE
             if err:
                 self._error = err
-                state = _C_ERROR
-                break
+                self._state = _C_ERROR
+                return i - 1
         self._state = state
         return i
