@@ -1992,7 +1992,12 @@ cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now)
     elif c.framing == F_CHUNKED:
         used = chunked(&c.ck, <const unsigned char*>data, <Py_ssize_t>n)
         if c.ck.state == C_ERROR:
-            # the head went out already: nothing to answer, close (502 unsent)
+            # the head went out already: nothing to answer (502 unsent), no
+            # retry; the bytes before the refused one go first, as they
+            # would have in a read of their own, then the close
+            if used and to_client(R, c, data, <size_t>used) != 0:
+                return -1
+            c.client_bytes += used
             upstream_failed(R, c, 502, NULL, 0, NULL, 0, now,
                             OD_CHUNKED + (c.ck.error if 0 < c.ck.error < N_CHUNK_ERRORS else 0))
             return -1
@@ -2666,9 +2671,11 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
             complete(R, c, False, False, now)
 
 
-cdef int64_t body_take(Conn *c, const char *p, int64_t n) noexcept nogil:
+cdef int64_t body_take(Conn *c, const char *p, int64_t n, bint *bad) noexcept nogil:
     """How many of the n client bytes at p belong to the request body (the
-    rest is the next request's); -1: a chunked body that cannot be framed."""
+    rest is the next request's). *bad: a chunked body that cannot be framed;
+    then the bytes before the refused one, to forward before bad_body() (as
+    they would have gone in a read of their own)."""
     cdef int64_t used
     if c.rck == NULL:
         used = n if n < c.req_left else c.req_left
@@ -2676,8 +2683,8 @@ cdef int64_t body_take(Conn *c, const char *p, int64_t n) noexcept nogil:
         return used
     used = chunked(c.rck, <const unsigned char*>p, <Py_ssize_t>n)
     if c.rck.state == C_ERROR:
-        return -1
-    if c.rck.state == C_DONE:
+        bad[0] = True
+    elif c.rck.state == C_DONE:
         c.req_left = 0
     return used
 
@@ -2695,6 +2702,7 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     cdef const char *b = c.inb.p
     cdef Py_ssize_t hl = <Py_ssize_t>c.head_len, avail
     cdef int64_t take
+    cdef bint bad = False
     # Out of memory for any part: the connection goes (a request with a
     # part left out would frame the rest as something else).
     if c.retried and c.replay.len:
@@ -2714,8 +2722,11 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
             return
         buf_free(&c.rhead)
         avail = <Py_ssize_t>c.inb.len - hl
-        take = body_take(c, b + hl, avail)
-        if take < 0:  # the head goes first, as the pure twin sends it
+        take = body_take(c, b + hl, avail, &bad)
+        if bad:  # the head and the body bytes before the refused one go first
+            if take > 0 and buf_add(&u.out, b + hl, <size_t>take) != 0:
+                conn_abort(R, c)
+                return
             flush_up(R, u)
             bad_body(R, c, now)
             return
@@ -3204,6 +3215,7 @@ cdef void next_request(Relay *R, Conn *c, double now) noexcept nogil:
 cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogil:
     cdef ssize_t n
     cdef int64_t take
+    cdef bint bad = False
     if ev & sys_.EPOLLOUT and c.out.len:
         flush_client(R, c)
         if c.closed:
@@ -3260,8 +3272,14 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 return
             head_step(R, c, now)
         else:  # request body bytes
-            take = body_take(c, R.scratch, n)
-            if take < 0:
+            take = body_take(c, R.scratch, n, &bad)
+            if bad:
+                # the body bytes before the refused one go first, as they
+                # would have in a read of their own (the pure twin's order)
+                if take > 0 and buf_add(&c.up.out, R.scratch, <size_t>take) != 0:
+                    conn_abort(R, c)
+                    return
+                flush_up(R, c.up)
                 bad_body(R, c, now)
                 settle(R, c)  # the 400 goes out now (a return here left it queued)
                 return

@@ -408,16 +408,27 @@ def test_ambiguous_heads_are_refused_with_400_and_close(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b"zz\r\n", b"5\r\nhello\n0\r\n\r\n", b"8000000000000000\r\n", b"5\nhello\r\n"],
+    ("body", "refused_at"),
+    [
+        (b"zz\r\n", 0),
+        (b"5\r\nhello\n0\r\n\r\n", 8),
+        (b"8000000000000000\r\n", 15),  # the digit that overflows
+        (b"5\nhello\r\n", 1),
+    ],
 )
-def test_bad_chunked_request_bodies_are_cut_and_refused(body: bytes) -> None:
+def test_bad_chunked_request_bodies_are_cut_and_refused(body: bytes, refused_at: int) -> None:
+    """Fed whole, the body bytes before the refused one go up after the
+    head (as they would have, fed apart), then the 400 and the close."""
     head = b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
     d = Driver()
     d.send(head + body)
-    assert d.upstreams[0] == head  # fed whole: the bad body is refused before any of it goes up
+    assert d.upstreams == [head + body[:refused_at]]
     assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert d.released == [False] and d.events == ["Close"]
+    apart = Driver()
+    apart.send(head + body[:refused_at])
+    apart.send(body[refused_at:])
+    assert (apart.upstreams, apart.client) == (d.upstreams, d.client)
 
 
 def test_ambiguous_response_is_a_502() -> None:

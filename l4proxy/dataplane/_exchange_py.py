@@ -800,7 +800,11 @@ class Exchange:
             try:
                 used = self._request.feed(self._inbox)
             except FramingError as exc:
-                return self._upstream_failed(exc.status, exc.reason)
+                # the body bytes framed before the refused one go first, as
+                # they would have in a read of their own; then the 400
+                if exc.used:
+                    out.append(Upstream(bytes(self._inbox[: exc.used])))
+                return out + self._upstream_failed(exc.status, exc.reason)
             if used:
                 chunk = bytes(self._inbox[:used])
                 del self._inbox[:used]
@@ -856,10 +860,7 @@ class Exchange:
             self.status = resp.status
             self._response = BodyFramer(kind, length, error_status=502, max_trailers=self.max_head)
             if rest:
-                try:
-                    out += self._response_body_bytes(rest)
-                except FramingError as exc:  # the head went out: keep it, then give up
-                    return out + self._upstream_failed(exc.status, exc.reason, gateway=True)
+                out += self._response_body_bytes(rest)
             elif self._response.done:
                 out += self._maybe_complete()
             return out
@@ -867,7 +868,16 @@ class Exchange:
     def _response_body_bytes(self, data: bytes) -> list[Action]:
         assert self._response is not None
         out: list[Action] = []
-        used = self._response.feed(data)
+        try:
+            used = self._response.feed(data)
+        except FramingError as exc:
+            # The head went out (nothing to answer: a cut): the body bytes
+            # framed before the refused one go first, as they would have in
+            # a read of their own, so the client gets the same bytes however
+            # the server's were split. No retry: the head reached the client.
+            if exc.used:
+                out.append(Client(data[: exc.used]))
+            return out + self._upstream_failed(exc.status, exc.reason, gateway=True)
         if used:
             out.append(Client(data[:used]))
         if used < len(data):  # bytes after a complete response: the server is confused
