@@ -825,6 +825,18 @@ cdef inline void buf_free(Buf *b) noexcept nogil:
 
 # -- epoll ---------------------------------------------------------------------
 
+# A mask that wants nothing, for a socket that stays in epoll: epoll says
+# EPOLLHUP and EPOLLERR whatever the mask (a TCP peer's reset: both; its FIN
+# alone: neither, so a half-close says nothing), and edge-triggered they are
+# said once, not for ever to a state that has no use for them (P_RESOLVE).
+# (The mask 0 means not in epoll.)
+cdef extern from *:
+    """
+    #define L4R_WATCH_RESET ((uint32_t)EPOLLET)
+    """
+    const uint32_t WATCH_RESET "L4R_WATCH_RESET"
+
+
 cdef int set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
     """Watch fd for *want*; -1 (the mask as it was, errno set) when epoll
     refuses (ENOMEM, ENOSPC at max_user_watches, EPERM: not pollable): the
@@ -871,15 +883,26 @@ cdef void interest(Relay *R, Conn *c) noexcept nogil:
         want |= sys_.EPOLLOUT
     if (c.phase == P_CLOSING and not c.client_eof) or reading_client(c):
         want |= sys_.EPOLLIN
-    elif c.mask & sys_.EPOLLIN and not c.unwanted and not c.client_eof and c.phase != P_HEAD:
-        # Lazily: a client rarely sends while its request is answered, so
-        # EPOLLIN stays registered through the exchange (two epoll_ctl calls
-        # fewer per request) until it fires unwanted (client_event), which
-        # drops it until the next request. Never once the client's EOF was
-        # read (a half-close while the rest of a closing answer waits for
-        # it): level-triggered, an EOF is readable for ever, and the loop
-        # spun at 100 % CPU until the client read the answer's end.
-        want |= sys_.EPOLLIN
+    elif not c.client_eof and c.phase != P_HEAD:  # in flight, not read
+        if c.mask & sys_.EPOLLIN and not c.unwanted:
+            # Lazily: a client rarely sends while its request is answered,
+            # so EPOLLIN stays registered through the exchange (two
+            # epoll_ctl calls fewer per request) until it fires unwanted
+            # (client_event), which drops it until the next request. Never
+            # once the client's EOF was read (a half-close while the rest of
+            # a closing answer waits for it): level-triggered, an EOF is
+            # readable for ever, and the loop spun at 100 % CPU until the
+            # client read the answer's end.
+            want |= sys_.EPOLLIN
+        elif not want:
+            # ... and once it fired (a FIN, a pipelined request), or where it
+            # was never there (a head handed off with the connection), the
+            # client is watched for its reset alone (WATCH_RESET), not out of
+            # epoll: a reset then went unseen through every try and backoff,
+            # the upstream held, until the answer or the idle timeout. The
+            # same one epoll_ctl as the removal was, and the next request's
+            # EPOLLIN a MOD where it was an ADD.
+            want = WATCH_RESET
     if set_mask(R, c.fd, &c.mask, want, c) != 0:
         conn_abort(R, c)  # (callers look at c.closed after a step)
 
