@@ -87,12 +87,13 @@ one scan; about once per route timeout in the steady state, the soonest
 then being the oldest request in flight's). The tick (idle and header
 timeouts, the pool's expiry) judges the exchanges' timers and the connect
 deadlines too, a backstop. A policy's wait is no idleness: the idle
-timeout runs from the retry's send. While a request is in flight under a
-policy the client, not read then, is watched for its reset (``EPOLLRDHUP``,
-and the ``EPOLLHUP``/``EPOLLERR`` that come anyway): a client gone ends the
-exchange, its upstream closed, no retry more (the compiled twin's lazy
-``EPOLLIN`` does the same); a FIN alone is a half-close, watched no more,
-its answer still due.
+timeout runs from the retry's send. While a request is in flight the
+client, not read then, is watched for its reset alone (``_WATCH_RESET``:
+nothing wanted, edge-triggered; epoll says ``EPOLLHUP``/``EPOLLERR``
+anyway): a client gone ends the exchange, its upstream closed, no retry
+more, whether or not it half-closed or pipelined its next request first
+(the compiled twin's lazy ``EPOLLIN``, then the same mask); a FIN alone
+says neither, a half-close whose answer is still due.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -140,6 +141,11 @@ _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLERR: Final = select.EPOLLERR
 _EPOLLHUP: Final = select.EPOLLHUP
 _EPOLLRDHUP: Final = select.EPOLLRDHUP
+# A client in flight, not read, stays in epoll with nothing wanted: epoll
+# says EPOLLHUP and EPOLLERR whatever the mask (a TCP peer's reset: both; its
+# FIN alone: neither, so a half-close wakes nothing), edge-triggered: once.
+# (The mask 0 means not in epoll.)
+_WATCH_RESET: Final = select.EPOLLET
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _LINGER0: Final = struct.pack("ii", 1, 0)
 _READ: Final = 65536
@@ -201,7 +207,6 @@ class _Conn:
     closing: float = 0.0  # lingering-close deadline, 0: not closing
     quiet: bool = False  # closing: the client cannot send more (no lingering read)
     eof: bool = False  # closing: the client half-closed; its answer still goes out
-    fin_seen: bool = False  # its FIN came (EPOLLRDHUP) while not read: watched no more
     mask: int = 0
     fd: int = -1
     tag: Any = None  # the last routed request's Decision.tag (outlier reports)
@@ -540,8 +545,6 @@ class HttpRelay:
         elif ev & (_EPOLLHUP | _EPOLLERR) and not c.out:
             self._abort(c)  # gone while we waited for its upstream (or a retry)
             return
-        elif ev & _EPOLLRDHUP:
-            c.fin_seen = True  # half-closed (see _interest): its answer still goes out
         if c.fd in self._conns:
             self._interest(c)
             # The client took what was held for it: its upstream is read
@@ -976,19 +979,14 @@ class HttpRelay:
             want |= _EPOLLOUT
         if (c.closing and not c.eof) or self._reading_client(c):
             want |= _EPOLLIN
-        elif (
-            c.ex.retry is not None
-            and not c.closing
-            and not c.fin_seen
-            and c.ex.phase in (Phase.ROUTING, Phase.EXCHANGE)
-        ):
-            # Its request in flight under a retry policy, the client is not
-            # read: watched for its reset (EPOLLHUP, EPOLLERR: _client_event
-            # ends it), else tries and backoffs went on for a client gone
-            # (the compiled twin's lazy EPOLLIN sees it). Its FIN alone is a
-            # half-close, whose answer still goes out: watched no more then
-            # (level-triggered, it would fire for ever).
-            want |= _EPOLLRDHUP
+        elif not want and not c.closing and c.ex.phase in (Phase.ROUTING, Phase.EXCHANGE):
+            # Its request in flight, the client is not read: watched for its
+            # reset alone (EPOLLHUP, EPOLLERR: _client_event ends it), else a
+            # stalled try, the tries and backoffs of a policy went on for a
+            # client gone. Not for EPOLLRDHUP: a FIN alone is a half-close,
+            # whose answer still goes out (level-triggered, it would fire
+            # for ever). The same one epoll_ctl as the removal was.
+            want = _WATCH_RESET
         self._set_mask(c.fd, c, want)
 
     def _interest_up(self, up: _Up) -> None:
