@@ -1,0 +1,205 @@
+"""A client that resets while its request is in flight, after a FIN or a
+pipelined request (both twins, real sockets).
+
+While a request is in flight the client is not read, only watched for its
+reset. The compiled relay watched it through the exchange's lazy EPOLLIN,
+dropped (its socket out of epoll) once that fired unwanted: a client that
+half-closed (SHUT_WR) or pipelined its next request, then reset, went
+unnoticed until the response came or the idle timeout, through every retry
+and backoff under a policy, the try's upstream connection held. The pure
+relay watched only under a retry policy (EPOLLRDHUP), and not once a FIN
+came. Now both keep the client in epoll with nothing wanted but what epoll
+says anyway (EPOLLHUP, EPOLLERR: a reset, never a FIN alone), edge-
+triggered: a reset ends the exchange, its upstream closed, no retry more; a
+half-close still gets its answer, with no wake-up for the FIN it left set.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from l4proxy.dataplane.verdict import RetryPolicy
+from tests.test_relay_edges import EPOLLIN, RelayFd, _tcp_client, _watched_with
+from tests.test_relay_retries import (
+    GET,
+    OK_BODY,
+    STALL,
+    Scripted,
+    _answer,
+    _proxy,
+    _response,
+    _status,
+    mode,  # noqa: F401  (fixture)
+)
+
+SECOND = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@pytest.fixture(params=["half-closed", "pipelined"])
+def then(request: pytest.FixtureRequest) -> Iterator[str]:
+    """What the client does while its request is in flight, before any
+    reset: either makes its socket readable to the relay."""
+    yield request.param
+
+
+def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def _reset(a: socket.socket) -> None:
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+
+
+def _nudge(a: socket.socket, fd: RelayFd, then: str) -> None:
+    """Half-close or pipeline, and wait until the relay took note: the
+    client's socket no longer watched for EPOLLIN (the compiled twin's lazy
+    EPOLLIN fired; the pure twin does not read a client in flight)."""
+    if then == "half-closed":
+        a.shutdown(socket.SHUT_WR)
+    else:
+        a.sendall(SECOND)
+    assert _until(lambda: _watched_with(fd).get(fd.fd, 0) & EPOLLIN == 0), _watched_with(fd)
+
+
+def test_a_reset_after_a_fin_or_a_pipelined_request_ends_the_retries(
+    mode: tuple[str, str],  # noqa: F811
+    then: str,
+) -> None:
+    up = Scripted([_answer(503, b"no")] * 1000)
+    # a try every 10 ms or so, for ever (no route timeout)
+    relay = _proxy(mode, (up.endpoint,), RetryPolicy.of(100000, 0.0, ["5xx"], (), backoff=0.01))
+    try:
+        a, fd = _tcp_client(relay)
+        a.sendall(GET)
+        assert _until(lambda: len(up.requests) >= 3), len(up.requests)
+        _nudge(a, fd, then)
+        tried = len(up.requests)
+        assert _until(lambda: len(up.requests) >= tried + 3)  # the retries go on
+        _reset(a)
+        time.sleep(0.1)  # (a try in flight as the reset came may still land)
+        seen = len(up.requests)
+        time.sleep(0.3)  # a few tries, were they going on (backoffs up to 0.1 s)
+        assert len(up.requests) == seen, (seen, len(up.requests))
+        # every try's connection closed: the last one's too
+        assert _until(lambda: up.closed_by_relay >= up.accepted), (up.closed_by_relay, up.accepted)
+        assert _until(lambda: relay.stats()["active"] == 0), relay.stats()
+    finally:
+        relay.close()
+        up.close()
+
+
+@pytest.mark.parametrize("retry", [None, RetryPolicy.of(3, 0.0, ["5xx"], ())], ids=["", "retry"])
+def test_a_reset_after_a_fin_or_a_pipelined_request_closes_the_stalled_upstream(
+    mode: tuple[str, str],  # noqa: F811
+    then: str,
+    retry: RetryPolicy | None,
+) -> None:
+    """The try in flight (no answer yet, no timeout) is closed at the
+    client's reset, not left to the idle timeout; with or without a policy."""
+    up = Scripted([STALL])
+    relay = _proxy(mode, (up.endpoint,), retry)
+    try:
+        a, fd = _tcp_client(relay)
+        a.sendall(GET)
+        assert _until(lambda: len(up.requests) == 1)
+        _nudge(a, fd, then)
+        # the relay's loop turns once more (another client's exchange, its
+        # connection pooled): the FIN or the bytes came before, seen then
+        b, _ = _tcp_client(relay)
+        b.sendall(GET)
+        assert _status(_response(b)) == 200
+        b.close()
+        _reset(a)
+        assert _until(lambda: up.closed_by_relay == 1), up.closed_by_relay
+        assert _until(lambda: relay.stats()["active"] == 0), relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert len(up.requests) == 2  # a's, tried once, and b's
+
+
+def test_a_stalled_upstream_is_closed_at_a_plain_reset_without_a_policy(
+    mode: tuple[str, str],  # noqa: F811
+) -> None:
+    """No FIN, nothing pipelined: the compiled twin's lazy EPOLLIN saw the
+    reset already; the pure one watched only under a retry policy."""
+    up = Scripted([STALL])
+    relay = _proxy(mode, (up.endpoint,), None)
+    try:
+        a, _ = _tcp_client(relay)
+        a.sendall(GET)
+        assert _until(lambda: len(up.requests) == 1)
+        _reset(a)
+        assert _until(lambda: up.closed_by_relay == 1), up.closed_by_relay
+    finally:
+        relay.close()
+        up.close()
+
+
+def _read(a: socket.socket, n: int, timeout: float = 5.0) -> bytes:
+    """*n* bytes, or those that came before the end or *timeout*."""
+    a.settimeout(timeout)
+    got = b""
+    try:
+        while len(got) < n and (data := a.recv(n - len(got))):
+            got += data
+    except TimeoutError:
+        pass
+    return got
+
+
+def _cpu_ticks() -> int:
+    """This process's CPU time (every thread, the relay's too), in clock ticks."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def test_a_half_closed_or_pipelining_client_gets_its_answers_and_nothing_spins(
+    mode: tuple[str, str],  # noqa: F811
+    then: str,
+) -> None:
+    """A FIN alone is no reset: the answer still goes out (and the pipelined
+    request's after it). Meanwhile the FIN, level-triggered, left set for
+    as long as the backend takes, wakes the relay's loop for nothing: a spin
+    would take the whole wait's CPU time."""
+    go = threading.Event()
+
+    def slow(conn: socket.socket) -> None:
+        go.wait(10)
+        conn.sendall(_answer(200, OK_BODY))
+
+    up = Scripted([slow])
+    relay = _proxy(mode, (up.endpoint,), None)
+    try:
+        a, fd = _tcp_client(relay)
+        a.sendall(GET)
+        assert _until(lambda: len(up.requests) == 1)
+        _nudge(a, fd, then)
+        before = _cpu_ticks()
+        time.sleep(0.5)  # 50 ticks at 100 Hz, the whole of it were the loop spinning
+        spent = _cpu_ticks() - before
+        assert spent <= 10, spent
+        go.set()
+        ok = _answer(200, OK_BODY)
+        answers = 2 if then == "pipelined" else 1
+        got = _read(a, len(ok) * answers)
+        assert got == ok * answers, got
+        assert len(up.requests) == answers
+        a.close()
+    finally:
+        go.set()
+        relay.close()
+        up.close()
