@@ -401,11 +401,151 @@ spec:
         RR
         + """\
   destination: {name: bootcamp}
-  httpReqRetries:
-    simpleRetry: {attempts: 3}
+  httpFault:
+    abort: {percent: 10, httpStatus: 503}
 """,
-        "spec.httpReqRetries is not implemented by l4proxy",
+        "spec.httpFault is not implemented by l4proxy",
         7,
+    ),
+    (
+        "RouteRule retries attempts negative",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: -1
+      perTryTimeout: 2s
+""",
+        "spec.httpReqRetries.simpleRetry.attempts -1 is not in range 0..2147483647",
+        9,
+    ),
+    (
+        "RouteRule retries attempts a string",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: "3"
+      perTryTimeout: 2s
+""",
+        "spec.httpReqRetries.simpleRetry.attempts must be an integer, not a string",
+        9,
+    ),
+    (
+        "RouteRule retries without perTryTimeout (Istio 0.7: a nil duration)",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: 3
+""",
+        "spec.httpReqRetries.simpleRetry.perTryTimeout is required",
+        8,
+    ),
+    (
+        "RouteRule retries perTryTimeout of zero",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: 3
+      perTryTimeout: 0s
+""",
+        "spec.httpReqRetries.simpleRetry.perTryTimeout '0s' must be whole milliseconds from 1ms",
+        10,
+    ),
+    (
+        "RouteRule retries perTryTimeout without a unit",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: 3
+      perTryTimeout: "2"
+""",
+        "spec.httpReqRetries.simpleRetry.perTryTimeout '2' is not a duration "
+        "(write it like '5s', '0.5s' or '250ms')",
+        10,
+    ),
+    (
+        "RouteRule retries without simpleRetry",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries: {}
+""",
+        "spec.httpReqRetries.simpleRetry is required "
+        "(simpleRetry: {attempts: 3, perTryTimeout: 2s})",
+        7,
+    ),
+    (
+        "RouteRule retries written the v1alpha3 way",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    attempts: 3
+""",
+        "unknown field spec.httpReqRetries.attempts (expected one of: simpleRetry)",
+        8,
+    ),
+    (
+        "RouteRule retries a string",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries: "3"
+""",
+        "spec.httpReqRetries must be a mapping: httpReqRetries: "
+        "{simpleRetry: {attempts: 3, perTryTimeout: 2s}}",
+        7,
+    ),
+    (
+        "RouteRule simpleRetry with attempts misspelt",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attemps: 3
+      perTryTimeout: 2s
+""",
+        "unknown field spec.httpReqRetries.simpleRetry.attemps "
+        "(expected one of: attempts, perTryTimeout)",
+        9,
+    ),
+    (
+        "RouteRule retries from a request header",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    simpleRetry:
+      attempts: 3
+      perTryTimeout: 2s
+      overrideHeaderName: x-retries
+""",
+        "spec.httpReqRetries.simpleRetry.overrideHeaderName is not implemented by l4proxy; "
+        "remove it (the sidecar would not honour it); "
+        "the attempts come from the rule, never from a request header",
+        11,
+    ),
+    (
+        "RouteRule custom retry policy",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  httpReqRetries:
+    custom: {"@type": type.googleapis.com/x}
+""",
+        "spec.httpReqRetries.custom is not implemented by l4proxy; remove it (the sidecar "
+        "would not honour it); use simpleRetry",
+        8,
     ),
     (
         "RouteRule timeout without a unit",
@@ -850,8 +990,8 @@ spec:
   rout:
   - labels: {version: v1}
 """,
-        "unknown field spec.rout (expected one of: destination, httpReqTimeout, match, precedence, "
-        "route)",
+        "unknown field spec.rout (expected one of: destination, httpReqRetries, httpReqTimeout, "
+        "match, precedence, route)",
         7,
     ),
     (

@@ -443,6 +443,106 @@ def test_virtual_service_retries_compile(
 
 
 @pytest.mark.parametrize(
+    ("simple", "expected"),
+    [
+        (
+            "{attempts: 3, perTryTimeout: 2s}",
+            HttpRetry(3, 2.0, ("5xx", "connect-failure", "refused-stream"), ()),
+        ),
+        (
+            "{attempts: 1, perTryTimeout: 250ms}",
+            HttpRetry(1, 0.25, ("5xx", "connect-failure", "refused-stream"), ()),
+        ),
+        # pilot made a policy only for attempts > 0: none, its per-try timeout too
+        ("{attempts: 0, perTryTimeout: 2s}", None),
+        ("{perTryTimeout: 2s}", None),
+    ],
+)
+def test_route_rule_http_req_retries_compile(
+    tmp_path: Path, simple: str, expected: HttpRetry | None
+) -> None:
+    """httpReqRetries.simpleRetry is the route's retry policy as Istio 0.7's
+    pilot made Envoy's: its attempts, its per-try timeout, on
+    5xx,connect-failure,refused-stream; the same policy as a VirtualService
+    retries field saying so; a reload that changes only it is a new table;
+    validate -v's JSON has it."""
+    rr = f"""\
+    apiVersion: config.istio.io/v1alpha2
+    kind: RouteRule
+    metadata: {{name: bootcamp-default}}
+    spec:
+      destination: {{name: bootcamp}}
+      httpReqRetries:
+        simpleRetry: {simple}
+    """
+    result = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY])
+    assert not result.notes, result.notes
+    table = result.table
+    (route,) = table.routes_for(HOST)
+    assert route.retries == expected
+    plain = load_rules([write(tmp_path, "rr.yaml", rr.split("  httpReqRetries:")[0]), REGISTRY])
+    (untried,) = plain.table.routes_for(HOST)
+    assert untried.retries is None
+    assert (table == plain.table) == (expected is None)
+    got = table.to_json()["routes"][HOST][0]["retries"]
+    assert got == (expected.to_json() if expected else None)
+    svc = table.service(HOST)
+    assert svc is not None
+    assert table.decide(svc, 8080, Request(path="/")).retries == expected
+    if expected is not None:  # what the VirtualService would say for it
+        vs = f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {{name: bootcamp}}
+        spec:
+          hosts: [bootcamp]
+          http:
+          - route:
+            - destination: {{host: bootcamp}}
+            retries:
+              attempts: {expected.attempts}
+              perTryTimeout: {expected.per_try_timeout}s
+              retryOn: 5xx,connect-failure,refused-stream
+        """
+        other = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+        (same,) = other.routes_for(HOST)
+        assert same.retries == expected
+
+
+@pytest.mark.parametrize(("per_try", "warned"), [("2s", True), ("1s", False), ("500ms", False)])
+def test_route_rule_per_try_timeout_past_its_timeout_warns(
+    tmp_path: Path, per_try: str, warned: bool
+) -> None:
+    """A perTryTimeout longer than the rule's httpReqTimeout, which bounds
+    every try together, is a warning on its line, as a VirtualService's."""
+    rr = f"""\
+    apiVersion: config.istio.io/v1alpha2
+    kind: RouteRule
+    metadata: {{name: bootcamp-default}}
+    spec:
+      destination: {{name: bootcamp}}
+      httpReqTimeout: {{simpleTimeout: {{timeout: 1s}}}}
+      httpReqRetries:
+        simpleRetry:
+          attempts: 2
+          perTryTimeout: {per_try}
+    """
+    result = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY])
+    (route,) = result.table.routes_for(HOST)
+    assert route.retries is not None and route.timeout == 1.0
+    said = [d for d in result.notes if "perTryTimeout" in d.message]
+    if not warned:
+        assert not said, said
+        return
+    (warning,) = said
+    assert warning.severity == "warning" and warning.line == 10
+    assert warning.message.endswith(
+        "spec.httpReqRetries.simpleRetry.perTryTimeout 2s is longer than the rule's "
+        "httpReqTimeout (1s), which bounds every try together"
+    ), warning.message
+
+
+@pytest.mark.parametrize(
     ("retries", "said"),
     [
         ("{attempts: 0, retryOn: 5xx}", "retryOn does nothing"),

@@ -487,17 +487,31 @@ spec:
       attempts: 2
       retryOn: gateway-error
 """
+# The same for Istio 0.7's RouteRule: its policy is 5xx,connect-failure,refused-stream
+ROUTE_RULE_RETRIES = """
+---
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata: {name: svc-retried}
+spec:
+  destination: {name: svc}
+  httpReqRetries:
+    simpleRetry: {attempts: 2, perTryTimeout: 5s}
+"""
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize(
+    "policy", [RETRY_RULES, ROUTE_RULE_RETRIES], ids=["virtual-service", "route-rule"]
+)
 def test_a_worker_applies_a_virtual_service_s_retries(
-    which: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    which: str, policy: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The policy from the rule file to the relay, through a whole worker
     (the compiled twin from its cached verdicts, the pure one per
     decision): of two endpoints one answers 503 every time, the other 200;
     every request gets 200, each counted once as 200 in the Istio metric;
-    /stats counts the retries."""
+    /stats counts the retries. A RouteRule's httpReqRetries the same."""
     import asyncio
 
     from l4proxy.dataplane.relay import HttpRelay
@@ -514,7 +528,7 @@ def test_a_worker_applies_a_virtual_service_s_retries(
     bad = Scripted([_answer(503, b"no")] * 100)
     good = Scripted([])
     rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(bad.endpoint[1], good.endpoint[1]) + RETRY_RULES)
+    rules.write_text(gateway_service(bad.endpoint[1], good.endpoint[1]) + policy)
     got: list[bytes] = []
     seen: dict[str, Any] = {}
 

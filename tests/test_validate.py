@@ -100,7 +100,7 @@ def test_verbose_says_what_a_request_no_route_matches_gets(
     assert "      otherwise: round robin over all endpoints (route 'default')\n" in out
 
 
-def test_verbose_shows_a_route_rule_timeout(
+def test_verbose_shows_a_route_rule_timeout_and_retries(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rr = tmp_path / "rr.yaml"
@@ -115,12 +115,17 @@ def test_verbose_shows_a_route_rule_timeout(
           httpReqTimeout:
             simpleTimeout:
               timeout: 1500ms
+          httpReqRetries:
+            simpleRetry: {attempts: 3, perTryTimeout: 500ms}
         """)
     )
     code, out, err = validate(capsys, "--verbose", str(rr), REGISTRY)
     assert code == 0, err
     assert "      1. bootcamp-default: any request\n" in out
-    assert "           timeout 1.5 s (then 504)\n" in out
+    assert (
+        "           timeout 1.5 s (then 504)\n"
+        "           retries 3 on 5xx,connect-failure,refused-stream, 0.5 s per try\n"
+    ) in out
 
 
 def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_route_s(

@@ -32,7 +32,7 @@ from l4proxy.rules._schema import (
     text,
 )
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import Labels, Match, StringMatch
+from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF, HttpRetry, Labels, Match, StringMatch
 
 KIND = "RouteRule"
 API_VERSIONS = ("config.istio.io/v1alpha2",)
@@ -41,7 +41,6 @@ _SPEC_UNIMPLEMENTED = (
     "redirect",
     "rewrite",
     "websocketUpgrade",
-    "httpReqRetries",
     "httpFault",
     "l4Fault",
     "mirror",
@@ -63,7 +62,7 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         ctx,
         raw,
         ("spec",),
-        allowed=("destination", "precedence", "match", "route", "httpReqTimeout"),
+        allowed=("destination", "precedence", "match", "route", "httpReqTimeout", "httpReqRetries"),
         unimplemented=_SPEC_UNIMPLEMENTED,
         required=("destination",),
     )
@@ -79,9 +78,14 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
     timeout: float | None = 0.0
     if spec.get("httpReqTimeout") is not None:
         timeout = _timeout(ctx, spec["httpReqTimeout"], ("spec", "httpReqTimeout"))
-    if host is None or matches is None or dests is None or timeout is None:
+    retries_ok, retries = True, None
+    if spec.get("httpReqRetries") is not None:
+        retries_ok, retries = _retries(
+            ctx, spec["httpReqRetries"], ("spec", "httpReqRetries"), timeout or 0.0
+        )
+    if host is None or matches is None or dests is None or timeout is None or not retries_ok:
         return None
-    route = RouteDraft(ctx.name, "http", matches, dests, timeout)
+    route = RouteDraft(ctx.name, "http", matches, dests, timeout, retries)
     return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
 
 
@@ -125,6 +129,79 @@ def _timeout(ctx: Ctx, value: Any, path: Path) -> float | None:
     if s is None or s.get("timeout") is None:
         return None
     return duration(ctx, s["timeout"], (*spath, "timeout"), zero=False)
+
+
+# Envoy's retry_on for every RouteRule retry policy (Istio 0.7's pilot,
+# buildHTTPRoute: "the safest retry policies as per envoy docs")
+RULE_RETRY_ON = ("5xx", "connect-failure", "refused-stream")
+
+
+def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, HttpRetry | None]:
+    """httpReqRetries.simpleRetry → the route's retry policy: (valid, the
+    policy); None when there is none.
+
+    As Istio 0.7: ``attempts`` at least 0 (0 or absent: no policy at all,
+    its per-try timeout with it), ``perTryTimeout`` required (its
+    validation refused a missing duration) and at least 1ms; the policy is
+    Envoy's ``5xx,connect-failure,refused-stream`` (no status code beside
+    it), retried after Envoy's default backoff. Pilot ignored
+    ``overrideHeaderName`` (the attempts from a request header): refused
+    here, as ``custom`` is.
+    """
+    if isinstance(value, str):
+        ctx.error(
+            path,
+            f"{dotted(path)} must be a mapping: httpReqRetries: "
+            "{simpleRetry: {attempts: 3, perTryTimeout: 2s}}",
+        )
+        return False, None
+    r = fields(
+        ctx,
+        value,
+        path,
+        allowed=("simpleRetry",),
+        unimplemented={"custom": "use simpleRetry"},
+    )
+    spath = (*path, "simpleRetry")
+    if r is None or "custom" in r:
+        return False, None
+    if r.get("simpleRetry") is None:
+        ctx.error(
+            path, f"{dotted(spath)} is required (simpleRetry: {{attempts: 3, perTryTimeout: 2s}})"
+        )
+        return False, None
+    allowed = ("attempts", "perTryTimeout")
+    s = fields(
+        ctx,
+        r["simpleRetry"],
+        spath,
+        allowed=allowed,
+        unimplemented={
+            "overrideHeaderName": "the attempts come from the rule, never from a request header"
+        },
+        required=("perTryTimeout",),
+    )
+    if s is None:
+        return False, None
+    ok = all(k in allowed for k in s) and s.get("perTryTimeout") is not None
+    attempts: int | None = 0
+    if s.get("attempts") is not None:
+        attempts = integer(ctx, s["attempts"], (*spath, "attempts"), 0, 2**31 - 1)
+    per_try: float | None = 0.0
+    if s.get("perTryTimeout") is not None:
+        ppath = (*spath, "perTryTimeout")
+        per_try = duration(ctx, s["perTryTimeout"], ppath, zero=False)
+        if per_try is not None and timeout and per_try > timeout:
+            ctx.warning(
+                ppath,
+                f"{dotted(ppath)} {s['perTryTimeout']} is longer than the rule's "
+                f"httpReqTimeout ({timeout:g}s), which bounds every try together",
+            )
+    if attempts is None or per_try is None or not ok:
+        return False, None
+    if attempts == 0:
+        return True, None  # (pilot made a retry policy only for attempts > 0)
+    return True, HttpRetry(attempts, per_try, RULE_RETRY_ON, (), DEFAULT_RETRY_BACKOFF)
 
 
 def _destination(ctx: Ctx, value: Any, path: Path, env: Env, *, rule: bool) -> str | None:

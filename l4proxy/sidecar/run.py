@@ -280,7 +280,7 @@ def add_parser(sub: Any) -> None:
         "pooled, see --pool-*), or by the first request head of each connection "
         "(connection: the connection then goes to the L4 pump as it is, and a "
         "route's timeout, http[].timeout, httpReqTimeout or timeouts.request, is not "
-        "enforced, nor a retry policy, http[].retries)",
+        "enforced, nor a retry policy, http[].retries or httpReqRetries)",
     )
     p.add_argument(
         "--pool-max-idle",
