@@ -450,6 +450,7 @@ cdef struct Retry_:
     double backoff_max     # ... and the longest wait
     uint32_t on            # RT_*
     uint64_t codes[8]      # RT_STATUS_CODES: bit (status - 100), 100..611
+    bint ignore_prev       # a retry prefers another endpoint (retry_order); else cand as drawn
 
 cdef struct Choice_:
     uint32_t weight
@@ -1833,7 +1834,8 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     """Give the try on c.up up (closed, never pooled; *why*: how its
     endpoint served it, OD_*, or -1: nothing to tell) and send the request
     again once its backoff passed (backoff_delay; retry_send()), to another
-    endpoint first (retry_order), its per-try timer started again then
+    endpoint first (retry_order; without c.retry.ignore_prev, to the
+    candidates as drawn: the same endpoint), its per-try timer started again then
     (_policy_retry in _exchange_py.py; the route timeout runs on, and
     answers 504 should it pass during the backoff). Meanwhile c waits in
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
@@ -1857,7 +1859,8 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     c.framing = F_NONE
     c.resp_left = 0
     c.try_deadline = 0  # (Envoy starts it when the retry is sent)
-    retry_order(c, ep)
+    if c.retry.ignore_prev:
+        retry_order(c, ep)
     c.phase = P_CONNECT
     c.backoff_until = now + backoff_delay(R, c.retry, c.tries)
     if R.next_timer == 0 or c.backoff_until < R.next_timer:
@@ -4669,6 +4672,7 @@ cdef class HttpRelay:
         p.backoff = max(0.0, float(policy.backoff))
         p.backoff_max = p.backoff * BACKOFF_MAX_FACTOR
         p.on = <uint32_t>int(policy.on)
+        p.ignore_prev = bool(policy.ignore_previous_hosts)
         for code in policy.codes:
             b = int(code) - 100
             if 0 <= b < 512:

@@ -818,8 +818,8 @@ spec:
       attempts: 2
       retryon: 5xx
 """,
-        "unknown field spec.http[0].retries.retryon "
-        "(expected one of: attempts, backoff, perTryTimeout, retryOn, retryRemoteLocalities)",
+        "unknown field spec.http[0].retries.retryon (expected one of: attempts, backoff, "
+        "perTryTimeout, retryIgnorePreviousHosts, retryOn, retryRemoteLocalities)",
         12,
     ),
     (
@@ -893,6 +893,34 @@ spec:
       retryRemoteLocalities: "yes"
 """,
         "spec.http[0].retries.retryRemoteLocalities must be true or false, not a string",
+        12,
+    ),
+    (
+        "retries retryIgnorePreviousHosts not a bool",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryIgnorePreviousHosts: "false"
+""",
+        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, not a string",
+        12,
+    ),
+    (
+        "retries retryIgnorePreviousHosts a number",
+        VS
+        + """\
+  http:
+  - route:
+    - destination: {host: bootcamp}
+    retries:
+      attempts: 2
+      retryIgnorePreviousHosts: 0
+""",
+        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, not a number",
         12,
     ),
     (

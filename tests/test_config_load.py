@@ -410,6 +410,15 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
             HttpRetry(1, 0.0, ("reset", "retriable-status-codes"), (503,)),
         ),
         ("{perTryTimeout: 1s}", None),  # (attempts 0)
+        # a retry prefers an endpoint not tried yet: Istio's default, true
+        (
+            "{attempts: 2, retryOn: 5xx, retryIgnorePreviousHosts: true}",
+            HttpRetry(2, 0.0, ("5xx",), ()),
+        ),
+        (
+            "{attempts: 2, retryOn: 5xx, retryIgnorePreviousHosts: false}",
+            HttpRetry(2, 0.0, ("5xx",), (), ignore_previous_hosts=False),
+        ),
     ],
 )
 def test_virtual_service_retries_compile(
@@ -550,6 +559,7 @@ def test_route_rule_per_try_timeout_past_its_timeout_warns(
             "{perTryTimeout: 1s, retryRemoteLocalities: false}",
             "perTryTimeout, retryRemoteLocalities do nothing",
         ),
+        ("{attempts: 0, retryIgnorePreviousHosts: false}", "retryIgnorePreviousHosts does nothing"),
         ("{attempts: 0}", None),
         ("{attempts: 0, retryOn: ''}", None),
     ],

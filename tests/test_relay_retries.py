@@ -49,9 +49,19 @@ def _answer(status: int, body: bytes = b"") -> bytes:
 
 
 def policy(
-    attempts: int, on: str = "5xx", codes: tuple[int, ...] = (), per_try: float = 0.0
+    attempts: int,
+    on: str = "5xx",
+    codes: tuple[int, ...] = (),
+    per_try: float = 0.0,
+    ignore_previous_hosts: bool = True,
 ) -> RetryPolicy:
-    return RetryPolicy.of(attempts, per_try, on.split(","), codes)
+    return RetryPolicy.of(
+        attempts,
+        per_try,
+        on.split(","),
+        codes,
+        ignore_previous_hosts=ignore_previous_hosts,
+    )
 
 
 class Scripted:
@@ -317,6 +327,63 @@ def test_the_retry_goes_to_another_endpoint_first(mode: tuple[str, str]) -> None
         good.close()
 
 
+@pytest.mark.parametrize("ignore", [True, False], ids=["ignore-previous", "as-drawn"])
+def test_retry_ignore_previous_hosts_says_where_the_retry_goes(
+    mode: tuple[str, str], ignore: bool
+) -> None:
+    """Two endpoints in order, the first answers 503 once: the retry goes
+    to the other one (retryIgnorePreviousHosts true, Istio's default), or
+    to the first again, as the route drew them (false)."""
+    first = Scripted([_answer(503)])
+    second = Scripted([])
+    retry = policy(1, "5xx", ignore_previous_hosts=ignore)
+    relay = _proxy(mode, (first.endpoint, second.endpoint), retry)
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        got = _response(a)
+        assert _status(got) == 200, got
+        assert relay.stats()["retries"] == 1
+        a.close()
+    finally:
+        relay.close()
+        first.close()
+        second.close()
+    assert (len(first.requests), len(second.requests)) == ((1, 1) if ignore else (2, 0))
+    assert first.accepted == (1 if ignore else 2)  # (the 503's connection is never pooled)
+
+
+@pytest.mark.parametrize("ignore", [True, False], ids=["ignore-previous", "as-drawn"])
+def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
+    mode: tuple[str, str], ignore: bool
+) -> None:
+    """A refused connect moves on to the next endpoint, the relay's own
+    retry, not the policy's: its endpoint is out of the request's either
+    way. The next one answers 503 once; the policy's retry then goes to
+    the last one (true), or the one that answered again (false), never to
+    the refusing one."""
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
+    dead.close()  # refuses connections from now on
+    first = Scripted([_answer(503)])
+    second = Scripted([])
+    retry = policy(1, "5xx", ignore_previous_hosts=ignore)
+    relay = _proxy(mode, (dead_endpoint, first.endpoint, second.endpoint), retry)
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        got = _response(a)
+        assert _status(got) == 200, got
+        stats = relay.stats()
+        assert (stats["retries"], stats["connect_errors"]) == (1, 1), stats
+        a.close()
+    finally:
+        relay.close()
+        first.close()
+        second.close()
+    assert (len(first.requests), len(second.requests)) == ((1, 1) if ignore else (2, 0))
+
+
 def test_a_per_try_timeout_retries_on_another_endpoint(mode: tuple[str, str]) -> None:
     """A try without a response head past perTryTimeout is retried (under
     a policy that retries a reset, as Envoy: here only resets and 409s
@@ -500,22 +567,9 @@ spec:
 """
 
 
-@pytest.mark.parametrize("which", ["pure", "compiled"])
-@pytest.mark.parametrize(
-    "policy", [RETRY_RULES, ROUTE_RULE_RETRIES], ids=["virtual-service", "route-rule"]
-)
-def test_a_worker_applies_a_virtual_service_s_retries(
-    which: str, policy: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The policy from the rule file to the relay, through a whole worker
-    (the compiled twin from its cached verdicts, the pure one per
-    decision): of two endpoints one answers 503 every time, the other 200;
-    every request gets 200, each counted once as 200 in the Istio metric;
-    /stats counts the retries. A RouteRule's httpReqRetries the same."""
-    import asyncio
-
+def _worker_twin(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker makes *which* relay twin."""
     from l4proxy.dataplane.relay import HttpRelay
-    from tests._worker import gateway_service, gateway_worker
     from tests.conftest import load_twin
 
     relay_module = load_twin("relay", which)
@@ -525,10 +579,29 @@ def test_a_worker_applies_a_virtual_service_s_retries(
 
         monkeypatch.setattr(chooser, "IMPLEMENTATION", which)
         monkeypatch.setattr(worker_module, "HttpRelay", relay_module.HttpRelay)
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize(
+    "retry_rules", [RETRY_RULES, ROUTE_RULE_RETRIES], ids=["virtual-service", "route-rule"]
+)
+def test_a_worker_applies_a_virtual_service_s_retries(
+    which: str, retry_rules: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy from the rule file to the relay, through a whole worker
+    (the compiled twin from its cached verdicts, the pure one per
+    decision): of two endpoints one answers 503 every time, the other 200;
+    every request gets 200, each counted once as 200 in the Istio metric;
+    /stats counts the retries. A RouteRule's httpReqRetries the same."""
+    import asyncio
+
+    from tests._worker import gateway_service, gateway_worker
+
+    _worker_twin(which, monkeypatch)
     bad = Scripted([_answer(503, b"no")] * 100)
     good = Scripted([])
     rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(bad.endpoint[1], good.endpoint[1]) + policy)
+    rules.write_text(gateway_service(bad.endpoint[1], good.endpoint[1]) + retry_rules)
     got: list[bytes] = []
     seen: dict[str, Any] = {}
 
@@ -560,6 +633,56 @@ def test_a_worker_applies_a_virtual_service_s_retries(
     assert seen["stats"]["requests"] == 6
     assert seen["stats"]["retries"] == len(bad.requests)
     assert seen["istio"] == {"200": 6}, seen["istio"]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize("ignore", ["true", "false"])
+def test_a_worker_applies_retry_ignore_previous_hosts(
+    which: str, ignore: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """retryIgnorePreviousHosts from the rule file to the relay: two
+    endpoints (round robin), each answers 503 to its first request only,
+    one retry. Avoiding the previous endpoint, the retry meets the other
+    one's 503, the client's answer; false, it goes to the same endpoint
+    again, which now answers 200."""
+    import asyncio
+
+    from tests._worker import gateway_service, gateway_worker
+
+    _worker_twin(which, monkeypatch)
+    ups = [Scripted([_answer(503, b"no")]), Scripted([_answer(503, b"no")])]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        gateway_service(*(up.endpoint[1] for up in ups))
+        + RETRY_RULES.replace(
+            "retryOn: gateway-error",
+            f"retryOn: gateway-error\n      retryIgnorePreviousHosts: {ignore}",
+        ).replace("attempts: 2", "attempts: 1")
+    )
+    got: dict[str, Any] = {}
+
+    def get(address: tuple[str, int]) -> bytes:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            return _response(s)
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            got["response"] = await asyncio.get_running_loop().run_in_executor(None, get, address)
+            assert worker.relay is not None
+            got["retries"] = worker.relay.stats()["retries"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        for up in ups:
+            up.close()
+    assert got["retries"] == 1
+    seen = sorted(len(up.requests) for up in ups)
+    if ignore == "true":
+        assert _status(got["response"]) == 503 and seen == [1, 1], got
+    else:
+        assert _status(got["response"]) == 200 and seen == [0, 2], got
 
 
 @pytest.mark.parametrize("routing", ["connection", "request"])

@@ -165,6 +165,14 @@ def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_ro
         "           retries 3 on gateway-error,retriable-status-codes (codes 409), 2 s per try, "
         "backoff 100 ms\n" in out
     )
+    # so is a retry that does not avoid the endpoints tried (true, the default, is not)
+    vs.write_text(vs.read_text() + "      retryIgnorePreviousHosts: false\n")
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert (
+        "           retries 3 on gateway-error,retriable-status-codes (codes 409), 2 s per try, "
+        "backoff 100 ms, previous endpoints not avoided\n" in out
+    )
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ to do; this module only performs it:
 * :class:`Retry` (a pooled connection closed before any answer, or a try
   the route's retry policy gives up): a new connection, to another
   candidate endpoint when there is one (the one whose connection failed
-  goes last: Istio's retry policy skips the previous hosts); a retry's
+  goes last: Istio's retry policy skips the previous hosts, unless its
+  ``retryIgnorePreviousHosts`` is false); a retry's
   failed connect moves on to the next candidate, as a first attempt's does.
   A policy's retry connects once its backoff passed (see "Timers"); the
   pooled connection's retry and a failed connect's next candidate at once.
@@ -700,18 +701,22 @@ class HttpRelay:
             elif isinstance(a, Retry):
                 # On a new connection, to another endpoint when there is one:
                 # the one whose (pooled) connection failed goes last, as
-                # Istio's default retry policy skips previous hosts; a failed
-                # connect moves on to the next (_connect_error). The pooled
-                # connection was candidates[0]'s (_route).
-                failed = c.candidates[0]
-                c.candidates = [e for e in c.candidates if e != failed] + [failed]
+                # Istio's default retry policy skips previous hosts (not
+                # under a policy that does not: the candidates as drawn, the
+                # same endpoint first); a failed connect moves on to the
+                # next (_connect_error). The failed connection was
+                # candidates[0]'s (_route).
+                retry = c.ex.retry if a.policy else None
+                if retry is None or retry.ignore_previous_hosts:
+                    failed = c.candidates[0]
+                    c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
-                if a.policy and c.ex.retry is not None:
+                if retry is not None:
                     # after its backoff (_timers_due), its per-try timer
                     # from then on, as Envoy's
                     self.counters["retries"] += 1
                     c.try_deadline = 0.0
-                    wait = c.ex.retry.backoff_s(c.ex.tries, self._random.random())
+                    wait = retry.backoff_s(c.ex.tries, self._random.random())
                     c.backoff_until = now + wait
                     if not self._next_timer or c.backoff_until < self._next_timer:
                         self._next_timer = c.backoff_until

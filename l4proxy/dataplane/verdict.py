@@ -139,7 +139,13 @@ class RetryPolicy(NamedTuple):
     ``on``: ``RETRY_*`` bits;
     ``codes``: the retriable status codes (``RETRY_STATUS_CODES``);
     ``backoff``: the base interval (seconds) of the wait before each retry
-    (:meth:`backoff_s`).
+    (:meth:`backoff_s`);
+    ``ignore_previous_hosts``: a retry goes to an endpoint not tried yet
+    first, those tried last (Envoy's previous_hosts retry host predicate,
+    Istio's ``retryIgnorePreviousHosts``, its default); False: to the
+    request's endpoints in the order the route drew them, so the endpoint
+    that failed first again (a failed connect's endpoint is dropped from
+    the request's either way: the relay's own retry, not the policy's).
     """
 
     attempts: int
@@ -147,6 +153,7 @@ class RetryPolicy(NamedTuple):
     on: int = 0
     codes: frozenset[int] = frozenset()
     backoff: float = DEFAULT_RETRY_BACKOFF
+    ignore_previous_hosts: bool = True
 
     @classmethod
     def of(
@@ -156,6 +163,7 @@ class RetryPolicy(NamedTuple):
         retry_on: Iterable[str],
         codes: Iterable[int],
         backoff: float = DEFAULT_RETRY_BACKOFF,
+        ignore_previous_hosts: bool = True,
     ) -> RetryPolicy:
         """From Envoy's policy names (those without a bit do nothing here,
         nor does ``retriable-status-codes`` without a code)."""
@@ -165,7 +173,7 @@ class RetryPolicy(NamedTuple):
         codes = frozenset(codes)
         if not codes:
             on &= ~RETRY_STATUS_CODES
-        return cls(attempts, per_try_timeout, on, codes, backoff)
+        return cls(attempts, per_try_timeout, on, codes, backoff, ignore_previous_hosts)
 
     @property
     def in_effect(self) -> bool:

@@ -242,22 +242,25 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     (HTTP/2 resets, gRPC statuses) are accepted and do nothing. ``backoff``
     (an Istio duration, at least 1ms) is the base interval of Envoy's
     jittered exponential backoff between tries (its max interval 10 times
-    it, Envoy's default); without it Envoy's 25 ms. Without a retries field
+    it, Envoy's default); without it Envoy's 25 ms.
+    ``retryIgnorePreviousHosts`` (true or false; true by default, as
+    Istio's): a retry prefers an endpoint not tried yet; false, it goes
+    to the request's endpoints in the order the route drew them (the one
+    that failed first again). Without a retries field
     the relay's own retries stay (Istio's default of 2 attempts when the
     field is absent is not imitated: see the README).
     """
     if value is None:
         return True, None
-    allowed = ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "backoff")
-    r = fields(
-        ctx,
-        value,
-        path,
-        allowed=allowed,
-        unimplemented={
-            "retryIgnorePreviousHosts": "a retry always prefers another endpoint",
-        },
+    allowed = (
+        "attempts",
+        "perTryTimeout",
+        "retryOn",
+        "retryRemoteLocalities",
+        "backoff",
+        "retryIgnorePreviousHosts",
     )
+    r = fields(ctx, value, path, allowed=allowed)
     if r is None:
         return False, None
     ok = all(k in allowed for k in r)  # (fields() reported the others)
@@ -284,6 +287,16 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
             f"not {type_name(rrl)}",
         )
         ok = False
+    ignore_previous = r.get("retryIgnorePreviousHosts")
+    if ignore_previous is None:
+        ignore_previous = True  # (Istio's default)
+    elif not isinstance(ignore_previous, bool):
+        ctx.error(
+            (*path, "retryIgnorePreviousHosts"),
+            f"{dotted((*path, 'retryIgnorePreviousHosts'))} must be true or false, "
+            f"not {type_name(ignore_previous)}",
+        )
+        ok = False
     policies: tuple[str, ...] | None = ISTIO_DEFAULT_RETRY_ON
     codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
     if r.get("retryOn") is not None and r["retryOn"] != "":  # (Istio: "" is the default)
@@ -295,7 +308,12 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     if attempts == 0:
         given = [
             k
-            for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities")
+            for k in (
+                "perTryTimeout",
+                "retryOn",
+                "retryRemoteLocalities",
+                "retryIgnorePreviousHosts",
+            )
             if r.get(k) not in (None, "")
         ]
         if given:
@@ -308,7 +326,7 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
                 f"(recent Istio refuses this)",
             )
         return True, None  # Istio: "If 0, retries will be disabled"
-    return True, HttpRetry(attempts, per_try, policies, codes, backoff)
+    return True, HttpRetry(attempts, per_try, policies, codes, backoff, ignore_previous)
 
 
 # The status codes Istio's validation takes in retryOn: those Go's

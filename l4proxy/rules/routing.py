@@ -526,13 +526,15 @@ class HttpRetry:
     which are in ``codes`` (``retriable-status-codes``); ``backoff``: the
     base interval of Envoy's jittered exponential backoff before each retry
     (seconds; ``backoff``, Envoy's 25 ms by default; the longest wait is 10
-    times it)."""
+    times it); ``ignore_previous_hosts``: a retry prefers an endpoint not
+    tried yet (``retryIgnorePreviousHosts``, true by default, as Istio's)."""
 
     attempts: int
     per_try_timeout: float = 0.0
     retry_on: tuple[str, ...] = ISTIO_DEFAULT_RETRY_ON
     codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
     backoff: float = DEFAULT_RETRY_BACKOFF
+    ignore_previous_hosts: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -541,6 +543,7 @@ class HttpRetry:
             "retry_on": list(self.retry_on),
             "codes": list(self.codes),
             "backoff": self.backoff,
+            "ignore_previous_hosts": self.ignore_previous_hosts,
         }
 
 

@@ -186,6 +186,8 @@ def _retries(rt: dict[str, Any]) -> str:
     # (Envoy's default base interval is not said)
     backoff = rt.get("backoff", DEFAULT_RETRY_BACKOFF)
     after = f", backoff {backoff * 1000:g} ms" if backoff != DEFAULT_RETRY_BACKOFF else ""
+    if not rt.get("ignore_previous_hosts", True):
+        after += ", previous endpoints not avoided"
     said = f"retries {rt['attempts']} on {on}{codes}{per_try}{after}"
     if _fires(rt):
         return said

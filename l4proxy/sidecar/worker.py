@@ -181,6 +181,7 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
         retries.retry_on,
         retries.codes,
         retries.backoff,
+        retries.ignore_previous_hosts,
     )
     return policy if policy.in_effect else None
 
