@@ -2458,6 +2458,21 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
             return -1
         c.client_bytes += hl + 19
     else:
+        rest = c.rhead.len - hl
+        if c.out.len == 0 and ((c.framing == F_LENGTH and <int64_t>rest == c.resp_left)
+                               or (c.framing == F_NONE and rest == 0)):
+            # the whole answer, as it came, in what was read (the common
+            # keep-alive answer): c.rhead's block becomes c.out, no copy
+            # (what forward_body() and complete() do after the copies)
+            buf_free(&c.out)
+            c.out = c.rhead
+            c.rhead.p = NULL
+            c.rhead.len = c.rhead.cap = c.rhead.off = 0
+            c.client_bytes += hl + <Py_ssize_t>rest
+            c.resp_left = 0
+            c.rs = RS_DONE
+            complete(R, c, False, c.req_left > 0, now)
+            return -1 if c.closed else 0
         if to_client(R, c, c.rhead.p, hl) != 0:
             return -1
         c.client_bytes += hl
