@@ -1511,19 +1511,9 @@ def test_generated_conversations(requests: list[tuple[bytes, bool]], data: st.Da
 
 def test_a_bad_chunk_in_the_head_segment() -> None:
     """A chunked response whose first chunk-size line is bad, in the segment
-    that completes the head. The compiled twin forwards the head, then
-    closes (as both twins do when the bad line comes in a later segment:
-    ``bad_chunk_later``). The pure twin sends nothing at all and closes,
-    without its 502 either: ``Exchange._response_head_bytes`` appends
-    ``Client(head)`` and counts its bytes in ``_client_bytes``, then the
-    body framer raises, ``upstream_data`` catches the FramingError and
-    returns ``_upstream_failed()``'s actions only, so the Client action is
-    lost, and the 502 is skipped because ``_client_bytes`` is not 0. Sans-IO::
-
-        ex = Exchange(); ex.client_data(b"GET / HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n")
-        ex.routed(False)
-        ex.upstream_data(b"HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\nzz\\r\\n")
-        # -> [Release(reusable=False), Close()]: no Client(...)
+    that completes the head: the head goes to the client, then the close
+    (no 502: an answer began), as when the bad line comes in a later
+    segment (``bad_chunk_later``), in both twins.
     """
     both(conv(get("bad_chunk"), requests=0))
 
@@ -1981,9 +1971,11 @@ FUZZ = settings(
 
 
 # Where a stream is refused, what the relay had passed on before the bad byte
-# depends on whether the two pieces of a cut came in one read or two, and on
-# whether its upstream connect completed in between: the twins agree on each,
-# not across. So the second piece waits until the relay has read the first
+# depends on whether its upstream connect completed in between (a request
+# refused before it, a 400 with nothing sent upstream), and for a refusal
+# that is not a chunked body's on whether the two pieces of a cut came in one
+# read or two (a chunked body's framed bytes go first however the reads split
+# it: test_relay_chunk_errors.py): the twins agree on each, not across. So the second piece waits until the relay has read the first
 # (ReadBy), then CUT_PAUSE for the connect. A bare 2 ms pause let a loaded
 # machine put both pieces in one read on one twin only (the chunked-body fuzz
 # failed so under two busy loops).
