@@ -710,7 +710,8 @@ def test_connection_mode_says_it_does_not_apply_a_retry_policy(
     warned = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
     if routing == "connection":
         assert warned == [
-            "retry policies (http[].retries) are not applied with --http-routing connection "
+            "retry policies (http[].retries, httpReqRetries, an HTTPRoute's retry) are not "
+            "applied with --http-routing connection "
             "(only per request, the default): svc.default.svc.cluster.local route svc/retried"
         ]
     else:

@@ -1975,8 +1975,9 @@ FUZZ = settings(
 # refused before it, a 400 with nothing sent upstream), and for a refusal
 # that is not a chunked body's on whether the two pieces of a cut came in one
 # read or two (a chunked body's framed bytes go first however the reads split
-# it: test_relay_chunk_errors.py): the twins agree on each, not across. So the second piece waits until the relay has read the first
-# (ReadBy), then CUT_PAUSE for the connect. A bare 2 ms pause let a loaded
+# it: test_relay_chunk_errors.py): the twins agree on each, not across. So
+# the second piece waits until the relay has read the first (ReadBy), then
+# CUT_PAUSE for the connect. A bare 2 ms pause let a loaded
 # machine put both pieces in one read on one twin only (the chunked-body fuzz
 # failed so under two busy loops).
 CUT_PAUSE = 0.02

@@ -200,7 +200,8 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
     retried = table.retried_routes()
     if retried:
         log.warning(
-            "retry policies (http[].retries) are not applied with --http-routing connection "
+            "retry policies (http[].retries, httpReqRetries, an HTTPRoute's retry) are not "
+            "applied with --http-routing connection "
             "(only per request, the default): %s",
             _first_five([f"{host} route {name or '(unnamed)'}" for host, name in retried]),
         )
