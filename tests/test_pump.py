@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import os
 import random
@@ -105,6 +106,20 @@ def net() -> Iterator[Net]:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def settled_fd_count() -> int:
+    """The fd count to compare a test's end with: garbage from earlier tests
+    collected, and the count unchanged for 50 ms (at most 2 s), else an fd
+    an earlier test left to a collection or a thread closed during this
+    one, and the end counted fewer (19 == 23 once under load)."""
+    gc.collect()
+    n, since, end = fd_count(), time.monotonic(), time.monotonic() + 2.0
+    while time.monotonic() < end and time.monotonic() - since < 0.05:
+        time.sleep(0.005)
+        if (now := fd_count()) != n:
+            n, since = now, time.monotonic()
+    return n
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -528,7 +543,7 @@ def test_drain_with_nothing_left_returns_zero(twin: ModuleType, net: Net) -> Non
 
 
 def test_close_with_live_connections_releases_everything(twin: ModuleType, net: Net) -> None:
-    base = fd_count()
+    base = settled_fd_count()
     p = make_pump(twin, buffer_size=4 * KiB)
     pairs = [net.pair(p, pending_client=b"hi", small_buffers=True) for _ in range(100)]
     for c, _ in pairs[:10]:
@@ -554,7 +569,7 @@ def test_close_with_live_connections_releases_everything(twin: ModuleType, net: 
 
 
 def test_close_before_start_closes_queued_fds(twin: ModuleType, net: Net) -> None:
-    base = fd_count()
+    base = settled_fd_count()
     p = twin.Pump()
     c, s = net.pair(p)  # queued, never relayed
     assert p.active == 1
@@ -570,7 +585,7 @@ def test_close_before_start_closes_queued_fds(twin: ModuleType, net: Net) -> Non
 
 def test_fd_count_is_stable_over_1000_short_relays(twin: ModuleType, net: Net) -> None:
     p = make_pump(twin)
-    base = fd_count()
+    base = settled_fd_count()
     for i in range(1000):
         c, s = net.pair(p, pending_upstream=b"GET /%d\r\n\r\n" % i)
         c.shutdown(socket.SHUT_WR)
@@ -596,7 +611,7 @@ def test_two_thousand_concurrent_connections(twin: ModuleType, net: Net) -> None
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, raised))
         except (ValueError, OSError) as exc:
             _skip_or_fail(f"RLIMIT_NOFILE {soft}/{hard} < {need} and cannot be raised: {exc}")
-    base = fd_count()
+    base = settled_fd_count()
     p = make_pump(twin)
     try:
         pairs = [net.pair(p) for _ in range(n)]
@@ -624,7 +639,7 @@ def test_bad_fds_are_counted_not_fatal(twin: ModuleType, net: Net) -> None:
     """Fds that are not sockets: the connection is closed and counted as an
     error; the thread lives on and relays the next connection."""
     p = make_pump(twin)
-    base = fd_count()
+    base = settled_fd_count()
     r, w = os.pipe()
     p.add(r, w)
     assert wait_for(lambda: p.active == 0)
@@ -688,7 +703,7 @@ def test_churn_with_mixed_endings(twin: ModuleType, net: Net) -> None:
     peer can: both FIN, client half-close, a RST from either side, mid-stream.
     The pump survives, counts each, and gives back every fd."""
     p = make_pump(twin, splice_threshold=32 * KiB)
-    base = fd_count()
+    base = settled_fd_count()
     lock = threading.Lock()
     kinds: dict[str, int] = {}
 
@@ -952,7 +967,7 @@ def test_pipes_are_pooled_and_reused(twin: ModuleType, net: Net) -> None:
     back (at most 2 pipes in all, not 2 more per connection), and close()
     closes them."""
     p = make_pump(twin, splice_threshold=0)
-    base = fd_count()
+    base = settled_fd_count()
     rnd = random.Random(15)
     for _ in range(3):
         client, server = net.pair(p)
@@ -1002,7 +1017,7 @@ def test_pipe_with_bytes_in_it_is_closed_not_pooled(twin: ModuleType, net: Net) 
     """A connection reset while its pipe holds bytes: the pipe is closed (its
     bytes must never reach another connection), not pooled."""
     p = make_pump(twin, splice_threshold=0, buffer_size=16 * KiB)
-    base = fd_count()
+    base = settled_fd_count()
     client, server = net.pair(p, small_buffers=True)
     fill(client, bytes(16 * MiB))  # the server does not read: the pipe fills
     st = p.stats()

@@ -794,6 +794,11 @@ class Run:
 
     def converse(self, conv: Conversation) -> Client:
         self.sent_all.clear()
+        # requests are counted from this conversation's start: the relay's
+        # count is every conversation's, and the earlier ones' requests met
+        # a later one's bound before its own were counted (it settled on a
+        # quiet moment alone, and a loaded machine left its answer out)
+        base = self._count()
         client = self.open(conv.rcvbuf)
         deadline = time.monotonic() + SETTLE_TIMEOUT * 2
         for step in conv.steps:
@@ -814,14 +819,14 @@ class Run:
                     if not client.drain():
                         select.select([client.sock], [], [], 0.01)
             elif isinstance(step, Settle):
-                self.settle(client, step.requests)
+                self.settle(client, base + step.requests)
             else:
                 try:
                     client.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
         self.sent_all.set()
-        self.settle(client, conv.requests)
+        self.settle(client, base + conv.requests)
         self.outcome.clients.append((bytes(client.received), client.closed))
         return client
 
