@@ -834,8 +834,12 @@ cdef inline void buf_free(Buf *b) noexcept nogil:
 cdef extern from *:
     """
     #define L4R_WATCH_RESET ((uint32_t)EPOLLET)
+    /* a bit no epoll call is given: a Conn's mask with it differs from
+       whatever interest() wants (set_mask() then re-arms: run()) */
+    #define L4R_MASK_STALE ((uint32_t)1 << 27)
     """
     const uint32_t WATCH_RESET "L4R_WATCH_RESET"
+    const uint32_t MASK_STALE "L4R_MASK_STALE"
 
 
 cdef int set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
@@ -3721,6 +3725,14 @@ cdef int run(Relay *R) noexcept nogil:
             elif (<Conn*>ptr).kind == K_CONN:
                 if not (<Conn*>ptr).closed and (<Conn*>ptr).need == N_NONE:
                     client_event(R, <Conn*>ptr, events[i].events, now)
+                elif not (<Conn*>ptr).closed and (<Conn*>ptr).mask \
+                        and events[i].events & (sys_.EPOLLHUP | sys_.EPOLLERR):
+                    # gone while Python is asked about it (an upstream event
+                    # earlier in this batch): an edge-triggered watch
+                    # (WATCH_RESET) says so once; the mask marked stale, the
+                    # interest() after Python's answer re-arms it
+                    # (EPOLL_CTL_MOD) and epoll says it again
+                    (<Conn*>ptr).mask |= MASK_STALE
             elif not (<Up*>ptr).closed:
                 if (<Up*>ptr).owner == NULL or (<Up*>ptr).owner.need == N_NONE:
                     upstream_event(R, <Up*>ptr, events[i].events, now)

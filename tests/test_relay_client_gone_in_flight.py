@@ -21,11 +21,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import RetryPolicy
-from tests.test_relay_edges import EPOLLIN, RelayFd, _tcp_client, _watched_with
+from tests.test_relay_edges import EPOLLIN, RelayFd, _relay, _tcp_client, _watched_with
 from tests.test_relay_retries import (
     GET,
     OK_BODY,
@@ -203,3 +205,75 @@ def test_a_half_closed_or_pipelining_client_gets_its_answers_and_nothing_spins(
         go.set()
         relay.close()
         up.close()
+
+
+ODD_503 = b"HTTP/1.1 503 X\r\nContent-Length: 0, 0\r\n\r\n"  # a head Python judges (a list)
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])  # (decide() holds the loop: no verdicts)
+@pytest.mark.parametrize("order", ["answer-then-reset", "reset-then-answer"])
+def test_a_reset_in_the_batch_that_asks_python_about_the_client_is_not_lost(
+    which: str, then: str, order: str
+) -> None:
+    """The client's reset in the same epoll batch as, and after, its
+    upstream's answer that asks Python (a 503 whose head Python judges,
+    then retried to a backend that stalls). The compiled loop skips a
+    client's event while Python is asked about it, and the edge-triggered
+    watch says a reset once: it was lost, the stalled try's upstream held
+    though the client was gone. The batch is made by holding the loop in
+    another client's decide() while the answer and the reset come."""
+    go, sent, in_decide = threading.Event(), threading.Event(), threading.Event()
+
+    def answer_when_told(conn: socket.socket) -> None:
+        go.wait(10)
+        try:
+            conn.sendall(ODD_503)
+            sent.set()
+            if conn.recv(1, socket.MSG_PEEK) == b"":  # the relay closed this try
+                raise ConnectionResetError
+        except OSError:  # (or closed it before the answer: the reset seen first)
+            with up.lock:
+                up.closed_by_relay += 1
+            raise  # (this connection's thread ends: counted once)
+
+    up = Scripted([answer_when_told, STALL])
+    other = Scripted([])  # b's: 200 at once
+    retry = RetryPolicy.of(1, 0.0, ["5xx"], (), 0.001)
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.target == "/b":
+            in_decide.set()
+            time.sleep(0.4)  # the loop's thread, in Python: no epoll_wait meanwhile
+            return Decision((other.endpoint,), tag="b")
+        return Decision((up.endpoint,), tag="t", retry=retry)
+
+    relay = _relay(which, decide)
+    try:
+        a, fd = _tcp_client(relay)
+        a.sendall(GET)
+        assert _until(lambda: len(up.requests) == 1)
+        _nudge(a, fd, then)  # the client watched for its reset alone
+        b, _ = _tcp_client(relay)
+        b.sendall(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert in_decide.wait(5)
+        if order == "answer-then-reset":
+            go.set()
+            assert sent.wait(5)
+            time.sleep(0.02)  # (the answer on the wire before the reset)
+            _reset(a)
+        else:
+            _reset(a)
+            time.sleep(0.02)
+            go.set()
+        assert _status(_response(b)) == 200
+        b.close()
+        # the client is gone: its exchange ended (no connection left to the
+        # relay; lost, it waited on the stalled retry), and every try's
+        # upstream connection closed
+        assert _until(lambda: relay.stats()["active"] == 0, 3), relay.stats()
+        assert _until(lambda: up.closed_by_relay == up.accepted), (up.accepted, up.closed_by_relay)
+    finally:
+        go.set()
+        relay.close()
+        up.close()
+        other.close()
