@@ -92,8 +92,9 @@ timeout running (its 504 ends the wait). ``R.next_timer``, no later than
 the soonest of every wait's end, route deadline (``resp_deadline``),
 per-try deadline and connect deadline (an upstream's ``deadline``),
 shortens the epoll timeout, the 0.25 s tick being too coarse: a timeout of
-100 ms fires at 100 ms, as Envoy's, not up to a tick later. Where one of them is set, a compare and a store keep it so; when it
-passes, ``timers_due`` scans the connections once, fires the timers due
+100 ms fires at 100 ms, as Envoy's, not up to a tick later. Where one of
+them is set, a compare and a store keep it so; when it passes,
+``timers_due`` scans the connections once, fires the timers due
 (``exchange_timer``), sends the retries due (``retry_send``) and finds the
 soonest again (the steady state scans about once per route timeout). The
 relay's own retries (a failed connect's next endpoint, the reused
