@@ -17,10 +17,9 @@ half-close still gets its answer, with no wake-up for the FIN it left set.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +38,7 @@ from tests.test_relay_retries import (
     _status,
     mode,  # noqa: F401  (fixture)
 )
+from tests.test_relay_retries_client_gone import _reset, _until
 
 SECOND = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
 
@@ -48,20 +48,6 @@ def then(request: pytest.FixtureRequest) -> Iterator[str]:
     """What the client does while its request is in flight, before any
     reset: either makes its socket readable to the relay."""
     yield request.param
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
-def _reset(a: socket.socket) -> None:
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    a.close()
 
 
 def _nudge(a: socket.socket, fd: RelayFd, then: str) -> None:
