@@ -130,9 +130,15 @@ def _warm(url: str, proc: Process, timeout: float = START_TIMEOUT) -> None:
 
 
 def count(
-    peer: str, workdir: str, backends: list[Backend], duration: float, connections: int = 50
+    peer: str,
+    workdir: str,
+    backends: list[Backend],
+    duration: float,
+    connections: int = 50,
+    dump_instr: bool = False,
 ) -> Count:
-    """Run *peer* under callgrind, count its instructions over *duration* s of wrk."""
+    """Run *peer* under callgrind, count its instructions over *duration* s of
+    wrk (*dump_instr*: per instruction in the dumps, not per source line)."""
     out = os.path.join(workdir, peer)
     os.makedirs(out, exist_ok=True)
     for old in glob.glob(os.path.join(out, "callgrind.out.*")):
@@ -143,6 +149,7 @@ def count(
         "--tool=callgrind",
         "--trace-children=yes",
         "--instr-atstart=no",
+        *(["--dump-instr=yes"] if dump_instr else []),
         f"--callgrind-out-file={out}/callgrind.out.%p",
         *_peer_argv(peer, out, listen, backends),
     ]
@@ -207,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     p.add_argument("--annotate", action="store_true", help="l4proxy's top functions too")
     p.add_argument("--keep", metavar="DIR", help="write the callgrind dumps there and keep them")
+    p.add_argument(
+        "--dump-instr",
+        action="store_true",
+        help="costs per machine instruction in the dumps (with --keep: for kcachegrind or"
+        " callgrind_annotate --auto=yes against objdump -dl of the extension), where the"
+        " compiled code's source lines say little",
+    )
     p.add_argument("--no-install", action="store_true", help="do not apt-get what is missing")
     return p
 
@@ -236,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bed.start([])
             for peer in selected:
                 print(f"{peer}: under callgrind ...", file=sys.stderr, flush=True)
-                c = count(peer, workdir, bed.backends, args.duration, args.connections)
+                c = count(
+                    peer, workdir, bed.backends, args.duration, args.connections, args.dump_instr
+                )
                 counts.append(c)
                 if args.annotate and peer in L4PROXY_MODES:
                     print(annotate(c))

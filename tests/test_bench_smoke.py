@@ -353,12 +353,21 @@ def test_instruction_totals_read_from_a_toggled_dump(tmp_path: pathlib.Path) -> 
     not all(shutil.which(p) for p in ("nginx", "haproxy", "wrk", "curl", "valgrind")),
     reason="python -m bench.instructions installs valgrind; make bench the rest",
 )
-def test_haproxy_instructions_counted_under_callgrind() -> None:
+@pytest.mark.parametrize("dump_instr", [False, True])
+def test_haproxy_instructions_counted_under_callgrind(dump_instr: bool) -> None:
+    """(--dump-instr: the same count, the dump per machine instruction.)"""
     from bench.scenarios import LoopbackBed
 
     with tempfile.TemporaryDirectory() as d, LoopbackBed(os.path.join(d, "bed")) as bed:
         bed.start([])
-        c = instructions.count("haproxy", d, bed.backends, duration=1.0, connections=4)
+        c = instructions.count(
+            "haproxy", d, bed.backends, duration=1.0, connections=4, dump_instr=dump_instr
+        )
+        with open(c.dumps[0]) as f:
+            positions = next(ln for ln in f if ln.startswith("positions:"))
     assert c.requests > 0 and len(c.dumps) == 1
     # a relayed request is thousands of instructions, not none and not millions
     assert 500 < c.per_request < 100_000, c
+    assert positions.split() == (
+        ["positions:", "instr", "line"] if dump_instr else ["positions:", "line"]
+    )
