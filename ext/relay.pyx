@@ -88,7 +88,13 @@ n-th, at most 10 times base; base 25 ms unless the policy says, drawn from
 ``Relay.jitter``, a xorshift of its own seeded from Python): the connection
 waits in ``P_CONNECT`` without an upstream, ``c.backoff_until`` set, no
 per-try timer running (Envoy starts it when the retry is sent), the route
-timeout running (its 504 ends the wait). ``R.next_timer``, no later than
+timeout running (its 504 ends the wait); then the try goes on an idle
+pooled connection to ``c.cand[0]`` when it has one (``take_idle``, as a
+first try: Envoy's retries go through the pool), else on a new one. A try
+on a pooled connection has the reused connection's one retry whatever the
+policy, not one of its tries (``reuse_retry_done``: ``c.retried`` for the
+first try, ``c.reuse_retried`` for a policy's, cleared in ``policy_retry``:
+nothing more on the path without a policy). ``R.next_timer``, no later than
 the soonest of every wait's end, route deadline (``resp_deadline``),
 per-try deadline and connect deadline (an upstream's ``deadline``),
 shortens the epoll timeout, the 0.25 s tick being too coarse: a timeout of
@@ -562,6 +568,7 @@ cdef struct Conn:
     unsigned char replayable
     unsigned char retried          # the request is being sent again (c.replay)
     unsigned char never_left       # a reused connection failed before the kernel took a byte
+    unsigned char reuse_retried    # a policy's try (c.tries > 0) had its reused connection's retry
     unsigned char closed
     unsigned char solo             # accepted by this loop: no other fd shares its file
     unsigned char no_linger        # the client cannot send more: close, no lingering read
@@ -1851,6 +1858,11 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     up_discard(R, c)
     c.tries += 1
     L4R_ADD(&R.ctr[<int>CT_RETRIES], 1)
+    # the next try, on a pooled connection, has the reused connection's one
+    # retry of its own (reuse_retry_done); what the given-up try's showed
+    # (never_left) is not its
+    c.reuse_retried = False
+    c.never_left = False
     if c.phase == P_EXCH:
         # the request went: c.replay holds it whole; the try's response
         # head (bytes of it) goes
@@ -1877,14 +1889,22 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
 
 
 cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
-    """A retry's backoff passed: its per-try timer starts, and its connect."""
+    """A retry's backoff passed: its per-try timer starts, and the try
+    goes on an idle pooled connection to c.cand[0] when it has one, as a
+    first try does (Envoy's retries go through the connection pool; a stale
+    one gets the reused connection's own retry, on_upstream_eof), else on a
+    new one."""
+    cdef EP *ep = c.cand[0]
     c.backoff_until = 0
     c.try_deadline = 0
     if c.retry.per_try > 0:
         c.try_deadline = now + c.retry.per_try
         if R.next_timer == 0 or c.try_deadline < R.next_timer:
             R.next_timer = c.try_deadline
-    connect_to(R, c, c.cand[0], now)
+    if ep.idle_head != NULL:
+        take_idle(R, c, ep, now)
+        return
+    connect_to(R, c, ep, now)
 
 
 cdef void timers_due(Relay *R, double now) noexcept nogil:
@@ -2909,18 +2929,24 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         request_read(R, c, now)  # a request without a body: its connect counts
     ep = c.cand[0]
     if ep.idle_head != NULL:
-        u = ep.idle_head
-        idle_unlink(ep, u)
-        L4R_ADD(&R.ctr[<int>CT_IDLE], -1)
-        L4R_ADD(&R.ctr[<int>CT_REUSED], 1)
-        u.owner = c
-        u.reused = True
-        u.sent = False
-        ep.active += 1
-        c.up = u
-        send_request(R, c, now)
+        take_idle(R, c, ep, now)
         return
     connect_to(R, c, ep, now)
+
+
+cdef inline void take_idle(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
+    """A try (the first, or a retry policy's) on *ep*'s idle pooled
+    connection (ep.idle_head, not NULL): checked out, the request sent."""
+    cdef Up *u = ep.idle_head
+    idle_unlink(ep, u)
+    L4R_ADD(&R.ctr[<int>CT_IDLE], -1)
+    L4R_ADD(&R.ctr[<int>CT_REUSED], 1)
+    u.owner = c
+    u.reused = True
+    u.sent = False
+    ep.active += 1
+    c.up = u
+    send_request(R, c, now)
 
 
 cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
@@ -3055,16 +3081,31 @@ cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
 cdef Verdict_ *R_overloaded = NULL   # 503 "overloaded": out of fds
 
 
+cdef inline bint reuse_retry_done(Conn *c) noexcept nogil:
+    """The current try had the reused connection's one retry already (or
+    may not have it). The first try's is c.retried (also set by a policy's
+    retry of a request that went, whose tries are no reused connection's
+    retry); a retry policy's try's (c.tries > 0: on a pooled connection,
+    retry_send) is c.reuse_retried, cleared as it starts (policy_retry): a
+    stale pooled connection is no policy attempt, whatever the policy.
+    Without a policy c.tries is 0: the test is c.retried's, as before."""
+    return c.reuse_retried if c.tries else c.retried
+
+
 cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
     cdef EP *ep
     if c.up_bytes == 0:
-        if c.up != NULL and c.up.reused and not c.retried and c.replayable \
+        if c.up != NULL and c.up.reused and not reuse_retry_done(c) and c.replayable \
                 and (c.idempotent or c.never_left):  # (not a retry policy's hold)
-            # once more, on a new connection, to another endpoint first
-            c.retried = True
+            # once more, on a new connection, to another endpoint first (a
+            # policy's try: to the same endpoint, the one its order chose:
+            # an idle connection closed is no failure of it)
+            c.retried = True  # (send_request sends c.replay)
+            c.reuse_retried = True
             ep = c.up.ep
             up_discard(R, c)
-            retry_order(c, ep)
+            if c.tries == 0:
+                retry_order(c, ep)
             connect_to(R, c, c.cand[0], now)
             return
         if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
@@ -3100,7 +3141,7 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Up *u = c.up
     cdef ssize_t n
     u.send_failed = True
-    if u.reused and not u.sent and not c.retried \
+    if u.reused and not u.sent and not reuse_retry_done(c) \
             and c.up_bytes == 0 and u.out.len <= REPLAY_LIMIT:
         c.never_left = True
         if not c.replayable:

@@ -102,7 +102,9 @@ Decisions
   says so, with the bytes it held, to :meth:`Exchange.upstream_eof`).
   Otherwise the client gets 502, or a close if a final response head was
   already forwarded (interim ones, 100 Continue, do not count: a final
-  answer is still due after them).
+  answer is still due after them). Each try on a pooled connection (the
+  first, or a retry policy's: the shell takes one for it too) has this
+  retry once, not one of the policy's tries whatever the policy.
 * *Retry policy* (Envoy's, a VirtualService's ``http[].retries``: the
   shell sets :attr:`Exchange.retry` before :meth:`Exchange.routed`): a try
   may be given up and the request sent again (:class:`Retry` with
@@ -599,6 +601,8 @@ class Exchange:
         self._reused = reused
         if self.phase == Phase.EXCHANGE:  # a retry: send again all we held, then the rest
             assert self._replay is not None
+            if reused:  # a policy's try on a pooled connection: its own one retry
+                self._retried = False
             self._retrying = False
             return [Upstream(bytes(self._replay)), *self._advance()]
         assert self.head is not None
@@ -757,7 +761,8 @@ class Exchange:
         self._retrying = True
         # the reused connection's own retry is for the try on the pooled
         # connection: not for this retry's connects failing (_reused is the
-        # given-up try's until routed()), as c.retried in the compiled twin
+        # given-up try's until routed(), which clears it for a try on a
+        # pooled connection), as reuse_retry_done() in the compiled twin
         self._retried = True
         self._response_head.clear()
         self._upstream_bytes = 0

@@ -24,13 +24,17 @@ to do; this module only performs it:
   sending only: what the server sent before is read first, and is the
   client's answer; then its end (a retry only with nothing received).
 * :class:`Retry` (a pooled connection closed before any answer, or a try
-  the route's retry policy gives up): a new connection, to another
-  candidate endpoint when there is one (the one whose connection failed
-  goes last: Istio's retry policy skips the previous hosts, unless its
-  ``retryIgnorePreviousHosts`` is false); a retry's
+  the route's retry policy gives up): to another candidate endpoint when
+  there is one (the one whose connection failed goes last: Istio's retry
+  policy skips the previous hosts, unless its
+  ``retryIgnorePreviousHosts`` is false; a policy's try's stale pooled
+  connection is retried on its endpoint); a retry's
   failed connect moves on to the next candidate, as a first attempt's does.
-  A policy's retry connects once its backoff passed (see "Timers"); the
-  pooled connection's retry and a failed connect's next candidate at once.
+  A policy's retry goes once its backoff passed (see "Timers"), on an idle
+  pooled connection to its endpoint when there is one, as a first try
+  (Envoy's retries go through the connection pool), else on a new one; the
+  pooled connection's retry (on a new connection) and a failed connect's
+  next candidate at once.
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed; how it served the request goes to outlier detection (below).
@@ -699,15 +703,20 @@ class HttpRelay:
                         self._answered(c.up.endpoint, c.tag)
                 self._release(c, a.reusable and sent, now)
             elif isinstance(a, Retry):
-                # On a new connection, to another endpoint when there is one:
-                # the one whose (pooled) connection failed goes last, as
-                # Istio's default retry policy skips previous hosts (not
-                # under a policy that does not: the candidates as drawn, the
-                # same endpoint first); a failed connect moves on to the
-                # next (_connect_error). The failed connection was
-                # candidates[0]'s (_route).
+                # To another endpoint when there is one: the one whose
+                # (pooled) connection failed goes last, as Istio's default
+                # retry policy skips previous hosts (not under a policy that
+                # does not: the candidates as drawn, the same endpoint
+                # first; nor for a policy's try's stale pooled connection,
+                # the one retry of its own: the endpoint the policy's order
+                # chose, an idle connection closed being no failure of it);
+                # a failed connect moves on to the next (_connect_error).
+                # The failed connection was candidates[0]'s (_route). The
+                # pooled connection's retry goes on a new connection at
+                # once; a policy's after its backoff, on an idle pooled one
+                # when there is one (_timers_due).
                 retry = c.ex.retry if a.policy else None
-                if retry is None or retry.ignore_previous_hosts:
+                if retry.ignore_previous_hosts if retry is not None else c.ex.tries == 0:
                     failed = c.candidates[0]
                     c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
@@ -790,16 +799,22 @@ class HttpRelay:
             return
         c.candidates = list(d.endpoints)
         endpoint = c.candidates[0]
+        if not self._take_idle(c, endpoint, now):
+            self._connect(c, endpoint, now)
+
+    def _take_idle(self, c: _Conn, endpoint: Endpoint, now: float) -> bool:
+        """A try (the first, or a retry policy's) on an idle pooled
+        connection to *endpoint*, when it has one (False: none)."""
         handle = self.pools.checkout(endpoint)
-        if handle is not None:
-            up = self._idle.pop(int(handle))  # type: ignore[call-overload]
-            up.owner = c
-            up.reused = True
-            up.sent = False
-            c.up = up
-            self._perform(c, c.ex.routed(True), now)
-            return
-        self._connect(c, endpoint, now)
+        if handle is None:
+            return False
+        up = self._idle.pop(int(handle))  # type: ignore[call-overload]
+        up.owner = c
+        up.reused = True
+        up.sent = False
+        c.up = up
+        self._perform(c, c.ex.routed(True), now)
+        return True
 
     def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
@@ -1092,7 +1107,10 @@ class HttpRelay:
                 c.backoff_until = 0.0
                 c.try_deadline = now + c.per_try if c.per_try else 0.0
                 try:
-                    self._connect(c, c.candidates[0], now)
+                    # through the pool, as a first try (Envoy's retries):
+                    # a stale one gets the reused connection's own retry
+                    if not self._take_idle(c, c.candidates[0], now):
+                        self._connect(c, c.candidates[0], now)
                     if c.fd in self._conns:
                         self._interest(c)
                 except Exception:  # OSError, or a bug: this connection, not the thread
