@@ -1789,6 +1789,13 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
 
 
 
+cdef inline void timer_at(Relay *R, double t) noexcept nogil:
+    """R.next_timer no later than t (a deadline or a backoff's end just
+    set: timers_due() fires it then)."""
+    if R.next_timer == 0 or t < R.next_timer:
+        R.next_timer = t
+
+
 cdef inline void request_read(Relay *R, Conn *c, double now) noexcept nogil:
     """The request was read whole (c.req_left 0): its route timeout runs
     from now (Envoy's, from the end of the downstream request), and its
@@ -1796,12 +1803,10 @@ cdef inline void request_read(Relay *R, Conn *c, double now) noexcept nogil:
     compare, a store at most: timers_due())."""
     if c.timeout > 0 and c.resp_deadline == 0:
         c.resp_deadline = now + c.timeout
-        if R.next_timer == 0 or c.resp_deadline < R.next_timer:
-            R.next_timer = c.resp_deadline
+        timer_at(R, c.resp_deadline)
     if c.retry != NULL and c.retry.per_try > 0 and c.try_deadline == 0:
         c.try_deadline = now + c.retry.per_try  # (the first try's)
-        if R.next_timer == 0 or c.try_deadline < R.next_timer:
-            R.next_timer = c.try_deadline
+        timer_at(R, c.try_deadline)
 
 
 cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
@@ -1880,8 +1885,7 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
         retry_order(c, ep)
     c.phase = P_CONNECT
     c.backoff_until = now + backoff_delay(R, c.retry, c.tries)
-    if R.next_timer == 0 or c.backoff_until < R.next_timer:
-        R.next_timer = c.backoff_until
+    timer_at(R, c.backoff_until)
     # the idle timeout runs from the retry's send: a wait (a user's backoff
     # of 30 s, say) is no idleness, and the tick closed the client at the
     # idle timeout with no answer
@@ -1899,8 +1903,7 @@ cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
     c.try_deadline = 0
     if c.retry.per_try > 0:
         c.try_deadline = now + c.retry.per_try
-        if R.next_timer == 0 or c.try_deadline < R.next_timer:
-            R.next_timer = c.try_deadline
+        timer_at(R, c.try_deadline)
     if ep.idle_head != NULL:
         take_idle(R, c, ep, now)
         return
@@ -1968,8 +1971,8 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
         if c.try_deadline and c.rs == RS_HEAD and (c.try_deadline > now or c.need != N_NONE) \
                 and (soonest == 0 or c.try_deadline < soonest):
             soonest = c.try_deadline
-    if soonest and (R.next_timer == 0 or soonest < R.next_timer):
-        R.next_timer = soonest
+    if soonest:
+        timer_at(R, soonest)
 
 
 cdef inline int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
@@ -3013,8 +3016,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.owner = c
     u.connecting = True
     u.deadline = now + R.connect_timeout
-    if R.next_timer == 0 or u.deadline < R.next_timer:
-        R.next_timer = u.deadline  # (timers_due(): on time, not on the tick)
+    timer_at(R, u.deadline)  # (timers_due(): on time, not on the tick)
     # LEAST_CONN counts a request from its assignment (Envoy's LEAST_REQUEST,
     # HAProxy's leastconn): counted from the connect's end, every request
     # sent meanwhile saw a slow endpoint as idle and went to it

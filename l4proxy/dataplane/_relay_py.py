@@ -665,8 +665,7 @@ class HttpRelay:
             c.head_started = now  # the rest of a pipelined segment: timed from here
         if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
             c.deadline = now + c.timeout  # the route timeout runs from here
-            if not self._next_timer or c.deadline < self._next_timer:
-                self._next_timer = c.deadline
+            self._timer_at(c.deadline)
         if (
             c.per_try
             and not c.try_deadline
@@ -675,8 +674,7 @@ class HttpRelay:
             and c.ex.request_complete
         ):
             c.try_deadline = now + c.per_try  # ... and the first try's
-            if not self._next_timer or c.try_deadline < self._next_timer:
-                self._next_timer = c.try_deadline
+            self._timer_at(c.try_deadline)
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
         while c.todo:
@@ -727,8 +725,7 @@ class HttpRelay:
                     c.try_deadline = 0.0
                     wait = retry.backoff_s(c.ex.tries, self._random.random())
                     c.backoff_until = now + wait
-                    if not self._next_timer or c.backoff_until < self._next_timer:
-                        self._next_timer = c.backoff_until
+                    self._timer_at(c.backoff_until)
                     # the idle timeout runs from the retry's send: a wait
                     # (a user's backoff of 30 s) is no idleness
                     c.last_active = c.backoff_until
@@ -855,8 +852,7 @@ class HttpRelay:
             self._connect_error(c, up, now, exc.strerror or str(exc))
             return
         deadline = self._deadlines[up.fd] = now + self.connect_timeout
-        if not self._next_timer or deadline < self._next_timer:
-            self._next_timer = deadline  # (_timers_due: on time, not on the tick)
+        self._timer_at(deadline)  # (_timers_due: on time, not on the tick)
         self.ep.register(up.fd, _EPOLLOUT)
         up.mask = _EPOLLOUT
 
@@ -1080,6 +1076,12 @@ class HttpRelay:
         self.counters["errors"] += 1
         self._close_client(c, reset=True)
 
+    def _timer_at(self, t: float) -> None:
+        """_next_timer no later than t (a deadline or a backoff's end just
+        set: _timers_due fires it then)."""
+        if not self._next_timer or t < self._next_timer:
+            self._next_timer = t
+
     def _timers_due(self, now: float) -> None:
         """_next_timer passed: one scan of the connections fires the route
         and per-try timeouts due (_exchange_timers), then sends the policy's
@@ -1126,8 +1128,8 @@ class HttpRelay:
             for t in (c.backoff_until, c.deadline, c.try_deadline, connect_by):
                 if t > now and (not soonest or t < soonest):
                     soonest = t
-        if soonest and (not self._next_timer or soonest < self._next_timer):
-            self._next_timer = soonest
+        if soonest:
+            self._timer_at(soonest)
 
     def _exchange_timers(self, c: _Conn, now: float) -> None:
         """c's route and per-try timeouts, fired (and cleared) when past."""
