@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import yaml
 
-from bench import instructions, measure, peers, profile, report, rules, wrk
+from bench import instructions, kernel, measure, peers, profile, report, rules, wrk
 from bench.memory import MemoryResult
 from bench.peers import Address, Backend
 
@@ -371,3 +371,70 @@ def test_haproxy_instructions_counted_under_callgrind(dump_instr: bool) -> None:
     assert positions.split() == (
         ["positions:", "instr", "line"] if dump_instr else ["positions:", "line"]
     )
+
+
+# -- python -m bench.kernel ------------------------------------------------------------
+
+PERF_REPORT = """\
+# Samples: 3K of event 'cpu-clock:pppH'
+#
+# Overhead       Samples  Symbol
+# ........  ............  .....................................
+#
+    12.50%           500  [k] tcp_ack
+     5.00%           200  [.] run_tasks_from_lists
+     2.50%           100  [k] __inet_lookup_established
+     0.05%             2  [.] 0x00000000001aa430
+"""
+
+PERF_STAT = """\
+# started on Sat Dec  5 19:30:00 2026
+
+6000,,raw_syscalls:sys_enter,4000000000,100.00,,
+2000,,syscalls:sys_enter_recvfrom,4000000000,100.00,,
+<not counted>,,syscalls:sys_enter_splice,0,100.00,,
+"""
+
+
+def test_kernel_split_parsed_and_compared() -> None:
+    """perf's rows become samples per (space, symbol); 1000 requests at 5 kHz
+    make 5 samples 1 µs a request; the comparison shows each symbol's gap."""
+    samples = kernel.parse_report(PERF_REPORT)
+    assert samples == {
+        ("k", "tcp_ack"): 500,
+        ("u", "run_tasks_from_lists"): 200,
+        ("k", "__inet_lookup_established"): 100,
+        ("u", "0x00000000001aa430"): 2,
+    }
+    assert kernel.parse_stat(PERF_STAT) == {"all": 6000, "recvfrom": 2000}
+    base = kernel.Split("haproxy", 1000, 2.0, samples, {"all": 6000}, sleeps=50, frequency=5000)
+    other = kernel.Split(
+        "l4proxy-request", 1000, 2.0, {("k", "tcp_ack"): 400}, {"all": 5000}, frequency=5000
+    )
+    assert base.space_us("k") == pytest.approx(120.0)
+    assert base.space_us("u") == pytest.approx(40.4)
+    text = kernel.report(kernel.by_peer([base, other]), top=10)
+    assert "haproxy                 500  160.40  120.00  40.40" in text
+    assert "l4proxy-request         500   80.00   80.00   0.00" in text
+    assert "74.8%     6.00   0.050" in text  # syscalls and sleeps per request
+    assert "-40.000  40.000  0.000  [u] run_tasks_from_lists" in text
+    assert "-20.000  100.000 80.000  [k] tcp_ack" in text
+    assert "haproxy            160.40" in text  # its one run
+
+
+@pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("nginx", "haproxy", "wrk", "curl", "perf")),
+    reason="python -m bench.kernel installs perf; make bench the rest",
+)
+def test_haproxy_cpu_split_sampled_by_perf(tmp_path: pathlib.Path) -> None:
+    from bench.scenarios import LoopbackBed
+
+    perf = shutil.which("perf")
+    assert perf is not None
+    with LoopbackBed(str(tmp_path / "bed")) as bed:
+        (target,) = bed.start(["haproxy"])
+        split = kernel.measure(perf, target, 1.0, 4, 1, str(tmp_path))
+    assert split.requests > 0 and split.samples
+    # each relayed request receives and sends twice (client and server side)
+    assert split.per_request(split.syscalls["recvfrom"]) == pytest.approx(2.0, abs=0.1)
+    assert 0 < split.space_us("k") + split.space_us("u") < 1000
