@@ -31,16 +31,16 @@ import time
 import pytest
 
 from l4proxy.dataplane.verdict import RetryPolicy
-from tests.test_relay_edges import Backend, _read_all
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     Scripted,
     _client,
     _proxy,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.test_relay_edges import Backend, _read_all
+from tests.test_relay_edges_count import Counted
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 GOOD = b"5\r\nhello\r\n"  # a complete chunk
@@ -59,7 +59,7 @@ RETRIES = {"no_policy": None, "5xx_policy": policy(3, "5xx,reset")}
 
 
 def _response_through(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     pieces: list[bytes],
     retry: RetryPolicy | None,
 ) -> tuple[bytes, str, int, list[int]]:
@@ -103,7 +103,7 @@ def _response_through(
 @pytest.mark.parametrize("retry", sorted(RETRIES))
 @pytest.mark.parametrize("split", sorted(RESPONSE_SPLITS))
 def test_a_response_chunk_before_a_bad_chunk_line_reaches_the_client(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     split: str,
     retry: str,
 ) -> None:
@@ -125,7 +125,7 @@ REQUEST_SPLITS = {
 
 
 def _request_through(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     pieces: list[bytes],
     retry: RetryPolicy | None,
 ) -> tuple[bytes, str, bytes, list[int]]:
@@ -179,7 +179,7 @@ def _request_through(
 @pytest.mark.parametrize("retry", sorted(RETRIES))
 @pytest.mark.parametrize("split", sorted(REQUEST_SPLITS))
 def test_a_request_chunk_before_a_bad_chunk_line_reaches_the_upstream(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     split: str,
     retry: str,
 ) -> None:

@@ -26,19 +26,20 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import RetryPolicy
-from tests.test_relay_edges import EPOLLIN, RelayFd, _relay, _tcp_client, _watched_with
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     OK_BODY,
     STALL,
     Scripted,
     _answer,
     _proxy,
+    _reset,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    _until,
+    mode_fixture,  # noqa: F401  (the fixture mode)
 )
-from tests.test_relay_retries_client_gone import _reset, _until
+from tests.test_relay_edges import EPOLLIN, RelayFd, _relay, _tcp_client, _watched_with
 
 SECOND = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
 
@@ -62,7 +63,7 @@ def _nudge(a: socket.socket, fd: RelayFd, then: str) -> None:
 
 
 def test_a_reset_after_a_fin_or_a_pipelined_request_ends_the_retries(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     then: str,
 ) -> None:
     up = Scripted([_answer(503, b"no")] * 1000)
@@ -90,7 +91,7 @@ def test_a_reset_after_a_fin_or_a_pipelined_request_ends_the_retries(
 
 @pytest.mark.parametrize("retry", [None, RetryPolicy.of(3, 0.0, ["5xx"], ())], ids=["", "retry"])
 def test_a_reset_after_a_fin_or_a_pipelined_request_closes_the_stalled_upstream(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     then: str,
     retry: RetryPolicy | None,
 ) -> None:
@@ -119,7 +120,7 @@ def test_a_reset_after_a_fin_or_a_pipelined_request_closes_the_stalled_upstream(
 
 
 def test_a_stalled_upstream_is_closed_at_a_plain_reset_without_a_policy(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
 ) -> None:
     """No FIN, nothing pipelined: the compiled twin's lazy EPOLLIN saw the
     reset already; the pure one watched only under a retry policy."""
@@ -156,7 +157,7 @@ def _cpu_ticks() -> int:
 
 
 def test_a_half_closed_or_pipelining_client_gets_its_answers_and_nothing_spins(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     then: str,
 ) -> None:
     """A FIN alone is no reset: the answer still goes out (and the pipelined

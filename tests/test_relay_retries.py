@@ -10,209 +10,36 @@ replay limit) and nothing of the response reached the client. The client
 sees the last try's answer, counted once; the route timeout spans every
 try. Without a policy nothing of this happens.
 
-The backends here answer from one script shared by their connections:
-each request takes the next step (a status, a close, a stall), then 200.
+The backends here (tests._scripted's) answer from one script shared by
+their connections: each request takes the next step (a status, a close, a
+stall), then 200.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._relay_py import Decision
-from l4proxy.dataplane.verdict import Choice, RetryPolicy, Verdict
-from tests.test_relay_edges import ORIGIN, Backend, _read_all, _relay
+from tests._scripted import (
+    CLOSE,
+    GET,
+    OK_BODY,
+    STALL,
+    Scripted,
+    _answer,
+    _client,
+    _exchange,
+    _proxy,
+    _response,
+    _status,
+    mode_fixture,  # noqa: F401  (the fixture mode)
+    policy,
+)
+from tests.test_relay_edges import _read_all
 from tests.test_relay_edges_count import Counted
-
-MODES = (("pure", "decide"), ("compiled", "decide"), ("compiled", "resolve"))
-GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
-STALL = "stall"  # read the request, never answer (until the relay closes)
-CLOSE = "close"  # read the request, close without a byte
-OK_BODY = b"ok"
-# a backend's answer to one request: its bytes, STALL, CLOSE, (bytes, CLOSE)
-# (send them, then close), or a function of the connection
-Step = bytes | str | tuple[bytes, str] | Callable[[socket.socket], None]
-
-
-@pytest.fixture(params=MODES, ids=["pure", "compiled", "compiled-verdict"])
-def mode(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    yield request.param
-
-
-def _answer(status: int, body: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
-
-
-def policy(
-    attempts: int,
-    on: str = "5xx",
-    codes: tuple[int, ...] = (),
-    per_try: float = 0.0,
-    ignore_previous_hosts: bool = True,
-) -> RetryPolicy:
-    return RetryPolicy.of(
-        attempts,
-        per_try,
-        on.split(","),
-        codes,
-        ignore_previous_hosts=ignore_previous_hosts,
-    )
-
-
-class Scripted:
-    """A keep-alive backend: request i takes ``script[i]`` (an answer's
-    bytes, STALL or CLOSE; past the script, 200 ok). What it saw: the
-    requests (head and body), connections accepted, and the connections the
-    relay closed while the backend waited on them."""
-
-    def __init__(self, script: list[Step]) -> None:
-        self.script = list(script)
-        self.requests: list[bytes] = []
-        self.accepted = 0
-        self.closed_by_relay = 0
-        self.lock = threading.Lock()
-        self.backend = Backend(self._serve)
-        self.endpoint = self.backend.endpoint
-
-    def _next(self, request: bytes) -> Step:
-        with self.lock:
-            self.requests.append(request)
-            return self.script.pop(0) if self.script else _answer(200, OK_BODY)
-
-    def _serve(self, conn: socket.socket) -> None:
-        with self.lock:
-            self.accepted += 1
-        buf = b""
-        conn.settimeout(10)
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    with self.lock:
-                        self.closed_by_relay += 1
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(buf) < length:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            body, buf = buf[:length], buf[length:]
-            step = self._next(head + b"\r\n\r\n" + body)
-            if step == CLOSE:
-                return
-            if step == STALL:
-                try:
-                    if conn.recv(65536) == b"":
-                        with self.lock:
-                            self.closed_by_relay += 1
-                except OSError:
-                    pass
-                return
-            if callable(step):
-                step(conn)
-                continue
-            if isinstance(step, tuple):  # (bytes, CLOSE): send them, then close
-                conn.sendall(step[0])
-                return
-            assert isinstance(step, bytes)
-            conn.sendall(step)
-
-    def close(self) -> None:
-        self.backend.close()
-
-
-def _proxy(
-    mode: tuple[str, str],
-    endpoints: tuple[tuple[str, int], ...],
-    retry: RetryPolicy | None,
-    counted: Counted | None = None,
-    timeout: float = 0.0,
-    **kw: Any,
-) -> Any:
-    which, how = mode
-    if counted is not None:
-        kw.update(counted.kw(which))
-    if how == "resolve":
-        verdict = Verdict(
-            (Choice(1, endpoints, "ORDERED", tag="t"),), ttl=60.0, timeout=timeout, retry=retry
-        )
-        kw["resolve"] = lambda head, origin: verdict
-    return _relay(
-        which, lambda h, o: Decision(endpoints, tag="t", timeout=timeout, retry=retry), **kw
-    )
-
-
-def _client(relay: Any) -> socket.socket:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ours = socket.create_connection(listener.getsockname())
-        theirs, _ = listener.accept()
-    relay.add(theirs, ORIGIN)
-    return ours
-
-
-def _response(a: socket.socket, timeout: float = 5.0) -> bytes:
-    """One Content-Length response (its head and body)."""
-    a.settimeout(timeout)
-    got = b""
-    while b"\r\n\r\n" not in got:
-        data = a.recv(65536)
-        assert data, got
-        got += data
-    head, _, body = got.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        data = a.recv(65536)
-        assert data, got + body
-        body += data
-    return head + b"\r\n\r\n" + body
-
-
-def _status(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
-
-
-def _exchange(
-    mode: tuple[str, str],
-    script: list[Step],
-    retry: RetryPolicy | None,
-    request: bytes = GET,
-    requests: int = 1,
-) -> tuple[list[bytes], Scripted, list[int], dict[str, int]]:
-    """*requests* requests on one client connection through a relay to a
-    Scripted backend: the responses, the backend, the statuses counted and
-    the relay's stats."""
-    up = Scripted(script)
-    counted = Counted()
-    relay = _proxy(mode, (up.endpoint,), retry, counted)
-    try:
-        a = _client(relay)
-        got = []
-        for _ in range(requests):
-            a.sendall(request)
-            got.append(_response(a))
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
-    finally:
-        relay.close()
-        up.close()
-    return got, up, [s for s, _ in counted.rows], stats
 
 
 @pytest.mark.parametrize(("attempts", "expected"), [(2, 200), (3, 200), (1, 503), (0, 503)])

@@ -12,25 +12,25 @@ they measure.
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
-from typing import Any
 
 import pytest
 
 from l4proxy.dataplane.verdict import DEFAULT_RETRY_BACKOFF, RetryPolicy
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     Scripted,
     _answer,
     _client,
+    _closed_stats,
     _proxy,
+    _reset,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
 )
+from tests.test_relay_edges import _wait_for
+from tests.test_relay_edges_count import Counted
 
 ALWAYS_503 = [_answer(503, b"no")] * 100000
 
@@ -39,13 +39,6 @@ def policy(
     attempts: int, on: str = "5xx", per_try: float = 0.0, backoff: float = DEFAULT_RETRY_BACKOFF
 ) -> RetryPolicy:
     return RetryPolicy.of(attempts, per_try, on.split(","), (), backoff)
-
-
-def _wait_for(what: str, check: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
 
 
 def test_envoy_s_backoff_grows_to_its_cap() -> None:
@@ -77,9 +70,7 @@ def test_a_rule_s_backoff_reaches_the_relay_s_policy() -> None:
     assert got is not None and got.backoff == DEFAULT_RETRY_BACKOFF
 
 
-def test_a_backend_answering_503_at_once_is_not_hammered(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_backend_answering_503_at_once_is_not_hammered(mode: tuple[str, str]) -> None:
     """100000 attempts on 5xx against a backend that answers 503 at once,
     under a route timeout of 0.6 s: with the backoff (250 ms at most from
     the fourth retry on) the backend sees a handful of tries, not thousands;
@@ -98,8 +89,10 @@ def test_a_backend_answering_503_at_once_is_not_hammered(
         # (about 7: 1 + waits averaging 12, 37, 87, then 167 ms; immediate retries made thousands)
         assert 2 <= tries <= 40, tries
         a.close()
-        _wait_for("the client is gone", lambda: relay.active() == 0)
-        _wait_for("every try's connection is closed", lambda: up.closed_by_relay == up.accepted)
+        _wait_for("the client is gone", lambda: relay.active() == 0, 3.0)
+        _wait_for(
+            "every try's connection is closed", lambda: up.closed_by_relay == up.accepted, 3.0
+        )
         relay.flush_reports(1.0)
         stats = relay.stats()
     finally:
@@ -112,7 +105,7 @@ def test_a_backend_answering_503_at_once_is_not_hammered(
 
 
 def test_retries_after_their_backoffs_get_the_answer_and_wake_the_loop(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
 ) -> None:
     """Four 503s, then a 200, for each of three requests: each client gets
     its 200 after four backoffs (the fourth retry's try), counted once. The
@@ -133,9 +126,7 @@ def test_retries_after_their_backoffs_get_the_answer_and_wake_the_loop(
         took = time.monotonic() - t0
         assert took < 1.2, took
         assert len(up.requests) == 15
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()
@@ -143,9 +134,7 @@ def test_retries_after_their_backoffs_get_the_answer_and_wake_the_loop(
     assert stats["retries"] == 12
 
 
-def test_the_per_try_timer_starts_when_the_retry_is_sent(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_the_per_try_timer_starts_when_the_retry_is_sent(mode: tuple[str, str]) -> None:
     """Envoy starts a retry's per-try timer when the retry is sent, not
     during its backoff: a per-try timeout of 0.1 s and a backoff of up to
     0.4 s, a 503 then a 200 at once: the retry's 200 is the client's (a
@@ -164,9 +153,7 @@ def test_the_per_try_timer_starts_when_the_retry_is_sent(
         up.close()
 
 
-def test_a_client_gone_during_the_backoff_leaks_nothing(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_client_gone_during_the_backoff_leaks_nothing(mode: tuple[str, str]) -> None:
     """The client resets its connection while its request waits for a
     retry's backoff (up to 200 ms): the relay's connection ends (the
     compiled twin at once, the pure twin when the retry is answered: it
@@ -178,23 +165,22 @@ def test_a_client_gone_during_the_backoff_leaks_nothing(
     try:
         a = _client(relay)
         a.sendall(GET)
-        _wait_for("the first try", lambda: len(up.requests) >= 1)
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        a.close()  # a reset
+        _wait_for("the first try", lambda: len(up.requests) >= 1, 3.0)
+        _reset(a)
         up.script = []  # from now on 200s: the pure twin's next retry ends it
-        _wait_for("the client's connection is gone", lambda: relay.active() == 0)
+        _wait_for("the client's connection is gone", lambda: relay.active() == 0, 3.0)
         time.sleep(0.25)  # the backoff of the gone connection passed (200 ms at most)
 
         def settled() -> bool:
             return up.closed_by_relay + relay.stats()["pool_idle"] == up.accepted
 
-        _wait_for("the upstream connections are closed or pooled", settled)
+        _wait_for("the upstream connections are closed or pooled", settled, 3.0)
         assert len(up.requests) <= 5, len(up.requests)
         b = _client(relay)
         b.sendall(GET)
         assert _status(_response(b)) == 200
         b.close()
-        _wait_for("the second client is gone", lambda: relay.active() == 0)
+        _wait_for("the second client is gone", lambda: relay.active() == 0, 3.0)
         stats = relay.stats()
     finally:
         relay.close()

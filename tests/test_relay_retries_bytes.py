@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     OK_BODY,
     Scripted,
@@ -19,7 +19,7 @@ from tests.test_relay_retries import (
     _proxy,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
 
@@ -33,28 +33,28 @@ def _split_503(conn: socket.socket) -> None:
 
 
 def test_a_503_split_across_reads_with_a_body_is_retried_nothing_forwarded(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
 ) -> None:
     got, up, counted, stats = _exchange(mode, [_split_503], policy(2, "5xx"))
     assert got[0] == _answer(200, OK_BODY), got
     assert len(up.requests) == 2 and counted == [200] and stats["retries"] == 1
 
 
-def test_a_503_judged_in_python_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
+def test_a_503_judged_in_python_is_retried(mode: tuple[str, str]) -> None:
     lf = b"HTTP/1.1 503 X\nContent-Length: 2\n\nno"
     got, up, counted, _stats = _exchange(mode, [lf], policy(2, "5xx"))
     assert got[0] == _answer(200, OK_BODY), got
     assert len(up.requests) == 2 and counted == [200]
 
 
-def test_interim_in_python_then_503_is_final(mode: tuple[str, str]) -> None:  # noqa: F811
+def test_interim_in_python_then_503_is_final(mode: tuple[str, str]) -> None:
     lf = b"HTTP/1.1 100 Continue\n\nHTTP/1.1 503 X\r\nContent-Length: 2\r\n\r\nno"
     got, up, counted, _stats = _exchange(mode, [lf], policy(2, "5xx"))
     assert _status(got[0].split(b"\n\n", 1)[1]) == 503, got
     assert len(up.requests) == 1 and counted == [503]
 
 
-def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
+def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:
     head = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
     up = Scripted(
         [
@@ -79,7 +79,7 @@ def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:  # noqa: F811
         up.close()
 
 
-def test_pipelined_requests_after_a_retried_one(mode: tuple[str, str]) -> None:  # noqa: F811
+def test_pipelined_requests_after_a_retried_one(mode: tuple[str, str]) -> None:
     second = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
     up = Scripted([_answer(503, b"no")])
     relay = _proxy(mode, (up.endpoint,), policy(2, "5xx"))
@@ -101,7 +101,7 @@ def test_pipelined_requests_after_a_retried_one(mode: tuple[str, str]) -> None: 
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) -> None:  # noqa: F811
+def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) -> None:
     head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
     seen: list[bytes] = []
@@ -146,12 +146,12 @@ def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) 
 
 @pytest.mark.parametrize("step", ["503", "close", "stall"])
 def test_active_counts_are_balanced_after_retries(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     step: str,
 ) -> None:
     """LEAST_CONN's counts: every given-up try is uncounted (503, close,
     per-try timeout), the last try's connection back in the pool."""
-    from tests.test_relay_retries import CLOSE, STALL
+    from tests._scripted import CLOSE, STALL
 
     s = {"503": _answer(503, b"no"), "close": CLOSE, "stall": STALL}[step]
     bad = Scripted([s] * 3)
@@ -196,7 +196,7 @@ def _hanging_endpoint() -> tuple[socket.socket, list[socket.socket], tuple[str, 
 
 @pytest.mark.parametrize("body", [False, True])
 def test_a_first_try_still_connecting_past_its_per_try_timeout(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     body: bool,
 ) -> None:
     lst, fillers, hang = _hanging_endpoint()
@@ -236,7 +236,7 @@ def test_a_first_try_still_connecting_past_its_per_try_timeout(
 
 
 def test_a_connecting_first_try_past_its_per_try_timeout_without_a_reset_policy(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
 ) -> None:
     """Istio's default retryOn retries no timeout (Envoy): the 504 at the
     per-try timeout, nothing sent to the other endpoint."""

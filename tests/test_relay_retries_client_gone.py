@@ -13,42 +13,26 @@ its answer.
 from __future__ import annotations
 
 import socket
-import struct
 import time
-from collections.abc import Callable
 
 from l4proxy.dataplane.verdict import RetryPolicy
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     STALL,
     Scripted,
     _answer,
     _client,
     _proxy,
+    _reset,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    _until,
+    mode_fixture,  # noqa: F401  (the fixture mode)
 )
+from tests.test_relay_edges_count import Counted
 
 
-def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def _reset(a: socket.socket) -> None:
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    a.close()
-
-
-def test_a_client_reset_during_the_retries_ends_them(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_client_reset_during_the_retries_ends_them(mode: tuple[str, str]) -> None:
     up = Scripted([_answer(503, b"no")] * 1000)
     counted = Counted()
     # a try every 20 ms or so, for ever (no route timeout)
@@ -75,9 +59,7 @@ def test_a_client_reset_during_the_retries_ends_them(
     assert [s for s, _ in counted.rows] == [0]  # counted once, no status sent
 
 
-def test_a_client_reset_during_a_stalled_try_closes_its_upstream(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_client_reset_during_a_stalled_try_closes_its_upstream(mode: tuple[str, str]) -> None:
     """The try in flight (no answer yet, no per-try timeout) is closed at
     the client's reset, not left to the idle timeout."""
     up = Scripted([STALL])
@@ -94,9 +76,7 @@ def test_a_client_reset_during_a_stalled_try_closes_its_upstream(
     assert len(up.requests) == 1
 
 
-def test_a_half_closed_client_still_gets_the_retried_answer(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_half_closed_client_still_gets_the_retried_answer(mode: tuple[str, str]) -> None:
     """A FIN alone is a half-close: the retries go on and the answer goes out."""
     up = Scripted([_answer(503, b"no"), _answer(503, b"no")])
     relay = _proxy(mode, (up.endpoint,), RetryPolicy.of(3, 0.0, ["5xx"], (), backoff=0.05))

@@ -6,23 +6,24 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     STALL,
     Scripted,
     _answer,
     _client,
+    _closed_stats,
     _proxy,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.test_relay_edges_count import Counted
 
 
 def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
 ) -> None:
     """As test_a_retry_whose_connects_all_fail_answers_502, but the try the
     policy gave up was on a pooled connection (the second request of a
@@ -49,9 +50,7 @@ def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
         a.sendall(GET)
         got = _response(a)
         assert _status(got) == 502, got
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()
@@ -62,9 +61,7 @@ def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
 ISTIO_DEFAULT = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 
 
-def test_a_per_try_timeout_is_retried_only_under_a_reset_policy(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_per_try_timeout_is_retried_only_under_a_reset_policy(mode: tuple[str, str]) -> None:
     """Envoy retries a try past its per-try timeout as a reset: only under
     5xx, gateway-error or reset (retry_state_impl.cc: 'non-hedged per try
     timeouts ... are only retried if the applicable retry policy specifies
@@ -84,9 +81,7 @@ def test_a_per_try_timeout_is_retried_only_under_a_reset_policy(
         got = _response(a)
         assert got.startswith(b"HTTP/1.1 504 "), got
         assert (len(slow.requests), len(fast.requests)) == (1, 0)
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         slow.close()

@@ -17,15 +17,16 @@ from l4proxy.dataplane._exchange_py import Exchange, Route
 from l4proxy.dataplane.verdict import RETRY_STATUS_CODES, RetryPolicy
 from l4proxy.rules.routing import HttpRetry
 from l4proxy.sidecar.worker import _retry_policy
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     STALL,
     Scripted,
     _client,
+    _closed_stats,
     _proxy,
     _response,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
 )
+from tests.test_relay_edges_count import Counted
 
 NEVER = [
     ("connect-failure",),
@@ -74,9 +75,7 @@ def test_a_post_is_held_only_for_a_policy_that_may_retry_it(on: str, held: bool)
     assert (ex._replay is not None) == held
 
 
-def test_a_per_try_timeout_alone_still_answers_504(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_per_try_timeout_alone_still_answers_504(mode: tuple[str, str]) -> None:
     """Envoy's per-try timeout applies whatever retryOn says: a policy that
     never fires here keeps it (the try past it gets the 504), no retry."""
     up = Scripted([STALL])
@@ -87,9 +86,7 @@ def test_a_per_try_timeout_alone_still_answers_504(
         a.sendall(POST)
         got = _response(a, timeout=3.0)
         assert got.startswith(b"HTTP/1.1 504 "), got
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()

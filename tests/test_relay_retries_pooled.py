@@ -17,19 +17,20 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, RetryPolicy, Verdict
-from tests.test_relay_edges import _relay
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     CLOSE,
     Scripted,
     Step,
     _answer,
     _client,
+    _closed_stats,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.test_relay_edges import _relay
+from tests.test_relay_edges_count import Counted
 
 WARM_A = b"GET /w HTTP/1.1\r\nHost: a\r\n\r\n"
 WARM_B = b"GET /w HTTP/1.1\r\nHost: b\r\n\r\n"
@@ -38,7 +39,7 @@ ISTIO_DEFAULT = "connect-failure,refused-stream,unavailable,cancelled,retriable-
 
 
 def _two(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     a: Scripted,
     b: Scripted,
     retry: RetryPolicy,
@@ -73,7 +74,7 @@ def _two(
 
 
 def _run(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     a_steps: list[Step],
     b_steps: list[Step],
     retry: RetryPolicy,
@@ -92,9 +93,7 @@ def _run(
         assert (a.accepted, b.accepted) == (1, 1)
         c.sendall(GET_X)
         got = _response(c)
-        c.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(c, relay)
     finally:
         relay.close()
         a.close()
@@ -102,9 +101,7 @@ def _run(
     return got, a, b, stats, [s for s, _ in counted.rows]
 
 
-def test_a_policy_retry_takes_its_endpoint_s_idle_pooled_connection(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_policy_retry_takes_its_endpoint_s_idle_pooled_connection(mode: tuple[str, str]) -> None:
     """A answers 503 on its pooled connection; the retry goes to B on B's
     pooled connection: B accepts no new connection, the pool counts the
     reuse (the first try's on A, the retry's on B)."""
@@ -125,7 +122,7 @@ def test_a_policy_retry_takes_its_endpoint_s_idle_pooled_connection(
     ids=["5xx", "status-codes", "istio-default"],
 )
 def test_a_policy_retry_s_stale_pooled_connection_gets_its_own_retry_not_an_attempt(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     on: str,
     codes: tuple[int, ...],
 ) -> None:
@@ -149,7 +146,7 @@ def test_a_policy_retry_s_stale_pooled_connection_gets_its_own_retry_not_an_atte
 
 @pytest.mark.parametrize("on", ["retriable-status-codes", "retriable-status-codes,reset"])
 def test_a_post_on_a_policy_retry_s_stale_pooled_connection_is_not_sent_again(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     on: str,
 ) -> None:
     """The reused connection's own retry keeps its rule on a policy's try:

@@ -12,22 +12,22 @@ policy; out of tries, or under another policy, the client gets the 502.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.test_relay_edges_count import Counted
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     OK_BODY,
     Scripted,
     _client,
+    _closed_stats,
     _proxy,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    _until,
+    mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.test_relay_edges_count import Counted
 
 MAX_HEAD = 4096
 BAD_HEADS = {
@@ -42,22 +42,13 @@ BAD_HEADS = {
 }
 
 
-def _wait(predicate: object, timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return bool(predicate())  # type: ignore[operator]
-
-
 @pytest.mark.parametrize("bad", sorted(BAD_HEADS))
 @pytest.mark.parametrize(
     ("on", "retried"),
     [("5xx", True), ("gateway-error", True), ("reset", True), ("retriable-4xx", False)],
 )
 def test_a_malformed_response_head_is_retried_as_a_reset(
-    mode: tuple[str, str],  # noqa: F811
+    mode: tuple[str, str],
     bad: str,
     on: str,
     retried: bool,
@@ -80,10 +71,8 @@ def test_a_malformed_response_head_is_retried_as_a_reset(
         assert _status(got) == (200 if retried else 502), got
         assert got.endswith(OK_BODY) == retried
         # the given-up try's connection was closed by the relay (never pooled)
-        assert _wait(lambda: up.closed_by_relay >= 1), up.closed_by_relay
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        assert _until(lambda: up.closed_by_relay >= 1, 1.0), up.closed_by_relay
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()
@@ -96,9 +85,7 @@ def test_a_malformed_response_head_is_retried_as_a_reset(
     assert len(failures) == 1 and failures[0][0] == up.endpoint, failures
 
 
-def test_a_malformed_head_on_the_last_try_is_the_client_s_502(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_malformed_head_on_the_last_try_is_the_client_s_502(mode: tuple[str, str]) -> None:
     """Out of tries, the last try's protocol error is answered 502 as
     without a policy; each try's endpoint heard of its failure."""
     bad = BAD_HEADS["two_content_lengths"]
@@ -117,9 +104,7 @@ def test_a_malformed_head_on_the_last_try_is_the_client_s_502(
         a.sendall(GET)
         got = _response(a)
         assert _status(got) == 502, got
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()
@@ -128,9 +113,7 @@ def test_a_malformed_head_on_the_last_try_is_the_client_s_502(
     assert len(failures) == 3 and len(set(failures)) == 1, failures
 
 
-def test_an_interim_head_then_a_malformed_one_is_not_retried(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_an_interim_head_then_a_malformed_one_is_not_retried(mode: tuple[str, str]) -> None:
     """A 100 Continue went to the client: a try after it would answer twice."""
     up = Scripted([b"HTTP/1.1 100 Continue\r\n\r\n" + BAD_HEADS["two_content_lengths"]])
     counted = Counted()
@@ -154,7 +137,7 @@ def test_an_interim_head_then_a_malformed_one_is_not_retried(
     assert [s for s, _ in counted.rows] == [502]
 
 
-def test_without_a_policy_a_malformed_head_is_a_502(mode: tuple[str, str]) -> None:  # noqa: F811
+def test_without_a_policy_a_malformed_head_is_a_502(mode: tuple[str, str]) -> None:
     up = Scripted([BAD_HEADS["length_and_chunked"]])
     relay = _proxy(mode, (up.endpoint,), None)
     try:

@@ -18,28 +18,25 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
+from tests._scripted import (
+    GET,
+    _client,
+    _closed_stats,
+    mode_fixture,  # noqa: F401  (the fixture mode)
+)
 from tests._worker import gateway_service, gateway_worker
-from tests.test_relay_edges import ORIGIN, Backend, _read_all, _read_head, _relay
+from tests.test_relay_edges import Backend, _read_all, _read_head, _relay
 from tests.test_relay_edges_count import Counted
 
 TIMEOUT = 0.2
-# the twins and how the compiled one learns the route: per request
-# (decide), or from a cached verdict (resolve, as the sidecar runs it)
-MODES = (("pure", "decide"), ("compiled", "decide"), ("compiled", "resolve"))
-GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
 HEAD_10 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
-
-
-@pytest.fixture(params=MODES, ids=["pure", "compiled", "compiled-verdict"])
-def mode(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    yield request.param
 
 
 class Upstream:
@@ -72,16 +69,6 @@ class Upstream:
     def close(self) -> None:
         self.release.set()
         self.backend.close()
-
-
-def _client(relay: Any) -> socket.socket:
-    """A TCP client connection handed to *relay* (a socketpair's end cannot
-    tell a reset from a close)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ours = socket.create_connection(listener.getsockname())
-        theirs, _ = listener.accept()
-    relay.add(theirs, ORIGIN)
-    return ours
 
 
 def _proxy(
@@ -195,9 +182,7 @@ def test_an_answer_in_time_is_unaffected_and_pooled(mode: tuple[str, str]) -> No
         a.settimeout(1.5)
         with pytest.raises(TimeoutError):
             a.recv(1)
-        a.close()
-        relay.flush_reports(1.0)
-        stats = relay.stats()
+        stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()

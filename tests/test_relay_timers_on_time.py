@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from l4proxy.dataplane.verdict import RetryPolicy
-from tests.test_relay_retries import (
+from tests._scripted import (
     GET,
     STALL,
     Scripted,
@@ -31,7 +31,7 @@ from tests.test_relay_retries import (
     _proxy,
     _response,
     _status,
-    mode,  # noqa: F401  (fixture)
+    mode_fixture,  # noqa: F401  (the fixture mode)
 )
 
 TICK = 0.25  # the relays' tick (TICK_S, _TICK)
@@ -54,9 +54,7 @@ def _timed_504s(relay: Any) -> tuple[list[float], list[bytes], dict[str, int]]:
     return took, answers, relay.stats()
 
 
-def test_a_route_timeout_fires_on_time_not_on_the_tick(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_route_timeout_fires_on_time_not_on_the_tick(mode: tuple[str, str]) -> None:
     """A 50 ms route timeout and a backend that never answers: N 504s in a
     row, each well before the tick after its deadline. The first request's
     504 at a tick comes 50 to 300 ms after it; each later one's timer starts
@@ -79,9 +77,7 @@ def test_a_route_timeout_fires_on_time_not_on_the_tick(
     assert stats["timeouts"] >= N and stats["timer_scans"] >= N
 
 
-def test_a_per_try_timeout_fires_on_time_not_on_the_tick(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_per_try_timeout_fires_on_time_not_on_the_tick(mode: tuple[str, str]) -> None:
     """A 50 ms per-try timeout, one retry (a backoff of 1 ms at most) and a
     backend that never answers: each request's two tries time out and its
     504 comes. On the tick the first try's timeout of each request but the
@@ -103,9 +99,7 @@ def test_a_per_try_timeout_fires_on_time_not_on_the_tick(
     assert stats["retries"] == N
 
 
-def test_the_steady_state_scans_about_once_per_route_timeout(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_the_steady_state_scans_about_once_per_route_timeout(mode: tuple[str, str]) -> None:
     """Keep-alive requests with a route timeout of 0.5 s answered at once,
     back to back for 1.5 s (hundreds of them): the loop's timer scans stay
     about one per timeout (after a scan the soonest deadline is the oldest
@@ -136,9 +130,7 @@ def test_the_steady_state_scans_about_once_per_route_timeout(
     assert 1 <= scans <= 2 * (took / timeout) + 2, (scans, took, n)
 
 
-def test_a_connect_timeout_fires_on_time_not_on_the_tick(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_connect_timeout_fires_on_time_not_on_the_tick(mode: tuple[str, str]) -> None:
     """A 50 ms connect timeout and a first endpoint that never answers a
     SYN (its accept queue full), the second answering at once: N requests
     in a row on one connection, each one's connect given up at its
@@ -173,9 +165,7 @@ def test_a_connect_timeout_fires_on_time_not_on_the_tick(
     assert sum(took) < 1.2, took  # (the tick: at least (N - 1) x TICK, 1.75 s)
 
 
-def test_a_retry_s_wait_longer_than_the_idle_timeout_is_no_idleness(
-    mode: tuple[str, str],  # noqa: F811
-) -> None:
+def test_a_retry_s_wait_longer_than_the_idle_timeout_is_no_idleness(mode: tuple[str, str]) -> None:
     """An idle timeout of 0.1 s and a policy's backoff of 2 s: K clients'
     requests, each answered 503, wait up to 2 s for their retry (uniform,
     seeded). A wait is no idleness: every client gets the retry's 200.
