@@ -6,11 +6,16 @@ retry on a new connection, which is not one of the policy's attempts,
 whatever the policy retries.
 
 Two endpoints A and B each get an idle pooled connection first (a request
-to each alone, by Host); then a request to both, A first, A answering 503.
+to each alone, by Host); then a request to both, A first, A answering 503
+(or, in one test, A's pooled connection reset as the request is routed).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +29,7 @@ from tests._scripted import (
     _answer,
     _client,
     _closed_stats,
+    _reset,
     _response,
     _status,
     mode_fixture,  # noqa: F401  (the fixture mode)
@@ -44,9 +50,11 @@ def _two(
     b: Scripted,
     retry: RetryPolicy,
     counted: Counted,
+    routing: Callable[[], None] | None = None,
 ) -> Any:
     """A relay routing Host a to A alone, b to B alone (no policy), any
-    other to A then B under *retry*."""
+    other to A then B under *retry* (calling *routing* first: on the
+    relay's loop, which waits for it)."""
     which, how = mode
 
     def endpoints(head: Any) -> tuple[tuple[tuple[str, int], ...], RetryPolicy | None]:
@@ -55,6 +63,8 @@ def _two(
             return (a.endpoint,), None
         if host == "b":
             return (b.endpoint,), None
+        if routing is not None:
+            routing()
         return (a.endpoint, b.endpoint), retry
 
     kw: dict[str, Any] = dict(counted.kw(which))
@@ -173,3 +183,57 @@ def test_a_post_on_a_policy_retry_s_stale_pooled_connection_is_not_sent_again(
     assert _status(got) == 502, got
     assert b.requests[1:] == [post]
     assert (a.accepted, b.accepted) == (1, 1)
+
+
+def test_a_post_that_never_left_is_not_sent_again_when_it_left_on_the_policy_s_try(
+    mode: tuple[str, str],
+) -> None:
+    """A's pooled connection is reset while the relay routes a POST (no
+    idle event evicted it in between): its send fails, the kernel took no
+    byte, so the POST never left and gets the reused connection's one
+    retry, on a new connection to B, whatever its method. B answers 503;
+    the policy's retry (retriable-status-codes 503, to the endpoints as
+    drawn: B first) takes B's idle pooled connection, and B closes it on
+    reading the POST, no byte back: that POST left, so it is not sent
+    again (no reset in retryOn; the policy's one attempt spent): the 502.
+    That the first try's request never left is no mark of the policy's
+    try's (the compiled twin's c.never_left, cleared as a policy's retry
+    begins); kept, the POST went a third time, on a new connection to B."""
+    post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+    go, reset_done = threading.Event(), threading.Event()
+
+    def warm_then_reset(conn: socket.socket) -> None:
+        conn.sendall(_answer(200, b"warm-a"))
+        go.wait(5)  # while the relay routes the POST: reset, and gone
+        _reset(conn)
+        reset_done.set()
+
+    def routing() -> None:
+        if not go.is_set():
+            go.set()
+            assert reset_done.wait(5)
+            time.sleep(0.05)  # the RST is in the relay's socket
+
+    a = Scripted([warm_then_reset])
+    b = Scripted([_answer(200, b"warm-b"), _answer(503, b"no"), CLOSE])
+    counted = Counted()
+    retry = policy(1, "retriable-status-codes", (503,), ignore_previous_hosts=False)
+    relay = _two(mode, a, b, retry, counted, routing)
+    try:
+        c = _client(relay)
+        for warm in (WARM_A, WARM_B):
+            c.sendall(warm)
+            assert _status(_response(c)) == 200
+        c.sendall(post)
+        got = _response(c)
+        stats = _closed_stats(c, relay)
+    finally:
+        relay.close()
+        a.close()
+        b.close()
+    assert a.requests == [WARM_A], "the POST reached A: it left"
+    assert b.requests == [WARM_B, post, post], "the POST went again after it left"
+    assert _status(got) == 502, got
+    assert (a.accepted, b.accepted) == (1, 2)  # B: the pooled one, the reused one's retry's
+    assert stats["retries"] == 1, stats
+    assert sorted(s for s, _ in counted.rows) == [200, 200, 502]
