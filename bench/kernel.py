@@ -7,8 +7,9 @@ each peer's threads with ``cpu-clock`` (a software clock: it needs no
 hardware counters, which a VM often lacks) while wrk drives keep-alive load,
 and the samples per symbol over the requests wrk counted give microseconds
 per request, the kernel's and the peer's own code apart. Beside them, per
-request: the system calls (perf stat on the syscall tracepoints) and the
-voluntary context switches (from /proc: each is a sleep in epoll_wait and a
+request: the system calls (perf stat on the syscall tracepoints, in a
+second run of half the length: a tracepoint on every call slows a proxy
+down) and the voluntary context switches (from /proc: each is a sleep in epoll_wait and a
 wake-up some other core paid for). Peers run in interleaved rounds; each
 peer's symbols are compared with the first peer's, dearer ones last.
 
@@ -252,6 +253,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.kernel",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
+        epilog="examples:\n" + (__doc__.rsplit("\n\n", 1)[1] if __doc__ else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list ({','.join(PEERS)})")
@@ -270,9 +272,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     selected = [s.strip() for s in args.peers.split(",") if s.strip()]
-    unknown = [s for s in selected if s not in LOOPBACK_PEERS or s == "direct"]
+    known = [p for p in LOOPBACK_PEERS if p != "direct"]  # (direct is the backends)
+    unknown = [s for s in selected if s not in known]
     if unknown:
-        print(f"error: unknown peer(s) {', '.join(unknown)}; known: {LOOPBACK_PEERS}")
+        print(f"error: unknown peer(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return 2
     pins = None
     if args.pin:
