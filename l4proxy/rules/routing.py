@@ -63,6 +63,7 @@ __all__ = [
     "IngressPath",
     "Labels",
     "Match",
+    "PoolSettings",
     "Request",
     "RequestShape",
     "RequestTest",
@@ -448,13 +449,80 @@ class Match:
         return out
 
 
+# The largest maxRequestsPerConnection Istio takes (its API: "up to 2^29")
+MAX_REQUESTS_PER_CONNECTION: Final = 2**29
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """A DestinationRule's ``trafficPolicy.connectionPool``, as the sidecar
+    applies it to the upstream connection pool of each endpoint (per
+    worker). None: not set, the sidecar's flag (``l4proxy run
+    --pool-max-requests``, ``--pool-idle-timeout``, ``--connect-timeout``).
+
+    ``max_requests``: ``http.maxRequestsPerConnection``, requests a
+    connection carries before it is closed (0: unlimited, Istio's default;
+    1: no reuse). ``idle_timeout``: ``http.idleTimeout``, seconds a pooled
+    connection may stay idle. ``connect_timeout``: ``tcp.connectTimeout``,
+    seconds a connect may take.
+    """
+
+    max_requests: int | None = None
+    idle_timeout: float | None = None
+    connect_timeout: float | None = None
+
+    @property
+    def is_set(self) -> bool:
+        """Whether any setting is set."""
+        return not (
+            self.max_requests is None and self.idle_timeout is None and self.connect_timeout is None
+        )
+
+    def strictest(self, other: PoolSettings) -> PoolSettings:
+        """Both settings at once, field by field: a set value beats an unset
+        one; of two set values the smaller (``max_requests`` 0, unlimited,
+        counts as the largest). Commutative and associative, so the merge
+        of many does not depend on their order."""
+        mr = self.max_requests
+        if other.max_requests is not None and (
+            mr is None or mr == 0 or (other.max_requests != 0 and other.max_requests < mr)
+        ):
+            mr = other.max_requests
+        return PoolSettings(
+            mr,
+            _smaller(self.idle_timeout, other.idle_timeout),
+            _smaller(self.connect_timeout, other.connect_timeout),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_requests_per_connection": self.max_requests,
+            "idle_timeout": self.idle_timeout,
+            "connect_timeout": self.connect_timeout,
+        }
+
+
+NO_POOL_SETTINGS: Final = PoolSettings()
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
 @dataclass(frozen=True)
 class Subset:
-    """A named label selector over a service's endpoints, with its LB policy."""
+    """A named label selector over a service's endpoints, with its LB policy
+    and the connection pool settings of the connections it opens (its
+    DestinationRule subset's ``connectionPool``, else the rule's own)."""
 
     name: str
     labels: Labels = NO_LABELS
     load_balancer: str = "ROUND_ROBIN"
+    pool: PoolSettings = NO_POOL_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -472,6 +540,7 @@ class Destination:
             "subset": self.subset.name,
             "labels": dict(self.subset.labels),
             "load_balancer": self.subset.load_balancer,
+            "connection_pool": self.subset.pool.to_json() if self.subset.pool.is_set else None,
             "weight": self.weight,
             "port": self.port,
         }
@@ -750,6 +819,7 @@ class RouteTable:
         routes: Mapping[str, Sequence[Route]] | None = None,
         *,
         load_balancers: Mapping[str, str] | None = None,
+        pools: Mapping[str, PoolSettings] | None = None,
         ingress: Sequence[IngressPath] = (),
         unmatched: Iterable[str] = (),
         namespace: str = "default",
@@ -774,6 +844,11 @@ class RouteTable:
         for svc in services:
             self._services.setdefault(svc.host, svc)
         self._load_balancers: dict[str, str] = dict(load_balancers or {})
+        # Per host, its DestinationRule's own connectionPool: that of the
+        # connections its requests open without a subset (a subset's is
+        # Subset.pool). Unset ones are left out, so that a rule without
+        # settings and none at all compare equal.
+        self._pools: dict[str, PoolSettings] = {h: p for h, p in (pools or {}).items() if p.is_set}
         self._ingress: tuple[IngressPath, ...] = tuple(ingress)
 
         # Derived indexes (not part of equality: they follow from the above).
@@ -816,6 +891,7 @@ class RouteTable:
         self._rng = random.Random(seed)
         self._rr: dict[tuple[str, int, str, Labels], int] = {}
         self._subset_cache: dict[_SubsetKey, tuple[Endpoint, ...]] = {}
+        self._endpoint_pools: dict[tuple[str, int], PoolSettings] | None = None
 
     @classmethod
     def empty(cls) -> RouteTable:
@@ -834,6 +910,7 @@ class RouteTable:
             tuple(sorted(self._services.items())),
             tuple(sorted(self._routes.items())),
             tuple(sorted(self._load_balancers.items())),
+            tuple(sorted(self._pools.items())),
             self._ingress,
             tuple(sorted(self._unmatched)),
         )
@@ -865,6 +942,87 @@ class RouteTable:
 
     def load_balancer(self, host: str) -> str:
         return self._load_balancers.get(host, "ROUND_ROBIN")
+
+    def pool(self, host: str) -> PoolSettings:
+        """*host*'s DestinationRule's own ``connectionPool`` (what its
+        requests without a subset use; all None: none)."""
+        return self._pools.get(host, NO_POOL_SETTINGS)
+
+    def pool_settings(self) -> dict[tuple[str, int], PoolSettings]:
+        """The connection pool settings of every endpoint (address, target
+        port: the pairs of ``svc.endpoints`` over :meth:`services`) that has
+        any, sorted by endpoint.
+
+        The upstream pools are per endpoint, not per Envoy cluster (host and
+        subset), so an endpoint takes the settings of every destination that
+        can reach it, merged by :meth:`PoolSettings.strictest`: each route
+        destination's subset (``Subset.pool``: the DestinationRule subset's
+        own ``connectionPool``, which replaces the rule's as a whole, else
+        the rule's), over the endpoints of that subset on the destination's
+        port (any port without one); and the host's own settings
+        (:meth:`pool`) over its endpoints on each port where some request
+        or connection may take no route (the round robin over every
+        endpoint): every port unless a route without conditions takes all
+        of that port's traffic. (A VirtualService host's unmatched requests
+        are answered 404, but its bytes that are not HTTP/1.x still take the
+        round robin: counted, which errs on the strict side.)
+        """
+        if self._endpoint_pools is None:
+            self._endpoint_pools = self._compute_pool_settings()
+        return dict(self._endpoint_pools)
+
+    def _compute_pool_settings(self) -> dict[tuple[str, int], PoolSettings]:
+        out: dict[tuple[str, int], PoolSettings] = {}
+
+        def add(eps: Iterable[Endpoint], settings: PoolSettings) -> None:
+            if not settings.is_set:
+                return
+            for ep in eps:
+                key = (ep.address, ep.port)
+                got = out.get(key)
+                out[key] = settings if got is None else got.strictest(settings)
+
+        for svc in self._services.values():
+            host_pool = self._pools.get(svc.host)
+            if host_pool is None:
+                continue
+            for number, eps in svc.port_endpoints:
+                if not self._takes_every_connection(svc, number):
+                    add(eps, host_pool)
+        for routes in self._routes.values():
+            for route in routes:
+                for dest in route.destinations:
+                    target = self._services.get(dest.host)
+                    if target is None or not dest.subset.pool.is_set:
+                        continue
+                    for number, eps in target.port_endpoints:
+                        if dest.port is None or dest.port == number:
+                            add(
+                                (e for e in eps if dest.subset.labels.selects(e.labels)),
+                                dest.subset.pool,
+                            )
+        return dict(sorted(out.items()))
+
+    def _takes_every_connection(self, service: Service, port: int) -> bool:
+        """Whether some route of *service* takes every request and raw
+        connection on *port*, whoever the caller (a match block that reads
+        nothing of the request, names no source labels and no other port;
+        an ``http`` route on a TCP port of a service with HTTP ports only
+        if the block names that port, as :meth:`_match` skips it
+        otherwise), so that none takes the round robin over every
+        endpoint."""
+        sport = service.port(port)
+        tcp_port = any(p.is_http for p in service.ports) and not (
+            sport is not None and sport.is_http
+        )
+        for route in self._routes.get(service.host, ()):
+            for m in route.matches or (Match(),):
+                if m.needs_request or m.source_labels or m.port not in (None, port):
+                    continue
+                if tcp_port and route.protocol == "http" and m.port != port:
+                    continue
+                return True
+        return False
 
     def refuses_unmatched(
         self, service: Service, port: int, source: Mapping[str, str] | None = None
@@ -1240,7 +1398,13 @@ class RouteTable:
             "namespace": self.namespace,
             "domain": self.domain,
             "services": [
-                {**svc.to_json(), "load_balancer": self.load_balancer(svc.host)}
+                {
+                    **svc.to_json(),
+                    "load_balancer": self.load_balancer(svc.host),
+                    "connection_pool": (
+                        self._pools[svc.host].to_json() if svc.host in self._pools else None
+                    ),
+                }
                 for svc in self._services.values()
             ],
             "routes": {host: [r.to_json() for r in rs] for host, rs in self._routes.items()},
@@ -1252,4 +1416,14 @@ class RouteTable:
                 if (svc := self._services.get(host)) is not None
             },
             "ingress": [p.to_json() for p in self._ingress],
+            # per endpoint, what its upstream connections use (pool_settings)
+            "connection_pools": {
+                endpoint_name(address, port): settings.to_json()
+                for (address, port), settings in self.pool_settings().items()
+            },
         }
+
+
+def endpoint_name(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets (``[::1]:8080``)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
