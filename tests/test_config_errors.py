@@ -1007,8 +1007,8 @@ spec:
     connectionPool:
       tcp: {maxConnections: 1}
 """,
-        "spec.trafficPolicy.connectionPool is not implemented by l4proxy",
-        7,
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections is not implemented by l4proxy",
+        8,
     ),
     (
         "unknown field is a probable typo",

@@ -91,6 +91,7 @@ from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
     DEFAULT_RETRY_BACKOFF,
+    NO_POOL_SETTINGS,
     Destination,
     HttpRetry,
     IngressPath,
@@ -956,7 +957,8 @@ class Compiler:
                 b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
                 return False
             lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-            return Destination(b.host, Subset(DEFAULT, Labels(), lb), weight, b.port)
+            pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
+            return Destination(b.host, Subset(DEFAULT, Labels(), lb, pool), weight, b.port)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
             return None
@@ -984,11 +986,13 @@ class Compiler:
             return False
         policy = self.policies.get(svc.host)
         host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+        host_pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == labels), None)
         if same is not None:
-            subset = Subset(same.name, same.labels, same.load_balancer or host_lb)
+            pool = host_pool if same.pool is None else same.pool  # (replaced whole)
+            subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool)
         else:
-            subset = Subset(_subset_name(labels), labels, host_lb)
+            subset = Subset(_subset_name(labels), labels, host_lb, host_pool)
         return Destination(svc.host, subset, weight, b.port)

@@ -1,7 +1,7 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (faults, mirroring, TLS, connection pools...) is an error that
+implement (faults, mirroring, TLS, outlier detection...) is an error that
 names the field: a sidecar that silently ignored a fault would be worse than
 one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
@@ -48,11 +48,13 @@ from l4proxy.rules.routing import (
     ISTIO_DEFAULT_RETRY_CODES,
     ISTIO_DEFAULT_RETRY_ON,
     LB_POLICIES,
+    MAX_REQUESTS_PER_CONNECTION,
     RETRY_ON_NO_OPS,
     RETRY_ON_POLICIES,
     Endpoint,
     HttpRetry,
     Match,
+    PoolSettings,
     Service,
     ServicePort,
 )
@@ -577,8 +579,8 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
     ok = host is not None
-    lb, lb_ok = _traffic_policy(ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy"))
-    ok = ok and lb_ok
+    lb, pool, tp_ok = _traffic_policy(ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy"))
+    ok = ok and tp_ok
     subsets: dict[str, SubsetDraft] = {}
     for i, item in enumerate(listing(ctx, spec.get("subsets"), ("spec", "subsets")) or []):
         spath = ("spec", "subsets", i)
@@ -594,31 +596,33 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             continue
         name = dns_label(ctx, s["name"], (*spath, "name"))
         sel = labels(ctx, s.get("labels"), (*spath, "labels"))
-        slb, slb_ok = _traffic_policy(ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy"))
-        if name is None or sel is None or not slb_ok:
+        slb, spool, stp_ok = _traffic_policy(ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy"))
+        if name is None or sel is None or not stp_ok:
             ok = False
             continue
         if name in subsets:
             ctx.error((*spath, "name"), f"subset {name} is defined twice in this DestinationRule")
             ok = False
             continue
-        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath))
+        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool)
     if not ok or host is None:
         return None
-    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()))
+    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool)
 
 
-def _traffic_policy(ctx: Ctx, value: Any, path: Path) -> tuple[str | None, bool]:
-    """trafficPolicy → (loadBalancer.simple or None, ok)."""
+def _traffic_policy(
+    ctx: Ctx, value: Any, path: Path
+) -> tuple[str | None, PoolSettings | None, bool]:
+    """trafficPolicy → (loadBalancer.simple or None, connectionPool or
+    None, ok)."""
     if value is None:
-        return None, True
+        return None, None, True
     tp = fields(
         ctx,
         value,
         path,
-        allowed=("loadBalancer",),
+        allowed=("loadBalancer", "connectionPool"),
         unimplemented={
-            "connectionPool": "",
             "outlierDetection": "the sidecar ejects endpoints that fail to connect by itself",
             "tls": "",
             "portLevelSettings": "",
@@ -627,7 +631,18 @@ def _traffic_policy(ctx: Ctx, value: Any, path: Path) -> tuple[str | None, bool]
         },
     )
     if tp is None:
-        return None, False
+        return None, None, False
+    pool: PoolSettings | None = None
+    pool_ok = True
+    if tp.get("connectionPool") is not None:
+        pool = _connection_pool(ctx, tp["connectionPool"], (*path, "connectionPool"))
+        pool_ok = pool is not None
+    lb, lb_ok = _load_balancer(ctx, tp, path)
+    return lb, pool, lb_ok and pool_ok
+
+
+def _load_balancer(ctx: Ctx, tp: dict[str, Any], path: Path) -> tuple[str | None, bool]:
+    """trafficPolicy.loadBalancer → (simple or None, ok)."""
     if tp.get("loadBalancer") is None:
         return None, True
     lpath = (*path, "loadBalancer")
@@ -655,6 +670,103 @@ def _traffic_policy(ctx: Ctx, value: Any, path: Path) -> tuple[str | None, bool]
         )
         return None, False
     return simple, True
+
+
+# Istio's ConnectionPoolSettings fields that the sidecar does not honour,
+# each with why or what to do instead
+_TCP_POOL_UNIMPLEMENTED = {
+    "maxConnections": "the sidecar does not cap connections per endpoint",
+    "tcpKeepalive": "the sidecar sets no TCP keepalive on upstream connections",
+    "maxConnectionDuration": "use http.maxRequestsPerConnection to recycle connections",
+    "idleTimeout": "use http.idleTimeout for pooled connections; `l4proxy run --idle-timeout` "
+    "bounds a connection's idle time",
+}
+_HTTP_POOL_UNIMPLEMENTED = {
+    "http1MaxPendingRequests": "the sidecar does not queue requests for a connection",
+    "http2MaxRequests": "the sidecar does not cap requests in flight per endpoint",
+    "maxRetries": "a route's retries.attempts bounds each request's retries",
+    "useClientProtocol": "the sidecar speaks HTTP/1.1 to every upstream",
+    "maxConcurrentStreams": "the sidecar speaks HTTP/1.1 to every upstream (no streams)",
+}
+_H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
+
+
+def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
+    """trafficPolicy.connectionPool → its settings (those not given: None);
+    None after an error.
+
+    Honoured: ``http.maxRequestsPerConnection`` (0, Istio's default:
+    unlimited; at most 2^29, as Istio), ``http.idleTimeout`` and
+    ``tcp.connectTimeout`` (Istio's durations, at least 1ms, whole
+    milliseconds, as Istio's validation). ``http.h2UpgradePolicy`` DEFAULT
+    and DO_NOT_UPGRADE are accepted and do nothing (the sidecar speaks
+    HTTP/1.1 upstream and never upgrades); UPGRADE and every other field of
+    Istio's API are refused by name.
+    """
+    cp = fields(ctx, value, path, allowed=("tcp", "http"))
+    if cp is None:
+        return None
+    ok = all(k in ("tcp", "http") for k in cp)  # (fields() reported the others)
+    max_requests: int | None = None
+    idle: float | None = None
+    connect: float | None = None
+    if cp.get("tcp") is not None:
+        tpath = (*path, "tcp")
+        tcp = fields(
+            ctx,
+            cp["tcp"],
+            tpath,
+            allowed=("connectTimeout",),
+            unimplemented=_TCP_POOL_UNIMPLEMENTED,
+        )
+        if tcp is None or any(k != "connectTimeout" for k in tcp):
+            ok = False
+        elif tcp.get("connectTimeout") is not None:
+            connect = duration(ctx, tcp["connectTimeout"], (*tpath, "connectTimeout"), zero=False)
+            ok = ok and connect is not None
+    if cp.get("http") is not None:
+        hpath = (*path, "http")
+        allowed = ("maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy")
+        http = fields(
+            ctx, cp["http"], hpath, allowed=allowed, unimplemented=_HTTP_POOL_UNIMPLEMENTED
+        )
+        if http is None or any(k not in allowed for k in http):
+            ok = False
+            http = http or {}
+        if http.get("maxRequestsPerConnection") is not None:
+            max_requests = integer(
+                ctx,
+                http["maxRequestsPerConnection"],
+                (*hpath, "maxRequestsPerConnection"),
+                0,
+                MAX_REQUESTS_PER_CONNECTION,
+            )
+            ok = ok and max_requests is not None
+        if http.get("idleTimeout") is not None:
+            idle = duration(ctx, http["idleTimeout"], (*hpath, "idleTimeout"), zero=False)
+            ok = ok and idle is not None
+        if http.get("h2UpgradePolicy") is not None:
+            upath = (*hpath, "h2UpgradePolicy")
+            policy = text(ctx, http["h2UpgradePolicy"], upath, required=True)
+            if policy == "UPGRADE":
+                ctx.error(
+                    upath,
+                    f"{dotted(upath)} UPGRADE {NOT_IMPLEMENTED}; the sidecar speaks HTTP/1.1 "
+                    "to every upstream (use DEFAULT or DO_NOT_UPGRADE)",
+                )
+                ok = False
+            elif policy is not None and policy not in _H2_UPGRADE_POLICIES:
+                ctx.error(
+                    upath,
+                    f"{dotted(upath)} {policy!r} is not known "
+                    f"(use one of {', '.join(_H2_UPGRADE_POLICIES)})",
+                )
+                ok = False
+            elif policy is None:
+                ok = False
+    if not ok:
+        return None
+    return PoolSettings(max_requests, idle, connect)
 
 
 # -- ServiceEntry ------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import HttpRetry, IngressPath, Labels, Match, Service
+from l4proxy.rules.routing import HttpRetry, IngressPath, Labels, Match, PoolSettings, Service
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class SubsetDraft:
     labels: Labels
     load_balancer: str | None
     where: Where
+    # its trafficPolicy.connectionPool; None: none, the rule's applies
+    pool: PoolSettings | None = None
 
 
 @dataclass
@@ -105,6 +107,7 @@ class PolicyDraft:
     load_balancer: str | None
     subsets: dict[str, SubsetDraft] = field(default_factory=dict)
     where: Where | None = None
+    pool: PoolSettings | None = None  # trafficPolicy.connectionPool
 
 
 @dataclass

@@ -24,9 +24,20 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
+    SubsetDraft,
 )
 from l4proxy.rules._schema import Where
-from l4proxy.rules.routing import DEFAULT, Destination, Labels, Route, RouteTable, Service, Subset
+from l4proxy.rules.routing import (
+    DEFAULT,
+    NO_POOL_SETTINGS,
+    Destination,
+    Labels,
+    PoolSettings,
+    Route,
+    RouteTable,
+    Service,
+    Subset,
+)
 
 
 @dataclass
@@ -73,6 +84,7 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
         [*services.values(), *gateway_api.gateway_services],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
+        pools={h: p.pool for h, p in policies.items() if p.pool is not None},
         ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
         unmatched=unmatched,
         namespace=env.namespace,
@@ -227,6 +239,8 @@ def _destination(
 ) -> Destination | None:
     policy = policies.get(dd.host)
     host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+    # a subset's connectionPool replaces the rule's whole (Istio's MergeTrafficPolicy)
+    host_pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
     svc = services.get(dd.host)
     subset: Subset
     if dd.subset is not None:
@@ -244,15 +258,17 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
-        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb)
+        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb, _pool(sd, host_pool))
     elif dd.labels:
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
         if same is not None:
-            subset = Subset(same.name, same.labels, same.load_balancer or host_lb)
+            subset = Subset(
+                same.name, same.labels, same.load_balancer or host_lb, _pool(same, host_pool)
+            )
         else:
-            subset = Subset(subset_name(dd.labels), dd.labels, host_lb)
+            subset = Subset(subset_name(dd.labels), dd.labels, host_lb, host_pool)
         if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
             dd.where.error(
                 f"route labels {dd.labels} select no endpoint of {dd.host} "
@@ -260,7 +276,7 @@ def _destination(
             )
             return None
     else:
-        subset = Subset(DEFAULT, Labels(), host_lb)
+        subset = Subset(DEFAULT, Labels(), host_lb, host_pool)
     if svc is None:
         if (rule_id, dd.host) not in warned:
             warned.add((rule_id, dd.host))
@@ -270,6 +286,12 @@ def _destination(
         dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
         return None
     return Destination(dd.host, subset, dd.weight, dd.port)
+
+
+def _pool(sd: SubsetDraft, host_pool: PoolSettings) -> PoolSettings:
+    """A subset's connection pool settings: its own connectionPool (all of
+    it: what it leaves unset is not taken from the rule's), else the rule's."""
+    return host_pool if sd.pool is None else sd.pool
 
 
 def _check_port_required(
