@@ -21,7 +21,7 @@ from l4proxy.rules import (
     ObjectSummary,
     load_rules,
 )
-from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF
+from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF, endpoint_name
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -211,6 +211,28 @@ def _fires(rt: dict[str, Any]) -> bool:
     return bool(on & _FIRING_RETRY_ON) or ("retriable-status-codes" in on and bool(rt["codes"]))
 
 
+def _pool(cp: dict[str, Any]) -> str:
+    """Connection pool settings (``PoolSettings.to_json()``) in words; what
+    is not said is the sidecar's flag."""
+    said = []
+    n = cp.get("max_requests_per_connection")
+    if n is not None:
+        said.append(
+            "unlimited requests per connection"
+            if n == 0
+            else f"{n} request{'s' if n != 1 else ''} per connection"
+        )
+    if cp.get("idle_timeout") is not None:
+        said.append(f"idle timeout {_duration(cp['idle_timeout'])}")
+    if cp.get("connect_timeout") is not None:
+        said.append(f"connect timeout {_duration(cp['connect_timeout'])}")
+    return ", ".join(said) or "the sidecar's flags"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
+
+
 def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
     lines = []
     for i, r in enumerate(routes, 1):
@@ -222,9 +244,10 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             port = f" port {d['port']}" if d["port"] is not None else ""
             share = 100 * d["weight"] / total if total else 0.0
             pct = f"{share:>3.0f}%" if share == int(share) else f"{share:>5.1f}%"
+            pool = f"; pool: {_pool(d['connection_pool'])}" if d.get("connection_pool") else ""
             lines.append(
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
-                f"({_labels(d['labels'])}; {d['load_balancer']})"
+                f"({_labels(d['labels'])}; {d['load_balancer']}{pool})"
             )
         if not r["route"]:
             lines.append(f"{indent}     no backend: answered {r['unresolved_status']}")
@@ -256,6 +279,7 @@ def _otherwise(service: dict[str, Any], refusing: list[int] | None) -> str:
 def format_table(t: dict[str, Any]) -> str:
     """The compiled table (``RouteTable.to_json()``) in readable form."""
     lines: list[str] = [f"route table (namespace {t['namespace']}, domain {t['domain']}):"]
+    pools: dict[str, dict[str, Any]] = t.get("connection_pools", {})
     known = set()
     for s in t["services"]:
         known.add(s["host"])
@@ -269,15 +293,20 @@ def format_table(t: dict[str, Any]) -> str:
         also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
         lines.append(f"  service {s['host']}{also}")
         addrs = ", ".join(s["addresses"]) or "none"
+        pool = (
+            f"; connection pool: {_pool(s['connection_pool'])}" if s.get("connection_pool") else ""
+        )
         lines.append(
             f"    addresses {addrs}; resolution {s['resolution']}; "
-            f"load balancer {s['load_balancer']}"
+            f"load balancer {s['load_balancer']}{pool}"
         )
         for p in s["ports"]:
             layer = "L7" if p["http"] else "L4"
             lines.append(f"    port {p['number']} {p['name']} ({p['protocol']}, {layer}):")
             for ep in s["endpoints"].get(str(p["number"]), []):
-                lines.append(f"      {ep['address']}:{ep['port']}  {_labels(ep['labels'])}")
+                ep_pool = pools.get(endpoint_name(ep["address"], ep["port"]))
+                said = f"  pool: {_pool(ep_pool)}" if ep_pool else ""
+                lines.append(f"      {ep['address']}:{ep['port']}  {_labels(ep['labels'])}{said}")
         routes = t["routes"].get(s["host"], [])
         if routes:
             lines.append("    routes, first match wins:")
