@@ -20,6 +20,7 @@ import pytest
 
 from l4proxy.cli import main
 from l4proxy.rules import load_rules
+from l4proxy.rules.dns import NameState, resolved_table
 from l4proxy.rules.routing import PoolSettings, RouteTable
 from tests.test_config_errors import REGISTRY, errors_of
 
@@ -499,3 +500,32 @@ spec:
     assert table.pool_settings() == {V1A: two, V1B: two, V2: two}
     (route,) = table.routes_for(HOST)
     assert route.destinations[0].subset.pool == two
+
+
+def test_the_settings_follow_a_dns_name_to_its_addresses(tmp_path: Path) -> None:
+    """A DNS ServiceEntry's endpoint name is replaced by its addresses when
+    they resolve (``resolved_table``): the rule's settings go with them."""
+    text = (
+        DR_HEAD.replace("host: bootcamp", "host: web.example.com")
+        + """\
+  trafficPolicy:
+    connectionPool:
+      http: {idleTimeout: 5s}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web}
+spec:
+  hosts: [web.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+"""
+    )
+    f = tmp_path / "web.yaml"
+    f.write_text(text)
+    base = load_rules([str(f)]).table
+    five = PoolSettings(idle_timeout=5.0)
+    assert base.pool_settings() == {("web.example.com", 80): five}
+    state = NameState("web.example.com", ("192.0.2.1", "192.0.2.2"), resolved=True)
+    table = resolved_table(base, {"web.example.com": state})
+    assert table.pool_settings() == {("192.0.2.1", 80): five, ("192.0.2.2", 80): five}

@@ -509,9 +509,9 @@ def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
 def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTable:
     """*base* with every resolved host-name endpoint replaced by its addresses.
 
-    Routes, load-balancer policies, ingress paths and the hosts that answer
-    an unmatched request 404 are carried over as they are; only the
-    services' endpoint lists change. (RouteTable has no public "copy with
+    Routes, load-balancer policies, connection pool settings, ingress paths
+    and the hosts that answer an unmatched request 404 are carried over as
+    they are; only the services' endpoint lists change. (RouteTable has no public "copy with
     other services"; the private fields read here are its inputs.)
     """
     services = [_expand(svc, states) if svc.resolution == "DNS" else svc for svc in base.services()]
@@ -519,6 +519,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
         services,
         base._routes,
         load_balancers=base._load_balancers,
+        pools=base._pools,
         ingress=base.ingress_paths,
         unmatched=base._unmatched,
         namespace=base.namespace,
