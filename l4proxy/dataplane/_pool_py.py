@@ -42,6 +42,13 @@ Theory of operation
   held a draining pod's connections open for ``idle_timeout``. Named again
   before they are checked in (:meth:`Pools.restore_endpoint`), they are
   pooled as before.
+* Per endpoint, ``max_requests`` and ``idle_timeout`` may differ from the
+  options' (an Istio DestinationRule's ``connectionPool`` per destination):
+  :meth:`Pools.endpoint_settings`, an :class:`EndpointSettings` per
+  endpoint (the relay's connect timeout too). The whole mapping is replaced
+  at once; an endpoint it does not name has the options'. A change applies
+  from then on: ``max_requests`` at the next check-in, ``idle_timeout`` at
+  the next :meth:`Pools.expire`.
 
 Every decision returns the handles the relay must close; counters explain
 them in ``/stats`` and ``/clusters``.
@@ -50,12 +57,15 @@ them in ``/stats`` and ``/clusters``.
 from __future__ import annotations
 
 import collections
+import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, NamedTuple
 
-__all__ = ["PoolOptions", "Pools"]
+__all__ = ["EndpointSettings", "PoolOptions", "Pools", "checked_endpoint_settings"]
+
+MAX_REQUESTS_LIMIT: Final = 2**31 - 1  # the compiled relay's int (Istio's is an int32)
 
 COUNTERS: Final = (
     "opened",  # new upstream connections, once connected (a checkout that found none idle)
@@ -79,6 +89,47 @@ class PoolOptions:
     def __post_init__(self) -> None:
         if self.max_idle < 0 or self.idle_timeout < 0 or self.max_requests < 0:
             raise ValueError(f"pool options must not be negative: {self}")
+
+
+class EndpointSettings(NamedTuple):
+    """One upstream endpoint's pool and connect settings, resolved (an
+    Istio DestinationRule's ``trafficPolicy.connectionPool``)."""
+
+    max_requests: int  # per connection; 0: unlimited (http.maxRequestsPerConnection)
+    idle_timeout: float  # seconds an idle pooled connection is kept (http.idleTimeout)
+    connect_timeout: float  # seconds (tcp.connectTimeout)
+
+
+def checked_endpoint_settings(
+    settings: Mapping[tuple[str, int], Any],
+) -> dict[tuple[str, int], EndpointSettings]:
+    """*settings* (``HttpRelay.endpoint_settings()``'s) as a new dict, keys
+    ``(str, int)``, values :class:`EndpointSettings`; ValueError for a value
+    out of range: a negative or huge ``max_requests``, a timeout not a
+    finite number of seconds above 0."""
+    out: dict[tuple[str, int], EndpointSettings] = {}
+    for key, value in settings.items():
+        host, port = key
+        s = EndpointSettings._make(value)
+        if (
+            isinstance(s.max_requests, bool)
+            or not isinstance(s.max_requests, int)
+            or not 0 <= s.max_requests <= MAX_REQUESTS_LIMIT
+        ):
+            raise ValueError(
+                f"{host}:{port}: max_requests must be an int from 0 (unlimited) "
+                f"to {MAX_REQUESTS_LIMIT}, not {s.max_requests!r}"
+            )
+        for name in ("idle_timeout", "connect_timeout"):
+            t = getattr(s, name)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+                raise ValueError(
+                    f"{host}:{port}: {name} must be a finite number of seconds above 0, not {t!r}"
+                )
+        out[(str(host), int(port))] = EndpointSettings(
+            s.max_requests, float(s.idle_timeout), float(s.connect_timeout)
+        )
+    return out
 
 
 @dataclass
@@ -109,6 +160,15 @@ class Pools:
         self._external: dict[Hashable, int] = {}
         self._external_lock = threading.Lock()
         self.on_active: Callable[[Hashable, int], None] | None = None
+        # endpoint_settings(): the endpoints whose settings are not the options'
+        self.settings: dict[Hashable, EndpointSettings] = {}
+
+    def endpoint_settings(self, settings: Mapping[Any, EndpointSettings]) -> None:
+        """The endpoints' own ``max_requests`` and ``idle_timeout`` (the
+        pool's thread), replacing the previous ones; an endpoint not in
+        *settings* has the options'. Applied from now on: at the next
+        check-in, the next expire()."""
+        self.settings = dict(settings)
 
     def _counted(self, endpoint: Hashable, ep: _Endpoint, n: int) -> None:
         ep.active += n
@@ -173,13 +233,15 @@ class Pools:
         self._counted(endpoint, ep, -1)
         ep.out.discard(handle)
         o = self.options
+        s = self.settings.get(endpoint)
+        max_requests = o.max_requests if s is None else s.max_requests
         if not reusable:
             self._removed.discard(handle)
             self.counters["closed_unreusable"] += 1
         elif handle in self._removed:
             self._removed.remove(handle)
             self.counters["closed_removed"] += 1
-        elif o.max_requests and requests >= o.max_requests:
+        elif max_requests and requests >= max_requests:
             self.counters["closed_max_requests"] += 1
         elif len(ep.idle) >= o.max_idle:
             self.counters["closed_overflow"] += 1
@@ -218,15 +280,19 @@ class Pools:
         return True
 
     def expire(self, now: float) -> list[Hashable]:
-        """Idle connections older than ``idle_timeout``: the handles to close.
+        """Idle connections older than ``idle_timeout`` (their endpoint's,
+        endpoint_settings()): the handles to close.
 
         An endpoint with nothing idle and nothing checked out is forgotten
         here: PassthroughCluster makes one of every address an app calls, so
         keeping them would grow the table for good."""
-        limit = now - self.options.idle_timeout
+        default = now - self.options.idle_timeout
+        settings = self.settings
         out: list[Hashable] = []
         empty: list[Hashable] = []
         for key, ep in self._endpoints.items():
+            s = settings.get(key) if settings else None
+            limit = default if s is None else now - s.idle_timeout
             if ep.idle and ep.idle[0].since <= limit:
                 keep = [i for i in ep.idle if i.since > limit]
                 out += [i.handle for i in ep.idle if i.since <= limit]
