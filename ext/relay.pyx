@@ -156,7 +156,7 @@ from l4proxy.dataplane._framing_py import (
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD as _DEFAULT_MAX_HEAD
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
-from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, Choice, Verdict
@@ -423,6 +423,11 @@ cdef struct EP:
     int n_idle
     Up *idle_head
     Up *idle_tail
+    # its pool and connect settings: the relay's (Relay's own fields), or
+    # endpoint_settings()' for it (set by the loop's thread: _ep_settings)
+    int max_requests       # per connection; 0: unlimited
+    double pool_idle_timeout
+    double connect_timeout
 
 cdef struct Up:
     int kind               # K_UP
@@ -617,7 +622,8 @@ cdef struct Span:  # bytes of a head
 cdef struct Relay:
     int epfd
     int wakefd
-    # fixed at creation
+    # fixed at creation (connect_timeout, pool_idle_timeout, max_requests:
+    # the defaults, an EP's own are in it)
     double connect_timeout
     double header_timeout
     double idle_timeout
@@ -640,7 +646,8 @@ cdef struct Relay:
     Handoff *q_tail
     bint stop
     bint flush_req         # flush_reports() waits for a flush
-    bint py_req            # Python left work for the loop's thread (retain_endpoints)
+    bint py_req            # Python left work for the loop's thread (retain_endpoints,
+                           # endpoint_settings)
     # loop thread
     char *scratch
     Conn *need_head
@@ -999,7 +1006,7 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
         L4R_ADD(&R.ctr[<int>CT_CLOSED_UNREUSABLE], 1)
     elif u.removed:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_REMOVED], 1)
-    elif R.max_requests and u.requests >= R.max_requests:
+    elif ep.max_requests and u.requests >= ep.max_requests:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
     elif ep.n_idle >= R.max_idle:
         L4R_ADD(&R.ctr[<int>CT_CLOSED_OVERFLOW], 1)
@@ -3015,7 +3022,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.ep = ep
     u.owner = c
     u.connecting = True
-    u.deadline = now + R.connect_timeout
+    u.deadline = now + ep.connect_timeout
     timer_at(R, u.deadline)  # (timers_due(): on time, not on the tick)
     # LEAST_CONN counts a request from its assignment (Envoy's LEAST_REQUEST,
     # HAProxy's leastconn): counted from the connect's end, every request
@@ -3708,7 +3715,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             i -= 1
     for k in range(R.n_eps):
         ep = R.eps[k]
-        while ep.idle_tail != NULL and ep.idle_tail.idle_since + R.pool_idle_timeout <= now:
+        while ep.idle_tail != NULL and ep.idle_tail.idle_since + ep.pool_idle_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_EXPIRED], 1)
             up_close(R, ep.idle_tail)
 
@@ -3849,6 +3856,8 @@ cdef class HttpRelay:
     cdef object _buckets
     cdef object _pending_keys
     cdef object _named, _pending_named  # retain_endpoints(): as applied, as last given
+    cdef dict _settings            # endpoint_settings(): as applied (the loop's thread)
+    cdef object _pending_settings  # ... and as last given, until applied
     cdef list _flushed
     cdef list _outcome_texts       # OD_TEXT's reasons, until the outcomes are reported
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
@@ -3902,6 +3911,7 @@ cdef class HttpRelay:
         self.intern_limit = max(1, intern_limit)
         self._ep_ids = {}
         self._ep_keys = []
+        self._settings = {}
         self._external = {}
         self._rr_ids = {}
         self._tag_ids = {}
@@ -4231,6 +4241,47 @@ cdef class HttpRelay:
         sys_.pthread_mutex_unlock(&self.R.lock)
         self._wake()
 
+    def endpoint_settings(self, settings):
+        """Each endpoint's own connect timeout, requests per upstream
+        connection and pool idle timeout (any thread; applied on the loop's,
+        in _service): see the pure twin's. Its EP holds them (read where
+        the relay's own were: no lookup per request); an endpoint not
+        interned yet gets them when it is (_new_ep). The pure relay this
+        one hands requests to has its own pools: told too."""
+        checked = checked_endpoint_settings(settings)
+        self.slow.endpoint_settings(checked)
+        if self._closed:
+            return
+        self._pending_settings = checked
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.py_req = True
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
+    cdef _apply_pending_settings(self):
+        """endpoint_settings(), on the loop's thread: every interned EP's
+        settings, its own or the relay's."""
+        cdef int k
+        if self._pending_settings is None:
+            return
+        self._settings, self._pending_settings = self._pending_settings, None
+        for k in range(self.R.n_eps):
+            self._ep_settings(self.R.eps[k], self._ep_keys[k])
+
+    cdef int _ep_settings(self, EP *ep, key) except -1:
+        """*ep*'s settings: endpoint_settings()' for *key*, else the relay's."""
+        cdef Relay *R = self.R
+        s = self._settings.get(key) if self._settings else None
+        if s is None:
+            ep.max_requests = R.max_requests
+            ep.pool_idle_timeout = R.pool_idle_timeout
+            ep.connect_timeout = R.connect_timeout
+        else:
+            ep.max_requests = s.max_requests
+            ep.pool_idle_timeout = s.idle_timeout
+            ep.connect_timeout = s.connect_timeout
+        return 0
+
     cdef _apply_pending_named(self):
         """retain_endpoints(), on the loop's thread: the idle connections of
         an endpoint that left the table are closed, those in flight marked
@@ -4440,6 +4491,7 @@ cdef class HttpRelay:
         cdef double now
         self._apply_pending_keys()
         self._apply_pending_named()
+        self._apply_pending_settings()
         # (first: a failed connect reported below came after these)
         self._report_outcomes()
         while R.need_head != NULL:
@@ -4701,6 +4753,7 @@ cdef class HttpRelay:
             ep.numeric = ep.v6 = True
         ep.port = htons(<uint16_t>int(key[1]))
         ep.ext = self._external.get(key, 0)
+        self._ep_settings(ep, key)
         ep.index = R.n_eps
         R.eps[R.n_eps] = ep
         self._ep_ids[key] = R.n_eps

@@ -41,6 +41,12 @@ to do; this module only performs it:
 * :meth:`HttpRelay.retain_endpoints` (a new route table went live): the
   endpoints it no longer names give back their idle pooled connections at
   once, and those in flight are closed when they are released.
+* :meth:`HttpRelay.endpoint_settings` (a DestinationRule's
+  ``connectionPool`` per destination): an endpoint's own connect timeout,
+  requests per connection and pool idle timeout
+  (:class:`~l4proxy.dataplane._pool_py.EndpointSettings`), where the
+  constructor's are the default; applied on the relay's thread, from then
+  on (the next connect, check-in, expiry).
 * :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
   the sockets to the ``l4`` callback (the L4 pump), with what is held and
   the tunnel's endpoint. The tunnel's request leaves the pool's count only
@@ -68,13 +74,15 @@ head is timed from its hand-off, as the L4 path times its peek from accept
 (a client that connects and sends nothing gets the 408 too), later heads
 from their first byte (idle keep-alive is not a slow head); a connection
 idle for ``idle_timeout`` is closed, between requests or in the middle of
-one (a hung upstream); idle pooled connections expire after the pool's idle
-timeout. A route with a timeout (``Decision.timeout``, Envoy's route
-timeout) times its request from the request's last byte read
-(``Exchange.request_complete``: the head's, for a request without a body,
-so a slow connect counts) to the response's last byte; past it
-``Exchange.upstream_timeout`` says what to do (504, or a reset once the
-response began), and the upstream connection is closed, never pooled.
+one (a hung upstream); idle pooled connections expire after their
+endpoint's pool idle timeout (``endpoint_settings``, else the pool's), at
+the tick: within a tick of it, a timeout shorter than the tick too. A route
+with a timeout (``Decision.timeout``, Envoy's route timeout) times its
+request from the request's last byte read (``Exchange.request_complete``:
+the head's, for a request without a body, so a slow connect counts) to
+the response's last byte; past it ``Exchange.upstream_timeout`` says what
+to do (504, or a reset once the response began), and the upstream
+connection is closed, never pooled.
 A route with a retry policy (``Decision.retry``) with a per-try timeout
 times each try the same way, the first from the request's last byte read,
 each retry from its start; past it ``Exchange.try_timeout`` says what to do
@@ -117,7 +125,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -136,7 +144,12 @@ from l4proxy.dataplane._exchange_py import (
     Upstream,
 )
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
-from l4proxy.dataplane._pool_py import PoolOptions, Pools
+from l4proxy.dataplane._pool_py import (
+    EndpointSettings,
+    PoolOptions,
+    Pools,
+    checked_endpoint_settings,
+)
 from l4proxy.dataplane.verdict import RetryPolicy
 
 __all__ = ["Decision", "HttpRelay"]
@@ -270,6 +283,8 @@ class HttpRelay:
         self._stop = False
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
+        # endpoint_settings(), as last given (applied: self.pools.settings)
+        self._settings_next: dict[Endpoint, EndpointSettings] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.ep.register(self._wake_r.fileno(), _EPOLLIN)
@@ -339,6 +354,21 @@ class HttpRelay:
         named = frozenset(endpoints)
         with self._lock:
             self._named_next = named
+        self._wake()
+
+    def endpoint_settings(self, settings: Mapping[Endpoint, EndpointSettings]) -> None:
+        """Each endpoint's own connect timeout, requests per upstream
+        connection and pool idle timeout (any thread; applied on the
+        relay's), replacing the previous call's: an endpoint not in
+        *settings* has the constructor's (``pool``, ``connect_timeout``),
+        one not met yet gets its own when it is. Applied from then on, to
+        the connections open too: ``max_requests`` when one is released,
+        ``idle_timeout`` at the next expiry (the tick), ``connect_timeout``
+        at the next connect. ValueError for a value out of range (a
+        negative count, a timeout not finite and above 0)."""
+        checked = checked_endpoint_settings(settings)
+        with self._lock:
+            self._settings_next = checked
         self._wake()
 
     def report_next_successes(self) -> None:
@@ -422,8 +452,11 @@ class HttpRelay:
             queue, self._queue = self._queue, []
             stop = self._stop
             named, self._named_next = self._named_next, None
+            settings, self._settings_next = self._settings_next, None
         if named is not None and not stop:
             self._retain(named)
+        if settings is not None:
+            self.pools.endpoint_settings(settings)
         for sock, origin, data, requests in queue:
             if stop:
                 sock.close()
@@ -851,7 +884,9 @@ class HttpRelay:
         except OSError as exc:
             self._connect_error(c, up, now, exc.strerror or str(exc))
             return
-        deadline = self._deadlines[up.fd] = now + self.connect_timeout
+        own = self.pools.settings.get(endpoint)
+        timeout = self.connect_timeout if own is None else own.connect_timeout
+        deadline = self._deadlines[up.fd] = now + timeout
         self._timer_at(deadline)  # (_timers_due: on time, not on the tick)
         self.ep.register(up.fd, _EPOLLOUT)
         up.mask = _EPOLLOUT
