@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l4proxy.dataplane._pool_py import PoolOptions, Pools
+from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions, Pools
 
 A = ("198.18.0.10", 8080)
 B = ("198.18.0.11", 8080)
@@ -63,6 +63,30 @@ def test_idle_timeout_expires_the_oldest() -> None:
     assert p.expire(now=9.9) == []
     assert p.expire(now=15.0) == [1, 2]
     assert p.checkout(A) == 3 and p.counters["expired"] == 2
+
+
+def test_an_endpoint_s_own_settings_apply_to_it_alone_from_then_on() -> None:
+    """A's max_requests 1 and idle_timeout 2 s (endpoint_settings), B the
+    options' (unlimited, 10 s); then A unlimited, then A not named: the
+    options' again. Each applies from then on."""
+    p = Pools(PoolOptions(idle_timeout=10))
+    p.endpoint_settings({A: EndpointSettings(1, 2.0, 1.0)})
+    p.opened(A, 1)
+    p.opened(B, 2)
+    assert p.checkin(A, 1, reusable=True, now=0) == [1]  # its first request: its max
+    assert p.checkin(B, 2, reusable=True, now=0) == []
+    p.opened(A, 3)
+    p.endpoint_settings({A: EndpointSettings(0, 2.0, 1.0)})
+    assert p.checkin(A, 3, reusable=True, now=0) == []
+    assert p.expire(now=2.5) == [3]  # A's 2 s
+    assert p.idle(B) == 1 and p.expire(now=9.0) == []
+    p.opened(A, 4)
+    p.checkin(A, 4, reusable=True, now=9.0)
+    p.endpoint_settings({})  # the options' again: 10 s
+    assert p.expire(now=12.0) == [2]  # B's, idle since 0
+    assert p.expire(now=18.5) == []
+    assert p.expire(now=19.5) == [4]
+    assert p.counters["closed_max_requests"] == 1 and p.counters["expired"] == 3
 
 
 def test_active_counts_checked_out_connections_for_least_conn() -> None:
