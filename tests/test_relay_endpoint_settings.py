@@ -260,3 +260,24 @@ def test_values_out_of_range_are_refused_and_change_nothing(mode: tuple[str, str
             assert _ask(c, "a") == 200
         assert _until(lambda: a.closed_by_relay == 2), a.closed_by_relay
     assert a.accepted == 2, a.accepted
+
+
+# a Connection naming a field: the compiled loop hands it to its pure relay
+GET_NAMED = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\n\r\n"
+
+
+def test_the_compiled_twin_s_slow_path_has_them_too(mode: tuple[str, str]) -> None:
+    """Requests the compiled loop hands to its pure relay (a Connection
+    naming a field: the slow path, which has pools of its own) get A's one request per
+    connection too."""
+    n = 3
+    with _three(mode) as (relay, a, _, _, c):
+        _settings(relay, c, {a.endpoint: EndpointSettings(1, DEFAULT_IDLE, DEFAULT_CONNECT)})
+        for _ in range(n):
+            c.sendall(GET_NAMED)
+            assert _status(_response(c)) == 200
+        assert _until(lambda: a.closed_by_relay == n), a.closed_by_relay
+        stats = relay.stats()
+    assert a.accepted == n, a.accepted
+    assert stats["pool_closed_max_requests"] == n, stats
+    assert stats.get("slow_path", 1) == 1, stats  # (the compiled twin's: handed over once)
