@@ -4260,13 +4260,28 @@ cdef class HttpRelay:
 
     cdef _apply_pending_settings(self):
         """endpoint_settings(), on the loop's thread: every interned EP's
-        settings, its own or the relay's."""
+        settings, its own or the relay's. An idle connection that has
+        already served as many requests as its endpoint now allows is
+        closed (as its check-in would have): a limit a rule set applies
+        from the next request on, as Envoy's new pool for a changed
+        cluster does."""
         cdef int k
+        cdef EP *ep
+        cdef Up *u
+        cdef Up *nxt
         if self._pending_settings is None:
             return
         self._settings, self._pending_settings = self._pending_settings, None
         for k in range(self.R.n_eps):
-            self._ep_settings(self.R.eps[k], self._ep_keys[k])
+            ep = self.R.eps[k]
+            self._ep_settings(ep, self._ep_keys[k])
+            u = ep.idle_head
+            while u != NULL:
+                nxt = u.idle_next
+                if ep.max_requests and u.requests >= ep.max_requests:
+                    L4R_ADD(&self.R.ctr[<int>CT_CLOSED_MAX_REQUESTS], 1)
+                    up_close(self.R, u)
+                u = nxt
 
     cdef int _ep_settings(self, EP *ep, key) except -1:
         """*ep*'s settings: endpoint_settings()' for *key*, else the relay's."""

@@ -96,25 +96,28 @@ def _three(
 
 def test_max_requests_per_connection_per_endpoint(mode: tuple[str, str]) -> None:
     """A with one request per connection, B the relay's (unlimited), both
-    used before (their EPs interned, a connection pooled each): each of A's
-    requests gets a connection of its own, closed by the relay after its
-    answer (``pool_closed_max_requests``); B's all go on its first."""
+    used before (their EPs interned, a connection pooled each): A's pooled
+    connection, which has served its one request already, is closed when
+    the settings arrive (as its check-in would have: the limit holds from
+    the next request on); then each of A's requests gets a connection of
+    its own, closed by the relay after its answer
+    (``pool_closed_max_requests``); B's all go on its first."""
     n = 4
     with _three(mode) as (relay, a, b, _, c):
         assert _ask(c, "a") == 200 and _ask(c, "b") == 200
-        _settings(relay, c, {a.endpoint: EndpointSettings(1, DEFAULT_IDLE, DEFAULT_CONNECT)})
         closed_before = relay.stats()["pool_closed_max_requests"]
+        _settings(relay, c, {a.endpoint: EndpointSettings(1, DEFAULT_IDLE, DEFAULT_CONNECT)})
+        assert _until(lambda: a.closed_by_relay == 1), a.closed_by_relay
+        assert a.accepted == 1, a.accepted
         for _ in range(n):
             assert _ask(c, "a") == 200
             assert _ask(c, "b") == 200
-        assert _until(lambda: a.closed_by_relay == n), a.closed_by_relay
+        assert _until(lambda: a.closed_by_relay == n + 1), a.closed_by_relay
         stats = relay.stats()
         assert b.closed_by_relay == 0
-    # A's first connection (pooled before the settings) served one more
-    # request and was closed: then one per request
-    assert a.accepted == n, a.accepted
+    assert a.accepted == n + 1, a.accepted
     assert b.accepted == 1, b.accepted
-    assert stats["pool_closed_max_requests"] - closed_before == n, stats
+    assert stats["pool_closed_max_requests"] - closed_before == n + 1, stats
 
 
 def test_pool_idle_timeout_per_endpoint(mode: tuple[str, str]) -> None:

@@ -163,12 +163,25 @@ class Pools:
         # endpoint_settings(): the endpoints whose settings are not the options'
         self.settings: dict[Hashable, EndpointSettings] = {}
 
-    def endpoint_settings(self, settings: Mapping[Any, EndpointSettings]) -> None:
+    def endpoint_settings(self, settings: Mapping[Any, EndpointSettings]) -> list[Hashable]:
         """The endpoints' own ``max_requests`` and ``idle_timeout`` (the
         pool's thread), replacing the previous ones; an endpoint not in
         *settings* has the options'. Applied from now on: at the next
-        check-in, the next expire()."""
+        check-in, the next expire(). Returned: the idle connections that
+        have already served as many requests as their endpoint now allows,
+        to close (counted ``closed_max_requests``, as at a check-in)."""
         self.settings = dict(settings)
+        out: list[Hashable] = []
+        for key, ep in self._endpoints.items():
+            s = self.settings.get(key)
+            limit = self.options.max_requests if s is None else s.max_requests
+            if limit and any(i.requests >= limit for i in ep.idle):
+                out += [i.handle for i in ep.idle if i.requests >= limit]
+                ep.idle = [i for i in ep.idle if i.requests < limit]
+        for h in out:
+            del self._where[h]
+        self.counters["closed_max_requests"] += len(out)
+        return out
 
     def _counted(self, endpoint: Hashable, ep: _Endpoint, n: int) -> None:
         ep.active += n

@@ -456,7 +456,10 @@ class HttpRelay:
         if named is not None and not stop:
             self._retain(named)
         if settings is not None:
-            self.pools.endpoint_settings(settings)
+            for handle in self.pools.endpoint_settings(settings):
+                up = self._idle.get(int(handle))  # type: ignore[call-overload]
+                if up is not None:
+                    self._drop_upstream(up)
         for sock, origin, data, requests in queue:
             if stop:
                 sock.close()

@@ -68,7 +68,7 @@ from typing import Any, NamedTuple, NoReturn
 from l4proxy.dataplane import peek, pump
 from l4proxy.dataplane import relay as http_relay
 from l4proxy.dataplane._exchange_py import local_response
-from l4proxy.dataplane._pool_py import PoolOptions
+from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
@@ -303,6 +303,12 @@ class Worker:
             # a field never silently ignored: this mode cannot time a request
             rules.on_publish.append(_warn_ignored_timeouts)
             _warn_ignored_timeouts(rules.state.table)
+        # a DestinationRule's connectionPool: the relay's per-endpoint pool and
+        # connect timeout, and the connect timeout of the connections Python
+        # makes (TCP ports, the L4 path)
+        self._connect_timeouts: dict[tuple[str, int], float] = {}
+        rules.on_publish.append(self._apply_pool_settings)
+        self._apply_pool_settings(rules.state.table)
 
     # -- lifecycle ---------------------------------------------------------
     def _describe_counters(self) -> None:
@@ -1018,6 +1024,29 @@ class Worker:
         if self.relay is not None:
             self.relay.retain_endpoints(_named_endpoints(table))
 
+    def _apply_pool_settings(self, table: RouteTable) -> None:
+        """A new table is live (loop): each endpoint's connectionPool settings
+        (a DestinationRule's), what a rule leaves unset being the flags'."""
+        pool = self.opts.pool
+        settings = {
+            ep: EndpointSettings(
+                pool.max_requests if s.max_requests is None else s.max_requests,
+                pool.idle_timeout if s.idle_timeout is None else s.idle_timeout,
+                self.opts.connect_timeout if s.connect_timeout is None else s.connect_timeout,
+            )
+            for ep, s in table.pool_settings().items()
+        }
+        self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
+        if self.relay is not None:
+            self.relay.endpoint_settings(settings)
+        elif any(e.max_requests or e.idle_timeout != pool.idle_timeout for e in settings.values()):
+            log.warning(
+                "connectionPool http settings (maxRequestsPerConnection, idleTimeout) are not "
+                "applied with --http-routing connection, which pools no upstream connection "
+                "(only per request, the default; tcp.connectTimeout is): %s",
+                _first_five([f"{host}:{port}" for host, port in settings]),
+            )
+
     def _table_published(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay's verdicts are stale.
 
@@ -1248,6 +1277,7 @@ class Worker:
         endpoint, or a connection flood would eject healthy pods.
         """
         host, port = addr
+        timeout = self._connect_timeouts.get((host, port), self.opts.connect_timeout)
         numeric = _numeric_sockaddr(host, port)
         infos: list[tuple[Any, ...]] = []
         err = "no address"
@@ -1260,7 +1290,7 @@ class Worker:
                 infos = list(
                     await asyncio.wait_for(
                         asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
-                        self.opts.connect_timeout,
+                        timeout,
                     )
                 )
             except (OSError, TimeoutError) as exc:
@@ -1277,7 +1307,7 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 rc = sock.connect_ex(sockaddr)
                 if rc in (errno.EINPROGRESS, errno.EAGAIN):
-                    if not await _wait_fd(sock.fileno(), True, self.opts.connect_timeout):
+                    if not await _wait_fd(sock.fileno(), True, timeout):
                         raise OSError(errno.ETIMEDOUT, "connect timeout")
                     rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if rc != 0:
