@@ -208,7 +208,8 @@ def add_parser(sub: Any) -> None:
         type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="time an upstream connect may take before the next endpoint is tried (10)",
+        help="time an upstream connect may take before the next endpoint is tried (10; a "
+        "DestinationRule's connectionPool.tcp.connectTimeout sets it per endpoint)",
     )
     p.add_argument(
         "--header-timeout",
@@ -297,7 +298,8 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="--http-routing request: close an upstream connection idle this long "
         "(the smaller of --idle-timeout and 60; keep it below the servers' own "
-        "keep-alive timeout)",
+        "keep-alive timeout; a DestinationRule's connectionPool.http.idleTimeout "
+        "sets it per endpoint)",
     )
     p.add_argument(
         "--pool-max-requests",
@@ -305,7 +307,8 @@ def add_parser(sub: Any) -> None:
         default=0,
         metavar="N",
         help="--http-routing request: close an upstream connection after N requests "
-        "(Envoy's max_requests_per_connection; 0: no limit, the default)",
+        "(Envoy's max_requests_per_connection; 0: no limit, the default; a "
+        "DestinationRule's connectionPool.http.maxRequestsPerConnection sets it per endpoint)",
     )
     p.add_argument(
         "--ejection-time",
