@@ -217,7 +217,8 @@ def test_durations_in_istio_s_format(tmp_path: Path) -> None:
       http: {idleTimeout: 1m30s, maxRequestsPerConnection: 0}
 """
     )
-    want = PoolSettings(max_requests=0, idle_timeout=90.0, connect_timeout=0.25)
+    # (maxRequestsPerConnection 0, Istio's default, is not set: the flag's)
+    want = PoolSettings(idle_timeout=90.0, connect_timeout=0.25)
     assert load(tmp_path, text).pool_settings() == {V1A: want, V1B: want, V2: want}
 
 
@@ -276,16 +277,21 @@ def test_a_subset_without_its_own_takes_the_rule_s(tmp_path: Path) -> None:
 def test_an_endpoint_of_a_subset_also_reached_through_the_bare_host_takes_the_strictest(
     tmp_path: Path,
 ) -> None:
+    """v2's own says nothing of timeouts: through v2 the endpoint's
+    connections have the flags', through the host the rule's; the stricter
+    of each is the sidecar's to take (or_flag), knowing its flags."""
     table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2, TO_HOST))
-    both = PoolSettings(max_requests=5, idle_timeout=30.0, connect_timeout=0.03)
+    both = PoolSettings(5, 30.0, 0.03, or_flag=frozenset({"idle_timeout", "connect_timeout"}))
     assert table.pool_settings() == {V1A: RULE, V1B: RULE, V2: both}
+    flags = PoolSettings(max_requests=0, idle_timeout=10.0, connect_timeout=5.0)
+    assert both.resolved(flags) == PoolSettings(5, 10.0, 0.03)
 
 
 def test_requests_no_route_takes_reach_the_bare_host(tmp_path: Path) -> None:
     """Without a catch-all route, a connection may take no route (the round
     robin over every endpoint): the rule's settings hold on every endpoint."""
     table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2))
-    both = PoolSettings(max_requests=5, idle_timeout=30.0, connect_timeout=0.03)
+    both = PoolSettings(5, 30.0, 0.03, or_flag=frozenset({"idle_timeout", "connect_timeout"}))
     assert table.pool_settings() == {V1A: RULE, V1B: RULE, V2: both}
 
 
@@ -294,9 +300,14 @@ def test_no_route_at_all_is_the_bare_host(tmp_path: Path) -> None:
     assert table.pool_settings() == {V1A: RULE, V1B: RULE, V2: RULE}
 
 
-def test_unlimited_counts_as_the_largest_and_a_set_value_beats_an_unset_one(
+def test_zero_requests_is_the_flag_s_and_a_destination_without_a_field_bounds_it_by_the_flag(
     tmp_path: Path,
 ) -> None:
+    """The rule's maxRequestsPerConnection 0 sets nothing (Istio's pilot
+    sets Envoy's only above 0), so v1's endpoints have no settings; v2's,
+    also reached through the host (the flags), have v2's or the flag's,
+    whichever is stricter: resolved with the flags, a looser flag gives
+    way, a stricter one wins, and unlimited (0) counts as the largest."""
     text = (
         DR_HEAD
         + """\
@@ -312,12 +323,10 @@ def test_unlimited_counts_as_the_largest_and_a_set_value_beats_an_unset_one(
 """
     )
     table = load(tmp_path, text + vs(JASON_TO_V2, TO_HOST))
-    unlimited = PoolSettings(max_requests=0)
-    assert table.pool_settings() == {
-        V1A: unlimited,
-        V1B: unlimited,
-        V2: PoolSettings(max_requests=7, idle_timeout=2.0),
-    }
+    v2 = PoolSettings(7, 2.0, or_flag=frozenset({"max_requests", "idle_timeout"}))
+    assert table.pool_settings() == {V2: v2}
+    assert v2.resolved(PoolSettings(0, 60.0, 10.0)) == PoolSettings(7, 2.0, 10.0)
+    assert v2.resolved(PoolSettings(3, 1.0, 10.0)) == PoolSettings(3, 1.0, 10.0)
 
 
 SHARED = """\
@@ -364,7 +373,8 @@ def test_an_endpoint_two_services_share_takes_the_strictest_whatever_the_file_or
     ab = load_rules([str(fa), str(fb)]).table
     ba = load_rules([str(fb), str(fa)]).table
     want = {
-        ("10.0.0.1", 8080): PoolSettings(max_requests=3, idle_timeout=10.0, connect_timeout=0.02),
+        # (a sets no connect timeout: 20ms, or the flag's if shorter)
+        ("10.0.0.1", 8080): PoolSettings(3, 10.0, 0.02, or_flag=frozenset({"connect_timeout"})),
         ("10.0.0.2", 8080): PoolSettings(max_requests=3, idle_timeout=10.0),
         ("10.0.0.3", 8080): PoolSettings(max_requests=7, idle_timeout=20.0, connect_timeout=0.02),
     }
@@ -529,3 +539,27 @@ spec:
     state = NameState("web.example.com", ("192.0.2.1", "192.0.2.2"), resolved=True)
     table = resolved_table(base, {"web.example.com": state})
     assert table.pool_settings() == {("192.0.2.1", 80): five, ("192.0.2.2", 80): five}
+
+
+def test_a_looser_rule_does_not_loosen_another_service_s_traffic(tmp_path: Path) -> None:
+    """a's rule is looser than the flags (an hour idle); b has no rule and
+    shares 10.0.0.1 with a: through b that endpoint's connections have the
+    flags, so the shared endpoint has a's hour or the flag's, whichever is
+    shorter, while a's own endpoint has a's hour."""
+    a = SHARED.format(
+        name="a", own="10.0.0.2", pool="      http: {maxRequestsPerConnection: 0, idleTimeout: 1h}"
+    )
+    b = SHARED.format(name="b", own="10.0.0.3", pool="      http: {}").replace(
+        "  trafficPolicy:\n    connectionPool:\n      http: {}\n", ""
+    )
+    fa, fb = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    fa.write_text(a)
+    fb.write_text(b)
+    table = load_rules([str(fa), str(fb)]).table
+    shared = PoolSettings(idle_timeout=3600.0, or_flag=frozenset({"idle_timeout"}))
+    own = PoolSettings(idle_timeout=3600.0)
+    assert table.pool_settings() == {("10.0.0.1", 8080): shared, ("10.0.0.2", 8080): own}
+    flags = PoolSettings(max_requests=100, idle_timeout=30.0, connect_timeout=10.0)
+    assert shared.resolved(flags) == flags
+    assert own.resolved(flags) == PoolSettings(100, 3600.0, 10.0)
+    assert table.to_json()["connection_pools"]["10.0.0.1:8080"]["or_flag"] == ["idle_timeout"]

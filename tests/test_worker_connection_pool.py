@@ -169,3 +169,31 @@ def test_a_reload_changes_the_pool_settings(
     finally:
         up.close()
     assert accepted == [1, 3, 1], accepted
+
+
+def test_connection_mode_warns_of_what_the_rules_set_not_of_the_flags(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--http-routing connection with --pool-max-requests 5: a rule that
+    sets only tcp.connectTimeout (applied there) is no warning, whatever
+    the flags; one that sets http.idleTimeout equal to the flag's is."""
+    from l4proxy.dataplane._pool_py import PoolOptions
+
+    rules = tmp_path / "rules.yaml"
+    warned: list[list[str]] = []
+    flags = PoolOptions(idle_timeout=60.0, max_requests=5)
+    for pool in ({"tcp__connectTimeout": "250ms"}, {"http__idleTimeout": "60s"}):
+        rules.write_text(gateway_service(9) + _pool_rule(**pool))
+        caplog.clear()
+
+        async def main() -> None:
+            async with gateway_worker(rules, http_routing="connection", pool=flags):
+                pass
+
+        with caplog.at_level("WARNING", logger="l4proxy.worker"):
+            asyncio.run(main())
+        warned.append(
+            [r.getMessage() for r in caplog.records if "connectionPool" in r.getMessage()]
+        )
+    assert warned[0] == []
+    assert len(warned[1]) == 1 and "127.0.0.1:9" in warned[1][0], warned

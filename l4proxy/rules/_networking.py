@@ -695,8 +695,9 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
     """trafficPolicy.connectionPool → its settings (those not given: None);
     None after an error.
 
-    Honoured: ``http.maxRequestsPerConnection`` (0, Istio's default:
-    unlimited; at most 2^29, as Istio), ``http.idleTimeout`` and
+    Honoured: ``http.maxRequestsPerConnection`` (at most 2^29, as Istio;
+    0, Istio's default, is not set, as in Istio's pilot, which sets Envoy's
+    only when above 0: the sidecar's flag then), ``http.idleTimeout`` and
     ``tcp.connectTimeout`` (Istio's durations, at least 1ms, whole
     milliseconds, as Istio's validation). ``http.h2UpgradePolicy`` DEFAULT
     and DO_NOT_UPGRADE are accepted and do nothing (the sidecar speaks
@@ -766,7 +767,7 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
                 ok = False
     if not ok:
         return None
-    return PoolSettings(max_requests, idle, connect)
+    return PoolSettings(max_requests or None, idle, connect)
 
 
 # -- ServiceEntry ------------------------------------------------------------

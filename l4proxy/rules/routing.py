@@ -43,6 +43,8 @@ Decisions are synchronous and never block; a table is used by one event loop.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -470,6 +472,10 @@ class PoolSettings:
     max_requests: int | None = None
     idle_timeout: float | None = None
     connect_timeout: float | None = None
+    # pool_settings()' per endpoint only: the fields that a destination
+    # without them also reaches the endpoint with, whose value is therefore
+    # this one or the sidecar's flag, whichever is the stricter
+    or_flag: frozenset[str] = frozenset()
 
     @property
     def is_set(self) -> bool:
@@ -495,11 +501,37 @@ class PoolSettings:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_requests_per_connection": self.max_requests,
             "idle_timeout": self.idle_timeout,
             "connect_timeout": self.connect_timeout,
         }
+        if self.or_flag:  # (JSON names, as above)
+            out["or_flag"] = sorted(_POOL_JSON_NAMES[f] for f in self.or_flag)
+        return out
+
+    def resolved(self, flags: PoolSettings) -> PoolSettings:
+        """With the sidecar's *flags* (every field set) for what is not set,
+        and the stricter of this and the flag where :attr:`or_flag` says so:
+        what the endpoint's connections use."""
+        out = []
+        for name in POOL_FIELDS:
+            mine, flag = getattr(self, name), getattr(flags, name)
+            if mine is None:
+                out.append(flag)
+            elif name in self.or_flag:
+                out.append(getattr(PoolSettings(**{name: mine}).strictest(flags), name))
+            else:
+                out.append(mine)
+        return PoolSettings(*out)
+
+
+POOL_FIELDS: Final = ("max_requests", "idle_timeout", "connect_timeout")
+_POOL_JSON_NAMES: Final = {
+    "max_requests": "max_requests_per_connection",
+    "idle_timeout": "idle_timeout",
+    "connect_timeout": "connect_timeout",
+}
 
 
 NO_POOL_SETTINGS: Final = PoolSettings()
@@ -955,7 +987,11 @@ class RouteTable:
 
         The upstream pools are per endpoint, not per Envoy cluster (host and
         subset), so an endpoint takes the settings of every destination that
-        can reach it, merged by :meth:`PoolSettings.strictest`: each route
+        can reach it, merged by :meth:`PoolSettings.strictest`, a field that
+        some of them leave unset (the sidecar's flag there) named in
+        ``or_flag`` (:meth:`PoolSettings.resolved` takes the stricter of it
+        and the flag); an endpoint that none sets anything for is left out.
+        The destinations: each route
         destination's subset (``Subset.pool``: the DestinationRule subset's
         own ``connectionPool``, which replaces the rule's as a whole, else
         the rule's), over the endpoints of that subset on the destination's
@@ -972,20 +1008,17 @@ class RouteTable:
         return dict(self._endpoint_pools)
 
     def _compute_pool_settings(self) -> dict[tuple[str, int], PoolSettings]:
-        out: dict[tuple[str, int], PoolSettings] = {}
+        # every destination's settings over the endpoints it reaches, unset
+        # ones too: a destination without a field reaches the endpoint with
+        # the sidecar's flag, which the merge must not forget
+        reach: dict[tuple[str, int], list[PoolSettings]] = {}
 
         def add(eps: Iterable[Endpoint], settings: PoolSettings) -> None:
-            if not settings.is_set:
-                return
             for ep in eps:
-                key = (ep.address, ep.port)
-                got = out.get(key)
-                out[key] = settings if got is None else got.strictest(settings)
+                reach.setdefault((ep.address, ep.port), []).append(settings)
 
         for svc in self._services.values():
-            host_pool = self._pools.get(svc.host)
-            if host_pool is None:
-                continue
+            host_pool = self._pools.get(svc.host, NO_POOL_SETTINGS)
             for number, eps in svc.port_endpoints:
                 if not self._takes_every_connection(svc, number):
                     add(eps, host_pool)
@@ -993,7 +1026,7 @@ class RouteTable:
             for route in routes:
                 for dest in route.destinations:
                     target = self._services.get(dest.host)
-                    if target is None or not dest.subset.pool.is_set:
+                    if target is None:
                         continue
                     for number, eps in target.port_endpoints:
                         if dest.port is None or dest.port == number:
@@ -1001,6 +1034,18 @@ class RouteTable:
                                 (e for e in eps if dest.subset.labels.selects(e.labels)),
                                 dest.subset.pool,
                             )
+        out: dict[tuple[str, int], PoolSettings] = {}
+        for key, settings in reach.items():
+            if not any(s.is_set for s in settings):
+                continue
+            merged = functools.reduce(PoolSettings.strictest, settings)
+            bound = frozenset(
+                name
+                for name in POOL_FIELDS
+                if getattr(merged, name) is not None
+                and any(getattr(s, name) is None for s in settings)
+            )
+            out[key] = dataclasses.replace(merged, or_flag=bound)
         return dict(sorted(out.items()))
 
     def _takes_every_connection(self, service: Service, port: int) -> bool:

@@ -213,8 +213,11 @@ def _fires(rt: dict[str, Any]) -> bool:
 
 def _pool(cp: dict[str, Any]) -> str:
     """Connection pool settings (``PoolSettings.to_json()``) in words; what
-    is not said is the sidecar's flag."""
+    is not said is the sidecar's flag, and a value another destination
+    reaches the endpoint without (``or_flag``) is the stricter of it and
+    the flag."""
     said = []
+    bound = set(cp.get("or_flag", ()))
     n = cp.get("max_requests_per_connection")
     if n is not None:
         said.append(
@@ -222,10 +225,13 @@ def _pool(cp: dict[str, Any]) -> str:
             if n == 0
             else f"{n} request{'s' if n != 1 else ''} per connection"
         )
-    if cp.get("idle_timeout") is not None:
-        said.append(f"idle timeout {_duration(cp['idle_timeout'])}")
-    if cp.get("connect_timeout") is not None:
-        said.append(f"connect timeout {_duration(cp['connect_timeout'])}")
+        if "max_requests_per_connection" in bound:
+            said[-1] += " (or the flag's, if fewer)"
+    for name in ("idle_timeout", "connect_timeout"):
+        if cp.get(name) is not None:
+            said.append(f"{name.replace('_', ' ')} {_duration(cp[name])}")
+            if name in bound:
+                said[-1] += " (or the flag's, if shorter)"
     return ", ".join(said) or "the sidecar's flags"
 
 

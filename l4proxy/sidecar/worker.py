@@ -90,6 +90,7 @@ from l4proxy.rules.routing import (
     Decision,
     Endpoint,
     HttpRetry,
+    PoolSettings,
     Request,
     RequestShape,
     RequestTest,
@@ -260,6 +261,12 @@ class Worker:
         # The table whose key headers the compiled relay keys its cache by
         # (see _table_published); a verdict from any other is not cached.
         self._relay_table: RouteTable | None = rules.state.table
+        # a DestinationRule's connectionPool: the relay's per-endpoint pool and
+        # connect timeout, and the connect timeout of the connections Python
+        # makes (TCP ports, the L4 path); told before _table_published lets
+        # the relay ask for verdicts of the new table
+        self._connect_timeouts: dict[tuple[str, int], float] = {}
+        rules.on_publish.append(self._apply_pool_settings)
         if options.http_routing == "request":
             compiled: dict[str, Any] = {}
             if http_relay.IMPLEMENTATION == "compiled":
@@ -303,11 +310,6 @@ class Worker:
             # a field never silently ignored: this mode cannot time a request
             rules.on_publish.append(_warn_ignored_timeouts)
             _warn_ignored_timeouts(rules.state.table)
-        # a DestinationRule's connectionPool: the relay's per-endpoint pool and
-        # connect timeout, and the connect timeout of the connections Python
-        # makes (TCP ports, the L4 path)
-        self._connect_timeouts: dict[tuple[str, int], float] = {}
-        rules.on_publish.append(self._apply_pool_settings)
         self._apply_pool_settings(rules.state.table)
 
     # -- lifecycle ---------------------------------------------------------
@@ -1028,23 +1030,28 @@ class Worker:
         """A new table is live (loop): each endpoint's connectionPool settings
         (a DestinationRule's), what a rule leaves unset being the flags'."""
         pool = self.opts.pool
-        settings = {
-            ep: EndpointSettings(
-                pool.max_requests if s.max_requests is None else s.max_requests,
-                pool.idle_timeout if s.idle_timeout is None else s.idle_timeout,
-                self.opts.connect_timeout if s.connect_timeout is None else s.connect_timeout,
-            )
-            for ep, s in table.pool_settings().items()
-        }
+        flags = PoolSettings(pool.max_requests, pool.idle_timeout, self.opts.connect_timeout)
+        by_rules = table.pool_settings()
+        settings: dict[tuple[str, int], EndpointSettings] = {}
+        for ep, s in by_rules.items():
+            r = s.resolved(flags)  # (every field set: the flags are)
+            assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
+            settings[ep] = EndpointSettings(r.max_requests, r.idle_timeout, r.connect_timeout)
         self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
         if self.relay is not None:
             self.relay.endpoint_settings(settings)
-        elif any(e.max_requests or e.idle_timeout != pool.idle_timeout for e in settings.values()):
+            return
+        unpooled = [
+            f"{host}:{port}"
+            for (host, port), s in by_rules.items()
+            if s.max_requests is not None or s.idle_timeout is not None
+        ]
+        if unpooled:
             log.warning(
                 "connectionPool http settings (maxRequestsPerConnection, idleTimeout) are not "
                 "applied with --http-routing connection, which pools no upstream connection "
                 "(only per request, the default; tcp.connectTimeout is): %s",
-                _first_five([f"{host}:{port}" for host, port in settings]),
+                _first_five(unpooled),
             )
 
     def _table_published(self, table: RouteTable) -> None:
