@@ -563,3 +563,13 @@ def test_a_looser_rule_does_not_loosen_another_service_s_traffic(tmp_path: Path)
     assert shared.resolved(flags) == flags
     assert own.resolved(flags) == PoolSettings(100, 3600.0, 10.0)
     assert table.to_json()["connection_pools"]["10.0.0.1:8080"]["or_flag"] == ["idle_timeout"]
+
+
+def test_a_retry_budget_is_refused_by_name(tmp_path: Path) -> None:
+    """Newer Istio's trafficPolicy.retryBudget: not an unknown field (a
+    typo), but one the sidecar does not implement, with its line."""
+    errs = errors_of(tmp_path, DR_HEAD + "  trafficPolicy:\n    retryBudget: {percent: 20}\n")
+    assert [(e.line, e.message.split(" ", 1)[0]) for e in errs] == [
+        (7, "spec.trafficPolicy.retryBudget")
+    ]
+    assert "not implemented" in errs[0].message and "attempts" in errs[0].message

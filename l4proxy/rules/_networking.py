@@ -623,11 +623,14 @@ def _traffic_policy(
         path,
         allowed=("loadBalancer", "connectionPool"),
         unimplemented={
-            "outlierDetection": "the sidecar ejects endpoints that fail to connect by itself",
+            "outlierDetection": "the sidecar's own outlier detection is always on: an "
+            "endpoint with 3 gateway failures in a row (failed connects, responses that "
+            "fail) is ejected for l4proxy run --ejection-time",
             "tls": "",
             "portLevelSettings": "",
             "tunnel": "",
             "proxyProtocol": "",
+            "retryBudget": "a route's retries are bounded by its own attempts",
         },
     )
     if tp is None:
