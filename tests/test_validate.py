@@ -294,6 +294,8 @@ def test_example_rules_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = validate(capsys, "-v", EXAMPLES)
     assert code == 0, err
     assert "1. bootcamp-default/tester: header x-tester exact 'yes'" in out
+    # the example's connectionPool: the service's line, its 3 endpoints, 3 destinations
+    assert out.count("pool: 1000 requests per connection, idle timeout 30 s") == 1 + 3 + 3
 
 
 def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
