@@ -136,10 +136,36 @@ def _stat_events(perf: str) -> list[str]:
     return ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in SYSCALLS if s in have]
 
 
-def _attach(argv: list[str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class PerfError(RuntimeError):
+    pass
+
+
+def _attach(argv: list[str], log: str) -> subprocess.Popen[bytes]:
+    """perf *argv* started, attached (its stderr in *log*); PerfError with
+    what it said if it is gone already (an event it may not open)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
     time.sleep(0.5)  # attached (the proxy is idle meanwhile: no samples, no calls)
+    if proc.poll() is not None:
+        with open(log, errors="replace") as f:
+            raise PerfError(f"{' '.join(argv[:2])} exited {proc.returncode}: {f.read()[-2000:]}")
     return proc
+
+
+def check_perf(perf: str) -> str | None:
+    """Why perf cannot sample here (None: it can): cpu-clock at FREQUENCY
+    exactly (--strict-freq: a kernel that lowers the rate would make every
+    figure too low), and the syscall tracepoints."""
+    for argv in (
+        [perf, "record", "-q", "--strict-freq", "-F", str(FREQUENCY), "-e", "cpu-clock"],
+        [perf, "stat", "-x,", "-e", ",".join(_stat_events(perf))],
+    ):
+        done = subprocess.run(
+            [*argv, "-o", os.devnull, "--", "true"], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            return f"{' '.join(argv[:2])} fails here: {done.stderr.strip()[-1000:]}"
+    return None
 
 
 def _detach(proc: subprocess.Popen[bytes]) -> None:
@@ -163,9 +189,8 @@ def measure(
         argv = wrk.command(target.url, connections, seconds, threads=threads)
         return wrk.run(argv, target.launcher)
 
-    record = _attach(
-        [perf, "record", "-q", "-F", str(FREQUENCY), "-e", "cpu-clock", "-o", data, "-p", pid_list]
-    )
+    sample = ["record", "-q", "--strict-freq", "-F", str(FREQUENCY), "-e", "cpu-clock"]
+    record = _attach([perf, *sample, "-o", data, "-p", pid_list], data + ".log")
     before = sleeps_of(pids)
     try:
         result = load(duration)
@@ -173,7 +198,9 @@ def measure(
         after = sleeps_of(pids)
         _detach(record)
     events = ",".join(_stat_events(perf))
-    stat = _attach([perf, "stat", "-x,", "-o", stat_out, "-e", events, "-p", pid_list])
+    stat = _attach(
+        [perf, "stat", "-x,", "-o", stat_out, "-e", events, "-p", pid_list], stat_out + ".log"
+    )
     try:
         counted = load(max(1.0, duration / 2))
     finally:
@@ -186,14 +213,15 @@ def measure(
     )
     with open(stat_out) as f:
         calls = parse_stat(f.read())
-    # calls per request of the counted run, scaled to the sampled run's requests
-    scale = result.requests / counted.requests if counted.requests else 0.0
+    # calls per request of the counted run, scaled to the sampled run's
+    # requests (none counted: no figure rather than a wrong 0)
+    scale = result.requests / counted.requests if counted.requests else math.nan
     return Split(
         target.peer,
         requests=result.requests,
-        seconds=duration,
+        seconds=result.duration_s,
         samples=parse_report(done.stdout),
-        syscalls={name: round(n * scale) for name, n in calls.items()},
+        syscalls={} if math.isnan(scale) else {n: round(c * scale) for n, c in calls.items()},
         sleeps=after - before,
     )
 
@@ -206,10 +234,11 @@ def report(splits: Sequence[Split], top: int = 25) -> str:
     ]
     for s in splits:
         k, u = s.space_us("k"), s.space_us("u")
-        calls = s.per_request(s.syscalls.get("all", 0))
         rate = s.requests / s.seconds if s.seconds else math.nan
+        share = k / (k + u) * 100 if k + u else math.nan  # (no samples: perf saw nothing)
+        calls = s.per_request(s.syscalls["all"]) if "all" in s.syscalls else math.nan
         lines.append(
-            f"{s.peer:18s} {rate:8.0f} {k + u:7.2f} {k:7.2f} {u:6.2f} {k / (k + u) * 100:7.1f}%"
+            f"{s.peer:18s} {rate:8.0f} {k + u:7.2f} {k:7.2f} {u:6.2f} {share:7.1f}%"
             f" {calls:8.2f} {s.per_request(s.sleeps):7.3f}"
         )
     lines += ["", "µs per request, run by run (the spread is the noise):"]
@@ -294,14 +323,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if perf is None or shutil.which("wrk") is None:
         print("error: perf and wrk are needed (apt-get install linux-perf wrk)", file=sys.stderr)
         return 2
+    if args.rounds < 1 or args.duration < 1:
+        print("error: --rounds and --duration must be at least 1", file=sys.stderr)
+        return 2
+    why = check_perf(perf)
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the bed
     runs: list[Split] = []
+    failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="l4proxy-kernel-") as scratch:
         workdir = args.keep or scratch
         os.makedirs(workdir, exist_ok=True)
         with LoopbackBed(os.path.join(workdir, "bed"), args.backend_workers) as bed:
             targets = bed.start(selected)
+            failures = dict(bed.failures)
             if not targets:
-                print(f"error: no peer started: {bed.failures}", file=sys.stderr)
+                print(f"error: no peer started: {failures}", file=sys.stderr)
                 return 1
             if pins is not None:
                 proxy, load = pins
@@ -313,11 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for t in targets if r % 2 == 0 else targets[::-1]:
                     wrk.run(wrk.command(t.url, args.connections, 1.0), t.launcher)  # warm
                     print(f"round {r + 1}: {t.peer} ...", file=sys.stderr, flush=True)
-                    runs.append(
-                        measure(perf, t, args.duration, args.connections, args.threads, workdir)
-                    )
+                    try:
+                        runs.append(
+                            measure(perf, t, args.duration, args.connections, args.threads, workdir)
+                        )
+                    except PerfError as exc:
+                        print(f"error: {t.peer}: {exc}", file=sys.stderr)
+                        return 1
     print(report(by_peer(runs), args.top), end="")
-    return 0 if all(r.requests for r in runs) else 1
+    for peer, why in failures.items():
+        print(f"not measured: {peer}: {why}")
+    return 0 if all(r.requests for r in runs) and not failures else 1
 
 
 if __name__ == "__main__":

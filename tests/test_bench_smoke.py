@@ -420,6 +420,9 @@ def test_kernel_split_parsed_and_compared() -> None:
     assert "-40.000  40.000  0.000  [u] run_tasks_from_lists" in text
     assert "-20.000  100.000 80.000  [k] tcp_ack" in text
     assert "haproxy            160.40" in text  # its one run
+    # a run perf saw nothing of, its calls not counted: no figure, not a crash
+    empty = kernel.report([kernel.Split("l4proxy-request", 1000, 5.0, {}, {})])
+    assert "l4proxy-request         200    0.00    0.00   0.00     nan%      nan" in empty
 
 
 @pytest.mark.skipif(

@@ -151,6 +151,16 @@ def _labels_file(path: str) -> dict[str, str]:
     return out
 
 
+def _requests_per_connection(value: str) -> int:
+    """--pool-max-requests: a count the compiled relay's int holds."""
+    from l4proxy.dataplane._pool_py import MAX_REQUESTS_LIMIT
+
+    n = count(value)
+    if n > MAX_REQUESTS_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value!r}: at most {MAX_REQUESTS_LIMIT} (0: no limit)")
+    return n
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "run",
@@ -303,7 +313,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pool-max-requests",
-        type=count,
+        type=_requests_per_connection,
         default=0,
         metavar="N",
         help="--http-routing request: close an upstream connection after N requests "

@@ -97,6 +97,7 @@ from l4proxy.rules.routing import (
     RouteTable,
     Service,
     ServicePort,
+    endpoint_name,
 )
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.stats import Counters, LockedCounters
@@ -1042,7 +1043,7 @@ class Worker:
             self.relay.endpoint_settings(settings)
             return
         unpooled = [
-            f"{host}:{port}"
+            endpoint_name(host, port)
             for (host, port), s in by_rules.items()
             if s.max_requests is not None or s.idle_timeout is not None
         ]
