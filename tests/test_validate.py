@@ -59,7 +59,8 @@ def test_verbose_prints_notes_and_the_route_table(capsys: pytest.CaptureFixture[
     assert "      198.18.0.13:8080  app=bootcamp,version=v2" in out
     assert "      1. bootcamp-default: any request" in out
     assert "50%  bootcamp.default.svc.cluster.local subset v1 (version=v1; ROUND_ROBIN)" in out
-    assert "otherwise: round robin over all endpoints" in out
+    # the rule has no match: it takes every request, none is left to the round robin
+    assert "otherwise: nothing (a route takes every request)" in out
 
 
 def test_verbose_says_what_a_request_no_route_matches_gets(
@@ -294,6 +295,8 @@ def test_example_rules_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = validate(capsys, "-v", EXAMPLES)
     assert code == 0, err
     assert "1. bootcamp-default/tester: header x-tester exact 'yes'" in out
+    # its last route matches anything: no request is left over
+    assert "      otherwise: nothing (a route takes every request)\n" in out
     # the example's connectionPool: the service's line, its 3 endpoints, 3 destinations
     assert out.count("pool: 1000 requests per connection, idle timeout 30 s") == 1 + 3 + 3
 

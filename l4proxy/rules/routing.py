@@ -1460,6 +1460,18 @@ class RouteTable:
                 for host in sorted(self._unmatched)
                 if (svc := self._services.get(host)) is not None
             },
+            # the ports of each routed host where some route takes every
+            # request and connection: nothing is left to "otherwise" there
+            "caught": {
+                host: caught
+                for host in sorted(self._routes)
+                if (svc := self._services.get(host)) is not None
+                and (
+                    caught := [
+                        p.number for p in svc.ports if self._takes_every_connection(svc, p.number)
+                    ]
+                )
+            },
             "ingress": [p.to_json() for p in self._ingress],
             # per endpoint, what its upstream connections use (pool_settings)
             "connection_pools": {

@@ -268,18 +268,32 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
     return lines
 
 
-def _otherwise(service: dict[str, Any], refusing: list[int] | None) -> str:
+def _otherwise(
+    service: dict[str, Any], refusing: list[int] | None, caught: list[int] | None = None
+) -> str:
     """What a request no route matches gets: 404 on the ports of a
     VirtualService's or HTTPRoute's host that its routes serve, else the
-    round robin (RouteRule; the ports no route names)."""
+    round robin (RouteRule; the ports no route names); nothing on the
+    ports where a route takes every request (*caught*)."""
     rr = "round robin over all endpoints (route 'default')"
-    if not refusing:
-        return f"      otherwise: {rr}"
     ports = [p["number"] for p in service["ports"]]
-    if refusing == ports:
+    left = [p for p in ports if p not in (caught or ())]
+    if not left:
+        return "      otherwise: nothing (a route takes every request)"
+    refusing = [p for p in refusing or () if p in left]
+    if not refusing:
+        if len(left) == len(ports):
+            return f"      otherwise: {rr}"
+        return f"      otherwise: on {_ports(left)} {rr}"
+    if refusing == left and len(left) == len(ports):
         return "      otherwise: 404 (no route matched)"
-    on = ("port " if len(refusing) == 1 else "ports ") + ", ".join(str(p) for p in refusing)
-    return f"      otherwise: 404 on {on} (no route matched); on other ports {rr}"
+    rest = [p for p in left if p not in refusing]
+    said = f"      otherwise: 404 on {_ports(refusing)} (no route matched)"
+    return said + (f"; on {_ports(rest)} {rr}" if rest else "")
+
+
+def _ports(numbers: list[int]) -> str:
+    return ("port " if len(numbers) == 1 else "ports ") + ", ".join(str(p) for p in numbers)
 
 
 def format_table(t: dict[str, Any]) -> str:
@@ -317,7 +331,11 @@ def format_table(t: dict[str, Any]) -> str:
         if routes:
             lines.append("    routes, first match wins:")
             lines.extend(_format_routes(routes, "      "))
-            lines.append(_otherwise(s, t.get("unmatched", {}).get(s["host"])))
+            lines.append(
+                _otherwise(
+                    s, t.get("unmatched", {}).get(s["host"]), t.get("caught", {}).get(s["host"])
+                )
+            )
         else:
             lines.append("    no routes: round robin over all endpoints (route 'default')")
     orphans = {h: r for h, r in t["routes"].items() if h not in known}
