@@ -73,12 +73,26 @@ def _full_log(mesh: Mesh) -> str:
         return f.read()
 
 
+POOL_RULE = """---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: bootcamp}
+spec:
+  host: bootcamp
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: 1, idleTimeout: 100ms}
+      tcp: {connectTimeout: 2s}
+"""
+
+
 @pytest.mark.parametrize(
     "impl",
     ["compiled-uvloop", pytest.param("pure-asyncio", marks=pytest.mark.slow)],
 )
 def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routing: str) -> None:
-    """all-v1 → 50-v2 → all-v2 → ... 100 times while two wrk run, one with
+    """all-v1 → 50-v2 → all-v2 (with a connection pool rule) → ... 100 times
+    while two wrk run, one with
     ``Connection: close`` (a decision per connection, in both modes) and one
     keep-alive (in request mode a decision per request on connections open
     across the swaps): zero socket errors, zero non-2xx. Each swap is waited
@@ -90,7 +104,14 @@ def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routi
         run_args=("--reload-interval", "0.05", *ROUTING_MODES[http_routing]),
     )
     assert mesh.sidecar is not None
-    rules = [route_rule({"v1": 50, "v2": 50}), route_rule({"v2": 100}), route_rule({"v1": 100})]
+    # the all-v2 generation also recycles every upstream connection after
+    # one request (a DestinationRule's connectionPool): the swaps change
+    # each endpoint's pool settings under load too, both ways
+    rules = [
+        route_rule({"v1": 50, "v2": 50}),
+        route_rule({"v2": 100}) + POOL_RULE,
+        route_rule({"v1": 100}),
+    ]
     wrks = [_wrk(mesh, 120, 10, close=True), _wrk(mesh, 120, 10, close=False)]
     time.sleep(0.5)
     loaded = _loaded_generations(mesh)
@@ -110,6 +131,8 @@ def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routi
         assert n["socket_errors"] == 0 and n["non_2xx"] == 0, out
         assert "Socket errors" not in out and "Non-2xx" not in out, out
     assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
+    if http_routing == "request":  # (the connection mode pools nothing)
+        assert mesh.sidecar.stat("l4proxy_upstream_pool_closed_max_requests_total") > 0
     assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 0
 
 
