@@ -405,6 +405,33 @@ def test_a_loader_bug_is_a_rejected_rule_set_not_the_workers_end(
     assert watcher.load_now() and watcher.state.last_error is None
 
 
+def test_a_publish_hook_that_fails_keeps_neither_the_others_nor_the_swap_from_happening(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's hooks each tell a part of the data plane of a new table
+    (the relay's verdicts and pools, the outlier state); one that raised (a
+    bug) stopped the ones after it: the relay kept serving stale verdicts.
+    Now each runs, the failure is logged naming the hook, and the load
+    counts as loaded."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(big_rules(1))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    told: list[int] = []
+
+    def broken(table: Any) -> None:
+        raise ValueError("a bug")
+
+    watcher.on_publish += [broken, lambda table: told.append(id(table))]
+    with caplog.at_level("ERROR", logger="l4proxy.rules"):
+        assert watcher.load_now()
+        rules.write_text(big_rules(2))
+        assert asyncio.run(watcher.reload())
+    assert len(told) == 2 and told[-1] == id(watcher.state.table)
+    assert watcher.state.generation == 2 and watcher.state.reload_failures == 0
+    failed = [r.getMessage() for r in caplog.records if "failed on the new table" in r.getMessage()]
+    assert len(failed) == 2 and "broken" in failed[0], failed
+
+
 def test_after_load_runs_after_every_reload_loaded_or_refused(tmp_path: Path) -> None:
     """The worker gives back what a parse freed (lean.give_back_memory) through
     after_load: after a load, after a refused file (its parse freed as much),

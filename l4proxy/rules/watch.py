@@ -608,7 +608,15 @@ class RuleWatcher:
             table.reseed(self.seed)
         self.state.table = table
         for hook in self.on_publish:
-            hook(table)
+            # each hook on its own: one that fails (a bug) must not keep the
+            # next from hearing of the table (the relay's stale verdicts,
+            # its pools, the outlier state), nor fail the swap itself
+            try:
+                hook(table)
+            except Exception:
+                log.exception(
+                    "rules: %s failed on the new table", getattr(hook, "__qualname__", hook)
+                )
 
     def request_reload(self) -> None:
         """SIGHUP: reload at once, whether or not the files changed."""
