@@ -173,8 +173,7 @@ class Pools:
         self.settings = dict(settings)
         out: list[Hashable] = []
         for key, ep in self._endpoints.items():
-            s = self.settings.get(key)
-            limit = self.options.max_requests if s is None else s.max_requests
+            limit = self._max_requests(key)
             if limit and any(i.requests >= limit for i in ep.idle):
                 out += [i.handle for i in ep.idle if i.requests >= limit]
                 ep.idle = [i for i in ep.idle if i.requests < limit]
@@ -182,6 +181,11 @@ class Pools:
             del self._where[h]
         self.counters["closed_max_requests"] += len(out)
         return out
+
+    def _max_requests(self, endpoint: Hashable) -> int:
+        """Requests a connection to *endpoint* carries (its own, else the options')."""
+        s = self.settings.get(endpoint)
+        return self.options.max_requests if s is None else s.max_requests
 
     def _counted(self, endpoint: Hashable, ep: _Endpoint, n: int) -> None:
         ep.active += n
@@ -246,8 +250,7 @@ class Pools:
         self._counted(endpoint, ep, -1)
         ep.out.discard(handle)
         o = self.options
-        s = self.settings.get(endpoint)
-        max_requests = o.max_requests if s is None else s.max_requests
+        max_requests = self._max_requests(endpoint)
         if not reusable:
             self._removed.discard(handle)
             self.counters["closed_unreusable"] += 1

@@ -71,6 +71,8 @@ from l4proxy.rules._objects import (
     ParentDraft,
     PolicyDraft,
     fqdn,
+    rule_pool,
+    subset_pool,
 )
 from l4proxy.rules._regex import RegexError, compile_regex
 from l4proxy.rules._schema import (
@@ -91,7 +93,6 @@ from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
     DEFAULT_RETRY_BACKOFF,
-    NO_POOL_SETTINGS,
     Destination,
     HttpRetry,
     IngressPath,
@@ -957,7 +958,7 @@ class Compiler:
                 b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
                 return False
             lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-            pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
+            pool = rule_pool(policy)
             return Destination(b.host, Subset(DEFAULT, Labels(), lb, pool), weight, b.port)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
@@ -986,12 +987,12 @@ class Compiler:
             return False
         policy = self.policies.get(svc.host)
         host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-        host_pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
+        host_pool = rule_pool(policy)
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == labels), None)
         if same is not None:
-            pool = host_pool if same.pool is None else same.pool  # (replaced whole)
+            pool = subset_pool(same, host_pool)
             subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool)
         else:
             subset = Subset(_subset_name(labels), labels, host_lb, host_pool)

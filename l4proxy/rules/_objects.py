@@ -13,7 +13,15 @@ from typing import Any, Literal
 
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import HttpRetry, IngressPath, Labels, Match, PoolSettings, Service
+from l4proxy.rules.routing import (
+    NO_POOL_SETTINGS,
+    HttpRetry,
+    IngressPath,
+    Labels,
+    Match,
+    PoolSettings,
+    Service,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,19 @@ class PolicyDraft:
     subsets: dict[str, SubsetDraft] = field(default_factory=dict)
     where: Where | None = None
     pool: PoolSettings | None = None  # trafficPolicy.connectionPool
+
+
+def rule_pool(policy: PolicyDraft | None) -> PoolSettings:
+    """The connection pool settings of a host's requests without a subset:
+    its DestinationRule's own (none: all unset)."""
+    return (policy.pool if policy else None) or NO_POOL_SETTINGS
+
+
+def subset_pool(sd: SubsetDraft, rule: PoolSettings) -> PoolSettings:
+    """A subset's connection pool settings: its own connectionPool, all of
+    it (what it leaves unset is not taken from the rule's: Istio's
+    MergeTrafficPolicy replaces the field whole), else the rule's."""
+    return rule if sd.pool is None else sd.pool
 
 
 @dataclass

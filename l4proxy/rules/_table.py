@@ -24,15 +24,14 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
-    SubsetDraft,
+    rule_pool,
+    subset_pool,
 )
 from l4proxy.rules._schema import Where
 from l4proxy.rules.routing import (
     DEFAULT,
-    NO_POOL_SETTINGS,
     Destination,
     Labels,
-    PoolSettings,
     Route,
     RouteTable,
     Service,
@@ -239,8 +238,7 @@ def _destination(
 ) -> Destination | None:
     policy = policies.get(dd.host)
     host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-    # a subset's connectionPool replaces the rule's whole (Istio's MergeTrafficPolicy)
-    host_pool = (policy.pool if policy else None) or NO_POOL_SETTINGS
+    host_pool = rule_pool(policy)
     svc = services.get(dd.host)
     subset: Subset
     if dd.subset is not None:
@@ -258,14 +256,14 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
-        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb, _pool(sd, host_pool))
+        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb, subset_pool(sd, host_pool))
     elif dd.labels:
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
         if same is not None:
             subset = Subset(
-                same.name, same.labels, same.load_balancer or host_lb, _pool(same, host_pool)
+                same.name, same.labels, same.load_balancer or host_lb, subset_pool(same, host_pool)
             )
         else:
             subset = Subset(subset_name(dd.labels), dd.labels, host_lb, host_pool)
@@ -286,12 +284,6 @@ def _destination(
         dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
         return None
     return Destination(dd.host, subset, dd.weight, dd.port)
-
-
-def _pool(sd: SubsetDraft, host_pool: PoolSettings) -> PoolSettings:
-    """A subset's connection pool settings: its own connectionPool (all of
-    it: what it leaves unset is not taken from the rule's), else the rule's."""
-    return host_pool if sd.pool is None else sd.pool
 
 
 def _check_port_required(

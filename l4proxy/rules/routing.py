@@ -501,12 +501,8 @@ class PoolSettings:
         )
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "max_requests_per_connection": self.max_requests,
-            "idle_timeout": self.idle_timeout,
-            "connect_timeout": self.connect_timeout,
-        }
-        if self.or_flag:  # (JSON names, as above)
+        out: dict[str, Any] = {_POOL_JSON_NAMES[n]: getattr(self, n) for n in POOL_FIELDS}
+        if self.or_flag:
             out["or_flag"] = sorted(_POOL_JSON_NAMES[f] for f in self.or_flag)
         return out
 
