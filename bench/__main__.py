@@ -148,26 +148,6 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the beds' cleanup
 
 
-def _pin(
-    targets: list[Target], beds: list[Bed], proxy: frozenset[int], load: frozenset[int]
-) -> None:
-    """--pin: the proxies (not ``direct``, which is the backends) on *proxy*,
-    every other process of the beds and every wrk on *load*."""
-    from bench import pin
-
-    mine = {id(t.process) for t in targets if t.peer != "direct"}
-    for t in targets:
-        if t.peer != "direct":
-            pin.pin_tree(t.process.pids(), proxy)
-        t.launcher = pin.pinned(t.launcher, load)
-    for bed in beds:
-        for proc in bed.processes:
-            if id(proc) not in mine:
-                pin.pin_tree(proc.pids(), load)
-    say = f"bench: pinned: proxies on cpus {sorted(proxy)}, load on {sorted(load)}"
-    print(say, file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.no_install:
@@ -238,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("bench: nothing to measure", file=sys.stderr)
             return 1
         if pins is not None:
-            _pin(targets, beds, *pins)
+            from bench import pin
+
+            pin.pin_beds(targets, beds, *pins)
         print(
             "bench: targets: "
             + ", ".join(f"{t.name} ({t.notes.get('versions', '?')})" for t in targets),

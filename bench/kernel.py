@@ -343,11 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: no peer started: {failures}", file=sys.stderr)
                 return 1
             if pins is not None:
-                proxy, load = pins
-                for t in targets:
-                    pin.pin_tree(t.process.pids(), proxy)
-                    t.launcher = pin.pinned(t.launcher, load)
-                pin.pin_tree(bed.nginx.pids(), load)
+                pin.pin_beds(targets, [bed], *pins)
             for r in range(args.rounds):
                 for t in targets if r % 2 == 0 else targets[::-1]:
                     wrk.run(wrk.command(t.url, args.connections, 1.0), t.launcher)  # warm

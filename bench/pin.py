@@ -11,9 +11,14 @@ Threads a process starts later inherit its affinity.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bench.process import Launcher
+
+if TYPE_CHECKING:
+    from bench.scenarios import Bed, Target
 
 
 class PinError(ValueError):
@@ -74,3 +79,21 @@ def pinned(launcher: Launcher, cpus: frozenset[int]) -> Launcher:
         return ["taskset", "-c", mask, *launcher(argv)]
 
     return launch
+
+
+def pin_beds(
+    targets: Sequence[Target], beds: Sequence[Bed], proxy: frozenset[int], load: frozenset[int]
+) -> None:
+    """--pin: the proxies (not ``direct``, which is the backends) on *proxy*,
+    every other process of the beds and every wrk on *load*."""
+    mine = {id(t.process) for t in targets if t.peer != "direct"}
+    for t in targets:
+        if t.peer != "direct":
+            pin_tree(t.process.pids(), proxy)
+        t.launcher = pinned(t.launcher, load)
+    for bed in beds:
+        for proc in bed.processes:
+            if id(proc) not in mine:
+                pin_tree(proc.pids(), load)
+    say = f"bench: pinned: proxies on cpus {sorted(proxy)}, load on {sorted(load)}"
+    print(say, file=sys.stderr)
