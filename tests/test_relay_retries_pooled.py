@@ -88,20 +88,25 @@ def _run(
     a_steps: list[Step],
     b_steps: list[Step],
     retry: RetryPolicy,
+    request: bytes = GET_X,
+    routing: Callable[[], None] | None = None,
+    a_script: list[Step] | None = None,
 ) -> tuple[bytes, Scripted, Scripted, dict[str, int], list[int]]:
-    """Warm A and B (a pooled connection each), then GET_X: its response,
-    the backends, the relay's stats and the statuses counted."""
-    a = Scripted([_answer(200, b"warm-a"), *a_steps])
+    """Warm A and B (a pooled connection each), then *request* (routed
+    through *routing*, the relay's decide hook): its response, the
+    backends, the relay's stats and the statuses counted. *a_script*: A's
+    whole script, its warm answer included, in place of *a_steps*'."""
+    a = Scripted(a_script if a_script is not None else [_answer(200, b"warm-a"), *a_steps])
     b = Scripted([_answer(200, b"warm-b"), *b_steps])
     counted = Counted()
-    relay = _two(mode, a, b, retry, counted)
+    relay = _two(mode, a, b, retry, counted, routing)
     try:
         c = _client(relay)
         for warm in (WARM_A, WARM_B):
             c.sendall(warm)
             assert _status(_response(c)) == 200
         assert (a.accepted, b.accepted) == (1, 1)
-        c.sendall(GET_X)
+        c.sendall(request)
         got = _response(c)
         stats = _closed_stats(c, relay)
     finally:
@@ -214,26 +219,19 @@ def test_a_post_that_never_left_is_not_sent_again_when_it_left_on_the_policy_s_t
             assert reset_done.wait(5)
             time.sleep(0.05)  # the RST is in the relay's socket
 
-    a = Scripted([warm_then_reset])
-    b = Scripted([_answer(200, b"warm-b"), _answer(503, b"no"), CLOSE])
-    counted = Counted()
     retry = policy(1, "retriable-status-codes", (503,), ignore_previous_hosts=False)
-    relay = _two(mode, a, b, retry, counted, routing)
-    try:
-        c = _client(relay)
-        for warm in (WARM_A, WARM_B):
-            c.sendall(warm)
-            assert _status(_response(c)) == 200
-        c.sendall(post)
-        got = _response(c)
-        stats = _closed_stats(c, relay)
-    finally:
-        relay.close()
-        a.close()
-        b.close()
+    got, a, b, stats, counted = _run(
+        mode,
+        [],
+        [_answer(503, b"no"), CLOSE],
+        retry,
+        request=post,
+        routing=routing,
+        a_script=[warm_then_reset],
+    )
     assert a.requests == [WARM_A], "the POST reached A: it left"
     assert b.requests == [WARM_B, post, post], "the POST went again after it left"
     assert _status(got) == 502, got
     assert (a.accepted, b.accepted) == (1, 2)  # B: the pooled one, the reused one's retry's
     assert stats["retries"] == 1, stats
-    assert sorted(s for s, _ in counted.rows) == [200, 200, 502]
+    assert sorted(counted) == [200, 200, 502]
