@@ -25,6 +25,7 @@ proxy sleeps between batches, and its sleeps are part of what is measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import math
 import os
@@ -47,6 +48,10 @@ FREQUENCY = 4999  # samples per second of a thread's CPU time (not a round numbe
 # other one lands in "other".
 SYSCALLS = ("recvfrom", "sendto", "read", "write", "epoll_wait", "epoll_pwait", "epoll_ctl")
 SYSCALLS += ("clock_gettime", "futex", "splice", "writev", "readv")
+
+# perf record's sampling: cpu-clock at exactly FREQUENCY (--strict-freq:
+# a kernel that lowered the rate would make every figure too low)
+_SAMPLE = ("record", "-q", "--strict-freq", "-F", str(FREQUENCY), "-e", "cpu-clock")
 
 _REPORT_ROW = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+\[(.)\]\s+(.+?)\s*$")
 
@@ -129,6 +134,7 @@ def sleeps_of(pids: Iterable[int]) -> int:
     return total
 
 
+@functools.cache
 def _stat_events(perf: str) -> list[str]:
     """The syscall tracepoints this kernel has (a kernel without one leaves it out)."""
     done = subprocess.run([perf, "list", "syscalls:sys_enter_*"], capture_output=True, text=True)
@@ -153,11 +159,10 @@ def _attach(argv: list[str], log: str) -> subprocess.Popen[bytes]:
 
 
 def check_perf(perf: str) -> str | None:
-    """Why perf cannot sample here (None: it can): cpu-clock at FREQUENCY
-    exactly (--strict-freq: a kernel that lowers the rate would make every
-    figure too low), and the syscall tracepoints."""
+    """Why perf cannot sample here (None: it can): _SAMPLE, and the
+    syscall tracepoints."""
     for argv in (
-        [perf, "record", "-q", "--strict-freq", "-F", str(FREQUENCY), "-e", "cpu-clock"],
+        [perf, *_SAMPLE],
         [perf, "stat", "-x,", "-e", ",".join(_stat_events(perf))],
     ):
         done = subprocess.run(
@@ -189,8 +194,7 @@ def measure(
         argv = wrk.command(target.url, connections, seconds, threads=threads)
         return wrk.run(argv, target.launcher)
 
-    sample = ["record", "-q", "--strict-freq", "-F", str(FREQUENCY), "-e", "cpu-clock"]
-    record = _attach([perf, *sample, "-o", data, "-p", pid_list], data + ".log")
+    record = _attach([perf, *_SAMPLE, "-o", data, "-p", pid_list], data + ".log")
     before = sleeps_of(pids)
     try:
         result = load(duration)
