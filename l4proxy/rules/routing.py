@@ -65,6 +65,7 @@ __all__ = [
     "IngressPath",
     "Labels",
     "Match",
+    "OutlierPolicy",
     "PoolSettings",
     "Request",
     "RequestShape",
@@ -533,6 +534,56 @@ _POOL_JSON_NAMES: Final = {
 NO_POOL_SETTINGS: Final = PoolSettings()
 
 
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """A DestinationRule's ``trafficPolicy.outlierDetection``, as the
+    sidecar applies it (``l4proxy/rules/health.py``). Each field has
+    Istio's (Envoy's) default, so ``OutlierPolicy()`` is what
+    ``outlierDetection: {}`` asks for.
+
+    * ``consecutive_5xx``: ``consecutive5xxErrors``; ejected after that many
+      5xx in a row (0: off). Counts the application's 5xx responses and,
+      unless ``split_local``, the proxy's own gateway failures (failed
+      connects, responses that fail) as Envoy counts them (503/504).
+    * ``consecutive_gateway``: ``consecutiveGatewayErrors``; the same for
+      502, 503 and 504 only (0: off, Istio's default). Another 5xx ends
+      its run, as in Envoy.
+    * ``split_local``: ``splitExternalLocalOriginErrors``; the proxy's own
+      failures then count only towards ``consecutive_local``
+      (``consecutiveLocalOriginFailures``, 0: off).
+    * ``interval``: seconds; a span the endpoint stays healthy after an
+      ejection takes one ejection off the multiplier (Envoy's sweep).
+    * ``base_ejection``: ``baseEjectionTime``, seconds; the n-th ejection
+      lasts n times as long, up to :attr:`max_ejection`.
+    * ``max_ejection_percent``: ``maxEjectionPercent`` (0 in the rule: unset,
+      10, as Istio); at least one endpoint may always be ejected.
+    * ``min_health_percent``: ``minHealthPercent``, the destination's panic
+      threshold: below that share of healthy endpoints it takes them all
+      (0, Istio's default: never; every endpoint ejected is 503 ``no
+      healthy upstream``).
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway: int = 0
+    split_local: bool = False
+    consecutive_local: int = 5
+    interval: float = 10.0
+    base_ejection: float = 30.0
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 0.0
+
+    @property
+    def max_ejection(self) -> float:
+        """Envoy's max_ejection_time default: 300 s, or the base if longer."""
+        return max(300.0, self.base_ejection)
+
+    @property
+    def counts_statuses(self) -> bool:
+        """Whether the application's 5xx responses count (the relay then
+        reports them: ``EndpointSettings.report_5xx``)."""
+        return self.consecutive_5xx > 0 or self.consecutive_gateway > 0
+
+
 def _smaller(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
@@ -551,6 +602,9 @@ class Subset:
     labels: Labels = NO_LABELS
     load_balancer: str = "ROUND_ROBIN"
     pool: PoolSettings = NO_POOL_SETTINGS
+    # its DestinationRule subset's outlierDetection, else the rule's own;
+    # None: none (the sidecar's own detection, see health.py)
+    outlier: OutlierPolicy | None = None
 
 
 @dataclass(frozen=True)
