@@ -1,4 +1,14 @@
-"""Endpoint health: passive outlier detection on gateway failures.
+"""Endpoint health: passive outlier detection.
+
+Two detections, per endpoint (``address, port``):
+
+* the sidecar's own, always on, on gateway failures only (below);
+* a DestinationRule's ``trafficPolicy.outlierDetection``
+  (:class:`~l4proxy.rules.routing.OutlierPolicy`, given per endpoint by
+  :meth:`EndpointHealth.configure`), which also counts the application's
+  5xx responses, as Istio's does (see "A DestinationRule's detection").
+
+The sidecar's own detection:
 
 An endpoint that fails ``consecutive_failures`` times in a row is ejected
 for ``base_ejection`` seconds times the number of times it has been ejected
@@ -76,6 +86,38 @@ Envoy's/Istio's 10: with the two or three pods a subset typically has here,
 unhealthy (panic mode), so ejection steers traffic but never empties a
 service.
 
+A DestinationRule's detection (``outlierDetection``; Istio's defaults in
+:class:`~l4proxy.rules.routing.OutlierPolicy`), where the table's
+``outlier_policies()`` names the endpoint (several rules reaching one pod:
+the most eager of each field), replaces the sidecar's for that endpoint:
+
+* ``consecutive5xxErrors`` (5; 0: off): a run of 5xx responses ends in an
+  ejection. The relay reports the application's 5xx responses of these
+  endpoints (``EndpointSettings.report_5xx``), each complete one, and each
+  try that the route's retry policy retried; the proxy's own gateway failures
+  count too, as the 503 (504) Envoy makes of them.
+* ``consecutiveGatewayErrors`` (0: off): the same for 502, 503 and 504, and
+  the proxy's own failures; another 5xx ends the run, as in Envoy.
+* ``splitExternalLocalOriginErrors``: the proxy's own failures count only
+  towards ``consecutiveLocalOriginFailures`` (5; 0: off); any response, 5xx
+  or not, ends that run (Envoy ends it at a connect, which a pooled relay
+  does not report).
+* a response below 500 ends every run;
+* ``baseEjectionTime`` (30 s) times the number of ejections, up to 300 s or
+  the base if longer (Envoy's ``max_ejection_time``); each ``interval`` (10
+  s) healthy after an ejection takes one off the multiplier;
+* ``maxEjectionPercent`` (10; at least one endpoint) of the service's
+  endpoints on that port, the *peers* below (Envoy's cluster is the subset:
+  here the bound is over the service's pods);
+* ``minHealthPercent`` (0) is the destination's panic threshold, applied by
+  the route table (``RouteTable.decide``): with 0, Istio's default, a
+  destination whose every endpoint is ejected answers 503 ``no healthy
+  upstream`` until one comes back; with the sidecar's own detection (or
+  above the threshold) it takes them all.
+
+Differences from Envoy: an ejection ends when its time is up, not at the next
+``interval`` sweep; there is no success-rate detection (Istio turns it off).
+
 State is keyed by ``(address, port)`` and survives rule reloads: a reload
 must not forget that a pod is down. It is per worker process. The worker
 drops the state of endpoints no table names any more (:meth:`retain`), or pod
@@ -86,9 +128,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from l4proxy.rules.routing import OutlierPolicy
+
+# Envoy counts the proxy's own failures as these statuses when local and
+# external errors are not split: a failed or reset connection 503, a timeout 504
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class _EndpointLike(Protocol):
@@ -98,16 +146,52 @@ class _EndpointLike(Protocol):
     def port(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Params:
+    """What one endpoint's detection uses: the sidecar's own (gateway
+    failures only) or a DestinationRule's (:class:`OutlierPolicy`)."""
+
+    consecutive_5xx: int  # 0: off
+    consecutive_gateway: int  # 0: off
+    consecutive_local: int  # split_local only; 0: off
+    split_local: bool
+    decay: float  # seconds healthy that take one ejection off
+    base_ejection: float
+    max_ejection: float
+    max_ejection_percent: float
+    source: str  # "sidecar" or "DestinationRule" (describe())
+
+    @classmethod
+    def of(cls, policy: OutlierPolicy) -> _Params:
+        return cls(
+            policy.consecutive_5xx,
+            policy.consecutive_gateway,
+            policy.consecutive_local,
+            policy.split_local,
+            policy.interval,
+            policy.base_ejection,
+            policy.max_ejection,
+            policy.max_ejection_percent,
+            "DestinationRule",
+        )
+
+
 @dataclass
 class _State:
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # the sidecar's gateway failures; a rule's 5xx
+    consecutive_gateway: int = 0  # a rule's consecutiveGatewayErrors run
+    consecutive_local: int = 0  # a rule's split local-origin run
     connect_failures: int = 0
     response_failures: int = 0
+    status_failures: int = 0  # 5xx responses counted (a rule's detection)
     successes: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
     last_error: str = ""
     ejections_suppressed: int = 0
+
+    def reset(self) -> None:
+        self.consecutive_failures = self.consecutive_gateway = self.consecutive_local = 0
 
 
 class EndpointHealth:
@@ -125,6 +209,34 @@ class EndpointHealth:
         self.max_ejection = max_ejection
         self._clock = clock
         self._states: dict[tuple[str, int], _State] = {}
+        self._sidecar = _Params(
+            0,
+            consecutive_failures,
+            0,
+            False,
+            base_ejection,
+            base_ejection,
+            max_ejection,
+            max_ejection_percent,
+            "sidecar",
+        )
+        self._params: dict[tuple[str, int], _Params] = {}
+        self._policies: dict[tuple[str, int], OutlierPolicy] = {}
+
+    def configure(self, policies: Mapping[tuple[str, int], OutlierPolicy]) -> None:
+        """The DestinationRules' ``outlierDetection`` per endpoint (address,
+        port), from the live table (``RouteTable.outlier_policies()``); every
+        other endpoint takes the sidecar's own detection. The endpoints'
+        counts and ejections are kept: a reload must not forget that a pod
+        is down, nor that it is failing."""
+        if dict(policies) == self._policies:
+            return
+        self._policies = dict(policies)
+        self._params = {key: _Params.of(p) for key, p in self._policies.items()}
+
+    def policy(self, ep: _EndpointLike) -> OutlierPolicy | None:
+        """The DestinationRule's detection *ep* takes (None: the sidecar's)."""
+        return self._policies.get((ep.address, ep.port))
 
     def _state(self, ep: _EndpointLike) -> _State:
         key = (ep.address, ep.port)
@@ -138,8 +250,10 @@ class EndpointHealth:
         return st is None or st.ejected_until <= self._clock()
 
     def success(self, ep: _EndpointLike) -> None:
+        """A complete response below 500 (per connection: a connect): every
+        run of failures ends."""
         st = self._state(ep)
-        st.consecutive_failures = 0
+        st.reset()
         st.successes += 1
 
     def failure(
@@ -149,7 +263,8 @@ class EndpointHealth:
         peers: Sequence[_EndpointLike] = (),
         kind: str = "connect",
     ) -> None:
-        """Count a gateway failure; eject after enough in a row, within the bound.
+        """Count a gateway failure, the proxy's own (a failed connect, a
+        response that failed); eject after enough in a row, within the bound.
 
         *peers*: the endpoints *ep* shares its service port with (itself
         included or not); empty means no bound is applied. *kind*:
@@ -162,27 +277,68 @@ class EndpointHealth:
         else:
             st.connect_failures += 1
         st.last_error = error
-        now = self._clock()
-        if st.ejected_until > now:
-            return  # ejected: not counted towards the next ejection
-        st.consecutive_failures += 1
-        if st.consecutive_failures < self.consecutive_failures:
+        p = self._params.get((ep.address, ep.port), self._sidecar)
+        if self._ejected(st):
             return
-        if not self._may_eject(ep, peers):
+        if p.split_local:  # a rule's: its own run, and no 5xx
+            st.consecutive_local += 1
+            tripped = 0 < p.consecutive_local <= st.consecutive_local
+        else:  # as Envoy's 503 (504 for a timeout): both runs
+            st.consecutive_failures += 1
+            st.consecutive_gateway += 1
+            tripped = self._tripped(st, p)
+        if tripped:
+            self._eject(ep, st, p, peers)
+
+    def status(self, ep: _EndpointLike, code: int, peers: Sequence[_EndpointLike] = ()) -> None:
+        """Count the application's 5xx response *code* (a DestinationRule's
+        detection only: the relay reports them for its endpoints)."""
+        st = self._state(ep)
+        st.status_failures += 1
+        st.last_error = f"upstream answered {code}"
+        p = self._params.get((ep.address, ep.port))
+        if p is None or self._ejected(st):
+            return
+        # a response: the connection worked (the split local run ends, as
+        # Envoy's ends at a connect)
+        st.consecutive_local = 0
+        st.consecutive_failures += 1
+        if code in _GATEWAY_STATUSES:
+            st.consecutive_gateway += 1
+        else:  # another 5xx ends the gateway run (Envoy)
+            st.consecutive_gateway = 0
+        if self._tripped(st, p):
+            self._eject(ep, st, p, peers)
+
+    @staticmethod
+    def _tripped(st: _State, p: _Params) -> bool:
+        return (0 < p.consecutive_5xx <= st.consecutive_failures) or (
+            0 < p.consecutive_gateway <= st.consecutive_gateway
+        )
+
+    def _ejected(self, st: _State) -> bool:
+        # ejected: failures are not counted towards the next ejection
+        return st.ejected_until > self._clock()
+
+    def _eject(
+        self, ep: _EndpointLike, st: _State, p: _Params, peers: Sequence[_EndpointLike]
+    ) -> None:
+        if not self._may_eject(ep, peers, p.max_ejection_percent):
             st.ejections_suppressed += 1
             return
-        if st.ejections and self.base_ejection > 0:  # healthy since the last one: decay
+        now = self._clock()
+        if st.ejections and p.decay > 0:  # healthy since the last one: decay
             healthy_for = now - st.ejected_until
-            st.ejections = max(0, st.ejections - int(healthy_for // self.base_ejection))
+            st.ejections = max(0, st.ejections - int(healthy_for // p.decay))
         # (counted no further than the maximum needs: after a very bad day
         # the decay takes at most max_ejection / base_ejection spans)
         most = 1
-        if self.base_ejection > 0:
-            most = max(1, math.ceil(self.max_ejection / self.base_ejection))
+        if p.base_ejection > 0:
+            most = max(1, math.ceil(p.max_ejection / p.base_ejection))
         st.ejections = min(st.ejections + 1, most)
-        duration = min(self.base_ejection * st.ejections, self.max_ejection)
+        duration = min(p.base_ejection * st.ejections, p.max_ejection)
         st.ejected_until = now + duration
-        st.consecutive_failures = 0
+        st.reset()
 
     def retain(self, endpoints: Iterable[_EndpointLike]) -> int:
         """Forget every endpoint but *endpoints* (those the live table names);
@@ -193,12 +349,12 @@ class EndpointHealth:
             del self._states[key]
         return len(gone)
 
-    def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike]) -> bool:
+    def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike], percent: float) -> bool:
         others = {(p.address, p.port) for p in peers} - {(ep.address, ep.port)}
         if not others:
             return True
         total = len(others) + 1
-        allowed = max(1, int(total * self.max_ejection_percent / 100))
+        allowed = max(1, int(total * percent / 100))
         ejected = sum(1 for a, p in others if not self._healthy_key((a, p)))
         return ejected + 1 <= allowed
 
@@ -207,16 +363,22 @@ class EndpointHealth:
         return st is None or st.ejected_until <= self._clock()
 
     def describe(self, ep: _EndpointLike) -> dict[str, Any]:
-        st = self._states.get((ep.address, ep.port)) or _State()
+        key = (ep.address, ep.port)
+        st = self._states.get(key) or _State()
+        p = self._params.get(key, self._sidecar)
         now = self._clock()
         return {
             "healthy": st.ejected_until <= now,
             "ejected_for_s": round(max(0.0, st.ejected_until - now), 3),
             "ejections": st.ejections,
-            "consecutive_failures": st.consecutive_failures,
+            "consecutive_failures": max(
+                st.consecutive_failures, st.consecutive_gateway, st.consecutive_local
+            ),
             "connect_failures": st.connect_failures,
             "response_failures": st.response_failures,
+            "status_failures": st.status_failures,
             "successes": st.successes,
             "last_error": st.last_error,
             "ejections_suppressed": st.ejections_suppressed,
+            "outlier_detection": p.source,
         }

@@ -329,6 +329,8 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
                 lines.append(f"{base}::ejected_in::{','.join(map(str, ep['ejected_in'])) or '-'}")
             lines.append(f"{base}::connect_failures::{ep['connect_failures']}")
             lines.append(f"{base}::response_failures::{ep['response_failures']}")
+            if "status_failures" in ep:
+                lines.append(f"{base}::status_failures::{ep['status_failures']}")
             lines.append(f"{base}::ejections::{ep['ejections']}")
             if "rq_active" in ep:
                 lines.append(f"{base}::rq_active::{ep['rq_active']}")

@@ -131,6 +131,7 @@ class WorkerSlot:
 CLUSTER_SUMS = (
     "connect_failures",
     "response_failures",
+    "status_failures",
     "successes",
     "ejections",
     "ejections_suppressed",
