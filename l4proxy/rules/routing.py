@@ -56,6 +56,7 @@ from l4proxy.rules._regex import Pattern, compile_regex
 __all__ = [
     "HTTP_PROTOCOLS",
     "LB_POLICIES",
+    "NO_HEALTHY_STATUS",
     "NO_ROUTE",
     "NO_ROUTE_STATUS",
     "Decision",
@@ -88,6 +89,10 @@ DEFAULT = "default"  # route name when no rule matched; subset name of "all endp
 # a DNS name, so no rule's name); answered NO_ROUTE_STATUS.
 NO_ROUTE = "no_route"
 NO_ROUTE_STATUS = 404
+# The answer when a destination has endpoints but its outlier detection
+# ejected every one (Envoy's "no healthy upstream"), whatever the route's
+# unresolved_status (a Gateway API route's 500 is for a backend with none).
+NO_HEALTHY_STATUS = 503
 
 # One thing a route reads of a request, as a test a relay can evaluate
 # without this module: (kind, value). Kinds, over an origin-form target whose
@@ -583,6 +588,59 @@ class OutlierPolicy:
         reports them: ``EndpointSettings.report_5xx``)."""
         return self.consecutive_5xx > 0 or self.consecutive_gateway > 0
 
+    def most_eager(self, other: OutlierPolicy) -> OutlierPolicy:
+        """Both policies at once, for an endpoint that destinations with
+        each reach (:meth:`RouteTable.outlier_policies`), field by field the
+        one that ejects sooner and longer: each counter the smallest that is
+        on (0, off, loses to any), ``split_local`` only if both split,
+        the shorter ``interval``, the longer ``base_ejection``, the larger
+        ``max_ejection_percent`` and ``min_health_percent``. Commutative and
+        associative, so the merge of many does not depend on their order."""
+        return OutlierPolicy(
+            _smallest_on(self.consecutive_5xx, other.consecutive_5xx),
+            _smallest_on(self.consecutive_gateway, other.consecutive_gateway),
+            self.split_local and other.split_local,
+            _smallest_on(self.consecutive_local, other.consecutive_local),
+            min(self.interval, other.interval),
+            max(self.base_ejection, other.base_ejection),
+            max(self.max_ejection_percent, other.max_ejection_percent),
+            max(self.min_health_percent, other.min_health_percent),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Istio's field names, in snake case (``max_ejection_time``: Envoy's,
+        :attr:`max_ejection`)."""
+        return {
+            "consecutive_5xx_errors": self.consecutive_5xx,
+            "consecutive_gateway_errors": self.consecutive_gateway,
+            "split_external_local_origin_errors": self.split_local,
+            "consecutive_local_origin_failures": self.consecutive_local,
+            "interval": self.interval,
+            "base_ejection_time": self.base_ejection,
+            "max_ejection_time": self.max_ejection,
+            "max_ejection_percent": self.max_ejection_percent,
+            "min_health_percent": self.min_health_percent,
+        }
+
+    def healthy_of(
+        self, eps: Sequence[Endpoint], healthy: Callable[[Endpoint], bool]
+    ) -> tuple[Endpoint, ...]:
+        """The endpoints a destination with this policy takes: its healthy
+        ones, unless fewer than ``min_health_percent`` of *eps* are (the
+        panic threshold: then all of them, Envoy's panic mode). With the
+        threshold at 0 (Istio's default) never all: none healthy is none."""
+        up = tuple(e for e in eps if healthy(e))
+        if len(up) * 100 < self.min_health_percent * len(eps):
+            return tuple(eps)
+        return up
+
+
+def _smallest_on(a: int, b: int) -> int:
+    """The smaller of two counters, 0 (off) counting as the largest."""
+    if a == 0 or b == 0:
+        return a or b
+    return min(a, b)
+
 
 def _smaller(a: float | None, b: float | None) -> float | None:
     if a is None:
@@ -623,6 +681,9 @@ class Destination:
             "labels": dict(self.subset.labels),
             "load_balancer": self.subset.load_balancer,
             "connection_pool": self.subset.pool.to_json() if self.subset.pool.is_set else None,
+            "outlier_detection": (
+                self.subset.outlier.to_json() if self.subset.outlier is not None else None
+            ),
             "weight": self.weight,
             "port": self.port,
         }
@@ -807,9 +868,13 @@ class IngressPath:
 class WeightedSubset:
     """One destination of a route, for :meth:`RouteTable.choices`.
 
-    ``endpoints``: the healthy ones, in table order (all when none is).
-    ``key`` names the round-robin counter; None (and no endpoints) when the
-    destination's host is not in the registry.
+    ``endpoints``: the healthy ones, in table order (all when none is;
+    with an outlier detection policy, all below its panic threshold, else
+    possibly none). ``key`` names the round-robin counter; None (and no
+    endpoints) when the destination's host is not in the registry.
+    ``status``: the answer when ``endpoints`` is empty: the route's
+    ``unresolved_status`` for a destination without endpoints,
+    :data:`NO_HEALTHY_STATUS` for one whose endpoints were all ejected.
     """
 
     weight: int
@@ -818,15 +883,17 @@ class WeightedSubset:
     endpoints: tuple[Endpoint, ...]
     policy: str
     key: tuple[str, int, str, Labels] | None
+    status: int = 503
 
 
 @dataclass(frozen=True)
 class RouteChoices:
     """The route a request matched and its weighted destinations (see
     :meth:`RouteTable.choices`); ``status`` answers a destination without
-    endpoints (503; 500 for a Gateway API backend that resolves to nothing),
-    or, with no subsets and route :data:`NO_ROUTE`, a request no route
-    matched (404)."""
+    endpoints (503; 500 for a Gateway API backend that resolves to nothing;
+    503 where every empty destination is so because its endpoints were all
+    ejected: each one's own is ``WeightedSubset.status``), or, with no
+    subsets and route :data:`NO_ROUTE`, a request no route matched (404)."""
 
     service: Service
     route: str
@@ -843,8 +910,9 @@ class Decision:
     ``endpoints`` is the order to try: the load balancer's pick first, then the
     rest of the subset for a retry on connect failure. Empty means nothing can
     serve it: the proxy answers ``status`` (503; 500 for a Gateway API backend
-    that resolves to nothing; 404 with route :data:`NO_ROUTE`: no route
-    matched a request to a VirtualService's or an HTTPRoute's host).
+    that resolves to nothing, but 503 where its endpoints were all ejected;
+    404 with route :data:`NO_ROUTE`: no route matched a request to a
+    VirtualService's or an HTTPRoute's host).
     """
 
     service: Service
@@ -902,6 +970,7 @@ class RouteTable:
         *,
         load_balancers: Mapping[str, str] | None = None,
         pools: Mapping[str, PoolSettings] | None = None,
+        outliers: Mapping[str, OutlierPolicy] | None = None,
         ingress: Sequence[IngressPath] = (),
         unmatched: Iterable[str] = (),
         namespace: str = "default",
@@ -931,6 +1000,9 @@ class RouteTable:
         # Subset.pool). Unset ones are left out, so that a rule without
         # settings and none at all compare equal.
         self._pools: dict[str, PoolSettings] = {h: p for h, p in (pools or {}).items() if p.is_set}
+        # Per host, its DestinationRule's own outlierDetection: that of its
+        # requests without a subset (a subset's is Subset.outlier).
+        self._outliers: dict[str, OutlierPolicy] = dict(outliers or {})
         self._ingress: tuple[IngressPath, ...] = tuple(ingress)
 
         # Derived indexes (not part of equality: they follow from the above).
@@ -974,6 +1046,7 @@ class RouteTable:
         self._rr: dict[tuple[str, int, str, Labels], int] = {}
         self._subset_cache: dict[_SubsetKey, tuple[Endpoint, ...]] = {}
         self._endpoint_pools: dict[tuple[str, int], PoolSettings] | None = None
+        self._endpoint_outliers: dict[tuple[str, int], OutlierPolicy] | None = None
 
     @classmethod
     def empty(cls) -> RouteTable:
@@ -993,6 +1066,7 @@ class RouteTable:
             tuple(sorted(self._routes.items())),
             tuple(sorted(self._load_balancers.items())),
             tuple(sorted(self._pools.items())),
+            tuple(sorted(self._outliers.items())),
             self._ingress,
             tuple(sorted(self._unmatched)),
         )
@@ -1096,6 +1170,59 @@ class RouteTable:
                 and any(getattr(s, name) is None for s in settings)
             )
             out[key] = dataclasses.replace(merged, or_flag=bound)
+        return dict(sorted(out.items()))
+
+    def outlier(self, host: str) -> OutlierPolicy | None:
+        """*host*'s DestinationRule's own ``outlierDetection`` (that of its
+        requests without a subset, the default route's; None: none)."""
+        return self._outliers.get(host)
+
+    def outlier_policies(self) -> dict[tuple[str, int], OutlierPolicy]:
+        """The outlier detection policy of every endpoint (address, target
+        port, as :meth:`pool_settings`) that some destination with a policy
+        can reach, sorted by endpoint; one that only destinations without a
+        policy reach is left out (the sidecar's own detection).
+
+        Outlier state is kept per endpoint, not per Envoy cluster, so an
+        endpoint takes the policy of every destination that can reach it,
+        merged by :meth:`OutlierPolicy.most_eager`: each route destination's
+        (``Subset.outlier``: the DestinationRule subset's own, which replaces
+        the rule's as a whole, else the rule's), over the endpoints of that
+        subset on the destination's port (any port without one); and the
+        host's own (:meth:`outlier`) over its endpoints on each port where
+        some request or connection may take no route, as for
+        :meth:`pool_settings`.
+        """
+        if self._endpoint_outliers is None:
+            self._endpoint_outliers = self._compute_outlier_policies()
+        return dict(self._endpoint_outliers)
+
+    def _compute_outlier_policies(self) -> dict[tuple[str, int], OutlierPolicy]:
+        out: dict[tuple[str, int], OutlierPolicy] = {}
+
+        def add(eps: Iterable[Endpoint], policy: OutlierPolicy) -> None:
+            for ep in eps:
+                key = (ep.address, ep.port)
+                got = out.get(key)
+                out[key] = policy if got is None else got.most_eager(policy)
+
+        for svc in self._services.values():
+            host_policy = self._outliers.get(svc.host)
+            if host_policy is None:
+                continue
+            for number, eps in svc.port_endpoints:
+                if not self._takes_every_connection(svc, number):
+                    add(eps, host_policy)
+        for routes in self._routes.values():
+            for route in routes:
+                for dest in route.destinations:
+                    target = self._services.get(dest.host)
+                    policy = dest.subset.outlier
+                    if target is None or policy is None:
+                        continue
+                    for number, eps in target.port_endpoints:
+                        if dest.port is None or dest.port == number:
+                            add((e for e in eps if dest.subset.labels.selects(e.labels)), policy)
         return dict(sorted(out.items()))
 
     def _takes_every_connection(self, service: Service, port: int) -> bool:
@@ -1202,7 +1329,11 @@ class RouteTable:
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
-            ordered = self._balance(eps, key, dest.subset.load_balancer, healthy, active)
+            ordered = self._balance(
+                eps, key, dest.subset.load_balancer, healthy, active, dest.subset.outlier
+            )
+            if eps and not ordered:  # every endpoint ejected: no healthy upstream
+                status = NO_HEALTHY_STATUS
             return Decision(
                 target,
                 route.name,
@@ -1217,7 +1348,8 @@ class RouteTable:
         eps = service.endpoints_for(port)
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
-        return Decision(service, DEFAULT, DEFAULT, self._balance(eps, key, policy, healthy, active))
+        ordered = self._balance(eps, key, policy, healthy, active, self._outliers.get(service.host))
+        return Decision(service, DEFAULT, DEFAULT, ordered)
 
     def _match(
         self, service: Service, port: int, request: Request | None, source: Mapping[str, str]
@@ -1260,7 +1392,9 @@ class RouteTable:
 
         The route that applies and each of its destinations with its weight,
         its healthy endpoints (all of them when none is: panic mode, as in
-        :meth:`_balance`) and its load-balancing policy. The per-request
+        :meth:`_balance`; with an outlier detection policy, when fewer than
+        its ``min_health_percent`` are, else possibly none) and its
+        load-balancing policy. The per-request
         relay caches this and draws from it per request itself
         (:class:`l4proxy.dataplane.verdict.Verdict`).
         """
@@ -1268,35 +1402,73 @@ class RouteTable:
         if route is None and self.refuses_unmatched(service, port, source_labels):
             return RouteChoices(service, NO_ROUTE, (), NO_ROUTE_STATUS)
         if route is None:
-            eps = self._healthy(service.endpoints_for(port), healthy)
+            eps = self._healthy(
+                service.endpoints_for(port), healthy, self._outliers.get(service.host)
+            )
             policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
             key = (service.host, port, DEFAULT, NO_LABELS)
             only = WeightedSubset(1, service, DEFAULT, eps, policy, key)
             return RouteChoices(service, DEFAULT, (only,))
         out: list[WeightedSubset] = []
+        unresolved = ejected = False
         for dest in route.destinations:
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:
-                out.append(WeightedSubset(dest.weight, service, dest.subset.name, (), "", None))
+                unresolved = True
+                out.append(
+                    WeightedSubset(
+                        dest.weight,
+                        service,
+                        dest.subset.name,
+                        (),
+                        "",
+                        None,
+                        route.unresolved_status,
+                    )
+                )
                 continue
             tport = self._target_port(target, dest, port, same=target is service)
-            eps = self._healthy(self._subset_endpoints(target, tport, dest.subset.labels), healthy)
+            all_eps = self._subset_endpoints(target, tport, dest.subset.labels)
+            eps = self._healthy(all_eps, healthy, dest.subset.outlier)
+            status = route.unresolved_status
+            if not all_eps:
+                unresolved = True
+            elif not eps:
+                ejected = True
+                status = NO_HEALTHY_STATUS
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
             out.append(
                 WeightedSubset(
-                    dest.weight, target, dest.subset.name, eps, dest.subset.load_balancer, key
+                    dest.weight,
+                    target,
+                    dest.subset.name,
+                    eps,
+                    dest.subset.load_balancer,
+                    key,
+                    status,
                 )
             )
-        return RouteChoices(
-            service, route.name, tuple(out), route.unresolved_status, route.timeout, route.retries
-        )
+        # One answer for the route's empty destinations (the per-request
+        # relay's Choice.status is the route's): 503 no healthy upstream
+        # where every empty one is so by ejection, else the route's own
+        # (each destination's is WeightedSubset.status).
+        status = NO_HEALTHY_STATUS if ejected and not unresolved else route.unresolved_status
+        return RouteChoices(service, route.name, tuple(out), status, route.timeout, route.retries)
 
     @staticmethod
     def _healthy(
-        eps: Sequence[Endpoint], healthy: Callable[[Endpoint], bool] | None
+        eps: Sequence[Endpoint],
+        healthy: Callable[[Endpoint], bool] | None,
+        outlier: OutlierPolicy | None = None,
     ) -> tuple[Endpoint, ...]:
+        """The endpoints a destination takes: without *outlier* (no policy)
+        its healthy ones, all when none is (Envoy's panic mode); with one,
+        :meth:`OutlierPolicy.healthy_of` (its panic threshold; none may be
+        left: 503)."""
         if healthy is None:
             return tuple(eps)
+        if outlier is not None:
+            return outlier.healthy_of(eps, healthy)
         up = tuple(e for e in eps if healthy(e))
         return up or tuple(eps)  # all down: try them all (Envoy's panic mode)
 
@@ -1405,16 +1577,14 @@ class RouteTable:
         policy: str,
         healthy: Callable[[Endpoint], bool] | None,
         active: Callable[[Endpoint], int] | None,
+        outlier: OutlierPolicy | None = None,
     ) -> list[Endpoint]:
-        if not eps:
+        # Without a policy, all down: try them all anyway (Envoy's panic
+        # mode) rather than fail a request that might succeed; with one, its
+        # panic threshold says (none left: the caller answers 503).
+        candidates = list(self._healthy(eps, healthy, outlier))
+        if not candidates:
             return []
-        candidates = list(eps)
-        if healthy is not None:
-            up = [e for e in candidates if healthy(e)]
-            # All down: try them all anyway (Envoy's panic mode) rather than
-            # fail a request that might succeed.
-            if up:
-                candidates = up
         n = len(candidates)
         if policy == "RANDOM":
             start = self._rng.randrange(n)
@@ -1499,6 +1669,9 @@ class RouteTable:
                     "connection_pool": (
                         self._pools[svc.host].to_json() if svc.host in self._pools else None
                     ),
+                    "outlier_detection": (
+                        self._outliers[svc.host].to_json() if svc.host in self._outliers else None
+                    ),
                 }
                 for svc in self._services.values()
             ],
@@ -1527,6 +1700,12 @@ class RouteTable:
             "connection_pools": {
                 endpoint_name(address, port): settings.to_json()
                 for (address, port), settings in self.pool_settings().items()
+            },
+            # per endpoint, the outlier detection policy it is held to
+            # (outlier_policies)
+            "outlier_policies": {
+                endpoint_name(address, port): policy.to_json()
+                for (address, port), policy in self.outlier_policies().items()
             },
         }
 
