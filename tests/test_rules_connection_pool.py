@@ -107,7 +107,6 @@ def test_the_circuit_breaking_task_s_rule_as_given_is_refused_field_by_field(
     assert got == {
         (9, "spec.trafficPolicy.connectionPool.tcp.maxConnections"),
         (11, "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests"),
-        (13, "spec.trafficPolicy.outlierDetection"),
     }
     assert all(e.file.endswith("rules.yaml") for e in errs)
 
@@ -220,15 +219,6 @@ def test_durations_in_istio_s_format(tmp_path: Path) -> None:
     # (maxRequestsPerConnection 0, Istio's default, is not set: the flag's)
     want = PoolSettings(idle_timeout=90.0, connect_timeout=0.25)
     assert load(tmp_path, text).pool_settings() == {V1A: want, V1B: want, V2: want}
-
-
-def test_outlier_detection_stays_refused(tmp_path: Path) -> None:
-    errs = errors_of(
-        tmp_path, DR_HEAD + "  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n"
-    )
-    assert [(e.line, e.message.split(" ", 1)[0]) for e in errs] == [
-        (7, "spec.trafficPolicy.outlierDetection")
-    ]
 
 
 # -- subsets: replaced whole; several destinations: the strictest -----------

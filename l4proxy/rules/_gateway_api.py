@@ -71,7 +71,9 @@ from l4proxy.rules._objects import (
     ParentDraft,
     PolicyDraft,
     fqdn,
+    rule_outlier,
     rule_pool,
+    subset_outlier,
     subset_pool,
 )
 from l4proxy.rules._regex import RegexError, compile_regex
@@ -958,8 +960,8 @@ class Compiler:
                 b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
                 return False
             lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-            pool = rule_pool(policy)
-            return Destination(b.host, Subset(DEFAULT, Labels(), lb, pool), weight, b.port)
+            subset = Subset(DEFAULT, Labels(), lb, rule_pool(policy), rule_outlier(policy))
+            return Destination(b.host, subset, weight, b.port)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
             return None
@@ -988,12 +990,14 @@ class Compiler:
         policy = self.policies.get(svc.host)
         host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
         host_pool = rule_pool(policy)
+        host_outlier = rule_outlier(policy)
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == labels), None)
         if same is not None:
             pool = subset_pool(same, host_pool)
-            subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool)
+            outlier = subset_outlier(same, host_outlier)
+            subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool, outlier)
         else:
-            subset = Subset(_subset_name(labels), labels, host_lb, host_pool)
+            subset = Subset(_subset_name(labels), labels, host_lb, host_pool, host_outlier)
         return Destination(svc.host, subset, weight, b.port)

@@ -1,7 +1,7 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (faults, mirroring, TLS, outlier detection...) is an error that
+implement (faults, mirroring, TLS, port-level settings...) is an error that
 names the field: a sidecar that silently ignored a fault would be worse than
 one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
@@ -10,6 +10,7 @@ by the per-request relay (Envoy's route timeout and retry policy, see
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from typing import Any, Literal
@@ -54,6 +55,7 @@ from l4proxy.rules.routing import (
     Endpoint,
     HttpRetry,
     Match,
+    OutlierPolicy,
     PoolSettings,
     Service,
     ServicePort,
@@ -579,7 +581,9 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
     ok = host is not None
-    lb, pool, tp_ok = _traffic_policy(ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy"))
+    lb, pool, outlier, tp_ok = _traffic_policy(
+        ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy")
+    )
     ok = ok and tp_ok
     subsets: dict[str, SubsetDraft] = {}
     for i, item in enumerate(listing(ctx, spec.get("subsets"), ("spec", "subsets")) or []):
@@ -596,7 +600,9 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             continue
         name = dns_label(ctx, s["name"], (*spath, "name"))
         sel = labels(ctx, s.get("labels"), (*spath, "labels"))
-        slb, spool, stp_ok = _traffic_policy(ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy"))
+        slb, spool, soutlier, stp_ok = _traffic_policy(
+            ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy")
+        )
         if name is None or sel is None or not stp_ok:
             ok = False
             continue
@@ -604,28 +610,25 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             ctx.error((*spath, "name"), f"subset {name} is defined twice in this DestinationRule")
             ok = False
             continue
-        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool)
+        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool, soutlier)
     if not ok or host is None:
         return None
-    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool)
+    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool, outlier)
 
 
 def _traffic_policy(
     ctx: Ctx, value: Any, path: Path
-) -> tuple[str | None, PoolSettings | None, bool]:
+) -> tuple[str | None, PoolSettings | None, OutlierPolicy | None, bool]:
     """trafficPolicy → (loadBalancer.simple or None, connectionPool or
-    None, ok)."""
+    None, outlierDetection or None, ok)."""
     if value is None:
-        return None, None, True
+        return None, None, None, True
     tp = fields(
         ctx,
         value,
         path,
-        allowed=("loadBalancer", "connectionPool"),
+        allowed=("loadBalancer", "connectionPool", "outlierDetection"),
         unimplemented={
-            "outlierDetection": "the sidecar's own outlier detection is always on: an "
-            "endpoint with 3 gateway failures in a row (failed connects, responses that "
-            "fail) is ejected for l4proxy run --ejection-time",
             "tls": "",
             "portLevelSettings": "",
             "tunnel": "",
@@ -634,14 +637,19 @@ def _traffic_policy(
         },
     )
     if tp is None:
-        return None, None, False
+        return None, None, None, False
     pool: PoolSettings | None = None
     pool_ok = True
     if tp.get("connectionPool") is not None:
         pool = _connection_pool(ctx, tp["connectionPool"], (*path, "connectionPool"))
         pool_ok = pool is not None
+    outlier: OutlierPolicy | None = None
+    outlier_ok = True
+    if tp.get("outlierDetection") is not None:
+        outlier = _outlier_detection(ctx, tp["outlierDetection"], (*path, "outlierDetection"))
+        outlier_ok = outlier is not None
     lb, lb_ok = _load_balancer(ctx, tp, path)
-    return lb, pool, lb_ok and pool_ok
+    return lb, pool, outlier, lb_ok and pool_ok and outlier_ok
 
 
 def _load_balancer(ctx: Ctx, tp: dict[str, Any], path: Path) -> tuple[str | None, bool]:
@@ -771,6 +779,118 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
     if not ok:
         return None
     return PoolSettings(max_requests or None, idle, connect)
+
+
+# Istio's OutlierDetection counters (UInt32Value; 0: off)
+_MAX_COUNT = 2**32 - 1
+_OUTLIER_FIELDS = (
+    "consecutive5xxErrors",
+    "consecutiveGatewayErrors",
+    "splitExternalLocalOriginErrors",
+    "consecutiveLocalOriginFailures",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+    "consecutiveErrors",
+)
+
+
+def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None:
+    """trafficPolicy.outlierDetection → its policy, what it leaves unset
+    Istio's (Envoy's) default (:class:`OutlierPolicy`); None after an error.
+
+    ``consecutive5xxErrors``, ``consecutiveGatewayErrors`` and
+    ``consecutiveLocalOriginFailures``: 0 and up (0: off);
+    ``consecutiveLocalOriginFailures`` counts only with
+    ``splitExternalLocalOriginErrors`` (a warning otherwise, as it does
+    nothing). ``interval`` and ``baseEjectionTime``: Istio's durations, at
+    least 1ms. ``maxEjectionPercent`` 0..100, 0 being unset (10), as Istio's
+    pilot sets Envoy's only above 0; ``minHealthPercent`` 0..100.
+
+    ``consecutiveErrors``: the field Istio deprecated for the two above; it
+    is still in Istio's API (istio/api networking/v1alpha3
+    destination_rule.proto: ``[deprecated=true]``, hidden from the docs),
+    and its pilot maps it to gateway errors alone, turning 5xx off: so here
+    (0 sets nothing, as in the pilot). With ``consecutiveGatewayErrors``
+    too it is an error (both set that counter); an explicit
+    ``consecutive5xxErrors`` keeps its value, as the pilot applies it after.
+    """
+    od = fields(ctx, value, path, allowed=_OUTLIER_FIELDS)
+    if od is None:
+        return None
+    ok = all(k in _OUTLIER_FIELDS for k in od)  # (fields() reported the others)
+    base = OutlierPolicy()
+    got: dict[str, Any] = {}
+
+    def count(name: str, attr: str, hi: int = _MAX_COUNT) -> None:
+        nonlocal ok
+        if od.get(name) is None:
+            return
+        n = integer(ctx, od[name], (*path, name), 0, hi)
+        if n is None:
+            ok = False
+        else:
+            got[attr] = n
+
+    def seconds(name: str, attr: str) -> None:
+        nonlocal ok
+        if od.get(name) is None:
+            return
+        d = duration(ctx, od[name], (*path, name), zero=False)
+        if d is None:
+            ok = False
+        else:
+            got[attr] = d
+
+    count("consecutive5xxErrors", "consecutive_5xx")
+    count("consecutiveGatewayErrors", "consecutive_gateway")
+    count("consecutiveLocalOriginFailures", "consecutive_local")
+    seconds("interval", "interval")
+    seconds("baseEjectionTime", "base_ejection")
+    for name, attr in (
+        ("maxEjectionPercent", "max_ejection_percent"),
+        ("minHealthPercent", "min_health_percent"),
+    ):
+        count(name, attr, 100)
+    if got.get("max_ejection_percent") == 0:  # unset, as in Istio's pilot
+        del got["max_ejection_percent"]
+    for attr in ("max_ejection_percent", "min_health_percent"):
+        if attr in got:
+            got[attr] = float(got[attr])
+    split = od.get("splitExternalLocalOriginErrors")
+    if split is not None:
+        if isinstance(split, bool):
+            got["split_local"] = split
+        else:
+            spath = (*path, "splitExternalLocalOriginErrors")
+            ctx.error(spath, f"{dotted(spath)} must be true or false, not {type_name(split)}")
+            ok = False
+    if "consecutive_local" in got and not got.get("split_local"):
+        ctx.warning(
+            (*path, "consecutiveLocalOriginFailures"),
+            f"{dotted((*path, 'consecutiveLocalOriginFailures'))} does nothing without "
+            "splitExternalLocalOriginErrors: true (the proxy's own failures then count "
+            "towards consecutive5xxErrors and consecutiveGatewayErrors)",
+        )
+    if od.get("consecutiveErrors") is not None:
+        epath = (*path, "consecutiveErrors")
+        n = integer(ctx, od["consecutiveErrors"], epath, 0, 2**31 - 1)
+        if n is None:
+            ok = False
+        elif n > 0 and "consecutive_gateway" in got:
+            ctx.error(
+                epath,
+                f"{dotted(epath)} (deprecated) and consecutiveGatewayErrors both set the "
+                "gateway error count: keep consecutiveGatewayErrors, remove consecutiveErrors",
+            )
+            ok = False
+        elif n > 0:
+            got["consecutive_gateway"] = n
+            got.setdefault("consecutive_5xx", 0)
+    if not ok:
+        return None
+    return dataclasses.replace(base, **got)
 
 
 # -- ServiceEntry ------------------------------------------------------------

@@ -19,6 +19,7 @@ from l4proxy.rules.routing import (
     IngressPath,
     Labels,
     Match,
+    OutlierPolicy,
     PoolSettings,
     Service,
 )
@@ -103,6 +104,8 @@ class SubsetDraft:
     where: Where
     # its trafficPolicy.connectionPool; None: none, the rule's applies
     pool: PoolSettings | None = None
+    # its trafficPolicy.outlierDetection; None: none, the rule's applies
+    outlier: OutlierPolicy | None = None
 
 
 @dataclass
@@ -116,6 +119,7 @@ class PolicyDraft:
     subsets: dict[str, SubsetDraft] = field(default_factory=dict)
     where: Where | None = None
     pool: PoolSettings | None = None  # trafficPolicy.connectionPool
+    outlier: OutlierPolicy | None = None  # trafficPolicy.outlierDetection
 
 
 def rule_pool(policy: PolicyDraft | None) -> PoolSettings:
@@ -129,6 +133,19 @@ def subset_pool(sd: SubsetDraft, rule: PoolSettings) -> PoolSettings:
     it (what it leaves unset is not taken from the rule's: Istio's
     MergeTrafficPolicy replaces the field whole), else the rule's."""
     return rule if sd.pool is None else sd.pool
+
+
+def rule_outlier(policy: PolicyDraft | None) -> OutlierPolicy | None:
+    """The outlier detection of a host's requests without a subset: its
+    DestinationRule's own (None: none)."""
+    return policy.outlier if policy else None
+
+
+def subset_outlier(sd: SubsetDraft, rule: OutlierPolicy | None) -> OutlierPolicy | None:
+    """A subset's outlier detection: its own outlierDetection, all of it
+    (what it leaves unset is Istio's default, not the rule's: Istio's
+    MergeTrafficPolicy replaces the field whole), else the rule's."""
+    return rule if sd.outlier is None else sd.outlier
 
 
 @dataclass

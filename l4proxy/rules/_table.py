@@ -24,7 +24,9 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
+    rule_outlier,
     rule_pool,
+    subset_outlier,
     subset_pool,
 )
 from l4proxy.rules._schema import Where
@@ -84,6 +86,7 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
         pools={h: p.pool for h, p in policies.items() if p.pool is not None},
+        outliers={h: p.outlier for h, p in policies.items() if p.outlier is not None},
         ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
         unmatched=unmatched,
         namespace=env.namespace,
@@ -239,6 +242,7 @@ def _destination(
     policy = policies.get(dd.host)
     host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
     host_pool = rule_pool(policy)
+    host_outlier = rule_outlier(policy)
     svc = services.get(dd.host)
     subset: Subset
     if dd.subset is not None:
@@ -256,17 +260,27 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
-        subset = Subset(sd.name, sd.labels, sd.load_balancer or host_lb, subset_pool(sd, host_pool))
+        subset = Subset(
+            sd.name,
+            sd.labels,
+            sd.load_balancer or host_lb,
+            subset_pool(sd, host_pool),
+            subset_outlier(sd, host_outlier),
+        )
     elif dd.labels:
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
         if same is not None:
             subset = Subset(
-                same.name, same.labels, same.load_balancer or host_lb, subset_pool(same, host_pool)
+                same.name,
+                same.labels,
+                same.load_balancer or host_lb,
+                subset_pool(same, host_pool),
+                subset_outlier(same, host_outlier),
             )
         else:
-            subset = Subset(subset_name(dd.labels), dd.labels, host_lb, host_pool)
+            subset = Subset(subset_name(dd.labels), dd.labels, host_lb, host_pool, host_outlier)
         if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
             dd.where.error(
                 f"route labels {dd.labels} select no endpoint of {dd.host} "
@@ -274,7 +288,7 @@ def _destination(
             )
             return None
     else:
-        subset = Subset(DEFAULT, Labels(), host_lb, host_pool)
+        subset = Subset(DEFAULT, Labels(), host_lb, host_pool, host_outlier)
     if svc is None:
         if (rule_id, dd.host) not in warned:
             warned.add((rule_id, dd.host))
