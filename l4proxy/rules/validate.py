@@ -235,6 +235,33 @@ def _pool(cp: dict[str, Any]) -> str:
     return ", ".join(said) or "the sidecar's flags"
 
 
+def _outlier(od: dict[str, Any]) -> str:
+    """An outlier detection policy (``OutlierPolicy.to_json()``) in words."""
+
+    def count(n: int) -> str:
+        return f"x{n}" if n else "off"
+
+    said = [
+        f"5xx {count(od['consecutive_5xx_errors'])}",
+        f"gateway {count(od['consecutive_gateway_errors'])}",
+    ]
+    if od["split_external_local_origin_errors"]:
+        said.append(f"local origin {count(od['consecutive_local_origin_failures'])} (split)")
+    said.append(
+        f"eject {_duration(od['base_ejection_time'])} "
+        f"(x n, max {_duration(od['max_ejection_time'])})"
+    )
+    said.append(f"interval {_duration(od['interval'])}")
+    said.append(f"max {od['max_ejection_percent']:g}% ejected")
+    panic = od["min_health_percent"]
+    said.append(
+        "panic below 0% (never: all ejected -> 503)"
+        if not panic
+        else f"panic below {panic:g}% healthy (then all endpoints)"
+    )
+    return ", ".join(said)
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
@@ -251,6 +278,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             share = 100 * d["weight"] / total if total else 0.0
             pct = f"{share:>3.0f}%" if share == int(share) else f"{share:>5.1f}%"
             pool = f"; pool: {_pool(d['connection_pool'])}" if d.get("connection_pool") else ""
+            if d.get("outlier_detection"):
+                pool += f"; outlier detection: {_outlier(d['outlier_detection'])}"
             lines.append(
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
                 f"({_labels(d['labels'])}; {d['load_balancer']}{pool})"
@@ -320,6 +349,8 @@ def format_table(t: dict[str, Any]) -> str:
             f"    addresses {addrs}; resolution {s['resolution']}; "
             f"load balancer {s['load_balancer']}{pool}"
         )
+        if s.get("outlier_detection"):
+            lines.append(f"    outlier detection: {_outlier(s['outlier_detection'])}")
         for p in s["ports"]:
             layer = "L7" if p["http"] else "L4"
             lines.append(f"    port {p['number']} {p['name']} ({p['protocol']}, {layer}):")
