@@ -299,6 +299,9 @@ def test_example_rules_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert "      otherwise: nothing (a route takes every request)\n" in out
     # the example's connectionPool: the service's line, its 3 endpoints, 3 destinations
     assert out.count("pool: 1000 requests per connection, idle timeout 30 s") == 1 + 3 + 3
+    # its outlierDetection: the service's line and the 3 destinations
+    said = "outlier detection: 5xx x5, gateway off, eject 30 s (x n, max 300 s), interval 10 s"
+    assert out.count(said) == 1 + 3
 
 
 def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
