@@ -93,24 +93,33 @@ class PoolOptions:
 
 class EndpointSettings(NamedTuple):
     """One upstream endpoint's pool and connect settings, resolved (an
-    Istio DestinationRule's ``trafficPolicy.connectionPool``)."""
+    Istio DestinationRule's ``trafficPolicy.connectionPool``), and whether
+    outlier detection counts its 5xx answers (its ``outlierDetection``'s
+    ``consecutive5xxErrors`` or ``consecutiveGatewayErrors``): with
+    *report_5xx* the relay reports each final response of status 500 or
+    above through ``answered_5xx`` (every one, a failure for the news of
+    ``answered``), without it the application's statuses are answers like
+    any other (see "Outlier detection" in ``_relay_py.py``)."""
 
     max_requests: int  # per connection; 0: unlimited (http.maxRequestsPerConnection)
     idle_timeout: float  # seconds an idle pooled connection is kept (http.idleTimeout)
     connect_timeout: float  # seconds (tcp.connectTimeout)
+    report_5xx: bool = False  # its 5xx answers to answered_5xx (outlierDetection)
 
 
 def checked_endpoint_settings(
     settings: Mapping[tuple[str, int], Any],
 ) -> dict[tuple[str, int], EndpointSettings]:
     """*settings* (``HttpRelay.endpoint_settings()``'s) as a new dict, keys
-    ``(str, int)``, values :class:`EndpointSettings`; ValueError for a value
-    out of range: a negative or huge ``max_requests``, a timeout not a
-    finite number of seconds above 0."""
+    ``(str, int)``, values :class:`EndpointSettings` (a 3-tuple without
+    ``report_5xx``: False); ValueError for a value out of range: a negative
+    or huge ``max_requests``, a timeout not a finite number of seconds
+    above 0, a ``report_5xx`` not a bool."""
     out: dict[tuple[str, int], EndpointSettings] = {}
     for key, value in settings.items():
         host, port = key
-        s = EndpointSettings._make(value)
+        value = tuple(value)
+        s = EndpointSettings._make((*value, False) if len(value) == 3 else value)
         if (
             isinstance(s.max_requests, bool)
             or not isinstance(s.max_requests, int)
@@ -126,8 +135,10 @@ def checked_endpoint_settings(
                 raise ValueError(
                     f"{host}:{port}: {name} must be a finite number of seconds above 0, not {t!r}"
                 )
+        if not isinstance(s.report_5xx, bool):
+            raise ValueError(f"{host}:{port}: report_5xx must be a bool, not {s.report_5xx!r}")
         out[(str(host), int(port))] = EndpointSettings(
-            s.max_requests, float(s.idle_timeout), float(s.connect_timeout)
+            s.max_requests, float(s.idle_timeout), float(s.connect_timeout), s.report_5xx
         )
     return out
 

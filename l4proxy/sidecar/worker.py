@@ -1037,7 +1037,9 @@ class Worker:
         for ep, s in by_rules.items():
             r = s.resolved(flags)  # (every field set: the flags are)
             assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
-            settings[ep] = EndpointSettings(r.max_requests, r.idle_timeout, r.connect_timeout)
+            settings[ep] = EndpointSettings(
+                r.max_requests, r.idle_timeout, r.connect_timeout, report_5xx=False
+            )
         self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
         if self.relay is not None:
             self.relay.endpoint_settings(settings)
