@@ -116,7 +116,13 @@ reported) and returns to Python, which hands them on in order; the steady
 state queues nothing. A failed connect goes to Python at once, as before
 (the connection waits for its next candidate). A failure reported by either
 relay, or by the worker (``report_next_successes()``), makes every
-endpoint's next answer news in both.
+endpoint's next answer news in both. An endpoint whose settings ask for
+its 5xx (``EndpointSettings.report_5xx``, kept in its EP as its pool
+settings are) has every final answer of status 500 or above queued
+(``OD_5XX``, with its status in ``out_status``), a complete one or a try
+its retry policy retries, for ``answered_5xx``: a failure to the news, as
+a gateway failure is. The steady state pays one compare of the status at
+an answer.
 
 Ownership of file descriptors
 -----------------------------
@@ -347,6 +353,7 @@ cdef enum:
     OD_BEFORE = 1       # closed (or reset) before any response byte
     OD_MID = 2          # ... before the response's end
     OD_TIMEOUT = 3      # the route's timeout passed before the response's end
+    OD_5XX = 4          # an answer of 500 or above, of an EP with report_5xx (out_status)
     OD_CHUNKED = 16     # + the chunked machine's E_*: a response body's framing
     OD_TEXT = 64        # + an index in _outcome_texts: judged in Python
 
@@ -428,6 +435,7 @@ cdef struct EP:
     int max_requests       # per connection; 0: unlimited
     double pool_idle_timeout
     double connect_timeout
+    bint report_5xx        # its answers of 500 and above go to answered_5xx (OD_5XX)
 
 cdef struct Up:
     int kind               # K_UP
@@ -686,6 +694,7 @@ cdef struct Relay:
     int out_ep[MAX_OUTCOMES]   # EP index
     int out_tag[MAX_OUTCOMES]
     int out_why[MAX_OUTCOMES]  # OD_*: 0, an answer; else a failure's reason
+    int out_status[MAX_OUTCOMES]  # OD_5XX's status
     int64_t failures_seen  # bumped by each failure reported (atomic): a generation
     # conns for the timers: a simple intrusive list
     Conn **conns
@@ -1737,13 +1746,22 @@ cdef void outcome(Relay *R, Conn *c, EP *ep, int why) noexcept nogil:
     """How *ep* served c's request, for outlier detection (see "Outlier
     detection" in _relay_py.py): a failure (*why*, OD_*) is always queued for
     Python; an answer (0) only when it is news, the endpoint's first, or its
-    first since a failure was reported: the steady state queues nothing."""
+    first since a failure was reported: the steady state queues nothing. An
+    answer of c.status 500 or above, where ep.report_5xx, is queued as
+    OD_5XX, always, and counts as a failure."""
     cdef int64_t seen
     if why == OD_ANSWERED:
-        seen = L4R_LOAD(&R.failures_seen)
-        if ep.answer_seen == seen or R.n_outcomes >= MAX_OUTCOMES:
-            return
-        ep.answer_seen = seen
+        if c.status >= 500 and ep.report_5xx:
+            ep.answer_seen = 0  # its next answer is news
+            if R.n_outcomes >= MAX_OUTCOMES:
+                return
+            R.out_status[R.n_outcomes] = c.status
+            why = OD_5XX
+        else:
+            seen = L4R_LOAD(&R.failures_seen)
+            if ep.answer_seen == seen or R.n_outcomes >= MAX_OUTCOMES:
+                return
+            ep.answer_seen = seen
     else:
         ep.answer_seen = 0  # its next answer is news
         if R.n_outcomes >= MAX_OUTCOMES:
@@ -3834,7 +3852,7 @@ cdef class HttpRelay:
     cdef Relay *R
     cdef object decide, l4, resolve, report_rows, refused
     cdef object accepted, classify_origin, accepts
-    cdef public object connect_failed, response_failed, answered
+    cdef public object connect_failed, response_failed, answered, answered_5xx
     cdef readonly object slow
     cdef object _thread
     cdef dict _origin_ids
@@ -3868,7 +3886,7 @@ cdef class HttpRelay:
     def __init__(self, decide, l4, pool=None, double connect_timeout=5.0,
                  double header_timeout=10.0, double idle_timeout=300.0, report=None,
                  connect_failed=None, response_failed=None, answered=None, refused=None, *,
-                 resolve=None,
+                 answered_5xx=None, resolve=None,
                  report_rows=None, accepted=None, classify_origin=None, accepts=None,
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
@@ -3895,12 +3913,13 @@ cdef class HttpRelay:
         self.connect_failed = connect_failed
         self.response_failed = response_failed
         self.answered = answered
+        self.answered_5xx = answered_5xx
         self._outcome_texts = []
         self._retries = {}
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
-            refused, max_head,
+            refused, max_head, answered_5xx=self._slow_answered_5xx,
         )
         # the slow path's requests, as the loop's LEAST_CONN must see them
         self.slow.pools.on_active = self.add_external
@@ -4243,8 +4262,8 @@ cdef class HttpRelay:
 
     def endpoint_settings(self, settings):
         """Each endpoint's own connect timeout, requests per upstream
-        connection and pool idle timeout (any thread; applied on the loop's,
-        in _service): see the pure twin's. Its EP holds them (read where
+        connection, pool idle timeout and report_5xx (any thread; applied on
+        the loop's, in _service): see the pure twin's. Its EP holds them (read where
         the relay's own were: no lookup per request); an endpoint not
         interned yet gets them when it is (_new_ep). The pure relay this
         one hands requests to has its own pools: told too."""
@@ -4291,10 +4310,12 @@ cdef class HttpRelay:
             ep.max_requests = R.max_requests
             ep.pool_idle_timeout = R.pool_idle_timeout
             ep.connect_timeout = R.connect_timeout
+            ep.report_5xx = False
         else:
             ep.max_requests = s.max_requests
             ep.pool_idle_timeout = s.idle_timeout
             ep.connect_timeout = s.connect_timeout
+            ep.report_5xx = s.report_5xx
         return 0
 
     cdef _apply_pending_named(self):
@@ -4556,14 +4577,21 @@ cdef class HttpRelay:
         cdef int i, why
         if not R.n_outcomes:
             return
-        queued = [(R.out_ep[i], R.out_tag[i], R.out_why[i]) for i in range(R.n_outcomes)]
+        queued = [(R.out_ep[i], R.out_tag[i], R.out_why[i],
+                   R.out_status[i] if R.out_why[i] == OD_5XX else 0)
+                  for i in range(R.n_outcomes)]
         R.n_outcomes = 0
         texts, self._outcome_texts = self._outcome_texts, []
-        for ep, tag, why in queued:
+        for ep, tag, why, status in queued:
             key = self._ep_keys[ep]
             if why == OD_ANSWERED:
                 if self.answered is not None:
                     self.answered(key, self._tag(tag))
+                continue
+            if why == OD_5XX:  # a failure to the news, as below
+                self.slow.report_next_successes()
+                if self.answered_5xx is not None:
+                    self.answered_5xx(key, self._tag(tag), status)
                 continue
             if why == OD_BEFORE:
                 reason = "upstream closed the connection before a response"
@@ -5054,6 +5082,11 @@ cdef class HttpRelay:
     def _slow_answered(self, endpoint, tag):
         if self.answered is not None:
             self.answered(endpoint, tag)
+
+    def _slow_answered_5xx(self, endpoint, tag, status):
+        L4R_ADD(&self.R.failures_seen, 1)  # (a failure to the news, as above)
+        if self.answered_5xx is not None:
+            self.answered_5xx(endpoint, tag, status)
 
     cdef _flush(self):
         """Hand the loop's metrics to report_rows, and start counting afresh."""

@@ -261,13 +261,16 @@ class Release(NamedTuple):
     """The upstream connection is done with: back to its pool, or closed.
 
     And how its endpoint served the request, for outlier detection (see
-    "Outlier detection" above): *answered*, a complete response; *failure*,
-    why the response failed (a gateway failure); neither, nothing to tell.
+    "Outlier detection" above): *answered*, a complete response (or a
+    try's final head the retry policy retries), its final *status*;
+    *failure*, why the response failed (a gateway failure); neither,
+    nothing to tell.
     """
 
     reusable: bool
     answered: bool = False
     failure: str = ""
+    status: int = 0  # the answer's final status (answered)
 
 
 class Retry(NamedTuple):
@@ -754,9 +757,10 @@ class Exchange:
             and not self._forwarded
         )
 
-    def _policy_retry(self, failure: str, answered: bool = False) -> list[Action]:
+    def _policy_retry(self, failure: str, answered: bool = False, status: int = 0) -> list[Action]:
         """Give this try up (its connection is closed, never pooled) and send
-        the request again: see "Retry policy"."""
+        the request again: see "Retry policy". *answered*: the try's final
+        head, of *status*, is one the policy retries."""
         self._tries += 1
         self._retrying = True
         # the reused connection's own retry is for the try on the pooled
@@ -767,7 +771,10 @@ class Exchange:
         self._response_head.clear()
         self._upstream_bytes = 0
         self.status = 0
-        return [Release(False, answered=answered, failure=failure), Retry(policy=True)]
+        return [
+            Release(False, answered=answered, failure=failure, status=status),
+            Retry(policy=True),
+        ]
 
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT
@@ -855,7 +862,7 @@ class Exchange:
                 self._response_head += rest
                 continue
             if self.retry is not None and self.retry.on_status(resp.status) and self._can_retry():
-                return out + self._policy_retry("", answered=True)
+                return out + self._policy_retry("", answered=True, status=resp.status)
             self._replay = None  # the final head goes out: never sent again
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
@@ -920,7 +927,10 @@ class Exchange:
             and self._response_persistent
             and self._sent_persistent
         )
-        out: list[Action] = [Done(self.status, False), Release(reusable, answered=True)]
+        out: list[Action] = [
+            Done(self.status, False),
+            Release(reusable, answered=True, status=self.status),
+        ]
         # as its head told the client (_client_persists), unless the request
         # was cut or the client left since
         keep_client = self._keeps_client and not request_cut and not self._client_eof

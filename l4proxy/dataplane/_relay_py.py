@@ -45,8 +45,10 @@ to do; this module only performs it:
   ``connectionPool`` per destination): an endpoint's own connect timeout,
   requests per connection and pool idle timeout
   (:class:`~l4proxy.dataplane._pool_py.EndpointSettings`), where the
-  constructor's are the default; applied on the relay's thread, from then
-  on (the next connect, check-in, expiry).
+  constructor's are the default, and whether its 5xx answers are reported
+  (its ``outlierDetection``'s; see "Outlier detection"); applied on the
+  relay's thread, from then on (the next connect, check-in, expiry,
+  response).
 * :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
   the sockets to the ``l4`` callback (the L4 pump), with what is held and
   the tunnel's endpoint. The tunnel's request leaves the pool's count only
@@ -65,7 +67,19 @@ a complete response, but only when that may change the count: an endpoint's
 first answer, and its first after any failure this relay reported or
 :meth:`HttpRelay.report_next_successes` announced (a failure reported
 elsewhere). Every answer reported would cost the worker's event loop a
-wake-up per request. A connect is no success here (see health.py).
+wake-up per request. A connect is no success here (see health.py). The
+application's statuses are answers like any other, except where the
+endpoint's settings ask for its 5xx (``EndpointSettings.report_5xx``: its
+DestinationRule's ``outlierDetection`` counts them): there every final
+response of status 500 or above, complete, or a try's that the retry
+policy retries (Envoy tells outlier detection each attempt's status), goes
+to ``answered_5xx`` with its status, every one, and counts as a failure
+does for the news above (the endpoint's next answer is reported, and the
+compiled twin's other relay reports every endpoint's next). The check
+costs an answer below 500 one compare. A tunnel's head (101, a CONNECT's
+2xx) is an answer as before; interim heads and local answers are not
+reported; a 5xx whose body is cut short is a failure (``response_failed``),
+as any other answer's.
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
 than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
@@ -261,6 +275,8 @@ class HttpRelay:
         refused: Callable[[str], None] | None = None,
         max_head: int = DEFAULT_MAX_HEAD,
         seed: int | None = None,
+        *,
+        answered_5xx: Callable[[Endpoint, Any, int], None] | None = None,
     ) -> None:
         self.decide = decide
         self.max_head = max_head  # request and response heads, trailer sections
@@ -274,6 +290,7 @@ class HttpRelay:
         self.connect_failed = connect_failed
         self.response_failed = response_failed
         self.answered = answered
+        self.answered_5xx = answered_5xx  # (endpoint, tag, status): report_5xx's
         self._failures_seen = 0  # report_next_successes() calls: a generation
         self._answer_reported: dict[Endpoint, int] = {}  # ... at each one's last answered()
         self.refused = refused  # a connection closed unrouted, with the reason
@@ -358,14 +375,16 @@ class HttpRelay:
 
     def endpoint_settings(self, settings: Mapping[Endpoint, EndpointSettings]) -> None:
         """Each endpoint's own connect timeout, requests per upstream
-        connection and pool idle timeout (any thread; applied on the
-        relay's), replacing the previous call's: an endpoint not in
-        *settings* has the constructor's (``pool``, ``connect_timeout``),
-        one not met yet gets its own when it is. Applied from then on, to
-        the connections open too: ``max_requests`` when one is released,
-        ``idle_timeout`` at the next expiry (the tick), ``connect_timeout``
-        at the next connect. ValueError for a value out of range (a
-        negative count, a timeout not finite and above 0)."""
+        connection, pool idle timeout and ``report_5xx`` (any thread;
+        applied on the relay's), replacing the previous call's: an endpoint
+        not in *settings* has the constructor's (``pool``,
+        ``connect_timeout``; its 5xx not reported), one not met yet gets its
+        own when it is. Applied from then on, to the connections open too:
+        ``max_requests`` when one is released, ``idle_timeout`` at the next
+        expiry (the tick), ``connect_timeout`` at the next connect,
+        ``report_5xx`` at the next response. ValueError for a value out of
+        range (a negative count, a timeout not finite and above 0,
+        ``report_5xx`` not a bool)."""
         checked = checked_endpoint_settings(settings)
         with self._lock:
             self._settings_next = checked
@@ -734,7 +753,7 @@ class HttpRelay:
                     if a.failure:
                         self._response_failed(c.up.endpoint, c.tag, a.failure)
                     elif a.answered:
-                        self._answered(c.up.endpoint, c.tag)
+                        self._answered(c.up.endpoint, c.tag, a.status)
                 self._release(c, a.reusable and sent, now)
             elif isinstance(a, Retry):
                 # To another endpoint when there is one: the one whose
@@ -919,8 +938,17 @@ class HttpRelay:
         if self.response_failed is not None:
             self.response_failed(endpoint, tag, why)
 
-    def _answered(self, endpoint: Endpoint, tag: Any) -> None:
-        """A complete response: reported when news (see "Outlier detection")."""
+    def _answered(self, endpoint: Endpoint, tag: Any, status: int = 0) -> None:
+        """A complete response of *status* (0: a tunnel's): reported when
+        news, or a 5xx its endpoint's settings ask for, always (see "Outlier
+        detection")."""
+        if status >= 500:
+            s = self.pools.settings.get(endpoint)
+            if s is not None and s.report_5xx:
+                self._answer_reported.pop(endpoint, None)  # its next answer is news
+                if self.answered_5xx is not None:
+                    self.answered_5xx(endpoint, tag, status)
+                return
         seen = self._failures_seen
         if self._answer_reported.get(endpoint) == seen:
             return

@@ -27,6 +27,7 @@ class HttpRelay:
     connect_failed: Callable[[Endpoint, Any, str], None] | None
     response_failed: Callable[[Endpoint, Any, str], None] | None
     answered: Callable[[Endpoint, Any], None] | None
+    answered_5xx: Callable[[Endpoint, Any, int], None] | None
     @property
     def slow(self) -> PureRelay: ...
     @property
@@ -45,6 +46,7 @@ class HttpRelay:
         answered: Callable[[Endpoint, Any], None] | None = None,
         refused: Callable[[str], None] | None = None,
         *,
+        answered_5xx: Callable[[Endpoint, Any, int], None] | None = None,
         resolve: Callable[[RequestHead, Any], Verdict] | None = None,
         report_rows: Callable[[list[tuple[Any, int]], list[Row]], None] | None = None,
         accepted: Callable[[socket, int], None] | None = None,
