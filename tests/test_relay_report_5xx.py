@@ -285,3 +285,54 @@ def test_checked_endpoint_settings_takes_3_and_4_tuples() -> None:
     for bad in (1, 0, None, "yes"):
         with pytest.raises(ValueError, match="h:3: report_5xx must be a bool"):
             checked_endpoint_settings({("h", 3): (0, 1.0, 1.0, bad)})
+
+
+@pytest.mark.parametrize("how", ["decide", "resolve"], ids=["compiled", "compiled-verdict"])
+def test_a_5xx_in_either_half_of_the_compiled_twin_makes_the_other_s_answers_news(
+    how: str,
+) -> None:
+    """The compiled twin's loop and its pure relay (the slow path, its own
+    thread) each report an endpoint's answer once; a 5xx reported by one,
+    as a failure reported there, makes every endpoint's next answer news
+    in the other: B's second answer on the loop's client, after A's 503 on
+    the slow path's; and B's second on the slow path's, after A's 500 on
+    the loop's. Each step waits for its report (the two threads')."""
+    relay, log, a, b, s = _three(("compiled", how), [_answer(503), _answer(500)])
+    answered_b = ("answered", b.endpoint, "t", None)
+    expected = [
+        answered_b,  # the loop's first
+        answered_b,  # the slow path's first
+        ("answered_5xx", a.endpoint, "t", 503),  # (the slow path's)
+        answered_b,  # the loop's, news again
+        ("answered_5xx", a.endpoint, "t", 500),  # (the loop's)
+        answered_b,  # the slow path's, news again
+    ]
+
+    def reported() -> list[tuple[str, Endpoint, Any, Any]]:
+        with log.lock:
+            return [x for x in log.calls if x[1] != s.endpoint]
+
+    try:
+        fast = _client(relay)
+        _settings(relay, fast, {a.endpoint: ON})
+        slow = _client(relay)
+        for n, (c, host, status) in enumerate(
+            [
+                (fast, "b", 200),
+                (slow, "b", 200),
+                (slow, "a", 503),
+                (fast, "b", 200),
+                (fast, "a", 500),
+                (slow, "b", 200),
+            ]
+        ):
+            c.sendall(_named(host) if c is slow else _get(host))
+            assert _status(_response(c)) == status
+            assert _until(lambda n=n: len(reported()) > n, 5.0), (n, reported())
+        stats = relay.stats()
+        fast.close()
+        slow.close()
+    finally:
+        _closing(relay, a, b, s)
+    assert reported() == expected
+    assert stats["slow_path"] == 1, stats
