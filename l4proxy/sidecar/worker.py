@@ -85,6 +85,7 @@ from l4proxy.dataplane.verdict import (
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import (
+    NO_POOL_SETTINGS,
     NO_ROUTE,
     NO_ROUTE_STATUS,
     Decision,
@@ -230,6 +231,7 @@ class Worker:
         self.counters = counters or Counters()
         self.health = health or EndpointHealth(base_ejection=options.ejection_time)
         rules.on_publish.append(self._forget_gone_endpoints)
+        self.health.configure(rules.state.table.outlier_policies())  # (the table loaded)
         max_pipes = pump.max_pipes_for(options.max_connections, options.max_pipes)
         self.pump = pump.Pump(idle_timeout=options.idle_timeout, max_pipes=max_pipes)
         if budget := pump.fd_budget_warning(options.max_connections, max_pipes):
@@ -299,6 +301,7 @@ class Worker:
                 connect_failed=self._relay_connect_failed,
                 response_failed=self._relay_response_failed,
                 answered=self._relay_answered,
+                answered_5xx=self._relay_answered_5xx,
                 refused=self._relay_refused,
                 max_head=options.max_head,
                 seed=rules.seed,  # (the weights' draws, the compiled loop's; the backoffs')
@@ -1003,7 +1006,7 @@ class Worker:
                 ws.policy or "ROUND_ROBIN",
                 ws.key,
                 _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints),
-                rc.status,
+                ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
             )
             for ws in rc.subsets
         )
@@ -1017,8 +1020,10 @@ class Worker:
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
         """A new table is live: outlier state of endpoints it no longer names
-        (pods gone, addresses rotated) is dropped, or churn grew it for ever."""
+        (pods gone, addresses rotated) is dropped, or churn grew it for ever;
+        the DestinationRules' outlierDetection per endpoint is the table's."""
         self.health.retain(ep for svc in table.services() for ep in svc.endpoints)
+        self.health.configure(table.outlier_policies())
 
     def _retain_pooled_endpoints(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay closes the pooled upstream
@@ -1033,12 +1038,16 @@ class Worker:
         pool = self.opts.pool
         flags = PoolSettings(pool.max_requests, pool.idle_timeout, self.opts.connect_timeout)
         by_rules = table.pool_settings()
+        # and the endpoints whose application 5xx a rule's outlierDetection
+        # counts: the relay reports those responses (the steady state of the
+        # others reports nothing)
+        report_5xx = {ep for ep, p in table.outlier_policies().items() if p.counts_statuses}
         settings: dict[tuple[str, int], EndpointSettings] = {}
-        for ep, s in by_rules.items():
-            r = s.resolved(flags)  # (every field set: the flags are)
+        for ep in by_rules.keys() | report_5xx:
+            r = by_rules.get(ep, NO_POOL_SETTINGS).resolved(flags)  # (every field set)
             assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
             settings[ep] = EndpointSettings(
-                r.max_requests, r.idle_timeout, r.connect_timeout, report_5xx=False
+                r.max_requests, r.idle_timeout, r.connect_timeout, ep in report_5xx
             )
         self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
         if self.relay is not None:
@@ -1161,16 +1170,22 @@ class Worker:
     def _relay_answered(self, addr: tuple[str, int], tag: _Tag | None) -> None:
         self._on_loop(self._endpoint_result, addr, tag, "")
 
+    def _relay_answered_5xx(self, addr: tuple[str, int], tag: _Tag | None, status: int) -> None:
+        self._on_loop(self._endpoint_result, addr, tag, "", "status", status)
+
     def _endpoint_result(
         self,
         addr: tuple[str, int],
         tag: _Tag | _SubsetTag | None,
         why: str,
         kind: str = "connect",
+        status: int = 0,
     ) -> None:
         """Outlier detection for the relay's reports (event loop): a failed
-        connect, a failed response (*kind* ``"response"``), or (no *why*) an
-        answer. See l4proxy/rules/health.py for what each is."""
+        connect, a failed response (*kind* ``"response"``), an application's
+        5xx *status* that a rule's outlierDetection counts (*kind*
+        ``"status"``), or (no *why*, no *status*) an answer. See
+        l4proxy/rules/health.py for what each is."""
         ep = None
         service: Service | None = None
         if isinstance(tag, _Tag):
@@ -1180,14 +1195,17 @@ class Worker:
             service = self.rules.state.table.service(tag.service)
             if service is not None:
                 ep = next((e for e in service.endpoints if (e.address, e.port) == addr), None)
-        if not why:
+        if not why and not status:
             if ep is not None:
                 self.health.success(ep)
             return
         if ep is not None and service is not None:
             peers = [e for e in service.endpoints if e.port == ep.port]
             healthy = self.health.is_healthy(ep)
-            self.health.failure(ep, why, peers, kind)
+            if status:
+                self.health.status(ep, status, peers)
+            else:
+                self.health.failure(ep, why, peers, kind)
             if healthy and not self.health.is_healthy(ep) and self.relay is not None:
                 # ejected now: verdicts cached since the failure (the relay
                 # forgot its cache then, before this ran) still hold it

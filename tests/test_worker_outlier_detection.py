@@ -1,0 +1,198 @@
+"""A DestinationRule's ``trafficPolicy.outlierDetection`` from the rule file
+to a real worker's routing, both relay twins: the application's 5xx eject an
+endpoint where a rule asks (and only there), an ejected destination with
+Istio's ``minHealthPercent`` 0 answers 503 ``no healthy upstream`` (above it
+the panic threshold sends it on), and a reload that removes the rule stops
+the counting."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.rules.routing import Endpoint
+from tests._scripted import Scripted, _answer, _response, _status
+from tests._worker import gateway_service, gateway_worker
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+
+
+def _outlier_rule(**fields: str) -> str:
+    """A DestinationRule for the gateway's service with these
+    ``outlierDetection`` fields."""
+    body = "".join(f"\n      {name}: {value}" for name, value in fields.items())
+    return f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    outlierDetection:{body or " {}"}
+"""
+
+
+def _get(s: socket.socket) -> tuple[int, bytes]:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    raw = _response(s)
+    return _status(raw), raw
+
+
+def _ep(port: int) -> Endpoint:
+    return Endpoint("127.0.0.1", port)
+
+
+async def _until(cond: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_an_endpoints_5xx_eject_it_where_a_rule_asks(
+    which: str, rule: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two endpoints in round robin, A answering 503 to everything: with
+    ``consecutive5xxErrors: 2`` A is ejected at its second 503, and the next
+    10 requests on the same keep-alive connection all go to B. Without the
+    rule the sidecar's own detection counts no application status: A keeps
+    its share (5 of the 10)."""
+    _worker_twin(which, monkeypatch)
+    a = Scripted([_answer(503)] * 100)
+    b = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    text = gateway_service(a.endpoint[1], b.endpoint[1])
+    if rule:
+        text += _outlier_rule(consecutive5xxErrors="2", baseEjectionTime="60s")
+    rules.write_text(text)
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                first = [await loop.run_in_executor(None, _get, s) for _ in range(4)]
+                got["first"] = [status for status, _ in first]
+                if rule:  # (the report reaches Python on its loop: wait for it)
+                    await _until(
+                        lambda: not worker.health.is_healthy(_ep(a.endpoint[1])), "not ejected"
+                    )
+                after = len(a.requests)
+                got["then"] = [(await loop.run_in_executor(None, _get, s))[0] for _ in range(10)]
+                got["a_then"] = len(a.requests) - after
+                got["a"] = worker.health.describe(_ep(a.endpoint[1]))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+        b.close()
+    assert got["first"] == [503, 200, 503, 200], got
+    if rule:
+        assert got["then"] == [200] * 10 and got["a_then"] == 0, got
+        assert (got["a"]["ejections"], got["a"]["status_failures"]) == (1, 2), got["a"]
+        assert got["a"]["outlier_detection"] == "DestinationRule"
+    else:
+        assert sorted(got["then"]) == [200] * 5 + [503] * 5 and got["a_then"] == 5, got
+        assert got["a"]["ejections"] == 0 and got["a"]["status_failures"] == 0, got["a"]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize("min_health", [None, "50"])
+def test_a_destination_all_ejected(
+    which: str, min_health: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One endpoint, ejected at its first 503: with Istio's default
+    ``minHealthPercent`` (0: no panic) the next requests are the proxy's own
+    503 ``no healthy upstream`` and reach no endpoint; with 50 the share
+    healthy (0 %) is below it, so the request goes to the ejected one anyway
+    (Envoy's panic mode)."""
+    _worker_twin(which, monkeypatch)
+    a = Scripted([_answer(503)] * 100)
+    rules = tmp_path / "rules.yaml"
+    fields = {"consecutive5xxErrors": "1", "baseEjectionTime": "60s"}
+    if min_health is not None:
+        fields["minHealthPercent"] = min_health
+    rules.write_text(gateway_service(a.endpoint[1]) + _outlier_rule(**fields))
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                got["first"] = (await loop.run_in_executor(None, _get, s))[0]
+                await _until(lambda: not worker.health.is_healthy(_ep(a.endpoint[1])), "ejected")
+                before = len(a.requests)
+                got["then"] = [await loop.run_in_executor(None, _get, s) for _ in range(3)]
+                got["reached"] = len(a.requests) - before
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+    assert got["first"] == 503
+    if min_health is None:
+        assert [status for status, _ in got["then"]] == [503] * 3
+        assert all(raw.endswith(b"no healthy upstream") for _, raw in got["then"]), got["then"]
+        assert got["reached"] == 0
+    else:
+        assert got["reached"] == 3
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_reload_without_the_rule_stops_counting_statuses(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``consecutive5xxErrors: 100`` A's 503s are counted (3 of them);
+    after a reload that removes the rule they are not (the relay no longer
+    reports them; the sidecar's own detection does not count them)."""
+    _worker_twin(which, monkeypatch)
+    a = Scripted([_answer(503)] * 100)
+    rules = tmp_path / "rules.yaml"
+    plain = gateway_service(a.endpoint[1])
+    rules.write_text(plain + _outlier_rule(consecutive5xxErrors="100"))
+    counted: list[int] = []
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
+            loop = asyncio.get_running_loop()
+            ep = _ep(a.endpoint[1])
+            for step in range(2):
+                if step:
+                    rules.write_text(plain)
+                    assert await watcher.reload()
+                before = worker.health.describe(ep)["status_failures"]
+                s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+                try:
+                    for _ in range(3):
+                        assert (await loop.run_in_executor(None, _get, s))[0] == 503
+                finally:
+                    s.close()
+                if not step:
+                    await _until(
+                        lambda: worker.health.describe(ep)["status_failures"] == 3, "counted"
+                    )
+                else:
+                    await asyncio.sleep(0.2)  # (what would have been reported, has)
+                counted.append(worker.health.describe(ep)["status_failures"] - before)
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+    assert counted == [3, 0], counted
