@@ -196,3 +196,40 @@ def test_a_reload_without_the_rule_stops_counting_statuses(
     finally:
         a.close()
     assert counted == [3, 0], counted
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_per_connection_a_rule_counts_failed_connects(rule: bool, tmp_path: Path) -> None:
+    """--http-routing connection sees no status: a rule's detection counts
+    failed connects. A refuses every connect, B answers; 8 connections in
+    round robin: with ``consecutive5xxErrors: 1`` A is ejected at its first
+    refusal (1 connect tried), with the sidecar's own detection at its third."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refusing = closed.getsockname()[1]
+    closed.close()  # (nothing listens there: refused)
+    b = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    text = gateway_service(refusing, b.endpoint[1])
+    if rule:
+        text += _outlier_rule(consecutive5xxErrors="1")
+    rules.write_text(text)
+    got: dict[str, Any] = {}
+
+    def one(address: tuple[str, int]) -> int:
+        with socket.create_connection(address, timeout=10) as s:
+            return _get(s)[0]
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            got["statuses"] = [await loop.run_in_executor(None, one, address) for _ in range(8)]
+            got["a"] = worker.health.describe(_ep(refusing))
+
+    try:
+        asyncio.run(main())
+    finally:
+        b.close()
+    assert got["statuses"] == [200] * 8  # (a refused connect: the next endpoint)
+    assert got["a"]["connect_failures"] == (1 if rule else 3), got["a"]
+    assert got["a"]["ejections"] == 1
