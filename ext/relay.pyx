@@ -118,7 +118,7 @@ state queues nothing. A failed connect goes to Python at once, as before
 relay, or by the worker (``report_next_successes()``), makes every
 endpoint's next answer news in both. An endpoint whose settings ask for
 its 5xx (``EndpointSettings.report_5xx``, kept in its EP as its pool
-settings are) has every final answer of status 500 or above queued
+settings are) has every final answer of status 500 to 599 queued
 (``OD_5XX``, with its status in ``out_status``), a complete one or a try
 its retry policy retries, for ``answered_5xx``: a failure to the news, as
 a gateway failure is. The steady state pays one compare of the status at
@@ -353,7 +353,7 @@ cdef enum:
     OD_BEFORE = 1       # closed (or reset) before any response byte
     OD_MID = 2          # ... before the response's end
     OD_TIMEOUT = 3      # the route's timeout passed before the response's end
-    OD_5XX = 4          # an answer of 500 or above, of an EP with report_5xx (out_status)
+    OD_5XX = 4          # an answer of 500 to 599, of an EP with report_5xx (out_status)
     OD_CHUNKED = 16     # + the chunked machine's E_*: a response body's framing
     OD_TEXT = 64        # + an index in _outcome_texts: judged in Python
 
@@ -435,7 +435,7 @@ cdef struct EP:
     int max_requests       # per connection; 0: unlimited
     double pool_idle_timeout
     double connect_timeout
-    bint report_5xx        # its answers of 500 and above go to answered_5xx (OD_5XX)
+    bint report_5xx        # its answers of 500 to 599 go to answered_5xx (OD_5XX)
 
 cdef struct Up:
     int kind               # K_UP
@@ -1747,11 +1747,11 @@ cdef void outcome(Relay *R, Conn *c, EP *ep, int why) noexcept nogil:
     detection" in _relay_py.py): a failure (*why*, OD_*) is always queued for
     Python; an answer (0) only when it is news, the endpoint's first, or its
     first since a failure was reported: the steady state queues nothing. An
-    answer of c.status 500 or above, where ep.report_5xx, is queued as
+    answer of c.status 500 to 599, where ep.report_5xx, is queued as
     OD_5XX, always, and counts as a failure."""
     cdef int64_t seen
     if why == OD_ANSWERED:
-        if c.status >= 500 and ep.report_5xx:
+        if 500 <= c.status < 600 and ep.report_5xx:
             ep.answer_seen = 0  # its next answer is news
             if R.n_outcomes >= MAX_OUTCOMES:
                 return

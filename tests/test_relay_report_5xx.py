@@ -116,6 +116,27 @@ def test_each_5xx_is_reported_with_its_status_and_the_next_answer_is_news(
     ]
 
 
+def test_only_500_to_599_is_a_5xx(mode: tuple[str, str]) -> None:
+    """A with report_5xx answering 499, 600 and 999 (a status line may say
+    any three digits): none is a 5xx (Envoy's 500..599), so only A's first
+    answer, news, is reported."""
+    relay, log, a, b, s = _three(mode, [_answer(499), _answer(600), _answer(999)])
+    try:
+        c = _client(relay)
+        _settings(relay, c, {a.endpoint: ON})
+        assert [_ask(c, "a") for _ in range(3)] == [499, 600, 999]
+        assert _ask(c, "b") == 200
+        calls = log.until(("answered", b.endpoint, "t", None))
+        c.close()
+    finally:
+        _closing(relay, a, b, s)
+    assert calls == [
+        ("answered", s.endpoint, "t", None),
+        ("answered", a.endpoint, "t", None),
+        ("answered", b.endpoint, "t", None),
+    ]
+
+
 def test_without_report_5xx_the_statuses_are_answers(mode: tuple[str, str]) -> None:
     """The same backend, A's settings without report_5xx (its own, a
     3-tuple's, and the relay's): its first answer (the 503) is news, and

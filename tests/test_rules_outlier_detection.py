@@ -158,27 +158,32 @@ def test_local_origin_failures_without_the_split_is_a_warning(tmp_path: Path) ->
 # -- the deprecated consecutiveErrors ----------------------------------------
 
 
-def test_consecutive_errors_is_gateway_errors_only(tmp_path: Path) -> None:
-    """Istio's pilot: consecutiveErrors N is consecutive gateway failures N
-    and no 5xx ejection (istio/api#617)."""
-    table = load(tmp_path, rule("{consecutiveErrors: 4}"))
-    assert table.outlier(HOST) == OutlierPolicy(consecutive_5xx=0, consecutive_gateway=4)
+def test_consecutive_errors_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """Istio's pilot has ignored the deprecated consecutiveErrors since 1.7
+    (istio/istio#24087): Istio's defaults hold, beside any other field, and
+    the warning, at its line, says what to set."""
+    f = tmp_path / "rules.yaml"
+    for body, want in (
+        ("consecutiveErrors: 4\n", OutlierPolicy()),
+        (
+            "consecutiveGatewayErrors: 2\nconsecutiveErrors: 4\n",
+            OutlierPolicy(consecutive_gateway=2),
+        ),
+        ("consecutiveErrors: 0\n", OutlierPolicy()),
+    ):
+        f.write_text(rule(body))
+        result = load_rules([str(f), REGISTRY])
+        warnings = [d for d in result.notes if d.severity == "warning"]
+        assert [w.line for w in warnings] == [8 + body.count("\n") - 1], (body, warnings)
+        assert "deprecated and ignored" in warnings[0].message
+        assert "set consecutiveGatewayErrors" in warnings[0].message
+        assert result.table.outlier(HOST) == want, body
 
 
-def test_consecutive_errors_with_an_explicit_5xx_count_keeps_it(tmp_path: Path) -> None:
-    """The pilot applies consecutive5xxErrors after consecutiveErrors."""
-    table = load(tmp_path, rule("{consecutiveErrors: 4, consecutive5xxErrors: 9}"))
-    assert table.outlier(HOST) == OutlierPolicy(consecutive_5xx=9, consecutive_gateway=4)
-
-
-def test_consecutive_errors_zero_sets_nothing(tmp_path: Path) -> None:
-    assert load(tmp_path, rule("{consecutiveErrors: 0}")).outlier(HOST) == OutlierPolicy()
-
-
-def test_consecutive_errors_and_gateway_errors_together_is_an_error(tmp_path: Path) -> None:
-    errs = errors_of(tmp_path, rule("consecutiveGatewayErrors: 2\nconsecutiveErrors: 4\n"))
-    assert [(e.line, e.file.endswith("rules.yaml")) for e in errs] == [(9, True)]
-    assert "keep consecutiveGatewayErrors, remove consecutiveErrors" in errs[0].message
+def test_local_origin_failures_zero_is_unset(tmp_path: Path) -> None:
+    """As Istio's pilot, which sets Envoy's only above 0: 5."""
+    text = rule("{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 0}")
+    assert load(tmp_path, text).outlier(HOST) == OutlierPolicy(split_local=True)
 
 
 # -- errors, each at its line ----------------------------------------------
@@ -513,10 +518,10 @@ def test_validate_verbose_says_the_host_s_and_each_destination_s(
 
 def test_validate_verbose_says_a_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "rules.yaml"
-    f.write_text(rule("{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 0}"))
+    f.write_text(rule("{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}"))
     assert main(["validate", "-v", str(f), REGISTRY]) == 0
     out, _ = capsys.readouterr()
-    assert "outlier detection: 5xx x5, gateway off, local origin off (split), eject" in out
+    assert "outlier detection: 5xx x5, gateway off, local origin x2 (split), eject" in out
 
 
 HTTP_ROUTE = """\

@@ -72,7 +72,9 @@ def test_an_endpoints_5xx_eject_it_where_a_rule_asks(
     rules = tmp_path / "rules.yaml"
     text = gateway_service(a.endpoint[1], b.endpoint[1])
     if rule:
-        text += _outlier_rule(consecutive5xxErrors="2", baseEjectionTime="60s")
+        text += _outlier_rule(
+            consecutive5xxErrors="2", baseEjectionTime="60s", maxEjectionPercent="50"
+        )
     rules.write_text(text)
     got: dict[str, Any] = {}
 
@@ -122,7 +124,7 @@ def test_a_destination_all_ejected(
     _worker_twin(which, monkeypatch)
     a = Scripted([_answer(503)] * 100)
     rules = tmp_path / "rules.yaml"
-    fields = {"consecutive5xxErrors": "1", "baseEjectionTime": "60s"}
+    fields = {"consecutive5xxErrors": "1", "baseEjectionTime": "60s", "maxEjectionPercent": "100"}
     if min_health is not None:
         fields["minHealthPercent"] = min_health
     rules.write_text(gateway_service(a.endpoint[1]) + _outlier_rule(**fields))
@@ -158,44 +160,52 @@ def test_a_destination_all_ejected(
 def test_a_reload_without_the_rule_stops_counting_statuses(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With ``consecutive5xxErrors: 100`` A's 503s are counted (3 of them);
-    after a reload that removes the rule they are not (the relay no longer
-    reports them; the sidecar's own detection does not count them)."""
+    """With ``consecutive5xxErrors: 100`` A's three 503s are counted; after a
+    reload that removes the rule its next three are not (the relay no
+    longer reports them); after one that brings it back, one more 503 is
+    counted. The reports reach Python in order, so once that last one is
+    counted, any report of the three before it would have been too."""
     _worker_twin(which, monkeypatch)
     a = Scripted([_answer(503)] * 100)
     rules = tmp_path / "rules.yaml"
     plain = gateway_service(a.endpoint[1])
-    rules.write_text(plain + _outlier_rule(consecutive5xxErrors="100"))
+    with_rule = plain + _outlier_rule(consecutive5xxErrors="100")
+    rules.write_text(with_rule)
     counted: list[int] = []
+    policies: list[bool] = []
 
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
             loop = asyncio.get_running_loop()
             ep = _ep(a.endpoint[1])
-            for step in range(2):
-                if step:
-                    rules.write_text(plain)
+            start = 0
+            for text, n in ((with_rule, 3), (plain, 3), (with_rule, 1)):
+                if rules.read_text() != text:
+                    rules.write_text(text)
                     assert await watcher.reload()
-                before = worker.health.describe(ep)["status_failures"]
+                policies.append(worker.health.policy(ep) is not None)
                 s = await loop.run_in_executor(None, socket.create_connection, address, 10)
                 try:
-                    for _ in range(3):
+                    for _ in range(n):
                         assert (await loop.run_in_executor(None, _get, s))[0] == 503
                 finally:
                     s.close()
-                if not step:
+                if text is with_rule:
                     await _until(
-                        lambda: worker.health.describe(ep)["status_failures"] == 3, "counted"
+                        lambda least=start + n: (
+                            worker.health.describe(ep)["status_failures"] >= least
+                        ),
+                        "counted",
                     )
-                else:
-                    await asyncio.sleep(0.2)  # (what would have been reported, has)
-                counted.append(worker.health.describe(ep)["status_failures"] - before)
+                    counted.append(worker.health.describe(ep)["status_failures"] - start)
+                    start = worker.health.describe(ep)["status_failures"]
 
     try:
         asyncio.run(main())
     finally:
         a.close()
-    assert counted == [3, 0], counted
+    assert policies == [True, False, True]
+    assert counted == [3, 1], counted
 
 
 @pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
@@ -212,7 +222,7 @@ def test_per_connection_a_rule_counts_failed_connects(rule: bool, tmp_path: Path
     rules = tmp_path / "rules.yaml"
     text = gateway_service(refusing, b.endpoint[1])
     if rule:
-        text += _outlier_rule(consecutive5xxErrors="1")
+        text += _outlier_rule(consecutive5xxErrors="1", maxEjectionPercent="50")
     rules.write_text(text)
     got: dict[str, Any] = {}
 

@@ -71,7 +71,7 @@ wake-up per request. A connect is no success here (see health.py). The
 application's statuses are answers like any other, except where the
 endpoint's settings ask for its 5xx (``EndpointSettings.report_5xx``: its
 DestinationRule's ``outlierDetection`` counts them): there every final
-response of status 500 or above, complete, or a try's that the retry
+response of status 500 to 599, complete, or a try's that the retry
 policy retries (Envoy tells outlier detection each attempt's status), goes
 to ``answered_5xx`` with its status, every one, and counts as a failure
 does for the news above (the endpoint's next answer is reported, and the
@@ -942,7 +942,7 @@ class HttpRelay:
         """A complete response of *status* (0: a tunnel's): reported when
         news, or a 5xx its endpoint's settings ask for, always (see "Outlier
         detection")."""
-        if status >= 500:
+        if 500 <= status < 600:  # (Envoy's 5xx; a status line may say 999)
             s = self.pools.settings.get(endpoint)
             if s is not None and s.report_5xx:
                 self._answer_reported.pop(endpoint, None)  # its next answer is news

@@ -800,8 +800,9 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
     """trafficPolicy.outlierDetection → its policy, what it leaves unset
     Istio's (Envoy's) default (:class:`OutlierPolicy`); None after an error.
 
-    ``consecutive5xxErrors``, ``consecutiveGatewayErrors`` and
-    ``consecutiveLocalOriginFailures``: 0 and up (0: off);
+    ``consecutive5xxErrors`` and ``consecutiveGatewayErrors``: 0 and up (0:
+    off); ``consecutiveLocalOriginFailures``: 0 and up, 0 being unset (5), as
+    Istio's pilot sets Envoy's only above 0;
     ``consecutiveLocalOriginFailures`` counts only with
     ``splitExternalLocalOriginErrors`` (a warning otherwise, as it does
     nothing). ``interval`` and ``baseEjectionTime``: Istio's durations, at
@@ -809,12 +810,10 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
     pilot sets Envoy's only above 0; ``minHealthPercent`` 0..100.
 
     ``consecutiveErrors``: the field Istio deprecated for the two above; it
-    is still in Istio's API (istio/api networking/v1alpha3
-    destination_rule.proto: ``[deprecated=true]``, hidden from the docs),
-    and its pilot maps it to gateway errors alone, turning 5xx off: so here
-    (0 sets nothing, as in the pilot). With ``consecutiveGatewayErrors``
-    too it is an error (both set that counter); an explicit
-    ``consecutive5xxErrors`` keeps its value, as the pilot applies it after.
+    is still in Istio's API (``[deprecated=true]``, hidden from the docs), but
+    its pilot has ignored it since 1.7 (istio/istio#24087): so here, with a
+    warning that says what to set instead (Istio 1.6 and older read it as
+    gateway errors alone, 5xx off).
     """
     od = fields(ctx, value, path, allowed=_OUTLIER_FIELDS)
     if od is None:
@@ -846,6 +845,8 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
     count("consecutive5xxErrors", "consecutive_5xx")
     count("consecutiveGatewayErrors", "consecutive_gateway")
     count("consecutiveLocalOriginFailures", "consecutive_local")
+    if got.get("consecutive_local") == 0:  # unset (5), as Istio's pilot sets it only above 0
+        del got["consecutive_local"]
     seconds("interval", "interval")
     seconds("baseEjectionTime", "base_ejection")
     for name, attr in (
@@ -878,16 +879,13 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
         n = integer(ctx, od["consecutiveErrors"], epath, 0, 2**31 - 1)
         if n is None:
             ok = False
-        elif n > 0 and "consecutive_gateway" in got:
-            ctx.error(
+        else:  # (read, so that a wrong value is an error, as in Istio's validation)
+            ctx.warning(
                 epath,
-                f"{dotted(epath)} (deprecated) and consecutiveGatewayErrors both set the "
-                "gateway error count: keep consecutiveGatewayErrors, remove consecutiveErrors",
+                f"{dotted(epath)} is deprecated and ignored, as Istio's pilot has ignored it "
+                "since 1.7: set consecutiveGatewayErrors (what it counted) or "
+                "consecutive5xxErrors",
             )
-            ok = False
-        elif n > 0:
-            got["consecutive_gateway"] = n
-            got.setdefault("consecutive_5xx", 0)
     if not ok:
         return None
     return dataclasses.replace(base, **got)

@@ -73,11 +73,12 @@ As in Envoy:
 
 Bounded ejection (``max_ejection_percent``, default 50): an ejection that
 would leave more than that share of the endpoints that the caller names as
-*peers* (the service's endpoints on that port) ejected does not happen; the
+*peers* (the endpoints of the service port it serves) ejected does not happen; the
 failure is still counted (``ejections_suppressed``), and the endpoint is
 ejected on a later failure once another one has come back. At least one
-endpoint may always be ejected, whatever the percentage (as in Envoy), so a
-single bad pod of two or three is still steered around. The bound keeps a
+endpoint may always be ejected, whatever the percentage (as Envoy did
+before 1.27, and does with ``always_eject_one_host``), so a single bad pod of
+two or three is still steered around. The bound keeps a
 burst of failures that is not the endpoints' fault (our own fd limit, a
 network blip) from ejecting most of a service at once. 50 rather than
 Envoy's/Istio's 10: with the two or three pods a subset typically has here,
@@ -99,16 +100,21 @@ the most eager of each field), replaces the sidecar's for that endpoint:
 * ``consecutiveGatewayErrors`` (0: off): the same for 502, 503 and 504, and
   the proxy's own failures; another 5xx ends the run, as in Envoy.
 * ``splitExternalLocalOriginErrors``: the proxy's own failures count only
-  towards ``consecutiveLocalOriginFailures`` (5; 0: off); any response, 5xx
+  towards ``consecutiveLocalOriginFailures`` (5; 0 is unset, 5, as Istio's
+  pilot sets it only above 0); any response, 5xx
   or not, ends that run (Envoy ends it at a connect, which a pooled relay
   does not report).
 * a response below 500 ends every run;
 * ``baseEjectionTime`` (30 s) times the number of ejections, up to 300 s or
   the base if longer (Envoy's ``max_ejection_time``); each ``interval`` (10
   s) healthy after an ejection takes one off the multiplier;
-* ``maxEjectionPercent`` (10; at least one endpoint) of the service's
-  endpoints on that port, the *peers* below (Envoy's cluster is the subset:
-  here the bound is over the service's pods);
+* ``maxEjectionPercent`` (10) of the peers (above; Envoy's cluster is the
+  subset, here the bound is over the service port's pods) may be ejected,
+  counting the one to be, with no floor: Envoy's rule since 1.27 (Istio
+  never sets ``always_eject_one_host``), so with the default 10 % a
+  destination of fewer than 10 pods ejects none, and a single pod is never
+  ejected below 100 %. An ejection the bound stops ends the run, as in
+  Envoy: the endpoint needs another whole run to be ejected;
 * ``minHealthPercent`` (0) is the destination's panic threshold, applied by
   the route table (``RouteTable.decide``): with 0, Istio's default, a
   destination whose every endpoint is ejected answers 503 ``no healthy
@@ -116,7 +122,16 @@ the most eager of each field), replaces the sidecar's for that endpoint:
   above the threshold) it takes them all.
 
 Differences from Envoy: an ejection ends when its time is up, not at the next
-``interval`` sweep; there is no success-rate detection (Istio turns it off).
+``interval`` sweep; there is no success-rate detection (Istio turns it off);
+the reports of the compiled loop and of its pure slow path reach Python by
+two queues, so a 5xx and a 200 on the same endpoint at the same moment may be
+counted in either order (a run off by one, once).
+
+A reload that changes an endpoint's detection (a rule's policy added,
+changed or removed) starts its runs again, and ends an ejection that a rule's
+detection made: Envoy builds a changed cluster anew, and removing a
+misbehaving ``outlierDetection`` must be a one-step rollback. An ejection the
+sidecar's own detection made stays.
 
 State is keyed by ``(address, port)`` and survives rule reloads: a reload
 must not forget that a pod is down. It is per worker process. The worker
@@ -189,6 +204,7 @@ class _State:
     ejected_until: float = 0.0
     last_error: str = ""
     ejections_suppressed: int = 0
+    ejected_by: str = ""  # the detection (_Params.source) of the last ejection
 
     def reset(self) -> None:
         self.consecutive_failures = self.consecutive_gateway = self.consecutive_local = 0
@@ -231,8 +247,16 @@ class EndpointHealth:
         is down, nor that it is failing."""
         if dict(policies) == self._policies:
             return
+        old = self._params
         self._policies = dict(policies)
         self._params = {key: _Params.of(p) for key, p in self._policies.items()}
+        for key in old.keys() | self._params.keys():
+            st = self._states.get(key)
+            if st is None or old.get(key) == self._params.get(key):
+                continue
+            st.reset()  # (runs counted under other settings)
+            if st.ejected_by == "DestinationRule":
+                st.ejected_until = min(st.ejected_until, self._clock())
 
     def policy(self, ep: _EndpointLike) -> OutlierPolicy | None:
         """The DestinationRule's detection *ep* takes (None: the sidecar's)."""
@@ -323,8 +347,10 @@ class EndpointHealth:
     def _eject(
         self, ep: _EndpointLike, st: _State, p: _Params, peers: Sequence[_EndpointLike]
     ) -> None:
-        if not self._may_eject(ep, peers, p.max_ejection_percent):
+        if not self._may_eject(ep, peers, p):
             st.ejections_suppressed += 1
+            if p.source != "sidecar":  # Envoy: the run ends, another is needed
+                st.reset()
             return
         now = self._clock()
         if st.ejections and p.decay > 0:  # healthy since the last one: decay
@@ -338,6 +364,7 @@ class EndpointHealth:
         st.ejections = min(st.ejections + 1, most)
         duration = min(p.base_ejection * st.ejections, p.max_ejection)
         st.ejected_until = now + duration
+        st.ejected_by = p.source
         st.reset()
 
     def retain(self, endpoints: Iterable[_EndpointLike]) -> int:
@@ -349,14 +376,19 @@ class EndpointHealth:
             del self._states[key]
         return len(gone)
 
-    def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike], percent: float) -> bool:
-        others = {(p.address, p.port) for p in peers} - {(ep.address, ep.port)}
+    def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike], p: _Params) -> bool:
+        """Whether the bound lets *ep* be ejected now: the sidecar's with a
+        floor of one, a rule's as Envoy since 1.27 (the share ejected,
+        counting *ep*, at most the percentage). No *peers*: the sidecar's
+        always may (no bound), a rule's counts *ep* alone."""
+        others = {(q.address, q.port) for q in peers} - {(ep.address, ep.port)}
+        ejected = sum(1 for key in others if not self._healthy_key(key))
+        total = len(others) + 1
+        if p.source != "sidecar":
+            return (ejected + 1) * 100 <= p.max_ejection_percent * total
         if not others:
             return True
-        total = len(others) + 1
-        allowed = max(1, int(total * percent / 100))
-        ejected = sum(1 for a, p in others if not self._healthy_key((a, p)))
-        return ejected + 1 <= allowed
+        return ejected + 1 <= max(1, int(total * p.max_ejection_percent / 100))
 
     def _healthy_key(self, key: tuple[str, int]) -> bool:
         st = self._states.get(key)

@@ -555,13 +555,16 @@ class OutlierPolicy:
       its run, as in Envoy.
     * ``split_local``: ``splitExternalLocalOriginErrors``; the proxy's own
       failures then count only towards ``consecutive_local``
-      (``consecutiveLocalOriginFailures``, 0: off).
+      (``consecutiveLocalOriginFailures``, 0: off; the rule's 0 is unset, 5,
+      as Istio's pilot).
     * ``interval``: seconds; a span the endpoint stays healthy after an
       ejection takes one ejection off the multiplier (Envoy's sweep).
     * ``base_ejection``: ``baseEjectionTime``, seconds; the n-th ejection
       lasts n times as long, up to :attr:`max_ejection`.
     * ``max_ejection_percent``: ``maxEjectionPercent`` (0 in the rule: unset,
-      10, as Istio); at least one endpoint may always be ejected.
+      10, as Istio); the share of the endpoint's peers that may be ejected,
+      counting it, with no floor (Envoy since 1.27: with 10, fewer than 10
+      pods eject none).
     * ``min_health_percent``: ``minHealthPercent``, the destination's panic
       threshold: below that share of healthy endpoints it takes them all
       (0, Istio's default: never; every endpoint ejected is 503 ``no

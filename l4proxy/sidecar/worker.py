@@ -1200,7 +1200,7 @@ class Worker:
                 self.health.success(ep)
             return
         if ep is not None and service is not None:
-            peers = [e for e in service.endpoints if e.port == ep.port]
+            peers = _peers(service, ep)
             healthy = self.health.is_healthy(ep)
             if status:
                 self.health.status(ep, status, peers)
@@ -1351,7 +1351,7 @@ class Worker:
                 self.health.success(ep)
             return sock
         if ep is not None:
-            peers = [e for e in service.endpoints if e.port == ep.port] if service else ()
+            peers = _peers(service, ep) if service else ()
             self.health.failure(ep, err, peers)
             if self.relay is not None:  # the relay's next answer from each endpoint is news
                 self.relay.report_next_successes()
@@ -1359,6 +1359,17 @@ class Worker:
             "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=err
         )
         return None
+
+
+def _peers(service: Service, ep: Endpoint) -> tuple[Endpoint, ...]:
+    """The endpoints outlier detection bounds *ep*'s ejection among: those of
+    the first service port *ep* serves (every pod of it, whatever its
+    target port)."""
+    key = (ep.address, ep.port)
+    for _, eps in service.port_endpoints:
+        if any((e.address, e.port) == key for e in eps):
+            return eps
+    return (ep,)
 
 
 def _named_endpoints(table: RouteTable) -> set[tuple[str, int]]:
