@@ -243,3 +243,48 @@ def test_per_connection_a_rule_counts_failed_connects(rule: bool, tmp_path: Path
     assert got["statuses"] == [200] * 8  # (a refused connect: the next endpoint)
     assert got["a"]["connect_failures"] == (1 if rule else 3), got["a"]
     assert got["a"]["ejections"] == 1
+
+
+def test_the_relays_reports_reach_health_in_order_one_wake_up_per_batch(
+    tmp_path: Path,
+) -> None:
+    """Reports that arrive while the event loop is busy (here: made from
+    the loop itself, before it yields) wake it once, and reach health in
+    their order: three 5xx, an answer (which ends the run), two 5xx leave
+    a run of two, five counted."""
+    from l4proxy.sidecar.worker import _SubsetTag
+
+    a = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(a.endpoint[1]) + _outlier_rule(consecutive5xxErrors="100"))
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, _address):
+            wakes: list[Any] = []
+            on_loop = worker._on_loop
+
+            def counted(fn: Any, *args: Any) -> bool:
+                wakes.append(fn)
+                return on_loop(fn, *args)
+
+            worker._on_loop = counted  # type: ignore[method-assign]
+            tag = _SubsetTag(HOST, "default", "default", "unknown", "svc-unknown")
+            key = ("127.0.0.1", a.endpoint[1])
+            for status in (503, 500, 502, 0, 504, 500):
+                if status:
+                    worker._relay_answered_5xx(key, tag, status)
+                else:
+                    worker._relay_answered(key, tag)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            got["wakes"] = len(wakes)
+            got["a"] = worker.health.describe(_ep(a.endpoint[1]))
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+    assert got["wakes"] == 1
+    assert (got["a"]["status_failures"], got["a"]["consecutive_failures"]) == (5, 2), got["a"]
+    assert got["a"]["successes"] == 1

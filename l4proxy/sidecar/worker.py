@@ -250,6 +250,12 @@ class Worker:
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the relays' outlier reports, in order, for the event loop
+        # (_endpoint_report): one wake-up of the loop per batch, not per report
+        self._reports: list[tuple[Any, ...]] = []
+        self._reports_lock = threading.Lock()
+        self._reports_due = False  # a _drain_reports is scheduled
+        self.reports_dropped = 0  # reports past _MAX_REPORTS (a stalled loop)
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
@@ -1162,16 +1168,45 @@ class Worker:
         return True
 
     def _relay_connect_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
-        self._on_loop(self._endpoint_result, addr, tag, why)
+        self._endpoint_report(addr, tag, why)
 
     def _relay_response_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
-        self._on_loop(self._endpoint_result, addr, tag, why, "response")
+        self._endpoint_report(addr, tag, why, "response")
 
     def _relay_answered(self, addr: tuple[str, int], tag: _Tag | None) -> None:
-        self._on_loop(self._endpoint_result, addr, tag, "")
+        self._endpoint_report(addr, tag, "")
 
     def _relay_answered_5xx(self, addr: tuple[str, int], tag: _Tag | None, status: int) -> None:
-        self._on_loop(self._endpoint_result, addr, tag, "", "status", status)
+        self._endpoint_report(addr, tag, "", "status", status)
+
+    def _endpoint_report(self, *report: Any) -> None:
+        """A relay's outlier report (its thread): to :meth:`_endpoint_result`
+        on the event loop, in order with the others. Queued, and the loop
+        woken once per batch: an application answering 5xx to every request
+        a rule counts would otherwise cost a wake-up of the loop (a write to
+        its self-pipe) per request."""
+        with self._reports_lock:
+            if len(self._reports) >= _MAX_REPORTS:  # the loop is stalled: bounded
+                self.reports_dropped += 1
+                return
+            self._reports.append(report)
+            if self._reports_due:
+                return
+            self._reports_due = True
+        if not self._on_loop(self._drain_reports):  # shutting down: nothing hears
+            with self._reports_lock:
+                self._reports.clear()
+                self._reports_due = False
+
+    def _drain_reports(self) -> None:
+        with self._reports_lock:
+            reports, self._reports = self._reports, []
+            self._reports_due = False
+        for report in reports:
+            try:
+                self._endpoint_result(*report)
+            except Exception:  # (a bug: the reports after it still count)
+                log.exception("outlier report %r failed", report)
 
     def _endpoint_result(
         self,
@@ -1359,6 +1394,10 @@ class Worker:
             "l4proxy_upstream_connect_failures_total", service=_cluster(service), error=err
         )
         return None
+
+
+# Outlier reports queued for the event loop at most (_endpoint_report)
+_MAX_REPORTS = 65536
 
 
 def _peers(service: Service, ep: Endpoint) -> tuple[Endpoint, ...]:
