@@ -48,6 +48,20 @@ def gateway_service(*ports: int, labels: tuple[str, ...] = ()) -> str:
     return GATEWAY_SERVICE % "\n".join(rows)
 
 
+def gateway_destination_rule(traffic_policy: str) -> str:
+    """A DestinationRule for GATEWAY_SERVICE's host whose trafficPolicy is
+    *traffic_policy* (YAML lines, indented as under ``trafficPolicy:``)."""
+    return f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: svc.default.svc.cluster.local
+  trafficPolicy:
+{traffic_policy}"""
+
+
 @contextlib.asynccontextmanager
 async def gateway_worker(
     rules: Path,

@@ -4,27 +4,11 @@ Istio's ejection times and bound; the sidecar's own detection elsewhere."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from l4proxy.rules.health import EndpointHealth
 from l4proxy.rules.routing import OutlierPolicy
-
-
-@dataclass(frozen=True)
-class Ep:
-    address: str
-    port: int
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.test_health import Clock, Ep
 
 A = Ep("198.18.0.1", 80)
 B = Ep("198.18.0.2", 80)

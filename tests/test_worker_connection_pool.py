@@ -15,11 +15,9 @@ from typing import Any
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_relay_endpoint_settings import _never_accepting
 from tests.test_relay_retries import _worker_twin
-
-HOST = "svc.default.svc.cluster.local"
 
 
 def _pool_rule(**fields: str) -> str:
@@ -30,16 +28,7 @@ def _pool_rule(**fields: str) -> str:
         section, name = key.split("__")
         sections.setdefault(section, []).append(f"        {name}: {value}")
     body = "".join(f"      {s}:\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
-    return f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  trafficPolicy:
-    connectionPool:
-{body}"""
+    return gateway_destination_rule("    connectionPool:\n" + body)
 
 
 def _keepalive_gets(address: tuple[str, int], n: int) -> list[int]:

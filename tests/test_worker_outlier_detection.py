@@ -17,7 +17,7 @@ import pytest
 
 from l4proxy.rules.routing import Endpoint
 from tests._scripted import Scripted, _answer, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_relay_retries import _worker_twin
 
 HOST = "svc.default.svc.cluster.local"
@@ -27,16 +27,7 @@ def _outlier_rule(**fields: str) -> str:
     """A DestinationRule for the gateway's service with these
     ``outlierDetection`` fields."""
     body = "".join(f"\n      {name}: {value}" for name, value in fields.items())
-    return f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  trafficPolicy:
-    outlierDetection:{body or " {}"}
-"""
+    return gateway_destination_rule(f"    outlierDetection:{body or ' {}'}\n")
 
 
 def _get(s: socket.socket) -> tuple[int, bytes]:
