@@ -431,8 +431,24 @@ def test_settings_take_part_in_equality(tmp_path: Path) -> None:
 def test_the_table_s_json_says_the_settings(tmp_path: Path) -> None:
     table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2, TO_V1))
     dump = json.loads(json.dumps(table.to_json()))
-    rule = {"max_requests_per_connection": 100, "idle_timeout": 30.0, "connect_timeout": 0.03}
-    v2 = {"max_requests_per_connection": 5, "idle_timeout": None, "connect_timeout": None}
+    # (the circuit breakers, unset here: tests/test_rules_circuit_breakers.py)
+    unlimited = {
+        "max_connections": None,
+        "http1_max_pending_requests": None,
+        "http2_max_requests": None,
+    }
+    rule = {
+        "max_requests_per_connection": 100,
+        "idle_timeout": 30.0,
+        "connect_timeout": 0.03,
+        **unlimited,
+    }
+    v2 = {
+        "max_requests_per_connection": 5,
+        "idle_timeout": None,
+        "connect_timeout": None,
+        **unlimited,
+    }
     assert dump["connection_pools"] == {
         "198.18.0.11:8080": rule,
         "198.18.0.12:8080": rule,

@@ -465,19 +465,31 @@ MAX_REQUESTS_PER_CONNECTION: Final = 2**29
 class PoolSettings:
     """A DestinationRule's ``trafficPolicy.connectionPool``, as the sidecar
     applies it to the upstream connection pool of each endpoint (per
-    worker). None: not set, the sidecar's flag (``l4proxy run
-    --pool-max-requests``, ``--pool-idle-timeout``, ``--connect-timeout``).
+    worker). None: not set; for the first three, the sidecar's flag
+    (``l4proxy run --pool-max-requests``, ``--pool-idle-timeout``,
+    ``--connect-timeout``).
 
     ``max_requests``: ``http.maxRequestsPerConnection``, requests a
     connection carries before it is closed (0: unlimited, Istio's default;
     1: no reuse). ``idle_timeout``: ``http.idleTimeout``, seconds a pooled
     connection may stay idle. ``connect_timeout``: ``tcp.connectTimeout``,
     seconds a connect may take.
+
+    Istio's circuit breakers, which no flag sets (None: unlimited):
+    ``max_connections``: ``tcp.maxConnections``, connections open to the
+    endpoint at once (a request beyond waits pending for one);
+    ``max_pending``: ``http.http1MaxPendingRequests``, requests waiting
+    for a connection at once; ``max_active``: ``http.http2MaxRequests``,
+    requests in flight at once. A request beyond the pending or active
+    limit is answered 503 at once (Envoy's overflow).
     """
 
     max_requests: int | None = None
     idle_timeout: float | None = None
     connect_timeout: float | None = None
+    max_connections: int | None = None
+    max_pending: int | None = None
+    max_active: int | None = None
     # pool_settings()' per endpoint only: the fields that a destination
     # without them also reaches the endpoint with, whose value is therefore
     # this one or the sidecar's flag, whichever is the stricter
@@ -486,15 +498,14 @@ class PoolSettings:
     @property
     def is_set(self) -> bool:
         """Whether any setting is set."""
-        return not (
-            self.max_requests is None and self.idle_timeout is None and self.connect_timeout is None
-        )
+        return any(getattr(self, name) is not None for name in POOL_FIELDS)
 
     def strictest(self, other: PoolSettings) -> PoolSettings:
         """Both settings at once, field by field: a set value beats an unset
-        one; of two set values the smaller (``max_requests`` 0, unlimited,
-        counts as the largest). Commutative and associative, so the merge
-        of many does not depend on their order."""
+        one (for the circuit breakers too: a limit beats none); of two set
+        values the smaller (``max_requests`` 0, unlimited, counts as the
+        largest). Commutative and associative, so the merge of many does
+        not depend on their order."""
         mr = self.max_requests
         if other.max_requests is not None and (
             mr is None or mr == 0 or (other.max_requests != 0 and other.max_requests < mr)
@@ -504,6 +515,9 @@ class PoolSettings:
             mr,
             _smaller(self.idle_timeout, other.idle_timeout),
             _smaller(self.connect_timeout, other.connect_timeout),
+            _smaller_int(self.max_connections, other.max_connections),
+            _smaller_int(self.max_pending, other.max_pending),
+            _smaller_int(self.max_active, other.max_active),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -513,9 +527,11 @@ class PoolSettings:
         return out
 
     def resolved(self, flags: PoolSettings) -> PoolSettings:
-        """With the sidecar's *flags* (every field set) for what is not set,
-        and the stricter of this and the flag where :attr:`or_flag` says so:
-        what the endpoint's connections use."""
+        """With the sidecar's *flags* (every field that has a flag set) for
+        what is not set, and the stricter of this and the flag where
+        :attr:`or_flag` says so: what the endpoint's connections use. The
+        circuit breakers have no flag (None in *flags*): this one's, or
+        unlimited."""
         out = []
         for name in POOL_FIELDS:
             mine, flag = getattr(self, name), getattr(flags, name)
@@ -528,12 +544,28 @@ class PoolSettings:
         return PoolSettings(*out)
 
 
-POOL_FIELDS: Final = ("max_requests", "idle_timeout", "connect_timeout")
+POOL_FIELDS: Final = (
+    "max_requests",
+    "idle_timeout",
+    "connect_timeout",
+    "max_connections",
+    "max_pending",
+    "max_active",
+)
+# the fields a sidecar flag sets (what a destination that leaves one unset
+# reaches an endpoint with): only these can be in or_flag; the circuit
+# breakers have none, unset is unlimited, so the merge keeps the limit
+FLAGGED_POOL_FIELDS: Final = ("max_requests", "idle_timeout", "connect_timeout")
 _POOL_JSON_NAMES: Final = {
     "max_requests": "max_requests_per_connection",
     "idle_timeout": "idle_timeout",
     "connect_timeout": "connect_timeout",
+    "max_connections": "max_connections",
+    "max_pending": "http1_max_pending_requests",
+    "max_active": "http2_max_requests",
 }
+# Istio's circuit breaker fields are int32 (its pilot sets Envoy's above 0)
+MAX_CIRCUIT_BREAKER: Final = 2**31 - 1
 
 
 NO_POOL_SETTINGS: Final = PoolSettings()
@@ -646,6 +678,14 @@ def _smallest_on(a: int, b: int) -> int:
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _smaller_int(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     if b is None:
@@ -1117,7 +1157,9 @@ class RouteTable:
         can reach it, merged by :meth:`PoolSettings.strictest`, a field that
         some of them leave unset (the sidecar's flag there) named in
         ``or_flag`` (:meth:`PoolSettings.resolved` takes the stricter of it
-        and the flag); an endpoint that none sets anything for is left out.
+        and the flag); a circuit breaker (no flag) that some set and others
+        leave unset (unlimited) is the set one, the strictest, and not in
+        ``or_flag``; an endpoint that none sets anything for is left out.
         The destinations: each route
         destination's subset (``Subset.pool``: the DestinationRule subset's
         own ``connectionPool``, which replaces the rule's as a whole, else
@@ -1168,7 +1210,7 @@ class RouteTable:
             merged = functools.reduce(PoolSettings.strictest, settings)
             bound = frozenset(
                 name
-                for name in POOL_FIELDS
+                for name in FLAGGED_POOL_FIELDS
                 if getattr(merged, name) is not None
                 and any(getattr(s, name) is None for s in settings)
             )
