@@ -1005,9 +1005,9 @@ spec:
   host: bootcamp
   trafficPolicy:
     connectionPool:
-      tcp: {maxConnections: 1}
+      tcp: {tcpKeepalive: {time: 7200s}}
 """,
-        "spec.trafficPolicy.connectionPool.tcp.maxConnections is not implemented by l4proxy",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not implemented by l4proxy",
         8,
     ),
     (

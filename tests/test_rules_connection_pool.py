@@ -82,44 +82,16 @@ CIRCUIT_BREAKING = (
 )
 
 
-def test_the_circuit_breaking_task_s_rule_minus_its_refused_fields_loads(tmp_path: Path) -> None:
-    text = (
-        DR_HEAD
-        + """\
-  trafficPolicy:
-    connectionPool:
-      tcp: {}
-      http:
-        maxRequestsPerConnection: 1
-"""
-    )
-    table = load(tmp_path, text)
-    one = PoolSettings(max_requests=1)
-    assert table.pool_settings() == {V1A: one, V1B: one, V2: one}
-    assert table.pool(HOST) == one
-
-
-def test_the_circuit_breaking_task_s_rule_as_given_is_refused_field_by_field(
-    tmp_path: Path,
-) -> None:
-    errs = errors_of(tmp_path, CIRCUIT_BREAKING)
-    got = {(e.line, e.message.split(" ", 1)[0]) for e in errs}
-    assert got == {
-        (9, "spec.trafficPolicy.connectionPool.tcp.maxConnections"),
-        (11, "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests"),
-    }
-    assert all(e.file.endswith("rules.yaml") for e in errs)
+# (tests/test_rules_circuit_breakers.py: it loads whole, circuit breakers
+# and outlierDetection included)
 
 
 # -- refused and invalid fields ------------------------------------------
 
 REFUSED = [
-    ("tcp", "maxConnections", "100", "does not cap connections"),
     ("tcp", "tcpKeepalive", "{time: 7200s}", "no TCP keepalive"),
     ("tcp", "maxConnectionDuration", "1h", "maxRequestsPerConnection"),
     ("tcp", "idleTimeout", "1h", "http.idleTimeout"),
-    ("http", "http1MaxPendingRequests", "1", "does not queue"),
-    ("http", "http2MaxRequests", "1000", "does not cap requests"),
     ("http", "maxRetries", "3", "retries.attempts"),
     ("http", "useClientProtocol", "true", "HTTP/1.1"),
     ("http", "maxConcurrentStreams", "100", "HTTP/1.1"),
@@ -483,13 +455,16 @@ def test_validate_verbose_prints_each_endpoint_s_settings(
 def test_validate_names_a_refused_field_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    f = tmp_path / "cb.yaml"
-    f.write_text(CIRCUIT_BREAKING)
+    f = tmp_path / "keepalive.yaml"
+    f.write_text(
+        DR_HEAD + "  trafficPolicy:\n    connectionPool:\n      tcp:\n"
+        "        maxConnections: 1\n        tcpKeepalive: {time: 7200s}\n"
+    )
     code = main(["validate", str(f), REGISTRY])
     _, err = capsys.readouterr()
     assert code == 1
     assert (
-        f"{f}:9: DestinationRule bootcamp: spec.trafficPolicy.connectionPool.tcp.maxConnections "
+        f"{f}:10: DestinationRule bootcamp: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive "
         "is not implemented by l4proxy" in err
     )
 

@@ -49,6 +49,7 @@ from l4proxy.rules.routing import (
     ISTIO_DEFAULT_RETRY_CODES,
     ISTIO_DEFAULT_RETRY_ON,
     LB_POLICIES,
+    MAX_CIRCUIT_BREAKER,
     MAX_REQUESTS_PER_CONNECTION,
     RETRY_ON_NO_OPS,
     RETRY_ON_POLICIES,
@@ -686,15 +687,12 @@ def _load_balancer(ctx: Ctx, tp: dict[str, Any], path: Path) -> tuple[str | None
 # Istio's ConnectionPoolSettings fields that the sidecar does not honour,
 # each with why or what to do instead
 _TCP_POOL_UNIMPLEMENTED = {
-    "maxConnections": "the sidecar does not cap connections per endpoint",
     "tcpKeepalive": "the sidecar sets no TCP keepalive on upstream connections",
     "maxConnectionDuration": "use http.maxRequestsPerConnection to recycle connections",
     "idleTimeout": "use http.idleTimeout for pooled connections; `l4proxy run --idle-timeout` "
     "bounds a connection's idle time",
 }
 _HTTP_POOL_UNIMPLEMENTED = {
-    "http1MaxPendingRequests": "the sidecar does not queue requests for a connection",
-    "http2MaxRequests": "the sidecar does not cap requests in flight per endpoint",
     "maxRetries": "a route's retries.attempts bounds each request's retries",
     "useClientProtocol": "the sidecar speaks HTTP/1.1 to every upstream",
     "maxConcurrentStreams": "the sidecar speaks HTTP/1.1 to every upstream (no streams)",
@@ -710,7 +708,12 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
     0, Istio's default, is not set, as in Istio's pilot, which sets Envoy's
     only when above 0: the sidecar's flag then), ``http.idleTimeout`` and
     ``tcp.connectTimeout`` (Istio's durations, at least 1ms, whole
-    milliseconds, as Istio's validation). ``http.h2UpgradePolicy`` DEFAULT
+    milliseconds, as Istio's validation), and the circuit breakers
+    ``tcp.maxConnections``, ``http.http1MaxPendingRequests`` and
+    ``http.http2MaxRequests`` (Istio's int32: up to 2^31-1; 0 is not set,
+    unlimited, as in Istio's pilot, which sets Envoy's thresholds only above
+    0; a negative one is an error, as in Istio's validation).
+    ``http.h2UpgradePolicy`` DEFAULT
     and DO_NOT_UPGRADE are accepted and do nothing (the sidecar speaks
     HTTP/1.1 upstream and never upgrades); UPGRADE and every other field of
     Istio's API are refused by name.
@@ -722,29 +725,50 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
     max_requests: int | None = None
     idle: float | None = None
     connect: float | None = None
+    # the circuit breakers, by Istio's name: (0: unset) or None
+    limits: dict[str, int | None] = {}
+
+    def limit(section: dict[str, Any], spath: Path, name: str) -> bool:
+        if section.get(name) is None:
+            return True
+        n = integer(ctx, section[name], (*spath, name), 0, MAX_CIRCUIT_BREAKER)
+        limits[name] = n
+        return n is not None
+
     if cp.get("tcp") is not None:
         tpath = (*path, "tcp")
+        tallowed = ("connectTimeout", "maxConnections")
         tcp = fields(
             ctx,
             cp["tcp"],
             tpath,
-            allowed=("connectTimeout",),
+            allowed=tallowed,
             unimplemented=_TCP_POOL_UNIMPLEMENTED,
         )
-        if tcp is None or any(k != "connectTimeout" for k in tcp):
+        if tcp is None or any(k not in tallowed for k in tcp):
             ok = False
-        elif tcp.get("connectTimeout") is not None:
+            tcp = tcp or {}
+        if tcp.get("connectTimeout") is not None:
             connect = duration(ctx, tcp["connectTimeout"], (*tpath, "connectTimeout"), zero=False)
             ok = ok and connect is not None
+        ok = limit(tcp, tpath, "maxConnections") and ok
     if cp.get("http") is not None:
         hpath = (*path, "http")
-        allowed = ("maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy")
+        allowed = (
+            "maxRequestsPerConnection",
+            "idleTimeout",
+            "h2UpgradePolicy",
+            "http1MaxPendingRequests",
+            "http2MaxRequests",
+        )
         http = fields(
             ctx, cp["http"], hpath, allowed=allowed, unimplemented=_HTTP_POOL_UNIMPLEMENTED
         )
         if http is None or any(k not in allowed for k in http):
             ok = False
             http = http or {}
+        ok = limit(http, hpath, "http1MaxPendingRequests") and ok
+        ok = limit(http, hpath, "http2MaxRequests") and ok
         if http.get("maxRequestsPerConnection") is not None:
             max_requests = integer(
                 ctx,
@@ -778,7 +802,14 @@ def _connection_pool(ctx: Ctx, value: Any, path: Path) -> PoolSettings | None:
                 ok = False
     if not ok:
         return None
-    return PoolSettings(max_requests or None, idle, connect)
+    return PoolSettings(
+        max_requests or None,
+        idle,
+        connect,
+        limits.get("maxConnections") or None,
+        limits.get("http1MaxPendingRequests") or None,
+        limits.get("http2MaxRequests") or None,
+    )
 
 
 # Istio's OutlierDetection counters (UInt32Value; 0: off)

@@ -213,9 +213,10 @@ def _fires(rt: dict[str, Any]) -> bool:
 
 def _pool(cp: dict[str, Any]) -> str:
     """Connection pool settings (``PoolSettings.to_json()``) in words; what
-    is not said is the sidecar's flag, and a value another destination
-    reaches the endpoint without (``or_flag``) is the stricter of it and
-    the flag."""
+    is not said is the sidecar's flag (a circuit breaker: unlimited), and a
+    value another destination reaches the endpoint without (``or_flag``) is
+    the stricter of it and the flag. The circuit breakers come last, as
+    ``max 1 connection, 1 pending, 100 active``."""
     said = []
     bound = set(cp.get("or_flag", ()))
     n = cp.get("max_requests_per_connection")
@@ -232,6 +233,18 @@ def _pool(cp: dict[str, Any]) -> str:
             said.append(f"{name.replace('_', ' ')} {_duration(cp[name])}")
             if name in bound:
                 said[-1] += " (or the flag's, if shorter)"
+    limits = []
+    for name, unit in (
+        ("max_connections", "connection"),
+        ("http1_max_pending_requests", "pending"),
+        ("http2_max_requests", "active"),
+    ):
+        n = cp.get(name)
+        if n is not None:
+            plural = "s" if unit == "connection" and n != 1 else ""
+            limits.append(f"{n} {unit}{plural}")
+    if limits:
+        said.append("max " + ", ".join(limits))
     return ", ".join(said) or "the sidecar's flags"
 
 
