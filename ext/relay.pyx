@@ -149,7 +149,12 @@ import socket as _socket
 import threading
 
 from l4proxy.dataplane import _relay_py
-from l4proxy.dataplane._exchange_py import local_response, response_hop_by_hop
+from l4proxy.dataplane._exchange_py import (
+    OVERFLOW_BODY,
+    OVERFLOW_HEADERS,
+    local_response,
+    response_hop_by_hop,
+)
 from l4proxy.dataplane._framing_py import (
     CHUNKED_ERRORS,
     MAX_CHUNK_LINE,
@@ -436,6 +441,17 @@ cdef struct EP:
     double pool_idle_timeout
     double connect_timeout
     bint report_5xx        # its answers of 500 to 599 go to answered_5xx (OD_5XX)
+    # circuit breakers (0: unlimited; see "Circuit breakers")
+    int max_connections    # open connections: checked out, connecting, idle (n_open)
+    int max_pending        # requests waiting for one (pend_head ..., n_pending)
+    int max_active         # requests in flight (active)
+    int n_open
+    int64_t n_pending      # (pending() reads it)
+    Conn *pend_head        # waiting requests, oldest first (Conn.pend_*)
+    Conn *pend_tail
+    int64_t overflows      # the breakers' 503s (atomic: overflows() reads it)
+    bint kicked            # in Relay.kick_head's list: its waiting ones may go
+    EP *kick_next
 
 cdef struct Up:
     int kind               # K_UP
@@ -562,6 +578,9 @@ cdef struct Conn:
     EP *fail_ep
     Conn *need_next
     Conn *grave_next
+    EP *pend_ep            # waiting for a connection to it (max_connections); NULL: not
+    Conn *pend_prev
+    Conn *pend_next
     signed char phase
     signed char need
     signed char rs         # RS_*
@@ -660,6 +679,7 @@ cdef struct Relay:
     char *scratch
     Conn *need_head
     Conn *need_tail
+    EP *kick_head          # endpoints whose waiting requests may go (serve_pending)
     Conn *cgrave
     Up *ugrave
     EP **eps
@@ -995,6 +1015,34 @@ cdef void up_close(Relay *R, Up *u) noexcept nogil:
     u.closed = True
     u.grave_next = R.ugrave
     R.ugrave = u
+    u.ep.n_open -= 1
+    if u.ep.pend_head != NULL:
+        kick(R, u.ep)  # below max_connections: one may connect
+
+
+cdef void kick(Relay *R, EP *ep) noexcept nogil:
+    """ep's waiting requests may go (a connection released or closed, a
+    new limit): serve_pending(), before the loop waits again."""
+    if not ep.kicked:
+        ep.kicked = True
+        ep.kick_next = R.kick_head
+        R.kick_head = ep
+
+
+cdef void pend_unlink(Conn *c) noexcept nogil:
+    """c waits no more (served, answered, gone)."""
+    cdef EP *ep = c.pend_ep
+    if c.pend_prev != NULL:
+        c.pend_prev.pend_next = c.pend_next
+    else:
+        ep.pend_head = c.pend_next
+    if c.pend_next != NULL:
+        c.pend_next.pend_prev = c.pend_prev
+    else:
+        ep.pend_tail = c.pend_prev
+    c.pend_prev = c.pend_next = NULL
+    c.pend_ep = NULL
+    ep.n_pending -= 1
 
 
 cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogil:
@@ -1033,6 +1081,8 @@ cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogi
         ep.idle_head = u
         ep.n_idle += 1
         interest_up(R, u)
+        if ep.pend_head != NULL:
+            kick(R, ep)  # the first waiting request takes it
         return
     up_close(R, u)
 
@@ -1074,6 +1124,8 @@ cdef void conn_forget(Relay *R, Conn *c, bint closing) noexcept nogil:
     solo fd out of epoll by itself (no epoll_ctl)."""
     cdef sys_.epoll_event ev
     cdef int i
+    if c.pend_ep != NULL:
+        pend_unlink(c)
     if c.need != N_NONE:
         # closed with a question pending (a step asked, then a flush to a
         # client gone failed): bury() frees c before _service reads the list
@@ -1698,6 +1750,8 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
 
 cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
     """The routed request is over (answered, or cut short): counted once."""
+    if c.pend_ep != NULL:  # (its route timeout's 504)
+        pend_unlink(c)
     if not c.uncounted:
         return
     c.uncounted = False
@@ -1882,7 +1936,12 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     answers 504 should it pass during the backoff). Meanwhile c waits in
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
     later than it (timers_due())."""
-    cdef EP *ep = c.up.ep
+    cdef EP *ep
+    if c.pend_ep != NULL:  # a try waiting for a connection (its per-try timer)
+        ep = c.pend_ep
+        pend_unlink(c)
+    else:
+        ep = c.up.ep
     if why >= 0:
         outcome(R, c, ep, why)
     up_discard(R, c)
@@ -1929,10 +1988,7 @@ cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
     if c.retry.per_try > 0:
         c.try_deadline = now + c.retry.per_try
         timer_at(R, c.try_deadline)
-    if ep.idle_head != NULL:
-        take_idle(R, c, ep, now)
-        return
-    connect_to(R, c, ep, now)
+    try_ep(R, c, ep, now, True)
 
 
 cdef void timers_due(Relay *R, double now) noexcept nogil:
@@ -2955,11 +3011,55 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
             replay_add(c, c.rhead.p, c.rhead.len)
     if c.req_left == 0:
         request_read(R, c, now)  # a request without a body: its connect counts
-    ep = c.cand[0]
-    if ep.idle_head != NULL:
+    try_ep(R, c, c.cand[0], now, True)
+
+
+cdef inline void try_ep(Relay *R, Conn *c, EP *ep, double now, bint pooled) noexcept nogil:
+    """A try to *ep*: on its idle pooled connection (*pooled*), else a new
+    one (connect_to: within max_connections, or waiting); at max_active the
+    overflow answer. Without limits: a compare more than before."""
+    if ep.max_active and ep.active >= ep.max_active:
+        overflow(R, c, ep, now)
+    elif ep.idle_head != NULL and (pooled or ep.max_connections):
         take_idle(R, c, ep, now)
-        return
-    connect_to(R, c, ep, now)
+    else:
+        connect_to(R, c, ep, now)
+
+
+cdef void overflow(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
+    """A circuit breaker's answer: Envoy's 503 (no outcome: the endpoint did
+    nothing); a retry's request is lost, as when out of fds."""
+    L4R_ADD(&ep.overflows, 1)
+    if c.retried:
+        on_upstream_eof(R, c, now)
+    else:
+        local_answer(R, c, R_overflow, now)
+
+
+cdef void serve_pending(Relay *R, double now) noexcept nogil:
+    """The kicked endpoints' waiting requests, first come first served: each
+    on an idle connection (one just released), else a new one while below
+    the endpoint's limits; the rest wait for the next kick (no scan when
+    nothing changed). A closed Conn is buried by the caller."""
+    cdef EP *ep
+    cdef Conn *c
+    while R.kick_head != NULL:
+        ep = R.kick_head
+        R.kick_head = ep.kick_next
+        ep.kick_next = NULL
+        ep.kicked = False
+        while ep.pend_head != NULL:
+            if ep.max_active and ep.active >= ep.max_active:
+                break
+            if ep.idle_head == NULL and ep.max_connections and ep.n_open >= ep.max_connections:
+                break
+            c = ep.pend_head
+            pend_unlink(c)
+            if ep.idle_head != NULL:
+                take_idle(R, c, ep, now)
+            else:
+                connect_to(R, c, ep, now)
+            settle(R, c)
 
 
 cdef inline void take_idle(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
@@ -2983,6 +3083,23 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     cdef int fd, one = 1, r
     cdef Up *u
     c.phase = P_CONNECT
+    if ep.max_connections and ep.n_open >= ep.max_connections:
+        if ep.max_pending and ep.n_pending >= ep.max_pending:
+            overflow(R, c, ep, now)
+            return
+        # waits (in P_CONNECT, no upstream: watched for its reset, its
+        # route timeout running) for serve_pending()
+        c.up = NULL
+        c.pend_ep = ep
+        c.pend_next = NULL
+        c.pend_prev = ep.pend_tail
+        if ep.pend_tail != NULL:
+            ep.pend_tail.pend_next = c
+        else:
+            ep.pend_head = c
+        ep.pend_tail = c
+        ep.n_pending += 1
+        return
     if not ep.numeric:
         c.fail_ep = ep
         c.fail_errno = -1  # "not resolved yet"
@@ -3038,6 +3155,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.kind = K_UP
     u.fd = fd
     u.ep = ep
+    ep.n_open += 1
     u.owner = c
     u.connecting = True
     u.deadline = now + ep.connect_timeout
@@ -3081,7 +3199,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             j += 1
     c.n_cand = j
     if c.n_cand:
-        connect_to(R, c, c.cand[0], now)
+        try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed: the request is lost
         on_upstream_eof(R, c, now)
     else:
@@ -3106,6 +3224,7 @@ cdef void retry_order(Conn *c, EP *failed) noexcept nogil:
 
 cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
 cdef Verdict_ *R_overloaded = NULL   # 503 "overloaded": out of fds
+cdef Verdict_ *R_overflow = NULL     # 503 a circuit breaker's (overflow())
 
 
 cdef inline bint reuse_retry_done(Conn *c) noexcept nogil:
@@ -3133,7 +3252,7 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             up_discard(R, c)
             if c.tries == 0:
                 retry_order(c, ep)
-            connect_to(R, c, c.cand[0], now)
+            try_ep(R, c, c.cand[0], now, False)
             return
         if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
             policy_retry(R, c, OD_BEFORE, now)
@@ -3665,7 +3784,7 @@ cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
     c.try_deadline = 0
     if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
         L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
-        policy_retry(R, c, -1 if c.up.connecting else OD_TIMEOUT, now)
+        policy_retry(R, c, -1 if c.up == NULL or c.up.connecting else OD_TIMEOUT, now)
     else:
         route_timeout(R, c, now)
     return True
@@ -3766,12 +3885,17 @@ cdef int run(Relay *R) noexcept nogil:
     cdef void *ptr
     cdef bint py_req
     while True:
+        if R.kick_head != NULL:
+            serve_pending(R, now_s())
+            bury(R)
+            if R.need_head != NULL:
+                return 1
         now = now_s()
         wake = R.next_tick
         if R.next_timer and R.next_timer < wake:
             wake = R.next_timer  # a deadline or a backoff: the tick is too coarse
         timeout = <int>((wake - now) * 1000) + 1
-        if timeout < 0:
+        if timeout < 0 or R.kick_head != NULL:  # (kicked while served)
             timeout = 0
         n = sys_.epoll_wait_nc(R.epfd, events, MAX_EVENTS, timeout)
         now = now_s()
@@ -3865,6 +3989,7 @@ cdef class HttpRelay:
     cdef dict _ep_ids
     cdef list _ep_keys
     cdef dict _external            # add_external()'s counts (under _intern_lock)
+    cdef dict _overflows_gone      # overflows() of the EPs a sweep freed (under _intern_lock)
     cdef dict _rr_ids
     cdef dict _tag_ids
     cdef dict _key_index           # key header name -> its index in the Head
@@ -3894,7 +4019,7 @@ cdef class HttpRelay:
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
-        global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded
+        global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded, R_overflow
         global _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, _LOCAL_502_MID_KEEP
         global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
         if self.R != NULL:
@@ -3932,6 +4057,7 @@ cdef class HttpRelay:
         self._ep_keys = []
         self._settings = {}
         self._external = {}
+        self._overflows_gone = {}
         self._rr_ids = {}
         self._tag_ids = {}
         self._tags = []
@@ -3957,6 +4083,7 @@ cdef class HttpRelay:
                                    &_LOCAL_504_KEEP_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
+            R_overflow = _local_verdict(503, OVERFLOW_BODY, -1, OVERFLOW_HEADERS)
         R = <Relay*>calloc(1, sizeof(Relay))
         if R == NULL:
             raise MemoryError()
@@ -4294,6 +4421,8 @@ cdef class HttpRelay:
         for k in range(self.R.n_eps):
             ep = self.R.eps[k]
             self._ep_settings(ep, self._ep_keys[k])
+            if ep.pend_head != NULL:
+                kick(self.R, ep)  # a limit raised or gone: they go (run())
             u = ep.idle_head
             while u != NULL:
                 nxt = u.idle_next
@@ -4311,11 +4440,15 @@ cdef class HttpRelay:
             ep.pool_idle_timeout = R.pool_idle_timeout
             ep.connect_timeout = R.connect_timeout
             ep.report_5xx = False
+            ep.max_connections = ep.max_pending = ep.max_active = 0
         else:
             ep.max_requests = s.max_requests
             ep.pool_idle_timeout = s.idle_timeout
             ep.connect_timeout = s.connect_timeout
             ep.report_5xx = s.report_5xx
+            ep.max_connections = s.max_connections
+            ep.max_pending = s.max_pending
+            ep.max_active = s.max_active
         return 0
 
     cdef _apply_pending_named(self):
@@ -4450,6 +4583,34 @@ cdef class HttpRelay:
             i = self._ep_ids.get(endpoint)
             mine = self.R.eps[<int>i].active if i is not None else 0
             return mine + self._external.get(endpoint, 0)
+
+    def overflows(self):
+        """The circuit breakers' 503 answers per endpoint since the start,
+        this loop's and its pure relay's (a new dict; any thread)."""
+        cdef int64_t n
+        with self._intern_lock:  # not while a sweep moves the EPs
+            out = dict(self._overflows_gone)
+            for key, i in self._ep_ids.items():
+                n = L4R_LOAD(&self.R.eps[<int>i].overflows)
+                if n:
+                    out[key] = out.get(key, 0) + n
+        for key, n in self.slow.overflows().items():
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def pending(self):
+        """Requests waiting for a connection per endpoint now, this loop's
+        and its pure relay's (a new dict; any thread)."""
+        cdef int64_t n
+        with self._intern_lock:
+            out = {}
+            for key, i in self._ep_ids.items():
+                n = L4R_LOAD(&self.R.eps[<int>i].n_pending)
+                if n:
+                    out[key] = n
+        for key, n in self.slow.pending().items():
+            out[key] = out.get(key, 0) + n
+        return out
 
     def pool_snapshot(self):
         out = {}
@@ -4738,12 +4899,15 @@ cdef class HttpRelay:
             keys = []
             for k in range(R.n_eps):
                 ep = R.eps[k]
-                if ep.active or ep.n_idle or k in used:
+                if ep.active or ep.n_idle or ep.n_pending or ep.kicked or k in used:
                     keys.append(self._ep_keys[k])
                     ep.index = n
                     R.eps[n] = ep
                     n += 1
                 else:
+                    if ep.overflows:  # (overflows() counts them still)
+                        key = self._ep_keys[k]
+                        self._overflows_gone[key] = self._overflows_gone.get(key, 0) + ep.overflows
                     free(ep)
             R.n_eps = n
             self._ep_keys = keys
@@ -5155,10 +5319,10 @@ cdef char *_dup(bytes b, size_t *n) except NULL:
     return p
 
 
-cdef Verdict_ *_local_verdict(int status, body, int tag) except NULL:
+cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="") except NULL:
     cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
-    cdef bytes keep = local_response(status, body, close=False)
-    cdef bytes close = local_response(status, body, close=True)
+    cdef bytes keep = local_response(status, body, close=False, headers=headers)
+    cdef bytes close = local_response(status, body, close=True, headers=headers)
     if v == NULL:
         raise MemoryError()
     v.kind = V_LOCAL

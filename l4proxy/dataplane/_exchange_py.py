@@ -319,16 +319,27 @@ class Close(NamedTuple):
 Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
 
 
-def local_response(status: int, body: str, close: bool = True) -> bytes:
-    """The proxy's own answer, saying whether the connection closes after it."""
+def local_response(status: int, body: str, close: bool = True, headers: str = "") -> bytes:
+    """The proxy's own answer, saying whether the connection closes after it;
+    *headers*: more header lines, each ending in CRLF (the circuit breakers'
+    ``x-envoy-overloaded: true``)."""
     data = body.encode()
     return (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
         f"content-length: {len(data)}\r\n"
         "content-type: text/plain\r\n"
+        + headers
         + ("connection: close\r\n" if close else "")
         + "server: l4proxy\r\n\r\n"
     ).encode() + data
+
+
+# A circuit breaker's answer (EndpointSettings' max_active, max_connections
+# with max_pending): Envoy's local reply for a request its pool overflowed.
+OVERFLOW_BODY: Final = (
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+)
+OVERFLOW_HEADERS: Final = "x-envoy-overloaded: true\r\n"
 
 
 def upstream_head(raw: bytes, head: RequestHead) -> bytes:
@@ -617,15 +628,16 @@ class Exchange:
         self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
 
-    def refuse(self, status: int, body: str) -> list[Action]:
-        """Answer the current request locally (no upstream)."""
+    def refuse(self, status: int, body: str, headers: str = "") -> list[Action]:
+        """Answer the current request locally (no upstream); *headers*: more
+        header lines for the answer (local_response's)."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
         bodyless = request_framing(self.head)[0] == Framing.NONE
         keep = self.head.keep_alive and bodyless and not self._client_eof
         out: list[Action] = [
-            Client(local_response(status, body, close=not keep)),
+            Client(local_response(status, body, close=not keep, headers=headers)),
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves

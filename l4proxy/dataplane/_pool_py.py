@@ -49,6 +49,12 @@ Theory of operation
   at once; an endpoint it does not name has the options'. A change applies
   from then on: ``max_requests`` at the next check-in, ``idle_timeout`` at
   the next :meth:`Pools.expire`.
+* An endpoint's circuit breakers (``max_connections``, ``max_pending``,
+  ``max_active``, in its :class:`EndpointSettings`) are the relay's to
+  apply (see "Circuit breakers" in ``_relay_py.py``): the pool counts what
+  they limit, :meth:`Pools.connections` (checked out, connecting included,
+  and idle) and :meth:`Pools.own_active` (``active`` without
+  :meth:`Pools.add_external`'s), and decides nothing more.
 
 Every decision returns the handles the relay must close; counters explain
 them in ``/stats`` and ``/clusters``.
@@ -105,30 +111,38 @@ class EndpointSettings(NamedTuple):
     idle_timeout: float  # seconds an idle pooled connection is kept (http.idleTimeout)
     connect_timeout: float  # seconds (tcp.connectTimeout)
     report_5xx: bool = False  # its 5xx answers to answered_5xx (outlierDetection)
+    # circuit breakers, per endpoint and relay (see "Circuit breakers" in
+    # _relay_py.py); 0: unlimited
+    max_connections: int = 0  # open upstream connections (tcp.maxConnections)
+    max_pending: int = 0  # requests waiting for one (http.http1MaxPendingRequests)
+    max_active: int = 0  # requests in flight (http.http2MaxRequests)
 
 
 def checked_endpoint_settings(
     settings: Mapping[tuple[str, int], Any],
 ) -> dict[tuple[str, int], EndpointSettings]:
     """*settings* (``HttpRelay.endpoint_settings()``'s) as a new dict, keys
-    ``(str, int)``, values :class:`EndpointSettings` (a 3-tuple without
-    ``report_5xx``: False); ValueError for a value out of range: a negative
-    or huge ``max_requests``, a timeout not a finite number of seconds
-    above 0, a ``report_5xx`` not a bool."""
+    ``(str, int)``, values :class:`EndpointSettings` (a tuple of 3 to 7
+    fields, the missing ones their defaults: ``report_5xx`` False, the
+    circuit breakers 0); ValueError for a value out of range: a count
+    (``max_requests``, ``max_connections``, ``max_pending``,
+    ``max_active``) not an int from 0 to 2**31 - 1, a timeout not a finite
+    number of seconds above 0, a ``report_5xx`` not a bool."""
     out: dict[tuple[str, int], EndpointSettings] = {}
+    n_fields = len(EndpointSettings._fields)
     for key, value in settings.items():
         host, port = key
         value = tuple(value)
-        s = EndpointSettings._make((*value, False) if len(value) == 3 else value)
-        if (
-            isinstance(s.max_requests, bool)
-            or not isinstance(s.max_requests, int)
-            or not 0 <= s.max_requests <= MAX_REQUESTS_LIMIT
-        ):
-            raise ValueError(
-                f"{host}:{port}: max_requests must be an int from 0 (unlimited) "
-                f"to {MAX_REQUESTS_LIMIT}, not {s.max_requests!r}"
-            )
+        if not 3 <= len(value) <= n_fields:
+            raise ValueError(f"{host}:{port}: 3 to {n_fields} settings, not {len(value)}")
+        s = EndpointSettings(*value)
+        for name in ("max_requests", "max_connections", "max_pending", "max_active"):
+            n = getattr(s, name)
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_REQUESTS_LIMIT:
+                raise ValueError(
+                    f"{host}:{port}: {name} must be an int from 0 (unlimited) "
+                    f"to {MAX_REQUESTS_LIMIT}, not {n!r}"
+                )
         for name in ("idle_timeout", "connect_timeout"):
             t = getattr(s, name)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
@@ -137,8 +151,8 @@ def checked_endpoint_settings(
                 )
         if not isinstance(s.report_5xx, bool):
             raise ValueError(f"{host}:{port}: report_5xx must be a bool, not {s.report_5xx!r}")
-        out[(str(host), int(port))] = EndpointSettings(
-            s.max_requests, float(s.idle_timeout), float(s.connect_timeout), s.report_5xx
+        out[(str(host), int(port))] = s._replace(
+            idle_timeout=float(s.idle_timeout), connect_timeout=float(s.connect_timeout)
         )
     return out
 
@@ -366,6 +380,18 @@ class Pools:
     def idle(self, endpoint: Hashable) -> int:
         ep = self._endpoints.get(endpoint)
         return len(ep.idle) if ep else 0
+
+    def own_active(self, endpoint: Hashable) -> int:
+        """Requests in flight to *endpoint* of this pool alone (connecting
+        ones too; not add_external()'s): what ``max_active`` limits."""
+        ep = self._endpoints.get(endpoint)
+        return ep.active if ep else 0
+
+    def connections(self, endpoint: Hashable) -> int:
+        """Open connections to *endpoint*: checked out (connecting ones too)
+        and idle; what ``max_connections`` limits."""
+        ep = self._endpoints.get(endpoint)
+        return len(ep.out) + len(ep.idle) if ep else 0
 
     def snapshot(self) -> dict[Hashable, tuple[int, int]]:
         """``{endpoint: (active, idle)}`` for /clusters (active as active()

@@ -144,6 +144,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from l4proxy.dataplane._exchange_py import (
+    OVERFLOW_BODY,
+    OVERFLOW_HEADERS,
     Action,
     Client,
     Close,
@@ -253,6 +255,8 @@ class _Conn:
     # pipelined requests answered locally took past Python's recursion limit
     todo: deque[Action] = field(default_factory=deque)
     performing: bool = False
+    # waiting for a connection to this endpoint (max_connections: _pend)
+    pending: Endpoint | None = None
 
 
 class HttpRelay:
@@ -302,6 +306,13 @@ class HttpRelay:
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
         # endpoint_settings(), as last given (applied: self.pools.settings)
         self._settings_next: dict[Endpoint, EndpointSettings] | None = None
+        # circuit breakers (see "Circuit breakers"): the requests waiting
+        # per endpoint, in order (a dict as an ordered set: O(1) removal),
+        # the endpoints whose waiting requests may go now (_serve_pending),
+        # and the overflow answers per endpoint
+        self._pending: dict[Endpoint, dict[_Conn, None]] = {}
+        self._kicks: set[Endpoint] = set()
+        self._overflows: dict[Endpoint, int] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.ep.register(self._wake_r.fileno(), _EPOLLIN)
@@ -390,6 +401,16 @@ class HttpRelay:
             self._settings_next = checked
         self._wake()
 
+    def overflows(self) -> dict[Endpoint, int]:
+        """The circuit breakers' 503 answers per endpoint since the start (a
+        new dict; any thread)."""
+        return dict(self._overflows)
+
+    def pending(self) -> dict[Endpoint, int]:
+        """Requests waiting for a connection per endpoint now (max_connections;
+        a new dict, any thread)."""
+        return {k: len(v) for k, v in list(self._pending.items())}
+
     def report_next_successes(self) -> None:
         """Outlier detection counted a failure this relay did not report (the
         L4 path's, the other twin's): report every endpoint's next answer
@@ -431,9 +452,13 @@ class HttpRelay:
         next_tick = time.monotonic() + _TICK
         while True:
             try:
+                if self._kicks:
+                    self._serve_pending(time.monotonic())
                 wake = next_tick
                 if self._next_timer and self._next_timer < wake:
                     wake = self._next_timer  # a deadline or a backoff: the tick is too coarse
+                if self._kicks:  # (kicked while served: a connect that failed at once)
+                    wake = 0.0
                 events = self.ep.poll(max(0.0, wake - time.monotonic()), 256)
                 now = time.monotonic()
                 # Whose each event is, as the batch starts: a number closed
@@ -479,6 +504,7 @@ class HttpRelay:
                 up = self._idle.get(int(handle))  # type: ignore[call-overload]
                 if up is not None:
                     self._drop_upstream(up)
+            self._kicks.update(self._pending)  # a limit raised or gone: they go
         for sock, origin, data, requests in queue:
             if stop:
                 sock.close()
@@ -768,6 +794,8 @@ class HttpRelay:
                 # pooled connection's retry goes on a new connection at
                 # once; a policy's after its backoff, on an idle pooled one
                 # when there is one (_timers_due).
+                if c.pending is not None:  # a try that waited (its per-try timeout)
+                    self._unpend(c)
                 retry = c.ex.retry if a.policy else None
                 if retry.ignore_previous_hosts if retry is not None else c.ex.tries == 0:
                     failed = c.candidates[0]
@@ -785,7 +813,7 @@ class HttpRelay:
                     # (a user's backoff of 30 s) is no idleness
                     c.last_active = c.backoff_until
                     continue
-                self._connect(c, c.candidates[0], now)
+                self._try(c, c.candidates[0], now, pooled=False)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
             elif isinstance(a, Tunnel | NotHTTPConnection):
@@ -815,6 +843,8 @@ class HttpRelay:
 
     def _count(self, c: _Conn, status: int, local: bool, now: float) -> None:
         """A request is over (answered, or cut short): counted, reported."""
+        if c.pending is not None:  # (its route timeout's 504)
+            self._unpend(c)
         self.counters["requests"] += 1
         if local:
             self.counters["local_answers"] += 1
@@ -850,9 +880,96 @@ class HttpRelay:
             self._perform(c, c.ex.refuse(status, body), now)
             return
         c.candidates = list(d.endpoints)
-        endpoint = c.candidates[0]
-        if not self._take_idle(c, endpoint, now):
+        self._try(c, c.candidates[0], now)
+
+    def _try(self, c: _Conn, endpoint: Endpoint, now: float, pooled: bool = True) -> None:
+        """A try to *endpoint*: on an idle pooled connection (*pooled*), else
+        a new one; within its circuit breakers (see "Circuit breakers"): at
+        ``max_active`` the overflow answer, at ``max_connections`` an idle
+        one whatever *pooled* says, else it waits (_pend), or with
+        ``max_pending`` waiting already the overflow answer. Without
+        limits: a dict lookup more, where an endpoint has settings."""
+        s = self.pools.settings.get(endpoint) if self.pools.settings else None
+        if s is not None and (s.max_active or s.max_connections):
+            if s.max_active and self.pools.own_active(endpoint) >= s.max_active:
+                self._overflow(c, endpoint, now)
+                return
+            if (pooled or s.max_connections) and self._take_idle(c, endpoint, now):
+                return
+            if s.max_connections and self.pools.connections(endpoint) >= s.max_connections:
+                waiting = self._pending.get(endpoint)
+                if not s.max_pending or waiting is None or len(waiting) < s.max_pending:
+                    self._pend(c, endpoint)
+                else:
+                    self._overflow(c, endpoint, now)
+                return
             self._connect(c, endpoint, now)
+            return
+        if not (pooled and self._take_idle(c, endpoint, now)):
+            self._connect(c, endpoint, now)
+
+    def _overflow(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
+        """A circuit breaker's answer: Envoy's 503 (no report to outlier
+        detection: the endpoint did nothing); a retry's request is lost, as
+        when out of fds (the 502 of a request sent before)."""
+        self._overflows[endpoint] = self._overflows.get(endpoint, 0) + 1
+        c.up = None
+        if c.ex.phase == Phase.ROUTING:
+            self._perform(c, c.ex.refuse(503, OVERFLOW_BODY, OVERFLOW_HEADERS), now)
+        else:
+            self._perform(c, c.ex.upstream_eof(), now)
+
+    def _pend(self, c: _Conn, endpoint: Endpoint) -> None:
+        """c waits for a connection to *endpoint* (at max_connections), last
+        in line: served when one of its connections is released reusable or
+        closes (_serve_pending), or a new limit lets it go. The client is
+        watched for its reset meanwhile (_interest), its route timeout runs."""
+        c.up = None
+        c.pending = endpoint
+        self._pending.setdefault(endpoint, {})[c] = None
+
+    def _unpend(self, c: _Conn) -> None:
+        endpoint = c.pending
+        c.pending = None
+        assert endpoint is not None
+        waiting = self._pending.get(endpoint)
+        if waiting is not None:
+            waiting.pop(c, None)
+            if not waiting:
+                del self._pending[endpoint]
+
+    def _serve_pending(self, now: float) -> None:
+        """The kicked endpoints' waiting requests, first come first served:
+        each on an idle connection (one just released), else a new one while
+        below the endpoint's limits; the rest wait for the next kick (a
+        release, a close, endpoint_settings): no scan when nothing changed."""
+        kicks, self._kicks = self._kicks, set()
+        for endpoint in kicks:
+            while True:
+                waiting = self._pending.get(endpoint)
+                if not waiting:
+                    break
+                c = next(iter(waiting))
+                s = self.pools.settings.get(endpoint)
+                limit = s.max_connections if s is not None else 0
+                if (
+                    s is not None
+                    and s.max_active
+                    and (self.pools.own_active(endpoint) >= s.max_active)
+                ):
+                    break
+                idle = self.pools.idle(endpoint) > 0
+                if not idle and limit and self.pools.connections(endpoint) >= limit:
+                    break
+                self._unpend(c)
+                try:
+                    if not (idle and self._take_idle(c, endpoint, now)):
+                        self._connect(c, endpoint, now)
+                    if c.fd in self._conns:
+                        self._interest(c)
+                except Exception:  # OSError, or a bug: this connection, not the thread
+                    if c.fd in self._conns:
+                        self._abort(c)
 
     def _take_idle(self, c: _Conn, endpoint: Endpoint, now: float) -> bool:
         """A try (the first, or a retry policy's) on an idle pooled
@@ -927,7 +1044,7 @@ class HttpRelay:
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
         if c.candidates:  # the next candidate: a first attempt's, or a retry's
-            self._connect(c, c.candidates[0], now)
+            self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
             self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
         else:  # a retry's last connect failed: the request is lost
@@ -979,6 +1096,8 @@ class HttpRelay:
         up.owner = None
         self._idle[up.fd] = up
         self._set_mask(up.fd, up, _EPOLLIN | _EPOLLRDHUP)  # readable while idle: evict
+        if self._pending and up.endpoint in self._pending:
+            self._kicks.add(up.endpoint)  # the first waiting request takes it
 
     def _hand_off(self, c: _Conn, a: Tunnel | NotHTTPConnection) -> None:
         up = c.up
@@ -1121,8 +1240,12 @@ class HttpRelay:
         self._forget_upstream(up)
         up.owner = None
         up.sock.close()
+        if self._pending and up.endpoint in self._pending:
+            self._kicks.add(up.endpoint)  # below max_connections: one may connect
 
     def _close_client(self, c: _Conn, reset: bool = False) -> None:
+        if c.pending is not None:
+            self._unpend(c)
         if c.decision is not None:
             # a routed request not counted yet: dropped here (the client
             # reset, the idle timeout), counted with what the client got
@@ -1177,8 +1300,7 @@ class HttpRelay:
                 try:
                     # through the pool, as a first try (Envoy's retries):
                     # a stale one gets the reused connection's own retry
-                    if not self._take_idle(c, c.candidates[0], now):
-                        self._connect(c, c.candidates[0], now)
+                    self._try(c, c.candidates[0], now)
                     if c.fd in self._conns:
                         self._interest(c)
                 except Exception:  # OSError, or a bug: this connection, not the thread
