@@ -124,6 +124,30 @@ its retry policy retries, for ``answered_5xx``: a failure to the news, as
 a gateway failure is. The steady state pays one compare of the status at
 an answer.
 
+Circuit breakers
+----------------
+What ``_relay_py.py`` says under "Circuit breakers", per EP (its
+``max_connections``, ``max_pending``, ``max_active``, set with its pool
+settings) and per half: this loop counts its own, its pure relay its own
+(its requests are rare ones). ``try_ep()`` (a first try, a policy's retry,
+the pooled connection's retry, a failed connect's next candidate)
+answers ``R_overflow`` at ``max_active`` (``overflow()``: counted in the
+EP's ``overflows``, no outcome); ``connect_to()`` at ``max_connections``
+(``n_open``: connections opened and not closed, ``up_close()`` counting
+them down) links the Conn at the tail of its EP's line (``pend_head``,
+``Conn.pend_ep``), or overflows with ``max_pending`` waiting. A waiting
+Conn is in ``P_CONNECT`` without an upstream, as a backoff's wait, its
+client watched for a reset, its route and per-try timers running; it
+leaves the line in ``request_done()`` (a 504), ``policy_retry()`` and
+``conn_forget()``. ``up_release()`` pooling a connection, ``up_close()``
+and a new limit kick the EP (``Relay.kick_head``); ``serve_pending()``,
+at the top of ``run()``'s loop, checks out to the waiting ones in order
+while the limits allow (before epoll waits: no wake-up, no scan of a line
+nothing changed). An EP with a line or a kick is never swept; a swept EP's
+overflows stay counted (``_overflows_gone``). Without limits the steady
+state pays a compare at a try and where a connection opens, closes or
+goes idle (``pend_head``), and one at a request's end.
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -1902,8 +1926,10 @@ cdef inline bint can_retry(Conn *c) noexcept nogil:
     """The route's retry policy has a try left, and the request is held
     whole for it (read to its end, every byte in c.replay), nothing of the
     response having reached the client (_can_retry in _exchange_py.py).
-    c.up: the try to give up (NULL: a retry's last connect failed)."""
-    return (c.retry != NULL and c.tries < c.retry.attempts and c.up != NULL
+    c.up: the try to give up (NULL: a retry's last connect failed), or a
+    try waiting for a connection (c.pend_ep: as one connecting)."""
+    return (c.retry != NULL and c.tries < c.retry.attempts
+            and (c.up != NULL or c.pend_ep != NULL)
             and c.req_left == 0 and c.replayable and c.client_bytes == 0
             and c.splicing == 0)
 
@@ -1940,9 +1966,11 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     if c.pend_ep != NULL:  # a try waiting for a connection (its per-try timer)
         ep = c.pend_ep
         pend_unlink(c)
-    else:
+    elif c.up != NULL:
         ep = c.up.ep
-    if why >= 0:
+    else:  # a retry that never had a connection (overflow(), out of fds)
+        ep = c.cand[0]
+    if why >= 0 and c.up != NULL:  # (no try, no outcome: the endpoint did nothing)
         outcome(R, c, ep, why)
     up_discard(R, c)
     c.tries += 1
@@ -4389,7 +4417,8 @@ cdef class HttpRelay:
 
     def endpoint_settings(self, settings):
         """Each endpoint's own connect timeout, requests per upstream
-        connection, pool idle timeout and report_5xx (any thread; applied on
+        connection, pool idle timeout, report_5xx and circuit breakers
+        (waiting requests kicked: a new limit lets them go; any thread; applied on
         the loop's, in _service): see the pure twin's. Its EP holds them (read where
         the relay's own were: no lookup per request); an endpoint not
         interned yet gets them when it is (_new_ep). The pure relay this

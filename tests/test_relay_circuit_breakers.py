@@ -294,8 +294,8 @@ def test_closed_connection_lets_the_pending_request_connect(mode: tuple[str, str
 
 def test_pending_try_past_its_per_try_timeout(mode: tuple[str, str]) -> None:
     """A waiting request under a retry policy whose per-try timeout passes
-    (a try that never got a connection) is retried after its backoff, waits
-    again, and once out of tries gets the 504; it leaves the line each time
+    (a try that never got a connection, as one still connecting) is retried
+    after its backoff, waits again, and once out of tries gets the 504; it leaves the line each time
     (never served twice), and the relay goes on (the compiled one read the
     try's upstream, which a waiting try has none of)."""
     held = Held()
@@ -305,6 +305,7 @@ def test_pending_try_past_its_per_try_timeout(mode: tuple[str, str]) -> None:
         response = _response(tried)
         assert _status(response) == 504, response
         assert relay.pending() == {}
+        assert relay.stats()["retries"] == 1  # the policy's one retry, waited too
         held.open()
         assert _status(_response(first)) == 200
         later = _send(relay)

@@ -46,9 +46,9 @@ to do; this module only performs it:
   requests per connection and pool idle timeout
   (:class:`~l4proxy.dataplane._pool_py.EndpointSettings`), where the
   constructor's are the default, and whether its 5xx answers are reported
-  (its ``outlierDetection``'s; see "Outlier detection"); applied on the
-  relay's thread, from then on (the next connect, check-in, expiry,
-  response).
+  (its ``outlierDetection``'s; see "Outlier detection") and its circuit
+  breakers (below); applied on the relay's thread, from then on (the next
+  connect, check-in, expiry, response).
 * :class:`Tunnel` (Upgrade, CONNECT) and :class:`NotHTTPConnection` hand
   the sockets to the ``l4`` callback (the L4 pump), with what is held and
   the tunnel's endpoint. The tunnel's request leaves the pool's count only
@@ -80,6 +80,39 @@ costs an answer below 500 one compare. A tunnel's head (101, a CONNECT's
 2xx) is an answer as before; interim heads and local answers are not
 reported; a 5xx whose body is cut short is a failure (``response_failed``),
 as any other answer's.
+
+Circuit breakers (``EndpointSettings.max_connections``, ``max_pending``,
+``max_active``: a DestinationRule's ``connectionPool.tcp.maxConnections``,
+``http.http1MaxPendingRequests``, ``http.http2MaxRequests``), per endpoint
+and per relay, where Envoy's count per cluster and proxy (our pools are per
+endpoint, as the other connectionPool settings are); 0 is unlimited, and
+an endpoint without them pays a dict lookup per try (``_try``). A try
+(a first one, a policy's retry, the pooled connection's retry, a failed
+connect's next candidate) to an endpoint with ``max_active`` requests of
+this relay in flight (``Pools.own_active``: not the L4 counts) is not sent:
+Envoy's local 503 ``upstream connect error or disconnect/reset before
+headers. reset reason: overflow`` with ``x-envoy-overloaded: true``, the
+client connection kept as for the other local answers, counted in
+:meth:`HttpRelay.overflows` and as the request's 503 in the reports, no
+report to outlier detection (the endpoint did nothing), and no other
+candidate tried (the load balancer chose; the overflow is the answer). A
+retry's request that overflows is lost as when out of fds (the 502 of a
+request that went). A try that needs a new connection to an endpoint whose
+open ones (checked out, connecting, idle: ``Pools.connections``) are
+``max_connections`` takes an idle one if there is one, else waits
+(``_pend``), in order, while fewer than ``max_pending`` wait there (0:
+unlimited), else overflows. A waiting request has no upstream: its client
+is watched for a reset (which takes it out of the line, as its close
+does), its route timeout runs (the 504 takes it out), a per-try timeout
+gives the try up as a connect's would. It goes when its endpoint is
+kicked (``_kicks``: a connection of it released reusable, then checked
+out to the first waiting request instead of idle; one closed, then a new
+one; ``endpoint_settings`` raising or removing a limit): ``_serve_pending``
+before the loop waits again, no scan of the line when nothing changed, no
+wake-up while nothing can go. An endpoint that left the table
+(``retain_endpoints``) serves its waiting requests as a connect to it does
+today (they go, on connections closed at check-in). :meth:`HttpRelay.pending`
+says how many wait per endpoint.
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
 than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
@@ -393,7 +426,9 @@ class HttpRelay:
         own when it is. Applied from then on, to the connections open too:
         ``max_requests`` when one is released, ``idle_timeout`` at the next
         expiry (the tick), ``connect_timeout`` at the next connect,
-        ``report_5xx`` at the next response. ValueError for a value out of
+        ``report_5xx`` at the next response, the circuit breakers at the
+        next try (a limit raised or gone: the waiting requests go at
+        once, up to the new one). ValueError for a value out of
         range (a negative count, a timeout not finite and above 0,
         ``report_5xx`` not a bool)."""
         checked = checked_endpoint_settings(settings)
