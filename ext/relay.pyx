@@ -137,8 +137,9 @@ EP's ``overflows``, no outcome); ``connect_to()`` at ``max_connections``
 them down) links the Conn at the tail of its EP's line (``pend_head``,
 ``Conn.pend_ep``), or overflows with ``max_pending`` waiting. A waiting
 Conn is in ``P_CONNECT`` without an upstream, as a backoff's wait, its
-client watched for a reset, its route and per-try timers running; it
-leaves the line in ``request_done()`` (a 504), ``policy_retry()`` and
+client watched for a reset, its route and per-try timers running (a
+per-try timeout retries it as one still connecting: ``can_retry``); it
+leaves the line in ``route_timeout()`` (its 504), ``policy_retry()`` and
 ``conn_forget()``. ``up_release()`` pooling a connection, ``up_close()``
 and a new limit kick the EP (``Relay.kick_head``); ``serve_pending()``,
 at the top of ``run()``'s loop, checks out to the waiting ones in order
@@ -146,7 +147,7 @@ while the limits allow (before epoll waits: no wake-up, no scan of a line
 nothing changed). An EP with a line or a kick is never swept; a swept EP's
 overflows stay counted (``_overflows_gone``). Without limits the steady
 state pays a compare at a try and where a connection opens, closes or
-goes idle (``pend_head``), and one at a request's end.
+goes idle (``pend_head``).
 
 Ownership of file descriptors
 -----------------------------
@@ -1774,8 +1775,6 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
 
 cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
     """The routed request is over (answered, or cut short): counted once."""
-    if c.pend_ep != NULL:  # (its route timeout's 504)
-        pend_unlink(c)
     if not c.uncounted:
         return
     c.uncounted = False
@@ -2108,6 +2107,8 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
     upstream is closed either way, a gateway failure unless still connecting."""
     L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
     c.resp_deadline = 0
+    if c.pend_ep != NULL:  # it waited for a connection: no more
+        pend_unlink(c)
     if c.rs == RS_HEAD:
         upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN,
                         _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN, now,

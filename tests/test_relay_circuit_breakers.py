@@ -314,3 +314,29 @@ def test_pending_try_past_its_per_try_timeout(mode: tuple[str, str]) -> None:
             c.close()
     assert a.accepted == 1, a.accepted
     assert len(a.requests) == 2, a.requests
+
+
+def test_removed_endpoint_serves_its_pending_request(mode: tuple[str, str]) -> None:
+    """A's removal from the route table (retain_endpoints) while a request
+    waits for it: the waiting request goes as a connect to a removed
+    endpoint does (a draining pod still answers): the held connection,
+    released, is closed (not pooled: its endpoint left), and the waiting
+    request connects anew, below the limit."""
+    held = Held()
+    with _setup(mode, _limits(max_connections=1), held) as (relay, a, _):
+        relay.retain_endpoints([a.endpoint])
+        first = _first_held(relay, a)
+        second = _send(relay)
+        _pending(relay, a.endpoint, 1)
+        relay.retain_endpoints([])
+        check = _send(relay, "s")  # answered through the loop: the removal applied
+        assert _status(_response(check)) == 200
+        held.open()
+        assert _status(_response(first)) == 200
+        assert _status(_response(second)) == 200
+        assert relay.pending() == {}
+        for c in (first, second, check):
+            c.close()
+        assert _until(lambda: relay.stats()["pool_closed_removed"] == 1), relay.stats()
+    assert a.accepted == 2, a.accepted
+    assert len(a.requests) == 2, a.requests
