@@ -3045,12 +3045,13 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
 
 cdef inline void try_ep(Relay *R, Conn *c, EP *ep, double now, bint pooled) noexcept nogil:
     """A try to *ep*: on its idle pooled connection (*pooled*), else a new
-    one (connect_to: within max_connections, or waiting); at max_active the
-    overflow answer. Without limits: a compare more than before."""
+    one (connect_to: within max_connections, or waiting behind those that
+    wait already); at max_active the overflow answer. Without limits: a
+    compare more than before, and one where a connection is idle."""
     if ep.max_active and ep.active >= ep.max_active:
         overflow(R, c, ep, now)
-    elif ep.idle_head != NULL and (pooled or ep.max_connections):
-        take_idle(R, c, ep, now)
+    elif ep.idle_head != NULL and (pooled or ep.max_connections) and ep.pend_head == NULL:
+        take_idle(R, c, ep, now)  # (with requests waiting, theirs: first come first served)
     else:
         connect_to(R, c, ep, now)
 

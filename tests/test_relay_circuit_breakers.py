@@ -46,8 +46,8 @@ TIMEOUT_S = 0.3  # host t's route timeout
 PER_TRY = policy(1, "reset", per_try=0.1)  # host p's retry policy: one retry
 
 
-def _get(host: str) -> bytes:
-    return b"GET /x HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode()
+def _get(host: str, path: str = "/x") -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode())
 
 
 def _limits(
@@ -120,9 +120,9 @@ def _setup(
         s.close()
 
 
-def _send(relay: Any, host: str = "a") -> socket.socket:
+def _send(relay: Any, host: str = "a", path: str = "/x") -> socket.socket:
     c = _client(relay)
-    c.sendall(_get(host))
+    c.sendall(_get(host, path))
     return c
 
 
@@ -194,12 +194,14 @@ def test_max_connections_with_one_pending(mode: tuple[str, str]) -> None:
 
 def test_max_connections_unlimited_pending(mode: tuple[str, str]) -> None:
     """max_connections 1, max_pending 0 (unlimited): five clients at once
-    are all answered 200, in turn, on one connection; nothing overflows."""
+    are all answered 200, in turn, on one connection, in the order they
+    came (first come, first served); nothing overflows."""
     held = Held()
     with _setup(mode, _limits(max_connections=1), held) as (relay, a, _):
         clients = [_first_held(relay, a)]
-        clients += [_send(relay) for _ in range(4)]
-        _pending(relay, a.endpoint, 4)
+        for i in range(1, 5):
+            clients.append(_send(relay, path=f"/{i}"))
+            _pending(relay, a.endpoint, i)
         held.open()
         assert [_status(_response(c)) for c in clients] == [200] * 5
         assert relay.pending() == {}
@@ -207,7 +209,8 @@ def test_max_connections_unlimited_pending(mode: tuple[str, str]) -> None:
         for c in clients:
             c.close()
     assert a.accepted == 1, a.accepted
-    assert len(a.requests) == 5, a.requests
+    paths = [r.split(b" ")[1] for r in a.requests]
+    assert paths == [b"/x", b"/1", b"/2", b"/3", b"/4"], paths
 
 
 def _fds() -> int:

@@ -929,7 +929,11 @@ class HttpRelay:
             if s.max_active and self.pools.own_active(endpoint) >= s.max_active:
                 self._overflow(c, endpoint, now)
                 return
-            if (pooled or s.max_connections) and self._take_idle(c, endpoint, now):
+            if (
+                (pooled or s.max_connections)
+                and endpoint not in self._pending  # (first come, first served)
+                and self._take_idle(c, endpoint, now)
+            ):
                 return
             if s.max_connections and self.pools.connections(endpoint) >= s.max_connections:
                 waiting = self._pending.get(endpoint)
