@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from l4proxy.dataplane._pool_py import EndpointSettings
+import pytest
+
+from l4proxy.dataplane._pool_py import EndpointSettings, checked_endpoint_settings
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
 from tests._scripted import (
@@ -343,3 +345,24 @@ def test_removed_endpoint_serves_its_pending_request(mode: tuple[str, str]) -> N
         assert _until(lambda: relay.stats()["pool_closed_removed"] == 1), relay.stats()
     assert a.accepted == 2, a.accepted
     assert len(a.requests) == 2, a.requests
+
+
+def test_checked_settings_take_the_breakers() -> None:
+    """checked_endpoint_settings: 3 to 7 fields (the worker's 4 positional
+    ones keep working, the breakers 0), each breaker an int 0..2**31-1,
+    never a bool."""
+    checked = checked_endpoint_settings(
+        {("h", 1): (0, 1.0, 2.0, False), ("h", 2): (0, 1, 2, True, 3, 4, 5)}
+    )
+    assert checked[("h", 1)] == EndpointSettings(0, 1.0, 2.0, False, 0, 0, 0)
+    assert checked[("h", 2)] == EndpointSettings(0, 1.0, 2.0, True, 3, 4, 5)
+    assert isinstance(checked[("h", 2)].idle_timeout, float)
+    for bad in (
+        (0, 1.0, 2.0, False, True),
+        (0, 1.0, 2.0, False, 0, -1),
+        (0, 1.0, 2.0, False, 0, 0, 2**31),
+        (0, 1.0, 2.0, False, 0, 0, 1.0),
+        (0, 1.0, 2.0, False, 0, 0, 0, 0),
+    ):
+        with pytest.raises(ValueError):
+            checked_endpoint_settings({("h", 3): bad})
