@@ -366,3 +366,48 @@ def test_checked_settings_take_the_breakers() -> None:
     ):
         with pytest.raises(ValueError):
             checked_endpoint_settings({("h", 3): bad})
+
+
+def test_a_tunnel_handed_off_lets_the_pending_request_connect() -> None:
+    """A WebSocket's upstream connection, handed to the l4 callback at its
+    101, is no connection of the pool any more: the request waiting at
+    max_connections 1 connects (the pure twin; the compiled one hands
+    tunnels to its pure relay, this code)."""
+    from l4proxy.dataplane._relay_py import HttpRelay
+
+    gate = threading.Event()
+
+    def upgrade(conn: socket.socket) -> None:
+        gate.wait(10)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        conn.recv(1)  # (until the test closes the tunnel)
+
+    a = Scripted([upgrade])
+    tunnels: list[socket.socket] = []
+
+    def l4(client: Any, up: Any, to_client: bytes, to_up: bytes, origin: Any, ep: Any) -> None:
+        tunnels.extend((client, up))
+
+    relay = HttpRelay(lambda head, origin: Decision((a.endpoint,)), l4)
+    relay.start()
+    try:
+        relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
+        ws = _client(relay)
+        ws.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        assert _until(lambda: len(a.requests) == 1), a.requests
+        waiting = _send(relay)
+        _pending(relay, a.endpoint, 1)
+        gate.set()
+        assert _status(_response(waiting)) == 200
+        assert len(tunnels) == 2
+        assert a.accepted == 2, a.accepted
+        ws.close()
+        waiting.close()
+    finally:
+        gate.set()
+        for t in tunnels:
+            t.close()
+        relay.close()
+        a.close()

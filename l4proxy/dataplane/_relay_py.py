@@ -1159,6 +1159,8 @@ class HttpRelay:
             # between, nor counted for good when something above raised
             if up is not None:
                 self.pools.discard(up.endpoint, handle)
+                if self._pending and up.endpoint in self._pending:
+                    self._kicks.add(up.endpoint)  # (the tunnel's is no pooled one now)
 
     def _start_close(self, c: _Conn, now: float, quiet: bool = False) -> None:
         if c.up is not None:
