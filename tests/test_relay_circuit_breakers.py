@@ -28,6 +28,7 @@ from l4proxy.dataplane._pool_py import EndpointSettings, checked_endpoint_settin
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
 from tests._scripted import (
+    CLOSE,
     Scripted,
     Step,
     _answer,
@@ -411,3 +412,47 @@ def test_a_tunnel_handed_off_lets_the_pending_request_connect() -> None:
             t.close()
         relay.close()
         a.close()
+
+
+def test_a_retry_to_an_endpoint_at_max_active_overflows(mode: tuple[str, str]) -> None:
+    """The pooled connection's retry (A closed it without an answer) goes to
+    the next candidate B, at max_active 1 (a request held there): it is
+    not sent (B sees one request), counted in overflows(); the request is
+    lost as a retry's is when out of fds (the 502), and no one is told of a
+    failure of B."""
+    which, how = mode
+    held = Held()
+    a, b = Scripted([_answer(200, b"ok"), CLOSE]), Scripted([held.step])
+    failures: list[Any] = []
+    kw: dict[str, Any] = {
+        "connect_failed": lambda *args: failures.append(args),
+        "response_failed": lambda *args: failures.append(args),
+    }
+    routes = {"ab": (a.endpoint, b.endpoint), "b": (b.endpoint,)}
+    if how == "resolve":
+        kw["resolve"] = lambda head, origin: Verdict(
+            (Choice(1, routes[head.host], "ORDERED", tag="t"),), ttl=60.0
+        )
+    relay = _relay(which, lambda head, origin: Decision(routes[head.host], tag="t"), **kw)
+    try:
+        relay.endpoint_settings({b.endpoint: _limits(max_active=1)})
+        first = _send(relay, "ab")  # A's connection, pooled after it
+        assert _status(_response(first)) == 200
+        holder = _send(relay, "b")
+        assert _until(lambda: len(b.requests) == 1), b.requests
+        first.sendall(_get("ab"))  # on A's pooled connection: closed, retried to B
+        response = _response(first)
+        assert _status(response) == 502, response
+        assert relay.overflows() == {b.endpoint: 1}
+        held.open()
+        assert _status(_response(holder)) == 200
+        first.close()
+        holder.close()
+    finally:
+        held.open()
+        relay.close()
+        a.close()
+        b.close()
+    assert len(b.requests) == 1, b.requests
+    assert len(a.requests) == 2, a.requests
+    assert [f for f in failures if f[0] == b.endpoint] == [], failures
