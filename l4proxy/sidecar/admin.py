@@ -335,6 +335,9 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
             if "rq_active" in ep:
                 lines.append(f"{base}::rq_active::{ep['rq_active']}")
                 lines.append(f"{base}::cx_idle::{ep['cx_idle']}")
+            for name in ("rq_pending", "rq_pending_overflow", "cx_overflow"):
+                if name in ep:
+                    lines.append(f"{base}::{name}::{ep[name]}")
             if "cx_active" in ep:
                 lines.append(f"{base}::cx_active::{ep['cx_active']}")
         for d in c.get("dns", ()):
@@ -368,6 +371,12 @@ class WorkerView:
         out = []
         pools = self.worker.pool_snapshot()
         connections = self.worker.connection_snapshot() if pools is None else {}
+        relay = self.worker.relay
+        # the circuit breakers (a DestinationRule's connectionPool): requests
+        # waiting for a connection, those refused, connections refused at L4
+        pending = relay.pending() if relay is not None else {}
+        overflows = relay.overflows() if relay is not None else {}
+        cx_overflows = dict(self.worker.cx_overflows)
         for svc in self.worker.rules.state.table.services():
             eps = []
             for ep in svc.endpoints:
@@ -377,12 +386,16 @@ class WorkerView:
                     "labels": dict(ep.labels),
                 }
                 d.update(self.worker.health.describe(ep))
+                key = (ep.address, ep.port)
                 if pools is not None:  # --http-routing request: the upstream pool
-                    active, idle = pools.get((ep.address, ep.port), (0, 0))
+                    active, idle = pools.get(key, (0, 0))
                     d["rq_active"] = active
                     d["cx_idle"] = idle
+                    d["rq_pending"] = pending.get(key, 0)
+                    d["rq_pending_overflow"] = overflows.get(key, 0)
                 else:  # --http-routing connection: connections relayed (LEAST_CONN's count)
-                    d["cx_active"] = connections.get((ep.address, ep.port), 0)
+                    d["cx_active"] = connections.get(key, 0)
+                d["cx_overflow"] = cx_overflows.get(key, 0)
                 eps.append(d)
             cluster: dict[str, Any] = {"service": svc.host, "endpoints": eps}
             dns = self.worker.rules.dns.for_service(svc.host)

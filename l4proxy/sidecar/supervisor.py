@@ -138,6 +138,9 @@ CLUSTER_SUMS = (
     "rq_active",
     "cx_idle",
     "cx_active",
+    "rq_pending",
+    "rq_pending_overflow",
+    "cx_overflow",
 )
 _ENDPOINT_KEYS = ("address", "port", "labels")
 

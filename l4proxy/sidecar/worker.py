@@ -67,7 +67,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from l4proxy.dataplane import peek, pump
 from l4proxy.dataplane import relay as http_relay
-from l4proxy.dataplane._exchange_py import local_response
+from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, local_response
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane.listener import Listener
@@ -162,11 +162,14 @@ def local_addresses() -> set[str]:
 class Refused(Exception):
     """The connection is answered (or closed) without an upstream."""
 
-    def __init__(self, why: str, status: int | None = None, body: str = "") -> None:
+    def __init__(
+        self, why: str, status: int | None = None, body: str = "", headers: str = ""
+    ) -> None:
         super().__init__(why)
         self.why = why
         self.status = status
         self.body = body or why
+        self.headers = headers  # more header lines of the answer (CRLF each)
 
 
 @functools.lru_cache(maxsize=256)
@@ -275,6 +278,11 @@ class Worker:
         # makes (TCP ports, the L4 path); told before _table_published lets
         # the relay ask for verdicts of the new table
         self._connect_timeouts: dict[tuple[str, int], float] = {}
+        # ... and tcp.maxConnections of the connections routed at L4 (per
+        # endpoint, this worker's: Envoy's TCP proxy's upstream_cx_overflow),
+        # with the connections each such limit refused
+        self._max_connections: dict[tuple[str, int], int] = {}
+        self.cx_overflows: dict[tuple[str, int], int] = {}
         rules.on_publish.append(self._apply_pool_settings)
         if options.http_routing == "request":
             compiled: dict[str, Any] = {}
@@ -670,7 +678,7 @@ class Worker:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
             if r.status is None:
                 conn.close()
-            elif _send_quietly(conn, local_response(r.status, r.body)):
+            elif _send_quietly(conn, local_response(r.status, r.body, headers=r.headers)):
                 await _linger_close(conn, LINGER_SECONDS)
             else:
                 conn.close()
@@ -814,6 +822,17 @@ class Worker:
                 "backend not resolved",
             )
         # -- end issue 14 --
+        if decision.endpoints:  # tcp.maxConnections: the endpoint chosen is the answer
+            first = (decision.endpoints[0].address, decision.endpoints[0].port)
+            limit = self._max_connections.get(first)
+            if limit and self.active_per_endpoint.get(first, 0) >= limit:
+                self.cx_overflows[first] = self.cx_overflows.get(first, 0) + 1
+                raise Refused(
+                    "overflow",
+                    503 if head is not None else None,
+                    OVERFLOW_BODY,
+                    OVERFLOW_HEADERS,
+                )
         for ep in decision.endpoints[:MAX_ATTEMPTS]:
             # counted from here, its connect included (as the relay counts a
             # request: _pool_py.py), and handed to the pump counted
@@ -1030,6 +1049,9 @@ class Worker:
         the DestinationRules' outlierDetection per endpoint is the table's."""
         self.health.retain(ep for svc in table.services() for ep in svc.endpoints)
         self.health.configure(table.outlier_policies())
+        named = _named_endpoints(table)
+        for key in [k for k in self.cx_overflows if k not in named]:
+            del self.cx_overflows[key]
 
     def _retain_pooled_endpoints(self, table: RouteTable) -> None:
         """A new table is live (loop): the relay closes the pooled upstream
@@ -1053,22 +1075,36 @@ class Worker:
             r = by_rules.get(ep, NO_POOL_SETTINGS).resolved(flags)  # (every field set)
             assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
             settings[ep] = EndpointSettings(
-                r.max_requests, r.idle_timeout, r.connect_timeout, ep in report_5xx
+                r.max_requests,
+                r.idle_timeout,
+                r.connect_timeout,
+                ep in report_5xx,
+                r.max_connections or 0,
+                r.max_pending or 0,
+                r.max_active or 0,
             )
         self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
+        self._max_connections = {
+            ep: e.max_connections for ep, e in settings.items() if e.max_connections
+        }
         if self.relay is not None:
             self.relay.endpoint_settings(settings)
             return
         unpooled = [
             endpoint_name(host, port)
             for (host, port), s in by_rules.items()
-            if s.max_requests is not None or s.idle_timeout is not None
+            if s.max_requests is not None
+            or s.idle_timeout is not None
+            or s.max_pending is not None
+            or s.max_active is not None
         ]
         if unpooled:
             log.warning(
-                "connectionPool http settings (maxRequestsPerConnection, idleTimeout) are not "
-                "applied with --http-routing connection, which pools no upstream connection "
-                "(only per request, the default; tcp.connectTimeout is): %s",
+                "connectionPool http settings (maxRequestsPerConnection, idleTimeout, "
+                "http1MaxPendingRequests, http2MaxRequests) are not applied with "
+                "--http-routing connection, which pools no upstream connection and sees no "
+                "request (only per request, the default; tcp.connectTimeout and "
+                "tcp.maxConnections are): %s",
                 _first_five(unpooled),
             )
 
