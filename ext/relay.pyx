@@ -1067,7 +1067,7 @@ cdef void pend_unlink(Conn *c) noexcept nogil:
         ep.pend_tail = c.pend_prev
     c.pend_prev = c.pend_next = NULL
     c.pend_ep = NULL
-    ep.n_pending -= 1
+    L4R_ADD(&ep.n_pending, -1)  # (pending() reads it from another thread)
 
 
 cdef void up_release(Relay *R, Conn *c, bint reusable, double now) noexcept nogil:
@@ -3128,7 +3128,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         else:
             ep.pend_head = c
         ep.pend_tail = c
-        ep.n_pending += 1
+        L4R_ADD(&ep.n_pending, 1)
         return
     if not ep.numeric:
         c.fail_ep = ep

@@ -135,3 +135,46 @@ def test_per_connection_max_connections_refuses_past_the_limit(tmp_path: Path) -
     assert got["row"]["cx_overflow"] == 1, got["row"]
     assert _status(got["first"]) == _status(got["third"]) == 200
     assert len(up.requests) == 2
+
+
+def test_per_connection_an_endpoint_at_its_limit_after_a_failed_connect_is_passed_over(
+    tmp_path: Path,
+) -> None:
+    """Endpoints R (refuses connects) and B (maxConnections 1, its one
+    connection held), round robin: the connection whose turn starts at B is
+    the overflow 503; the one that starts at R, whose connect fails, passes
+    B over (at its limit) and is answered no healthy upstream: two
+    overflows counted at B, no request past the first reaches it."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refusing = closed.getsockname()[1]
+    closed.close()
+    held = Held()
+    b = Scripted([held.step])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        gateway_service(refusing, b.endpoint[1])
+        + gateway_destination_rule("    connectionPool:\n      tcp: {maxConnections: 1}\n")
+    )
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            first = loop.run_in_executor(None, _ask, address)  # R refused, then B: held
+            await _until(lambda: len(b.requests) == 1, "the first at B")
+            got["then"] = [await loop.run_in_executor(None, _ask, address) for _ in range(2)]
+            got["row"] = _endpoint_row(worker, b.endpoint[1])
+            held.release()
+            got["first"] = await first
+
+    try:
+        asyncio.run(main())
+    finally:
+        held.release()
+        b.close()
+    overflow, passed_over = got["then"]
+    assert _status(overflow) == 503 and overflow.endswith(OVERFLOW_BODY.encode())
+    assert _status(passed_over) == 503 and passed_over.endswith(b"no healthy upstream")
+    assert got["row"]["cx_overflow"] == 2, got["row"]
+    assert _status(got["first"]) == 200 and len(b.requests) == 1

@@ -822,21 +822,24 @@ class Worker:
                 "backend not resolved",
             )
         # -- end issue 14 --
-        if decision.endpoints:  # tcp.maxConnections: the endpoint chosen is the answer
-            first = (decision.endpoints[0].address, decision.endpoints[0].port)
-            limit = self._max_connections.get(first)
-            if limit and self.active_per_endpoint.get(first, 0) >= limit:
-                self.cx_overflows[first] = self.cx_overflows.get(first, 0) + 1
+        for i, ep in enumerate(decision.endpoints[:MAX_ATTEMPTS]):
+            key = (ep.address, ep.port)
+            limit = self._max_connections.get(key)
+            if limit and self.active_per_endpoint.get(key, 0) >= limit:
+                # tcp.maxConnections: the endpoint chosen, overflowing, is the
+                # answer (Envoy's upstream_cx_overflow); one tried after a
+                # failed connect is passed over
+                self.cx_overflows[key] = self.cx_overflows.get(key, 0) + 1
+                if i:
+                    continue
                 raise Refused(
                     "overflow",
                     503 if head is not None else None,
                     OVERFLOW_BODY,
                     OVERFLOW_HEADERS,
                 )
-        for ep in decision.endpoints[:MAX_ATTEMPTS]:
             # counted from here, its connect included (as the relay counts a
             # request: _pool_py.py), and handed to the pump counted
-            key = (ep.address, ep.port)
             self._count(key, 1)
             try:
                 up = await self._connect(key, ep, decision.service, http=head is not None)
