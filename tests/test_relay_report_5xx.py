@@ -87,6 +87,26 @@ def _closing(*things: Any) -> None:
         t.close()
 
 
+def _a_then_b(
+    mode: tuple[str, str], script: list[Any], settings: Any, n: int
+) -> tuple[list[int], list[tuple[str, Endpoint, Any, Any]], Endpoint, Endpoint, Endpoint]:
+    """A (answering *script*) with *settings* (a function of A's endpoint:
+    the endpoint_settings() dict), asked *n* times on one keep-alive client
+    connection, then B once (its first answer, news: the log is then
+    whole): A's statuses, the log, and A's, B's and S's endpoints."""
+    relay, log, a, b, s = _three(mode, script)
+    try:
+        c = _client(relay)
+        _settings(relay, c, settings(a.endpoint))
+        statuses = [_ask(c, "a") for _ in range(n)]
+        assert _ask(c, "b") == 200
+        calls = log.until(("answered", b.endpoint, "t", None))
+        c.close()
+    finally:
+        _closing(relay, a, b, s)
+    return statuses, calls, a.endpoint, b.endpoint, s.endpoint
+
+
 def test_each_5xx_is_reported_with_its_status_and_the_next_answer_is_news(
     mode: tuple[str, str],
 ) -> None:
@@ -95,24 +115,17 @@ def test_each_5xx_is_reported_with_its_status_and_the_next_answer_is_news(
     with its status, the 200 after the 500 is news (answered), and so is
     the first 200 after the 502; the next one is not (the steady state
     reports nothing)."""
-    relay, log, a, b, s = _three(mode, [_answer(503), _answer(500), _answer(200), _answer(502)])
-    try:
-        c = _client(relay)
-        _settings(relay, c, {a.endpoint: ON})
-        assert [_ask(c, "a") for _ in range(6)] == [503, 500, 200, 502, 200, 200]
-        assert _ask(c, "b") == 200
-        calls = log.until(("answered", b.endpoint, "t", None))
-        c.close()
-    finally:
-        _closing(relay, a, b, s)
+    script = [_answer(503), _answer(500), _answer(200), _answer(502)]
+    statuses, calls, a, b, s = _a_then_b(mode, script, lambda a: {a: ON}, 6)
+    assert statuses == [503, 500, 200, 502, 200, 200]
     assert calls == [
-        ("answered", s.endpoint, "t", None),
-        ("answered_5xx", a.endpoint, "t", 503),
-        ("answered_5xx", a.endpoint, "t", 500),
-        ("answered", a.endpoint, "t", None),
-        ("answered_5xx", a.endpoint, "t", 502),
-        ("answered", a.endpoint, "t", None),
-        ("answered", b.endpoint, "t", None),
+        ("answered", s, "t", None),
+        ("answered_5xx", a, "t", 503),
+        ("answered_5xx", a, "t", 500),
+        ("answered", a, "t", None),
+        ("answered_5xx", a, "t", 502),
+        ("answered", a, "t", None),
+        ("answered", b, "t", None),
     ]
 
 
@@ -120,20 +133,13 @@ def test_only_500_to_599_is_a_5xx(mode: tuple[str, str]) -> None:
     """A with report_5xx answering 499, 600 and 999 (a status line may say
     any three digits): none is a 5xx (Envoy's 500..599), so only A's first
     answer, news, is reported."""
-    relay, log, a, b, s = _three(mode, [_answer(499), _answer(600), _answer(999)])
-    try:
-        c = _client(relay)
-        _settings(relay, c, {a.endpoint: ON})
-        assert [_ask(c, "a") for _ in range(3)] == [499, 600, 999]
-        assert _ask(c, "b") == 200
-        calls = log.until(("answered", b.endpoint, "t", None))
-        c.close()
-    finally:
-        _closing(relay, a, b, s)
+    script = [_answer(499), _answer(600), _answer(999)]
+    statuses, calls, a, b, s = _a_then_b(mode, script, lambda a: {a: ON}, 3)
+    assert statuses == [499, 600, 999]
     assert calls == [
-        ("answered", s.endpoint, "t", None),
-        ("answered", a.endpoint, "t", None),
-        ("answered", b.endpoint, "t", None),
+        ("answered", s, "t", None),
+        ("answered", a, "t", None),
+        ("answered", b, "t", None),
     ]
 
 
@@ -142,20 +148,15 @@ def test_without_report_5xx_the_statuses_are_answers(mode: tuple[str, str]) -> N
     3-tuple's, and the relay's): its first answer (the 503) is news, and
     nothing else of A's is reported."""
     for own in (None, (0, 30.0, 5.0)):
-        relay, log, a, b, s = _three(mode, [_answer(503), _answer(500), _answer(200), _answer(502)])
-        try:
-            c = _client(relay)
-            _settings(relay, c, {a.endpoint: own} if own else {})
-            assert [_ask(c, "a") for _ in range(6)] == [503, 500, 200, 502, 200, 200]
-            assert _ask(c, "b") == 200
-            calls = log.until(("answered", b.endpoint, "t", None))
-            c.close()
-        finally:
-            _closing(relay, a, b, s)
+        script = [_answer(503), _answer(500), _answer(200), _answer(502)]
+        statuses, calls, a, b, s = _a_then_b(
+            mode, script, lambda a, own=own: {a: own} if own else {}, 6
+        )
+        assert statuses == [503, 500, 200, 502, 200, 200]
         assert calls == [
-            ("answered", s.endpoint, "t", None),
-            ("answered", a.endpoint, "t", None),
-            ("answered", b.endpoint, "t", None),
+            ("answered", s, "t", None),
+            ("answered", a, "t", None),
+            ("answered", b, "t", None),
         ], own
 
 

@@ -41,23 +41,7 @@ from l4proxy.rules.routing import (
     Subset,
 )
 from tests.test_config_errors import REGISTRY, errors_of
-
-HOST = "bootcamp.default.svc.cluster.local"
-V1A, V1B, V2 = ("198.18.0.11", 8080), ("198.18.0.12", 8080), ("198.18.0.13", 8080)
-
-DR_HEAD = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: bootcamp}
-spec:
-  host: bootcamp
-"""
-
-
-def load(tmp_path: Path, text: str, *extra: str, name: str = "rules.yaml") -> RouteTable:
-    f = tmp_path / name
-    f.write_text(textwrap.dedent(text))
-    return load_rules([str(f), *extra, REGISTRY]).table
+from tests.test_rules_connection_pool import DR_HEAD, HOST, V1A, V1B, V2, load
 
 
 def rule(body: str) -> str:
