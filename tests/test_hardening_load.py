@@ -86,13 +86,32 @@ spec:
 """
 
 
+# Every connection of an endpoint at most 2 at once, as many waiting as come
+# (per request: the relay's line), and Istio's outlier detection on (the
+# backends answer 200: nothing is ejected); no route timeout, so every
+# request waiting is served
+LIMIT_RULE = """---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: bootcamp}
+spec:
+  host: bootcamp
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 2}
+      http: {http2MaxRequests: 100000}
+    outlierDetection: {consecutive5xxErrors: 5, maxEjectionPercent: 50}
+"""
+
+
 @pytest.mark.parametrize(
     "impl",
     ["compiled-uvloop", pytest.param("pure-asyncio", marks=pytest.mark.slow)],
 )
 def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routing: str) -> None:
-    """all-v1 → 50-v2 → all-v2 (with a connection pool rule) → ... 100 times
-    while two wrk run, one with
+    """all-v1 → 50-v2 → all-v2 (with a connection pool rule) → (per
+    request: 50-v2 with two connections per endpoint at most, the others
+    waiting, and outlier detection) → ... 100 times while two wrk run, one with
     ``Connection: close`` (a decision per connection, in both modes) and one
     keep-alive (in request mode a decision per request on connections open
     across the swaps): zero socket errors, zero non-2xx. Each swap is waited
@@ -107,18 +126,27 @@ def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routi
     # the all-v2 generation also recycles every upstream connection after
     # one request (a DestinationRule's connectionPool): the swaps change
     # each endpoint's pool settings under load too, both ways
+    # and, per request, one that makes requests wait for the endpoints'
+    # two connections, lifted at the next swap (at L4 past the limit is
+    # the overflow, not a wait: that mode swaps only the other three)
     rules = [
         route_rule({"v1": 50, "v2": 50}),
         route_rule({"v2": 100}) + POOL_RULE,
         route_rule({"v1": 100}),
     ]
+    if http_routing == "request":
+        rules.append(route_rule({"v1": 50, "v2": 50}) + LIMIT_RULE)
     wrks = [_wrk(mesh, 120, 10, close=True), _wrk(mesh, 120, 10, close=False)]
     time.sleep(0.5)
     loaded = _loaded_generations(mesh)
     t0 = time.monotonic()
+    waiting = 0  # requests seen waiting for a connection (the limit's generations)
     for i in range(100):
-        mesh.write_rules(rules[i % 3])
+        mesh.write_rules(rules[i % len(rules)])
         assert wait_until(lambda n=loaded + i + 1: _loaded_generations(mesh) >= n, 5, 0.02)
+        if i % len(rules) == 3:
+            clusters = mesh.sidecar.admin("/clusters")
+            waiting += sum(int(n) for n in re.findall(r"::rq_pending::(\d+)", clusters))
     swaps_took = time.monotonic() - t0
     for wrk in wrks:
         assert wrk.poll() is None, "wrk ended before the 100 swaps did"
@@ -133,6 +161,10 @@ def test_100_rule_swaps_under_wrk_fail_nothing(mesh: Mesh, impl: str, http_routi
     assert mesh.sidecar.stat("l4proxy_reload_failures_total") == 0
     if http_routing == "request":  # (the connection mode pools nothing)
         assert mesh.sidecar.stat("l4proxy_upstream_pool_closed_max_requests_total") > 0
+        # 20 clients, 2 connections per endpoint: the line was used (summed
+        # over 25 looks at /clusters), and no request overflowed it
+        print(f"requests seen waiting: {waiting}")
+        assert waiting > 0
     assert mesh.sidecar.stat("l4proxy_worker_restarts_total") == 0
 
 
