@@ -138,3 +138,13 @@ def test_retain_forgets_endpoints_the_table_no_longer_names() -> None:
     assert not h.is_healthy(pods[0])  # kept: still in the table, still ejected
     assert h.describe(pods[1])["successes"] == 1
     assert h.describe(pods[5])["successes"] == 0  # forgotten
+
+
+def test_a_base_ejection_above_the_cap_is_its_own_cap() -> None:
+    """--ejection-time 600: the first ejection lasts 600 s, not the 300 s
+    cap (Envoy's max_ejection_time: 300 s or the base, if longer)."""
+    clock = Clock()
+    h = EndpointHealth(consecutive_failures=1, base_ejection=600, clock=clock)
+    ep = Ep("198.18.0.7", 80)
+    h.failure(ep, "x")
+    assert h.describe(ep)["ejected_for_s"] == 600.0

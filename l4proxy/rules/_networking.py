@@ -693,7 +693,8 @@ _TCP_POOL_UNIMPLEMENTED = {
     "bounds a connection's idle time",
 }
 _HTTP_POOL_UNIMPLEMENTED = {
-    "maxRetries": "a route's retries.attempts bounds each request's retries",
+    "maxRetries": "it caps the retries in flight at once to the cluster in Envoy, which the "
+    "sidecar does not count; a route's retries.attempts bounds each request's retries",
     "useClientProtocol": "the sidecar speaks HTTP/1.1 to every upstream",
     "maxConcurrentStreams": "the sidecar speaks HTTP/1.1 to every upstream (no streams)",
 }
@@ -913,8 +914,8 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
         else:  # (read, so that a wrong value is an error, as in Istio's validation)
             ctx.warning(
                 epath,
-                f"{dotted(epath)} is deprecated and ignored, as Istio's pilot has ignored it "
-                "since 1.7: set consecutiveGatewayErrors (what it counted) or "
+                f"{dotted(epath)} is deprecated and ignored, as Istio's pilot ignores it "
+                "since 1.7: set consecutiveGatewayErrors (what Istio 1.1 to 1.6 counted) or "
                 "consecutive5xxErrors",
             )
     if not ok:

@@ -232,7 +232,7 @@ class EndpointHealth:
             False,
             base_ejection,
             base_ejection,
-            max_ejection,
+            max(max_ejection, base_ejection),  # (a base above the cap is its own, as Envoy)
             max_ejection_percent,
             "sidecar",
         )

@@ -328,7 +328,8 @@ def add_parser(sub: Any) -> None:
         help="outlier detection: first ejection of an endpoint with 3 gateway failures in a "
         "row (failed connects; per request also responses that fail: closed or reset before or "
         "during the response, unframeable, or past the route's timeout); the n-th "
-        "lasts n times as long, up to 300 s, and each such span healthy takes one off (10); "
+        "lasts n times as long, up to 300 s (or the base, if longer), and each such span "
+        "healthy takes one off (10); "
         "the endpoints of a DestinationRule with outlierDetection take its settings instead "
         "(which also count the application's 5xx, as Istio's)",
     )
