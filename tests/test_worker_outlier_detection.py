@@ -279,3 +279,33 @@ def test_the_relays_reports_reach_health_in_order_one_wake_up_per_batch(
     assert got["wakes"] == 1
     assert (got["a"]["status_failures"], got["a"]["consecutive_failures"]) == (5, 2), got["a"]
     assert got["a"]["successes"] == 1
+
+
+def test_reports_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
+    """A stalled loop (here: the loop itself, not yielding) holds 65536
+    reports at most: the 3 past it are dropped, counted in /stats, and the
+    65536 are all heard once it runs."""
+    from l4proxy.sidecar.worker import _MAX_REPORTS, _SubsetTag
+
+    a = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(a.endpoint[1]) + _outlier_rule(consecutive5xxErrors="0"))
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, _address):
+            tag = _SubsetTag(HOST, "default", "default", "unknown", "svc-unknown")
+            key = ("127.0.0.1", a.endpoint[1])
+            for _ in range(_MAX_REPORTS + 3):
+                worker._relay_answered_5xx(key, tag, 500)
+            got["dropped"] = worker.relay_counters.get("l4proxy_outlier_reports_dropped_total")
+            for _ in range(5):
+                await asyncio.sleep(0)
+            got["counted"] = worker.health.describe(_ep(a.endpoint[1]))["status_failures"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+    assert got["dropped"] == 3
+    assert got["counted"] == _MAX_REPORTS

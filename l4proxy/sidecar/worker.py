@@ -258,7 +258,6 @@ class Worker:
         self._reports: list[tuple[Any, ...]] = []
         self._reports_lock = threading.Lock()
         self._reports_due = False  # a _drain_reports is scheduled
-        self.reports_dropped = 0  # reports past _MAX_REPORTS (a stalled loop)
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
@@ -269,6 +268,12 @@ class Worker:
         # what it counts goes to relay_counters (locked: /stats reads them
         # from the event loop's thread).
         self.relay_counters = LockedCounters()
+        self.relay_counters.describe(
+            "l4proxy_outlier_reports_dropped_total",
+            "counter",
+            "Relay reports to outlier detection dropped: more than 65536 waited for a "
+            "stalled event loop.",
+        )
         self.relay: HttpRelay | None = None
         # The table whose key headers the compiled relay keys its cache by
         # (see _table_published); a verdict from any other is not cached.
@@ -1226,7 +1231,7 @@ class Worker:
         its self-pipe) per request."""
         with self._reports_lock:
             if len(self._reports) >= _MAX_REPORTS:  # the loop is stalled: bounded
-                self.reports_dropped += 1
+                self.relay_counters.inc("l4proxy_outlier_reports_dropped_total")
                 return
             self._reports.append(report)
             if self._reports_due:
