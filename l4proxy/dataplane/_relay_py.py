@@ -199,7 +199,7 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
-from l4proxy.dataplane.verdict import RetryPolicy
+from l4proxy.dataplane.verdict import HeadEdits, RetryPolicy
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -232,6 +232,9 @@ class Decision(NamedTuple):
     passed back in reports (service and subset, for the metrics).
     ``timeout``: the route's (seconds, 0: none; see "Timers"); ``retry``:
     its retry policy (None: none; see "Retry policy" in ``_exchange_py.py``).
+    ``edits``: what is changed in the request's head and its final
+    response's (:class:`~l4proxy.dataplane.verdict.HeadEdits`; None:
+    nothing); ``local_headers``: more header lines of the ``local`` answer.
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -239,6 +242,8 @@ class Decision(NamedTuple):
     tag: Any = None
     timeout: float = 0.0
     retry: RetryPolicy | None = None
+    edits: HeadEdits | None = None
+    local_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(eq=False)

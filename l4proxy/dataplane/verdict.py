@@ -33,6 +33,8 @@ __all__ = [
     "SHAPE_TESTS",
     "TEST_KINDS",
     "Choice",
+    "HeadEdits",
+    "PathRewrite",
     "RetryPolicy",
     "Verdict",
     "request_bits",
@@ -218,6 +220,55 @@ class RetryPolicy(NamedTuple):
         )
 
 
+Header = tuple[str, str]
+
+
+class PathRewrite(NamedTuple):
+    """How a request's target is rewritten before it goes upstream (Envoy's
+    ``prefix_rewrite``, a Gateway API ``URLRewrite`` path): the first
+    ``strip`` characters of its path (the target up to its first ``?``; at
+    most the whole path) are replaced by ``prefix``; ``strip`` -1 replaces
+    the whole path. The query, if any, follows unchanged; a path left empty
+    is ``/``. So ``PathRewrite(4, "/v2")`` sends ``/api/users?id=1`` as
+    ``/v2/users?id=1``, ``PathRewrite(4, "")`` sends ``/api`` as ``/``, and
+    ``PathRewrite(-1, "/x")`` sends ``/a/b?q`` as ``/x?q``. The route table
+    gives the ``strip`` of the match that a verdict's shape selects (the
+    same for every request the verdict is applied to); an absolute-form
+    target (``http://host/path``) has its path rewritten the same way."""
+
+    strip: int
+    prefix: str
+
+
+class HeadEdits(NamedTuple):
+    """What the relay changes in the heads of the requests a :class:`Choice`
+    takes, and of their final responses (Envoy's
+    ``request_headers_to_add``/``_remove``, ``response_headers_to_add``/
+    ``_remove``, ``prefix_rewrite`` and ``host_rewrite_literal``, as Istio
+    and the Gateway API configure them).
+
+    In a head, the lines whose name (case-insensitive) is in ``*_remove`` or
+    among ``*_set``'s names are left out; then the ``*_set`` lines, then the
+    ``*_add`` lines, go in the order given before the empty line that ends
+    the head. ``path`` rewrites the request target; ``authority`` replaces
+    the value of the request's Host line. Names are lowercase tokens and
+    values hold no CR, LF or NUL (the route table checked them); none is a
+    field that frames a message or is hop-by-hop (Content-Length,
+    Transfer-Encoding, Connection, Keep-Alive, Proxy-Connection, TE,
+    Upgrade, Trailer, Expect) nor Host (``authority`` is). Interim (1xx)
+    responses and the relay's own answers are not edited. A retry sends the
+    same edited head."""
+
+    request_set: tuple[Header, ...] = ()
+    request_add: tuple[Header, ...] = ()
+    request_remove: tuple[str, ...] = ()
+    response_set: tuple[Header, ...] = ()
+    response_add: tuple[Header, ...] = ()
+    response_remove: tuple[str, ...] = ()
+    path: PathRewrite | None = None
+    authority: str | None = None
+
+
 class Choice(NamedTuple):
     """One weighted destination of a route: a subset's endpoints.
 
@@ -227,6 +278,8 @@ class Choice(NamedTuple):
     share it). ``tag`` comes back in the relay's reports (metrics, outlier
     detection). ``status``: the answer when ``endpoints`` is empty (503 no
     healthy upstream; 500 for a Gateway API backend that resolves to nothing).
+    ``edits``: what the relay changes in the heads of its requests and
+    responses (None: nothing).
     """
 
     weight: int
@@ -235,6 +288,7 @@ class Choice(NamedTuple):
     balance_key: Hashable = None
     tag: Hashable = None
     status: int = 503
+    edits: HeadEdits | None = None
 
 
 class Verdict(NamedTuple):
@@ -252,6 +306,9 @@ class Verdict(NamedTuple):
     request to the end of its response; past it the relay answers 504
     ``upstream request timeout``, or cuts a response that began. ``retry``:
     the route's retry policy (None: the relay's own retries only).
+    ``local_headers``: more header lines of the ``local`` answer (a
+    redirect's ``location``), each a lowercase name and a value without CR,
+    LF or NUL.
     """
 
     choices: tuple[Choice, ...] = ()
@@ -262,3 +319,4 @@ class Verdict(NamedTuple):
     tests: tuple[RequestTest, ...] = ()
     timeout: float = 0.0
     retry: RetryPolicy | None = None
+    local_headers: tuple[Header, ...] = ()

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
+from l4proxy.dataplane.verdict import HeadEdits
 from l4proxy.rules._regex import Pattern, compile_regex
 
 __all__ = [
@@ -927,6 +928,26 @@ class WeightedSubset:
     policy: str
     key: tuple[str, int, str, Labels] | None
     status: int = 503
+    # what the relay changes in the heads of the requests sent to it and of
+    # their responses: the route's headers, rewrite and the destination's
+    # headers together (None: nothing)
+    edits: HeadEdits | None = None
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """A route's own answer instead of a destination: a redirect
+    (VirtualService ``redirect``, HTTPRoute ``RequestRedirect``) or a direct
+    response (``directResponse``). ``headers``: lowercase names and values
+    (a redirect's ``location``); ``per_request``: True when the answer was
+    built from this request's target or Host beyond what the route matched
+    (a redirect that keeps the path), so the relay must not apply it to
+    other requests of the same shape (verdict ttl 0)."""
+
+    status: int
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    per_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -944,6 +965,8 @@ class RouteChoices:
     status: int = 503
     timeout: float = 0.0  # the route's (Route.timeout)
     retries: HttpRetry | None = None  # the route's (Route.retries)
+    # the route answers itself (a redirect, a direct response): no subsets
+    answer: LocalAnswer | None = None
 
 
 @dataclass(frozen=True)
@@ -965,6 +988,9 @@ class Decision:
     status: int = 503
     timeout: float = 0.0  # the route's (Route.timeout): 0, none
     retries: HttpRetry | None = None  # the route's (Route.retries)
+    edits: HeadEdits | None = None  # the chosen subset's (WeightedSubset.edits)
+    # the route answers itself (RouteChoices.answer): no endpoints
+    answer: LocalAnswer | None = None
 
 
 def _normalize_ip(ip: str) -> str | None:

@@ -817,6 +817,14 @@ class Worker:
                 decision.subset,
                 [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
             )
+        if decision.answer is not None:  # a redirect, a direct response
+            a = decision.answer
+            raise Refused(
+                "route_answer",
+                a.status,
+                a.body,
+                "".join(f"{name}: {value}\r\n" for name, value in a.headers),
+            )
         # -- issue 14 (HTTPRoute): a backend that resolves to nothing answers 500 --
         if not decision.endpoints and decision.status != 503:
             if decision.route == NO_ROUTE:  # a VirtualService's or HTTPRoute's host: 404
@@ -973,6 +981,11 @@ class Worker:
             route=decision.route,
             subset=decision.subset,
         )
+        if decision.answer is not None:  # a redirect, a direct response
+            a = decision.answer
+            return RelayDecision(
+                local=(a.status, a.body), local_headers=a.headers, tag=_Tag(decision)
+            )
         if not decision.endpoints:
             body = _local_body(decision.status)
             return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
@@ -982,6 +995,7 @@ class Worker:
             tag=_Tag(decision),
             timeout=decision.timeout,
             retry=_retry_policy(decision.retries),
+            edits=decision.edits,
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1028,6 +1042,17 @@ class Worker:
         )
         if not origin.gateway:
             shape = _shape_bits(table.request_shape(c.service))
+        if rc.answer is not None:  # a redirect, a direct response
+            a = rc.answer
+            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
+            return Verdict(
+                local=(a.status, a.body),
+                local_headers=a.headers,
+                tag=tag,
+                ttl=0.0 if a.per_request else 1.0,
+                shape=shape.bits,
+                tests=shape.tests,
+            )
         if not rc.subsets:  # every weight 0 (Gateway API), or no route matched (404)
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             body = _local_body(rc.status)
@@ -1040,6 +1065,7 @@ class Worker:
                 ws.key,
                 _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints),
                 ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
+                ws.edits,
             )
             for ws in rc.subsets
         )
