@@ -10,11 +10,15 @@ by the per-request relay (Envoy's route timeout and retry policy, see
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import ipaddress
 import re
 from typing import Any, Literal
 
+from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
@@ -51,15 +55,19 @@ from l4proxy.rules.routing import (
     LB_POLICIES,
     MAX_CIRCUIT_BREAKER,
     MAX_REQUESTS_PER_CONNECTION,
+    REDIRECT_CODES,
     RETRY_ON_NO_OPS,
     RETRY_ON_POLICIES,
     Endpoint,
     HttpRetry,
+    LocalAnswer,
     Match,
     OutlierPolicy,
     PoolSettings,
+    Redirect,
     Service,
     ServicePort,
+    UriRewrite,
 )
 
 API_VERSIONS = (
@@ -69,24 +77,25 @@ API_VERSIONS = (
 )
 SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
-_HTTP_ROUTE_UNIMPLEMENTED = (
-    "rewrite",
-    "fault",
-    "mirror",
-    "mirrors",
-    "mirrorPercent",
-    "mirrorPercentage",
-    "corsPolicy",
-    "headers",
-    "appendHeaders",
-    "removeResponseHeaders",
-    "appendResponseHeaders",
-    "removeRequestHeaders",
-    "appendRequestHeaders",
-    "websocketUpgrade",
-    "delegate",
-    "directResponse",
-)
+_OLD_HEADERS = "Istio removed it; use headers.request or headers.response"
+_HTTP_ROUTE_UNIMPLEMENTED = {
+    "fault": "",
+    "mirror": "",
+    "mirrors": "",
+    "mirrorPercent": "",
+    "mirrorPercentage": "",
+    "corsPolicy": "",
+    "appendHeaders": _OLD_HEADERS,
+    "removeResponseHeaders": _OLD_HEADERS,
+    "appendResponseHeaders": _OLD_HEADERS,
+    "removeRequestHeaders": _OLD_HEADERS,
+    "appendRequestHeaders": _OLD_HEADERS,
+    "websocketUpgrade": "",
+    "delegate": "",
+}
+# Envoy's largest direct response body as Istio configures a sidecar's
+# routes (max_direct_response_body_size_bytes)
+MAX_DIRECT_BODY = 1024 * 1024
 _HTTP_MATCH_UNIMPLEMENTED = (
     "queryParams",
     "ignoreUriCase",
@@ -203,22 +212,45 @@ def _vs_route(
     env: Env,
 ) -> RouteDraft | None:
     if proto == "http":
-        if isinstance(value, dict) and "route" in value and "redirect" in value:
-            ctx.error((*path, "redirect"), "rule cannot contain both route and redirect")
-            value = {k: v for k, v in value.items() if k != "redirect"}
         r = fields(
             ctx,
             value,
             path,
-            allowed=("name", "match", "route", "timeout", "retries"),
-            unimplemented=(*_HTTP_ROUTE_UNIMPLEMENTED, "redirect"),
+            allowed=(
+                "name",
+                "match",
+                "route",
+                "timeout",
+                "retries",
+                "headers",
+                "rewrite",
+                "redirect",
+                "directResponse",
+            ),
+            unimplemented=_HTTP_ROUTE_UNIMPLEMENTED,
         )
     else:
         r = fields(ctx, value, path, allowed=("match", "route"))
     if r is None:
         return None
-    if "route" not in r and "redirect" not in r:
-        ctx.error(path, f"{dotted((*path, 'route'))} is required")
+    # (Istio's validation: one action, and a rewrite only with a route)
+    actions = [k for k in ("route", "redirect", "directResponse") if r.get(k) is not None]
+    if not actions:
+        ctx.error(
+            path,
+            f"{dotted((*path, 'route'))} is required"
+            + (" (or redirect, or directResponse)" if proto == "http" else ""),
+        )
+        return None
+    if len(actions) > 1:
+        ctx.error((*path, actions[1]), f"rule cannot contain both {actions[0]} and {actions[1]}")
+        return None
+    if r.get("rewrite") is not None and actions[0] != "route":
+        ctx.error(
+            (*path, "rewrite"),
+            f"rule cannot contain both rewrite and {actions[0]} (a rewrite changes the request "
+            "sent to a destination; put the path in the redirect)",
+        )
         return None
     if "name" in r:
         text(ctx, r["name"], (*path, "name"))
@@ -227,10 +259,263 @@ def _vs_route(
         timeout = duration(ctx, r["timeout"], (*path, "timeout"))
     retries_ok, retries = _retries(ctx, r.get("retries"), (*path, "retries"), timeout or 0.0)
     matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
-    dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
-    if matches is None or dests is None or timeout is None or not retries_ok:
+    dests: list[DestinationDraft] | None = []
+    if r.get("route") is not None:
+        dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
+    headers_ok, headers = True, None
+    if r.get("headers") is not None:
+        headers_ok, headers = istio_headers(ctx, r["headers"], (*path, "headers"))
+    rewrite_ok, rewrite, authority = _rewrite(ctx, r.get("rewrite"), (*path, "rewrite"), matches)
+    redirect: Redirect | None = None
+    direct: LocalAnswer | None = None
+    if r.get("redirect") is not None:
+        redirect = _redirect(ctx, r["redirect"], (*path, "redirect"))
+        rewrite_ok = rewrite_ok and redirect is not None
+    if r.get("directResponse") is not None:
+        direct = _direct_response(ctx, r["directResponse"], (*path, "directResponse"))
+        rewrite_ok = rewrite_ok and direct is not None
+    if (
+        matches is None
+        or dests is None
+        or timeout is None
+        or not retries_ok
+        or not headers_ok
+        or not rewrite_ok
+    ):
         return None
-    return RouteDraft(name, proto, matches, dests, timeout, retries)
+    if authority is not None:
+        headers = (headers or HeadEdits())._replace(authority=authority)
+    if redirect is not None or direct is not None:
+        lines = _answer_headers(ctx, path, headers)
+        if lines is None:
+            return None
+        headers = None  # (no request goes upstream: nothing else to edit)
+        if direct is not None:
+            direct = dataclasses.replace(direct, headers=lines)
+        if redirect is not None:
+            redirect = dataclasses.replace(redirect, headers=lines)
+    return RouteDraft(
+        name,
+        proto,
+        matches,
+        dests,
+        timeout,
+        retries,
+        headers,
+        rewrite,
+        redirect,
+        direct,
+    )
+
+
+def _rewrite(
+    ctx: Ctx, value: Any, path: Path, matches: tuple[Match, ...] | None
+) -> tuple[bool, UriRewrite | None, str | None]:
+    """``http[].rewrite``: (valid, the path rewrite, the authority). ``uri``
+    is Envoy's ``prefix_rewrite`` as Istio configures it (see
+    :class:`UriRewrite`); ``uriRegexRewrite`` is refused: its substitution
+    is per request, which the relays do not do."""
+    if value is None:
+        return True, None, None
+    w = fields(
+        ctx,
+        value,
+        path,
+        allowed=("uri", "authority"),
+        unimplemented={
+            "uriRegexRewrite": "its regex substitution would run per request, which the "
+            "relays do not do; use uri with a prefix or exact match"
+        },
+    )
+    if w is None or "uriRegexRewrite" in w:
+        return False, None, None
+    ok = True
+    uri = None
+    if w.get("uri") is not None:
+        uri = _target_text(ctx, w["uri"], (*path, "uri"))
+        ok = uri is not None
+    authority = None
+    if w.get("authority") is not None:
+        authority = _authority(ctx, w["authority"], (*path, "authority"))
+        ok = ok and authority is not None
+    if ok and uri is None and authority is None:
+        ctx.error(path, f"{dotted(path)} must have uri or authority (Istio's validation)")
+        return False, None, None
+    if (
+        ok
+        and uri is not None
+        and matches is not None
+        and (not matches or any(m.uri is None for m in matches))
+    ):
+        ctx.warning(
+            (*path, "uri"),
+            f"{dotted((*path, 'uri'))} {uri!r}: a match without a uri matches as Envoy's "
+            f"prefix '/', so only the path's first '/' is replaced ('/a' goes up as "
+            f"{uri + 'a'!r}); match a uri prefix to replace it",
+        )
+    return ok, (UriRewrite("prefix", uri) if uri is not None else None), authority
+
+
+_TARGET = re.compile(r"[!-~]*")  # visible ASCII, no space: a request target's characters
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]+)(:[0-9]{1,5})?")
+
+
+def _target_text(ctx: Ctx, value: Any, path: Path) -> str | None:
+    s = text(ctx, value, path, required=True)
+    if s is not None and not _TARGET.fullmatch(s):
+        ctx.error(path, f"{dotted(path)} {s!r} must be visible ASCII without spaces (a URI path)")
+        return None
+    return s
+
+
+def _authority(ctx: Ctx, value: Any, path: Path) -> str | None:
+    s = text(ctx, value, path, required=True)
+    if s is not None and not _AUTHORITY.fullmatch(s):
+        ctx.error(path, f"{dotted(path)} {s!r} is not a host or host:port")
+        return None
+    return s
+
+
+def _redirect(ctx: Ctx, value: Any, path: Path) -> Redirect | None:
+    """``http[].redirect`` as Istio configures Envoy's RedirectAction:
+    ``uri`` the path (the request's query stays unless it has one),
+    ``authority`` the host, ``scheme``, ``port`` or ``derivePort``,
+    ``redirectCode`` (301 by default; 301, 302, 303, 307 or 308, the codes
+    Envoy has)."""
+    d = fields(
+        ctx,
+        value,
+        path,
+        allowed=("uri", "authority", "scheme", "port", "derivePort", "redirectCode"),
+    )
+    if d is None:
+        return None
+    ok = True
+    uri = scheme = authority = None
+    if d.get("uri") is not None:
+        uri = _target_text(ctx, d["uri"], (*path, "uri"))
+        ok = uri is not None
+    if d.get("authority") is not None:
+        authority = _authority(ctx, d["authority"], (*path, "authority"))
+        ok = ok and authority is not None
+    if d.get("scheme") is not None:
+        scheme = text(ctx, d["scheme"], (*path, "scheme"), required=True)
+        if scheme is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+            ctx.error((*path, "scheme"), f"{dotted((*path, 'scheme'))} {scheme!r} is not a scheme")
+            scheme = None
+        ok = ok and scheme is not None
+    port = None
+    from_request = False
+    if d.get("port") is not None and d.get("derivePort") is not None:
+        ctx.error((*path, "derivePort"), "redirect cannot have both port and derivePort")
+        ok = False
+    elif d.get("port") is not None:
+        port = _port_number(ctx, d["port"], (*path, "port"))
+        ok = ok and port is not None
+    elif d.get("derivePort") is not None:
+        dp = d["derivePort"]
+        if dp not in ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"):
+            ctx.error(
+                (*path, "derivePort"),
+                f"{dotted((*path, 'derivePort'))} {dp!r} is not FROM_PROTOCOL_DEFAULT or "
+                "FROM_REQUEST_PORT",
+            )
+            ok = False
+        from_request = dp == "FROM_REQUEST_PORT"
+    code = 301
+    if d.get("redirectCode") is not None:
+        got = integer(
+            ctx, d["redirectCode"], (*path, "redirectCode"), 300, 399, what="redirectCode"
+        )
+        if got is not None and got not in REDIRECT_CODES:
+            ctx.error(
+                (*path, "redirectCode"),
+                f"redirectCode {got} is not one Envoy sends (301, 302, 303, 307, 308)",
+            )
+            got = None
+        ok = ok and got is not None
+        code = got or 301
+    if ok and not (uri or authority or scheme or port or d.get("derivePort")):
+        ctx.error(path, f"{dotted(path)} must have uri, authority, scheme or a port")
+        ok = False
+    if not ok:
+        return None
+    return Redirect(code, scheme, authority, port, from_request, uri)
+
+
+def _direct_response(ctx: Ctx, value: Any, path: Path) -> LocalAnswer | None:
+    """``http[].directResponse``: ``status`` (200..599, Istio's validation)
+    and ``body`` (``string``, or ``bytes`` in base64: UTF-8 text here, as
+    the relays write their answers), at most 1 MiB (Envoy's limit as Istio
+    configures a sidecar)."""
+    d = fields(ctx, value, path, allowed=("status", "body"), required=("status",))
+    if d is None or d.get("status") is None:
+        return None
+    status = integer(ctx, d["status"], (*path, "status"), 200, 599, what="directResponse.status")
+    body = ""
+    bpath = (*path, "body")
+    if d.get("body") is not None:
+        b = fields(ctx, d["body"], bpath, allowed=("string", "bytes"))
+        if b is None:
+            return None
+        given = [k for k in ("string", "bytes") if b.get(k) is not None]
+        if len(given) != 1:
+            ctx.error(bpath, f"{dotted(bpath)} must have one of string, bytes")
+            return None
+        raw = text(ctx, b[given[0]], (*bpath, given[0]))
+        if raw is None:
+            return None
+        if given[0] == "bytes":
+            try:
+                body = base64.b64decode(raw, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                why = "not base64" if isinstance(exc, binascii.Error) else "not UTF-8 text"
+                ctx.error(
+                    (*bpath, "bytes"),
+                    f"{dotted((*bpath, 'bytes'))} is {why} (the relays answer with UTF-8 text)",
+                )
+                return None
+        else:
+            body = raw
+        if len(body.encode()) > MAX_DIRECT_BODY:
+            ctx.error(bpath, f"{dotted(bpath)} is larger than 1 MiB (Envoy's limit in Istio)")
+            return None
+    if status is None:
+        return None
+    return LocalAnswer(status, body)
+
+
+def _answer_headers(
+    ctx: Ctx, path: Path, headers: HeadEdits | None
+) -> tuple[tuple[str, str], ...] | None:
+    """The header lines of the answer of a route that answers itself (a
+    redirect, a direct response): its ``headers.response`` set and add
+    lines (Envoy applies a route's response headers to its own answers),
+    the ``content-type`` excepted, which the relays write ``text/plain``
+    (another is an error); its ``headers.request`` does nothing (a
+    warning: no request goes upstream). None after an error."""
+    if headers is None:
+        return ()
+    hpath = (*path, "headers")
+    if headers.request_set or headers.request_add or headers.request_remove:
+        ctx.warning(
+            (*hpath, "request"),
+            f"{dotted((*hpath, 'request'))} does nothing: this route answers itself "
+            "and sends no request",
+        )
+    lines = []
+    for name, v in (*headers.response_set, *headers.response_add):
+        if name == "content-type":
+            if v.split(";", 1)[0].strip().lower() != "text/plain":
+                ctx.error(
+                    (*hpath, "response"),
+                    f"content-type {v!r}: the proxy's own answers are text/plain "
+                    "(l4proxy cannot change their content-type)",
+                )
+                return None
+            continue
+        lines.append((name, v))
+    return tuple(lines)
 
 
 def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, HttpRetry | None]:
@@ -507,26 +792,32 @@ def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[Destinatio
         return None
     raw_weights: list[tuple[Any, Path]] = []
     parts: list[tuple[str, str | None, int | None, Path] | None] = []
+    dest_headers: list[HeadEdits | None] = []
+    ok = True
     for i, entry in enumerate(entries):
         epath = (*path, i)
         e = fields(
             ctx,
             entry,
             epath,
-            allowed=("destination", "weight"),
-            unimplemented=("headers",),
+            allowed=("destination", "weight", "headers"),
             required=("destination",),
         )
         raw_weights.append((None if e is None else e.get("weight"), (*epath, "weight")))
         parts.append(None if e is None else _destination(ctx, e.get("destination"), epath, env))
+        h_ok, h = True, None
+        if e is not None and e.get("headers") is not None:
+            h_ok, h = istio_headers(ctx, e["headers"], (*epath, "headers"))
+        dest_headers.append(h)
+        ok = ok and h_ok
     ws = weights(ctx, raw_weights, path, relative=True)  # (Istio 1.15 on)
-    if ws is None or any(p is None for p in parts):
+    if ws is None or any(p is None for p in parts) or not ok:
         return None
     out = []
-    for part, w in zip(parts, ws, strict=True):
+    for part, w, h in zip(parts, ws, dest_headers, strict=True):
         assert part is not None
         host, subset, port, epath = part
-        out.append(DestinationDraft(host, w, port, subset, None, Where(ctx, epath)))
+        out.append(DestinationDraft(host, w, port, subset, None, Where(ctx, epath), h))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from l4proxy.dataplane.verdict import HeadEdits
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
@@ -18,10 +19,13 @@ from l4proxy.rules.routing import (
     HttpRetry,
     IngressPath,
     Labels,
+    LocalAnswer,
     Match,
     OutlierPolicy,
     PoolSettings,
+    Redirect,
     Service,
+    UriRewrite,
 )
 
 
@@ -71,6 +75,7 @@ class DestinationDraft:
     subset: str | None  # VirtualService: a DestinationRule subset's name
     labels: Labels | None  # RouteRule: an inline label selector
     where: Where
+    headers: HeadEdits | None = None  # Destination.headers
 
 
 @dataclass
@@ -81,6 +86,10 @@ class RouteDraft:
     destinations: list[DestinationDraft]
     timeout: float = 0.0  # seconds (Route.timeout); 0: none
     retries: HttpRetry | None = None  # Route.retries
+    headers: HeadEdits | None = None  # Route.headers
+    rewrite: UriRewrite | None = None  # Route.rewrite
+    redirect: Redirect | None = None  # Route.redirect
+    direct: LocalAnswer | None = None  # Route.direct
 
 
 @dataclass
@@ -247,6 +256,7 @@ class BackendDraft:
     port: int
     weight: int
     where: Where
+    headers: HeadEdits | None = None  # its filters' (Destination.headers)
 
 
 @dataclass
@@ -266,6 +276,9 @@ class HttpRuleDraft:
     where: Where
     timeout: float = 0.0  # timeouts.request, seconds (Route.timeout); 0: none
     retries: HttpRetry | None = None  # retry (Route.retries)
+    headers: HeadEdits | None = None  # its filters' (Route.headers)
+    rewrite: UriRewrite | None = None  # URLRewrite's path (Route.rewrite)
+    redirect: Redirect | None = None  # RequestRedirect (Route.redirect)
 
 
 @dataclass

@@ -225,6 +225,10 @@ def _routes(
                             rd.protocol,
                             timeout=rd.timeout,
                             retries=rd.retries,
+                            headers=rd.headers,
+                            rewrite=rd.rewrite,
+                            redirect=rd.redirect,
+                            direct=rd.direct,
                         )
                     )
         table[host] = compiled
@@ -297,7 +301,7 @@ def _destination(
         ports = ", ".join(str(p.number) for p in svc.ports)
         dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
         return None
-    return Destination(dd.host, subset, dd.weight, dd.port)
+    return Destination(dd.host, subset, dd.weight, dd.port, dd.headers)
 
 
 def _check_port_required(

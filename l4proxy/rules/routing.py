@@ -51,7 +51,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.dataplane.verdict import HeadEdits, PathRewrite
+from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
 from l4proxy.rules._regex import Pattern, compile_regex
 
 __all__ = [
@@ -66,9 +67,11 @@ __all__ = [
     "HttpRetry",
     "IngressPath",
     "Labels",
+    "LocalAnswer",
     "Match",
     "OutlierPolicy",
     "PoolSettings",
+    "Redirect",
     "Request",
     "RequestShape",
     "RequestTest",
@@ -78,6 +81,7 @@ __all__ = [
     "ServicePort",
     "StringMatch",
     "Subset",
+    "UriRewrite",
 ]
 
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
@@ -717,6 +721,11 @@ class Destination:
     subset: Subset
     weight: int = 100
     port: int | None = None
+    # what it changes in its requests' and responses' heads (a
+    # VirtualService's http[].route[].headers, a backendRef's header
+    # modifiers); None: nothing. Its route's edits go with them
+    # (RouteTable.choices: compose).
+    headers: HeadEdits | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -730,6 +739,7 @@ class Destination:
             ),
             "weight": self.weight,
             "port": self.port,
+            "headers": edits_json(self.headers),
         }
 
 
@@ -803,6 +813,138 @@ class HttpRetry:
         }
 
 
+def edits_json(edits: HeadEdits | None) -> dict[str, Any] | None:
+    """A route's or a destination's header edits as JSON (None: none)."""
+    if edits is None:
+        return None
+    out: dict[str, Any] = {}
+    for side in ("request", "response"):
+        part = {
+            op: getattr(edits, f"{side}_{op}")
+            for op in ("set", "add", "remove")
+            if getattr(edits, f"{side}_{op}")
+        }
+        if part:
+            out[side] = {
+                op: list(v) if op == "remove" else [list(h) for h in v] for op, v in part.items()
+            }
+    if edits.authority is not None:
+        out["authority"] = edits.authority
+    return out
+
+
+@dataclass(frozen=True)
+class UriRewrite:
+    """How a route rewrites its requests' paths, by the kind of the match
+    block that took the request (:meth:`for_match`).
+
+    ``prefix``: a VirtualService's ``rewrite.uri``, Envoy's
+    ``prefix_rewrite`` as Istio configures it: *value* replaces what the
+    block's uri matched: a ``prefix`` match its prefix; an ``exact`` or
+    ``regex`` match the whole path (the query stays); a block without a uri
+    match (Istio gives Envoy prefix ``/``) the first ``/`` (``/v2`` on
+    ``/a`` sends ``/v2a``: write a prefix match). ``segments``: an HTTPRoute
+    URLRewrite's ``ReplacePrefixMatch`` (only with PathPrefix matches): the
+    matched path elements are replaced, a trailing ``/`` of either ignored
+    (the API's table: ``/foo`` → ``/xyz`` sends ``/foo/bar`` as
+    ``/xyz/bar``, ``/foo/`` as ``/xyz/``, ``/foo`` → ``/`` sends ``/foo`` as
+    ``/``). ``full``: ``ReplaceFullPath``: the whole path."""
+
+    kind: Literal["prefix", "segments", "full"]
+    value: str
+
+    def for_match(self, match: Match) -> PathRewrite:
+        uri = match.uri
+        if self.kind == "full":
+            return PathRewrite(-1, self.value)
+        if self.kind == "segments":
+            strip = len(uri.value.rstrip("/")) if uri is not None else 0
+            return PathRewrite(strip, self.value.rstrip("/"))
+        if uri is None:
+            return PathRewrite(1, self.value)  # Istio's match: prefix "/"
+        if uri.kind == "prefix":
+            return PathRewrite(len(uri.value), self.value)
+        if uri.kind == "path_prefix":  # (Istio's path_separated_prefix)
+            return PathRewrite(len(uri.value.rstrip("/")), self.value)
+        return PathRewrite(-1, self.value)  # exact, regex: the whole path
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "value": self.value}
+
+
+# The redirect codes Envoy's RedirectAction has (Istio's and the Gateway API's)
+REDIRECT_CODES: Final = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A route's redirect (a VirtualService's ``redirect``, an HTTPRoute's
+    RequestRedirect): its answer, with the ``location`` built per request
+    (:meth:`answer`).
+
+    ``scheme``, ``host``: the Location's (None: the request's); ``path``:
+    replaces the request's path (Envoy's ``path_redirect``: the query stays
+    unless it has one); ``prefix``: replaces the path elements the
+    PathPrefix match matched (RequestRedirect's ``ReplacePrefixMatch``, as
+    ``UriRewrite("segments")``); neither: the target stays. ``port``: the
+    Location's; ``port_from_request``: the port the request was sent to
+    (Istio's ``derivePort: FROM_REQUEST_PORT``); ``gateway``: the Gateway
+    API's port rules (else Envoy's, as Istio configures them: a port that
+    is the scheme's default is left out and the Host's port stays)."""
+
+    status: int = 301
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    port_from_request: bool = False
+    path: str | None = None
+    prefix: str | None = None
+    gateway: bool = False
+    # more lines of the answer (the route's response headers' set and add)
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def per_request(self) -> bool:
+        """Whether the location keeps anything of the request: its Host (no
+        ``host``), its path or query (no ``path`` with a query of its own)."""
+        return self.host is None or self.path is None or "?" not in self.path
+
+    def answer(self, request: Request | None, port: int, match: Match) -> LocalAnswer:
+        """The answer to *request*, sent to *port*, that block *match* took."""
+        request = request or Request()
+        port_redirect = port if self.port_from_request else self.port
+        if not self.gateway and port_redirect == DEFAULT_PORTS.get(self.scheme or request.scheme):
+            port_redirect = None  # (Istio: "do not put explicit :80 or :443")
+        prefix = None
+        if self.prefix is not None:
+            prefix = UriRewrite("segments", self.prefix).for_match(match)
+        where = location(
+            target=request.path,
+            host=request.authority,
+            scheme=request.scheme,
+            new_scheme=self.scheme,
+            new_host=self.host,
+            new_port=port_redirect,
+            derive="gateway" if self.gateway else "envoy",
+            listener_port=port,
+            path=self.path,
+            path_rewrite=prefix,
+        )
+        return LocalAnswer(self.status, "", (("location", where), *self.headers), self.per_request)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "scheme": self.scheme,
+            "host": self.host,
+            "port": "from request" if self.port_from_request else self.port,
+            "path": self.path,
+            "prefix": self.prefix,
+            "port_rules": "gateway api" if self.gateway else "envoy",
+            "headers": [list(h) for h in self.headers],
+        }
+
+
 @dataclass(frozen=True)
 class Route:
     """Matches (OR'ed; empty = any request) → weighted destinations."""
@@ -826,11 +968,28 @@ class Route:
     # Envoy's retry policy (VirtualService http[].retries); None: none, the
     # relay's own retries only (a reused connection's, failed connects)
     retries: HttpRetry | None = None
+    # What it changes in the heads of its requests and responses (a
+    # VirtualService's http[].headers, an HTTPRoute rule's header
+    # modifiers; ``authority``: rewrite.authority, URLRewrite's hostname;
+    # ``path`` unused: see ``rewrite``); None: nothing
+    headers: HeadEdits | None = None
+    # how its requests' paths are rewritten (per match: UriRewrite.for_match)
+    rewrite: UriRewrite | None = None
+    # the route answers itself instead of a destination (then it has none):
+    # a redirect (built per request), or a direct response
+    redirect: Redirect | None = None
+    direct: LocalAnswer | None = None
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
             return True
         return any(m.matches(port, request, source) for m in self.matches)
+
+    def matched(self, port: int, request: Request | None, source: Mapping[str, str]) -> Match:
+        """The first match block that takes *request* (Istio makes one
+        Envoy route of each, in order; ``Match()`` when the route has none):
+        the one a path rewrite strips."""
+        return next((m for m in self.matches if m.matches(port, request, source)), Match())
 
     def serves(self, port: int, source: Mapping[str, str] | None) -> bool:
         """Whether some request on *port* from a caller labelled *source*
@@ -842,6 +1001,16 @@ class Route:
             for m in self.matches
         )
 
+    @property
+    def edits_heads(self) -> bool:
+        """Whether requests or responses it takes are edited (headers, a
+        rewrite; its own or a destination's)."""
+        return (
+            self.headers is not None
+            or self.rewrite is not None
+            or any(d.headers is not None for d in self.destinations)
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -851,6 +1020,10 @@ class Route:
             "unresolved_status": self.unresolved_status,
             "timeout": self.timeout,
             "retries": self.retries.to_json() if self.retries is not None else None,
+            "headers": edits_json(self.headers),
+            "rewrite": self.rewrite.to_json() if self.rewrite is not None else None,
+            "redirect": self.redirect.to_json() if self.redirect is not None else None,
+            "direct_response": self.direct.to_json() if self.direct is not None else None,
         }
 
 
@@ -948,6 +1121,14 @@ class LocalAnswer:
     body: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     per_request: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "body": self.body,
+            "headers": [list(h) for h in self.headers],
+            "per_request": self.per_request,
+        }
 
 
 @dataclass(frozen=True)
@@ -1387,6 +1568,18 @@ class RouteTable:
         route = self._match(service, port, request, source_labels)
         if route is not None:
             status = route.unresolved_status
+            answer = self._answer(route, port, request, source_labels)
+            if answer is not None:  # a redirect, a direct response
+                return Decision(
+                    service,
+                    route.name,
+                    "none",
+                    [],
+                    answer.status,
+                    route.timeout,
+                    route.retries,
+                    answer=answer,
+                )
             if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
                 return Decision(
                     service, route.name, "none", [], status, route.timeout, route.retries
@@ -1405,6 +1598,9 @@ class RouteTable:
             )
             if eps and not ordered:  # every endpoint ejected: no healthy upstream
                 status = NO_HEALTHY_STATUS
+            edits = None
+            if request is not None:  # (a raw connection has no head to edit)
+                edits = self._edits(route, dest, route.matched(port, request, source_labels))
             return Decision(
                 target,
                 route.name,
@@ -1413,6 +1609,7 @@ class RouteTable:
                 status,
                 route.timeout,
                 route.retries,
+                edits,
             )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
@@ -1480,6 +1677,18 @@ class RouteTable:
             key = (service.host, port, DEFAULT, NO_LABELS)
             only = WeightedSubset(1, service, DEFAULT, eps, policy, key)
             return RouteChoices(service, DEFAULT, (only,))
+        answer = self._answer(route, port, request, source_labels)
+        if answer is not None:  # a redirect, a direct response
+            return RouteChoices(
+                service,
+                route.name,
+                (),
+                route.unresolved_status,
+                route.timeout,
+                route.retries,
+                answer,
+            )
+        matched = route.matched(port, request, source_labels)
         out: list[WeightedSubset] = []
         unresolved = ejected = False
         for dest in route.destinations:
@@ -1495,6 +1704,7 @@ class RouteTable:
                         "",
                         None,
                         route.unresolved_status,
+                        self._edits(route, dest, matched),
                     )
                 )
                 continue
@@ -1517,6 +1727,7 @@ class RouteTable:
                     dest.subset.load_balancer,
                     key,
                     status,
+                    self._edits(route, dest, matched),
                 )
             )
         # One answer for the route's empty destinations (the per-request
@@ -1525,6 +1736,44 @@ class RouteTable:
         # (each destination's is WeightedSubset.status).
         status = NO_HEALTHY_STATUS if ejected and not unresolved else route.unresolved_status
         return RouteChoices(service, route.name, tuple(out), status, route.timeout, route.retries)
+
+    @staticmethod
+    def _answer(
+        route: Route, port: int, request: Request | None, source: Mapping[str, str]
+    ) -> LocalAnswer | None:
+        """*route*'s own answer to *request* (None: it has destinations)."""
+        if route.direct is not None:
+            return route.direct
+        if route.redirect is not None:
+            return route.redirect.answer(request, port, route.matched(port, request, source))
+        return None
+
+    @staticmethod
+    def _edits(route: Route, dest: Destination, matched: Match) -> HeadEdits | None:
+        """What a request that *route*'s block *matched* took, sent to
+        *dest*, and its response, get changed in their heads.
+
+        The route's and the destination's header edits as Envoy applies the
+        lists Istio gives it: with one destination Istio appends the
+        destination's to the route's list, so the destination's set wins and
+        neither's remove touches the other's lines; with several, the
+        destination's are its weighted cluster's, which Envoy applies first
+        and the route's after (``most_specific_header_mutations_wins``
+        false): the route's set wins, and its remove drops what the
+        destination added. The Host: the route's rewrite, else the
+        destination's (Istio's order either way). The path: the route's
+        rewrite of what *matched* matched."""
+        if len(route.destinations) == 1:
+            edits = compose(route.headers, dest.headers, one_list=True)
+        else:
+            edits = compose(dest.headers, route.headers, one_list=False)
+        authority = next(
+            (e.authority for e in (route.headers, dest.headers) if e and e.authority), None
+        )
+        path = route.rewrite.for_match(matched) if route.rewrite is not None else None
+        if edits is None and authority is None and path is None:
+            return None
+        return (edits or HeadEdits())._replace(path=path, authority=authority)
 
     @staticmethod
     def _healthy(
@@ -1599,6 +1848,18 @@ class RouteTable:
             for host, routes in self._routes.items()
             for route in routes
             if route.retries is not None
+        )
+
+    def edited_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route that edits heads (its own or a
+        destination's headers, requests' or responses'; a path or Host
+        rewrite), sorted: what --http-routing connection does not do
+        (nothing is edited at L4; a route's own answer is given there)."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.edits_heads
         )
 
     def match_headers(self) -> frozenset[str]:

@@ -297,7 +297,18 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
                 f"({_labels(d['labels'])}; {d['load_balancer']}{pool})"
             )
-        if not r["route"]:
+            if d.get("headers"):
+                lines.append(f"{indent}            its {_headers(d['headers'])}")
+        if r.get("redirect"):
+            lines.append(f"{indent}     {_redirect(r['redirect'])}")
+        elif r.get("direct_response"):
+            a = r["direct_response"]
+            extra = "".join(f"; {n}: {v}" for n, v in a["headers"])
+            lines.append(
+                f"{indent}     answered {a['status']} with a body of "
+                f"{len(a['body'].encode())} bytes{extra}"
+            )
+        elif not r["route"]:
             lines.append(f"{indent}     no backend: answered {r['unresolved_status']}")
         elif r.get("unresolved_status", 503) != 503:
             lines.append(
@@ -307,7 +318,47 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(f"{indent}     timeout {r['timeout']:g} s (then 504)")
         if r.get("retries"):
             lines.append(f"{indent}     {_retries(r['retries'])}")
+        if r.get("rewrite"):
+            rw = r["rewrite"]
+            what = {
+                "prefix": "the matched uri prefix (the whole path for an exact or regex match)",
+                "segments": "the matched path prefix",
+                "full": "the whole path",
+            }[rw["kind"]]
+            lines.append(f"{indent}     rewrites {what} to {rw['value']!r}")
+        if r.get("headers"):
+            lines.append(f"{indent}     {_headers(r['headers'])}")
     return lines
+
+
+def _headers(h: dict[str, Any]) -> str:
+    """A route's or destination's header edits, as 'validate -v' prints them."""
+    said = []
+    if "authority" in h:
+        said.append(f"Host rewritten to {h['authority']!r}")
+    for side in ("request", "response"):
+        for op, verb in (("set", "sets"), ("add", "adds"), ("remove", "removes")):
+            got = h.get(side, {}).get(op)
+            if got:
+                items = ", ".join(g if op == "remove" else f"{g[0]}: {g[1]}" for g in got)
+                said.append(f"{side} {verb} {items}")
+    return "headers: " + "; ".join(said)
+
+
+def _redirect(rd: dict[str, Any]) -> str:
+    """A route's redirect, as 'validate -v' prints it."""
+    scheme = rd["scheme"] or "(the request's scheme)"
+    host = rd["host"] or "(the request's host)"
+    port = rd["port"]
+    port_s = "" if port is None else (":(its port)" if port == "from request" else f":{port}")
+    if rd["path"] is not None:
+        path = rd["path"]
+    elif rd["prefix"] is not None:
+        path = f"{rd['prefix']!r} in place of the matched prefix"
+    else:
+        path = "(the request's path)"
+    extra = "".join(f"; {n}: {v}" for n, v in rd["headers"])
+    return f"redirect {rd['status']} to {scheme}://{host}{port_s}{path}{extra}"
 
 
 def _otherwise(
