@@ -121,9 +121,9 @@ CASES = [
         "filter refused by name",
         HR
         + MESH
-        + "  rules:\n  - filters:\n    - type: URLRewrite\n"
+        + "  rules:\n  - filters:\n    - type: CORS\n      cors: {allowOrigins: ['*']}\n"
         + backends(("bootcamp-v1", 1)),
-        "filter URLRewrite is not implemented by l4proxy",
+        "filter CORS is not implemented by l4proxy",
         10,
     ),
     (
@@ -131,6 +131,7 @@ CASES = [
         HR
         + MESH
         + "  rules:\n  - filters:\n    - type: RequestMirror\n"
+        + "      requestMirror: {backendRef: {name: bootcamp-v2, port: 8080}}\n"
         + backends(("bootcamp-v1", 1)),
         "filter RequestMirror is not implemented by l4proxy",
         10,
@@ -192,13 +193,13 @@ CASES = [
         12,
     ),
     (
-        "backendRef filters refused by name",
+        "backendRef URLRewrite refused by name",
         HR
         + MESH
         + "  rules:\n  - backendRefs:\n    - name: bootcamp-v1\n      port: 8080\n"
-        + "      filters: []\n",
-        "spec.rules[0].backendRefs[0].filters is not implemented by l4proxy",
-        12,
+        + "      filters:\n      - {type: URLRewrite, urlRewrite: {hostname: a.example}}\n",
+        "filter URLRewrite on a backendRef is not implemented by l4proxy",
+        13,
     ),
     (
         "backend of another kind",

@@ -46,20 +46,35 @@ failures, after a ``backoff`` (the base interval between tries);
 ``timeouts.backendRequest`` is then the per-try timeout, and without a
 ``retry`` (absent or null) the route's timeout in place of
 ``timeouts.request`` (the one try's: Istio's conversion); with ``attempts:
-0`` it does nothing (Istio's too), said in a warning. Refused by
-name: filters (the data plane forwards a connection's bytes untouched and
-cannot rewrite, redirect or mirror), session persistence,
+0`` it does nothing (Istio's too), said in a warning.
+
+Filters, as Istio converts them: a rule's RequestHeaderModifier and
+ResponseHeaderModifier (set, add, remove; one action per header name) and
+a backendRef's become the route's and the destination's header edits
+(:meth:`RouteTable.choices` merges them as Envoy applies Istio's lists);
+URLRewrite's hostname the Host, its path ReplaceFullPath (the whole path,
+the query kept) or ReplacePrefixMatch (the PathPrefix match's elements: the
+API's table); RequestRedirect (scheme, hostname, path, port, statusCode 302
+by default) the route's own answer, its Location built per request with the
+API's port rules. The API's rules hold: each kind once, not both
+RequestRedirect and URLRewrite, no backendRefs beside a RequestRedirect, a
+ReplacePrefixMatch only with one PathPrefix match. Refused by name:
+RequestMirror, CORS, ExtensionRef and ExternalAuth (with why), a redirect
+or rewrite on a backendRef (Istio has neither), session persistence,
 cross-namespace references (no ReferenceGrant), TLS listeners and listener
 protocols other than HTTP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
+from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
     Env,
@@ -95,16 +110,19 @@ from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
     DEFAULT_RETRY_BACKOFF,
+    REDIRECT_CODES,
     Destination,
     HttpRetry,
     IngressPath,
     Labels,
     Match,
+    Redirect,
     Route,
     Service,
     ServicePort,
     StringMatch,
     Subset,
+    UriRewrite,
 )
 
 API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
@@ -113,10 +131,26 @@ MAX_WEIGHT = 1_000_000
 UNRESOLVED_STATUS = 500
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 _HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_FILTER_WHY = (
-    "the sidecar routes a connection by its first request head and forwards its bytes "
-    "untouched, so it cannot rewrite, redirect or mirror requests"
-)
+# Filters the relays cannot apply, with why (refused by name)
+_FILTER_REFUSED = {
+    "RequestMirror": "mirroring sends a copy of each request to a second backend, which "
+    "the relays do not do",
+    "CORS": "the relays do not answer preflight requests nor add CORS headers per Origin",
+    "ExtensionRef": "l4proxy has no implementation-specific filters",
+    "ExternalAuth": "calling an authorization service per request is not something the relays do",
+}
+_FILTER_FIELDS = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
+    "RequestMirror": "requestMirror",
+    "CORS": "cors",
+    "ExtensionRef": "extensionRef",
+    "ExternalAuth": "externalAuth",
+}
+_MAX_FILTERS = 16
+REDIRECT_STATUS = 302  # RequestRedirect's statusCode by default
 
 # -- Gateway -------------------------------------------------------------------
 
@@ -391,9 +425,8 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         # no retry (absent, or null): the one try's timeout is the route's,
         # as Istio's converter makes it (backendRequest over request)
         timeout = backend
-    _refuse_filters(ctx, r.get("filters"), (*path, "filters"))
-    if r.get("filters"):
-        ok = False
+    filters = _filters(ctx, r.get("filters"), (*path, "filters"), backend=False)
+    ok = ok and filters is not None
     matches: list[HttpMatchDraft] = []
     for i, m in enumerate(listing(ctx, r.get("matches"), (*path, "matches")) or []):
         got = _match(ctx, m, (*path, "matches", i))
@@ -408,9 +441,288 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
             ok = False
         else:
             backends.append(got_b)
-    if not ok or timeout is None:
+    if filters is not None and ok:
+        ok = _check_rule_filters(ctx, path, r, filters, matches, backends)
+    if not ok or timeout is None or filters is None:
         return None
-    return HttpRuleDraft(name, matches, backends, Where(ctx, path), timeout, retries)
+    return HttpRuleDraft(
+        name,
+        matches,
+        backends,
+        Where(ctx, path),
+        timeout,
+        retries,
+        filters.headers,
+        filters.rewrite,
+        filters.redirect,
+    )
+
+
+class _Filters(NamedTuple):
+    """What a rule's (or a backendRef's) filters do."""
+
+    headers: HeadEdits | None = None
+    rewrite: UriRewrite | None = None
+    redirect: Redirect | None = None
+    prefix_at: Path | None = None  # where a ReplacePrefixMatch is (the API's rule on matches)
+
+
+def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | None:
+    """``filters``: RequestHeaderModifier, ResponseHeaderModifier,
+    URLRewrite (hostname; path ReplaceFullPath or ReplacePrefixMatch) and
+    RequestRedirect on a rule; the header modifiers on a backendRef (as
+    Istio supports them). The API's rules: a type's own field and no other,
+    each kind at most once, not both RequestRedirect and URLRewrite, at
+    most 16. None after an error."""
+    items = listing(ctx, value, path)
+    if items is None:
+        return None
+    ok = True
+    if len(items) > _MAX_FILTERS:
+        ctx.error(path, f"{dotted(path)} has {len(items)} filters; the API allows 16")
+        ok = False
+    seen: dict[str, Path] = {}
+    request: tuple[Any, ...] = ((), (), ())
+    response: tuple[Any, ...] = ((), (), ())
+    authority: str | None = None
+    rewrite: UriRewrite | None = None
+    redirect: Redirect | None = None
+    prefix_at: Path | None = None
+    for i, item in enumerate(items):
+        fpath = (*path, i)
+        f = fields(ctx, item, fpath, allowed=("type", *_FILTER_FIELDS.values()), required=("type",))
+        if f is None or f.get("type") is None:
+            ok = False
+            continue
+        ftype = f["type"]
+        if ftype not in _FILTER_FIELDS:
+            ctx.error(
+                (*fpath, "type"),
+                f"filter type {ftype!r} is not one of {', '.join(_FILTER_FIELDS)}",
+            )
+            ok = False
+            continue
+        own = _FILTER_FIELDS[ftype]
+        others = [k for k in f if k not in ("type", own)]
+        if others:
+            ctx.error((*fpath, others[0]), f"{others[0]} must not be given with type {ftype}")
+            ok = False
+            continue
+        if ftype in _FILTER_REFUSED:
+            ctx.error(fpath, f"filter {ftype} {NOT_IMPLEMENTED}; {_FILTER_REFUSED[ftype]}")
+            ok = False
+            continue
+        if backend and ftype in ("RequestRedirect", "URLRewrite"):
+            ctx.error(
+                fpath,
+                f"filter {ftype} on a backendRef {NOT_IMPLEMENTED}; put it on the rule "
+                "(Istio supports only the header modifiers on a backendRef)",
+            )
+            ok = False
+            continue
+        if f.get(own) is None:
+            ctx.error(fpath, f"{dotted((*fpath, own))} is required for a {ftype} filter")
+            ok = False
+            continue
+        if ftype in seen:
+            ctx.error(
+                fpath,
+                f"filter {ftype} is given twice (also {dotted(seen[ftype])}); the API "
+                "allows one of each",
+            )
+            ok = False
+            continue
+        seen[ftype] = fpath
+        sub = (*fpath, own)
+        if ftype in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+            got = gateway_header_filter(ctx, f[own], sub)
+            if got is None:
+                ok = False
+            elif ftype == "RequestHeaderModifier":
+                request = got
+            else:
+                response = got
+        elif ftype == "URLRewrite":
+            rw = _url_rewrite(ctx, f[own], sub)
+            if rw is None:
+                ok = False
+            else:
+                rewrite, authority, at = rw
+                prefix_at = prefix_at or at
+        else:
+            rd = _request_redirect(ctx, f[own], sub)
+            if rd is None:
+                ok = False
+            else:
+                redirect, at = rd
+                prefix_at = prefix_at or at
+    if "RequestRedirect" in seen and "URLRewrite" in seen:
+        ctx.error(
+            seen["URLRewrite"],
+            "a rule cannot have both a RequestRedirect and a URLRewrite filter (the API's rule)",
+        )
+        ok = False
+    if not ok:
+        return None
+    headers = None
+    if any((*request, *response)) or authority is not None:
+        headers = HeadEdits(*request, *response)._replace(authority=authority)
+    return _Filters(headers, rewrite, redirect, prefix_at)
+
+
+def _path_modifier(ctx: Ctx, value: Any, path: Path) -> tuple[str, str] | None:
+    """An HTTPPathModifier: (type, value)."""
+    p = fields(
+        ctx,
+        value,
+        path,
+        allowed=("type", "replaceFullPath", "replacePrefixMatch"),
+        required=("type",),
+    )
+    if p is None or p.get("type") is None:
+        return None
+    ptype = p["type"]
+    field = {"ReplaceFullPath": "replaceFullPath", "ReplacePrefixMatch": "replacePrefixMatch"}
+    if ptype not in field:
+        ctx.error(
+            (*path, "type"),
+            f"path type {ptype!r} is not one of ReplaceFullPath, ReplacePrefixMatch",
+        )
+        return None
+    other = [k for k in field.values() if k != field[ptype] and k in p]
+    if other:
+        ctx.error((*path, other[0]), f"{other[0]} must not be given with type {ptype}")
+        return None
+    if p.get(field[ptype]) is None:
+        ctx.error(path, f"{dotted((*path, field[ptype]))} is required for type {ptype}")
+        return None
+    v = text(ctx, p[field[ptype]], (*path, field[ptype]))
+    if v is None:
+        return None
+    if len(v) > 1024 or not re.fullmatch(r"[!-~]*", v) or "?" in v or "#" in v:
+        ctx.error(
+            (*path, field[ptype]),
+            f"{dotted((*path, field[ptype]))} {v!r} must be a path: visible ASCII without "
+            "spaces, '?' or '#', at most 1024 characters",
+        )
+        return None
+    if v and not v.startswith("/"):
+        ctx.error((*path, field[ptype]), f"{dotted((*path, field[ptype]))} must start with '/'")
+        return None
+    return ptype, v
+
+
+def _precise_hostname(ctx: Ctx, value: Any, path: Path) -> str | None:
+    h = text(ctx, value, path, required=True)
+    if h is not None and (not _HOSTNAME.fullmatch(h) or h.startswith("*.")):
+        ctx.error(path, f"{dotted(path)} {h!r} is not a hostname (lowercase, no wildcard)")
+        return None
+    return h
+
+
+def _url_rewrite(
+    ctx: Ctx, value: Any, path: Path
+) -> tuple[UriRewrite | None, str | None, Path | None] | None:
+    """URLRewrite: (the path rewrite, the Host, where a ReplacePrefixMatch is)."""
+    u = fields(ctx, value, path, allowed=("hostname", "path"))
+    if u is None:
+        return None
+    host = None
+    if u.get("hostname") is not None:
+        host = _precise_hostname(ctx, u["hostname"], (*path, "hostname"))
+        if host is None:
+            return None
+    rewrite = None
+    at = None
+    if u.get("path") is not None:
+        pm = _path_modifier(ctx, u["path"], (*path, "path"))
+        if pm is None:
+            return None
+        if pm[0] == "ReplaceFullPath":
+            rewrite = UriRewrite("full", pm[1] or "/")
+        else:
+            rewrite, at = UriRewrite("segments", pm[1]), (*path, "path")
+    return rewrite, host, at
+
+
+def _request_redirect(ctx: Ctx, value: Any, path: Path) -> tuple[Redirect, Path | None] | None:
+    """RequestRedirect: scheme (http, https), hostname, path, port,
+    statusCode (302 by default; 301, 302, 303, 307, 308), with the API's
+    port rules (see :class:`Redirect`)."""
+    r = fields(ctx, value, path, allowed=("scheme", "hostname", "path", "port", "statusCode"))
+    if r is None:
+        return None
+    ok = True
+    scheme = host = None
+    if r.get("scheme") is not None:
+        scheme = r["scheme"]
+        if scheme not in ("http", "https"):
+            ctx.error(
+                (*path, "scheme"), f"{dotted((*path, 'scheme'))} {scheme!r} is not http or https"
+            )
+            ok = False
+    if r.get("hostname") is not None:
+        host = _precise_hostname(ctx, r["hostname"], (*path, "hostname"))
+        ok = ok and host is not None
+    port = None
+    if r.get("port") is not None:
+        port = integer(ctx, r["port"], (*path, "port"), 1, 65535, what="port")
+        ok = ok and port is not None
+    status = REDIRECT_STATUS
+    if r.get("statusCode") is not None:
+        code = integer(ctx, r["statusCode"], (*path, "statusCode"), 300, 399, what="statusCode")
+        if code is not None and code not in REDIRECT_CODES:
+            ctx.error(
+                (*path, "statusCode"),
+                f"statusCode {code} is not one of 301, 302, 303, 307, 308",
+            )
+            code = None
+        ok = ok and code is not None
+        status = code or status
+    full = prefix = None
+    at = None
+    if r.get("path") is not None:
+        pm = _path_modifier(ctx, r["path"], (*path, "path"))
+        if pm is None:
+            ok = False
+        elif pm[0] == "ReplaceFullPath":
+            full = pm[1] or "/"
+        else:
+            prefix, at = pm[1], (*path, "path")
+    if not ok:
+        return None
+    return Redirect(status, scheme, host, port, False, full, prefix, gateway=True), at
+
+
+def _check_rule_filters(
+    ctx: Ctx,
+    path: Path,
+    r: dict[str, Any],
+    filters: _Filters,
+    matches: list[HttpMatchDraft],
+    backends: list[BackendDraft],
+) -> bool:
+    """The API's rules between a rule's filters and its other fields."""
+    if filters.redirect is not None and r.get("backendRefs"):
+        ctx.error(
+            (*path, "backendRefs"),
+            "a rule with a RequestRedirect filter cannot have backendRefs (the API's rule: "
+            "the redirect is its answer)",
+        )
+        return False
+    # (no match, or PathPrefix /, leaves the uri None: the API's default)
+    uri = matches[0].match.uri if len(matches) == 1 else None
+    if (
+        filters.prefix_at is not None
+        and matches
+        and (len(matches) != 1 or (uri is not None and uri.kind != "path_prefix"))
+    ):
+        ctx.error(
+            filters.prefix_at,
+            "ReplacePrefixMatch needs exactly one match, of type PathPrefix (the API's rule)",
+        )
+        return False
+    return True
 
 
 def _timeouts(ctx: Ctx, value: Any, path: Path) -> tuple[float, float] | None:
@@ -477,15 +789,6 @@ def _retry(ctx: Ctx, value: Any, path: Path, per_try: float) -> tuple[bool, Http
         return True, None
     on = (*_GATEWAY_RETRY_ON, "retriable-status-codes") if codes else _GATEWAY_RETRY_ON
     return True, HttpRetry(attempts, per_try, on, tuple(codes), backoff)
-
-
-def _refuse_filters(ctx: Ctx, value: Any, path: Path) -> None:
-    for i, f in enumerate(listing(ctx, value, path) or []):
-        ftype = f.get("type") if isinstance(f, dict) else None
-        ctx.error(
-            (*path, i),
-            f"filter {ftype or '(no type)'} {NOT_IMPLEMENTED}; {_FILTER_WHY}",
-        )
 
 
 def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
@@ -584,11 +887,13 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
         ctx,
         value,
         path,
-        allowed=("group", "kind", "name", "namespace", "port", "weight"),
-        unimplemented={"filters": _FILTER_WHY},
+        allowed=("group", "kind", "name", "namespace", "port", "weight", "filters"),
         required=("name",),
     )
     if b is None or b.get("name") is None:
+        return None
+    filters = _filters(ctx, b.get("filters"), (*path, "filters"), backend=True)
+    if filters is None:
         return None
     group, kind = _group_kind(b, "", "Service")
     if (group, kind) != ("", "Service"):
@@ -619,7 +924,7 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
     if name is None or port is None:
         return None
     host = fqdn(name, ctx.namespace, env)
-    return BackendDraft(host, name, port, weight, Where(ctx, path))
+    return BackendDraft(host, name, port, weight, Where(ctx, path), filters.headers)
 
 
 # -- compiling -------------------------------------------------------------------
@@ -758,9 +1063,7 @@ class Compiler:
                         # this namespace's consumer routes before the
                         # Service's producer routes (GAMMA)
                         sort = (not consumer, md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
-                        entries[key].append(
-                            (sort, (id(hr), ri), rule.name, m, rd, rule.timeout, rule.retries)
-                        )
+                        entries[key].append((sort, (id(hr), ri), rule.name, m, rd, rule))
         for items in entries.values():
             items.sort(key=lambda e: e[0])
         # Routes of a listener compete across hostnames: a request for
@@ -786,18 +1089,11 @@ class Compiler:
         for key, items in {**entries, **folded}.items():
             compiled: list[Route] = []
             last: Any = None
-            for _, rule_id, name, m, rd, timeout, retries in items:
+            for _, rule_id, name, m, rd, rule in items:
                 if rule_id == last:
                     prev = compiled[-1]
                     merged = () if not prev.matches or m == Match() else (*prev.matches, m)
-                    compiled[-1] = Route(
-                        prev.name,
-                        prev.destinations,
-                        merged,
-                        unresolved_status=UNRESOLVED_STATUS,
-                        timeout=timeout,
-                        retries=retries,
-                    )
+                    compiled[-1] = dataclasses.replace(prev, matches=merged)
                 else:
                     matches = () if m == Match() else (m,)
                     compiled.append(
@@ -806,8 +1102,11 @@ class Compiler:
                             tuple(rd),
                             matches,
                             unresolved_status=UNRESOLVED_STATUS,
-                            timeout=timeout,
-                            retries=retries,
+                            timeout=rule.timeout,
+                            retries=rule.retries,
+                            headers=rule.headers,
+                            rewrite=rule.rewrite,
+                            redirect=rule.redirect,
                         )
                     )
                 last = rule_id
@@ -913,6 +1212,8 @@ class Compiler:
         return out
 
     def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:
+        if rule.redirect is not None:
+            return []  # (it answers itself: no backendRefs, the API's rule)
         weighted = [b for b in rule.backends if b.weight > 0]
         if not weighted:
             rule.where.warning(
@@ -930,7 +1231,7 @@ class Compiler:
                 out.append(dest)
             elif dest is None:
                 unresolved.append(b)
-                out.append(Destination(b.host, Subset(DEFAULT), w, b.port))
+                out.append(Destination(b.host, Subset(DEFAULT), w, b.port, b.headers))
             else:
                 ok = False
         if not ok:
@@ -961,7 +1262,7 @@ class Compiler:
                 return False
             lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
             subset = Subset(DEFAULT, Labels(), lb, rule_pool(policy), rule_outlier(policy))
-            return Destination(b.host, subset, weight, b.port)
+            return Destination(b.host, subset, weight, b.port, b.headers)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
             return None
@@ -1000,4 +1301,4 @@ class Compiler:
             subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool, outlier)
         else:
             subset = Subset(_subset_name(labels), labels, host_lb, host_pool, host_outlier)
-        return Destination(svc.host, subset, weight, b.port)
+        return Destination(svc.host, subset, weight, b.port, b.headers)

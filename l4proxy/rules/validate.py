@@ -354,7 +354,7 @@ def _redirect(rd: dict[str, Any]) -> str:
     if rd["path"] is not None:
         path = rd["path"]
     elif rd["prefix"] is not None:
-        path = f"{rd['prefix']!r} in place of the matched prefix"
+        path = f"(the request's path, its matched prefix replaced by {rd['prefix']!r})"
     else:
         path = "(the request's path)"
     extra = "".join(f"; {n}: {v}" for n, v in rd["headers"])
