@@ -331,19 +331,20 @@ MERGE = """\
         request:
           set: {x-both: dest}
           add: {x-dest: d}
+          remove: [x-route]
 """
 
 
 def test_one_destination_s_headers_follow_its_route_s(tmp_path: Path) -> None:
     """One destination: Istio appends its headers to the route's list, one
     Envoy list: every remove first, then the sets and adds in order, so the
-    destination's set wins and the route's remove leaves its add alone."""
+    destination's set wins and neither's remove touches the other's add."""
     table = istio(tmp_path, MERGE)
     assert edits_of(table, "/") == {
         "v1": HeadEdits(
             request_set=(("x-both", "dest"),),
             request_add=(("x-route", "r"), ("x-dest", "d")),
-            request_remove=("x-dest",),
+            request_remove=("x-dest", "x-route"),
             authority="upstream.example",
         )
     }
@@ -356,13 +357,20 @@ def test_several_destinations_headers_go_before_their_route_s(tmp_path: Path) ->
     table = istio(
         tmp_path, MERGE + "      weight: 50\n    - destination: {host: bootcamp, subset: v2}\n"
     )
-    route_only = HeadEdits(
-        request_set=(("x-both", "route"),),
-        request_add=(("x-route", "r"),),
-        request_remove=("x-dest",),
-        authority="upstream.example",
-    )
-    assert edits_of(table, "/") == {"v1": route_only, "v2": route_only}
+    assert edits_of(table, "/") == {
+        "v1": HeadEdits(
+            request_set=(("x-both", "route"),),
+            request_add=(("x-route", "r"),),
+            request_remove=("x-route", "x-dest"),
+            authority="upstream.example",
+        ),
+        "v2": HeadEdits(
+            request_set=(("x-both", "route"),),
+            request_add=(("x-route", "r"),),
+            request_remove=("x-dest",),
+            authority="upstream.example",
+        ),
+    }
 
 
 def test_edited_routes_and_the_json(tmp_path: Path) -> None:
@@ -379,7 +387,7 @@ def test_edited_routes_and_the_json(tmp_path: Path) -> None:
         "authority": "upstream.example",
     }
     assert routes[0]["route"][0]["headers"] == {
-        "request": {"set": [["x-both", "dest"]], "add": [["x-dest", "d"]]}
+        "request": {"set": [["x-both", "dest"]], "add": [["x-dest", "d"]], "remove": ["x-route"]}
     }
     assert routes[1]["redirect"]["path"] == "/n" and routes[1]["redirect"]["status"] == 301
     assert routes[2]["headers"] is None and routes[2]["redirect"] is None
@@ -400,7 +408,9 @@ def test_validate_v_shows_them(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "headers: Host rewritten to 'upstream.example'; request sets x-both: route; "
         "request adds x-route: r; request removes x-dest"
     ) in out
-    assert "its headers: request sets x-both: dest; request adds x-dest: d" in out
+    assert (
+        "its headers: request sets x-both: dest; request adds x-dest: d; request removes x-route"
+    ) in out
     assert "redirect 308 to (the request's scheme)://(the request's host)/n" in out
     assert "answered 404 with a body of 4 bytes" in out
 
