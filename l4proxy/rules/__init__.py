@@ -5,7 +5,9 @@ This package decides; it never moves a byte. Its modules:
 * this ``__init__`` and the ``_``-modules: the loaders, one per API
   (``_routerule``, ``_networking``, ``_ingress``, ``_gateway_api``), the
   bounded YAML reader (``_yaml``), the schema and diagnostics (``_schema``,
-  ``_errors``), and the compiler from drafts to a table (``_table``);
+  ``_errors``), header edits as both APIs write them (``_header_ops``) and
+  as the table merges them and builds redirects (``_edits``), and the
+  compiler from drafts to a table (``_table``);
 * :mod:`~l4proxy.rules.routing`: the model (:class:`RouteTable`) and the
   sans-IO selection (route, weighted subset, endpoint order);
 * :mod:`~l4proxy.rules.classify`: what a connection or request is (inbound,

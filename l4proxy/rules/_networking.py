@@ -5,7 +5,14 @@ implement (faults, mirroring, TLS, port-level settings...) is an error that
 names the field: a sidecar that silently ignored a fault would be worse than
 one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
-``Route.timeout`` and ``Route.retries``).
+``Route.timeout`` and ``Route.retries``), and so are ``http[].headers``,
+``http[].route[].headers``, ``rewrite`` (``uri``, ``authority``; not
+``uriRegexRewrite``, whose substitution would be per request), ``redirect``
+and ``directResponse`` (``Route.headers``, ``Destination.headers``,
+``Route.rewrite``, ``Route.redirect``, ``Route.direct``; the names and
+values each may hold: ``_header_ops``). Differences from Envoy: Envoy's
+header formatters (``%...%``) are refused, a direct response is always
+``text/plain`` and a 3xx one gets no ``location``.
 """
 
 from __future__ import annotations

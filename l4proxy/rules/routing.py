@@ -34,6 +34,18 @@ route of the host can apply to (its match blocks' ``port`` and
 ``sourceLabels``): elsewhere, as in Istio, the host has no route
 configuration of its own and keeps the round robin; so do raw connections.
 
+A route may also change what it forwards, and :meth:`RouteTable.choices`
+and :meth:`RouteTable.decide` say how, per destination: its header edits and
+its destination's merged as Envoy applies Istio's lists (``_edits.compose``:
+one destination's set wins over its route's, with several the route's
+wins), its Host rewrite, and its path rewrite with the ``strip`` of the
+match block that took the request (:class:`UriRewrite`), the same for every
+request a relay's verdict applies to (they pass the same shape tests, so
+the same block). A route may answer itself instead (:class:`LocalAnswer`):
+a direct response, or a :class:`Redirect` whose ``location`` is built from
+the request (``per_request`` where it keeps the request's path, query or
+Host, so no verdict caches it).
+
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
 table) starts counters afresh, and it is excluded from equality: two tables
