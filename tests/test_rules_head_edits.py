@@ -756,6 +756,12 @@ ISTIO_ERRORS = [
         "content-type 'application/json': the proxy's own answers are text/plain",
     ),
     (
+        "location on a redirect",
+        "  - redirect: {uri: /n}\n    headers:\n      response:\n        add: {location: /x}\n",
+        "      response:",
+        "location cannot be set on a route that answers itself",
+    ),
+    (
         "old header fields",
         "  - appendHeaders: {x-a: b}\n" + ROUTE,
         "appendHeaders",
@@ -892,3 +898,14 @@ def test_a_rewrite_without_a_uri_match_warns(tmp_path: Path) -> None:
     (w,) = [d for d in loaded.notes if d.severity == "warning" and "rewrite" in d.message]
     assert "only the path's first '/' is replaced ('/a' goes up as '/v2a')" in w.message
     assert w.line == _line(DR + VS + "  - rewrite: {uri: /v2}\n", "rewrite: {uri: /v2}")
+
+
+def test_an_empty_istio_value_does_nothing(tmp_path: Path) -> None:
+    """Envoy drops a header whose value is empty (keep_empty_value false, as
+    Istio leaves it): the edit is left out, with a warning at its line."""
+    text = DR + VS + "  - headers:\n      request:\n        set: {x-e: '', x-f: f}\n" + ROUTE
+    loaded = load_rules([write(tmp_path, text), REGISTRY])
+    (e,) = edits_of(loaded.table, "/").values()
+    assert e == HeadEdits(request_set=(("x-f", "f"),))
+    (w,) = [d for d in loaded.notes if "is empty" in d.message]
+    assert w.severity == "warning" and w.line == _line(text, "set: {x-e")

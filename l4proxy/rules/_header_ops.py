@@ -131,6 +131,12 @@ def istio_headers(ctx: Ctx, value: Any, path: Path) -> tuple[bool, HeadEdits | N
                         npath, f"header {name} is in {dotted(opath)} twice (names ignore case)"
                     )
                     ok = False
+                elif not v:
+                    # (Envoy drops a header whose value is empty: keep_empty_value
+                    # false, as Istio leaves it; an existing one stays)
+                    ctx.warning(
+                        npath, f"{dotted(npath)} is empty, so it does nothing (as in Envoy)"
+                    )
                 else:
                     got[low] = (low, v)
             lists.append(tuple(got[k] for k in sorted(got)))  # (pilot sorts them)

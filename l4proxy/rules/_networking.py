@@ -512,6 +512,13 @@ def _answer_headers(
         )
     lines = []
     for name, v in (*headers.response_set, *headers.response_add):
+        if name == "location":
+            ctx.error(
+                (*hpath, "response"),
+                "location cannot be set on a route that answers itself: a redirect's "
+                "is its own (redirect.uri, authority, scheme, port)",
+            )
+            return None
         if name == "content-type":
             if v.split(";", 1)[0].strip().lower() != "text/plain":
                 ctx.error(
