@@ -71,7 +71,25 @@ Decisions
   it is: the tunnel is the upgrade; interim heads (100, 103) go as they
   came.
   Nothing else in a head is rewritten (lines are dropped whole, never
-  edited, and one line may be added), and bodies never are.
+  edited, and one line may be added) but what a route's head edits say
+  (next), and bodies never are.
+* *Head edits* (a route's ``HeadEdits``, Envoy's header and
+  ``prefix_rewrite`` / ``host_rewrite_literal`` options: the shell sets
+  :attr:`Exchange.edits` before :meth:`Exchange.routed`): the head sent
+  upstream (as above) loses the lines named in ``request_remove`` or
+  among ``request_set``'s names, gets the ``request_set`` then
+  ``request_add`` lines before its empty line (:func:`edit_request_head`),
+  its target's path rewritten (``path``: origin-form, or an absolute-form
+  target's path part; the query kept, an empty path ``/``) and its Host
+  lines' values replaced (``authority``); a retry sends the same edited
+  head. The final response head as :func:`client_head` sends it loses the
+  lines ``response_remove`` or ``response_set`` name, and gets the
+  ``response_set`` then ``response_add`` lines after the relay's own
+  connection line (:func:`edit_response_head`). Interim heads, a tunnel's
+  101 and the local answers are not edited. Names are compared
+  case-insensitively, added lines are ``name: value`` with CRLF; the
+  framing and hop-by-hop fields and Host are never touched
+  (:func:`edit_bytes`).
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without
@@ -177,6 +195,7 @@ Decisions
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Final, NamedTuple
 
 # The head parser and the body framer through their choosers: the compiled
@@ -192,12 +211,13 @@ from l4proxy.dataplane.framing import (
     response_framing,
 )
 from l4proxy.dataplane.peek import HeadError, HeadParser, NotHTTP, RequestHead
-from l4proxy.dataplane.verdict import RetryPolicy
+from l4proxy.dataplane.verdict import HeadEdits, RetryPolicy
 
 __all__ = [
     "Client",
     "Close",
     "Done",
+    "EditBytes",
     "Exchange",
     "NotHTTPConnection",
     "Phase",
@@ -207,6 +227,10 @@ __all__ = [
     "Tunnel",
     "Upstream",
     "client_head",
+    "edit_bytes",
+    "edit_request_head",
+    "edit_response_head",
+    "header_lines",
     "local_response",
     "response_hop_by_hop",
     "upstream_head",
@@ -509,6 +533,160 @@ def _persistent(resp: ResponseHead) -> bool:
     return resp.version != "HTTP/1.0" or "keep-alive" in tokens
 
 
+def header_lines(headers: tuple[tuple[str, str], ...]) -> str:
+    """*headers* (name, value pairs) as header lines, each ending in CRLF
+    (a local answer's ``local_headers``, for local_response())."""
+    return "".join(f"{name}: {value}\r\n" for name, value in headers)
+
+
+class EditBytes(NamedTuple):
+    """A :class:`~l4proxy.dataplane.verdict.HeadEdits` as both twins apply
+    it (see "Head edits"): the lowercase names whose lines go, the lines
+    added (``*_set``'s then ``*_add``'s, each ending in CRLF), the path
+    rewrite's ``strip`` and prefix (``strip`` None: none), the authority
+    (None: none). Values are UTF-8."""
+
+    request_drop: frozenset[bytes]
+    request_lines: bytes
+    response_drop: frozenset[bytes]
+    response_lines: bytes
+    strip: int | None
+    prefix: bytes
+    authority: bytes | None
+
+    @property
+    def request(self) -> bool:
+        """Whether a request head changes."""
+        return bool(
+            self.request_drop
+            or self.request_lines
+            or self.strip is not None
+            or self.authority is not None
+        )
+
+    @property
+    def response(self) -> bool:
+        """Whether a final response head changes."""
+        return bool(self.response_drop or self.response_lines)
+
+
+# What an edit never touches, whatever the table said (it checks them): the
+# fields that frame a message or are hop-by-hop, and Host (``authority``).
+_NEVER_EDITED = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+        b"trailer",
+        b"expect",
+        b"host",
+    )
+)
+
+
+def _edit_name(name: str) -> bytes:
+    return name.lower().encode()
+
+
+def _edit_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    return b"".join(
+        b"%s: %s\r\n" % (_edit_name(n), v.encode())
+        for n, v in headers
+        if _edit_name(n) not in _NEVER_EDITED
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def edit_bytes(edits: HeadEdits) -> EditBytes:
+    """*edits* as :class:`EditBytes` (computed once per distinct edits)."""
+
+    def drop(remove: tuple[str, ...], set_: tuple[tuple[str, str], ...]) -> frozenset[bytes]:
+        names = {_edit_name(n) for n in remove} | {_edit_name(n) for n, _ in set_}
+        return frozenset(names - _NEVER_EDITED)
+
+    path = edits.path
+    return EditBytes(
+        drop(edits.request_remove, edits.request_set),
+        _edit_lines(edits.request_set) + _edit_lines(edits.request_add),
+        drop(edits.response_remove, edits.response_set),
+        _edit_lines(edits.response_set) + _edit_lines(edits.response_add),
+        None if path is None else max(-1, int(path.strip)),
+        b"" if path is None else path.prefix.encode(),
+        None if edits.authority is None else edits.authority.encode(),
+    )
+
+
+def rewrite_target(target: bytes, strip: int, prefix: bytes) -> bytes:
+    """*target* with its path rewritten (``PathRewrite``): an origin-form
+    target's, or an absolute-form one's path part (after its authority);
+    any other form (``*``, CONNECT's authority) is left as it is."""
+    if target.startswith(b"/"):
+        start = 0
+    else:
+        scheme = target.find(b"://")
+        if scheme < 0:
+            return target
+        start = len(target)
+        for sep in b"/?":
+            i = target.find(bytes((sep,)), scheme + 3)
+            if 0 <= i < start:
+                start = i
+    query = target.find(b"?", start)
+    end = len(target) if query < 0 else query
+    n = end - start
+    cut = n if strip < 0 or strip > n else strip
+    path = prefix + target[start + cut : end]
+    return target[:start] + (path or b"/") + target[end:]
+
+
+def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes | None) -> bytes:
+    """*raw* (a head) without its header lines named in *drop*, its Host
+    lines' values *host* (None: as they are), with *lines* before the empty
+    line that ends it (CRLF or a bare LF); its first line as it is."""
+    first = raw.index(b"\n") + 1
+    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
+    out = [raw[:first]]
+    for line in raw[first:end].split(b"\n")[:-1]:
+        name, colon, _ = line.partition(b":")
+        name = name.lower()
+        if colon and name in drop:
+            continue
+        if colon and host is not None and name == b"host":
+            cr = b"\r" if line.endswith(b"\r") else b""
+            out.append(line[: len(name) + 1] + b" " + host + cr + b"\n")
+        else:
+            out.append(line + b"\n")
+    out += [lines, raw[end:]]
+    return b"".join(out)
+
+
+def edit_request_head(raw: bytes, edits: HeadEdits) -> bytes:
+    """*raw* (a request head as upstream_head() sends it) with *edits*
+    applied (see "Head edits"); *raw* itself when nothing changes."""
+    e = edit_bytes(edits)
+    if not e.request:
+        return raw
+    if e.strip is not None:
+        first = raw.index(b"\n") + 1
+        ts = raw.index(b" ") + 1
+        te = raw.index(b" ", ts, first)
+        raw = raw[:ts] + rewrite_target(raw[ts:te], e.strip, e.prefix) + raw[te:]
+    return _edited_lines(raw, e.request_drop, e.request_lines, e.authority)
+
+
+def edit_response_head(raw: bytes, edits: HeadEdits) -> bytes:
+    """*raw* (a final response head as client_head() sends it) with the
+    response's *edits* applied (see "Head edits")."""
+    e = edit_bytes(edits)
+    if not e.response:
+        return raw
+    return _edited_lines(raw, e.response_drop, e.response_lines, None)
+
+
 class Exchange:
     """The per-request proxy state of one client connection (sans-IO).
 
@@ -540,6 +718,7 @@ class Exchange:
         self._retried = False
         self._retrying = False  # between Retry() and routed(): hold client bytes
         self.retry: RetryPolicy | None = None  # the route's (set by the shell)
+        self.edits: HeadEdits | None = None  # the route's choice's (set by the shell)
         self._tries = 0  # the retry policy's retries so far
         self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
@@ -625,6 +804,8 @@ class Exchange:
         self.phase = Phase.EXCHANGE
         # (a policy that never retries, its per-try timeout only, holds nothing)
         held = self._retryable_method() or (self.retry is not None and bool(self.retry.on))
+        if self.edits is not None:  # (a retry sends the same: from the replay)
+            self._sent_head = edit_request_head(self._sent_head, self.edits)
         self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
 
@@ -879,6 +1060,8 @@ class Exchange:
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
             raw = client_head(raw, resp, keep, self.head.version == "HTTP/1.0")
+            if self.edits is not None:
+                raw = edit_response_head(raw, self.edits)
             self._keeps_client = keep
             out.append(Client(raw))
             self.status = resp.status

@@ -191,6 +191,7 @@ from l4proxy.dataplane._exchange_py import (
     Route,
     Tunnel,
     Upstream,
+    header_lines,
 )
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
 from l4proxy.dataplane._pool_py import (
@@ -915,10 +916,14 @@ class HttpRelay:
         c.ex.retry = retry
         c.per_try = retry.per_try_timeout if retry is not None else 0.0
         c.try_deadline = 0.0
-        if d.local is not None or not d.endpoints:
-            status, body = d.local or (503, "no healthy upstream")
-            self._perform(c, c.ex.refuse(status, body), now)
+        if d.local is not None:
+            status, body = d.local
+            self._perform(c, c.ex.refuse(status, body, header_lines(d.local_headers)), now)
             return
+        if not d.endpoints:
+            self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
+            return
+        c.ex.edits = d.edits
         c.candidates = list(d.endpoints)
         self._try(c, c.candidates[0], now)
 
