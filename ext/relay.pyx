@@ -106,6 +106,26 @@ soonest again (the steady state scans about once per route timeout). The
 relay's own retries (a failed connect's next endpoint, the reused
 connection's one retry) go at once, as Envoy's do.
 
+Head edits
+----------
+A choice's head edits ("Head edits" in ``_exchange_py.py``:
+``Choice.edits``, a ``HeadEdits``) are interned as an ``Edits_`` per
+distinct edits (``_edit``: one block, its names and lines in it, as
+``edit_bytes()`` computes them for both twins; freed at ``close()`` with
+the retry policies, never by ``verdict_free``: a request's response may
+outlive its verdict). ``pick()`` keeps the drawn choice's in ``c.edits``;
+``apply_verdict`` rewrites the head staged in ``c.rhead`` (and the copy
+``c.replay`` holds for a retry, the head alone by then) with its request
+edits (``edit_request``: the fast path's target is origin-form; an
+absolute-form one goes to the pure relay, which rewrites its path part),
+and ``final_head`` sends the final response head through
+``send_edited_head`` when there are response edits (interim heads and the
+local answers go as before). A request whose choice has none pays a
+pointer store in ``pick()`` and a test in ``apply_verdict`` and
+``final_head``. The edited head is built in C, bounded by the head and
+the route's edits; out of memory the connection is aborted. A local
+verdict's ``local_headers`` are in its answer's bytes (``_local_verdict``).
+
 Outlier detection
 -----------------
 What ``_relay_py.py`` says under "Outlier detection", without the GIL: the
@@ -177,6 +197,8 @@ from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane._exchange_py import (
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
+    edit_bytes,
+    header_lines,
     local_response,
     response_hop_by_hop,
 )
@@ -500,6 +522,7 @@ cdef struct Up:
     Up *grave_next
 
 cdef struct Verdict_
+cdef struct Edits_
 
 cdef struct Retry_:
     # a route's retry policy (verdict.RetryPolicy), interned: one per
@@ -521,6 +544,7 @@ cdef struct Choice_:
     int n_eps
     EP **eps
     Verdict_ *empty        # the answer when it has no endpoint
+    Edits_ *edits          # its requests' and responses' head edits (NULL: none); interned
 
 cdef struct Verdict_:
     int kind
@@ -596,6 +620,7 @@ cdef struct Conn:
     double timeout         # the current request's route timeout (0: none)
     double resp_deadline   # ... when it passes: set once the request is read whole
     Retry_ *retry          # the current request's retry policy (NULL: none)
+    Edits_ *edits          # ... its choice's head edits (NULL: none; set by pick())
     double try_deadline    # ... the current try's per-try timeout, when it passes
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
@@ -671,6 +696,28 @@ cdef struct Span:  # bytes of a head
     Py_ssize_t n
 
 
+cdef struct Edits_:
+    # a choice's head edits (verdict.HeadEdits, as edit_bytes() in
+    # _exchange_py.py has them), interned as Retry_ is: one block, this,
+    # then its names' spans, then its bytes (see "Head edits")
+    bint request           # a request head changes
+    bint response          # a final response head changes
+    int n_req_drop
+    Span *req_drop         # lowercase names whose request lines go
+    const char *req_lines  # added before a request head's empty line
+    size_t req_lines_len
+    int n_resp_drop
+    Span *resp_drop        # ... a final response head's
+    const char *resp_lines
+    size_t resp_lines_len
+    bint path              # the target's path rewritten: its first strip bytes
+    Py_ssize_t strip       # (-1: all of it) replaced by prefix
+    const char *prefix
+    size_t prefix_len
+    const char *authority  # the Host lines' value (NULL: as they are)
+    size_t authority_len
+
+
 cdef struct Relay:
     int epfd
     int wakefd
@@ -684,6 +731,12 @@ cdef struct Relay:
     # (in the relay, not on the stack: final_head() on the fast path has
     # no array of its own, so no stack-protector canary)
     Span named[MAX_NAMED]
+    Buf edited             # edit_request()'s head as it is built
+    # edit_request() and send_edited_head(), called through these: never
+    # inlined into apply_verdict() and final_head() (called once each, the
+    # C compiler would, and every request would pay for their registers)
+    int (*edit_request)(Relay *R, Conn *c, const Edits_ *e) noexcept nogil
+    int (*send_edited_head)(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
     size_t bad_chunk_len[N_CHUNK_ERRORS]
     int max_idle
@@ -2561,6 +2614,83 @@ cdef int send_client_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     return r
 
 
+cdef bint edit_drops(const Span *names, int n, const unsigned char *p, Py_ssize_t k) noexcept nogil:
+    """Whether the field name p[:k] is one of names[:n] (lowercase), whatever
+    the case of its letters (a route's few names: a scan)."""
+    cdef int j
+    for j in range(n):
+        if names[j].n == k and eq_lower(p, <const char*>names[j].p, k):
+            return True
+    return False
+
+
+cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil:
+    """final_head()'s sending of c.rhead[:hl] when the request's choice
+    edits its response (client_head() then edit_response_head() in
+    _exchange_py.py): rewritten where send_client_head() would rewrite it
+    (its hop-by-hop lines left out, the relay's own connection line), or
+    with "connection: close" added where final_head() adds it; either way
+    without the lines c.edits names, with its lines added after the
+    relay's own. -1 when the connection went away."""
+    cdef const Edits_ *e = c.edits
+    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le, colon
+    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef bint hop = (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
+                     or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent))
+    cdef const char *own = NULL
+    cdef size_t own_len = 0
+    cdef Span *few = R.named
+    cdef Span *named = few
+    cdef Py_ssize_t n = 0
+    if hop:
+        if c.resp_hop & HOP_NAMED:  # (as send_client_head)
+            n = named_fields(b, end, few, MAX_NAMED)
+            if n > MAX_NAMED:
+                named = <Span*>malloc(<size_t>n * sizeof(Span))
+                if named == NULL:
+                    conn_abort(R, c)
+                    return -1
+                named_fields(b, end, named, n)
+            if n > 1:
+                qsort(named, <size_t>n, sizeof(Span), span_cmp)
+        if not keep:
+            own = b"connection: close\r\n"
+            own_len = 19
+        elif b[7] == 0x30 or c.http10:
+            own = b"connection: keep-alive\r\n"
+            own_len = 24
+    elif not keep and not c.resp_hop & HOP_CLOSE:
+        own = b"connection: close\r\n"
+        own_len = 19
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        if lf == NULL:  # (never: the head was judged whole)
+            break
+        le = line_end(b, i, lf)
+        colon = colon_at(b, i, le)
+        if ((hop and hop_line(b, i, colon, named, n))
+                or (colon < le and edit_drops(e.resp_drop, e.n_resp_drop, b + i, colon - i))):
+            if i > run:
+                if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
+                    break  # (aborted)
+                sent += i - run
+            run = lf - b + 1
+        i = lf - b + 1
+    if named != few:
+        free(named)
+    if c.closed:
+        return -1
+    if (to_client(R, c, c.rhead.p + run, <size_t>(end - run)) != 0
+            or to_client(R, c, own, own_len) != 0
+            or to_client(R, c, e.resp_lines, e.resp_lines_len) != 0
+            or to_client(R, c, c.rhead.p + end, <size_t>(hl - end)) != 0):
+        return -1
+    c.client_bytes += sent + (end - run) + <Py_ssize_t>(own_len + e.resp_lines_len) + hl - end
+    return 0
+
+
 cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
     """The final response head is c.rhead[:hl] (status, framing known):
     forward it, then what followed it. -1 when the connection went away.
@@ -2580,7 +2710,10 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     cdef Buf held
     cdef int r
     c.keeps_client = keep
-    if (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
+    if c.edits != NULL and c.edits.response:
+        if R.send_edited_head(R, c, hl, keep) != 0:
+            return -1
+    elif (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
             or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent)):
         if send_client_head(R, c, hl, keep) != 0:
             return -1
@@ -2952,6 +3085,7 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
             r -= v.choices[i].weight
     c.tag = ch.tag
     c.empty = ch.empty
+    c.edits = ch.edits
     n = ch.n_eps
     c.n_cand = 0
     if n == 0:
@@ -2987,6 +3121,82 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
         c.n_cand = n if n < MAX_ATTEMPTS else MAX_ATTEMPTS
 
 
+
+
+cdef int edit_lines(Buf *out, const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
+                    const Span *drop, int n_drop, const Edits_ *host) noexcept nogil:
+    """The header lines of a head b from i to end (its empty line) into
+    out (_edited_lines() in _exchange_py.py): those named in drop[:n_drop]
+    left out, the Host lines' value host.authority (host NULL: as they
+    are). Nonzero when out of memory."""
+    cdef const unsigned char *lf
+    cdef Py_ssize_t le, colon, run = i
+    cdef int failed = 0
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        if lf == NULL:  # (never: the head was judged whole)
+            break
+        le = line_end(b, i, lf)
+        colon = colon_at(b, i, le)
+        if colon < le and edit_drops(drop, n_drop, b + i, colon - i):
+            failed |= buf_add(out, <const char*>b + run, <size_t>(i - run))
+            run = lf - b + 1
+        elif host != NULL and header_is(b + i, colon - i, b"host", 4):
+            failed |= buf_add(out, <const char*>b + run, <size_t>(colon + 1 - run))
+            failed |= buf_add(out, b" ", 1)
+            failed |= buf_add(out, host.authority, host.authority_len)
+            run = le  # (its CR LF, or LF, follows)
+        i = lf - b + 1
+    failed |= buf_add(out, <const char*>b + run, <size_t>(end - run))
+    return failed
+
+
+cdef int edit_request(Relay *R, Conn *c, const Edits_ *e) noexcept nogil:
+    """The head staged in c.rhead (as sent upstream) with the request's
+    choice's edits (edit_request_head() in _exchange_py.py), and so the copy
+    c.replay holds for a retry (the head alone yet: its body follows in
+    send_request). A fast-path head's target is origin-form. -1 when out
+    of memory: the connection is aborted (a head half edited must not go)."""
+    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
+    cdef Py_ssize_t hl = <Py_ssize_t>c.rhead.len
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef const unsigned char *q
+    cdef Py_ssize_t first = lf - b + 1, ts, te, pe, n, cut
+    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef Buf *out = &R.edited  # (empty between calls; in R, not on the stack: no canary)
+    cdef int failed = 0
+    ts = (<const unsigned char*>memchr(b, SP, <size_t>first) - b) + 1
+    if e.path and b[ts] == SLASH:
+        te = <const unsigned char*>memchr(b + ts, SP, <size_t>(first - ts)) - b
+        q = <const unsigned char*>memchr(b + ts, QMARK, <size_t>(te - ts))
+        pe = te if q == NULL else q - b
+        n = pe - ts
+        cut = n if (e.strip < 0 or e.strip > n) else e.strip
+        failed |= buf_add(out, <const char*>b, <size_t>ts)
+        if e.prefix_len == 0 and cut == n:  # a path left empty is "/"
+            failed |= buf_add(out, b"/", 1)
+        else:
+            failed |= buf_add(out, e.prefix, e.prefix_len)
+            failed |= buf_add(out, <const char*>b + ts + cut, <size_t>(n - cut))
+        failed |= buf_add(out, <const char*>b + pe, <size_t>(first - pe))
+    else:
+        failed |= buf_add(out, <const char*>b, <size_t>first)
+    failed |= edit_lines(out, b, first, end, e.req_drop, e.n_req_drop,
+                         e if e.authority != NULL else NULL)
+    failed |= buf_add(out, e.req_lines, e.req_lines_len)
+    failed |= buf_add(out, <const char*>b + end, <size_t>(hl - end))
+    if failed:
+        buf_free(out)
+        conn_abort(R, c)
+        return -1
+    buf_free(&c.rhead)
+    c.rhead = out[0]
+    out.p = NULL
+    out.len = out.cap = out.off = 0
+    if c.replayable:
+        buf_free(&c.replay)
+        replay_add(c, c.rhead.p, c.rhead.len)
+    return 0
 
 
 cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
@@ -3030,6 +3240,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         local_answer(R, c, empty if empty != NULL else v, now)
         return
     c.timeout = v.timeout
+    if c.edits != NULL and c.edits.request and R.edit_request(R, c, c.edits) != 0:
+        return  # (out of memory: aborted)
     if v.retry != NULL:
         c.retry = v.retry
         # every method is held for the policy's tries (Envoy retries any):
@@ -4034,6 +4246,7 @@ cdef class HttpRelay:
     cdef list _flushed
     cdef list _outcome_texts       # OD_TEXT's reasons, until the outcomes are reported
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
+    cdef dict _edits               # HeadEdits -> its Edits_ (an address; 0: nothing), interned
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -4071,6 +4284,7 @@ cdef class HttpRelay:
         self.answered_5xx = answered_5xx
         self._outcome_texts = []
         self._retries = {}
+        self._edits = {}
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
@@ -4130,6 +4344,8 @@ cdef class HttpRelay:
         R.header_timeout = header_timeout
         R.idle_timeout = idle_timeout
         R.max_head = max_head
+        R.edit_request = edit_request
+        R.send_edited_head = send_edited_head
         for i in range(N_CHUNK_ERRORS):
             reason = (CHUNKED_ERRORS[i].format(max_trailers=max_head) if i in CHUNKED_ERRORS
                       else "malformed chunked body")
@@ -4209,6 +4425,8 @@ cdef class HttpRelay:
         free(R)
         for addr in (self._retries or {}).values():
             free(<Retry_*><size_t>addr)
+        for addr in (self._edits or {}).values():
+            free(<Edits_*><size_t>addr)
         self.R = NULL
 
     cdef void _apply_pending_keys(self):
@@ -4556,6 +4774,9 @@ cdef class HttpRelay:
         for addr in self._retries.values():
             free(<Retry_*><size_t>addr)
         self._retries.clear()
+        for addr in self._edits.values():  # (the same: head edits)
+            free(<Edits_*><size_t>addr)
+        self._edits.clear()
         # The requests _shutdown cut (in flight: a drain that timed out) were
         # counted after the loop's last flush (its thread is gone, so the
         # rows are ours): handed over here, as the pure twin reports them.
@@ -5042,6 +5263,63 @@ cdef class HttpRelay:
         self._retries[policy] = <size_t>p
         return p
 
+    cdef Edits_ *_edit(self, edits) except? NULL:
+        """A HeadEdits as the loop's struct, interned per distinct edits, as
+        retry policies are (None, or edits that change nothing: NULL)."""
+        cdef Edits_ *p
+        cdef Span *spans
+        cdef char *text
+        cdef size_t at = 0
+        cdef int i
+        if edits is None:
+            return NULL
+        addr = self._edits.get(edits)
+        if addr is not None:
+            return <Edits_*><size_t>addr
+        e = edit_bytes(edits)
+        if not e.request and not e.response:
+            self._edits[edits] = 0
+            return NULL
+        names = sorted(e.request_drop) + sorted(e.response_drop)
+        blob = b"".join(names) + e.request_lines + e.response_lines + e.prefix + (e.authority or b"")
+        p = <Edits_*>calloc(1, sizeof(Edits_) + len(names) * sizeof(Span) + len(blob) + 1)
+        if p == NULL:
+            raise MemoryError()
+        spans = <Span*>(<char*>p + sizeof(Edits_))
+        text = <char*>(spans + len(names))
+        memcpy(text, <char*>blob, len(blob))
+        for i, name in enumerate(names):
+            spans[i].p = <const unsigned char*>(text + at)
+            spans[i].n = len(name)
+            at += len(name)
+        p.request = e.request
+        p.response = e.response
+        p.n_req_drop = len(e.request_drop)
+        p.req_drop = spans
+        p.n_resp_drop = len(e.response_drop)
+        p.resp_drop = spans + p.n_req_drop
+        p.req_lines = text + at
+        p.req_lines_len = len(e.request_lines)
+        at += p.req_lines_len
+        p.resp_lines = text + at
+        p.resp_lines_len = len(e.response_lines)
+        at += p.resp_lines_len
+        p.path = e.strip is not None
+        p.strip = e.strip if e.strip is not None else 0
+        p.prefix = text + at
+        p.prefix_len = len(e.prefix)
+        at += p.prefix_len
+        if e.authority is not None:
+            p.authority = text + at
+            p.authority_len = len(e.authority)
+        self._edits[edits] = <size_t>p
+        return p
+
+    @property
+    def interned_edits(self):
+        """How many distinct head edits this relay holds (freed at close())."""
+        return len(self._edits)
+
     cdef Verdict_ *_convert(self, verdict) except NULL:
         """A Verdict (Python) as the loop's struct."""
         cdef Verdict_ *v
@@ -5049,7 +5327,8 @@ cdef class HttpRelay:
         cdef int i, j
         if verdict.local is not None:
             status, body = verdict.local
-            return _local_verdict(status, body, self._tag_id(verdict.tag))
+            return _local_verdict(status, body, self._tag_id(verdict.tag),
+                                  header_lines(verdict.local_headers))
         choices = verdict.choices
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
@@ -5069,6 +5348,7 @@ cdef class HttpRelay:
                 ch.policy = _POLICIES.get(choice.policy, LB_ROUND_ROBIN)
                 ch.tag = self._tag_id(choice.tag)
                 ch.rr = self._rr_slot(choice.balance_key)
+                ch.edits = self._edit(choice.edits)
                 if len(choice.endpoints) == 0:
                     status = choice.status
                     body = "no healthy upstream" if status == 503 else "backend not resolved"
@@ -5109,12 +5389,14 @@ cdef class HttpRelay:
             except Exception:
                 L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
                 d = Decision(local=(503, "no healthy upstream"))
-            if d.local is not None or not d.endpoints:
-                verdict = Verdict(local=d.local or (503, "no healthy upstream"), tag=d.tag)
+            if d.local is not None:
+                verdict = Verdict(local=d.local, tag=d.tag, local_headers=d.local_headers)
+            elif not d.endpoints:
+                verdict = Verdict(local=(503, "no healthy upstream"), tag=d.tag)
             else:
                 verdict = Verdict(
-                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag),), timeout=d.timeout,
-                    retry=d.retry)
+                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
+                    timeout=d.timeout, retry=d.retry)
             v = self._convert(verdict)
             try:
                 apply_verdict(R, c, v, now)
