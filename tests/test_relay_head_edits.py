@@ -1,0 +1,531 @@
+"""A route's head edits (``verdict.HeadEdits`` on a Choice, a Decision's
+``edits``) and a local answer's ``local_headers``, applied by both relay
+twins (the compiled one deciding per request and from a cached verdict),
+byte for byte, real sockets: what a raw backend reads, what the client
+reads. See "Head edits" in ``_exchange_py.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._exchange_py import local_response
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import (
+    SHAPE_FULL,
+    Choice,
+    HeadEdits,
+    PathRewrite,
+    RetryPolicy,
+    Verdict,
+)
+from tests._scripted import (
+    Scripted,
+    _answer,
+    _client,
+    _response,
+    mode_fixture,  # noqa: F401  (the fixture mode)
+    policy,
+)
+from tests.test_relay_edges import _read_all, _relay
+
+Endpoint = tuple[str, int]
+
+REQUEST_EDITS = HeadEdits(
+    request_set=(("x-set", "new"),),
+    request_add=(("x-add", "new"), ("x-more", "1")),
+    request_remove=("x-remove",),
+    path=PathRewrite(4, "/v2"),
+    authority="b.svc:8080",
+)
+RESPONSE_EDITS = HeadEdits(
+    response_set=(("server", "l4"),),
+    response_add=(("x-added", "1"),),
+    response_remove=("x-drop",),
+)
+BOTH = REQUEST_EDITS._replace(
+    response_set=RESPONSE_EDITS.response_set,
+    response_add=RESPONSE_EDITS.response_add,
+    response_remove=RESPONSE_EDITS.response_remove,
+)
+
+# a final answer with a line set replaces and one removed; one with
+# hop-by-hop lines too (a Connection naming a field, Keep-Alive)
+PLAIN = b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Drop: 1\r\nX-Keep: k\r\nContent-Length: 2\r\n\r\nok"
+HOP = (
+    b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive, X-Hop\r\nX-Hop: h\r\n"
+    b"Keep-Alive: timeout=5\r\nX-Drop: 1\r\nContent-Length: 2\r\n\r\nok"
+)
+HTTP10 = b"HTTP/1.0 200 OK\r\nServer: up\r\nContent-Length: 2\r\n\r\nok"
+EDITED = {  # (answer, client stays): what the client reads
+    (PLAIN, True): (
+        b"HTTP/1.1 200 OK\r\nX-Keep: k\r\nContent-Length: 2\r\nserver: l4\r\nx-added: 1\r\n\r\nok"
+    ),
+    (PLAIN, False): (
+        b"HTTP/1.1 200 OK\r\nX-Keep: k\r\nContent-Length: 2\r\nconnection: close\r\n"
+        b"server: l4\r\nx-added: 1\r\n\r\nok"
+    ),
+    (HOP, True): b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nserver: l4\r\nx-added: 1\r\n\r\nok",
+    (HOP, False): (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n"
+        b"server: l4\r\nx-added: 1\r\n\r\nok"
+    ),
+    (HTTP10, True): (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n"
+        b"server: l4\r\nx-added: 1\r\n\r\nok"
+    ),
+    (HTTP10, False): (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n"
+        b"server: l4\r\nx-added: 1\r\n\r\nok"
+    ),
+}
+GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+GET_CLOSE = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+
+def _edits_relay(
+    mode: tuple[str, str],
+    endpoints: tuple[Endpoint, ...],
+    edits: HeadEdits | None,
+    retry: RetryPolicy | None = None,
+    **kw: Any,
+) -> Any:
+    """A relay of the twin and mode that sends every request to *endpoints*
+    (in order) with *edits*."""
+    which, how = mode
+    if how == "resolve":
+        verdict = Verdict(
+            (Choice(1, endpoints, "ORDERED", tag="t", edits=edits),), ttl=60.0, retry=retry
+        )
+        kw["resolve"] = lambda head, origin: verdict
+    decision = Decision(endpoints, tag="t", retry=retry, edits=edits)
+    return _relay(which, lambda h, o: decision, **kw)
+
+
+def _recv(a: socket.socket, n: int) -> bytes:
+    """*n* bytes from *a* (answers pipelined: as many as they come in)."""
+    a.settimeout(5.0)
+    got = b""
+    while len(got) < n:
+        data = a.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
+def _through(
+    mode: tuple[str, str],
+    edits: HeadEdits | None,
+    request: bytes,
+    script: list[Any] | None = None,
+    close: bool = False,
+) -> tuple[bytes, list[bytes], dict[str, int]]:
+    """*request* through a relay with *edits* to a Scripted backend
+    answering *script* (else 200 ok): what the client read (one answer; all
+    until the end when *close*), the requests the backend read, the relay's
+    stats."""
+    up = Scripted(script or [])
+    relay = _edits_relay(mode, (up.endpoint,), edits)
+    try:
+        a = _client(relay)
+        a.sendall(request)
+        got = _read_all(a, 5.0)[0] if close else _response(a)
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    return got, up.requests, stats
+
+
+# -- request heads ---------------------------------------------------------------
+
+
+def test_request_edits_byte_exact_at_the_backend(mode: tuple[str, str]) -> None:
+    """set replaces both lines of its name (any case, where the first was),
+    add keeps the line already there, remove drops its line, the path's
+    prefix is rewritten with the query kept, the Host line's value is the
+    authority; the hop-by-hop line still goes; the lines set then added go
+    last, before the empty line."""
+    request = (
+        b"GET /api/users?id=1 HTTP/1.1\r\nHost: a\r\nX-Set: 1\r\nUser-Agent: t\r\n"
+        b"x-SET: 2\r\nX-Add: old\r\nX-Remove: r\r\nKeep-Alive: timeout=5\r\n\r\n"
+    )
+    got, seen, _ = _through(mode, REQUEST_EDITS, request)
+    assert got == b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\nok"
+    assert seen == [
+        b"GET /v2/users?id=1 HTTP/1.1\r\nHost: b.svc:8080\r\nUser-Agent: t\r\nX-Add: old\r\n"
+        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "target", "sent"),
+    [
+        (PathRewrite(4, "/v2"), b"/api/users?id=1", b"/v2/users?id=1"),
+        (PathRewrite(-1, "/x"), b"/a/b?q", b"/x?q"),
+        (PathRewrite(4, ""), b"/api", b"/"),
+        (PathRewrite(4, ""), b"/api?x=1", b"/?x=1"),
+        (PathRewrite(99, "/p"), b"/short?s", b"/p?s"),
+        (PathRewrite(0, "/pre"), b"/a", b"/pre/a"),
+    ],
+    ids=["prefix-query", "strip-all", "empty", "empty-query", "past-the-path", "strip-0"],
+)
+def test_path_rewrites(
+    mode: tuple[str, str], rewrite: PathRewrite, target: bytes, sent: bytes
+) -> None:
+    """PathRewrite's cases: its first *strip* bytes of the path (-1, or
+    past its end: all of it) replaced by the prefix, the query kept, a
+    path left empty "/"; nothing else of the head changes."""
+    request = b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % target
+    _, seen, _ = _through(mode, HeadEdits(path=rewrite), request)
+    assert seen == [b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % sent]
+
+
+def test_bare_lf_lines_are_kept(mode: tuple[str, str]) -> None:
+    """A head whose lines end in a bare LF (its last in CRLF, for the
+    backend): its lines kept as they are, the Host line's value replaced
+    (its LF kept), the lines added in CRLF before its empty line."""
+    request = b"GET /api/a HTTP/1.1\nHost: a\nX-Remove: 1\nAccept: */*\r\n\r\n"
+    _, seen, _ = _through(mode, REQUEST_EDITS, request)
+    assert seen == [
+        b"GET /v2/a HTTP/1.1\nHost: b.svc:8080\nAccept: */*\r\nx-set: new\r\nx-add: new\r\n"
+        b"x-more: 1\r\n\r\n"
+    ]
+
+
+def test_no_edits_no_change(mode: tuple[str, str]) -> None:
+    """Edits of the response alone leave the request head as it came (its
+    hop-by-hop line dropped, as always); no edits at all: both as before."""
+    request = b"GET /api/a HTTP/1.1\r\nHost: a\r\nX-Drop: 1\r\nKeep-Alive: 1\r\n\r\n"
+    for edits in (RESPONSE_EDITS, None, HeadEdits()):
+        _, seen, _ = _through(mode, edits, request)
+        assert seen == [b"GET /api/a HTTP/1.1\r\nHost: a\r\nX-Drop: 1\r\n\r\n"], edits
+
+
+def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
+    """Heads the compiled fast path hands to the pure relay (an
+    absolute-form target, its path part rewritten; a Connection line naming
+    a field, both dropped first): edited the same, requests and answers."""
+    absolute = b"GET http://a/api/x?q=1 HTTP/1.1\r\nHost: a\r\nX-Remove: 1\r\n\r\n"
+    got, seen, stats = _through(mode, BOTH, absolute, [PLAIN])
+    assert seen == [
+        b"GET http://a/v2/x?q=1 HTTP/1.1\r\nHost: b.svc:8080\r\n"
+        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+    ]
+    assert got == EDITED[PLAIN, True]
+    naming = b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: x-foo\r\nX-Foo: 1\r\nX-Set: 0\r\n\r\n"
+    got2, seen2, stats2 = _through(mode, BOTH, naming, [HOP])
+    assert seen2 == [
+        b"GET /v2/x HTTP/1.1\r\nHost: b.svc:8080\r\nx-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+    ]
+    assert got2 == EDITED[HOP, True]
+    if mode[0] == "compiled":
+        assert stats["slow_path"] == 1 and stats2["slow_path"] == 1
+
+
+def test_routes_read_the_original_head(mode: tuple[str, str]) -> None:
+    """What decides the route (decide, resolve) reads the head as the
+    client sent it, not as edited; a cached verdict (keyed by the original
+    target) serves the same request again, edited again."""
+    up = Scripted([])
+    seen: list[tuple[str, str | None]] = []
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(
+            (Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=REQUEST_EDITS),),
+            ttl=60.0,
+            shape=SHAPE_FULL,
+        )
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            seen.append((head.target, head.header("host")))
+            return verdict
+
+        kw["resolve"] = resolve
+
+    def decide(head: Any, origin: Any) -> Decision:
+        seen.append((head.target, head.header("host")))
+        return Decision((up.endpoint,), tag="t", edits=REQUEST_EDITS)
+
+    relay = _relay(which, decide, **kw)
+    try:
+        c = _client(relay)
+        for _ in range(2):
+            c.sendall(b"GET /api/users HTTP/1.1\r\nHost: a\r\n\r\n")
+            _response(c)
+        c.close()
+    finally:
+        relay.close()
+        up.close()
+    assert seen == [("/api/users", "a")] * (1 if how == "resolve" else 2)
+    sent = (
+        b"GET /v2/users HTTP/1.1\r\nHost: b.svc:8080\r\n"
+        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+    )
+    assert up.requests == [sent, sent]
+
+
+# -- response heads ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", [PLAIN, HOP, HTTP10], ids=["plain", "hop-by-hop", "http10"])
+@pytest.mark.parametrize("stays", [True, False], ids=["keep-alive", "close"])
+def test_response_edits_byte_exact_at_the_client(
+    mode: tuple[str, str], answer: bytes, stays: bool
+) -> None:
+    """The final head as the relay sends it (hop-by-hop lines dropped, its
+    own connection line) without the lines set and removed, with the set
+    then added lines after the relay's own; to a keep-alive client and to
+    one that asked to close (then the end)."""
+    got, seen, _ = _through(
+        mode, RESPONSE_EDITS, GET if stays else GET_CLOSE, [answer], close=not stays
+    )
+    assert got == EDITED[answer, stays]
+    assert len(seen) == 1
+
+
+def test_an_interim_head_is_not_edited(mode: tuple[str, str]) -> None:
+    """Expect: 100-continue: the 100 goes as it came (its Server line
+    kept), the final head is edited."""
+    interim = b"HTTP/1.1 100 Continue\r\nServer: up\r\nX-Drop: 1\r\n\r\n"
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(interim + PLAIN)
+
+    request = b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"
+    up = Scripted([answer])
+    relay = _edits_relay(mode, (up.endpoint,), RESPONSE_EDITS)
+    try:
+        a = _client(relay)
+        a.sendall(request)
+        want = interim + EDITED[PLAIN, True]
+        got = _recv(a, len(want))
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+    assert got == want
+
+
+def test_local_answers_are_not_edited(mode: tuple[str, str]) -> None:
+    """The relay's own answer (a 502: the backend closed before answering)
+    is as without edits."""
+    got, _, _ = _through(mode, BOTH, GET, ["close"])
+    assert got == local_response(
+        502, "upstream closed the connection before a response", close=False
+    )
+
+
+# -- retries, choices, pipelining ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+def test_a_retry_sends_the_edited_head_again(mode: tuple[str, str], method: bytes) -> None:
+    """Route (A, B) under a retry policy on 5xx: A's 503 is dropped, the
+    request goes to B, both got the same edited head (and body); the
+    client gets B's answer, edited."""
+    body = b"hi" if method == b"POST" else b""
+    request = b"%s /api/r HTTP/1.1\r\nHost: a\r\nX-Set: old\r\nContent-Length: %d\r\n\r\n%s" % (
+        method,
+        len(body),
+        body,
+    )
+    a, b = Scripted([_answer(503)]), Scripted([PLAIN])
+    relay = _edits_relay(mode, (a.endpoint, b.endpoint), BOTH, retry=policy(1, "5xx"))
+    try:
+        c = _client(relay)
+        c.sendall(request)
+        got = _response(c)
+        c.close()
+    finally:
+        relay.close()
+        a.close()
+        b.close()
+    edited = (
+        b"%s /v2/r HTTP/1.1\r\nHost: b.svc:8080\r\nContent-Length: %d\r\n"
+        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n%s" % (method, len(body), body)
+    )
+    assert a.requests == [edited]
+    assert b.requests == [edited]
+    assert got == EDITED[PLAIN, True]
+
+
+def test_pipelined_requests_keep_their_order(mode: tuple[str, str]) -> None:
+    """Three requests in one segment: each edited, in order, upstream;
+    their answers edited, in order, at the client."""
+    request = b"".join(b"GET /api/%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(3))
+    up = Scripted([PLAIN, PLAIN, PLAIN])
+    relay = _edits_relay(mode, (up.endpoint,), BOTH)
+    try:
+        c = _client(relay)
+        c.sendall(request)
+        got = _recv(c, 3 * len(EDITED[PLAIN, True]))
+        c.close()
+    finally:
+        relay.close()
+        up.close()
+    assert up.requests == [
+        b"GET /v2/%d HTTP/1.1\r\nHost: b.svc:8080\r\nx-set: new\r\nx-add: new\r\n"
+        b"x-more: 1\r\n\r\n" % i
+        for i in range(3)
+    ]
+    assert got == EDITED[PLAIN, True] * 3
+
+
+def test_two_choices_edit_each_request_as_its_choice() -> None:
+    """A cached verdict of two choices (weights 1/1, seeded draws), each
+    with its own edits and backend: every request a backend reads carries
+    its choice's request line, and every answer the client reads its
+    choice's response line; both choices were drawn."""
+    ea = HeadEdits(request_add=(("x-choice", "a"),), response_add=(("x-via", "a"),))
+    eb = HeadEdits(request_set=(("x-choice", "b"),), response_add=(("x-via", "b"),))
+    a = Scripted([_answer(200, b"A")] * 40)
+    b = Scripted([_answer(200, b"B")] * 40)
+    verdict = Verdict(
+        (
+            Choice(1, (a.endpoint,), "ORDERED", tag="a", edits=ea),
+            Choice(1, (b.endpoint,), "ORDERED", tag="b", edits=eb),
+        ),
+        ttl=60.0,
+    )
+    relay = _relay("compiled", lambda h, o: Decision(), resolve=lambda h, o: verdict, seed=7)
+    try:
+        c = _client(relay)
+        got = []
+        for _ in range(30):
+            c.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Choice: client\r\n\r\n")
+            got.append(_response(c))
+        c.close()
+    finally:
+        relay.close()
+        a.close()
+        b.close()
+    assert a.requests and b.requests and len(a.requests) + len(b.requests) == 30
+    assert set(a.requests) == {
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Choice: client\r\nx-choice: a\r\n\r\n"
+    }
+    assert set(b.requests) == {b"GET / HTTP/1.1\r\nHost: a\r\nx-choice: b\r\n\r\n"}
+    for r in got:
+        body = r[-1:].lower()
+        assert r == b"HTTP/1.1 200 X\r\nContent-Length: 1\r\nx-via: %s\r\n\r\n%s" % (
+            body,
+            body.upper(),
+        )
+
+
+# -- local answers, per-request verdicts, interning ----------------------------------
+
+
+def test_local_headers_go_with_a_local_answer(mode: tuple[str, str]) -> None:
+    """A local answer (a redirect) with local_headers: its lines in it, on
+    a connection that stays."""
+    headers = (("location", "http://b/new"), ("x-why", "moved"))
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(local=(301, "moved"), local_headers=headers, tag="t", ttl=60.0)
+        kw["resolve"] = lambda head, origin: verdict
+    decision = Decision(local=(301, "moved"), local_headers=headers, tag="t")
+    relay = _relay(which, lambda h, o: decision, **kw)
+    want = local_response(
+        301, "moved", close=False, headers="location: http://b/new\r\nx-why: moved\r\n"
+    )
+    try:
+        c = _client(relay)
+        for _ in range(2):
+            c.sendall(GET)
+            assert _response(c) == want
+        c.close()
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("ttl", [0.0, 60.0])
+def test_a_ttl_0_local_verdict_is_asked_per_request(ttl: float) -> None:
+    """A local verdict with ttl 0 (a per-request redirect) is never cached:
+    resolve is asked for each of 5 requests (with a ttl, once)."""
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def resolve(head: Any, origin: Any) -> Verdict:
+        with lock:
+            calls.append(1)
+        return Verdict(local=(302, "found"), local_headers=(("location", "/n"),), tag="t", ttl=ttl)
+
+    relay = _relay("compiled", lambda h, o: Decision(), resolve=resolve)
+    want = local_response(302, "found", close=False, headers="location: /n\r\n")
+    try:
+        c = _client(relay)
+        for _ in range(5):
+            c.sendall(GET)
+            assert _response(c) == want
+        c.close()
+    finally:
+        relay.close()
+    assert len(calls) == (5 if ttl == 0 else 1)
+
+
+def test_edits_are_interned_per_distinct_edits() -> None:
+    """Verdicts asked per request (ttl 0), each with a new HeadEdits equal
+    to the one before, and converted then freed each time: the compiled
+    relay holds one copy of them; two distinct ones, two; none after
+    close()."""
+    up = Scripted([])
+    n = [0]
+
+    def resolve(head: Any, origin: Any) -> Verdict:
+        n[0] += 1
+        edits = HeadEdits(request_add=(("x-n", str(n[0] % 2)),))
+        return Verdict((Choice(1, (up.endpoint,), "ORDERED", edits=edits),), ttl=0.0)
+
+    relay = _relay("compiled", lambda h, o: Decision(), resolve=resolve)
+    try:
+        c = _client(relay)
+        for i in range(20):
+            c.sendall(GET)
+            _response(c)
+            if i == 0:
+                assert relay.interned_edits == 1
+        c.close()
+        assert relay.interned_edits == 2
+        assert len(up.requests) == 20
+    finally:
+        relay.close()
+        up.close()
+    assert relay.interned_edits == 0
+
+
+# -- the pure functions -----------------------------------------------------------
+
+
+def test_edit_functions() -> None:
+    """edit_request_head, edit_response_head and rewrite_target on the
+    forms a socket test does not reach in both twins: an asterisk-form and
+    an authority-form target kept, an absolute-form one without a path."""
+    from l4proxy.dataplane._exchange_py import (
+        edit_request_head,
+        edit_response_head,
+        rewrite_target,
+    )
+
+    assert rewrite_target(b"*", 1, b"/x") == b"*"
+    assert rewrite_target(b"a:443", 1, b"/x") == b"a:443"
+    assert rewrite_target(b"http://a", 4, b"") == b"http://a/"
+    assert rewrite_target(b"http://a?q", -1, b"/p") == b"http://a/p?q"
+    head = b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert edit_request_head(head, HeadEdits(path=PathRewrite(1, "/x"))) == head
+    assert edit_request_head(head, HeadEdits()) is head
+    # names never edited, whatever the edits say: framing, hop-by-hop, Host
+    bad = HeadEdits(
+        request_remove=("content-length", "host"), request_add=(("Transfer-Encoding", "x"),)
+    )
+    post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+    assert edit_request_head(post, bad) == post
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert edit_response_head(resp, HeadEdits(response_remove=("content-length",))) == resp
