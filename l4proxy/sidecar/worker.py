@@ -194,8 +194,8 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
 
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
-    enforced there, nor its retry policy. Said at each table that has one,
-    never silently."""
+    enforced there, nor its retry policy, nor its header edits and
+    rewrites. Said at each table that has one, never silently."""
     timed = table.timed_routes()
     if timed:
         log.warning(
@@ -210,6 +210,15 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
             "applied with --http-routing connection "
             "(only per request, the default): %s",
             _first_five([f"{host} route {name or '(unnamed)'}" for host, name in retried]),
+        )
+    edited = table.edited_routes()
+    if edited:
+        log.warning(
+            "header edits and rewrites (http[].headers, rewrite, an HTTPRoute's header "
+            "and URL rewrite filters) are not applied with --http-routing connection, "
+            "which forwards a connection's bytes untouched (only per request, the default; "
+            "redirects and direct responses are answered): %s",
+            _first_five([f"{host} {name or '(unnamed)'}" for host, name in edited]),
         )
 
 
