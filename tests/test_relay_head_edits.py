@@ -446,6 +446,31 @@ def test_local_headers_go_with_a_local_answer(mode: tuple[str, str]) -> None:
         relay.close()
 
 
+def test_a_content_type_among_local_headers_replaces_text_plain(mode: tuple[str, str]) -> None:
+    """A direct response whose route sets its content-type: that one line
+    goes, not the relays' default text/plain beside it."""
+    headers = (("content-type", "application/json"),)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(local=(200, "{}"), local_headers=headers, tag="t", ttl=60.0)
+        kw["resolve"] = lambda head, origin: verdict
+    decision = Decision(local=(200, "{}"), local_headers=headers, tag="t")
+    relay = _relay(which, lambda h, o: decision, **kw)
+    try:
+        c = _client(relay)
+        c.sendall(GET)
+        got = _response(c)
+        c.close()
+    finally:
+        relay.close()
+    lines = got.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert [line for line in lines if line.startswith(b"content-type")] == [
+        b"content-type: application/json"
+    ], got
+    assert got.endswith(b"\r\n\r\n{}")
+
+
 @pytest.mark.parametrize("ttl", [0.0, 60.0])
 def test_a_ttl_0_local_verdict_is_asked_per_request(ttl: float) -> None:
     """A local verdict with ttl 0 (a per-request redirect) is never cached:

@@ -346,12 +346,15 @@ Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPCo
 def local_response(status: int, body: str, close: bool = True, headers: str = "") -> bytes:
     """The proxy's own answer, saying whether the connection closes after it;
     *headers*: more header lines, each ending in CRLF (the circuit breakers'
-    ``x-envoy-overloaded: true``)."""
+    ``x-envoy-overloaded: true``, a redirect's ``location``); a
+    ``content-type`` among them replaces the default ``text/plain`` (a
+    direct response's own, as Envoy lets a route's response headers set it)."""
     data = body.encode()
+    typed = headers[:13].lower() == "content-type:" or "\ncontent-type:" in headers.lower()
     return (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
         f"content-length: {len(data)}\r\n"
-        "content-type: text/plain\r\n"
+        + ("" if typed else "content-type: text/plain\r\n")
         + headers
         + ("connection: close\r\n" if close else "")
         + "server: l4proxy\r\n\r\n"

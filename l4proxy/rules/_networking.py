@@ -11,8 +11,8 @@ by the per-request relay (Envoy's route timeout and retry policy, see
 and ``directResponse`` (``Route.headers``, ``Destination.headers``,
 ``Route.rewrite``, ``Route.redirect``, ``Route.direct``; the names and
 values each may hold: ``_header_ops``). Differences from Envoy: Envoy's
-header formatters (``%...%``) are refused, a direct response is always
-``text/plain`` and a 3xx one gets no ``location``.
+header formatters (``%...%``) are refused, and a 3xx direct response gets
+no ``location``.
 """
 
 from __future__ import annotations
@@ -497,10 +497,10 @@ def _answer_headers(
 ) -> tuple[tuple[str, str], ...] | None:
     """The header lines of the answer of a route that answers itself (a
     redirect, a direct response): its ``headers.response`` set and add
-    lines (Envoy applies a route's response headers to its own answers),
-    the ``content-type`` excepted, which the relays write ``text/plain``
-    (another is an error); its ``headers.request`` does nothing (a
-    warning: no request goes upstream). None after an error."""
+    lines (Envoy applies a route's response headers to its own answers; a
+    ``content-type`` replaces the relays' ``text/plain``); its
+    ``headers.request`` does nothing (a warning: no request goes upstream).
+    None after an error."""
     if headers is None:
         return ()
     hpath = (*path, "headers")
@@ -519,15 +519,6 @@ def _answer_headers(
                 "is its own (redirect.uri, authority, scheme, port)",
             )
             return None
-        if name == "content-type":
-            if v.split(";", 1)[0].strip().lower() != "text/plain":
-                ctx.error(
-                    (*hpath, "response"),
-                    f"content-type {v!r}: the proxy's own answers are text/plain "
-                    "(l4proxy cannot change their content-type)",
-                )
-                return None
-            continue
         lines.append((name, v))
     return tuple(lines)
 
