@@ -200,7 +200,7 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
-from l4proxy.dataplane.verdict import HeadEdits, RetryPolicy
+from l4proxy.dataplane.verdict import Fault, HeadEdits, RetryPolicy
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -235,7 +235,9 @@ class Decision(NamedTuple):
     its retry policy (None: none; see "Retry policy" in ``_exchange_py.py``).
     ``edits``: what is changed in the request's head and its final
     response's (:class:`~l4proxy.dataplane.verdict.HeadEdits`; None:
-    nothing); ``local_headers``: more header lines of the ``local`` answer.
+    nothing); ``local_headers``: more header lines of the ``local`` answer;
+    ``fault``: the route's fault injection, drawn by the relay
+    (:class:`~l4proxy.dataplane.verdict.Fault`; None: none).
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -245,6 +247,7 @@ class Decision(NamedTuple):
     retry: RetryPolicy | None = None
     edits: HeadEdits | None = None
     local_headers: tuple[tuple[str, str], ...] = ()
+    fault: Fault | None = None
 
 
 @dataclass(eq=False)

@@ -33,6 +33,7 @@ __all__ = [
     "SHAPE_TESTS",
     "TEST_KINDS",
     "Choice",
+    "Fault",
     "HeadEdits",
     "PathRewrite",
     "RetryPolicy",
@@ -269,6 +270,31 @@ class HeadEdits(NamedTuple):
     authority: str | None = None
 
 
+# Envoy's fault filter's answer for an aborted request (its local reply body)
+FAULT_ABORT_BODY = "fault filter abort"
+# the share of requests a fault applies to, in parts per million
+FAULT_SCALE = 1_000_000
+
+
+class Fault(NamedTuple):
+    """A route's fault injection (Envoy's fault filter, as Istio configures it
+    from a VirtualService's ``http[].fault``), drawn per request by the relay:
+    with probability ``delay_ppm`` / :data:`FAULT_SCALE` the request waits
+    ``delay`` seconds before it goes upstream (from its head's arrival;
+    the route's timeout starts after it); then, independently, with
+    probability ``abort_ppm`` / :data:`FAULT_SCALE` it is answered
+    ``abort_status`` with the body :data:`FAULT_ABORT_BODY` (after the delay,
+    if both fell) and never goes upstream. A request's body, if any, is read
+    and discarded as for any local answer; the client's connection stays as
+    for one. A client that leaves during the delay ends it; nothing is
+    counted against an endpoint. Both draws use the relay's seeded RNG."""
+
+    delay: float = 0.0
+    delay_ppm: int = 0
+    abort_status: int = 0
+    abort_ppm: int = 0
+
+
 class Choice(NamedTuple):
     """One weighted destination of a route: a subset's endpoints.
 
@@ -308,7 +334,7 @@ class Verdict(NamedTuple):
     the route's retry policy (None: the relay's own retries only).
     ``local_headers``: more header lines of the ``local`` answer (a
     redirect's ``location``), each a lowercase name and a value without CR,
-    LF or NUL.
+    LF or NUL. ``fault``: the route's fault injection (None: none).
     """
 
     choices: tuple[Choice, ...] = ()
@@ -320,3 +346,4 @@ class Verdict(NamedTuple):
     timeout: float = 0.0
     retry: RetryPolicy | None = None
     local_headers: tuple[Header, ...] = ()
+    fault: Fault | None = None

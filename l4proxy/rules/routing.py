@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from l4proxy.dataplane.verdict import HeadEdits, PathRewrite
+from l4proxy.dataplane.verdict import Fault, HeadEdits, PathRewrite
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
 from l4proxy.rules._regex import Pattern, compile_regex
 
@@ -1160,6 +1160,8 @@ class RouteChoices:
     retries: HttpRetry | None = None  # the route's (Route.retries)
     # the route answers itself (a redirect, a direct response): no subsets
     answer: LocalAnswer | None = None
+    # the route's fault injection (http[].fault), for the relay to draw
+    fault: Fault | None = None
 
 
 @dataclass(frozen=True)
@@ -1184,6 +1186,7 @@ class Decision:
     edits: HeadEdits | None = None  # the chosen subset's (WeightedSubset.edits)
     # the route answers itself (RouteChoices.answer): no endpoints
     answer: LocalAnswer | None = None
+    fault: Fault | None = None  # the route's (RouteChoices.fault)
 
 
 def _normalize_ip(ip: str) -> str | None:

@@ -1005,6 +1005,7 @@ class Worker:
             timeout=decision.timeout,
             retry=_retry_policy(decision.retries),
             edits=decision.edits,
+            fault=decision.fault,
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1084,6 +1085,7 @@ class Worker:
             tests=shape.tests,
             timeout=rc.timeout,
             retry=_retry_policy(rc.retries),
+            fault=rc.fault,
         )
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
