@@ -401,10 +401,10 @@ spec:
         RR
         + """\
   destination: {name: bootcamp}
-  httpFault:
-    abort: {percent: 10, httpStatus: 503}
+  l4Fault:
+    terminate: {percent: 10}
 """,
-        "spec.httpFault is not implemented by l4proxy",
+        "spec.l4Fault is not implemented by l4proxy",
         7,
     ),
     (
@@ -660,9 +660,9 @@ spec:
   http:
   - route:
     - destination: {host: bootcamp}
-    fault: {abort: {httpStatus: 503}}
+    mirror: {host: bootcamp}
 """,
-        "spec.http[0].fault is not implemented by l4proxy",
+        "spec.http[0].mirror is not implemented by l4proxy",
         10,
     ),
     (
@@ -1018,8 +1018,8 @@ spec:
   rout:
   - labels: {version: v1}
 """,
-        "unknown field spec.rout (expected one of: destination, httpReqRetries, httpReqTimeout, "
-        "match, precedence, route)",
+        "unknown field spec.rout (expected one of: destination, httpFault, httpReqRetries, "
+        "httpReqTimeout, match, precedence, route)",
         7,
     ),
     (
@@ -1290,7 +1290,7 @@ spec:
 """,
     )
     text = "\n".join(map(str, errs))
-    assert "spec.httpFault is not implemented" in text
+    assert "spec.httpFault must have a delay, an abort or both" in text
     assert "route weights total 90" in text
     assert "spec.http[0].timeout '1 s' is not a duration" in text
     assert len(errs) == 3

@@ -1,18 +1,20 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (faults, mirroring, TLS, port-level settings...) is an error that
-names the field: a sidecar that silently ignored a fault would be worse than
-one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
+implement (mirroring, CORS, TLS, port-level settings...) is an error that
+names the field: a sidecar that silently ignored a setting would be worse
+than one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
 ``Route.timeout`` and ``Route.retries``), and so are ``http[].headers``,
 ``http[].route[].headers``, ``rewrite`` (``uri``, ``authority``; not
 ``uriRegexRewrite``, whose substitution would be per request), ``redirect``
 and ``directResponse`` (``Route.headers``, ``Destination.headers``,
 ``Route.rewrite``, ``Route.redirect``, ``Route.direct``; the names and
-values each may hold: ``_header_ops``). Differences from Envoy: Envoy's
-header formatters (``%...%``) are refused, and a 3xx direct response gets
-no ``location``.
+values each may hold: ``_header_ops``), and ``http[].fault`` (a fixed delay
+and an HTTP abort, ``Route.fault``, read by ``_fault``; with a redirect or a
+direct response it is an error, as in Istio's validation). Differences from
+Envoy: Envoy's header formatters (``%...%``) are refused, and a 3xx direct
+response gets no ``location``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 from typing import Any, Literal
 
 from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.rules._fault import istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
     DestinationDraft,
@@ -86,7 +89,6 @@ SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
 _OLD_HEADERS = "Istio removed it; use headers.request or headers.response"
 _HTTP_ROUTE_UNIMPLEMENTED = {
-    "fault": "",
     "mirror": "",
     "mirrors": "",
     "mirrorPercent": "",
@@ -233,6 +235,7 @@ def _vs_route(
                 "rewrite",
                 "redirect",
                 "directResponse",
+                "fault",
             ),
             unimplemented=_HTTP_ROUTE_UNIMPLEMENTED,
         )
@@ -259,6 +262,15 @@ def _vs_route(
             "sent to a destination; put the path in the redirect)",
         )
         return None
+    if r.get("fault") is not None and actions[0] != "route":
+        # (Istio's validation; Envoy's fault filter runs before the route's
+        # own answer, but Istio never configures both)
+        ctx.error(
+            (*path, "fault"),
+            f"rule cannot contain both fault and {actions[0]} (a fault delays or aborts a "
+            "request sent to a destination; Istio refuses it)",
+        )
+        return None
     if "name" in r:
         text(ctx, r["name"], (*path, "name"))
     timeout: float | None = 0.0
@@ -281,6 +293,9 @@ def _vs_route(
     if r.get("directResponse") is not None:
         direct = _direct_response(ctx, r["directResponse"], (*path, "directResponse"))
         rewrite_ok = rewrite_ok and direct is not None
+    fault_ok, fault = True, None
+    if r.get("fault") is not None:
+        fault_ok, fault = istio_fault(ctx, r["fault"], (*path, "fault"))
     if (
         matches is None
         or dests is None
@@ -288,6 +303,7 @@ def _vs_route(
         or not retries_ok
         or not headers_ok
         or not rewrite_ok
+        or not fault_ok
     ):
         return None
     if authority is not None:
@@ -312,6 +328,7 @@ def _vs_route(
         rewrite,
         redirect,
         direct,
+        fault,
     )
 
 

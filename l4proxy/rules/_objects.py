@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.dataplane.verdict import Fault, HeadEdits
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
@@ -90,6 +90,7 @@ class RouteDraft:
     rewrite: UriRewrite | None = None  # Route.rewrite
     redirect: Redirect | None = None  # Route.redirect
     direct: LocalAnswer | None = None  # Route.direct
+    fault: Fault | None = None  # Route.fault
 
 
 @dataclass

@@ -3,13 +3,17 @@
 A RouteRule compiles to one route of its destination host. The loader orders
 a host's rules by precedence, higher first; rules of equal precedence are
 ordered by (namespace, name) ascending, which is what Istio 0.7 did by config
-key and is deterministic whatever the file order.
+key and is deterministic whatever the file order. ``httpReqTimeout``,
+``httpReqRetries`` and ``httpFault`` are the route's timeout, retry policy
+and fault injection, as Istio 0.7's pilot configured Envoy with them
+(``httpFault``: see ``_fault``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from l4proxy.rules._fault import route_rule_fault
 from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
@@ -41,7 +45,6 @@ _SPEC_UNIMPLEMENTED = (
     "redirect",
     "rewrite",
     "websocketUpgrade",
-    "httpFault",
     "l4Fault",
     "mirror",
     "corsPolicy",
@@ -62,7 +65,15 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         ctx,
         raw,
         ("spec",),
-        allowed=("destination", "precedence", "match", "route", "httpReqTimeout", "httpReqRetries"),
+        allowed=(
+            "destination",
+            "precedence",
+            "match",
+            "route",
+            "httpReqTimeout",
+            "httpReqRetries",
+            "httpFault",
+        ),
         unimplemented=_SPEC_UNIMPLEMENTED,
         required=("destination",),
     )
@@ -83,9 +94,19 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         retries_ok, retries = _retries(
             ctx, spec["httpReqRetries"], ("spec", "httpReqRetries"), timeout or 0.0
         )
-    if host is None or matches is None or dests is None or timeout is None or not retries_ok:
+    fault_ok, fault = True, None
+    if spec.get("httpFault") is not None:
+        fault_ok, fault = route_rule_fault(ctx, spec["httpFault"], ("spec", "httpFault"))
+    if (
+        host is None
+        or matches is None
+        or dests is None
+        or timeout is None
+        or not retries_ok
+        or not fault_ok
+    ):
         return None
-    route = RouteDraft(ctx.name, "http", matches, dests, timeout, retries)
+    route = RouteDraft(ctx.name, "http", matches, dests, timeout, retries, fault=fault)
     return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
 
 

@@ -229,6 +229,7 @@ def _routes(
                             rewrite=rd.rewrite,
                             redirect=rd.redirect,
                             direct=rd.direct,
+                            fault=rd.fault,
                         )
                     )
         table[host] = compiled

@@ -44,7 +44,10 @@ request a relay's verdict applies to (they pass the same shape tests, so
 the same block). A route may answer itself instead (:class:`LocalAnswer`):
 a direct response, or a :class:`Redirect` whose ``location`` is built from
 the request (``per_request`` where it keeps the request's path, query or
-Host, so no verdict caches it).
+Host, so no verdict caches it). A route may also inject faults
+(:class:`~l4proxy.dataplane.verdict.Fault`: a delay, an abort): both methods
+carry the matched route's for the relay to draw per request (``decide()``
+none for a raw connection: nothing is injected at L4).
 
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
@@ -991,6 +994,9 @@ class Route:
     # a redirect (built per request), or a direct response
     redirect: Redirect | None = None
     direct: LocalAnswer | None = None
+    # its fault injection (VirtualService http[].fault, RouteRule
+    # httpFault), drawn per request by the relay; None: none
+    fault: Fault | None = None
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -1036,6 +1042,7 @@ class Route:
             "rewrite": self.rewrite.to_json() if self.rewrite is not None else None,
             "redirect": self.redirect.to_json() if self.redirect is not None else None,
             "direct_response": self.direct.to_json() if self.direct is not None else None,
+            "fault": self.fault._asdict() if self.fault is not None else None,
         }
 
 
@@ -1583,6 +1590,9 @@ class RouteTable:
         route = self._match(service, port, request, source_labels)
         if route is not None:
             status = route.unresolved_status
+            # (a raw connection has no request to delay or answer: nothing
+            # is injected at L4)
+            fault = route.fault if request is not None else None
             answer = self._answer(route, port, request, source_labels)
             if answer is not None:  # a redirect, a direct response
                 return Decision(
@@ -1594,16 +1604,31 @@ class RouteTable:
                     route.timeout,
                     route.retries,
                     answer=answer,
+                    fault=fault,
                 )
             if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
                 return Decision(
-                    service, route.name, "none", [], status, route.timeout, route.retries
+                    service,
+                    route.name,
+                    "none",
+                    [],
+                    status,
+                    route.timeout,
+                    route.retries,
+                    fault=fault,
                 )
             dest = self._pick(route.destinations)
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:
                 return Decision(
-                    service, route.name, dest.subset.name, [], status, route.timeout, route.retries
+                    service,
+                    route.name,
+                    dest.subset.name,
+                    [],
+                    status,
+                    route.timeout,
+                    route.retries,
+                    fault=fault,
                 )
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
@@ -1625,6 +1650,7 @@ class RouteTable:
                 route.timeout,
                 route.retries,
                 edits,
+                fault=fault,
             )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
@@ -1702,6 +1728,7 @@ class RouteTable:
                 route.timeout,
                 route.retries,
                 answer,
+                route.fault,
             )
         matched = route.matched(port, request, source_labels)
         out: list[WeightedSubset] = []
@@ -1750,7 +1777,9 @@ class RouteTable:
         # where every empty one is so by ejection, else the route's own
         # (each destination's is WeightedSubset.status).
         status = NO_HEALTHY_STATUS if ejected and not unresolved else route.unresolved_status
-        return RouteChoices(service, route.name, tuple(out), status, route.timeout, route.retries)
+        return RouteChoices(
+            service, route.name, tuple(out), status, route.timeout, route.retries, fault=route.fault
+        )
 
     @staticmethod
     def _answer(
@@ -1875,6 +1904,17 @@ class RouteTable:
             for host, routes in self._routes.items()
             for route in routes
             if route.edits_heads
+        )
+
+    def faulted_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route with a fault injection,
+        sorted: what --http-routing connection does not do (nothing is
+        delayed or aborted at L4)."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.fault is not None
         )
 
     def match_headers(self) -> frozenset[str]:

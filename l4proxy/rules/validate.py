@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from l4proxy.dataplane.verdict import FAULT_SCALE
 from l4proxy.rules import (
     DEFAULT_MAX_BYTES,
     RULE_KINDS,
@@ -318,6 +319,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(f"{indent}     timeout {r['timeout']:g} s (then 504)")
         if r.get("retries"):
             lines.append(f"{indent}     {_retries(r['retries'])}")
+        if r.get("fault"):
+            lines.append(f"{indent}     {_fault(r['fault'])}")
         if r.get("rewrite"):
             rw = r["rewrite"]
             what = {
@@ -329,6 +332,23 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
         if r.get("headers"):
             lines.append(f"{indent}     {_headers(r['headers'])}")
     return lines
+
+
+def _fault(f: dict[str, Any]) -> str:
+    """A route's fault injection, as 'validate -v' prints it."""
+    said = []
+    if f["delay_ppm"]:
+        said.append(f"delays {_share(f['delay_ppm'])} by {f['delay']:g} s")
+    if f["abort_ppm"]:
+        said.append(f"aborts {_share(f['abort_ppm'])} with {f['abort_status']}")
+    return "fault: " + "; ".join(said)
+
+
+def _share(ppm: int) -> str:
+    """A fault's share of the requests, parts per million as a percent."""
+    if ppm >= FAULT_SCALE:
+        return "every request"
+    return f"{ppm * 100 / FAULT_SCALE:g}% of the requests"
 
 
 def _headers(h: dict[str, Any]) -> str:
