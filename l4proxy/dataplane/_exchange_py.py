@@ -710,6 +710,9 @@ class Exchange:
         self._parser = HeadParser(max_head)
         self._inbox = bytearray()  # client bytes after the current message
         self._client_eof = False
+        # a request body answered before it was read (refuse(drain=True)):
+        # read and dropped before the next head is parsed
+        self._discard: BodyFramer | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -812,21 +815,36 @@ class Exchange:
         self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
 
-    def refuse(self, status: int, body: str, headers: str = "") -> list[Action]:
+    def refuse(
+        self, status: int, body: str, headers: str = "", drain: bool = False
+    ) -> list[Action]:
         """Answer the current request locally (no upstream); *headers*: more
-        header lines for the answer (local_response's)."""
+        header lines for the answer (local_response's). *drain*: a request
+        body does not close the connection: it is read and dropped after
+        the answer, then the next request is read (a fault's abort, see
+        ``Fault``: Envoy's fault filter answers before the body and the
+        connection goes on)."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
-        bodyless = request_framing(self.head)[0] == Framing.NONE
-        keep = self.head.keep_alive and bodyless and not self._client_eof
+        kind, length = request_framing(self.head)
+        bodyless = kind == Framing.NONE
+        keep = self.head.keep_alive and (bodyless or drain) and not self._client_eof
         out: list[Action] = [
             Client(local_response(status, body, close=not keep, headers=headers)),
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
             return out + self._close(self._done_talking(not bodyless))
+        if not bodyless:
+            self._discard = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
         return out + self._next_request()
+
+    @property
+    def discarding(self) -> bool:
+        """A body answered before it was read is being dropped (refuse's
+        *drain*): its bytes are no head's (no header timeout)."""
+        return self._discard is not None
 
     def upstream_data(self, data: bytes) -> list[Action]:
         if self.phase != Phase.EXCHANGE:
@@ -977,6 +995,16 @@ class Exchange:
 
     def _advance(self) -> list[Action]:
         out: list[Action] = []
+        if self.phase == Phase.HEAD and self._inbox and self._discard is not None:
+            try:
+                used = self._discard.feed(self._inbox)
+            except FramingError:  # answered already: nothing more to say
+                self._discard = None
+                return self._close()
+            del self._inbox[:used]
+            if not self._discard.done:
+                return out
+            self._discard = None
         if self.phase == Phase.HEAD and self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()

@@ -155,6 +155,21 @@ more, whether or not it half-closed or pipelined its next request first
 (the compiled twin's lazy ``EPOLLIN``, then the same mask); a FIN alone
 says neither, a half-close whose answer is still due.
 
+Fault injection (``Decision.fault``, a route's
+:class:`~l4proxy.dataplane.verdict.Fault`: Envoy's fault filter, which runs
+before the router): per request that would go upstream, two draws of this
+relay's ``random.Random``, the delay's then the abort's (none for a share of
+0 or all). A delayed request waits in ``ROUTING`` with no upstream and no
+timer of its route (``_Conn.fault_until``, one of ``_timers_due``'s: Envoy's
+route timeout starts when the router gets the request), its client
+watched for a reset (which ends it: nothing went upstream), the pipelined
+requests behind it unread; then it goes as any (``_go``), or is aborted. An
+abort is a local answer (``Exchange.refuse(drain=True)``): its status and
+``FAULT_ABORT_BODY``, reported with the route's tag, no endpoint told or
+counted; a request body is read and dropped after it and the connection
+goes on as its head asked. A route with no endpoint answers its 503 at
+once (no draw).
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
 set, or (after a tunnel) the L4 callback. Every path that drops one closes
@@ -200,7 +215,7 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
-from l4proxy.dataplane.verdict import Fault, HeadEdits, RetryPolicy
+from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, FAULT_SCALE, Fault, HeadEdits, RetryPolicy
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -299,6 +314,10 @@ class _Conn:
     performing: bool = False
     # waiting for a connection to this endpoint (max_connections: _pend)
     pending: Endpoint | None = None
+    # a fault's delay (see "Fault injection"): when it ends (0: none), and
+    # the abort's status then (0: none, the request goes on)
+    fault_until: float = 0.0
+    fault_abort: int = 0
 
 
 class HttpRelay:
@@ -669,7 +688,7 @@ class HttpRelay:
             if not data:
                 self._perform(c, c.ex.client_eof(), now)
             else:
-                if c.ex.phase == Phase.HEAD and c.head_started is None:
+                if c.ex.phase == Phase.HEAD and c.head_started is None and not c.ex.discarding:
                     c.head_started = now
                 self._perform(c, c.ex.client_data(data), now)
         elif ev & (_EPOLLHUP | _EPOLLERR) and not c.out:
@@ -912,12 +931,11 @@ class HttpRelay:
             d = Decision(local=(503, "no healthy upstream"))
         c.decision = d
         c.tag = d.tag
-        c.timeout = d.timeout
+        c.timeout = c.per_try = 0.0  # (set below for a request that goes)
         c.deadline = 0.0
         # (a policy not in effect is none: nothing held for it)
         retry = d.retry if d.retry is not None and d.retry.in_effect else None
         c.ex.retry = retry
-        c.per_try = retry.per_try_timeout if retry is not None else 0.0
         c.try_deadline = 0.0
         if d.local is not None:
             status, body = d.local
@@ -928,7 +946,55 @@ class HttpRelay:
             return
         c.ex.edits = d.edits
         c.candidates = list(d.endpoints)
+        if d.fault is not None and self._fault(c, d.fault, now):
+            return  # delayed (_timers_due goes on with it) or aborted
+        self._go(c, now)
+
+    def _go(self, c: _Conn, now: float) -> None:
+        """The routed request's first try; its route and per-try timers
+        start once it is read whole (_perform), after a fault's delay."""
+        d = c.decision
+        assert d is not None
+        c.timeout = d.timeout
+        retry = c.ex.retry
+        c.per_try = retry.per_try_timeout if retry is not None else 0.0
         self._try(c, c.candidates[0], now)
+
+    def _falls(self, ppm: int) -> bool:
+        """A draw of this relay's RNG: True with probability ppm / FAULT_SCALE
+        (none for 0 or FAULT_SCALE and above)."""
+        if ppm <= 0:
+            return False
+        return ppm >= FAULT_SCALE or self._random.random() * FAULT_SCALE < ppm
+
+    def _fault(self, c: _Conn, fault: Fault, now: float) -> bool:
+        """A route's fault injection for this request (see "Fault
+        injection"): the delay's draw, then the abort's; True when the
+        request is delayed (it waits in ROUTING, no upstream, its client
+        watched for a reset: _timers_due ends the wait) or aborted (a
+        local answer, its body read and dropped)."""
+        delayed = self._falls(fault.delay_ppm) and fault.delay > 0
+        aborted = self._falls(fault.abort_ppm)
+        if delayed:
+            c.fault_until = now + fault.delay
+            c.fault_abort = fault.abort_status if aborted else 0
+            c.last_active = c.fault_until  # (a wait is no idleness)
+            self._timer_at(c.fault_until)
+            return True
+        if aborted:
+            self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, drain=True), now)
+            return True
+        return False
+
+    def _fault_over(self, c: _Conn, now: float) -> None:
+        """A fault's delay passed: the abort's answer, else the first try."""
+        c.fault_until = 0.0
+        status, c.fault_abort = c.fault_abort, 0
+        if status:
+            self._perform(c, c.ex.refuse(status, FAULT_ABORT_BODY, drain=True), now)
+        else:
+            self._go(c, now)
+            self._perform(c, [], now)  # (the timers: from now, as _route's caller's)
 
     def _try(self, c: _Conn, endpoint: Endpoint, now: float, pooled: bool = True) -> None:
         """A try to *endpoint*: on an idle pooled connection (*pooled*), else
@@ -1344,6 +1410,18 @@ class HttpRelay:
             self._exchange_timers(c, now)
             if c.fd not in self._conns:
                 continue
+            if c.fault_until and c.ex.phase != Phase.ROUTING:
+                c.fault_until = 0.0  # (not due for ever)
+            if c.fault_until and c.fault_until <= now:
+                try:
+                    self._fault_over(c, now)
+                    if c.fd in self._conns:
+                        self._interest(c)
+                except Exception:  # OSError, or a bug: this connection, not the thread
+                    self._abort(c)
+                    continue
+                if c.fd not in self._conns:
+                    continue
             if c.backoff_until and (
                 c.up is not None or c.ex.phase not in (Phase.ROUTING, Phase.EXCHANGE)
             ):
@@ -1367,7 +1445,7 @@ class HttpRelay:
                 self._connect_error(c, up, now)  # (the tick's too, a backstop)
                 if c.fd not in self._conns:
                     continue
-            for t in (c.backoff_until, c.deadline, c.try_deadline, connect_by):
+            for t in (c.backoff_until, c.deadline, c.try_deadline, connect_by, c.fault_until):
                 if t > now and (not soonest or t < soonest):
                     soonest = t
         if soonest:
