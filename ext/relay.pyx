@@ -126,6 +126,25 @@ pointer store in ``pick()`` and a test in ``apply_verdict`` and
 the route's edits; out of memory the connection is aborted. A local
 verdict's ``local_headers`` are in its answer's bytes (``_local_verdict``).
 
+Fault injection
+---------------
+A route's fault injection (``Verdict.fault``, "Fault injection" in
+``_relay_py.py``: Envoy's fault filter) is interned as a ``Fault_`` per
+distinct fault (``_fault``, with its abort's answer as a local verdict;
+freed at ``close()``, never by ``verdict_free``: a delayed request outlives
+its verdict), which ``Verdict_.fault`` points at (NULL: none, or one that
+never falls). ``apply_verdict`` draws it per request, cached verdict or
+not, once ``pick()`` chose (``fault_drawn``: ``rng_next``, the delay's
+then the abort's, none for a share of 0 or all). A delayed request waits
+in ``P_CONNECT`` with no upstream, ``c.fault_until`` set and no timer of
+its route started (``request_read`` comes after it), its client watched
+for a reset as a backoff's wait is; ``timers_due`` ends the wait
+(``fault_over``: the first try, or the abort). An abort
+(``fault_abort``) is ``local_answer``'s answer whatever the body: what is
+here of it is dropped, the rest read and dropped in ``P_DISCARD``
+(``client_event``), then the next request. A verdict without a fault
+pays one pointer test per request.
+
 Outlier detection
 -----------------
 What ``_relay_py.py`` says under "Outlier detection", without the GIL: the
@@ -217,7 +236,7 @@ from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
 from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
-from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, Choice, Verdict
+from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
 
 Decision = _relay_py.Decision
 
@@ -305,6 +324,7 @@ cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
 cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
+cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's shares are of this (verdict.py's)
 
 # what an epoll registration points at
 cdef enum:
@@ -337,6 +357,7 @@ cdef enum:
     P_CONNECT = 2    # head complete, upstream connecting
     P_EXCH = 3       # request going up, response coming down
     P_CLOSING = 4    # answer sent or being sent, then a lingering close
+    P_DISCARD = 5    # a fault's abort answered: its request body read and dropped
 
 # req_left of a chunked request body: more to come until its machine ends
 cdef int64_t REQ_CHUNKED = 0x7FFFFFFFFFFFFFFF
@@ -546,6 +567,14 @@ cdef struct Choice_:
     Verdict_ *empty        # the answer when it has no endpoint
     Edits_ *edits          # its requests' and responses' head edits (NULL: none); interned
 
+cdef struct Fault_:
+    # a route's fault injection (verdict.Fault), interned per distinct
+    # fault as Retry_ is: a delayed Conn points at its answer past its verdict
+    double delay           # seconds (0: none)
+    uint64_t delay_ppm     # of FAULT_SCALE
+    uint64_t abort_ppm
+    Verdict_ *answer       # the abort's (V_LOCAL, its status, FAULT_ABORT_BODY)
+
 cdef struct Verdict_:
     int kind
     int n
@@ -553,6 +582,7 @@ cdef struct Verdict_:
     uint64_t total
     int status
     int tag
+    Fault_ *fault          # V_ROUTE: the route's fault injection (NULL: none); interned
     char *keep             # the local answer when the connection stays
     size_t keep_len
     char *close            # ... when it closes
@@ -616,6 +646,8 @@ cdef struct Conn:
     double started
     double head_started    # 0: no head pending
     double last_active
+    double fault_until     # a fault's delay: when it ends (0: none; fault_drawn())
+    Verdict_ *fault_answer # ... and the abort's answer then (NULL: the request goes)
     double closing         # lingering-close deadline; 0: not closing
     double timeout         # the current request's route timeout (0: none)
     double resp_deadline   # ... when it passes: set once the request is read whole
@@ -999,7 +1031,7 @@ cdef inline bint reading_client(Conn *c) noexcept nogil:
         if c.splicing == SPL_REQ:
             return c.req_left > 0 and c.piped == 0  # (splice_moves)
         return c.req_left > 0
-    return False
+    return c.phase == P_DISCARD
 
 
 cdef void interest(Relay *R, Conn *c) noexcept nogil:
@@ -2107,6 +2139,19 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
                 i -= 1  # conn_forget() moved the last one here
                 continue
             judged = c.phase == P_CONNECT or c.phase == P_EXCH
+        if c.fault_until:
+            if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE:
+                c.fault_until = 0  # (not due for ever)
+                c.fault_answer = NULL
+            elif c.fault_until <= now:
+                fault_over(R, c, now)
+                settle(R, c)
+                if c.closed:
+                    i -= 1  # conn_forget() moved the last one here
+                    continue
+                judged = c.phase == P_CONNECT or c.phase == P_EXCH
+            elif soonest == 0 or c.fault_until < soonest:
+                soonest = c.fault_until
         if c.backoff_until:
             if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE or c.retry == NULL:
                 c.backoff_until = 0
@@ -3250,9 +3295,89 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         if v.retry.on and not c.replayable:
             c.replayable = True
             replay_add(c, c.rhead.p, c.rhead.len)
+    if v.fault != NULL and fault_drawn(R, c, v.fault, now):
+        return  # delayed (timers_due() goes on with it) or aborted
     if c.req_left == 0:
         request_read(R, c, now)  # a request without a body: its connect counts
     try_ep(R, c, c.cand[0], now, True)
+
+
+cdef inline bint fault_falls(Relay *R, uint64_t ppm) noexcept nogil:
+    """A draw of the relay's RNG: True with probability ppm / FAULT_SCALE
+    (none for 0 or FAULT_PPM and above)."""
+    if ppm == 0:
+        return False
+    return ppm >= FAULT_PPM or rng_next(R) % FAULT_PPM < ppm
+
+
+cdef bint fault_drawn(Relay *R, Conn *c, const Fault_ *f, double now) noexcept nogil:
+    """A route's fault injection for this request (see "Fault injection"):
+    the delay's draw, then the abort's. True when the request is delayed
+    (it waits in P_CONNECT with no upstream and no timer of its route,
+    c.fault_until set, R.next_timer no later: timers_due() ends the wait,
+    fault_over()) or aborted (fault_abort())."""
+    cdef bint delayed = fault_falls(R, f.delay_ppm) and f.delay > 0
+    cdef bint aborted = fault_falls(R, f.abort_ppm)
+    if delayed:
+        c.phase = P_CONNECT
+        c.fault_until = now + f.delay
+        c.fault_answer = f.answer if aborted else NULL
+        c.last_active = c.fault_until  # (a wait is no idleness)
+        timer_at(R, c.fault_until)
+        return True
+    if aborted:
+        fault_abort(R, c, f.answer, now)
+        return True
+    return False
+
+
+cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
+    """A fault's delay passed: the abort's answer, else the first try (its
+    route and per-try timers from now, as Envoy's router's)."""
+    cdef Verdict_ *answer = c.fault_answer
+    c.fault_until = 0
+    c.fault_answer = NULL
+    if answer != NULL:
+        fault_abort(R, c, answer, now)
+        return
+    if c.req_left == 0:
+        request_read(R, c, now)
+    try_ep(R, c, c.cand[0], now, True)
+
+
+cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
+    """A fault's abort: the local answer (local_answer()'s, its status and
+    FAULT_ABORT_BODY, with the tag pick() chose), the connection kept as
+    the head asks whatever its body: what is here of the body is dropped
+    (body_take()), the rest read and dropped in P_DISCARD (client_event()),
+    then the next request (refuse(drain=True) in _exchange_py.py)."""
+    cdef bint keep = c.keep_alive and not c.client_eof
+    cdef bint bad = False
+    cdef int64_t take
+    if keep:
+        to_client(R, c, v.keep, v.keep_len)
+    else:
+        to_client(R, c, v.close, v.close_len)
+    if c.closed:
+        return
+    request_done(R, c, v.status, True, now)
+    buf_drop(&c.inb, c.head_len)
+    c.head_len = 0
+    buf_free(&c.rhead)
+    if not keep:
+        c.no_linger = done_talking(c)
+        start_close(R, c, now)
+        return
+    if c.req_left:
+        take = body_take(c, c.inb.p, <int64_t>c.inb.len, &bad)
+        if bad:  # answered already: nothing more to say
+            start_close(R, c, now)
+            return
+        buf_drop(&c.inb, <size_t>take)
+        if c.req_left:
+            c.phase = P_DISCARD  # (reading_client(): the rest of it)
+            return
+    next_request(R, c, now)
 
 
 cdef inline void try_ep(Relay *R, Conn *c, EP *ep, double now, bint pooled) noexcept nogil:
@@ -3746,6 +3871,15 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 conn_abort(R, c)
                 return
             head_step(R, c, now)
+        elif c.phase == P_DISCARD:  # an aborted request's body: dropped
+            take = body_take(c, R.scratch, n, &bad)
+            if bad:  # answered already: nothing more to say
+                start_close(R, c, now)
+            elif c.req_left == 0:
+                if take < n and buf_add(&c.inb, R.scratch + take, <size_t>(n - take)) != 0:
+                    conn_abort(R, c)
+                    return
+                next_request(R, c, now)
         else:  # request body bytes
             take = body_take(c, R.scratch, n, &bad)
             if bad:
@@ -4247,6 +4381,7 @@ cdef class HttpRelay:
     cdef list _outcome_texts       # OD_TEXT's reasons, until the outcomes are reported
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
     cdef dict _edits               # HeadEdits -> its Edits_ (an address; 0: nothing), interned
+    cdef dict _faults              # Fault -> its Fault_ (an address; 0: never falls), interned
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -4285,6 +4420,7 @@ cdef class HttpRelay:
         self._outcome_texts = []
         self._retries = {}
         self._edits = {}
+        self._faults = {}
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
@@ -4427,6 +4563,7 @@ cdef class HttpRelay:
             free(<Retry_*><size_t>addr)
         for addr in (self._edits or {}).values():
             free(<Edits_*><size_t>addr)
+        _free_faults(self._faults)
         self.R = NULL
 
     cdef void _apply_pending_keys(self):
@@ -4777,6 +4914,7 @@ cdef class HttpRelay:
         for addr in self._edits.values():  # (the same: head edits)
             free(<Edits_*><size_t>addr)
         self._edits.clear()
+        _free_faults(self._faults)  # (the same: faults)
         # The requests _shutdown cut (in flight: a drain that timed out) were
         # counted after the loop's last flush (its thread is gone, so the
         # rows are ours): handed over here, as the pure twin reports them.
@@ -5364,7 +5502,43 @@ cdef class HttpRelay:
             raise
         if v.n == 1 and v.choices[0].n_eps == 0:
             v.tag = v.choices[0].tag
+        v.fault = self._fault(verdict.fault)
         return v
+
+    cdef Fault_ *_fault(self, fault) except? NULL:
+        """A Fault as the loop's struct, interned per distinct fault, as
+        retry policies are (None, or one that never falls: NULL)."""
+        cdef Fault_ *p
+        if fault is None:
+            return NULL
+        addr = self._faults.get(fault)
+        if addr is not None:
+            return <Fault_*><size_t>addr
+        delay_ppm = min(max(0, int(fault.delay_ppm)), FAULT_SCALE)
+        abort_ppm = min(max(0, int(fault.abort_ppm)), FAULT_SCALE)
+        if float(fault.delay) <= 0:
+            delay_ppm = 0  # (no wait: no draw either, as in the pure twin)
+        if not delay_ppm and not abort_ppm:
+            self._faults[fault] = 0
+            return NULL
+        p = <Fault_*>calloc(1, sizeof(Fault_))
+        if p == NULL:
+            raise MemoryError()
+        p.delay = float(fault.delay) if delay_ppm else 0.0
+        p.delay_ppm = delay_ppm
+        p.abort_ppm = abort_ppm
+        try:
+            p.answer = _local_verdict(int(fault.abort_status), FAULT_ABORT_BODY, -1)
+        except BaseException:
+            free(p)
+            raise
+        self._faults[fault] = <size_t>p
+        return p
+
+    @property
+    def interned_faults(self):
+        """How many distinct faults this relay holds (freed at close())."""
+        return len(self._faults)
 
     cdef _head_object(self, Conn *c):
         return parse_head(PyBytes_FromStringAndSize(c.inb.p, c.head_len), self.R.max_head)
@@ -5396,7 +5570,7 @@ cdef class HttpRelay:
             else:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
-                    timeout=d.timeout, retry=d.retry)
+                    timeout=d.timeout, retry=d.retry, fault=d.fault)
             v = self._convert(verdict)
             try:
                 apply_verdict(R, c, v, now)
@@ -5630,6 +5804,17 @@ cdef char *_dup(bytes b, size_t *n) except NULL:
     memcpy(p, <char*>b, len(b))
     n[0] = len(b)
     return p
+
+
+cdef void _free_faults(dict faults):
+    """The interned faults (close(), __dealloc__): freed, forgotten."""
+    if not faults:
+        return
+    for addr in faults.values():
+        if addr:
+            verdict_free((<Fault_*><size_t>addr).answer)
+            free(<Fault_*><size_t>addr)
+    faults.clear()
 
 
 cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="") except NULL:

@@ -973,7 +973,7 @@ class HttpRelay:
         request is delayed (it waits in ROUTING, no upstream, its client
         watched for a reset: _timers_due ends the wait) or aborted (a
         local answer, its body read and dropped)."""
-        delayed = self._falls(fault.delay_ppm) and fault.delay > 0
+        delayed = fault.delay > 0 and self._falls(fault.delay_ppm)
         aborted = self._falls(fault.abort_ppm)
         if delayed:
             c.fault_until = now + fault.delay
