@@ -194,8 +194,8 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
 
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
-    enforced there, nor its retry policy, nor its header edits and
-    rewrites. Said at each table that has one, never silently."""
+    enforced there, nor its retry policy, its header edits and rewrites or
+    its fault injection. Said at each table that has one, never silently."""
     timed = table.timed_routes()
     if timed:
         log.warning(
@@ -219,6 +219,14 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
             "which forwards a connection's bytes untouched (only per request, the default; "
             "redirects and direct responses are answered): %s",
             _first_five([f"{host} {name or '(unnamed)'}" for host, name in edited]),
+        )
+    faulted = table.faulted_routes()
+    if faulted:
+        log.warning(
+            "fault injection (http[].fault) is not applied with --http-routing connection, "
+            "which sees no request past a connection's first (only per request, the "
+            "default): %s",
+            _first_five([f"{host} {name or '(unnamed)'}" for host, name in faulted]),
         )
 
 

@@ -1,0 +1,127 @@
+"""A VirtualService's ``http[].fault`` from the rule file to a real worker,
+both relay twins: Istio's fault-injection task on one keep-alive
+connection: end-user jason's requests are aborted (500 ``fault filter
+abort``, never at the backend), the others delayed and then served; a reload
+without the fault reaches the same connection at its next request. Per
+connection (``--http-routing connection``) the fault is named in a warning."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
+from tests._scripted import Scripted, _response, _status
+from tests._worker import gateway_service, gateway_worker
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+DELAY = 0.3
+
+FAULTS = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - name: jason
+    match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    fault:
+      abort: {{httpStatus: 500, percentage: {{value: 100}}}}
+    route:
+    - destination: {{host: {HOST}}}
+  - name: others
+    fault:
+      delay: {{fixedDelay: {int(DELAY * 1000)}ms, percentage: {{value: 100.0}}}}
+    route:
+    - destination: {{host: {HOST}}}
+"""
+
+PLAIN = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - name: others
+    route:
+    - destination: {{host: {HOST}}}
+"""
+
+
+def _ask(s: socket.socket, user: str = "") -> tuple[bytes, float]:
+    started = time.monotonic()
+    extra = f"end-user: {user}\r\n" if user else ""
+    s.sendall(f"GET / HTTP/1.1\r\nHost: gw\r\n{extra}\r\n".encode())
+    return _response(s), time.monotonic() - started
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_istio_fault_injection_task_per_request_and_its_rollback(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    up = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(up.endpoint[1]) + FAULTS)
+    got: dict[str, tuple[bytes, float]] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (watcher, _, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                got["jason"] = await loop.run_in_executor(None, _ask, s, "jason")
+                got["at_backend_after_jason"] = (b"", float(len(up.requests)))
+                got["other"] = await loop.run_in_executor(None, _ask, s)
+                rules.write_text(gateway_service(up.endpoint[1]) + PLAIN)
+                assert await watcher.reload()
+                got["jason_after"] = await loop.run_in_executor(None, _ask, s, "jason")
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        up.close()
+    jason, _ = got["jason"]
+    assert _status(jason) == 500 and jason.endswith(FAULT_ABORT_BODY.encode()), jason
+    assert got["at_backend_after_jason"][1] == 0  # aborted before any upstream
+    other, took = got["other"]
+    assert _status(other) == 200
+    assert took >= DELAY  # (a lower bound only: the delay ran before it was served)
+    jason_after, _ = got["jason_after"]
+    assert _status(jason_after) == 200  # the rollback reached the same connection
+    assert len(up.requests) == 2 and up.accepted == 1
+
+
+def test_per_connection_the_fault_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(up.endpoint[1]) + FAULTS)
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection"):
+            pass
+
+    with caplog.at_level(logging.WARNING):
+        try:
+            asyncio.run(main())
+        finally:
+            up.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "fault injection" in w and f"{HOST} svc/jason" in w and f"{HOST} svc/others" in w
+        for w in warnings
+    ), warnings
