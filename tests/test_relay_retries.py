@@ -189,9 +189,11 @@ def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
     way. The next one answers 503 once; the policy's retry then goes to
     the last one (true), or the one that answered again (false), never to
     the refusing one."""
-    dead = socket.create_server(("127.0.0.1", 0))
+    # bound, never listening: connects refused, and no other test's listener
+    # takes the port meanwhile (as one could once it were closed)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
     dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
-    dead.close()  # refuses connections from now on
     first = Scripted([_answer(503)])
     second = Scripted([])
     retry = policy(1, "5xx", ignore_previous_hosts=ignore)
@@ -208,6 +210,7 @@ def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
         relay.close()
         first.close()
         second.close()
+        dead.close()
     assert (len(first.requests), len(second.requests)) == ((1, 1) if ignore else (2, 0))
 
 
@@ -549,9 +552,11 @@ def test_a_retry_whose_connects_all_fail_answers_502(mode: tuple[str, str]) -> N
     """A try answered 503, its retry's connects refused by every endpoint
     (the other endpoint is down, the first one went down meanwhile): the
     client gets the 502 a lost retry gets, once."""
-    dead = socket.create_server(("127.0.0.1", 0))
+    # bound, never listening: connects refused, and no other test's listener
+    # takes the port meanwhile (as one could once it were closed)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
     dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
-    dead.close()  # refuses connections from now on
     up = Scripted([])
 
     def answer_then_go_down(conn: socket.socket) -> None:
@@ -572,4 +577,5 @@ def test_a_retry_whose_connects_all_fail_answers_502(mode: tuple[str, str]) -> N
     finally:
         relay.close()
         up.close()
+        dead.close()
     assert [s for s, _ in counted.rows] == [502]

@@ -147,8 +147,7 @@ def test_per_connection_an_endpoint_at_its_limit_after_a_failed_connect_is_passe
     overflows counted at B, no request past the first reaches it."""
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
-    refusing = closed.getsockname()[1]
-    closed.close()
+    refusing = closed.getsockname()[1]  # (held, never listening: refused)
     held = Held()
     b = Scripted([held.step])
     rules = tmp_path / "rules.yaml"
@@ -173,6 +172,7 @@ def test_per_connection_an_endpoint_at_its_limit_after_a_failed_connect_is_passe
     finally:
         held.release()
         b.close()
+        closed.close()
     overflow, passed_over = got["then"]
     assert _status(overflow) == 503 and overflow.endswith(OVERFLOW_BODY.encode())
     assert _status(passed_over) == 503 and passed_over.endswith(b"no healthy upstream")

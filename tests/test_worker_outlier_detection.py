@@ -207,8 +207,7 @@ def test_per_connection_a_rule_counts_failed_connects(rule: bool, tmp_path: Path
     refusal (1 connect tried), with the sidecar's own detection at its third."""
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
-    refusing = closed.getsockname()[1]
-    closed.close()  # (nothing listens there: refused)
+    refusing = closed.getsockname()[1]  # (held, never listening: refused)
     b = Scripted([])
     rules = tmp_path / "rules.yaml"
     text = gateway_service(refusing, b.endpoint[1])
@@ -231,6 +230,7 @@ def test_per_connection_a_rule_counts_failed_connects(rule: bool, tmp_path: Path
         asyncio.run(main())
     finally:
         b.close()
+        closed.close()
     assert got["statuses"] == [200] * 8  # (a refused connect: the next endpoint)
     assert got["a"]["connect_failures"] == (1 if rule else 3), got["a"]
     assert got["a"]["ejections"] == 1
