@@ -630,6 +630,30 @@ def test_gateway_redirect_on_a_mesh_port_keeps_the_service_port(tmp_path: Path) 
 ROUTE = "    route:\n    - destination: {host: bootcamp}\n"
 ISTIO_ERRORS = [
     (
+        "rewrite uri not a path",
+        "  - rewrite: {uri: v2/}\n" + ROUTE,
+        "rewrite: {uri: v2/}",
+        "rewrite.uri 'v2/' must be a path that starts with '/', with no query or fragment",
+    ),
+    (
+        "rewrite uri with a query",
+        "  - rewrite: {uri: '/v2?x=1'}\n" + ROUTE,
+        "rewrite: {uri: '/v2?x=1'}",
+        "must be a path that starts with '/', with no query or fragment",
+    ),
+    (
+        "redirect uri to another host",
+        "  - redirect: {uri: '@evil.example/x'}\n",
+        "redirect: {uri: '@evil.example/x'}",
+        "redirect.uri '@evil.example/x' must be a path that starts with '/', with no fragment",
+    ),
+    (
+        "direct response 204 with a body",
+        "  - directResponse: {status: 204, body: {string: gone}}\n",
+        "directResponse: {status: 204",
+        "a 204 response has no body",
+    ),
+    (
         "pseudo-header",
         "  - headers: {request: {set: {':path': /x}}}\n" + ROUTE,
         "headers: {request",

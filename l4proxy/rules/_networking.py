@@ -356,7 +356,7 @@ def _rewrite(
     ok = True
     uri = None
     if w.get("uri") is not None:
-        uri = _target_text(ctx, w["uri"], (*path, "uri"))
+        uri = _target_text(ctx, w["uri"], (*path, "uri"), query=False)
         ok = uri is not None
     authority = None
     if w.get("authority") is not None:
@@ -384,10 +384,23 @@ _TARGET = re.compile(r"[!-~]*")  # visible ASCII, no space: a request target's c
 _AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]+)(:[0-9]{1,5})?")
 
 
-def _target_text(ctx: Ctx, value: Any, path: Path) -> str | None:
+def _target_text(ctx: Ctx, value: Any, path: Path, *, query: bool) -> str | None:
+    """A rewrite's or redirect's ``uri``: an absolute path (its own query
+    where *query*), so that what goes upstream, or into a location, is a
+    request target: ``v2/`` would send ``v2/users``, and a redirect to
+    ``@evil.example/x`` would send the client to another host."""
     s = text(ctx, value, path, required=True)
-    if s is not None and not _TARGET.fullmatch(s):
+    if s is None:
+        return None
+    if not _TARGET.fullmatch(s):
         ctx.error(path, f"{dotted(path)} {s!r} must be visible ASCII without spaces (a URI path)")
+        return None
+    if not s.startswith("/") or "#" in s or (not query and "?" in s):
+        ctx.error(
+            path,
+            f"{dotted(path)} {s!r} must be a path that starts with '/'"
+            + (", with no fragment ('#')" if query else ", with no query or fragment ('?', '#')"),
+        )
         return None
     return s
 
@@ -417,7 +430,7 @@ def _redirect(ctx: Ctx, value: Any, path: Path) -> Redirect | None:
     ok = True
     uri = scheme = authority = None
     if d.get("uri") is not None:
-        uri = _target_text(ctx, d["uri"], (*path, "uri"))
+        uri = _target_text(ctx, d["uri"], (*path, "uri"), query=True)
         ok = uri is not None
     if d.get("authority") is not None:
         authority = _authority(ctx, d["authority"], (*path, "authority"))
@@ -503,6 +516,11 @@ def _direct_response(ctx: Ctx, value: Any, path: Path) -> LocalAnswer | None:
             body = raw
         if len(body.encode()) > MAX_DIRECT_BODY:
             ctx.error(bpath, f"{dotted(bpath)} is larger than 1 MiB (Envoy's limit in Istio)")
+            return None
+        if body and status in (204, 304):
+            # a client reads no body after them: the bytes would be taken
+            # for the next response on its connection
+            ctx.error(bpath, f"{dotted(bpath)}: a {status} response has no body (RFC 9110)")
             return None
     if status is None:
         return None
