@@ -71,12 +71,19 @@ Retry policy
 ------------
 A route's retry policy (``Verdict.retry``, "Retry policy" in
 ``_exchange_py.py``) is interned as a ``Retry_`` the verdicts and the
-connections point at (never freed before the relay: a cached verdict may go
-while a request still follows its policy; a policy not in effect,
-``RetryPolicy.in_effect``, is NULL). A request under one keeps its bytes in
-``c.replay`` whatever its method (unless its ``on`` is 0: a per-try timer
-alone, nothing to replay); the decision points are the
-final response head (``head_out``: a status the policy names), the
+connections point at (a policy not in effect, ``RetryPolicy.in_effect``, is
+NULL), counted: a reference per verdict that points at it (``_retry`` takes
+it, ``verdict_free`` lets it go) and one while a connection's request
+follows it (``apply_verdict`` takes it, ``conn_drop_held`` lets it go at the
+exchange's end, ``reset_exchange``, or when the connection is freed,
+``bury``: a cached verdict may go while a request still follows its policy).
+All on the loop's thread (``close()`` after it stopped). When a table passed
+twice what the last sweep kept (plus ``INTERN_SLACK``), ``_sweep_interned``
+frees those nothing refers to, before a new one is interned: a reload per
+deploy bringing new policies does not grow the relay for ever. A request
+under one keeps its bytes in ``c.replay`` whatever its method (unless its
+``on`` is 0: a per-try timer alone, nothing to replay); the decision points
+are the final response head (``head_out``: a status the policy names), the
 upstream's end before that head (``on_upstream_eof``), a response head that
 cannot be framed (``HttpRelay._response``: a protocol error, a reset to
 Envoy, where the 502 went without a policy) and the per-try timer
@@ -111,20 +118,23 @@ Head edits
 A choice's head edits ("Head edits" in ``_exchange_py.py``:
 ``Choice.edits``, a ``HeadEdits``) are interned as an ``Edits_`` per
 distinct edits (``_edit``: one block, its names and lines in it, as
-``edit_bytes()`` computes them for both twins; freed at ``close()`` with
-the retry policies, never by ``verdict_free``: a request's response may
-outlive its verdict). ``pick()`` keeps the drawn choice's in ``c.edits``;
-``apply_verdict`` rewrites the head staged in ``c.rhead`` (and the copy
+``edit_bytes()`` computes them for both twins; counted and swept as the
+retry policies are: a reference per choice that points at it, and one
+while a request holds it, from ``apply_verdict`` to the exchange's end: a
+request's response may outlive its verdict). ``pick()`` keeps the drawn
+choice's in ``c.edits``; ``apply_verdict`` rewrites the head staged in ``c.rhead`` (and the copy
 ``c.replay`` holds for a retry, the head alone by then) with its request
 edits (``edit_request``: the fast path's target is origin-form; an
 absolute-form one goes to the pure relay, which rewrites its path part),
 and ``final_head`` sends the final response head through
 ``send_edited_head`` when there are response edits (interim heads and the
 local answers go as before). A request whose choice has none pays a
-pointer store in ``pick()`` and a test in ``apply_verdict`` and
-``final_head``. The edited head is built in C, bounded by the head and
-the route's edits; out of memory the connection is aborted. A local
-verdict's ``local_headers`` are in its answer's bytes (``_local_verdict``).
+pointer store in ``pick()`` and a test in ``apply_verdict`` (which takes
+the reference when there are edits) and ``final_head``; ``reset_exchange``
+tests ``c.holds`` where it tested ``c.retry``. The edited head is built in
+C, bounded by the head and the route's edits; out of memory the connection
+is aborted. A local verdict's ``local_headers`` are in its answer's bytes
+(``_local_verdict``).
 
 Fault injection
 ---------------
@@ -336,6 +346,7 @@ cdef enum:
     MAX_LSTS = 16
     MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
     INTERN_LIMIT = 4096    # origins or endpoints before the first sweep (_sweep)
+    INTERN_SLACK = 16      # retry policies or head edits past twice the live (_sweep_interned)
     SPLICE_MIN = 131072    # a body this long (still to come) is spliced
     SPL_RESP = 1           # Conn.splicing: the response body (upstream -> client)
     SPL_REQ = 2            # ... the request body (client -> upstream)
@@ -547,8 +558,9 @@ cdef struct Edits_
 
 cdef struct Retry_:
     # a route's retry policy (verdict.RetryPolicy), interned: one per
-    # distinct policy, never freed before the relay (a Conn points at it
-    # for its request, whatever the verdict cache does meanwhile)
+    # distinct policy, freed by a sweep once nothing refers to it (refs;
+    # see "Retry policy")
+    Py_ssize_t refs        # the verdicts pointing at it, and the Conns under it
     int attempts
     double per_try         # seconds; 0: none
     double backoff         # the base interval before a retry, seconds (backoff_delay)
@@ -690,6 +702,7 @@ cdef struct Conn:
     unsigned char slow_after_flush # hand to the pure relay once c.out is sent (_to_slow)
     unsigned char uncounted        # a routed request not counted yet (request_done)
     unsigned char scanning         # in head_step()'s loop (a call from below returns)
+    unsigned char holds            # c.retry or c.edits is set, a reference taken (conn_drop_held)
 
 cdef struct Row:
     int tag
@@ -732,6 +745,7 @@ cdef struct Edits_:
     # a choice's head edits (verdict.HeadEdits, as edit_bytes() in
     # _exchange_py.py has them), interned as Retry_ is: one block, this,
     # then its names' spans, then its bytes (see "Head edits")
+    Py_ssize_t refs        # the choices pointing at it, and the Conns under it
     bint request           # a request head changes
     bint response          # a final response head changes
     int n_req_drop
@@ -1718,12 +1732,19 @@ cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
 
 
 cdef void verdict_free(Verdict_ *v) noexcept nogil:
+    """Free v (the loop's thread, or after it stopped): its references to
+    the interned retry policy and head edits go with it (a sweep frees
+    those nothing refers to, HttpRelay._sweep_interned)."""
     cdef int i
     if v == NULL:
         return
+    if v.retry != NULL:
+        v.retry.refs -= 1
     for i in range(v.n):
         free(v.choices[i].eps)
         verdict_free(v.choices[i].empty)
+        if v.choices[i].edits != NULL:
+            v.choices[i].edits.refs -= 1
     free(v.choices)
     free(v.keep)
     free(v.close)
@@ -1876,6 +1897,23 @@ cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
     request_done(R, c, c.status if c.rs != RS_HEAD else 0, False, now)
 
 
+cdef void conn_drop_held(Conn *c) noexcept nogil:
+    """c's request no longer follows its retry policy nor its head edits:
+    the references apply_verdict() took go. At the exchange's end
+    (reset_exchange) and when c is freed (bury): never while a retry, a
+    response to edit or a pipelined request's answer may still read them."""
+    c.holds = False
+    if c.retry != NULL:
+        c.retry.refs -= 1
+        c.retry = NULL
+        c.try_deadline = 0
+        c.backoff_until = 0
+        c.tries = 0
+    if c.edits != NULL:
+        c.edits.refs -= 1
+        c.edits = NULL
+
+
 cdef void reset_exchange(Conn *c) noexcept nogil:
     c.rs = RS_HEAD
     c.timeout = 0
@@ -1894,11 +1932,8 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.replayable = False
     c.retried = False
     c.never_left = False
-    if c.retry != NULL:  # (set only under a policy: no stores per request without)
-        c.retry = NULL
-        c.try_deadline = 0
-        c.backoff_until = 0
-        c.tries = 0
+    if c.holds:  # (a policy or edits only: no stores per request without)
+        conn_drop_held(c)
     c.req_left = 0
     free(c.rck)
     c.rck = NULL
@@ -3130,7 +3165,7 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
             r -= v.choices[i].weight
     c.tag = ch.tag
     c.empty = ch.empty
-    c.edits = ch.edits
+    c.edits = ch.edits  # (its reference: apply_verdict(), which tests it)
     n = ch.n_eps
     c.n_cand = 0
     if n == 0:
@@ -3282,13 +3317,19 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     if not R.decide_only:
         count_row(R, c.tag, 0, 0.0)  # l4proxy_decisions_total
     if c.n_cand == 0:
+        c.edits = NULL  # (no reference taken: its answer is local)
         local_answer(R, c, empty if empty != NULL else v, now)
         return
     c.timeout = v.timeout
-    if c.edits != NULL and c.edits.request and R.edit_request(R, c, c.edits) != 0:
-        return  # (out of memory: aborted)
+    if c.edits != NULL:
+        c.edits.refs += 1  # (the request's, until conn_drop_held())
+        c.holds = True
+        if c.edits.request and R.edit_request(R, c, c.edits) != 0:
+            return  # (out of memory: aborted)
     if v.retry != NULL:
         c.retry = v.retry
+        v.retry.refs += 1
+        c.holds = True
         # every method is held for the policy's tries (Envoy retries any):
         # the head as sent upstream, staged in c.rhead; its body follows
         # (not for a policy that never retries: its per-try timeout only)
@@ -4239,6 +4280,8 @@ cdef void bury(Relay *R) noexcept nogil:
     while R.cgrave != NULL:
         c = R.cgrave
         R.cgrave = c.grave_next
+        if c.holds:
+            conn_drop_held(c)
         buf_free(&c.inb)
         buf_free(&c.out)
         buf_free(&c.rhead)
@@ -4382,6 +4425,8 @@ cdef class HttpRelay:
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
     cdef dict _edits               # HeadEdits -> its Edits_ (an address; 0: nothing), interned
     cdef dict _faults              # Fault -> its Fault_ (an address; 0: never falls), interned
+    cdef Py_ssize_t _live_retries, _live_edits  # ... how many the last sweep kept
+    cdef readonly int interned_sweeps  # _sweep_interned() runs
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -4907,7 +4952,8 @@ cdef class HttpRelay:
         # Every connection is gone: the interned retry policies go now, not
         # in __dealloc__ only, which the cyclic GC reaches after tp_clear
         # set _retries to None (they leaked). The cached verdicts that point
-        # at them are freed without reading them.
+        # at them go first (verdict_free lets go of their references).
+        cache_clear(self.R)
         for addr in self._retries.values():
             free(<Retry_*><size_t>addr)
         self._retries.clear()
@@ -5384,7 +5430,11 @@ cdef class HttpRelay:
             return NULL
         addr = self._retries.get(policy)
         if addr is not None:
-            return <Retry_*><size_t>addr
+            p = <Retry_*><size_t>addr
+            p.refs += 1
+            return p
+        if len(self._retries) >= 2 * self._live_retries + INTERN_SLACK:
+            self._sweep_interned()
         p = <Retry_*>calloc(1, sizeof(Retry_))
         if p == NULL:
             raise MemoryError()
@@ -5399,6 +5449,7 @@ cdef class HttpRelay:
             if 0 <= b < 512:
                 p.codes[b >> 6] |= (<uint64_t>1) << (b & 63)
         self._retries[policy] = <size_t>p
+        p.refs = 1
         return p
 
     cdef Edits_ *_edit(self, edits) except? NULL:
@@ -5413,7 +5464,12 @@ cdef class HttpRelay:
             return NULL
         addr = self._edits.get(edits)
         if addr is not None:
-            return <Edits_*><size_t>addr
+            p = <Edits_*><size_t>addr
+            if p != NULL:
+                p.refs += 1
+            return p
+        if len(self._edits) >= 2 * self._live_edits + INTERN_SLACK:
+            self._sweep_interned()
         e = edit_bytes(edits)
         if not e.request and not e.response:
             self._edits[edits] = 0
@@ -5451,12 +5507,49 @@ cdef class HttpRelay:
             p.authority = text + at
             p.authority_len = len(e.authority)
         self._edits[edits] = <size_t>p
+        p.refs = 1
         return p
+
+    cdef _sweep_interned(self):
+        """Free the interned retry policies and head edits nothing refers to
+        (the loop's thread: the only one that changes their refs).
+
+        Each reload may bring new distinct ones (a header value per deploy,
+        a retry timeout tuned over time): kept, they grew for the life of
+        the process. A verdict (cached, or being applied) and a connection
+        whose request follows one hold a reference (verdict_free,
+        conn_drop_held let it go); one still referred to stays interned,
+        for the next verdict that asks for it. Run when a table passed
+        twice what the last sweep kept, plus INTERN_SLACK (amortized O(1)
+        per entry interned). Edits that change nothing (0) hold no memory
+        of their own but their key's: they go too."""
+        cdef Retry_ *r
+        cdef Edits_ *e
+        for policy, addr in list(self._retries.items()):
+            r = <Retry_*><size_t>addr
+            if r.refs == 0:
+                del self._retries[policy]
+                free(r)
+        for edits, addr in list(self._edits.items()):
+            e = <Edits_*><size_t>addr
+            if e == NULL or e.refs == 0:
+                del self._edits[edits]
+                free(e)
+        self._live_retries = len(self._retries)
+        self._live_edits = len(self._edits)
+        self.interned_sweeps += 1
 
     @property
     def interned_edits(self):
-        """How many distinct head edits this relay holds (freed at close())."""
+        """How many distinct head edits this relay holds (bounded:
+        _sweep_interned; none after close())."""
         return len(self._edits)
+
+    @property
+    def interned_retries(self):
+        """How many distinct retry policies this relay holds (bounded:
+        _sweep_interned; none after close())."""
+        return len(self._retries)
 
     cdef Verdict_ *_convert(self, verdict) except NULL:
         """A Verdict (Python) as the loop's struct."""
