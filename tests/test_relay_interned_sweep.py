@@ -1,0 +1,227 @@
+"""The compiled relay's interned retry policies and head edits stay bounded
+across rule swaps (``_sweep_interned`` in ext/relay.pyx: each ``Retry_``
+and ``Edits_`` counts the verdicts and the requests that point at it, and a
+sweep frees those nothing points at), and what a request still holds is
+never freed under it: a request routed before many swaps, retried and
+answered after them, is edited by its own verdict's edits. Real sockets;
+the compiled twin per request (decide) and from a cached verdict (resolve).
+The pure twin interns nothing (Python objects).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import Choice, HeadEdits, RetryPolicy, Verdict
+from tests._scripted import _client
+from tests.test_relay_edges import Backend, _relay
+
+SWAPS = 200
+HOLD_FOR = 25  # swaps a held request waits through before its answer
+SLOW_EVERY = 10  # swaps between connections handed to the pure relay
+# What a sweep keeps here: the current rules' policy and edits (the cached
+# verdict's, the request in flight's), a held request's, one more at the
+# swap's edge; a table passes twice that plus INTERN_SLACK (16) before
+# the next sweep frees the rest.
+BOUND = 2 * 4 + 16
+
+
+class Echo:
+    """A keep-alive backend answering the x-gen line of each request (the
+    relay's request edit) in its body. A request with ``x-fail`` gets a 503
+    the first time its x-id comes, then the answer (the policy's retry); one
+    with ``x-hold`` waits for ``release`` first (``held`` is set once it
+    came)."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.backend = Backend(self._serve)
+        self.endpoint = self.backend.endpoint
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        conn.settimeout(20)
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            fields = {}
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                fields.setdefault(name.strip().lower(), []).append(value.strip())
+            rid = fields[b"x-id"][0]
+            with self.lock:
+                first = rid not in self.seen
+                self.seen.add(rid)
+                self.requests += 1
+            if first and b"x-hold" in fields:
+                self.held.set()
+                assert self.release.wait(20)
+            if first and (b"x-fail" in fields or b"x-hold" in fields):
+                conn.sendall(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n")
+                continue
+            body = b",".join(fields.get(b"x-gen", [b"none"]))
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Gen: up\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class Reader:
+    """Content-Length responses from a client connection, pipelined ones
+    apart (what came past one response waits for the next)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        sock.settimeout(10)
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        assert data, self.buf
+        self.buf += data
+
+    def response(self) -> bytes:
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, _, _ = self.buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        end = len(head) + 4 + length
+        while len(self.buf) < end:
+            self._more()
+        got, self.buf = self.buf[:end], self.buf[end:]
+        return got
+
+
+def _rules(gen: int) -> tuple[RetryPolicy, HeadEdits]:
+    """Generation *gen*'s retry policy and head edits, each distinct from
+    every other generation's (a backoff tuned, a header value per deploy)."""
+    retry = RetryPolicy.of(1, 0.0, ["5xx"], (), backoff=0.001 + gen * 1e-6)
+    edits = HeadEdits(request_set=(("x-gen", str(gen)),), response_set=(("x-gen", str(gen)),))
+    return retry, edits
+
+
+def _check(response: bytes, gen: int) -> None:
+    """A 200 whose request carried generation *gen*'s request edit (the
+    body) and whose head has its response edit, once (the backend's X-Gen
+    replaced)."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK", response
+    assert [ln for ln in lines if ln.lower().startswith(b"x-gen:")] == [b"x-gen: %d" % gen], (
+        response
+    )
+    assert body == b"%d" % gen, response
+
+
+@pytest.mark.parametrize("how", ["decide", "resolve"])
+def test_interned_retries_and_edits_stay_bounded_across_rule_swaps(how: str) -> None:
+    """200 rule swaps, each a new distinct retry policy and head edits, with
+    requests flowing: on one keep-alive client, per swap, two pipelined
+    requests (the first answered 503 once: retried under the policy); every
+    25 swaps a request held at the backend through the next 25 swaps, a
+    second pipelined behind it, then answered 503 and retried (its policy's
+    backoff) and answered, its response edited by the edits it was routed
+    with 25 generations ago; every 10 swaps a connection whose second,
+    pipelined request goes to the pure relay. Each answer is its own
+    generation's edits, request and response; the interned counts stay
+    under BOUND at every swap (they passed 200 without the sweep), sweeps
+    ran, and nothing stays interned after close()."""
+    up = Echo()
+    state = {"gen": 0}
+
+    def decide(head: Any, origin: Any) -> Decision:
+        retry, edits = _rules(state["gen"])
+        return Decision((up.endpoint,), tag="t", retry=retry, edits=edits)
+
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            retry, edits = _rules(state["gen"])
+            choice = Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=edits)
+            return Verdict((choice,), ttl=60.0, retry=retry)
+
+        kw["resolve"] = resolve
+    relay = _relay("compiled", decide, **kw)
+    ids = iter(range(1 << 30))
+
+    def request(*extra: bytes, target: bytes = b"/x") -> bytes:
+        lines = b"".join(b"%s: 1\r\n" % e for e in extra)
+        return b"GET %s HTTP/1.1\r\nHost: a\r\nx-id: %d\r\n%s\r\n" % (target, next(ids), lines)
+
+    try:
+        a = _client(relay)
+        ra = Reader(a)
+        held: socket.socket | None = None
+        held_gen = held_sweeps = 0
+        sent = 0  # requests the backend is to read, tries apart
+        most = {"retries": 0, "edits": 0}
+        for gen in range(1, SWAPS + 1):
+            state["gen"] = gen
+            if how == "resolve":
+                relay.invalidate()
+            a.sendall(request(b"x-fail") + request())
+            _check(ra.response(), gen)
+            _check(ra.response(), gen)
+            sent += 3
+            if held is not None and gen - held_gen == HOLD_FOR:
+                # a sweep freed what its routing had interned beside its own
+                assert relay.interned_sweeps > held_sweeps
+                up.release.set()
+                rh = Reader(held)
+                _check(rh.response(), held_gen)  # retried and edited as routed
+                _check(rh.response(), gen)  # (routed after its answer)
+                held.close()
+                held = None
+                sent += 3
+            if held is None and gen + HOLD_FOR <= SWAPS:
+                up.held.clear()
+                up.release.clear()
+                held, held_gen, held_sweeps = _client(relay), gen, relay.interned_sweeps
+                held.sendall(request(b"x-hold") + request())
+                assert up.held.wait(5)
+            if gen % SLOW_EVERY == 0:
+                s = _client(relay)
+                s.sendall(request() + request(target=b"http://a/x"))
+                rs = Reader(s)
+                _check(rs.response(), gen)
+                _check(rs.response(), gen)  # (the pure relay's)
+                s.close()
+                sent += 2
+            most["retries"] = max(most["retries"], relay.interned_retries)
+            most["edits"] = max(most["edits"], relay.interned_edits)
+            assert relay.interned_retries <= BOUND, (gen, relay.interned_retries)
+            assert relay.interned_edits <= BOUND, (gen, relay.interned_edits)
+        a.close()
+        assert held is None
+        assert up.requests == sent, (up.requests, sent)
+        stats = relay.stats()
+        assert stats["errors"] == 0, stats
+        assert stats["slow_path"] == SWAPS // SLOW_EVERY, stats
+        # what the sweep has to do (the first sweep comes past 16 of each)
+        assert relay.interned_sweeps >= SWAPS // BOUND, relay.interned_sweeps
+        assert most["retries"] > 16 and most["edits"] > 16, most
+    finally:
+        up.release.set()
+        relay.close()
+        up.close()
+    assert relay.interned_retries == 0 and relay.interned_edits == 0
