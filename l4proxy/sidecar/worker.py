@@ -1003,9 +1003,11 @@ class Worker:
             return RelayDecision(
                 local=(a.status, a.body), local_headers=a.headers, tag=_Tag(decision)
             )
-        if not decision.endpoints:
+        if not decision.endpoints:  # (its fault first: Envoy's filter runs before the router)
             body = _local_body(decision.status)
-            return RelayDecision(local=(decision.status, body), tag=_Tag(decision))
+            return RelayDecision(
+                local=(decision.status, body), tag=_Tag(decision), fault=decision.fault
+            )
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(
             tuple((e.address, e.port) for e in tried),
