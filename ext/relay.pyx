@@ -1402,6 +1402,20 @@ cdef inline int to_client(Relay *R, Conn *c, const char *data, size_t n) noexcep
     return 0
 
 
+cdef int answer_client(Relay *R, Conn *c, const char *data, size_t n) noexcept nogil:
+    """Queue a local answer (local_response()'s bytes) for the client: its
+    head alone, up to its empty line, when the request is a HEAD (RFC 9110
+    9.3.2: the head a GET would get, no body; a keep-alive client would
+    read the body as the next response)."""
+    cdef size_t i
+    if c.method_head:
+        for i in range(3, n):
+            if data[i] == LF and data[i - 1] == CR and data[i - 2] == LF and data[i - 3] == CR:
+                n = i + 1
+                break
+    return to_client(R, c, data, n)
+
+
 # -- request heads ------------------------------------------------------------------
 
 cdef struct Head:
@@ -1989,7 +2003,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         c.status = status
         if kept != NULL and c.keep_alive and not c.http10 and c.req_left == 0 \
                 and not c.client_eof:
-            if to_client(R, c, kept, kn) != 0:
+            if answer_client(R, c, kept, kn) != 0:
                 return  # out of memory: aborted
             request_done(R, c, status, True, now)
             if c.splicing == SPL_REQ:  # (the body's bytes in the pipe go nowhere)
@@ -2000,7 +2014,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
             c.head_len = 0
             next_request(R, c, now)
             return
-        if reason != NULL and to_client(R, c, reason, n) != 0:
+        if reason != NULL and answer_client(R, c, reason, n) != 0:
             return  # out of memory: aborted
         request_done(R, c, status, True, now)
     else:  # a body cut short: counted with its head's status (as Envoy does)
@@ -3286,9 +3300,9 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogi
     if v.tag >= 0:
         c.tag = v.tag
     if keep:
-        to_client(R, c, v.keep, v.keep_len)
+        answer_client(R, c, v.keep, v.keep_len)
     else:
-        to_client(R, c, v.close, v.close_len)
+        answer_client(R, c, v.close, v.close_len)
     if c.closed:
         return
     request_done(R, c, v.status, True, now)
@@ -3396,9 +3410,9 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     cdef bint bad = False
     cdef int64_t take
     if keep:
-        to_client(R, c, v.keep, v.keep_len)
+        answer_client(R, c, v.keep, v.keep_len)
     else:
-        to_client(R, c, v.close, v.close_len)
+        answer_client(R, c, v.close, v.close_len)
     if c.closed:
         return
     request_done(R, c, v.status, True, now)

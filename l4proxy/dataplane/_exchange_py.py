@@ -238,17 +238,70 @@ __all__ = [
 
 DEFAULT_REPLAY_LIMIT: Final = 65536
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# The standard reason phrases (RFC 9110 §15 and the registry's others), as
+# Envoy sends them with its local replies; "Unknown" for a status without one.
 REASONS: Final = {
+    100: "Continue",
+    101: "Switching Protocols",
+    102: "Processing",
+    103: "Early Hints",
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    203: "Non-Authoritative Information",
+    204: "No Content",
+    205: "Reset Content",
+    206: "Partial Content",
+    207: "Multi-Status",
+    208: "Already Reported",
+    226: "IM Used",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    305: "Use Proxy",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
     408: "Request Timeout",
+    409: "Conflict",
+    410: "Gone",
+    411: "Length Required",
+    412: "Precondition Failed",
     413: "Content Too Large",
+    414: "URI Too Long",
+    415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
+    417: "Expectation Failed",
+    421: "Misdirected Request",
+    422: "Unprocessable Content",
+    423: "Locked",
+    424: "Failed Dependency",
+    425: "Too Early",
+    426: "Upgrade Required",
+    428: "Precondition Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    451: "Unavailable For Legal Reasons",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
+    506: "Variant Also Negotiates",
+    507: "Insufficient Storage",
+    508: "Loop Detected",
+    510: "Not Extended",
+    511: "Network Authentication Required",
 }
 
 
@@ -343,22 +396,32 @@ class Close(NamedTuple):
 Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
 
 
-def local_response(status: int, body: str, close: bool = True, headers: str = "") -> bytes:
+def local_response(
+    status: int, body: str, close: bool = True, headers: str = "", head_only: bool = False
+) -> bytes:
     """The proxy's own answer, saying whether the connection closes after it;
     *headers*: more header lines, each ending in CRLF (the circuit breakers'
     ``x-envoy-overloaded: true``, a redirect's ``location``); a
     ``content-type`` among them replaces the default ``text/plain`` (a
-    direct response's own, as Envoy lets a route's response headers set it)."""
-    data = body.encode()
+    direct response's own, as Envoy lets a route's response headers set it).
+
+    A status that has no body (1xx, 204, 304: RFC 9110 §6.4.1) gets none
+    whatever *body* says, and no content-length for 1xx and 204 (§8.6);
+    304's and the others' tell the length of *body*, as a GET would get it.
+    *head_only*: the answer to a HEAD request (§9.3.2): the same head, no
+    body."""
+    data = b"" if status < 200 or status in (204, 304) else body.encode()
     typed = headers[:13].lower() == "content-type:" or "\ncontent-type:" in headers.lower()
-    return (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-        f"content-length: {len(data)}\r\n"
+    length = "" if status < 200 or status == 204 else f"content-length: {len(body.encode())}\r\n"
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
+        + length
         + ("" if typed else "content-type: text/plain\r\n")
         + headers
         + ("connection: close\r\n" if close else "")
         + "server: l4proxy\r\n\r\n"
-    ).encode() + data
+    ).encode()
+    return head if head_only else head + data
 
 
 # A circuit breaker's answer (EndpointSettings' max_active, max_connections
@@ -816,22 +879,25 @@ class Exchange:
         return [Upstream(self._sent_head), *self._advance()]
 
     def refuse(
-        self, status: int, body: str, headers: str = "", drain: bool = False
+        self, status: int, body: str, headers: str = "", drain: bool = False, close: bool = False
     ) -> list[Action]:
         """Answer the current request locally (no upstream); *headers*: more
         header lines for the answer (local_response's). *drain*: a request
         body does not close the connection: it is read and dropped after
         the answer, then the next request is read (a fault's abort, see
         ``Fault``: Envoy's fault filter answers before the body and the
-        connection goes on)."""
+        connection goes on). *close*: the connection closes after the
+        answer whatever the head asked (a head refused as the parser would,
+        see edits_refused()). A HEAD request gets the answer's head alone."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
         kind, length = request_framing(self.head)
         bodyless = kind == Framing.NONE
-        keep = self.head.keep_alive and (bodyless or drain) and not self._client_eof
+        keep = self.head.keep_alive and (bodyless or drain) and not self._client_eof and not close
+        answer = local_response(status, body, not keep, headers, self._head_only())
         out: list[Action] = [
-            Client(local_response(status, body, close=not keep, headers=headers)),
+            Client(answer),
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
@@ -920,7 +986,7 @@ class Exchange:
             keep = bodyless and self._keeps_after_local_answer()
             return [
                 Release(False),
-                Client(local_response(504, reason, close=not keep)),
+                Client(local_response(504, reason, not keep, head_only=self._head_only())),
                 Done(504, True),
                 *(self._next_request() if keep else self._close()),
             ]
@@ -1187,12 +1253,18 @@ class Exchange:
                 and self._request.done
                 and self._keeps_after_local_answer()
             )
-            out += [Client(local_response(status, reason, close=not keep)), Done(status, True)]
+            answer = local_response(status, reason, not keep, head_only=self._head_only())
+            out += [Client(answer), Done(status, True)]
             if keep:  # see "A gateway failure's local answer"
                 return out + self._next_request()
         else:
             out.append(Done(self.status, False))
         return out + self._close()
+
+    def _head_only(self) -> bool:
+        """A local answer to the current request is its head alone: a HEAD
+        request's (RFC 9110 §9.3.2)."""
+        return self.head is not None and self.head.method == "HEAD"
 
     def _keeps_after_local_answer(self) -> bool:
         """After a gateway failure's local answer to a request read whole:
