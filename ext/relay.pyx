@@ -5647,6 +5647,22 @@ cdef class HttpRelay:
         """How many distinct faults this relay holds (freed at close())."""
         return len(self._faults)
 
+    cdef Verdict_ *_checked(self, verdict) except? NULL:
+        """_convert(verdict), or NULL, counted as an error (as a resolve()
+        that raised), when it says to write out what must not be (a line
+        break in a header's value...: edit_bytes() and header_lines() raise
+        ValueError); MemoryError goes on. The decide-only path's NULL: its
+        503 converted here."""
+        try:
+            return self._convert(verdict)
+        except MemoryError:
+            raise
+        except Exception:
+            L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
+        if self.R.decide_only:
+            return self._convert(Verdict(local=(503, "no healthy upstream")))
+        return NULL
+
     cdef _head_object(self, Conn *c):
         return parse_head(PyBytes_FromStringAndSize(c.inb.p, c.head_len), self.R.max_head)
 
@@ -5678,7 +5694,7 @@ cdef class HttpRelay:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
                     timeout=d.timeout, retry=d.retry, fault=d.fault)
-            v = self._convert(verdict)
+            v = self._checked(verdict)
             try:
                 apply_verdict(R, c, v, now)
             finally:
@@ -5689,7 +5705,10 @@ cdef class HttpRelay:
         except Exception:
             L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
             verdict = Verdict(local=(503, "no healthy upstream"))
-        v = self._convert(verdict)
+        v = self._checked(verdict)
+        if v == NULL:  # (not to be written out: counted, answered as an error)
+            verdict = Verdict(local=(503, "no healthy upstream"))
+            v = self._convert(verdict)
         ttl = verdict.ttl
         shape = verdict.shape & (SHAPE_FULL | SHAPE_TESTS)
         if shape & SHAPE_PATH or not verdict.tests:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import local_response
+from l4proxy.dataplane._exchange_py import edit_bytes, local_response
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import (
     SHAPE_FULL,
@@ -554,3 +554,99 @@ def test_edit_functions() -> None:
     assert edit_request_head(post, bad) == post
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert edit_response_head(resp, HeadEdits(response_remove=("content-length",))) == resp
+
+
+# -- edits the relays refuse to write out ----------------------------------------
+
+BAD_EDITS = {
+    "value-crlf": HeadEdits(request_set=(("x-a", "1\r\nContent-Length: 5"),)),
+    "value-nul": HeadEdits(request_add=(("x-a", "1\x00"),)),
+    "name-colon": HeadEdits(request_add=(("x-a: 1\r\ntransfer-encoding", "chunked"),)),
+    "name-space": HeadEdits(request_remove=("x a",)),
+    "name-empty": HeadEdits(response_add=(("", "1"),)),
+    "authority-crlf": HeadEdits(authority="b\r\nContent-Length: 7"),
+    "authority-space": HeadEdits(authority="b c"),
+    "prefix-space": HeadEdits(path=PathRewrite(0, "/a HTTP/1.1\r\nX: y\r\n\r\nGET /smuggled")),
+    "prefix-hash": HeadEdits(path=PathRewrite(0, "/a#b")),
+    "response-value-crlf": HeadEdits(response_add=(("x-r", "1\r\nSet-Cookie: evil=1"),)),
+    "non-str-value": HeadEdits(request_set=(("x-a", 5),)),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_EDITS))
+def test_edits_that_would_split_a_head_are_an_error_answer(
+    mode: tuple[str, str], name: str
+) -> None:
+    """Edits no table should give (a line break in a value, a name that is
+    no token, a control or space in the authority or the path's prefix, a
+    value that is no str): nothing goes to the backend, the request is
+    answered as a route that raised (503, counted in errors), and the relay
+    goes on: the next connection's request answered the same, the thread
+    alive (from a cached verdict: the 503 is cached as a resolve() that
+    raised has its 503 cached, for the default ttl: counted once)."""
+    up = Scripted([])
+    relay = _edits_relay(mode, (up.endpoint,), BAD_EDITS[name])
+    try:
+        for _ in range(2):
+            a = _client(relay)
+            a.sendall(GET_CLOSE)
+            got, how = _read_all(a, 5.0)
+            a.close()
+            assert got == local_response(503, "no healthy upstream"), got
+            assert how == "EOF"
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    assert up.requests == []
+    assert stats["errors"] == (1 if mode[1] == "resolve" else 2)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [(("location", "http://b/\r\nSet-Cookie: evil=1"),), (("x y", "1"),), (("x", None),)],
+    ids=["value-crlf", "name-space", "non-str-value"],
+)
+def test_local_headers_that_would_split_a_head_are_an_error_answer(
+    mode: tuple[str, str], headers: tuple[tuple[str, str], ...]
+) -> None:
+    """A local answer's local_headers checked as edits are: the 503 of a
+    route that raised, counted, instead of the lines."""
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(local=(301, ""), local_headers=headers, tag="t", ttl=60.0)
+        kw["resolve"] = lambda head, origin: verdict
+    decision = Decision(local=(301, ""), local_headers=headers, tag="t")
+    relay = _relay(which, lambda h, o: decision, **kw)
+    try:
+        a = _client(relay)
+        a.sendall(GET_CLOSE)
+        got, _ = _read_all(a, 5.0)
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+    assert got == local_response(503, "no healthy upstream")
+    assert stats["errors"] == 1
+
+
+def test_check_edits_says_what_is_wrong() -> None:
+    """edit_bytes() raises ValueError naming the bad part; good edits (a
+    UTF-8 value, every token character in a name) pass."""
+    for name, edits in BAD_EDITS.items():
+        with pytest.raises(ValueError):
+            edit_bytes(edits)
+            pytest.fail(name)
+    with pytest.raises(ValueError, match="authority"):
+        edit_bytes(BAD_EDITS["authority-space"])
+    with pytest.raises(ValueError, match="prefix"):
+        edit_bytes(BAD_EDITS["prefix-hash"])
+    with pytest.raises(ValueError, match="not a token"):
+        edit_bytes(BAD_EDITS["name-colon"])
+    good = HeadEdits(
+        request_set=(("!#$%&'*+-.^_`|~09azAZ", "é \t v"),),
+        path=PathRewrite(1, "/a%20b"),
+        authority="[::1]:80",
+    )
+    assert edit_bytes(good).request_lines == "!#$%&'*+-.^_`|~09azaz: é \t v\r\n".encode()

@@ -196,6 +196,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from typing import Final, NamedTuple
 
 # The head parser and the body framer through their choosers: the compiled
@@ -226,6 +227,8 @@ __all__ = [
     "Route",
     "Tunnel",
     "Upstream",
+    "check_edits",
+    "check_header",
     "client_head",
     "edit_bytes",
     "edit_request_head",
@@ -601,8 +604,63 @@ def _persistent(resp: ResponseHead) -> bool:
 
 def header_lines(headers: tuple[tuple[str, str], ...]) -> str:
     """*headers* (name, value pairs) as header lines, each ending in CRLF
-    (a local answer's ``local_headers``, for local_response())."""
+    (a local answer's ``local_headers``, for local_response()). ValueError
+    for a name that is no token or a value with CR, LF or NUL (see
+    check_header()): never written out."""
+    for name, value in headers:
+        check_header(name, value)
     return "".join(f"{name}: {value}\r\n" for name, value in headers)
+
+
+# What the relays write out of a route's edits and local headers, checked
+# once per distinct edits (edit_bytes()) or verdict (header_lines()), whatever
+# the table checked (a line break would split a head: request smuggling,
+# response splitting): a name an RFC 9110 token, a value without CR, LF or
+# NUL (Envoy's rule), a path prefix or authority without controls, spaces
+# or "#" (they would end or cut the target, or the Host line's value).
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_IN_VALUE: Final = re.compile(r"[\r\n\x00]")
+_NOT_IN_TARGET: Final = re.compile(r"[\x00-\x20#\x7f]")
+
+
+def check_name(name: object) -> None:
+    """ValueError unless *name* is a header field name (a str token)."""
+    if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+        raise ValueError(f"header name {name!r} is not a token (RFC 9110 5.1)")
+
+
+def check_header(name: object, value: object) -> None:
+    """ValueError unless *name* and *value* can go in a head as a line of
+    their own (check_name(); a str value without CR, LF or NUL)."""
+    check_name(name)
+    if not isinstance(value, str) or _NOT_IN_VALUE.search(value) is not None:
+        raise ValueError(f"header {name!r}: value {value!r} is no str without CR, LF or NUL")
+
+
+def _check_target_part(what: str, text: object) -> None:
+    if not isinstance(text, str) or _NOT_IN_TARGET.search(text) is not None:
+        raise ValueError(f"{what} {text!r} is no str without controls, spaces or '#'")
+
+
+def check_edits(edits: HeadEdits) -> None:
+    """ValueError, saying which, for *edits* the relays must not write out
+    (see check_header(); a path prefix or authority with a control, a
+    space or "#", a strip that is no int)."""
+    for name, value in (
+        *edits.request_set,
+        *edits.request_add,
+        *edits.response_set,
+        *edits.response_add,
+    ):
+        check_header(name, value)
+    for name in (*edits.request_remove, *edits.response_remove):
+        check_name(name)
+    if edits.path is not None:
+        if not isinstance(edits.path.strip, int):
+            raise ValueError(f"path rewrite's strip {edits.path.strip!r} is no int")
+        _check_target_part("path rewrite's prefix", edits.path.prefix)
+    if edits.authority is not None:
+        _check_target_part("authority", edits.authority)
 
 
 class EditBytes(NamedTuple):
@@ -668,7 +726,9 @@ def _edit_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
 
 @functools.lru_cache(maxsize=1024)
 def edit_bytes(edits: HeadEdits) -> EditBytes:
-    """*edits* as :class:`EditBytes` (computed once per distinct edits)."""
+    """*edits* as :class:`EditBytes` (computed once per distinct edits);
+    ValueError for edits that must not be written out (check_edits())."""
+    check_edits(edits)
 
     def drop(remove: tuple[str, ...], set_: tuple[tuple[str, str], ...]) -> frozenset[bytes]:
         names = {_edit_name(n) for n in remove} | {_edit_name(n) for n, _ in set_}

@@ -206,6 +206,7 @@ from l4proxy.dataplane._exchange_py import (
     Route,
     Tunnel,
     Upstream,
+    edit_bytes,
     header_lines,
 )
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
@@ -926,9 +927,15 @@ class HttpRelay:
         c.started = now
         try:
             d = self.decide(head, c.origin)
+            # (what it says to write out, checked: a ValueError for a line
+            # break in a value... answers as a decide() that raised)
+            local_headers = header_lines(d.local_headers) if d.local is not None else ""
+            if d.edits is not None and d.local is None:
+                edit_bytes(d.edits)  # (checked once per distinct edits: cached)
         except Exception:
             self.counters["errors"] += 1
             d = Decision(local=(503, "no healthy upstream"))
+            local_headers = ""
         c.decision = d
         c.tag = d.tag
         c.timeout = c.per_try = 0.0  # (set below for a request that goes)
@@ -939,7 +946,7 @@ class HttpRelay:
         c.try_deadline = 0.0
         if d.local is not None:
             status, body = d.local
-            self._perform(c, c.ex.refuse(status, body, header_lines(d.local_headers)), now)
+            self._perform(c, c.ex.refuse(status, body, local_headers), now)
             return
         if not d.endpoints:
             self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
