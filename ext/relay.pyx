@@ -224,6 +224,7 @@ import threading
 
 from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane._exchange_py import (
+    DOT_SEGMENT_REASON,
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
     edit_bytes,
@@ -781,7 +782,7 @@ cdef struct Relay:
     # edit_request() and send_edited_head(), called through these: never
     # inlined into apply_verdict() and final_head() (called once each, the
     # C compiler would, and every request would pay for their registers)
-    int (*edit_request)(Relay *R, Conn *c, const Edits_ *e) noexcept nogil
+    int (*edit_request)(Relay *R, Conn *c, const Edits_ *e, double now) noexcept nogil
     int (*send_edited_head)(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
     size_t bad_chunk_len[N_CHUNK_ERRORS]
@@ -3245,12 +3246,14 @@ cdef int edit_lines(Buf *out, const unsigned char *b, Py_ssize_t i, Py_ssize_t e
     return failed
 
 
-cdef int edit_request(Relay *R, Conn *c, const Edits_ *e) noexcept nogil:
+cdef int edit_request(Relay *R, Conn *c, const Edits_ *e, double now) noexcept nogil:
     """The head staged in c.rhead (as sent upstream) with the request's
     choice's edits (edit_request_head() in _exchange_py.py), and so the copy
     c.replay holds for a retry (the head alone yet: its body follows in
     send_request). A fast-path head's target is origin-form. -1 when out
-    of memory: the connection is aborted (a head half edited must not go)."""
+    of memory: the connection is aborted (a head half edited must not go);
+    -1 too when the path rewritten has a dot-segment the parser would
+    refuse on input: answered as it would (rewrite_refused())."""
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef Py_ssize_t hl = <Py_ssize_t>c.rhead.len
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
@@ -3273,6 +3276,11 @@ cdef int edit_request(Relay *R, Conn *c, const Edits_ *e) noexcept nogil:
             failed |= buf_add(out, e.prefix, e.prefix_len)
             failed |= buf_add(out, <const char*>b + ts + cut, <size_t>(n - cut))
         failed |= buf_add(out, <const char*>b + pe, <size_t>(first - pe))
+        if not failed and has_dot_segment(<const unsigned char*>out.p, ts,
+                                          <Py_ssize_t>out.len - (first - te)):
+            buf_free(out)
+            rewrite_refused(R, c, now)
+            return -1
     else:
         failed |= buf_add(out, <const char*>b, <size_t>first)
     failed |= edit_lines(out, b, first, end, e.req_drop, e.n_req_drop,
@@ -3291,6 +3299,21 @@ cdef int edit_request(Relay *R, Conn *c, const Edits_ *e) noexcept nogil:
         buf_free(&c.replay)
         replay_add(c, c.rhead.p, c.rhead.len)
     return 0
+
+
+cdef void rewrite_refused(Relay *R, Conn *c, double now) noexcept nogil:
+    """A path rewrite made a dot-segment: the parser's answer to such a
+    target on input (400, R_dot_segment), the connection closed, nothing
+    upstream (refused_rewrite() in _exchange_py.py)."""
+    answer_client(R, c, R_dot_segment.close, R_dot_segment.close_len)
+    if c.closed:
+        return
+    request_done(R, c, 400, True, now)
+    buf_drop(&c.inb, c.head_len)
+    c.head_len = 0
+    buf_free(&c.rhead)
+    c.no_linger = done_talking(c)
+    start_close(R, c, now)
 
 
 cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
@@ -3338,8 +3361,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     if c.edits != NULL:
         c.edits.refs += 1  # (the request's, until conn_drop_held())
         c.holds = True
-        if c.edits.request and R.edit_request(R, c, c.edits) != 0:
-            return  # (out of memory: aborted)
+        if c.edits.request and R.edit_request(R, c, c.edits, now) != 0:
+            return  # (out of memory: aborted; or answered: a dot-segment made)
     if v.retry != NULL:
         c.retry = v.retry
         v.retry.refs += 1
@@ -3647,6 +3670,7 @@ cdef void retry_order(Conn *c, EP *failed) noexcept nogil:
 cdef Verdict_ *R_no_upstream = NULL  # 503 "no healthy upstream", both variants
 cdef Verdict_ *R_overloaded = NULL   # 503 "overloaded": out of fds
 cdef Verdict_ *R_overflow = NULL     # 503 a circuit breaker's (overflow())
+cdef Verdict_ *R_dot_segment = NULL  # 400 a path rewrite's dot-segment (rewrite_refused())
 
 
 cdef inline bint reuse_retry_done(Conn *c) noexcept nogil:
@@ -4457,6 +4481,7 @@ cdef class HttpRelay:
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
         global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded, R_overflow
+        global R_dot_segment
         global _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, _LOCAL_502_MID_KEEP
         global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
         if self.R != NULL:
@@ -4523,6 +4548,7 @@ cdef class HttpRelay:
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
             R_overflow = _local_verdict(503, OVERFLOW_BODY, -1, OVERFLOW_HEADERS)
+            R_dot_segment = _local_verdict(400, DOT_SEGMENT_REASON, -1)
         R = <Relay*>calloc(1, sizeof(Relay))
         if R == NULL:
             raise MemoryError()

@@ -209,12 +209,13 @@ def test_no_edits_no_change(mode: tuple[str, str]) -> None:
 
 def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
     """Heads the compiled fast path hands to the pure relay (an
-    absolute-form target, its path part rewritten; a Connection line naming
-    a field, both dropped first): edited the same, requests and answers."""
+    absolute-form target, its path part rewritten, sent in origin-form; a
+    Connection line naming a field, both dropped first): edited the same,
+    requests and answers."""
     absolute = b"GET http://a/api/x?q=1 HTTP/1.1\r\nHost: a\r\nX-Remove: 1\r\n\r\n"
     got, seen, stats = _through(mode, BOTH, absolute, [PLAIN])
     assert seen == [
-        b"GET http://a/v2/x?q=1 HTTP/1.1\r\nHost: b.svc:8080\r\n"
+        b"GET /v2/x?q=1 HTTP/1.1\r\nHost: b.svc:8080\r\n"
         b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     ]
     assert got == EDITED[PLAIN, True]
@@ -226,6 +227,92 @@ def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
     assert got2 == EDITED[HOP, True]
     if mode[0] == "compiled":
         assert stats["slow_path"] == 1 and stats2["slow_path"] == 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "edits", "sent"),
+    [
+        (
+            b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            HeadEdits(authority="b.svc:8080"),
+            b"GET /x HTTP/1.1\r\nHost: b.svc:8080\r\n\r\n",
+        ),
+        (
+            b"GET http://a:8080?q=1 HTTP/1.1\r\nHost: a:8080\r\n\r\n",
+            HeadEdits(request_add=(("x-add", "1"),)),
+            b"GET /?q=1 HTTP/1.1\r\nHost: a:8080\r\nx-add: 1\r\n\r\n",
+        ),
+        (
+            b"GET http://a/api/x HTTP/1.0\r\n\r\n",
+            HeadEdits(path=PathRewrite(4, "/v2")),
+            b"GET /v2/x HTTP/1.0\r\nhost: a\r\n\r\n",
+        ),
+        (
+            b"GET /x HTTP/1.0\r\n\r\n",
+            HeadEdits(authority="b.svc:8080"),
+            b"GET /x HTTP/1.0\r\nhost: b.svc:8080\r\n\r\n",
+        ),
+    ],
+    ids=["authority", "no-path", "http10-no-host", "origin-http10-no-host"],
+)
+def test_an_edited_absolute_form_request_goes_in_origin_form(
+    mode: tuple[str, str], request_: bytes, edits: HeadEdits, sent: bytes
+) -> None:
+    """Edits of an absolute-form request: it goes in origin-form (its path,
+    "/" for none, and query), its Host line's value the authority rewritten
+    or else the target's (an origin server reads an absolute-form target's
+    authority, not Host: RFC 9112 3.2.2; Envoy forwards origin-form with
+    :authority as Host); a request without a Host line gets one (an
+    HTTP/1.0 one, origin-form too)."""
+    got, seen, _ = _through(mode, edits, request_)
+    assert got.startswith(b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n"), got
+    assert seen == [sent]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/api../admin", b"/api./x", b"/api%2e%2e/admin", b"/api%2E./x?q=1", b"/api.."],
+)
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_a_rewrite_that_makes_a_dot_segment_is_answered_400(
+    mode: tuple[str, str], target: bytes, method: bytes
+) -> None:
+    """A prefix rewrite (/api made /) that turns the target's first segment
+    into a dot-segment (. or .., each dot also %2e): answered as the
+    parser answers such a target on input (400, the connection closed; for
+    a HEAD its head alone), nothing upstream, the pipelined request after
+    it unread; counted as a local answer."""
+    up = Scripted([])
+    relay = _edits_relay(mode, (up.endpoint,), HeadEdits(path=PathRewrite(4, "/")))
+    try:
+        a = _client(relay)
+        a.sendall(b"%s %s HTTP/1.1\r\nHost: a\r\n\r\n" % (method, target) + GET)
+        got, how = _read_all(a, 5.0)
+        a.close()
+        stats = relay.stats()
+    finally:
+        relay.close()
+        up.close()
+    reason = "dot-segment (. or ..) in the request path"
+    assert got == local_response(400, reason, head_only=method == b"HEAD"), got
+    assert how == "EOF"
+    assert up.requests == []
+    assert stats["local_answers"] == 1
+
+
+def test_a_rewrite_that_makes_no_dot_segment_goes(mode: tuple[str, str]) -> None:
+    """Targets whose rewrite keeps ordinary segments (an encoded slash is
+    none: the parser takes ``/..%2f`` on input too) go up rewritten."""
+    for target, sent in (
+        (b"/api..%2fadmin", b"/..%2fadmin"),
+        (b"/api...", b"/..."),
+        (b"/api.x/y", b"/.x/y"),
+        (b"/api/..x", b"//..x"),
+    ):
+        request = b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target
+        got, seen, _ = _through(mode, HeadEdits(path=PathRewrite(4, "/")), request)
+        assert got.startswith(b"HTTP/1.1 200 X\r\n"), got
+        assert seen == [b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % sent]
 
 
 def test_routes_read_the_original_head(mode: tuple[str, str]) -> None:

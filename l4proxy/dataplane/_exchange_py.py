@@ -201,7 +201,7 @@ from typing import Final, NamedTuple
 
 # The head parser and the body framer through their choosers: the compiled
 # twins when built (they are the per-byte work), the pure ones otherwise.
-from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, E_DOT_SEGMENT, ERRORS, has_dot_segment
 from l4proxy.dataplane.framing import (
     BodyFramer,
     Framing,
@@ -746,21 +746,30 @@ def edit_bytes(edits: HeadEdits) -> EditBytes:
     )
 
 
+def _path_start(target: bytes) -> int:
+    """Where *target*'s path begins: 0 for origin-form, after its authority
+    for absolute-form (its length when it has neither path nor query); -1
+    for any other form (``*``, CONNECT's authority)."""
+    if target.startswith(b"/"):
+        return 0
+    scheme = target.find(b"://")
+    if scheme < 0:
+        return -1
+    start = len(target)
+    for sep in b"/?":
+        i = target.find(bytes((sep,)), scheme + 3)
+        if 0 <= i < start:
+            start = i
+    return start
+
+
 def rewrite_target(target: bytes, strip: int, prefix: bytes) -> bytes:
     """*target* with its path rewritten (``PathRewrite``): an origin-form
     target's, or an absolute-form one's path part (after its authority);
     any other form (``*``, CONNECT's authority) is left as it is."""
-    if target.startswith(b"/"):
-        start = 0
-    else:
-        scheme = target.find(b"://")
-        if scheme < 0:
-            return target
-        start = len(target)
-        for sep in b"/?":
-            i = target.find(bytes((sep,)), scheme + 3)
-            if 0 <= i < start:
-                start = i
+    start = _path_start(target)
+    if start < 0:
+        return target
     query = target.find(b"?", start)
     end = len(target) if query < 0 else query
     n = end - start
@@ -771,11 +780,13 @@ def rewrite_target(target: bytes, strip: int, prefix: bytes) -> bytes:
 
 def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes | None) -> bytes:
     """*raw* (a head) without its header lines named in *drop*, its Host
-    lines' values *host* (None: as they are), with *lines* before the empty
-    line that ends it (CRLF or a bare LF); its first line as it is."""
+    lines' values *host* (None: as they are; a head without one gets one,
+    first of the lines added), with *lines* before the empty line that ends
+    it (CRLF or a bare LF); its first line as it is."""
     first = raw.index(b"\n") + 1
     end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
     out = [raw[:first]]
+    hosts = 0
     for line in raw[first:end].split(b"\n")[:-1]:
         name, colon, _ = line.partition(b":")
         name = name.lower()
@@ -784,10 +795,50 @@ def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes 
         if colon and host is not None and name == b"host":
             cr = b"\r" if line.endswith(b"\r") else b""
             out.append(line[: len(name) + 1] + b" " + host + cr + b"\n")
+            hosts += 1
         else:
             out.append(line + b"\n")
+    if host is not None and not hosts:  # (an HTTP/1.0 request may have none)
+        out.append(b"host: " + host + b"\r\n")
     out += [lines, raw[end:]]
     return b"".join(out)
+
+
+def edited_target(target: bytes, e: EditBytes) -> tuple[bytes, bytes | None]:
+    """*target* (a request's) as sent upstream under the request edits *e*,
+    and the Host line's value then (None: as it is): its path rewritten
+    (rewrite_target()); an absolute-form one in origin-form, its authority
+    the Host's unless *e* rewrites it (Envoy forwards origin-form, its
+    :authority the target's: an origin server reads an absolute-form
+    target's authority, not Host, RFC 9112 3.2.2)."""
+    if e.strip is not None:
+        target = rewrite_target(target, e.strip, e.prefix)
+    start = _path_start(target)
+    if start <= 0:
+        return target, e.authority
+    authority = target[target.index(b"://") + 3 : start]
+    path = target[start:]
+    return (path if path.startswith(b"/") else b"/" + path), (
+        authority if e.authority is None else e.authority
+    )
+
+
+# The parser's answer to a target with a dot-segment (see "Decisions" in
+# _peek_py.py): a path rewrite that makes one is answered so (both twins).
+DOT_SEGMENT_REASON: Final = ERRORS[E_DOT_SEGMENT][2]
+
+
+def rewrite_refused(target: bytes, edits: HeadEdits) -> bool:
+    """Whether *edits* rewrite the path of *target* (a request's) into one
+    with a dot-segment (``/api../x`` with prefix ``/api`` made ``/``:
+    ``/../x``): the parser refuses such a target on input, so it never goes
+    upstream either (answered 400 DOT_SEGMENT_REASON, the connection
+    closed). ValueError for edits that must not be written out."""
+    e = edit_bytes(edits)
+    if e.strip is None:
+        return False
+    path = edited_target(target, e)[0]
+    return path.startswith(b"/") and has_dot_segment(path)
 
 
 def edit_request_head(raw: bytes, edits: HeadEdits) -> bytes:
@@ -796,12 +847,12 @@ def edit_request_head(raw: bytes, edits: HeadEdits) -> bytes:
     e = edit_bytes(edits)
     if not e.request:
         return raw
-    if e.strip is not None:
-        first = raw.index(b"\n") + 1
-        ts = raw.index(b" ") + 1
-        te = raw.index(b" ", ts, first)
-        raw = raw[:ts] + rewrite_target(raw[ts:te], e.strip, e.prefix) + raw[te:]
-    return _edited_lines(raw, e.request_drop, e.request_lines, e.authority)
+    first = raw.index(b"\n") + 1
+    ts = raw.index(b" ") + 1
+    te = raw.index(b" ", ts, first)
+    target, host = edited_target(raw[ts:te], e)
+    raw = raw[:ts] + target + raw[te:]
+    return _edited_lines(raw, e.request_drop, e.request_lines, host)
 
 
 def edit_response_head(raw: bytes, edits: HeadEdits) -> bytes:
@@ -937,6 +988,20 @@ class Exchange:
             self._sent_head = edit_request_head(self._sent_head, self.edits)
         self._replay = bytearray(self._sent_head) if held else None
         return [Upstream(self._sent_head), *self._advance()]
+
+    def refused_rewrite(self) -> list[Action] | None:
+        """When the route's edits (:attr:`edits`, set by the shell) rewrite
+        the current request's path into one with a dot-segment (see
+        rewrite_refused()): the parser's 400 answer, the connection closed;
+        else None (ValueError for edits that must not be written out)."""
+        if self.edits is None:
+            return None
+        raw = self._sent_head
+        ts = raw.index(b" ") + 1
+        te = raw.index(b" ", ts, raw.index(b"\n"))
+        if not rewrite_refused(raw[ts:te], self.edits):
+            return None
+        return self.refuse(400, DOT_SEGMENT_REASON, close=True)
 
     def refuse(
         self, status: int, body: str, headers: str = "", drain: bool = False, close: bool = False

@@ -952,6 +952,10 @@ class HttpRelay:
             self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
             return
         c.ex.edits = d.edits
+        refused = c.ex.refused_rewrite()  # (a path rewrite made a dot-segment)
+        if refused is not None:
+            self._perform(c, refused, now)
+            return
         c.candidates = list(d.endpoints)
         if d.fault is not None and self._fault(c, d.fault, now):
             return  # delayed (_timers_due goes on with it) or aborted
