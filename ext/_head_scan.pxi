@@ -399,7 +399,10 @@ cdef inline Py_ssize_t dot_at(const unsigned char* buf, Py_ssize_t i, Py_ssize_t
     return 0
 
 
-cdef bint has_dot_segment(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+# (inline: the relay's fast_head() and edit_request() both call it; out of
+# line, every request on the fast path would pay a call)
+cdef inline bint has_dot_segment(const unsigned char* buf, Py_ssize_t a,
+                                 Py_ssize_t b) noexcept nogil:
     """Whether the path buf[a:b] has a dot-segment: "/" or "\\", one or two
     dots ("." or %2e, any case), then "/", "\\", "#", "?" or b. Read up to
     the first "?". The pure twin's has_dot_segment() (see its "Decisions")."""

@@ -125,7 +125,9 @@ request's response may outlive its verdict). ``pick()`` keeps the drawn
 choice's in ``c.edits``; ``apply_verdict`` rewrites the head staged in ``c.rhead`` (and the copy
 ``c.replay`` holds for a retry, the head alone by then) with its request
 edits (``edit_request``: the fast path's target is origin-form; an
-absolute-form one goes to the pure relay, which rewrites its path part),
+absolute-form one goes to the pure relay, which sends it in origin-form;
+a rewritten path with a dot-segment is answered 400 and closed,
+``rewrite_refused``),
 and ``final_head`` sends the final response head through
 ``send_edited_head`` when there are response edits (interim heads and the
 local answers go as before). A request whose choice has none pays a

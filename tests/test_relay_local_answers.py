@@ -17,6 +17,7 @@ from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_SCALE, Choice, Fault, Verdict
 from tests._scripted import (
     CLOSE,
+    STALL,
     Scripted,
     _client,
     _response,
@@ -131,6 +132,28 @@ def test_a_head_request_s_gateway_failure_gets_the_head_alone(mode: tuple[str, s
         relay.close()
         up.close()
     answer = local_response(502, reason, False, head_only=True)
+    assert got.startswith(answer) and got[len(answer) :].startswith(b"HTTP/1.1 200 "), got
+    assert len(up.requests) == 2
+
+
+def test_a_head_request_s_route_timeout_gets_the_head_alone(mode: tuple[str, str]) -> None:
+    """A HEAD whose backend never answers within the route's timeout: the
+    504's head alone, the connection kept; the next request served."""
+    up = Scripted([STALL])
+    which, how = mode
+    kw: dict[str, Any] = {}
+    eps = (up.endpoint,)
+    if how == "resolve":
+        verdict = Verdict((Choice(1, eps, "ORDERED", tag="t"),), ttl=60.0, timeout=0.2)
+        kw["resolve"] = lambda head, origin: verdict
+    decision = Decision(eps, tag="t", timeout=0.2)
+    relay = _relay(which, lambda h, o: decision, **kw)
+    try:
+        got = _head_then_get(relay)
+    finally:
+        relay.close()
+        up.close()
+    answer = local_response(504, "upstream request timeout", False, head_only=True)
     assert got.startswith(answer) and got[len(answer) :].startswith(b"HTTP/1.1 200 "), got
     assert len(up.requests) == 2
 

@@ -81,14 +81,25 @@ Decisions
   ``request_add`` lines before its empty line (:func:`edit_request_head`),
   its target's path rewritten (``path``: origin-form, or an absolute-form
   target's path part; the query kept, an empty path ``/``) and its Host
-  lines' values replaced (``authority``); a retry sends the same edited
-  head. The final response head as :func:`client_head` sends it loses the
-  lines ``response_remove`` or ``response_set`` name, and gets the
+  lines' values replaced (``authority``; a head without one gets one); a
+  retry sends the same edited head. An absolute-form target under request
+  edits goes in origin-form, its Host the authority rewritten or else the
+  target's (:func:`edited_target`: an origin server reads an absolute-form
+  target's authority, not Host). A rewritten path with a dot-segment is
+  never sent: the parser's 400 for such a target on input, the connection
+  closed (:meth:`Exchange.refused_rewrite`). Edits and a local answer's
+  headers that must not be written out (a name that is no token, a value
+  with CR, LF or NUL, an authority or prefix with a control, space or
+  ``#``) raise ValueError in :func:`edit_bytes` / :func:`header_lines`:
+  the relays answer the request as a decision that raised. The final
+  response head as :func:`client_head` sends it loses the lines
+  ``response_remove`` or ``response_set`` name, and gets the
   ``response_set`` then ``response_add`` lines after the relay's own
   connection line (:func:`edit_response_head`). Interim heads, a tunnel's
-  101 and the local answers are not edited. Names are compared
-  case-insensitively, added lines are ``name: value`` with CRLF; the
-  framing and hop-by-hop fields and Host are never touched
+  101 and the local answers are not edited (a local answer to a HEAD
+  request is its head alone: :func:`local_response`'s *head_only*). Names
+  are compared case-insensitively, added lines are ``name: value`` with
+  CRLF; the framing and hop-by-hop fields and Host are never touched
   (:func:`edit_bytes`).
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
