@@ -147,7 +147,10 @@ freed at ``close()``, never by ``verdict_free``: a delayed request outlives
 its verdict), which ``Verdict_.fault`` points at (NULL: none, or one that
 never falls). ``apply_verdict`` draws it per request, cached verdict or
 not, once ``pick()`` chose (``fault_drawn``: ``rng_next``, the delay's
-then the abort's, none for a share of 0 or all). A delayed request waits
+then the abort's, none for a share of 0 or all); a local verdict's, or a
+choice's with no endpoint, before its local answer (Envoy's fault filter
+runs before the router): delayed, the answer is a copy the Conn owns
+(``fault_local``: its verdict may be freed meanwhile; ``fault_forget``). A delayed request waits
 in ``P_CONNECT`` with no upstream, ``c.fault_until`` set and no timer of
 its route started (``request_read`` comes after it), its client watched
 for a reset as a backoff's wait is; ``timers_due`` ends the wait
@@ -662,7 +665,8 @@ cdef struct Conn:
     double head_started    # 0: no head pending
     double last_active
     double fault_until     # a fault's delay: when it ends (0: none; fault_drawn())
-    Verdict_ *fault_answer # ... and the abort's answer then (NULL: the request goes)
+    Verdict_ *fault_answer # ... and the abort's answer then (NULL: the request goes),
+                           # or the local answer's copy (fault_local; owned)
     double closing         # lingering-close deadline; 0: not closing
     double timeout         # the current request's route timeout (0: none)
     double resp_deadline   # ... when it passes: set once the request is read whole
@@ -705,6 +709,7 @@ cdef struct Conn:
     unsigned char slow_after_flush # hand to the pure relay once c.out is sent (_to_slow)
     unsigned char uncounted        # a routed request not counted yet (request_done)
     unsigned char scanning         # in head_step()'s loop (a call from below returns)
+    unsigned char fault_local      # c.fault_answer: a local answer's copy, freed with it
     unsigned char holds            # c.retry or c.edits is set, a reference taken (conn_drop_held)
 
 cdef struct Row:
@@ -1914,6 +1919,36 @@ cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
     request_done(R, c, c.status if c.rs != RS_HEAD else 0, False, now)
 
 
+cdef inline void fault_forget(Conn *c) noexcept nogil:
+    """A delayed request's answer is no longer to be given (its copy of a
+    local answer, fault_local: freed)."""
+    if c.fault_local:
+        verdict_free(c.fault_answer)
+        c.fault_local = False
+    c.fault_answer = NULL
+
+
+cdef Verdict_ *verdict_copy_local(const Verdict_ *v) noexcept nogil:
+    """A local answer's copy (its status, tag and bytes; NULL: out of
+    memory), for a delayed request that outlives its verdict."""
+    cdef Verdict_ *w = <Verdict_*>calloc(1, sizeof(Verdict_))
+    if w == NULL:
+        return NULL
+    w.kind = V_LOCAL
+    w.status = v.status
+    w.tag = v.tag
+    w.keep = <char*>malloc(v.keep_len or 1)
+    w.close = <char*>malloc(v.close_len or 1)
+    if w.keep == NULL or w.close == NULL:
+        verdict_free(w)
+        return NULL
+    memcpy(w.keep, v.keep, v.keep_len)
+    memcpy(w.close, v.close, v.close_len)
+    w.keep_len = v.keep_len
+    w.close_len = v.close_len
+    return w
+
+
 cdef void conn_drop_held(Conn *c) noexcept nogil:
     """c's request no longer follows its retry policy nor its head edits:
     the references apply_verdict() took go. At the exchange's end
@@ -2194,7 +2229,7 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
         if c.fault_until:
             if c.phase != P_CONNECT or c.up != NULL or c.need != N_NONE:
                 c.fault_until = 0  # (not due for ever)
-                c.fault_answer = NULL
+                fault_forget(c)
             elif c.fault_until <= now:
                 fault_over(R, c, now)
                 settle(R, c)
@@ -3348,6 +3383,11 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     c.started = now
     c.uncounted = True
     if v.kind == V_LOCAL:
+        if v.fault != NULL:
+            if v.tag >= 0:
+                c.tag = v.tag  # (an abort's answer is tagged as the local one)
+            if fault_drawn(R, c, v.fault, v, now):
+                return  # (the fault filter before the router: delayed or aborted)
         local_answer(R, c, v, now)
         return
     pick(R, c, v)
@@ -3357,7 +3397,11 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         count_row(R, c.tag, 0, 0.0)  # l4proxy_decisions_total
     if c.n_cand == 0:
         c.edits = NULL  # (no reference taken: its answer is local)
-        local_answer(R, c, empty if empty != NULL else v, now)
+        if empty == NULL:
+            empty = v
+        if v.fault != NULL and fault_drawn(R, c, v.fault, empty, now):
+            return  # (the fault filter before the router: delayed or aborted)
+        local_answer(R, c, empty, now)
         return
     c.timeout = v.timeout
     if c.edits != NULL:
@@ -3375,7 +3419,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         if v.retry.on and not c.replayable:
             c.replayable = True
             replay_add(c, c.rhead.p, c.rhead.len)
-    if v.fault != NULL and fault_drawn(R, c, v.fault, now):
+    if v.fault != NULL and fault_drawn(R, c, v.fault, NULL, now):
         return  # delayed (timers_due() goes on with it) or aborted
     if c.req_left == 0:
         request_read(R, c, now)  # a request without a body: its connect counts
@@ -3390,18 +3434,29 @@ cdef inline bint fault_falls(Relay *R, uint64_t ppm) noexcept nogil:
     return ppm >= FAULT_PPM or rng_next(R) % FAULT_PPM < ppm
 
 
-cdef bint fault_drawn(Relay *R, Conn *c, const Fault_ *f, double now) noexcept nogil:
+cdef bint fault_drawn(Relay *R, Conn *c, const Fault_ *f, Verdict_ *local,
+                      double now) noexcept nogil:
     """A route's fault injection for this request (see "Fault injection"):
     the delay's draw, then the abort's. True when the request is delayed
     (it waits in P_CONNECT with no upstream and no timer of its route,
     c.fault_until set, R.next_timer no later: timers_due() ends the wait,
-    fault_over()) or aborted (fault_abort())."""
+    fault_over()) or aborted (fault_abort()). *local*: the request's local
+    answer (its route's, or its choice's with no endpoint; NULL: it goes
+    upstream), given after a delay with no abort: a copy (its verdict may
+    be freed meanwhile), c.fault_local."""
     cdef bint delayed = fault_falls(R, f.delay_ppm) and f.delay > 0
     cdef bint aborted = fault_falls(R, f.abort_ppm)
+    cdef Verdict_ *copy = NULL
     if delayed:
+        if not aborted and local != NULL:
+            copy = verdict_copy_local(local)
+            if copy == NULL:  # (out of memory: answered now, undelayed)
+                local_answer(R, c, local, now)
+                return True
         c.phase = P_CONNECT
         c.fault_until = now + f.delay
-        c.fault_answer = f.answer if aborted else NULL
+        c.fault_answer = f.answer if aborted else copy
+        c.fault_local = copy != NULL
         c.last_active = c.fault_until  # (a wait is no idleness)
         timer_at(R, c.fault_until)
         return True
@@ -3417,6 +3472,11 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Verdict_ *answer = c.fault_answer
     c.fault_until = 0
     c.fault_answer = NULL
+    if c.fault_local:  # a local answer's copy: given, freed
+        c.fault_local = False
+        local_answer(R, c, answer, now)
+        verdict_free(answer)
+        return
     if answer != NULL:
         fault_abort(R, c, answer, now)
         return
@@ -4322,6 +4382,7 @@ cdef void bury(Relay *R) noexcept nogil:
         R.cgrave = c.grave_next
         if c.holds:
             conn_drop_held(c)
+        fault_forget(c)
         buf_free(&c.inb)
         buf_free(&c.out)
         buf_free(&c.rhead)
@@ -5600,8 +5661,14 @@ cdef class HttpRelay:
         cdef int i, j
         if verdict.local is not None:
             status, body = verdict.local
-            return _local_verdict(status, body, self._tag_id(verdict.tag),
-                                  header_lines(verdict.local_headers))
+            v = _local_verdict(status, body, self._tag_id(verdict.tag),
+                               header_lines(verdict.local_headers))
+            try:
+                v.fault = self._fault(verdict.fault)
+            except BaseException:
+                verdict_free(v)
+                raise
+            return v
         choices = verdict.choices
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
         v.kind = V_ROUTE
@@ -5715,9 +5782,10 @@ cdef class HttpRelay:
                 L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
                 d = Decision(local=(503, "no healthy upstream"))
             if d.local is not None:
-                verdict = Verdict(local=d.local, tag=d.tag, local_headers=d.local_headers)
+                verdict = Verdict(local=d.local, tag=d.tag, local_headers=d.local_headers,
+                                  fault=d.fault)
             elif not d.endpoints:
-                verdict = Verdict(local=(503, "no healthy upstream"), tag=d.tag)
+                verdict = Verdict(local=(503, "no healthy upstream"), tag=d.tag, fault=d.fault)
             else:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),

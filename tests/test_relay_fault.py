@@ -421,3 +421,89 @@ def test_faults_are_interned_per_distinct_fault() -> None:
         up.close()
     assert interned == 3  # (the one that never falls too: as nothing)
     assert relay.interned_faults == 0
+
+
+def _local_relay(mode: tuple[str, str], fault: Fault, local: tuple[int, str] | None) -> Any:
+    """A relay of the twin and mode whose route has *fault* and a local
+    answer: *local* (the route's own), or none of its destination's
+    endpoints (None: a choice without endpoints in the resolve mode, a
+    Decision without endpoints in the decide one)."""
+    which, how = mode
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            if local is not None:
+                return Verdict(local=local, tag="t", ttl=60.0, shape=SHAPE_FULL, fault=fault)
+            return Verdict(
+                (Choice(1, (), "ORDERED", tag="t"),), ttl=60.0, shape=SHAPE_FULL, fault=fault
+            )
+
+        return _relay(which, lambda h, o: Decision(()), resolve=resolve)
+    return _relay(which, lambda h, o: Decision((), local=local, tag="t", fault=fault))
+
+
+LOCALS = {"no-endpoint": None, "route-local": (403, "denied")}
+
+
+@pytest.mark.parametrize("local", sorted(LOCALS))
+def test_a_local_answer_is_aborted_first(mode: tuple[str, str], local: str) -> None:
+    """Envoy's fault filter runs before the router: a request whose route
+    answers locally (none of its destination's endpoints, or its own local
+    answer) gets the abort's answer instead, its connection kept."""
+    relay = _local_relay(mode, ABORT._replace(abort_status=418), LOCALS[local])
+    try:
+        a = _client(relay)
+        got = []
+        for _ in range(2):
+            a.sendall(_get("/f"))
+            got.append(_response(a))
+        a.close()
+    finally:
+        relay.close()
+    assert got == [local_response(418, FAULT_ABORT_BODY, close=False)] * 2
+
+
+@pytest.mark.parametrize("local", sorted(LOCALS))
+def test_a_local_answer_is_delayed_first(mode: tuple[str, str], local: str) -> None:
+    """The delay, then the local answer (a 503 ``no healthy upstream``, or
+    the route's own), its connection kept: the next request too."""
+    relay = _local_relay(mode, Fault(delay=0.3, delay_ppm=FAULT_SCALE), LOCALS[local])
+    status, body = LOCALS[local] or (503, "no healthy upstream")
+    try:
+        a = _client(relay)
+        got = []
+        start = time.monotonic()
+        for _ in range(2):
+            a.sendall(_get("/f"))
+            got.append(_response(a))
+        elapsed = time.monotonic() - start
+        a.close()
+    finally:
+        relay.close()
+    assert got == [local_response(status, body, close=False)] * 2
+    assert elapsed >= 0.6
+
+
+def test_a_reset_during_a_local_answers_delay(mode: tuple[str, str]) -> None:
+    """A client gone while its local answer is delayed: its connection
+    goes (no fd kept, the answer's copy freed), the relay serves the next
+    one; a relay closed with a request delayed closes cleanly."""
+    relay = _local_relay(mode, Fault(delay=0.3, delay_ppm=FAULT_SCALE), None)
+    try:
+        before = _fds()
+        a = _client(relay)
+        a.sendall(_get("/f"))
+        assert _until(lambda: relay.stats()["active"] == 1, 5.0)
+        _reset(a)
+        assert _until(lambda: relay.stats()["active"] == 0, 5.0)
+        fds = _fds()
+        b = _client(relay)
+        b.sendall(_get("/f"))
+        got = _response(b)
+        b.sendall(_get("/f"))  # (delayed when the relay closes)
+        time.sleep(0.05)
+    finally:
+        relay.close()
+    b.close()
+    assert fds == before
+    assert got == local_response(503, "no healthy upstream", close=False)

@@ -157,7 +157,7 @@ says neither, a half-close whose answer is still due.
 
 Fault injection (``Decision.fault``, a route's
 :class:`~l4proxy.dataplane.verdict.Fault`: Envoy's fault filter, which runs
-before the router): per request that would go upstream, two draws of this
+before the router): per request of the route, two draws of this
 relay's ``random.Random``, the delay's then the abort's (none for a share of
 0 or all). A delayed request waits in ``ROUTING`` with no upstream and no
 timer of its route (``_Conn.fault_until``, one of ``_timers_due``'s: Envoy's
@@ -167,8 +167,10 @@ requests behind it unread; then it goes as any (``_go``), or is aborted. An
 abort is a local answer (``Exchange.refuse(drain=True)``): its status and
 ``FAULT_ABORT_BODY``, reported with the route's tag, no endpoint told or
 counted; a request body is read and dropped after it and the connection
-goes on as its head asked. A route with no endpoint answers its 503 at
-once (no draw).
+goes on as its head asked. A request answered locally by its route (its
+decision's ``local``, or none of its destination's endpoints: the router's
+503) is drawn for as well, first: delayed, then its local answer
+(``_Conn.fault_local``), or aborted instead.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -319,6 +321,9 @@ class _Conn:
     # the abort's status then (0: none, the request goes on)
     fault_until: float = 0.0
     fault_abort: int = 0
+    # ... and, for a request with a local answer (its route's, or none of
+    # its destination's endpoints), that answer then when no abort fell
+    fault_local: tuple[int, str, str] | None = None
 
 
 class HttpRelay:
@@ -944,12 +949,15 @@ class HttpRelay:
         retry = d.retry if d.retry is not None and d.retry.in_effect else None
         c.ex.retry = retry
         c.try_deadline = 0.0
-        if d.local is not None:
-            status, body = d.local
+        if d.local is not None or not d.endpoints:
+            # (Envoy's fault filter runs before the router: a fault's delay
+            # and abort come first, then the local answer)
+            status, body = d.local if d.local is not None else (503, "no healthy upstream")
+            if d.fault is not None and self._fault(c, d.fault, now):
+                if c.fault_until:
+                    c.fault_local = (status, body, local_headers)
+                return  # delayed (_timers_due goes on with it) or aborted
             self._perform(c, c.ex.refuse(status, body, local_headers), now)
-            return
-        if not d.endpoints:
-            self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
             return
         c.ex.edits = d.edits
         refused = c.ex.refused_rewrite()  # (a path rewrite made a dot-segment)
@@ -1001,8 +1009,11 @@ class HttpRelay:
         """A fault's delay passed: the abort's answer, else the first try."""
         c.fault_until = 0.0
         status, c.fault_abort = c.fault_abort, 0
+        local, c.fault_local = c.fault_local, None
         if status:
             self._perform(c, c.ex.refuse(status, FAULT_ABORT_BODY, drain=True), now)
+        elif local is not None:  # no endpoint, or the route's local answer
+            self._perform(c, c.ex.refuse(*local), now)
         else:
             self._go(c, now)
             self._perform(c, [], now)  # (the timers: from now, as _route's caller's)
@@ -1423,6 +1434,7 @@ class HttpRelay:
                 continue
             if c.fault_until and c.ex.phase != Phase.ROUTING:
                 c.fault_until = 0.0  # (not due for ever)
+                c.fault_local = None
             if c.fault_until and c.fault_until <= now:
                 try:
                     self._fault_over(c, now)
