@@ -150,15 +150,18 @@ not, once ``pick()`` chose (``fault_drawn``: ``rng_next``, the delay's
 then the abort's, none for a share of 0 or all); a local verdict's, or a
 choice's with no endpoint, before its local answer (Envoy's fault filter
 runs before the router): delayed, the answer is a copy the Conn owns
-(``fault_local``: its verdict may be freed meanwhile; ``fault_forget``). A delayed request waits
+(``fault_local``: its verdict may be freed meanwhile; ``fault_forget``).
+A delayed request waits
 in ``P_CONNECT`` with no upstream, ``c.fault_until`` set and no timer of
 its route started (``request_read`` comes after it), its client watched
 for a reset as a backoff's wait is; ``timers_due`` ends the wait
 (``fault_over``: the first try, or the abort). An abort
-(``fault_abort``) is ``local_answer``'s answer whatever the body: what is
-here of it is dropped, the rest read and dropped in ``P_DISCARD``
-(``client_event``), then the next request. A verdict without a fault
-pays one pointer test per request.
+(``fault_abort``) is a local answer: a request body all here already
+(read with its head: a delayed request's client is not read) is dropped
+and the connection stays as its head asks; one not complete gets the
+answer with ``connection: close`` and the lingering close, as Envoy's
+connection manager does for a response before the request is complete.
+A verdict without a fault pays one pointer test per request.
 
 Outlier detection
 -----------------
@@ -374,7 +377,6 @@ cdef enum:
     P_CONNECT = 2    # head complete, upstream connecting
     P_EXCH = 3       # request going up, response coming down
     P_CLOSING = 4    # answer sent or being sent, then a lingering close
-    P_DISCARD = 5    # a fault's abort answered: its request body read and dropped
 
 # req_left of a chunked request body: more to come until its machine ends
 cdef int64_t REQ_CHUNKED = 0x7FFFFFFFFFFFFFFF
@@ -1053,7 +1055,7 @@ cdef inline bint reading_client(Conn *c) noexcept nogil:
         if c.splicing == SPL_REQ:
             return c.req_left > 0 and c.piped == 0  # (splice_moves)
         return c.req_left > 0
-    return c.phase == P_DISCARD
+    return False
 
 
 cdef void interest(Relay *R, Conn *c) noexcept nogil:
@@ -3487,13 +3489,18 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
 
 cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
     """A fault's abort: the local answer (local_answer()'s, its status and
-    FAULT_ABORT_BODY, with the tag pick() chose), the connection kept as
-    the head asks whatever its body: what is here of the body is dropped
-    (body_take()), the rest read and dropped in P_DISCARD (client_event()),
-    then the next request (refuse(drain=True) in _exchange_py.py)."""
+    FAULT_ABORT_BODY, with the tag pick() chose). A request body all here
+    already is dropped (body_take()) and the connection kept as the head
+    asks; one not complete (or not framed) closes it: the answer says
+    ``connection: close``, then the lingering close (Envoy's
+    downstream_rq_response_before_rq_complete; refuse(whole=True) in
+    _exchange_py.py)."""
     cdef bint keep = c.keep_alive and not c.client_eof
     cdef bint bad = False
-    cdef int64_t take
+    cdef int64_t take = 0
+    if keep and c.req_left:
+        take = body_take(c, c.inb.p + c.head_len, <int64_t>(c.inb.len - c.head_len), &bad)
+        keep = c.req_left == 0 and not bad
     if keep:
         answer_client(R, c, v.keep, v.keep_len)
     else:
@@ -3501,22 +3508,13 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     if c.closed:
         return
     request_done(R, c, v.status, True, now)
-    buf_drop(&c.inb, c.head_len)
+    buf_drop(&c.inb, c.head_len + <size_t>take if keep else c.head_len)
     c.head_len = 0
     buf_free(&c.rhead)
     if not keep:
         c.no_linger = done_talking(c)
         start_close(R, c, now)
         return
-    if c.req_left:
-        take = body_take(c, c.inb.p, <int64_t>c.inb.len, &bad)
-        if bad:  # answered already: nothing more to say
-            start_close(R, c, now)
-            return
-        buf_drop(&c.inb, <size_t>take)
-        if c.req_left:
-            c.phase = P_DISCARD  # (reading_client(): the rest of it)
-            return
     next_request(R, c, now)
 
 
@@ -4012,15 +4010,6 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                 conn_abort(R, c)
                 return
             head_step(R, c, now)
-        elif c.phase == P_DISCARD:  # an aborted request's body: dropped
-            take = body_take(c, R.scratch, n, &bad)
-            if bad:  # answered already: nothing more to say
-                start_close(R, c, now)
-            elif c.req_left == 0:
-                if take < n and buf_add(&c.inb, R.scratch + take, <size_t>(n - take)) != 0:
-                    conn_abort(R, c)
-                    return
-                next_request(R, c, now)
         else:  # request body bytes
             take = body_take(c, R.scratch, n, &bad)
             if bad:

@@ -895,9 +895,6 @@ class Exchange:
         self._parser = HeadParser(max_head)
         self._inbox = bytearray()  # client bytes after the current message
         self._client_eof = False
-        # a request body answered before it was read (refuse(drain=True)):
-        # read and dropped before the next head is parsed
-        self._discard: BodyFramer | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -1015,38 +1012,40 @@ class Exchange:
         return self.refuse(400, DOT_SEGMENT_REASON, close=True)
 
     def refuse(
-        self, status: int, body: str, headers: str = "", drain: bool = False, close: bool = False
+        self, status: int, body: str, headers: str = "", whole: bool = False, close: bool = False
     ) -> list[Action]:
         """Answer the current request locally (no upstream); *headers*: more
-        header lines for the answer (local_response's). *drain*: a request
-        body does not close the connection: it is read and dropped after
-        the answer, then the next request is read (a fault's abort, see
-        ``Fault``: Envoy's fault filter answers before the body and the
-        connection goes on). *close*: the connection closes after the
-        answer whatever the head asked (a head refused as the parser would,
-        see edits_refused()). A HEAD request gets the answer's head alone."""
+        header lines for the answer (local_response's). A request body
+        closes the connection after the answer (``connection: close``, the
+        lingering close: Envoy's response before the request is complete),
+        except with *whole* when all of it is here already: then it is
+        dropped and the connection stays as the head asks (a fault's abort,
+        see ``Fault``). *close*: the connection closes after the answer
+        whatever the head asked (a head refused as the parser would, see
+        edits_refused()). A HEAD request gets the answer's head alone."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
         kind, length = request_framing(self.head)
         bodyless = kind == Framing.NONE
-        keep = self.head.keep_alive and (bodyless or drain) and not self._client_eof and not close
+        complete, used = bodyless, 0
+        if whole and not bodyless:
+            framer = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
+            try:
+                used = framer.feed(self._inbox)
+                complete = framer.done
+            except FramingError:  # (not framed: a close, as one not complete)
+                complete = False
+        keep = self.head.keep_alive and complete and not self._client_eof and not close
         answer = local_response(status, body, not keep, headers, self._head_only())
         out: list[Action] = [
             Client(answer),
             Done(status, True),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
-            return out + self._close(self._done_talking(not bodyless))
-        if not bodyless:
-            self._discard = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
+            return out + self._close(self._done_talking(not complete))
+        del self._inbox[:used]
         return out + self._next_request()
-
-    @property
-    def discarding(self) -> bool:
-        """A body answered before it was read is being dropped (refuse's
-        *drain*): its bytes are no head's (no header timeout)."""
-        return self._discard is not None
 
     def upstream_data(self, data: bytes) -> list[Action]:
         if self.phase != Phase.EXCHANGE:
@@ -1197,16 +1196,6 @@ class Exchange:
 
     def _advance(self) -> list[Action]:
         out: list[Action] = []
-        if self.phase == Phase.HEAD and self._inbox and self._discard is not None:
-            try:
-                used = self._discard.feed(self._inbox)
-            except FramingError:  # answered already: nothing more to say
-                self._discard = None
-                return self._close()
-            del self._inbox[:used]
-            if not self._discard.done:
-                return out
-            self._discard = None
         if self.phase == Phase.HEAD and self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()

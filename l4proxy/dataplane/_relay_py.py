@@ -164,13 +164,16 @@ timer of its route (``_Conn.fault_until``, one of ``_timers_due``'s: Envoy's
 route timeout starts when the router gets the request), its client
 watched for a reset (which ends it: nothing went upstream), the pipelined
 requests behind it unread; then it goes as any (``_go``), or is aborted. An
-abort is a local answer (``Exchange.refuse(drain=True)``): its status and
+abort is a local answer (``Exchange.refuse(whole=True)``): its status and
 ``FAULT_ABORT_BODY``, reported with the route's tag, no endpoint told or
-counted; a request body is read and dropped after it and the connection
-goes on as its head asked. A request answered locally by its route (its
-decision's ``local``, or none of its destination's endpoints: the router's
-503) is drawn for as well, first: delayed, then its local answer
-(``_Conn.fault_local``), or aborted instead.
+counted; a request body all here already (read with its head: a delayed
+request's client is not read) is dropped and the connection goes on as
+its head asked, one not complete closes it (``connection: close``, the
+lingering close: Envoy's response before the request is complete). A
+request answered locally by its route (its decision's ``local``, or none
+of its destination's endpoints: the router's 503) is drawn for as well,
+first: delayed, then its local answer (``_Conn.fault_local``), or aborted
+instead.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -694,7 +697,7 @@ class HttpRelay:
             if not data:
                 self._perform(c, c.ex.client_eof(), now)
             else:
-                if c.ex.phase == Phase.HEAD and c.head_started is None and not c.ex.discarding:
+                if c.ex.phase == Phase.HEAD and c.head_started is None:
                     c.head_started = now
                 self._perform(c, c.ex.client_data(data), now)
         elif ev & (_EPOLLHUP | _EPOLLERR) and not c.out:
@@ -1001,7 +1004,7 @@ class HttpRelay:
             self._timer_at(c.fault_until)
             return True
         if aborted:
-            self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, drain=True), now)
+            self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True), now)
             return True
         return False
 
@@ -1011,7 +1014,7 @@ class HttpRelay:
         status, c.fault_abort = c.fault_abort, 0
         local, c.fault_local = c.fault_local, None
         if status:
-            self._perform(c, c.ex.refuse(status, FAULT_ABORT_BODY, drain=True), now)
+            self._perform(c, c.ex.refuse(status, FAULT_ABORT_BODY, whole=True), now)
         elif local is not None:  # no endpoint, or the route's local answer
             self._perform(c, c.ex.refuse(*local), now)
         else:

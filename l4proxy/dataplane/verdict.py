@@ -284,10 +284,14 @@ class Fault(NamedTuple):
     the route's timeout starts after it); then, independently, with
     probability ``abort_ppm`` / :data:`FAULT_SCALE` it is answered
     ``abort_status`` with the body :data:`FAULT_ABORT_BODY` (after the delay,
-    if both fell) and never goes upstream. A request's body, if any, is read
-    and discarded as for any local answer; the client's connection stays as
-    for one. A client that leaves during the delay ends it; nothing is
-    counted against an endpoint. Both draws use the relay's seeded RNG."""
+    if both fell) and never goes upstream. A request whose body is not all
+    here when the abort goes gets it with ``connection: close``, then the
+    connection closes (Envoy's response before the request is complete);
+    a complete body is dropped and the connection stays as its head asks.
+    A request answered locally (its route's answer, or none of its
+    destination's endpoints) is drawn for too, before that answer. A client
+    that leaves during the delay ends it; nothing is counted against an
+    endpoint. Both draws use the relay's seeded RNG."""
 
     delay: float = 0.0
     delay_ppm: int = 0
