@@ -142,10 +142,12 @@ Fault injection
 ---------------
 A route's fault injection (``Verdict.fault``, "Fault injection" in
 ``_relay_py.py``: Envoy's fault filter) is interned as a ``Fault_`` per
-distinct fault (``_fault``, with its abort's answer as a local verdict;
-freed at ``close()``, never by ``verdict_free``: a delayed request outlives
-its verdict), which ``Verdict_.fault`` points at (NULL: none, or one that
-never falls). ``apply_verdict`` draws it per request, cached verdict or
+distinct fault (``_fault``, with its abort's answer as a local verdict),
+which ``Verdict_.fault`` points at (NULL: none, or one that never falls),
+counted as retry policies are: a reference per verdict (``verdict_free``
+lets it go) and one while a request waits out its delay (``c.fault``: its
+abort's answer is read then; ``fault_over``, ``fault_forget`` let it go),
+swept by ``_sweep_interned``. ``apply_verdict`` draws it per request, cached verdict or
 not, once ``pick()`` chose (``fault_drawn``: ``rng_next``, the delay's
 then the abort's, none for a share of 0 or all); a local verdict's, or a
 choice's with no endpoint, before its local answer (Envoy's fault filter
@@ -355,7 +357,7 @@ cdef enum:
     MAX_LSTS = 16
     MAX_OTHERS = 1024      # accepted connections waiting for Python, per return
     INTERN_LIMIT = 4096    # origins or endpoints before the first sweep (_sweep)
-    INTERN_SLACK = 16      # retry policies or head edits past twice the live (_sweep_interned)
+    INTERN_SLACK = 16      # retry policies, head edits or faults past twice the live (_sweep_interned)
     SPLICE_MIN = 131072    # a body this long (still to come) is spliced
     SPL_RESP = 1           # Conn.splicing: the response body (upstream -> client)
     SPL_REQ = 2            # ... the request body (client -> upstream)
@@ -590,6 +592,7 @@ cdef struct Choice_:
 cdef struct Fault_:
     # a route's fault injection (verdict.Fault), interned per distinct
     # fault as Retry_ is: a delayed Conn points at its answer past its verdict
+    Py_ssize_t refs        # the verdicts pointing at it, and the Conns it delays
     double delay           # seconds (0: none)
     uint64_t delay_ppm     # of FAULT_SCALE
     uint64_t abort_ppm
@@ -667,6 +670,7 @@ cdef struct Conn:
     double head_started    # 0: no head pending
     double last_active
     double fault_until     # a fault's delay: when it ends (0: none; fault_drawn())
+    Fault_ *fault          # ... the fault, a reference held till then (fault_forget)
     Verdict_ *fault_answer # ... and the abort's answer then (NULL: the request goes),
                            # or the local answer's copy (fault_local; owned)
     double closing         # lingering-close deadline; 0: not closing
@@ -1764,6 +1768,8 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
         return
     if v.retry != NULL:
         v.retry.refs -= 1
+    if v.fault != NULL:
+        v.fault.refs -= 1
     for i in range(v.n):
         free(v.choices[i].eps)
         verdict_free(v.choices[i].empty)
@@ -1923,11 +1929,14 @@ cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
 
 cdef inline void fault_forget(Conn *c) noexcept nogil:
     """A delayed request's answer is no longer to be given (its copy of a
-    local answer, fault_local: freed)."""
+    local answer, fault_local: freed), its fault no longer held."""
     if c.fault_local:
         verdict_free(c.fault_answer)
         c.fault_local = False
     c.fault_answer = NULL
+    if c.fault != NULL:
+        c.fault.refs -= 1
+        c.fault = NULL
 
 
 cdef Verdict_ *verdict_copy_local(const Verdict_ *v) noexcept nogil:
@@ -3436,7 +3445,7 @@ cdef inline bint fault_falls(Relay *R, uint64_t ppm) noexcept nogil:
     return ppm >= FAULT_PPM or rng_next(R) % FAULT_PPM < ppm
 
 
-cdef bint fault_drawn(Relay *R, Conn *c, const Fault_ *f, Verdict_ *local,
+cdef bint fault_drawn(Relay *R, Conn *c, Fault_ *f, Verdict_ *local,
                       double now) noexcept nogil:
     """A route's fault injection for this request (see "Fault injection"):
     the delay's draw, then the abort's. True when the request is delayed
@@ -3459,6 +3468,8 @@ cdef bint fault_drawn(Relay *R, Conn *c, const Fault_ *f, Verdict_ *local,
         c.fault_until = now + f.delay
         c.fault_answer = f.answer if aborted else copy
         c.fault_local = copy != NULL
+        c.fault = f  # (held: its answer is read when the delay ends)
+        f.refs += 1
         c.last_active = c.fault_until  # (a wait is no idleness)
         timer_at(R, c.fault_until)
         return True
@@ -3472,15 +3483,19 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
     """A fault's delay passed: the abort's answer, else the first try (its
     route and per-try timers from now, as Envoy's router's)."""
     cdef Verdict_ *answer = c.fault_answer
+    cdef Fault_ *f = c.fault
     c.fault_until = 0
     c.fault_answer = NULL
+    c.fault = NULL
     if c.fault_local:  # a local answer's copy: given, freed
         c.fault_local = False
         local_answer(R, c, answer, now)
         verdict_free(answer)
-        return
-    if answer != NULL:
+    elif answer != NULL:
         fault_abort(R, c, answer, now)
+    if f != NULL:
+        f.refs -= 1  # (after its answer went: no sweep runs meanwhile)
+    if answer != NULL:
         return
     if c.req_left == 0:
         request_read(R, c, now)
@@ -4515,7 +4530,7 @@ cdef class HttpRelay:
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
     cdef dict _edits               # HeadEdits -> its Edits_ (an address; 0: nothing), interned
     cdef dict _faults              # Fault -> its Fault_ (an address; 0: never falls), interned
-    cdef Py_ssize_t _live_retries, _live_edits  # ... how many the last sweep kept
+    cdef Py_ssize_t _live_retries, _live_edits, _live_faults  # ... how many the last sweep kept
     cdef readonly int interned_sweeps  # _sweep_interned() runs
 
     def __cinit__(self, *args, **kwargs):
@@ -5617,6 +5632,7 @@ cdef class HttpRelay:
         of their own but their key's: they go too."""
         cdef Retry_ *r
         cdef Edits_ *e
+        cdef Fault_ *f
         for policy, addr in list(self._retries.items()):
             r = <Retry_*><size_t>addr
             if r.refs == 0:
@@ -5627,8 +5643,16 @@ cdef class HttpRelay:
             if e == NULL or e.refs == 0:
                 del self._edits[edits]
                 free(e)
+        for fault, addr in list(self._faults.items()):
+            f = <Fault_*><size_t>addr
+            if f == NULL or f.refs == 0:
+                del self._faults[fault]
+                if f != NULL:
+                    verdict_free(f.answer)
+                    free(f)
         self._live_retries = len(self._retries)
         self._live_edits = len(self._edits)
+        self._live_faults = len(self._faults)
         self.interned_sweeps += 1
 
     @property
@@ -5704,7 +5728,12 @@ cdef class HttpRelay:
             return NULL
         addr = self._faults.get(fault)
         if addr is not None:
-            return <Fault_*><size_t>addr
+            p = <Fault_*><size_t>addr
+            if p != NULL:
+                p.refs += 1
+            return p
+        if len(self._faults) >= 2 * self._live_faults + INTERN_SLACK:
+            self._sweep_interned()
         delay_ppm = min(max(0, int(fault.delay_ppm)), FAULT_SCALE)
         abort_ppm = min(max(0, int(fault.abort_ppm)), FAULT_SCALE)
         if float(fault.delay) <= 0:
@@ -5724,11 +5753,13 @@ cdef class HttpRelay:
             free(p)
             raise
         self._faults[fault] = <size_t>p
+        p.refs = 1
         return p
 
     @property
     def interned_faults(self):
-        """How many distinct faults this relay holds (freed at close())."""
+        """How many distinct faults this relay holds (bounded:
+        _sweep_interned; none after close())."""
         return len(self._faults)
 
     cdef Verdict_ *_checked(self, verdict) except? NULL:

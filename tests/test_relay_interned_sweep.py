@@ -1,9 +1,10 @@
-"""The compiled relay's interned retry policies and head edits stay bounded
-across rule swaps (``_sweep_interned`` in ext/relay.pyx: each ``Retry_``
-and ``Edits_`` counts the verdicts and the requests that point at it, and a
-sweep frees those nothing points at), and what a request still holds is
-never freed under it: a request routed before many swaps, retried and
-answered after them, is edited by its own verdict's edits. Real sockets;
+"""The compiled relay's interned retry policies, head edits and faults stay
+bounded across rule swaps (``_sweep_interned`` in ext/relay.pyx: each
+``Retry_``, ``Edits_`` and ``Fault_`` counts the verdicts and the requests
+that point at it, and a sweep frees those nothing points at), and what a
+request still holds is never freed under it: a request routed before many
+swaps, retried and answered after them, is edited by its own verdict's
+edits; one delayed through them gets its own fault's abort. Real sockets;
 the compiled twin per request (decide) and from a cached verdict (resolve).
 The pure twin interns nothing (Python objects).
 """
@@ -16,9 +17,18 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane._exchange_py import local_response
 from l4proxy.dataplane._relay_py import Decision
-from l4proxy.dataplane.verdict import Choice, HeadEdits, RetryPolicy, Verdict
-from tests._scripted import _client
+from l4proxy.dataplane.verdict import (
+    FAULT_ABORT_BODY,
+    FAULT_SCALE,
+    Choice,
+    Fault,
+    HeadEdits,
+    RetryPolicy,
+    Verdict,
+)
+from tests._scripted import _client, _until
 from tests.test_relay_edges import Backend, _relay
 
 SWAPS = 200
@@ -225,3 +235,86 @@ def test_interned_retries_and_edits_stay_bounded_across_rule_swaps(how: str) -> 
         relay.close()
         up.close()
     assert relay.interned_retries == 0 and relay.interned_edits == 0
+
+
+HELD_DELAY = 3.0  # a held request's delay: past every swap's
+
+
+def _fault(gen: int, delay: float) -> Fault:
+    """Generation *gen*'s fault: distinct from every other generation's,
+    a delay of about *delay*, then an abort whose status names *gen*."""
+    return Fault(
+        delay=delay + gen * 1e-6,
+        delay_ppm=FAULT_SCALE,
+        abort_status=400 + gen % 100,
+        abort_ppm=FAULT_SCALE,
+    )
+
+
+@pytest.mark.parametrize("how", ["decide", "resolve"])
+def test_interned_faults_stay_bounded_across_rule_swaps(how: str) -> None:
+    """200 rule swaps, each a new distinct fault (a delay of 1 ms, then an
+    abort of a status of its generation's), a request per swap; two
+    requests delayed through every swap (routed at the first with its
+    distinct 3 s faults): one aborted after it (its fault's answer read
+    then: its own generation's status), one whose route has no endpoint
+    (its 503 given after it, its verdict long freed). The interned faults
+    stay under BOUND at every swap (they passed 200 without the sweep),
+    sweeps ran, and nothing stays interned after close()."""
+    state = {"gen": 0}
+    routed: list[str] = []  # the held requests routed
+
+    def fault_of(target: str) -> Fault:
+        if target.startswith("/held"):
+            routed.append(target)
+        if target == "/held-none":  # (its delay alone: no abort)
+            return Fault(delay=HELD_DELAY + state["gen"] * 1e-6, delay_ppm=FAULT_SCALE)
+        return _fault(state["gen"], HELD_DELAY if target == "/held" else 0.001)
+
+    def decide(head: Any, origin: Any) -> Decision:
+        endpoints = () if head.target == "/held-none" else (("127.0.0.1", 9),)
+        return Decision(endpoints, tag="t", fault=fault_of(head.target))
+
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            endpoints = () if head.target == "/held-none" else (("127.0.0.1", 9),)
+            choice = Choice(1, endpoints, "ORDERED", tag="t")
+            return Verdict((choice,), ttl=60.0, fault=fault_of(head.target))
+
+        kw["resolve"] = resolve
+    relay = _relay("compiled", decide, **kw)
+    try:
+        state["gen"] = 1
+        held = _client(relay)
+        held.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        none = _client(relay)
+        none.sendall(b"GET /held-none HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _until(lambda: len(routed) == 2, 5.0)  # (at generation 1)
+        a = _client(relay)
+        ra = Reader(a)
+        most = 0
+        for gen in range(2, SWAPS + 1):
+            state["gen"] = gen
+            if how == "resolve":
+                relay.invalidate()
+            a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            most = max(most, relay.interned_faults)
+            assert relay.interned_faults <= BOUND, (gen, relay.interned_faults)
+        # (the swaps came within the held requests' delay: it held them)
+        assert relay.stats()["local_answers"] == SWAPS - 1
+        assert relay.interned_sweeps >= SWAPS // BOUND, relay.interned_sweeps
+        assert most > 16, most
+        got = Reader(held).response()
+        assert got == local_response(401, FAULT_ABORT_BODY, False)
+        got = Reader(none).response()
+        assert got == local_response(503, "no healthy upstream", False)
+        for s in (a, held, none):
+            s.close()
+        stats = relay.stats()
+        assert stats["errors"] == 0, stats
+    finally:
+        relay.close()
+    assert relay.interned_faults == 0
