@@ -4518,6 +4518,8 @@ cdef class HttpRelay:
     cdef dict _tag_ids
     cdef dict _key_index           # key header name -> its index in the Head
     cdef list _tags
+    cdef list _free_tags           # ids of _tags nothing refers to (None there): reused
+    cdef Py_ssize_t _live_tags     # ... how many the last _sweep_tags kept
     cdef bint _started, _closed
     cdef bint _stuck               # close() left the thread running (a callback hung)
     cdef object _buckets
@@ -4532,6 +4534,7 @@ cdef class HttpRelay:
     cdef dict _faults              # Fault -> its Fault_ (an address; 0: never falls), interned
     cdef Py_ssize_t _live_retries, _live_edits, _live_faults  # ... how many the last sweep kept
     cdef readonly int interned_sweeps  # _sweep_interned() runs
+    cdef readonly int tag_sweeps       # _sweep_tags() runs
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -4592,6 +4595,7 @@ cdef class HttpRelay:
         self._rr_ids = {}
         self._tag_ids = {}
         self._tags = []
+        self._free_tags = []
         self._buckets = tuple(buckets)
         self._flushed = []
         if _LOCAL_502_BEFORE == NULL:
@@ -5461,17 +5465,89 @@ cdef class HttpRelay:
             self.sweeps += 1
 
     cdef int _tag_id(self, tag) except -2:
+        """The id of a verdict's tag (interned per distinct tag; an
+        unhashable one gets an id per conversion), from the ids
+        _sweep_tags freed first."""
         try:
             return self._tag_ids[tag]
         except KeyError:
-            pass
+            hashable = True
         except TypeError:
+            hashable = False
+        if self._free_tags:
+            tid = self._free_tags.pop()
+            self._tags[tid] = tag
+        else:
+            tid = len(self._tags)
             self._tags.append(tag)
-            return len(self._tags) - 1
-        tid = len(self._tags)
-        self._tags.append(tag)
-        self._tag_ids[tag] = tid
+        if hashable:
+            self._tag_ids[tag] = tid
         return tid
+
+    cdef _sweep_tags(self):
+        """Free the tag ids nothing refers to (the loop's thread, before a
+        conversion takes any id: what holds one is all here): each reload
+        may bring new tags (subsets or routes renamed), an unhashable tag
+        one per conversion; kept, they grew for the life of the process.
+        What reads an id later, marked: the cached verdicts (theirs, their
+        choices' and empty answers'), every connection's c.tag (its
+        reports: failures, outcomes) and a delayed request's local answer,
+        those waiting in the grave, the metric rows not yet flushed
+        (_flush), the queued outcomes. A freed id is reused only once
+        nothing reads it. Run when the ids in use passed twice what the
+        last sweep kept, plus INTERN_SLACK (amortized O(1) per id)."""
+        cdef Relay *R = self.R
+        cdef Verdict_ *v
+        cdef Conn *c
+        cdef int i, j
+        cdef Py_ssize_t n = len(self._tags)
+        live = bytearray(n + 1)  # (index n: an id out of range, -1 below)
+        marks = []
+        if R.cache != NULL:
+            for i in range(CACHE_SLOTS):
+                v = R.cache[i].v
+                if R.cache[i].key == NULL or v == NULL:
+                    continue
+                marks.append(v.tag)
+                for j in range(v.n):
+                    marks.append(v.choices[j].tag)
+                    if v.choices[j].empty != NULL:
+                        marks.append(v.choices[j].empty.tag)
+        for i in range(R.n_conns):
+            c = R.conns[i]
+            marks.append(c.tag)
+            if c.fault_local:
+                marks.append(c.fault_answer.tag)
+        c = R.cgrave
+        while c != NULL:
+            marks.append(c.tag)
+            c = c.grave_next
+        for i in range(ROWS_SLOTS):
+            if R.rows[i].tag > 0:
+                marks.append(R.rows[i].tag - 1)
+        for i in range(R.n_outcomes):
+            marks.append(R.out_tag[i])
+        for t in marks:
+            if 0 <= t < n:
+                live[t] = 1
+        free = set(self._free_tags)
+        for t in range(n):
+            if not live[t] and t not in free:
+                tag = self._tags[t]
+                self._tags[t] = None
+                try:
+                    if self._tag_ids.get(tag) == t:
+                        del self._tag_ids[tag]
+                except TypeError:
+                    pass
+                self._free_tags.append(t)
+        self._live_tags = n - len(self._free_tags)
+        self.tag_sweeps += 1
+
+    @property
+    def interned_tags(self):
+        """How many tag ids are in use (bounded: _sweep_tags)."""
+        return len(self._tags) - len(self._free_tags)
 
     cdef EP *_ep(self, key) except NULL:
         cdef Relay *R = self.R
@@ -5672,6 +5748,8 @@ cdef class HttpRelay:
         cdef Verdict_ *v
         cdef Choice_ *ch
         cdef int i, j
+        if len(self._tags) - len(self._free_tags) >= 2 * self._live_tags + INTERN_SLACK:
+            self._sweep_tags()  # (before this verdict takes an id)
         if verdict.local is not None:
             status, body = verdict.local
             v = _local_verdict(status, body, self._tag_id(verdict.tag),

@@ -318,3 +318,83 @@ def test_interned_faults_stay_bounded_across_rule_swaps(how: str) -> None:
     finally:
         relay.close()
     assert relay.interned_faults == 0
+
+
+FLUSH_EVERY = 5  # swaps between metric flushes (a row holds its tag's id till then)
+# What a tag sweep keeps: the rows not flushed (FLUSH_EVERY, one a swap), the
+# client's connection's and the held one's, the cached verdict's, one at the
+# edge; twice that plus INTERN_SLACK (16) before the next sweep.
+TAG_BOUND = 2 * (FLUSH_EVERY + 4) + 16
+
+
+@pytest.mark.parametrize("how", ["decide", "resolve"])
+def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str) -> None:
+    """200 rule swaps, each with a new distinct tag (every other one
+    unhashable: an id per conversion), a request per swap answered by its
+    generation's abort (a status of its own), and a request delayed
+    through every swap under a tag of its own: the tag ids in use stay
+    under TAG_BOUND at every swap (they passed 200 without the sweep), and
+    every reported row, flushed whenever, has its own request's tag (a
+    freed id reused never reports another tag)."""
+    state = {"gen": 0}
+    routed: list[str] = []
+    rows: list[tuple[Any, int, int]] = []
+    lock = threading.Lock()
+
+    def report_rows(decided: Any, answered: Any) -> None:
+        with lock:
+            rows.extend((tag, status, count) for tag, status, count, _, _ in answered)
+
+    def tag_fault(target: str) -> tuple[Any, Fault]:
+        gen = state["gen"]
+        if target == "/held":
+            routed.append(target)
+            return "held", _fault(gen, HELD_DELAY)
+        return (f"t{gen}" if gen % 2 else ["u", gen]), _fault(gen, 0.0)
+
+    def decide(head: Any, origin: Any) -> Decision:
+        tag, fault = tag_fault(head.target)
+        return Decision((("127.0.0.1", 9),), tag=tag, fault=fault)
+
+    kw: dict[str, Any] = {"report_rows": report_rows}
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            tag, fault = tag_fault(head.target)
+            choice = Choice(1, (("127.0.0.1", 9),), "ORDERED", tag=tag)
+            return Verdict((choice,), ttl=60.0, fault=fault)
+
+        kw["resolve"] = resolve
+    relay = _relay("compiled", decide, **kw)
+    try:
+        state["gen"] = 1
+        held = _client(relay)
+        held.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _until(lambda: len(routed) == 1, 5.0)
+        a = _client(relay)
+        ra = Reader(a)
+        most = 0
+        for gen in range(2, SWAPS + 1):
+            state["gen"] = gen
+            if how == "resolve":
+                relay.invalidate()
+            a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            if gen % FLUSH_EVERY == 0:
+                relay.flush_reports(1.0)
+            most = max(most, relay.interned_tags)
+            assert relay.interned_tags <= TAG_BOUND, (gen, relay.interned_tags)
+        assert relay.stats()["local_answers"] == SWAPS - 1  # (the held one still held)
+        assert Reader(held).response() == local_response(401, FAULT_ABORT_BODY, False)
+        a.close()
+        held.close()
+        relay.flush_reports(1.0)
+        assert relay.tag_sweeps >= SWAPS // TAG_BOUND, relay.tag_sweeps
+        assert most > 16, most
+    finally:
+        relay.close()
+    want = [("held", 401, 1)]
+    for gen in range(2, SWAPS + 1):
+        want.append((f"t{gen}" if gen % 2 else ["u", gen], 400 + gen % 100, 1))
+    key = repr
+    assert sorted(rows, key=key) == sorted(want, key=key)
