@@ -24,27 +24,9 @@ from l4proxy.dataplane.verdict import FAULT_SCALE, Fault
 from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests.test_config_errors import REGISTRY
+from tests.test_rules_head_edits import DR, VS
 
 HOST = "bootcamp.default.svc.cluster.local"
-DR = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: bootcamp}
-spec:
-  host: bootcamp
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-"""
-VS = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: bootcamp}
-spec:
-  hosts: [bootcamp]
-  http:
-"""
 RR = """\
 apiVersion: config.istio.io/v1alpha2
 kind: RouteRule
