@@ -500,6 +500,26 @@ def test_validate_verbose_says_the_host_s_and_each_destination_s(
     assert f"subset v1 (version=v1; ROUND_ROBIN; outlier detection: {rule_said})\n" in out
 
 
+def test_validate_verbose_says_each_endpoint_s_policy_where_not_the_host_s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The endpoint v2 is held to its subset's policy merged with the
+    rule's (reached through both): said under it; v1's are the host's own:
+    nothing more under them."""
+    f = tmp_path / "rules.yaml"
+    f.write_text(RULE_AND_V2 + vs(JASON_TO_V2, TO_HOST))
+    assert main(["validate", "-v", str(f), REGISTRY]) == 0
+    out, _ = capsys.readouterr()
+    lines = out.splitlines()
+    both_said = (
+        "        outlier detection: 5xx x3, gateway x2, eject 60 s (x n, max 300 s), "
+        "interval 5 s, max 40% ejected, panic below 50% healthy (then all endpoints)"
+    )
+    (v2,) = [i for i, line in enumerate(lines) if "version=v2" in line and ":8080" in line]
+    assert lines[v2 + 1] == both_said, lines[v2 : v2 + 2]
+    assert sum(line.startswith("        outlier detection:") for line in lines) == 1, out
+
+
 def test_validate_verbose_says_a_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "rules.yaml"
     f.write_text(rule("{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}"))

@@ -413,6 +413,7 @@ def format_table(t: dict[str, Any]) -> str:
     """The compiled table (``RouteTable.to_json()``) in readable form."""
     lines: list[str] = [f"route table (namespace {t['namespace']}, domain {t['domain']}):"]
     pools: dict[str, dict[str, Any]] = t.get("connection_pools", {})
+    outliers: dict[str, dict[str, Any]] = t.get("outlier_policies", {})
     known = set()
     for s in t["services"]:
         known.add(s["host"])
@@ -442,6 +443,11 @@ def format_table(t: dict[str, Any]) -> str:
                 ep_pool = pools.get(endpoint_name(ep["address"], ep["port"]))
                 said = f"  pool: {_pool(ep_pool)}" if ep_pool else ""
                 lines.append(f"      {ep['address']}:{ep['port']}  {_labels(ep['labels'])}{said}")
+                # the policy it is held to, where not the host's own (a
+                # subset's, or several destinations' merged: the most eager)
+                held = outliers.get(endpoint_name(ep["address"], ep["port"]))
+                if held and held != s.get("outlier_detection"):
+                    lines.append(f"        outlier detection: {_outlier(held)}")
         routes = t["routes"].get(s["host"], [])
         if routes:
             lines.append("    routes, first match wins:")
