@@ -21,10 +21,10 @@ import pytest
 
 from l4proxy.cli import main
 from l4proxy.dataplane.verdict import FAULT_SCALE, Fault
-from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules import load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests.test_config_errors import REGISTRY
-from tests.test_rules_head_edits import DR, VS
+from tests.test_rules_head_edits import DR, VS, _line, assert_error_at
 
 HOST = "bootcamp.default.svc.cluster.local"
 RR = """\
@@ -61,12 +61,6 @@ def decided(table: RouteTable, path: str = "/", **headers: str) -> tuple[str, Fa
     assert svc is not None
     d = table.decide(svc, 8080, Request(path=path, authority="bootcamp:8080", headers=headers))
     return d.route, d.fault
-
-
-def _line(text: str, marker: str) -> int:
-    lines = [i for i, line in enumerate(text.splitlines(), 1) if marker in line]
-    assert lines, marker
-    return lines[0]
 
 
 # -- Istio's examples ------------------------------------------------------------
@@ -453,14 +447,7 @@ ISTIO_ERRORS = [
 def test_istio_errors_name_file_and_line(
     tmp_path: Path, http: str, marker: str, message: str
 ) -> None:
-    text = DR + VS + http
-    f = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_rules([f, REGISTRY])
-    errs = [e for e in info.value.errors if message in e.message]
-    assert errs, f"no error containing {message!r} in:\n{info.value}"
-    assert errs[0].file == f
-    assert errs[0].line == _line(text, marker), str(errs[0])
+    assert_error_at(tmp_path, DR + VS + http, marker, message)
 
 
 # -- RouteRule httpFault (Istio 0.7) ----------------------------------------------------
@@ -546,11 +533,4 @@ RULE_ERRORS = [
 def test_route_rule_errors_name_file_and_line(
     tmp_path: Path, fault: str, marker: str, message: str
 ) -> None:
-    text = RR + fault
-    f = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_rules([f, REGISTRY])
-    errs = [e for e in info.value.errors if message in e.message]
-    assert errs, f"no error containing {message!r} in:\n{info.value}"
-    assert errs[0].file == f
-    assert errs[0].line == _line(text, marker), str(errs[0])
+    assert_error_at(tmp_path, RR + fault, marker, message)

@@ -800,7 +800,12 @@ def _line(text: str, marker: str) -> int:
 def test_istio_errors_name_file_and_line(
     tmp_path: Path, http: str, marker: str, message: str
 ) -> None:
-    text = DR + VS + http
+    assert_error_at(tmp_path, DR + VS + http, marker, message)
+
+
+def assert_error_at(tmp_path: Path, text: str, marker: str, message: str) -> None:
+    """Loading *text* fails with an error containing *message*, at its file
+    and at the line of *marker*."""
     f = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_rules([f, REGISTRY])
