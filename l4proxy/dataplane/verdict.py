@@ -15,12 +15,16 @@ it has no Python in it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 __all__ = [
     "BACKOFF_MAX_FACTOR",
     "DEFAULT_RETRY_BACKOFF",
+    "HASH_COOKIE",
+    "HASH_HEADER",
+    "HASH_KINDS",
+    "HASH_QUERY",
     "RETRY_4XX",
     "RETRY_5XX",
     "RETRY_GATEWAY_ERROR",
@@ -34,10 +38,15 @@ __all__ = [
     "TEST_KINDS",
     "Choice",
     "Fault",
+    "HashOn",
     "HeadEdits",
     "PathRewrite",
     "RetryPolicy",
     "Verdict",
+    "cookie_value",
+    "endpoint_hash",
+    "hash_key",
+    "hash_order",
     "request_bits",
 ]
 
@@ -299,11 +308,136 @@ class Fault(NamedTuple):
     abort_ppm: int = 0
 
 
+# What a consistent-hash choice hashes (HashOn.kind)
+HASH_HEADER = "header"
+HASH_COOKIE = "cookie"
+HASH_QUERY = "query"
+HASH_KINDS = (HASH_HEADER, HASH_COOKIE, HASH_QUERY)
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_M64 = (1 << 64) - 1
+
+
+def hash_key(value: bytes) -> int:
+    """The 64-bit key of a hashed value (a header's, a cookie's, a query
+    parameter's bytes): FNV-1a. The compiled relay's twin is hash_fnv()."""
+    h = _FNV_OFFSET
+    for b in value:
+        h = ((h ^ b) * _FNV_PRIME) & _M64
+    return h
+
+
+def endpoint_hash(ep: Endpoint) -> int:
+    """An endpoint's 64-bit identity in the rendezvous draw:
+    :func:`hash_key` of ``"address:port"`` (an IPv6 address as it is
+    written in the endpoint, without brackets)."""
+    return hash_key(f"{ep[0]}:{ep[1]}".encode())
+
+
+def _mix(x: int) -> int:
+    # splitmix64's finalizer: every bit of x moves about half of the result's
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def hash_order(key: int, hashes: Sequence[int]) -> list[int]:
+    """The order a consistent-hash choice tries its endpoints in for a
+    request with *key*: the indices of *hashes* (:func:`endpoint_hash` of
+    each endpoint) by descending score ``mix(key ^ hash)``, ties by index
+    (rendezvous, or highest-random-weight, hashing). A key always goes to
+    the same endpoint while it stays; an endpoint that goes (ejected,
+    scaled away) moves only its own keys, each to its next in this order,
+    and one that comes takes about 1/n of the keys: the guarantees of
+    Envoy's ring hash and Maglev without a table. Its retries go down the
+    same order."""
+    scores = [_mix(key ^ h) for h in hashes]
+    return sorted(range(len(hashes)), key=lambda i: (-scores[i], i))
+
+
+def cookie_value(draw: int) -> str:
+    """The value of a cookie the relay generates (HashOn.ttl) from a 64-bit
+    draw of its RNG: 16 lowercase hex digits (as Envoy's, which hashes the
+    client's address)."""
+    return f"{draw & _M64:016x}"
+
+
+class HashOn(NamedTuple):
+    """What a ``HASH`` choice hashes per request to order its endpoints
+    (:func:`hash_order`): Envoy's hash policy as Istio configures it from a
+    DestinationRule's ``loadBalancer.consistentHash``. Requests with the
+    same value go to the same endpoint (sticky sessions); the weighted
+    draw between a route's destinations stays per request, as in Istio.
+
+    ``kind`` :data:`HASH_HEADER`: the value of the request's header
+    ``name`` (lowercase; its last line when there are several, OWS
+    trimmed, Latin-1 bytes: what ``Request.headers`` holds); present but
+    empty is the empty value. :data:`HASH_COOKIE`: the value of the first
+    cookie named ``name`` (case-sensitive) in the request's ``cookie``
+    header (its last line), pairs split on ``;`` and trimmed, one pair of
+    surrounding double quotes removed; empty is absent. :data:`HASH_QUERY`:
+    the first value of the query parameter ``name`` in the target, as sent
+    (not percent-decoded; no ``=``: the empty value), as routing's
+    ``_query_params`` reads it. The key is :func:`hash_key` of the value's
+    bytes.
+
+    A request without the value gets a random key (Envoy: a random host),
+    unless ``ttl`` is not None (a cookie only): then the relay generates a
+    cookie (:func:`cookie_value` of a draw), hashes its value as if the
+    request had sent it, and the final response head gets
+    :meth:`set_cookie`'s line after the choice's response edits (the
+    client's next request sends it back and sticks)."""
+
+    kind: str
+    name: str
+    ttl: int | None = None  # seconds (0: a session cookie, no Max-Age)
+    path: str = ""  # the generated cookie's Path ("": none)
+
+    def key_of(self, target: str, headers: Mapping[str, str]) -> bytes | None:
+        """The bytes this policy hashes in a request (its origin-form
+        *target*, its *headers* by lowercase name), None: absent."""
+        if self.kind == HASH_HEADER:
+            got = headers.get(self.name)
+            return None if got is None else got.encode("latin-1")
+        if self.kind == HASH_COOKIE:
+            for pair in headers.get("cookie", "").split(";"):
+                name, eq, value = pair.strip(" \t").partition("=")
+                if eq and name == self.name:
+                    if len(value) >= 2 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    return value.encode("latin-1") or None
+            return None
+        if self.kind == HASH_QUERY:
+            q = target.find("?")
+            if q == -1:
+                return None
+            for param in target[q + 1 :].split("#", 1)[0].split("&"):
+                name, _, value = param.partition("=")
+                if name == self.name:
+                    return value.encode("latin-1")
+            return None
+        raise ValueError(f"unknown hash kind {self.kind!r}")
+
+    def set_cookie(self, value: str) -> str:
+        """The ``set-cookie`` value for a generated cookie: Envoy's
+        ``NAME="VALUE"; Max-Age=TTL; Path=PATH; HttpOnly`` (Max-Age only
+        for a ttl above 0, Path only when given)."""
+        out = f'{self.name}="{value}"'
+        if self.ttl:
+            out += f"; Max-Age={self.ttl}"
+        if self.path:
+            out += f"; Path={self.path}"
+        return out + "; HttpOnly"
+
+
 class Choice(NamedTuple):
     """One weighted destination of a route: a subset's endpoints.
 
     ``policy``: ``ROUND_ROBIN``, ``RANDOM``, ``LEAST_CONN`` (active requests
-    per endpoint), or ``ORDERED`` (try ``endpoints`` in the order given).
+    per endpoint), ``HASH`` (consistent hashing on ``hash_on``: the order
+    :func:`hash_order` gives the request's key), or ``ORDERED`` (try
+    ``endpoints`` in the order given).
     ``balance_key`` names the round-robin counter (subsets shared by routes
     share it). ``tag`` comes back in the relay's reports (metrics, outlier
     detection). ``status``: the answer when ``endpoints`` is empty (503 no
@@ -319,6 +453,7 @@ class Choice(NamedTuple):
     tag: Hashable = None
     status: int = 503
     edits: HeadEdits | None = None
+    hash_on: HashOn | None = None  # with policy HASH only
 
 
 class Verdict(NamedTuple):

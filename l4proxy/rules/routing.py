@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from l4proxy.dataplane.verdict import Fault, HeadEdits, PathRewrite
+from l4proxy.dataplane.verdict import Fault, HashOn, HeadEdits, PathRewrite
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
 from l4proxy.rules._regex import Pattern, compile_regex
 
@@ -1124,6 +1124,9 @@ class WeightedSubset:
     # their responses: the route's headers, rewrite and the destination's
     # headers together (None: nothing)
     edits: HeadEdits | None = None
+    # with policy "HASH": what the relay hashes per request to order the
+    # endpoints (verdict.HashOn, hash_order); None otherwise
+    hash_on: HashOn | None = None
 
 
 @dataclass(frozen=True)
