@@ -1086,6 +1086,7 @@ class Worker:
                 _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints),
                 ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
                 ws.edits,
+                ws.hash_on,  # (policy HASH: the relay hashes each request on it)
             )
             for ws in rc.subsets
         )
