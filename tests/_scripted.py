@@ -12,7 +12,6 @@ takes the next step (a status, a close, a stall), then 200.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, RetryPolicy, Verdict
+from tests.conftest import reset_close
 from tests.test_relay_edges import ORIGIN, Backend, _relay
 from tests.test_relay_edges_count import Counted
 
@@ -235,7 +235,4 @@ def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
     return predicate()
 
 
-def _reset(a: socket.socket) -> None:
-    """Close *a* with a reset (SO_LINGER 0), not a FIN."""
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    a.close()
+_reset = reset_close  # (the name the retry tests import)

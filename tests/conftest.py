@@ -23,6 +23,7 @@ import importlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -156,6 +157,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         ok, why = _check_netns()
         if not ok:
             _skip_or_fail(why)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close *sock* with a reset (SO_LINGER 0), not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ the relay's own answer (502), else 0 (no response began: Envoy's
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from l4proxy.dataplane._relay_py import Decision
+from tests.conftest import reset_close
 from tests.test_relay_edges import TWINS, Backend, _client, _read_all, _read_head, _relay
 
 OK_CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
@@ -57,11 +57,6 @@ class Counted:
         if which == "compiled":
             out["report_rows"] = self.report_rows
         return out
-
-
-def _reset(conn: socket.socket) -> None:
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
 
 
 def _serve(handler: Callable[[socket.socket], None], done: threading.Event) -> Backend:
@@ -114,7 +109,7 @@ def _cut_then_close(conn: socket.socket) -> None:
 def _cut_then_reset(conn: socket.socket) -> None:
     if _read_head(conn):
         conn.sendall(OK_CUT)
-        _reset(conn)
+        reset_close(conn)
 
 
 def _bad_chunk(conn: socket.socket) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, Verdict
-from tests.conftest import dead_ports, load_twin
+from tests.conftest import dead_ports, load_twin, reset_close
 from tests.test_relay_edges import TWINS, Backend, _client, _read_head, _relay
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -210,11 +210,6 @@ def test_a_spliced_answer_ended_by_a_fin_read_for_the_client_is_not_pooled(which
         backend.close()
 
 
-def _reset(conn: socket.socket) -> None:
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-
-
 def _answer(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -237,7 +232,7 @@ def test_a_retry_goes_to_another_endpoint_and_past_a_failed_connect(which: str, 
         n = next(conns)
         while _read_head(conn):
             if n == 0 and first_done.is_set():
-                _reset(conn)  # the pooled connection: reset, unanswered
+                reset_close(conn)  # the pooled connection: reset, unanswered
                 return
             conn.sendall(_answer(b"A"))
             first_done.set()
@@ -289,7 +284,7 @@ def test_a_post_that_never_left_is_sent_again(which: str, body: bytes) -> None:
             if head.startswith(b"POST"):
                 posts.append(n)
                 if n == 0:  # partly_sent, on the pooled connection: its head came
-                    _reset(conn)
+                    reset_close(conn)
                     return
                 left = len(body) - len(head.partition(b"\r\n\r\n")[2])
                 while left > 0 and (data := conn.recv(1 << 20)):
@@ -297,7 +292,7 @@ def test_a_post_that_never_left_is_sent_again(which: str, body: bytes) -> None:
             conn.sendall(_answer(b"#%d" % n))
             if unsent and n == 0:
                 go.wait(5)  # while the relay decides the POST: reset, and gone
-                _reset(conn)
+                reset_close(conn)
                 reset_done.set()
                 return
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.relay import HttpRelay
 from l4proxy.rules.health import EndpointHealth
 from tests._worker import gateway_service, gateway_worker
-from tests.conftest import load_twin
+from tests.conftest import load_twin, reset_close
 from tests.test_relay_edges import TWINS, Backend, _client, _read_all, _read_head, _relay
 
 EJECT_AFTER = 3  # EndpointHealth's consecutive failures (the worker's default)
@@ -125,18 +124,13 @@ class Served:
             self.answer(conn, n)
 
 
-def _reset(conn: socket.socket) -> None:
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-
-
 def _ok(conn: socket.socket, n: int) -> None:
     conn.sendall(OK)
 
 
 # How a failing endpoint fails each request, and the reason reported.
 FAILURES: dict[str, tuple[Callable[[socket.socket, int], None], str]] = {
-    "reset": (lambda conn, n: _reset(conn), BEFORE),
+    "reset": (lambda conn, n: reset_close(conn), BEFORE),
     "close": (lambda conn, n: conn.close(), BEFORE),
     "cut": (
         lambda conn, n: (
@@ -207,7 +201,7 @@ def _every_other(conn: socket.socket, n: int) -> None:
     """Even connections reset, odd ones answered (and closed: each request
     of the test goes on a new connection, so failures and answers alternate)."""
     if n % 2 == 0:
-        _reset(conn)
+        reset_close(conn)
     else:
         conn.sendall(OK_CLOSE)
         conn.close()
@@ -356,7 +350,7 @@ def test_a_worker_ejects_an_endpoint_that_resets_every_request(
 
         monkeypatch.setattr(chooser, "IMPLEMENTATION", which)
         monkeypatch.setattr(worker_module, "HttpRelay", relay_module.HttpRelay)
-    bad, good = Served(lambda conn, n: _reset(conn)), Served(_ok)
+    bad, good = Served(lambda conn, n: reset_close(conn)), Served(_ok)
     bad_backend, good_backend = Backend(bad), Backend(good)
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(bad_backend.endpoint[1], good_backend.endpoint[1]))
