@@ -86,8 +86,10 @@ from l4proxy.rules._objects import (
     ParentDraft,
     PolicyDraft,
     fqdn,
+    rule_lb,
     rule_outlier,
     rule_pool,
+    subset_lb,
     subset_outlier,
     subset_pool,
 )
@@ -1260,8 +1262,8 @@ class Compiler:
                 ports = ", ".join(str(p.number) for p in svc.ports)
                 b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
                 return False
-            lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
-            subset = Subset(DEFAULT, Labels(), lb, rule_pool(policy), rule_outlier(policy))
+            lb, hash_on = rule_lb(policy)
+            subset = Subset(DEFAULT, Labels(), lb, rule_pool(policy), rule_outlier(policy), hash_on)
             return Destination(b.host, subset, weight, b.port, b.headers)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
@@ -1289,7 +1291,7 @@ class Compiler:
             )
             return False
         policy = self.policies.get(svc.host)
-        host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+        host_lb = rule_lb(policy)
         host_pool = rule_pool(policy)
         host_outlier = rule_outlier(policy)
         same = None
@@ -1298,7 +1300,10 @@ class Compiler:
         if same is not None:
             pool = subset_pool(same, host_pool)
             outlier = subset_outlier(same, host_outlier)
-            subset = Subset(same.name, same.labels, same.load_balancer or host_lb, pool, outlier)
+            lb, hash_on = subset_lb(same, host_lb)
+            subset = Subset(same.name, same.labels, lb, pool, outlier, hash_on)
         else:
-            subset = Subset(_subset_name(labels), labels, host_lb, host_pool, host_outlier)
+            subset = Subset(
+                _subset_name(labels), labels, host_lb[0], host_pool, host_outlier, host_lb[1]
+            )
         return Destination(svc.host, subset, weight, b.port, b.headers)

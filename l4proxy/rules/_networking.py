@@ -26,7 +26,7 @@ import ipaddress
 import re
 from typing import Any, Literal
 
-from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.dataplane.verdict import HASH_COOKIE, HASH_HEADER, HASH_QUERY, HashOn, HeadEdits
 from l4proxy.rules._fault import istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
@@ -42,6 +42,7 @@ from l4proxy.rules._objects import (
     weights,
 )
 from l4proxy.rules._schema import (
+    _FIELD_NAME,
     NOT_IMPLEMENTED,
     Ctx,
     Where,
@@ -62,12 +63,12 @@ from l4proxy.rules.routing import (
     DEFAULT_RETRY_BACKOFF,
     ISTIO_DEFAULT_RETRY_CODES,
     ISTIO_DEFAULT_RETRY_ON,
-    LB_POLICIES,
     MAX_CIRCUIT_BREAKER,
     MAX_REQUESTS_PER_CONNECTION,
     REDIRECT_CODES,
     RETRY_ON_NO_OPS,
     RETRY_ON_POLICIES,
+    SIMPLE_POLICIES,
     Endpoint,
     HttpRetry,
     LocalAnswer,
@@ -913,7 +914,7 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
     ok = host is not None
-    lb, pool, outlier, tp_ok = _traffic_policy(
+    lb, hash_on, pool, outlier, tp_ok = _traffic_policy(
         ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy")
     )
     ok = ok and tp_ok
@@ -932,7 +933,7 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             continue
         name = dns_label(ctx, s["name"], (*spath, "name"))
         sel = labels(ctx, s.get("labels"), (*spath, "labels"))
-        slb, spool, soutlier, stp_ok = _traffic_policy(
+        slb, shash, spool, soutlier, stp_ok = _traffic_policy(
             ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy")
         )
         if name is None or sel is None or not stp_ok:
@@ -942,19 +943,22 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             ctx.error((*spath, "name"), f"subset {name} is defined twice in this DestinationRule")
             ok = False
             continue
-        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool, soutlier)
+        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool, soutlier, shash)
     if not ok or host is None:
         return None
-    return PolicyDraft(ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool, outlier)
+    return PolicyDraft(
+        ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool, outlier, hash_on
+    )
 
 
 def _traffic_policy(
     ctx: Ctx, value: Any, path: Path
-) -> tuple[str | None, PoolSettings | None, OutlierPolicy | None, bool]:
-    """trafficPolicy → (loadBalancer.simple or None, connectionPool or
-    None, outlierDetection or None, ok)."""
+) -> tuple[str | None, HashOn | None, PoolSettings | None, OutlierPolicy | None, bool]:
+    """trafficPolicy → (its load balancer policy or None, what it hashes
+    (policy HASH) or None, connectionPool or None, outlierDetection or
+    None, ok)."""
     if value is None:
-        return None, None, None, True
+        return None, None, None, None, True
     tp = fields(
         ctx,
         value,
@@ -969,7 +973,7 @@ def _traffic_policy(
         },
     )
     if tp is None:
-        return None, None, None, False
+        return None, None, None, None, False
     pool: PoolSettings | None = None
     pool_ok = True
     if tp.get("connectionPool") is not None:
@@ -980,39 +984,234 @@ def _traffic_policy(
     if tp.get("outlierDetection") is not None:
         outlier = _outlier_detection(ctx, tp["outlierDetection"], (*path, "outlierDetection"))
         outlier_ok = outlier is not None
-    lb, lb_ok = _load_balancer(ctx, tp, path)
-    return lb, pool, outlier, lb_ok and pool_ok and outlier_ok
+    lb, hash_on, lb_ok = _load_balancer(ctx, tp, path)
+    return lb, hash_on, pool, outlier, lb_ok and pool_ok and outlier_ok
 
 
-def _load_balancer(ctx: Ctx, tp: dict[str, Any], path: Path) -> tuple[str | None, bool]:
-    """trafficPolicy.loadBalancer → (simple or None, ok)."""
+def _load_balancer(
+    ctx: Ctx, tp: dict[str, Any], path: Path
+) -> tuple[str | None, HashOn | None, bool]:
+    """trafficPolicy.loadBalancer → (its policy or None, what it hashes
+    or None, ok): ``simple``, or ``consistentHash`` (policy HASH; one of
+    the two, a oneof in Istio's API)."""
     if tp.get("loadBalancer") is None:
-        return None, True
+        return None, None, True
     lpath = (*path, "loadBalancer")
     lb = fields(
         ctx,
         tp["loadBalancer"],
         lpath,
-        allowed=("simple",),
-        unimplemented=("consistentHash", "localityLbSetting", "warmupDurationSecs"),
-        required=("simple",),
+        allowed=("simple", "consistentHash"),
+        unimplemented=("localityLbSetting", "warmupDurationSecs"),
     )
-    if lb is None or lb.get("simple") is None:
-        return None, False
+    if lb is None or any(k not in ("simple", "consistentHash") for k in lb):
+        return None, None, False
+    if lb.get("simple") is not None and lb.get("consistentHash") is not None:
+        ctx.error(
+            (*lpath, "consistentHash"),
+            f"{dotted(lpath)} sets both simple and consistentHash (one of them: "
+            "consistentHash is a policy of its own)",
+        )
+        return None, None, False
+    if lb.get("consistentHash") is not None:
+        hash_on = _consistent_hash(ctx, lb["consistentHash"], (*lpath, "consistentHash"))
+        return ("HASH", hash_on, True) if hash_on is not None else (None, None, False)
+    if lb.get("simple") is None:
+        ctx.error(lpath, f"{dotted(lpath)} needs simple or consistentHash")
+        return None, None, False
     simple = text(ctx, lb["simple"], (*lpath, "simple"), required=True)
     if simple is None:
-        return None, False
+        return None, None, False
     if simple == "LEAST_REQUEST":  # the newer API's name for the same policy
         simple = "LEAST_CONN"
-    if simple not in LB_POLICIES:
+    if simple not in SIMPLE_POLICIES:
         ctx.error(
             (*lpath, "simple"),
             f"load balancer {simple} "
             + (NOT_IMPLEMENTED if simple == "PASSTHROUGH" else "is not known")
-            + f" (use one of {', '.join(LB_POLICIES)})",
+            + f" (use one of {', '.join(SIMPLE_POLICIES)}), or a consistentHash instead",
         )
-        return None, False
-    return simple, True
+        return None, None, False
+    return simple, None, True
+
+
+# What a consistentHash may hash on (Istio's hashKey oneof), and its
+# table settings (the ring's, Maglev's), which rendezvous hashing needs not
+_HASH_KEYS = ("httpHeaderName", "httpCookie", "httpQueryParameterName", "useSourceIp")
+_HASH_TABLES = ("ringHash", "maglev", "minimumRingSize")
+# the largest table size Envoy takes (a uint64 in its API: bounded here)
+_MAX_HASH_TABLE = 2**63 - 1
+# a cookie's Path: no ';' (it would end the attribute), no CR, LF or
+# other control character
+_BAD_COOKIE_PATH = re.compile(r"[;\x00-\x1f\x7f]")
+# a query parameter name that could never be sent as one (it would end
+# the name, the parameter or the query) or holds a control character
+_BAD_QUERY_NAME = re.compile(r"[&=#\s\x00-\x1f\x7f]")
+
+
+def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
+    """loadBalancer.consistentHash → what each request is hashed on
+    (verdict.HashOn); None after an error.
+
+    Exactly one of ``httpHeaderName`` (lowercased), ``httpCookie`` (``name``
+    a cookie-name token; ``path``; ``ttl``: absent, the cookie is only read;
+    given, a request without it gets one generated, with ``Max-Age`` the
+    whole seconds of it, ``0s`` a session cookie) and
+    ``httpQueryParameterName``. ``useSourceIp`` is refused: the relays do
+    not pass the client's address to the decision, and at a sidecar every
+    request's source is the pod itself. ``ringHash.minimumRingSize``,
+    ``maglev.tableSize`` and the deprecated ``minimumRingSize`` are checked
+    and do nothing (a warning): l4proxy hashes by rendezvous
+    (verdict.hash_order), which needs no table."""
+    ch = fields(
+        ctx,
+        value,
+        path,
+        allowed=(*_HASH_KEYS, *_HASH_TABLES),
+        unimplemented=("localityLbSetting",),
+    )
+    if ch is None or any(k not in (*_HASH_KEYS, *_HASH_TABLES) for k in ch):
+        return None
+    ok = _hash_tables(ctx, ch, path)
+    keys = [k for k in _HASH_KEYS if ch.get(k) is not None]
+    if not keys:
+        ctx.error(
+            path,
+            f"{dotted(path)} needs one of httpHeaderName, httpCookie or httpQueryParameterName",
+        )
+        return None
+    if len(keys) > 1:
+        ctx.error(
+            (*path, keys[1]),
+            f"{dotted(path)} sets {' and '.join(keys)}: one of them (what a request is hashed on)",
+        )
+        return None
+    key = keys[0]
+    kpath = (*path, key)
+    if key == "useSourceIp":
+        if ch[key] is not True:
+            if ch[key] is not False:
+                ctx.error(kpath, f"{dotted(kpath)} must be true or false, not {type_name(ch[key])}")
+            else:
+                ctx.error(
+                    path,
+                    f"{dotted(path)} needs one of httpHeaderName, httpCookie or "
+                    "httpQueryParameterName (useSourceIp is false)",
+                )
+            return None
+        ctx.error(
+            kpath,
+            f"{dotted(kpath)} {NOT_IMPLEMENTED}; the relays do not pass the client's "
+            "address to the routing decision yet, and at a sidecar every request's "
+            "source is the pod itself: hash on a header (httpHeaderName, such as "
+            "x-forwarded-for where a proxy in front sets it) or a cookie (httpCookie) instead",
+        )
+        return None
+    hash_on: HashOn | None = None
+    if key == "httpHeaderName":
+        name = text(ctx, ch[key], kpath, required=True)
+        if name is not None and header_name(ctx, name, kpath):
+            hash_on = HashOn(HASH_HEADER, name.lower())
+    elif key == "httpQueryParameterName":
+        name = text(ctx, ch[key], kpath, required=True)
+        if name is not None:
+            if _BAD_QUERY_NAME.search(name):
+                ctx.error(
+                    kpath,
+                    f"{dotted(kpath)} {name!r} is not a query parameter name "
+                    "(no '&', '=', '#', space or control character)",
+                )
+            else:
+                hash_on = HashOn(HASH_QUERY, name)
+    else:
+        hash_on = _http_cookie(ctx, ch[key], kpath)
+    return hash_on if ok else None
+
+
+def _http_cookie(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
+    """consistentHash.httpCookie → HashOn(cookie); None after an error."""
+    c = fields(
+        ctx,
+        value,
+        path,
+        allowed=("name", "path", "ttl"),
+        unimplemented={
+            "attributes": "the generated cookie has only Max-Age, Path and HttpOnly",
+        },
+        required=("name",),
+    )
+    if c is None or any(k not in ("name", "path", "ttl") for k in c) or c.get("name") is None:
+        return None
+    ok = True
+    name = text(ctx, c["name"], (*path, "name"), required=True)
+    if name is not None and not _FIELD_NAME.fullmatch(name):
+        ctx.error(
+            (*path, "name"),
+            f"cookie name {name!r} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+        )
+        ok = False
+    cookie_path = ""
+    if c.get("path") is not None:
+        got = text(ctx, c["path"], (*path, "path"))
+        if got is None:
+            ok = False
+        elif _BAD_COOKIE_PATH.search(got):
+            ctx.error(
+                (*path, "path"),
+                f"{dotted((*path, 'path'))} {got!r} may hold no ';' and no control character",
+            )
+            ok = False
+        else:
+            cookie_path = got
+    ttl: int | None = None
+    if c.get("ttl") is not None:
+        seconds = duration(ctx, c["ttl"], (*path, "ttl"))
+        if seconds is None:
+            ok = False
+        else:
+            ttl = int(seconds)  # whole seconds (Max-Age); 0: a session cookie
+    if name is None or not ok:
+        return None
+    return HashOn(HASH_COOKIE, name, ttl, cookie_path)
+
+
+def _hash_tables(ctx: Ctx, ch: dict[str, Any], path: Path) -> bool:
+    """A consistentHash's ring or Maglev table sizes: checked (non-negative
+    integers; at most one of ringHash and maglev), then a warning that they
+    do nothing; False after an error."""
+    ok = True
+    given: list[Path] = []
+    if ch.get("ringHash") is not None and ch.get("maglev") is not None:
+        ctx.error(
+            (*path, "maglev"),
+            f"{dotted(path)} sets both ringHash and maglev (one of them)",
+        )
+        ok = False
+    for table, size in (("ringHash", "minimumRingSize"), ("maglev", "tableSize")):
+        if ch.get(table) is None:
+            continue
+        tpath = (*path, table)
+        t = fields(ctx, ch[table], tpath, allowed=(size,))
+        if t is None or any(k != size for k in t):
+            ok = False
+            continue
+        if t.get(size) is not None:
+            ok = integer(ctx, t[size], (*tpath, size), 0, _MAX_HASH_TABLE) is not None and ok
+        given.append(tpath)
+    if ch.get("minimumRingSize") is not None:
+        mpath = (*path, "minimumRingSize")
+        ok = integer(ctx, ch["minimumRingSize"], mpath, 0, _MAX_HASH_TABLE) is not None and ok
+        given.append(mpath)
+    if ok:
+        for gpath in given:
+            ctx.warning(
+                gpath,
+                f"{dotted(gpath)} has no effect: l4proxy orders a consistent hash's "
+                "endpoints by rendezvous hashing, which needs no ring or table (the same "
+                "guarantees: a key stays on its endpoint while it stays, an endpoint that "
+                "goes moves only its own keys)",
+            )
+    return ok
 
 
 # Istio's ConnectionPoolSettings fields that the sidecar does not honour,

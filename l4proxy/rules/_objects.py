@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from l4proxy.dataplane.verdict import Fault, HeadEdits
+from l4proxy.dataplane.verdict import Fault, HashOn, HeadEdits
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
@@ -116,6 +116,9 @@ class SubsetDraft:
     pool: PoolSettings | None = None
     # its trafficPolicy.outlierDetection; None: none, the rule's applies
     outlier: OutlierPolicy | None = None
+    # with load_balancer "HASH" (its loadBalancer.consistentHash): what
+    # each request is hashed on
+    hash_on: HashOn | None = None
 
 
 @dataclass
@@ -130,6 +133,28 @@ class PolicyDraft:
     where: Where | None = None
     pool: PoolSettings | None = None  # trafficPolicy.connectionPool
     outlier: OutlierPolicy | None = None  # trafficPolicy.outlierDetection
+    # with load_balancer "HASH" (loadBalancer.consistentHash): what each
+    # request is hashed on
+    hash_on: HashOn | None = None
+
+
+# A load balancer policy and, with "HASH", what it hashes (Subset.load_balancer,
+# Subset.hash_on)
+Balancer = tuple[str, HashOn | None]
+
+
+def rule_lb(policy: PolicyDraft | None) -> Balancer:
+    """The load balancer of a host's requests without a subset: its
+    DestinationRule's own loadBalancer (none: ROUND_ROBIN)."""
+    if policy is None or policy.load_balancer is None:
+        return "ROUND_ROBIN", None
+    return policy.load_balancer, policy.hash_on
+
+
+def subset_lb(sd: SubsetDraft, rule: Balancer) -> Balancer:
+    """A subset's load balancer: its own loadBalancer (simple or
+    consistentHash, with what it hashes), else the rule's."""
+    return rule if sd.load_balancer is None else (sd.load_balancer, sd.hash_on)
 
 
 def rule_pool(policy: PolicyDraft | None) -> PoolSettings:

@@ -24,8 +24,10 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
+    rule_lb,
     rule_outlier,
     rule_pool,
+    subset_lb,
     subset_outlier,
     subset_pool,
 )
@@ -85,6 +87,7 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
         [*services.values(), *gateway_api.gateway_services],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
+        hash_policies={h: p.hash_on for h, p in policies.items() if p.hash_on is not None},
         pools={h: p.pool for h, p in policies.items() if p.pool is not None},
         outliers={h: p.outlier for h, p in policies.items() if p.outlier is not None},
         ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
@@ -245,7 +248,7 @@ def _destination(
     rule_id: int,
 ) -> Destination | None:
     policy = policies.get(dd.host)
-    host_lb = (policy.load_balancer if policy else None) or "ROUND_ROBIN"
+    host_lb = rule_lb(policy)
     host_pool = rule_pool(policy)
     host_outlier = rule_outlier(policy)
     svc = services.get(dd.host)
@@ -265,27 +268,33 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
+        lb, hash_on = subset_lb(sd, host_lb)
         subset = Subset(
             sd.name,
             sd.labels,
-            sd.load_balancer or host_lb,
+            lb,
             subset_pool(sd, host_pool),
             subset_outlier(sd, host_outlier),
+            hash_on,
         )
     elif dd.labels:
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
         if same is not None:
+            lb, hash_on = subset_lb(same, host_lb)
             subset = Subset(
                 same.name,
                 same.labels,
-                same.load_balancer or host_lb,
+                lb,
                 subset_pool(same, host_pool),
                 subset_outlier(same, host_outlier),
+                hash_on,
             )
         else:
-            subset = Subset(subset_name(dd.labels), dd.labels, host_lb, host_pool, host_outlier)
+            subset = Subset(
+                subset_name(dd.labels), dd.labels, host_lb[0], host_pool, host_outlier, host_lb[1]
+            )
         if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
             dd.where.error(
                 f"route labels {dd.labels} select no endpoint of {dd.host} "
@@ -293,7 +302,7 @@ def _destination(
             )
             return None
     else:
-        subset = Subset(DEFAULT, Labels(), host_lb, host_pool, host_outlier)
+        subset = Subset(DEFAULT, Labels(), host_lb[0], host_pool, host_outlier, host_lb[1])
     if svc is None:
         if (rule_id, dd.host) not in warned:
             warned.add((rule_id, dd.host))

@@ -509,7 +509,7 @@ def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
 def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTable:
     """*base* with every resolved host-name endpoint replaced by its addresses.
 
-    Routes, load-balancer policies, connection pool settings, outlier
+    Routes, load-balancer policies (consistent hashes too), connection pool settings, outlier
     detection policies, ingress paths
     and the hosts that answer an unmatched request 404 are carried over as
     they are; only the services' endpoint lists change. (RouteTable has no public "copy with
@@ -520,6 +520,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
         services,
         base._routes,
         load_balancers=base._load_balancers,
+        hash_policies=base._hash_policies,
         pools=base._pools,
         outliers=base._outliers,
         ingress=base.ingress_paths,

@@ -66,7 +66,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from l4proxy.dataplane.verdict import Fault, HashOn, HeadEdits, PathRewrite
+from l4proxy.dataplane.verdict import (
+    Fault,
+    HashOn,
+    HeadEdits,
+    PathRewrite,
+    cookie_value,
+    endpoint_hash,
+    hash_key,
+    hash_order,
+)
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
 from l4proxy.rules._regex import Pattern, compile_regex
 
@@ -76,6 +85,7 @@ __all__ = [
     "NO_HEALTHY_STATUS",
     "NO_ROUTE",
     "NO_ROUTE_STATUS",
+    "SIMPLE_POLICIES",
     "Decision",
     "Destination",
     "Endpoint",
@@ -99,7 +109,10 @@ __all__ = [
     "UriRewrite",
 ]
 
-LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
+# A DestinationRule's loadBalancer.simple policies; LB_POLICIES adds "HASH",
+# its consistentHash (Subset.hash_on: what each request is hashed on)
+SIMPLE_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
+LB_POLICIES = (*SIMPLE_POLICIES, "HASH")
 # Application protocols whose traffic is HTTP/1.x or h2 and therefore gets L7
 # routing. GRPC and HTTP2 are listed because the peek falls back to L4 routing
 # by itself when the bytes are not HTTP/1.x.
@@ -726,6 +739,9 @@ class Subset:
     # its DestinationRule subset's outlierDetection, else the rule's own;
     # None: none (the sidecar's own detection, see health.py)
     outlier: OutlierPolicy | None = None
+    # with load_balancer "HASH" (a consistentHash): what each request is
+    # hashed on (the subset's own loadBalancer, else the rule's)
+    hash_on: HashOn | None = None
 
 
 @dataclass(frozen=True)
@@ -748,6 +764,7 @@ class Destination:
             "subset": self.subset.name,
             "labels": dict(self.subset.labels),
             "load_balancer": self.subset.load_balancer,
+            "hash_on": hash_on_json(self.subset.hash_on),
             "connection_pool": self.subset.pool.to_json() if self.subset.pool.is_set else None,
             "outlier_detection": (
                 self.subset.outlier.to_json() if self.subset.outlier is not None else None
@@ -756,6 +773,18 @@ class Destination:
             "port": self.port,
             "headers": edits_json(self.headers),
         }
+
+
+def hash_on_json(hash_on: HashOn | None) -> dict[str, Any] | None:
+    """A consistent hash's policy as JSON (None: not one): ``kind``
+    (header, cookie, query), ``name``, and for a cookie ``ttl`` (seconds;
+    None: never generated) and ``path``."""
+    if hash_on is None:
+        return None
+    out: dict[str, Any] = {"kind": hash_on.kind, "name": hash_on.name}
+    if hash_on.kind == "cookie":
+        out.update(ttl=hash_on.ttl, path=hash_on.path)
+    return out
 
 
 # Envoy's retry policies (x-envoy-retry-on) that an HTTP/1.1 exchange can
@@ -1244,6 +1273,7 @@ class RouteTable:
         routes: Mapping[str, Sequence[Route]] | None = None,
         *,
         load_balancers: Mapping[str, str] | None = None,
+        hash_policies: Mapping[str, HashOn] | None = None,
         pools: Mapping[str, PoolSettings] | None = None,
         outliers: Mapping[str, OutlierPolicy] | None = None,
         ingress: Sequence[IngressPath] = (),
@@ -1270,6 +1300,10 @@ class RouteTable:
         for svc in services:
             self._services.setdefault(svc.host, svc)
         self._load_balancers: dict[str, str] = dict(load_balancers or {})
+        # Per host whose DestinationRule's own loadBalancer is a
+        # consistentHash ("HASH" above): what its requests without a subset
+        # are hashed on (a subset's is Subset.hash_on).
+        self._hash_policies: dict[str, HashOn] = dict(hash_policies or {})
         # Per host, its DestinationRule's own connectionPool: that of the
         # connections its requests open without a subset (a subset's is
         # Subset.pool). Unset ones are left out, so that a rule without
@@ -1340,6 +1374,7 @@ class RouteTable:
             tuple(sorted(self._services.items())),
             tuple(sorted(self._routes.items())),
             tuple(sorted(self._load_balancers.items())),
+            tuple(sorted(self._hash_policies.items())),
             tuple(sorted(self._pools.items())),
             tuple(sorted(self._outliers.items())),
             self._ingress,
@@ -1373,6 +1408,11 @@ class RouteTable:
 
     def load_balancer(self, host: str) -> str:
         return self._load_balancers.get(host, "ROUND_ROBIN")
+
+    def hash_on(self, host: str) -> HashOn | None:
+        """What *host*'s requests without a subset are hashed on: its
+        DestinationRule's own consistentHash (None: not one)."""
+        return self._hash_policies.get(host)
 
     def pool(self, host: str) -> PoolSettings:
         """*host*'s DestinationRule's own ``connectionPool`` (what its
@@ -1636,14 +1676,16 @@ class RouteTable:
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
+            hkey, made = self._hash_key(dest.subset.load_balancer, dest.subset.hash_on, request)
             ordered = self._balance(
-                eps, key, dest.subset.load_balancer, healthy, active, dest.subset.outlier
+                eps, key, dest.subset.load_balancer, healthy, active, dest.subset.outlier, hkey
             )
             if eps and not ordered:  # every endpoint ejected: no healthy upstream
                 status = NO_HEALTHY_STATUS
             edits = None
             if request is not None:  # (a raw connection has no head to edit)
                 edits = self._edits(route, dest, route.matched(port, request, source_labels))
+                edits = _with_cookie(edits, dest.subset.hash_on, made)
             return Decision(
                 target,
                 route.name,
@@ -1660,8 +1702,31 @@ class RouteTable:
         eps = service.endpoints_for(port)
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
-        ordered = self._balance(eps, key, policy, healthy, active, self._outliers.get(service.host))
-        return Decision(service, DEFAULT, DEFAULT, ordered)
+        hash_on = self._hash_policies.get(service.host)
+        hkey, made = self._hash_key(policy, hash_on, request)
+        outlier = self._outliers.get(service.host)
+        ordered = self._balance(eps, key, policy, healthy, active, outlier, hkey)
+        return Decision(service, DEFAULT, DEFAULT, ordered, edits=_with_cookie(None, hash_on, made))
+
+    def _hash_key(
+        self, policy: str, hash_on: HashOn | None, request: Request | None
+    ) -> tuple[int | None, str | None]:
+        """A consistent hash's key for *request* and the value of the cookie
+        generated for it (None: none): the hash of what *hash_on* reads in
+        it; a request without it a random key, unless *hash_on* generates a
+        cookie (a ttl): then a random cookie's value, hashed as if sent
+        (the response sets it, :func:`_with_cookie`). A raw connection
+        (None): a random key, no cookie. Not a hash policy: (None, None)."""
+        if policy != "HASH" or hash_on is None:
+            return None, None
+        if request is not None:
+            value = hash_on.key_of(request.path, request.headers)
+            if value is not None:
+                return hash_key(value), None
+            if hash_on.ttl is not None:
+                made = cookie_value(self._rng.getrandbits(64))
+                return hash_key(made.encode()), made
+        return self._rng.getrandbits(64), None  # Envoy: a random host
 
     def _match(
         self, service: Service, port: int, request: Request | None, source: Mapping[str, str]
@@ -1719,7 +1784,8 @@ class RouteTable:
             )
             policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
             key = (service.host, port, DEFAULT, NO_LABELS)
-            only = WeightedSubset(1, service, DEFAULT, eps, policy, key)
+            hash_on = self._hash_policies.get(service.host) if policy == "HASH" else None
+            only = WeightedSubset(1, service, DEFAULT, eps, policy, key, hash_on=hash_on)
             return RouteChoices(service, DEFAULT, (only,))
         answer = self._answer(route, port, request, source_labels)
         if answer is not None:  # a redirect, a direct response
@@ -1773,6 +1839,7 @@ class RouteTable:
                     key,
                     status,
                     self._edits(route, dest, matched),
+                    dest.subset.hash_on if dest.subset.load_balancer == "HASH" else None,
                 )
             )
         # One answer for the route's empty destinations (the per-request
@@ -1968,6 +2035,7 @@ class RouteTable:
         healthy: Callable[[Endpoint], bool] | None,
         active: Callable[[Endpoint], int] | None,
         outlier: OutlierPolicy | None = None,
+        hkey: int | None = None,
     ) -> list[Endpoint]:
         # Without a policy, all down: try them all anyway (Envoy's panic
         # mode) rather than fail a request that might succeed; with one, its
@@ -1975,6 +2043,12 @@ class RouteTable:
         candidates = list(self._healthy(eps, healthy, outlier))
         if not candidates:
             return []
+        if policy == "HASH" and hkey is not None:
+            # consistent hashing on the request's key (_hash_key) over the
+            # candidates in table order, what choices() gives the compiled
+            # relay: both send a key to the same endpoint
+            hashes = [endpoint_hash((e.address, e.port)) for e in candidates]
+            return [candidates[i] for i in hash_order(hkey, hashes)]
         n = len(candidates)
         if policy == "RANDOM":
             start = self._rng.randrange(n)
@@ -2056,6 +2130,7 @@ class RouteTable:
                 {
                     **svc.to_json(),
                     "load_balancer": self.load_balancer(svc.host),
+                    "hash_on": hash_on_json(self.hash_on(svc.host)),
                     "connection_pool": (
                         self._pools[svc.host].to_json() if svc.host in self._pools else None
                     ),
@@ -2098,6 +2173,19 @@ class RouteTable:
                 for (address, port), policy in self.outlier_policies().items()
             },
         }
+
+
+def _with_cookie(
+    edits: HeadEdits | None, hash_on: HashOn | None, made: str | None
+) -> HeadEdits | None:
+    """*edits* with the generated cookie *made* (None: none) set in the
+    response: its ``set-cookie`` line after the route's and destination's
+    own response lines (verdict.HashOn.set_cookie)."""
+    if made is None or hash_on is None:
+        return edits
+    edits = edits or HeadEdits()
+    line = ("set-cookie", hash_on.set_cookie(made))
+    return edits._replace(response_add=(*edits.response_add, line))
 
 
 def endpoint_name(address: str, port: int) -> str:
