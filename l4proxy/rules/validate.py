@@ -276,6 +276,28 @@ def _outlier(od: dict[str, Any]) -> str:
     return ", ".join(said)
 
 
+def _balancer(d: dict[str, Any]) -> str:
+    """A service's or destination's load balancer: its policy, or what a
+    consistent hash hashes on (``consistent hash on header x-user``,
+    ``... on cookie sid (generated, ttl 3600s, path /)``)."""
+    on = d.get("hash_on")
+    if d["load_balancer"] != "HASH" or not on:
+        return str(d["load_balancer"])
+    what = {"header": "header", "cookie": "cookie", "query": "query parameter"}[on["kind"]]
+    out = f"consistent hash on {what} {on['name']}"
+    if on["kind"] == "cookie":
+        if on["ttl"] is None:
+            said = ["never generated"]
+        elif on["ttl"]:
+            said = ["generated", f"ttl {on['ttl']}s"]
+        else:
+            said = ["generated", "session cookie"]
+        if on["path"]:
+            said.append(f"path {on['path']}")
+        out += f" ({', '.join(said)})"
+    return out
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
@@ -296,7 +318,7 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
                 pool += f"; outlier detection: {_outlier(d['outlier_detection'])}"
             lines.append(
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
-                f"({_labels(d['labels'])}; {d['load_balancer']}{pool})"
+                f"({_labels(d['labels'])}; {_balancer(d)}{pool})"
             )
             if d.get("headers"):
                 lines.append(f"{indent}            its {_headers(d['headers'])}")
@@ -432,7 +454,7 @@ def format_table(t: dict[str, Any]) -> str:
         )
         lines.append(
             f"    addresses {addrs}; resolution {s['resolution']}; "
-            f"load balancer {s['load_balancer']}{pool}"
+            f"load balancer {_balancer(s)}{pool}"
         )
         if s.get("outlier_detection"):
             lines.append(f"    outlier detection: {_outlier(s['outlier_detection'])}")
