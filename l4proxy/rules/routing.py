@@ -1987,6 +1987,20 @@ class RouteTable:
             if route.fault is not None
         )
 
+    def generated_cookies(self) -> list[tuple[str, str]]:
+        """(host, subset) of every consistent hash that generates a cookie
+        (``httpCookie.ttl``; the host's own policy: subset ``default``),
+        sorted: what --http-routing connection does not do (no head is
+        edited at L4, so no ``set-cookie`` goes)."""
+        out = {(host, DEFAULT) for host, h in self._hash_policies.items() if h.ttl is not None}
+        for routes in self._routes.values():
+            for route in routes:
+                for dest in route.destinations:
+                    h = dest.subset.hash_on
+                    if h is not None and h.ttl is not None:
+                        out.add((dest.host, dest.subset.name))
+        return sorted(out)
+
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
         method, Host and target, what a request's route depends on."""

@@ -228,6 +228,15 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
             "default): %s",
             _first_five([f"{host} {name or '(unnamed)'}" for host, name in faulted]),
         )
+    cookies = table.generated_cookies()
+    if cookies:
+        log.warning(
+            "a consistent hash's generated cookie (loadBalancer.consistentHash.httpCookie.ttl) "
+            "is never set with --http-routing connection, which edits no response (a "
+            "connection goes where its first request hashes; only per request, the "
+            "default): %s",
+            _first_five([f"{host} subset {subset}" for host, subset in cookies]),
+        )
 
 
 def _first_five(items: list[str]) -> str:

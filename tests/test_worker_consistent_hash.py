@@ -1,0 +1,194 @@
+"""A DestinationRule's ``loadBalancer.consistentHash`` from the rule file to a
+real worker, both relay twins, over keep-alive connections: every request of
+a user (a header, a cookie) lands on the endpoint the rendezvous order
+(verdict.hash_order) names for its value, on whichever connection it comes;
+a cookie the proxy generated brings the client back to the endpoint that
+served it; and when an endpoint goes (a reload scales it away) only the
+users it served move. The pure twin draws in the route table, the compiled
+one in its loop from the cached verdict: both must agree with the same
+prediction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from l4proxy.dataplane.verdict import endpoint_hash, hash_key, hash_order
+from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
+from tests.test_least_conn import Backend, read_head
+from tests.test_relay_retries import _worker_twin
+
+NAMES = "abcd"
+USERS = [f"user-{i}" for i in range(40)]
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    out = [Backend(n) for n in NAMES]
+    yield out
+    for b in out:
+        b.close()
+
+
+def _rules(backends: list[Backend], policy: str) -> str:
+    return gateway_service(*(b.endpoint[1] for b in backends)) + gateway_destination_rule(
+        f"    loadBalancer:\n      consistentHash: {policy}\n"
+    )
+
+
+def _predict(backends: list[Backend], value: str) -> str:
+    hashes = [endpoint_hash(b.endpoint) for b in backends]
+    return backends[hash_order(hash_key(value.encode()), hashes)[0]].name
+
+
+def _get(s: socket.socket, extra: str = "") -> tuple[str, bytes]:
+    """One GET on *s* (kept alive): the backend that answered, and the head."""
+    s.sendall(f"GET /p HTTP/1.1\r\nHost: gw\r\n{extra}\r\n".encode())
+    data = read_head(s)
+    while len(data.split(b"\r\n\r\n", 1)[1]) < 1:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 "), data
+    return body.decode(), head
+
+
+def _users_on(address: tuple[str, int], rounds: int = 3) -> dict[str, set[str]]:
+    """Each user's requests, *rounds* each, spread over four keep-alive
+    connections (a user's on a different one each round): who answered."""
+    seen: dict[str, set[str]] = {u: set() for u in USERS}
+    conns = [socket.create_connection(address, timeout=10) for _ in range(4)]
+    try:
+        for r in range(rounds):
+            for i, user in enumerate(USERS):
+                name, _ = _get(conns[(i + r) % 4], f"x-user: {user}\r\n")
+                seen[user].add(name)
+    finally:
+        for s in conns:
+            s.close()
+    return seen
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_header_pins_each_user_and_scaling_down_moves_only_its_users(
+    which: str, backends: list[Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(backends, "{httpHeaderName: x-user}"))
+    got: dict[str, dict[str, set[str]]] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (watcher, _, address):
+            loop = asyncio.get_running_loop()
+            got["before"] = await loop.run_in_executor(None, _users_on, address)
+            rules.write_text(_rules(backends[:3], "{httpHeaderName: x-user}"))  # d scaled away
+            assert await watcher.reload()
+            got["after"] = await loop.run_in_executor(None, _users_on, address)
+
+    asyncio.run(main())
+    before = {u: _predict(backends, u) for u in USERS}
+    after = {u: _predict(backends[:3], u) for u in USERS}
+    assert got["before"] == {u: {before[u]} for u in USERS}
+    assert len(set(before.values())) == 4  # (40 users: every endpoint has some)
+    assert got["after"] == {u: {after[u]} for u in USERS}
+    moved = {u for u in USERS if after[u] != before[u]}
+    assert moved == {u for u in USERS if before[u] == "d"} != set()
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_generated_cookie_brings_the_client_back(
+    which: str, backends: list[Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(backends, "{httpCookie: {name: sid, path: /, ttl: 3600s}}"))
+    sessions: list[tuple[str, str, list[str]]] = []  # (cookie value, first, then)
+
+    def browse() -> None:
+        for _ in range(12):  # a client each: no cookie, then the one it got, back
+            with socket.create_connection(address, timeout=10) as s:
+                first, head = _get(s)
+                lines = [
+                    line for line in head.split(b"\r\n") if line.lower().startswith(b"set-cookie:")
+                ]
+                assert len(lines) == 1, head
+                m = re.fullmatch(
+                    rb'set-cookie: sid="([0-9a-f]{16})"; Max-Age=3600; Path=/; HttpOnly', lines[0]
+                )
+                assert m, lines
+                value = m.group(1).decode()
+                then = []
+                for _ in range(3):
+                    name, again = _get(s, f'Cookie: theme=dark; sid="{value}"\r\n')
+                    assert b"set-cookie" not in again.lower(), again
+                    then.append(name)
+                sessions.append((value, first, then))
+
+    async def main() -> None:
+        nonlocal address
+        async with gateway_worker(rules, http_routing="request") as (_, _w, address):
+            await asyncio.get_running_loop().run_in_executor(None, browse)
+
+    address: tuple[str, int] = ("", 0)
+    asyncio.run(main())
+    for value, first, then in sessions:
+        assert first == _predict(backends, value), (value, first)
+        assert then == [first] * 3, (value, first, then)
+    assert len({v for v, _, _ in sessions}) == len(sessions)  # a new cookie each
+    assert len({first for _, first, _ in sessions}) > 1  # (12 clients: not all on one)
+
+
+def test_per_connection_a_header_decides_the_connection_and_cookies_are_a_warning(
+    backends: list[Backend], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--http-routing connection: a connection goes where its first request
+    hashes (each user's own connection still lands on the predicted
+    endpoint); a policy that would generate a cookie is named in a warning
+    (no response is edited at L4)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        _rules(backends, "{httpHeaderName: x-user}")
+        + """
+  subsets:
+  - name: sticky
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpCookie: {name: sid, ttl: 0s}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  http:
+  - match: [{headers: {x-sticky: {exact: "1"}}}]
+    route: [{destination: {host: svc.default.svc.cluster.local, subset: sticky}}]
+  - route: [{destination: {host: svc.default.svc.cluster.local}}]
+"""
+    )
+    seen: dict[str, list[str]] = {}
+
+    def users() -> None:
+        for user in USERS[:12]:
+            with socket.create_connection(address, timeout=10) as s:
+                seen[user] = [_get(s, f"x-user: {user}\r\n")[0] for _ in range(2)]
+
+    async def main() -> None:
+        nonlocal address
+        async with gateway_worker(rules, http_routing="connection") as (_, _w, address):
+            await asyncio.get_running_loop().run_in_executor(None, users)
+
+    address: tuple[str, int] = ("", 0)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert seen == {u: [_predict(backends, u)] * 2 for u in USERS[:12]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "--http-routing connection" in w and "svc.default.svc.cluster.local subset sticky" in w
+        for w in warnings
+    ), warnings
