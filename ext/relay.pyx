@@ -138,6 +138,32 @@ C, bounded by the head and the route's edits; out of memory the connection
 is aborted. A local verdict's ``local_headers`` are in its answer's bytes
 (``_local_verdict``).
 
+Consistent hashing
+------------------
+A choice of policy ``HASH`` (``Choice.hash_on``, a ``verdict.HashOn``) is
+``LB_HASH`` with a ``HashOn_`` of its own (``_hash_on``: the kind, the
+name, each endpoint's ``endpoint_hash()`` in the choice's order, and, with
+a ttl, the ``set-cookie`` line's bytes around the generated value; freed
+with the choice, ``verdict_free``). ``pick()`` hands such a choice to
+``hash_pick`` (through ``R.hash_pick``, as ``edit_request``): the key is
+``hash_fnv`` (FNV-1a 64, ``hash_key()``'s twin) of what ``hash_value``
+reads of the head as received (``c.inb``, what ``resolve`` parsed:
+``HashOn.key_of``'s header, cookie or query parameter), else a random
+draw (``rng_next``), or with a ttl a generated cookie's (16 hex digits of
+a draw, hashed as if sent), and the candidates are the first
+``MAX_ATTEMPTS`` by descending ``hash_mix(key ^ endpoint hash)``, ties by
+index (``hash_order()``): retries go down the same order. A generated
+cookie's line is the Conn's (``c.set_cookie``, malloc'd: the verdict may go
+before the response comes; out of memory: a random key, no cookie), held
+as the edits are (``c.holds``; freed by ``conn_drop_held`` at the
+exchange's end, each pipelined request its own, a retry keeps it);
+``c.edit_resp`` sends the final response head through
+``send_edited_head``, which adds it after the choice's response edits,
+before the empty line (interim heads and the local answers go as before).
+A request whose choice is not ``HASH`` pays a compare of ``ch.policy`` in
+``pick()``; ``final_head`` tests ``c.edit_resp`` where it tested
+``c.edits`` and its ``response``.
+
 Fault injection
 ---------------
 A route's fault injection (``Verdict.fault``, "Fault injection" in
@@ -258,6 +284,7 @@ from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
+from l4proxy.dataplane.verdict import HASH_COOKIE, HASH_HEADER, HASH_QUERY, endpoint_hash
 
 Decision = _relay_py.Decision
 
@@ -428,9 +455,21 @@ cdef enum:
     LB_RANDOM = 1
     LB_LEAST_CONN = 2
     LB_ORDERED = 3
+    LB_HASH = 4
 
 _POLICIES = {"ROUND_ROBIN": LB_ROUND_ROBIN, "RANDOM": LB_RANDOM,
-             "LEAST_CONN": LB_LEAST_CONN, "ORDERED": LB_ORDERED}
+             "LEAST_CONN": LB_LEAST_CONN, "ORDERED": LB_ORDERED, "HASH": LB_HASH}
+
+# what a LB_HASH choice hashes (HashOn_.kind)
+cdef enum:
+    HK_HEADER = 0
+    HK_COOKIE = 1
+    HK_QUERY = 2
+    EQ = 0x3D              # (bytes it splits on: _bytes.pxi's others)
+    AMP = 0x26
+    DQUOTE = 0x22
+
+_HASH_KINDS = {HASH_HEADER: HK_HEADER, HASH_COOKIE: HK_COOKIE, HASH_QUERY: HK_QUERY}
 
 # what the loop asks Python for (Conn.need)
 cdef enum:
@@ -566,6 +605,19 @@ cdef struct Up:
 cdef struct Verdict_
 cdef struct Edits_
 
+cdef struct HashOn_:
+    # a LB_HASH choice's verdict.HashOn (see "Consistent hashing"): one
+    # block, this, then the endpoints' hashes, then its bytes; freed with
+    # its choice (verdict_free)
+    int kind               # HK_*
+    const char *name       # a header's (lowercase), a cookie's or a query parameter's
+    Py_ssize_t name_len
+    uint64_t *ep_hash      # endpoint_hash() of each of the choice's eps, in order
+    const char *ck_pre     # ttl set: the set-cookie line before the generated value
+    size_t ck_pre_len      # (NULL: no ttl, a random key for a request without one)
+    const char *ck_post    # ... and after it (its CR LF included)
+    size_t ck_post_len
+
 cdef struct Retry_:
     # a route's retry policy (verdict.RetryPolicy), interned: one per
     # distinct policy, freed by a sweep once nothing refers to it (refs;
@@ -588,6 +640,7 @@ cdef struct Choice_:
     EP **eps
     Verdict_ *empty        # the answer when it has no endpoint
     Edits_ *edits          # its requests' and responses' head edits (NULL: none); interned
+    HashOn_ *hash          # LB_HASH: what it hashes (owned)
 
 cdef struct Fault_:
     # a route's fault injection (verdict.Fault), interned per distinct
@@ -678,6 +731,8 @@ cdef struct Conn:
     double resp_deadline   # ... when it passes: set once the request is read whole
     Retry_ *retry          # the current request's retry policy (NULL: none)
     Edits_ *edits          # ... its choice's head edits (NULL: none; set by pick())
+    char *set_cookie       # ... its final response head's generated cookie line (owned;
+    size_t set_cookie_len  #     NULL: none; set by pick())
     double try_deadline    # ... the current try's per-try timeout, when it passes
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
@@ -716,7 +771,8 @@ cdef struct Conn:
     unsigned char uncounted        # a routed request not counted yet (request_done)
     unsigned char scanning         # in head_step()'s loop (a call from below returns)
     unsigned char fault_local      # c.fault_answer: a local answer's copy, freed with it
-    unsigned char holds            # c.retry or c.edits is set, a reference taken (conn_drop_held)
+    unsigned char holds            # c.retry, c.edits or c.set_cookie is set (conn_drop_held)
+    unsigned char edit_resp        # the final response head goes through send_edited_head
 
 cdef struct Row:
     int tag
@@ -797,6 +853,7 @@ cdef struct Relay:
     # C compiler would, and every request would pay for their registers)
     int (*edit_request)(Relay *R, Conn *c, const Edits_ *e, double now) noexcept nogil
     int (*send_edited_head)(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil
+    void (*hash_pick)(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil  # (pick()'s, as these)
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
     size_t bad_chunk_len[N_CHUNK_ERRORS]
     int max_idle
@@ -1775,6 +1832,7 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
         verdict_free(v.choices[i].empty)
         if v.choices[i].edits != NULL:
             v.choices[i].edits.refs -= 1
+        free(v.choices[i].hash)
     free(v.choices)
     free(v.keep)
     free(v.close)
@@ -1975,6 +2033,10 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
     if c.edits != NULL:
         c.edits.refs -= 1
         c.edits = NULL
+    c.edit_resp = False
+    free(c.set_cookie)
+    c.set_cookie = NULL
+    c.set_cookie_len = 0
 
 
 cdef void reset_exchange(Conn *c) noexcept nogil:
@@ -2774,8 +2836,14 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     (its hop-by-hop lines left out, the relay's own connection line), or
     with "connection: close" added where final_head() adds it; either way
     without the lines c.edits names, with its lines added after the
-    relay's own. -1 when the connection went away."""
+    relay's own, then a generated cookie's line (c.set_cookie; c.edits
+    NULL or without response edits when that alone brought it here). -1
+    when the connection went away."""
     cdef const Edits_ *e = c.edits
+    cdef const Span *drop = NULL
+    cdef int n_drop = 0
+    cdef const char *lines = NULL
+    cdef size_t lines_len = 0
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le, colon
@@ -2787,6 +2855,11 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     cdef Span *few = R.named
     cdef Span *named = few
     cdef Py_ssize_t n = 0
+    if e != NULL and e.response:
+        drop = e.resp_drop
+        n_drop = e.n_resp_drop
+        lines = e.resp_lines
+        lines_len = e.resp_lines_len
     if hop:
         if c.resp_hop & HOP_NAMED:  # (as send_client_head)
             n = named_fields(b, end, few, MAX_NAMED)
@@ -2814,7 +2887,7 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
         le = line_end(b, i, lf)
         colon = colon_at(b, i, le)
         if ((hop and hop_line(b, i, colon, named, n))
-                or (colon < le and edit_drops(e.resp_drop, e.n_resp_drop, b + i, colon - i))):
+                or (colon < le and edit_drops(drop, n_drop, b + i, colon - i))):
             if i > run:
                 if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
                     break  # (aborted)
@@ -2827,10 +2900,12 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
         return -1
     if (to_client(R, c, c.rhead.p + run, <size_t>(end - run)) != 0
             or to_client(R, c, own, own_len) != 0
-            or to_client(R, c, e.resp_lines, e.resp_lines_len) != 0
+            or to_client(R, c, lines, lines_len) != 0
+            or to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
             or to_client(R, c, c.rhead.p + end, <size_t>(hl - end)) != 0):
         return -1
-    c.client_bytes += sent + (end - run) + <Py_ssize_t>(own_len + e.resp_lines_len) + hl - end
+    c.client_bytes += (sent + (end - run) + <Py_ssize_t>(own_len + lines_len + c.set_cookie_len)
+                       + hl - end)
     return 0
 
 
@@ -2853,7 +2928,7 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     cdef Buf held
     cdef int r
     c.keeps_client = keep
-    if c.edits != NULL and c.edits.response:
+    if c.edit_resp:  # (response edits, or a generated cookie's line)
         if R.send_edited_head(R, c, hl, keep) != 0:
             return -1
     elif (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
@@ -3213,6 +3288,179 @@ cdef inline int64_t ep_load(EP *ep) noexcept nogil:
     return ep.active + L4R_LOAD(&ep.ext)
 
 
+cdef inline uint64_t hash_fnv(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """FNV-1a 64 of p[:n]: verdict.hash_key()'s twin."""
+    cdef uint64_t h = <uint64_t>0xCBF29CE484222325
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * <uint64_t>0x100000001B3
+    return h
+
+
+cdef inline uint64_t hash_mix(uint64_t x) noexcept nogil:
+    """splitmix64's finalizer: verdict._mix()'s twin."""
+    x = (x ^ (x >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * <uint64_t>0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+cdef bint cookie_value_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
+                          const HashOn_ *h, const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
+    """The value of the first cookie named h.name in the cookie line's value
+    b[i:end] (HashOn.key_of): pairs split on ";", each trimmed, one pair of
+    surrounding double quotes removed; False: none, or an empty one."""
+    cdef Py_ssize_t ps, pe, e, vs, ve
+    cdef const unsigned char *q
+    while i <= end:
+        q = <const unsigned char*>memchr(b + i, SEMI, <size_t>(end - i))
+        pe = end if q == NULL else q - b
+        ps = i
+        i = pe + 1
+        while ps < pe and is_ows(b[ps]):
+            ps += 1
+        while pe > ps and is_ows(b[pe - 1]):
+            pe -= 1
+        q = <const unsigned char*>memchr(b + ps, EQ, <size_t>(pe - ps))
+        if q == NULL:
+            continue
+        e = q - b
+        if e - ps != h.name_len or memcmp(b + ps, h.name, <size_t>h.name_len) != 0:
+            continue
+        vs = e + 1
+        ve = pe
+        if ve - vs >= 2 and b[vs] == DQUOTE and b[ve - 1] == DQUOTE:
+            vs += 1
+            ve -= 1
+        v[0] = b + vs
+        vn[0] = ve - vs
+        return ve > vs
+    return False
+
+
+cdef bint hash_value(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
+                     const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
+    """What h hashes in the request head b[:hl] (as received: what
+    HashOn.key_of reads of Request.headers and the target), into *v, *vn;
+    False: absent."""
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef const unsigned char *q
+    cdef Py_ssize_t i, le, colon, vs = -1, ve = 0, ts, te, ps, pe, e
+    cdef const char *name = h.name
+    cdef Py_ssize_t name_len = h.name_len
+    if lf == NULL:  # (never: a validated head)
+        return False
+    if h.kind == HK_QUERY:
+        # the target: the request line's second word (origin-form here)
+        le = line_end(b, 0, lf)
+        q = <const unsigned char*>memchr(b, SP, <size_t>le)
+        if q == NULL:
+            return False
+        ts = q - b + 1
+        q = <const unsigned char*>memchr(b + ts, SP, <size_t>(le - ts))
+        te = le if q == NULL else q - b
+        q = <const unsigned char*>memchr(b + ts, QMARK, <size_t>(te - ts))
+        if q == NULL:
+            return False
+        i = q - b + 1
+        q = <const unsigned char*>memchr(b + i, HASH, <size_t>(te - i))
+        if q != NULL:
+            te = q - b
+        while i <= te:
+            q = <const unsigned char*>memchr(b + i, AMP, <size_t>(te - i))
+            pe = te if q == NULL else q - b
+            ps = i
+            i = pe + 1
+            q = <const unsigned char*>memchr(b + ps, EQ, <size_t>(pe - ps))
+            e = pe if q == NULL else q - b
+            if e - ps == name_len and memcmp(b + ps, name, <size_t>name_len) == 0:
+                v[0] = b + e + (1 if e < pe else 0)
+                vn[0] = pe - e - (1 if e < pe else 0)
+                return True
+        return False
+    if h.kind == HK_COOKIE:
+        name = b"cookie"
+        name_len = 6
+    # the last line named so, its value trimmed
+    i = lf - b + 1
+    while i < hl:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
+        if lf == NULL:
+            break
+        le = line_end(b, i, lf)
+        if le == i:
+            break  # the empty line
+        colon = colon_at(b, i, le)
+        if colon - i == name_len and eq_lower(b + i, name, name_len):
+            vs = colon + 1
+            ve = le
+        i = lf - b + 1
+    if vs < 0:
+        return False
+    while vs < ve and is_ows(b[vs]):
+        vs += 1
+    while ve > vs and is_ows(b[ve - 1]):
+        ve -= 1
+    if h.kind == HK_COOKIE:
+        return cookie_value_in(b, vs, ve, h, v, vn)
+    v[0] = b + vs
+    vn[0] = ve - vs
+    return True
+
+
+cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
+    """pick()'s endpoint order for a LB_HASH choice (hash_order() in
+    verdict.py): the request's key, FNV-1a of what ch.hash names, or a
+    random one when the request has none, or the key of a cookie generated
+    for it (its line in c.set_cookie, for the final response head); then
+    the first MAX_ATTEMPTS endpoints by descending hash_mix(key ^ their
+    hash), ties by index."""
+    cdef const HashOn_ *h = ch.hash
+    cdef const unsigned char *val = NULL
+    cdef Py_ssize_t vn = 0
+    cdef uint64_t key, draw, sc
+    cdef uint64_t score[MAX_ATTEMPTS]
+    cdef char *line
+    cdef int i, j, d
+    if hash_value(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &val, &vn):
+        key = hash_fnv(val, vn)
+    elif h.ck_pre == NULL:
+        key = rng_next(R)  # (Envoy: a random host)
+    else:
+        # a cookie for the client to send back: 16 lowercase hex digits of
+        # a draw (cookie_value()), hashed as if the request had sent it
+        draw = rng_next(R)
+        key = draw
+        line = <char*>malloc(h.ck_pre_len + 16 + h.ck_post_len)
+        if line != NULL:  # (out of memory: a random key, no cookie)
+            memcpy(line, h.ck_pre, h.ck_pre_len)
+            for i in range(16):
+                d = <int>((draw >> (60 - 4 * i)) & 0xF)
+                line[h.ck_pre_len + i] = <char>(0x30 + d if d < 10 else 0x57 + d)
+            memcpy(line + h.ck_pre_len + 16, h.ck_post, h.ck_post_len)
+            key = hash_fnv(<const unsigned char*>line + h.ck_pre_len, 16)
+            c.set_cookie = line
+            c.set_cookie_len = h.ck_pre_len + 16 + h.ck_post_len
+            c.holds = True  # (conn_drop_held frees it)
+            c.edit_resp = True
+    # the first MAX_ATTEMPTS by score, descending (an insertion sort; a
+    # later endpoint passes an earlier one only with a higher score)
+    for i in range(ch.n_eps):
+        sc = hash_mix(key ^ h.ep_hash[i])
+        if c.n_cand < MAX_ATTEMPTS:
+            j = c.n_cand
+            c.n_cand += 1
+        elif sc > score[MAX_ATTEMPTS - 1]:
+            j = MAX_ATTEMPTS - 1
+        else:
+            continue
+        while j > 0 and sc > score[j - 1]:
+            score[j] = score[j - 1]
+            c.cand[j] = c.cand[j - 1]
+            j -= 1
+        score[j] = sc
+        c.cand[j] = ch.eps[i]
+
+
 cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     """The weighted draw and the endpoint order of one request."""
     cdef Choice_ *ch = &v.choices[0]
@@ -3232,6 +3480,9 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     n = ch.n_eps
     c.n_cand = 0
     if n == 0:
+        return
+    if ch.policy == LB_HASH:
+        R.hash_pick(R, c, ch)
         return
     if ch.policy == LB_RANDOM:
         start = <int>(rng_next(R) % <uint64_t>n)
@@ -3418,6 +3669,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     if c.edits != NULL:
         c.edits.refs += 1  # (the request's, until conn_drop_held())
         c.holds = True
+        if c.edits.response:
+            c.edit_resp = True
         if c.edits.request and R.edit_request(R, c, c.edits, now) != 0:
             return  # (out of memory: aborted; or answered: a dot-segment made)
     if v.retry != NULL:
@@ -4378,6 +4631,51 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             up_close(R, ep.idle_tail)
 
 
+cdef HashOn_ *_hash_on(on, endpoints) except NULL:
+    """A HASH choice's verdict.HashOn as the loop's block (see "Consistent
+    hashing"): ValueError for none, or one that would write out a line
+    break."""
+    if on is None:
+        raise ValueError("a HASH choice without hash_on")
+    kind = _HASH_KINDS[on.kind] if on.kind in _HASH_KINDS else None
+    if kind is None:
+        raise ValueError(f"unknown hash kind {on.kind!r}")
+    name = (on.name.lower() if kind == HK_HEADER else on.name).encode("latin-1")
+    pre = post = b""
+    if on.ttl is not None:
+        mark = "\x00" * 16
+        line = ("set-cookie: " + on.set_cookie(mark)).encode("latin-1")
+        parts = line.split(mark.encode("latin-1"))
+        if len(parts) != 2 or b"\r" in line or b"\n" in line:
+            raise ValueError(f"a cookie line that cannot be written out: {line!r}")
+        pre, post = parts[0], parts[1] + b"\r\n"
+    hashes = [endpoint_hash((str(e[0]), int(e[1]))) for e in endpoints]
+    cdef Py_ssize_t n = len(hashes), i
+    cdef size_t head = sizeof(HashOn_) + <size_t>n * sizeof(uint64_t)
+    cdef HashOn_ *h = <HashOn_*>calloc(1, head + len(name) + len(pre) + len(post) + 1)
+    cdef char *p
+    if h == NULL:
+        raise MemoryError()
+    h.kind = kind
+    h.ep_hash = <uint64_t*>(<char*>h + sizeof(HashOn_))
+    for i in range(n):
+        h.ep_hash[i] = hashes[i]
+    p = <char*>h + head
+    memcpy(p, PyBytes_AS_STRING(name), len(name))
+    h.name = p
+    h.name_len = len(name)
+    p += len(name)
+    if on.ttl is not None:
+        memcpy(p, PyBytes_AS_STRING(pre), len(pre))
+        h.ck_pre = p
+        h.ck_pre_len = len(pre)
+        p += len(pre)
+        memcpy(p, PyBytes_AS_STRING(post), len(post))
+        h.ck_post = p
+        h.ck_post_len = len(post)
+    return h
+
+
 cdef void bury(Relay *R) noexcept nogil:
     cdef Conn *c
     cdef Up *u
@@ -4638,6 +4936,7 @@ cdef class HttpRelay:
         R.max_head = max_head
         R.edit_request = edit_request
         R.send_edited_head = send_edited_head
+        R.hash_pick = hash_pick
         for i in range(N_CHUNK_ERRORS):
             reason = (CHUNKED_ERRORS[i].format(max_trailers=max_head) if i in CHUNKED_ERRORS
                       else "malformed chunked body")
@@ -5780,6 +6079,8 @@ cdef class HttpRelay:
                 ch.tag = self._tag_id(choice.tag)
                 ch.rr = self._rr_slot(choice.balance_key)
                 ch.edits = self._edit(choice.edits)
+                if ch.policy == LB_HASH:
+                    ch.hash = _hash_on(choice.hash_on, choice.endpoints)
                 if len(choice.endpoints) == 0:
                     status = choice.status
                     body = "no healthy upstream" if status == 503 else "backend not resolved"
