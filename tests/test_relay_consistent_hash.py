@@ -26,12 +26,13 @@ from l4proxy.dataplane.verdict import (
     Choice,
     HashOn,
     HeadEdits,
+    RetryPolicy,
     Verdict,
     endpoint_hash,
     hash_key,
     hash_order,
 )
-from tests._scripted import Scripted, _answer, _client, _response
+from tests._scripted import Scripted, _answer, _client, _response, policy
 from tests.test_relay_edges import _relay
 
 Endpoint = tuple[str, int]
@@ -65,6 +66,7 @@ class Farm:
         script: list[Any] | None = None,
         dead: int = 0,
         seed: int = 7,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.ups = [Scripted(list(script or [])) for _ in range(n)]
         refused: list[Endpoint] = []
@@ -75,7 +77,9 @@ class Farm:
         self.dead = dead
         self.on = on
         self.hashes = [endpoint_hash(e) for e in self.eps]
-        verdict = Verdict((Choice(1, self.eps, "HASH", tag="t", edits=edits, hash_on=on),), ttl=ttl)
+        verdict = Verdict(
+            (Choice(1, self.eps, "HASH", tag="t", edits=edits, hash_on=on),), ttl=ttl, retry=retry
+        )
         self.relay = _relay(
             "compiled",
             lambda h, o: Decision(local=(500, "decide is not asked")),
@@ -388,3 +392,17 @@ def test_a_session_cookie_line() -> None:
         c.close()
     finally:
         farm.close()
+
+
+def test_a_retry_keeps_the_line(request: pytest.FixtureRequest, ttl: float) -> None:
+    """A 503 retried (the route's policy): the final answer, the retry's,
+    has the line the request's cookie was generated with, once."""
+    farm = _farm(request, 1, SID, ttl, script=[_answer(503)], retry=policy(2, "5xx"))
+    c = _client(farm.relay)
+    c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    got = _response(c)
+    m = COOKIE_VALUE.search(got)
+    assert m, got
+    assert got == b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n" + _line(SID, m.group(1)) + b"\r\nok"
+    assert farm.landed() == [0, 0]
+    c.close()
