@@ -333,9 +333,15 @@ def test_head_and_204_get_the_line(request: pytest.FixtureRequest, ttl: float) -
     c.close()
 
 
-def test_not_on_an_interim_head(request: pytest.FixtureRequest, ttl: float) -> None:
-    """A 103 goes as it came; the final head after it has the line."""
-    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"],
+    ids=["100", "103-with-lines"],
+)
+def test_not_on_an_interim_head(request: pytest.FixtureRequest, ttl: float, interim: bytes) -> None:
+    """An interim head goes as it came (a bare one as the loop passes it
+    on, one with lines as Python judges it); the final head after it has
+    the line."""
     farm = _farm(request, 1, SID, ttl, script=[interim + _answer(200, b"ok")])
     c = _client(farm.relay)
     c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
