@@ -250,6 +250,39 @@ def test_istio_direct_response_example(tmp_path: Path) -> None:
     assert answer_of(table, "/bytes") == LocalAnswer(200, "unknown error")
 
 
+@pytest.mark.parametrize("status", [201, 302, 307, 304])
+def test_a_direct_response_201_or_3xx_gets_the_requests_url_as_location(
+    tmp_path: Path, status: int
+) -> None:
+    """Envoy's router adds a location to a direct response with status 201
+    or 3xx: the request's own URL (built per request: never cached); the
+    route's own response lines follow it. Other statuses get none."""
+    body = "" if status == 304 else "    body: {string: moved}\n"
+    table = istio(
+        tmp_path,
+        f"""\
+  - match: [{{uri: {{prefix: /old}}}}]
+    directResponse:
+      status: {status}
+{body.replace("    body", "      body")}    headers:
+      response:
+        set: {{x-why: moved}}
+  - match: [{{uri: {{prefix: /gone}}}}]
+    directResponse: {{status: 410}}
+  - route:
+    - destination: {{host: bootcamp}}
+""",
+    )
+    got = answer_of(table, "/old/page?id=3", authority="shop.example:8080")
+    assert got == LocalAnswer(
+        status,
+        "" if status == 304 else "moved",
+        (("location", "http://shop.example:8080/old/page?id=3"), ("x-why", "moved")),
+        per_request=True,
+    )
+    assert answer_of(table, "/gone") == LocalAnswer(410)
+
+
 # -- rewrite: the strip of the match that matched --------------------------------
 
 

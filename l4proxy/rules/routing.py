@@ -1855,9 +1855,26 @@ class RouteTable:
     def _answer(
         route: Route, port: int, request: Request | None, source: Mapping[str, str]
     ) -> LocalAnswer | None:
-        """*route*'s own answer to *request* (None: it has destinations)."""
+        """*route*'s own answer to *request* (None: it has destinations).
+        A direct response with status 201 or 3xx gets a ``location``, the
+        request's own URL, as Envoy's router adds one (RFC 9110 10.2.2):
+        built per request."""
         if route.direct is not None:
-            return route.direct
+            d = route.direct
+            if request is not None and (d.status == 201 or 300 <= d.status <= 399):
+                where = location(
+                    target=request.path,
+                    host=request.authority,
+                    scheme=request.scheme,
+                    new_scheme=None,
+                    new_host=None,
+                    new_port=None,
+                    derive="envoy",
+                )
+                return dataclasses.replace(
+                    d, headers=(("location", where), *d.headers), per_request=True
+                )
+            return d
         if route.redirect is not None:
             return route.redirect.answer(request, port, route.matched(port, request, source))
         return None
