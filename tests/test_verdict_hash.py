@@ -9,6 +9,7 @@ from l4proxy.dataplane.verdict import (
     HASH_COOKIE,
     HASH_HEADER,
     HASH_QUERY,
+    HASH_SOURCE_IP,
     HashOn,
     cookie_value,
     endpoint_hash,
@@ -106,3 +107,11 @@ def test_generated_cookie_line() -> None:
     # what the client sends back hashes as the request that made it
     on = HashOn(HASH_COOKIE, "sid", 60)
     assert on.key_of("/", {"cookie": 'sid="0000000000000abc"'}) == v.encode()
+
+
+def test_the_source_ip_is_the_peers_packed_address() -> None:
+    on = HashOn(HASH_SOURCE_IP, "")
+    assert on.key_of("/", {"x-forwarded-for": "203.0.113.9"}, b"\xc6\x12\x00\x01") == (
+        b"\xc6\x12\x00\x01"
+    )
+    assert on.key_of("/", {}) is None  # (unknown: a random key)

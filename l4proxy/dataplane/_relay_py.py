@@ -327,6 +327,24 @@ class _Conn:
     # ... and, for a request with a local answer (its route's, or none of
     # its destination's endpoints), that answer then when no abort fell
     fault_local: tuple[int, str, str] | None = None
+    # the client's packed address (peer_of), once decide_peer asked: None
+    # unknown; ``...`` not asked yet
+    peer: Any = ...
+
+
+def peer_of(sock: socket.socket) -> bytes | None:
+    """The packed address (4 or 16 bytes) of *sock*'s peer, what a
+    consistent hash on the source IP hashes (verdict.HashOn); None when it
+    has none (a socketpair, a peer gone)."""
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return None
+    if sock.family == socket.AF_INET:
+        return socket.inet_pton(socket.AF_INET, addr[0])
+    if sock.family == socket.AF_INET6:
+        return socket.inet_pton(socket.AF_INET6, addr[0].partition("%")[0])
+    return None
 
 
 class HttpRelay:
@@ -334,7 +352,7 @@ class HttpRelay:
 
     def __init__(
         self,
-        decide: Callable[[RequestHead, Any], Decision],
+        decide: Callable[..., Decision],
         l4: Callable[
             [socket.socket, socket.socket | None, bytes, bytes, Any, Endpoint | None], None
         ],
@@ -351,8 +369,12 @@ class HttpRelay:
         seed: int | None = None,
         *,
         answered_5xx: Callable[[Endpoint, Any, int], None] | None = None,
+        decide_peer: bool = False,
     ) -> None:
         self.decide = decide
+        # decide(head, origin, peer): with the client's packed address too
+        # (peer_of; a consistent hash on the source IP reads it)
+        self.decide_peer = decide_peer
         self.max_head = max_head  # request and response heads, trailer sections
         self.l4 = l4
         self.pools = Pools(pool)
@@ -934,7 +956,12 @@ class HttpRelay:
         c.head_started = None
         c.started = now
         try:
-            d = self.decide(head, c.origin)
+            if self.decide_peer:
+                if c.peer is ...:
+                    c.peer = peer_of(c.sock)
+                d = self.decide(head, c.origin, c.peer)
+            else:
+                d = self.decide(head, c.origin)
             # (what it says to write out, checked: a ValueError for a line
             # break in a value... answers as a decide() that raised)
             local_headers = header_lines(d.local_headers) if d.local is not None else ""

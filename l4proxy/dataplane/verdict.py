@@ -25,6 +25,7 @@ __all__ = [
     "HASH_HEADER",
     "HASH_KINDS",
     "HASH_QUERY",
+    "HASH_SOURCE_IP",
     "RETRY_4XX",
     "RETRY_5XX",
     "RETRY_GATEWAY_ERROR",
@@ -312,7 +313,8 @@ class Fault(NamedTuple):
 HASH_HEADER = "header"
 HASH_COOKIE = "cookie"
 HASH_QUERY = "query"
-HASH_KINDS = (HASH_HEADER, HASH_COOKIE, HASH_QUERY)
+HASH_SOURCE_IP = "source_ip"
+HASH_KINDS = (HASH_HEADER, HASH_COOKIE, HASH_QUERY, HASH_SOURCE_IP)
 
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
@@ -379,8 +381,11 @@ class HashOn(NamedTuple):
     surrounding double quotes removed; empty is absent. :data:`HASH_QUERY`:
     the first value of the query parameter ``name`` in the target, as sent
     (not percent-decoded; no ``=``: the empty value), as routing's
-    ``_query_params`` reads it. The key is :func:`hash_key` of the value's
-    bytes.
+    ``_query_params`` reads it. :data:`HASH_SOURCE_IP` (``name`` empty):
+    the client's address, the peer of the proxy's connection from it, as
+    its packed bytes (4 for IPv4, 16 for IPv6: ``ipaddress``'s ``packed``;
+    an IPv4-mapped IPv6 peer is its 16). The key is :func:`hash_key` of the
+    value's bytes.
 
     A request without the value gets a random key (Envoy: a random host),
     unless ``ttl`` is not None (a cookie only): then the relay generates a
@@ -394,9 +399,14 @@ class HashOn(NamedTuple):
     ttl: int | None = None  # seconds (0: a session cookie, no Max-Age)
     path: str = ""  # the generated cookie's Path ("": none)
 
-    def key_of(self, target: str, headers: Mapping[str, str]) -> bytes | None:
+    def key_of(
+        self, target: str, headers: Mapping[str, str], source: bytes | None = None
+    ) -> bytes | None:
         """The bytes this policy hashes in a request (its origin-form
-        *target*, its *headers* by lowercase name), None: absent."""
+        *target*, its *headers* by lowercase name, its client's packed
+        address *source*, None: unknown), None: absent."""
+        if self.kind == HASH_SOURCE_IP:
+            return source
         if self.kind == HASH_HEADER:
             got = headers.get(self.name)
             return None if got is None else got.encode("latin-1")
