@@ -27,6 +27,7 @@ from l4proxy.dataplane.verdict import (
     HASH_COOKIE,
     HASH_HEADER,
     HASH_QUERY,
+    HASH_SOURCE_IP,
     HashOn,
     endpoint_hash,
     hash_key,
@@ -103,6 +104,7 @@ FORMS = [
     ("consistentHash: {httpCookie: {name: sid, ttl: 1500ms}}", HashOn(HASH_COOKIE, "sid", 1)),
     ("consistentHash: {httpQueryParameterName: user}", HashOn(HASH_QUERY, "user")),
     ("consistentHash: {httpHeaderName: x-user, useSourceIp: null}", HashOn(HASH_HEADER, "x-user")),
+    ("consistentHash: {useSourceIp: true}", HashOn(HASH_SOURCE_IP, "")),
 ]
 
 
@@ -144,14 +146,9 @@ ERRORS = [
         "sets httpHeaderName and httpQueryParameterName: one of them",
     ),
     (
-        "consistentHash: {useSourceIp: true}\n",
+        "consistentHash: {useSourceIp: true, httpHeaderName: x-user}\n",
         "useSourceIp",
-        "useSourceIp is not implemented by l4proxy",
-    ),
-    (
-        "consistentHash: {useSourceIp: true}\n",
-        "useSourceIp",
-        "every request's source is the pod itself: hash on a header",
+        "sets httpHeaderName and useSourceIp: one of them",
     ),
     ("consistentHash: {useSourceIp: 'yes'}\n", "useSourceIp", "must be true or false"),
     ("consistentHash: {httpHeaderName: x user}\n", "httpHeaderName", "is not an HTTP field name"),
@@ -240,12 +237,11 @@ def test_a_subset_s_error_is_at_its_line(tmp_path: Path) -> None:
     text = (
         DR_HEAD
         + "  subsets:\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy:\n"
-        + "      loadBalancer:\n        consistentHash:\n          useSourceIp: true\n"
+        + "      loadBalancer:\n        consistentHash:\n          httpHeaderName: x user\n"
     )
     errs = errors_of(tmp_path, text)
-    assert [(e.line, e.message.split(" ", 1)[0]) for e in errs] == [
-        (12, "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.useSourceIp")
-    ]
+    assert [e.line for e in errs] == [12], errs
+    assert "is not an HTTP field name" in errs[0].message, errs
 
 
 # -- the ring and Maglev sizes: checked, then a warning -----------------------
@@ -383,6 +379,21 @@ def test_the_same_header_value_always_the_same_endpoint(tmp_path: Path) -> None:
         want = predicted(user.encode(), SHOP_EPS)
         got = {_first(table, Request(path="/", headers={"X-User": user})) for _ in range(20)}
         assert got == {want}, user
+
+
+def test_the_source_ip_is_the_clients_packed_address(tmp_path: Path) -> None:
+    """useSourceIp: the client's address the relay gives (Request.source),
+    whatever the headers say; unknown: random (both endpoints seen)."""
+    table = shop(tmp_path, "consistentHash: {useSourceIp: true}\n")
+    for last in range(1, 20):
+        addr = bytes([198, 18, 7, last])
+        want = predicted(addr, SHOP_EPS)
+        got = {
+            _first(table, Request(path="/", headers={"x-user": str(i)}, source=addr))
+            for i in range(5)
+        }
+        assert got == {want}, addr
+    assert len({_first(table, Request(path="/")) for _ in range(50)}) > 1
 
 
 def test_the_whole_order_is_hash_order_s(tmp_path: Path) -> None:

@@ -26,7 +26,14 @@ import ipaddress
 import re
 from typing import Any, Literal
 
-from l4proxy.dataplane.verdict import HASH_COOKIE, HASH_HEADER, HASH_QUERY, HashOn, HeadEdits
+from l4proxy.dataplane.verdict import (
+    HASH_COOKIE,
+    HASH_HEADER,
+    HASH_QUERY,
+    HASH_SOURCE_IP,
+    HashOn,
+    HeadEdits,
+)
 from l4proxy.rules._fault import istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
@@ -1057,9 +1064,10 @@ def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
     a cookie-name token; ``path``; ``ttl``: absent, the cookie is only read;
     given, a request without it gets one generated, with ``Max-Age`` the
     whole seconds of it, ``0s`` a session cookie) and
-    ``httpQueryParameterName``. ``useSourceIp`` is refused: the relays do
-    not pass the client's address to the decision, and at a sidecar every
-    request's source is the pod itself. ``ringHash.minimumRingSize``,
+    ``httpQueryParameterName``, and ``useSourceIp: true`` (the client's
+    address: at a sidecar every outbound request's source is the pod
+    itself, so all of them go to one endpoint; at a gateway, the client's
+    or that of the load balancer in front). ``ringHash.minimumRingSize``,
     ``maglev.tableSize`` and the deprecated ``minimumRingSize`` are checked
     and do nothing (a warning): l4proxy hashes by rendezvous
     (verdict.hash_order), which needs no table."""
@@ -1077,7 +1085,8 @@ def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
     if not keys:
         ctx.error(
             path,
-            f"{dotted(path)} needs one of httpHeaderName, httpCookie or httpQueryParameterName",
+            f"{dotted(path)} needs one of httpHeaderName, httpCookie, httpQueryParameterName "
+            "or useSourceIp",
         )
         return None
     if len(keys) > 1:
@@ -1099,14 +1108,7 @@ def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
                     "httpQueryParameterName (useSourceIp is false)",
                 )
             return None
-        ctx.error(
-            kpath,
-            f"{dotted(kpath)} {NOT_IMPLEMENTED}; the relays do not pass the client's "
-            "address to the routing decision yet, and at a sidecar every request's "
-            "source is the pod itself: hash on a header (httpHeaderName, such as "
-            "x-forwarded-for where a proxy in front sets it) or a cookie (httpCookie) instead",
-        )
-        return None
+        return HashOn(HASH_SOURCE_IP, "") if ok else None
     hash_on: HashOn | None = None
     if key == "httpHeaderName":
         name = text(ctx, ch[key], kpath, required=True)

@@ -391,6 +391,9 @@ class Request:
     authority: str = ""
     scheme: str = "http"
     headers: Mapping[str, str] = field(default_factory=dict)
+    # the client's packed address (the relay's peer_of), what a consistent
+    # hash on the source IP reads; None: unknown
+    source: bytes | None = None
 
     def __post_init__(self) -> None:
         if any(k != k.lower() for k in self.headers):
@@ -777,7 +780,7 @@ class Destination:
 
 def hash_on_json(hash_on: HashOn | None) -> dict[str, Any] | None:
     """A consistent hash's policy as JSON (None: not one): ``kind``
-    (header, cookie, query), ``name``, and for a cookie ``ttl`` (seconds;
+    (header, cookie, query, source_ip), ``name``, and for a cookie ``ttl`` (seconds;
     None: never generated) and ``path``."""
     if hash_on is None:
         return None
@@ -1720,7 +1723,7 @@ class RouteTable:
         if policy != "HASH" or hash_on is None:
             return None, None
         if request is not None:
-            value = hash_on.key_of(request.path, request.headers)
+            value = hash_on.key_of(request.path, request.headers, request.source)
             if value is not None:
                 return hash_key(value), None
             if hash_on.ttl is not None:

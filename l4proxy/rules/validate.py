@@ -283,6 +283,8 @@ def _balancer(d: dict[str, Any]) -> str:
     on = d.get("hash_on")
     if d["load_balancer"] != "HASH" or not on:
         return str(d["load_balancer"])
+    if on["kind"] == "source_ip":
+        return "consistent hash on the client's address"
     what = {"header": "header", "cookie": "cookie", "query": "query parameter"}[on["kind"]]
     out = f"consistent hash on {what} {on['name']}"
     if on["kind"] == "cookie":
