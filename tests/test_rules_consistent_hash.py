@@ -158,6 +158,16 @@ ERRORS = [
         "httpQueryParameterName",
         "'a=b' is not a query parameter name",
     ),
+    (
+        "consistentHash: {httpQueryParameterName: \u00e9}\n",
+        "httpQueryParameterName",
+        "'\u00e9' is not a query parameter name (no '&', '=', '#', space, control or non-ASCII",
+    ),
+    (
+        "consistentHash: {httpQueryParameterName: \u20ac}\n",
+        "httpQueryParameterName",
+        "'\u20ac' is not a query parameter name",
+    ),
     ("consistentHash:\n  httpCookie: {ttl: 1h}\n", "httpCookie", "httpCookie.name is required"),
     (
         "consistentHash:\n  httpCookie: {name: 's id'}\n",
@@ -167,7 +177,17 @@ ERRORS = [
     (
         "consistentHash:\n  httpCookie: {name: sid, path: '/a;b'}\n",
         "httpCookie",
-        "may hold no ';' and no control character",
+        "may hold no ';', no control character and nothing but ASCII",
+    ),
+    (
+        "consistentHash:\n  httpCookie: {name: sid, path: '/\u00e9'}\n",
+        "httpCookie",
+        "'/\u00e9' may hold no ';', no control character and nothing but ASCII",
+    ),
+    (
+        "consistentHash:\n  httpCookie: {name: sid, path: '/\u20ac', ttl: 1s}\n",
+        "httpCookie",
+        "'/\u20ac' may hold no ';'",
     ),
     (
         "consistentHash:\n  httpCookie: {name: sid, ttl: 10}\n",

@@ -1049,11 +1049,16 @@ _HASH_TABLES = ("ringHash", "maglev", "minimumRingSize")
 # the largest table size Envoy takes (a uint64 in its API: bounded here)
 _MAX_HASH_TABLE = 2**63 - 1
 # a cookie's Path: no ';' (it would end the attribute), no CR, LF or
-# other control character
-_BAD_COOKIE_PATH = re.compile(r"[;\x00-\x1f\x7f]")
+# other control character, nothing but ASCII (the relays write header
+# lines of edits as UTF-8 and the compiled one's cookie line as Latin-1:
+# only ASCII is the same line in both, and a character Latin-1 lacks
+# would make the compiled relay refuse the whole verdict)
+_BAD_COOKIE_PATH = re.compile(r"[^\x20-\x7e]|;")
 # a query parameter name that could never be sent as one (it would end
-# the name, the parameter or the query) or holds a control character
-_BAD_QUERY_NAME = re.compile(r"[&=#\s\x00-\x1f\x7f]")
+# the name, the parameter or the query), holds a control character, or is
+# not ASCII (a request target is ASCII: it could never match; and the
+# compiled relay cannot write a name Latin-1 lacks)
+_BAD_QUERY_NAME = re.compile(r"[^\x21-\x7e]|[&=#]")
 
 
 def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
@@ -1121,7 +1126,7 @@ def _consistent_hash(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
                 ctx.error(
                     kpath,
                     f"{dotted(kpath)} {name!r} is not a query parameter name "
-                    "(no '&', '=', '#', space or control character)",
+                    "(no '&', '=', '#', space, control or non-ASCII character)",
                 )
             else:
                 hash_on = HashOn(HASH_QUERY, name)
@@ -1160,7 +1165,8 @@ def _http_cookie(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
         elif _BAD_COOKIE_PATH.search(got):
             ctx.error(
                 (*path, "path"),
-                f"{dotted((*path, 'path'))} {got!r} may hold no ';' and no control character",
+                f"{dotted((*path, 'path'))} {got!r} may hold no ';', no control character "
+                "and nothing but ASCII",
             )
             ok = False
         else:
