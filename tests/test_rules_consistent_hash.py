@@ -253,6 +253,13 @@ def test_an_error_is_at_its_file_and_line(
     assert errs[0].line == _line(text, marker), errs[0]
 
 
+def test_an_empty_cookie_name_is_one_error(tmp_path: Path) -> None:
+    errs = errors_of(tmp_path, rule("consistentHash: {httpCookie: {name: '', ttl: 1s}}\n"))
+    assert [e.message.split(": ", 1)[-1] for e in errs] == [
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name must not be empty"
+    ], errs
+
+
 def test_a_subset_s_error_is_at_its_line(tmp_path: Path) -> None:
     text = (
         DR_HEAD

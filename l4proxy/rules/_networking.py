@@ -1147,8 +1147,8 @@ def _http_cookie(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
         },
         required=("name",),
     )
-    if c is None or any(k not in ("name", "path", "ttl") for k in c) or c.get("name") is None:
-        return None
+    if c is None or any(k not in ("name", "path", "ttl") for k in c) or c.get("name") in (None, ""):
+        return None  # (fields() said why: an empty name once)
     ok = True
     name = text(ctx, c["name"], (*path, "name"), required=True)
     if name is not None and not _FIELD_NAME.fullmatch(name):
