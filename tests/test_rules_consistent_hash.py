@@ -622,6 +622,7 @@ def test_validate_verbose_says_each_policy(
             "consistent hash on cookie u (generated, session cookie)",
         ),
         ("{httpQueryParameterName: u}", "consistent hash on query parameter u"),
+        ("{useSourceIp: true}", "consistent hash on the client's address"),
     ],
 )
 def test_validate_verbose_says_each_kind(
