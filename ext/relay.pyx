@@ -150,7 +150,15 @@ with the choice, ``verdict_free``). ``pick()`` hands such a choice to
 reads of the head as received (``c.inb``, what ``resolve`` parsed:
 ``HashOn.key_of``'s header, cookie or query parameter), else a random
 draw (``rng_next``), or with a ttl a generated cookie's (16 hex digits of
-a draw, hashed as if sent), and the candidates are the first
+a draw, hashed as if sent); ``HK_SOURCE_IP``'s (``source_ip``) is of the
+client's packed address, ``peer_of()``'s 4 or 16 bytes, which
+``conn_peer`` asks of the kernel (one ``getpeername``) the first time a
+connection needs it and keeps in the Conn (``c.peer``, ``c.peer_len``:
+0 not asked, -1 unknown, then a random key; no cookie for this kind, its
+ttl ignored). In decide mode a relay made with ``decide_peer`` calls
+``decide(head, origin, peer)`` with those bytes (None: unknown), and so
+does its pure relay (``slow``, made with it too) with ``peer_of()``. The
+candidates are the first
 ``MAX_ATTEMPTS`` by descending ``hash_mix(key ^ endpoint hash)``, ties by
 index (``hash_order()``): retries go down the same order. A generated
 cookie's line is the Conn's (``c.set_cookie``, malloc'd: the verdict may go
@@ -161,7 +169,7 @@ exchange's end, each pipelined request its own, a retry keeps it);
 ``send_edited_head``, which adds it after the choice's response edits,
 before the empty line (interim heads and the local answers go as before).
 A request whose choice is not ``HASH`` pays a compare of ``ch.policy`` in
-``pick()``; ``final_head`` tests ``c.edit_resp`` where it tested
+``pick()`` (and no ``getpeername``); ``final_head`` tests ``c.edit_resp`` where it tested
 ``c.edits`` and its ``response``.
 
 Fault injection
@@ -284,7 +292,8 @@ from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
-from l4proxy.dataplane.verdict import HASH_COOKIE, HASH_HEADER, HASH_QUERY, endpoint_hash
+from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
+                                       endpoint_hash)
 
 Decision = _relay_py.Decision
 
@@ -299,6 +308,11 @@ cdef extern from "<sys/socket.h>" nogil:
     int socket(int domain, int type, int protocol)
     int connect(int fd, const void *addr, sys_.socklen_t len)
     int accept4(int fd, void *addr, sys_.socklen_t *len, int flags)
+    struct sockaddr:
+        unsigned short sa_family
+    int getpeername(int fd, sockaddr *addr, sys_.socklen_t *len)
+    struct sockaddr_storage:
+        unsigned short ss_family
     enum:
         AF_INET
         AF_INET6
@@ -465,11 +479,13 @@ cdef enum:
     HK_HEADER = 0
     HK_COOKIE = 1
     HK_QUERY = 2
+    HK_SOURCE_IP = 3       # the client's address (the Conn's peer, conn_peer())
     EQ = 0x3D              # (bytes it splits on: _bytes.pxi's others)
     AMP = 0x26
     DQUOTE = 0x22
 
-_HASH_KINDS = {HASH_HEADER: HK_HEADER, HASH_COOKIE: HK_COOKIE, HASH_QUERY: HK_QUERY}
+_HASH_KINDS = {HASH_HEADER: HK_HEADER, HASH_COOKIE: HK_COOKIE, HASH_QUERY: HK_QUERY,
+               HASH_SOURCE_IP: HK_SOURCE_IP}
 
 # what the loop asks Python for (Conn.need)
 cdef enum:
@@ -773,6 +789,8 @@ cdef struct Conn:
     unsigned char fault_local      # c.fault_answer: a local answer's copy, freed with it
     unsigned char holds            # c.retry, c.edits or c.set_cookie is set (conn_drop_held)
     unsigned char edit_resp        # the final response head goes through send_edited_head
+    signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
+    unsigned char peer[16]         #     -1: unknown (getpeername failed, not IP)
 
 cdef struct Row:
     int tag
@@ -3407,13 +3425,35 @@ cdef bint hash_value(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
     return True
 
 
+cdef int conn_peer(Conn *c) noexcept nogil:
+    """The client's packed address (peer_of() in _relay_py.py: AF_INET's 4
+    bytes of sin_addr, AF_INET6's 16 of sin6_addr) in c.peer, its length
+    returned: asked of the kernel once per connection (one getpeername), -1
+    when unknown (it failed, or the peer is no IP's)."""
+    cdef sockaddr_storage ss
+    cdef sys_.socklen_t n = sizeof(ss)
+    if c.peer_len != 0:
+        return c.peer_len
+    c.peer_len = -1
+    memset(&ss, 0, sizeof(ss))
+    if getpeername(c.fd, <sockaddr*>&ss, &n) == 0:
+        if ss.ss_family == AF_INET and n >= sizeof(sockaddr_in):
+            memcpy(c.peer, &(<sockaddr_in*>&ss).sin_addr, 4)
+            c.peer_len = 4
+        elif ss.ss_family == AF_INET6 and n >= sizeof(sockaddr_in6):
+            memcpy(c.peer, &(<sockaddr_in6*>&ss).sin6_addr, 16)
+            c.peer_len = 16
+    return c.peer_len
+
+
 cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
     """pick()'s endpoint order for a LB_HASH choice (hash_order() in
     verdict.py): the request's key, FNV-1a of what ch.hash names, or a
     random one when the request has none, or the key of a cookie generated
     for it (its line in c.set_cookie, for the final response head); then
     the first MAX_ATTEMPTS endpoints by descending hash_mix(key ^ their
-    hash), ties by index."""
+    hash), ties by index. HK_SOURCE_IP's key: FNV-1a of the client's
+    packed address (conn_peer()), a random one when it is unknown."""
     cdef const HashOn_ *h = ch.hash
     cdef const unsigned char *val = NULL
     cdef Py_ssize_t vn = 0
@@ -3421,7 +3461,10 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
     cdef uint64_t score[MAX_ATTEMPTS]
     cdef char *line
     cdef int i, j, d
-    if hash_value(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &val, &vn):
+    if h.kind == HK_SOURCE_IP:
+        # (no cookie for it: _hash_on gives it no ttl's line)
+        key = hash_fnv(c.peer, c.peer_len) if conn_peer(c) > 0 else rng_next(R)
+    elif hash_value(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &val, &vn):
         key = hash_fnv(val, vn)
     elif h.ck_pre == NULL:
         key = rng_next(R)  # (Envoy: a random host)
@@ -3438,6 +3481,7 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
                 line[h.ck_pre_len + i] = <char>(0x30 + d if d < 10 else 0x57 + d)
             memcpy(line + h.ck_pre_len + 16, h.ck_post, h.ck_post_len)
             key = hash_fnv(<const unsigned char*>line + h.ck_pre_len, 16)
+            free(c.set_cookie)  # (none: pick() runs once per request; a line never leaks)
             c.set_cookie = line
             c.set_cookie_len = h.ck_pre_len + 16 + h.ck_post_len
             c.holds = True  # (conn_drop_held frees it)
@@ -4642,7 +4686,9 @@ cdef HashOn_ *_hash_on(on, endpoints) except NULL:
         raise ValueError(f"unknown hash kind {on.kind!r}")
     name = (on.name.lower() if kind == HK_HEADER else on.name).encode("latin-1")
     pre = post = b""
-    if on.ttl is not None:
+    # (the client's address is never absent: no cookie for it, unknown is random)
+    ttl = None if kind == HK_SOURCE_IP else on.ttl
+    if ttl is not None:
         mark = "\x00" * 16
         line = ("set-cookie: " + on.set_cookie(mark)).encode("latin-1")
         parts = line.split(mark.encode("latin-1"))
@@ -4665,7 +4711,7 @@ cdef HashOn_ *_hash_on(on, endpoints) except NULL:
     h.name = p
     h.name_len = len(name)
     p += len(name)
-    if on.ttl is not None:
+    if ttl is not None:
         memcpy(p, PyBytes_AS_STRING(pre), len(pre))
         h.ck_pre = p
         h.ck_pre_len = len(pre)
@@ -4791,12 +4837,14 @@ cdef class HttpRelay:
     count)`` and ``answered`` of ``(tag, status, count, seconds_sum,
     bucket_counts)``, bucket counts per ``buckets`` bound in ms, not
     cumulative, the last one above every bound), ``key_headers`` and
-    ``seed``. Requests the fast path does not take go to :attr:`slow`, a
+    ``seed``; ``decide_peer`` as the pure relay's (and passed on to it).
+    Requests the fast path does not take go to :attr:`slow`, a
     pure relay with the same callbacks (``report`` there).
     """
 
     cdef Relay *R
     cdef object decide, l4, resolve, report_rows, refused
+    cdef bint decide_peer          # decide(head, origin, peer): the client's packed address too
     cdef object accepted, classify_origin, accepts
     cdef public object connect_failed, response_failed, answered, answered_5xx
     cdef readonly object slow
@@ -4844,7 +4892,7 @@ cdef class HttpRelay:
                  report_rows=None, accepted=None, classify_origin=None, accepts=None,
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
-                 int intern_limit=INTERN_LIMIT):
+                 int intern_limit=INTERN_LIMIT, bint decide_peer=False):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
@@ -4858,6 +4906,7 @@ cdef class HttpRelay:
         if len(buckets) >= MAX_BUCKETS:
             raise ValueError(f"at most {MAX_BUCKETS - 1} histogram buckets")
         self.decide = decide
+        self.decide_peer = decide_peer
         self.l4 = l4
         self.resolve = resolve
         self.report_rows = report_rows
@@ -4876,7 +4925,7 @@ cdef class HttpRelay:
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
-            refused, max_head, answered_5xx=self._slow_answered_5xx,
+            refused, max_head, answered_5xx=self._slow_answered_5xx, decide_peer=decide_peer,
         )
         # the slow path's requests, as the loop's LEAST_CONN must see them
         self.slow.pools.on_active = self.add_external
@@ -6176,7 +6225,12 @@ cdef class HttpRelay:
         origin = self._origins[c.origin]
         if R.decide_only:
             try:
-                d = self.decide(head, origin)
+                if self.decide_peer:
+                    n = conn_peer(c)  # (peer_of()'s bytes, asked once per connection)
+                    peer = PyBytes_FromStringAndSize(<char*>c.peer, n) if n > 0 else None
+                    d = self.decide(head, origin, peer)
+                else:
+                    d = self.decide(head, origin)
             except Exception:
                 L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
                 d = Decision(local=(503, "no healthy upstream"))

@@ -34,7 +34,7 @@ class HttpRelay:
     def pools(self) -> _Pools: ...
     def __init__(
         self,
-        decide: Callable[[RequestHead, Any], Decision],
+        decide: Callable[..., Decision],
         l4: Callable[[socket, socket | None, bytes, bytes, Any, Endpoint | None], None],
         pool: PoolOptions | None = None,
         connect_timeout: float = 5.0,
@@ -57,6 +57,7 @@ class HttpRelay:
         buckets: Sequence[float] = (),
         seed: Hashable | None = None,
         max_head: int = 65536,
+        decide_peer: bool = False,
     ) -> None: ...
     def start(self) -> None: ...
     def add(self, sock: socket, origin: Any, data: bytes = b"", requests: int = 0) -> None: ...
