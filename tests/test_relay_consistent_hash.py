@@ -6,6 +6,9 @@ generated cookie whose ``set-cookie`` line goes on its final response head.
 Real sockets and backends; the verdict cached (ttl 60) and asked per
 request (ttl 0: freed before the response comes). The pure relay's twin is
 the route table's decide() (endpoints in this order, the line in its edits).
+A hash on the source IP hashes the client's packed address: clients bound to
+distinct loopback addresses (all of 127/8 is local on Linux); in decide mode
+both twins made with ``decide_peer`` hand decide() those bytes.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import (
     HASH_COOKIE,
     HASH_HEADER,
     HASH_QUERY,
+    HASH_SOURCE_IP,
     Choice,
     HashOn,
     HeadEdits,
@@ -33,7 +38,7 @@ from l4proxy.dataplane.verdict import (
     hash_order,
 )
 from tests._scripted import Scripted, _answer, _client, _response, policy
-from tests.test_relay_edges import _relay
+from tests.test_relay_edges import ORIGIN, _relay
 
 Endpoint = tuple[str, int]
 
@@ -412,3 +417,124 @@ def test_a_retry_keeps_the_line(request: pytest.FixtureRequest, ttl: float) -> N
     assert got == b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n" + _line(SID, m.group(1)) + b"\r\nok"
     assert farm.landed() == [0, 0]
     c.close()
+
+
+# -- the client's address (HASH_SOURCE_IP) --------------------------------------
+
+SOURCES = [f"127.0.0.{i}" for i in range(2, 41)]
+GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _client_from(relay: Any, source: str) -> socket.socket:
+    """A TCP client connection from the loopback address *source*, handed
+    to *relay* (its peer there: *source*)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname(), source_address=(source, 0))
+        theirs, _ = listener.accept()
+    assert theirs.getpeername()[0] == source
+    relay.add(theirs, ORIGIN)
+    return ours
+
+
+def test_each_source_lands_where_hash_order_puts_its_address(
+    request: pytest.FixtureRequest, ttl: float
+) -> None:
+    """39 clients, each from its own address: every request (three on a
+    keep-alive connection, two more on a second one from the same
+    address) at the endpoint hash_order() puts first for the packed
+    address, no set-cookie line (a ttl asks for none here); the addresses
+    spread over the endpoints."""
+    farm = _farm(request, 5, HashOn(HASH_SOURCE_IP, "", 60), ttl)
+    where: dict[str, int] = {}
+    for source in SOURCES:
+        first = farm.order(socket.inet_aton(source))[0]
+        for n in (3, 2):
+            c = _client_from(farm.relay, source)
+            for _ in range(n):
+                got, at = _ask(farm, c, GET)
+                assert got.startswith(b"HTTP/1.1 200 X\r\n") and b"set-cookie" not in got
+                assert at == first, (source, at, first)
+            c.close()
+        where[source] = first
+    # (39 addresses over 5 endpoints: all of them but for a 1-in-1000 draw)
+    assert len(set(where.values())) >= 3, where
+
+
+def test_an_unknown_source_is_random(request: pytest.FixtureRequest, ttl: float) -> None:
+    """A client with no IP address (a socketpair's end: peer_of() is None)
+    gets a random key per request (seeded), as an absent header does."""
+    farm = _farm(request, 4, HashOn(HASH_SOURCE_IP, ""), ttl)
+    ours, theirs = socket.socketpair()
+    farm.relay.add(theirs, ORIGIN)
+    seen = set()
+    for _ in range(40):
+        got, at = _ask(farm, ours, GET)
+        assert got.startswith(b"HTTP/1.1 200 X\r\n") and b"set-cookie" not in got
+        seen.add(at)
+    assert len(seen) > 1
+    ours.close()
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_decide_peer_hands_decide_the_clients_address(
+    request: pytest.FixtureRequest, which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decide_peer=True, decide mode: decide(head, origin, peer) gets the
+    client's packed address on every request, two connections from each
+    of two addresses, and None for a socketpair's; the pure relay asks
+    peer_of() once per connection. The compiled relay's slow path (a
+    Connection line naming a field: its pure relay's) passes the same."""
+    asked: list[bytes | None] = []
+    real_peer_of = _relay_py.peer_of
+
+    def counted_peer_of(sock: socket.socket) -> bytes | None:
+        got = real_peer_of(sock)
+        asked.append(got)
+        return got
+
+    monkeypatch.setattr(_relay_py, "peer_of", counted_peer_of)
+    up = Scripted([])
+    request.addfinalizer(up.close)
+    peers: list[tuple[str, bytes | None]] = []
+
+    def decide(head: Any, origin: Any, peer: bytes | None) -> Decision:
+        peers.append((head.target, peer))
+        return Decision((up.endpoint,), tag="t")
+
+    relay = _relay(which, decide, decide_peer=True)
+    request.addfinalizer(relay.close)
+    expected: list[tuple[str, bytes | None]] = []
+    conns = 0
+    for source in ("127.0.0.7", "127.0.0.8"):
+        packed = socket.inet_aton(source)
+        for _ in range(2):
+            c = _client_from(relay, source)
+            conns += 1
+            for i in range(3):
+                c.sendall(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+                assert _response(c).startswith(b"HTTP/1.1 200 X\r\n")
+                expected.append((f"/{i}", packed))
+            c.close()
+    ours, theirs = socket.socketpair()
+    relay.add(theirs, ORIGIN)
+    ours.sendall(GET)
+    assert _response(ours).startswith(b"HTTP/1.1 200 X\r\n")
+    expected.append(("/x", None))
+    ours.close()
+    assert peers == expected
+    if which == "pure":
+        # once per connection (the socketpair's: None, asked once too)
+        assert len(asked) == conns + 1 and asked[-1] is None
+        return
+    assert asked == []  # (the loop asked the kernel itself)
+    # the slow path: the compiled loop's first request, then one it hands on
+    c = _client_from(relay, "127.0.0.9")
+    c.sendall(GET)
+    assert _response(c).startswith(b"HTTP/1.1 200 X\r\n")
+    c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\n\r\n")
+    assert _response(c).startswith(b"HTTP/1.1 200 X\r\n")
+    c.close()
+    assert relay.stats()["slow_path"] == 1
+    packed = socket.inet_aton("127.0.0.9")
+    assert peers[-2:] == [("/x", packed), ("/slow", packed)]
+    assert asked == [socket.inet_aton("127.0.0.9")]  # (the pure relay's own, once)
