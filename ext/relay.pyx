@@ -192,7 +192,9 @@ in ``P_CONNECT`` with no upstream, ``c.fault_until`` set and no timer of
 its route started (``request_read`` comes after it), its client watched
 for a reset as a backoff's wait is; ``timers_due`` ends the wait
 (``fault_over``: the first try, or the abort). An abort
-(``fault_abort``) is a local answer: a request body all here already
+(``fault_abort``) is a local answer, reported under its answer's tag
+(``Fault.tag``, kept by ``_tag_id`` and marked by ``_sweep_tags`` while
+the fault is interned) where it has one: a request body all here already
 (read with its head: a delayed request's client is not read) is dropped
 and the connection stays as its head asks; one not complete gets the
 answer with ``connection: close`` and the lingering close, as Envoy's
@@ -3810,6 +3812,8 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     cdef bint keep = c.keep_alive and not c.client_eof
     cdef bint bad = False
     cdef int64_t take = 0
+    if v.tag >= 0:
+        c.tag = v.tag  # (Fault.tag: what an abort's reports carry)
     if keep and c.req_left:
         take = body_take(c, c.inb.p + c.head_len, <int64_t>(c.inb.len - c.head_len), &bad)
         keep = c.req_left == 0 and not bad
@@ -5840,7 +5844,7 @@ cdef class HttpRelay:
         What reads an id later, marked: the cached verdicts (theirs, their
         choices' and empty answers'), every connection's c.tag (its
         reports: failures, outcomes) and a delayed request's local answer,
-        those waiting in the grave, the metric rows not yet flushed
+        the interned faults' aborts (Fault.tag), those waiting in the grave, the metric rows not yet flushed
         (_flush), the queued outcomes. A freed id is reused only once
         nothing reads it. Run when the ids in use passed twice what the
         last sweep kept, plus INTERN_SLACK (amortized O(1) per id)."""
@@ -5861,6 +5865,9 @@ cdef class HttpRelay:
                     marks.append(v.choices[j].tag)
                     if v.choices[j].empty != NULL:
                         marks.append(v.choices[j].empty.tag)
+        for addr in self._faults.values():  # (an abort's tag: Fault.tag)
+            if addr:
+                marks.append((<Fault_*><size_t>addr).answer.tag)
         for i in range(R.n_conns):
             c = R.conns[i]
             marks.append(c.tag)
@@ -6176,7 +6183,8 @@ cdef class HttpRelay:
         p.delay_ppm = delay_ppm
         p.abort_ppm = abort_ppm
         try:
-            p.answer = _local_verdict(int(fault.abort_status), FAULT_ABORT_BODY, -1)
+            tid = -1 if fault.tag is None else self._tag_id(fault.tag)
+            p.answer = _local_verdict(int(fault.abort_status), FAULT_ABORT_BODY, tid)
         except BaseException:
             free(p)
             raise

@@ -331,15 +331,20 @@ FLUSH_EVERY = 5  # swaps between metric flushes (a row holds its tag's id till t
 TAG_BOUND = 2 * (FLUSH_EVERY + 4) + 16
 
 
+@pytest.mark.parametrize("fault_tag", [False, True], ids=["choice-tag", "fault-tag"])
 @pytest.mark.parametrize("how", ["decide", "resolve"])
-def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str) -> None:
+def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str, fault_tag: bool) -> None:
     """100 rule swaps (HELD_SWAPS), each with a new distinct tag (every other one
     unhashable: an id per conversion), a request per swap answered by its
     generation's abort (a status of its own), and a request delayed
     through every swap under a tag of its own: the tag ids in use stay
     under TAG_BOUND at every swap (they pass it without the sweep), and
     every reported row, flushed whenever, has its own request's tag (a
-    freed id reused never reports another tag)."""
+    freed id reused never reports another tag). With *fault_tag*, each
+    fault's abort is reported under a tag of the fault's own (Fault.tag,
+    as the worker gives Istio's "unknown" labels), held by the interned
+    fault: every row has its fault's tag, never its choice's, and the ids
+    stay bounded too (the interned faults' and the tags' bounds)."""
     state = {"gen": 0}
     routed: list[str] = []
     rows: list[tuple[Any, int, int]] = []
@@ -353,8 +358,12 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str) -> None:
         gen = state["gen"]
         if target == "/held":
             routed.append(target)
-            return "held", _fault(gen, HELD_DELAY)
-        return (f"t{gen}" if gen % 2 else ["u", gen]), _fault(gen, 0.0)
+            tag, fault = "held", _fault(gen, HELD_DELAY)
+        else:
+            tag, fault = (f"t{gen}" if gen % 2 else ["u", gen]), _fault(gen, 0.0)
+        if fault_tag:
+            fault = fault._replace(tag=("fi", repr(tag)))
+        return tag, fault
 
     def decide(head: Any, origin: Any) -> Decision:
         tag, fault = tag_fault(head.target)
@@ -387,7 +396,7 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str) -> None:
             if gen % FLUSH_EVERY == 0:
                 relay.flush_reports(1.0)
             most = max(most, relay.interned_tags)
-            assert relay.interned_tags <= TAG_BOUND, (gen, relay.interned_tags)
+            assert relay.interned_tags <= TAG_BOUND + fault_tag * BOUND, (gen, relay.interned_tags)
         assert relay.stats()["local_answers"] == HELD_SWAPS - 1  # (the held one still held)
         assert Reader(held).response() == local_response(401, FAULT_ABORT_BODY, False)
         a.close()
@@ -397,8 +406,10 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str) -> None:
         assert most > 16, most
     finally:
         relay.close()
-    want = [("held", 401, 1)]
+    want: list[tuple[Any, int, int]] = [("held", 401, 1)]
     for gen in range(2, HELD_SWAPS + 1):
         want.append((f"t{gen}" if gen % 2 else ["u", gen], 400 + gen % 100, 1))
+    if fault_tag:
+        want = [(("fi", repr(tag)), status, n) for tag, status, n in want]
     key = repr
     assert sorted(rows, key=key) == sorted(want, key=key)

@@ -125,3 +125,83 @@ def test_per_connection_the_fault_is_a_warning(
         "fault injection" in w and f"{HOST} svc/jason" in w and f"{HOST} svc/others" in w
         for w in warnings
     ), warnings
+
+
+# a canary split whose route aborts half its requests: the subsets are
+# labelled by version, the endpoints carry it
+CANARY_ABORTS = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {HOST}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - name: canary
+    fault:
+      abort: {{httpStatus: 503, percentage: {{value: 50}}}}
+    route:
+    - destination: {{host: {HOST}, subset: v1}}
+      weight: 50
+    - destination: {{host: {HOST}, subset: v2}}
+      weight: 50
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_an_abort_is_counted_against_no_version(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Istio labels an aborted request (response flag FI: no upstream host
+    picked) with destination_version and destination_workload "unknown", its
+    destination_service still the route's: a fault injected into a route
+    under canary analysis counts against neither version. The requests that
+    went are counted under their subset's version, as before."""
+    _worker_twin(which, monkeypatch)
+    v1, v2 = Scripted([]), Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        gateway_service(v1.endpoint[1], v2.endpoint[1], labels=("v1", "v2")) + CANARY_ABORTS
+    )
+    seen: dict[tuple[str, str, str], int] = {}
+    statuses: list[int] = []
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for _ in range(60):
+                    got, _ = await loop.run_in_executor(None, _ask, s, "")
+                    statuses.append(_status(got))
+            finally:
+                s.close()
+            assert worker.relay is not None
+            worker.relay.flush_reports(1.0)
+            for labels, n in worker.relay_counters.snapshot()["istio_requests_total"].items():
+                d = dict(labels)
+                assert d["destination_service"] == HOST, d
+                key = (d["response_code"], d["destination_version"], d["destination_workload"])
+                seen[key] = seen.get(key, 0) + n
+
+    try:
+        asyncio.run(main())
+    finally:
+        v1.close()
+        v2.close()
+    aborted = statuses.count(503)
+    assert 0 < aborted < 60 and statuses.count(200) == 60 - aborted, statuses
+    assert seen.get(("503", "unknown", "unknown")) == aborted, seen
+    assert {k for k in seen if k[0] == "503"} == {("503", "unknown", "unknown")}, seen
+    went = {k[1]: n for k, n in seen.items() if k[0] == "200"}
+    assert set(went) == {"v1", "v2"} and sum(went.values()) == 60 - aborted, seen
+    assert len(v1.requests) == went["v1"] and len(v2.requests) == went["v2"]

@@ -165,7 +165,7 @@ route timeout starts when the router gets the request), its client
 watched for a reset (which ends it: nothing went upstream), the pipelined
 requests behind it unread; then it goes as any (``_go``), or is aborted. An
 abort is a local answer (``Exchange.refuse(whole=True)``): its status and
-``FAULT_ABORT_BODY``, reported with the route's tag, no endpoint told or
+``FAULT_ABORT_BODY``, reported with ``Fault.tag`` (else the route's), no endpoint told or
 counted; a request body all here already (read with its head: a delayed
 request's client is not read) is dropped and the connection goes on as
 its head asked, one not complete closes it (``connection: close``, the
@@ -1024,6 +1024,9 @@ class HttpRelay:
         local answer, its body read and dropped)."""
         delayed = fault.delay > 0 and self._falls(fault.delay_ppm)
         aborted = self._falls(fault.abort_ppm)
+        if aborted and fault.tag is not None and c.decision is not None:
+            c.decision = c.decision._replace(tag=fault.tag)  # (its reports')
+            c.tag = fault.tag
         if delayed:
             c.fault_until = now + fault.delay
             c.fault_abort = fault.abort_status if aborted else 0

@@ -301,12 +301,16 @@ class Fault(NamedTuple):
     A request answered locally (its route's answer, or none of its
     destination's endpoints) is drawn for too, before that answer. A client
     that leaves during the delay ends it; nothing is counted against an
-    endpoint. Both draws use the relay's seeded RNG."""
+    endpoint. Both draws use the relay's seeded RNG. ``tag``: what the
+    relay's reports of an aborted request carry instead of its choice's
+    (None: its choice's); Istio labels an abort's metrics with no
+    destination workload or version, as no upstream host was picked."""
 
     delay: float = 0.0
     delay_ppm: int = 0
     abort_status: int = 0
     abort_ppm: int = 0
+    tag: Hashable = None
 
 
 # What a consistent-hash choice hashes (HashOn.kind)

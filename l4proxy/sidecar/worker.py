@@ -79,6 +79,7 @@ from l4proxy.dataplane.verdict import (
     SHAPE_PATH,
     SHAPE_TESTS,
     Choice,
+    Fault,
     RetryPolicy,
     Verdict,
 )
@@ -1015,7 +1016,9 @@ class Worker:
         if not decision.endpoints:  # (its fault first: Envoy's filter runs before the router)
             body = _local_body(decision.status)
             return RelayDecision(
-                local=(decision.status, body), tag=_Tag(decision), fault=decision.fault
+                local=(decision.status, body),
+                tag=_Tag(decision),
+                fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
             )
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(
@@ -1024,7 +1027,7 @@ class Worker:
             timeout=decision.timeout,
             retry=_retry_policy(decision.retries),
             edits=decision.edits,
-            fault=decision.fault,
+            fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1085,7 +1088,13 @@ class Worker:
         if not rc.subsets:  # every weight 0 (Gateway API), or no route matched (404)
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             body = _local_body(rc.status)
-            return Verdict(local=(rc.status, body), tag=tag, shape=shape.bits, tests=shape.tests)
+            return Verdict(
+                local=(rc.status, body),
+                tag=tag,
+                shape=shape.bits,
+                tests=shape.tests,
+                fault=_abort_tagged(rc.fault, rc.service.host, rc.route),
+            )
         choices = tuple(
             Choice(
                 ws.weight,
@@ -1105,7 +1114,7 @@ class Worker:
             tests=shape.tests,
             timeout=rc.timeout,
             retry=_retry_policy(rc.retries),
-            fault=rc.fault,
+            fault=_abort_tagged(rc.fault, rc.service.host, rc.route),
         )
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
@@ -1569,6 +1578,16 @@ def _local_body(status: int) -> str:
     if status == NO_ROUTE_STATUS:
         return "no route matched"  # a VirtualService's or HTTPRoute's host (Envoy's NR)
     return "no healthy upstream" if status == 503 else "backend not resolved"
+
+
+def _abort_tagged(fault: Fault | None, service: str, route: str) -> Fault | None:
+    """*fault* whose aborted requests are reported with no destination
+    workload or version: Istio's labels for an abort (response flag FI),
+    which picks no upstream host, so that a fault injected into a route
+    under canary analysis counts against neither version."""
+    if fault is None or not fault.abort_ppm:
+        return fault
+    return fault._replace(tag=_SubsetTag(service, route, "none", "unknown", "unknown"))
 
 
 def _refusal_tag(c: Classification) -> _SubsetTag:
