@@ -192,3 +192,38 @@ spec:
         "--http-routing connection" in w and "svc.default.svc.cluster.local subset sticky" in w
         for w in warnings
     ), warnings
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_the_clients_address_pins_each_client(
+    which: str, backends: list[Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """useSourceIp: each client address (127.0.0.2 to .25, all of 127/8
+    being local) lands where the rendezvous order puts its packed address,
+    on every request of two connections each, whatever its headers say."""
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(backends, "{useSourceIp: true}"))
+    clients = [f"127.0.0.{i}" for i in range(2, 26)]
+    seen: dict[str, set[str]] = {c: set() for c in clients}
+
+    def visit() -> None:
+        for _ in range(2):
+            for i, client in enumerate(clients):
+                with socket.create_connection(address, timeout=10, source_address=(client, 0)) as s:
+                    for n in range(2):
+                        seen[client].add(_get(s, f"x-user: {i}-{n}\r\n")[0])
+
+    async def main() -> None:
+        nonlocal address
+        async with gateway_worker(rules, http_routing="request") as (_, _w, address):
+            await asyncio.get_running_loop().run_in_executor(None, visit)
+
+    address: tuple[str, int] = ("", 0)
+    asyncio.run(main())
+    hashes = [endpoint_hash(b.endpoint) for b in backends]
+    want = {
+        c: {backends[hash_order(hash_key(socket.inet_aton(c)), hashes)[0]].name} for c in clients
+    }
+    assert seen == want
+    assert len({n for names in want.values() for n in names}) > 1

@@ -339,6 +339,7 @@ class Worker:
             self.relay = HttpRelay(
                 self._decide_request,
                 self._from_relay,
+                decide_peer=True,
                 pool=options.pool,
                 connect_timeout=options.connect_timeout,
                 header_timeout=options.header_timeout,
@@ -976,8 +977,12 @@ class Worker:
         self.relay.add(conn, origin)
         raise _HandedToRelay
 
-    def _decide_request(self, head: peek.RequestHead, origin: Origin) -> RelayDecision:
-        """Route one request head (relay thread)."""
+    def _decide_request(
+        self, head: peek.RequestHead, origin: Origin, peer: bytes | None = None
+    ) -> RelayDecision:
+        """Route one request head (relay thread); *peer*: its client's
+        packed address (the relay's decide_peer: a consistent hash on the
+        source IP reads it)."""
         table = self.rules.state.table
         c = self._classify(table, origin, head)
         if c.kind is Kind.REFUSED:
@@ -990,7 +995,11 @@ class Worker:
         service, port = c.service, c.port
         authority = head.host or ""
         request = Request(
-            method=head.method, path=head.path, authority=authority, headers=dict(head.headers)
+            method=head.method,
+            path=head.path,
+            authority=authority,
+            headers=dict(head.headers),
+            source=peer,
         )
         relay = self.relay
         assert relay is not None
