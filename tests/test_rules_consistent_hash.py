@@ -421,6 +421,12 @@ def test_the_source_ip_is_the_clients_packed_address(tmp_path: Path) -> None:
         }
         assert got == {want}, addr
     assert len({_first(table, Request(path="/")) for _ in range(50)}) > 1
+    # a raw TCP connection: its client's address, given beside no request
+    svc = table.service(SHOP_HOST)
+    assert svc is not None
+    addr = bytes([198, 18, 7, 1])
+    raw = {ep(table.decide(svc, 8080, None, source=addr).endpoints[0]) for _ in range(5)}
+    assert raw == {predicted(addr, SHOP_EPS)}
 
 
 def test_the_whole_order_is_hash_order_s(tmp_path: Path) -> None:

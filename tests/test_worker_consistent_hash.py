@@ -194,13 +194,21 @@ spec:
     ), warnings
 
 
-@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize(
+    ("which", "routing"),
+    [("pure", "request"), ("compiled", "request"), ("pure", "connection")],
+)
 def test_the_clients_address_pins_each_client(
-    which: str, backends: list[Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    which: str,
+    routing: str,
+    backends: list[Backend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """useSourceIp: each client address (127.0.0.2 to .25, all of 127/8
     being local) lands where the rendezvous order puts its packed address,
-    on every request of two connections each, whatever its headers say."""
+    on every request of two connections each, whatever its headers say;
+    per request, and per connection (--http-routing connection)."""
     _worker_twin(which, monkeypatch)
     rules = tmp_path / "rules.yaml"
     rules.write_text(_rules(backends, "{useSourceIp: true}"))
@@ -216,7 +224,7 @@ def test_the_clients_address_pins_each_client(
 
     async def main() -> None:
         nonlocal address
-        async with gateway_worker(rules, http_routing="request") as (_, _w, address):
+        async with gateway_worker(rules, http_routing=routing) as (_, _w, address):
             await asyncio.get_running_loop().run_in_executor(None, visit)
 
     address: tuple[str, int] = ("", 0)

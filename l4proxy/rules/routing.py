@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
 from l4proxy.dataplane.verdict import (
+    HASH_SOURCE_IP,
     Fault,
     HashOn,
     HeadEdits,
@@ -1627,11 +1628,14 @@ class RouteTable:
         *,
         healthy: Callable[[Endpoint], bool] | None = None,
         active: Callable[[Endpoint], int] | None = None,
+        source: bytes | None = None,
     ) -> Decision:
         """Pick route, subset and endpoint order for one request (or TCP connection).
 
         *request* None means raw TCP: only match blocks that do not look at the
-        request (port, source labels, none at all) can match.
+        request (port, source labels, none at all) can match. *source*: a raw
+        connection's client's packed address (a request's is its own
+        ``Request.source``), what a consistent hash on the source IP reads.
         """
         route = self._match(service, port, request, source_labels)
         if route is not None:
@@ -1679,7 +1683,9 @@ class RouteTable:
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
-            hkey, made = self._hash_key(dest.subset.load_balancer, dest.subset.hash_on, request)
+            hkey, made = self._hash_key(
+                dest.subset.load_balancer, dest.subset.hash_on, request, source
+            )
             ordered = self._balance(
                 eps, key, dest.subset.load_balancer, healthy, active, dest.subset.outlier, hkey
             )
@@ -1706,22 +1712,29 @@ class RouteTable:
         key = (service.host, port, DEFAULT, NO_LABELS)
         policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
         hash_on = self._hash_policies.get(service.host)
-        hkey, made = self._hash_key(policy, hash_on, request)
+        hkey, made = self._hash_key(policy, hash_on, request, source)
         outlier = self._outliers.get(service.host)
         ordered = self._balance(eps, key, policy, healthy, active, outlier, hkey)
         return Decision(service, DEFAULT, DEFAULT, ordered, edits=_with_cookie(None, hash_on, made))
 
     def _hash_key(
-        self, policy: str, hash_on: HashOn | None, request: Request | None
+        self,
+        policy: str,
+        hash_on: HashOn | None,
+        request: Request | None,
+        source: bytes | None = None,
     ) -> tuple[int | None, str | None]:
         """A consistent hash's key for *request* and the value of the cookie
         generated for it (None: none): the hash of what *hash_on* reads in
         it; a request without it a random key, unless *hash_on* generates a
         cookie (a ttl): then a random cookie's value, hashed as if sent
         (the response sets it, :func:`_with_cookie`). A raw connection
-        (None): a random key, no cookie. Not a hash policy: (None, None)."""
+        (None): its client's address *source* for a hash on the source IP,
+        else a random key; no cookie. Not a hash policy: (None, None)."""
         if policy != "HASH" or hash_on is None:
             return None, None
+        if request is None and source is not None and hash_on.kind == HASH_SOURCE_IP:
+            return hash_key(source), None  # (Envoy's TCP proxy hashes it too)
         if request is not None:
             value = hash_on.key_of(request.path, request.headers, request.source)
             if value is not None:

@@ -70,6 +70,7 @@ from l4proxy.dataplane import relay as http_relay
 from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, local_response
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
+from l4proxy.dataplane._relay_py import peer_of
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.dataplane.relay import HttpRelay
@@ -815,12 +816,14 @@ class Worker:
         pending: bytes,
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         request = None
+        source = peer_of(conn)  # (a consistent hash on the source IP's)
         if head is not None:
             request = Request(
                 method=head.method,
                 path=head.path,
                 authority=head.host or "",
                 headers=dict(head.headers),
+                source=source,
             )
         decision: Decision = table.decide(
             service,
@@ -829,6 +832,7 @@ class Worker:
             self.opts.source_labels,
             healthy=self.health.is_healthy,
             active=self._active_for,
+            source=source,
         )
         self.counters.inc(
             "l4proxy_decisions_total",
