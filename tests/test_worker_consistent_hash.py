@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +56,17 @@ def _get(s: socket.socket, extra: str = "") -> tuple[str, bytes]:
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 "), data
     return body.decode(), head
+
+
+def _drive(rules: Path, routing: str, clients: Callable[[tuple[str, int]], None]) -> None:
+    """*clients* (run on a thread, given the listener's address) against a
+    real worker on *rules*, with --http-routing *routing*."""
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing=routing) as (_, _w, address):
+            await asyncio.get_running_loop().run_in_executor(None, clients, address)
+
+    asyncio.run(main())
 
 
 def _users_on(address: tuple[str, int], rounds: int = 3) -> dict[str, set[str]]:
@@ -110,7 +121,7 @@ def test_a_generated_cookie_brings_the_client_back(
     rules.write_text(_rules(backends, "{httpCookie: {name: sid, path: /, ttl: 3600s}}"))
     sessions: list[tuple[str, str, list[str]]] = []  # (cookie value, first, then)
 
-    def browse() -> None:
+    def browse(address: tuple[str, int]) -> None:
         for _ in range(12):  # a client each: no cookie, then the one it got, back
             with socket.create_connection(address, timeout=10) as s:
                 first, head = _get(s)
@@ -130,13 +141,7 @@ def test_a_generated_cookie_brings_the_client_back(
                     then.append(name)
                 sessions.append((value, first, then))
 
-    async def main() -> None:
-        nonlocal address
-        async with gateway_worker(rules, http_routing="request") as (_, _w, address):
-            await asyncio.get_running_loop().run_in_executor(None, browse)
-
-    address: tuple[str, int] = ("", 0)
-    asyncio.run(main())
+    _drive(rules, "request", browse)
     for value, first, then in sessions:
         assert first == _predict(backends, value), (value, first)
         assert then == [first] * 3, (value, first, then)
@@ -173,19 +178,13 @@ spec:
     )
     seen: dict[str, list[str]] = {}
 
-    def users() -> None:
+    def users(address: tuple[str, int]) -> None:
         for user in USERS[:12]:
             with socket.create_connection(address, timeout=10) as s:
                 seen[user] = [_get(s, f"x-user: {user}\r\n")[0] for _ in range(2)]
 
-    async def main() -> None:
-        nonlocal address
-        async with gateway_worker(rules, http_routing="connection") as (_, _w, address):
-            await asyncio.get_running_loop().run_in_executor(None, users)
-
-    address: tuple[str, int] = ("", 0)
     with caplog.at_level(logging.WARNING):
-        asyncio.run(main())
+        _drive(rules, "connection", users)
     assert seen == {u: [_predict(backends, u)] * 2 for u in USERS[:12]}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
@@ -215,20 +214,14 @@ def test_the_clients_address_pins_each_client(
     clients = [f"127.0.0.{i}" for i in range(2, 26)]
     seen: dict[str, set[str]] = {c: set() for c in clients}
 
-    def visit() -> None:
+    def visit(address: tuple[str, int]) -> None:
         for _ in range(2):
             for i, client in enumerate(clients):
                 with socket.create_connection(address, timeout=10, source_address=(client, 0)) as s:
                     for n in range(2):
                         seen[client].add(_get(s, f"x-user: {i}-{n}\r\n")[0])
 
-    async def main() -> None:
-        nonlocal address
-        async with gateway_worker(rules, http_routing=routing) as (_, _w, address):
-            await asyncio.get_running_loop().run_in_executor(None, visit)
-
-    address: tuple[str, int] = ("", 0)
-    asyncio.run(main())
+    _drive(rules, routing, visit)
     hashes = [endpoint_hash(b.endpoint) for b in backends]
     want = {
         c: {backends[hash_order(hash_key(socket.inet_aton(c)), hashes)[0]].name} for c in clients
