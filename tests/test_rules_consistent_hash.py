@@ -298,6 +298,17 @@ def test_a_table_size_loads_with_a_warning_at_its_line(
     assert result.table.hash_on(HOST) == HashOn(HASH_HEADER, "x-user")
 
 
+def test_a_ttl_under_a_second_is_a_session_cookie_and_a_warning(tmp_path: Path) -> None:
+    text = rule("consistentHash:\n  httpCookie:\n    name: sid\n    ttl: 500ms\n")
+    f = tmp_path / "rules.yaml"
+    f.write_text(text)
+    result = load_rules([str(f), REGISTRY])
+    warnings = [d for d in result.notes if d.severity == "warning"]
+    assert [w.line for w in warnings] == [_line(text, "ttl")], warnings
+    assert "is under a second: the cookie's Max-Age is whole seconds" in warnings[0].message
+    assert result.table.hash_on(HOST) == HashOn(HASH_COOKIE, "sid", 0)
+
+
 def test_no_table_size_no_warning(tmp_path: Path) -> None:
     f = tmp_path / "rules.yaml"
     f.write_text(rule("consistentHash: {httpHeaderName: x-user}\n"))

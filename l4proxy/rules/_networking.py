@@ -1178,6 +1178,13 @@ def _http_cookie(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
             ok = False
         else:
             ttl = int(seconds)  # whole seconds (Max-Age); 0: a session cookie
+            if 0 < seconds < 1:
+                ctx.warning(
+                    (*path, "ttl"),
+                    f"{dotted((*path, 'ttl'))} is under a second: the cookie's Max-Age is "
+                    "whole seconds, so it is a session cookie (as Envoy makes it); say 0s "
+                    "for one, or 1s or more",
+                )
     if name is None or not ok:
         return None
     return HashOn(HASH_COOKIE, name, ttl, cookie_path)
