@@ -545,3 +545,59 @@ def test_a_reset_during_a_local_answers_delay(mode: tuple[str, str]) -> None:
     b.close()
     assert fds == before
     assert got == local_response(503, "no healthy upstream", close=False)
+
+
+class _Tagged:
+    """What a relay reported, (tag, status) per request, from either twin
+    (the compiled one's aggregated rows expanded)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, int]] = []
+        self.lock = threading.Lock()
+
+    def report(self, tag: Any, status: int, seconds: float) -> None:
+        with self.lock:
+            self.rows.append((tag, status))
+
+    def report_rows(self, decided: Any, answered: Any) -> None:
+        with self.lock:
+            for tag, status, count, _, _ in answered:
+                self.rows += [(tag, status)] * count
+
+    def kw(self, which: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"report": self.report}
+        if which == "compiled":
+            out["report_rows"] = self.report_rows
+        return out
+
+
+def test_an_abort_is_reported_under_the_faults_tag(mode: tuple[str, str]) -> None:
+    """Fault.tag is what an aborted request's report carries, aborted at
+    once or after its delay; a client gone during the delay before an abort
+    was not aborted: it is reported (0, cut) under its choice's tag, on both
+    twins alike (the pure one tagged it when the abort was drawn)."""
+    up = Scripted([])
+    asked = threading.Event()
+    tagged = _Tagged()
+    fault = Fault(
+        delay=0.3, delay_ppm=FAULT_SCALE, abort_status=429, abort_ppm=FAULT_SCALE, tag="abort"
+    )
+    relay = _fault_relay(mode, up.endpoint, fault, asked=asked, **tagged.kw(mode[0]))
+    try:
+        a = _client(relay)
+        a.sendall(_get("/f"))
+        got = _response(a)  # (after the delay)
+        b = _client(relay)
+        b.sendall(_get("/f"))
+        assert _until(lambda: relay.stats()["active"] == 2, 5.0)
+        _reset(b)
+        assert _until(lambda: relay.stats()["active"] == 1, 5.0)
+        time.sleep(0.4)  # past b's delay: nothing more comes of it
+        relay.flush_reports(1.0)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+    assert got == local_response(429, FAULT_ABORT_BODY, close=False)
+    assert sorted(tagged.rows) == [("abort", 429), ("t", 0)]
+    assert up.accepted == 0

@@ -1024,9 +1024,6 @@ class HttpRelay:
         local answer, its body read and dropped)."""
         delayed = fault.delay > 0 and self._falls(fault.delay_ppm)
         aborted = self._falls(fault.abort_ppm)
-        if aborted and fault.tag is not None and c.decision is not None:
-            c.decision = c.decision._replace(tag=fault.tag)  # (its reports')
-            c.tag = fault.tag
         if delayed:
             c.fault_until = now + fault.delay
             c.fault_abort = fault.abort_status if aborted else 0
@@ -1034,9 +1031,19 @@ class HttpRelay:
             self._timer_at(c.fault_until)
             return True
         if aborted:
-            self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True), now)
+            self._fault_abort(c, fault, now)
             return True
         return False
+
+    def _fault_abort(self, c: _Conn, fault: Fault, now: float) -> None:
+        """A fault's abort, reported with ``Fault.tag`` (else its choice's):
+        tagged when it is answered, not when drawn, so that a client gone
+        during the delay before it is reported as the compiled twin does,
+        under its choice's tag."""
+        if fault.tag is not None and c.decision is not None:
+            c.decision = c.decision._replace(tag=fault.tag)  # (its reports')
+            c.tag = fault.tag
+        self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True), now)
 
     def _fault_over(self, c: _Conn, now: float) -> None:
         """A fault's delay passed: the abort's answer, else the first try."""
@@ -1044,7 +1051,8 @@ class HttpRelay:
         status, c.fault_abort = c.fault_abort, 0
         local, c.fault_local = c.fault_local, None
         if status:
-            self._perform(c, c.ex.refuse(status, FAULT_ABORT_BODY, whole=True), now)
+            assert c.decision is not None and c.decision.fault is not None
+            self._fault_abort(c, c.decision.fault, now)
         elif local is not None:  # no endpoint, or the route's local answer
             self._perform(c, c.ex.refuse(*local), now)
         else:
