@@ -486,6 +486,13 @@ cdef enum:
     AMP = 0x26
     DQUOTE = 0x22
 
+class _Unhashable:
+    """The key a fault with an unhashable tag is interned under (HttpRelay._fault):
+    its own, by identity, swept as any once no verdict or Conn holds it."""
+
+    __slots__ = ()
+
+
 _HASH_KINDS = {HASH_HEADER: HK_HEADER, HASH_COOKIE: HK_COOKIE, HASH_QUERY: HK_QUERY,
                HASH_SOURCE_IP: HK_SOURCE_IP}
 
@@ -4882,6 +4889,7 @@ cdef class HttpRelay:
     cdef dict _retries             # RetryPolicy -> its Retry_ (an address), interned
     cdef dict _edits               # HeadEdits -> its Edits_ (an address; 0: nothing), interned
     cdef dict _faults              # Fault -> its Fault_ (an address; 0: never falls), interned
+                                   #     (one with an unhashable tag: an _Unhashable of its own)
     cdef Py_ssize_t _live_retries, _live_edits, _live_faults  # ... how many the last sweep kept
     cdef readonly int interned_sweeps  # _sweep_interned() runs
     cdef readonly int tag_sweeps       # _sweep_tags() runs
@@ -6161,7 +6169,12 @@ cdef class HttpRelay:
         cdef Fault_ *p
         if fault is None:
             return NULL
-        addr = self._faults.get(fault)
+        key = fault
+        try:
+            addr = self._faults.get(fault)
+        except TypeError:  # an unhashable Fault.tag: one entry per conversion, as its tag's id
+            key = _Unhashable()
+            addr = None
         if addr is not None:
             p = <Fault_*><size_t>addr
             if p != NULL:
@@ -6174,7 +6187,7 @@ cdef class HttpRelay:
         if float(fault.delay) <= 0:
             delay_ppm = 0  # (no wait: no draw either, as in the pure twin)
         if not delay_ppm and not abort_ppm:
-            self._faults[fault] = 0
+            self._faults[key] = 0
             return NULL
         p = <Fault_*>calloc(1, sizeof(Fault_))
         if p == NULL:
@@ -6188,7 +6201,7 @@ cdef class HttpRelay:
         except BaseException:
             free(p)
             raise
-        self._faults[fault] = <size_t>p
+        self._faults[key] = <size_t>p
         p.refs = 1
         return p
 

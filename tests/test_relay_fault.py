@@ -601,3 +601,33 @@ def test_an_abort_is_reported_under_the_faults_tag(mode: tuple[str, str]) -> Non
     assert got == local_response(429, FAULT_ABORT_BODY, close=False)
     assert sorted(tagged.rows) == [("abort", 429), ("t", 0)]
     assert up.accepted == 0
+
+
+def test_an_unhashable_fault_tag_is_reported(mode: tuple[str, str]) -> None:
+    """A Fault whose tag is unhashable (tags may be, a choice's as well):
+    its aborts are answered and reported under it on both twins (the
+    compiled one failed to intern the fault: every such request 503, an
+    error), at once and after a delay, and the relay interns nothing of it
+    past its requests."""
+    up = Scripted([])
+    tagged = _Tagged()
+    tag = ["unhashable"]
+    fault = Fault(
+        delay=0.05, delay_ppm=FAULT_SCALE, abort_status=429, abort_ppm=FAULT_SCALE, tag=tag
+    )
+    relay = _fault_relay(mode, up.endpoint, fault, **tagged.kw(mode[0]))
+    try:
+        a = _client(relay)
+        got = []
+        for _ in range(3):
+            a.sendall(_get("/f"))
+            got.append(_response(a))
+        a.close()
+        relay.flush_reports(1.0)
+        errors = relay.stats()["errors"]
+    finally:
+        relay.close()
+        up.close()
+    assert got == [local_response(429, FAULT_ABORT_BODY, close=False)] * 3
+    assert tagged.rows == [(tag, 429)] * 3
+    assert errors == 0
