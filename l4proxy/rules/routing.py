@@ -2020,6 +2020,15 @@ class RouteTable:
             if route.fault is not None
         )
 
+    @functools.cached_property
+    def hashes_sources(self) -> bool:
+        """Whether some consistent hash reads the client's address
+        (useSourceIp): what the worker then asks of each connection."""
+        hashes: list[HashOn | None] = [*self._hash_policies.values()]
+        for routes in self._routes.values():
+            hashes += [d.subset.hash_on for route in routes for d in route.destinations]
+        return any(h is not None and h.kind == HASH_SOURCE_IP for h in hashes)
+
     def generated_cookies(self) -> list[tuple[str, str]]:
         """(host, subset) of every consistent hash that generates a cookie
         (``httpCookie.ttl``; the host's own policy: subset ``default``),

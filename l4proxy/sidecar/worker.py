@@ -816,7 +816,8 @@ class Worker:
         pending: bytes,
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         request = None
-        source = peer_of(conn)  # (a consistent hash on the source IP's)
+        # the client's address, where a consistent hash on the source IP needs it
+        source = peer_of(conn) if table.hashes_sources else None
         if head is not None:
             request = Request(
                 method=head.method,
