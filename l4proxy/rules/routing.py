@@ -1075,7 +1075,12 @@ class Route:
             "rewrite": self.rewrite.to_json() if self.rewrite is not None else None,
             "redirect": self.redirect.to_json() if self.redirect is not None else None,
             "direct_response": self.direct.to_json() if self.direct is not None else None,
-            "fault": self.fault._asdict() if self.fault is not None else None,
+            "fault": (
+                # (its tag is the worker's, for the relays' reports: not the rule's)
+                {k: v for k, v in self.fault._asdict().items() if k != "tag"}
+                if self.fault is not None
+                else None
+            ),
         }
 
 
