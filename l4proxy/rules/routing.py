@@ -2025,28 +2025,29 @@ class RouteTable:
             if route.fault is not None
         )
 
+    def _hashes(self) -> Iterator[tuple[str, str, HashOn]]:
+        """(host, subset, policy) of every consistent hash in use: each
+        host's own (subset ``default``) and each route destination's."""
+        for host, h in self._hash_policies.items():
+            yield host, DEFAULT, h
+        for routes in self._routes.values():
+            for route in routes:
+                for dest in route.destinations:
+                    if dest.subset.hash_on is not None:
+                        yield dest.host, dest.subset.name, dest.subset.hash_on
+
     @functools.cached_property
     def hashes_sources(self) -> bool:
         """Whether some consistent hash reads the client's address
         (useSourceIp): what the worker then asks of each connection."""
-        hashes: list[HashOn | None] = [*self._hash_policies.values()]
-        for routes in self._routes.values():
-            hashes += [d.subset.hash_on for route in routes for d in route.destinations]
-        return any(h is not None and h.kind == HASH_SOURCE_IP for h in hashes)
+        return any(h.kind == HASH_SOURCE_IP for _, _, h in self._hashes())
 
     def generated_cookies(self) -> list[tuple[str, str]]:
         """(host, subset) of every consistent hash that generates a cookie
         (``httpCookie.ttl``; the host's own policy: subset ``default``),
         sorted: what --http-routing connection does not do (no head is
         edited at L4, so no ``set-cookie`` goes)."""
-        out = {(host, DEFAULT) for host, h in self._hash_policies.items() if h.ttl is not None}
-        for routes in self._routes.values():
-            for route in routes:
-                for dest in route.destinations:
-                    h = dest.subset.hash_on
-                    if h is not None and h.ttl is not None:
-                        out.add((dest.host, dest.subset.name))
-        return sorted(out)
+        return sorted({(host, subset) for host, subset, h in self._hashes() if h.ttl is not None})
 
     def match_headers(self) -> frozenset[str]:
         """Every header name some route matches on (lowercase): with the
