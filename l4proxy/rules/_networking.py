@@ -49,7 +49,6 @@ from l4proxy.rules._objects import (
     weights,
 )
 from l4proxy.rules._schema import (
-    _FIELD_NAME,
     NOT_IMPLEMENTED,
     Ctx,
     Where,
@@ -1151,11 +1150,9 @@ def _http_cookie(ctx: Ctx, value: Any, path: Path) -> HashOn | None:
         return None  # (fields() said why: an empty name once)
     ok = True
     name = text(ctx, c["name"], (*path, "name"), required=True)
-    if name is not None and not _FIELD_NAME.fullmatch(name):
-        ctx.error(
-            (*path, "name"),
-            f"cookie name {name!r} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
-        )
+    if name is not None and not header_name(
+        ctx, name, (*path, "name"), what="cookie name", kind="a cookie name"
+    ):
         ok = False
     cookie_path = ""
     if c.get("path") is not None:

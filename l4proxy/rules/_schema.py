@@ -279,16 +279,16 @@ def dns_subdomain(ctx: Ctx, value: Any, path: Path) -> str | None:
     return s
 
 
-def header_name(ctx: Ctx, name: str, path: Path) -> bool:
+def header_name(
+    ctx: Ctx, name: str, path: Path, what: str = "header name", kind: str = "an HTTP field name"
+) -> bool:
     """Whether *name* is an HTTP header name (no request has another, and
-    the compiled relay compares names as ASCII bytes); an error if not."""
+    the compiled relay compares names as ASCII bytes), or another name an
+    HTTP token must be (a cookie's: *what* and *kind* say which); an error
+    if not."""
     if _FIELD_NAME.fullmatch(name):
         return True
-    ctx.error(
-        path,
-        f"header name {name!r} is not an HTTP field name "
-        "(letters, digits and !#$%&'*+-.^_`|~ only)",
-    )
+    ctx.error(path, f"{what} {name!r} is not {kind} (letters, digits and !#$%&'*+-.^_`|~ only)")
     return False
 
 
