@@ -198,47 +198,43 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
     enforced there, nor its retry policy, its header edits and rewrites or
     its fault injection. Said at each table that has one, never silently."""
-    timed = table.timed_routes()
-    if timed:
-        log.warning(
-            "route timeouts are not enforced with --http-routing connection "
-            "(only per request, the default): %s",
-            _first_five([f"{host} route {name or '(unnamed)'} {t:g} s" for host, name, t in timed]),
-        )
-    retried = table.retried_routes()
-    if retried:
-        log.warning(
-            "retry policies (http[].retries, httpReqRetries, an HTTPRoute's retry) are not "
-            "applied with --http-routing connection "
-            "(only per request, the default): %s",
-            _first_five([f"{host} route {name or '(unnamed)'}" for host, name in retried]),
-        )
-    edited = table.edited_routes()
-    if edited:
-        log.warning(
-            "header edits and rewrites (http[].headers, rewrite, an HTTPRoute's header "
-            "and URL rewrite filters) are not applied with --http-routing connection, "
-            "which forwards a connection's bytes untouched (only per request, the default; "
-            "redirects and direct responses are answered): %s",
-            _first_five([f"{host} {name or '(unnamed)'}" for host, name in edited]),
-        )
-    faulted = table.faulted_routes()
-    if faulted:
-        log.warning(
-            "fault injection (http[].fault) is not applied with --http-routing connection, "
-            "which sees no request past a connection's first (only per request, the "
-            "default): %s",
-            _first_five([f"{host} {name or '(unnamed)'}" for host, name in faulted]),
-        )
-    cookies = table.generated_cookies()
-    if cookies:
-        log.warning(
-            "a consistent hash's generated cookie (loadBalancer.consistentHash.httpCookie.ttl) "
-            "is never set with --http-routing connection, which edits no response (a "
-            "connection goes where its first request hashes; only per request, the "
-            "default): %s",
-            _first_five([f"{host} subset {subset}" for host, subset in cookies]),
-        )
+    _warn_unapplied(
+        "route timeouts are not enforced with --http-routing connection "
+        "(only per request, the default)",
+        [f"{host} route {name or '(unnamed)'} {t:g} s" for host, name, t in table.timed_routes()],
+    )
+    _warn_unapplied(
+        "retry policies (http[].retries, httpReqRetries, an HTTPRoute's retry) are not "
+        "applied with --http-routing connection "
+        "(only per request, the default)",
+        [f"{host} route {name or '(unnamed)'}" for host, name in table.retried_routes()],
+    )
+    _warn_unapplied(
+        "header edits and rewrites (http[].headers, rewrite, an HTTPRoute's header "
+        "and URL rewrite filters) are not applied with --http-routing connection, "
+        "which forwards a connection's bytes untouched (only per request, the default; "
+        "redirects and direct responses are answered)",
+        [f"{host} {name or '(unnamed)'}" for host, name in table.edited_routes()],
+    )
+    _warn_unapplied(
+        "fault injection (http[].fault) is not applied with --http-routing connection, "
+        "which sees no request past a connection's first (only per request, the "
+        "default)",
+        [f"{host} {name or '(unnamed)'}" for host, name in table.faulted_routes()],
+    )
+    _warn_unapplied(
+        "a consistent hash's generated cookie (loadBalancer.consistentHash.httpCookie.ttl) "
+        "is never set with --http-routing connection, which edits no response (a "
+        "connection goes where its first request hashes; only per request, the "
+        "default)",
+        [f"{host} subset {subset}" for host, subset in table.generated_cookies()],
+    )
+
+
+def _warn_unapplied(what: str, items: list[str]) -> None:
+    """The warning that *what* is not done for *items* (none: no warning)."""
+    if items:
+        log.warning("%s: %s", what, _first_five(items))
 
 
 def _first_five(items: list[str]) -> str:
