@@ -650,3 +650,5 @@ def test_validate_verbose_says_each_kind(
     assert main(["validate", "-v", str(f), REGISTRY]) == 0
     out, _ = capsys.readouterr()
     assert f"load balancer {said}" in out
+    # and the requests no route takes go by it too, not round robin
+    assert f"no routes: {said} over all endpoints (route 'default')" in out

@@ -412,7 +412,7 @@ def _otherwise(
     VirtualService's or HTTPRoute's host that its routes serve, else the
     round robin (RouteRule; the ports no route names); nothing on the
     ports where a route takes every request (*caught*)."""
-    rr = "round robin over all endpoints (route 'default')"
+    rr = _default_route(service)
     ports = [p["number"] for p in service["ports"]]
     left = [p for p in ports if p not in (caught or ())]
     if not left:
@@ -427,6 +427,13 @@ def _otherwise(
     rest = [p for p in left if p not in refusing]
     said = f"      otherwise: 404 on {_ports(refusing)} (no route matched)"
     return said + (f"; on {_ports(rest)} {rr}" if rest else "")
+
+
+def _default_route(service: dict[str, Any]) -> str:
+    """The default route of a service: all its endpoints, by its own load
+    balancer (its DestinationRule's, else round robin)."""
+    how = "round robin" if service["load_balancer"] == "ROUND_ROBIN" else _balancer(service)
+    return f"{how} over all endpoints (route 'default')"
 
 
 def _ports(numbers: list[int]) -> str:
@@ -482,7 +489,7 @@ def format_table(t: dict[str, Any]) -> str:
                 )
             )
         else:
-            lines.append("    no routes: round robin over all endpoints (route 'default')")
+            lines.append(f"    no routes: {_default_route(s)}")
     orphans = {h: r for h, r in t["routes"].items() if h not in known}
     for host, routes in orphans.items():
         lines.append(f"  routes for {host} (no ServiceEntry yet: not applied):")
