@@ -221,7 +221,14 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
-from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, FAULT_SCALE, Fault, HeadEdits, RetryPolicy
+from l4proxy.dataplane.verdict import (
+    FAULT_ABORT_BODY,
+    FAULT_SCALE,
+    Fault,
+    HeadEdits,
+    Mirror,
+    RetryPolicy,
+)
 
 __all__ = ["Decision", "HttpRelay"]
 
@@ -258,7 +265,9 @@ class Decision(NamedTuple):
     response's (:class:`~l4proxy.dataplane.verdict.HeadEdits`; None:
     nothing); ``local_headers``: more header lines of the ``local`` answer;
     ``fault``: the route's fault injection, drawn by the relay
-    (:class:`~l4proxy.dataplane.verdict.Fault`; None: none).
+    (:class:`~l4proxy.dataplane.verdict.Fault`; None: none);
+    ``mirrors``: where copies of the request also go
+    (:class:`~l4proxy.dataplane.verdict.Mirror`).
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -269,6 +278,7 @@ class Decision(NamedTuple):
     edits: HeadEdits | None = None
     local_headers: tuple[tuple[str, str], ...] = ()
     fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
 
 
 @dataclass(eq=False)

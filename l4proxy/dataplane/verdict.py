@@ -20,12 +20,15 @@ from typing import NamedTuple
 
 __all__ = [
     "BACKOFF_MAX_FACTOR",
+    "DEFAULT_MAX_MIRRORS",
     "DEFAULT_RETRY_BACKOFF",
     "HASH_COOKIE",
     "HASH_HEADER",
     "HASH_KINDS",
     "HASH_QUERY",
     "HASH_SOURCE_IP",
+    "MIRROR_SCALE",
+    "MIRROR_TIMEOUT",
     "RETRY_4XX",
     "RETRY_5XX",
     "RETRY_GATEWAY_ERROR",
@@ -41,6 +44,7 @@ __all__ = [
     "Fault",
     "HashOn",
     "HeadEdits",
+    "Mirror",
     "PathRewrite",
     "RetryPolicy",
     "Verdict",
@@ -49,6 +53,8 @@ __all__ = [
     "hash_key",
     "hash_order",
     "request_bits",
+    "shadow_head",
+    "shadow_host",
 ]
 
 Endpoint = tuple[str, int]
@@ -470,6 +476,95 @@ class Choice(NamedTuple):
     hash_on: HashOn | None = None  # with policy HASH only
 
 
+# Request mirroring (Mirror): the share mirrored in parts per million; how
+# long a copy may take, from its connect to the server's close, when its
+# route has no timeout; and how many copies a relay keeps in flight at most
+MIRROR_SCALE = 1_000_000
+MIRROR_TIMEOUT = 15.0
+DEFAULT_MAX_MIRRORS = 256
+_SHADOW = b"-shadow"
+# the lines of a request head that a copy leaves out: it closes after its
+# one exchange (connection: close, which goes at the head's end instead)
+_SHADOW_DROPS = (b"connection", b"keep-alive", b"proxy-connection")
+
+
+def shadow_host(value: bytes) -> bytes:
+    """The Host of a mirrored copy: ``-shadow`` after the host name, before
+    its port (Envoy's shadow authority, as Istio's mirroring shows it):
+    ``reviews:9080`` becomes ``reviews-shadow:9080``, ``reviews``
+    ``reviews-shadow``, ``[::1]:80`` ``[::1]-shadow:80``. *value* has its
+    optional whitespace trimmed already."""
+    colon = value.rfind(b":")
+    if colon == -1 or value.rfind(b"]") > colon:
+        return value + _SHADOW
+    return value[:colon] + _SHADOW + value[colon:]
+
+
+def shadow_head(head: bytes) -> bytes:
+    """The head of a request's mirrored copy, from *head* as the relay sent
+    it upstream (its route's edits applied; the request line, its header
+    lines and the empty line, each ending in CRLF or a bare LF, as the
+    client's may): the same lines in the same order, each ending in CRLF,
+    but a ``Host`` line's value through :func:`shadow_host` (its optional
+    whitespace trimmed: ``Host: v``, the name as sent) and no
+    ``Connection``, ``Keep-Alive`` or ``Proxy-Connection`` line; then
+    ``connection: close`` before the empty line, so that the server ends
+    the copy's one exchange by closing. Names are matched
+    case-insensitively. The compiled relay builds the same bytes."""
+    lines = head.split(b"\n")
+    out = [lines[0].removesuffix(b"\r")]
+    for raw in lines[1:]:
+        line = raw.removesuffix(b"\r")
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        low = name.lower()
+        if colon and low in _SHADOW_DROPS:
+            continue
+        if colon and low == b"host":
+            line = name + b": " + shadow_host(value.strip(b" \t"))
+        out.append(line)
+    out.append(b"connection: close")
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+class Mirror(NamedTuple):
+    """Where a copy of each request of a route also goes (Envoy's
+    ``request_mirror_policies``, as Istio configures them from a
+    VirtualService's ``mirror``/``mirrors`` and the Gateway API from a
+    ``RequestMirror`` filter): to one of ``endpoints`` (round robin over
+    them, skipping those the relay holds ejected), for a share
+    ``ppm`` / :data:`MIRROR_SCALE` of the requests, drawn per request with
+    the relay's seeded RNG (1,000,000: every request, no draw).
+
+    A copy is fire and forget: its response is read and thrown away, and
+    nothing about it reaches the client, the route's metrics, its retries,
+    or outlier detection. It goes once the request has been read whole, on
+    a connection of its own (never pooled): :func:`shadow_head` of the head
+    as sent upstream, then the body bytes exactly as sent (chunked stays
+    chunked). It ends when the server closes, or fails at a connect, send
+    or receive error or at its deadline: the route's timeout from its
+    connect, or :data:`MIRROR_TIMEOUT` when the route has none.
+
+    Not mirrored (counted as dropped): a request whose bytes as sent are
+    over the relay's replay limit (64 KiB) or whose body was spliced; one
+    that becomes a tunnel (Upgrade, CONNECT); a draw while the relay already
+    has its most copies in flight (``max_mirrors``); a mirror whose
+    endpoints are all ejected or none. Never mirrored, and not counted: a
+    request answered locally (its route's answer, a fault's abort, none of
+    its destination's endpoints); a retry of one (its copy went once). A
+    fault's delay holds its copy back with it. The relays count
+    ``mirrored`` (copies started), ``mirror_dropped`` and ``mirror_failed``
+    in ``stats()``, and ``mirror_active`` in flight.
+
+    ``balance_key`` names the round-robin counter, as a
+    :class:`Choice`'s does."""
+
+    endpoints: tuple[Endpoint, ...]
+    ppm: int = MIRROR_SCALE
+    balance_key: Hashable = None
+
+
 class Verdict(NamedTuple):
     """Where requests of one shape go: weighted ``choices``, or a ``local`` answer.
 
@@ -488,6 +583,8 @@ class Verdict(NamedTuple):
     ``local_headers``: more header lines of the ``local`` answer (a
     redirect's ``location``), each a lowercase name and a value without CR,
     LF or NUL. ``fault``: the route's fault injection (None: none).
+    ``mirrors``: where copies of its requests also go, each drawn on its
+    own (:class:`Mirror`; none for a ``local`` answer).
     """
 
     choices: tuple[Choice, ...] = ()
@@ -500,3 +597,4 @@ class Verdict(NamedTuple):
     retry: RetryPolicy | None = None
     local_headers: tuple[Header, ...] = ()
     fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
