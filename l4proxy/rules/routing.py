@@ -47,7 +47,12 @@ the request (``per_request`` where it keeps the request's path, query or
 Host, so no verdict caches it). A route may also inject faults
 (:class:`~l4proxy.dataplane.verdict.Fault`: a delay, an abort): both methods
 carry the matched route's for the relay to draw per request (``decide()``
-none for a raw connection: nothing is injected at L4).
+none for a raw connection: nothing is injected at L4). And it may mirror
+its requests (:class:`MirrorPolicy`: a VirtualService's ``mirror`` or
+``mirrors``, an HTTPRoute's ``RequestMirror``): both methods resolve each
+mirror's destination to its endpoints as a destination's
+(:class:`~l4proxy.dataplane.verdict.Mirror`), for a request that goes
+upstream only (none on a route's own answer, nor for a raw connection).
 
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
@@ -68,9 +73,11 @@ from typing import Any, Final, Literal, NamedTuple
 
 from l4proxy.dataplane.verdict import (
     HASH_SOURCE_IP,
+    MIRROR_SCALE,
     Fault,
     HashOn,
     HeadEdits,
+    Mirror,
     PathRewrite,
     cookie_value,
     endpoint_hash,
@@ -95,6 +102,7 @@ __all__ = [
     "Labels",
     "LocalAnswer",
     "Match",
+    "MirrorPolicy",
     "OutlierPolicy",
     "PoolSettings",
     "Redirect",
@@ -779,6 +787,29 @@ class Destination:
         }
 
 
+@dataclass(frozen=True)
+class MirrorPolicy:
+    """Where a route also sends a copy of a share of its requests (Envoy's
+    request mirror policy): *destination* as a route destination names it
+    (host, subset, port; its weight unused), for ``ppm`` /
+    :data:`~l4proxy.dataplane.verdict.MIRROR_SCALE` of the requests (a
+    VirtualService's ``mirror`` with ``mirrorPercentage``, an entry of its
+    ``mirrors``, an HTTPRoute's ``RequestMirror`` filter)."""
+
+    destination: Destination
+    ppm: int = MIRROR_SCALE
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.destination
+        return {
+            "host": d.host,
+            "subset": d.subset.name,
+            "labels": dict(d.subset.labels),
+            "port": d.port,
+            "percent": self.ppm * 100 / MIRROR_SCALE,
+        }
+
+
 def hash_on_json(hash_on: HashOn | None) -> dict[str, Any] | None:
     """A consistent hash's policy as JSON (None: not one): ``kind``
     (header, cookie, query, source_ip), ``name``, and for a cookie ``ttl`` (seconds;
@@ -1030,6 +1061,9 @@ class Route:
     # its fault injection (VirtualService http[].fault, RouteRule
     # httpFault), drawn per request by the relay; None: none
     fault: Fault | None = None
+    # where copies of its requests also go (VirtualService mirror, mirrors;
+    # RouteRule mirror; HTTPRoute RequestMirror), each drawn on its own
+    mirrors: tuple[MirrorPolicy, ...] = ()
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -1081,6 +1115,7 @@ class Route:
                 if self.fault is not None
                 else None
             ),
+            "mirrors": [m.to_json() for m in self.mirrors],
         }
 
 
@@ -1210,6 +1245,9 @@ class RouteChoices:
     answer: LocalAnswer | None = None
     # the route's fault injection (http[].fault), for the relay to draw
     fault: Fault | None = None
+    # where copies of its requests also go (Route.mirrors, resolved; none
+    # with an answer): for the relay
+    mirrors: tuple[Mirror, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1235,6 +1273,9 @@ class Decision:
     # the route answers itself (RouteChoices.answer): no endpoints
     answer: LocalAnswer | None = None
     fault: Fault | None = None  # the route's (RouteChoices.fault)
+    # where copies of the request also go (RouteChoices.mirrors): only
+    # with endpoints to send the request to
+    mirrors: tuple[Mirror, ...] = ()
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -1700,6 +1741,9 @@ class RouteTable:
             if request is not None:  # (a raw connection has no head to edit)
                 edits = self._edits(route, dest, route.matched(port, request, source_labels))
                 edits = _with_cookie(edits, dest.subset.hash_on, made)
+            mirrors: tuple[Mirror, ...] = ()
+            if request is not None and ordered:  # (none at L4, none on a local answer)
+                mirrors = self._mirrors(route, service, port, healthy)
             return Decision(
                 target,
                 route.name,
@@ -1710,6 +1754,7 @@ class RouteTable:
                 route.retries,
                 edits,
                 fault=fault,
+                mirrors=mirrors,
             )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
@@ -1869,8 +1914,46 @@ class RouteTable:
         # (each destination's is WeightedSubset.status).
         status = NO_HEALTHY_STATUS if ejected and not unresolved else route.unresolved_status
         return RouteChoices(
-            service, route.name, tuple(out), status, route.timeout, route.retries, fault=route.fault
+            service,
+            route.name,
+            tuple(out),
+            status,
+            route.timeout,
+            route.retries,
+            fault=route.fault,
+            mirrors=self._mirrors(route, service, port, healthy),
         )
+
+    def _mirrors(
+        self,
+        route: Route,
+        service: Service,
+        port: int,
+        healthy: Callable[[Endpoint], bool] | None,
+    ) -> tuple[Mirror, ...]:
+        """*route*'s mirrors for a request to *service* dialled on *port*:
+        each one's destination resolved as a route destination's (its
+        port, else the one dialled; its subset's endpoints, the healthy ones
+        as :meth:`_healthy` takes them), none where its host is not in the
+        registry (the relay counts those copies as dropped). Each has a
+        round-robin counter of its own (``balance_key``), apart from the
+        routes' own."""
+        out = []
+        for m in route.mirrors:
+            dest = m.destination
+            target = service if dest.host == service.host else self._services.get(dest.host)
+            if target is None:
+                out.append(Mirror((), m.ppm, None))
+                continue
+            tport = self._target_port(target, dest, port, same=target is service)
+            eps = self._healthy(
+                self._subset_endpoints(target, tport, dest.subset.labels),
+                healthy,
+                dest.subset.outlier,
+            )
+            key = ("mirror", target.host, tport, dest.subset.name, dest.subset.labels)
+            out.append(Mirror(tuple((e.address, e.port) for e in eps), m.ppm, key))
+        return tuple(out)
 
     @staticmethod
     def _answer(
@@ -2023,6 +2106,17 @@ class RouteTable:
             for host, routes in self._routes.items()
             for route in routes
             if route.fault is not None
+        )
+
+    def mirrored_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route that mirrors its requests,
+        sorted: what --http-routing connection does not do (nothing is
+        copied at L4)."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.mirrors
         )
 
     def _hashes(self) -> Iterator[tuple[str, str, HashOn]]:
