@@ -660,9 +660,9 @@ spec:
   http:
   - route:
     - destination: {host: bootcamp}
-    mirror: {host: bootcamp}
+    corsPolicy: {allowOrigins: [{exact: "*"}]}
 """,
-        "spec.http[0].mirror is not implemented by l4proxy",
+        "spec.http[0].corsPolicy is not implemented by l4proxy",
         10,
     ),
     (
@@ -1019,7 +1019,7 @@ spec:
   - labels: {version: v1}
 """,
         "unknown field spec.rout (expected one of: destination, httpFault, httpReqRetries, "
-        "httpReqTimeout, match, precedence, route)",
+        "httpReqTimeout, match, mirror, precedence, route)",
         7,
     ),
     (

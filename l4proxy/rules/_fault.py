@@ -47,7 +47,7 @@ from l4proxy.dataplane.verdict import FAULT_SCALE, Fault
 from l4proxy.rules._schema import Ctx, dotted, duration, fields, integer, type_name
 from l4proxy.rules._yaml import Path
 
-__all__ = ["istio_fault", "route_rule_fault"]
+__all__ = ["is_number", "istio_fault", "route_rule_fault"]
 
 # Envoy's FaultAbort.http_status: [200, 600)
 MIN_ABORT_STATUS, MAX_ABORT_STATUS = 200, 599
@@ -172,7 +172,7 @@ def _abort_status(ctx: Ctx, value: Any, path: Path) -> int | None:
 def _percentage(ctx: Ctx, value: Any, path: Path) -> int | None:
     """Istio's Percent message, ``{value: 0.1}``, as parts per million:
     ``uint32(value * 10000)``, pilot's conversion (Go truncates)."""
-    if _is_number(value):
+    if is_number(value):
         ctx.error(path, f"{dotted(path)} must be a mapping like {{value: {value}}}")
         return None
     p = fields(ctx, value, path, allowed=("value",))
@@ -180,7 +180,7 @@ def _percentage(ctx: Ctx, value: Any, path: Path) -> int | None:
         return None
     v = p.get("value", 0.0)  # (the message's default)
     vpath = (*path, "value")
-    if not _is_number(v):
+    if not is_number(v):
         ctx.error(vpath, f"{dotted(vpath)} must be a number, not {type_name(v)}")
         return None
     if v < 0 or v > 100 or 0 < v < _MIN_PERCENTAGE:
@@ -255,7 +255,7 @@ def _whole_percent(ctx: Ctx, value: Any, path: Path) -> int | None:
             "(add percent: 100)",
         )
         return 0
-    if not _is_number(value):
+    if not is_number(value):
         ctx.error(ppath, f"{dotted(ppath)} must be a number, not {type_name(value)}")
         return None
     if not 0 <= value <= 100:
@@ -271,7 +271,7 @@ def _whole_percent(ctx: Ctx, value: Any, path: Path) -> int | None:
     return whole * _PPM_PER_PERCENT
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -1,7 +1,7 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (mirroring, CORS, TLS, port-level settings...) is an error that
+implement (CORS, TLS, port-level settings...) is an error that
 names the field: a sidecar that silently ignored a setting would be worse
 than one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
@@ -14,7 +14,10 @@ values each may hold: ``_header_ops``), and ``http[].fault`` (a fixed delay
 and an HTTP abort, ``Route.fault``, read by ``_fault``; with a redirect or a
 direct response it is an error, as in Istio's validation). Differences from
 Envoy: Envoy's header formatters (``%...%``) are refused, and a 3xx direct
-response gets no ``location``.
+response gets no ``location``. ``http[].mirror`` (with ``mirrorPercentage``,
+or the deprecated integer ``mirrorPercent``) and ``http[].mirrors`` are the
+route's request mirroring (``Route.mirrors``), read as Istio validates and
+translates them (``_mirrors``).
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from l4proxy.dataplane.verdict import (
     HASH_HEADER,
     HASH_QUERY,
     HASH_SOURCE_IP,
+    MIRROR_SCALE,
     HashOn,
     HeadEdits,
 )
-from l4proxy.rules._fault import istio_fault
+from l4proxy.rules._fault import is_number, istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
     DestinationDraft,
@@ -96,10 +100,6 @@ SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
 _OLD_HEADERS = "Istio removed it; use headers.request or headers.response"
 _HTTP_ROUTE_UNIMPLEMENTED = {
-    "mirror": "",
-    "mirrors": "",
-    "mirrorPercent": "",
-    "mirrorPercentage": "",
     "corsPolicy": "",
     "appendHeaders": _OLD_HEADERS,
     "removeResponseHeaders": _OLD_HEADERS,
@@ -243,6 +243,10 @@ def _vs_route(
                 "redirect",
                 "directResponse",
                 "fault",
+                "mirror",
+                "mirrors",
+                "mirrorPercentage",
+                "mirrorPercent",
             ),
             unimplemented=_HTTP_ROUTE_UNIMPLEMENTED,
         )
@@ -303,6 +307,9 @@ def _vs_route(
     fault_ok, fault = True, None
     if r.get("fault") is not None:
         fault_ok, fault = istio_fault(ctx, r["fault"], (*path, "fault"))
+    mirrors_ok, mirrors = True, list[tuple[DestinationDraft, int]]()
+    if proto == "http":
+        mirrors_ok, mirrors = _mirrors(ctx, r, path, env, actions[0])
     if (
         matches is None
         or dests is None
@@ -311,6 +318,7 @@ def _vs_route(
         or not headers_ok
         or not rewrite_ok
         or not fault_ok
+        or not mirrors_ok
     ):
         return None
     if authority is not None:
@@ -336,7 +344,140 @@ def _vs_route(
         redirect,
         direct,
         fault,
+        mirrors,
     )
+
+
+def _mirrors(
+    ctx: Ctx, r: dict[str, Any], path: Path, env: Env, action: str
+) -> tuple[bool, list[tuple[DestinationDraft, int]]]:
+    """``http[].mirror`` and ``http[].mirrors`` as Istio validates and
+    translates them (validateHTTPRoute; pilot's route translation): (valid,
+    each mirror's destination and share in parts per million).
+
+    ``mirror`` is a Destination (host, subset, port.number, as a route
+    destination's); its share is ``mirrorPercentage.value`` (a double,
+    0..100), else the deprecated integer ``mirrorPercent`` (0..100; a
+    warning, as Istio's), else every request. ``mirrors`` is a list of
+    ``{destination, percentage}``, each its own share (every request
+    without one). Not both (Istio's error). A share of 0 mirrors nothing:
+    Istio makes no mirror policy of it (a warning here). A percent becomes
+    ``uint32(value * 10000)`` parts per million, pilot's conversion (Go
+    truncates). A route that answers itself (a redirect, a direct
+    response) sends no request to copy: Istio accepts its mirrors and
+    configures none, and so does l4proxy, with a warning."""
+    ok = True
+    out: list[tuple[DestinationDraft, int]] = []
+    has_mirror = r.get("mirror") is not None
+    if has_mirror and r.get("mirrors") is not None:
+        ctx.error(
+            (*path, "mirrors"),
+            "rule cannot contain both mirror and mirrors (Istio's validation; put the mirror "
+            "in mirrors, with its percentage)",
+        )
+        return False, []
+    ppm = MIRROR_SCALE
+    for key in ("mirrorPercentage", "mirrorPercent"):
+        if r.get(key) is not None and not has_mirror:
+            ctx.warning(
+                (*path, key),
+                f"{dotted((*path, key))} does nothing without mirror"
+                + (" (each of mirrors has its own percentage)" if r.get("mirrors") else ""),
+            )
+    if r.get("mirrorPercent") is not None:
+        ppath = (*path, "mirrorPercent")
+        pct = integer(ctx, r["mirrorPercent"], ppath, 0, 100, what="mirrorPercent")
+        ok = pct is not None
+        if pct is not None and has_mirror:
+            ignored = r.get("mirrorPercentage") is not None
+            ctx.warning(
+                ppath,
+                f"{dotted(ppath)} is deprecated; use mirrorPercentage: {{value: {pct}}}"
+                + (
+                    " (it is ignored: mirrorPercentage is given, which Istio reads first)"
+                    if ignored
+                    else " (as Istio warns)"
+                ),
+            )
+            ppm = pct * _MIRROR_PPM_PER_PERCENT
+    if r.get("mirrorPercentage") is not None:
+        got = _mirror_percentage(ctx, r["mirrorPercentage"], (*path, "mirrorPercentage"))
+        ok = ok and got is not None
+        ppm = got if got is not None else ppm
+    entries: list[tuple[Any, Path, int, Path]] = []
+    if has_mirror:
+        share_at = next(
+            ((*path, k) for k in ("mirrorPercentage", "mirrorPercent") if r.get(k) is not None),
+            (*path, "mirror"),
+        )
+        entries.append((r["mirror"], (*path, "mirror"), ppm, share_at))
+    items = listing(ctx, r.get("mirrors"), (*path, "mirrors")) or []
+    for i, item in enumerate(items):
+        epath = (*path, "mirrors", i)
+        e = fields(
+            ctx, item, epath, allowed=("destination", "percentage"), required=("destination",)
+        )
+        if e is None or e.get("destination") is None:
+            ok = False
+            continue
+        share = MIRROR_SCALE
+        if e.get("percentage") is not None:
+            got = _mirror_percentage(ctx, e["percentage"], (*epath, "percentage"))
+            ok = ok and got is not None
+            share = got if got is not None else share
+        entries.append((e["destination"], (*epath, "destination"), share, (*epath, "percentage")))
+    for value, dpath, share, share_at in entries:
+        if not value:
+            ctx.error(dpath, f"{dotted(dpath)} must name a host")
+            ok = False
+            continue
+        part = _destination(ctx, value, dpath[:-1], env, key=dpath[-1])
+        if part is None:
+            ok = False
+            continue
+        if share == 0:
+            ctx.warning(
+                share_at,
+                f"{dotted(dpath)} mirrors nothing: its share is 0% (Istio configures no "
+                "mirror for it)",
+            )
+            continue
+        host, subset, port, _ = part
+        out.append((DestinationDraft(host, 100, port, subset, None, Where(ctx, dpath)), share))
+    if ok and out and action != "route":
+        what = "mirror" if has_mirror else "mirrors"
+        ctx.warning(
+            (*path, what),
+            f"{dotted((*path, what))} does nothing: this route answers itself ({action}) and "
+            "sends no request to copy (Istio accepts it and configures no mirror)",
+        )
+        return True, []
+    return ok, out
+
+
+_MIRROR_PPM_PER_PERCENT = MIRROR_SCALE // 100
+
+
+def _mirror_percentage(ctx: Ctx, value: Any, path: Path) -> int | None:
+    """A mirror's Percent message, ``{value: 50.0}``, as parts per million:
+    0..100 (Istio's validation of mirrors: no smallest share above 0, as a
+    fault's has), ``uint32(value * 10000)`` (pilot's conversion; Go
+    truncates). ``{}`` is 0, the message's default."""
+    if is_number(value):
+        ctx.error(path, f"{dotted(path)} must be a mapping like {{value: {value}}}")
+        return None
+    p = fields(ctx, value, path, allowed=("value",))
+    if p is None or any(k != "value" for k in p):
+        return None
+    v = p.get("value", 0.0)
+    vpath = (*path, "value")
+    if not is_number(v):
+        ctx.error(vpath, f"{dotted(vpath)} must be a number, not {type_name(v)}")
+        return None
+    if v < 0 or v > 100:
+        ctx.error(vpath, f"mirror percentage {v} is not in range 0..100 (Istio's validation)")
+        return None
+    return int(float(v) * _MIRROR_PPM_PER_PERCENT)
 
 
 def _rewrite(
@@ -869,9 +1010,9 @@ def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[Destinatio
 
 
 def _destination(
-    ctx: Ctx, value: Any, epath: Path, env: Env
+    ctx: Ctx, value: Any, epath: Path, env: Env, *, key: str | int = "destination"
 ) -> tuple[str, str | None, int | None, Path] | None:
-    path = (*epath, "destination")
+    path = (*epath, key)
     if not value:
         return None  # reported by the entry's required check
     d = fields(ctx, value, path, allowed=("host", "subset", "port"), required=("host",))

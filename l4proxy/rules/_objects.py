@@ -91,6 +91,8 @@ class RouteDraft:
     redirect: Redirect | None = None  # Route.redirect
     direct: LocalAnswer | None = None  # Route.direct
     fault: Fault | None = None  # Route.fault
+    # Route.mirrors: each mirror's destination and its share (ppm)
+    mirrors: list[tuple[DestinationDraft, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -305,6 +307,8 @@ class HttpRuleDraft:
     headers: HeadEdits | None = None  # its filters' (Route.headers)
     rewrite: UriRewrite | None = None  # URLRewrite's path (Route.rewrite)
     redirect: Redirect | None = None  # RequestRedirect (Route.redirect)
+    # RequestMirror filters (Route.mirrors): each one's backend and share (ppm)
+    mirrors: list[tuple[BackendDraft, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -6,13 +6,18 @@ ordered by (namespace, name) ascending, which is what Istio 0.7 did by config
 key and is deterministic whatever the file order. ``httpReqTimeout``,
 ``httpReqRetries`` and ``httpFault`` are the route's timeout, retry policy
 and fault injection, as Istio 0.7's pilot configured Envoy with them
-(``httpFault``: see ``_fault``).
+(``httpFault``: see ``_fault``). ``mirror`` (an IstioService: ``name``,
+``namespace``, ``domain`` and ``labels``, the version to copy to) is the
+route's mirror of every request, as Istio 0.7's pilot made Envoy's
+``shadow`` of it (no share: v1alpha2 has none); its labels select
+endpoints as a ``route[]`` entry's do.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from l4proxy.dataplane.verdict import MIRROR_SCALE
 from l4proxy.rules._fault import route_rule_fault
 from l4proxy.rules._objects import (
     DestinationDraft,
@@ -46,7 +51,6 @@ _SPEC_UNIMPLEMENTED = (
     "rewrite",
     "websocketUpgrade",
     "l4Fault",
-    "mirror",
     "corsPolicy",
     "appendHeaders",
 )
@@ -73,6 +77,7 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
             "httpReqTimeout",
             "httpReqRetries",
             "httpFault",
+            "mirror",
         ),
         unimplemented=_SPEC_UNIMPLEMENTED,
         required=("destination",),
@@ -97,6 +102,11 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
     fault_ok, fault = True, None
     if spec.get("httpFault") is not None:
         fault_ok, fault = route_rule_fault(ctx, spec["httpFault"], ("spec", "httpFault"))
+    mirror_ok, mirrors = True, []
+    if spec.get("mirror") is not None:
+        mirror = _mirror(ctx, spec["mirror"], ("spec", "mirror"), env)
+        mirror_ok = mirror is not None
+        mirrors = [(mirror, MIRROR_SCALE)] if mirror is not None else []
     if (
         host is None
         or matches is None
@@ -104,9 +114,12 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         or timeout is None
         or not retries_ok
         or not fault_ok
+        or not mirror_ok
     ):
         return None
-    route = RouteDraft(ctx.name, "http", matches, dests, timeout, retries, fault=fault)
+    route = RouteDraft(
+        ctx.name, "http", matches, dests, timeout, retries, fault=fault, mirrors=mirrors
+    )
     return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
 
 
@@ -264,6 +277,20 @@ def _destination(ctx: Ctx, value: Any, path: Path, env: Env, *, rule: bool) -> s
     if name is None:
         return None
     return f"{name}.{ns}.svc.{domain.lower().rstrip('.')}"
+
+
+def _mirror(ctx: Ctx, value: Any, path: Path, env: Env) -> DestinationDraft | None:
+    """``spec.mirror``: an IstioService whose ``labels`` pick the version
+    that gets the copies (none: every endpoint of the service)."""
+    if isinstance(value, dict) and "labels" in value:
+        sel = labels(ctx, value["labels"], (*path, "labels"))
+        value = {k: v for k, v in value.items() if k != "labels"}
+    else:
+        sel = Labels()
+    host = _destination(ctx, value, path, env, rule=False)
+    if host is None or sel is None:
+        return None
+    return DestinationDraft(host, 100, None, None, sel, Where(ctx, path))
 
 
 def _match(ctx: Ctx, value: Any, path: Path) -> tuple[Match, ...] | None:

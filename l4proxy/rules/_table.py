@@ -36,6 +36,7 @@ from l4proxy.rules.routing import (
     DEFAULT,
     Destination,
     Labels,
+    MirrorPolicy,
     Route,
     RouteTable,
     Service,
@@ -219,7 +220,12 @@ def _routes(
                     if dest is not None:
                         dests.append(dest)
                         _check_port_required(dd, rule.kind, host, rd, services)
-                if len(dests) == len(rd.destinations):
+                mirrors = []
+                for dd, ppm in rd.mirrors:
+                    dest = _destination(dd, d, services, policies, warned, id(rule))
+                    if dest is not None:
+                        mirrors.append(MirrorPolicy(dest, ppm))
+                if len(dests) == len(rd.destinations) and len(mirrors) == len(rd.mirrors):
                     compiled.append(
                         Route(
                             rd.name,
@@ -233,6 +239,7 @@ def _routes(
                             redirect=rd.redirect,
                             direct=rd.direct,
                             fault=rd.fault,
+                            mirrors=tuple(mirrors),
                         )
                     )
         table[host] = compiled
