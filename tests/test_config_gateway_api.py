@@ -127,14 +127,14 @@ CASES = [
         10,
     ),
     (
-        "mirror refused by name",
+        "mirror on a backendRef refused by name",
         HR
         + MESH
-        + "  rules:\n  - filters:\n    - type: RequestMirror\n"
-        + "      requestMirror: {backendRef: {name: bootcamp-v2, port: 8080}}\n"
-        + backends(("bootcamp-v1", 1)),
-        "filter RequestMirror is not implemented by l4proxy",
-        10,
+        + "  rules:\n  - backendRefs:\n    - name: bootcamp-v1\n      port: 8080\n"
+        + "      filters:\n      - type: RequestMirror\n"
+        + "        requestMirror: {backendRef: {name: bootcamp-v2, port: 8080}}\n",
+        "filter RequestMirror on a backendRef is not implemented by l4proxy",
+        13,
     ),
     (
         "timeouts.backendRequest longer than timeouts.request",

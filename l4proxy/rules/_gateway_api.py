@@ -58,9 +58,14 @@ API's table); RequestRedirect (scheme, hostname, path, port, statusCode 302
 by default) the route's own answer, its Location built per request with the
 API's port rules. The API's rules hold: each kind once, not both
 RequestRedirect and URLRewrite, no backendRefs beside a RequestRedirect, a
-ReplacePrefixMatch only with one PathPrefix match. Refused by name:
-RequestMirror, CORS, ExtensionRef and ExternalAuth (with why), a redirect
-or rewrite on a backendRef (Istio has neither), session persistence,
+ReplacePrefixMatch only with one PathPrefix match. A rule's RequestMirror
+filters (any number: the one kind the API lets repeat) are the route's
+mirrors: ``backendRef`` resolved as a backendRef's, ``percent`` (0..100) or
+``fraction`` (``numerator`` / ``denominator``, 100 by default; not both)
+its share, every request without either; a share of 0 mirrors nothing, as
+Istio converts it. Refused by name: CORS, ExtensionRef and ExternalAuth
+(with why), a redirect, rewrite or mirror on a backendRef (Istio converts
+none), session persistence,
 cross-namespace references (no ReferenceGrant), TLS listeners and listener
 protocols other than HTTP.
 """
@@ -73,7 +78,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.dataplane.verdict import MIRROR_SCALE, HeadEdits
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -118,6 +123,7 @@ from l4proxy.rules.routing import (
     IngressPath,
     Labels,
     Match,
+    MirrorPolicy,
     Redirect,
     Route,
     Service,
@@ -135,8 +141,6 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE
 _HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # Filters the relays cannot apply, with why (refused by name)
 _FILTER_REFUSED = {
-    "RequestMirror": "mirroring sends a copy of each request to a second backend, which "
-    "the relays do not do",
     "CORS": "the relays do not answer preflight requests nor add CORS headers per Origin",
     "ExtensionRef": "l4proxy has no implementation-specific filters",
     "ExternalAuth": "calling an authorization service per request is not something the relays do",
@@ -427,7 +431,7 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         # no retry (absent, or null): the one try's timeout is the route's,
         # as Istio's converter makes it (backendRequest over request)
         timeout = backend
-    filters = _filters(ctx, r.get("filters"), (*path, "filters"), backend=False)
+    filters = _filters(ctx, r.get("filters"), (*path, "filters"), env, backend=False)
     ok = ok and filters is not None
     matches: list[HttpMatchDraft] = []
     for i, m in enumerate(listing(ctx, r.get("matches"), (*path, "matches")) or []):
@@ -457,6 +461,7 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         filters.headers,
         filters.rewrite,
         filters.redirect,
+        list(filters.mirrors) if filters.redirect is None else [],
     )
 
 
@@ -467,9 +472,11 @@ class _Filters(NamedTuple):
     rewrite: UriRewrite | None = None
     redirect: Redirect | None = None
     prefix_at: Path | None = None  # where a ReplacePrefixMatch is (the API's rule on matches)
+    # RequestMirror filters: each one's backend and share (ppm)
+    mirrors: tuple[tuple[BackendDraft, int], ...] = ()
 
 
-def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | None:
+def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _Filters | None:
     """``filters``: RequestHeaderModifier, ResponseHeaderModifier,
     URLRewrite (hostname; path ReplaceFullPath or ReplacePrefixMatch) and
     RequestRedirect on a rule; the header modifiers on a backendRef (as
@@ -490,6 +497,7 @@ def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | N
     rewrite: UriRewrite | None = None
     redirect: Redirect | None = None
     prefix_at: Path | None = None
+    mirrors: list[tuple[BackendDraft, int]] = []
     for i, item in enumerate(items):
         fpath = (*path, i)
         f = fields(ctx, item, fpath, allowed=("type", *_FILTER_FIELDS.values()), required=("type",))
@@ -514,7 +522,7 @@ def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | N
             ctx.error(fpath, f"filter {ftype} {NOT_IMPLEMENTED}; {_FILTER_REFUSED[ftype]}")
             ok = False
             continue
-        if backend and ftype in ("RequestRedirect", "URLRewrite"):
+        if backend and ftype in ("RequestRedirect", "URLRewrite", "RequestMirror"):
             ctx.error(
                 fpath,
                 f"filter {ftype} on a backendRef {NOT_IMPLEMENTED}; put it on the rule "
@@ -526,6 +534,14 @@ def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | N
             ctx.error(fpath, f"{dotted((*fpath, own))} is required for a {ftype} filter")
             ok = False
             continue
+        sub = (*fpath, own)
+        if ftype == "RequestMirror":  # (the one kind the API lets repeat)
+            mirror = _request_mirror(ctx, f[own], sub, env)
+            if mirror is None:
+                ok = False
+            elif mirror[1] > 0:
+                mirrors.append(mirror)
+            continue
         if ftype in seen:
             ctx.error(
                 fpath,
@@ -535,7 +551,6 @@ def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | N
             ok = False
             continue
         seen[ftype] = fpath
-        sub = (*fpath, own)
         if ftype in ("RequestHeaderModifier", "ResponseHeaderModifier"):
             got = gateway_header_filter(ctx, f[own], sub)
             if got is None:
@@ -564,12 +579,89 @@ def _filters(ctx: Ctx, value: Any, path: Path, *, backend: bool) -> _Filters | N
             "a rule cannot have both a RequestRedirect and a URLRewrite filter (the API's rule)",
         )
         ok = False
+    if ok and mirrors and redirect is not None:
+        ctx.warning(
+            seen["RequestRedirect"],
+            "this rule's RequestMirror filters do nothing: its RequestRedirect answers "
+            "every request, and no request goes to a backend to copy (Istio configures no "
+            "mirror either)",
+        )
     if not ok:
         return None
     headers = None
     if any((*request, *response)) or authority is not None:
         headers = HeadEdits(*request, *response)._replace(authority=authority)
-    return _Filters(headers, rewrite, redirect, prefix_at)
+    return _Filters(headers, rewrite, redirect, prefix_at, tuple(mirrors))
+
+
+def _request_mirror(ctx: Ctx, value: Any, path: Path, env: Env) -> tuple[BackendDraft, int] | None:
+    """A RequestMirror filter's ``requestMirror``: (its backend, its share in
+    parts per million). ``backendRef`` a Service and port, as a rule's
+    backendRef (no weight, no filters: a BackendObjectReference);
+    ``percent`` (0..100) or ``fraction`` (``numerator`` 0.., ``denominator``
+    1.., 100 by default, numerator at most denominator), not both (the
+    API's rules); neither: every request. The share of a fraction is
+    ``numerator * 1,000,000 // denominator``; 0 mirrors nothing (Istio sets
+    no mirror policy for it), a warning."""
+    m = fields(
+        ctx, value, path, allowed=("backendRef", "percent", "fraction"), required=("backendRef",)
+    )
+    if m is None or m.get("backendRef") is None:
+        return None
+    bpath = (*path, "backendRef")
+    ref = fields(
+        ctx, m["backendRef"], bpath, allowed=("group", "kind", "name", "namespace", "port")
+    )
+    if ref is None or any(k in ref for k in ("weight", "filters")):
+        return None
+    b = _backend(ctx, ref, bpath, env)
+    ok = b is not None
+    ppm: int | None = MIRROR_SCALE
+    if m.get("percent") is not None and m.get("fraction") is not None:
+        ctx.error(
+            (*path, "fraction"),
+            "only one of percent or fraction may be specified in a RequestMirror filter "
+            "(the API's rule)",
+        )
+        return None
+    if m.get("percent") is not None:
+        pct = integer(ctx, m["percent"], (*path, "percent"), 0, 100, what="percent")
+        ppm = None if pct is None else pct * (MIRROR_SCALE // 100)
+    elif m.get("fraction") is not None:
+        ppm = _fraction(ctx, m["fraction"], (*path, "fraction"))
+    if not ok or ppm is None:
+        return None
+    assert b is not None
+    if ppm == 0:
+        at = next(((*path, k) for k in ("percent", "fraction") if m.get(k) is not None), path)
+        ctx.warning(
+            at,
+            f"{dotted(path)} mirrors nothing: its share is 0% (Istio configures no mirror for it)",
+        )
+    return b, ppm
+
+
+def _fraction(ctx: Ctx, value: Any, path: Path) -> int | None:
+    """A Fraction (``numerator``, ``denominator`` 100 by default) as parts
+    per million, rounded down; None after an error."""
+    f = fields(ctx, value, path, allowed=("numerator", "denominator"), required=("numerator",))
+    if f is None or f.get("numerator") is None:
+        return None
+    num = integer(ctx, f["numerator"], (*path, "numerator"), 0, 2**31 - 1, what="numerator")
+    den: int | None = 100
+    if f.get("denominator") is not None:
+        den = integer(
+            ctx, f["denominator"], (*path, "denominator"), 1, 2**31 - 1, what="denominator"
+        )
+    if num is None or den is None:
+        return None
+    if num > den:
+        ctx.error(
+            (*path, "numerator"),
+            f"numerator {num} must be less than or equal to denominator {den} (the API's rule)",
+        )
+        return None
+    return num * MIRROR_SCALE // den
 
 
 def _path_modifier(ctx: Ctx, value: Any, path: Path) -> tuple[str, str] | None:
@@ -894,7 +986,7 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
     )
     if b is None or b.get("name") is None:
         return None
-    filters = _filters(ctx, b.get("filters"), (*path, "filters"), backend=True)
+    filters = _filters(ctx, b.get("filters"), (*path, "filters"), env, backend=True)
     if filters is None:
         return None
     group, kind = _group_kind(b, "", "Service")
@@ -1044,8 +1136,15 @@ class Compiler:
         # parent key → [(sort key, rule's route name, match or None, destinations)]
         entries: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]] = {}
+        mirrors: dict[int, tuple[MirrorPolicy, ...]] = {}  # id(rule) → its route's
         for hr in sorted(routes, key=lambda r: (r.namespace, r.name)):
             dests = [self._destinations(rule) for rule in hr.rules]
+            for i, rule in enumerate(hr.rules):
+                got = self._mirrors(rule)
+                if got is None:
+                    dests[i] = None
+                else:
+                    mirrors[id(rule)] = got
             keys = self._parent_keys(hr, by_gateway, gateway_keys)
             for key, port, consumer in keys:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
@@ -1109,6 +1208,7 @@ class Compiler:
                             headers=rule.headers,
                             rewrite=rule.rewrite,
                             redirect=rule.redirect,
+                            mirrors=mirrors.get(id(rule), ()),
                         )
                     )
                 last = rule_id
@@ -1252,6 +1352,26 @@ class Compiler:
                 f"answered {UNRESOLVED_STATUS} until one is loaded"
             )
         return out
+
+    def _mirrors(self, rule: HttpRuleDraft) -> tuple[MirrorPolicy, ...] | None:
+        """The rule's RequestMirror filters, each backend resolved as a
+        backendRef is (one that resolves to nothing in the files: a
+        warning, and its copies are dropped until a ServiceEntry names
+        it); None after an error."""
+        out: list[MirrorPolicy] = []
+        for b, ppm in rule.mirrors:
+            dest = self._resolve(b, 100)
+            if dest is False:
+                return None
+            if not isinstance(dest, Destination):
+                b.where.warning(
+                    f"mirror backendRef {b.name} resolves to nothing in these files (no "
+                    f"ServiceEntry host or DNS endpoint named {b.host}); nothing is mirrored "
+                    "to it until one is loaded"
+                )
+                dest = Destination(b.host, Subset(DEFAULT), 100, b.port)
+            out.append(MirrorPolicy(dest, ppm))
+        return tuple(out)
 
     def _resolve(self, b: BackendDraft, weight: int) -> Destination | bool | None:
         """A Destination; None when unresolved; False after an error."""
