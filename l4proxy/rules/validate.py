@@ -345,6 +345,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(f"{indent}     {_retries(r['retries'])}")
         if r.get("fault"):
             lines.append(f"{indent}     {_fault(r['fault'])}")
+        for m in r.get("mirrors", ()):
+            lines.append(f"{indent}     {_mirror(m)}")
         if r.get("rewrite"):
             rw = r["rewrite"]
             what = {
@@ -366,6 +368,17 @@ def _fault(f: dict[str, Any]) -> str:
     if f["abort_ppm"]:
         said.append(f"aborts {_share(f['abort_ppm'])} with {f['abort_status']}")
     return "fault: " + "; ".join(said)
+
+
+def _mirror(m: dict[str, Any]) -> str:
+    """A route's mirror, as 'validate -v' prints it."""
+    pct = m["percent"]
+    share = "every request" if pct >= 100 else f"{pct:g}% of the requests"
+    port = f" port {m['port']}" if m["port"] is not None else ""
+    return (
+        f"mirrors {share} to {m['host']}{port} subset {m['subset']} "
+        f"({_labels(m['labels'])}; fire and forget, Host -shadow)"
+    )
 
 
 def _share(ppm: int) -> str:

@@ -425,6 +425,14 @@ class WorkerView:
             "l4proxy_http_spliced_bodies_total": rs.get("spliced", 0),
             # a route's retry policy's retries (Envoy's upstream_rq_retry)
             "l4proxy_upstream_rq_retry_total": rs.get("retries", 0),
+            # request mirroring (a route's mirror, mirrors, RequestMirror): copies
+            # started, not started (over the replay limit, a tunnel, the
+            # in-flight cap, no endpoint), failed (connect, I/O, deadline), and
+            # in flight now
+            "l4proxy_http_mirrored_total": rs.get("mirrored", 0),
+            "l4proxy_http_mirror_dropped_total": rs.get("mirror_dropped", 0),
+            "l4proxy_http_mirror_failed_total": rs.get("mirror_failed", 0),
+            "l4proxy_http_mirror_active": rs.get("mirror_active", 0),
             "l4proxy_http_verdict_cache_hits_total": rs.get("verdict_cache_hits", 0),
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),

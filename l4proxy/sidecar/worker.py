@@ -197,7 +197,8 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
     enforced there, nor its retry policy, its header edits and rewrites or
-    its fault injection. Said at each table that has one, never silently."""
+    its fault injection, nor its mirrors. Said at each table that has one,
+    never silently."""
     _warn_unapplied(
         "route timeouts are not enforced with --http-routing connection "
         "(only per request, the default)",
@@ -228,6 +229,12 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
         "connection goes where its first request hashes; only per request, the "
         "default)",
         [f"{host} subset {subset}" for host, subset in table.generated_cookies()],
+    )
+    _warn_unapplied(
+        "request mirroring (http[].mirror, mirrors, an HTTPRoute's RequestMirror) is not "
+        "applied with --http-routing connection, which copies no request (only per "
+        "request, the default)",
+        [f"{host} {name or '(unnamed)'}" for host, name in table.mirrored_routes()],
     )
 
 
@@ -1038,6 +1045,7 @@ class Worker:
             retry=_retry_policy(decision.retries),
             edits=decision.edits,
             fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
+            mirrors=decision.mirrors,
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1125,6 +1133,7 @@ class Worker:
             timeout=rc.timeout,
             retry=_retry_policy(rc.retries),
             fault=_abort_tagged(rc.fault, rc.service.host, rc.route),
+            mirrors=rc.mirrors,
         )
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
