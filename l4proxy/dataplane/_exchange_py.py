@@ -236,6 +236,7 @@ __all__ = [
     "Release",
     "Retry",
     "Route",
+    "Shadow",
     "Tunnel",
     "Upstream",
     "check_edits",
@@ -375,6 +376,17 @@ class Retry(NamedTuple):
     policy: bool = False
 
 
+class Shadow(NamedTuple):
+    """The current request was read whole and sent upstream (its first
+    try's bytes): copies of it go to its mirrors now (see
+    ``verdict.Mirror``). *data*: the head as sent upstream and the body
+    bytes exactly as sent; None when they went past the replay limit (the
+    copies are dropped). Only asked for with :attr:`Exchange.mirror` set."""
+
+    data: bytes | None
+    head_length: int = 0  # data[:head_length] is the head as sent
+
+
 class Done(NamedTuple):
     """A response was delivered (for the per-version metrics)."""
 
@@ -407,7 +419,9 @@ class Close(NamedTuple):
     reset: bool = False
 
 
-Action = Route | Upstream | Client | Release | Retry | Done | Tunnel | NotHTTPConnection | Close
+Action = (
+    Route | Upstream | Client | Release | Retry | Shadow | Done | Tunnel | NotHTTPConnection | Close
+)
 
 
 def local_response(
@@ -907,6 +921,11 @@ class Exchange:
         self._retrying = False  # between Retry() and routed(): hold client bytes
         self.retry: RetryPolicy | None = None  # the route's (set by the shell)
         self.edits: HeadEdits | None = None  # the route's choice's (set by the shell)
+        # the request's bytes as sent upstream, kept for its mirrors' copies
+        # (the shell sets an empty one before routed(); None: none wanted,
+        # or past the replay limit) until Shadow hands them over
+        self.mirror: bytearray | None = None
+        self._mirroring = False  # ... a Shadow is still due for this request
         self._tries = 0  # the retry policy's retries so far
         self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
@@ -995,7 +1014,13 @@ class Exchange:
         if self.edits is not None:  # (a retry sends the same: from the replay)
             self._sent_head = edit_request_head(self._sent_head, self.edits)
         self._replay = bytearray(self._sent_head) if held else None
-        return [Upstream(self._sent_head), *self._advance()]
+        if self.mirror is not None:
+            self._mirroring = True
+            self.mirror += self._sent_head
+        out: list[Action] = [Upstream(self._sent_head), *self._advance()]
+        if self._mirroring and self._request.done:  # (a request without a body)
+            out.insert(1, self._shadow())
+        return out
 
     def refused_rewrite(self) -> list[Action] | None:
         """When the route's edits (:attr:`edits`, set by the shell) rewrite
@@ -1051,6 +1076,8 @@ class Exchange:
         if self.phase != Phase.EXCHANGE:
             return []
         self._upstream_bytes += len(data)
+        if self._mirroring:  # an answer before the request's end: no copy
+            self.mirror = None
         if self.retry is None or self._response is not None:
             # a response began: never send this request again (under a
             # retry policy, its final head may still say to: kept till then)
@@ -1191,6 +1218,14 @@ class Exchange:
             Retry(policy=True),
         ]
 
+    def _shadow(self) -> Shadow:
+        """The request's bytes for its mirrors (once per request)."""
+        self._mirroring = False
+        data, self.mirror = self.mirror, None
+        if data is None:
+            return Shadow(None)
+        return Shadow(bytes(data), len(self._sent_head))
+
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT
 
@@ -1240,6 +1275,12 @@ class Exchange:
                     self._replay += chunk
                     if len(self._replay) > self.replay_limit:
                         self._replay = None
+                if self.mirror is not None:
+                    self.mirror += chunk
+                    if len(self.mirror) > self.replay_limit:
+                        self.mirror = None
+                if self._mirroring and self._request.done:
+                    out.append(self._shadow())
             if self._request.done and self._response is not None and self._response.done:
                 out += self._response_complete(upstream_closed=False)
         return out

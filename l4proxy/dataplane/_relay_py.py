@@ -175,9 +175,31 @@ of its destination's endpoints: the router's 503) is drawn for as well,
 first: delayed, then its local answer (``_Conn.fault_local``), or aborted
 instead.
 
+Request mirroring (``Decision.mirrors``, each a
+:class:`~l4proxy.dataplane.verdict.Mirror`: Istio's ``mirror``, the Gateway
+API's ``RequestMirror``): a request that goes upstream has each mirror drawn
+on its own when its first try goes (``_draw_mirrors``, after a fault's delay;
+this relay's ``random.Random``, no draw for ``MIRROR_SCALE``), and the
+endpoint of each drawn then (round robin per ``balance_key``, skipping names
+not resolved yet). The Exchange keeps the request's bytes as sent upstream
+(``Exchange.mirror``: the first try's, at most the replay limit) and says
+``Shadow`` once it was read whole and sent. Then each drawn mirror gets a
+copy (``_mirror``): ``shadow_head`` of the head as sent and the body bytes
+as sent, on a connection of its own (``_Shadow``, non-blocking, in this
+epoll, never pooled); the answer is read and thrown away until the server
+closes, or the copy fails (a connect, send or receive error, its deadline:
+the route's timeout from its connect, else ``MIRROR_TIMEOUT``;
+``_timers_due``, the tick a backstop) and is reset. Nothing of it touches
+the client, the pool, the reports or outlier detection. Dropped
+(``mirror_dropped``): bytes past the replay limit, an answer that began
+before the request's end, a tunnel's request, ``max_mirrors`` copies in
+flight already, no endpoint to use, a socket or connect failing at once. A
+request answered locally, cut before it was read whole, or retried (one
+copy) has no more.
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
-set, or (after a tunnel) the L4 callback. Every path that drops one closes
+set, a mirrored copy, or (after a tunnel) the L4 callback. Every path that drops one closes
 it exactly once (``_close_client``, ``_drop_upstream``).
 """
 
@@ -209,6 +231,7 @@ from l4proxy.dataplane._exchange_py import (
     Release,
     Retry,
     Route,
+    Shadow,
     Tunnel,
     Upstream,
     edit_bytes,
@@ -222,12 +245,16 @@ from l4proxy.dataplane._pool_py import (
     checked_endpoint_settings,
 )
 from l4proxy.dataplane.verdict import (
+    DEFAULT_MAX_MIRRORS,
     FAULT_ABORT_BODY,
     FAULT_SCALE,
+    MIRROR_SCALE,
+    MIRROR_TIMEOUT,
     Fault,
     HeadEdits,
     Mirror,
     RetryPolicy,
+    shadow_head,
 )
 
 __all__ = ["Decision", "HttpRelay"]
@@ -300,6 +327,19 @@ class _Up:
 
 
 @dataclass(eq=False)
+class _Shadow:
+    """A mirrored copy of a request in flight (see "Request mirroring"): its
+    own connection, never pooled, what is still to send, and its deadline."""
+
+    sock: socket.socket
+    fd: int
+    out: bytearray
+    deadline: float
+    connecting: bool = True
+    mask: int = 0
+
+
+@dataclass(eq=False)
 class _Conn:
     sock: socket.socket
     origin: Any
@@ -340,6 +380,10 @@ class _Conn:
     # the client's packed address (peer_of), once decide_peer asked: None
     # unknown; ``...`` not asked yet
     peer: Any = ...
+    # the current request's mirrors drawn (see "Request mirroring"), until
+    # its Shadow starts their copies, and their deadline from a connect
+    mirrors: tuple[Endpoint, ...] = ()
+    mirror_timeout: float = 0.0
 
 
 def peer_of(sock: socket.socket) -> bytes | None:
@@ -380,6 +424,7 @@ class HttpRelay:
         *,
         answered_5xx: Callable[[Endpoint, Any, int], None] | None = None,
         decide_peer: bool = False,
+        max_mirrors: int = DEFAULT_MAX_MIRRORS,
     ) -> None:
         self.decide = decide
         # decide(head, origin, peer): with the client's packed address too
@@ -426,6 +471,11 @@ class HttpRelay:
         self._next_timer = 0.0
         # the backoffs' jitter (--seed: the same waits every run)
         self._random = random.Random(None if seed is None else f"jitter {seed}")
+        # request mirroring: the copies in flight (at most max_mirrors), and
+        # each mirror's round-robin position (by its balance_key)
+        self.max_mirrors = max_mirrors
+        self._shadows: dict[int, _Shadow] = {}
+        self._mirror_rr: dict[Any, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "connections",
@@ -436,6 +486,9 @@ class HttpRelay:
                 "errors",
                 "retries",
                 "timer_scans",
+                "mirrored",
+                "mirror_dropped",
+                "mirror_failed",
             ),
             0,
         )
@@ -542,6 +595,7 @@ class HttpRelay:
         out.update({f"pool_{k}": v for k, v in self.pools.counters.items()})
         out["active"] = len(self._conns)
         out["pool_idle"] = len(self._idle)
+        out["mirror_active"] = len(self._shadows)
         return out
 
     def _wake(self) -> None:
@@ -568,7 +622,10 @@ class HttpRelay:
                 # Whose each event is, as the batch starts: a number closed
                 # and reused within the batch (a connect) must not get the
                 # old socket's event.
-                batch = [(fd, ev, self._conns.get(fd) or self._ups.get(fd)) for fd, ev in events]
+                batch = [
+                    (fd, ev, self._conns.get(fd) or self._ups.get(fd) or self._shadows.get(fd))
+                    for fd, ev in events
+                ]
                 # Idle pooled connections with an event (the server closed
                 # them, or spoke) leave the pool before anything in the batch
                 # can check one out: a request ahead in the batch would.
@@ -657,12 +714,19 @@ class HttpRelay:
             self._close_client(c, reset=True)
         for up in list(self._ups.values()):
             self._drop_upstream(up)
+        for sh in list(self._shadows.values()):
+            self._shadow_end(sh, failed=False)
         self.ep.close()
         self._wake_r.close()
         self._wake_w.close()
 
-    def _on_event(self, fd: int, ev: int, now: float, was: _Conn | _Up | None) -> None:
+    def _on_event(self, fd: int, ev: int, now: float, was: _Conn | _Up | _Shadow | None) -> None:
         """*fd*'s event; *was*: whose the number was when the batch began."""
+        if fd in self._shadows:
+            sh = self._shadows[fd]
+            if sh is was:
+                self._shadow_event(sh, ev, now)
+            return  # (else a copy's number reused in this batch: not its event)
         c = self._conns.get(fd)
         up = self._ups.get(fd) if c is None else None
         if c is None and up is None:
@@ -918,6 +982,8 @@ class HttpRelay:
                     c.last_active = c.backoff_until
                     continue
                 self._try(c, c.candidates[0], now, pooled=False)
+            elif isinstance(a, Shadow):
+                self._mirror(c, a, now)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
             elif isinstance(a, Tunnel | NotHTTPConnection):
@@ -955,6 +1021,7 @@ class HttpRelay:
         c.timeout = c.deadline = 0.0  # its route timeout with it
         c.per_try = c.try_deadline = 0.0
         c.backoff_until = 0.0  # (a retry waiting: the route timeout's 504 went)
+        c.mirrors = ()  # (not read whole: never mirrored)
         d, c.decision = c.decision, None  # this request's, used up here
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
@@ -1017,6 +1084,8 @@ class HttpRelay:
         c.timeout = d.timeout
         retry = c.ex.retry
         c.per_try = retry.per_try_timeout if retry is not None else 0.0
+        if d.mirrors:
+            self._draw_mirrors(c, d)
         self._try(c, c.candidates[0], now)
 
     def _falls(self, ppm: int) -> bool:
@@ -1068,6 +1137,141 @@ class HttpRelay:
         else:
             self._go(c, now)
             self._perform(c, [], now)  # (the timers: from now, as _route's caller's)
+
+    # -- request mirroring (see "Request mirroring") ---------------------------
+
+    def _draw_mirrors(self, c: _Conn, d: Decision) -> None:
+        """The request's first try is going: each of its mirrors drawn on
+        its own (no draw for MIRROR_SCALE), in order, and its endpoint
+        chosen (round robin; none to use: dropped); the Exchange keeps the
+        request's bytes as sent for the copies (Shadow, once read whole). A
+        tunnel's (Upgrade, CONNECT) are dropped."""
+        drawn = tuple(
+            m
+            for m in d.mirrors
+            if m.ppm >= MIRROR_SCALE or (m.ppm > 0 and self._random.random() * MIRROR_SCALE < m.ppm)
+        )
+        if not drawn:
+            return
+        head = c.ex.head
+        if head is None or head.method == "CONNECT" or head.header("upgrade") is not None:
+            self.counters["mirror_dropped"] += len(drawn)
+            return
+        endpoints = []
+        for m in drawn:
+            endpoint = self._mirror_endpoint(m)
+            if endpoint is None:
+                self.counters["mirror_dropped"] += 1
+            else:
+                endpoints.append(endpoint)
+        if endpoints:
+            c.mirrors = tuple(endpoints)
+            c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
+            c.ex.mirror = bytearray()
+
+    def _mirror(self, c: _Conn, a: Shadow, now: float) -> None:
+        """The request was read whole and sent: a copy to each mirror drawn
+        (its endpoint chosen then: _draw_mirrors), dropped for bytes past
+        the replay limit, max_mirrors copies in flight, a socket or connect
+        failing at once."""
+        endpoints, c.mirrors = c.mirrors, ()
+        payload = b""
+        if a.data is not None:
+            payload = shadow_head(a.data[: a.head_length]) + a.data[a.head_length :]
+        for endpoint in endpoints:
+            if (
+                a.data is None
+                or len(self._shadows) >= self.max_mirrors
+                or not self._shadow_start(endpoint, payload, now + c.mirror_timeout)
+            ):
+                self.counters["mirror_dropped"] += 1
+
+    def _mirror_endpoint(self, m: Mirror) -> Endpoint | None:
+        """The mirror's next endpoint, round robin, skipping names not
+        resolved yet; None when it has none to use."""
+        key = m.balance_key if m.balance_key is not None else m.endpoints
+        n = len(m.endpoints)
+        start = self._mirror_rr.get(key, 0)
+        for i in range(n):
+            endpoint = m.endpoints[(start + i) % n]
+            if _numeric(endpoint[0]):
+                if key not in self._mirror_rr and len(self._mirror_rr) >= _MAX_REMEMBERED:
+                    self._mirror_rr.clear()
+                self._mirror_rr[key] = (start + i + 1) % n
+                return endpoint
+        return None
+
+    def _shadow_start(self, endpoint: Endpoint, payload: bytes, deadline: float) -> bool:
+        """A copy's connection (non-blocking): False when it failed at once."""
+        family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            return False
+        try:
+            sock.setblocking(False)
+            sock.connect(endpoint)
+        except BlockingIOError:
+            pass
+        except OSError:
+            sock.close()
+            return False
+        sh = _Shadow(sock, sock.fileno(), bytearray(payload), deadline)
+        self._shadows[sh.fd] = sh
+        self.counters["mirrored"] += 1
+        self._set_mask(sh.fd, sh, _EPOLLOUT)
+        self._timer_at(deadline)
+        return True
+
+    def _shadow_event(self, sh: _Shadow, ev: int, now: float) -> None:
+        """A copy's connect ends, its bytes go, its answer is read and thrown
+        away until the server closes (done) or fails (a connect, send or
+        receive error)."""
+        try:
+            if sh.connecting:
+                if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
+                    return
+                if sh.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    self._shadow_end(sh, failed=True)
+                    return
+                sh.connecting = False
+            while sh.out:
+                n = sh.sock.send(sh.out, _SEND_FLAGS)
+                del sh.out[:n]
+            if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not sh.sock.recv(_READ):
+                self._shadow_end(sh, failed=False)
+                return
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._shadow_end(sh, failed=True)
+            return
+        self._set_mask(sh.fd, sh, _EPOLLOUT if sh.out else _EPOLLIN)
+
+    def _shadow_end(self, sh: _Shadow, failed: bool) -> None:
+        """A copy is over: its socket closed (reset when it failed)."""
+        del self._shadows[sh.fd]
+        if sh.mask:
+            self.ep.unregister(sh.fd)
+            sh.mask = 0
+        if failed:
+            self.counters["mirror_failed"] += 1
+            try:
+                sh.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            except OSError:
+                pass
+        sh.sock.close()
+
+    def _shadow_timers(self, now: float) -> float:
+        """Fail the copies past their deadline: the soonest of the others'
+        (0: none)."""
+        soonest = 0.0
+        for sh in list(self._shadows.values()):
+            if sh.deadline <= now:
+                self._shadow_end(sh, failed=True)
+            elif not soonest or sh.deadline < soonest:
+                soonest = sh.deadline
+        return soonest
 
     def _try(self, c: _Conn, endpoint: Endpoint, now: float, pooled: bool = True) -> None:
         """A try to *endpoint*: on an idle pooled connection (*pooled*), else
@@ -1395,7 +1599,7 @@ class HttpRelay:
             want |= _EPOLLIN | _EPOLLRDHUP
         self._set_mask(up.fd, up, want)
 
-    def _set_mask(self, fd: int, obj: _Conn | _Up, want: int) -> None:
+    def _set_mask(self, fd: int, obj: _Conn | _Up | _Shadow, want: int) -> None:
         if obj.mask == want:
             return
         if obj.mask == 0 and want:
@@ -1522,6 +1726,10 @@ class HttpRelay:
             for t in (c.backoff_until, c.deadline, c.try_deadline, connect_by, c.fault_until):
                 if t > now and (not soonest or t < soonest):
                     soonest = t
+        if self._shadows:
+            t = self._shadow_timers(now)
+            if t and (not soonest or t < soonest):
+                soonest = t
         if soonest:
             self._timer_at(soonest)
 
@@ -1584,6 +1792,8 @@ class HttpRelay:
             up = self._idle.get(int(handle))  # type: ignore[call-overload]
             if up is not None:
                 self._drop_upstream(up)
+        if self._shadows:
+            self._shadow_timers(now)  # (_timers_due's: a backstop)
 
 
 def _timeout_answer() -> bytes:

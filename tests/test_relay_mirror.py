@@ -1,0 +1,584 @@
+"""Request mirroring (``verdict.Mirror`` on a Verdict, a Decision's
+``mirrors``), applied by both relay twins (the compiled one deciding per
+request and from a cached verdict), real sockets on loopback: what a
+mirror receives (``shadow_head`` of the head as the primary received it,
+the body bytes as sent), the share drawn per request with the seed, round
+robin over a mirror's endpoints, copies that fail (refused, reset, never
+answered) or cannot go (max_mirrors, a body past the replay limit), the
+requests never mirrored (a fault's abort, a local answer), one copy per
+request however often it is retried, pipelined requests, and no socket
+left open by a copy, ended or cut by ``close()``.
+
+Counts, never times: a copy's end is waited for by polling the relay's
+gauges (``mirror_active``) and the mirror's own records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import threading
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import (
+    FAULT_SCALE,
+    MIRROR_SCALE,
+    SHAPE_FULL,
+    Choice,
+    Fault,
+    Mirror,
+    RetryPolicy,
+    Verdict,
+    shadow_head,
+)
+from tests._scripted import (
+    OK_BODY,
+    Scripted,
+    _answer,
+    _client,
+    _response,
+    _until,
+    mode_fixture,  # noqa: F401  (the fixture mode)
+    policy,
+)
+from tests.conftest import accept_until_closed, dead_ports, reset_close
+from tests.test_relay_edges import _relay
+
+Endpoint = tuple[str, int]
+OK = _answer(200, OK_BODY)
+GET = b"GET /x?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nX-Trace: 7\r\n\r\n"
+
+OK_MIRROR = "ok"  # answer, then close
+RESET = "reset"  # read the request, close with a reset
+HANG = "hang"  # read the request, never answer (until the relay closes)
+
+
+def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    """One whole request (its head and its body: Content-Length or
+    chunked, no trailers) from *buf* and *conn*: (request, what follows);
+    None at the end of the stream."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    end = buf.index(b"\r\n\r\n") + 4
+    head = buf[:end].lower()
+    if b"transfer-encoding: chunked" in head:
+        while b"\r\n0\r\n\r\n" not in buf[end - 2 :]:
+            data = conn.recv(65536)
+            if not data:
+                return None
+            buf += data
+        stop = buf.index(b"\r\n0\r\n\r\n", end - 2) + 7
+        return buf[:stop], buf[stop:]
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip() == b"content-length":
+            length = int(value)
+    while len(buf) < end + length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return buf[: end + length], buf[end + length :]
+
+
+class Mirrored:
+    """A mirror: one request per connection, answered as *how* says. What
+    it saw: the requests with the order their connections were accepted
+    in, connections accepted, and those the relay closed on it."""
+
+    def __init__(self, how: str = OK_MIRROR) -> None:
+        self.how = how
+        self.requests: list[tuple[int, bytes]] = []
+        self.accepted = 0
+        self.closed_by_relay = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(self.listener, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with self.lock:
+            index = self.accepted
+            self.accepted += 1
+        threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        conn.settimeout(30)
+        try:
+            got = _read_request(conn, b"")
+            if got is None:
+                conn.close()
+                return
+            with self.lock:
+                self.requests.append((index, got[0]))
+            if self.how == RESET:
+                reset_close(conn)
+                return
+            if self.how == HANG:
+                try:
+                    ended = conn.recv(65536) == b""
+                except ConnectionResetError:  # (a copy that failed is reset)
+                    ended = True
+                if ended:
+                    with self.lock:
+                        self.closed_by_relay += 1
+                conn.close()
+                return
+            conn.sendall(_answer(200, b"mirror's"))
+            conn.close()
+        except OSError:
+            conn.close()
+
+    def seen(self) -> list[bytes]:
+        """The requests, in the order their connections were accepted."""
+        with self.lock:
+            return [r for _, r in sorted(self.requests)]
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Primary:
+    """A keep-alive backend that reads chunked bodies too and answers OK."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(
+            self.listener,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        buf = b""
+        with conn, contextlib.suppress(OSError):
+            while (got := _read_request(conn, buf)) is not None:
+                request, buf = got
+                with self.lock:
+                    self.requests.append(request)
+                conn.sendall(OK)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _mirror_relay(
+    mode: tuple[str, str],
+    endpoints: tuple[Endpoint, ...],
+    mirrors: tuple[Mirror, ...],
+    timeout: float = 0.0,
+    retry: RetryPolicy | None = None,
+    fault: Fault | None = None,
+    local: tuple[int, str] | None = None,
+    **kw: Any,
+) -> Any:
+    """A relay of the twin and mode sending every request to *endpoints*
+    (in order) with *mirrors* (a cached verdict in the resolve mode)."""
+    which, how = mode
+    if how == "resolve":
+        if local is not None:
+            verdict = Verdict(local=local, ttl=60.0, shape=SHAPE_FULL, fault=fault, mirrors=mirrors)
+        else:
+            verdict = Verdict(
+                (Choice(1, endpoints, "ORDERED", tag="t"),),
+                ttl=60.0,
+                shape=SHAPE_FULL,
+                timeout=timeout,
+                retry=retry,
+                fault=fault,
+                mirrors=mirrors,
+            )
+        kw["resolve"] = lambda head, origin: verdict
+
+    def decide(head: Any, origin: Any) -> Decision:
+        return Decision(
+            endpoints,
+            tag="t",
+            timeout=timeout,
+            retry=retry,
+            fault=fault,
+            local=local,
+            mirrors=mirrors,
+        )
+
+    return _relay(which, decide, **kw)
+
+
+def _settled(relay: Any) -> dict[str, int]:
+    """The relay's stats once no copy is in flight."""
+    assert _until(lambda: relay.stats()["mirror_active"] == 0, 20.0), relay.stats()
+    stats: dict[str, int] = relay.stats()
+    return stats
+
+
+def _ours_to(endpoint: Endpoint) -> int:
+    """Sockets of this process connected to *endpoint* (the relay's)."""
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as s, contextlib.suppress(OSError):
+                if s.family == socket.AF_INET and s.getpeername() == endpoint:
+                    n += 1
+        except OSError:
+            continue
+    return n
+
+
+def _post(body: bytes) -> bytes:
+    return b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> None:
+    """Every request mirrored: the mirror receives shadow_head() of what the
+    primary received, the client the primary's answer byte for byte; the
+    copy counted, none left in flight, no socket of the relay to it."""
+    up, mirror = Scripted([]), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        got = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+        left = _ours_to(mirror.endpoint)
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert up.requests == [GET]
+    assert mirror.seen() == [shadow_head(GET)]
+    assert b"Host: reviews-shadow:9080\r\n" in mirror.seen()[0]
+    assert stats["mirrored"] == 1
+    assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
+    assert left == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_a_body_goes_to_the_mirror_as_sent(mode: tuple[str, str], chunked: bool) -> None:
+    """A POST with a Content-Length, and one chunked: the mirror gets the
+    head's shadow and the same body bytes the primary got."""
+    body = b"x" * 3000
+    if chunked:
+        request = (
+            b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\nbb8\r\n" + body + b"\r\n0\r\n\r\n"
+        )
+    else:
+        request = _post(body)
+    up, mirror = Primary(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        a.sendall(request)
+        got = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert len(up.requests) == 1
+    sent = up.requests[0]
+    hl = sent.index(b"\r\n\r\n") + 4
+    assert sent[hl:] == request[request.index(b"\r\n\r\n") + 4 :]
+    assert mirror.seen() == [shadow_head(sent[:hl]) + sent[hl:]]
+    assert stats["mirrored"] == 1
+
+
+def test_a_share_of_zero_sends_no_copy(mode: tuple[str, str]) -> None:
+    up, mirror = Scripted([]), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,), ppm=0),))
+    try:
+        a = _client(relay)
+        for _ in range(5):
+            a.sendall(GET)
+            assert _response(a) == OK
+        a.close()
+        stats = _settled(relay)
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert len(up.requests) == 5
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == stats["mirror_dropped"] == 0
+
+
+def _share(mode: tuple[str, str], seed: int, n: int) -> int:
+    up, mirror = Scripted([]), Mirrored()
+    relay = _mirror_relay(
+        mode, (up.endpoint,), (Mirror((mirror.endpoint,), ppm=MIRROR_SCALE // 2),), seed=seed
+    )
+    try:
+        a = _client(relay)
+        for _ in range(n):
+            a.sendall(GET)
+            assert _response(a) == OK
+        a.close()
+        stats = _settled(relay)
+        mirrored = stats["mirrored"]
+        assert _until(lambda: len(mirror.seen()) == mirrored, 5.0)
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert len(up.requests) == n
+    assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
+    return mirrored
+
+
+def test_a_share_is_drawn_per_request_with_the_seed(mode: tuple[str, str]) -> None:
+    """50 % of 200 requests over one keep-alive connection: a count within
+    4 sigma of 100, the same again with the same seed."""
+    n, p = 200, 0.5
+    first = _share(mode, 7, n)
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(first - n * p) <= 4 * sigma, first
+    assert _share(mode, 7, n) == first
+
+
+def test_each_mirror_gets_its_copy(mode: tuple[str, str]) -> None:
+    up, one, two = Scripted([]), Mirrored(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((one.endpoint,)), Mirror((two.endpoint,))))
+    try:
+        a = _client(relay)
+        for _ in range(3):
+            a.sendall(GET)
+            assert _response(a) == OK
+        assert _until(lambda: len(one.seen()) == len(two.seen()) == 3, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        one.close()
+        two.close()
+    assert one.seen() == two.seen() == [shadow_head(GET)] * 3
+    assert stats["mirrored"] == 6
+
+
+def test_a_mirrors_endpoints_take_turns(mode: tuple[str, str]) -> None:
+    """Round robin over a mirror's two endpoints: four requests, two each,
+    alternating (the requests' targets tell them apart)."""
+    up, one, two = Scripted([]), Mirrored(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((one.endpoint, two.endpoint)),))
+    try:
+        a = _client(relay)
+        for i in range(4):
+            a.sendall(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+            assert _response(a) == OK
+            assert _until(lambda i=i: len(one.seen()) + len(two.seen()) == i + 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        one.close()
+        two.close()
+    targets = [[r.split(b" ")[1] for r in m.seen()] for m in (one, two)]
+    assert sorted(targets) == [[b"/0", b"/2"], [b"/1", b"/3"]]
+    assert stats["mirrored"] == 4
+
+
+@pytest.mark.parametrize("how", ["refused", RESET, HANG])
+def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], how: str) -> None:
+    """A mirror refusing connections, resetting, or never answering (past
+    the route's timeout: its deadline): the client's answers as without a
+    mirror, each copy counted failed, none in flight, no socket left."""
+    up = Scripted([])
+    with dead_ports(1) as ports:
+        mirror = None if how == "refused" else Mirrored(how)
+        endpoint = ("127.0.0.1", ports[0]) if mirror is None else mirror.endpoint
+        relay = _mirror_relay(mode, (up.endpoint,), (Mirror((endpoint,)),), timeout=0.5)
+        try:
+            a = _client(relay)
+            got = []
+            for _ in range(2):
+                a.sendall(GET)
+                got.append(_response(a))
+            assert _until(lambda: relay.stats()["mirror_failed"] == 2, 10.0), relay.stats()
+            stats = _settled(relay)
+            a.close()
+            left = _ours_to(endpoint)
+        finally:
+            relay.close()
+            up.close()
+            if mirror is not None:
+                mirror.close()
+    assert got == [OK, OK]
+    assert up.requests == [GET, GET]
+    assert stats["mirrored"] == 2
+    assert stats["mirror_failed"] == 2
+    assert stats["mirror_dropped"] == 0
+    assert left == 0
+    if mirror is not None:
+        assert mirror.seen() == [shadow_head(GET)] * 2
+    if how == HANG:
+        assert _until(lambda: mirror is not None and mirror.closed_by_relay == 2)
+
+
+def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
+    """max_mirrors=1 and a mirror that never answers: the second request's
+    copy is dropped and counted; both requests answered."""
+    up, mirror = Scripted([]), Mirrored(HANG)
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), max_mirrors=1)
+    try:
+        a = _client(relay)
+        got = []
+        for _ in range(2):
+            a.sendall(GET)
+            got.append(_response(a))
+        assert _until(lambda: len(mirror.seen()) == 1)
+        stats = relay.stats()
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == [OK, OK]
+    assert stats["mirrored"] == 1
+    assert stats["mirror_dropped"] == 1
+    assert stats["mirror_active"] == 1
+    assert mirror.accepted == 1
+
+
+def test_a_body_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> None:
+    body = bytes(range(256)) * 280  # 71,680 bytes: past 64 KiB
+    up, mirror = Primary(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        a.sendall(_post(body))
+        got = _response(a)
+        a.sendall(_post(b"small"))
+        got2 = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == got2 == OK
+    assert up.requests == [_post(body), _post(b"small")]
+    small = _post(b"small")
+    assert mirror.seen() == [shadow_head(small[: -len(b"small")]) + b"small"]
+    assert stats["mirrored"] == 1
+    assert stats["mirror_dropped"] == 1
+
+
+def test_local_answers_are_not_mirrored(mode: tuple[str, str]) -> None:
+    """A fault's abort, and the route's local answer: no copy, none counted."""
+    mirror = Mirrored()
+    mirrors = (Mirror((mirror.endpoint,)),)
+    up = Scripted([])
+    aborting = _mirror_relay(
+        mode, (up.endpoint,), mirrors, fault=Fault(abort_status=503, abort_ppm=FAULT_SCALE)
+    )
+    answering = _mirror_relay(mode, (up.endpoint,), mirrors, local=(404, "nope"))
+    try:
+        got = []
+        for relay in (aborting, answering):
+            a = _client(relay)
+            for _ in range(2):
+                a.sendall(GET)
+                got.append(int(_response(a).split(b" ")[1]))
+            a.close()
+        stats = [_settled(r) for r in (aborting, answering)]
+    finally:
+        aborting.close()
+        answering.close()
+        up.close()
+        mirror.close()
+    assert got == [503, 503, 404, 404]
+    assert up.requests == []
+    assert mirror.accepted == 0
+    for s in stats:
+        assert s["mirrored"] == s["mirror_dropped"] == s["mirror_failed"] == 0
+
+
+def test_a_retried_request_is_mirrored_once(mode: tuple[str, str]) -> None:
+    """The first try answered 503, the retry policy's retry 200: the
+    primary saw the request twice, the mirror once."""
+    up, mirror = Scripted([_answer(503)]), Mirrored()
+    relay = _mirror_relay(
+        mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), retry=policy(2, "5xx")
+    )
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        got = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert up.requests == [GET, GET]
+    assert mirror.seen() == [shadow_head(GET)]
+    assert mirror.accepted == 1
+    assert stats["mirrored"] == 1
+    assert stats["retries"] == 1
+
+
+def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str]) -> None:
+    up, mirror = Scripted([]), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    requests = [b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(4)]
+    try:
+        a = _client(relay)
+        a.sendall(b"".join(requests))
+        got = [_response(a) for _ in requests]
+        assert _until(lambda: len(mirror.seen()) == 4, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == [OK] * 4
+    assert up.requests == requests
+    assert mirror.seen() == [shadow_head(r) for r in requests]
+    assert stats["mirrored"] == 4
+
+
+def test_close_with_copies_in_flight_leaves_no_socket(mode: tuple[str, str]) -> None:
+    """Three copies to a mirror that never answers, then close(): the
+    relay's sockets to it are closed (the mirror sees each end)."""
+    up, mirror = Scripted([]), Mirrored(HANG)
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        for _ in range(3):
+            a.sendall(GET)
+            assert _response(a) == OK
+        assert _until(lambda: len(mirror.seen()) == 3, 5.0)
+        active = relay.stats()["mirror_active"]
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert active == 3
+    assert _ours_to(mirror.endpoint) == 0
+    assert _until(lambda: mirror.closed_by_relay == 3, 5.0)
