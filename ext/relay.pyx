@@ -294,6 +294,7 @@ from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
+from l4proxy.dataplane.verdict import DEFAULT_MAX_MIRRORS, MIRROR_SCALE, MIRROR_TIMEOUT
 from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
                                        endpoint_hash)
 
@@ -389,12 +390,15 @@ cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
 cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
 cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's shares are of this (verdict.py's)
+cdef uint64_t MIRROR_PPM = MIRROR_SCALE  # a mirror's share is of this
+cdef double MIRROR_S = MIRROR_TIMEOUT   # a copy's deadline when its route has no timeout
 
 # what an epoll registration points at
 cdef enum:
     K_CONN = 1
     K_UP = 2
     K_LST = 3
+    K_SHADOW = 4
 
 cdef enum:
     MAX_LSTS = 16
@@ -551,6 +555,10 @@ cdef enum:
     CT_URGENT
     CT_RETRIES
     CT_TIMER_SCANS
+    CT_MIRRORED
+    CT_MIRROR_DROPPED
+    CT_MIRROR_FAILED
+    CT_MIRROR_ACTIVE
     N_CT
 
 _STAT_NAMES = (
@@ -559,7 +567,7 @@ _STAT_NAMES = (
     "pool_closed_unreusable", "pool_closed_max_requests", "pool_closed_overflow",
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
-    "retries", "timer_scans",
+    "retries", "timer_scans", "mirrored", "mirror_dropped", "mirror_failed", "mirror_active",
 )
 
 
@@ -676,6 +684,41 @@ cdef struct Fault_:
     uint64_t abort_ppm
     Verdict_ *answer       # the abort's (V_LOCAL, its status, FAULT_ABORT_BODY)
 
+cdef struct Mirror_:
+    # a route's verdict.Mirror (see "Request mirroring"), part of its verdict
+    uint64_t ppm           # of MIRROR_PPM
+    int rr                 # round-robin counter slot
+    int n_eps
+    EP **eps
+
+cdef struct Dest_:
+    # a drawn copy's endpoint, its address copied (the EP may be freed first)
+    uint32_t addr          # network order
+    uint16_t port
+    bint v6
+    bint usable            # False: the mirror had no endpoint to use (dropped)
+    unsigned char addr6[16]
+
+cdef struct Plan_:
+    # a request's drawn copies, until it was read whole and sent (one block)
+    int n
+    size_t head_len        # c.replay[:head_len] is the head as sent
+    double timeout         # each copy's deadline from its connect
+    Dest_ *d
+
+cdef struct Shadow:
+    # a copy in flight: its own connection, never pooled (Relay.shadows)
+    int kind               # K_SHADOW
+    int fd
+    uint32_t mask
+    bint connecting
+    bint closed
+    Buf out
+    double deadline
+    Shadow *prev
+    Shadow *next
+    Shadow *grave_next
+
 cdef struct Verdict_:
     int kind
     int n
@@ -690,6 +733,8 @@ cdef struct Verdict_:
     size_t close_len
     double timeout         # V_ROUTE: the route's timeout, seconds (0: none)
     Retry_ *retry          # V_ROUTE: the route's retry policy (NULL: none); interned
+    int n_mirrors          # V_ROUTE: its mirrors (owned)
+    Mirror_ *mirrors
 
 cdef struct Test_:
     int kind               # T_*
@@ -762,6 +807,7 @@ cdef struct Conn:
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
+    Plan_ *shadow          # the request's drawn copies, until they start (owned; c.holds)
     EP *fail_ep
     Conn *need_next
     Conn *grave_next
@@ -881,6 +927,8 @@ cdef struct Relay:
     int (*edit_request)(Relay *R, Conn *c, const Edits_ *e, double now) noexcept nogil
     int (*send_edited_head)(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil
     void (*hash_pick)(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil  # (pick()'s, as these)
+    void (*mirror_draw)(Relay *R, Conn *c, Verdict_ *v) noexcept nogil  # (apply_verdict()'s)
+    void (*mirror_start)(Relay *R, Conn *c, double now) noexcept nogil  # (request sent whole)
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
     size_t bad_chunk_len[N_CHUNK_ERRORS]
     int max_idle
@@ -904,6 +952,10 @@ cdef struct Relay:
     EP *kick_head          # endpoints whose waiting requests may go (serve_pending)
     Conn *cgrave
     Up *ugrave
+    Shadow *sgrave
+    Shadow *shadows        # the copies in flight (at most max_mirrors)
+    int n_shadows
+    int max_mirrors
     EP **eps
     int n_eps
     int cap_eps
@@ -1854,6 +1906,9 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
         v.retry.refs -= 1
     if v.fault != NULL:
         v.fault.refs -= 1
+    for i in range(v.n_mirrors):
+        free(v.mirrors[i].eps)
+    free(v.mirrors)
     for i in range(v.n):
         free(v.choices[i].eps)
         verdict_free(v.choices[i].empty)
@@ -2064,6 +2119,8 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
     free(c.set_cookie)
     c.set_cookie = NULL
     c.set_cookie_len = 0
+    free(c.shadow)  # (copies not started: the request was not read whole)
+    c.shadow = NULL
 
 
 cdef void reset_exchange(Conn *c) noexcept nogil:
@@ -2311,7 +2368,7 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
     wait rather than left due for ever."""
     cdef int i = 0
     cdef Conn *c
-    cdef double soonest = 0
+    cdef double soonest = 0, t
     cdef bint judged
     L4R_ADD(&R.ctr[<int>CT_TIMER_SCANS], 1)
     R.next_timer = 0  # (what is scheduled below, if anything, sets it)
@@ -2364,6 +2421,10 @@ cdef void timers_due(Relay *R, double now) noexcept nogil:
         if c.try_deadline and c.rs == RS_HEAD and (c.try_deadline > now or c.need != N_NONE) \
                 and (soonest == 0 or c.try_deadline < soonest):
             soonest = c.try_deadline
+    if R.shadows != NULL:
+        t = shadow_timers(R, now)
+        if t and (soonest == 0 or t < soonest):
+            soonest = t
     if soonest:
         timer_at(R, soonest)
 
@@ -3299,6 +3360,8 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
             c.replayable = False
     if c.req_left == 0:
         request_read(R, c, now)
+        if c.shadow != NULL:
+            R.mirror_start(R, c, now)
     c.phase = P_EXCH
     c.rs = RS_HEAD
     if flush_up(R, u) != 0:
@@ -3736,6 +3799,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         if v.retry.on and not c.replayable:
             c.replayable = True
             replay_add(c, c.rhead.p, c.rhead.len)
+    if v.n_mirrors:
+        R.mirror_draw(R, c, v)
     if v.fault != NULL and fault_drawn(R, c, v.fault, NULL, now):
         return  # delayed (timers_due() goes on with it) or aborted
     if c.req_left == 0:
@@ -4359,6 +4424,8 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                     return
             if c.req_left == 0:
                 request_read(R, c, now)
+                if c.shadow != NULL:
+                    R.mirror_start(R, c, now)
             if flush_up(R, c.up) != 0:
                 upstream_send_failed(R, c, now)
             elif c.req_left == 0 and c.rs == RS_DONE:
@@ -4634,6 +4701,261 @@ cdef void connect_timed_out(Relay *R, Conn *c) noexcept nogil:
     ask_python(R, c, N_CONNECT_FAILED)
 
 
+# -- request mirroring ------------------------------------------------------------
+
+cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
+    """Each of v's mirrors drawn on its own (rng_next; no draw for all or
+    none), and each drawn one's endpoint then: the next of its round robin
+    that is resolved (its address copied into c.shadow; none: the copy is
+    dropped when it would start). The request's bytes as sent are held in
+    c.replay from here (the head as sent, staged in c.rhead, then its body:
+    send_request(), client_event()) till its copies start (mirror_start())."""
+    cdef Plan_ *p
+    cdef Mirror_ *m
+    cdef EP *ep
+    cdef Dest_ *d
+    cdef int i, j, k, start
+    p = <Plan_*>calloc(1, sizeof(Plan_) + <size_t>v.n_mirrors * sizeof(Dest_))
+    if p == NULL:
+        L4R_ADD(&R.ctr[<int>CT_MIRROR_DROPPED], v.n_mirrors)
+        return
+    p.d = <Dest_*>(<char*>p + sizeof(Plan_))
+    for i in range(v.n_mirrors):
+        m = &v.mirrors[i]
+        if m.ppm == 0 or (m.ppm < MIRROR_PPM and rng_next(R) % MIRROR_PPM >= m.ppm):
+            continue
+        d = &p.d[p.n]
+        p.n += 1
+        start = <int>(R.rr[m.rr] % <uint64_t>m.n_eps) if m.n_eps else 0
+        for j in range(m.n_eps):
+            k = (start + j) % m.n_eps
+            ep = m.eps[k]
+            if ep.numeric:
+                R.rr[m.rr] = <uint64_t>(k + 1)
+                d.usable = True
+                d.v6 = ep.v6
+                d.addr = ep.addr
+                d.port = ep.port
+                memcpy(d.addr6, ep.addr6, 16)
+                break
+    if p.n == 0:
+        free(p)
+        return
+    p.head_len = c.rhead.len
+    p.timeout = v.timeout if v.timeout > 0 else MIRROR_S
+    c.shadow = p
+    c.holds = True  # (conn_drop_held() frees it, the request not read whole)
+    if not c.replayable:
+        c.replayable = True
+        replay_add(c, c.rhead.p, c.rhead.len)
+
+
+cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
+    """verdict.shadow_head() of the head h[:hl]: its lines each ending in
+    CR LF, no Connection, Keep-Alive or Proxy-Connection line, a Host
+    line's value with -shadow after its host name (shadow_host()), then
+    connection: close and the empty line. -1: out of memory."""
+    cdef size_t i = 0, e, le, colon, vs, ve, hc, j
+    cdef const char *lf
+    cdef const unsigned char *u = <const unsigned char*>h
+    cdef bint first = True
+    cdef int failed = 0
+    while i < hl:
+        lf = <const char*>memchr(h + i, 10, hl - i)
+        le = <size_t>(lf - h) if lf != NULL else hl
+        e = le
+        if e > i and h[e - 1] == 13:
+            e -= 1
+        if first:
+            failed |= buf_add(out, h + i, e - i)
+            failed |= buf_add(out, b"\r\n", 2)
+            first = False
+            i = le + 1
+            continue
+        if e == i:
+            break  # the empty line
+        lf = <const char*>memchr(h + i, 58, e - i)
+        if lf != NULL:
+            colon = <size_t>(lf - h)
+            if header_is(u + i, <Py_ssize_t>(colon - i), b"connection", 10) \
+                    or header_is(u + i, <Py_ssize_t>(colon - i), b"keep-alive", 10) \
+                    or header_is(u + i, <Py_ssize_t>(colon - i), b"proxy-connection", 16):
+                i = le + 1
+                continue
+            if header_is(u + i, <Py_ssize_t>(colon - i), b"host", 4):
+                vs = colon + 1
+                ve = e
+                while vs < ve and (h[vs] == 32 or h[vs] == 9):
+                    vs += 1
+                while ve > vs and (h[ve - 1] == 32 or h[ve - 1] == 9):
+                    ve -= 1
+                # the host name's end: before the last colon, unless a ']' follows it
+                hc = ve
+                j = ve
+                while j > vs:
+                    j -= 1
+                    if h[j] == 93:  # ']': an IPv6 literal, no port after it
+                        break
+                    if h[j] == 58:
+                        hc = j
+                        break
+                failed |= buf_add(out, h + i, colon - i)
+                failed |= buf_add(out, b": ", 2)
+                failed |= buf_add(out, h + vs, hc - vs)
+                failed |= buf_add(out, b"-shadow", 7)
+                failed |= buf_add(out, h + hc, ve - hc)
+                failed |= buf_add(out, b"\r\n", 2)
+                i = le + 1
+                continue
+        failed |= buf_add(out, h + i, e - i)
+        failed |= buf_add(out, b"\r\n", 2)
+        i = le + 1
+    failed |= buf_add(out, b"connection: close\r\n\r\n", 21)
+    return -1 if failed else 0
+
+
+cdef void mirror_start(Relay *R, Conn *c, double now) noexcept nogil:
+    """c's request was read whole and sent (its first try's bytes in
+    c.replay): a copy to each mirror drawn (mirror_draw()), dropped when
+    its bytes went past REPLAY_LIMIT (or were spliced), an answer began
+    before the request's end, max_mirrors copies are in flight, the mirror
+    had no endpoint, or its socket or connect failed at once."""
+    cdef Plan_ *p = c.shadow
+    cdef Buf pay
+    cdef int i
+    cdef bint whole
+    c.shadow = NULL
+    memset(&pay, 0, sizeof(Buf))
+    whole = c.replayable and c.up_bytes == 0 and c.replay.len >= p.head_len
+    if whole and (shadow_head(&pay, c.replay.p, p.head_len) != 0
+                  or buf_add(&pay, c.replay.p + p.head_len, c.replay.len - p.head_len) != 0):
+        whole = False
+    for i in range(p.n):
+        if not whole or not p.d[i].usable or R.n_shadows >= R.max_mirrors \
+                or shadow_open(R, &p.d[i], &pay, now + p.timeout) != 0:
+            L4R_ADD(&R.ctr[<int>CT_MIRROR_DROPPED], 1)
+    buf_free(&pay)
+    free(p)
+
+
+cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nogil:
+    """A copy's connection to d, non-blocking, in the loop's epoll, with
+    pay's bytes to send; -1 when it failed at once."""
+    cdef sockaddr_in sa
+    cdef sockaddr_in6 sa6
+    cdef int fd, r
+    cdef Shadow *sh
+    fd = socket(AF_INET6 if d.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1
+    if d.v6:
+        memset(&sa6, 0, sizeof(sa6))
+        sa6.sin6_family = AF_INET6
+        sa6.sin6_port = d.port
+        memcpy(sa6.sin6_addr.s6_addr, d.addr6, 16)
+        r = connect(fd, &sa6, sizeof(sa6))
+    else:
+        memset(&sa, 0, sizeof(sa))
+        sa.sin_family = AF_INET
+        sa.sin_port = d.port
+        sa.sin_addr.s_addr = d.addr
+        r = connect(fd, &sa, sizeof(sa))
+    if r != 0 and errno != EINPROGRESS:
+        sys_.close(fd)
+        return -1
+    sh = <Shadow*>calloc(1, sizeof(Shadow))
+    if sh == NULL or buf_add(&sh.out, pay.p, pay.len) != 0 \
+            or set_mask(R, fd, &sh.mask, sys_.EPOLLOUT, sh) != 0:
+        if sh != NULL:
+            buf_free(&sh.out)
+        free(sh)
+        sys_.close(fd)
+        return -1
+    sh.kind = K_SHADOW
+    sh.fd = fd
+    sh.connecting = True
+    sh.deadline = deadline
+    sh.next = R.shadows
+    if R.shadows != NULL:
+        R.shadows.prev = sh
+    R.shadows = sh
+    R.n_shadows += 1
+    L4R_ADD(&R.ctr[<int>CT_MIRRORED], 1)
+    L4R_ADD(&R.ctr[<int>CT_MIRROR_ACTIVE], 1)
+    timer_at(R, deadline)
+    return 0
+
+
+cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept nogil:
+    """A copy's connect ends, its bytes go, its answer is read and thrown
+    away until the server closes (done) or it fails (a connect, send or
+    receive error)."""
+    cdef int err = 0
+    cdef sys_.socklen_t len = sizeof(err)
+    cdef ssize_t n
+    if sh.connecting:
+        if not ev & (sys_.EPOLLOUT | sys_.EPOLLERR | sys_.EPOLLHUP):
+            return
+        sys_.getsockopt(sh.fd, sys_.SOL_SOCKET, sys_.SO_ERROR, &err, &len)
+        if err:
+            shadow_end(R, sh, True)
+            return
+        sh.connecting = False
+    if sh.out.len:
+        if send_buf(sh.fd, &sh.out) != 0:
+            shadow_end(R, sh, True)
+            return
+    elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
+        n = sys_.recv_nc(sh.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
+        if n == 0:
+            shadow_end(R, sh, False)
+            return
+        if n < 0 and errno != EAGAIN and errno != EINTR:
+            shadow_end(R, sh, True)
+            return
+    if set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT if sh.out.len else sys_.EPOLLIN, sh) != 0:
+        shadow_end(R, sh, True)
+
+
+cdef void shadow_end(Relay *R, Shadow *sh, bint failed) noexcept nogil:
+    """A copy is over: out of epoll, its socket closed (reset when it
+    failed), freed after the batch (bury())."""
+    if sh.prev != NULL:
+        sh.prev.next = sh.next
+    else:
+        R.shadows = sh.next
+    if sh.next != NULL:
+        sh.next.prev = sh.prev
+    R.n_shadows -= 1
+    L4R_ADD(&R.ctr[<int>CT_MIRROR_ACTIVE], -1)
+    set_mask(R, sh.fd, &sh.mask, 0, sh)
+    if failed:
+        L4R_ADD(&R.ctr[<int>CT_MIRROR_FAILED], 1)
+        reset_close(sh.fd)
+    else:
+        sys_.close(sh.fd)
+    sh.fd = -1
+    sh.closed = True
+    sh.grave_next = R.sgrave
+    R.sgrave = sh
+
+
+cdef double shadow_timers(Relay *R, double now) noexcept nogil:
+    """Fail the copies past their deadline: the soonest of the others' (0:
+    none). At most max_mirrors of them."""
+    cdef Shadow *sh = R.shadows
+    cdef Shadow *nx
+    cdef double soonest = 0
+    while sh != NULL:
+        nx = sh.next
+        if sh.deadline <= now:
+            shadow_end(R, sh, True)
+        elif soonest == 0 or sh.deadline < soonest:
+            soonest = sh.deadline
+        sh = nx
+    return soonest
+
+
 cdef void tick(Relay *R, double now) noexcept nogil:
     cdef int i = 0, k
     cdef Conn *c
@@ -4684,6 +5006,8 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         while ep.idle_tail != NULL and ep.idle_tail.idle_since + ep.pool_idle_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_EXPIRED], 1)
             up_close(R, ep.idle_tail)
+    if R.shadows != NULL:
+        shadow_timers(R, now)  # (timers_due()'s: a backstop)
 
 
 cdef HashOn_ *_hash_on(on, endpoints) except NULL:
@@ -4736,6 +5060,7 @@ cdef HashOn_ *_hash_on(on, endpoints) except NULL:
 cdef void bury(Relay *R) noexcept nogil:
     cdef Conn *c
     cdef Up *u
+    cdef Shadow *sh
     while R.cgrave != NULL:
         c = R.cgrave
         R.cgrave = c.grave_next
@@ -4753,6 +5078,11 @@ cdef void bury(Relay *R) noexcept nogil:
         R.ugrave = u.grave_next
         buf_free(&u.out)
         free(u)
+    while R.sgrave != NULL:
+        sh = R.sgrave
+        R.sgrave = sh.grave_next
+        buf_free(&sh.out)
+        free(sh)
 
 
 cdef int run(Relay *R) noexcept nogil:
@@ -4805,6 +5135,9 @@ cdef int run(Relay *R) noexcept nogil:
                     # interest() after Python's answer re-arms it
                     # (EPOLL_CTL_MOD) and epoll says it again
                     (<Conn*>ptr).mask |= MASK_STALE
+            elif (<Up*>ptr).kind == K_SHADOW:
+                if not (<Shadow*>ptr).closed:
+                    shadow_event(R, <Shadow*>ptr, events[i].events, now)
             elif not (<Up*>ptr).closed:
                 if (<Up*>ptr).owner == NULL or (<Up*>ptr).owner.need == N_NONE:
                     upstream_event(R, <Up*>ptr, events[i].events, now)
@@ -4904,7 +5237,8 @@ cdef class HttpRelay:
                  report_rows=None, accepted=None, classify_origin=None, accepts=None,
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
-                 int intern_limit=INTERN_LIMIT, bint decide_peer=False):
+                 int intern_limit=INTERN_LIMIT, bint decide_peer=False,
+                 int max_mirrors=DEFAULT_MAX_MIRRORS):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
@@ -4938,6 +5272,7 @@ cdef class HttpRelay:
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
             refused, max_head, answered_5xx=self._slow_answered_5xx, decide_peer=decide_peer,
+            max_mirrors=max_mirrors,
         )
         # the slow path's requests, as the loop's LEAST_CONN must see them
         self.slow.pools.on_active = self.add_external
@@ -4998,6 +5333,9 @@ cdef class HttpRelay:
         R.edit_request = edit_request
         R.send_edited_head = send_edited_head
         R.hash_pick = hash_pick
+        R.mirror_draw = mirror_draw
+        R.mirror_start = mirror_start
+        R.max_mirrors = max(0, max_mirrors)
         for i in range(N_CHUNK_ERRORS):
             reason = (CHUNKED_ERRORS[i].format(max_trailers=max_head) if i in CHUNKED_ERRORS
                       else "malformed chunked body")
@@ -5045,6 +5383,8 @@ cdef class HttpRelay:
             h = R.q_head
         while R.n_conns:
             conn_close(R, R.conns[0], True)
+        while R.shadows != NULL:
+            shadow_end(R, R.shadows, False)
         bury(R)
         if R.cache != NULL:
             cache_clear(R)
@@ -5568,6 +5908,8 @@ cdef class HttpRelay:
         cdef double now = now_s()
         while R.n_conns:
             conn_close(R, R.conns[0], True)
+        while R.shadows != NULL:
+            shadow_end(R, R.shadows, False)
         bury(R)
         sys_.pthread_mutex_lock(&R.lock)
         h = R.q_head
@@ -6160,8 +6502,37 @@ cdef class HttpRelay:
             raise
         if v.n == 1 and v.choices[0].n_eps == 0:
             v.tag = v.choices[0].tag
+        try:
+            self._mirrors(v, verdict.mirrors)
+        except BaseException:
+            verdict_free(v)
+            raise
         v.fault = self._fault(verdict.fault)
         return v
+
+    cdef _mirrors(self, Verdict_ *v, mirrors):
+        """A route verdict's mirrors (verdict.Mirror) as its Mirror_s: each
+        endpoint an EP, a round-robin slot per balance_key (else per
+        endpoints, as the pure twin's)."""
+        cdef Mirror_ *m
+        cdef int i, j
+        if not mirrors:
+            return
+        v.mirrors = <Mirror_*>calloc(len(mirrors), sizeof(Mirror_))
+        if v.mirrors == NULL:
+            raise MemoryError()
+        v.n_mirrors = len(mirrors)  # (verdict_free() frees each one's eps, NULL or not)
+        for i, mirror in enumerate(mirrors):
+            m = &v.mirrors[i]
+            m.ppm = min(max(0, int(mirror.ppm)), MIRROR_SCALE)
+            key = mirror.balance_key
+            m.rr = self._rr_slot(("mirror", tuple(mirror.endpoints)) if key is None else key)
+            m.eps = <EP**>calloc(len(mirror.endpoints) or 1, sizeof(EP*))
+            if m.eps == NULL:
+                raise MemoryError()
+            for j, e in enumerate(mirror.endpoints):
+                m.eps[j] = self._ep((str(e[0]), int(e[1])))
+                m.n_eps = j + 1
 
     cdef Fault_ *_fault(self, fault) except? NULL:
         """A Fault as the loop's struct, interned per distinct fault, as
@@ -6263,7 +6634,7 @@ cdef class HttpRelay:
             else:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
-                    timeout=d.timeout, retry=d.retry, fault=d.fault)
+                    timeout=d.timeout, retry=d.retry, fault=d.fault, mirrors=d.mirrors)
             v = self._checked(verdict)
             try:
                 apply_verdict(R, c, v, now)

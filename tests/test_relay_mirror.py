@@ -238,6 +238,17 @@ def _ours_to(endpoint: Endpoint) -> int:
     return n
 
 
+def _recv(a: socket.socket, n: int) -> bytes:
+    """*n* bytes from *a*."""
+    a.settimeout(5.0)
+    got = b""
+    while len(got) < n:
+        data = a.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
 def _post(body: bytes) -> bytes:
     return b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -548,7 +559,7 @@ def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str
     try:
         a = _client(relay)
         a.sendall(b"".join(requests))
-        got = [_response(a) for _ in requests]
+        got = _recv(a, len(OK) * 4)  # (answers pipelined: as many as they come in)
         assert _until(lambda: len(mirror.seen()) == 4, 5.0)
         stats = _settled(relay)
         a.close()
@@ -556,7 +567,7 @@ def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str
         relay.close()
         up.close()
         mirror.close()
-    assert got == [OK] * 4
+    assert got == OK * 4
     assert up.requests == requests
     assert mirror.seen() == [shadow_head(r) for r in requests]
     assert stats["mirrored"] == 4

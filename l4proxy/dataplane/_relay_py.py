@@ -177,9 +177,9 @@ instead.
 
 Request mirroring (``Decision.mirrors``, each a
 :class:`~l4proxy.dataplane.verdict.Mirror`: Istio's ``mirror``, the Gateway
-API's ``RequestMirror``): a request that goes upstream has each mirror drawn
-on its own when its first try goes (``_draw_mirrors``, after a fault's delay;
-this relay's ``random.Random``, no draw for ``MIRROR_SCALE``), and the
+API's ``RequestMirror``): a request routed upstream has each mirror drawn
+on its own (``_draw_mirrors``, before its fault's draws; this relay's
+``random.Random``, no draw for ``MIRROR_SCALE``), and the
 endpoint of each drawn then (round robin per ``balance_key``, skipping names
 not resolved yet). The Exchange keeps the request's bytes as sent upstream
 (``Exchange.mirror``: the first try's, at most the replay limit) and says
@@ -382,7 +382,7 @@ class _Conn:
     peer: Any = ...
     # the current request's mirrors drawn (see "Request mirroring"), until
     # its Shadow starts their copies, and their deadline from a connect
-    mirrors: tuple[Endpoint, ...] = ()
+    mirrors: tuple[Endpoint | None, ...] = ()
     mirror_timeout: float = 0.0
 
 
@@ -1072,6 +1072,8 @@ class HttpRelay:
             self._perform(c, refused, now)
             return
         c.candidates = list(d.endpoints)
+        if d.mirrors:
+            self._draw_mirrors(c, d)
         if d.fault is not None and self._fault(c, d.fault, now):
             return  # delayed (_timers_due goes on with it) or aborted
         self._go(c, now)
@@ -1084,8 +1086,6 @@ class HttpRelay:
         c.timeout = d.timeout
         retry = c.ex.retry
         c.per_try = retry.per_try_timeout if retry is not None else 0.0
-        if d.mirrors:
-            self._draw_mirrors(c, d)
         self._try(c, c.candidates[0], now)
 
     def _falls(self, ppm: int) -> bool:
@@ -1141,10 +1141,11 @@ class HttpRelay:
     # -- request mirroring (see "Request mirroring") ---------------------------
 
     def _draw_mirrors(self, c: _Conn, d: Decision) -> None:
-        """The request's first try is going: each of its mirrors drawn on
-        its own (no draw for MIRROR_SCALE), in order, and its endpoint
-        chosen (round robin; none to use: dropped); the Exchange keeps the
-        request's bytes as sent for the copies (Shadow, once read whole). A
+        """A request routed upstream, before its fault's draws: each of its
+        mirrors drawn on its own (no draw for MIRROR_SCALE), in order, and
+        its endpoint chosen then (round robin; None: none to use, dropped
+        when the copy would start); the Exchange keeps the request's bytes
+        as sent for the copies (Shadow, once read whole and sent). A
         tunnel's (Upgrade, CONNECT) are dropped."""
         drawn = tuple(
             m
@@ -1157,17 +1158,9 @@ class HttpRelay:
         if head is None or head.method == "CONNECT" or head.header("upgrade") is not None:
             self.counters["mirror_dropped"] += len(drawn)
             return
-        endpoints = []
-        for m in drawn:
-            endpoint = self._mirror_endpoint(m)
-            if endpoint is None:
-                self.counters["mirror_dropped"] += 1
-            else:
-                endpoints.append(endpoint)
-        if endpoints:
-            c.mirrors = tuple(endpoints)
-            c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
-            c.ex.mirror = bytearray()
+        c.mirrors = tuple(self._mirror_endpoint(m) for m in drawn)
+        c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
+        c.ex.mirror = bytearray()
 
     def _mirror(self, c: _Conn, a: Shadow, now: float) -> None:
         """The request was read whole and sent: a copy to each mirror drawn
@@ -1181,6 +1174,7 @@ class HttpRelay:
         for endpoint in endpoints:
             if (
                 a.data is None
+                or endpoint is None
                 or len(self._shadows) >= self.max_mirrors
                 or not self._shadow_start(endpoint, payload, now + c.mirror_timeout)
             ):
