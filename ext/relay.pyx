@@ -201,6 +201,40 @@ answer with ``connection: close`` and the lingering close, as Envoy's
 connection manager does for a response before the request is complete.
 A verdict without a fault pays one pointer test per request.
 
+Request mirroring
+-----------------
+A route's mirrors (``Verdict.mirrors``, "Request mirroring" in
+``_relay_py.py``) are part of its verdict (``Mirror_``: the share, a
+round-robin slot per ``balance_key``, the endpoints as EPs; ``_mirrors``,
+freed by ``verdict_free``). ``apply_verdict`` draws them for a request
+routed upstream, before its fault (``mirror_draw``, through
+``R.mirror_draw``: ``rng_next`` per mirror, none for all or none), and
+copies each drawn one's next resolved endpoint's address into the
+request's ``Plan_`` (``c.shadow``, malloc'd, held as the edits are:
+``c.holds``, freed by ``conn_drop_held`` when the request ends before its
+copies start: a local answer, a fault's abort, a body cut short). The
+request's bytes as sent are kept in ``c.replay`` from there, as a retry
+policy's are (``c.replayable``; what retries do is unchanged: every
+decision that retries tests the policy, or the method, first). Once the
+request was read whole and sent (``send_request``, ``client_event``:
+``c.req_left`` 0 there, a test of ``c.shadow`` more), ``mirror_start``
+builds ``shadow_head`` of the head (``Plan_.head_len`` bytes of the
+replay) and the body bytes after it, and opens a ``Shadow`` per copy: a
+non-blocking connection of its own in the loop's epoll (``K_SHADOW``,
+dispatched in ``run()``; never pooled, no EP, no Conn), which sends them,
+reads and throws away until the server closes (done), or fails at a
+connect, send or receive error or at its deadline (the route's timeout
+from its connect, else ``MIRROR_TIMEOUT``: ``shadow_timers``, from
+``timers_due`` and ``tick``), then is closed (a reset when it failed) and
+buried after the batch. Dropped (``mirror_dropped``): a replay gone past
+``REPLAY_LIMIT`` (or a body spliced, which only goes once it is), an
+answer begun before the request's end (``c.up_bytes``), ``max_mirrors``
+copies in flight, a mirror without a resolved endpoint, a socket or
+connect failing at once. Tunnels and the other requests the pure relay
+answers are its (``slow``, made with the same ``max_mirrors``). A
+verdict without mirrors costs a test in ``apply_verdict`` and one of
+``c.shadow`` per request read whole.
+
 Outlier detection
 -----------------
 What ``_relay_py.py`` says under "Outlier detection", without the GIL: the
@@ -249,7 +283,8 @@ Ownership of file descriptors
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
 is closed by ``conn_close()`` or handed on (to the pure relay, with its
 bytes). An upstream fd belongs to one ``Up``: checked out by a ``Conn`` or
-idle in its endpoint's pool; ``up_close()`` closes it. An fd leaves epoll
+idle in its endpoint's pool; ``up_close()`` closes it. A mirrored copy's
+fd belongs to its ``Shadow``; ``shadow_end()`` closes it. An fd leaves epoll
 before it is closed. A ``Conn`` or ``Up`` closed while a batch of events is
 handled is only marked and buried after the batch.
 """

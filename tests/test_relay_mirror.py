@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import stat
 import threading
@@ -31,6 +32,7 @@ from l4proxy.dataplane.verdict import (
     SHAPE_FULL,
     Choice,
     Fault,
+    HeadEdits,
     Mirror,
     RetryPolicy,
     Verdict,
@@ -53,6 +55,7 @@ Endpoint = tuple[str, int]
 OK = _answer(200, OK_BODY)
 GET = b"GET /x?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nX-Trace: 7\r\n\r\n"
 
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # (a client's head may end its lines in a bare LF)
 OK_MIRROR = "ok"  # answer, then close
 RESET = "reset"  # read the request, close with a reset
 HANG = "hang"  # read the request, never answer (until the relay closes)
@@ -62,12 +65,12 @@ def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None
     """One whole request (its head and its body: Content-Length or
     chunked, no trailers) from *buf* and *conn*: (request, what follows);
     None at the end of the stream."""
-    while b"\r\n\r\n" not in buf:
+    while (m := _HEAD_END.search(buf)) is None:
         data = conn.recv(65536)
         if not data:
             return None
         buf += data
-    end = buf.index(b"\r\n\r\n") + 4
+    end = m.end()
     head = buf[:end].lower()
     if b"transfer-encoding: chunked" in head:
         while b"\r\n0\r\n\r\n" not in buf[end - 2 :]:
@@ -78,7 +81,7 @@ def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None
         stop = buf.index(b"\r\n0\r\n\r\n", end - 2) + 7
         return buf[:stop], buf[stop:]
     length = 0
-    for line in head.split(b"\r\n")[1:]:
+    for line in head.split(b"\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip() == b"content-length":
             length = int(value)
@@ -278,6 +281,58 @@ def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> N
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
     assert left == 0
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHOST:\t[::1]:8080 \r\nX-Connection: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: example\r\nKeep-Alive: timeout=5\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a:1\nConnection: keep-alive\nAccept: */*\n\n",
+        b"GET / HTTP/1.0\r\nHost: [::1]\r\nProxy-Connection: keep-alive\r\n\r\n",
+    ],
+    ids=["ipv6-port", "no-port", "bare-lf", "ipv6"],
+)
+def test_the_copys_head_is_shadow_head_of_the_head_as_sent(
+    mode: tuple[str, str], request_head: bytes
+) -> None:
+    """Host forms, line ends and hop-by-hop lines, with a request header
+    the route's edits set: the mirror gets shadow_head() of the head the
+    primary received, edits applied."""
+    up, mirror = Primary(), Mirrored()
+    which, how = mode
+    edits = HeadEdits(request_set=(("x-edited", "yes"),))
+    mirrors = (Mirror((mirror.endpoint,)),)
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(
+            (Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=edits),),
+            ttl=60.0,
+            shape=SHAPE_FULL,
+            mirrors=mirrors,
+        )
+        kw["resolve"] = lambda head, origin: verdict
+    relay = _relay(
+        which,
+        lambda h, o: Decision((up.endpoint,), tag="t", edits=edits, mirrors=mirrors),
+        **kw,
+    )
+    try:
+        a = _client(relay)
+        a.sendall(request_head)
+        got = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got.startswith(b"HTTP/1.1 200 X\r\n") and got.endswith(b"\r\n\r\nok")
+    assert len(up.requests) == 1
+    assert b"x-edited: yes" in up.requests[0]
+    assert mirror.seen() == [shadow_head(up.requests[0])]
+    assert stats["mirrored"] == 1
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
