@@ -533,7 +533,9 @@ class Mirror(NamedTuple):
     ``request_mirror_policies``, as Istio configures them from a
     VirtualService's ``mirror``/``mirrors`` and the Gateway API from a
     ``RequestMirror`` filter): to one of ``endpoints`` (round robin over
-    them, skipping those the relay holds ejected), for a share
+    them, chosen when the request is drawn, skipping names not resolved
+    yet: the relays know no ejections, the route table leaves an ejected
+    endpoint out as a Choice's), for a share
     ``ppm`` / :data:`MIRROR_SCALE` of the requests, drawn per request with
     the relay's seeded RNG (1,000,000: every request, no draw).
 
@@ -548,9 +550,10 @@ class Mirror(NamedTuple):
 
     Not mirrored (counted as dropped): a request whose bytes as sent are
     over the relay's replay limit (64 KiB) or whose body was spliced; one
-    that becomes a tunnel (Upgrade, CONNECT); a draw while the relay already
-    has its most copies in flight (``max_mirrors``); a mirror whose
-    endpoints are all ejected or none. Never mirrored, and not counted: a
+    whose answer began before it was read whole; one that becomes a
+    tunnel (Upgrade, CONNECT); a draw while the relay already has its most
+    copies in flight (``max_mirrors``); a mirror with no endpoint, or none
+    resolved; a copy whose socket or connect fails at once. Never mirrored, and not counted: a
     request answered locally (its route's answer, a fault's abort, none of
     its destination's endpoints); a retry of one (its copy went once). A
     fault's delay holds its copy back with it. The relays count
