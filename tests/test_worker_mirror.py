@@ -1,0 +1,145 @@
+"""A VirtualService's ``http[].mirror`` from the rule file to a real worker,
+both relay twins: Istio's mirroring task on one keep-alive connection. v1
+serves every request; v2 gets a copy of each (its Host ``-shadow``, the
+body as sent) whose answers the client never sees and the route's metrics
+never count; a reload without the mirror stops the copies at the same
+connection's next request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._scripted import CLOSE, OK_BODY, Scripted, _answer, _response, _status
+from tests._worker import gateway_service, gateway_worker
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+
+SUBSETS = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {HOST}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+"""
+
+MIRRORED = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}, subset: v1}}
+      weight: 100
+    mirror: {{host: {HOST}, subset: v2}}
+    mirrorPercentage: {{value: 100.0}}
+"""
+
+UNMIRRORED = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}, subset: v1}}
+      weight: 100
+"""
+
+V2_BODY = b"v2's answer, never the client's"
+
+
+def _ask(s: socket.socket, i: int) -> bytes:
+    if i % 3 == 2:  # every third a POST with a body
+        body = f"order {i}".encode()
+        s.sendall(
+            b"POST /orders HTTP/1.1\r\nHost: gw\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+    else:
+        s.sendall(f"GET /items/{i} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    return _response(s)
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_istio_mirroring_task_and_its_removal(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    v1 = Scripted([])
+    v2 = Scripted([(_answer(200, V2_BODY), CLOSE)] * 40)  # each copy: answered, closed
+    rules = tmp_path / "rules.yaml"
+    service = gateway_service(v1.endpoint[1], v2.endpoint[1], labels=("v1", "v2")) + SUBSETS
+    rules.write_text(service + MIRRORED)
+    answers: list[bytes] = []
+    counted: dict[str, int] = {}
+    stats: dict[str, dict[str, int]] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for i in range(12):
+                    answers.append(await loop.run_in_executor(None, _ask, s, i))
+                assert worker.relay is not None
+                stats["mirrored"] = dict(worker.relay.stats())
+                rules.write_text(service + UNMIRRORED)
+                assert await watcher.reload()
+                for i in range(12, 18):
+                    answers.append(await loop.run_in_executor(None, _ask, s, i))
+                stats["after"] = dict(worker.relay.stats())
+                # the copies end as v2 closes them: none is left in flight
+                deadline = time.monotonic() + 10
+                while worker.relay.stats().get("mirror_active", 0) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                stats["settled"] = dict(worker.relay.stats())
+            finally:
+                s.close()
+            worker.relay.flush_reports(1.0)
+            for labels, n in worker.relay_counters.snapshot()["istio_requests_total"].items():
+                version = dict(labels)["destination_version"]
+                counted[version] = counted.get(version, 0) + n
+
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while len(v2.requests) < 12 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        v1.close()
+        v2.close()
+    # the client got v1's answers only, every one on its keep-alive connection
+    assert [_status(a) for a in answers] == [200] * 18
+    assert all(a.endswith(OK_BODY) and V2_BODY not in a for a in answers)
+    assert len(v1.requests) == 18 and v1.accepted == 1
+    # v2 got a copy of each of the first twelve, nothing after the reload
+    assert len(v2.requests) == 12 and v2.accepted == 12
+    for i, (primary, copy) in enumerate(zip(v1.requests[:12], v2.requests, strict=True)):
+        head, _, body = copy.partition(b"\r\n\r\n")
+        assert b"\r\nHost: gw-shadow\r\n" in head, copy
+        assert head.endswith(b"\r\nconnection: close"), copy
+        assert body == primary.partition(b"\r\n\r\n")[2], i
+        assert head.split(b"\r\n")[0] == primary.split(b"\r\n")[0]
+    assert stats["mirrored"]["mirrored"] == 12
+    assert stats["after"]["mirrored"] == 12  # the reload reached the open connection
+    assert stats["settled"]["mirror_active"] == 0
+    assert stats["settled"]["mirror_failed"] == 0 and stats["settled"]["mirror_dropped"] == 0
+    # the copies are not requests of the route: v1's 18 only
+    assert counted == {"v1": 18}
