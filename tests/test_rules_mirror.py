@@ -307,7 +307,10 @@ def test_mirror_to_a_host_without_service_entry_warns_and_drops_its_copies(
     text = DR + VS + ROUTE + "    mirror: {host: shadow.example.com}\n"
     warnings = warnings_of(tmp_path, text)
     assert any(
-        line == _line(text, "mirror:") and "shadow.example.com has no ServiceEntry" in m
+        line == _line(text, "mirror:")
+        and "shadow.example.com has no ServiceEntry in these files; nothing is mirrored to it "
+        "until one is loaded (the route applies now)"
+        in m
         for line, m in warnings
     ), warnings
     table = istio(tmp_path, ROUTE + "    mirror: {host: shadow.example.com}\n")

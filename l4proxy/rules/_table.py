@@ -139,15 +139,15 @@ def _describe_endpoints(svc: Service) -> str:
 
 
 def _no_service(where: Where, host: str, d: Drafts, what: str) -> None:
+    """*host* names no service: a warning at *where* saying *what* waits
+    for one ("this route applies once one is loaded")."""
     hint = ""
     if host in d.k8s_services:
         hint = (
             " (a Kubernetes Service carries no endpoint addresses: describe it with a "
             "ServiceEntry listing the pods)"
         )
-    where.warning(
-        f"{host} has no ServiceEntry in these files; {what} applies once one is loaded{hint}"
-    )
+    where.warning(f"{host} has no ServiceEntry in these files; {what}{hint}")
 
 
 def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]:
@@ -165,7 +165,7 @@ def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]
         policies[p.host] = p
         svc = services.get(p.host)
         if svc is None:
-            _no_service(p.where, p.host, d, "this DestinationRule")
+            _no_service(p.where, p.host, d, "this DestinationRule applies once one is loaded")
             continue
         for s in p.subsets.values():
             if not any(s.labels.selects(e.labels) for e in svc.endpoints):
@@ -212,7 +212,7 @@ def _routes(
         for rule in rules:
             if host not in services and (id(rule), host) not in warned:
                 warned.add((id(rule), host))
-                _no_service(rule.where, host, d, f"this {rule.kind}")
+                _no_service(rule.where, host, d, f"this {rule.kind} applies once one is loaded")
             for rd in rule.routes:
                 dests = []
                 for dd in rd.destinations:
@@ -222,7 +222,7 @@ def _routes(
                         _check_port_required(dd, rule.kind, host, rd, services)
                 mirrors = []
                 for dd, ppm in rd.mirrors:
-                    dest = _destination(dd, d, services, policies, warned, id(rule))
+                    dest = _destination(dd, d, services, policies, warned, id(rule), mirror=True)
                     if dest is not None:
                         mirrors.append(MirrorPolicy(dest, ppm))
                 if len(dests) == len(rd.destinations) and len(mirrors) == len(rd.mirrors):
@@ -253,7 +253,11 @@ def _destination(
     policies: dict[str, PolicyDraft],
     warned: set[tuple[int, str]],
     rule_id: int,
+    *,
+    mirror: bool = False,
 ) -> Destination | None:
+    """A route's destination (*mirror*: a mirror's), its subset resolved;
+    None after an error at it."""
     policy = policies.get(dd.host)
     host_lb = rule_lb(policy)
     host_pool = rule_pool(policy)
@@ -313,7 +317,14 @@ def _destination(
     if svc is None:
         if (rule_id, dd.host) not in warned:
             warned.add((rule_id, dd.host))
-            _no_service(dd.where, dd.host, d, "this route")
+            _no_service(
+                dd.where,
+                dd.host,
+                d,
+                "nothing is mirrored to it until one is loaded (the route applies now)"
+                if mirror
+                else "this route applies once one is loaded",
+            )
     elif dd.port is not None and svc.port(dd.port) is None:
         ports = ", ".join(str(p.number) for p in svc.ports)
         dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
@@ -376,7 +387,7 @@ def _check_ingress(d: Drafts, services: dict[str, Service]) -> None:
             default = ing
         svc = services.get(p.service)
         if svc is None:
-            _no_service(ing.where, p.service, d, "this Ingress path")
+            _no_service(ing.where, p.service, d, "this Ingress path applies once one is loaded")
             continue
         found = svc.port(p.port) if isinstance(p.port, int) else svc.port_by_name(p.port)
         if found is None:
