@@ -79,6 +79,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from l4proxy.dataplane.verdict import MIRROR_SCALE, HeadEdits
+from l4proxy.rules._cors import gateway_cors
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -118,6 +119,7 @@ from l4proxy.rules.routing import (
     DEFAULT,
     DEFAULT_RETRY_BACKOFF,
     REDIRECT_CODES,
+    CorsPolicy,
     Destination,
     HttpRetry,
     IngressPath,
@@ -141,7 +143,6 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE
 _HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # Filters the relays cannot apply, with why (refused by name)
 _FILTER_REFUSED = {
-    "CORS": "the relays do not answer preflight requests nor add CORS headers per Origin",
     "ExtensionRef": "l4proxy has no implementation-specific filters",
     "ExternalAuth": "calling an authorization service per request is not something the relays do",
 }
@@ -462,6 +463,7 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         filters.rewrite,
         filters.redirect,
         list(filters.mirrors) if filters.redirect is None else [],
+        filters.cors,
     )
 
 
@@ -474,6 +476,7 @@ class _Filters(NamedTuple):
     prefix_at: Path | None = None  # where a ReplacePrefixMatch is (the API's rule on matches)
     # RequestMirror filters: each one's backend and share (ppm)
     mirrors: tuple[tuple[BackendDraft, int], ...] = ()
+    cors: CorsPolicy | None = None  # the CORS filter's policy
 
 
 def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _Filters | None:
@@ -498,6 +501,7 @@ def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _F
     redirect: Redirect | None = None
     prefix_at: Path | None = None
     mirrors: list[tuple[BackendDraft, int]] = []
+    cors: CorsPolicy | None = None
     for i, item in enumerate(items):
         fpath = (*path, i)
         f = fields(ctx, item, fpath, allowed=("type", *_FILTER_FIELDS.values()), required=("type",))
@@ -522,7 +526,7 @@ def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _F
             ctx.error(fpath, f"filter {ftype} {NOT_IMPLEMENTED}; {_FILTER_REFUSED[ftype]}")
             ok = False
             continue
-        if backend and ftype in ("RequestRedirect", "URLRewrite", "RequestMirror"):
+        if backend and ftype in ("RequestRedirect", "URLRewrite", "RequestMirror", "CORS"):
             ctx.error(
                 fpath,
                 f"filter {ftype} on a backendRef {NOT_IMPLEMENTED}; put it on the rule "
@@ -559,6 +563,9 @@ def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _F
                 request = got
             else:
                 response = got
+        elif ftype == "CORS":
+            cors = gateway_cors(ctx, f[own], sub)
+            ok = ok and cors is not None
         elif ftype == "URLRewrite":
             rw = _url_rewrite(ctx, f[own], sub)
             if rw is None:
@@ -591,7 +598,7 @@ def _filters(ctx: Ctx, value: Any, path: Path, env: Env, *, backend: bool) -> _F
     headers = None
     if any((*request, *response)) or authority is not None:
         headers = HeadEdits(*request, *response)._replace(authority=authority)
-    return _Filters(headers, rewrite, redirect, prefix_at, tuple(mirrors))
+    return _Filters(headers, rewrite, redirect, prefix_at, tuple(mirrors), cors)
 
 
 def _request_mirror(ctx: Ctx, value: Any, path: Path, env: Env) -> tuple[BackendDraft, int] | None:
@@ -1209,6 +1216,7 @@ class Compiler:
                             rewrite=rule.rewrite,
                             redirect=rule.redirect,
                             mirrors=mirrors.get(id(rule), ()),
+                            cors=rule.cors,
                         )
                     )
                 last = rule_id

@@ -38,6 +38,7 @@ from l4proxy.dataplane.verdict import (
     HashOn,
     HeadEdits,
 )
+from l4proxy.rules._cors import istio_cors
 from l4proxy.rules._fault import is_number, istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
@@ -100,7 +101,6 @@ SERVICE_ENTRY_API_VERSIONS = API_VERSIONS
 
 _OLD_HEADERS = "Istio removed it; use headers.request or headers.response"
 _HTTP_ROUTE_UNIMPLEMENTED = {
-    "corsPolicy": "",
     "appendHeaders": _OLD_HEADERS,
     "removeResponseHeaders": _OLD_HEADERS,
     "appendResponseHeaders": _OLD_HEADERS,
@@ -247,6 +247,7 @@ def _vs_route(
                 "mirrors",
                 "mirrorPercentage",
                 "mirrorPercent",
+                "corsPolicy",
             ),
             unimplemented=_HTTP_ROUTE_UNIMPLEMENTED,
         )
@@ -310,8 +311,12 @@ def _vs_route(
     mirrors_ok, mirrors = True, list[tuple[DestinationDraft, int]]()
     if proto == "http":
         mirrors_ok, mirrors = _mirrors(ctx, r, path, env, actions[0])
+    cors_ok, cors = True, None
+    if proto == "http" and r.get("corsPolicy") is not None:
+        cors_ok, cors = istio_cors(ctx, r["corsPolicy"], (*path, "corsPolicy"))
     if (
-        matches is None
+        not cors_ok
+        or matches is None
         or dests is None
         or timeout is None
         or not retries_ok
@@ -345,6 +350,7 @@ def _vs_route(
         direct,
         fault,
         mirrors,
+        cors,
     )
 
 

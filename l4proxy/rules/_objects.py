@@ -16,6 +16,7 @@ from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     NO_POOL_SETTINGS,
+    CorsPolicy,
     HttpRetry,
     IngressPath,
     Labels,
@@ -93,6 +94,7 @@ class RouteDraft:
     fault: Fault | None = None  # Route.fault
     # Route.mirrors: each mirror's destination and its share (ppm)
     mirrors: list[tuple[DestinationDraft, int]] = field(default_factory=list)
+    cors: CorsPolicy | None = None  # Route.cors
 
 
 @dataclass
@@ -309,6 +311,7 @@ class HttpRuleDraft:
     redirect: Redirect | None = None  # RequestRedirect (Route.redirect)
     # RequestMirror filters (Route.mirrors): each one's backend and share (ppm)
     mirrors: list[tuple[BackendDraft, int]] = field(default_factory=list)
+    cors: CorsPolicy | None = None  # its CORS filter (Route.cors)
 
 
 @dataclass

@@ -240,6 +240,7 @@ def _routes(
                             direct=rd.direct,
                             fault=rd.fault,
                             mirrors=tuple(mirrors),
+                            cors=rd.cors,
                         )
                     )
         table[host] = compiled

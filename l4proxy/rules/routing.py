@@ -94,6 +94,7 @@ __all__ = [
     "NO_ROUTE",
     "NO_ROUTE_STATUS",
     "SIMPLE_POLICIES",
+    "CorsPolicy",
     "Decision",
     "Destination",
     "Endpoint",
@@ -810,6 +811,132 @@ class MirrorPolicy:
         }
 
 
+# Envoy's CORS filter's names: the request headers it reads, the response
+# headers it writes (lowercase, as the relays send header lines)
+ORIGIN = "origin"
+AC_REQUEST_METHOD = "access-control-request-method"
+AC_REQUEST_HEADERS = "access-control-request-headers"
+CORS_KEY_HEADERS = frozenset({ORIGIN, AC_REQUEST_METHOD})
+PREFLIGHT_STATUS = 200
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """A route's CORS policy (a VirtualService's ``corsPolicy``, an
+    HTTPRoute rule's ``CORS`` filter) as Envoy's CORS filter applies it
+    (``source/extensions/filters/http/cors/cors_filter.cc``), with Istio's
+    translation (``TranslateCORSPolicy``): the lists joined with ``,``,
+    ``max_age`` whole seconds as text ("" none).
+
+    An Origin is allowed when some of ``origins`` matches it or matches
+    ``*`` (so ``exact: "*"`` allows every Origin, and so does a regex such
+    as ``.*``); the answers echo the request's Origin, never ``*``.
+    ``forward_unmatched``: a preflight from an Origin not allowed goes
+    upstream untouched (Istio's ``unmatchedPreflights: FORWARD``, the
+    default); False (``IGNORE``): it is answered 200 without
+    ``access-control-allow-origin``, as Envoy's filter answers it."""
+
+    origins: tuple[StringMatch, ...]
+    allow_methods: str = ""
+    allow_headers: str = ""
+    expose_headers: str = ""
+    max_age: str = ""
+    allow_credentials: bool = False
+    forward_unmatched: bool = True
+
+    def allows(self, origin: str) -> bool:
+        return any(m.matches("*") or m.matches(origin) for m in self.origins)
+
+    def preflight(self, request: Request) -> LocalAnswer | None:
+        """The filter's own answer to *request* (None: it goes on, to the
+        route and upstream, :meth:`response_lines` added if allowed): a
+        preflight (OPTIONS, a non-empty Origin and
+        Access-Control-Request-Method) from an allowed Origin, or from any
+        Origin when not ``forward_unmatched``. 200, no body; its lines in
+        Envoy's order. ``allow_methods`` ``*`` echoes the requested method,
+        ``allow_headers`` ``*`` the requested headers (then the answer is
+        per request: that header is no key of the relay's cache; none
+        requested, no line, where Envoy sends an empty one)."""
+        origin = request.headers.get(ORIGIN, "")
+        method = request.headers.get(AC_REQUEST_METHOD, "")
+        if request.method != "OPTIONS" or not origin or not method:
+            return None
+        allowed = self.allows(origin)
+        if not allowed and self.forward_unmatched:
+            return None
+        lines: list[tuple[str, str]] = []
+        if allowed:
+            lines.append(("access-control-allow-origin", origin))
+        if self.allow_credentials:
+            lines.append(("access-control-allow-credentials", "true"))
+        if self.allow_methods:
+            value = method if self.allow_methods == "*" else self.allow_methods
+            lines.append(("access-control-allow-methods", value))
+        if self.allow_headers:
+            value = self.allow_headers
+            if value == "*":
+                value = request.headers.get(AC_REQUEST_HEADERS, "")
+            if value:
+                lines.append(("access-control-allow-headers", value))
+        if self.max_age:
+            lines.append(("access-control-max-age", self.max_age))
+        return LocalAnswer(
+            PREFLIGHT_STATUS, "", tuple(lines), per_request=self.allow_headers == "*"
+        )
+
+    def response_lines(self, request: Request | None) -> tuple[tuple[str, str], ...]:
+        """What the filter sets in the response to *request* that it let
+        through (its encodeHeaders): none without an allowed Origin."""
+        origin = request.headers.get(ORIGIN, "") if request is not None else ""
+        if not origin or not self.allows(origin):
+            return ()
+        lines = [("access-control-allow-origin", origin)]
+        if self.allow_credentials:
+            lines.append(("access-control-allow-credentials", "true"))
+        if self.expose_headers:
+            lines.append(("access-control-expose-headers", self.expose_headers))
+        return tuple(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allow_origins": [m.to_json() for m in self.origins],
+            "allow_methods": self.allow_methods,
+            "allow_headers": self.allow_headers,
+            "expose_headers": self.expose_headers,
+            "max_age": self.max_age,
+            "allow_credentials": self.allow_credentials,
+            "unmatched_preflights": "FORWARD" if self.forward_unmatched else "IGNORE",
+        }
+
+
+def with_cors_lines(
+    edits: HeadEdits | None, lines: tuple[tuple[str, str], ...]
+) -> HeadEdits | None:
+    """*edits* with the CORS filter's response *lines* over them: Envoy's
+    filter sets its headers after the route's response header edits (its
+    encodeHeaders sees the router's result), so they replace any line of
+    the same name the route set or added."""
+    if not lines:
+        return edits
+    base = edits or HeadEdits()
+    names = {n for n, _ in lines}
+    return base._replace(
+        response_set=(*(h for h in base.response_set if h[0] not in names), *lines),
+        response_add=tuple(h for h in base.response_add if h[0] not in names),
+    )
+
+
+def _answer_with_cors(answer: LocalAnswer, lines: tuple[tuple[str, str], ...]) -> LocalAnswer:
+    """A route's own answer (a redirect, a direct response) with the CORS
+    filter's *lines*: Envoy's router answers it, and the filter's
+    encodeHeaders runs on it as on an upstream's response."""
+    if not lines:
+        return answer
+    names = {n for n, _ in lines}
+    kept = tuple(h for h in answer.headers if h[0] not in names)
+    return dataclasses.replace(answer, headers=(*kept, *lines))
+
+
 def hash_on_json(hash_on: HashOn | None) -> dict[str, Any] | None:
     """A consistent hash's policy as JSON (None: not one): ``kind``
     (header, cookie, query, source_ip), ``name``, and for a cookie ``ttl`` (seconds;
@@ -1064,6 +1191,9 @@ class Route:
     # where copies of its requests also go (VirtualService mirror, mirrors;
     # RouteRule mirror; HTTPRoute RequestMirror), each drawn on its own
     mirrors: tuple[MirrorPolicy, ...] = ()
+    # its CORS policy (VirtualService corsPolicy, HTTPRoute CORS filter):
+    # preflights answered, actual responses' Access-Control-* lines; None: none
+    cors: CorsPolicy | None = None
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -1116,6 +1246,7 @@ class Route:
                 else None
             ),
             "mirrors": [m.to_json() for m in self.mirrors],
+            "cors": self.cors.to_json() if self.cors is not None else None,
         }
 
 
@@ -1689,8 +1820,23 @@ class RouteTable:
             # (a raw connection has no request to delay or answer: nothing
             # is injected at L4)
             fault = route.fault if request is not None else None
+            cors = route.cors if request is not None else None
+            preflight = cors.preflight(request) if cors is not None and request else None
+            if preflight is not None:  # (Envoy's CORS filter runs before fault and router)
+                return Decision(
+                    service,
+                    route.name,
+                    "none",
+                    [],
+                    preflight.status,
+                    route.timeout,
+                    route.retries,
+                    answer=preflight,
+                )
+            cors_lines = cors.response_lines(request) if cors is not None else ()
             answer = self._answer(route, port, request, source_labels)
             if answer is not None:  # a redirect, a direct response
+                answer = _answer_with_cors(answer, cors_lines)
                 return Decision(
                     service,
                     route.name,
@@ -1741,6 +1887,7 @@ class RouteTable:
             if request is not None:  # (a raw connection has no head to edit)
                 edits = self._edits(route, dest, route.matched(port, request, source_labels))
                 edits = _with_cookie(edits, dest.subset.hash_on, made)
+                edits = with_cors_lines(edits, cors_lines)
             mirrors: tuple[Mirror, ...] = ()
             if request is not None and ordered:  # (none at L4, none on a local answer)
                 mirrors = self._mirrors(route, service, port, healthy)
@@ -1853,8 +2000,22 @@ class RouteTable:
             hash_on = self._hash_policies.get(service.host) if policy == "HASH" else None
             only = WeightedSubset(1, service, DEFAULT, eps, policy, key, hash_on=hash_on)
             return RouteChoices(service, DEFAULT, (only,))
+        if route.cors is not None:
+            preflight = route.cors.preflight(request)
+            if preflight is not None:  # (before fault and router, as Envoy's filters)
+                return RouteChoices(
+                    service,
+                    route.name,
+                    (),
+                    preflight.status,
+                    route.timeout,
+                    route.retries,
+                    preflight,
+                )
+        cors_lines = route.cors.response_lines(request) if route.cors is not None else ()
         answer = self._answer(route, port, request, source_labels)
         if answer is not None:  # a redirect, a direct response
+            answer = _answer_with_cors(answer, cors_lines)
             return RouteChoices(
                 service,
                 route.name,
@@ -1881,7 +2042,7 @@ class RouteTable:
                         "",
                         None,
                         route.unresolved_status,
-                        self._edits(route, dest, matched),
+                        with_cors_lines(self._edits(route, dest, matched), cors_lines),
                     )
                 )
                 continue
@@ -1904,7 +2065,7 @@ class RouteTable:
                     dest.subset.load_balancer,
                     key,
                     status,
-                    self._edits(route, dest, matched),
+                    with_cors_lines(self._edits(route, dest, matched), cors_lines),
                     dest.subset.hash_on if dest.subset.load_balancer == "HASH" else None,
                 )
             )
@@ -2034,6 +2195,10 @@ class RouteTable:
         header_tests: list[RequestTest] = []
         method = headers = matched = False
         for route in self._order.get((service.host, True), ()):
+            if route.cors is not None:
+                # (its answer reads the method, the Origin and
+                # Access-Control-Request-Method: key headers, by value)
+                method = headers = matched = True
             for m in route.matches:
                 test = m.uri.path_test() if m.uri is not None else None
                 if m.query or (m.uri is not None and test is None):
@@ -2119,6 +2284,17 @@ class RouteTable:
             if route.mirrors
         )
 
+    def cors_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route with a CORS policy, sorted:
+        what --http-routing connection applies only in part (a preflight
+        that opens a connection is answered; no response is edited at L4)."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.cors is not None
+        )
+
     def _hashes(self) -> Iterator[tuple[str, str, HashOn]]:
         """(host, subset, policy) of every consistent hash in use: each
         host's own (subset ``default``) and each route destination's."""
@@ -2151,6 +2327,8 @@ class RouteTable:
             for route in routes:
                 for m in route.matches:
                     names.update(name for name, _ in m.headers)
+                if route.cors is not None:
+                    names.update(CORS_KEY_HEADERS)
         return frozenset(names)
 
     def _pick(self, destinations: tuple[Destination, ...]) -> Destination:
