@@ -660,9 +660,9 @@ spec:
   http:
   - route:
     - destination: {host: bootcamp}
-    corsPolicy: {allowOrigins: [{exact: "*"}]}
+    websocketUpgrade: true
 """,
-        "spec.http[0].corsPolicy is not implemented by l4proxy",
+        "spec.http[0].websocketUpgrade is not implemented by l4proxy",
         10,
     ),
     (

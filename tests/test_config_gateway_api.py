@@ -121,9 +121,10 @@ CASES = [
         "filter refused by name",
         HR
         + MESH
-        + "  rules:\n  - filters:\n    - type: CORS\n      cors: {allowOrigins: ['*']}\n"
+        + "  rules:\n  - filters:\n    - type: ExtensionRef\n"
+        + "      extensionRef: {group: example.com, kind: Cors, name: x}\n"
         + backends(("bootcamp-v1", 1)),
-        "filter CORS is not implemented by l4proxy",
+        "filter ExtensionRef is not implemented by l4proxy",
         10,
     ),
     (

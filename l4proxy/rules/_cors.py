@@ -28,6 +28,12 @@ The VirtualService's ``CorsPolicy`` (Istio's validation, ``validateCORSPolicy``)
   ``IGNORE`` answers it 200 without ``access-control-allow-origin`` (Envoy's
   ``forward_not_matching_preflights: false``).
 
+A RouteRule's ``corsPolicy`` (Istio 0.7) has the same fields but
+``allowOrigins`` and ``unmatchedPreflights``: its ``allowOrigin`` strings
+are exact matches, and so Envoy took them (``*`` every Origin); its
+``maxAge`` is sent as whole seconds (Istio 0.7's pilot sent the Duration's
+text, a bug later fixed to seconds).
+
 The Gateway API's ``HTTPCORSFilter``: ``allowOrigins`` (at most 64; ``*``
 alone, or ``http``/``https`` origins ``scheme://host[:port]`` whose host may
 hold ``*``, a greedy match to its left across labels; a missing port is the
@@ -76,6 +82,15 @@ _ISTIO_FIELDS = (
     "allowCredentials",
     "unmatchedPreflights",
 )
+# a RouteRule's CorsPolicy (config.istio.io/v1alpha2)
+_ROUTE_RULE_FIELDS = (
+    "allowOrigin",
+    "allowMethods",
+    "allowHeaders",
+    "exposeHeaders",
+    "maxAge",
+    "allowCredentials",
+)
 _GATEWAY_FIELDS = (
     "allowOrigins",
     "allowCredentials",
@@ -92,9 +107,15 @@ _ORIGIN = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/:?#\[\]@\s]+)(?::([0-9]
 _DEFAULT_PORT = {"http": "80", "https": "443"}
 
 
-def istio_cors(ctx: Ctx, value: Any, path: Path) -> tuple[bool, CorsPolicy | None]:
-    """``http[].corsPolicy`` as Istio validates and translates it: (ok, policy)."""
-    c = fields(ctx, value, path, allowed=_ISTIO_FIELDS)
+def istio_cors(
+    ctx: Ctx, value: Any, path: Path, *, route_rule: bool = False
+) -> tuple[bool, CorsPolicy | None]:
+    """``http[].corsPolicy`` as Istio validates and translates it: (ok,
+    policy). With *route_rule*, a RouteRule's ``corsPolicy`` (Istio 0.7):
+    ``allowOrigin`` its one origin list (no deprecation then), no
+    ``allowOrigins`` nor ``unmatchedPreflights``."""
+    allowed = _ROUTE_RULE_FIELDS if route_rule else _ISTIO_FIELDS
+    c = fields(ctx, value, path, allowed=allowed)
     if c is None:
         return False, None
     ok = True
@@ -126,11 +147,12 @@ def istio_cors(ctx: Ctx, value: Any, path: Path) -> tuple[bool, CorsPolicy | Non
                 ok = False
             else:
                 origins.append(StringMatch("exact", s))
-        ctx.warning(
-            apath,
-            f"{dotted(apath)} is deprecated; use allowOrigins: [{{exact: ...}}] (read as exact "
-            "matches, as Istio reads it)",
-        )
+        if not route_rule:
+            ctx.warning(
+                apath,
+                f"{dotted(apath)} is deprecated; use allowOrigins: [{{exact: ...}}] (read as "
+                "exact matches, as Istio reads it)",
+            )
     methods = _names(ctx, c.get("allowMethods"), (*path, "allowMethods"), methods=True)
     allow = _names(ctx, c.get("allowHeaders"), (*path, "allowHeaders"), methods=False)
     expose = _names(ctx, c.get("exposeHeaders"), (*path, "exposeHeaders"), methods=False)

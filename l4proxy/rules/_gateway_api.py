@@ -63,8 +63,9 @@ filters (any number: the one kind the API lets repeat) are the route's
 mirrors: ``backendRef`` resolved as a backendRef's, ``percent`` (0..100) or
 ``fraction`` (``numerator`` / ``denominator``, 100 by default; not both)
 its share, every request without either; a share of 0 mirrors nothing, as
-Istio converts it. Refused by name: CORS, ExtensionRef and ExternalAuth
-(with why), a redirect, rewrite or mirror on a backendRef (Istio converts
+Istio converts it. A ``CORS`` filter is the route's CORS policy
+(``_cors``). Refused by name: ExtensionRef and ExternalAuth (with why), a
+redirect, rewrite, mirror or CORS filter on a backendRef (Istio converts
 none), session persistence,
 cross-namespace references (no ReferenceGrant), TLS listeners and listener
 protocols other than HTTP.

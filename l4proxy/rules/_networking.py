@@ -1,7 +1,7 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (CORS, TLS, port-level settings...) is an error that
+implement (TLS, port-level settings...) is an error that
 names the field: a sidecar that silently ignored a setting would be worse
 than one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
@@ -17,7 +17,8 @@ Envoy: Envoy's header formatters (``%...%``) are refused, and a 3xx direct
 response gets no ``location``. ``http[].mirror`` (with ``mirrorPercentage``,
 or the deprecated integer ``mirrorPercent``) and ``http[].mirrors`` are the
 route's request mirroring (``Route.mirrors``), read as Istio validates and
-translates them (``_mirrors``).
+translates them (``_mirrors``). ``http[].corsPolicy`` is the route's CORS
+policy (``Route.cors``, read by ``_cors``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ and fault injection, as Istio 0.7's pilot configured Envoy with them
 ``namespace``, ``domain`` and ``labels``, the version to copy to) is the
 route's mirror of every request, as Istio 0.7's pilot made Envoy's
 ``shadow`` of it (no share: v1alpha2 has none); its labels select
-endpoints as a ``route[]`` entry's do.
+endpoints as a ``route[]`` entry's do. ``corsPolicy`` is the route's CORS
+policy (``_cors``: ``allowOrigin`` exact origins).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from l4proxy.dataplane.verdict import MIRROR_SCALE
+from l4proxy.rules._cors import istio_cors
 from l4proxy.rules._fault import route_rule_fault
 from l4proxy.rules._objects import (
     DestinationDraft,
@@ -51,7 +53,6 @@ _SPEC_UNIMPLEMENTED = (
     "rewrite",
     "websocketUpgrade",
     "l4Fault",
-    "corsPolicy",
     "appendHeaders",
 )
 _BY_LABELS = "match the caller by its labels (match.source.labels)"
@@ -78,6 +79,7 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
             "httpReqRetries",
             "httpFault",
             "mirror",
+            "corsPolicy",
         ),
         unimplemented=_SPEC_UNIMPLEMENTED,
         required=("destination",),
@@ -107,8 +109,12 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
         mirror = _mirror(ctx, spec["mirror"], ("spec", "mirror"), env)
         mirror_ok = mirror is not None
         mirrors = [(mirror, MIRROR_SCALE)] if mirror is not None else []
+    cors_ok, cors = True, None
+    if spec.get("corsPolicy") is not None:
+        cors_ok, cors = istio_cors(ctx, spec["corsPolicy"], ("spec", "corsPolicy"), route_rule=True)
     if (
-        host is None
+        not cors_ok
+        or host is None
         or matches is None
         or dests is None
         or timeout is None
@@ -118,7 +124,7 @@ def read_route_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None
     ):
         return None
     route = RouteDraft(
-        ctx.name, "http", matches, dests, timeout, retries, fault=fault, mirrors=mirrors
+        ctx.name, "http", matches, dests, timeout, retries, fault=fault, mirrors=mirrors, cors=cors
     )
     return RuleDraft(KIND, ctx.name, ctx.namespace, [host], [route], Where(ctx, ()), precedence)
 

@@ -347,6 +347,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(f"{indent}     {_fault(r['fault'])}")
         for m in r.get("mirrors", ()):
             lines.append(f"{indent}     {_mirror(m)}")
+        if r.get("cors"):
+            lines.extend(f"{indent}     {line}" for line in _cors(r["cors"]))
         if r.get("rewrite"):
             rw = r["rewrite"]
             what = {
@@ -379,6 +381,30 @@ def _mirror(m: dict[str, Any]) -> str:
         f"mirrors {share} to {m['host']}{port} subset {m['subset']} "
         f"({_labels(m['labels'])}; fire and forget, Host -shadow)"
     )
+
+
+def _cors(c: dict[str, Any]) -> list[str]:
+    """A route's CORS policy, as 'validate -v' prints it."""
+    origins = ", ".join(f"{k} {v!r}" for m in c["allow_origins"] for k, v in m.items())
+    unmatched = (
+        "answered 200 without allow-origin (IGNORE)"
+        if c["unmatched_preflights"] == "IGNORE"
+        else "sent upstream (FORWARD)"
+    )
+    said = [
+        f"CORS: origins {origins or '(none)'}: their preflights answered 200 here, their "
+        "responses' allow-origin echoed",
+        f"  other origins' preflights {unmatched}; requests without Origin untouched",
+    ]
+    lines = [
+        ("allow-methods", c["allow_methods"]),
+        ("allow-headers", c["allow_headers"]),
+        ("max-age", c["max_age"]),
+        ("expose-headers", c["expose_headers"]),
+        ("allow-credentials", "true" if c["allow_credentials"] else ""),
+    ]
+    said.extend(f"  {n}: {v}" for n, v in lines if v)
+    return said
 
 
 def _share(ppm: int) -> str:

@@ -197,7 +197,8 @@ def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
 def _warn_ignored_timeouts(table: RouteTable) -> None:
     """--http-routing connection relays bytes: a route's timeout is not
     enforced there, nor its retry policy, its header edits and rewrites or
-    its fault injection, nor its mirrors. Said at each table that has one,
+    its fault injection, nor its mirrors, nor its CORS policy but a first
+    request's preflight. Said at each table that has one,
     never silently."""
     _warn_unapplied(
         "route timeouts are not enforced with --http-routing connection "
@@ -235,6 +236,13 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
         "applied with --http-routing connection, which copies no request (only per "
         "request, the default)",
         [f"{host} {name or '(unnamed)'}" for host, name in table.mirrored_routes()],
+    )
+    _warn_unapplied(
+        "CORS policies (http[].corsPolicy, an HTTPRoute's CORS filter) are applied only in "
+        "part with --http-routing connection: a preflight that opens a connection is "
+        "answered, but no response gets Access-Control-* headers and a connection's later "
+        "requests are not looked at (only per request, the default)",
+        [f"{host} {name or '(unnamed)'}" for host, name in table.cors_routes()],
     )
 
 
