@@ -1,0 +1,166 @@
+"""A VirtualService's ``http[].corsPolicy`` from the rule file to a real
+worker, both relay twins, as a browser uses it: on one keep-alive
+connection, preflights from allowed Origins are answered by the proxy
+(nothing reaches the backend), the actual requests' responses carry
+``access-control-allow-origin`` echoing each one's own Origin (two Origins
+in turn: a verdict cached for one must never answer the other), and a
+request without an Origin or from one not allowed, preflight or not, goes
+upstream and comes back untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests._scripted import Scripted, _response, _status
+from tests._worker import gateway_service, gateway_worker
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+APP = "https://app.example"
+ADMIN = "https://admin.example"
+EVIL = "https://evil.example"
+CORS = f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}}}
+    corsPolicy:
+      allowOrigins:
+      - exact: {APP}
+      - prefix: https://admin.
+      allowMethods: [GET, PUT]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-total]
+      maxAge: 10m
+      allowCredentials: true
+"""
+# the backend's own answer: a CORS header of its own, which the filter's replaces
+UPSTREAM = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\naccess-control-allow-origin: *\r\n\r\nok"
+
+
+def _ask(s: socket.socket, method: str, origin: str | None, preflight: bool = False) -> bytes:
+    lines = [f"{method} /items HTTP/1.1", "Host: gw"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    if preflight:
+        lines += ["Access-Control-Request-Method: PUT", "Access-Control-Request-Headers: x-token"]
+    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return _response(s)
+
+
+def _cors_lines(response: bytes) -> list[tuple[str, str]]:
+    """The response's access-control-* lines, in order (names lowercase)."""
+    head = response.partition(b"\r\n\r\n")[0].decode()
+    out = []
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.lower().startswith("access-control-"):
+            out.append((name.lower(), value.strip()))
+    return out
+
+
+def _actual(origin: str) -> list[tuple[str, str]]:
+    return [
+        ("access-control-allow-origin", origin),
+        ("access-control-allow-credentials", "true"),
+        ("access-control-expose-headers", "x-total"),
+    ]
+
+
+def _preflight(origin: str) -> list[tuple[str, str]]:
+    return [
+        ("access-control-allow-origin", origin),
+        ("access-control-allow-credentials", "true"),
+        ("access-control-allow-methods", "GET,PUT"),
+        ("access-control-allow-headers", "x-token"),
+        ("access-control-max-age", "600"),
+    ]
+
+
+UNTOUCHED = [("access-control-allow-origin", "*")]
+# (method, Origin, a preflight?, what the client gets, whether the backend sees it)
+CONVERSATION = [
+    ("OPTIONS", APP, True, _preflight(APP), False),
+    ("GET", APP, False, _actual(APP), True),
+    ("OPTIONS", ADMIN, True, _preflight(ADMIN), False),
+    ("GET", ADMIN, False, _actual(ADMIN), True),
+    ("GET", APP, False, _actual(APP), True),  # (each Origin its own verdict)
+    ("OPTIONS", APP, True, _preflight(APP), False),
+    ("GET", EVIL, False, UNTOUCHED, True),
+    ("OPTIONS", EVIL, True, UNTOUCHED, True),  # (FORWARD: upstream, untouched)
+    ("GET", None, False, UNTOUCHED, True),
+    ("OPTIONS", None, True, UNTOUCHED, True),
+    ("PUT", ADMIN, False, _actual(ADMIN), True),
+]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_browser_s_preflights_and_requests_on_one_connection(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    backend = Scripted([UPSTREAM] * 20)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.endpoint[1]) + CORS)
+    answers: list[bytes] = []
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for method, origin, pre, _, _ in CONVERSATION:
+                    answers.append(await loop.run_in_executor(None, _ask, s, method, origin, pre))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()
+    assert [_status(a) for a in answers] == [200] * len(CONVERSATION)
+    for i, (answer, (_, _, _, lines, _)) in enumerate(zip(answers, CONVERSATION, strict=True)):
+        assert _cors_lines(answer) == lines, (i, answer)
+    # the proxy's own answers: no body; the backend's: its body
+    for answer, (*_, upstream) in zip(answers, CONVERSATION, strict=True):
+        assert answer.endswith(b"\r\n\r\nok") == upstream, answer
+    # the backend saw every request but the allowed preflights, on one connection
+    sent = [(m, o) for m, o, _, _, upstream in CONVERSATION if upstream]
+    seen = [(r.split(b" ", 1)[0].decode(), _origin_of(r)) for r in backend.requests]
+    assert seen == sent
+    assert backend.accepted == 1
+
+
+def _origin_of(request: bytes) -> str | None:
+    for line in request.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"origin":
+            return value.strip().decode()
+    return None
+
+
+def test_per_connection_cors_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(1111) + CORS)
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection"):
+            pass
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "CORS policies" in w and "--http-routing connection" in w and f"{HOST} svc" in w
+        for w in warnings
+    ), warnings
