@@ -1018,8 +1018,8 @@ spec:
   rout:
   - labels: {version: v1}
 """,
-        "unknown field spec.rout (expected one of: destination, httpFault, httpReqRetries, "
-        "httpReqTimeout, match, mirror, precedence, route)",
+        "unknown field spec.rout (expected one of: corsPolicy, destination, httpFault, "
+        "httpReqRetries, httpReqTimeout, match, mirror, precedence, route)",
         7,
     ),
     (
