@@ -53,6 +53,12 @@ its requests (:class:`MirrorPolicy`: a VirtualService's ``mirror`` or
 mirror's destination to its endpoints as a destination's
 (:class:`~l4proxy.dataplane.verdict.Mirror`), for a request that goes
 upstream only (none on a route's own answer, nor for a raw connection).
+A route's CORS policy (:class:`CorsPolicy`) answers a preflight from an
+allowed Origin itself, before its fault and its own answer, and sets the
+Access-Control-* lines of an allowed Origin's response over its edits;
+the Origin and Access-Control-Request-Method are then key headers of its
+host's verdicts (:meth:`RouteTable.match_headers`), so that each Origin is
+decided, and cached, on its own.
 
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
