@@ -3320,6 +3320,8 @@ cdef void splice_request(Relay *R, Conn *c, bint readable, double now) noexcept 
     elif c.req_left == 0 and c.piped == 0:
         splice_stop(c)
         request_read(R, c, now)
+        if c.shadow != NULL:  # (its copies dropped: a spliced body is not held)
+            R.mirror_start(R, c, now)
         if c.rs == RS_DONE:
             complete(R, c, False, False, now)
 

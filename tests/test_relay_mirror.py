@@ -648,3 +648,67 @@ def test_close_with_copies_in_flight_leaves_no_socket(mode: tuple[str, str]) -> 
     assert active == 3
     assert _ours_to(mirror.endpoint) == 0
     assert _until(lambda: mirror.closed_by_relay == 3, 5.0)
+
+
+def test_a_spliced_body_is_a_dropped_copy(mode: tuple[str, str]) -> None:
+    """A body long enough for the compiled relay to splice (past the replay
+    limit, SPLICE_MIN still to come): its copy is dropped and counted, as
+    the pure twin counts it (the compiled one freed it uncounted)."""
+    body = b"b" * 400_000
+    up, mirror = Primary(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        a.sendall(_post(body))
+        got = _response(a)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert up.requests == [_post(body)]
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == 0
+    assert stats["mirror_dropped"] == 1
+
+
+def test_a_head_edited_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> None:
+    """A request without a body whose head as sent (the route's edits
+    added a line) passes the replay limit: dropped in both twins (the pure
+    one copied it)."""
+    up, mirror = Primary(), Mirrored()
+    edits = HeadEdits(request_set=(("x-edited", "y" * 200),))
+    mirrors = (Mirror((mirror.endpoint,)),)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict(
+            (Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=edits),),
+            ttl=60.0,
+            shape=SHAPE_FULL,
+            mirrors=mirrors,
+        )
+        kw["resolve"] = lambda head, origin: verdict
+    relay = _relay(
+        which,
+        lambda h, o: Decision((up.endpoint,), tag="t", edits=edits, mirrors=mirrors),
+        **kw,
+    )
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * 65400 + b"\r\n\r\n"
+    try:
+        a = _client(relay)
+        a.sendall(head)
+        got = _response(a)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert len(up.requests[0]) > 65536
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == 0
+    assert stats["mirror_dropped"] == 1

@@ -1017,6 +1017,8 @@ class Exchange:
         if self.mirror is not None:
             self._mirroring = True
             self.mirror += self._sent_head
+            if len(self.mirror) > self.replay_limit:  # (a head edited past it)
+                self.mirror = None
         out: list[Action] = [Upstream(self._sent_head), *self._advance()]
         if self._mirroring and self._request.done:  # (a request without a body)
             out.insert(1, self._shadow())
