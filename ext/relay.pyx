@@ -227,8 +227,9 @@ connect, send or receive error or at its deadline (the route's timeout
 from its connect, else ``MIRROR_TIMEOUT``: ``shadow_timers``, from
 ``timers_due`` and ``tick``), then is closed (a reset when it failed) and
 buried after the batch. Dropped (``mirror_dropped``): a replay gone past
-``REPLAY_LIMIT`` (or a body spliced, which only goes once it is), an
-answer begun before the request's end (``c.up_bytes``), ``max_mirrors``
+``REPLAY_LIMIT`` (or a body spliced, which only goes once it is), a
+final answer begun before the request's end (an interim 100 Continue is
+none: c.replay is kept while ``c.shadow`` waits), ``max_mirrors``
 copies in flight, a mirror without a resolved endpoint, a socket or
 connect failing at once. Tunnels and the other requests the pure relay
 answers are its (``slow``, made with the same ``max_mirrors``). A
@@ -3117,7 +3118,7 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     cdef Py_ssize_t hl = 0
     cdef int r
     c.up_bytes += n
-    if c.replayable and c.retry == NULL:  # a response began: never send this request again
+    if c.replayable and c.retry == NULL and c.shadow == NULL:  # a response began: never send this request again
         buf_free(&c.replay)  # (under a retry policy: once its final head is judged, head_out)
         c.replayable = False
     if c.rs == RS_BODY:
@@ -4863,7 +4864,8 @@ cdef void mirror_start(Relay *R, Conn *c, double now) noexcept nogil:
     cdef bint whole
     c.shadow = NULL
     memset(&pay, 0, sizeof(Buf))
-    whole = c.replayable and c.up_bytes == 0 and c.replay.len >= p.head_len
+    # (an interim head, 100 Continue, is no answer: c.rhead holds a final one begun)
+    whole = c.replayable and c.rs == RS_HEAD and c.rhead.len == 0 and c.replay.len >= p.head_len
     if whole and (shadow_head(&pay, c.replay.p, p.head_len) != 0
                   or buf_add(&pay, c.replay.p + p.head_len, c.replay.len - p.head_len) != 0):
         whole = False

@@ -712,3 +712,55 @@ def test_a_head_edited_past_the_replay_limit_is_not_mirrored(mode: tuple[str, st
     assert mirror.accepted == 0
     assert stats["mirrored"] == 0
     assert stats["mirror_dropped"] == 1
+
+
+class _Continues:
+    """A backend that answers a request's head with 100 Continue, then
+    reads its body (Content-Length) and answers OK."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(
+            self.listener,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn, contextlib.suppress(OSError):
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            assert _read_request(conn, buf) is not None
+            conn.sendall(OK)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> None:
+    """Expect: 100-continue, the server's 100 before the body: an interim
+    head is no answer, the copy goes (both twins dropped it)."""
+    up, mirror = _Continues(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    head = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    try:
+        a = _client(relay)
+        a.sendall(head)
+        interim = _recv(a, 25)
+        a.sendall(b"hello")
+        got = _response(a)
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert got == OK
+    assert mirror.seen() == [shadow_head(head) + b"hello"]
+    assert stats["mirrored"] == 1
+    assert stats["mirror_dropped"] == 0

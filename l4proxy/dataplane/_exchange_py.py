@@ -1078,8 +1078,6 @@ class Exchange:
         if self.phase != Phase.EXCHANGE:
             return []
         self._upstream_bytes += len(data)
-        if self._mirroring:  # an answer before the request's end: no copy
-            self.mirror = None
         if self.retry is None or self._response is not None:
             # a response began: never send this request again (under a
             # retry policy, its final head may still say to: kept till then)
@@ -1224,7 +1222,9 @@ class Exchange:
         """The request's bytes for its mirrors (once per request)."""
         self._mirroring = False
         data, self.mirror = self.mirror, None
-        if data is None:
+        if data is None or self._response is not None or self._response_head:
+            # (a final answer began before the request's end: no copy; an
+            # interim one, 100 Continue, is none)
             return Shadow(None)
         return Shadow(bytes(data), len(self._sent_head))
 
