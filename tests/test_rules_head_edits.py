@@ -836,12 +836,14 @@ def test_istio_errors_name_file_and_line(
     assert_error_at(tmp_path, DR + VS + http, marker, message)
 
 
-def assert_error_at(tmp_path: Path, text: str, marker: str, message: str) -> None:
-    """Loading *text* fails with an error containing *message*, at its file
-    and at the line of *marker*."""
+def assert_error_at(
+    tmp_path: Path, text: str, marker: str, message: str, registry: str = REGISTRY
+) -> None:
+    """Loading *text* (beside *registry*'s services) fails with an error
+    containing *message*, at its file and at the line of *marker*."""
     f = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_rules([f, REGISTRY])
+        load_rules([f, registry])
     errs = [e for e in info.value.errors if message in e.message]
     assert errs, f"no error containing {message!r} in:\n{info.value}"
     assert errs[0].file == f
@@ -935,14 +937,7 @@ GATEWAY_ERRORS = [
 def test_gateway_errors_name_file_and_line(
     tmp_path: Path, rules: str, marker: str, message: str
 ) -> None:
-    text = HR + rules
-    f = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_rules([f, PER_VERSION])
-    errs = [e for e in info.value.errors if message in e.message]
-    assert errs, f"no error containing {message!r} in:\n{info.value}"
-    assert errs[0].file == f
-    assert errs[0].line == _line(text, marker), str(errs[0])
+    assert_error_at(tmp_path, HR + rules, marker, message, PER_VERSION)
 
 
 def test_a_rewrite_without_a_uri_match_warns(tmp_path: Path) -> None:

@@ -507,16 +507,7 @@ GATEWAY_ERRORS = [
 def test_gateway_api_errors_name_file_and_line(
     tmp_path: Path, rules: str, marker: str, message: str
 ) -> None:
-    from l4proxy.rules import ConfigError
-
-    text = HR + rules
-    f = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_rules([f, PER_VERSION])
-    errs = [e for e in info.value.errors if message in e.message]
-    assert errs, f"no error containing {message!r} in:\n{info.value}"
-    assert errs[0].file == f
-    assert errs[0].line == _line(text, marker), str(errs[0])
+    assert_error_at(tmp_path, HR + rules, marker, message, PER_VERSION)
 
 
 # -- what the table says of them ---------------------------------------------------
