@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.cli import main
-from l4proxy.dataplane.verdict import HeadEdits
+from l4proxy.dataplane.verdict import FAULT_SCALE, Fault, HeadEdits
 from l4proxy.rules import load_rules
 from l4proxy.rules.routing import LocalAnswer, Request, RouteTable
 from tests.test_config_errors import REGISTRY, RR
@@ -89,14 +89,15 @@ def actual(origin: str | None = ORIGIN, method: str = "GET", path: str = "/") ->
 
 def answer(table: RouteTable, request: Request) -> LocalAnswer | None:
     """The route's own answer to *request*, by choices(); decide() agrees,
-    and an answer sends nothing upstream."""
+    and an answer sends nothing upstream (the route's fault, if any, goes
+    with it: drawn before it)."""
     svc = table.service(HOST)
     assert svc is not None
     rc = table.choices(svc, 8080, request)
     d = table.decide(svc, 8080, request)
     assert rc.answer == d.answer
     if rc.answer is not None:
-        assert rc.subsets == () and d.endpoints == [] and rc.fault is None and d.fault is None
+        assert rc.subsets == () and d.endpoints == [] and rc.fault == d.fault
     return rc.answer
 
 
@@ -305,13 +306,21 @@ def test_a_direct_response_gets_the_lines_and_a_preflight_the_filter_s_answer(
     )
 
 
-def test_a_preflight_is_answered_before_the_fault(tmp_path: Path) -> None:
+def test_a_preflight_s_answer_carries_the_route_s_fault(tmp_path: Path) -> None:
+    """Istio's filters are fault, then CORS, then router (pilot's
+    listener_builder appends Fault then Cors): the relay draws the route's
+    fault before it sends the preflight's answer, as before any answer."""
     http = REFERENCE + "    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n"
     table = istio(tmp_path, http)
     assert answer(table, preflight()) == LocalAnswer(200, "", PREFLIGHT_LINES)
     svc = table.service(HOST)
     assert svc is not None
-    assert table.choices(svc, 8080, actual()).fault is not None
+    fault = Fault(abort_status=503, abort_ppm=FAULT_SCALE)
+    assert table.choices(svc, 8080, preflight()).fault == fault
+    assert table.decide(svc, 8080, preflight()).fault == fault
+    assert table.choices(svc, 8080, actual()).fault == fault
+    # (a raw connection has no request: nothing injected, no preflight)
+    assert table.decide(svc, 8080, None).fault is None
 
 
 def test_only_the_matched_route_s_policy_applies(tmp_path: Path) -> None:

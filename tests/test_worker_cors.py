@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
 from tests._worker import gateway_service, gateway_worker
 from tests.test_relay_retries import _worker_twin
@@ -164,3 +166,64 @@ def test_per_connection_cors_is_a_warning(tmp_path: Path, caplog: pytest.LogCapt
         "CORS policies" in w and "--http-routing connection" in w and f"{HOST} svc" in w
         for w in warnings
     ), warnings
+
+
+# Istio's filter order is fault, then CORS, then router (pilot's
+# listener_builder appends Fault then Cors): a route's fault is drawn for a
+# preflight before the CORS filter answers it
+FAULTED = CORS.replace("    corsPolicy:\n", "    fault:\n      FAULT\n    corsPolicy:\n")
+FAULT_DELAY = 0.3
+ABORT = "abort: {httpStatus: 418, percentage: {value: 100}}"
+DELAY = f"delay: {{fixedDelay: {int(FAULT_DELAY * 1000)}ms, percentage: {{value: 100}}}}"
+
+
+def _faulted_preflights(fault: str, tmp_path: Path) -> list[tuple[bytes, float]]:
+    """Two allowed preflights on one connection to the CORS route given
+    *fault*: (each response, its seconds); the backend must see neither."""
+    backend = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.endpoint[1]) + FAULTED.replace("FAULT", fault))
+    got: list[tuple[bytes, float]] = []
+
+    def timed(s: socket.socket) -> tuple[bytes, float]:
+        started = time.monotonic()
+        answer = _ask(s, "OPTIONS", APP, preflight=True)
+        return answer, time.monotonic() - started
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for _ in range(2):
+                    got.append(await loop.run_in_executor(None, timed, s))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()
+    assert backend.requests == []
+    return got
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_an_aborted_route_s_preflight_gets_the_abort(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    for answer, _ in _faulted_preflights(ABORT, tmp_path):
+        assert _status(answer) == 418, answer
+        assert answer.endswith(FAULT_ABORT_BODY.encode()), answer
+        assert _cors_lines(answer) == [], answer  # (the CORS filter never ran)
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_delayed_route_s_preflight_is_answered_after_the_delay(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    for answer, took in _faulted_preflights(DELAY, tmp_path):
+        assert _status(answer) == 200 and _cors_lines(answer) == _preflight(APP), answer
+        assert took >= FAULT_DELAY, took  # (a lower bound only)

@@ -54,7 +54,8 @@ mirror's destination to its endpoints as a destination's
 (:class:`~l4proxy.dataplane.verdict.Mirror`), for a request that goes
 upstream only (none on a route's own answer, nor for a raw connection).
 A route's CORS policy (:class:`CorsPolicy`) answers a preflight from an
-allowed Origin itself, before its fault and its own answer, and sets the
+allowed Origin itself, after its fault (drawn first: Istio puts Envoy's
+fault filter before the CORS filter) and before its own answer, and sets the
 Access-Control-* lines of an allowed Origin's response over its edits;
 the Origin and Access-Control-Request-Method are then key headers of its
 host's verdicts (:meth:`RouteTable.match_headers`), so that each Origin is
@@ -1828,7 +1829,7 @@ class RouteTable:
             fault = route.fault if request is not None else None
             cors = route.cors if request is not None else None
             preflight = cors.preflight(request) if cors is not None and request else None
-            if preflight is not None:  # (Envoy's CORS filter runs before fault and router)
+            if preflight is not None:  # (Istio's filters: fault, then CORS, then router)
                 return Decision(
                     service,
                     route.name,
@@ -1838,6 +1839,7 @@ class RouteTable:
                     route.timeout,
                     route.retries,
                     answer=preflight,
+                    fault=fault,
                 )
             cors_lines = cors.response_lines(request) if cors is not None else ()
             answer = self._answer(route, port, request, source_labels)
@@ -2008,7 +2010,7 @@ class RouteTable:
             return RouteChoices(service, DEFAULT, (only,))
         if route.cors is not None:
             preflight = route.cors.preflight(request)
-            if preflight is not None:  # (before fault and router, as Envoy's filters)
+            if preflight is not None:  # (after the fault, before the router: Istio's order)
                 return RouteChoices(
                     service,
                     route.name,
@@ -2017,6 +2019,7 @@ class RouteTable:
                     route.timeout,
                     route.retries,
                     preflight,
+                    route.fault,
                 )
         cors_lines = route.cors.response_lines(request) if route.cors is not None else ()
         answer = self._answer(route, port, request, source_labels)

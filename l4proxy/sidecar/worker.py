@@ -1033,10 +1033,15 @@ class Worker:
             route=decision.route,
             subset=decision.subset,
         )
-        if decision.answer is not None:  # a redirect, a direct response
+        if decision.answer is not None:  # a redirect, a direct response, a preflight's
             a = decision.answer
             return RelayDecision(
-                local=(a.status, a.body), local_headers=a.headers, tag=_Tag(decision)
+                local=(a.status, a.body),
+                local_headers=a.headers,
+                tag=_Tag(decision),
+                # (a preflight's route may have a fault: drawn first, as
+                # Istio puts Envoy's fault filter before the CORS filter)
+                fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
             )
         if not decision.endpoints:  # (its fault first: Envoy's filter runs before the router)
             body = _local_body(decision.status)
@@ -1100,7 +1105,7 @@ class Worker:
         )
         if not origin.gateway:
             shape = _shape_bits(table.request_shape(c.service))
-        if rc.answer is not None:  # a redirect, a direct response
+        if rc.answer is not None:  # a redirect, a direct response, a preflight's
             a = rc.answer
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             return Verdict(
@@ -1110,6 +1115,7 @@ class Worker:
                 ttl=0.0 if a.per_request else 1.0,
                 shape=shape.bits,
                 tests=shape.tests,
+                fault=_abort_tagged(rc.fault, rc.service.host, rc.route),  # (drawn first)
             )
         if not rc.subsets:  # every weight 0 (Gateway API), or no route matched (404)
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
