@@ -227,3 +227,55 @@ def test_a_delayed_route_s_preflight_is_answered_after_the_delay(
     for answer, took in _faulted_preflights(DELAY, tmp_path):
         assert _status(answer) == 200 and _cors_lines(answer) == _preflight(APP), answer
         assert took >= FAULT_DELAY, took  # (a lower bound only)
+
+
+# a route's own answers without a body, ahead of the CORS route
+ANSWERS = CORS.replace(
+    "  http:\n",
+    "  http:\n"
+    "  - match: [{uri: {prefix: /empty}}]\n"
+    "    directResponse: {status: 403}\n"
+    "  - match: [{uri: {prefix: /old}}]\n"
+    "    redirect: {uri: /new}\n",
+)
+
+
+def test_per_connection_answers_without_a_body_send_none(tmp_path: Path) -> None:
+    """--http-routing connection: a preflight that opens a connection, a
+    direct response and a redirect with no body are answered with none
+    (content-length: 0), as per request, then the connection closes."""
+    backend = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.endpoint[1]) + ANSWERS)
+    asks = {
+        "preflight": f"OPTIONS /items HTTP/1.1\r\nHost: gw\r\nOrigin: {APP}\r\n"
+        "Access-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: x-token\r\n\r\n",
+        "direct": "GET /empty HTTP/1.1\r\nHost: gw\r\n\r\n",
+        "redirect": "GET /old/page HTTP/1.1\r\nHost: gw\r\n\r\n",
+    }
+    got: dict[str, bytes] = {}
+
+    def ask(address: tuple[str, int], request: str) -> bytes:
+        with socket.create_connection(address, 10) as s:
+            s.sendall(request.encode())
+            answer = _response(s)
+            assert s.recv(1) == b""  # (then closed)
+            return answer
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            for name, request in asks.items():
+                got[name] = await loop.run_in_executor(None, ask, address, request)
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()
+    assert backend.requests == []
+    assert _status(got["preflight"]) == 200 and _cors_lines(got["preflight"]) == _preflight(APP)
+    assert _status(got["direct"]) == 403
+    assert _status(got["redirect"]) == 301
+    for name, answer in got.items():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert body == b"" and b"\r\ncontent-length: 0" in head.lower(), (name, answer)

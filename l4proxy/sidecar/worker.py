@@ -165,12 +165,14 @@ class Refused(Exception):
     """The connection is answered (or closed) without an upstream."""
 
     def __init__(
-        self, why: str, status: int | None = None, body: str = "", headers: str = ""
+        self, why: str, status: int | None = None, body: str | None = None, headers: str = ""
     ) -> None:
         super().__init__(why)
         self.why = why
         self.status = status
-        self.body = body or why
+        # (the reason when no body is given; "" is a body: a route's answer
+        # without one, a preflight's, is sent with none)
+        self.body = why if body is None else body
         self.headers = headers  # more header lines of the answer (CRLF each)
 
 
