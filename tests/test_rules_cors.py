@@ -216,10 +216,11 @@ def test_a_policy_without_origins_warns_and_allows_none(tmp_path: Path) -> None:
     assert answer(istio(tmp_path, http), preflight()) is None
 
 
-def test_wildcard_methods_and_headers_echo_the_request(tmp_path: Path) -> None:
+def test_wildcard_headers_echo_the_request(tmp_path: Path) -> None:
+    # (a method '*' is the Gateway API's only: test_gateway_api_defaults_and_wildcards)
     http = ROUTE + (
         "    corsPolicy:\n      allowOrigins: [{exact: https://example.com}]\n"
-        "      allowMethods: ['*']\n      allowHeaders: ['*']\n      allowCredentials: true\n"
+        "      allowMethods: [DELETE]\n      allowHeaders: ['*']\n      allowCredentials: true\n"
     )
     table = istio(tmp_path, http)
     got = answer(table, preflight(method="DELETE", **{"access-control-request-headers": "x-a"}))
@@ -241,6 +242,27 @@ def test_wildcard_methods_and_headers_echo_the_request(tmp_path: Path) -> None:
         "access-control-allow-credentials",
         "access-control-allow-methods",
     ]
+
+
+def test_header_entries_are_any_text_as_istio_takes_them(tmp_path: Path) -> None:
+    """Istio checks only that an allowHeaders or exposeHeaders entry is not
+    empty: a list written as one entry goes as it is, joined with the
+    others by ','."""
+    http = ROUTE + (
+        "    corsPolicy:\n      allowOrigins: [{exact: https://example.com}]\n"
+        "      allowHeaders: ['Content-Type, Authorization', x-a]\n"
+        "      exposeHeaders: ['X-Total X-Page']\n"
+    )
+    table = istio(tmp_path, http)
+    got = answer(table, preflight())
+    assert got is not None
+    assert ("access-control-allow-headers", "Content-Type, Authorization,x-a") in got.headers
+    assert edits(table, actual())[0] == HeadEdits(
+        response_set=(
+            ("access-control-allow-origin", ORIGIN),
+            ("access-control-expose-headers", "X-Total X-Page"),
+        )
+    )
 
 
 def test_credentials_and_expose_headers_on_the_actual_response(tmp_path: Path) -> None:
@@ -377,7 +399,7 @@ ISTIO_ERRORS = [
         "suffix",
         ROUTE + "    corsPolicy:\n      allowOrigins:\n      - {suffix: .com}\n",
         "- {suffix",
-        "suffix is not implemented",
+        "suffix is not a field of Istio's StringMatch (exact, prefix, regex)",
     ),
     (
         "method",
@@ -386,16 +408,30 @@ ISTIO_ERRORS = [
         "'FETCH' is not a supported HTTP method",
     ),
     (
-        "header name",
-        ROUTE + "    corsPolicy:\n      allowHeaders:\n      - x foo\n",
-        "- x foo",
-        "header name 'x foo' is not an HTTP field name",
+        "method star (Istio's supportedMethods has none)",
+        ROUTE + "    corsPolicy:\n      allowMethods:\n      - '*'\n",
+        "- '*'",
+        "'*' is not a supported HTTP method (one of GET, HEAD, POST, PUT, PATCH, DELETE, "
+        "CONNECT, OPTIONS, TRACE; Istio's validation takes no '*')",
     ),
     (
-        "expose header name",
-        ROUTE + "    corsPolicy:\n      exposeHeaders:\n      - 'x:y'\n",
-        "- 'x:y'",
-        "header name 'x:y' is not an HTTP field name",
+        "empty header",
+        ROUTE + "    corsPolicy:\n      allowHeaders:\n      - ''\n",
+        "- ''",
+        "spec.http[0].corsPolicy.allowHeaders[0] '' must not be empty nor hold a CR, LF or NUL",
+    ),
+    (
+        "expose header with a line break",
+        ROUTE + '    corsPolicy:\n      exposeHeaders:\n      - "x\\r\\nset-cookie: a=b"\n',
+        '- "x',
+        "spec.http[0].corsPolicy.exposeHeaders[0] 'x\\r\\nset-cookie: a=b' must not be empty "
+        "nor hold a CR, LF or NUL",
+    ),
+    (
+        "max age 0s (Istio's ValidateDuration: at least 1ms)",
+        ROUTE + "    corsPolicy:\n      maxAge: 0s\n",
+        "maxAge:",
+        "spec.http[0].corsPolicy.maxAge '0s' must be whole milliseconds from 1ms",
     ),
     (
         "max age not whole seconds",
@@ -517,6 +553,13 @@ def test_gateway_api_defaults_and_wildcards(tmp_path: Path) -> None:
 
 
 GATEWAY_ERRORS = [
+    (
+        "header name not a token (the API's HTTPHeaderName)",
+        "  - filters:\n    - type: CORS\n      cors:\n        allowHeaders:\n"
+        "        - x foo\n" + BACKEND,
+        "- x foo",
+        "header name 'x foo' is not an HTTP field name",
+    ),
     (
         "star beside origins",
         "  - filters:\n    - type: CORS\n      cors:\n"

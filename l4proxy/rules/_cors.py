@@ -10,16 +10,21 @@ conversion).
 The VirtualService's ``CorsPolicy`` (Istio's validation, ``validateCORSPolicy``):
 
 * ``allowOrigins``: StringMatches (``exact``, ``prefix``, ``regex``; none
-  empty). The deprecated ``allowOrigin`` (strings, each an exact match) is
-  read only when ``allowOrigins`` is absent, pilot's order (a warning, and
-  another when both are given). An Origin is allowed when a match takes it
+  empty; Istio's StringMatch has no ``suffix``). The deprecated
+  ``allowOrigin`` (strings, each an exact match) is read only when
+  ``allowOrigins`` is absent, pilot's order (a warning, and another when
+  both are given). An Origin is allowed when a match takes it
   or takes ``*`` (Envoy's ``isOriginAllowed``): ``exact: "*"`` and a regex
   such as ``.*`` allow every Origin.
 * ``allowMethods``: GET, HEAD, POST, PUT, PATCH, DELETE, CONNECT, OPTIONS,
-  TRACE, or ``*`` (Envoy then echoes the requested method);
-  ``allowHeaders`` and ``exposeHeaders``: header names, or ``*``. Each
-  list is joined with ``,``, as pilot joins it.
-* ``maxAge``: a duration in whole seconds ("accurate only to seconds
+  TRACE (Istio's supportedMethods: no ``*``, which only the Gateway API's
+  filter takes); ``allowHeaders`` and ``exposeHeaders``: any non-empty
+  text (Istio's ``ValidateHTTPHeaderName`` checks only that), so
+  ``"Content-Type, Authorization"`` is one entry; none may hold a CR, LF or
+  NUL, which no header value can. Each list is joined with ``,``, as pilot
+  joins it.
+* ``maxAge``: a duration of at least 1ms (Istio's ``ValidateDuration``:
+  ``0s`` is refused) in whole seconds ("accurate only to seconds
   precision", Istio's error otherwise), sent as its seconds.
 * ``allowCredentials``: ``access-control-allow-credentials: true`` when
   true; nothing when false or absent.
@@ -105,6 +110,7 @@ _MAX_AGE_S = 2**31 - 1  # (int32, the Gateway API's type)
 # <scheme>://<host>(:<port>), the host a name (``*`` allowed) or [IPv6]
 _ORIGIN = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/:?#\[\]@\s]+)(?::([0-9]{1,5}))?")
 _DEFAULT_PORT = {"http": "80", "https": "443"}
+_BAD_VALUE = re.compile(r"[\r\n\0]")
 
 
 def istio_cors(
@@ -123,7 +129,14 @@ def istio_cors(
     if c.get("allowOrigins") is not None:
         for i, item in enumerate(listing(ctx, c["allowOrigins"], (*path, "allowOrigins")) or []):
             ipath = (*path, "allowOrigins", i)
-            m = string_match(ctx, item, ipath, bare_ok=False)
+            m = string_match(
+                ctx,
+                item,
+                ipath,
+                bare_ok=False,
+                suffix="is not a field of Istio's StringMatch (exact, prefix, regex), which "
+                "the Kubernetes API server refuses",
+            )
             if m is None:
                 ok = False
             elif m.value == "":
@@ -153,13 +166,15 @@ def istio_cors(
                 f"{dotted(apath)} is deprecated; use allowOrigins: [{{exact: ...}}] (read as "
                 "exact matches, as Istio reads it)",
             )
-    methods = _names(ctx, c.get("allowMethods"), (*path, "allowMethods"), methods=True)
-    allow = _names(ctx, c.get("allowHeaders"), (*path, "allowHeaders"), methods=False)
-    expose = _names(ctx, c.get("exposeHeaders"), (*path, "exposeHeaders"), methods=False)
+    methods = _names(ctx, c.get("allowMethods"), (*path, "allowMethods"), methods=True, star=False)
+    allow = _names(ctx, c.get("allowHeaders"), (*path, "allowHeaders"), methods=False, token=False)
+    expose = _names(
+        ctx, c.get("exposeHeaders"), (*path, "exposeHeaders"), methods=False, token=False
+    )
     max_age = ""
     if c.get("maxAge") is not None:
         mpath = (*path, "maxAge")
-        seconds = duration(ctx, c["maxAge"], mpath)
+        seconds = duration(ctx, c["maxAge"], mpath, zero=False)  # (at least 1ms: Istio's)
         if seconds is None:
             ok = False
         elif seconds != int(seconds):
@@ -282,10 +297,21 @@ def _gateway_origin(ctx: Ctx, value: Any, path: Path) -> StringMatch | None:
 
 
 def _names(
-    ctx: Ctx, value: Any, path: Path, *, methods: bool, limit: int | None = None
+    ctx: Ctx,
+    value: Any,
+    path: Path,
+    *,
+    methods: bool,
+    limit: int | None = None,
+    star: bool = True,
+    token: bool = True,
 ) -> list[str] | None:
     """A list of methods (*methods*) or of header names, each ``*`` or one
-    of them; None after an error."""
+    of them; None after an error. Without *star*, ``*`` is no method
+    (Istio's supportedMethods has none; the Gateway API's allowMethods
+    has). Without *token*, a header entry may be any text a header value
+    can hold, not empty (Istio checks only that: ``Content-Type,
+    Authorization`` is one entry, joined as it is)."""
     items = listing(ctx, value, path)
     if items is None:
         return None
@@ -299,14 +325,24 @@ def _names(
         s = text(ctx, item, ipath)
         if s is None:
             ok = False
-        elif s == "*":
+        elif s == "*" and (star or not methods):
             out.append(s)
         elif methods:
             if s not in CORS_METHODS:
                 ctx.error(
                     ipath,
-                    f"{s!r} is not a supported HTTP method (one of {', '.join(CORS_METHODS)}, "
-                    "or '*')",
+                    f"{s!r} is not a supported HTTP method (one of {', '.join(CORS_METHODS)}"
+                    + (", or '*')" if star else "; Istio's validation takes no '*')"),
+                )
+                ok = False
+            else:
+                out.append(s)
+        elif not token:
+            if s == "" or _BAD_VALUE.search(s):
+                ctx.error(
+                    ipath,
+                    f"{dotted(ipath)} {s!r} must not be empty nor hold a CR, LF or NUL "
+                    "(it goes in a header's value)",
                 )
                 ok = False
             else:

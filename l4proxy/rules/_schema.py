@@ -317,8 +317,11 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
     return Labels(value) if ok else None
 
 
-def string_match(ctx: Ctx, value: Any, path: Path, *, bare_ok: bool) -> StringMatch | None:
-    """Istio StringMatch: ``{exact|prefix|regex: s}``; a bare string is exact if *bare_ok*."""
+def string_match(
+    ctx: Ctx, value: Any, path: Path, *, bare_ok: bool, suffix: str = ""
+) -> StringMatch | None:
+    """Istio StringMatch: ``{exact|prefix|regex: s}``; a bare string is exact if *bare_ok*.
+    *suffix*: what to say of a ``suffix`` (the default: not implemented)."""
     if isinstance(value, str) and bare_ok:
         return StringMatch("exact", value)
     if not isinstance(value, dict):
@@ -333,7 +336,7 @@ def string_match(ctx: Ctx, value: Any, path: Path, *, bare_ok: bool) -> StringMa
         if k not in ("exact", "prefix", "regex"):
             sub = (*path, k)
             if k == "suffix":
-                ctx.error(sub, f"{dotted(sub)} {NOT_IMPLEMENTED}; use a regex instead")
+                ctx.error(sub, f"{dotted(sub)} {suffix or NOT_IMPLEMENTED}; use a regex instead")
             else:
                 ctx.error(sub, f"unknown field {dotted(sub)} (expected exact, prefix or regex)")
     if len(kinds) != 1:
