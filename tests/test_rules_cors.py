@@ -659,6 +659,24 @@ def test_config_dump_and_validate_v_say_the_policy(
     assert "allow-methods: POST,GET" in out and "max-age: 86400" in out
 
 
+@pytest.mark.parametrize(
+    ("origins", "said"),
+    [
+        ("{exact: '*'}", "exact '*'"),
+        ("{regex: '.*'}", "regex '.*'"),
+        ("{exact: 'https://a.example'}, {prefix: '*'}", "exact 'https://a.example', prefix '*'"),
+    ],
+)
+def test_validate_v_says_a_match_of_star_allows_any_origin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], origins: str, said: str
+) -> None:
+    http = ROUTE + f"    corsPolicy:\n      allowOrigins: [{origins}]\n"
+    assert main(["validate", "-v", write(tmp_path, DR + VS + http), REGISTRY]) == 0
+    out = capsys.readouterr().out
+    assert f"CORS: origins {said}: any origin allowed, its preflights answered 200 here" in out
+    assert "other origins" not in out
+
+
 def test_cors_routes(tmp_path: Path) -> None:
     http = textwrap.dedent(
         """\

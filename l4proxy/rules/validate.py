@@ -22,7 +22,7 @@ from l4proxy.rules import (
     ObjectSummary,
     load_rules,
 )
-from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF, endpoint_name
+from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF, StringMatch, endpoint_name
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -386,16 +386,25 @@ def _mirror(m: dict[str, Any]) -> str:
 def _cors(c: dict[str, Any]) -> list[str]:
     """A route's CORS policy, as 'validate -v' prints it."""
     origins = ", ".join(f"{k} {v!r}" for m in c["allow_origins"] for k, v in m.items())
+    # (a match that takes '*' allows every Origin: CorsPolicy.allows, Envoy's test)
+    anyone = any(StringMatch(k, v).matches("*") for m in c["allow_origins"] for k, v in m.items())
     unmatched = (
         "answered 200 without allow-origin (IGNORE)"
         if c["unmatched_preflights"] == "IGNORE"
         else "sent upstream (FORWARD)"
     )
-    said = [
-        f"CORS: origins {origins or '(none)'}: their preflights answered 200 here, their "
-        "responses' allow-origin echoed",
-        f"  other origins' preflights {unmatched}; requests without Origin untouched",
-    ]
+    if anyone:
+        said = [
+            f"CORS: origins {origins}: any origin allowed, its preflights answered 200 here, "
+            "its responses' allow-origin echoed",
+            "  requests without Origin untouched",
+        ]
+    else:
+        said = [
+            f"CORS: origins {origins or '(none)'}: their preflights answered 200 here, their "
+            "responses' allow-origin echoed",
+            f"  other origins' preflights {unmatched}; requests without Origin untouched",
+        ]
     lines = [
         ("allow-methods", c["allow_methods"]),
         ("allow-headers", c["allow_headers"]),
