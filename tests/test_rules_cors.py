@@ -483,6 +483,15 @@ def test_route_rule_has_no_allow_origins(tmp_path: Path) -> None:
     assert_error_at(tmp_path, text, "allowOrigins:", "unknown field spec.corsPolicy.allowOrigins")
 
 
+def test_route_rule_method_star_is_refused(tmp_path: Path) -> None:
+    # (Istio 0.7's validateCORSPolicy: the same supportedMethods, no '*')
+    text = RR + (
+        "  destination: {name: bootcamp}\n"
+        "  corsPolicy:\n    allowOrigin: [https://example.com]\n    allowMethods: ['*']\n"
+    )
+    assert_error_at(tmp_path, text, "allowMethods:", "'*' is not a supported HTTP method")
+
+
 # -- the Gateway API ---------------------------------------------------------------
 
 BACKEND = "    backendRefs:\n    - {name: bootcamp-v1, port: 8080}\n"
