@@ -222,8 +222,10 @@ builds ``shadow_head`` of the head (``Plan_.head_len`` bytes of the
 replay) and the body bytes after it, and opens a ``Shadow`` per copy: a
 non-blocking connection of its own in the loop's epoll (``K_SHADOW``,
 dispatched in ``run()``; never pooled, no EP, no Conn), which sends them,
-reads and throws away until the server closes (done), or fails at a
-connect, send or receive error or at its deadline (the route's timeout
+reads and throws away until the server closes (done), or ``MIRROR_READ``
+bytes (``MIRROR_READ_LIMIT``) were read (done, ``SH_ENOUGH``: reset, an
+endless answer costs no more), or fails at a connect, send or receive
+error or at its deadline (the route's timeout
 from its connect, else ``MIRROR_TIMEOUT``: ``shadow_timers``, from
 ``timers_due`` and ``tick``), then is closed (a reset when it failed) and
 buried after the batch. Dropped (``mirror_dropped``): a replay gone past
@@ -330,7 +332,12 @@ from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
-from l4proxy.dataplane.verdict import DEFAULT_MAX_MIRRORS, MIRROR_SCALE, MIRROR_TIMEOUT
+from l4proxy.dataplane.verdict import (
+    DEFAULT_MAX_MIRRORS,
+    MIRROR_READ_LIMIT,
+    MIRROR_SCALE,
+    MIRROR_TIMEOUT,
+)
 from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
                                        endpoint_hash)
 
@@ -428,6 +435,7 @@ cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refill
 cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's shares are of this (verdict.py's)
 cdef uint64_t MIRROR_PPM = MIRROR_SCALE  # a mirror's share is of this
 cdef double MIRROR_S = MIRROR_TIMEOUT   # a copy's deadline when its route has no timeout
+cdef int64_t MIRROR_READ = MIRROR_READ_LIMIT  # a copy's answer read at most, then reset
 
 # what an epoll registration points at
 cdef enum:
@@ -435,6 +443,11 @@ cdef enum:
     K_UP = 2
     K_LST = 3
     K_SHADOW = 4
+
+cdef enum:  # how a copy ends (shadow_end())
+    SH_DONE = 0            # the server closed: closed
+    SH_FAILED = 1          # a connect, send or receive error, its deadline: reset, mirror_failed
+    SH_ENOUGH = 2          # MIRROR_READ of its answer read: reset, not failed
 
 cdef enum:
     MAX_LSTS = 16
@@ -750,6 +763,7 @@ cdef struct Shadow:
     bint connecting
     bint closed
     Buf out
+    int64_t got            # answer bytes read and thrown away (MIRROR_READ at most)
     double deadline
     Shadow *prev
     Shadow *next
@@ -4927,8 +4941,9 @@ cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nog
 
 cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept nogil:
     """A copy's connect ends, its bytes go, its answer is read and thrown
-    away until the server closes (done) or it fails (a connect, send or
-    receive error)."""
+    away until the server closes (done), MIRROR_READ bytes of it were read
+    (done: reset, an endless answer costs no more), or it fails (a connect,
+    send or receive error)."""
     cdef int err = 0
     cdef sys_.socklen_t len = sizeof(err)
     cdef ssize_t n
@@ -4937,28 +4952,33 @@ cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept n
             return
         sys_.getsockopt(sh.fd, sys_.SOL_SOCKET, sys_.SO_ERROR, &err, &len)
         if err:
-            shadow_end(R, sh, True)
+            shadow_end(R, sh, SH_FAILED)
             return
         sh.connecting = False
     if sh.out.len:
         if send_buf(sh.fd, &sh.out) != 0:
-            shadow_end(R, sh, True)
+            shadow_end(R, sh, SH_FAILED)
             return
     elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
         n = sys_.recv_nc(sh.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
         if n == 0:
-            shadow_end(R, sh, False)
+            shadow_end(R, sh, SH_DONE)
             return
         if n < 0 and errno != EAGAIN and errno != EINTR:
-            shadow_end(R, sh, True)
+            shadow_end(R, sh, SH_FAILED)
             return
+        if n > 0:
+            sh.got += n
+            if sh.got >= MIRROR_READ:
+                shadow_end(R, sh, SH_ENOUGH)
+                return
     if set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT if sh.out.len else sys_.EPOLLIN, sh) != 0:
-        shadow_end(R, sh, True)
+        shadow_end(R, sh, SH_FAILED)
 
 
-cdef void shadow_end(Relay *R, Shadow *sh, bint failed) noexcept nogil:
-    """A copy is over: out of epoll, its socket closed (reset when it
-    failed), freed after the batch (bury())."""
+cdef void shadow_end(Relay *R, Shadow *sh, int how) noexcept nogil:
+    """A copy is over (*how*: SH_*): out of epoll, its socket closed (reset
+    when it failed or read enough), freed after the batch (bury())."""
     if sh.prev != NULL:
         sh.prev.next = sh.next
     else:
@@ -4968,8 +4988,9 @@ cdef void shadow_end(Relay *R, Shadow *sh, bint failed) noexcept nogil:
     R.n_shadows -= 1
     L4R_ADD(&R.ctr[<int>CT_MIRROR_ACTIVE], -1)
     set_mask(R, sh.fd, &sh.mask, 0, sh)
-    if failed:
+    if how == SH_FAILED:
         L4R_ADD(&R.ctr[<int>CT_MIRROR_FAILED], 1)
+    if how != SH_DONE:
         reset_close(sh.fd)
     else:
         sys_.close(sh.fd)
@@ -4988,7 +5009,7 @@ cdef double shadow_timers(Relay *R, double now) noexcept nogil:
     while sh != NULL:
         nx = sh.next
         if sh.deadline <= now:
-            shadow_end(R, sh, True)
+            shadow_end(R, sh, SH_FAILED)
         elif soonest == 0 or sh.deadline < soonest:
             soonest = sh.deadline
         sh = nx
@@ -5423,7 +5444,7 @@ cdef class HttpRelay:
         while R.n_conns:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
-            shadow_end(R, R.shadows, False)
+            shadow_end(R, R.shadows, SH_DONE)
         bury(R)
         if R.cache != NULL:
             cache_clear(R)
@@ -5948,7 +5969,7 @@ cdef class HttpRelay:
         while R.n_conns:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
-            shadow_end(R, R.shadows, False)
+            shadow_end(R, R.shadows, SH_DONE)
         bury(R)
         sys_.pthread_mutex_lock(&R.lock)
         h = R.q_head

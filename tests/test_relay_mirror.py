@@ -7,7 +7,8 @@ robin over a mirror's endpoints, copies that fail (refused, reset, never
 answered) or cannot go (max_mirrors, a body past the replay limit), the
 requests never mirrored (a fault's abort, a local answer), one copy per
 request however often it is retried, pipelined requests, and no socket
-left open by a copy, ended or cut by ``close()``.
+left open by a copy, ended or cut by ``close()``; a copy's endless answer
+read no further than ``MIRROR_READ_LIMIT``.
 
 Counts, never times: a copy's end is waited for by polling the relay's
 gauges (``mirror_active``) and the mirror's own records.
@@ -764,3 +765,59 @@ def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> N
     assert mirror.seen() == [shadow_head(head) + b"hello"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 0
+
+
+class _Endless:
+    """A mirror that reads a request, then answers with a body that never
+    ends (close-delimited), until the relay closes the connection."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(
+            self.listener,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn, contextlib.suppress(OSError):
+            assert _read_request(conn, b"") is not None
+            conn.sendall(b"HTTP/1.1 200 X\r\n\r\n")
+            chunk = b"z" * 65536
+            while True:
+                conn.sendall(chunk)
+        with self.lock:
+            self.ended += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str, str]) -> None:
+    """A mirror streaming its answer forever: the relay reads at most
+    MIRROR_READ_LIMIT of it, then closes the copy as done (not failed),
+    long before the route's 30 s timeout would end it (both twins read it
+    to the deadline, 64 KiB per event)."""
+    up, mirror = Primary(), _Endless()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), timeout=30.0)
+    try:
+        a = _client(relay)
+        a.sendall(GET)
+        got = _response(a)
+        assert _until(lambda: relay.stats()["mirrored"] == 1, 5.0)
+        ended = _until(lambda: relay.stats()["mirror_active"] == 0, 10.0)
+        stats = relay.stats()
+        closed = ended and _until(lambda: mirror.ended == 1, 5.0)  # (by the relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got == OK
+    assert ended, stats
+    assert closed
+    assert stats["mirrored"] == 1
+    assert stats["mirror_failed"] == stats["mirror_dropped"] == 0

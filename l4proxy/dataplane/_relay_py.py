@@ -187,7 +187,8 @@ not resolved yet). The Exchange keeps the request's bytes as sent upstream
 copy (``_mirror``): ``shadow_head`` of the head as sent and the body bytes
 as sent, on a connection of its own (``_Shadow``, non-blocking, in this
 epoll, never pooled); the answer is read and thrown away until the server
-closes, or the copy fails (a connect, send or receive error, its deadline:
+closes, or ``MIRROR_READ_LIMIT`` bytes of it were read (done: reset), or
+the copy fails (a connect, send or receive error, its deadline:
 the route's timeout from its connect, else ``MIRROR_TIMEOUT``;
 ``_timers_due``, the tick a backstop) and is reset. Nothing of it touches
 the client, the pool, the reports or outlier detection. Dropped
@@ -248,6 +249,7 @@ from l4proxy.dataplane.verdict import (
     DEFAULT_MAX_MIRRORS,
     FAULT_ABORT_BODY,
     FAULT_SCALE,
+    MIRROR_READ_LIMIT,
     MIRROR_SCALE,
     MIRROR_TIMEOUT,
     Fault,
@@ -337,6 +339,7 @@ class _Shadow:
     deadline: float
     connecting: bool = True
     mask: int = 0
+    got: int = 0  # answer bytes read and thrown away (MIRROR_READ_LIMIT at most)
 
 
 @dataclass(eq=False)
@@ -1219,8 +1222,9 @@ class HttpRelay:
 
     def _shadow_event(self, sh: _Shadow, ev: int, now: float) -> None:
         """A copy's connect ends, its bytes go, its answer is read and thrown
-        away until the server closes (done) or fails (a connect, send or
-        receive error)."""
+        away until the server closes (done), MIRROR_READ_LIMIT bytes of it
+        were read (done: reset, an endless answer costs no more), or it
+        fails (a connect, send or receive error)."""
         try:
             if sh.connecting:
                 if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
@@ -1232,9 +1236,15 @@ class HttpRelay:
             while sh.out:
                 n = sh.sock.send(sh.out, _SEND_FLAGS)
                 del sh.out[:n]
-            if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR) and not sh.sock.recv(_READ):
-                self._shadow_end(sh, failed=False)
-                return
+            if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
+                n = len(sh.sock.recv(_READ))
+                if not n:
+                    self._shadow_end(sh, failed=False)
+                    return
+                sh.got += n
+                if sh.got >= MIRROR_READ_LIMIT:
+                    self._shadow_end(sh, failed=False, reset=True)
+                    return
         except BlockingIOError:
             pass
         except OSError:
@@ -1242,14 +1252,16 @@ class HttpRelay:
             return
         self._set_mask(sh.fd, sh, _EPOLLOUT if sh.out else _EPOLLIN)
 
-    def _shadow_end(self, sh: _Shadow, failed: bool) -> None:
-        """A copy is over: its socket closed (reset when it failed)."""
+    def _shadow_end(self, sh: _Shadow, failed: bool, reset: bool = False) -> None:
+        """A copy is over: its socket closed (reset when it failed, or when
+        *reset*: enough of its answer was read)."""
         del self._shadows[sh.fd]
         if sh.mask:
             self.ep.unregister(sh.fd)
             sh.mask = 0
         if failed:
             self.counters["mirror_failed"] += 1
+        if failed or reset:
             try:
                 sh.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
             except OSError:

@@ -27,6 +27,7 @@ __all__ = [
     "HASH_KINDS",
     "HASH_QUERY",
     "HASH_SOURCE_IP",
+    "MIRROR_READ_LIMIT",
     "MIRROR_SCALE",
     "MIRROR_TIMEOUT",
     "RETRY_4XX",
@@ -478,9 +479,12 @@ class Choice(NamedTuple):
 
 # Request mirroring (Mirror): the share mirrored in parts per million; how
 # long a copy may take, from its connect to the server's close, when its
-# route has no timeout; and how many copies a relay keeps in flight at most
+# route has no timeout; how many bytes of a copy's answer are read (and
+# thrown away) at most, before it is closed as done; and how many copies a
+# relay keeps in flight at most
 MIRROR_SCALE = 1_000_000
 MIRROR_TIMEOUT = 15.0
+MIRROR_READ_LIMIT = 1 << 20
 DEFAULT_MAX_MIRRORS = 256
 _SHADOW = b"-shadow"
 # the lines of a request head that a copy leaves out: it closes after its
@@ -544,9 +548,12 @@ class Mirror(NamedTuple):
     or outlier detection. It goes once the request has been read whole, on
     a connection of its own (never pooled): :func:`shadow_head` of the head
     as sent upstream, then the body bytes exactly as sent (chunked stays
-    chunked). It ends when the server closes, or fails at a connect, send
-    or receive error or at its deadline: the route's timeout from its
-    connect, or :data:`MIRROR_TIMEOUT` when the route has none.
+    chunked). It ends when the server closes, or once
+    :data:`MIRROR_READ_LIMIT` bytes of its answer were read (closed with a
+    reset, and done: the rest is of no interest, and an endless answer
+    costs no more), or fails at a connect, send or receive error or at its
+    deadline: the route's timeout from its connect, or
+    :data:`MIRROR_TIMEOUT` when the route has none.
 
     Not mirrored (counted as dropped): a request whose bytes as sent are
     over the relay's replay limit (64 KiB) or whose body was spliced; one
