@@ -211,32 +211,43 @@ routed upstream, before its fault (``mirror_draw``, through
 ``R.mirror_draw``: ``rng_next`` per mirror, none for all or none), and
 copies each drawn one's next resolved endpoint's address into the
 request's ``Plan_`` (``c.shadow``, malloc'd, held as the edits are:
-``c.holds``, freed by ``conn_drop_held`` when the request ends before its
-copies start: a local answer, a fault's abort, a body cut short). The
-request's bytes as sent are kept in ``c.replay`` from there, as a retry
-policy's are (``c.replayable``; what retries do is unchanged: every
-decision that retries tests the policy, or the method, first). Once the
-request was read whole and sent (``send_request``, ``client_event``:
-``c.req_left`` 0 there, a test of ``c.shadow`` more), ``mirror_start``
-builds ``shadow_head`` of the head (``Plan_.head_len`` bytes of the
-replay) and the body bytes after it, and opens a ``Shadow`` per copy: a
-non-blocking connection of its own in the loop's epoll (``K_SHADOW``,
-dispatched in ``run()``; never pooled, no EP, no Conn), which sends them,
-reads and throws away until the server closes (done), or ``MIRROR_READ``
-bytes (``MIRROR_READ_LIMIT``) were read (done, ``SH_ENOUGH``: reset, an
+``c.holds``, freed uncounted by ``conn_drop_held`` when the request ends
+before its copies start or are dropped: a fault's abort, a client that
+cut it or left). The request's bytes as sent are kept in ``c.replay``
+from there, as a retry policy's are (``c.replayable``; what retries do
+is unchanged: every decision that retries tests the policy, or the
+method, first). Once the request was read whole and sent
+(``send_request``, ``client_event``: ``c.req_left`` 0 there, a test of
+``c.shadow`` more), ``mirror_start`` builds ``shadow_head`` of the head
+(``Plan_.head_len`` bytes of the replay) and the body bytes after it,
+and opens a ``Shadow`` per copy: a non-blocking connection of its own
+in the loop's epoll (``K_SHADOW``, dispatched in ``run()``; never
+pooled, no EP, no Conn), which sends them, reads and throws away
+until the server closes (done), or ``MIRROR_READ`` bytes
+(``MIRROR_READ_LIMIT``) were read (done, ``SH_ENOUGH``: reset, an
 endless answer costs no more), or fails at a connect, send or receive
-error or at its deadline (the route's timeout
-from its connect, else ``MIRROR_TIMEOUT``: ``shadow_timers``, from
-``timers_due`` and ``tick``), then is closed (a reset when it failed) and
-buried after the batch. Dropped (``mirror_dropped``): a replay gone past
-``REPLAY_LIMIT`` (or a body spliced, which only goes once it is), a
-final answer begun before the request's end (an interim 100 Continue is
-none: c.replay is kept while ``c.shadow`` waits), ``max_mirrors``
-copies in flight, a mirror without a resolved endpoint, a socket or
-connect failing at once. Tunnels and the other requests the pure relay
-answers are its (``slow``, made with the same ``max_mirrors``). A
-verdict without mirrors costs a test in ``apply_verdict`` and one of
-``c.shadow`` per request read whole.
+error or at its deadline (the route's timeout from its connect, else
+``MIRROR_TIMEOUT``: ``shadow_timers``, from ``timers_due`` and
+``tick``), then is closed (a reset when it failed) and buried after the
+batch. When the relay gives the request up before that
+(``mirror_give_up``: from ``local_answer``, its connects failed, a
+circuit breaker, no fd; from ``upstream_failed``, the route timeout
+before a connection, the primary failing before the request's end, a
+body not framed; from ``complete`` with the request cut, answered before
+its end), a request without a body that no try took (``c.req_left`` 0
+with ``c.shadow`` still set) starts its copies from its head held in
+``c.replay`` (Envoy sends the shadow whatever the primary does); one
+whose body was not all read and sent is not held whole: dropped.
+Dropped (``mirror_dropped``): a replay gone past ``REPLAY_LIMIT`` (or a
+body spliced, which only goes once it is), a final answer begun before
+the request's end (an interim 100 Continue is none: c.replay is kept
+while ``c.shadow`` waits), a body not all read when the request was
+given up, ``max_mirrors`` copies in flight, a mirror without a resolved
+endpoint, a socket or connect failing at once. Tunnels and the other
+requests the pure relay answers are its (``slow``, made with the same
+``max_mirrors``). A verdict without mirrors costs a test in
+``apply_verdict``, one of ``c.shadow`` per request read whole, and one
+per local answer, failure, and answer before the request's end.
 
 Outlier detection
 -----------------
@@ -2169,7 +2180,7 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
     free(c.set_cookie)
     c.set_cookie = NULL
     c.set_cookie_len = 0
-    free(c.shadow)  # (copies not started: the request was not read whole)
+    free(c.shadow)  # (copies neither started nor dropped: an abort, a client's cut)
     c.shadow = NULL
 
 
@@ -2240,6 +2251,8 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     it is not the upstream's failure (a request body that cannot be
     framed), or no endpoint is to blame (the route timeout while
     connecting)."""
+    if c.shadow != NULL:  # (given up before the request's end, or before a connection)
+        mirror_give_up(R, c, now)
     if c.up != NULL:
         if why != OD_ANSWERED:
             outcome(R, c, c.up.ep, why)
@@ -2524,6 +2537,8 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
                           and c.splicing != SPL_REQ)
     if c.splicing == SPL_REQ:  # answered before its body was all sent
         splice_stop(c)
+    if request_cut and c.shadow != NULL:  # (its copies dropped: answered before its end)
+        mirror_give_up(R, c, now)
     # as its head told the client (final_head), unless the request was cut
     # or the client left since
     cdef bint keep = c.keeps_client and not request_cut and not c.client_eof
@@ -3787,6 +3802,8 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogi
     """refuse() in _exchange_py.py: the head has no body (fast path), so the
     connection stays when the head asks for it."""
     cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
+    if c.shadow != NULL:  # (drawn: its connects failed, a circuit breaker, no fd)
+        mirror_give_up(R, c, now)
     if v.tag >= 0:
         c.tag = v.tag
     if keep:
@@ -4796,7 +4813,7 @@ cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     p.head_len = c.rhead.len
     p.timeout = v.timeout if v.timeout > 0 else MIRROR_S
     c.shadow = p
-    c.holds = True  # (conn_drop_held() frees it, the request not read whole)
+    c.holds = True  # (conn_drop_held() frees it uncounted: an abort, a client's cut)
     if not c.replayable:
         c.replayable = True
         replay_add(c, c.rhead.p, c.rhead.len)
@@ -4872,14 +4889,31 @@ cdef void mirror_start(Relay *R, Conn *c, double now) noexcept nogil:
     its bytes went past REPLAY_LIMIT (or were spliced), an answer began
     before the request's end, max_mirrors copies are in flight, the mirror
     had no endpoint, or its socket or connect failed at once."""
+    # (an interim head, 100 Continue, is no answer: c.rhead holds a final one begun)
+    mirror_copies(R, c, c.replayable and c.rs == RS_HEAD and c.rhead.len == 0, now)
+
+
+cdef void mirror_give_up(Relay *R, Conn *c, double now) noexcept nogil:
+    """The relay gives c's request up before its copies started: its
+    connects failed, a circuit breaker or no fd left answered 503, the
+    route timeout passed before a connection, the primary failed before
+    the request's end, a body could not be framed (local_answer(),
+    upstream_failed()). A copy goes whatever the primary did (Envoy's
+    shadow): a request without a body, which no try sent (c.req_left 0
+    with c.shadow still set), goes from its head held in c.replay; one
+    whose body was not all read and sent is not held whole: dropped."""
+    mirror_copies(R, c, c.replayable and c.req_left == 0 and c.replay.len <= REPLAY_LIMIT, now)
+
+
+cdef void mirror_copies(Relay *R, Conn *c, bint whole, double now) noexcept nogil:
+    """c.shadow's copies: each started (c.replay's bytes: shadow_head() of
+    its head, then its body) when *whole*, else dropped and counted."""
     cdef Plan_ *p = c.shadow
     cdef Buf pay
     cdef int i
-    cdef bint whole
     c.shadow = NULL
     memset(&pay, 0, sizeof(Buf))
-    # (an interim head, 100 Continue, is no answer: c.rhead holds a final one begun)
-    whole = c.replayable and c.rs == RS_HEAD and c.rhead.len == 0 and c.replay.len >= p.head_len
+    whole = whole and c.replay.len >= p.head_len
     if whole and (shadow_head(&pay, c.replay.p, p.head_len) != 0
                   or buf_add(&pay, c.replay.p + p.head_len, c.replay.len - p.head_len) != 0):
         whole = False

@@ -7,8 +7,10 @@ robin over a mirror's endpoints, copies that fail (refused, reset, never
 answered) or cannot go (max_mirrors, a body past the replay limit), the
 requests never mirrored (a fault's abort, a local answer), one copy per
 request however often it is retried, pipelined requests, and no socket
-left open by a copy, ended or cut by ``close()``; a copy's endless answer
-read no further than ``MIRROR_READ_LIMIT``.
+left open by a copy, ended or cut by ``close()``; a copy whatever becomes
+of the primary (no try reaching it: a bodyless request's copy goes, a
+body's is dropped; a primary failing mid-body: dropped), and a copy's
+endless answer read no further than ``MIRROR_READ_LIMIT``.
 
 Counts, never times: a copy's end is waited for by polling the relay's
 gauges (``mirror_active``) and the mirror's own records.
@@ -765,6 +767,147 @@ def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> N
     assert mirror.seen() == [shadow_head(head) + b"hello"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 0
+
+
+def test_a_copy_goes_when_no_try_reaches_the_primary(mode: tuple[str, str]) -> None:
+    """The primary refuses every connect: the client gets its 503, and the
+    mirror its copy all the same (Envoy's shadow goes whatever the primary
+    does; both twins let it go uncounted)."""
+    mirror = Mirrored()
+    with dead_ports(1) as ports:
+        relay = _mirror_relay(mode, (("127.0.0.1", ports[0]),), (Mirror((mirror.endpoint,)),))
+        try:
+            a = _client(relay)
+            a.sendall(GET)
+            got = _response(a)
+            assert _until(lambda: len(mirror.seen()) == 1, 5.0)
+            stats = _settled(relay)
+            a.close()
+        finally:
+            relay.close()
+            mirror.close()
+    assert got.startswith(b"HTTP/1.1 503 ")
+    assert stats["connect_errors"] == 1
+    assert mirror.seen() == [shadow_head(GET)]
+    assert stats["mirrored"] == 1
+    assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
+
+
+def test_a_body_no_try_took_is_a_dropped_copy(mode: tuple[str, str]) -> None:
+    """A POST, its body sent with its head, to a primary refusing every
+    connect: its body was never read into a try, so not held: its copy is
+    dropped and counted (both twins let it go uncounted)."""
+    mirror = Mirrored()
+    with dead_ports(1) as ports:
+        relay = _mirror_relay(mode, (("127.0.0.1", ports[0]),), (Mirror((mirror.endpoint,)),))
+        try:
+            a = _client(relay)
+            a.sendall(_post(b"hello"))
+            got = _response(a)
+            stats = _settled(relay)
+            a.close()
+        finally:
+            relay.close()
+            mirror.close()
+    assert got.startswith(b"HTTP/1.1 503 ")
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == 0
+    assert stats["mirror_dropped"] == 1
+
+
+class _ResetsMidBody:
+    """A backend that reads a request's head (and what came with it), then
+    resets the connection."""
+
+    def __init__(self) -> None:
+        self.heads = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(
+            self.listener,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            self.heads += 1
+        reset_close(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_body_cut_by_the_primarys_failure_is_a_dropped_copy(mode: tuple[str, str]) -> None:
+    """The primary resets while the client's body is half sent: the client
+    gets the 502, the copy (the body not read whole) is dropped and
+    counted (both twins let it go uncounted)."""
+    up, mirror = _ResetsMidBody(), Mirrored()
+    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    try:
+        a = _client(relay)
+        a.sendall(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        got = _response(a)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert got.startswith(b"HTTP/1.1 502 ")
+    assert up.heads == 1
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == 0
+    assert stats["mirror_dropped"] == 1
+
+
+def test_an_aborted_copy_leaves_nothing_for_the_next_request(mode: tuple[str, str]) -> None:
+    """A mirrored request aborted by its fault, then one without mirrors on
+    the same keep-alive connection: neither copied nor counted."""
+    up, mirror = Primary(), Mirrored()
+    mirrors = (Mirror((mirror.endpoint,)),)
+    abort = Fault(abort_status=503, abort_ppm=FAULT_SCALE)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        mirrored = Verdict(
+            (Choice(1, (up.endpoint,), "ORDERED", tag="t"),),
+            ttl=60.0,
+            shape=SHAPE_FULL,
+            fault=abort,
+            mirrors=mirrors,
+        )
+        plain = Verdict(
+            (Choice(1, (up.endpoint,), "ORDERED", tag="t"),), ttl=60.0, shape=SHAPE_FULL
+        )
+        kw["resolve"] = lambda head, origin: mirrored if head.path == "/m" else plain
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.path == "/m":
+            return Decision((up.endpoint,), tag="t", fault=abort, mirrors=mirrors)
+        return Decision((up.endpoint,), tag="t")
+
+    relay = _relay(which, decide, **kw)
+    try:
+        a = _client(relay)
+        a.sendall(b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = _response(a)
+        a.sendall(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+        second = _response(a)
+        stats = _settled(relay)
+        a.close()
+    finally:
+        relay.close()
+        up.close()
+        mirror.close()
+    assert first.startswith(b"HTTP/1.1 503 ")
+    assert second == OK
+    assert len(up.requests) == 1
+    assert mirror.accepted == 0
+    assert stats["mirrored"] == stats["mirror_dropped"] == stats["mirror_failed"] == 0
 
 
 class _Endless:

@@ -378,10 +378,12 @@ class Retry(NamedTuple):
 
 class Shadow(NamedTuple):
     """The current request was read whole and sent upstream (its first
-    try's bytes): copies of it go to its mirrors now (see
-    ``verdict.Mirror``). *data*: the head as sent upstream and the body
-    bytes exactly as sent; None when they went past the replay limit (the
-    copies are dropped). Only asked for with :attr:`Exchange.mirror` set."""
+    try's bytes), or given up before its copies went (see
+    ``Exchange._given_up``): copies of it go to its mirrors now (see
+    ``verdict.Mirror``). *data*: the head as
+    sent upstream and the body bytes exactly as sent; None when they went
+    past the replay limit or were not all read (the copies are dropped).
+    Only asked for with :attr:`Exchange.mirror` set."""
 
     data: bytes | None
     head_length: int = 0  # data[:head_length] is the head as sent
@@ -922,8 +924,9 @@ class Exchange:
         self.retry: RetryPolicy | None = None  # the route's (set by the shell)
         self.edits: HeadEdits | None = None  # the route's choice's (set by the shell)
         # the request's bytes as sent upstream, kept for its mirrors' copies
-        # (the shell sets an empty one before routed(); None: none wanted,
-        # or past the replay limit) until Shadow hands them over
+        # (the shell sets an empty one before routed(), and clears it for a
+        # fault's abort; None: none wanted, or past the replay limit) until
+        # Shadow hands them over
         self.mirror: bytearray | None = None
         self._mirroring = False  # ... a Shadow is still due for this request
         self._tries = 0  # the retry policy's retries so far
@@ -1066,6 +1069,7 @@ class Exchange:
         keep = self.head.keep_alive and complete and not self._client_eof and not close
         answer = local_response(status, body, not keep, headers, self._head_only())
         out: list[Action] = [
+            *self._given_up(),  # (mirrors drawn, no try took it: see _given_up)
             Client(answer),
             Done(status, True),
         ]
@@ -1147,6 +1151,7 @@ class Exchange:
             bodyless = request_framing(self.head)[0] == Framing.NONE
             keep = bodyless and self._keeps_after_local_answer()
             return [
+                *self._given_up(),
                 Release(False),
                 Client(local_response(504, reason, not keep, head_only=self._head_only())),
                 Done(504, True),
@@ -1227,6 +1232,32 @@ class Exchange:
             # interim one, 100 Continue, is none)
             return Shadow(None)
         return Shadow(bytes(data), len(self._sent_head))
+
+    def _given_up(self) -> list[Action]:
+        """The request ends before its copies went (see ``verdict.Mirror``):
+        answered here after its mirrors were drawn (its connects failed, a
+        circuit breaker, no fd, the route timeout before a connection), or
+        its primary failed or answered before its end. A copy goes whatever
+        the primary did (Envoy's shadow): a request without a body that no
+        try took goes from its head as it would have been sent; one not
+        read whole is not held (Shadow(None): its copies dropped). No
+        copies due (none drawn, or they went): none."""
+        if self._mirroring:  # a try took its head: the request not read whole
+            self._mirroring = False
+            self.mirror = None
+            return [Shadow(None)]
+        if self.mirror is None or self.phase != Phase.ROUTING:
+            return []
+        self.mirror = None
+        assert self.head is not None
+        if request_framing(self.head)[0] != Framing.NONE:
+            return [Shadow(None)]
+        head = self._sent_head
+        if self.edits is not None:  # (as routed() would have sent it)
+            head = edit_request_head(head, self.edits)
+        if len(head) > self.replay_limit:
+            return [Shadow(None)]
+        return [Shadow(head, len(head))]
 
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT
@@ -1388,6 +1419,7 @@ class Exchange:
             and self._sent_persistent
         )
         out: list[Action] = [
+            *(self._given_up() if request_cut else ()),
             Done(self.status, False),
             Release(reusable, answered=True, status=self.status),
         ]
@@ -1412,7 +1444,10 @@ class Exchange:
         200, as Envoy counts it), else with the local answer's. *gateway*:
         the upstream's failure, not the client's (a request body that cannot
         be framed): outlier detection hears of it."""
-        out: list[Action] = [Release(False, failure=reason if gateway else "")]
+        out: list[Action] = [
+            *self._given_up(),
+            Release(False, failure=reason if gateway else ""),
+        ]
         if self._response is None:
             self.status = status
             keep = (

@@ -183,20 +183,26 @@ on its own (``_draw_mirrors``, before its fault's draws; this relay's
 endpoint of each drawn then (round robin per ``balance_key``, skipping names
 not resolved yet). The Exchange keeps the request's bytes as sent upstream
 (``Exchange.mirror``: the first try's, at most the replay limit) and says
-``Shadow`` once it was read whole and sent. Then each drawn mirror gets a
+``Shadow`` once it was read whole and sent, or given up before
+(``Exchange._given_up``: a request without a body that no try took, its
+connects failed, a circuit breaker's or no fd's 503, the route timeout
+before a connection, has the head as it would have been sent; one not
+read whole, none: its copies dropped). Then each drawn mirror gets a
 copy (``_mirror``): ``shadow_head`` of the head as sent and the body bytes
 as sent, on a connection of its own (``_Shadow``, non-blocking, in this
 epoll, never pooled); the answer is read and thrown away until the server
 closes, or ``MIRROR_READ_LIMIT`` bytes of it were read (done: reset), or
-the copy fails (a connect, send or receive error, its deadline:
-the route's timeout from its connect, else ``MIRROR_TIMEOUT``;
+the copy fails (a connect, send or receive error, its deadline: the
+route's timeout from its connect, else ``MIRROR_TIMEOUT``;
 ``_timers_due``, the tick a backstop) and is reset. Nothing of it touches
 the client, the pool, the reports or outlier detection. Dropped
 (``mirror_dropped``): bytes past the replay limit, an answer that began
-before the request's end, a tunnel's request, ``max_mirrors`` copies in
-flight already, no endpoint to use, a socket or connect failing at once. A
-request answered locally, cut before it was read whole, or retried (one
-copy) has no more.
+before the request's end, a body not all read when the request was given
+up, a tunnel's request, ``max_mirrors`` copies in flight already, no
+endpoint to use, a socket or connect failing at once. A request answered
+locally before any try (a fault's abort forgets its draw:
+``_fault_abort``), cut by its client before it was read whole, or retried
+(one copy) has no more.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -1121,7 +1127,10 @@ class HttpRelay:
         """A fault's abort, reported with ``Fault.tag`` (else its choice's):
         tagged when it is answered, not when drawn, so that a client gone
         during the delay before it is reported as the compiled twin does,
-        under its choice's tag."""
+        under its choice's tag. Its mirrors drawn are forgotten: an abort
+        is never mirrored, nor counted."""
+        c.mirrors = ()
+        c.ex.mirror = None
         if fault.tag is not None and c.decision is not None:
             c.decision = c.decision._replace(tag=fault.tag)  # (its reports')
             c.tag = fault.tag
@@ -1166,10 +1175,11 @@ class HttpRelay:
         c.ex.mirror = bytearray()
 
     def _mirror(self, c: _Conn, a: Shadow, now: float) -> None:
-        """The request was read whole and sent: a copy to each mirror drawn
-        (its endpoint chosen then: _draw_mirrors), dropped for bytes past
-        the replay limit, max_mirrors copies in flight, a socket or connect
-        failing at once."""
+        """The request was read whole and sent (or given up: Exchange's
+        _given_up): a copy to each mirror drawn (its endpoint chosen then:
+        _draw_mirrors), dropped for bytes past the replay limit or not all
+        held, max_mirrors copies in flight, a socket or connect failing at
+        once."""
         endpoints, c.mirrors = c.mirrors, ()
         payload = b""
         if a.data is not None:

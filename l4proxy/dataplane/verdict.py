@@ -548,24 +548,33 @@ class Mirror(NamedTuple):
     or outlier detection. It goes once the request has been read whole, on
     a connection of its own (never pooled): :func:`shadow_head` of the head
     as sent upstream, then the body bytes exactly as sent (chunked stays
-    chunked). It ends when the server closes, or once
+    chunked). It goes whatever becomes of the primary (as Envoy's shadow
+    does): a request without a body that no try took (every connect
+    failed, a circuit breaker's or an fd shortage's 503, the route timeout
+    before a connection) goes from its head as it would have been sent. It
+    ends when the server closes, or once
     :data:`MIRROR_READ_LIMIT` bytes of its answer were read (closed with a
     reset, and done: the rest is of no interest, and an endless answer
     costs no more), or fails at a connect, send or receive error or at its
     deadline: the route's timeout from its connect, or
     :data:`MIRROR_TIMEOUT` when the route has none.
 
-    Not mirrored (counted as dropped): a request whose bytes as sent are
-    over the relay's replay limit (64 KiB) or whose body was spliced; one
-    whose answer began before it was read whole; one that becomes a
-    tunnel (Upgrade, CONNECT); a draw while the relay already has its most
-    copies in flight (``max_mirrors``); a mirror with no endpoint, or none
-    resolved; a copy whose socket or connect fails at once. Never mirrored, and not counted: a
-    request answered locally (its route's answer, a fault's abort, none of
-    its destination's endpoints); a retry of one (its copy went once). A
-    fault's delay holds its copy back with it. The relays count
-    ``mirrored`` (copies started), ``mirror_dropped`` and ``mirror_failed``
-    in ``stats()``, and ``mirror_active`` in flight.
+    Every copy drawn is started (``mirrored``) or counted as dropped
+    (``mirror_dropped``), but for the cases below that are neither. Dropped:
+    a request whose bytes as sent are over the relay's replay limit
+    (64 KiB) or whose body was spliced; one whose answer began before it
+    was read whole; one whose body was not all read and sent when the relay
+    gave it up (no try took it, its primary failed before its end); one
+    that becomes a tunnel (Upgrade, CONNECT); a draw while the relay
+    already has its most copies in flight (``max_mirrors``); a mirror with
+    no endpoint, or none resolved; a copy whose socket or connect fails at
+    once. Never mirrored, and not counted: a request answered locally
+    before any try (its route's answer, a fault's abort, none of its
+    destination's endpoints); a retry of one (its copy went once); a
+    request its client cut (or left) before it was read whole. A fault's
+    delay holds its copy back with it. The relays count ``mirrored``
+    (copies started), ``mirror_dropped`` and ``mirror_failed`` in
+    ``stats()``, and ``mirror_active`` in flight.
 
     ``balance_key`` names the round-robin counter, as a
     :class:`Choice`'s does."""
