@@ -218,11 +218,13 @@ from there, as a retry policy's are (``c.replayable``; what retries do
 is unchanged: every decision that retries tests the policy, or the
 method, first). Once the request was read whole and sent
 (``send_request``, ``client_event``: ``c.req_left`` 0 there, a test of
-``c.shadow`` more), ``mirror_start`` builds ``shadow_head`` of the head
-(``Plan_.head_len`` bytes of the replay) and the body bytes after it,
-and opens a ``Shadow`` per copy: a non-blocking connection of its own
-in the loop's epoll (``K_SHADOW``, dispatched in ``run()``; never
-pooled, no EP, no Conn), which sends them, reads and throws away
+``c.shadow`` more), after the primary's ``flush_up`` (its bytes first;
+before ``upstream_send_failed`` when that failed: the copies go
+whatever the primary does), ``mirror_start`` builds ``shadow_head`` of
+the head (``Plan_.head_len`` bytes of the replay) and the body bytes
+after it, and opens a ``Shadow`` per copy: a non-blocking connection of
+its own in the loop's epoll (``K_SHADOW``, dispatched in ``run()``;
+never pooled, no EP, no Conn), which sends them, reads and throws away
 until the server closes (done), or ``MIRROR_READ`` bytes
 (``MIRROR_READ_LIMIT``) were read (done, ``SH_ENOUGH``: reset, an
 endless answer costs no more), or fails at a connect, send or receive
@@ -246,8 +248,9 @@ given up, ``max_mirrors`` copies in flight, a mirror without a resolved
 endpoint, a socket or connect failing at once. Tunnels and the other
 requests the pure relay answers are its (``slow``, made with the same
 ``max_mirrors``). A verdict without mirrors costs a test in
-``apply_verdict``, one of ``c.shadow`` per request read whole, and one
-per local answer, failure, and answer before the request's end.
+``apply_verdict``, one of ``c.shadow`` per request read whole and per
+body read, and one per local answer, failure, and answer before the
+request's end.
 
 Outlier detection
 -----------------
@@ -3427,12 +3430,16 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
             c.replayable = False
     if c.req_left == 0:
         request_read(R, c, now)
-        if c.shadow != NULL:
-            R.mirror_start(R, c, now)
     c.phase = P_EXCH
     c.rs = RS_HEAD
+    # the primary's bytes first, then its copies (before a failed send's
+    # end of the exchange: they go whatever the primary does)
     if flush_up(R, u) != 0:
+        if c.shadow != NULL and c.req_left == 0:
+            R.mirror_start(R, c, now)
         upstream_send_failed(R, c, now)
+    elif c.shadow != NULL and c.req_left == 0:
+        R.mirror_start(R, c, now)
 
 
 
@@ -4493,12 +4500,16 @@ cdef void client_event(Relay *R, Conn *c, uint32_t ev, double now) noexcept nogi
                     return
             if c.req_left == 0:
                 request_read(R, c, now)
-                if c.shadow != NULL:
-                    R.mirror_start(R, c, now)
+            # the primary's bytes first, then its copies (see send_request())
             if flush_up(R, c.up) != 0:
+                if c.shadow != NULL and c.req_left == 0:
+                    R.mirror_start(R, c, now)
                 upstream_send_failed(R, c, now)
-            elif c.req_left == 0 and c.rs == RS_DONE:
-                complete(R, c, False, False, now)
+            else:
+                if c.shadow != NULL and c.req_left == 0:
+                    R.mirror_start(R, c, now)
+                if c.req_left == 0 and c.rs == RS_DONE:
+                    complete(R, c, False, False, now)
     elif ev & (sys_.EPOLLHUP | sys_.EPOLLERR) and not c.out.len and c.phase != P_RESOLVE:
         conn_abort(R, c)  # gone while we waited for its upstream
         return
@@ -4885,10 +4896,11 @@ cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
 
 cdef void mirror_start(Relay *R, Conn *c, double now) noexcept nogil:
     """c's request was read whole and sent (its first try's bytes in
-    c.replay): a copy to each mirror drawn (mirror_draw()), dropped when
-    its bytes went past REPLAY_LIMIT (or were spliced), an answer began
-    before the request's end, max_mirrors copies are in flight, the mirror
-    had no endpoint, or its socket or connect failed at once."""
+    c.replay; called after the primary's flush: its bytes go first): a
+    copy to each mirror drawn (mirror_draw()), dropped when its bytes went
+    past REPLAY_LIMIT (or were spliced), an answer began before the
+    request's end, max_mirrors copies are in flight, the mirror had no
+    endpoint, or its socket or connect failed at once."""
     # (an interim head, 100 Continue, is no answer: c.rhead holds a final one begun)
     mirror_copies(R, c, c.replayable and c.rs == RS_HEAD and c.rhead.len == 0, now)
 

@@ -380,7 +380,7 @@ class Shadow(NamedTuple):
     """The current request was read whole and sent upstream (its first
     try's bytes), or given up before its copies went (see
     ``Exchange._given_up``): copies of it go to its mirrors now (see
-    ``verdict.Mirror``). *data*: the head as
+    ``verdict.Mirror``), once the primary's bytes went. *data*: the head as
     sent upstream and the body bytes exactly as sent; None when they went
     past the replay limit or were not all read (the copies are dropped).
     Only asked for with :attr:`Exchange.mirror` set."""

@@ -187,7 +187,9 @@ not resolved yet). The Exchange keeps the request's bytes as sent upstream
 (``Exchange._given_up``: a request without a body that no try took, its
 connects failed, a circuit breaker's or no fd's 503, the route timeout
 before a connection, has the head as it would have been sent; one not
-read whole, none: its copies dropped). Then each drawn mirror gets a
+read whole, none: its copies dropped). Then, once the batch of actions
+sent the primary its bytes (``_Conn.shadows_due``, ``_mirrors_due``: the
+primary first, its copies whatever its send did), each drawn mirror gets a
 copy (``_mirror``): ``shadow_head`` of the head as sent and the body bytes
 as sent, on a connection of its own (``_Shadow``, non-blocking, in this
 epoll, never pooled); the answer is read and thrown away until the server
@@ -393,6 +395,9 @@ class _Conn:
     # its Shadow starts their copies, and their deadline from a connect
     mirrors: tuple[Endpoint | None, ...] = ()
     mirror_timeout: float = 0.0
+    # ... Shadows of this batch of actions, each with its mirrors and their
+    # deadline, started once the primary's bytes went (_perform_queued)
+    shadows_due: list[tuple[Shadow, tuple[Endpoint | None, ...], float]] | None = None
 
 
 def peer_of(sock: socket.socket) -> bytes | None:
@@ -939,7 +944,7 @@ class HttpRelay:
             a = c.todo.popleft()
             if c.fd not in self._conns:
                 c.todo.clear()
-                return  # handed off or closed by an earlier action
+                break  # handed off or closed by an earlier action
             if isinstance(a, Route):
                 self._route(c, a.head, now)
             elif isinstance(a, Upstream):
@@ -992,7 +997,14 @@ class HttpRelay:
                     continue
                 self._try(c, c.candidates[0], now, pooled=False)
             elif isinstance(a, Shadow):
-                self._mirror(c, a, now)
+                # its copies start after the primary's bytes went (below),
+                # with the mirrors drawn for this request (a Done clears them)
+                due = (a, c.mirrors, c.mirror_timeout)
+                c.mirrors = ()
+                if c.shadows_due is None:
+                    c.shadows_due = [due]
+                else:
+                    c.shadows_due.append(due)
             elif isinstance(a, Done):
                 self._count(c, a.status, a.local, now)
             elif isinstance(a, Tunnel | NotHTTPConnection):
@@ -1011,10 +1023,15 @@ class HttpRelay:
                 and up.out
                 and not self._flush_up(up)
             ):
-                c.todo.extend(self._send_failed(c, up, now))
+                after = self._send_failed(c, up, now)
+                if c.shadows_due is not None:  # (they go whatever the primary does)
+                    self._mirrors_due(c, now)
+                c.todo.extend(after)
                 return  # (done by _perform's loop, then this again)
-            if c.out:
-                self._flush_client(c)
+        if c.shadows_due is not None:  # (the primary's bytes went first)
+            self._mirrors_due(c, now)
+        if c.fd in self._conns and c.out:
+            self._flush_client(c)
         if c.fd in self._conns:
             self._interest(c)
             if c.up is not None and c.up.owner is c and not c.up.connecting:
@@ -1174,13 +1191,19 @@ class HttpRelay:
         c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
         c.ex.mirror = bytearray()
 
-    def _mirror(self, c: _Conn, a: Shadow, now: float) -> None:
+    def _mirrors_due(self, c: _Conn, now: float) -> None:
+        """The Shadows of c's batch of actions, after its primary's bytes
+        went (they wait for no copy's socket, connect or bytes)."""
+        due, c.shadows_due = c.shadows_due, None
+        for a, endpoints, timeout in due or ():
+            self._mirror(a, endpoints, now + timeout)
+
+    def _mirror(self, a: Shadow, endpoints: tuple[Endpoint | None, ...], deadline: float) -> None:
         """The request was read whole and sent (or given up: Exchange's
         _given_up): a copy to each mirror drawn (its endpoint chosen then:
         _draw_mirrors), dropped for bytes past the replay limit or not all
         held, max_mirrors copies in flight, a socket or connect failing at
         once."""
-        endpoints, c.mirrors = c.mirrors, ()
         payload = b""
         if a.data is not None:
             payload = shadow_head(a.data[: a.head_length]) + a.data[a.head_length :]
@@ -1189,7 +1212,7 @@ class HttpRelay:
                 a.data is None
                 or endpoint is None
                 or len(self._shadows) >= self.max_mirrors
-                or not self._shadow_start(endpoint, payload, now + c.mirror_timeout)
+                or not self._shadow_start(endpoint, payload, deadline)
             ):
                 self.counters["mirror_dropped"] += 1
 

@@ -545,19 +545,19 @@ class Mirror(NamedTuple):
 
     A copy is fire and forget: its response is read and thrown away, and
     nothing about it reaches the client, the route's metrics, its retries,
-    or outlier detection. It goes once the request has been read whole, on
-    a connection of its own (never pooled): :func:`shadow_head` of the head
-    as sent upstream, then the body bytes exactly as sent (chunked stays
-    chunked). It goes whatever becomes of the primary (as Envoy's shadow
-    does): a request without a body that no try took (every connect
-    failed, a circuit breaker's or an fd shortage's 503, the route timeout
-    before a connection) goes from its head as it would have been sent. It
-    ends when the server closes, or once
-    :data:`MIRROR_READ_LIMIT` bytes of its answer were read (closed with a
-    reset, and done: the rest is of no interest, and an endless answer
-    costs no more), or fails at a connect, send or receive error or at its
-    deadline: the route's timeout from its connect, or
-    :data:`MIRROR_TIMEOUT` when the route has none.
+    or outlier detection. It goes once the request has been read whole and
+    its bytes went to the primary (the primary's first), on a connection
+    of its own (never pooled): :func:`shadow_head` of the head as sent
+    upstream, then the body bytes exactly as sent (chunked stays chunked).
+    It goes whatever becomes of the primary (as Envoy's shadow does): a
+    request without a body that no try took (every connect failed, a
+    circuit breaker's or an fd shortage's 503, the route timeout before a
+    connection) goes from its head as it would have been sent. It ends
+    when the server closes, or once :data:`MIRROR_READ_LIMIT` bytes of its
+    answer were read (closed with a reset, and done: the rest is of no
+    interest, and an endless answer costs no more), or fails at a connect,
+    send or receive error or at its deadline: the route's timeout from its
+    connect, or :data:`MIRROR_TIMEOUT` when the route has none.
 
     Every copy drawn is started (``mirrored``) or counted as dropped
     (``mirror_dropped``), but for the cases below that are neither. Dropped:
