@@ -426,8 +426,9 @@ class WorkerView:
             # a route's retry policy's retries (Envoy's upstream_rq_retry)
             "l4proxy_upstream_rq_retry_total": rs.get("retries", 0),
             # request mirroring (a route's mirror, mirrors, RequestMirror): copies
-            # started, not started (over the replay limit, a tunnel, the
-            # in-flight cap, no endpoint), failed (connect, I/O, deadline), and
+            # started, dropped (over the replay limit, an answer or a give-up
+            # before the request's end, a tunnel, the in-flight cap, no
+            # endpoint: verdict.Mirror), failed (connect, I/O, deadline), and
             # in flight now
             "l4proxy_http_mirrored_total": rs.get("mirrored", 0),
             "l4proxy_http_mirror_dropped_total": rs.get("mirror_dropped", 0),
