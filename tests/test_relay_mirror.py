@@ -24,6 +24,7 @@ import re
 import socket
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,7 +53,8 @@ from tests._scripted import (
     policy,
 )
 from tests.conftest import accept_until_closed, dead_ports, reset_close
-from tests.test_relay_edges import _relay
+from tests.test_relay_edges import Backend, _relay
+from tests.test_relay_fault import _recv
 
 Endpoint = tuple[str, int]
 OK = _answer(200, OK_BODY)
@@ -153,31 +155,34 @@ class Mirrored:
         self.listener.close()
 
 
-class Primary:
-    """A keep-alive backend that reads chunked bodies too and answers OK."""
+class Primary(Backend):
+    """A keep-alive backend that reads chunked bodies too and answers OK
+    (a Backend: its handler's connection closed, an OSError ending it)."""
 
     def __init__(self) -> None:
         self.requests: list[bytes] = []
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
-        accept_until_closed(
-            self.listener,
-            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
-        )
+        super().__init__(self._handle)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         buf = b""
-        with conn, contextlib.suppress(OSError):
-            while (got := _read_request(conn, buf)) is not None:
-                request, buf = got
-                with self.lock:
-                    self.requests.append(request)
-                conn.sendall(OK)
+        while (got := _read_request(conn, buf)) is not None:
+            request, buf = got
+            with self.lock:
+                self.requests.append(request)
+            conn.sendall(OK)
+
+
+class _Dead:
+    """A port nothing listens on (from ``dead_ports``): every connect
+    refused."""
+
+    def __init__(self, port: int) -> None:
+        self.endpoint: Endpoint = ("127.0.0.1", port)
 
     def close(self) -> None:
-        self.listener.close()
+        pass
 
 
 def _mirror_relay(
@@ -188,38 +193,55 @@ def _mirror_relay(
     retry: RetryPolicy | None = None,
     fault: Fault | None = None,
     local: tuple[int, str] | None = None,
+    edits: HeadEdits | None = None,
+    only: str | None = None,
     **kw: Any,
 ) -> Any:
     """A relay of the twin and mode sending every request to *endpoints*
-    (in order) with *mirrors* (a cached verdict in the resolve mode)."""
+    (in order, with the route's *edits*) with *mirrors* and *fault* (a
+    cached verdict in the resolve mode); with *only*, a request to another
+    path goes to *endpoints* without fault or mirrors."""
     which, how = mode
+    fields: dict[str, Any] = {"timeout": timeout, "retry": retry, "local": local}
+    extra: dict[str, Any] = {"fault": fault, "mirrors": mirrors}
+    choices = () if local is not None else (Choice(1, endpoints, "ORDERED", tag="t", edits=edits),)
+
+    def ours(head: Any) -> bool:
+        return only is None or head.path == only
+
     if how == "resolve":
-        if local is not None:
-            verdict = Verdict(local=local, ttl=60.0, shape=SHAPE_FULL, fault=fault, mirrors=mirrors)
-        else:
-            verdict = Verdict(
-                (Choice(1, endpoints, "ORDERED", tag="t"),),
-                ttl=60.0,
-                shape=SHAPE_FULL,
-                timeout=timeout,
-                retry=retry,
-                fault=fault,
-                mirrors=mirrors,
-            )
-        kw["resolve"] = lambda head, origin: verdict
+        verdict = Verdict(choices, ttl=60.0, shape=SHAPE_FULL, **fields, **extra)
+        plain = Verdict(choices, ttl=60.0, shape=SHAPE_FULL, **fields)
+        kw["resolve"] = lambda head, origin: verdict if ours(head) else plain
 
     def decide(head: Any, origin: Any) -> Decision:
-        return Decision(
-            endpoints,
-            tag="t",
-            timeout=timeout,
-            retry=retry,
-            fault=fault,
-            local=local,
-            mirrors=mirrors,
-        )
+        return Decision(endpoints, tag="t", edits=edits, **fields, **(extra if ours(head) else {}))
 
     return _relay(which, decide, **kw)
+
+
+@contextlib.contextmanager
+def _closing(*things: Any) -> Iterator[None]:
+    """Close each of *things* (relays, backends, mirrors), in order, on
+    leaving."""
+    try:
+        yield
+    finally:
+        for thing in things:
+            thing.close()
+
+
+@contextlib.contextmanager
+def _mirrored(
+    mode: tuple[str, str], up: Any, *mirrors: Any, ppm: int = MIRROR_SCALE, **kw: Any
+) -> Iterator[Any]:
+    """A ``_mirror_relay`` to the backend *up* with a Mirror (its share
+    *ppm*) to each of *mirrors*; the relay, *up* and the mirrors closed on
+    leaving."""
+    copies = tuple(Mirror((m.endpoint,), ppm=ppm) for m in mirrors)
+    relay = _mirror_relay(mode, (up.endpoint,), copies, **kw)
+    with _closing(relay, up, *mirrors):
+        yield relay
 
 
 def _settled(relay: Any) -> dict[str, int]:
@@ -227,6 +249,26 @@ def _settled(relay: Any) -> dict[str, int]:
     assert _until(lambda: relay.stats()["mirror_active"] == 0, 20.0), relay.stats()
     stats: dict[str, int] = relay.stats()
     return stats
+
+
+def _answers(
+    relay: Any,
+    *requests: bytes,
+    until: Callable[[], bool] = lambda: True,
+    timeout: float = 5.0,
+) -> tuple[list[bytes], dict[str, int]]:
+    """*requests* one after another on one client connection to *relay*:
+    their answers, and the relay's stats once *until* holds (polled up to
+    *timeout*) and no copy is in flight; the client closed then."""
+    a = _client(relay)
+    got = []
+    for request in requests:
+        a.sendall(request)
+        got.append(_response(a))
+    assert _until(until, timeout), relay.stats()
+    stats = _settled(relay)
+    a.close()
+    return got, stats
 
 
 def _ours_to(endpoint: Endpoint) -> int:
@@ -244,17 +286,6 @@ def _ours_to(endpoint: Endpoint) -> int:
     return n
 
 
-def _recv(a: socket.socket, n: int) -> bytes:
-    """*n* bytes from *a*."""
-    a.settimeout(5.0)
-    got = b""
-    while len(got) < n:
-        data = a.recv(65536)
-        assert data, got
-        got += data
-    return got
-
-
 def _post(body: bytes) -> bytes:
     return b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -264,19 +295,9 @@ def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> N
     primary received, the client the primary's answer byte for byte; the
     copy counted, none left in flight, no socket of the relay to it."""
     up, mirror = Scripted([]), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
-        a = _client(relay)
-        a.sendall(GET)
-        got = _response(a)
-        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-        stats = _settled(relay)
-        a.close()
+    with _mirrored(mode, up, mirror) as relay:
+        (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
         left = _ours_to(mirror.endpoint)
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert got == OK
     assert up.requests == [GET]
     assert mirror.seen() == [shadow_head(GET)]
@@ -303,34 +324,9 @@ def test_the_copys_head_is_shadow_head_of_the_head_as_sent(
     the route's edits set: the mirror gets shadow_head() of the head the
     primary received, edits applied."""
     up, mirror = Primary(), Mirrored()
-    which, how = mode
     edits = HeadEdits(request_set=(("x-edited", "yes"),))
-    mirrors = (Mirror((mirror.endpoint,)),)
-    kw: dict[str, Any] = {}
-    if how == "resolve":
-        verdict = Verdict(
-            (Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=edits),),
-            ttl=60.0,
-            shape=SHAPE_FULL,
-            mirrors=mirrors,
-        )
-        kw["resolve"] = lambda head, origin: verdict
-    relay = _relay(
-        which,
-        lambda h, o: Decision((up.endpoint,), tag="t", edits=edits, mirrors=mirrors),
-        **kw,
-    )
-    try:
-        a = _client(relay)
-        a.sendall(request_head)
-        got = _response(a)
-        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror, edits=edits) as relay:
+        (got,), stats = _answers(relay, request_head, until=lambda: len(mirror.seen()) == 1)
     assert got.startswith(b"HTTP/1.1 200 X\r\n") and got.endswith(b"\r\n\r\nok")
     assert len(up.requests) == 1
     assert b"x-edited: yes" in up.requests[0]
@@ -351,18 +347,8 @@ def test_a_body_goes_to_the_mirror_as_sent(mode: tuple[str, str], chunked: bool)
     else:
         request = _post(body)
     up, mirror = Primary(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
-        a = _client(relay)
-        a.sendall(request)
-        got = _response(a)
-        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror) as relay:
+        (got,), stats = _answers(relay, request, until=lambda: len(mirror.seen()) == 1)
     assert got == OK
     assert len(up.requests) == 1
     sent = up.requests[0]
@@ -374,18 +360,9 @@ def test_a_body_goes_to_the_mirror_as_sent(mode: tuple[str, str], chunked: bool)
 
 def test_a_share_of_zero_sends_no_copy(mode: tuple[str, str]) -> None:
     up, mirror = Scripted([]), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,), ppm=0),))
-    try:
-        a = _client(relay)
-        for _ in range(5):
-            a.sendall(GET)
-            assert _response(a) == OK
-        a.close()
-        stats = _settled(relay)
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror, ppm=0) as relay:
+        got, stats = _answers(relay, *[GET] * 5)
+    assert got == [OK] * 5
     assert len(up.requests) == 5
     assert mirror.accepted == 0
     assert stats["mirrored"] == stats["mirror_dropped"] == 0
@@ -393,22 +370,11 @@ def test_a_share_of_zero_sends_no_copy(mode: tuple[str, str]) -> None:
 
 def _share(mode: tuple[str, str], seed: int, n: int) -> int:
     up, mirror = Scripted([]), Mirrored()
-    relay = _mirror_relay(
-        mode, (up.endpoint,), (Mirror((mirror.endpoint,), ppm=MIRROR_SCALE // 2),), seed=seed
-    )
-    try:
-        a = _client(relay)
-        for _ in range(n):
-            a.sendall(GET)
-            assert _response(a) == OK
-        a.close()
-        stats = _settled(relay)
+    with _mirrored(mode, up, mirror, ppm=MIRROR_SCALE // 2, seed=seed) as relay:
+        got, stats = _answers(relay, *[GET] * n)
         mirrored = stats["mirrored"]
         assert _until(lambda: len(mirror.seen()) == mirrored, 5.0)
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    assert got == [OK] * n
     assert len(up.requests) == n
     assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
     return mirrored
@@ -426,20 +392,11 @@ def test_a_share_is_drawn_per_request_with_the_seed(mode: tuple[str, str]) -> No
 
 def test_each_mirror_gets_its_copy(mode: tuple[str, str]) -> None:
     up, one, two = Scripted([]), Mirrored(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((one.endpoint,)), Mirror((two.endpoint,))))
-    try:
-        a = _client(relay)
-        for _ in range(3):
-            a.sendall(GET)
-            assert _response(a) == OK
-        assert _until(lambda: len(one.seen()) == len(two.seen()) == 3, 5.0)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        one.close()
-        two.close()
+    with _mirrored(mode, up, one, two) as relay:
+        got, stats = _answers(
+            relay, *[GET] * 3, until=lambda: len(one.seen()) == len(two.seen()) == 3
+        )
+    assert got == [OK] * 3
     assert one.seen() == two.seen() == [shadow_head(GET)] * 3
     assert stats["mirrored"] == 6
 
@@ -449,7 +406,7 @@ def test_a_mirrors_endpoints_take_turns(mode: tuple[str, str]) -> None:
     alternating (the requests' targets tell them apart)."""
     up, one, two = Scripted([]), Mirrored(), Mirrored()
     relay = _mirror_relay(mode, (up.endpoint,), (Mirror((one.endpoint, two.endpoint)),))
-    try:
+    with _closing(relay, up, one, two):
         a = _client(relay)
         for i in range(4):
             a.sendall(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
@@ -457,11 +414,6 @@ def test_a_mirrors_endpoints_take_turns(mode: tuple[str, str]) -> None:
             assert _until(lambda i=i: len(one.seen()) + len(two.seen()) == i + 1, 5.0)
         stats = _settled(relay)
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        one.close()
-        two.close()
     targets = [[r.split(b" ")[1] for r in m.seen()] for m in (one, two)]
     assert sorted(targets) == [[b"/0", b"/2"], [b"/1", b"/3"]]
     assert stats["mirrored"] == 4
@@ -474,42 +426,29 @@ def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], 
     mirror, each copy counted failed, none in flight, no socket left."""
     up = Scripted([])
     with dead_ports(1) as ports:
-        mirror = None if how == "refused" else Mirrored(how)
-        endpoint = ("127.0.0.1", ports[0]) if mirror is None else mirror.endpoint
-        relay = _mirror_relay(mode, (up.endpoint,), (Mirror((endpoint,)),), timeout=0.5)
-        try:
-            a = _client(relay)
-            got = []
-            for _ in range(2):
-                a.sendall(GET)
-                got.append(_response(a))
-            assert _until(lambda: relay.stats()["mirror_failed"] == 2, 10.0), relay.stats()
-            stats = _settled(relay)
-            a.close()
-            left = _ours_to(endpoint)
-        finally:
-            relay.close()
-            up.close()
-            if mirror is not None:
-                mirror.close()
+        mirror = _Dead(ports[0]) if how == "refused" else Mirrored(how)
+        with _mirrored(mode, up, mirror, timeout=0.5) as relay:
+            got, stats = _answers(
+                relay, GET, GET, until=lambda: relay.stats()["mirror_failed"] == 2, timeout=10.0
+            )
+            left = _ours_to(mirror.endpoint)
     assert got == [OK, OK]
     assert up.requests == [GET, GET]
     assert stats["mirrored"] == 2
     assert stats["mirror_failed"] == 2
     assert stats["mirror_dropped"] == 0
     assert left == 0
-    if mirror is not None:
+    if isinstance(mirror, Mirrored):
         assert mirror.seen() == [shadow_head(GET)] * 2
     if how == HANG:
-        assert _until(lambda: mirror is not None and mirror.closed_by_relay == 2)
+        assert _until(lambda: isinstance(mirror, Mirrored) and mirror.closed_by_relay == 2)
 
 
 def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
     """max_mirrors=1 and a mirror that never answers: the second request's
     copy is dropped and counted; both requests answered."""
     up, mirror = Scripted([]), Mirrored(HANG)
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), max_mirrors=1)
-    try:
+    with _mirrored(mode, up, mirror, max_mirrors=1) as relay:
         a = _client(relay)
         got = []
         for _ in range(2):
@@ -518,10 +457,6 @@ def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
         assert _until(lambda: len(mirror.seen()) == 1)
         stats = relay.stats()
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert got == [OK, OK]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 1
@@ -532,20 +467,10 @@ def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
 def test_a_body_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> None:
     body = bytes(range(256)) * 280  # 71,680 bytes: past 64 KiB
     up, mirror = Primary(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
-        a = _client(relay)
-        a.sendall(_post(body))
-        got = _response(a)
-        a.sendall(_post(b"small"))
-        got2 = _response(a)
-        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror) as relay:
+        (got, got2), stats = _answers(
+            relay, _post(body), _post(b"small"), until=lambda: len(mirror.seen()) == 1
+        )
     assert got == got2 == OK
     assert up.requests == [_post(body), _post(b"small")]
     small = _post(b"small")
@@ -563,20 +488,12 @@ def test_local_answers_are_not_mirrored(mode: tuple[str, str]) -> None:
         mode, (up.endpoint,), mirrors, fault=Fault(abort_status=503, abort_ppm=FAULT_SCALE)
     )
     answering = _mirror_relay(mode, (up.endpoint,), mirrors, local=(404, "nope"))
-    try:
-        got = []
+    with _closing(aborting, answering, up, mirror):
+        got, stats = [], []
         for relay in (aborting, answering):
-            a = _client(relay)
-            for _ in range(2):
-                a.sendall(GET)
-                got.append(int(_response(a).split(b" ")[1]))
-            a.close()
-        stats = [_settled(r) for r in (aborting, answering)]
-    finally:
-        aborting.close()
-        answering.close()
-        up.close()
-        mirror.close()
+            answers, settled = _answers(relay, GET, GET)
+            got += [int(r.split(b" ")[1]) for r in answers]
+            stats.append(settled)
     assert got == [503, 503, 404, 404]
     assert up.requests == []
     assert mirror.accepted == 0
@@ -588,20 +505,8 @@ def test_a_retried_request_is_mirrored_once(mode: tuple[str, str]) -> None:
     """The first try answered 503, the retry policy's retry 200: the
     primary saw the request twice, the mirror once."""
     up, mirror = Scripted([_answer(503)]), Mirrored()
-    relay = _mirror_relay(
-        mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), retry=policy(2, "5xx")
-    )
-    try:
-        a = _client(relay)
-        a.sendall(GET)
-        got = _response(a)
-        assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror, retry=policy(2, "5xx")) as relay:
+        (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
     assert got == OK
     assert up.requests == [GET, GET]
     assert mirror.seen() == [shadow_head(GET)]
@@ -612,19 +517,14 @@ def test_a_retried_request_is_mirrored_once(mode: tuple[str, str]) -> None:
 
 def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str]) -> None:
     up, mirror = Scripted([]), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
     requests = [b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(4)]
-    try:
+    with _mirrored(mode, up, mirror) as relay:
         a = _client(relay)
         a.sendall(b"".join(requests))
         got = _recv(a, len(OK) * 4)  # (answers pipelined: as many as they come in)
         assert _until(lambda: len(mirror.seen()) == 4, 5.0)
         stats = _settled(relay)
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert got == OK * 4
     assert up.requests == requests
     assert mirror.seen() == [shadow_head(r) for r in requests]
@@ -635,8 +535,7 @@ def test_close_with_copies_in_flight_leaves_no_socket(mode: tuple[str, str]) -> 
     """Three copies to a mirror that never answers, then close(): the
     relay's sockets to it are closed (the mirror sees each end)."""
     up, mirror = Scripted([]), Mirrored(HANG)
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
+    with _mirrored(mode, up, mirror) as relay:
         a = _client(relay)
         for _ in range(3):
             a.sendall(GET)
@@ -644,10 +543,6 @@ def test_close_with_copies_in_flight_leaves_no_socket(mode: tuple[str, str]) -> 
         assert _until(lambda: len(mirror.seen()) == 3, 5.0)
         active = relay.stats()["mirror_active"]
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert active == 3
     assert _ours_to(mirror.endpoint) == 0
     assert _until(lambda: mirror.closed_by_relay == 3, 5.0)
@@ -659,17 +554,8 @@ def test_a_spliced_body_is_a_dropped_copy(mode: tuple[str, str]) -> None:
     the pure twin counts it (the compiled one freed it uncounted)."""
     body = b"b" * 400_000
     up, mirror = Primary(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
-        a = _client(relay)
-        a.sendall(_post(body))
-        got = _response(a)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror) as relay:
+        (got,), stats = _answers(relay, _post(body))
     assert got == OK
     assert up.requests == [_post(body)]
     assert mirror.accepted == 0
@@ -683,33 +569,9 @@ def test_a_head_edited_past_the_replay_limit_is_not_mirrored(mode: tuple[str, st
     one copied it)."""
     up, mirror = Primary(), Mirrored()
     edits = HeadEdits(request_set=(("x-edited", "y" * 200),))
-    mirrors = (Mirror((mirror.endpoint,)),)
-    which, how = mode
-    kw: dict[str, Any] = {}
-    if how == "resolve":
-        verdict = Verdict(
-            (Choice(1, (up.endpoint,), "ORDERED", tag="t", edits=edits),),
-            ttl=60.0,
-            shape=SHAPE_FULL,
-            mirrors=mirrors,
-        )
-        kw["resolve"] = lambda head, origin: verdict
-    relay = _relay(
-        which,
-        lambda h, o: Decision((up.endpoint,), tag="t", edits=edits, mirrors=mirrors),
-        **kw,
-    )
     head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * 65400 + b"\r\n\r\n"
-    try:
-        a = _client(relay)
-        a.sendall(head)
-        got = _response(a)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror, edits=edits) as relay:
+        (got,), stats = _answers(relay, head)
     assert got == OK
     assert len(up.requests[0]) > 65536
     assert mirror.accepted == 0
@@ -717,39 +579,29 @@ def test_a_head_edited_past_the_replay_limit_is_not_mirrored(mode: tuple[str, st
     assert stats["mirror_dropped"] == 1
 
 
-class _Continues:
+class _Continues(Backend):
     """A backend that answers a request's head with 100 Continue, then
     reads its body (Content-Length) and answers OK."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
-        accept_until_closed(
-            self.listener,
-            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
-        )
+        super().__init__(self._handle)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
-        with conn, contextlib.suppress(OSError):
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                buf += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            assert _read_request(conn, buf) is not None
-            conn.sendall(OK)
-
-    def close(self) -> None:
-        self.listener.close()
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert _read_request(conn, buf) is not None
+        conn.sendall(OK)
 
 
 def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> None:
     """Expect: 100-continue, the server's 100 before the body: an interim
     head is no answer, the copy goes (both twins dropped it)."""
-    up, mirror = _Continues(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
+    mirror = Mirrored()
     head = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-    try:
+    with _mirrored(mode, _Continues(), mirror) as relay:
         a = _client(relay)
         a.sendall(head)
         interim = _recv(a, 25)
@@ -758,10 +610,6 @@ def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> N
         assert _until(lambda: len(mirror.seen()) == 1, 5.0)
         stats = _settled(relay)
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert got == OK
     assert mirror.seen() == [shadow_head(head) + b"hello"]
@@ -774,18 +622,8 @@ def test_a_copy_goes_when_no_try_reaches_the_primary(mode: tuple[str, str]) -> N
     mirror its copy all the same (Envoy's shadow goes whatever the primary
     does; both twins let it go uncounted)."""
     mirror = Mirrored()
-    with dead_ports(1) as ports:
-        relay = _mirror_relay(mode, (("127.0.0.1", ports[0]),), (Mirror((mirror.endpoint,)),))
-        try:
-            a = _client(relay)
-            a.sendall(GET)
-            got = _response(a)
-            assert _until(lambda: len(mirror.seen()) == 1, 5.0)
-            stats = _settled(relay)
-            a.close()
-        finally:
-            relay.close()
-            mirror.close()
+    with dead_ports(1) as ports, _mirrored(mode, _Dead(ports[0]), mirror) as relay:
+        (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
     assert got.startswith(b"HTTP/1.1 503 ")
     assert stats["connect_errors"] == 1
     assert mirror.seen() == [shadow_head(GET)]
@@ -798,37 +636,23 @@ def test_a_body_no_try_took_is_a_dropped_copy(mode: tuple[str, str]) -> None:
     connect: its body was never read into a try, so not held: its copy is
     dropped and counted (both twins let it go uncounted)."""
     mirror = Mirrored()
-    with dead_ports(1) as ports:
-        relay = _mirror_relay(mode, (("127.0.0.1", ports[0]),), (Mirror((mirror.endpoint,)),))
-        try:
-            a = _client(relay)
-            a.sendall(_post(b"hello"))
-            got = _response(a)
-            stats = _settled(relay)
-            a.close()
-        finally:
-            relay.close()
-            mirror.close()
+    with dead_ports(1) as ports, _mirrored(mode, _Dead(ports[0]), mirror) as relay:
+        (got,), stats = _answers(relay, _post(b"hello"))
     assert got.startswith(b"HTTP/1.1 503 ")
     assert mirror.accepted == 0
     assert stats["mirrored"] == 0
     assert stats["mirror_dropped"] == 1
 
 
-class _ResetsMidBody:
+class _ResetsMidBody(Backend):
     """A backend that reads a request's head (and what came with it), then
     resets the connection."""
 
     def __init__(self) -> None:
         self.heads = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
-        accept_until_closed(
-            self.listener,
-            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
-        )
+        super().__init__(self._handle)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         with contextlib.suppress(OSError):
             buf = b""
@@ -837,26 +661,16 @@ class _ResetsMidBody:
             self.heads += 1
         reset_close(conn)
 
-    def close(self) -> None:
-        self.listener.close()
-
 
 def test_a_body_cut_by_the_primarys_failure_is_a_dropped_copy(mode: tuple[str, str]) -> None:
     """The primary resets while the client's body is half sent: the client
     gets the 502, the copy (the body not read whole) is dropped and
     counted (both twins let it go uncounted)."""
     up, mirror = _ResetsMidBody(), Mirrored()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),))
-    try:
-        a = _client(relay)
-        a.sendall(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
-        got = _response(a)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
+    with _mirrored(mode, up, mirror) as relay:
+        (got,), stats = _answers(
+            relay, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello"
+        )
     assert got.startswith(b"HTTP/1.1 502 ")
     assert up.heads == 1
     assert mirror.accepted == 0
@@ -868,41 +682,11 @@ def test_an_aborted_copy_leaves_nothing_for_the_next_request(mode: tuple[str, st
     """A mirrored request aborted by its fault, then one without mirrors on
     the same keep-alive connection: neither copied nor counted."""
     up, mirror = Primary(), Mirrored()
-    mirrors = (Mirror((mirror.endpoint,)),)
     abort = Fault(abort_status=503, abort_ppm=FAULT_SCALE)
-    which, how = mode
-    kw: dict[str, Any] = {}
-    if how == "resolve":
-        mirrored = Verdict(
-            (Choice(1, (up.endpoint,), "ORDERED", tag="t"),),
-            ttl=60.0,
-            shape=SHAPE_FULL,
-            fault=abort,
-            mirrors=mirrors,
+    with _mirrored(mode, up, mirror, fault=abort, only="/m") as relay:
+        (first, second), stats = _answers(
+            relay, b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n"
         )
-        plain = Verdict(
-            (Choice(1, (up.endpoint,), "ORDERED", tag="t"),), ttl=60.0, shape=SHAPE_FULL
-        )
-        kw["resolve"] = lambda head, origin: mirrored if head.path == "/m" else plain
-
-    def decide(head: Any, origin: Any) -> Decision:
-        if head.path == "/m":
-            return Decision((up.endpoint,), tag="t", fault=abort, mirrors=mirrors)
-        return Decision((up.endpoint,), tag="t")
-
-    relay = _relay(which, decide, **kw)
-    try:
-        a = _client(relay)
-        a.sendall(b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")
-        first = _response(a)
-        a.sendall(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
-        second = _response(a)
-        stats = _settled(relay)
-        a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert first.startswith(b"HTTP/1.1 503 ")
     assert second == OK
     assert len(up.requests) == 1
@@ -910,21 +694,16 @@ def test_an_aborted_copy_leaves_nothing_for_the_next_request(mode: tuple[str, st
     assert stats["mirrored"] == stats["mirror_dropped"] == stats["mirror_failed"] == 0
 
 
-class _Endless:
+class _Endless(Backend):
     """A mirror that reads a request, then answers with a body that never
     ends (close-delimited), until the relay closes the connection."""
 
     def __init__(self) -> None:
         self.ended = 0
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
-        accept_until_closed(
-            self.listener,
-            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
-        )
+        super().__init__(self._handle)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         with conn, contextlib.suppress(OSError):
             assert _read_request(conn, b"") is not None
@@ -935,9 +714,6 @@ class _Endless:
         with self.lock:
             self.ended += 1
 
-    def close(self) -> None:
-        self.listener.close()
-
 
 def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str, str]) -> None:
     """A mirror streaming its answer forever: the relay reads at most
@@ -945,8 +721,7 @@ def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str
     long before the route's 30 s timeout would end it (both twins read it
     to the deadline, 64 KiB per event)."""
     up, mirror = Primary(), _Endless()
-    relay = _mirror_relay(mode, (up.endpoint,), (Mirror((mirror.endpoint,)),), timeout=30.0)
-    try:
+    with _mirrored(mode, up, mirror, timeout=30.0) as relay:
         a = _client(relay)
         a.sendall(GET)
         got = _response(a)
@@ -955,10 +730,6 @@ def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str
         stats = relay.stats()
         closed = ended and _until(lambda: mirror.ended == 1, 5.0)  # (by the relay)
         a.close()
-    finally:
-        relay.close()
-        up.close()
-        mirror.close()
     assert got == OK
     assert ended, stats
     assert closed
