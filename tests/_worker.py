@@ -6,10 +6,14 @@ test did."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules.watch import RuleWatcher
@@ -86,3 +90,16 @@ async def gateway_worker(
     finally:
         await worker.drain(1)
         worker.close()
+
+
+def per_connection_warnings(rules: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings logged while a worker with --http-routing connection
+    loads *rules* (what a per request feature says it cannot do there)."""
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="connection"):
+            pass
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -28,7 +28,18 @@ from l4proxy.dataplane.verdict import FAULT_SCALE, Fault, HeadEdits
 from l4proxy.rules import load_rules
 from l4proxy.rules.routing import LocalAnswer, Request, RouteTable
 from tests.test_config_errors import REGISTRY, RR
-from tests.test_rules_head_edits import DR, HR, PER_VERSION, VS, _line, assert_error_at
+from tests.test_rules_head_edits import (
+    DR,
+    HR,
+    PER_VERSION,
+    VS,
+    _line,
+    assert_error_at,
+    gateway,
+    istio,
+    write,
+)
+from tests.test_rules_mirror import warnings_of
 
 HOST = "bootcamp.default.svc.cluster.local"
 ORIGIN = "https://example.com"
@@ -55,25 +66,6 @@ PREFLIGHT_LINES = (
     ("access-control-allow-headers", "X-Foo-Bar"),
     ("access-control-max-age", "86400"),
 )
-
-
-def write(tmp_path: Path, text: str) -> str:
-    f = tmp_path / "rules.yaml"
-    f.write_text(text)
-    return str(f)
-
-
-def istio(tmp_path: Path, http: str) -> RouteTable:
-    return load_rules([write(tmp_path, DR + VS + http), REGISTRY], seed=1).table
-
-
-def gateway(tmp_path: Path, rules: str) -> RouteTable:
-    return load_rules([write(tmp_path, HR + rules), PER_VERSION], seed=1).table
-
-
-def warnings_of(tmp_path: Path, text: str) -> list[tuple[int, str]]:
-    loaded = load_rules([write(tmp_path, text), REGISTRY], seed=1)
-    return [(d.line, d.message) for d in loaded.notes if d.severity == "warning"]
 
 
 def preflight(origin: str | None = ORIGIN, method: str = "PUT", **more: str) -> Request:
@@ -179,13 +171,19 @@ def test_allow_origins_forms(
         assert answer(table, preflight(origin)) is None, origin
 
 
-def test_deprecated_allow_origin_is_exact_with_a_warning(tmp_path: Path) -> None:
-    http = ROUTE + "    corsPolicy:\n      allowOrigin: [https://example.com]\n"
+def _warned_at(tmp_path: Path, http: str, marker: str, phrase: str) -> bool:
+    """Whether the route *http* loads with a warning saying *phrase* at
+    the line of *marker*."""
     text = DR + VS + http
-    assert any(
-        line == _line(text, "allowOrigin:") and "is deprecated" in message
+    return any(
+        line == _line(text, marker) and phrase in message
         for line, message in warnings_of(tmp_path, text)
     )
+
+
+def test_deprecated_allow_origin_is_exact_with_a_warning(tmp_path: Path) -> None:
+    http = ROUTE + "    corsPolicy:\n      allowOrigin: [https://example.com]\n"
+    assert _warned_at(tmp_path, http, "allowOrigin:", "is deprecated")
     table = istio(tmp_path, http)
     assert answer(table, preflight()) is not None
     assert answer(table, preflight("https://example.com.evil")) is None
@@ -196,11 +194,7 @@ def test_allow_origin_beside_allow_origins_is_ignored_with_a_warning(tmp_path: P
         "    corsPolicy:\n      allowOrigins: [{exact: https://a.example}]\n"
         "      allowOrigin: [https://b.example]\n"
     )
-    text = DR + VS + http
-    assert any(
-        line == _line(text, "allowOrigin:") and "is ignored" in message
-        for line, message in warnings_of(tmp_path, text)
-    )
+    assert _warned_at(tmp_path, http, "allowOrigin:", "is ignored")
     table = istio(tmp_path, http)
     assert answer(table, preflight("https://a.example")) is not None
     assert answer(table, preflight("https://b.example")) is None
@@ -208,11 +202,7 @@ def test_allow_origin_beside_allow_origins_is_ignored_with_a_warning(tmp_path: P
 
 def test_a_policy_without_origins_warns_and_allows_none(tmp_path: Path) -> None:
     http = ROUTE + "    corsPolicy: {allowMethods: [GET]}\n"
-    text = DR + VS + http
-    assert any(
-        line == _line(text, "corsPolicy:") and "allows no origin" in message
-        for line, message in warnings_of(tmp_path, text)
-    )
+    assert _warned_at(tmp_path, http, "corsPolicy:", "allows no origin")
     assert answer(istio(tmp_path, http), preflight()) is None
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,30 +30,28 @@ from l4proxy.dataplane.verdict import MIRROR_SCALE, Mirror
 from l4proxy.rules import load_rules
 from l4proxy.rules.classify import Origin
 from l4proxy.rules.routing import Request, RouteTable
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import gateway_service, gateway_worker, per_connection_warnings
 from tests.test_config_errors import REGISTRY
 from tests.test_relay_retries import _worker_twin
-from tests.test_rules_head_edits import DR, HR, PER_VERSION, VS, _line, assert_error_at
+from tests.test_rules_head_edits import (
+    DR,
+    HR,
+    PER_VERSION,
+    VS,
+    _line,
+    assert_error_at,
+    gateway,
+    istio,
+    write,
+)
+from tests.test_worker_mirror import HOST as SVC
+from tests.test_worker_mirror import SUBSETS
 
 HOST = "bootcamp.default.svc.cluster.local"
 V1 = (("198.18.0.11", 8080), ("198.18.0.12", 8080))
 V2 = (("198.18.0.13", 8080),)
 ALL = (*V1, *V2)
 ROUTE = "  - route:\n    - destination: {host: bootcamp, subset: v1}\n"
-
-
-def write(tmp_path: Path, text: str) -> str:
-    f = tmp_path / "rules.yaml"
-    f.write_text(textwrap.dedent(text))
-    return str(f)
-
-
-def istio(tmp_path: Path, http: str) -> RouteTable:
-    return load_rules([write(tmp_path, DR + VS + http), REGISTRY], seed=1).table
-
-
-def gateway(tmp_path: Path, rules: str) -> RouteTable:
-    return load_rules([write(tmp_path, HR + rules), PER_VERSION], seed=1).table
 
 
 def request(path: str = "/") -> Request:
@@ -539,18 +535,9 @@ def test_mirrored_routes(tmp_path: Path) -> None:
 
 # -- the worker --------------------------------------------------------------------
 
-SVC = "svc.default.svc.cluster.local"
-WORKER_RULES = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {SVC}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
+WORKER_RULES = (
+    SUBSETS
+    + f"""---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata: {{name: svc}}
@@ -570,6 +557,7 @@ spec:
     route:
     - destination: {{host: {SVC}, subset: v1}}
 """
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])
@@ -604,14 +592,7 @@ def test_per_connection_mirroring_is_a_warning(
 ) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(1111, 2222, labels=("v1", "v2")) + WORKER_RULES)
-
-    async def main() -> None:
-        async with gateway_worker(rules, http_routing="connection"):
-            pass
-
-    with caplog.at_level(logging.WARNING):
-        asyncio.run(main())
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = per_connection_warnings(rules, caplog)
     assert any(
         "request mirroring" in w and "--http-routing connection" in w and f"{SVC} svc/shadowed" in w
         for w in warnings

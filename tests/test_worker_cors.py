@@ -10,22 +10,25 @@ upstream and comes back untouched."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import gateway_service, gateway_worker, per_connection_warnings
 from tests.test_relay_retries import _worker_twin
 
 HOST = "svc.default.svc.cluster.local"
 APP = "https://app.example"
 ADMIN = "https://admin.example"
 EVIL = "https://evil.example"
+T = TypeVar("T")
 CORS = f"""
 ---
 apiVersion: networking.istio.io/v1
@@ -58,6 +61,33 @@ def _ask(s: socket.socket, method: str, origin: str | None, preflight: bool = Fa
         lines += ["Access-Control-Request-Method: PUT", "Access-Control-Request-Headers: x-token"]
     s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     return _response(s)
+
+
+def _on_one_connection(
+    tmp_path: Path, backend: Scripted, text: str, asks: Sequence[Callable[[socket.socket], T]]
+) -> list[T]:
+    """A worker routing per request on the rules *text* (GATEWAY_SERVICE
+    to *backend*): each of *asks* in turn on one client connection, what
+    each returned; *backend* closed."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.endpoint[1]) + text)
+    got: list[T] = []
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for ask in asks:
+                    got.append(await loop.run_in_executor(None, ask, s))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()
+    return got
 
 
 def _cors_lines(response: bytes) -> list[tuple[str, str]]:
@@ -112,24 +142,8 @@ def test_a_browser_s_preflights_and_requests_on_one_connection(
 ) -> None:
     _worker_twin(which, monkeypatch)
     backend = Scripted([UPSTREAM] * 20)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(backend.endpoint[1]) + CORS)
-    answers: list[bytes] = []
-
-    async def main() -> None:
-        async with gateway_worker(rules, http_routing="request") as (_, _, address):
-            loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
-                for method, origin, pre, _, _ in CONVERSATION:
-                    answers.append(await loop.run_in_executor(None, _ask, s, method, origin, pre))
-            finally:
-                s.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        backend.close()
+    asks = [partial(_ask, method=m, origin=o, preflight=pre) for m, o, pre, _, _ in CONVERSATION]
+    answers = _on_one_connection(tmp_path, backend, CORS, asks)
     assert [_status(a) for a in answers] == [200] * len(CONVERSATION)
     for i, (answer, (_, _, _, lines, _)) in enumerate(zip(answers, CONVERSATION, strict=True)):
         assert _cors_lines(answer) == lines, (i, answer)
@@ -154,14 +168,7 @@ def _origin_of(request: bytes) -> str | None:
 def test_per_connection_cors_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(1111) + CORS)
-
-    async def main() -> None:
-        async with gateway_worker(rules, http_routing="connection"):
-            pass
-
-    with caplog.at_level(logging.WARNING):
-        asyncio.run(main())
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = per_connection_warnings(rules, caplog)
     assert any(
         "CORS policies" in w and "--http-routing connection" in w and f"{HOST} svc" in w
         for w in warnings
@@ -181,29 +188,13 @@ def _faulted_preflights(fault: str, tmp_path: Path) -> list[tuple[bytes, float]]
     """Two allowed preflights on one connection to the CORS route given
     *fault*: (each response, its seconds); the backend must see neither."""
     backend = Scripted([])
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(backend.endpoint[1]) + FAULTED.replace("FAULT", fault))
-    got: list[tuple[bytes, float]] = []
 
     def timed(s: socket.socket) -> tuple[bytes, float]:
         started = time.monotonic()
         answer = _ask(s, "OPTIONS", APP, preflight=True)
         return answer, time.monotonic() - started
 
-    async def main() -> None:
-        async with gateway_worker(rules, http_routing="request") as (_, _, address):
-            loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
-                for _ in range(2):
-                    got.append(await loop.run_in_executor(None, timed, s))
-            finally:
-                s.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        backend.close()
+    got = _on_one_connection(tmp_path, backend, FAULTED.replace("FAULT", fault), [timed] * 2)
     assert backend.requests == []
     return got
 

@@ -32,21 +32,6 @@ spec:
   - {{name: v2, labels: {{version: v2}}}}
 """
 
-MIRRORED = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - route:
-    - destination: {{host: {HOST}, subset: v1}}
-      weight: 100
-    mirror: {{host: {HOST}, subset: v2}}
-    mirrorPercentage: {{value: 100.0}}
-"""
-
 UNMIRRORED = f"""
 ---
 apiVersion: networking.istio.io/v1beta1
@@ -59,6 +44,10 @@ spec:
     - destination: {{host: {HOST}, subset: v1}}
       weight: 100
 """
+MIRRORED = (
+    UNMIRRORED
+    + f"    mirror: {{host: {HOST}, subset: v2}}\n    mirrorPercentage: {{value: 100.0}}\n"
+)
 
 V2_BODY = b"v2's answer, never the client's"
 
