@@ -8,7 +8,6 @@ connection (``--http-routing connection``) the fault is named in a warning."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import gateway_service, gateway_worker, per_connection_warnings
 from tests.test_relay_retries import _worker_twin
 
 HOST = "svc.default.svc.cluster.local"
@@ -110,17 +109,10 @@ def test_per_connection_the_fault_is_a_warning(
     up = Scripted([])
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(up.endpoint[1]) + FAULTS)
-
-    async def main() -> None:
-        async with gateway_worker(rules, http_routing="connection"):
-            pass
-
-    with caplog.at_level(logging.WARNING):
-        try:
-            asyncio.run(main())
-        finally:
-            up.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    try:
+        warnings = per_connection_warnings(rules, caplog)
+    finally:
+        up.close()
     assert any(
         "fault injection" in w and f"{HOST} svc/jason" in w and f"{HOST} svc/others" in w
         for w in warnings
