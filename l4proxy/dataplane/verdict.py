@@ -571,7 +571,9 @@ class Mirror(NamedTuple):
     once. Never mirrored, and not counted: a request answered locally
     before any try (its route's answer, a fault's abort, none of its
     destination's endpoints); a retry of one (its copy went once); a
-    request its client cut (or left) before it was read whole. A fault's
+    request its client cut (or left) before it was read whole, or left
+    before any try took it (during a connect or a fault's delay); a
+    request still waiting when the relay closes. A fault's
     delay holds its copy back with it. The relays count ``mirrored``
     (copies started), ``mirror_dropped`` and ``mirror_failed`` in
     ``stats()``, and ``mirror_active`` in flight.
