@@ -4046,9 +4046,26 @@ cdef inline void take_idle(Relay *R, Conn *c, EP *ep, double now) noexcept nogil
     send_request(R, c, now)
 
 
-cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
+cdef inline int connect_addr(int fd, bint v6, uint32_t addr, const unsigned char *addr6,
+                             uint16_t port) noexcept nogil:
+    """connect() fd to an endpoint's address (addr, or addr6 when v6; both
+    and port in network order): connect()'s result."""
     cdef sockaddr_in sa
     cdef sockaddr_in6 sa6
+    if v6:
+        memset(&sa6, 0, sizeof(sa6))
+        sa6.sin6_family = AF_INET6
+        sa6.sin6_port = port
+        memcpy(sa6.sin6_addr.s6_addr, addr6, 16)
+        return connect(fd, &sa6, sizeof(sa6))
+    memset(&sa, 0, sizeof(sa))
+    sa.sin_family = AF_INET
+    sa.sin_port = port
+    sa.sin_addr.s_addr = addr
+    return connect(fd, &sa, sizeof(sa))
+
+
+cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     cdef int fd, one = 1, r
     cdef Up *u
     c.phase = P_CONNECT
@@ -4097,18 +4114,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     # the pump's sockets have it (accepted clients: from the listener,
     # listen(); handed-off ones: new_conn())
     sys_.setsockopt(fd, sys_.SOL_SOCKET, sys_.SO_OOBINLINE, &one, sizeof(one))
-    if ep.v6:
-        memset(&sa6, 0, sizeof(sa6))
-        sa6.sin6_family = AF_INET6
-        sa6.sin6_port = ep.port
-        memcpy(sa6.sin6_addr.s6_addr, ep.addr6, 16)
-        r = connect(fd, &sa6, sizeof(sa6))
-    else:
-        memset(&sa, 0, sizeof(sa))
-        sa.sin_family = AF_INET
-        sa.sin_port = ep.port
-        sa.sin_addr.s_addr = ep.addr
-        r = connect(fd, &sa, sizeof(sa))
+    r = connect_addr(fd, ep.v6, ep.addr, ep.addr6, ep.port)
     if r != 0 and errno != EINPROGRESS:
         c.fail_ep = ep
         c.fail_errno = errno
@@ -4940,25 +4946,12 @@ cdef void mirror_copies(Relay *R, Conn *c, bint whole, double now) noexcept nogi
 cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nogil:
     """A copy's connection to d, non-blocking, in the loop's epoll, with
     pay's bytes to send; -1 when it failed at once."""
-    cdef sockaddr_in sa
-    cdef sockaddr_in6 sa6
     cdef int fd, r
     cdef Shadow *sh
     fd = socket(AF_INET6 if d.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return -1
-    if d.v6:
-        memset(&sa6, 0, sizeof(sa6))
-        sa6.sin6_family = AF_INET6
-        sa6.sin6_port = d.port
-        memcpy(sa6.sin6_addr.s6_addr, d.addr6, 16)
-        r = connect(fd, &sa6, sizeof(sa6))
-    else:
-        memset(&sa, 0, sizeof(sa))
-        sa.sin_family = AF_INET
-        sa.sin_port = d.port
-        sa.sin_addr.s_addr = d.addr
-        r = connect(fd, &sa, sizeof(sa))
+    r = connect_addr(fd, d.v6, d.addr, d.addr6, d.port)
     if r != 0 and errno != EINPROGRESS:
         sys_.close(fd)
         return -1
