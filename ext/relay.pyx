@@ -446,8 +446,7 @@ cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
 cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
-cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's shares are of this (verdict.py's)
-cdef uint64_t MIRROR_PPM = MIRROR_SCALE  # a mirror's share is of this
+cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's and a mirror's shares are of this (verdict.py's)
 cdef double MIRROR_S = MIRROR_TIMEOUT   # a copy's deadline when its route has no timeout
 cdef int64_t MIRROR_READ = MIRROR_READ_LIMIT  # a copy's answer read at most, then reset
 
@@ -749,7 +748,7 @@ cdef struct Fault_:
 
 cdef struct Mirror_:
     # a route's verdict.Mirror (see "Request mirroring"), part of its verdict
-    uint64_t ppm           # of MIRROR_PPM
+    uint64_t ppm           # of FAULT_PPM (MIRROR_SCALE is FAULT_SCALE)
     int rr                 # round-robin counter slot
     int n_eps
     EP **eps
@@ -3884,9 +3883,9 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     try_ep(R, c, c.cand[0], now, True)
 
 
-cdef inline bint fault_falls(Relay *R, uint64_t ppm) noexcept nogil:
+cdef inline bint share_falls(Relay *R, uint64_t ppm) noexcept nogil:
     """A draw of the relay's RNG: True with probability ppm / FAULT_SCALE
-    (none for 0 or FAULT_PPM and above)."""
+    (a fault's share, a mirror's; none for 0 or FAULT_PPM and above)."""
     if ppm == 0:
         return False
     return ppm >= FAULT_PPM or rng_next(R) % FAULT_PPM < ppm
@@ -3902,8 +3901,8 @@ cdef bint fault_drawn(Relay *R, Conn *c, Fault_ *f, Verdict_ *local,
     answer (its route's, or its choice's with no endpoint; NULL: it goes
     upstream), given after a delay with no abort: a copy (its verdict may
     be freed meanwhile), c.fault_local."""
-    cdef bint delayed = fault_falls(R, f.delay_ppm) and f.delay > 0
-    cdef bint aborted = fault_falls(R, f.abort_ppm)
+    cdef bint delayed = share_falls(R, f.delay_ppm) and f.delay > 0
+    cdef bint aborted = share_falls(R, f.abort_ppm)
     cdef Verdict_ *copy = NULL
     if delayed:
         if not aborted and local != NULL:
@@ -4808,7 +4807,7 @@ cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     p.d = <Dest_*>(<char*>p + sizeof(Plan_))
     for i in range(v.n_mirrors):
         m = &v.mirrors[i]
-        if m.ppm == 0 or (m.ppm < MIRROR_PPM and rng_next(R) % MIRROR_PPM >= m.ppm):
+        if not share_falls(R, m.ppm):
             continue
         d = &p.d[p.n]
         p.n += 1

@@ -258,7 +258,6 @@ from l4proxy.dataplane.verdict import (
     FAULT_ABORT_BODY,
     FAULT_SCALE,
     MIRROR_READ_LIMIT,
-    MIRROR_SCALE,
     MIRROR_TIMEOUT,
     Fault,
     HeadEdits,
@@ -1116,7 +1115,8 @@ class HttpRelay:
 
     def _falls(self, ppm: int) -> bool:
         """A draw of this relay's RNG: True with probability ppm / FAULT_SCALE
-        (none for 0 or FAULT_SCALE and above)."""
+        (a fault's share, a mirror's: MIRROR_SCALE is FAULT_SCALE; none for
+        0 or FAULT_SCALE and above)."""
         if ppm <= 0:
             return False
         return ppm >= FAULT_SCALE or self._random.random() * FAULT_SCALE < ppm
@@ -1176,11 +1176,7 @@ class HttpRelay:
         when the copy would start); the Exchange keeps the request's bytes
         as sent for the copies (Shadow, once read whole and sent). A
         tunnel's (Upgrade, CONNECT) are dropped."""
-        drawn = tuple(
-            m
-            for m in d.mirrors
-            if m.ppm >= MIRROR_SCALE or (m.ppm > 0 and self._random.random() * MIRROR_SCALE < m.ppm)
-        )
+        drawn = tuple(m for m in d.mirrors if self._falls(m.ppm))
         if not drawn:
             return
         head = c.ex.head

@@ -477,12 +477,13 @@ class Choice(NamedTuple):
     hash_on: HashOn | None = None  # with policy HASH only
 
 
-# Request mirroring (Mirror): the share mirrored in parts per million; how
+# Request mirroring (Mirror): the share mirrored in parts per million (a
+# fault's scale: the relays draw both alike); how
 # long a copy may take, from its connect to the server's close, when its
 # route has no timeout; how many bytes of a copy's answer are read (and
 # thrown away) at most, before it is closed as done; and how many copies a
 # relay keeps in flight at most
-MIRROR_SCALE = 1_000_000
+MIRROR_SCALE = FAULT_SCALE
 MIRROR_TIMEOUT = 15.0
 MIRROR_READ_LIMIT = 1 << 20
 DEFAULT_MAX_MIRRORS = 256
