@@ -58,6 +58,7 @@ from typing import Any
 from l4proxy.rules._regex import compile_regex
 from l4proxy.rules._schema import (
     Ctx,
+    boolean,
     dotted,
     duration,
     fields,
@@ -66,7 +67,6 @@ from l4proxy.rules._schema import (
     listing,
     string_match,
     text,
-    type_name,
 )
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import CorsPolicy, StringMatch
@@ -186,7 +186,7 @@ def istio_cors(
             ok = False
         else:
             max_age = str(int(seconds))
-    credentials = _boolean(ctx, c.get("allowCredentials"), (*path, "allowCredentials"))
+    credentials = boolean(ctx, c.get("allowCredentials"), (*path, "allowCredentials"))
     forward = True
     if c.get("unmatchedPreflights") is not None:
         upath = (*path, "unmatchedPreflights")
@@ -249,7 +249,7 @@ def gateway_cors(ctx: Ctx, value: Any, path: Path) -> CorsPolicy | None:
     max_age: int | None = GATEWAY_DEFAULT_MAX_AGE
     if c.get("maxAge") is not None:
         max_age = integer(ctx, c["maxAge"], (*path, "maxAge"), 1, _MAX_AGE_S)
-    credentials = _boolean(ctx, c.get("allowCredentials"), (*path, "allowCredentials"))
+    credentials = boolean(ctx, c.get("allowCredentials"), (*path, "allowCredentials"))
     if (
         not ok
         or methods is None
@@ -352,12 +352,3 @@ def _names(
         else:
             ok = False
     return out if ok else None
-
-
-def _boolean(ctx: Ctx, value: Any, path: Path) -> bool | None:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        ctx.error(path, f"{dotted(path)} must be true or false, not {type_name(value)}")
-        return None
-    return value

@@ -58,6 +58,7 @@ from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
     Where,
+    boolean,
     dns_label,
     dotted,
     duration,
@@ -764,23 +765,12 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
     backoff: float | None = DEFAULT_RETRY_BACKOFF
     if r.get("backoff") is not None:
         backoff = duration(ctx, r["backoff"], (*path, "backoff"), zero=False)
-    rrl = r.get("retryRemoteLocalities")
-    if rrl is not None and not isinstance(rrl, bool):
-        ctx.error(
-            (*path, "retryRemoteLocalities"),
-            f"{dotted((*path, 'retryRemoteLocalities'))} must be true or false, "
-            f"not {type_name(rrl)}",
-        )
+    if boolean(ctx, r.get("retryRemoteLocalities"), (*path, "retryRemoteLocalities")) is None:
         ok = False
-    ignore_previous = r.get("retryIgnorePreviousHosts")
+    ignore_previous = boolean(  # (Istio's default: true)
+        ctx, r.get("retryIgnorePreviousHosts"), (*path, "retryIgnorePreviousHosts"), default=True
+    )
     if ignore_previous is None:
-        ignore_previous = True  # (Istio's default)
-    elif not isinstance(ignore_previous, bool):
-        ctx.error(
-            (*path, "retryIgnorePreviousHosts"),
-            f"{dotted((*path, 'retryIgnorePreviousHosts'))} must be true or false, "
-            f"not {type_name(ignore_previous)}",
-        )
         ok = False
     policies: tuple[str, ...] | None = ISTIO_DEFAULT_RETRY_ON
     codes: tuple[int, ...] = ISTIO_DEFAULT_RETRY_CODES
@@ -788,7 +778,14 @@ def _retries(ctx: Ctx, value: Any, path: Path, timeout: float) -> tuple[bool, Ht
         got = _retry_on(ctx, r["retryOn"], (*path, "retryOn"))
         policies = None if got is None else got[0]
         codes = () if got is None else got[1]
-    if attempts is None or per_try is None or policies is None or backoff is None or not ok:
+    if (
+        attempts is None
+        or per_try is None
+        or policies is None
+        or backoff is None
+        or ignore_previous is None
+        or not ok
+    ):
         return False, None
     if attempts == 0:
         given = [
@@ -1581,14 +1578,14 @@ def _outlier_detection(ctx: Ctx, value: Any, path: Path) -> OutlierPolicy | None
     for attr in ("max_ejection_percent", "min_health_percent"):
         if attr in got:
             got[attr] = float(got[attr])
-    split = od.get("splitExternalLocalOriginErrors")
-    if split is not None:
-        if isinstance(split, bool):
-            got["split_local"] = split
-        else:
-            spath = (*path, "splitExternalLocalOriginErrors")
-            ctx.error(spath, f"{dotted(spath)} must be true or false, not {type_name(split)}")
+    if od.get("splitExternalLocalOriginErrors") is not None:
+        split = boolean(
+            ctx, od["splitExternalLocalOriginErrors"], (*path, "splitExternalLocalOriginErrors")
+        )
+        if split is None:
             ok = False
+        else:
+            got["split_local"] = split
     if "consecutive_local" in got and not got.get("split_local"):
         ctx.warning(
             (*path, "consecutiveLocalOriginFailures"),

@@ -194,6 +194,16 @@ def text(ctx: Ctx, value: Any, path: Path, *, required: bool = False) -> str | N
     return value
 
 
+def boolean(ctx: Ctx, value: Any, path: Path, *, default: bool = False) -> bool | None:
+    """A true or false field: *default* when absent; None after an error."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        ctx.error(path, f"{dotted(path)} must be true or false, not {type_name(value)}")
+        return None
+    return value
+
+
 def integer(
     ctx: Ctx, value: Any, path: Path, lo: int, hi: int, *, what: str | None = None
 ) -> int | None:
