@@ -29,7 +29,7 @@ from l4proxy.dataplane.peek import parse_head
 from l4proxy.dataplane.verdict import MIRROR_SCALE, Mirror
 from l4proxy.rules import load_rules
 from l4proxy.rules.classify import Origin
-from l4proxy.rules.routing import Request, RouteTable
+from l4proxy.rules.routing import MirrorTag, Request, RouteTable
 from tests._worker import gateway_service, gateway_worker, per_connection_warnings
 from tests.test_config_errors import REGISTRY
 from tests.test_relay_retries import _worker_twin
@@ -99,6 +99,12 @@ def test_istio_mirroring_task(tmp_path: Path) -> None:
     (m,) = table.choices(svc, 8080, request()).mirrors
     assert m.balance_key is not None  # (its own round-robin counter)
     assert m.balance_key not in {ws.key for ws in table.choices(svc, 8080, request()).subsets}
+    # the copies' reports carry the mirror's service and version (Istio's
+    # labels), a tag of its own kind: never equal to a route choice's
+    rc = table.choices(svc, 8080, request())
+    assert m.tag == MirrorTag(HOST, rc.route, "v2", "v2", "bootcamp-v2")
+    assert table.decide(svc, 8080, request()).mirrors[0].tag == m.tag
+    assert m.tag != (HOST, rc.route, "v2", "v2", "bootcamp-v2")
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,43 @@ def test_a_histogram_row_writes_every_bucket_zeros_included() -> None:
     assert les["1"] == 0 and les["5"] == 1 and les["60000"] == 1 and les["+Inf"] == 101
 
 
+def test_a_mirrored_copys_rows_are_a_family_of_their_own() -> None:
+    """A copy's answer (Mirror.tag, a MirrorTag) is counted apart from the
+    requests clients got answers to: the canary reads the one, Istio's
+    queries the other."""
+    from l4proxy.rules.routing import MirrorTag
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker, _SubsetTag
+
+    host = "bootcamp.default.svc.cluster.local"
+    c = Counters()
+    fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)
+    Worker._add_rows(
+        c, [], [(_SubsetTag(host, "r", "v1", "v1", "bootcamp-v1"), 200, 3, 0.006, fast)]
+    )
+    two = tuple(2 * n for n in fast)
+    Worker._add_rows(c, [], [(MirrorTag(host, "r", "v2", "v2", "bootcamp-v2"), 503, 2, 0.004, two)])
+    snap = c.snapshot()
+    (real,) = snap["istio_requests_total"].items()
+    (copies,) = snap["l4proxy_mirror_requests_total"].items()
+    assert dict(real[0])["destination_version"] == "v1" and real[1] == 3
+    labels = dict(copies[0])
+    assert (labels["destination_version"], labels["destination_workload"]) == ("v2", "bootcamp-v2")
+    assert (labels["response_code"], labels["destination_service_name"], copies[1]) == (
+        "503",
+        "bootcamp",
+        2,
+    )
+    assert {
+        dict(k)["le"]: v
+        for k, v in snap["l4proxy_mirror_request_duration_milliseconds_bucket"].items()
+    }["5"] == 2
+    assert list(snap["l4proxy_mirror_request_duration_milliseconds_count"].values()) == [2]
+    assert all(
+        dict(k)["destination_version"] == "v1"
+        for k in snap["istio_request_duration_milliseconds_count"]
+    )
+
+
 def test_a_rules_mark_that_is_not_a_number_is_absent() -> None:
     """int() of NaN raised ValueError, of inf OverflowError: l4proxy canary
     --metrics and create --admin ended with a traceback."""

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from l4proxy.dataplane.verdict import MIRROR_SCALE, Mirror, Verdict, shadow_head, shadow_host
+from l4proxy.dataplane.verdict import (
+    MIRROR_SCALE,
+    AnswerStatus,
+    Mirror,
+    Verdict,
+    shadow_head,
+    shadow_host,
+)
 
 
 @pytest.mark.parametrize(
@@ -77,3 +84,69 @@ def test_mirror_defaults_and_verdict_field() -> None:
     assert m.ppm == MIRROR_SCALE and m.balance_key is None
     assert Verdict().mirrors == ()
     assert Verdict(mirrors=(m,)).mirrors == (m,)
+
+
+# -- the status of a copy's answer (AnswerStatus: both relays read it so) --------
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 200),
+        (b"HTTP/1.0 503 Service Unavailable\r\n\r\n", 503),
+        (b"HTTP/1.1 204\r\n\r\n", 204),  # (no reason phrase)
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", 101),  # final (no tunnel for a copy)
+        # interim heads skipped, the final one counted
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n\r\n", 201),
+        (b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", 200),
+        (b"HTTP/1.1 100 Continue\n\nHTTP/1.1 404 Not Found\n\n", 404),  # bare LFs
+        (b"HTTP/1.1 100\r\nx: 1\r\n\r\nHTTP/1.1 102\r\n\r\nHTTP/1.1 500\r\n\r\n", 500),
+        # none final before the end: 0
+        (b"", 0),
+        (b"HTTP/1.1 20", 0),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", 0),
+        (b"HTTP/1.1 100 Continue\r\nx: 1\r\n", 0),
+        # not HTTP/1.x: 0, and nothing after is read
+        (b"HTTP/2.0 200 OK\r\n\r\n", 0),
+        (b"HTTP/1.1  200 OK\r\n\r\n", 0),
+        (b"HTTP/1.1 2x0 OK\r\n\r\n", 0),
+        (b"http/1.1 200 OK\r\n\r\n", 0),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", 0),
+        (b"HTTP/1.1 100 Continue\r\n\r\ngarbage and more garbage", 0),
+        # a code is three digits, whatever they are
+        (b"HTTP/1.1 000 Zero\r\n\r\n", 0),
+        (b"HTTP/1.1 999 Odd\r\n\r\n", 999),
+        (b"HTTP/1.1 099 Odd\r\n\r\n", 99),
+    ],
+)
+def test_answer_status(answer: bytes, status: int) -> None:
+    # whole, then cut at every point into two reads, then a byte at a time:
+    # the same status (the compiled relay's reads are cut anywhere)
+    cuts: list[list[bytes]] = [[answer]]
+    cuts += [[answer[:i], answer[i:]] for i in range(1, len(answer))]
+    cuts.append([answer[i : i + 1] for i in range(len(answer))])
+    for reads in cuts:
+        a = AnswerStatus()
+        for data in reads:
+            a.feed(data)
+        assert a.status == status, reads
+
+
+def test_answer_status_is_done_at_the_final_head_and_reads_no_further() -> None:
+    a = AnswerStatus()
+    a.feed(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert not a.done and a.status == 0
+    a.feed(b"HTTP/1.1 302 Found\r\n")
+    assert a.done and a.status == 302
+    a.feed(b"\r\nHTTP/1.1 500 x\r\n\r\n")  # (a body that looks like a head: not read)
+    assert a.status == 302
+    bad = AnswerStatus()
+    bad.feed(b"<html>")
+    assert not bad.done
+    bad.feed(b"</html>\n")
+    assert bad.done and bad.status == 0
+
+
+def test_a_mirror_carries_its_tag() -> None:
+    m = Mirror((("198.18.0.2", 80),), tag="v2-copies")
+    assert m.tag == "v2-copies" and Mirror(()).tag is None

@@ -41,6 +41,7 @@ __all__ = [
     "SHAPE_PATH",
     "SHAPE_TESTS",
     "TEST_KINDS",
+    "AnswerStatus",
     "Choice",
     "Fault",
     "HashOn",
@@ -493,6 +494,75 @@ _SHADOW = b"-shadow"
 _SHADOW_DROPS = (b"connection", b"keep-alive", b"proxy-connection")
 
 
+# AnswerStatus's states
+_AS_STATUS, _AS_HEAD, _AS_DONE = 0, 1, 2
+_STATUS_LINE = 12  # b"HTTP/1.1 200": what a status line's code needs
+
+
+class AnswerStatus:
+    """The status of a copy's answer, read as its bytes arrive (the relays
+    throw the rest away): the code of the first final head. A head begins
+    ``HTTP/1.`` one digit, a space and three digits (its first 12 bytes;
+    what follows is not read); a 1xx code but 101 is an interim head,
+    skipped to its empty line (a line ending in LF, an optional CR before
+    it) and the next head read; any other code is final. Bytes that do not
+    begin a head so make the status 0 (not HTTP/1.x), as does an answer
+    that ends before a final head (:attr:`status` stays 0). Once final,
+    the rest is not looked at (:attr:`done`). The compiled relay reads the
+    same way, byte for byte, whatever the bytes and however they are cut
+    into reads."""
+
+    __slots__ = ("_line", "_state", "_text", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self._state = _AS_STATUS
+        self._text = bytearray()  # the status line's first bytes, so far
+        self._line = 0  # _AS_HEAD: bytes of the current line but CR
+
+    @property
+    def done(self) -> bool:
+        return self._state == _AS_DONE
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n and self._state != _AS_DONE:
+            if self._state == _AS_STATUS:
+                take = min(n - i, _STATUS_LINE - len(self._text))
+                self._text += data[i : i + take]
+                i += take
+                if len(self._text) == _STATUS_LINE:
+                    self._head_begins(bytes(self._text))
+                continue
+            b = data[i]
+            i += 1
+            if b == 0x0A:  # LF
+                if not self._line:  # the interim head's empty line
+                    self._state = _AS_STATUS
+                    self._text.clear()
+                self._line = 0
+            elif b != 0x0D:
+                self._line += 1
+
+    def _head_begins(self, text: bytes) -> None:
+        code = text[9:12]
+        if not (
+            text[:7] == b"HTTP/1."
+            and 0x30 <= text[7] <= 0x39
+            and text[8] == 0x20
+            and all(0x30 <= d <= 0x39 for d in code)
+        ):
+            self._state = _AS_DONE  # not HTTP/1.x: status 0
+            return
+        status = int(code)
+        if 100 <= status < 200 and status != 101:
+            self._state = _AS_HEAD
+            self._line = _STATUS_LINE  # (within the status line)
+            return
+        self.status = status
+        self._state = _AS_DONE
+
+
 def shadow_host(value: bytes) -> bytes:
     """The Host of a mirrored copy: ``-shadow`` after the host name, before
     its port (Envoy's shadow authority, as Istio's mirroring shows it):
@@ -579,12 +649,24 @@ class Mirror(NamedTuple):
     (copies started), ``mirror_dropped`` and ``mirror_failed`` in
     ``stats()``, and ``mirror_active`` in flight.
 
+    Every copy started is reported once when it ends, as a request is (the
+    relay's ``report`` callback, or a row of the compiled relay's
+    ``report_rows``), with ``tag``: the status of its answer's first final
+    head as :class:`AnswerStatus` reads it (0: none came before the copy
+    ended, or the answer was not HTTP/1.x), and the seconds from its
+    connect to its end (the server's close, :data:`MIRROR_READ_LIMIT`, an
+    error, its deadline). A copy dropped, or still in flight when the relay
+    closes, is not reported. The copies' reports are what the mirror's own
+    sidecar would report in a mesh (Istio's ``reporter="destination"``):
+    the only account of how the mirrored version answers.
+
     ``balance_key`` names the round-robin counter, as a
     :class:`Choice`'s does."""
 
     endpoints: tuple[Endpoint, ...]
     ppm: int = MIRROR_SCALE
     balance_key: Hashable = None
+    tag: Hashable = None
 
 
 class Verdict(NamedTuple):

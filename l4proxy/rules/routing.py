@@ -818,6 +818,30 @@ class MirrorPolicy:
         }
 
 
+def version_and_workload(host: str, subset: str, endpoints: Sequence[Endpoint]) -> tuple[str, str]:
+    """The ``destination_version`` and ``destination_workload`` of a
+    subset's requests, as Istio's metrics label them: its endpoints'
+    ``version`` label (else the subset's name, else ``unknown``), and
+    ``APP-VERSION`` (``app`` label, else the host's first name)."""
+    labels = endpoints[0].labels if endpoints else {}
+    version = labels.get("version", subset or "unknown")
+    return version, f"{labels.get('app', host.split('.', 1)[0])}-{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorTag:
+    """A mirror's ``tag`` (:class:`~l4proxy.dataplane.verdict.Mirror`): what
+    its copies' reports carry, the destination its copies went to, in
+    Istio's metric labels (a class of its own: never equal to a route
+    choice's tag, whose reports are another metric)."""
+
+    service: str  # the mirror destination's host
+    route: str  # the route that mirrors
+    subset: str
+    version: str
+    workload: str
+
+
 # Envoy's CORS filter's names: the request headers it reads, the response
 # headers it writes (lowercase, as the relays send header lines)
 ORIGIN = "origin"
@@ -2122,7 +2146,9 @@ class RouteTable:
                 dest.subset.outlier,
             )
             key = ("mirror", target.host, tport, dest.subset.name, dest.subset.labels)
-            out.append(Mirror(tuple((e.address, e.port) for e in eps), m.ppm, key))
+            version, workload = version_and_workload(target.host, dest.subset.name, eps)
+            tag = MirrorTag(target.host, route.name, dest.subset.name, version, workload)
+            out.append(Mirror(tuple((e.address, e.port) for e in eps), m.ppm, key, tag))
         return tuple(out)
 
     @staticmethod

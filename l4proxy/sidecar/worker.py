@@ -93,6 +93,7 @@ from l4proxy.rules.routing import (
     Decision,
     Endpoint,
     HttpRetry,
+    MirrorTag,
     PoolSettings,
     Request,
     RequestShape,
@@ -101,6 +102,7 @@ from l4proxy.rules.routing import (
     Service,
     ServicePort,
     endpoint_name,
+    version_and_workload,
 )
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.stats import Counters, LockedCounters
@@ -1233,7 +1235,9 @@ class Worker:
     def _report_rows(
         self,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[tuple[_SubsetTag | _Tag | None, int, int, float, tuple[int, ...]]],
+        answered: list[
+            tuple[_SubsetTag | _Tag | MirrorTag | None, int, int, float, tuple[int, ...]]
+        ],
     ) -> None:
         """What the compiled relay counted since its last report (relay
         thread): decisions, and responses with their duration histogram
@@ -1246,16 +1250,21 @@ class Worker:
     def _add_rows(
         c: Counters,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[tuple[_SubsetTag | _Tag | None, int, int, float, tuple[int, ...]]],
+        answered: list[
+            tuple[_SubsetTag | _Tag | MirrorTag | None, int, int, float, tuple[int, ...]]
+        ],
     ) -> None:
         for subset, n in decided:
             if subset is not None:  # PassthroughCluster: no decision (as per connection)
                 labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
                 c.add("l4proxy_decisions_total", labels, n)
-        bucket = "istio_request_duration_milliseconds_bucket"
         for tag, status, count, seconds, buckets in answered:
             labels = _istio_labels(tag, status)
-            c.add("istio_requests_total", labels, count)
+            # a mirrored copy's answer (Mirror.tag): a family of its own,
+            # never a request the client got an answer to
+            names = _MIRROR_NAMES if isinstance(tag, MirrorTag) else _REQUEST_NAMES
+            total, bucket, msum, mcount = names
+            c.add(total, labels, count)
             # every bucket, zeros included, as Prometheus clients write a
             # histogram: a canary slower than the largest finite bucket
             # had only le="+Inf", and a reader could not tell where the
@@ -1265,10 +1274,10 @@ class Worker:
                 running += n
                 c.add(bucket, {**labels, "le": str(le)}, running)
             c.add(bucket, {**labels, "le": "+Inf"}, count)
-            c.add("istio_request_duration_milliseconds_sum", labels, seconds * 1000.0)
-            c.add("istio_request_duration_milliseconds_count", labels, count)
+            c.add(msum, labels, seconds * 1000.0)
+            c.add(mcount, labels, count)
 
-    def _report_request(self, tag: _Tag | None, status: int, seconds: float) -> None:
+    def _report_request(self, tag: _Tag | MirrorTag | None, status: int, seconds: float) -> None:
         """One response delivered by the pure relay (its thread): as one row."""
         ms = seconds * 1000.0
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
@@ -1586,11 +1595,33 @@ class _Tag(NamedTuple):
 _DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 
+# a request's metrics (Istio's standard names), and a mirrored copy's: the
+# total, and the duration histogram's _bucket, _sum and _count
+_REQUEST_NAMES = (
+    "istio_requests_total",
+    "istio_request_duration_milliseconds_bucket",
+    "istio_request_duration_milliseconds_sum",
+    "istio_request_duration_milliseconds_count",
+)
+_MIRROR_NAMES = (
+    "l4proxy_mirror_requests_total",
+    "l4proxy_mirror_request_duration_milliseconds_bucket",
+    "l4proxy_mirror_request_duration_milliseconds_sum",
+    "l4proxy_mirror_request_duration_milliseconds_count",
+)
+
+
 def _describe_istio(c: Counters) -> None:
     c.describe(
         "istio_requests_total",
         "counter",
         "Requests by destination service and version, and response code (reporter=source).",
+    )
+    c.describe(
+        "l4proxy_mirror_requests_total",
+        "counter",
+        "Mirrored copies by the mirror's service and version, and its answer's code "
+        "(0: none); what the mirror's own sidecar would report (reporter=destination).",
     )
     # istio_request_duration_milliseconds_{bucket,sum,count} (a histogram:
     # cumulative buckets by "le") go out untyped, as the renderer has no
@@ -1650,17 +1681,15 @@ def _shape_bits(s: RequestShape) -> _Shape:
 def _subset_tag(
     service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...]
 ) -> _SubsetTag:
-    name = service.host.split(".", 1)[0]
-    labels = endpoints[0].labels if endpoints else {}
-    version = labels.get("version", subset or "unknown")
-    return _SubsetTag(service.host, route, subset, version, f"{labels.get('app', name)}-{version}")
+    version, workload = version_and_workload(service.host, subset, endpoints)
+    return _SubsetTag(service.host, route, subset, version, workload)
 
 
-def _istio_labels(tag: _Tag | _SubsetTag | None, status: int) -> dict[str, str]:
+def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dict[str, str]:
     """Istio's standard metric labels, so Flagger's and Argo's queries work."""
     if tag is None:
         service, name, version, workload = "unknown", PASSTHROUGH, "unknown", "unknown"
-    elif isinstance(tag, _SubsetTag):
+    elif isinstance(tag, _SubsetTag | MirrorTag):
         service, version, workload = tag.service, tag.version, tag.workload
         name = service.split(".", 1)[0]
     else:
