@@ -231,7 +231,15 @@ endless answer costs no more), or fails at a connect, send or receive
 error or at its deadline (the route's timeout from its connect, else
 ``MIRROR_TIMEOUT``: ``shadow_timers``, from ``timers_due`` and
 ``tick``), then is closed (a reset when it failed) and buried after the
-batch. When the relay gives the request up before that
+batch. What it reads goes through ``answer_scan`` until that is done
+(``verdict.AnswerStatus`` in a few bytes of the Shadow: a head's first
+12 bytes collected across reads, interim heads skipped to their empty
+line), and ``shadow_end`` counts the copy in a row of its Mirror's tag
+(``Mirror_.tag``, interned with its verdict and copied through
+``Dest_`` into the Shadow, which ``_sweep_tags`` marks while any holds
+it): that status (``ST_NONE`` for none), the seconds from its connect;
+not one the relay closes in flight (``SH_CLOSED``). When the relay gives
+the request up before that
 (``mirror_give_up``: from ``local_answer``, its connects failed, a
 circuit breaker, no fd; from ``upstream_failed``, the route timeout
 before a connection, the primary failing before the request's end, a
@@ -247,7 +255,8 @@ while ``c.shadow`` waits), a body not all read when the request was
 given up, ``max_mirrors`` copies in flight, a mirror without a resolved
 endpoint, a socket or connect failing at once. Tunnels and the other
 requests the pure relay answers are its (``slow``, made with the same
-``max_mirrors``). A verdict without mirrors costs a test in
+``max_mirrors``: its copies reported through ``report``, as its requests
+are). A verdict without mirrors costs a test in
 ``apply_verdict``, one of ``c.shadow`` per request read whole and per
 body read, and one per local answer, failure, and answer before the
 request's end.
@@ -461,6 +470,13 @@ cdef enum:  # how a copy ends (shadow_end())
     SH_DONE = 0            # the server closed: closed
     SH_FAILED = 1          # a connect, send or receive error, its deadline: reset, mirror_failed
     SH_ENOUGH = 2          # MIRROR_READ of its answer read: reset, not failed
+    SH_CLOSED = 3          # the relay closes: closed, not reported
+
+cdef enum:  # a copy's answer read as verdict.AnswerStatus reads it (answer_scan())
+    AS_STATUS = 0          # a head's first STATUS_LINE bytes, collected across reads
+    AS_HEAD = 1            # an interim head (1xx but 101): skipped to its empty line
+    AS_DONE = 2            # a final head's status read, or not HTTP/1.x: the rest unread
+    STATUS_LINE = 12       # b"HTTP/1.1 200": what a status line's code needs
 
 cdef enum:
     MAX_LSTS = 16
@@ -750,6 +766,7 @@ cdef struct Mirror_:
     # a route's verdict.Mirror (see "Request mirroring"), part of its verdict
     uint64_t ppm           # of FAULT_PPM (MIRROR_SCALE is FAULT_SCALE)
     int rr                 # round-robin counter slot
+    int tag                # Mirror.tag's id: its copies' reports (_sweep_tags marks it)
     int n_eps
     EP **eps
 
@@ -759,6 +776,7 @@ cdef struct Dest_:
     uint16_t port
     bint v6
     bint usable            # False: the mirror had no endpoint to use (dropped)
+    int tag                # its Mirror_'s (the verdict may be freed first)
     unsigned char addr6[16]
 
 cdef struct Plan_:
@@ -778,6 +796,13 @@ cdef struct Shadow:
     Buf out
     int64_t got            # answer bytes read and thrown away (MIRROR_READ at most)
     double deadline
+    double started         # its connect: its report's duration from there
+    int tag                # its Mirror's: reported with its status at its end (shadow_end)
+    int status             # its answer's first final head's (0: none yet, or not HTTP/1.x)
+    unsigned char answer   # AS_*: how far answer_scan() read
+    unsigned char text_len # AS_STATUS: the bytes of text so far
+    unsigned char in_line  # AS_HEAD: the current line has a byte but CR
+    char text[STATUS_LINE] # AS_STATUS: a head's first bytes
     Shadow *prev
     Shadow *next
     Shadow *grave_next
@@ -4811,6 +4836,7 @@ cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
             continue
         d = &p.d[p.n]
         p.n += 1
+        d.tag = m.tag
         start = <int>(R.rr[m.rr] % <uint64_t>m.n_eps) if m.n_eps else 0
         for j in range(m.n_eps):
             k = (start + j) % m.n_eps
@@ -4936,15 +4962,16 @@ cdef void mirror_copies(Relay *R, Conn *c, bint whole, double now) noexcept nogi
         whole = False
     for i in range(p.n):
         if not whole or not p.d[i].usable or R.n_shadows >= R.max_mirrors \
-                or shadow_open(R, &p.d[i], &pay, now + p.timeout) != 0:
+                or shadow_open(R, &p.d[i], &pay, now, p.timeout) != 0:
             L4R_ADD(&R.ctr[<int>CT_MIRROR_DROPPED], 1)
     buf_free(&pay)
     free(p)
 
 
-cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nogil:
+cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double now, double timeout) noexcept nogil:
     """A copy's connection to d, non-blocking, in the loop's epoll, with
-    pay's bytes to send; -1 when it failed at once."""
+    pay's bytes to send and *timeout* seconds from now; -1 when it failed
+    at once."""
     cdef int fd, r
     cdef Shadow *sh
     fd = socket(AF_INET6 if d.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -4965,7 +4992,9 @@ cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nog
     sh.kind = K_SHADOW
     sh.fd = fd
     sh.connecting = True
-    sh.deadline = deadline
+    sh.started = now
+    sh.deadline = now + timeout
+    sh.tag = d.tag
     sh.next = R.shadows
     if R.shadows != NULL:
         R.shadows.prev = sh
@@ -4973,8 +5002,57 @@ cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double deadline) noexcept nog
     R.n_shadows += 1
     L4R_ADD(&R.ctr[<int>CT_MIRRORED], 1)
     L4R_ADD(&R.ctr[<int>CT_MIRROR_ACTIVE], 1)
-    timer_at(R, deadline)
+    timer_at(R, sh.deadline)
     return 0
+
+
+cdef void answer_scan(Shadow *sh, const unsigned char *p, size_t n) noexcept nogil:
+    """verdict.AnswerStatus.feed(): the bytes of a copy's answer read
+    next, until sh.answer is AS_DONE (sh.status its first final head's
+    code, 0 for none). A head's first STATUS_LINE bytes are collected
+    across reads in sh.text, then answer_head() reads them; an interim
+    head's lines are skipped to the empty one (a line ending in LF with
+    nothing but an optional CR before it: sh.in_line says whether the
+    current one had a byte besides CR)."""
+    cdef size_t i = 0, take
+    cdef unsigned char b
+    while i < n and sh.answer != AS_DONE:
+        if sh.answer == AS_STATUS:
+            take = min(n - i, <size_t>(STATUS_LINE - sh.text_len))
+            memcpy(sh.text + sh.text_len, p + i, take)
+            sh.text_len += <unsigned char>take
+            i += take
+            if sh.text_len == STATUS_LINE:
+                answer_head(sh)
+            continue
+        b = p[i]
+        i += 1
+        if b == 10:
+            if not sh.in_line:  # the interim head's empty line: the next head
+                sh.answer = AS_STATUS
+                sh.text_len = 0
+            sh.in_line = False
+        elif b != 13:
+            sh.in_line = True
+
+
+cdef void answer_head(Shadow *sh) noexcept nogil:
+    """A head's first STATUS_LINE bytes (sh.text): ``HTTP/1.``, a digit, a
+    space and three digits, else not HTTP/1.x (done, status 0); a 1xx code
+    but 101 is an interim head (skipped: within its status line), any
+    other final (done, its status)."""
+    cdef const unsigned char *t = <const unsigned char*>sh.text
+    cdef int status
+    sh.answer = AS_DONE
+    if memcmp(t, b"HTTP/1.", 7) != 0 or not (48 <= t[7] <= 57) or t[8] != 32 \
+            or not (48 <= t[9] <= 57 and 48 <= t[10] <= 57 and 48 <= t[11] <= 57):
+        return
+    status = (t[9] - 48) * 100 + (t[10] - 48) * 10 + (t[11] - 48)
+    if 100 <= status < 200 and status != 101:
+        sh.answer = AS_HEAD
+        sh.in_line = True
+        return
+    sh.status = status
 
 
 cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept nogil:
@@ -4990,33 +5068,38 @@ cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept n
             return
         sys_.getsockopt(sh.fd, sys_.SOL_SOCKET, sys_.SO_ERROR, &err, &len)
         if err:
-            shadow_end(R, sh, SH_FAILED)
+            shadow_end(R, sh, SH_FAILED, now)
             return
         sh.connecting = False
     if sh.out.len:
         if send_buf(sh.fd, &sh.out) != 0:
-            shadow_end(R, sh, SH_FAILED)
+            shadow_end(R, sh, SH_FAILED, now)
             return
     elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
         n = sys_.recv_nc(sh.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
         if n == 0:
-            shadow_end(R, sh, SH_DONE)
+            shadow_end(R, sh, SH_DONE, now)
             return
         if n < 0 and errno != EAGAIN and errno != EINTR:
-            shadow_end(R, sh, SH_FAILED)
+            shadow_end(R, sh, SH_FAILED, now)
             return
         if n > 0:
+            if sh.answer != AS_DONE:
+                answer_scan(sh, <const unsigned char*>R.scratch, <size_t>n)
             sh.got += n
             if sh.got >= MIRROR_READ:
-                shadow_end(R, sh, SH_ENOUGH)
+                shadow_end(R, sh, SH_ENOUGH, now)
                 return
     if set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT if sh.out.len else sys_.EPOLLIN, sh) != 0:
-        shadow_end(R, sh, SH_FAILED)
+        shadow_end(R, sh, SH_FAILED, now)
 
 
-cdef void shadow_end(Relay *R, Shadow *sh, int how) noexcept nogil:
+cdef void shadow_end(Relay *R, Shadow *sh, int how, double now) noexcept nogil:
     """A copy is over (*how*: SH_*): out of epoll, its socket closed (reset
-    when it failed or read enough), freed after the batch (bury())."""
+    when it failed or read enough), freed after the batch (bury()); counted
+    in a row of its tag (its answer's status, ST_NONE for none, and the
+    seconds from its connect to *now*), but when the relay closes it
+    (SH_CLOSED)."""
     if sh.prev != NULL:
         sh.prev.next = sh.next
     else:
@@ -5028,7 +5111,9 @@ cdef void shadow_end(Relay *R, Shadow *sh, int how) noexcept nogil:
     set_mask(R, sh.fd, &sh.mask, 0, sh)
     if how == SH_FAILED:
         L4R_ADD(&R.ctr[<int>CT_MIRROR_FAILED], 1)
-    if how != SH_DONE:
+    if how != SH_CLOSED:
+        count_row(R, sh.tag, sh.status if sh.status else ST_NONE, now - sh.started)
+    if how == SH_FAILED or how == SH_ENOUGH:
         reset_close(sh.fd)
     else:
         sys_.close(sh.fd)
@@ -5047,7 +5132,7 @@ cdef double shadow_timers(Relay *R, double now) noexcept nogil:
     while sh != NULL:
         nx = sh.next
         if sh.deadline <= now:
-            shadow_end(R, sh, SH_FAILED)
+            shadow_end(R, sh, SH_FAILED, now)
         elif soonest == 0 or sh.deadline < soonest:
             soonest = sh.deadline
         sh = nx
@@ -5482,7 +5567,7 @@ cdef class HttpRelay:
         while R.n_conns:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
-            shadow_end(R, R.shadows, SH_DONE)
+            shadow_end(R, R.shadows, SH_CLOSED, 0.0)
         bury(R)
         if R.cache != NULL:
             cache_clear(R)
@@ -6007,7 +6092,7 @@ cdef class HttpRelay:
         while R.n_conns:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
-            shadow_end(R, R.shadows, SH_DONE)
+            shadow_end(R, R.shadows, SH_CLOSED, 0.0)
         bury(R)
         sys_.pthread_mutex_lock(&R.lock)
         h = R.q_head
@@ -6290,15 +6375,19 @@ cdef class HttpRelay:
         may bring new tags (subsets or routes renamed), an unhashable tag
         one per conversion; kept, they grew for the life of the process.
         What reads an id later, marked: the cached verdicts (theirs, their
-        choices' and empty answers'), every connection's c.tag (its
-        reports: failures, outcomes) and a delayed request's local answer,
-        the interned faults' aborts (Fault.tag), those waiting in the grave, the metric rows not yet flushed
-        (_flush), the queued outcomes. A freed id is reused only once
+        choices' and empty answers', their mirrors'), every connection's
+        c.tag (its reports: failures, outcomes), a delayed request's local
+        answer and its drawn copies not started (c.shadow), the interned
+        faults' aborts (Fault.tag), those waiting in the grave, the copies
+        in flight and buried after the batch (their reports at their end:
+        Mirror.tag), the metric rows not yet flushed (_flush), the queued
+        outcomes. A freed id is reused only once
         nothing reads it. Run when the ids in use passed twice what the
         last sweep kept, plus INTERN_SLACK (amortized O(1) per id)."""
         cdef Relay *R = self.R
         cdef Verdict_ *v
         cdef Conn *c
+        cdef Shadow *sh
         cdef int i, j
         cdef Py_ssize_t n = len(self._tags)
         live = bytearray(n + 1)  # (index n: an id out of range, -1 below)
@@ -6313,6 +6402,8 @@ cdef class HttpRelay:
                     marks.append(v.choices[j].tag)
                     if v.choices[j].empty != NULL:
                         marks.append(v.choices[j].empty.tag)
+                for j in range(v.n_mirrors):
+                    marks.append(v.mirrors[j].tag)
         for addr in self._faults.values():  # (an abort's tag: Fault.tag)
             if addr:
                 marks.append((<Fault_*><size_t>addr).answer.tag)
@@ -6321,10 +6412,21 @@ cdef class HttpRelay:
             marks.append(c.tag)
             if c.fault_local:
                 marks.append(c.fault_answer.tag)
+            if c.shadow != NULL:
+                for j in range(c.shadow.n):
+                    marks.append(c.shadow.d[j].tag)
         c = R.cgrave
         while c != NULL:
             marks.append(c.tag)
             c = c.grave_next
+        sh = R.shadows
+        while sh != NULL:
+            marks.append(sh.tag)
+            sh = sh.next
+        sh = R.sgrave
+        while sh != NULL:
+            marks.append(sh.tag)
+            sh = sh.grave_next
         for i in range(ROWS_SLOTS):
             if R.rows[i].tag > 0:
                 marks.append(R.rows[i].tag - 1)
@@ -6611,7 +6713,7 @@ cdef class HttpRelay:
     cdef _mirrors(self, Verdict_ *v, mirrors):
         """A route verdict's mirrors (verdict.Mirror) as its Mirror_s: each
         endpoint an EP, a round-robin slot per balance_key (else per
-        endpoints, as the pure twin's)."""
+        endpoints, as the pure twin's), its tag's id (its copies' reports)."""
         cdef Mirror_ *m
         cdef int i, j
         if not mirrors:
@@ -6623,6 +6725,7 @@ cdef class HttpRelay:
         for i, mirror in enumerate(mirrors):
             m = &v.mirrors[i]
             m.ppm = min(max(0, int(mirror.ppm)), MIRROR_SCALE)
+            m.tag = self._tag_id(mirror.tag)
             key = mirror.balance_key
             m.rr = self._rr_slot(("mirror", tuple(mirror.endpoints)) if key is None else key)
             m.eps = <EP**>calloc(len(mirror.endpoints) or 1, sizeof(EP*))

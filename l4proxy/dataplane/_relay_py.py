@@ -196,8 +196,12 @@ epoll, never pooled); the answer is read and thrown away until the server
 closes, or ``MIRROR_READ_LIMIT`` bytes of it were read (done: reset), or
 the copy fails (a connect, send or receive error, its deadline: the
 route's timeout from its connect, else ``MIRROR_TIMEOUT``;
-``_timers_due``, the tick a backstop) and is reset. Nothing of it touches
-the client, the pool, the reports or outlier detection. Dropped
+``_timers_due``, the tick a backstop) and is reset. Its first bytes are
+read for its status on the way (``_Shadow.answer``, an
+``AnswerStatus``), and at its end, whichever, the copy is reported
+(``report``: its Mirror's tag, that status, the seconds since its
+connect; not one the relay closes in flight). Nothing else of it touches
+the client, the pool, the request's report or outlier detection. Dropped
 (``mirror_dropped``): bytes past the replay limit, an answer that began
 before the request's end, a body not all read when the request was given
 up, a tunnel's request, ``max_mirrors`` copies in flight already, no
@@ -259,6 +263,7 @@ from l4proxy.dataplane.verdict import (
     FAULT_SCALE,
     MIRROR_READ_LIMIT,
     MIRROR_TIMEOUT,
+    AnswerStatus,
     Fault,
     HeadEdits,
     Mirror,
@@ -335,18 +340,28 @@ class _Up:
         return self.sock.fileno()
 
 
+# a mirror drawn for a request: the endpoint its copy goes to (None: none
+# to use, dropped) and its Mirror's tag (the copy's report)
+_Drawn = tuple[Endpoint | None, Any]
+
+
 @dataclass(eq=False)
 class _Shadow:
     """A mirrored copy of a request in flight (see "Request mirroring"): its
-    own connection, never pooled, what is still to send, and its deadline."""
+    own connection, never pooled, what is still to send, its deadline, and
+    what its report at its end says: its Mirror's tag, the status of its
+    answer (read as its bytes come) and the time of its connect."""
 
     sock: socket.socket
     fd: int
     out: bytearray
     deadline: float
+    tag: Any
+    started: float
     connecting: bool = True
     mask: int = 0
     got: int = 0  # answer bytes read and thrown away (MIRROR_READ_LIMIT at most)
+    answer: AnswerStatus = field(default_factory=AnswerStatus)
 
 
 @dataclass(eq=False)
@@ -392,11 +407,11 @@ class _Conn:
     peer: Any = ...
     # the current request's mirrors drawn (see "Request mirroring"), until
     # its Shadow starts their copies, and their deadline from a connect
-    mirrors: tuple[Endpoint | None, ...] = ()
+    mirrors: tuple[_Drawn, ...] = ()
     mirror_timeout: float = 0.0
     # ... Shadows of this batch of actions, each with its mirrors and their
     # deadline, started once the primary's bytes went (_perform_queued)
-    shadows_due: list[tuple[Shadow, tuple[Endpoint | None, ...], float]] | None = None
+    shadows_due: list[tuple[Shadow, tuple[_Drawn, ...], float]] | None = None
 
 
 def peer_of(sock: socket.socket) -> bytes | None:
@@ -728,7 +743,7 @@ class HttpRelay:
         for up in list(self._ups.values()):
             self._drop_upstream(up)
         for sh in list(self._shadows.values()):
-            self._shadow_end(sh, failed=False)
+            self._shadow_end(sh, None)
         self.ep.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -1183,7 +1198,7 @@ class HttpRelay:
         if head is None or head.method == "CONNECT" or head.header("upgrade") is not None:
             self.counters["mirror_dropped"] += len(drawn)
             return
-        c.mirrors = tuple(self._mirror_endpoint(m) for m in drawn)
+        c.mirrors = tuple((self._mirror_endpoint(m), m.tag) for m in drawn)
         c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
         c.ex.mirror = bytearray()
 
@@ -1191,24 +1206,24 @@ class HttpRelay:
         """The Shadows of c's batch of actions, after its primary's bytes
         went (they wait for no copy's socket, connect or bytes)."""
         due, c.shadows_due = c.shadows_due, None
-        for a, endpoints, timeout in due or ():
-            self._mirror(a, endpoints, now + timeout)
+        for a, drawn, timeout in due or ():
+            self._mirror(a, drawn, now, timeout)
 
-    def _mirror(self, a: Shadow, endpoints: tuple[Endpoint | None, ...], deadline: float) -> None:
+    def _mirror(self, a: Shadow, drawn: tuple[_Drawn, ...], now: float, timeout: float) -> None:
         """The request was read whole and sent (or given up: Exchange's
         _given_up): a copy to each mirror drawn (its endpoint chosen then:
         _draw_mirrors), dropped for bytes past the replay limit or not all
         held, max_mirrors copies in flight, a socket or connect failing at
-        once."""
+        once; each copy's deadline *timeout* seconds from *now*, its connect."""
         payload = b""
         if a.data is not None:
             payload = shadow_head(a.data[: a.head_length]) + a.data[a.head_length :]
-        for endpoint in endpoints:
+        for endpoint, tag in drawn:
             if (
                 a.data is None
                 or endpoint is None
                 or len(self._shadows) >= self.max_mirrors
-                or not self._shadow_start(endpoint, payload, deadline)
+                or not self._shadow_start(endpoint, tag, payload, now, timeout)
             ):
                 self.counters["mirror_dropped"] += 1
 
@@ -1227,8 +1242,11 @@ class HttpRelay:
                 return endpoint
         return None
 
-    def _shadow_start(self, endpoint: Endpoint, payload: bytes, deadline: float) -> bool:
-        """A copy's connection (non-blocking): False when it failed at once."""
+    def _shadow_start(
+        self, endpoint: Endpoint, tag: Any, payload: bytes, now: float, timeout: float
+    ) -> bool:
+        """A copy's connection (non-blocking), its deadline *timeout* seconds
+        from *now*: False when it failed at once."""
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1242,11 +1260,11 @@ class HttpRelay:
         except OSError:
             sock.close()
             return False
-        sh = _Shadow(sock, sock.fileno(), bytearray(payload), deadline)
+        sh = _Shadow(sock, sock.fileno(), bytearray(payload), now + timeout, tag, now)
         self._shadows[sh.fd] = sh
         self.counters["mirrored"] += 1
         self._set_mask(sh.fd, sh, _EPOLLOUT)
-        self._timer_at(deadline)
+        self._timer_at(sh.deadline)
         return True
 
     def _shadow_event(self, sh: _Shadow, ev: int, now: float) -> None:
@@ -1259,31 +1277,37 @@ class HttpRelay:
                 if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
                     return
                 if sh.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    self._shadow_end(sh, failed=True)
+                    self._shadow_end(sh, now, failed=True)
                     return
                 sh.connecting = False
             while sh.out:
                 n = sh.sock.send(sh.out, _SEND_FLAGS)
                 del sh.out[:n]
             if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
-                n = len(sh.sock.recv(_READ))
-                if not n:
-                    self._shadow_end(sh, failed=False)
+                data = sh.sock.recv(_READ)
+                if not data:
+                    self._shadow_end(sh, now)
                     return
-                sh.got += n
+                if not sh.answer.done:
+                    sh.answer.feed(data)
+                sh.got += len(data)
                 if sh.got >= MIRROR_READ_LIMIT:
-                    self._shadow_end(sh, failed=False, reset=True)
+                    self._shadow_end(sh, now, reset=True)
                     return
         except BlockingIOError:
             pass
         except OSError:
-            self._shadow_end(sh, failed=True)
+            self._shadow_end(sh, now, failed=True)
             return
         self._set_mask(sh.fd, sh, _EPOLLOUT if sh.out else _EPOLLIN)
 
-    def _shadow_end(self, sh: _Shadow, failed: bool, reset: bool = False) -> None:
-        """A copy is over: its socket closed (reset when it failed, or when
-        *reset*: enough of its answer was read)."""
+    def _shadow_end(
+        self, sh: _Shadow, now: float | None, failed: bool = False, reset: bool = False
+    ) -> None:
+        """A copy is over at *now*: its socket closed (reset when it failed,
+        or when *reset*: enough of its answer was read), and reported (its
+        Mirror's tag, its answer's status, the seconds since its connect);
+        *now* None: the relay closes, not reported."""
         del self._shadows[sh.fd]
         if sh.mask:
             self.ep.unregister(sh.fd)
@@ -1296,6 +1320,8 @@ class HttpRelay:
             except OSError:
                 pass
         sh.sock.close()
+        if now is not None and self.report is not None:
+            self.report(sh.tag, sh.answer.status, now - sh.started)
 
     def _shadow_timers(self, now: float) -> float:
         """Fail the copies past their deadline: the soonest of the others'
@@ -1303,7 +1329,7 @@ class HttpRelay:
         soonest = 0.0
         for sh in list(self._shadows.values()):
             if sh.deadline <= now:
-                self._shadow_end(sh, failed=True)
+                self._shadow_end(sh, now, failed=True)
             elif not soonest or sh.deadline < soonest:
                 soonest = sh.deadline
         return soonest
