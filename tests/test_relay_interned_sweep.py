@@ -25,12 +25,14 @@ from l4proxy.dataplane.verdict import (
     Choice,
     Fault,
     HeadEdits,
+    Mirror,
     RetryPolicy,
     Verdict,
 )
-from tests._scripted import _client, _until
+from tests._scripted import Scripted, _client, _until
 from tests.test_relay_edges import Backend, _relay
 
+Endpoint = tuple[str, int]
 SWAPS = 200
 HOLD_FOR = 25  # swaps a held request waits through before its answer
 SLOW_EVERY = 10  # swaps between connections handed to the pure relay
@@ -413,3 +415,121 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str, fault_tag: boo
         want = [(("fi", repr(tag)), status, n) for tag, status, n in want]
     key = repr
     assert sorted(rows, key=key) == sorted(want, key=key)
+
+
+class HeldMirror:
+    """A mirror that reads a copy (its head and Content-Length body), then
+    holds it until ``release`` is set, and answers 207 (a status no other
+    request here gets). ``copies``: the copies read."""
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.backend = Backend(self._serve)
+        self.endpoint = self.backend.endpoint
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(20)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(65536)
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            body += conn.recv(65536)
+        with self.lock:
+            self.copies += 1
+        self.release.wait(20)
+        conn.sendall(b"HTTP/1.1 207 X\r\ncontent-length: 0\r\n\r\n")
+        conn.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+@pytest.mark.parametrize("how", ["decide", "resolve"])
+def test_a_copys_tag_survives_sweeps_while_it_is_held(how: str) -> None:
+    """A copy in flight (its mirror holds it), and a request's drawn copy
+    not started yet (its body held by its client), each with a Mirror.tag
+    of its own, through 100 rule swaps (HELD_SWAPS), each a request of a
+    new tag answered by its abort, its verdict with a mirror of a new tag
+    (never drawn): sweeps ran meanwhile, and once the body came and the
+    mirror answers, each copy is reported with its own Mirror's tag (a
+    freed id reused reported another tag, or none)."""
+    up, mirror = Scripted([]), HeldMirror()
+    state = {"gen": 0}
+    routed: list[str] = []
+    rows: list[tuple[Any, int, int]] = []
+    lock = threading.Lock()
+
+    def report_rows(decided: Any, answered: Any) -> None:
+        with lock:
+            rows.extend((tag, status, count) for tag, status, count, _, _ in answered)
+
+    def route(target: str) -> tuple[Any, tuple[Endpoint, ...], Fault | None, Mirror]:
+        """*target*'s tag, endpoints, fault and mirror now."""
+        if target in ("/held", "/plan"):
+            routed.append(target)
+            return target, (up.endpoint,), None, Mirror((mirror.endpoint,), tag=target + "-copy")
+        gen = state["gen"]
+        tag = f"t{gen}" if gen % 2 else ["u", gen]
+        never = Mirror((mirror.endpoint,), ppm=0, tag=("m", repr(tag)))
+        return tag, (("127.0.0.1", 9),), _fault(gen, 0.0), never
+
+    def decide(head: Any, origin: Any) -> Decision:
+        tag, endpoints, fault, m = route(head.target)
+        return Decision(endpoints, tag=tag, fault=fault, mirrors=(m,))
+
+    kw: dict[str, Any] = {"report_rows": report_rows}
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            tag, endpoints, fault, m = route(head.target)
+            choice = Choice(1, endpoints, "ORDERED", tag=tag)
+            return Verdict((choice,), ttl=60.0, fault=fault, mirrors=(m,))
+
+        kw["resolve"] = resolve
+    relay = _relay("compiled", decide, **kw)
+    try:
+        state["gen"] = 1
+        held = _client(relay)
+        held.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert Reader(held).response().startswith(b"HTTP/1.1 200 ")
+        assert _until(lambda: mirror.copies == 1, 5.0)  # (in flight, held)
+        plan = _client(relay)
+        plan.sendall(b"POST /plan HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhe")
+        assert _until(lambda: routed == ["/held", "/plan"], 5.0)  # (its copy drawn)
+        sweeps = relay.tag_sweeps
+        a = _client(relay)
+        ra = Reader(a)
+        for gen in range(2, HELD_SWAPS + 1):
+            state["gen"] = gen
+            if how == "resolve":
+                relay.invalidate()
+            a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            if gen % FLUSH_EVERY == 0:
+                relay.flush_reports(1.0)
+        assert relay.tag_sweeps > sweeps, relay.tag_sweeps
+        plan.sendall(b"llo")
+        assert Reader(plan).response().startswith(b"HTTP/1.1 200 ")
+        assert _until(lambda: mirror.copies == 2, 5.0)
+        mirror.release.set()
+        assert _until(lambda: relay.stats()["mirror_active"] == 0, 5.0)
+        relay.flush_reports(1.0)
+        stats = relay.stats()
+        for s in (a, held, plan):
+            s.close()
+    finally:
+        mirror.release.set()
+        relay.close()
+        up.close()
+        mirror.close()
+    assert stats["mirrored"] == 2 and stats["errors"] == 0, stats
+    copies = sorted((row for row in rows if row[1] == 207), key=repr)
+    assert copies == [("/held-copy", 207, 1), ("/plan-copy", 207, 1)]

@@ -10,7 +10,10 @@ request however often it is retried, pipelined requests, and no socket
 left open by a copy, ended or cut by ``close()``; a copy whatever becomes
 of the primary (no try reaching it: a bodyless request's copy goes, a
 body's is dropped; a primary failing mid-body: dropped), and a copy's
-endless answer read no further than ``MIRROR_READ_LIMIT``.
+endless answer read no further than ``MIRROR_READ_LIMIT``. Each copy
+started reported once at its end with its Mirror's tag and its answer's
+status as ``AnswerStatus`` reads it (``_Reports``), a copy dropped or cut
+by ``close()`` never, the requests' own reports as without mirrors.
 
 Counts, never times: a copy's end is waited for by polling the relay's
 gauges (``mirror_active``) and the mirror's own records.
@@ -19,11 +22,14 @@ gauges (``mirror_active``) and the mirror's own records.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import re
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +40,7 @@ from l4proxy.dataplane.verdict import (
     FAULT_SCALE,
     MIRROR_SCALE,
     SHAPE_FULL,
+    AnswerStatus,
     Choice,
     Fault,
     HeadEdits,
@@ -59,11 +66,16 @@ from tests.test_relay_fault import _recv
 Endpoint = tuple[str, int]
 OK = _answer(200, OK_BODY)
 GET = b"GET /x?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nX-Trace: 7\r\n\r\n"
+TAG, COPY = "t", "copy"  # the requests' tag (their choice's), and the Mirrors'
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # (a client's head may end its lines in a bare LF)
 OK_MIRROR = "ok"  # answer, then close
 RESET = "reset"  # read the request, close with a reset
 HANG = "hang"  # read the request, never answer (until the relay closes)
+# or the answer's bytes (then close), or a function of the request giving
+# them in pieces, each sent on its own (TCP_NODELAY, a pause between)
+Pieces = Callable[[bytes], list[bytes]]
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
@@ -98,12 +110,17 @@ def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None
     return buf[: end + length], buf[end + length :]
 
 
+def bytewise(answer: bytes) -> Pieces:
+    """*answer* a byte at a time: its status line cut across reads."""
+    return lambda request: [answer[i : i + 1] for i in range(len(answer))]
+
+
 class Mirrored:
     """A mirror: one request per connection, answered as *how* says. What
     it saw: the requests with the order their connections were accepted
     in, connections accepted, and those the relay closed on it."""
 
-    def __init__(self, how: str = OK_MIRROR) -> None:
+    def __init__(self, how: str | bytes | Pieces = OK_MIRROR) -> None:
         self.how = how
         self.requests: list[tuple[int, bytes]] = []
         self.accepted = 0
@@ -141,7 +158,15 @@ class Mirrored:
                         self.closed_by_relay += 1
                 conn.close()
                 return
-            conn.sendall(_answer(200, b"mirror's"))
+            if self.how == OK_MIRROR:
+                conn.sendall(_answer(200, b"mirror's"))
+            elif isinstance(self.how, bytes):
+                conn.sendall(self.how)
+            elif callable(self.how):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for piece in self.how(got[0]):
+                    conn.sendall(piece)
+                    time.sleep(0.001)  # (its own segment, most likely its own read)
             conn.close()
         except OSError:
             conn.close()
@@ -236,9 +261,9 @@ def _mirrored(
     mode: tuple[str, str], up: Any, *mirrors: Any, ppm: int = MIRROR_SCALE, **kw: Any
 ) -> Iterator[Any]:
     """A ``_mirror_relay`` to the backend *up* with a Mirror (its share
-    *ppm*) to each of *mirrors*; the relay, *up* and the mirrors closed on
-    leaving."""
-    copies = tuple(Mirror((m.endpoint,), ppm=ppm) for m in mirrors)
+    *ppm*, its tag COPY) to each of *mirrors*; the relay, *up* and the
+    mirrors closed on leaving."""
+    copies = tuple(Mirror((m.endpoint,), ppm=ppm, tag=COPY) for m in mirrors)
     relay = _mirror_relay(mode, (up.endpoint,), copies, **kw)
     with _closing(relay, up, *mirrors):
         yield relay
@@ -269,6 +294,45 @@ def _answers(
     stats = _settled(relay)
     a.close()
     return got, stats
+
+
+class _Reports:
+    """What a relay reported, from either twin (the compiled one's rows
+    expanded; its slow path's requests and copies come as the pure
+    twin's): each request's or copy's (tag, status), the compiled one's
+    decisions' tags, and its rows whose duration buckets do not sum to
+    their count."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, int]] = []
+        self.decided: list[Any] = []
+        self.uneven: list[tuple[Any, int, int, tuple[int, ...]]] = []
+        self.lock = threading.Lock()
+
+    def report(self, tag: Any, status: int, seconds: float) -> None:
+        with self.lock:
+            self.rows.append((tag, status))
+
+    def report_rows(self, decided: Any, answered: Any) -> None:
+        with self.lock:
+            for tag, n in decided:
+                self.decided += [tag] * n
+            for tag, status, n, _, buckets in answered:
+                self.rows += [(tag, status)] * n
+                if sum(buckets) != n:
+                    self.uneven.append((tag, status, n, buckets))
+
+    def kw(self, mode: tuple[str, str]) -> dict[str, Any]:
+        """A relay's keywords for *mode*'s twin to report here."""
+        out: dict[str, Any] = {"report": self.report}
+        if mode[0] == "compiled":
+            out.update(report_rows=self.report_rows, buckets=(1.0, 10.0, 100.0, 1000.0))
+        return out
+
+    def of(self, tag: Any) -> list[int]:
+        """The statuses reported with *tag*, sorted."""
+        with self.lock:
+            return sorted(status for t, status in self.rows if t == tag)
 
 
 def _ours_to(endpoint: Endpoint) -> int:
@@ -423,11 +487,12 @@ def test_a_mirrors_endpoints_take_turns(mode: tuple[str, str]) -> None:
 def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], how: str) -> None:
     """A mirror refusing connections, resetting, or never answering (past
     the route's timeout: its deadline): the client's answers as without a
-    mirror, each copy counted failed, none in flight, no socket left."""
-    up = Scripted([])
+    mirror, each copy counted failed and reported with status 0, none in
+    flight, no socket left."""
+    up, reports = Scripted([]), _Reports()
     with dead_ports(1) as ports:
         mirror = _Dead(ports[0]) if how == "refused" else Mirrored(how)
-        with _mirrored(mode, up, mirror, timeout=0.5) as relay:
+        with _mirrored(mode, up, mirror, timeout=0.5, **reports.kw(mode)) as relay:
             got, stats = _answers(
                 relay, GET, GET, until=lambda: relay.stats()["mirror_failed"] == 2, timeout=10.0
             )
@@ -438,6 +503,7 @@ def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], 
     assert stats["mirror_failed"] == 2
     assert stats["mirror_dropped"] == 0
     assert left == 0
+    assert reports.of(COPY) == [0, 0]  # (no answer: refused, reset, past the deadline)
     if isinstance(mirror, Mirrored):
         assert mirror.seen() == [shadow_head(GET)] * 2
     if how == HANG:
@@ -446,9 +512,11 @@ def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], 
 
 def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
     """max_mirrors=1 and a mirror that never answers: the second request's
-    copy is dropped and counted; both requests answered."""
-    up, mirror = Scripted([]), Mirrored(HANG)
-    with _mirrored(mode, up, mirror, max_mirrors=1) as relay:
+    copy is dropped and counted; both requests answered. Neither copy is
+    reported: the one dropped, nor the one in flight when the relay
+    closes (the requests are)."""
+    up, mirror, reports = Scripted([]), Mirrored(HANG), _Reports()
+    with _mirrored(mode, up, mirror, max_mirrors=1, **reports.kw(mode)) as relay:
         a = _client(relay)
         got = []
         for _ in range(2):
@@ -462,12 +530,14 @@ def test_copies_past_max_mirrors_are_dropped(mode: tuple[str, str]) -> None:
     assert stats["mirror_dropped"] == 1
     assert stats["mirror_active"] == 1
     assert mirror.accepted == 1
+    assert reports.of(COPY) == []
+    assert reports.of(TAG) == [200, 200]
 
 
 def test_a_body_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> None:
     body = bytes(range(256)) * 280  # 71,680 bytes: past 64 KiB
-    up, mirror = Primary(), Mirrored()
-    with _mirrored(mode, up, mirror) as relay:
+    up, mirror, reports = Primary(), Mirrored(), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
         (got, got2), stats = _answers(
             relay, _post(body), _post(b"small"), until=lambda: len(mirror.seen()) == 1
         )
@@ -477,6 +547,7 @@ def test_a_body_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> 
     assert mirror.seen() == [shadow_head(small[: -len(b"small")]) + b"small"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 1
+    assert reports.of(COPY) == [200]  # (the copy that went: the dropped one never)
 
 
 def test_local_answers_are_not_mirrored(mode: tuple[str, str]) -> None:
@@ -598,10 +669,12 @@ class _Continues(Backend):
 
 def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> None:
     """Expect: 100-continue, the server's 100 before the body: an interim
-    head is no answer, the copy goes (both twins dropped it)."""
-    mirror = Mirrored()
+    head is no answer, the copy goes (both twins dropped it). The mirror
+    answers the copy 100 Continue then 201: the copy is reported 201 (the
+    compiled relay hands such a request to its pure relay: its report)."""
+    mirror, reports = Mirrored(CONTINUE + _answer(201)), _Reports()
     head = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-    with _mirrored(mode, _Continues(), mirror) as relay:
+    with _mirrored(mode, _Continues(), mirror, **reports.kw(mode)) as relay:
         a = _client(relay)
         a.sendall(head)
         interim = _recv(a, 25)
@@ -615,6 +688,8 @@ def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> N
     assert mirror.seen() == [shadow_head(head) + b"hello"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 0
+    assert reports.of(COPY) == [201]
+    assert reports.of(TAG) == [200]
 
 
 def test_a_copy_goes_when_no_try_reaches_the_primary(mode: tuple[str, str]) -> None:
@@ -719,9 +794,10 @@ def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str
     """A mirror streaming its answer forever: the relay reads at most
     MIRROR_READ_LIMIT of it, then closes the copy as done (not failed),
     long before the route's 30 s timeout would end it (both twins read it
-    to the deadline, 64 KiB per event)."""
-    up, mirror = Primary(), _Endless()
-    with _mirrored(mode, up, mirror, timeout=30.0) as relay:
+    to the deadline, 64 KiB per event), and reports it once, with its
+    status."""
+    up, mirror, reports = Primary(), _Endless(), _Reports()
+    with _mirrored(mode, up, mirror, timeout=30.0, **reports.kw(mode)) as relay:
         a = _client(relay)
         a.sendall(GET)
         got = _response(a)
@@ -735,3 +811,141 @@ def test_an_endless_answer_to_a_copy_is_cut_after_the_read_limit(mode: tuple[str
     assert closed
     assert stats["mirrored"] == 1
     assert stats["mirror_failed"] == stats["mirror_dropped"] == 0
+    assert reports.of(COPY) == [200]
+
+
+# -- each copy's report (Mirror.tag, its answer's status) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "status"),
+    [
+        (OK_MIRROR, 200),
+        (_answer(503), 503),
+        (CONTINUE + _answer(201), 201),  # (to a request without Expect)
+        (b"", 0),  # closed without an answer
+        (b"SSH-2.0-OpenSSH_9.2\r\n", 0),  # not HTTP/1.x
+        (bytewise(CONTINUE + _answer(204)), 204),  # every head cut across reads
+    ],
+    ids=["200", "503", "continue-201", "closed", "not-http", "bytewise"],
+)
+def test_a_copy_is_reported_with_its_answers_status(
+    mode: tuple[str, str], how: str | bytes | Pieces, status: int
+) -> None:
+    """Two requests, each copy answered as *how* says: each copy reported
+    once, with its Mirror's tag and the status AnswerStatus reads (0 for
+    none), none failed."""
+    up, mirror, reports = Scripted([]), Mirrored(how), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        got, stats = _answers(relay, GET, GET, until=lambda: len(mirror.seen()) == 2)
+    assert got == [OK, OK]
+    assert stats["mirrored"] == 2
+    assert stats["mirror_failed"] == 0
+    assert reports.of(COPY) == [status, status]
+
+
+def test_every_copy_started_is_reported_once(mode: tuple[str, str]) -> None:
+    """30 requests, each mirror drawn for half of them (seeded), one
+    answering 200 and one 404: as many copies reported as ``mirrored``
+    counts, each with its mirror's status, and each of the compiled
+    relay's rows with its durations in as many buckets as its count."""
+    up, one, two, reports = Scripted([]), Mirrored(), Mirrored(_answer(404)), _Reports()
+    kw = reports.kw(mode)
+    with _mirrored(mode, up, one, two, ppm=MIRROR_SCALE // 2, seed=3, **kw) as relay:
+        got, stats = _answers(relay, *[GET] * 30)
+    assert got == [OK] * 30
+    assert 0 < len(one.seen()) < 30 and 0 < len(two.seen()) < 30
+    assert stats["mirrored"] == len(one.seen()) + len(two.seen())
+    assert reports.of(COPY) == [200] * len(one.seen()) + [404] * len(two.seen())
+    assert reports.uneven == []
+
+
+def test_mirroring_leaves_the_requests_reports_as_they_were(mode: tuple[str, str]) -> None:
+    """The same three requests (answered 503, 200, 200), every one
+    mirrored, then none: the requests' reports (tag and status) and the
+    compiled relay's decisions the same; only the copies' come more."""
+    seen = []
+    for ppm, copies in ((MIRROR_SCALE, 3), (0, 0)):
+        up, mirror, reports = Scripted([_answer(503)]), Mirrored(_answer(404)), _Reports()
+        with _mirrored(mode, up, mirror, ppm=ppm, **reports.kw(mode)) as relay:
+            _answers(relay, GET, GET, GET, until=lambda m=mirror, n=copies: len(m.seen()) == n)
+        seen.append((reports.of(TAG), sorted(map(repr, reports.decided)), reports.of(COPY)))
+    (requests, decided, copies), (requests_alone, decided_alone, none) = seen
+    assert requests == requests_alone == [200, 200, 503]
+    assert decided == decided_alone
+    assert copies == [404] * 3
+    assert none == []
+
+
+def _random_answer(rng: random.Random) -> bytes:
+    """An answer as a mirror may give it: a head (HTTP/1.0 or 1.1, any
+    code, lines ending in CRLF or a bare LF) after interim heads or not,
+    garbage after an interim head, or not HTTP/1.x at all; and a quarter of
+    them cut short anywhere."""
+
+    def head(code: int) -> bytes:
+        end = rng.choice([b"\r\n", b"\n"])
+        lines = [b"HTTP/1.%d %03d X" % (rng.randrange(2), code)]
+        lines += [b"x-%d: %s" % (i, b"v" * rng.randrange(3)) for i in range(rng.randrange(3))]
+        return end.join(lines) + end + end
+
+    interim = b"".join(head(rng.choice([100, 102, 103, 199])) for _ in range(rng.randrange(3)))
+    final = head(rng.choice([200, 201, 204, 301, 404, 503, 101, 999, 99, 0])) + b"body"
+    garbage = rng.choice(
+        [
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            b"HTTP/2 200\r\n\r\n",
+            b"http/1.1 200 X\r\n\r\n",
+            b"HTTP/1.1  200\r\n\r\n",
+            bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30))),
+        ]
+    )
+    answer = interim + rng.choice([final, final, final, garbage])
+    if rng.random() < 1 / 4:
+        answer = answer[: rng.randrange(len(answer) + 1)]
+    return answer
+
+
+def _cut(rng: random.Random, data: bytes) -> list[bytes]:
+    """*data* in pieces, cut at up to four random points."""
+    points = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(5))))
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_copys_status_is_answer_status_of_its_answer(which: str) -> None:
+    """60 seeded random answers (_random_answer), each served in random
+    pieces to the copy of request /i, whose Mirror's tag is ("copy", i):
+    each copy reported once with the status AnswerStatus reads from the
+    same bytes (the compiled relay's scan agrees with it however the
+    answer is cut into reads)."""
+    rng = random.Random(20260612)
+    answers = [_random_answer(rng) for _ in range(60)]
+    pieces = [_cut(rng, answer) for answer in answers]
+    want = []
+    for answer in answers:
+        a = AnswerStatus()
+        a.feed(answer)
+        want.append(a.status)
+    mirror, up, reports = (
+        Mirrored(lambda r: pieces[int(r.split(b" ")[1][1:])]),
+        Scripted([]),
+        _Reports(),
+    )
+
+    def decide(head: Any, origin: Any) -> Decision:
+        tag = ("copy", int(head.target[1:]))
+        return Decision((up.endpoint,), tag=TAG, mirrors=(Mirror((mirror.endpoint,), tag=tag),))
+
+    relay = _relay(which, decide, **reports.kw((which, "decide")))
+    with _closing(relay, up, mirror):
+        requests = [b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(len(answers))]
+        got, stats = _answers(relay, *requests, until=lambda: len(mirror.seen()) == len(answers))
+    assert got == [OK] * len(answers)
+    assert stats["mirrored"] == len(answers)
+    assert sorted(reports.rows, key=repr) == sorted(
+        [(("copy", i), status) for i, status in enumerate(want)] + [(TAG, 200)] * len(answers),
+        key=repr,
+    )
+    assert 0 < want.count(0) < len(want) and len(set(want)) > 5  # (a varied mix)
