@@ -670,8 +670,7 @@ class _Continues(Backend):
 def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> None:
     """Expect: 100-continue, the server's 100 before the body: an interim
     head is no answer, the copy goes (both twins dropped it). The mirror
-    answers the copy 100 Continue then 201: the copy is reported 201 (the
-    compiled relay hands such a request to its pure relay: its report)."""
+    answers the copy 100 Continue then 201: the copy is reported 201."""
     mirror, reports = Mirrored(CONTINUE + _answer(201)), _Reports()
     head = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     with _mirrored(mode, _Continues(), mirror, **reports.kw(mode)) as relay:
@@ -842,6 +841,20 @@ def test_a_copy_is_reported_with_its_answers_status(
     assert stats["mirrored"] == 2
     assert stats["mirror_failed"] == 0
     assert reports.of(COPY) == [status, status]
+
+
+def test_a_copy_the_slow_path_made_is_reported(mode: tuple[str, str]) -> None:
+    """An absolute-form target: the compiled relay hands its connection
+    to its pure relay (``slow``), whose copy is reported through
+    ``report``, as its requests are."""
+    up, mirror, reports = Scripted([]), Mirrored(_answer(203)), _Reports()
+    request = b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n"
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        (got,), stats = _answers(relay, request, until=lambda: len(mirror.seen()) == 1)
+    assert got == OK
+    assert stats.get("slow_path", 0) == (mode[0] == "compiled")
+    assert stats["mirrored"] == 1
+    assert reports.of(COPY) == [203]
 
 
 def test_every_copy_started_is_reported_once(mode: tuple[str, str]) -> None:
