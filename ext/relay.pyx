@@ -29,9 +29,12 @@ The fast path and the slow path
 -------------------------------
 A complete request head is served here when it is the common case: no error,
 origin-form target without a dot-segment, exactly one valid Host, no
-Transfer-Encoding, no ``Expect``, no ``Upgrade``, not ``CONNECT``. Anything
-else (a head error, a dot-segment in the path, a first request that is not
-HTTP, a chunked request body, a tunnel, an ``Expect: 100-continue``) is a
+Transfer-Encoding but ``chunked`` alone (HTTP/1.1, no Content-Length), no
+``Expect`` but one ``100-continue`` (HTTP/1.1), no ``Upgrade``, no
+Connection field naming other fields, not ``CONNECT`` (``fast_head()``).
+Anything else (a head error, a dot-segment in the path, a first request
+that is not HTTP, an absolute-form target, another transfer coding, a
+tunnel) is a
 rare event: the connection, with every byte read from it, is handed to the
 pure relay at that request boundary (``HttpRelay.add(..., requests=n)``),
 which answers it (400, 431, an L4 tunnel, ...) exactly as it would have

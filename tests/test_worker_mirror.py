@@ -2,7 +2,8 @@
 both relay twins: Istio's mirroring task on one keep-alive connection. v1
 serves every request; v2 gets a copy of each (its Host ``-shadow``, the
 body as sent) whose answers the client never sees and the route's metrics
-never count; a reload without the mirror stops the copies at the same
+never count (its answers are counted apart, by v2's version and their
+status); a reload without the mirror stops the copies at the same
 connection's next request."""
 
 from __future__ import annotations
@@ -72,12 +73,14 @@ def test_istio_mirroring_task_and_its_removal(
 ) -> None:
     _worker_twin(which, monkeypatch)
     v1 = Scripted([])
-    v2 = Scripted([(_answer(200, V2_BODY), CLOSE)] * 40)  # each copy: answered, closed
+    # each copy answered, then closed: the first six 200, the others 503
+    v2 = Scripted([(_answer(200, V2_BODY), CLOSE)] * 6 + [(_answer(503, V2_BODY), CLOSE)] * 34)
     rules = tmp_path / "rules.yaml"
     service = gateway_service(v1.endpoint[1], v2.endpoint[1], labels=("v1", "v2")) + SUBSETS
     rules.write_text(service + MIRRORED)
     answers: list[bytes] = []
     counted: dict[str, int] = {}
+    copies: dict[tuple[str, str], int] = {}
     stats: dict[str, dict[str, int]] = {}
 
     async def main() -> None:
@@ -102,9 +105,14 @@ def test_istio_mirroring_task_and_its_removal(
             finally:
                 s.close()
             worker.relay.flush_reports(1.0)
-            for labels, n in worker.relay_counters.snapshot()["istio_requests_total"].items():
+            snapshot = worker.relay_counters.snapshot()
+            for labels, n in snapshot["istio_requests_total"].items():
                 version = dict(labels)["destination_version"]
                 counted[version] = counted.get(version, 0) + n
+            for labels, n in snapshot.get("l4proxy_mirror_requests_total", {}).items():
+                d = dict(labels)
+                key = (d["destination_version"], d["response_code"])
+                copies[key] = copies.get(key, 0) + n
 
     try:
         asyncio.run(main())
@@ -134,5 +142,7 @@ def test_istio_mirroring_task_and_its_removal(
     assert stats["after"]["mirrored"] == 12  # the reload reached the open connection
     assert stats["settled"]["mirror_active"] == 0
     assert stats["settled"]["mirror_failed"] == 0 and stats["settled"]["mirror_dropped"] == 0
-    # the copies are not requests of the route: v1's 18 only
+    # the copies are not requests of the route: v1's 18 only; their answers
+    # are counted apart, by the mirror's version and their status
     assert counted == {"v1": 18}
+    assert copies == {("v2", "200"): 6, ("v2", "503"): 6}

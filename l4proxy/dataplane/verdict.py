@@ -504,13 +504,13 @@ class AnswerStatus:
     throw the rest away): the code of the first final head. A head begins
     ``HTTP/1.`` one digit, a space and three digits (its first 12 bytes;
     what follows is not read); a 1xx code but 101 is an interim head,
-    skipped to its empty line (a line ending in LF, an optional CR before
-    it) and the next head read; any other code is final. Bytes that do not
-    begin a head so make the status 0 (not HTTP/1.x), as does an answer
-    that ends before a final head (:attr:`status` stays 0). Once final,
-    the rest is not looked at (:attr:`done`). The compiled relay reads the
-    same way, byte for byte, whatever the bytes and however they are cut
-    into reads."""
+    skipped to its empty line (a line ending in LF with nothing before it
+    but CRs: every CR in a line is ignored) and the next head read; any
+    other code is final. Bytes that do not begin a head so make the status 0
+    (not HTTP/1.x), as does an answer that ends before a final head
+    (:attr:`status` stays 0). Once final, the rest is not looked at
+    (:attr:`done`). The compiled relay reads the same way, byte for byte,
+    whatever the bytes and however they are cut into reads."""
 
     __slots__ = ("_line", "_state", "_text", "status")
 
@@ -653,11 +653,14 @@ class Mirror(NamedTuple):
     relay's ``report`` callback, or a row of the compiled relay's
     ``report_rows``), with ``tag``: the status of its answer's first final
     head as :class:`AnswerStatus` reads it (0: none came before the copy
-    ended, or the answer was not HTTP/1.x), and the seconds from its
-    connect to its end (the server's close, :data:`MIRROR_READ_LIMIT`, an
-    error, its deadline). A copy dropped, or still in flight when the relay
-    closes, is not reported. The copies' reports are what the mirror's own
-    sidecar would report in a mesh (Istio's ``reporter="destination"``):
+    ended, or the answer was not HTTP/1.x), and the seconds from its connect
+    to its end (the server's close, :data:`MIRROR_READ_LIMIT`, an error, its
+    deadline). A copy dropped, or still in flight when the relay closes, is
+    not reported. The worker tags every mirror (a
+    :class:`~l4proxy.rules.routing.MirrorTag`: its copies' rows are a metric
+    family of their own); a relay reports a copy of a Mirror without a tag
+    with ``None``, as a request's. The copies' reports are what the mirror's
+    own sidecar would report in a mesh (Istio's ``reporter="destination"``):
     the only account of how the mirrored version answers.
 
     ``balance_key`` names the round-robin counter, as a
