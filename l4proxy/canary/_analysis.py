@@ -30,6 +30,19 @@ interval; :func:`check` grades it and :func:`advance` moves the
 * **pass**: the next step's weight; a pass at the last step **promotes**:
   weight 100, every request to the canary.
 
+**Mirroring** (``--mirror N``, Flagger's ``analysis.mirror``): the first N
+stages of a rollout are *mirrored*: weight 0, every request to stable, and
+the canary's RouteRule copies each of them to the canary, whose answers no
+client sees. Such a stage is graded as any other, on the canary's answers
+to the copies (and any request it served itself: testers pinned by a
+header), and a pass goes on to the next stage. The stages are
+``(0,) * mirror + steps`` (:attr:`Policy.stages`), stored in
+:attr:`Rollout.steps` as the weights are, so that resume, ``status``,
+``promote`` and ``abort`` need nothing more: a progressing rollout at
+weight 0 is mirrored (weights are 1..100 otherwise). A rollback is weight 0
+and no mirror. Blue/green mirroring is ``--mirror N --steps 100``: N
+mirrored intervals, then every request to the canary.
+
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
 to the canary again, unless the caller asks for a fresh start. Times are
@@ -62,6 +75,7 @@ class Policy:
     min_requests: int = 10  # canary requests per interval, fewer halts
     # halts only, for this long (two intervals at least): roll back; 0: never
     progress_deadline: float = 600.0
+    mirror: int = 0  # mirrored intervals before the first step (weight 0, copies)
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -88,6 +102,19 @@ class Policy:
             raise PolicyError(
                 f"--progress-deadline: seconds >= 0 (0: none), got {self.progress_deadline:g}"
             )
+        if self.mirror < 0:
+            raise PolicyError(f"--mirror: intervals >= 0 (0: none), got {self.mirror}")
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The rollout's weights in turn: 0 for each mirrored interval, then the steps."""
+        return (0,) * self.mirror + self.steps
+
+
+def mirrored_stages(steps: Sequence[int]) -> int:
+    """How many of a rollout's stages (:attr:`Rollout.steps`) are mirrored:
+    its leading zeros."""
+    return next((i for i, w in enumerate(steps) if w), len(steps))
 
 
 def steps_from(step_weight: int, max_weight: int) -> tuple[int, ...]:
@@ -155,18 +182,21 @@ def p99_limit(policy: Policy) -> str:
     return f"p99 <= {policy.max_p99_ms:g} ms"
 
 
-def check(policy: Policy, sample: Sample) -> Check:
-    """Grade one interval against the policy."""
+def check(policy: Policy, sample: Sample, mirrored: bool = False) -> Check:
+    """Grade one interval against the policy (*mirrored*: its sample is the
+    canary's answers to copies, and its own requests; only the halt's
+    words differ)."""
     n = sample.requests
     rate = None if n <= 0 else 100.0 * (n - sample.errors) / n
     p99 = sample.p99_ms
     if n < max(policy.min_requests, 1):
+        what = "copies and canary requests" if mirrored else "canary requests"
         return Check(
             "halt",
             n,
             rate,
             p99,
-            (f"{_num(n)} canary requests < {policy.min_requests} (--min-requests): halted",),
+            (f"{_num(n)} {what} < {policy.min_requests} (--min-requests): halted",),
         )
     reasons: list[str] = []
     assert rate is not None
@@ -205,6 +235,13 @@ class Rollout:
     # the ``now`` of the start, a resume, or the last pass or fail (None: a
     # state file from before it was kept)
     judged: float | None = None
+
+    @property
+    def mirrored(self) -> bool:
+        """Every request goes to stable and is copied to the canary: a
+        progressing rollout at weight 0 (a rollback is weight 0, not
+        progressing, and copies nothing)."""
+        return self.phase == "progressing" and self.weight == 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -245,6 +282,7 @@ class Event:
     rollout: Rollout
     check: Check | None = None
     previous_weight: int | None = None
+    mirrored: bool = False  # the check was of a mirrored interval
 
 
 class Conflict(Exception):
@@ -263,9 +301,13 @@ def resume(
     """The rollout to run: a new one, or the saved one where it stood.
 
     * nothing saved, or a finished rollout of other versions: a new rollout
-      at the first step;
+      at the first stage;
     * the same versions, still progressing: resumed at its step and weight
-      (never back at the first step, never at 0 %);
+      (never back at the first step, never rolled back); with other options, a
+      rollout past its mirrored stages goes on at the first step at or
+      above its weight, never mirrored again, and one in them goes on
+      mirroring with the intervals it passed counted (at the first step
+      when the new ``--mirror`` has no more of them);
     * the same versions, finished: returned as it ended (the caller reports
       it) unless *restart*: a rolled-back canary gets no traffic again
       without being asked;
@@ -273,19 +315,25 @@ def resume(
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and not same and saved.phase == "progressing":
+        at = "mirrored" if saved.mirrored else f"at {saved.weight} %"
         raise Conflict(
-            f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is at "
-            f"{saved.weight} %: finish it first (l4proxy canary promote|abort {saved.service})"
+            f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is {at}: "
+            f"finish it first (l4proxy canary promote|abort {saved.service})"
         )
     if saved is not None and same and saved.phase == "progressing":
-        steps = saved.steps or policy.steps
-        if saved.steps and saved.steps != policy.steps:
+        steps = saved.steps or policy.stages
+        if saved.steps and saved.steps != policy.stages:
             # Options changed between runs: continue at the first step of
-            # the new list at or above the weight reached (never go down).
-            idx = next((i for i, w in enumerate(policy.steps) if w >= saved.weight), None)
-            if idx is None:
-                idx = len(policy.steps) - 1
-            steps = policy.steps
+            # the new list at or above the weight reached (never go down,
+            # never back to mirroring); a mirrored rollout keeps the
+            # mirrored intervals it passed, as far as the new list has any.
+            steps = policy.stages
+            if saved.mirrored:
+                idx = min(saved.step, policy.mirror)
+            else:
+                idx = next(
+                    (i for i, w in enumerate(steps) if w and w >= saved.weight), len(steps) - 1
+                )
             r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now, judged=now)
             return Event("resume", r, previous_weight=saved.weight)
         # (the deadline counts time the analysis ran: not the time it was stopped)
@@ -293,9 +341,8 @@ def resume(
         return Event("resume", r, previous_weight=saved.weight)
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
-    r = Rollout(
-        service, stable, canary, "progressing", 0, policy.steps[0], 0, 0, "", now, policy.steps, now
-    )
+    stages = policy.stages
+    r = Rollout(service, stable, canary, "progressing", 0, stages[0], 0, 0, "", now, stages, now)
     return Event("start", r, previous_weight=saved.weight if saved is not None else None)
 
 
@@ -305,7 +352,8 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
         return Event(rollout.phase, rollout)
     r = replace(rollout, checks=rollout.checks + 1, updated=now)
     before = rollout.weight
-    steps = rollout.steps or policy.steps
+    mirrored = rollout.mirrored
+    steps = rollout.steps or policy.stages
     if result.verdict == "halt":
         since = rollout.updated if rollout.judged is None else rollout.judged
         # never less than two intervals: with --interval past the deadline,
@@ -320,8 +368,8 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
                 f"{policy.progress_deadline:g}, two intervals at least): "
                 f"{'; '.join(result.reasons)}",
             )
-            return Event("rolled_back", r, result, before)
-        return Event("check", r, result, before)
+            return Event("rolled_back", r, result, before, mirrored)
+        return Event("check", r, result, before, mirrored)
     r = replace(r, judged=now)
     if result.verdict == "fail":
         r = replace(r, failed_checks=r.failed_checks + 1)
@@ -333,13 +381,13 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
                 weight=0,
                 reason=f"{r.failed_checks} failed checks (--threshold {policy.threshold}): {why}",
             )
-            return Event("rolled_back", r, result, before)
-        return Event("check", r, result, before)
+            return Event("rolled_back", r, result, before, mirrored)
+        return Event("check", r, result, before, mirrored)
     if r.step + 1 >= len(steps):
         r = replace(r, phase="promoted", weight=100, reason="every step passed")
-        return Event("promoted", r, result, before)
+        return Event("promoted", r, result, before, mirrored)
     r = replace(r, step=r.step + 1, weight=steps[r.step + 1])
-    return Event("check", r, result, before)
+    return Event("check", r, result, before, mirrored)
 
 
 def promote(rollout: Rollout, now: float, why: str = "promoted by hand") -> Rollout:
@@ -364,6 +412,7 @@ def run_table(
     for i, s in enumerate(samples):
         if ev.rollout.phase != "progressing":
             break
-        ev = advance(policy, ev.rollout, check(policy, s), float(i + 1) * policy.interval)
+        graded = check(policy, s, ev.rollout.mirrored)
+        ev = advance(policy, ev.rollout, graded, float(i + 1) * policy.interval)
         out.append(ev)
     return out

@@ -28,6 +28,17 @@ the next bucket's interpolation starts); p99 is :func:`histogram_quantile`
 over the summed bucket deltas (linear inside the bucket, as Prometheus
 does), and ``math.inf`` when it lies beyond the largest finite bucket.
 
+**Mirrored intervals** (``--mirror``): the canary serves no client then;
+what it is judged on is its answers to the copies of stable's requests,
+which the calling sidecar counts as ``l4proxy_mirror_requests_total`` and
+``l4proxy_mirror_request_duration_milliseconds_bucket`` (the labels and
+buckets of Istio's two; ``response_code`` 0: the copy got no answer),
+plus whatever requests it served itself (testers pinned to it by a header
+rule): both families summed, with the same deltas and restarts. A sidecar
+without the copies' family (an l4proxy from before it) cannot be read at a
+mirrored interval (:data:`NO_MIRROR_METRICS`): judged on its pinned
+requests alone, the canary would halt for ever or pass on a handful.
+
 **Prometheus** (``--prometheus URL``): the PromQL Flagger runs for Istio
 (request-success-rate and request-duration), with l4proxy's labels (the
 sidecar reports as ``reporter="source"`` and names the version in
@@ -57,11 +68,20 @@ from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 
 REQUESTS = "istio_requests_total"
 BUCKETS = "istio_request_duration_milliseconds_bucket"
+# a mirrored copy's answer, as the calling sidecar counts it (the same labels)
+MIRROR_REQUESTS = "l4proxy_mirror_requests_total"
+MIRROR_BUCKETS = "l4proxy_mirror_request_duration_milliseconds_bucket"
+COUNTED = (REQUESTS, BUCKETS, MIRROR_REQUESTS, MIRROR_BUCKETS)
 
 NO_REQUEST_METRICS = (
     "{url} has no {name}: l4proxy canary reads per-request metrics, which a sidecar "
     "reports only when it runs 'l4proxy run --http-routing request' (restart it with "
     "that option), or point --metrics at an l4proxy sidecar's admin endpoint"
+)
+NO_MIRROR_METRICS = (
+    "{url} has no {name}: a mirrored interval judges the canary's answers to the copies "
+    "of stable's requests, which only an l4proxy sidecar recent enough to report that "
+    "family counts; upgrade the sidecar, or run without --mirror"
 )
 
 
@@ -146,16 +166,20 @@ def failed(code: str) -> bool:
     return code.startswith("5") or code == "0"
 
 
-def totals_of(values: Mapping[Series, float], service: str, version: str) -> Totals:
-    """Sum the series of SERVICE's *version* (over response codes, workloads)."""
+def totals_of(
+    values: Mapping[Series, float], service: str, version: str, mirrored: bool = False
+) -> Totals:
+    """Sum the series of SERVICE's *version* (over response codes, workloads);
+    *mirrored*: its answers to copies too."""
     t = Totals()
+    wanted = COUNTED if mirrored else (REQUESTS, BUCKETS)
     for (name, labels), v in values.items():
-        if name not in (REQUESTS, BUCKETS):
+        if name not in wanted:
             continue
         d = dict(labels)
         if not is_service(d, service) or d.get("destination_version") != version:
             continue
-        if name == REQUESTS:
+        if name in (REQUESTS, MIRROR_REQUESTS):
             t.requests += v
             if failed(d.get("response_code", "")):
                 t.errors += v
@@ -225,7 +249,7 @@ class CounterWindow:
         out: dict[Series, float] = {}
         for url, values in readings.items():
             last = self._last.get(url)
-            now = {k: v for k, v in values.items() if k[0] in (REQUESTS, BUCKETS)}
+            now = {k: v for k, v in values.items() if k[0] in COUNTED}
             started = values.get((START_TIME, ()))
             if last is not None:
                 # one series lower than last time, or gone (a live sidecar
@@ -241,7 +265,7 @@ class CounterWindow:
                 for key, v in now.items():
                     delta = v if reset else v - last.get(key, 0.0)
                     # a bucket's 0 is kept: it bounds the next bucket from below
-                    if delta or key[0] == BUCKETS:
+                    if delta or key[0] in (BUCKETS, MIRROR_BUCKETS):
                         out[key] = out.get(key, 0.0) + delta
             self._last[url] = now
             self._started[url] = started
@@ -271,15 +295,23 @@ def http_get(url: str, timeout: float = 3.0) -> str:
         raise MetricsError(f"{url}: cannot read it ({reason})") from exc
 
 
-def read_sidecar(url: str, text: str) -> tuple[dict[Series, float], RulesMark | None]:
+def read_sidecar(
+    url: str, text: str, mirrored: bool = False
+) -> tuple[dict[Series, float], RulesMark | None]:
     """Parse one sidecar's ``/stats``: (its series, which rules it serves).
-    Raises :class:`MetricsError` when it has no per-request metrics."""
+    Raises :class:`MetricsError` when it has no per-request metrics, or
+    (*mirrored*) no family for the copies' answers."""
     values, declared = parse_text(text)
-    if REQUESTS not in declared and not any(k[0] == REQUESTS for k in values):
-        raise MetricsError(NO_REQUEST_METRICS.format(url=url, name=REQUESTS))
+    for name, missing in ((REQUESTS, NO_REQUEST_METRICS), (MIRROR_REQUESTS, NO_MIRROR_METRICS)):
+        if name == MIRROR_REQUESTS and not mirrored:
+            continue
+        # declared with no series yet: a new sidecar writes "NAME 0"
+        if name not in declared and not any(k[0] == name for k in values):
+            raise MetricsError(missing.format(url=url, name=name))
+    wanted = COUNTED if mirrored else (REQUESTS, BUCKETS)
     for (name, labels), v in values.items():
         # NaN compares false with every limit: a canary counted NaN passed
-        if name in (REQUESTS, BUCKETS) and not (math.isfinite(v) and v >= 0):
+        if name in wanted and not (math.isfinite(v) and v >= 0):
             shown = ",".join(f'{k}="{val}"' for k, val in labels)
             raise MetricsError(f"{url}: {name}{{{shown}}} is {v:g}, not a count")
     return values, RulesMark.of({name: v for (name, labels), v in values.items() if not labels})
@@ -312,7 +344,13 @@ def range_of(interval: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def promql(service: str, version: str, interval: float, reporter: str = "source") -> dict[str, str]:
+def promql(
+    service: str,
+    version: str,
+    interval: float,
+    reporter: str = "source",
+    mirrored: bool = False,
+) -> dict[str, str]:
     """The three queries of one check: requests, success rate (%), p99 (ms).
 
     Flagger's built-in Istio metrics ``request-success-rate`` and
@@ -320,17 +358,62 @@ def promql(service: str, version: str, interval: float, reporter: str = "source"
     selecting the version by ``destination_version``
     (Flagger selects a Deployment by ``destination_workload``; the sidecar
     names both, the version is what the rules route on).
+
+    *mirrored*: the same queries over both families, the requests and the
+    copies' answers (``__name__=~"A|B"``: one series set, so that the ratio
+    and the quantile are of their sum), and a fourth, ``copies``, of the
+    copies alone (:func:`copies_missing` reads it).
     """
     window = f"[{range_of(interval)}]"
     sel = _selector(service, version, reporter)
     ok = _selector(service, version, reporter, f'response_code!~"{FAILED_CODES}"')
+    if not mirrored:
+        return {
+            "requests": f"sum(increase({REQUESTS}{{{sel}}}{window}))",
+            "success_rate": (
+                f"sum(rate({REQUESTS}{{{ok}}}{window})) / "
+                f"sum(rate({REQUESTS}{{{sel}}}{window})) * 100"
+            ),
+            "p99": f"histogram_quantile(0.99, sum(rate({BUCKETS}{{{sel}}}{window})) by (le))",
+        }
+    total = f'__name__=~"{REQUESTS}|{MIRROR_REQUESTS}"'
+    buckets = f'__name__=~"{BUCKETS}|{MIRROR_BUCKETS}"'
     return {
-        "requests": f"sum(increase({REQUESTS}{{{sel}}}{window}))",
+        "requests": f"sum(increase({{{total},{sel}}}{window}))",
         "success_rate": (
-            f"sum(rate({REQUESTS}{{{ok}}}{window})) / sum(rate({REQUESTS}{{{sel}}}{window})) * 100"
+            f"sum(rate({{{total},{ok}}}{window})) / sum(rate({{{total},{sel}}}{window})) * 100"
         ),
-        "p99": (f"histogram_quantile(0.99, sum(rate({BUCKETS}{{{sel}}}{window})) by (le))"),
+        "p99": f"histogram_quantile(0.99, sum(rate({{{buckets},{sel}}}{window})) by (le))",
+        "copies": f"sum(increase({MIRROR_REQUESTS}{{{sel}}}{window}))",
     }
+
+
+def stable_query(service: str, stable: str, interval: float, reporter: str = "source") -> str:
+    """Stable's requests in a mirrored interval: each of them was copied."""
+    return (
+        f"sum(increase({REQUESTS}{{{_selector(service, stable, reporter)}}}[{range_of(interval)}]))"
+    )
+
+
+def copies_missing(
+    copies: float | None, stable: float | None, min_requests: int, service: str, canary: str
+) -> str:
+    """Why a mirrored interval cannot be judged from Prometheus ("" if it can).
+
+    Prometheus keeps no series of a family no sidecar has reported, so an
+    older sidecar's missing copies read as none at all: *copies* is None
+    (an empty vector, not 0). Where stable served enough requests to judge
+    in that interval, every one of them was copied: no copies' series at
+    all is then the family missing, not too little traffic (a halt, which
+    went on for ever with --progress-deadline 0)."""
+    if copies is not None or stable is None or stable < max(min_requests, 1):
+        return ""
+    return (
+        f"Prometheus has no {MIRROR_REQUESTS} of {service} {canary}, although stable "
+        f"served {stable:.0f} requests in the interval, each copied to {canary}: the sidecars "
+        "do not count their copies' answers (an l4proxy from before that family: upgrade "
+        "them), or their /stats are not scraped"
+    )
 
 
 def query_url(base: str, query: str) -> str:

@@ -74,6 +74,7 @@ from l4proxy.canary._analysis import (
     Sample,
     advance,
     check,
+    mirrored_stages,
     p99_limit,
     p99_ok,
     parse_steps,
@@ -87,6 +88,7 @@ from l4proxy.canary._metrics import (
     CounterWindow,
     MetricsError,
     Series,
+    copies_missing,
     http_get,
     marks_of,
     marks_query,
@@ -96,6 +98,7 @@ from l4proxy.canary._metrics import (
     query_url,
     read_sidecar,
     sample_from_prometheus,
+    stable_query,
     stats_url,
     target_of,
     targets_query,
@@ -122,6 +125,12 @@ examples:
       --steps 5,25,50,100 --interval 30 --metrics 127.0.0.1:15000
   l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
       --step-weight 10 --max-weight 50 --prometheus http://prometheus:9090
+  # Flagger's mirroring pre-stage: one interval on copies of every request, then 5 %
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --mirror --steps 5,25,50,100 --metrics 127.0.0.1:15000
+  # blue/green mirroring: ten intervals on copies, then every request to v2
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --mirror 10 --steps 100 --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
@@ -135,6 +144,12 @@ the canary owns one document: RouteRule canary-SERVICE, in DIR/canary-SERVICE.ya
 its state is DIR/.canary-SERVICE.state.json. With --configmap: the key
 canary-SERVICE.yaml and the annotation l4proxy.io/canary-SERVICE. Metrics need sidecars run with
 'l4proxy run --http-routing request' (or Prometheus scraping them).
+
+--mirror N: for the first N intervals the document routes every request to stable
+and mirrors each to the canary; each is judged on the canary's answers to the
+copies (l4proxy_mirror_requests_total, as the calling sidecar counts them) and on
+any request it served itself. Every request is then sent twice: mirror only
+services whose requests are idempotent (a copied POST is a second POST).
 
 exit status:
   0  promoted (100 % to the canary)
@@ -200,6 +215,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", metavar="W,W,...", help="canary weights in turn (5,10,25,50,100)")
     p.add_argument("--step-weight", type=int, metavar="W", help="or: weights W, 2W, ...")
     p.add_argument("--max-weight", type=int, metavar="W", help="... up to W (100)")
+    p.add_argument(
+        "--mirror",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="first N intervals (no N: 1) mirrored: every request to stable and a copy of "
+        "each to the canary, judged on the copies' answers, which no client sees; then "
+        "the steps (Flagger's analysis.mirror; idempotent requests only). 0: none (0)",
+    )
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
@@ -297,6 +323,7 @@ def policy_of(args: argparse.Namespace) -> Policy:
         max_p99_ms=args.max_p99,
         min_requests=args.min_requests,
         progress_deadline=args.progress_deadline,
+        mirror=getattr(args, "mirror", 0),
     )
 
 
@@ -336,7 +363,10 @@ def rule_name(service: str) -> str:
 
 
 def document(r: Rollout) -> str:
-    """The canary's RouteRule for *r*'s weight (0-weight routes left out)."""
+    """The canary's RouteRule for *r*'s weight (0-weight routes left out);
+    mirrored (:attr:`Rollout.mirrored`), every request to stable and a
+    ``mirror`` copying each to the canary (Istio 0.7's field: an
+    IstioService whose labels pick the version)."""
     routes = [(r.stable, 100 - r.weight), (r.canary, r.weight)]
     body = "".join(
         # quoted (JSON is YAML): 1.10 is not the number 1.1, on not true
@@ -344,8 +374,14 @@ def document(r: Rollout) -> str:
         for v, w in routes
         if w > 0
     )
+    if r.mirrored:
+        body += (
+            f"  mirror:\n    name: {r.service}\n    labels:\n"
+            f"      version: {json.dumps(r.canary)}\n"
+        )
+    phase = "mirrored" if r.mirrored else r.phase
     return (
-        f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, {r.phase}):\n"
+        f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, {phase}):\n"
         "# rewritten at every step; edits are overwritten. Remove it with the rollout's end.\n"
         "apiVersion: config.istio.io/v1alpha2\n"
         "kind: RouteRule\n"
@@ -651,24 +687,28 @@ class SidecarMetrics:
         self.window = CounterWindow()
         self.marks: dict[str, RulesMark | None] = {}
 
-    def _read(self) -> dict[Series, float]:
+    def _read(self, mirrored: bool = False) -> dict[Series, float]:
         readings: dict[str, dict[Series, float]] = {}
         for url in self.urls:
-            values, mark = read_sidecar(url, self.get(url))
+            values, mark = read_sidecar(url, self.get(url), mirrored)
             readings[url] = values
             self.marks[url] = mark
         return self.window.read(readings)
 
-    def start_window(self) -> None:
-        self._read()
+    def start_window(self, mirrored: bool = False) -> None:
+        """A window starts now (*mirrored*: every sidecar must count copies)."""
+        self._read(mirrored)
 
     def before_change(self) -> dict[str, RulesMark | None]:
         """The marks of the last read (the sample that decided the change, or
         the window's start): reading again would take the window's counts."""
         return dict(self.marks)
 
-    def sample(self, version: str, interval: float) -> Sample:
-        return totals_of(self._read(), self.service, version).sample()
+    def sample(self, version: str, interval: float, mirrored_from: str | None = None) -> Sample:
+        """The canary's requests since the window started; *mirrored_from*
+        (stable, at a mirrored interval): its answers to the copies too."""
+        mirrored = mirrored_from is not None
+        return totals_of(self._read(mirrored), self.service, version, mirrored).sample()
 
     def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
         """Until every sidecar serves the rules as they are now (its workers
@@ -718,12 +758,14 @@ class PrometheusMetrics:
         reporter: str,
         get: Callable[[str], str] = http_get,
         err: TextIO | None = None,
+        min_requests: int = 1,
     ):
         self.base = base
         self.service = service
         self.reporter = reporter
         self.get = get
         self.err = err
+        self.min_requests = min_requests  # --min-requests: see copies_missing
         self.marks: dict[str, RulesMark | None] = {}
         self.unread = ""  # why the marks could not be read before the change
         self.warned: set[str] = set()
@@ -735,7 +777,7 @@ class PrometheusMetrics:
         url = query_url(self.base, marks_query(self.service, self.reporter))
         return marks_of(parse_query_vector(url, self.get(url)))
 
-    def start_window(self) -> None:
+    def start_window(self, mirrored: bool = False) -> None:
         pass
 
     def before_change(self) -> dict[str, RulesMark | None]:
@@ -749,7 +791,11 @@ class PrometheusMetrics:
             self.marks, self.unread = {}, str(exc)
         return dict(self.marks)
 
-    def sample(self, version: str, interval: float) -> Sample:
+    def sample(self, version: str, interval: float, mirrored_from: str | None = None) -> Sample:
+        """The canary's requests in the window that ends now; *mirrored_from*
+        (stable, at a mirrored interval): its answers to the copies too, and
+        no copies' series at all while stable had traffic is an error
+        (:func:`~l4proxy.canary._metrics.copies_missing`)."""
         # The queries cover the window that ends now: after a change, not
         # before it is live (the loop has slept an interval since: this
         # waits only for what it has not)
@@ -757,10 +803,20 @@ class PrometheusMetrics:
             rest = self.live_at + window(interval) - time.monotonic()
             if rest > 0:
                 time.sleep(rest)
+        mirrored = mirrored_from is not None
         answers = {}
-        for key, q in promql(self.service, version, interval, self.reporter).items():
+        for key, q in promql(self.service, version, interval, self.reporter, mirrored).items():
             url = query_url(self.base, q)
             answers[key] = parse_query_response(url, self.get(url))
+        if mirrored_from is not None and answers["copies"] is None:
+            q = stable_query(self.service, mirrored_from, interval, self.reporter)
+            url = query_url(self.base, q)
+            stable = parse_query_response(url, self.get(url))
+            why = copies_missing(
+                answers["copies"], stable, self.min_requests, self.service, version
+            )
+            if why:
+                raise MetricsError(why)
         return sample_from_prometheus(answers)
 
     def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
@@ -883,24 +939,36 @@ class Display:
         r, p = ev.rollout, self.policy
         if ev.kind in ("start", "resume"):
             head = (
-                f"{r.service}: {r.stable} -> {r.canary}, steps {','.join(map(str, r.steps))} "
+                f"{r.service}: {r.stable} -> {r.canary}, {plan(r.steps)} "
                 f"every {p.interval:g} s; a check passes with success >= "
                 f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
                 f"requests; {p.threshold} failed checks roll back"
             )
             if ev.kind == "resume":
+                at = (
+                    f"mirrored {r.step + 1}/{mirrored_stages(r.steps)}"
+                    if r.mirrored
+                    else f"{r.weight} %"
+                )
                 head += (
-                    f"\n  resumed at {r.weight} % (step {r.step + 1}/{len(r.steps)}, "
+                    f"\n  resumed at {at} (step {r.step + 1}/{len(r.steps)}, "
                     f"{r.failed_checks} failed checks so far)"
                 )
             return head + (f"\n  {note}" if note else "")
         c = ev.check
         weight = ev.previous_weight if ev.previous_weight is not None else r.weight
-        cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
+        # a mirrored interval: no weight to draw, and what it counted are
+        # the canary's answers to copies (and its own requests, if any)
+        cells = (
+            f"  {r.canary} {'mirror':<26}"
+            if ev.mirrored
+            else f"  {r.canary} {weight:3d} % {bar(weight)}"
+        )
+        unit = "copies" if ev.mirrored else "req"
         if c is not None and c.verdict == "halt":
-            cells += f" {_num(c.requests):>6} req  (too few to judge)"
+            cells += f" {_num(c.requests):>6} {unit}  (too few to judge)"
         elif c is not None:
-            cells += f" {_num(c.requests):>6} req  " + _judge(
+            cells += f" {_num(c.requests):>6} {unit}  " + _judge(
                 "success",
                 c.success_rate,
                 "%",
@@ -931,12 +999,24 @@ class Display:
             return r.phase
         if c.verdict == "halt":
             return f"halt: {'; '.join(c.reasons)}"
+        stays = "stays mirrored" if r.mirrored else f"stays at {r.weight} %"
         if c.verdict == "fail":
             return (
-                f"fail ({r.failed_checks}/{self.policy.threshold}): {'; '.join(c.reasons)}; "
-                f"stays at {r.weight} %"
+                f"fail ({r.failed_checks}/{self.policy.threshold}): {'; '.join(c.reasons)}; {stays}"
             )
+        if r.mirrored:
+            return f"pass -> mirror {r.step + 1}/{mirrored_stages(r.steps)}"
         return f"pass -> {r.weight} %"
+
+
+def plan(steps: Sequence[int]) -> str:
+    """A rollout's stages as its first line says them: ``steps 5,25,100``,
+    or ``mirror 2 intervals, then steps 5,25,100``."""
+    n = mirrored_stages(steps)
+    weights = f"steps {','.join(map(str, steps[n:]))}"
+    if not n:
+        return weights
+    return f"mirror {n} interval{'s' if n > 1 else ''}, then {weights}"
 
 
 def _num(x: float) -> str:
@@ -984,6 +1064,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         "failed_checks": r.failed_checks,
         "reason": r.reason,
     }
+    if ev.mirrored:  # the check's numbers are the canary's answers to copies
+        out["mirror"] = True
     if ev.check is not None:
         c: Check = ev.check
         out["check"] = {
@@ -1123,8 +1205,13 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         print(json.dumps(saved.to_json()), file=out)
     else:
         r = saved
+        at = (
+            f"mirrored: every request copied to {r.canary}, 0 % live,"
+            if r.mirrored
+            else f"at {r.weight} % {bar(r.weight)}"
+        )
         print(
-            f"{r.service}: {r.stable} -> {r.canary} {r.phase} at {r.weight} % {bar(r.weight)} "
+            f"{r.service}: {r.stable} -> {r.canary} {r.phase} {at} "
             f"step {r.step + 1}/{len(r.steps)}, {r.failed_checks} failed checks, "
             f"{r.checks} checks" + (f"; {r.reason}" if r.reason else ""),
             file=out,
@@ -1159,11 +1246,12 @@ def _analyse(
     metrics: Metrics = (
         SidecarMetrics(args.metrics, service)
         if args.metrics
-        else PrometheusMetrics(args.prometheus, service, args.reporter, err=err)
+        else PrometheusMetrics(
+            args.prometheus, service, args.reporter, err=err, min_requests=policy.min_requests
+        )
     )
     display = Display(out, args.json, policy)
     store.check_competing()
-    metrics.start_window()  # fails early (exit 2) when the metrics are missing
     ev = resume(
         policy,
         service,
@@ -1175,6 +1263,9 @@ def _analyse(
     )
     r = ev.rollout
     loaded = store.load_state()  # what resume() started from
+    # fails early (exit 2) when the metrics are missing: those of the
+    # copies too where the rollout is mirrored
+    metrics.start_window(r.mirrored)
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, "this rollout had ended; --restart starts it again")
@@ -1201,7 +1292,9 @@ def _analyse(
                 if now_saved != r:  # promote/abort from another shell ended it
                     return _ended_by_hand(display, now_saved, r)
                 try:
-                    graded = check(policy, metrics.sample(r.canary, policy.interval))
+                    stable = r.stable if r.mirrored else None
+                    sample = metrics.sample(r.canary, policy.interval, stable)
+                    graded = check(policy, sample, r.mirrored)
                 except MetricsError as exc:
                     # A sidecar restarting or Prometheus answering 503 once must
                     # not leave the canary at its weight with nothing watching:
@@ -1209,7 +1302,7 @@ def _analyse(
                     # them in a row roll back.
                     graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
                     with contextlib.suppress(MetricsError):
-                        metrics.start_window()  # the next interval counts from now
+                        metrics.start_window(r.mirrored)  # the next interval counts from now
             ev = advance(policy, r, graded, time.time())
             new = ev.rollout
             try:
@@ -1279,7 +1372,7 @@ def _set_weight(
             unseen = f"not live: {exc}"
     if r.phase == "progressing":
         try:
-            metrics.start_window()
+            metrics.start_window(r.mirrored)
         except MetricsError as exc:
             unseen = unseen or f"metrics unreadable: {exc}"
     return unseen
