@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -484,6 +484,22 @@ def test_a_commit_says_whether_the_document_changed(api: FakeAPI, token: str) ->
     api.objects[CM_PATH] = configmap(bootcamp_data())
     assert store(api, token).commit(R) is True
     assert store(api, token).commit(R, expected=R) is False  # the same document again
+
+
+def test_a_mirrored_step_puts_the_same_document_validated(api: FakeAPI, token: str) -> None:
+    """--mirror: weight 0 while progressing, the mirror to the canary in the
+    key (loaded as the kubelet mounts it, not refused), gone at the next step."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    mirrored = Rollout("bootcamp", "v1", "v2", weight=0, step=0, steps=(0, 5, 100), updated=1.0)
+    assert store(api, token).commit(mirrored) is True
+    doc = yaml.safe_load(api.objects[CM_PATH]["data"]["canary-bootcamp.yaml"])
+    assert doc["spec"]["mirror"] == {"name": "bootcamp", "labels": {"version": "v2"}}
+    assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v1", 100)]
+    assert store(api, token).load_state() == mirrored
+    step = replace(mirrored, step=1, weight=5, updated=2.0)
+    assert store(api, token).commit(step, expected=mirrored) is True
+    doc = yaml.safe_load(api.objects[CM_PATH]["data"]["canary-bootcamp.yaml"])
+    assert "mirror" not in doc["spec"]
 
 
 def test_a_conflict_every_time_gives_up_without_writing(api: FakeAPI, token: str) -> None:

@@ -367,7 +367,9 @@ def test_a_mirrored_rollout_with_prometheus(
         return _healthy(query)
 
     with _fake_prometheus(answer) as url:
-        code = _rollout_in(tmp_path, url, "--mirror", "--steps", "50,100")
+        code = _rollout_in(
+            tmp_path, url, "--mirror", "--steps", "50,100", "--progress-deadline", "1"
+        )
     captured = capsys.readouterr()
     assert code == 0, captured
     mirrored = [q for q in queries if "l4proxy_mirror_" in q]
@@ -389,7 +391,9 @@ def test_a_mirrored_rollout_with_prometheus_lacking_the_copies_fails_its_checks(
         return "0" if 'destination_version="v2"' in query else "250"
 
     with _fake_prometheus(answer) as url:
-        code = _rollout_in(tmp_path, url, "--mirror", "3", "--threshold", "2")
+        code = _rollout_in(
+            tmp_path, url, "--mirror", "3", "--threshold", "2", "--progress-deadline", "1"
+        )
     out = capsys.readouterr().out
     assert code == 1, out
     assert "fail (1/2): metrics unreadable: Prometheus has no l4proxy_mirror_requests_total" in out
@@ -447,7 +451,8 @@ def _mirrored_on_sidecar(tmp_path: pathlib.Path, admin: str, *extra: str) -> int
 
     shutil.copy(REGISTRY, tmp_path)
     argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
-    timing = ["--interval", "0.05", "--wait-live", "1", "--json"]
+    # a halt that should not be (no copies) rolls back in a second, not in ten minutes
+    timing = ["--interval", "0.05", "--wait-live", "1", "--progress-deadline", "1", "--json"]
     return main([*argv, "--metrics", admin, *timing, *extra])
 
 

@@ -331,9 +331,7 @@ def resume(
             if saved.mirrored:
                 idx = min(saved.step, policy.mirror)
             else:
-                idx = next(
-                    (i for i, w in enumerate(steps) if w and w >= saved.weight), len(steps) - 1
-                )
+                idx = next((i for i, w in enumerate(steps) if w >= saved.weight), len(steps) - 1)
             r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now, judged=now)
             return Event("resume", r, previous_weight=saved.weight)
         # (the deadline counts time the analysis ran: not the time it was stopped)
