@@ -94,14 +94,24 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     assert all(int(p[1]) <= 10 for p in pools), pools
     with open(out_json) as f:
         _check(json.load(f), 90)
-    # Then the two canaries: v2 promoted step by step, v3 (500 to 20 % of
-    # requests) rolled back from its first step.
+    # Then the two canaries: v2 mirrored for one interval, then promoted
+    # step by step; v3 (500 to 20 % of requests) rolled back while still
+    # mirrored: the clients never got one of its answers.
     canary = r.stdout.split("== progressive delivery: l4proxy canary", 1)[1]
     first, second = canary.split("$ l4proxy canary bootcamp")[1:]
-    assert "--stable v1 --canary v2" in first and "exit 0 (promoted)" in first, canary
+    assert "--stable v1 --canary v2 --mirror 1" in first, canary
+    assert re.search(r"v2 mirror .* copies .* pass -> 5 %", first), canary
     assert re.search(r"v2 100 % .* pass -> PROMOTED", first), canary
-    assert "--stable v2 --canary v3" in second and "exit 1 (rolled back)" in second, canary
-    assert "ROLLED BACK: 100 % to v2" in second and " 25 %" not in second, canary
+    assert "exit 0 (promoted)" in first, canary
+    assert "--stable v2 --canary v3 --mirror 2" in second, canary
+    assert "exit 1 (rolled back)" in second, canary
+    assert re.search(r"v3 mirror .* fail -> ROLLED BACK: 100 % to v2", second), canary
+    assert " 5 %" not in second, canary
+    counts = re.search(
+        r"counts for v3: 0 client requests, ([\d,]+) copies answered \(([\d,]+) of them failed",
+        second,
+    )
+    assert counts and int(counts[2].replace(",", "")) > 0, canary
     assert elapsed < 60, f"demo took {elapsed:.1f}s"
     assert not any(n.startswith(f"{PREFIX}-") for n in os.listdir("/var/run/netns"))
 

@@ -8,8 +8,13 @@ reads), and keep-alive clients as uid 1000 sending requests to ``bootcamp``
 throughout. Then, in the traffic pod, ``l4proxy canary`` runs twice on the
 demo's rules directory with one-second intervals:
 
-* v1 -> v2: promoted from 5 % to 100 % while v2 stays healthy;
-* v2 -> v3: rolled back once v3 fails two checks, showing why.
+* v1 -> v2: one mirrored interval (every request to v1, a copy of each to
+  v2, judged on v2's answers to the copies), then promoted from 5 % to
+  100 % while v2 stays healthy;
+* v2 -> v3 (``--mirror 2``): rolled back while still mirrored, once v3
+  fails two checks, showing why; then the traffic sidecar's own counts
+  show that no client request went to v3 (``istio_requests_total``), only
+  copies (``l4proxy_mirror_requests_total``).
 """
 
 from __future__ import annotations
@@ -120,7 +125,8 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
             user=1000,
         )
     code = 0
-    for stable, canary, want in (("v1", "v2", 0), ("v2", "v3", 1)):
+    for stable, canary, mirror, want in (("v1", "v2", "1", 0), ("v2", "v3", "2", 1)):
+        args = ("--mirror", mirror, *CANARY_ARGS)
         argv = [
             *exe("l4proxy"),
             "canary",
@@ -131,11 +137,11 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
             canary,
             "--rules",
             tut.rules_dir,
-            *CANARY_ARGS,
+            *args,
         ]
         tut.say(
             f"   $ l4proxy canary {svc.name} --stable {stable} --canary {canary} "
-            + " ".join(CANARY_ARGS[:-2])
+            + " ".join(args[:-2])
         )
         proc = subprocess.Popen(
             traffic.command(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -146,7 +152,33 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
         returncode = proc.wait()
         meaning = {0: "promoted", 1: "rolled back"}.get(returncode, "error")
         tut.say(f"   exit {returncode} ({meaning})")
+        if canary == "v3":
+            tut.say(f"   {_what_v3_answered(tut._admin(traffic, '/stats'))}")
         tut.say()
         if returncode != want:
             code = 1
     return code
+
+
+def _what_v3_answered(stats: str) -> str:
+    """The traffic sidecar's own account of v3: the client requests it
+    served and the copies it answered (since the sidecar started)."""
+    from l4proxy.canary._metrics import failed, parse_text
+
+    values, _ = parse_text(stats)
+    served = copies = bad = 0.0
+    for (name, labels), n in values.items():
+        d = dict(labels)
+        if d.get("destination_version") != "v3":
+            continue
+        if name == "istio_requests_total":
+            served += n
+        elif name == "l4proxy_mirror_requests_total":
+            copies += n
+            if failed(d.get("response_code", "")):
+                bad += n
+    line = (
+        f"the traffic sidecar's counts for v3: {served:,.0f} client requests, "
+        f"{copies:,.0f} copies answered ({bad:,.0f} of them failed: 5xx or none)"
+    )
+    return line + (": no client got an answer from v3" if not served else "")
