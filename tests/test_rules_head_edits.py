@@ -787,11 +787,30 @@ ISTIO_ERRORS = [
         "redirect cannot have both port and derivePort",
     ),
     (
+        "uri and uriRegexRewrite",
+        "  - rewrite:\n      uri: /b\n      uriRegexRewrite: {match: '^/a', rewrite: /b}\n" + ROUTE,
         "uriRegexRewrite",
-        "  - rewrite:\n      uriRegexRewrite: {match: '^/a(.*)', rewrite: '/b\\\\1'}\n" + ROUTE,
+        "rewrite may have only one of uri and uriRegexRewrite (Istio's validation)",
+    ),
+    (
+        "uriRegexRewrite without its rewrite",
+        "  - rewrite:\n      uriRegexRewrite: {match: '^/a'}\n" + ROUTE,
         "uriRegexRewrite",
-        "uriRegexRewrite is not implemented by l4proxy; remove it (the sidecar would not "
-        "honour it); its regex substitution would run per request",
+        "uriRegexRewrite must have both match and rewrite",
+    ),
+    (
+        "uriRegexRewrite's regex",
+        "  - rewrite:\n      uriRegexRewrite:\n        match: '^/(a'\n        rewrite: /b\n"
+        + ROUTE,
+        "match: '^/(a'",
+        "uriRegexRewrite is invalid: missing ): ^/(a",
+    ),
+    (
+        "uriRegexRewrite names a group the regex has not",
+        "  - rewrite:\n      uriRegexRewrite:\n        match: '^/a(.*)'\n"
+        "        rewrite: '/b\\2'\n" + ROUTE,
+        "rewrite: '/b",
+        "\\2 names group 2, but the regex has 1 group",
     ),
     (
         "direct response status",

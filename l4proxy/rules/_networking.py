@@ -6,8 +6,8 @@ names the field: a sidecar that silently ignored a setting would be worse
 than one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
 by the per-request relay (Envoy's route timeout and retry policy, see
 ``Route.timeout`` and ``Route.retries``), and so are ``http[].headers``,
-``http[].route[].headers``, ``rewrite`` (``uri``, ``authority``; not
-``uriRegexRewrite``, whose substitution would be per request), ``redirect``
+``http[].route[].headers``, ``rewrite`` (``uri``, ``uriRegexRewrite``,
+``authority``), ``redirect``
 and ``directResponse`` (``Route.headers``, ``Destination.headers``,
 ``Route.rewrite``, ``Route.redirect``, ``Route.direct``; the names and
 values each may hold: ``_header_ops``), and ``http[].fault`` (a fixed delay
@@ -54,6 +54,7 @@ from l4proxy.rules._objects import (
     fqdn,
     weights,
 )
+from l4proxy.rules._regex import RegexError, check_rewrite, compile_regex
 from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
@@ -492,35 +493,41 @@ def _rewrite(
     ctx: Ctx, value: Any, path: Path, matches: tuple[Match, ...] | None
 ) -> tuple[bool, UriRewrite | None, str | None]:
     """``http[].rewrite``: (valid, the path rewrite, the authority). ``uri``
-    is Envoy's ``prefix_rewrite`` as Istio configures it (see
-    :class:`UriRewrite`); ``uriRegexRewrite`` is refused: its substitution
-    is per request, which the relays do not do."""
+    is Envoy's ``prefix_rewrite`` as Istio configures it, ``uriRegexRewrite``
+    its ``regex_rewrite`` (see :class:`UriRewrite`; not both, as Istio
+    validates)."""
     if value is None:
         return True, None, None
-    w = fields(
-        ctx,
-        value,
-        path,
-        allowed=("uri", "authority"),
-        unimplemented={
-            "uriRegexRewrite": "its regex substitution would run per request, which the "
-            "relays do not do; use uri with a prefix or exact match"
-        },
-    )
-    if w is None or "uriRegexRewrite" in w:
+    w = fields(ctx, value, path, allowed=("uri", "uriRegexRewrite", "authority"))
+    if w is None:
         return False, None, None
     ok = True
     uri = None
     if w.get("uri") is not None:
         uri = _target_text(ctx, w["uri"], (*path, "uri"), query=False)
         ok = uri is not None
+    regex = None
+    if w.get("uriRegexRewrite") is not None:
+        regex = _regex_rewrite(ctx, w["uriRegexRewrite"], (*path, "uriRegexRewrite"))
+        ok = ok and regex is not None
+        if uri is not None and regex is not None:
+            ctx.error(
+                (*path, "uriRegexRewrite"),
+                f"{dotted(path)} may have only one of uri and uriRegexRewrite (Istio's validation)",
+            )
+            return False, None, None
     authority = None
     if w.get("authority") is not None:
         authority = _authority(ctx, w["authority"], (*path, "authority"))
         ok = ok and authority is not None
-    if ok and uri is None and authority is None:
-        ctx.error(path, f"{dotted(path)} must have uri or authority (Istio's validation)")
+    if ok and uri is None and regex is None and authority is None:
+        ctx.error(
+            path,
+            f"{dotted(path)} must have uri, uriRegexRewrite or authority (Istio's validation)",
+        )
         return False, None, None
+    if regex is not None:
+        return ok, regex, authority
     if (
         ok
         and uri is not None
@@ -534,6 +541,42 @@ def _rewrite(
             f"{uri + 'a'!r}); match a uri prefix to replace it",
         )
     return ok, (UriRewrite("prefix", uri) if uri is not None else None), authority
+
+
+def _regex_rewrite(ctx: Ctx, value: Any, path: Path) -> UriRewrite | None:
+    """``rewrite.uriRegexRewrite``: ``match``, an RE2 regex (as Envoy runs
+    it), and ``rewrite``, what replaces each match of it in the path (its
+    ``\\1`` the regex's groups: RE2's rewrite syntax, checked here, where
+    Envoy would rewrite with a bad one as best it can); both required and
+    non-empty, as Istio validates them."""
+    w = fields(ctx, value, path, allowed=("match", "rewrite"))
+    if w is None:
+        return None
+    if not w.get("match") or not w.get("rewrite"):
+        ctx.error(
+            path,
+            f"{dotted(path)} must have both match and rewrite, not empty (Istio's validation)",
+        )
+        return None
+    match = text(ctx, w["match"], (*path, "match"))
+    rewrite = text(ctx, w["rewrite"], (*path, "rewrite"))
+    if match is None or rewrite is None:
+        return None
+    if not _TARGET.fullmatch(rewrite):
+        where = (*path, "rewrite")
+        ctx.error(where, f"{dotted(where)} {rewrite!r} must be visible ASCII without spaces")
+        return None
+    try:
+        pattern = compile_regex(match)
+    except RegexError as exc:
+        ctx.error((*path, "match"), f"regex {match!r} in {dotted(path)} is invalid: {exc}")
+        return None
+    try:
+        check_rewrite(pattern, rewrite)
+    except RegexError as exc:
+        ctx.error((*path, "rewrite"), f"{dotted((*path, 'rewrite'))} {rewrite!r}: {exc}")
+        return None
+    return UriRewrite("regex", rewrite, match, pattern)
 
 
 _TARGET = re.compile(r"[!-~]*")  # visible ASCII, no space: a request target's characters

@@ -66,3 +66,73 @@ def compile_regex(pattern: str) -> Pattern:
             "simplify it (fewer repetitions or alternatives)"
         )
     return compiled  # type: ignore[no-any-return]
+
+
+def check_rewrite(pattern: Pattern, rewrite: str) -> None:
+    """Raise :class:`RegexError` unless *rewrite* is an RE2 rewrite string
+    for *pattern* (``RE2::CheckRewriteString``): ``\\0`` to ``\\9`` name the
+    whole match or a group it has, ``\\\\`` is a backslash, and a backslash
+    before anything else is an error."""
+    groups = int(getattr(pattern, "groups", 0))
+    i = 0
+    while i < len(rewrite):
+        if rewrite[i] == "\\":
+            nxt = rewrite[i + 1 : i + 2]
+            if nxt.isdigit() and nxt.isascii():
+                if int(nxt) > groups:
+                    raise RegexError(
+                        f"\\{nxt} names group {nxt}, but the regex has "
+                        f"{groups} group{'s' if groups != 1 else ''}"
+                    )
+            elif nxt != "\\":
+                raise RegexError(
+                    "a backslash must be followed by a digit (a group) or another "
+                    "backslash (RE2's rewrite syntax)"
+                )
+            i += 2
+            continue
+        i += 1
+
+
+def global_replace(pattern: Pattern, rewrite: str, text: str) -> str:
+    """*text* with every non-overlapping match of *pattern* replaced by
+    *rewrite* (checked by :func:`check_rewrite`; ``\\N`` is group N, empty
+    when it took no part), as Envoy's ``regex_rewrite`` runs
+    ``RE2::GlobalReplace``: the search goes left to right, and an empty
+    match right where the last match ended is skipped (one character is
+    copied instead), so ``a*`` on ``baaac`` with ``-`` gives ``-b-c-``."""
+    search = pattern.search  # type: ignore[attr-defined]
+    out: list[str] = []
+    pos = 0
+    last_end = -1
+    end = len(text)
+    while pos <= end:
+        m = search(text, pos)
+        if m is None:
+            break
+        start, stop = m.span()
+        out.append(text[pos:start])
+        if start == stop and start == last_end:
+            out.append(text[pos : pos + 1])
+            pos += 1
+            continue
+        out.append(_expand(m, rewrite))
+        pos = last_end = stop
+    if pos < end:
+        out.append(text[pos:])
+    return "".join(out)
+
+
+def _expand(m: Any, rewrite: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(rewrite):
+        c = rewrite[i]
+        if c == "\\" and i + 1 < len(rewrite):
+            nxt = rewrite[i + 1]
+            out.append(m.group(int(nxt)) or "" if nxt.isdigit() else nxt)
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)

@@ -92,7 +92,7 @@ from l4proxy.dataplane.verdict import (
     hash_order,
 )
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
-from l4proxy.rules._regex import Pattern, compile_regex
+from l4proxy.rules._regex import Pattern, compile_regex, global_replace
 
 __all__ = [
     "HTTP_PROTOCOLS",
@@ -1085,10 +1085,34 @@ class UriRewrite:
     matched path elements are replaced, a trailing ``/`` of either ignored
     (the API's table: ``/foo`` → ``/xyz`` sends ``/foo/bar`` as
     ``/xyz/bar``, ``/foo/`` as ``/xyz/``, ``/foo`` → ``/`` sends ``/foo`` as
-    ``/``). ``full``: ``ReplaceFullPath``: the whole path."""
+    ``/``). ``full``: ``ReplaceFullPath``: the whole path. ``regex``: a
+    VirtualService's ``rewrite.uriRegexRewrite``, Envoy's ``regex_rewrite``:
+    every match of the RE2 regex *match* in the path (the target up to its
+    first ``?``; the query stays) replaced by *value*, its ``\\N`` the
+    groups (:func:`~l4proxy.rules._regex.global_replace`), whatever block
+    matched: the new path depends on the request's, so a route with one
+    reads the whole target (:meth:`RouteTable.request_shape`), and each
+    path is a verdict of its own."""
 
-    kind: Literal["prefix", "segments", "full"]
+    kind: Literal["prefix", "segments", "full", "regex"]
     value: str
+    match: str = ""  # kind regex: the regex
+    _pattern: Pattern | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "regex" and self._pattern is None:
+            object.__setattr__(self, "_pattern", compile_regex(self.match))
+
+    def for_request(self, match: Match, target: str | None) -> PathRewrite | None:
+        """The rewrite of a request to *target* that *match* took (None: a
+        regex rewrite of a raw connection, which has no target)."""
+        if self.kind != "regex":
+            return self.for_match(match)
+        if target is None:
+            return None
+        assert self._pattern is not None
+        path = target.split("?", 1)[0]
+        return PathRewrite(-1, global_replace(self._pattern, self.value, path))
 
     def for_match(self, match: Match) -> PathRewrite:
         uri = match.uri
@@ -1106,6 +1130,8 @@ class UriRewrite:
         return PathRewrite(-1, self.value)  # exact, regex: the whole path
 
     def to_json(self) -> dict[str, str]:
+        if self.kind == "regex":
+            return {"kind": self.kind, "match": self.match, "value": self.value}
         return {"kind": self.kind, "value": self.value}
 
 
@@ -1917,7 +1943,8 @@ class RouteTable:
                 status = NO_HEALTHY_STATUS
             edits = None
             if request is not None:  # (a raw connection has no head to edit)
-                edits = self._edits(route, dest, route.matched(port, request, source_labels))
+                matched = route.matched(port, request, source_labels)
+                edits = self._edits(route, dest, matched, request.path)
                 edits = _with_cookie(edits, dest.subset.hash_on, made)
                 edits = with_cors_lines(edits, cors_lines)
             mirrors: tuple[Mirror, ...] = ()
@@ -2060,6 +2087,7 @@ class RouteTable:
                 route.fault,
             )
         matched = route.matched(port, request, source_labels)
+        path = request.path if request is not None else None
         out: list[WeightedSubset] = []
         unresolved = ejected = False
         for dest in route.destinations:
@@ -2075,7 +2103,7 @@ class RouteTable:
                         "",
                         None,
                         route.unresolved_status,
-                        with_cors_lines(self._edits(route, dest, matched), cors_lines),
+                        with_cors_lines(self._edits(route, dest, matched, path), cors_lines),
                     )
                 )
                 continue
@@ -2098,7 +2126,7 @@ class RouteTable:
                     dest.subset.load_balancer,
                     key,
                     status,
-                    with_cors_lines(self._edits(route, dest, matched), cors_lines),
+                    with_cors_lines(self._edits(route, dest, matched, path), cors_lines),
                     dest.subset.hash_on if dest.subset.load_balancer == "HASH" else None,
                 )
             )
@@ -2180,7 +2208,9 @@ class RouteTable:
         return None
 
     @staticmethod
-    def _edits(route: Route, dest: Destination, matched: Match) -> HeadEdits | None:
+    def _edits(
+        route: Route, dest: Destination, matched: Match, target: str | None
+    ) -> HeadEdits | None:
         """What a request that *route*'s block *matched* took, sent to
         *dest*, and its response, get changed in their heads.
 
@@ -2193,7 +2223,8 @@ class RouteTable:
         false): the route's set wins, and its remove drops what the
         destination added. The Host: the route's rewrite, else the
         destination's (Istio's order either way). The path: the route's
-        rewrite of what *matched* matched."""
+        rewrite of what *matched* matched (of *target*, the request's, for a
+        regex rewrite)."""
         if len(route.destinations) == 1:
             edits = compose(route.headers, dest.headers, one_list=True)
         else:
@@ -2201,7 +2232,7 @@ class RouteTable:
         authority = next(
             (e.authority for e in (route.headers, dest.headers) if e and e.authority), None
         )
-        path = route.rewrite.for_match(matched) if route.rewrite is not None else None
+        path = route.rewrite.for_request(matched, target) if route.rewrite is not None else None
         if edits is None and authority is None and path is None:
             return None
         return (edits or HeadEdits())._replace(path=path, authority=authority)
@@ -2234,6 +2265,8 @@ class RouteTable:
                 # (its answer reads the method, the Origin and
                 # Access-Control-Request-Method: key headers, by value)
                 method = headers = matched = True
+            if route.rewrite is not None and route.rewrite.kind == "regex":
+                target = None  # (the new path depends on the whole old one)
             for m in route.matches:
                 test = m.uri.path_test() if m.uri is not None else None
                 if m.query or (m.uri is not None and test is None):

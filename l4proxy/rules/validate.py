@@ -351,12 +351,18 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.extend(f"{indent}     {line}" for line in _cors(r["cors"]))
         if r.get("rewrite"):
             rw = r["rewrite"]
-            what = {
-                "prefix": "the matched uri prefix (the whole path for an exact or regex match)",
-                "segments": "the matched path prefix",
-                "full": "the whole path",
-            }[rw["kind"]]
-            lines.append(f"{indent}     rewrites {what} to {rw['value']!r}")
+            if rw["kind"] == "regex":
+                lines.append(
+                    f"{indent}     rewrites each match of {rw['match']!r} in the path "
+                    f"to {rw['value']!r}"
+                )
+            else:
+                what = {
+                    "prefix": "the matched uri prefix (the whole path for an exact or regex match)",
+                    "segments": "the matched path prefix",
+                    "full": "the whole path",
+                }[rw["kind"]]
+                lines.append(f"{indent}     rewrites {what} to {rw['value']!r}")
         if r.get("headers"):
             lines.append(f"{indent}     {_headers(r['headers'])}")
     return lines
