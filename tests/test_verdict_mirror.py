@@ -31,7 +31,7 @@ def test_shadow_host(host: bytes, shadow: bytes) -> None:
     assert shadow_host(host) == shadow
 
 
-def test_shadow_head_rewrites_host_and_closes() -> None:
+def test_shadow_head_rewrites_host_and_drops_the_clients_hop_by_hop_lines() -> None:
     head = (
         b"POST /cart?id=1 HTTP/1.1\r\n"
         b"Host:  shop:8080 \r\n"
@@ -45,7 +45,6 @@ def test_shadow_head_rewrites_host_and_closes() -> None:
         b"Host: shop-shadow:8080\r\n"
         b"content-length: 2\r\n"
         b"X-B3-Sampled: 1\r\n"
-        b"connection: close\r\n"
         b"\r\n"
     )
 
@@ -55,28 +54,24 @@ def test_shadow_head_drops_every_connection_line_any_case() -> None:
         b"GET / HTTP/1.1\r\nhost: a\r\nKEEP-ALIVE: timeout=5\r\nconnection: x\r\n"
         b"Proxy-Connection: keep-alive\r\nConnection: close\r\nx-connection: kept\r\n\r\n"
     )
-    assert shadow_head(head) == (
-        b"GET / HTTP/1.1\r\nhost: a-shadow\r\nx-connection: kept\r\nconnection: close\r\n\r\n"
-    )
+    assert shadow_head(head) == (b"GET / HTTP/1.1\r\nhost: a-shadow\r\nx-connection: kept\r\n\r\n")
 
 
 def test_shadow_head_bare_lf_and_no_host() -> None:
     assert shadow_head(b"GET /x HTTP/1.0\nAccept: */*\n\n") == (
-        b"GET /x HTTP/1.0\r\nAccept: */*\r\nconnection: close\r\n\r\n"
+        b"GET /x HTTP/1.0\r\nAccept: */*\r\n\r\n"
     )
 
 
 def test_shadow_head_keeps_repeated_hosts_each_rewritten() -> None:
     # (the head parsers refuse two Host lines; the function still says what it does)
     out = shadow_head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b:1\r\n\r\n")
-    assert (
-        out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\nHost: b-shadow:1\r\nconnection: close\r\n\r\n"
-    )
+    assert out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\nHost: b-shadow:1\r\n\r\n"
 
 
 def test_shadow_head_ignores_bytes_after_the_head() -> None:
     out = shadow_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\r\n")
-    assert out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\nconnection: close\r\n\r\n"
+    assert out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\n\r\n"
 
 
 def test_mirror_defaults_and_verdict_field() -> None:

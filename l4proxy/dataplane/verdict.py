@@ -27,6 +27,7 @@ __all__ = [
     "HASH_KINDS",
     "HASH_QUERY",
     "HASH_SOURCE_IP",
+    "MIRROR_MAX_IDLE",
     "MIRROR_READ_LIMIT",
     "MIRROR_SCALE",
     "MIRROR_TIMEOUT",
@@ -488,9 +489,10 @@ MIRROR_SCALE = FAULT_SCALE
 MIRROR_TIMEOUT = 15.0
 MIRROR_READ_LIMIT = 1 << 20
 DEFAULT_MAX_MIRRORS = 256
+MIRROR_MAX_IDLE = 64  # idle copy connections per mirror endpoint
 _SHADOW = b"-shadow"
-# the lines of a request head that a copy leaves out: it closes after its
-# one exchange (connection: close, which goes at the head's end instead)
+# the lines of a request head that a copy leaves out: the client's
+# hop-by-hop lines (the copy's connection is the relay's own, kept alive)
 _SHADOW_DROPS = (b"connection", b"keep-alive", b"proxy-connection")
 
 
@@ -582,9 +584,9 @@ def shadow_head(head: bytes) -> bytes:
     client's may): the same lines in the same order, each ending in CRLF,
     but a ``Host`` line's value through :func:`shadow_host` (its optional
     whitespace trimmed: ``Host: v``, the name as sent) and no
-    ``Connection``, ``Keep-Alive`` or ``Proxy-Connection`` line; then
-    ``connection: close`` before the empty line, so that the server ends
-    the copy's one exchange by closing. Names are matched
+    ``Connection``, ``Keep-Alive`` or ``Proxy-Connection`` line (the
+    client's hop-by-hop lines: the copy's connection is the relay's, kept
+    alive between copies, see :class:`Mirror`). Names are matched
     case-insensitively. The compiled relay builds the same bytes."""
     lines = head.split(b"\n")
     out = [lines[0].removesuffix(b"\r")]
@@ -599,7 +601,6 @@ def shadow_head(head: bytes) -> bytes:
         if colon and low == b"host":
             line = name + b": " + shadow_host(value.strip(b" \t"))
         out.append(line)
-    out.append(b"connection: close")
     return b"\r\n".join(out) + b"\r\n\r\n"
 
 
@@ -617,18 +618,48 @@ class Mirror(NamedTuple):
     A copy is fire and forget: its response is read and thrown away, and
     nothing about it reaches the client, the route's metrics, its retries,
     or outlier detection. It goes once the request has been read whole and
-    its bytes went to the primary (the primary's first), on a connection
-    of its own (never pooled): :func:`shadow_head` of the head as sent
-    upstream, then the body bytes exactly as sent (chunked stays chunked).
-    It goes whatever becomes of the primary (as Envoy's shadow does): a
-    request without a body that no try took (every connect failed, a
-    circuit breaker's or an fd shortage's 503, the route timeout before a
-    connection) goes from its head as it would have been sent. It ends
-    when the server closes, or once :data:`MIRROR_READ_LIMIT` bytes of its
-    answer were read (closed with a reset, and done: the rest is of no
-    interest, and an endless answer costs no more), or fails at a connect,
-    send or receive error or at its deadline: the route's timeout from its
-    connect, or :data:`MIRROR_TIMEOUT` when the route has none.
+    its bytes went to the primary (the primary's first): :func:`shadow_head`
+    of the head as sent upstream, then the body bytes exactly as sent
+    (chunked stays chunked). It goes whatever becomes of the primary (as
+    Envoy's shadow does): a request without a body that no try took (every
+    connect failed, a circuit breaker's or an fd shortage's 503, the route
+    timeout before a connection) goes from its head as it would have been
+    sent.
+
+    **The copies' pool.** A copy goes on a connection of the relay's own
+    pool of copy connections, per endpoint (never the routes' pool: a
+    copy never takes a primary's connection, nor counts in its endpoint's
+    LEAST_CONN, circuit breakers or ``/clusters``): the newest idle one
+    to its endpoint, else a new one. Its answer is read to its end by its
+    framing (RFC 9112 6.3: interim 1xx heads skipped; no body after the
+    final head of an answer to a HEAD, nor of a 1xx, 204 or 304; else
+    ``Content-Length``, ``chunked`` to its last chunk and trailers, else
+    the server's close) and thrown away. Then the connection goes back idle
+    (**reusable**) unless the answer was close-delimited, was HTTP/1.0, or
+    said ``Connection: close``; or its request was HTTP/1.0 (whose server
+    closes after it: the copy's head has no ``Connection`` line); or the
+    final head is one whose framing the relay does not read (a
+    malformed or over-long head, several ``Content-Length`` lines, a
+    transfer coding other than ``chunked`` alone, a bad chunk): such a
+    copy ends at that point with its head's status, and its connection is
+    reset. Idle copy connections: at most :data:`MIRROR_MAX_IDLE` per
+    endpoint (the copy that would be one more closes its connection),
+    closed after the relay's pool idle timeout, and one that turns readable
+    or is hung up while idle (the server closed it) is closed at once,
+    never handed out. A copy on a reused connection whose send fails, or
+    whose connection is reset or closed before any byte of its answer
+    came, goes once more on a new connection (Envoy's rule for a pooled
+    connection), and that try is the copy (its end reported, its deadline
+    still the first's). The copy ends: at its answer's end (its connection
+    idle again or closed), at the server's close (an answer cut short, or
+    none), once :data:`MIRROR_READ_LIMIT` bytes of its answer were read
+    (its connection reset, and done: the rest is of no interest, and an
+    endless answer costs no more), or fails at a connect, send or receive
+    error or at its deadline (its connection reset): the route's timeout
+    from the copy's start, or :data:`MIRROR_TIMEOUT` when the route has
+    none. The relays count idle copy connections in ``stats()`` as
+    ``mirror_idle``, and the connections they opened for copies as
+    ``mirror_connects``.
 
     Every copy drawn is started (``mirrored``) or counted as dropped
     (``mirror_dropped``), but for the cases below that are neither. Dropped:
@@ -653,10 +684,10 @@ class Mirror(NamedTuple):
     relay's ``report`` callback, or a row of the compiled relay's
     ``report_rows``), with ``tag``: the status of its answer's first final
     head as :class:`AnswerStatus` reads it (0: none came before the copy
-    ended, or the answer was not HTTP/1.x), and the seconds from its connect
-    to its end (the server's close, :data:`MIRROR_READ_LIMIT`, an error, its
-    deadline). A copy dropped, or still in flight when the relay closes, is
-    not reported. The worker tags every mirror (a
+    ended, or the answer was not HTTP/1.x), and the seconds it took. A copy
+    dropped, or still in flight when the relay closes, is not reported. Its
+    seconds run from its start (the connection taken, idle or new) to its
+    end. The worker tags every mirror (a
     :class:`~l4proxy.rules.routing.MirrorTag`: its copies' rows are a metric
     family of their own); a relay reports a copy of a Mirror without a tag
     with ``None``, as a request's. The copies' reports are what the mirror's
