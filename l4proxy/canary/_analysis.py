@@ -43,6 +43,20 @@ weight 0 is mirrored (weights are 1..100 otherwise). A rollback is weight 0
 and no mirror. Blue/green mirroring is ``--mirror N --steps 100``: N
 mirrored intervals, then every request to the canary.
 
+**A/B testing** (``--match ... --iterations N``, Flagger's A/B testing
+strategy): for N intervals only the requests that match one of the
+:attr:`Policy.match` alternatives (a header's exact value, or a regex on
+it) go to the canary, every other request to stable; no weight moves. The
+stages are ``(0,) * iterations``, and :attr:`Rollout.match` holds the
+alternatives, so that a progressing rollout at weight 0 with a match is
+A/B testing (:attr:`Rollout.ab_testing`), never mirrored. Each interval is
+graded on the canary's requests, which are the matching ones; a pass goes
+on to the next interval, a pass at the N-th promotes (weight 100, the
+match dropped), and ``threshold`` fails roll back (weight 0, no match). A
+resume with other alternatives than the saved ones is a :class:`Conflict`:
+which requests were judged would change under the count of intervals
+passed.
+
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
 to the canary again, unless the caller asks for a fresh start. Times are
@@ -52,6 +66,7 @@ passed in (``now``), never read, so that every path is a table-driven test.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -66,6 +81,50 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
+class HeaderMatch:
+    """One ``--match`` alternative: the request header *header* (lower
+    case) whose value is *value* (``exact``) or matches the RE2 regex
+    *value* whole (``regex``), as a RouteRule's ``match.request.headers``
+    entry reads it."""
+
+    header: str
+    kind: Literal["exact", "regex"]
+    value: str
+
+    def __str__(self) -> str:
+        """As the option is written: ``x-canary=insider``, ``cookie~REGEX``."""
+        return f"{self.header}{'=' if self.kind == 'exact' else '~'}{self.value}"
+
+    def to_json(self) -> dict[str, str]:
+        """As the state file and ``--json`` hold it: ``{"header": NAME, "exact": VALUE}``."""
+        return {"header": self.header, self.kind: self.value}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HeaderMatch:
+        if not isinstance(data, dict) or not isinstance(data.get("header"), str):
+            raise ValueError(f"match {data!r}: not an object with a header")
+        kinds = [k for k in ("exact", "regex") if isinstance(data.get(k), str)]
+        if len(kinds) != 1 or set(data) != {"header", kinds[0]}:
+            raise ValueError(f"match {data!r}: not a header with one of exact, regex")
+        kind: Literal["exact", "regex"] = "exact" if kinds[0] == "exact" else "regex"
+        return cls(data["header"], kind, data[kind])
+
+
+def parse_match(text: str) -> HeaderMatch:
+    """``--match HEADER=VALUE`` (exact) or ``HEADER~REGEX``: the name ends at
+    the first ``=`` or ``~`` and is taken in lower case (header names are
+    case-insensitive); whether it is a header name, and the regex valid,
+    is for the rules loader to say (the command loads the documents)."""
+    m = re.match(r"([^=~]*)([=~])(.*)", text, re.DOTALL)
+    if m is None or not m.group(1).strip():
+        raise PolicyError(
+            f"--match {text}: expected HEADER=VALUE (the exact value) or HEADER~REGEX "
+            "(RE2, the whole value), e.g. x-canary=insider"
+        )
+    return HeaderMatch(m.group(1).lower(), "exact" if m.group(2) == "=" else "regex", m.group(3))
+
+
+@dataclass(frozen=True)
 class Policy:
     steps: tuple[int, ...]  # canary weights, strictly increasing, 1..100
     interval: float = 60.0  # seconds per check
@@ -76,6 +135,10 @@ class Policy:
     # halts only, for this long (two intervals at least): roll back; 0: never
     progress_deadline: float = 600.0
     mirror: int = 0  # mirrored intervals before the first step (weight 0, copies)
+    # A/B testing: the alternatives whose requests go to the canary (any of
+    # them), for this many intervals; (): weighted steps
+    match: tuple[HeaderMatch, ...] = ()
+    iterations: int = 0
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -104,10 +167,23 @@ class Policy:
             )
         if self.mirror < 0:
             raise PolicyError(f"--mirror: intervals >= 0 (0: none), got {self.mirror}")
+        if self.match and self.mirror:
+            # Flagger's A/B testing has no mirroring either
+            raise PolicyError("--match and --mirror: A/B testing routes no copies; give one")
+        if self.match and self.iterations < 1:
+            raise PolicyError(f"--iterations: intervals >= 1, got {self.iterations}")
+        if self.iterations and not self.match:
+            raise PolicyError(
+                "--iterations needs --match HEADER=VALUE (or HEADER~REGEX): the requests "
+                "that go to the canary for those intervals (Flagger's A/B testing)"
+            )
 
     @property
     def stages(self) -> tuple[int, ...]:
-        """The rollout's weights in turn: 0 for each mirrored interval, then the steps."""
+        """The rollout's weights in turn: 0 for each mirrored interval, then the
+        steps; A/B testing: 0 for each of its intervals."""
+        if self.match:
+            return (0,) * self.iterations
         return (0,) * self.mirror + self.steps
 
 
@@ -235,17 +311,27 @@ class Rollout:
     # the ``now`` of the start, a resume, or the last pass or fail (None: a
     # state file from before it was kept)
     judged: float | None = None
+    # A/B testing: the policy's alternatives (kept once it ended, for
+    # status); (): weighted steps (a state file from before it)
+    match: tuple[HeaderMatch, ...] = ()
 
     @property
     def mirrored(self) -> bool:
         """Every request goes to stable and is copied to the canary: a
-        progressing rollout at weight 0 (a rollback is weight 0, not
-        progressing, and copies nothing)."""
-        return self.phase == "progressing" and self.weight == 0
+        progressing rollout at weight 0 that is not A/B testing (a rollback
+        is weight 0, not progressing, and copies nothing)."""
+        return self.phase == "progressing" and self.weight == 0 and not self.match
+
+    @property
+    def ab_testing(self) -> bool:
+        """The requests matching :attr:`match` go to the canary, every other
+        to stable: a progressing rollout with a match."""
+        return self.phase == "progressing" and bool(self.match)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["steps"] = list(self.steps)
+        d["match"] = [m.to_json() for m in self.match]
         return d
 
     @classmethod
@@ -266,6 +352,7 @@ class Rollout:
                 updated=float(data.get("updated", 0.0)),
                 steps=tuple(int(w) for w in data.get("steps", ())),
                 judged=None if data.get("judged") is None else float(data["judged"]),
+                match=tuple(HeaderMatch.from_json(m) for m in data.get("match") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
@@ -302,6 +389,10 @@ def resume(
 
     * nothing saved, or a finished rollout of other versions: a new rollout
       at the first stage;
+    * the same versions A/B testing, and another ``--match`` (or none), or
+      a weighted rollout resumed with ``--match``: :class:`Conflict`; the
+      same alternatives in any order: resumed with the intervals it passed
+      counted (at the last one when ``--iterations`` is now fewer);
     * the same versions, still progressing: resumed at its step and weight
       (never back at the first step, never rolled back); with other options, a
       rollout past its mirrored stages goes on at the first step at or
@@ -315,12 +406,28 @@ def resume(
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and not same and saved.phase == "progressing":
-        at = "mirrored" if saved.mirrored else f"at {saved.weight} %"
         raise Conflict(
-            f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is {at}: "
-            f"finish it first (l4proxy canary promote|abort {saved.service})"
+            f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+            f"{_where(saved)}: finish it first (l4proxy canary promote|abort {saved.service})"
         )
     if saved is not None and same and saved.phase == "progressing":
+        if set(saved.match) != set(policy.match):
+            ended = f"end it first (l4proxy canary promote|abort {saved.service})"
+            if not saved.match:
+                raise Conflict(
+                    f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+                    f"{_where(saved)}, not A/B testing: resume it without --match, or {ended}"
+                )
+            again = " ".join(f"--match '{m}'" for m in saved.match)
+            raise Conflict(
+                f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+                f"{_where(saved)}: resume it with the same alternatives ({again}), or {ended}"
+            )
+        if saved.match:
+            stages = policy.stages
+            idx = min(saved.step, len(stages) - 1)
+            r = replace(saved, step=idx, weight=0, steps=stages, judged=now)
+            return Event("resume", r, previous_weight=saved.weight)
         steps = saved.steps or policy.stages
         if saved.steps and saved.steps != policy.stages:
             # Options changed between runs: continue at the first step of
@@ -340,8 +447,30 @@ def resume(
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     stages = policy.stages
-    r = Rollout(service, stable, canary, "progressing", 0, stages[0], 0, 0, "", now, stages, now)
+    r = Rollout(
+        service,
+        stable,
+        canary,
+        "progressing",
+        0,
+        stages[0],
+        0,
+        0,
+        "",
+        now,
+        stages,
+        now,
+        policy.match,
+    )
     return Event("start", r, previous_weight=saved.weight if saved is not None else None)
+
+
+def _where(r: Rollout) -> str:
+    """Where a progressing rollout stands, for a :class:`Conflict`."""
+    if r.match:
+        alts = " or ".join(str(m) for m in r.match)
+        return f"A/B testing (requests with {alts}, {r.step}/{len(r.steps)} intervals passed)"
+    return "mirrored" if r.mirrored else f"at {r.weight} %"
 
 
 def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Event:

@@ -9,15 +9,21 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
 * **The canary's document.** The command owns exactly one document: a
   RouteRule ``canary-SERVICE`` (config.istio.io/v1alpha2, the tutorial's
   kind: ``destination.name`` and ``route[].labels.version``), no ``match``,
-  precedence 0. With a rules *directory* it lives alone in
-  ``DIR/canary-SERVICE.yaml``, and no other file is ever opened for writing.
-  With a rules *file* it is one document of that file: the other documents
-  keep their exact bytes (comments, order, separators) and only ours is
-  replaced or appended. A rule of the user's that routes SERVICE without a
-  ``match`` (a RouteRule, a VirtualService for its host, an HTTPRoute whose
-  parent is its Service) would compete with ours, so the command refuses,
-  naming file and line; rules with a ``match`` at a higher precedence (say,
-  testers pinned to v2 by a header) keep their requests.
+  precedence 0. While A/B testing (``--match``) it owns one more RouteRule
+  per alternative, ``canary-SERVICE-match-1`` to ``-N``: that ``match``
+  (``request.headers``), precedence :data:`MATCH_PRECEDENCE`, every request
+  to the canary; the main document then routes every request to stable.
+  With a rules *directory* they live alone in ``DIR/canary-SERVICE.yaml``
+  (one YAML document each), and no other file is ever opened for writing.
+  With a rules *file* they are documents of that file: the other documents
+  keep their exact bytes (comments, order, separators) and only ours are
+  replaced, appended, or (the match documents, once the test ends)
+  removed. A RouteRule named as ours is ours, in a rules file too. A rule
+  of the user's that routes SERVICE without a ``match`` (a RouteRule, a
+  VirtualService for its host, an HTTPRoute whose parent is its Service)
+  would compete with ours, so the command refuses, naming file and line;
+  rules with a ``match`` at a higher precedence (say, testers pinned to v2
+  by a header) keep their requests.
 * **Atomic, validated writes.** Every change goes through the pieces of
   ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
@@ -56,10 +62,11 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TextIO
 
 import yaml
@@ -68,6 +75,7 @@ from l4proxy.canary._analysis import (
     Check,
     Conflict,
     Event,
+    HeaderMatch,
     Policy,
     PolicyError,
     Rollout,
@@ -77,6 +85,7 @@ from l4proxy.canary._analysis import (
     mirrored_stages,
     p99_limit,
     p99_ok,
+    parse_match,
     parse_steps,
     promote,
     resume,
@@ -131,6 +140,10 @@ examples:
   # blue/green mirroring: ten intervals on copies, then every request to v2
   l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
       --mirror 10 --steps 100 --metrics 127.0.0.1:15000
+  # A/B testing: ten intervals on the insiders' requests alone, then 100 %
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --match x-canary=insider --match 'cookie~^(.*?;)?(canary=always)(;.*)?$' \\
+      --iterations 10 --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
@@ -150,6 +163,13 @@ and mirrors each to the canary; each is judged on the canary's answers to the
 copies (l4proxy_mirror_requests_total, as the calling sidecar counts them) and on
 any request it served itself. Every request is then sent twice: mirror only
 services whose requests are idempotent (a copied POST is a second POST).
+
+--match HEADER=VALUE or HEADER~REGEX (repeatable: any of them), --iterations N:
+A/B testing. For N intervals (10) the requests that match go to the canary and
+every other one to stable (RouteRules canary-SERVICE-match-1.. at precedence 1,
+beside canary-SERVICE at 0, in the same file or key); each interval is judged on
+the canary's requests, N passes promote it (100 %), --threshold fails roll back.
+Not with --steps, --step-weight, --max-weight or --mirror.
 
 exit status:
   0  promoted (100 % to the canary)
@@ -185,6 +205,14 @@ WAIT_LIVE_CONFIGMAP = 150.0
 # every 15 s). Without it, 5 s with --rules failed nearly every step, and each
 # "not live" counted as a failed check: a healthy canary rolled back.
 WAIT_LIVE_SCRAPE = 60.0
+# --iterations without a number: Flagger's A/B testing examples' analysis.iterations
+AB_ITERATIONS = 10
+# The match documents' precedence: above the main document's 0, so that
+# they take the matching requests from it; a rule of the user's with a
+# match at 2 or more still keeps its requests (testers pinned to a
+# version), and one at 1 is ordered with ours by (namespace, name), as the
+# loader orders equal precedences (Istio 0.7's order).
+MATCH_PRECEDENCE = 1
 
 
 def wait_live_of(args: argparse.Namespace) -> float:
@@ -225,6 +253,22 @@ def add_parser(sub: Any) -> None:
         help="first N intervals (no N: 1) mirrored: every request to stable and a copy of "
         "each to the canary, judged on the copies' answers, which no client sees; then "
         "the steps (Flagger's analysis.mirror; idempotent requests only). 0: none (0)",
+    )
+    p.add_argument(
+        "--match",
+        action="append",
+        default=[],
+        metavar="HEADER=VALUE|HEADER~REGEX",
+        help="A/B testing: the requests whose header HEADER (any case) is VALUE, or matches "
+        "the RE2 REGEX whole, go to the canary, every other one to stable; repeatable, "
+        "any of them (Flagger's analysis.match; cookies: --match 'cookie~...')",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        metavar="N",
+        help=f"A/B testing: intervals judged before the canary is promoted "
+        f"(Flagger's analysis.iterations) ({AB_ITERATIONS})",
     )
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
@@ -304,6 +348,28 @@ def add_parser(sub: Any) -> None:
 
 
 def policy_of(args: argparse.Namespace) -> Policy:
+    texts: list[str] = getattr(args, "match", None) or []
+    iterations: int | None = getattr(args, "iterations", None)
+    if texts:
+        for flag, given in (
+            ("--steps", args.steps is not None),
+            ("--step-weight", args.step_weight is not None),
+            ("--max-weight", args.max_weight is not None),
+            ("--mirror", bool(getattr(args, "mirror", 0))),
+        ):
+            if given:
+                # Flagger does not combine them either: an A/B test shifts no weight
+                raise PolicyError(
+                    f"--match and {flag}: A/B testing routes the matching requests to the "
+                    f"canary for --iterations intervals, then promotes it; give one of them"
+                )
+    elif iterations is not None:
+        raise PolicyError(
+            "--iterations needs --match HEADER=VALUE (or HEADER~REGEX): the requests that go "
+            "to the canary for those intervals (Flagger's A/B testing)"
+        )
+    # dict: each alternative once, in the order given
+    match = tuple(dict.fromkeys(parse_match(t) for t in texts))
     if args.steps is not None and args.step_weight is not None:
         raise PolicyError("--steps and --step-weight: give one of them")
     if args.max_weight is not None and args.step_weight is None:
@@ -324,6 +390,8 @@ def policy_of(args: argparse.Namespace) -> Policy:
         min_requests=args.min_requests,
         progress_deadline=args.progress_deadline,
         mirror=getattr(args, "mirror", 0),
+        match=match,
+        iterations=(AB_ITERATIONS if iterations is None else iterations) if match else 0,
     )
 
 
@@ -362,6 +430,20 @@ def rule_name(service: str) -> str:
     return f"canary-{service.split('.', 1)[0]}"
 
 
+def match_rule_name(service: str, i: int) -> str:
+    """The RouteRule of the *i*-th ``--match`` alternative (from 1)."""
+    return f"{rule_name(service)}-match-{i}"
+
+
+def canary_owns(main: str, name: object) -> bool:
+    """Whether a RouteRule named *name* is one of the canary's whose main
+    document is named *main*: that one, or a match document (of this A/B
+    test, or of one that ended)."""
+    return isinstance(name, str) and (
+        name == main or re.fullmatch(re.escape(main) + r"-match-[1-9][0-9]*", name) is not None
+    )
+
+
 def document(r: Rollout) -> str:
     """The canary's RouteRule for *r*'s weight (0-weight routes left out);
     mirrored (:attr:`Rollout.mirrored`), every request to stable and a
@@ -379,7 +461,7 @@ def document(r: Rollout) -> str:
             f"  mirror:\n    name: {r.service}\n    labels:\n"
             f"      version: {json.dumps(r.canary)}\n"
         )
-    phase = "mirrored" if r.mirrored else r.phase
+    phase = "mirrored" if r.mirrored else "A/B testing" if r.ab_testing else r.phase
     return (
         f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, {phase}):\n"
         "# rewritten at every step; edits are overwritten. Remove it with the rollout's end.\n"
@@ -390,34 +472,104 @@ def document(r: Rollout) -> str:
     )
 
 
+def match_document(r: Rollout, i: int, m: HeaderMatch) -> str:
+    """The RouteRule of A/B testing's *i*-th alternative *m*: the requests
+    it matches, every one to the canary."""
+    return (
+        f"# Owned by 'l4proxy canary {r.service}' ({r.stable} -> {r.canary}, A/B testing): "
+        "removed at its end.\n"
+        "apiVersion: config.istio.io/v1alpha2\n"
+        "kind: RouteRule\n"
+        f"metadata:\n  name: {match_rule_name(r.service, i)}\n"
+        f"spec:\n  destination:\n    name: {r.service}\n"
+        f"  precedence: {MATCH_PRECEDENCE}\n"
+        # quoted (JSON is YAML): a header value or regex as it was given
+        f"  match:\n    request:\n      headers:\n        {json.dumps(m.header)}:\n"
+        f"          {m.kind}: {json.dumps(m.value)}\n"
+        f"  route:\n  - labels:\n      version: {json.dumps(r.canary)}\n    weight: 100\n"
+    )
+
+
+def documents(r: Rollout) -> list[tuple[str, str]]:
+    """(name, text) of each document the canary owns for *r*: the main one,
+    then, while A/B testing, one per alternative."""
+    out = [(rule_name(r.service), document(r))]
+    if r.ab_testing:
+        out += [
+            (match_rule_name(r.service, i), match_document(r, i, m))
+            for i, m in enumerate(r.match, 1)
+        ]
+    return out
+
+
+def documents_text(r: Rollout) -> str:
+    """The canary's documents as one file (``DIR/canary-SERVICE.yaml``, the
+    ConfigMap key): the main one alone, or with the match documents after
+    it, ``---`` between them."""
+    return "---\n".join(text for _, text in documents(r))
+
+
 _SEPARATOR = re.compile(r"(?m)^(---[ \t]*(?:#[^\n]*)?\n?)")
 
 
 def splice(text: str, ours: str, name: str) -> str:
     """*text* with the document named *name* replaced by *ours* (appended
     when absent); every other document keeps its bytes."""
+    return splice_documents(text, [(name, ours)], lambda n: n == name)
+
+
+def splice_documents(
+    text: str, ours: Sequence[tuple[str, str]], owned: Callable[[str], bool]
+) -> str:
+    """*text* with each of *ours* (name, document) replacing the RouteRule of
+    that name in place (appended, in order, when absent), and every other
+    RouteRule whose name is *owned* removed with one separator (the one
+    before it; the first document's, the one after it): the match documents
+    of an A/B test that ended. Every other document keeps its bytes."""
     parts = _SEPARATOR.split(text)  # doc, sep, doc, sep, ...
-    for i in range(0, len(parts), 2):
-        if _is_ours(parts[i], name):
-            parts[i] = ours
-            return "".join(parts)
-    if not text.strip():
-        return ours
-    sep = "" if text.endswith("\n") else "\n"
-    return f"{text}{sep}---\n{ours}"
+    # (the separator before it, the document): the first has none
+    items = [("", parts[0])] + [(parts[i], parts[i + 1]) for i in range(1, len(parts), 2)]
+    wanted = dict(ours)
+    placed: set[str] = set()
+    kept: list[tuple[str, str]] = []
+    dropped_first = False
+    for sep, segment in items:
+        if dropped_first and not kept:
+            sep = ""  # the document that comes first now
+        name = _route_rule_name(segment)
+        if name is not None and name in wanted and name not in placed:
+            placed.add(name)
+            kept.append((sep, wanted[name]))
+        elif name is not None and owned(name):
+            dropped_first = dropped_first or not kept
+        else:
+            kept.append((sep, segment))
+    out = "".join(sep + segment for sep, segment in kept)
+    for name, doc in ours:
+        if name in placed:
+            continue
+        if not out.strip():
+            out = doc
+        else:
+            sep = "" if out.endswith("\n") else "\n"
+            out += f"{sep}---\n{doc}"
+    return out
 
 
-def _is_ours(segment: str, name: str) -> bool:
+def _route_rule_name(segment: str) -> str | None:
+    """The name of the RouteRule that *segment* is (None: another document)."""
     try:
         doc = yaml.safe_load(segment)
     except yaml.YAMLError:
-        return False
-    return (
+        return None
+    if (
         isinstance(doc, dict)
         and doc.get("kind") == "RouteRule"
         and isinstance(doc.get("metadata"), dict)
-        and doc["metadata"].get("name") == name
-    )
+        and isinstance(doc["metadata"].get("name"), str)
+    ):
+        return str(doc["metadata"]["name"])
+    return None
 
 
 def competing(files: Sequence[str], service: str, own: str, name: str) -> list[str]:
@@ -441,6 +593,8 @@ def competing(files: Sequence[str], service: str, own: str, name: str) -> list[s
             spec: dict[str, Any] = v["spec"] if isinstance(v.get("spec"), dict) else {}
             kind, obj = v.get("kind"), f"{v.get('kind')} {meta.get('name')}"
             if kind == "RouteRule":
+                # ours (an A/B test's match documents have a match: they
+                # never compete)
                 if f == own and meta.get("name") == name:
                     continue
                 dest: dict[str, Any] = spec.get("destination") or {}
@@ -471,6 +625,31 @@ def _write_atomic(path: str, text: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cand)
+
+
+def at_words(r: Rollout) -> str:
+    """Where a rollout's documents route, for an error: ``at weight 25``."""
+    return "while A/B testing" if r.ab_testing else f"at weight {r.weight}"
+
+
+def check_matches(r: Rollout, namespace: str, domain: str) -> None:
+    """Refuse *r*'s ``--match`` alternatives that a sidecar would refuse (a
+    header name that is not one, a regex that is not RE2's), before
+    anything is written: its match documents alone, loaded as a sidecar
+    loads rules; the error names the option."""
+    names = {match_rule_name(r.service, i): m for i, m in enumerate(r.match, 1)}
+    with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
+        path = os.path.join(tmp, "match.yaml")
+        with open(path, "w") as f:
+            f.write("---\n".join(text for name, text in documents(r) if name in names))
+        try:
+            load_rules([tmp], namespace=namespace, domain=domain)
+        except ConfigError as exc:
+            d = next((d for d in exc.diagnostics if d.severity == "error"), None)
+            m = names.get(d.name or "") if d is not None else None
+            raise CanaryError(
+                f"--match {m}: {d.message}" if d is not None and m is not None else str(exc)
+            ) from exc
 
 
 def first_error(exc: ConfigError) -> str:
@@ -526,11 +705,15 @@ class RulesWriter:
         with apply._locked(self.paths.directory):
             return self.install_locked(r)
 
-    def _spliced(self, ours: str) -> str:
-        """The user's rules file with our document in it (the rest kept)."""
+    def _spliced(self, r: Rollout) -> str:
+        """The user's rules file with our documents in it (the rest kept,
+        the match documents of an A/B test that ended removed)."""
         doc = self.paths.document
+        main = rule_name(self.service)
         try:
-            return splice(read_file(doc), ours, rule_name(self.service))
+            return splice_documents(
+                read_file(doc), documents(r), lambda name: canary_owns(main, name)
+            )
         except (Unreadable, SourceProblem) as exc:
             raise CanaryError(f"{doc}: cannot read: {exc}") from exc
 
@@ -541,12 +724,11 @@ class RulesWriter:
         broken file beside ours, a competing rule), the sidecars went on
         serving the canary's weight, and once that file was fixed they
         loaded our old document again. Ours alone is valid by construction."""
-        ours = document(r)
         doc = self.paths.document
         rollback = r.phase == "rolled_back"
         if not rollback:
             self.check_competing()
-        new_text = ours if self.paths.is_dir else self._spliced(ours)
+        new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
         if self._holds(new_text):
             return False
         cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
@@ -561,7 +743,7 @@ class RulesWriter:
                     raise CanaryError(str(exc)) from exc
                 except ConfigError as exc:
                     raise CanaryError(
-                        f"refused: the rules would be invalid at weight {r.weight}: "
+                        f"refused: the rules would be invalid {at_words(r)}: "
                         f"{first_error(exc).replace(cand, doc)}"
                     ) from exc
             apply._install(cand, doc)
@@ -939,14 +1121,16 @@ class Display:
         r, p = ev.rollout, self.policy
         if ev.kind in ("start", "resume"):
             head = (
-                f"{r.service}: {r.stable} -> {r.canary}, {plan(r.steps)} "
+                f"{r.service}: {r.stable} -> {r.canary}, {plan(r.steps, r)} "
                 f"every {p.interval:g} s; a check passes with success >= "
                 f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
                 f"requests; {p.threshold} failed checks roll back"
             )
             if ev.kind == "resume":
                 at = (
-                    f"mirrored {r.step + 1}/{mirrored_stages(r.steps)}"
+                    f"A/B {r.step + 1}/{len(r.steps)}"
+                    if r.ab_testing
+                    else f"mirrored {r.step + 1}/{mirrored_stages(r.steps)}"
                     if r.mirrored
                     else f"{r.weight} %"
                 )
@@ -959,11 +1143,14 @@ class Display:
         weight = ev.previous_weight if ev.previous_weight is not None else r.weight
         # a mirrored interval: no weight to draw, and what it counted are
         # the canary's answers to copies (and its own requests, if any)
-        cells = (
-            f"  {r.canary} {'mirror':<26}"
-            if ev.mirrored
-            else f"  {r.canary} {weight:3d} % {bar(weight)}"
-        )
+        if r.match:
+            # an A/B interval: no weight moves; the interval it judged, of N
+            passed = ev.kind == "check" and c is not None and c.verdict == "pass"
+            cells = f"  {r.canary} {f'A/B {r.step - passed + 1}/{len(r.steps)}':<26}"
+        elif ev.mirrored:
+            cells = f"  {r.canary} {'mirror':<26}"
+        else:
+            cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
         unit = "copies" if ev.mirrored else "req"
         if c is not None and c.verdict == "halt":
             cells += f" {_num(c.requests):>6} {unit}  (too few to judge)"
@@ -999,19 +1186,40 @@ class Display:
             return r.phase
         if c.verdict == "halt":
             return f"halt: {'; '.join(c.reasons)}"
-        stays = "stays mirrored" if r.mirrored else f"stays at {r.weight} %"
+        stays = (
+            f"stays A/B {r.step + 1}/{len(r.steps)}"
+            if r.ab_testing
+            else "stays mirrored"
+            if r.mirrored
+            else f"stays at {r.weight} %"
+        )
         if c.verdict == "fail":
             return (
                 f"fail ({r.failed_checks}/{self.policy.threshold}): {'; '.join(c.reasons)}; {stays}"
             )
+        if r.ab_testing:
+            return f"pass -> A/B {r.step + 1}/{len(r.steps)}"
         if r.mirrored:
             return f"pass -> mirror {r.step + 1}/{mirrored_stages(r.steps)}"
         return f"pass -> {r.weight} %"
 
 
-def plan(steps: Sequence[int]) -> str:
+def alternatives(match: Sequence[HeaderMatch]) -> str:
+    """A/B testing's alternatives as the display says them:
+    ``x-canary=insider or cookie~^(.*?;)?(canary=always)(;.*)?$``."""
+    return " or ".join(map(str, match))
+
+
+def plan(steps: Sequence[int], r: Rollout | None = None) -> str:
     """A rollout's stages as its first line says them: ``steps 5,25,100``,
-    or ``mirror 2 intervals, then steps 5,25,100``."""
+    or ``mirror 2 intervals, then steps 5,25,100``; an A/B test (*r* with a
+    match): ``A/B: requests with x-canary=insider to v2 for 10 intervals``."""
+    if r is not None and r.match:
+        n = len(steps)
+        return (
+            f"A/B: requests with {alternatives(r.match)} to {r.canary} "
+            f"for {n} interval{'s' if n > 1 else ''}"
+        )
     n = mirrored_stages(steps)
     weights = f"steps {','.join(map(str, steps[n:]))}"
     if not n:
@@ -1066,6 +1274,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
     }
     if ev.mirrored:  # the check's numbers are the canary's answers to copies
         out["mirror"] = True
+    if r.match:  # A/B testing: the requests that went to the canary
+        out["match"] = [m.to_json() for m in r.match]
     if ev.check is not None:
         c: Check = ev.check
         out["check"] = {
@@ -1205,14 +1415,19 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         print(json.dumps(saved.to_json()), file=out)
     else:
         r = saved
-        at = (
-            f"mirrored: every request copied to {r.canary}, 0 % live,"
-            if r.mirrored
-            else f"at {r.weight} % {bar(r.weight)}"
-        )
+        if r.ab_testing:
+            at = (
+                f"A/B: requests with {alternatives(r.match)} to {r.canary}, "
+                f"{r.step}/{len(r.steps)} intervals passed,"
+            )
+        elif r.mirrored:
+            at = f"mirrored: every request copied to {r.canary}, 0 % live, "
+            at += f"step {r.step + 1}/{len(r.steps)},"
+        else:
+            at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
         print(
             f"{r.service}: {r.stable} -> {r.canary} {r.phase} {at} "
-            f"step {r.step + 1}/{len(r.steps)}, {r.failed_checks} failed checks, "
+            f"{r.failed_checks} failed checks, "
             f"{r.checks} checks" + (f"; {r.reason}" if r.reason else ""),
             file=out,
         )
@@ -1242,6 +1457,11 @@ def _analyse(
             "or --prometheus URL"
         )
     policy = policy_of(args)
+    if policy.match:  # exit 2 naming the option, before anything is written
+        plan_only = Rollout(service, args.stable, args.canary, steps=policy.stages)
+        check_matches(
+            replace(plan_only, match=policy.match), args.namespace or "default", args.domain
+        )
     wait = wait_live_of(args)
     metrics: Metrics = (
         SidecarMetrics(args.metrics, service)
@@ -1327,8 +1547,9 @@ def _analyse(
             _commit(store, r, err=err)
             display.emit(Event("rolled_back", r, None, None), "interrupted")
             return EXIT_ROLLED_BACK
+        keeps = f"the requests with {alternatives(r.match)}" if r.ab_testing else f"{r.weight} %"
         print(
-            f"\nl4proxy canary: interrupted; {r.canary} keeps {r.weight} %: run the same "
+            f"\nl4proxy canary: interrupted; {r.canary} keeps {keeps}: run the same "
             "command again to resume, or l4proxy canary promote|abort " + service,
             file=err,
         )

@@ -9,8 +9,9 @@ that ConfigMap through the Kubernetes API, from a Job in the cluster (its
 service account) or from a laptop (``kubectl proxy``, ``--kube-api``):
 
 * **What it owns.** One data key, ``canary-SERVICE.yaml``: the same
-  RouteRule document as in a rules directory, so the mounted volume looks
-  exactly like ``--rules DIR`` would. And one annotation on the same
+  RouteRule document as in a rules directory (and, while A/B testing, the
+  match documents after it), so the mounted volume looks exactly like
+  ``--rules DIR`` would. And one annotation on the same
   ConfigMap, ``l4proxy.io/canary-SERVICE``: the rollout's state as JSON.
   Every other key, label and annotation is sent back as it was read, so the
   user's rule files keep their exact text. The state is an annotation, not
@@ -75,8 +76,9 @@ from l4proxy.canary.command import (
     CanaryError,
     Superseded,
     Transient,
+    at_words,
     competing,
-    document,
+    documents_text,
     first_error,
     rule_name,
 )
@@ -178,7 +180,7 @@ def edited(
         state.to_json(), separators=(",", ":"), sort_keys=True
     )
     if with_document:
-        new.setdefault("data", {})[doc_key(service)] = document(state)
+        new.setdefault("data", {})[doc_key(service)] = documents_text(state)
     return new
 
 
@@ -409,7 +411,7 @@ class ConfigMapStore:
         return self._update(r, with_document=True, expected=expected)
 
     # -- internals -------------------------------------------------------------------
-    def validate(self, obj: Mapping[str, Any], weight: int | None) -> None:
+    def validate(self, obj: Mapping[str, Any], r: Rollout | None) -> None:
         """Refuse *obj* if the sidecars would refuse its rules (or ours compete)."""
         files = mounted_files(obj)
         where = f"configmap/{self.namespace}/{self.name}"
@@ -433,7 +435,7 @@ class ConfigMapStore:
                     "rule without a match would compete with it: remove that rule from the "
                     "ConfigMap, or give it a match; then run this again"
                 )
-            if weight is None:
+            if r is None:
                 return
             try:
                 load_rules([tmp], namespace=self.namespace, domain=self.domain)
@@ -441,7 +443,7 @@ class ConfigMapStore:
                 raise KubeError(relabel(str(exc), tmp, where)) from exc
             except ConfigError as exc:
                 raise KubeError(
-                    f"refused: the rules would be invalid at weight {weight}: "
+                    f"refused: the rules would be invalid {at_words(r)}: "
                     f"{relabel(first_error(exc), tmp, where)}; {self.where} is unchanged"
                 ) from exc
 
@@ -465,7 +467,7 @@ class ConfigMapStore:
             # A state alone changes nothing the sidecars read; a rollback is
             # written whatever the rest holds (RulesWriter.install_locked).
             if with_document and r.phase != "rolled_back":
-                self.validate(new, r.weight)
+                self.validate(new, r)
             status, body = self.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
                 return mounted_files(new).get(key) != first
