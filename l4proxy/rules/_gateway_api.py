@@ -93,12 +93,7 @@ from l4proxy.rules._objects import (
     ParentDraft,
     PolicyDraft,
     fqdn,
-    rule_lb,
-    rule_outlier,
-    rule_pool,
-    subset_lb,
-    subset_outlier,
-    subset_pool,
+    policy_subset,
 )
 from l4proxy.rules._regex import RegexError, compile_regex
 from l4proxy.rules._schema import (
@@ -1391,8 +1386,7 @@ class Compiler:
                 ports = ", ".join(str(p.number) for p in svc.ports)
                 b.where.error(f"port {b.port} is not a port of {b.host} (ports: {ports})")
                 return False
-            lb, hash_on = rule_lb(policy)
-            subset = Subset(DEFAULT, Labels(), lb, rule_pool(policy), rule_outlier(policy), hash_on)
+            subset = policy_subset(policy, None, DEFAULT, Labels())
             return Destination(b.host, subset, weight, b.port, b.headers)
         owner = _endpoint_owner(self.services, b.host)
         if owner is None:
@@ -1420,19 +1414,11 @@ class Compiler:
             )
             return False
         policy = self.policies.get(svc.host)
-        host_lb = rule_lb(policy)
-        host_pool = rule_pool(policy)
-        host_outlier = rule_outlier(policy)
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == labels), None)
         if same is not None:
-            pool = subset_pool(same, host_pool)
-            outlier = subset_outlier(same, host_outlier)
-            lb, hash_on = subset_lb(same, host_lb)
-            subset = Subset(same.name, same.labels, lb, pool, outlier, hash_on)
+            subset = policy_subset(policy, same, same.name, same.labels)
         else:
-            subset = Subset(
-                _subset_name(labels), labels, host_lb[0], host_pool, host_outlier, host_lb[1]
-            )
+            subset = policy_subset(policy, None, _subset_name(labels), labels)
         return Destination(svc.host, subset, weight, b.port, b.headers)

@@ -1,11 +1,15 @@
 """networking.istio.io kinds: VirtualService, DestinationRule, ServiceEntry.
 
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
-implement (TLS, port-level settings...) is an error that
+implement (TLS, tunnels...) is an error that
 names the field: a sidecar that silently ignored a setting would be worse
-than one that refuses it. ``http[].timeout`` and ``http[].retries`` are honoured
-by the per-request relay (Envoy's route timeout and retry policy, see
-``Route.timeout`` and ``Route.retries``), and so are ``http[].headers``,
+than one that refuses it. A DestinationRule's ``trafficPolicy`` (at the rule
+and in each subset) is read with its ``portLevelSettings``
+(``_port_level_settings``): each entry the whole policy of one service
+port, merged as Istio's pilot does (``_objects.policy_subset``).
+``http[].timeout`` and ``http[].retries`` are honoured by the per-request
+relay (Envoy's route timeout and retry policy, see ``Route.timeout`` and
+``Route.retries``), and so are ``http[].headers``,
 ``http[].route[].headers``, ``rewrite`` (``uri``, ``uriRegexRewrite``,
 ``authority``), ``redirect``
 and ``directResponse`` (``Route.headers``, ``Destination.headers``,
@@ -46,6 +50,7 @@ from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
     PolicyDraft,
+    PortPolicyDraft,
     RouteDraft,
     RuleDraft,
     ServiceDraft,
@@ -1108,7 +1113,7 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
     ok = host is not None
-    lb, hash_on, pool, outlier, tp_ok = _traffic_policy(
+    lb, hash_on, pool, outlier, port_level, tp_ok = _traffic_policy(
         ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy")
     )
     ok = ok and tp_ok
@@ -1127,7 +1132,7 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             continue
         name = dns_label(ctx, s["name"], (*spath, "name"))
         sel = labels(ctx, s.get("labels"), (*spath, "labels"))
-        slb, shash, spool, soutlier, stp_ok = _traffic_policy(
+        slb, shash, spool, soutlier, sport_level, stp_ok = _traffic_policy(
             ctx, s.get("trafficPolicy"), (*spath, "trafficPolicy")
         )
         if name is None or sel is None or not stp_ok:
@@ -1137,37 +1142,69 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
             ctx.error((*spath, "name"), f"subset {name} is defined twice in this DestinationRule")
             ok = False
             continue
-        subsets[name] = SubsetDraft(name, sel, slb, Where(ctx, spath), spool, soutlier, shash)
+        subsets[name] = SubsetDraft(
+            name, sel, slb, Where(ctx, spath), spool, soutlier, shash, sport_level
+        )
     if not ok or host is None:
         return None
     return PolicyDraft(
-        ctx.name, ctx.namespace, host, lb, subsets, Where(ctx, ()), pool, outlier, hash_on
+        ctx.name,
+        ctx.namespace,
+        host,
+        lb,
+        subsets,
+        Where(ctx, ()),
+        pool,
+        outlier,
+        hash_on,
+        port_level,
     )
 
 
 def _traffic_policy(
     ctx: Ctx, value: Any, path: Path
-) -> tuple[str | None, HashOn | None, PoolSettings | None, OutlierPolicy | None, bool]:
+) -> tuple[
+    str | None,
+    HashOn | None,
+    PoolSettings | None,
+    OutlierPolicy | None,
+    dict[int, PortPolicyDraft],
+    bool,
+]:
     """trafficPolicy → (its load balancer policy or None, what it hashes
     (policy HASH) or None, connectionPool or None, outlierDetection or
-    None, ok)."""
+    None, its portLevelSettings by port number, ok)."""
     if value is None:
-        return None, None, None, None, True
+        return None, None, None, None, {}, True
     tp = fields(
         ctx,
         value,
         path,
-        allowed=("loadBalancer", "connectionPool", "outlierDetection"),
+        allowed=("loadBalancer", "connectionPool", "outlierDetection", "portLevelSettings"),
         unimplemented={
             "tls": "",
-            "portLevelSettings": "",
             "tunnel": "",
             "proxyProtocol": "",
             "retryBudget": "a route's retries are bounded by its own attempts",
         },
     )
     if tp is None:
-        return None, None, None, None, False
+        return None, None, None, None, {}, False
+    lb, hash_on, pool, outlier, ok = _policy_components(ctx, tp, path)
+    port_level: dict[int, PortPolicyDraft] = {}
+    if tp.get("portLevelSettings") is not None:
+        got = _port_level_settings(ctx, tp["portLevelSettings"], (*path, "portLevelSettings"))
+        ok = ok and got is not None
+        port_level = got or {}
+    return lb, hash_on, pool, outlier, port_level, ok
+
+
+def _policy_components(
+    ctx: Ctx, tp: dict[str, Any], path: Path
+) -> tuple[str | None, HashOn | None, PoolSettings | None, OutlierPolicy | None, bool]:
+    """The components a trafficPolicy and each of its portLevelSettings
+    share → (load balancer policy or None, what it hashes or None,
+    connectionPool or None, outlierDetection or None, ok)."""
     pool: PoolSettings | None = None
     pool_ok = True
     if tp.get("connectionPool") is not None:
@@ -1180,6 +1217,80 @@ def _traffic_policy(
         outlier_ok = outlier is not None
     lb, hash_on, lb_ok = _load_balancer(ctx, tp, path)
     return lb, hash_on, pool, outlier, lb_ok and pool_ok and outlier_ok
+
+
+# a portLevelSettings entry's fields (Istio's PortTrafficPolicy, less tls)
+_PORT_POLICY_FIELDS = ("port", "loadBalancer", "connectionPool", "outlierDetection")
+
+
+def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPolicyDraft] | None:
+    """trafficPolicy.portLevelSettings → each entry by its port number;
+    None after an error.
+
+    As Istio's validation: each entry needs ``port`` and at least one
+    policy besides it ("port traffic policy must have at least one
+    field"). Stricter than Istio, a port number outside 1..65535 (which
+    no service port has) and a port given twice (Istio's pilot takes the
+    first entry and ignores the other) are errors: neither would ever be
+    honoured. ``tls`` is refused as at the policy's top."""
+    items = listing(ctx, value, path)
+    if items is None:
+        return None
+    out: dict[int, PortPolicyDraft] = {}
+    ok = True
+    for i, item in enumerate(items):
+        epath = (*path, i)
+        entry = fields(
+            ctx,
+            item,
+            epath,
+            allowed=_PORT_POLICY_FIELDS,
+            unimplemented={"tls": ""},
+            required=("port",),
+        )
+        if entry is None or entry.get("port") is None:
+            ok = False
+            continue
+        if any(k not in _PORT_POLICY_FIELDS for k in entry):
+            ok = False  # (reported: tls, or an unknown field)
+        ppath = (*epath, "port")
+        sel = fields(
+            ctx,
+            entry["port"],
+            ppath,
+            allowed=("number",),
+            unimplemented={"name": "select the port by number"},
+            required=("number",),
+        )
+        if sel is None or sel.get("number") is None:
+            ok = False
+            continue
+        number = _port_number(ctx, sel["number"], (*ppath, "number"))
+        if number is None:
+            ok = False
+            continue
+        if all(entry.get(k) is None for k in (*_PORT_POLICY_FIELDS[1:], "tls")):
+            ctx.error(
+                epath,
+                f"{dotted(epath)} sets nothing for port {number} (give it a loadBalancer, "
+                "connectionPool or outlierDetection, or remove it)",
+            )
+            ok = False
+            continue
+        lb, hash_on, pool, outlier, entry_ok = _policy_components(ctx, entry, epath)
+        if not entry_ok:
+            ok = False
+            continue
+        if number in out:
+            ctx.error(
+                (*ppath, "number"),
+                f"port {number} is given twice in {dotted(path)} (first at line "
+                f"{ctx.line_of(out[number].where.path)}); give each port one entry",
+            )
+            ok = False
+            continue
+        out[number] = PortPolicyDraft(number, lb, Where(ctx, epath), pool, outlier, hash_on)
+    return out if ok else None
 
 
 def _load_balancer(

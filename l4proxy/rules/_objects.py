@@ -8,6 +8,7 @@ duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.Route
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from l4proxy.rules.routing import (
     PoolSettings,
     Redirect,
     Service,
+    Subset,
     UriRewrite,
 )
 
@@ -111,6 +113,23 @@ class RuleDraft:
 
 
 @dataclass
+class PortPolicyDraft:
+    """One entry of a trafficPolicy's ``portLevelSettings``: the policy of
+    the traffic to service port ``port``, all of it (what it leaves out is
+    the default, not its trafficPolicy's: Istio's API says so, and pilot's
+    GetPortLevelTrafficPolicy takes the entry alone)."""
+
+    port: int
+    load_balancer: str | None
+    where: Where
+    pool: PoolSettings | None = None  # its connectionPool
+    outlier: OutlierPolicy | None = None  # its outlierDetection
+    # with load_balancer "HASH" (its loadBalancer.consistentHash): what
+    # each request is hashed on
+    hash_on: HashOn | None = None
+
+
+@dataclass
 class SubsetDraft:
     name: str
     labels: Labels
@@ -123,6 +142,8 @@ class SubsetDraft:
     # with load_balancer "HASH" (its loadBalancer.consistentHash): what
     # each request is hashed on
     hash_on: HashOn | None = None
+    # its trafficPolicy.portLevelSettings, by service port
+    port_level: dict[int, PortPolicyDraft] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +161,8 @@ class PolicyDraft:
     # with load_balancer "HASH" (loadBalancer.consistentHash): what each
     # request is hashed on
     hash_on: HashOn | None = None
+    # trafficPolicy.portLevelSettings, by service port
+    port_level: dict[int, PortPolicyDraft] = field(default_factory=dict)
 
 
 # A load balancer policy and, with "HASH", what it hashes (Subset.load_balancer,
@@ -185,6 +208,49 @@ def subset_outlier(sd: SubsetDraft, rule: OutlierPolicy | None) -> OutlierPolicy
     (what it leaves unset is Istio's default, not the rule's: Istio's
     MergeTrafficPolicy replaces the field whole), else the rule's."""
     return rule if sd.outlier is None else sd.outlier
+
+
+def policy_subset(
+    policy: PolicyDraft | None, sd: SubsetDraft | None, name: str, labels: Labels
+) -> Subset:
+    """The :class:`Subset` *name* (*labels*) of *policy*'s host, with the
+    policy of its DestinationRule subset *sd* (None: the rule's own, for
+    a destination without a subset), on every port and on each port
+    that a ``portLevelSettings`` entry names (``Subset.ports``).
+
+    On a service port, as Istio's pilot merges them
+    (MergeSubsetTrafficPolicy): the rule's entry for the port, whole,
+    else the rule's own policy; then, with *sd*, the subset's entry for
+    the port, whole, else each component the subset's trafficPolicy sets
+    in place of that one's. Whole: an entry's load balancer, connection
+    pool and outlier detection replace the others', what it leaves out
+    is the default (round robin, the flags, none), never inherited."""
+
+    def on(port: int | None) -> Subset:
+        lb, pool, outlier = rule_lb(policy), rule_pool(policy), rule_outlier(policy)
+        entry = policy.port_level.get(port) if policy is not None and port is not None else None
+        if entry is not None:
+            lb, pool, outlier = _whole(entry)
+        if sd is not None:
+            own = sd.port_level.get(port) if port is not None else None
+            if own is not None:
+                lb, pool, outlier = _whole(own)
+            else:
+                lb, pool = subset_lb(sd, lb), subset_pool(sd, pool)
+                outlier = subset_outlier(sd, outlier)
+        return Subset(name, labels, lb[0], pool, outlier, lb[1])
+
+    ports = sorted(
+        {*(policy.port_level if policy is not None else ()), *(sd.port_level if sd else ())}
+    )
+    return dataclasses.replace(on(None), ports=tuple((p, on(p)) for p in ports))
+
+
+def _whole(entry: PortPolicyDraft) -> tuple[Balancer, PoolSettings, OutlierPolicy | None]:
+    """A portLevelSettings entry's components, the defaults for those it
+    leaves out."""
+    lb: Balancer = (entry.load_balancer or "ROUND_ROBIN", entry.hash_on)
+    return lb, entry.pool or NO_POOL_SETTINGS, entry.outlier
 
 
 @dataclass

@@ -24,12 +24,7 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
-    rule_lb,
-    rule_outlier,
-    rule_pool,
-    subset_lb,
-    subset_outlier,
-    subset_pool,
+    policy_subset,
 )
 from l4proxy.rules._schema import Where
 from l4proxy.rules.routing import (
@@ -91,6 +86,11 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
         hash_policies={h: p.hash_on for h, p in policies.items() if p.hash_on is not None},
         pools={h: p.pool for h, p in policies.items() if p.pool is not None},
         outliers={h: p.outlier for h, p in policies.items() if p.outlier is not None},
+        port_policies={
+            h: dict(policy_subset(p, None, DEFAULT, Labels()).ports)
+            for h, p in policies.items()
+            if p.port_level
+        },
         ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
         unmatched=unmatched,
         namespace=env.namespace,
@@ -167,6 +167,15 @@ def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]
         if svc is None:
             _no_service(p.where, p.host, d, "this DestinationRule applies once one is loaded")
             continue
+        entries = [*p.port_level.values()]
+        entries.extend(e for s in p.subsets.values() for e in s.port_level.values())
+        for entry in entries:
+            if svc.port(entry.port) is None:
+                ports = ", ".join(str(q.number) for q in svc.ports)
+                entry.where.warning(
+                    f"port {entry.port} is not a port of {p.host} (ports: {ports}); "
+                    "this portLevelSettings entry applies to no traffic"
+                )
         for s in p.subsets.values():
             if not any(s.labels.selects(e.labels) for e in svc.endpoints):
                 s.where.error(
@@ -260,9 +269,6 @@ def _destination(
     """A route's destination (*mirror*: a mirror's), its subset resolved;
     None after an error at it."""
     policy = policies.get(dd.host)
-    host_lb = rule_lb(policy)
-    host_pool = rule_pool(policy)
-    host_outlier = rule_outlier(policy)
     svc = services.get(dd.host)
     subset: Subset
     if dd.subset is not None:
@@ -280,33 +286,15 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
-        lb, hash_on = subset_lb(sd, host_lb)
-        subset = Subset(
-            sd.name,
-            sd.labels,
-            lb,
-            subset_pool(sd, host_pool),
-            subset_outlier(sd, host_outlier),
-            hash_on,
-        )
+        subset = policy_subset(policy, sd, sd.name, sd.labels)
     elif dd.labels:
         same = None
         if policy is not None:
             same = next((s for s in policy.subsets.values() if s.labels == dd.labels), None)
         if same is not None:
-            lb, hash_on = subset_lb(same, host_lb)
-            subset = Subset(
-                same.name,
-                same.labels,
-                lb,
-                subset_pool(same, host_pool),
-                subset_outlier(same, host_outlier),
-                hash_on,
-            )
+            subset = policy_subset(policy, same, same.name, same.labels)
         else:
-            subset = Subset(
-                subset_name(dd.labels), dd.labels, host_lb[0], host_pool, host_outlier, host_lb[1]
-            )
+            subset = policy_subset(policy, None, subset_name(dd.labels), dd.labels)
         if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
             dd.where.error(
                 f"route labels {dd.labels} select no endpoint of {dd.host} "
@@ -314,7 +302,7 @@ def _destination(
             )
             return None
     else:
-        subset = Subset(DEFAULT, Labels(), host_lb[0], host_pool, host_outlier, host_lb[1])
+        subset = policy_subset(policy, None, DEFAULT, Labels())
     if svc is None:
         if (rule_id, dd.host) not in warned:
             warned.add((rule_id, dd.host))

@@ -510,7 +510,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
     """*base* with every resolved host-name endpoint replaced by its addresses.
 
     Routes, load-balancer policies (consistent hashes too), connection pool settings, outlier
-    detection policies, ingress paths
+    detection policies (their port-level ones too), ingress paths
     and the hosts that answer an unmatched request 404 are carried over as
     they are; only the services' endpoint lists change. (RouteTable has no public "copy with
     other services"; the private fields read here are its inputs.)
@@ -523,6 +523,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
         hash_policies=base._hash_policies,
         pools=base._pools,
         outliers=base._outliers,
+        port_policies=base._port_policies,
         ingress=base.ingress_paths,
         unmatched=base._unmatched,
         namespace=base.namespace,

@@ -24,9 +24,11 @@ A table holds:
 :meth:`RouteTable.decide` walks the destination host's routes; the first route
 whose match accepts the request picks one destination *at random by weight*
 (as Envoy does per request), then the subset's policy orders that subset's
-endpoints. No matching route means round robin over every endpoint of the
-service, which is the tutorial's "no rule" 2:1 split over two v1 pods and one
-v2 pod (RouteRule's rule), unless the host is *unmatched-refusing*: a
+endpoints (its policy on the target's service port, where a DestinationRule's
+``portLevelSettings`` names that port: :meth:`Subset.on_port`). No matching
+route means round robin over every endpoint of the service, which is the
+tutorial's "no rule" 2:1 split over two v1 pods and one v2 pod (RouteRule's
+rule), unless the host is *unmatched-refusing*: a
 VirtualService's or an HTTPRoute's host (and every gateway service), whose
 request no route matches is answered 404 (Envoy's NR; the Gateway API's
 "MUST be 404"). That holds on the ports and for the callers some ``http``
@@ -750,7 +752,9 @@ def _smaller_int(a: int | None, b: int | None) -> int | None:
 class Subset:
     """A named label selector over a service's endpoints, with its LB policy
     and the connection pool settings of the connections it opens (its
-    DestinationRule subset's ``connectionPool``, else the rule's own)."""
+    DestinationRule subset's ``connectionPool``, else the rule's own), and
+    those of its traffic to each service port that the rule's
+    ``portLevelSettings`` name (:meth:`on_port`)."""
 
     name: str
     labels: Labels = NO_LABELS
@@ -762,6 +766,39 @@ class Subset:
     # with load_balancer "HASH" (a consistentHash): what each request is
     # hashed on (the subset's own loadBalancer, else the rule's)
     hash_on: HashOn | None = None
+    # (service port, this subset as it is on that port) for each port
+    # that a DestinationRule's portLevelSettings names, sorted by port:
+    # the policy its traffic to that port takes in place of the above
+    # (_objects.policy_subset merges them as Istio's pilot does)
+    ports: tuple[tuple[int, Subset], ...] = ()
+
+    def on_port(self, port: int) -> Subset:
+        """This subset as its traffic to service *port* takes it (the
+        target's port, :meth:`RouteTable._target_port`: Istio keys a
+        cluster, and so its policy, on the service port)."""
+        for number, subset in self.ports:
+            if number == port:
+                return subset
+        return self
+
+    def policy_json(self) -> dict[str, Any]:
+        """Its load balancer, consistent hash, connection pool and outlier
+        detection, as ``to_json`` of a service or destination has them."""
+        return {
+            "load_balancer": self.load_balancer,
+            "hash_on": hash_on_json(self.hash_on),
+            "connection_pool": self.pool.to_json() if self.pool.is_set else None,
+            "outlier_detection": self.outlier.to_json() if self.outlier is not None else None,
+        }
+
+    def port_level_json(self) -> list[dict[str, Any]]:
+        """Each port's own policy (:attr:`ports`), as :meth:`policy_json`
+        with its ``port``."""
+        return [{"port": number, **subset.policy_json()} for number, subset in self.ports]
+
+
+# the policy of a host that no DestinationRule sets one for (RouteTable._own)
+_NO_POLICY: Final = Subset(DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -783,12 +820,8 @@ class Destination:
             "host": self.host,
             "subset": self.subset.name,
             "labels": dict(self.subset.labels),
-            "load_balancer": self.subset.load_balancer,
-            "hash_on": hash_on_json(self.subset.hash_on),
-            "connection_pool": self.subset.pool.to_json() if self.subset.pool.is_set else None,
-            "outlier_detection": (
-                self.subset.outlier.to_json() if self.subset.outlier is not None else None
-            ),
+            **self.subset.policy_json(),
+            "port_level": self.subset.port_level_json(),
             "weight": self.weight,
             "port": self.port,
             "headers": edits_json(self.headers),
@@ -1514,6 +1547,7 @@ class RouteTable:
         hash_policies: Mapping[str, HashOn] | None = None,
         pools: Mapping[str, PoolSettings] | None = None,
         outliers: Mapping[str, OutlierPolicy] | None = None,
+        port_policies: Mapping[str, Mapping[int, Subset]] | None = None,
         ingress: Sequence[IngressPath] = (),
         unmatched: Iterable[str] = (),
         namespace: str = "default",
@@ -1550,6 +1584,32 @@ class RouteTable:
         # Per host, its DestinationRule's own outlierDetection: that of its
         # requests without a subset (a subset's is Subset.outlier).
         self._outliers: dict[str, OutlierPolicy] = dict(outliers or {})
+        # Per host, its DestinationRule's portLevelSettings: per service
+        # port, the policy of its requests without a subset there, as a
+        # subset DEFAULT of no labels (a subset's is Subset.ports).
+        self._port_policies: dict[str, dict[int, Subset]] = {
+            h: dict(sorted(m.items())) for h, m in (port_policies or {}).items() if m
+        }
+        # Each host's own policy as that subset, on every port and on its
+        # ports' (_own); the hosts of none take the round robin.
+        self._own_policies: dict[str, Subset] = {
+            h: Subset(
+                DEFAULT,
+                NO_LABELS,
+                self._load_balancers.get(h, "ROUND_ROBIN"),
+                self._pools.get(h, NO_POOL_SETTINGS),
+                self._outliers.get(h),
+                self._hash_policies.get(h),
+                tuple(self._port_policies.get(h, {}).items()),
+            )
+            for h in {
+                *self._load_balancers,
+                *self._hash_policies,
+                *self._pools,
+                *self._outliers,
+                *self._port_policies,
+            }
+        }
         self._ingress: tuple[IngressPath, ...] = tuple(ingress)
 
         # Derived indexes (not part of equality: they follow from the above).
@@ -1615,6 +1675,7 @@ class RouteTable:
             tuple(sorted(self._hash_policies.items())),
             tuple(sorted(self._pools.items())),
             tuple(sorted(self._outliers.items())),
+            tuple(sorted((h, tuple(m.items())) for h, m in self._port_policies.items())),
             self._ingress,
             tuple(sorted(self._unmatched)),
         )
@@ -1644,18 +1705,29 @@ class RouteTable:
     def routes_for(self, host: str) -> tuple[Route, ...]:
         return self._routes.get(host, ())
 
-    def load_balancer(self, host: str) -> str:
-        return self._load_balancers.get(host, "ROUND_ROBIN")
+    def _own(self, host: str, port: int | None = None) -> Subset:
+        """*host*'s DestinationRule's own policy, that of its requests
+        without a subset, as a subset DEFAULT: on service *port* when
+        given (its ``portLevelSettings`` entry for that port, if any)."""
+        own = self._own_policies.get(host, _NO_POLICY)
+        return own if port is None else own.on_port(port)
 
-    def hash_on(self, host: str) -> HashOn | None:
+    def load_balancer(self, host: str, port: int | None = None) -> str:
+        """*host*'s DestinationRule's own load balancer (on service *port*
+        when given); ROUND_ROBIN without one."""
+        return self._own(host, port).load_balancer
+
+    def hash_on(self, host: str, port: int | None = None) -> HashOn | None:
         """What *host*'s requests without a subset are hashed on: its
-        DestinationRule's own consistentHash (None: not one)."""
-        return self._hash_policies.get(host)
+        DestinationRule's own consistentHash (on service *port* when given;
+        None: not one)."""
+        return self._own(host, port).hash_on
 
-    def pool(self, host: str) -> PoolSettings:
+    def pool(self, host: str, port: int | None = None) -> PoolSettings:
         """*host*'s DestinationRule's own ``connectionPool`` (what its
-        requests without a subset use; all None: none)."""
-        return self._pools.get(host, NO_POOL_SETTINGS)
+        requests without a subset use, on service *port* when given; all
+        None: none)."""
+        return self._own(host, port).pool
 
     def pool_settings(self) -> dict[tuple[str, int], PoolSettings]:
         """The connection pool settings of every endpoint (address, target
@@ -1680,7 +1752,9 @@ class RouteTable:
         endpoint): every port unless a route without conditions takes all
         of that port's traffic. (A VirtualService host's unmatched requests
         are answered 404, but its bytes that are not HTTP/1.x still take the
-        round robin: counted, which errs on the strict side.)
+        round robin: counted, which errs on the strict side.) On a port
+        that a ``portLevelSettings`` entry names, each of these is the
+        settings there (:meth:`Subset.on_port`).
         """
         if self._endpoint_pools is None:
             self._endpoint_pools = self._compute_pool_settings()
@@ -1697,10 +1771,9 @@ class RouteTable:
                 reach.setdefault((ep.address, ep.port), []).append(settings)
 
         for svc in self._services.values():
-            host_pool = self._pools.get(svc.host, NO_POOL_SETTINGS)
             for number, eps in svc.port_endpoints:
                 if not self._takes_every_connection(svc, number):
-                    add(eps, host_pool)
+                    add(eps, self._own(svc.host, number).pool)
         for routes in self._routes.values():
             for route in routes:
                 for dest in route.destinations:
@@ -1711,7 +1784,7 @@ class RouteTable:
                         if dest.port is None or dest.port == number:
                             add(
                                 (e for e in eps if dest.subset.labels.selects(e.labels)),
-                                dest.subset.pool,
+                                dest.subset.on_port(number).pool,
                             )
         out: dict[tuple[str, int], PoolSettings] = {}
         for key, settings in reach.items():
@@ -1727,10 +1800,11 @@ class RouteTable:
             out[key] = dataclasses.replace(merged, or_flag=bound)
         return dict(sorted(out.items()))
 
-    def outlier(self, host: str) -> OutlierPolicy | None:
+    def outlier(self, host: str, port: int | None = None) -> OutlierPolicy | None:
         """*host*'s DestinationRule's own ``outlierDetection`` (that of its
-        requests without a subset, the default route's; None: none)."""
-        return self._outliers.get(host)
+        requests without a subset, the default route's, on service *port*
+        when given; None: none)."""
+        return self._own(host, port).outlier
 
     def outlier_policies(self) -> dict[tuple[str, int], OutlierPolicy]:
         """The outlier detection policy of every endpoint (address, target
@@ -1746,7 +1820,8 @@ class RouteTable:
         subset on the destination's port (any port without one); and the
         host's own (:meth:`outlier`) over its endpoints on each port where
         some request or connection may take no route, as for
-        :meth:`pool_settings`.
+        :meth:`pool_settings`; on a port that a ``portLevelSettings`` entry
+        names, each of these is the policy there.
         """
         if self._endpoint_outliers is None:
             self._endpoint_outliers = self._compute_outlier_policies()
@@ -1762,21 +1837,19 @@ class RouteTable:
                 out[key] = policy if got is None else got.most_eager(policy)
 
         for svc in self._services.values():
-            host_policy = self._outliers.get(svc.host)
-            if host_policy is None:
-                continue
             for number, eps in svc.port_endpoints:
-                if not self._takes_every_connection(svc, number):
+                host_policy = self._own(svc.host, number).outlier
+                if host_policy is not None and not self._takes_every_connection(svc, number):
                     add(eps, host_policy)
         for routes in self._routes.values():
             for route in routes:
                 for dest in route.destinations:
                     target = self._services.get(dest.host)
-                    policy = dest.subset.outlier
-                    if target is None or policy is None:
+                    if target is None:
                         continue
                     for number, eps in target.port_endpoints:
-                        if dest.port is None or dest.port == number:
+                        policy = dest.subset.on_port(number).outlier
+                        if policy is not None and (dest.port is None or dest.port == number):
                             add((e for e in eps if dest.subset.labels.selects(e.labels)), policy)
         return dict(sorted(out.items()))
 
@@ -1933,19 +2006,16 @@ class RouteTable:
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._subset_endpoints(target, tport, dest.subset.labels)
             key = (target.host, tport, dest.subset.name, dest.subset.labels)
-            hkey, made = self._hash_key(
-                dest.subset.load_balancer, dest.subset.hash_on, request, source
-            )
-            ordered = self._balance(
-                eps, key, dest.subset.load_balancer, healthy, active, dest.subset.outlier, hkey
-            )
+            sub = dest.subset.on_port(tport)  # (its policy on that port)
+            hkey, made = self._hash_key(sub.load_balancer, sub.hash_on, request, source)
+            ordered = self._balance(eps, key, sub.load_balancer, healthy, active, sub.outlier, hkey)
             if eps and not ordered:  # every endpoint ejected: no healthy upstream
                 status = NO_HEALTHY_STATUS
             edits = None
             if request is not None:  # (a raw connection has no head to edit)
                 matched = route.matched(port, request, source_labels)
                 edits = self._edits(route, dest, matched, request.path)
-                edits = _with_cookie(edits, dest.subset.hash_on, made)
+                edits = _with_cookie(edits, sub.hash_on, made)
                 edits = with_cors_lines(edits, cors_lines)
             mirrors: tuple[Mirror, ...] = ()
             if request is not None and ordered:  # (none at L4, none on a local answer)
@@ -1966,12 +2036,12 @@ class RouteTable:
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
         eps = service.endpoints_for(port)
         key = (service.host, port, DEFAULT, NO_LABELS)
-        policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
-        hash_on = self._hash_policies.get(service.host)
-        hkey, made = self._hash_key(policy, hash_on, request, source)
-        outlier = self._outliers.get(service.host)
-        ordered = self._balance(eps, key, policy, healthy, active, outlier, hkey)
-        return Decision(service, DEFAULT, DEFAULT, ordered, edits=_with_cookie(None, hash_on, made))
+        own = self._own(service.host, port)
+        hkey, made = self._hash_key(own.load_balancer, own.hash_on, request, source)
+        ordered = self._balance(eps, key, own.load_balancer, healthy, active, own.outlier, hkey)
+        return Decision(
+            service, DEFAULT, DEFAULT, ordered, edits=_with_cookie(None, own.hash_on, made)
+        )
 
     def _hash_key(
         self,
@@ -2051,12 +2121,11 @@ class RouteTable:
         if route is None and self.refuses_unmatched(service, port, source_labels):
             return RouteChoices(service, NO_ROUTE, (), NO_ROUTE_STATUS)
         if route is None:
-            eps = self._healthy(
-                service.endpoints_for(port), healthy, self._outliers.get(service.host)
-            )
-            policy = self._load_balancers.get(service.host, "ROUND_ROBIN")
+            own = self._own(service.host, port)
+            eps = self._healthy(service.endpoints_for(port), healthy, own.outlier)
+            policy = own.load_balancer
             key = (service.host, port, DEFAULT, NO_LABELS)
-            hash_on = self._hash_policies.get(service.host) if policy == "HASH" else None
+            hash_on = own.hash_on if policy == "HASH" else None
             only = WeightedSubset(1, service, DEFAULT, eps, policy, key, hash_on=hash_on)
             return RouteChoices(service, DEFAULT, (only,))
         if route.cors is not None:
@@ -2109,7 +2178,8 @@ class RouteTable:
                 continue
             tport = self._target_port(target, dest, port, same=target is service)
             all_eps = self._subset_endpoints(target, tport, dest.subset.labels)
-            eps = self._healthy(all_eps, healthy, dest.subset.outlier)
+            sub = dest.subset.on_port(tport)  # (its policy on that port)
+            eps = self._healthy(all_eps, healthy, sub.outlier)
             status = route.unresolved_status
             if not all_eps:
                 unresolved = True
@@ -2123,11 +2193,11 @@ class RouteTable:
                     target,
                     dest.subset.name,
                     eps,
-                    dest.subset.load_balancer,
+                    sub.load_balancer,
                     key,
                     status,
                     with_cors_lines(self._edits(route, dest, matched, path), cors_lines),
-                    dest.subset.hash_on if dest.subset.load_balancer == "HASH" else None,
+                    sub.hash_on if sub.load_balancer == "HASH" else None,
                 )
             )
         # One answer for the route's empty destinations (the per-request
@@ -2171,7 +2241,7 @@ class RouteTable:
             eps = self._healthy(
                 self._subset_endpoints(target, tport, dest.subset.labels),
                 healthy,
-                dest.subset.outlier,
+                dest.subset.on_port(tport).outlier,
             )
             key = ("mirror", target.host, tport, dest.subset.name, dest.subset.labels)
             version, workload = version_and_workload(target.host, dest.subset.name, eps)
@@ -2365,14 +2435,16 @@ class RouteTable:
 
     def _hashes(self) -> Iterator[tuple[str, str, HashOn]]:
         """(host, subset, policy) of every consistent hash in use: each
-        host's own (subset ``default``) and each route destination's."""
-        for host, h in self._hash_policies.items():
-            yield host, DEFAULT, h
+        host's own (subset ``default``) and each route destination's, on
+        every port and on those of its ``portLevelSettings``."""
+        subsets = [(host, own) for host, own in self._own_policies.items()]
         for routes in self._routes.values():
             for route in routes:
-                for dest in route.destinations:
-                    if dest.subset.hash_on is not None:
-                        yield dest.host, dest.subset.name, dest.subset.hash_on
+                subsets.extend((dest.host, dest.subset) for dest in route.destinations)
+        for host, subset in subsets:
+            for sub in (subset, *(s for _, s in subset.ports)):
+                if sub.hash_on is not None:
+                    yield host, sub.name, sub.hash_on
 
     @functools.cached_property
     def hashes_sources(self) -> bool:
@@ -2531,14 +2603,8 @@ class RouteTable:
             "services": [
                 {
                     **svc.to_json(),
-                    "load_balancer": self.load_balancer(svc.host),
-                    "hash_on": hash_on_json(self.hash_on(svc.host)),
-                    "connection_pool": (
-                        self._pools[svc.host].to_json() if svc.host in self._pools else None
-                    ),
-                    "outlier_detection": (
-                        self._outliers[svc.host].to_json() if svc.host in self._outliers else None
-                    ),
+                    **self._own(svc.host).policy_json(),
+                    "port_level": self._own(svc.host).port_level_json(),
                 }
                 for svc in self._services.values()
             ],

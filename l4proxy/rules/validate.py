@@ -300,6 +300,23 @@ def _balancer(d: dict[str, Any]) -> str:
     return out
 
 
+def _policy(d: dict[str, Any], *, whole: bool = False) -> str:
+    """A service's, destination's or port's traffic policy in words: its
+    load balancer, then its connection pool and outlier detection where
+    set (``Subset.policy_json()``); *whole* (a port's, which replaces the
+    others whole): those it leaves unset said too."""
+    said = _balancer(d)
+    if d.get("connection_pool"):
+        said += f"; pool: {_pool(d['connection_pool'])}"
+    elif whole:
+        said += "; pool: the sidecar's flags"
+    if d.get("outlier_detection"):
+        said += f"; outlier detection: {_outlier(d['outlier_detection'])}"
+    elif whole:
+        said += "; no outlier detection"
+    return said
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
@@ -315,13 +332,23 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             port = f" port {d['port']}" if d["port"] is not None else ""
             share = 100 * d["weight"] / total if total else 0.0
             pct = f"{share:>3.0f}%" if share == int(share) else f"{share:>5.1f}%"
-            pool = f"; pool: {_pool(d['connection_pool'])}" if d.get("connection_pool") else ""
-            if d.get("outlier_detection"):
-                pool += f"; outlier detection: {_outlier(d['outlier_detection'])}"
+            # a destination with a port takes that port's policy alone;
+            # one without, each port's where portLevelSettings name it
+            levels = d.get("port_level", [])
+            own = next((pl for pl in levels if pl["port"] == d["port"]), None)
+            said = (
+                _policy(own, whole=True) + "; its port's portLevelSettings" if own else _policy(d)
+            )
             lines.append(
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
-                f"({_labels(d['labels'])}; {_balancer(d)}{pool})"
+                f"({_labels(d['labels'])}; {said})"
             )
+            if d["port"] is None:
+                lines.extend(
+                    f"{indent}            on port {pl['port']} (portLevelSettings): "
+                    f"{_policy(pl, whole=True)}"
+                    for pl in levels
+                )
             if d.get("headers"):
                 lines.append(f"{indent}            its {_headers(d['headers'])}")
         if r.get("redirect"):
@@ -521,9 +548,13 @@ def format_table(t: dict[str, Any]) -> str:
         )
         if s.get("outlier_detection"):
             lines.append(f"    outlier detection: {_outlier(s['outlier_detection'])}")
+        levels = {pl["port"]: pl for pl in s.get("port_level", [])}
         for p in s["ports"]:
             layer = "L7" if p["http"] else "L4"
             lines.append(f"    port {p['number']} {p['name']} ({p['protocol']}, {layer}):")
+            if p["number"] in levels:
+                policy = _policy(levels[p["number"]], whole=True)
+                lines.append(f"      portLevelSettings: load balancer {policy}")
             for ep in s["endpoints"].get(str(p["number"]), []):
                 ep_pool = pools.get(endpoint_name(ep["address"], ep["port"]))
                 said = f"  pool: {_pool(ep_pool)}" if ep_pool else ""
