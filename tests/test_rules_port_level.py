@@ -276,6 +276,35 @@ def test_each_endpoint_takes_the_strictest_of_the_destinations_on_its_port(
     }
 
 
+def test_a_subset_s_port_outlier_detection_holds_its_endpoints_on_that_port(
+    tmp_path: Path,
+) -> None:
+    """v2's entry for 9090: its endpoint there is held to it (no route
+    leaves a request to the bare host); with it ejected, a mirror to v2
+    (as choices hands it the relay) copies nothing on 9090 (none healthy
+    is none), and on 8080, without a policy, goes to it anyway (Envoy's
+    panic)."""
+    text = (
+        DR_HEAD
+        + "  subsets:\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy:\n"
+        + "      portLevelSettings:\n      - port: {number: 9090}\n"
+        + "        outlierDetection: {consecutive5xxErrors: 2}\n"
+        + vs(
+            "{route: [{destination: {host: web, subset: v2}}], "
+            "mirror: {host: web, subset: v2}, mirrorPercentage: {value: 100}}"
+        )
+    )
+    table = load(tmp_path, text)
+    assert table.outlier_policies() == {("198.18.2.3", 9090): OutlierPolicy(consecutive_5xx=2)}
+    copies = {
+        port: table.choices(web(table), port, Request(path="/"), healthy=lambda e: False)
+        .mirrors[0]
+        .endpoints
+        for port in (8080, 9090)
+    }
+    assert copies == {8080: (("198.18.2.3", 8080),), 9090: ()}
+
+
 # -- decide and choices agree, port by port -------------------------------------
 
 AGREE = (
