@@ -7,7 +7,8 @@ subset's policy on a port is pilot's MergeSubsetTrafficPolicy (the rule's
 entry for the port, else the rule's own; then the subset's entry for the
 port whole, else each component the subset sets); what is an error (with
 file and line); what ``choices`` hands the compiled relay against what
-``decide`` draws; what ``validate -v`` and ``/config_dump`` say.
+``decide`` draws; what ``validate -v`` and ``/config_dump`` say; and a
+port's connection pool through a real worker on both relay twins.
 
 ``WEB`` below has two HTTP ports, 8080 and 9090, each served by its
 endpoints on the same port: 198.18.2.1 and 198.18.2.2 are v1, 198.18.2.3
@@ -16,7 +17,9 @@ is v2.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import textwrap
 from pathlib import Path
 
@@ -35,6 +38,9 @@ from l4proxy.rules.routing import (
     Service,
     Subset,
 )
+from tests._scripted import Scripted, _response, _status
+from tests._worker import gateway_worker
+from tests.test_relay_retries import _worker_twin
 
 HOST = "web.default.svc.cluster.local"
 WEB = """\
@@ -548,3 +554,82 @@ def test_a_port_s_hash_on_the_client_or_a_generated_cookie_is_known_to_the_worke
     assert load(tmp_path, DR_HEAD + PORT_9090 + source).hashes_sources
     cookie = "      loadBalancer: {consistentHash: {httpCookie: {name: sid, ttl: 60s}}}\n"
     assert load(tmp_path, DR_HEAD + PORT_9090 + cookie).generated_cookies() == [(HOST, "default")]
+
+
+# -- through a real worker ---------------------------------------------------------
+
+# A gateway in front of a two-port service on loopback: /a to port 8080
+# (one Scripted endpoint), /b to port 9090 (another); the rule limits
+# 9090's connections to one request each and says nothing of 8080.
+TWO_PORTS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.default.svc.cluster.local]
+  addresses: [198.19.200.1]
+  ports:
+  - {number: 8080, name: http, protocol: HTTP}
+  - {number: 9090, name: http-admin, protocol: HTTP}
+  resolution: STATIC
+  endpoints:
+  - {address: 127.0.0.1, ports: {http: %d, http-admin: %d}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: gateway}
+spec:
+  rules:
+  - http:
+      paths:
+      - {path: /a, pathType: Prefix, backend: {service: {name: svc, port: {number: 8080}}}}
+      - {path: /b, pathType: Prefix, backend: {service: {name: svc, port: {number: 9090}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: svc}
+spec:
+  host: svc.default.svc.cluster.local
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 9090}
+      connectionPool: {http: {maxRequestsPerConnection: 1}}
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_port_s_connection_pool_reaches_the_relay_for_that_port_only(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 requests to each port on one keep-alive client connection each:
+    8080's endpoint serves its 3 on one pooled upstream connection, 9090's
+    gets a connection per request (maxRequestsPerConnection 1)."""
+    _worker_twin(which, monkeypatch)
+    a, b = Scripted([]), Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PORTS % (a.endpoint[1], b.endpoint[1]))
+
+    def gets(address: tuple[str, int], path: str) -> list[int]:
+        statuses = []
+        with socket.create_connection(address, timeout=10) as s:
+            for _ in range(3):
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+                statuses.append(_status(_response(s)))
+        return statuses
+
+    got: dict[str, list[int]] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            for path in ("/a", "/b"):
+                got[path] = await loop.run_in_executor(None, gets, address, path)
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+        b.close()
+    assert got == {"/a": [200] * 3, "/b": [200] * 3}
+    assert (len(a.requests), len(b.requests)) == (3, 3)
+    assert (a.accepted, b.accepted) == (1, 3)
