@@ -513,6 +513,17 @@ def test_a_resolved_table_keeps_the_port_policies(tmp_path: Path) -> None:
     assert table != load(tmp_path, RULE_AND_PORT.replace("100ms", "200ms"))
 
 
+def test_validate_verbose_says_how_each_port_s_default_route_balances(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = DR_HEAD + PORT_9090 + "      loadBalancer: {simple: LEAST_CONN}\n"
+    assert main(["validate", "-v", write(tmp_path, text)]) == 0
+    out, _ = capsys.readouterr()
+    assert (
+        "no routes: round robin over all endpoints (route 'default') (on port 9090 LEAST_CONN)"
+    ) in out
+
+
 def test_validate_verbose_says_each_port_s_policy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

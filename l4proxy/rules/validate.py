@@ -512,9 +512,17 @@ def _otherwise(
 
 def _default_route(service: dict[str, Any]) -> str:
     """The default route of a service: all its endpoints, by its own load
-    balancer (its DestinationRule's, else round robin)."""
+    balancer (its DestinationRule's, else round robin; on a port of its
+    portLevelSettings, that port's)."""
     how = "round robin" if service["load_balancer"] == "ROUND_ROBIN" else _balancer(service)
-    return f"{how} over all endpoints (route 'default')"
+    said = f"{how} over all endpoints (route 'default')"
+    # a port whose portLevelSettings balance otherwise
+    ports = [
+        f"on port {pl['port']} {_balancer(pl)}"
+        for pl in service.get("port_level", [])
+        if _balancer(pl) != _balancer(service)
+    ]
+    return said + (f" ({'; '.join(ports)})" if ports else "")
 
 
 def _ports(numbers: list[int]) -> str:
