@@ -520,7 +520,21 @@ def test_validate_verbose_says_how_each_port_s_default_route_balances(
     assert main(["validate", "-v", write(tmp_path, text)]) == 0
     out, _ = capsys.readouterr()
     assert (
-        "no routes: round robin over all endpoints (route 'default') (on port 9090 LEAST_CONN)"
+        "no routes: on port 8080 round robin; on port 9090 LEAST_CONN over all endpoints "
+        "(route 'default')"
+    ) in out
+    # the rule's balancer on 8080; 9090's entry, without one, resets it to
+    # round robin (a review: this read "LEAST_CONN ... (on port 9090 ROUND_ROBIN)")
+    text = (
+        DR_HEAD
+        + "  trafficPolicy:\n    loadBalancer: {simple: LEAST_CONN}\n    portLevelSettings:\n"
+        + "    - port: {number: 9090}\n      connectionPool: {tcp: {maxConnections: 3}}\n"
+    )
+    assert main(["validate", "-v", write(tmp_path, text)]) == 0
+    out, _ = capsys.readouterr()
+    assert (
+        "no routes: on port 8080 LEAST_CONN; on port 9090 round robin over all endpoints "
+        "(route 'default')"
     ) in out
 
 

@@ -69,6 +69,20 @@ def test_the_reference_example_rewrites_each_path_its_own_way(tmp_path: Path) ->
     assert table.request_shape(svc).tests is None
 
 
+def test_a_new_path_without_its_slash_gets_one(tmp_path: Path) -> None:
+    """A review: "\\1" of "^/(.*)$" gave "foo", which the pure twin's
+    absolute-form edit glued to the Host (``http://shop/foo`` went up with
+    Host ``shopfoo``), while the compiled one left the target alone."""
+    http = EXAMPLE.replace("^/service/([^/]+)(/.*)$", "'^/(.*)$'").replace(
+        "\\2/instance/\\1", "'\\1'"
+    )
+    table = istio(tmp_path, http)
+    (e,) = edits_of(table, "/service/foo?q=1").values()
+    assert e == HeadEdits(path=PathRewrite(-1, "/service/foo"))
+    (e,) = edits_of(table, "/service").values()
+    assert e == HeadEdits(path=PathRewrite(-1, "/service"))
+
+
 def test_every_match_is_replaced(tmp_path: Path) -> None:
     http = EXAMPLE.replace("^/service/([^/]+)(/.*)$", "'-'").replace("\\2/instance/\\1", "'_'")
     table = istio(tmp_path, http)
@@ -98,7 +112,9 @@ def test_validate_and_config_dump_say_it(
     f = write(tmp_path, DR + VS + EXAMPLE)
     assert main(["validate", "-v", f, REGISTRY]) == 0
     out = capsys.readouterr().out
-    assert "rewrites each match of '^/service/([^/]+)(/.*)$' in the path to" in out
+    assert (
+        "rewrites each match of '^/service/([^/]+)(/.*)$' in the path to '\\2/instance/\\1'"
+    ) in out
     table = istio(tmp_path, EXAMPLE)
     (route,) = table.to_json()["routes"][HOST]  # type: ignore[index]
     assert route["rewrite"] == {

@@ -1123,9 +1123,10 @@ class UriRewrite:
     every match of the RE2 regex *match* in the path (the target up to its
     first ``?``; the query stays) replaced by *value*, its ``\\N`` the
     groups (:func:`~l4proxy.rules._regex.global_replace`), whatever block
-    matched: the new path depends on the request's, so a route with one
-    reads the whole target (:meth:`RouteTable.request_shape`), and each
-    path is a verdict of its own."""
+    matched (a result that does not begin with ``/`` gets one): the new
+    path depends on the request's, so a route with one reads the whole
+    target (:meth:`RouteTable.request_shape`), and each path is a verdict
+    of its own."""
 
     kind: Literal["prefix", "segments", "full", "regex"]
     value: str
@@ -1144,8 +1145,11 @@ class UriRewrite:
         if target is None:
             return None
         assert self._pattern is not None
-        path = target.split("?", 1)[0]
-        return PathRewrite(-1, global_replace(self._pattern, self.value, path))
+        path = global_replace(self._pattern, self.value, target.split("?", 1)[0])
+        # (a result without its leading "/", as "\\1" of "^/(.*)$" gives, is
+        # sent with one: an origin-form target, whatever the client's form;
+        # Envoy would send it as it is)
+        return PathRewrite(-1, path if path.startswith("/") else "/" + path)
 
     def for_match(self, match: Match) -> PathRewrite:
         uri = match.uri

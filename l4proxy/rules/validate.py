@@ -380,8 +380,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             rw = r["rewrite"]
             if rw["kind"] == "regex":
                 lines.append(
-                    f"{indent}     rewrites each match of {rw['match']!r} in the path "
-                    f"to {rw['value']!r}"
+                    f"{indent}     rewrites each match of '{rw['match']}' in the path "
+                    f"to '{rw['value']}'"
                 )
             else:
                 what = {
@@ -493,7 +493,6 @@ def _otherwise(
     VirtualService's or HTTPRoute's host that its routes serve, else the
     round robin (RouteRule; the ports no route names); nothing on the
     ports where a route takes every request (*caught*)."""
-    rr = _default_route(service)
     ports = [p["number"] for p in service["ports"]]
     left = [p for p in ports if p not in (caught or ())]
     if not left:
@@ -501,28 +500,32 @@ def _otherwise(
     refusing = [p for p in refusing or () if p in left]
     if not refusing:
         if len(left) == len(ports):
-            return f"      otherwise: {rr}"
-        return f"      otherwise: on {_ports(left)} {rr}"
+            return f"      otherwise: {_default_route(service, left)}"
+        return f"      otherwise: on {_ports(left)} {_default_route(service, left)}"
     if refusing == left and len(left) == len(ports):
         return "      otherwise: 404 (no route matched)"
     rest = [p for p in left if p not in refusing]
     said = f"      otherwise: 404 on {_ports(refusing)} (no route matched)"
-    return said + (f"; on {_ports(rest)} {rr}" if rest else "")
+    return said + (f"; on {_ports(rest)} {_default_route(service, rest)}" if rest else "")
 
 
-def _default_route(service: dict[str, Any]) -> str:
-    """The default route of a service: all its endpoints, by its own load
-    balancer (its DestinationRule's, else round robin; on a port of its
-    portLevelSettings, that port's)."""
-    how = "round robin" if service["load_balancer"] == "ROUND_ROBIN" else _balancer(service)
-    said = f"{how} over all endpoints (route 'default')"
-    # a port whose portLevelSettings balance otherwise
-    ports = [
-        f"on port {pl['port']} {_balancer(pl)}"
-        for pl in service.get("port_level", [])
-        if _balancer(pl) != _balancer(service)
-    ]
-    return said + (f" ({'; '.join(ports)})" if ports else "")
+def _default_route(service: dict[str, Any], ports: list[int]) -> str:
+    """The default route of a service on *ports*: all its endpoints, by its
+    own load balancer (its DestinationRule's, else round robin), or on a
+    port of its portLevelSettings that port's."""
+    port_level = {pl["port"]: pl for pl in service.get("port_level", [])}
+    hows: dict[str, list[int]] = {}
+    for port in ports:
+        hows.setdefault(_how(port_level.get(port, service)), []).append(port)
+    said = "over all endpoints (route 'default')"
+    if len(hows) == 1:
+        return f"{next(iter(hows))} {said}"
+    return "; ".join(f"on {_ports(numbers)} {how}" for how, numbers in hows.items()) + f" {said}"
+
+
+def _how(policy: dict[str, Any]) -> str:
+    """A load balancer as the default route's line says it."""
+    return "round robin" if policy["load_balancer"] == "ROUND_ROBIN" else _balancer(policy)
 
 
 def _ports(numbers: list[int]) -> str:
@@ -582,7 +585,7 @@ def format_table(t: dict[str, Any]) -> str:
                 )
             )
         else:
-            lines.append(f"    no routes: {_default_route(s)}")
+            lines.append(f"    no routes: {_default_route(s, [p['number'] for p in s['ports']])}")
     orphans = {h: r for h, r in t["routes"].items() if h not in known}
     for host, routes in orphans.items():
         lines.append(f"  routes for {host} (no ServiceEntry yet: not applied):")
