@@ -225,13 +225,29 @@ method, first). Once the request was read whole and sent
 before ``upstream_send_failed`` when that failed: the copies go
 whatever the primary does), ``mirror_start`` builds ``shadow_head`` of
 the head (``Plan_.head_len`` bytes of the replay) and the body bytes
-after it, and opens a ``Shadow`` per copy: a non-blocking connection of
-its own in the loop's epoll (``K_SHADOW``, dispatched in ``run()``;
-never pooled, no EP, no Conn), which sends them, reads and throws away
-until the server closes (done), or ``MIRROR_READ`` bytes
+after it, and opens a ``Shadow`` per copy (``K_SHADOW`` in the loop's
+epoll, dispatched in ``run()``; no EP, no Conn) on a connection of the
+copies' pool: the newest idle one of its endpoint's ``SEP`` (a small
+table of the mirror endpoints that have idle copy connections, scanned
+by address, each freed with its last idle one; never an EP: a copy
+counts in no ``active``, ``n_open`` or circuit breaker), else a new one
+(``shadow_connect``, ``mirror_connects``). It sends them, reads and
+throws away its answer to its end by its framing (``shadow_read``:
+``shadow_answer_head`` reads a head as the pure twin's
+``parse_response_head`` and ``_copy_framing`` do, interim heads skipped;
+``shadow_body``, the chunked machine), then (``SH_ANSWERED``) its
+connection goes back idle, newest first, at most ``MIRROR_IDLE_MAX``
+per endpoint, watched (any event: ``shadow_evict``), expired by
+``tick`` after the pool idle timeout, unless the answer or the request
+leaves it not reusable (``Shadow.keep``); a final head or a chunk it does
+not frame ends the copy with a reset (``SH_UNFRAMED``). On a reused
+connection a send error, or a close or reset before any answer byte,
+sends the copy once more on a new one (``shadow_retry``; its bytes kept
+in ``Shadow.out`` until its first answer byte). Else it ends at the
+server's close (done), or once ``MIRROR_READ`` bytes
 (``MIRROR_READ_LIMIT``) were read (done, ``SH_ENOUGH``: reset, an
 endless answer costs no more), or fails at a connect, send or receive
-error or at its deadline (the route's timeout from its connect, else
+error or at its deadline (the route's timeout from its start, else
 ``MIRROR_TIMEOUT``: ``shadow_timers``, from ``timers_due`` and
 ``tick``), then is closed (a reset when it failed) and buried after the
 batch. What it reads goes through ``answer_scan`` until that is done
@@ -240,7 +256,7 @@ batch. What it reads goes through ``answer_scan`` until that is done
 line), and ``shadow_end`` counts the copy in a row of its Mirror's tag
 (``Mirror_.tag``, interned with its verdict and copied through
 ``Dest_`` into the Shadow, which ``_sweep_tags`` marks while any holds
-it): that status (``ST_NONE`` for none), the seconds from its connect;
+it): that status (``ST_NONE`` for none), the seconds from its start;
 not one the relay closes in flight (``SH_CLOSED``). When the relay gives
 the request up before that
 (``mirror_give_up``: from ``local_answer``, its connects failed, a
@@ -313,7 +329,8 @@ A client fd belongs to the hand-off queue, then to one ``Conn``, then either
 is closed by ``conn_close()`` or handed on (to the pure relay, with its
 bytes). An upstream fd belongs to one ``Up``: checked out by a ``Conn`` or
 idle in its endpoint's pool; ``up_close()`` closes it. A mirrored copy's
-fd belongs to its ``Shadow``; ``shadow_end()`` closes it. An fd leaves epoll
+fd belongs to its ``Shadow``, in flight or idle in its ``SEP``;
+``shadow_end()`` or ``shadow_evict()`` closes it. An fd leaves epoll
 before it is closed. A ``Conn`` or ``Up`` closed while a batch of events is
 handled is only marked and buried after the batch.
 """
@@ -360,6 +377,7 @@ from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
 from l4proxy.dataplane.verdict import (
     DEFAULT_MAX_MIRRORS,
+    MIRROR_MAX_IDLE,
     MIRROR_READ_LIMIT,
     MIRROR_SCALE,
     MIRROR_TIMEOUT,
@@ -461,6 +479,7 @@ cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refill
 cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's and a mirror's shares are of this (verdict.py's)
 cdef double MIRROR_S = MIRROR_TIMEOUT   # a copy's deadline when its route has no timeout
 cdef int64_t MIRROR_READ = MIRROR_READ_LIMIT  # a copy's answer read at most, then reset
+cdef int MIRROR_IDLE_MAX = MIRROR_MAX_IDLE  # idle copy connections per mirror endpoint
 
 # what an epoll registration points at
 cdef enum:
@@ -474,6 +493,9 @@ cdef enum:  # how a copy ends (shadow_end())
     SH_FAILED = 1          # a connect, send or receive error, its deadline: reset, mirror_failed
     SH_ENOUGH = 2          # MIRROR_READ of its answer read: reset, not failed
     SH_CLOSED = 3          # the relay closes: closed, not reported
+    SH_ANSWERED = 4        # its answer's end (its framing's): idle again if Shadow.keep, else closed
+    SH_UNFRAMED = 5        # a final head (or a chunk) it does not frame: reset, not failed
+    SF_HEAD = -1           # Shadow.framing until its answer's final head came
 
 cdef enum:  # a copy's answer read as verdict.AnswerStatus reads it (answer_scan())
     AS_STATUS = 0          # a head's first STATUS_LINE bytes, collected across reads
@@ -640,6 +662,8 @@ cdef enum:
     CT_MIRROR_DROPPED
     CT_MIRROR_FAILED
     CT_MIRROR_ACTIVE
+    CT_MIRROR_CONNECTS
+    CT_MIRROR_IDLE
     N_CT
 
 _STAT_NAMES = (
@@ -649,6 +673,7 @@ _STAT_NAMES = (
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
     "retries", "timer_scans", "mirrored", "mirror_dropped", "mirror_failed", "mirror_active",
+    "mirror_connects", "mirror_idle",
 )
 
 
@@ -790,25 +815,45 @@ cdef struct Plan_:
     Dest_ *d
 
 cdef struct Shadow:
-    # a copy in flight: its own connection, never pooled (Relay.shadows)
+    # a copy in flight (Relay.shadows), or an idle connection of the copies'
+    # pool (idle: in its SEP's list, newest first); never the routes' pool
     int kind               # K_SHADOW
     int fd
     uint32_t mask
     bint connecting
     bint closed
-    Buf out
+    bint idle              # idle, watched: any event evicts it (the server closed it)
+    bint reused            # on an idle connection: failing before any answer byte retries
+    bint keep              # its connection may go back idle at its answer's end
+    bint head_req          # a HEAD's copy: no body after its final head
+    Buf out                # its bytes, whole while a retry may send them again (reused)
+    size_t sent            # ... how many went
+    Buf inb                # its answer's heads, until the final one is whole
+    int framing            # its answer's body (F_*) once its final head came; SF_HEAD before
+    int64_t left           # F_LENGTH: body bytes still to come
+    Chunked k              # F_CHUNKED: the chunked machine
     int64_t got            # answer bytes read and thrown away (MIRROR_READ at most)
     double deadline
-    double started         # its connect: its report's duration from there
+    double started         # its start (the connection taken): its report's duration from there
+    double idle_since      # idle: since when (expired after the pool idle timeout)
+    Dest_ d                # its endpoint: its copies' pool's key
     int tag                # its Mirror's: reported with its status at its end (shadow_end)
     int status             # its answer's first final head's (0: none yet, or not HTTP/1.x)
     unsigned char answer   # AS_*: how far answer_scan() read
     unsigned char text_len # AS_STATUS: the bytes of text so far
     unsigned char in_line  # AS_HEAD: the current line has a byte but CR
     char text[STATUS_LINE] # AS_STATUS: a head's first bytes
-    Shadow *prev
+    Shadow *prev           # (Relay.shadows in flight; its SEP's idle list when idle)
     Shadow *next
     Shadow *grave_next
+
+cdef struct SEP:
+    # an endpoint of the copies' pool, while it has idle connections
+    # (Relay.seps; freed with its last): its address, the idle ones
+    Dest_ d
+    int n_idle
+    Shadow *idle_head      # the newest: handed out first
+    Shadow *idle_tail      # the oldest: expired first
 
 cdef struct Verdict_:
     int kind
@@ -1047,6 +1092,9 @@ cdef struct Relay:
     Shadow *shadows        # the copies in flight (at most max_mirrors)
     int n_shadows
     int max_mirrors
+    SEP **seps             # the copies' pool: endpoints with idle copy connections
+    int n_seps
+    int cap_seps
     EP **eps
     int n_eps
     int cap_eps
@@ -4868,7 +4916,8 @@ cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
     """verdict.shadow_head() of the head h[:hl]: its lines each ending in
     CR LF, no Connection, Keep-Alive or Proxy-Connection line, a Host
     line's value with -shadow after its host name (shadow_host()), then
-    connection: close and the empty line. -1: out of memory."""
+    the empty line (the copy's connection is the relay's, kept alive). -1:
+    out of memory."""
     cdef size_t i = 0, e, le, colon, vs, ve, hc, j
     cdef const char *lf
     cdef const unsigned char *u = <const unsigned char*>h
@@ -4924,7 +4973,7 @@ cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
         failed |= buf_add(out, h + i, e - i)
         failed |= buf_add(out, b"\r\n", 2)
         i = le + 1
-    failed |= buf_add(out, b"connection: close\r\n\r\n", 21)
+    failed |= buf_add(out, b"\r\n", 2)
     return -1 if failed else 0
 
 
@@ -4957,44 +5006,138 @@ cdef void mirror_copies(Relay *R, Conn *c, bint whole, double now) noexcept nogi
     cdef Plan_ *p = c.shadow
     cdef Buf pay
     cdef int i
+    cdef const char *lf
+    cdef size_t le = 0
+    cdef bint head_req = False, keep = True
     c.shadow = NULL
     memset(&pay, 0, sizeof(Buf))
     whole = whole and c.replay.len >= p.head_len
     if whole and (shadow_head(&pay, c.replay.p, p.head_len) != 0
                   or buf_add(&pay, c.replay.p + p.head_len, c.replay.len - p.head_len) != 0):
         whole = False
+    if whole:
+        # its request line (shadow_head() ends it in CR LF): a HEAD's answer
+        # has no body; an HTTP/1.0 request's server closes after it
+        lf = <const char*>memchr(pay.p, 10, pay.len)
+        le = <size_t>(lf - pay.p) - 1 if lf != NULL else 0
+        head_req = le >= 5 and memcmp(pay.p, b"HEAD ", 5) == 0
+        keep = not (le >= 9 and memcmp(pay.p + le - 9, b" HTTP/1.0", 9) == 0)
     for i in range(p.n):
         if not whole or not p.d[i].usable or R.n_shadows >= R.max_mirrors \
-                or shadow_open(R, &p.d[i], &pay, now, p.timeout) != 0:
+                or shadow_open(R, &p.d[i], &pay, now, p.timeout, head_req, keep) != 0:
             L4R_ADD(&R.ctr[<int>CT_MIRROR_DROPPED], 1)
     buf_free(&pay)
     free(p)
 
 
-cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double now, double timeout) noexcept nogil:
-    """A copy's connection to d, non-blocking, in the loop's epoll, with
-    pay's bytes to send and *timeout* seconds from now; -1 when it failed
-    at once."""
+# -- the copies' pool (see "Request mirroring") ------------------------------------
+
+cdef inline bint same_dest(const Dest_ *a, const Dest_ *b) noexcept nogil:
+    if a.port != b.port or a.v6 != b.v6:
+        return False
+    return memcmp(a.addr6, b.addr6, 16) == 0 if a.v6 else a.addr == b.addr
+
+
+cdef SEP *sep_find(Relay *R, const Dest_ *d, bint make) noexcept nogil:
+    """The copies' pool's entry of d's endpoint (a scan: mirror endpoints
+    with idle connections are few); made when *make* (NULL out of memory)."""
+    cdef int i, cap
+    cdef SEP *sp
+    cdef SEP **grown
+    for i in range(R.n_seps):
+        if same_dest(&R.seps[i].d, d):
+            return R.seps[i]
+    if not make:
+        return NULL
+    if R.n_seps == R.cap_seps:
+        cap = R.cap_seps * 2 if R.cap_seps else 8
+        grown = <SEP**>realloc(R.seps, <size_t>cap * sizeof(SEP*))
+        if grown == NULL:
+            return NULL
+        R.seps = grown
+        R.cap_seps = cap
+    sp = <SEP*>calloc(1, sizeof(SEP))
+    if sp == NULL:
+        return NULL
+    memcpy(&sp.d, d, sizeof(Dest_))
+    R.seps[R.n_seps] = sp
+    R.n_seps += 1
+    return sp
+
+
+cdef void sep_unlink(Relay *R, SEP *sp, Shadow *sh) noexcept nogil:
+    """sh leaves sp's idle list (taken by a copy, evicted, expired); sp is
+    freed with its last (the table holds endpoints with idle ones only)."""
+    cdef int i
+    if sh.prev != NULL:
+        sh.prev.next = sh.next
+    else:
+        sp.idle_head = sh.next
+    if sh.next != NULL:
+        sh.next.prev = sh.prev
+    else:
+        sp.idle_tail = sh.prev
+    sh.prev = sh.next = NULL
+    sh.idle = False
+    sp.n_idle -= 1
+    L4R_ADD(&R.ctr[<int>CT_MIRROR_IDLE], -1)
+    if sp.n_idle == 0:
+        for i in range(R.n_seps):
+            if R.seps[i] == sp:
+                R.n_seps -= 1
+                R.seps[i] = R.seps[R.n_seps]
+                break
+        free(sp)
+
+
+cdef int shadow_connect(Relay *R, Shadow *sh) noexcept nogil:
+    """A new connection of the copies' pool to sh.d for sh, non-blocking,
+    in the loop's epoll; -1 when its socket or connect failed at once."""
     cdef int fd, r
-    cdef Shadow *sh
-    fd = socket(AF_INET6 if d.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    fd = socket(AF_INET6 if sh.d.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return -1
-    r = connect_addr(fd, d.v6, d.addr, d.addr6, d.port)
-    if r != 0 and errno != EINPROGRESS:
+    r = connect_addr(fd, sh.d.v6, sh.d.addr, sh.d.addr6, sh.d.port)
+    if (r != 0 and errno != EINPROGRESS) or set_mask(R, fd, &sh.mask, sys_.EPOLLOUT, sh) != 0:
         sys_.close(fd)
         return -1
-    sh = <Shadow*>calloc(1, sizeof(Shadow))
-    if sh == NULL or buf_add(&sh.out, pay.p, pay.len) != 0 \
-            or set_mask(R, fd, &sh.mask, sys_.EPOLLOUT, sh) != 0:
-        if sh != NULL:
-            buf_free(&sh.out)
-        free(sh)
-        sys_.close(fd)
-        return -1
-    sh.kind = K_SHADOW
     sh.fd = fd
     sh.connecting = True
+    L4R_ADD(&R.ctr[<int>CT_MIRROR_CONNECTS], 1)
+    return 0
+
+
+cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double now, double timeout,
+                     bint head_req, bint keep) noexcept nogil:
+    """A copy to d on the newest idle connection of the copies' pool to it,
+    else a new one, with pay's bytes to send and *timeout* seconds from now;
+    -1 when it failed at once."""
+    cdef Shadow *sh = NULL
+    cdef SEP *sp = sep_find(R, d, False)
+    if sp != NULL:
+        sh = sp.idle_head
+        sep_unlink(R, sp, sh)
+        sh.reused = True
+        if buf_add(&sh.out, pay.p, pay.len) != 0 \
+                or set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT, sh) != 0:
+            set_mask(R, sh.fd, &sh.mask, 0, sh)
+            reset_close(sh.fd)
+            buf_free(&sh.out)
+            free(sh)
+            return -1
+    else:
+        sh = <Shadow*>calloc(1, sizeof(Shadow))
+        if sh == NULL:
+            return -1
+        memcpy(&sh.d, d, sizeof(Dest_))
+        if buf_add(&sh.out, pay.p, pay.len) != 0 or shadow_connect(R, sh) != 0:
+            buf_free(&sh.out)
+            free(sh)
+            return -1
+    sh.kind = K_SHADOW
+    sh.framing = SF_HEAD
+    sh.head_req = head_req
+    sh.keep = keep
     sh.started = now
     sh.deadline = now + timeout
     sh.tag = d.tag
@@ -5058,14 +5201,218 @@ cdef void answer_head(Shadow *sh) noexcept nogil:
     sh.status = status
 
 
+cdef int shadow_answer_head(Relay *R, Shadow *sh, Py_ssize_t *head_len) noexcept nogil:
+    """The head at the start of a copy's answer (sh.inb), read as the pure
+    twin reads it (parse_response_head(), _copy_framing()): 0, incomplete;
+    1, a final head whose framing it reads (sh.framing, sh.left, sh.k and
+    sh.keep set, *head_len); 2, an interim head (*head_len); -1, one it
+    does not frame: malformed, larger than max_head, a 101, Content-Length
+    with Transfer-Encoding, several Content-Length values or one not a
+    number, a transfer coding but chunked alone (or one in HTTP/1.0)."""
+    cdef const unsigned char *b = <const unsigned char*>sh.inb.p
+    cdef Py_ssize_t n = <Py_ssize_t>sh.inb.len, limit, i, e, le, colon, vs, ve, j, end
+    cdef const unsigned char *lf
+    cdef int n_cl = 0, n_te = 0, tokens = 0, status
+    cdef int64_t cl = 0
+    cdef bint bad = False
+    limit = n if n <= R.max_head else R.max_head
+    if n == 0:
+        return 0
+    # its end first (a line with nothing but an optional CR): judged whole
+    i = 0
+    while True:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(limit - i))
+        if lf == NULL:
+            return -1 if n > R.max_head else 0
+        le = lf - b
+        if (le == i or (le == i + 1 and b[i] == CR)) and i > 0:
+            end = le + 1
+            break
+        if le == i or (le == i + 1 and b[i] == CR):
+            return -1  # an empty status line
+        i = le + 1
+    # the status line: HTTP/1.D DDD, then nothing or a space and its reason
+    lf = <const unsigned char*>memchr(b, LF, <size_t>end)
+    e = lf - b
+    if e > 0 and b[e - 1] == CR:
+        e -= 1
+    if e < 12 or memcmp(b, b"HTTP/1.", 7) != 0 or not (0x30 <= b[7] <= 0x39) or b[8] != SP \
+            or not (0x30 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39) \
+            or (e > 12 and b[12] != SP):
+        return -1
+    for j in range(13, e):
+        if not field_value_byte(b[j]):
+            return -1
+    status = (b[9] - 0x30) * 100 + (b[10] - 0x30) * 10 + (b[11] - 0x30)
+    i = lf - b + 1
+    while True:  # its header lines: a token, ":", a field value
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        le = lf - b
+        e = le - 1 if (le > i and b[le - 1] == CR) else le
+        if e == i:
+            break  # the empty line
+        colon = i
+        while colon < e and TCHAR[b[colon]]:
+            colon += 1
+        if colon == i or colon == e or b[colon] != COLON:
+            return -1
+        for j in range(colon + 1, e):
+            if not field_value_byte(b[j]):
+                return -1
+        vs = colon + 1
+        ve = e
+        while vs < ve and is_ows(b[vs]):
+            vs += 1
+        while ve > vs and is_ows(b[ve - 1]):
+            ve -= 1
+        if header_is(b + i, colon - i, b"content-length", 14):
+            n_cl += 1
+            if ve - vs < 1 or ve - vs > 18:
+                bad = True
+            for j in range(vs, ve):
+                if not (0x30 <= b[j] <= 0x39):
+                    bad = True
+                    break
+                cl = cl * 10 + (b[j] - 0x30)
+        elif header_is(b + i, colon - i, b"transfer-encoding", 17):
+            n_te += 1
+            if not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
+                bad = True
+        elif header_is(b + i, colon - i, b"connection", 10):
+            tokens |= connection_tokens(b, vs, ve)
+        i = le + 1
+    head_len[0] = end
+    if 100 <= status < 200 and status != 101:
+        return 2
+    if status == 101 or bad or n_cl > 1 or n_te > 1 or (n_cl and n_te) or (n_te and b[7] == 0x30):
+        return -1
+    sh.keep = sh.keep and b[7] == 0x31 and not (tokens & TOK_CLOSE)
+    if sh.head_req or status == 204 or status == 304:
+        sh.framing = F_NONE
+    elif n_te:
+        sh.framing = F_CHUNKED
+        memset(&sh.k, 0, sizeof(Chunked))
+        sh.k.state = C_SIZE0
+        sh.k.max_trailers = R.max_head
+    elif n_cl and cl:
+        sh.framing = F_LENGTH
+        sh.left = cl
+    elif n_cl:
+        sh.framing = F_NONE
+    else:
+        sh.framing = F_CLOSE
+        sh.keep = False
+    return 1
+
+
+cdef int shadow_body(Shadow *sh, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """The next n bytes after a copy's final head: 1, its answer ended in
+    them (bytes after it: sh.keep cleared, the server is confused); 0, not
+    yet; -1, a chunk it cannot frame."""
+    cdef Py_ssize_t used
+    if sh.framing == F_CLOSE:
+        return 0
+    if sh.framing == F_NONE:
+        used = 0
+    elif sh.framing == F_LENGTH:
+        used = n if n < sh.left else <Py_ssize_t>sh.left
+        sh.left -= used
+        if sh.left:
+            return 0
+    else:
+        used = chunked(&sh.k, p, n)
+        if sh.k.state == C_ERROR:
+            return -1
+        if sh.k.state != C_DONE:
+            return 0
+    if used < n:
+        sh.keep = False
+    return 1
+
+
+cdef int shadow_read(Relay *R, Shadow *sh, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """n bytes of a copy's answer: its status read (answer_scan()), its
+    interim heads skipped, its final head's framing read and its body's end
+    found; how the copy ends here (SH_ANSWERED, SH_UNFRAMED, SH_ENOUGH, or
+    SH_FAILED out of memory), -1 when it goes on."""
+    cdef Py_ssize_t hl = 0
+    cdef int r = 0
+    sh.got += n
+    if sh.answer != AS_DONE:
+        answer_scan(sh, p, <size_t>n)
+    if sh.framing == SF_HEAD:
+        if buf_add(&sh.inb, <const char*>p, <size_t>n) != 0:
+            return SH_FAILED
+        while True:
+            r = shadow_answer_head(R, sh, &hl)
+            if r != 2:
+                break
+            buf_drop(&sh.inb, <size_t>hl)  # an interim head
+        if r < 0:
+            return SH_UNFRAMED
+        if r == 1:
+            r = shadow_body(sh, <const unsigned char*>sh.inb.p + hl, <Py_ssize_t>sh.inb.len - hl)
+            buf_free(&sh.inb)
+        else:
+            r = 0
+    else:
+        r = shadow_body(sh, p, n)
+    if r < 0:
+        return SH_UNFRAMED
+    if r > 0:
+        return SH_ANSWERED
+    if sh.got >= MIRROR_READ:
+        return SH_ENOUGH
+    return -1
+
+
+cdef void shadow_retry(Relay *R, Shadow *sh, double now) noexcept nogil:
+    """A copy on a reused connection failed before any byte of its answer
+    (the server closed it as the copy came): its bytes again (kept whole in
+    sh.out) on a new connection, the same copy (its start, its deadline);
+    failed when that fails at once."""
+    set_mask(R, sh.fd, &sh.mask, 0, sh)
+    sys_.close(sh.fd)
+    sh.fd = -1
+    sh.reused = False
+    sh.sent = 0
+    if shadow_connect(R, sh) != 0:
+        shadow_end(R, sh, SH_FAILED, now)
+
+
+cdef int shadow_send(Shadow *sh) noexcept nogil:
+    """Send what is left of a copy's bytes, as far as the kernel takes them;
+    -1 on an error. Sent whole, they are freed, but on a reused connection
+    (a retry may send them again: freed at the first answer byte)."""
+    cdef ssize_t n
+    while sh.sent < sh.out.len:
+        n = sys_.send_nc(sh.fd, sh.out.p + sh.sent, sh.out.len - sh.sent,
+                         sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return 0 if errno == EAGAIN else -1
+        sh.sent += <size_t>n
+    if not sh.reused:
+        buf_free(&sh.out)
+        sh.sent = 0
+    return 0
+
+
 cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept nogil:
-    """A copy's connect ends, its bytes go, its answer is read and thrown
-    away until the server closes (done), MIRROR_READ bytes of it were read
-    (done: reset, an endless answer costs no more), or it fails (a connect,
-    send or receive error)."""
-    cdef int err = 0
+    """An idle copy connection's event: the server closed it (or spoke),
+    evicted. A copy's connect ends, its bytes go, its answer is read and
+    thrown away to its end by its framing (shadow_read()), or until the
+    server closes, MIRROR_READ bytes of it were read (done: reset, an
+    endless answer costs no more), or it fails (a connect, send or receive
+    error); on a reused connection, a send error, or a close or reset before
+    any answer byte, sends it once more on a new one (shadow_retry())."""
+    cdef int err = 0, how
     cdef sys_.socklen_t len = sizeof(err)
     cdef ssize_t n
+    if sh.idle:
+        shadow_evict(R, sh)
+        return
     if sh.connecting:
         if not ev & (sys_.EPOLLOUT | sys_.EPOLLERR | sys_.EPOLLHUP):
             return
@@ -5074,52 +5421,106 @@ cdef void shadow_event(Relay *R, Shadow *sh, uint32_t ev, double now) noexcept n
             shadow_end(R, sh, SH_FAILED, now)
             return
         sh.connecting = False
-    if sh.out.len:
-        if send_buf(sh.fd, &sh.out) != 0:
-            shadow_end(R, sh, SH_FAILED, now)
+    if sh.sent < sh.out.len:
+        if shadow_send(sh) != 0:
+            if sh.reused and sh.got == 0:
+                shadow_retry(R, sh, now)
+            else:
+                shadow_end(R, sh, SH_FAILED, now)
             return
     elif ev & (sys_.EPOLLIN | sys_.EPOLLHUP | sys_.EPOLLERR):
         n = sys_.recv_nc(sh.fd, R.scratch, READ_SIZE, sys_.MSG_DONTWAIT)
-        if n == 0:
-            shadow_end(R, sh, SH_DONE, now)
-            return
-        if n < 0 and errno != EAGAIN and errno != EINTR:
-            shadow_end(R, sh, SH_FAILED, now)
+        if n <= 0 and not (n < 0 and (errno == EAGAIN or errno == EINTR)):
+            if sh.reused and sh.got == 0:
+                shadow_retry(R, sh, now)
+            else:  # the server's close: the end of a close-delimited answer, or cut short
+                shadow_end(R, sh, SH_DONE if n == 0 else SH_FAILED, now)
             return
         if n > 0:
-            if sh.answer != AS_DONE:
-                answer_scan(sh, <const unsigned char*>R.scratch, <size_t>n)
-            sh.got += n
-            if sh.got >= MIRROR_READ:
-                shadow_end(R, sh, SH_ENOUGH, now)
+            if sh.out.p != NULL:  # (a reused connection's: no retry from here)
+                buf_free(&sh.out)
+                sh.sent = 0
+            how = shadow_read(R, sh, <const unsigned char*>R.scratch, n)
+            if how >= 0:
+                shadow_end(R, sh, how, now)
                 return
-    if set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT if sh.out.len else sys_.EPOLLIN, sh) != 0:
+    if set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT if sh.sent < sh.out.len else sys_.EPOLLIN, sh) != 0:
         shadow_end(R, sh, SH_FAILED, now)
 
 
 cdef void shadow_end(Relay *R, Shadow *sh, int how, double now) noexcept nogil:
-    """A copy is over (*how*: SH_*): out of epoll, its socket closed (reset
-    when it failed or read enough), freed after the batch (bury()); counted
-    in a row of its tag (its answer's status, ST_NONE for none, and the
-    seconds from its connect to *now*), but when the relay closes it
+    """A copy is over (*how*: SH_*): its connection idle again in the
+    copies' pool at its answer's end when it may be reused and its
+    endpoint has fewer than MIRROR_IDLE_MAX idle (watched for the server's
+    close), else out of epoll and closed (reset when it failed, read
+    enough or could not be framed), freed after the batch (bury());
+    counted in a row of its tag (its answer's status, ST_NONE for none,
+    and the seconds from its start to *now*), but when the relay closes it
     (SH_CLOSED)."""
+    cdef SEP *sp
     if sh.prev != NULL:
         sh.prev.next = sh.next
     else:
         R.shadows = sh.next
     if sh.next != NULL:
         sh.next.prev = sh.prev
+    sh.prev = sh.next = NULL
     R.n_shadows -= 1
     L4R_ADD(&R.ctr[<int>CT_MIRROR_ACTIVE], -1)
-    set_mask(R, sh.fd, &sh.mask, 0, sh)
     if how == SH_FAILED:
         L4R_ADD(&R.ctr[<int>CT_MIRROR_FAILED], 1)
     if how != SH_CLOSED:
         count_row(R, sh.tag, sh.status if sh.status else ST_NONE, now - sh.started)
-    if how == SH_FAILED or how == SH_ENOUGH:
+    buf_free(&sh.out)
+    buf_free(&sh.inb)
+    sh.sent = 0
+    if how == SH_ANSWERED and sh.keep:
+        sp = sep_find(R, &sh.d, False)
+        if (sp == NULL or sp.n_idle < MIRROR_IDLE_MAX) \
+                and set_mask(R, sh.fd, &sh.mask, sys_.EPOLLIN | sys_.EPOLLRDHUP, sh) == 0:
+            if sp == NULL:
+                sp = sep_find(R, &sh.d, True)
+            if sp != NULL:
+                # idle: newest first; what the next copy finds set as a new one's
+                sh.idle = True
+                sh.idle_since = now
+                sh.reused = False
+                sh.got = 0
+                sh.status = 0
+                sh.answer = AS_STATUS
+                sh.text_len = 0
+                sh.in_line = 0
+                sh.left = 0
+                sh.next = sp.idle_head
+                if sp.idle_head != NULL:
+                    sp.idle_head.prev = sh
+                else:
+                    sp.idle_tail = sh
+                sp.idle_head = sh
+                sp.n_idle += 1
+                L4R_ADD(&R.ctr[<int>CT_MIRROR_IDLE], 1)
+                return
+    set_mask(R, sh.fd, &sh.mask, 0, sh)
+    if sh.fd < 0:
+        pass  # (a retry's connect failed at once: none open)
+    elif how == SH_FAILED or how == SH_ENOUGH or how == SH_UNFRAMED:
         reset_close(sh.fd)
     else:
         sys_.close(sh.fd)
+    sh.fd = -1
+    sh.closed = True
+    sh.grave_next = R.sgrave
+    R.sgrave = sh
+
+
+cdef void shadow_evict(Relay *R, Shadow *sh) noexcept nogil:
+    """An idle copy connection closed: the server closed it (or spoke),
+    it expired, or the relay closes; freed after the batch (bury())."""
+    cdef SEP *sp = sep_find(R, &sh.d, False)
+    if sp != NULL:
+        sep_unlink(R, sp, sh)
+    set_mask(R, sh.fd, &sh.mask, 0, sh)
+    sys_.close(sh.fd)
     sh.fd = -1
     sh.closed = True
     sh.grave_next = R.sgrave
@@ -5194,6 +5595,12 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             up_close(R, ep.idle_tail)
     if R.shadows != NULL:
         shadow_timers(R, now)  # (timers_due()'s: a backstop)
+    k = 0
+    while k < R.n_seps:  # idle copy connections past the pool idle timeout, oldest first
+        if R.seps[k].idle_tail.idle_since + R.pool_idle_timeout <= now:
+            shadow_evict(R, R.seps[k].idle_tail)  # (its last: the last SEP moved to k)
+            continue
+        k += 1
 
 
 cdef HashOn_ *_hash_on(on, endpoints) except NULL:
@@ -5571,6 +5978,8 @@ cdef class HttpRelay:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
             shadow_end(R, R.shadows, SH_CLOSED, 0.0)
+        while R.n_seps:
+            shadow_evict(R, R.seps[0].idle_head)
         bury(R)
         if R.cache != NULL:
             cache_clear(R)
@@ -5592,6 +6001,7 @@ cdef class HttpRelay:
         if R.wakefd >= 0:
             sys_.close(R.wakefd)
         free(R.eps)
+        free(R.seps)
         free(R.rr)
         free(R.cache)
         free(R.rows)
@@ -6096,6 +6506,8 @@ cdef class HttpRelay:
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
             shadow_end(R, R.shadows, SH_CLOSED, 0.0)
+        while R.n_seps:
+            shadow_evict(R, R.seps[0].idle_head)
         bury(R)
         sys_.pthread_mutex_lock(&R.lock)
         h = R.q_head

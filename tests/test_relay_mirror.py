@@ -35,9 +35,11 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import (
     FAULT_SCALE,
+    MIRROR_MAX_IDLE,
     MIRROR_SCALE,
     SHAPE_FULL,
     AnswerStatus,
@@ -357,11 +359,13 @@ def _post(body: bytes) -> bytes:
 def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> None:
     """Every request mirrored: the mirror receives shadow_head() of what the
     primary received, the client the primary's answer byte for byte; the
-    copy counted, none left in flight, no socket of the relay to it."""
+    copy counted, none left in flight, and no socket of the relay to it
+    once the mirror closed its connection (idle, evicted from the copies'
+    pool)."""
     up, mirror = Scripted([]), Mirrored()
     with _mirrored(mode, up, mirror) as relay:
         (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
-        left = _ours_to(mirror.endpoint)
+        left = 0 if _until(lambda: _ours_to(mirror.endpoint) == 0, 5.0) else 1
     assert got == OK
     assert up.requests == [GET]
     assert mirror.seen() == [shadow_head(GET)]
@@ -586,7 +590,7 @@ def test_a_retried_request_is_mirrored_once(mode: tuple[str, str]) -> None:
     assert stats["retries"] == 1
 
 
-def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str]) -> None:
+def test_pipelined_requests_are_each_mirrored_once(mode: tuple[str, str]) -> None:
     up, mirror = Scripted([]), Mirrored()
     requests = [b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(4)]
     with _mirrored(mode, up, mirror) as relay:
@@ -598,7 +602,9 @@ def test_pipelined_requests_are_each_mirrored_once_in_order(mode: tuple[str, str
         a.close()
     assert got == OK * 4
     assert up.requests == requests
-    assert mirror.seen() == [shadow_head(r) for r in requests]
+    # (a copy on an idle connection the mirror closed goes again on a new
+    # one: the order the mirror accepted its connections in is not theirs)
+    assert sorted(mirror.seen()) == sorted(shadow_head(r) for r in requests)
     assert stats["mirrored"] == 4
 
 
@@ -769,10 +775,14 @@ def test_an_aborted_copy_leaves_nothing_for_the_next_request(mode: tuple[str, st
 
 
 class _Endless(Backend):
-    """A mirror that reads a request, then answers with a body that never
-    ends (close-delimited), until the relay closes the connection."""
+    """A mirror that reads a request, then answers *head* and *piece* after
+    piece for ever (close-delimited by default), until the relay closes the
+    connection."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, head: bytes = b"HTTP/1.1 200 X\r\n\r\n", piece: bytes = b"z" * 65536
+    ) -> None:
+        self.head, self.piece = head, piece
         self.ended = 0
         self.lock = threading.Lock()
         super().__init__(self._handle)
@@ -781,10 +791,9 @@ class _Endless(Backend):
         conn.settimeout(30)
         with conn, contextlib.suppress(OSError):
             assert _read_request(conn, b"") is not None
-            conn.sendall(b"HTTP/1.1 200 X\r\n\r\n")
-            chunk = b"z" * 65536
+            conn.sendall(self.head)
             while True:
-                conn.sendall(chunk)
+                conn.sendall(self.piece)
         with self.lock:
             self.ended += 1
 
@@ -962,3 +971,275 @@ def test_a_copys_status_is_answer_status_of_its_answer(which: str) -> None:
         key=repr,
     )
     assert 0 < want.count(0) < len(want) and len(set(want)) > 5  # (a varied mix)
+
+
+# -- the copies' pool (verdict.Mirror, "The copies' pool") ----------------------
+
+KEEP, SHUT, CUT = "keep", "close", "reset"  # after an answer: go on, close, reset
+
+
+class KeptAlive:
+    """A keep-alive mirror: the n-th request it reads (over all its
+    connections, from 0) gets ``answer(n, request)``, (its bytes, then
+    KEEP, SHUT or CUT); with *hold*, no answer goes before *hold* requests
+    came. What it saw: the requests, connections accepted, and those whose
+    other end closed (a FIN: ``ended``) or reset them (``reset``)."""
+
+    def __init__(self, answer: Callable[[int, bytes], tuple[bytes, str]], hold: int = 0) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.accepted = self.ended = self.reset = 0
+        self.lock = threading.Lock()
+        self.all_came = threading.Event()
+        self.hold = hold
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.endpoint: Endpoint = ("127.0.0.1", self.listener.getsockname()[1])
+        accept_until_closed(self.listener, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.accepted += 1
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        buf = b""
+        try:
+            while (got := _read_request(conn, buf)) is not None:
+                request, buf = got
+                with self.lock:
+                    n = len(self.requests)
+                    self.requests.append(request)
+                    if len(self.requests) >= self.hold:
+                        self.all_came.set()
+                self.all_came.wait(30)
+                answer, then = self.answer(n, request)
+                if then == CUT:
+                    reset_close(conn)
+                    return
+                conn.sendall(answer)
+                if then == SHUT:
+                    conn.close()
+                    return
+            with self.lock:
+                self.ended += 1
+        except ConnectionResetError:
+            with self.lock:
+                self.reset += 1
+        except OSError:
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _always(answer: bytes, then: str = KEEP) -> Callable[[int, bytes], tuple[bytes, str]]:
+    return lambda n, request: (answer, then)
+
+
+def _one_at_a_time(relay: Any, requests: list[bytes]) -> dict[str, int]:
+    """*requests* each on a client connection of its own (a HEAD's answer
+    read to its head, an HTTP/1.0 one closes), each once the copies of the
+    one before ended (none in flight): the relay's stats then."""
+    for i, request in enumerate(requests):
+        a = _client(relay)
+        a.sendall(request)
+        a.settimeout(5.0)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            data = a.recv(65536)
+            assert data, got
+            got += data
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert _until(lambda n=i + 1: relay.stats()["mirrored"] == n, 5.0)
+        _settled(relay)
+        a.close()
+    return _settled(relay)
+
+
+def test_copies_one_after_another_share_one_connection(mode: tuple[str, str]) -> None:
+    """20 copies, each after the one before ended, to a keep-alive mirror:
+    all on one connection (one accepted, one opened), each reported with
+    its status, and that connection idle after."""
+    up, mirror, reports = Scripted([]), KeptAlive(_always(_answer(200, b"mirror's"))), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        stats = _one_at_a_time(relay, [GET] * 20)
+        relay.flush_reports()
+    assert mirror.requests == [shadow_head(GET)] * 20
+    assert mirror.accepted == 1
+    assert stats["mirror_connects"] == 1
+    assert stats["mirror_idle"] == 1
+    assert stats["mirror_failed"] == stats["mirror_dropped"] == 0
+    assert reports.of(COPY) == [200] * 20
+
+
+HEAD = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
+GET10 = b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_", "answer", "then", "status", "reused"),
+    [
+        (GET, _answer(200, b"mirror's"), KEEP, 200, True),
+        (
+            GET,
+            b"HTTP/1.1 201 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+            KEEP,
+            201,
+            True,
+        ),
+        (GET, b"HTTP/1.1 204 X\r\n\r\n", KEEP, 204, True),
+        (GET, b"HTTP/1.1 304 X\r\nContent-Length: 9\r\n\r\n", KEEP, 304, True),
+        (HEAD, b"HTTP/1.1 200 X\r\nContent-Length: 9\r\n\r\n", KEEP, 200, True),
+        (GET, CONTINUE + b"HTTP/1.1 102 X\r\nA: b\r\n\r\n" + _answer(202, b"x"), KEEP, 202, True),
+        (GET, b"HTTP/1.1 200 X\r\n\r\nto the close", SHUT, 200, False),
+        (
+            GET,
+            b"HTTP/1.1 200 X\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+            SHUT,
+            200,
+            False,
+        ),
+        (GET, b"HTTP/1.0 200 X\r\nContent-Length: 1\r\n\r\nx", SHUT, 200, False),
+        (GET10, _answer(200, b"x"), SHUT, 200, False),
+    ],
+    ids=[
+        "length",
+        "chunked-trailers",
+        "204",
+        "304",
+        "head",
+        "interim",
+        "close-delimited",
+        "connection-close",
+        "http10-answer",
+        "http10-request",
+    ],
+)
+def test_an_answer_is_read_to_its_end_by_its_framing(
+    mode: tuple[str, str], request_: bytes, answer: bytes, then: str, status: int, reused: bool
+) -> None:
+    """Three copies, one after another, each answered *answer*: reported
+    with *status*; on one connection when the answer's framing ends it and
+    the connection may be reused, else each on its own (closed)."""
+    up, mirror, reports = Scripted([]), KeptAlive(_always(answer, then)), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        stats = _one_at_a_time(relay, [request_] * 3)
+        relay.flush_reports()
+    assert len(mirror.requests) == 3
+    assert mirror.accepted == stats["mirror_connects"] == (1 if reused else 3)
+    assert stats["mirror_failed"] == stats["mirror_dropped"] == 0
+    assert reports.of(COPY) == [status] * 3
+
+
+def test_an_idle_connection_the_mirror_closed_is_not_handed_out(mode: tuple[str, str]) -> None:
+    """The mirror closes the connection after its first answer: the relay
+    evicts it while idle, and the next copy opens a new one (no retry, no
+    failure), reported with its answer's status."""
+    answers = [(_answer(200, b"x"), SHUT), (_answer(201, b"x"), KEEP)]
+    up, mirror, reports = Scripted([]), KeptAlive(lambda n, r: answers[n]), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        a = _client(relay)
+        a.sendall(GET)
+        assert _response(a) == OK
+        assert _until(lambda: _ours_to(mirror.endpoint) == 0, 5.0)  # (evicted)
+        evicted = relay.stats()["mirror_idle"] == 0
+        a.sendall(GET)
+        assert _response(a) == OK
+        stats = _settled(relay)
+        a.close()
+        relay.flush_reports()
+    assert evicted
+    assert len(mirror.requests) == 2
+    assert mirror.accepted == stats["mirror_connects"] == 2
+    assert stats["mirror_failed"] == 0
+    assert reports.of(COPY) == [200, 201]
+
+
+def test_a_reused_connection_reset_at_the_copy_sends_it_once_more(mode: tuple[str, str]) -> None:
+    """The mirror resets its kept-alive connection when the second copy
+    comes on it: that copy goes once more on a new connection, and is
+    reported once, with that answer's status (none failed)."""
+    answers = [(_answer(200, b"x"), KEEP), (b"", CUT), (_answer(201, b"x"), KEEP)]
+    up, mirror, reports = Scripted([]), KeptAlive(lambda n, r: answers[n]), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        stats = _one_at_a_time(relay, [GET, GET])
+        relay.flush_reports()
+    assert mirror.requests == [shadow_head(GET)] * 3
+    assert mirror.accepted == stats["mirror_connects"] == 2
+    assert stats["mirrored"] == 2
+    assert stats["mirror_failed"] == 0
+    assert reports.of(COPY) == [200, 201]
+
+
+def test_idle_copy_connections_per_endpoint_are_bounded(mode: tuple[str, str]) -> None:
+    """70 copies of one request in flight at once to one mirror (70
+    Mirrors to it; its answers held until all 70 came): 70 connections,
+    of which MIRROR_MAX_IDLE stay idle, the others closed."""
+    mirror = KeptAlive(_always(_answer(200, b"x")), hold=70)
+    up = Scripted([])
+    copies = tuple(Mirror((mirror.endpoint,), tag=COPY) for _ in range(70))
+    relay = _mirror_relay(mode, (up.endpoint,), copies)
+    with _closing(relay, up, mirror):
+        (got,), stats = _answers(relay, GET, until=lambda: len(mirror.requests) == 70)
+        closed = _until(lambda: mirror.ended == 70 - MIRROR_MAX_IDLE, 5.0)
+        ours = _ours_to(mirror.endpoint)
+    assert got == OK
+    assert mirror.accepted == stats["mirror_connects"] == 70
+    assert stats["mirror_idle"] == MIRROR_MAX_IDLE
+    assert closed, mirror.ended
+    assert ours == MIRROR_MAX_IDLE
+
+
+def test_idle_copy_connections_expire_after_the_pool_idle_timeout(mode: tuple[str, str]) -> None:
+    """A relay whose pool idle timeout is 0.3 s: its idle copy connection
+    is closed by the relay (the mirror sees its end), none left."""
+    up, mirror = Scripted([]), KeptAlive(_always(_answer(200, b"x")))
+    with _mirrored(mode, up, mirror, pool=PoolOptions(idle_timeout=0.3)) as relay:
+        stats = _one_at_a_time(relay, [GET])
+        expired = _until(lambda: mirror.ended == 1, 5.0)
+        after = relay.stats()
+    assert stats["mirror_idle"] == 1
+    assert expired
+    assert after["mirror_idle"] == 0
+    assert _ours_to(mirror.endpoint) == 0
+
+
+def test_a_final_head_the_relay_cannot_frame_ends_the_copy_with_a_reset(
+    mode: tuple[str, str],
+) -> None:
+    """Two different Content-Lengths: the copy ends there, reported with
+    its status, not failed, its connection reset (never reused: the next
+    copy opens another)."""
+    answer = b"HTTP/1.1 200 X\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"
+    up, mirror, reports = Scripted([]), KeptAlive(_always(answer)), _Reports()
+    with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
+        stats = _one_at_a_time(relay, [GET, GET])
+        reset = _until(lambda: mirror.reset == 2, 5.0)
+        relay.flush_reports()
+    assert reset, (mirror.reset, mirror.ended)
+    assert mirror.accepted == stats["mirror_connects"] == 2
+    assert stats["mirror_failed"] == 0 and stats["mirror_idle"] == 0
+    assert reports.of(COPY) == [200, 200]
+
+
+def test_an_endless_chunked_answer_is_cut_after_the_read_limit(mode: tuple[str, str]) -> None:
+    """A chunked answer whose chunks never end: the copy is cut once
+    MIRROR_READ_LIMIT bytes were read (reset, not failed), and reported
+    with its status."""
+    chunk = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
+    up, mirror, reports = (
+        Primary(),
+        _Endless(b"HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\n\r\n", chunk),
+        _Reports(),
+    )
+    with _mirrored(mode, up, mirror, timeout=30.0, **reports.kw(mode)) as relay:
+        (got,), stats = _answers(relay, GET, until=lambda: relay.stats()["mirrored"] == 1)
+        closed = _until(lambda: mirror.ended == 1, 5.0)
+        relay.flush_reports()
+    assert got == OK
+    assert closed
+    assert stats["mirror_failed"] == stats["mirror_dropped"] == stats["mirror_idle"] == 0
+    assert reports.of(COPY) == [200]

@@ -191,16 +191,27 @@ read whole, none: its copies dropped). Then, once the batch of actions
 sent the primary its bytes (``_Conn.shadows_due``, ``_mirrors_due``: the
 primary first, its copies whatever its send did), each drawn mirror gets a
 copy (``_mirror``): ``shadow_head`` of the head as sent and the body bytes
-as sent, on a connection of its own (``_Shadow``, non-blocking, in this
-epoll, never pooled); the answer is read and thrown away until the server
-closes, or ``MIRROR_READ_LIMIT`` bytes of it were read (done: reset), or
-the copy fails (a connect, send or receive error, its deadline: the
-route's timeout from its connect, else ``MIRROR_TIMEOUT``;
+as sent (``_Shadow``, non-blocking, in this epoll), on a connection of
+the copies' pool (``_shadow_pool``: a Pools of its own, MIRROR_MAX_IDLE
+idle per endpoint, the relay's pool idle timeout; never the routes'
+pool): the newest idle one to its endpoint, else a new one
+(``mirror_connects``). The answer is read and thrown away to its end by
+its framing (``_shadow_read``: ``parse_response_head``, interim heads
+skipped, ``_copy_framing``, a ``BodyFramer``); then the connection goes
+back idle (``_ShadowIdle``, watched: any event evicts it, before anything
+in the batch could take it) unless the answer or the request may not
+leave it reusable; a final head it cannot frame ends the copy with a
+reset. A copy on a reused connection that fails before any answer byte
+goes once more on a new one (``_shadow_retry``). Else it ends at the
+server's close, or once ``MIRROR_READ_LIMIT`` bytes of it were read
+(done: reset), or fails (a connect, send or receive error, its deadline:
+the route's timeout from its start, else ``MIRROR_TIMEOUT``;
 ``_timers_due``, the tick a backstop) and is reset. Its first bytes are
 read for its status on the way (``_Shadow.answer``, an
 ``AnswerStatus``), and at its end, whichever, the copy is reported
 (``report``: its Mirror's tag, that status, the seconds since its
-connect; not one the relay closes in flight). Nothing else of it touches
+start; not one the relay closes in flight). Idle copy connections expire
+at the tick (``Pools.expire``). Nothing else of it touches
 the client, the pool, the request's report or outlier detection. Dropped
 (``mirror_dropped``): bytes past the replay limit, an answer that began
 before the request's end, a body not all read when the request was given
@@ -212,7 +223,8 @@ locally before any try (a fault's abort forgets its draw:
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
-set, a mirrored copy, or (after a tunnel) the L4 callback. Every path that drops one closes
+set, a mirrored copy, the copies' pool's idle set, or (after a tunnel) the
+L4 callback. Every path that drops one closes
 it exactly once (``_close_client``, ``_drop_upstream``).
 """
 
@@ -250,7 +262,14 @@ from l4proxy.dataplane._exchange_py import (
     edit_bytes,
     header_lines,
 )
-from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, RequestHead
+from l4proxy.dataplane._framing_py import (
+    BodyFramer,
+    Framing,
+    FramingError,
+    ResponseHead,
+    parse_response_head,
+)
+from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, MAX_CL_DIGITS, RequestHead
 from l4proxy.dataplane._pool_py import (
     EndpointSettings,
     PoolOptions,
@@ -261,6 +280,7 @@ from l4proxy.dataplane.verdict import (
     DEFAULT_MAX_MIRRORS,
     FAULT_ABORT_BODY,
     FAULT_SCALE,
+    MIRROR_MAX_IDLE,
     MIRROR_READ_LIMIT,
     MIRROR_TIMEOUT,
     AnswerStatus,
@@ -348,9 +368,10 @@ _Drawn = tuple[Endpoint | None, Any]
 @dataclass(eq=False)
 class _Shadow:
     """A mirrored copy of a request in flight (see "Request mirroring"): its
-    own connection, never pooled, what is still to send, its deadline, and
-    what its report at its end says: its Mirror's tag, the status of its
-    answer (read as its bytes come) and the time of its connect."""
+    connection (of the copies' pool: new, or reused), what is still to
+    send, its deadline, how its answer is framed as it comes, and what its
+    report at its end says: its Mirror's tag, the status of its answer
+    (read as its bytes come) and the time of its start."""
 
     sock: socket.socket
     fd: int
@@ -358,10 +379,28 @@ class _Shadow:
     deadline: float
     tag: Any
     started: float
+    endpoint: Endpoint
+    payload: bytes  # the copy's bytes (a reused connection's retry sends them again)
+    head_request: bool  # a HEAD's copy: no body after its final head
+    keep: bool  # its connection may go back idle (not an HTTP/1.0 request's)
+    reused: bool = False  # on an idle connection of the copies' pool
     connecting: bool = True
     mask: int = 0
     got: int = 0  # answer bytes read and thrown away (MIRROR_READ_LIMIT at most)
     answer: AnswerStatus = field(default_factory=AnswerStatus)
+    head: bytearray = field(default_factory=bytearray)  # an answer head, till complete
+    body: BodyFramer | None = None  # the final head's body, once it came
+
+
+@dataclass(eq=False)
+class _ShadowIdle:
+    """An idle connection of the copies' pool (its Pools handle: its fd),
+    watched for readability or a hang-up (the server closed it: evicted)."""
+
+    sock: socket.socket
+    fd: int
+    endpoint: Endpoint
+    mask: int = 0
 
 
 @dataclass(eq=False)
@@ -503,6 +542,13 @@ class HttpRelay:
         # each mirror's round-robin position (by its balance_key)
         self.max_mirrors = max_mirrors
         self._shadows: dict[int, _Shadow] = {}
+        # ... the copies' own pool of connections per mirror endpoint (never
+        # the routes': a copy counts in no endpoint's active), its idle ones
+        # by fd (watched: evicted when the server closes one)
+        self._shadow_pool = Pools(
+            PoolOptions(max_idle=MIRROR_MAX_IDLE, idle_timeout=self.pools.options.idle_timeout)
+        )
+        self._shadow_idle: dict[int, _ShadowIdle] = {}
         self._mirror_rr: dict[Any, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -517,6 +563,7 @@ class HttpRelay:
                 "mirrored",
                 "mirror_dropped",
                 "mirror_failed",
+                "mirror_connects",
             ),
             0,
         )
@@ -624,6 +671,7 @@ class HttpRelay:
         out["active"] = len(self._conns)
         out["pool_idle"] = len(self._idle)
         out["mirror_active"] = len(self._shadows)
+        out["mirror_idle"] = len(self._shadow_idle)
         return out
 
     def _wake(self) -> None:
@@ -651,14 +699,22 @@ class HttpRelay:
                 # and reused within the batch (a connect) must not get the
                 # old socket's event.
                 batch = [
-                    (fd, ev, self._conns.get(fd) or self._ups.get(fd) or self._shadows.get(fd))
+                    (
+                        fd,
+                        ev,
+                        self._conns.get(fd)
+                        or self._ups.get(fd)
+                        or self._shadows.get(fd)
+                        or self._shadow_idle.get(fd),
+                    )
                     for fd, ev in events
                 ]
                 # Idle pooled connections with an event (the server closed
                 # them, or spoke) leave the pool before anything in the batch
-                # can check one out: a request ahead in the batch would.
+                # can check one out: a request ahead in the batch would (the
+                # copies' pool's too: a copy started in the batch would).
                 for fd, _, was in batch:
-                    if isinstance(was, _Up) and was.owner is None:
+                    if (isinstance(was, _Up) and was.owner is None) or isinstance(was, _ShadowIdle):
                         self._on_event(fd, 0, now, was)
                 for fd, ev, was in batch:
                     if fd == self._wake_r.fileno():
@@ -744,12 +800,21 @@ class HttpRelay:
             self._drop_upstream(up)
         for sh in list(self._shadows.values()):
             self._shadow_end(sh, None)
+        for idle in list(self._shadow_idle.values()):
+            self._shadow_evict(idle)
         self.ep.close()
         self._wake_r.close()
         self._wake_w.close()
 
-    def _on_event(self, fd: int, ev: int, now: float, was: _Conn | _Up | _Shadow | None) -> None:
+    def _on_event(
+        self, fd: int, ev: int, now: float, was: _Conn | _Up | _Shadow | _ShadowIdle | None
+    ) -> None:
         """*fd*'s event; *was*: whose the number was when the batch began."""
+        if isinstance(was, _ShadowIdle):  # an idle copy connection: the server closed it
+            if self._shadow_idle.get(fd) is was:
+                self._shadow_pool.evict(fd)
+                self._shadow_evict(was)
+            return  # (else evicted already this batch, or checked out since)
         if fd in self._shadows:
             sh = self._shadows[fd]
             if sh is was:
@@ -1214,16 +1279,18 @@ class HttpRelay:
         _given_up): a copy to each mirror drawn (its endpoint chosen then:
         _draw_mirrors), dropped for bytes past the replay limit or not all
         held, max_mirrors copies in flight, a socket or connect failing at
-        once; each copy's deadline *timeout* seconds from *now*, its connect."""
+        once; each copy's deadline *timeout* seconds from *now*, its start."""
         payload = b""
+        line = b""
         if a.data is not None:
             payload = shadow_head(a.data[: a.head_length]) + a.data[a.head_length :]
+            line = payload[: payload.find(b"\r\n")]
         for endpoint, tag in drawn:
             if (
                 a.data is None
                 or endpoint is None
                 or len(self._shadows) >= self.max_mirrors
-                or not self._shadow_start(endpoint, tag, payload, now, timeout)
+                or not self._shadow_start(endpoint, tag, payload, line, now, timeout)
             ):
                 self.counters["mirror_dropped"] += 1
 
@@ -1243,15 +1310,53 @@ class HttpRelay:
         return None
 
     def _shadow_start(
-        self, endpoint: Endpoint, tag: Any, payload: bytes, now: float, timeout: float
+        self, endpoint: Endpoint, tag: Any, payload: bytes, line: bytes, now: float, timeout: float
     ) -> bool:
-        """A copy's connection (non-blocking), its deadline *timeout* seconds
-        from *now*: False when it failed at once."""
+        """A copy (*line*: its request line) on the newest idle connection of
+        the copies' pool to *endpoint*, else a new one (non-blocking), its
+        deadline *timeout* seconds from *now*: False when it failed at once."""
+        handle = self._shadow_pool.checkout(endpoint)
+        mask = 0
+        if handle is not None:
+            idle = self._shadow_idle.pop(int(handle))  # type: ignore[call-overload]
+            sock, connecting, mask = idle.sock, False, idle.mask  # (watched while idle)
+        else:
+            connected = self._shadow_connect(endpoint)
+            if connected is None:
+                return False
+            sock, connecting = connected, True
+        sh = _Shadow(
+            sock,
+            sock.fileno(),
+            bytearray(payload),
+            now + timeout,
+            tag,
+            now,
+            endpoint,
+            payload,
+            head_request=line.startswith(b"HEAD "),
+            # (an HTTP/1.0 request's server closes after it: the copy's head
+            # has no Connection line)
+            keep=not line.endswith(b" HTTP/1.0"),
+            reused=not connecting,
+            connecting=connecting,
+        )
+        sh.mask = mask
+        self._shadows[sh.fd] = sh
+        self.counters["mirrored"] += 1
+        self._set_mask(sh.fd, sh, _EPOLLOUT)
+        self._timer_at(sh.deadline)
+        return True
+
+    def _shadow_connect(self, endpoint: Endpoint) -> socket.socket | None:
+        """A new connection of the copies' pool to *endpoint*, connecting
+        (checked out in the pool); None when its socket or connect failed
+        at once."""
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
-            return False
+            return None
         try:
             sock.setblocking(False)
             sock.connect(endpoint)
@@ -1259,19 +1364,17 @@ class HttpRelay:
             pass
         except OSError:
             sock.close()
-            return False
-        sh = _Shadow(sock, sock.fileno(), bytearray(payload), now + timeout, tag, now)
-        self._shadows[sh.fd] = sh
-        self.counters["mirrored"] += 1
-        self._set_mask(sh.fd, sh, _EPOLLOUT)
-        self._timer_at(sh.deadline)
-        return True
+            return None
+        self._shadow_pool.connecting(endpoint, sock.fileno())
+        self.counters["mirror_connects"] += 1
+        return sock
 
     def _shadow_event(self, sh: _Shadow, ev: int, now: float) -> None:
-        """A copy's connect ends, its bytes go, its answer is read and thrown
-        away until the server closes (done), MIRROR_READ_LIMIT bytes of it
-        were read (done: reset, an endless answer costs no more), or it
-        fails (a connect, send or receive error)."""
+        """A copy's connect ends, its bytes go, its answer is read and
+        thrown away to its end by its framing (_shadow_read), or it ends at
+        the server's close, or it fails (a connect, send or receive error).
+        On a reused connection, a send error, or a close or reset before any
+        byte of its answer, sends it once more on a new one (_shadow_retry)."""
         try:
             if sh.connecting:
                 if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
@@ -1280,48 +1383,158 @@ class HttpRelay:
                     self._shadow_end(sh, now, failed=True)
                     return
                 sh.connecting = False
+                self._shadow_pool.connected()
             while sh.out:
                 n = sh.sock.send(sh.out, _SEND_FLAGS)
                 del sh.out[:n]
             if ev & (_EPOLLIN | _EPOLLHUP | _EPOLLERR):
                 data = sh.sock.recv(_READ)
                 if not data:
-                    self._shadow_end(sh, now)
+                    if sh.reused and not sh.got:
+                        self._shadow_retry(sh, now)
+                    else:  # the answer's end if close-delimited, else cut short
+                        self._shadow_end(sh, now)
                     return
-                if not sh.answer.done:
-                    sh.answer.feed(data)
-                sh.got += len(data)
-                if sh.got >= MIRROR_READ_LIMIT:
-                    self._shadow_end(sh, now, reset=True)
+                if self._shadow_read(sh, data, now):
                     return
         except BlockingIOError:
             pass
         except OSError:
-            self._shadow_end(sh, now, failed=True)
+            if sh.reused and not sh.got:
+                self._shadow_retry(sh, now)
+            else:
+                self._shadow_end(sh, now, failed=True)
             return
         self._set_mask(sh.fd, sh, _EPOLLOUT if sh.out else _EPOLLIN)
 
-    def _shadow_end(
-        self, sh: _Shadow, now: float | None, failed: bool = False, reset: bool = False
-    ) -> None:
-        """A copy is over at *now*: its socket closed (reset when it failed,
-        or when *reset*: enough of its answer was read), and reported (its
-        Mirror's tag, its answer's status, the seconds since its connect);
-        *now* None: the relay closes, not reported."""
+    def _shadow_read(self, sh: _Shadow, data: bytes, now: float) -> bool:
+        """Bytes of a copy's answer: its status read (AnswerStatus), its
+        interim heads skipped, its final head's framing (_copy_framing) and
+        its body's end found (BodyFramer); True when the copy ended here: its
+        answer's end (its connection idle again, or closed when it may not
+        be reused or bytes followed the answer), a final head it cannot
+        frame (reset), or MIRROR_READ_LIMIT bytes read (reset)."""
+        sh.got += len(data)
+        if not sh.answer.done:
+            sh.answer.feed(data)
+        rest: bytes | bytearray = data
+        try:
+            if sh.body is None:
+                sh.head += data
+                while True:
+                    head = parse_response_head(sh.head, self.max_head)
+                    if head is None:
+                        rest = b""
+                        break
+                    if 100 <= head.status < 200 and head.status != 101:
+                        del sh.head[: head.head_length]  # an interim head
+                        continue
+                    framing = _copy_framing(head, sh.head_request)
+                    if framing is None:
+                        self._shadow_end(sh, now, reset=True)
+                        return True
+                    sh.keep = sh.keep and framing[0] != Framing.CLOSE
+                    sh.keep = sh.keep and head.version == "HTTP/1.1"
+                    sh.keep = sh.keep and all(
+                        t.lower() != "close" for t in head.values("connection")
+                    )
+                    sh.body = BodyFramer(framing[0], framing[1], 502, self.max_head)
+                    rest, sh.head = sh.head[head.head_length :], bytearray()
+                    break
+            if sh.body is not None:
+                used = sh.body.feed(rest)
+                if sh.body.done:
+                    # (bytes after the answer: the server is confused)
+                    self._shadow_end(sh, now, keep=sh.keep and used == len(rest))
+                    return True
+        except FramingError:  # a head or a chunk it cannot frame
+            self._shadow_end(sh, now, reset=True)
+            return True
+        if sh.got >= MIRROR_READ_LIMIT:
+            self._shadow_end(sh, now, reset=True)
+            return True
+        return False
+
+    def _shadow_retry(self, sh: _Shadow, now: float) -> None:
+        """A copy on a reused connection that failed before any byte of its
+        answer (the server closed it as the copy came): its bytes again on a
+        new connection, the same copy (its start, its deadline); failed when
+        that connect fails at once."""
         del self._shadows[sh.fd]
+        self._shadow_pool.discard(sh.endpoint, sh.fd)
         if sh.mask:
             self.ep.unregister(sh.fd)
             sh.mask = 0
+        sh.sock.close()
+        sock = self._shadow_connect(sh.endpoint)
+        if sock is None:
+            self.counters["mirror_failed"] += 1
+            if self.report is not None:
+                self.report(sh.tag, sh.answer.status, now - sh.started)
+            return
+        again = _Shadow(
+            sock,
+            sock.fileno(),
+            bytearray(sh.payload),
+            sh.deadline,
+            sh.tag,
+            sh.started,
+            sh.endpoint,
+            sh.payload,
+            sh.head_request,
+            sh.keep,
+        )
+        self._shadows[again.fd] = again
+        self._set_mask(again.fd, again, _EPOLLOUT)
+
+    def _shadow_end(
+        self,
+        sh: _Shadow,
+        now: float | None,
+        failed: bool = False,
+        reset: bool = False,
+        keep: bool = False,
+    ) -> None:
+        """A copy is over at *now*: its connection back idle in the copies'
+        pool when *keep* (and the pool keeps it), else closed (reset when it
+        failed, or when *reset*: enough of its answer was read, or it cannot
+        be framed), and reported (its Mirror's tag, its answer's status, the
+        seconds since its start); *now* None: the relay closes, not
+        reported."""
+        del self._shadows[sh.fd]
         if failed:
             self.counters["mirror_failed"] += 1
-        if failed or reset:
-            try:
-                sh.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-            except OSError:
-                pass
-        sh.sock.close()
+        if (
+            keep
+            and now is not None
+            and not self._shadow_pool.checkin(sh.endpoint, sh.fd, True, now)
+        ):
+            idle = _ShadowIdle(sh.sock, sh.fd, sh.endpoint, sh.mask)
+            self._shadow_idle[sh.fd] = idle
+            self._set_mask(idle.fd, idle, _EPOLLIN | _EPOLLRDHUP)  # readable while idle: evict
+        else:
+            if not keep:
+                self._shadow_pool.discard(sh.endpoint, sh.fd)
+            if sh.mask:
+                self.ep.unregister(sh.fd)
+                sh.mask = 0
+            if failed or reset:
+                try:
+                    sh.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                except OSError:
+                    pass
+            sh.sock.close()
         if now is not None and self.report is not None:
             self.report(sh.tag, sh.answer.status, now - sh.started)
+
+    def _shadow_evict(self, idle: _ShadowIdle) -> None:
+        """An idle copy connection closed: the server closed it (evicted
+        from the copies' pool), it expired, or the relay closes."""
+        del self._shadow_idle[idle.fd]
+        if idle.mask:
+            self.ep.unregister(idle.fd)
+            idle.mask = 0
+        idle.sock.close()
 
     def _shadow_timers(self, now: float) -> float:
         """Fail the copies past their deadline: the soonest of the others'
@@ -1660,7 +1873,7 @@ class HttpRelay:
             want |= _EPOLLIN | _EPOLLRDHUP
         self._set_mask(up.fd, up, want)
 
-    def _set_mask(self, fd: int, obj: _Conn | _Up | _Shadow, want: int) -> None:
+    def _set_mask(self, fd: int, obj: _Conn | _Up | _Shadow | _ShadowIdle, want: int) -> None:
         if obj.mask == want:
             return
         if obj.mask == 0 and want:
@@ -1855,6 +2068,37 @@ class HttpRelay:
                 self._drop_upstream(up)
         if self._shadows:
             self._shadow_timers(now)  # (_timers_due's: a backstop)
+        for handle in self._shadow_pool.expire(now):
+            idle = self._shadow_idle.get(int(handle))  # type: ignore[call-overload]
+            if idle is not None:
+                self._shadow_evict(idle)
+
+
+def _copy_framing(head: ResponseHead, head_request: bool) -> tuple[Framing, int] | None:
+    """How a copy's answer's body after its final *head* ends (RFC 9112
+    6.3; *head_request*: a HEAD's copy), or None for a head whose framing
+    the relays do not read (see verdict.Mirror, "The copies' pool"):
+    Content-Length with Transfer-Encoding, several Content-Length values or
+    one not a number, a transfer coding other than ``chunked`` alone (or any
+    in HTTP/1.0), a 101 (a copy asks for no Upgrade)."""
+    te = head.values("transfer-encoding")
+    cl = head.values("content-length")
+    if head.status == 101 or (te and cl) or len(cl) > 1:
+        return None
+    length = 0
+    if cl:
+        if not (cl[0].isascii() and cl[0].isdigit() and len(cl[0]) <= MAX_CL_DIGITS):
+            return None
+        length = int(cl[0])
+    if te and (head.version == "HTTP/1.0" or len(te) > 1 or te[0].lower() != "chunked"):
+        return None
+    if head_request or head.status in (204, 304):
+        return Framing.NONE, 0
+    if te:
+        return Framing.CHUNKED, 0
+    if cl:
+        return (Framing.LENGTH, length) if length else (Framing.NONE, 0)
+    return Framing.CLOSE, 0
 
 
 def _timeout_answer() -> bytes:
