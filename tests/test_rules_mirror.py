@@ -610,7 +610,14 @@ def test_stats_gauges_say_the_relays_mirror_counters() -> None:
 
     from l4proxy.sidecar.admin import WorkerView
 
-    counted = {"mirrored": 7, "mirror_dropped": 2, "mirror_failed": 1, "mirror_active": 3}
+    counted = {
+        "mirrored": 7,
+        "mirror_dropped": 2,
+        "mirror_failed": 1,
+        "mirror_active": 3,
+        "mirror_connects": 4,
+        "mirror_idle": 2,
+    }
     state = SimpleNamespace(generation=1, digest=0, reloads=0, reload_failures=0, last_error=None)
     worker = SimpleNamespace(
         pump=SimpleNamespace(stats=dict),
@@ -624,6 +631,8 @@ def test_stats_gauges_say_the_relays_mirror_counters() -> None:
         "l4proxy_http_mirror_dropped_total": 2,
         "l4proxy_http_mirror_failed_total": 1,
         "l4proxy_http_mirror_active": 3,
+        "l4proxy_http_mirror_connects_total": 4,
+        "l4proxy_http_mirror_idle": 2,
     }
     worker.relay = SimpleNamespace(stats=dict)  # (a relay that counts none yet: 0)
     assert WorkerView(worker, "pure").gauges()["l4proxy_http_mirrored_total"] == 0

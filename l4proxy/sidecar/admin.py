@@ -428,12 +428,14 @@ class WorkerView:
             # request mirroring (a route's mirror, mirrors, RequestMirror): copies
             # started, dropped (over the replay limit, an answer or a give-up
             # before the request's end, a tunnel, the in-flight cap, no
-            # endpoint: verdict.Mirror), failed (connect, I/O, deadline), and
-            # in flight now
+            # endpoint: verdict.Mirror), failed (connect, I/O, deadline), in
+            # flight now; the copies' own pool: connections opened, idle now
             "l4proxy_http_mirrored_total": rs.get("mirrored", 0),
             "l4proxy_http_mirror_dropped_total": rs.get("mirror_dropped", 0),
             "l4proxy_http_mirror_failed_total": rs.get("mirror_failed", 0),
             "l4proxy_http_mirror_active": rs.get("mirror_active", 0),
+            "l4proxy_http_mirror_connects_total": rs.get("mirror_connects", 0),
+            "l4proxy_http_mirror_idle": rs.get("mirror_idle", 0),
             "l4proxy_http_verdict_cache_hits_total": rs.get("verdict_cache_hits", 0),
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),
