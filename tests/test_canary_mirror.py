@@ -291,22 +291,132 @@ def test_a_sidecar_without_the_copies_family_is_named_at_a_mirrored_interval() -
 
 # -- the samples: Prometheus --------------------------------------------------------------
 def test_promql_at_a_mirrored_interval_sums_both_families() -> None:
+    """Each family's rate() apart, told apart by a label, then summed: one
+    selector of both (__name__=~"A|B") is an error in Prometheus once both
+    have a series with the same labels (see the promtool test below)."""
     sel = 'reporter="source",destination_service_name="bootcamp",destination_version="v2"'
-    total = '__name__=~"istio_requests_total|l4proxy_mirror_requests_total"'
+    ok = f'{sel},response_code!~"5.*|0"'
+
+    def both(function: str, a: str, b: str, s: str) -> str:
+        return " or ".join(
+            f'label_replace({function}({n}{{{s}}}[30s]), "l4proxy_canary_family", "{n}", "", "")'
+            for n in (a, b)
+        )
+
+    req = ("istio_requests_total", "l4proxy_mirror_requests_total")
     buckets = (
-        '__name__=~"istio_request_duration_milliseconds_bucket|'
-        'l4proxy_mirror_request_duration_milliseconds_bucket"'
+        "istio_request_duration_milliseconds_bucket",
+        "l4proxy_mirror_request_duration_milliseconds_bucket",
     )
     q = promql("bootcamp", "v2", 30, mirrored=True)
-    assert q["requests"] == f"sum(increase({{{total},{sel}}}[30s]))"
+    assert q["requests"] == f"sum({both('increase', *req, sel)})"
     assert q["success_rate"] == (
-        f'sum(rate({{{total},{sel},response_code!~"5.*|0"}}[30s])) / '
-        f"sum(rate({{{total},{sel}}}[30s])) * 100"
+        f"sum({both('rate', *req, ok)}) / sum({both('rate', *req, sel)}) * 100"
     )
-    assert q["p99"] == f"histogram_quantile(0.99, sum(rate({{{buckets},{sel}}}[30s])) by (le))"
+    assert q["p99"] == f"histogram_quantile(0.99, sum({both('rate', *buckets, sel)}) by (le))"
     assert q["copies"] == f"sum(increase(l4proxy_mirror_requests_total{{{sel}}}[30s]))"
+    assert "__name__" not in "".join(q.values())
     # --reporter applies to both
     assert 'reporter="destination"' in promql("bootcamp", "v2", 30, "destination", True)["p99"]
+
+
+# Series of the canary's own requests and of its copies' answers, with the
+# same labels (as a sidecar reports them), scraped every 15 s, each rising
+# by its increment at every scrape. promtool evaluates at 2m over [1m]: five
+# samples 60 s apart end to end, so increase() is 4 increments, nothing
+# extrapolated.
+_SERIES = {
+    # family: (response_code, le) -> increment per scrape
+    "istio_requests_total": {("200", ""): 3, ("503", ""): 1},
+    "l4proxy_mirror_requests_total": {("200", ""): 33, ("0", ""): 3},
+    "istio_request_duration_milliseconds_bucket": {
+        ("200", "10"): 1,
+        ("200", "100"): 4,
+        ("200", "+Inf"): 4,
+    },
+    "l4proxy_mirror_request_duration_milliseconds_bucket": {
+        ("200", "10"): 1,
+        ("200", "100"): 21,
+        ("200", "+Inf"): 21,
+    },
+}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs Prometheus' promtool")
+@pytest.mark.parametrize(
+    ("families", "expected"),
+    [
+        # both families, same labels: 16 requests (4 failed) and 144 copies
+        # (12 without an answer); 8 of 100 buckets' counts at <= 10 ms
+        (
+            ("istio", "l4proxy_mirror"),
+            {
+                "requests": 16 + 144,
+                "success_rate": (12 + 132) / 160 * 100,
+                "p99": 10 + 90 * (0.99 * 100 - 8) / (100 - 8),
+            },
+        ),
+        # copies alone (the canary serves no client while mirrored)
+        (
+            ("l4proxy_mirror",),
+            {
+                "requests": 144,
+                "success_rate": 132 / 144 * 100,
+                "p99": 10 + 90 * (0.99 * 84 - 4) / (84 - 4),
+            },
+        ),
+        # no copies' family at all (an older sidecar): the requests alone,
+        # not an empty vector
+        (
+            ("istio",),
+            {
+                "requests": 16,
+                "success_rate": 12 / 16 * 100,
+                "p99": 10 + 90 * (0.99 * 16 - 4) / (16 - 4),
+            },
+        ),
+    ],
+    ids=["both", "copies-only", "requests-only"],
+)
+def test_the_mirrored_queries_in_a_real_promql_engine(
+    tmp_path: pathlib.Path, families: tuple[str, ...], expected: dict[str, float]
+) -> None:
+    """promtool evaluates promql(mirrored=True) on series of both families
+    with the same labels: the old __name__=~ selector was "vector cannot
+    contain metrics with the same labelset" there (prometheus#11397)."""
+    import subprocess
+
+    lab = 'reporter="source",destination_service_name="bootcamp",destination_version="v2"'
+    series = []
+    for name, rows in _SERIES.items():
+        if not name.startswith(families):
+            continue
+        for (code, le), inc in rows.items():
+            extra = f',le="{le}"' if le else ""
+            series.append(
+                {"series": f'{name}{{{lab},response_code="{code}"{extra}}}', "values": f"0+{inc}x8"}
+            )
+    queries = promql("bootcamp", "v2", 60, mirrored=True)
+    # 1 where the answer is within 1e-9 of what the test computed (promtool
+    # compares floats exactly); an empty answer (no sample) fails as well
+    tests = [
+        {
+            "expr": f"abs(({queries[key]}) - {value!r}) < bool 1e-9",
+            "eval_time": "2m",
+            "exp_samples": [{"labels": "{}", "value": 1}],
+        }
+        for key, value in expected.items()
+    ]
+    doc = {
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}],
+    }
+    path = tmp_path / "mirrored.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_no_copies_in_prometheus_while_stable_had_traffic_is_the_family_missing() -> None:

@@ -44,9 +44,11 @@ requests alone, the canary would halt for ever or pass on a handful.
 sidecar reports as ``reporter="source"`` and names the version in
 ``destination_version``), plus ``increase()`` for the request count,
 against ``/api/v1/query``. Their range is the interval, exactly
-(:func:`window`). Which rules each sidecar serves comes from the same
-Prometheus (:func:`marks_query`): the sidecars' ``l4proxy_rules_digest``
-and ``l4proxy_rules_generation`` as scraped, one
+(:func:`window`). At a mirrored interval each family's ``rate()`` or
+``increase()`` is taken on its own, then summed (:func:`both`). Which
+rules each sidecar serves comes from the same Prometheus
+(:func:`marks_query`): the sidecars' ``l4proxy_rules_digest`` and
+``l4proxy_rules_generation`` as scraped, one
 :class:`~l4proxy.stats.RulesMark` per scrape target (:func:`marks_of`).
 """
 
@@ -360,9 +362,10 @@ def promql(
     names both, the version is what the rules route on).
 
     *mirrored*: the same queries over both families, the requests and the
-    copies' answers (``__name__=~"A|B"``: one series set, so that the ratio
-    and the quantile are of their sum), and a fourth, ``copies``, of the
-    copies alone (:func:`copies_missing` reads it).
+    copies' answers (:func:`both`: each family's ``rate()`` or
+    ``increase()`` apart, then summed, so that the ratio and the quantile
+    are of their sum), and a fourth, ``copies``, of the copies alone
+    (:func:`copies_missing` reads it).
     """
     window = f"[{range_of(interval)}]"
     sel = _selector(service, version, reporter)
@@ -376,16 +379,45 @@ def promql(
             ),
             "p99": f"histogram_quantile(0.99, sum(rate({BUCKETS}{{{sel}}}{window})) by (le))",
         }
-    total = f'__name__=~"{REQUESTS}|{MIRROR_REQUESTS}"'
-    buckets = f'__name__=~"{BUCKETS}|{MIRROR_BUCKETS}"'
+    requests = (REQUESTS, MIRROR_REQUESTS)
+    buckets = (BUCKETS, MIRROR_BUCKETS)
     return {
-        "requests": f"sum(increase({{{total},{sel}}}{window}))",
+        "requests": f"sum({both('increase', requests, sel, window)})",
         "success_rate": (
-            f"sum(rate({{{total},{ok}}}{window})) / sum(rate({{{total},{sel}}}{window})) * 100"
+            f"sum({both('rate', requests, ok, window)}) / "
+            f"sum({both('rate', requests, sel, window)}) * 100"
         ),
-        "p99": f"histogram_quantile(0.99, sum(rate({{{buckets},{sel}}}{window})) by (le))",
+        "p99": f"histogram_quantile(0.99, sum({both('rate', buckets, sel, window)}) by (le))",
         "copies": f"sum(increase({MIRROR_REQUESTS}{{{sel}}}{window}))",
     }
+
+
+# The label that tells the two families apart once rate() has dropped their
+# names (see both); a name no scrape configuration is likely to add.
+FAMILY = "l4proxy_canary_family"
+
+
+def both(function: str, names: tuple[str, str], sel: str, window: str) -> str:
+    """*function* (``rate``, ``increase``) of each family in *names* on its
+    own, as one vector of both: each result labelled with its family.
+
+    One selector for both (``{__name__=~"A|B",...}``) is refused by
+    Prometheus as soon as a series of each has the same labels (the
+    requests and the copies' answers have the same labels by design):
+    ``rate()`` drops ``__name__``, and "vector cannot contain metrics with
+    the same labelset" (prometheus#11397); the canary's own requests beside
+    its copies (testers pinned by a header rule, or a version that was live
+    earlier since the sidecar started) failed every mirrored check. Nor is
+    ``rate(A) or rate(B)`` enough: ``or`` drops B's series whose labels A
+    has. With :data:`FAMILY` set, no series of one family has the labels of
+    one of the other, and ``or`` keeps them all; a family without any
+    series leaves the other's, where ``+`` would be empty. The caller sums
+    the result (``by (le)`` for the buckets), which drops :data:`FAMILY`."""
+    parts = (
+        f'label_replace({function}({name}{{{sel}}}{window}), "{FAMILY}", "{name}", "", "")'
+        for name in names
+    )
+    return " or ".join(parts)
 
 
 def stable_query(service: str, stable: str, interval: float, reporter: str = "source") -> str:
