@@ -13,8 +13,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -666,3 +668,95 @@ def test_a_killed_ab_test_resumes_at_its_interval_and_refuses_other_alternatives
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0, events
     assert [(e["event"], e["step"]) for e in events] == [("resume", 2), ("promoted", 2)]
+
+
+# -- ended by hand, or interrupted, while A/B testing -------------------------------------------
+def _ended_while_ab_testing(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
+) -> tuple[int, str, str]:
+    """An A/B test ended in its first interval, as its sample is read:
+    ``abort`` from another shell, or SIGTERM (handled as Ctrl-C)."""
+    from tests.test_canary_core import _fake_prometheus, _healthy, _rollout_in
+
+    def answer(n: int, path: str, query: str) -> str:
+        if n == 1 and how == "abort":
+            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+        elif n == 1:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        return _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(
+            tmp_path, url, "--match", "x-canary=insider", "--progress-deadline", "1", *extra
+        )
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("how", "extra", "note"),
+    [("abort", (), "(ended by hand)"), ("sigterm", ("--on-abort", "rollback"), "(interrupted)")],
+    ids=["abort", "interrupted"],
+)
+def test_an_ab_test_ended_by_hand_shows_its_interval(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+    extra: tuple[str, ...],
+    note: str,
+) -> None:
+    code, out, _ = _ended_while_ab_testing(tmp_path, capsys, how, *extra)
+    assert code == 1, out
+    last = out.splitlines()[-1]
+    assert last.startswith("  v2 A/B 1/10 ") and "fail -> ROLLED BACK" in last, last
+    assert last.endswith(note)
+
+
+@pytest.mark.parametrize(
+    ("how", "extra"),
+    [("abort", ()), ("sigterm", ("--on-abort", "rollback"))],
+    ids=["abort", "interrupted"],
+)
+def test_an_ab_test_ended_by_hand_carries_its_match_in_json(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, extra: tuple[str, ...]
+) -> None:
+    code, out, _ = _ended_while_ab_testing(tmp_path, capsys, how, "--json", *extra)
+    last = json.loads(out.splitlines()[-1])
+    assert (code, last["event"]) == (1, "rolled_back")
+    assert last["match"] == [INSIDER.to_json()] and "mirror" not in last
+
+
+def test_an_ab_test_left_as_it_is_says_the_matched_requests_still_go_to_the_canary(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _ended_while_ab_testing(tmp_path, capsys, "sigterm", "--on-abort", "leave")
+    assert code == 3
+    assert "interrupted; the requests with x-canary=insider still go to v2" in err
+
+
+def test_the_prompt_on_a_terminal_says_the_matched_requests_still_go_to_the_canary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from l4proxy.canary.command import _ask
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("l\n"))
+    err = io.StringIO()
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        assert _ask(err, _at(P, 0)) == "leave"
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert "leave it as it is (l: the requests with x-canary=insider or cookie~" in err.getvalue()
+
+
+def test_json_start_and_resume_events_carry_the_iterations() -> None:
+    start = event_json(resume(P, "svc", "v1", "v2", None, 0))
+    resumed = event_json(resume(P, "svc", "v1", "v2", _at(P, 1), 10))
+    want = [INSIDER.to_json(), COOKIE.to_json()]
+    assert (start["iterations"], start["match"]) == (3, want)
+    assert (resumed["iterations"], resumed["match"]) == (3, want)
+    assert "mirror" not in start

@@ -533,6 +533,16 @@ def test_an_invalid_result_is_refused_without_a_put(api: FakeAPI, token: str) ->
     assert [r.method for r in api.requests] == ["GET"]
 
 
+def test_an_invalid_result_while_mirrored_says_mirrored(api: FakeAPI, token: str) -> None:
+    """Not "at weight 0": the document refused is the mirrored one."""
+    data = bootcamp_data()
+    data["broken.yaml"] = "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nspec: [\n"
+    api.objects[CM_PATH] = configmap(data)
+    mirrored = replace(R, weight=0, step=0, steps=(0, 5, 25, 50, 100))
+    with pytest.raises(KubeError, match="refused: the rules would be invalid while mirrored "):
+        store(api, token).commit(mirrored)
+
+
 def test_a_competing_rule_in_the_configmap_is_named(api: FakeAPI, token: str) -> None:
     api.objects[CM_PATH] = configmap(bootcamp_data(with_route=True))
     with pytest.raises(KubeError) as exc:

@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -458,7 +460,8 @@ def test_a_resume_while_mirrored_says_so() -> None:
 def test_json_check_events_say_mirror() -> None:
     events = run_table(P, [GOOD, GOOD, GOOD])
     docs = [json.loads(line) for line in _shown(events, as_json=True)]
-    assert [d.get("mirror") for d in docs] == [None, True, True, None]
+    # the start's: the plan, 2 mirrored intervals
+    assert [d.get("mirror") for d in docs] == [2, True, True, None]
     assert docs[1]["check"]["requests"] == 100 and docs[1]["steps"] == [0, 0, 5, 25, 50, 100]
     assert "mirror" not in event_json(events[-1])  # a check at 5 %
 
@@ -605,3 +608,111 @@ def test_status_of_a_mirrored_rollout(
         "bootcamp: v1 -> v2 progressing mirrored: every request copied to v2, 0 % live, "
         "step 1/6, 0 failed checks"
     )
+
+
+# -- ended by hand, or interrupted, while mirrored ----------------------------------------------
+def _ended_while_mirrored(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
+) -> tuple[int, str, str]:
+    """A --mirror 2 rollout ended in its first interval, as its sample is
+    read: ``abort`` from another shell, or SIGTERM (handled as Ctrl-C)."""
+    from l4proxy.cli import main
+
+    def answer(n: int, path: str, query: str) -> str:
+        if n == 1 and how == "abort":
+            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+        elif n == 1:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        return _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(
+            tmp_path, url, "--mirror", "2", "--steps", "50,100", "--progress-deadline", "1", *extra
+        )
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("how", "extra", "note"),
+    [("abort", (), "(ended by hand)"), ("sigterm", ("--on-abort", "rollback"), "(interrupted)")],
+    ids=["abort", "interrupted"],
+)
+def test_a_mirrored_rollout_ended_by_hand_shows_the_mirror(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+    extra: tuple[str, ...],
+    note: str,
+) -> None:
+    """Its last line was "v2   0 %", a weight the rollout never had."""
+    code, out, _ = _ended_while_mirrored(tmp_path, capsys, how, *extra)
+    assert code == 1, out
+    last = out.splitlines()[-1]
+    assert last.startswith("  v2 mirror ") and "fail -> ROLLED BACK" in last, last
+    assert last.endswith(note)
+
+
+@pytest.mark.parametrize(
+    ("how", "extra"),
+    [("abort", ()), ("sigterm", ("--on-abort", "rollback"))],
+    ids=["abort", "interrupted"],
+)
+def test_a_mirrored_rollout_ended_by_hand_says_mirror_in_json(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, extra: tuple[str, ...]
+) -> None:
+    code, out, _ = _ended_while_mirrored(tmp_path, capsys, how, "--json", *extra)
+    last = json.loads(out.splitlines()[-1])
+    assert (code, last["event"]) == (1, "rolled_back")
+    assert last.get("mirror") is True
+
+
+def test_a_mirrored_rollout_left_as_it_is_says_the_mirror_stays_on(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "v2 keeps 0 %": every request is still sent twice."""
+    code, _, err = _ended_while_mirrored(tmp_path, capsys, "sigterm", "--on-abort", "leave")
+    assert code == 3
+    assert "interrupted; the mirror stays on: every request is still copied to v2" in err
+
+
+def test_the_prompt_on_a_terminal_says_the_mirror_stays_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from l4proxy.canary.command import _ask
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("l\n"))
+    err = io.StringIO()
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        assert _ask(err, _at(P, 0)) == "leave"
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert "leave it as it is (l: the mirror stays on: every request is still copied to v2)" in (
+        err.getvalue()
+    )
+
+
+def test_json_start_and_resume_events_carry_the_mirrored_intervals() -> None:
+    start = event_json(resume(P, "svc", "v1", "v2", None, 0))
+    resumed = event_json(resume(P, "svc", "v1", "v2", _at(P, 1), 10))
+    assert (start["mirror"], resumed["mirror"]) == (2, 2)
+    assert "mirror" not in event_json(resume(replace(P, mirror=0), "svc", "v1", "v2", None, 0))
+
+
+def test_a_refusal_while_mirrored_says_mirrored(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "at weight 0": the document that was refused mirrors."""
+    (tmp_path / "broken.yaml").write_text(
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nspec: [\n"
+    )
+    with _fake_prometheus(lambda n, path, query: _healthy(query)) as url:
+        code = _rollout_in(tmp_path, url, "--mirror", "--progress-deadline", "1")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "refused: the rules would be invalid while mirrored (weight 0, every request" in err

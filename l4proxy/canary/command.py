@@ -628,8 +628,13 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def at_words(r: Rollout) -> str:
-    """Where a rollout's documents route, for an error: ``at weight 25``."""
-    return "while A/B testing" if r.ab_testing else f"at weight {r.weight}"
+    """Where a rollout's documents route, for an error: ``at weight 25``,
+    ``while mirrored`` (weight 0, and a mirror), ``while A/B testing``."""
+    if r.ab_testing:
+        return "while A/B testing"
+    if r.mirrored:
+        return "while mirrored (weight 0, every request copied to the canary)"
+    return f"at weight {r.weight}"
 
 
 def check_matches(r: Rollout, namespace: str, domain: str) -> None:
@@ -1276,6 +1281,11 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         out["mirror"] = True
     if r.match:  # A/B testing: the requests that went to the canary
         out["match"] = [m.to_json() for m in r.match]
+    if ev.kind in ("start", "resume"):  # the plan, as the first line says it
+        if r.match:
+            out["iterations"] = len(r.steps)
+        elif mirrored := mirrored_stages(r.steps):
+            out["mirror"] = mirrored
     if ev.check is not None:
         c: Check = ev.check
         out["check"] = {
@@ -1541,19 +1551,30 @@ def _analyse(
     except KeyboardInterrupt:
         choice = args.on_abort
         if choice == "ask":
-            choice = _ask(err)
+            choice = _ask(err, r)
         if choice == "rollback":
+            mirrored = r.mirrored
             r = roll_back(r, time.time(), "interrupted; rolled back on request")
             _commit(store, r, err=err)
-            display.emit(Event("rolled_back", r, None, None), "interrupted")
+            display.emit(Event("rolled_back", r, None, None, mirrored), "interrupted")
             return EXIT_ROLLED_BACK
-        keeps = f"the requests with {alternatives(r.match)}" if r.ab_testing else f"{r.weight} %"
         print(
-            f"\nl4proxy canary: interrupted; {r.canary} keeps {keeps}: run the same "
-            "command again to resume, or l4proxy canary promote|abort " + service,
+            f"\nl4proxy canary: interrupted; {left_as_is(r)}, and nothing judges "
+            f"{r.canary} now: run the same command again to resume, or l4proxy canary "
+            "promote|abort " + service,
             file=err,
         )
         return EXIT_LEFT
+
+
+def left_as_is(r: Rollout) -> str:
+    """What a progressing rollout left as it is goes on doing: its weight,
+    or its mirror (every request sent twice), or its A/B match."""
+    if r.ab_testing:
+        return f"the requests with {alternatives(r.match)} still go to {r.canary}"
+    if r.mirrored:
+        return f"the mirror stays on: every request is still copied to {r.canary}"
+    return f"{r.canary} keeps {r.weight} %"
 
 
 def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
@@ -1564,7 +1585,8 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
             f"the rollout of {ours.service} was changed by someone else ({now}); "
             "stopped without writing"
         )
-    display.emit(Event(now.phase, now, None, ours.weight), "ended by hand")
+    # what the last interval was (a mirrored one has no weight to show)
+    display.emit(Event(now.phase, now, None, ours.weight, ours.mirrored), "ended by hand")
     return EXIT_PROMOTED if now.phase == "promoted" else EXIT_ROLLED_BACK
 
 
@@ -1629,13 +1651,18 @@ def _commit(
     raise AssertionError("not reached")
 
 
-def _ask(err: TextIO) -> str:
+def _ask(err: TextIO, r: Rollout) -> str:
     if not sys.stdin.isatty():
         return "leave"
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C just quits
+    leave = (
+        f"leave it as it is (l: {left_as_is(r)})"
+        if r.ab_testing or r.mirrored
+        else "leave the weights as they are (l)"
+    )
     while True:
         print(
-            "\nroll back to stable (r) or leave the weights as they are (l)? [r/l] ",
+            f"\nroll back to stable (r) or {leave}? [r/l] ",
             end="",
             file=err,
             flush=True,
