@@ -1336,3 +1336,47 @@ def test_prometheus_windows_are_the_interval_to_the_millisecond() -> None:
     )
     rows = [(dict(r["metric"]), float(r["value"][1])) for r in _mark_rows("a", 2, math.nan)]
     assert marks_of(rows) == {'{instance="a:15090",job="pods",pod="a"}': RulesMark(2, None)}
+
+
+# -- --rules DIR and --rules FILE in one directory ------------------------------------------------
+def test_rules_file_beside_a_directory_rollouts_document_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --rules DIR rollout left DIR/canary-bootcamp.yaml; a rollout with
+    --rules DIR/registry.yaml appended a second canary-bootcamp RouteRule to
+    that file, and the sidecars watching DIR refused the duplicate name."""
+    from l4proxy.cli import main
+
+    with _fake_prometheus(lambda n, path, query: _healthy(query)) as url:
+        assert _rollout_in(tmp_path, url, "--steps", "100") == 0
+        registry = tmp_path / "registry.yaml"
+        before = registry.read_bytes()
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--restart"]
+        code = main([*argv, "--rules", str(registry), "--prometheus", url, "--interval", "0.05"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{tmp_path}/canary-bootcamp.yaml holds the canary's RouteRule canary-bootcamp" in err
+    assert f"--rules {registry} would add a second one" in err
+    assert registry.read_bytes() == before
+
+
+def test_rules_directory_beside_a_file_rollouts_document_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other way round: a --rules DIR/registry.yaml rollout left its
+    RouteRule canary-bootcamp in registry.yaml; --rules DIR would write
+    DIR/canary-bootcamp.yaml beside it."""
+    from l4proxy.cli import main
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
+    registry = tmp_path / "registry.yaml"
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--interval", "0.05"]
+    with _fake_prometheus(lambda n, path, query: _healthy(query)) as url:
+        assert main([*argv, "--rules", str(registry), "--prometheus", url, "--steps", "100"]) == 0
+        capsys.readouterr()
+        code = main([*argv, "--rules", str(tmp_path), "--prometheus", url, "--restart"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{registry}:" in err and ": RouteRule canary-bootcamp is the canary's" in err
+    assert f"would write another in {tmp_path}/canary-bootcamp.yaml" in err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()

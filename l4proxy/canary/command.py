@@ -697,6 +697,7 @@ class RulesWriter:
         return [f for f in files if f != self.paths.document]
 
     def check_competing(self) -> None:
+        self.check_other_form()
         found = competing(self.others(), self.service, self.paths.document, rule_name(self.service))
         if found:
             raise CanaryError(
@@ -705,6 +706,47 @@ class RulesWriter:
                 "delete that rule (l4proxy delete -f FILE), or give it a match so it takes only "
                 "the requests it names; then run this again"
             )
+
+    def check_other_form(self) -> None:
+        """Refuse a second canary document of SERVICE in one directory.
+
+        ``--rules DIR`` and ``--rules DIR/FILE`` share the directory's state
+        file, and each writes its own document: ``DIR/canary-SERVICE.yaml``
+        for the one, a RouteRule ``canary-SERVICE`` in FILE for the other.
+        Run once each way, DIR held both, and the sidecars watching it
+        refused the duplicate name (every change after that unloaded)."""
+        main = rule_name(self.service)
+        directory = self.paths.directory
+        if not self.paths.is_dir:
+            other = os.path.join(directory, f"{main}.yaml")
+            if os.path.exists(other) and not os.path.samefile(other, self.paths.document):
+                raise CanaryError(
+                    f"{other} holds the canary's RouteRule {main} (a rollout run with "
+                    f"--rules {directory}), and --rules {self.paths.rules} would add a second "
+                    f"one to {self.paths.rules}: two of that name in {directory}, which the "
+                    f"sidecars refuse. Run it with --rules {directory}, or, once that "
+                    f"rollout has ended, remove {other} first"
+                )
+            return
+        for f in self.others():
+            try:
+                docs = list(parse_documents(read_file(f), f))
+            except (Unreadable, SourceProblem):
+                continue  # the validation says what is wrong with it
+            for d in docs:
+                v = d.value
+                if not isinstance(v, dict) or v.get("kind") != "RouteRule":
+                    continue
+                meta = v.get("metadata")
+                name = meta.get("name") if isinstance(meta, dict) else None
+                if canary_owns(main, name):
+                    raise CanaryError(
+                        f"{f}:{d.line}: RouteRule {name} is the canary's (a rollout run with "
+                        f"--rules {f}), and --rules {self.paths.rules} would write another in "
+                        f"{self.paths.document}: two of that name in {directory}, which the "
+                        f"sidecars refuse. Run it with --rules {f}, or, once that rollout has "
+                        f"ended, remove {name} from {f} first (l4proxy delete -f FILE)"
+                    )
 
     def install(self, r: Rollout) -> bool:
         with apply._locked(self.paths.directory):
