@@ -95,7 +95,7 @@ def test_a_match_option_without_a_header_and_a_value_is_refused(text: str) -> No
 
 def test_a_policy_with_a_match_has_its_iterations_for_stages() -> None:
     assert P.stages == (0, 0, 0)
-    with pytest.raises(PolicyError, match="--iterations: intervals >= 1, got 0"):
+    with pytest.raises(PolicyError, match=r"--iterations: intervals from 1 to 1000 .*, got 0"):
         replace(P, iterations=0)
     with pytest.raises(PolicyError, match="--match and --mirror"):
         replace(P, mirror=1)
@@ -135,7 +135,12 @@ def _run(tmp_path: pathlib.Path, *extra: str) -> int:
         (["--match", "x-canary=insider", "--max-weight", "50"], "--match and --max-weight: "),
         (["--match", "x-canary=insider", "--mirror"], "--match and --mirror: "),
         (["--iterations", "3"], "--iterations needs --match HEADER=VALUE (or HEADER~REGEX)"),
-        (["--match", "x-canary=a", "--iterations", "0"], "--iterations: intervals >= 1, got 0"),
+        (["--match", "x-canary=a", "--iterations", "0"], "--iterations: intervals from 1 to 1000"),
+        (
+            ["--match", "x-canary=a", "--iterations", "1001"],
+            "--iterations: intervals from 1 to 1000 (each is kept in the rollout's state), "
+            "got 1001",
+        ),
         (["--match", "x-canary"], "--match x-canary: expected HEADER=VALUE"),
         (
             ["--match", "x-canary=insider", "--match", "cookie~(canary=always"],
@@ -155,6 +160,7 @@ def _run(tmp_path: pathlib.Path, *extra: str) -> int:
         "mirror",
         "iterations-alone",
         "iterations-0",
+        "iterations-1001",
         "no-value",
         "bad-regex",
         "bad-header",

@@ -118,6 +118,46 @@ def test_mirror_must_not_be_negative() -> None:
         Policy(steps=(100,), mirror=-1)
 
 
+def test_mirror_has_an_upper_bound() -> None:
+    """Each mirrored interval is a stage in the state: --mirror 10000000
+    wrote a 50 MB state file (a ConfigMap's annotations hold 256 KiB)."""
+    assert Policy(steps=(100,), mirror=1000).stages[999] == 0
+    with pytest.raises(PolicyError, match=r"--mirror: intervals from 0 \(none\) to 1000 "):
+        Policy(steps=(100,), mirror=1001)
+
+
+def test_mirror_past_its_bound_exits_2_before_anything_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    queries: list[str] = []
+
+    def answer(n: int, path: str, query: str) -> str:
+        queries.append(query)
+        return "0"  # a halt: a wrong start rolls back in a second
+
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+    timing = ["--interval", "0.05", "--progress-deadline", "1"]
+    with _fake_prometheus(answer) as url:
+        assert main([*argv, "--prometheus", url, *timing, "--mirror", "1001"]) == 2
+    assert "--mirror: intervals from 0 (none) to 1000" in capsys.readouterr().err
+    assert queries == [] and os.listdir(tmp_path) == []
+
+
+def test_a_service_after_mirror_is_named_in_the_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse takes the word after --mirror for its N: it said only
+    "invalid int value: 'bootcamp'"."""
+    from l4proxy.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["canary", "--mirror", "bootcamp", "--stable", "v1", "--canary", "v2"])
+    assert (
+        "argument --mirror: takes a number of intervals, got 'bootcamp'; put SERVICE first "
+        "(l4proxy canary SERVICE --mirror ...) or give N"
+    ) in capsys.readouterr().err
+
+
 def _at(policy: Policy, passes: int) -> Rollout:
     """The rollout of *policy* after *passes* passed intervals, as the state
     file gives it back."""

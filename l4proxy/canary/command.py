@@ -245,7 +245,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-weight", type=int, metavar="W", help="... up to W (100)")
     p.add_argument(
         "--mirror",
-        type=int,
+        type=_intervals,
         nargs="?",
         const=1,
         default=0,
@@ -1276,6 +1276,18 @@ def plan(steps: Sequence[int], r: Rollout | None = None) -> str:
 
 def _num(x: float) -> str:
     return str(round(x))
+
+
+def _intervals(text: str) -> int:
+    """``--mirror N``: a number; a word is the SERVICE put after it
+    (``l4proxy canary --mirror bootcamp``), which argparse takes for N."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes a number of intervals, got {text!r}; put SERVICE first "
+            "(l4proxy canary SERVICE --mirror ...) or give N"
+        ) from None
 
 
 def _max_p99(text: str) -> float:
