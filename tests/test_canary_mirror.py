@@ -756,3 +756,30 @@ def test_a_refusal_while_mirrored_says_mirrored(
     err = capsys.readouterr().err
     assert code == 2
     assert "refused: the rules would be invalid while mirrored (weight 0, every request" in err
+
+
+# -- copies dropped (--metrics) -------------------------------------------------------------
+def test_a_mirrored_sample_from_the_sidecars_counts_the_copies_they_dropped() -> None:
+    """Dropped copies (the in-flight cap under load) are never judged: the
+    interval's delta of l4proxy_http_mirror_dropped_total, summed over the
+    sidecars, goes with the sample."""
+    from l4proxy.canary.command import SidecarMetrics
+
+    dropped = {"http://a/stats": [5.0, 12.0], "http://b/stats": [1.0, 4.0]}
+
+    def get(url: str) -> str:
+        n = dropped[url].pop(0)
+        return NO_V2 + copies(0, 0, {}) + f"l4proxy_http_mirror_dropped_total {n:g}\n"
+
+    metrics = SidecarMetrics(["http://a", "http://b"], "bootcamp", get)
+    metrics.start_window(mirrored=True)
+    assert metrics.sample("v2", 1, mirrored_from="v1").copies_dropped == 7 + 3
+
+
+def test_a_mirrored_check_shows_the_copies_dropped() -> None:
+    graded = check(P, Sample(100, 0, 12.0, copies_dropped=42), mirrored=True)
+    ev = Event("check", _at(P, 1), graded, 0, True)
+    (line,) = _shown([ev])
+    assert "  42 dropped (all mirrors)  pass -> mirror 2/2" in line
+    assert event_json(ev)["check"]["copies_dropped"] == 42
+    assert "copies_dropped" not in event_json(advance(P, _at(P, 0), check(P, GOOD), 1))["check"]

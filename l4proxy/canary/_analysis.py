@@ -233,6 +233,10 @@ class Sample:
     requests: float
     errors: float  # failed among them: 5xx answers, or none (response code 0)
     p99_ms: float | None  # None: no histogram data; math.inf: beyond its largest bucket
+    # a mirrored interval read from the sidecars: the copies they dropped
+    # (l4proxy_http_mirror_dropped_total, of every mirror: it has no
+    # version), shown beside the check, never judged; None: not known
+    copies_dropped: float | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,7 @@ class Check:
     success_rate: float | None  # percent
     p99_ms: float | None
     reasons: tuple[str, ...] = ()  # why it failed or halted, for the display
+    copies_dropped: float | None = None  # the sample's, for the display
 
 
 # Relative: the limits are compared to float arithmetic (Prometheus' ratio of
@@ -275,7 +280,14 @@ def p99_limit(policy: Policy) -> str:
 def check(policy: Policy, sample: Sample, mirrored: bool = False) -> Check:
     """Grade one interval against the policy (*mirrored*: its sample is the
     canary's answers to copies, and its own requests; only the halt's
-    words differ)."""
+    words differ). The copies dropped are carried along, not graded."""
+    graded = _grade(policy, sample, mirrored)
+    if sample.copies_dropped is None:
+        return graded
+    return replace(graded, copies_dropped=sample.copies_dropped)
+
+
+def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:
     n = sample.requests
     rate = None if n <= 0 else 100.0 * (n - sample.errors) / n
     p99 = sample.p99_ms

@@ -73,7 +73,9 @@ BUCKETS = "istio_request_duration_milliseconds_bucket"
 # a mirrored copy's answer, as the calling sidecar counts it (the same labels)
 MIRROR_REQUESTS = "l4proxy_mirror_requests_total"
 MIRROR_BUCKETS = "l4proxy_mirror_request_duration_milliseconds_bucket"
-COUNTED = (REQUESTS, BUCKETS, MIRROR_REQUESTS, MIRROR_BUCKETS)
+# copies a sidecar dropped, of every mirror (no labels: not per version)
+MIRROR_DROPPED = "l4proxy_http_mirror_dropped_total"
+COUNTED = (REQUESTS, BUCKETS, MIRROR_REQUESTS, MIRROR_BUCKETS, MIRROR_DROPPED)
 
 NO_REQUEST_METRICS = (
     "{url} has no {name}: l4proxy canary reads per-request metrics, which a sidecar "

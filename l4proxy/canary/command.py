@@ -94,6 +94,7 @@ from l4proxy.canary._analysis import (
     success_ok,
 )
 from l4proxy.canary._metrics import (
+    MIRROR_DROPPED,
     CounterWindow,
     MetricsError,
     Series,
@@ -937,7 +938,14 @@ class SidecarMetrics:
         """The canary's requests since the window started; *mirrored_from*
         (stable, at a mirrored interval): its answers to the copies too."""
         mirrored = mirrored_from is not None
-        return totals_of(self._read(mirrored), self.service, version, mirrored).sample()
+        deltas = self._read(mirrored)
+        sample = totals_of(deltas, self.service, version, mirrored).sample()
+        if not mirrored:
+            return sample
+        # summed over the sidecars, as the copies are: a copy dropped (the
+        # in-flight cap, the replay limit) is not judged, and a check on a
+        # tenth of the copies should say so
+        return replace(sample, copies_dropped=deltas.get((MIRROR_DROPPED, ()), 0.0))
 
     def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
         """Until every sidecar serves the rules as they are now (its workers
@@ -1220,6 +1228,8 @@ class Display:
                 # interval (no requests) has no p99 to blame
                 ok=p99_ok(p, c.p99_ms) if c.p99_ms is not None else c.requests <= 0,
             )
+        if c is not None and c.copies_dropped is not None:
+            cells += f"  {_num(c.copies_dropped)} dropped (all mirrors)"
         verdict = self.verdict(ev)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
 
@@ -1350,6 +1360,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
             "p99_ms": "+Inf" if c.p99_ms == math.inf else c.p99_ms,
             "reasons": list(c.reasons),
         }
+        if c.copies_dropped is not None:  # of every mirror of the sidecars
+            out["check"]["copies_dropped"] = c.copies_dropped
     if note:
         out["note"] = note
     return out
