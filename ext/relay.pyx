@@ -5120,10 +5120,14 @@ cdef int shadow_open(Relay *R, Dest_ *d, Buf *pay, double now, double timeout,
         sh.reused = True
         if buf_add(&sh.out, pay.p, pay.len) != 0 \
                 or set_mask(R, sh.fd, &sh.mask, sys_.EPOLLOUT, sh) != 0:
+            # (buried, not freed: an event of it may wait later in this
+            # batch; bury() frees it and its bytes after the batch)
             set_mask(R, sh.fd, &sh.mask, 0, sh)
             reset_close(sh.fd)
-            buf_free(&sh.out)
-            free(sh)
+            sh.fd = -1
+            sh.closed = True
+            sh.grave_next = R.sgrave
+            R.sgrave = sh
             return -1
     else:
         sh = <Shadow*>calloc(1, sizeof(Shadow))
@@ -5268,12 +5272,13 @@ cdef int shadow_answer_head(Relay *R, Shadow *sh, Py_ssize_t *head_len) noexcept
         if header_is(b + i, colon - i, b"content-length", 14):
             n_cl += 1
             if ve - vs < 1 or ve - vs > 18:
-                bad = True
-            for j in range(vs, ve):
-                if not (0x30 <= b[j] <= 0x39):
-                    bad = True
-                    break
-                cl = cl * 10 + (b[j] - 0x30)
+                bad = True  # (and no digit read: 19 of them overflow cl)
+            else:
+                for j in range(vs, ve):
+                    if not (0x30 <= b[j] <= 0x39):
+                        bad = True
+                        break
+                    cl = cl * 10 + (b[j] - 0x30)
         elif header_is(b + i, colon - i, b"transfer-encoding", 17):
             n_te += 1
             if not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
@@ -5709,6 +5714,9 @@ cdef int run(Relay *R) noexcept nogil:
             if ptr != NULL and (<Up*>ptr).kind == K_UP and (<Up*>ptr).owner == NULL \
                     and not (<Up*>ptr).closed:
                 upstream_event(R, <Up*>ptr, events[i].events, now)
+            elif ptr != NULL and (<Up*>ptr).kind == K_SHADOW and (<Shadow*>ptr).idle \
+                    and not (<Shadow*>ptr).closed:
+                shadow_evict(R, <Shadow*>ptr)  # (the copies' pool: the same)
         for i in range(n if n > 0 else 0):
             ptr = events[i].data.ptr
             if ptr == NULL:  # the wake-up eventfd
