@@ -57,6 +57,14 @@ resume with other alternatives than the saved ones is a :class:`Conflict`:
 which requests were judged would change under the count of intervals
 passed.
 
+**Gateway API** (``--gateway-api``, Flagger's Gateway API provider): the
+same stages, and *stable* and *canary* name a backend Service each (one
+Service per version) instead of a ``version`` label; the shell writes an
+HTTPRoute instead of a RouteRule. :attr:`Rollout.gateway` holds what that
+document needs besides (the port, the Gateways), and says the mode: a
+progressing rollout is never resumed in the other mode (a
+:class:`Conflict`), since its document would change kind under it.
+
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
 to the canary again, unless the caller asks for a fresh start. Times are
@@ -320,6 +328,33 @@ def _num(x: float) -> str:
 
 
 @dataclass(frozen=True)
+class GatewayRoute:
+    """A rollout in Gateway API mode: its HTTPRoute's backendRefs (stable,
+    canary) and its parentRefs (SERVICE's Service, then each Gateway)
+    take *port*; *gateways* name the Gateways the route attaches to too."""
+
+    port: int
+    gateways: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "gateways": list(self.gateways)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> GatewayRoute:
+        if not isinstance(data, dict) or not isinstance(data.get("port"), int):
+            raise ValueError(f"gateway_api {data!r}: not an object with a port")
+        gateways = data.get("gateways") or []
+        if not isinstance(gateways, list) or not all(isinstance(g, str) for g in gateways):
+            raise ValueError(f"gateway_api {data!r}: gateways is not a list of names")
+        return cls(data["port"], tuple(gateways))
+
+
+def mode_of(gateway: GatewayRoute | None) -> str:
+    """The mode as the options say it: ``--gateway-api``, or the RouteRule's."""
+    return "--gateway-api (an HTTPRoute)" if gateway else "a RouteRule (without --gateway-api)"
+
+
+@dataclass(frozen=True)
 class Rollout:
     """Where a rollout stands; what the state file holds."""
 
@@ -340,6 +375,9 @@ class Rollout:
     # A/B testing: the policy's alternatives (kept once it ended, for
     # status); (): weighted steps (a state file from before it)
     match: tuple[HeaderMatch, ...] = ()
+    # Gateway API mode (an HTTPRoute, stable and canary backend Services);
+    # None: a RouteRule (a state file from before it)
+    gateway: GatewayRoute | None = None
 
     @property
     def mirrored(self) -> bool:
@@ -358,6 +396,7 @@ class Rollout:
         d = asdict(self)
         d["steps"] = list(self.steps)
         d["match"] = [m.to_json() for m in self.match]
+        d["gateway"] = None if self.gateway is None else self.gateway.to_json()
         return d
 
     @classmethod
@@ -379,6 +418,9 @@ class Rollout:
                 steps=tuple(int(w) for w in data.get("steps", ())),
                 judged=None if data.get("judged") is None else float(data["judged"]),
                 match=tuple(HeaderMatch.from_json(m) for m in data.get("match") or ()),
+                gateway=(
+                    None if data.get("gateway") is None else GatewayRoute.from_json(data["gateway"])
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
@@ -410,6 +452,7 @@ def resume(
     saved: Rollout | None,
     now: float,
     restart: bool = False,
+    gateway: GatewayRoute | None = None,
 ) -> Event:
     """The rollout to run: a new one, or the saved one where it stood.
 
@@ -428,9 +471,24 @@ def resume(
     * the same versions, finished: returned as it ended (the caller reports
       it) unless *restart*: a rolled-back canary gets no traffic again
       without being asked;
-    * other versions still progressing: :class:`Conflict`.
+    * other versions still progressing: :class:`Conflict`;
+    * the same versions progressing in the other mode (*gateway* None or
+      not, as the saved one's is not): :class:`Conflict`; in the same mode
+      with another port or Gateways, resumed with the new ones. A finished
+      rollout of the other mode is another rollout.
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
+    if saved is not None and same and saved.phase == "progressing":
+        if (saved.gateway is None) != (gateway is None):
+            raise Conflict(
+                f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+                f"{_where(saved)} through {mode_of(saved.gateway)}: resume it that way, or "
+                f"end it first (l4proxy canary promote|abort {saved.service})"
+            )
+        if saved.gateway != gateway:
+            saved = replace(saved, gateway=gateway)
+    elif saved is not None and same and (saved.gateway is None) != (gateway is None):
+        same = False  # finished in the other mode: a new rollout
     if saved is not None and not same and saved.phase == "progressing":
         raise Conflict(
             f"a rollout of {saved.service} from {saved.stable} to {saved.canary} is "
@@ -487,6 +545,7 @@ def resume(
         stages,
         now,
         policy.match,
+        gateway,
     )
     return Event("start", r, previous_weight=saved.weight if saved is not None else None)
 

@@ -505,15 +505,22 @@ def _result(url: str, text: str) -> list[Any]:
     return result
 
 
-def marks_query(service: str, reporter: str = "source") -> str:
+def marks_query(service: str | tuple[str, ...], reporter: str = "source") -> str:
     """The sidecars' rules marks, of the sidecars that route SERVICE.
 
     Only the scrape targets (``job``, ``instance``) that report requests to
     SERVICE: the traffic the checks judge is theirs, and a Prometheus that
     scrapes sidecars watching other rules (another namespace's ConfigMap)
     would have their marks never move. A caller that has sent SERVICE no
-    request yet has no such series and is not waited for."""
-    sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(service)}"'
+    request yet has no such series and is not waited for. Several names
+    (Gateway API mode: SERVICE and the backends', which is what its
+    requests report when a backend has a ServiceEntry of its own): any."""
+    names = (service,) if isinstance(service, str) else service
+    if len(names) == 1:
+        sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(names[0])}"'
+    else:
+        alts = "|".join(re.escape(n) for n in names)
+        sel = f'reporter="{_q(reporter)}",destination_service_name=~"{_q(alts)}"'
     return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
 
 

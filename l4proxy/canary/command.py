@@ -24,6 +24,16 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   would compete with ours, so the command refuses, naming file and line;
   rules with a ``match`` at a higher precedence (say, testers pinned to v2
   by a header) keep their requests.
+* **Gateway API** (``--gateway-api``, Flagger's Gateway API provider): the
+  one document is an HTTPRoute ``canary-SERVICE`` instead
+  (:func:`http_route_document`): parentRefs SERVICE's Service (GAMMA) and
+  each ``--gateway``, one rule whose backendRefs are the stable and canary
+  *Services* with the weights, a RequestMirror filter while mirrored, and
+  one rule per ``--match`` alternative before it. It goes where the
+  RouteRule goes. A user's HTTPRoute on SERVICE's Service with a rule
+  that has no match competes with it. The samples select what the
+  sidecars report for each backend: the registry decides
+  (:func:`backend_targets`, from the rules as loaded).
 * **Atomic, validated writes.** Every change goes through the pieces of
   ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
@@ -75,6 +85,7 @@ from l4proxy.canary._analysis import (
     Check,
     Conflict,
     Event,
+    GatewayRoute,
     HeaderMatch,
     Policy,
     PolicyError,
@@ -115,9 +126,11 @@ from l4proxy.canary._metrics import (
     totals_of,
     window,
 )
+from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.rules.routing import Request, RouteTable, version_and_workload
 from l4proxy.stats import DIGEST, DIGEST_DISAGREE, GENERATION, RulesMark
 
 EXIT_PROMOTED = 0
@@ -145,6 +158,9 @@ examples:
   l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
       --match x-canary=insider --match 'cookie~^(.*?;)?(canary=always)(;.*)?$' \\
       --iterations 10 --metrics 127.0.0.1:15000
+  # Gateway API (one Service per version): an HTTPRoute with weighted backendRefs
+  l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \
+      --rules /etc/l4proxy [--port 8080] [--gateway bootcamp-gateway] --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
@@ -171,6 +187,12 @@ every other one to stable (RouteRules canary-SERVICE-match-1.. at precedence 1,
 beside canary-SERVICE at 0, in the same file or key); each interval is judged on
 the canary's requests, N passes promote it (100 %), --threshold fails roll back.
 Not with --steps, --step-weight, --max-weight or --mirror.
+
+--gateway-api: --stable and --canary name backend Services (one per version), and
+the document is the HTTPRoute canary-SERVICE (gateway.networking.k8s.io/v1):
+parentRefs SERVICE's Service (--port, else its one port in the registry) and each
+--gateway NAME; backendRefs stable and canary with the weights; mirrored, a
+RequestMirror filter; A/B, a rule per --match (headers only) before it.
 
 exit status:
   0  promoted (100 % to the canary)
@@ -271,6 +293,28 @@ def add_parser(sub: Any) -> None:
         help=f"A/B testing: intervals judged before the canary is promoted "
         f"(Flagger's analysis.iterations) ({AB_ITERATIONS})",
     )
+    p.add_argument(
+        "--gateway-api",
+        action="store_true",
+        help="write an HTTPRoute (Flagger's Gateway API provider): --stable and --canary "
+        "name a backend Service each (one Service per version, e.g. bootcamp-v1), weighted "
+        "as backendRefs; its parents SERVICE's Service and each --gateway",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        metavar="PORT",
+        help="--gateway-api: SERVICE's port (its parentRef's) and the backends' (default: "
+        "SERVICE's port in the registry, when it has one)",
+    )
+    p.add_argument(
+        "--gateway",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="--gateway-api: a Gateway the HTTPRoute attaches to as well (repeatable; "
+        "Flagger's gatewayRefs)",
+    )
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
@@ -346,6 +390,31 @@ def add_parser(sub: Any) -> None:
 
     canary_kube.add_arguments(p)
     p.set_defaults(func=run)
+
+
+def gateway_options(args: argparse.Namespace) -> bool:
+    """Whether Gateway API mode is asked for; --port and --gateway checked
+    (they go with it, and nothing else reads them)."""
+    on = bool(getattr(args, "gateway_api", False))
+    port: int | None = getattr(args, "port", None)
+    gateways: list[str] = getattr(args, "gateway", None) or []
+    if not on:
+        for flag, given in (("--port", port is not None), ("--gateway", bool(gateways))):
+            if given:
+                raise CanaryError(
+                    f"{flag} goes with --gateway-api (the HTTPRoute's port and parents); a "
+                    "RouteRule routes SERVICE's every port"
+                )
+        return False
+    if port is not None and not 1 <= port <= 65535:
+        raise CanaryError(f"--port {port}: not a port (1..65535)")
+    for g in gateways:
+        if not DNS1123_SUBDOMAIN.fullmatch(g):
+            raise CanaryError(
+                f"--gateway {g!r}: not a Gateway name (a DNS subdomain, e.g. bootcamp-gateway; "
+                "the HTTPRoute's namespace's)"
+            )
+    return True
 
 
 def policy_of(args: argparse.Namespace) -> Policy:
@@ -446,6 +515,71 @@ def canary_owns(main: str, name: object) -> bool:
 
 
 def document(r: Rollout) -> str:
+    """The canary's main document: :func:`route_rule_document`, or in Gateway
+    API mode :func:`http_route_document`."""
+    return route_rule_document(r) if r.gateway is None else http_route_document(r)
+
+
+# --match names that a RouteRule reads as request attributes, not headers
+# (uri, method, scheme, authority): an HTTPRoute's header match would take
+# them for headers of those names
+PSEUDO_HEADERS = ("uri", "method", "scheme", "authority")
+
+
+def http_route_document(r: Rollout) -> str:
+    """The canary's HTTPRoute (Gateway API mode, Flagger's Gateway API
+    provider): parents SERVICE's Service (GAMMA: ``group: ""``, ``kind:
+    Service``, the port) and each Gateway; one rule without a match whose
+    backendRefs are the stable and canary Services, both always listed (a
+    weight 0 sends none, the API's rule, as Flagger writes its primary and
+    canary refs), and while mirrored a RequestMirror filter on that rule to
+    the canary (the API lets no backendRef carry one; Flagger puts it on the
+    rule). While A/B testing each alternative is a rule before it: its
+    header match, every request to the canary. The API ranks a rule with a
+    header match above one without (both PathPrefix ``/``), whatever their
+    order; they come first anyway, as the RouteRules' precedence reads."""
+    g = r.gateway
+    assert g is not None
+    phase = "mirrored" if r.mirrored else "A/B testing" if r.ab_testing else r.phase
+    parents = f'  - group: ""\n    kind: Service\n    name: {r.service.split(".", 1)[0]}\n'
+    parents += f"    port: {g.port}\n"
+    parents += "".join(f"  - name: {json.dumps(name)}\n" for name in g.gateways)
+
+    def ref(name: str, weight: int, indent: str = "    ") -> str:
+        # quoted (JSON is YAML): a name like 1.10 or on is a string
+        return f"{indent}- name: {json.dumps(name)}\n{indent}  port: {g.port}\n" + (
+            f"{indent}  weight: {weight}\n"
+        )
+
+    rules = ""
+    if r.ab_testing:
+        for m in r.match:
+            kind = "Exact" if m.kind == "exact" else "RegularExpression"
+            rules += (
+                "  - matches:\n    - headers:\n"
+                f"      - name: {json.dumps(m.header)}\n        type: {kind}\n"
+                f"        value: {json.dumps(m.value)}\n"
+                f"    backendRefs:\n{ref(r.canary, 1)}"
+            )
+    rules += f"  - backendRefs:\n{ref(r.stable, 100 - r.weight)}{ref(r.canary, r.weight)}"
+    if r.mirrored:
+        rules += (
+            "    filters:\n    - type: RequestMirror\n      requestMirror:\n"
+            f"        backendRef:\n          name: {json.dumps(r.canary)}\n"
+            f"          port: {g.port}\n"
+        )
+    return (
+        f"# Owned by 'l4proxy canary {r.service} --gateway-api' ({r.stable} -> {r.canary}, "
+        f"{phase}):\n"
+        "# rewritten at every step; edits are overwritten. Remove it with the rollout's end.\n"
+        "apiVersion: gateway.networking.k8s.io/v1\n"
+        "kind: HTTPRoute\n"
+        f"metadata:\n  name: {rule_name(r.service)}\n"
+        f"spec:\n  parentRefs:\n{parents}  rules:\n{rules}"
+    )
+
+
+def route_rule_document(r: Rollout) -> str:
     """The canary's RouteRule for *r*'s weight (0-weight routes left out);
     mirrored (:attr:`Rollout.mirrored`), every request to stable and a
     ``mirror`` copying each to the canary (Istio 0.7's field: an
@@ -493,9 +627,10 @@ def match_document(r: Rollout, i: int, m: HeaderMatch) -> str:
 
 def documents(r: Rollout) -> list[tuple[str, str]]:
     """(name, text) of each document the canary owns for *r*: the main one,
-    then, while A/B testing, one per alternative."""
+    then, while A/B testing, one per alternative (an HTTPRoute has them
+    inside: its rules)."""
     out = [(rule_name(r.service), document(r))]
-    if r.ab_testing:
+    if r.ab_testing and r.gateway is None:
         out += [
             (match_rule_name(r.service, i), match_document(r, i, m))
             for i, m in enumerate(r.match, 1)
@@ -520,13 +655,18 @@ def splice(text: str, ours: str, name: str) -> str:
 
 
 def splice_documents(
-    text: str, ours: Sequence[tuple[str, str]], owned: Callable[[str], bool]
+    text: str,
+    ours: Sequence[tuple[str, str]],
+    owned: Callable[[str], bool],
+    kind: str = "RouteRule",
 ) -> str:
-    """*text* with each of *ours* (name, document) replacing the RouteRule of
-    that name in place (appended, in order, when absent), and every other
-    RouteRule whose name is *owned* removed with one separator (the one
-    before it; the first document's, the one after it): the match documents
-    of an A/B test that ended. Every other document keeps its bytes."""
+    """*text* with each of *ours* (name, document) replacing the document of
+    that *kind* and name in place (appended, in order, when absent), and
+    every other RouteRule or HTTPRoute whose name is *owned* removed with
+    one separator (the one before it; the first document's, the one after
+    it): the match documents of an A/B test that ended, and the canary's
+    document of the other kind (a rollout run in the other mode before).
+    Every other document keeps its bytes."""
     parts = _SEPARATOR.split(text)  # doc, sep, doc, sep, ...
     # (the separator before it, the document): the first has none
     items = [("", parts[0])] + [(parts[i], parts[i + 1]) for i in range(1, len(parts), 2)]
@@ -537,10 +677,11 @@ def splice_documents(
     for sep, segment in items:
         if dropped_first and not kept:
             sep = ""  # the document that comes first now
-        name = _route_rule_name(segment)
-        if name is not None and name in wanted and name not in placed:
-            placed.add(name)
-            kept.append((sep, wanted[name]))
+        found = _owned_kind_name(segment)
+        name = None if found is None else found[1]
+        if found is not None and found[0] == kind and found[1] in wanted and name not in placed:
+            placed.add(found[1])
+            kept.append((sep, wanted[found[1]]))
         elif name is not None and owned(name):
             dropped_first = dropped_first or not kept
         else:
@@ -557,7 +698,7 @@ def splice_documents(
     return out
 
 
-def _route_rule_name(segment: str) -> str | None:
+def _owned_kind_name(segment: str) -> tuple[str, str] | None:
     """The name of the RouteRule that *segment* is (None: another document)."""
     try:
         doc = yaml.safe_load(segment)
@@ -565,16 +706,26 @@ def _route_rule_name(segment: str) -> str | None:
         return None
     if (
         isinstance(doc, dict)
-        and doc.get("kind") == "RouteRule"
+        and doc.get("kind") in ("RouteRule", "HTTPRoute")
         and isinstance(doc.get("metadata"), dict)
         and isinstance(doc["metadata"].get("name"), str)
     ):
-        return str(doc["metadata"]["name"])
+        return str(doc["kind"]), str(doc["metadata"]["name"])
     return None
 
 
-def competing(files: Sequence[str], service: str, own: str, name: str) -> list[str]:
-    """The user's rules that route SERVICE for every request (file:line: what)."""
+def competing(
+    files: Sequence[str], service: str, own: str, name: str, gateway_api: bool = False
+) -> list[str]:
+    """The user's rules that route SERVICE for every request (file:line: what).
+
+    *gateway_api* (our document an HTTPRoute): an HTTPRoute on SERVICE's
+    Service competes only where one of its rules has no match (or an empty
+    one: every request); one whose every rule matches something keeps
+    those requests beside ours, ranked by the API's precedence. Without it
+    every HTTPRoute on SERVICE's Service competes with our RouteRule (the
+    loader refuses a host routed by two APIs). Ours, of either kind, in
+    *own* never competes."""
     out: list[str] = []
     short = service.split(".", 1)[0]
 
@@ -593,11 +744,9 @@ def competing(files: Sequence[str], service: str, own: str, name: str) -> list[s
             meta: dict[str, Any] = v["metadata"] if isinstance(v.get("metadata"), dict) else {}
             spec: dict[str, Any] = v["spec"] if isinstance(v.get("spec"), dict) else {}
             kind, obj = v.get("kind"), f"{v.get('kind')} {meta.get('name')}"
+            if f == own and kind in ("RouteRule", "HTTPRoute") and meta.get("name") == name:
+                continue  # ours (an A/B test's match documents have a match: never compete)
             if kind == "RouteRule":
-                # ours (an A/B test's match documents have a match: they
-                # never compete)
-                if f == own and meta.get("name") == name:
-                    continue
                 dest: dict[str, Any] = spec.get("destination") or {}
                 dest = dest if isinstance(dest, dict) else {}
                 if names_it(dest.get("name")) and not spec.get("match"):
@@ -606,14 +755,43 @@ def competing(files: Sequence[str], service: str, own: str, name: str) -> list[s
                 if any(names_it(h) for h in spec.get("hosts") or []):
                     out.append(f"{f}:{d.line}: {obj} routes host {short}")
             elif kind == "HTTPRoute":
-                for ref in spec.get("parentRefs") or []:
-                    if (
-                        isinstance(ref, dict)
-                        and ref.get("kind") == "Service"
-                        and names_it(ref.get("name"))
-                    ):
-                        out.append(f"{f}:{d.line}: {obj} routes Service {short}")
+                parent = any(
+                    isinstance(ref, dict)
+                    and ref.get("kind") == "Service"
+                    and names_it(ref.get("name"))
+                    for ref in spec.get("parentRefs") or []
+                )
+                if parent and not gateway_api:
+                    out.append(f"{f}:{d.line}: {obj} routes Service {short}")
+                elif parent and any(_every_request(rule) for rule in spec.get("rules") or []):
+                    out.append(f"{f}:{d.line}: {obj} routes every request of Service {short}")
     return out
+
+
+def _every_request(rule: object) -> bool:
+    """Whether an HTTPRoute rule matches every request: no ``matches`` (the
+    API's default, PathPrefix ``/``), or a match that tests nothing but
+    PathPrefix ``/``."""
+    if not isinstance(rule, dict):
+        return False
+    matches = rule.get("matches")
+    if not matches:
+        return True
+    if not isinstance(matches, list):
+        return False
+    for m in matches:
+        if not isinstance(m, dict):
+            continue
+        path = m.get("path")
+        tests = {k for k in m if k != "path"}
+        every_path = path is None or (
+            isinstance(path, dict)
+            and path.get("type", "PathPrefix") == "PathPrefix"
+            and path.get("value", "/") == "/"
+        )
+        if every_path and not tests:
+            return True
+    return False
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -642,7 +820,12 @@ def check_matches(r: Rollout, namespace: str, domain: str) -> None:
     """Refuse *r*'s ``--match`` alternatives that a sidecar would refuse (a
     header name that is not one, a regex that is not RE2's), before
     anything is written: its match documents alone, loaded as a sidecar
-    loads rules; the error names the option."""
+    loads rules; the error names the option. In Gateway API mode each
+    alternative alone, as an HTTPRoute rule, beside a registry of its own
+    (SERVICE and the two backends) so that nothing else can fail."""
+    if r.gateway is not None:
+        _check_gateway_matches(r, namespace, domain)
+        return
     names = {match_rule_name(r.service, i): m for i, m in enumerate(r.match, 1)}
     with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
         path = os.path.join(tmp, "match.yaml")
@@ -656,6 +839,36 @@ def check_matches(r: Rollout, namespace: str, domain: str) -> None:
             raise CanaryError(
                 f"--match {m}: {d.message}" if d is not None and m is not None else str(exc)
             ) from exc
+
+
+def _check_gateway_matches(r: Rollout, namespace: str, domain: str) -> None:
+    assert r.gateway is not None
+    for m in r.match:
+        if m.header in PSEUDO_HEADERS:
+            raise CanaryError(
+                f"--match {m}: with --gateway-api a match is on a request header; {m.header} "
+                "is one of a RouteRule's request attributes (uri, method, scheme, authority), "
+                "which an HTTPRoute matches otherwise (path, method): match a header"
+            )
+    port = r.gateway.port
+    registry = "".join(
+        "---\napiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\n"
+        f"metadata: {{name: {json.dumps(f'probe-{i}')}}}\n"
+        f"spec:\n  hosts: [{json.dumps(f'{host}.{namespace}.svc.{domain}')}]\n"
+        f"  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n"
+        "  endpoints: [{address: 127.0.0.1}]\n"
+        for i, host in enumerate((r.service.split(".", 1)[0], r.stable, r.canary))
+    )
+    for m in r.match:
+        alone = replace(r, gateway=replace(r.gateway, gateways=()), match=(m,))
+        with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
+            with open(os.path.join(tmp, "match.yaml"), "w") as f:
+                f.write(http_route_document(alone) + registry)
+            try:
+                load_rules([tmp], namespace=namespace, domain=domain)
+            except ConfigError as exc:
+                d = next((d for d in exc.diagnostics if d.severity == "error"), None)
+                raise CanaryError(f"--match {m}: {d.message if d else exc}") from exc
 
 
 def first_error(exc: ConfigError) -> str:
@@ -697,12 +910,19 @@ class RulesWriter:
             raise CanaryError(f"{self.paths.directory}: {unreadable[0].message}")
         return [f for f in files if f != self.paths.document]
 
-    def check_competing(self) -> None:
+    def check_competing(self, gateway_api: bool = False) -> None:
         self.check_other_form()
-        found = competing(self.others(), self.service, self.paths.document, rule_name(self.service))
+        found = competing(
+            self.others(),
+            self.service,
+            self.paths.document,
+            rule_name(self.service),
+            gateway_api,
+        )
         if found:
+            kind = "HTTPRoute" if gateway_api else "RouteRule"
             raise CanaryError(
-                f"{found[0]}\n  l4proxy canary routes {self.service} through its own RouteRule "
+                f"{found[0]}\n  l4proxy canary routes {self.service} through its own {kind} "
                 f"{rule_name(self.service)}, and a rule without a match would compete with it: "
                 "delete that rule (l4proxy delete -f FILE), or give it a match so it takes only "
                 "the requests it names; then run this again"
@@ -736,13 +956,13 @@ class RulesWriter:
                 continue  # the validation says what is wrong with it
             for d in docs:
                 v = d.value
-                if not isinstance(v, dict) or v.get("kind") != "RouteRule":
+                if not isinstance(v, dict) or v.get("kind") not in ("RouteRule", "HTTPRoute"):
                     continue
                 meta = v.get("metadata")
                 name = meta.get("name") if isinstance(meta, dict) else None
                 if canary_owns(main, name):
                     raise CanaryError(
-                        f"{f}:{d.line}: RouteRule {name} is the canary's (a rollout run with "
+                        f"{f}:{d.line}: {v.get('kind')} {name} is the canary's (a rollout run with "
                         f"--rules {f}), and --rules {self.paths.rules} would write another in "
                         f"{self.paths.document}: two of that name in {directory}, which the "
                         f"sidecars refuse. Run it with --rules {f}, or, once that rollout has "
@@ -760,7 +980,10 @@ class RulesWriter:
         main = rule_name(self.service)
         try:
             return splice_documents(
-                read_file(doc), documents(r), lambda name: canary_owns(main, name)
+                read_file(doc),
+                documents(r),
+                lambda name: canary_owns(main, name),
+                "RouteRule" if r.gateway is None else "HTTPRoute",
             )
         except (Unreadable, SourceProblem) as exc:
             raise CanaryError(f"{doc}: cannot read: {exc}") from exc
@@ -775,7 +998,7 @@ class RulesWriter:
         doc = self.paths.document
         rollback = r.phase == "rolled_back"
         if not rollback:
-            self.check_competing()
+            self.check_competing(r.gateway is not None)
         new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
         if self._holds(new_text):
             return False
@@ -800,6 +1023,27 @@ class RulesWriter:
                 os.unlink(cand)
         return True
 
+    def table(self, r: Rollout | None) -> RouteTable:
+        """The rules as a sidecar would load them with *r*'s documents
+        written (None: as they are): the registry the Gateway API mode's
+        port and metric labels come from. Refused: :class:`CanaryError`."""
+        with apply._locked(self.paths.directory):
+            if r is None:
+                files = self.others() if self.paths.is_dir else [self.paths.document]
+                return _load_table(files, self.namespace, self.domain, lambda t: t)
+            new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
+            keep = self.others() if self.paths.is_dir else []
+            with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
+                cand = os.path.join(tmp, os.path.basename(self.paths.document))
+                with open(cand, "w") as f:
+                    f.write(new_text)
+                return _load_table(
+                    [*keep, cand],
+                    self.namespace,
+                    self.domain,
+                    lambda t: t.replace(cand, self.paths.document),
+                )
+
     def _holds(self, text: str) -> bool:
         """Whether our document's file holds *text* already (a resume at the
         same weight): then nothing is written, and no reload is waited for."""
@@ -808,6 +1052,85 @@ class RulesWriter:
                 return f.read() == text
         except OSError:
             return False
+
+
+def _load_table(
+    files: Sequence[str], namespace: str, domain: str, relabel: Callable[[str], str]
+) -> RouteTable:
+    try:
+        return load_rules(list(files), namespace=namespace, domain=domain).table
+    except ConfigUnreadable as exc:
+        raise CanaryError(relabel(str(exc))) from exc
+    except ConfigError as exc:
+        raise CanaryError(f"refused: the rules are invalid: {relabel(first_error(exc))}") from exc
+
+
+def service_port(table: RouteTable, service: str, namespace: str, domain: str) -> int:
+    """``--gateway-api`` without ``--port``: SERVICE's one port in the
+    registry (its ServiceEntry); none, or several: an error naming --port."""
+    host = service_host(service, namespace, domain)
+    svc = table.service(host)
+    if svc is None:
+        raise CanaryError(
+            f"--gateway-api: no ServiceEntry for {host} in the rules, so SERVICE's port is not "
+            "known: give --port PORT (the port of the HTTPRoute's parent and backends)"
+        )
+    ports = sorted(p.number for p in svc.ports)
+    if len(ports) != 1:
+        raise CanaryError(
+            f"--gateway-api: {host} has ports {', '.join(map(str, ports))}: give --port PORT "
+            "(the one the HTTPRoute routes, its backends' too)"
+        )
+    return ports[0]
+
+
+def service_host(service: str, namespace: str, domain: str) -> str:
+    """SERVICE's host in the registry: as given when it has a dot, else
+    ``SERVICE.NAMESPACE.svc.DOMAIN``."""
+    return service if "." in service else f"{service}.{namespace}.svc.{domain}"
+
+
+def backend_targets(
+    table: RouteTable, r: Rollout, namespace: str, domain: str
+) -> dict[str, tuple[str, str]]:
+    """Gateway API mode: for the stable and the canary backend, the
+    (``destination_service_name``, ``destination_version``) that the
+    sidecars' metrics give its requests, in a *table* loaded with *r*'s
+    HTTPRoute at 50/50 (:meth:`RouteTable.choices`, as the worker labels a
+    choice: ``_subset_tag``, :func:`version_and_workload`). The registry
+    decides: a backend with a ServiceEntry of its own reports its own name
+    (``bootcamp-v2``) and its endpoints' ``version`` label (else the subset's
+    name, ``default``); a backend that is a DNS endpoint of SERVICE's
+    ServiceEntry (deploy/kubernetes) reports SERVICE and that endpoint's
+    ``version`` label, as a RouteRule's subset does. A backend that resolves
+    to nothing, or two that report alike, is an error naming the option."""
+    host = service_host(r.service, namespace, domain)
+    svc = table.service(host)
+    assert r.gateway is not None
+    if svc is None:
+        raise CanaryError(f"--gateway-api: no ServiceEntry for {host} in the rules")
+    port = r.gateway.port
+    rc = table.choices(svc, port, Request(path="/", authority=f"{r.service}:{port}"))
+    out: dict[str, tuple[str, str]] = {}
+    subsets = list(rc.subsets)
+    for flag, name in (("--stable", r.stable), ("--canary", r.canary)):
+        ws = subsets.pop(0) if subsets else None
+        if ws is None or ws.service is None or not ws.endpoints:
+            raise CanaryError(
+                f"--gateway-api: {flag} {name}: the backend resolves to no endpoint in the "
+                f"rules (no ServiceEntry host {name}.{namespace}.svc.{domain}, nor a DNS "
+                "endpoint of that name): its requests would be answered 500"
+            )
+        version, _ = version_and_workload(ws.service.host, ws.subset, ws.endpoints)
+        out[name] = (ws.service.host.split(".", 1)[0], version)
+    if out[r.stable] == out[r.canary]:
+        service, version = out[r.canary]
+        raise CanaryError(
+            f"--gateway-api: --stable {r.stable} and --canary {r.canary} are both reported as "
+            f"{service} version {version}: the metrics could not tell them apart (give each "
+            "version's endpoints their own version label)"
+        )
+    return out
 
 
 class Store(Protocol):
@@ -823,7 +1146,8 @@ class Store(Protocol):
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def install(self, r: Rollout) -> bool: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
-    def check_competing(self) -> None: ...
+    def check_competing(self, *, gateway_api: bool = False) -> None: ...
+    def table(self, r: Rollout | None) -> RouteTable: ...
 
 
 class FileStore:
@@ -884,8 +1208,11 @@ class FileStore:
             raise Superseded(current)
         return current
 
-    def check_competing(self) -> None:
-        self.writer.check_competing()
+    def check_competing(self, *, gateway_api: bool = False) -> None:
+        self.writer.check_competing(gateway_api)
+
+    def table(self, r: Rollout | None) -> RouteTable:
+        return self.writer.table(r)
 
 
 def load_state(path: str) -> Rollout | None:
@@ -916,6 +1243,10 @@ class SidecarMetrics:
         self.get = get
         self.window = CounterWindow()
         self.marks: dict[str, RulesMark | None] = {}
+        # a version's (destination_service_name, destination_version) where
+        # it is not (SERVICE, the version): Gateway API mode's backends
+        # (backend_targets)
+        self.targets: dict[str, tuple[str, str]] = {}
 
     def _read(self, mirrored: bool = False) -> dict[Series, float]:
         readings: dict[str, dict[Series, float]] = {}
@@ -939,7 +1270,8 @@ class SidecarMetrics:
         (stable, at a mirrored interval): its answers to the copies too."""
         mirrored = mirrored_from is not None
         deltas = self._read(mirrored)
-        sample = totals_of(deltas, self.service, version, mirrored).sample()
+        service, version = self.targets.get(version, (self.service, version))
+        sample = totals_of(deltas, service, version, mirrored).sample()
         if not mirrored:
             return sample
         # summed over the sidecars, as the copies are: a copy dropped (the
@@ -1004,6 +1336,7 @@ class PrometheusMetrics:
         self.err = err
         self.min_requests = min_requests  # --min-requests: see copies_missing
         self.marks: dict[str, RulesMark | None] = {}
+        self.targets: dict[str, tuple[str, str]] = {}  # as SidecarMetrics'
         self.unread = ""  # why the marks could not be read before the change
         self.warned: set[str] = set()
         # time.monotonic() from which the rules last written are live (or
@@ -1011,7 +1344,8 @@ class PrometheusMetrics:
         self.live_at: float | None = None
 
     def _marks(self) -> dict[str, RulesMark | None]:
-        url = query_url(self.base, marks_query(self.service, self.reporter))
+        services = dict.fromkeys([self.service, *(s for s, _ in self.targets.values())])
+        url = query_url(self.base, marks_query(tuple(services), self.reporter))
         return marks_of(parse_query_vector(url, self.get(url)))
 
     def start_window(self, mirrored: bool = False) -> None:
@@ -1042,16 +1376,18 @@ class PrometheusMetrics:
                 time.sleep(rest)
         mirrored = mirrored_from is not None
         answers = {}
-        for key, q in promql(self.service, version, interval, self.reporter, mirrored).items():
+        service, label = self.targets.get(version, (self.service, version))
+        for key, q in promql(service, label, interval, self.reporter, mirrored).items():
             url = query_url(self.base, q)
             answers[key] = parse_query_response(url, self.get(url))
         if mirrored_from is not None and answers["copies"] is None:
-            q = stable_query(self.service, mirrored_from, interval, self.reporter)
+            from_service, from_label = self.targets.get(
+                mirrored_from, (self.service, mirrored_from)
+            )
+            q = stable_query(from_service, from_label, interval, self.reporter)
             url = query_url(self.base, q)
             stable = parse_query_response(url, self.get(url))
-            why = copies_missing(
-                answers["copies"], stable, self.min_requests, self.service, version
-            )
+            why = copies_missing(answers["copies"], stable, self.min_requests, service, label)
             if why:
                 raise MetricsError(why)
         return sample_from_prometheus(answers)
@@ -1176,7 +1512,7 @@ class Display:
         r, p = ev.rollout, self.policy
         if ev.kind in ("start", "resume"):
             head = (
-                f"{r.service}: {r.stable} -> {r.canary}, {plan(r.steps, r)} "
+                f"{r.service}: {r.stable} -> {r.canary}{route_words(r)}, {plan(r.steps, r)} "
                 f"every {p.interval:g} s; a check passes with success >= "
                 f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
                 f"requests; {p.threshold} failed checks roll back"
@@ -1259,6 +1595,16 @@ class Display:
         if r.mirrored:
             return f"pass -> mirror {r.step + 1}/{mirrored_stages(r.steps)}"
         return f"pass -> {r.weight} %"
+
+
+def route_words(r: Rollout) -> str:
+    """After ``stable -> canary``, in Gateway API mode what routes them:
+    `` (HTTPRoute canary-bootcamp, port 8080, gateways gw)``; else ""."""
+    if r.gateway is None:
+        return ""
+    g = r.gateway
+    gateways = f", gateway{'s' if len(g.gateways) > 1 else ''} {','.join(g.gateways)}"
+    return f" (HTTPRoute {rule_name(r.service)}, port {g.port}{gateways if g.gateways else ''})"
 
 
 def alternatives(match: Sequence[HeaderMatch]) -> str:
@@ -1345,6 +1691,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         out["mirror"] = True
     if r.match:  # A/B testing: the requests that went to the canary
         out["match"] = [m.to_json() for m in r.match]
+    if r.gateway is not None:  # stable and canary are backend Services of an HTTPRoute
+        out["gateway_api"] = r.gateway.to_json()
     if ev.kind in ("start", "resume"):  # the plan, as the first line says it
         if r.match:
             out["iterations"] = len(r.steps)
@@ -1472,6 +1820,11 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             # the marks as Prometheus scraped them; none readable: the change
             # is written all the same, and not waited for
             sidecars = PrometheusMetrics(args.prometheus, store.service, args.reporter)
+            if saved.gateway is not None:
+                # the backends' names too, for the marks: what a backend with
+                # a ServiceEntry of its own reports (backend_targets; not
+                # resolved here: an abort must not wait on the rules loading)
+                sidecars.targets = {v: (v, v) for v in (saved.stable, saved.canary)}
             before = sidecars.before_change()
             if not any(m is not None for m in before.values()):
                 why = sidecars.unread or (
@@ -1502,7 +1855,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         else:
             at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
         print(
-            f"{r.service}: {r.stable} -> {r.canary} {r.phase} {at} "
+            f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {r.phase} {at} "
             f"{r.failed_checks} failed checks, "
             f"{r.checks} checks" + (f"; {r.reason}" if r.reason else ""),
             file=out,
@@ -1532,12 +1885,24 @@ def _analyse(
             "give the metrics: --metrics HOST:PORT (a sidecar's admin endpoint, repeatable) "
             "or --prometheus URL"
         )
+    if getattr(args, "gateway_api", False):
+        for flag, v in (("--stable", args.stable), ("--canary", args.canary)):
+            if not DNS1123_LABEL.fullmatch(v):
+                raise CanaryError(
+                    f"--gateway-api: {flag} {v!r} is not a Service name (a DNS label: lower "
+                    "case letters, digits and '-', e.g. bootcamp-v2): with --gateway-api "
+                    "it names the version's backend Service, not a version label"
+                )
     policy = policy_of(args)
+    gateway_api = gateway_options(args)
+    namespace = getattr(store, "namespace", None) or args.namespace or "default"
+    # (the port is the registry's where not given: read once the rules are)
+    plan_gateway = GatewayRoute(args.port or 1, tuple(args.gateway)) if gateway_api else None
     if policy.match:  # exit 2 naming the option, before anything is written
-        plan_only = Rollout(service, args.stable, args.canary, steps=policy.stages)
-        check_matches(
-            replace(plan_only, match=policy.match), args.namespace or "default", args.domain
+        plan_only = Rollout(
+            service, args.stable, args.canary, steps=policy.stages, gateway=plan_gateway
         )
+        check_matches(replace(plan_only, match=policy.match), namespace, args.domain)
     wait = wait_live_of(args)
     metrics: Metrics = (
         SidecarMetrics(args.metrics, service)
@@ -1547,7 +1912,11 @@ def _analyse(
         )
     )
     display = Display(out, args.json, policy)
-    store.check_competing()
+    store.check_competing(gateway_api=gateway_api)
+    gateway = None
+    if gateway_api:
+        port = args.port or service_port(store.table(None), service, namespace, args.domain)
+        gateway = GatewayRoute(port, tuple(dict.fromkeys(args.gateway)))
     ev = resume(
         policy,
         service,
@@ -1556,8 +1925,13 @@ def _analyse(
         store.load_state(),
         time.time(),
         restart=args.restart,
+        gateway=gateway,
     )
     r = ev.rollout
+    if r.gateway is not None:
+        # what the sidecars report for each backend: the registry decides
+        probe = replace(r, phase="progressing", weight=50, match=())
+        metrics.targets = backend_targets(store.table(probe), probe, namespace, args.domain)
     loaded = store.load_state()  # what resume() started from
     # fails early (exit 2) when the metrics are missing: those of the
     # copies too where the rollout is mirrored

@@ -84,6 +84,7 @@ from l4proxy.canary.command import (
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
+from l4proxy.rules.routing import RouteTable
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ANNOTATION_PREFIX = "l4proxy.io/canary-"
@@ -394,8 +395,27 @@ class ConfigMapStore:
     def load_state(self) -> Rollout | None:
         return state_of(self.get(), self.service)
 
-    def check_competing(self, obj: Mapping[str, Any] | None = None) -> None:
-        self.validate(obj if obj is not None else self.get(), None)
+    def check_competing(
+        self, obj: Mapping[str, Any] | None = None, *, gateway_api: bool = False
+    ) -> None:
+        self.validate(obj if obj is not None else self.get(), None, gateway_api)
+
+    def table(self, r: Rollout | None) -> RouteTable:
+        """The rules as the sidecars would load the ConfigMap with *r*'s
+        documents (None: as it is), one file per key as mounted."""
+        obj = self.get()
+        new = edited(obj, self.service, r, with_document=True) if r is not None else obj
+        where = f"configmap/{self.namespace}/{self.name}"
+        with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
+            self._mount(new, tmp, where)
+            try:
+                return load_rules([tmp], namespace=self.namespace, domain=self.domain).table
+            except ConfigUnreadable as exc:
+                raise KubeError(relabel(str(exc), tmp, where)) from exc
+            except ConfigError as exc:
+                raise KubeError(
+                    f"refused: the rules are invalid: {relabel(first_error(exc), tmp, where)}"
+                ) from exc
 
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
         self._update(r, with_document=False, expected=expected)
@@ -411,27 +431,36 @@ class ConfigMapStore:
         return self._update(r, with_document=True, expected=expected)
 
     # -- internals -------------------------------------------------------------------
-    def validate(self, obj: Mapping[str, Any], r: Rollout | None) -> None:
-        """Refuse *obj* if the sidecars would refuse its rules (or ours compete)."""
+    @staticmethod
+    def _mount(obj: Mapping[str, Any], tmp: str, where: str) -> dict[str, str]:
+        """Write *obj*'s data keys into *tmp*, one file each, as the kubelet mounts them."""
         files = mounted_files(obj)
+        for key, text in files.items():
+            if "/" in key or key in (".", ".."):
+                raise KubeError(f"{where}: key {key!r} is not a file name")
+            with open(os.path.join(tmp, key), "w") as f:
+                f.write(text)
+        return files
+
+    def validate(
+        self, obj: Mapping[str, Any], r: Rollout | None, gateway_api: bool = False
+    ) -> None:
+        """Refuse *obj* if the sidecars would refuse its rules (or ours compete)."""
         where = f"configmap/{self.namespace}/{self.name}"
         ours = doc_key(self.service)
         with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
-            for key, text in files.items():
-                if "/" in key or key in (".", ".."):
-                    raise KubeError(f"{where}: key {key!r} is not a file name")
-                with open(os.path.join(tmp, key), "w") as f:
-                    f.write(text)
+            files = self._mount(obj, tmp, where)
             others = sorted(
                 os.path.join(tmp, k) for k in files if k != ours and not k.startswith(".")
             )
             found = competing(
-                others, self.service, os.path.join(tmp, ours), rule_name(self.service)
+                others, self.service, os.path.join(tmp, ours), rule_name(self.service), gateway_api
             )
             if found:
+                kind = "HTTPRoute" if gateway_api else "RouteRule"
                 raise KubeError(
                     f"{relabel(found[0], tmp, where)}\n  l4proxy canary routes {self.service} "
-                    f"through its own RouteRule {rule_name(self.service)} (key {ours}), and a "
+                    f"through its own {kind} {rule_name(self.service)} (key {ours}), and a "
                     "rule without a match would compete with it: remove that rule from the "
                     "ConfigMap, or give it a match; then run this again"
                 )
@@ -467,7 +496,7 @@ class ConfigMapStore:
             # A state alone changes nothing the sidecars read; a rollback is
             # written whatever the rest holds (RulesWriter.install_locked).
             if with_document and r.phase != "rolled_back":
-                self.validate(new, r)
+                self.validate(new, r, r.gateway is not None)
             status, body = self.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
                 return mounted_files(new).get(key) != first

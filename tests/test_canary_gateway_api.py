@@ -1,0 +1,434 @@
+"""``l4proxy canary --gateway-api``: Flagger's Gateway API provider. The
+canary's document is an HTTPRoute whose backendRefs are the stable and
+canary Services (one Service per version), and its samples select what the
+sidecars report for each backend, as the registry resolves it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from l4proxy.canary._analysis import (
+    Conflict,
+    GatewayRoute,
+    HeaderMatch,
+    Policy,
+    Rollout,
+    resume,
+)
+from l4proxy.canary._metrics import marks_query, totals_of
+from l4proxy.canary.command import (
+    backend_targets,
+    canary_owns,
+    competing,
+    document,
+    documents_text,
+    splice_documents,
+)
+from l4proxy.rules import load_rules
+from l4proxy.rules.routing import Request, RouteTable
+from tests.conftest import serving
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
+PER_VERSION = os.path.join(DATA, "registry-per-version.yaml")
+DNS = os.path.join(DATA, "registry-dns.yaml")
+HOST = "bootcamp.default.svc.cluster.local"
+GW = GatewayRoute(8080)
+R = Rollout(
+    "bootcamp", "bootcamp-v1", "bootcamp-v2", weight=25, step=1, steps=(5, 25, 100), gateway=GW
+)
+AB = replace(
+    R,
+    weight=0,
+    step=0,
+    steps=(0, 0),
+    match=(HeaderMatch("x-canary", "exact", "insider"), HeaderMatch("cookie", "regex", ".*c=1.*")),
+)
+P = Policy(steps=(5, 25, 100), interval=1, threshold=2)
+
+
+def _table(tmp_path: pathlib.Path, r: Rollout, registry: str = PER_VERSION) -> RouteTable:
+    shutil.copy(registry, tmp_path)
+    (tmp_path / "canary-bootcamp.yaml").write_text(documents_text(r))
+    return load_rules([str(tmp_path)], namespace="default", domain="cluster.local").table
+
+
+def _split(table: RouteTable, **headers: str) -> list[tuple[str, int]]:
+    svc = table.service(HOST)
+    assert svc is not None
+    rc = table.choices(svc, 8080, Request(path="/", authority="bootcamp:8080", headers=headers))
+    return [(ws.service.host.split(".")[0], ws.weight) for ws in rc.subsets if ws.weight]
+
+
+# -- the document, through the real rules loader --------------------------------------
+def test_the_document_is_an_http_route_on_the_service() -> None:
+    doc = yaml.safe_load(document(R))
+    assert (doc["apiVersion"], doc["kind"]) == ("gateway.networking.k8s.io/v1", "HTTPRoute")
+    assert doc["metadata"]["name"] == "canary-bootcamp"
+    assert doc["spec"]["parentRefs"] == [
+        {"group": "", "kind": "Service", "name": "bootcamp", "port": 8080}
+    ]
+    with_gw = yaml.safe_load(document(replace(R, gateway=GatewayRoute(8080, ("gw",)))))
+    assert with_gw["spec"]["parentRefs"][1] == {"name": "gw"}
+
+
+@pytest.mark.parametrize(("weight", "split"), [(25, [75, 25]), (100, [0, 100])])
+def test_requests_split_by_the_weights_backends(
+    tmp_path: pathlib.Path, weight: int, split: list[int]
+) -> None:
+    table = _table(tmp_path, replace(R, weight=weight))
+    expected = [(n, w) for n, w in zip(("bootcamp-v1", "bootcamp-v2"), split, strict=True) if w]
+    assert _split(table) == expected
+
+
+def test_the_mirror_filter_while_mirrored(tmp_path: pathlib.Path) -> None:
+    mirrored = replace(R, weight=0, step=0, steps=(0, 100))
+    svc_table = _table(tmp_path, mirrored)
+    svc = svc_table.service(HOST)
+    assert svc is not None
+    rc = svc_table.choices(svc, 8080, Request(path="/", authority="bootcamp:8080"))
+    assert [(ws.service.host, ws.weight) for ws in rc.subsets if ws.weight] == [
+        ("bootcamp-v1.default.svc.cluster.local", 100)
+    ]
+    (m,) = rc.mirrors
+    assert m.tag is not None and (m.tag.service, m.tag.version) == (
+        "bootcamp-v2.default.svc.cluster.local",
+        "v2",
+    )
+    live = _table(tmp_path, replace(mirrored, step=1, weight=100))
+    rc = live.choices(svc, 8080, Request(path="/", authority="bootcamp:8080"))
+    assert rc.mirrors == ()
+
+
+def test_ab_matches_go_to_the_canary(tmp_path: pathlib.Path) -> None:
+    table = _table(tmp_path, AB)
+    assert _split(table, **{"x-canary": "insider"}) == [("bootcamp-v2", 100)]
+    assert _split(table, cookie="a=b; c=1") == [("bootcamp-v2", 100)]
+    assert _split(table, **{"x-canary": "other"}) == [("bootcamp-v1", 100)]
+    assert _split(table) == [("bootcamp-v1", 100)]
+
+
+USER_FILE = """\
+# the user's rules: comments and layout are kept
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other.default.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 198.18.0.99}]
+"""
+
+
+def _splice(text: str, r: Rollout) -> str:
+    return splice_documents(
+        text,
+        [("canary-bootcamp", document(r))],
+        lambda n: canary_owns("canary-bootcamp", n),
+        "HTTPRoute",
+    )
+
+
+def test_a_rules_file_keeps_the_other_documents_bytes() -> None:
+    once = _splice(USER_FILE, R)
+    assert once == USER_FILE + "---\n" + document(R)
+    promoted = replace(R, phase="promoted", weight=100, step=2)
+    assert _splice(once, promoted) == USER_FILE + "---\n" + document(promoted)
+
+
+def test_the_routerule_of_an_earlier_rollout_is_taken_out() -> None:
+    """A rules file that holds the canary's RouteRule (a rollout run without
+    --gateway-api before): writing the HTTPRoute removes it, else SERVICE
+    would be routed by two APIs, which the loader refuses."""
+    old = Rollout("bootcamp", "v1", "v2", phase="promoted", weight=100, steps=(100,))
+    with_rule = USER_FILE + "---\n" + document(old)
+    assert _splice(with_rule, R) == USER_FILE + "---\n" + document(R)
+
+
+# -- competing() -------------------------------------------------------------------------
+USER_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: bootcamp}}]
+  rules:
+  - {match}backendRefs: [{{name: bootcamp-v1, port: 8080}}]
+"""
+PINNED = "matches: [{headers: [{name: x-tester, value: v1}]}]\n    "
+
+
+def test_a_users_http_route_without_a_match_competes(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "user.yaml"
+    f.write_text(USER_ROUTE.format(name="bootcamp", match=""))
+    found = competing([str(f)], "bootcamp", "ours.yaml", "canary-bootcamp", gateway_api=True)
+    assert found == [f"{f}:1: HTTPRoute bootcamp routes every request of Service bootcamp"]
+
+
+def test_a_users_http_route_with_a_match_keeps_its_requests(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "user.yaml"
+    f.write_text(USER_ROUTE.format(name="bootcamp", match=PINNED))
+    assert competing([str(f)], "bootcamp", "ours.yaml", "canary-bootcamp", gateway_api=True) == []
+    # a RouteRule of ours: an HTTPRoute on the Service competes, match or not
+    assert competing([str(f)], "bootcamp", "ours.yaml", "canary-bootcamp") != []
+
+
+def test_ours_does_not_compete(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "canary-bootcamp.yaml"
+    f.write_text(document(R))
+    assert competing([str(f)], "bootcamp", str(f), "canary-bootcamp", gateway_api=True) == []
+
+
+# -- state and resume -----------------------------------------------------------------
+def test_the_state_holds_the_mode() -> None:
+    r = replace(R, gateway=GatewayRoute(9090, ("gw",)))
+    back = Rollout.from_json(json.loads(json.dumps(r.to_json())))
+    assert back == r and back.gateway == GatewayRoute(9090, ("gw",))
+    assert Rollout.from_json({**r.to_json(), "gateway": None}).gateway is None
+
+
+def test_a_resume_in_the_other_mode_is_refused() -> None:
+    with pytest.raises(Conflict, match="--gateway-api"):
+        resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", R, 1.0)
+    routerule = replace(R, gateway=None)
+    with pytest.raises(Conflict, match="without --gateway-api"):
+        resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", routerule, 1.0, gateway=GW)
+
+
+def test_a_resume_in_the_same_mode_takes_the_new_port() -> None:
+    ev = resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", R, 1.0, gateway=GatewayRoute(9090))
+    assert (ev.kind, ev.rollout.weight, ev.rollout.gateway) == ("resume", 25, GatewayRoute(9090))
+
+
+# -- metrics: what the sidecars report for each backend ---------------------------------
+@pytest.mark.parametrize(
+    ("registry", "targets"),
+    [
+        # a ServiceEntry per backend: its own name, its endpoints' version label
+        (PER_VERSION, {"bootcamp-v1": ("bootcamp-v1", "v1"), "bootcamp-v2": ("bootcamp-v2", "v2")}),
+        # DNS endpoints of bootcamp's ServiceEntry (deploy/kubernetes): bootcamp's name
+        (DNS, {"bootcamp-v1": ("bootcamp", "v1"), "bootcamp-v2": ("bootcamp", "v2")}),
+    ],
+    ids=["per-version", "dns"],
+)
+def test_backend_targets(tmp_path: pathlib.Path, registry: str, targets: dict[str, str]) -> None:
+    probe = replace(R, weight=50)
+    table = _table(tmp_path, probe, registry)
+    assert backend_targets(table, probe, "default", "cluster.local") == targets
+
+
+def _stats(v1_5xx: float, v2_ok: float, v2_5xx: float = 0, gen: int = 1) -> str:
+    """A sidecar's /stats for the per-version registry: each backend is
+    reported under its own Service name (backend_targets)."""
+    lab = 'reporter="source",destination_service_name="{s}",destination_version="{v}",'
+    lab += 'response_code="{c}"'
+    v2 = lab.format(s="bootcamp-v2", v="v2", c="200")
+    return (
+        "# TYPE istio_requests_total counter\n"
+        f"istio_requests_total{{{lab.format(s='bootcamp-v1', v='v1', c='503')}}} {v1_5xx}\n"
+        f"istio_requests_total{{{v2}}} {v2_ok}\n"
+        f"istio_requests_total{{{lab.format(s='bootcamp-v2', v='v2', c='503')}}} {v2_5xx}\n"
+        f'istio_request_duration_milliseconds_bucket{{{v2},le="10"}} {v2_ok + v2_5xx}\n'
+        f'istio_request_duration_milliseconds_bucket{{{v2},le="+Inf"}} {v2_ok + v2_5xx}\n'
+        f"l4proxy_rules_generation {gen}\n"
+    )
+
+
+def test_the_samples_select_the_canary_backends_series() -> None:
+    from l4proxy.canary._metrics import parse_text
+
+    values, _ = parse_text(_stats(999, 90, 10))
+    t = totals_of(values, "bootcamp-v2", "v2")
+    assert (t.requests, t.errors) == (100, 10)
+    # what a RouteRule's selection would read here: nothing
+    assert totals_of(values, "bootcamp", "bootcamp-v2").requests == 0
+
+
+def test_the_marks_query_takes_the_backends_names() -> None:
+    q = marks_query(("bootcamp", "bootcamp-v1", "bootcamp-v2"))
+    assert 'destination_service_name=~"bootcamp|bootcamp\\\\-v1|bootcamp\\\\-v2"' in q
+
+
+# -- the command ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _sidecar(tmp_path: pathlib.Path) -> Iterator[str]:
+    """A sidecar serving *tmp_path*: between two reads, v2 served its weight's
+    share (all 200) of 100 requests, v1 the rest, every one a 503 (so that a
+    sample of v1's, or of bootcamp's, fails); mirrored, v2 answered a copy
+    of each of v1's, 200."""
+    seen = [""]
+    served = {"v1": 0, "v2": 0, "copies": 0}
+
+    def reply(target: str) -> bytes | None:
+        doc = tmp_path / "canary-bootcamp.yaml"
+        text = doc.read_text() if doc.exists() else ""
+        if text != seen[-1]:
+            seen.append(text)
+        rules = yaml.safe_load(text)["spec"]["rules"] if text else [{"backendRefs": []}]
+        default = rules[-1]
+        weight = {b["name"]: b["weight"] for b in default["backendRefs"]}
+        served["v1"] += weight.get("bootcamp-v1", 0)
+        served["v2"] += weight.get("bootcamp-v2", 0)
+        if default.get("filters"):
+            served["copies"] += weight.get("bootcamp-v1", 0)
+        body = _stats(served["v1"], served["v2"], gen=len(seen))
+        c = served["copies"]
+        lab = 'reporter="source",destination_service_name="bootcamp-v2",'
+        lab += 'destination_version="v2",response_code="200"'
+        body += (
+            "# TYPE l4proxy_mirror_requests_total counter\n"
+            f"l4proxy_mirror_requests_total{{{lab}}} {c}\n"
+            f'l4proxy_mirror_request_duration_milliseconds_bucket{{{lab},le="10"}} {c}\n'
+            f'l4proxy_mirror_request_duration_milliseconds_bucket{{{lab},le="+Inf"}} {c}\n'
+        )
+        return body.encode()
+
+    with serving(reply) as address:
+        yield address
+
+
+def _canary(tmp_path: pathlib.Path, *extra: str, registry: str = PER_VERSION) -> int:
+    from l4proxy.cli import main
+
+    shutil.copy(registry, tmp_path)
+    argv = ["canary", "bootcamp", "--rules", str(tmp_path)]
+    timing = ["--interval", "0.05", "--wait-live", "1", "--progress-deadline", "1", "--json"]
+    return main([*argv, *timing, *extra])
+
+
+GATEWAY_API = ["--gateway-api", "--stable", "bootcamp-v1", "--canary", "bootcamp-v2"]
+
+
+def test_a_rollout_on_a_sidecar_promotes_the_canary_backend(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """v1 fails every request: only a sample of bootcamp-v2's own series
+    passes, through a mirrored interval (the copies' family) and two steps."""
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *GATEWAY_API, "--metrics", admin, "--mirror", "--steps", "50,100")
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, events
+    assert [(e["event"], e.get("mirror"), e["weight"]) for e in events if "check" in e] == [
+        ("check", True, 50),
+        ("check", None, 100),
+        ("promoted", None, 100),
+    ]
+    assert events[0]["gateway_api"] == {"port": 8080, "gateways": []}
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    assert [(b["name"], b["weight"]) for b in doc["spec"]["rules"][0]["backendRefs"]] == [
+        ("bootcamp-v1", 0),
+        ("bootcamp-v2", 100),
+    ]
+
+
+def test_status_says_the_mode(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from l4proxy.canary.command import save_state
+    from l4proxy.cli import main
+
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), R)
+    assert main(["canary", "status", "bootcamp", "--rules", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bootcamp: bootcamp-v1 -> bootcamp-v2 (HTTPRoute canary-bootcamp, port")
+
+
+@pytest.mark.parametrize(
+    ("extra", "registry", "message"),
+    [
+        (["--port", "8080"], PER_VERSION, "--port goes with --gateway-api"),
+        (["--gateway", "gw"], PER_VERSION, "--gateway goes with --gateway-api"),
+        ([*GATEWAY_API, "--port", "0"], PER_VERSION, "--port 0: not a port"),
+        ([*GATEWAY_API, "--match", "uri=/x", "--iterations", "2"], PER_VERSION, "--match uri=/x"),
+        (
+            ["--gateway-api", "--stable", "Bootcamp_v1", "--canary", "bootcamp-v2"],
+            PER_VERSION,
+            "--stable 'Bootcamp_v1' is not a Service name",
+        ),
+        (
+            ["--gateway-api", "--stable", "bootcamp-v1", "--canary", "bootcamp-v3"],
+            PER_VERSION,
+            "--canary bootcamp-v3: the backend resolves to no endpoint",
+        ),
+    ],
+    ids=["port", "gateway", "port-0", "pseudo-header", "not-a-service", "unresolved"],
+)
+def test_options_and_errors(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    registry: str,
+    message: str,
+) -> None:
+    with _sidecar(tmp_path) as admin:
+        if "--stable" not in extra:
+            extra = [*extra, "--stable", "v1", "--canary", "v2"]
+        code = _canary(tmp_path, *extra, "--metrics", admin, registry=registry)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        (
+            "[{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: m, protocol: HTTP}]",
+            "has ports 8080, 9090: give --port PORT",
+        ),
+        (
+            None,
+            "no ServiceEntry for bootcamp.default.svc.cluster.local in the rules, so "
+            "SERVICE's port is not known: give --port PORT",
+        ),
+    ],
+    ids=["ambiguous", "none"],
+)
+def test_the_port_from_the_registry_or_an_error_naming_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], ports: str | None, message: str
+) -> None:
+    text = pathlib.Path(PER_VERSION).read_text()
+    first, rest = text.split("---\n", 1)
+    if ports is None:
+        text = rest
+    else:
+        text = first.replace("[{number: 8080, name: http, protocol: HTTP}]", ports) + "---\n" + rest
+    registry = tmp_path / "reg.yaml"
+    registry.write_text(text)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    with _sidecar(rules) as admin:
+        code = _canary(rules, *GATEWAY_API, "--metrics", admin, registry=str(registry))
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (rules / "canary-bootcamp.yaml").exists()
+
+
+def test_a_users_route_on_the_service_is_refused_before_any_write(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "user.yaml").write_text(USER_ROUTE.format(name="bootcamp", match=""))
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *GATEWAY_API, "--metrics", admin)
+    assert code == 2
+    assert "HTTPRoute bootcamp routes every request of Service bootcamp" in capsys.readouterr().err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
+
+
+def test_a_resume_without_gateway_api_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.canary.command import save_state
+
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), R)
+    with _sidecar(tmp_path) as admin:
+        code = _canary(
+            tmp_path, "--stable", "bootcamp-v1", "--canary", "bootcamp-v2", "--metrics", admin
+        )
+    assert code == 2
+    assert "through --gateway-api (an HTTPRoute): resume it that way" in capsys.readouterr().err
