@@ -400,15 +400,6 @@ def test_an_interim_head_is_not_edited(mode: tuple[str, str]) -> None:
     assert got == want
 
 
-def test_local_answers_are_not_edited(mode: tuple[str, str]) -> None:
-    """The relay's own answer (a 502: the backend closed before answering)
-    is as without edits."""
-    got, _, _ = _through(mode, BOTH, GET, ["close"])
-    assert got == local_response(
-        502, "upstream closed the connection before a response", close=False
-    )
-
-
 # -- retries, choices, pipelining ------------------------------------------------
 
 

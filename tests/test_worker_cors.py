@@ -270,3 +270,71 @@ def test_per_connection_answers_without_a_body_send_none(tmp_path: Path) -> None
     for name, answer in got.items():
         head, _, body = answer.partition(b"\r\n\r\n")
         assert body == b"" and b"\r\ncontent-length: 0" in head.lower(), (name, answer)
+
+
+# a CORS route with response edits of its own and of its destination
+EDITED = f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}}}
+      headers:
+        response:
+          set: {{x-dest: d}}
+    headers:
+      response:
+        add: {{x-route: r}}
+        remove: [content-type]
+    corsPolicy:
+      allowOrigins:
+      - exact: {APP}
+      allowCredentials: true
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_refused_upstream_s_503_carries_the_cors_lines_and_the_route_s_edits(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route's only endpoint refuses connections (a socket bound, not
+    listening): the browser's request gets the relay's 503 with the CORS
+    filter's lines for its Origin, after the route's and the
+    destination's, as Envoy's router and CORS filter finalize their local
+    reply; a request without an Origin gets the edits alone."""
+    _worker_twin(which, monkeypatch)
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(refusing.getsockname()[1]) + EDITED)
+    got: list[bytes] = []
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for origin in (APP, None):
+                    got.append(await loop.run_in_executor(None, _ask, s, "GET", origin))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        refusing.close()
+    lines = (
+        "x-dest: d\r\naccess-control-allow-origin: https://app.example\r\n"
+        "access-control-allow-credentials: true\r\nx-route: r\r\n"
+    )
+    assert [a.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" for a in got] == [
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
+        + lines.encode()
+        + b"\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
+        b"x-dest: d\r\nx-route: r\r\n\r\n",
+    ], got

@@ -275,9 +275,29 @@ class HeadEdits(NamedTuple):
     values hold no CR, LF or NUL (the route table checked them); none is a
     field that frames a message or is hop-by-hop (Content-Length,
     Transfer-Encoding, Connection, Keep-Alive, Proxy-Connection, TE,
-    Upgrade, Trailer, Expect) nor Host (``authority`` is). Interim (1xx)
-    responses and the relay's own answers are not edited. A retry sends the
-    same edited head."""
+    Upgrade, Trailer, Expect) nor Host (``authority`` is). A retry sends the
+    same edited head. Interim (1xx) responses are not edited.
+
+    The relay's own answers to a request that goes to its choice's
+    endpoints get the response edits too, by the same rule (as Envoy's
+    router finalizes its local replies with the route's and the weighted
+    cluster's header mutations): the 503 ``no healthy upstream`` after each
+    candidate's connect failed, a circuit breaker's 503 (``overflow``, with
+    ``x-envoy-overloaded``), the 503 ``overloaded`` when the relay is out of
+    file descriptors, the 504 ``upstream request timeout`` of the route's
+    timeout, and the 502 of an upstream that closed or sent a response that
+    cannot be framed before a final head went out. The answer's own lines
+    named in ``response_remove`` or among ``response_set``'s names are left
+    out, then the ``response_set`` and ``response_add`` lines go before its
+    empty line; its framing (``content-length``, ``connection: close``) is
+    never touched, as no edit names it. A HEAD request's answer is the
+    edited head alone. Not edited: a fault's abort (Envoy's fault filter
+    runs before the CORS filter and the router: its answer has no CORS
+    lines), a route's own answer (a redirect, a direct response: its lines
+    come from the route table), the 503 of a choice with no endpoint, the
+    400 of a path rewrite that makes a dot-segment or of a request body that
+    cannot be framed, and the answers to a request before it is routed
+    (400, 408, 413, 431, ...)."""
 
     request_set: tuple[Header, ...] = ()
     request_add: tuple[Header, ...] = ()
