@@ -2324,7 +2324,10 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     *reason*: that answer, saying "connection: close"; *kept*: the same
     without (NULL: a gateway failure's local answer it is not), sent when
     the client connection stays: the request was read whole and its head
-    asked to persist (_keeps_after_local_answer). *why*: OD_* when the
+    asked to persist (_keeps_after_local_answer); a gateway failure's
+    (*status* 502, 504) gets the response edits of the request's choice
+    (answer_edited; a request body that cannot be framed, 400, none).
+    *why*: OD_* when the
     upstream failed (outlier detection hears of it); OD_ANSWERED (0) when
     it is not the upstream's failure (a request body that cannot be
     framed), or no endpoint is to blame (the route timeout while
@@ -2339,7 +2342,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         c.status = status
         if kept != NULL and c.keep_alive and not c.http10 and c.req_left == 0 \
                 and not c.client_eof:
-            if answer_client(R, c, kept, kn) != 0:
+            if answer_edited(R, c, kept, kn, status >= 500) != 0:
                 return  # out of memory: aborted
             request_done(R, c, status, True, now)
             if c.splicing == SPL_REQ:  # (the body's bytes in the pipe go nowhere)
@@ -2350,7 +2353,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
             c.head_len = 0
             next_request(R, c, now)
             return
-        if reason != NULL and answer_client(R, c, reason, n) != 0:
+        if reason != NULL and answer_edited(R, c, reason, n, status >= 500) != 0:
             return  # out of memory: aborted
         request_done(R, c, status, True, now)
     else:  # a body cut short: counted with its head's status (as Envoy does)
@@ -3058,6 +3061,47 @@ cdef bint edit_drops(const Span *names, int n, const unsigned char *p, Py_ssize_
         if names[j].n == k and eq_lower(p, <const char*>names[j].p, k):
             return True
     return False
+
+
+cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edited) noexcept nogil:
+    """answer_client() for the relay's own answer to a request, *edited*
+    when it is one whose choice was drawn (see HeadEdits in verdict.py):
+    then, where the choice edits responses (c.edits), the answer's head
+    (local_response()'s, its lines ending in CRLF) without the lines c.edits
+    names and with its lines before the empty line, then the body, none
+    for a HEAD request (edit_local_answer() in _exchange_py.py). Never on
+    the path of a request its upstream answers. -1 when the connection
+    went away (out of memory: aborted)."""
+    cdef const Edits_ *e = c.edits
+    cdef const unsigned char *b = <const unsigned char*>data
+    cdef const unsigned char *lf
+    cdef Py_ssize_t i, run, le, end = 0
+    if not edited or e == NULL or not e.response:
+        return answer_client(R, c, data, n)
+    for i in range(3, <Py_ssize_t>n):
+        if b[i] == LF and b[i - 1] == CR and b[i - 2] == LF and b[i - 3] == CR:
+            end = i - 1  # the empty line
+            break
+    if end == 0:  # (never: local_response()'s heads end so)
+        return answer_client(R, c, data, n)
+    lf = <const unsigned char*>memchr(b, LF, <size_t>end)
+    i = lf - b + 1  # (the status line goes as it is)
+    run = 0
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
+        le = line_end(b, i, lf)
+        if edit_drops(e.resp_drop, e.n_resp_drop, b + i, colon_at(b, i, le) - i):
+            if i > run and to_client(R, c, data + run, <size_t>(i - run)) != 0:
+                return -1
+            run = lf - b + 1
+        i = lf - b + 1
+    if (to_client(R, c, data + run, <size_t>(end - run)) != 0
+            or to_client(R, c, e.resp_lines, e.resp_lines_len) != 0
+            or to_client(R, c, data + end, 2) != 0):
+        return -1
+    if c.method_head:
+        return 0
+    return to_client(R, c, data + end + 2, n - <size_t>end - 2)
 
 
 cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil:
@@ -3880,18 +3924,20 @@ cdef void rewrite_refused(Relay *R, Conn *c, double now) noexcept nogil:
     start_close(R, c, now)
 
 
-cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
+cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) noexcept nogil:
     """refuse() in _exchange_py.py: the head has no body (fast path), so the
-    connection stays when the head asks for it."""
+    connection stays when the head asks for it. *edited*: the relay's own
+    answer to a request whose choice was drawn (none answered, a circuit
+    breaker, out of fds), which gets its response edits (answer_edited)."""
     cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
     if c.shadow != NULL:  # (drawn: its connects failed, a circuit breaker, no fd)
         mirror_give_up(R, c, now)
     if v.tag >= 0:
         c.tag = v.tag
     if keep:
-        answer_client(R, c, v.keep, v.keep_len)
+        answer_edited(R, c, v.keep, v.keep_len, edited)
     else:
-        answer_client(R, c, v.close, v.close_len)
+        answer_edited(R, c, v.close, v.close_len, edited)
     if c.closed:
         return
     request_done(R, c, v.status, True, now)
@@ -3917,7 +3963,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
                 c.tag = v.tag  # (an abort's answer is tagged as the local one)
             if fault_drawn(R, c, v.fault, v, now):
                 return  # (the fault filter before the router: delayed or aborted)
-        local_answer(R, c, v, now)
+        local_answer(R, c, v, now, False)
         return
     pick(R, c, v)
     empty = c.empty
@@ -3930,7 +3976,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
             empty = v
         if v.fault != NULL and fault_drawn(R, c, v.fault, empty, now):
             return  # (the fault filter before the router: delayed or aborted)
-        local_answer(R, c, empty, now)
+        local_answer(R, c, empty, now, False)
         return
     c.timeout = v.timeout
     if c.edits != NULL:
@@ -3984,7 +4030,7 @@ cdef bint fault_drawn(Relay *R, Conn *c, Fault_ *f, Verdict_ *local,
         if not aborted and local != NULL:
             copy = verdict_copy_local(local)
             if copy == NULL:  # (out of memory: answered now, undelayed)
-                local_answer(R, c, local, now)
+                local_answer(R, c, local, now, False)
                 return True
         c.phase = P_CONNECT
         c.fault_until = now + f.delay
@@ -4011,7 +4057,7 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
     c.fault = NULL
     if c.fault_local:  # a local answer's copy: given, freed
         c.fault_local = False
-        local_answer(R, c, answer, now)
+        local_answer(R, c, answer, now, False)
         verdict_free(answer)
     elif answer != NULL:
         fault_abort(R, c, answer, now)
@@ -4077,7 +4123,7 @@ cdef void overflow(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     if c.retried:
         on_upstream_eof(R, c, now)
     else:
-        local_answer(R, c, R_overflow, now)
+        local_answer(R, c, R_overflow, now, True)
 
 
 cdef void serve_pending(Relay *R, double now) noexcept nogil:
@@ -4175,7 +4221,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         if c.retried:  # a retry's new connection: the request is lost
             on_upstream_eof(R, c, now)
         else:
-            local_answer(R, c, R_overloaded, now)
+            local_answer(R, c, R_overloaded, now, True)
         return
     if fd < 0:
         c.fail_ep = ep
@@ -4253,7 +4299,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     elif c.retried:  # a retry's last connect failed: the request is lost
         on_upstream_eof(R, c, now)
     else:
-        local_answer(R, c, R_no_upstream, now)
+        local_answer(R, c, R_no_upstream, now, True)
 
 
 cdef void retry_order(Conn *c, EP *failed) noexcept nogil:

@@ -95,9 +95,16 @@ Decisions
   response head as :func:`client_head` sends it loses the lines
   ``response_remove`` or ``response_set`` name, and gets the
   ``response_set`` then ``response_add`` lines after the relay's own
-  connection line (:func:`edit_response_head`). Interim heads, a tunnel's
-  101 and the local answers are not edited (a local answer to a HEAD
-  request is its head alone: :func:`local_response`'s *head_only*). Names
+  connection line (:func:`edit_response_head`). The relay's own answers
+  to a request whose choice was drawn (the 503s when its connects failed,
+  a circuit breaker's, out of fds; the 502s and the 504 of
+  :meth:`Exchange._upstream_failed` and :meth:`Exchange.upstream_timeout`)
+  get the same response edits before their empty line
+  (:func:`edit_local_answer`; :meth:`Exchange.refuse`'s *edited*);
+  interim heads, a tunnel's 101, a fault's abort and the other local
+  answers are not edited (a local answer to a HEAD request is its head
+  alone: :func:`local_response`'s *head_only*; see ``HeadEdits`` in
+  ``verdict.py``). Names
   are compared case-insensitively, added lines are ``name: value`` with
   CRLF; the framing and hop-by-hop fields and Host are never touched
   (:func:`edit_bytes`).
@@ -243,6 +250,7 @@ __all__ = [
     "check_header",
     "client_head",
     "edit_bytes",
+    "edit_local_answer",
     "edit_request_head",
     "edit_response_head",
     "header_lines",
@@ -891,6 +899,20 @@ def edit_response_head(raw: bytes, edits: HeadEdits) -> bytes:
     return _edited_lines(raw, e.response_drop, e.response_lines, None)
 
 
+def edit_local_answer(answer: bytes, edits: HeadEdits | None) -> bytes:
+    """*answer* (local_response()'s bytes, a HEAD request's head alone too)
+    with the response's *edits* applied to its head (see "Head edits"): the
+    relay's own answer to a request whose choice was drawn. Its framing
+    lines stay: no edit names them."""
+    if edits is None:
+        return answer
+    e = edit_bytes(edits)
+    if not e.response:
+        return answer
+    end = answer.index(b"\r\n\r\n") + 4
+    return _edited_lines(answer[:end], e.response_drop, e.response_lines, None) + answer[end:]
+
+
 class Exchange:
     """The per-request proxy state of one client connection (sans-IO).
 
@@ -1042,7 +1064,13 @@ class Exchange:
         return self.refuse(400, DOT_SEGMENT_REASON, close=True)
 
     def refuse(
-        self, status: int, body: str, headers: str = "", whole: bool = False, close: bool = False
+        self,
+        status: int,
+        body: str,
+        headers: str = "",
+        whole: bool = False,
+        close: bool = False,
+        edited: bool = False,
     ) -> list[Action]:
         """Answer the current request locally (no upstream); *headers*: more
         header lines for the answer (local_response's). A request body
@@ -1052,7 +1080,10 @@ class Exchange:
         dropped and the connection stays as the head asks (a fault's abort,
         see ``Fault``). *close*: the connection closes after the answer
         whatever the head asked (a head refused as the parser would, see
-        edits_refused()). A HEAD request gets the answer's head alone."""
+        edits_refused()). *edited*: the relay's own answer to a request
+        whose choice was drawn (none answered, a circuit breaker, out of
+        fds), which gets :attr:`edits`' response edits. A HEAD request gets
+        the answer's head alone."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
@@ -1068,6 +1099,8 @@ class Exchange:
                 complete = False
         keep = self.head.keep_alive and complete and not self._client_eof and not close
         answer = local_response(status, body, not keep, headers, self._head_only())
+        if edited:
+            answer = edit_local_answer(answer, self.edits)
         out: list[Action] = [
             *self._given_up(),  # (mirrors drawn, no try took it: see _given_up)
             Client(answer),
@@ -1150,10 +1183,11 @@ class Exchange:
             self.status = 504
             bodyless = request_framing(self.head)[0] == Framing.NONE
             keep = bodyless and self._keeps_after_local_answer()
+            answer = local_response(504, reason, not keep, head_only=self._head_only())
             return [
                 *self._given_up(),
                 Release(False),
-                Client(local_response(504, reason, not keep, head_only=self._head_only())),
+                Client(edit_local_answer(answer, self.edits)),
                 Done(504, True),
                 *(self._next_request() if keep else self._close()),
             ]
@@ -1443,7 +1477,8 @@ class Exchange:
         got when a final head went out (a body cut short is counted as its
         200, as Envoy counts it), else with the local answer's. *gateway*:
         the upstream's failure, not the client's (a request body that cannot
-        be framed): outlier detection hears of it."""
+        be framed): outlier detection hears of it, and the answer gets the
+        response edits (see "Head edits")."""
         out: list[Action] = [
             *self._given_up(),
             Release(False, failure=reason if gateway else ""),
@@ -1457,6 +1492,8 @@ class Exchange:
                 and self._keeps_after_local_answer()
             )
             answer = local_response(status, reason, not keep, head_only=self._head_only())
+            if gateway:
+                answer = edit_local_answer(answer, self.edits)
             out += [Client(answer), Done(status, True)]
             if keep:  # see "A gateway failure's local answer"
                 return out + self._next_request()

@@ -1584,7 +1584,7 @@ class HttpRelay:
         self._overflows[endpoint] = self._overflows.get(endpoint, 0) + 1
         c.up = None
         if c.ex.phase == Phase.ROUTING:
-            self._perform(c, c.ex.refuse(503, OVERFLOW_BODY, OVERFLOW_HEADERS), now)
+            self._perform(c, c.ex.refuse(503, OVERFLOW_BODY, OVERFLOW_HEADERS, edited=True), now)
         else:
             self._perform(c, c.ex.upstream_eof(), now)
 
@@ -1668,7 +1668,7 @@ class HttpRelay:
             if self.refused is not None:
                 self.refused("fd_limit")
             if c.ex.phase == Phase.ROUTING:
-                self._perform(c, c.ex.refuse(503, "overloaded"), now)
+                self._perform(c, c.ex.refuse(503, "overloaded", edited=True), now)
             else:  # a retry's new connection: the request is lost
                 self._perform(c, c.ex.upstream_eof(), now)
             return
@@ -1715,7 +1715,7 @@ class HttpRelay:
         if c.candidates:  # the next candidate: a first attempt's, or a retry's
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
-            self._perform(c, c.ex.refuse(503, "no healthy upstream"), now)
+            self._perform(c, c.ex.refuse(503, "no healthy upstream", edited=True), now)
         else:  # a retry's last connect failed: the request is lost
             self._perform(c, c.ex.upstream_eof(), now)
 
