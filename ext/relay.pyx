@@ -132,8 +132,12 @@ absolute-form one goes to the pure relay, which sends it in origin-form;
 a rewritten path with a dot-segment is answered 400 and closed,
 ``rewrite_refused``),
 and ``final_head`` sends the final response head through
-``send_edited_head`` when there are response edits (interim heads and the
-local answers go as before). A request whose choice has none pays a
+``send_edited_head`` when there are response edits (interim heads go as
+before); the relay's own answers to such a request (``local_answer``'s
+when its connects failed, a circuit breaker or no fd; ``upstream_failed``'s
+502 and 504) go through ``answer_edited``, which edits them as
+``edit_local_answer()`` does, and a fault's abort and the other local
+answers as before. A request whose choice has none pays a
 pointer store in ``pick()`` and a test in ``apply_verdict`` (which takes
 the reference when there are edits) and ``final_head``; ``reset_exchange``
 tests ``c.holds`` where it tested ``c.retry``. The edited head is built in
@@ -170,7 +174,8 @@ as the edits are (``c.holds``; freed by ``conn_drop_held`` at the
 exchange's end, each pipelined request its own, a retry keeps it);
 ``c.edit_resp`` sends the final response head through
 ``send_edited_head``, which adds it after the choice's response edits,
-before the empty line (interim heads and the local answers go as before).
+before the empty line (interim heads and a fault's abort go as before; the
+relay's own answers that ``answer_edited`` edits get it too).
 A request whose choice is not ``HASH`` pays a compare of ``ch.policy`` in
 ``pick()`` (and no ``getpeername``); ``final_head`` tests ``c.edit_resp`` where it tested
 ``c.edits`` and its ``response``.
@@ -3066,18 +3071,29 @@ cdef bint edit_drops(const Span *names, int n, const unsigned char *p, Py_ssize_
 cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edited) noexcept nogil:
     """answer_client() for the relay's own answer to a request, *edited*
     when it is one whose choice was drawn (see HeadEdits in verdict.py):
-    then, where the choice edits responses (c.edits), the answer's head
-    (local_response()'s, its lines ending in CRLF) without the lines c.edits
-    names and with its lines before the empty line, then the body, none
-    for a HEAD request (edit_local_answer() in _exchange_py.py). Never on
-    the path of a request its upstream answers. -1 when the connection
-    went away (out of memory: aborted)."""
+    then, where its final head would be edited (c.edit_resp), the answer's
+    head (local_response()'s, its lines ending in CRLF) without the lines
+    c.edits names, with its lines and then a generated cookie's line
+    (c.set_cookie: the pure twin has it among the edits' lines) before
+    the empty line, then the body, none for a HEAD request
+    (edit_local_answer() in _exchange_py.py). Never on the path of a
+    request its upstream answers. -1 when the connection went away (out
+    of memory: aborted)."""
     cdef const Edits_ *e = c.edits
+    cdef const Span *drop = NULL
+    cdef int n_drop = 0
+    cdef const char *lines = NULL
+    cdef size_t lines_len = 0
     cdef const unsigned char *b = <const unsigned char*>data
     cdef const unsigned char *lf
     cdef Py_ssize_t i, run, le, end = 0
-    if not edited or e == NULL or not e.response:
+    if not edited or not c.edit_resp:
         return answer_client(R, c, data, n)
+    if e != NULL and e.response:
+        drop = e.resp_drop
+        n_drop = e.n_resp_drop
+        lines = e.resp_lines
+        lines_len = e.resp_lines_len
     for i in range(3, <Py_ssize_t>n):
         if b[i] == LF and b[i - 1] == CR and b[i - 2] == LF and b[i - 3] == CR:
             end = i - 1  # the empty line
@@ -3090,13 +3106,14 @@ cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edite
     while i < end:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         le = line_end(b, i, lf)
-        if edit_drops(e.resp_drop, e.n_resp_drop, b + i, colon_at(b, i, le) - i):
+        if edit_drops(drop, n_drop, b + i, colon_at(b, i, le) - i):
             if i > run and to_client(R, c, data + run, <size_t>(i - run)) != 0:
                 return -1
             run = lf - b + 1
         i = lf - b + 1
     if (to_client(R, c, data + run, <size_t>(end - run)) != 0
-            or to_client(R, c, e.resp_lines, e.resp_lines_len) != 0
+            or to_client(R, c, lines, lines_len) != 0
+            or to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
             or to_client(R, c, data + end, 2) != 0):
         return -1
     if c.method_head:
