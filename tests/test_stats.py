@@ -177,3 +177,21 @@ def test_a_rules_mark_that_is_not_a_number_is_absent() -> None:
     assert RulesMark.of({"l4proxy_rules_generation": 2.0, "l4proxy_rules_digest": -math.inf}) == (
         RulesMark(2, None)
     )
+
+
+def test_a_choice_whose_pods_differ_in_version_is_labelled_unknown() -> None:
+    """Istio labels a request by the pod that answered; the relays count it
+    per choice. A choice over every pod of a service (no rule, or a route to
+    a Service whose versions share it) was labelled with its first pod's
+    version: a review saw v3's 500s counted as v1's and a healthy canary
+    rolled back. Such a choice is unknown; one version's pods keep theirs."""
+    from l4proxy.rules.routing import Endpoint, Labels, version_and_workload
+
+    def pod(ip: str, version: str) -> Endpoint:
+        return Endpoint(ip, 8080, Labels({"app": "bootcamp", "version": version}))
+
+    host = "bootcamp.default.svc.cluster.local"
+    v1, v1b, v3 = pod("198.18.0.11", "v1"), pod("198.18.0.12", "v1"), pod("198.18.0.13", "v3")
+    assert version_and_workload(host, "default", (v1, v1b)) == ("v1", "bootcamp-v1")
+    assert version_and_workload(host, "default", (v1, v3)) == ("unknown", "unknown")
+    assert version_and_workload(host, "v2", ()) == ("v2", "bootcamp-v2")

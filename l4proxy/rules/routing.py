@@ -855,8 +855,15 @@ def version_and_workload(host: str, subset: str, endpoints: Sequence[Endpoint]) 
     """The ``destination_version`` and ``destination_workload`` of a
     subset's requests, as Istio's metrics label them: its endpoints'
     ``version`` label (else the subset's name, else ``unknown``), and
-    ``APP-VERSION`` (``app`` label, else the host's first name)."""
+    ``APP-VERSION`` (``app`` label, else the host's first name). Endpoints
+    whose ``version`` labels differ (a route to every pod of a service whose
+    versions share it) are ``unknown`` and ``unknown``: the relays count a
+    request per choice, not per pod, and Istio's labels name the pod that
+    answered, so no one version may take them (a canary judged on its
+    version's series counted the other versions' answers)."""
     labels = endpoints[0].labels if endpoints else {}
+    if len({e.labels.get("version") for e in endpoints}) > 1:
+        return "unknown", "unknown"
     version = labels.get("version", subset or "unknown")
     return version, f"{labels.get('app', host.split('.', 1)[0])}-{version}"
 

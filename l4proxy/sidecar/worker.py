@@ -1699,9 +1699,7 @@ def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dic
         if d.subset == "none" and not d.endpoints:  # a local answer (404, weights 0):
             version = workload = "unknown"  # labelled as the compiled relay's are
         else:
-            labels = d.endpoints[0].labels if d.endpoints else {}
-            version = labels.get("version", d.subset or "unknown")
-            workload = f"{labels.get('app', name)}-{version}"
+            version, workload = version_and_workload(service, d.subset, d.endpoints)
     return {
         "reporter": "source",
         "destination_service": service,
