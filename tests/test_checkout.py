@@ -36,6 +36,10 @@ EXEMPT_SKIPS = {
     # bench.instructions`, perf by `python -m bench.kernel`; none is part of
     # `make test`.
     "test_bench_smoke.py": 3,
+    # promtool (Debian's prometheus, a server and its tools: not installed by
+    # `make test`) evaluates the canary's mirrored PromQL where it is there;
+    # the query text is pinned by another test that always runs
+    "test_canary_mirror.py": 1,
 }
 
 

@@ -623,7 +623,11 @@ class Tutorial:
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(b"%d\n" % self.keepalive)
         proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        # (poll, not select: select() refuses an fd past 1023, which a
+        # process with many open already hands out)
+        poller = select.poll()
+        poller.register(proc.stdout, select.POLLIN)
+        ready = poller.poll(timeout * 1000)
         line = proc.stdout.readline() if ready else b""
         if not line:
             raise DemoError(
