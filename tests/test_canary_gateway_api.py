@@ -225,6 +225,35 @@ def test_backend_targets(tmp_path: pathlib.Path, registry: str, targets: dict[st
     assert backend_targets(table, probe, "default", "cluster.local") == targets
 
 
+BARE_GET = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: root}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: bootcamp, port: 8080}}]
+  rules:
+  - matches: [{match}]
+    backendRefs: [{{name: bootcamp-v2, port: 8080}}, {{name: bootcamp-v1, port: 8080}}]
+"""
+
+
+@pytest.mark.parametrize(
+    "match", ["{path: {type: Exact, value: /}}", "{method: GET}"], ids=["exact-root", "get"]
+)
+def test_backend_targets_are_ours_whatever_route_takes_a_bare_get(
+    tmp_path: pathlib.Path, match: str
+) -> None:
+    """A user's route that matches ``GET /`` (its backends in the other
+    order) ranks above our rule without a match: the targets are still our
+    backends', not those of the route a probe request would take."""
+    (tmp_path / "root.yaml").write_text(BARE_GET.format(match=match))
+    probe = replace(R, weight=50)
+    table = _table(tmp_path, probe)
+    assert backend_targets(table, probe, "default", "cluster.local") == {
+        "bootcamp-v1": ("bootcamp-v1", "v1"),
+        "bootcamp-v2": ("bootcamp-v2", "v2"),
+    }
+
+
 def _stats(v1_5xx: float, v2_ok: float, v2_5xx: float = 0, gen: int = 1) -> str:
     """A sidecar's /stats for the per-version registry: each backend is
     reported under its own Service name (backend_targets)."""

@@ -1095,8 +1095,9 @@ def backend_targets(
 ) -> dict[str, tuple[str, str]]:
     """Gateway API mode: for the stable and the canary backend, the
     (``destination_service_name``, ``destination_version``) that the
-    sidecars' metrics give its requests, in a *table* loaded with *r*'s
-    HTTPRoute at 50/50 (:meth:`RouteTable.choices`, as the worker labels a
+    sidecars' metrics give its requests, from *r*'s own HTTPRoute rule in a
+    *table* loaded with it at 50/50, never from whatever route a request
+    would take (:meth:`RouteTable.choices`, as the worker labels a
     choice: ``_subset_tag``, :func:`version_and_workload`). The registry
     decides: a backend with a ServiceEntry of its own reports its own name
     (``bootcamp-v2``) and its endpoints' ``version`` label (else the subset's
@@ -1110,7 +1111,14 @@ def backend_targets(
     if svc is None:
         raise CanaryError(f"--gateway-api: no ServiceEntry for {host} in the rules")
     port = r.gateway.port
-    rc = table.choices(svc, port, Request(path="/", authority=f"{r.service}:{port}"))
+    # Our own route alone, found by its name: a probe request through the
+    # whole table is taken by any user HTTPRoute that matches it (an Exact
+    # path /, a method GET), which ranks above our rule without a match, and
+    # its backends were then taken for ours (a canary judged on another
+    # backend's requests).
+    ours = [rt for rt in table.routes_for(host) if rt.name == rule_name(r.service)]
+    alone = RouteTable(table.services(), {host: ours}, namespace=namespace, domain=domain)
+    rc = alone.choices(svc, port, Request(path="/", authority=f"{r.service}:{port}"))
     out: dict[str, tuple[str, str]] = {}
     subsets = list(rc.subsets)
     for flag, name in (("--stable", r.stable), ("--canary", r.canary)):
