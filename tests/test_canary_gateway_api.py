@@ -181,6 +181,51 @@ def test_a_users_http_route_with_a_match_keeps_its_requests(tmp_path: pathlib.Pa
     assert competing([str(f)], "bootcamp", "ours.yaml", "canary-bootcamp") != []
 
 
+GATEWAY = os.path.join(os.path.dirname(__file__), "..", "deploy", "examples", "gateway-api")
+ON_GATEWAY = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{name: bootcamp-gateway}}]
+  rules:
+  - {match}backendRefs: [{{name: bootcamp-v1, port: 8080}}]
+"""
+
+
+def test_a_users_catch_all_route_on_a_gateway_of_ours_competes(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "user.yaml"
+    f.write_text(ON_GATEWAY.format(name="site", match=""))
+    found = competing(
+        [str(f)], "bootcamp", "ours.yaml", "canary-bootcamp", True, ("bootcamp-gateway",)
+    )
+    assert found == [f"{f}:1: HTTPRoute site routes every request of Gateway bootcamp-gateway"]
+
+
+def test_a_users_route_on_a_gateway_with_a_match_or_not_ours_keeps_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    f = tmp_path / "user.yaml"
+    f.write_text(ON_GATEWAY.format(name="site", match=PINNED))
+    assert (
+        competing([str(f)], "bootcamp", "o", "canary-bootcamp", True, ("bootcamp-gateway",)) == []
+    )
+    f.write_text(ON_GATEWAY.format(name="site", match=""))
+    assert competing([str(f)], "bootcamp", "o", "canary-bootcamp", True, ("other-gateway",)) == []
+
+
+def test_a_users_catch_all_route_on_the_gateway_is_refused_before_any_write(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(os.path.join(GATEWAY, "gateway.yaml"), tmp_path)
+    (tmp_path / "user.yaml").write_text(ON_GATEWAY.format(name="site", match=""))
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *GATEWAY_API, "--gateway", "bootcamp-gateway", "--metrics", admin)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'user.yaml'}:1: HTTPRoute site routes every request of Gateway" in err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
+
+
 def test_ours_does_not_compete(tmp_path: pathlib.Path) -> None:
     f = tmp_path / "canary-bootcamp.yaml"
     f.write_text(document(R))

@@ -715,14 +715,20 @@ def _owned_kind_name(segment: str) -> tuple[str, str] | None:
 
 
 def competing(
-    files: Sequence[str], service: str, own: str, name: str, gateway_api: bool = False
+    files: Sequence[str],
+    service: str,
+    own: str,
+    name: str,
+    gateway_api: bool = False,
+    gateways: Sequence[str] = (),
 ) -> list[str]:
     """The user's rules that route SERVICE for every request (file:line: what).
 
     *gateway_api* (our document an HTTPRoute): an HTTPRoute on SERVICE's
-    Service competes only where one of its rules has no match (or an empty
-    one: every request); one whose every rule matches something keeps
-    those requests beside ours, ranked by the API's precedence. Without it
+    Service, or on one of *gateways* (``--gateway``, our other parents),
+    competes only where one of its rules has no match (or an empty one:
+    every request); one whose every rule matches something keeps those
+    requests beside ours, ranked by the API's precedence. Without it
     every HTTPRoute on SERVICE's Service competes with our RouteRule (the
     loader refuses a host routed by two APIs). Ours, of either kind, in
     *own* never competes."""
@@ -755,16 +761,26 @@ def competing(
                 if any(names_it(h) for h in spec.get("hosts") or []):
                     out.append(f"{f}:{d.line}: {obj} routes host {short}")
             elif kind == "HTTPRoute":
+                refs = [ref for ref in spec.get("parentRefs") or [] if isinstance(ref, dict)]
                 parent = any(
-                    isinstance(ref, dict)
-                    and ref.get("kind") == "Service"
-                    and names_it(ref.get("name"))
-                    for ref in spec.get("parentRefs") or []
+                    ref.get("kind") == "Service" and names_it(ref.get("name")) for ref in refs
                 )
+                # a parentRef's kind defaults to Gateway (the API's default)
+                gateway = next(
+                    (
+                        str(ref["name"])
+                        for ref in refs
+                        if ref.get("kind", "Gateway") == "Gateway" and ref.get("name") in gateways
+                    ),
+                    None,
+                )
+                every = any(_every_request(rule) for rule in spec.get("rules") or [])
                 if parent and not gateway_api:
                     out.append(f"{f}:{d.line}: {obj} routes Service {short}")
-                elif parent and any(_every_request(rule) for rule in spec.get("rules") or []):
+                elif parent and every:
                     out.append(f"{f}:{d.line}: {obj} routes every request of Service {short}")
+                elif gateway is not None and every:
+                    out.append(f"{f}:{d.line}: {obj} routes every request of Gateway {gateway}")
     return out
 
 
@@ -910,7 +926,7 @@ class RulesWriter:
             raise CanaryError(f"{self.paths.directory}: {unreadable[0].message}")
         return [f for f in files if f != self.paths.document]
 
-    def check_competing(self, gateway_api: bool = False) -> None:
+    def check_competing(self, gateway_api: bool = False, gateways: Sequence[str] = ()) -> None:
         self.check_other_form()
         found = competing(
             self.others(),
@@ -918,6 +934,7 @@ class RulesWriter:
             self.paths.document,
             rule_name(self.service),
             gateway_api,
+            gateways,
         )
         if found:
             kind = "HTTPRoute" if gateway_api else "RouteRule"
@@ -998,7 +1015,9 @@ class RulesWriter:
         doc = self.paths.document
         rollback = r.phase == "rolled_back"
         if not rollback:
-            self.check_competing(r.gateway is not None)
+            self.check_competing(
+                r.gateway is not None, r.gateway.gateways if r.gateway is not None else ()
+            )
         new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
         if self._holds(new_text):
             return False
@@ -1154,7 +1173,9 @@ class Store(Protocol):
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def install(self, r: Rollout) -> bool: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
-    def check_competing(self, *, gateway_api: bool = False) -> None: ...
+    def check_competing(
+        self, *, gateway_api: bool = False, gateways: Sequence[str] = ()
+    ) -> None: ...
     def table(self, r: Rollout | None) -> RouteTable: ...
 
 
@@ -1216,8 +1237,8 @@ class FileStore:
             raise Superseded(current)
         return current
 
-    def check_competing(self, *, gateway_api: bool = False) -> None:
-        self.writer.check_competing(gateway_api)
+    def check_competing(self, *, gateway_api: bool = False, gateways: Sequence[str] = ()) -> None:
+        self.writer.check_competing(gateway_api, gateways)
 
     def table(self, r: Rollout | None) -> RouteTable:
         return self.writer.table(r)
@@ -1920,7 +1941,7 @@ def _analyse(
         )
     )
     display = Display(out, args.json, policy)
-    store.check_competing(gateway_api=gateway_api)
+    store.check_competing(gateway_api=gateway_api, gateways=tuple(args.gateway or ()))
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)

@@ -65,7 +65,7 @@ import ssl
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -396,9 +396,13 @@ class ConfigMapStore:
         return state_of(self.get(), self.service)
 
     def check_competing(
-        self, obj: Mapping[str, Any] | None = None, *, gateway_api: bool = False
+        self,
+        obj: Mapping[str, Any] | None = None,
+        *,
+        gateway_api: bool = False,
+        gateways: Sequence[str] = (),
     ) -> None:
-        self.validate(obj if obj is not None else self.get(), None, gateway_api)
+        self.validate(obj if obj is not None else self.get(), None, gateway_api, gateways)
 
     def table(self, r: Rollout | None) -> RouteTable:
         """The rules as the sidecars would load the ConfigMap with *r*'s
@@ -443,7 +447,11 @@ class ConfigMapStore:
         return files
 
     def validate(
-        self, obj: Mapping[str, Any], r: Rollout | None, gateway_api: bool = False
+        self,
+        obj: Mapping[str, Any],
+        r: Rollout | None,
+        gateway_api: bool = False,
+        gateways: Sequence[str] = (),
     ) -> None:
         """Refuse *obj* if the sidecars would refuse its rules (or ours compete)."""
         where = f"configmap/{self.namespace}/{self.name}"
@@ -454,7 +462,12 @@ class ConfigMapStore:
                 os.path.join(tmp, k) for k in files if k != ours and not k.startswith(".")
             )
             found = competing(
-                others, self.service, os.path.join(tmp, ours), rule_name(self.service), gateway_api
+                others,
+                self.service,
+                os.path.join(tmp, ours),
+                rule_name(self.service),
+                gateway_api,
+                gateways,
             )
             if found:
                 kind = "HTTPRoute" if gateway_api else "RouteRule"
@@ -496,7 +509,8 @@ class ConfigMapStore:
             # A state alone changes nothing the sidecars read; a rollback is
             # written whatever the rest holds (RulesWriter.install_locked).
             if with_document and r.phase != "rolled_back":
-                self.validate(new, r, r.gateway is not None)
+                g = r.gateway
+                self.validate(new, r, g is not None, g.gateways if g is not None else ())
             status, body = self.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
                 return mounted_files(new).get(key) != first
