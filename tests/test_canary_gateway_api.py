@@ -430,8 +430,34 @@ def test_status_says_the_mode(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
             PER_VERSION,
             "--canary bootcamp-v3: the backend resolves to no endpoint",
         ),
+        (
+            [*GATEWAY_API, "--gateway", "nosuch"],
+            PER_VERSION,
+            "l4proxy canary: --gateway nosuch: no such Gateway in the rules",
+        ),
+        (
+            ["--gateway-api", "--stable", "v1", "--canary", "v2"],
+            PER_VERSION,
+            "l4proxy canary: --stable v1: no Service v1 in the rules (with --gateway-api, "
+            "--stable and --canary name Services, e.g. bootcamp-v1)",
+        ),
+        (
+            [*GATEWAY_API, "--port", "7777"],
+            PER_VERSION,
+            "l4proxy canary: --port 7777: not a port of bootcamp (",
+        ),
     ],
-    ids=["port", "gateway", "port-0", "pseudo-header", "not-a-service", "unresolved"],
+    ids=[
+        "port",
+        "gateway",
+        "port-0",
+        "pseudo-header",
+        "not-a-service",
+        "unresolved",
+        "no-such-gateway",
+        "versions-for-services",
+        "not-the-services-port",
+    ],
 )
 def test_options_and_errors(
     tmp_path: pathlib.Path,

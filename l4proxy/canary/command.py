@@ -1103,6 +1103,63 @@ def service_port(table: RouteTable, service: str, namespace: str, domain: str) -
     return ports[0]
 
 
+def check_port(table: RouteTable, service: str, port: int, namespace: str, domain: str) -> None:
+    """``--port`` given: refuse one that SERVICE's ServiceEntry does not
+    have (the loader would say so of a backend, in a document not written)."""
+    svc = table.service(service_host(service, namespace, domain))
+    if svc is not None and svc.port(port) is None:
+        ports = ", ".join(str(p.number) for p in sorted(svc.ports, key=lambda p: p.number))
+        raise CanaryError(
+            f"--port {port}: not a port of {service} ({svc.host} has {ports}): give one of "
+            "those, the port the HTTPRoute routes (its backends' too), or leave it out"
+        )
+
+
+def probe_table(store: Store, probe: Rollout) -> RouteTable:
+    """The rules with *probe*'s HTTPRoute, for :func:`backend_targets`.
+
+    Refused, the loader's error would name our document, never written; the
+    option at fault is found instead by loading it without each in turn:
+    its Gateways (``--gateway``), then a backend (``--stable``,
+    ``--canary``)."""
+    g = probe.gateway
+    assert g is not None
+    try:
+        return store.table(probe)
+    except CanaryError as exc:
+        short = probe.service.split(".", 1)[0]
+        try:
+            store.table(replace(probe, gateway=replace(g, gateways=())))
+        except CanaryError as without:
+            message = _message(without)
+            for flag, name in (("--stable", probe.stable), ("--canary", probe.canary)):
+                if f"backendRef {name} resolves to nothing" in message:
+                    raise CanaryError(
+                        f"{flag} {name}: no Service {name} in the rules (with --gateway-api, "
+                        f"--stable and --canary name Services, e.g. {short}-{name}): {message}"
+                    ) from exc
+            raise
+        for gw in g.gateways:
+            try:
+                store.table(replace(probe, gateway=replace(g, gateways=(gw,))))
+            except CanaryError as one:
+                message = _message(one)
+                what = "no such Gateway in the rules" if "unknown parent" in message else message
+                raise CanaryError(f"--gateway {gw}: {what} ({message})") from exc
+        raise
+
+
+def _message(exc: CanaryError) -> str:
+    """A refusal's first error without its place (our document's, not
+    written), where the loader's error is at hand."""
+    cause = exc.__cause__
+    if isinstance(cause, ConfigError):
+        d = next((d for d in cause.diagnostics if d.severity == "error"), None)
+        if d is not None:
+            return d.message
+    return str(exc)
+
+
 def service_host(service: str, namespace: str, domain: str) -> str:
     """SERVICE's host in the registry: as given when it has a dot, else
     ``SERVICE.NAMESPACE.svc.DOMAIN``."""
@@ -1146,7 +1203,9 @@ def backend_targets(
             raise CanaryError(
                 f"--gateway-api: {flag} {name}: the backend resolves to no endpoint in the "
                 f"rules (no ServiceEntry host {name}.{namespace}.svc.{domain}, nor a DNS "
-                "endpoint of that name): its requests would be answered 500"
+                "endpoint of that name): its requests would be answered 500 (with "
+                "--gateway-api, --stable and --canary name Services, e.g. "
+                f"{r.service.split('.', 1)[0]}-v2)"
             )
         version, _ = version_and_workload(ws.service.host, ws.subset, ws.endpoints)
         out[name] = (ws.service.host.split(".", 1)[0], version)
@@ -1945,6 +2004,8 @@ def _analyse(
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
+        if args.port:
+            check_port(store.table(None), service, port, namespace, args.domain)
         gateway = GatewayRoute(port, tuple(dict.fromkeys(args.gateway)))
     ev = resume(
         policy,
@@ -1960,7 +2021,7 @@ def _analyse(
     if r.gateway is not None:
         # what the sidecars report for each backend: the registry decides
         probe = replace(r, phase="progressing", weight=50, match=())
-        metrics.targets = backend_targets(store.table(probe), probe, namespace, args.domain)
+        metrics.targets = backend_targets(probe_table(store, probe), probe, namespace, args.domain)
     loaded = store.load_state()  # what resume() started from
     # fails early (exit 2) when the metrics are missing: those of the
     # copies too where the rollout is mirrored
