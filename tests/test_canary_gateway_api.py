@@ -248,9 +248,18 @@ def test_a_resume_in_the_other_mode_is_refused() -> None:
         resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", routerule, 1.0, gateway=GW)
 
 
-def test_a_resume_in_the_same_mode_takes_the_new_port() -> None:
-    ev = resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", R, 1.0, gateway=GatewayRoute(9090))
-    assert (ev.kind, ev.rollout.weight, ev.rollout.gateway) == ("resume", 25, GatewayRoute(9090))
+@pytest.mark.parametrize(
+    "gateway", [GatewayRoute(9090), GatewayRoute(8080, ("gw",))], ids=["port", "gateway"]
+)
+def test_a_resume_with_another_port_or_gateway_is_refused(gateway: GatewayRoute) -> None:
+    with pytest.raises(Conflict, match="with --port 8080: resume it with those"):
+        resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", R, 1.0, gateway=gateway)
+
+
+def test_a_resume_with_the_same_port_and_gateways_goes_on() -> None:
+    saved = replace(R, gateway=GatewayRoute(8080, ("a", "b")))
+    ev = resume(P, "bootcamp", "bootcamp-v1", "bootcamp-v2", saved, 1.0, gateway=saved.gateway)
+    assert (ev.kind, ev.rollout.weight, ev.rollout.gateway) == ("resume", 25, saved.gateway)
 
 
 # -- metrics: what the sidecars report for each backend ---------------------------------

@@ -474,7 +474,7 @@ def resume(
     * other versions still progressing: :class:`Conflict`;
     * the same versions progressing in the other mode (*gateway* None or
       not, as the saved one's is not): :class:`Conflict`; in the same mode
-      with another port or Gateways, resumed with the new ones. A finished
+      with another port or other Gateways: :class:`Conflict` too. A finished
       rollout of the other mode is another rollout.
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
@@ -485,8 +485,21 @@ def resume(
                 f"{_where(saved)} through {mode_of(saved.gateway)}: resume it that way, or "
                 f"end it first (l4proxy canary promote|abort {saved.service})"
             )
-        if saved.gateway != gateway:
-            saved = replace(saved, gateway=gateway)
+        g, new = saved.gateway, gateway
+        # Refused as the mode is: a new port or Gateway would move the
+        # rollout's requests mid-analysis (another parent, another
+        # listener), and its intervals were judged on the old ones.
+        if (
+            g is not None
+            and new is not None
+            and (g.port != new.port or set(g.gateways) != set(new.gateways))
+        ):
+            given = f"--port {g.port}" + "".join(f" --gateway {n}" for n in g.gateways)
+            raise Conflict(
+                f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+                f"{_where(saved)} with {given}: resume it with those, or end it first "
+                f"(l4proxy canary promote|abort {saved.service}) to route it otherwise"
+            )
     elif saved is not None and same and (saved.gateway is None) != (gateway is None):
         same = False  # finished in the other mode: a new rollout
     if saved is not None and not same and saved.phase == "progressing":
