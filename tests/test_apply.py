@@ -106,7 +106,8 @@ def test_a_create_that_makes_the_directory_invalid_changes_nothing(
     before = snapshot(rules)
     assert l4("create", str(bad), rules) == 1
     err = capsys.readouterr().err
-    assert f"{bad}:20: HTTPRoute bootcamp: weight 2000000 is not in range 0..1000000" in err
+    line = 1 + bad.read_text().splitlines().index("      weight: 2000000")
+    assert f"{bad}:{line}: HTTPRoute bootcamp: weight 2000000 is not in range 0..1000000" in err
     assert "nothing changed" in err
     assert snapshot(rules) == before
 
