@@ -52,16 +52,9 @@ from tests.test_canary_core import (
     _routes,
     stats,
 )
+from tests.test_canary_core import P as CORE_POLICY
 
-P = Policy(
-    steps=(5, 25, 50, 100),
-    interval=1,
-    threshold=2,
-    min_success_rate=99,
-    max_p99_ms=500,
-    min_requests=10,
-    mirror=2,
-)
+P = replace(CORE_POLICY, mirror=2)  # (test_canary_core's, two mirrored intervals first)
 
 
 # -- the state machine ---------------------------------------------------------------

@@ -31,6 +31,7 @@ from l4proxy.dataplane.verdict import (
 )
 from tests._scripted import Scripted, _client, _until
 from tests.test_relay_edges import Backend, _relay
+from tests.test_relay_mirror import _read_request
 
 Endpoint = tuple[str, int]
 SWAPS = 200
@@ -431,17 +432,9 @@ class HeldMirror:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(20)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += conn.recv(65536)
-        head, _, body = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            body += conn.recv(65536)
+        if _read_request(conn, b"") is None:  # (the whole copy, its body too)
+            conn.close()
+            return
         with self.lock:
             self.copies += 1
         self.release.wait(20)
