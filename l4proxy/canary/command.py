@@ -159,7 +159,7 @@ examples:
       --match x-canary=insider --match 'cookie~^(.*?;)?(canary=always)(;.*)?$' \\
       --iterations 10 --metrics 127.0.0.1:15000
   # Gateway API (one Service per version): an HTTPRoute with weighted backendRefs
-  l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \
+  l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \\
       --rules /etc/l4proxy [--port 8080] [--gateway bootcamp-gateway] --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
