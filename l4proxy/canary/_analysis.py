@@ -65,6 +65,19 @@ document needs besides (the port, the Gateways), and says the mode: a
 progressing rollout is never resumed in the other mode (a
 :class:`Conflict`), since its document would change kind under it.
 
+**Session affinity** (``--session-affinity``, Flagger's
+``analysis.sessionAffinity``; Gateway API mode only): the same stages, and
+:attr:`Rollout.affinity` holds the cookie that pins a user to the canary
+once a weighted draw sent them there: its name, its value (drawn by the
+shell at the start, kept across resumes: the clients hold it), its
+max-age, the primary cookie's name and age, and the cookie of the rollout
+before (deleted while this one is mirrored). The value of the primary
+cookie is a function of the rollout's and the step
+(:meth:`SessionAffinity.primary_value`). A progressing rollout resumed
+with other cookie names, or with none where it had one, is a
+:class:`Conflict`. What the shell writes for each phase is
+:func:`l4proxy.canary.command.http_route_document`.
+
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
 to the canary again, unless the caller asks for a fresh start. Times are
@@ -73,9 +86,11 @@ passed in (``now``), never read, so that every path is a table-driven test.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -349,6 +364,107 @@ class GatewayRoute:
         return cls(data["port"], tuple(gateways))
 
 
+# A session cookie's value: Flagger's (randSeq: ten ASCII letters, drawn once
+# per rollout). Letters alone need no quoting in a cookie nor escaping in a
+# regex, and 52**10 (about 2**57) values are more than any rollout can meet.
+COOKIE_LETTERS = string.ascii_letters
+COOKIE_VALUE_LENGTH = 10
+
+
+def new_cookie_value(choice: Callable[[str], str]) -> str:
+    """A fresh cookie value: :data:`COOKIE_VALUE_LENGTH` letters, each
+    ``choice(COOKIE_LETTERS)`` (the shell passes ``secrets.choice``; a
+    test, a seeded ``random.Random().choice``)."""
+    return "".join(choice(COOKIE_LETTERS) for _ in range(COOKIE_VALUE_LENGTH))
+
+
+@dataclass(frozen=True)
+class SessionAffinity:
+    """A rollout's session affinity (``--session-affinity``, Flagger's
+    ``analysis.sessionAffinity``), as its state keeps it.
+
+    While the canary has a weight, a response from the canary sets the
+    cookie *cookie* = *value* (the rollout's own, drawn once at its start
+    and kept across resumes: the clients hold it), *max_age* seconds, and
+    every request that sends it back goes to the canary: a user who met the
+    new version once stays on it. *primary_cookie* (``--primary-cookie``,
+    Flagger's ``primaryCookieName``; "" none) is the same for stable, for
+    *primary_max_age* seconds (the interval, as Flagger sets it) and with a
+    value of its own at each step (:meth:`primary_value`): a user on stable
+    stays there for the rest of a step, then is drawn again at the next
+    step's weight, so the canary's share of users grows with the steps.
+    *previous* (``NAME=VALUE``; "" none) is the cookie of the rollout of
+    SERVICE before this one, expired while this one hands out none yet (its
+    mirrored intervals: Flagger's ``previousSessionAffinityCookie``)."""
+
+    cookie: str
+    value: str
+    max_age: int = 86400
+    primary_cookie: str = ""
+    primary_max_age: int = 60
+    previous: str = ""
+
+    @property
+    def pair(self) -> str:
+        """``NAME=VALUE``: the cookie as a client sends it back."""
+        return f"{self.cookie}={self.value}"
+
+    def primary_value(self, step: int) -> str:
+        """The primary cookie's value at the rollout's *step*: drawn from
+        the rollout's value and the step (SHA-256), so that each step has
+        its own (Flagger's documented behaviour: a client pinned to stable
+        in one step is drawn again in the next), a resumed command writes
+        the same one, and the state keeps nothing more. Knowing it tells
+        nothing of :attr:`value` (no more than the cookie itself would: a
+        client that sends the canary's cookie reaches the canary anyway)."""
+        digest = hashlib.sha256(f"{self.value}/{step}".encode()).digest()
+        return "".join(COOKIE_LETTERS[b % len(COOKIE_LETTERS)] for b in digest)[
+            :COOKIE_VALUE_LENGTH
+        ]
+
+    def names(self) -> tuple[str, str]:
+        """What a resume must give again: (cookie, primary cookie)."""
+        return self.cookie, self.primary_cookie
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> SessionAffinity:
+        if not isinstance(data, dict):
+            raise ValueError(f"session_affinity {data!r}: not an object")
+        try:
+            out = cls(
+                cookie=data["cookie"],
+                value=data["value"],
+                max_age=data.get("max_age", 86400),
+                primary_cookie=data.get("primary_cookie", ""),
+                primary_max_age=data.get("primary_max_age", 60),
+                previous=data.get("previous", ""),
+            )
+        except KeyError as exc:
+            raise ValueError(f"session_affinity {data!r}: no {exc}") from None
+        for name in ("cookie", "value", "primary_cookie", "previous"):
+            if not isinstance(getattr(out, name), str):
+                raise ValueError(f"session_affinity {data!r}: {name} is not a string")
+        for name in ("max_age", "primary_max_age"):
+            value = getattr(out, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"session_affinity {data!r}: {name} is not a positive integer")
+        if not out.cookie or not out.value:
+            raise ValueError(f"session_affinity {data!r}: an empty cookie or value")
+        return out
+
+
+def affinity_words(a: SessionAffinity | None) -> str:
+    """The options that made *a*, for a :class:`Conflict`."""
+    if a is None:
+        return "without --session-affinity"
+    return f"with --session-affinity {a.cookie}" + (
+        f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else ""
+    )
+
+
 def mode_of(gateway: GatewayRoute | None) -> str:
     """The mode as the options say it: ``--gateway-api``, or the RouteRule's."""
     return "--gateway-api (an HTTPRoute)" if gateway else "a RouteRule (without --gateway-api)"
@@ -378,6 +494,9 @@ class Rollout:
     # Gateway API mode (an HTTPRoute, stable and canary backend Services);
     # None: a RouteRule (a state file from before it)
     gateway: GatewayRoute | None = None
+    # --session-affinity (Gateway API mode only); None: none (a state file
+    # from before it)
+    affinity: SessionAffinity | None = None
 
     @property
     def mirrored(self) -> bool:
@@ -397,6 +516,8 @@ class Rollout:
         d["steps"] = list(self.steps)
         d["match"] = [m.to_json() for m in self.match]
         d["gateway"] = None if self.gateway is None else self.gateway.to_json()
+        del d["affinity"]
+        d["session_affinity"] = None if self.affinity is None else self.affinity.to_json()
         return d
 
     @classmethod
@@ -421,11 +542,18 @@ class Rollout:
                 gateway=(
                     None if data.get("gateway") is None else GatewayRoute.from_json(data["gateway"])
                 ),
+                affinity=(
+                    None
+                    if data.get("session_affinity") is None
+                    else SessionAffinity.from_json(data["session_affinity"])
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
         if r.phase not in PHASES:
             raise ValueError(f"bad state: phase {r.phase!r}")
+        if r.affinity is not None and r.gateway is None:
+            raise ValueError("bad state: session_affinity without gateway (an HTTPRoute's)")
         return r
 
 
@@ -453,6 +581,7 @@ def resume(
     now: float,
     restart: bool = False,
     gateway: GatewayRoute | None = None,
+    affinity: SessionAffinity | None = None,
 ) -> Event:
     """The rollout to run: a new one, or the saved one where it stood.
 
@@ -476,6 +605,13 @@ def resume(
       not, as the saved one's is not): :class:`Conflict`; in the same mode
       with another port or other Gateways: :class:`Conflict` too. A finished
       rollout of the other mode is another rollout.
+    * *affinity* (``--session-affinity``, its value freshly drawn): a new
+      rollout takes it, with the cookie of the one before (*saved*'s, if
+      it had one) as its :attr:`SessionAffinity.previous`; a progressing
+      one keeps its own value (the clients hold it) and takes the new max
+      ages, but another cookie name, or none where it had one (or the other
+      way round), is a :class:`Conflict`: its cookie holders would lose
+      their version, or the judged share would change kind mid-analysis.
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and same and saved.phase == "progressing":
@@ -499,6 +635,30 @@ def resume(
                 f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
                 f"{_where(saved)} with {given}: resume it with those, or end it first "
                 f"(l4proxy canary promote|abort {saved.service}) to route it otherwise"
+            )
+        had = None if saved.affinity is None else saved.affinity.names()
+        if had != (None if affinity is None else affinity.names()):
+            # its cookie holders would lose their version, or the canary's
+            # share would change kind mid-analysis
+            why = (
+                "(its clients hold the cookie it set)"
+                if saved.affinity is not None
+                else "to start one with session affinity"
+            )
+            raise Conflict(
+                f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
+                f"{_where(saved)} {affinity_words(saved.affinity)}: resume it that way, "
+                f"or end it first (l4proxy canary promote|abort {saved.service}) {why}"
+            )
+        if saved.affinity is not None and affinity is not None:
+            # the value stays (the clients hold it); the ages are the options'
+            saved = replace(
+                saved,
+                affinity=replace(
+                    saved.affinity,
+                    max_age=affinity.max_age,
+                    primary_max_age=affinity.primary_max_age,
+                ),
             )
     elif saved is not None and same and (saved.gateway is None) != (gateway is None):
         same = False  # finished in the other mode: a new rollout
@@ -544,6 +704,8 @@ def resume(
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     stages = policy.stages
+    if affinity is not None and saved is not None and saved.affinity is not None:
+        affinity = replace(affinity, previous=saved.affinity.pair)
     r = Rollout(
         service,
         stable,
@@ -559,6 +721,7 @@ def resume(
         now,
         policy.match,
         gateway,
+        affinity,
     )
     return Event("start", r, previous_weight=saved.weight if saved is not None else None)
 

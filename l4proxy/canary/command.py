@@ -34,6 +34,20 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   that has no match competes with it. The samples select what the
   sidecars report for each backend: the registry decides
   (:func:`backend_targets`, from the rules as loaded).
+* **Session affinity** (``--session-affinity COOKIE``, Gateway API mode
+  only: Flagger's ``analysis.sessionAffinity`` as its Gateway API router
+  writes it). While the canary has a weight, the canary's backendRef
+  carries a ResponseHeaderModifier that adds ``Set-Cookie`` (the rollout's
+  cookie, :func:`set_cookie`), and a rule before the weighted one matches
+  a ``Cookie`` header holding it (:func:`cookie_regex`) and sends the
+  request to the canary: a user drawn to the canary once stays there.
+  ``--primary-cookie`` does the same for stable, a value per step. Once
+  the rollout ends the rule routes its holders as every request goes and
+  its answers delete the cookie (:func:`expired_cookie`); mirrored, no
+  cookie is handed out, and the last rollout's is deleted. The value is
+  drawn here (``secrets``) and kept in the state
+  (:class:`~l4proxy.canary._analysis.SessionAffinity`). A RouteRule
+  cannot add a response header: refused without ``--gateway-api``.
 * **Atomic, validated writes.** Every change goes through the pieces of
   ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
@@ -70,6 +84,7 @@ import json
 import math
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -91,9 +106,11 @@ from l4proxy.canary._analysis import (
     PolicyError,
     Rollout,
     Sample,
+    SessionAffinity,
     advance,
     check,
     mirrored_stages,
+    new_cookie_value,
     p99_limit,
     p99_ok,
     parse_match,
@@ -161,6 +178,9 @@ examples:
   # Gateway API (one Service per version): an HTTPRoute with weighted backendRefs
   l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \\
       --rules /etc/l4proxy [--port 8080] [--gateway bootcamp-gateway] --metrics 127.0.0.1:15000
+  # ... and sticky: a user who got an answer from v2 keeps getting v2
+  l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \\
+      --rules /etc/l4proxy --session-affinity flagger-cookie --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
@@ -193,6 +213,16 @@ the document is the HTTPRoute canary-SERVICE (gateway.networking.k8s.io/v1):
 parentRefs SERVICE's Service (--port, else its one port in the registry) and each
 --gateway NAME; backendRefs stable and canary with the weights; mirrored, a
 RequestMirror filter; A/B, a rule per --match (headers only) before it.
+
+--session-affinity COOKIE (with --gateway-api; --cookie-max-age, --primary-cookie):
+while the canary has a weight, its backendRef adds 'Set-Cookie: COOKIE=VALUE;
+Max-Age=86400; Path=/' to its answers (VALUE: ten random letters, drawn once per
+rollout and kept in the state, so a resume keeps it; status shows it), and a rule
+before the weighted one sends every request whose Cookie header holds COOKIE=VALUE
+to the canary. Rolled back or promoted, that rule routes as every request goes and
+deletes the cookie (Max-Age=0); a mirrored interval hands none out, and deletes
+the last rollout's. --primary-cookie NAME: stable's answers set NAME (a value per
+step, Max-Age the interval) and its holders stay on stable until the next step.
 
 exit status:
   0  promoted (100 % to the canary)
@@ -315,6 +345,30 @@ def add_parser(sub: Any) -> None:
         help="--gateway-api: a Gateway the HTTPRoute attaches to as well (repeatable; "
         "Flagger's gatewayRefs)",
     )
+    p.add_argument(
+        "--session-affinity",
+        metavar="COOKIE",
+        help="--gateway-api: a sticky canary (Flagger's analysis.sessionAffinity): while the "
+        "canary has a weight its answers set the cookie COOKIE (one random value per "
+        "rollout, kept in the state), and every request that sends it back goes to the "
+        "canary, so a user who met the new version stays on it; the rollout's end deletes "
+        "it (after a rollback its holders reach stable). Not with --match",
+    )
+    p.add_argument(
+        "--cookie-max-age",
+        type=int,
+        metavar="SECONDS",
+        help=f"--session-affinity: how long a client keeps the canary's cookie "
+        f"({DEFAULT_COOKIE_MAX_AGE}, a day, as Flagger's maxAge)",
+    )
+    p.add_argument(
+        "--primary-cookie",
+        metavar="NAME",
+        help="--session-affinity: stable's answers set the cookie NAME too, and the "
+        "requests that send it back go to stable, until the next step (a new value each "
+        "step, Max-Age one interval: Flagger's primaryCookieName), so a user does not "
+        "switch versions within a step",
+    )
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
@@ -415,6 +469,99 @@ def gateway_options(args: argparse.Namespace) -> bool:
                 "the HTTPRoute's namespace's)"
             )
     return True
+
+
+# RFC 6265 (4.1.1): a cookie-name is an RFC 2616 token: visible ASCII but
+# the separators ()<>@,;:\"/[]?={} (and no space or tab)
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The sticky rule's regex (cookie_regex) grows by a character of program per
+# character of the name: with 50 it stays within Envoy's limit of 100
+# (l4proxy.rules._regex.MAX_PROGRAM_SIZE), so the rule loads in Istio too.
+MAX_COOKIE_NAME = 50
+# --cookie-max-age: Flagger's maxAge default (a day), and at most 400 days,
+# where browsers cap it (RFC 6265bis: a longer Max-Age is taken as 400 days)
+DEFAULT_COOKIE_MAX_AGE = 86400
+MAX_COOKIE_MAX_AGE = 400 * 86400
+
+
+def affinity_options(
+    args: argparse.Namespace, gateway_api: bool, policy: Policy, value: str
+) -> SessionAffinity | None:
+    """``--session-affinity``, ``--cookie-max-age`` and ``--primary-cookie``
+    checked, as the rollout would take them with the cookie value *value*
+    (drawn by the caller); None without them.
+
+    Refused: without ``--gateway-api`` (a RouteRule cannot set a response
+    header, which is how a client gets the cookie), with ``--match`` (A/B
+    testing routes by a header already: the requests it matches all go to
+    the canary, which is what a cookie would pin; Flagger's sticky canary is
+    for weighted steps), a name that is not a cookie name (an RFC 6265
+    token) or is too long for the sticky rule's regex, a ``__Secure-`` or
+    ``__Host-`` name (a browser drops such a cookie without ``Secure``,
+    which a cookie over plain HTTP cannot have), the two names alike, a
+    max-age outside 1..400 days, and the other two options alone."""
+    cookie: str | None = getattr(args, "session_affinity", None)
+    max_age: int | None = getattr(args, "cookie_max_age", None)
+    primary: str | None = getattr(args, "primary_cookie", None)
+    if cookie is None:
+        for flag, given in (("--cookie-max-age", max_age), ("--primary-cookie", primary)):
+            if given is not None:
+                raise CanaryError(
+                    f"{flag} goes with --session-affinity COOKIE (the canary's cookie; "
+                    "Flagger's sessionAffinity.cookieName)"
+                )
+        return None
+    if not gateway_api:
+        raise CanaryError(
+            "--session-affinity needs --gateway-api: a client gets the cookie from a "
+            "Set-Cookie that the canary's answers carry, and Istio 0.7's RouteRule cannot "
+            "add a response header; with --gateway-api the HTTPRoute's canary backendRef "
+            "adds it (one Service per version: --stable and --canary name them)"
+        )
+    if policy.match:
+        raise CanaryError(
+            "--session-affinity and --match: A/B testing sends every matching request to "
+            "the canary already (a cookie too: --match 'cookie~...'), and no weight draws "
+            "a user there to be pinned; session affinity goes with weighted steps"
+        )
+    for flag, name in (("--session-affinity", cookie), ("--primary-cookie", primary)):
+        if name is None:
+            continue
+        if not _COOKIE_NAME.fullmatch(name):
+            raise CanaryError(
+                f"{flag} {name!r}: not a cookie name (RFC 6265: letters, digits and "
+                "!#$%&'*+-.^_`|~; no space, nor any of ()<>@,;:\\\"/[]?={}), e.g. flagger-cookie"
+            )
+        if len(name) > MAX_COOKIE_NAME:
+            raise CanaryError(
+                f"{flag} {name!r}: {len(name)} characters; at most {MAX_COOKIE_NAME} (the "
+                "sticky rule's regex holds it, within Envoy's size limit)"
+            )
+        if name.lower().startswith(("__secure-", "__host-")):
+            raise CanaryError(
+                f"{flag} {name!r}: a browser keeps a {name.split('-', 1)[0]}- cookie only "
+                "with the Secure attribute, set over HTTPS, and the sidecars' plain HTTP "
+                "cannot: choose a name without that prefix"
+            )
+    if primary is not None and primary == cookie:
+        raise CanaryError(
+            f"--primary-cookie {primary}: the same name as --session-affinity; give stable's "
+            "cookie another (a client holds one of each, and each must say its version)"
+        )
+    if max_age is not None and not 1 <= max_age <= MAX_COOKIE_MAX_AGE:
+        raise CanaryError(
+            f"--cookie-max-age {max_age}: seconds from 1 to {MAX_COOKIE_MAX_AGE} (400 days, "
+            "where browsers cap a cookie's life)"
+        )
+    return SessionAffinity(
+        cookie,
+        value,
+        DEFAULT_COOKIE_MAX_AGE if max_age is None else max_age,
+        primary or "",
+        # Flagger's: the interval (whole seconds, at least 1: a Max-Age of 0
+        # would delete it at once)
+        max(1, math.ceil(policy.interval)),
+    )
 
 
 def policy_of(args: argparse.Namespace) -> Policy:
@@ -537,7 +684,15 @@ def http_route_document(r: Rollout) -> str:
     rule). While A/B testing each alternative is a rule before it: its
     header match, every request to the canary. The API ranks a rule with a
     header match above one without (both PathPrefix ``/``), whatever their
-    order; they come first anyway, as the RouteRules' precedence reads."""
+    order; they come first anyway, as the RouteRules' precedence reads.
+
+    With session affinity (:attr:`Rollout.affinity`), while the canary has
+    a weight: a rule whose ``Cookie`` match is the rollout's cookie sends
+    its holders to the canary, then (``--primary-cookie``) one for stable's
+    cookie of this step, and the weighted rule's backendRefs each add their
+    ``Set-Cookie`` to their answers (Flagger's layout). Ended, or mirrored
+    with a cookie of the rollout before: a rule matching that cookie with
+    the weighted rule's backends (and mirror), whose answers delete it."""
     g = r.gateway
     assert g is not None
     phase = "mirrored" if r.mirrored else "A/B testing" if r.ab_testing else r.phase
@@ -545,29 +700,61 @@ def http_route_document(r: Rollout) -> str:
     parents += f"    port: {g.port}\n"
     parents += "".join(f"  - name: {json.dumps(name)}\n" for name in g.gateways)
 
-    def ref(name: str, weight: int, indent: str = "    ") -> str:
+    def ref(name: str, weight: int, cookie: str = "") -> str:
         # quoted (JSON is YAML): a name like 1.10 or on is a string
-        return f"{indent}- name: {json.dumps(name)}\n{indent}  port: {g.port}\n" + (
-            f"{indent}  weight: {weight}\n"
+        out = f"    - name: {json.dumps(name)}\n      port: {g.port}\n      weight: {weight}\n"
+        if cookie:  # the backend's own responses set it (Flagger's backendRef filter)
+            out += "      filters:\n" + _set_cookie_filter(cookie, "      ")
+        return out
+
+    def header_rule(name: str, kind: str, value: str, refs: str, filters: str = "") -> str:
+        return (
+            "  - matches:\n    - headers:\n"
+            f"      - name: {json.dumps(name)}\n        type: {kind}\n"
+            f"        value: {json.dumps(value)}\n"
+            f"    backendRefs:\n{refs}" + (f"    filters:\n{filters}" if filters else "")
         )
 
     rules = ""
     if r.ab_testing:
         for m in r.match:
             kind = "Exact" if m.kind == "exact" else "RegularExpression"
-            rules += (
-                "  - matches:\n    - headers:\n"
-                f"      - name: {json.dumps(m.header)}\n        type: {kind}\n"
-                f"        value: {json.dumps(m.value)}\n"
-                f"    backendRefs:\n{ref(r.canary, 1)}"
-            )
-    rules += f"  - backendRefs:\n{ref(r.stable, 100 - r.weight)}{ref(r.canary, r.weight)}"
+            rules += header_rule(m.header, kind, m.value, ref(r.canary, 1))
+    mirror = ""
     if r.mirrored:
-        rules += (
-            "    filters:\n    - type: RequestMirror\n      requestMirror:\n"
+        mirror = (
+            "    - type: RequestMirror\n      requestMirror:\n"
             f"        backendRef:\n          name: {json.dumps(r.canary)}\n"
             f"          port: {g.port}\n"
         )
+    weighted = ref(r.stable, 100 - r.weight) + ref(r.canary, r.weight)
+    a = r.affinity
+    if a is not None and r.phase == "progressing" and r.weight > 0:
+        # sticky: the cookie holders first (a header match outranks the
+        # weighted rule, and the canary's cookie the primary's), then the
+        # weighted rule whose backends hand the cookies out
+        rules += header_rule("Cookie", "RegularExpression", cookie_regex(a.pair), ref(r.canary, 1))
+        primary = ""
+        if a.primary_cookie:
+            primary = f"{a.primary_cookie}={a.primary_value(r.step)}"
+            rules += header_rule(
+                "Cookie", "RegularExpression", cookie_regex(primary), ref(r.stable, 1)
+            )
+        weighted = ref(r.stable, 100 - r.weight, set_cookie(primary, a.primary_max_age))
+        weighted += ref(r.canary, r.weight, set_cookie(a.pair, a.max_age))
+    elif a is not None and (expired := expired_cookie(r)):
+        # the cookie of a rollout that ended (or, mirrored, of the one
+        # before): routed as every other request, and deleted
+        rules += header_rule(
+            "Cookie",
+            "RegularExpression",
+            cookie_regex(expired),
+            weighted,
+            _set_cookie_filter(set_cookie(expired, 0), "    ") + mirror,
+        )
+    rules += f"  - backendRefs:\n{weighted}"
+    if mirror:
+        rules += f"    filters:\n{mirror}"
     return (
         f"# Owned by 'l4proxy canary {r.service} --gateway-api' ({r.stable} -> {r.canary}, "
         f"{phase}):\n"
@@ -577,6 +764,66 @@ def http_route_document(r: Rollout) -> str:
         f"metadata:\n  name: {rule_name(r.service)}\n"
         f"spec:\n  parentRefs:\n{parents}  rules:\n{rules}"
     )
+
+
+def cookie_regex(pair: str) -> str:
+    """An RE2 regex that matches a ``Cookie`` header's whole value when
+    the cookie *pair* (``NAME=VALUE``) is one of its cookies: at its start
+    or after a ``;`` (and the spaces a client puts after it), and ending
+    at the next ``;`` or at the end (spaces allowed before either). A
+    cookie whose name or value only ends or begins so (``xNAME=VALUE``,
+    ``NAME=VALUEx``) or holds it (``a=NAME=VALUE``) does not match. Flagger
+    writes ``.*NAME.*VALUE.*``, which all of those match. Every character
+    but a letter or digit is escaped (RE2 takes ``\\`` before any
+    punctuation as that character), so a cookie name's ``.`` or ``+`` is
+    itself."""
+    name, _, value = pair.partition("=")
+
+    def literal(text: str) -> str:
+        return "".join(c if c.isascii() and c.isalnum() else "\\" + c for c in text)
+
+    return rf"(?:.*;[ \t]*)?{literal(name)}={literal(value)}[ \t]*(?:;.*)?"
+
+
+def set_cookie(pair: str, max_age: int) -> str:
+    """A ``Set-Cookie`` value for *pair* (``NAME=VALUE``; "": none) that
+    lives *max_age* seconds (0: expires it now).
+
+    ``Max-Age=0`` deletes it, where Flagger writes ``-1``: RFC 6265
+    (5.2.2) has a user agent expire a cookie whose Max-Age is zero or less,
+    so both work, and 0 is what servers write for it (Go's net/http, which
+    Flagger uses, writes ``Max-Age=0`` for a negative MaxAge). ``Path=/``,
+    which Flagger does not write: without it a cookie's path is the
+    directory of the request that set it, so a cookie set by an answer to
+    ``/api/x`` would not be sent to ``/`` (that user would be drawn again
+    there), and a deletion from another directory would delete nothing."""
+    return f"{pair}; Max-Age={max_age}; Path=/" if pair else ""
+
+
+def _set_cookie_filter(value: str, indent: str) -> str:
+    """A ResponseHeaderModifier filter (a list item at *indent*) that adds
+    ``Set-Cookie: value`` to a response (added, not set: the backend's own
+    cookies stay)."""
+    return (
+        f"{indent}- type: ResponseHeaderModifier\n{indent}  responseHeaderModifier:\n"
+        f"{indent}    add:\n{indent}    - name: Set-Cookie\n"
+        f"{indent}      value: {json.dumps(value)}\n"
+    )
+
+
+def expired_cookie(r: Rollout) -> str:
+    """The cookie (``NAME=VALUE``) that *r*'s HTTPRoute deletes: once the
+    rollout ended (rolled back or promoted), its own, whose holders then go
+    where everyone goes (stable; after a promotion the canary, which is now
+    every user's version, so the cookie says nothing any more); while
+    mirrored, that of the rollout before it (its holders go to stable as
+    everyone does, and no cookie of this one is handed out yet); "" none."""
+    a = r.affinity
+    if a is None:
+        return ""
+    if r.phase != "progressing":
+        return a.pair
+    return a.previous if r.mirrored else ""
 
 
 def route_rule_document(r: Rollout) -> str:
@@ -1687,12 +1934,23 @@ class Display:
 
 def route_words(r: Rollout) -> str:
     """After ``stable -> canary``, in Gateway API mode what routes them:
-    `` (HTTPRoute canary-bootcamp, port 8080, gateways gw)``; else ""."""
+    `` (HTTPRoute canary-bootcamp, port 8080, gateways gw)``, and with
+    session affinity its cookies (``, sticky cookie c=LpsIaLdoNZ``, the
+    value a tester can send to reach the canary; ``, primary cookie p``,
+    whose value changes each step); else ""."""
     if r.gateway is None:
         return ""
     g = r.gateway
     gateways = f", gateway{'s' if len(g.gateways) > 1 else ''} {','.join(g.gateways)}"
-    return f" (HTTPRoute {rule_name(r.service)}, port {g.port}{gateways if g.gateways else ''})"
+    sticky = ""
+    if r.affinity is not None:
+        sticky = f", sticky cookie {r.affinity.pair}"
+        if r.affinity.primary_cookie:
+            sticky += f", primary cookie {r.affinity.primary_cookie}"
+    return (
+        f" (HTTPRoute {rule_name(r.service)}, port {g.port}"
+        f"{gateways if g.gateways else ''}{sticky})"
+    )
 
 
 def alternatives(match: Sequence[HeaderMatch]) -> str:
@@ -1781,6 +2039,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         out["match"] = [m.to_json() for m in r.match]
     if r.gateway is not None:  # stable and canary are backend Services of an HTTPRoute
         out["gateway_api"] = r.gateway.to_json()
+    if r.affinity is not None:  # the cookies, as the state holds them
+        out["session_affinity"] = r.affinity.to_json()
     if ev.kind in ("start", "resume"):  # the plan, as the first line says it
         if r.match:
             out["iterations"] = len(r.steps)
@@ -1983,6 +2243,8 @@ def _analyse(
                 )
     policy = policy_of(args)
     gateway_api = gateway_options(args)
+    # a new rollout's cookie value; a resumed one keeps its own (resume)
+    affinity = affinity_options(args, gateway_api, policy, new_cookie_value(secrets.choice))
     namespace = getattr(store, "namespace", None) or args.namespace or "default"
     # (the port is the registry's where not given: read once the rules are)
     plan_gateway = GatewayRoute(args.port or 1, tuple(args.gateway)) if gateway_api else None
@@ -2016,11 +2278,13 @@ def _analyse(
         time.time(),
         restart=args.restart,
         gateway=gateway,
+        affinity=affinity,
     )
     r = ev.rollout
     if r.gateway is not None:
         # what the sidecars report for each backend: the registry decides
-        probe = replace(r, phase="progressing", weight=50, match=())
+        # (our weighted rule alone: no sticky rule beside it)
+        probe = replace(r, phase="progressing", weight=50, match=(), affinity=None)
         metrics.targets = backend_targets(probe_table(store, probe), probe, namespace, args.domain)
     loaded = store.load_state()  # what resume() started from
     # fails early (exit 2) when the metrics are missing: those of the

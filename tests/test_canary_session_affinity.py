@@ -1,0 +1,486 @@
+"""``l4proxy canary --gateway-api --session-affinity COOKIE``: Flagger's
+sticky canary. While the canary has a weight its answers set a cookie of
+the rollout's, and a request that sends it back goes to the canary; once
+the rollout ends (or, mirrored, for the rollout before) the cookie is
+deleted. The documents are loaded with the rules loader the sidecars run,
+and the sticky regex is run by the rules' RE2."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import pytest
+import yaml
+
+from l4proxy.canary._analysis import (
+    COOKIE_LETTERS,
+    Conflict,
+    Policy,
+    Rollout,
+    SessionAffinity,
+    advance,
+    check,
+    new_cookie_value,
+    resume,
+)
+from l4proxy.canary.command import (
+    MAX_COOKIE_NAME,
+    cookie_regex,
+    document,
+    route_words,
+    save_state,
+)
+from l4proxy.rules._regex import compile_regex
+from l4proxy.rules.routing import Request, RouteTable
+from tests.test_canary_core import GOOD
+from tests.test_canary_gateway_api import GATEWAY_API, HOST, _canary, _sidecar, _table
+from tests.test_canary_gateway_api import R as WEIGHTED
+
+VALUE = "LpsIaLdoNZ"
+A = SessionAffinity("flagger-cookie", VALUE, max_age=21600)
+STICKY = replace(WEIGHTED, affinity=A)  # at 25 %, step 1 of 5,25,100
+PAIR = f"flagger-cookie={VALUE}"
+P = Policy(steps=(5, 25, 100), interval=1, threshold=2)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where a request went by a loaded table: (backend, weight) of each
+    destination with a weight, what each adds to the response, its copies."""
+
+    route: str
+    split: tuple[tuple[str, int], ...]
+    set_cookie: tuple[tuple[str, tuple[str, ...]], ...]
+    mirrored: bool
+
+
+def _routed(table: RouteTable, cookie: str | None = None) -> Routed:
+    svc = table.service(HOST)
+    assert svc is not None
+    headers: Mapping[str, str] = {} if cookie is None else {"cookie": cookie}
+    rc = table.choices(svc, 8080, Request(path="/", authority="bootcamp:8080", headers=headers))
+    live = [ws for ws in rc.subsets if ws.weight]
+    return Routed(
+        rc.route,
+        tuple((ws.service.host.split(".")[0], ws.weight) for ws in live),
+        tuple(
+            (
+                ws.service.host.split(".")[0],
+                tuple(
+                    v for k, v in (ws.edits.response_add if ws.edits else ()) if k == "set-cookie"
+                ),
+            )
+            for ws in live
+        ),
+        bool(rc.mirrors),
+    )
+
+
+# -- the documents, through the rules loader ---------------------------------------------
+def test_weighted_the_canary_sets_the_cookie_and_its_holders_stay(tmp_path: pathlib.Path) -> None:
+    table = _table(tmp_path, STICKY)
+    fresh = _routed(table)
+    assert fresh.split == (("bootcamp-v1", 75), ("bootcamp-v2", 25))
+    # only the canary's answers carry it (no --primary-cookie: stable's none)
+    assert fresh.set_cookie == (
+        ("bootcamp-v1", ()),
+        ("bootcamp-v2", (f"{PAIR}; Max-Age=21600; Path=/",)),
+    )
+    for held in (PAIR, f"a=1; {PAIR}", f"{PAIR}; b=2", f"a=1;{PAIR};b=2"):
+        sticky = _routed(table, held)
+        assert (sticky.split, sticky.set_cookie) == (
+            (("bootcamp-v2", 100),),
+            (("bootcamp-v2", ()),),
+        ), held
+    # a cookie of another value (another rollout's): drawn by weight again
+    assert _routed(table, "flagger-cookie=McxKdLQoIN").split == fresh.split
+
+
+def test_the_cookie_is_the_rules_own_not_a_copy_of_flaggers_regex() -> None:
+    doc = yaml.safe_load(document(STICKY))
+    sticky, weighted = doc["spec"]["rules"]
+    assert sticky["matches"] == [
+        {"headers": [{"name": "Cookie", "type": "RegularExpression", "value": cookie_regex(PAIR)}]}
+    ]
+    assert [b["name"] for b in sticky["backendRefs"]] == ["bootcamp-v2"]
+    assert "matches" not in weighted and [b["weight"] for b in weighted["backendRefs"]] == [75, 25]
+
+
+def test_mirrored_no_cookie_is_handed_out(tmp_path: pathlib.Path) -> None:
+    """A mirrored interval (weight 0): the document is the one without
+    session affinity (no rule of this rollout's cookie, no Set-Cookie)."""
+    mirrored = replace(STICKY, weight=0, step=0, steps=(0, 5, 25, 100))
+    assert document(mirrored) == document(replace(mirrored, affinity=None))
+    routed = _routed(_table(tmp_path, mirrored), PAIR)
+    assert (routed.split, routed.set_cookie, routed.mirrored) == (
+        (("bootcamp-v1", 100),),
+        (("bootcamp-v1", ()),),
+        True,
+    )
+
+
+def test_mirrored_the_previous_rollouts_cookie_is_deleted(tmp_path: pathlib.Path) -> None:
+    old = "flagger-cookie=McxKdLQoIN"
+    mirrored = replace(
+        STICKY, weight=0, step=0, steps=(0, 5, 25, 100), affinity=replace(A, previous=old)
+    )
+    table = _table(tmp_path, mirrored)
+    held = _routed(table, f"x=1; {old}")
+    # routed as every request is (stable, copied to the canary), and deleted
+    assert (held.split, held.set_cookie, held.mirrored) == (
+        (("bootcamp-v1", 100),),
+        (("bootcamp-v1", (f"{old}; Max-Age=0; Path=/",)),),
+        True,
+    )
+    fresh = _routed(table)
+    assert (fresh.split, fresh.set_cookie, fresh.mirrored) == (
+        (("bootcamp-v1", 100),),
+        (("bootcamp-v1", ()),),
+        True,
+    )
+    assert _routed(table, PAIR).set_cookie == (("bootcamp-v1", ()),)  # this one's: not yet
+
+
+@pytest.mark.parametrize(
+    ("ended", "backend"),
+    [
+        (replace(STICKY, phase="rolled_back", weight=0), "bootcamp-v1"),
+        # promoted: the holders reach the canary, as everyone does now, and
+        # the cookie, which says nothing any more, goes
+        (replace(STICKY, phase="promoted", weight=100, step=2), "bootcamp-v2"),
+    ],
+    ids=["rolled-back", "promoted"],
+)
+def test_at_the_end_the_cookie_is_deleted(
+    tmp_path: pathlib.Path, ended: Rollout, backend: str
+) -> None:
+    table = _table(tmp_path, ended)
+    held = _routed(table, f"{PAIR}; b=2")
+    assert (held.split, held.set_cookie) == (
+        ((backend, 100),),
+        ((backend, (f"{PAIR}; Max-Age=0; Path=/",)),),
+    )
+    fresh = _routed(table)
+    assert (fresh.split, fresh.set_cookie) == (((backend, 100),), ((backend, ()),))
+
+
+def test_the_primary_cookie_pins_stable_for_a_step(tmp_path: pathlib.Path) -> None:
+    a = replace(A, primary_cookie="primary-cookie", primary_max_age=60)
+    at25 = replace(STICKY, affinity=a)
+    primary = f"primary-cookie={a.primary_value(1)}"
+    table = _table(tmp_path, at25)
+    assert _routed(table).set_cookie == (
+        ("bootcamp-v1", (f"{primary}; Max-Age=60; Path=/",)),
+        ("bootcamp-v2", (f"{PAIR}; Max-Age=21600; Path=/",)),
+    )
+    assert _routed(table, f"a=1; {primary}").split == (("bootcamp-v1", 100),)
+    assert _routed(table, PAIR).split == (("bootcamp-v2", 100),)
+    # holding both (stable's cookie of a step, then the canary's): the canary's rule first
+    assert _routed(table, f"{primary}; {PAIR}").split == (("bootcamp-v2", 100),)
+    # the next step has a value of its own: last step's holders are drawn again
+    at100 = replace(at25, step=2, weight=100)
+    assert a.primary_value(2) != a.primary_value(1)
+    assert _routed(_table(tmp_path, at100), primary).split == (("bootcamp-v2", 100),)
+
+
+def test_the_primary_value_is_the_rollouts_and_the_steps() -> None:
+    a = replace(A, primary_cookie="p")
+    assert a.primary_value(1) == a.primary_value(1) == replace(a, max_age=5).primary_value(1)
+    assert a.primary_value(1) != replace(a, value="McxKdLQoIN").primary_value(1)
+    assert re.fullmatch(r"[A-Za-z]{10}", a.primary_value(1))
+
+
+# -- the regex, as the sidecars run it --------------------------------------------------
+MATCHES = [
+    PAIR,
+    f"a=1; {PAIR}",
+    f"{PAIR}; b=2",
+    f"a=1; {PAIR}; b=2",
+    f"a=1;{PAIR};b=2",
+    f"a=1;  {PAIR}",
+    f"{PAIR} ",
+    f"flagger-cookie=other; {PAIR}",
+]
+NEAR_MISSES = [
+    f"x{PAIR}",  # another name that ends so
+    f"{PAIR}x",  # another value that begins so
+    f"flagger-cookie={VALUE[:-1]}",
+    f"a={PAIR}",  # a cookie whose value holds it
+    f"a=1, {PAIR}",  # a comma is no cookie separator
+    f"flagger-cookie = {VALUE}",
+    f"Flagger-cookie={VALUE}",  # names are case-sensitive
+    f"flagger-cookie={VALUE.lower()}",
+    f"flaggerXcookie={VALUE}",
+    f'flagger-cookie="{VALUE}"',
+    f"flagger-cookie={VALUE}={VALUE}",
+    "",
+]
+
+
+@pytest.mark.parametrize("header", MATCHES)
+def test_the_regex_matches_the_cookie_among_others(header: str) -> None:
+    assert compile_regex(cookie_regex(PAIR)).fullmatch(header) is not None
+
+
+@pytest.mark.parametrize("header", NEAR_MISSES)
+def test_the_regex_refuses_near_misses(header: str) -> None:
+    assert compile_regex(cookie_regex(PAIR)).fullmatch(header) is None
+
+
+def test_flaggers_regex_takes_the_near_misses() -> None:
+    """Why the rule has a regex of its own: Flagger's ``.*NAME.*VALUE.*``
+    sends a cookie that only looks like it to the canary."""
+    flaggers = compile_regex(f".*flagger-cookie.*{VALUE}.*")
+    taken = [h for h in NEAR_MISSES if flaggers.fullmatch(h) is not None]
+    assert taken == [
+        f"x{PAIR}",
+        f"{PAIR}x",
+        f"a={PAIR}",
+        f"a=1, {PAIR}",
+        f"flagger-cookie = {VALUE}",
+        f'flagger-cookie="{VALUE}"',
+        f"flagger-cookie={VALUE}={VALUE}",
+    ]
+
+
+@pytest.mark.parametrize("name", ["a.b", "a+b", "!#$%&'*+-.^_`|~", "x" * MAX_COOKIE_NAME])
+def test_punctuation_in_a_name_is_itself(name: str) -> None:
+    pattern = compile_regex(cookie_regex(f"{name}={VALUE}"))  # within Envoy's size limit
+    assert pattern.fullmatch(f"a=1; {name}={VALUE}") is not None
+    other = "".join("x" if not c.isalnum() else c for c in name)
+    assert other == name or pattern.fullmatch(f"{other}={VALUE}") is None
+
+
+# -- the state ---------------------------------------------------------------------------
+def test_the_state_keeps_the_cookie() -> None:
+    r = replace(STICKY, affinity=replace(A, primary_cookie="p", previous="c=McxKdLQoIN"))
+    back = Rollout.from_json(json.loads(json.dumps(r.to_json())))
+    assert back == r
+    assert r.to_json()["session_affinity"]["value"] == VALUE
+
+
+def test_a_state_from_before_it_loads() -> None:
+    old = WEIGHTED.to_json()
+    del old["session_affinity"]
+    assert Rollout.from_json(old) == WEIGHTED
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"value": VALUE},
+        {"cookie": "c", "value": VALUE, "max_age": 0},
+        {"cookie": "c", "value": 7},
+        "c=v",
+    ],
+    ids=["no-cookie", "max-age-0", "value-not-text", "not-an-object"],
+)
+def test_a_bad_state_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="bad state: session_affinity"):
+        Rollout.from_json({**STICKY.to_json(), "session_affinity": bad})
+
+
+def test_session_affinity_needs_an_http_route_in_the_state() -> None:
+    with pytest.raises(ValueError, match="without gateway"):
+        Rollout.from_json({**STICKY.to_json(), "gateway": None})
+
+
+def test_a_cookie_value_is_ten_letters_drawn_by_the_caller() -> None:
+    one = new_cookie_value(random.Random(7).choice)
+    assert one == new_cookie_value(random.Random(7).choice)
+    assert len(one) == 10 and set(one) <= set(COOKIE_LETTERS)
+    assert one != new_cookie_value(random.Random(8).choice)
+
+
+# -- resume ------------------------------------------------------------------------------
+DRAWN = SessionAffinity("flagger-cookie", "DrawnAgain", max_age=60, primary_max_age=5)
+
+
+def _resume(
+    saved: Rollout | None, affinity: SessionAffinity | None, restart: bool = False
+) -> Rollout:
+    return resume(
+        P,
+        "bootcamp",
+        "bootcamp-v1",
+        "bootcamp-v2",
+        saved,
+        1.0,
+        restart=restart,
+        gateway=WEIGHTED.gateway,
+        affinity=affinity,
+    ).rollout
+
+
+def test_a_resume_keeps_the_cookie_and_takes_the_new_ages() -> None:
+    r = _resume(Rollout.from_json(STICKY.to_json()), DRAWN)
+    assert r.affinity == replace(A, max_age=60, primary_max_age=5)
+    # and after an interval it still has it
+    assert advance(P, r, check(P, GOOD), 2.0).rollout.affinity == r.affinity
+
+
+def test_a_new_rollout_takes_the_drawn_value_and_deletes_the_last_ones_cookie() -> None:
+    assert _resume(None, DRAWN).affinity == DRAWN
+    ended = replace(STICKY, phase="rolled_back", weight=0)
+    again = _resume(ended, DRAWN, restart=True)
+    assert again.affinity == replace(DRAWN, previous=PAIR)
+    assert (again.phase, again.weight) == ("progressing", 5)
+
+
+@pytest.mark.parametrize(
+    ("saved", "given", "message"),
+    [
+        (A, None, "at 25 % with --session-affinity flagger-cookie: resume it that way"),
+        (None, DRAWN, "at 25 % without --session-affinity: resume it that way"),
+        (A, replace(DRAWN, cookie="other"), "with --session-affinity flagger-cookie:"),
+        (
+            A,
+            replace(DRAWN, primary_cookie="p"),
+            "with --session-affinity flagger-cookie: resume it that way",
+        ),
+    ],
+    ids=["dropped", "added", "renamed", "primary-added"],
+)
+def test_a_resume_with_other_cookies_is_refused(
+    saved: SessionAffinity | None, given: SessionAffinity | None, message: str
+) -> None:
+    with pytest.raises(Conflict, match=re.escape(message)):
+        _resume(replace(STICKY, affinity=saved), given)
+
+
+# -- the command -------------------------------------------------------------------------
+STICKY_ARGS = [*GATEWAY_API, "--session-affinity", "flagger-cookie"]
+
+
+def test_a_rollout_hands_out_one_cookie_and_deletes_it_at_promotion(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *STICKY_ARGS, "--metrics", admin, "--steps", "50,100")
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, events
+    values = {e["session_affinity"]["value"] for e in events}
+    assert len(values) == 1
+    (value,) = values
+    assert re.fullmatch(r"[A-Za-z]{10}", value)
+    assert events[0]["session_affinity"] == {
+        "cookie": "flagger-cookie",
+        "value": value,
+        "max_age": 86400,
+        "primary_cookie": "",
+        "primary_max_age": 1,  # the interval, 0.05 s, in whole seconds
+        "previous": "",
+    }
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    expire = doc["spec"]["rules"][0]["filters"][0]["responseHeaderModifier"]["add"]
+    assert expire == [{"name": "Set-Cookie", "value": f"flagger-cookie={value}; Max-Age=0; Path=/"}]
+
+
+def test_a_resumed_command_keeps_the_cookie(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = replace(STICKY, steps=(50, 100), step=0, weight=50, affinity=replace(A, max_age=86400))
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), saved)
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *STICKY_ARGS, "--metrics", admin, "--steps", "50,100")
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, events
+    assert events[0]["event"] == "resume"
+    assert {e["session_affinity"]["value"] for e in events} == {VALUE}
+    assert f"flagger-cookie={VALUE}; Max-Age=0" in (tmp_path / "canary-bootcamp.yaml").read_text()
+
+
+def test_status_shows_the_cookie(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), STICKY)
+    assert main(["canary", "status", "bootcamp", "--rules", str(tmp_path)]) == 0
+    assert f"sticky cookie {PAIR})" in capsys.readouterr().out
+    assert main(["canary", "status", "bootcamp", "--rules", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["session_affinity"]["value"] == VALUE
+    primary = replace(STICKY, affinity=replace(A, primary_cookie="p"))
+    assert route_words(primary).endswith(f", sticky cookie {PAIR}, primary cookie p)")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--stable", "v1", "--canary", "v2", "--session-affinity", "c"],
+            "--session-affinity needs --gateway-api: a client gets the cookie from a "
+            "Set-Cookie that the canary's answers carry, and Istio 0.7's RouteRule cannot "
+            "add a response header",
+        ),
+        (
+            [*STICKY_ARGS, "--match", "x-canary=insider"],
+            "--session-affinity and --match: A/B testing sends every matching request",
+        ),
+        ([*GATEWAY_API, "--cookie-max-age", "60"], "--cookie-max-age goes with --session-affinity"),
+        ([*GATEWAY_API, "--primary-cookie", "p"], "--primary-cookie goes with --session-affinity"),
+        (
+            [*GATEWAY_API, "--session-affinity", "a b"],
+            "--session-affinity 'a b': not a cookie name",
+        ),
+        (
+            [*GATEWAY_API, "--session-affinity", "a=b"],
+            "--session-affinity 'a=b': not a cookie name",
+        ),
+        (
+            [*GATEWAY_API, "--session-affinity", "a;b"],
+            "--session-affinity 'a;b': not a cookie name",
+        ),
+        ([*GATEWAY_API, "--session-affinity", ""], "--session-affinity '': not a cookie name"),
+        ([*STICKY_ARGS, "--primary-cookie", "é"], "--primary-cookie 'é': not a cookie name"),
+        (
+            [*GATEWAY_API, "--session-affinity", "x" * (MAX_COOKIE_NAME + 1)],
+            f"--session-affinity '{'x' * (MAX_COOKIE_NAME + 1)}': {MAX_COOKIE_NAME + 1} "
+            f"characters; at most {MAX_COOKIE_NAME}",
+        ),
+        (
+            [*GATEWAY_API, "--session-affinity", "__Host-c"],
+            "--session-affinity '__Host-c': a browser keeps a __Host- cookie only with the "
+            "Secure attribute",
+        ),
+        (
+            [*STICKY_ARGS, "--primary-cookie", "flagger-cookie"],
+            "--primary-cookie flagger-cookie: the same name as --session-affinity",
+        ),
+        ([*STICKY_ARGS, "--cookie-max-age", "0"], "--cookie-max-age 0: seconds from 1 to"),
+        (
+            [*STICKY_ARGS, "--cookie-max-age", str(400 * 86400 + 1)],
+            "--cookie-max-age 34560001: seconds from 1 to 34560000",
+        ),
+    ],
+    ids=[
+        "routerule",
+        "ab-testing",
+        "max-age-alone",
+        "primary-alone",
+        "space",
+        "equals",
+        "semicolon",
+        "empty",
+        "not-ascii",
+        "too-long",
+        "host-prefix",
+        "same-names",
+        "max-age-0",
+        "max-age-past-400-days",
+    ],
+)
+def test_usage_errors(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *extra, "--metrics", admin)
+    assert code == 2
+    assert f"l4proxy canary: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
+    assert not (tmp_path / ".canary-bootcamp.state.json").exists()
