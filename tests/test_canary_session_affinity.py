@@ -3,7 +3,8 @@ sticky canary. While the canary has a weight its answers set a cookie of
 the rollout's, and a request that sends it back goes to the canary; once
 the rollout ends (or, mirrored, for the rollout before) the cookie is
 deleted. The documents are loaded with the rules loader the sidecars run,
-and the sticky regex is run by the rules' RE2."""
+the sticky regex is run by the rules' RE2, and the end-to-end test counts
+answers of a real sidecar in namespaces."""
 
 from __future__ import annotations
 
@@ -35,16 +36,21 @@ from l4proxy.canary.command import (
     route_words,
     save_state,
 )
+from l4proxy.demo.bootcamp import tally
 from l4proxy.rules._regex import compile_regex
 from l4proxy.rules.routing import Request, RouteTable
+from tests.mesh import L4PROXY, VIP, Mesh
+from tests.test_apply import per_version
 from tests.test_canary_core import GOOD
 from tests.test_canary_gateway_api import GATEWAY_API, HOST, _canary, _sidecar, _table
 from tests.test_canary_gateway_api import R as WEIGHTED
+from tests.test_canary_netns import PER_REQUEST, canary, finish
 
 VALUE = "LpsIaLdoNZ"
 A = SessionAffinity("flagger-cookie", VALUE, max_age=21600)
 STICKY = replace(WEIGHTED, affinity=A)  # at 25 %, step 1 of 5,25,100
 PAIR = f"flagger-cookie={VALUE}"
+ADMIN = "127.0.0.1:15000"  # the client pod's sidecar's
 P = Policy(steps=(5, 25, 100), interval=1, threshold=2)
 
 
@@ -484,3 +490,84 @@ def test_usage_errors(
     assert f"l4proxy canary: {message}" in capsys.readouterr().err
     assert not (tmp_path / "canary-bootcamp.yaml").exists()
     assert not (tmp_path / ".canary-bootcamp.state.json").exists()
+
+
+# -- end to end: a real sidecar in namespaces ------------------------------------------
+def _answers(mesh: Mesh, n: int, cookie: str | None = None) -> list[tuple[str, list[str]]]:
+    """*n* requests to bootcamp from the client pod (curl, a connection
+    each): (version, its Set-Cookie values) of each answer."""
+    extra = ["-i", *(["-H", f"Cookie: {cookie}"] if cookie is not None else [])]
+    text = "\n".join(mesh.curl(f"http://{VIP}:8080/", n, extra=extra))
+    out = []
+    for answer in re.split(r"(?m)^(?=HTTP/1\.1 )", text)[1:]:
+        head = answer.split("\n\n", 1)[0].splitlines()
+        versions, _ = tally(answer)
+        assert sum(versions.values()) == 1, answer
+        cookies = [h.split(":", 1)[1].strip() for h in head if h.lower().startswith("set-cookie:")]
+        out.append((next(iter(versions)), cookies))
+    assert len(out) == n, text
+    return out
+
+
+@pytest.mark.netns
+def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(mesh: Mesh) -> None:
+    mesh.start("compiled-uvloop", *per_version(mesh), run_args=PER_REQUEST)
+    assert mesh.client is not None
+    # every interval halts (a million requests wanted) and none rolls back
+    # (--progress-deadline 0): the rollout stays at 50 % while we count
+    p = canary(
+        mesh,
+        "bootcamp",
+        *STICKY_ARGS,
+        "--rules",
+        mesh.rules_dir,
+        "--steps",
+        "50,100",
+        "--interval",
+        "0.5",
+        "--min-requests",
+        "1000000",
+        "--progress-deadline",
+        "0",
+        "--wait-live",
+        "10",
+    )
+    try:
+        assert p.stdout is not None
+        start = json.loads(p.stdout.readline())
+        # the first interval's line: the 50 % document went live before it began
+        first = json.loads(p.stdout.readline())
+        assert (first["weight"], first["check"]["verdict"]) == (50, "halt"), first
+        value = start["session_affinity"]["value"]
+        pair = f"flagger-cookie={value}"
+
+        fresh = _answers(mesh, 60)
+        # Set-Cookie on exactly the canary's answers (and both answered)
+        assert {v for v, _ in fresh} == {"v1", "v2"}
+        for version, cookies in fresh:
+            expected = [f"{pair}; Max-Age=86400; Path=/"] if version == "v2" else []
+            assert cookies == expected, (version, cookies)
+
+        # the cookie holder: every one of 50 requests on the canary (a 50 %
+        # split would do so once in 2**50)
+        held = _answers(mesh, 50, f"session=1; {pair}")
+        assert held == [("v2", [])] * 50
+
+        r = mesh.client.run(
+            [L4PROXY, "canary", "abort", "bootcamp", "--rules", mesh.rules_dir, "--metrics", ADMIN],
+            check=False,
+        )
+        assert r.returncode == 1, r.stderr
+        # rolled back: the holder reaches stable, and each answer deletes the cookie
+        assert _answers(mesh, 20, pair) == [("v1", [f"{pair}; Max-Age=0; Path=/"])] * 20
+        assert _answers(mesh, 20) == [("v1", [])] * 20
+        code, events, err = finish(p)
+        assert code == 1, err
+        assert (events[-1]["event"], events[-1]["note"]) == ("rolled_back", "ended by hand")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for stream in (p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
