@@ -39,7 +39,7 @@ from l4proxy.canary.command import (
 from l4proxy.demo.bootcamp import tally
 from l4proxy.rules._regex import compile_regex
 from l4proxy.rules.routing import Request, RouteTable
-from tests.mesh import L4PROXY, VIP, Mesh
+from tests.mesh import IMPLS, L4PROXY, VIP, Mesh
 from tests.test_apply import per_version
 from tests.test_canary_core import GOOD
 from tests.test_canary_gateway_api import GATEWAY_API, HOST, _canary, _sidecar, _table
@@ -510,8 +510,11 @@ def _answers(mesh: Mesh, n: int, cookie: str | None = None) -> list[tuple[str, l
 
 
 @pytest.mark.netns
-def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(mesh: Mesh) -> None:
-    mesh.start("compiled-uvloop", *per_version(mesh), run_args=PER_REQUEST)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(
+    mesh: Mesh, impl: str
+) -> None:
+    mesh.start(impl, *per_version(mesh), run_args=PER_REQUEST)
     assert mesh.client is not None
     # every interval halts (a million requests wanted) and none rolls back
     # (--progress-deadline 0): the rollout stays at 50 % while we count
