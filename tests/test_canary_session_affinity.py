@@ -20,6 +20,7 @@ import yaml
 
 from l4proxy.canary._analysis import (
     COOKIE_LETTERS,
+    MAX_COOKIE_NAME,
     Conflict,
     Policy,
     Rollout,
@@ -30,7 +31,6 @@ from l4proxy.canary._analysis import (
     resume,
 )
 from l4proxy.canary.command import (
-    MAX_COOKIE_NAME,
     cookie_regex,
     document,
     route_words,
@@ -451,8 +451,13 @@ def test_status_shows_the_cookie(
         ),
         (
             [*GATEWAY_API, "--session-affinity", "__Host-c"],
-            "--session-affinity '__Host-c': a browser keeps a __Host- cookie only with the "
-            "Secure attribute",
+            "--session-affinity '__Host-c': l4proxy writes no Secure attribute, and a "
+            "browser drops a __Host- cookie without it: choose a name without that prefix",
+        ),
+        (
+            [*STICKY_ARGS, "--primary-cookie", "__secure-p"],
+            "--primary-cookie '__secure-p': l4proxy writes no Secure attribute, and a "
+            "browser drops a __secure- cookie without it",
         ),
         (
             [*STICKY_ARGS, "--primary-cookie", "flagger-cookie"],
@@ -476,6 +481,7 @@ def test_status_shows_the_cookie(
         "not-ascii",
         "too-long",
         "host-prefix",
+        "secure-prefix",
         "same-names",
         "max-age-0",
         "max-age-past-400-days",

@@ -369,6 +369,36 @@ class GatewayRoute:
 # regex, and 52**10 (about 2**57) values are more than any rollout can meet.
 COOKIE_LETTERS = string.ascii_letters
 COOKIE_VALUE_LENGTH = 10
+# RFC 6265 (4.1.1): a cookie-name is an RFC 2616 token: visible ASCII but
+# the separators ()<>@,;:\"/[]?={} (and no space or tab)
+COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The sticky rule's regex (cookie_regex) grows by a character of program per
+# character of the name: with 50 it stays within Envoy's limit of 100
+# (l4proxy.rules._regex.MAX_PROGRAM_SIZE), so the rule loads in Istio too.
+MAX_COOKIE_NAME = 50
+
+
+def cookie_name_problem(name: str) -> str:
+    """Why *name* cannot be a session cookie's name ("" it can): not an
+    RFC 6265 token, too long for the sticky rule's regex, or a
+    ``__Secure-``/``__Host-`` name, which a browser keeps only with the
+    ``Secure`` attribute, which l4proxy does not write."""
+    if not COOKIE_NAME.fullmatch(name):
+        return (
+            "not a cookie name (RFC 6265: letters, digits and !#$%&'*+-.^_`|~; no space, "
+            'nor any of ()<>@,;:\\"/[]?={}), e.g. flagger-cookie'
+        )
+    if len(name) > MAX_COOKIE_NAME:
+        return (
+            f"{len(name)} characters; at most {MAX_COOKIE_NAME} (the sticky rule's regex "
+            "holds it, within Envoy's size limit)"
+        )
+    if name.lower().startswith(("__secure-", "__host-")):
+        return (
+            f"l4proxy writes no Secure attribute, and a browser drops a "
+            f"{name.split('-', 1)[0]}- cookie without it: choose a name without that prefix"
+        )
+    return ""
 
 
 def new_cookie_value(choice: Callable[[str], str]) -> str:

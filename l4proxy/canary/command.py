@@ -109,6 +109,7 @@ from l4proxy.canary._analysis import (
     SessionAffinity,
     advance,
     check,
+    cookie_name_problem,
     mirrored_stages,
     new_cookie_value,
     p99_limit,
@@ -471,13 +472,6 @@ def gateway_options(args: argparse.Namespace) -> bool:
     return True
 
 
-# RFC 6265 (4.1.1): a cookie-name is an RFC 2616 token: visible ASCII but
-# the separators ()<>@,;:\"/[]?={} (and no space or tab)
-_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# The sticky rule's regex (cookie_regex) grows by a character of program per
-# character of the name: with 50 it stays within Envoy's limit of 100
-# (l4proxy.rules._regex.MAX_PROGRAM_SIZE), so the rule loads in Istio too.
-MAX_COOKIE_NAME = 50
 # --cookie-max-age: Flagger's maxAge default (a day), and at most 400 days,
 # where browsers cap it (RFC 6265bis: a longer Max-Age is taken as 400 days)
 DEFAULT_COOKIE_MAX_AGE = 86400
@@ -498,8 +492,9 @@ def affinity_options(
     for weighted steps), a name that is not a cookie name (an RFC 6265
     token) or is too long for the sticky rule's regex, a ``__Secure-`` or
     ``__Host-`` name (a browser drops such a cookie without ``Secure``,
-    which a cookie over plain HTTP cannot have), the two names alike, a
-    max-age outside 1..400 days, and the other two options alone."""
+    which l4proxy does not write: :func:`set_cookie`), the two names
+    alike, a max-age outside 1..400 days, and the other two options
+    alone."""
     cookie: str | None = getattr(args, "session_affinity", None)
     max_age: int | None = getattr(args, "cookie_max_age", None)
     primary: str | None = getattr(args, "primary_cookie", None)
@@ -525,24 +520,8 @@ def affinity_options(
             "a user there to be pinned; session affinity goes with weighted steps"
         )
     for flag, name in (("--session-affinity", cookie), ("--primary-cookie", primary)):
-        if name is None:
-            continue
-        if not _COOKIE_NAME.fullmatch(name):
-            raise CanaryError(
-                f"{flag} {name!r}: not a cookie name (RFC 6265: letters, digits and "
-                "!#$%&'*+-.^_`|~; no space, nor any of ()<>@,;:\\\"/[]?={}), e.g. flagger-cookie"
-            )
-        if len(name) > MAX_COOKIE_NAME:
-            raise CanaryError(
-                f"{flag} {name!r}: {len(name)} characters; at most {MAX_COOKIE_NAME} (the "
-                "sticky rule's regex holds it, within Envoy's size limit)"
-            )
-        if name.lower().startswith(("__secure-", "__host-")):
-            raise CanaryError(
-                f"{flag} {name!r}: a browser keeps a {name.split('-', 1)[0]}- cookie only "
-                "with the Secure attribute, set over HTTPS, and the sidecars' plain HTTP "
-                "cannot: choose a name without that prefix"
-            )
+        if name is not None and (why := cookie_name_problem(name)):
+            raise CanaryError(f"{flag} {name!r}: {why}")
     if primary is not None and primary == cookie:
         raise CanaryError(
             f"--primary-cookie {primary}: the same name as --session-affinity; give stable's "
@@ -792,11 +771,18 @@ def set_cookie(pair: str, max_age: int) -> str:
     ``Max-Age=0`` deletes it, where Flagger writes ``-1``: RFC 6265
     (5.2.2) has a user agent expire a cookie whose Max-Age is zero or less,
     so both work, and 0 is what servers write for it (Go's net/http, which
-    Flagger uses, writes ``Max-Age=0`` for a negative MaxAge). ``Path=/``,
-    which Flagger does not write: without it a cookie's path is the
-    directory of the request that set it, so a cookie set by an answer to
-    ``/api/x`` would not be sent to ``/`` (that user would be drawn again
-    there), and a deletion from another directory would delete nothing."""
+    Flagger uses, writes ``Max-Age=0`` for a negative MaxAge).
+
+    ``Path=/`` always. Flagger writes a Path only where its
+    ``sessionAffinity.path`` is set (like ``domain``, ``httpOnly``,
+    ``sameSite``, ``secure`` and ``partitioned``, optional and unset by
+    default), so its default cookie has none, and a cookie without one
+    takes the directory of the request that set it (RFC 6265, 5.1.4): one
+    set by an answer to ``/api/x`` would not be sent to ``/`` (that user
+    would be drawn again there), and a deletion from another directory
+    would delete nothing. No other attribute is written: no ``Secure``,
+    so a ``__Secure-`` or ``__Host-`` name is refused
+    (:func:`~l4proxy.canary._analysis.cookie_name_problem`)."""
     return f"{pair}; Max-Age={max_age}; Path=/" if pair else ""
 
 
