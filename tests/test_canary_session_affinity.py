@@ -277,18 +277,77 @@ def test_a_state_from_before_it_loads() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "why"),
     [
-        {"value": VALUE},
-        {"cookie": "c", "value": VALUE, "max_age": 0},
-        {"cookie": "c", "value": 7},
-        "c=v",
+        ({"value": VALUE}, "no 'cookie'"),
+        ({"cookie": "c", "value": VALUE, "max_age": 0}, "max_age is not a positive integer"),
+        ({"cookie": "c", "value": 7}, "value is not a string"),
+        ("c=v", "not an object"),
+        # what a Set-Cookie or the sticky regex is written from
+        ({"cookie": "c", "value": "LpsIaLdoN"}, "value 'LpsIaLdoN' is not 10 letters"),
+        ({"cookie": "c", "value": "LpsIaLdoNZx"}, "value 'LpsIaLdoNZx' is not 10 letters"),
+        ({"cookie": "c", "value": "LpsIaLdo; "}, "value 'LpsIaLdo; ' is not 10 letters"),
+        ({"cookie": "c", "value": "LpsIaLdoN."}, "is not 10 letters"),
+        ({"cookie": "c", "value": "LpsIaLdoNé"}, "is not 10 letters"),
+        ({"cookie": "", "value": VALUE}, "cookie '': not a cookie name"),
+        ({"cookie": "a b", "value": VALUE}, "cookie 'a b': not a cookie name"),
+        ({"cookie": "c; Path=/x", "value": VALUE}, "cookie 'c; Path=/x': not a cookie name"),
+        ({"cookie": "x" * 51, "value": VALUE}, "51 characters; at most 50"),
+        ({"cookie": "__Secure-c", "value": VALUE}, "l4proxy writes no Secure attribute"),
+        (
+            {"cookie": "c", "value": VALUE, "primary_cookie": "p=q"},
+            "primary_cookie 'p=q': not a cookie name",
+        ),
+        ({"cookie": "c", "value": VALUE, "primary_cookie": "c"}, "primary_cookie is cookie's"),
+        ({"cookie": "c", "value": VALUE, "previous": "c"}, "previous 'c' is not NAME=VALUE"),
+        ({"cookie": "c", "value": VALUE, "previous": "c=short"}, "is not NAME=VALUE"),
+        ({"cookie": "c", "value": VALUE, "previous": f"a b={VALUE}"}, "is not NAME=VALUE"),
+        ({"cookie": "c", "value": VALUE, "previous": f"c={VALUE}; Path=/x"}, "is not NAME"),
+        ({"cookie": "c", "value": VALUE, "previous": f"={VALUE}"}, "is not NAME=VALUE"),
     ],
-    ids=["no-cookie", "max-age-0", "value-not-text", "not-an-object"],
+    ids=[
+        "no-cookie",
+        "max-age-0",
+        "value-not-text",
+        "not-an-object",
+        "value-short",
+        "value-long",
+        "value-attribute",
+        "value-dot",
+        "value-not-ascii",
+        "cookie-empty",
+        "cookie-space",
+        "cookie-attribute",
+        "cookie-too-long",
+        "cookie-secure-prefix",
+        "primary-equals",
+        "primary-same-name",
+        "previous-no-value",
+        "previous-short-value",
+        "previous-bad-name",
+        "previous-attribute",
+        "previous-no-name",
+    ],
 )
-def test_a_bad_state_is_refused(bad: object) -> None:
-    with pytest.raises(ValueError, match="bad state: session_affinity"):
+def test_a_bad_state_is_refused(bad: object, why: str) -> None:
+    with pytest.raises(ValueError, match=f"bad state: session_affinity .*{re.escape(why)}"):
         Rollout.from_json({**STICKY.to_json(), "session_affinity": bad})
+
+
+def test_a_hand_edited_state_stops_the_command_before_it_writes(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    state = tmp_path / ".canary-bootcamp.state.json"
+    data = STICKY.to_json()
+    data["session_affinity"]["value"] = f"{VALUE}; Domain=example.com"
+    state.write_text(json.dumps(data))
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"l4proxy canary: {state}: bad state: session_affinity" in err
+    assert "is not 10 letters" in err and "remove it to start over" in err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
 
 
 def test_session_affinity_needs_an_http_route_in_the_state() -> None:

@@ -382,7 +382,9 @@ def cookie_name_problem(name: str) -> str:
     """Why *name* cannot be a session cookie's name ("" it can): not an
     RFC 6265 token, too long for the sticky rule's regex, or a
     ``__Secure-``/``__Host-`` name, which a browser keeps only with the
-    ``Secure`` attribute, which l4proxy does not write."""
+    ``Secure`` attribute, which l4proxy does not write (the options and the
+    state are checked alike: a hand-edited state must not write a
+    ``Set-Cookie`` the options would have refused)."""
     if not COOKIE_NAME.fullmatch(name):
         return (
             "not a cookie name (RFC 6265: letters, digits and !#$%&'*+-.^_`|~; no space, "
@@ -399,6 +401,17 @@ def cookie_name_problem(name: str) -> str:
             f"{name.split('-', 1)[0]}- cookie without it: choose a name without that prefix"
         )
     return ""
+
+
+def is_cookie_value(value: object) -> bool:
+    """Whether *value* is a cookie value as :func:`new_cookie_value` draws
+    them (and so needs no quoting in a ``Set-Cookie`` nor escaping in a
+    regex)."""
+    return (
+        isinstance(value, str)
+        and len(value) == COOKIE_VALUE_LENGTH
+        and all(c in COOKIE_LETTERS for c in value)
+    )
 
 
 def new_cookie_value(choice: Callable[[str], str]) -> str:
@@ -425,7 +438,9 @@ class SessionAffinity:
     step's weight, so the canary's share of users grows with the steps.
     *previous* (``NAME=VALUE``; "" none) is the cookie of the rollout of
     SERVICE before this one, expired while this one hands out none yet (its
-    mirrored intervals: Flagger's ``previousSessionAffinityCookie``)."""
+    mirrored intervals: Flagger's ``previousSessionAffinityCookie``).
+    :meth:`from_json` checks each as the options are checked: a
+    hand-edited state cannot write a broken ``Set-Cookie``."""
 
     cookie: str
     value: str
@@ -481,8 +496,29 @@ class SessionAffinity:
             value = getattr(out, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"session_affinity {data!r}: {name} is not a positive integer")
-        if not out.cookie or not out.value:
-            raise ValueError(f"session_affinity {data!r}: an empty cookie or value")
+        # what a Set-Cookie and the sticky rule's regex are written from:
+        # checked as the options are (a hand-edited state must not write
+        # a broken header or a rule that matches what it should not)
+        for name in ("cookie", "primary_cookie"):
+            cookie = getattr(out, name)
+            if name == "primary_cookie" and not cookie:
+                continue  # none
+            if why := cookie_name_problem(cookie):
+                raise ValueError(f"session_affinity {data!r}: {name} {cookie!r}: {why}")
+        if out.primary_cookie == out.cookie:
+            raise ValueError(f"session_affinity {data!r}: primary_cookie is cookie's name")
+        if not is_cookie_value(out.value):
+            raise ValueError(
+                f"session_affinity {data!r}: value {out.value!r} is not "
+                f"{COOKIE_VALUE_LENGTH} letters (as drawn at a rollout's start)"
+            )
+        if out.previous:
+            name, eq, value = out.previous.partition("=")
+            if not eq or cookie_name_problem(name) or not is_cookie_value(value):
+                raise ValueError(
+                    f"session_affinity {data!r}: previous {out.previous!r} is not "
+                    f"NAME=VALUE (a cookie name, {COOKIE_VALUE_LENGTH} letters)"
+                )
         return out
 
 
