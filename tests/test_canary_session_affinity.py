@@ -33,6 +33,7 @@ from l4proxy.canary._analysis import (
 from l4proxy.canary.command import (
     cookie_regex,
     document,
+    documents_text,
     route_words,
     save_state,
 )
@@ -173,6 +174,60 @@ def test_at_the_end_the_cookie_is_deleted(
     )
     fresh = _routed(table)
     assert (fresh.split, fresh.set_cookie) == (((backend, 100),), ((backend, ()),))
+
+
+OLD = "flagger-cookie=McxKdLQoIN"  # the cookie of the rollout before
+MIRRORED = replace(STICKY, weight=0, step=0, steps=(0, 5, 25, 100))
+
+
+@pytest.mark.parametrize(
+    "ended",
+    [
+        replace(MIRRORED, phase="rolled_back"),
+        replace(MIRRORED, phase="promoted", weight=100),  # promoted by hand
+    ],
+    ids=["rolled-back", "promoted"],
+)
+def test_a_rollout_that_ended_mirrored_deletes_no_cookie_of_its_own(
+    tmp_path: pathlib.Path, ended: Rollout
+) -> None:
+    """Its canary never had a weight, so its cookie was never handed out:
+    no rule for it (a client cannot hold it), and the one before it still
+    deleted, as while it was mirrored."""
+    assert not ended.had_weight
+    assert document(ended) == document(replace(ended, affinity=None))
+    backend = "bootcamp-v2" if ended.phase == "promoted" else "bootcamp-v1"
+    before = replace(ended, affinity=replace(A, previous=OLD))
+    table = _table(tmp_path, before)
+    assert _routed(table, f"x=1; {OLD}").set_cookie == ((backend, (f"{OLD}; Max-Age=0; Path=/",)),)
+    assert _routed(table, PAIR).set_cookie == ((backend, ()),)
+
+
+@pytest.mark.parametrize(
+    ("r", "had"),
+    [
+        (MIRRORED, False),
+        (STICKY, True),
+        (replace(MIRRORED, phase="rolled_back"), False),
+        (replace(MIRRORED, phase="promoted", weight=100), False),
+        (replace(MIRRORED, phase="rolled_back", step=1), True),  # at 5 %, then rolled back
+        (replace(STICKY, phase="promoted", weight=100, step=2), True),
+        (replace(STICKY, phase="rolled_back", weight=0), True),
+        (replace(MIRRORED, phase="rolled_back", step=7), True),  # hand-edited: as if it had
+    ],
+    ids=[
+        "mirrored",
+        "weighted",
+        "rolled-back-mirrored",
+        "promoted-mirrored",
+        "rolled-back-at-5",
+        "promoted",
+        "rolled-back-at-25",
+        "step-out-of-range",
+    ],
+)
+def test_had_weight(r: Rollout, had: bool) -> None:
+    assert r.had_weight is had
 
 
 def test_the_primary_cookie_pins_stable_for_a_step(tmp_path: pathlib.Path) -> None:
@@ -397,6 +452,24 @@ def test_a_new_rollout_takes_the_drawn_value_and_deletes_the_last_ones_cookie() 
     assert (again.phase, again.weight) == ("progressing", 5)
 
 
+@pytest.mark.parametrize("previous", [OLD, ""], ids=["one-before", "none"])
+def test_after_a_rollout_that_ended_mirrored_the_cookie_before_it_is_still_deleted(
+    previous: str,
+) -> None:
+    """It handed none of its own out: the cookie its clients may hold is
+    the one it was deleting (or none)."""
+    ended = replace(MIRRORED, phase="rolled_back", affinity=replace(A, previous=previous))
+    again = _resume(ended, DRAWN, restart=True)
+    assert again.affinity == replace(DRAWN, previous=previous)
+
+
+HELD = (
+    "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
+    "--session-affinity flagger-cookie, whose cookie its clients hold: resume it that way, "
+    "or end it first (l4proxy canary promote|abort bootcamp)"
+)
+
+
 @pytest.mark.parametrize(
     ("saved", "given", "message"),
     [
@@ -555,6 +628,27 @@ def test_usage_errors(
     assert f"l4proxy canary: {message}" in capsys.readouterr().err
     assert not (tmp_path / "canary-bootcamp.yaml").exists()
     assert not (tmp_path / ".canary-bootcamp.state.json").exists()
+
+
+def test_an_abort_while_mirrored_deletes_no_cookie_of_its_own(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its cookie was never handed out: the document it ends with has no
+    rule for it (only the cookie before it, still deleted)."""
+    from l4proxy.cli import main
+
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), MIRRORED)
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+    text = (tmp_path / "canary-bootcamp.yaml").read_text()
+    assert text == documents_text(replace(MIRRORED, phase="rolled_back", affinity=None))
+    assert "Cookie" not in text
+    save_state(
+        str(tmp_path / ".canary-bootcamp.state.json"),
+        replace(MIRRORED, affinity=replace(A, previous=OLD)),
+    )
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+    text = (tmp_path / "canary-bootcamp.yaml").read_text()
+    assert VALUE not in text and f"{OLD}; Max-Age=0; Path=/" in text
 
 
 # -- end to end: a real sidecar in namespaces ------------------------------------------

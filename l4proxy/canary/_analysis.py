@@ -70,9 +70,11 @@ progressing rollout is never resumed in the other mode (a
 :attr:`Rollout.affinity` holds the cookie that pins a user to the canary
 once a weighted draw sent them there: its name, its value (drawn by the
 shell at the start, kept across resumes: the clients hold it), its
-max-age, the primary cookie's name and age, and the cookie of the rollout
-before (deleted while this one is mirrored). The value of the primary
-cookie is a function of the rollout's and the step
+max-age, the primary cookie's name and age, and the cookie the rollout
+before may have handed out (deleted while this one is mirrored). A
+rollout's own cookie is handed out once its canary has a weight, so only
+such a rollout deletes it at its end (:attr:`Rollout.had_weight`). The
+value of the primary cookie is a function of the rollout's and the step
 (:meth:`SessionAffinity.primary_value`). A progressing rollout resumed
 with other cookie names, or with none where it had one, is a
 :class:`Conflict`. What the shell writes for each phase is
@@ -436,11 +438,13 @@ class SessionAffinity:
     value of its own at each step (:meth:`primary_value`): a user on stable
     stays there for the rest of a step, then is drawn again at the next
     step's weight, so the canary's share of users grows with the steps.
-    *previous* (``NAME=VALUE``; "" none) is the cookie of the rollout of
-    SERVICE before this one, expired while this one hands out none yet (its
-    mirrored intervals: Flagger's ``previousSessionAffinityCookie``).
-    :meth:`from_json` checks each as the options are checked: a
-    hand-edited state cannot write a broken ``Set-Cookie``."""
+    *previous* (``NAME=VALUE``; "" none) is the cookie that clients of the
+    rollout of SERVICE before this one may hold (its own, or, where its
+    canary never had a weight, the one it was deleting), expired while
+    this one hands out none yet (its mirrored intervals: Flagger's
+    ``previousSessionAffinityCookie``). :meth:`from_json` checks each as
+    the options are checked: a hand-edited state cannot write a broken
+    ``Set-Cookie``."""
 
     cookie: str
     value: str
@@ -572,6 +576,22 @@ class Rollout:
         return self.phase == "progressing" and self.weight == 0 and not self.match
 
     @property
+    def had_weight(self) -> bool:
+        """Whether the canary had a weight at some step of this rollout (and
+        so, with session affinity, answers that handed its cookie out):
+        progressing, whether it has one now; ended, whether the step it
+        ended at had one. A rollout's weight only goes up until it ends (a
+        resume never takes it back to its mirrored stages, :func:`resume`),
+        so one that ended at a mirrored stage never had one, rolled back
+        or promoted by hand alike. A step that is not one of its steps (a
+        hand-edited state): as if it had."""
+        if self.phase == "progressing":
+            return self.weight > 0
+        if 0 <= self.step < len(self.steps):
+            return self.steps[self.step] > 0
+        return True
+
+    @property
     def ab_testing(self) -> bool:
         """The requests matching :attr:`match` go to the canary, every other
         to stable: a progressing rollout with a match."""
@@ -672,8 +692,10 @@ def resume(
       with another port or other Gateways: :class:`Conflict` too. A finished
       rollout of the other mode is another rollout.
     * *affinity* (``--session-affinity``, its value freshly drawn): a new
-      rollout takes it, with the cookie of the one before (*saved*'s, if
-      it had one) as its :attr:`SessionAffinity.previous`; a progressing
+      rollout takes it, with the cookie that clients of the one before may
+      hold as its :attr:`SessionAffinity.previous`: *saved*'s own if its
+      canary ever had a weight (:attr:`Rollout.had_weight`), else the one
+      *saved* was deleting (it handed none out); a progressing
       one keeps its own value (the clients hold it) and takes the new max
       ages, but another cookie name, or none where it had one (or the other
       way round), is a :class:`Conflict`: its cookie holders would lose
@@ -771,7 +793,10 @@ def resume(
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     stages = policy.stages
     if affinity is not None and saved is not None and saved.affinity is not None:
-        affinity = replace(affinity, previous=saved.affinity.pair)
+        # the cookie its clients may hold: its own if it ever had a weight,
+        # else the one it was deleting (it handed none out)
+        held = saved.affinity.pair if saved.had_weight else saved.affinity.previous
+        affinity = replace(affinity, previous=held)
     r = Rollout(
         service,
         stable,

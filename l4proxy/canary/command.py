@@ -44,8 +44,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   ``--primary-cookie`` does the same for stable, a value per step. Once
   the rollout ends the rule routes its holders as every request goes and
   its answers delete the cookie (:func:`expired_cookie`); mirrored, no
-  cookie is handed out, and the last rollout's is deleted. The value is
-  drawn here (``secrets``) and kept in the state
+  cookie is handed out and the last rollout's is deleted, which a rollout
+  that ends mirrored goes on doing (it handed none of its own out). The
+  value is drawn here (``secrets``) and kept in the state
   (:class:`~l4proxy.canary._analysis.SessionAffinity`). A RouteRule
   cannot add a response header: refused without ``--gateway-api``.
 * **Atomic, validated writes.** Every change goes through the pieces of
@@ -222,8 +223,9 @@ rollout and kept in the state, so a resume keeps it; status shows it), and a rul
 before the weighted one sends every request whose Cookie header holds COOKIE=VALUE
 to the canary. Rolled back or promoted, that rule routes as every request goes and
 deletes the cookie (Max-Age=0); a mirrored interval hands none out, and deletes
-the last rollout's. --primary-cookie NAME: stable's answers set NAME (a value per
-step, Max-Age the interval) and its holders stay on stable until the next step.
+the last rollout's, as a rollout that ended mirrored goes on doing. --primary-cookie
+NAME: stable's answers set NAME (a value per step, Max-Age the interval) and its
+holders stay on stable until the next step.
 
 exit status:
   0  promoted (100 % to the canary)
@@ -798,17 +800,21 @@ def _set_cookie_filter(value: str, indent: str) -> str:
 
 
 def expired_cookie(r: Rollout) -> str:
-    """The cookie (``NAME=VALUE``) that *r*'s HTTPRoute deletes: once the
-    rollout ended (rolled back or promoted), its own, whose holders then go
-    where everyone goes (stable; after a promotion the canary, which is now
-    every user's version, so the cookie says nothing any more); while
-    mirrored, that of the rollout before it (its holders go to stable as
-    everyone does, and no cookie of this one is handed out yet); "" none."""
+    """The cookie (``NAME=VALUE``) that *r*'s HTTPRoute deletes, of those
+    a client may hold: once the rollout ended (rolled back or promoted),
+    its own, whose holders then go where everyone goes (stable; after a
+    promotion the canary, which is now every user's version, so the cookie
+    says nothing any more); while mirrored, that of the rollout before it
+    (its holders go to stable as everyone does, and no cookie of this one
+    is handed out yet). A rollout that ended before its canary had a
+    weight (:attr:`Rollout.had_weight`: rolled back or promoted during its
+    mirrored intervals) handed out no cookie of its own: it goes on
+    deleting the one before; "" none."""
     a = r.affinity
     if a is None:
         return ""
     if r.phase != "progressing":
-        return a.pair
+        return a.pair if r.had_weight else a.previous
     return a.previous if r.mirrored else ""
 
 
