@@ -473,22 +473,36 @@ HELD = (
 @pytest.mark.parametrize(
     ("saved", "given", "message"),
     [
-        (A, None, "at 25 % with --session-affinity flagger-cookie: resume it that way"),
-        (None, DRAWN, "at 25 % without --session-affinity: resume it that way"),
-        (A, replace(DRAWN, cookie="other"), "with --session-affinity flagger-cookie:"),
+        (A, None, HELD),
         (
-            A,
-            replace(DRAWN, primary_cookie="p"),
-            "with --session-affinity flagger-cookie: resume it that way",
+            None,
+            DRAWN,
+            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % without "
+            "--session-affinity: resume it that way, or end it first (l4proxy canary "
+            "promote|abort bootcamp) to start one with session affinity",
         ),
+        (A, replace(DRAWN, cookie="other"), HELD),
+        (A, replace(DRAWN, primary_cookie="p"), HELD),
     ],
     ids=["dropped", "added", "renamed", "primary-added"],
 )
 def test_a_resume_with_other_cookies_is_refused(
     saved: SessionAffinity | None, given: SessionAffinity | None, message: str
 ) -> None:
-    with pytest.raises(Conflict, match=re.escape(message)):
+    """One sentence, whole (no two parentheticals in a row)."""
+    with pytest.raises(Conflict) as exc:
         _resume(replace(STICKY, affinity=saved), given)
+    assert str(exc.value) == message
+
+
+def test_a_mirrored_rollout_resumed_with_other_cookies_says_no_client_holds_one() -> None:
+    with pytest.raises(Conflict) as exc:
+        _resume(MIRRORED, None)
+    assert str(exc.value) == (
+        "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is mirrored with "
+        "--session-affinity flagger-cookie: resume it that way, or end it first "
+        "(l4proxy canary promote|abort bootcamp)"
+    )
 
 
 # -- the command -------------------------------------------------------------------------

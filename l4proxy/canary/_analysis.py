@@ -728,15 +728,16 @@ def resume(
         if had != (None if affinity is None else affinity.names()):
             # its cookie holders would lose their version, or the canary's
             # share would change kind mid-analysis
-            why = (
-                "(its clients hold the cookie it set)"
-                if saved.affinity is not None
-                else "to start one with session affinity"
+            held = (
+                ", whose cookie its clients hold"
+                if saved.affinity is not None and saved.had_weight
+                else ""
             )
+            why = " to start one with session affinity" if saved.affinity is None else ""
             raise Conflict(
                 f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
-                f"{_where(saved)} {affinity_words(saved.affinity)}: resume it that way, "
-                f"or end it first (l4proxy canary promote|abort {saved.service}) {why}"
+                f"{_where(saved)} {affinity_words(saved.affinity)}{held}: resume it that "
+                f"way, or end it first (l4proxy canary promote|abort {saved.service}){why}"
             )
         if saved.affinity is not None and affinity is not None:
             # the value stays (the clients hold it); the ages are the options'
