@@ -644,6 +644,88 @@ def test_usage_errors(
     assert not (tmp_path / ".canary-bootcamp.state.json").exists()
 
 
+ENDED = "this rollout had ended; --restart starts it again"
+
+
+@pytest.mark.parametrize(
+    ("saved", "given", "note"),
+    [
+        (
+            A,
+            ["--session-affinity", "other"],
+            f"{ENDED} (it ran with --session-affinity flagger-cookie --cookie-max-age 21600; "
+            "this command's --session-affinity other --cookie-max-age 86400 were not used)",
+        ),
+        (
+            A,
+            ["--session-affinity", "flagger-cookie", "--primary-cookie", "p"],
+            f"{ENDED} (it ran with --session-affinity flagger-cookie --cookie-max-age 21600; "
+            "this command's --session-affinity flagger-cookie --cookie-max-age 86400 "
+            "--primary-cookie p were not used)",
+        ),
+        (
+            A,
+            [],
+            f"{ENDED} (it ran with --session-affinity flagger-cookie --cookie-max-age 21600; "
+            "this command gives no cookie options)",
+        ),
+        (
+            None,
+            ["--session-affinity", "flagger-cookie"],
+            f"{ENDED} (it ran without --session-affinity; this command's --session-affinity "
+            "flagger-cookie --cookie-max-age 86400 were not used)",
+        ),
+        (A, ["--session-affinity", "flagger-cookie", "--cookie-max-age", "21600"], ENDED),
+        (None, [], ENDED),
+    ],
+    ids=["renamed", "primary-added", "dropped", "added", "same", "none"],
+)
+def test_a_finished_rollout_run_again_names_the_cookie_options_it_did_not_use(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    saved: SessionAffinity | None,
+    given: list[str],
+    note: str,
+) -> None:
+    ended = replace(STICKY, phase="rolled_back", weight=0, affinity=saved)
+    save_state(str(tmp_path / ".canary-bootcamp.state.json"), ended)
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *GATEWAY_API, *given, "--metrics", admin)
+    (event,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1, event
+    assert (event["event"], event["note"]) == ("rolled_back", note)
+    # reported, and written, as it ended: its own cookie (if any) is the one deleted
+    assert (tmp_path / "canary-bootcamp.yaml").read_text() == documents_text(ended)
+
+
+@pytest.mark.parametrize("action", ["status", "promote", "abort"])
+@pytest.mark.parametrize(
+    "option",
+    [["--session-affinity", "other"], ["--cookie-max-age", "60"], ["--primary-cookie", "p"]],
+    ids=["session-affinity", "cookie-max-age", "primary-cookie"],
+)
+def test_by_hand_actions_refuse_the_cookie_options(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], action: str, option: list[str]
+) -> None:
+    """They act on the saved rollout and its cookie: an option they took
+    without using it would say otherwise."""
+    from l4proxy.cli import main
+
+    state = tmp_path / ".canary-bootcamp.state.json"
+    save_state(str(state), STICKY)
+    before = state.read_bytes()
+    assert main(["canary", action, "bootcamp", "--rules", str(tmp_path), *option]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"l4proxy canary: {option[0]} goes with a run (l4proxy canary SERVICE --gateway-api "
+        f"...), not with {action}, which acts on the saved rollout and the cookie it was "
+        "started with (status shows it): leave it out\n"
+    )
+    assert captured.out == ""
+    assert state.read_bytes() == before
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
+
+
 def test_an_abort_while_mirrored_deletes_no_cookie_of_its_own(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

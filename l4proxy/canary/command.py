@@ -48,7 +48,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   that ends mirrored goes on doing (it handed none of its own out). The
   value is drawn here (``secrets``) and kept in the state
   (:class:`~l4proxy.canary._analysis.SessionAffinity`). A RouteRule
-  cannot add a response header: refused without ``--gateway-api``.
+  cannot add a response header: refused without ``--gateway-api``. The
+  cookie options shape a run: ``status``, ``promote`` and ``abort``
+  refuse them (the saved rollout's are what its end deletes).
 * **Atomic, validated writes.** Every change goes through the pieces of
   ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
@@ -225,7 +227,7 @@ to the canary. Rolled back or promoted, that rule routes as every request goes a
 deletes the cookie (Max-Age=0); a mirrored interval hands none out, and deletes
 the last rollout's, as a rollout that ended mirrored goes on doing. --primary-cookie
 NAME: stable's answers set NAME (a value per step, Max-Age the interval) and its
-holders stay on stable until the next step.
+holders stay on stable until the next step. status, promote and abort refuse them.
 
 exit status:
   0  promoted (100 % to the canary)
@@ -543,6 +545,57 @@ def affinity_options(
         # would delete it at once)
         max(1, math.ceil(policy.interval)),
     )
+
+
+# (flag, argparse dest) of the cookie options: they shape a run's rollout
+COOKIE_OPTIONS = (
+    ("--session-affinity", "session_affinity"),
+    ("--cookie-max-age", "cookie_max_age"),
+    ("--primary-cookie", "primary_cookie"),
+)
+
+
+def by_hand_options(args: argparse.Namespace, action: str) -> None:
+    """The cookie options refused on ``status``, ``promote`` and ``abort``
+    (*action*): those act on the saved rollout, with the cookie it was
+    started with (which its end deletes), and an option they took without
+    using it would mislead: ``abort --session-affinity other`` deletes the
+    saved cookie, not ``other``."""
+    for flag, dest in COOKIE_OPTIONS:
+        if getattr(args, dest, None) is not None:
+            raise CanaryError(
+                f"{flag} goes with a run (l4proxy canary SERVICE --gateway-api ...), not "
+                f"with {action}, which acts on the saved rollout and the cookie it was "
+                "started with (status shows it): leave it out"
+            )
+
+
+def cookie_options_words(a: SessionAffinity) -> str:
+    """The cookie options that made *a*, as a command line gives them."""
+    words = f"--session-affinity {a.cookie} --cookie-max-age {a.max_age}"
+    return words + (f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else "")
+
+
+def ended_note(saved: SessionAffinity | None, given: SessionAffinity | None) -> str:
+    """The note of a finished rollout run again (it is reported as it
+    ended, and nothing is written but its document as it was): that
+    ``--restart`` starts it again, and, where the cookie options given are
+    not those it ran with (*saved*; *given* as :func:`affinity_options`
+    made them), both: the given ones were not used."""
+    note = "this rollout had ended; --restart starts it again"
+
+    def options(a: SessionAffinity | None) -> tuple[str, int, str] | None:
+        return None if a is None else (a.cookie, a.max_age, a.primary_cookie)
+
+    if options(saved) == options(given):
+        return note
+    ran = "without --session-affinity" if saved is None else f"with {cookie_options_words(saved)}"
+    unused = (
+        "this command gives no cookie options"
+        if given is None
+        else f"this command's {cookie_options_words(given)} were not used"
+    )
+    return f"{note} (it ran {ran}; {unused})"
 
 
 def policy_of(args: argparse.Namespace) -> Policy:
@@ -2085,6 +2138,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 f"expected SERVICE, or status|promote|abort SERVICE; got {' '.join(words)}"
             )
         service = words[-1]
+        if action != "run":
+            by_hand_options(args, action)
         store = _store(args, service)
         if action != "run":
             return _by_hand(action, store, args, out, err)
@@ -2284,7 +2339,7 @@ def _analyse(
     metrics.start_window(r.mirrored)
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
-        display.emit(ev, "this rollout had ended; --restart starts it again")
+        display.emit(ev, ended_note(r.affinity, affinity))
         return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     display.emit(ev)
     try:
