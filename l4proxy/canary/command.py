@@ -48,9 +48,11 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   that ends mirrored goes on doing (it handed none of its own out). The
   value is drawn here (``secrets``) and kept in the state
   (:class:`~l4proxy.canary._analysis.SessionAffinity`). A RouteRule
-  cannot add a response header: refused without ``--gateway-api``. The
-  cookie options shape a run: ``status``, ``promote`` and ``abort``
-  refuse them (the saved rollout's are what its end deletes).
+  cannot add a response header: refused without ``--gateway-api``.
+  ``status``, ``promote`` and ``abort`` act on the saved rollout and its
+  cookie: they take the cookie options and ignore them, as they do the
+  other options of a run (an abort in a hurry, from a copied command
+  line, must not fail on them).
 * **Atomic, validated writes.** Every change goes through the pieces of
   ``l4proxy create|replace|delete`` (:mod:`l4proxy.rules.apply`): under the rules
   directory's flock, the path as it would be is loaded exactly as a sidecar
@@ -227,7 +229,8 @@ to the canary. Rolled back or promoted, that rule routes as every request goes a
 deletes the cookie (Max-Age=0); a mirrored interval hands none out, and deletes
 the last rollout's, as a rollout that ended mirrored goes on doing. --primary-cookie
 NAME: stable's answers set NAME (a value per step, Max-Age the interval) and its
-holders stay on stable until the next step. status, promote and abort refuse them.
+holders stay on stable until the next step. status, promote and abort ignore them
+(they act on the saved rollout and the cookie it was started with).
 
 exit status:
   0  promoted (100 % to the canary)
@@ -545,29 +548,6 @@ def affinity_options(
         # would delete it at once)
         max(1, math.ceil(policy.interval)),
     )
-
-
-# (flag, argparse dest) of the cookie options: they shape a run's rollout
-COOKIE_OPTIONS = (
-    ("--session-affinity", "session_affinity"),
-    ("--cookie-max-age", "cookie_max_age"),
-    ("--primary-cookie", "primary_cookie"),
-)
-
-
-def by_hand_options(args: argparse.Namespace, action: str) -> None:
-    """The cookie options refused on ``status``, ``promote`` and ``abort``
-    (*action*): those act on the saved rollout, with the cookie it was
-    started with (which its end deletes), and an option they took without
-    using it would mislead: ``abort --session-affinity other`` deletes the
-    saved cookie, not ``other``."""
-    for flag, dest in COOKIE_OPTIONS:
-        if getattr(args, dest, None) is not None:
-            raise CanaryError(
-                f"{flag} goes with a run (l4proxy canary SERVICE --gateway-api ...), not "
-                f"with {action}, which acts on the saved rollout and the cookie it was "
-                "started with (status shows it): leave it out"
-            )
 
 
 def cookie_options_words(a: SessionAffinity) -> str:
@@ -2138,8 +2118,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 f"expected SERVICE, or status|promote|abort SERVICE; got {' '.join(words)}"
             )
         service = words[-1]
-        if action != "run":
-            by_hand_options(args, action)
         store = _store(args, service)
         if action != "run":
             return _by_hand(action, store, args, out, err)
