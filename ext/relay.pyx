@@ -136,8 +136,13 @@ and ``final_head`` sends the final response head through
 before); the relay's own answers to such a request (``local_answer``'s
 when its connects failed, a circuit breaker or no fd; ``upstream_failed``'s
 502 and 504) go through ``answer_edited``, which edits them as
-``edit_local_answer()`` does, and a fault's abort and the other local
-answers as before. A request whose choice has none pays a
+``edit_local_answer()`` does; the answer of a choice with no endpoint
+(``Choice_.empty``: 503 ``no healthy upstream``, 500 ``backend not
+resolved``; in decide mode a ``Decision`` without endpoints nor ``local``,
+converted to such a choice) is built edited by ``edit_local_answer()``
+itself when the verdict is converted (``_local_verdict``'s *edits*), so
+that ``pick()`` hands it out as before, at no cost per request; a fault's
+abort and the other local answers as before. A request whose choice has none pays a
 pointer store in ``pick()`` and a test in ``apply_verdict`` (which takes
 the reference when there are edits) and ``final_head``; ``reset_exchange``
 tests ``c.holds`` where it tested ``c.retry``. The edited head is built in
@@ -360,6 +365,7 @@ from l4proxy.dataplane._exchange_py import (
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
     edit_bytes,
+    edit_local_answer,
     header_lines,
     local_response,
     response_hop_by_hop,
@@ -388,7 +394,7 @@ from l4proxy.dataplane.verdict import (
     MIRROR_TIMEOUT,
 )
 from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
-                                       endpoint_hash)
+                                       endpoint_hash, no_endpoint_body)
 
 Decision = _relay_py.Decision
 
@@ -7174,9 +7180,11 @@ cdef class HttpRelay:
                 if ch.policy == LB_HASH:
                     ch.hash = _hash_on(choice.hash_on, choice.endpoints)
                 if len(choice.endpoints) == 0:
+                    # the router's answer, edited as its other own answers
+                    # (HeadEdits), here once: pick() hands it out as it is
                     status = choice.status
-                    body = "no healthy upstream" if status == 503 else "backend not resolved"
-                    ch.empty = _local_verdict(status, body, ch.tag)
+                    body = no_endpoint_body(status)
+                    ch.empty = _local_verdict(status, body, ch.tag, "", choice.edits)
                 ch.eps = <EP**>calloc(len(choice.endpoints) or 1, sizeof(EP*))
                 if ch.eps == NULL:
                     raise MemoryError()
@@ -7316,8 +7324,9 @@ cdef class HttpRelay:
             if d.local is not None:
                 verdict = Verdict(local=d.local, tag=d.tag, local_headers=d.local_headers,
                                   fault=d.fault)
-            elif not d.endpoints:
-                verdict = Verdict(local=(503, "no healthy upstream"), tag=d.tag, fault=d.fault)
+            elif not d.endpoints:  # (the router's answer: a choice's, edited)
+                verdict = Verdict((Choice(1, (), "ORDERED", None, d.tag, d.status, d.edits),),
+                                  fault=d.fault)
             else:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
@@ -7571,10 +7580,17 @@ cdef void _free_faults(dict faults):
     faults.clear()
 
 
-cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="") except NULL:
+cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",
+                              edits=None) except NULL:
+    """A local answer (local_response()'s, both variants); with *edits*
+    (a HeadEdits: the router's answer for a choice with no endpoint) their
+    response edits applied (edit_local_answer(): answer_client() cuts a
+    HEAD request's answer at the edited head's end)."""
+    cdef bytes keep = edit_local_answer(
+        local_response(status, body, close=False, headers=headers), edits)
+    cdef bytes close = edit_local_answer(
+        local_response(status, body, close=True, headers=headers), edits)
     cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
-    cdef bytes keep = local_response(status, body, close=False, headers=headers)
-    cdef bytes close = local_response(status, body, close=True, headers=headers)
     if v == NULL:
         raise MemoryError()
     v.kind = V_LOCAL

@@ -1,10 +1,12 @@
 """The relay's own answers to a request routed to a choice with response
 edits (a 503 when every connect failed, a circuit breaker's 503, the 504
-of the route timeout, the 502 of an upstream that closed) carry those
-edits, as Envoy's router finalizes its local replies with the route's
-header mutations; a fault's abort does not. Both twins, the compiled one
-deciding per request and from a cached verdict, real sockets, byte for
-byte. See ``HeadEdits`` in ``verdict.py``.
+of the route timeout, the 502 of an upstream that closed, the 503 or 500
+of a choice with no endpoint) carry those edits, the CORS filter's lines
+among them, as Envoy's router finalizes its local replies with the
+route's header mutations; a fault's abort, a route's own answer and a
+request with no route do not. Both twins, the compiled one deciding per
+request and from a cached verdict, real sockets, byte for byte, and a
+worker from a rule file. See ``HeadEdits`` in ``verdict.py``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, local_response
 from l4proxy.dataplane._pool_py import EndpointSettings
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, Choice, Fault, HeadEdits, Verdict
+from l4proxy.rules.routing import CorsPolicy, Request, StringMatch, with_cors_lines
 from tests._scripted import (
     CLOSE,
+    MODES,
     STALL,
     Scripted,
     _client,
@@ -249,3 +255,220 @@ def test_a_fault_s_abort_is_not_edited(mode: tuple[str, str]) -> None:
         up.close()
     assert got == [local_response(418, FAULT_ABORT_BODY, close=False)]
     assert up.requests == []
+
+
+# -- a destination with no endpoint: the router's answer, edited ------------------
+
+APP = "https://app.example"
+EVIL = "https://evil.example"
+# a route's CORS policy, as the route table merges its lines into the edits
+# (with_cors_lines: sets of their own, after the route's and destination's)
+CORS = CorsPolicy((StringMatch("exact", APP),), expose_headers="x-total", allow_credentials=True)
+CORS_LINES = (
+    b"access-control-allow-origin: https://app.example\r\n"
+    b"access-control-allow-credentials: true\r\n"
+    b"access-control-expose-headers: x-total\r\n"
+)
+NO_ROUTE = "no route matched"
+UNRESOLVED = "backend not resolved"
+# a destination with no endpoint: (its status, its edits, its route's CORS policy)
+Empty = tuple[int, HeadEdits | None, CorsPolicy | None]
+
+
+def _edited_cors(answer: bytes, cors: bytes) -> bytes:
+    """*answer* as EDITS with the CORS filter's *cors* lines leave it: the
+    sets, then the CORS lines (sets of their own), then the adds."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = [
+        line
+        for line in head.split(b"\r\n")
+        if not line.lower().startswith((b"content-type:", b"server:"))
+    ]
+    added = b"server: l4\r\nx-dest: d\r\n" + cors + b"x-route: 1\r\nx-route: 2\r\n"
+    return b"\r\n".join(lines) + b"\r\n" + added + b"\r\n" + body
+
+
+def _route_edits(head: Any, edits: HeadEdits | None, cors: CorsPolicy | None) -> HeadEdits | None:
+    """*edits* with *cors*'s lines for *head*'s Origin, as the route table
+    gives them (the real CorsPolicy and with_cors_lines)."""
+    request = Request(head.method, head.path, head.host or "", headers=dict(head.headers))
+    return with_cors_lines(edits, cors.response_lines(request) if cors is not None else ())
+
+
+def _empty_routed(
+    mode: tuple[str, str], routes: dict[str, Empty], fault: Fault | None = None
+) -> Any:
+    """A relay of the twin and mode whose route for each Host of *routes*
+    drew a destination with no endpoint (an empty subset, a backend not
+    resolved); any other Host has no route: the worker's local 404, no
+    edits (nothing to apply)."""
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+
+        def resolve(head: Any, origin: Any) -> Verdict:
+            if head.host not in routes:
+                return Verdict(local=(404, NO_ROUTE), tag="none")
+            status, edits, cors = routes[head.host]
+            edits = _route_edits(head, edits, cors)
+            choice = Choice(1, (), "ORDERED", tag="t", status=status, edits=edits)
+            return Verdict((choice,), ttl=60.0, fault=fault)
+
+        kw["resolve"] = resolve
+        kw["key_headers"] = ["origin"]  # (the CORS lines are per Origin)
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.host not in routes:
+            return Decision(local=(404, NO_ROUTE), tag="none")
+        status, edits, cors = routes[head.host]
+        edits = _route_edits(head, edits, cors)
+        return Decision((), tag="t", edits=edits, fault=fault, status=status)
+
+    return _relay(which, decide, **kw)
+
+
+def _ask_empty(mode: tuple[str, str], routes: dict[str, Empty], *requests: bytes) -> list[bytes]:
+    relay = _empty_routed(mode, routes)
+    try:
+        return _ask(relay, *requests)
+    finally:
+        relay.close()
+
+
+def _with_origin(origin: str | None, host: str = "a", close: bool = False) -> bytes:
+    request = _get(host, close=close)
+    if origin is None:
+        return request
+    return request[:-2] + b"Origin: %s\r\n\r\n" % origin.encode()
+
+
+def test_a_destination_with_no_endpoint_gets_the_edited_503(mode: tuple[str, str]) -> None:
+    """Each request on a kept connection gets the router's 503 with the
+    edits (Envoy's NoHealthyUpstream local reply, finalized by the
+    route), the last one (Connection: close) the edited close variant."""
+    got = _ask_empty(mode, {"a": (503, EDITS, None)}, _get(), _get(), _get(close=True))
+    keep = _edited(local_response(503, NO_UPSTREAM, close=False))
+    assert got == [keep, keep, _edited(local_response(503, NO_UPSTREAM, close=True))]
+
+
+def test_a_backend_not_resolved_gets_the_edited_500(mode: tuple[str, str]) -> None:
+    got = _ask_empty(mode, {"a": (500, EDITS, None)}, _get())
+    assert got == [_edited(local_response(500, UNRESOLVED, close=False))]
+
+
+def test_a_head_request_to_no_endpoint_gets_the_edited_head_alone(mode: tuple[str, str]) -> None:
+    relay = _empty_routed(mode, {"a": (503, EDITS, None)})
+    try:
+        c = _client(relay)
+        c.sendall(_get(method="HEAD", close=True))
+        got = _read_all(c, 5.0)[0]
+        c.close()
+    finally:
+        relay.close()
+    assert got == _head_of(_edited(local_response(503, NO_UPSTREAM, close=True)))
+
+
+def test_no_endpoint_s_503_carries_the_cors_lines_of_an_allowed_origin(
+    mode: tuple[str, str],
+) -> None:
+    """On one connection: an allowed Origin gets the CORS filter's lines
+    among the edits; no Origin, or one not allowed, the edits alone; the
+    allowed one again its lines (a verdict cached for one Origin never
+    answers another)."""
+    origins = (APP, None, EVIL, APP)
+    requests = [_with_origin(o) for o in origins]
+    got = _ask_empty(mode, {"a": (503, EDITS, CORS)}, *requests)
+    answer = local_response(503, NO_UPSTREAM, close=False)
+    with_cors, without = _edited_cors(answer, CORS_LINES), _edited_cors(answer, b"")
+    assert got == [with_cors, without, without, with_cors]
+
+
+def test_cors_lines_without_other_edits(mode: tuple[str, str]) -> None:
+    """A CORS route with no header edits: its lines alone, before the
+    empty line."""
+    got = _ask_empty(mode, {"a": (503, None, CORS)}, _with_origin(APP), _with_origin(None))
+    answer = local_response(503, NO_UPSTREAM, close=False)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert got == [head + b"\r\n" + CORS_LINES + b"\r\n" + body, answer]
+
+
+def test_no_endpoint_without_response_edits_is_as_before(mode: tuple[str, str]) -> None:
+    routes: dict[str, Empty] = {
+        "a": (503, None, None),
+        "b": (503, HeadEdits(request_set=(("x-req", "1"),)), None),
+    }
+    got = _ask_empty(mode, routes, _get("a"), _get("b"))
+    assert got == [local_response(503, NO_UPSTREAM, close=False)] * 2
+
+
+def test_a_host_with_no_route_gets_no_edits(mode: tuple[str, str]) -> None:
+    """After an edited 503 on the same connection, a request for a Host no
+    route takes gets the local 404 as it is (no route: nothing to apply,
+    nothing left over from the request before), then the edited 503 again."""
+    got = _ask_empty(mode, {"a": (503, EDITS, CORS)}, _with_origin(APP), _get("zz"), _get())
+    answer = local_response(503, NO_UPSTREAM, close=False)
+    assert got == [
+        _edited_cors(answer, CORS_LINES),
+        local_response(404, NO_ROUTE, close=False),
+        _edited_cors(answer, b""),
+    ]
+
+
+@pytest.mark.parametrize("twin", ["pure", "compiled"])
+def test_a_route_s_own_answer_is_not_edited(twin: str) -> None:
+    """A direct response (its decision's local) with edits beside it: as it
+    is (its lines are the route table's), unlike the router's 503."""
+    relay = _relay(twin, lambda head, origin: Decision(local=(200, "direct"), tag="t", edits=EDITS))
+    try:
+        got = _ask(relay, _get())
+    finally:
+        relay.close()
+    assert got == [local_response(200, "direct", close=False)]
+
+
+def test_no_endpoint_s_fault_abort_is_not_edited_and_its_delay_is(mode: tuple[str, str]) -> None:
+    """Envoy's fault filter answers before the router: an abort is as
+    without edits; after a delay alone the router's 503 comes, edited."""
+    aborted = Fault(abort_status=418, abort_ppm=1_000_000)
+    relay = _empty_routed(mode, {"a": (503, EDITS, None)}, fault=aborted)
+    try:
+        got = _ask(relay, _get())
+    finally:
+        relay.close()
+    assert got == [local_response(418, FAULT_ABORT_BODY, close=False)]
+    delayed = Fault(delay=0.05, delay_ppm=1_000_000)
+    relay = _empty_routed(mode, {"a": (503, EDITS, CORS)}, fault=delayed)
+    try:
+        got = _ask(relay, _with_origin(APP), _get(close=True))
+    finally:
+        relay.close()
+    assert got == [
+        _edited_cors(local_response(503, NO_UPSTREAM, close=False), CORS_LINES),
+        _edited(local_response(503, NO_UPSTREAM, close=True)),
+    ]
+
+
+def test_the_twins_send_the_same_bytes_for_no_endpoint() -> None:
+    """The pure twin, the compiled one per request and from a cached
+    verdict: byte for byte the same answers to one conversation."""
+    routes: dict[str, Empty] = {"a": (503, EDITS, CORS), "u": (500, EDITS, None)}
+    requests = [
+        _with_origin(APP),
+        _get(method="HEAD"),
+        _with_origin(EVIL, "u"),
+        _get("zz"),
+        _with_origin(APP, close=True),
+    ]
+    answers = []
+    for mode in MODES:
+        relay = _empty_routed(mode, routes)
+        try:
+            c = _client(relay)
+            c.sendall(b"".join(requests))
+            answers.append(_read_all(c, 5.0)[0])
+            c.close()
+        finally:
+            relay.close()
+    assert answers[0] == answers[1] == answers[2], answers
+    assert answers[0].count(b"HTTP/1.1 ") == len(requests)
+    assert CORS_LINES in answers[0]

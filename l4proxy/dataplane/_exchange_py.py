@@ -96,7 +96,8 @@ Decisions
   ``response_remove`` or ``response_set`` name, and gets the
   ``response_set`` then ``response_add`` lines after the relay's own
   connection line (:func:`edit_response_head`). The relay's own answers
-  to a request whose choice was drawn (the 503s when its connects failed,
+  to a request whose choice was drawn (the 503 or 500 when it has no
+  endpoint; the 503s when its connects failed,
   a circuit breaker's, out of fds; the 502s and the 504 of
   :meth:`Exchange._upstream_failed` and :meth:`Exchange.upstream_timeout`)
   get the same response edits before their empty line
@@ -1081,8 +1082,8 @@ class Exchange:
         see ``Fault``). *close*: the connection closes after the answer
         whatever the head asked (a head refused as the parser would, see
         edits_refused()). *edited*: the relay's own answer to a request
-        whose choice was drawn (none answered, a circuit breaker, out of
-        fds), which gets :attr:`edits`' response edits. A HEAD request gets
+        whose choice was drawn (no endpoint, none answered, a circuit
+        breaker, out of fds), which gets :attr:`edits`' response edits. A HEAD request gets
         the answer's head alone."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")

@@ -171,8 +171,9 @@ request's client is not read) is dropped and the connection goes on as
 its head asked, one not complete closes it (``connection: close``, the
 lingering close: Envoy's response before the request is complete). A
 request answered locally by its route (its decision's ``local``, or none
-of its destination's endpoints: the router's 503) is drawn for as well,
-first: delayed, then its local answer (``_Conn.fault_local``), or aborted
+of its destination's endpoints: the router's 503, edited as the relay's
+other own answers, see ``HeadEdits``) is drawn for as well, first:
+delayed, then its local answer (``_Conn.fault_local``), or aborted
 instead.
 
 Request mirroring (``Decision.mirrors``, each a
@@ -288,6 +289,7 @@ from l4proxy.dataplane.verdict import (
     HeadEdits,
     Mirror,
     RetryPolicy,
+    no_endpoint_body,
     shadow_head,
 )
 
@@ -318,7 +320,11 @@ class Decision(NamedTuple):
     """What ``decide`` answers for one request head.
 
     ``endpoints``: candidates in order (the relay tries each once); empty
-    with ``local`` set: answer locally with ``(status, body)``. ``tag`` is
+    with ``local`` set: answer locally with ``(status, body)`` (a route's
+    own answer, as it is); empty without: the router's answer for a choice
+    with no endpoint, ``status`` (a Choice's: 503 ``no healthy upstream``,
+    else ``backend not resolved``), with the response edits of ``edits``
+    (see ``HeadEdits``). ``tag`` is
     passed back in reports (service and subset, for the metrics).
     ``timeout``: the route's (seconds, 0: none; see "Timers"); ``retry``:
     its retry policy (None: none; see "Retry policy" in ``_exchange_py.py``).
@@ -340,6 +346,7 @@ class Decision(NamedTuple):
     local_headers: tuple[tuple[str, str], ...] = ()
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
+    status: int = 503
 
 
 @dataclass(eq=False)
@@ -359,6 +366,11 @@ class _Up:
     def fd(self) -> int:
         return self.sock.fileno()
 
+
+# a routed request's local answer: its status, body, more header lines, and
+# whether the relay edits it (the router's answer for a choice with no
+# endpoint; a route's own answer is not)
+_Local = tuple[int, str, str, bool]
 
 # a mirror drawn for a request: the endpoint its copy goes to (None: none
 # to use, dropped) and its Mirror's tag (the copy's report)
@@ -440,7 +452,7 @@ class _Conn:
     fault_abort: int = 0
     # ... and, for a request with a local answer (its route's, or none of
     # its destination's endpoints), that answer then when no abort fell
-    fault_local: tuple[int, str, str] | None = None
+    fault_local: _Local | None = None
     # the client's packed address (peer_of), once decide_peer asked: None
     # unknown; ``...`` not asked yet
     peer: Any = ...
@@ -1164,12 +1176,16 @@ class HttpRelay:
         if d.local is not None or not d.endpoints:
             # (Envoy's fault filter runs before the router: a fault's delay
             # and abort come first, then the local answer)
-            status, body = d.local if d.local is not None else (503, "no healthy upstream")
+            if d.local is not None:  # the route's own answer: as it is
+                local = (*d.local, local_headers, False)
+            else:  # the router's, edited as its other own answers (HeadEdits)
+                c.ex.edits = d.edits
+                local = (d.status, no_endpoint_body(d.status), "", True)
             if d.fault is not None and self._fault(c, d.fault, now):
                 if c.fault_until:
-                    c.fault_local = (status, body, local_headers)
+                    c.fault_local = local
                 return  # delayed (_timers_due goes on with it) or aborted
-            self._perform(c, c.ex.refuse(status, body, local_headers), now)
+            self._refuse_local(c, local, now)
             return
         c.ex.edits = d.edits
         refused = c.ex.refused_rewrite()  # (a path rewrite made a dot-segment)
@@ -1233,6 +1249,13 @@ class HttpRelay:
             c.tag = fault.tag
         self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True), now)
 
+    def _refuse_local(self, c: _Conn, local: _Local, now: float) -> None:
+        """A routed request's local answer (_route's): its status, body,
+        header lines and whether it is edited (the router's, for a choice
+        with no endpoint: Exchange.edits set)."""
+        status, body, headers, edited = local
+        self._perform(c, c.ex.refuse(status, body, headers, edited=edited), now)
+
     def _fault_over(self, c: _Conn, now: float) -> None:
         """A fault's delay passed: the abort's answer, else the first try."""
         c.fault_until = 0.0
@@ -1242,7 +1265,7 @@ class HttpRelay:
             assert c.decision is not None and c.decision.fault is not None
             self._fault_abort(c, c.decision.fault, now)
         elif local is not None:  # no endpoint, or the route's local answer
-            self._perform(c, c.ex.refuse(*local), now)
+            self._refuse_local(c, local, now)
         else:
             self._go(c, now)
             self._perform(c, [], now)  # (the timers: from now, as _route's caller's)

@@ -55,6 +55,7 @@ __all__ = [
     "endpoint_hash",
     "hash_key",
     "hash_order",
+    "no_endpoint_body",
     "request_bits",
     "shadow_head",
     "shadow_host",
@@ -291,13 +292,19 @@ class HeadEdits(NamedTuple):
     out, then the ``response_set`` and ``response_add`` lines go before its
     empty line; its framing (``content-length``, ``connection: close``) is
     never touched, as no edit names it. A HEAD request's answer is the
-    edited head alone. Not edited: a fault's abort (Envoy's fault filter
+    edited head alone. So is the answer to a request whose drawn choice has
+    no endpoint (an empty subset, every endpoint ejected, a backend not
+    resolved: its ``status``, 503 ``no healthy upstream`` or 500 ``backend
+    not resolved``): Envoy's router sends it as a local reply too
+    (NoHealthyUpstream, ClusterNotFound), finalized with the route's and
+    the weighted cluster's header mutations, and the CORS filter's lines
+    come with the edits. Not edited: a fault's abort (Envoy's fault filter
     runs before the CORS filter and the router: its answer has no CORS
     lines), a route's own answer (a redirect, a direct response: its lines
-    come from the route table), the 503 of a choice with no endpoint, the
-    400 of a path rewrite that makes a dot-segment or of a request body that
-    cannot be framed, and the answers to a request before it is routed
-    (400, 408, 413, 431, ...)."""
+    come from the route table), the 400 of a path rewrite that makes a
+    dot-segment or of a request body that cannot be framed, and the
+    answers to a request before it is routed (400, 408, 413, 431, ...)
+    or with no route (no edits to apply)."""
 
     request_set: tuple[Header, ...] = ()
     request_add: tuple[Header, ...] = ()
@@ -497,6 +504,14 @@ class Choice(NamedTuple):
     status: int = 503
     edits: HeadEdits | None = None
     hash_on: HashOn | None = None  # with policy HASH only
+
+
+def no_endpoint_body(status: int) -> str:
+    """The body of the router's answer to a request whose choice has no
+    endpoint (its ``status``): Envoy's ``no healthy upstream`` for 503,
+    else ``backend not resolved`` (a Gateway API backend that resolves to
+    nothing)."""
+    return "no healthy upstream" if status == 503 else "backend not resolved"
 
 
 # Request mirroring (Mirror): the share mirrored in parts per million (a
