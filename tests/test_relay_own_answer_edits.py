@@ -11,10 +11,12 @@ worker from a rule file. See ``HeadEdits`` in ``verdict.py``.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, loca
 from l4proxy.dataplane._pool_py import EndpointSettings
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, Choice, Fault, HeadEdits, Verdict
+from l4proxy.rules.dns import Resolution
 from l4proxy.rules.routing import CorsPolicy, Request, StringMatch, with_cors_lines
 from tests._scripted import (
     CLOSE,
@@ -35,7 +38,10 @@ from tests._scripted import (
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
+from tests._worker import gateway_worker
+from tests.test_dns import ScriptedResolver
 from tests.test_relay_edges import _read_all, _relay
+from tests.test_relay_retries import _worker_twin
 
 Endpoint = tuple[str, int]
 
@@ -472,3 +478,99 @@ def test_the_twins_send_the_same_bytes_for_no_endpoint() -> None:
     assert answers[0] == answers[1] == answers[2], answers
     assert answers[0].count(b"HTTP/1.1 ") == len(requests)
     assert CORS_LINES in answers[0]
+
+
+# -- from the rule file: a worker, both twins -------------------------------------
+
+HOST = "svc.default.svc.cluster.local"
+# the gateway's service, whose one endpoint is a name that resolves to no
+# address (a headless Service scaled to zero), routed with response edits
+# of the route's and the destination's, and a CORS policy
+NO_ADDRESS = f"""
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  addresses: [198.19.200.1]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints:
+  - {{address: gone.test}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: gateway}}
+spec:
+  defaultBackend:
+    service: {{name: svc, port: {{number: 8080}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}}}
+      headers:
+        response:
+          set: {{x-dest: d}}
+    headers:
+      response:
+        add: {{x-route: r}}
+        remove: [content-type]
+    corsPolicy:
+      allowOrigins:
+      - exact: {APP}
+      allowCredentials: true
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_worker_s_destination_with_no_address_gets_the_edited_503(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its one name resolved to nothing: the browser's request gets the
+    router's 503 with the CORS filter's lines for its Origin after the
+    destination's set, the route's add last; a request without an Origin
+    the edits alone (the pure twin from the worker's decisions, the
+    compiled one from its cached verdicts)."""
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(NO_ADDRESS)
+    resolver = ScriptedResolver({"gone.test": Resolution((), 60, "dns")})
+    got: list[bytes] = []
+
+    def no_endpoint(watcher: Any) -> bool:
+        svc = next(s for s in watcher.state.table.services() if s.host == HOST)
+        return not svc.endpoints
+
+    async def main() -> None:
+        options = {"resolver": resolver}
+        async with gateway_worker(
+            rules, start_watcher=True, watcher_options=options, http_routing="request"
+        ) as (watcher, _, address):
+            for _ in range(200):  # (the name's answer: the table without it)
+                if no_endpoint(watcher):
+                    break
+                await asyncio.sleep(0.02)
+            assert no_endpoint(watcher)
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for origin in (APP, None, APP):
+                    s.sendall(_with_origin(origin, "gw"))
+                    got.append(await loop.run_in_executor(None, _response, s))
+            finally:
+                s.close()
+
+    asyncio.run(main())
+    start = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
+    cors = (
+        b"access-control-allow-origin: https://app.example\r\n"
+        b"access-control-allow-credentials: true\r\n"
+    )
+    with_cors = start + b"x-dest: d\r\n" + cors + b"x-route: r\r\n\r\n" + NO_UPSTREAM.encode()
+    without = start + b"x-dest: d\r\nx-route: r\r\n\r\n" + NO_UPSTREAM.encode()
+    assert got == [with_cors, without, with_cors]

@@ -1048,11 +1048,15 @@ class Worker:
                 fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
             )
         if not decision.endpoints:  # (its fault first: Envoy's filter runs before the router)
-            body = _local_body(decision.status)
+            fault = _abort_tagged(decision.fault, decision.service.host, decision.route)
+            if decision.status == NO_ROUTE_STATUS:  # no route: nothing to edit
+                body = _local_body(decision.status)
+                return RelayDecision(local=(decision.status, body), tag=_Tag(decision), fault=fault)
+            # the router's 503 (500: a backend not resolved), which the
+            # relay edits as its other own answers: the route's and the
+            # destination's response edits, the CORS filter's lines
             return RelayDecision(
-                local=(decision.status, body),
-                tag=_Tag(decision),
-                fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
+                tag=_Tag(decision), edits=decision.edits, fault=fault, status=decision.status
             )
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(
