@@ -249,7 +249,12 @@ throws away its answer to its end by its framing (``shadow_read``:
 connection goes back idle, newest first, at most ``MIRROR_IDLE_MAX``
 per endpoint, watched (any event: ``shadow_evict``), expired by
 ``tick`` after the pool idle timeout, unless the answer or the request
-leaves it not reusable (``Shadow.keep``); a final head or a chunk it does
+leaves it not reusable (``Shadow.keep``) or its endpoint left the route
+table (``Shadow.removed``: ``retain_endpoints`` closes a gone endpoint's
+idle copy connections and marks the copies in flight to it at the moment
+it does the routes' pool's, ``shadows_retain``, by address: its EP may
+be swept; a copy's retry on a new connection is unmarked, as a request's
+new connection is); a final head or a chunk it does
 not frame ends the copy with a reset (``SH_UNFRAMED``). On a reused
 connection a send error, or a close or reset before any answer byte,
 sends the copy once more on a new one (``shadow_retry``; its bytes kept
@@ -837,6 +842,7 @@ cdef struct Shadow:
     bint reused            # on an idle connection: failing before any answer byte retries
     bint keep              # its connection may go back idle at its answer's end
     bint head_req          # a HEAD's copy: no body after its final head
+    bint removed           # its endpoint left the route table: closed at its end, never idle
     Buf out                # its bytes, whole while a retry may send them again (reused)
     size_t sent            # ... how many went
     Buf inb                # its answer's heads, until the final one is whole
@@ -5449,6 +5455,7 @@ cdef void shadow_retry(Relay *R, Shadow *sh, double now) noexcept nogil:
     sys_.close(sh.fd)
     sh.fd = -1
     sh.reused = False
+    sh.removed = False  # (a new connection, as a request's retry's: not marked)
     sh.sent = 0
     if shadow_connect(R, sh) != 0:
         shadow_end(R, sh, SH_FAILED, now)
@@ -5548,7 +5555,7 @@ cdef void shadow_end(Relay *R, Shadow *sh, int how, double now) noexcept nogil:
     buf_free(&sh.out)
     buf_free(&sh.inb)
     sh.sent = 0
-    if how == SH_ANSWERED and sh.keep:
+    if how == SH_ANSWERED and sh.keep and not sh.removed:
         sp = sep_find(R, &sh.d, False)
         if (sp == NULL or sp.n_idle < MIRROR_IDLE_MAX) \
                 and set_mask(R, sh.fd, &sh.mask, sys_.EPOLLIN | sys_.EPOLLRDHUP, sh) == 0:
@@ -5585,6 +5592,27 @@ cdef void shadow_end(Relay *R, Shadow *sh, int how, double now) noexcept nogil:
     sh.closed = True
     sh.grave_next = R.sgrave
     R.sgrave = sh
+
+
+cdef void shadows_retain(Relay *R, const Dest_ *d, bint gone) noexcept nogil:
+    """retain_endpoints() for the copies' pool, as for the routes' pool
+    (_apply_pending_named): d's endpoint left the route table (*gone*): its
+    idle copy connections closed now, the copies in flight to it marked to
+    close their connection at their end (shadow_end) instead of leaving it
+    idle; named again: unmarked. A scan of the copies in flight (at most
+    max_mirrors) per endpoint that left or came back, at a table swap."""
+    cdef Shadow *sh = R.shadows
+    cdef SEP *sp
+    while sh != NULL:
+        if same_dest(&sh.d, d):
+            sh.removed = gone
+        sh = sh.next
+    if not gone:
+        return
+    sp = sep_find(R, d, False)
+    while sp != NULL:  # (freed with its last idle one: found again, or NULL)
+        shadow_evict(R, sp.idle_head)
+        sp = sep_find(R, d, False)
 
 
 cdef void shadow_evict(Relay *R, Shadow *sh) noexcept nogil:
@@ -6369,10 +6397,12 @@ cdef class HttpRelay:
     cdef _apply_pending_named(self):
         """retain_endpoints(), on the loop's thread: the idle connections of
         an endpoint that left the table are closed, those in flight marked
-        to be closed at check-in (up_release); named again, unmarked."""
+        to be closed at check-in (up_release); named again, unmarked. The
+        copies' pool the same (shadows_retain)."""
         cdef Relay *R = self.R
         cdef EP *ep
         cdef Up *u
+        cdef Dest_ d
         cdef int i
         if self._pending_named is None:
             return
@@ -6383,6 +6413,8 @@ cdef class HttpRelay:
         gone = set()
         back = set()
         for key in before - named:
+            if _dest_of(key, &d):  # (the copies' pool's: by address, its EP may be swept)
+                shadows_retain(R, &d, True)
             i = self._ep_ids.get(key, -1)
             if i < 0:
                 continue
@@ -6392,6 +6424,8 @@ cdef class HttpRelay:
                 L4R_ADD(&R.ctr[<int>CT_CLOSED_REMOVED], 1)
                 up_close(R, ep.idle_head)
         for key in named - before:
+            if _dest_of(key, &d):
+                shadows_retain(R, &d, False)
             i = self._ep_ids.get(key, -1)
             if i >= 0:
                 back.add(i)
@@ -7578,6 +7612,22 @@ cdef void _free_faults(dict faults):
             verdict_free((<Fault_*><size_t>addr).answer)
             free(<Fault_*><size_t>addr)
     faults.clear()
+
+
+cdef bint _dest_of(key, Dest_ *d) except -1:
+    """*key* (address, port) as a copy's endpoint in *d* (as mirror_draw()
+    copies an EP's); False for a name not resolved (never a copy's)."""
+    cdef bytes host = str(key[0]).encode("ascii", "replace")
+    cdef uint32_t addr
+    memset(d, 0, sizeof(Dest_))
+    d.port = htons(<uint16_t>int(key[1]))
+    if inet_pton(AF_INET, host, &addr) == 1:
+        d.addr = addr
+        return True
+    if inet_pton(AF_INET6, host, d.addr6) == 1:
+        d.v6 = True
+        return True
+    return False
 
 
 cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",

@@ -1243,3 +1243,104 @@ def test_an_endless_chunked_answer_is_cut_after_the_read_limit(mode: tuple[str, 
     assert closed
     assert stats["mirror_failed"] == stats["mirror_dropped"] == stats["mirror_idle"] == 0
     assert reports.of(COPY) == [200]
+
+
+# -- an endpoint that leaves the route table (retain_endpoints) -----------------
+
+PLAIN = b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n"  # (not mirrored: only=MIRRORED)
+MIRRORED = "/x?q=1"  # (GET's target)
+LONG_IDLE = PoolOptions(idle_timeout=300.0)  # (no expiry within a test)
+
+
+def _answered(relay: Any, request: bytes) -> bytes:
+    """*request* on a client connection of its own: its answer. Sent after
+    a retain_endpoints() call, its answer says the relay applied it (the
+    call's wake-up is taken before the new connection is)."""
+    a = _client(relay)
+    try:
+        a.sendall(request)
+        return _response(a)
+    finally:
+        a.close()
+
+
+def test_a_removed_mirror_s_idle_copy_connections_close_at_once(mode: tuple[str, str]) -> None:
+    """Three copies of one request (three Mirrors to one endpoint, its
+    answers held until all came) leave three idle copy connections; a swap
+    whose table no longer names the mirror closes them (the mirror sees
+    each one's end) long before the pool idle timeout; the primary's idle
+    connection, still named, stays."""
+    mirror = KeptAlive(_always(_answer(200, b"x")), hold=3)
+    up = Scripted([])
+    copies = tuple(Mirror((mirror.endpoint,), tag=COPY) for _ in range(3))
+    relay = _mirror_relay(mode, (up.endpoint,), copies, only=MIRRORED, pool=LONG_IDLE)
+    with _closing(relay, up, mirror):
+        relay.retain_endpoints([up.endpoint, mirror.endpoint])
+        (got,), before = _answers(relay, GET, until=lambda: len(mirror.requests) == 3)
+        relay.retain_endpoints([up.endpoint])
+        closed = _until(lambda: mirror.ended == 3, 5.0)
+        after = _settled(relay)
+        ours = _ours_to(mirror.endpoint)
+    assert got == OK
+    assert before["mirror_idle"] == 3 and mirror.accepted == before["mirror_connects"] == 3
+    assert closed, (mirror.ended, mirror.reset)
+    assert after["mirror_idle"] == 0 and ours == 0
+    assert after["pool_idle"] == 1 and after["pool_closed_removed"] == 0
+
+
+def test_a_mirror_that_stays_keeps_its_idle_copy_connection(mode: tuple[str, str]) -> None:
+    """Swaps that add and then remove another endpoint but keep the
+    mirror's: the next copies take its idle connection (one accept, one
+    connect, none closed)."""
+    mirror = KeptAlive(_always(_answer(200, b"x")))
+    up = Scripted([])
+    other = ("198.18.0.99", 9080)  # (named, never routed to)
+    relay = _mirror_relay(
+        mode, (up.endpoint,), (Mirror((mirror.endpoint,), tag=COPY),), only=MIRRORED, pool=LONG_IDLE
+    )
+    with _closing(relay, up, mirror):
+        relay.retain_endpoints([up.endpoint, mirror.endpoint])
+        _one_at_a_time(relay, [GET])
+        relay.retain_endpoints([up.endpoint, mirror.endpoint, other])
+        relay.retain_endpoints([up.endpoint, mirror.endpoint])
+        assert _answered(relay, PLAIN) == OK  # (both swaps applied)
+        for n in (2, 3):
+            assert _answered(relay, GET) == OK
+            assert _until(lambda n=n: relay.stats()["mirrored"] == n, 5.0)
+            stats = _settled(relay)
+        ended = mirror.ended + mirror.reset  # (before close() ends it)
+    assert len(mirror.requests) == 3
+    assert mirror.accepted == stats["mirror_connects"] == 1
+    assert ended == 0
+    assert stats["mirror_idle"] == 1
+
+
+@pytest.mark.parametrize("back", [False, True], ids=["removed", "named-again"])
+def test_a_copy_in_flight_to_a_removed_mirror_closes_its_connection_at_its_end(
+    mode: tuple[str, str], back: bool
+) -> None:
+    """A copy in flight (the mirror holds its answer) when a swap removes
+    the mirror: at its answer's end its connection is closed, not left
+    idle (the routes' pool's rule at check-in); named again before that
+    end, it goes idle as before."""
+    mirror = KeptAlive(_always(_answer(200, b"x")), hold=2)  # (released by hand)
+    up = Scripted([])
+    relay = _mirror_relay(
+        mode, (up.endpoint,), (Mirror((mirror.endpoint,), tag=COPY),), only=MIRRORED, pool=LONG_IDLE
+    )
+    with _closing(relay, up, mirror):
+        relay.retain_endpoints([up.endpoint, mirror.endpoint])
+        assert _answered(relay, GET) == OK
+        assert _until(lambda: len(mirror.requests) == 1, 5.0)
+        relay.retain_endpoints([up.endpoint])
+        if back:
+            relay.retain_endpoints([up.endpoint, mirror.endpoint])
+        assert _answered(relay, PLAIN) == OK  # (the swaps applied, the copy still held)
+        held = relay.stats()["mirror_active"] == 1
+        mirror.all_came.set()
+        stats = _settled(relay)
+        ended = _until(lambda: mirror.ended == 1, 0.5 if back else 5.0)
+    assert held
+    assert stats["mirror_failed"] == stats["mirror_dropped"] == 0
+    assert stats["mirror_idle"] == (1 if back else 0)
+    assert ended == (not back), (mirror.ended, mirror.reset)

@@ -40,7 +40,8 @@ to do; this module only performs it:
   is closed; how it served the request goes to outlier detection (below).
 * :meth:`HttpRelay.retain_endpoints` (a new route table went live): the
   endpoints it no longer names give back their idle pooled connections at
-  once, and those in flight are closed when they are released.
+  once, and those in flight are closed when they are released; the
+  copies' pool's too (see "Request mirroring").
 * :meth:`HttpRelay.endpoint_settings` (a DestinationRule's
   ``connectionPool`` per destination): an endpoint's own connect timeout,
   requests per connection and pool idle timeout
@@ -212,7 +213,11 @@ read for its status on the way (``_Shadow.answer``, an
 ``AnswerStatus``), and at its end, whichever, the copy is reported
 (``report``: its Mirror's tag, that status, the seconds since its
 start; not one the relay closes in flight). Idle copy connections expire
-at the tick (``Pools.expire``). Nothing else of it touches
+at the tick (``Pools.expire``); those to an endpoint the route table no
+longer names are closed when :meth:`HttpRelay.retain_endpoints` says so
+(``Pools.remove_endpoint``, as the routes' pool's), and a copy in flight
+to it closes its connection at its end (its check-in); the new connection
+of a copy's retry is not marked so, as a request's new one is not. Nothing else of it touches
 the client, the pool, the request's report or outlier detection. Dropped
 (``mirror_dropped``): bytes past the replay limit, an answer that began
 before the request's end, a body not all read when the request was given
@@ -618,9 +623,13 @@ class HttpRelay:
         left the table (a pod a reload removed): its idle pooled connections
         are closed at once, and those in flight to it are closed at check-in
         instead of pooled (``pool_closed_removed``), or they held the pod's
-        graceful shutdown for the pool's idle timeout. One named again (a DNS
-        answer that dropped an address and gave it back) keeps those in
-        flight; endpoints never named (PassthroughCluster's) are left alone."""
+        graceful shutdown for the pool's idle timeout. The copies' pool
+        does the same at the same moment (see "Request mirroring"): its
+        idle connections to it closed, a copy in flight to it closes its
+        connection at its end instead of leaving it idle. One named again
+        (a DNS answer that dropped an address and gave it back) keeps those
+        in flight; endpoints never named (PassthroughCluster's) are left
+        alone."""
         named = frozenset(endpoints)
         with self._lock:
             self._named_next = named
@@ -793,7 +802,8 @@ class HttpRelay:
         return stop
 
     def _retain(self, named: frozenset[Endpoint]) -> None:
-        """retain_endpoints(), on the relay's thread."""
+        """retain_endpoints(), on the relay's thread: the routes' pool and
+        the copies' pool alike."""
         before, self._named = self._named, named
         if before is None:
             return
@@ -802,8 +812,13 @@ class HttpRelay:
                 up = self._idle.get(int(handle))  # type: ignore[call-overload]
                 if up is not None:
                     self._drop_upstream(up)
+            for handle in self._shadow_pool.remove_endpoint(endpoint):
+                idle = self._shadow_idle.get(int(handle))  # type: ignore[call-overload]
+                if idle is not None:
+                    self._shadow_evict(idle)
         for endpoint in named - before:
             self.pools.restore_endpoint(endpoint)
+            self._shadow_pool.restore_endpoint(endpoint)
 
     def _shutdown(self) -> None:
         for c in list(self._conns.values()):

@@ -681,8 +681,17 @@ class Mirror(NamedTuple):
     endpoint (the copy that would be one more closes its connection),
     closed after the relay's pool idle timeout, and one that turns readable
     or is hung up while idle (the server closed it) is closed at once,
-    never handed out. A copy on a reused connection whose send fails, or
-    whose connection is reset or closed before any byte of its answer
+    never handed out. An endpoint the route table no longer names (a pod a
+    reload removed: the relay's ``retain_endpoints``, at the moment it
+    drains the routes' pool) gives back its idle copy connections at once,
+    and a copy in flight to it closes its connection at its end instead of
+    leaving it idle, as the routes' pool does with a removed endpoint's
+    (Envoy drains a removed host's pools); named again before that end, it
+    goes idle as before. A mirror taken off a route whose endpoints the
+    table still names (its service's, another route's) keeps its idle copy
+    connections until the idle timeout, as Envoy keeps a cluster's pools
+    while its hosts remain. A copy on a reused connection whose send fails,
+    or whose connection is reset or closed before any byte of its answer
     came, goes once more on a new connection (Envoy's rule for a pooled
     connection), and that try is the copy (its end reported, its deadline
     still the first's). The copy ends: at its answer's end (its connection
