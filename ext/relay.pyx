@@ -680,6 +680,7 @@ cdef enum:
     CT_MIRROR_ACTIVE
     CT_MIRROR_CONNECTS
     CT_MIRROR_IDLE
+    CT_METRICS_DROPPED
     N_CT
 
 _STAT_NAMES = (
@@ -689,7 +690,7 @@ _STAT_NAMES = (
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
     "retries", "timer_scans", "mirrored", "mirror_dropped", "mirror_failed", "mirror_active",
-    "mirror_connects", "mirror_idle",
+    "mirror_connects", "mirror_idle", "metrics_dropped",
 )
 
 
@@ -2175,6 +2176,17 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
 # -- metrics rows ------------------------------------------------------------------
 
 cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogil:
+    """One observation (a decision: status 0; a request's or a copy's end)
+    in the row of its (tag, status), a slot of R.rows taken for a new
+    one. The table takes ROWS_SLOTS / 2 rows (open addressing stays short)
+    until the next flush: a new row past that is not counted, but in
+    CT_METRICS_DROPPED (stats' metrics_dropped, /stats'
+    l4proxy_http_metrics_dropped_total), and makes the flush due at the end
+    of this turn of the loop (run() returns, _run flushes) rather than at
+    FLUSH_S: what is dropped is at most one turn's new rows beyond the
+    bound. The pure twin reports every request on its own (``report``),
+    into the worker's counters as these rows go: it drops none. A row
+    that exists costs its probe as before; only the drop pays more."""
     cdef uint32_t i = <uint32_t>((<uint32_t>tag * <uint32_t>2654435761) ^ <uint32_t>status) & (ROWS_SLOTS - 1)
     cdef Row *r
     cdef int b
@@ -2183,7 +2195,11 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
         r = &R.rows[i]
         if r.count == 0 and r.tag == 0 and r.status == 0:
             if R.rows_used >= ROWS_SLOTS // 2:
-                return  # full until the next flush (thousands of tags: not a mesh)
+                # full until the next flush (hundreds of tags and statuses
+                # within one: not a mesh's), which is due now
+                L4R_ADD(&R.ctr[<int>CT_METRICS_DROPPED], 1)
+                R.flush_due = True
+                return
             r.tag = tag + 1  # 0 marks a free slot
             r.status = status
             R.rows_used += 1
@@ -5878,7 +5894,9 @@ cdef class HttpRelay:
     ``report_rows(decided, answered)`` with ``decided`` a list of ``(tag,
     count)`` and ``answered`` of ``(tag, status, count, seconds_sum,
     bucket_counts)``, bucket counts per ``buckets`` bound in ms, not
-    cumulative, the last one above every bound), ``key_headers`` and
+    cumulative, the last one above every bound; what the loop's table of
+    rows could not take before its next flush is counted in ``stats()``'s
+    ``metrics_dropped``: see count_row), ``key_headers`` and
     ``seed``; ``decide_peer`` as the pure relay's (and passed on to it).
     Requests the fast path does not take go to :attr:`slow`, a
     pure relay with the same callbacks (``report`` there).

@@ -581,6 +581,10 @@ class HttpRelay:
                 "mirror_dropped",
                 "mirror_failed",
                 "mirror_connects",
+                # the compiled twin's requests, decisions and copies its
+                # table of rows could not count (its count_row()); this
+                # twin reports each one through report(): never any
+                "metrics_dropped",
             ),
             0,
         )
