@@ -1501,15 +1501,19 @@ class HttpRelay:
         """A copy on a reused connection that failed before any byte of its
         answer (the server closed it as the copy came): its bytes again on a
         new connection, the same copy (its start, its deadline); failed when
-        that connect fails at once."""
-        del self._shadows[sh.fd]
-        self._shadow_pool.discard(sh.endpoint, sh.fd)
+        that connect fails at once. The copy stays in _shadows throughout:
+        stats()' mirror_active, read from other threads, never counts it
+        ended while it goes on (a reader waiting for none in flight read 0
+        between the two and saw the retry's request come after)."""
+        old = sh.fd
+        self._shadow_pool.discard(sh.endpoint, old)
         if sh.mask:
-            self.ep.unregister(sh.fd)
+            self.ep.unregister(old)
             sh.mask = 0
         sh.sock.close()
         sock = self._shadow_connect(sh.endpoint)
         if sock is None:
+            del self._shadows[old]
             self.counters["mirror_failed"] += 1
             if self.report is not None:
                 self.report(sh.tag, sh.answer.status, now - sh.started)
@@ -1526,7 +1530,9 @@ class HttpRelay:
             sh.head_request,
             sh.keep,
         )
-        self._shadows[again.fd] = again
+        self._shadows[again.fd] = again  # (the old one's number, often: replaced)
+        if again.fd != old:
+            del self._shadows[old]
         self._set_mask(again.fd, again, _EPOLLOUT)
 
     def _shadow_end(
