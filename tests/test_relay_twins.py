@@ -604,6 +604,16 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _ready(sock: socket.socket, events: int, timeout: float) -> int:
+    """The poll events of *events* that *sock* has within *timeout* s (0:
+    none). poll, not select: select() refuses an fd past 1023, which a
+    long run of the relay tests in one process reaches."""
+    poller = select.poll()
+    poller.register(sock, events)
+    got = poller.poll(timeout * 1000)
+    return got[0][1] if got else 0
+
+
 class Client:
     def __init__(self, sock: socket.socket, relay_fd: int = -1) -> None:
         self.sock = sock
@@ -659,7 +669,9 @@ class Client:
     def send(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
         while view and self.can_send and time.monotonic() < deadline:
-            _, w, _ = select.select([self.sock], [self.sock], [], 0.05)
+            # (writable as select() says it: POLLOUT, or an error to find)
+            w = _ready(self.sock, select.POLLIN | select.POLLOUT, 0.05)
+            w &= select.POLLOUT | select.POLLERR
             self.drain()
             if w:
                 try:
@@ -817,7 +829,7 @@ class Run:
                     if time.monotonic() > end:
                         break
                     if not client.drain():
-                        select.select([client.sock], [], [], 0.01)
+                        _ready(client.sock, select.POLLIN, 0.01)
             elif isinstance(step, Settle):
                 self.settle(client, base + step.requests)
             else:
