@@ -158,7 +158,7 @@ name, each endpoint's ``endpoint_hash()`` in the choice's order, and, with
 a ttl, the ``set-cookie`` line's bytes around the generated value; freed
 with the choice, ``verdict_free``). ``pick()`` hands such a choice to
 ``hash_pick`` (through ``R.hash_pick``, as ``edit_request``): the key is
-``hash_fnv`` (FNV-1a 64, ``hash_key()``'s twin) of what ``hash_value``
+``hash_fnv`` (FNV-1a 64, ``hash_key()``'s twin) of what ``request_key``
 reads of the head as received (``c.inb``, what ``resolve`` parsed:
 ``HashOn.key_of``'s header, cookie or query parameter), else a random
 draw (``rng_next``), or with a ttl a generated cookie's (16 hex digits of
@@ -1748,6 +1748,7 @@ cdef struct Head:
     bint names_fields      # a Connection token other than close, keep-alive
     Py_ssize_t key_s[MAX_KEY_HEADERS]
     Py_ssize_t key_e[MAX_KEY_HEADERS]
+    bint keys_repeated     # a key header on more than one line
 
 
 cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
@@ -1772,6 +1773,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.expect_continue = False
     h.n_drop = 0
     h.drop_overflow = h.names_fields = False
+    h.keys_repeated = False
     for j in range(MAX_KEY_HEADERS):  # every slot: a test never reads one unset
         h.key_s[j] = -1
         h.key_e[j] = -1
@@ -1825,7 +1827,12 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             h.upgrade = True
         for j in range(R.n_keys):
             if k == R.key_len[j] and eq_lower(buf + ns, R.keys[j], k):
-                h.key_s[j] = vs  # the last one wins, as in dict(head.headers)
+                # (on a second line, routing reads their values joined,
+                # request_headers(): the key holds the last alone, so such
+                # a head's verdict is neither looked up nor cached, make_key)
+                if h.key_s[j] >= 0:
+                    h.keys_repeated = True
+                h.key_s[j] = vs
                 h.key_e[j] = ve
         p = i + 1
 
@@ -2010,6 +2017,8 @@ cdef Py_ssize_t make_key(Relay *R, Conn *c, const unsigned char *buf, Head *h,
         return -1  # (never made so: _resolve keeps one of the two)
     if shape & SHAPE_HEADERS and R.keys_overflow:
         return -1  # the key would miss some header the verdict reads
+    if shape & (SHAPE_HEADERS | SHAPE_TESTS) and h.keys_repeated:
+        return -1  # a header on several lines: routing reads all (summarize())
     need = 8 + (h.me - h.ms) + (h.host_e - h.host_s) + (h.te - h.ts) + 3
     if shape & SHAPE_TESTS:
         need += (tests.n + 7) // 8 + 1
@@ -3616,13 +3625,17 @@ cdef inline int64_t ep_load(EP *ep) noexcept nogil:
     return ep.active + L4R_LOAD(&ep.ext)
 
 
-cdef inline uint64_t hash_fnv(const unsigned char *p, Py_ssize_t n) noexcept nogil:
-    """FNV-1a 64 of p[:n]: verdict.hash_key()'s twin."""
-    cdef uint64_t h = <uint64_t>0xCBF29CE484222325
+cdef inline uint64_t hash_fnv_on(uint64_t h, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """FNV-1a 64 going on from h over p[:n]."""
     cdef Py_ssize_t i
     for i in range(n):
         h = (h ^ p[i]) * <uint64_t>0x100000001B3
     return h
+
+
+cdef inline uint64_t hash_fnv(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """FNV-1a 64 of p[:n]: verdict.hash_key()'s twin."""
+    return hash_fnv_on(<uint64_t>0xCBF29CE484222325, p, n)
 
 
 cdef inline uint64_t hash_mix(uint64_t x) noexcept nogil:
@@ -3636,7 +3649,8 @@ cdef bint cookie_value_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
                           const HashOn_ *h, const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
     """The value of the first cookie named h.name in the cookie line's value
     b[i:end] (HashOn.key_of): pairs split on ";", each trimmed, one pair of
-    surrounding double quotes removed; False: none, or an empty one."""
+    surrounding double quotes removed, into *v, *vn (maybe empty); False:
+    none named so."""
     cdef Py_ssize_t ps, pe, e, vs, ve
     cdef const unsigned char *q
     while i <= end:
@@ -3661,18 +3675,25 @@ cdef bint cookie_value_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
             ve -= 1
         v[0] = b + vs
         vn[0] = ve - vs
-        return ve > vs
+        return True
     return False
 
 
-cdef bint hash_value(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
-                     const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
-    """What h hashes in the request head b[:hl] (as received: what
-    HashOn.key_of reads of Request.headers and the target), into *v, *vn;
-    False: absent."""
+cdef bint request_key(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
+                      uint64_t *key) noexcept nogil:
+    """The key (hash_fnv) of what h hashes in the request head b[:hl] (as
+    received: what HashOn.key_of reads of Request.headers and the target),
+    into *key; False: absent. A header on several lines: their values
+    trimmed and joined with "," (request_headers() in routing.py), hashed
+    as they go; a cookie: the first named so in the cookie lines, in order
+    (their values joined with "; ")."""
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef const unsigned char *q
-    cdef Py_ssize_t i, le, colon, vs = -1, ve = 0, ts, te, ps, pe, e
+    cdef const unsigned char *cv = NULL
+    cdef Py_ssize_t cn = 0
+    cdef Py_ssize_t i, le, colon, vs, ve, ts, te, ps, pe, e
+    cdef bint found = False
+    cdef uint64_t k = <uint64_t>0xCBF29CE484222325
     cdef const char *name = h.name
     cdef Py_ssize_t name_len = h.name_len
     if lf == NULL:  # (never: a validated head)
@@ -3701,14 +3722,13 @@ cdef bint hash_value(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
             q = <const unsigned char*>memchr(b + ps, EQ, <size_t>(pe - ps))
             e = pe if q == NULL else q - b
             if e - ps == name_len and memcmp(b + ps, name, <size_t>name_len) == 0:
-                v[0] = b + e + (1 if e < pe else 0)
-                vn[0] = pe - e - (1 if e < pe else 0)
+                key[0] = hash_fnv(b + e + (1 if e < pe else 0), pe - e - (1 if e < pe else 0))
                 return True
         return False
     if h.kind == HK_COOKIE:
         name = b"cookie"
         name_len = 6
-    # the last line named so, its value trimmed
+    # each line named so, its value trimmed
     i = lf - b + 1
     while i < hl:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
@@ -3721,18 +3741,26 @@ cdef bint hash_value(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
         if colon - i == name_len and eq_lower(b + i, name, name_len):
             vs = colon + 1
             ve = le
+            while vs < ve and is_ows(b[vs]):
+                vs += 1
+            while ve > vs and is_ows(b[ve - 1]):
+                ve -= 1
+            if h.kind == HK_COOKIE:
+                if cookie_value_in(b, vs, ve, h, &cv, &cn):
+                    # the first named so, in any line (empty: absent)
+                    if cn == 0:
+                        return False
+                    key[0] = hash_fnv(cv, cn)
+                    return True
+            else:
+                if found:
+                    k = hash_fnv_on(k, <const unsigned char*>b",", 1)
+                k = hash_fnv_on(k, b + vs, ve - vs)
+                found = True
         i = lf - b + 1
-    if vs < 0:
-        return False
-    while vs < ve and is_ows(b[vs]):
-        vs += 1
-    while ve > vs and is_ows(b[ve - 1]):
-        ve -= 1
-    if h.kind == HK_COOKIE:
-        return cookie_value_in(b, vs, ve, h, v, vn)
-    v[0] = b + vs
-    vn[0] = ve - vs
-    return True
+    if found:
+        key[0] = k
+    return found
 
 
 cdef int conn_peer(Conn *c) noexcept nogil:
@@ -3765,8 +3793,6 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
     hash), ties by index. HK_SOURCE_IP's key: FNV-1a of the client's
     packed address (conn_peer()), a random one when it is unknown."""
     cdef const HashOn_ *h = ch.hash
-    cdef const unsigned char *val = NULL
-    cdef Py_ssize_t vn = 0
     cdef uint64_t key, draw, sc
     cdef uint64_t score[MAX_ATTEMPTS]
     cdef char *line
@@ -3774,8 +3800,8 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
     if h.kind == HK_SOURCE_IP:
         # (no cookie for it: _hash_on gives it no ttl's line)
         key = hash_fnv(c.peer, c.peer_len) if conn_peer(c) > 0 else rng_next(R)
-    elif hash_value(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &val, &vn):
-        key = hash_fnv(val, vn)
+    elif request_key(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &key):
+        pass
     elif h.ck_pre == NULL:
         key = rng_next(R)  # (Envoy: a random host)
     else:

@@ -37,6 +37,7 @@ from l4proxy.dataplane.verdict import (
     hash_key,
     hash_order,
 )
+from l4proxy.rules.routing import request_headers
 from tests._scripted import Scripted, _answer, _client, _response, policy
 from tests.test_relay_edges import ORIGIN, _relay
 
@@ -100,7 +101,7 @@ class Farm:
         """What HashOn.key_of reads of *request* (the pure twin's value)."""
         head = parse_head(request)
         assert head is not None
-        return self.on.key_of(head.target, dict(head.headers))
+        return self.on.key_of(head.target, request_headers(head.headers))
 
     def landed(self) -> list[int]:
         """The endpoints (indices in eps) that read a request since asked last."""
@@ -206,14 +207,19 @@ def test_a_refused_first_goes_to_the_keys_second(
     c.close()
 
 
-def _differing(farm: Farm, make: Callable[[str, str], bytes], right: int, wrong: int) -> bytes:
-    """A request make(a, b) whose value (the *right* one of a, b, and as
-    key_of reads it) goes elsewhere than its *wrong* one would."""
+def _differing(
+    farm: Farm,
+    make: Callable[[str, str], bytes],
+    right: Callable[[str, str], str],
+    wrong: Callable[[str, str], str],
+) -> bytes:
+    """A request make(a, b) whose value (right(a, b), and as key_of reads
+    it) goes elsewhere than wrong(a, b) would."""
     for i in range(100):
-        pair = (f"v{i}a", f"v{i}b")
-        if farm.order(pair[right].encode())[0] != farm.order(pair[wrong].encode())[0]:
-            req = make(*pair)
-            assert farm.expected(req) == pair[right].encode()
+        a, b = f"v{i}a", f"v{i}b"
+        if farm.order(right(a, b).encode())[0] != farm.order(wrong(a, b).encode())[0]:
+            req = make(a, b)
+            assert farm.expected(req) == right(a, b).encode()
             return req
     raise AssertionError("no pair")
 
@@ -228,18 +234,28 @@ def _differing(farm: Farm, make: Callable[[str, str], bytes], right: int, wrong:
                 b"GET / HTTP/1.1\r\nX-USER:  %s\r\nHost: a\r\nx-User: \t%s \r\n\r\n"
                 % (a.encode(), b.encode())
             ),
-            1,
-            0,
+            lambda a, b: f"{a},{b}",
+            lambda a, b: b,
         ),
         (
             HASH_COOKIE,
             "sid",
             lambda a, b: (
-                b'GET / HTTP/1.1\r\nHost: a\r\ncookie: sid=x\r\nCookie: s=1;sid="%s"; '
+                b'GET / HTTP/1.1\r\nHost: a\r\ncookie: s=x\r\nCookie: s=1;sid="%s"; '
                 b"sid=%s\r\n\r\n" % (a.encode(), b.encode())
             ),
-            0,
-            1,
+            lambda a, b: a,
+            lambda a, b: b,
+        ),
+        (
+            HASH_COOKIE,
+            "sid",
+            lambda a, b: (
+                b"GET / HTTP/1.1\r\nHost: a\r\nCookie: x=1; sid=%s\r\nCookie: sid=%s\r\n\r\n"
+                % (a.encode(), b.encode())
+            ),
+            lambda a, b: a,
+            lambda a, b: b,
         ),
         (
             HASH_QUERY,
@@ -247,11 +263,16 @@ def _differing(farm: Farm, make: Callable[[str, str], bytes], right: int, wrong:
             lambda a, b: (
                 b"GET /p?uu=1&u=%s#u=%s HTTP/1.1\r\nHost: a\r\n\r\n" % (a.encode(), b.encode())
             ),
-            0,
-            1,
+            lambda a, b: a,
+            lambda a, b: b,
         ),
     ],
-    ids=["last-header-any-case-trimmed", "last-cookie-line-first-pair-quoted", "query-fragment"],
+    ids=[
+        "header-lines-joined-any-case-trimmed",
+        "first-pair-of-the-cookie-lines-quoted",
+        "first-cookie-line-that-names-it",
+        "query-fragment",
+    ],
 )
 def test_what_is_read_of_a_request(
     request: pytest.FixtureRequest,
@@ -259,13 +280,13 @@ def test_what_is_read_of_a_request(
     kind: str,
     name: str,
     make: Callable[[str, str], bytes],
-    right: int,
-    wrong: int,
+    right: Callable[[str, str], str],
+    wrong: Callable[[str, str], str],
 ) -> None:
-    """The header's last line whatever the case of its name, trimmed; the
-    last cookie line's first pair of the name, its quotes removed; the
-    query up to the fragment: where key_of says, not where the other value
-    would send it."""
+    """A header's lines whatever the case of its name, each trimmed, joined
+    with "," (Envoy hashes every value); the first pair of the name in the
+    cookie lines, in order, its quotes removed; the query up to the
+    fragment: where key_of says, not where the other value would send it."""
     farm = _farm(request, 4, HashOn(kind, name), ttl)
     req = _differing(farm, make, right, wrong)
     c = _client(farm.relay)
@@ -273,6 +294,18 @@ def test_what_is_read_of_a_request(
     assert value is not None
     _, at = _ask(farm, c, req)
     assert at == farm.order(value)[0]
+    c.close()
+
+
+def test_an_empty_first_cookie_is_absent(request: pytest.FixtureRequest, ttl: float) -> None:
+    """The first cookie of the name is empty: absent (a random key, as
+    key_of's None), though a later line names it with a value."""
+    farm = _farm(request, 4, HashOn(HASH_COOKIE, "sid"), ttl)
+    c = _client(farm.relay)
+    req = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: sid=\r\nCookie: sid=v1\r\n\r\n"
+    assert farm.expected(req) is None
+    seen = {_ask(farm, c, req)[1] for _ in range(30)}
+    assert len(seen) > 1  # random, not v1's endpoint every time
     c.close()
 
 

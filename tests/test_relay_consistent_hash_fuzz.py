@@ -4,7 +4,8 @@ values; cookie lines with spacing, quoting, prefixes and duplicates; targets
 with "?", "#", "&&", params without "=", percent-escapes) through the
 compiled relay (a cached and a per-request verdict) over 5 backends: each
 request lands where hash_order() puts HashOn.key_of's value of the head as
-the worker parses it (peek.parse_head, dict of its headers) first."""
+the worker parses it (peek.parse_head, its headers as request_headers joins
+them) first."""
 
 from __future__ import annotations
 

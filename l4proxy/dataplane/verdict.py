@@ -99,7 +99,8 @@ def request_bits(
     tests: tuple[RequestTest, ...], target: str, headers: Mapping[str, str] | None = None
 ) -> bytes:
     """Which of *tests* a request passes (its origin-form *target*, its
-    *headers* by lowercase name, as ``dict(head.headers)`` makes them): bit
+    *headers* by lowercase name, as routing's ``request_headers`` joins
+    them): bit
     ``i % 8`` of byte ``i // 8`` for test ``i`` (the compiled relay keys its
     verdicts by the same bytes). Tests read the path as sent: a target with
     a dot-segment (``/public/../private`` passes ``segments /public``) never
@@ -413,12 +414,14 @@ class HashOn(NamedTuple):
     draw between a route's destinations stays per request, as in Istio.
 
     ``kind`` :data:`HASH_HEADER`: the value of the request's header
-    ``name`` (lowercase; its last line when there are several, OWS
-    trimmed, Latin-1 bytes: what ``Request.headers`` holds); present but
-    empty is the empty value. :data:`HASH_COOKIE`: the value of the first
-    cookie named ``name`` (case-sensitive) in the request's ``cookie``
-    header (its last line), pairs split on ``;`` and trimmed, one pair of
-    surrounding double quotes removed; empty is absent. :data:`HASH_QUERY`:
+    ``name`` (lowercase; OWS trimmed, Latin-1 bytes: what
+    ``Request.headers`` holds, where a name on several lines has their
+    values joined with ``,``, as Envoy hashes every value: routing's
+    ``request_headers``); present but empty is the empty value.
+    :data:`HASH_COOKIE`: the value of the first cookie named ``name``
+    (case-sensitive) in the request's ``cookie`` lines (in order: their
+    values joined with ``; ``), pairs split on ``;`` and trimmed, one pair
+    of surrounding double quotes removed; empty is absent. :data:`HASH_QUERY`:
     the first value of the query parameter ``name`` in the target, as sent
     (not percent-decoded; no ``=``: the empty value), as routing's
     ``_query_params`` reads it. :data:`HASH_SOURCE_IP` (``name`` empty):

@@ -154,8 +154,8 @@ NO_HEALTHY_STATUS = 503
 #   "path_prefix"    the path starts with value (Ingress StringPrefix)
 #   "segments"       the path is value or starts with value + "/" (whole
 #                    path elements: Kubernetes Prefix, Gateway API PathPrefix)
-# and over a header (value "name:match"; its last line, OWS trimmed; absent:
-# never passed):
+# and over a header (value "name:match"; its value as request_headers()
+# joins its lines, OWS trimmed; absent: never passed):
 #   "header_exact"   the header's value is match
 #   "header_prefix"  the header's value starts with match
 # l4proxy.dataplane.verdict.request_bits evaluates them.
@@ -417,6 +417,25 @@ class Request:
     def __post_init__(self) -> None:
         if any(k != k.lower() for k in self.headers):
             object.__setattr__(self, "headers", {k.lower(): v for k, v in self.headers.items()})
+
+
+def request_headers(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A head's header fields (lowercase names, in order, repeats kept) as
+    :attr:`Request.headers` holds them, each name once: a name sent on
+    several lines has their values joined, with ``; `` for ``cookie`` and
+    ``,`` for any other (RFC 9110 5.3; RFC 6265 5.4 for cookies), as
+    Envoy's header map keeps them and its header matchers read them
+    (``getAllOfHeaderAsString``). A match on ``cookie`` then sees every
+    cookie the client sent, whichever line carried it, and a header a
+    client repeats is matched whole, never by its last line alone."""
+    out: dict[str, str] = {}
+    for name, value in fields:
+        got = out.get(name)
+        if got is None:
+            out[name] = value
+        else:
+            out[name] = f"{got}; {value}" if name == "cookie" else f"{got},{value}"
+    return out
 
 
 def _query_params(target: str) -> dict[str, str]:

@@ -102,6 +102,7 @@ from l4proxy.rules.routing import (
     Service,
     ServicePort,
     endpoint_name,
+    request_headers,
     version_and_workload,
 )
 from l4proxy.rules.watch import RuleWatcher
@@ -838,7 +839,7 @@ class Worker:
                 method=head.method,
                 path=head.path,
                 authority=head.host or "",
-                headers=dict(head.headers),
+                headers=request_headers(head.headers),
                 source=source,
             )
         decision: Decision = table.decide(
@@ -1018,7 +1019,7 @@ class Worker:
             method=head.method,
             path=head.path,
             authority=authority,
-            headers=dict(head.headers),
+            headers=request_headers(head.headers),
             source=peer,
         )
         relay = self.relay
@@ -1102,7 +1103,7 @@ class Worker:
             method=head.method,
             path=head.path,
             authority=head.host or "",
-            headers=dict(head.headers),
+            headers=request_headers(head.headers),
         )
         rc = table.choices(
             c.service,
