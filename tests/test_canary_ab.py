@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -680,23 +679,10 @@ def test_a_killed_ab_test_resumes_at_its_interval_and_refuses_other_alternatives
 def _ended_while_ab_testing(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
 ) -> tuple[int, str, str]:
-    """An A/B test ended in its first interval, as its sample is read:
-    ``abort`` from another shell, or SIGTERM (handled as Ctrl-C)."""
-    from tests.test_canary_core import _fake_prometheus, _healthy, _rollout_in
+    """An A/B test ended in its first interval."""
+    from tests.test_canary_core import ended_in_first_interval
 
-    def answer(n: int, path: str, query: str) -> str:
-        if n == 1 and how == "abort":
-            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
-        elif n == 1:
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
-        return _healthy(query)
-
-    with _fake_prometheus(answer) as url:
-        code = _rollout_in(
-            tmp_path, url, "--match", "x-canary=insider", "--progress-deadline", "1", *extra
-        )
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return ended_in_first_interval(tmp_path, capsys, how, "--match", "x-canary=insider", *extra)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ import math
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
 import urllib.parse
 import zlib
@@ -447,6 +449,27 @@ def _rollout_in(tmp_path: pathlib.Path, url: str, *extra: str) -> int:
     shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
     argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
     return main([*argv, "--prometheus", url, "--interval", "0.05", *extra])
+
+
+def ended_in_first_interval(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *options: str
+) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a rollout with *options* ended in
+    its first interval, as its sample is read: ``abort`` from another
+    shell, or SIGTERM (handled as Ctrl-C)."""
+    from l4proxy.cli import main
+
+    def answer(n: int, path: str, query: str) -> str:
+        if n == 1 and how == "abort":
+            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+        elif n == 1:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        return _healthy(query)
+
+    with _fake_prometheus(answer) as url:
+        code = _rollout_in(tmp_path, url, "--progress-deadline", "1", *options)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def _routes(tmp_path: pathlib.Path) -> list[tuple[str, int]]:

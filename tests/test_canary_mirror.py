@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -50,6 +49,7 @@ from tests.test_canary_core import (
     _healthy,
     _rollout_in,
     _routes,
+    ended_in_first_interval,
     stats,
 )
 from tests.test_canary_core import P as CORE_POLICY
@@ -647,23 +647,9 @@ def test_status_of_a_mirrored_rollout(
 def _ended_while_mirrored(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
 ) -> tuple[int, str, str]:
-    """A --mirror 2 rollout ended in its first interval, as its sample is
-    read: ``abort`` from another shell, or SIGTERM (handled as Ctrl-C)."""
-    from l4proxy.cli import main
-
-    def answer(n: int, path: str, query: str) -> str:
-        if n == 1 and how == "abort":
-            assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
-        elif n == 1:
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
-        return _healthy(query)
-
-    with _fake_prometheus(answer) as url:
-        code = _rollout_in(
-            tmp_path, url, "--mirror", "2", "--steps", "50,100", "--progress-deadline", "1", *extra
-        )
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    """A --mirror 2 rollout ended in its first interval."""
+    options = ("--mirror", "2", "--steps", "50,100", *extra)
+    return ended_in_first_interval(tmp_path, capsys, how, *options)
 
 
 @pytest.mark.parametrize(
