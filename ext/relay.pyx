@@ -1932,7 +1932,9 @@ cdef bint test_passes(const Test_ *t, const unsigned char *target, Py_ssize_t tn
 
 cdef bint header_passes(const Test_ *t, const unsigned char *buf, Head *h) noexcept nogil:
     """Whether the head's key header t.key (its last line, OWS trimmed, as
-    summarize() found it) passes t; an absent header passes none."""
+    summarize() found it) passes t; an absent header passes none. Never
+    for a head with a key header on several lines (h.keys_repeated:
+    make_key() returns first), whose value routing reads joined."""
     cdef Py_ssize_t vs = h.key_s[t.key], vn = <Py_ssize_t>t.len
     if vs < 0:
         return False

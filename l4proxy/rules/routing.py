@@ -422,20 +422,30 @@ class Request:
 def request_headers(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
     """A head's header fields (lowercase names, in order, repeats kept) as
     :attr:`Request.headers` holds them, each name once: a name sent on
-    several lines has their values joined, with ``; `` for ``cookie`` and
-    ``,`` for any other (RFC 9110 5.3; RFC 6265 5.4 for cookies), as
-    Envoy's header map keeps them and its header matchers read them
-    (``getAllOfHeaderAsString``). A match on ``cookie`` then sees every
-    cookie the client sent, whichever line carried it, and a header a
-    client repeats is matched whole, never by its last line alone."""
-    out: dict[str, str] = {}
+    several lines has their values joined, with ``,`` (RFC 9110 5.3), as
+    Envoy's header matchers read them (``getAllOfHeaderAsString``), so a
+    header a client repeats is matched whole, never by its last line alone.
+
+    ``cookie`` lines are joined with ``; `` instead, as RFC 9113 8.2.3
+    joins the cookie fields of a request into one line (Envoy's HTTP/2
+    codec does): a cookie match then finds a cookie whichever line carried
+    it. Envoy's HTTP/1 codec keeps them apart and its matcher joins them
+    with ``,``, where a regex written for one Cookie line (Istio's
+    ``^(.*?;)?(user=jason)(;.*)?$``) misses a cookie of a second line; a
+    user agent sends one line (RFC 6265 5.4), intermediaries more.
+
+    Linear in the lines (each name's values gathered, joined once)."""
+    values: dict[str, list[str]] = {}
     for name, value in fields:
-        got = out.get(name)
+        got = values.get(name)
         if got is None:
-            out[name] = value
+            values[name] = [value]
         else:
-            out[name] = f"{got}; {value}" if name == "cookie" else f"{got},{value}"
-    return out
+            got.append(value)
+    return {
+        name: vs[0] if len(vs) == 1 else ("; " if name == "cookie" else ",").join(vs)
+        for name, vs in values.items()
+    }
 
 
 def _query_params(target: str) -> dict[str, str]:
