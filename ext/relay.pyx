@@ -185,6 +185,34 @@ A request whose choice is not ``HASH`` pays a compare of ``ch.policy`` in
 ``pick()`` (and no ``getpeername``); ``final_head`` tests ``c.edit_resp`` where it tested
 ``c.edits`` and its ``response``.
 
+Tags per endpoint
+-----------------
+A choice whose endpoints differ in version (``Choice.endpoint_tags``: a
+tag per endpoint; the rule of which one a request is reported with is
+there) has ``Choice_.ep_tags``, each endpoint's tag id parallel to
+``eps`` (``_ep_tags``, interned by ``_tag_id`` as the choice's own; freed
+with the choice, ``verdict_free``); NULL for the others, the common case.
+``pick()`` sets ``c.mixed`` from it (a store per request) and, when set,
+each candidate's tag id in ``c.cand_tag``, parallel to ``c.cand``:
+round-robin, random and ordered orders by index, ``LEAST_CONN``'s and
+``hash_pick``'s sorts carry each candidate's index in ``ch.eps``
+alongside (in ``c.cand_tag``, then its tag: no array on ``pick()``'s
+stack, whose canary every request would pay); the candidates'
+reorderings (``retry_order``, ``connect_failed_next``) move the tags
+with them. A try that reaches an
+endpoint (``take_idle``; ``connect_to`` once past a circuit breaker's
+line, before anything else can fail) sets ``c.tag`` to its candidate's
+(``reached()``: at most MAX_ATTEMPTS compares, only when ``c.mixed``),
+which everything after it reports (the request's row, ``request_done``;
+outlier detection's outcomes): a uniform choice pays the test of
+``c.mixed`` in ``take_idle`` and ``connect_to``. The choice's own tag
+stays in ``l4proxy_decisions_total``'s row (counted before any try) and
+on a request answered before a try reached an endpoint. A mirror's
+``Mirror_.ep_tags`` likewise: ``mirror_draw`` copies the tag of the
+endpoint drawn into the ``Dest_`` (its copy's report). ``_sweep_tags``
+marks the cached verdicts' ``ep_tags`` and, for a connection with
+``c.mixed``, its candidates' tags (its next try's).
+
 Fault injection
 ---------------
 A route's fault injection (``Verdict.fault``, "Fault injection" in
@@ -797,6 +825,8 @@ cdef struct Choice_:
     Verdict_ *empty        # the answer when it has no endpoint
     Edits_ *edits          # its requests' and responses' head edits (NULL: none); interned
     HashOn_ *hash          # LB_HASH: what it hashes (owned)
+    int *ep_tags           # a tag id per endpoint, parallel to eps (owned; NULL: every
+                           # request takes tag, the common case; see "Tags per endpoint")
 
 cdef struct Fault_:
     # a route's fault injection (verdict.Fault), interned per distinct
@@ -814,6 +844,7 @@ cdef struct Mirror_:
     int tag                # Mirror.tag's id: its copies' reports (_sweep_tags marks it)
     int n_eps
     EP **eps
+    int *ep_tags           # a tag id per endpoint (owned; NULL: its copies take tag)
 
 cdef struct Dest_:
     # a drawn copy's endpoint, its address copied (the EP may be freed first)
@@ -943,6 +974,7 @@ cdef struct Conn:
     Buf replay             # bytes sent upstream, while a retry may resend them
     int64_t piped          # splicing: bytes in the pipe, not yet sent to the client
     EP *cand[MAX_ATTEMPTS]
+    int cand_tag[MAX_ATTEMPTS]  # c.mixed: each candidate's tag id, parallel to cand
     double started
     double head_started    # 0: no head pending
     double last_active
@@ -998,6 +1030,7 @@ cdef struct Conn:
     unsigned char fault_local      # c.fault_answer: a local answer's copy, freed with it
     unsigned char holds            # c.retry, c.edits or c.set_cookie is set (conn_drop_held)
     unsigned char edit_resp        # the final response head goes through send_edited_head
+    unsigned char mixed            # the request's choice has a tag per endpoint (c.cand_tag)
     signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
     unsigned char peer[16]         #     -1: unknown (getpeername failed, not IP)
 
@@ -2076,9 +2109,11 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
         v.fault.refs -= 1
     for i in range(v.n_mirrors):
         free(v.mirrors[i].eps)
+        free(v.mirrors[i].ep_tags)
     free(v.mirrors)
     for i in range(v.n):
         free(v.choices[i].eps)
+        free(v.choices[i].ep_tags)
         verdict_free(v.choices[i].empty)
         if v.choices[i].edits != NULL:
             v.choices[i].edits.refs -= 1
@@ -3838,16 +3873,23 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
         while j > 0 and sc > score[j - 1]:
             score[j] = score[j - 1]
             c.cand[j] = c.cand[j - 1]
+            c.cand_tag[j] = c.cand_tag[j - 1]
             j -= 1
         score[j] = sc
         c.cand[j] = ch.eps[i]
+        c.cand_tag[j] = i  # (its index in ch.eps alongside: then its tag)
+    if c.mixed:
+        for i in range(c.n_cand):
+            c.cand_tag[i] = ch.ep_tags[c.cand_tag[i]]
 
 
 cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
-    """The weighted draw and the endpoint order of one request."""
+    """The weighted draw and the endpoint order of one request; for a
+    choice with a tag per endpoint, each candidate's (c.cand_tag, c.mixed:
+    see "Tags per endpoint")."""
     cdef Choice_ *ch = &v.choices[0]
     cdef uint64_t r
-    cdef int i, j, n, start, best
+    cdef int i, j, k, n, start, best
     cdef EP *tmp
     if v.n > 1 and v.total > 0:
         r = rng_next(R) % v.total
@@ -3857,6 +3899,7 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
                 break
             r -= v.choices[i].weight
     c.tag = ch.tag
+    c.mixed = ch.ep_tags != NULL
     c.empty = ch.empty
     c.edits = ch.edits  # (its reference: apply_verdict(), which tests it)
     n = ch.n_eps
@@ -3874,27 +3917,40 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
         start = <int>(R.rr[ch.rr] % <uint64_t>n)
         R.rr[ch.rr] += 1
     if ch.policy == LB_LEAST_CONN:
-        # the first MAX_ATTEMPTS of a stable sort by active count, from start
+        # the first MAX_ATTEMPTS of a stable sort by active count, from
+        # start (each one's index in ch.eps alongside, in c.cand_tag: then
+        # its tag; an array on the stack would cost every pick() a
+        # stack-protector canary)
         for i in range(n):
-            tmp = ch.eps[(start + i) % n]
+            k = (start + i) % n
+            tmp = ch.eps[k]
             if c.n_cand < MAX_ATTEMPTS:
-                c.cand[c.n_cand] = tmp
                 c.n_cand += 1
                 j = c.n_cand - 1
             elif ep_load(tmp) < ep_load(c.cand[MAX_ATTEMPTS - 1]):
-                c.cand[MAX_ATTEMPTS - 1] = tmp
                 j = MAX_ATTEMPTS - 1
             else:
                 continue
+            c.cand[j] = tmp
+            c.cand_tag[j] = k
             while j > 0 and ep_load(c.cand[j]) < ep_load(c.cand[j - 1]):
                 tmp = c.cand[j]
                 c.cand[j] = c.cand[j - 1]
                 c.cand[j - 1] = tmp
+                k = c.cand_tag[j]
+                c.cand_tag[j] = c.cand_tag[j - 1]
+                c.cand_tag[j - 1] = k
                 j -= 1
+        if c.mixed:
+            for i in range(c.n_cand):
+                c.cand_tag[i] = ch.ep_tags[c.cand_tag[i]]
     else:
         for i in range(n if n < MAX_ATTEMPTS else MAX_ATTEMPTS):
             c.cand[i] = ch.eps[(start + i) % n]
         c.n_cand = n if n < MAX_ATTEMPTS else MAX_ATTEMPTS
+        if c.mixed:
+            for i in range(c.n_cand):
+                c.cand_tag[i] = ch.ep_tags[(start + i) % n]
 
 
 
@@ -4225,10 +4281,24 @@ cdef void serve_pending(Relay *R, double now) noexcept nogil:
             settle(R, c)
 
 
+cdef void reached(Conn *c, const EP *ep) noexcept nogil:
+    """A try of c's request reached *ep* (one of its connections taken, or
+    a connect begun), of a choice with a tag per endpoint (c.mixed): the
+    request is reported with ep's tag from now on (see "Tags per
+    endpoint"). A candidate's: found among c.cand, at most MAX_ATTEMPTS."""
+    cdef int i
+    for i in range(c.n_cand):
+        if c.cand[i] == ep:
+            c.tag = c.cand_tag[i]
+            return
+
+
 cdef inline void take_idle(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     """A try (the first, or a retry policy's) on *ep*'s idle pooled
     connection (ep.idle_head, not NULL): checked out, the request sent."""
     cdef Up *u = ep.idle_head
+    if c.mixed:
+        reached(c, ep)
     idle_unlink(ep, u)
     L4R_ADD(&R.ctr[<int>CT_IDLE], -1)
     L4R_ADD(&R.ctr[<int>CT_REUSED], 1)
@@ -4280,6 +4350,8 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         ep.pend_tail = c
         L4R_ADD(&ep.n_pending, 1)
         return
+    if c.mixed:  # (a connect begun, whatever becomes of it; not a wait in line)
+        reached(c, ep)
     if not ep.numeric:
         c.fail_ep = ep
         c.fail_errno = -1  # "not resolved yet"
@@ -4365,6 +4437,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     for i in range(c.n_cand):
         if c.cand[i] != failed:
             c.cand[j] = c.cand[i]
+            c.cand_tag[j] = c.cand_tag[i]  # (its tag along: read when c.mixed)
             j += 1
     c.n_cand = j
     if c.n_cand:
@@ -4380,14 +4453,19 @@ cdef void retry_order(Conn *c, EP *failed) noexcept nogil:
     (Istio's default retry policy skips the previous hosts), the others keep
     their order; it stays one, the last resort."""
     cdef int i, j = 0, n = c.n_cand
+    cdef int tag = c.tag  # (the failed one's, read when c.mixed)
     for i in range(n):
         if c.cand[i] != failed:
             c.cand[j] = c.cand[i]
+            c.cand_tag[j] = c.cand_tag[i]  # (its tag along)
             j += 1
+        else:
+            tag = c.cand_tag[i]
     if j == n and n < MAX_ATTEMPTS:  # (not a candidate: it always is one)
         n += 1
     for i in range(j, n):
         c.cand[i] = failed
+        c.cand_tag[i] = tag
     c.n_cand = n
 
 
@@ -5013,6 +5091,8 @@ cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
             ep = m.eps[k]
             if ep.numeric:
                 R.rr[m.rr] = <uint64_t>(k + 1)
+                if m.ep_tags != NULL:  # (its copy reported by the endpoint it goes to)
+                    d.tag = m.ep_tags[k]
                 d.usable = True
                 d.v6 = ep.v6
                 d.addr = ep.addr
@@ -6960,7 +7040,7 @@ cdef class HttpRelay:
         cdef Verdict_ *v
         cdef Conn *c
         cdef Shadow *sh
-        cdef int i, j
+        cdef int i, j, k
         cdef Py_ssize_t n = len(self._tags)
         live = bytearray(n + 1)  # (index n: an id out of range, -1 below)
         marks = []
@@ -6974,14 +7054,23 @@ cdef class HttpRelay:
                     marks.append(v.choices[j].tag)
                     if v.choices[j].empty != NULL:
                         marks.append(v.choices[j].empty.tag)
+                    if v.choices[j].ep_tags != NULL:
+                        for k in range(v.choices[j].n_eps):
+                            marks.append(v.choices[j].ep_tags[k])
                 for j in range(v.n_mirrors):
                     marks.append(v.mirrors[j].tag)
+                    if v.mirrors[j].ep_tags != NULL:
+                        for k in range(v.mirrors[j].n_eps):
+                            marks.append(v.mirrors[j].ep_tags[k])
         for addr in self._faults.values():  # (an abort's tag: Fault.tag)
             if addr:
                 marks.append((<Fault_*><size_t>addr).answer.tag)
         for i in range(R.n_conns):
             c = R.conns[i]
             marks.append(c.tag)
+            if c.mixed:  # (its next try's tag: its candidates')
+                for j in range(c.n_cand):
+                    marks.append(c.cand_tag[j])
             if c.fault_local:
                 marks.append(c.fault_answer.tag)
             if c.shadow != NULL:
@@ -7271,6 +7360,7 @@ cdef class HttpRelay:
                 for j, e in enumerate(choice.endpoints):
                     ch.eps[j] = self._ep((str(e[0]), int(e[1])))
                     ch.n_eps = j + 1
+                ch.ep_tags = self._ep_tags(choice.endpoint_tags, ch.n_eps)
         except BaseException:
             verdict_free(v)
             raise
@@ -7308,6 +7398,28 @@ cdef class HttpRelay:
             for j, e in enumerate(mirror.endpoints):
                 m.eps[j] = self._ep((str(e[0]), int(e[1])))
                 m.n_eps = j + 1
+            m.ep_tags = self._ep_tags(mirror.endpoint_tags, m.n_eps)
+
+    cdef int *_ep_tags(self, tags, int n) except? NULL:
+        """A choice's or a mirror's endpoint_tags as tag ids (malloc'd, the
+        struct's own), parallel to its n endpoints; NULL for none (every
+        request takes its tag). Not parallel: ValueError (refused)."""
+        cdef int *out
+        cdef int i
+        if not tags:
+            return NULL
+        if len(tags) != n:
+            raise ValueError("endpoint_tags not parallel to endpoints")
+        out = <int*>malloc(<size_t>n * sizeof(int))
+        if out == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                out[i] = self._tag_id(tags[i])
+        except BaseException:
+            free(out)
+            raise
+        return out
 
     cdef Fault_ *_fault(self, fault) except? NULL:
         """A Fault as the loop's struct, interned per distinct fault, as
@@ -7409,7 +7521,8 @@ cdef class HttpRelay:
                                   fault=d.fault)
             else:
                 verdict = Verdict(
-                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits),),
+                    (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits,
+                            endpoint_tags=tuple(d.endpoint_tags)),),
                     timeout=d.timeout, retry=d.retry, fault=d.fault, mirrors=d.mirrors)
             v = self._checked(verdict)
             try:

@@ -82,6 +82,15 @@ costs an answer below 500 one compare. A tunnel's head (101, a CONNECT's
 reported; a 5xx whose body is cut short is a failure (``response_failed``),
 as any other answer's.
 
+Tags: a request is reported (``report``, and outlier detection's callbacks)
+with its decision's ``tag``; where its endpoints differ in version
+(``Decision.endpoint_tags``), with the tag of the endpoint of its last try
+that reached one (``_reached``: ``_take_idle`` took one of its
+connections, ``_connect`` began one; ``_Conn.ep_tags`` by endpoint, built
+per such request, none for the others), the rule of
+``verdict.Choice.endpoint_tags``; a copy with its endpoint's
+(``_mirror_endpoint``).
+
 Circuit breakers (``EndpointSettings.max_connections``, ``max_pending``,
 ``max_active``: a DestinationRule's ``connectionPool.tcp.maxConnections``,
 ``http.http1MaxPendingRequests``, ``http.http2MaxRequests``), per endpoint
@@ -340,6 +349,12 @@ class Decision(NamedTuple):
     (:class:`~l4proxy.dataplane.verdict.Fault`; None: none);
     ``mirrors``: where copies of the request also go
     (:class:`~l4proxy.dataplane.verdict.Mirror`).
+    ``endpoint_tags``: where the endpoints differ in version, a tag per
+    endpoint, parallel to ``endpoints`` (else refused: a ValueError, the
+    503 of a ``decide`` that raised); empty where they do not. The request
+    is reported with the tag of the endpoint of its last try that reached
+    one, else with ``tag``: the rule of
+    :class:`~l4proxy.dataplane.verdict.Choice`'s ``endpoint_tags``.
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -352,6 +367,7 @@ class Decision(NamedTuple):
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
     status: int = 503
+    endpoint_tags: tuple[Any, ...] = ()
 
 
 @dataclass(eq=False)
@@ -437,7 +453,11 @@ class _Conn:
     eof: bool = False  # closing: the client half-closed; its answer still goes out
     mask: int = 0
     fd: int = -1
-    tag: Any = None  # the last routed request's Decision.tag (outlier reports)
+    # the last routed request's Decision.tag (its reports, outlier
+    # detection's), or that of the endpoint of its last try that reached one
+    # (Decision.endpoint_tags, by endpoint: ep_tags, None where it has none)
+    tag: Any = None
+    ep_tags: dict[Endpoint, Any] | None = None
     timeout: float = 0.0  # the current request's route timeout (0: none)
     deadline: float = 0.0  # ... when it passes: set once the request is read whole
     per_try: float = 0.0  # the current request's per-try timeout (0: none)
@@ -1162,7 +1182,9 @@ class HttpRelay:
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
             # no destination, no duration (not the previous request's).
-            tag = d.tag if d is not None else None
+            # Else its tag: its decision's, a fault's abort's, or that of
+            # the endpoint of its last try that reached one (_reached).
+            tag = c.tag if d is not None else None
             self.report(tag, status, now - c.started if d is not None else 0.0)
 
     def _route(self, c: _Conn, head: RequestHead, now: float) -> None:
@@ -1180,12 +1202,22 @@ class HttpRelay:
             local_headers = header_lines(d.local_headers) if d.local is not None else ""
             if d.edits is not None and d.local is None:
                 edit_bytes(d.edits)  # (checked once per distinct edits: cached)
+            if d.endpoint_tags and len(d.endpoint_tags) != len(d.endpoints):
+                raise ValueError("endpoint_tags not parallel to endpoints")
+            for m in d.mirrors:
+                if m.endpoint_tags and len(m.endpoint_tags) != len(m.endpoints):
+                    raise ValueError("a mirror's endpoint_tags not parallel to its endpoints")
         except Exception:
             self.counters["errors"] += 1
             d = Decision(local=(503, "no healthy upstream"))
             local_headers = ""
         c.decision = d
         c.tag = d.tag
+        # (a destination whose endpoints differ in version: each try that
+        # reaches one moves c.tag to its tag, _reached; a handful, by endpoint)
+        c.ep_tags = (
+            dict(zip(d.endpoints, d.endpoint_tags, strict=True)) if d.endpoint_tags else None
+        )
         c.timeout = c.per_try = 0.0  # (set below for a request that goes)
         c.deadline = 0.0
         # (a policy not in effect is none: nothing held for it)
@@ -1305,7 +1337,7 @@ class HttpRelay:
         if head is None or head.method == "CONNECT" or head.header("upgrade") is not None:
             self.counters["mirror_dropped"] += len(drawn)
             return
-        c.mirrors = tuple((self._mirror_endpoint(m), m.tag) for m in drawn)
+        c.mirrors = tuple(map(self._mirror_endpoint, drawn))
         c.mirror_timeout = d.timeout if d.timeout > 0 else MIRROR_TIMEOUT
         c.ex.mirror = bytearray()
 
@@ -1336,20 +1368,23 @@ class HttpRelay:
             ):
                 self.counters["mirror_dropped"] += 1
 
-    def _mirror_endpoint(self, m: Mirror) -> Endpoint | None:
+    def _mirror_endpoint(self, m: Mirror) -> _Drawn:
         """The mirror's next endpoint, round robin, skipping names not
-        resolved yet; None when it has none to use."""
+        resolved yet (None when it has none to use), and the tag of its
+        copy's report: the endpoint's (Mirror.endpoint_tags), else the
+        mirror's."""
         key = m.balance_key if m.balance_key is not None else m.endpoints
         n = len(m.endpoints)
         start = self._mirror_rr.get(key, 0)
         for i in range(n):
-            endpoint = m.endpoints[(start + i) % n]
+            k = (start + i) % n
+            endpoint = m.endpoints[k]
             if _numeric(endpoint[0]):
                 if key not in self._mirror_rr and len(self._mirror_rr) >= _MAX_REMEMBERED:
                     self._mirror_rr.clear()
-                self._mirror_rr[key] = (start + i + 1) % n
-                return endpoint
-        return None
+                self._mirror_rr[key] = (k + 1) % n
+                return endpoint, (m.endpoint_tags[k] if m.endpoint_tags else m.tag)
+        return None, m.tag
 
     def _shadow_start(
         self, endpoint: Endpoint, tag: Any, payload: bytes, line: bytes, now: float, timeout: float
@@ -1699,10 +1734,23 @@ class HttpRelay:
         up.reused = True
         up.sent = False
         c.up = up
+        if c.ep_tags is not None:
+            self._reached(c, endpoint)
         self._perform(c, c.ex.routed(True), now)
         return True
 
+    @staticmethod
+    def _reached(c: _Conn, endpoint: Endpoint) -> None:
+        """A try of c's request reached *endpoint* (one of its connections
+        taken, or a connect begun), of a destination whose endpoints differ
+        in version: the request is reported with its tag from now on
+        (Choice.endpoint_tags' rule)."""
+        assert c.ep_tags is not None
+        c.tag = c.ep_tags.get(endpoint, c.tag)
+
     def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
+        if c.ep_tags is not None:
+            self._reached(c, endpoint)
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1757,7 +1805,7 @@ class HttpRelay:
         c.up = None
         self._answer_reported.pop(endpoint, None)  # its next answer is news
         if self.connect_failed is not None:
-            self.connect_failed(endpoint, c.decision.tag if c.decision else None, why)
+            self.connect_failed(endpoint, c.tag if c.decision else None, why)
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
         if c.candidates:  # the next candidate: a first attempt's, or a retry's

@@ -497,6 +497,41 @@ class Choice(NamedTuple):
     healthy upstream; 500 for a Gateway API backend that resolves to nothing).
     ``edits``: what the relay changes in the heads of its requests and
     responses (None: nothing).
+
+    **A tag per endpoint.** ``endpoint_tags``: where the endpoints differ in
+    what the reports must tell apart (their ``version`` label: a Service's
+    pods of v1 and v2 with no rule, a route to a Service that two
+    Deployments back during a rolling update or a canary by replica
+    count), a tag per endpoint, parallel to ``endpoints`` (the same length,
+    else the verdict is refused as one that cannot be applied: the
+    relays' 503, counted in ``errors``); empty, the common case of one
+    version, where every request is reported with ``tag`` and nothing is
+    done per endpoint. A request of such a choice is reported (metrics,
+    and outlier detection from then on) with the tag of the endpoint of
+    its *last try that reached an endpoint*: the relay took one of the
+    endpoint's pooled connections, or began a connect to it, for the
+    request. So a relayed answer counts under the endpoint that answered;
+    a retry to another endpoint moves it there (a failed connect's next
+    candidate, a pooled connection's one retry, a retry policy's try). A
+    request answered by the relay before any try reached an endpoint keeps
+    ``tag``: none of its endpoints, a circuit breaker's overflow or a
+    wait for a connection that ends first (no connection was the
+    endpoint's to give), a fault's abort (its own ``Fault.tag``), a local
+    answer, a client gone during a fault's delay. A connect failure to
+    every candidate (the 503 ``no healthy upstream`` after each one's
+    connect failed: Envoy's response flag ``UF``) counts under the last
+    candidate tried, as Istio labels it since 1.8: such a request never
+    reached a peer to exchange metadata with, and the source reporter
+    falls back to the upstream host's own labels (istio/proxy#3051, a 503
+    ``UF`` labelled with the endpoint's workload; before, ``unknown``:
+    istio/istio#28387), the host being the last one Envoy tried. Out of
+    file descriptors (the 503 ``overloaded``) counts under the endpoint
+    the relay was connecting to. The decision's own row
+    (``l4proxy_decisions_total``) is the choice's ``tag``. Istio labels a
+    request by the pod that answered (the upstream peer's metadata):
+    counted per choice, v3's 500s were v1's, or neither's (``unknown``),
+    and a canary judged on its version's series was judged on another's
+    answers, or on none.
     """
 
     weight: int
@@ -507,6 +542,7 @@ class Choice(NamedTuple):
     status: int = 503
     edits: HeadEdits | None = None
     hash_on: HashOn | None = None  # with policy HASH only
+    endpoint_tags: tuple[Hashable, ...] = ()  # () or one per endpoint (a mixed destination)
 
 
 def no_endpoint_body(status: int) -> str:
@@ -742,12 +778,19 @@ class Mirror(NamedTuple):
     the only account of how the mirrored version answers.
 
     ``balance_key`` names the round-robin counter, as a
-    :class:`Choice`'s does."""
+    :class:`Choice`'s does. ``endpoint_tags``: as a :class:`Choice`'s, a
+    tag per endpoint where the mirror's endpoints differ in version (empty
+    where they do not; parallel to ``endpoints``, else the verdict is
+    refused as a Choice's is): a copy is reported with the tag of the endpoint it
+    went to (drawn with the request; its retry on a new connection goes to
+    the same one), as the mirror's own sidecar labels its requests by
+    itself; one dropped is not reported."""
 
     endpoints: tuple[Endpoint, ...]
     ppm: int = MIRROR_SCALE
     balance_key: Hashable = None
     tag: Hashable = None
+    endpoint_tags: tuple[Hashable, ...] = ()  # () or one per endpoint (a mixed destination)
 
 
 class Verdict(NamedTuple):
