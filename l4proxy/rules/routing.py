@@ -884,17 +884,49 @@ def version_and_workload(host: str, subset: str, endpoints: Sequence[Endpoint]) 
     """The ``destination_version`` and ``destination_workload`` of a
     subset's requests, as Istio's metrics label them: its endpoints'
     ``version`` label (else the subset's name, else ``unknown``), and
-    ``APP-VERSION`` (``app`` label, else the host's first name). Endpoints
-    whose ``version`` labels differ (a route to every pod of a service whose
-    versions share it) are ``unknown`` and ``unknown``: the relays count a
-    request per choice, not per pod, and Istio's labels name the pod that
-    answered, so no one version may take them (a canary judged on its
-    version's series counted the other versions' answers)."""
+    ``APP-VERSION`` (``app`` label, else the host's first name). Of one
+    endpoint: the labels of the requests that endpoint answered.
+
+    Endpoints whose ``version`` labels differ (:func:`versions_differ`: a
+    route to every pod of a service whose versions share it, no rule, a
+    rolling update) are ``unknown`` and ``unknown``: no one version may
+    take the others' answers (counted per choice, v3's 500s were v1's and
+    a healthy canary rolled back). That is the label of such a choice's
+    requests that no endpoint answered (none reached, a circuit breaker's,
+    a fault's abort); the others are labelled by the endpoint of their
+    last try, as Istio labels a request by the pod that answered:
+    :func:`endpoint_versions`, the relays' ``Choice.endpoint_tags``."""
     labels = endpoints[0].labels if endpoints else {}
-    if len({e.labels.get("version") for e in endpoints}) > 1:
+    if versions_differ(endpoints):
         return "unknown", "unknown"
     version = labels.get("version", subset or "unknown")
     return version, f"{labels.get('app', host.split('.', 1)[0])}-{version}"
+
+
+def versions_differ(endpoints: Sequence[Endpoint]) -> bool:
+    """Whether *endpoints* differ in their ``version`` label (one without
+    it differs from one with it): a destination whose requests are
+    labelled per endpoint."""
+    if len(endpoints) < 2:
+        return False
+    first = endpoints[0].labels.get("version")
+    return any(e.labels.get("version") != first for e in endpoints)
+
+
+def endpoint_versions(
+    host: str, subset: str, endpoints: Sequence[Endpoint], of: Sequence[Endpoint] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Where *endpoints* differ in version, :func:`version_and_workload` of
+    each endpoint of *of* (default: *endpoints*) alone, in order: the
+    labels of the requests each one answers. Empty where they do not
+    differ (the common case: every request takes the destination's
+    labels, and nothing is built per endpoint). *of*: the endpoints a
+    request tries, some of *endpoints* (the first of a decision's)."""
+    if not versions_differ(endpoints):
+        return ()
+    return tuple(
+        version_and_workload(host, subset, (e,)) for e in (endpoints if of is None else of)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1521,6 +1553,11 @@ class Decision:
     that resolves to nothing, but 503 where its endpoints were all ejected;
     404 with route :data:`NO_ROUTE`: no route matched a request to a
     VirtualService's or an HTTPRoute's host).
+
+    Its requests' metric labels: :func:`version_and_workload` of
+    ``endpoints``; where they differ in version, those of the endpoint of
+    each request's last try (:func:`endpoint_versions`, the relay
+    decision's ``endpoint_tags``).
     """
 
     service: Service
@@ -2269,7 +2306,8 @@ class RouteTable:
         as :meth:`_healthy` takes them), none where its host is not in the
         registry (the relay counts those copies as dropped). Each has a
         round-robin counter of its own (``balance_key``), apart from the
-        routes' own."""
+        routes' own; a mirror whose endpoints differ in version a
+        :class:`MirrorTag` per endpoint (``Mirror.endpoint_tags``)."""
         out = []
         for m in route.mirrors:
             dest = m.destination
@@ -2286,7 +2324,12 @@ class RouteTable:
             key = ("mirror", target.host, tport, dest.subset.name, dest.subset.labels)
             version, workload = version_and_workload(target.host, dest.subset.name, eps)
             tag = MirrorTag(target.host, route.name, dest.subset.name, version, workload)
-            out.append(Mirror(tuple((e.address, e.port) for e in eps), m.ppm, key, tag))
+            # (each copy reported by the endpoint it went to, where they differ)
+            tags = tuple(
+                MirrorTag(target.host, route.name, dest.subset.name, v, w)
+                for v, w in endpoint_versions(target.host, dest.subset.name, eps)
+            )
+            out.append(Mirror(tuple((e.address, e.port) for e in eps), m.ppm, key, tag, tags))
         return tuple(out)
 
     @staticmethod

@@ -61,7 +61,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
@@ -102,6 +102,7 @@ from l4proxy.rules.routing import (
     Service,
     ServicePort,
     endpoint_name,
+    endpoint_versions,
     request_headers,
     version_and_workload,
 )
@@ -1068,6 +1069,11 @@ class Worker:
             edits=decision.edits,
             fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
             mirrors=decision.mirrors,
+            # (pods of several versions: each request labelled by the one
+            # that answered it, as the compiled relay's verdicts have it)
+            endpoint_tags=_endpoint_tags(
+                decision.service, decision.route, decision.subset, decision.endpoints, tried
+            ),
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1146,6 +1152,9 @@ class Worker:
                 ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
                 ws.edits,
                 ws.hash_on,  # (policy HASH: the relay hashes each request on it)
+                # (pods of several versions: each request labelled by the
+                # one that answered it; none for one version, the common case)
+                _endpoint_tags(ws.service, rc.route, ws.subset, ws.endpoints),
             )
             for ws in rc.subsets
         )
@@ -1282,7 +1291,9 @@ class Worker:
             c.add(msum, labels, seconds * 1000.0)
             c.add(mcount, labels, count)
 
-    def _report_request(self, tag: _Tag | MirrorTag | None, status: int, seconds: float) -> None:
+    def _report_request(
+        self, tag: _Tag | _SubsetTag | MirrorTag | None, status: int, seconds: float
+    ) -> None:
         """One response delivered by the pure relay (its thread): as one row."""
         ms = seconds * 1000.0
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
@@ -1326,16 +1337,19 @@ class Worker:
             return False
         return True
 
-    def _relay_connect_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+    # (tag: the request's; a _SubsetTag in the compiled relay's reports, and
+    # in the pure one's where a destination's endpoints differ in version)
+
+    def _relay_connect_failed(self, addr: tuple[str, int], tag: _AnyTag, why: str) -> None:
         self._endpoint_report(addr, tag, why)
 
-    def _relay_response_failed(self, addr: tuple[str, int], tag: _Tag | None, why: str) -> None:
+    def _relay_response_failed(self, addr: tuple[str, int], tag: _AnyTag, why: str) -> None:
         self._endpoint_report(addr, tag, why, "response")
 
-    def _relay_answered(self, addr: tuple[str, int], tag: _Tag | None) -> None:
+    def _relay_answered(self, addr: tuple[str, int], tag: _AnyTag) -> None:
         self._endpoint_report(addr, tag, "")
 
-    def _relay_answered_5xx(self, addr: tuple[str, int], tag: _Tag | None, status: int) -> None:
+    def _relay_answered_5xx(self, addr: tuple[str, int], tag: _AnyTag, status: int) -> None:
         self._endpoint_report(addr, tag, "", "status", status)
 
     def _endpoint_report(self, *report: Any) -> None:
@@ -1644,6 +1658,9 @@ class _SubsetTag(NamedTuple):
     workload: str
 
 
+_AnyTag = _Tag | _SubsetTag | None  # an outlier report's tag (the request's)
+
+
 def _local_body(status: int) -> str:
     """The body of a local answer to a request whose decision has no endpoint."""
     if status == NO_ROUTE_STATUS:
@@ -1688,6 +1705,28 @@ def _subset_tag(
 ) -> _SubsetTag:
     version, workload = version_and_workload(service.host, subset, endpoints)
     return _SubsetTag(service.host, route, subset, version, workload)
+
+
+def _endpoint_tags(
+    service: Service,
+    route: str,
+    subset: str,
+    endpoints: Sequence[Endpoint],
+    of: Sequence[Endpoint] | None = None,
+) -> tuple[_SubsetTag, ...]:
+    """A destination's tag per endpoint (``Choice.endpoint_tags``,
+    ``Decision.endpoint_tags``) where its *endpoints* differ in version:
+    each one's labels (:func:`endpoint_versions`), for each of *of*
+    (default: *endpoints*; a decision's: the ones it tries); a request is
+    counted under the tag of the endpoint that answered it, as Istio labels
+    it by the pod. Empty where they do not differ: every request under
+    :func:`_subset_tag`'s (unknown for a mixed one, when no endpoint
+    answered: nothing reached, a circuit breaker's)."""
+    host = service.host
+    return tuple(
+        _SubsetTag(host, route, subset, version, workload)
+        for version, workload in endpoint_versions(host, subset, endpoints, of)
+    )
 
 
 def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dict[str, str]:
