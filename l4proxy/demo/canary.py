@@ -13,8 +13,11 @@ demo's rules directory with one-second intervals:
   100 % while v2 stays healthy;
 * v2 -> v3 (``--mirror 2``): rolled back while still mirrored, once v3
   fails two checks, showing why; then the traffic sidecar's own counts
-  show that no client request went to v3 (``istio_requests_total``), only
-  copies (``l4proxy_mirror_requests_total``).
+  since that rollout started show that no client request went to v3
+  (``istio_requests_total``), only copies
+  (``l4proxy_mirror_requests_total``). (Before the first rollout, with no
+  RouteRule, the clients' requests went round robin to every pod, v3's
+  too, and were counted under the pod that answered.)
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
             f"   $ l4proxy canary {svc.name} --stable {stable} --canary {canary} "
             + " ".join(args[:-2])
         )
+        before = tut._admin(traffic, "/stats") if canary == "v3" else ""
         proc = subprocess.Popen(
             traffic.command(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -153,24 +157,29 @@ def rollouts(tut: Any, exe: Any, quick_stop: tuple[str, ...]) -> int:
         meaning = {0: "promoted", 1: "rolled back"}.get(returncode, "error")
         tut.say(f"   exit {returncode} ({meaning})")
         if canary == "v3":
-            tut.say(f"   {_what_v3_answered(tut._admin(traffic, '/stats'))}")
+            tut.say(f"   {_what_v3_answered(tut._admin(traffic, '/stats'), before)}")
         tut.say()
         if returncode != want:
             code = 1
     return code
 
 
-def _what_v3_answered(stats: str) -> str:
-    """The traffic sidecar's own account of v3: the client requests it
-    served and the copies it answered (since the sidecar started)."""
+def _what_v3_answered(stats: str, before: str) -> str:
+    """The traffic sidecar's own account of v3 since its rollout started
+    (*stats* less *before*, the sidecar's /stats then): the client
+    requests it served and the copies it answered. (Not since the sidecar
+    started: before the first rollout, with no rule, v3 served its share
+    of the clients' requests, each counted under the pod that answered.)"""
     from l4proxy.canary._metrics import failed, parse_text
 
     values, _ = parse_text(stats)
+    earlier, _ = parse_text(before)
     served = copies = bad = 0.0
-    for (name, labels), n in values.items():
+    for (name, labels), total in values.items():
         d = dict(labels)
         if d.get("destination_version") != "v3":
             continue
+        n = total - earlier.get((name, labels), 0.0)
         if name == "istio_requests_total":
             served += n
         elif name == "l4proxy_mirror_requests_total":
@@ -179,6 +188,7 @@ def _what_v3_answered(stats: str) -> str:
                 bad += n
     line = (
         f"the traffic sidecar's counts for v3: {served:,.0f} client requests, "
-        f"{copies:,.0f} copies answered ({bad:,.0f} of them failed: 5xx or none)"
+        f"{copies:,.0f} copies answered ({bad:,.0f} of them failed: 5xx or none) "
+        "during this rollout"
     )
     return line + (": no client got an answer from v3" if not served else "")
