@@ -161,3 +161,37 @@ def test_a_mirrors_copies_are_labelled_by_the_pod_they_went_to(
     assert sum(got) == N and got[2] == N // 3, got  # (round robin)
     assert requests == {"v1": N}
     assert copies == {"v1": got[0] + got[1], "v2": got[2]}
+
+
+def test_the_canary_refuses_a_backend_whose_pods_differ_in_version(tmp_path: Path) -> None:
+    """``l4proxy canary --gateway-api`` selects each backend's series by its
+    (destination_service_name, destination_version): a backend Service
+    whose pods differ in version has its requests counted under each
+    pod's, as above, and no one version selects them (its ``unknown``,
+    what it read before, only what no pod answered): refused, naming the
+    option and the versions; one version per backend selects that one."""
+    from dataclasses import replace
+
+    from l4proxy.canary.command import CanaryError, backend_targets
+    from tests.test_canary_gateway_api import PER_VERSION, R, _table
+
+    probe = replace(R, weight=50)
+    (tmp_path / "one").mkdir()
+    assert backend_targets(_table(tmp_path / "one", probe), probe, "default", "cluster.local") == {
+        "bootcamp-v1": ("bootcamp-v1", "v1"),
+        "bootcamp-v2": ("bootcamp-v2", "v2"),
+    }
+    text = Path(PER_VERSION).read_text()
+    pod = "  - {address: 198.18.0.13, labels: {app: bootcamp, version: v2}}"
+    assert text.endswith(pod + "\n")
+    mixed = tmp_path / "mixed"
+    (mixed / "t").mkdir(parents=True)
+    registry = mixed / "registry.yaml"
+    registry.write_text(text + pod.replace(".13", ".14").replace("v2}", "v3}") + "\n")
+    with pytest.raises(CanaryError) as refused:
+        backend_targets(
+            _table(mixed / "t", probe, str(registry)), probe, "default", "cluster.local"
+        )
+    assert "--canary bootcamp-v2: its endpoints differ in version label (v2, v3)" in str(
+        refused.value
+    )

@@ -153,7 +153,7 @@ from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
-from l4proxy.rules.routing import Request, RouteTable, version_and_workload
+from l4proxy.rules.routing import Request, RouteTable, version_and_workload, versions_differ
 from l4proxy.stats import DIGEST, DIGEST_DISAGREE, GENERATION, RulesMark
 
 EXIT_PROMOTED = 0
@@ -1452,7 +1452,12 @@ def backend_targets(
     name, ``default``); a backend that is a DNS endpoint of SERVICE's
     ServiceEntry (deploy/kubernetes) reports SERVICE and that endpoint's
     ``version`` label, as a RouteRule's subset does. A backend that resolves
-    to nothing, or two that report alike, is an error naming the option."""
+    to nothing, or two that report alike, is an error naming the option;
+    so is one whose endpoints differ in version (a rolling update of that
+    Service): the sidecars label each of its requests with the version of
+    the pod that answered it (``Choice.endpoint_tags``), and one
+    (name, version) would select a part of them (its ``unknown`` only
+    what no pod answered)."""
     host = service_host(r.service, namespace, domain)
     svc = table.service(host)
     assert r.gateway is not None
@@ -1478,6 +1483,15 @@ def backend_targets(
                 "endpoint of that name): its requests would be answered 500 (with "
                 "--gateway-api, --stable and --canary name Services, e.g. "
                 f"{r.service.split('.', 1)[0]}-v2)"
+            )
+        if versions_differ(ws.endpoints):
+            found = sorted({e.labels.get("version", "(none)") for e in ws.endpoints})
+            raise CanaryError(
+                f"--gateway-api: {flag} {name}: its endpoints differ in version label "
+                f"({', '.join(found)}): the sidecars count each request under the version of "
+                "the pod that answered it, and the analysis reads one version of each "
+                "backend; give the backend's endpoints one version label (or wait until "
+                "its own rollout has ended), then run this again"
             )
         version, _ = version_and_workload(ws.service.host, ws.subset, ws.endpoints)
         out[name] = (ws.service.host.split(".", 1)[0], version)
