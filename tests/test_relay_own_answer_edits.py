@@ -42,6 +42,7 @@ from tests._worker import gateway_worker
 from tests.test_dns import ScriptedResolver
 from tests.test_relay_edges import _read_all, _relay
 from tests.test_relay_retries import _worker_twin
+from tests.test_worker_cors import EDITED
 
 Endpoint = tuple[str, int]
 
@@ -486,7 +487,8 @@ HOST = "svc.default.svc.cluster.local"
 # the gateway's service, whose one endpoint is a name that resolves to no
 # address (a headless Service scaled to zero), routed with response edits
 # of the route's and the destination's, and a CORS policy
-NO_ADDRESS = f"""
+NO_ADDRESS = (
+    f"""
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: svc}}
@@ -504,27 +506,9 @@ metadata: {{name: gateway}}
 spec:
   defaultBackend:
     service: {{name: svc, port: {{number: 8080}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - route:
-    - destination: {{host: {HOST}}}
-      headers:
-        response:
-          set: {{x-dest: d}}
-    headers:
-      response:
-        add: {{x-route: r}}
-        remove: [content-type]
-    corsPolicy:
-      allowOrigins:
-      - exact: {APP}
-      allowCredentials: true
 """
+    + EDITED
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])
