@@ -676,52 +676,13 @@ def test_a_killed_ab_test_resumes_at_its_interval_and_refuses_other_alternatives
 
 
 # -- ended by hand, or interrupted, while A/B testing -------------------------------------------
-def _ended_while_ab_testing(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
-) -> tuple[int, str, str]:
-    """An A/B test ended in its first interval."""
-    from tests.test_canary_core import ended_in_first_interval
-
-    return ended_in_first_interval(tmp_path, capsys, how, "--match", "x-canary=insider", *extra)
-
-
-@pytest.mark.parametrize(
-    ("how", "extra", "note"),
-    [("abort", (), "(ended by hand)"), ("sigterm", ("--on-abort", "rollback"), "(interrupted)")],
-    ids=["abort", "interrupted"],
-)
-def test_an_ab_test_ended_by_hand_shows_its_interval(
-    tmp_path: pathlib.Path,
-    capsys: pytest.CaptureFixture[str],
-    how: str,
-    extra: tuple[str, ...],
-    note: str,
-) -> None:
-    code, out, _ = _ended_while_ab_testing(tmp_path, capsys, how, *extra)
-    assert code == 1, out
-    last = out.splitlines()[-1]
-    assert last.startswith("  v2 A/B 1/10 ") and "fail -> ROLLED BACK" in last, last
-    assert last.endswith(note)
-
-
-@pytest.mark.parametrize(
-    ("how", "extra"),
-    [("abort", ()), ("sigterm", ("--on-abort", "rollback"))],
-    ids=["abort", "interrupted"],
-)
-def test_an_ab_test_ended_by_hand_carries_its_match_in_json(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, extra: tuple[str, ...]
-) -> None:
-    code, out, _ = _ended_while_ab_testing(tmp_path, capsys, how, "--json", *extra)
-    last = json.loads(out.splitlines()[-1])
-    assert (code, last["event"]) == (1, "rolled_back")
-    assert last["match"] == [INSIDER.to_json()] and "mirror" not in last
-
-
 def test_an_ab_test_left_as_it_is_says_the_matched_requests_still_go_to_the_canary(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = _ended_while_ab_testing(tmp_path, capsys, "sigterm", "--on-abort", "leave")
+    from tests.test_canary_core import ended_in_first_interval
+
+    options = ("--match", "x-canary=insider", "--on-abort", "leave")
+    code, _, err = ended_in_first_interval(tmp_path, capsys, "sigterm", *options)
     assert code == 3
     assert "interrupted; the requests with x-canary=insider still go to v2" in err
 

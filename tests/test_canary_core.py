@@ -23,6 +23,7 @@ import yaml
 
 from l4proxy.canary._analysis import (
     Conflict,
+    HeaderMatch,
     Policy,
     PolicyError,
     Rollout,
@@ -470,6 +471,67 @@ def ended_in_first_interval(
         code = _rollout_in(tmp_path, url, "--progress-deadline", "1", *options)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# A rollout ended in its first interval, by strategy: its options, how its
+# last line starts, and what its last --json event says of the strategy
+ENDED_STRATEGIES = {
+    "mirrored": (
+        ("--mirror", "2", "--steps", "50,100"),
+        "  v2 mirror ",
+        lambda last: last.get("mirror") is True,
+    ),
+    "ab": (
+        ("--match", "x-canary=insider"),
+        "  v2 A/B 1/10 ",
+        lambda last: (
+            last["match"] == [HeaderMatch("x-canary", "exact", "insider").to_json()]
+            and "mirror" not in last
+        ),
+    ),
+}
+ENDED_HOW = pytest.mark.parametrize(
+    ("how", "extra", "note"),
+    [("abort", (), "(ended by hand)"), ("sigterm", ("--on-abort", "rollback"), "(interrupted)")],
+    ids=["abort", "interrupted"],
+)
+
+
+@ENDED_HOW
+@pytest.mark.parametrize("strategy", list(ENDED_STRATEGIES))
+def test_a_rollout_ended_in_its_first_interval_shows_that_interval(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    strategy: str,
+    how: str,
+    extra: tuple[str, ...],
+    note: str,
+) -> None:
+    """Mirrored or A/B testing: its last line was "v2   0 %", a weight the
+    rollout never had."""
+    options, prefix, _ = ENDED_STRATEGIES[strategy]
+    code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, *extra)
+    assert code == 1, out
+    last = out.splitlines()[-1]
+    assert last.startswith(prefix) and "fail -> ROLLED BACK" in last, last
+    assert last.endswith(note)
+
+
+@ENDED_HOW
+@pytest.mark.parametrize("strategy", list(ENDED_STRATEGIES))
+def test_a_rollout_ended_in_its_first_interval_says_its_strategy_in_json(
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    strategy: str,
+    how: str,
+    extra: tuple[str, ...],
+    note: str,
+) -> None:
+    options, _, says = ENDED_STRATEGIES[strategy]
+    code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, "--json", *extra)
+    last = json.loads(out.splitlines()[-1])
+    assert (code, last["event"]) == (1, "rolled_back")
+    assert says(last), last
 
 
 def _routes(tmp_path: pathlib.Path) -> list[tuple[str, int]]:

@@ -644,53 +644,12 @@ def test_status_of_a_mirrored_rollout(
 
 
 # -- ended by hand, or interrupted, while mirrored ----------------------------------------------
-def _ended_while_mirrored(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, *extra: str
-) -> tuple[int, str, str]:
-    """A --mirror 2 rollout ended in its first interval."""
-    options = ("--mirror", "2", "--steps", "50,100", *extra)
-    return ended_in_first_interval(tmp_path, capsys, how, *options)
-
-
-@pytest.mark.parametrize(
-    ("how", "extra", "note"),
-    [("abort", (), "(ended by hand)"), ("sigterm", ("--on-abort", "rollback"), "(interrupted)")],
-    ids=["abort", "interrupted"],
-)
-def test_a_mirrored_rollout_ended_by_hand_shows_the_mirror(
-    tmp_path: pathlib.Path,
-    capsys: pytest.CaptureFixture[str],
-    how: str,
-    extra: tuple[str, ...],
-    note: str,
-) -> None:
-    """Its last line was "v2   0 %", a weight the rollout never had."""
-    code, out, _ = _ended_while_mirrored(tmp_path, capsys, how, *extra)
-    assert code == 1, out
-    last = out.splitlines()[-1]
-    assert last.startswith("  v2 mirror ") and "fail -> ROLLED BACK" in last, last
-    assert last.endswith(note)
-
-
-@pytest.mark.parametrize(
-    ("how", "extra"),
-    [("abort", ()), ("sigterm", ("--on-abort", "rollback"))],
-    ids=["abort", "interrupted"],
-)
-def test_a_mirrored_rollout_ended_by_hand_says_mirror_in_json(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], how: str, extra: tuple[str, ...]
-) -> None:
-    code, out, _ = _ended_while_mirrored(tmp_path, capsys, how, "--json", *extra)
-    last = json.loads(out.splitlines()[-1])
-    assert (code, last["event"]) == (1, "rolled_back")
-    assert last.get("mirror") is True
-
-
 def test_a_mirrored_rollout_left_as_it_is_says_the_mirror_stays_on(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Not "v2 keeps 0 %": every request is still sent twice."""
-    code, _, err = _ended_while_mirrored(tmp_path, capsys, "sigterm", "--on-abort", "leave")
+    options = ("--mirror", "2", "--steps", "50,100", "--on-abort", "leave")
+    code, _, err = ended_in_first_interval(tmp_path, capsys, "sigterm", *options)
     assert code == 3
     assert "interrupted; the mirror stays on: every request is still copied to v2" in err
 
