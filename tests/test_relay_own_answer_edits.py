@@ -558,3 +558,72 @@ def test_a_worker_s_destination_with_no_address_gets_the_edited_503(
     with_cors = start + b"x-dest: d\r\n" + cors + b"x-route: r\r\n\r\n" + NO_UPSTREAM.encode()
     without = start + b"x-dest: d\r\nx-route: r\r\n\r\n" + NO_UPSTREAM.encode()
     assert got == [with_cors, without, with_cors]
+
+
+# the gateway's service, whose HTTPRoute (a GAMMA route) gives its one
+# backendRef weight 0, with a response edit of the rule's
+WEIGHTS_ZERO = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: svc}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: svc}
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{name: x-route, value: r}]
+    backendRefs:
+    - {name: svc, port: 8080, weight: 0}
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_worker_s_route_of_weights_zero_answers_the_edited_500(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing serves the rule: each request on a kept connection gets its
+    500 with the rule's response edit (the compiled twin from a cached
+    choice without endpoints, the pure one from the decision), counted as
+    500 under unknown versions; the pod is never asked."""
+    from tests._worker import gateway_service
+
+    _worker_twin(which, monkeypatch)
+    pod = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(pod.endpoint[1]) + WEIGHTS_ZERO)
+    got: list[bytes] = []
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                for _ in range(3):
+                    s.sendall(_get("gw"))
+                    got.append(await loop.run_in_executor(None, _response, s))
+            finally:
+                s.close()
+            assert worker.relay is not None
+            worker.relay.flush_reports(1.0)
+            counted = worker.relay_counters.snapshot()["istio_requests_total"]
+            seen["istio"] = {
+                (d["response_code"], d["destination_version"], d["destination_workload"]): n
+                for labels, n in counted.items()
+                for d in [dict(labels)]
+            }
+
+    try:
+        asyncio.run(main())
+    finally:
+        pod.close()
+    edited = (
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 20\r\n"
+        b"content-type: text/plain\r\nserver: l4proxy\r\nx-route: r\r\n\r\n" + UNRESOLVED.encode()
+    )
+    assert got == [edited] * 3
+    assert seen["istio"] == {("500", "unknown", "unknown"): 3}
+    assert pod.requests == []

@@ -556,6 +556,77 @@ def test_gateway_backend_header_modifiers(tmp_path: Path) -> None:
     ]
 
 
+# a rule with its own and a backendRef's response edits, and its request edit
+UNSERVED_FILTERS = """\
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{name: x-route, value: r}]
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-up, value: "1"}]
+    backendRefs:
+"""
+
+
+def test_gateway_backend_not_resolved_is_edited_by_both_twins_decisions(tmp_path: Path) -> None:
+    """A backendRef to no Service: its share's 500 gets the rule's and its
+    own edits, the same in the pure twin's decision as in the compiled
+    one's choice (the pure one's was unedited)."""
+    table = gateway(
+        tmp_path,
+        UNSERVED_FILTERS
+        + """\
+    - name: nowhere
+      port: 8080
+      filters:
+      - type: ResponseHeaderModifier
+        responseHeaderModifier:
+          add: [{name: x-dest, value: d}]
+    - {name: bootcamp-v1, port: 8080}
+""",
+    )
+    unresolved, _ = choices(table, "/").subsets
+    assert (unresolved.endpoints, unresolved.status) == ((), 500)
+    assert unresolved.edits == HeadEdits(
+        request_set=(("x-up", "1"),),
+        response_set=(("x-route", "r"),),
+        response_add=(("x-dest", "d"),),
+    )
+    svc = table.service(HOST)
+    assert svc is not None
+    request = Request(path="/", authority="bootcamp:8080")
+    decisions = [table.decide(svc, 8080, request) for _ in range(40)]  # (seeded: both drawn)
+    unserved = [(d.status, d.edits) for d in decisions if not d.endpoints]
+    assert 0 < len(unserved) < 40
+    assert set(unserved) == {(500, unresolved.edits)}
+    assert table.decide(svc, 8080, None).edits is None  # (a raw connection: no head)
+
+
+def test_gateway_every_weight_zero_answers_500_with_the_rule_s_edits(tmp_path: Path) -> None:
+    """Every backendRef of weight 0: the 500 of the rule, with its own
+    edits (Envoy finalizes the direct response it is given with the
+    route's), the same for both twins; the compiled relay's choice is one
+    without endpoints, of subset ``none``."""
+    table = gateway(
+        tmp_path,
+        UNSERVED_FILTERS
+        + """\
+    - {name: bootcamp-v1, port: 8080, weight: 0}
+    - {name: bootcamp-v2, port: 8080, weight: 0}
+""",
+    )
+    expected = HeadEdits(request_set=(("x-up", "1"),), response_set=(("x-route", "r"),))
+    rc = choices(table, "/")
+    assert [(ws.subset, ws.endpoints, ws.status, ws.key, ws.edits) for ws in rc.subsets] == [
+        ("none", (), 500, None, expected)
+    ]
+    svc = table.service(HOST)
+    assert svc is not None
+    d = table.decide(svc, 8080, Request(path="/", authority="bootcamp:8080"))
+    assert (d.subset, d.endpoints, d.status, d.edits) == ("none", [], 500, expected)
+
+
 # The API's ReplacePrefixMatch table (HTTPPathModifier)
 PREFIX_TABLE = [
     ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),

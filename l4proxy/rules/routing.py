@@ -1058,6 +1058,20 @@ def with_cors_lines(
     )
 
 
+def _unserved_edits(
+    route: Route, request: Request | None, lines: tuple[tuple[str, str], ...]
+) -> HeadEdits | None:
+    """The edits of the router's answer to a request that *route* has no
+    destination for (every backendRef of weight 0: 500): the route's own
+    header edits and the CORS filter's *lines*, as Envoy finalizes the
+    direct response a Gateway API implementation gives such a route with
+    the route's response header mutations; none for a raw connection,
+    which has no head."""
+    if request is None:
+        return None
+    return with_cors_lines(route.headers, lines)
+
+
 def _answer_with_cors(answer: LocalAnswer, lines: tuple[tuple[str, str], ...]) -> LocalAnswer:
     """A route's own answer (a redirect, a direct response) with the CORS
     filter's *lines*: Envoy's router answers it, and the filter's
@@ -1473,7 +1487,9 @@ class WeightedSubset:
     ``endpoints``: the healthy ones, in table order (all when none is;
     with an outlier detection policy, all below its panic threshold, else
     possibly none). ``key`` names the round-robin counter; None (and no
-    endpoints) when the destination's host is not in the registry.
+    endpoints) when the destination's host is not in the registry, and for
+    the one of subset ``none`` that stands for a route with none (every
+    weight 0), whose requests all get its ``status`` and ``edits``.
     ``status``: the answer when ``endpoints`` is empty: the route's
     ``unresolved_status`` for a destination without endpoints,
     :data:`NO_HEALTHY_STATUS` for one whose endpoints were all ejected.
@@ -2065,11 +2081,17 @@ class RouteTable:
                     status,
                     route.timeout,
                     route.retries,
+                    _unserved_edits(route, request, cors_lines),
                     fault=fault,
                 )
             dest = self._pick(route.destinations)
             target = service if dest.host == service.host else self._services.get(dest.host)
-            if target is None:
+            if target is None:  # (its answer edited as its share's: choices())
+                edits = None
+                if request is not None:
+                    matched = route.matched(port, request, source_labels)
+                    edits = self._edits(route, dest, matched, request.path)
+                    edits = with_cors_lines(edits, cors_lines)
                 return Decision(
                     service,
                     route.name,
@@ -2078,6 +2100,7 @@ class RouteTable:
                     status,
                     route.timeout,
                     route.retries,
+                    edits,
                     fault=fault,
                 )
             tport = self._target_port(target, dest, port, same=target is service)
@@ -2231,6 +2254,20 @@ class RouteTable:
                 route.retries,
                 answer,
                 route.fault,
+            )
+        if not route.destinations:  # every weight 0 (Gateway API): nothing serves it
+            edits = _unserved_edits(route, request, cors_lines)
+            nothing = WeightedSubset(
+                1, service, "none", (), "", None, route.unresolved_status, edits
+            )
+            return RouteChoices(
+                service,
+                route.name,
+                (nothing,),
+                route.unresolved_status,
+                route.timeout,
+                route.retries,
+                fault=route.fault,
             )
         matched = route.matched(port, request, source_labels)
         path = request.path if request is not None else None

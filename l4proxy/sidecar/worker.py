@@ -1132,7 +1132,7 @@ class Worker:
                 tests=shape.tests,
                 fault=_abort_tagged(rc.fault, rc.service.host, rc.route),  # (drawn first)
             )
-        if not rc.subsets:  # every weight 0 (Gateway API), or no route matched (404)
+        if not rc.subsets:  # no route matched (404): nothing to edit
             tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
             body = _local_body(rc.status)
             return Verdict(
@@ -1703,6 +1703,8 @@ def _shape_bits(s: RequestShape) -> _Shape:
 def _subset_tag(
     service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...]
 ) -> _SubsetTag:
+    if subset == "none" and not endpoints:  # a route with no destination (weights 0)
+        return _SubsetTag(service.host, route, subset, "unknown", "unknown")
     version, workload = version_and_workload(service.host, subset, endpoints)
     return _SubsetTag(service.host, route, subset, version, workload)
 
