@@ -521,6 +521,22 @@ def test_a_missing_cookie_is_generated_hashed_and_set(tmp_path: Path) -> None:
     assert len(values) == 20
 
 
+def test_no_cookie_is_set_on_the_503_of_no_endpoint(tmp_path: Path) -> None:
+    """Every pod ejected (an outlier policy: no panic mode): the router's
+    503 sets no cookie, as the compiled relay's, and Envoy's, whose router
+    adds a generated cookie to an upstream's response only."""
+    f = tmp_path / "shop.yaml"
+    policy = shop_rule("consistentHash: {httpCookie: {name: sid, ttl: 1h}}\n")
+    f.write_text(SHOP + "---\n" + policy + "    outlierDetection: {consecutive5xxErrors: 1}\n")
+    table = load_rules([str(f)], seed=7).table
+    svc = table.service(SHOP_HOST)
+    assert svc is not None
+    d = table.decide(svc, 8080, Request(path="/"), healthy=lambda e: False)
+    assert (d.endpoints, d.status, _set_cookie(d.edits)) == ([], 503, [])
+    d = table.decide(svc, 8080, Request(path="/"))  # (the pods back: one is set)
+    assert d.endpoints and len(_set_cookie(d.edits)) == 1
+
+
 def test_a_session_cookie_has_no_max_age(tmp_path: Path) -> None:
     table = shop(tmp_path, "consistentHash: {httpCookie: {name: user, ttl: 0s}}\n")
     svc = table.service(SHOP_HOST)

@@ -2115,7 +2115,9 @@ class RouteTable:
             if request is not None:  # (a raw connection has no head to edit)
                 matched = route.matched(port, request, source_labels)
                 edits = self._edits(route, dest, matched, request.path)
-                edits = _with_cookie(edits, sub.hash_on, made)
+                # (none on the 503 of no endpoint, as the compiled relay and
+                # Envoy, whose router sets it on an upstream's response only)
+                edits = _with_cookie(edits, sub.hash_on, made if ordered else None)
                 edits = with_cors_lines(edits, cors_lines)
             mirrors: tuple[Mirror, ...] = ()
             if request is not None and ordered:  # (none at L4, none on a local answer)
@@ -2139,9 +2141,8 @@ class RouteTable:
         own = self._own(service.host, port)
         hkey, made = self._hash_key(own.load_balancer, own.hash_on, request, source)
         ordered = self._balance(eps, key, own.load_balancer, healthy, active, own.outlier, hkey)
-        return Decision(
-            service, DEFAULT, DEFAULT, ordered, edits=_with_cookie(None, own.hash_on, made)
-        )
+        edits = _with_cookie(None, own.hash_on, made if ordered else None)
+        return Decision(service, DEFAULT, DEFAULT, ordered, edits=edits)
 
     def _hash_key(
         self,
