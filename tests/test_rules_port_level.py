@@ -472,6 +472,32 @@ def test_a_subset_s_error_is_at_its_line(tmp_path: Path) -> None:
     assert (err.file, err.line) == (f, _line(WEB + text, "FASTEST"))
 
 
+@pytest.mark.parametrize(
+    ("policy", "where"),
+    [
+        ("  trafficPolicy: {}\n", "spec.trafficPolicy"),
+        ("  trafficPolicy:\n    loadBalancer: null\n", "spec.trafficPolicy"),
+        (
+            "  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {}\n",
+            "spec.subsets[0].trafficPolicy",
+        ),
+    ],
+    ids=["empty", "only-null", "a-subset-s"],
+)
+def test_a_traffic_policy_that_sets_nothing_is_an_error_at_its_line(
+    tmp_path: Path, policy: str, where: str
+) -> None:
+    """As Istio's validation refuses it ("traffic policy must have at
+    least one field"): it would do nothing, which its author did not mean."""
+    text = DR_HEAD + policy
+    f = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([f])
+    (err,) = info.value.errors
+    assert err.message.startswith(f"{where} sets nothing (give it a loadBalancer"), err.message
+    assert (err.file, err.line) == (f, _line(WEB + text, "trafficPolicy"))
+
+
 def test_a_port_the_service_lacks_is_a_warning_at_its_entry(tmp_path: Path) -> None:
     text = DR_HEAD + PORT_9090.replace("9090", "7070") + "      loadBalancer: {simple: RANDOM}\n"
     f = write(tmp_path, text)

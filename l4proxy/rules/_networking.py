@@ -1190,6 +1190,13 @@ def _traffic_policy(
     )
     if tp is None:
         return None, None, None, None, {}, False
+    if not any(v is not None for v in tp.values()):  # ({}, or only nulls: Istio refuses it)
+        ctx.error(
+            path,
+            f"{dotted(path)} sets nothing (give it a loadBalancer, connectionPool, "
+            "outlierDetection or portLevelSettings, or remove it)",
+        )
+        return None, None, None, None, {}, False
     lb, hash_on, pool, outlier, ok = _policy_components(ctx, tp, path)
     port_level: dict[int, PortPolicyDraft] = {}
     if tp.get("portLevelSettings") is not None:
