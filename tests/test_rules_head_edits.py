@@ -281,6 +281,9 @@ def test_a_direct_response_201_or_3xx_gets_the_requests_url_as_location(
         per_request=True,
     )
     assert answer_of(table, "/gone") == LocalAnswer(410)
+    # a request without a Host (HTTP/1.0): the service's name, as it reached it
+    hostless = answer_of(table, "/old/page", authority="").headers[0]
+    assert hostless == ("location", f"http://{HOST}:8080/old/page")
 
 
 # -- rewrite: the strip of the match that matched --------------------------------
@@ -467,6 +470,9 @@ def test_validate_v_shows_them(tmp_path: Path, capsys: pytest.CaptureFixture[str
         # a uri with its own query and an authority keep nothing of the request
         ("{uri: '/n?x=1', authority: h}", "/a?b", "bootcamp", "http://h/n?x=1", False),
         ("{uri: /n, authority: h}", "/a?b", "bootcamp", "http://h/n?b", True),
+        # a request without a Host (HTTP/1.0): the service's name and port
+        ("{uri: /n}", "/a?b", "", f"http://{HOST}:8080/n?b", True),
+        ("{scheme: https}", "/a", "", f"https://{HOST}:8080/a", True),
     ],
 )
 def test_a_redirect_s_location_is_built_per_request(
@@ -704,6 +710,9 @@ def test_gateway_url_rewrite_full_path(tmp_path: Path) -> None:
             "http://x/new/x?q",
         ),
         ("{path: {type: ReplaceFullPath, replaceFullPath: /n}}", "/old/x?q", "x", "http://x/n?q"),
+        # a request without a Host at a listener, which has no name: relative
+        ("{path: {type: ReplaceFullPath, replaceFullPath: /n}}", "/old/x?q", "", "/n?q"),
+        ("{hostname: h.example}", "/old/a", "", "http://h.example/old/a"),
     ],
 )
 def test_gateway_request_redirect(

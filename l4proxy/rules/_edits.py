@@ -115,15 +115,17 @@ def location(
     the port is *new_port*, else the new scheme's well-known port, else
     *listener_port* (the port the request came to; None: the Host's); none
     is written where it is the scheme's default (80 for http, 443 for
-    https)."""
+    https).
+
+    Without a *host* (a request without Host, whose service has no name
+    to give: a gateway listener's) nor a *new_host*, and where neither the
+    scheme nor the port changes, the location is the new target alone, a
+    relative reference (RFC 9110 10.2.2) the client resolves against the
+    URL it asked for; ``http:///path`` names no host."""
+    if not host and new_host is None and new_scheme in (None, scheme) and new_port is None:
+        return _target_of(target, path, path_rewrite)
     final_scheme = new_scheme or scheme
-    if path is not None:
-        q = target.find("?")
-        new_target = path if "?" in path or q == -1 else path + target[q:]
-    elif path_rewrite is not None:
-        new_target = rewrite_target(target, path_rewrite)
-    else:
-        new_target = target
+    new_target = _target_of(target, path, path_rewrite)
     name, port = _split(host)
     if derive == "gateway":
         if new_port is None:
@@ -142,6 +144,16 @@ def location(
         final_host = host
     suffix = f":{new_port}" if new_port is not None else ""
     return f"{final_scheme}://{final_host}{suffix}{new_target}"
+
+
+def _target_of(target: str, path: str | None, path_rewrite: PathRewrite | None) -> str:
+    """A redirect's new target (:func:`location`'s path rule)."""
+    if path is not None:
+        q = target.find("?")
+        return path if "?" in path or q == -1 else path + target[q:]
+    if path_rewrite is not None:
+        return rewrite_target(target, path_rewrite)
+    return target
 
 
 def _split(host: str) -> tuple[str, int | None]:

@@ -1291,8 +1291,11 @@ class Redirect:
         ``host``), its path or query (no ``path`` with a query of its own)."""
         return self.host is None or self.path is None or "?" not in self.path
 
-    def answer(self, request: Request | None, port: int, match: Match) -> LocalAnswer:
-        """The answer to *request*, sent to *port*, that block *match* took."""
+    def answer(
+        self, request: Request | None, port: int, match: Match, host: str = ""
+    ) -> LocalAnswer:
+        """The answer to *request*, sent to *port*, that block *match* took;
+        *host* stands for the Host of a request without one (HTTP/1.0)."""
         request = request or Request()
         port_redirect = port if self.port_from_request else self.port
         if not self.gateway and port_redirect == DEFAULT_PORTS.get(self.scheme or request.scheme):
@@ -1302,7 +1305,7 @@ class Redirect:
             prefix = UriRewrite("segments", self.prefix).for_match(match)
         where = location(
             target=request.path,
-            host=request.authority,
+            host=request.authority or host,
             scheme=request.scheme,
             new_scheme=self.scheme,
             new_host=self.host,
@@ -2058,7 +2061,7 @@ class RouteTable:
                     fault=fault,
                 )
             cors_lines = cors.response_lines(request) if cors is not None else ()
-            answer = self._answer(route, port, request, source_labels)
+            answer = self._answer(route, service, port, request, source_labels)
             if answer is not None:  # a redirect, a direct response
                 answer = _answer_with_cors(answer, cors_lines)
                 return Decision(
@@ -2243,7 +2246,7 @@ class RouteTable:
                     route.fault,
                 )
         cors_lines = route.cors.response_lines(request) if route.cors is not None else ()
-        answer = self._answer(route, port, request, source_labels)
+        answer = self._answer(route, service, port, request, source_labels)
         if answer is not None:  # a redirect, a direct response
             answer = _answer_with_cors(answer, cors_lines)
             return RouteChoices(
@@ -2372,18 +2375,30 @@ class RouteTable:
 
     @staticmethod
     def _answer(
-        route: Route, port: int, request: Request | None, source: Mapping[str, str]
+        route: Route,
+        service: Service,
+        port: int,
+        request: Request | None,
+        source: Mapping[str, str],
     ) -> LocalAnswer | None:
         """*route*'s own answer to *request* (None: it has destinations).
         A direct response with status 201 or 3xx gets a ``location``, the
         request's own URL, as Envoy's router adds one (RFC 9110 10.2.2):
-        built per request."""
+        built per request. A request without a Host (HTTP/1.0) is taken
+        for one to *service* on *port*, the name it reached (its location
+        was ``http:///path``, which names no host; Istio's Envoy refuses
+        HTTP/1.0 unless told a default host); at a gateway listener, which
+        has no name, its location is relative where it can be
+        (:func:`location`)."""
+        host = service.host if port == 80 else f"{service.host}:{port}"
+        if service.host.startswith("gateway:"):  # (a listener: no name to give)
+            host = ""
         if route.direct is not None:
             d = route.direct
             if request is not None and (d.status == 201 or 300 <= d.status <= 399):
                 where = location(
                     target=request.path,
-                    host=request.authority,
+                    host=request.authority or host,
                     scheme=request.scheme,
                     new_scheme=None,
                     new_host=None,
@@ -2395,7 +2410,8 @@ class RouteTable:
                 )
             return d
         if route.redirect is not None:
-            return route.redirect.answer(request, port, route.matched(port, request, source))
+            match = route.matched(port, request, source)
+            return route.redirect.answer(request, port, match, host)
         return None
 
     @staticmethod
