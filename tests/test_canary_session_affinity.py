@@ -21,7 +21,9 @@ import yaml
 from l4proxy.canary._analysis import (
     COOKIE_LETTERS,
     MAX_COOKIE_NAME,
+    PATH_ONLY,
     Conflict,
+    CookieAttributes,
     Policy,
     Rollout,
     SessionAffinity,
@@ -36,6 +38,7 @@ from l4proxy.canary.command import (
     documents_text,
     route_words,
     save_state,
+    set_cookie,
 )
 from l4proxy.demo.bootcamp import tally
 from l4proxy.rules._regex import compile_regex
@@ -51,6 +54,13 @@ VALUE = "LpsIaLdoNZ"
 A = SessionAffinity("flagger-cookie", VALUE, max_age=21600)
 STICKY = replace(WEIGHTED, affinity=A)  # at 25 %, step 1 of 5,25,100
 PAIR = f"flagger-cookie={VALUE}"
+# every attribute, and the Set-Cookie's tail they make (Flagger's order)
+EVERY = CookieAttributes("/app", "example.com", True, True, "None", True)
+EVERY_TAIL = "Domain=example.com; HttpOnly; Partitioned; Path=/app; SameSite=None; Secure"
+EVERY_OPTIONS = (
+    "--cookie-path /app --cookie-domain example.com --cookie-secure --cookie-http-only "
+    "--cookie-same-site None --cookie-partitioned"
+)
 ADMIN = "127.0.0.1:15000"  # the client pod's sidecar's
 P = Policy(steps=(5, 25, 100), interval=1, threshold=2)
 
@@ -256,6 +266,64 @@ def test_the_primary_value_is_the_rollouts_and_the_steps() -> None:
     assert re.fullmatch(r"[A-Za-z]{10}", a.primary_value(1))
 
 
+# -- the attributes ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("attributes", "tail"),
+    [
+        (PATH_ONLY, "Path=/"),
+        (EVERY, EVERY_TAIL),
+        (CookieAttributes(secure=True), "Path=/; Secure"),
+        (CookieAttributes(http_only=True), "HttpOnly; Path=/"),
+        (CookieAttributes(same_site="Lax"), "Path=/; SameSite=Lax"),
+        (CookieAttributes(same_site="Strict", secure=True), "Path=/; SameSite=Strict; Secure"),
+        (CookieAttributes(partitioned=True, secure=True), "Partitioned; Path=/; Secure"),
+        (
+            CookieAttributes("/a/b%20c", "A-1.Example.com"),
+            "Domain=A-1.Example.com; Path=/a/b%20c",
+        ),
+    ],
+    ids=["default", "every", "secure", "http-only", "lax", "strict", "partitioned", "domain"],
+)
+def test_set_cookie_writes_the_attributes_after_max_age_in_flaggers_order(
+    attributes: CookieAttributes, tail: str
+) -> None:
+    assert set_cookie(PAIR, 60, attributes) == f"{PAIR}; Max-Age=60; {tail}"
+    assert set_cookie(PAIR, 0, attributes) == f"{PAIR}; Max-Age=0; {tail}"
+
+
+def test_both_cookies_and_the_deletion_carry_the_attributes(tmp_path: pathlib.Path) -> None:
+    a = replace(A, primary_cookie="primary-cookie", attributes=EVERY)
+    at25 = replace(STICKY, affinity=a)
+    primary = f"primary-cookie={a.primary_value(1)}"
+    assert _routed(_table(tmp_path, at25)).set_cookie == (
+        ("bootcamp-v1", (f"{primary}; Max-Age=60; {EVERY_TAIL}",)),
+        ("bootcamp-v2", (f"{PAIR}; Max-Age=21600; {EVERY_TAIL}",)),
+    )
+    # the holders still stay (the attributes are the browser's business)
+    assert _routed(_table(tmp_path, at25), PAIR).split == (("bootcamp-v2", 100),)
+    ended = replace(at25, phase="rolled_back", weight=0)
+    assert _routed(_table(tmp_path, ended), f"a=1; {PAIR}").set_cookie == (
+        ("bootcamp-v1", (f"{PAIR}; Max-Age=0; {EVERY_TAIL}",)),
+    )
+
+
+def test_the_previous_cookie_is_deleted_with_the_attributes_it_was_set_with(
+    tmp_path: pathlib.Path,
+) -> None:
+    """This rollout's attributes are others: a deletion with them would
+    name another path and domain, and delete nothing."""
+    a = replace(
+        A, attributes=CookieAttributes(secure=True), previous=OLD, previous_attributes=EVERY
+    )
+    assert _routed(_table(tmp_path, replace(MIRRORED, affinity=a)), OLD).set_cookie == (
+        ("bootcamp-v1", (f"{OLD}; Max-Age=0; {EVERY_TAIL}",)),
+    )
+    ended = replace(MIRRORED, phase="rolled_back", affinity=a)  # ended mirrored: still
+    assert _routed(_table(tmp_path, ended), OLD).set_cookie == (
+        ("bootcamp-v1", (f"{OLD}; Max-Age=0; {EVERY_TAIL}",)),
+    )
+
+
 # -- the regex, as the sidecars run it --------------------------------------------------
 MATCHES = [
     PAIR,
@@ -348,7 +416,11 @@ def test_a_state_from_before_it_loads() -> None:
         ({"cookie": "a b", "value": VALUE}, "cookie 'a b': not a cookie name"),
         ({"cookie": "c; Path=/x", "value": VALUE}, "cookie 'c; Path=/x': not a cookie name"),
         ({"cookie": "x" * 51, "value": VALUE}, "51 characters; at most 50"),
-        ({"cookie": "__Secure-c", "value": VALUE}, "l4proxy writes no Secure attribute"),
+        (
+            {"cookie": "__Secure-c", "value": VALUE},
+            "cookie '__Secure-c': a browser keeps a __Secure- cookie only with Secure: give "
+            "--cookie-secure (or choose a name without that prefix)",
+        ),
         (
             {"cookie": "c", "value": VALUE, "primary_cookie": "p=q"},
             "primary_cookie 'p=q': not a cookie name",
@@ -385,6 +457,130 @@ def test_a_state_from_before_it_loads() -> None:
     ],
 )
 def test_a_bad_state_is_refused(bad: object, why: str) -> None:
+    with pytest.raises(ValueError, match=f"bad state: session_affinity .*{re.escape(why)}"):
+        Rollout.from_json({**STICKY.to_json(), "session_affinity": bad})
+
+
+def test_the_state_keeps_the_attributes() -> None:
+    a = replace(
+        A,
+        cookie="__Host-c",
+        attributes=replace(EVERY, path="/", domain=""),
+        previous=OLD,
+        previous_attributes=EVERY,
+    )
+    data = json.loads(json.dumps(replace(STICKY, affinity=a).to_json()))
+    assert data["session_affinity"]["previous_attributes"] == {
+        "path": "/app",
+        "domain": "example.com",
+        "secure": True,
+        "http_only": True,
+        "same_site": "None",
+        "partitioned": True,
+    }
+    assert Rollout.from_json(data) == replace(STICKY, affinity=a)
+
+
+def test_a_state_from_before_the_attributes_deletes_with_path_only(tmp_path: pathlib.Path) -> None:
+    """Its cookies were set with ``Path=/`` alone: so are their deletions."""
+    for r, held in (
+        (replace(STICKY, phase="rolled_back", weight=0), PAIR),
+        (replace(MIRRORED, affinity=replace(A, previous=OLD)), OLD),
+    ):
+        data = r.to_json()
+        del data["session_affinity"]["attributes"], data["session_affinity"]["previous_attributes"]
+        back = Rollout.from_json(data)
+        assert back == r
+        assert back.affinity is not None and back.affinity.attributes == PATH_ONLY
+        assert back.affinity.previous_attributes == PATH_ONLY
+        assert _routed(_table(tmp_path, back), held).set_cookie == (
+            ("bootcamp-v1", (f"{held}; Max-Age=0; Path=/",)),
+        )
+
+
+def _with(**fields: object) -> dict[str, object]:
+    """A session affinity's state with *fields* (attributes among them)."""
+    return {"cookie": "c", "value": VALUE, **fields}
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (
+            _with(attributes={"path": "/; Domain=evil.example"}),
+            "attributes {'path': '/; Domain=evil.example'}: --cookie-path "
+            "'/; Domain=evil.example': not a cookie path: it starts with /",
+        ),
+        (_with(attributes={"path": "/a\r\nX-Evil: 1"}), "not a cookie path"),
+        (_with(attributes={"path": "/a b"}), "not a cookie path"),
+        (_with(attributes={"path": "app"}), "--cookie-path 'app': not a cookie path"),
+        (_with(attributes={"path": ""}), "--cookie-path '': not a cookie path"),
+        (
+            _with(attributes={"path": "/" + "a" * 1024}),
+            "--cookie-path: 1025 characters; at most 1024",
+        ),
+        (
+            _with(attributes={"domain": "example.com; Secure"}),
+            "--cookie-domain 'example.com; Secure': not a host name",
+        ),
+        (_with(attributes={"domain": "example.com\x00"}), "not a host name"),
+        (_with(attributes={"same_site": "none"}), "--cookie-same-site 'none': not one of"),
+        (
+            _with(attributes={"same_site": "None"}),
+            "--cookie-same-site None needs --cookie-secure",
+        ),
+        (_with(attributes={"partitioned": True}), "--cookie-partitioned needs --cookie-secure"),
+        (_with(attributes={"secure": "true"}), "secure is not true or false"),
+        (_with(attributes={"http_only": 1}), "http_only is not true or false"),
+        (_with(attributes={"path": 7}), "path is not a string"),
+        (_with(attributes={"samesite": "Lax"}), "no attribute 'samesite'"),
+        (_with(attributes="Path=/"), "attributes 'Path=/': not an object"),
+        (_with(attributes=None), "attributes None: not an object"),
+        (
+            _with(cookie="__Host-c", attributes={"secure": True, "path": "/x"}),
+            "cookie '__Host-c': a browser keeps a __Host- cookie only with Secure, Path=/ and "
+            "no Domain: drop --cookie-path /x (or choose a name without that prefix)",
+        ),
+        (
+            _with(primary_cookie="__Secure-p"),
+            "primary_cookie '__Secure-p': a browser keeps a __Secure- cookie only with Secure",
+        ),
+        (
+            _with(previous=f"__Host-c={VALUE}", attributes={"secure": True}),
+            "previous '__Host-c': a browser keeps a __Host- cookie only with Secure, Path=/ "
+            "and no Domain: give --cookie-secure",
+        ),
+        (
+            _with(previous=OLD, previous_attributes={"domain": ".example.com"}),
+            "previous_attributes {'domain': '.example.com'}: --cookie-domain '.example.com': "
+            "not a host name",
+        ),
+    ],
+    ids=[
+        "path-attribute",
+        "path-crlf",
+        "path-space",
+        "path-relative",
+        "path-empty",
+        "path-too-long",
+        "domain-attribute",
+        "domain-nul",
+        "same-site-case",
+        "same-site-none-not-secure",
+        "partitioned-not-secure",
+        "secure-not-bool",
+        "http-only-not-bool",
+        "path-not-text",
+        "unknown",
+        "not-an-object",
+        "null",
+        "host-prefix-path",
+        "secure-prefix-primary",
+        "host-prefix-previous",
+        "previous-attributes",
+    ],
+)
+def test_a_state_with_attributes_a_run_would_refuse_is_refused(bad: object, why: str) -> None:
     with pytest.raises(ValueError, match=f"bad state: session_affinity .*{re.escape(why)}"):
         Rollout.from_json({**STICKY.to_json(), "session_affinity": bad})
 
@@ -442,6 +638,11 @@ def test_a_resume_keeps_the_cookie_and_takes_the_new_ages() -> None:
     assert r.affinity == replace(A, max_age=60, primary_max_age=5)
     # and after an interval it still has it
     assert advance(P, r, check(P, GOOD), 2.0).rollout.affinity == r.affinity
+    # the same attributes: resumed, with them
+    kept = replace(STICKY, affinity=replace(A, attributes=EVERY))
+    assert _resume(kept, replace(DRAWN, attributes=EVERY)).affinity == replace(
+        A, max_age=60, primary_max_age=5, attributes=EVERY
+    )
 
 
 def test_a_new_rollout_takes_the_drawn_value_and_deletes_the_last_ones_cookie() -> None:
@@ -450,6 +651,10 @@ def test_a_new_rollout_takes_the_drawn_value_and_deletes_the_last_ones_cookie() 
     again = _resume(ended, DRAWN, restart=True)
     assert again.affinity == replace(DRAWN, previous=PAIR)
     assert (again.phase, again.weight) == ("progressing", 5)
+    # its cookie is deleted as it was set, whatever the new one's attributes
+    ended = replace(ended, affinity=replace(A, attributes=EVERY))
+    again = _resume(ended, DRAWN, restart=True)
+    assert again.affinity == replace(DRAWN, previous=PAIR, previous_attributes=EVERY)
 
 
 @pytest.mark.parametrize("previous", [OLD, ""], ids=["one-before", "none"])
@@ -458,9 +663,18 @@ def test_after_a_rollout_that_ended_mirrored_the_cookie_before_it_is_still_delet
 ) -> None:
     """It handed none of its own out: the cookie its clients may hold is
     the one it was deleting (or none)."""
-    ended = replace(MIRRORED, phase="rolled_back", affinity=replace(A, previous=previous))
+    ended = replace(
+        MIRRORED,
+        phase="rolled_back",
+        affinity=replace(
+            A,
+            attributes=CookieAttributes(secure=True),
+            previous=previous,
+            previous_attributes=EVERY,
+        ),
+    )
     again = _resume(ended, DRAWN, restart=True)
-    assert again.affinity == replace(DRAWN, previous=previous)
+    assert again.affinity == replace(DRAWN, previous=previous, previous_attributes=EVERY)
 
 
 HELD = (
@@ -483,8 +697,33 @@ HELD = (
         ),
         (A, replace(DRAWN, cookie="other"), HELD),
         (A, replace(DRAWN, primary_cookie="p"), HELD),
+        (A, replace(DRAWN, attributes=CookieAttributes(secure=True)), HELD),
+        (
+            replace(A, primary_cookie="p", attributes=EVERY),
+            replace(DRAWN, primary_cookie="p", attributes=replace(EVERY, path="/")),
+            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
+            f"--session-affinity flagger-cookie --primary-cookie p {EVERY_OPTIONS}, whose "
+            "cookie its clients hold: resume it that way, or end it first (l4proxy canary "
+            "promote|abort bootcamp)",
+        ),
+        (
+            replace(A, attributes=CookieAttributes(domain="example.com")),
+            DRAWN,
+            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
+            "--session-affinity flagger-cookie --cookie-domain example.com, whose cookie its "
+            "clients hold: resume it that way, or end it first (l4proxy canary promote|abort "
+            "bootcamp)",
+        ),
     ],
-    ids=["dropped", "added", "renamed", "primary-added"],
+    ids=[
+        "dropped",
+        "added",
+        "renamed",
+        "primary-added",
+        "attribute-added",
+        "path-changed",
+        "domain-dropped",
+    ],
 )
 def test_a_resume_with_other_cookies_is_refused(
     saved: SessionAffinity | None, given: SessionAffinity | None, message: str
@@ -527,10 +766,59 @@ def test_a_rollout_hands_out_one_cookie_and_deletes_it_at_promotion(
         "primary_cookie": "",
         "primary_max_age": 1,  # the interval, 0.05 s, in whole seconds
         "previous": "",
+        "attributes": PATH_ONLY.to_json(),
+        "previous_attributes": PATH_ONLY.to_json(),
+    }
+    assert PATH_ONLY.to_json() == {
+        "path": "/",
+        "domain": "",
+        "secure": False,
+        "http_only": False,
+        "same_site": "",
+        "partitioned": False,
     }
     doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
     expire = doc["spec"]["rules"][0]["filters"][0]["responseHeaderModifier"]["add"]
     assert expire == [{"name": "Set-Cookie", "value": f"flagger-cookie={value}; Max-Age=0; Path=/"}]
+
+
+def test_prefixed_names_are_taken_with_secure_and_the_deletion_carries_the_attributes(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secure = ["--cookie-secure", "--cookie-http-only", "--cookie-same-site", "None"]
+    args = [*GATEWAY_API, "--session-affinity", "__Host-flagger", *secure, "--cookie-partitioned"]
+    with _sidecar(tmp_path) as admin:
+        code = _canary(
+            tmp_path,
+            *args,
+            "--primary-cookie",
+            "__Secure-p",
+            "--metrics",
+            admin,
+            "--steps",
+            "50,100",
+        )
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, events
+    a = events[0]["session_affinity"]
+    assert (a["cookie"], a["primary_cookie"]) == ("__Host-flagger", "__Secure-p")
+    assert a["attributes"] == {
+        "path": "/",
+        "domain": "",
+        "secure": True,
+        "http_only": True,
+        "same_site": "None",
+        "partitioned": True,
+    }
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    expire = doc["spec"]["rules"][0]["filters"][0]["responseHeaderModifier"]["add"]
+    assert expire == [
+        {
+            "name": "Set-Cookie",
+            "value": f"__Host-flagger={a['value']}; Max-Age=0; HttpOnly; Partitioned; Path=/; "
+            "SameSite=None; Secure",
+        }
+    ]
 
 
 def test_a_resumed_command_keeps_the_cookie(
@@ -559,6 +847,18 @@ def test_status_shows_the_cookie(
     assert json.loads(capsys.readouterr().out)["session_affinity"]["value"] == VALUE
     primary = replace(STICKY, affinity=replace(A, primary_cookie="p"))
     assert route_words(primary).endswith(f", sticky cookie {PAIR}, primary cookie p)")
+    # the attributes, where they are not Path=/ alone; the options of a run ignored
+    save_state(
+        str(tmp_path / ".canary-bootcamp.state.json"),
+        replace(primary, affinity=replace(A, primary_cookie="p", attributes=EVERY)),
+    )
+    status = ["canary", "status", "bootcamp", "--rules", str(tmp_path), "--cookie-path", "x"]
+    assert main(status) == 0
+    assert f", sticky cookie {PAIR}, primary cookie p, set with {EVERY_TAIL})" in (
+        capsys.readouterr().out
+    )
+    assert main([*status, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["session_affinity"]["attributes"] == EVERY.to_json()
 
 
 @pytest.mark.parametrize(
@@ -597,13 +897,13 @@ def test_status_shows_the_cookie(
         ),
         (
             [*GATEWAY_API, "--session-affinity", "__Host-c"],
-            "--session-affinity '__Host-c': l4proxy writes no Secure attribute, and a "
-            "browser drops a __Host- cookie without it: choose a name without that prefix",
+            "--session-affinity '__Host-c': a browser keeps a __Host- cookie only with Secure, "
+            "Path=/ and no Domain: give --cookie-secure (or choose a name without that prefix)",
         ),
         (
             [*STICKY_ARGS, "--primary-cookie", "__secure-p"],
-            "--primary-cookie '__secure-p': l4proxy writes no Secure attribute, and a "
-            "browser drops a __secure- cookie without it",
+            "--primary-cookie '__secure-p': a browser keeps a __secure- cookie only with "
+            "Secure: give --cookie-secure (or choose a name without that prefix)",
         ),
         (
             [*STICKY_ARGS, "--primary-cookie", "flagger-cookie"],
@@ -644,6 +944,158 @@ def test_usage_errors(
     assert not (tmp_path / ".canary-bootcamp.state.json").exists()
 
 
+NOT_A_PATH = (
+    "not a cookie path: it starts with / and holds what a request's path may (letters, "
+    "digits, -._~!$&'()*+,=:@/ and %XX escapes; no ;, space, ? or #), e.g. /app"
+)
+NOT_A_HOST = (
+    "not a host name (labels of letters, digits and -, joined by dots, 253 characters at "
+    "most; no leading dot, port or IP address), e.g. example.com"
+)
+SECURE = "--cookie-secure"
+HOST_NEEDS = "a browser keeps a __Host- cookie only with Secure, Path=/ and no Domain"
+LABEL = "x" * 63
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        *[
+            pytest.param(
+                [*GATEWAY_API, *option],
+                f"{option[0]} goes with --session-affinity COOKIE (the canary's cookie; "
+                "Flagger's sessionAffinity.cookieName)",
+                id=f"{option[0][2:]}-alone",
+            )
+            for option in (
+                ["--cookie-path", "/"],
+                ["--cookie-domain", "example.com"],
+                [SECURE],
+                ["--cookie-http-only"],
+                ["--cookie-same-site", "Lax"],
+                ["--cookie-partitioned"],
+            )
+        ],
+        *[
+            pytest.param(
+                [*STICKY_ARGS, "--cookie-path", path], f"--cookie-path {path!r}: {NOT_A_PATH}", id=i
+            )
+            for path, i in (
+                ("app", "path-relative"),
+                ("", "path-empty"),
+                ("/a;b", "path-semicolon"),
+                ("/a; Domain=evil.example", "path-attribute"),
+                ("/a b", "path-space"),
+                ("/a\tb", "path-tab"),
+                ("/a\x7fb", "path-del"),
+                ("/a?b=1", "path-query"),
+                ("/a#b", "path-fragment"),
+                ('/a"b', "path-quote"),
+                ("/é", "path-not-ascii"),
+                ("/a%2", "path-bad-escape"),
+            )
+        ],
+        pytest.param(
+            [*STICKY_ARGS, "--cookie-path", "/" + "a" * 1024],
+            "--cookie-path: 1025 characters; at most 1024 (RFC 6265bis: a browser ignores a "
+            "longer attribute)",
+            id="path-too-long",
+        ),
+        *[
+            pytest.param(
+                [*STICKY_ARGS, f"--cookie-domain={domain}"],  # -a.example.com too
+                f"--cookie-domain {domain!r}: {NOT_A_HOST}",
+                id=i,
+            )
+            for domain, i in (
+                (".example.com", "domain-leading-dot"),
+                ("example.com.", "domain-trailing-dot"),
+                ("example.com:8080", "domain-port"),
+                ("198.18.0.1", "domain-ip"),
+                ("[::1]", "domain-ipv6"),
+                ("exa_mple.com", "domain-underscore"),
+                ("-a.example.com", "domain-leading-hyphen"),
+                ("a..example.com", "domain-empty-label"),
+                ("example.com;Secure", "domain-attribute"),
+                ("exa mple.com", "domain-space"),
+                ("bücher.example", "domain-not-ascii"),
+                (f"{LABEL}x.com", "domain-label-too-long"),
+                (".".join([LABEL] * 4), "domain-too-long"),  # 255 characters
+            )
+        ],
+        pytest.param(
+            [*STICKY_ARGS, "--cookie-domain", ""],
+            "--cookie-domain '': not a host name, e.g. example.com (without the option the "
+            "cookies go back to the host that answered alone)",
+            id="domain-empty",
+        ),
+        pytest.param(
+            [*STICKY_ARGS, "--cookie-same-site", "None"],
+            "--cookie-same-site None needs --cookie-secure: browsers drop a SameSite=None "
+            "cookie without Secure",
+            id="same-site-none-not-secure",
+        ),
+        pytest.param(
+            [*STICKY_ARGS, "--cookie-partitioned", "--cookie-http-only"],
+            "--cookie-partitioned needs --cookie-secure: browsers drop a Partitioned cookie "
+            "without Secure",
+            id="partitioned-not-secure",
+        ),
+        pytest.param(
+            [*GATEWAY_API, "--session-affinity", "__Secure-c", "--cookie-domain", "example.com"],
+            "--session-affinity '__Secure-c': a browser keeps a __Secure- cookie only with "
+            "Secure: give --cookie-secure (or choose a name without that prefix)",
+            id="secure-prefix-not-secure",
+        ),
+        pytest.param(
+            [*GATEWAY_API, "--session-affinity", "__Host-c", SECURE, "--cookie-path", "/app"],
+            f"--session-affinity '__Host-c': {HOST_NEEDS}: drop --cookie-path /app (or choose "
+            "a name without that prefix)",
+            id="host-prefix-path",
+        ),
+        pytest.param(
+            [*GATEWAY_API, "--session-affinity", "__Host-c", SECURE, "--cookie-domain", "a.b"],
+            f"--session-affinity '__Host-c': {HOST_NEEDS}: drop --cookie-domain (or choose a "
+            "name without that prefix)",
+            id="host-prefix-domain",
+        ),
+        pytest.param(
+            [*GATEWAY_API, "--session-affinity", "__HOST-c", "--cookie-domain", "a.b"],
+            "--session-affinity '__HOST-c': a browser keeps a __HOST- cookie only with Secure, "
+            "Path=/ and no Domain: give --cookie-secure, drop --cookie-domain",
+            id="host-prefix-any-case",
+        ),
+        pytest.param(
+            [*STICKY_ARGS, SECURE, "--cookie-path", "/a", "--primary-cookie", "__Host-p"],
+            f"--primary-cookie '__Host-p': {HOST_NEEDS}: drop --cookie-path /a",
+            id="host-prefix-primary",
+        ),
+    ],
+)
+def test_attribute_usage_errors(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    """Each refused with exit 2, naming the option, before anything is
+    written: nothing can be injected into the Set-Cookie, and no cookie is
+    set that browsers would drop."""
+    with _sidecar(tmp_path) as admin:
+        code = _canary(tmp_path, *extra, "--metrics", admin)
+    assert code == 2
+    assert f"l4proxy canary: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "canary-bootcamp.yaml").exists()
+    assert not (tmp_path / ".canary-bootcamp.state.json").exists()
+
+
+def test_same_site_is_one_of_flaggers_three(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _canary(tmp_path, *STICKY_ARGS, "--cookie-same-site", "lax", "--metrics", ADMIN)
+    assert exc.value.code == 2
+    assert "argument --cookie-same-site: invalid choice: 'lax'" in capsys.readouterr().err
+    assert not (tmp_path / ".canary-bootcamp.state.json").exists()
+
+
 ENDED = "this rollout had ended; --restart starts it again"
 
 
@@ -677,8 +1129,41 @@ ENDED = "this rollout had ended; --restart starts it again"
         ),
         (A, ["--session-affinity", "flagger-cookie", "--cookie-max-age", "21600"], ENDED),
         (None, [], ENDED),
+        (
+            replace(A, attributes=CookieAttributes(secure=True, same_site="Strict")),
+            [
+                "--session-affinity",
+                "flagger-cookie",
+                "--cookie-max-age",
+                "21600",
+                "--cookie-secure",
+            ],
+            f"{ENDED} (it ran with --session-affinity flagger-cookie --cookie-max-age 21600 "
+            "--cookie-secure --cookie-same-site Strict; this command's --session-affinity "
+            "flagger-cookie --cookie-max-age 21600 --cookie-secure were not used)",
+        ),
+        (
+            replace(A, attributes=EVERY),
+            [
+                "--session-affinity",
+                "flagger-cookie",
+                "--cookie-max-age",
+                "21600",
+                *EVERY_OPTIONS.split(),
+            ],
+            ENDED,
+        ),
     ],
-    ids=["renamed", "primary-added", "dropped", "added", "same", "none"],
+    ids=[
+        "renamed",
+        "primary-added",
+        "dropped",
+        "added",
+        "same",
+        "none",
+        "attributes",
+        "same-every",
+    ],
 )
 def test_a_finished_rollout_run_again_names_the_cookie_options_it_did_not_use(
     tmp_path: pathlib.Path,
@@ -698,7 +1183,16 @@ def test_a_finished_rollout_run_again_names_the_cookie_options_it_did_not_use(
     assert (tmp_path / "canary-bootcamp.yaml").read_text() == documents_text(ended)
 
 
-@pytest.mark.parametrize("option", [["--session-affinity", "other"], ["--primary-cookie", "p"]])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--session-affinity", "other"],
+        ["--primary-cookie", "p"],
+        ["--cookie-domain", "example.com", "--cookie-secure", "--cookie-path", "/x"],
+        ["--cookie-same-site", "None", "--cookie-partitioned"],  # a run would refuse them
+    ],
+    ids=["cookie", "primary", "attributes", "refused-attributes"],
+)
 def test_an_abort_with_other_cookie_options_deletes_the_saved_cookie(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], option: list[str]
 ) -> None:
@@ -710,8 +1204,23 @@ def test_an_abort_with_other_cookie_options_deletes_the_saved_cookie(
     save_state(str(tmp_path / ".canary-bootcamp.state.json"), STICKY)
     assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path), *option]) == 1
     text = (tmp_path / "canary-bootcamp.yaml").read_text()
-    assert f"{STICKY.affinity.pair}; Max-Age=0; Path=/" in text  # type: ignore[union-attr]
+    assert f'{STICKY.affinity.pair}; Max-Age=0; Path=/"' in text  # type: ignore[union-attr]
     assert "other=" not in text and "p=" not in text
+
+
+def test_an_abort_deletes_the_cookie_with_the_attributes_it_was_set_with(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    save_state(
+        str(tmp_path / ".canary-bootcamp.state.json"),
+        replace(STICKY, affinity=replace(A, attributes=EVERY)),
+    )
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    expire = doc["spec"]["rules"][0]["filters"][0]["responseHeaderModifier"]["add"]
+    assert expire == [{"name": "Set-Cookie", "value": f"{PAIR}; Max-Age=0; {EVERY_TAIL}"}]
 
 
 def test_an_abort_while_mirrored_deletes_no_cookie_of_its_own(
@@ -738,7 +1247,8 @@ def test_an_abort_while_mirrored_deletes_no_cookie_of_its_own(
 # -- end to end: a real sidecar in namespaces ------------------------------------------
 def _answers(mesh: Mesh, n: int, cookie: str | None = None) -> list[tuple[str, list[str]]]:
     """*n* requests to bootcamp from the client pod (curl, a connection
-    each): (version, its Set-Cookie values) of each answer."""
+    each): (version, its Set-Cookie lines, whole as received but the CRLF)
+    of each answer."""
     extra = ["-i", *(["-H", f"Cookie: {cookie}"] if cookie is not None else [])]
     text = "\n".join(mesh.curl(f"http://{VIP}:8080/", n, extra=extra))
     out = []
@@ -746,17 +1256,46 @@ def _answers(mesh: Mesh, n: int, cookie: str | None = None) -> list[tuple[str, l
         head = answer.split("\n\n", 1)[0].splitlines()
         versions, _ = tally(answer)
         assert sum(versions.values()) == 1, answer
-        cookies = [h.split(":", 1)[1].strip() for h in head if h.lower().startswith("set-cookie:")]
+        cookies = [h for h in head if h.lower().startswith("set-cookie:")]
         out.append((next(iter(versions)), cookies))
     assert len(out) == n, text
     return out
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize(
+    ("options", "name", "primary", "tail"),
+    [
+        (STICKY_ARGS, "flagger-cookie", "", "Path=/"),
+        (
+            [
+                *GATEWAY_API,
+                "--session-affinity",
+                "__Secure-flagger",
+                "--primary-cookie",
+                "__Secure-primary",
+                "--cookie-domain",
+                "bootcamp.example",
+                "--cookie-secure",
+                "--cookie-http-only",
+                "--cookie-same-site",
+                "None",
+                "--cookie-partitioned",
+            ],
+            "__Secure-flagger",
+            "__Secure-primary",
+            "Domain=bootcamp.example; HttpOnly; Partitioned; Path=/; SameSite=None; Secure",
+        ),
+    ],
+    ids=["path-only", "every-attribute"],
+)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(
-    mesh: Mesh, impl: str
+    mesh: Mesh, impl: str, options: list[str], name: str, primary: str, tail: str
 ) -> None:
+    """Each answer's Set-Cookie line as the sidecar sends it, byte for
+    byte: the canary's (and the primary's), and after the rollback the
+    canary's deletion, with the attributes it was set with."""
     mesh.start(impl, *per_version(mesh), run_args=PER_REQUEST)
     assert mesh.client is not None
     # every interval halts (a million requests wanted) and none rolls back
@@ -764,7 +1303,7 @@ def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(
     p = canary(
         mesh,
         "bootcamp",
-        *STICKY_ARGS,
+        *options,
         "--rules",
         mesh.rules_dir,
         "--steps",
@@ -784,14 +1323,24 @@ def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(
         # the first interval's line: the 50 % document went live before it began
         first = json.loads(p.stdout.readline())
         assert (first["weight"], first["check"]["verdict"]) == (50, "halt"), first
-        value = start["session_affinity"]["value"]
-        pair = f"flagger-cookie={value}"
+        a = SessionAffinity.from_json(start["session_affinity"])
+        assert a.cookie == name
+        pair = f"{name}={a.value}"
+        # stable's, with --primary-cookie: this step's value, for an interval (1 s)
+        stable = [f"set-cookie: {primary}={a.primary_value(0)}; Max-Age=1; {tail}"]
 
         fresh = _answers(mesh, 60)
-        # Set-Cookie on exactly the canary's answers (and both answered)
+        # Set-Cookie on exactly the canary's answers, and stable's with
+        # --primary-cookie (and both answered)
         assert {v for v, _ in fresh} == {"v1", "v2"}
         for version, cookies in fresh:
-            expected = [f"{pair}; Max-Age=86400; Path=/"] if version == "v2" else []
+            expected = (
+                [f"set-cookie: {pair}; Max-Age=86400; {tail}"]
+                if version == "v2"
+                else stable
+                if primary
+                else []
+            )
             assert cookies == expected, (version, cookies)
 
         # the cookie holder: every one of 50 requests on the canary (a 50 %
@@ -805,7 +1354,7 @@ def test_a_sidecar_keeps_cookie_holders_on_the_canary_until_the_rollback(
         )
         assert r.returncode == 1, r.stderr
         # rolled back: the holder reaches stable, and each answer deletes the cookie
-        assert _answers(mesh, 20, pair) == [("v1", [f"{pair}; Max-Age=0; Path=/"])] * 20
+        assert _answers(mesh, 20, pair) == [("v1", [f"set-cookie: {pair}; Max-Age=0; {tail}"])] * 20
         assert _answers(mesh, 20) == [("v1", [])] * 20
         code, events, err = finish(p)
         assert code == 1, err

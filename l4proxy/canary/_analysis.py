@@ -70,14 +70,15 @@ progressing rollout is never resumed in the other mode (a
 :attr:`Rollout.affinity` holds the cookie that pins a user to the canary
 once a weighted draw sent them there: its name, its value (drawn by the
 shell at the start, kept across resumes: the clients hold it), its
-max-age, the primary cookie's name and age, and the cookie the rollout
-before may have handed out (deleted while this one is mirrored). A
+max-age, the primary cookie's name and age, the attributes both are set
+with (:class:`CookieAttributes`), and the cookie the rollout before may
+have handed out, with its own (deleted while this one is mirrored). A
 rollout's own cookie is handed out once its canary has a weight, so only
 such a rollout deletes it at its end (:attr:`Rollout.had_weight`). The
 value of the primary cookie is a function of the rollout's and the step
 (:meth:`SessionAffinity.primary_value`). A progressing rollout resumed
-with other cookie names, or with none where it had one, is a
-:class:`Conflict`. What the shell writes for each phase is
+with other cookie names or attributes, or with none where it had one, is
+a :class:`Conflict`. What the shell writes for each phase is
 :func:`l4proxy.canary.command.http_route_document`.
 
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
@@ -91,9 +92,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import shlex
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 Phase = Literal["progressing", "promoted", "rolled_back"]
@@ -380,13 +382,145 @@ COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 MAX_COOKIE_NAME = 50
 
 
+# --cookie-same-site: Flagger's sameSite enum
+SAME_SITE = ("Strict", "Lax", "None")
+# RFC 6265bis: a user agent ignores an attribute value longer than 1024
+# octets (a Domain, a host name, is 253 at most anyway).
+MAX_COOKIE_ATTRIBUTE = 1024
+MAX_COOKIE_DOMAIN = 253
+# A Path is compared with the request's path as the browser sends it
+# (RFC 6265, 5.1.4), which holds RFC 3986's characters alone: a Path with
+# any other (a space, '"', a non-ASCII letter) could never match, and ';'
+# or a CTL would end or break the attribute. Nor '?' or '#', which end a
+# path. It starts with '/' (else the browser takes the default path).
+COOKIE_PATH = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()*+,=:@/]|%[0-9A-Fa-f]{2})*")
+# A host name (RFC 1123 labels joined by dots), its last label not all
+# digits (RFC 3696, 2: no top-level domain is, so no IPv4 address is
+# taken); no leading dot (RFC 6265, 5.2.3, drops it: written without), no
+# port, no trailing dot.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+COOKIE_DOMAIN = re.compile(rf"(?:{_HOST_LABEL}\.)*(?=[A-Za-z0-9-]*[A-Za-z]){_HOST_LABEL}")
+
+
+@dataclass(frozen=True)
+class CookieAttributes:
+    """The attributes a session cookie is set with, after its Max-Age
+    (``--cookie-path`` and the others; Flagger's ``sessionAffinity``
+    fields of the same names), as its ``Set-Cookie`` and its deletion
+    carry them (:meth:`__str__`).
+
+    *path* is ``/`` by default where Flagger writes none: a cookie without
+    a Path takes the directory of the request that set it (RFC 6265,
+    5.1.4), so a user pinned by an answer to ``/api/x`` would be drawn
+    again at ``/``, and a deletion from another directory would miss it.
+    *domain* "" (none) makes a host-only cookie, *same_site* "" writes
+    none (the browser's default). A deletion carries them all: a browser
+    replaces only the cookie of the same name, domain and path (and, for
+    a Partitioned one, partition), and applies to it the rules it applied
+    to the cookie (a ``SameSite=None`` without ``Secure`` dropped, a
+    ``Secure`` cookie not overwritten by one without)."""
+
+    path: str = "/"
+    domain: str = ""
+    secure: bool = False
+    http_only: bool = False
+    same_site: str = ""  # "", or one of SAME_SITE
+    partitioned: bool = False
+
+    def __str__(self) -> str:
+        """As the ``Set-Cookie`` writes them after Max-Age, in Flagger's
+        order: ``Domain=example.com; HttpOnly; Partitioned; Path=/;
+        SameSite=None; Secure`` (``Path=/`` alone by default)."""
+        words = [f"Domain={self.domain}"] if self.domain else []
+        words += ["HttpOnly"] if self.http_only else []
+        words += ["Partitioned"] if self.partitioned else []
+        words.append(f"Path={self.path}")
+        words += [f"SameSite={self.same_site}"] if self.same_site else []
+        words += ["Secure"] if self.secure else []
+        return "; ".join(words)
+
+    def options(self) -> str:
+        """The options that give them, as a command line does ("" by default)."""
+        words = [f"--cookie-path {shlex.quote(self.path)}"] if self.path != "/" else []
+        words += [f"--cookie-domain {self.domain}"] if self.domain else []
+        words += ["--cookie-secure"] if self.secure else []
+        words += ["--cookie-http-only"] if self.http_only else []
+        words += [f"--cookie-same-site {self.same_site}"] if self.same_site else []
+        words += ["--cookie-partitioned"] if self.partitioned else []
+        return " ".join(words)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> CookieAttributes:
+        """As :meth:`to_json` writes them; a field left out is the
+        default's, one unknown refused (a misspelt one would be ignored).
+        Checked by :func:`cookie_attributes_problem` too."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{data!r}: not an object")
+        if unknown := sorted(set(data) - {f.name for f in fields(cls)}):
+            raise ValueError(f"{data!r}: no attribute {unknown[0]!r}")
+        out = cls(**data)
+        for name in ("path", "domain", "same_site"):
+            if not isinstance(getattr(out, name), str):
+                raise ValueError(f"{data!r}: {name} is not a string")
+        for name in ("secure", "http_only", "partitioned"):
+            if not isinstance(getattr(out, name), bool):
+                raise ValueError(f"{data!r}: {name} is not true or false")
+        if why := cookie_attributes_problem(out):
+            raise ValueError(f"{data!r}: {why}")
+        return out
+
+
+# Today's (and a state file's from before the attributes): Path=/ alone.
+PATH_ONLY = CookieAttributes()
+
+
+def cookie_attributes_problem(a: CookieAttributes) -> str:
+    """Why a session cookie cannot be set with *a* ("" it can), naming the
+    options: a value that is not a path or a host name (nothing can be
+    injected into the ``Set-Cookie``: no ``;``, CTL or space), too long,
+    or a combination browsers drop (``SameSite=None`` or ``Partitioned``
+    without ``Secure``). The options and the state are checked alike."""
+    if len(a.path) > MAX_COOKIE_ATTRIBUTE:
+        return (
+            f"--cookie-path: {len(a.path)} characters; at most {MAX_COOKIE_ATTRIBUTE} (RFC "
+            "6265bis: a browser ignores a longer attribute)"
+        )
+    if not COOKIE_PATH.fullmatch(a.path):
+        return (
+            f"--cookie-path {a.path!r}: not a cookie path: it starts with / and holds what a "
+            "request's path may (letters, digits, -._~!$&'()*+,=:@/ and %XX escapes; no ;, "
+            "space, ? or #), e.g. /app"
+        )
+    if a.domain and (len(a.domain) > MAX_COOKIE_DOMAIN or not COOKIE_DOMAIN.fullmatch(a.domain)):
+        return (
+            f"--cookie-domain {a.domain!r}: not a host name (labels of letters, digits and -, "
+            f"joined by dots, {MAX_COOKIE_DOMAIN} characters at most; no leading dot, port or "
+            "IP address), e.g. example.com"
+        )
+    if a.same_site and a.same_site not in SAME_SITE:
+        return f"--cookie-same-site {a.same_site!r}: not one of {', '.join(SAME_SITE)}"
+    if a.same_site == "None" and not a.secure:
+        return (
+            "--cookie-same-site None needs --cookie-secure: browsers drop a SameSite=None "
+            "cookie without Secure"
+        )
+    if a.partitioned and not a.secure:
+        return (
+            "--cookie-partitioned needs --cookie-secure: browsers drop a Partitioned cookie "
+            "without Secure"
+        )
+    return ""
+
+
 def cookie_name_problem(name: str) -> str:
     """Why *name* cannot be a session cookie's name ("" it can): not an
-    RFC 6265 token, too long for the sticky rule's regex, or a
-    ``__Secure-``/``__Host-`` name, which a browser keeps only with the
-    ``Secure`` attribute, which l4proxy does not write (the options and the
-    state are checked alike: a hand-edited state must not write a
-    ``Set-Cookie`` the options would have refused)."""
+    RFC 6265 token, or too long for the sticky rule's regex (and what its
+    prefix needs: :func:`cookie_prefix_problem`). The options and the state
+    are checked alike: a hand-edited state must not write a ``Set-Cookie``
+    the options would have refused."""
     if not COOKIE_NAME.fullmatch(name):
         return (
             "not a cookie name (RFC 6265: letters, digits and !#$%&'*+-.^_`|~; no space, "
@@ -397,12 +531,31 @@ def cookie_name_problem(name: str) -> str:
             f"{len(name)} characters; at most {MAX_COOKIE_NAME} (the sticky rule's regex "
             "holds it, within Envoy's size limit)"
         )
-    if name.lower().startswith(("__secure-", "__host-")):
-        return (
-            f"l4proxy writes no Secure attribute, and a browser drops a "
-            f"{name.split('-', 1)[0]}- cookie without it: choose a name without that prefix"
-        )
     return ""
+
+
+def cookie_prefix_problem(name: str, attributes: CookieAttributes) -> str:
+    """Why a cookie *name* cannot be set with *attributes* ("" it can): a
+    browser keeps a ``__Secure-`` cookie only with ``Secure``, and a
+    ``__Host-`` one only with ``Secure``, ``Path=/`` and no ``Domain``
+    (RFC 6265bis, the prefix in any case); the message says which options
+    to give or drop."""
+    prefix = name.split("-", 1)[0] + "-"
+    fixes = []
+    if prefix.lower() in ("__secure-", "__host-") and not attributes.secure:
+        fixes.append("give --cookie-secure")
+    if prefix.lower() == "__host-":
+        if attributes.path != "/":
+            fixes.append(f"drop --cookie-path {shlex.quote(attributes.path)}")
+        if attributes.domain:
+            fixes.append("drop --cookie-domain")
+    if not fixes:
+        return ""
+    needs = "Secure" if prefix.lower() == "__secure-" else "Secure, Path=/ and no Domain"
+    return (
+        f"a browser keeps a {prefix} cookie only with {needs}: {', '.join(fixes)} (or choose "
+        "a name without that prefix)"
+    )
 
 
 def is_cookie_value(value: object) -> bool:
@@ -438,13 +591,16 @@ class SessionAffinity:
     value of its own at each step (:meth:`primary_value`): a user on stable
     stays there for the rest of a step, then is drawn again at the next
     step's weight, so the canary's share of users grows with the steps.
+    Both are set with *attributes* (``--cookie-path`` and the others).
     *previous* (``NAME=VALUE``; "" none) is the cookie that clients of the
     rollout of SERVICE before this one may hold (its own, or, where its
     canary never had a weight, the one it was deleting), expired while
     this one hands out none yet (its mirrored intervals: Flagger's
-    ``previousSessionAffinityCookie``). :meth:`from_json` checks each as
-    the options are checked: a hand-edited state cannot write a broken
-    ``Set-Cookie``."""
+    ``previousSessionAffinityCookie``), with the attributes it was set
+    with, *previous_attributes* (a deletion must name its path and
+    domain). :meth:`from_json` checks each as the options are checked: a
+    hand-edited state cannot write a broken ``Set-Cookie``; a state from
+    before the attributes has today's, ``Path=/`` alone."""
 
     cookie: str
     value: str
@@ -452,6 +608,8 @@ class SessionAffinity:
     primary_cookie: str = ""
     primary_max_age: int = 60
     previous: str = ""
+    attributes: CookieAttributes = PATH_ONLY
+    previous_attributes: CookieAttributes = PATH_ONLY
 
     @property
     def pair(self) -> str:
@@ -471,9 +629,12 @@ class SessionAffinity:
             :COOKIE_VALUE_LENGTH
         ]
 
-    def names(self) -> tuple[str, str]:
-        """What a resume must give again: (cookie, primary cookie)."""
-        return self.cookie, self.primary_cookie
+    def identity(self) -> tuple[str, str, CookieAttributes]:
+        """What a resume must give again: (cookie, primary cookie,
+        attributes). A browser tells cookies apart by name, domain and
+        path: under another Path or Domain the clients would hold two
+        cookies of the name, and the rollout's end delete one."""
+        return self.cookie, self.primary_cookie, self.attributes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -482,6 +643,13 @@ class SessionAffinity:
     def from_json(cls, data: Any) -> SessionAffinity:
         if not isinstance(data, dict):
             raise ValueError(f"session_affinity {data!r}: not an object")
+
+        def attributes(key: str) -> CookieAttributes:
+            try:  # left out: a state from before them (Path=/ alone)
+                return CookieAttributes.from_json(data.get(key, {}))
+            except ValueError as exc:
+                raise ValueError(f"session_affinity {data!r}: {key} {exc}") from None
+
         try:
             out = cls(
                 cookie=data["cookie"],
@@ -490,6 +658,8 @@ class SessionAffinity:
                 primary_cookie=data.get("primary_cookie", ""),
                 primary_max_age=data.get("primary_max_age", 60),
                 previous=data.get("previous", ""),
+                attributes=attributes("attributes"),
+                previous_attributes=attributes("previous_attributes"),
             )
         except KeyError as exc:
             raise ValueError(f"session_affinity {data!r}: no {exc}") from None
@@ -507,7 +677,7 @@ class SessionAffinity:
             cookie = getattr(out, name)
             if name == "primary_cookie" and not cookie:
                 continue  # none
-            if why := cookie_name_problem(cookie):
+            if why := cookie_name_problem(cookie) or cookie_prefix_problem(cookie, out.attributes):
                 raise ValueError(f"session_affinity {data!r}: {name} {cookie!r}: {why}")
         if out.primary_cookie == out.cookie:
             raise ValueError(f"session_affinity {data!r}: primary_cookie is cookie's name")
@@ -523,6 +693,8 @@ class SessionAffinity:
                     f"session_affinity {data!r}: previous {out.previous!r} is not "
                     f"NAME=VALUE (a cookie name, {COOKIE_VALUE_LENGTH} letters)"
                 )
+            if why := cookie_prefix_problem(name, out.previous_attributes):
+                raise ValueError(f"session_affinity {data!r}: previous {name!r}: {why}")
         return out
 
 
@@ -530,9 +702,10 @@ def affinity_words(a: SessionAffinity | None) -> str:
     """The options that made *a*, for a :class:`Conflict`."""
     if a is None:
         return "without --session-affinity"
-    return f"with --session-affinity {a.cookie}" + (
+    words = f"with --session-affinity {a.cookie}" + (
         f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else ""
     )
+    return f"{words} {a.attributes.options()}".rstrip()
 
 
 def mode_of(gateway: GatewayRoute | None) -> str:
@@ -693,13 +866,15 @@ def resume(
       rollout of the other mode is another rollout.
     * *affinity* (``--session-affinity``, its value freshly drawn): a new
       rollout takes it, with the cookie that clients of the one before may
-      hold as its :attr:`SessionAffinity.previous`: *saved*'s own if its
-      canary ever had a weight (:attr:`Rollout.had_weight`), else the one
-      *saved* was deleting (it handed none out); a progressing
-      one keeps its own value (the clients hold it) and takes the new max
-      ages, but another cookie name, or none where it had one (or the other
-      way round), is a :class:`Conflict`: its cookie holders would lose
-      their version, or the judged share would change kind mid-analysis.
+      hold as its :attr:`SessionAffinity.previous`, with the attributes it
+      was set with: *saved*'s own if its canary ever had a weight
+      (:attr:`Rollout.had_weight`), else the one *saved* was deleting (it
+      handed none out); a progressing one keeps its own value (the clients
+      hold it) and takes the new max ages, but another cookie name or
+      other attributes, or none where it had one (or the other way round),
+      is a :class:`Conflict`: its cookie holders would lose their version
+      (or hold two cookies of the name), or the judged share would change
+      kind mid-analysis.
     """
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and same and saved.phase == "progressing":
@@ -724,8 +899,8 @@ def resume(
                 f"{_where(saved)} with {given}: resume it with those, or end it first "
                 f"(l4proxy canary promote|abort {saved.service}) to route it otherwise"
             )
-        had = None if saved.affinity is None else saved.affinity.names()
-        if had != (None if affinity is None else affinity.names()):
+        had = None if saved.affinity is None else saved.affinity.identity()
+        if had != (None if affinity is None else affinity.identity()):
             # its cookie holders would lose their version, or the canary's
             # share would change kind mid-analysis
             held = (
@@ -794,10 +969,15 @@ def resume(
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     stages = policy.stages
     if affinity is not None and saved is not None and saved.affinity is not None:
-        # the cookie its clients may hold: its own if it ever had a weight,
-        # else the one it was deleting (it handed none out)
-        held = saved.affinity.pair if saved.had_weight else saved.affinity.previous
-        affinity = replace(affinity, previous=held)
+        # the cookie its clients may hold, as it was set: its own if it
+        # ever had a weight, else the one it was deleting (it handed none out)
+        a = saved.affinity
+        if saved.had_weight:
+            affinity = replace(affinity, previous=a.pair, previous_attributes=a.attributes)
+        else:
+            affinity = replace(
+                affinity, previous=a.previous, previous_attributes=a.previous_attributes
+            )
     r = Rollout(
         service,
         stable,

@@ -41,9 +41,11 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   cookie, :func:`set_cookie`), and a rule before the weighted one matches
   a ``Cookie`` header holding it (:func:`cookie_regex`) and sends the
   request to the canary: a user drawn to the canary once stays there.
-  ``--primary-cookie`` does the same for stable, a value per step. Once
+  ``--primary-cookie`` does the same for stable, a value per step; both
+  with the attributes ``--cookie-path`` and the others give. Once
   the rollout ends the rule routes its holders as every request goes and
-  its answers delete the cookie (:func:`expired_cookie`); mirrored, no
+  its answers delete the cookie (:func:`expired_cookie`, with the
+  attributes it was set with); mirrored, no
   cookie is handed out and the last rollout's is deleted, which a rollout
   that ends mirrored goes on doing (it handed none of its own out). The
   value is drawn here (``secrets``) and kept in the state
@@ -102,8 +104,11 @@ from typing import Any, Protocol, TextIO
 import yaml
 
 from l4proxy.canary._analysis import (
+    PATH_ONLY,
+    SAME_SITE,
     Check,
     Conflict,
+    CookieAttributes,
     Event,
     GatewayRoute,
     HeaderMatch,
@@ -114,7 +119,9 @@ from l4proxy.canary._analysis import (
     SessionAffinity,
     advance,
     check,
+    cookie_attributes_problem,
     cookie_name_problem,
+    cookie_prefix_problem,
     mirrored_stages,
     new_cookie_value,
     p99_limit,
@@ -229,8 +236,14 @@ to the canary. Rolled back or promoted, that rule routes as every request goes a
 deletes the cookie (Max-Age=0); a mirrored interval hands none out, and deletes
 the last rollout's, as a rollout that ended mirrored goes on doing. --primary-cookie
 NAME: stable's answers set NAME (a value per step, Max-Age the interval) and its
-holders stay on stable until the next step. status, promote and abort ignore them
-(they act on the saved rollout and the cookie it was started with).
+holders stay on stable until the next step. The attributes (Flagger's): --cookie-path
+(/), --cookie-domain, --cookie-secure, --cookie-http-only, --cookie-same-site and
+--cookie-partitioned, for both cookies and their deletions, e.g. 'Set-Cookie:
+COOKIE=VALUE; Max-Age=86400; Domain=example.com; Path=/; SameSite=None; Secure'.
+SameSite=None, Partitioned, and a __Secure- or __Host- name need --cookie-secure
+(a __Host- name also Path=/ and no Domain): browsers drop such cookies without it.
+status, promote and abort ignore these options (they act on the saved rollout and
+the cookie it was started with).
 
 exit status:
   0  promoted (100 % to the canary)
@@ -377,6 +390,46 @@ def add_parser(sub: Any) -> None:
         "step, Max-Age one interval: Flagger's primaryCookieName), so a user does not "
         "switch versions within a step",
     )
+    p.add_argument(
+        "--cookie-path",
+        metavar="PATH",
+        help="--session-affinity: the cookies' Path (/; Flagger's sessionAffinity.path, "
+        "which it leaves out by default: a cookie without a Path is sent only below the "
+        "directory of the request whose answer set it, so a user pinned by an answer to "
+        "/api/x would lose it, and be drawn again, at /)",
+    )
+    p.add_argument(
+        "--cookie-domain",
+        metavar="HOST",
+        help="--session-affinity: the cookies' Domain: sent to HOST and its subdomains "
+        "(Flagger's domain; not given: to the answering host alone)",
+    )
+    p.add_argument(
+        "--cookie-secure",
+        action="store_true",
+        help="--session-affinity: the cookies are Secure, sent over https alone (Flagger's "
+        "secure); needed by --cookie-same-site None, --cookie-partitioned, and a "
+        "__Secure- or __Host- cookie name",
+    )
+    p.add_argument(
+        "--cookie-http-only",
+        action="store_true",
+        help="--session-affinity: the cookies are HttpOnly, hidden from the page's "
+        "JavaScript (Flagger's httpOnly)",
+    )
+    p.add_argument(
+        "--cookie-same-site",
+        choices=SAME_SITE,
+        help="--session-affinity: the cookies' SameSite (Flagger's sameSite): Strict, no "
+        "cross-site request sends them; Lax, a top-level navigation does; None, every one "
+        "does (with --cookie-secure). Not given: none written, the browser's default",
+    )
+    p.add_argument(
+        "--cookie-partitioned",
+        action="store_true",
+        help="--session-affinity: the cookies are Partitioned, kept apart for each top-level "
+        "site that embeds the service (CHIPS; with --cookie-secure; Flagger's partitioned)",
+    )
     p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
     p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
@@ -488,26 +541,42 @@ MAX_COOKIE_MAX_AGE = 400 * 86400
 def affinity_options(
     args: argparse.Namespace, gateway_api: bool, policy: Policy, value: str
 ) -> SessionAffinity | None:
-    """``--session-affinity``, ``--cookie-max-age`` and ``--primary-cookie``
-    checked, as the rollout would take them with the cookie value *value*
-    (drawn by the caller); None without them.
+    """``--session-affinity``, ``--cookie-max-age``, ``--primary-cookie``
+    and the cookie attributes (``--cookie-path`` ...) checked, as the
+    rollout would take them with the cookie value *value* (drawn by the
+    caller); None without them.
 
     Refused: without ``--gateway-api`` (a RouteRule cannot set a response
     header, which is how a client gets the cookie), with ``--match`` (A/B
     testing routes by a header already: the requests it matches all go to
     the canary, which is what a cookie would pin; Flagger's sticky canary is
-    for weighted steps), a name that is not a cookie name (an RFC 6265
-    token) or is too long for the sticky rule's regex, a ``__Secure-`` or
-    ``__Host-`` name (a browser drops such a cookie without ``Secure``,
-    which l4proxy does not write: :func:`set_cookie`), the two names
-    alike, a max-age outside 1..400 days, and the other two options
-    alone."""
+    for weighted steps), attributes that are not a path or a host name, or
+    that browsers drop (:func:`~l4proxy.canary._analysis.cookie_attributes_problem`),
+    a name that is not a cookie name (an RFC 6265 token), is too long for
+    the sticky rule's regex, or is a ``__Secure-`` or ``__Host-`` name
+    without the attributes its prefix needs, the two names alike, a
+    max-age outside 1..400 days, and the other options alone."""
     cookie: str | None = getattr(args, "session_affinity", None)
     max_age: int | None = getattr(args, "cookie_max_age", None)
     primary: str | None = getattr(args, "primary_cookie", None)
+    path: str | None = getattr(args, "cookie_path", None)
+    domain: str | None = getattr(args, "cookie_domain", None)
+    same_site: str | None = getattr(args, "cookie_same_site", None)
+    secure = bool(getattr(args, "cookie_secure", False))
+    http_only = bool(getattr(args, "cookie_http_only", False))
+    partitioned = bool(getattr(args, "cookie_partitioned", False))
     if cookie is None:
-        for flag, given in (("--cookie-max-age", max_age), ("--primary-cookie", primary)):
-            if given is not None:
+        for flag, given in (
+            ("--cookie-max-age", max_age is not None),
+            ("--primary-cookie", primary is not None),
+            ("--cookie-path", path is not None),
+            ("--cookie-domain", domain is not None),
+            ("--cookie-secure", secure),
+            ("--cookie-http-only", http_only),
+            ("--cookie-same-site", same_site is not None),
+            ("--cookie-partitioned", partitioned),
+        ):
+            if given:
                 raise CanaryError(
                     f"{flag} goes with --session-affinity COOKIE (the canary's cookie; "
                     "Flagger's sessionAffinity.cookieName)"
@@ -526,8 +595,25 @@ def affinity_options(
             "the canary already (a cookie too: --match 'cookie~...'), and no weight draws "
             "a user there to be pinned; session affinity goes with weighted steps"
         )
+    if domain == "":
+        raise CanaryError(
+            "--cookie-domain '': not a host name, e.g. example.com (without the option the "
+            "cookies go back to the host that answered alone)"
+        )
+    attributes = CookieAttributes(
+        "/" if path is None else path,
+        domain or "",
+        secure,
+        http_only,
+        same_site or "",
+        partitioned,
+    )
+    if why := cookie_attributes_problem(attributes):
+        raise CanaryError(why)
     for flag, name in (("--session-affinity", cookie), ("--primary-cookie", primary)):
-        if name is not None and (why := cookie_name_problem(name)):
+        if name is None:
+            continue
+        if why := cookie_name_problem(name) or cookie_prefix_problem(name, attributes):
             raise CanaryError(f"{flag} {name!r}: {why}")
     if primary is not None and primary == cookie:
         raise CanaryError(
@@ -547,13 +633,15 @@ def affinity_options(
         # Flagger's: the interval (whole seconds, at least 1: a Max-Age of 0
         # would delete it at once)
         max(1, math.ceil(policy.interval)),
+        attributes=attributes,
     )
 
 
 def cookie_options_words(a: SessionAffinity) -> str:
     """The cookie options that made *a*, as a command line gives them."""
     words = f"--session-affinity {a.cookie} --cookie-max-age {a.max_age}"
-    return words + (f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else "")
+    words += f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else ""
+    return f"{words} {a.attributes.options()}".rstrip()
 
 
 def ended_note(saved: SessionAffinity | None, given: SessionAffinity | None) -> str:
@@ -564,8 +652,8 @@ def ended_note(saved: SessionAffinity | None, given: SessionAffinity | None) -> 
     made them), both: the given ones were not used."""
     note = "this rollout had ended; --restart starts it again"
 
-    def options(a: SessionAffinity | None) -> tuple[str, int, str] | None:
-        return None if a is None else (a.cookie, a.max_age, a.primary_cookie)
+    def options(a: SessionAffinity | None) -> tuple[str, int, str, CookieAttributes] | None:
+        return None if a is None else (a.cookie, a.max_age, a.primary_cookie, a.attributes)
 
     if options(saved) == options(given):
         return note
@@ -706,7 +794,8 @@ def http_route_document(r: Rollout) -> str:
     cookie of this step, and the weighted rule's backendRefs each add their
     ``Set-Cookie`` to their answers (Flagger's layout). Ended, or mirrored
     with a cookie of the rollout before: a rule matching that cookie with
-    the weighted rule's backends (and mirror), whose answers delete it."""
+    the weighted rule's backends (and mirror), whose answers delete it
+    (with the attributes it was set with)."""
     g = r.gateway
     assert g is not None
     phase = "mirrored" if r.mirrored else "A/B testing" if r.ab_testing else r.phase
@@ -743,6 +832,7 @@ def http_route_document(r: Rollout) -> str:
         )
     weighted = ref(r.stable, 100 - r.weight) + ref(r.canary, r.weight)
     a = r.affinity
+    expired, expired_attributes = expired_cookie(r)
     if a is not None and r.phase == "progressing" and r.weight > 0:
         # sticky: the cookie holders first (a header match outranks the
         # weighted rule, and the canary's cookie the primary's), then the
@@ -754,9 +844,11 @@ def http_route_document(r: Rollout) -> str:
             rules += header_rule(
                 "Cookie", "RegularExpression", cookie_regex(primary), ref(r.stable, 1)
             )
-        weighted = ref(r.stable, 100 - r.weight, set_cookie(primary, a.primary_max_age))
-        weighted += ref(r.canary, r.weight, set_cookie(a.pair, a.max_age))
-    elif a is not None and (expired := expired_cookie(r)):
+        weighted = ref(
+            r.stable, 100 - r.weight, set_cookie(primary, a.primary_max_age, a.attributes)
+        )
+        weighted += ref(r.canary, r.weight, set_cookie(a.pair, a.max_age, a.attributes))
+    elif expired:
         # the cookie of a rollout that ended (or, mirrored, of the one
         # before): routed as every other request, and deleted
         rules += header_rule(
@@ -764,7 +856,7 @@ def http_route_document(r: Rollout) -> str:
             "RegularExpression",
             cookie_regex(expired),
             weighted,
-            _set_cookie_filter(set_cookie(expired, 0), "    ") + mirror,
+            _set_cookie_filter(set_cookie(expired, 0, expired_attributes), "    ") + mirror,
         )
     rules += f"  - backendRefs:\n{weighted}"
     if mirror:
@@ -799,26 +891,29 @@ def cookie_regex(pair: str) -> str:
     return rf"(?:.*;[ \t]*)?{literal(name)}={literal(value)}[ \t]*(?:;.*)?"
 
 
-def set_cookie(pair: str, max_age: int) -> str:
+def set_cookie(pair: str, max_age: int, attributes: CookieAttributes = PATH_ONLY) -> str:
     """A ``Set-Cookie`` value for *pair* (``NAME=VALUE``; "": none) that
-    lives *max_age* seconds (0: expires it now).
+    lives *max_age* seconds (0: expires it now), with *attributes* after
+    the Max-Age, in Flagger's order (:class:`CookieAttributes`; by default
+    ``Path=/`` alone).
 
     ``Max-Age=0`` deletes it, where Flagger writes ``-1``: RFC 6265
     (5.2.2) has a user agent expire a cookie whose Max-Age is zero or less,
     so both work, and 0 is what servers write for it (Go's net/http, which
-    Flagger uses, writes ``Max-Age=0`` for a negative MaxAge).
+    Flagger uses, writes ``Max-Age=0`` for a negative MaxAge). A deletion
+    carries the attributes the cookie was set with, where Flagger's carries
+    none: a browser deletes only the cookie of the same name, domain and
+    path (and partition), and takes the deletion by the rules it took the
+    cookie by (a ``SameSite=None`` without ``Secure`` is dropped), so
+    Flagger's, in an answer to ``/api/x``, names the path ``/api`` and no
+    domain, and misses a cookie set with ``Path=/`` or a ``Domain``.
 
-    ``Path=/`` always. Flagger writes a Path only where its
-    ``sessionAffinity.path`` is set (like ``domain``, ``httpOnly``,
-    ``sameSite``, ``secure`` and ``partitioned``, optional and unset by
-    default), so its default cookie has none, and a cookie without one
-    takes the directory of the request that set it (RFC 6265, 5.1.4): one
-    set by an answer to ``/api/x`` would not be sent to ``/`` (that user
-    would be drawn again there), and a deletion from another directory
-    would delete nothing. No other attribute is written: no ``Secure``,
-    so a ``__Secure-`` or ``__Host-`` name is refused
-    (:func:`~l4proxy.canary._analysis.cookie_name_problem`)."""
-    return f"{pair}; Max-Age={max_age}; Path=/" if pair else ""
+    A Path is always written, ``/`` by default, where Flagger writes one
+    only when its ``sessionAffinity.path`` is set: a cookie without one
+    takes the directory of the request that set it (RFC 6265, 5.1.4), so
+    one set by an answer to ``/api/x`` would not be sent to ``/`` (that
+    user would be drawn again there)."""
+    return f"{pair}; Max-Age={max_age}; {attributes}" if pair else ""
 
 
 def _set_cookie_filter(value: str, indent: str) -> str:
@@ -832,23 +927,26 @@ def _set_cookie_filter(value: str, indent: str) -> str:
     )
 
 
-def expired_cookie(r: Rollout) -> str:
+def expired_cookie(r: Rollout) -> tuple[str, CookieAttributes]:
     """The cookie (``NAME=VALUE``) that *r*'s HTTPRoute deletes, of those
-    a client may hold: once the rollout ended (rolled back or promoted),
-    its own, whose holders then go where everyone goes (stable; after a
-    promotion the canary, which is now every user's version, so the cookie
-    says nothing any more); while mirrored, that of the rollout before it
-    (its holders go to stable as everyone does, and no cookie of this one
-    is handed out yet). A rollout that ended before its canary had a
-    weight (:attr:`Rollout.had_weight`: rolled back or promoted during its
+    a client may hold, and the attributes it was set with: once the
+    rollout ended (rolled back or promoted), its own, whose holders then
+    go where everyone goes (stable; after a promotion the canary, which
+    is now every user's version, so the cookie says nothing any more);
+    while mirrored, that of the rollout before it (its holders go to
+    stable as everyone does, and no cookie of this one is handed out
+    yet). A rollout that ended before its canary had a weight
+    (:attr:`Rollout.had_weight`: rolled back or promoted during its
     mirrored intervals) handed out no cookie of its own: it goes on
     deleting the one before; "" none."""
     a = r.affinity
     if a is None:
-        return ""
-    if r.phase != "progressing":
-        return a.pair if r.had_weight else a.previous
-    return a.previous if r.mirrored else ""
+        return "", PATH_ONLY
+    if r.phase != "progressing" and r.had_weight:
+        return a.pair, a.attributes
+    if r.phase != "progressing" or r.mirrored:
+        return a.previous, a.previous_attributes
+    return "", PATH_ONLY
 
 
 def route_rule_document(r: Rollout) -> str:
@@ -1976,7 +2074,8 @@ def route_words(r: Rollout) -> str:
     `` (HTTPRoute canary-bootcamp, port 8080, gateways gw)``, and with
     session affinity its cookies (``, sticky cookie c=LpsIaLdoNZ``, the
     value a tester can send to reach the canary; ``, primary cookie p``,
-    whose value changes each step); else ""."""
+    whose value changes each step; ``, set with Path=/app; Secure``, their
+    attributes where they are not ``Path=/`` alone); else ""."""
     if r.gateway is None:
         return ""
     g = r.gateway
@@ -1986,6 +2085,8 @@ def route_words(r: Rollout) -> str:
         sticky = f", sticky cookie {r.affinity.pair}"
         if r.affinity.primary_cookie:
             sticky += f", primary cookie {r.affinity.primary_cookie}"
+        if r.affinity.attributes != PATH_ONLY:
+            sticky += f", set with {r.affinity.attributes}"
     return (
         f" (HTTPRoute {rule_name(r.service)}, port {g.port}"
         f"{gateways if g.gateways else ''}{sticky})"
