@@ -31,9 +31,11 @@ from l4proxy.canary._analysis import (
     run_table,
 )
 from l4proxy.canary._metrics import (
+    MIRROR_DROPPED,
     CounterWindow,
     MetricsError,
     copies_missing,
+    dropped_query,
     promql,
     read_sidecar,
     totals_of,
@@ -454,6 +456,54 @@ def test_the_mirrored_queries_in_a_real_promql_engine(
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs Prometheus' promtool")
+def test_the_copies_dropped_are_those_of_the_sidecars_that_route_the_service(
+    tmp_path: pathlib.Path,
+) -> None:
+    """promtool evaluates dropped_query: the increase of
+    l4proxy_http_mirror_dropped_total (no labels of its own) summed over
+    the scrape targets that report requests to bootcamp (a: 4 x 2, b: 4 x
+    5), not over one that routes another service (c: 4 x 100)."""
+    import subprocess
+
+    def target(instance: str) -> str:
+        return f'instance="{instance}:15090",job="pods"'
+
+    lab = 'reporter="source",destination_service_name="%s",destination_version="v1"'
+    series = []
+    for instance, service, dropped in (
+        ("a", "bootcamp", 2),
+        ("b", "bootcamp", 5),
+        ("c", "shop", 100),
+    ):
+        t = target(instance)
+        series.append({"series": f"{MIRROR_DROPPED}{{{t}}}", "values": f"0+{dropped}x8"})
+        requests = f'istio_requests_total{{{t},{lab % service},response_code="200"}}'
+        series.append({"series": requests, "values": "0+10x8"})
+    doc = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": dropped_query("bootcamp", 60),
+                        "eval_time": "2m",
+                        "exp_samples": [{"labels": "{}", "value": 4 * (2 + 5)}],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "dropped.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_no_copies_in_prometheus_while_stable_had_traffic_is_the_family_missing() -> None:
     assert "no l4proxy_mirror_requests_total of bootcamp v2" in copies_missing(
         None, 250.0, 10, "bootcamp", "v2"
@@ -503,14 +553,16 @@ def test_json_check_events_say_mirror() -> None:
 def test_a_mirrored_rollout_with_prometheus(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """One mirrored interval, judged on both families; then 50 % and 100 %."""
+    """One mirrored interval, judged on both families, the copies the
+    sidecars that route bootcamp dropped shown beside it; then 50 % and
+    100 %."""
     docs: list[str] = []
     queries: list[str] = []
 
     def answer(n: int, path: str, query: str) -> str:
         queries.append(query)
         docs.append((tmp_path / "canary-bootcamp.yaml").read_text())
-        return _healthy(query)
+        return "3" if MIRROR_DROPPED in query else _healthy(query)
 
     with _fake_prometheus(answer) as url:
         code = _rollout_in(
@@ -518,9 +570,12 @@ def test_a_mirrored_rollout_with_prometheus(
         )
     captured = capsys.readouterr()
     assert code == 0, captured
-    mirrored = [q for q in queries if "l4proxy_mirror_" in q]
-    assert len(mirrored) == 4 and queries[:4] == mirrored  # the first interval's, and only
-    assert "mirror:" in docs[0] and all("mirror:" not in d for d in docs[4:])
+    mirrored = [q for q in queries if "l4proxy_mirror_" in q or MIRROR_DROPPED in q]
+    assert len(mirrored) == 5 and queries[:5] == mirrored  # the first interval's, and only
+    assert queries[4] == dropped_query("bootcamp", 0.05)
+    assert "mirror:" in docs[0] and all("mirror:" not in d for d in docs[5:])
+    (line,) = [x for x in captured.out.splitlines() if "copies" in x]
+    assert "  3 dropped (all mirrors)  pass -> 50 %" in line
     assert "pass -> 50 %" in captured.out
     assert _routes(tmp_path) == [("v2", 100)]
 

@@ -524,6 +524,21 @@ def marks_query(service: str | tuple[str, ...], reporter: str = "source") -> str
     return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
 
 
+def dropped_query(service: str | tuple[str, ...], interval: float, reporter: str = "source") -> str:
+    """The copies dropped (:data:`MIRROR_DROPPED`, of every mirror: it has
+    no labels) in the window, summed over the scrape targets that report
+    requests to SERVICE (:func:`marks_query`'s: the sidecars whose traffic
+    is mirrored), as the sidecars' own counters are with ``--metrics``."""
+    names = (service,) if isinstance(service, str) else service
+    if len(names) == 1:
+        sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(names[0])}"'
+    else:
+        alts = "|".join(re.escape(n) for n in names)
+        sel = f'reporter="{_q(reporter)}",destination_service_name=~"{_q(alts)}"'
+    window = f"[{range_of(interval)}]"
+    return f"sum(increase({MIRROR_DROPPED}{window}) and on (job, instance) {REQUESTS}{{{sel}}})"
+
+
 def targets_query(targets: Iterable[str]) -> str:
     """``up`` and the rules marks of these targets (keys of :func:`marks_of`),
     whatever they report: where a target that :func:`marks_query` no longer

@@ -140,6 +140,7 @@ from l4proxy.canary._metrics import (
     MetricsError,
     Series,
     copies_missing,
+    dropped_query,
     http_get,
     marks_of,
     marks_query,
@@ -1838,7 +1839,8 @@ class PrometheusMetrics:
         """The canary's requests in the window that ends now; *mirrored_from*
         (stable, at a mirrored interval): its answers to the copies too, and
         no copies' series at all while stable had traffic is an error
-        (:func:`~l4proxy.canary._metrics.copies_missing`)."""
+        (:func:`~l4proxy.canary._metrics.copies_missing`); the copies
+        dropped go with it (:func:`~l4proxy.canary._metrics.dropped_query`)."""
         # The queries cover the window that ends now: after a change, not
         # before it is live (the loop has slept an interval since: this
         # waits only for what it has not)
@@ -1862,7 +1864,14 @@ class PrometheusMetrics:
             why = copies_missing(answers["copies"], stable, self.min_requests, service, label)
             if why:
                 raise MetricsError(why)
-        return sample_from_prometheus(answers)
+        sample = sample_from_prometheus(answers)
+        if not mirrored:
+            return sample
+        # the copies the mirroring sidecars dropped, as --metrics shows them
+        # (none scraped, an older sidecar: not shown)
+        services = dict.fromkeys([self.service, *(s for s, _ in self.targets.values())])
+        url = query_url(self.base, dropped_query(tuple(services), interval, self.reporter))
+        return replace(sample, copies_dropped=parse_query_response(url, self.get(url)))
 
     def wait_live(self, before: dict[str, RulesMark | None], timeout: float) -> None:
         """Until every target of *before* serves the rules as they are now
