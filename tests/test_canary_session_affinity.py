@@ -29,6 +29,7 @@ from l4proxy.canary._analysis import (
     SessionAffinity,
     advance,
     check,
+    cookie_prefix_problem,
     new_cookie_value,
     resume,
 )
@@ -278,8 +279,8 @@ def test_the_primary_value_is_the_rollouts_and_the_steps() -> None:
         (CookieAttributes(same_site="Strict", secure=True), "Path=/; SameSite=Strict; Secure"),
         (CookieAttributes(partitioned=True, secure=True), "Partitioned; Path=/; Secure"),
         (
-            CookieAttributes("/a/b%20c", "A-1.Example.com"),
-            "Domain=A-1.Example.com; Path=/a/b%20c",
+            CookieAttributes("/a/b-c", "A-1.Example.com"),
+            "Domain=A-1.Example.com; Path=/a/b-c",
         ),
     ],
     ids=["default", "every", "secure", "http-only", "lax", "strict", "partitioned", "domain"],
@@ -377,7 +378,7 @@ def test_flaggers_regex_takes_the_near_misses() -> None:
     ]
 
 
-@pytest.mark.parametrize("name", ["a.b", "a+b", "!#$%&'*+-.^_`|~", "x" * MAX_COOKIE_NAME])
+@pytest.mark.parametrize("name", ["a.b", "a+b", "!#$&'*+-.^_`|~", "x" * MAX_COOKIE_NAME])
 def test_punctuation_in_a_name_is_itself(name: str) -> None:
     pattern = compile_regex(cookie_regex(f"{name}={VALUE}"))  # within Envoy's size limit
     assert pattern.fullmatch(f"a=1; {name}={VALUE}") is not None
@@ -677,42 +678,59 @@ def test_after_a_rollout_that_ended_mirrored_the_cookie_before_it_is_still_delet
     assert again.affinity == replace(DRAWN, previous=previous, previous_attributes=EVERY)
 
 
-HELD = (
-    "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
-    "--session-affinity flagger-cookie, whose cookie its clients hold: resume it that way, "
-    "or end it first (l4proxy canary promote|abort bootcamp)"
-)
+AT = "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % "
+END = "resume it with the rollout's, or end it first (l4proxy canary promote|abort bootcamp)"
+
+
+def held(given: str) -> str:
+    """The conflict of a resume of A's rollout with the options *given*."""
+    return (
+        f"{AT}with --session-affinity flagger-cookie, whose cookie its clients hold; this "
+        f"command gives {given}: {END}"
+    )
 
 
 @pytest.mark.parametrize(
     ("saved", "given", "message"),
     [
-        (A, None, HELD),
+        (A, None, held("no --session-affinity")),
         (
             None,
             DRAWN,
-            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % without "
-            "--session-affinity: resume it that way, or end it first (l4proxy canary "
-            "promote|abort bootcamp) to start one with session affinity",
+            f"{AT}without --session-affinity; this command gives --session-affinity "
+            f"flagger-cookie: {END} to start one with session affinity",
         ),
-        (A, replace(DRAWN, cookie="other"), HELD),
-        (A, replace(DRAWN, primary_cookie="p"), HELD),
-        (A, replace(DRAWN, attributes=CookieAttributes(secure=True)), HELD),
+        (A, replace(DRAWN, cookie="other"), held("--session-affinity other")),
+        (
+            A,
+            replace(DRAWN, primary_cookie="p"),
+            held("--session-affinity flagger-cookie --primary-cookie p"),
+        ),
+        (
+            A,
+            replace(DRAWN, attributes=CookieAttributes(secure=True)),
+            held("--session-affinity flagger-cookie --cookie-secure"),
+        ),
         (
             replace(A, primary_cookie="p", attributes=EVERY),
             replace(DRAWN, primary_cookie="p", attributes=replace(EVERY, path="/")),
-            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
-            f"--session-affinity flagger-cookie --primary-cookie p {EVERY_OPTIONS}, whose "
-            "cookie its clients hold: resume it that way, or end it first (l4proxy canary "
-            "promote|abort bootcamp)",
+            f"{AT}with --session-affinity flagger-cookie --primary-cookie p {EVERY_OPTIONS}, "
+            "whose cookie its clients hold; this command gives --session-affinity "
+            f"flagger-cookie --primary-cookie p {EVERY_OPTIONS.removeprefix('--cookie-path /app ')}"
+            f": {END}",
         ),
         (
             replace(A, attributes=CookieAttributes(domain="example.com")),
             DRAWN,
-            "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is at 25 % with "
-            "--session-affinity flagger-cookie --cookie-domain example.com, whose cookie its "
-            "clients hold: resume it that way, or end it first (l4proxy canary promote|abort "
-            "bootcamp)",
+            f"{AT}with --session-affinity flagger-cookie --cookie-domain example.com, whose "
+            f"cookie its clients hold; this command gives --session-affinity flagger-cookie: "
+            f"{END}",
+        ),
+        (
+            replace(A, cookie="a`id`b"),
+            DRAWN,
+            f"{AT}with --session-affinity 'a`id`b', whose cookie its clients hold; this "
+            f"command gives --session-affinity flagger-cookie: {END}",
         ),
     ],
     ids=[
@@ -723,6 +741,7 @@ HELD = (
         "attribute-added",
         "path-changed",
         "domain-dropped",
+        "a-name-a-shell-reads",
     ],
 )
 def test_a_resume_with_other_cookies_is_refused(
@@ -739,8 +758,8 @@ def test_a_mirrored_rollout_resumed_with_other_cookies_says_no_client_holds_one(
         _resume(MIRRORED, None)
     assert str(exc.value) == (
         "the rollout of bootcamp from bootcamp-v1 to bootcamp-v2 is mirrored with "
-        "--session-affinity flagger-cookie: resume it that way, or end it first "
-        "(l4proxy canary promote|abort bootcamp)"
+        "--session-affinity flagger-cookie; this command gives no --session-affinity: "
+        f"{END}"
     )
 
 
@@ -821,6 +840,38 @@ def test_prefixed_names_are_taken_with_secure_and_the_deletion_carries_the_attri
     ]
 
 
+@pytest.mark.parametrize("name", ["__Host", "__secure", "__Hosted-c"])
+def test_a_name_without_a_prefix_s_hyphen_needs_nothing(name: str) -> None:
+    """A browser's prefixes are ``__Secure-`` and ``__Host-`` with their
+    hyphen: ``__Host`` alone is a name as any other."""
+    assert cookie_prefix_problem(name, CookieAttributes(path="/x", domain="a.example")) == ""
+
+
+def test_a_domain_is_taken_as_a_browser_takes_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A leading dot dropped (RFC 6265, 5.2.3; old Flagger configurations
+    write one) and any case the same name: written lowercase, so that a
+    resume in another case is no conflict."""
+    with _sidecar(tmp_path) as admin:
+        code = _canary(
+            tmp_path,
+            *STICKY_ARGS,
+            "--cookie-domain",
+            ".Example.COM",
+            "--metrics",
+            admin,
+            "--steps",
+            "50,100",
+        )
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, events
+    assert events[0]["session_affinity"]["attributes"]["domain"] == "example.com"
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    expire = doc["spec"]["rules"][0]["filters"][0]["responseHeaderModifier"]["add"]
+    assert expire[0]["value"].endswith("; Max-Age=0; Domain=example.com; Path=/")
+
+
 def test_a_resumed_command_keeps_the_cookie(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -889,6 +940,13 @@ def test_status_shows_the_cookie(
             "--session-affinity 'a;b': not a cookie name",
         ),
         ([*GATEWAY_API, "--session-affinity", ""], "--session-affinity '': not a cookie name"),
+        (
+            # (a token, but Envoy-based gateways would write the pod's name)
+            [*GATEWAY_API, "--session-affinity", "%HOSTNAME%"],
+            "--session-affinity '%HOSTNAME%': not a cookie name (RFC 6265: letters, digits and "
+            "!#$&'*+-.^_`|~; no space, nor any of ()<>@,;:\\\"/[]?={}, nor %, which "
+            "Envoy-based gateways read as a formatter's)",
+        ),
         ([*STICKY_ARGS, "--primary-cookie", "é"], "--primary-cookie 'é': not a cookie name"),
         (
             [*GATEWAY_API, "--session-affinity", "x" * (MAX_COOKIE_NAME + 1)],
@@ -924,6 +982,7 @@ def test_status_shows_the_cookie(
         "equals",
         "semicolon",
         "empty",
+        "percent",
         "not-ascii",
         "too-long",
         "host-prefix",
@@ -946,7 +1005,8 @@ def test_usage_errors(
 
 NOT_A_PATH = (
     "not a cookie path: it starts with / and holds what a request's path may (letters, "
-    "digits, -._~!$&'()*+,=:@/ and %XX escapes; no ;, space, ? or #), e.g. /app"
+    "digits and -._~!$&'()*+,=:@/; no ;, space, ? or #, nor a %XX escape: Envoy-based "
+    "gateways read % as a formatter's), e.g. /app"
 )
 NOT_A_HOST = (
     "not a host name (labels of letters, digits and -, joined by dots, 253 characters at "
@@ -993,6 +1053,7 @@ LABEL = "x" * 63
                 ('/a"b', "path-quote"),
                 ("/é", "path-not-ascii"),
                 ("/a%2", "path-bad-escape"),
+                ("/a%2Fb", "path-escape"),  # (Envoy would read %2Fb% as a formatter)
             )
         ],
         pytest.param(
@@ -1008,7 +1069,6 @@ LABEL = "x" * 63
                 id=i,
             )
             for domain, i in (
-                (".example.com", "domain-leading-dot"),
                 ("example.com.", "domain-trailing-dot"),
                 ("example.com:8080", "domain-port"),
                 ("198.18.0.1", "domain-ip"),

@@ -374,8 +374,12 @@ class GatewayRoute:
 COOKIE_LETTERS = string.ascii_letters
 COOKIE_VALUE_LENGTH = 10
 # RFC 6265 (4.1.1): a cookie-name is an RFC 2616 token: visible ASCII but
-# the separators ()<>@,;:\"/[]?={} (and no space or tab)
-COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# the separators ()<>@,;:\"/[]?={} (and no space or tab); less '%', which
+# Envoy-based implementations of the Gateway API (Istio's, Envoy Gateway's)
+# read in a header value as a formatter's (%HOSTNAME% is the pod's name, a
+# lone % refuses the route configuration): the Set-Cookie would not be the
+# one written
+COOKIE_NAME = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")
 # The sticky rule's regex (cookie_regex) grows by a character of program per
 # character of the name: with 50 it stays within Envoy's limit of 100
 # (l4proxy.rules._regex.MAX_PROGRAM_SIZE), so the rule loads in Istio too.
@@ -392,8 +396,9 @@ MAX_COOKIE_DOMAIN = 253
 # (RFC 6265, 5.1.4), which holds RFC 3986's characters alone: a Path with
 # any other (a space, '"', a non-ASCII letter) could never match, and ';'
 # or a CTL would end or break the attribute. Nor '?' or '#', which end a
-# path. It starts with '/' (else the browser takes the default path).
-COOKIE_PATH = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()*+,=:@/]|%[0-9A-Fa-f]{2})*")
+# path. It starts with '/' (else the browser takes the default path). No
+# %XX escape either: see COOKIE_NAME.
+COOKIE_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 # A host name (RFC 1123 labels joined by dots), its last label not all
 # digits (RFC 3696, 2: no top-level domain is, so no IPv4 address is
 # taken); no leading dot (RFC 6265, 5.2.3, drops it: written without), no
@@ -442,6 +447,7 @@ class CookieAttributes:
     def options(self) -> str:
         """The options that give them, as a command line does ("" by default)."""
         words = [f"--cookie-path {shlex.quote(self.path)}"] if self.path != "/" else []
+        # (a host name, a choice: nothing a shell reads otherwise)
         words += [f"--cookie-domain {self.domain}"] if self.domain else []
         words += ["--cookie-secure"] if self.secure else []
         words += ["--cookie-http-only"] if self.http_only else []
@@ -491,8 +497,8 @@ def cookie_attributes_problem(a: CookieAttributes) -> str:
     if not COOKIE_PATH.fullmatch(a.path):
         return (
             f"--cookie-path {a.path!r}: not a cookie path: it starts with / and holds what a "
-            "request's path may (letters, digits, -._~!$&'()*+,=:@/ and %XX escapes; no ;, "
-            "space, ? or #), e.g. /app"
+            "request's path may (letters, digits and -._~!$&'()*+,=:@/; no ;, space, ? or "
+            "#, nor a %XX escape: Envoy-based gateways read % as a formatter's), e.g. /app"
         )
     if a.domain and (len(a.domain) > MAX_COOKIE_DOMAIN or not COOKIE_DOMAIN.fullmatch(a.domain)):
         return (
@@ -523,8 +529,9 @@ def cookie_name_problem(name: str) -> str:
     the options would have refused."""
     if not COOKIE_NAME.fullmatch(name):
         return (
-            "not a cookie name (RFC 6265: letters, digits and !#$%&'*+-.^_`|~; no space, "
-            'nor any of ()<>@,;:\\"/[]?={}), e.g. flagger-cookie'
+            "not a cookie name (RFC 6265: letters, digits and !#$&'*+-.^_`|~; no space, "
+            'nor any of ()<>@,;:\\"/[]?={}, nor %, which Envoy-based gateways read as a '
+            "formatter's), e.g. flagger-cookie"
         )
     if len(name) > MAX_COOKIE_NAME:
         return (
@@ -540,9 +547,10 @@ def cookie_prefix_problem(name: str, attributes: CookieAttributes) -> str:
     ``__Host-`` one only with ``Secure``, ``Path=/`` and no ``Domain``
     (RFC 6265bis, the prefix in any case); the message says which options
     to give or drop."""
-    prefix = name.split("-", 1)[0] + "-"
+    low = name.lower()
+    prefix = next((name[: len(p)] for p in ("__secure-", "__host-") if low.startswith(p)), "")
     fixes = []
-    if prefix.lower() in ("__secure-", "__host-") and not attributes.secure:
+    if prefix and not attributes.secure:
         fixes.append("give --cookie-secure")
     if prefix.lower() == "__host-":
         if attributes.path != "/":
@@ -702,8 +710,8 @@ def affinity_words(a: SessionAffinity | None) -> str:
     """The options that made *a*, for a :class:`Conflict`."""
     if a is None:
         return "without --session-affinity"
-    words = f"with --session-affinity {a.cookie}" + (
-        f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else ""
+    words = f"with --session-affinity {shlex.quote(a.cookie)}" + (
+        f" --primary-cookie {shlex.quote(a.primary_cookie)}" if a.primary_cookie else ""
     )
     return f"{words} {a.attributes.options()}".rstrip()
 
@@ -909,10 +917,16 @@ def resume(
                 else ""
             )
             why = " to start one with session affinity" if saved.affinity is None else ""
+            given = (
+                "no --session-affinity"
+                if affinity is None
+                else affinity_words(affinity).removeprefix("with ")
+            )
             raise Conflict(
                 f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
-                f"{_where(saved)} {affinity_words(saved.affinity)}{held}: resume it that "
-                f"way, or end it first (l4proxy canary promote|abort {saved.service}){why}"
+                f"{_where(saved)} {affinity_words(saved.affinity)}{held}; this command "
+                f"gives {given}: resume it with the rollout's, or end it first "
+                f"(l4proxy canary promote|abort {saved.service}){why}"
             )
         if saved.affinity is not None and affinity is not None:
             # the value stays (the clients hold it); the ages are the options'

@@ -92,6 +92,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import signal
 import sys
 import tempfile
@@ -603,7 +604,8 @@ def affinity_options(
         )
     attributes = CookieAttributes(
         "/" if path is None else path,
-        domain or "",
+        # as a browser takes it (RFC 6265, 5.2.3): a leading dot dropped
+        (domain or "").removeprefix("."),
         secure,
         http_only,
         same_site or "",
@@ -611,6 +613,8 @@ def affinity_options(
     )
     if why := cookie_attributes_problem(attributes):
         raise CanaryError(why)
+    # (any case, the same name: a resume in another case is no conflict)
+    attributes = replace(attributes, domain=attributes.domain.lower())
     for flag, name in (("--session-affinity", cookie), ("--primary-cookie", primary)):
         if name is None:
             continue
@@ -640,8 +644,8 @@ def affinity_options(
 
 def cookie_options_words(a: SessionAffinity) -> str:
     """The cookie options that made *a*, as a command line gives them."""
-    words = f"--session-affinity {a.cookie} --cookie-max-age {a.max_age}"
-    words += f" --primary-cookie {a.primary_cookie}" if a.primary_cookie else ""
+    words = f"--session-affinity {shlex.quote(a.cookie)} --cookie-max-age {a.max_age}"
+    words += f" --primary-cookie {shlex.quote(a.primary_cookie)}" if a.primary_cookie else ""
     return f"{words} {a.attributes.options()}".rstrip()
 
 
