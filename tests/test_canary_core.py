@@ -508,12 +508,13 @@ def test_a_rollout_ended_in_its_first_interval_shows_that_interval(
     note: str,
 ) -> None:
     """Mirrored or A/B testing: its last line was "v2   0 %", a weight the
-    rollout never had."""
+    rollout never had; and it was "fail ->", for an interval never judged."""
     options, prefix, _ = ENDED_STRATEGIES[strategy]
     code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, *extra)
     assert code == 1, out
     last = out.splitlines()[-1]
-    assert last.startswith(prefix) and "fail -> ROLLED BACK" in last, last
+    assert last.startswith(prefix) and "  -> ROLLED BACK: 100 % to v1; " in last, last
+    assert "fail" not in last
     assert last.endswith(note)
 
 
@@ -556,7 +557,11 @@ def test_an_abort_during_a_metrics_read_is_not_overwritten(
         code = _rollout_in(tmp_path, url, "--steps", "25,50,100")
     out = capsys.readouterr().out
     assert code == 1, out  # rolled back: the abort stands
-    assert "ended by hand" in out
+    # (the interval at 50 % was never judged: neither pass nor fail)
+    assert out.splitlines()[-1].endswith(
+        "  -> ROLLED BACK: 100 % to v1; aborted by hand (ended by hand)"
+    )
+    assert "fail" not in out.splitlines()[-1]
     assert _routes(tmp_path) == [("v1", 100)]
 
 

@@ -2056,10 +2056,14 @@ class Display:
 
     def verdict(self, ev: Event) -> str:
         r, c = ev.rollout, ev.check
+        # (an end without a check, by hand, interrupted or run again, judged
+        # no interval: neither pass nor fail)
         if ev.kind == "promoted":
-            return f"pass -> PROMOTED: {r.canary} takes 100 % of {r.service}"
+            judged = "pass " if c is not None else ""
+            return f"{judged}-> PROMOTED: {r.canary} takes 100 % of {r.service}"
         if ev.kind == "rolled_back":
-            return f"fail -> ROLLED BACK: 100 % to {r.stable}; {r.reason}"
+            judged = "fail " if c is not None else ""
+            return f"{judged}-> ROLLED BACK: 100 % to {r.stable}; {r.reason}"
         if c is None:
             return r.phase
         if c.verdict == "halt":
