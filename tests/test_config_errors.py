@@ -1440,6 +1440,22 @@ def test_a_named_pipe_in_a_rules_directory_is_refused_without_waiting(tmp_path: 
     ]
 
 
+def test_a_dangling_symlink_says_where_it_points(tmp_path: Path) -> None:
+    """A link whose target is gone (a ConfigMap's ..data swapped under a
+    reader, a link made by hand to a moved file) is unreadable, and the
+    error says so, not that the name it has is missing."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shutil.copy(REGISTRY, rules)
+    (rules / "routes.yaml").symlink_to("..data/routes.yaml")
+    with pytest.raises(ConfigUnreadable) as info:
+        load_rules([str(rules)])
+    assert [str(e) for e in info.value.errors] == [
+        f"{rules / 'routes.yaml'}: cannot read: a symbolic link to ..data/routes.yaml, which "
+        "does not exist"
+    ]
+
+
 def test_a_named_pipe_named_on_its_own_is_read(tmp_path: Path) -> None:
     """``l4proxy validate <(kubectl get ... -o yaml)``: a path given by name
     is read as it is, pipe or not."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import resource
 import shutil
@@ -403,6 +404,27 @@ def test_a_loader_bug_is_a_rejected_rule_set_not_the_workers_end(
     assert st.last_error == "internal error while loading the rules: KeyError: 'spec'"
     monkeypatch.setattr(rulewatch, "load_rules", real)
     assert watcher.load_now() and watcher.state.last_error is None
+
+
+def test_a_rejection_says_which_generation_it_keeps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first load that fails keeps nothing ("none loaded yet", where it
+    said "keeping generation 0"); after a good one, that one."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("kind: RouteRule\nspec: [unclosed\n")
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    with caplog.at_level(logging.ERROR, logger=rulewatch.log.name):
+        assert not watcher.load_now()
+        rules.write_text(big_rules(1))
+        assert watcher.load_now()
+        rules.write_text("kind: RouteRule\nspec: [unclosed\n")
+        assert not watcher.load_now()
+    rejected = [r.getMessage() for r in caplog.records if "rules rejected" in r.getMessage()]
+    assert [m.split(":", 1)[0] for m in rejected] == [
+        "rules rejected, none loaded yet",
+        "rules rejected, keeping generation 1",
+    ]
 
 
 def test_a_publish_hook_that_fails_keeps_neither_the_others_nor_the_swap_from_happening(

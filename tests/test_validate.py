@@ -324,3 +324,67 @@ def test_console_entry_point(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "1 document: 1 ServiceEntry"
+
+
+def test_errors_come_in_the_order_of_their_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checks find a document's errors in their own order (a field's
+    type, then the route's matches, then its regexes): printed in the
+    order of the lines, each file's, the files as given."""
+    vs = tmp_path / "vs.yaml"
+    vs.write_text(
+        textwrap.dedent(
+            """\
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: vs}
+            spec:
+              hosts: [bootcamp]
+              http:
+              - match:
+                - headers:
+                    X-Tester: {exact: a}
+                  uri: {}
+                timeout: 5
+                route:
+                - destination: {host: bootcamp}
+              - match:
+                - uri: {regex: '([a-'}
+                route:
+                - destination: {host: bootcamp}
+            """
+        )
+    )
+    code, _, err = validate(capsys, str(vs), REGISTRY)
+    assert code == 1, err
+    lines = [int(x.split(":")[1]) for x in err.splitlines() if x.startswith(str(vs))]
+    assert lines == sorted(lines) and len(lines) == 4, err
+
+
+def test_verbose_names_what_a_rules_directory_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only its *.yaml, *.yml and *.json files are read: -v says so of
+    every other name (a sub-directory, a README), dotfiles and a
+    ConfigMap's ..data left out; without -v nothing is said."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "registry.yaml").write_text(Path(REGISTRY).read_text())
+    (rules / "README.md").write_text("# notes\n")
+    (rules / "old.yaml.bak").write_text("kind: RouteRule\n")
+    (rules / "more").mkdir()
+    (rules / "more.yaml").mkdir()
+    (rules / "..data").mkdir()
+    (rules / ".hidden.yaml").write_text("")
+    code, _, err = validate(capsys, "-v", str(rules))
+    assert code == 0, err
+    skipped = sorted(line for line in err.splitlines() if "skipped" in line)
+    assert skipped == [
+        f"{rules / 'README.md'}: note: skipped (only *.yaml, *.yml and *.json files are read)",
+        f"{rules / 'more.yaml'}: note: directory skipped (sub-directories are not read)",
+        f"{rules / 'more'}: note: directory skipped (sub-directories are not read)",
+        f"{rules / 'old.yaml.bak'}: note: skipped (only *.yaml, *.yml and *.json files are read)",
+    ]
+    code, _, err = validate(capsys, str(rules))
+    assert code == 0 and "skipped" not in err

@@ -91,13 +91,20 @@ def rule_files(paths: Sequence[str], report: Report) -> tuple[list[str], list[Di
                 if name.startswith("."):
                     continue  # ConfigMap internals (..data, ..2024_...) and dotfiles
                 full = os.path.join(path, name)
-                if not name.endswith(RULE_SUFFIXES):
-                    continue
                 if os.path.isdir(full):
                     report.add(
                         Diagnostic(
                             file=full,
                             message="directory skipped (sub-directories are not read)",
+                            severity="note",
+                        )
+                    )
+                    continue
+                if not name.endswith(RULE_SUFFIXES):
+                    report.add(
+                        Diagnostic(
+                            file=full,
+                            message="skipped (only *.yaml, *.yml and *.json files are read)",
                             severity="note",
                         )
                     )

@@ -32,6 +32,7 @@ reading it must be cheap to refuse when hostile:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -125,7 +126,12 @@ def read_file(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES, regular_only: bo
     except IsADirectoryError as exc:
         raise Unreadable("is a directory") from exc
     except OSError as exc:
-        raise Unreadable(exc.strerror or str(exc)) from exc
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileNotFoundError):
+            # (a dangling link: say where it points, not that the name is missing)
+            with contextlib.suppress(OSError):
+                why = f"a symbolic link to {os.readlink(path)}, which does not exist"
+        raise Unreadable(why) from exc
     if len(data) > max_bytes:
         raise SourceProblem(_too_big(len(data), max_bytes))
     try:
@@ -170,7 +176,7 @@ def _open_regular(path: str) -> BinaryIO:
 def _too_big(size: int, limit: int) -> str:
     return (
         f"file is {size} bytes, over the {limit // (1024 * 1024)} MiB limit for rule files "
-        "(split it, or raise the limit with --max-bytes)"
+        "(split it into several files; a Kubernetes ConfigMap holds 1 MiB at most)"
     )
 
 

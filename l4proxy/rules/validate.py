@@ -135,7 +135,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
 
 def _print_diagnostics(diags: Sequence[Diagnostic], err: TextIO, *, verbose: bool) -> None:
+    """Each file's in the order of its lines (the checks find them in
+    another: a document's fields, then the objects together), the files in
+    the order they were read."""
+    files: dict[str, int] = {}
     for d in diags:
+        files.setdefault(d.file, len(files))
+    for d in sorted(diags, key=lambda d: (files[d.file], d.line or 0)):
         if d.severity != "note" or verbose:
             print(str(d), file=err)
 

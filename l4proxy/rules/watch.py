@@ -568,8 +568,9 @@ class RuleWatcher:
         st.reload_failures += 1
         st.last_error = why
         st.last_error_at = time.time()
+        keeping = f"keeping generation {st.generation}" if st.generation else "none loaded yet"
         for line in why.splitlines():
-            log.error("rules rejected, keeping generation %d: %s", st.generation, line)
+            log.error("rules rejected, %s: %s", keeping, line)
 
     def _swap(
         self,
