@@ -97,6 +97,110 @@ class LockedCounters(Counters):
             return super().snapshot()
 
 
+# The HELP and TYPE of the families a sidecar exports that are not
+# described where they are counted (the gauges of /stats, read from the
+# pump, the relay and the rule watcher when it is rendered): a family
+# without either went out untyped, which promtool flags and Prometheus
+# types as "unknown". A description given to Counters.describe() wins.
+_C, _G = "counter", "gauge"
+METRIC_HELP: dict[str, tuple[str, str]] = {
+    "l4proxy_active_connections": (_G, "Client connections open now (relayed, in handshake)."),
+    "l4proxy_relayed_connections_total": (_C, "Connections relayed at L4 (byte level)."),
+    "l4proxy_bytes_upstream_total": (_C, "Bytes relayed at L4 from clients to upstreams."),
+    "l4proxy_bytes_downstream_total": (_C, "Bytes relayed at L4 from upstreams to clients."),
+    "l4proxy_resets_total": (_C, "L4 connections ended by a reset from either side."),
+    "l4proxy_idle_timeouts_total": (_C, "L4 connections closed for --idle-timeout."),
+    "l4proxy_pump_errors_total": (_C, "L4 connections ended by a socket error."),
+    "l4proxy_spliced_connections_total": (_C, "L4 connections that moved bytes by splice(2)."),
+    "l4proxy_pipes_in_use": (_G, "Splice pipes in use."),
+    "l4proxy_pipes_pooled": (_G, "Splice pipes pooled for reuse."),
+    "l4proxy_pipe_refusals_total": (
+        _C,
+        "Times a direction got no splice pipe (--max-pipes, EMFILE) and copied instead.",
+    ),
+    "l4proxy_urgent_marks_total": (_C, "Urgent (MSG_OOB) marks crossed, relayed inline."),
+    "l4proxy_rules_generation": (
+        _G,
+        "Rule loads that went live in this process (lowest worker's).",
+    ),
+    "l4proxy_rules_digest": (_G, "Which rule files are served (-1: the workers differ)."),
+    "l4proxy_reloads_total": (_C, "Rule loads that went live."),
+    "l4proxy_reload_failures_total": (_C, "Rule loads refused (the last good rules serve)."),
+    "l4proxy_rules_valid": (_G, "1 when the last rule load went live, 0 when it was refused."),
+    "l4proxy_workers": (_G, "Worker processes running."),
+    "l4proxy_worker_restarts_total": (_C, "Workers started again after they ended."),
+    "l4proxy_worker_spawn_failures_total": (_C, "Worker starts that failed."),
+    "l4proxy_control_channel_resets_total": (
+        _C,
+        "Workers replaced for a malformed control frame.",
+    ),
+    "l4proxy_control_late_answers_total": (_C, "Control answers that came too late, dropped."),
+    "l4proxy_http_connections_total": (_C, "Client connections the per-request relay took."),
+    "l4proxy_http_requests_total": (_C, "Requests the per-request relay routed or answered."),
+    "l4proxy_http_local_answers_total": (
+        _C,
+        "Requests answered by the proxy itself (404, 503, a redirect, ...).",
+    ),
+    "l4proxy_http_spliced_bodies_total": (_C, "Bodies moved by splice(2)."),
+    "l4proxy_http_metrics_dropped_total": (
+        _C,
+        "Requests, decisions or copies the compiled relay's metrics rows could not count.",
+    ),
+    "l4proxy_http_verdict_cache_hits_total": (_C, "Requests routed by a cached verdict."),
+    "l4proxy_http_verdict_cache_misses_total": (_C, "Requests whose verdict Python gave."),
+    "l4proxy_http_mirrored_total": (_C, "Mirrored copies started."),
+    "l4proxy_http_mirror_dropped_total": (
+        _C,
+        "Mirrored copies not sent (the in-flight cap, a body over the replay limit, ...).",
+    ),
+    "l4proxy_http_mirror_failed_total": (
+        _C,
+        "Mirrored copies that failed (connect, send, receive, deadline).",
+    ),
+    "l4proxy_http_mirror_active": (_G, "Mirrored copies in flight."),
+    "l4proxy_http_mirror_idle": (_G, "Idle pooled connections to mirrors."),
+    "l4proxy_http_mirror_connects_total": (_C, "Connections opened to mirrors."),
+    "l4proxy_upstream_pool_opened_total": (_C, "Upstream connections opened."),
+    "l4proxy_upstream_pool_reused_total": (_C, "Requests sent on a pooled upstream connection."),
+    "l4proxy_upstream_pool_returned_total": (
+        _C,
+        "Upstream connections back to idle after a response.",
+    ),
+    "l4proxy_upstream_pool_closed_unreusable_total": (
+        _C,
+        "Upstream connections closed after a response that allows no reuse.",
+    ),
+    "l4proxy_upstream_pool_closed_max_requests_total": (
+        _C,
+        "Upstream connections closed at --pool-max-requests (maxRequestsPerConnection).",
+    ),
+    "l4proxy_upstream_pool_closed_overflow_total": (
+        _C,
+        "Upstream connections closed because the idle pool was full.",
+    ),
+    "l4proxy_upstream_pool_evicted_total": (_C, "Idle upstream connections the server closed."),
+    "l4proxy_upstream_pool_expired_total": (
+        _C,
+        "Idle upstream connections closed past --pool-idle-timeout.",
+    ),
+    "l4proxy_upstream_pool_closed_removed_total": (
+        _C,
+        "Upstream connections closed because their endpoint left the rules.",
+    ),
+    "l4proxy_upstream_pool_idle": (_G, "Idle pooled upstream connections."),
+    "l4proxy_upstream_rq_retry_total": (_C, "Retries of routes' retry policies."),
+    "istio_request_duration_milliseconds": (
+        "histogram",
+        "Request durations by destination service and version, and response code (ms).",
+    ),
+    "l4proxy_mirror_request_duration_milliseconds": (
+        "histogram",
+        "Mirrored copies' durations by the mirror's service and version, and answer code (ms).",
+    ),
+}
+_HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
+
+
 def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
     parts = []
     for k, v in labels:
@@ -114,13 +218,40 @@ def render_prometheus(
     help_: Mapping[str, tuple[str, str]],
     extra: Mapping[str, float],
 ) -> str:
+    """The Prometheus text exposition of *values* (counted series) and
+    *extra* (gauges read now), each family with its HELP and TYPE from
+    *help_*, else :data:`METRIC_HELP`. A histogram's ``_bucket``, ``_sum``
+    and ``_count`` series go out as its one family (TYPE histogram, named
+    without the suffix), each label set's buckets in ``le`` order, +Inf
+    last, then its sum and count."""
+
+    def described(name: str) -> tuple[str, str]:
+        return help_.get(name) or METRIC_HELP.get(name) or ("untyped", "")
+
+    def histogram_of(name: str) -> str | None:
+        for part in _HISTOGRAM_PARTS:
+            base = name.removesuffix(part)
+            if base != name and described(base)[0] == "histogram":
+                return base
+        return None
+
+    families: dict[str, list[str]] = defaultdict(list)  # family -> its series' names
+    for name in set(values) | set(help_) | set(extra):
+        base = histogram_of(name)
+        if base is not None:
+            families[base].append(name)
+        elif described(name)[0] != "histogram":
+            families[name].append(name)
     lines: list[str] = []
-    names = sorted(set(values) | set(help_) | set(extra))
-    for name in names:
-        kind, text = help_.get(name, ("untyped", ""))
+    for family in sorted(families):
+        kind, text = described(family)
         if text:
-            lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"# HELP {family} {text}")
+        lines.append(f"# TYPE {family} {kind}")
+        if kind == "histogram":
+            lines += _histogram_lines(family, values)
+            continue
+        name = family
         if name in extra:
             lines.append(f"{name} {_fmt_value(extra[name])}")
         series = values.get(name, {})
@@ -129,6 +260,34 @@ def render_prometheus(
         for labels, v in sorted(series.items()):
             lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+def _le(labels: LabelSet) -> float:
+    """A bucket's bound (``le``; +Inf and a malformed one last)."""
+    value = dict(labels).get("le", "+Inf")
+    try:
+        return float(value)
+    except ValueError:
+        return math.inf
+
+
+def _histogram_lines(family: str, values: Mapping[str, Mapping[LabelSet, float]]) -> list[str]:
+    """The series of histogram *family*: per label set (but ``le``), its
+    buckets by bound, then its ``_sum`` and ``_count``."""
+    sums = values.get(family + "_sum", {})
+    counts = values.get(family + "_count", {})
+    buckets: dict[LabelSet, list[tuple[LabelSet, float]]] = defaultdict(list)
+    for labels, v in values.get(family + "_bucket", {}).items():
+        buckets[tuple(kv for kv in labels if kv[0] != "le")].append((labels, v))
+    lines = []
+    for key in sorted(set(buckets) | set(sums) | set(counts)):
+        for labels, v in sorted(buckets.get(key, ()), key=lambda lv: _le(lv[0])):
+            lines.append(f"{family}_bucket{_fmt_labels(labels)} {_fmt_value(v)}")
+        if key in sums:
+            lines.append(f"{family}_sum{_fmt_labels(key)} {_fmt_value(sums[key])}")
+        if key in counts:
+            lines.append(f"{family}_count{_fmt_labels(key)} {_fmt_value(counts[key])}")
+    return lines
 
 
 # -- which rules a sidecar serves -------------------------------------------------

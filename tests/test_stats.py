@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
-from l4proxy.stats import Counters, RulesMark
+from l4proxy.stats import Counters, RulesMark, render_prometheus
 
 
 def test_render_counters_with_labels_and_gauges() -> None:
@@ -195,3 +196,68 @@ def test_a_choice_whose_pods_differ_in_version_is_labelled_unknown() -> None:
     assert version_and_workload(host, "default", (v1, v1b)) == ("v1", "bootcamp-v1")
     assert version_and_workload(host, "default", (v1, v3)) == ("unknown", "unknown")
     assert version_and_workload(host, "v2", ()) == ("v2", "bootcamp-v2")
+
+
+def test_a_histogram_is_one_family_its_buckets_in_bound_order() -> None:
+    """istio_request_duration_milliseconds goes out as Prometheus clients
+    write a histogram: one HELP and TYPE histogram, then per label set its
+    buckets by le (not in text order: "+Inf" before "1", "10" before "5"),
+    +Inf last, its _sum and _count; it went out as three untyped families."""
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker, _SubsetTag
+
+    host = "bootcamp.default.svc.cluster.local"
+    c = Counters()
+    fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)
+    for version in ("v2", "v1"):
+        tag = _SubsetTag(host, "r", version, version, f"bootcamp-{version}")
+        Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast)])
+    lines = render_prometheus(c.snapshot(), c.help(), {}).splitlines()
+    start = lines.index("# TYPE istio_request_duration_milliseconds histogram")
+    assert lines[start - 1].startswith("# HELP istio_request_duration_milliseconds ")
+    family = lines[start + 1 : start + 1 + 2 * (len(_DURATION_BUCKETS_MS) + 3)]
+    names = [line.split("{")[0] for line in family]
+    one = ["_bucket"] * (len(_DURATION_BUCKETS_MS) + 1) + ["_sum", "_count"]
+    assert names == [f"istio_request_duration_milliseconds{s}" for s in one * 2]
+    les = [line.split('le="')[1].split('"')[0] for line in family if "_bucket" in line]
+    assert les == [*map(str, _DURATION_BUCKETS_MS), "+Inf"] * 2
+    versions = [line.split('destination_version="')[1][:2] for line in family]
+    assert versions == ["v1"] * len(one) + ["v2"] * len(one)
+    assert not any("TYPE istio_request_duration_milliseconds_" in line for line in lines)
+
+
+def test_every_family_a_worker_exports_is_typed(tmp_path: Path) -> None:
+    """What a real worker's /stats says, after a request: every family has
+    a HELP and a TYPE, none untyped (the gauges read when it renders, the
+    pump's, the relay's and the rules', went out untyped: 46 of them)."""
+    import asyncio
+    import socket
+
+    from l4proxy.sidecar.admin import WorkerView
+    from tests._scripted import Scripted, _response
+    from tests._worker import gateway_service, gateway_worker
+
+    pod = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(pod.endpoint[1]))
+    got: dict[str, str] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            with await loop.run_in_executor(None, socket.create_connection, address, 10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+                await loop.run_in_executor(None, _response, s)
+            assert worker.relay is not None
+            worker.relay.flush_reports(1.0)
+            got["text"] = await WorkerView(worker, "compiled").stats_text()
+
+    try:
+        asyncio.run(main())
+    finally:
+        pod.close()
+    lines = got["text"].splitlines()
+    types = {line.split()[2]: line.split()[3] for line in lines if line.startswith("# TYPE ")}
+    helps = {line.split()[2] for line in lines if line.startswith("# HELP ")}
+    assert "istio_request_duration_milliseconds" in types
+    assert {name for name, kind in types.items() if kind == "untyped"} == set()
+    assert set(types) - helps == set()
