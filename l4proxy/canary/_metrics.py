@@ -515,13 +515,18 @@ def marks_query(service: str | tuple[str, ...], reporter: str = "source") -> str
     request yet has no such series and is not waited for. Several names
     (Gateway API mode: SERVICE and the backends', which is what its
     requests report when a backend has a ServiceEntry of its own): any."""
+    sel = _services_selector(service, reporter)
+    return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
+
+
+def _services_selector(service: str | tuple[str, ...], reporter: str) -> str:
+    """The labels of the requests reported to SERVICE (or to any of
+    several names), by *reporter*."""
     names = (service,) if isinstance(service, str) else service
     if len(names) == 1:
-        sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(names[0])}"'
-    else:
-        alts = "|".join(re.escape(n) for n in names)
-        sel = f'reporter="{_q(reporter)}",destination_service_name=~"{_q(alts)}"'
-    return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
+        return f'reporter="{_q(reporter)}",destination_service_name="{_q(names[0])}"'
+    alts = "|".join(re.escape(n) for n in names)
+    return f'reporter="{_q(reporter)}",destination_service_name=~"{_q(alts)}"'
 
 
 def dropped_query(service: str | tuple[str, ...], interval: float, reporter: str = "source") -> str:
@@ -529,12 +534,7 @@ def dropped_query(service: str | tuple[str, ...], interval: float, reporter: str
     no labels) in the window, summed over the scrape targets that report
     requests to SERVICE (:func:`marks_query`'s: the sidecars whose traffic
     is mirrored), as the sidecars' own counters are with ``--metrics``."""
-    names = (service,) if isinstance(service, str) else service
-    if len(names) == 1:
-        sel = f'reporter="{_q(reporter)}",destination_service_name="{_q(names[0])}"'
-    else:
-        alts = "|".join(re.escape(n) for n in names)
-        sel = f'reporter="{_q(reporter)}",destination_service_name=~"{_q(alts)}"'
+    sel = _services_selector(service, reporter)
     window = f"[{range_of(interval)}]"
     return f"sum(increase({MIRROR_DROPPED}{window}) and on (job, instance) {REQUESTS}{{{sel}}})"
 
