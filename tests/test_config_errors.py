@@ -125,7 +125,7 @@ CASES = [
       weight: 50
 """
         + DR,
-        "weight must be an integer, not a string",
+        "weight must be an integer, not the string '50'",
         10,
     ),
     (
@@ -430,7 +430,7 @@ spec:
       attempts: "3"
       perTryTimeout: 2s
 """,
-        "spec.httpReqRetries.simpleRetry.attempts must be an integer, not a string",
+        "spec.httpReqRetries.simpleRetry.attempts must be an integer, not the string '3'",
         9,
     ),
     (
@@ -570,7 +570,7 @@ spec:
       timeout: 5
 """,
         "spec.httpReqTimeout.simpleTimeout.timeout must be a duration string like "
-        "'5s', '0.5s' or '250ms', not a number",
+        "'5s', '0.5s' or '250ms', not the number 5",
         9,
     ),
     (
@@ -687,7 +687,7 @@ spec:
     retries:
       attempts: "3"
 """,
-        "spec.http[0].retries.attempts must be an integer, not a string",
+        "spec.http[0].retries.attempts must be an integer, not the string '3'",
         11,
     ),
     (
@@ -849,7 +849,7 @@ spec:
       backoff: 100
 """,
         "spec.http[0].retries.backoff must be a duration string like '5s', '0.5s' or '250ms', "
-        "not a number",
+        "not the number 100",
         12,
     ),
     (
@@ -892,7 +892,7 @@ spec:
       attempts: 2
       retryRemoteLocalities: "yes"
 """,
-        "spec.http[0].retries.retryRemoteLocalities must be true or false, not a string",
+        "spec.http[0].retries.retryRemoteLocalities must be true or false, not the string 'yes'",
         12,
     ),
     (
@@ -906,7 +906,8 @@ spec:
       attempts: 2
       retryIgnorePreviousHosts: "false"
 """,
-        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, not a string",
+        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, "
+        "not the string 'false'",
         12,
     ),
     (
@@ -920,7 +921,7 @@ spec:
       attempts: 2
       retryIgnorePreviousHosts: 0
 """,
-        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, not a number",
+        "spec.http[0].retries.retryIgnorePreviousHosts must be true or false, not the number 0",
         12,
     ),
     (
@@ -944,7 +945,8 @@ spec:
     - destination: {host: bootcamp}
     timeout: 5
 """,
-        "spec.http[0].timeout must be a duration string like '5s', '0.5s' or '250ms', not a number",
+        "spec.http[0].timeout must be a duration string like '5s', '0.5s' or '250ms', "
+        "not the number 5",
         10,
     ),
     (
@@ -1041,7 +1043,7 @@ spec:
   route:
   - labels: {version: 1}
 """,
-        "label version in spec.route[0].labels must be a string, not a number "
+        "label version in spec.route[0].labels must be a string, not the number 1 "
         '(quote it: version: "1")',
         8,
     ),
@@ -1108,7 +1110,7 @@ apiVersion: v1
 ---
 just some text
 """,
-        "document is a string, not a mapping",
+        "document is the string 'just some text', not a mapping",
         3,
     ),
     (
@@ -1329,6 +1331,17 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
     (err,) = errs
     assert err.line == 7 and err.column is not None
     assert str(err).startswith(f"{tmp_path / 'rules.yaml'}:7:{err.column}: YAML syntax error: ")
+    # where the unclosed { was opened, not only where its } was missed
+    line = RR.count("\n") + 1
+    assert err.message.endswith(f"(while parsing a flow mapping begun at line {line}, column 16)")
+
+
+def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
+    """PyYAML's "found character that cannot start any token" names no
+    tab; the message says what it is."""
+    (err,) = errors_of(tmp_path, "kind: RouteRule\nmetadata:\n\tname: r\n")
+    assert (err.line, err.column) == (3, 1)
+    assert err.message == "YAML syntax error: a tab: YAML indents with spaces, never tabs"
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,7 @@ CASES = [
         + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, port: 8080}\n"
         + "    timeouts:\n      request: 10\n",
         "spec.rules[0].timeouts.request must be a duration string like '10s' or '500ms', "
-        "not a number",
+        "not the number 10",
         12,
     ),
     (

@@ -112,9 +112,9 @@ def test_zero_is_unset(tmp_path: Path, section: str, field: str, attr: str, json
 BAD = [
     ("-1", "{field} -1 is not in range 0..2147483647"),
     (str(2**31), f"{{field}} {2**31} is not in range 0..2147483647"),
-    ('"1"', "{field} must be an integer, not a string"),
-    ("true", "{field} must be an integer, not a boolean"),
-    ("1.5", "{field} must be an integer, not float"),
+    ('"1"', "{field} must be an integer, not the string '1'"),
+    ("true", "{field} must be an integer, not the boolean true"),
+    ("1.5", "{field} must be an integer, not the number 1.5"),
 ]
 
 

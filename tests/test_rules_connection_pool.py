@@ -130,7 +130,7 @@ INVALID = [
         str(2**29 + 1),
         f"{2**29 + 1} is not in range 0..{2**29}",
     ),
-    ("http", "maxRequestsPerConnection", '"1"', "must be an integer, not a string"),
+    ("http", "maxRequestsPerConnection", '"1"', "must be an integer, not the string '1'"),
     ("http", "idleTimeout", "0s", "idleTimeout '0s' must be whole milliseconds from 1ms"),
     ("http", "idleTimeout", "500us", "idleTimeout '500us' must be whole milliseconds from 1ms"),
     ("http", "idleTimeout", "30", "must be a duration string"),

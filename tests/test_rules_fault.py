@@ -410,7 +410,7 @@ ISTIO_ERRORS = [
         "  - fault:\n      abort:\n        httpStatus: 503\n        percentage: {value: '5'}\n"
         + ROUTE,
         "percentage: {value",
-        "spec.http[0].fault.abort.percentage.value must be a number, not a string",
+        "spec.http[0].fault.abort.percentage.value must be a number, not the string '5'",
     ),
     (
         "percent out of range",

@@ -821,7 +821,7 @@ ISTIO_ERRORS = [
         "a number value",
         "  - headers:\n      request:\n        set:\n          x-n: 1\n" + ROUTE,
         "x-n: 1",
-        'must be a string, not a number (quote it: "1")',
+        'must be a string, not the number 1 (quote it: "1")',
     ),
     (
         "one name twice",

@@ -174,10 +174,10 @@ def test_local_origin_failures_zero_is_unset(tmp_path: Path) -> None:
 
 INVALID = [
     ("consecutive5xxErrors: -1", "consecutive5xxErrors -1 is not in range 0..4294967295"),
-    ("consecutiveGatewayErrors: '3'", "must be an integer, not a string"),
-    ("consecutiveLocalOriginFailures: 1.5", "must be an integer, not float"),
+    ("consecutiveGatewayErrors: '3'", "must be an integer, not the string '3'"),
+    ("consecutiveLocalOriginFailures: 1.5", "must be an integer, not the number 1.5"),
     ("consecutiveErrors: -2", "consecutiveErrors -2 is not in range"),
-    ("splitExternalLocalOriginErrors: 'yes'", "must be true or false, not a string"),
+    ("splitExternalLocalOriginErrors: 'yes'", "must be true or false, not the string 'yes'"),
     ("interval: 0s", "interval '0s' must be whole milliseconds from 1ms"),
     ("interval: 10", "must be a duration string"),
     ("baseEjectionTime: 500us", "baseEjectionTime '500us' must be whole milliseconds"),

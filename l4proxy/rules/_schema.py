@@ -125,14 +125,19 @@ class Where:
 
 
 def type_name(value: Any) -> str:
+    """What *value* is, for a message that says what it should be: a
+    scalar with its value as YAML read it (``the string '1e3'``, ``the
+    number 100.0``: what the user wrote may not be what YAML made of it),
+    a list or a mapping by kind."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "a number"
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
     if isinstance(value, str):
-        return "a string"
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):

@@ -206,8 +206,18 @@ def parse_documents(
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
-        if exc.context:
-            problem = f"{problem} ({exc.context})"
+        if mark is not None and _char_at(text, mark.line, mark.column) == "\t":
+            problem = "a tab: YAML indents with spaces, never tabs"
+        elif exc.context:
+            where = exc.context_mark
+            if where is not None and mark is not None and where.line != mark.line:
+                # (an unclosed [ or {, a quote: where it was opened, not where it is missed)
+                problem = (
+                    f"{problem} ({exc.context} begun at line {where.line + 1}, "
+                    f"column {where.column + 1})"
+                )
+            else:
+                problem = f"{problem} ({exc.context})"
         raise SourceProblem(
             f"YAML syntax error: {problem}",
             None if mark is None else mark.line + 1,
@@ -215,6 +225,14 @@ def parse_documents(
         ) from exc
     except yaml.YAMLError as exc:
         raise SourceProblem(f"YAML error: {exc}") from exc
+
+
+def _char_at(text: str, line: int, column: int) -> str:
+    """The character of *text* at 0-based *line* and *column* ("" past it)."""
+    lines = text.splitlines()
+    if line >= len(lines) or column >= len(lines[line]):
+        return ""
+    return lines[line][column]
 
 
 class _Node:
