@@ -1,0 +1,587 @@
+"""Per-request access log lines, as Istio's sidecar writes them (``--access-log``).
+
+What a line says
+================
+One line per HTTP request a per-request relay ended (answered upstream,
+answered locally, or cut short), in Istio's default TEXT format (Envoy's
+command operators, in Istio's order, ``-`` for what is unset or unknown)::
+
+    [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%"
+    %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%
+    %CONNECTION_TERMINATION_DETAILS% "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+    %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%
+    "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%"
+    "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW%
+    %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS%
+    %REQUESTED_SERVER_NAME% %ROUTE_NAME%
+
+or, with ``--access-log-format json``, one JSON object per line under
+Istio's JSON encoding's keys (:data:`JSON_KEYS`, in the text format's
+order), numbers where Envoy's JSON formatter gives numbers (the status,
+the byte counts, the duration) and ``null`` where the text has ``-``
+(``response_flags`` is the string ``"-"`` there too, as Envoy's).
+
+The values, and where they differ from Envoy's:
+
+* START_TIME: when the request's head was complete (UTC, milliseconds);
+  DURATION: from then to the request's end, in whole milliseconds.
+* PATH: the request target as the client sent it (before a route's
+  rewrite: X-ENVOY-ORIGINAL-PATH's meaning); PROTOCOL: ``HTTP/1.1`` or
+  ``HTTP/1.0``.
+* RESPONSE_CODE: the final status the client got, 0 when none went out.
+* BYTES_RECEIVED: the request body's bytes as they came (a chunked body's
+  framing included); BYTES_SENT: every byte queued for the client for this
+  request, response heads included (Envoy counts the body alone: telling
+  the head's bytes apart would cost the compiled relay a store per
+  request with the log off).
+* X-ENVOY-UPSTREAM-SERVICE-TIME: always ``-`` (l4proxy adds no such
+  header); CONNECTION_TERMINATION_DETAILS, UPSTREAM_TRANSPORT_FAILURE_REASON,
+  REQUESTED_SERVER_NAME: ``-`` (no TLS here).
+* A header sent on several lines: its values joined by ``,`` (Envoy's
+  HTTP/1 codec's).
+* UPSTREAM_HOST: the endpoint of the request's last try that reached one
+  (a pooled connection taken or a connect begun), the connect's that
+  failed for UF; UPSTREAM_LOCAL_ADDRESS: this side of the upstream
+  connection that answered (``-`` for a failure or a local answer).
+* UPSTREAM_CLUSTER: Istio's ``outbound|PORT|SUBSET|HOST`` (the subset: the
+  version a canary line is about; empty where no subset was named),
+  ``PassthroughCluster``, or ``-`` for a local answer (no route, a
+  redirect, a direct response); ROUTE_NAME: the route's name (``default``
+  where no rule matched), ``-`` where none.
+* DOWNSTREAM_LOCAL_ADDRESS: where the client was going (its original
+  destination; a gateway listener's own address); DOWNSTREAM_REMOTE_ADDRESS:
+  the client's address.
+
+RESPONSE_FLAGS (:data:`FLAG_NAMES`, comma-joined in Envoy's order when
+several): UH no healthy upstream (no endpoint: a subset with no pod, every
+pod ejected), UT the route's (or the last per-try) timeout, UF every
+connect failed, UC the upstream closed or reset before the response's end,
+UO a circuit breaker's overflow, NR no route, DI a fault's delay, FI a
+fault's abort, DC the client went away before the response's end, URX the
+retry policy's tries used up on an outcome it retries, SI the idle timeout
+mid-request, DPE a request the client framed wrong (a malformed head, a bad
+chunk), UPE a response the upstream framed wrong, OM the proxy out of file
+descriptors (its own overload; Envoy's overload manager). RESPONSE_CODE_DETAILS
+follows (:func:`details`): ``via_upstream`` for an upstream's answer, else
+why the proxy answered.
+
+Escaping: no value from the client or the rules can forge a line or a
+field. TEXT: ``"`` and ``\\`` are escaped with ``\\``, every other byte
+outside printable ASCII (controls, DEL, bytes 0x80 and up) as ``\\xHH``.
+JSON: ``"``, ``\\`` and controls escaped as JSON escapes them, DEL and
+bytes 0x80 and up as ``\\u00HH`` (the bytes read as ISO-8859-1, HTTP's
+historic charset: any input, UTF-8 or not, gives valid JSON). A value
+longer than its cap (:data:`CAPS`, in escaped bytes) is cut at a whole
+escape and ends with ``...[truncated]``: a line is at most
+:data:`LINE_MAX` bytes (PIPE_BUF), so that it is one ``write()`` and
+several workers' lines on one pipe never interleave or tear.
+
+This module is the pure core (the line from a :class:`Record`) and the
+pure twin's writer (:class:`LineWriter`); the compiled relay
+(``ext/relay.pyx``) formats the same bytes in C, without the GIL, into a
+bounded buffer of its own, drained by a writer thread of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+log = logging.getLogger("l4proxy.accesslog")
+
+__all__ = [
+    "CAPS",
+    "DEFAULT_BUFFER",
+    "FLAG_NAMES",
+    "JSON_KEYS",
+    "LINE_MAX",
+    "NO_TAG",
+    "AccessLog",
+    "LineWriter",
+    "Record",
+    "TagLog",
+    "chunks",
+    "details",
+    "escape",
+    "flags_text",
+    "format_line",
+    "time_text",
+]
+
+LINE_MAX = 4096  # PIPE_BUF on Linux: a write() of at most this to a pipe is atomic
+DEFAULT_BUFFER = 1 << 20  # lines buffered before new ones are dropped (per relay)
+TRUNCATED = b"...[truncated]"
+
+# Envoy's response flags that l4proxy sets, as bits in Envoy's order (its
+# ResponseFlagUtils list: a line joins them in this order)
+UH = 1 << 0
+UT = 1 << 1
+UF = 1 << 2
+UC = 1 << 3
+UO = 1 << 4
+NR = 1 << 5
+DI = 1 << 6
+FI = 1 << 7
+DC = 1 << 8
+URX = 1 << 9
+SI = 1 << 10
+DPE = 1 << 11
+UPE = 1 << 12
+OM = 1 << 13
+FLAG_NAMES = ("UH", "UT", "UF", "UC", "UO", "NR", "DI", "FI", "DC", "URX", "SI", "DPE", "UPE", "OM")
+FLAGS = (1 << len(FLAG_NAMES)) - 1
+# What else the relays tell the line (not flags; never written as such):
+LOCAL_VERDICT = 1 << 16  # the route's own answer (its tag's flags, details; no cluster)
+CUT = 1 << 17  # the request ended unanswered or cut: DC unless another flag says why
+PATH_REFUSED = 1 << 18  # a rewrite made a dot-segment: 400 path_normalization_failed
+
+# A failure the retry policy retries (on_reset): URX when its tries are used up.
+RETRIED_FAILURES = UT | UF | UC | UPE
+
+# The longest each value may be once escaped (a longer one is cut: TRUNCATED)
+CAPS = {
+    "method": 32,
+    "path": 1024,
+    "protocol": 16,
+    "x_forwarded_for": 256,
+    "user_agent": 512,
+    "request_id": 128,
+    "authority": 256,
+    "upstream_cluster": 384,
+    "route_name": 256,
+    "response_code_details": 128,
+    "address": 64,
+}
+
+JSON_KEYS = (
+    "start_time",
+    "method",
+    "path",
+    "protocol",
+    "response_code",
+    "response_flags",
+    "response_code_details",
+    "connection_termination_details",
+    "upstream_transport_failure_reason",
+    "bytes_received",
+    "bytes_sent",
+    "duration",
+    "upstream_service_time",
+    "x_forwarded_for",
+    "user_agent",
+    "request_id",
+    "authority",
+    "upstream_host",
+    "upstream_cluster",
+    "upstream_local_address",
+    "downstream_local_address",
+    "downstream_remote_address",
+    "requested_server_name",
+    "route_name",
+)
+
+
+class TagLog(NamedTuple):
+    """What the access log says of a request's tag (the relays' tags are
+    their caller's: the worker's describe them): its upstream cluster and
+    route name (empty: none, ``-``); for a request the route answered
+    itself (the verdict's local answer), that answer's flags (NR: no
+    route) and details."""
+
+    upstream_cluster: str = ""
+    route_name: str = ""
+    flags: int = 0
+    details: str = "direct_response"
+
+
+NO_TAG = TagLog()
+
+
+def _no_tag(tag: Any) -> TagLog:
+    return NO_TAG
+
+
+class AccessLog(NamedTuple):
+    """A relay's access log: the fd its lines go to (the relay's writer
+    owns a duplicate), the format, how a tag is described (:class:`TagLog`),
+    and the bytes buffered before lines are dropped. *sink*: where the
+    lines go instead of a writer of the relay's own (the compiled relay's
+    buffer, for the pure relay it hands connections to)."""
+
+    fd: int
+    json: bool = False
+    describe: Callable[[Any], TagLog] = _no_tag
+    buffer: int = DEFAULT_BUFFER
+    sink: Callable[[bytes], None] | None = None
+
+
+class Record(NamedTuple):
+    """One request's line, before formatting (the pure twin's; the compiled
+    relay keeps the same in C). Bytes from the client as they came (None:
+    absent); *flags*: the flag bits and the relays' other bits above."""
+
+    start: float  # wall clock, seconds
+    method: bytes | None
+    path: bytes | None
+    protocol: bytes | None
+    status: int
+    local: bool  # the proxy answered it (no upstream's final head went out)
+    flags: int
+    received: int
+    sent: int
+    duration_ms: int
+    forwarded_for: bytes | None
+    user_agent: bytes | None
+    request_id: bytes | None
+    authority: bytes | None
+    upstream_host: str | None
+    tag: TagLog
+    upstream_local: str | None
+    downstream_local: str | None
+    downstream_remote: str | None
+
+
+# -- escaping -------------------------------------------------------------------
+
+
+def _text_unit(b: int) -> bytes:
+    if b == 0x22:
+        return b'\\"'
+    if b == 0x5C:
+        return b"\\\\"
+    if 0x20 <= b < 0x7F:
+        return bytes((b,))
+    return b"\\x%02X" % b
+
+
+def _json_unit(b: int) -> bytes:
+    if b == 0x22:
+        return b'\\"'
+    if b == 0x5C:
+        return b"\\\\"
+    if 0x20 <= b < 0x7F:
+        return bytes((b,))
+    return b"\\u%04x" % b
+
+
+_TEXT_UNITS = tuple(_text_unit(b) for b in range(256))
+_JSON_UNITS = tuple(_json_unit(b) for b in range(256))
+
+
+def escape(value: bytes, cap: int, json: bool = False) -> bytes:
+    """*value* escaped for a quoted field of a line (see "Escaping"), at
+    most *cap* bytes: a longer one is cut at a whole escape and ends with
+    TRUNCATED. The compiled relay's log_escape() is its twin."""
+    units = _JSON_UNITS if json else _TEXT_UNITS
+    out = b"".join(units[b] for b in value)
+    if len(out) <= cap:
+        return out
+    room = cap - len(TRUNCATED)
+    cut = bytearray()
+    for b in value:
+        u = units[b]
+        if len(cut) + len(u) > room:
+            break
+        cut += u
+    return bytes(cut) + TRUNCATED
+
+
+def flags_text(flags: int) -> str:
+    """RESPONSE_FLAGS: the flag bits' names in Envoy's order, comma-joined;
+    ``-`` for none."""
+    names = [name for i, name in enumerate(FLAG_NAMES) if flags >> i & 1]
+    return ",".join(names) if names else "-"
+
+
+def final_flags(flags: int) -> int:
+    """The flags a line shows of a request's bits: a request cut (CUT) with
+    no other flag saying why is the client's going (DC)."""
+    shown = flags & FLAGS
+    if flags & CUT and not shown & ~(DI | URX):
+        shown |= DC
+    return shown
+
+
+def details(flags: int, status: int, local: bool, tag: TagLog) -> str:
+    """RESPONSE_CODE_DETAILS of a request with these bits (:func:`final_flags`'),
+    its *status*, whether the proxy answered it (*local*): Envoy's words for
+    why the proxy answered, ``via_upstream`` for an upstream's answer. The
+    compiled relay's log_details() is its twin."""
+    after = not local and status > 0  # (a failure once the response had begun)
+    if flags & PATH_REFUSED:
+        return "path_normalization_failed"
+    if flags & FI:
+        return "fault_filter_abort"
+    if flags & UH:
+        return "no_healthy_upstream"
+    if flags & UO:
+        return "upstream_reset_before_response_started{overflow}"
+    if flags & UF:
+        return "upstream_reset_before_response_started{connection_failure}"
+    if flags & OM:
+        return "overload_manager"
+    if flags & UT:
+        return "upstream_response_timeout"
+    if flags & UPE:
+        if after:
+            return "upstream_reset_after_response_started{protocol_error}"
+        return "upstream_reset_before_response_started{protocol_error}"
+    if flags & UC:
+        if after:
+            return "upstream_reset_after_response_started{connection_termination}"
+        return "upstream_reset_before_response_started{connection_termination}"
+    if flags & SI:
+        return "stream_idle_timeout"
+    if flags & DC:
+        return "downstream_remote_disconnect"
+    if flags & DPE:
+        return "http1.codec_error"
+    if flags & LOCAL_VERDICT:
+        return tag.details
+    if local:
+        return "direct_response"
+    return "via_upstream"
+
+
+def time_text(wall: float) -> bytes:
+    """START_TIME: ``2024-05-01T12:00:00.123Z`` (UTC; Envoy's default
+    ``%Y-%m-%dT%H:%M:%E3SZ``), milliseconds truncated."""
+    ms = int(wall * 1000)
+    sec, frac = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode() + b".%03dZ" % frac
+
+
+# -- the line -----------------------------------------------------------------------
+
+
+def _value(value: bytes | str | None, key: str, json: bool) -> bytes:
+    """A quoted field's content (text), or a JSON value: ``-``/null when
+    absent or empty."""
+    if value is None or value == b"" or value == "":
+        return b"null" if json else b"-"
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    out = escape(raw, CAPS[key], json)
+    return b'"' + out + b'"' if json else out
+
+
+def format_line(rec: Record, json: bool = False) -> bytes:
+    """The line of *rec* (its newline included), in the TEXT format or as
+    JSON (see the module's docstring): at most LINE_MAX bytes."""
+    flags = final_flags(rec.flags)
+    local_verdict = bool(rec.flags & LOCAL_VERDICT)
+    why = details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
+    shown = flags | (rec.tag.flags if local_verdict else 0)
+    cluster = None if local_verdict else rec.tag.upstream_cluster
+    upstream_local = None if flags & ~(DI | URX) or rec.local else rec.upstream_local
+    fields: list[tuple[str, bytes]] = [
+        ("start_time", b'"' + time_text(rec.start) + b'"' if json else time_text(rec.start)),
+        ("method", _value(rec.method, "method", json)),
+        ("path", _value(rec.path, "path", json)),
+        ("protocol", _value(rec.protocol, "protocol", json)),
+        ("response_code", b"%d" % rec.status),
+        ("response_flags", _quoted(flags_text(shown), json)),
+        ("response_code_details", _value(why, "response_code_details", json)),
+        ("connection_termination_details", _value(None, "address", json)),
+        ("upstream_transport_failure_reason", _value(None, "address", json)),
+        ("bytes_received", b"%d" % rec.received),
+        ("bytes_sent", b"%d" % rec.sent),
+        ("duration", b"%d" % rec.duration_ms),
+        ("upstream_service_time", _value(None, "address", json)),
+        ("x_forwarded_for", _value(rec.forwarded_for, "x_forwarded_for", json)),
+        ("user_agent", _value(rec.user_agent, "user_agent", json)),
+        ("request_id", _value(rec.request_id, "request_id", json)),
+        ("authority", _value(rec.authority, "authority", json)),
+        ("upstream_host", _value(rec.upstream_host, "address", json)),
+        ("upstream_cluster", _value(cluster, "upstream_cluster", json)),
+        ("upstream_local_address", _value(upstream_local, "address", json)),
+        ("downstream_local_address", _value(rec.downstream_local, "address", json)),
+        ("downstream_remote_address", _value(rec.downstream_remote, "address", json)),
+        ("requested_server_name", _value(None, "address", json)),
+        ("route_name", _value(rec.tag.route_name, "route_name", json)),
+    ]
+    if json:
+        return b"{" + b",".join(b'"%s":%s' % (k.encode(), v) for k, v in fields) + b"}\n"
+    v = dict(fields)
+    return b"".join(
+        (
+            b"[%s] " % v["start_time"],
+            b'"%s %s %s" ' % (v["method"], v["path"], v["protocol"]),
+            b"%s %s %s " % (v["response_code"], v["response_flags"], v["response_code_details"]),
+            b'%s "%s" '
+            % (v["connection_termination_details"], v["upstream_transport_failure_reason"]),
+            b"%s %s %s %s "
+            % (v["bytes_received"], v["bytes_sent"], v["duration"], v["upstream_service_time"]),
+            b'"%s" "%s" "%s" "%s" '
+            % (v["x_forwarded_for"], v["user_agent"], v["request_id"], v["authority"]),
+            b'"%s" %s %s '
+            % (v["upstream_host"], v["upstream_cluster"], v["upstream_local_address"]),
+            b"%s %s " % (v["downstream_local_address"], v["downstream_remote_address"]),
+            b"%s %s\n" % (v["requested_server_name"], v["route_name"]),
+        )
+    )
+
+
+def _quoted(text: str, json: bool) -> bytes:
+    return b'"%s"' % text.encode() if json else text.encode()
+
+
+# -- the writer ---------------------------------------------------------------------
+
+
+def chunks(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """*data* (whole lines) in writes of at most LINE_MAX bytes, each ending
+    at a line's end: a write of at most PIPE_BUF bytes to a pipe is atomic,
+    so lines several processes write to one pipe never interleave; a line
+    is never longer (format_line)."""
+    view = memoryview(data)
+    start, n = 0, len(view)
+    while start < n:
+        end = min(start + LINE_MAX, n)
+        if end < n:
+            cut = bytes(view[start:end]).rfind(b"\n")
+            end = start + cut + 1 if cut >= 0 else end
+        yield view[start:end]
+        start = end
+
+
+class LineWriter:
+    """Lines to an fd from a thread of its own, never waited for.
+
+    :meth:`line` appends to a buffer of at most *limit* bytes under a lock
+    and returns: a relay's thread never blocks on the log's fd (a pipe
+    whose reader stopped, a slow disk). A line that does not fit is
+    dropped and counted (:attr:`dropped`). The writer thread takes the
+    buffer whole every 0.1 s, or at once when it is half full or a flush
+    is asked, and writes it in :func:`chunks`; a write error (EPIPE,
+    ENOSPC, EBADF...) drops the rest of that batch, counted in
+    :attr:`errors` and :attr:`dropped`, logged once at warning; the writer
+    goes on with the next batch. An fd set non-blocking (EAGAIN) is
+    waited on for 0.1 s at a time. The fd is the writer's own (closed by
+    :meth:`close`)."""
+
+    def __init__(self, fd: int, limit: int = DEFAULT_BUFFER) -> None:
+        self.fd = fd
+        self.limit = max(limit, LINE_MAX)
+        self.lines = 0  # lines taken into the buffer
+        self.dropped = 0  # lines lost: the buffer full, or a write that failed
+        self.errors = 0  # write()s that failed
+        self._warned = False
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._buf = bytearray()
+        self._writing = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="l4proxy-access-log", daemon=True)
+        self._thread.start()
+
+    def line(self, data: bytes) -> None:
+        """Append one line (or drop it: the buffer is full)."""
+        with self._lock:
+            if self._stop or len(self._buf) + len(data) > self.limit:
+                self.dropped += 1
+                return
+            self._buf += data
+            self.lines += 1
+            if len(self._buf) >= self.limit // 2:
+                self._wake.notify()
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait until what is buffered was written (at most *timeout* s:
+        a reader that stopped reading must not hold a drain); whether it was."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._wake.notify()
+            while self._buf or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush (within *timeout*), stop the thread, close the fd; a writer
+        still blocked in write() is left to the process's exit (its fd too)."""
+        with self._lock:
+            if self._stop:
+                return
+        flushed = self.flush(timeout)
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(0.2 if flushed else 0.0)
+        if not self._thread.is_alive():
+            os.close(self.fd)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "access_log_lines": self.lines,
+                "access_log_dropped": self.dropped,
+                "access_log_write_errors": self.errors,
+            }
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._buf and not self._stop:
+                    self._wake.wait(0.1)
+                    if self._buf:
+                        break
+                if not self._buf and self._stop:
+                    self._idle.notify_all()
+                    return
+                batch, self._buf = self._buf, bytearray()
+                self._writing = True
+            try:
+                self._write(batch)
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._idle.notify_all()
+
+    def _write(self, batch: bytearray) -> None:
+        data = memoryview(batch)
+        pos = 0
+        for chunk in chunks(data):
+            end = pos + len(chunk)
+            while pos < end:
+                try:
+                    pos += os.write(self.fd, data[pos:end])
+                except BlockingIOError:  # (a non-blocking fd: wait for room)
+                    if self._stop:  # (closing, its flush given up)
+                        self._lost(data[pos:], errno.EAGAIN)
+                        return
+                    _wait_writable(self.fd, 0.1)
+                except OSError as exc:
+                    self._lost(data[pos:], exc.errno or 0)
+                    return
+
+    def _lost(self, rest: memoryview, err: int) -> None:
+        """A write failed: the rest of the batch is dropped, counted, the
+        first time logged."""
+        lost = bytes(rest).count(b"\n")
+        with self._lock:
+            self.errors += 1
+            self.dropped += lost
+            warn = not self._warned
+            self._warned = True
+        if warn:
+            log.warning(
+                "access log: a write failed (%s): %d line(s) dropped; later failures are "
+                "counted in l4proxy_access_log_write_errors_total, not logged",
+                os.strerror(err) if err else "error",
+                lost,
+            )
+
+
+def _wait_writable(fd: int, timeout: float) -> None:
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    p.poll(timeout * 1000)
