@@ -32,6 +32,7 @@ from l4proxy.dataplane._exchange_py import (
 )
 from l4proxy.dataplane._framing_py import parse_response_head
 from l4proxy.dataplane._peek_py import parse_head
+from l4proxy.dataplane.accesslog import UT
 from l4proxy.dataplane.verdict import RetryPolicy
 
 
@@ -951,13 +952,13 @@ def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
     assert ex.request_complete  # no body: timed from the head, the connect counts
     actions = ex.upstream_timeout()
     assert actions[0] == Release(False)  # no failure to report
-    assert Done(504, True) in actions and not any(isinstance(a, Close) for a in actions)
+    assert Done(504, True, UT) in actions and not any(isinstance(a, Close) for a in actions)
     assert not ex.request_complete and ex.phase == Phase.HEAD
 
     ex = Exchange()  # a client that asked to close: closed
     ex.client_data(b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
     actions = ex.upstream_timeout()
-    assert Done(504, True) in actions and isinstance(actions[-1], Close)
+    assert Done(504, True, UT) in actions and isinstance(actions[-1], Close)
 
     # a request whose body is not read yet (the relays start the timer only
     # once it is: this is the exchange's own guard): closed, never the body
@@ -968,5 +969,5 @@ def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
         b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
     )
     actions = ex.upstream_timeout()
-    assert Done(504, True) in actions and isinstance(actions[-1], Close), actions
+    assert Done(504, True, UT) in actions and isinstance(actions[-1], Close), actions
     assert not any(isinstance(a, Route) for a in actions)

@@ -220,6 +220,7 @@ from typing import Final, NamedTuple
 
 # The head parser and the body framer through their choosers: the compiled
 # twins when built (they are the per-byte work), the pure ones otherwise.
+from l4proxy.dataplane import accesslog
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, E_DOT_SEGMENT, ERRORS, has_dot_segment
 from l4proxy.dataplane.framing import (
     BodyFramer,
@@ -399,10 +400,17 @@ class Shadow(NamedTuple):
 
 
 class Done(NamedTuple):
-    """A response was delivered (for the per-version metrics)."""
+    """A response was delivered (for the per-version metrics), or the
+    request ended without one; for its access log line (see
+    ``l4proxy/dataplane/accesslog.py``): *flags*, its response flags and
+    the log's other bits (why the proxy answered or gave up, the retry
+    policy's tries used up: URX); *received*, the request body's bytes
+    read."""
 
     status: int
     local: bool  # answered by the proxy itself
+    flags: int = 0
+    received: int = 0
 
 
 class Tunnel(NamedTuple):
@@ -934,6 +942,8 @@ class Exchange:
         self._parser = HeadParser(max_head)
         self._inbox = bytearray()  # client bytes after the current message
         self._client_eof = False
+        # a head refused (HeadError): its first line, for the access log
+        self.refused_line: bytes | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -959,6 +969,7 @@ class Exchange:
         self._response_persistent = False
         self._keeps_client = False  # the final head as sent lets the client persist
         self._upstream_bytes = 0  # response bytes received for this request
+        self._received = 0  # request body bytes read (the access log's)
         self.status = 0
 
     # -- what the shell asks ------------------------------------------------
@@ -975,6 +986,11 @@ class Exchange:
         current request; 0 when none went out (Envoy's response code for a
         request reset before its response: the client saw no status)."""
         return self.status if self._response is not None else 0
+
+    @property
+    def received(self) -> int:
+        """The current request's body bytes read so far (its access log's)."""
+        return self._received
 
     @property
     def tries(self) -> int:
@@ -1017,7 +1033,11 @@ class Exchange:
             return self._close()  # between requests, or a head cut short
         if self.phase == Phase.EXCHANGE and self._request is not None and not self._request.done:
             # a request body cut short: counted (Envoy's response code 0, DC)
-            return [Release(False), Done(self.sent_status, False), *self._close()]
+            return [
+                Release(False),
+                self._done(self.sent_status, False, accesslog.CUT),
+                *self._close(),
+            ]
         return []  # half-closed after its request: answer, then close
 
     def routed(self, reused: bool) -> list[Action]:
@@ -1062,7 +1082,7 @@ class Exchange:
         te = raw.index(b" ", ts, raw.index(b"\n"))
         if not rewrite_refused(raw[ts:te], self.edits):
             return None
-        return self.refuse(400, DOT_SEGMENT_REASON, close=True)
+        return self.refuse(400, DOT_SEGMENT_REASON, close=True, flags=accesslog.PATH_REFUSED)
 
     def refuse(
         self,
@@ -1072,6 +1092,7 @@ class Exchange:
         whole: bool = False,
         close: bool = False,
         edited: bool = False,
+        flags: int = 0,
     ) -> list[Action]:
         """Answer the current request locally (no upstream); *headers*: more
         header lines for the answer (local_response's). A request body
@@ -1084,7 +1105,8 @@ class Exchange:
         edits_refused()). *edited*: the relay's own answer to a request
         whose choice was drawn (no endpoint, none answered, a circuit
         breaker, out of fds), which gets :attr:`edits`' response edits. A HEAD request gets
-        the answer's head alone."""
+        the answer's head alone. *flags*: why, for the access log
+        (``accesslog``'s bits: UH, UF, UO, FI...)."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
@@ -1096,6 +1118,7 @@ class Exchange:
             try:
                 used = framer.feed(self._inbox)
                 complete = framer.done
+                self._received += used
             except FramingError:  # (not framed: a close, as one not complete)
                 complete = False
         keep = self.head.keep_alive and complete and not self._client_eof and not close
@@ -1105,7 +1128,7 @@ class Exchange:
         out: list[Action] = [
             *self._given_up(),  # (mirrors drawn, no try took it: see _given_up)
             Client(answer),
-            Done(status, True),
+            self._done(status, True, flags),
         ]
         if not keep:  # a body we would have to read first, or a client that leaves
             return out + self._close(self._done_talking(not complete))
@@ -1189,7 +1212,7 @@ class Exchange:
                 *self._given_up(),
                 Release(False),
                 Client(edit_local_answer(answer, self.edits)),
-                Done(504, True),
+                self._done(504, True, accesslog.UT),
                 *(self._next_request() if keep else self._close()),
             ]
         if self._response is None:
@@ -1197,7 +1220,11 @@ class Exchange:
         # (the status the client got, as for a body cut short)
         self.phase = Phase.CLOSED
         self._inbox.clear()
-        return [Release(False, failure=reason), Done(self.status, False), Close(reset=True)]
+        return [
+            Release(False, failure=reason),
+            self._done(self.status, False, accesslog.UT),
+            Close(reset=True),
+        ]
 
     def try_timeout(self) -> list[Action]:
         """The retry policy's per-try timeout passed (the shell times each
@@ -1308,8 +1335,10 @@ class Exchange:
                 if self.requests == 0:
                     self.phase = Phase.TUNNEL
                     return [NotHTTPConnection(self._parser.buffered)]
+                self._refused_line()
                 return self._local_error(exc.status, exc.reason)
             except HeadError as exc:
+                self._refused_line()
                 return self._local_error(exc.status, exc.reason)
             if head is None:
                 return out
@@ -1334,7 +1363,9 @@ class Exchange:
                 # they would have in a read of their own; then the 400
                 if exc.used:
                     out.append(Upstream(bytes(self._inbox[: exc.used])))
+                self._received += exc.used
                 return out + self._upstream_failed(exc.status, exc.reason)
+            self._received += used
             if used:
                 chunk = bytes(self._inbox[:used])
                 del self._inbox[:used]
@@ -1378,7 +1409,7 @@ class Exchange:
                 if self._inbox:  # bytes after the request head: the new protocol's
                     out.append(Upstream(bytes(self._inbox)))
                     self._inbox.clear()
-                return [*out, Done(resp.status, False), Tunnel()]
+                return [*out, self._done(resp.status, False), Tunnel()]
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
                 out.append(Client(raw))
                 self._forwarded = True
@@ -1455,7 +1486,7 @@ class Exchange:
         )
         out: list[Action] = [
             *(self._given_up() if request_cut else ()),
-            Done(self.status, False),
+            self._done(self.status, False),
             Release(reusable, answered=True, status=self.status),
         ]
         # as its head told the client (_client_persists), unless the request
@@ -1480,6 +1511,14 @@ class Exchange:
         the upstream's failure, not the client's (a request body that cannot
         be framed): outlier detection hears of it, and the answer gets the
         response edits (see "Head edits")."""
+        if not gateway:
+            flags = accesslog.DPE  # (a request body the client framed wrong)
+        elif reason == "upstream request timeout":
+            flags = accesslog.UT
+        elif reason.startswith("upstream closed"):
+            flags = accesslog.UC
+        else:  # a response the upstream framed wrong
+            flags = accesslog.UPE
         out: list[Action] = [
             *self._given_up(),
             Release(False, failure=reason if gateway else ""),
@@ -1495,11 +1534,11 @@ class Exchange:
             answer = local_response(status, reason, not keep, head_only=self._head_only())
             if gateway:
                 answer = edit_local_answer(answer, self.edits)
-            out += [Client(answer), Done(status, True)]
+            out += [Client(answer), self._done(status, True, flags)]
             if keep:  # see "A gateway failure's local answer"
                 return out + self._next_request()
         else:
-            out.append(Done(self.status, False))
+            out.append(self._done(self.status, False, flags | accesslog.CUT))
         return out + self._close()
 
     def _head_only(self) -> bool:
@@ -1517,7 +1556,30 @@ class Exchange:
 
     def _local_error(self, status: int, reason: str) -> list[Action]:
         self.status = status
-        return [Client(local_response(status, reason)), Done(status, True), *self._close()]
+        return [
+            Client(local_response(status, reason)),
+            Done(status, True, accesslog.DPE),
+            *self._close(),
+        ]
+
+    def _refused_line(self) -> None:
+        """The first line of a head the parser refused, for its access log
+        line (its method, target and version, as far as they read)."""
+        raw = bytes(self._parser.buffered[: accesslog.LINE_MAX])
+        self.refused_line = raw.split(b"\n", 1)[0].rstrip(b"\r")
+
+    def _done(self, status: int, local: bool, flags: int = 0) -> Done:
+        """The request's Done, with its bytes read and, when its retry
+        policy's tries are used up on an outcome the policy retries (a
+        status it names, a failure it retries on), URX (Envoy's
+        UpstreamRetryLimitExceeded; the compiled twin's log_retries_out())."""
+        p = self.retry
+        if p is not None and p.attempts > 0 and self._tries >= p.attempts:
+            failure = flags & accesslog.RETRIED_FAILURES
+            answered = not (failure or local or flags & accesslog.CUT)
+            if (failure and p.on_reset) or (answered and p.on_status(status)):
+                flags |= accesslog.URX
+        return Done(status, local, flags, self._received)
 
     def _done_talking(self, request_cut: bool) -> bool:
         """After an exchange: the client has nothing more to send."""

@@ -236,6 +236,22 @@ locally before any try (a fault's abort forgets its draw:
 ``_fault_abort``), cut by its client before it was read whole, or retried
 (one copy) has no more.
 
+Access log (``access_log``, an :class:`~l4proxy.dataplane.accesslog.AccessLog`:
+``--access-log``): a line per request counted (``_count``: answered,
+answered here, or cut short), formatted by
+:func:`~l4proxy.dataplane.accesslog.format_line` from what ``_route``
+kept of its head (``_Conn.log_head``, its start), what its ``Done``
+says (its flags, the body's bytes read), the bytes queued for the client
+(``_Conn.sent``), the endpoint of its last try that reached one
+(``_Conn.upstream``: ``_take_idle``, ``_connect``) and the shell's own
+flags (``_Conn.log_flags``: a fault's delay, the idle timeout; the local
+answers' reasons go with ``Exchange.refuse``). A head the parser refused
+gets its line too, from its first line (``Exchange.refused_line``). The
+line goes to a :class:`~l4proxy.dataplane.accesslog.LineWriter` of the
+relay's own (never waited for: a full buffer drops the line, counted),
+or to ``AccessLog.sink`` (the compiled twin's buffer). Without an access
+log nothing of this runs but the counting of ``_Conn.sent``.
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
 set, a mirrored copy, the copies' pool's idle set, or (after a tunnel) the
@@ -258,6 +274,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
+from l4proxy.dataplane import accesslog
 from l4proxy.dataplane._exchange_py import (
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
@@ -382,6 +399,7 @@ class _Up:
     send_failed: bool = False  # a send to it failed (a reset): never pooled
     peer_closed: bool = False  # its FIN came (EPOLLRDHUP): never pooled
     sent: bool = False  # the kernel took a byte of the current request
+    local: str | None = None  # this side's address, once the access log asked
 
     @property
     def fd(self) -> int:
@@ -488,6 +506,17 @@ class _Conn:
     # ... Shadows of this batch of actions, each with its mirrors and their
     # deadline, started once the primary's bytes went (_perform_queued)
     shadows_due: list[tuple[Shadow, tuple[_Drawn, ...], float]] | None = None
+    # the access log's (see "Access log"): the current request's head and
+    # start (wall clock), the shell's flags for it, the endpoint of its
+    # last try that reached one, the bytes queued for the client since the
+    # last request ended; the connection's addresses (``...``: not asked)
+    log_head: RequestHead | None = None
+    log_start: float = 0.0
+    log_flags: int = 0
+    upstream: Endpoint | None = None
+    sent: int = 0
+    log_local: Any = ...
+    log_remote: Any = ...
 
 
 def peer_of(sock: socket.socket) -> bytes | None:
@@ -529,6 +558,7 @@ class HttpRelay:
         answered_5xx: Callable[[Endpoint, Any, int], None] | None = None,
         decide_peer: bool = False,
         max_mirrors: int = DEFAULT_MAX_MIRRORS,
+        access_log: accesslog.AccessLog | None = None,
     ) -> None:
         self.decide = decide
         # decide(head, origin, peer): with the client's packed address too
@@ -609,6 +639,16 @@ class HttpRelay:
             0,
         )
         self._thread = threading.Thread(target=self._run, name="l4proxy-relay", daemon=True)
+        # the access log (see "Access log"): its lines' sink, its writer
+        self.access_log = access_log
+        self._log_writer: accesslog.LineWriter | None = None
+        self._log_line: Callable[[bytes], None] | None = None
+        if access_log is not None:
+            if access_log.sink is not None:
+                self._log_line = access_log.sink
+            else:
+                self._log_writer = accesslog.LineWriter(os.dup(access_log.fd), access_log.buffer)
+                self._log_line = self._log_writer.line
 
     # -- the worker's side --------------------------------------------------
 
@@ -634,6 +674,15 @@ class HttpRelay:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(10)
+        if self._log_writer is not None:  # (after the thread: its last lines too)
+            self._log_writer.close()
+
+    def flush_access_log(self, timeout: float = 1.0) -> bool:
+        """Wait (at most *timeout* s) until the access log's lines buffered
+        so far were written; whether they were (none to write: True)."""
+        if self._log_writer is None:
+            return True
+        return self._log_writer.flush(timeout)
 
     def active(self) -> int:
         """Client connections owned (queued or relayed); any thread may ask."""
@@ -717,6 +766,8 @@ class HttpRelay:
         out["pool_idle"] = len(self._idle)
         out["mirror_active"] = len(self._shadows)
         out["mirror_idle"] = len(self._shadow_idle)
+        if self._log_writer is not None:
+            out.update(self._log_writer.stats())
         return out
 
     def _wake(self) -> None:
@@ -1084,6 +1135,7 @@ class HttpRelay:
                 c.up.out += a.data
             elif isinstance(a, Client):
                 c.out += a.data
+                c.sent += len(a.data)
             elif isinstance(a, Release):
                 sent = True
                 if c.up is not None and not c.up.connecting:
@@ -1136,7 +1188,7 @@ class HttpRelay:
                 else:
                     c.shadows_due.append(due)
             elif isinstance(a, Done):
-                self._count(c, a.status, a.local, now)
+                self._count(c, a.status, a.local, now, a.flags, a.received)
             elif isinstance(a, Tunnel | NotHTTPConnection):
                 self._hand_off(c, a)
             elif isinstance(a, Close):
@@ -1167,8 +1219,15 @@ class HttpRelay:
             if c.up is not None and c.up.owner is c and not c.up.connecting:
                 self._interest_up(c.up)
 
-    def _count(self, c: _Conn, status: int, local: bool, now: float) -> None:
-        """A request is over (answered, or cut short): counted, reported."""
+    def _count(
+        self, c: _Conn, status: int, local: bool, now: float, flags: int = 0, received: int = 0
+    ) -> None:
+        """A request is over (answered, or cut short): counted, reported,
+        logged (*flags*, *received*: its Done's, for the access log)."""
+        if self._log_line is not None:
+            self._log(c, status, local, now, flags | c.log_flags, received)
+        c.sent = 0
+        c.log_flags = 0
         if c.pending is not None:  # (its route timeout's 504)
             self._unpend(c)
         self.counters["requests"] += 1
@@ -1187,9 +1246,61 @@ class HttpRelay:
             tag = c.tag if d is not None else None
             self.report(tag, status, now - c.started if d is not None else 0.0)
 
+    def _log(
+        self, c: _Conn, status: int, local: bool, now: float, flags: int, received: int
+    ) -> None:
+        """The access log's line of the request c ends (see "Access log"):
+        a routed one's (c.decision), or a head's the parser refused."""
+        assert self._log_line is not None and self.access_log is not None
+        if c.log_local is ...:
+            c.log_local, c.log_remote = _addresses(c.sock, c.origin)
+        head = c.log_head if c.decision is not None else None
+        if head is not None:
+            method: bytes | None = head.method.encode("latin-1")
+            path: bytes | None = head.target.encode("latin-1")
+            protocol: bytes | None = head.version.encode("latin-1")
+            start, duration = c.log_start, now - c.started
+            tag = self.access_log.describe(c.tag)
+            upstream = _endpoint_text(c.upstream) if c.upstream is not None else None
+            up = c.up
+            upstream_local = _local_of(up) if up is not None and not up.connecting else None
+        else:  # a head refused: its first line as far as it reads, no destination
+            parts = (c.ex.refused_line or b"").split(b" ")
+            method, path, protocol = parts if len(parts) == 3 else (None, None, None)
+            c.ex.refused_line = None
+            since = c.head_started if c.head_started is not None else now
+            start, duration = time.time() - (now - since), now - since
+            tag, upstream, upstream_local = accesslog.NO_TAG, None, None
+        rec = accesslog.Record(
+            start,
+            method,
+            path,
+            protocol,
+            status,
+            local,
+            flags,
+            received,
+            c.sent,
+            int(duration * 1000),
+            _header(head, "x-forwarded-for"),
+            _header(head, "user-agent"),
+            _header(head, "x-request-id"),
+            head.host.encode("latin-1") if head is not None and head.host else None,
+            upstream,
+            tag,
+            upstream_local,
+            c.log_local,
+            c.log_remote,
+        )
+        self._log_line(accesslog.format_line(rec, self.access_log.json))
+
     def _route(self, c: _Conn, head: RequestHead, now: float) -> None:
         c.head_started = None
         c.started = now
+        if self._log_line is not None:  # (see "Access log")
+            c.log_head = head
+            c.log_start = time.time()
+            c.upstream = None
         try:
             if self.decide_peer:
                 if c.peer is ...:
@@ -1277,6 +1388,7 @@ class HttpRelay:
         delayed = fault.delay > 0 and self._falls(fault.delay_ppm)
         aborted = self._falls(fault.abort_ppm)
         if delayed:
+            c.log_flags |= accesslog.DI
             c.fault_until = now + fault.delay
             c.fault_abort = fault.abort_status if aborted else 0
             c.last_active = c.fault_until  # (a wait is no idleness)
@@ -1298,14 +1410,21 @@ class HttpRelay:
         if fault.tag is not None and c.decision is not None:
             c.decision = c.decision._replace(tag=fault.tag)  # (its reports')
             c.tag = fault.tag
-        self._perform(c, c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True), now)
+        self._perform(
+            c,
+            c.ex.refuse(fault.abort_status, FAULT_ABORT_BODY, whole=True, flags=accesslog.FI),
+            now,
+        )
 
     def _refuse_local(self, c: _Conn, local: _Local, now: float) -> None:
         """A routed request's local answer (_route's): its status, body,
         header lines and whether it is edited (the router's, for a choice
         with no endpoint: Exchange.edits set)."""
         status, body, headers, edited = local
-        self._perform(c, c.ex.refuse(status, body, headers, edited=edited), now)
+        # (the route's own answer: its tag says why, NR for no route; the
+        # router's for a choice with no endpoint: UH, but a 500's)
+        why = (accesslog.UH if status == 503 else 0) if edited else accesslog.LOCAL_VERDICT
+        self._perform(c, c.ex.refuse(status, body, headers, edited=edited, flags=why), now)
 
     def _fault_over(self, c: _Conn, now: float) -> None:
         """A fault's delay passed: the abort's answer, else the first try."""
@@ -1667,7 +1786,10 @@ class HttpRelay:
         self._overflows[endpoint] = self._overflows.get(endpoint, 0) + 1
         c.up = None
         if c.ex.phase == Phase.ROUTING:
-            self._perform(c, c.ex.refuse(503, OVERFLOW_BODY, OVERFLOW_HEADERS, edited=True), now)
+            refused = c.ex.refuse(
+                503, OVERFLOW_BODY, OVERFLOW_HEADERS, edited=True, flags=accesslog.UO
+            )
+            self._perform(c, refused, now)
         else:
             self._perform(c, c.ex.upstream_eof(), now)
 
@@ -1734,6 +1856,7 @@ class HttpRelay:
         up.reused = True
         up.sent = False
         c.up = up
+        c.upstream = endpoint
         if c.ep_tags is not None:
             self._reached(c, endpoint)
         self._perform(c, c.ex.routed(True), now)
@@ -1764,10 +1887,12 @@ class HttpRelay:
             if self.refused is not None:
                 self.refused("fd_limit")
             if c.ex.phase == Phase.ROUTING:
-                self._perform(c, c.ex.refuse(503, "overloaded", edited=True), now)
+                refused = c.ex.refuse(503, "overloaded", edited=True, flags=accesslog.OM)
+                self._perform(c, refused, now)
             else:  # a retry's new connection: the request is lost
                 self._perform(c, c.ex.upstream_eof(), now)
             return
+        c.upstream = endpoint  # (a connect begun, whatever becomes of it)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # (see _take_queue)
@@ -1811,7 +1936,8 @@ class HttpRelay:
         if c.candidates:  # the next candidate: a first attempt's, or a retry's
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
-            self._perform(c, c.ex.refuse(503, "no healthy upstream", edited=True), now)
+            refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
+            self._perform(c, refused, now)
         else:  # a retry's last connect failed: the request is lost
             self._perform(c, c.ex.upstream_eof(), now)
 
@@ -2016,7 +2142,7 @@ class HttpRelay:
         if c.decision is not None:
             # a routed request not counted yet: dropped here (the client
             # reset, the idle timeout), counted with what the client got
-            self._count(c, c.ex.sent_status, False, time.monotonic())
+            self._count(c, c.ex.sent_status, False, time.monotonic(), accesslog.CUT, c.ex.received)
         if c.up is not None:
             up, c.up = c.up, None
             self._drop_upstream(up)
@@ -2157,6 +2283,7 @@ class HttpRelay:
                 # the L4 pump closes an idle relay. Progress either way reads
                 # (backpressure couples the sides), so last_active moves.
                 self.counters["timeouts"] += 1
+                c.log_flags |= accesslog.SI  # (a request in flight: Envoy's stream idle timeout)
                 self._close_client(c)
         for handle in self.pools.expire(now):
             up = self._idle.get(int(handle))  # type: ignore[call-overload]
@@ -2211,3 +2338,61 @@ def _numeric(host: str) -> bool:
         except OSError:
             pass
     return False
+
+
+def origin_address(origin: Any) -> str | None:
+    """Where a client was going, as the access log's DOWNSTREAM_LOCAL_ADDRESS
+    says it: its origin's address (``ip``, ``port``; the original
+    destination), None when it has none (a gateway listener's: then the
+    socket's own address)."""
+    ip, port = getattr(origin, "ip", None), getattr(origin, "port", None)
+    return _endpoint_text((ip, port)) if isinstance(ip, str) and isinstance(port, int) else None
+
+
+def _addresses(sock: socket.socket, origin: Any) -> tuple[str | None, str | None]:
+    """A client connection's DOWNSTREAM_LOCAL_ADDRESS (origin_address(),
+    else this side's, a gateway listener's) and DOWNSTREAM_REMOTE_ADDRESS,
+    for the access log."""
+    local = origin_address(origin)
+    try:
+        if local is None:
+            local = _sockaddr_text(sock.getsockname())
+        remote = _sockaddr_text(sock.getpeername())
+    except OSError:
+        return local, None
+    return local, remote
+
+
+def _local_of(up: _Up) -> str | None:
+    """UPSTREAM_LOCAL_ADDRESS: this side of *up* (asked once per connection)."""
+    if up.local is None:
+        try:
+            up.local = _sockaddr_text(up.sock.getsockname())
+        except OSError:
+            return None
+    return up.local
+
+
+def _sockaddr_text(addr: Any) -> str | None:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return _endpoint_text((addr[0], addr[1]))
+    return None
+
+
+def _endpoint_text(endpoint: tuple[Any, Any]) -> str:
+    """``ip:port``, ``[ip6]:port`` (Envoy's; an IPv4-mapped address as IPv4,
+    as the compiled twin's l4_sa_text())."""
+    host, port = endpoint
+    host = str(host).partition("%")[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _header(head: RequestHead | None, name: str) -> bytes | None:
+    """A request header's values for the access log, its lines joined by
+    "," (Envoy's HTTP/1 codec's); None when absent."""
+    if head is None:
+        return None
+    values = [v for k, v in head.headers if k == name]
+    return ",".join(values).encode("latin-1") if values else None
