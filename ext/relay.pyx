@@ -366,6 +366,39 @@ overflows stay counted (``_overflows_gone``). Without limits the steady
 state pays a compare at a try and where a connection opens, closes or
 goes idle (``pend_head``).
 
+Access log
+----------
+``access_log`` (an ``accesslog.AccessLog``: ``--access-log``) gives every
+Conn a ``LogConn`` (``c.lg``, at ``new_conn``: its addresses, the origin's
+text from ``accept_on`` or ``add()``) and the loop ``R.alog``: a bounded
+buffer and a writer thread of its own, in C (``l4_alog_*``:
+``accesslog.LineWriter``'s twin), whose lock the loop holds for a
+``memcpy`` per line and never while the fd is written: a reader that
+stops loses lines (counted: full, a line is dropped), not requests. A
+routed request's head is read where it starts (``apply_verdict``:
+``log_capture``, through ``R.log_capture``, into a ``LogReq``: the values
+a line says of it, escaped, at most their ``accesslog.CAPS``; its start,
+wall clock; its Content-Length), its line formatted where it is counted
+(``request_done``: ``log_done``, through ``R.log_done``) as
+``accesslog.format_line`` formats the pure twin's, into ``R.log_line``,
+no Python: its tag's cluster and route from ``R.log_tags`` (each tag id's
+``TagLog``, escaped by ``_log_tag`` when ``_tag_id`` gives it), its flags
+from ``c.lflags``, which the paths a request served upstream never takes
+set as they answer or give up (a verdict's local answer its
+``Verdict_.lflags``: the route's own, UH, UF, UO, OM, FI; ``upstream_failed``
+its ``why``'s; ``route_timeout``, ``request_cut``, ``tick``'s idle timeout,
+a fault's delay), and URX from the retry policy's tries. UPSTREAM_HOST
+is c.up's endpoint, else the one ``log_upstream`` kept of a try given up
+(``up_discard``, a failed connect); BYTES_SENT is ``c.client_bytes`` (the
+local answers count theirs), BYTES_RECEIVED the Content-Length less
+``c.req_left``, or a chunked body's ``c.req_chunked`` (``take_chunked``,
+never inlined: ``body_take`` stays small). The pure relay's lines (the
+requests it is handed) go to the same buffer (``_log_sink``). With the
+log off a request pays a test of ``c.lg`` in ``apply_verdict`` and one in
+``request_done``; with it on, ``log_capture`` and ``log_done`` (a few
+hundred instructions, no system call but a cached getsockname per
+upstream connection and, once per connection, its addresses).
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -381,7 +414,7 @@ handled is only marked and buried after the batch.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen
 from libc.errno cimport (
     ECONNABORTED, EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno,
 )
@@ -393,6 +426,7 @@ import socket as _socket
 import threading
 
 from l4proxy.dataplane import _relay_py
+from l4proxy.dataplane import accesslog as _accesslog
 from l4proxy.dataplane._exchange_py import (
     DOT_SEGMENT_REASON,
     OVERFLOW_BODY,
@@ -722,6 +756,365 @@ _STAT_NAMES = (
 )
 
 
+# -- the access log's writer and records (see "Access log") ------------------------
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <poll.h>
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <time.h>
+    #include <unistd.h>
+    #include <arpa/inet.h>
+    #include <netinet/in.h>
+    #include <sys/socket.h>
+
+    #define L4_LINE_MAX 4096  /* PIPE_BUF: a write() of at most this to a pipe is atomic */
+
+    /* The access log's buffer and its writer thread: push() appends a line
+       under the lock (never waits on the fd: a line that does not fit is
+       dropped and counted), the thread takes the buffer whole (two of
+       them, swapped) every 0.1 s, or at once when it is half full or a
+       flush is asked, and writes it in chunks of at most L4_LINE_MAX
+       bytes ending at a line's end; a write error drops the rest of that
+       batch, counted (errors, dropped, the first errno kept for Python to
+       log once). No Python, no GIL: accesslog.LineWriter's twin. */
+    typedef struct {
+        int fd;
+        pthread_mutex_t lock;
+        pthread_cond_t wake, idle;
+        char *fill, *spare;
+        size_t fill_len, cap;
+        int stop, writing, running;
+        int64_t lines, dropped, errors;
+        int first_errno;
+        pthread_t thread;
+    } l4_alog;
+
+    static void l4_deadline(struct timespec *ts, double s) {
+        clock_gettime(CLOCK_MONOTONIC, ts);
+        if (s < 0) s = 0;
+        ts->tv_sec += (time_t)s;
+        ts->tv_nsec += (long)((s - (double)(time_t)s) * 1e9);
+        if (ts->tv_nsec >= 1000000000L) { ts->tv_sec += 1; ts->tv_nsec -= 1000000000L; }
+    }
+
+    static void l4_alog_lost(l4_alog *a, const char *p, size_t n, int err) {
+        int64_t lines = 0;
+        for (size_t i = 0; i < n; i++) lines += p[i] == '\\n';
+        pthread_mutex_lock(&a->lock);
+        a->errors += 1;
+        a->dropped += lines;
+        if (!a->first_errno) a->first_errno = err ? err : EIO;
+        pthread_mutex_unlock(&a->lock);
+    }
+
+    static void l4_alog_write(l4_alog *a, const char *p, size_t n) {
+        size_t pos = 0;
+        while (pos < n) {
+            size_t end = n - pos > L4_LINE_MAX ? pos + L4_LINE_MAX : n;
+            if (end < n) {
+                const char *nl = memrchr(p + pos, '\\n', end - pos);
+                if (nl != NULL) end = (size_t)(nl - p) + 1;
+            }
+            while (pos < end) {
+                ssize_t w = write(a->fd, p + pos, end - pos);
+                if (w >= 0) { pos += (size_t)w; continue; }
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN) {  /* a non-blocking fd: wait for room */
+                    int stop;
+                    pthread_mutex_lock(&a->lock);
+                    stop = a->stop;
+                    pthread_mutex_unlock(&a->lock);
+                    if (!stop) {
+                        struct pollfd pf = {a->fd, POLLOUT, 0};
+                        poll(&pf, 1, 100);
+                        continue;
+                    }
+                }
+                l4_alog_lost(a, p + pos, n - pos, errno);
+                return;
+            }
+        }
+    }
+
+    static void *l4_alog_run(void *arg) {
+        l4_alog *a = (l4_alog *)arg;
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, NULL);  /* (signals are the main thread's) */
+        pthread_mutex_lock(&a->lock);
+        for (;;) {
+            if (!a->fill_len) {
+                struct timespec ts;
+                if (a->stop) break;
+                l4_deadline(&ts, 0.1);
+                pthread_cond_timedwait(&a->wake, &a->lock, &ts);
+                continue;
+            }
+            char *batch = a->fill;
+            size_t n = a->fill_len;
+            a->fill = a->spare;
+            a->fill_len = 0;
+            a->spare = batch;
+            a->writing = 1;
+            pthread_mutex_unlock(&a->lock);
+            l4_alog_write(a, batch, n);
+            pthread_mutex_lock(&a->lock);
+            a->writing = 0;
+            pthread_cond_broadcast(&a->idle);
+        }
+        a->running = 0;
+        pthread_cond_broadcast(&a->idle);
+        pthread_mutex_unlock(&a->lock);
+        return NULL;
+    }
+
+    static l4_alog *l4_alog_new(int fd, size_t cap) {
+        pthread_condattr_t ca;
+        l4_alog *a = (l4_alog *)calloc(1, sizeof(l4_alog));
+        if (a == NULL) return NULL;
+        a->fd = fd;
+        a->cap = cap < L4_LINE_MAX ? L4_LINE_MAX : cap;
+        a->fill = (char *)malloc(a->cap);
+        a->spare = (char *)malloc(a->cap);
+        if (a->fill == NULL || a->spare == NULL) goto fail;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_mutex_init(&a->lock, NULL);
+        pthread_cond_init(&a->wake, &ca);
+        pthread_cond_init(&a->idle, &ca);
+        pthread_condattr_destroy(&ca);
+        a->running = 1;
+        if (pthread_create(&a->thread, NULL, l4_alog_run, a) == 0) return a;
+        pthread_mutex_destroy(&a->lock);
+        pthread_cond_destroy(&a->wake);
+        pthread_cond_destroy(&a->idle);
+    fail:
+        free(a->fill);
+        free(a->spare);
+        free(a);
+        return NULL;
+    }
+
+    static int l4_alog_push(l4_alog *a, const char *p, size_t n) {
+        int r = 0;
+        pthread_mutex_lock(&a->lock);
+        if (a->stop || a->fill_len + n > a->cap) {
+            a->dropped += 1;
+            r = -1;
+        } else {
+            memcpy(a->fill + a->fill_len, p, n);
+            a->fill_len += n;
+            a->lines += 1;
+            if (a->fill_len >= a->cap / 2) pthread_cond_signal(&a->wake);
+        }
+        pthread_mutex_unlock(&a->lock);
+        return r;
+    }
+
+    /* Wait (at most timeout s) until what is buffered was written: 1 when it was. */
+    static int l4_alog_flush(l4_alog *a, double timeout) {
+        struct timespec ts;
+        int r;
+        l4_deadline(&ts, timeout);
+        pthread_mutex_lock(&a->lock);
+        pthread_cond_signal(&a->wake);
+        while ((a->fill_len || a->writing) && a->running)
+            if (pthread_cond_timedwait(&a->idle, &a->lock, &ts) == ETIMEDOUT) break;
+        r = !(a->fill_len || a->writing);
+        pthread_mutex_unlock(&a->lock);
+        return r;
+    }
+
+    /* Flush (within timeout), stop the thread, close the fd, free: 1; 0 when
+       the thread is still in a write() that does not return (a pipe whose
+       reader stopped): then it and what it uses are left to the process's
+       exit, never freed under it. */
+    static int l4_alog_close(l4_alog *a, double timeout) {
+        struct timespec ts;
+        int done, flushed = l4_alog_flush(a, timeout);
+        l4_deadline(&ts, flushed ? 0.5 : 0.0);
+        pthread_mutex_lock(&a->lock);
+        a->stop = 1;
+        pthread_cond_signal(&a->wake);
+        while (a->running)
+            if (pthread_cond_timedwait(&a->idle, &a->lock, &ts) == ETIMEDOUT) break;
+        done = !a->running;
+        pthread_mutex_unlock(&a->lock);
+        if (!done) {
+            pthread_detach(a->thread);
+            return 0;
+        }
+        pthread_join(a->thread, NULL);
+        close(a->fd);
+        pthread_mutex_destroy(&a->lock);
+        pthread_cond_destroy(&a->wake);
+        pthread_cond_destroy(&a->idle);
+        free(a->fill);
+        free(a->spare);
+        free(a);
+        return 1;
+    }
+
+    /* lines, dropped, write errors, the first write error's errno */
+    static void l4_alog_counts(l4_alog *a, int64_t *out) {
+        pthread_mutex_lock(&a->lock);
+        out[0] = a->lines;
+        out[1] = a->dropped;
+        out[2] = a->errors;
+        out[3] = a->first_errno;
+        pthread_mutex_unlock(&a->lock);
+    }
+
+    static double l4_wall_s(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+
+    /* START_TIME, accesslog.time_text()'s twin: 24 bytes */
+    static int l4_time_text(char *out, double wall) {
+        int64_t ms = (int64_t)(wall * 1000);
+        time_t sec = (time_t)(ms / 1000);
+        struct tm tm;
+        size_t n;
+        gmtime_r(&sec, &tm);
+        n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+        return (int)n + snprintf(out + n, 8, ".%03dZ", (int)(ms % 1000));
+    }
+
+    /* "ip:port", "[ip6]:port" (an IPv4-mapped one as IPv4), at most 63
+       bytes; 0 for another family */
+    static int l4_sa_text(char *out, const void *addr) {
+        const struct sockaddr *sa = (const struct sockaddr *)addr;
+        char host[INET6_ADDRSTRLEN];
+        if (sa->sa_family == AF_INET) {
+            const struct sockaddr_in *s = (const struct sockaddr_in *)addr;
+            inet_ntop(AF_INET, &s->sin_addr, host, sizeof host);
+            return snprintf(out, 64, "%s:%u", host, (unsigned)ntohs(s->sin_port));
+        }
+        if (sa->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)addr;
+            if (IN6_IS_ADDR_V4MAPPED(&s->sin6_addr)) {
+                inet_ntop(AF_INET, s->sin6_addr.s6_addr + 12, host, sizeof host);
+                return snprintf(out, 64, "%s:%u", host, (unsigned)ntohs(s->sin6_port));
+            }
+            inet_ntop(AF_INET6, &s->sin6_addr, host, sizeof host);
+            return snprintf(out, 64, "[%s]:%u", host, (unsigned)ntohs(s->sin6_port));
+        }
+        return 0;
+    }
+
+    static int l4_ep_text(char *out, int v6, uint32_t addr, const unsigned char *addr6,
+                          uint16_t port) {
+        struct sockaddr_in sa;
+        struct sockaddr_in6 sa6;
+        if (v6) {
+            memset(&sa6, 0, sizeof sa6);
+            sa6.sin6_family = AF_INET6;
+            memcpy(&sa6.sin6_addr, addr6, 16);
+            sa6.sin6_port = port;
+            return l4_sa_text(out, &sa6);
+        }
+        memset(&sa, 0, sizeof sa);
+        sa.sin_family = AF_INET;
+        sa.sin_addr.s_addr = addr;
+        sa.sin_port = port;
+        return l4_sa_text(out, &sa);
+    }
+    """
+    ctypedef struct l4_alog:
+        pass
+    l4_alog *alog_new "l4_alog_new"(int fd, size_t cap) nogil
+    int alog_push "l4_alog_push"(l4_alog *a, const char *p, size_t n) nogil
+    int alog_flush "l4_alog_flush"(l4_alog *a, double timeout) nogil
+    int alog_close "l4_alog_close"(l4_alog *a, double timeout) nogil
+    void alog_counts "l4_alog_counts"(l4_alog *a, int64_t *out) nogil
+    double wall_s "l4_wall_s"() nogil
+    int time_text "l4_time_text"(char *out, double wall) nogil
+    int sa_text "l4_sa_text"(char *out, const void *addr) nogil
+    int ep_text "l4_ep_text"(char *out, int v6, uint32_t addr, const unsigned char *addr6,
+                             uint16_t port) nogil
+    int getsockname(int fd, sockaddr *addr, sys_.socklen_t *len) nogil
+
+cdef enum:
+    LOG_ADDR = 64          # an address's text (l4_sa_text's)
+    LOG_LINE = 4096        # accesslog.LINE_MAX: a line is one write()
+    # the head's values a request's line says (LogReq.n, .off), escaped
+    LH_METHOD = 0
+    LH_PATH = 1
+    LH_PROTOCOL = 2
+    LH_XFF = 3
+    LH_UA = 4
+    LH_RID = 5
+    LH_AUTHORITY = 6
+    N_LH = 7
+    LOG_HEAD = 2240        # their caps (accesslog.CAPS) summed, at least
+    LOG_SPANS = 16         # a header's lines joined (more: not read)
+
+# the access log's bits (accesslog's: one source)
+cdef uint32_t LF_UH = _accesslog.UH
+cdef uint32_t LF_UT = _accesslog.UT
+cdef uint32_t LF_UF = _accesslog.UF
+cdef uint32_t LF_UC = _accesslog.UC
+cdef uint32_t LF_UO = _accesslog.UO
+cdef uint32_t LF_DI = _accesslog.DI
+cdef uint32_t LF_FI = _accesslog.FI
+cdef uint32_t LF_DC = _accesslog.DC
+cdef uint32_t LF_URX = _accesslog.URX
+cdef uint32_t LF_SI = _accesslog.SI
+cdef uint32_t LF_DPE = _accesslog.DPE
+cdef uint32_t LF_UPE = _accesslog.UPE
+cdef uint32_t LF_OM = _accesslog.OM
+cdef uint32_t LF_FLAGS = _accesslog.FLAGS
+cdef uint32_t LF_LOCALV = _accesslog.LOCAL_VERDICT
+cdef uint32_t LF_CUT = _accesslog.CUT
+cdef uint32_t LF_PATH = _accesslog.PATH_REFUSED
+cdef uint32_t LF_RETRIED = _accesslog.RETRIED_FAILURES
+cdef int N_FLAG_NAMES = len(_accesslog.FLAG_NAMES)
+cdef int CAP_LH[N_LH]
+CAP_LH[:] = [_accesslog.CAPS[k] for k in ("method", "path", "protocol", "x_forwarded_for",
+                                          "user_agent", "request_id", "authority")]
+if sum(CAP_LH) > LOG_HEAD:
+    raise ImportError("LOG_HEAD is less than accesslog.CAPS' head values")
+
+cdef struct LogTag_:
+    # what a tag's lines say (accesslog.TagLog, its values escaped as a
+    # line has them; one block): per tag id (Relay.log_tags)
+    uint32_t flags         # its local answer's (NR)
+    int cluster_len        # 0: absent
+    int route_len
+    int details_len
+    char *cluster
+    char *route
+    char *details
+
+cdef struct LogReq:
+    # the current request's, from log_capture() to log_done() (malloc'd)
+    double wall            # its start, wall clock
+    int64_t cl             # its Content-Length (-1: none, or chunked)
+    int up_len             # UPSTREAM_HOST of a try given up (0: none)
+    char up[LOG_ADDR]
+    int off[N_LH]          # each head value's bytes in head, escaped (n 0: absent)
+    int n[N_LH]
+    char head[LOG_HEAD]
+
+cdef struct LogConn:
+    # a client connection's, while the access log is on (Conn.lg)
+    bint asked             # local and remote asked (once)
+    int local_len
+    int remote_len
+    char local[LOG_ADDR]   # DOWNSTREAM_LOCAL_ADDRESS: its origin's, else getsockname
+    char remote[LOG_ADDR]  # DOWNSTREAM_REMOTE_ADDRESS
+    LogReq *req
+
+
 # -- state ------------------------------------------------------------------
 
 cdef struct Buf:
@@ -780,6 +1173,8 @@ cdef struct Up:
     bint sent              # the kernel took a byte of the current request
     bint removed           # its endpoint left the route table: closed at check-in
     int requests
+    int local_len          # the access log's UPSTREAM_LOCAL_ADDRESS, once asked (0: not)
+    char local[LOG_ADDR]
     double idle_since
     double deadline        # connect deadline
     Up *idle_prev
@@ -911,6 +1306,7 @@ cdef struct Verdict_:
     uint64_t total
     int status
     int tag
+    uint32_t lflags        # V_LOCAL: the access log's bits of its answer (LF_*)
     Fault_ *fault          # V_ROUTE: the route's fault injection (NULL: none); interned
     char *keep             # the local answer when the connection stays
     size_t keep_len
@@ -958,6 +1354,8 @@ cdef struct Conn:
     int pipe_r             # splicing: the body's pipe
     int pipe_w
     int pipe_cap
+    uint32_t lflags        # the access log's bits of the current request (LF_*)
+    LogConn *lg            # the access log's (NULL: it is off)
     Buf inb                # client bytes not consumed; a head starts at 0
     Buf out                # to the client
     Scanner s
@@ -966,6 +1364,7 @@ cdef struct Conn:
     size_t head_len
     int64_t req_left       # request body bytes still to forward (REQ_CHUNKED: until rck ends)
     Chunked *rck           # a chunked request body's machine (allocated for it)
+    int64_t req_chunked    # ... its bytes taken (the access log's BYTES_RECEIVED)
     int64_t resp_left
     Chunked ck
     Buf rhead              # response bytes before the final head is complete
@@ -1064,6 +1463,8 @@ cdef struct Handoff:
     uint32_t origin
     char *data
     size_t len
+    char *local            # the access log's DOWNSTREAM_LOCAL_ADDRESS (NULL: ask the fd)
+    int local_len
     Handoff *next
 
 cdef struct Span:  # bytes of a head
@@ -1197,6 +1598,19 @@ cdef struct Relay:
     int n_others
     int64_t last_accept_ns # CLOCK_MONOTONIC (atomic)
     int64_t ctr[<int>N_CT]
+    # the access log (NULL: off; see "Access log"): its buffer and writer,
+    # the format, a line as it is built (the loop's), each tag id's
+    # values; log_capture() and log_done(), called through these (never
+    # inlined into apply_verdict() and request_done(): a request with the
+    # log off pays a test of c.lg in each)
+    l4_alog *alog
+    bint log_json
+    char *log_line
+    LogTag_ **log_tags
+    int n_log_tags
+    char log_addr[LOG_ADDR]  # (accept_on()'s origin text)
+    void (*log_capture)(Relay *R, Conn *c) noexcept nogil
+    void (*log_done)(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil
 
 
 cdef inline double now_s() noexcept nogil:
@@ -1557,6 +1971,7 @@ cdef void up_discard(Relay *R, Conn *c) noexcept nogil:
     c.up = NULL
     if u == NULL:
         return
+    log_upstream(c, u.ep)  # (the access log's UPSTREAM_HOST, if no later try reaches one)
     u.ep.active -= 1
     u.owner = NULL
     up_close(R, u)
@@ -2263,6 +2678,391 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
         r.buckets[b] += 1
 
 
+# -- the access log ------------------------------------------------------------------
+# (see "Access log": log_capture() where a routed request starts, log_done()
+# where it is counted, through R's pointers; the bits set where the relay
+# answers or gives up, each on a path a request served upstream never takes)
+
+cdef char *TRUNC = NULL           # accesslog.TRUNCATED
+cdef int TRUNC_LEN = 0
+cdef char *FLAG_NAME[32]          # accesslog.FLAG_NAMES
+cdef int FLAG_NAME_LEN[32]
+cdef const char *HEX_UPPER = b"0123456789ABCDEF"
+cdef const char *HEX_LOWER = b"0123456789abcdef"
+
+
+cdef inline int log_unit(unsigned char b, bint json) noexcept nogil:
+    """An input byte's escaped length (accesslog.escape()'s units)."""
+    if b == DQUOTE or b == 0x5C:
+        return 2
+    if 0x20 <= b < 0x7F:
+        return 1
+    return 6 if json else 4
+
+
+cdef inline int log_put(char *out, unsigned char b, bint json) noexcept nogil:
+    """An input byte escaped into out: its length (log_unit())."""
+    if b == DQUOTE or b == 0x5C:
+        out[0] = 0x5C
+        out[1] = <char>b
+        return 2
+    if 0x20 <= b < 0x7F:
+        out[0] = <char>b
+        return 1
+    if json:  # \u00hh: the byte as a code point (ISO-8859-1)
+        memcpy(out, b"\\u00", 4)
+        out[4] = HEX_LOWER[b >> 4]
+        out[5] = HEX_LOWER[b & 15]
+        return 6
+    memcpy(out, b"\\x", 2)  # \xHH
+    out[2] = HEX_UPPER[b >> 4]
+    out[3] = HEX_UPPER[b & 15]
+    return 4
+
+
+cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize_t *ns, int k,
+                    bint json) noexcept nogil:
+    """The *k* values ps[i][:ns[i]] joined by "," and escaped into *out*, at
+    most *cap* bytes: a longer one cut at a whole escape, TRUNC after it
+    (accesslog.escape()'s twin); the bytes written."""
+    cdef Py_ssize_t total = 0, i, j
+    cdef int n = 0, room
+    cdef bint stop = False
+    for i in range(k):
+        total += 1 if i else 0
+        for j in range(ns[i]):
+            total += log_unit(ps[i][j], json)
+        if total > cap:
+            break
+    if total <= cap:
+        for i in range(k):
+            if i:
+                out[n] = 0x2C
+                n += 1
+            for j in range(ns[i]):
+                n += log_put(out + n, ps[i][j], json)
+        return n
+    room = cap - TRUNC_LEN
+    i = 0
+    while i < k and not stop:
+        if i:
+            if n + 1 > room:
+                break
+            out[n] = 0x2C
+            n += 1
+        j = 0
+        while j < ns[i]:
+            if n + log_unit(ps[i][j], json) > room:
+                stop = True
+                break
+            n += log_put(out + n, ps[i][j], json)
+            j += 1
+        i += 1
+    memcpy(out + n, TRUNC, TRUNC_LEN)
+    return n + TRUNC_LEN
+
+
+cdef void log_value(LogReq *q, int which, int *at, const unsigned char **ps,
+                    const Py_ssize_t *ns, int k, bint json) noexcept nogil:
+    """A head value of q, escaped at q.head[*at:] (absent: none, n 0)."""
+    q.off[which] = at[0]
+    q.n[which] = log_escape(q.head + at[0], CAP_LH[which], ps, ns, k, json) if k else 0
+    at[0] += q.n[which]
+
+
+cdef void log_header(LogReq *q, int which, const unsigned char *b, Scanner *s, const char *name,
+                     int name_len, int *at, bint json) noexcept nogil:
+    """A header's values (its lines', joined by ",": Envoy's HTTP/1 codec's)."""
+    cdef const unsigned char *ps[LOG_SPANS]
+    cdef Py_ssize_t ns[LOG_SPANS]
+    cdef int k = 0
+    cdef Py_ssize_t p = s.headers_start
+    cdef Field f
+    while next_field(b, p, s.head_length, &f):
+        if f.ne - f.ns == name_len and eq_lower(b + f.ns, name, name_len) and k < LOG_SPANS:
+            ps[k] = b + f.vs
+            ns[k] = f.ve - f.vs
+            k += 1
+        p = f.lf + 1
+    log_value(q, which, at, ps, ns, k, json)
+
+
+cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
+    """A routed request starts (apply_verdict()): what its line says of its
+    head (c.inb, gone before its end), escaped; its start; its bits and
+    chunked bytes afresh. Out of memory: no line for it."""
+    cdef LogReq *q = c.lg.req
+    cdef const unsigned char *b = <const unsigned char*>c.inb.p
+    cdef Scanner *s = &c.s
+    cdef const unsigned char *ps[1]
+    cdef Py_ssize_t ns[1]
+    cdef int at = 0
+    cdef bint json = R.log_json
+    c.lflags = 0
+    c.req_chunked = 0
+    if q == NULL:
+        q = c.lg.req = <LogReq*>malloc(sizeof(LogReq))
+        if q == NULL:
+            return
+    q.wall = wall_s()
+    q.cl = c.req_left  # (REQ_CHUNKED: a chunked body)
+    q.up_len = 0
+    ps[0] = b + s.method_start
+    ns[0] = s.method_end - s.method_start
+    log_value(q, LH_METHOD, &at, ps, ns, 1, json)
+    ps[0] = b + s.method_end + 1
+    ns[0] = s.target_end - s.method_end - 1
+    log_value(q, LH_PATH, &at, ps, ns, 1, json)
+    ps[0] = b + s.target_end + 1
+    ns[0] = 8  # HTTP/1.x
+    log_value(q, LH_PROTOCOL, &at, ps, ns, 1, json)
+    log_header(q, LH_XFF, b, s, b"x-forwarded-for", 15, &at, json)
+    log_header(q, LH_UA, b, s, b"user-agent", 10, &at, json)
+    log_header(q, LH_RID, b, s, b"x-request-id", 12, &at, json)
+    log_header(q, LH_AUTHORITY, b, s, b"host", 4, &at, json)
+
+
+cdef void log_upstream(Conn *c, const EP *ep) noexcept nogil:
+    """UPSTREAM_HOST of a try given up (up_discard(), a failed connect):
+    the request's, unless a later try reaches another (its c.up at the
+    end). A name not resolved yet is none (the pure twin's too)."""
+    if c.lg == NULL or c.lg.req == NULL or not ep.numeric:
+        return
+    c.lg.req.up_len = ep_text(c.lg.req.up, ep.v6, ep.addr, ep.addr6, ep.port)
+
+
+cdef struct LineW:
+    char *p
+    int n
+    int cap
+
+
+cdef inline void lw(LineW *w, const char *s, int k) noexcept nogil:
+    if k > w.cap - w.n:  # (never: the caps bound a line, accesslog.CAPS)
+        k = w.cap - w.n
+    memcpy(w.p + w.n, s, k)
+    w.n += k
+
+
+cdef inline void lws(LineW *w, const char *s) noexcept nogil:
+    lw(w, s, <int>strlen(s))
+
+
+cdef inline void lw_int(LineW *w, int64_t v) noexcept nogil:
+    cdef char digits[24]
+    cdef int k = 0, i
+    cdef uint64_t u = <uint64_t>v if v >= 0 else <uint64_t>(-v)
+    while True:
+        digits[k] = <char>(0x30 + u % 10)
+        k += 1
+        u //= 10
+        if u == 0:
+            break
+    if v < 0:
+        digits[k] = 0x2D
+        k += 1
+    for i in range(k):  # (reversed)
+        w.p[w.n + i] = digits[k - 1 - i]
+    w.n += k
+
+
+cdef inline void lw_val(LineW *w, const char *s, int k, bint json) noexcept nogil:
+    """A value as a line has it: absent (k 0) "-" or null; JSON quoted."""
+    if k <= 0:
+        lw(w, b"null" if json else b"-", 4 if json else 1)
+    elif json:
+        lw(w, b'"', 1)
+        lw(w, s, k)
+        lw(w, b'"', 1)
+    else:
+        lw(w, s, k)
+
+
+cdef const char *log_details(uint32_t f, int status, bint local) noexcept nogil:
+    """RESPONSE_CODE_DETAILS (accesslog.details()'s twin; NULL: the tag's,
+    a route's own answer)."""
+    cdef bint after = not local and status > 0
+    if f & LF_PATH:
+        return b"path_normalization_failed"
+    if f & LF_FI:
+        return b"fault_filter_abort"
+    if f & LF_UH:
+        return b"no_healthy_upstream"
+    if f & LF_UO:
+        return b"upstream_reset_before_response_started{overflow}"
+    if f & LF_UF:
+        return b"upstream_reset_before_response_started{connection_failure}"
+    if f & LF_OM:
+        return b"overload_manager"
+    if f & LF_UT:
+        return b"upstream_response_timeout"
+    if f & LF_UPE:
+        if after:
+            return b"upstream_reset_after_response_started{protocol_error}"
+        return b"upstream_reset_before_response_started{protocol_error}"
+    if f & LF_UC:
+        if after:
+            return b"upstream_reset_after_response_started{connection_termination}"
+        return b"upstream_reset_before_response_started{connection_termination}"
+    if f & LF_SI:
+        return b"stream_idle_timeout"
+    if f & LF_DC:
+        return b"downstream_remote_disconnect"
+    if f & LF_DPE:
+        return b"http1.codec_error"
+    if f & LF_LOCALV:
+        return NULL
+    return b"direct_response" if local else b"via_upstream"
+
+
+cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
+    """The request c counts now (request_done()): its line, formatted as
+    accesslog.format_line() formats the pure twin's, to R.alog's buffer
+    (never waited for: full, the line is dropped and counted)."""
+    cdef LogReq *q = c.lg.req
+    cdef LogConn *g = c.lg
+    cdef LogTag_ *t = NULL
+    cdef LineW w
+    cdef bint json = R.log_json
+    cdef uint32_t f = c.lflags, shown, failed
+    cdef const char *why
+    cdef int64_t received
+    cdef char when[32]
+    cdef int k, i
+    cdef sockaddr_storage ss
+    cdef sys_.socklen_t sl
+    cdef Up *u = c.up
+    cdef const char *up_p = NULL
+    cdef int up_n = 0, local_n = 0
+    cdef Retry_ *p = c.retry
+    if q == NULL:
+        return  # (out of memory when it started)
+    if not g.asked:  # the connection's addresses, once
+        g.asked = True
+        if g.local_len == 0:
+            sl = sizeof(ss)
+            if getsockname(c.fd, <sockaddr*>&ss, &sl) == 0:
+                g.local_len = sa_text(g.local, &ss)
+        sl = sizeof(ss)
+        if getpeername(c.fd, <sockaddr*>&ss, &sl) == 0:
+            g.remote_len = sa_text(g.remote, &ss)
+    # the flags (accesslog.final_flags(), and the URX of Exchange._done())
+    shown = f & LF_FLAGS
+    if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
+        shown |= LF_DC
+    failed = shown & LF_RETRIED
+    if p != NULL and p.attempts > 0 and c.tries >= p.attempts:
+        if (failed and p.on & RT_ON_RESET) or (
+                not (failed or local or f & LF_CUT) and retry_status(p, status)):
+            shown |= LF_URX
+    if 0 <= c.tag < R.n_log_tags:
+        t = R.log_tags[c.tag]
+    why = log_details(shown | (f & ~LF_FLAGS), status, local)
+    failed = shown & ~(LF_DI | LF_URX)  # (no UPSTREAM_LOCAL_ADDRESS then)
+    if f & LF_LOCALV and t != NULL:
+        shown |= t.flags
+    if u != NULL:
+        if not u.connecting and not failed and not local:
+            if u.local_len == 0:
+                sl = sizeof(ss)
+                if getsockname(u.fd, <sockaddr*>&ss, &sl) == 0:
+                    u.local_len = sa_text(u.local, &ss)
+            local_n = u.local_len
+        if u.ep.numeric:
+            up_n = ep_text(q.up, u.ep.v6, u.ep.addr, u.ep.addr6, u.ep.port)
+            up_p = q.up
+    elif q.up_len:
+        up_p = q.up
+        up_n = q.up_len
+    if q.cl == REQ_CHUNKED:
+        received = c.req_chunked
+    else:
+        received = q.cl - (c.req_left if 0 <= c.req_left <= q.cl else q.cl)
+    k = time_text(when, q.wall)
+    w.p = R.log_line
+    w.n = 0
+    w.cap = LOG_LINE
+    if json:
+        lws(&w, b'{"start_time":"')
+        lw(&w, when, k)
+        lws(&w, b'","method":')
+    else:
+        lws(&w, b"[")
+        lw(&w, when, k)
+        lws(&w, b'] "')
+    lw_val(&w, q.head + q.off[LH_METHOD], q.n[LH_METHOD], json)
+    lws(&w, b',"path":' if json else b" ")
+    lw_val(&w, q.head + q.off[LH_PATH], q.n[LH_PATH], json)
+    lws(&w, b',"protocol":' if json else b" ")
+    lw_val(&w, q.head + q.off[LH_PROTOCOL], q.n[LH_PROTOCOL], json)
+    lws(&w, b',"response_code":' if json else b'" ')
+    lw_int(&w, status)
+    lws(&w, b',"response_flags":"' if json else b" ")
+    if not shown & LF_FLAGS:
+        lws(&w, b"-")
+    else:
+        k = 0
+        for i in range(N_FLAG_NAMES):
+            if shown >> i & 1:
+                if k:
+                    lws(&w, b",")
+                lw(&w, FLAG_NAME[i], FLAG_NAME_LEN[i])
+                k += 1
+    lws(&w, b'","response_code_details":' if json else b" ")
+    if why != NULL:
+        lw_val(&w, why, <int>strlen(why), json)
+    elif t != NULL:
+        lw_val(&w, t.details, t.details_len, json)
+    else:
+        lw_val(&w, NULL, 0, json)
+    if json:
+        lws(&w, b',"connection_termination_details":null'
+                b',"upstream_transport_failure_reason":null,"bytes_received":')
+    else:
+        lws(&w, b' - "-" ')
+    lw_int(&w, received)
+    lws(&w, b',"bytes_sent":' if json else b" ")
+    lw_int(&w, c.client_bytes)
+    lws(&w, b',"duration":' if json else b" ")
+    lw_int(&w, <int64_t>((now - c.started) * 1000))
+    if json:
+        lws(&w, b',"upstream_service_time":null,"x_forwarded_for":')
+    else:
+        lws(&w, b' - "')
+    lw_val(&w, q.head + q.off[LH_XFF], q.n[LH_XFF], json)
+    lws(&w, b',"user_agent":' if json else b'" "')
+    lw_val(&w, q.head + q.off[LH_UA], q.n[LH_UA], json)
+    lws(&w, b',"request_id":' if json else b'" "')
+    lw_val(&w, q.head + q.off[LH_RID], q.n[LH_RID], json)
+    lws(&w, b',"authority":' if json else b'" "')
+    lw_val(&w, q.head + q.off[LH_AUTHORITY], q.n[LH_AUTHORITY], json)
+    lws(&w, b',"upstream_host":' if json else b'" "')
+    lw_val(&w, up_p, up_n, json)
+    lws(&w, b',"upstream_cluster":' if json else b'" ')
+    if t != NULL and not f & LF_LOCALV:
+        lw_val(&w, t.cluster, t.cluster_len, json)
+    else:
+        lw_val(&w, NULL, 0, json)
+    lws(&w, b',"upstream_local_address":' if json else b" ")
+    lw_val(&w, u.local if local_n else NULL, local_n, json)
+    lws(&w, b',"downstream_local_address":' if json else b" ")
+    lw_val(&w, g.local, g.local_len, json)
+    lws(&w, b',"downstream_remote_address":' if json else b" ")
+    lw_val(&w, g.remote, g.remote_len, json)
+    if json:
+        lws(&w, b',"requested_server_name":null,"route_name":')
+    else:
+        lws(&w, b" - ")
+    if t != NULL:
+        lw_val(&w, t.route, t.route_len, json)
+    else:
+        lw_val(&w, NULL, 0, json)
+    lws(&w, b"}\n" if json else b"\n")
+    alog_push(R.alog, w.p, <size_t>w.n)
+    free(q)
+    c.lg.req = NULL
+
+
 # -- the exchange -------------------------------------------------------------------
 
 
@@ -2276,12 +3076,16 @@ cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) no
     if local:
         L4R_ADD(&R.ctr[<int>CT_LOCAL], 1)
     count_row(R, c.tag, status if status else ST_NONE, now - c.started)
+    if c.lg != NULL:  # (the access log's line: see "Access log")
+        R.log_done(R, c, status, local, now)
 
 
 cdef inline void request_cut(Relay *R, Conn *c, double now) noexcept nogil:
     """The request ends unanswered (a reset, the client gone, an idle
     timeout): counted with the status of the final head the client got, else
-    0 (Envoy's response code for a request reset before its response)."""
+    0 (Envoy's response code for a request reset before its response); the
+    access log's DC unless a flag says why (route_timeout(), tick())."""
+    c.lflags |= LF_CUT
     request_done(R, c, c.status if c.rs != RS_HEAD else 0, False, now)
 
 
@@ -2306,6 +3110,7 @@ cdef Verdict_ *verdict_copy_local(const Verdict_ *v) noexcept nogil:
     w.kind = V_LOCAL
     w.status = v.status
     w.tag = v.tag
+    w.lflags = v.lflags
     w.keep = <char*>malloc(v.keep_len or 1)
     w.close = <char*>malloc(v.close_len or 1)
     if w.keep == NULL or w.close == NULL:
@@ -2411,8 +3216,18 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     it is not the upstream's failure (a request body that cannot be
     framed), or no endpoint is to blame (the route timeout while
     connecting)."""
+    cdef size_t before = c.out.len
     if c.shadow != NULL:  # (given up before the request's end, or before a connection)
         mirror_give_up(R, c, now)
+    # the access log's why (the pure twin's _upstream_failed())
+    if why == OD_BEFORE or why == OD_MID:
+        c.lflags |= LF_UC
+    elif why == OD_TIMEOUT or (why == OD_ANSWERED and status == 504):
+        c.lflags |= LF_UT
+    elif why != OD_ANSWERED:  # (a response the upstream framed wrong)
+        c.lflags |= LF_UPE
+    else:  # (a request body the client framed wrong)
+        c.lflags |= LF_DPE
     if c.up != NULL:
         if why != OD_ANSWERED:
             outcome(R, c, c.up.ep, why)
@@ -2423,6 +3238,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
                 and not c.client_eof:
             if answer_edited(R, c, kept, kn, status >= 500) != 0:
                 return  # out of memory: aborted
+            c.client_bytes += c.out.len - before
             request_done(R, c, status, True, now)
             if c.splicing == SPL_REQ:  # (the body's bytes in the pipe go nowhere)
                 splice_stop(c)
@@ -2434,6 +3250,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
             return
         if reason != NULL and answer_edited(R, c, reason, n, status >= 500) != 0:
             return  # out of memory: aborted
+        c.client_bytes += c.out.len - before
         request_done(R, c, status, True, now)
     else:  # a body cut short: counted with its head's status (as Envoy does)
         request_cut(R, c, now)
@@ -2686,6 +3503,7 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
     if c.up != NULL:
         outcome(R, c, c.up.ep, OD_TIMEOUT)
         up_discard(R, c)
+    c.lflags |= LF_UT
     conn_close(R, c, True)  # (counted there: the status the client got)
 
 
@@ -3579,12 +4397,27 @@ cdef int64_t body_take(Conn *c, const char *p, int64_t n, bint *bad) noexcept no
         used = n if n < c.req_left else c.req_left
         c.req_left -= used
         return used
-    used = chunked(c.rck, <const unsigned char*>p, <Py_ssize_t>n)
+    used = TAKE_CHUNKED(c, p, n)
     if c.rck.state == C_ERROR:
         bad[0] = True
-    elif c.rck.state == C_DONE:
+    return used
+
+
+cdef int64_t take_chunked(Conn *c, const char *p, int64_t n) noexcept nogil:
+    """body_take()'s chunked body: the machine over p[:n], its bytes
+    counted (the access log's BYTES_RECEIVED). Called through TAKE_CHUNKED:
+    never inlined into body_take(), which stays small enough to be inlined
+    itself (its *bad* then never on the stack: no stack-protector canary
+    for a request without a chunked body)."""
+    cdef int64_t used = chunked(c.rck, <const unsigned char*>p, <Py_ssize_t>n)
+    c.req_chunked += used
+    if c.rck.state == C_DONE:
         c.req_left = 0
     return used
+
+
+cdef int64_t (*TAKE_CHUNKED)(Conn *c, const char *p, int64_t n) noexcept nogil
+TAKE_CHUNKED = take_chunked
 
 
 cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
@@ -4042,9 +4875,12 @@ cdef void rewrite_refused(Relay *R, Conn *c, double now) noexcept nogil:
     """A path rewrite made a dot-segment: the parser's answer to such a
     target on input (400, R_dot_segment), the connection closed, nothing
     upstream (refused_rewrite() in _exchange_py.py)."""
+    cdef size_t before = c.out.len
     answer_client(R, c, R_dot_segment.close, R_dot_segment.close_len)
     if c.closed:
         return
+    c.lflags |= LF_PATH
+    c.client_bytes += c.out.len - before
     request_done(R, c, 400, True, now)
     buf_drop(&c.inb, c.head_len)
     c.head_len = 0
@@ -4059,6 +4895,7 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) 
     answer to a request whose choice was drawn (none answered, a circuit
     breaker, out of fds), which gets its response edits (answer_edited)."""
     cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
+    cdef size_t before = c.out.len
     if c.shadow != NULL:  # (drawn: its connects failed, a circuit breaker, no fd)
         mirror_give_up(R, c, now)
     if v.tag >= 0:
@@ -4069,6 +4906,8 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) 
         answer_edited(R, c, v.close, v.close_len, edited)
     if c.closed:
         return
+    c.lflags |= v.lflags  # (the access log's: why the relay answers)
+    c.client_bytes += c.out.len - before
     request_done(R, c, v.status, True, now)
     buf_drop(&c.inb, c.head_len)
     c.head_len = 0
@@ -4086,6 +4925,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     cdef Verdict_ *empty
     c.started = now
     c.uncounted = True
+    if c.lg != NULL:  # (the access log's: see "Access log")
+        R.log_capture(R, c)
     if v.kind == V_LOCAL:
         if v.fault != NULL:
             if v.tag >= 0:
@@ -4162,6 +5003,7 @@ cdef bint fault_drawn(Relay *R, Conn *c, Fault_ *f, Verdict_ *local,
                 local_answer(R, c, local, now, False)
                 return True
         c.phase = P_CONNECT
+        c.lflags |= LF_DI
         c.fault_until = now + f.delay
         c.fault_answer = f.answer if aborted else copy
         c.fault_local = copy != NULL
@@ -4210,6 +5052,7 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     cdef bint keep = c.keep_alive and not c.client_eof
     cdef bint bad = False
     cdef int64_t take = 0
+    cdef size_t before = c.out.len
     if v.tag >= 0:
         c.tag = v.tag  # (Fault.tag: what an abort's reports carry)
     if keep and c.req_left:
@@ -4221,6 +5064,8 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
         answer_client(R, c, v.close, v.close_len)
     if c.closed:
         return
+    c.lflags |= v.lflags  # (FI)
+    c.client_bytes += c.out.len - before
     request_done(R, c, v.status, True, now)
     buf_drop(&c.inb, c.head_len + <size_t>take if keep else c.head_len)
     c.head_len = 0
@@ -4434,6 +5279,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     attempt's, or a retry's), or 503 (502 for a retry: the request is lost)."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
+    log_upstream(c, failed)  # (the access log's UPSTREAM_HOST, if no later try reaches one)
     for i in range(c.n_cand):
         if c.cand[i] != failed:
             c.cand[j] = c.cand[i]
@@ -4860,19 +5706,21 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
     sys_.pthread_mutex_unlock(&R.lock)
     while h != NULL:
         nx = h.next
-        new_conn(R, h.fd, h.origin, h.data, h.len, False, now)
+        new_conn(R, h.fd, h.origin, h.data, h.len, False, now, h.local, h.local_len)
         free(h.data)
+        free(h.local)
         free(h)
         h = nx
 
 
 cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n,
-                   bint solo, double now) noexcept nogil:
+                   bint solo, double now, const char *local, int local_len) noexcept nogil:
     """A client connection of this relay from now on (fd owned here). *solo*:
     accepted by this loop (TCP_NODELAY comes from the listener), and read at
     once, before epoll knows it: the request is usually there already, and a
     connection answered and closed without waiting on the client costs no
-    epoll_ctl (HAProxy's speculative read)."""
+    epoll_ctl (HAProxy's speculative read). *local*: the access log's
+    DOWNSTREAM_LOCAL_ADDRESS (its origin's; NULL: asked of the fd)."""
     cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
     cdef Conn **grown
     cdef int one = 1
@@ -4888,6 +5736,15 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     c.kind = K_CONN
     c.fd = fd
     c.origin = origin
+    if R.alog != NULL:  # (see "Access log")
+        c.lg = <LogConn*>calloc(1, sizeof(LogConn))
+        if c.lg == NULL:
+            free(c)
+            sys_.close(fd)
+            return
+        if local != NULL and 0 < local_len <= LOG_ADDR:
+            memcpy(c.lg.local, local, <size_t>local_len)
+            c.lg.local_len = local_len
     c.last_active = now
     c.head_started = now  # the first head is timed from the hand-off
     c.phase = P_HEAD
@@ -4979,7 +5836,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
             reset_close(fd)
             continue
         if l.gateway:
-            new_conn(R, fd, l.gw_origin, NULL, 0, True, now)
+            new_conn(R, fd, l.gw_origin, NULL, 0, True, now, NULL, 0)
             continue
         len = sizeof(dst)
         memset(&dst, 0, sizeof(dst))
@@ -4992,7 +5849,9 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
         key[6] = <char>SHAPE_ORIGIN
         e = cache_get(R, key, 7, key_hash(key, 7), now)
         if e != NULL and e.shape == OC_RELAY:
-            new_conn(R, fd, e.origin, NULL, 0, True, now)
+            # (the access log's DOWNSTREAM_LOCAL_ADDRESS: the original destination)
+            new_conn(R, fd, e.origin, NULL, 0, True, now, R.log_addr,
+                     sa_text(R.log_addr, &dst) if R.alog != NULL else 0)
         else:  # another kind of connection, or not known yet: Python says
             to_others(R, fd, l, dst.sin_addr.s_addr, dst.sin_port)
 
@@ -5812,6 +6671,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
             # closes an idle relay (backpressure couples the sides: progress
             # either way reads, so last_active moves)
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
+            c.lflags |= LF_SI  # (a request in flight: Envoy's stream idle timeout)
             conn_close(R, c, False)
             i -= 1
     for k in range(R.n_eps):
@@ -5886,6 +6746,9 @@ cdef void bury(Relay *R) noexcept nogil:
         if c.holds:
             conn_drop_held(c)
         fault_forget(c)
+        if c.lg != NULL:
+            free(c.lg.req)
+            free(c.lg)
         buf_free(&c.inb)
         buf_free(&c.out)
         buf_free(&c.rhead)
@@ -6050,6 +6913,9 @@ cdef class HttpRelay:
     cdef Py_ssize_t _live_retries, _live_edits, _live_faults  # ... how many the last sweep kept
     cdef readonly int interned_sweeps  # _sweep_interned() runs
     cdef readonly int tag_sweeps       # _sweep_tags() runs
+    cdef readonly object access_log    # an accesslog.AccessLog (None: off)
+    cdef bint _log_warned              # a write error was logged (once)
+    cdef dict _log_last                # the access log's counters, last read
 
     def __cinit__(self, *args, **kwargs):
         self.R = NULL
@@ -6062,7 +6928,7 @@ cdef class HttpRelay:
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
                  int intern_limit=INTERN_LIMIT, bint decide_peer=False,
-                 int max_mirrors=DEFAULT_MAX_MIRRORS):
+                 int max_mirrors=DEFAULT_MAX_MIRRORS, access_log=None):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
@@ -6092,11 +6958,14 @@ cdef class HttpRelay:
         self._retries = {}
         self._edits = {}
         self._faults = {}
+        self.access_log = access_log
         self.slow = _relay_py.HttpRelay(
             decide, l4, pool, connect_timeout, header_timeout, idle_timeout, report,
             self._slow_connect_failed, self._slow_response_failed, self._slow_answered,
             refused, max_head, answered_5xx=self._slow_answered_5xx, decide_peer=decide_peer,
             max_mirrors=max_mirrors,
+            # (its lines to this relay's buffer: one writer, whole lines)
+            access_log=None if access_log is None else access_log._replace(sink=self._log_sink),
         )
         # the slow path's requests, as the loop's LEAST_CONN must see them
         self.slow.pools.on_active = self.add_external
@@ -6138,6 +7007,12 @@ cdef class HttpRelay:
             R_overloaded = _local_verdict(503, "overloaded", -1)
             R_overflow = _local_verdict(503, OVERFLOW_BODY, -1, OVERFLOW_HEADERS)
             R_dot_segment = _local_verdict(400, DOT_SEGMENT_REASON, -1)
+            # (the access log's: why the relay answers)
+            R_no_upstream.lflags = LF_UF
+            R_overloaded.lflags = LF_OM
+            R_overflow.lflags = LF_UO
+            R_dot_segment.lflags = LF_PATH
+            _log_init()
         R = <Relay*>calloc(1, sizeof(Relay))
         if R == NULL:
             raise MemoryError()
@@ -6189,6 +7064,18 @@ cdef class HttpRelay:
         self._set_keys(key_headers)
         R.next_tick = now_s() + TICK_S
         R.next_flush = now_s() + FLUSH_S
+        if access_log is not None:  # (see "Access log")
+            R.log_line = <char*>malloc(LOG_LINE)
+            if R.log_line == NULL:
+                raise MemoryError()
+            R.log_json = bool(access_log.json)
+            R.log_capture = log_capture
+            R.log_done = log_done
+            fd = os.dup(access_log.fd)
+            R.alog = alog_new(fd, max(0, int(access_log.buffer)))
+            if R.alog == NULL:
+                os.close(fd)
+                raise MemoryError()
 
     def __dealloc__(self):
         cdef Relay *R = self.R
@@ -6202,6 +7089,7 @@ cdef class HttpRelay:
         while h != NULL:
             sys_.close(h.fd)
             free(h.data)
+            free(h.local)
             R.q_head = h.next
             free(h)
             h = R.q_head
@@ -6240,6 +7128,10 @@ cdef class HttpRelay:
         free(R.scratch)
         for i in range(N_CHUNK_ERRORS):
             free(R.bad_chunk[i])
+        if R.alog != NULL:
+            alog_close(R.alog, 0.0)
+        _free_log_tags(R)
+        free(R.log_line)
         sys_.pthread_mutex_destroy(&R.lock)
         free(R)
         for addr in (self._retries or {}).values():
@@ -6420,9 +7312,18 @@ cdef class HttpRelay:
             raise MemoryError()
         h.fd = fd
         h.origin = oid
+        if R.alog != NULL:  # (the access log's DOWNSTREAM_LOCAL_ADDRESS: its origin's)
+            local = _relay_py.origin_address(origin)
+            if local is not None:
+                text = local.encode()
+                h.local = <char*>malloc(len(text))
+                if h.local != NULL:
+                    memcpy(h.local, <char*>text, len(text))
+                    h.local_len = len(text)
         if len(d):
             h.data = <char*>malloc(len(d))
             if h.data == NULL:
+                free(h.local)
                 free(h)
                 sys_.close(fd)
                 raise MemoryError()
@@ -6612,6 +7513,11 @@ cdef class HttpRelay:
             self._flush()
         except Exception:
             L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
+        if self.R.alog != NULL:  # its last lines (the requests _shutdown cut) written first
+            self._log_counts()  # (kept: stats() after close())
+            with nogil:
+                alog_close(self.R.alog, 1.0)
+            self.R.alog = NULL
         # Not left to __dealloc__: self.slow holds bound methods of self,
         # so a closed relay is freed by the cyclic GC only, whenever.
         sys_.close(self.R.epfd)
@@ -6638,7 +7544,39 @@ cdef class HttpRelay:
             if k != "connections":  # every one of those was counted here first
                 out[k] = out.get(k, 0) + v
         out["slow_path"] = L4R_LOAD(&self.R.ctr[<int>CT_SLOW])
+        if self.access_log is not None:
+            out.update(self._log_counts())
         return out
+
+    cdef dict _log_counts(self):
+        """The access log's counters (kept once it is closed)."""
+        cdef int64_t n[4]
+        if self.R.alog != NULL:
+            alog_counts(self.R.alog, n)
+            self._log_last = {"access_log_lines": n[0], "access_log_dropped": n[1],
+                              "access_log_write_errors": n[2]}
+            if n[3] and not self._log_warned:
+                self._log_warned = True
+                _accesslog.log.warning(
+                    "access log: a write failed (%s): its line(s) dropped; later failures are "
+                    "counted in l4proxy_access_log_write_errors_total, not logged",
+                    os.strerror(<int>n[3]))
+        return dict(self._log_last or {})
+
+    def flush_access_log(self, double timeout=1.0):
+        """Wait (at most *timeout* s) until the access log's lines buffered
+        so far were written; whether they were (none to write: True)."""
+        cdef int r = 1
+        if self.R.alog != NULL:
+            with nogil:
+                r = alog_flush(self.R.alog, timeout)
+        return bool(r)
+
+    def _log_sink(self, bytes line):
+        """The pure relay's lines (its thread): to this relay's buffer."""
+        cdef l4_alog *a = self.R.alog if self.R != NULL else NULL
+        if a != NULL:
+            alog_push(a, PyBytes_AS_STRING(line), <size_t>PyBytes_GET_SIZE(line))
 
     def add_external(self, endpoint, int64_t n):
         """*n* more requests or connections to *endpoint* that this loop does
@@ -6753,6 +7691,7 @@ cdef class HttpRelay:
         while h != NULL:
             sys_.close(h.fd)
             free(h.data)
+            free(h.local)
             R.q_head = h.next
             free(h)
             h = R.q_head
@@ -6890,7 +7829,8 @@ cdef class HttpRelay:
                         cache_put(R, key, 7, key_hash(key, 7), NULL,
                                   OC_RELAY if mine else OC_OTHER, now + 1.0, epoch, oid)
                 if mine:
-                    new_conn(R, sock.detach(), oid, NULL, 0, True, now)
+                    local = f"{ip}:{port}".encode()  # (the access log's, as accept_on()'s)
+                    new_conn(R, sock.detach(), oid, NULL, 0, True, now, local, len(local))
                 elif self.accepted is not None:
                     self.accepted(sock, o.lst)
                 else:
@@ -7017,9 +7957,52 @@ cdef class HttpRelay:
         else:
             tid = len(self._tags)
             self._tags.append(tag)
+        if self.R.alog != NULL:
+            self._log_tag(tid, tag)
         if hashable:
             self._tag_ids[tag] = tid
         return tid
+
+    cdef _log_tag(self, int tid, tag):
+        """What the access log says of tag id *tid* (the loop's thread, the
+        loop waiting: R.log_tags grows here alone): its TagLog's values
+        escaped as a line has them."""
+        cdef Relay *R = self.R
+        cdef LogTag_ **grown
+        cdef LogTag_ *t
+        cdef int n
+        cdef bytes cluster, route, details
+        d = self.access_log.describe(tag)
+        json = R.log_json
+        cluster = _accesslog.escape(d.upstream_cluster.encode("latin-1", "replace"),
+                                    _accesslog.CAPS["upstream_cluster"], json)
+        route = _accesslog.escape(d.route_name.encode("latin-1", "replace"),
+                                  _accesslog.CAPS["route_name"], json)
+        details = _accesslog.escape(d.details.encode("latin-1", "replace"),
+                                    _accesslog.CAPS["response_code_details"], json)
+        if tid >= R.n_log_tags:
+            n = max(tid + 1, 2 * R.n_log_tags, 16)
+            grown = <LogTag_**>realloc(R.log_tags, n * sizeof(LogTag_*))
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + R.n_log_tags, 0, (n - R.n_log_tags) * sizeof(LogTag_*))
+            R.log_tags = grown
+            R.n_log_tags = n
+        t = <LogTag_*>malloc(sizeof(LogTag_) + len(cluster) + len(route) + len(details) + 1)
+        if t == NULL:
+            raise MemoryError()
+        t.flags = int(d.flags) & LF_FLAGS
+        t.cluster = <char*>t + sizeof(LogTag_)
+        t.cluster_len = len(cluster)
+        t.route = t.cluster + t.cluster_len
+        t.route_len = len(route)
+        t.details = t.route + t.route_len
+        t.details_len = len(details)
+        memcpy(t.cluster, <char*>cluster, t.cluster_len)
+        memcpy(t.route, <char*>route, t.route_len)
+        memcpy(t.details, <char*>details, t.details_len)
+        free(R.log_tags[tid])
+        R.log_tags[tid] = t
 
     cdef _sweep_tags(self):
         """Free the tag ids nothing refers to (the loop's thread, before a
@@ -7320,6 +8303,7 @@ cdef class HttpRelay:
             status, body = verdict.local
             v = _local_verdict(status, body, self._tag_id(verdict.tag),
                                header_lines(verdict.local_headers))
+            v.lflags = LF_LOCALV  # (the route's own answer: its tag says why)
             try:
                 v.fault = self._fault(verdict.fault)
             except BaseException:
@@ -7328,6 +8312,7 @@ cdef class HttpRelay:
             return v
         choices = verdict.choices
         v = _local_verdict(503, "no healthy upstream", self._tag_id(verdict.tag))
+        v.lflags = LF_UH
         v.kind = V_ROUTE
         v.timeout = max(0.0, float(verdict.timeout))
         v.retry = self._retry(verdict.retry)
@@ -7354,6 +8339,7 @@ cdef class HttpRelay:
                     status = choice.status
                     body = no_endpoint_body(status)
                     ch.empty = _local_verdict(status, body, ch.tag, "", choice.edits)
+                    ch.empty.lflags = LF_UH if status == 503 else 0
                 ch.eps = <EP**>calloc(len(choice.endpoints) or 1, sizeof(EP*))
                 if ch.eps == NULL:
                     raise MemoryError()
@@ -7456,6 +8442,7 @@ cdef class HttpRelay:
         try:
             tid = -1 if fault.tag is None else self._tag_id(fault.tag)
             p.answer = _local_verdict(int(fault.abort_status), FAULT_ABORT_BODY, tid)
+            p.answer.lflags = LF_FI
         except BaseException:
             free(p)
             raise
@@ -7715,6 +8702,8 @@ cdef class HttpRelay:
                                  tuple(r.buckets[b] for b in range(R.n_buckets + 1))))
             memset(r, 0, sizeof(Row))
         R.rows_used = 0
+        if R.alog != NULL and not self._log_warned:  # (a write error: logged once)
+            self._log_counts()
         if self.report_rows is not None and (decided or answered):
             self.report_rows(decided, answered)
         for i in range(R.n_lsts):
@@ -7815,3 +8804,23 @@ cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",
     v.keep_len = len(keep)
     v.close_len = len(close)
     return v
+
+
+cdef void _log_init() except *:
+    """The access log's texts from accesslog (its twin's: one source)."""
+    global TRUNC, TRUNC_LEN
+    cdef size_t n
+    TRUNC = _dup(_accesslog.TRUNCATED, &n)
+    TRUNC_LEN = <int>n
+    for i, name in enumerate(_accesslog.FLAG_NAMES):
+        FLAG_NAME[i] = _dup(name.encode(), &n)
+        FLAG_NAME_LEN[i] = <int>n
+
+
+cdef void _free_log_tags(Relay *R) noexcept nogil:
+    cdef int i
+    for i in range(R.n_log_tags):
+        free(R.log_tags[i])
+    free(R.log_tags)
+    R.log_tags = NULL
+    R.n_log_tags = 0

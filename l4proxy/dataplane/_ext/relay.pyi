@@ -12,6 +12,7 @@ from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as Decision
 from l4proxy.dataplane._relay_py import HttpRelay as PureRelay
+from l4proxy.dataplane.accesslog import AccessLog
 from l4proxy.dataplane.verdict import Verdict
 
 __all__ = ["Decision", "HttpRelay"]
@@ -59,7 +60,11 @@ class HttpRelay:
         max_head: int = 65536,
         decide_peer: bool = False,
         max_mirrors: int = 256,
+        access_log: AccessLog | None = None,
     ) -> None: ...
+    @property
+    def access_log(self) -> AccessLog | None: ...
+    def flush_access_log(self, timeout: float = 1.0) -> bool: ...
     def start(self) -> None: ...
     def add(self, sock: socket, origin: Any, data: bytes = b"", requests: int = 0) -> None: ...
     def invalidate(self, key_headers: Iterable[str] | None = None) -> None: ...
