@@ -442,6 +442,12 @@ class WorkerView:
             # istio_requests_total, l4proxy_decisions_total and
             # l4proxy_mirror_requests_total (the pure relay drops none)
             "l4proxy_http_metrics_dropped_total": rs.get("metrics_dropped", 0),
+            # --access-log: lines taken (one per request), dropped (the
+            # buffer full: the log's reader or disk slower than the
+            # requests; or a write that failed), and write()s that failed
+            "l4proxy_access_log_lines_total": rs.get("access_log_lines", 0),
+            "l4proxy_access_log_dropped_total": rs.get("access_log_dropped", 0),
+            "l4proxy_access_log_write_errors_total": rs.get("access_log_write_errors", 0),
             "l4proxy_http_verdict_cache_hits_total": rs.get("verdict_cache_hits", 0),
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),

@@ -71,6 +71,8 @@ from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, loca
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane._relay_py import peer_of
+from l4proxy.dataplane.accesslog import NO_TAG, AccessLog, TagLog
+from l4proxy.dataplane.accesslog import NR as NR_FLAG
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.dataplane.relay import HttpRelay
@@ -86,6 +88,7 @@ from l4proxy.dataplane.verdict import (
 )
 from l4proxy.rules.classify import UNREAD, Classification, Kind, Origin, Unread, classify
 from l4proxy.rules.health import EndpointHealth
+from l4proxy.rules.routing import DEFAULT as DEFAULT_SUBSET
 from l4proxy.rules.routing import (
     NO_POOL_SETTINGS,
     NO_ROUTE,
@@ -101,6 +104,7 @@ from l4proxy.rules.routing import (
     RouteTable,
     Service,
     ServicePort,
+    WeightedSubset,
     endpoint_name,
     endpoint_versions,
     request_headers,
@@ -133,6 +137,10 @@ class WorkerOptions:
     http_routing: str = "request"
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
     pool: PoolOptions = field(default_factory=PoolOptions)  # --pool-*: upstream pools
+    # --access-log: the fd its lines go to (-1: off; the relays write
+    # duplicates of it), and --access-log-format json
+    access_log_fd: int = -1
+    access_log_json: bool = False
 
 
 def local_addresses() -> set[str]:
@@ -370,6 +378,11 @@ class Worker:
                 refused=self._relay_refused,
                 max_head=options.max_head,
                 seed=rules.seed,  # (the weights' draws, the compiled loop's; the backoffs')
+                access_log=(
+                    AccessLog(options.access_log_fd, options.access_log_json, _access_log_tag)
+                    if options.access_log_fd >= 0
+                    else None
+                ),
                 **compiled,
             )
             _describe_istio(self.relay_counters)
@@ -1039,40 +1052,49 @@ class Worker:
             route=decision.route,
             subset=decision.subset,
         )
+        # (the ports of Istio's cluster name, outbound|PORT|SUBSET|HOST: the
+        # access log's; the destination's, as the compiled relay's verdicts have it)
+        dialled = port.number
+        tport = _cluster_port(decision.service, service, dialled)
         if decision.answer is not None:  # a redirect, a direct response, a preflight's
             a = decision.answer
             return RelayDecision(
                 local=(a.status, a.body),
                 local_headers=a.headers,
-                tag=_Tag(decision),
+                tag=_Tag(decision, dialled),
                 # (a preflight's route may have a fault: drawn first, as
                 # Istio puts Envoy's fault filter before the CORS filter)
-                fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
+                fault=_abort_tagged(decision.fault, decision.service.host, decision.route, dialled),
             )
         if not decision.endpoints:  # (its fault first: Envoy's filter runs before the router)
-            fault = _abort_tagged(decision.fault, decision.service.host, decision.route)
+            fault = _abort_tagged(decision.fault, decision.service.host, decision.route, dialled)
             if decision.status == NO_ROUTE_STATUS:  # no route: nothing to edit
                 body = _local_body(decision.status)
-                return RelayDecision(local=(decision.status, body), tag=_Tag(decision), fault=fault)
+                return RelayDecision(
+                    local=(decision.status, body), tag=_Tag(decision, dialled), fault=fault
+                )
             # the router's 503 (500: a backend not resolved), which the
             # relay edits as its other own answers: the route's and the
             # destination's response edits, the CORS filter's lines
             return RelayDecision(
-                tag=_Tag(decision), edits=decision.edits, fault=fault, status=decision.status
+                tag=_Tag(decision, tport),
+                edits=decision.edits,
+                fault=fault,
+                status=decision.status,
             )
         tried = decision.endpoints[:MAX_ATTEMPTS]
         return RelayDecision(
             tuple((e.address, e.port) for e in tried),
-            tag=_Tag(decision),
+            tag=_Tag(decision, tport),
             timeout=decision.timeout,
             retry=_retry_policy(decision.retries),
             edits=decision.edits,
-            fault=_abort_tagged(decision.fault, decision.service.host, decision.route),
+            fault=_abort_tagged(decision.fault, decision.service.host, decision.route, dialled),
             mirrors=decision.mirrors,
             # (pods of several versions: each request labelled by the one
             # that answered it, as the compiled relay's verdicts have it)
             endpoint_tags=_endpoint_tags(
-                decision.service, decision.route, decision.subset, decision.endpoints, tried
+                decision.service, decision.route, decision.subset, decision.endpoints, tport, tried
             ),
         )
 
@@ -1120,9 +1142,10 @@ class Worker:
         )
         if not origin.gateway:
             shape = _shape_bits(table.request_shape(c.service))
+        dialled = c.port.number
         if rc.answer is not None:  # a redirect, a direct response, a preflight's
             a = rc.answer
-            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
+            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown", dialled)
             return Verdict(
                 local=(a.status, a.body),
                 local_headers=a.headers,
@@ -1130,17 +1153,17 @@ class Worker:
                 ttl=0.0 if a.per_request else 1.0,
                 shape=shape.bits,
                 tests=shape.tests,
-                fault=_abort_tagged(rc.fault, rc.service.host, rc.route),  # (drawn first)
+                fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),  # (drawn first)
             )
         if not rc.subsets:  # no route matched (404): nothing to edit
-            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown")
+            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown", dialled)
             body = _local_body(rc.status)
             return Verdict(
                 local=(rc.status, body),
                 tag=tag,
                 shape=shape.bits,
                 tests=shape.tests,
-                fault=_abort_tagged(rc.fault, rc.service.host, rc.route),
+                fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),
             )
         choices = tuple(
             Choice(
@@ -1148,13 +1171,15 @@ class Worker:
                 tuple((e.address, e.port) for e in ws.endpoints),
                 ws.policy or "ROUND_ROBIN",
                 ws.key,
-                _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints),
+                _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints, _ws_port(ws, dialled)),
                 ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
                 ws.edits,
                 ws.hash_on,  # (policy HASH: the relay hashes each request on it)
                 # (pods of several versions: each request labelled by the
                 # one that answered it; none for one version, the common case)
-                _endpoint_tags(ws.service, rc.route, ws.subset, ws.endpoints),
+                _endpoint_tags(
+                    ws.service, rc.route, ws.subset, ws.endpoints, _ws_port(ws, dialled)
+                ),
             )
             for ws in rc.subsets
         )
@@ -1164,7 +1189,7 @@ class Worker:
             tests=shape.tests,
             timeout=rc.timeout,
             retry=_retry_policy(rc.retries),
-            fault=_abort_tagged(rc.fault, rc.service.host, rc.route),
+            fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),
             mirrors=rc.mirrors,
         )
 
@@ -1605,9 +1630,11 @@ class _HandedToRelay(Exception):
 
 
 class _Tag(NamedTuple):
-    """What the relay passes back with each request's reports."""
+    """What the relay passes back with each request's reports (*port*:
+    its destination's, for the access log's cluster name)."""
 
     decision: Decision
+    port: int = 0
 
 
 # Istio's default request-duration buckets (ms), up to a minute.
@@ -1656,6 +1683,7 @@ class _SubsetTag(NamedTuple):
     subset: str
     version: str
     workload: str
+    port: int = 0  # the destination's (the access log's cluster name; 0: none)
 
 
 _AnyTag = _Tag | _SubsetTag | None  # an outlier report's tag (the request's)
@@ -1668,14 +1696,14 @@ def _local_body(status: int) -> str:
     return "no healthy upstream" if status == 503 else "backend not resolved"
 
 
-def _abort_tagged(fault: Fault | None, service: str, route: str) -> Fault | None:
+def _abort_tagged(fault: Fault | None, service: str, route: str, port: int = 0) -> Fault | None:
     """*fault* whose aborted requests are reported with no destination
     workload or version: Istio's labels for an abort (response flag FI),
     which picks no upstream host, so that a fault injected into a route
     under canary analysis counts against neither version."""
     if fault is None or not fault.abort_ppm:
         return fault
-    return fault._replace(tag=_SubsetTag(service, route, "none", "unknown", "unknown"))
+    return fault._replace(tag=_SubsetTag(service, route, "none", "unknown", "unknown", port))
 
 
 def _refusal_tag(c: Classification) -> _SubsetTag:
@@ -1701,12 +1729,12 @@ def _shape_bits(s: RequestShape) -> _Shape:
 
 
 def _subset_tag(
-    service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...]
+    service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...], port: int = 0
 ) -> _SubsetTag:
     if subset == "none" and not endpoints:  # a route with no destination (weights 0)
-        return _SubsetTag(service.host, route, subset, "unknown", "unknown")
+        return _SubsetTag(service.host, route, subset, "unknown", "unknown", port)
     version, workload = version_and_workload(service.host, subset, endpoints)
-    return _SubsetTag(service.host, route, subset, version, workload)
+    return _SubsetTag(service.host, route, subset, version, workload, port)
 
 
 def _endpoint_tags(
@@ -1714,6 +1742,7 @@ def _endpoint_tags(
     route: str,
     subset: str,
     endpoints: Sequence[Endpoint],
+    port: int = 0,
     of: Sequence[Endpoint] | None = None,
 ) -> tuple[_SubsetTag, ...]:
     """A destination's tag per endpoint (``Choice.endpoint_tags``,
@@ -1726,9 +1755,54 @@ def _endpoint_tags(
     answered: nothing reached, a circuit breaker's)."""
     host = service.host
     return tuple(
-        _SubsetTag(host, route, subset, version, workload)
+        _SubsetTag(host, route, subset, version, workload, port)
         for version, workload in endpoint_versions(host, subset, endpoints, of)
     )
+
+
+def _ws_port(ws: WeightedSubset, dialled: int) -> int:
+    """The port of a route destination's cluster name (its key's: the
+    target port; the *dialled* one where it has none)."""
+    return ws.key[1] if ws.key is not None else dialled
+
+
+def _cluster_port(target: Service, service: Service, dialled: int) -> int:
+    """The port of a decision's cluster name: the one dialled, or the
+    destination service's only port when it is another service without
+    the one dialled (routing's _target_port, less a destination's own
+    port, which a Decision does not carry)."""
+    if target is service or target.port(dialled) is not None or len(target.ports) != 1:
+        return dialled
+    return target.ports[0].number
+
+
+def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
+    """What the access log says of a relay tag (see
+    l4proxy/dataplane/accesslog.py): Istio's cluster name,
+    ``outbound|PORT|SUBSET|HOST`` (no subset named: empty), and route
+    name; ``PassthroughCluster`` (route ``allow_any``) for a destination
+    no rule names; for a local answer: NR and ``route_not_found`` where
+    no route took the request, ``block_all`` for a destination
+    REGISTRY_ONLY refuses (Istio's BlackHoleCluster route)."""
+    if tag is None:
+        return TagLog(PASSTHROUGH, "allow_any")
+    if isinstance(tag, _Tag):
+        d = tag.decision
+        host, route, subset, port = d.service.host, d.route, d.subset, tag.port
+    elif isinstance(tag, _SubsetTag):
+        host, route, subset, port = tag.service, tag.route, tag.subset, tag.port
+        if host == "BlackHoleCluster":  # (_refusal_tag's)
+            return TagLog("", "block_all")
+        if host == "unknown":  # a refusal (_refusal_tag's): route is its reason
+            if route == "no_ingress_route":
+                return TagLog("", "", NR_FLAG, "route_not_found")
+            return NO_TAG
+    else:
+        return NO_TAG
+    if route == NO_ROUTE:
+        return TagLog("", "", NR_FLAG, "route_not_found")
+    named = "" if subset in ("none", DEFAULT_SUBSET) else subset
+    return TagLog(f"outbound|{port}|{named}|{host}", route)
 
 
 def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dict[str, str]:
