@@ -275,7 +275,15 @@ class Supervisor:
             str(control_fd),
             "--worker-index",
             str(slot.index),
+            *self._access_log_argv(),
         ]
+
+    def _access_log_argv(self) -> list[str]:
+        """--access-log's fd, opened once here (before privileges dropped),
+        shared by every worker: their lines are whole writes to one file
+        description (a pipe's, or a file's opened O_APPEND)."""
+        fd = getattr(self.args, "access_log_fd", -1)
+        return ["--access-log-fd", str(fd)] if fd >= 0 else []
 
     async def spawn(self, slot: WorkerSlot) -> asyncio.subprocess.Process:
         """Start slot's worker; raises what fork/exec raise (EMFILE, ENOMEM, EAGAIN)."""
@@ -283,6 +291,8 @@ class Supervisor:
         try:
             argv = self._worker_argv(slot, child.fileno())
             pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
+            if getattr(self.args, "access_log_fd", -1) >= 0:
+                pass_fds.append(self.args.access_log_fd)
             # SIGHUP and SIGTERM blocked across the fork: the worker starts
             # with them pending rather than fatal until its handlers exist
             # (signals).
