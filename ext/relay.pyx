@@ -791,6 +791,7 @@ cdef extern from *:
         char *fill, *spare;
         size_t fill_len, cap;
         int stop, writing, running;
+        int orphan;  /* close() gave up on the thread: it frees all as it ends */
         int64_t lines, dropped, errors;
         int first_errno;
         pthread_t thread;
@@ -843,6 +844,16 @@ cdef extern from *:
         }
     }
 
+    static void l4_alog_free(l4_alog *a) {
+        close(a->fd);
+        pthread_mutex_destroy(&a->lock);
+        pthread_cond_destroy(&a->wake);
+        pthread_cond_destroy(&a->idle);
+        free(a->fill);
+        free(a->spare);
+        free(a);
+    }
+
     static void *l4_alog_run(void *arg) {
         l4_alog *a = (l4_alog *)arg;
         sigset_t all;
@@ -870,8 +881,10 @@ cdef extern from *:
             pthread_cond_broadcast(&a->idle);
         }
         a->running = 0;
+        int orphan = a->orphan;
         pthread_cond_broadcast(&a->idle);
         pthread_mutex_unlock(&a->lock);
+        if (orphan) l4_alog_free(a);
         return NULL;
     }
 
@@ -934,10 +947,11 @@ cdef extern from *:
 
     /* Flush (within timeout), stop the thread, close the fd, free: 1; 0 when
        the thread is still in a write() that does not return (a pipe whose
-       reader stopped): then it and what it uses are left to the process's
-       exit, never freed under it. */
+       reader stopped): then it frees all itself if that write ever ends
+       (the orphan), and the caller forgets a. */
     static int l4_alog_close(l4_alog *a, double timeout) {
         struct timespec ts;
+        pthread_t thread = a->thread;
         int done, flushed = l4_alog_flush(a, timeout);
         l4_deadline(&ts, flushed ? 0.5 : 0.0);
         pthread_mutex_lock(&a->lock);
@@ -946,19 +960,14 @@ cdef extern from *:
         while (a->running)
             if (pthread_cond_timedwait(&a->idle, &a->lock, &ts) == ETIMEDOUT) break;
         done = !a->running;
+        if (!done) a->orphan = 1;
         pthread_mutex_unlock(&a->lock);
         if (!done) {
-            pthread_detach(a->thread);
+            pthread_detach(thread);
             return 0;
         }
-        pthread_join(a->thread, NULL);
-        close(a->fd);
-        pthread_mutex_destroy(&a->lock);
-        pthread_cond_destroy(&a->wake);
-        pthread_cond_destroy(&a->idle);
-        free(a->fill);
-        free(a->spare);
-        free(a);
+        pthread_join(thread, NULL);
+        l4_alog_free(a);
         return 1;
     }
 

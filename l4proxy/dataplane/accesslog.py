@@ -478,6 +478,8 @@ class LineWriter:
         self._buf = bytearray()
         self._writing = False
         self._stop = False
+        self._running = True
+        self._orphan = False  # close() gave up on the thread: it closes the fd as it ends
         self._thread = threading.Thread(target=self._run, name="l4proxy-access-log", daemon=True)
         self._thread.start()
 
@@ -500,14 +502,15 @@ class LineWriter:
             self._wake.notify()
             while self._buf or self._writing:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self._running:
                     return False
                 self._idle.wait(left)
         return True
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush (within *timeout*), stop the thread, close the fd; a writer
-        still blocked in write() is left to the process's exit (its fd too)."""
+        still blocked in write() (a reader that stopped) closes it itself
+        if that write ever ends."""
         with self._lock:
             if self._stop:
                 return
@@ -515,9 +518,12 @@ class LineWriter:
         with self._lock:
             self._stop = True
             self._wake.notify()
-        self._thread.join(0.2 if flushed else 0.0)
-        if not self._thread.is_alive():
-            os.close(self.fd)
+        self._thread.join(0.5 if flushed else 0.0)
+        with self._lock:
+            if self._running:
+                self._orphan = True
+                return
+        os.close(self.fd)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -535,7 +541,10 @@ class LineWriter:
                     if self._buf:
                         break
                 if not self._buf and self._stop:
+                    self._running = False
                     self._idle.notify_all()
+                    if self._orphan:
+                        os.close(self.fd)
                     return
                 batch, self._buf = self._buf, bytearray()
                 self._writing = True
