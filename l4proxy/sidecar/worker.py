@@ -71,7 +71,7 @@ from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, loca
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane._relay_py import peer_of
-from l4proxy.dataplane.accesslog import NO_TAG, AccessLog, TagLog
+from l4proxy.dataplane.accesslog import DEFAULT_BUFFER, NO_TAG, AccessLog, TagLog
 from l4proxy.dataplane.accesslog import NR as NR_FLAG
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
@@ -138,9 +138,11 @@ class WorkerOptions:
     ejection_time: float = 10.0  # outlier detection's base ejection (see health.py)
     pool: PoolOptions = field(default_factory=PoolOptions)  # --pool-*: upstream pools
     # --access-log: the fd its lines go to (-1: off; the relays write
-    # duplicates of it), and --access-log-format json
+    # duplicates of it), --access-log-format json, and the bytes buffered
+    # before lines are dropped
     access_log_fd: int = -1
     access_log_json: bool = False
+    access_log_buffer: int = DEFAULT_BUFFER
 
 
 def local_addresses() -> set[str]:
@@ -379,7 +381,12 @@ class Worker:
                 max_head=options.max_head,
                 seed=rules.seed,  # (the weights' draws, the compiled loop's; the backoffs')
                 access_log=(
-                    AccessLog(options.access_log_fd, options.access_log_json, _access_log_tag)
+                    AccessLog(
+                        options.access_log_fd,
+                        options.access_log_json,
+                        _access_log_tag,
+                        options.access_log_buffer,
+                    )
                     if options.access_log_fd >= 0
                     else None
                 ),
