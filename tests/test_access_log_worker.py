@@ -1,0 +1,578 @@
+"""--access-log through a real worker (a gateway listener, a rule file),
+both relay twins: one line per request with what Istio's sidecar says of
+it (the subset in the cluster's name: what a canary's lines are read
+for), each response flag where it arises, values from the client
+escaped, both twins' lines the same but for times, durations and
+ephemeral ports; and a log nobody reads costs lines, counted, never a
+request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._scripted import CLOSE, STALL, Scripted, _answer, _response, _status
+from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
+from tests.conftest import dead_ports, reset_close
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+TWINS = ["pure", "compiled"]
+
+# Istio's default TEXT line, every field (a quoted one: escapes as accesslog's)
+Q = r'((?:[^"\\]|\\.)*)'
+TEXT_LINE = re.compile(
+    r'\[(?P<start>[0-9T:.Z-]+)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" '
+    r"(?P<code>\d+) (?P<flags>\S+) (?P<details>\S+) - \"-\" "
+    r"(?P<received>\d+) (?P<sent>\d+) (?P<duration>\d+) - "
+    rf'"(?P<xff>{Q[1:-1]})" "(?P<ua>{Q[1:-1]})" "(?P<rid>{Q[1:-1]})" "(?P<authority>{Q[1:-1]})" '
+    r'"(?P<upstream>[^"]*)" (?P<cluster>\S+) (?P<upstream_local>\S+) '
+    r"(?P<downstream_local>\S+) (?P<downstream_remote>\S+) - (?P<route>\S+)\n"
+)
+
+SUBSETS = f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {HOST}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+"""
+
+
+def _route(extra: str = "", subset: str = "v1", match: str = "", host: str = HOST) -> str:
+    """A VirtualService (route "canary") to *subset* of *host*, with
+    *extra* lines (a fault, a timeout, retries) and a *match*."""
+    return f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - name: canary
+{f"    match: [{match}]" if match else ""}
+    route:
+    - destination: {{host: {host}{f", subset: {subset}" if subset else ""}}}
+{extra}"""
+
+
+def _serve(
+    which: str,
+    rules_text: str,
+    talk: Callable[[tuple[str, int]], Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    expect: int = 0,
+    **options: Any,
+) -> tuple[list[bytes], Any, dict[str, int]]:
+    """*talk*(address) through a worker of *which* twin whose access log is
+    a pipe: its lines (all of them: read once the worker closed, which
+    writes what it buffered), what *talk* said, the relay's stats (once it
+    counted *expect* requests: one a client cut is counted as the relay
+    sees it go)."""
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / f"rules-{which}.yaml"
+    rules.write_text(rules_text)
+    r, w = os.pipe()
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request", access_log_fd=w, **options) as (
+            _,
+            worker,
+            address,
+        ):
+            loop = asyncio.get_running_loop()
+            out["said"] = await loop.run_in_executor(None, talk, address)
+            assert worker.relay is not None
+            deadline = time.monotonic() + 5  # (a request cut: counted once the relay sees it)
+            while worker.relay.stats()["requests"] < expect:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            out["stats"] = worker.relay.stats()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(w)
+    return _read_lines(r), out["said"], out["stats"]
+
+
+def _read_lines(r: int) -> list[bytes]:
+    """The lines of the pipe *r* to its end (every relay closed its copy of
+    the write end, after writing what it buffered), closed then."""
+    data = b""
+    os.set_blocking(r, False)
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(r, 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+    return data.splitlines(keepends=True)
+
+
+def _get(s: socket.socket, path: str = "/items/1", extra: bytes = b"") -> int:
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n".encode() + extra + b"\r\n")
+    return _status(_response(s))
+
+
+def _statuses(s: socket.socket, n: int) -> list[int]:
+    """The statuses of the next *n* responses (Content-Length framed), which
+    may come in one read (_response() reads one, and drops what follows)."""
+    buf = b""
+    out: list[int] = []
+    while len(out) < n:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            data = s.recv(65536)
+            assert data, buf
+            buf += data
+            continue
+        head = buf[:end]
+        length = next(
+            (
+                int(v)
+                for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])
+                if k.strip().lower() == b"content-length"
+            ),
+            0,
+        )
+        while len(buf) < end + 4 + length:
+            data = s.recv(65536)
+            assert data, buf
+            buf += data
+        out.append(int(head.split(b" ", 2)[1]))
+        buf = buf[end + 4 + length :]
+    return out
+
+
+def _fields(line: bytes) -> dict[str, str]:
+    m = TEXT_LINE.fullmatch(line.decode("ascii"))
+    assert m, line
+    return m.groupdict()
+
+
+@pytest.fixture
+def v1() -> Iterator[Scripted]:
+    b = Scripted([])
+    yield b
+    b.close()
+
+
+def _one_line(lines: list[bytes]) -> dict[str, str]:
+    assert len(lines) == 1, lines
+    return _fields(lines[0])
+
+
+# -- what a line says ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_request_gets_one_line_with_what_istio_says_of_it(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    body = b"hello"
+
+    def talk(address: tuple[str, int]) -> list[int]:
+        with socket.create_connection(address, 10) as s:
+            first = _get(
+                s,
+                "/items/7?x=1",
+                b"User-Agent: curl/8.5.0\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                b"X-Forwarded-For: 10.0.0.2\r\nX-Request-ID: 3f2a-77\r\n",
+            )
+            s.sendall(b"POST /orders HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\n" + body)
+            return [first, _status(_response(s)), s.getsockname()[1]]
+
+    lines, said, stats = _serve(which, rules, talk, tmp_path, monkeypatch)
+    assert said[:2] == [200, 200]
+    assert len(lines) == 2 == stats["requests"]
+    get, post = (_fields(line) for line in lines)
+    assert (get["method"], get["path"], get["protocol"]) == ("GET", "/items/7?x=1", "HTTP/1.1")
+    assert (get["code"], get["flags"], get["details"]) == ("200", "-", "via_upstream")
+    assert get["cluster"] == f"outbound|8080|v1|{HOST}" and get["route"] == "svc/canary"
+    assert get["upstream"] == f"127.0.0.1:{v1.endpoint[1]}"
+    assert (get["ua"], get["xff"], get["rid"], get["authority"]) == (
+        "curl/8.5.0",
+        "10.0.0.1,10.0.0.2",
+        "3f2a-77",
+        "gw",
+    )
+    answer = len(_answer(200, b"ok"))  # (the backend's; its head goes as it came)
+    assert (get["received"], get["sent"]) == ("0", str(answer))
+    assert get["downstream_remote"] == f"127.0.0.1:{said[2]}"
+    assert get["upstream_local"].startswith("127.0.0.1:")
+    assert (post["method"], post["received"], post["ua"]) == ("POST", str(len(body)), "-")
+    assert stats["access_log_lines"] == 2 and stats["access_log_dropped"] == 0
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_json_lines_parse_with_istios_keys(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+
+    def talk(address: tuple[str, int]) -> int:
+        with socket.create_connection(address, 10) as s:
+            return _get(s, extra=b'User-Agent: a "quoted"\tone \xe9\r\n')
+
+    lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch, access_log_json=True)
+    assert said == 200 and len(lines) == 1
+    d = json.loads(lines[0])
+    assert d["user_agent"] == 'a "quoted"\tone é'  # (each byte a code point)
+    assert (d["response_code"], d["response_flags"], d["route_name"]) == (200, "-", "svc/canary")
+    assert d["upstream_cluster"] == f"outbound|8080|v1|{HOST}"
+    assert d["x_forwarded_for"] is None and d["upstream_service_time"] is None
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_user_agent_cannot_forge_a_field(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quote and a control byte (a tab: what a header may carry) in the
+    User-Agent come out escaped: the line still parses field for field."""
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    ua = b'x" 200 - via_upstream "\t\\'
+
+    def talk(address: tuple[str, int]) -> int:
+        with socket.create_connection(address, 10) as s:
+            return _get(s, extra=b"User-Agent: " + ua + b"\r\n")
+
+    lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch)
+    assert said == 200
+    f = _one_line(lines)
+    assert f["ua"] == r"x\" 200 - via_upstream \"\x09\\"
+    assert (f["code"], f["flags"], f["route"]) == ("200", "-", "svc/canary")
+
+
+# -- the response flags ----------------------------------------------------------------
+
+
+def _ask_one(path: str = "/items/1") -> Callable[[tuple[str, int]], int]:
+    def talk(address: tuple[str, int]) -> int:
+        with socket.create_connection(address, 10) as s:
+            return _get(s, path)
+
+    return talk
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_no_healthy_endpoint_is_uh(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The canary's only pod ejected (its 5xx, counted by the rule's
+    outlierDetection; Istio's minHealthPercent 0): 503 UH, its subset's
+    cluster named, no upstream host; before it, the pod's own 503."""
+    failing = Scripted([_answer(503)] * 10)
+    ejecting = SUBSETS.replace(
+        "  subsets:",
+        "  trafficPolicy:\n    outlierDetection:\n      consecutive5xxErrors: 1\n"
+        "      baseEjectionTime: 60s\n      maxEjectionPercent: 100\n  subsets:",
+    )
+    (tmp_path / "rules.yaml").write_text(
+        gateway_service(failing.endpoint[1], labels=("v1",)) + ejecting + _route()
+    )
+    _worker_twin(which, monkeypatch)
+    r, w = os.pipe()
+    said: list[int] = []
+
+    async def main() -> None:
+        async with gateway_worker(
+            tmp_path / "rules.yaml", http_routing="request", access_log_fd=w
+        ) as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            with s:
+                said.append(await loop.run_in_executor(None, _get, s))
+                ep = next(iter(worker.rules.state.table.service(HOST).endpoints))
+                deadline = time.monotonic() + 5
+                while worker.health.is_healthy(ep):  # (the report reaches the loop)
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                said.append(await loop.run_in_executor(None, _get, s))
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(w)
+        failing.close()
+    lines = _read_lines(r)
+    assert said == [503, 503]
+    answered, ejected = (_fields(line) for line in lines)
+    assert (answered["flags"], answered["details"]) == ("-", "via_upstream")
+    assert (ejected["code"], ejected["flags"], ejected["details"]) == (
+        "503",
+        "UH",
+        "no_healthy_upstream",
+    )
+    assert ejected["cluster"] == f"outbound|8080|v1|{HOST}" and ejected["upstream"] == "-"
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_refused_connect_is_uf(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with dead_ports(1) as (port,):
+        rules = gateway_service(port, labels=("v1",)) + SUBSETS + _route()
+        lines, said, _ = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    f = _one_line(lines)
+    assert said == 503
+    assert (f["code"], f["flags"]) == ("503", "UF")
+    assert f["details"] == "upstream_reset_before_response_started{connection_failure}"
+    assert f["upstream"] == f"127.0.0.1:{port}" and f["upstream_local"] == "-"
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_circuit_breakers_overflow_is_uo(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http2MaxRequests 1: a second request while the first is held gets
+    503 UO; the first, its client gone (a reset), is DC with no status."""
+    held = Scripted([STALL])
+    pool = "    connectionPool:\n      http: {http2MaxRequests: 1}\n"
+    rules = gateway_service(held.endpoint[1]) + gateway_destination_rule(pool)
+
+    def talk(address: tuple[str, int]) -> int:
+        first = socket.create_connection(address, 10)
+        first.sendall(b"GET /held HTTP/1.1\r\nHost: gw\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while not held.requests:  # (in flight at the backend)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with socket.create_connection(address, 10) as s:
+            status = _get(s, "/second")
+        reset_close(first)
+        return status
+
+    try:
+        lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch, expect=2)
+    finally:
+        held.close()
+    assert said == 503
+    by_path = {f["path"]: f for f in map(_fields, lines)}
+    assert len(lines) == 2, lines
+    second, first = by_path["/second"], by_path["/held"]
+    assert (second["code"], second["flags"]) == ("503", "UO")
+    assert second["details"] == "upstream_reset_before_response_started{overflow}"
+    assert second["cluster"] == f"outbound|8080||{HOST}" and second["route"] == "default"
+    assert (first["code"], first["flags"], first["details"]) == (
+        "0",
+        "DC",
+        "downstream_remote_disconnect",
+    )
+    assert first["upstream"] == f"127.0.0.1:{held.endpoint[1]}"
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_no_route_is_nr(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    match = "{uri: {prefix: /only}}"
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route(match=match)
+    lines, said, _ = _serve(which, rules, _ask_one("/elsewhere"), tmp_path, monkeypatch)
+    f = _one_line(lines)
+    assert said == 404
+    assert (f["code"], f["flags"], f["details"]) == ("404", "NR", "route_not_found")
+    assert (f["cluster"], f["upstream"], f["route"]) == ("-", "-", "-")
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_the_route_timeout_is_ut(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stalled = Scripted([STALL])
+    rules = gateway_service(stalled.endpoint[1], labels=("v1",)) + SUBSETS
+    rules += _route("    timeout: 0.2s\n")
+    try:
+        lines, said, _ = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    finally:
+        stalled.close()
+    f = _one_line(lines)
+    assert said == 504
+    assert (f["code"], f["flags"], f["details"]) == ("504", "UT", "upstream_response_timeout")
+    assert f["upstream"] == f"127.0.0.1:{stalled.endpoint[1]}"
+    assert int(f["duration"]) >= 200
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_retries_used_up_is_urx(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every try answered 503 by a policy that retries 5xx: the last try's
+    503 goes to the client, URX (via_upstream: its answer)."""
+    failing = Scripted([_answer(503, b"down")] * 3)
+    retries = "    retries: {attempts: 2, retryOn: 5xx}\n"
+    rules = gateway_service(failing.endpoint[1], labels=("v1",)) + SUBSETS + _route(retries)
+    try:
+        lines, said, stats = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    finally:
+        failing.close()
+    f = _one_line(lines)
+    assert said == 503 and stats["retries"] == 2 and len(failing.requests) == 3
+    assert (f["code"], f["flags"], f["details"]) == ("503", "URX", "via_upstream")
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_an_upstream_closing_before_its_answer_is_uc(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closing = Scripted([CLOSE])
+    rules = gateway_service(closing.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    try:
+        lines, said, _ = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    finally:
+        closing.close()
+    f = _one_line(lines)
+    assert said == 502
+    assert (f["code"], f["flags"]) == ("502", "UC")
+    assert f["details"] == "upstream_reset_before_response_started{connection_termination}"
+    assert f["upstream"] == f"127.0.0.1:{closing.endpoint[1]}" and f["upstream_local"] == "-"
+
+
+@pytest.mark.parametrize("which", TWINS)
+@pytest.mark.parametrize(
+    ("fault", "status", "flags", "details"),
+    [
+        ("{abort: {httpStatus: 418, percentage: {value: 100}}}", 418, "FI", "fault_filter_abort"),
+        ("{delay: {fixedDelay: 50ms, percentage: {value: 100}}}", 200, "DI", "via_upstream"),
+    ],
+    ids=["abort", "delay"],
+)
+def test_a_faults_abort_is_fi_and_its_delay_di(
+    which: str,
+    fault: str,
+    status: int,
+    flags: str,
+    details: str,
+    v1: Scripted,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS
+    rules += _route(f"    fault: {fault}\n")
+    lines, said, _ = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    f = _one_line(lines)
+    assert said == status
+    assert (f["code"], f["flags"], f["details"]) == (str(status), flags, details)
+    assert f["route"] == "svc/canary"
+
+
+# -- both twins --------------------------------------------------------------------------
+
+MASKED = ("start", "duration")
+EPHEMERAL = ("upstream_local", "downstream_local", "downstream_remote")
+
+
+def _masked(line: bytes) -> dict[str, str]:
+    f = _fields(line)
+    for k in MASKED:
+        f[k] = "*"
+    for k in EPHEMERAL:
+        f[k] = f[k].rpartition(":")[0] + ":*" if f[k] != "-" else "-"
+    return f
+
+
+def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same requests through a worker of each twin (the same backend
+    and rules: answers, a no route, a body, pipelined requests, an
+    HTTP/1.0 HEAD): the same lines, byte for byte, but for times,
+    durations and ephemeral ports (each flag's lines: the tests above,
+    the same expectations for both)."""
+    v1 = Scripted([])
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS
+    rules += _route(match="{uri: {prefix: /items}}")
+
+    def talk(address: tuple[str, int]) -> list[int]:
+        out = []
+        with socket.create_connection(address, 10) as s:
+            out.append(_get(s, "/items/1", b"User-Agent: ua\r\nX-Request-ID: r1\r\n"))
+            out.append(_get(s, "/nowhere"))
+            s.sendall(b"PUT /items/2 HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc")
+            out.append(_status(_response(s)))
+            pipelined = b"GET /items/%d HTTP/1.1\r\nHost: gw\r\n\r\n"
+            s.sendall(pipelined % 3 + pipelined % 4)
+            out += _statuses(s, 2)
+        with socket.create_connection(address, 10) as s:
+            s.sendall(b"HEAD /items/5 HTTP/1.0\r\nHost: gw\r\n\r\n")
+            out.append(int(s.recv(65536).split(b" ", 2)[1]))
+        return out
+
+    got: dict[str, list[dict[str, str]]] = {}
+    try:
+        for which in TWINS:
+            lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch)
+            assert said == [200, 404, 200, 200, 200, 200], which
+            got[which] = [_masked(line) for line in lines]
+    finally:
+        v1.close()
+    assert len(got["pure"]) == 6
+    assert got["pure"] == got["compiled"]
+
+
+# -- a log nobody reads ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_log_nobody_reads_drops_lines_counted_and_serves_every_request(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log's pipe full and its reader stopped: every request is still
+    answered; the lines that did not fit are dropped and counted (those
+    taken and those dropped: one per request)."""
+    import fcntl
+
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    n = 200
+    _worker_twin(which, monkeypatch)
+    (tmp_path / "rules.yaml").write_text(rules)
+    stats: dict[str, int] = {}
+
+    def talk(address: tuple[str, int]) -> list[int]:
+        with socket.create_connection(address, 10) as s:
+            return [_get(s, f"/items/{i}") for i in range(n)]
+
+    async def main() -> list[int]:
+        async with gateway_worker(
+            tmp_path / "rules.yaml",
+            http_routing="request",
+            access_log_fd=w,
+            access_log_buffer=8192,
+        ) as (_, worker, address):
+            said = await asyncio.get_running_loop().run_in_executor(None, talk, address)
+            assert worker.relay is not None
+            stats.update(worker.relay.stats())
+            os.close(r)  # (the writer blocked in its write gets EPIPE: it ends)
+            return said
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        os.close(w)
+    assert said == [200] * n
+    assert stats["requests"] == n
+    assert stats["access_log_dropped"] > 0
+    assert stats["access_log_lines"] + stats["access_log_dropped"] == n
