@@ -376,13 +376,17 @@ buffer and a writer thread of its own, in C (``l4_alog_*``:
 ``memcpy`` per line and never while the fd is written: a reader that
 stops loses lines (counted: full, a line is dropped), not requests. A
 routed request's head is read where it starts (``apply_verdict``:
-``log_capture``, through ``R.log_capture``, into a ``LogReq``: the values
-a line says of it, escaped, at most their ``accesslog.CAPS``; its start,
-wall clock; its Content-Length), its line formatted where it is counted
-(``request_done``: ``log_done``, through ``R.log_done``) as
+``log_capture``, through ``R.log_capture``, into the connection's
+``LogReq``, made for its first request: the values a line says of it,
+escaped in one pass, at most their ``accesslog.CAPS``; its start, wall
+clock; its Content-Length), its line formatted where it is counted
+(``request_done``: ``log_done``, through ``R.log_done``, then
+``l4_log_line``: the separators as C literals) as
 ``accesslog.format_line`` formats the pure twin's, into ``R.log_line``,
 no Python: its tag's cluster and route from ``R.log_tags`` (each tag id's
-``TagLog``, escaped by ``_log_tag`` when ``_tag_id`` gives it), its flags
+``TagLog``, escaped by ``_log_tag`` when ``_tag_id`` gives it), the
+endpoint's text from its EP (made once), the start's second's text from
+``R.log_sec_text`` (made once a second), its flags
 from ``c.lflags``, which the paths a request served upstream never takes
 set as they answer or give up (a verdict's local answer its
 ``Verdict_.lflags``: the route's own, UH, UF, UO, OM, FI; ``upstream_failed``
@@ -395,9 +399,11 @@ local answers count theirs), BYTES_RECEIVED the Content-Length less
 never inlined: ``body_take`` stays small). The pure relay's lines (the
 requests it is handed) go to the same buffer (``_log_sink``). With the
 log off a request pays a test of ``c.lg`` in ``apply_verdict`` and one in
-``request_done``; with it on, ``log_capture`` and ``log_done`` (a few
-hundred instructions, no system call but a cached getsockname per
-upstream connection and, once per connection, its addresses).
+``request_done`` (bench.instructions: the compiled loop's ~4,060
+instructions per keep-alive request as before); with it on,
+``log_capture`` and ``log_done``, about 2,200 more (no system call but a
+getsockname per upstream connection and, once per client connection,
+its addresses; the writer thread's write()s apart).
 
 Ownership of file descriptors
 -----------------------------
@@ -971,6 +977,69 @@ cdef extern from *:
         return 1;
     }
 
+    /* A line from its 24 values (accesslog.JSON_KEYS' order; n 0: absent;
+       numbers as text), as accesslog.format_line() writes it: Istio's TEXT
+       format, or its JSON keys (numbers as numbers, absent as null). The
+       separators are literals (their sizes known here: copied inline); at
+       most L4_LINE_MAX bytes (the values' caps). */
+    typedef struct { const char *p; int n; } l4_val;
+
+    static inline char *l4_put(char *o, const char *p, int n) {
+        memcpy(o, p, (size_t)n);
+        return o + n;
+    }
+
+    static int l4_log_line(char *out, int json, const l4_val *v) {
+        char *o = out;
+    #define L4_LIT(s) (memcpy(o, s, sizeof(s) - 1), o += sizeof(s) - 1)
+    #define L4_VAL(i) (v[i].n > 0 ? (o = l4_put(o, v[i].p, v[i].n)) : (*o++ = '-', o))
+    #define L4_STR(i) (v[i].n > 0 ? (*o++ = '"', o = l4_put(o, v[i].p, v[i].n), *o++ = '"', o) \
+                                  : (memcpy(o, "null", 4), o += 4))
+    #define L4_NUM(i) (o = l4_put(o, v[i].p, v[i].n))
+        if (json) {
+            L4_LIT("{\\"start_time\\":"); L4_STR(0);
+            L4_LIT(",\\"method\\":"); L4_STR(1);
+            L4_LIT(",\\"path\\":"); L4_STR(2);
+            L4_LIT(",\\"protocol\\":"); L4_STR(3);
+            L4_LIT(",\\"response_code\\":"); L4_NUM(4);
+            L4_LIT(",\\"response_flags\\":"); L4_STR(5);
+            L4_LIT(",\\"response_code_details\\":"); L4_STR(6);
+            L4_LIT(",\\"connection_termination_details\\":"); L4_STR(7);
+            L4_LIT(",\\"upstream_transport_failure_reason\\":"); L4_STR(8);
+            L4_LIT(",\\"bytes_received\\":"); L4_NUM(9);
+            L4_LIT(",\\"bytes_sent\\":"); L4_NUM(10);
+            L4_LIT(",\\"duration\\":"); L4_NUM(11);
+            L4_LIT(",\\"upstream_service_time\\":"); L4_STR(12);
+            L4_LIT(",\\"x_forwarded_for\\":"); L4_STR(13);
+            L4_LIT(",\\"user_agent\\":"); L4_STR(14);
+            L4_LIT(",\\"request_id\\":"); L4_STR(15);
+            L4_LIT(",\\"authority\\":"); L4_STR(16);
+            L4_LIT(",\\"upstream_host\\":"); L4_STR(17);
+            L4_LIT(",\\"upstream_cluster\\":"); L4_STR(18);
+            L4_LIT(",\\"upstream_local_address\\":"); L4_STR(19);
+            L4_LIT(",\\"downstream_local_address\\":"); L4_STR(20);
+            L4_LIT(",\\"downstream_remote_address\\":"); L4_STR(21);
+            L4_LIT(",\\"requested_server_name\\":"); L4_STR(22);
+            L4_LIT(",\\"route_name\\":"); L4_STR(23);
+            L4_LIT("}\\n");
+        } else {
+            L4_LIT("["); L4_VAL(0); L4_LIT("] \\""); L4_VAL(1); L4_LIT(" "); L4_VAL(2);
+            L4_LIT(" "); L4_VAL(3); L4_LIT("\\" "); L4_VAL(4); L4_LIT(" "); L4_VAL(5);
+            L4_LIT(" "); L4_VAL(6); L4_LIT(" "); L4_VAL(7); L4_LIT(" \\""); L4_VAL(8);
+            L4_LIT("\\" "); L4_VAL(9); L4_LIT(" "); L4_VAL(10); L4_LIT(" "); L4_VAL(11);
+            L4_LIT(" "); L4_VAL(12); L4_LIT(" \\""); L4_VAL(13); L4_LIT("\\" \\""); L4_VAL(14);
+            L4_LIT("\\" \\""); L4_VAL(15); L4_LIT("\\" \\""); L4_VAL(16); L4_LIT("\\" \\"");
+            L4_VAL(17); L4_LIT("\\" "); L4_VAL(18); L4_LIT(" "); L4_VAL(19); L4_LIT(" ");
+            L4_VAL(20); L4_LIT(" "); L4_VAL(21); L4_LIT(" "); L4_VAL(22); L4_LIT(" ");
+            L4_VAL(23); L4_LIT("\\n");
+        }
+    #undef L4_LIT
+    #undef L4_VAL
+    #undef L4_STR
+    #undef L4_NUM
+        return (int)(o - out);
+    }
+
     /* lines, dropped, write errors, the first write error's errno */
     static void l4_alog_counts(l4_alog *a, int64_t *out) {
         pthread_mutex_lock(&a->lock);
@@ -1040,6 +1109,10 @@ cdef extern from *:
     """
     ctypedef struct l4_alog:
         pass
+    ctypedef struct l4_val:
+        const char *p
+        int n
+    int log_line "l4_log_line"(char *out, int json, const l4_val *v) nogil
     l4_alog *alog_new "l4_alog_new"(int fd, size_t cap) nogil
     int alog_push "l4_alog_push"(l4_alog *a, const char *p, size_t n) nogil
     int alog_flush "l4_alog_flush"(l4_alog *a, double timeout) nogil
@@ -1105,9 +1178,11 @@ cdef struct LogTag_:
     char *details
 
 cdef struct LogReq:
-    # the current request's, from log_capture() to log_done() (malloc'd)
+    # the current request's, from log_capture() to log_done() (malloc'd
+    # for a connection's first, kept till it is freed)
     double wall            # its start, wall clock
     int64_t cl             # its Content-Length (-1: none, or chunked)
+    bint open              # a request's, not logged yet
     int up_len             # UPSTREAM_HOST of a try given up (0: none)
     char up[LOG_ADDR]
     int off[N_LH]          # each head value's bytes in head, escaped (n 0: absent)
@@ -1166,6 +1241,8 @@ cdef struct EP:
     int64_t overflows      # the breakers' 503s (atomic: overflows() reads it)
     bint kicked            # in Relay.kick_head's list: its waiting ones may go
     EP *kick_next
+    int log_len            # the access log's text of it ("ip:port"; 0: not made yet)
+    char log_text[LOG_ADDR]
 
 cdef struct Up:
     int kind               # K_UP
@@ -1618,6 +1695,9 @@ cdef struct Relay:
     LogTag_ **log_tags
     int n_log_tags
     char log_addr[LOG_ADDR]  # (accept_on()'s origin text)
+    int64_t log_sec          # log_time()'s second, and its text
+    int log_sec_len
+    char log_sec_text[32]
     void (*log_capture)(Relay *R, Conn *c) noexcept nogil
     void (*log_done)(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil
 
@@ -2692,6 +2772,8 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
 # where it is counted, through R's pointers; the bits set where the relay
 # answers or gives up, each on a path a request served upstream never takes)
 
+cdef enum:
+    N_LOG_FIELDS = 24     # a line's values (accesslog.JSON_KEYS; l4_log_line())
 cdef char *TRUNC = NULL           # accesslog.TRUNCATED
 cdef int TRUNC_LEN = 0
 cdef char *FLAG_NAME[32]          # accesslog.FLAG_NAMES
@@ -2700,13 +2782,16 @@ cdef const char *HEX_UPPER = b"0123456789ABCDEF"
 cdef const char *HEX_LOWER = b"0123456789abcdef"
 
 
+cdef unsigned char ESC_TEXT[256]    # each byte's escaped length (accesslog.escape()'s units)
+cdef unsigned char ESC_JSON[256]
+for _b in range(256):
+    ESC_TEXT[_b] = 2 if _b in (0x22, 0x5C) else 1 if 0x20 <= _b < 0x7F else 4
+    ESC_JSON[_b] = 2 if _b in (0x22, 0x5C) else 1 if 0x20 <= _b < 0x7F else 6
+
+
 cdef inline int log_unit(unsigned char b, bint json) noexcept nogil:
-    """An input byte's escaped length (accesslog.escape()'s units)."""
-    if b == DQUOTE or b == 0x5C:
-        return 2
-    if 0x20 <= b < 0x7F:
-        return 1
-    return 6 if json else 4
+    """An input byte's escaped length."""
+    return ESC_JSON[b] if json else ESC_TEXT[b]
 
 
 cdef inline int log_put(char *out, unsigned char b, bint json) noexcept nogil:
@@ -2734,23 +2819,39 @@ cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize
     """The *k* values ps[i][:ns[i]] joined by "," and escaped into *out*, at
     most *cap* bytes: a longer one cut at a whole escape, TRUNC after it
     (accesslog.escape()'s twin); the bytes written."""
-    cdef Py_ssize_t total = 0, i, j
-    cdef int n = 0, room
+    cdef Py_ssize_t i, j
+    cdef int n = 0, room, u
     cdef bint stop = False
+    cdef const unsigned char *esc = ESC_TEXT
+    cdef const unsigned char *p
+    if json:
+        esc = ESC_JSON
+    # the whole value as long as it fits (the common case: one pass)
     for i in range(k):
-        total += 1 if i else 0
+        if i:
+            if n + 1 > cap:
+                stop = True
+                break
+            out[n] = 0x2C
+            n += 1
+        p = ps[i]
         for j in range(ns[i]):
-            total += log_unit(ps[i][j], json)
-        if total > cap:
-            break
-    if total <= cap:
-        for i in range(k):
-            if i:
-                out[n] = 0x2C
+            u = esc[p[j]]
+            if n + u > cap:
+                stop = True
+                break
+            if u == 1:
+                out[n] = <char>p[j]
                 n += 1
-            for j in range(ns[i]):
-                n += log_put(out + n, ps[i][j], json)
+            else:
+                n += log_put(out + n, p[j], json)
+        if stop:
+            break
+    if not stop:
         return n
+    # too long: again, cut to leave room for TRUNC
+    n = 0
+    stop = False
     room = cap - TRUNC_LEN
     i = 0
     while i < k and not stop:
@@ -2779,26 +2880,44 @@ cdef void log_value(LogReq *q, int which, int *at, const unsigned char **ps,
     at[0] += q.n[which]
 
 
-cdef void log_header(LogReq *q, int which, const unsigned char *b, Scanner *s, const char *name,
-                     int name_len, int *at, bint json) noexcept nogil:
-    """A header's values (its lines', joined by ",": Envoy's HTTP/1 codec's)."""
-    cdef const unsigned char *ps[LOG_SPANS]
-    cdef Py_ssize_t ns[LOG_SPANS]
-    cdef int k = 0
-    cdef Py_ssize_t p = s.headers_start
+cdef void log_headers(LogReq *q, const unsigned char *b, Scanner *s, int *at,
+                      bint json) noexcept nogil:
+    """The head's X-Forwarded-For, User-Agent, X-Request-ID and Host values,
+    one pass over its lines (several lines of one: joined by ",", Envoy's
+    HTTP/1 codec's; LOG_SPANS at most)."""
+    cdef const unsigned char *ps[4][LOG_SPANS]
+    cdef Py_ssize_t ns[4][LOG_SPANS]
+    cdef int k[4]
+    cdef int w
+    cdef Py_ssize_t p = s.headers_start, n
     cdef Field f
+    k[0] = k[1] = k[2] = k[3] = 0
     while next_field(b, p, s.head_length, &f):
-        if f.ne - f.ns == name_len and eq_lower(b + f.ns, name, name_len) and k < LOG_SPANS:
-            ps[k] = b + f.vs
-            ns[k] = f.ve - f.vs
-            k += 1
+        n = f.ne - f.ns
+        w = -1
+        if n == 15 and eq_lower(b + f.ns, b"x-forwarded-for", 15):
+            w = 0
+        elif n == 10 and eq_lower(b + f.ns, b"user-agent", 10):
+            w = 1
+        elif n == 12 and eq_lower(b + f.ns, b"x-request-id", 12):
+            w = 2
+        elif n == 4 and eq_lower(b + f.ns, b"host", 4):
+            w = 3
+        if w >= 0 and k[w] < LOG_SPANS:
+            ps[w][k[w]] = b + f.vs
+            ns[w][k[w]] = f.ve - f.vs
+            k[w] += 1
         p = f.lf + 1
-    log_value(q, which, at, ps, ns, k, json)
+    log_value(q, LH_XFF, at, ps[0], ns[0], k[0], json)
+    log_value(q, LH_UA, at, ps[1], ns[1], k[1], json)
+    log_value(q, LH_RID, at, ps[2], ns[2], k[2], json)
+    log_value(q, LH_AUTHORITY, at, ps[3], ns[3], k[3], json)
 
 
 cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     """A routed request starts (apply_verdict()): what its line says of its
-    head (c.inb, gone before its end), escaped; its start; its bits and
+    head (c.inb, gone before its end), escaped, into the connection's
+    LogReq (made for its first request, kept); its start; its bits and
     chunked bytes afresh. Out of memory: no line for it."""
     cdef LogReq *q = c.lg.req
     cdef const unsigned char *b = <const unsigned char*>c.inb.p
@@ -2816,6 +2935,7 @@ cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     q.wall = wall_s()
     q.cl = c.req_left  # (REQ_CHUNKED: a chunked body)
     q.up_len = 0
+    q.open = True
     ps[0] = b + s.method_start
     ns[0] = s.method_end - s.method_start
     log_value(q, LH_METHOD, &at, ps, ns, 1, json)
@@ -2825,10 +2945,7 @@ cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     ps[0] = b + s.target_end + 1
     ns[0] = 8  # HTTP/1.x
     log_value(q, LH_PROTOCOL, &at, ps, ns, 1, json)
-    log_header(q, LH_XFF, b, s, b"x-forwarded-for", 15, &at, json)
-    log_header(q, LH_UA, b, s, b"user-agent", 10, &at, json)
-    log_header(q, LH_RID, b, s, b"x-request-id", 12, &at, json)
-    log_header(q, LH_AUTHORITY, b, s, b"host", 4, &at, json)
+    log_headers(q, b, s, &at, json)
 
 
 cdef void log_upstream(Conn *c, const EP *ep) noexcept nogil:
@@ -2837,27 +2954,11 @@ cdef void log_upstream(Conn *c, const EP *ep) noexcept nogil:
     end). A name not resolved yet is none (the pure twin's too)."""
     if c.lg == NULL or c.lg.req == NULL or not ep.numeric:
         return
-    c.lg.req.up_len = ep_text(c.lg.req.up, ep.v6, ep.addr, ep.addr6, ep.port)
+    c.lg.req.up_len = ep_log_text(<EP*>ep, c.lg.req.up)
 
 
-cdef struct LineW:
-    char *p
-    int n
-    int cap
-
-
-cdef inline void lw(LineW *w, const char *s, int k) noexcept nogil:
-    if k > w.cap - w.n:  # (never: the caps bound a line, accesslog.CAPS)
-        k = w.cap - w.n
-    memcpy(w.p + w.n, s, k)
-    w.n += k
-
-
-cdef inline void lws(LineW *w, const char *s) noexcept nogil:
-    lw(w, s, <int>strlen(s))
-
-
-cdef inline void lw_int(LineW *w, int64_t v) noexcept nogil:
+cdef inline int int_text(char *out, int64_t v) noexcept nogil:
+    """*v* in decimal into out (24 bytes); its length."""
     cdef char digits[24]
     cdef int k = 0, i
     cdef uint64_t u = <uint64_t>v if v >= 0 else <uint64_t>(-v)
@@ -2871,20 +2972,8 @@ cdef inline void lw_int(LineW *w, int64_t v) noexcept nogil:
         digits[k] = 0x2D
         k += 1
     for i in range(k):  # (reversed)
-        w.p[w.n + i] = digits[k - 1 - i]
-    w.n += k
-
-
-cdef inline void lw_val(LineW *w, const char *s, int k, bint json) noexcept nogil:
-    """A value as a line has it: absent (k 0) "-" or null; JSON quoted."""
-    if k <= 0:
-        lw(w, b"null" if json else b"-", 4 if json else 1)
-    elif json:
-        lw(w, b'"', 1)
-        lw(w, s, k)
-        lw(w, b'"', 1)
-    else:
-        lw(w, s, k)
+        out[i] = digits[k - 1 - i]
+    return k
 
 
 cdef const char *log_details(uint32_t f, int status, bint local) noexcept nogil:
@@ -2931,21 +3020,24 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
     cdef LogReq *q = c.lg.req
     cdef LogConn *g = c.lg
     cdef LogTag_ *t = NULL
-    cdef LineW w
     cdef bint json = R.log_json
     cdef uint32_t f = c.lflags, shown, failed
     cdef const char *why
     cdef int64_t received
     cdef char when[32]
-    cdef int k, i
+    cdef char nums[4][24]
+    cdef char flags_txt[64]
+    cdef l4_val v[N_LOG_FIELDS]
+    cdef int k, i, n
     cdef sockaddr_storage ss
     cdef sys_.socklen_t sl
     cdef Up *u = c.up
     cdef const char *up_p = NULL
     cdef int up_n = 0, local_n = 0
     cdef Retry_ *p = c.retry
-    if q == NULL:
+    if q == NULL or not q.open:
         return  # (out of memory when it started)
+    q.open = False
     if not g.asked:  # the connection's addresses, once
         g.asked = True
         if g.local_len == 0:
@@ -2978,7 +3070,7 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
                     u.local_len = sa_text(u.local, &ss)
             local_n = u.local_len
         if u.ep.numeric:
-            up_n = ep_text(q.up, u.ep.v6, u.ep.addr, u.ep.addr6, u.ep.port)
+            up_n = ep_log_text(u.ep, q.up)
             up_p = q.up
     elif q.up_len:
         up_p = q.up
@@ -2987,89 +3079,83 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
         received = c.req_chunked
     else:
         received = q.cl - (c.req_left if 0 <= c.req_left <= q.cl else q.cl)
-    k = time_text(when, q.wall)
-    w.p = R.log_line
-    w.n = 0
-    w.cap = LOG_LINE
-    if json:
-        lws(&w, b'{"start_time":"')
-        lw(&w, when, k)
-        lws(&w, b'","method":')
-    else:
-        lws(&w, b"[")
-        lw(&w, when, k)
-        lws(&w, b'] "')
-    lw_val(&w, q.head + q.off[LH_METHOD], q.n[LH_METHOD], json)
-    lws(&w, b',"path":' if json else b" ")
-    lw_val(&w, q.head + q.off[LH_PATH], q.n[LH_PATH], json)
-    lws(&w, b',"protocol":' if json else b" ")
-    lw_val(&w, q.head + q.off[LH_PROTOCOL], q.n[LH_PROTOCOL], json)
-    lws(&w, b',"response_code":' if json else b'" ')
-    lw_int(&w, status)
-    lws(&w, b',"response_flags":"' if json else b" ")
+    # the values, in JSON_KEYS' order (n 0: absent; numbers and flags as text)
+    v[0].p = when
+    v[0].n = log_time(R, when, q.wall)
+    for i in range(3):  # method, path, protocol
+        v[1 + i].p = q.head + q.off[LH_METHOD + i]
+        v[1 + i].n = q.n[LH_METHOD + i]
+    v[4].p = nums[0]
+    v[4].n = int_text(nums[0], status)
+    v[5].p = flags_txt
+    v[5].n = 0
     if not shown & LF_FLAGS:
-        lws(&w, b"-")
+        flags_txt[0] = 0x2D
+        v[5].n = 1
     else:
-        k = 0
         for i in range(N_FLAG_NAMES):
             if shown >> i & 1:
-                if k:
-                    lws(&w, b",")
-                lw(&w, FLAG_NAME[i], FLAG_NAME_LEN[i])
-                k += 1
-    lws(&w, b'","response_code_details":' if json else b" ")
+                if v[5].n:
+                    flags_txt[v[5].n] = 0x2C
+                    v[5].n += 1
+                memcpy(flags_txt + v[5].n, FLAG_NAME[i], <size_t>FLAG_NAME_LEN[i])
+                v[5].n += FLAG_NAME_LEN[i]
     if why != NULL:
-        lw_val(&w, why, <int>strlen(why), json)
-    elif t != NULL:
-        lw_val(&w, t.details, t.details_len, json)
+        v[6].p = why
+        v[6].n = <int>strlen(why)
     else:
-        lw_val(&w, NULL, 0, json)
-    if json:
-        lws(&w, b',"connection_termination_details":null'
-                b',"upstream_transport_failure_reason":null,"bytes_received":')
-    else:
-        lws(&w, b' - "-" ')
-    lw_int(&w, received)
-    lws(&w, b',"bytes_sent":' if json else b" ")
-    lw_int(&w, c.client_bytes)
-    lws(&w, b',"duration":' if json else b" ")
-    lw_int(&w, <int64_t>((now - c.started) * 1000))
-    if json:
-        lws(&w, b',"upstream_service_time":null,"x_forwarded_for":')
-    else:
-        lws(&w, b' - "')
-    lw_val(&w, q.head + q.off[LH_XFF], q.n[LH_XFF], json)
-    lws(&w, b',"user_agent":' if json else b'" "')
-    lw_val(&w, q.head + q.off[LH_UA], q.n[LH_UA], json)
-    lws(&w, b',"request_id":' if json else b'" "')
-    lw_val(&w, q.head + q.off[LH_RID], q.n[LH_RID], json)
-    lws(&w, b',"authority":' if json else b'" "')
-    lw_val(&w, q.head + q.off[LH_AUTHORITY], q.n[LH_AUTHORITY], json)
-    lws(&w, b',"upstream_host":' if json else b'" "')
-    lw_val(&w, up_p, up_n, json)
-    lws(&w, b',"upstream_cluster":' if json else b'" ')
-    if t != NULL and not f & LF_LOCALV:
-        lw_val(&w, t.cluster, t.cluster_len, json)
-    else:
-        lw_val(&w, NULL, 0, json)
-    lws(&w, b',"upstream_local_address":' if json else b" ")
-    lw_val(&w, u.local if local_n else NULL, local_n, json)
-    lws(&w, b',"downstream_local_address":' if json else b" ")
-    lw_val(&w, g.local, g.local_len, json)
-    lws(&w, b',"downstream_remote_address":' if json else b" ")
-    lw_val(&w, g.remote, g.remote_len, json)
-    if json:
-        lws(&w, b',"requested_server_name":null,"route_name":')
-    else:
-        lws(&w, b" - ")
-    if t != NULL:
-        lw_val(&w, t.route, t.route_len, json)
-    else:
-        lw_val(&w, NULL, 0, json)
-    lws(&w, b"}\n" if json else b"\n")
-    alog_push(R.alog, w.p, <size_t>w.n)
-    free(q)
-    c.lg.req = NULL
+        v[6].p = t.details if t != NULL else NULL
+        v[6].n = t.details_len if t != NULL else 0
+    v[7].n = v[8].n = v[12].n = v[22].n = 0  # (no such thing here: "-", null)
+    v[7].p = v[8].p = v[12].p = v[22].p = NULL
+    v[9].p = nums[1]
+    v[9].n = int_text(nums[1], received)
+    v[10].p = nums[2]
+    v[10].n = int_text(nums[2], c.client_bytes)
+    v[11].p = nums[3]
+    v[11].n = int_text(nums[3], <int64_t>((now - c.started) * 1000))
+    for i in range(4):  # x-forwarded-for, user-agent, x-request-id, authority
+        v[13 + i].p = q.head + q.off[LH_XFF + i]
+        v[13 + i].n = q.n[LH_XFF + i]
+    v[17].p = up_p
+    v[17].n = up_n
+    v[18].p = t.cluster if t != NULL and not f & LF_LOCALV else NULL
+    v[18].n = t.cluster_len if t != NULL and not f & LF_LOCALV else 0
+    v[19].p = u.local if local_n else NULL
+    v[19].n = local_n
+    v[20].p = g.local
+    v[20].n = g.local_len
+    v[21].p = g.remote
+    v[21].n = g.remote_len
+    v[23].p = t.route if t != NULL else NULL
+    v[23].n = t.route_len if t != NULL else 0
+    n = log_line(R.log_line, json, v)
+    alog_push(R.alog, R.log_line, <size_t>n)
+
+
+cdef int ep_log_text(EP *ep, char *out) noexcept nogil:
+    """*ep*'s "ip:port" into out (LOG_ADDR): made once, kept in the EP."""
+    if ep.log_len == 0:
+        ep.log_len = ep_text(ep.log_text, ep.v6, ep.addr, ep.addr6, ep.port)
+    memcpy(out, ep.log_text, <size_t>ep.log_len)
+    return ep.log_len
+
+
+cdef int log_time(Relay *R, char *out, double wall) noexcept nogil:
+    """START_TIME (time_text()'s), its seconds' text made once per second."""
+    cdef int64_t ms = <int64_t>(wall * 1000)
+    cdef int64_t sec = ms // 1000
+    cdef int frac = <int>(ms % 1000)
+    if sec != R.log_sec or R.log_sec_len == 0:
+        R.log_sec_len = time_text(R.log_sec_text, <double>sec) - 5  # (without ".000Z")
+        R.log_sec = sec
+    memcpy(out, R.log_sec_text, <size_t>R.log_sec_len)
+    out[R.log_sec_len] = 0x2E
+    out[R.log_sec_len + 1] = <char>(0x30 + frac // 100)
+    out[R.log_sec_len + 2] = <char>(0x30 + frac // 10 % 10)
+    out[R.log_sec_len + 3] = <char>(0x30 + frac % 10)
+    out[R.log_sec_len + 4] = 0x5A
+    return R.log_sec_len + 5
 
 
 # -- the exchange -------------------------------------------------------------------
@@ -8824,6 +8910,8 @@ cdef void _log_init() except *:
     for i, name in enumerate(_accesslog.FLAG_NAMES):
         FLAG_NAME[i] = _dup(name.encode(), &n)
         FLAG_NAME_LEN[i] = <int>n
+    if len(_accesslog.JSON_KEYS) != N_LOG_FIELDS:  # (l4_log_line() writes them)
+        raise ImportError("accesslog.JSON_KEYS is not the compiled relay's")
 
 
 cdef void _free_log_tags(Relay *R) noexcept nogil:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane.accesslog import JSON_KEYS
 from tests._scripted import CLOSE, STALL, Scripted, _answer, _response, _status
 from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
 from tests.conftest import dead_ports, reset_close
@@ -241,6 +242,7 @@ def test_json_lines_parse_with_istios_keys(
     lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch, access_log_json=True)
     assert said == 200 and len(lines) == 1
     d = json.loads(lines[0])
+    assert list(d) == list(JSON_KEYS)
     assert d["user_agent"] == 'a "quoted"\tone é'  # (each byte a code point)
     assert (d["response_code"], d["response_flags"], d["route_name"]) == (200, "-", "svc/canary")
     assert d["upstream_cluster"] == f"outbound|8080|v1|{HOST}"
