@@ -8067,7 +8067,11 @@ cdef class HttpRelay:
         cdef LogTag_ *t
         cdef int n
         cdef bytes cluster, route, details
-        d = self.access_log.describe(tag)
+        try:
+            d = self.access_log.describe(tag)
+        except Exception:  # (its lines say nothing of it: the request goes on)
+            L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
+            d = _accesslog.NO_TAG
         json = R.log_json
         cluster = _accesslog.escape(d.upstream_cluster.encode("latin-1", "replace"),
                                     _accesslog.CAPS["upstream_cluster"], json)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from l4proxy.dataplane.accesslog import JSON_KEYS
+from l4proxy.sidecar.admin import WorkerView
 from tests._scripted import CLOSE, STALL, Scripted, _answer, _response, _status
 from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
 from tests.conftest import dead_ports, reset_close
@@ -567,6 +568,8 @@ def test_a_log_nobody_reads_drops_lines_counted_and_serves_every_request(
             said = await asyncio.get_running_loop().run_in_executor(None, talk, address)
             assert worker.relay is not None
             stats.update(worker.relay.stats())
+            gauges = WorkerView(worker, "test").gauges()  # (what /stats says)
+            stats["gauge_dropped"] = int(gauges["l4proxy_access_log_dropped_total"])
             os.close(r)  # (the writer blocked in its write gets EPIPE: it ends)
             return said
 
@@ -578,3 +581,48 @@ def test_a_log_nobody_reads_drops_lines_counted_and_serves_every_request(
     assert stats["requests"] == n
     assert stats["access_log_dropped"] > 0
     assert stats["access_log_lines"] + stats["access_log_dropped"] == n
+    assert stats["gauge_dropped"] == stats["access_log_dropped"]
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_log_whose_reader_is_gone_fails_counted_logged_once(
+    which: str,
+    v1: Scripted,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The log's pipe has no reader (EPIPE at each write): every request
+    is answered, each failed write counted, its lines dropped, one
+    warning logged."""
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    r, w = os.pipe()
+    os.close(r)
+    _worker_twin(which, monkeypatch)
+    (tmp_path / "rules.yaml").write_text(rules)
+    n = 20
+    stats: dict[str, int] = {}
+
+    def talk(address: tuple[str, int]) -> list[int]:
+        with socket.create_connection(address, 10) as s:
+            return [_get(s, f"/items/{i}") for i in range(n)]
+
+    async def main() -> list[int]:
+        async with gateway_worker(
+            tmp_path / "rules.yaml", http_routing="request", access_log_fd=w
+        ) as (_, worker, address):
+            said = await asyncio.get_running_loop().run_in_executor(None, talk, address)
+            assert worker.relay is not None
+            assert worker.relay.flush_access_log(2.0)  # (written: that is, failed)
+            stats.update(worker.relay.stats())
+            return said
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        os.close(w)
+    assert said == [200] * n
+    assert stats["access_log_lines"] == n and stats["access_log_dropped"] == n
+    assert stats["access_log_write_errors"] >= 1
+    warnings = [rec.getMessage() for rec in caplog.records if "access log" in rec.getMessage()]
+    assert len(warnings) == 1 and "Broken pipe" in warnings[0], warnings

@@ -1225,7 +1225,10 @@ class HttpRelay:
         """A request is over (answered, or cut short): counted, reported,
         logged (*flags*, *received*: its Done's, for the access log)."""
         if self._log_line is not None:
-            self._log(c, status, local, now, flags | c.log_flags, received)
+            try:
+                self._log(c, status, local, now, flags | c.log_flags, received)
+            except Exception:  # (a bug, a describe() that raised: the request goes on)
+                self.counters["errors"] += 1
         c.sent = 0
         c.log_flags = 0
         if c.pending is not None:  # (its route timeout's 504)
