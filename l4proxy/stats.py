@@ -189,6 +189,15 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
     ),
     "l4proxy_upstream_pool_idle": (_G, "Idle pooled upstream connections."),
     "l4proxy_upstream_rq_retry_total": (_C, "Retries of routes' retry policies."),
+    "l4proxy_access_log_lines_total": (_C, "Access log lines written (--access-log)."),
+    "l4proxy_access_log_dropped_total": (
+        _C,
+        "Access log lines dropped: the buffer was full (the log's reader is slow) or made none.",
+    ),
+    "l4proxy_access_log_write_errors_total": (
+        _C,
+        "Access log writes that failed, their lines lost.",
+    ),
     "istio_request_duration_milliseconds": (
         "histogram",
         "Request durations by destination service and version, and response code (ms).",
