@@ -681,6 +681,59 @@ def test_sigterm_keeps_serving_the_apps_outbound_calls(mesh: Mesh, impl: str) ->
     assert "no connection for 1.0s; outbound stops" in mesh.sidecar_log()
 
 
+APP_KEEP_ALIVE_SHUTDOWN = r"""
+import http.client, sys, time
+def ask(c):
+    c.request("GET", "/", headers={"Host": "bootcamp"})
+    r = c.getresponse()
+    r.read()
+    return f"HTTP/1.1 {r.status} {r.reason}"
+c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)  # a pool's, before SIGTERM
+print(ask(c), flush=True)
+sys.stdin.readline()          # the sidecar has had SIGTERM: the app shuts down too
+end = time.monotonic() + 2.0  # ... on its keep-alive connection for 2 s
+while time.monotonic() < end:
+    print(ask(c), flush=True)
+    time.sleep(0.25)
+c.close()
+time.sleep(0.6)               # a pause shorter than --drain-quiet, then a last call
+try:
+    print("last", ask(http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)), flush=True)
+except OSError as exc:
+    print("last", type(exc).__name__, flush=True)
+"""
+
+
+def test_drain_quiet_counts_from_the_last_connection_closed(mesh: Mesh) -> None:
+    """--drain-quiet is the app's silence: an app busy on a keep-alive
+    connection for 2 s after the SIGTERM, then quiet for 0.6 s (< 1 s),
+    makes its last call. It was refused: the quiet was counted from the
+    last connection accepted (before the SIGTERM), so outbound stopped as
+    soon as the keep-alive connection closed."""
+    mesh.start("compiled-uvloop", run_args=("--drain-duration", "15", "--drain-quiet", "1"))
+    assert mesh.client is not None and mesh.sidecar is not None
+    app = mesh.client.popen(
+        [PYTHON, "-c", APP_KEEP_ALIVE_SHUTDOWN, VIP],
+        user=1000,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert app.stdin is not None and app.stdout is not None
+    first = app.stdout.readline().strip()
+    assert first == "HTTP/1.1 200 OK", (first, app.communicate(timeout=10))
+    mesh.sidecar.proc.send_signal(signal.SIGTERM)
+    app.stdin.write("go\n")
+    app.stdin.flush()
+    out, _ = app.communicate(timeout=30)
+    lines = out.splitlines()
+    assert lines[-1] == "last HTTP/1.1 200 OK", (out, mesh.sidecar_log(5000))
+    assert set(lines[:-1]) == {"HTTP/1.1 200 OK"} and len(lines) >= 6, out
+    assert mesh.sidecar.proc.wait(20) == 0
+    assert "no connection for 1.0s; outbound stops" in mesh.sidecar_log()
+
+
 def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> None:
     """kill -9 the worker mid-load: the supervisor keeps the listener and restarts it."""
     mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))

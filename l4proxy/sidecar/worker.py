@@ -489,9 +489,10 @@ class Worker:
         * outbound (what the app dials, captured on ``--port``) is accepted and
           routed as before until the app is gone, or until *timeout* passes.
         * "the app is gone" is Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS: no
-          connection active (relayed or being set up, inbound ones included)
-          and none accepted for *quiet* seconds, counted from the SIGTERM at
-          the earliest. The sidecar cannot see the app's process (another
+          connection open (relayed or being set up, inbound ones included,
+          an idle keep-alive one too) for *quiet* seconds: none accepted, and
+          none closed, in that time, counted from the SIGTERM at the
+          earliest. The sidecar cannot see the app's process (another
           container, another pid namespace); an app that is silent for
           *quiet* seconds and then calls out again finds the sidecar gone, so
           *quiet* should exceed the app's longest pause while shutting down.
@@ -519,12 +520,19 @@ class Worker:
         every = ("outbound", "inbound", "gateway")
         self.stop_accepting(keep=every if serving_inbound else outbound)
         self._last_accept = max(self._last_accept, now)
+        busy_at = now  # when a connection was last seen open (polled)
         while self.listeners and time.monotonic() < deadline:
-            if serving_inbound and time.monotonic() >= self.inbound_until:
+            t = time.monotonic()
+            if serving_inbound and t >= self.inbound_until:
                 self.stop_accepting(keep=outbound)
                 serving_inbound = False
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
-            if not serving_inbound and idle and time.monotonic() - self.last_accept() >= quiet:
+            if not idle:
+                busy_at = t
+            # quiet since the last connection closed, not since the last one
+            # opened: a keep-alive client that called out until a moment ago
+            # is the app still shutting down
+            if not serving_inbound and idle and t - max(self.last_accept(), busy_at) >= quiet:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
             await asyncio.sleep(0.1 if serving_inbound else min(0.1, max(quiet, 0.01)))
