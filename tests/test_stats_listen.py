@@ -234,6 +234,50 @@ def test_head_gets_no_body_and_no_worker_answering_is_503() -> None:
     assert codes == [503, 503, 503]
 
 
+def test_the_admin_port_speaks_as_envoy_s() -> None:
+    """/stats/prometheus on the admin port too (Envoy's path, which a
+    scrape configuration names: it was 404 there), statuses with their
+    reason phrases (was "404 Error"), a 405 with its Allow, and a format it
+    does not know refused (was the text, silently)."""
+
+    def raw(address: tuple[str, int], request: bytes) -> bytes:
+        with socket.create_connection(address, timeout=5) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        return data
+
+    async def main(stats_only: bool, requests: list[bytes]) -> list[bytes]:
+        server = AdminServer(Source(), lambda: None, stats_only=stats_only)
+        await server.start("127.0.0.1", 0)
+        out = [await asyncio.to_thread(raw, server.address, r) for r in requests]
+        await server.close()
+        return out
+
+    prom, xml, cxml, quit_get, missing = asyncio.run(
+        main(
+            False,
+            [
+                b"GET /stats/prometheus HTTP/1.1\r\n\r\n",
+                b"GET /stats?format=xml HTTP/1.1\r\n\r\n",
+                b"GET /clusters?format=xml HTTP/1.1\r\n\r\n",
+                b"GET /quitquitquit HTTP/1.1\r\n\r\n",
+                b"GET /nope HTTP/1.1\r\n\r\n",
+            ],
+        )
+    )
+    assert prom.startswith(b"HTTP/1.1 200 OK\r\n") and prom.endswith(b"istio_requests_total 3\n")
+    assert xml.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"'xml'" in xml
+    assert cxml.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert quit_get.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert b"\r\nallow: POST\r\n" in quit_get
+    assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"/stats/prometheus" in missing
+    (post,) = asyncio.run(main(True, [b"POST /stats HTTP/1.1\r\n\r\n"]))
+    assert post.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert b"\r\nallow: GET, HEAD\r\n" in post
+
+
 def test_a_request_with_a_body_gets_its_whole_answer() -> None:
     """The endpoint reads the head only: closing with a request body unread
     sent an RST, which cut the answer short at the client (curl: "Connection

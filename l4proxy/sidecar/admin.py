@@ -4,7 +4,8 @@
 ``/ready``         200 ``LIVE`` while serving; 503 ``NOT READY`` after SIGTERM,
                    and at start until every DNS endpoint name had a lookup
 ``/stats``         Prometheus text: connections, decisions, bytes, failures,
-                   reloads, active connections (``?format=json`` for JSON)
+                   reloads, active connections (``?format=json`` for JSON;
+                   also at ``/stats/prometheus``, Envoy's path)
 ``/config_dump``   JSON: the live route table, its generation and sources,
                    the last rejected config's errors
 ``/clusters``      endpoints per service and their health (text; ``?format=json``)
@@ -23,6 +24,7 @@ import json
 import logging
 import socket
 import struct
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -180,9 +182,14 @@ class AdminServer:
                 status, ctype, body = await self.dispatch(parts[0], parts[1])
             data = body.encode()
             del body  # the answer is held once, as bytes, while it is sent
+            # (RFC 9110: a 405 says which methods the resource takes: the
+            # read-only endpoint's GET and HEAD, /quitquitquit's POST)
+            allow = ""
+            if status == 405:
+                allow = "allow: GET, HEAD\r\n" if self.stats_only else "allow: POST\r\n"
             head = (
-                f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                f"content-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"content-type: {ctype}\r\ncontent-length: {len(data)}\r\n{allow}"
                 "connection: close\r\n\r\n"
             ).encode()
             if parts[:1] == ["HEAD"]:
@@ -268,7 +275,8 @@ class AdminServer:
 
     async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
         path, _, query = target.partition("?")
-        as_json = "format=json" in query
+        fmt = urllib.parse.parse_qs(query).get("format", [""])[-1]
+        as_json = fmt == "json"
         src = self.source
         if self.stats_only:
             if method not in ("GET", "HEAD"):
@@ -277,6 +285,11 @@ class AdminServer:
                 path = "/stats"
             if path not in ("/stats", "/ready"):
                 return 404, "text/plain", "not found: /stats /stats/prometheus /ready\n"
+        if path == "/stats/prometheus":  # (Envoy's admin path, and Istio's 15090 one)
+            path = "/stats"
+        # (Envoy's formats: /stats?format=prometheus is the text, the default)
+        if path in ("/stats", "/clusters") and fmt not in ("", "json", "prometheus", "text"):
+            return 400, "text/plain", f"format {fmt!r}: json, or none for the text\n"
         if path == "/ready":
             if await src.ready():
                 return 200, "text/plain", "LIVE\n"
@@ -302,7 +315,21 @@ class AdminServer:
                 return 405, "text/plain", "use POST\n"
             asyncio.get_running_loop().call_soon(self.on_quit)
             return 200, "text/plain", "OK\n"
-        return 404, "text/plain", "not found: /ready /stats /config_dump /clusters /quitquitquit\n"
+        return (
+            404,
+            "text/plain",
+            "not found: /ready /stats /stats/prometheus /config_dump /clusters /quitquitquit\n",
+        )
+
+
+# the reason phrases of the statuses the endpoint answers (RFC 9110)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 def _json(obj: Any) -> str:
