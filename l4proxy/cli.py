@@ -11,6 +11,7 @@ import importlib
 import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from l4proxy import __version__
 
@@ -83,8 +84,17 @@ Run 'l4proxy COMMAND --help' for each command's options.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line: the flag, what is wrong with it, where the
+    help is (argparse writes the whole usage first: twenty lines for run,
+    above the one that matters). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="l4proxy",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

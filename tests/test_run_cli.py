@@ -73,8 +73,11 @@ def test_values_that_made_a_sidecar_misbehave_are_usage_errors(
     with pytest.raises(SystemExit) as exc:
         build_parser("run").parse_args(["run", "--rules", "/etc/l4proxy", *argv])
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # (not argparse's usage block above it: 20 lines)
+    (err,) = lines
     assert argv[0] in err and message in err, err
+    assert err.startswith("l4proxy run: error: ") and err.endswith(" (see l4proxy run --help)")
 
 
 def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:

@@ -35,6 +35,7 @@ import fcntl
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,26 @@ def _admin_address(value: str) -> str:
     return value
 
 
+# what each verb does to DIR, as its --help says it (istioctl's verbs)
+_DOES = {
+    "create": "Install FILE's objects into DIR as DIR/<FILE's name>, as istioctl create "
+    "adds them to a cluster: refused if any of them is already in DIR or that name is "
+    "taken.",
+    "replace": "Replace the file of DIR that holds FILE's objects (and nothing else) with "
+    "FILE's text, as istioctl replace does in a cluster.",
+    "delete": "Remove from DIR the files that hold FILE's objects (and nothing else), as "
+    "istioctl delete does in a cluster.",
+}
+_DESCRIPTIONS = {
+    verb: textwrap.fill(
+        does + " The directory as it would be is loaded first, as the sidecar loads it: "
+        "an invalid result is refused and DIR left as it was.",
+        79,
+    )
+    for verb, does in _DOES.items()
+}
+
+
 def add_parser(sub: Any) -> None:
     for verb in VERBS:
         if verb in sub.choices:
@@ -96,7 +117,7 @@ def add_parser(sub: Any) -> None:
         p = sub.add_parser(
             verb,
             help=f"{verb} the objects of a rule file in a watched rules directory",
-            description=__doc__.split("\n\n")[0] if __doc__ else None,
+            description=_DESCRIPTIONS[verb],
             epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

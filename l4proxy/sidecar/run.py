@@ -195,7 +195,8 @@ def add_parser(sub: Any) -> None:
         default=[],
         type=_hostport,
         metavar="HOST:PORT",
-        help="gateway listener routed by Ingress objects; repeatable",
+        help="gateway listener, routed by the Ingress objects and the Gateway API's "
+        "Gateways (a listener's port) and HTTPRoutes in the rules; repeatable",
     )
     p.add_argument(
         "--admin",
@@ -269,10 +270,15 @@ def add_parser(sub: Any) -> None:
         "--outbound-policy",
         choices=["ALLOW_ANY", "REGISTRY_ONLY"],
         default="ALLOW_ANY",
-        help="unknown destinations: pass through (ALLOW_ANY) or refuse (REGISTRY_ONLY)",
+        help="a destination no ServiceEntry names: passed through as it was dialled "
+        "(ALLOW_ANY, the default, Istio's) or refused (REGISTRY_ONLY)",
     )
     p.add_argument(
-        "--max-connections", type=count, default=0, help="refuse beyond this many (0: no limit)"
+        "--max-connections",
+        type=count,
+        default=0,
+        help="client connections a worker holds at most; beyond, new ones are refused "
+        "(0, the default: no limit)",
     )
     p.add_argument(
         "--max-pipes",
@@ -364,8 +370,19 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="how often the rule files are checked for a change (1; SIGHUP: at once)",
     )
-    p.add_argument("--uid", type=str, default=None, help="drop to this user after binding")
-    p.add_argument("--gid", type=str, default=None, help="drop to this group after binding")
+    p.add_argument(
+        "--uid",
+        type=str,
+        default=None,
+        help="drop to this user (name or number) after binding: the UID that "
+        "l4proxy-init exempts from capture, 1337 in a pod (not given: stay as started)",
+    )
+    p.add_argument(
+        "--gid",
+        type=str,
+        default=None,
+        help="drop to this group after binding (not given: --uid's group, else stay)",
+    )
     p.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
@@ -377,7 +394,7 @@ def add_parser(sub: Any) -> None:
         type=_workers,
         default=1,
         metavar="N",
-        help="worker processes sharing the listeners with SO_REUSEPORT (1)",
+        help=f"worker processes sharing the listeners with SO_REUSEPORT, 1 to {MAX_WORKERS} (1)",
     )
     p.add_argument(
         "--single-process",
@@ -678,7 +695,12 @@ async def _serve(
         held.requested = False  # a reload asked for before now: this load is it
         rules.load_now()
     else:
-        log.warning("no --rules given: every connection passes through to its destination")
+        log.warning(
+            "no --rules given: every redirected connection passes through to its destination%s",
+            "; the gateway listeners (--listen) route nothing: each request is answered 404"
+            if args.listen
+            else "",
+        )
     opts = WorkerOptions(
         connect_timeout=args.connect_timeout,
         header_timeout=args.header_timeout,
