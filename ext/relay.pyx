@@ -8603,7 +8603,10 @@ cdef class HttpRelay:
                 verdict = Verdict(local=d.local, tag=d.tag, local_headers=d.local_headers,
                                   fault=d.fault)
             elif not d.endpoints:  # (the router's answer: a choice's, edited)
-                verdict = Verdict((Choice(1, (), "ORDERED", None, d.tag, d.status, d.edits),),
+                # (its endpoint_tags, which must be none, checked as the pure
+                # twin checks them: a tag without an endpoint is refused)
+                verdict = Verdict((Choice(1, (), "ORDERED", None, d.tag, d.status, d.edits,
+                                          endpoint_tags=tuple(d.endpoint_tags)),),
                                   fault=d.fault)
             else:
                 verdict = Verdict(

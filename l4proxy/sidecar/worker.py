@@ -420,7 +420,12 @@ class Worker:
         c.describe(
             "l4proxy_refused_total", "counter", "Connections answered without upstream, by reason."
         )
-        c.describe("l4proxy_passthrough_total", "counter", "Connections to unknown destinations.")
+        c.describe(
+            "l4proxy_passthrough_total",
+            "counter",
+            "Connections to unknown destinations relayed at L4 (per-request HTTP ones: "
+            "istio_requests_total's PassthroughCluster).",
+        )
         c.describe("l4proxy_inbound_total", "counter", "Inbound connections forwarded to the app.")
 
     def start(self) -> None:
@@ -1684,9 +1689,8 @@ def _describe_istio(c: Counters) -> None:
         "Mirrored copies by the mirror's service and version, and its answer's code "
         "(0: none); what the mirror's own sidecar would report (reporter=destination).",
     )
-    # istio_request_duration_milliseconds_{bucket,sum,count} (a histogram:
-    # cumulative buckets by "le") go out untyped, as the renderer has no
-    # histogram families; histogram_quantile() over _bucket works the same.
+    # istio_request_duration_milliseconds_{bucket,sum,count}: one histogram
+    # family as /stats renders it (stats.METRIC_HELP)
 
 
 class _SubsetTag(NamedTuple):
