@@ -7,6 +7,7 @@ opened is a usage error."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -126,6 +127,28 @@ def test_an_access_log_that_cannot_be_opened_is_a_usage_error(tmp_path: Path) ->
     )
     assert done.returncode == 2
     assert f"--access-log {missing}: cannot open it: No such file or directory" in done.stderr
+
+
+def test_a_named_pipe_without_a_reader_is_a_usage_error_not_a_hang(tmp_path: Path) -> None:
+    """open() of a FIFO for writing waited for a reader: the sidecar never
+    started. Opened without waiting, none is ENXIO: exit 2, at once; with
+    a reader, the lines go to it."""
+    from l4proxy.sidecar.run import open_access_log
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as info:
+        open_access_log(str(fifo))
+    assert info.value.errno == errno.ENXIO
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fd = open_access_log(str(fifo))
+        assert os.get_blocking(fd)  # (the writers' threads wait on it)
+        os.write(fd, b"a line\n")
+        os.close(fd)
+        assert os.read(reader, 100) == b"a line\n"
+    finally:
+        os.close(reader)
 
 
 def test_the_access_log_is_appended_to_or_standard_output() -> None:

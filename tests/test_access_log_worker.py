@@ -512,6 +512,10 @@ def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.Mon
         with socket.create_connection(address, 10) as s:
             out.append(_get(s, "/items/1", b"User-Agent: ua\r\nX-Request-ID: r1\r\n"))
             out.append(_get(s, "/nowhere"))
+            # (20 lines of one header: the first 16 joined, by both: the
+            # compiled twin's read only 16, the pure one's all of them)
+            xff = b"".join(b"X-Forwarded-For: 10.0.0.%d\r\n" % i for i in range(20))
+            out.append(_get(s, "/items/6", xff))
             s.sendall(b"PUT /items/2 HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc")
             out.append(_status(_response(s)))
             pipelined = b"GET /items/%d HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -526,12 +530,13 @@ def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.Mon
     try:
         for which in TWINS:
             lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch)
-            assert said == [200, 404, 200, 200, 200, 200], which
+            assert said == [200, 404, 200, 200, 200, 200, 200], which
             got[which] = [_masked(line) for line in lines]
     finally:
         v1.close()
-    assert len(got["pure"]) == 6
+    assert len(got["pure"]) == 7
     assert got["pure"] == got["compiled"]
+    assert got["pure"][2]["xff"] == ",".join(f"10.0.0.{i}" for i in range(16))
 
 
 # -- a log nobody reads ------------------------------------------------------------------

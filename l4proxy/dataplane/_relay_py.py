@@ -2392,10 +2392,15 @@ def _endpoint_text(endpoint: tuple[Any, Any]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# a header's lines an access log line joins at most (the compiled twin's LOG_SPANS)
+_LOG_LINES = 16
+
+
 def _header(head: RequestHead | None, name: str) -> bytes | None:
     """A request header's values for the access log, its lines joined by
-    "," (Envoy's HTTP/1 codec's); None when absent."""
+    "," (Envoy's HTTP/1 codec's), the first :data:`_LOG_LINES` of them, as
+    the compiled twin reads them; None when absent."""
     if head is None:
         return None
-    values = [v for k, v in head.headers if k == name]
+    values = [v for k, v in head.headers if k == name][:_LOG_LINES]
     return ",".join(values).encode("latin-1") if values else None

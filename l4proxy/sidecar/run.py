@@ -519,10 +519,14 @@ def open_access_log(path: str) -> int:
     """--access-log's fd: standard output's (a duplicate) for ``-`` and
     /dev/stdout, else *path* opened for appending (created 0644): each
     worker's lines are whole write()s of whole lines (O_APPEND: never over
-    each other's). Raises OSError."""
+    each other's). A named pipe is opened without waiting for its reader:
+    none is an error (ENXIO), not a start that never ends. Raises OSError."""
     if path in ("-", "/dev/stdout"):
         return os.dup(1)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o644)
+    os.set_blocking(fd, True)  # (the writers wait on it in threads of their own)
+    return fd
 
 
 def _event_loop_runner(name: str) -> Any:
