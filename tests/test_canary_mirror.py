@@ -357,6 +357,11 @@ def test_promql_at_a_mirrored_interval_sums_both_families() -> None:
     assert 'reporter="destination"' in promql("bootcamp", "v2", 30, "destination", True)["p99"]
 
 
+# promtool evaluates the queries where it is installed (tests/test_checkout's
+# EXEMPT_SKIPS says why that skip is allowed)
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+
+
 # Series of the canary's own requests and of its copies' answers, with the
 # same labels (as a sidecar reports them), scraped every 15 s, each rising
 # by its increment at every scrape. promtool evaluates at 2m over [1m]: five
@@ -379,7 +384,7 @@ _SERIES = {
 }
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs Prometheus' promtool")
+@needs_promtool
 @pytest.mark.parametrize(
     ("families", "expected"),
     [
@@ -456,7 +461,7 @@ def test_the_mirrored_queries_in_a_real_promql_engine(
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs Prometheus' promtool")
+@needs_promtool
 def test_the_copies_dropped_are_those_of_the_sidecars_that_route_the_service(
     tmp_path: pathlib.Path,
 ) -> None:
