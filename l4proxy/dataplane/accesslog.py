@@ -250,28 +250,21 @@ class Record(NamedTuple):
 # -- escaping -------------------------------------------------------------------
 
 
-def _text_unit(b: int) -> bytes:
+def _unit(b: int, other: bytes) -> bytes:
+    """Byte *b* escaped: a quote and a backslash after a backslash,
+    printable ASCII as it is, any other byte by the *other* format
+    (TEXT's ``\\xHH``, JSON's ``\\u00hh``)."""
     if b == 0x22:
         return b'\\"'
     if b == 0x5C:
         return b"\\\\"
     if 0x20 <= b < 0x7F:
         return bytes((b,))
-    return b"\\x%02X" % b
+    return other % b
 
 
-def _json_unit(b: int) -> bytes:
-    if b == 0x22:
-        return b'\\"'
-    if b == 0x5C:
-        return b"\\\\"
-    if 0x20 <= b < 0x7F:
-        return bytes((b,))
-    return b"\\u%04x" % b
-
-
-_TEXT_UNITS = tuple(_text_unit(b) for b in range(256))
-_JSON_UNITS = tuple(_json_unit(b) for b in range(256))
+_TEXT_UNITS = tuple(_unit(b, b"\\x%02X") for b in range(256))
+_JSON_UNITS = tuple(_unit(b, b"\\u%04x") for b in range(256))
 
 
 def escape(value: bytes, cap: int, json: bool = False) -> bytes:
