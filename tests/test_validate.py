@@ -388,3 +388,57 @@ def test_verbose_names_what_a_rules_directory_skips(
     ]
     code, _, err = validate(capsys, str(rules))
     assert code == 0 and "skipped" not in err
+
+
+def test_verbose_notes_weights_that_do_not_total_100(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VirtualService's weights are relative (Istio since 1.15: 30 and 30
+    are half each), so a total other than 100 is no error; -v notes it with
+    the shares, where a typo (30 and 3) shows; 100 gets no note."""
+    registry = Path(REGISTRY).read_text()
+    dr = textwrap.dedent(
+        """\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: bootcamp}
+        spec:
+          host: bootcamp
+          subsets:
+          - {name: v1, labels: {version: v1}}
+          - {name: v2, labels: {version: v2}}
+        """
+    )
+    for w1, w2, shares in ((30, 3, "90.91 %, 9.091 %"), (60, 40, None)):
+        vs = tmp_path / f"vs-{w1}.yaml"
+        vs.write_text(
+            textwrap.dedent(
+                f"""\
+                apiVersion: networking.istio.io/v1
+                kind: VirtualService
+                metadata: {{name: bootcamp}}
+                spec:
+                  hosts: [bootcamp]
+                  http:
+                  - route:
+                    - destination: {{host: bootcamp, subset: v1}}
+                      weight: {w1}
+                    - destination: {{host: bootcamp, subset: v2}}
+                      weight: {w2}
+                """
+            )
+            + dr
+        )
+        reg = tmp_path / "registry.yaml"
+        reg.write_text(registry)
+        code, _, err = validate(capsys, "-v", str(vs), str(reg))
+        assert code == 0, err
+        notes = [line for line in err.splitlines() if "route weights total" in line]
+        if shares is None:
+            assert notes == []
+        else:
+            assert notes == [
+                f"{vs}:7: note: VirtualService bootcamp: route weights total 33, not 100: the "
+                f"destinations get {shares} of the requests (weight / total, as Istio since 1.15)"
+            ]

@@ -305,6 +305,13 @@ def weights(
     if relative and total <= 0:
         ctx.error(path, "route weights total 0: at least one destination needs a weight above 0")
         return None
+    if relative and total != 100:  # (allowed since Istio 1.15: a typo shows here)
+        shares = ", ".join(f"{100 * w / total:.4g} %" for w in out)
+        ctx.note(
+            path,
+            f"route weights total {total}, not 100: the destinations get {shares} of the "
+            "requests (weight / total, as Istio since 1.15)",
+        )
     if not relative and total != 100:
         ctx.error(
             path,
