@@ -228,6 +228,7 @@ class InjectOptions:
     pull_policy: str | None = None
     http_routing: str = "request"  # "connection": route by each connection's first head
     stats_port: int = 0  # --stats-listen 0.0.0.0:PORT and Prometheus annotations; 0: off
+    access_log: str = ""  # "text" or "json": --access-log - in that format; "": off
     # the sidecar's resources (Kubernetes quantities); None: the defaults
     proxy_cpu: str | None = None
     proxy_memory: str | None = None
@@ -256,6 +257,7 @@ class InjectOptions:
                 "containers": [SIDECAR_NAME] if self.sidecar == "container" else [],
                 "volumes": [VOLUME_NAME, PODINFO_VOLUME],
                 **({"statsPort": self.stats_port} if self.stats_port else {}),
+                **({"accessLog": self.access_log} if self.access_log else {}),
                 # the annotations inject added, as it wrote them: only those are
                 # taken out again (the user's are never recorded, and stay)
                 **({"annotations": added} if added or self.stats_port else {}),
@@ -344,7 +346,13 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
             # exited: no outbound call is left to wait 5 quiet seconds for (each
             # termination, and a Job's completion, waited for them).
             + (["--drain-quiet", "0"] if opts.sidecar == "native" else [])
-            + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else []),
+            + (["--stats-listen", f"0.0.0.0:{opts.stats_port}"] if opts.stats_port else [])
+            # (standard output: kubectl logs POD -c l4proxy, as Istio's /dev/stdout)
+            + (
+                ["--access-log", "-", "--access-log-format", opts.access_log]
+                if opts.access_log
+                else []
+            ),
             "env": [
                 {
                     "name": "POD_NAMESPACE",
@@ -1039,6 +1047,14 @@ def add_parser(sub: Any) -> None:
         "--stats-listen) for Prometheus and l4proxy canary --metrics; 15090 is "
         "Istio's (off)",
     )
+    p.add_argument(
+        "--access-log",
+        choices=["off", "text", "json"],
+        default="off",
+        help="the sidecar writes a line per request to its standard output (kubectl logs "
+        "POD -c l4proxy), in Istio's TEXT format or as JSON, as Istio's "
+        "meshConfig.accessLogFile /dev/stdout does (l4proxy run --access-log -) (%(default)s)",
+    )
     for flag, what, default in (
         ("--proxy-cpu", "CPU request", PROXY_CPU),
         ("--proxy-memory", "memory request", PROXY_MEMORY),
@@ -1077,6 +1093,7 @@ def run(args: argparse.Namespace) -> int:
         pull_policy=args.image_pull_policy,
         http_routing=args.http_routing,
         stats_port=args.stats_port,
+        access_log="" if args.access_log == "off" else args.access_log,
         proxy_cpu=args.proxy_cpu,
         proxy_memory=args.proxy_memory,
         proxy_cpu_limit=args.proxy_cpu_limit,

@@ -869,3 +869,24 @@ def test_a_native_sidecar_stops_without_waiting_for_quiet() -> None:
     # as a container it gets SIGTERM with the app, whose calls still need it
     res = inject_text(yaml.safe_dump(workloads()["Pod"]), InjectOptions(sidecar="container"))
     assert "--drain-quiet" not in _sidecar(res.text)["command"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_log_writes_the_sidecars_lines_to_its_standard_output(fmt: str) -> None:
+    """--access-log text|json: the sidecar runs with --access-log - (kubectl
+    logs POD -c l4proxy, Istio's meshConfig.accessLogFile /dev/stdout) in
+    that format, the status says so; by default it writes none, and the
+    command the sidecar gets parses as l4proxy run's."""
+    from l4proxy.cli import build_parser
+
+    text = yaml.safe_dump(workloads()["Pod"])
+    res = inject_text(text, InjectOptions(access_log=fmt))
+    command = _sidecar(res.text)["command"]
+    assert command[-4:] == ["--access-log", "-", "--access-log-format", fmt]
+    status = json.loads(yaml.safe_load(res.text)["metadata"]["annotations"][STATUS_ANNOTATION])
+    assert status["accessLog"] == fmt
+    i = command.index("--pod-labels-file")  # (the pod's file: not here)
+    args = build_parser("run").parse_args(command[1:i] + command[i + 2 :])
+    assert (args.access_log, args.access_log_format) == ("-", fmt)
+    plain = _sidecar(inject_text(text, InjectOptions()).text)["command"]
+    assert "--access-log" not in plain
