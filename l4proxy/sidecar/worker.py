@@ -1165,7 +1165,7 @@ class Worker:
         dialled = c.port.number
         if rc.answer is not None:  # a redirect, a direct response, a preflight's
             a = rc.answer
-            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown", dialled)
+            tag = _no_destination_tag(rc.service.host, rc.route, dialled)
             return Verdict(
                 local=(a.status, a.body),
                 local_headers=a.headers,
@@ -1176,7 +1176,7 @@ class Worker:
                 fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),  # (drawn first)
             )
         if not rc.subsets:  # no route matched (404): nothing to edit
-            tag = _SubsetTag(rc.service.host, rc.route, "none", "unknown", "unknown", dialled)
+            tag = _no_destination_tag(rc.service.host, rc.route, dialled)
             body = _local_body(rc.status)
             return Verdict(
                 local=(rc.status, body),
@@ -1715,6 +1715,14 @@ def _local_body(status: int) -> str:
     return "no healthy upstream" if status == 503 else "backend not resolved"
 
 
+def _no_destination_tag(service: str, route: str, port: int = 0) -> _SubsetTag:
+    """The tag of a request that no destination answered (a route's own
+    answer, no route, a fault's abort, a refusal, a rule of weights 0):
+    subset ``none``, version and workload ``unknown``, as Istio labels
+    what reached no upstream host."""
+    return _SubsetTag(service, route, "none", "unknown", "unknown", port)
+
+
 def _abort_tagged(fault: Fault | None, service: str, route: str, port: int = 0) -> Fault | None:
     """*fault* whose aborted requests are reported with no destination
     workload or version: Istio's labels for an abort (response flag FI),
@@ -1722,7 +1730,7 @@ def _abort_tagged(fault: Fault | None, service: str, route: str, port: int = 0) 
     under canary analysis counts against neither version."""
     if fault is None or not fault.abort_ppm:
         return fault
-    return fault._replace(tag=_SubsetTag(service, route, "none", "unknown", "unknown", port))
+    return fault._replace(tag=_no_destination_tag(service, route, port))
 
 
 def _refusal_tag(c: Classification) -> _SubsetTag:
@@ -1730,7 +1738,7 @@ def _refusal_tag(c: Classification) -> _SubsetTag:
     destination REGISTRY_ONLY blocks, ``unknown`` for no route (404); not
     PassthroughCluster, which is traffic that went where it was dialled."""
     service = "BlackHoleCluster" if c.why == "registry_only" else "unknown"
-    return _SubsetTag(service, c.why or "refused", "none", "unknown", "unknown")
+    return _no_destination_tag(service, c.why or "refused")
 
 
 class _Shape(NamedTuple):
@@ -1751,7 +1759,7 @@ def _subset_tag(
     service: Service, route: str, subset: str, endpoints: tuple[Endpoint, ...], port: int = 0
 ) -> _SubsetTag:
     if subset == "none" and not endpoints:  # a route with no destination (weights 0)
-        return _SubsetTag(service.host, route, subset, "unknown", "unknown", port)
+        return _no_destination_tag(service.host, route, port)
     version, workload = version_and_workload(service.host, subset, endpoints)
     return _SubsetTag(service.host, route, subset, version, workload, port)
 
