@@ -2088,13 +2088,14 @@ class RouteTable:
                     fault=fault,
                 )
             dest = self._pick(route.destinations)
+            # what the request and its answer get changed (a raw connection
+            # has no head to edit): the answer of a target not resolved too
+            edits = None
+            if request is not None:
+                matched = route.matched(port, request, source_labels)
+                edits = with_cors_lines(self._edits(route, dest, matched, request.path), cors_lines)
             target = service if dest.host == service.host else self._services.get(dest.host)
             if target is None:  # (its answer edited as its share's: choices())
-                edits = None
-                if request is not None:
-                    matched = route.matched(port, request, source_labels)
-                    edits = self._edits(route, dest, matched, request.path)
-                    edits = with_cors_lines(edits, cors_lines)
                 return Decision(
                     service,
                     route.name,
@@ -2114,14 +2115,9 @@ class RouteTable:
             ordered = self._balance(eps, key, sub.load_balancer, healthy, active, sub.outlier, hkey)
             if eps and not ordered:  # every endpoint ejected: no healthy upstream
                 status = NO_HEALTHY_STATUS
-            edits = None
-            if request is not None:  # (a raw connection has no head to edit)
-                matched = route.matched(port, request, source_labels)
-                edits = self._edits(route, dest, matched, request.path)
-                # (none on the 503 of no endpoint, as the compiled relay and
-                # Envoy, whose router sets it on an upstream's response only)
-                edits = _with_cookie(edits, sub.hash_on, made if ordered else None)
-                edits = with_cors_lines(edits, cors_lines)
+            # (no generated cookie on the 503 of no endpoint, as the compiled
+            # relay and Envoy, whose router sets it on an upstream's response only)
+            edits = _with_cookie(edits, sub.hash_on, made if ordered else None)
             mirrors: tuple[Mirror, ...] = ()
             if request is not None and ordered:  # (none at L4, none on a local answer)
                 mirrors = self._mirrors(route, service, port, healthy)
