@@ -244,13 +244,13 @@ def render_prometheus(
                 return base
         return None
 
-    families: dict[str, list[str]] = defaultdict(list)  # family -> its series' names
+    families: set[str] = set()  # (a histogram's parts under its one name)
     for name in set(values) | set(help_) | set(extra):
         base = histogram_of(name)
         if base is not None:
-            families[base].append(name)
+            families.add(base)
         elif described(name)[0] != "histogram":
-            families[name].append(name)
+            families.add(name)
     lines: list[str] = []
     for family in sorted(families):
         kind, text = described(family)
