@@ -637,6 +637,16 @@ class SessionAffinity:
             :COOKIE_VALUE_LENGTH
         ]
 
+    def options(self, max_age: bool = False) -> str:
+        """The options that made it, as a command line gives them (with
+        ``--cookie-max-age`` where *max_age*; names shell-quoted)."""
+        words = [f"--session-affinity {shlex.quote(self.cookie)}"]
+        words += [f"--cookie-max-age {self.max_age}"] if max_age else []
+        words += (
+            [f"--primary-cookie {shlex.quote(self.primary_cookie)}"] if self.primary_cookie else []
+        )
+        return " ".join([*words, self.attributes.options()]).rstrip()
+
     def identity(self) -> tuple[str, str, CookieAttributes]:
         """What a resume must give again: (cookie, primary cookie,
         attributes). A browser tells cookies apart by name, domain and
@@ -708,12 +718,7 @@ class SessionAffinity:
 
 def affinity_words(a: SessionAffinity | None) -> str:
     """The options that made *a*, for a :class:`Conflict`."""
-    if a is None:
-        return "without --session-affinity"
-    words = f"with --session-affinity {shlex.quote(a.cookie)}" + (
-        f" --primary-cookie {shlex.quote(a.primary_cookie)}" if a.primary_cookie else ""
-    )
-    return f"{words} {a.attributes.options()}".rstrip()
+    return "without --session-affinity" if a is None else f"with {a.options()}"
 
 
 def mode_of(gateway: GatewayRoute | None) -> str:
@@ -917,11 +922,7 @@ def resume(
                 else ""
             )
             why = " to start one with session affinity" if saved.affinity is None else ""
-            given = (
-                "no --session-affinity"
-                if affinity is None
-                else affinity_words(affinity).removeprefix("with ")
-            )
+            given = "no --session-affinity" if affinity is None else affinity.options()
             raise Conflict(
                 f"the rollout of {saved.service} from {saved.stable} to {saved.canary} is "
                 f"{_where(saved)} {affinity_words(saved.affinity)}{held}; this command "

@@ -92,7 +92,6 @@ import math
 import os
 import re
 import secrets
-import shlex
 import signal
 import sys
 import tempfile
@@ -642,13 +641,6 @@ def affinity_options(
     )
 
 
-def cookie_options_words(a: SessionAffinity) -> str:
-    """The cookie options that made *a*, as a command line gives them."""
-    words = f"--session-affinity {shlex.quote(a.cookie)} --cookie-max-age {a.max_age}"
-    words += f" --primary-cookie {shlex.quote(a.primary_cookie)}" if a.primary_cookie else ""
-    return f"{words} {a.attributes.options()}".rstrip()
-
-
 def ended_note(saved: SessionAffinity | None, given: SessionAffinity | None) -> str:
     """The note of a finished rollout run again (it is reported as it
     ended, and nothing is written but its document as it was): that
@@ -662,11 +654,11 @@ def ended_note(saved: SessionAffinity | None, given: SessionAffinity | None) -> 
 
     if options(saved) == options(given):
         return note
-    ran = "without --session-affinity" if saved is None else f"with {cookie_options_words(saved)}"
+    ran = "without --session-affinity" if saved is None else f"with {saved.options(max_age=True)}"
     unused = (
         "this command gives no cookie options"
         if given is None
-        else f"this command's {cookie_options_words(given)} were not used"
+        else f"this command's {given.options(max_age=True)} were not used"
     )
     return f"{note} (it ran {ran}; {unused})"
 
