@@ -92,6 +92,28 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # The innermost parser names itself first (a subcommand's parser
+        # returns before its parent's): its help is the one to point at.
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, "_parser"):
+            ns._parser = self
+        return ns, extras
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but an argument no parser took is reported by the
+        subcommand it followed (`l4proxy canary x --bogus` points at
+        `l4proxy canary --help`, where argparse named `l4proxy --help`)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        owner: _Parser = ns.__dict__.pop("_parser", self)
+        if extras:
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(

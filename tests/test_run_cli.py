@@ -80,6 +80,28 @@ def test_values_that_made_a_sidecar_misbehave_are_usage_errors(
     assert err.startswith("l4proxy run: error: ") and err.endswith(" (see l4proxy run --help)")
 
 
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["canary", "reviews", "--bogus"], "l4proxy canary"),
+        (["run", "--bogus", "x"], "l4proxy run"),
+        (["validate", "rules.yaml", "--bogus"], "l4proxy validate"),
+        (["--bogus"], "l4proxy"),
+    ],
+)
+def test_an_argument_no_parser_takes_points_at_its_subcommands_help(
+    argv: list[str], prog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse reports these from the top-level parser: `see l4proxy --help`,
+    # which lists the subcommands, not the flag the user reached for
+    with pytest.raises(SystemExit) as exc:
+        build_parser(argv[0] if argv[0] != "--bogus" else None).parse_args(argv)
+    assert exc.value.code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"{prog}: error: unrecognized arguments: ")
+    assert "--bogus" in err and err.endswith(f" (see {prog} --help)"), err
+
+
 def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
     args = build_parser("run").parse_args(
         ["run", "--drain-duration", "0", "--drain-quiet", "0", "--watchdog-timeout", "0"]
