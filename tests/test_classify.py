@@ -43,6 +43,9 @@ TABLE = RouteTable(
     ingress=[
         IngressPath("api", None, "/api", "Prefix", HOST, 8080, listener_port=GATEWAY_PORT),
         IngressPath("other", None, "/other", "Prefix", HOST, 8080, listener_port=9000),
+        # a backend the registry does not have, and a port its service lacks
+        IngressPath("gone", None, "/gone", "Prefix", "gone.default.svc.cluster.local", 80),
+        IngressPath("noport", None, "/noport", "Prefix", HOST, "grpc", listener_port=GATEWAY_PORT),
     ],
     seed=1,
 )
@@ -187,6 +190,20 @@ ROWS: list[tuple[str, Origin | None, Any, str, tuple[Any, ...]]] = [
         (Kind.REFUSED, "no_ingress_route", 404, None),
     ),
     ("gateway: the other listener's path", gw(9000), head("/other"), "", BOOTCAMP_8080),
+    (
+        "gateway: a path whose service is not in the registry",
+        gw(),
+        head("/gone/x"),
+        "",
+        (Kind.REFUSED, "ingress_backend_not_found", 503, None),
+    ),
+    (
+        "gateway: a path whose port its service does not have",
+        gw(),
+        head("/noport"),
+        "",
+        (Kind.REFUSED, "ingress_backend_not_found", 503, None),
+    ),
     ("gateway: not HTTP", gw(), None, "", (Kind.REFUSED, "gateway_not_http", 400, None)),
     ("gateway: REGISTRY_ONLY does not apply", gw(), head("/api"), "registry-only", BOOTCAMP_8080),
 ]
@@ -227,6 +244,7 @@ def test_refusals_carry_their_answer() -> None:
         ("registry_only", 502, "blocked"),
         ("registry_only", None, "blocked"),
         ("no_ingress_route", 404, "no route"),
+        ("ingress_backend_not_found", 503, "no healthy upstream"),
         ("gateway_not_http", 400, "bad request"),
     }
 

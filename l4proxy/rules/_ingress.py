@@ -16,7 +16,8 @@ Path semantics:
 Every Ingress in the rule files is served whatever its class (annotation or
 ``ingressClassName``): the rule file is the gateway's whole configuration.
 A backend whose service has no ServiceEntry is a warning, not an error: the
-path answers 404 until a ServiceEntry for it is loaded.
+path answers 503 until a ServiceEntry for it is loaded (Envoy's answer to
+a route whose cluster it does not have; a path no rule has is 404).
 """
 
 from __future__ import annotations

@@ -376,7 +376,9 @@ def _check_ingress(d: Drafts, services: dict[str, Service]) -> None:
             default = ing
         svc = services.get(p.service)
         if svc is None:
-            _no_service(ing.where, p.service, d, "this Ingress path applies once one is loaded")
+            _no_service(
+                ing.where, p.service, d, "this Ingress path answers 503 until one is loaded"
+            )
             continue
         found = svc.port(p.port) if isinstance(p.port, int) else svc.port_by_name(p.port)
         if found is None:

@@ -29,7 +29,8 @@ The answers, in the order they are tried:
 * gateway listeners: an unread head means ``READ_HEAD`` (or ``RELAY``);
   bytes that are not HTTP are ``REFUSED gateway_not_http`` (400); a head is
   routed by the ingress paths of that listener's port, or ``REFUSED
-  no_ingress_route`` (404);
+  no_ingress_route`` (404), or ``REFUSED ingress_backend_not_found`` (503)
+  where the path's backend service or port is not in the registry;
 * ``INBOUND``: the original destination is one of the pod's own
   (non-loopback) addresses: forwarded to the app unchanged, never routed;
 * ``READ_HEAD`` / ``RELAY``: the destination's service port is HTTP, or an
@@ -108,6 +109,12 @@ _RELAY: Final = Classification(Kind.RELAY)
 _PASSTHROUGH: Final = Classification(Kind.PASSTHROUGH)
 _GATEWAY_NOT_HTTP: Final = Classification(Kind.REFUSED, "gateway_not_http", 400, "bad request")
 _NO_INGRESS_ROUTE: Final = Classification(Kind.REFUSED, "no_ingress_route", 404, "no route")
+# A path matched, but its backend service (or the service's port) is not in
+# the registry: Envoy's route to a cluster it does not have, 503 (NC,
+# cluster_not_found), not a 404 that tells the client the path is wrong.
+_NO_INGRESS_BACKEND: Final = Classification(
+    Kind.REFUSED, "ingress_backend_not_found", 503, "no healthy upstream"
+)
 
 
 def classify(
@@ -135,8 +142,11 @@ def classify(
             return _RELAY if per_request else _READ_HEAD
         if head is None:
             return _GATEWAY_NOT_HTTP
-        found = table.ingress(head.host, head.path, origin.port)
-        return _NO_INGRESS_ROUTE if found is None else _routed(found)
+        hit = table.ingress_path(head.host, head.path, origin.port)
+        if hit is None:
+            return _NO_INGRESS_ROUTE
+        found = table.ingress_backend(hit)
+        return _NO_INGRESS_BACKEND if found is None else _routed(found)
     ip, port = origin.ip, origin.port
     if ip is None or (port in listener_ports and (_is_loopback(ip) or ip in local_ips)):
         return _NOT_REDIRECTED

@@ -2683,13 +2683,23 @@ class RouteTable:
         connection arrived on: paths of a Gateway listener on another port are
         skipped (None: none is).
         """
+        hit = self.ingress_path(host, path, port)
+        return None if hit is None else self.ingress_backend(hit)
+
+    def ingress_path(
+        self, host: str | None, path: str, port: int | None = None
+    ) -> IngressPath | None:
+        """The Ingress path (or default backend) :meth:`ingress` takes for
+        *host*, *path* and *port*, whether or not its backend resolves."""
         path = _strip_query(path) or "/"
         chosen, default = self._ingress_group(host, port)
         exact = [p for p in chosen if p.path_type == "Exact"]
         prefixes = sorted((p for p in chosen if p.path_type != "Exact"), key=lambda p: -len(p.path))
-        hit = next((p for p in (*exact, *prefixes) if p.matches_path(path)), default)
-        if hit is None:
-            return None
+        return next((p for p in (*exact, *prefixes) if p.matches_path(path)), default)
+
+    def ingress_backend(self, hit: IngressPath) -> tuple[Service, ServicePort] | None:
+        """*hit*'s backend service and port; None while the registry has no
+        such service, or the service no such port."""
         svc = self._services.get(hit.service)
         if svc is None:
             return None
