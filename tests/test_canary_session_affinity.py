@@ -840,6 +840,40 @@ def test_prefixed_names_are_taken_with_secure_and_the_deletion_carries_the_attri
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "attributes", "message"),
+    [
+        (
+            "__Http-c",
+            CookieAttributes(secure=True),
+            "a browser keeps a __Http- cookie only with Secure and HttpOnly: give "
+            "--cookie-http-only",
+        ),
+        (
+            "__http-c",
+            CookieAttributes(http_only=True),
+            "a browser keeps a __http- cookie only with Secure and HttpOnly: give --cookie-secure",
+        ),
+        (
+            "__Host-Http-c",
+            CookieAttributes(secure=True, path="/x", domain="a.example"),
+            "a browser keeps a __Host-Http- cookie only with Secure, HttpOnly, Path=/ and no "
+            "Domain: give --cookie-http-only, drop --cookie-path /x, drop --cookie-domain",
+        ),
+        ("__Http-c", CookieAttributes(secure=True, http_only=True), ""),
+        ("__Host-Http-c", CookieAttributes(secure=True, http_only=True), ""),
+    ],
+)
+def test_the_http_only_prefixes_need_http_only_too(
+    name: str, attributes: CookieAttributes, message: str
+) -> None:
+    """The draft's ``__Http-`` and ``__Host-Http-`` prefixes (RFC 6265bis
+    drafts; a browser that takes them drops such a cookie set without
+    HttpOnly, as a ``__Secure-`` one without Secure)."""
+    got = cookie_prefix_problem(name, attributes)
+    assert got == (f"{message} (or choose a name without that prefix)" if message else ""), got
+
+
 @pytest.mark.parametrize("name", ["__Host", "__secure", "__Hosted-c"])
 def test_a_name_without_a_prefix_s_hyphen_needs_nothing(name: str) -> None:
     """A browser's prefixes are ``__Secure-`` and ``__Host-`` with their

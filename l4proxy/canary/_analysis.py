@@ -543,25 +543,33 @@ def cookie_name_problem(name: str) -> str:
 
 def cookie_prefix_problem(name: str, attributes: CookieAttributes) -> str:
     """Why a cookie *name* cannot be set with *attributes* ("" it can): a
-    browser keeps a ``__Secure-`` cookie only with ``Secure``, and a
-    ``__Host-`` one only with ``Secure``, ``Path=/`` and no ``Domain``
-    (RFC 6265bis, the prefix in any case); the message says which options
-    to give or drop."""
+    browser keeps a ``__Secure-`` cookie only with ``Secure``, a ``__Host-``
+    one only with ``Secure``, ``Path=/`` and no ``Domain`` (RFC 6265bis,
+    the prefix in any case), and, where browsers take the newer prefixes
+    (6265bis drafts since 2024), an ``__Http-`` one only with ``Secure``
+    and ``HttpOnly``, a ``__Host-Http-`` one with both prefixes' needs; the
+    message says which options to give or drop."""
     low = name.lower()
-    prefix = next((name[: len(p)] for p in ("__secure-", "__host-") if low.startswith(p)), "")
+    prefixes = ("__host-http-", "__http-", "__secure-", "__host-")
+    prefix = next((name[: len(p)] for p in prefixes if low.startswith(p)), "")
+    host = prefix.lower() in ("__host-", "__host-http-")
+    http = prefix.lower() in ("__http-", "__host-http-")
     fixes = []
     if prefix and not attributes.secure:
         fixes.append("give --cookie-secure")
-    if prefix.lower() == "__host-":
+    if http and not attributes.http_only:
+        fixes.append("give --cookie-http-only")
+    if host:
         if attributes.path != "/":
             fixes.append(f"drop --cookie-path {shlex.quote(attributes.path)}")
         if attributes.domain:
             fixes.append("drop --cookie-domain")
     if not fixes:
         return ""
-    needs = "Secure" if prefix.lower() == "__secure-" else "Secure, Path=/ and no Domain"
+    needs = ["Secure", *(["HttpOnly"] if http else []), *(["Path=/", "no Domain"] if host else [])]
+    wanted = ", ".join(needs[:-1]) + f" and {needs[-1]}" if len(needs) > 1 else needs[0]
     return (
-        f"a browser keeps a {prefix} cookie only with {needs}: {', '.join(fixes)} (or choose "
+        f"a browser keeps a {prefix} cookie only with {wanted}: {', '.join(fixes)} (or choose "
         "a name without that prefix)"
     )
 

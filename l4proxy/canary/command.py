@@ -242,7 +242,8 @@ holders stay on stable until the next step. The attributes (Flagger's): --cookie
 --cookie-partitioned, for both cookies and their deletions, e.g. 'Set-Cookie:
 COOKIE=VALUE; Max-Age=86400; Domain=example.com; Path=/; SameSite=None; Secure'.
 SameSite=None, Partitioned, and a __Secure- or __Host- name need --cookie-secure
-(a __Host- name also Path=/ and no Domain): browsers drop such cookies without it.
+(a __Host- name also Path=/ and no Domain; an __Http- or __Host-Http- name also
+--cookie-http-only): browsers drop such cookies without it.
 status, promote and abort ignore these options (they act on the saved rollout and
 the cookie it was started with).
 
@@ -410,13 +411,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="--session-affinity: the cookies are Secure, sent over https alone (Flagger's "
         "secure); needed by --cookie-same-site None, --cookie-partitioned, and a "
-        "__Secure- or __Host- cookie name",
+        "__Secure-, __Host-, __Http- or __Host-Http- cookie name",
     )
     p.add_argument(
         "--cookie-http-only",
         action="store_true",
         help="--session-affinity: the cookies are HttpOnly, hidden from the page's "
-        "JavaScript (Flagger's httpOnly)",
+        "JavaScript (Flagger's httpOnly); needed by an __Http- or __Host-Http- cookie name",
     )
     p.add_argument(
         "--cookie-same-site",
