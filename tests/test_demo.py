@@ -92,6 +92,12 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     )
     assert [p[0] for p in pools] == ["client", "gateway"], r.stdout
     assert all(int(p[1]) <= 10 for p in pools), pools
+    # The client sidecar's access log: a line per request, and the last line
+    # of each subset's names it in Istio's cluster name.
+    log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
+    assert "   client  1,450 lines; the last request each subset served:" in log, log
+    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
+    assert subsets == ["v1", "v2"], log
     with open(out_json) as f:
         _check(json.load(f), 90)
     # Then the two canaries: v2 mirrored for one interval, then promoted
@@ -124,6 +130,12 @@ def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
         "--no-canary",  # (the canaries: test_make_demo_prints_five_steps_within_bounds)
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
+    # The client sidecar's access log: a line per request, and the last line
+    # of each subset's names it in Istio's cluster name.
+    log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
+    assert "   client  1,450 lines; the last request each subset served:" in log, log
+    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
+    assert subsets == ["v1", "v2"], log
     with open(out_json) as f:
         _check(json.load(f), 90)
 
@@ -297,5 +309,11 @@ def test_demo_api_gateway_replays_the_steps_with_httproutes(tmp_path: object) ->
     assert "gateway-api" in r.stdout
     assert "HTTPRoute from httproute-50-v2.yaml: bootcamp-v1 50, bootcamp-v2 50" in r.stdout
     assert "HTTPRoute from httproute-base.yaml: no traffic shifting" in r.stdout
+    # The client sidecar's access log: a line per request, and the last line
+    # of each subset's names it in Istio's cluster name.
+    log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
+    assert "   client  1,450 lines; the last request each subset served:" in log, log
+    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
+    assert subsets == ["v1", "v2"], log
     with open(out_json) as f:
         _check(json.load(f), 90)

@@ -401,6 +401,8 @@ class Tutorial:
                 "1337",
                 "--reload-interval",
                 "0.2",
+                "--access-log",
+                self.access_log_path,
                 *QUICK_STOP,
                 *PER_REQUEST,
                 *self.seed_args,
@@ -711,6 +713,41 @@ class Tutorial:
             "   l4proxy_upstream_pool_opened_total, l4proxy_upstream_pool_reused_total)",
         ]
         return lines
+
+    @property
+    def access_log_path(self) -> str:
+        """The client sidecar's access log (``--access-log``), in the logs."""
+        return os.path.join(self.log_dir, "client.access.log")
+
+    def access_log_summary(self) -> list[str]:
+        """The client sidecar's access log: how many lines, and the last
+        one each version's subset served (Istio's cluster name,
+        ``outbound|PORT|SUBSET|HOST``, says which). Its writer thread
+        lags the requests a little: read once it has every request the
+        sidecar's /stats counts (or after 2 s, as far as it got)."""
+        assert self.client is not None
+        served = _metrics(self._admin(self.client, "/stats")).get("l4proxy_http_requests_total", 0)
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                with open(self.access_log_path, "rb") as f:
+                    lines = f.read().decode("utf-8", "replace").splitlines()
+            except OSError:
+                return []
+            if len(lines) >= served or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        last: dict[str, str] = {}
+        for line in lines:
+            m = re.search(r" outbound\|\d+\|([^|]+)\|", line)
+            if m:
+                last[m.group(1)] = line
+        out = [
+            "== the access log: one line per request, Istio's format (l4proxy run --access-log)",
+            f"   client  {len(lines):,} lines; the last request each subset served:",
+        ]
+        out += [f"   {last[subset]}" for subset in sorted(last)]
+        return out
 
 
 def _metrics(text: str) -> dict[str, int]:
@@ -1122,6 +1159,9 @@ def run(args: argparse.Namespace) -> int:
                 stop.checkpoint()
             tut.stop_keepalive()
             for line in tut.pool_summary():
+                tut.say(line)
+            tut.say()
+            for line in tut.access_log_summary():
                 tut.say(line)
             tut.say()
             # issue 13: two automated rollouts after the full tutorial (l4proxy.demo.canary)
