@@ -97,6 +97,7 @@ from l4proxy.rules.routing import (
     Redirect,
     Service,
     ServicePort,
+    StringMatch,
     UriRewrite,
 )
 
@@ -121,9 +122,6 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
 # routes (max_direct_response_body_size_bytes)
 MAX_DIRECT_BODY = 1024 * 1024
 _HTTP_MATCH_UNIMPLEMENTED = (
-    "queryParams",
-    "ignoreUriCase",
-    "withoutHeaders",
     "gateways",
     "sourceNamespace",
     "statPrefix",
@@ -947,6 +945,9 @@ def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] 
                     "method",
                     "authority",
                     "headers",
+                    "withoutHeaders",
+                    "queryParams",
+                    "ignoreUriCase",
                     "sourceLabels",
                     "port",
                 ),
@@ -982,15 +983,47 @@ def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
             if sm is None:
                 ok = False
             attrs[key] = sm
-    headers = []
-    hpath = (*path, "headers")
-    hdrs = b.get("headers")
-    if hdrs is not None and not isinstance(hdrs, dict):
-        ctx.error(hpath, f"{dotted(hpath)} must be a mapping of header name: match")
-        ok = False
-        hdrs = None
-    for hname, hval in (hdrs or {}).items():
-        sub = (*hpath, hname)
+    headers = _header_matches(ctx, b.get("headers"), (*path, "headers"))
+    without = _header_matches(ctx, b.get("withoutHeaders"), (*path, "withoutHeaders"))
+    query = _query_matches(ctx, b.get("queryParams"), (*path, "queryParams"))
+    ok = ok and headers is not None and without is not None and query is not None
+    ignore_case = boolean(ctx, b.get("ignoreUriCase"), (*path, "ignoreUriCase"))
+    ok = ok and ignore_case is not None
+    source = labels(ctx, b.get("sourceLabels"), (*path, "sourceLabels"))
+    port = None
+    if b.get("port") is not None:
+        port = _port_number(ctx, b["port"], (*path, "port"))
+        ok = ok and port is not None
+    if not ok or source is None or headers is None or without is None or query is None:
+        return None
+    return Match(
+        uri=attrs.get("uri"),
+        scheme=attrs.get("scheme"),
+        method=attrs.get("method"),
+        authority=attrs.get("authority"),
+        headers=headers,
+        source_labels=source,
+        port=port,
+        query=query,
+        without_headers=without,
+        # (Envoy's case_sensitive is a path setting: nothing without a uri)
+        ignore_uri_case=bool(ignore_case) and attrs.get("uri") is not None,
+    )
+
+
+def _header_matches(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, StringMatch], ...] | None:
+    """headers / withoutHeaders: ``{name: StringMatch}``, names lowercase;
+    ``{}`` (or nothing) and the regex ``*`` test presence, as Istio makes
+    them. Sorted by name."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        ctx.error(path, f"{dotted(path)} must be a mapping of header name: match")
+        return None
+    out = []
+    ok = True
+    for hname, hval in value.items():
+        sub = (*path, hname)
         if not isinstance(hname, str) or not hname:
             ctx.error(sub, f"header name {hname!r} must be a non-empty string")
             ok = False
@@ -1000,27 +1033,38 @@ def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
         elif not header_name(ctx, hname, sub):
             ok = False
         else:
-            sm = string_match(ctx, hval, sub, bare_ok=False)
+            sm = string_match(ctx, hval, sub, bare_ok=False, present_ok=True)
             if sm is None:
                 ok = False
             else:
-                headers.append((hname, sm))
-    source = labels(ctx, b.get("sourceLabels"), (*path, "sourceLabels"))
-    port = None
-    if b.get("port") is not None:
-        port = _port_number(ctx, b["port"], (*path, "port"))
-        ok = ok and port is not None
-    if not ok or source is None:
+                out.append((hname, sm))
+    return tuple(sorted(out, key=lambda h: h[0])) if ok else None
+
+
+def _query_matches(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, StringMatch], ...] | None:
+    """queryParams: ``{name: StringMatch}`` over the first value of each
+    name in the target's query, as sent (case-sensitive names, nothing
+    percent-decoded: Envoy's query parameter matcher); ``{}`` and the regex
+    ``*`` test presence (``?debug`` has it, with an empty value)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        ctx.error(path, f"{dotted(path)} must be a mapping of query parameter name: match")
         return None
-    return Match(
-        uri=attrs.get("uri"),
-        scheme=attrs.get("scheme"),
-        method=attrs.get("method"),
-        authority=attrs.get("authority"),
-        headers=tuple(sorted(headers, key=lambda h: h[0])),
-        source_labels=source,
-        port=port,
-    )
+    out = []
+    ok = True
+    for name, qval in value.items():
+        sub = (*path, name)
+        if not isinstance(name, str) or not name:
+            ctx.error(sub, f"query parameter name {name!r} must be a non-empty string")
+            ok = False
+            continue
+        sm = string_match(ctx, qval, sub, bare_ok=False, present_ok=True)
+        if sm is None:
+            ok = False
+        else:
+            out.append((name, sm))
+    return tuple(sorted(out, key=lambda q: q[0])) if ok else None
 
 
 def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[DestinationDraft] | None:

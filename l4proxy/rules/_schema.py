@@ -333,12 +333,23 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
 
 
 def string_match(
-    ctx: Ctx, value: Any, path: Path, *, bare_ok: bool, suffix: str = ""
+    ctx: Ctx,
+    value: Any,
+    path: Path,
+    *,
+    bare_ok: bool,
+    suffix: str = "",
+    present_ok: bool = False,
 ) -> StringMatch | None:
     """Istio StringMatch: ``{exact|prefix|regex: s}``; a bare string is exact if *bare_ok*.
-    *suffix*: what to say of a ``suffix`` (the default: not implemented)."""
+    *suffix*: what to say of a ``suffix`` (the default: not implemented).
+    *present_ok* (a header's or a query parameter's match): no match at
+    all (``{}`` or nothing) or the regex ``*`` is a presence match, as
+    Istio makes them (``canBeConvertedToPresentMatch``)."""
     if isinstance(value, str) and bare_ok:
         return StringMatch("exact", value)
+    if present_ok and (value is None or value == {} or value == {"regex": "*"}):
+        return StringMatch("present", "")
     if not isinstance(value, dict):
         ctx.error(
             path,

@@ -76,6 +76,7 @@ import dataclasses
 import functools
 import ipaddress
 import random
+import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
@@ -347,7 +348,7 @@ class Service:
         }
 
 
-MatchKind = Literal["exact", "prefix", "regex", "path_prefix"]
+MatchKind = Literal["exact", "prefix", "regex", "path_prefix", "present"]
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,9 @@ class StringMatch:
 
     ``path_prefix`` is the Gateway API's PathPrefix: whole path elements, a
     trailing ``/`` ignored (``/a`` matches ``/a`` and ``/a/b``, not ``/ab``).
+    ``present`` (no value) is Envoy's present_match, what Istio makes of an
+    empty match (``x-canary: {}``) or the regex ``*``: the header or query
+    parameter is there, whatever its value.
     """
 
     kind: MatchKind
@@ -369,6 +373,8 @@ class StringMatch:
     def matches(self, s: str | None) -> bool:
         if s is None:
             return False
+        if self.kind == "present":
+            return True
         if self.kind == "exact":
             return s == self.value
         if self.kind == "prefix":
@@ -380,10 +386,23 @@ class StringMatch:
         return self._pattern.fullmatch(s) is not None
 
     def header_test(self, name: str) -> RequestTest | None:
-        """This match of header *name* as a :data:`RequestTest`; None for a regex."""
+        """This match of header *name* as a :data:`RequestTest`; None for a
+        regex. Presence is the empty prefix (an absent header passes no test)."""
         if self.kind in ("exact", "prefix"):
             return (f"header_{self.kind}", f"{name}:{self.value}")
+        if self.kind == "present":
+            return ("header_prefix", f"{name}:")
         return None
+
+    def matches_ignoring_case(self, s: str) -> bool:
+        """:meth:`matches` with ASCII letters of either case alike, for an
+        exact or prefix URI match under ``ignoreUriCase`` (Envoy's
+        ``case_sensitive: false``, which leaves a regex as it is)."""
+        if self.kind not in ("exact", "prefix"):
+            return self.matches(s)
+        low = self.value.translate(_ASCII_LOWER)
+        got = s.translate(_ASCII_LOWER)
+        return got == low if self.kind == "exact" else got.startswith(low)
 
     def path_test(self) -> RequestTest | None:
         """This match of a URI as a :data:`RequestTest` (:meth:`Match.matches`
@@ -466,6 +485,11 @@ def _query_params(target: str) -> dict[str, str]:
     return out
 
 
+# ASCII letters to lowercase, nothing else (Envoy's case-insensitive path
+# compare folds ASCII only)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def _strip_query(path: str) -> str:
     cut = len(path)
     for sep in "?#":
@@ -486,16 +510,42 @@ class Match:
     headers: tuple[tuple[str, StringMatch], ...] = ()
     source_labels: Labels = NO_LABELS
     port: int | None = None
-    # Query parameters (Gateway API): name (exact, case-sensitive) → match of
-    # its first value in the request target's query.
+    # Query parameters (Gateway API, VirtualService queryParams): name (exact,
+    # case-sensitive) → match of its first value in the request target's query.
     query: tuple[tuple[str, StringMatch], ...] = ()
+    # VirtualService withoutHeaders: the request matches only if none of
+    # these does, an absent header read as empty (Envoy's invert_match with
+    # treat_missing_header_as_empty, as Istio configures it; a presence
+    # match inverted: the header is absent).
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    # VirtualService ignoreUriCase: an exact or prefix uri compares ASCII
+    # letters of either case alike (a regex as written); only with a uri.
+    ignore_uri_case: bool = False
 
     @property
     def needs_request(self) -> bool:
         """True if this block looks at the HTTP request (so never matches raw TCP)."""
         return bool(
-            self.uri or self.scheme or self.method or self.authority or self.headers or self.query
+            self.uri
+            or self.scheme
+            or self.method
+            or self.authority
+            or self.headers
+            or self.query
+            or self.without_headers
         )
+
+    def header_tests(self) -> Iterator[tuple[str, RequestTest | None]]:
+        """(name, test) for each header this block reads, headers and
+        withoutHeaders alike (the inverted result is a function of the same
+        test's outcome); test None where the outcome is not enough: a regex,
+        or an inverted exact match of the empty value (absent and ``x`` fail
+        it alike, yet the absent header, read as empty, matches it)."""
+        for name, sm in self.headers:
+            yield name, sm.header_test(name)
+        for name, sm in self.without_headers:
+            empty = sm.kind == "exact" and not sm.value
+            yield name, None if empty else sm.header_test(name)
 
     def matches(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if self.port is not None and self.port != port:
@@ -510,7 +560,10 @@ class Match:
             # Envoy compares exact and regex paths without the query string,
             # a prefix against the whole :path.
             path = request.path if self.uri.kind == "prefix" else _strip_query(request.path)
-            if not self.uri.matches(path):
+            if self.ignore_uri_case:
+                if not self.uri.matches_ignoring_case(path):
+                    return False
+            elif not self.uri.matches(path):
                 return False
         if self.query:
             params = _query_params(request.path)
@@ -522,7 +575,12 @@ class Match:
             return False
         if self.authority is not None and not self.authority.matches(request.authority):
             return False
-        return all(m.matches(request.headers.get(name)) for name, m in self.headers)
+        if not all(m.matches(request.headers.get(name)) for name, m in self.headers):
+            return False
+        return not any(
+            m.matches(request.headers.get(name, None if m.kind == "present" else ""))
+            for name, m in self.without_headers
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -534,6 +592,10 @@ class Match:
             out["headers"] = {name: m.to_json() for name, m in self.headers}
         if self.query:
             out["query"] = {name: m.to_json() for name, m in self.query}
+        if self.without_headers:
+            out["without_headers"] = {name: m.to_json() for name, m in self.without_headers}
+        if self.ignore_uri_case:
+            out["ignore_uri_case"] = True
         if self.source_labels:
             out["source_labels"] = dict(self.source_labels)
         if self.port is not None:
@@ -2472,14 +2534,13 @@ class RouteTable:
                 target = None  # (the new path depends on the whole old one)
             for m in route.matches:
                 test = m.uri.path_test() if m.uri is not None else None
-                if m.query or (m.uri is not None and test is None):
+                if m.query or m.ignore_uri_case or (m.uri is not None and test is None):
                     target = None
                 elif test is not None and target is not None:
                     target.append(test)
                 method = method or m.method is not None
-                for name, sm in m.headers:
+                for _, header in m.header_tests():
                     matched = True
-                    header = sm.header_test(name)
                     if header is None:
                         headers = True
                     else:
@@ -2599,7 +2660,7 @@ class RouteTable:
         for routes in self._order.values():
             for route in routes:
                 for m in route.matches:
-                    names.update(name for name, _ in m.headers)
+                    names.update(name for name, _ in m.header_tests())
                 if route.cors is not None:
                     names.update(CORS_KEY_HEADERS)
         return frozenset(names)

@@ -171,13 +171,19 @@ def _describe_match(m: dict[str, Any]) -> str:
     for key in ("uri", "scheme", "method", "authority"):
         if key in m:
             ((kind, value),) = m[key].items()
-            parts.append(f"{key} {kind} {value!r}")
-    for name, sm in m.get("headers", {}).items():
+            any_case = key == "uri" and m.get("ignore_uri_case") and kind in ("exact", "prefix")
+            parts.append(f"{key} {kind} {value!r}" + (" in any case" if any_case else ""))
+    for what, key in (("header", "headers"), ("query", "query")):
+        for name, sm in m.get(key, {}).items():
+            ((kind, value),) = sm.items()
+            parts.append(
+                f"{what} {name} " + ("present" if kind == "present" else f"{kind} {value!r}")
+            )
+    for name, sm in m.get("without_headers", {}).items():
         ((kind, value),) = sm.items()
-        parts.append(f"header {name} {kind} {value!r}")
-    for name, sm in m.get("query", {}).items():
-        ((kind, value),) = sm.items()
-        parts.append(f"query {name} {kind} {value!r}")
+        parts.append(
+            f"header {name} " + ("absent" if kind == "present" else f"not {kind} {value!r}")
+        )
     if "source_labels" in m:
         parts.append(f"caller {_labels(m['source_labels'])}")
     if "port" in m:
