@@ -237,11 +237,22 @@ def _read_object(
     name = meta.get("name") if isinstance(meta, dict) else None
     ns = meta.get("namespace") if isinstance(meta, dict) else None
     group = api.rsplit("/", 1)[0] if "/" in api else ""
+    if group == _gateway_api.GROUP and kind == "GatewayClass":
+        # (an implementation's install names its class: a manifest copied
+        # from a quickstart holds one beside its Gateway and routes)
+        shown = name if isinstance(name, str) else "(unnamed)"
+        ctx.name = shown
+        ctx.note(
+            (),
+            "skipped (l4proxy serves every Gateway in these files, whatever its gatewayClassName)",
+        )
+        summaries.append(ObjectSummary(kind, shown, env.namespace, doc.file, line, skipped=True))
+        return
     if group == _gateway_api.GROUP and kind not in ("HTTPRoute", "Gateway"):
         ctx.error(
             ("kind",),
             f"kind {kind} ({api}) is not implemented by l4proxy; of the Gateway API it "
-            "reads HTTPRoute and Gateway",
+            "reads HTTPRoute and Gateway (GatewayClass: skipped)",
         )
         return
     gateway_kind = kind in ("HTTPRoute", "Gateway")
