@@ -213,7 +213,7 @@ CASES = [
         HR
         + MESH
         + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, namespace: other, port: 8080}\n",
-        "needs a ReferenceGrant",
+        "no ReferenceGrant in other permits HTTPRoutes of default to refer to it",
         10,
     ),
     (

@@ -1,15 +1,23 @@
-"""The Gateway API's kinds besides HTTPRoute and Gateway in a rule file: a
-GatewayClass (a quickstart manifest holds one beside its Gateway and
-routes) is skipped with a note; the others are errors naming the kinds
-l4proxy reads."""
+"""The Gateway API's kinds besides HTTPRoute and Gateway in a rule file.
+
+A ReferenceGrant permits HTTPRoutes of one namespace to name Services of
+another as backendRefs (and mirror backends): without one in the Service's
+namespace that names the route's namespace and the Service (or any
+Service), the backend is RefNotPermitted and its share is answered 500,
+whatever the registry holds (a rule whose every backend is so is an error,
+as one whose every backend resolves to nothing). A GatewayClass (a
+quickstart manifest holds one beside its Gateway and routes) is skipped
+with a note; the other kinds are errors naming the kinds l4proxy reads."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules.routing import Request, RouteTable
 from tests.test_config_gateway_api import GW, HR, MESH, PER_VERSION, write
 
 GATEWAY_CLASS = """\
@@ -48,5 +56,208 @@ def test_another_kind_is_an_error_naming_what_is_read(tmp_path: Path, kind: str)
     (err,) = [str(e) for e in info.value.errors]
     assert err.endswith(
         f"kind {kind} (gateway.networking.k8s.io/v1) is not implemented by l4proxy; of the "
-        "Gateway API it reads HTTPRoute and Gateway (GatewayClass: skipped)"
+        "Gateway API it reads HTTPRoute, Gateway, ReferenceGrant (GatewayClass: skipped)"
     ), err
+
+
+# the canary's Service in namespace "shop", beside default's bootcamp-v1
+SHOP = """\
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: canary, namespace: shop}
+spec:
+  hosts: [canary.shop.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 198.18.0.21}
+"""
+# an HTTPRoute of default, its share split with shop's canary (on line 11)
+SPLIT = (
+    HR
+    + MESH
+    + """\
+  rules:
+  - backendRefs:
+    - {name: bootcamp-v1, port: 8080}
+    - {name: canary, namespace: shop, port: 8080}
+"""
+)
+
+
+def grant(
+    namespace: str = "shop",
+    from_: str = "{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}",
+    to: str = '{group: "", kind: Service}',
+    api: str = "v1beta1",
+) -> str:
+    return f"""\
+---
+apiVersion: gateway.networking.k8s.io/{api}
+kind: ReferenceGrant
+metadata: {{name: routes-from-default, namespace: {namespace}}}
+spec:
+  from:
+  - {from_}
+  to:
+  - {to}
+"""
+
+
+def _shares(table: RouteTable) -> Counter[str]:
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    got: Counter[str] = Counter()
+    for _ in range(400):
+        d = table.decide(svc, 8080, Request())
+        got[d.endpoints[0].address if d.endpoints else str(d.status)] += 1
+    return got
+
+
+@pytest.mark.parametrize(
+    "granted",
+    [
+        pytest.param(grant(), id="any-service"),
+        pytest.param(grant(to='{group: "", kind: Service, name: canary}'), id="that-service"),
+        pytest.param(grant(api="v1alpha2"), id="v1alpha2"),
+    ],
+)
+def test_a_grant_lets_a_route_split_with_another_namespace_s_service(
+    tmp_path: Path, granted: str
+) -> None:
+    result = load_rules([write(tmp_path, SPLIT + SHOP + granted), PER_VERSION], seed=3)
+    assert not [d for d in result.notes if d.severity == "warning"], result.notes
+    shares = _shares(result.table)
+    # bootcamp-v1's two endpoints, shop's canary: about 100, 100 and 200 of 400
+    assert set(shares) == {"198.18.0.11", "198.18.0.12", "198.18.0.21"}, shares
+    assert 140 <= shares["198.18.0.21"] <= 260, shares  # 200 ± 4 sd
+
+
+@pytest.mark.parametrize(
+    "granted",
+    [
+        pytest.param("", id="no-grant"),
+        pytest.param(grant(namespace="default"), id="grant-in-the-route-s-namespace"),
+        pytest.param(grant(to='{group: "", kind: Service, name: other}'), id="another-service"),
+        pytest.param(
+            grant(from_="{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: team}"),
+            id="another-namespace-s-routes",
+        ),
+        pytest.param(
+            grant(from_="{group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: default}"),
+            id="another-kind-s",
+        ),
+        pytest.param(grant(to="{group: apps, kind: Deployment}"), id="another-target-kind"),
+    ],
+)
+def test_without_a_grant_the_share_is_answered_500(tmp_path: Path, granted: str) -> None:
+    """Even with the Service in the registry: the Gateway API's rule."""
+    result = load_rules([write(tmp_path, SPLIT + SHOP + granted), PER_VERSION], seed=3)
+    (warning,) = [d for d in result.notes if d.severity == "warning"]
+    assert (warning.line, warning.message) == (
+        11,
+        "backendRef canary: Service shop/canary is in another namespace, and no "
+        "ReferenceGrant in shop permits HTTPRoutes of default to refer to it "
+        "(RefNotPermitted); its share (1 of 2) is answered 500 until one does",
+    ), warning
+    shares = _shares(result.table)
+    assert set(shares) == {"198.18.0.11", "198.18.0.12", "500"}, shares
+    assert 140 <= shares["500"] <= 260, shares
+
+
+def test_a_mirror_in_another_namespace_needs_a_grant_too(tmp_path: Path) -> None:
+    mirror = (
+        HR
+        + MESH
+        + """\
+  rules:
+  - backendRefs: [{name: bootcamp-v1, port: 8080}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: canary, namespace: shop, port: 8080}}
+"""
+    )
+    refused = load_rules([write(tmp_path, mirror + SHOP), PER_VERSION])
+    (warning,) = [d for d in refused.notes if d.severity == "warning"]
+    assert "mirror backendRef canary: Service shop/canary is in another namespace" in str(warning)
+    assert warning.message.endswith("; nothing is mirrored to it"), warning
+    granted = load_rules([write(tmp_path, mirror + SHOP + grant()), PER_VERSION])
+    assert not [d for d in granted.notes if d.severity == "warning"], granted.notes
+    tables = [
+        r.table.to_json()["routes"]["bootcamp.default.svc.cluster.local"]
+        for r in (refused, granted)
+    ]
+    (m_refused,) = tables[0][0]["mirrors"]
+    (m_granted,) = tables[1][0]["mirrors"]
+    assert "refused" in m_refused and "refused" not in m_granted
+
+
+def test_a_rule_whose_every_backend_is_not_permitted_is_an_error(tmp_path: Path) -> None:
+    only = HR + MESH + "  rules:\n  - backendRefs: [{name: canary, namespace: shop, port: 8080}]\n"
+    with pytest.raises(ConfigError) as info:
+        load_rules([write(tmp_path, only + SHOP), PER_VERSION])
+    (err,) = [str(e) for e in info.value.errors]
+    assert ":9: HTTPRoute bootcamp: backendRef canary: Service shop/canary is in another" in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "message", "line"),
+    [
+        ("  to: [{group: '', kind: Service}]\n", "spec.from is required", 4),
+        ("  from: []\n  to: [{group: '', kind: Service}]\n", "spec.from must not be empty", 5),
+        (
+            "  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: a}]\n"
+            "  to:\n" + "  - {group: '', kind: Service}\n" * 17,
+            "spec.to must have at most 16 entries, not 17",
+            6,
+        ),
+        (
+            "  from: [{kind: HTTPRoute, namespace: a}]\n  to: [{group: '', kind: Service}]\n",
+            'spec.from[0].group is required ("" for Services)',
+            5,
+        ),
+        (
+            "  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute}]\n"
+            "  to: [{group: '', kind: Service}]\n",
+            "spec.from[0].namespace is required",
+            5,
+        ),
+        (
+            "  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: a}]\n"
+            "  to: [{group: '', kind: Service, namespace: b}]\n",
+            "unknown field spec.to[0].namespace",
+            6,
+        ),
+        (
+            "  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: a}]\n"
+            "  to: [{group: '', kind: Service, name: Not_A_Name}]\n",
+            "Not_A_Name",
+            6,
+        ),
+    ],
+)
+def test_a_bad_grant_is_an_error_at_its_line(
+    tmp_path: Path, spec: str, message: str, line: int
+) -> None:
+    text = (
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n"
+        "metadata: {name: g, namespace: shop}\nspec:\n" + spec
+    )
+    with pytest.raises(ConfigError) as info:
+        load_rules([write(tmp_path, text), PER_VERSION])
+    errors = [str(e) for e in info.value.errors]
+    assert any(f"rules.yaml:{line}:" in e and message in e for e in errors), errors
+
+
+def test_validate_shows_the_share_a_grant_is_missing_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    for extra, shown in (("", True), (grant(), False)):
+        rules = write(tmp_path, SPLIT + SHOP + extra)
+        assert main(["validate", "-v", rules, PER_VERSION]) == 0
+        out = capsys.readouterr().out
+        line = "50%  canary.shop.svc.cluster.local port 8080: answered 500 (not permitted"
+        assert (line in out) is shown, out
+        assert ("1 ReferenceGrant" in out) is bool(extra), out

@@ -35,7 +35,11 @@ that endpoint's labels). Weights are proportional (0 to 1,000,000, default 1,
 0 means none); they are kept as percentages when that is exact. A backend
 that resolves to nothing in the files is a warning and its share is answered
 HTTP 500 (the API's rule) until a ServiceEntry names it; a rule whose every
-backend resolves to nothing is an error.
+backend resolves to nothing is an error. A backend in another namespace than
+its route's needs a ReferenceGrant there (``read_reference_grant``) that
+lets HTTPRoutes of the route's namespace refer to that Service: without
+one it is RefNotPermitted, its share answered 500 as an unresolved one's
+(``Destination.refused``), whatever the registry holds.
 
 A rule's ``timeouts.request`` is the route's timeout (Envoy's route timeout,
 as a VirtualService's ``http[].timeout``: 504 when it passes before the
@@ -66,9 +70,8 @@ its share, every request without either; a share of 0 mirrors nothing, as
 Istio converts it. A ``CORS`` filter is the route's CORS policy
 (``_cors``). Refused by name: ExtensionRef and ExternalAuth (with why), a
 redirect, rewrite, mirror or CORS filter on a backendRef (Istio converts
-none), session persistence,
-cross-namespace references (no ReferenceGrant), TLS listeners and listener
-protocols other than HTTP.
+none), session persistence, TLS listeners and listener protocols other than
+HTTP.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from l4proxy.rules._objects import (
     BackendDraft,
     Env,
     GatewayDraft,
+    GrantDraft,
     HttpMatchDraft,
     HttpRouteDraft,
     HttpRuleDraft,
@@ -132,7 +136,14 @@ from l4proxy.rules.routing import (
 )
 
 API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+# ReferenceGrant's: v1beta1 (the standard channel's), v1alpha2 (older), v1
+GRANT_API_VERSIONS = (
+    "gateway.networking.k8s.io/v1beta1",
+    "gateway.networking.k8s.io/v1alpha2",
+    "gateway.networking.k8s.io/v1",
+)
 GROUP = "gateway.networking.k8s.io"
+KINDS = ("HTTPRoute", "Gateway", "ReferenceGrant")  # (the kinds read)
 MAX_WEIGHT = 1_000_000
 UNRESOLVED_STATUS = 500
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -1001,13 +1012,12 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
         )
         return None
     name = dns_label(ctx, b["name"], (*path, "name"))
-    if b.get("namespace") is not None and b["namespace"] != ctx.namespace:
-        ctx.error(
-            (*path, "namespace"),
-            f"a backend in another namespace ({b['namespace']}) needs a ReferenceGrant, "
-            f"which {NOT_IMPLEMENTED.removeprefix('is ')}; move the route to that namespace",
-        )
-        return None
+    namespace = ctx.namespace
+    if b.get("namespace") is not None:
+        got_ns = dns_label(ctx, b["namespace"], (*path, "namespace"))
+        if got_ns is None:
+            return None
+        namespace = got_ns
     if b.get("port") is None:
         ctx.error(path, f"{dotted((*path, 'port'))} is required for a Service backend")
         return None
@@ -1020,8 +1030,67 @@ def _backend(ctx: Ctx, value: Any, path: Path, env: Env) -> BackendDraft | None:
         weight = w
     if name is None or port is None:
         return None
-    host = fqdn(name, ctx.namespace, env)
-    return BackendDraft(host, name, port, weight, Where(ctx, path), filters.headers)
+    host = fqdn(name, namespace, env)
+    crossing = None if namespace == ctx.namespace else (ctx.namespace, namespace)
+    return BackendDraft(host, name, port, weight, Where(ctx, path), filters.headers, crossing)
+
+
+def read_reference_grant(ctx: Ctx, obj: dict[str, Any]) -> GrantDraft | None:
+    """A ReferenceGrant: ``spec.from`` (group, kind, namespace each) and
+    ``spec.to`` (group, kind, optional name), one to sixteen of each, as
+    the CRD has them."""
+    assert ctx.name is not None
+    spec = fields(ctx, obj.get("spec"), ("spec",), allowed=("from", "to"), required=("from", "to"))
+    if spec is None:
+        return None
+    sources: list[tuple[str, str, str]] = []
+    targets: list[tuple[str, str, str | None]] = []
+    ok = True
+    for key in ("from", "to"):
+        path: Path = ("spec", key)
+        items = listing(ctx, spec.get(key), path)
+        if items is None:
+            ok = False
+            continue
+        if len(items) > 16:  # (none: "required" said it)
+            ctx.error(path, f"{dotted(path)} must have at most 16 entries, not {len(items)}")
+            ok = False
+        for i, item in enumerate(items):
+            ipath = (*path, i)
+            third = "namespace" if key == "from" else "name"
+            e = fields(
+                ctx,
+                item,
+                ipath,
+                allowed=("group", "kind", third),
+                required=("kind", "namespace") if key == "from" else ("kind",),
+            )
+            if e is None:
+                ok = False
+                continue
+            # ("": the core group, which "required" would refuse as empty)
+            group = text(ctx, e.get("group"), (*ipath, "group"), required=False)
+            if e.get("group") is None:
+                ctx.error(ipath, f'{dotted((*ipath, "group"))} is required ("" for Services)')
+            kind = text(ctx, e.get("kind"), (*ipath, "kind"), required=True)
+            if key == "from":
+                ns = dns_label(ctx, e.get("namespace"), (*ipath, "namespace"))
+                if group is None or kind is None or ns is None:
+                    ok = False
+                    continue
+                sources.append((group, kind, ns))
+            else:
+                name = None
+                if e.get("name") is not None:
+                    name = dns_subdomain(ctx, e["name"], (*ipath, "name"))
+                    ok = ok and name is not None
+                if group is None or kind is None:
+                    ok = False
+                    continue
+                targets.append((group, kind, name))
+    if not ok:
+        return None
+    return GrantDraft(ctx.name, ctx.namespace, tuple(sources), tuple(targets), Where(ctx, ()))
 
 
 # -- compiling -------------------------------------------------------------------
@@ -1123,11 +1192,13 @@ class Compiler:
         policies: dict[str, PolicyDraft],
         routed_elsewhere: dict[str, Where],
         env: Env,
+        grants: Iterable[GrantDraft] = (),
     ) -> None:
         self.env = env
         self.services = services
         self.policies = policies
         self.routed_elsewhere = routed_elsewhere
+        self.grants = tuple(grants)
         self.routes: dict[str, list[Route]] = {}
         self.gateway_services: list[Service] = []
         self.ingress: list[IngressPath] = []
@@ -1329,9 +1400,15 @@ class Compiler:
             return []
         out: list[Destination] = []
         unresolved: list[BackendDraft] = []
+        refused: list[tuple[BackendDraft, str]] = []
         ok = True
         total = sum(b.weight for b in weighted)
         for b, w in zip(weighted, _percentages([b.weight for b in weighted]), strict=True):
+            why = self._not_permitted(b)
+            if why:
+                refused.append((b, why))
+                out.append(Destination(b.host, Subset(DEFAULT), w, b.port, b.headers, why))
+                continue
             dest = self._resolve(b, w)
             if isinstance(dest, Destination):
                 out.append(dest)
@@ -1342,13 +1419,20 @@ class Compiler:
                 ok = False
         if not ok:
             return None
-        if unresolved and len(unresolved) == len(weighted):
+        if (unresolved or refused) and len(unresolved) + len(refused) == len(weighted):
+            for b, why in refused:
+                b.where.error(f"backendRef {b.name}: {why}")
             for b in unresolved:
                 b.where.error(
                     f"backendRef {b.name} resolves to nothing: no ServiceEntry host and no DNS "
                     f"endpoint of a ServiceEntry is named {b.host} (add one to the registry)"
                 )
             return None
+        for b, why in refused:
+            b.where.warning(
+                f"backendRef {b.name}: {why}; its share ({b.weight} of {total}) is answered "
+                f"{UNRESOLVED_STATUS} until one does"
+            )
         for b in unresolved:
             b.where.warning(
                 f"backendRef {b.name} resolves to nothing in these files (no ServiceEntry "
@@ -1364,6 +1448,15 @@ class Compiler:
         it); None after an error."""
         out: list[MirrorPolicy] = []
         for b, ppm in rule.mirrors:
+            why = self._not_permitted(b)
+            if why:
+                b.where.warning(f"mirror backendRef {b.name}: {why}; nothing is mirrored to it")
+                out.append(
+                    MirrorPolicy(
+                        Destination(b.host, Subset(DEFAULT), 100, b.port, refused=why), ppm
+                    )
+                )
+                continue
             dest = self._resolve(b, 100)
             if dest is False:
                 return None
@@ -1376,6 +1469,24 @@ class Compiler:
                 dest = Destination(b.host, Subset(DEFAULT), 100, b.port)
             out.append(MirrorPolicy(dest, ppm))
         return tuple(out)
+
+    def _not_permitted(self, b: BackendDraft) -> str:
+        """Why *b*, a Service in another namespace than its route's, may not
+        be referred to ("" it may): no ReferenceGrant in the Service's
+        namespace permits HTTPRoutes of the route's namespace to refer to
+        that Service (the API's rule; the grant is the owner's consent)."""
+        if b.crossing is None:
+            return ""
+        route_ns, ns = b.crossing
+        source = (GROUP, "HTTPRoute", route_ns)
+        if any(
+            g.namespace == ns and g.permits(source, ("", "Service", b.name)) for g in self.grants
+        ):
+            return ""
+        return (
+            f"Service {ns}/{b.name} is in another namespace, and no ReferenceGrant in {ns} "
+            f"permits HTTPRoutes of {route_ns} to refer to it (RefNotPermitted)"
+        )
 
     def _resolve(self, b: BackendDraft, weight: int) -> Destination | bool | None:
         """A Destination; None when unresolved; False after an error."""

@@ -48,6 +48,7 @@ RULE_KINDS = (
     "Ingress",
     "HTTPRoute",
     "Gateway",
+    "ReferenceGrant",
 )
 
 # Istio kinds we know but do not implement, with what to use instead.
@@ -248,14 +249,14 @@ def _read_object(
         )
         summaries.append(ObjectSummary(kind, shown, env.namespace, doc.file, line, skipped=True))
         return
-    if group == _gateway_api.GROUP and kind not in ("HTTPRoute", "Gateway"):
+    if group == _gateway_api.GROUP and kind not in _gateway_api.KINDS:
         ctx.error(
             ("kind",),
             f"kind {kind} ({api}) is not implemented by l4proxy; of the Gateway API it "
-            "reads HTTPRoute and Gateway (GatewayClass: skipped)",
+            f"reads {', '.join(_gateway_api.KINDS)} (GatewayClass: skipped)",
         )
         return
-    gateway_kind = kind in ("HTTPRoute", "Gateway")
+    gateway_kind = kind in _gateway_api.KINDS
     if (
         kind not in RULE_KINDS
         or (kind == "Ingress" and api not in _ingress.API_VERSIONS)
@@ -300,6 +301,7 @@ def _read_object(
         "Ingress": _ingress.API_VERSIONS,
         "HTTPRoute": _gateway_api.API_VERSIONS,
         "Gateway": _gateway_api.API_VERSIONS,
+        "ReferenceGrant": _gateway_api.GRANT_API_VERSIONS,
     }.get(kind, _networking.API_VERSIONS)
     if api not in versions:
         ctx.error(
@@ -358,5 +360,9 @@ def _read_object(
         gw = _gateway_api.read_gateway(ctx, value, env)
         if gw is not None:
             drafts.gateways.append(gw)
+    elif kind == "ReferenceGrant":
+        grant = _gateway_api.read_reference_grant(ctx, value)
+        if grant is not None:
+            drafts.grants.append(grant)
     else:
         drafts.ingress.extend(_ingress.read_ingress(ctx, value, env, api) or [])

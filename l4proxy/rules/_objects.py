@@ -360,6 +360,32 @@ class BackendDraft:
     weight: int
     where: Where
     headers: HeadEdits | None = None  # its filters' (Destination.headers)
+    # another namespace's Service: (the route's namespace, the Service's),
+    # which a ReferenceGrant in the Service's must permit; None: the route's
+    crossing: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class GrantDraft:
+    """A ReferenceGrant (gateway.networking.k8s.io): in *namespace*, the
+    objects of *targets* ((group, kind, name); name None: any of that kind)
+    may be referred to from the objects of *sources* ((group, kind,
+    namespace)). A reference to another namespace needs one; the grant
+    lives in the namespace referred to, as its owner's consent."""
+
+    name: str
+    namespace: str
+    sources: tuple[tuple[str, str, str], ...]
+    targets: tuple[tuple[str, str, str | None], ...]
+    where: Where
+
+    def permits(self, source: tuple[str, str, str], target: tuple[str, str, str]) -> bool:
+        """Whether *source* (group, kind, namespace) may refer to *target*
+        (group, kind, name) in this grant's namespace."""
+        group, kind, name = target
+        return source in self.sources and any(
+            (g, k) == (group, kind) and n in (None, name) for g, k, n in self.targets
+        )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from l4proxy.rules._objects import (
     DestinationDraft,
     Env,
     GatewayDraft,
+    GrantDraft,
     HttpRouteDraft,
     IngressDraft,
     PolicyDraft,
@@ -49,6 +50,7 @@ class Drafts:
     ingress: list[IngressDraft] = field(default_factory=list)
     http_routes: list[HttpRouteDraft] = field(default_factory=list)
     gateways: list[GatewayDraft] = field(default_factory=list)
+    grants: list[GrantDraft] = field(default_factory=list)
     # FQDNs of skipped Kubernetes Services, for a better "no ServiceEntry" hint.
     k8s_services: set[str] = field(default_factory=set)
 
@@ -71,7 +73,7 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     routes = _routes(d, env, services, policies)
     _check_ingress(d, services)
     routed = {h: r.where for r in d.rules for h in r.hosts}
-    gateway_api = Compiler(services, policies, routed, env)
+    gateway_api = Compiler(services, policies, routed, env, d.grants)
     gateway_api.compile(d.http_routes, d.gateways)
     routes.update(gateway_api.routes)
     # A request no route matches: Istio answers 404 for a VirtualService's

@@ -905,6 +905,10 @@ class Destination:
     # modifiers); None: nothing. Its route's edits go with them
     # (RouteTable.choices: compose).
     headers: HeadEdits | None = None
+    # why none of *host*'s endpoints may serve it, whatever the registry
+    # holds ("" none): a Gateway API backend in another namespace that no
+    # ReferenceGrant permits. Its share is answered as a host not resolved.
+    refused: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -916,6 +920,7 @@ class Destination:
             "weight": self.weight,
             "port": self.port,
             "headers": edits_json(self.headers),
+            **({"refused": self.refused} if self.refused else {}),
         }
 
 
@@ -939,6 +944,7 @@ class MirrorPolicy:
             "labels": dict(d.subset.labels),
             "port": d.port,
             "percent": self.ppm * 100 / MIRROR_SCALE,
+            **({"refused": d.refused} if d.refused else {}),
         }
 
 
@@ -1935,7 +1941,7 @@ class RouteTable:
         for routes in self._routes.values():
             for route in routes:
                 for dest in route.destinations:
-                    target = self._services.get(dest.host)
+                    target = None if dest.refused else self._services.get(dest.host)
                     if target is None:
                         continue
                     for number, eps in target.port_endpoints:
@@ -2002,7 +2008,7 @@ class RouteTable:
         for routes in self._routes.values():
             for route in routes:
                 for dest in route.destinations:
-                    target = self._services.get(dest.host)
+                    target = None if dest.refused else self._services.get(dest.host)
                     if target is None:
                         continue
                     for number, eps in target.port_endpoints:
@@ -2156,7 +2162,7 @@ class RouteTable:
             if request is not None:
                 matched = route.matched(port, request, source_labels)
                 edits = with_cors_lines(self._edits(route, dest, matched, request.path), cors_lines)
-            target = service if dest.host == service.host else self._services.get(dest.host)
+            target = self._target(service, dest)
             if target is None:  # (its answer edited as its share's: choices())
                 return Decision(
                     service,
@@ -2336,7 +2342,7 @@ class RouteTable:
         out: list[WeightedSubset] = []
         unresolved = ejected = False
         for dest in route.destinations:
-            target = service if dest.host == service.host else self._services.get(dest.host)
+            target = self._target(service, dest)
             if target is None:
                 unresolved = True
                 out.append(
@@ -2410,7 +2416,7 @@ class RouteTable:
         out = []
         for m in route.mirrors:
             dest = m.destination
-            target = service if dest.host == service.host else self._services.get(dest.host)
+            target = self._target(service, dest)
             if target is None:
                 out.append(Mirror((), m.ppm, None))
                 continue
@@ -2677,6 +2683,13 @@ class RouteTable:
             if r < 0:
                 return d
         return destinations[-1]  # unreachable: r < total
+
+    def _target(self, service: Service, dest: Destination) -> Service | None:
+        """The service *dest* routes to from *service*'s route: *service*
+        itself, the registry's, or None (not resolved, or refused)."""
+        if dest.refused:
+            return None
+        return service if dest.host == service.host else self._services.get(dest.host)
 
     @staticmethod
     def _target_port(target: Service, dest: Destination, dialled: int, *, same: bool) -> int:

@@ -351,6 +351,12 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             said = (
                 _policy(own, whole=True) + "; its port's portLevelSettings" if own else _policy(d)
             )
+            if d.get("refused"):  # (a backend no ReferenceGrant permits)
+                lines.append(
+                    f"{indent}     {pct}  {d['host']}{port}: answered "
+                    f"{r.get('unresolved_status', 503)} (not permitted: no ReferenceGrant)"
+                )
+                continue
             lines.append(
                 f"{indent}     {pct}  {d['host']}{port} subset {d['subset']} "
                 f"({_labels(d['labels'])}; {said})"
