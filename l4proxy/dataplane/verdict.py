@@ -15,6 +15,8 @@ it has no Python in it.
 
 from __future__ import annotations
 
+import base64
+import functools
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -36,6 +38,8 @@ __all__ = [
     "RETRY_GATEWAY_ERROR",
     "RETRY_RESET",
     "RETRY_STATUS_CODES",
+    "SESSION_COOKIE",
+    "SESSION_HEADER",
     "SHAPE_FULL",
     "SHAPE_HEADERS",
     "SHAPE_METHOD",
@@ -50,13 +54,16 @@ __all__ = [
     "Mirror",
     "PathRewrite",
     "RetryPolicy",
+    "SessionPersistence",
     "Verdict",
+    "cookie_named",
     "cookie_value",
     "endpoint_hash",
     "hash_key",
     "hash_order",
     "no_endpoint_body",
     "request_bits",
+    "session_token",
     "shadow_head",
     "shadow_host",
 ]
@@ -454,13 +461,8 @@ class HashOn(NamedTuple):
             got = headers.get(self.name)
             return None if got is None else got.encode("latin-1")
         if self.kind == HASH_COOKIE:
-            for pair in headers.get("cookie", "").split(";"):
-                name, eq, value = pair.strip(" \t").partition("=")
-                if eq and name == self.name:
-                    if len(value) >= 2 and value[0] == value[-1] == '"':
-                        value = value[1:-1]
-                    return value.encode("latin-1") or None
-            return None
+            value = cookie_named(headers.get("cookie", ""), self.name)
+            return None if value is None else value.encode("latin-1") or None
         if self.kind == HASH_QUERY:
             q = target.find("?")
             if q == -1:
@@ -482,6 +484,100 @@ class HashOn(NamedTuple):
         if self.path:
             out += f"; Path={self.path}"
         return out + "; HttpOnly"
+
+
+# What a rule's session persistence reads its token from (SessionPersistence.kind)
+SESSION_COOKIE = "cookie"
+SESSION_HEADER = "header"
+
+
+@functools.lru_cache(maxsize=4096)
+def session_token(ep: Endpoint) -> str:
+    """The token that names endpoint *ep* for session persistence:
+    standard base64 (padded) of ``address:port``, an IPv6 address in
+    brackets (``[::1]:8080``): what Envoy's stateful session filter
+    encodes (``MS4yLjMuNDo4MA==`` is ``1.2.3.4:80``)."""
+    address, port = ep
+    text = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+class SessionPersistence(NamedTuple):
+    """A route's session persistence (the Gateway API's HTTPRoute rule
+    ``sessionPersistence``, as Envoy Gateway configures Envoy's stateful
+    session filter): a client that sends a token naming one of the route's
+    endpoints goes to that endpoint while it is one of them.
+
+    The token is :func:`session_token` of an endpoint. ``kind``
+    :data:`SESSION_COOKIE`: the value of the first cookie named ``name``
+    (case-sensitive) in the request's ``cookie`` lines (in order), pairs
+    split on ``;`` and trimmed, one pair of surrounding double quotes
+    removed (as :class:`HashOn` reads one); :data:`SESSION_HEADER`: the
+    value of the request's header ``name`` (lowercase; OWS trimmed), on one
+    line only (several lines join with ``,``, which no token holds). Empty
+    is absent.
+
+    A request whose token names an endpoint among its route's
+    destinations' (the healthy ones, as :class:`Choice` has them) goes to
+    that destination, not drawn, and that endpoint first, the rest of the
+    destination's in its load balancer's order after it (a failed connect
+    moves on as ever). Any other request is routed as without a token
+    (drawn, balanced). The final response head an endpoint answers gets
+    :meth:`line` for that endpoint, unless the request's token named it:
+    a client keeps its token while its endpoint serves it, and gets a new
+    one when another did. The relay's own answers get none. Nothing is
+    kept in the proxy: any worker, process or restart honours a token.
+
+    ``path``: the cookie's ``Path`` (from the route's match, see
+    :mod:`l4proxy.rules._gateway_api`); ``max_age``: its ``Max-Age`` in
+    seconds (a permanent cookie), None for a session cookie. A header
+    token has neither."""
+
+    kind: str
+    name: str
+    path: str = "/"
+    max_age: int | None = None
+
+    def sent(self, headers: Iterable[tuple[str, str]]) -> str | None:
+        """The token a request sent, from its header fields (lowercase
+        names, trimmed values, in order: ``RequestHead.headers``, or the
+        joined ``Request.headers`` items); None: none."""
+        if self.kind == SESSION_HEADER:
+            values = [v for k, v in headers if k == self.name]
+            return (values[0] or None) if len(values) == 1 else None
+        for k, v in headers:
+            if k == "cookie":
+                got = cookie_named(v, self.name)
+                if got is not None:
+                    return got or None
+        return None
+
+    def line(self, ep: Endpoint) -> tuple[str, str]:
+        """The response header line that gives the client *ep*'s token: a
+        cookie, Envoy's ``set-cookie: NAME="TOKEN"; Max-Age=N; Path=P;
+        HttpOnly`` (Max-Age only for a permanent one); or ``NAME: TOKEN``."""
+        token = session_token(ep)
+        if self.kind == SESSION_HEADER:
+            return self.name, token
+        out = f'{self.name}="{token}"'
+        if self.max_age is not None:
+            out += f"; Max-Age={self.max_age}"
+        if self.path:
+            out += f"; Path={self.path}"
+        return "set-cookie", out + "; HttpOnly"
+
+
+def cookie_named(value: str, name: str) -> str | None:
+    """The value of the first cookie named *name* in a ``cookie`` line's
+    *value*: pairs split on ``;`` and trimmed, one pair of surrounding
+    double quotes removed (maybe empty); None: none named so."""
+    for pair in value.split(";"):
+        key, eq, got = pair.strip(" \t").partition("=")
+        if eq and key == name:
+            if len(got) >= 2 and got[0] == got[-1] == '"':
+                got = got[1:-1]
+            return got
+    return None
 
 
 class Choice(NamedTuple):
@@ -812,7 +908,10 @@ class Verdict(NamedTuple):
     redirect's ``location``), each a lowercase name and a value without CR,
     LF or NUL. ``fault``: the route's fault injection (None: none).
     ``mirrors``: where copies of its requests also go, each drawn on its
-    own (:class:`Mirror`; none for a ``local`` answer).
+    own (:class:`Mirror`; none for a ``local`` answer). ``session``: the
+    route's session persistence (:class:`SessionPersistence`; None: none):
+    a request whose token names an endpoint of ``choices`` goes there
+    instead of being drawn.
     """
 
     choices: tuple[Choice, ...] = ()
@@ -826,3 +925,4 @@ class Verdict(NamedTuple):
     local_headers: tuple[Header, ...] = ()
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
+    session: SessionPersistence | None = None
