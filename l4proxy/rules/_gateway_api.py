@@ -70,8 +70,15 @@ its share, every request without either; a share of 0 mirrors nothing, as
 Istio converts it. A ``CORS`` filter is the route's CORS policy
 (``_cors``). Refused by name: ExtensionRef and ExternalAuth (with why), a
 redirect, rewrite, mirror or CORS filter on a backendRef (Istio converts
-none), session persistence, TLS listeners and listener protocols other than
-HTTP.
+none), TLS listeners and listener protocols other than HTTP.
+
+A rule's ``sessionPersistence`` (GEP-1619) is its route's
+:class:`~l4proxy.dataplane.verdict.SessionPersistence`, as Envoy Gateway
+configures Envoy's stateful session filter (:func:`_session_persistence`):
+a cookie (the default) or a header whose value names the endpoint that
+served the client, which its later requests go to across the rule's
+weighted backends while it is one of them. The cookie's Path is the
+matched path's (:func:`~l4proxy.rules.routing.session_cookie_path`).
 """
 
 from __future__ import annotations
@@ -82,8 +89,15 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from l4proxy.dataplane.verdict import MIRROR_SCALE, HeadEdits
+from l4proxy.dataplane.verdict import (
+    MIRROR_SCALE,
+    SESSION_COOKIE,
+    SESSION_HEADER,
+    HeadEdits,
+    SessionPersistence,
+)
 from l4proxy.rules._cors import gateway_cors
+from l4proxy.rules._edits import FRAMING_HEADERS
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -409,8 +423,15 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         ctx,
         value,
         path,
-        allowed=("name", "matches", "backendRefs", "filters", "timeouts", "retry"),
-        unimplemented={"sessionPersistence": ""},
+        allowed=(
+            "name",
+            "matches",
+            "backendRefs",
+            "filters",
+            "timeouts",
+            "retry",
+            "sessionPersistence",
+        ),
     )
     if r is None:
         return None
@@ -457,6 +478,13 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
             backends.append(got_b)
     if filters is not None and ok:
         ok = _check_rule_filters(ctx, path, r, filters, matches, backends)
+    session = None
+    if r.get("sessionPersistence") is not None:
+        # (Envoy Gateway's name for a rule's session: its route's and index)
+        default = f"httproute-{ctx.namespace}-{ctx.name}-rule-{path[-1]}"
+        spath = (*path, "sessionPersistence")
+        session = _session_persistence(ctx, r["sessionPersistence"], spath, default)
+        ok = ok and session is not None
     if not ok or timeout is None or filters is None:
         return None
     return HttpRuleDraft(
@@ -471,7 +499,152 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
         filters.redirect,
         list(filters.mirrors) if filters.redirect is None else [],
         filters.cors,
+        session,
     )
+
+
+_SESSION_TYPES = {"Cookie": SESSION_COOKIE, "Header": SESSION_HEADER}
+_SESSION_FIELDS = ("sessionName", "absoluteTimeout", "idleTimeout", "type", "cookieConfig")
+MAX_SESSION_NAME = 128  # bytes (the API's maxLength)
+
+
+def _session_persistence(
+    ctx: Ctx, value: Any, path: Path, default_name: str
+) -> SessionPersistence | None:
+    """A rule's ``sessionPersistence`` (GEP-1619) as Envoy Gateway applies
+    it (verdict.SessionPersistence); None after an error.
+
+    ``type`` Cookie (the default) or Header; ``sessionName`` (at most 128
+    bytes; a cookie name, or a header name that the relay may write: not
+    Host nor one that frames the message or is hop-by-hop) names the
+    cookie or the header, by default Envoy Gateway's
+    ``httproute-NAMESPACE-NAME-rule-INDEX``; a cookie's
+    ``cookieConfig.lifetimeType`` Session (the default: no Max-Age) or
+    Permanent, which needs ``absoluteTimeout`` (the API's rule) and makes
+    its whole seconds the cookie's Max-Age. What Envoy Gateway ignores is
+    a warning here: ``absoluteTimeout`` with a session cookie or a header,
+    ``cookieConfig`` with a header. ``idleTimeout`` is refused, as Envoy
+    Gateway refuses it: a token names its endpoint and nothing more, so
+    no proxy knows when a session was last used."""
+    sp = fields(ctx, value, path, allowed=_SESSION_FIELDS)
+    if sp is None or any(k not in _SESSION_FIELDS for k in sp):
+        return None
+    ok = True
+    kind = SESSION_COOKIE
+    if sp.get("type") is not None:
+        given = text(ctx, sp["type"], (*path, "type"), required=True)
+        if given is not None and given not in _SESSION_TYPES:
+            ctx.error(
+                (*path, "type"),
+                f"{dotted((*path, 'type'))} {given!r} is not one of Cookie, Header",
+            )
+            given = None
+        if given is None:
+            return None
+        kind = _SESSION_TYPES[given]
+    absolute: float | None = None
+    if sp.get("absoluteTimeout") is not None:
+        apath = (*path, "absoluteTimeout")
+        absolute = duration(ctx, sp["absoluteTimeout"], apath, gateway_api=True)
+        ok = ok and absolute is not None
+    if sp.get("idleTimeout") is not None:
+        ipath = (*path, "idleTimeout")
+        if duration(ctx, sp["idleTimeout"], ipath, gateway_api=True) is not None:
+            ctx.error(
+                ipath,
+                f"{dotted(ipath)} {NOT_IMPLEMENTED} (nor by Envoy Gateway): a session token "
+                "names its endpoint and nothing more, so no proxy knows when the session was "
+                "last used; remove it (a cookie with lifetimeType Permanent and an "
+                "absoluteTimeout expires in the browser)",
+            )
+        ok = False
+    name = default_name
+    if sp.get("sessionName") is not None:
+        npath = (*path, "sessionName")
+        got = text(ctx, sp["sessionName"], npath, required=True)
+        if got is None:
+            return None
+        if len(got.encode()) > MAX_SESSION_NAME:
+            ctx.error(
+                npath,
+                f"{dotted(npath)} is {len(got.encode())} bytes long; the API allows "
+                f"{MAX_SESSION_NAME}",
+            )
+            return None
+        name = got
+        if kind == SESSION_COOKIE:
+            if not header_name(ctx, name, npath, what="sessionName", kind="a cookie name"):
+                return None
+        else:
+            if not header_name(ctx, name, npath, what="sessionName"):
+                return None
+            if name.lower() == "host" or name.lower() in FRAMING_HEADERS:
+                ctx.error(
+                    npath,
+                    f"{dotted(npath)} {name!r} cannot carry the session token: the response "
+                    "header would be one the proxy frames the message by, a hop-by-hop one "
+                    "or Host; name another header",
+                )
+                return None
+    lifetime = "Session"
+    cpath = (*path, "cookieConfig")
+    if sp.get("cookieConfig") is not None:
+        cc = fields(ctx, sp["cookieConfig"], cpath, allowed=("lifetimeType",))
+        if cc is None or any(k != "lifetimeType" for k in cc):
+            return None
+        if cc.get("lifetimeType") is not None:
+            lpath = (*cpath, "lifetimeType")
+            lifetime = text(ctx, cc["lifetimeType"], lpath, required=True) or ""
+            if lifetime not in ("Permanent", "Session"):
+                if lifetime:
+                    ctx.error(
+                        lpath, f"{dotted(lpath)} {lifetime!r} is not one of Permanent, Session"
+                    )
+                return None
+            if lifetime == "Permanent" and sp.get("absoluteTimeout") is None:
+                ctx.error(
+                    lpath,
+                    f"{dotted((*path, 'absoluteTimeout'))} is required when "
+                    f"{dotted(lpath)} is Permanent (the API's rule: it is the cookie's "
+                    "lifetime, its Max-Age)",
+                )
+                return None
+        if kind == SESSION_HEADER:
+            ctx.warning(
+                cpath,
+                f"{dotted(cpath)} does nothing with type Header (a header token is no "
+                "cookie; Envoy Gateway ignores it too)",
+            )
+    if not ok:
+        return None
+    max_age: int | None = None
+    if absolute is not None:
+        apath = (*path, "absoluteTimeout")
+        if kind == SESSION_HEADER:
+            ctx.warning(
+                apath,
+                f"{dotted(apath)} does nothing with type Header: the token does not expire "
+                "(as Envoy Gateway, which ignores it)",
+            )
+        elif lifetime != "Permanent":
+            ctx.warning(
+                apath,
+                f"{dotted(apath)} does nothing with a session cookie (cookieConfig."
+                "lifetimeType Session, the default): the cookie lasts until the browser "
+                "ends its session (as Envoy Gateway, which sets Max-Age only for lifetimeType "
+                "Permanent)",
+            )
+        elif absolute < 1:
+            ctx.warning(
+                apath,
+                f"{dotted(apath)} is under a second: the cookie's Max-Age is whole seconds, "
+                "so it is a session cookie (as Envoy makes it); say 1s or more",
+            )
+        else:
+            max_age = int(absolute)  # whole seconds, as Envoy's Max-Age
+    if kind == SESSION_HEADER:
+        name = name.lower()
+    return SessionPersistence(kind, name, "", max_age)
 
 
 class _Filters(NamedTuple):
@@ -1284,6 +1457,7 @@ class Compiler:
                             redirect=rule.redirect,
                             mirrors=mirrors.get(id(rule), ()),
                             cors=rule.cors,
+                            session=rule.session,
                         )
                     )
                 last = rule_id

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from l4proxy.dataplane.verdict import Fault, HashOn, HeadEdits
+from l4proxy.dataplane.verdict import Fault, HashOn, HeadEdits, SessionPersistence
 from l4proxy.rules._schema import Ctx, Where, dotted, integer
 from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
@@ -411,6 +411,7 @@ class HttpRuleDraft:
     # RequestMirror filters (Route.mirrors): each one's backend and share (ppm)
     mirrors: list[tuple[BackendDraft, int]] = field(default_factory=list)
     cors: CorsPolicy | None = None  # its CORS filter (Route.cors)
+    session: SessionPersistence | None = None  # sessionPersistence (Route.session)
 
 
 @dataclass

@@ -61,7 +61,14 @@ fault filter before the CORS filter) and before its own answer, and sets the
 Access-Control-* lines of an allowed Origin's response over its edits;
 the Origin and Access-Control-Request-Method are then key headers of its
 host's verdicts (:meth:`RouteTable.match_headers`), so that each Origin is
-decided, and cached, on its own.
+decided, and cached, on its own. A route's session persistence
+(:class:`~l4proxy.dataplane.verdict.SessionPersistence`, an HTTPRoute
+rule's ``sessionPersistence``) comes with its destinations for the relay
+(the cookie's Path from the block that matched: :func:`session_cookie_path`);
+:meth:`RouteTable.decide` honours a request's token itself: the
+destination that has the endpoint it names (among the healthy ones, as
+:meth:`RouteTable.choices` gives them) instead of the weighted draw, and
+that endpoint first.
 
 The only mutable state is load-balancer state: round-robin counters per
 (host, port, subset) and the RNG. It lives in the table, so a reload (a new
@@ -76,6 +83,7 @@ import dataclasses
 import functools
 import ipaddress
 import random
+import re
 import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,15 +92,18 @@ from typing import Any, Final, Literal, NamedTuple
 from l4proxy.dataplane.verdict import (
     HASH_SOURCE_IP,
     MIRROR_SCALE,
+    SESSION_HEADER,
     Fault,
     HashOn,
     HeadEdits,
     Mirror,
     PathRewrite,
+    SessionPersistence,
     cookie_value,
     endpoint_hash,
     hash_key,
     hash_order,
+    session_token,
 )
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
 from l4proxy.rules._regex import Pattern, compile_regex, global_replace
@@ -1441,6 +1452,9 @@ class Route:
     # its CORS policy (VirtualService corsPolicy, HTTPRoute CORS filter):
     # preflights answered, actual responses' Access-Control-* lines; None: none
     cors: CorsPolicy | None = None
+    # its session persistence (an HTTPRoute rule's sessionPersistence), its
+    # cookie's path left "" (each match block's: session_for); None: none
+    session: SessionPersistence | None = None
 
     def applies(self, port: int, request: Request | None, source: Mapping[str, str]) -> bool:
         if not self.matches:
@@ -1494,6 +1508,9 @@ class Route:
             ),
             "mirrors": [m.to_json() for m in self.mirrors],
             "cors": self.cors.to_json() if self.cors is not None else None,
+            "session_persistence": (
+                None if self.session is None else session_json(self.session, self.matches)
+            ),
         }
 
 
@@ -1628,6 +1645,9 @@ class RouteChoices:
     # where copies of its requests also go (Route.mirrors, resolved; none
     # with an answer): for the relay
     mirrors: tuple[Mirror, ...] = ()
+    # the route's session persistence, its cookie's path the matched
+    # block's (session_for; none with an answer): for the relay
+    session: SessionPersistence | None = None
 
 
 @dataclass(frozen=True)
@@ -1645,6 +1665,11 @@ class Decision:
     ``endpoints``; where they differ in version, those of the endpoint of
     each request's last try (:func:`endpoint_versions`, the relay
     decision's ``endpoint_tags``).
+
+    ``session``: its route's session persistence (the matched block's
+    cookie path), with endpoints only: the relay gives the client the
+    token of the endpoint that answers (``endpoints`` begins with the one
+    the request's token named, when that one is still among them).
     """
 
     service: Service
@@ -1661,6 +1686,7 @@ class Decision:
     # where copies of the request also go (RouteChoices.mirrors): only
     # with endpoints to send the request to
     mirrors: tuple[Mirror, ...] = ()
+    session: SessionPersistence | None = None  # the route's (RouteChoices.session)
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -2155,12 +2181,21 @@ class RouteTable:
                     _unserved_edits(route, request, cors_lines),
                     fault=fault,
                 )
-            dest = self._pick(route.destinations)
+            # a request's session token: the destination with the endpoint
+            # it names, not drawn (none valid: the draw, as without one)
+            matched = Match()
+            session: SessionPersistence | None = None
+            pinned: tuple[Destination, Endpoint] | None = None
+            if request is not None:
+                matched = route.matched(port, request, source_labels)
+                if route.session is not None:
+                    session = session_for(route.session, matched)
+                    pinned = self._pinned(route, service, port, session, request, healthy)
+            dest = pinned[0] if pinned is not None else self._pick(route.destinations)
             # what the request and its answer get changed (a raw connection
             # has no head to edit): the answer of a target not resolved too
             edits = None
             if request is not None:
-                matched = route.matched(port, request, source_labels)
                 edits = with_cors_lines(self._edits(route, dest, matched, request.path), cors_lines)
             target = self._target(service, dest)
             if target is None:  # (its answer edited as its share's: choices())
@@ -2181,6 +2216,8 @@ class RouteTable:
             sub = dest.subset.on_port(tport)  # (its policy on that port)
             hkey, made = self._hash_key(sub.load_balancer, sub.hash_on, request, source)
             ordered = self._balance(eps, key, sub.load_balancer, healthy, active, sub.outlier, hkey)
+            if pinned is not None and ordered:  # the token's endpoint first, then as balanced
+                ordered = [pinned[1], *(e for e in ordered if e != pinned[1])]
             if eps and not ordered:  # every endpoint ejected: no healthy upstream
                 status = NO_HEALTHY_STATUS
             # (no generated cookie on the 503 of no endpoint, as the compiled
@@ -2200,6 +2237,7 @@ class RouteTable:
                 edits,
                 fault=fault,
                 mirrors=mirrors,
+                session=session if ordered else None,
             )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
@@ -2210,6 +2248,38 @@ class RouteTable:
         ordered = self._balance(eps, key, own.load_balancer, healthy, active, own.outlier, hkey)
         edits = _with_cookie(None, own.hash_on, made if ordered else None)
         return Decision(service, DEFAULT, DEFAULT, ordered, edits=edits)
+
+    def _pinned(
+        self,
+        route: Route,
+        service: Service,
+        port: int,
+        session: SessionPersistence,
+        request: Request,
+        healthy: Callable[[Endpoint], bool] | None,
+    ) -> tuple[Destination, Endpoint] | None:
+        """The destination of *route* (the first, in order, that has it)
+        and the endpoint that *request*'s session token names, among each
+        destination's endpoints as :meth:`choices` gives them (the healthy
+        ones, :meth:`_healthy`); None: no token, or one that names none of
+        them (a forged one, a pod gone or ejected, another route's)."""
+        sent = session.sent(request.headers.items())
+        if sent is None:
+            return None
+        for dest in route.destinations:
+            target = service if dest.host == service.host else self._services.get(dest.host)
+            if target is None:
+                continue
+            tport = self._target_port(target, dest, port, same=target is service)
+            eps = self._healthy(
+                self._subset_endpoints(target, tport, dest.subset.labels),
+                healthy,
+                dest.subset.on_port(tport).outlier,
+            )
+            for e in eps:
+                if session_token((e.address, e.port)) == sent:
+                    return dest, e
+        return None
 
     def _hash_key(
         self,
@@ -2396,6 +2466,7 @@ class RouteTable:
             route.retries,
             fault=route.fault,
             mirrors=self._mirrors(route, service, port, healthy),
+            session=None if route.session is None else session_for(route.session, matched),
         )
 
     def _mirrors(
@@ -2631,6 +2702,18 @@ class RouteTable:
             for host, routes in self._routes.items()
             for route in routes
             if route.cors is not None
+        )
+
+    def session_routes(self) -> list[tuple[str, str]]:
+        """(host, route name) of every route with session persistence,
+        sorted: what --http-routing connection does only in part (a
+        connection goes where its first request's token says; no token is
+        given, as no response is edited at L4)."""
+        return sorted(
+            (host, route.name)
+            for host, routes in self._routes.items()
+            for route in routes
+            if route.session is not None
         )
 
     def _hashes(self) -> Iterator[tuple[str, str, HashOn]]:
@@ -2871,6 +2954,59 @@ def _with_cookie(
     edits = edits or HeadEdits()
     line = ("set-cookie", hash_on.set_cookie(made))
     return edits._replace(response_add=(*edits.response_add, line))
+
+
+# a regular expression's metacharacters (an element with one is no literal
+# path), and what a cookie's Path cannot hold: ';' (it would end the
+# attribute), a control character, anything not ASCII (see _networking)
+_REGEX_META = re.compile(r"[\\.^$|?*+()\[\]{}]")
+_NOT_IN_COOKIE_PATH = re.compile(r"[^\x20-\x7e]|;")
+
+
+@functools.lru_cache(maxsize=1024)
+def session_cookie_path(match: Match) -> str:
+    """The Path of the session cookie of a request that *match* took, as
+    Envoy Gateway derives it from the route's path match: an Exact path's
+    value, a PathPrefix's (its trailing ``/`` dropped, as the route keeps
+    it: ``/cart`` covers ``/cart`` and ``/cart/x``), a
+    RegularExpression's longest prefix of whole elements without a
+    regular expression's metacharacter (GEP-1619's rule:
+    ``/p1/p2/.*/p3`` gives ``/p1/p2``; Envoy Gateway stops only at an
+    element with a ``*``), none for one with alternatives (``|``); no path
+    match, ``/``. Elements from the first that a cookie's Path cannot hold
+    (``;``, a control character, non-ASCII) on are left out; nothing
+    left, ``/``."""
+    uri = match.uri
+    if uri is None or (uri.kind == "regex" and "|" in uri.value):
+        return "/"
+    keep: list[str] = []
+    for element in uri.value.split("/"):
+        if _NOT_IN_COOKIE_PATH.search(element) or (
+            uri.kind == "regex" and _REGEX_META.search(element)
+        ):
+            break
+        keep.append(element)
+    path = "/".join(keep)
+    return path if path.startswith("/") else "/"
+
+
+def session_for(session: SessionPersistence, matched: Match) -> SessionPersistence:
+    """*session* (a route's) for a request that its block *matched* took:
+    a cookie's with that block's path (:func:`session_cookie_path`)."""
+    if session.kind == SESSION_HEADER:
+        return session
+    return session._replace(path=session_cookie_path(matched))
+
+
+def session_json(session: SessionPersistence, matches: Sequence[Match]) -> dict[str, Any]:
+    """A route's session persistence for ``validate -v``: its kind, name,
+    and for a cookie its ``max_age`` (None: a session cookie) and the
+    ``paths`` of its match blocks' cookies, in order."""
+    out: dict[str, Any] = {"kind": session.kind, "name": session.name}
+    if session.kind != SESSION_HEADER:
+        out["max_age"] = session.max_age
+        out["paths"] = [session_cookie_path(m) for m in matches or (Match(),)]
+    return out
 
 
 def endpoint_name(address: str, port: int) -> str:

@@ -394,6 +394,8 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
             lines.append(f"{indent}     {_mirror(m)}")
         if r.get("cors"):
             lines.extend(f"{indent}     {line}" for line in _cors(r["cors"]))
+        if r.get("session_persistence"):
+            lines.append(f"{indent}     {_session(r['session_persistence'])}")
         if r.get("rewrite"):
             rw = r["rewrite"]
             if rw["kind"] == "regex":
@@ -411,6 +413,15 @@ def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
         if r.get("headers"):
             lines.append(f"{indent}     {_headers(r['headers'])}")
     return lines
+
+
+def _session(sp: dict[str, Any]) -> str:
+    """A route's session persistence, as 'validate -v' prints it."""
+    if sp["kind"] == "header":
+        return f"session persistence: header {sp['name']} names the endpoint"
+    life = "a session cookie" if sp["max_age"] is None else f"Max-Age={sp['max_age']}"
+    paths = ", ".join(f"Path={p}" for p in sp["paths"])
+    return f"session persistence: cookie {sp['name']} names the endpoint ({paths}; {life})"
 
 
 def _fault(f: dict[str, Any]) -> str:
