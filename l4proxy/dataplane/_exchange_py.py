@@ -109,6 +109,14 @@ Decisions
   are compared case-insensitively, added lines are ``name: value`` with
   CRLF; the framing and hop-by-hop fields and Host are never touched
   (:func:`edit_bytes`).
+* *Session persistence* (an HTTPRoute rule's ``sessionPersistence``: the
+  shell sets :attr:`Exchange.session_line` for each try, from its
+  endpoint): the final head the upstream answers gets the session token's
+  line last, after the relay's own and the edits' (a header token's own
+  lines in the upstream's head left out first: Envoy sets that header);
+  the shell sets none where the request's token named that endpoint
+  already. Interim heads, a tunnel's head and the relay's own answers get
+  none (see ``SessionPersistence`` in ``verdict.py``).
 * An upstream connection is reusable only when the request sent on it was
   persistent, both messages ended by their framing (not by a close), the
   response did not say ``Connection: close`` (or was HTTP/1.0 without
@@ -232,7 +240,7 @@ from l4proxy.dataplane.framing import (
     response_framing,
 )
 from l4proxy.dataplane.peek import HeadError, HeadParser, NotHTTP, RequestHead
-from l4proxy.dataplane.verdict import HeadEdits, RetryPolicy
+from l4proxy.dataplane.verdict import SESSION_COOKIE, HeadEdits, RetryPolicy, SessionPersistence
 
 __all__ = [
     "Client",
@@ -245,6 +253,7 @@ __all__ = [
     "Release",
     "Retry",
     "Route",
+    "SessionLine",
     "Shadow",
     "Tunnel",
     "Upstream",
@@ -258,6 +267,7 @@ __all__ = [
     "header_lines",
     "local_response",
     "response_hop_by_hop",
+    "session_line",
     "upstream_head",
 ]
 
@@ -908,6 +918,27 @@ def edit_response_head(raw: bytes, edits: HeadEdits) -> bytes:
     return _edited_lines(raw, e.response_drop, e.response_lines, None)
 
 
+class SessionLine(NamedTuple):
+    """A session token's line for a final response head (see *Session
+    persistence*): ``line`` (``name: value`` and CRLF) goes last before its
+    empty line, after the relay's own and its edits' lines; ``drop``: the
+    lowercase name whose lines of the upstream's head go first (a header
+    token's, which Envoy sets; b"" for a cookie's, which is added)."""
+
+    drop: bytes
+    line: bytes
+
+
+def session_line(session: SessionPersistence, endpoint: tuple[str, int]) -> SessionLine:
+    """The :class:`SessionLine` that gives *endpoint*'s token
+    (``SessionPersistence.line``); its value is ASCII (the table checked
+    the name and the cookie's path)."""
+    name, value = session.line(endpoint)
+    check_header(name, value)
+    drop = b"" if session.kind == SESSION_COOKIE else name.encode()
+    return SessionLine(drop, f"{name}: {value}\r\n".encode())
+
+
 def edit_local_answer(answer: bytes, edits: HeadEdits | None) -> bytes:
     """*answer* (local_response()'s bytes, a HEAD request's head alone too)
     with the response's *edits* applied to its head (see "Head edits"): the
@@ -956,6 +987,9 @@ class Exchange:
         self._retrying = False  # between Retry() and routed(): hold client bytes
         self.retry: RetryPolicy | None = None  # the route's (set by the shell)
         self.edits: HeadEdits | None = None  # the route's choice's (set by the shell)
+        # the session token's line for the final head from upstream (set by
+        # the shell per try, for its endpoint: session_line()); None: none
+        self.session_line: SessionLine | None = None
         # the request's bytes as sent upstream, kept for its mirrors' copies
         # (the shell sets an empty one before routed(), and clears it for a
         # fault's abort; None: none wanted, or past the replay limit) until
@@ -1422,8 +1456,12 @@ class Exchange:
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
             raw = client_head(raw, resp, keep, self.head.version == "HTTP/1.0")
+            if self.session_line is not None and self.session_line.drop:
+                raw = _edited_lines(raw, frozenset((self.session_line.drop,)), b"", None)
             if self.edits is not None:
                 raw = edit_response_head(raw, self.edits)
+            if self.session_line is not None:
+                raw = _with_line(raw, self.session_line.line)
             self._keeps_client = keep
             out.append(Client(raw))
             self.status = resp.status

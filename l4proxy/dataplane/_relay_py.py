@@ -91,6 +91,17 @@ per such request, none for the others), the rule of
 ``verdict.Choice.endpoint_tags``; a copy with its endpoint's
 (``_mirror_endpoint``).
 
+Session persistence (``Decision.session``, an HTTPRoute rule's
+``sessionPersistence``): ``decide`` routes a request whose token names one
+of its route's endpoints to that endpoint first; here, each try that
+reaches an endpoint (``_session_try``, where ``_reached`` is) sets the
+exchange's :attr:`~l4proxy.dataplane._exchange_py.Exchange.session_line`
+to that endpoint's token, or to none where the request's token named it:
+the final head an endpoint answers gives the client the token of the one
+that answered (a failed connect's next candidate, a retry's endpoint), as
+Envoy's stateful session filter does. A request without session
+persistence pays an attribute test where a try begins.
+
 Circuit breakers (``EndpointSettings.max_connections``, ``max_pending``,
 ``max_active``: a DestinationRule's ``connectionPool.tcp.maxConnections``,
 ``http.http1MaxPendingRequests``, ``http.http2MaxRequests``), per endpoint
@@ -293,6 +304,7 @@ from l4proxy.dataplane._exchange_py import (
     Upstream,
     edit_bytes,
     header_lines,
+    session_line,
 )
 from l4proxy.dataplane._framing_py import (
     BodyFramer,
@@ -320,7 +332,9 @@ from l4proxy.dataplane.verdict import (
     HeadEdits,
     Mirror,
     RetryPolicy,
+    SessionPersistence,
     no_endpoint_body,
+    session_token,
     shadow_head,
 )
 
@@ -372,6 +386,12 @@ class Decision(NamedTuple):
     is reported with the tag of the endpoint of its last try that reached
     one, else with ``tag``: the rule of
     :class:`~l4proxy.dataplane.verdict.Choice`'s ``endpoint_tags``.
+    ``session``: the route's session persistence
+    (:class:`~l4proxy.dataplane.verdict.SessionPersistence`; None: none):
+    ``decide`` put the endpoint the request's token names first already
+    (where it is still one of the route's); the relay gives the client the
+    token of the endpoint that answers, unless the request's token named
+    it (see "Session persistence").
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -385,6 +405,7 @@ class Decision(NamedTuple):
     mirrors: tuple[Mirror, ...] = ()
     status: int = 503
     endpoint_tags: tuple[Any, ...] = ()
+    session: SessionPersistence | None = None
 
 
 @dataclass(eq=False)
@@ -476,6 +497,10 @@ class _Conn:
     # (Decision.endpoint_tags, by endpoint: ep_tags, None where it has none)
     tag: Any = None
     ep_tags: dict[Endpoint, Any] | None = None
+    # the current request's session persistence (Decision.session; None:
+    # none), and the token it sent (None: none)
+    session: SessionPersistence | None = None
+    session_sent: str | None = None
     timeout: float = 0.0  # the current request's route timeout (0: none)
     deadline: float = 0.0  # ... when it passes: set once the request is read whole
     per_try: float = 0.0  # the current request's per-try timeout (0: none)
@@ -1327,6 +1352,9 @@ class HttpRelay:
             local_headers = ""
         c.decision = d
         c.tag = d.tag
+        c.session = d.session if d.endpoints and d.local is None else None
+        if c.session is not None:
+            c.session_sent = c.session.sent(head.headers)
         # (a destination whose endpoints differ in version: each try that
         # reaches one moves c.tag to its tag, _reached; a handful, by endpoint)
         c.ep_tags = (
@@ -1862,6 +1890,8 @@ class HttpRelay:
         c.upstream = endpoint
         if c.ep_tags is not None:
             self._reached(c, endpoint)
+        if c.session is not None:
+            self._session_try(c, endpoint)
         self._perform(c, c.ex.routed(True), now)
         return True
 
@@ -1874,9 +1904,22 @@ class HttpRelay:
         assert c.ep_tags is not None
         c.tag = c.ep_tags.get(endpoint, c.tag)
 
+    @staticmethod
+    def _session_try(c: _Conn, endpoint: Endpoint) -> None:
+        """A try of c's request, under session persistence, goes to
+        *endpoint*: the final head it answers gets that endpoint's token,
+        unless the request's token named it (see "Session persistence")."""
+        assert c.session is not None
+        if session_token(endpoint) == c.session_sent:
+            c.ex.session_line = None
+        else:
+            c.ex.session_line = session_line(c.session, endpoint)
+
     def _connect(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
         if c.ep_tags is not None:
             self._reached(c, endpoint)
+        if c.session is not None:
+            self._session_try(c, endpoint)
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)

@@ -248,6 +248,13 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
         [f"{host} subset {subset}" for host, subset in table.generated_cookies()],
     )
     _warn_unapplied(
+        "session persistence (an HTTPRoute's sessionPersistence) is applied only in part "
+        "with --http-routing connection: a connection goes where its first request's token "
+        "says, but no token is given, as no response is edited at L4 (only per request, "
+        "the default)",
+        [f"{host} {name or '(unnamed)'}" for host, name in table.session_routes()],
+    )
+    _warn_unapplied(
         "request mirroring (http[].mirror, mirrors, an HTTPRoute's RequestMirror) is not "
         "applied with --http-routing connection, which copies no request (only per "
         "request, the default)",
@@ -1116,6 +1123,7 @@ class Worker:
             endpoint_tags=_endpoint_tags(
                 decision.service, decision.route, decision.subset, decision.endpoints, tport, tried
             ),
+            session=decision.session,  # (its token's endpoint first already: decide())
         )
 
     def _resolve_request(self, head: peek.RequestHead, origin: Origin) -> Verdict:
@@ -1211,6 +1219,7 @@ class Worker:
             retry=_retry_policy(rc.retries),
             fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),
             mirrors=rc.mirrors,
+            session=rc.session,
         )
 
     def _forget_gone_endpoints(self, table: RouteTable) -> None:
