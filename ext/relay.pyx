@@ -185,6 +185,36 @@ A request whose choice is not ``HASH`` pays a compare of ``ch.policy`` in
 ``pick()`` (and no ``getpeername``); ``final_head`` tests ``c.edit_resp`` where it tested
 ``c.edits`` and its ``response``.
 
+Session persistence
+-------------------
+A route verdict with a session persistence (``Verdict.session``, a
+``verdict.SessionPersistence``: an HTTPRoute rule's ``sessionPersistence``)
+has a ``Session_`` of its own (``_session``: the cookie's or header's name,
+the token line's bytes around the token, and the token of each endpoint of
+each choice, ``session_token()``'s, made in Python; freed with the verdict,
+``verdict_free``). ``pick()`` hands such a verdict to ``session_choice``
+(through ``R.session_choice``, as ``hash_pick``) instead of the weighted
+draw: the token the head as received sent (``session_sent``: the cookie
+as ``cookie_value_in`` reads a hashed one, or the header's one line,
+``SessionPersistence.sent``'s twin) is compared with each choice's
+endpoints' tokens, in order; the choice of the first that has it is taken,
+that endpoint kept in ``R.sess_pin`` (no local whose address pick() takes:
+no stack-protector canary for every request), else the draw as usual.
+Once the choice's order is made (its policy's, ``hash_pick``'s too),
+``session_pin`` puts the pinned endpoint first (the others after it in
+their order; one past ``MAX_ATTEMPTS`` comes in, the last candidate goes)
+and gives the Conn a ``Sess_`` (malloc'd, held as the edits are:
+``c.holds``, freed by ``conn_drop_held``; out of memory: none, the request
+goes as routed without a token): each candidate's token and the line's
+bytes, copied (the verdict may go before the response comes), and the
+pinned endpoint. ``c.edit_resp`` sends the final head through
+``send_edited_head``, which adds the line of the endpoint that answered
+(``c.up``'s, one of the candidates) last, unless it is the pinned one; a
+header token's own lines in the upstream's head are left out (Envoy sets
+that header). The relay's own answers (``answer_edited``) get none. A
+verdict without one pays a test of ``v.session`` in ``pick()`` and one
+after its order; nothing else changes.
+
 Tags per endpoint
 -----------------
 A choice whose endpoints differ in version (``Choice.endpoint_tags``: a
@@ -437,6 +467,7 @@ from l4proxy.dataplane._exchange_py import (
     DOT_SEGMENT_REASON,
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
+    check_header,
     edit_bytes,
     edit_local_answer,
     header_lines,
@@ -467,7 +498,8 @@ from l4proxy.dataplane.verdict import (
     MIRROR_TIMEOUT,
 )
 from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
-                                       endpoint_hash, no_endpoint_body)
+                                       SESSION_HEADER, endpoint_hash, no_endpoint_body,
+                                       session_token)
 
 Decision = _relay_py.Decision
 
@@ -676,6 +708,11 @@ cdef enum:
     EQ = 0x3D              # (bytes it splits on: _bytes.pxi's others)
     AMP = 0x26
     DQUOTE = 0x22
+
+# where a session persistence's token is (Session_.kind)
+cdef enum:
+    SK_COOKIE = 0
+    SK_HEADER = 1
 
 class _Unhashable:
     """The key a fault with an unhashable tag is interned under (HttpRelay._fault):
@@ -1283,6 +1320,38 @@ cdef struct HashOn_:
     const char *ck_post    # ... and after it (its CR LF included)
     size_t ck_post_len
 
+cdef struct Session_:
+    # a route verdict's verdict.SessionPersistence (see "Session
+    # persistence"): one block, this, then the tokens' offsets, then each
+    # choice's first token's index, then its bytes; freed with its verdict
+    int kind               # SK_*
+    const char *name       # the cookie's name, or the header's (lowercase)
+    Py_ssize_t name_len
+    const char *pre        # the token's line before the token ("set-cookie: sid=\"")
+    size_t pre_len
+    const char *post       # ... and after it (its CR LF included)
+    size_t post_len
+    Py_ssize_t *tok        # the tokens of every choice's endpoints, in order: offsets
+                           # in bytes (tok[k] to tok[k + 1])
+    int *first             # per choice, the index in tok of its first endpoint's
+    const char *bytes
+
+cdef struct Sess_:
+    # a request's session persistence (see "Session persistence"), from
+    # pick() to its exchange's end: one block, this, then its bytes; the
+    # Conn's (c.holds)
+    EP *pinned             # the candidate the request's token named (NULL: none)
+    int n
+    EP *ep[MAX_ATTEMPTS]   # its candidates (as pick() made them), each with its token
+    const char *tok[MAX_ATTEMPTS]
+    size_t tok_len[MAX_ATTEMPTS]
+    const char *pre        # the token line's bytes (Session_'s)
+    size_t pre_len
+    const char *post
+    size_t post_len
+    const char *drop       # a header token's name: the upstream head's lines of it go
+    Py_ssize_t drop_len    # (0: a cookie's, added)
+
 cdef struct Retry_:
     # a route's retry policy (verdict.RetryPolicy), interned: one per
     # distinct policy, freed by a sweep once nothing refers to it (refs;
@@ -1402,6 +1471,7 @@ cdef struct Verdict_:
     Retry_ *retry          # V_ROUTE: the route's retry policy (NULL: none); interned
     int n_mirrors          # V_ROUTE: its mirrors (owned)
     Mirror_ *mirrors
+    Session_ *session      # V_ROUTE: its session persistence (owned; NULL: none)
 
 cdef struct Test_:
     int kind               # T_*
@@ -1474,6 +1544,7 @@ cdef struct Conn:
     Edits_ *edits          # ... its choice's head edits (NULL: none; set by pick())
     char *set_cookie       # ... its final response head's generated cookie line (owned;
     size_t set_cookie_len  #     NULL: none; set by pick())
+    Sess_ *sess            # ... its session persistence (owned; NULL: none; session_pin())
     double try_deadline    # ... the current try's per-try timeout, when it passes
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
@@ -1513,7 +1584,8 @@ cdef struct Conn:
     unsigned char uncounted        # a routed request not counted yet (request_done)
     unsigned char scanning         # in head_step()'s loop (a call from below returns)
     unsigned char fault_local      # c.fault_answer: a local answer's copy, freed with it
-    unsigned char holds            # c.retry, c.edits or c.set_cookie is set (conn_drop_held)
+    unsigned char holds            # c.retry, c.edits, c.set_cookie or c.sess is set
+                                   # (conn_drop_held)
     unsigned char edit_resp        # the final response head goes through send_edited_head
     unsigned char mixed            # the request's choice has a tag per endpoint (c.cand_tag)
     signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
@@ -1601,6 +1673,9 @@ cdef struct Relay:
     int (*edit_request)(Relay *R, Conn *c, const Edits_ *e, double now) noexcept nogil
     int (*send_edited_head)(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil
     void (*hash_pick)(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil  # (pick()'s, as these)
+    Choice_ *(*session_choice)(Relay *R, Conn *c, Verdict_ *v) noexcept nogil  # (pick()'s)
+    void (*session_pin)(Relay *R, Conn *c, Verdict_ *v, const Choice_ *ch) noexcept nogil
+    EP *sess_pin           # session_choice()'s: the endpoint the request's token named
     void (*mirror_draw)(Relay *R, Conn *c, Verdict_ *v) noexcept nogil  # (apply_verdict()'s)
     void (*mirror_start)(Relay *R, Conn *c, double now) noexcept nogil  # (request sent whole)
     char *bad_chunk[N_CHUNK_ERRORS]    # 400 answers to a chunked request body's errors
@@ -2623,6 +2698,7 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
             v.choices[i].edits.refs -= 1
         free(v.choices[i].hash)
     free(v.choices)
+    free(v.session)
     free(v.keep)
     free(v.close)
     free(v)
@@ -3237,6 +3313,8 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
     free(c.set_cookie)
     c.set_cookie = NULL
     c.set_cookie_len = 0
+    free(c.sess)
+    c.sess = NULL
     free(c.shadow)  # (copies neither started nor dropped: an abort, a client's cut)
     c.shadow = NULL
 
@@ -4116,9 +4194,17 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     with "connection: close" added where final_head() adds it; either way
     without the lines c.edits names, with its lines added after the
     relay's own, then a generated cookie's line (c.set_cookie; c.edits
-    NULL or without response edits when that alone brought it here). -1
-    when the connection went away."""
+    NULL or without response edits when that alone brought it here), then
+    a session token's line (c.sess: the answering endpoint's token, unless
+    the request's named it; a header token's own lines left out). -1 when
+    the connection went away."""
     cdef const Edits_ *e = c.edits
+    cdef const Sess_ *ss = c.sess
+    cdef const char *tok = NULL
+    cdef size_t tok_len = 0, sess_len = 0
+    cdef const char *sdrop = NULL
+    cdef Py_ssize_t sdrop_len = 0
+    cdef int k
     cdef const Span *drop = NULL
     cdef int n_drop = 0
     cdef const char *lines = NULL
@@ -4139,6 +4225,16 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
         n_drop = e.n_resp_drop
         lines = e.resp_lines
         lines_len = e.resp_lines_len
+    if ss != NULL and c.up != NULL and c.up.ep != ss.pinned:
+        for k in range(ss.n):
+            if ss.ep[k] == c.up.ep:
+                tok = ss.tok[k]
+                tok_len = ss.tok_len[k]
+                break
+        if tok != NULL:
+            sess_len = ss.pre_len + tok_len + ss.post_len
+            sdrop = ss.drop
+            sdrop_len = ss.drop_len
     if hop:
         if c.resp_hop & HOP_NAMED:  # (as send_client_head)
             n = named_fields(b, end, few, MAX_NAMED)
@@ -4166,7 +4262,8 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
         le = line_end(b, i, lf)
         colon = colon_at(b, i, le)
         if ((hop and hop_line(b, i, colon, named, n))
-                or (colon < le and edit_drops(drop, n_drop, b + i, colon - i))):
+                or (colon < le and edit_drops(drop, n_drop, b + i, colon - i))
+                or (sdrop_len and colon - i == sdrop_len and eq_lower(b + i, sdrop, sdrop_len))):
             if i > run:
                 if to_client(R, c, c.rhead.p + run, <size_t>(i - run)) != 0:
                     break  # (aborted)
@@ -4181,9 +4278,13 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
             or to_client(R, c, own, own_len) != 0
             or to_client(R, c, lines, lines_len) != 0
             or to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
+            or (sess_len and (to_client(R, c, ss.pre, ss.pre_len) != 0
+                              or to_client(R, c, tok, tok_len) != 0
+                              or to_client(R, c, ss.post, ss.post_len) != 0))
             or to_client(R, c, c.rhead.p + end, <size_t>(hl - end)) != 0):
         return -1
-    c.client_bytes += (sent + (end - run) + <Py_ssize_t>(own_len + lines_len + c.set_cookie_len)
+    c.client_bytes += (sent + (end - run)
+                       + <Py_ssize_t>(own_len + lines_len + c.set_cookie_len + sess_len)
                        + hl - end)
     return 0
 
@@ -4611,9 +4712,10 @@ cdef inline uint64_t hash_mix(uint64_t x) noexcept nogil:
 
 
 cdef bint cookie_value_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
-                          const HashOn_ *h, const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
-    """The value of the first cookie named h.name in the cookie line's value
-    b[i:end] (HashOn.key_of): pairs split on ";", each trimmed, one pair of
+                          const char *name, Py_ssize_t name_len,
+                          const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
+    """The value of the first cookie named name[:name_len] in the cookie
+    line's value b[i:end] (verdict.cookie_named): pairs split on ";", each trimmed, one pair of
     surrounding double quotes removed, into *v, *vn (maybe empty); False:
     none named so."""
     cdef Py_ssize_t ps, pe, e, vs, ve
@@ -4631,7 +4733,7 @@ cdef bint cookie_value_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t end,
         if q == NULL:
             continue
         e = q - b
-        if e - ps != h.name_len or memcmp(b + ps, h.name, <size_t>h.name_len) != 0:
+        if e - ps != name_len or memcmp(b + ps, name, <size_t>name_len) != 0:
             continue
         vs = e + 1
         ve = pe
@@ -4711,7 +4813,7 @@ cdef bint request_key(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
             while ve > vs and is_ows(b[ve - 1]):
                 ve -= 1
             if h.kind == HK_COOKIE:
-                if cookie_value_in(b, vs, ve, h, &cv, &cn):
+                if cookie_value_in(b, vs, ve, h.name, h.name_len, &cv, &cn):
                     # the first named so, in any line (empty: absent)
                     if cn == 0:
                         return False
@@ -4811,15 +4913,183 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
             c.cand_tag[i] = ch.ep_tags[c.cand_tag[i]]
 
 
+cdef bint session_sent(const unsigned char *b, Py_ssize_t hl, const Session_ *s,
+                       const unsigned char **v, Py_ssize_t *vn) noexcept nogil:
+    """The token the request head b[:hl] (as received) sent into *v, *vn
+    (SessionPersistence.sent): a cookie's, the first named s.name in the
+    cookie lines, in order (cookie_value_in); a header's, its value on its
+    one line, trimmed; False: none (absent, empty, a header on several
+    lines)."""
+    cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
+    cdef const unsigned char *cv = NULL
+    cdef Py_ssize_t cn = 0
+    cdef Py_ssize_t i, le, colon, vs, ve
+    cdef const char *name = s.name
+    cdef Py_ssize_t name_len = s.name_len
+    cdef int found = 0
+    if lf == NULL:  # (never: a validated head)
+        return False
+    if s.kind == SK_COOKIE:
+        name = b"cookie"
+        name_len = 6
+    i = lf - b + 1
+    while i < hl:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
+        if lf == NULL:
+            break
+        le = line_end(b, i, lf)
+        if le == i:
+            break  # the empty line
+        colon = colon_at(b, i, le)
+        if colon - i == name_len and eq_lower(b + i, name, name_len):
+            vs = colon + 1
+            ve = le
+            while vs < ve and is_ows(b[vs]):
+                vs += 1
+            while ve > vs and is_ows(b[ve - 1]):
+                ve -= 1
+            if s.kind == SK_COOKIE:
+                if cookie_value_in(b, vs, ve, s.name, s.name_len, &cv, &cn):
+                    v[0] = cv
+                    vn[0] = cn
+                    return cn > 0  # (the first named so; empty: absent)
+            else:
+                found += 1
+                v[0] = b + vs
+                vn[0] = ve - vs
+        i = lf - b + 1
+    return found == 1 and vn[0] > 0
+
+
+cdef Choice_ *session_choice(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
+    """pick()'s choice for a verdict with a session persistence (see
+    "Session persistence"): that of the first endpoint, in choice order,
+    whose token is the one the request sent (it in R.sess_pin), else the
+    weighted draw's (R.sess_pin NULL)."""
+    cdef const Session_ *s = v.session
+    cdef const unsigned char *t = NULL
+    cdef Py_ssize_t tn = 0, k
+    cdef uint64_t r
+    cdef int i, j
+    R.sess_pin = NULL
+    if session_sent(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, s, &t, &tn):
+        for i in range(v.n):
+            for j in range(v.choices[i].n_eps):
+                k = s.first[i] + j
+                if (s.tok[k + 1] - s.tok[k] == tn
+                        and memcmp(s.bytes + s.tok[k], t, <size_t>tn) == 0):
+                    R.sess_pin = v.choices[i].eps[j]
+                    return &v.choices[i]
+    if v.n > 1 and v.total > 0:
+        r = rng_next(R) % v.total
+        for i in range(v.n):
+            if r < v.choices[i].weight:
+                return &v.choices[i]
+            r -= v.choices[i].weight
+    return &v.choices[0]
+
+
+cdef void session_pin(Relay *R, Conn *c, Verdict_ *v, const Choice_ *ch) noexcept nogil:
+    """After pick() ordered choice *ch*'s candidates (see "Session
+    persistence"): the endpoint the request's token named (R.sess_pin)
+    first, the others after it in their order; then the request's Sess_,
+    each candidate's token and the token line's bytes, for the final head
+    (send_edited_head). Out of memory: no Sess_ (no token given)."""
+    cdef const Session_ *s = v.session
+    cdef EP *pin = R.sess_pin
+    cdef int first = s.first[ch - v.choices]
+    cdef int i, j, at, t = 0
+    cdef Py_ssize_t k
+    cdef size_t size
+    cdef Sess_ *ss
+    cdef char *p
+    cdef int idx[MAX_ATTEMPTS]
+    R.sess_pin = NULL
+    if c.n_cand == 0:
+        return
+    if pin != NULL:
+        at = -1
+        for i in range(c.n_cand):
+            if c.cand[i] == pin:
+                at = i
+                break
+        if at >= 0:
+            t = c.cand_tag[at]
+        else:  # (past MAX_ATTEMPTS in its order: it comes in, the last goes)
+            if c.n_cand < MAX_ATTEMPTS:
+                c.n_cand += 1
+            at = c.n_cand - 1
+            if c.mixed:
+                for j in range(ch.n_eps):
+                    if ch.eps[j] == pin:
+                        t = ch.ep_tags[j]
+                        break
+        i = at
+        while i > 0:
+            c.cand[i] = c.cand[i - 1]
+            c.cand_tag[i] = c.cand_tag[i - 1]
+            i -= 1
+        c.cand[0] = pin
+        c.cand_tag[0] = t
+    size = sizeof(Sess_) + s.pre_len + s.post_len
+    if s.kind == SK_HEADER:
+        size += <size_t>s.name_len
+    for i in range(c.n_cand):
+        idx[i] = -1
+        for j in range(ch.n_eps):
+            if ch.eps[j] == c.cand[i]:
+                idx[i] = first + j
+                size += <size_t>(s.tok[first + j + 1] - s.tok[first + j])
+                break
+    ss = <Sess_*>malloc(size)
+    if ss == NULL:
+        return
+    p = <char*>ss + sizeof(Sess_)
+    ss.pinned = pin
+    ss.n = c.n_cand
+    for i in range(c.n_cand):
+        ss.ep[i] = c.cand[i]
+        ss.tok[i] = NULL
+        ss.tok_len[i] = 0
+        k = idx[i]
+        if k < 0:  # (never: a candidate is one of its choice's)
+            continue
+        ss.tok[i] = p
+        ss.tok_len[i] = <size_t>(s.tok[k + 1] - s.tok[k])
+        memcpy(p, s.bytes + s.tok[k], ss.tok_len[i])
+        p += ss.tok_len[i]
+    memcpy(p, s.pre, s.pre_len)
+    ss.pre = p
+    ss.pre_len = s.pre_len
+    p += s.pre_len
+    memcpy(p, s.post, s.post_len)
+    ss.post = p
+    ss.post_len = s.post_len
+    p += s.post_len
+    ss.drop = NULL
+    ss.drop_len = 0
+    if s.kind == SK_HEADER:
+        memcpy(p, s.name, <size_t>s.name_len)
+        ss.drop = p
+        ss.drop_len = s.name_len
+    free(c.sess)  # (none: pick() runs once per request)
+    c.sess = ss
+    c.holds = True  # (conn_drop_held frees it)
+    c.edit_resp = True
+
+
 cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     """The weighted draw and the endpoint order of one request; for a
     choice with a tag per endpoint, each candidate's (c.cand_tag, c.mixed:
-    see "Tags per endpoint")."""
+    see "Tags per endpoint"); under a session persistence, the choice and
+    the first endpoint its token names (see "Session persistence")."""
     cdef Choice_ *ch = &v.choices[0]
     cdef uint64_t r
     cdef int i, j, k, n, start, best
     cdef EP *tmp
-    if v.n > 1 and v.total > 0:
+    if v.session != NULL:
+        ch = R.session_choice(R, c, v)
+    elif v.n > 1 and v.total > 0:
         r = rng_next(R) % v.total
         for i in range(v.n):
             if r < v.choices[i].weight:
@@ -4836,6 +5106,8 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
         return
     if ch.policy == LB_HASH:
         R.hash_pick(R, c, ch)
+        if v.session != NULL:
+            R.session_pin(R, c, v, ch)
         return
     if ch.policy == LB_RANDOM:
         start = <int>(rng_next(R) % <uint64_t>n)
@@ -4879,6 +5151,8 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
         if c.mixed:
             for i in range(c.n_cand):
                 c.cand_tag[i] = ch.ep_tags[(start + i) % n]
+    if v.session != NULL:
+        R.session_pin(R, c, v, ch)
 
 
 
@@ -6784,6 +7058,61 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         k += 1
 
 
+cdef Session_ *_session(session, choices) except? NULL:
+    """A route verdict's verdict.SessionPersistence as the loop's block
+    (see "Session persistence"); NULL for none. ValueError for one whose
+    line cannot be written out (check_header()) or is not ASCII."""
+    if session is None:
+        return NULL
+    kind = SK_HEADER if session.kind == SESSION_HEADER else SK_COOKIE
+    mark = ("0.0.0.0", 0)
+    line_name, value = session.line(mark)
+    check_header(line_name, value)
+    token = session_token(mark)
+    at = value.index(token)
+    pre = f"{line_name}: {value[:at]}".encode("ascii")
+    post = (value[at + len(token):] + "\r\n").encode("ascii")
+    name = session.name.encode("ascii")
+    tokens = [session_token((str(e[0]), int(e[1]))).encode("ascii")
+              for choice in choices for e in choice.endpoints]
+    cdef Py_ssize_t n = len(tokens), n_choices = len(choices), i, off = 0
+    cdef size_t head = (sizeof(Session_) + <size_t>(n + 1) * sizeof(Py_ssize_t)
+                        + <size_t>(n_choices + 1) * sizeof(int))
+    cdef Session_ *s = <Session_*>calloc(
+        1, head + len(name) + len(pre) + len(post) + sum(len(t) for t in tokens) + 1)
+    cdef char *p
+    if s == NULL:
+        raise MemoryError()
+    s.kind = kind
+    s.tok = <Py_ssize_t*>(<char*>s + sizeof(Session_))
+    s.first = <int*>(<char*>s.tok + <size_t>(n + 1) * sizeof(Py_ssize_t))
+    k = 0
+    for i, choice in enumerate(choices):
+        s.first[i] = k
+        k += len(choice.endpoints)
+    s.first[n_choices] = k
+    p = <char*>s + head
+    s.bytes = p
+    for i in range(n):
+        s.tok[i] = off
+        memcpy(p + off, PyBytes_AS_STRING(tokens[i]), len(tokens[i]))
+        off += len(tokens[i])
+    s.tok[n] = off
+    p += off
+    memcpy(p, PyBytes_AS_STRING(name), len(name))
+    s.name = p
+    s.name_len = len(name)
+    p += len(name)
+    memcpy(p, PyBytes_AS_STRING(pre), len(pre))
+    s.pre = p
+    s.pre_len = len(pre)
+    p += len(pre)
+    memcpy(p, PyBytes_AS_STRING(post), len(post))
+    s.post = p
+    s.post_len = len(post)
+    return s
+
+
 cdef HashOn_ *_hash_on(on, endpoints) except NULL:
     """A HASH choice's verdict.HashOn as the loop's block (see "Consistent
     hashing"): ValueError for none, or one that would write out a line
@@ -7127,6 +7456,8 @@ cdef class HttpRelay:
         R.edit_request = edit_request
         R.send_edited_head = send_edited_head
         R.hash_pick = hash_pick
+        R.session_choice = session_choice
+        R.session_pin = session_pin
         R.mirror_draw = mirror_draw
         R.mirror_start = mirror_start
         R.max_mirrors = max(0, max_mirrors)
@@ -8453,6 +8784,7 @@ cdef class HttpRelay:
             v.tag = v.choices[0].tag
         try:
             self._mirrors(v, verdict.mirrors)
+            v.session = _session(verdict.session, choices)
         except BaseException:
             verdict_free(v)
             raise
@@ -8612,7 +8944,8 @@ cdef class HttpRelay:
                 verdict = Verdict(
                     (Choice(1, tuple(d.endpoints), "ORDERED", None, d.tag, edits=d.edits,
                             endpoint_tags=tuple(d.endpoint_tags)),),
-                    timeout=d.timeout, retry=d.retry, fault=d.fault, mirrors=d.mirrors)
+                    timeout=d.timeout, retry=d.retry, fault=d.fault, mirrors=d.mirrors,
+                    session=d.session)
             v = self._checked(verdict)
             try:
                 apply_verdict(R, c, v, now)
