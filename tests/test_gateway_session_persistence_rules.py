@@ -423,3 +423,13 @@ def test_a_header_token_on_two_lines_is_no_token(tmp_path: Path) -> None:
     two = Request(headers=request_headers([("x-s", _token(V2[0])), ("x-s", _token(V2[0]))]))
     assert {table.decide(svc, 8080, one).endpoints[0].address for _ in range(30)} == set(V2)
     assert len({table.decide(svc, 8080, two).endpoints[0].address for _ in range(100)}) > 1
+
+
+def test_a_rollback_to_weight_0_unpins_its_pods(tmp_path: Path) -> None:
+    """v2's backendRef at weight 0 is no destination of the rule: its pod's
+    token pins no more, every request goes to v1."""
+    table = load(tmp_path, route_with("{sessionName: sid}").replace("weight: 10", "weight: 0"))
+    svc = table.service(HOST)
+    assert svc is not None
+    request = _request(f"sid={_token(V2[0])}")
+    assert {table.decide(svc, 8080, request).endpoints[0].address for _ in range(100)} == set(V1)
