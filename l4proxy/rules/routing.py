@@ -2267,8 +2267,8 @@ class RouteTable:
         if sent is None:
             return None
         for dest in route.destinations:
-            target = service if dest.host == service.host else self._services.get(dest.host)
-            if target is None:
+            target = self._target(service, dest)
+            if target is None:  # (not resolved, or refused: no endpoint of it serves)
                 continue
             tport = self._target_port(target, dest, port, same=target is service)
             eps = self._healthy(
