@@ -261,3 +261,29 @@ def test_validate_shows_the_share_a_grant_is_missing_for(
         line = "50%  canary.shop.svc.cluster.local port 8080: answered 500 (not permitted"
         assert (line in out) is shown, out
         assert ("1 ReferenceGrant" in out) is bool(extra), out
+
+
+def test_a_session_token_never_pins_a_request_to_a_backend_not_permitted(
+    tmp_path: Path,
+) -> None:
+    """A client that names the refused Service's pod in its session cookie
+    (a token is base64 of ip:port: anyone can write one) gets the other
+    backend's pods or the refused share's 500, never that pod."""
+    from l4proxy.dataplane.verdict import session_token
+
+    sticky = SPLIT + "    sessionPersistence: {sessionName: s}\n"
+    table = load_rules([write(tmp_path, sticky + SHOP), PER_VERSION], seed=3).table
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    token = session_token(("198.18.0.21", 8080))
+    got: Counter[str] = Counter()
+    for _ in range(200):
+        d = table.decide(svc, 8080, Request(headers={"cookie": f's="{token}"'}))
+        got[d.endpoints[0].address if d.endpoints else str(d.status)] += 1
+    assert set(got) == {"198.18.0.11", "198.18.0.12", "500"}, got
+    # with the grant, the same token pins every request to that pod
+    table = load_rules([write(tmp_path, sticky + SHOP + grant()), PER_VERSION], seed=3).table
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    d = table.decide(svc, 8080, Request(headers={"cookie": f's="{token}"'}))
+    assert [e.address for e in d.endpoints][:1] == ["198.18.0.21"]
