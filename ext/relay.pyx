@@ -3392,9 +3392,11 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     cdef size_t before = c.out.len
     if c.shadow != NULL:  # (given up before the request's end, or before a connection)
         mirror_give_up(R, c, now)
-    # the access log's why (the pure twin's _upstream_failed())
+    # the access log's why (the pure twin's _upstream_failed(); UF already
+    # there: a retry's connect failed, connect_failed_next())
     if why == OD_BEFORE or why == OD_MID:
-        c.lflags |= LF_UC
+        if not c.lflags & LF_UF:
+            c.lflags |= LF_UC
     elif why == OD_TIMEOUT or (why == OD_ANSWERED and status == 504):
         c.lflags |= LF_UT
     elif why != OD_ANSWERED:  # (a response the upstream framed wrong)
@@ -5658,6 +5660,10 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     if c.n_cand:
         try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed: the request is lost
+        # (its line's UF, Envoy's for a connect that failed, where
+        # upstream_failed() would say UC: no policy retries it, can_retry()
+        # wants a try on, so that is where on_upstream_eof() goes)
+        c.lflags |= LF_UF
         on_upstream_eof(R, c, now)
     else:
         local_answer(R, c, R_no_upstream, now, True)

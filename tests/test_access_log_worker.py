@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -452,6 +453,62 @@ def test_an_upstream_closing_before_its_answer_is_uc(
     assert (f["code"], f["flags"]) == ("502", "UC")
     assert f["details"] == "upstream_reset_before_response_started{connection_termination}"
     assert f["upstream"] == f"127.0.0.1:{closing.endpoint[1]}" and f["upstream_local"] == "-"
+
+
+class _GoneAfterOne:
+    """An endpoint that answers its first request 503 and is gone before
+    it answers: a retry's new connect to it is refused. Its port stays
+    held (a bound socket that never listens, sharing it by SO_REUSEPORT
+    while the listener has it): no other listener can take it meanwhile."""
+
+    def __init__(self) -> None:
+        self.held = socket.socket()
+        self.held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.held.bind(("127.0.0.1", 0))
+        self.port = self.held.getsockname()[1]
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.listener.close()  # (before the answer: the retry finds no listener)
+        self.conns.append(conn)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(65536)
+        conn.sendall(_answer(503, b"down"))
+
+    def close(self) -> None:
+        self.thread.join(5)
+        for s in (*self.conns, self.held, self.listener):
+            s.close()
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_retrys_connect_that_fails_is_uf(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try answered 503, which the policy retries; the retry's
+    new connect is refused: the relay's 502 says UF (Envoy's for a connect
+    that failed; it said UC, a connection that closed), and URX (the
+    policy's tries used up on a failure it retries)."""
+    gone = _GoneAfterOne()
+    retries = "    retries: {attempts: 1, retryOn: 5xx}\n"
+    rules = gateway_service(gone.port, labels=("v1",)) + SUBSETS + _route(retries)
+    try:
+        lines, said, stats = _serve(which, rules, _ask_one(), tmp_path, monkeypatch)
+    finally:
+        gone.close()
+    f = _one_line(lines)
+    assert said == 502 and stats["retries"] == 1
+    assert (f["code"], f["flags"]) == ("502", "UF,URX")
+    assert f["details"] == "upstream_reset_before_response_started{connection_failure}"
+    assert f["upstream"] == f"127.0.0.1:{gone.port}" and f["upstream_local"] == "-"
 
 
 @pytest.mark.parametrize("which", TWINS)

@@ -1184,11 +1184,16 @@ class Exchange:
         except FramingError as exc:
             return self._upstream_failed(exc.status, exc.reason, gateway=True)
 
-    def upstream_eof(self, unsent: bytes | None = None) -> list[Action]:
+    def upstream_eof(
+        self, unsent: bytes | None = None, connect_failed: bool = False
+    ) -> list[Action]:
         """The upstream connection ended. *unsent*: it failed before the
         kernel took any byte of this request, and these are all the bytes
         sent upstream for it so far (held, unsent): the request never left,
-        so it may be sent again whatever its method (a retry's rules else)."""
+        so it may be sent again whatever its method (a retry's rules else).
+        *connect_failed*: there was no connection, a retry's connect
+        failed (its access log line says UF, Envoy's for a connect that
+        failed, not UC)."""
         if self.phase != Phase.EXCHANGE:
             return []
         never_left = (
@@ -1210,7 +1215,7 @@ class Exchange:
                 return [Release(False), Retry()]
             if self.retry is not None and self.retry.on_reset and self._can_retry():
                 return self._policy_retry(before)
-            return self._upstream_failed(502, before, gateway=True)
+            return self._upstream_failed(502, before, gateway=True, connect_failed=connect_failed)
         if (
             self._response is None
             and self.retry is not None
@@ -1540,7 +1545,9 @@ class Exchange:
         self._reset_exchange()
         return self._advance()  # a pipelined request may be waiting
 
-    def _upstream_failed(self, status: int, reason: str, gateway: bool = False) -> list[Action]:
+    def _upstream_failed(
+        self, status: int, reason: str, gateway: bool = False, connect_failed: bool = False
+    ) -> list[Action]:
         """Give up on this exchange: the upstream closes; answer if we still can
         (no final head went out: after interim ones, 100 Continue, a final
         answer is still due). Counted either way: with the status the client
@@ -1548,9 +1555,12 @@ class Exchange:
         200, as Envoy counts it), else with the local answer's. *gateway*:
         the upstream's failure, not the client's (a request body that cannot
         be framed): outlier detection hears of it, and the answer gets the
-        response edits (see "Head edits")."""
+        response edits (see "Head edits"). *connect_failed*: a retry's
+        connect failed (the access log's UF)."""
         if not gateway:
             flags = accesslog.DPE  # (a request body the client framed wrong)
+        elif connect_failed:
+            flags = accesslog.UF
         elif reason == "upstream request timeout":
             flags = accesslog.UT
         elif reason.startswith("upstream closed"):

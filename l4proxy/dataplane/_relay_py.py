@@ -1985,7 +1985,7 @@ class HttpRelay:
             refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
             self._perform(c, refused, now)
         else:  # a retry's last connect failed: the request is lost
-            self._perform(c, c.ex.upstream_eof(), now)
+            self._perform(c, c.ex.upstream_eof(connect_failed=True), now)
 
     def _response_failed(self, endpoint: Endpoint, tag: Any, why: str) -> None:
         self._answer_reported.pop(endpoint, None)  # its next answer is news
