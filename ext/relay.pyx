@@ -2858,20 +2858,15 @@ cdef const char *HEX_UPPER = b"0123456789ABCDEF"
 cdef const char *HEX_LOWER = b"0123456789abcdef"
 
 
-cdef unsigned char ESC_TEXT[256]    # each byte's escaped length (accesslog.escape()'s units)
+cdef unsigned char ESC_TEXT[256]    # each byte's escaped length alone (accesslog's tables)
 cdef unsigned char ESC_JSON[256]
 for _b in range(256):
     ESC_TEXT[_b] = 2 if _b in (0x22, 0x5C) else 1 if 0x20 <= _b < 0x7F else 4
     ESC_JSON[_b] = 2 if _b in (0x22, 0x5C) else 1 if 0x20 <= _b < 0x7F else 6
 
 
-cdef inline int log_unit(unsigned char b, bint json) noexcept nogil:
-    """An input byte's escaped length."""
-    return ESC_JSON[b] if json else ESC_TEXT[b]
-
-
 cdef inline int log_put(char *out, unsigned char b, bint json) noexcept nogil:
-    """An input byte escaped into out: its length (log_unit())."""
+    """An input byte escaped alone into out: its length (ESC_*)."""
     if b == DQUOTE or b == 0x5C:
         out[0] = 0x5C
         out[1] = <char>b
@@ -2890,13 +2885,72 @@ cdef inline int log_put(char *out, unsigned char b, bint json) noexcept nogil:
     return 4
 
 
+cdef int utf8_len(const unsigned char *p, Py_ssize_t left) noexcept nogil:
+    """The length of the valid UTF-8 character at p (2 to 4; *left* bytes
+    from there), 0 where none starts (accesslog.utf8_length()'s twin)."""
+    cdef unsigned char b = p[0], lo = 0x80, hi = 0xBF
+    cdef int k, j
+    if 0xC2 <= b <= 0xDF:
+        k = 2
+    elif 0xE0 <= b <= 0xEF:
+        k = 3
+        if b == 0xE0:
+            lo = 0xA0
+        elif b == 0xED:
+            hi = 0x9F
+    elif 0xF0 <= b <= 0xF4:
+        k = 4
+        if b == 0xF0:
+            lo = 0x90
+        elif b == 0xF4:
+            hi = 0x8F
+    else:
+        return 0
+    if left < k or p[1] < lo or p[1] > hi:
+        return 0
+    for j in range(2, k):
+        if p[j] < 0x80 or p[j] > 0xBF:
+            return 0
+    return k
+
+
+cdef int log_char(char *out, const unsigned char *p, Py_ssize_t left, bint json,
+                  int *took) noexcept nogil:
+    """The character at p escaped into out (NULL: measured only), one unit
+    of accesslog._units(): its escaped length; *took*: its input bytes (a
+    valid UTF-8 character's, as it is, a C1 control's two escaped; else
+    one byte, escaped alone by log_put())."""
+    cdef unsigned char b = p[0]
+    cdef int k = utf8_len(p, left) if b >= 0x80 else 0
+    if k == 0:
+        took[0] = 1
+        if out == NULL:
+            return ESC_JSON[b] if json else ESC_TEXT[b]
+        return log_put(out, b, json)
+    took[0] = k
+    if b == 0xC2 and p[1] < 0xA0:  # a C1 control, U+0080 to U+009F
+        if out != NULL:
+            if json:  # \u00hh
+                memcpy(out, b"\\u00", 4)
+                out[4] = HEX_LOWER[p[1] >> 4]
+                out[5] = HEX_LOWER[p[1] & 15]
+            else:  # \xC2\xHH
+                memcpy(out, b"\\xC2\\x", 6)
+                out[6] = HEX_UPPER[p[1] >> 4]
+                out[7] = HEX_UPPER[p[1] & 15]
+        return 6 if json else 8
+    if out != NULL:
+        memcpy(out, p, <size_t>k)
+    return k
+
+
 cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize_t *ns, int k,
                     bint json) noexcept nogil:
     """The *k* values ps[i][:ns[i]] joined by "," and escaped into *out*, at
-    most *cap* bytes: a longer one cut at a whole escape, TRUNC after it
-    (accesslog.escape()'s twin); the bytes written."""
-    cdef Py_ssize_t i, j
-    cdef int n = 0, room, u
+    most *cap* bytes: a longer one cut at a whole escape or character,
+    TRUNC after it (accesslog.escape()'s twin); the bytes written."""
+    cdef Py_ssize_t i, j, m
+    cdef int n = 0, room, u, took
     cdef bint stop = False
     cdef const unsigned char *esc = ESC_TEXT
     cdef const unsigned char *p
@@ -2911,16 +2965,23 @@ cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize
             out[n] = 0x2C
             n += 1
         p = ps[i]
-        for j in range(ns[i]):
-            u = esc[p[j]]
+        m = ns[i]
+        j = 0
+        while j < m:
+            if esc[p[j]] == 1:  # (printable ASCII: the bytes of most values)
+                if n + 1 > cap:
+                    stop = True
+                    break
+                out[n] = <char>p[j]
+                n += 1
+                j += 1
+                continue
+            u = log_char(NULL, p + j, m - j, json, &took)
             if n + u > cap:
                 stop = True
                 break
-            if u == 1:
-                out[n] = <char>p[j]
-                n += 1
-            else:
-                n += log_put(out + n, p[j], json)
+            n += log_char(out + n, p + j, m - j, json, &took)
+            j += took
         if stop:
             break
     if not stop:
@@ -2936,13 +2997,15 @@ cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize
                 break
             out[n] = 0x2C
             n += 1
+        p = ps[i]
+        m = ns[i]
         j = 0
-        while j < ns[i]:
-            if n + log_unit(ps[i][j], json) > room:
+        while j < m:
+            if n + log_char(NULL, p + j, m - j, json, &took) > room:
                 stop = True
                 break
-            n += log_put(out + n, ps[i][j], json)
-            j += 1
+            n += log_char(out + n, p + j, m - j, json, &took)
+            j += took
         i += 1
     memcpy(out + n, TRUNC, TRUNC_LEN)
     return n + TRUNC_LEN
@@ -8410,11 +8473,11 @@ cdef class HttpRelay:
             L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
             d = _accesslog.NO_TAG
         json = R.log_json
-        cluster = _accesslog.escape(d.upstream_cluster.encode("latin-1", "replace"),
+        cluster = _accesslog.escape(d.upstream_cluster.encode("utf-8", "replace"),
                                     _accesslog.CAPS["upstream_cluster"], json)
-        route = _accesslog.escape(d.route_name.encode("latin-1", "replace"),
+        route = _accesslog.escape(d.route_name.encode("utf-8", "replace"),
                                   _accesslog.CAPS["route_name"], json)
-        details = _accesslog.escape(d.details.encode("latin-1", "replace"),
+        details = _accesslog.escape(d.details.encode("utf-8", "replace"),
                                     _accesslog.CAPS["response_code_details"], json)
         if tid >= R.n_log_tags:
             n = max(tid + 1, 2 * R.n_log_tags, 16)

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import random
 import re
 import select
 import time
@@ -156,6 +157,42 @@ def test_a_client_cannot_forge_a_line_or_a_field() -> None:
     assert re.sub(ESCAPE, b"", line).count(b'"') == 14  # 7 quoted fields, each closed
     d = json.loads(al.format_line(_record(user_agent=evil), json=True))
     assert d["user_agent"] == evil.decode("latin-1")
+
+
+def test_valid_utf8_is_written_as_it_is_and_any_other_byte_escaped() -> None:
+    """A valid UTF-8 character from U+00A0 is written as it is, in TEXT and
+    JSON (Envoy's); a byte of no valid character (alone, a surrogate's, an
+    overlong form's, past U+10FFFF, a character cut short) and a C1 control
+    are escaped; a cut never splits a character."""
+    name = "café 路由 🚀".encode()
+    assert al.escape(name, 100) == name and al.escape(name, 100, json=True) == name
+    bad = b"\xe9 \xc2\x9b \xed\xa0\x80 \xc0\xaf \xf4\x90\x80\x80 \xe2\x82"
+    assert al.escape(bad, 200) == (
+        rb"\xE9 \xC2\x9B \xED\xA0\x80 \xC0\xAF \xF4\x90\x80\x80 \xE2\x82"
+    )
+    got = json.loads(b'"' + al.escape(bad, 200, json=True) + b'"')
+    assert got == "\xe9 \x9b \xed\xa0\x80 \xc0\xaf \xf4\x90\x80\x80 \xe2\x82"
+    eight = "路由" * 4  # (3 bytes a character: 8 bytes of room take 2)
+    assert al.escape(eight.encode(), 8 + len(al.TRUNCATED)) == "路由".encode() + al.TRUNCATED
+    line = al.format_line(_record(tag=al.TagLog("outbound|8080|v2|svc", "カナリア")))
+    assert line.endswith(" - カナリア\n".encode())
+
+
+def test_any_bytes_give_a_line_of_valid_utf8_and_json_that_parses() -> None:
+    """Random values of the bytes that matter (seeded): TEXT is valid UTF-8
+    without a control character; JSON parses to the value read as UTF-8,
+    each byte of no valid character read as ISO-8859-1."""
+    rnd = random.Random(7)
+    alphabet = b'A"\\\x7f\n\x80\x9f\xa0\xbf\xc0\xc1\xc2\xdf\xe0\xed\xef\xf0\xf4\xf5\xff'
+    for _ in range(3000):
+        value = bytes(rnd.choice(alphabet) for _ in range(rnd.randrange(10)))
+        text = al.escape(value, 1000).decode("utf-8")  # (strict)
+        assert not any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in text), value
+        expected = "".join(
+            chr(ord(ch) - 0xDC00) if 0xDC80 <= ord(ch) <= 0xDCFF else ch
+            for ch in value.decode("utf-8", "surrogateescape")
+        )
+        assert json.loads(b'"' + al.escape(value, 1000, json=True) + b'"') == expected, value
 
 
 def _worst() -> al.Record:

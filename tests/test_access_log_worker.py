@@ -88,7 +88,7 @@ def _serve(
     sees it go)."""
     _worker_twin(which, monkeypatch)
     rules = tmp_path / f"rules-{which}.yaml"
-    rules.write_text(rules_text)
+    rules.write_text(rules_text, encoding="utf-8")
     r, w = os.pipe()
     out: dict[str, Any] = {}
 
@@ -171,7 +171,7 @@ def _statuses(s: socket.socket, n: int) -> list[int]:
 
 
 def _fields(line: bytes) -> dict[str, str]:
-    m = TEXT_LINE.fullmatch(line.decode("ascii"))
+    m = TEXT_LINE.fullmatch(line.decode("utf-8"))  # (strict: a line is valid UTF-8)
     assert m, line
     return m.groupdict()
 
@@ -269,6 +269,36 @@ def test_a_user_agent_cannot_forge_a_field(
     f = _one_line(lines)
     assert f["ua"] == r"x\" 200 - via_upstream \"\x09\\"
     assert (f["code"], f["flags"], f["route"]) == ("200", "-", "svc/canary")
+
+
+@pytest.mark.parametrize("which", TWINS)
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_utf8_is_written_as_it_is_and_other_bytes_escaped(
+    which: str, as_json: bool, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route named in UTF-8 in its rule file, and a User-Agent in UTF-8,
+    are written as they are, in TEXT and in JSON (Envoy's; they were '?'
+    and \\xHH); a byte of no valid UTF-8 character and a C1 control are
+    still escaped, as are quotes."""
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS
+    rules += _route().replace("name: canary", 'name: "カナリア-路由"')
+    ua = 'ünï "测试" 🚀'.encode() + b"\xe9!\xc2\x85"
+
+    def talk(address: tuple[str, int]) -> int:
+        with socket.create_connection(address, 10) as s:
+            return _get(s, extra=b"User-Agent: " + ua + b"\r\n")
+
+    lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch, access_log_json=as_json)
+    assert said == 200 and len(lines) == 1
+    if as_json:
+        d = json.loads(lines[0])
+        assert d["route_name"] == "svc/カナリア-路由"
+        assert d["user_agent"] == 'ünï "测试" 🚀é!\x85'
+        assert "カナリア".encode() in lines[0] and b"\\u00e9!\\u0085" in lines[0]
+    else:
+        f = _fields(lines[0])
+        assert f["route"] == "svc/カナリア-路由"
+        assert f["ua"] == 'ünï \\"测试\\" 🚀\\xE9!\\xC2\\x85'
 
 
 # -- the response flags ----------------------------------------------------------------

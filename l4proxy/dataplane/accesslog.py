@@ -67,13 +67,18 @@ follows (:func:`details`): ``via_upstream`` for an upstream's answer, else
 why the proxy answered.
 
 Escaping: no value from the client or the rules can forge a line or a
-field. TEXT: ``"`` and ``\\`` are escaped with ``\\``, every other byte
-outside printable ASCII (controls, DEL, bytes 0x80 and up) as ``\\xHH``.
-JSON: ``"``, ``\\`` and controls escaped as JSON escapes them, DEL and
-bytes 0x80 and up as ``\\u00HH`` (the bytes read as ISO-8859-1, HTTP's
-historic charset: any input, UTF-8 or not, gives valid JSON). A value
-longer than its cap (:data:`CAPS`, in escaped bytes) is cut at a whole
-escape and ends with ``...[truncated]``: a line is at most
+field. A value is read as UTF-8: a valid character from U+00A0 up is
+written as it is, in both formats (Envoy writes UTF-8 as it is: a route
+named in Chinese reads as its name), its bytes never cut apart. TEXT:
+``"`` and ``\\`` are escaped with ``\\``, every other byte outside
+printable ASCII (controls, DEL, a byte that is no part of a valid UTF-8
+character) as ``\\xHH``, a C1 control (U+0080 to U+009F) as its two
+bytes' ``\\xC2\\xHH``. JSON: ``"``, ``\\`` and controls escaped as JSON
+escapes them, DEL as ``\\u007f``, a C1 control as its ``\\u00hh``, a byte
+that is no part of a valid UTF-8 character as ``\\u00hh`` (that byte read
+as ISO-8859-1, HTTP's historic charset: any input gives valid JSON). A
+value longer than its cap (:data:`CAPS`, in escaped bytes) is cut at a
+whole escape or character and ends with ``...[truncated]``: a line is at most
 :data:`LINE_MAX` bytes (PIPE_BUF), so that it is one ``write()`` and
 several workers' lines on one pipe never interleave or tear.
 
@@ -268,18 +273,72 @@ _TEXT_UNITS = tuple(_unit(b, b"\\x%02X") for b in range(256))
 _JSON_UNITS = tuple(_unit(b, b"\\u%04x") for b in range(256))
 
 
+def utf8_length(value: bytes, i: int) -> int:
+    """The length of the valid UTF-8 character that starts at ``value[i]``
+    (2 to 4), 0 where none does (Unicode's well-formed sequences, RFC
+    3629: no overlong form, no surrogate, nothing past U+10FFFF). The
+    compiled relay's utf8_len() is its twin."""
+    b, n = value[i], len(value)
+    lo, hi = 0x80, 0xBF  # (the second byte's range)
+    if 0xC2 <= b <= 0xDF:
+        k = 2
+    elif 0xE0 <= b <= 0xEF:
+        k = 3
+        if b == 0xE0:
+            lo = 0xA0
+        elif b == 0xED:
+            hi = 0x9F
+    elif 0xF0 <= b <= 0xF4:
+        k = 4
+        if b == 0xF0:
+            lo = 0x90
+        elif b == 0xF4:
+            hi = 0x8F
+    else:
+        return 0
+    if i + k > n or not lo <= value[i + 1] <= hi:
+        return 0
+    if any(not 0x80 <= c <= 0xBF for c in value[i + 2 : i + k]):
+        return 0
+    return k
+
+
+def _units(value: bytes, json: bool) -> list[bytes]:
+    """*value* escaped, a unit per character (see "Escaping"): what a cut
+    never splits."""
+    table = _JSON_UNITS if json else _TEXT_UNITS
+    if value.isascii():
+        return [table[b] for b in value]
+    out: list[bytes] = []
+    i, n = 0, len(value)
+    while i < n:
+        b = value[i]
+        k = utf8_length(value, i) if b >= 0x80 else 0
+        if not k:  # ASCII, or a byte of no valid character
+            out.append(table[b])
+            i += 1
+        elif b == 0xC2 and value[i + 1] < 0xA0:  # a C1 control, U+0080 to U+009F
+            c = value[i + 1]
+            out.append(b"\\u%04x" % c if json else b"\\xC2\\x%02X" % c)
+            i += 2
+        else:  # a character as it is
+            out.append(value[i : i + k])
+            i += k
+    return out
+
+
 def escape(value: bytes, cap: int, json: bool = False) -> bytes:
     """*value* escaped for a quoted field of a line (see "Escaping"), at
-    most *cap* bytes: a longer one is cut at a whole escape and ends with
-    TRUNCATED. The compiled relay's log_escape() is its twin."""
-    units = _JSON_UNITS if json else _TEXT_UNITS
-    out = b"".join(units[b] for b in value)
+    most *cap* bytes: a longer one is cut at a whole escape or character
+    and ends with TRUNCATED. The compiled relay's log_escape() is its
+    twin."""
+    units = _units(value, json)
+    out = b"".join(units)
     if len(out) <= cap:
         return out
     room = cap - len(TRUNCATED)
     cut = bytearray()
-    for b in value:
-        u = units[b]
+    for u in units:
         if len(cut) + len(u) > room:
             break
         cut += u
@@ -359,7 +418,7 @@ def _value(value: bytes | str | None, key: str, json: bool) -> bytes:
     absent or empty."""
     if value is None or value == b"" or value == "":
         return b"null" if json else b"-"
-    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
     out = escape(raw, CAPS[key], json)
     return b'"' + out + b'"' if json else out
 
