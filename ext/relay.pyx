@@ -2944,11 +2944,61 @@ cdef int log_char(char *out, const unsigned char *p, Py_ssize_t left, bint json,
     return k
 
 
+cdef int log_escape_end(char *out, int cap, const unsigned char **ps, const Py_ssize_t *ns,
+                        int k, bint json) noexcept nogil:
+    """log_escape()'s cut keeping the end (X-Forwarded-For's): TRUNC, then
+    the end of the joined value that fits, from an element's start where
+    one is in it (past a comma and the spaces after it), else from the
+    first whole character that fits (accesslog._end()'s twin). The value
+    is joined into a block of its own (a value cut: rare); out of memory,
+    TRUNC alone."""
+    cdef Py_ssize_t i, n = 0, pos = 0, start, before
+    cdef int room = cap - TRUNC_LEN, o = TRUNC_LEN, took, escaped = 0
+    cdef unsigned char *v
+    cdef const unsigned char *comma
+    for i in range(k):
+        n += ns[i] + (1 if i else 0)
+    memcpy(out, TRUNC, TRUNC_LEN)
+    v = <unsigned char*>malloc(n if n else 1)
+    if v == NULL:
+        return TRUNC_LEN
+    n = 0
+    for i in range(k):
+        if i:
+            v[n] = 0x2C
+            n += 1
+        memcpy(v + n, ps[i], <size_t>ns[i])
+        n += ns[i]
+    while pos < n:  # (its length escaped)
+        escaped += log_char(NULL, v + pos, n - pos, json, &took)
+        pos += took
+    pos = 0
+    while escaped > room:  # (the first character whose end fits)
+        escaped -= log_char(NULL, v + pos, n - pos, json, &took)
+        pos += took
+    start = before = pos
+    while before > 0 and (v[before - 1] == 0x20 or v[before - 1] == 0x09):
+        before -= 1
+    if before > 0 and v[before - 1] != 0x2C:  # (within an element: the next one's)
+        comma = <const unsigned char*>memchr(v + pos, 0x2C, <size_t>(n - pos))
+        start = n if comma == NULL else comma - v + 1
+    while start < n and (v[start] == 0x20 or v[start] == 0x09):
+        start += 1
+    if start < n:
+        pos = start
+    while pos < n:
+        o += log_char(out + o, v + pos, n - pos, json, &took)
+        pos += took
+    free(v)
+    return o
+
+
 cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize_t *ns, int k,
-                    bint json) noexcept nogil:
+                    bint json, bint keep_end) noexcept nogil:
     """The *k* values ps[i][:ns[i]] joined by "," and escaped into *out*, at
     most *cap* bytes: a longer one cut at a whole escape or character,
-    TRUNC after it (accesslog.escape()'s twin); the bytes written."""
+    TRUNC after it, or with *keep_end* its end after TRUNC
+    (log_escape_end()) (accesslog.escape()'s twin); the bytes written."""
     cdef Py_ssize_t i, j, m
     cdef int n = 0, room, u, took
     cdef bint stop = False
@@ -2986,6 +3036,8 @@ cdef int log_escape(char *out, int cap, const unsigned char **ps, const Py_ssize
             break
     if not stop:
         return n
+    if keep_end:
+        return log_escape_end(out, cap, ps, ns, k, json)
     # too long: again, cut to leave room for TRUNC
     n = 0
     stop = False
@@ -3015,7 +3067,8 @@ cdef void log_value(LogReq *q, int which, int *at, const unsigned char **ps,
                     const Py_ssize_t *ns, int k, bint json) noexcept nogil:
     """A head value of q, escaped at q.head[*at:] (absent: none, n 0)."""
     q.off[which] = at[0]
-    q.n[which] = log_escape(q.head + at[0], CAP_LH[which], ps, ns, k, json) if k else 0
+    q.n[which] = log_escape(q.head + at[0], CAP_LH[which], ps, ns, k, json,
+                            which == LH_XFF) if k else 0
     at[0] += q.n[which]
 
 
@@ -3023,7 +3076,8 @@ cdef void log_headers(LogReq *q, const unsigned char *b, Scanner *s, int *at,
                       bint json) noexcept nogil:
     """The head's X-Forwarded-For, User-Agent, X-Request-ID and Host values,
     one pass over its lines (several lines of one: joined by ",", Envoy's
-    HTTP/1 codec's; LOG_SPANS at most)."""
+    HTTP/1 codec's; LOG_SPANS at most, X-Forwarded-For's last ones: the
+    end the proxies in front appended)."""
     cdef const unsigned char *ps[4][LOG_SPANS]
     cdef Py_ssize_t ns[4][LOG_SPANS]
     cdef int k[4]
@@ -3042,6 +3096,10 @@ cdef void log_headers(LogReq *q, const unsigned char *b, Scanner *s, int *at,
             w = 2
         elif n == 4 and eq_lower(b + f.ns, b"host", 4):
             w = 3
+        if w == 0 and k[0] == LOG_SPANS:  # (the last ones: the first goes)
+            memmove(&ps[0][0], &ps[0][1], (LOG_SPANS - 1) * sizeof(ps[0][0]))
+            memmove(&ns[0][0], &ns[0][1], (LOG_SPANS - 1) * sizeof(ns[0][0]))
+            k[0] -= 1
         if w >= 0 and k[w] < LOG_SPANS:
             ps[w][k[w]] = b + f.vs
             ns[w][k[w]] = f.ve - f.vs

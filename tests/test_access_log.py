@@ -239,6 +239,25 @@ def test_escape_cuts_at_a_whole_escape() -> None:
     assert al.escape(b"a" * 20, 3 + len(al.TRUNCATED)) == b"aaa" + al.TRUNCATED
 
 
+def test_a_cut_kept_at_its_end_starts_at_an_element() -> None:
+    """X-Forwarded-For cut keeps its end (the proxies in front append
+    theirs), after the marker: from the start of an element (past a comma
+    and its spaces) where one is in what fits, else from a whole
+    character."""
+    value = b"1.1.1.1, 2.2.2.2, 3.3.3.3,4.4.4.4"
+    room = len(al.TRUNCATED)
+    assert al.escape(value, 33, keep_end=True) == value  # (fits: not cut)
+    assert al.escape(value, room + 16, keep_end=True) == al.TRUNCATED + b"3.3.3.3,4.4.4.4"
+    assert al.escape(value, room + 15, keep_end=True) == al.TRUNCATED + b"3.3.3.3,4.4.4.4"
+    assert al.escape(value, room + 14, keep_end=True) == al.TRUNCATED + b"4.4.4.4"
+    assert al.escape(value, room + 5, keep_end=True) == al.TRUNCATED + b"4.4.4"  # (no comma)
+    assert al.escape(b"x" * 20 + "é路".encode(), room + 4, keep_end=True) == (
+        al.TRUNCATED + "路".encode()  # (é and 路: 5 bytes, 路 alone fits)
+    )
+    line = al.format_line(_record(forwarded_for=b"6.6.6.6, " * 40 + b"10.0.0.1"))
+    assert b'"' + al.TRUNCATED + b"6.6.6.6, " in line and b', 10.0.0.1" "curl/8.5.0"' in line
+
+
 def test_chunks_are_whole_lines_of_at_most_pipe_buf() -> None:
     lines = [b"%d " % i + b"x" * (i * 37 % 3000) + b"\n" for i in range(200)]
     data = b"".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane.accesslog import JSON_KEYS
+from l4proxy.dataplane.accesslog import CAPS, JSON_KEYS, TRUNCATED, escape
 from l4proxy.sidecar.admin import WorkerView
 from tests._scripted import CLOSE, STALL, Scripted, _answer, _response, _status
 from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
@@ -299,6 +299,35 @@ def test_utf8_is_written_as_it_is_and_other_bytes_escaped(
         f = _fields(lines[0])
         assert f["route"] == "svc/カナリア-路由"
         assert f["ua"] == 'ünï \\"测试\\" 🚀\\xE9!\\xC2\\x85'
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_cut_x_forwarded_for_keeps_its_end(
+    which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's own long X-Forwarded-For, then the addresses the proxies
+    in front appended: cut by its cap, the line keeps the end (it kept the
+    client's beginning), from an element's start, the cut marked before
+    it."""
+    rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
+    forged = ", ".join(f"203.0.113.{i}" for i in range(40)).encode()
+    xff = b"X-Forwarded-For: " + forged + b", 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
+
+    one = 'ü路"'.encode() * 60  # (no comma: from a whole character; escapes kept whole)
+
+    def talk(address: tuple[str, int]) -> list[int]:
+        with socket.create_connection(address, 10) as s:
+            return [_get(s, extra=xff), _get(s, extra=b"X-Forwarded-For: " + one + b"\r\n")]
+
+    lines, said, _ = _serve(which, rules, talk, tmp_path, monkeypatch)
+    assert said == [200, 200] and len(lines) == 2
+    kept = _fields(lines[0])["xff"].encode()
+    assert kept.startswith(TRUNCATED) and kept.endswith(b", 10.0.0.1,10.0.0.2")
+    assert len(kept) <= CAPS["x_forwarded_for"]
+    assert re.fullmatch(rb"203\.0\.113\.\d+(, 203\.0\.113\.\d+)*", kept[len(TRUNCATED) : -20])
+    assert kept == escape(forged + b", 10.0.0.1,10.0.0.2", 256, keep_end=True)
+    kept = _fields(lines[1])["xff"].encode()
+    assert kept == escape(one, 256, keep_end=True) and kept.endswith("路".encode() + rb"\"")
 
 
 # -- the response flags ----------------------------------------------------------------
@@ -599,8 +628,8 @@ def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.Mon
         with socket.create_connection(address, 10) as s:
             out.append(_get(s, "/items/1", b"User-Agent: ua\r\nX-Request-ID: r1\r\n"))
             out.append(_get(s, "/nowhere"))
-            # (20 lines of one header: the first 16 joined, by both: the
-            # compiled twin's read only 16, the pure one's all of them)
+            # (20 lines of one header: 16 joined, by both; X-Forwarded-For's
+            # last 16, the end the proxies appended)
             xff = b"".join(b"X-Forwarded-For: 10.0.0.%d\r\n" % i for i in range(20))
             out.append(_get(s, "/items/6", xff))
             s.sendall(b"PUT /items/2 HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc")
@@ -623,7 +652,7 @@ def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.Mon
         v1.close()
     assert len(got["pure"]) == 7
     assert got["pure"] == got["compiled"]
-    assert got["pure"][2]["xff"] == ",".join(f"10.0.0.{i}" for i in range(16))
+    assert got["pure"][2]["xff"] == ",".join(f"10.0.0.{i}" for i in range(4, 20))
 
 
 # -- a log nobody reads ------------------------------------------------------------------

@@ -2441,9 +2441,11 @@ _LOG_LINES = 16
 
 def _header(head: RequestHead | None, name: str) -> bytes | None:
     """A request header's values for the access log, its lines joined by
-    "," (Envoy's HTTP/1 codec's), the first :data:`_LOG_LINES` of them, as
-    the compiled twin reads them; None when absent."""
+    "," (Envoy's HTTP/1 codec's), the first :data:`_LOG_LINES` of them (of
+    X-Forwarded-For the last: the proxies' end), as the compiled twin reads
+    them; None when absent."""
     if head is None:
         return None
-    values = [v for k, v in head.headers if k == name][:_LOG_LINES]
+    values = [v for k, v in head.headers if k == name]
+    values = values[-_LOG_LINES:] if name == "x-forwarded-for" else values[:_LOG_LINES]
     return ",".join(values).encode("latin-1") if values else None

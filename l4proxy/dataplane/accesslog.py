@@ -78,9 +78,13 @@ escapes them, DEL as ``\\u007f``, a C1 control as its ``\\u00hh``, a byte
 that is no part of a valid UTF-8 character as ``\\u00hh`` (that byte read
 as ISO-8859-1, HTTP's historic charset: any input gives valid JSON). A
 value longer than its cap (:data:`CAPS`, in escaped bytes) is cut at a
-whole escape or character and ends with ``...[truncated]``: a line is at most
-:data:`LINE_MAX` bytes (PIPE_BUF), so that it is one ``write()`` and
-several workers' lines on one pipe never interleave or tear.
+whole escape or character and ends with ``...[truncated]``; X-Forwarded-For
+keeps its end instead (the proxies in front append to it: its beginning is
+the client's word), after ``...[truncated]``, from the start of an element
+where one fits (its last 16 lines, where the others' first 16 are read). A
+line is at most :data:`LINE_MAX` bytes (PIPE_BUF), so that it is one
+``write()`` and several workers' lines on one pipe never interleave or
+tear.
 
 This module is the pure core (the line from a :class:`Record`) and the
 pure twin's writer (:class:`LineWriter`); the compiled relay
@@ -303,46 +307,80 @@ def utf8_length(value: bytes, i: int) -> int:
     return k
 
 
+def _char(value: bytes, i: int, json: bool) -> tuple[bytes, int]:
+    """The character at ``value[i]`` escaped, and its bytes: a valid UTF-8
+    one from U+00A0 as it is, a C1 control (U+0080 to U+009F) escaped,
+    any other byte alone by its escape (the tables')."""
+    b = value[i]
+    k = utf8_length(value, i) if b >= 0x80 else 0
+    if not k:  # ASCII, or a byte of no valid character
+        return (_JSON_UNITS if json else _TEXT_UNITS)[b], 1
+    if b == 0xC2 and value[i + 1] < 0xA0:  # a C1 control
+        c = value[i + 1]
+        return (b"\\u%04x" % c if json else b"\\xC2\\x%02X" % c), 2
+    return value[i : i + k], k
+
+
 def _units(value: bytes, json: bool) -> list[bytes]:
     """*value* escaped, a unit per character (see "Escaping"): what a cut
     never splits."""
-    table = _JSON_UNITS if json else _TEXT_UNITS
     if value.isascii():
+        table = _JSON_UNITS if json else _TEXT_UNITS
         return [table[b] for b in value]
     out: list[bytes] = []
-    i, n = 0, len(value)
-    while i < n:
-        b = value[i]
-        k = utf8_length(value, i) if b >= 0x80 else 0
-        if not k:  # ASCII, or a byte of no valid character
-            out.append(table[b])
-            i += 1
-        elif b == 0xC2 and value[i + 1] < 0xA0:  # a C1 control, U+0080 to U+009F
-            c = value[i + 1]
-            out.append(b"\\u%04x" % c if json else b"\\xC2\\x%02X" % c)
-            i += 2
-        else:  # a character as it is
-            out.append(value[i : i + k])
-            i += k
+    i = 0
+    while i < len(value):
+        unit, took = _char(value, i, json)
+        out.append(unit)
+        i += took
     return out
 
 
-def escape(value: bytes, cap: int, json: bool = False) -> bytes:
+def escape(value: bytes, cap: int, json: bool = False, keep_end: bool = False) -> bytes:
     """*value* escaped for a quoted field of a line (see "Escaping"), at
     most *cap* bytes: a longer one is cut at a whole escape or character
-    and ends with TRUNCATED. The compiled relay's log_escape() is its
+    and ends with TRUNCATED; with *keep_end*, its end is kept, after
+    TRUNCATED (:func:`_end`). The compiled relay's log_escape() is its
     twin."""
     units = _units(value, json)
     out = b"".join(units)
     if len(out) <= cap:
         return out
     room = cap - len(TRUNCATED)
+    if keep_end:
+        return TRUNCATED + _end(value, len(out), room, json)
     cut = bytearray()
     for u in units:
         if len(cut) + len(u) > room:
             break
         cut += u
     return bytes(cut) + TRUNCATED
+
+
+def _end(value: bytes, escaped: int, room: int, json: bool) -> bytes:
+    """The end of *value* (*escaped* bytes once escaped) that fits *room*
+    bytes escaped, from an element's start where one is in it: past a
+    comma and the spaces after it (X-Forwarded-For's: the proxies in
+    front append theirs, the client's own part is its beginning), else
+    from the first whole character that fits. The compiled twin:
+    log_escape_end()."""
+    n = len(value)
+    pos = 0
+    while escaped > room:  # (the first character whose end fits)
+        unit, took = _char(value, pos, json)
+        escaped -= len(unit)
+        pos += took
+    start = before = pos
+    while before > 0 and value[before - 1] in (0x20, 0x09):
+        before -= 1
+    if before > 0 and value[before - 1] != 0x2C:  # (within an element: the next one's)
+        comma = value.find(b",", pos)
+        start = n if comma < 0 else comma + 1
+    while start < n and value[start] in (0x20, 0x09):
+        start += 1
+    if start < n:
+        pos = start
+    return b"".join(_units(value[pos:], json))
 
 
 def flags_text(flags: int) -> str:
@@ -415,11 +453,11 @@ def time_text(wall: float) -> bytes:
 
 def _value(value: bytes | str | None, key: str, json: bool) -> bytes:
     """A quoted field's content (text), or a JSON value: ``-``/null when
-    absent or empty."""
+    absent or empty (X-Forwarded-For cut: its end kept)."""
     if value is None or value == b"" or value == "":
         return b"null" if json else b"-"
     raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
-    out = escape(raw, CAPS[key], json)
+    out = escape(raw, CAPS[key], json, keep_end=key == "x_forwarded_for")
     return b'"' + out + b'"' if json else out
 
 
