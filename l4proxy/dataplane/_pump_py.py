@@ -59,8 +59,10 @@ a hand-off discarded unopened included) ``t`` goes on the ended list, which
 :meth:`Pump.ended` takes; the ``ended_fd`` eventfd turns readable when the
 list stops being empty. The worker's event loop watches it: that is how it
 learns that a connection it counts against an endpoint (LEAST_CONN) is
-gone. An ``add()`` that raises reports nothing (the connection never was
-the pump's). ext/pump.pyx says more.
+gone, and (:meth:`Pump.ends`: the same list, each end with the bytes moved
+each way and when it ended, ``time.monotonic()``) what the access log's
+line of a connection routed at L4 says. An ``add()`` that raises reports
+nothing (the connection never was the pump's). ext/pump.pyx says more.
 
 Kernel notes: no EPOLLRDHUP (EOF shows up as readable + recv() == 0); EPOLLHUP
 and EPOLLERR arrive whatever the mask, so a side that hung up and has nothing
@@ -237,7 +239,9 @@ class _Loop:
         self.lock = threading.Lock()
         # guarded by lock
         self.queue: list[_Handoff] = []
-        self.ended: list[int] = []  # tokens of connections that ended, oldest first
+        # connections that ended, oldest first: (token, bytes_upstream,
+        # bytes_downstream, when: time.monotonic())
+        self.ended: list[tuple[int, int, int, float]] = []
         self.accepted = 0
         self.queued_bytes = 0  # pending bytes of queued hand-offs
         self.accepting = True
@@ -269,14 +273,16 @@ class _Loop:
         out["active"] = out["accepted"] - out["closed"]
         return out
 
-    def report_end(self, token: int) -> None:
-        """A connection added with *token* has ended (see "Ends reported
-        back"); the eventfd is written when the list was empty."""
+    def report_end(self, token: int, up: int = 0, down: int = 0) -> None:
+        """A connection added with *token* has ended, having moved *up*
+        bytes to the upstream and *down* back (see "Ends reported back");
+        the eventfd is written when the list was empty."""
         if not token:
             return
+        end = (token, up, down, time.monotonic())
         with self.lock:
             was_empty = not self.ended
-            self.ended.append(token)
+            self.ended.append(end)
         if was_empty and self.endfd >= 0:
             try:
                 os.eventfd_write(self.endfd, 1)
@@ -323,7 +329,10 @@ class _Loop:
         finally:
             # whatever raised above, the end is reported (once: c.closed):
             # the worker's LEAST_CONN count would keep it for good otherwise
-            self.report_end(c.token)
+            if c.dirs:
+                self.report_end(c.token, c.dirs[0].moved, c.dirs[1].moved)
+            else:
+                self.report_end(c.token)
 
     def abort(self, c: _Conn, why: int) -> None:
         self.ctr["resets" if why == _RESET else "errors"] += 1
@@ -748,6 +757,12 @@ class Pump:
     def ended(self) -> list[int]:
         """The tokens of the connections that ended since the last call, in
         the order they ended (see "Ends reported back"); any thread."""
+        return [end[0] for end in self.ends()]
+
+    def ends(self) -> list[tuple[int, int, int, float]]:
+        """What :meth:`ended` takes, each end as ``(token, bytes_upstream,
+        bytes_downstream, ended)``: the bytes moved client to upstream and
+        back, and when it ended (``time.monotonic()``)."""
         lp = self._loop
         if lp.endfd >= 0:
             try:
