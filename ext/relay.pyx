@@ -427,7 +427,10 @@ is c.up's endpoint, else the one ``log_upstream`` kept of a try given up
 local answers count theirs), BYTES_RECEIVED the Content-Length less
 ``c.req_left``, or a chunked body's ``c.req_chunked`` (``take_chunked``,
 never inlined: ``body_take`` stays small). The pure relay's lines (the
-requests it is handed) go to the same buffer (``_log_sink``). With the
+requests it is handed) go to the same buffer (``_log_sink``), and so do
+the worker's lines of connections routed at L4 (``access_log_line``;
+``close(access_log=False)`` keeps the writer for those a drain ends, till
+``close_access_log``). With the
 log off a request pays a test of ``c.lg`` in ``apply_verdict`` and one in
 ``request_done`` (bench.instructions: the compiled loop's ~4,060
 instructions per keep-alive request as before); with it on,
@@ -7866,7 +7869,7 @@ cdef class HttpRelay:
         h.fd = fd
         h.origin = oid
         if R.alog != NULL:  # (the access log's DOWNSTREAM_LOCAL_ADDRESS: its origin's)
-            local = _relay_py.origin_address(origin)
+            local = _accesslog.origin_address(origin)
             if local is not None:
                 text = local.encode()
                 h.local = <char*>malloc(len(text))
@@ -8030,7 +8033,10 @@ cdef class HttpRelay:
         L4R_ADD(&self.R.epoch, 1)
         self._wake()
 
-    def close(self):
+    def close(self, bint access_log=True):
+        """Stop the loop, close every connection (the pure relay's too);
+        *access_log* False: the access log's writer stays for lines from
+        elsewhere (access_log_line()) until close_access_log()."""
         if self._closed:
             return
         sys_.pthread_mutex_lock(&self.R.lock)
@@ -8066,11 +8072,8 @@ cdef class HttpRelay:
             self._flush()
         except Exception:
             L4R_ADD(&self.R.ctr[<int>CT_ERRORS], 1)
-        if self.R.alog != NULL:  # its last lines (the requests _shutdown cut) written first
-            self._log_counts()  # (kept: stats() after close())
-            with nogil:
-                alog_close(self.R.alog, 1.0)
-            self.R.alog = NULL
+        if access_log:  # its last lines (the requests _shutdown cut) written first
+            self.close_access_log()
         # Not left to __dealloc__: self.slow holds bound methods of self,
         # so a closed relay is freed by the cyclic GC only, whenever.
         sys_.close(self.R.epfd)
@@ -8124,6 +8127,23 @@ cdef class HttpRelay:
             with nogil:
                 r = alog_flush(self.R.alog, timeout)
         return bool(r)
+
+    def close_access_log(self):
+        """Write what the access log buffered (a second at most) and close
+        its writer: after close(access_log=False), on the thread that calls
+        access_log_line() (the worker's loop), once that sends no more."""
+        if self.R.alog != NULL:
+            self._log_counts()  # (kept: stats() after close())
+            with nogil:
+                alog_close(self.R.alog, 1.0)
+            self.R.alog = NULL
+
+    def access_log_line(self, bytes line):
+        """A line from elsewhere in the worker (a connection routed at L4):
+        to this relay's buffer, written by its writer with its own lines,
+        whole; dropped (counted) when the buffer is full, ignored once
+        the access log is closed."""
+        self._log_sink(line)
 
     def _log_sink(self, bytes line):
         """The pure relay's lines (its thread): to this relay's buffer."""

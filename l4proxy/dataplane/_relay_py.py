@@ -260,8 +260,11 @@ answers' reasons go with ``Exchange.refuse``). A head the parser refused
 gets its line too, from its first line (``Exchange.refused_line``). The
 line goes to a :class:`~l4proxy.dataplane.accesslog.LineWriter` of the
 relay's own (never waited for: a full buffer drops the line, counted),
-or to ``AccessLog.sink`` (the compiled twin's buffer). Without an access
-log nothing of this runs but the counting of ``_Conn.sent``.
+or to ``AccessLog.sink`` (the compiled twin's buffer); the worker's lines
+of connections routed at L4 join them there (:meth:`HttpRelay.access_log_line`;
+``close(access_log=False)`` keeps the writer for those a drain ends, till
+:meth:`HttpRelay.close_access_log`). Without an access log nothing of this
+runs but the counting of ``_Conn.sent``.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -693,14 +696,30 @@ class HttpRelay:
             self._queue.append((sock, origin, data, requests))
         self._wake()
 
-    def close(self) -> None:
+    def close(self, access_log: bool = True) -> None:
+        """Stop the relay's thread, closing every connection; *access_log*
+        False: the access log's writer stays for lines from elsewhere
+        (:meth:`access_log_line`) until :meth:`close_access_log`."""
         with self._lock:
             self._stop = True
         self._wake()
         if self._thread.is_alive():
             self._thread.join(10)
-        if self._log_writer is not None:  # (after the thread: its last lines too)
+        if access_log:  # (after the thread: its last lines too)
+            self.close_access_log()
+
+    def close_access_log(self) -> None:
+        """Write what the access log buffered (a second at most) and close
+        its writer (after ``close(access_log=False)``)."""
+        if self._log_writer is not None:
             self._log_writer.close()
+
+    def access_log_line(self, line: bytes) -> None:
+        """A line from elsewhere in the worker (a connection routed at L4),
+        to this relay's writer with its own lines, whole (any thread;
+        dropped, counted, when its buffer is full or it is closed)."""
+        if self._log_line is not None:
+            self._log_line(line)
 
     def flush_access_log(self, timeout: float = 1.0) -> bool:
         """Wait (at most *timeout* s) until the access log's lines buffered
@@ -1281,7 +1300,7 @@ class HttpRelay:
         a routed one's (c.decision), or a head's the parser refused."""
         assert self._log_line is not None and self.access_log is not None
         if c.log_local is ...:
-            c.log_local, c.log_remote = _addresses(c.sock, c.origin)
+            c.log_local, c.log_remote = accesslog.connection_addresses(c.sock, c.origin)
         head = c.log_head if c.decision is not None else None
         if head is not None:
             method: bytes | None = head.method.encode("latin-1")
@@ -1289,7 +1308,7 @@ class HttpRelay:
             protocol: bytes | None = head.version.encode("latin-1")
             start, duration = c.log_start, now - c.started
             tag = self.access_log.describe(c.tag)
-            upstream = _endpoint_text(c.upstream) if c.upstream is not None else None
+            upstream = accesslog.address_text(c.upstream)
             up = c.up
             upstream_local = _local_of(up) if up is not None and not up.connecting else None
         else:  # a head refused: its first line as far as it reads, no destination
@@ -2386,53 +2405,14 @@ def _numeric(host: str) -> bool:
     return False
 
 
-def origin_address(origin: Any) -> str | None:
-    """Where a client was going, as the access log's DOWNSTREAM_LOCAL_ADDRESS
-    says it: its origin's address (``ip``, ``port``; the original
-    destination), None when it has none (a gateway listener's: then the
-    socket's own address)."""
-    ip, port = getattr(origin, "ip", None), getattr(origin, "port", None)
-    return _endpoint_text((ip, port)) if isinstance(ip, str) and isinstance(port, int) else None
-
-
-def _addresses(sock: socket.socket, origin: Any) -> tuple[str | None, str | None]:
-    """A client connection's DOWNSTREAM_LOCAL_ADDRESS (origin_address(),
-    else this side's, a gateway listener's) and DOWNSTREAM_REMOTE_ADDRESS,
-    for the access log."""
-    local = origin_address(origin)
-    try:
-        if local is None:
-            local = _sockaddr_text(sock.getsockname())
-        remote = _sockaddr_text(sock.getpeername())
-    except OSError:
-        return local, None
-    return local, remote
-
-
 def _local_of(up: _Up) -> str | None:
     """UPSTREAM_LOCAL_ADDRESS: this side of *up* (asked once per connection)."""
     if up.local is None:
         try:
-            up.local = _sockaddr_text(up.sock.getsockname())
+            up.local = accesslog.address_text(up.sock.getsockname())
         except OSError:
             return None
     return up.local
-
-
-def _sockaddr_text(addr: Any) -> str | None:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return _endpoint_text((addr[0], addr[1]))
-    return None
-
-
-def _endpoint_text(endpoint: tuple[Any, Any]) -> str:
-    """``ip:port``, ``[ip6]:port`` (Envoy's; an IPv4-mapped address as IPv4,
-    as the compiled twin's l4_sa_text())."""
-    host, port = endpoint
-    host = str(host).partition("%")[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # a header's lines an access log line joins at most (the compiled twin's LOG_SPANS)

@@ -1,10 +1,13 @@
-"""Per-request access log lines, as Istio's sidecar writes them (``--access-log``).
+"""Access log lines, as Istio's sidecar writes them (``--access-log``).
 
 What a line says
 ================
 One line per HTTP request a per-request relay ended (answered upstream,
-answered locally, or cut short), in Istio's default TEXT format (Envoy's
-command operators, in Istio's order, ``-`` for what is unset or unknown)::
+answered locally, or cut short), and one per connection routed at L4 when
+it ends (:func:`connection_record`: Envoy's tcp_proxy's, ``"- - -"`` and
+response code 0, the worker's; see l4proxy/sidecar/worker.py), in Istio's
+default TEXT format (Envoy's command operators, in Istio's order, ``-``
+for what is unset or unknown)::
 
     [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%"
     %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%
@@ -98,6 +101,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -116,12 +120,17 @@ __all__ = [
     "LineWriter",
     "Record",
     "TagLog",
+    "address_text",
     "chunks",
+    "connection_addresses",
+    "connection_record",
     "details",
     "escape",
     "flags_text",
     "format_line",
+    "origin_address",
     "time_text",
+    "utf8_length",
 ]
 
 LINE_MAX = 4096  # PIPE_BUF on Linux: a write() of at most this to a pipe is atomic
@@ -150,6 +159,7 @@ FLAGS = (1 << len(FLAG_NAMES)) - 1
 LOCAL_VERDICT = 1 << 16  # the route's own answer (its tag's flags, details; no cluster)
 CUT = 1 << 17  # the request ended unanswered or cut: DC unless another flag says why
 PATH_REFUSED = 1 << 18  # a rewrite made a dot-segment: 400 path_normalization_failed
+L4 = 1 << 19  # a connection routed at L4: no RESPONSE_CODE_DETAILS (connection_record())
 
 # A failure the retry policy retries (on_reset): URX when its tries are used up.
 RETRIED_FAILURES = UT | UF | UC | UPE
@@ -466,7 +476,11 @@ def format_line(rec: Record, json: bool = False) -> bytes:
     JSON (see the module's docstring): at most LINE_MAX bytes."""
     flags = final_flags(rec.flags)
     local_verdict = bool(rec.flags & LOCAL_VERDICT)
-    why = details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
+    why = (
+        None
+        if rec.flags & L4
+        else details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
+    )
     shown = flags | (rec.tag.flags if local_verdict else 0)
     cluster = None if local_verdict else rec.tag.upstream_cluster
     upstream_local = None if flags & ~(DI | URX) or rec.local else rec.upstream_local
@@ -516,6 +530,82 @@ def format_line(rec: Record, json: bool = False) -> bytes:
             b"%s %s\n" % (v["requested_server_name"], v["route_name"]),
         )
     )
+
+
+def connection_record(
+    start: float,
+    flags: int,
+    received: int,
+    sent: int,
+    duration_ms: int,
+    upstream_host: str | None,
+    cluster: str,
+    upstream_local: str | None,
+    downstream_local: str | None,
+    downstream_remote: str | None,
+) -> Record:
+    """The line of a connection routed at L4 (a TCP port's, bytes on an
+    HTTP port that are not HTTP), as Envoy's tcp_proxy logs it: no method,
+    path, protocol, header nor route (``"- - -"``), RESPONSE_CODE 0, no
+    RESPONSE_CODE_DETAILS; *received* and *sent* the bytes each way,
+    *duration_ms* the connection's life, *cluster* its UPSTREAM_CLUSTER
+    (empty: none), *flags* why no upstream took it (UH, UF and URX, UO,
+    NR, OM; none for how an established one ended, as tcp_proxy's)."""
+    return Record(
+        start,
+        None,
+        None,
+        None,
+        0,
+        False,
+        flags | L4,
+        received,
+        sent,
+        duration_ms,
+        None,
+        None,
+        None,
+        None,
+        upstream_host,
+        TagLog(cluster),
+        upstream_local,
+        downstream_local,
+        downstream_remote,
+    )
+
+
+def address_text(addr: Any) -> str | None:
+    """``ip:port``, ``[ip6]:port`` of a (host, port, ...) tuple (an endpoint,
+    a socket address; Envoy's; an IPv4-mapped address as IPv4, as the
+    compiled twin's l4_sa_text()); None for anything else."""
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return None
+    host = str(addr[0]).partition("%")[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def origin_address(origin: Any) -> str | None:
+    """Where a client was going, as DOWNSTREAM_LOCAL_ADDRESS says it: its
+    origin's address (``ip``, ``port``; the original destination), None
+    when it has none (a gateway listener's: then the socket's own
+    address)."""
+    ip, port = getattr(origin, "ip", None), getattr(origin, "port", None)
+    return address_text((ip, port)) if isinstance(ip, str) and isinstance(port, int) else None
+
+
+def connection_addresses(sock: socket.socket, origin: Any) -> tuple[str | None, str | None]:
+    """A client connection's DOWNSTREAM_LOCAL_ADDRESS (origin_address(),
+    else this side's, a gateway listener's) and DOWNSTREAM_REMOTE_ADDRESS."""
+    local = origin_address(origin)
+    try:
+        if local is None:
+            local = address_text(sock.getsockname())
+        remote = address_text(sock.getpeername())
+    except OSError:
+        return local, None
+    return local, remote
 
 
 def _quoted(text: str, json: bool) -> bytes:

@@ -447,8 +447,8 @@ def add_parser(sub: Any) -> None:
         "dropped. Off by default, and then free; on, each line is formatted in the relay "
         "(no Python per request) and written by a thread of its own: a reader or disk "
         "slower than the requests loses lines (counted: l4proxy_access_log_dropped_total), "
-        "never requests. Connections routed at L4 (TCP ports, --http-routing connection) "
-        "get no line",
+        "never requests. A connection routed at L4 (a TCP port's) gets a line when it ends, "
+        "as Envoy's tcp_proxy writes it; with --http-routing connection nothing is logged",
     )
     p.add_argument(
         "--access-log-format",

@@ -46,6 +46,28 @@ listeners' connections) to the per-request relay instead
 (``l4proxy/dataplane/_relay_py.py``): it routes every request head through
 :meth:`Worker._decide_request` (the same classification, per head) and
 gives back, for the pump, what turns out not to be HTTP or becomes a tunnel.
+
+Access log of connections routed at L4
+--------------------------------------
+With ``--access-log`` (and the per-request relay, whose writer it is), a
+connection routed at L4 gets a line when it ends, as Envoy's tcp_proxy
+logs one (:func:`~l4proxy.dataplane.accesslog.connection_record`): the
+connections of TCP ports, inbound ones, and those the relay hands back
+whose first bytes are not HTTP (on a gateway listener, their 400 answer's
+line). What the line says is gathered on the connection's way to the
+pump, in a :class:`_ConnLog` (its start, its addresses, the cluster and
+endpoint it was routed to, or why none took it), and the pump reports
+the rest at its end (:meth:`Pump.ends`: the bytes each way, when), which
+the event loop hears of already for LEAST_CONN's counts (a token per
+connection, given to every one while the log is on). The line is
+formatted here, in Python, once per connection end, and goes to the
+relay's writer (:meth:`HttpRelay.access_log_line`) with its own lines,
+whole. Python already runs per such connection (its decision and connect
+are this event loop's), never per byte: the pump's loop pays a few stores
+per connection end. With the log off nothing of this runs (no
+:class:`_ConnLog`, tokens only for LEAST_CONN's counts, as before). A
+tunnel after its request line is not logged again (its request's line
+is the relay's, as Envoy writes one per upgraded stream).
 """
 
 from __future__ import annotations
@@ -65,7 +87,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
-from l4proxy.dataplane import peek, pump
+from l4proxy.dataplane import accesslog, peek, pump
 from l4proxy.dataplane import relay as http_relay
 from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, local_response
 from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
@@ -312,6 +334,11 @@ class Worker:
         self._active_lock = threading.Lock()  # the relay's thread counts too
         self._pumped: dict[int, tuple[str, int]] = {}  # pump token -> endpoint
         self._tokens = itertools.count(1)
+        # the access log's lines of connections routed at L4 (see "Access log
+        # of connections routed at L4"): pump token -> what its line says
+        # (the event loop's alone)
+        self._logged: dict[int, _ConnLog] = {}
+        self._log_l4 = options.access_log_fd >= 0 and options.http_routing == "request"
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -554,10 +581,13 @@ class Worker:
         while self.relay_active() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # requests in flight in the relay finish
         if self.relay is not None:
-            self.relay.close()  # what is left (idle keep-alive clients) is closed
+            # what is left (idle keep-alive clients) is closed; its access
+            # log's writer stays for the lines of the pump's connections
+            self.relay.close(access_log=not self._log_l4)
         remaining = max(0.0, deadline - time.monotonic())
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
+        self._close_access_log()
         return forced
 
     def last_accept(self) -> float:
@@ -620,16 +650,26 @@ class Worker:
         for t in list(self.handshakes):
             t.cancel()
         if self.relay is not None:
-            self.relay.close()
+            self.relay.close(access_log=not self._log_l4)
         if self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.remove_reader(self.pump.ended_fd)
             except (ValueError, OSError):
                 pass
         self.pump.close()
+        self._close_access_log()
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
+
+    def _close_access_log(self) -> None:
+        """The pump's last ends (a drain's, a close's resets) get their
+        lines, then the relay's access log is closed (its writer kept
+        open till now for them)."""
+        if not self._log_l4 or self.relay is None:
+            return
+        self._pump_ended()
+        self.relay.close_access_log()
 
     # -- accepting -----------------------------------------------------------
     def _on_acceptable(self, lst: Listener) -> None:
@@ -744,35 +784,49 @@ class Worker:
 
     # -- one connection ------------------------------------------------------
     async def _serve(self, conn: socket.socket, lst: Listener) -> None:
-        await self._to_pump(conn, self._decide_and_connect(conn, lst), lst.name)
+        clog = _ConnLog.start() if self._log_l4 else None
+        await self._to_pump(conn, self._decide_and_connect(conn, lst, clog), lst.name, clog)
 
     async def _to_pump(
         self,
         conn: socket.socket,
         deciding: Coroutine[Any, Any, tuple[socket.socket, bytes, Endpoint | None]],
         where: str,
+        clog: _ConnLog | None = None,
     ) -> None:
         """Await the decision and connect, then hand both sockets to the pump;
-        answer or close *conn* when refused."""
+        answer or close *conn* when refused. *clog*: what its access log
+        line says (a line at its end, or at its refusal)."""
         upstream: socket.socket | None = None
         try:
             upstream, pending, endpoint = await deciding
+            if clog is not None:
+                clog.upstream_local = _sockname(upstream)
             conn_fd = conn.detach()
             up_fd = upstream.detach()
             upstream = None
             # From here the pump owns both fds and closes each exactly once.
             counted = None if endpoint is None else (endpoint.address, endpoint.port)
-            self._pump_add(conn_fd, up_fd, pending, b"", counted)
+            self._pump_add(conn_fd, up_fd, pending, b"", counted, clog)
         except _HandedToRelay:
             pass  # the relay owns conn now
         except Refused as r:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
+            sent = 0
             if r.status is None:
                 conn.close()
-            elif _send_quietly(conn, local_response(r.status, r.body, headers=r.headers)):
-                await _linger_close(conn, LINGER_SECONDS)
             else:
-                conn.close()
+                answer = local_response(r.status, r.body, headers=r.headers)
+                if _send_quietly(conn, answer):
+                    sent = len(answer)
+                    if clog is not None:  # (its line before the linger's wait)
+                        self._log_refused(clog, r, sent)
+                        clog = None
+                    await _linger_close(conn, LINGER_SECONDS)
+                else:
+                    conn.close()
+            if clog is not None:
+                self._log_refused(clog, r, sent)
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -784,7 +838,7 @@ class Worker:
                 upstream.close()
 
     async def _decide_and_connect(
-        self, conn: socket.socket, lst: Listener
+        self, conn: socket.socket, lst: Listener, clog: _ConnLog | None = None
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         origin: Origin | None
         if lst.mode == "gateway":
@@ -792,6 +846,8 @@ class Worker:
         else:
             dst = original_destination(conn)
             origin = None if dst is None else Origin(dst[0], dst[1], False)
+        if clog is not None:
+            clog.addresses(conn, origin)
         # Whether to read the head is decided by the table live now; what to
         # route by is decided by the table live once the head is complete
         # (classified again below): a head can take up to --header-timeout to
@@ -807,7 +863,7 @@ class Worker:
             head, pending = await self._peek(conn)
             table = self.rules.state.table  # one table from here on: the decision's
             c = self._classify(table, origin, head)
-        return await self._act(conn, c, origin, table, head, pending)
+        return await self._act(conn, c, origin, table, head, pending, clog)
 
     def _classify(
         self, table: RouteTable, origin: Origin | None, head: peek.RequestHead | Unread | None
@@ -830,16 +886,24 @@ class Worker:
         table: RouteTable,
         head: peek.RequestHead | None,
         pending: bytes,
+        clog: _ConnLog | None = None,
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         """Carry out a connection's classification: connect upstream (the
-        pump relays from there) or refuse."""
+        pump relays from there) or refuse. *clog*: what its access log line
+        says, filled in on the way."""
         if c.kind is Kind.REFUSED:
+            if clog is not None:
+                clog.refused(c.why)
             raise Refused(c.why, c.status, c.body)
         if c.kind is Kind.ROUTE:
             assert c.service is not None and c.port is not None
-            return await self._route(conn, table, c.service, c.port, head, pending)
+            return await self._route(conn, table, c.service, c.port, head, pending, clog)
         # INBOUND and PASSTHROUGH: a transparent listener's original destination.
         assert origin is not None and origin.ip is not None, c
+        if clog is not None:  # (Istio's clusters for them)
+            inbound = c.kind is Kind.INBOUND
+            clog.cluster = f"inbound|{origin.port}||" if inbound else PASSTHROUGH
+            clog.upstream_host = accesslog.address_text((origin.ip, origin.port))
         if c.kind is Kind.INBOUND:
             # Inbound: the pod's own address. Forward to the local app as is.
             if self.draining and time.monotonic() >= self.inbound_until:
@@ -851,12 +915,16 @@ class Worker:
             self.counters.inc("l4proxy_inbound_total")
             up = await self._connect((origin.ip, origin.port))
             if up is None:
+                if clog is not None:
+                    clog.flags |= accesslog.UF | accesslog.URX
                 raise Refused("inbound_unreachable")
             return up, b"", None
         if c.kind is Kind.PASSTHROUGH:
             self.counters.inc("l4proxy_passthrough_total")
             up = await self._connect((origin.ip, origin.port), http=head is not None)
             if up is None:
+                if clog is not None:
+                    clog.flags |= accesslog.UF | accesslog.URX
                 raise Refused(
                     "passthrough_unreachable", 503 if head else None, "upstream connect error"
                 )
@@ -871,6 +939,7 @@ class Worker:
         port: ServicePort,
         head: peek.RequestHead | None,
         pending: bytes,
+        clog: _ConnLog | None = None,
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         request = None
         # the client's address, where a consistent hash on the source IP needs it
@@ -907,6 +976,10 @@ class Worker:
                 decision.subset,
                 [f"{e.address}:{e.port}" for e in decision.endpoints[:MAX_ATTEMPTS]],
             )
+        if clog is not None:  # (its cluster, or NR: a route's own the L4 line has not)
+            tport = _cluster_port(decision.service, service, port.number)
+            said = _access_log_tag(_Tag(decision, tport))
+            clog.cluster, clog.flags = said.upstream_cluster, clog.flags | said.flags
         if decision.answer is not None:  # a redirect, a direct response
             a = decision.answer
             raise Refused(
@@ -919,6 +992,8 @@ class Worker:
         if not decision.endpoints and decision.status != 503:
             if decision.route == NO_ROUTE:  # a VirtualService's or HTTPRoute's host: 404
                 raise Refused("no_route", decision.status, _local_body(decision.status))
+            if clog is not None:  # (a backend of no endpoint: Envoy's no healthy upstream)
+                clog.flags |= accesslog.UH
             raise Refused(
                 "unresolved_backend",
                 decision.status if head is not None else None,
@@ -935,6 +1010,8 @@ class Worker:
                 self.cx_overflows[key] = self.cx_overflows.get(key, 0) + 1
                 if i:
                     continue
+                if clog is not None:
+                    clog.flags |= accesslog.UO
                 raise Refused(
                     "overflow",
                     503 if head is not None else None,
@@ -944,6 +1021,8 @@ class Worker:
             # counted from here, its connect included (as the relay counts a
             # request: _pool_py.py), and handed to the pump counted
             self._count(key, 1)
+            if clog is not None:  # (UPSTREAM_HOST: the last one tried)
+                clog.upstream_host = accesslog.address_text(key)
             try:
                 up = await self._connect(key, ep, decision.service, http=head is not None)
             except BaseException:
@@ -952,6 +1031,9 @@ class Worker:
             if up is not None:
                 return up, pending, ep
             self._count(key, -1)
+        if clog is not None:  # every connect failed (tcp_proxy's UF, its attempts used up: URX)
+            tried = clog.upstream_host is not None
+            clog.flags |= accesslog.UF | accesslog.URX if tried else accesslog.UH
         raise Refused(
             "no_healthy_upstream", 503 if head is not None else None, "no healthy upstream"
         )
@@ -991,20 +1073,26 @@ class Worker:
         to_upstream: bytes,
         to_client: bytes,
         counted: tuple[str, int] | None,
+        clog: _ConnLog | None = None,
     ) -> None:
         """pump.add(); *counted*: the endpoint this connection is counted
         against (_count), which stays counted until the pump reports its end
-        (_pump_ended), or is counted down here when add() raises."""
+        (_pump_ended), or is counted down here when add() raises; *clog*:
+        its access log line's values, its line written at that end."""
         token = 0
-        if counted is not None:
+        if counted is not None or clog is not None:
             token = next(self._tokens)
+        if counted is not None:
             with self._active_lock:
                 self._pumped[token] = counted
+        if clog is not None:
+            self._logged[token] = clog
         try:
             self.pump.add(client_fd, upstream_fd, to_upstream, to_client, token=token)
         except BaseException:
             if token:
                 self._forget_token(token)
+                self._logged.pop(token, None)
             raise
         # The pump counts the connection from now: its handshake no longer
         # (its task's end is told a loop step later, and an accept in
@@ -1013,12 +1101,35 @@ class Worker:
             self.handshakes.discard(asyncio.current_task())
 
     def _pump_ended(self) -> None:
-        """The pump's ended_fd is readable (loop): connections that ended."""
-        for token in self.pump.ended():  # (taken off the pump: each one forgotten here)
+        """The pump's ended_fd is readable (loop): connections that ended,
+        each forgotten, and with the access log on, its line written."""
+        for token, up, down, ended in self.pump.ends():  # (taken off the pump)
             try:
                 self._forget_token(token)
+                clog = self._logged.pop(token, None)
+                if clog is not None:
+                    self._log_line(clog, up, down, ended)
             except Exception:
                 log.exception("forgetting pumped connection %d", token)
+
+    def _log_line(self, clog: _ConnLog, received: int, sent: int, ended: float) -> None:
+        """The access log's line of a connection routed at L4 that ended at
+        *ended* (monotonic), having moved these bytes each way."""
+        assert self.relay is not None
+        ms = max(0, int((ended - clog.started) * 1000))
+        rec = clog.record(received, sent, ms)
+        self.relay.access_log_line(accesslog.format_line(rec, self.opts.access_log_json))
+
+    def _log_refused(self, clog: _ConnLog, r: Refused, sent: int) -> None:
+        """The line of a connection no upstream took (*r*), *sent* bytes of
+        its answer sent (a gateway's 400 to bytes that are not HTTP)."""
+        if clog.silent or r.why in _UNLOGGED_REFUSALS:
+            return
+        if r.why == "fd_limit":
+            clog.flags |= accesslog.OM
+        if sent:
+            clog.status = r.status or 0
+        self._log_line(clog, 0, sent, time.monotonic())
 
     def _forget_token(self, token: int) -> None:
         with self._active_lock:
@@ -1513,15 +1624,19 @@ class Worker:
         if upstream is not None:  # Upgrade/CONNECT: the L4 pump relays both ways
             self._pump_add(client.detach(), upstream.detach(), to_upstream, to_client, counted)
             return
-        self._handshake(self._to_pump(client, self._route_l4(client, origin, to_upstream), "relay"))
+        clog = _ConnLog.start() if self._log_l4 else None
+        routing = self._route_l4(client, origin, to_upstream, clog)
+        self._handshake(self._to_pump(client, routing, "relay", clog))
 
     async def _route_l4(
-        self, conn: socket.socket, origin: Origin, pending: bytes
+        self, conn: socket.socket, origin: Origin, pending: bytes, clog: _ConnLog | None = None
     ) -> tuple[socket.socket, bytes, Endpoint | None]:
         """Bytes on an HTTP port that are not HTTP: routed per connection, at L4."""
+        if clog is not None:
+            clog.addresses(conn, origin)
         table = self.rules.state.table
         c = self._classify(table, origin, None)
-        return await self._act(conn, c, origin, table, None, pending)
+        return await self._act(conn, c, origin, table, None, pending, clog)
 
     async def _peek(self, conn: socket.socket) -> tuple[peek.RequestHead | None, bytes]:
         """Read the request head. Returns (head or None if not HTTP, bytes read)."""
@@ -1652,6 +1767,75 @@ def _cluster(service: Service | None) -> str:
 
 
 PASSTHROUGH = "PassthroughCluster"  # Istio's name for a destination no rule names
+
+
+BLACKHOLE = "BlackHoleCluster"  # Istio's cluster of what REGISTRY_ONLY refuses at L4
+# refusals of connections no destination was found for: no access log line
+_UNLOGGED_REFUSALS = frozenset({"not_redirected", "draining_inbound"})
+
+
+@dataclass(slots=True)
+class _ConnLog:
+    """What the access log's line of a connection routed at L4 says (see
+    "Access log of connections routed at L4"), filled in on its way to
+    the pump: its start (wall clock, and monotonic for its duration), its
+    addresses, its UPSTREAM_CLUSTER and the endpoint it went to (the last
+    one tried when none took it), this side of that connection, the flags
+    of why none took it, and a refusal's answer's status (a gateway's 400)."""
+
+    wall: float
+    started: float
+    downstream_local: str | None = None
+    downstream_remote: str | None = None
+    cluster: str = ""
+    upstream_host: str | None = None
+    upstream_local: str | None = None
+    flags: int = 0
+    status: int = 0
+    silent: bool = False  # a refusal the log says nothing of
+    http: bool = False  # its line is an HTTP answer's (DPE), not tcp_proxy's
+
+    @classmethod
+    def start(cls) -> _ConnLog:
+        return cls(time.time(), time.monotonic())
+
+    def addresses(self, conn: socket.socket, origin: Origin | None) -> None:
+        self.downstream_local, self.downstream_remote = accesslog.connection_addresses(conn, origin)
+
+    def refused(self, why: str) -> None:
+        """A classification's refusal: REGISTRY_ONLY's (Istio's BlackHoleCluster,
+        a cluster of no endpoint: UH), a gateway's to bytes that are not
+        HTTP (its 400's line, DPE), else none."""
+        if why == "registry_only":
+            self.cluster, self.flags = BLACKHOLE, self.flags | accesslog.UH
+        elif why == "gateway_not_http":
+            self.http, self.flags = True, self.flags | accesslog.DPE
+        else:
+            self.silent = True
+
+    def record(self, received: int, sent: int, duration_ms: int) -> accesslog.Record:
+        rec = accesslog.connection_record(
+            self.wall,
+            self.flags,
+            received,
+            sent,
+            duration_ms,
+            self.upstream_host,
+            self.cluster,
+            self.upstream_local,
+            self.downstream_local,
+            self.downstream_remote,
+        )
+        if self.http:  # (its 400's, as a head the parser refused: DPE, no destination)
+            return rec._replace(status=self.status, local=True, flags=self.flags)
+        return rec
+
+
+def _sockname(sock: socket.socket) -> str | None:
+    try:
+        return accesslog.address_text(sock.getsockname())
+    except OSError:
+        return None
 
 
 class _HandedToRelay(Exception):
