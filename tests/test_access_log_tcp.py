@@ -3,8 +3,10 @@ them: the line (``"- - -"``, response code 0, the bytes each way, the
 connection's life, the cluster and endpoint it went to, or why none took
 it); what the pump reports of each connection's end for it, both twins;
 bytes that are not HTTP on a gateway listener (their 400's line) through a
-real worker of each relay twin; and TCP ports, an unknown destination and
-bytes that are not HTTP on an HTTP port through a real sidecar of each
+real worker of each relay twin; and TCP ports (a connect that failed,
+tcp.maxConnections' overflow, a connection a drain closes), inbound, an
+unknown destination (PassthroughCluster; REGISTRY_ONLY's BlackHoleCluster)
+and bytes that are not HTTP on an HTTP port through a real sidecar of each
 implementation in network namespaces."""
 
 from __future__ import annotations
@@ -424,14 +426,16 @@ def test_a_connection_the_drain_closes_gets_its_line(
 ) -> None:
     """A connection still open at SIGTERM, closed by the drain's deadline
     once the relay closed: its line is written (the relay's writer stays
-    open for the pump's last ends) before the sidecar exits."""
+    open for the pump's last ends) before the sidecar exits. Meanwhile a
+    second connection overflowed tcp.maxConnections: UO."""
     mesh = bare_mesh
     db = mesh.net.add_pod("db", labels={"app": "db", "version": "v1"})
     mesh.procs.append(db.popen([PYTHON, "-c", ECHO, "5432"], user=1000))
     db.wait_listening(5432)
     env, args = IMPLS[impl]
     mesh.env.update(env)
-    mesh.write_rules(*_tcp_rules(db.ipv4))
+    one = "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n  subsets:"
+    mesh.write_rules(*(r.replace("  subsets:", one) for r in _tcp_rules(db.ipv4)))
     log_path = tmp_path / "access.log"
     sidecar = mesh.start_client(
         run_args=(
@@ -450,10 +454,17 @@ def test_a_connection_the_drain_closes_gets_its_line(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert not log_path.read_bytes()  # (open: no line yet)
+    done = mesh.client.run([PYTHON, "-c", CLIENT, f"{DB_VIP},5432,{b'x'.hex()}"], user=1000)
+    assert json.loads(done.stdout)[0][1] in NOTHING
+    over = _wait_lines(log_path, 1)
+    assert len(over) == 1, over
+    f = _fields(over[0])
+    assert (f["flags"], f["received"], f["sent"], f["upstream"]) == ("UO", "0", "0", "-")
+    assert f["cluster"] == "outbound|5432|v1|db.default.svc.cluster.local"
     assert sidecar.stop() == 0
     lines = log_path.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 1, lines
-    f = _fields(lines[0])
+    assert len(lines) == 2, lines
+    f = _fields(lines[1])
     assert (f["flags"], f["received"], f["sent"]) == ("-", "4", "0")
     assert f["cluster"] == "outbound|5432|v1|db.default.svc.cluster.local"
     assert int(f["duration"]) >= 1000  # (the drain's deadline closed it)

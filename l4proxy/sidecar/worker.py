@@ -1123,7 +1123,7 @@ class Worker:
     def _log_refused(self, clog: _ConnLog, r: Refused, sent: int) -> None:
         """The line of a connection no upstream took (*r*), *sent* bytes of
         its answer sent (a gateway's 400 to bytes that are not HTTP)."""
-        if clog.silent or r.why in _UNLOGGED_REFUSALS:
+        if r.why in _UNLOGGED_REFUSALS:
             return
         if r.why == "fd_limit":
             clog.flags |= accesslog.OM
@@ -1792,7 +1792,6 @@ class _ConnLog:
     upstream_local: str | None = None
     flags: int = 0
     status: int = 0
-    silent: bool = False  # a refusal the log says nothing of
     http: bool = False  # its line is an HTTP answer's (DPE), not tcp_proxy's
 
     @classmethod
@@ -1805,13 +1804,12 @@ class _ConnLog:
     def refused(self, why: str) -> None:
         """A classification's refusal: REGISTRY_ONLY's (Istio's BlackHoleCluster,
         a cluster of no endpoint: UH), a gateway's to bytes that are not
-        HTTP (its 400's line, DPE), else none."""
+        HTTP (its 400's line, DPE); not_redirected's has no line
+        (_UNLOGGED_REFUSALS)."""
         if why == "registry_only":
             self.cluster, self.flags = BLACKHOLE, self.flags | accesslog.UH
         elif why == "gateway_not_http":
             self.http, self.flags = True, self.flags | accesslog.DPE
-        else:
-            self.silent = True
 
     def record(self, received: int, sent: int, duration_ms: int) -> accesslog.Record:
         rec = accesslog.connection_record(
