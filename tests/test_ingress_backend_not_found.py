@@ -9,6 +9,7 @@ both relay twins, a real worker."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from tests._scripted import Scripted, _response, _status
 from tests._worker import gateway_service, gateway_worker
+from tests.test_access_log_worker import _read_lines
 from tests.test_relay_retries import _worker_twin
 
 INGRESS = """
@@ -64,8 +66,14 @@ def test_a_path_whose_service_is_not_loaded_answers_503_until_it_is(
     before: list[bytes] = []
     after: list[bytes] = []
 
+    r, w = os.pipe()
+
     async def main() -> None:
-        async with gateway_worker(rules, http_routing="request") as (watcher, _, address):
+        async with gateway_worker(rules, http_routing="request", access_log_fd=w) as (
+            watcher,
+            _,
+            address,
+        ):
             loop = asyncio.get_running_loop()
             s = await loop.run_in_executor(None, socket.create_connection, address, 10)
             try:
@@ -89,6 +97,8 @@ def test_a_path_whose_service_is_not_loaded_answers_503_until_it_is(
         asyncio.run(main())
     finally:
         backend.close()
+        os.close(w)
+    lines = _read_lines(r)
     # the unloaded service's path: 503; the default backend (svc) takes
     # what no path matches
     assert [_status(r) for r in before] == [503, 200, 503], before
@@ -96,3 +106,7 @@ def test_a_path_whose_service_is_not_loaded_answers_503_until_it_is(
     assert [_status(r) for r in after] == [200], after
     # (the backend saw the default backend's request and the loaded path's)
     assert [r.split(b" ", 2)[1] for r in backend.requests] == [b"/other", b"/gone/b"]
+    # its access log line: Envoy's NC, cluster_not_found, no cluster
+    gone = [ln for ln in lines if ln.startswith(b"[") and b'"GET /gone/a ' in ln]
+    assert len(gone) == 1, lines
+    assert b" 503 NC cluster_not_found " in gone[0], gone

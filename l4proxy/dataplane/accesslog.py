@@ -152,8 +152,12 @@ URX = 1 << 9
 SI = 1 << 10
 DPE = 1 << 11
 UPE = 1 << 12
-OM = 1 << 13
-FLAG_NAMES = ("UH", "UT", "UF", "UC", "UO", "NR", "DI", "FI", "DC", "URX", "SI", "DPE", "UPE", "OM")
+NC = 1 << 13  # (a local answer's tag's: an Ingress path whose service is not loaded)
+OM = 1 << 14
+FLAG_NAMES = (
+    *("UH", "UT", "UF", "UC", "UO", "NR", "DI", "FI", "DC", "URX", "SI", "DPE", "UPE", "NC"),
+    "OM",
+)
 FLAGS = (1 << len(FLAG_NAMES)) - 1
 # What else the relays tell the line (not flags; never written as such):
 LOCAL_VERDICT = 1 << 16  # the route's own answer (its tag's flags, details; no cluster)

@@ -94,6 +94,7 @@ from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as RelayDecision
 from l4proxy.dataplane._relay_py import peer_of
 from l4proxy.dataplane.accesslog import DEFAULT_BUFFER, NO_TAG, AccessLog, TagLog
+from l4proxy.dataplane.accesslog import NC as NC_FLAG
 from l4proxy.dataplane.accesslog import NR as NR_FLAG
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
@@ -2000,8 +2001,9 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
     ``outbound|PORT|SUBSET|HOST`` (no subset named: empty), and route
     name; ``PassthroughCluster`` (route ``allow_any``) for a destination
     no rule names; for a local answer: NR and ``route_not_found`` where
-    no route took the request, ``block_all`` for a destination
-    REGISTRY_ONLY refuses (Istio's BlackHoleCluster route)."""
+    no route took the request, NC and ``cluster_not_found`` for an
+    Ingress path whose service is not loaded, ``block_all`` for a
+    destination REGISTRY_ONLY refuses (Istio's BlackHoleCluster route)."""
     if tag is None:
         return TagLog(PASSTHROUGH, "allow_any")
     if isinstance(tag, _Tag):
@@ -2014,6 +2016,8 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
         if host == "unknown":  # a refusal (_refusal_tag's): route is its reason
             if route == "no_ingress_route":
                 return TagLog("", "", NR_FLAG, "route_not_found")
+            if route == "ingress_backend_not_found":  # (Envoy's route to no cluster)
+                return TagLog("", "", NC_FLAG, "cluster_not_found")
             return NO_TAG
     else:
         return NO_TAG
