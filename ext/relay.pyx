@@ -4401,9 +4401,15 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     if c.closed:
         return -1
     if (to_client(R, c, c.rhead.p + run, <size_t>(end - run)) != 0
-            or to_client(R, c, own, own_len) != 0
-            or to_client(R, c, lines, lines_len) != 0
-            or to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
+            or to_client(R, c, own, own_len) != 0):
+        return -1
+    if sdrop_len and lines_len:  # (a header token replaces the edits' lines of its name too)
+        lines_len = lines_without(R, c, lines, lines_len, sdrop, sdrop_len)
+        if c.closed:
+            return -1
+    elif to_client(R, c, lines, lines_len) != 0:
+        return -1
+    if (to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
             or (sess_len and (to_client(R, c, ss.pre, ss.pre_len) != 0
                               or to_client(R, c, tok, tok_len) != 0
                               or to_client(R, c, ss.post, ss.post_len) != 0))
@@ -4413,6 +4419,36 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
                        + <Py_ssize_t>(own_len + lines_len + c.set_cookie_len + sess_len)
                        + hl - end)
     return 0
+
+
+cdef size_t lines_without(Relay *R, Conn *c, const char *lines, size_t n,
+                          const char *name, Py_ssize_t name_len) noexcept nogil:
+    """Send the header lines *lines* (each ``name: value`` CRLF, as the
+    edits' block holds them) but those named *name* (lowercase): Envoy's
+    header session state sets its header after the route's response
+    headers, replacing theirs. The bytes sent (the connection may have
+    gone: c.closed)."""
+    cdef const unsigned char *b = <const unsigned char*>lines
+    cdef const unsigned char *lf
+    cdef size_t i = 0, run = 0, out = 0
+    cdef Py_ssize_t colon
+    while i < n:
+        lf = <const unsigned char*>memchr(b + i, LF, n - i)
+        if lf == NULL:
+            break
+        colon = 0
+        while <size_t>colon < <size_t>(lf - b) - i and b[i + <size_t>colon] != 0x3A:
+            colon += 1
+        if colon == name_len and eq_lower(b + i, name, name_len):
+            if i > run:
+                if to_client(R, c, lines + run, i - run) != 0:
+                    return out
+                out += i - run
+            run = <size_t>(lf - b) + 1
+        i = <size_t>(lf - b) + 1
+    if n > run and to_client(R, c, lines + run, n - run) == 0:
+        out += n - run
+    return out
 
 
 cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
@@ -7195,13 +7231,10 @@ cdef Session_ *_session(session, choices) except? NULL:
     if session is None:
         return NULL
     kind = SK_HEADER if session.kind == SESSION_HEADER else SK_COOKIE
-    mark = ("0.0.0.0", 0)
-    line_name, value = session.line(mark)
-    check_header(line_name, value)
-    token = session_token(mark)
-    at = value.index(token)
-    pre = f"{line_name}: {value[:at]}".encode("ascii")
-    post = (value[at + len(token):] + "\r\n").encode("ascii")
+    line_name, before, after = session.parts()
+    check_header(line_name, session.line(("0.0.0.0", 0))[1])
+    pre = f"{line_name}: {before}".encode("ascii")
+    post = (after + "\r\n").encode("ascii")
     name = session.name.encode("ascii")
     tokens = [session_token((str(e[0]), int(e[1]))).encode("ascii")
               for choice in choices for e in choice.endpoints]

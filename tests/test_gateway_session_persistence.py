@@ -393,3 +393,61 @@ def test_per_connection_routing_says_no_token_is_given(
     assert any(
         "session persistence" in w and "no token is given" in w and "svc" in w for w in warnings
     ), warnings
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_the_token_line_is_written_whatever_the_names_around_it(
+    which: str, backends: dict[str, Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cookie whose name holds a token's text (the compiled relay once
+    looked for a token in the line to cut it, and found the name's), and a
+    header token whose name a ResponseHeaderModifier also sets: the
+    token's line replaces the filter's on an answer that gives one (Envoy's
+    header session state sets its header after the route's response
+    headers), and the filter's goes as it is where the request's token
+    named the pod that answered."""
+    rules = tmp_path / "rules.yaml"
+    odd = session_token(("0.0.0.0", 0))  # (what the compiled relay searched for)
+    session = f"""\
+    matches: [{{path: {{type: PathPrefix, value: /p}}}}]
+    sessionPersistence: {{sessionName: x{odd}x}}
+  - matches: [{{path: {{type: PathPrefix, value: /h}}}}]
+    backendRefs:
+    - {{name: svc-v1, port: 8080, weight: 50}}
+    - {{name: svc-v2, port: 8080, weight: 50}}
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{{name: X-Session, value: fromfilter}}]
+        add: [{{name: X-After, value: "1"}}]
+    sessionPersistence: {{sessionName: X-Session, type: Header}}
+"""
+    rules.write_text(_rules(backends, session))
+    cookies: list[tuple[str, list[bytes]]] = []
+    given: list[tuple[str, list[bytes]]] = []
+    kept: list[tuple[str, list[bytes]]] = []
+
+    def clients(address: tuple[str, int], _reload: Callable[[], None]) -> None:
+        with socket.create_connection(address, timeout=10) as s:
+            for _ in range(4):
+                name, head = _get(s)
+                cookies.append((name, _lines(head, b"set-cookie")))
+            for _ in range(4):
+                s.sendall(b"GET /h HTTP/1.1\r\nHost: gw\r\n\r\n")
+                head, body = _answer(s)
+                given.append((body, [*_lines(head, b"x-session"), *_lines(head, b"x-after")]))
+            for name in "dbca":
+                token = _token_of(backends, name)
+                s.sendall(f"GET /h/x HTTP/1.1\r\nHost: gw\r\nX-Session: {token}\r\n\r\n".encode())
+                head, body = _answer(s)
+                kept.append((body, [*_lines(head, b"x-session"), *_lines(head, b"x-after")]))
+
+    _drive(rules, which, monkeypatch, clients)
+    assert cookies == [
+        (n, [f'set-cookie: x{odd}x="{_token_of(backends, n)}"; Path=/p; HttpOnly'.encode()])
+        for n, _ in cookies
+    ]
+    assert given == [
+        (n, [f"x-session: {_token_of(backends, n)}".encode(), b"x-after: 1"]) for n, _ in given
+    ]
+    assert kept == [(n, [b"x-session: fromfilter", b"x-after: 1"]) for n in "dbca"]

@@ -87,7 +87,7 @@ ERRORS = [
     (
         "a cookie name that is no token",
         "sessionName: 'my session'",
-        "sessionName 'my session' is not a cookie name",
+        "spec.rules[0].sessionPersistence.sessionName 'my session' is not a cookie name",
         13,
     ),
     (
@@ -211,6 +211,12 @@ WARNINGS = [
         "{type: Header, sessionName: x-s, cookieConfig: {lifetimeType: Session}}",
         "cookieConfig does nothing with type Header",
         SessionPersistence("header", "x-s", ""),
+    ),
+    (
+        "a header token named Set-Cookie",
+        "{type: Header, sessionName: Set-Cookie}",
+        "an answer that gives a token loses every cookie the pod set",
+        SessionPersistence("header", "set-cookie", ""),
     ),
     (
         "a permanent cookie under a second",

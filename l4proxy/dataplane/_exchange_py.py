@@ -1461,10 +1461,12 @@ class Exchange:
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
             raw = client_head(raw, resp, keep, self.head.version == "HTTP/1.0")
-            if self.session_line is not None and self.session_line.drop:
-                raw = _edited_lines(raw, frozenset((self.session_line.drop,)), b"", None)
             if self.edits is not None:
                 raw = edit_response_head(raw, self.edits)
+            if self.session_line is not None and self.session_line.drop:
+                # (after the edits: Envoy's header session state sets its
+                # header after the route's response headers, replacing theirs)
+                raw = _edited_lines(raw, frozenset((self.session_line.drop,)), b"", None)
             if self.session_line is not None:
                 raw = _with_line(raw, self.session_line.line)
             self._keeps_client = keep

@@ -556,15 +556,22 @@ class SessionPersistence(NamedTuple):
         """The response header line that gives the client *ep*'s token: a
         cookie, Envoy's ``set-cookie: NAME="TOKEN"; Max-Age=N; Path=P;
         HttpOnly`` (Max-Age only for a permanent one); or ``NAME: TOKEN``."""
-        token = session_token(ep)
+        name, before, after = self.parts()
+        return name, before + session_token(ep) + after
+
+    def parts(self) -> tuple[str, str, str]:
+        """:meth:`line` around its token: (the header's name, the value
+        before the token, the value after it), what the compiled relay
+        writes a token between (nothing searched for: a cookie name may
+        hold any token's text)."""
         if self.kind == SESSION_HEADER:
-            return self.name, token
-        out = f'{self.name}="{token}"'
+            return self.name, "", ""
+        after = '"'
         if self.max_age is not None:
-            out += f"; Max-Age={self.max_age}"
+            after += f"; Max-Age={self.max_age}"
         if self.path:
-            out += f"; Path={self.path}"
-        return "set-cookie", out + "; HttpOnly"
+            after += f"; Path={self.path}"
+        return "set-cookie", f'{self.name}="', after + "; HttpOnly"
 
 
 def cookie_named(value: str, name: str) -> str | None:

@@ -552,9 +552,9 @@ def _session_persistence(
         if duration(ctx, sp["idleTimeout"], ipath, gateway_api=True) is not None:
             ctx.error(
                 ipath,
-                f"{dotted(ipath)} {NOT_IMPLEMENTED} (nor by Envoy Gateway): a session token "
-                "names its endpoint and nothing more, so no proxy knows when the session was "
-                "last used; remove it (a cookie with lifetimeType Permanent and an "
+                f"{dotted(ipath)} is not implemented by l4proxy (nor by Envoy Gateway): a "
+                "session token names its endpoint and nothing more, so no proxy knows when the "
+                "session was last used; remove it (a cookie with lifetimeType Permanent and an "
                 "absoluteTimeout expires in the browser)",
             )
         ok = False
@@ -573,11 +573,18 @@ def _session_persistence(
             return None
         name = got
         if kind == SESSION_COOKIE:
-            if not header_name(ctx, name, npath, what="sessionName", kind="a cookie name"):
+            if not header_name(ctx, name, npath, what=dotted(npath), kind="a cookie name"):
                 return None
         else:
-            if not header_name(ctx, name, npath, what="sessionName"):
+            if not header_name(ctx, name, npath, what=dotted(npath)):
                 return None
+            if name.lower() == "set-cookie":
+                ctx.warning(
+                    npath,
+                    f"{dotted(npath)} Set-Cookie: an answer that gives a token loses every "
+                    "cookie the pod set (the token's line replaces that header's, as Envoy "
+                    "sets it); name another header, or use type Cookie",
+                )
             if name.lower() == "host" or name.lower() in FRAMING_HEADERS:
                 ctx.error(
                     npath,
