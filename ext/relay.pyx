@@ -5807,7 +5807,7 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
 
 cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     """After Python heard of a failed connect: the next candidate (a first
-    attempt's, or a retry's), or 503 (502 for a retry: the request is lost)."""
+    attempt's, or a retry's), or 503 no healthy upstream."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
     log_upstream(c, failed)  # (the access log's UPSTREAM_HOST, if no later try reaches one)
@@ -5820,11 +5820,12 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     if c.n_cand:
         try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed: the request is lost
-        # (its line's UF, Envoy's for a connect that failed, where
-        # upstream_failed() would say UC: no policy retries it, can_retry()
-        # wants a try on, so that is where on_upstream_eof() goes)
+        # (503 no healthy upstream and UF, as Envoy answers a retry whose
+        # connect failed and as a first attempt's every connect failing
+        # is answered; no policy retries it: can_retry() wants a try on)
         c.lflags |= LF_UF
-        on_upstream_eof(R, c, now)
+        upstream_failed(R, c, 503, _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN,
+                        _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN, now, OD_BEFORE)
     else:
         local_answer(R, c, R_no_upstream, now, True)
 
@@ -5958,6 +5959,11 @@ cdef char *_LOCAL_502_MID_KEEP = NULL
 cdef size_t _LOCAL_502_MID_KEEP_LEN = 0
 cdef char *_LOCAL_504_KEEP = NULL
 cdef size_t _LOCAL_504_KEEP_LEN = 0
+# a retry whose last connect failed (connect_failed_next), as R_no_upstream's
+cdef char *_LOCAL_503_CONNECT = NULL
+cdef size_t _LOCAL_503_CONNECT_LEN = 0
+cdef char *_LOCAL_503_CONNECT_KEEP = NULL
+cdef size_t _LOCAL_503_CONNECT_KEEP_LEN = 0
 
 
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
@@ -7523,6 +7529,8 @@ cdef class HttpRelay:
         global R_dot_segment
         global _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, _LOCAL_502_MID_KEEP
         global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
+        global _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN
+        global _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN
         if self.R != NULL:
             raise RuntimeError("HttpRelay.__init__ called twice")
         pool = pool or PoolOptions()
@@ -7590,6 +7598,11 @@ cdef class HttpRelay:
                 &_LOCAL_502_MID_KEEP_LEN)
             _LOCAL_504_KEEP = _dup(local_response(504, "upstream request timeout", close=False),
                                    &_LOCAL_504_KEEP_LEN)
+            _LOCAL_503_CONNECT = _dup(local_response(503, "no healthy upstream"),
+                                      &_LOCAL_503_CONNECT_LEN)
+            _LOCAL_503_CONNECT_KEEP = _dup(
+                local_response(503, "no healthy upstream", close=False),
+                &_LOCAL_503_CONNECT_KEEP_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
             R_overflow = _local_verdict(503, OVERFLOW_BODY, -1, OVERFLOW_HEADERS)

@@ -553,9 +553,11 @@ def test_a_retrys_connect_that_fails_is_uf(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first try answered 503, which the policy retries; the retry's
-    new connect is refused: the relay's 502 says UF (Envoy's for a connect
-    that failed; it said UC, a connection that closed), and URX (the
-    policy's tries used up on a failure it retries)."""
+    new connect is refused: the relay answers 503 no healthy upstream (as
+    Envoy, and as when a first attempt's every connect fails; it answered
+    502, as for a connection that closed), its line UF (Envoy's for a
+    connect that failed; it said UC) and URX (the policy's tries used up on
+    a failure it retries)."""
     gone = _GoneAfterOne()
     retries = "    retries: {attempts: 1, retryOn: 5xx}\n"
     rules = gateway_service(gone.port, labels=("v1",)) + SUBSETS + _route(retries)
@@ -564,8 +566,8 @@ def test_a_retrys_connect_that_fails_is_uf(
     finally:
         gone.close()
     f = _one_line(lines)
-    assert said == 502 and stats["retries"] == 1
-    assert (f["code"], f["flags"]) == ("502", "UF,URX")
+    assert said == 503 and stats["retries"] == 1
+    assert (f["code"], f["flags"]) == ("503", "UF,URX")
     assert f["details"] == "upstream_reset_before_response_started{connection_failure}"
     assert f["upstream"] == f"127.0.0.1:{gone.port}" and f["upstream_local"] == "-"
 

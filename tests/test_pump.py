@@ -760,8 +760,13 @@ def test_churn_with_mixed_endings(twin: ModuleType, net: Net) -> None:
 # -- ends reported back (the worker's LEAST_CONN counts) -------------------------------
 
 
-def readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
+def readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether *fd* is readable within *timeout* seconds (poll, not
+    select: a long test run leaves the relays' pooled splice pipes at
+    high numbers, and an fd past 1023 is out of select()'s range)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def take_ended(p: Any, n: int) -> list[int]:
@@ -770,7 +775,7 @@ def take_ended(p: Any, n: int) -> list[int]:
     got: list[int] = []
     deadline = time.monotonic() + 5
     while len(got) < n and time.monotonic() < deadline:
-        if select.select([p.ended_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if readable(p.ended_fd, max(0.0, deadline - time.monotonic())):
             got += p.ended()
     return got
 

@@ -548,10 +548,12 @@ def test_connection_mode_says_it_does_not_apply_a_retry_policy(
         assert warned == []
 
 
-def test_a_retry_whose_connects_all_fail_answers_502(mode: tuple[str, str]) -> None:
+def test_a_retry_whose_connects_all_fail_answers_503(mode: tuple[str, str]) -> None:
     """A try answered 503, its retry's connects refused by every endpoint
     (the other endpoint is down, the first one went down meanwhile): the
-    client gets the 502 a lost retry gets, once."""
+    client gets 503 no healthy upstream, once (Envoy's answer to a retry
+    whose connects failed; a first attempt's every connect failing gets
+    it too)."""
     # bound, never listening: connects refused, and no other test's listener
     # takes the port meanwhile (as one could once it were closed)
     dead = socket.socket()
@@ -571,11 +573,11 @@ def test_a_retry_whose_connects_all_fail_answers_502(mode: tuple[str, str]) -> N
         a = _client(relay)
         a.sendall(GET)
         got = _response(a)
-        assert _status(got) == 502, got
+        assert _status(got) == 503 and got.endswith(b"no healthy upstream"), got
         a.close()
         relay.flush_reports(1.0)
     finally:
         relay.close()
         up.close()
         dead.close()
-    assert [s for s, _ in counted.rows] == [502]
+    assert [s for s, _ in counted.rows] == [503]

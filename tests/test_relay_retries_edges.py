@@ -22,10 +22,10 @@ from tests._scripted import (
 from tests.test_relay_edges_count import Counted
 
 
-def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
+def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_503(
     mode: tuple[str, str],
 ) -> None:
-    """As test_a_retry_whose_connects_all_fail_answers_502, but the try the
+    """As test_a_retry_whose_connects_all_fail_answers_503, but the try the
     policy gave up was on a pooled connection (the second request of a
     keep-alive client): the reused connection's own retry must not take
     the lost retry for a pooled connection that closed (the pure twin's
@@ -49,12 +49,12 @@ def test_a_pooled_try_retried_by_the_policy_whose_connects_all_fail_answers_502(
         assert _status(_response(a)) == 200
         a.sendall(GET)
         got = _response(a)
-        assert _status(got) == 502, got
+        assert _status(got) == 503, got
         stats = _closed_stats(a, relay)
     finally:
         relay.close()
         up.close()
-    assert sorted(s for s, _ in counted.rows) == [200, 502]
+    assert sorted(s for s, _ in counted.rows) == [200, 503]
     assert stats["errors"] == 0, stats
 
 

@@ -469,15 +469,6 @@ GATEWAY_ERRORS = [
         "port is required for a Service backend",
     ),
     (
-        "backendRef in another namespace",
-        MIRROR
-        + "        backendRef:\n          name: bootcamp-v2\n          port: 8080\n"
-        + "          namespace: other\n"
-        + BACKENDS,
-        "namespace: other",
-        "ReferenceGrant",
-    ),
-    (
         "backendRef with a weight",
         MIRROR
         + "        backendRef:\n          name: bootcamp-v2\n          port: 8080\n"

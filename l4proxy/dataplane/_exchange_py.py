@@ -1192,8 +1192,8 @@ class Exchange:
         sent upstream for it so far (held, unsent): the request never left,
         so it may be sent again whatever its method (a retry's rules else).
         *connect_failed*: there was no connection, a retry's connect
-        failed (its access log line says UF, Envoy's for a connect that
-        failed, not UC)."""
+        failed: 503 no healthy upstream, UF (Envoy's for a connect that
+        failed), not the 502 and UC of a connection that closed."""
         if self.phase != Phase.EXCHANGE:
             return []
         never_left = (
@@ -1215,7 +1215,11 @@ class Exchange:
                 return [Release(False), Retry()]
             if self.retry is not None and self.retry.on_reset and self._can_retry():
                 return self._policy_retry(before)
-            return self._upstream_failed(502, before, gateway=True, connect_failed=connect_failed)
+            if connect_failed:  # (as Envoy, and as a first attempt's every connect failing)
+                return self._upstream_failed(
+                    503, "no healthy upstream", gateway=True, connect_failed=True
+                )
+            return self._upstream_failed(502, before, gateway=True)
         if (
             self._response is None
             and self.retry is not None
