@@ -107,6 +107,7 @@ from l4proxy.rules._objects import (
     HttpMatchDraft,
     HttpRouteDraft,
     HttpRuleDraft,
+    IstioGatewayDraft,
     ListenerDraft,
     ParentDraft,
     PolicyDraft,
@@ -1276,8 +1277,9 @@ def read_reference_grant(ctx: Ctx, obj: dict[str, Any]) -> GrantDraft | None:
 # -- compiling -------------------------------------------------------------------
 
 
-def gateway_host(gw: GatewayDraft, listener: str, hostname: str | None) -> str:
-    """The gateway service's host: ``gateway:NAMESPACE/NAME/LISTENER/HOSTNAME``."""
+def gateway_host(gw: GatewayDraft | IstioGatewayDraft, listener: str, hostname: str | None) -> str:
+    """The gateway service's host: ``gateway:NAMESPACE/NAME/LISTENER/HOSTNAME``
+    (an Istio Gateway's: its server port's name for LISTENER)."""
     return f"gateway:{gw.namespace}/{gw.name}/{listener}/{hostname or '*'}"
 
 

@@ -10,6 +10,14 @@ regular file (after symlinks): a named pipe or a device there is an error
 naming it, not a wait for a writer. A path named on its own is read as it
 is (``l4proxy validate <(kubectl get ...)``), except by the sidecar.
 
+A document goes to the reader of its kind and API group: ``_routerule``,
+``_networking`` (VirtualService, DestinationRule, ServiceEntry),
+``_ingress``, ``_gateway_api`` (HTTPRoute, ReferenceGrant, and a Gateway of
+gateway.networking.k8s.io) and ``_istio_gateway`` (a Gateway of
+networking.istio.io: the two kinds share a name, and a file may hold one of
+each named alike). Kubernetes' own objects are skipped with a note; an
+Istio kind l4proxy does not implement is an error that says what to use.
+
 The load is all or nothing: every problem of every file is collected, and if
 any is an error, :class:`ConfigError` carries them all and no table is made.
 """
@@ -21,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.rules import _gateway_api, _ingress, _networking, _routerule
+from l4proxy.rules import _gateway_api, _ingress, _istio_gateway, _networking, _routerule
 from l4proxy.rules._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
 from l4proxy.rules._objects import Env, fqdn
 from l4proxy.rules._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
@@ -55,8 +63,6 @@ RULE_KINDS = (
 _ISTIO_UNIMPLEMENTED = {
     "DestinationPolicy": "use a DestinationRule with trafficPolicy.loadBalancer",
     "EgressRule": "describe the external service with a ServiceEntry",
-    "Gateway": "use a Gateway API Gateway (gateway.networking.k8s.io/v1) with HTTPRoutes, "
-    "or an Ingress, for gateway mode",
     "Sidecar": "",
     "EnvoyFilter": "",
     "WorkloadEntry": "list the workload as a ServiceEntry endpoint",
@@ -256,7 +262,8 @@ def _read_object(
             f"reads {', '.join(_gateway_api.KINDS)} (GatewayClass: skipped)",
         )
         return
-    gateway_kind = kind in _gateway_api.KINDS
+    istio_gateway = kind == "Gateway" and group == _istio_gateway.GROUP
+    gateway_kind = kind in _gateway_api.KINDS and not istio_gateway
     if (
         kind not in RULE_KINDS
         or (kind == "Ingress" and api not in _ingress.API_VERSIONS)
@@ -300,7 +307,7 @@ def _read_object(
         "RouteRule": _routerule.API_VERSIONS,
         "Ingress": _ingress.API_VERSIONS,
         "HTTPRoute": _gateway_api.API_VERSIONS,
-        "Gateway": _gateway_api.API_VERSIONS,
+        "Gateway": _networking.API_VERSIONS if istio_gateway else _gateway_api.API_VERSIONS,
         "ReferenceGrant": _gateway_api.GRANT_API_VERSIONS,
     }.get(kind, _networking.API_VERSIONS)
     if api not in versions:
@@ -327,7 +334,8 @@ def _read_object(
         return
     ctx.name = got_name
     summaries.append(ObjectSummary(kind, got_name, ctx.namespace, doc.file, line))
-    key = (kind, ctx.namespace, got_name)
+    # (an Istio Gateway and a Gateway API one may share a name)
+    key = (f"{kind}.{group}" if istio_gateway else kind, ctx.namespace, got_name)
     first = seen.get(key)
     if first is not None:
         ctx.error(
@@ -356,6 +364,10 @@ def _read_object(
         hr = _gateway_api.read_http_route(ctx, value, env)
         if hr is not None:
             drafts.http_routes.append(hr)
+    elif istio_gateway:
+        igw = _istio_gateway.read_gateway(ctx, value, env)
+        if igw is not None:
+            drafts.istio_gateways.append(igw)
     elif kind == "Gateway":
         gw = _gateway_api.read_gateway(ctx, value, env)
         if gw is not None:

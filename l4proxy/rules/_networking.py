@@ -22,7 +22,13 @@ response gets no ``location``. ``http[].mirror`` (with ``mirrorPercentage``,
 or the deprecated integer ``mirrorPercent``) and ``http[].mirrors`` are the
 route's request mirroring (``Route.mirrors``), read as Istio validates and
 translates them (``_mirrors``). ``http[].corsPolicy`` is the route's CORS
-policy (``Route.cors``, read by ``_cors``).
+policy (``Route.cors``, read by ``_cors``). A VirtualService's
+``gateways`` and an http match block's are read here, each name resolved
+as Istio resolves it (``_gateway_ref``); which routes then apply to the
+sidecars and which at an Istio Gateway is ``_istio_gateway``'s to say. A
+VirtualService of Istio Gateways only (no ``mesh`` among its gateways) may
+name its hosts with wildcards (``*``, ``*.example.com``), as Istio users
+do for an ingress gateway.
 """
 
 from __future__ import annotations
@@ -43,12 +49,16 @@ from l4proxy.dataplane.verdict import (
     HashOn,
     HeadEdits,
 )
+from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.rules._cors import istio_cors
 from l4proxy.rules._fault import is_number, istio_fault
 from l4proxy.rules._header_ops import istio_headers
 from l4proxy.rules._objects import (
+    MESH,
     DestinationDraft,
     Env,
+    GatewayRef,
+    MatchBlockDraft,
     PolicyDraft,
     PortPolicyDraft,
     RouteDraft,
@@ -90,6 +100,7 @@ from l4proxy.rules.routing import (
     SIMPLE_POLICIES,
     Endpoint,
     HttpRetry,
+    Labels,
     LocalAnswer,
     Match,
     OutlierPolicy,
@@ -122,20 +133,30 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
 # routes (max_direct_response_body_size_bytes)
 MAX_DIRECT_BODY = 1024 * 1024
 _HTTP_MATCH_UNIMPLEMENTED = (
-    "gateways",
     "sourceNamespace",
     "statPrefix",
 )
 _PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "HTTPS", "TLS", "TCP", "MONGO", "MYSQL", "REDIS")
 
 
-def _host(ctx: Ctx, value: Any, path: Path, env: Env) -> str | None:
+def _host(ctx: Ctx, value: Any, path: Path, env: Env, *, wildcards: bool = False) -> str | None:
+    """A host as the table keys it (see ``fqdn``); with *wildcards* (a
+    VirtualService of gateways only) ``*`` and ``*.example.com`` too."""
     h = text(ctx, value, path, required=True)
     if h is None:
         return None
-    if "*" in h:
-        ctx.error(path, f"wildcard host {h!r} {NOT_IMPLEMENTED}; list each host")
+    if "*" in h and not wildcards:
+        ctx.error(
+            path,
+            f"wildcard host {h!r} {NOT_IMPLEMENTED} for mesh traffic; list each host (a "
+            "VirtualService whose spec.gateways name only Istio Gateways may use one)",
+        )
         return None
+    if "*" in h:
+        if h != "*" and not (h.startswith("*.") and _DNS_NAME.fullmatch(h[2:])):
+            ctx.error(path, f"wildcard host {h!r} must be '*' or start with '*.' ('*.example.com')")
+            return None
+        return h.lower()
     if "/" in h:
         ctx.error(path, f"host {h!r} must be a DNS name (namespace/host is not supported)")
         return None
@@ -151,12 +172,14 @@ def _host(ctx: Ctx, value: Any, path: Path, env: Env) -> str | None:
 _DNS_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
 
 
-def _hosts(ctx: Ctx, spec: dict[str, Any], env: Env) -> tuple[list[str], bool]:
+def _hosts(
+    ctx: Ctx, spec: dict[str, Any], env: Env, *, wildcards: bool = False
+) -> tuple[list[str], bool]:
     """``spec.hosts`` as FQDNs, in order, without repeats; False if any was bad."""
     ok = True
     hosts: list[str] = []
     for i, h in enumerate(listing(ctx, spec.get("hosts"), ("spec", "hosts")) or []):
-        got = _host(ctx, h, ("spec", "hosts", i), env)
+        got = _host(ctx, h, ("spec", "hosts", i), env, wildcards=wildcards)
         if got is None:
             ok = False
         elif got not in hosts:
@@ -183,15 +206,13 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
     )
     if spec is None:
         return None
-    hosts, ok = _hosts(ctx, spec, env)
-    for i, g in enumerate(listing(ctx, spec.get("gateways"), ("spec", "gateways")) or []):
-        if g != "mesh":
-            ctx.error(
-                ("spec", "gateways", i),
-                f"gateway {g!r} {NOT_IMPLEMENTED}; l4proxy routes sidecar (mesh) traffic, "
-                "use an Ingress for gateway mode",
-            )
-            ok = False
+    gateways = _gateway_refs(ctx, spec.get("gateways"), ("spec", "gateways"))
+    ok = gateways is not False
+    bound = gateways if isinstance(gateways, tuple) else None
+    # (a VirtualService of Istio Gateways only may name every host: "*")
+    mesh = bound is None or any(g.is_mesh for g in bound)
+    hosts, hosts_ok = _hosts(ctx, spec, env, wildcards=not mesh)
+    ok = ok and hosts_ok
     routes: list[RouteDraft] = []
     http = listing(ctx, spec.get("http"), ("spec", "http"))
     tcp = listing(ctx, spec.get("tcp"), ("spec", "tcp"))
@@ -212,7 +233,69 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
                 routes.append(r)
     if not ok:
         return None
-    return RuleDraft("VirtualService", ctx.name, ctx.namespace, hosts, routes, Where(ctx, ()))
+    return RuleDraft(
+        "VirtualService", ctx.name, ctx.namespace, hosts, routes, Where(ctx, ()), gateways=bound
+    )
+
+
+def _gateway_refs(ctx: Ctx, value: Any, path: Path) -> tuple[GatewayRef, ...] | bool | None:
+    """``gateways`` (a VirtualService's or a match block's): the references
+    in order without repeats; None where it is absent or empty (Istio's
+    default: ``mesh`` for a VirtualService, its VirtualService's for a
+    block); False after an error."""
+    items = listing(ctx, value, path)
+    if items is None:
+        return False
+    out: list[GatewayRef] = []
+    ok = True
+    for i, item in enumerate(items):
+        ref = _gateway_ref(ctx, item, (*path, i))
+        if ref is None:
+            ok = False
+        elif ref not in out:
+            out.append(ref)
+    if not ok:
+        return False
+    return tuple(out) or None
+
+
+def _gateway_ref(ctx: Ctx, value: Any, path: Path) -> GatewayRef | None:
+    """One gateway name, resolved as Istio's resolveGatewayName does and
+    checked as its validateGatewayNames does: ``mesh``; ``NAMESPACE/NAME``;
+    a short ``NAME`` (a Gateway of the VirtualService's namespace); the
+    legacy ``NAME.NAMESPACE.svc.cluster.local`` (a warning: Istio prefers
+    ``NAMESPACE/NAME``)."""
+    g = text(ctx, value, path, required=True)
+    if g is None:
+        return None
+    where = Where(ctx, path)
+    if g == MESH:
+        return GatewayRef("", MESH, where)
+    if "/" in g:
+        ns, _, name = g.partition("/")
+        if not DNS1123_LABEL.fullmatch(ns) or not DNS1123_LABEL.fullmatch(name):
+            ctx.error(
+                path,
+                f"gateway {g!r} must be NAMESPACE/NAME, each a DNS-1123 label ('{MESH}' for the "
+                "sidecars, NAME alone for a Gateway of this VirtualService's namespace)",
+            )
+            return None
+        return GatewayRef(ns, name, where)
+    if "." in g:
+        parts = g.split(".")
+        if not all(DNS1123_LABEL.fullmatch(p) for p in parts):
+            ctx.error(path, f"gateway {g!r} is not a valid gateway name")
+            return None
+        ctx.warning(
+            path,
+            f"gateway {g!r} is in the legacy NAME.NAMESPACE... form; write "
+            f"{parts[1]}/{parts[0]} (Istio's NAMESPACE/NAME)",
+        )
+        return GatewayRef(parts[1], parts[0], where)
+    if not DNS1123_LABEL.fullmatch(g):
+        ctx.error(path, f"gateway {g!r} is not a valid gateway name (a DNS-1123 label)")
+        return None
+    return GatewayRef(ctx.namespace, g, where)
 
 
 def _route_name(vs: str, item: Any, index: int, count: int, proto: str) -> str:
@@ -295,7 +378,8 @@ def _vs_route(
     if r.get("timeout") is not None:  # "0s" too: no timeout, Istio's default
         timeout = duration(ctx, r["timeout"], (*path, "timeout"))
     retries_ok, retries = _retries(ctx, r.get("retries"), (*path, "retries"), timeout or 0.0)
-    matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
+    got_matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
+    matches, blocks = got_matches if got_matches is not None else (None, None)
     dests: list[DestinationDraft] | None = []
     if r.get("route") is not None:
         dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
@@ -357,6 +441,7 @@ def _vs_route(
         fault,
         mirrors,
         cors,
+        blocks,
     )
 
 
@@ -924,14 +1009,23 @@ def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[
     return tuple(policies), tuple(codes)
 
 
-def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] | None:
-    """match[]: OR'ed blocks; no block (or an empty one) matches everything."""
-    blocks = listing(ctx, value, path)
-    if blocks is None:
+def _matches(
+    ctx: Ctx, value: Any, path: Path, proto: str
+) -> tuple[tuple[Match, ...], tuple[MatchBlockDraft, ...] | None] | None:
+    """match[]: OR'ed blocks; no block (or an empty one) matches everything.
+
+    (matches, blocks): where some block names ``gateways``, *blocks* is
+    every block with the gateways it names (see ``RouteDraft.blocks``), and
+    which of them apply is up to the gateway a route is compiled for
+    (``_istio_gateway.routes_for``); else None. None after an error."""
+    items = listing(ctx, value, path)
+    if items is None:
         return None
     out: list[Match] = []
+    blocks: list[MatchBlockDraft] = []
+    catch_all = False
     ok = True
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(items):
         bpath = (*path, i)
         if proto == "http":
             b = fields(
@@ -950,6 +1044,7 @@ def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] 
                     "ignoreUriCase",
                     "sourceLabels",
                     "port",
+                    "gateways",
                 ),
                 unimplemented=_HTTP_MATCH_UNIMPLEMENTED,
             )
@@ -964,14 +1059,30 @@ def _matches(ctx: Ctx, value: Any, path: Path, proto: str) -> tuple[Match, ...] 
         if b is None:
             ok = False
             continue
+        gateways = _gateway_refs(ctx, b.get("gateways"), (*bpath, "gateways"))
         m = _match_block(ctx, b, bpath)
-        if m is None:
+        if m is None or gateways is False:
             ok = False
-        elif m == Match():
-            return ()  # a catch-all block makes the whole list a catch-all
+            continue
+        if isinstance(gateways, tuple) and m.source_labels:
+            # (pilot's sourceMatchHTTP: a block with gateways is tested on
+            # them alone)
+            ctx.warning(
+                (*bpath, "sourceLabels"),
+                "sourceLabels are not tested in a match block that names gateways (Istio "
+                "tests the gateways alone); this block applies to every caller at its gateways",
+            )
+            m = dataclasses.replace(m, source_labels=Labels())
+        blocks.append(MatchBlockDraft(m, gateways if isinstance(gateways, tuple) else ()))
+        if m == Match():
+            catch_all = True  # a catch-all block makes the whole list a catch-all
         else:
             out.append(m)
-    return tuple(out) if ok else None
+    if not ok:
+        return None
+    if any(b.gateways for b in blocks):
+        return tuple(b.match for b in blocks), tuple(blocks)
+    return (() if catch_all else tuple(out)), None
 
 
 def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:

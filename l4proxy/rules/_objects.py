@@ -1,7 +1,8 @@
 """What each document said, before the cross-document checks.
 
-The kind readers (``_routerule``, ``_networking``, ``_ingress``) turn one
-document into one of these drafts; ``_table`` checks them against each other
+The kind readers (``_routerule``, ``_networking``, ``_ingress``,
+``_gateway_api``, ``_istio_gateway``) turn one document into one of these
+drafts; ``_table`` checks them against each other
 (subsets against DestinationRules, labels against ServiceEntry endpoints,
 duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.RouteTable`.
 """
@@ -81,6 +82,42 @@ class DestinationDraft:
     headers: HeadEdits | None = None  # Destination.headers
 
 
+# The name in a VirtualService's ``gateways`` (and a match block's) that
+# stands for the sidecars' own traffic
+MESH = "mesh"
+
+
+@dataclass(frozen=True)
+class GatewayRef:
+    """A name in a VirtualService's ``gateways`` or a match block's:
+    ``mesh`` (the sidecars; namespace ``""``) or an Istio Gateway, by
+    namespace and name as Istio resolves the reference (a short name is in
+    the VirtualService's namespace)."""
+
+    namespace: str
+    name: str
+    where: Where = field(compare=False)
+
+    @property
+    def is_mesh(self) -> bool:
+        return not self.namespace and self.name == MESH
+
+    @property
+    def key(self) -> str:
+        """``mesh``, or ``namespace/name``."""
+        return MESH if self.is_mesh else f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class MatchBlockDraft:
+    """One ``match`` block of a VirtualService http route some block of
+    which names ``gateways``: its match, and the gateways it applies at
+    (empty: those of its VirtualService)."""
+
+    match: Match
+    gateways: tuple[GatewayRef, ...]
+
+
 @dataclass
 class RouteDraft:
     name: str
@@ -97,6 +134,10 @@ class RouteDraft:
     # Route.mirrors: each mirror's destination and its share (ppm)
     mirrors: list[tuple[DestinationDraft, int]] = field(default_factory=list)
     cors: CorsPolicy | None = None  # Route.cors
+    # Where a match block names gateways: every block, in order (matches
+    # then holds each block's match, none taken for a catch-all); None: no
+    # block names one, and matches is the route's everywhere it applies
+    blocks: tuple[MatchBlockDraft, ...] | None = None
 
 
 @dataclass
@@ -110,6 +151,16 @@ class RuleDraft:
     routes: list[RouteDraft]
     where: Where
     precedence: int = 0
+    # A VirtualService's spec.gateways; None: not given, the sidecars only
+    gateways: tuple[GatewayRef, ...] | None = None
+
+    @property
+    def bound(self) -> tuple[str, ...]:
+        """The gateways it applies at (:attr:`GatewayRef.key`), ``mesh``
+        among them where it routes the sidecars' traffic."""
+        if self.gateways is None:
+            return (MESH,)
+        return tuple(dict.fromkeys(g.key for g in self.gateways))
 
 
 @dataclass
@@ -421,4 +472,37 @@ class HttpRouteDraft:
     parents: list[ParentDraft]
     hostnames: list[str]
     rules: list[HttpRuleDraft]
+    where: Where
+
+
+# -- Istio Gateway (networking.istio.io) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerHostDraft:
+    """One of an Istio Gateway server's ``hosts``: which VirtualServices it
+    admits (*namespace*: theirs, or ``*`` for any) and for which names
+    (*hostname*: ``*``, ``*.example.com`` or a name, lower case)."""
+
+    namespace: str
+    hostname: str
+    where: Where = field(compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass
+class ServerDraft:
+    port: int  # port.number: the local port of a gateway listener
+    port_name: str  # port.name, unique in its Gateway
+    hosts: list[ServerHostDraft]
+    where: Where
+
+
+@dataclass
+class IstioGatewayDraft:
+    name: str
+    namespace: str
+    servers: list[ServerDraft]
     where: Where

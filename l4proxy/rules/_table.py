@@ -14,13 +14,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from l4proxy.rules._gateway_api import Compiler
+from l4proxy.rules._istio_gateway import bind, check_claims, check_paths, routes_for
 from l4proxy.rules._objects import (
+    MESH,
     DestinationDraft,
     Env,
     GatewayDraft,
     GrantDraft,
     HttpRouteDraft,
     IngressDraft,
+    IstioGatewayDraft,
     PolicyDraft,
     RouteDraft,
     RuleDraft,
@@ -51,6 +54,7 @@ class Drafts:
     http_routes: list[HttpRouteDraft] = field(default_factory=list)
     gateways: list[GatewayDraft] = field(default_factory=list)
     grants: list[GrantDraft] = field(default_factory=list)
+    istio_gateways: list[IstioGatewayDraft] = field(default_factory=list)
     # FQDNs of skipped Kubernetes Services, for a better "no ServiceEntry" hint.
     k8s_services: set[str] = field(default_factory=set)
 
@@ -70,19 +74,33 @@ def subset_name(labels: Labels) -> str:
 def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     services = _registry(d)
     policies = _policies(d, services)
-    routes = _routes(d, env, services, policies)
+    warned: set[tuple[int, str]] = set()
+    memo: dict[tuple[int, bool], Destination | None] = {}
+    routes = _routes(d, env, services, policies, warned, memo)
     _check_ingress(d, services)
-    routed = {h: r.where for r in d.rules for h in r.hosts}
+    # (a VirtualService of Istio Gateways only routes no mesh host)
+    mesh = [r for r in d.rules if MESH in r.bound]
+    routed = {h: r.where for r in mesh for h in r.hosts}
     gateway_api = Compiler(services, policies, routed, env, d.grants)
     gateway_api.compile(d.http_routes, d.gateways)
     routes.update(gateway_api.routes)
+    claimed = check_claims(d.istio_gateways, d.gateways, d.ingress)
+    bindings = bind(d.istio_gateways, d.rules)
+    for b in bindings:
+        routes[b.key] = _compile(
+            b.rule, b.key, b.routes, d, services, policies, warned, memo, b.port
+        )
+    if claimed:
+        check_paths(bindings, [*(i.path for i in d.ingress), *gateway_api.ingress], d.gateways)
     # A request no route matches: Istio answers 404 for a VirtualService's
-    # host (Envoy's NR), the Gateway API says 404 for an HTTPRoute's parent;
-    # RouteRules (Istio 0.7) fell back to every endpoint, and still do.
-    unmatched = {h for r in d.rules if r.kind == "VirtualService" for h in r.hosts}
+    # host (Envoy's NR), at a gateway too, the Gateway API says 404 for an
+    # HTTPRoute's parent; RouteRules (Istio 0.7) fell back to every
+    # endpoint, and still do.
+    unmatched = {h for r in mesh if r.kind == "VirtualService" for h in r.hosts}
     unmatched.update(gateway_api.routes)
+    unmatched.update(b.key for b in bindings)
     return RouteTable(
-        [*services.values(), *gateway_api.gateway_services],
+        [*services.values(), *gateway_api.gateway_services, *(b.service() for b in bindings)],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
         hash_policies={h: p.hash_on for h, p in policies.items() if p.hash_on is not None},
@@ -93,7 +111,11 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
             for h, p in policies.items()
             if p.port_level
         },
-        ingress=[*(i.path for i in d.ingress), *gateway_api.ingress],
+        ingress=[
+            *(i.path for i in d.ingress),
+            *gateway_api.ingress,
+            *(b.ingress_path() for b in bindings),
+        ],
         unmatched=unmatched,
         namespace=env.namespace,
         domain=env.domain,
@@ -192,9 +214,15 @@ def _routes(
     env: Env,
     services: dict[str, Service],
     policies: dict[str, PolicyDraft],
+    warned: set[tuple[int, str]],
+    memo: dict[tuple[int, bool], Destination | None],
 ) -> dict[str, list[Route]]:
+    """The routes of the sidecars' hosts: each host's RouteRules, or its
+    VirtualService's routes that apply to the mesh (``routes_for``)."""
     owners: dict[str, list[RuleDraft]] = defaultdict(list)
     for rule in d.rules:
+        if MESH not in rule.bound:
+            continue  # (an Istio Gateway's only: ``_istio_gateway``)
         for host in rule.hosts:
             prior = owners[host]
             # Two VirtualServices (or a VirtualService and RouteRules) for one
@@ -211,7 +239,6 @@ def _routes(
                 )
                 continue
             prior.append(rule)
-    warned: set[tuple[int, str]] = set()
     table: dict[str, list[Route]] = {}
     for host, rules in owners.items():
         if not rules:
@@ -224,38 +251,71 @@ def _routes(
             if host not in services and (id(rule), host) not in warned:
                 warned.add((id(rule), host))
                 _no_service(rule.where, host, d, f"this {rule.kind} applies once one is loaded")
-            for rd in rule.routes:
-                dests = []
-                for dd in rd.destinations:
-                    dest = _destination(dd, d, services, policies, warned, id(rule))
-                    if dest is not None:
-                        dests.append(dest)
-                        _check_port_required(dd, rule.kind, host, rd, services)
-                mirrors = []
-                for dd, ppm in rd.mirrors:
-                    dest = _destination(dd, d, services, policies, warned, id(rule), mirror=True)
-                    if dest is not None:
-                        mirrors.append(MirrorPolicy(dest, ppm))
-                if len(dests) == len(rd.destinations) and len(mirrors) == len(rd.mirrors):
-                    compiled.append(
-                        Route(
-                            rd.name,
-                            tuple(dests),
-                            rd.matches,
-                            rd.protocol,
-                            timeout=rd.timeout,
-                            retries=rd.retries,
-                            headers=rd.headers,
-                            rewrite=rd.rewrite,
-                            redirect=rd.redirect,
-                            direct=rd.direct,
-                            fault=rd.fault,
-                            mirrors=tuple(mirrors),
-                            cors=rd.cors,
-                        )
-                    )
+            compiled.extend(
+                _compile(rule, host, routes_for(rule, MESH), d, services, policies, warned, memo)
+            )
         table[host] = compiled
     return table
+
+
+def _compile(
+    rule: RuleDraft,
+    host: str,
+    routes: list[RouteDraft],
+    d: Drafts,
+    services: dict[str, Service],
+    policies: dict[str, PolicyDraft],
+    warned: set[tuple[int, str]],
+    memo: dict[tuple[int, bool], Destination | None],
+    gateway_port: int | None = None,
+) -> list[Route]:
+    """*routes* of *rule* for *host* (a gateway service's, on
+    *gateway_port*), their destinations resolved; a route with an error at
+    a destination is left out (the load fails). A VirtualService's routes
+    may be compiled for the mesh and for gateway services: each
+    destination (a mirror's: *mirror*) is resolved, and what is wrong with
+    it said, once (*memo*: by ``(id, mirror)``, what it resolved to)."""
+    compiled: list[Route] = []
+
+    def resolve(dd: DestinationDraft, mirror: bool) -> Destination | None:
+        key = (id(dd), mirror)
+        if key not in memo:
+            memo[key] = _destination(dd, d, services, policies, warned, id(rule), mirror=mirror)
+        return memo[key]
+
+    for rd in routes:
+        dests = []
+        for dd in rd.destinations:
+            dest = resolve(dd, False)
+            if dest is not None:
+                dests.append(dest)
+                if (id(dd), f"port {gateway_port}") not in warned:  # (once per port)
+                    warned.add((id(dd), f"port {gateway_port}"))
+                    _check_port_required(dd, rule.kind, host, rd, services, gateway_port)
+        mirrors = []
+        for dd, ppm in rd.mirrors:
+            dest = resolve(dd, True)
+            if dest is not None:
+                mirrors.append(MirrorPolicy(dest, ppm))
+        if len(dests) == len(rd.destinations) and len(mirrors) == len(rd.mirrors):
+            compiled.append(
+                Route(
+                    rd.name,
+                    tuple(dests),
+                    rd.matches,
+                    rd.protocol,
+                    timeout=rd.timeout,
+                    retries=rd.retries,
+                    headers=rd.headers,
+                    rewrite=rd.rewrite,
+                    redirect=rd.redirect,
+                    direct=rd.direct,
+                    fault=rd.fault,
+                    mirrors=tuple(mirrors),
+                    cors=rd.cors,
+                )
+            )
+    return compiled
 
 
 def _destination(
@@ -324,18 +384,26 @@ def _destination(
 
 
 def _check_port_required(
-    dd: DestinationDraft, kind: str, host: str, rd: RouteDraft, services: dict[str, Service]
+    dd: DestinationDraft,
+    kind: str,
+    host: str,
+    rd: RouteDraft,
+    services: dict[str, Service],
+    gateway_port: int | None = None,
 ) -> None:
     """A destination without a port goes to the port that was dialled (or
-    to the only port of its host): on a host with several ports, none of
-    which is a port the route is dialled on, every request it takes is
-    answered 503. Istio's analyzer warns (IST0112); so does the load."""
+    to the only port of its host; at an Istio Gateway, *gateway_port*, the
+    server's): on a host with several ports, none of which is a port the
+    route is dialled on, every request it takes is answered 503. Istio's
+    analyzer warns (IST0112); so does the load."""
     target = services.get(dd.host)
     if dd.port is not None or target is None or len(target.ports) < 2 or dd.host == host:
         return
     routed = services.get(host)
     dialled: list[int] | None = None  # None: the routed host is not known yet
-    if routed is not None:
+    if gateway_port is not None:
+        dialled = [gateway_port]
+    elif routed is not None:
         named = {m.port for m in rd.matches if m.port is not None}
         any_port = not rd.matches or any(m.port is None for m in rd.matches)
         http_only = rd.protocol == "http" and any(p.is_http for p in routed.ports)

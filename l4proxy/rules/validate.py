@@ -39,7 +39,9 @@ Kinds read: RouteRule (config.istio.io/v1alpha2), VirtualService and
 DestinationRule (networking.istio.io/v1alpha3, v1beta1, v1), ServiceEntry (the
 service registry: hosts, VIP addresses, ports, endpoints with labels) and
 Ingress (extensions/v1beta1, networking.k8s.io/v1), HTTPRoute and Gateway
-(gateway.networking.k8s.io/v1, v1beta1). Kubernetes objects
+(gateway.networking.k8s.io/v1, v1beta1), and Istio's Gateway
+(networking.istio.io: HTTP servers, bound by VirtualServices' gateways).
+Kubernetes objects
 (Deployment, Service, ...) are skipped, so one manifest file can hold both.
 """
 

@@ -1,0 +1,546 @@
+"""Istio's own ingress config: ``Gateway`` (networking.istio.io) and the
+VirtualServices bound to it by ``spec.gateways``.
+
+Theory of operation
+-------------------
+An Istio Gateway (v1alpha3, v1beta1, v1) lists **servers**: a ``port``
+(``number``, ``name``, ``protocol``) and the ``hosts`` it admits. l4proxy
+serves the servers of protocol HTTP (its gateway speaks HTTP/1.x): the
+port number is the local port of an ``l4proxy run --listen`` listener, as a
+Gateway API listener's is, because the gateway listens where ``--listen``
+says, and an Istio ingress gateway's Service that maps port 80 to a
+``targetPort`` 8080 wants ``--listen 0.0.0.0:80`` in the pod (or a server on
+port 8080). HTTPS, TLS, HTTP2, gRPC and TCP servers, a server's ``tls``,
+``bind`` and ``defaultEndpoint``, and ``port.targetPort`` are refused by
+name. ``selector`` is read and not interpreted: the rule files are the
+whole config of the gateway that loads them, as an Ingress class is not
+interpreted either.
+
+A VirtualService binds to Gateways by ``spec.gateways``, each name
+resolved as Istio's resolveGatewayName does (a short name is a Gateway of
+the VirtualService's namespace; ``NAMESPACE/NAME``; ``mesh`` stands for the
+sidecars). Without ``gateways`` it applies to the sidecars only; with them,
+to the sidecars only if ``mesh`` is among them (Istio's rule): a
+VirtualService of Gateways only leaves its hosts' mesh traffic to the
+registry's round robin, as if it were not there. A match block's own
+``gateways`` narrow that per block (:func:`routes_for`, pilot's
+sourceMatchHTTP): the block applies at the gateways it names, among those
+its VirtualService is bound to, and its ``sourceLabels`` are then not
+tested; a route none of whose blocks applies at a gateway is left out there.
+
+At a Gateway, a VirtualService host meets each server host that admits the
+VirtualService's namespace (``NAMESPACE/HOST``: ``*/`` any namespace, ``./``
+the Gateway's, no prefix any), as pilot intersects them: the more specific
+of two names one of which covers the other (``*`` covers every name,
+``*.example.com`` every name under it). Each (server port, name met) is one
+**gateway service**, built as a Gateway API listener's
+(:mod:`~l4proxy.rules._gateway_api`): a host with no endpoints of its own
+(:func:`~l4proxy.rules._gateway_api.gateway_host`) whose routes are the
+VirtualService's http routes that apply at that Gateway and port, compiled
+as a sidecar's are (``_table``: subsets, weights, retries, timeouts, header
+edits, rewrites, redirects, faults, mirrors, CORS), reached through a
+catch-all ingress path of that port for that name. A request takes the
+most specific name its Host matches, the port in the Host ignored (exact,
+then the longest ``*.`` suffix, of one label or more, then ``*``), as
+Envoy picks a virtual host; its Host no name takes is answered 404 (Envoy's
+NR), and a request no route of its name matches 404 ``no route matched``.
+There is no fallback from a name's routes to a wider name's, unlike the
+Gateway API's hostnames: Envoy's virtual hosts do not fall through.
+
+What Istio does silently is said here: a VirtualService naming a Gateway
+that is not in the files is an error (as an HTTPRoute's unknown parent
+is), a host no server of a bound Gateway admits a warning naming both. Two
+VirtualServices of one name on one Gateway port are an error: Istio merges
+them in creation order, which rule files do not carry (one host, one
+VirtualService, as for the sidecars). Every Gateway kind and the Ingress
+objects share the gateway's local ports, so one port and host claimed by
+two of them is an error naming both (:func:`check_claims`,
+:func:`check_paths`; Istio's analyzer warns of two Gateways with the same
+port and host as IST0145).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from l4proxy.k8s_names import DNS1123_LABEL
+from l4proxy.rules._gateway_api import gateway_host
+from l4proxy.rules._objects import (
+    Env,
+    GatewayDraft,
+    GatewayRef,
+    IngressDraft,
+    IstioGatewayDraft,
+    RouteDraft,
+    RuleDraft,
+    ServerDraft,
+    ServerHostDraft,
+)
+from l4proxy.rules._schema import (
+    NOT_IMPLEMENTED,
+    Ctx,
+    Where,
+    fields,
+    integer,
+    labels,
+    listing,
+    text,
+)
+from l4proxy.rules._yaml import Path
+from l4proxy.rules.routing import IngressPath, Match, Service, ServicePort
+
+GROUP = "networking.istio.io"
+_TLS = "terminate TLS in front of the gateway and serve this port with protocol HTTP"
+_H1 = "the gateway speaks HTTP/1.x (no h2c); serve this port with protocol HTTP"
+_L4 = "the gateway routes HTTP requests, not TCP connections"
+# Istio's server protocols (protocol.Parse, case-insensitive) l4proxy
+# cannot serve, with why
+_REFUSED = {
+    "HTTPS": _TLS,
+    "TLS": _TLS,
+    "HTTP2": _H1,
+    "GRPC": _H1,
+    "GRPC-WEB": _H1,
+    "TCP": _L4,
+    "MONGO": _L4,
+    "MYSQL": _L4,
+    "REDIS": _L4,
+    "UDP": _L4,
+}
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft | None:
+    assert ctx.name is not None
+    spec = fields(
+        ctx, obj.get("spec"), ("spec",), allowed=("selector", "servers"), required=("servers",)
+    )
+    if spec is None:
+        return None
+    # (read, not interpreted: these files are this gateway's whole config)
+    ok = labels(ctx, spec.get("selector"), ("spec", "selector")) is not None
+    servers: list[ServerDraft] = []
+    named: dict[str, int] = {}
+    for i, item in enumerate(listing(ctx, spec.get("servers"), ("spec", "servers")) or []):
+        got = _server(ctx, item, ("spec", "servers", i))
+        if got is None:
+            ok = False
+            continue
+        if got.port_name in named:
+            ctx.error(
+                ("spec", "servers", i, "port", "name"),
+                f"port name {got.port_name} is already the name of server {named[got.port_name]}'s "
+                "port; the port names of a Gateway's servers must be unique (Istio's validation)",
+            )
+            ok = False
+            continue
+        named[got.port_name] = i
+        servers.append(got)
+    if not ok:
+        return None
+    return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()))
+
+
+def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
+    srv = fields(
+        ctx,
+        value,
+        path,
+        allowed=("port", "hosts", "name"),
+        unimplemented={
+            "tls": _TLS,
+            "bind": "the gateway listens where `l4proxy run --listen` says",
+            "defaultEndpoint": "it applies to a sidecar's Sidecar resource, not a gateway",
+        },
+        required=("port", "hosts"),
+    )
+    if srv is None or srv.get("port") is None or not srv.get("hosts"):
+        return None
+    ok = True
+    if srv.get("name") is not None:
+        ok = text(ctx, srv["name"], (*path, "name")) is not None
+    ppath = (*path, "port")
+    port = fields(
+        ctx,
+        srv["port"],
+        ppath,
+        allowed=("number", "name", "protocol"),
+        unimplemented={
+            "targetPort": "targetPort is only valid for a ServiceEntry (Istio's validation); "
+            "the gateway listens on port.number"
+        },
+        required=("number", "name", "protocol"),
+    )
+    if port is None or any(port.get(k) is None for k in ("number", "name", "protocol")):
+        return None
+    number = integer(ctx, port["number"], (*ppath, "number"), 1, 65535, what="port")
+    name = text(ctx, port["name"], (*ppath, "name"), required=True)
+    proto = text(ctx, port["protocol"], (*ppath, "protocol"), required=True)
+    if proto is not None and proto.upper() != "HTTP":
+        why = _REFUSED.get(proto.upper())
+        if why is None:
+            ctx.error(
+                (*ppath, "protocol"),
+                f"invalid protocol {proto!r} (Istio's are HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, "
+                "TCP, TLS, MONGO, MYSQL, REDIS, UDP; l4proxy serves HTTP)",
+            )
+        else:
+            ctx.error((*ppath, "protocol"), f"server protocol {proto} {NOT_IMPLEMENTED}; {why}")
+        proto = None
+    hosts: list[ServerHostDraft] = []
+    for j, h in enumerate(listing(ctx, srv["hosts"], (*path, "hosts")) or []):
+        got = _server_host(ctx, h, (*path, "hosts", j))
+        if got is None:
+            ok = False
+        elif got not in hosts:
+            hosts.append(got)
+    if not ok or number is None or name is None or proto is None or not hosts:
+        return None
+    return ServerDraft(number, name, hosts, Where(ctx, path))
+
+
+def _server_host(ctx: Ctx, value: Any, path: Path) -> ServerHostDraft | None:
+    """``[NAMESPACE/]HOST`` as Istio validates a Gateway's host: NAMESPACE
+    ``*`` (any; the default), ``.`` (the Gateway's) or a namespace; HOST
+    ``*``, ``*.example.com`` or a DNS name."""
+    h = text(ctx, value, path, required=True)
+    if h is None:
+        return None
+    ns, _, name = h.rpartition("/") if "/" in h else ("*", "", h)
+    if ns == ".":
+        ns = ctx.namespace
+    elif ns != "*" and not DNS1123_LABEL.fullmatch(ns):
+        ctx.error(
+            path,
+            f"host {h!r}: namespace {ns!r} must be '*', '.' or a namespace (a DNS-1123 label)",
+        )
+        return None
+    name = name.lower().rstrip(".")
+    plain = name[2:] if name.startswith("*.") else name
+    if name != "*" and not (_NAME.fullmatch(plain) and len(plain) <= 253):
+        ctx.error(
+            path,
+            f"host {h!r} must be [NAMESPACE/]HOST, HOST being '*', '*.example.com' or a DNS "
+            "name (no port)",
+        )
+        return None
+    return ServerHostDraft(ns, name, Where(ctx, path))
+
+
+# -- which routes apply where ------------------------------------------------------
+
+
+def routes_for(rule: RuleDraft, gateway: str, port: int | None = None) -> list[RouteDraft]:
+    """The routes of *rule* that apply at *gateway* (``mesh``, or an Istio
+    Gateway's ``namespace/name``) and, at a Gateway, on server *port*: none
+    where *rule* is not bound to it; of a route whose match blocks name
+    gateways, the blocks that apply there (each one naming *gateway*, or
+    naming none), the route left out where none does; at a Gateway only
+    ``http`` routes, and only blocks of no ``port`` or that one (pilot's
+    translateRoute). What is left is each route's matches there, its
+    ``blocks`` spent."""
+    if gateway not in rule.bound:
+        return []
+    out: list[RouteDraft] = []
+    for rd in rule.routes:
+        if port is not None and rd.protocol != "http":
+            continue
+        if rd.blocks is None:
+            if not rd.matches or port is None:
+                out.append(rd)
+                continue
+            ms = tuple(m for m in rd.matches if m.port in (None, port))
+        else:
+            ms = tuple(
+                b.match
+                for b in rd.blocks
+                if (not b.gateways or any(g.key == gateway for g in b.gateways))
+                and (port is None or b.match.port in (None, port))
+            )
+        if not ms:
+            continue
+        out.append(dataclasses.replace(rd, matches=() if Match() in ms else ms, blocks=None))
+    return out
+
+
+# -- binding VirtualServices to Gateways --------------------------------------------
+
+
+def _covers(wide: str, name: str) -> bool:
+    """Whether every name *name* stands for, *wide* stands for too (pilot's
+    host.Name.SubsetOf): ``*`` covers all, ``*.a.com`` ``b.a.com`` and
+    ``*.b.a.com``."""
+    if wide.startswith("*"):
+        return (name[1:] if name.startswith("*") else name).endswith(wide[1:])
+    return not name.startswith("*") and name == wide
+
+
+def meet(server: str, host: str) -> str | None:
+    """The names a server host and a VirtualService host both stand for:
+    the more specific of the two where one covers the other (pilot's
+    host.Names.Intersection); None where neither does."""
+    if _covers(server, host):
+        return host
+    if _covers(host, server):
+        return server
+    return None
+
+
+@dataclass
+class Binding:
+    """One gateway service: VirtualService *rule* on server port
+    *server.port* of Gateway *gateway*, for the requests whose Host is
+    *name* (``*``: any), by *ref* (its ``spec.gateways`` entry)."""
+
+    gateway: IstioGatewayDraft
+    server: ServerDraft
+    name: str
+    rule: RuleDraft
+    ref: GatewayRef
+    routes: list[RouteDraft]
+
+    @property
+    def key(self) -> str:
+        # (``NAME.NUMBER``, as Istio names a server's routes: a Gateway API
+        # listener's name, a DNS label, never has a dot)
+        listener = f"{self.server.port_name}.{self.server.port}"
+        return gateway_host(self.gateway, listener, None if self.name == "*" else self.name)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def service(self) -> Service:
+        """The gateway service: no endpoints, one HTTP port, the server's."""
+        sp = ServicePort(self.server.port, self.server.port_name, "HTTP")
+        return Service(self.key, (sp,), role="gateway")
+
+    def ingress_path(self) -> IngressPath:
+        """The catch-all path of the server's port for the name, to the
+        gateway service."""
+        gw = self.gateway
+        return IngressPath(
+            f"{gw.namespace}/{gw.name}/{self.server.port_name}",
+            None if self.name == "*" else self.name,
+            "/",
+            "Prefix",
+            self.key,
+            self.server.port,
+            listener_port=self.server.port,
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"VirtualService {self.rule.namespace}/{self.rule.name} for {self.name} on port "
+            f"{self.port} of Gateway {self.gateway.namespace}/{self.gateway.name}"
+        )
+
+
+def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> list[Binding]:
+    """Every (Gateway port, name) each VirtualService of *rules* gets, in
+    file order; errors and warnings at the VirtualServices."""
+    by_name = {(g.namespace, g.name): g for g in gateways}
+    owners: dict[tuple[int, int, str], Binding] = {}
+    out: list[Binding] = []
+    for rule in rules:
+        if rule.kind != "VirtualService":
+            continue
+        for rd in rule.routes:
+            for block in rd.blocks or ():
+                for g in block.gateways:
+                    if g.key not in rule.bound:
+                        g.where.warning(
+                            f"gateway {g.key} is not one of this VirtualService's "
+                            f"(spec.gateways: {', '.join(rule.bound)}); this block applies "
+                            "nowhere there (a VirtualService is bound by spec.gateways alone)"
+                        )
+        for ref in rule.gateways or ():
+            if ref.is_mesh:
+                continue
+            gw = by_name.get((ref.namespace, ref.name))
+            if gw is None:
+                known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_name)) or "none"
+                ref.where.error(
+                    f"unknown gateway: no Istio Gateway {ref.key} in these files (Istio "
+                    f"Gateways: {known}; a VirtualService binds to networking.istio.io "
+                    "Gateways, a Gateway API Gateway takes HTTPRoutes)"
+                )
+                continue
+            for b in _bindings(rule, ref, gw):
+                first = owners.get((id(gw), b.port, b.name))
+                if first is not None:
+                    ref.where.error(
+                        f"host {b.name} on port {b.port} of Gateway {gw.namespace}/{gw.name} is "
+                        f"already routed by VirtualService {first.rule.namespace}/"
+                        f"{first.rule.name} ({first.rule.where.location}); Istio merges the "
+                        "VirtualServices of one host at a gateway in creation order, which "
+                        "rule files do not carry: route one host from one VirtualService"
+                    )
+                    continue
+                owners[(id(gw), b.port, b.name)] = b
+                out.append(b)
+    return out
+
+
+def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[Binding]:
+    """What *rule* gets at Gateway *gw* (named by *ref*): per server port,
+    each name its hosts meet the port's servers' hosts in, the first
+    server to admit a name keeping it. A host no server admits is a
+    warning, and so is a port where no route of *rule* applies."""
+    out: list[Binding] = []
+    taken: set[str] = set()
+    done: set[tuple[int, str]] = set()
+    routes: dict[int, list[RouteDraft]] = {}
+    for server in gw.servers:
+        for host in rule.hosts:
+            for sh in server.hosts:
+                name = meet(sh.hostname, host)
+                if name is None or sh.namespace not in ("*", rule.namespace):
+                    continue
+                taken.add(host)
+                if (server.port, name) in done:
+                    continue
+                done.add((server.port, name))
+                if server.port not in routes:
+                    routes[server.port] = routes_for(rule, ref.key, server.port)
+                    if not routes[server.port]:
+                        ref.where.warning(
+                            f"no http route of this VirtualService applies on port "
+                            f"{server.port} of Gateway {gw.namespace}/{gw.name} (their match "
+                            "blocks name other gateways or ports); its hosts are not served there"
+                        )
+                if routes[server.port]:
+                    out.append(Binding(gw, server, name, rule, ref, routes[server.port]))
+    for host in rule.hosts:
+        if host in taken:
+            continue
+        hosts = [str(sh) for s in gw.servers for sh in s.hosts]
+        barred = [
+            str(sh)
+            for s in gw.servers
+            for sh in s.hosts
+            if meet(sh.hostname, host) is not None and sh.namespace != "*"
+        ]
+        why = (
+            f"{', '.join(barred)} admit only the VirtualServices of "
+            f"{'that namespace' if len(barred) == 1 else 'their namespaces'}, and this one "
+            f"is in {rule.namespace}"
+            if barred
+            else f"its servers' hosts are {', '.join(hosts)}"
+        )
+        ref.where.warning(
+            f"host {host} is admitted by no server of Gateway {gw.namespace}/{gw.name} ({why}); "
+            "it is not routed there (Istio ignores it silently)"
+        )
+    return out
+
+
+# -- one port and host, one owner ---------------------------------------------------
+
+
+def check_claims(
+    istio: Sequence[IstioGatewayDraft],
+    gateways: Sequence[GatewayDraft],
+    ingress: Sequence[IngressDraft],
+) -> bool:
+    """The ports and hosts that the Gateways' servers and listeners and
+    the Ingress rules claim, each by one of them: two of different objects
+    (one of them an Istio Gateway's, or an Ingress rule's and a Gateway
+    API listener's) on one port (an Ingress rule's is every port) and one
+    host (``*``, a listener without a hostname and an Ingress rule without
+    one all meaning any) is an error naming both. (Listeners of Gateway
+    API Gateways among themselves: ``_gateway_api._check_shared_ports``;
+    Ingress rules of one host are merged, as Kubernetes merges them.)
+    Whether none clashed."""
+    # (port or None: every port, host or None: any) → what claims it
+    claims: list[tuple[int | None, str | None, str, Where, str]] = []
+    ok = True
+
+    def claim(port: int | None, host: str | None, what: str, where: Where, kind: str) -> None:
+        nonlocal ok
+        for other_port, other_host, other, other_where, other_kind in claims:
+            if other_host != host or (None not in (port, other_port) and port != other_port):
+                continue
+            if kind == other_kind != "istio":
+                continue  # (checked, or merged, elsewhere)
+            ok = False
+            on = f"port {port}" if port is not None else "every port"
+            where.error(
+                f"{what} serves host {host or '*'} on {on}, and so does {other} "
+                f"({other_where.location}); the gateway serves every Gateway and Ingress on "
+                "the same local ports, so one port and host is one of them: give one another "
+                "host or port"
+            )
+            return
+        claims.append((port, host, what, where, kind))
+
+    for gw in gateways:
+        for lst in gw.listeners:
+            what = f"listener {lst.name} of Gateway {gw.namespace}/{gw.name}"
+            claim(lst.port, lst.hostname, what, lst.where, "gateway-api")
+    seen: set[tuple[str, str | None]] = set()
+    for ing in ingress:
+        p = ing.path
+        if p.path_type == "Default" or (p.name, p.host) in seen:
+            continue
+        seen.add((p.name, p.host))
+        claim(None, p.host, f"Ingress {p.name}", ing.where, "ingress")
+    for igw in istio:
+        for i, server in enumerate(igw.servers):
+            for sh in server.hosts:
+                host = None if sh.hostname == "*" else sh.hostname
+                what = f"Gateway {igw.namespace}/{igw.name} server {i} (host {sh})"
+                claim(server.port, host, what, sh.where, "istio")
+    return ok
+
+
+def check_paths(
+    bindings: Sequence[Binding], others: Iterable[IngressPath], gateways: Sequence[GatewayDraft]
+) -> None:
+    """A name a VirtualService gets on a Gateway port that another gateway
+    service (an Istio Gateway's or a Gateway API listener's) or an Ingress
+    rule serves on that port too, or that a Gateway API listener on that
+    port is for: an error naming both (a request would take one of them by
+    the order of the files)."""
+    paths = [p for p in others if p.path_type != "Default"]
+    listeners = [(gw, lst) for gw in gateways for lst in gw.listeners if lst.hostname]
+    for i, b in enumerate(bindings):
+        host = None if b.name == "*" else b.name
+        clash = next(
+            (
+                f"listener {lst.name} of Gateway {gw.namespace}/{gw.name} ({lst.where.location})"
+                for gw, lst in listeners
+                if (lst.port, lst.hostname) == (b.port, host)
+            ),
+            None,
+        )
+        clash = clash or next(
+            (
+                f"Ingress {p.name} (on every port)"
+                if p.listener_port is None
+                else f"the routes of listener {p.name}"
+                for p in paths
+                if p.host == host and p.listener_port in (None, b.port)
+            ),
+            None,
+        )
+        clash = clash or next(
+            (
+                f"{other} ({other.ref.where.location})"
+                for other in bindings[:i]
+                if other.key != b.key and (other.port, other.name) == (b.port, b.name)
+            ),
+            None,
+        )
+        if clash:
+            b.ref.where.error(
+                f"{b} is served by {clash} too; one port and host is one route set: give one "
+                "another host or port"
+            )
