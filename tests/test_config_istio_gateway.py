@@ -1,0 +1,770 @@
+"""Istio's Gateway (networking.istio.io) and VirtualServices bound to it by
+``spec.gateways``: the table they compile to, and errors with file:line.
+
+Rule files are loaded beside REGISTRY, a bookinfo registry: productpage
+(one pod), reviews (pods v1, v2, v3, with a DestinationRule of those
+subsets) and details, all on port 9080. The gateway's port is 80 unless a
+case says otherwise.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from l4proxy.rules import ConfigError, LoadResult, load_rules
+from l4proxy.rules.routing import Request, RouteTable, Service
+
+REGISTRY = """\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: productpage}
+spec:
+  hosts: [productpage.default.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.1.10, labels: {app: productpage, version: v1}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 198.18.1.21, labels: {app: reviews, version: v1}}
+  - {address: 198.18.1.22, labels: {app: reviews, version: v2}}
+  - {address: 198.18.1.23, labels: {app: reviews, version: v3}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: details}
+spec:
+  hosts: [details.default.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.1.30}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+"""
+PRODUCTPAGE = "198.18.1.10"
+REVIEWS = {"198.18.1.21": "v1", "198.18.1.22": "v2", "198.18.1.23": "v3"}
+
+# Istio's samples/bookinfo/networking/bookinfo-gateway.yaml, verbatim but
+# for the port (80 here, as the gateway's --listen is) and a comment left out
+BOOKINFO = """\
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata:
+  name: bookinfo-gateway
+spec:
+  # The selector matches the ingress gateway pod labels.
+  selector:
+    istio: ingressgateway # use istio default controller
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - "*"
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: bookinfo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - bookinfo-gateway
+  http:
+  - match:
+    - uri:
+        exact: /productpage
+    - uri:
+        prefix: /static
+    - uri:
+        exact: /login
+    - uri:
+        exact: /logout
+    - uri:
+        prefix: /api/v1/products
+    route:
+    - destination:
+        host: productpage
+        port:
+          number: 9080
+"""
+
+
+def gateway(hosts: str = '["*"]', name: str = "gw", port: int = 80, ns: str = "") -> str:
+    meta = f"{{name: {name}, namespace: {ns}}}" if ns else f"{{name: {name}}}"
+    return f"""\
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {meta}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: {hosts}
+"""
+
+
+def vs(name: str, hosts: str, gateways: str, http: str, ns: str = "") -> str:
+    meta = f"{{name: {name}, namespace: {ns}}}" if ns else f"{{name: {name}}}"
+    return f"""\
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {meta}
+spec:
+  hosts: {hosts}
+  gateways: {gateways}
+  http:
+{textwrap.indent(textwrap.dedent(http), "  ")}"""
+
+
+def to(host: str, subset: str = "") -> str:
+    """An http route of one destination, every request."""
+    sub = f", subset: {subset}" if subset else ""
+    return f"- route:\n  - destination: {{host: {host}{sub}}}\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> str:
+    f = tmp_path / name
+    f.write_text(text)
+    return str(f)
+
+
+def load_result(tmp_path: Path, text: str) -> LoadResult:
+    return load_rules([write(tmp_path, text), write(tmp_path, REGISTRY, "registry.yaml")], seed=1)
+
+
+def load(tmp_path: Path, text: str) -> RouteTable:
+    return load_result(tmp_path, text).table
+
+
+def at_gateway(
+    table: RouteTable,
+    host: str,
+    path: str,
+    port: int = 80,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, str | None]:
+    """(route, endpoint address) of a request for *host* and *path* on the
+    gateway's *port*; ("no ingress route", None) where no name takes its
+    Host (the worker's 404 NR)."""
+    hit = table.ingress(host, path, port)
+    if hit is None:
+        return "no ingress route", None
+    svc, sport = hit
+    assert svc.role == "gateway"
+    d = table.decide(svc, sport.number, Request(path=path, authority=host, headers=headers or {}))
+    return d.route, (d.endpoints[0].address if d.endpoints else None)
+
+
+def service(table: RouteTable, name: str) -> Service:
+    svc = table.service(f"{name}.default.svc.cluster.local")
+    assert svc is not None
+    return svc
+
+
+# -- bookinfo ------------------------------------------------------------------------
+
+
+def test_bookinfo_gateway_routes_its_paths_to_productpage(tmp_path: Path) -> None:
+    """Istio's bookinfo-gateway.yaml unchanged: every Host (server and
+    VirtualService hosts "*"), the five uri matches to productpage, any
+    other path 404 no route; nothing on another port."""
+    table = load(tmp_path, BOOKINFO)
+    for host in ("bookinfo.example.com", "192.0.2.7:80", "x"):
+        for path in ("/productpage", "/static/img/a.png", "/login", "/api/v1/products/1"):
+            assert at_gateway(table, host, path) == ("bookinfo", PRODUCTPAGE), (host, path)
+        assert at_gateway(table, host, "/productpage/x") == ("no_route", None)
+        assert at_gateway(table, host, "/") == ("no_route", None)
+    assert table.ingress("bookinfo.example.com", "/productpage", 8080) is None
+
+
+# -- splits and hosts ----------------------------------------------------------------
+
+
+def test_a_canary_split_by_subsets_at_the_gateway(tmp_path: Path) -> None:
+    """reviews v1 90 / v2 10 by DestinationRule subsets, at the gateway:
+    2,000 requests with the table's seeded draw give v2 about 200 (sd 13)
+    and never v3."""
+    text = gateway() + vs(
+        "reviews",
+        "[reviews.example.com]",
+        "[gw]",
+        """\
+        - route:
+          - destination: {host: reviews, subset: v1}
+            weight: 90
+          - destination: {host: reviews, subset: v2}
+            weight: 10
+        """,
+    )
+    table = load(tmp_path, text)
+    got = Counter(
+        REVIEWS[str(at_gateway(table, "reviews.example.com", "/reviews/1")[1])] for _ in range(2000)
+    )
+    assert set(got) == {"v1", "v2"}
+    assert 150 <= got["v2"] <= 250, got
+
+
+def test_the_host_header_picks_the_virtual_service(tmp_path: Path) -> None:
+    """Two VirtualServices of one server (hosts "*"), each its own host:
+    each Host goes to its own, the port in the Host and letter case
+    ignored; a Host neither names is taken by no name (404 NR)."""
+    text = (
+        gateway()
+        + vs("pp", "[pp.example.com]", "[gw]", to("productpage"))
+        + vs("rv", "[reviews.example.com]", "[gw]", to("reviews", "v3"))
+    )
+    table = load(tmp_path, text)
+    assert at_gateway(table, "pp.example.com", "/") == ("pp", PRODUCTPAGE)
+    assert at_gateway(table, "PP.Example.com:80", "/x") == ("pp", PRODUCTPAGE)
+    assert at_gateway(table, "reviews.example.com:8080", "/") == ("rv", "198.18.1.23")
+    assert at_gateway(table, "other.example.com", "/") == ("no ingress route", None)
+    assert at_gateway(table, "", "/") == ("no ingress route", None)
+
+
+def test_a_wildcard_server_host_takes_names_under_it(tmp_path: Path) -> None:
+    """Server host *.example.com, VirtualService host "*": they meet in
+    *.example.com, which takes names of one label or more under it (Envoy's
+    suffix wildcard), not example.com itself nor another domain."""
+    text = gateway('["*.example.com"]') + vs("pp", '["*"]', "[gw]", to("productpage"))
+    table = load(tmp_path, text)
+    assert at_gateway(table, "a.example.com", "/") == ("pp", PRODUCTPAGE)
+    assert at_gateway(table, "a.b.example.com", "/") == ("pp", PRODUCTPAGE)
+    assert at_gateway(table, "example.com", "/") == ("no ingress route", None)
+    assert at_gateway(table, "a.example.org", "/") == ("no ingress route", None)
+    keys = [p.service for p in table.ingress_paths]
+    assert keys == ["gateway:default/gw/http.80/*.example.com"]
+
+
+def test_an_exact_name_wins_over_a_wildcard_and_does_not_fall_through(tmp_path: Path) -> None:
+    """VirtualService wide (*.example.com) and pp (pp.example.com): a Host
+    takes the most specific name, and a request no route of that name
+    matches is answered 404, never routed by the wider name's routes (as
+    Envoy's virtual hosts, unlike the Gateway API's hostnames)."""
+    text = (
+        gateway()
+        + vs("wide", '["*.example.com"]', "[gw]", to("details"))
+        + vs(
+            "pp",
+            "[pp.example.com]",
+            "[gw]",
+            """\
+            - match: [{uri: {prefix: /productpage}}]
+              route:
+              - destination: {host: productpage}
+            """,
+        )
+    )
+    table = load(tmp_path, text)
+    assert at_gateway(table, "pp.example.com", "/productpage") == ("pp", PRODUCTPAGE)
+    assert at_gateway(table, "pp.example.com", "/details") == ("no_route", None)
+    assert at_gateway(table, "x.example.com", "/details") == ("wide", "198.18.1.30")
+
+
+def test_namespace_slash_host_admits_that_namespace_s_virtual_services(tmp_path: Path) -> None:
+    """A Gateway in istio-system whose server hosts are prod/* and
+    ./admin.example.com: VirtualServices of prod bind for any name, those
+    of istio-system for admin.example.com only, and one of dev for none
+    (a warning naming the host and the Gateway; Istio says nothing)."""
+    text = (
+        gateway('["prod/*", "./admin.example.com"]', ns="istio-system")
+        + vs(
+            "shop",
+            "[shop.example.com]",
+            "[istio-system/gw]",
+            to("productpage.default.svc.cluster.local"),
+            ns="prod",
+        )
+        + vs(
+            "admin",
+            "[admin.example.com, other.example.com]",
+            "[gw]",
+            to("details.default.svc.cluster.local"),
+            ns="istio-system",
+        )
+        + vs(
+            "dev",
+            "[dev.example.com]",
+            "[istio-system/gw]",
+            to("reviews.default.svc.cluster.local"),
+            ns="dev",
+        )
+    )
+    result = load_result(tmp_path, text)
+    table = result.table
+    assert at_gateway(table, "shop.example.com", "/") == ("shop", PRODUCTPAGE)
+    assert at_gateway(table, "admin.example.com", "/") == ("admin", "198.18.1.30")
+    assert at_gateway(table, "other.example.com", "/") == ("no ingress route", None)
+    assert at_gateway(table, "dev.example.com", "/") == ("no ingress route", None)
+    warned = {(d.name, d.message) for d in result.notes if d.severity == "warning"}
+    assert (
+        "dev",
+        "host dev.example.com is admitted by no server of Gateway istio-system/gw (prod/* admit "
+        "only the VirtualServices of that namespace, and this one is in dev); it is not "
+        "routed there (Istio ignores it silently)",
+    ) in warned
+    assert (
+        "admin",
+        "host other.example.com is admitted by no server of Gateway istio-system/gw (prod/* "
+        "admit only the VirtualServices of that namespace, and this one is in istio-system); "
+        "it is not routed there (Istio ignores it silently)",
+    ) in warned
+
+
+# -- gateways per match block, and the mesh -------------------------------------------
+
+PER_BLOCK = vs(
+    "reviews",
+    "[reviews]",
+    "[gw, mesh]",
+    """\
+    - name: split
+      match:
+      - {uri: {prefix: /a}, gateways: [gw]}
+      - {uri: {prefix: /b}, gateways: [mesh]}
+      route:
+      - destination: {host: reviews, subset: v2}
+    - name: mesh-only
+      match:
+      - {gateways: [mesh], headers: {x-test: {exact: "1"}}}
+      route:
+      - destination: {host: reviews, subset: v3}
+    - name: rest
+      route:
+      - destination: {host: reviews, subset: v1}
+    """,
+)
+
+
+def test_match_gateways_narrow_each_block(tmp_path: Path) -> None:
+    """One VirtualService for the gateway and the mesh: a block naming gw
+    applies at the gateway only, one naming mesh to the sidecars only; a
+    route whose every block names mesh is not at the gateway at all."""
+    table = load(tmp_path, gateway() + PER_BLOCK)
+    host = "reviews.default.svc.cluster.local"
+    assert at_gateway(table, host, "/a") == ("reviews/split", "198.18.1.22")
+    assert at_gateway(table, host, "/b") == ("reviews/rest", "198.18.1.21")
+    x_test = {"x-test": "1"}
+    assert at_gateway(table, host, "/c", headers=x_test) == ("reviews/rest", "198.18.1.21")
+    reviews = service(table, "reviews")
+
+    def mesh(path: str, headers: dict[str, str] | None = None) -> tuple[str, str]:
+        d = table.decide(reviews, 9080, Request(path=path, headers=headers or {}))
+        return d.route, d.endpoints[0].address
+
+    assert mesh("/a") == ("reviews/rest", "198.18.1.21")
+    assert mesh("/b") == ("reviews/split", "198.18.1.22")
+    assert mesh("/c", {"x-test": "1"}) == ("reviews/mesh-only", "198.18.1.23")
+    routes = table.to_json()["routes"]
+    assert [r["name"] for r in routes["gateway:default/gw/http.80/" + host]] == [
+        "reviews/split",
+        "reviews/rest",
+    ]
+    assert [r["name"] for r in routes[host]] == [
+        "reviews/split",
+        "reviews/mesh-only",
+        "reviews/rest",
+    ]
+
+
+def test_a_virtual_service_of_gateways_only_leaves_the_mesh_host_alone(tmp_path: Path) -> None:
+    """VirtualService reviews with gateways [gw] routes the gateway's
+    requests to v2; the sidecars' requests to reviews are routed as with
+    no VirtualService (round robin over v1, v2, v3), and a request of
+    theirs is never 404. With mesh among its gateways it routes both."""
+    only_gw = gateway() + vs("reviews", "[reviews]", "[gw]", to("reviews", "v2"))
+    table = load(tmp_path, only_gw)
+    host = "reviews.default.svc.cluster.local"
+    assert at_gateway(table, host, "/") == ("reviews", "198.18.1.22")
+    reviews = service(table, "reviews")
+    spread = Counter(table.decide(reviews, 9080, Request()).endpoints[0].address for _ in range(6))
+    assert spread == Counter(dict.fromkeys(REVIEWS, 2))
+    assert {table.decide(reviews, 9080, Request()).route for _ in range(3)} == {"default"}
+    assert host not in table.to_json()["routes"]
+    both = load(tmp_path, only_gw.replace("gateways: [gw]", "gateways: [gw, mesh]"))
+    reviews = service(both, "reviews")
+    d = both.decide(reviews, 9080, Request())
+    assert (d.route, d.endpoints[0].address) == ("reviews", "198.18.1.22")
+
+
+def test_a_mesh_virtual_service_and_a_gateway_one_share_a_host(tmp_path: Path) -> None:
+    """Two VirtualServices of one host, one for the sidecars (no gateways)
+    and one for the gateway, are no clash (each applies in one place)."""
+    text = (
+        gateway()
+        + vs("mesh", "[reviews]", "[mesh]", to("reviews", "v1"))
+        + vs("edge", "[reviews]", "[gw]", to("reviews", "v3"))
+    )
+    table = load(tmp_path, text)
+    assert at_gateway(table, "reviews.default.svc.cluster.local", "/") == ("edge", "198.18.1.23")
+    d = table.decide(service(table, "reviews"), 9080, Request())
+    assert (d.route, d.endpoints[0].address) == ("mesh", "198.18.1.21")
+
+
+def test_an_istio_gateway_and_a_gateway_api_gateway_coexist(tmp_path: Path) -> None:
+    """Both kinds, of one name, on ports of their own; an Ingress too."""
+    text = (
+        BOOKINFO
+        + """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  gatewayClassName: l4proxy
+  listeners: [{name: http, port: 8000, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: details}
+spec:
+  parentRefs: [{name: bookinfo-gateway}]
+  rules: [{backendRefs: [{name: details, port: 9080}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: legacy}
+spec:
+  rules:
+  - host: legacy.example.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: reviews, port: {number: 9080}}}}
+"""
+    )
+    table = load(tmp_path, text)
+    assert at_gateway(table, "x.example.com", "/productpage") == ("bookinfo", PRODUCTPAGE)
+    assert at_gateway(table, "x.example.com", "/productpage", 8000) == ("details", "198.18.1.30")
+    hit = table.ingress("legacy.example.com", "/", 80)
+    assert hit is not None and hit[0].host == "reviews.default.svc.cluster.local"
+
+
+# -- what validate -v shows ------------------------------------------------------------
+
+
+def test_validate_verbose_shows_the_gateway_services_and_their_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    code = main(
+        ["validate", "-v", write(tmp_path, BOOKINFO), write(tmp_path, REGISTRY, "registry.yaml")]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "  gateway listener gateway:default/bookinfo-gateway/http.80/* (local port 80)\n" in out
+    assert (
+        "      1. bookinfo: uri exact '/productpage' or uri prefix '/static' or uri exact "
+        "'/login' or uri exact '/logout' or uri prefix '/api/v1/products'\n"
+        "           100%  productpage.default.svc.cluster.local port 9080 subset default"
+    ) in out
+    assert "    any host port 80 -> gateway:default/bookinfo-gateway/http.80/*\n" in out
+
+
+# -- errors and warnings at their line ---------------------------------------------------
+
+LISTENER = """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  gatewayClassName: l4proxy
+  listeners: [{name: web, port: 80, protocol: HTTP, hostname: a.example.com}]
+"""
+INGRESS = """\
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: legacy}
+spec:
+  rules:
+  - host: a.example.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: reviews, port: {number: 9080}}}}
+"""
+
+# (case, rule file text, expected message part, expected line)
+CASES = [
+    (
+        "unknown gateway",
+        gateway() + vs("pp", "[pp.example.com]", "[gw, nowhere]", to("productpage")),
+        "unknown gateway: no Istio Gateway default/nowhere in these files (Istio Gateways: "
+        "default/gw;",
+        16,
+    ),
+    (
+        "a gateway of another namespace by its short name",
+        gateway(ns="istio-system") + vs("pp", "[pp.example.com]", "[gw]", to("productpage")),
+        "unknown gateway: no Istio Gateway default/gw in these files (Istio Gateways: "
+        "istio-system/gw;",
+        16,
+    ),
+    (
+        "HTTPS server",
+        gateway().replace("protocol: HTTP", "protocol: HTTPS"),
+        "server protocol HTTPS is not implemented by l4proxy",
+        8,
+    ),
+    (
+        "HTTP2 server",
+        gateway().replace("protocol: HTTP", "protocol: HTTP2"),
+        "the gateway speaks HTTP/1.x",
+        8,
+    ),
+    (
+        "a protocol Istio has not",
+        gateway().replace("protocol: HTTP", "protocol: SPDY"),
+        "invalid protocol 'SPDY'",
+        8,
+    ),
+    (
+        "tls on a server",
+        gateway() + "    tls: {httpsRedirect: true}\n",
+        "spec.servers[0].tls is not implemented by l4proxy",
+        10,
+    ),
+    (
+        "bind on a server",
+        gateway() + "    bind: 0.0.0.0\n",
+        "the gateway listens where `l4proxy run --listen` says",
+        10,
+    ),
+    (
+        "targetPort",
+        gateway().replace("protocol: HTTP}", "protocol: HTTP, targetPort: 8080}"),
+        "targetPort is only valid for a ServiceEntry",
+        8,
+    ),
+    (
+        "no hosts",
+        gateway("[]"),
+        "spec.servers[0].hosts must not be empty",
+        9,
+    ),
+    (
+        "a host with a bad namespace",
+        gateway('["Prod/*"]'),
+        "namespace 'Prod' must be '*', '.' or a namespace",
+        9,
+    ),
+    (
+        "a host with a port",
+        gateway('["a.example.com:80"]'),
+        "must be [NAMESPACE/]HOST, HOST being '*', '*.example.com' or a DNS name (no port)",
+        9,
+    ),
+    (
+        "two servers with one port name",
+        gateway() + "  - port: {number: 81, name: http, protocol: HTTP}\n    hosts: ['*']\n",
+        "port name http is already the name of server 0's port",
+        10,
+    ),
+    (
+        "two servers of one Gateway on one port and host",
+        gateway() + "  - port: {number: 80, name: http2, protocol: HTTP}\n    hosts: ['*']\n",
+        "Gateway default/gw server 1 (host */*) serves host * on port 80, and so does Gateway "
+        "default/gw server 0 (host */*)",
+        11,
+    ),
+    (
+        "two Istio Gateways on one port and host",
+        gateway() + gateway(name="gw2"),
+        "Gateway default/gw2 server 0 (host */*) serves host * on port 80, and so does Gateway "
+        "default/gw server 0",
+        18,
+    ),
+    (
+        "an Istio Gateway and a Gateway API listener on one port and host",
+        LISTENER + gateway('["a.example.com"]'),
+        "Gateway default/gw server 0 (host */a.example.com) serves host a.example.com on port "
+        "80, and so does listener web of Gateway default/edge",
+        16,
+    ),
+    (
+        "an Istio Gateway and an Ingress rule on one host",
+        INGRESS + gateway('["a.example.com"]'),
+        "Gateway default/gw server 0 (host */a.example.com) serves host a.example.com on port "
+        "80, and so does Ingress default/legacy",
+        19,
+    ),
+    (
+        "a name a Gateway API listener serves too",
+        LISTENER + gateway() + vs("pp", "[a.example.com]", "[gw]", to("productpage")),
+        "VirtualService default/pp for a.example.com on port 80 of Gateway default/gw is served "
+        "by listener web of Gateway default/edge (",
+        23,
+    ),
+    (
+        "two VirtualServices of one host at one gateway",
+        gateway()
+        + vs("a", "[pp.example.com]", "[gw]", to("productpage"))
+        + vs("b", "[pp.example.com]", "[gw]", to("details")),
+        "host pp.example.com on port 80 of Gateway default/gw is already routed by "
+        "VirtualService default/a",
+        26,
+    ),
+    (
+        "a wildcard host of a VirtualService for the mesh",
+        gateway() + vs("pp", '["*"]', "[gw, mesh]", to("productpage")),
+        "wildcard host '*' is not implemented by l4proxy; remove it (the sidecar would not "
+        "honour it) for mesh traffic",
+        15,
+    ),
+    (
+        "a bad gateway name",
+        gateway() + vs("pp", "[pp.example.com]", '["istio-system/"]', to("productpage")),
+        "gateway 'istio-system/' must be NAMESPACE/NAME",
+        16,
+    ),
+    (
+        "gateways on a tcp match block",
+        gateway()
+        + vs("pp", "[pp]", "[mesh]", to("productpage"))
+        + "  tcp:\n  - match: [{gateways: [gw]}]\n    route:\n    - destination: {host: pp}\n",
+        "spec.tcp[0].match[0].gateways is not implemented by l4proxy",
+        21,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_errors_name_file_and_line(tmp_path: Path, text: str, message: str, line: int) -> None:
+    f = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, write(tmp_path, REGISTRY, "registry.yaml")])
+    errs = [e for e in info.value.errors if message in e.message]
+    assert errs, f"no error containing {message!r} in:\n{info.value}"
+    assert (errs[0].file, errs[0].line) == (f, line), str(errs[0])
+
+
+WARNINGS = [
+    (
+        "a host no server admits",
+        gateway('["*.example.com"]') + vs("pp", "[pp.example.org]", "[gw]", to("productpage")),
+        "host pp.example.org is admitted by no server of Gateway default/gw (its servers' hosts "
+        "are */*.example.com); it is not routed there",
+        16,
+    ),
+    (
+        "a block naming a gateway its VirtualService is not bound to",
+        gateway()
+        + vs(
+            "pp",
+            "[pp.example.com]",
+            "[gw]",
+            "- match: [{uri: {prefix: /}, gateways: [other]}]\n"
+            "  route:\n  - destination: {host: productpage}\n" + to("details"),
+        ),
+        "gateway default/other is not one of this VirtualService's (spec.gateways: default/gw); "
+        "this block applies nowhere",
+        18,
+    ),
+    (
+        "no route applies at a gateway",
+        gateway()
+        + vs(
+            "pp",
+            "[pp.example.com]",
+            "[gw, mesh]",
+            "- match: [{gateways: [mesh]}]\n  route:\n  - destination: {host: productpage}\n",
+        ),
+        "no http route of this VirtualService applies on port 80 of Gateway default/gw",
+        16,
+    ),
+    (
+        "sourceLabels in a block that names gateways",
+        gateway()
+        + vs(
+            "pp",
+            "[pp.example.com]",
+            "[gw]",
+            "- match: [{gateways: [gw], sourceLabels: {app: x}}]\n"
+            "  route:\n  - destination: {host: productpage}\n",
+        ),
+        "sourceLabels are not tested in a match block that names gateways",
+        18,
+    ),
+    (
+        "the legacy FQDN gateway name",
+        gateway() + vs("pp", "[pp.example.com]", "[gw.default.svc.cluster.local]", to("details")),
+        "gateway 'gw.default.svc.cluster.local' is in the legacy NAME.NAMESPACE... form; write "
+        "default/gw",
+        16,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"), [c[1:] for c in WARNINGS], ids=[c[0] for c in WARNINGS]
+)
+def test_warnings_name_file_and_line(tmp_path: Path, text: str, message: str, line: int) -> None:
+    result = load_result(tmp_path, text)
+    found = [d for d in result.notes if message in d.message]
+    assert found, "\n".join(map(str, result.notes))
+    assert (found[0].severity, found[0].line) == ("warning", line), str(found[0])
+
+
+def test_a_destination_s_error_is_said_once(tmp_path: Path) -> None:
+    """A VirtualService for the mesh and a gateway of two names compiles
+    its routes three times; a subset that is not defined is one error."""
+    text = gateway() + vs(
+        "reviews", "[reviews, reviews.example.com]", "[gw, mesh]", to("reviews", "v9")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_result(tmp_path, text)
+    said = [e for e in info.value.errors if "subset v9 is not defined" in e.message]
+    assert len(said) == 1, info.value
+
+
+def test_tcp_routes_are_not_at_the_gateway(tmp_path: Path) -> None:
+    """A VirtualService for the mesh and the gateway with an http and a tcp
+    route: the gateway (HTTP servers only) gets the http route alone, so a
+    request it does not match is the 404, not the tcp route's v3; the
+    sidecars' raw connections still take the tcp route."""
+    text = gateway() + vs(
+        "reviews",
+        "[reviews]",
+        "[gw, mesh]",
+        """\
+        - match: [{uri: {prefix: /a}}]
+          route:
+          - destination: {host: reviews, subset: v2}
+        tcp:
+        - route:
+          - destination: {host: reviews, subset: v3}
+        """,
+    )
+    table = load(tmp_path, text)
+    host = "reviews.default.svc.cluster.local"
+    assert at_gateway(table, host, "/a") == ("reviews", "198.18.1.22")
+    assert at_gateway(table, host, "/b") == ("no_route", None)
+    routes = table.to_json()["routes"]
+    assert [r["protocol"] for r in routes["gateway:default/gw/http.80/" + host]] == ["http"]
+    d = table.decide(service(table, "reviews"), 9080, None)
+    assert d.endpoints[0].address == "198.18.1.23"
