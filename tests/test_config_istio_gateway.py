@@ -612,6 +612,13 @@ CASES = [
         19,
     ),
     (
+        "an Ingress rule and a Gateway API listener on one host",
+        LISTENER + INGRESS,
+        "Ingress default/legacy serves host a.example.com on every port, and so does listener "
+        "web of Gateway default/edge",
+        17,
+    ),
+    (
         "a name a Gateway API listener serves too",
         LISTENER + gateway() + vs("pp", "[a.example.com]", "[gw]", to("productpage")),
         "VirtualService default/pp for a.example.com on port 80 of Gateway default/gw is served "
