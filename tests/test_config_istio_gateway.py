@@ -718,6 +718,24 @@ WARNINGS = [
         18,
     ),
     (
+        "a destination of several ports, none the server's, without a port",
+        gateway()
+        + vs("pp", "[pp.example.com]", "[gw]", to("shop"))
+        + """---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: shop}
+spec:
+  hosts: [shop.default.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: admin, protocol: HTTP}]
+  endpoints: [{address: 198.18.2.1}]
+""",
+        "port required: host shop.default.svc.cluster.local has ports 8080, 9090; a request to "
+        "gateway:default/gw/http.80/pp.example.com port 80 goes to port 80 of "
+        "shop.default.svc.cluster.local, which has none, and is answered 503",
+        19,
+    ),
+    (
         "the legacy FQDN gateway name",
         gateway() + vs("pp", "[pp.example.com]", "[gw.default.svc.cluster.local]", to("details")),
         "gateway 'gw.default.svc.cluster.local' is in the legacy NAME.NAMESPACE... form; write "

@@ -289,8 +289,10 @@ def _compile(
             dest = resolve(dd, False)
             if dest is not None:
                 dests.append(dest)
-                if (id(dd), f"port {gateway_port}") not in warned:  # (once per port)
-                    warned.add((id(dd), f"port {gateway_port}"))
+                # (once per host of the mesh, once per gateway port)
+                checked = (id(dd), f"port {gateway_port or host}")
+                if checked not in warned:
+                    warned.add(checked)
                     _check_port_required(dd, rule.kind, host, rd, services, gateway_port)
         mirrors = []
         for dd, ppm in rd.mirrors:
