@@ -3,7 +3,8 @@
 This package decides; it never moves a byte. Its modules:
 
 * this ``__init__`` and the ``_``-modules: the loaders, one per API
-  (``_routerule``, ``_networking``, ``_ingress``, ``_gateway_api``), the
+  (``_routerule``, ``_networking``, ``_istio_gateway``, ``_ingress``,
+  ``_gateway_api``), the
   bounded YAML reader (``_yaml``), the schema and diagnostics (``_schema``,
   ``_errors``), header edits as both APIs write them (``_header_ops``) and
   as the table merges them and builds redirects (``_edits``), and the
@@ -19,10 +20,12 @@ This package decides; it never moves a byte. Its modules:
 
 Rule documents → one validated :class:`~l4proxy.rules.routing.RouteTable`.
 
-Reads RouteRule (config.istio.io/v1alpha2), VirtualService and
-DestinationRule (networking.istio.io v1alpha3/v1beta1/v1), ServiceEntry (the
-service registry) and Ingress (extensions/v1beta1, networking.k8s.io/v1) from
-multi-document YAML or JSON files and directories (ConfigMap mounts included).
+Reads RouteRule (config.istio.io/v1alpha2), VirtualService, DestinationRule
+and Gateway (networking.istio.io v1alpha3/v1beta1/v1), ServiceEntry (the
+service registry), Ingress (extensions/v1beta1, networking.k8s.io/v1) and the
+Gateway API's HTTPRoute, Gateway and ReferenceGrant (gateway.networking.k8s.io)
+from multi-document YAML or JSON files and directories (ConfigMap mounts
+included).
 Kubernetes objects (Deployment, Service, ...) are skipped with a note; every
 other unknown kind, and every field l4proxy does not implement, is an error.
 

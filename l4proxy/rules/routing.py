@@ -16,9 +16,10 @@ A table holds:
   :class:`Match` blocks (none = catch-all) and weighted :class:`Destination`\\ s,
   each naming a :class:`Subset` (a label selector plus its load-balancing policy).
 * **ingress paths** for gateway mode: Ingress paths, and one catch-all path per
-  Gateway API listener (and hostname) whose service is a *gateway service*
-  (``role="gateway"``): a host with no endpoints of its own whose routes are
-  the attached HTTPRoutes' rules, so a gateway connection is routed in two
+  Gateway API listener or Istio Gateway server (and hostname) whose service is
+  a *gateway service* (``role="gateway"``): a host with no endpoints of its
+  own whose routes are the attached HTTPRoutes' rules or the bound
+  VirtualServices' http routes, so a gateway connection is routed in two
   steps (listener and Host → gateway service → its first matching route).
 
 :meth:`RouteTable.decide` walks the destination host's routes; the first route
@@ -293,8 +294,9 @@ class Service:
     addresses: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     resolution: str = "STATIC"
-    # "gateway": a Gateway API listener's routes (no endpoints, no names, no VIP;
-    # reached only through an ingress path). See the module docstring.
+    # "gateway": a Gateway API listener's or an Istio Gateway server's routes
+    # (no endpoints, no names, no VIP; reached only through an ingress path).
+    # See the module docstring.
     role: Literal["service", "gateway"] = "service"
 
     @classmethod
