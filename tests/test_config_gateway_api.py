@@ -209,14 +209,6 @@ CASES = [
         10,
     ),
     (
-        "cross-namespace backend",
-        HR
-        + MESH
-        + "  rules:\n  - backendRefs:\n    - {name: bootcamp-v1, namespace: other, port: 8080}\n",
-        "no ReferenceGrant in other permits HTTPRoutes of default to refer to it",
-        10,
-    ),
-    (
         "bad path type",
         HR
         + MESH

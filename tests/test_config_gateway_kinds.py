@@ -4,8 +4,9 @@ A ReferenceGrant permits HTTPRoutes of one namespace to name Services of
 another as backendRefs (and mirror backends): without one in the Service's
 namespace that names the route's namespace and the Service (or any
 Service), the backend is RefNotPermitted and its share is answered 500,
-whatever the registry holds (a rule whose every backend is so is an error,
-as one whose every backend resolves to nothing). A GatewayClass (a
+whatever the registry holds, a warning even for a rule with no other
+backend (a grant deleted must revoke: an error would keep the last good
+rules and the grant in them). A GatewayClass (a
 quickstart manifest holds one beside its Gateway and routes) is skipped
 with a note; the other kinds are errors naming the kinds l4proxy reads."""
 
@@ -192,12 +193,18 @@ def test_a_mirror_in_another_namespace_needs_a_grant_too(tmp_path: Path) -> None
     assert "refused" in m_refused and "refused" not in m_granted
 
 
-def test_a_rule_whose_every_backend_is_not_permitted_is_an_error(tmp_path: Path) -> None:
+def test_a_grant_deleted_revokes_even_a_rule_s_only_backend(tmp_path: Path) -> None:
+    """A rule whose one backend is another namespace's: with the grant it
+    routes there; the grant deleted, the rules still load (an error would
+    keep the last good ones, the grant's permission with them) and every
+    request of the rule is answered 500."""
     only = HR + MESH + "  rules:\n  - backendRefs: [{name: canary, namespace: shop, port: 8080}]\n"
-    with pytest.raises(ConfigError) as info:
-        load_rules([write(tmp_path, only + SHOP), PER_VERSION])
-    (err,) = [str(e) for e in info.value.errors]
-    assert ":9: HTTPRoute bootcamp: backendRef canary: Service shop/canary is in another" in err
+    granted = load_rules([write(tmp_path, only + SHOP + grant()), PER_VERSION], seed=3)
+    assert set(_shares(granted.table)) == {"198.18.0.21"}
+    revoked = load_rules([write(tmp_path, only + SHOP), PER_VERSION], seed=3)
+    (warning,) = [d for d in revoked.notes if d.severity == "warning"]
+    assert warning.line == 9 and "no ReferenceGrant in shop permits" in warning.message
+    assert set(_shares(revoked.table)) == {"500"}
 
 
 @pytest.mark.parametrize(

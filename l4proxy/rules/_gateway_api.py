@@ -39,7 +39,9 @@ backend resolves to nothing is an error. A backend in another namespace than
 its route's needs a ReferenceGrant there (``read_reference_grant``) that
 lets HTTPRoutes of the route's namespace refer to that Service: without
 one it is RefNotPermitted, its share answered 500 as an unresolved one's
-(``Destination.refused``), whatever the registry holds.
+(``Destination.refused``), whatever the registry holds; a warning, never an
+error, so that deleting a grant revokes it (an error keeps the last good
+rules).
 
 A rule's ``timeouts.request`` is the route's timeout (Envoy's route timeout,
 as a VirtualService's ``http[].timeout``: 504 when it passes before the
@@ -1602,15 +1604,16 @@ class Compiler:
                 ok = False
         if not ok:
             return None
-        if (unresolved or refused) and len(unresolved) + len(refused) == len(weighted):
-            for b, why in refused:
-                b.where.error(f"backendRef {b.name}: {why}")
+        if unresolved and not refused and len(unresolved) == len(weighted):
             for b in unresolved:
                 b.where.error(
                     f"backendRef {b.name} resolves to nothing: no ServiceEntry host and no DNS "
                     f"endpoint of a ServiceEntry is named {b.host} (add one to the registry)"
                 )
             return None
+        # (a reference not permitted is never a load error, even for a rule
+        # with no other backend: deleting a ReferenceGrant must revoke it,
+        # where an error would keep the last good rules, the grant's too)
         for b, why in refused:
             b.where.warning(
                 f"backendRef {b.name}: {why}; its share ({b.weight} of {total}) is answered "
