@@ -165,6 +165,21 @@ def test_validate_names_the_fields_of_a_route(tmp_path: Path) -> None:
     assert matches["anycase"][0] == {"uri": {"exact": "/Login"}, "ignore_uri_case": True}
 
 
+def test_validate_says_ignore_uri_case_leaves_a_regex_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from l4proxy.cli import main
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(1, 2, labels=("v1", "v2")) + SUBSETS + routes(*GROUPS))
+    assert main(["validate", "-v", str(rules)]) == 0
+    out = capsys.readouterr().out
+    assert "uri exact '/Login' in any case or uri prefix '/Static/' in any case" in out
+    assert (
+        "uri regex '/Only[0-9]' (case-sensitive: ignoreUriCase applies to exact and prefix)" in out
+    ), out
+
+
 @pytest.mark.parametrize(
     ("match", "message"),
     [

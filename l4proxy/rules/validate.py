@@ -173,8 +173,15 @@ def _describe_match(m: dict[str, Any]) -> str:
     for key in ("uri", "scheme", "method", "authority"):
         if key in m:
             ((kind, value),) = m[key].items()
-            any_case = key == "uri" and m.get("ignore_uri_case") and kind in ("exact", "prefix")
-            parts.append(f"{key} {kind} {value!r}" + (" in any case" if any_case else ""))
+            said = f"{key} {kind} {value!r}"
+            if key == "uri" and m.get("ignore_uri_case"):
+                # (Envoy's case_sensitive leaves a regex as it is)
+                said += (
+                    " in any case"
+                    if kind in ("exact", "prefix")
+                    else " (case-sensitive: ignoreUriCase applies to exact and prefix)"
+                )
+            parts.append(said)
     for what, key in (("header", "headers"), ("query", "query")):
         for name, sm in m.get(key, {}).items():
             ((kind, value),) = sm.items()
