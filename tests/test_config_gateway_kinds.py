@@ -294,3 +294,44 @@ def test_a_session_token_never_pins_a_request_to_a_backend_not_permitted(
     assert svc is not None
     d = table.decide(svc, 8080, Request(headers={"cookie": f's="{token}"'}))
     assert [e.address for e in d.endpoints][:1] == ["198.18.0.21"]
+
+
+def test_a_gateway_port_no_listen_serves_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Gateway's listener on port 80 and a gateway listening elsewhere (the
+    test's ephemeral port; Istio's ingress Service maps 80 to the pod's
+    8080): every request would be a 404 no route, said at the load. A
+    sidecar (no gateway listener) says nothing of another pod's Gateway."""
+    import asyncio
+    import logging
+
+    from l4proxy.dataplane.listener import bind_listener
+    from l4proxy.rules.watch import RuleWatcher
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    route = HR + "  parentRefs: [{name: gw}]\n  rules:\n"
+    route += "  - backendRefs: [{name: bootcamp-v1, port: 8080}]\n"
+    rules = write(tmp_path, route + GW)
+
+    def warnings_of(mode: str) -> list[str]:
+        caplog.clear()
+        watcher = RuleWatcher([rules, PER_VERSION], interval=3600, settle=0)
+        assert watcher.load_now()
+        lst = bind_listener("127.0.0.1", 0, mode)
+
+        async def main() -> None:
+            with caplog.at_level(logging.WARNING):
+                worker = Worker([lst], watcher, WorkerOptions())
+                worker.close()
+
+        try:
+            asyncio.run(main())
+        finally:
+            lst.sock.close()
+        return [r.getMessage() for r in caplog.records if "no --listen" in r.getMessage()]
+
+    (said,) = warnings_of("gateway")
+    assert "gateway ports no --listen serves (listening on " in said
+    assert said.endswith(": port 80 (default/gw/http)"), said
+    assert warnings_of("transparent") == []

@@ -292,6 +292,31 @@ def _warn_ignored_timeouts(table: RouteTable) -> None:
     )
 
 
+def _warn_unlistened(table: RouteTable, listening: frozenset[int]) -> None:
+    """A Gateway API listener's or an Istio Gateway server's port that no
+    ``--listen`` of this gateway serves: its routes are never reached, and
+    a request on the ports listened to is answered 404 ``no route``. The
+    likeliest slip of a migration (Istio's ingress Service maps port 80
+    to the pod's 8080), said at each table that has one. A sidecar (no
+    gateway listener) says nothing: its rules may name another pod's
+    gateway."""
+    if not listening:
+        return
+    missing = sorted(
+        {
+            (ip.listener_port, ip.name)
+            for ip in table.ingress_paths
+            if ip.listener_port is not None and ip.listener_port not in listening
+        }
+    )
+    _warn_unapplied(
+        f"gateway ports no --listen serves (listening on {', '.join(map(str, sorted(listening)))}):"
+        " their routes are never reached, a request is answered 404 no route; listen on"
+        " the port, or set the Gateway's port to one listened on",
+        [f"port {port} ({name})" for port, name in missing],
+    )
+
+
 def _warn_unapplied(what: str, items: list[str]) -> None:
     """The warning that *what* is not done for *items* (none: no warning)."""
     if items:
@@ -320,6 +345,9 @@ class Worker:
         self.health = health or EndpointHealth(base_ejection=options.ejection_time)
         rules.on_publish.append(self._forget_gone_endpoints)
         self.health.configure(rules.state.table.outlier_policies())  # (the table loaded)
+        gateway_ports = frozenset(lst.address[1] for lst in self.listeners if lst.mode == "gateway")
+        rules.on_publish.append(lambda table: _warn_unlistened(table, gateway_ports))
+        _warn_unlistened(rules.state.table, gateway_ports)
         max_pipes = pump.max_pipes_for(options.max_connections, options.max_pipes)
         self.pump = pump.Pump(idle_timeout=options.idle_timeout, max_pipes=max_pipes)
         if budget := pump.fd_budget_warning(options.max_connections, max_pipes):
