@@ -409,6 +409,56 @@ def test_a_virtual_service_of_gateways_only_leaves_the_mesh_host_alone(tmp_path:
     assert (d.route, d.endpoints[0].address) == ("reviews", "198.18.1.22")
 
 
+def test_virtual_services_of_one_host_at_a_gateway_are_merged(tmp_path: Path) -> None:
+    """Istio's "split large virtual services": two VirtualServices of one
+    host on one Gateway, disjoint prefixes, are one route set, in the
+    files' order; a catch-all route of the first is tried after the
+    second's routes (pilot's SortVHostRoutes), the catch-all part of a
+    route of several matches too."""
+    table = load(
+        tmp_path,
+        gateway()
+        + vs(
+            "part1",
+            "[myapp.com]",
+            "[gw]",
+            "- match: [{uri: {prefix: /service1}}]\n  route:\n  - destination: {host: "
+            "productpage}\n- match: [{uri: {prefix: /old}}, {uri: {prefix: /}}]\n  route:\n"
+            "  - destination: {host: reviews, subset: v1}\n",
+        )
+        + vs(
+            "part2",
+            "[myapp.com]",
+            "[gw]",
+            "- match: [{uri: {prefix: /service2}}, {uri: {prefix: /old/x}}]\n  route:\n"
+            "  - destination: {host: details}\n",
+        ),
+    )
+    assert at_gateway(table, "myapp.com", "/service1/a") == ("part1[0]", PRODUCTPAGE)
+    assert at_gateway(table, "myapp.com", "/service2/a") == ("part2", "198.18.1.30")
+    # (part1's /old is tried in its place, before part2's /old/x)
+    assert at_gateway(table, "myapp.com", "/old/x") == ("part1[1]", "198.18.1.21")
+    assert at_gateway(table, "myapp.com", "/other") == ("part1[1]", "198.18.1.21")
+    assert at_gateway(table, "other.com", "/service1") == ("no ingress route", None)
+
+
+def test_two_istio_gateways_of_hosts_star_on_one_port_are_one(tmp_path: Path) -> None:
+    """bookinfo-gateway and httpbin-gateway as Istio's tutorials write
+    them, both servers of host "*" on one port, each with a VirtualService
+    of host "*": pilot merges the servers of a port, and the routes of
+    both VirtualServices are the name's, bookinfo's first (the files')."""
+    httpbin = gateway(name="httpbin-gateway") + vs(
+        "httpbin",
+        '["*"]',
+        "[httpbin-gateway]",
+        "- match: [{uri: {prefix: /status}}]\n  route:\n  - destination: {host: details}\n",
+    )
+    table = load(tmp_path, BOOKINFO + httpbin)
+    assert at_gateway(table, "x.example.com", "/productpage") == ("bookinfo", PRODUCTPAGE)
+    assert at_gateway(table, "x.example.com", "/status/200") == ("httpbin", "198.18.1.30")
+    assert at_gateway(table, "x.example.com", "/") == ("no_route", None)
+
+
 def test_a_mesh_virtual_service_and_a_gateway_one_share_a_host(tmp_path: Path) -> None:
     """Two VirtualServices of one host, one for the sidecars (no gateways)
     and one for the gateway, are no clash (each applies in one place)."""
@@ -543,8 +593,16 @@ CASES = [
     ),
     (
         "tls on a server",
+        gateway() + "    tls: {mode: SIMPLE}\n",
+        "spec.servers[0].tls is not implemented by l4proxy; remove it (the sidecar would not "
+        "honour it); terminate TLS in front of the gateway",
+        10,
+    ),
+    (
+        "httpsRedirect on an HTTP server",
         gateway() + "    tls: {httpsRedirect: true}\n",
-        "spec.servers[0].tls is not implemented by l4proxy",
+        "httpsRedirect answers every request of this server 301 to https: redirect to https "
+        "where TLS is terminated, in front of the gateway, or remove it",
         10,
     ),
     (
@@ -584,20 +642,6 @@ CASES = [
         10,
     ),
     (
-        "two servers of one Gateway on one port and host",
-        gateway() + "  - port: {number: 80, name: http2, protocol: HTTP}\n    hosts: ['*']\n",
-        "Gateway default/gw server 1 (host */*) serves host * on port 80, and so does Gateway "
-        "default/gw server 0 (host */*)",
-        11,
-    ),
-    (
-        "two Istio Gateways on one port and host",
-        gateway() + gateway(name="gw2"),
-        "Gateway default/gw2 server 0 (host */*) serves host * on port 80, and so does Gateway "
-        "default/gw server 0",
-        18,
-    ),
-    (
         "an Istio Gateway and a Gateway API listener on one port and host",
         LISTENER + gateway('["a.example.com"]'),
         "Gateway default/gw server 0 (host */a.example.com) serves host a.example.com on port "
@@ -626,13 +670,11 @@ CASES = [
         23,
     ),
     (
-        "two VirtualServices of one host at one gateway",
-        gateway()
-        + vs("a", "[pp.example.com]", "[gw]", to("productpage"))
-        + vs("b", "[pp.example.com]", "[gw]", to("details")),
-        "host pp.example.com on port 80 of Gateway default/gw is already routed by "
-        "VirtualService default/a",
-        26,
+        "one VirtualService through two Gateways of one port",
+        gateway() + gateway(name="gw2") + vs("pp", "[pp.example.com]", "[gw, gw2]", to("details")),
+        "host pp.example.com on port 80 is this VirtualService's through Gateway default/gw "
+        "already (",
+        25,
     ),
     (
         "a wildcard host of a VirtualService for the mesh",
@@ -734,6 +776,23 @@ spec:
         "gateway:default/gw/http.80/pp.example.com port 80 goes to port 80 of "
         "shop.default.svc.cluster.local, which has none, and is answered 503",
         19,
+    ),
+    (
+        "a host of the mesh and a gateway with no ServiceEntry",
+        gateway() + vs("pp", "[pp.example.com]", "[gw, mesh]", to("productpage")),
+        "pp.example.com has no ServiceEntry in these files; for mesh traffic this "
+        "VirtualService applies once one is loaded; at Gateway default/gw it routes "
+        "pp.example.com now",
+        11,
+    ),
+    (
+        "a catch-all after another VirtualService's catch-all",
+        gateway()
+        + vs("a", "[pp.example.com]", "[gw]", to("productpage"))
+        + vs("b", "[pp.example.com]", "[gw]", to("details")),
+        "route b takes every request for pp.example.com on port 80, and so does route a of "
+        "VirtualService default/a (",
+        26,
     ),
     (
         "the legacy FQDN gateway name",

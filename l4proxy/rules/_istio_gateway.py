@@ -47,16 +47,28 @@ NR), and a request no route of its name matches 404 ``no route matched``.
 There is no fallback from a name's routes to a wider name's, unlike the
 Gateway API's hostnames: Envoy's virtual hosts do not fall through.
 
+The servers of every Istio Gateway on one port are one, as pilot builds
+one route config of a port: each name the VirtualServices get there is
+one gateway service (:class:`GatewayService`), whose routes are those of
+each VirtualService that gets it, whichever Gateway it is through, in the
+files' order (file, then document order) where Istio's is creation order,
+which rule files do not carry: ``kubectl apply -f`` of the same files
+creates them in that order. Then, as pilot's SortVHostRoutes, the
+catch-all matches (none, or the uri prefix ``/`` alone) are tried after
+every other, each in its order (:func:`gateway_order`): the routes of a
+VirtualService split in several (Istio's "split large virtual services")
+are all reached, and a catch-all after another VirtualService's is a
+warning, as it is never reached.
+
 What Istio does silently is said here: a VirtualService naming a Gateway
 that is not in the files is an error (as an HTTPRoute's unknown parent
-is), a host no server of a bound Gateway admits a warning naming both. Two
-VirtualServices of one name on one Gateway port are an error: Istio merges
-them in creation order, which rule files do not carry (one host, one
-VirtualService, as for the sidecars). Every Gateway kind and the Ingress
-objects share the gateway's local ports, so one port and host claimed by
-two of them is an error naming both (:func:`check_claims`,
-:func:`check_paths`; Istio's analyzer warns of two Gateways with the same
-port and host as IST0145).
+is), a host no server of a bound Gateway admits a warning naming both.
+One VirtualService reaching one port and name through two Gateways is an
+error (Istio appends its routes twice). Every Gateway kind and the
+Ingress objects share the gateway's local ports, so one port and host
+claimed by an Istio Gateway's server and by a Gateway API listener or an
+Ingress rule is an error naming both (:func:`check_claims`,
+:func:`check_paths`).
 """
 
 from __future__ import annotations
@@ -97,6 +109,10 @@ GROUP = "networking.istio.io"
 _TLS = "terminate TLS in front of the gateway and serve this port with protocol HTTP"
 _H1 = "the gateway speaks HTTP/1.x (no h2c); serve this port with protocol HTTP"
 _L4 = "the gateway routes HTTP requests, not TCP connections"
+_REDIRECT = (
+    "httpsRedirect answers every request of this server 301 to https: redirect to https "
+    "where TLS is terminated, in front of the gateway, or remove it"
+)
 # Istio's server protocols (protocol.Parse, case-insensitive) l4proxy
 # cannot serve, with why
 _REFUSED = {
@@ -155,7 +171,8 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
         path,
         allowed=("port", "hosts", "name"),
         unimplemented={
-            "tls": _TLS,
+            # (an HTTP server's tls is httpsRedirect alone, as Istio writes it)
+            "tls": _REDIRECT if _redirect_only(value) else _TLS,
             "bind": "the gateway listens where `l4proxy run --listen` says",
             "defaultEndpoint": "it applies to a sidecar's Sidecar resource, not a gateway",
         },
@@ -206,6 +223,12 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
     return ServerDraft(number, name, hosts, Where(ctx, path))
 
 
+def _redirect_only(server: Any) -> bool:
+    """Whether *server*'s ``tls`` holds ``httpsRedirect`` and nothing else."""
+    tls = server.get("tls") if isinstance(server, dict) else None
+    return isinstance(tls, dict) and set(tls) == {"httpsRedirect"}
+
+
 def _server_host(ctx: Ctx, value: Any, path: Path) -> ServerHostDraft | None:
     """``[NAMESPACE/]HOST`` as Istio validates a Gateway's host: NAMESPACE
     ``*`` (any; the default), ``.`` (the Gateway's) or a namespace; HOST
@@ -245,7 +268,8 @@ def routes_for(rule: RuleDraft, gateway: str, port: int | None = None) -> list[R
     naming none), the route left out where none does; at a Gateway only
     ``http`` routes, and only blocks of no ``port`` or that one (pilot's
     translateRoute). What is left is each route's matches there, its
-    ``blocks`` spent."""
+    ``blocks`` spent (for the mesh a catch-all among them makes them
+    none; at a Gateway each is kept, for :func:`gateway_order`)."""
     if gateway not in rule.bound:
         return []
     out: list[RouteDraft] = []
@@ -266,7 +290,9 @@ def routes_for(rule: RuleDraft, gateway: str, port: int | None = None) -> list[R
             )
         if not ms:
             continue
-        out.append(dataclasses.replace(rd, matches=() if Match() in ms else ms, blocks=None))
+        if port is None and Match() in ms:
+            ms = ()
+        out.append(dataclasses.replace(rd, matches=ms, blocks=None))
     return out
 
 
@@ -295,46 +321,21 @@ def meet(server: str, host: str) -> str | None:
 
 @dataclass
 class Binding:
-    """One gateway service: VirtualService *rule* on server port
-    *server.port* of Gateway *gateway*, for the requests whose Host is
-    *name* (``*``: any), by *ref* (its ``spec.gateways`` entry)."""
+    """VirtualService *rule* on server port *server.port* of Gateway
+    *gateway*, for the requests whose Host is *name* (``*``: any), by *ref*
+    (its ``spec.gateways`` entry), from its host *host*."""
 
     gateway: IstioGatewayDraft
     server: ServerDraft
     name: str
+    host: str
     rule: RuleDraft
     ref: GatewayRef
     routes: list[RouteDraft]
 
     @property
-    def key(self) -> str:
-        # (``NAME.NUMBER``, as Istio names a server's routes: a Gateway API
-        # listener's name, a DNS label, never has a dot)
-        listener = f"{self.server.port_name}.{self.server.port}"
-        return gateway_host(self.gateway, listener, None if self.name == "*" else self.name)
-
-    @property
     def port(self) -> int:
         return self.server.port
-
-    def service(self) -> Service:
-        """The gateway service: no endpoints, one HTTP port, the server's."""
-        sp = ServicePort(self.server.port, self.server.port_name, "HTTP")
-        return Service(self.key, (sp,), role="gateway")
-
-    def ingress_path(self) -> IngressPath:
-        """The catch-all path of the server's port for the name, to the
-        gateway service."""
-        gw = self.gateway
-        return IngressPath(
-            f"{gw.namespace}/{gw.name}/{self.server.port_name}",
-            None if self.name == "*" else self.name,
-            "/",
-            "Prefix",
-            self.key,
-            self.server.port,
-            listener_port=self.server.port,
-        )
 
     def __str__(self) -> str:
         return (
@@ -343,12 +344,112 @@ class Binding:
         )
 
 
-def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> list[Binding]:
-    """Every (Gateway port, name) each VirtualService of *rules* gets, in
-    file order; errors and warnings at the VirtualServices."""
+@dataclass
+class GatewayService:
+    """One gateway service: every binding of one (server port, name),
+    whichever Istio Gateway each is through, in the order :func:`bind`
+    found them (file, then document order), as pilot builds one virtual
+    host of a name for every server on a port. Named after the first."""
+
+    bindings: list[Binding]
+
+    @property
+    def first(self) -> Binding:
+        return self.bindings[0]
+
+    @property
+    def key(self) -> str:
+        # (``NAME.NUMBER``, as Istio names a server's routes: a Gateway API
+        # listener's name, a DNS label, never has a dot)
+        b = self.first
+        listener = f"{b.server.port_name}.{b.server.port}"
+        return gateway_host(b.gateway, listener, None if b.name == "*" else b.name)
+
+    @property
+    def port(self) -> int:
+        return self.first.port
+
+    @property
+    def name(self) -> str:
+        return self.first.name
+
+    def service(self) -> Service:
+        """The gateway service: no endpoints, one HTTP port, the server's."""
+        sp = ServicePort(self.port, self.first.server.port_name, "HTTP")
+        return Service(self.key, (sp,), role="gateway")
+
+    def ingress_path(self) -> IngressPath:
+        """The catch-all path of the server's port for the name, to the
+        gateway service."""
+        b = self.first
+        return IngressPath(
+            f"{b.gateway.namespace}/{b.gateway.name}/{b.server.port_name}",
+            None if self.name == "*" else self.name,
+            "/",
+            "Prefix",
+            self.key,
+            self.port,
+            listener_port=self.port,
+        )
+
+    def routes(self) -> list[tuple[Binding, RouteDraft]]:
+        """Each binding's routes, in order, then the catch-all ones
+        (:func:`gateway_order`)."""
+        return gateway_order([(b, rd) for b in self.bindings for rd in b.routes])
+
+    def __str__(self) -> str:
+        return str(self.first)
+
+
+def _catch_all(m: Match) -> bool:
+    """Whether match *m* takes every request at a gateway, as pilot's
+    IsCatchAllRoute says of the Envoy route it becomes: no condition but
+    the uri prefix ``/`` (the port is the server's there)."""
+    if m.uri is not None and not (m.uri.kind == "prefix" and m.uri.value == "/"):
+        return False
+    return dataclasses.replace(m, uri=None, ignore_uri_case=False, port=None) == Match()
+
+
+def gateway_order(
+    routes: Sequence[tuple[Binding, RouteDraft]],
+) -> list[tuple[Binding, RouteDraft]]:
+    """*routes* as a gateway tries them: pilot sorts each virtual host's
+    routes (SortVHostRoutes) so that its catch-all ones come after the
+    others, each kept in its order. A match is one Envoy route there: a
+    route of catch-all and other matches keeps the others in its place and
+    is tried again, as a catch-all, at the end. A catch-all after another
+    one is never reached: a warning, where the two are of different
+    VirtualServices (one VirtualService's routes after its catch-all are
+    Istio's analyzer's IST0130, for the mesh too)."""
+    head: list[tuple[Binding, RouteDraft]] = []
+    tail: list[tuple[Binding, RouteDraft]] = []
+    for b, rd in routes:
+        some = tuple(m for m in rd.matches if not _catch_all(m))
+        if rd.matches and len(some) == len(rd.matches):
+            head.append((b, rd))
+            continue
+        if some:
+            head.append((b, dataclasses.replace(rd, matches=some)))
+        tail.append((b, dataclasses.replace(rd, matches=())))
+    for b, rd in tail[1:]:
+        fb, fr = tail[0]
+        if b.rule is not fb.rule:
+            b.ref.where.warning(
+                f"route {rd.name} takes every request for {b.name} on port {b.port}, and so "
+                f"does route {fr.name} of VirtualService {fb.rule.namespace}/{fb.rule.name} "
+                f"({fb.ref.where.location}), tried before it (the files' order; Istio's is "
+                "creation order): it is never reached there; give it a match"
+            )
+    return head + tail
+
+
+def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> list[GatewayService]:
+    """The gateway services: every (server port, name) the VirtualServices
+    of *rules* get at the Gateways, each with its bindings in file order
+    (then each VirtualService's ``spec.gateways`` order); errors and
+    warnings at the VirtualServices."""
     by_name = {(g.namespace, g.name): g for g in gateways}
-    owners: dict[tuple[int, int, str], Binding] = {}
-    out: list[Binding] = []
+    served: dict[tuple[int, str], GatewayService] = {}
     for rule in rules:
         if rule.kind != "VirtualService":
             continue
@@ -374,19 +475,23 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                 )
                 continue
             for b in _bindings(rule, ref, gw):
-                first = owners.get((id(gw), b.port, b.name))
-                if first is not None:
+                vh = served.get((b.port, b.name))
+                if vh is None:
+                    served[(b.port, b.name)] = GatewayService([b])
+                    continue
+                # Istio appends a VirtualService's routes once per Gateway
+                # that reaches the name (those of the second never taken)
+                twice = next((o for o in vh.bindings if o.rule is rule), None)
+                if twice is not None:
                     ref.where.error(
-                        f"host {b.name} on port {b.port} of Gateway {gw.namespace}/{gw.name} is "
-                        f"already routed by VirtualService {first.rule.namespace}/"
-                        f"{first.rule.name} ({first.rule.where.location}); Istio merges the "
-                        "VirtualServices of one host at a gateway in creation order, which "
-                        "rule files do not carry: route one host from one VirtualService"
+                        f"host {b.name} on port {b.port} is this VirtualService's through "
+                        f"Gateway {twice.gateway.namespace}/{twice.gateway.name} already "
+                        f"({twice.ref.where.location}); the servers of every Gateway on one "
+                        "port are one: bind it there through one of them"
                     )
                     continue
-                owners[(id(gw), b.port, b.name)] = b
-                out.append(b)
-    return out
+                vh.bindings.append(b)
+    return list(served.values())
 
 
 def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[Binding]:
@@ -417,7 +522,7 @@ def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[B
                             "blocks name other gateways or ports); its hosts are not served there"
                         )
                 if routes[server.port]:
-                    out.append(Binding(gw, server, name, rule, ref, routes[server.port]))
+                    out.append(Binding(gw, server, name, host, rule, ref, routes[server.port]))
     for host in rule.hosts:
         if host in taken:
             continue
@@ -451,13 +556,15 @@ def check_claims(
     ingress: Sequence[IngressDraft],
 ) -> bool:
     """The ports and hosts that the Gateways' servers and listeners and
-    the Ingress rules claim, each by one of them: two of different objects
-    (one of them an Istio Gateway's, or an Ingress rule's and a Gateway
-    API listener's) on one port (an Ingress rule's is every port) and one
-    host (``*``, a listener without a hostname and an Ingress rule without
-    one all meaning any) is an error naming both. (Listeners of Gateway
-    API Gateways among themselves: ``_gateway_api._check_shared_ports``;
-    Ingress rules of one host are merged, as Kubernetes merges them.)
+    the Ingress rules claim, each by one of them: two of different kinds
+    (an Istio Gateway's server, a Gateway API listener, an Ingress rule)
+    on one port (an Ingress rule's is every port) and one host (``*``, a
+    listener without a hostname and an Ingress rule without one all
+    meaning any) is an error naming both. (Listeners of Gateway API
+    Gateways among themselves: ``_gateway_api._check_shared_ports``;
+    Ingress rules of one host are merged, as Kubernetes merges them; the
+    servers of Istio Gateways on one port are one, as pilot merges them,
+    and the names VirtualServices get there meet in :func:`bind`.)
     Whether none clashed."""
     # (port or None: every port, host or None: any) → what claims it
     claims: list[tuple[int | None, str | None, str, Where, str]] = []
@@ -468,8 +575,10 @@ def check_claims(
         for other_port, other_host, other, other_where, other_kind in claims:
             if other_host != host or (None not in (port, other_port) and port != other_port):
                 continue
-            if kind == other_kind != "istio":
-                continue  # (checked, or merged, elsewhere)
+            if kind == other_kind:
+                # (checked, or merged, elsewhere: an Istio Gateway's servers
+                # on one port are one, their names meeting in ``bind``)
+                continue
             ok = False
             on = f"port {port}" if port is not None else "every port"
             where.error(
@@ -502,22 +611,23 @@ def check_claims(
 
 
 def check_paths(
-    bindings: Sequence[Binding], others: Iterable[IngressPath], gateways: Sequence[GatewayDraft]
+    services: Sequence[GatewayService],
+    others: Iterable[IngressPath],
+    gateways: Sequence[GatewayDraft],
 ) -> None:
-    """A name a VirtualService gets on a Gateway port that another gateway
-    service (an Istio Gateway's or a Gateway API listener's) or an Ingress
-    rule serves on that port too, or that a Gateway API listener on that
-    port is for: an error naming both (a request would take one of them by
-    the order of the files)."""
+    """A name the VirtualServices get on a Gateway port that a Gateway API
+    listener's routes or an Ingress rule serve on that port too, or that a
+    Gateway API listener on that port is for: an error naming both (a
+    request would take one of them by the order of the files)."""
     paths = [p for p in others if p.path_type != "Default"]
     listeners = [(gw, lst) for gw in gateways for lst in gw.listeners if lst.hostname]
-    for i, b in enumerate(bindings):
-        host = None if b.name == "*" else b.name
+    for vh in services:
+        host = None if vh.name == "*" else vh.name
         clash = next(
             (
                 f"listener {lst.name} of Gateway {gw.namespace}/{gw.name} ({lst.where.location})"
                 for gw, lst in listeners
-                if (lst.port, lst.hostname) == (b.port, host)
+                if (lst.port, lst.hostname) == (vh.port, host)
             ),
             None,
         )
@@ -527,20 +637,13 @@ def check_paths(
                 if p.listener_port is None
                 else f"the routes of listener {p.name}"
                 for p in paths
-                if p.host == host and p.listener_port in (None, b.port)
-            ),
-            None,
-        )
-        clash = clash or next(
-            (
-                f"{other} ({other.ref.where.location})"
-                for other in bindings[:i]
-                if other.key != b.key and (other.port, other.name) == (b.port, b.name)
+                if p.host == host and p.listener_port in (None, vh.port)
             ),
             None,
         )
         if clash:
-            b.ref.where.error(
-                f"{b} is served by {clash} too; one port and host is one route set: give one "
-                "another host or port"
-            )
+            for b in vh.bindings:
+                b.ref.where.error(
+                    f"{b} is served by {clash} too; one port and host is one route set: give "
+                    "one another host or port"
+                )

@@ -76,7 +76,17 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     policies = _policies(d, services)
     warned: set[tuple[int, str]] = set()
     memo: dict[tuple[int, bool], Destination | None] = {}
-    routes = _routes(d, env, services, policies, warned, memo)
+    claimed = check_claims(d.istio_gateways, d.gateways, d.ingress)
+    served = bind(d.istio_gateways, d.rules)
+    # (a VirtualService host served at a Gateway now: VirtualService, host
+    # → those Gateways, for the "no ServiceEntry" warning of its mesh side)
+    live: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for vh in served:
+        for b in vh.bindings:
+            gw = f"{b.gateway.namespace}/{b.gateway.name}"
+            if gw not in live[(id(b.rule), b.host)]:
+                live[(id(b.rule), b.host)].append(gw)
+    routes = _routes(d, env, services, policies, warned, memo, live)
     _check_ingress(d, services)
     # (a VirtualService of Istio Gateways only routes no mesh host)
     mesh = [r for r in d.rules if MESH in r.bound]
@@ -84,23 +94,23 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     gateway_api = Compiler(services, policies, routed, env, d.grants)
     gateway_api.compile(d.http_routes, d.gateways)
     routes.update(gateway_api.routes)
-    claimed = check_claims(d.istio_gateways, d.gateways, d.ingress)
-    bindings = bind(d.istio_gateways, d.rules)
-    for b in bindings:
-        routes[b.key] = _compile(
-            b.rule, b.key, b.routes, d, services, policies, warned, memo, b.port
-        )
+    for vh in served:
+        routes[vh.key] = [
+            r
+            for b, rd in vh.routes()
+            for r in _compile(b.rule, vh.key, [rd], d, services, policies, warned, memo, vh.port)
+        ]
     if claimed:
-        check_paths(bindings, [*(i.path for i in d.ingress), *gateway_api.ingress], d.gateways)
+        check_paths(served, [*(i.path for i in d.ingress), *gateway_api.ingress], d.gateways)
     # A request no route matches: Istio answers 404 for a VirtualService's
     # host (Envoy's NR), at a gateway too, the Gateway API says 404 for an
     # HTTPRoute's parent; RouteRules (Istio 0.7) fell back to every
     # endpoint, and still do.
     unmatched = {h for r in mesh if r.kind == "VirtualService" for h in r.hosts}
     unmatched.update(gateway_api.routes)
-    unmatched.update(b.key for b in bindings)
+    unmatched.update(vh.key for vh in served)
     return RouteTable(
-        [*services.values(), *gateway_api.gateway_services, *(b.service() for b in bindings)],
+        [*services.values(), *gateway_api.gateway_services, *(vh.service() for vh in served)],
         routes,
         load_balancers={h: p.load_balancer for h, p in policies.items() if p.load_balancer},
         hash_policies={h: p.hash_on for h, p in policies.items() if p.hash_on is not None},
@@ -114,7 +124,7 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
         ingress=[
             *(i.path for i in d.ingress),
             *gateway_api.ingress,
-            *(b.ingress_path() for b in bindings),
+            *(vh.ingress_path() for vh in served),
         ],
         unmatched=unmatched,
         namespace=env.namespace,
@@ -216,9 +226,12 @@ def _routes(
     policies: dict[str, PolicyDraft],
     warned: set[tuple[int, str]],
     memo: dict[tuple[int, bool], Destination | None],
+    live: dict[tuple[int, str], list[str]],
 ) -> dict[str, list[Route]]:
     """The routes of the sidecars' hosts: each host's RouteRules, or its
-    VirtualService's routes that apply to the mesh (``routes_for``)."""
+    VirtualService's routes that apply to the mesh (``routes_for``).
+    *live*: the Istio Gateways at which a VirtualService's host is served
+    already, by ``(id(rule), host)``."""
     owners: dict[str, list[RuleDraft]] = defaultdict(list)
     for rule in d.rules:
         if MESH not in rule.bound:
@@ -250,7 +263,16 @@ def _routes(
         for rule in rules:
             if host not in services and (id(rule), host) not in warned:
                 warned.add((id(rule), host))
-                _no_service(rule.where, host, d, f"this {rule.kind} applies once one is loaded")
+                at = live.get((id(rule), host))
+                _no_service(
+                    rule.where,
+                    host,
+                    d,
+                    f"for mesh traffic this {rule.kind} applies once one is loaded; at "
+                    f"Gateway{'s' if len(at) > 1 else ''} {', '.join(at)} it routes {host} now"
+                    if at
+                    else f"this {rule.kind} applies once one is loaded",
+                )
             compiled.extend(
                 _compile(rule, host, routes_for(rule, MESH), d, services, policies, warned, memo)
             )
