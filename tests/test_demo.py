@@ -30,6 +30,9 @@ KEEPALIVE = 200
 PREFIX = demo.default_prefix()
 
 
+SUBSETS = ("v1", "v2")
+
+
 def _check_split(step: str, path: str, got: dict[str, Any], n: int) -> None:
     assert got["failed"] == 0, (step, path, got)
     v1 = got["versions"].get("v1", 0)
@@ -93,11 +96,13 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
     assert [p[0] for p in pools] == ["client", "gateway"], r.stdout
     assert all(int(p[1]) <= 10 for p in pools), pools
     # The client sidecar's access log: a line per request, and the last line
-    # of each subset's names it in Istio's cluster name.
+    # of each cluster names it in Istio's cluster name.
     log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
-    assert "   client  1,450 lines; the last request each subset served:" in log, log
-    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
-    assert subsets == ["v1", "v2"], log
+    # (and a line per connection to the gateway's address, passed through)
+    assert "   client  1,450 requests; 451 connections at L4 (curl to the gateway " in log, log
+    clusters = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* (outbound\|\S+) ', log, re.M)
+    host = "bootcamp.default.svc.cluster.local"
+    assert clusters == [*(f"outbound|8080|{v}|{host}" for v in SUBSETS), f"outbound|8080||{host}"]
     with open(out_json) as f:
         _check(json.load(f), 90)
     # Then the two canaries: v2 mirrored for one interval, then promoted
@@ -131,11 +136,13 @@ def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     # The client sidecar's access log: a line per request, and the last line
-    # of each subset's names it in Istio's cluster name.
+    # of each cluster names it in Istio's cluster name.
     log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
-    assert "   client  1,450 lines; the last request each subset served:" in log, log
-    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
-    assert subsets == ["v1", "v2"], log
+    # (and a line per connection to the gateway's address, passed through)
+    assert "   client  1,450 requests; 451 connections at L4 (curl to the gateway " in log, log
+    clusters = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* (outbound\|\S+) ', log, re.M)
+    host = "bootcamp.default.svc.cluster.local"
+    assert clusters == [*(f"outbound|8080|{v}|{host}" for v in SUBSETS), f"outbound|8080||{host}"]
     with open(out_json) as f:
         _check(json.load(f), 90)
 
@@ -310,10 +317,16 @@ def test_demo_api_gateway_replays_the_steps_with_httproutes(tmp_path: object) ->
     assert "HTTPRoute from httproute-50-v2.yaml: bootcamp-v1 50, bootcamp-v2 50" in r.stdout
     assert "HTTPRoute from httproute-base.yaml: no traffic shifting" in r.stdout
     # The client sidecar's access log: a line per request, and the last line
-    # of each subset's names it in Istio's cluster name.
+    # of each cluster names it in Istio's cluster name.
     log = r.stdout.split("== the access log", 1)[1].split("\n\n", 1)[0]
-    assert "   client  1,450 lines; the last request each subset served:" in log, log
-    subsets = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* outbound\|8080\|(v\d)\|', log, re.M)
-    assert subsets == ["v1", "v2"], log
+    # (and a line per connection to the gateway's address, passed through)
+    assert "   client  1,450 requests; 451 connections at L4 (curl to the gateway " in log, log
+    clusters = re.findall(r'^   \[\S+\] "GET / HTTP/1.1" 200 .* (outbound\|\S+) ', log, re.M)
+    # (each version a Service of its own; the route's own, bootcamp, with no rule)
+    assert clusters == [
+        "outbound|8080||bootcamp-v1.default.svc.cluster.local",
+        "outbound|8080||bootcamp-v2.default.svc.cluster.local",
+        "outbound|8080||bootcamp.default.svc.cluster.local",
+    ], log
     with open(out_json) as f:
         _check(json.load(f), 90)

@@ -720,13 +720,18 @@ class Tutorial:
         return os.path.join(self.log_dir, "client.access.log")
 
     def access_log_summary(self) -> list[str]:
-        """The client sidecar's access log: how many lines, and the last
-        one each version's subset served (Istio's cluster name,
-        ``outbound|PORT|SUBSET|HOST``, says which). Its writer thread
-        lags the requests a little: read once it has every request the
+        """The client sidecar's access log: its lines, a request's or a
+        connection routed at L4's (curl to the gateway pod's address, which
+        is no service: PassthroughCluster), and the last request each
+        version's subset served (Istio's cluster name,
+        ``outbound|PORT|SUBSET|HOST``, says which). Its writer thread lags
+        the requests a little, and a connection's line comes at its end:
+        read once it has every request and passthrough connection the
         sidecar's /stats counts (or after 2 s, as far as it got)."""
         assert self.client is not None
-        served = _metrics(self._admin(self.client, "/stats")).get("l4proxy_http_requests_total", 0)
+        stats = _metrics(self._admin(self.client, "/stats"))
+        served = stats.get("l4proxy_http_requests_total", 0)
+        passed = stats.get("l4proxy_passthrough_total", 0)
         deadline = time.monotonic() + 2
         while True:
             try:
@@ -734,19 +739,23 @@ class Tutorial:
                     lines = f.read().decode("utf-8", "replace").splitlines()
             except OSError:
                 return []
-            if len(lines) >= served or time.monotonic() > deadline:
+            l4 = [line for line in lines if '] "- - -" ' in line]
+            requests = len(lines) - len(l4)
+            if (requests >= served and len(l4) >= passed) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         last: dict[str, str] = {}
         for line in lines:
-            m = re.search(r" outbound\|\d+\|([^|]+)\|", line)
-            if m:
+            m = re.search(r" (outbound\|\d+\|[^| ]*\|\S+) ", line)
+            if m and '] "- - -" ' not in line:
                 last[m.group(1)] = line
         out = [
             "== the access log: one line per request, Istio's format (l4proxy run --access-log)",
-            f"   client  {len(lines):,} lines; the last request each subset served:",
+            f"   client  {requests:,} requests; {len(l4):,} connections at L4 (curl to the "
+            "gateway pod's address, no service's: PassthroughCluster)",
+            "   the last request of each cluster (outbound|PORT|SUBSET|HOST: the version):",
         ]
-        out += [f"   {last[subset]}" for subset in sorted(last)]
+        out += [f"   {last[cluster]}" for cluster in sorted(last)]
         return out
 
 
