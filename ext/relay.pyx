@@ -4920,7 +4920,7 @@ cdef bint request_key(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
     cdef const unsigned char *q
     cdef const unsigned char *cv = NULL
     cdef Py_ssize_t cn = 0
-    cdef Py_ssize_t i, le, colon, vs, ve, ts, te, ps, pe, e
+    cdef Py_ssize_t i, le, vs, ve, ts, te, ps, pe, e
     cdef bint found = False
     cdef uint64_t k = <uint64_t>0xCBF29CE484222325
     cdef const char *name = h.name
@@ -4957,39 +4957,55 @@ cdef bint request_key(const unsigned char *b, Py_ssize_t hl, const HashOn_ *h,
     if h.kind == HK_COOKIE:
         name = b"cookie"
         name_len = 6
-    # each line named so, its value trimmed
-    i = lf - b + 1
-    while i < hl:
-        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
-        if lf == NULL:
-            break
-        le = line_end(b, i, lf)
-        if le == i:
-            break  # the empty line
-        colon = colon_at(b, i, le)
-        if colon - i == name_len and eq_lower(b + i, name, name_len):
-            vs = colon + 1
-            ve = le
-            while vs < ve and is_ows(b[vs]):
-                vs += 1
-            while ve > vs and is_ows(b[ve - 1]):
-                ve -= 1
-            if h.kind == HK_COOKIE:
-                if cookie_value_in(b, vs, ve, h.name, h.name_len, &cv, &cn):
-                    # the first named so, in any line (empty: absent)
-                    if cn == 0:
-                        return False
-                    key[0] = hash_fnv(cv, cn)
-                    return True
-            else:
-                if found:
-                    k = hash_fnv_on(k, <const unsigned char*>b",", 1)
-                k = hash_fnv_on(k, b + vs, ve - vs)
-                found = True
-        i = lf - b + 1
+    i = named_value(b, lf - b + 1, hl, name, name_len, &vs, &ve)
+    while i >= 0:
+        if h.kind == HK_COOKIE:
+            if cookie_value_in(b, vs, ve, h.name, h.name_len, &cv, &cn):
+                # the first named so, in any line (empty: absent)
+                if cn == 0:
+                    return False
+                key[0] = hash_fnv(cv, cn)
+                return True
+        else:
+            if found:
+                k = hash_fnv_on(k, <const unsigned char*>b",", 1)
+            k = hash_fnv_on(k, b + vs, ve - vs)
+            found = True
+        i = named_value(b, i, hl, name, name_len, &vs, &ve)
     if found:
         key[0] = k
     return found
+
+
+cdef inline Py_ssize_t named_value(const unsigned char *b, Py_ssize_t i, Py_ssize_t hl,
+                                   const char *name, Py_ssize_t name_len,
+                                   Py_ssize_t *vs, Py_ssize_t *ve) noexcept nogil:
+    """The next header line of the head b[:hl], from the line at b[i], named
+    *name* (lowercase; the empty line ends the search): its value, OWS
+    trimmed, in b[vs[0]:ve[0]], and the index of the line after it
+    returned; -1 when none is left."""
+    cdef const unsigned char *lf
+    cdef Py_ssize_t le, colon, s, e
+    while i < hl:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
+        if lf == NULL:
+            return -1
+        le = line_end(b, i, lf)
+        if le == i:
+            return -1  # the empty line
+        colon = colon_at(b, i, le)
+        if colon - i == name_len and eq_lower(b + i, name, name_len):
+            s = colon + 1
+            e = le
+            while s < e and is_ows(b[s]):
+                s += 1
+            while e > s and is_ows(b[e - 1]):
+                e -= 1
+            vs[0] = s
+            ve[0] = e
+            return lf - b + 1
+        i = lf - b + 1
+    return -1
 
 
 cdef int conn_peer(Conn *c) noexcept nogil:
@@ -5085,7 +5101,7 @@ cdef bint session_sent(const unsigned char *b, Py_ssize_t hl, const Session_ *s,
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef const unsigned char *cv = NULL
     cdef Py_ssize_t cn = 0
-    cdef Py_ssize_t i, le, colon, vs, ve
+    cdef Py_ssize_t i, vs, ve
     cdef const char *name = s.name
     cdef Py_ssize_t name_len = s.name_len
     cdef int found = 0
@@ -5094,32 +5110,18 @@ cdef bint session_sent(const unsigned char *b, Py_ssize_t hl, const Session_ *s,
     if s.kind == SK_COOKIE:
         name = b"cookie"
         name_len = 6
-    i = lf - b + 1
-    while i < hl:
-        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(hl - i))
-        if lf == NULL:
-            break
-        le = line_end(b, i, lf)
-        if le == i:
-            break  # the empty line
-        colon = colon_at(b, i, le)
-        if colon - i == name_len and eq_lower(b + i, name, name_len):
-            vs = colon + 1
-            ve = le
-            while vs < ve and is_ows(b[vs]):
-                vs += 1
-            while ve > vs and is_ows(b[ve - 1]):
-                ve -= 1
-            if s.kind == SK_COOKIE:
-                if cookie_value_in(b, vs, ve, s.name, s.name_len, &cv, &cn):
-                    v[0] = cv
-                    vn[0] = cn
-                    return cn > 0  # (the first named so; empty: absent)
-            else:
-                found += 1
-                v[0] = b + vs
-                vn[0] = ve - vs
-        i = lf - b + 1
+    i = named_value(b, lf - b + 1, hl, name, name_len, &vs, &ve)
+    while i >= 0:
+        if s.kind == SK_COOKIE:
+            if cookie_value_in(b, vs, ve, s.name, s.name_len, &cv, &cn):
+                v[0] = cv
+                vn[0] = cn
+                return cn > 0  # (the first named so; empty: absent)
+        else:
+            found += 1
+            v[0] = b + vs
+            vn[0] = ve - vs
+        i = named_value(b, i, hl, name, name_len, &vs, &ve)
     return found == 1 and vn[0] > 0
 
 
