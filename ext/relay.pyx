@@ -4430,24 +4430,22 @@ cdef size_t lines_without(Relay *R, Conn *c, const char *lines, size_t n,
     gone: c.closed)."""
     cdef const unsigned char *b = <const unsigned char*>lines
     cdef const unsigned char *lf
-    cdef size_t i = 0, run = 0, out = 0
-    cdef Py_ssize_t colon
-    while i < n:
-        lf = <const unsigned char*>memchr(b + i, LF, n - i)
+    cdef Py_ssize_t i = 0, run = 0, end = <Py_ssize_t>n
+    cdef size_t out = 0
+    while i < end:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         if lf == NULL:
             break
-        colon = 0
-        while <size_t>colon < <size_t>(lf - b) - i and b[i + <size_t>colon] != 0x3A:
-            colon += 1
-        if colon == name_len and eq_lower(b + i, name, name_len):
+        if (colon_at(b, i, line_end(b, i, lf)) - i == name_len
+                and eq_lower(b + i, name, name_len)):
             if i > run:
-                if to_client(R, c, lines + run, i - run) != 0:
+                if to_client(R, c, lines + run, <size_t>(i - run)) != 0:
                     return out
-                out += i - run
-            run = <size_t>(lf - b) + 1
-        i = <size_t>(lf - b) + 1
-    if n > run and to_client(R, c, lines + run, n - run) == 0:
-        out += n - run
+                out += <size_t>(i - run)
+            run = lf - b + 1
+        i = lf - b + 1
+    if end > run and to_client(R, c, lines + run, <size_t>(end - run)) == 0:
+        out += <size_t>(end - run)
     return out
 
 
