@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.rules import ConfigError, LoadResult, load_rules
-from l4proxy.rules.routing import Request, RouteTable, Service
+from l4proxy.rules.routing import Decision, LocalAnswer, Request, RouteTable, Service
 
 REGISTRY = """\
 apiVersion: networking.istio.io/v1beta1
@@ -511,6 +511,132 @@ spec:
     assert hit is not None and hit[0].host == "reviews.default.svc.cluster.local"
 
 
+# -- tls.httpsRedirect, and HTTPS servers ------------------------------------------------
+
+# The most common Istio Gateway: port 80 redirects to https, port 443
+# terminates TLS (not served by l4proxy: a warning at line 10)
+HTTPS_PAIR = """\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [bookinfo.example.com]
+    tls: {httpsRedirect: true}
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [bookinfo.example.com]
+    tls: {mode: SIMPLE, credentialName: bookinfo-credential}
+"""
+BOOKINFO_HTTPS = HTTPS_PAIR + vs("bookinfo", "[bookinfo.example.com]", "[gw]", to("productpage"))
+
+
+def decision(
+    table: RouteTable, host: str, path: str, headers: dict[str, str] | None = None
+) -> Decision:
+    """The decision for a request for *host* and *path* on port 80, of
+    the gateway service its Host takes."""
+    hit = table.ingress(host, path, 80)
+    assert hit is not None, host
+    svc, sport = hit
+    return table.decide(
+        svc, sport.number, Request(path=path, authority=host, headers=headers or {})
+    )
+
+
+def redirect_to(location: str) -> LocalAnswer:
+    return LocalAnswer(301, "", (("location", location),), per_request=True)
+
+
+def test_the_http_and_https_server_pair_loads_its_http_server(tmp_path: Path) -> None:
+    """The port 80 + 443 pair: the HTTPS server is a warning at its line,
+    nothing is served on 443, and port 80's name takes the https redirect
+    first, then the VirtualService's route."""
+    result = load_result(tmp_path, BOOKINFO_HTTPS)
+    said = [n for n in result.notes if "is not served" in n.message]
+    assert [(n.severity, n.line) for n in said] == [("warning", 10)], said
+    assert said[0].message.startswith("server 1 (HTTPS, port 443) is not served")
+    table = result.table
+    assert table.ingress("bookinfo.example.com", "/productpage", 443) is None
+    routes = table.to_json()["routes"]["gateway:default/gw/http.80/bookinfo.example.com"]
+    assert [r["name"] for r in routes] == ["https-redirect", "bookinfo"]
+    assert routes[0]["redirect"]["status"] == 301
+    assert routes[0]["redirect"]["scheme"] == "https"
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "location"),
+    [
+        ("bookinfo.example.com", "/productpage", "https://bookinfo.example.com/productpage"),
+        ("bookinfo.example.com:80", "/a/b?x=1&y=%20", "https://bookinfo.example.com/a/b?x=1&y=%20"),
+        ("bookinfo.example.com:8080", "/", "https://bookinfo.example.com/"),
+    ],
+)
+def test_https_redirect_answers_301_to_https_before_any_route(
+    tmp_path: Path, host: str, path: str, location: str
+) -> None:
+    """Every request of the redirecting server's name, whatever its path
+    (the VirtualService's route takes any): 301 to https, the Host less
+    its port, path and query as sent, no body; an X-Forwarded-Proto that is
+    not exactly https changes nothing (Envoy compares it so)."""
+    table = load(tmp_path, BOOKINFO_HTTPS)
+    for headers in ({}, {"x-forwarded-proto": "http"}, {"x-forwarded-proto": "HTTPS"}):
+        d = decision(table, host, path, headers)
+        assert (d.route, d.endpoints, d.answer) == ("https-redirect", [], redirect_to(location))
+
+
+def test_a_request_forwarded_as_https_is_routed(tmp_path: Path) -> None:
+    """X-Forwarded-Proto: https (what a TLS-terminating proxy in front
+    sends) skips the redirect: the VirtualService routes it."""
+    table = load(tmp_path, BOOKINFO_HTTPS)
+    forwarded = {"x-forwarded-proto": "https"}
+    assert at_gateway(table, "bookinfo.example.com", "/productpage", headers=forwarded) == (
+        "bookinfo",
+        PRODUCTPAGE,
+    )
+
+
+def test_a_redirecting_server_s_hosts_redirect_without_a_virtual_service(tmp_path: Path) -> None:
+    """A server of httpsRedirect and hosts "*", no VirtualService: every
+    Host is redirected (pilot makes a virtual host of the server's host);
+    one forwarded as https takes no route (404, Envoy's NR)."""
+    table = load(tmp_path, gateway() + "    tls: {httpsRedirect: true}\n")
+    d = decision(table, "shop.example.org", "/cart?id=7")
+    assert d.answer == redirect_to("https://shop.example.org/cart?id=7")
+    forwarded = {"x-forwarded-proto": "https"}
+    assert at_gateway(table, "x", "/", headers=forwarded) == ("no_route", None)
+
+
+def test_https_redirect_false_redirects_nothing(tmp_path: Path) -> None:
+    text = gateway() + "    tls: {httpsRedirect: false}\n"
+    table = load(tmp_path, text + vs("pp", '["*"]', "[gw]", to("productpage")))
+    assert at_gateway(table, "bookinfo.example.com", "/") == ("pp", PRODUCTPAGE)
+    assert [r["name"] for r in table.to_json()["routes"]["gateway:default/gw/http.80/*"]] == ["pp"]
+
+
+def test_a_name_redirects_where_a_redirecting_server_of_its_port_lists_it(tmp_path: Path) -> None:
+    """Gateways plain (hosts "*") and secure (a.example.com, httpsRedirect)
+    on port 80; VirtualServices a and b bound to plain alone. a.example.com
+    is redirected, as pilot sets require_tls on the virtual host of a
+    redirecting server's host whichever server gave it routes;
+    b.example.com, no redirecting server's, is routed."""
+    secure = gateway('["a.example.com"]', name="secure") + "    tls: {httpsRedirect: true}\n"
+    text = (
+        gateway(name="plain")
+        + secure
+        + vs("a", "[a.example.com]", "[plain]", to("productpage"))
+        + vs("b", "[b.example.com]", "[plain]", to("details"))
+    )
+    table = load(tmp_path, text)
+    assert decision(table, "a.example.com", "/").answer == redirect_to("https://a.example.com/")
+    assert at_gateway(table, "a.example.com", "/", headers={"x-forwarded-proto": "https"}) == (
+        "a",
+        PRODUCTPAGE,
+    )
+    assert at_gateway(table, "b.example.com", "/") == ("b", "198.18.1.30")
+
+
 # -- what validate -v shows ------------------------------------------------------------
 
 
@@ -574,12 +700,6 @@ CASES = [
         16,
     ),
     (
-        "HTTPS server",
-        gateway().replace("protocol: HTTP", "protocol: HTTPS"),
-        "server protocol HTTPS is not implemented by l4proxy",
-        8,
-    ),
-    (
         "HTTP2 server",
         gateway().replace("protocol: HTTP", "protocol: HTTP2"),
         "the gateway speaks HTTP/1.x",
@@ -592,17 +712,30 @@ CASES = [
         8,
     ),
     (
-        "tls on a server",
+        "a tls mode on an HTTP server",
         gateway() + "    tls: {mode: SIMPLE}\n",
-        "spec.servers[0].tls is not implemented by l4proxy; remove it (the sidecar would not "
-        "honour it); terminate TLS in front of the gateway",
+        "spec.servers[0].tls.mode 'SIMPLE': an HTTP server's tls holds httpsRedirect alone "
+        "(Istio's validation: no TLS settings for plain text HTTP ports); terminate TLS in "
+        "front of the gateway",
         10,
     ),
     (
-        "httpsRedirect on an HTTP server",
-        gateway() + "    tls: {httpsRedirect: true}\n",
-        "httpsRedirect answers every request of this server 301 to https: redirect to https "
-        "where TLS is terminated, in front of the gateway, or remove it",
+        "a certificate beside httpsRedirect on an HTTP server",
+        gateway() + "    tls:\n      httpsRedirect: true\n      credentialName: cert\n",
+        "spec.servers[0].tls.credentialName is not implemented by l4proxy; remove it (the "
+        "sidecar would not honour it); an HTTP server's tls holds httpsRedirect alone",
+        12,
+    ),
+    (
+        "httpsRedirect not a boolean",
+        gateway() + "    tls: {httpsRedirect: 'yes'}\n",
+        "spec.servers[0].tls.httpsRedirect must be true or false, not the string 'yes'",
+        10,
+    ),
+    (
+        "an HTTPS server's port name taken by an HTTP server's",
+        gateway() + "  - port: {number: 443, name: http, protocol: HTTPS}\n    hosts: ['*']\n",
+        "port name http is already the name of server 0's port",
         10,
     ),
     (
@@ -716,8 +849,39 @@ WARNINGS = [
     (
         "a host no server admits",
         gateway('["*.example.com"]') + vs("pp", "[pp.example.org]", "[gw]", to("productpage")),
-        "host pp.example.org is admitted by no server of Gateway default/gw (its servers' hosts "
-        "are */*.example.com); it is not routed there",
+        "host pp.example.org is admitted by no server of Gateway default/gw (its HTTP servers' "
+        "hosts are */*.example.com); it is not routed there",
+        16,
+    ),
+    (
+        "an HTTPS server",
+        gateway().replace("protocol: HTTP", "protocol: HTTPS"),
+        "server 0 (HTTPS, port 80) is not served: the gateway does not terminate TLS (nor route "
+        "it by SNI); terminate TLS in front of it (a load balancer, a TLS proxy in the pod) and "
+        "forward the requests to an HTTP server of this Gateway, with X-Forwarded-Proto: https "
+        "where that server has httpsRedirect",
+        8,
+    ),
+    (
+        "a TLS server, its protocol in lower case",
+        gateway() + "  - port: {number: 443, name: tls, protocol: tls}\n    hosts: ['*']\n",
+        "server 1 (tls, port 443) is not served",
+        10,
+    ),
+    (
+        "a host only an HTTPS server admits",
+        HTTPS_PAIR.replace("[bookinfo.example.com]\n    tls: {mode", "['*']\n    tls: {mode")
+        + vs("pp", "[pp.example.com]", "[gw]", to("productpage")),
+        "host pp.example.com is admitted by no server of Gateway default/gw (its HTTP servers' "
+        "hosts are */bookinfo.example.com; server 1 (HTTPS, port 443) not served)",
+        19,
+    ),
+    (
+        "a Gateway of an HTTPS server alone",
+        gateway().replace("protocol: HTTP", "protocol: HTTPS")
+        + vs("pp", "[pp.example.com]", "[gw]", to("productpage")),
+        "host pp.example.com is admitted by no server of Gateway default/gw (it has no HTTP "
+        "server; server 0 (HTTPS, port 80) not served)",
         16,
     ),
     (

@@ -140,20 +140,27 @@ class Client:
         self.sock: socket.socket | None = None
 
     def get(self, host: str, path: str) -> Answer:
+        status, _, body = self.request(host, path)
+        return status, body
+
+    def request(self, host: str, path: str, more: str = "") -> tuple[int, dict[str, str], str]:
+        """GET *path* of *host*, *more* header lines after Host: the
+        status, the header fields (lowercase names; values as sent) and
+        the body."""
         if self.sock is None:
             self.sock = socket.create_connection(self.address, timeout=10)
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{more}\r\n".encode())
         data = read_head(self.sock)
         head, _, body = data.partition(b"\r\n\r\n")
         lines = head.decode().split("\r\n")
-        fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+        fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
         while len(body) < int(fields["content-length"]):
             chunk = self.sock.recv(4096)
             assert chunk, data
             body += chunk
-        if fields.get("connection") == "close":
+        if fields.get("connection", "").lower() == "close":
             self.close()
-        return int(lines[0].split()[1]), body.decode()
+        return int(lines[0].split()[1]), fields, body.decode()
 
     def close(self) -> None:
         if self.sock is not None:
@@ -298,3 +305,53 @@ spec:
     _drive(which, monkeypatch, tmp_path, rules, client)
     assert set(got) == {"a", "b"}, got
     assert 16 <= got["b"] <= 64, got
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_https_redirect_through_a_worker(
+    which: str, backends: dict[str, Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Gateway of an HTTP server of httpsRedirect on the listener's
+    port and an HTTPS server on 443 (not served), bookinfo's VirtualService
+    bound to it: on one keep-alive connection a request is answered 301
+    to https (the Host's port left out, path and query as sent, no body)
+    by the gateway, one with X-Forwarded-Proto: https goes to productpage's
+    pod (a), and the connection serves the next request after each."""
+    got: list[tuple[int, dict[str, str], str]] = []
+
+    def rules(port: int) -> str:
+        return (
+            f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: bookinfo-gateway}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+    tls: {{httpsRedirect: true}}
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: ["*"]
+    tls: {{mode: SIMPLE, credentialName: bookinfo-credential}}
+"""
+            + BOOKINFO_VS
+            + _entry("productpage", [(backends["a"], "v1")])
+        )
+
+    def client(address: tuple[str, int]) -> None:
+        c = Client(address)
+        c.sock = first = socket.create_connection(address, timeout=10)
+        host = f"bookinfo.example.com:{address[1]}"
+        for more in ("", "X-Forwarded-Proto: https\r\n", "", "X-Forwarded-Proto: https\r\n"):
+            got.append(c.request(host, "/productpage?u=normal&x=%2F", more))
+            assert c.sock is first, got  # (the same connection, not closed)
+        c.close()
+
+    _drive(which, monkeypatch, tmp_path, rules, client)
+    location = "https://bookinfo.example.com/productpage?u=normal&x=%2F"
+    for status, fields, body in got[0::2]:
+        assert (status, fields.get("location"), body) == (301, location, ""), fields
+        assert fields["content-length"] == "0"
+    assert [(status, body) for status, _, body in got[1::2]] == [(200, "a"), (200, "a")]

@@ -10,11 +10,35 @@ port number is the local port of an ``l4proxy run --listen`` listener, as a
 Gateway API listener's is, because the gateway listens where ``--listen``
 says, and an Istio ingress gateway's Service that maps port 80 to a
 ``targetPort`` 8080 wants ``--listen 0.0.0.0:80`` in the pod (or a server on
-port 8080). HTTPS, TLS, HTTP2, gRPC and TCP servers, a server's ``tls``,
-``bind`` and ``defaultEndpoint``, and ``port.targetPort`` are refused by
-name. ``selector`` is read and not interpreted: the rule files are the
-whole config of the gateway that loads them, as an Ingress class is not
+port 8080). HTTP2, gRPC and TCP servers, a server's ``bind`` and
+``defaultEndpoint``, and ``port.targetPort`` are refused by name.
+``selector`` is read and not interpreted: the rule files are the whole
+config of the gateway that loads them, as an Ingress class is not
 interpreted either.
+
+An HTTPS or TLS server is a warning and is not served, whatever its
+``tls``: the gateway does not terminate TLS, which is done in front of
+it. So the most common Gateway, port 80 redirecting to https beside port
+443 terminating TLS, loads: its HTTP servers are served, its
+VirtualServices bound to them alone. No gateway service is made of a
+skipped server, so a ``--listen`` on its port gets none of this
+Gateway's routes (the worker warns of a server's port that no
+``--listen`` serves, not of the converse).
+
+An HTTP server's ``tls`` is ``httpsRedirect`` alone (and ``mode``
+PASSTHROUGH, its default), as Istio's validation has it. With
+``httpsRedirect: true`` each name the server gives a VirtualService, and
+each of its own hosts, is Envoy's virtual host ``require_tls: ALL``, as
+pilot builds it (buildGatewayHTTPRouteConfig): every request is answered
+301 to ``https://HOST/PATH?QUERY`` before any route is tried
+(:data:`HTTPS_REDIRECT`, the gateway service's first route), the Host's
+port left out where Envoy keeps it; a name of the port that a redirecting
+server lists redirects whatever server gave it routes, and a host of such
+a server that no VirtualService gets is a gateway service of that route
+alone. A request whose X-Forwarded-Proto is ``https`` is not redirected,
+as Istio's gateway with ``numTrustedProxies`` set: it came through the
+TLS-terminating proxy in front, and is routed (:data:`HTTPS_REDIRECT`
+says why that is believed).
 
 A VirtualService binds to Gateways by ``spec.gateways``, each name
 resolved as Istio's resolveGatewayName does (a short name is a Gateway of
@@ -96,6 +120,8 @@ from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
     Where,
+    boolean,
+    dotted,
     fields,
     integer,
     labels,
@@ -103,21 +129,45 @@ from l4proxy.rules._schema import (
     text,
 )
 from l4proxy.rules._yaml import Path
-from l4proxy.rules.routing import IngressPath, Match, Service, ServicePort
+from l4proxy.rules.routing import (
+    IngressPath,
+    Match,
+    Redirect,
+    Route,
+    Service,
+    ServicePort,
+    StringMatch,
+)
 
 GROUP = "networking.istio.io"
-_TLS = "terminate TLS in front of the gateway and serve this port with protocol HTTP"
 _H1 = "the gateway speaks HTTP/1.x (no h2c); serve this port with protocol HTTP"
 _L4 = "the gateway routes HTTP requests, not TCP connections"
-_REDIRECT = (
-    "httpsRedirect answers every request of this server 301 to https: redirect to https "
-    "where TLS is terminated, in front of the gateway, or remove it"
+_PLAIN = (
+    "an HTTP server's tls holds httpsRedirect alone (Istio's validation: no TLS settings for "
+    "plain text HTTP ports); terminate TLS in front of the gateway"
 )
-# Istio's server protocols (protocol.Parse, case-insensitive) l4proxy
-# cannot serve, with why
+# Istio's ServerTLSSettings fields but httpsRedirect and mode: certificates
+# and their checks, which a server of protocol HTTP may not have
+_TLS_FIELDS = (
+    "serverCertificate",
+    "privateKey",
+    "caCertificates",
+    "caCrl",
+    "credentialName",
+    "credentialNames",
+    "tlsCertificates",
+    "subjectAltNames",
+    "verifyCertificateSpki",
+    "verifyCertificateHash",
+    "minProtocolVersion",
+    "maxProtocolVersion",
+    "cipherSuites",
+)
+# The server protocols whose servers hold TLS: not served, a warning each
+_TLS_PROTOCOLS = ("HTTPS", "TLS")
+# Istio's other server protocols (protocol.Parse, case-insensitive)
+# l4proxy cannot serve, with why: an error each
 _REFUSED = {
-    "HTTPS": _TLS,
-    "TLS": _TLS,
     "HTTP2": _H1,
     "GRPC": _H1,
     "GRPC-WEB": _H1,
@@ -143,25 +193,59 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
     # (read, not interpreted: these files are this gateway's whole config)
     ok = labels(ctx, spec.get("selector"), ("spec", "selector")) is not None
     servers: list[ServerDraft] = []
+    skipped: list[str] = []
     named: dict[str, int] = {}
     for i, item in enumerate(listing(ctx, spec.get("servers"), ("spec", "servers")) or []):
-        got = _server(ctx, item, ("spec", "servers", i))
-        if got is None:
-            ok = False
-            continue
-        if got.port_name in named:
+        path = ("spec", "servers", i)
+        got: ServerDraft | None = None
+        port_name: str | None
+        tls = _tls_server(item)
+        if tls is not None:
+            what, port_name = f"server {i} ({tls[0]}, port {tls[1]})", tls[2]
+            ctx.warning(
+                path,
+                f"{what} is not served: the gateway does not terminate TLS (nor route it by "
+                "SNI); terminate TLS in front of it (a load balancer, a TLS proxy in the pod) "
+                "and forward the requests to an HTTP server of this Gateway, with "
+                "X-Forwarded-Proto: https where that server has httpsRedirect. The Gateway's "
+                "HTTP servers are served, and its VirtualServices bound to them",
+            )
+            skipped.append(what)
+        else:
+            got = _server(ctx, item, path)
+            if got is None:
+                ok = False
+                continue
+            port_name = got.port_name
+        if port_name in named:
             ctx.error(
-                ("spec", "servers", i, "port", "name"),
-                f"port name {got.port_name} is already the name of server {named[got.port_name]}'s "
+                (*path, "port", "name"),
+                f"port name {port_name} is already the name of server {named[port_name]}'s "
                 "port; the port names of a Gateway's servers must be unique (Istio's validation)",
             )
             ok = False
             continue
-        named[got.port_name] = i
-        servers.append(got)
+        if port_name is not None:
+            named[port_name] = i
+        if got is not None:
+            servers.append(got)
     if not ok:
         return None
-    return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()))
+    return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()), skipped)
+
+
+def _tls_server(value: Any) -> tuple[str, Any, str | None] | None:
+    """Of a server whose ``port.protocol`` is HTTPS or TLS (in any case, as
+    Istio parses it), its protocol, port number and port name (None where
+    it is not a string); None for any other server, read by
+    :func:`_server`. Nothing else of it is read: it is not served."""
+    port = value.get("port") if isinstance(value, dict) else None
+    proto = port.get("protocol") if isinstance(port, dict) else None
+    if not isinstance(proto, str) or proto.upper() not in _TLS_PROTOCOLS:
+        return None
+    assert isinstance(port, dict)
+    name = port.get("name")
+    return proto, port.get("number"), name if isinstance(name, str) else None
 
 
 def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
@@ -169,10 +253,8 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
         ctx,
         value,
         path,
-        allowed=("port", "hosts", "name"),
+        allowed=("port", "hosts", "name", "tls"),
         unimplemented={
-            # (an HTTP server's tls is httpsRedirect alone, as Istio writes it)
-            "tls": _REDIRECT if _redirect_only(value) else _TLS,
             "bind": "the gateway listens where `l4proxy run --listen` says",
             "defaultEndpoint": "it applies to a sidecar's Sidecar resource, not a gateway",
         },
@@ -183,6 +265,9 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
     ok = True
     if srv.get("name") is not None:
         ok = text(ctx, srv["name"], (*path, "name")) is not None
+    redirect = _https_redirect(ctx, srv.get("tls"), (*path, "tls"))
+    if redirect is None:
+        ok = False
     ppath = (*path, "port")
     port = fields(
         ctx,
@@ -206,7 +291,8 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
             ctx.error(
                 (*ppath, "protocol"),
                 f"invalid protocol {proto!r} (Istio's are HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, "
-                "TCP, TLS, MONGO, MYSQL, REDIS, UDP; l4proxy serves HTTP)",
+                "TCP, TLS, MONGO, MYSQL, REDIS, UDP; l4proxy serves HTTP, and warns of HTTPS "
+                "and TLS servers, which it does not serve)",
             )
         else:
             ctx.error((*ppath, "protocol"), f"server protocol {proto} {NOT_IMPLEMENTED}; {why}")
@@ -220,13 +306,30 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
             hosts.append(got)
     if not ok or number is None or name is None or proto is None or not hosts:
         return None
-    return ServerDraft(number, name, hosts, Where(ctx, path))
+    return ServerDraft(number, name, hosts, Where(ctx, path), bool(redirect))
 
 
-def _redirect_only(server: Any) -> bool:
-    """Whether *server*'s ``tls`` holds ``httpsRedirect`` and nothing else."""
-    tls = server.get("tls") if isinstance(server, dict) else None
-    return isinstance(tls, dict) and set(tls) == {"httpsRedirect"}
+def _https_redirect(ctx: Ctx, value: Any, path: Path) -> bool | None:
+    """An HTTP server's ``tls``: whether its ``httpsRedirect`` is true
+    (False without a ``tls``). Istio's validation allows an HTTP server
+    no other TLS setting (``mode`` but its default, PASSTHROUGH, no
+    certificate): an error each, as here. None after an error."""
+    if value is None:
+        return False
+    tls = fields(
+        ctx,
+        value,
+        path,
+        allowed=("httpsRedirect", "mode"),
+        unimplemented={k: _PLAIN for k in _TLS_FIELDS},
+    )
+    if tls is None or any(k not in ("httpsRedirect", "mode") for k in tls):
+        return None
+    mode = tls.get("mode")
+    if mode is not None and mode != "PASSTHROUGH":
+        ctx.error((*path, "mode"), f"{dotted((*path, 'mode'))} {mode!r}: {_PLAIN}")
+        return None
+    return boolean(ctx, tls.get("httpsRedirect"), (*path, "httpsRedirect"))
 
 
 def _server_host(ctx: Ctx, value: Any, path: Path) -> ServerHostDraft | None:
@@ -344,46 +447,70 @@ class Binding:
         )
 
 
+# What a request to a name of a server of ``tls.httpsRedirect`` takes
+# first: Envoy's virtual host ``require_tls: ALL``, which answers 301
+# before any route is matched where X-Forwarded-Proto is not ``https``
+# (VirtualHostImpl::getRouteFromEntries). The Location is Envoy's
+# ``https://HOST/PATH?QUERY`` less the Host's port (``Redirect.gateway``:
+# the port is https's, 443, left out), where Envoy keeps it
+# (createSslRedirectPath; envoyproxy/envoy#4832: http://a:80/ is sent to
+# https://a:80/, no https port). X-Forwarded-Proto ``https`` (exactly, as
+# Envoy compares it) is believed here, as Istio's gateway believes it
+# with ``gatewayTopology.numTrustedProxies`` set, never by default: this
+# gateway never terminates TLS, its https requests come through a proxy
+# in front that terminates it, and one that forwards them to the
+# redirecting port with that header has them routed, not sent back to
+# https for ever. A client that sends the header itself is routed too,
+# over plain HTTP it chose: the redirect keeps browsers off plain HTTP,
+# it is no access control.
+HTTPS_REDIRECT = Route(
+    "https-redirect",
+    (),
+    (Match(without_headers=(("x-forwarded-proto", StringMatch("exact", "https")),)),),
+    redirect=Redirect(301, scheme="https", gateway=True),
+)
+
+
 @dataclass
 class GatewayService:
-    """One gateway service: every binding of one (server port, name),
-    whichever Istio Gateway each is through, in the order :func:`bind`
-    found them (file, then document order), as pilot builds one virtual
-    host of a name for every server on a port. Named after the first."""
+    """One gateway service: one (server port, name), with every binding
+    of it, whichever Istio Gateway each is through, in the order
+    :func:`bind` found them (file, then document order), as pilot builds
+    one virtual host of a name for every server on a port. Named after
+    *gateway*'s *server*, the first to give it (to a VirtualService, or
+    by a host of its own where it redirects: *bindings* may be none).
+    *redirect*: whether it is ``require_tls: ALL`` (:data:`HTTPS_REDIRECT`),
+    as pilot makes a virtual host of a name that a VirtualService gets
+    through a server of ``httpsRedirect``, or that such a server of the
+    port lists as a host."""
 
-    bindings: list[Binding]
-
-    @property
-    def first(self) -> Binding:
-        return self.bindings[0]
+    gateway: IstioGatewayDraft
+    server: ServerDraft
+    name: str
+    bindings: list[Binding] = dataclasses.field(default_factory=list)
+    redirect: bool = False
 
     @property
     def key(self) -> str:
         # (``NAME.NUMBER``, as Istio names a server's routes: a Gateway API
         # listener's name, a DNS label, never has a dot)
-        b = self.first
-        listener = f"{b.server.port_name}.{b.server.port}"
-        return gateway_host(b.gateway, listener, None if b.name == "*" else b.name)
+        listener = f"{self.server.port_name}.{self.server.port}"
+        return gateway_host(self.gateway, listener, None if self.name == "*" else self.name)
 
     @property
     def port(self) -> int:
-        return self.first.port
-
-    @property
-    def name(self) -> str:
-        return self.first.name
+        return self.server.port
 
     def service(self) -> Service:
         """The gateway service: no endpoints, one HTTP port, the server's."""
-        sp = ServicePort(self.port, self.first.server.port_name, "HTTP")
+        sp = ServicePort(self.port, self.server.port_name, "HTTP")
         return Service(self.key, (sp,), role="gateway")
 
     def ingress_path(self) -> IngressPath:
         """The catch-all path of the server's port for the name, to the
         gateway service."""
-        b = self.first
         return IngressPath(
-            f"{b.gateway.namespace}/{b.gateway.name}/{b.server.port_name}",
+            f"{self.gateway.namespace}/{self.gateway.name}/{self.server.port_name}",
             None if self.name == "*" else self.name,
             "/",
             "Prefix",
@@ -397,8 +524,18 @@ class GatewayService:
         (:func:`gateway_order`)."""
         return gateway_order([(b, rd) for b in self.bindings for rd in b.routes])
 
+    def own_routes(self) -> list[Route]:
+        """The routes it is given before the bindings' (compiled, the
+        table's): the https redirect where it redirects."""
+        return [HTTPS_REDIRECT] if self.redirect else []
+
     def __str__(self) -> str:
-        return str(self.first)
+        if self.bindings:
+            return str(self.bindings[0])
+        return (
+            f"the https redirect of {self.name} on port {self.port} of Gateway "
+            f"{self.gateway.namespace}/{self.gateway.name}"
+        )
 
 
 def _catch_all(m: Match) -> bool:
@@ -477,7 +614,9 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
             for b in _bindings(rule, ref, gw):
                 vh = served.get((b.port, b.name))
                 if vh is None:
-                    served[(b.port, b.name)] = GatewayService([b])
+                    served[(b.port, b.name)] = GatewayService(
+                        gw, b.server, b.name, [b], b.server.https_redirect
+                    )
                     continue
                 # Istio appends a VirtualService's routes once per Gateway
                 # that reaches the name (those of the second never taken)
@@ -491,6 +630,20 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                     )
                     continue
                 vh.bindings.append(b)
+                vh.redirect = vh.redirect or b.server.https_redirect
+    # pilot's virtual hosts of a redirecting server's own hosts: each one a
+    # VirtualService got redirects, whatever server it is through; one no
+    # VirtualService got is made, to answer the redirect alone (a request
+    # X-Forwarded-Proto https, 404 no route matched)
+    for gw in gateways:
+        for server in gw.servers:
+            if not server.https_redirect:
+                continue
+            for sh in server.hosts:
+                vh = served.setdefault(
+                    (server.port, sh.hostname), GatewayService(gw, server, sh.hostname)
+                )
+                vh.redirect = True
     return list(served.values())
 
 
@@ -533,13 +686,18 @@ def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[B
             for sh in s.hosts
             if meet(sh.hostname, host) is not None and sh.namespace != "*"
         ]
-        why = (
-            f"{', '.join(barred)} admit only the VirtualServices of "
-            f"{'that namespace' if len(barred) == 1 else 'their namespaces'}, and this one "
-            f"is in {rule.namespace}"
-            if barred
-            else f"its servers' hosts are {', '.join(hosts)}"
-        )
+        if barred:
+            why = (
+                f"{', '.join(barred)} admit only the VirtualServices of "
+                f"{'that namespace' if len(barred) == 1 else 'their namespaces'}, and this one "
+                f"is in {rule.namespace}"
+            )
+        elif hosts:
+            why = f"its HTTP servers' hosts are {', '.join(hosts)}"
+        else:
+            why = "it has no HTTP server"
+        if gw.skipped and not barred:
+            why += f"; {', '.join(gw.skipped)} not served"
         ref.where.warning(
             f"host {host} is admitted by no server of Gateway {gw.namespace}/{gw.name} ({why}); "
             "it is not routed there (Istio ignores it silently)"
@@ -642,8 +800,9 @@ def check_paths(
             None,
         )
         if clash:
-            for b in vh.bindings:
-                b.ref.where.error(
-                    f"{b} is served by {clash} too; one port and host is one route set: give "
-                    "one another host or port"
+            said = [(str(b), b.ref.where) for b in vh.bindings] or [(str(vh), vh.server.where)]
+            for what, where in said:
+                where.error(
+                    f"{what} is served by {clash} too; one port and host is one route set: "
+                    "give one another host or port"
                 )

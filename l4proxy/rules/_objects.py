@@ -498,11 +498,16 @@ class ServerDraft:
     port_name: str  # port.name, unique in its Gateway
     hosts: list[ServerHostDraft]
     where: Where
+    # tls.httpsRedirect: every request of its names answered 301 to https
+    https_redirect: bool = False
 
 
 @dataclass
 class IstioGatewayDraft:
     name: str
     namespace: str
-    servers: list[ServerDraft]
+    servers: list[ServerDraft]  # its HTTP servers, the ones served
     where: Where
+    # its HTTPS and TLS servers, not served (a warning each): ``server I
+    # (PROTOCOL, port N)``, for the messages that list its servers
+    skipped: list[str] = field(default_factory=list)

@@ -96,9 +96,14 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     routes.update(gateway_api.routes)
     for vh in served:
         routes[vh.key] = [
-            r
-            for b, rd in vh.routes()
-            for r in _compile(b.rule, vh.key, [rd], d, services, policies, warned, memo, vh.port)
+            *vh.own_routes(),
+            *(
+                r
+                for b, rd in vh.routes()
+                for r in _compile(
+                    b.rule, vh.key, [rd], d, services, policies, warned, memo, vh.port
+                )
+            ),
         ]
     if claimed:
         check_paths(served, [*(i.path for i in d.ingress), *gateway_api.ingress], d.gateways)
