@@ -1022,10 +1022,21 @@ def test_the_example_directory_routes_the_gateway_and_leaves_the_mesh(tmp_path: 
     """deploy/examples/istio-gateway beside deploy/examples/rules: /bootcamp
     at the gateway's port 80 is split 90/10 over v1 and v2 (the seeded
     draw, 1,000 requests: v2 about 100, sd 9.5); the sidecars' requests to
-    bootcamp are still ../rules' VirtualService's (half and half)."""
+    bootcamp are still ../rules' VirtualService's (half and half).
+    secure.example.com (https-gateway.yaml, the 80 + 443 pair) is
+    redirected to https, but forwarded as https, then routed to v1; its
+    HTTPS server is the one warning."""
     examples = Path(__file__).parent.parent / "deploy" / "examples"
     result = load_rules([str(examples / "rules"), str(examples / "istio-gateway")], seed=1)
+    assert [(n.severity, Path(n.file).name, n.line) for n in result.notes] == [
+        ("warning", "https-gateway.yaml", 27)
+    ]
     table = result.table
+    secure = decision(table, "secure.example.com", "/bootcamp?v=1")
+    assert secure.answer == redirect_to("https://secure.example.com/bootcamp?v=1")
+    forwarded = {"x-forwarded-proto": "https"}
+    got = at_gateway(table, "secure.example.com", "/bootcamp", headers=forwarded)
+    assert got[0] == "secure-edge" and got[1] in ("198.18.0.11", "198.18.0.12"), got
     v2 = "198.18.0.13"
     edge = Counter(
         at_gateway(table, "bootcamp.example.com", "/bootcamp")[1] == v2 for _ in range(1000)
