@@ -427,6 +427,49 @@ def test_a_rejection_says_which_generation_it_keeps(
     ]
 
 
+_WARNED = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["*"]
+"""
+
+
+def test_a_loads_warnings_are_logged_as_warnings_and_a_refused_loads_errors_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A served table's warnings (here a Gateway's HTTPS server, not
+    served) are WARNING, as ``--log-level warning`` shows them, its notes
+    (a Deployment skipped) INFO; a refused load logs its errors alone, a
+    line each at ERROR, not the warnings of rules that are not served
+    (/config_dump's last_error keeps both)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_WARNED)
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert watcher.load_now()
+        rules.write_text(_WARNED + "---\nkind: RouteRule\nspec: [unclosed\n")
+        assert not watcher.load_now()
+    got = [(r.levelname, r.getMessage()) for r in caplog.records if "rules" in r.getMessage()]
+    warned = [m for lv, m in got if "server 1 (HTTPS, port 443) is not served" in m]
+    assert [lv for lv, m in got if m in warned] == ["WARNING"], got
+    assert [lv for lv, m in got if "Deployment web" in m] == ["INFO"], got
+    rejected = [m for lv, m in got if lv == "ERROR"]
+    assert len(rejected) == 1 and "YAML syntax error" in rejected[0], got
+    assert all(m.startswith("rules rejected, keeping generation 1: ") for m in rejected)
+    last = watcher.state.last_error or ""
+    assert "YAML syntax error" in last and "is not served" in last
+
+
 def test_a_publish_hook_that_fails_keeps_neither_the_others_nor_the_swap_from_happening(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -324,7 +324,7 @@ class RuleWatcher:
         try:
             result = self._parse()
         except ConfigError as exc:
-            self._reject(str(exc))
+            self._reject(str(exc), _errors_of(exc))
             self._retry_later(exc)
             return False
         except Exception as exc:  # a loader bug: see _reject_bug
@@ -383,7 +383,7 @@ class RuleWatcher:
             self.request_reload()
             result = error = None
         elif isinstance(error, ConfigError):
-            self._reject(str(error))
+            self._reject(str(error), _errors_of(error))
             self._retry_later(error)
         elif error is not None:  # a loader bug: see _reject_bug
             self._reject_bug(error)
@@ -563,13 +563,17 @@ class RuleWatcher:
         log.error("unexpected error while loading rules (a bug)", exc_info=exc)
         self._reject(f"internal error while loading the rules: {type(exc).__name__}: {exc}")
 
-    def _reject(self, why: str) -> None:
+    def _reject(self, why: str, errors: str | None = None) -> None:
+        """The rules refused for *why* (/config_dump's ``last_error``: the
+        loader's errors and warnings); the log says *errors* (those alone,
+        where it is a ConfigError's) at ERROR, a line each: the warnings of
+        a refused load are of rules that are not served."""
         st = self.state
         st.reload_failures += 1
         st.last_error = why
         st.last_error_at = time.time()
         keeping = f"keeping generation {st.generation}" if st.generation else "none loaded yet"
-        for line in why.splitlines():
+        for line in (why if errors is None else errors).splitlines():
             log.error("rules rejected, %s: %s", keeping, line)
 
     def _swap(
@@ -597,8 +601,13 @@ class RuleWatcher:
         st.notes = [str(n) for n in result.notes]
         st.last_error = None
         st.last_error_at = None
-        for note in st.notes:
-            log.info("rules: %s", note)
+        for note in result.notes:
+            # a warning is of a rule not served as written (a route attached
+            # to nothing, a revoked grant): WARNING, as --log-level warning
+            # shows it; a note (an object skipped) INFO
+            log.log(
+                logging.WARNING if note.severity == "warning" else logging.INFO, "rules: %s", note
+            )
         log.info("rules generation %d loaded from %s", st.generation, ", ".join(st.sources) or "-")
         if self.on_swap:
             self.on_swap(st)
@@ -685,3 +694,9 @@ class RuleWatcher:
             except Exception:  # a loader bug must not stop reloads for good
                 log.exception("unexpected error while loading rules")
                 self._fingerprint = fp
+
+
+def _errors_of(error: ConfigError) -> str | None:
+    """*error*'s errors, a line each, for the log of a refused load (None
+    where it has none of its own: then its whole text)."""
+    return "\n".join(str(d) for d in error.errors) or None
