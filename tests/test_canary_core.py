@@ -364,6 +364,71 @@ def test_competing_rules_are_named(tmp_path: object) -> None:
     assert found == [f"{d / 'b.yaml'}:10: RouteRule all routes every request of bootcamp"]
 
 
+def _route_rule(destination: str, namespace: str = "") -> str:
+    meta = f"{{name: all, namespace: {namespace}}}" if namespace else "{name: all}"
+    return (
+        f"apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\nmetadata: {meta}\n"
+        f"spec:\n  destination: {destination}\n  route: [{{labels: {{version: v1}}}}]\n"
+    )
+
+
+def _virtual_service(host: str, namespace: str = "") -> str:
+    meta = f"{{name: vs, namespace: {namespace}}}" if namespace else "{name: vs}"
+    return (
+        f"apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {meta}\n"
+        f"spec:\n  hosts: [{host}]\n  http: [{{route: [{{destination: {{host: {host}}}}}]}}]\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("doc", "rules_namespace", "competes"),
+    [
+        (_route_rule("{name: bootcamp}"), "default", True),
+        (_route_rule("{name: bootcamp, namespace: default}"), "default", True),
+        # another namespace's bootcamp: another host
+        (_route_rule("{name: bootcamp, namespace: shop}"), "default", False),
+        (_route_rule("{name: bootcamp}", namespace="shop"), "default", False),
+        (_route_rule("{name: bootcamp, namespace: default}", namespace="shop"), "default", True),
+        (_route_rule("{name: bootcamp, domain: example.org}"), "default", False),
+        # -n shop: the rules' namespace, where the canary's document is
+        (_route_rule("{name: bootcamp}"), "shop", True),
+        (_route_rule("{name: bootcamp, namespace: default}"), "shop", False),
+        (_virtual_service("bootcamp"), "default", True),
+        (_virtual_service("bootcamp", namespace="shop"), "default", False),
+        (_virtual_service("bootcamp.default"), "default", True),
+        (_virtual_service("bootcamp.shop"), "default", False),
+        (_virtual_service("bootcamp.default.svc.cluster.local", namespace="shop"), "default", True),
+        (_virtual_service("bootcamp.shop.svc.cluster.local"), "default", False),
+    ],
+    ids=[
+        "rr",
+        "rr-our-namespace",
+        "rr-destination-elsewhere",
+        "rr-of-another-namespace",
+        "rr-of-another-namespace-for-ours",
+        "rr-another-domain",
+        "rr-rules-namespace",
+        "rr-default-from-shop",
+        "vs",
+        "vs-of-another-namespace",
+        "vs-name-dot-namespace",
+        "vs-another-namespace-host",
+        "vs-fqdn-from-elsewhere",
+        "vs-another-fqdn",
+    ],
+)
+def test_competing_resolves_names_in_their_namespace(
+    tmp_path: pathlib.Path, doc: str, rules_namespace: str, competes: bool
+) -> None:
+    """A rule names a service as the loader resolves it: a same-named
+    service of another namespace is another host, and its rules never
+    compete with the canary's (they were refused, naming them)."""
+    f = tmp_path / "user.yaml"
+    f.write_text(doc)
+    found = competing([str(f)], "bootcamp", "", "canary-bootcamp", namespace=rules_namespace)
+    assert bool(found) == competes, found
+
+
 @pytest.mark.parametrize(
     ("argv", "why"),
     [

@@ -213,6 +213,123 @@ def test_a_users_route_on_a_gateway_with_a_match_or_not_ours_keeps_it(
     assert competing([str(f)], "bootcamp", "o", "canary-bootcamp", True, ("other-gateway",)) == []
 
 
+CATCH_ALL = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: site{namespace}}}
+spec:
+  parentRefs: [{parent}]
+  rules:
+  - backendRefs: [{{name: bootcamp-v1, port: 8080}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("parent", "namespace", "competes"),
+    [
+        ("{name: bootcamp-gateway}", "", True),
+        ("{name: bootcamp-gateway, namespace: default}", "", True),
+        # a Gateway of the same name in another namespace: another Gateway
+        ("{name: bootcamp-gateway, namespace: shop}", "", False),
+        ("{name: bootcamp-gateway}", "shop", False),
+        # ours, from another namespace (where a listener admits it: All)
+        ("{name: bootcamp-gateway, namespace: default}", "shop", True),
+        # another group's kind of that name
+        ("{group: example.com, kind: Gateway, name: bootcamp-gateway}", "", False),
+        ('{group: "", kind: Service, name: bootcamp-gateway}', "", False),
+        # one listener, or one port: ours has neither, it is on every listener
+        ("{name: bootcamp-gateway, sectionName: http}", "", True),
+        ("{name: bootcamp-gateway, port: 80}", "", True),
+        # SERVICE's Service: ours is on port 8080
+        ('{group: "", kind: Service, name: bootcamp}', "", True),
+        ("{group: core, kind: Service, name: bootcamp, port: 8080}", "", True),
+        ('{group: "", kind: Service, name: bootcamp, port: 9090}', "", False),
+        ('{group: "", kind: Service, name: bootcamp, namespace: shop}', "", False),
+        ('{group: "", kind: Service, name: bootcamp}', "shop", False),
+        # a consumer route: shop's clients of our bootcamp, not the sidecars of ours
+        ('{group: "", kind: Service, name: bootcamp, namespace: default}', "shop", False),
+        # no group: a Gateway API kind named Service, which the loader refuses
+        ("{kind: Service, name: bootcamp}", "", False),
+    ],
+    ids=[
+        "gateway",
+        "gateway-our-namespace",
+        "gateway-of-another-namespace",
+        "route-of-another-namespace",
+        "ours-from-another-namespace",
+        "another-group",
+        "a-service-so-named",
+        "section",
+        "port",
+        "service",
+        "service-core-our-port",
+        "service-another-port",
+        "service-of-another-namespace",
+        "route-and-service-of-another-namespace",
+        "consumer-route",
+        "service-without-group",
+    ],
+)
+def test_competing_resolves_parent_refs_as_the_api(
+    tmp_path: pathlib.Path, parent: str, namespace: str, competes: bool
+) -> None:
+    """A parentRef names a group, kind, namespace (the route's by default)
+    and name, as the Gateway API resolves it: a catch-all route on a
+    same-named Gateway of another namespace was refused as competing (it
+    matched by name alone), as was one on another port of the Service."""
+    f = tmp_path / "user.yaml"
+    f.write_text(
+        CATCH_ALL.format(parent=parent, namespace=f", namespace: {namespace}" if namespace else "")
+    )
+    found = competing(
+        [str(f)], "bootcamp", "o", "canary-bootcamp", True, ("bootcamp-gateway",), port=8080
+    )
+    assert bool(found) == competes, found
+
+
+SHOP = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bootcamp-gateway, namespace: shop}
+spec:
+  gatewayClassName: l4proxy
+  listeners: [{name: http, port: 8081, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: site, namespace: shop}
+spec:
+  hosts: [site.shop.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 198.18.0.99}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: site, namespace: shop}
+spec:
+  parentRefs: [{name: bootcamp-gateway}]
+  rules:
+  - backendRefs: [{name: site, port: 8080}]
+"""
+
+
+def test_a_catch_all_route_on_a_same_named_gateway_elsewhere_lets_the_rollout_run(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Namespace shop has a Gateway named as ours and a catch-all route on
+    it: the rollout on default's bootcamp-gateway was refused (exit 2,
+    "routes every request of Gateway bootcamp-gateway"); it runs."""
+    shutil.copy(os.path.join(GATEWAY, "gateway.yaml"), tmp_path)
+    (tmp_path / "shop.yaml").write_text(SHOP)
+    with _sidecar(tmp_path) as admin:
+        code = _canary(
+            tmp_path, *GATEWAY_API, "--gateway", "bootcamp-gateway", "--metrics", admin,
+            "--steps", "100",
+        )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    doc = yaml.safe_load((tmp_path / "canary-bootcamp.yaml").read_text())
+    assert doc["spec"]["parentRefs"][1] == {"name": "bootcamp-gateway"}
+
+
 def test_a_users_catch_all_route_on_the_gateway_is_refused_before_any_write(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

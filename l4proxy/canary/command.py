@@ -30,8 +30,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   each ``--gateway``, one rule whose backendRefs are the stable and canary
   *Services* with the weights, a RequestMirror filter while mirrored, and
   one rule per ``--match`` alternative before it. It goes where the
-  RouteRule goes. A user's HTTPRoute on SERVICE's Service with a rule
-  that has no match competes with it. The samples select what the
+  RouteRule goes. A user's HTTPRoute on SERVICE's Service or on a
+  ``--gateway``, parents resolved as the Gateway API resolves them
+  (:class:`ParentRef`), with a rule that has no match competes with it. The samples select what the
   sidecars report for each backend: the registry decides
   (:func:`backend_targets`, from the rules as loaded).
 * **Session affinity** (``--session-affinity COOKIE``, Gateway API mode
@@ -1082,6 +1083,85 @@ def _owned_kind_name(segment: str) -> tuple[str, str] | None:
     return None
 
 
+def namespace_of(metadata: object, default: str) -> str:
+    """A document's namespace as the loader takes it: ``metadata.namespace``,
+    or *default* (the namespace the rules are loaded in) without one."""
+    ns = metadata.get("namespace") if isinstance(metadata, dict) else None
+    return ns if isinstance(ns, str) and ns else default
+
+
+# A parentRef's group where it names none (a Gateway's), as the loader reads it
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """An HTTPRoute's parentRef as the Gateway API resolves it: *group*
+    (``gateway.networking.k8s.io`` where absent; ``""``, written ``""`` or
+    ``core``, for a Service), *kind* (``Gateway`` where absent), *namespace*
+    (the route's where absent) and *name*; *section* (``sectionName``) and
+    *port* narrow it to some listeners or one port (None: all)."""
+
+    group: str
+    kind: str
+    namespace: str
+    name: str
+    section: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def of(cls, ref: object, route_namespace: str) -> ParentRef | None:
+        """*ref* as read from a route of *route_namespace*; None where it is
+        no parentRef (the loader says what is wrong with it)."""
+        if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
+            return None
+        group = ref.get("group", GATEWAY_GROUP)
+        section, port = ref.get("sectionName"), ref.get("port")
+        return cls(
+            "" if group in ("core", None) else str(group),
+            str(ref.get("kind", "Gateway")),
+            namespace_of(ref, route_namespace),
+            ref["name"],
+            section if isinstance(section, str) else None,
+            port if isinstance(port, int) and not isinstance(port, bool) else None,
+        )
+
+    @property
+    def service(self) -> bool:
+        return (self.group, self.kind) == ("", "Service")
+
+    def meets(self, other: ParentRef) -> bool:
+        """Whether routes of both parents can take the same requests: one
+        parent (group, kind, namespace, name), and no sectionName or port
+        that keeps them apart (one side without it attaches to all of the
+        other's listeners or ports; both with it, only where they are
+        equal). A Gateway's sectionName and port are not compared with each
+        other: which listener a port selects is the Gateway's to say, and
+        such a pair is taken to meet."""
+        return (
+            (self.group, self.kind, self.namespace, self.name)
+            == (other.group, other.kind, other.namespace, other.name)
+            and (self.section is None or other.section is None or self.section == other.section)
+            and (self.port is None or other.port is None or self.port == other.port)
+        )
+
+
+def canary_parents(
+    service: str, namespace: str, port: int | None, gateways: Sequence[str]
+) -> list[ParentRef]:
+    """The parents of the canary's HTTPRoute (:func:`http_route_document`)
+    as resolved: SERVICE's Service on *port* (None: not known yet, any)
+    and each Gateway of *gateways*, all in *namespace* (the document has no
+    ``metadata.namespace``, nor its parentRefs a namespace), the Gateways
+    with no sectionName or port: every listener. The canary's HTTPRoute
+    has no ``hostnames`` either, so on each listener it takes every host
+    the listener takes."""
+    short = service.split(".", 1)[0]
+    return [ParentRef("", "Service", namespace, short, port=port)] + [
+        ParentRef(GATEWAY_GROUP, "Gateway", namespace, name) for name in gateways
+    ]
+
+
 def competing(
     files: Sequence[str],
     service: str,
@@ -1089,22 +1169,52 @@ def competing(
     name: str,
     gateway_api: bool = False,
     gateways: Sequence[str] = (),
+    *,
+    namespace: str = "default",
+    domain: str = "cluster.local",
+    port: int | None = None,
 ) -> list[str]:
     """The user's rules that route SERVICE for every request (file:line: what).
 
-    *gateway_api* (our document an HTTPRoute): an HTTPRoute on SERVICE's
-    Service, or on one of *gateways* (``--gateway``, our other parents),
-    competes only where one of its rules has no match (or an empty one:
-    every request); one whose every rule matches something keeps those
-    requests beside ours, ranked by the API's precedence. Without it
-    every HTTPRoute on SERVICE's Service competes with our RouteRule (the
-    loader refuses a host routed by two APIs). Ours, of either kind, in
-    *own* never competes."""
+    Names are resolved as the loader resolves them, in *namespace* (the
+    rules' namespace, where the canary's documents are) and *domain*: a
+    document's namespace is its ``metadata.namespace``, else *namespace*; a
+    RouteRule routes ``destination.name`` in ``destination.namespace`` (else
+    its own); a VirtualService's short host is a Service of its own
+    namespace. So a rule for a same-named service of another namespace
+    routes another host and never competes.
+
+    *gateway_api* (our document an HTTPRoute): an HTTPRoute one of whose
+    parents meets one of ours (:func:`canary_parents`, :meth:`ParentRef.meets`:
+    SERVICE's Service on *port*, each of *gateways*) competes only where
+    one of its rules has no match (or an empty one: every request); one
+    whose every rule matches something keeps those requests beside ours,
+    ranked by the API's precedence. Without it every HTTPRoute on SERVICE's
+    Service competes with our RouteRule, on any port (the loader refuses a
+    host routed by two APIs). A route on SERVICE's Service from another
+    namespace is a consumer route, which routes that namespace's clients
+    alone (GAMMA; the loader leaves it out), and competes with neither.
+
+    Hostnames are not compared: ours has none, so on each listener of a
+    Gateway it takes every host that listener takes, and a route whose
+    hostnames meet no listener's is refused by the loader.
+
+    Ours, of either kind, in *own* never competes."""
     out: list[str] = []
     short = service.split(".", 1)[0]
+    host = f"{short}.{namespace}.svc.{domain}"
+    ours = canary_parents(service, namespace, port if gateway_api else None, gateways)
 
-    def names_it(host: object) -> bool:
-        return isinstance(host, str) and (host == short or host.startswith(short + "."))
+    def names_it(h: object, ns: str) -> bool:
+        """A VirtualService host *h* of namespace *ns*: SERVICE's host, as
+        the loader expands it (a short name in *ns*), or a name a Host
+        header gives it (``SERVICE.NAMESPACE``, taken as written)."""
+        if not isinstance(h, str):
+            return False
+        h = h.lower().rstrip(".")
+        if "." not in h:
+            return h == short and ns == namespace
+        return h in (host, f"{short}.{namespace}", f"{short}.{namespace}.svc")
 
     for f in files:
         try:
@@ -1118,30 +1228,38 @@ def competing(
             meta: dict[str, Any] = v["metadata"] if isinstance(v.get("metadata"), dict) else {}
             spec: dict[str, Any] = v["spec"] if isinstance(v.get("spec"), dict) else {}
             kind, obj = v.get("kind"), f"{v.get('kind')} {meta.get('name')}"
+            doc_ns = namespace_of(meta, namespace)
             if f == own and kind in ("RouteRule", "HTTPRoute") and meta.get("name") == name:
                 continue  # ours (an A/B test's match documents have a match: never compete)
             if kind == "RouteRule":
                 dest: dict[str, Any] = spec.get("destination") or {}
                 dest = dest if isinstance(dest, dict) else {}
-                if names_it(dest.get("name")) and not spec.get("match"):
+                dest_domain = dest.get("domain")
+                routes_it = (
+                    dest.get("name") == short
+                    and namespace_of(dest, doc_ns) == namespace
+                    and (
+                        not isinstance(dest_domain, str)
+                        or dest_domain.lower().rstrip(".") == domain
+                    )
+                )
+                if routes_it and not spec.get("match"):
                     out.append(f"{f}:{d.line}: {obj} routes every request of {short}")
             elif kind == "VirtualService":
-                if any(names_it(h) for h in spec.get("hosts") or []):
+                if any(names_it(h, doc_ns) for h in spec.get("hosts") or []):
                     out.append(f"{f}:{d.line}: {obj} routes host {short}")
             elif kind == "HTTPRoute":
-                refs = [ref for ref in spec.get("parentRefs") or [] if isinstance(ref, dict)]
-                parent = any(
-                    ref.get("kind") == "Service" and names_it(ref.get("name")) for ref in refs
-                )
-                # a parentRef's kind defaults to Gateway (the API's default)
-                gateway = next(
-                    (
-                        str(ref["name"])
-                        for ref in refs
-                        if ref.get("kind", "Gateway") == "Gateway" and ref.get("name") in gateways
-                    ),
-                    None,
-                )
+                parents = [ParentRef.of(ref, doc_ns) for ref in spec.get("parentRefs") or []]
+                met = [
+                    p
+                    for p in parents
+                    if p is not None
+                    # a consumer route (another namespace's) routes its clients alone
+                    and not (p.service and doc_ns != namespace)
+                    and any(p.meets(o) for o in ours)
+                ]
+                parent = any(p.service for p in met)
+                gateway = next((p.name for p in met if not p.service), None)
                 every = any(_every_request(rule) for rule in spec.get("rules") or [])
                 if parent and not gateway_api:
                     out.append(f"{f}:{d.line}: {obj} routes Service {short}")
@@ -1294,7 +1412,9 @@ class RulesWriter:
             raise CanaryError(f"{self.paths.directory}: {unreadable[0].message}")
         return [f for f in files if f != self.paths.document]
 
-    def check_competing(self, gateway_api: bool = False, gateways: Sequence[str] = ()) -> None:
+    def check_competing(
+        self, gateway_api: bool = False, gateways: Sequence[str] = (), port: int | None = None
+    ) -> None:
         self.check_other_form()
         found = competing(
             self.others(),
@@ -1303,6 +1423,9 @@ class RulesWriter:
             rule_name(self.service),
             gateway_api,
             gateways,
+            namespace=self.namespace,
+            domain=self.domain,
+            port=port,
         )
         if found:
             kind = "HTTPRoute" if gateway_api else "RouteRule"
@@ -1383,8 +1506,9 @@ class RulesWriter:
         doc = self.paths.document
         rollback = r.phase == "rolled_back"
         if not rollback:
+            g = r.gateway
             self.check_competing(
-                r.gateway is not None, r.gateway.gateways if r.gateway is not None else ()
+                g is not None, g.gateways if g is not None else (), g.port if g else None
             )
         new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
         if self._holds(new_text):
@@ -1615,7 +1739,7 @@ class Store(Protocol):
     def install(self, r: Rollout) -> bool: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
     def check_competing(
-        self, *, gateway_api: bool = False, gateways: Sequence[str] = ()
+        self, *, gateway_api: bool = False, gateways: Sequence[str] = (), port: int | None = None
     ) -> None: ...
     def table(self, r: Rollout | None) -> RouteTable: ...
 
@@ -1678,8 +1802,10 @@ class FileStore:
             raise Superseded(current)
         return current
 
-    def check_competing(self, *, gateway_api: bool = False, gateways: Sequence[str] = ()) -> None:
-        self.writer.check_competing(gateway_api, gateways)
+    def check_competing(
+        self, *, gateway_api: bool = False, gateways: Sequence[str] = (), port: int | None = None
+    ) -> None:
+        self.writer.check_competing(gateway_api, gateways, port)
 
     def table(self, r: Rollout | None) -> RouteTable:
         return self.writer.table(r)
@@ -2412,13 +2538,19 @@ def _analyse(
         )
     )
     display = Display(out, args.json, policy)
-    store.check_competing(gateway_api=gateway_api, gateways=tuple(args.gateway or ()))
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
         if args.port:
             check_port(store.table(None), service, port, namespace, args.domain)
         gateway = GatewayRoute(port, tuple(dict.fromkeys(args.gateway)))
+    # (once the port is known: a route of the user's on another port of
+    # SERVICE's Service takes other requests than ours)
+    store.check_competing(
+        gateway_api=gateway_api,
+        gateways=gateway.gateways if gateway is not None else (),
+        port=gateway.port if gateway is not None else None,
+    )
     ev = resume(
         policy,
         service,

@@ -401,8 +401,9 @@ class ConfigMapStore:
         *,
         gateway_api: bool = False,
         gateways: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
-        self.validate(obj if obj is not None else self.get(), None, gateway_api, gateways)
+        self.validate(obj if obj is not None else self.get(), None, gateway_api, gateways, port)
 
     def table(self, r: Rollout | None) -> RouteTable:
         """The rules as the sidecars would load the ConfigMap with *r*'s
@@ -452,6 +453,7 @@ class ConfigMapStore:
         r: Rollout | None,
         gateway_api: bool = False,
         gateways: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
         """Refuse *obj* if the sidecars would refuse its rules (or ours compete)."""
         where = f"configmap/{self.namespace}/{self.name}"
@@ -468,6 +470,9 @@ class ConfigMapStore:
                 rule_name(self.service),
                 gateway_api,
                 gateways,
+                namespace=self.namespace,
+                domain=self.domain,
+                port=port,
             )
             if found:
                 kind = "HTTPRoute" if gateway_api else "RouteRule"
@@ -510,7 +515,13 @@ class ConfigMapStore:
             # written whatever the rest holds (RulesWriter.install_locked).
             if with_document and r.phase != "rolled_back":
                 g = r.gateway
-                self.validate(new, r, g is not None, g.gateways if g is not None else ())
+                self.validate(
+                    new,
+                    r,
+                    g is not None,
+                    g.gateways if g is not None else (),
+                    g.port if g is not None else None,
+                )
             status, body = self.request("PUT", self.path + query, new)
             if after_put(status, attempt, self.where, status_message(body)) == "done":
                 return mounted_files(new).get(key) != first
