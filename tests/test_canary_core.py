@@ -429,6 +429,63 @@ def test_competing_resolves_names_in_their_namespace(
     assert bool(found) == competes, found
 
 
+def _named_as_ours(destination: str) -> str:
+    """The user's RouteRule canary-bootcamp of namespace shop: another
+    object than the canary's (default/canary-bootcamp), whatever its name."""
+    return (
+        "apiVersion: config.istio.io/v1alpha2\nkind: RouteRule\n"
+        "metadata: {name: canary-bootcamp, namespace: shop}\n"
+        f"spec:\n  destination: {destination}\n  route: [{{labels: {{version: v1}}}}]\n"
+    )
+
+
+def _file_store(rules: pathlib.Path) -> Any:
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+
+    paths = Paths.of(str(rules), "bootcamp")
+    return FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+
+
+REGISTRY = os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml")
+R25 = Rollout("bootcamp", "v1", "v2", weight=25, steps=(25, 100))
+
+
+def test_a_rule_named_as_ours_in_another_namespace_keeps_its_bytes(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A rules file holding the user's shop/canary-bootcamp (for shop's
+    bootcamp): the canary's document replaced it, by name alone, and the
+    user's rule was gone. Ours is appended beside it."""
+    rules = tmp_path / "rules.yaml"
+    user = pathlib.Path(REGISTRY).read_text() + "---\n" + _named_as_ours("{name: bootcamp}")
+    rules.write_text(user)
+    assert _file_store(rules).commit(R25) is True
+    assert rules.read_text() == user + "---\n" + document(R25)
+
+
+def test_a_rule_named_as_ours_in_another_namespace_is_not_another_rollouts(
+    tmp_path: pathlib.Path,
+) -> None:
+    """--rules DIR where another file holds the user's shop/canary-bootcamp:
+    refused as the canary's document of a rollout run with --rules FILE."""
+    shutil.copy(REGISTRY, tmp_path)
+    (tmp_path / "shop.yaml").write_text(_named_as_ours("{name: bootcamp}"))
+    assert _file_store(tmp_path).commit(R25) is True
+    assert (tmp_path / "canary-bootcamp.yaml").read_text() == document(R25)
+
+
+def test_a_rule_named_as_ours_in_another_namespace_can_compete(tmp_path: pathlib.Path) -> None:
+    """In our own rules file, shop/canary-bootcamp routing default's
+    bootcamp for every request was skipped as ours: it competes."""
+    f = tmp_path / "rules.yaml"
+    f.write_text(_named_as_ours("{name: bootcamp, namespace: default}"))
+    assert competing([str(f)], "bootcamp", str(f), "canary-bootcamp") == [
+        f"{f}:1: RouteRule canary-bootcamp routes every request of bootcamp"
+    ]
+    f.write_text(document(R25))  # ours: in the rules' namespace
+    assert competing([str(f)], "bootcamp", str(f), "canary-bootcamp") == []
+
+
 @pytest.mark.parametrize(
     ("argv", "why"),
     [

@@ -18,7 +18,13 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   With a rules *file* they are documents of that file: the other documents
   keep their exact bytes (comments, order, separators) and only ours are
   replaced, appended, or (the match documents, once the test ends)
-  removed. A RouteRule named as ours is ours, in a rules file too. A rule
+  removed. A RouteRule (or HTTPRoute) named as ours in the rules'
+  namespace is ours, in a rules file too; one of that name in another
+  namespace (``metadata.namespace``) is another object, the user's, and is
+  neither replaced nor removed nor taken for ours. Nothing else marks
+  ours (the comment at its head is no part of the object: ``kubectl`` and
+  editors drop it); a kind, name and namespace identify an object, and the
+  loader refuses two alike. A rule
   of the user's that routes SERVICE without a ``match`` (a RouteRule, a
   VirtualService for its host, an HTTPRoute whose parent is its Service)
   would compete with ours, so the command refuses, naming file and line;
@@ -1028,6 +1034,7 @@ def splice_documents(
     ours: Sequence[tuple[str, str]],
     owned: Callable[[str], bool],
     kind: str = "RouteRule",
+    namespace: str = "default",
 ) -> str:
     """*text* with each of *ours* (name, document) replacing the document of
     that *kind* and name in place (appended, in order, when absent), and
@@ -1035,7 +1042,9 @@ def splice_documents(
     one separator (the one before it; the first document's, the one after
     it): the match documents of an A/B test that ended, and the canary's
     document of the other kind (a rollout run in the other mode before).
-    Every other document keeps its bytes."""
+    Only documents of *namespace* (the rules' namespace, where ours are) are
+    replaced or removed: one of another namespace is another object,
+    whatever its name. Every other document keeps its bytes."""
     parts = _SEPARATOR.split(text)  # doc, sep, doc, sep, ...
     # (the separator before it, the document): the first has none
     items = [("", parts[0])] + [(parts[i], parts[i + 1]) for i in range(1, len(parts), 2)]
@@ -1046,7 +1055,7 @@ def splice_documents(
     for sep, segment in items:
         if dropped_first and not kept:
             sep = ""  # the document that comes first now
-        found = _owned_kind_name(segment)
+        found = _owned_kind_name(segment, namespace)
         name = None if found is None else found[1]
         if found is not None and found[0] == kind and found[1] in wanted and name not in placed:
             placed.add(found[1])
@@ -1067,8 +1076,12 @@ def splice_documents(
     return out
 
 
-def _owned_kind_name(segment: str) -> tuple[str, str] | None:
-    """The name of the RouteRule that *segment* is (None: another document)."""
+def _owned_kind_name(segment: str, namespace: str) -> tuple[str, str] | None:
+    """The kind and name of the RouteRule or HTTPRoute that *segment* is,
+    where it is one of *namespace* (the rules' namespace, that of a
+    document without ``metadata.namespace``, as the canary's are written);
+    None: another document, or one of another namespace, which is never the
+    canary's whatever its name."""
     try:
         doc = yaml.safe_load(segment)
     except yaml.YAMLError:
@@ -1078,6 +1091,7 @@ def _owned_kind_name(segment: str) -> tuple[str, str] | None:
         and doc.get("kind") in ("RouteRule", "HTTPRoute")
         and isinstance(doc.get("metadata"), dict)
         and isinstance(doc["metadata"].get("name"), str)
+        and namespace_of(doc["metadata"], namespace) == namespace
     ):
         return str(doc["kind"]), str(doc["metadata"]["name"])
     return None
@@ -1199,7 +1213,9 @@ def competing(
     Gateway it takes every host that listener takes, and a route whose
     hostnames meet no listener's is refused by the loader.
 
-    Ours, of either kind, in *own* never competes."""
+    Ours, of either kind, in *own* and of *namespace* (its name alone does
+    not make it ours: a document of that name in another namespace is
+    another object, the user's), never competes."""
     out: list[str] = []
     short = service.split(".", 1)[0]
     host = f"{short}.{namespace}.svc.{domain}"
@@ -1229,7 +1245,12 @@ def competing(
             spec: dict[str, Any] = v["spec"] if isinstance(v.get("spec"), dict) else {}
             kind, obj = v.get("kind"), f"{v.get('kind')} {meta.get('name')}"
             doc_ns = namespace_of(meta, namespace)
-            if f == own and kind in ("RouteRule", "HTTPRoute") and meta.get("name") == name:
+            if (
+                f == own
+                and kind in ("RouteRule", "HTTPRoute")
+                and meta.get("name") == name
+                and doc_ns == namespace
+            ):
                 continue  # ours (an A/B test's match documents have a match: never compete)
             if kind == "RouteRule":
                 dest: dict[str, Any] = spec.get("destination") or {}
@@ -1468,7 +1489,10 @@ class RulesWriter:
                     continue
                 meta = v.get("metadata")
                 name = meta.get("name") if isinstance(meta, dict) else None
-                if canary_owns(main, name):
+                # (one of another namespace is another object: the user's)
+                if canary_owns(main, name) and namespace_of(meta, self.namespace) == (
+                    self.namespace
+                ):
                     raise CanaryError(
                         f"{f}:{d.line}: {v.get('kind')} {name} is the canary's (a rollout run with "
                         f"--rules {f}), and --rules {self.paths.rules} would write another in "
@@ -1492,6 +1516,7 @@ class RulesWriter:
                 documents(r),
                 lambda name: canary_owns(main, name),
                 "RouteRule" if r.gateway is None else "HTTPRoute",
+                self.namespace,
             )
         except (Unreadable, SourceProblem) as exc:
             raise CanaryError(f"{doc}: cannot read: {exc}") from exc
