@@ -598,6 +598,13 @@ def ended_in_first_interval(
 # A rollout ended in its first interval, by strategy: its options, how its
 # last line starts, and what its last --json event says of the strategy
 ENDED_STRATEGIES = {
+    # the interval at 50 %: an interrupted one showed "v2   0 %", the
+    # rollback's weight, and "previous_weight": null
+    "weighted": (
+        ("--steps", "50,100"),
+        "  v2  50 % ",
+        lambda last: last["previous_weight"] == 50 and "mirror" not in last and "match" not in last,
+    ),
     "mirrored": (
         ("--mirror", "2", "--steps", "50,100"),
         "  v2 mirror ",
@@ -629,14 +636,16 @@ def test_a_rollout_ended_in_its_first_interval_shows_that_interval(
     extra: tuple[str, ...],
     note: str,
 ) -> None:
-    """Mirrored or A/B testing: its last line was "v2   0 %", a weight the
-    rollout never had; and it was "fail ->", for an interval never judged."""
+    """Its last line was "v2   0 %", a weight the rollout never had (or
+    never had in that interval); and it was "fail ->", for an interval
+    never judged. It says the interval was cut short, neither pass nor fail."""
     options, prefix, _ = ENDED_STRATEGIES[strategy]
     code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, *extra)
     assert code == 1, out
     last = out.splitlines()[-1]
-    assert last.startswith(prefix) and "  -> ROLLED BACK: 100 % to v1; " in last, last
-    assert "fail" not in last
+    assert last.startswith(prefix), last
+    assert "  interval cut short, not judged  -> ROLLED BACK: 100 % to v1; " in last, last
+    assert "fail" not in last and "pass" not in last
     assert last.endswith(note)
 
 
@@ -653,7 +662,8 @@ def test_a_rollout_ended_in_its_first_interval_says_its_strategy_in_json(
     options, _, says = ENDED_STRATEGIES[strategy]
     code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, "--json", *extra)
     last = json.loads(out.splitlines()[-1])
-    assert (code, last["event"]) == (1, "rolled_back")
+    assert (code, last["event"], last.get("cut_short")) == (1, "rolled_back", True)
+    assert "check" not in last  # never judged
     assert says(last), last
 
 
@@ -680,8 +690,10 @@ def test_an_abort_during_a_metrics_read_is_not_overwritten(
     out = capsys.readouterr().out
     assert code == 1, out  # rolled back: the abort stands
     # (the interval at 50 % was never judged: neither pass nor fail)
+    assert out.splitlines()[-1].startswith("  v2  50 % ")
     assert out.splitlines()[-1].endswith(
-        "  -> ROLLED BACK: 100 % to v1; aborted by hand (ended by hand)"
+        "  interval cut short, not judged  -> ROLLED BACK: 100 % to v1; aborted by hand "
+        "(ended by hand)"
     )
     assert "fail" not in out.splitlines()[-1]
     assert _routes(tmp_path) == [("v1", 100)]

@@ -2131,13 +2131,20 @@ class Display:
         self.as_json = as_json
         self.policy = policy
 
-    def emit(self, ev: Event, note: str = "") -> None:
+    def emit(self, ev: Event, note: str = "", cut_short: bool = False) -> None:
+        """Print *ev*: a line, or a JSON object. *cut_short*: the rollout
+        ended (by hand, or rolled back at an interruption) during the
+        interval *ev* shows, which was never judged: the line says so where
+        a check's numbers go, and the JSON carries ``"cut_short": true``."""
         if self.as_json:
-            print(json.dumps(event_json(ev, note)), file=self.out, flush=True)
+            out = event_json(ev, note)
+            if cut_short:
+                out["cut_short"] = True
+            print(json.dumps(out), file=self.out, flush=True)
         else:
-            print(self.line(ev, note), file=self.out, flush=True)
+            print(self.line(ev, note, cut_short), file=self.out, flush=True)
 
-    def line(self, ev: Event, note: str = "") -> str:
+    def line(self, ev: Event, note: str = "", cut_short: bool = False) -> str:
         r, p = ev.rollout, self.policy
         if ev.kind in ("start", "resume"):
             head = (
@@ -2195,6 +2202,8 @@ class Display:
             )
         if c is not None and c.copies_dropped is not None:
             cells += f"  {_num(c.copies_dropped)} dropped (all mirrors)"
+        if cut_short:  # neither pass nor fail: no interval's numbers were judged
+            cells += "  interval cut short, not judged"
         verdict = self.verdict(ev)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
 
@@ -2654,10 +2663,14 @@ def _analyse(
         if choice == "ask":
             choice = _ask(err, r)
         if choice == "rollback":
-            mirrored = r.mirrored
+            # the line shows the interval that was running (its weight,
+            # not the rollback's 0), cut short
+            weight, mirrored = r.weight, r.mirrored
             r = roll_back(r, time.time(), "interrupted; rolled back on request")
             _commit(store, r, err=err)
-            display.emit(Event("rolled_back", r, None, None, mirrored), "interrupted")
+            display.emit(
+                Event("rolled_back", r, None, weight, mirrored), "interrupted", cut_short=True
+            )
             return EXIT_ROLLED_BACK
         print(
             f"\nl4proxy canary: interrupted; {left_as_is(r)}, and nothing judges "
@@ -2686,8 +2699,11 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
             f"the rollout of {ours.service} was changed by someone else ({now}); "
             "stopped without writing"
         )
-    # what the last interval was (a mirrored one has no weight to show)
-    display.emit(Event(now.phase, now, None, ours.weight, ours.mirrored), "ended by hand")
+    # what the last interval was (a mirrored one has no weight to show),
+    # cut short: its verdict, if one was reached meanwhile, was never applied
+    display.emit(
+        Event(now.phase, now, None, ours.weight, ours.mirrored), "ended by hand", cut_short=True
+    )
     return EXIT_PROMOTED if now.phase == "promoted" else EXIT_ROLLED_BACK
 
 
