@@ -23,6 +23,7 @@ import yaml
 
 from l4proxy.canary._analysis import (
     Conflict,
+    GatewayRoute,
     HeaderMatch,
     Policy,
     PolicyError,
@@ -737,6 +738,36 @@ def test_one_unreadable_interval_is_a_failed_check_not_the_end(
     assert code == 0, out  # promoted
     assert "metrics unreadable" in out and "HTTP 503" in out
     assert len(asked) == 3 + 1 + 3  # pass (3 queries), unreadable at its first, pass
+
+
+def test_an_abort_after_the_promotion_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort`` of a promoted rollout sent every request back to stable,
+    the version the analysis had just replaced. Flagger rolls back by hand
+    only while its analysis runs: a promotion stands. Refused (exit 2),
+    nothing written, and the message says how to go back: a new rollout."""
+    from l4proxy.canary.command import abort_after_promotion
+    from l4proxy.cli import main
+
+    shutil.copy(REGISTRY, tmp_path)
+    promoted = Rollout(
+        "bootcamp", "v1", "v2", phase="promoted", weight=100, step=1, steps=(50, 100)
+    )
+    _file_store(tmp_path).commit(promoted)
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the rollout of bootcamp from v1 to v2 was promoted (v2 takes 100 %)" in err
+    assert "roll it out as a new canary: l4proxy canary bootcamp --stable v2 --canary v1" in err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files  # nothing written
+    gateway = replace(promoted, gateway=GatewayRoute(8080))
+    assert "l4proxy canary bootcamp --gateway-api --stable v2" in abort_after_promotion(gateway)
+    # a rollout that is still going, or rolled back already, is aborted as before
+    _file_store(tmp_path).commit(replace(promoted, phase="progressing", weight=50, step=0))
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+    assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 1
+    assert _routes(tmp_path) == [("v1", 100)]
 
 
 def test_an_abort_is_written_when_a_sidecar_cannot_be_read(

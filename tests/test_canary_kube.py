@@ -678,12 +678,15 @@ def test_a_rollout_through_the_api_promotes(
     doc = yaml.safe_load(final["data"]["canary-bootcamp.yaml"])
     assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v2", 100)]
     assert all(r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in api.api())
-    # status and abort by hand, through the API too
+    # status and abort by hand, through the API too; a promotion stands (an
+    # abort after it sent every request back to v1): refused, and no PUT
     assert main(canary(api, token, "status", "bootcamp")) == 0
     assert "bootcamp: v1 -> v2 promoted at 100 %" in capsys.readouterr().out
-    assert main(canary(api, token, "abort", "bootcamp")) == 1
-    doc = yaml.safe_load(api.objects[CM_PATH]["data"]["canary-bootcamp.yaml"])
-    assert [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]] == [("v1", 100)]
+    api.requests.clear()
+    assert main(canary(api, token, "abort", "bootcamp")) == 2
+    assert "was promoted (v2 takes 100 %)" in capsys.readouterr().err
+    assert [r.method for r in api.api()] == ["GET"]
+    assert _stored(api) == ("promoted", [("v2", 100)])
 
 
 def _failing_rollout(api: FakeAPI, token: str, put_faults: list[str]) -> int:

@@ -72,6 +72,8 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   the document, and re-read every interval, so that ``l4proxy canary
   promote|abort`` from another shell ends a running analysis, and a killed
   command resumes at its step (:func:`l4proxy.canary._analysis.resume`).
+  A promotion stands: ``abort`` refuses a promoted rollout
+  (:func:`abort_after_promotion`, Flagger's semantics).
 * **Windows.** After each weight change the command waits until the
   sidecars serve the new rules, then starts the interval's window: each
   interval's sample is traffic at one weight. With ``--metrics`` it reads
@@ -83,8 +85,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   warning, and a change is taken as live --wait-live after it was written.
 
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
-invalid rules, metrics missing), 3 interrupted with the weights left as
-they were (run the same command again to resume). Once a weight is
+invalid rules, metrics missing, an abort of a promoted rollout), 3
+interrupted with the weights left as they were (run the same command again
+to resume). Once a weight is
 written, the sidecars unreadable or not serving it within --wait-live is a
 failed check (the analysis goes on watching), and an end written but not
 seen live exits as that end, with a warning.
@@ -204,7 +207,7 @@ examples:
       --rules /etc/l4proxy --session-affinity flagger-cookie --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
-  l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now
+  l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now (not once promoted)
   # on Kubernetes: the sidecars' rules ConfigMap through the API (in a Job: its
   # service account; on a laptop: kubectl proxy)
   l4proxy canary bootcamp --stable v1 --canary v2 --configmap default/l4proxy-rules \\
@@ -258,7 +261,9 @@ exit status:
   0  promoted (100 % to the canary)
   1  rolled back (100 % to stable), by the analysis or by abort
   2  error: usage, unreadable or invalid rules, a competing rule, no metrics,
-     a rollback that could not be written (NOT applied), an unexpected error
+     a rollback that could not be written (NOT applied), an abort of a promoted
+     rollout (a promotion stands: roll the old version out as a new canary),
+     an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
 """
 
@@ -2459,6 +2464,8 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     saved = loaded = store.load_state()
     if saved is None:
         raise CanaryError(f"no rollout of {store.service} under {store.where}")
+    if action == "abort" and saved.phase == "promoted":
+        raise CanaryError(abort_after_promotion(saved))
     if action == "promote":
         saved = promote(saved, time.time())
     elif action == "abort":
@@ -2519,6 +2526,25 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             file=out,
         )
     return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
+
+
+def abort_after_promotion(r: Rollout) -> str:
+    """Why ``abort`` refuses a promoted rollout *r*, and what to run instead.
+
+    Flagger rolls back by hand (a ``rollback`` webhook) only while the
+    analysis runs (its Progressing, Waiting and WaitingPromotion phases);
+    once a canary is promoted, it is the stable version, and going back is
+    another release. So here: an abort ends a rollout in progress (or is
+    said again of one rolled back), and a promotion stands; sending every
+    request back to the old version is a rollout of it, judged as any."""
+    mode = " --gateway-api" if r.gateway is not None else ""
+    return (
+        f"the rollout of {r.service} from {r.stable} to {r.canary} was promoted ({r.canary} "
+        f"takes 100 %); abort ends a rollout in progress, as Flagger rolls back only during "
+        f"its analysis, and a promotion stands: nothing written. To send {r.service}'s "
+        f"requests back to {r.stable}, roll it out as a new canary: l4proxy canary "
+        f"{r.service}{mode} --stable {r.canary} --canary {r.stable} ..."
+    )
 
 
 def _analyse(
