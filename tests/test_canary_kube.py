@@ -707,6 +707,139 @@ def _stored(api: FakeAPI) -> tuple[str, list[tuple[str, int]]]:
     return state["phase"], [(x["labels"]["version"], x["weight"]) for x in doc["spec"]["route"]]
 
 
+# -- --gateway-api through the API: the HTTPRoute on SERVICE's Service and a Gateway ------
+GATEWAY_RULES = ROOT / "deploy" / "kubernetes" / "bootcamp-gateway-api" / "rules"
+GATEWAY_API = ["--gateway-api", "--stable", "bootcamp-v1", "--canary", "bootcamp-v2"]
+# Namespace shop's Gateway of the same name as ours, and a route there on it
+# that takes every request: another Gateway's (a key of the same ConfigMap)
+SHOP = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bootcamp-gateway, namespace: shop}
+spec:
+  gatewayClassName: l4proxy
+  listeners: [{name: http, port: 8081, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: site, namespace: shop}
+spec:
+  hosts: [site.shop.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 198.18.0.99}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: site, namespace: shop}
+spec:
+  parentRefs: [{name: bootcamp-gateway}]
+  rules:
+  - backendRefs: [{name: site, port: 8080}]
+"""
+
+
+def gateway_data(*names: str) -> dict[str, str]:
+    """deploy/kubernetes/bootcamp-gateway-api's rules ConfigMap: the
+    registry (the backends are DNS endpoints of bootcamp) and the Gateway,
+    and *names* of its other keys (httproute.yaml: the user's route)."""
+    return {n: (GATEWAY_RULES / n).read_text() for n in ("registry.yaml", "gateway.yaml", *names)}
+
+
+def _gateway_rollout(api: FakeAPI, token: str, *more: str) -> int:
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    argv = canary(api, token, "bootcamp", *GATEWAY_API, *more)
+    argv += ["--steps", "50,100", "--interval", "0.01", "--prometheus", api.url, "--json"]
+    return main(argv)
+
+
+def _http_route(put: Req) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(put.body["data"]["canary-bootcamp.yaml"])
+    return doc
+
+
+@pytest.mark.parametrize("shop", [False, True], ids=["alone", "same-named-gateway-in-shop"])
+def test_a_gateway_api_rollout_through_the_api_attaches_to_the_gateway(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str], shop: bool
+) -> None:
+    """The ConfigMap store with --gateway (the kubelet's view of the key,
+    validated as mounted): each PUT's key is the HTTPRoute on bootcamp's
+    Service and bootcamp-gateway, its backends weighted, and the state
+    holds the mode. A catch-all route on shop's Gateway of the same name,
+    another key, is no rival (it was refused, matched by name alone)."""
+    data = gateway_data()
+    if shop:
+        data["shop.yaml"] = SHOP
+    api.objects[CM_PATH] = configmap(data)
+    assert _gateway_rollout(api, token, "--gateway", "bootcamp-gateway") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["start", "check", "promoted"]
+    assert events[0]["gateway_api"] == {"port": 8080, "gateways": ["bootcamp-gateway"]}
+    puts = [r for r in api.api() if r.method == "PUT"]
+    routes = [_http_route(put) for put in puts]
+    assert {(doc["kind"], doc["metadata"]["name"]) for doc in routes} == {
+        ("HTTPRoute", "canary-bootcamp")
+    }
+    assert all(
+        doc["spec"]["parentRefs"]
+        == [
+            {"group": "", "kind": "Service", "name": "bootcamp", "port": 8080},
+            {"name": "bootcamp-gateway"},
+        ]
+        for doc in routes
+    )
+    weights = [
+        [(b["name"], b["weight"]) for b in doc["spec"]["rules"][-1]["backendRefs"]]
+        for doc in routes
+    ]
+    assert weights == [
+        [("bootcamp-v1", 50), ("bootcamp-v2", 50)],
+        [("bootcamp-v1", 0), ("bootcamp-v2", 100)],
+        [("bootcamp-v1", 0), ("bootcamp-v2", 100)],
+    ]
+    states = [
+        json.loads(p.body["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"]) for p in puts
+    ]
+    assert [(st["phase"], st["gateway"]) for st in states] == [
+        ("progressing", {"port": 8080, "gateways": ["bootcamp-gateway"]}),
+        ("progressing", {"port": 8080, "gateways": ["bootcamp-gateway"]}),
+        ("promoted", {"port": 8080, "gateways": ["bootcamp-gateway"]}),
+    ]
+    final = api.objects[CM_PATH]["data"]
+    assert {k: final[k] for k in data} == data  # the user's keys, byte for byte
+
+
+@pytest.mark.parametrize(
+    ("data", "gateway", "message"),
+    [
+        # the example's own route: on bootcamp's Service and the Gateway, every request
+        (
+            gateway_data("httproute.yaml"),
+            "bootcamp-gateway",
+            "l4proxy canary: configmap/default/l4proxy-rules/httproute.yaml:6: HTTPRoute "
+            "bootcamp routes every request of Service bootcamp",
+        ),
+        (
+            gateway_data(),
+            "nosuch",
+            "l4proxy canary: --gateway nosuch: no such Gateway in the rules",
+        ),
+    ],
+    ids=["competing-route", "no-such-gateway"],
+)
+def test_a_gateway_api_rollout_through_the_api_is_refused_before_any_put(
+    api: FakeAPI,
+    token: str,
+    capsys: pytest.CaptureFixture[str],
+    data: dict[str, str],
+    gateway: str,
+    message: str,
+) -> None:
+    api.objects[CM_PATH] = configmap(data)
+    assert _gateway_rollout(api, token, "--gateway", gateway) == 2
+    assert message in capsys.readouterr().err
+    assert [r.method for r in api.api() if r.method != "GET"] == []
+    assert api.objects[CM_PATH] == configmap(data)
+
+
 def test_a_configmap_change_is_judged_once_prometheus_shows_it_live(
     api: FakeAPI, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,9 +9,10 @@ that ConfigMap through the Kubernetes API, from a Job in the cluster (its
 service account) or from a laptop (``kubectl proxy``, ``--kube-api``):
 
 * **What it owns.** One data key, ``canary-SERVICE.yaml``: the same
-  RouteRule document as in a rules directory (and, while A/B testing, the
-  match documents after it), so the mounted volume looks exactly like
-  ``--rules DIR`` would. And one annotation on the same
+  document as in a rules directory (the RouteRule, and while A/B testing
+  the match documents after it; with ``--gateway-api`` the HTTPRoute on
+  SERVICE's Service and each ``--gateway``), so the mounted volume looks
+  exactly like ``--rules DIR`` would. And one annotation on the same
   ConfigMap, ``l4proxy.io/canary-SERVICE``: the rollout's state as JSON.
   Every other key, label and annotation is sent back as it was read, so the
   user's rule files keep their exact text. The state is an annotation, not
