@@ -37,10 +37,10 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   *Services* with the weights, a RequestMirror filter while mirrored, and
   one rule per ``--match`` alternative before it. It goes where the
   RouteRule goes. A user's HTTPRoute on SERVICE's Service or on a
-  ``--gateway``, parents resolved as the Gateway API resolves them
-  (:class:`ParentRef`), with a rule that has no match competes with it. The samples select what the
-  sidecars report for each backend: the registry decides
-  (:func:`backend_targets`, from the rules as loaded).
+  ``--gateway`` (parents resolved as the Gateway API resolves them,
+  :class:`ParentRef`) with a rule that has no match competes with it.
+  The samples select what the sidecars report for each backend: the
+  registry decides (:func:`backend_targets`, from the rules as loaded).
 * **Session affinity** (``--session-affinity COOKIE``, Gateway API mode
   only: Flagger's ``analysis.sessionAffinity`` as its Gateway API router
   writes it). While the canary has a weight, the canary's backendRef
@@ -1169,12 +1169,12 @@ def canary_parents(
     service: str, namespace: str, port: int | None, gateways: Sequence[str]
 ) -> list[ParentRef]:
     """The parents of the canary's HTTPRoute (:func:`http_route_document`)
-    as resolved: SERVICE's Service on *port* (None: not known yet, any)
-    and each Gateway of *gateways*, all in *namespace* (the document has no
-    ``metadata.namespace``, nor its parentRefs a namespace), the Gateways
-    with no sectionName or port: every listener. The canary's HTTPRoute
-    has no ``hostnames`` either, so on each listener it takes every host
-    the listener takes."""
+    as resolved: SERVICE's Service on *port* (None: every port, as a
+    RouteRule routes its host) and each Gateway of *gateways*, all in
+    *namespace* (the document has no ``metadata.namespace``, nor its
+    parentRefs a namespace), the Gateways with no sectionName or port:
+    every listener. The canary's HTTPRoute has no ``hostnames`` either, so
+    on each listener it takes every host the listener takes."""
     short = service.split(".", 1)[0]
     return [ParentRef("", "Service", namespace, short, port=port)] + [
         ParentRef(GATEWAY_GROUP, "Gateway", namespace, name) for name in gateways
