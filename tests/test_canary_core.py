@@ -770,6 +770,34 @@ def test_an_abort_after_the_promotion_is_refused(
     assert _routes(tmp_path) == [("v1", 100)]
 
 
+def test_a_promote_after_the_rollback_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``promote`` of a rolled-back rollout sent every request to the
+    canary the analysis (or an abort) had just judged failed. A rollback
+    stands, as a promotion does: refused (exit 2), nothing written, and
+    the message says how to try again: the rollout anew."""
+    from l4proxy.canary.command import promote_after_rollback
+    from l4proxy.cli import main
+
+    shutil.copy(REGISTRY, tmp_path)
+    rolled = Rollout("bootcamp", "v1", "v2", phase="rolled_back", weight=0, step=1, steps=(50, 100))
+    _file_store(tmp_path).commit(rolled)
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert main(["canary", "promote", "bootcamp", "--rules", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the rollout of bootcamp from v1 to v2 was rolled back (v1 takes 100 %)" in err
+    assert "roll it out anew, judged as any: l4proxy canary bootcamp --stable v1 --canary v2" in err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files  # nothing written
+    gateway = replace(rolled, gateway=GatewayRoute(8080))
+    assert "l4proxy canary bootcamp --gateway-api --stable v1" in promote_after_rollback(gateway)
+    # a rollout that is still going is promoted as before, and said again once promoted
+    _file_store(tmp_path).commit(replace(rolled, phase="progressing", weight=50, step=0))
+    assert main(["canary", "promote", "bootcamp", "--rules", str(tmp_path)]) == 0
+    assert main(["canary", "promote", "bootcamp", "--rules", str(tmp_path)]) == 0
+    assert _routes(tmp_path) == [("v2", 100)]
+
+
 def test_an_abort_is_written_when_a_sidecar_cannot_be_read(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -73,7 +73,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   promote|abort`` from another shell ends a running analysis, and a killed
   command resumes at its step (:func:`l4proxy.canary._analysis.resume`).
   A promotion stands: ``abort`` refuses a promoted rollout
-  (:func:`abort_after_promotion`, Flagger's semantics).
+  (:func:`abort_after_promotion`, Flagger's semantics); so does a
+  rollback: ``promote`` refuses a rolled-back one
+  (:func:`promote_after_rollback`).
 * **Windows.** After each weight change the command waits until the
   sidecars serve the new rules, then starts the interval's window: each
   interval's sample is traffic at one weight. With ``--metrics`` it reads
@@ -85,7 +87,8 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   warning, and a change is taken as live --wait-live after it was written.
 
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
-invalid rules, metrics missing, an abort of a promoted rollout), 3
+invalid rules, metrics missing, an abort of a promoted rollout, a promote
+of a rolled-back one), 3
 interrupted with the weights left as they were (run the same command again
 to resume). Once a weight is
 written, the sidecars unreadable or not serving it within --wait-live is a
@@ -206,7 +209,7 @@ examples:
   l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \\
       --rules /etc/l4proxy --session-affinity flagger-cookie --metrics 127.0.0.1:15000
   l4proxy canary status bootcamp --rules /etc/l4proxy
-  l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to the canary now
+  l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to canary (not once rolled back)
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now (not once promoted)
   # on Kubernetes: the sidecars' rules ConfigMap through the API (in a Job: its
   # service account; on a laptop: kubectl proxy)
@@ -263,6 +266,7 @@ exit status:
   2  error: usage, unreadable or invalid rules, a competing rule, no metrics,
      a rollback that could not be written (NOT applied), an abort of a promoted
      rollout (a promotion stands: roll the old version out as a new canary),
+     a promote of a rolled-back one (a rollback stands: roll it out anew),
      an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
 """
@@ -2466,6 +2470,8 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         raise CanaryError(f"no rollout of {store.service} under {store.where}")
     if action == "abort" and saved.phase == "promoted":
         raise CanaryError(abort_after_promotion(saved))
+    if action == "promote" and saved.phase == "rolled_back":
+        raise CanaryError(promote_after_rollback(saved))
     if action == "promote":
         saved = promote(saved, time.time())
     elif action == "abort":
@@ -2544,6 +2550,22 @@ def abort_after_promotion(r: Rollout) -> str:
         f"its analysis, and a promotion stands: nothing written. To send {r.service}'s "
         f"requests back to {r.stable}, roll it out as a new canary: l4proxy canary "
         f"{r.service}{mode} --stable {r.canary} --canary {r.stable} ..."
+    )
+
+
+def promote_after_rollback(r: Rollout) -> str:
+    """Why ``promote`` refuses a rolled-back rollout *r*, and what to run
+    instead: the converse of :func:`abort_after_promotion`. A rollback
+    (by the analysis or by abort) is a verdict on the canary; sending it
+    every request at once would put the version that just failed in front
+    of every client, unjudged. Flagger has no way to do that either: a
+    failed canary goes out again only as a new revision, analysed anew."""
+    mode = " --gateway-api" if r.gateway is not None else ""
+    return (
+        f"the rollout of {r.service} from {r.stable} to {r.canary} was rolled back "
+        f"({r.stable} takes 100 %); promote ends a rollout in progress, and a rollback "
+        f"stands: nothing written. To try {r.canary} again, roll it out anew, judged as any: "
+        f"l4proxy canary {r.service}{mode} --stable {r.stable} --canary {r.canary} ..."
     )
 
 
