@@ -379,7 +379,8 @@ settings) and per half: this loop counts its own, its pure relay its own
 (its requests are rare ones). ``try_ep()`` (a first try, a policy's retry,
 the pooled connection's retry, a failed connect's next candidate)
 answers ``R_overflow`` at ``max_active`` (``overflow()``: counted in the
-EP's ``overflows``, no outcome); ``connect_to()`` at ``max_connections``
+EP's ``overflows``, no outcome; a retry's request lost, answered so too:
+``retry_refused()``); ``connect_to()`` at ``max_connections``
 (``n_open``: connections opened and not closed, ``up_close()`` counting
 them down) links the Conn at the tail of its EP's line (``pend_head``,
 ``Conn.pend_ep``), or overflows with ``max_pending`` waiting. A waiting
@@ -3516,10 +3517,11 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     cdef size_t before = c.out.len
     if c.shadow != NULL:  # (given up before the request's end, or before a connection)
         mirror_give_up(R, c, now)
-    # the access log's why (the pure twin's _upstream_failed(); UF already
-    # there: a retry's connect failed, connect_failed_next())
+    # the access log's why (the pure twin's _upstream_failed(); UF, UO or OM
+    # already there: a retry's connect failed, connect_failed_next(), or a
+    # retry refused, retry_refused())
     if why == OD_BEFORE or why == OD_MID:
-        if not c.lflags & LF_UF:
+        if not c.lflags & (LF_UF | LF_UO | LF_OM):
             c.lflags |= LF_UC
     elif why == OD_TIMEOUT or (why == OD_ANSWERED and status == 504):
         c.lflags |= LF_UT
@@ -3635,7 +3637,7 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
         pend_unlink(c)
     elif c.up != NULL:
         ep = c.up.ep
-    else:  # a retry that never had a connection (overflow(), out of fds)
+    else:  # a try that never had a connection
         ep = c.cand[0]
     if why >= 0 and c.up != NULL:  # (no try, no outcome: the endpoint did nothing)
         outcome(R, c, ep, why)
@@ -5623,12 +5625,26 @@ cdef inline void try_ep(Relay *R, Conn *c, EP *ep, double now, bint pooled) noex
 
 cdef void overflow(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     """A circuit breaker's answer: Envoy's 503 (no outcome: the endpoint did
-    nothing); a retry's request is lost, as when out of fds."""
+    nothing), UO; a retry's too, its request lost (retry_refused())."""
     L4R_ADD(&ep.overflows, 1)
     if c.retried:
-        on_upstream_eof(R, c, now)
+        retry_refused(R, c, R_overflow, now)
     else:
         local_answer(R, c, R_overflow, now, True)
+
+
+cdef void retry_refused(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
+    """A retry (the reused connection's own, or the policy's) refused before
+    it reached an upstream: a circuit breaker's overflow (R_overflow), no fd
+    for its connection (R_overloaded). The request is lost: answered as a
+    first try so refused is (*v*'s answer, edited), the client connection
+    kept as after a gateway failure's answer (upstream_failed; c.up is NULL:
+    no outcome), the line saying v's why (not the 502 and UC of a
+    connection that closed: none was open). Never retried, as a first try
+    so refused is not (Envoy's router never retries an overflow):
+    Exchange.retry_refused in _exchange_py.py."""
+    c.lflags |= v.lflags
+    upstream_failed(R, c, v.status, v.close, v.close_len, v.keep, v.keep_len, now, OD_BEFORE)
 
 
 cdef void serve_pending(Relay *R, double now) noexcept nogil:
@@ -5737,10 +5753,12 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     fd = socket(AF_INET6 if ep.v6 else AF_INET, sys_.SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0 and (errno == EMFILE or errno == ENFILE):
         # Out of fds is ours, not the endpoint's: no outlier detection (a
-        # flood must not eject healthy pods); the L4 path's 503 "overloaded".
+        # flood must not eject healthy pods); the L4 path's 503 "overloaded",
+        # OM (Envoy's router would say UF, a local connection failure: one
+        # flag for one cause here); a retry's too, its request lost
         R.n_fd_limit += 1
-        if c.retried:  # a retry's new connection: the request is lost
-            on_upstream_eof(R, c, now)
+        if c.retried:
+            retry_refused(R, c, R_overloaded, now)
         else:
             local_answer(R, c, R_overloaded, now, True)
         return

@@ -418,8 +418,9 @@ def test_a_retry_to_an_endpoint_at_max_active_overflows(mode: tuple[str, str]) -
     """The pooled connection's retry (A closed it without an answer) goes to
     the next candidate B, at max_active 1 (a request held there): it is
     not sent (B sees one request), counted in overflows(); the request is
-    lost as a retry's is when out of fds (the 502), and no one is told of a
-    failure of B."""
+    lost, answered as a first try's overflow (503, Envoy's body: it was
+    the 502 of a connection that closed), and no one is told of a failure
+    of B."""
     which, how = mode
     held = Held()
     a, b = Scripted([_answer(200, b"ok"), CLOSE]), Scripted([held.step])
@@ -442,7 +443,7 @@ def test_a_retry_to_an_endpoint_at_max_active_overflows(mode: tuple[str, str]) -
         assert _until(lambda: len(b.requests) == 1), b.requests
         first.sendall(_get("ab"))  # on A's pooled connection: closed, retried to B
         response = _response(first)
-        assert _status(response) == 502, response
+        assert _status(response) == 503 and response.endswith(OVERFLOW), response
         assert relay.overflows() == {b.endpoint: 1}
         held.open()
         assert _status(_response(holder)) == 200

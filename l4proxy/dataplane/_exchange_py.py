@@ -1217,7 +1217,7 @@ class Exchange:
                 return self._policy_retry(before)
             if connect_failed:  # (as Envoy, and as a first attempt's every connect failing)
                 return self._upstream_failed(
-                    503, "no healthy upstream", gateway=True, connect_failed=True
+                    503, "no healthy upstream", gateway=True, flags=accesslog.UF
                 )
             return self._upstream_failed(502, before, gateway=True)
         if (
@@ -1236,6 +1236,20 @@ class Exchange:
         return self._upstream_failed(
             502, "upstream closed the connection mid-response", gateway=True
         )
+
+    def retry_refused(self, status: int, body: str, headers: str, flags: int) -> list[Action]:
+        """A retry (the reused connection's own, or the policy's) was refused
+        before it reached an upstream: a circuit breaker's overflow (UO), no
+        fd for its connection (OM). The request is lost: answered as
+        :meth:`refuse` answers a first try so refused (*status*, *body*,
+        *headers*, the response edits), the client connection kept as after
+        a gateway failure's answer, the line saying *flags*' why (not the
+        502 and UC of a connection that closed: none was open). Never
+        retried, as a first try so refused is not (Envoy's router never
+        retries an overflow)."""
+        if self.phase != Phase.EXCHANGE:
+            return []
+        return self._upstream_failed(status, body, gateway=True, flags=flags, headers=headers)
 
     def upstream_timeout(self) -> list[Action]:
         """The route's timeout passed before the response's end (see "Route
@@ -1552,7 +1566,12 @@ class Exchange:
         return self._advance()  # a pipelined request may be waiting
 
     def _upstream_failed(
-        self, status: int, reason: str, gateway: bool = False, connect_failed: bool = False
+        self,
+        status: int,
+        reason: str,
+        gateway: bool = False,
+        flags: int = 0,
+        headers: str = "",
     ) -> list[Action]:
         """Give up on this exchange: the upstream closes; answer if we still can
         (no final head went out: after interim ones, 100 Continue, a final
@@ -1561,18 +1580,19 @@ class Exchange:
         200, as Envoy counts it), else with the local answer's. *gateway*:
         the upstream's failure, not the client's (a request body that cannot
         be framed): outlier detection hears of it, and the answer gets the
-        response edits (see "Head edits"). *connect_failed*: a retry's
-        connect failed (the access log's UF)."""
-        if not gateway:
-            flags = accesslog.DPE  # (a request body the client framed wrong)
-        elif connect_failed:
-            flags = accesslog.UF
-        elif reason == "upstream request timeout":
-            flags = accesslog.UT
-        elif reason.startswith("upstream closed"):
-            flags = accesslog.UC
-        else:  # a response the upstream framed wrong
-            flags = accesslog.UPE
+        response edits (see "Head edits"). *flags*: the access log's why
+        where *reason* does not tell it (UF: a retry's connect failed; UO,
+        OM: a retry refused, retry_refused()); *headers*: the answer's own
+        header lines (local_response's)."""
+        if not flags:  # (else the caller's)
+            if not gateway:
+                flags = accesslog.DPE  # (a request body the client framed wrong)
+            elif reason == "upstream request timeout":
+                flags = accesslog.UT
+            elif reason.startswith("upstream closed"):
+                flags = accesslog.UC
+            else:  # a response the upstream framed wrong
+                flags = accesslog.UPE
         out: list[Action] = [
             *self._given_up(),
             Release(False, failure=reason if gateway else ""),
@@ -1585,7 +1605,7 @@ class Exchange:
                 and self._request.done
                 and self._keeps_after_local_answer()
             )
-            answer = local_response(status, reason, not keep, head_only=self._head_only())
+            answer = local_response(status, reason, not keep, headers, self._head_only())
             if gateway:
                 answer = edit_local_answer(answer, self.edits)
             out += [Client(answer), self._done(status, True, flags)]

@@ -117,23 +117,25 @@ client connection kept as for the other local answers, counted in
 :meth:`HttpRelay.overflows` and as the request's 503 in the reports, no
 report to outlier detection (the endpoint did nothing), and no other
 candidate tried (the load balancer chose; the overflow is the answer). A
-retry's request that overflows is lost as when out of fds (the 502 of a
-request that went). A try that needs a new connection to an endpoint whose
-open ones (checked out, connecting, idle: ``Pools.connections``) are
-``max_connections`` takes an idle one if there is one, else waits
-(``_pend``), in order, while fewer than ``max_pending`` wait there (0:
-unlimited), else overflows. A waiting request has no upstream: its client
-is watched for a reset (which takes it out of the line, as its close
-does), its route timeout runs (the 504 takes it out), a per-try timeout
-gives the try up as a connect's would. It goes when its endpoint is
-kicked (``_kicks``: a connection of it released reusable, then checked
-out to the first waiting request instead of idle; one closed, then a new
-one; ``endpoint_settings`` raising or removing a limit): ``_serve_pending``
-before the loop waits again, no scan of the line when nothing changed, no
-wake-up while nothing can go. An endpoint that left the table
-(``retain_endpoints``) serves its waiting requests as a connect to it does
-today (they go, on connections closed at check-in). :meth:`HttpRelay.pending`
-says how many wait per endpoint.
+retry's request that overflows is lost, answered so too (UO in the access
+log, never retried: Envoy's router never retries an overflow), as one with
+no fd for its connection is answered a first try's 503 ``overloaded`` (OM;
+``Exchange.retry_refused``). A try that needs a new connection to an
+endpoint whose open ones (checked out, connecting, idle:
+``Pools.connections``) are ``max_connections`` takes an idle one if there
+is one, else waits (``_pend``), in order, while fewer than ``max_pending``
+wait there (0: unlimited), else overflows. A waiting request has no
+upstream: its client is watched for a reset (which takes it out of the
+line, as its close does), its route timeout runs (the 504 takes it out), a
+per-try timeout gives the try up as a connect's would. It goes when its
+endpoint is kicked (``_kicks``: a connection of it released reusable, then
+checked out to the first waiting request instead of idle; one closed, then
+a new one; ``endpoint_settings`` raising or removing a limit):
+``_serve_pending`` before the loop waits again, no scan of the line when
+nothing changed, no wake-up while nothing can go. An endpoint that left the
+table (``retain_endpoints``) serves its waiting requests as a connect to it
+does today (they go, on connections closed at check-in).
+:meth:`HttpRelay.pending` says how many wait per endpoint.
 
 Timers (checked every ``_TICK`` seconds): an incomplete request head older
 than ``header_timeout`` gets 408 (the same answer as the L4 path's, counted
@@ -1831,17 +1833,18 @@ class HttpRelay:
 
     def _overflow(self, c: _Conn, endpoint: Endpoint, now: float) -> None:
         """A circuit breaker's answer: Envoy's 503 (no report to outlier
-        detection: the endpoint did nothing); a retry's request is lost, as
-        when out of fds (the 502 of a request sent before)."""
+        detection: the endpoint did nothing), UO; a retry's too, its request
+        lost (Exchange.retry_refused: never retried, as Envoy's router
+        never retries an overflow)."""
         self._overflows[endpoint] = self._overflows.get(endpoint, 0) + 1
         c.up = None
         if c.ex.phase == Phase.ROUTING:
             refused = c.ex.refuse(
                 503, OVERFLOW_BODY, OVERFLOW_HEADERS, edited=True, flags=accesslog.UO
             )
-            self._perform(c, refused, now)
         else:
-            self._perform(c, c.ex.upstream_eof(), now)
+            refused = c.ex.retry_refused(503, OVERFLOW_BODY, OVERFLOW_HEADERS, accesslog.UO)
+        self._perform(c, refused, now)
 
     def _pend(self, c: _Conn, endpoint: Endpoint) -> None:
         """c waits for a connection to *endpoint* (at max_connections), last
@@ -1947,15 +1950,17 @@ class HttpRelay:
                 raise
             # Out of fds is ours, not the endpoint's: not reported to
             # connect_failed (a flood must not eject healthy pods); the L4
-            # path's answer, 503 "overloaded".
+            # path's answer, 503 "overloaded", OM (Envoy's router would say
+            # UF, a local connection failure: one flag for one cause here);
+            # a retry's too, its request lost (Exchange.retry_refused).
             c.up = None
             if self.refused is not None:
                 self.refused("fd_limit")
             if c.ex.phase == Phase.ROUTING:
                 refused = c.ex.refuse(503, "overloaded", edited=True, flags=accesslog.OM)
-                self._perform(c, refused, now)
-            else:  # a retry's new connection: the request is lost
-                self._perform(c, c.ex.upstream_eof(), now)
+            else:
+                refused = c.ex.retry_refused(503, "overloaded", "", accesslog.OM)
+            self._perform(c, refused, now)
             return
         c.upstream = endpoint  # (a connect begun, whatever becomes of it)
         sock.setblocking(False)

@@ -59,15 +59,18 @@ RESPONSE_FLAGS (:data:`FLAG_NAMES`, comma-joined in Envoy's order when
 several): UH no healthy upstream (no endpoint: a subset with no pod, every
 pod ejected), UT the route's (or the last per-try) timeout, UF every
 connect failed (or a retry's new connect), UC the upstream closed or reset
-before the response's end, UO a circuit breaker's overflow, NR no route,
-DI a fault's delay, FI a fault's abort, DC the client went away before the
-response's end, URX the retry policy's tries used up on an outcome it
-retries, SI the idle timeout mid-request, DPE a request the client framed
-wrong (a malformed head, a bad chunk), UPE a response the upstream framed
-wrong, OM the proxy out of file descriptors (its own overload; Envoy's
-overload manager). RESPONSE_CODE_DETAILS
-follows (:func:`details`): ``via_upstream`` for an upstream's answer, else
-why the proxy answered.
+before the response's end, UO a circuit breaker's overflow (a first try's
+or a retry's: never retried, as Envoy's router never retries one), NR no
+route, DI a fault's delay, FI a fault's abort, DC the client went away
+before the response's end, URX the retry policy's tries used up on an
+outcome it retries, SI the idle timeout mid-request, DPE a request the
+client framed wrong (a malformed head, a bad chunk), UPE a response the
+upstream framed wrong, OM the proxy out of file descriptors for a try's
+connection, a first try's or a retry's (its own overload, Envoy's overload
+manager's flag; Envoy's router, given a socket() that fails, would say UF,
+a local connection failure: here one cause keeps one flag, and UF stays
+the endpoint's). RESPONSE_CODE_DETAILS follows (:func:`details`):
+``via_upstream`` for an upstream's answer, else why the proxy answered.
 
 Escaping: no value from the client or the rules can forge a line or a
 field. A value is read as UTF-8: a valid character from U+00A0 up is
