@@ -7833,6 +7833,36 @@ cdef class HttpRelay:
         finally:
             free(T)
 
+    def _log_escape(self, values, int cap, bint json=False, bint keep_end=False):
+        """log_escape() of the bytes *values* (a header's lines: joined by
+        ",") at most *cap* bytes, as a line gets it (tests: the twin of
+        accesslog.escape() of the values joined). The bytes past *cap* in
+        its block are checked untouched: ValueError if it wrote there."""
+        cdef list held = [bytes(v) for v in values]
+        cdef int k = len(held), i, n
+        cdef const unsigned char *ps[LOG_SPANS]
+        cdef Py_ssize_t ns[LOG_SPANS]
+        cdef char *out
+        if not 0 < k <= LOG_SPANS or cap < TRUNC_LEN:
+            raise ValueError(f"1 to {LOG_SPANS} values, a cap of {TRUNC_LEN} bytes at least")
+        for i in range(k):
+            ps[i] = <const unsigned char*>PyBytes_AS_STRING(held[i])
+            ns[i] = len(held[i])
+        out = <char*>malloc(<size_t>cap + 64)
+        if out == NULL:
+            raise MemoryError()
+        try:
+            memset(out, 0xA5, <size_t>cap + 64)
+            n = log_escape(out, cap, ps, ns, k, json, keep_end)
+            for i in range(cap, cap + 64):
+                if <unsigned char>out[i] != 0xA5:
+                    raise ValueError(f"log_escape() wrote past its cap ({cap}) at {i}")
+            if not 0 <= n <= cap:
+                raise ValueError(f"log_escape() said {n} bytes for a cap of {cap}")
+            return PyBytes_FromStringAndSize(out, n)
+        finally:
+            free(out)
+
     # -- the worker's side --------------------------------------------------
 
     @property
