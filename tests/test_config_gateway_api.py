@@ -80,14 +80,6 @@ CASES = [
         12,
     ),
     (
-        "unknown Gateway parent",
-        HR
-        + "  parentRefs:\n  - name: nowhere\n  rules:\n  - "
-        + backends(("bootcamp-v1", 1)).lstrip(),
-        "unknown parent: no Gateway default/nowhere in these files",
-        7,
-    ),
-    (
         "parent of an unsupported kind",
         HR + "  parentRefs:\n  - {group: apps, kind: Deployment, name: x}\n",
         "parentRef Deployment (group 'apps') is not supported",
@@ -254,26 +246,6 @@ CASES = [
         GW.replace("protocol: HTTP}", "protocol: HTTP, tls: {}}"),
         "spec.listeners[0].tls is not implemented by l4proxy",
         9,
-    ),
-    (
-        "route attaches to no listener (hostnames)",
-        GW.replace("protocol: HTTP}", "protocol: HTTP, hostname: a.example}")
-        + "---\n"
-        + HR
-        + "  parentRefs: [{name: gw}]\n  hostnames: [b.example]\n  rules:\n  - "
-        + backends(("bootcamp-v1", 1)).lstrip(),
-        "attaches to no listener of Gateway gw: its hostnames match none",
-        16,
-    ),
-    (
-        "listener section that does not exist",
-        GW
-        + "---\n"
-        + HR
-        + "  parentRefs: [{name: gw, sectionName: https}]\n  rules:\n  - "
-        + backends(("bootcamp-v1", 1)).lstrip(),
-        "Gateway gw has no listener named https (listeners: http:80)",
-        16,
     ),
     (
         "another Gateway API kind",

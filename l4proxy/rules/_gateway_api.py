@@ -17,6 +17,17 @@ An HTTPRoute attaches to parents (``spec.parentRefs``):
   need distinct hostnames (the API's "compatible" listeners), as within
   one Gateway.
 
+A parentRef that attaches to nothing is a warning at its line, and the
+route is not served through it (the API's Accepted False; the rest of the
+config is unaffected): a Gateway not in the files, no listener of its
+``sectionName`` or ``port`` (NoMatchingParent), no listener that admits
+the route's namespace (NotAllowedByListeners), or none of those whose
+hostname meets one of the route's (NoMatchingListenerHostname; the
+namespace is tested first, and both are said where both fail). Never an
+error: a Gateway edited to admit fewer routes, or deleted, must revoke
+them at the next load, where an error would keep the last good rules,
+and the access just removed with them.
+
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
 the longest PathPrefix, then RegularExpression (its place is left to
@@ -1367,6 +1378,41 @@ def _check_shared_ports(gateways: list[GatewayDraft]) -> None:
             )
 
 
+def _not_attached(
+    hr: HttpRouteDraft,
+    gw: GatewayDraft,
+    listeners: list[ListenerDraft],
+    admitting: list[ListenerDraft],
+) -> str:
+    """Why *hr* attaches to none of *listeners* of *gw* (those its
+    parentRef names), *admitting* the ones that admit its namespace: the
+    namespace (NotAllowedByListeners), then the hostnames
+    (NoMatchingListenerHostname), both where both fail. A warning, never
+    an error: a Gateway changed to admit fewer routes must revoke them,
+    where an error would keep the last good rules, and the access with
+    them."""
+    why: list[str] = []
+    if not admitting:
+        why.append(
+            f"routes from namespace {hr.namespace} are not allowed (allowedRoutes.namespaces."
+            "from: All admits them; NotAllowedByListeners)"
+        )
+    pool = admitting or listeners
+    if hr.hostnames and all(
+        _hostname_meet(lst.hostname, h) is None for lst in pool for h in hr.hostnames
+    ):
+        whose = (
+            "the listeners'"
+            if len(pool) == len(listeners)
+            else f"those of the listeners that admit namespace {hr.namespace}"
+        )
+        why.append(f"its hostnames match none of {whose} hostnames (NoMatchingListenerHostname)")
+    return (
+        f"this HTTPRoute attaches to no listener of Gateway {gw.name}: {', and '.join(why)}; "
+        "it is not served there, as if it were not in these files"
+    )
+
+
 class Compiler:
     """HTTPRoutes and Gateways → routes per host, gateway services, ingress paths."""
 
@@ -1527,9 +1573,10 @@ class Compiler:
             gw = by_gateway.get((p.namespace, p.name))
             if gw is None:
                 known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_gateway)) or "none"
-                p.where.error(
+                p.where.warning(
                     f"unknown parent: no Gateway {p.namespace}/{p.name} in these files "
-                    f"(Gateways: {known})"
+                    f"(Gateways: {known}); this HTTPRoute is not served through it until one "
+                    "is loaded"
                 )
                 continue
             listeners = [
@@ -1539,17 +1586,21 @@ class Compiler:
                 and (p.port is None or lst.port == p.port)
             ]
             if not listeners:
-                p.where.error(
+                p.where.warning(
                     f"Gateway {gw.name} has no listener"
                     + (f" named {p.section}" if p.section else "")
                     + (f" on port {p.port}" if p.port else "")
-                    + f" (listeners: {', '.join(f'{x.name}:{x.port}' for x in gw.listeners)})"
+                    + f" (listeners: {', '.join(f'{x.name}:{x.port}' for x in gw.listeners)}); "
+                    "this HTTPRoute is not served through it (NoMatchingParent)"
                 )
                 continue
+            # the API's order: the listeners that admit the route's
+            # namespace, then of those the ones a hostname of it meets
+            admitting = [
+                lst for lst in listeners if hr.namespace == gw.namespace or lst.all_namespaces
+            ]
             attached = False
-            for lst in listeners:
-                if hr.namespace != gw.namespace and not lst.all_namespaces:
-                    continue
+            for lst in admitting:
                 names: list[str | None]
                 if hr.hostnames:
                     met = [_hostname_meet(lst.hostname, h) for h in hr.hostnames]
@@ -1562,15 +1613,7 @@ class Compiler:
                     out.append((key, None, False))
                     attached = True
             if not attached:
-                p.where.error(
-                    f"this HTTPRoute attaches to no listener of Gateway {gw.name}: "
-                    + (
-                        "its hostnames match none of the listeners' hostnames"
-                        if hr.hostnames
-                        else f"routes from namespace {hr.namespace} are not allowed "
-                        "(allowedRoutes.namespaces.from: All admits them)"
-                    )
-                )
+                p.where.warning(_not_attached(hr, gw, listeners, admitting))
         return out
 
     def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:
