@@ -686,20 +686,6 @@ spec:
 # (case, rule file text, expected message part, expected line)
 CASES = [
     (
-        "unknown gateway",
-        gateway() + vs("pp", "[pp.example.com]", "[gw, nowhere]", to("productpage")),
-        "unknown gateway: no Istio Gateway default/nowhere in these files (Istio Gateways: "
-        "default/gw;",
-        16,
-    ),
-    (
-        "a gateway of another namespace by its short name",
-        gateway(ns="istio-system") + vs("pp", "[pp.example.com]", "[gw]", to("productpage")),
-        "unknown gateway: no Istio Gateway default/gw in these files (Istio Gateways: "
-        "istio-system/gw;",
-        16,
-    ),
-    (
         "HTTP2 server",
         gateway().replace("protocol: HTTP", "protocol: HTTP2"),
         "the gateway speaks HTTP/1.x",
@@ -847,6 +833,20 @@ def test_errors_name_file_and_line(tmp_path: Path, text: str, message: str, line
 
 WARNINGS = [
     (
+        "unknown gateway",
+        gateway() + vs("pp", "[pp.example.com]", "[gw, nowhere]", to("productpage")),
+        "unknown gateway: no Istio Gateway default/nowhere in these files (Istio Gateways: "
+        "default/gw;",
+        16,
+    ),
+    (
+        "a gateway of another namespace by its short name",
+        gateway(ns="istio-system") + vs("pp", "[pp.example.com]", "[gw]", to("productpage")),
+        "unknown gateway: no Istio Gateway default/gw in these files (Istio Gateways: "
+        "istio-system/gw;",
+        16,
+    ),
+    (
         "a host no server admits",
         gateway('["*.example.com"]') + vs("pp", "[pp.example.org]", "[gw]", to("productpage")),
         "host pp.example.org is admitted by no server of Gateway default/gw (its HTTP servers' "
@@ -976,6 +976,24 @@ def test_warnings_name_file_and_line(tmp_path: Path, text: str, message: str, li
     found = [d for d in result.notes if message in d.message]
     assert found, "\n".join(map(str, result.notes))
     assert (found[0].severity, found[0].line) == ("warning", line), str(found[0])
+
+
+def test_a_gateway_not_in_the_files_drops_that_binding_alone(tmp_path: Path) -> None:
+    """A VirtualService naming a Gateway that is not in the files loads
+    (it was an error, and a Gateway deleted kept the last good rules
+    serving it): that binding is dropped, as Istio ignores it. pp, bound
+    to gw and nowhere, still routes at gw; only, bound to nowhere alone,
+    routes nothing there (no name takes its Host)."""
+    text = (
+        gateway('["pp.example.com", "only.example.com"]')
+        + vs("pp", "[pp.example.com]", "[gw, nowhere]", to("productpage"))
+        + vs("only", "[only.example.com]", "[nowhere]", to("details"))
+    )
+    result = load_result(tmp_path, text)
+    said = [(d.severity, d.line) for d in result.notes if "unknown gateway" in d.message]
+    assert said == [("warning", 16), ("warning", 26)]
+    assert at_gateway(result.table, "pp.example.com", "/") == ("pp", PRODUCTPAGE)
+    assert at_gateway(result.table, "only.example.com", "/") == ("no ingress route", None)
 
 
 def test_a_destination_s_error_is_said_once(tmp_path: Path) -> None:

@@ -85,8 +85,10 @@ are all reached, and a catch-all after another VirtualService's is a
 warning, as it is never reached.
 
 What Istio does silently is said here: a VirtualService naming a Gateway
-that is not in the files is an error (as an HTTPRoute's unknown parent
-is), a host no server of a bound Gateway admits a warning naming both.
+that is not in the files is a warning and that binding is dropped (as
+Istio ignores it; istioctl analyze's IST0101), as an HTTPRoute's unknown
+parent is, so that deleting a Gateway stops what it served; a host no
+server of a bound Gateway admits is a warning naming both.
 One VirtualService reaching one port and name through two Gateways is an
 error (Istio appends its routes twice). Every Gateway kind and the
 Ingress objects share the gateway's local ports, so one port and host
@@ -605,10 +607,14 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
             gw = by_name.get((ref.namespace, ref.name))
             if gw is None:
                 known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_name)) or "none"
-                ref.where.error(
+                # (Istio ignores the binding, istioctl analyze's IST0101; a
+                # warning, never an error: a Gateway deleted must stop
+                # serving, where an error would keep the last good rules)
+                ref.where.warning(
                     f"unknown gateway: no Istio Gateway {ref.key} in these files (Istio "
                     f"Gateways: {known}; a VirtualService binds to networking.istio.io "
-                    "Gateways, a Gateway API Gateway takes HTTPRoutes)"
+                    "Gateways, a Gateway API Gateway takes HTTPRoutes); this binding is "
+                    "dropped until one is loaded, as Istio ignores it"
                 )
                 continue
             for b in _bindings(rule, ref, gw):
