@@ -1,11 +1,13 @@
-"""An HTTPRoute's attachment to a Gateway.
+"""An HTTPRoute's attachment to a Gateway, and the order of routes that tie.
 
 A parentRef that attaches to nothing (a Gateway not in the files, no
 listener of its sectionName or port, none that admits the route's
 namespace, none whose hostname meets the route's) is a warning at its line
 and the route is not served through it: a Gateway edited to admit fewer
 routes, or deleted, must revoke them at the next load, where an error kept
-the last good rules serving them.
+the last good rules serving them. Routes whose matches tie go to the oldest
+by ``metadata.creationTimestamp``, then by ``namespace/name``; a match that
+another route's identical one always takes first is a warning.
 
 Rule files are loaded next to tests/data/gateway-api/registry-per-version.yaml
 and WEB, a Service of namespace b (so that a route there has a backend of
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.rules import LoadResult, load_rules
+from l4proxy.rules import ConfigError, LoadResult, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
@@ -213,3 +215,101 @@ def test_a_gateway_changed_or_deleted_revokes_its_routes(tmp_path: Path, revoke:
     after = load_rules(files, seed=1)
     assert [(d.severity, d.file, d.line) for d in after.notes] == [("warning", hr, 6)]
     assert served(after.table, "b.example") == "no route"
+
+
+# -- precedence among routes that tie ----------------------------------------------
+
+
+def _tie(zzz: str, aaa: str) -> str:
+    """HTTPRoutes zzz (to bootcamp-v2) and aaa (to bootcamp-v1) of
+    namespace default, both PathPrefix /api for c.example; *zzz* and
+    *aaa* are their metadata's extra fields."""
+    return (
+        gateway()
+        + route("zzz", "default", hostnames="[c.example]", meta=zzz, path="/api").replace(
+            "{name: web, port: 8080}", "{name: bootcamp-v2, port: 8080}"
+        )
+        + route("aaa", "default", hostnames="[c.example]", meta=aaa, path="/api").replace(
+            "{name: web, port: 8080}", "{name: bootcamp-v1, port: 8080}"
+        )
+    )
+
+
+OLD = ', creationTimestamp: "2024-01-01T00:00:00Z"'
+NEW = ', creationTimestamp: "2025-01-01T00:00:00Z"'
+
+
+@pytest.mark.parametrize(
+    ("zzz", "aaa", "winner"),
+    [
+        (OLD, NEW, "bootcamp-v2"),  # the review's repro (v/t08.yaml): zzz is older, and wins
+        # unquoted, YAML reads a timestamp; an offset counts
+        (
+            ", creationTimestamp: 2024-01-01T02:00:00+03:00",
+            ", creationTimestamp: 2024-01-01T00:00:00Z",
+            "bootcamp-v2",
+        ),
+        ("", NEW, "bootcamp-v1"),  # a route without one is yet to be created: the newer
+        (NEW, "", "bootcamp-v2"),
+        ("", "", "bootcamp-v1"),  # neither, or the same: namespace/name
+        (OLD, OLD, "bootcamp-v1"),
+    ],
+)
+def test_the_oldest_route_wins_a_tie(tmp_path: Path, zzz: str, aaa: str, winner: str) -> None:
+    """The API: of two routes whose matches tie, the oldest by
+    creationTimestamp wins, then the first by namespace/name. The
+    timestamp was ignored, so aaa always won."""
+    result = load(tmp_path, _tie(zzz, aaa))
+    assert served(result.table, "c.example", "/api/x") == winner
+
+
+def test_a_match_another_route_always_takes_first_is_a_warning_naming_both(
+    tmp_path: Path,
+) -> None:
+    """aaa's PathPrefix /api on c.example is never reached: zzz's, older,
+    is tried first. The warning is at aaa's match, naming zzz's line; zzz
+    is not warned of, nor a route of another hostname or match."""
+    text = _tie(OLD, NEW)
+    text += route("other", "default", hostnames="[d.example]", path="/api").replace(
+        "{name: web, port: 8080}", "{name: bootcamp, port: 8080}"
+    )
+    text += route("deeper", "default", hostnames="[c.example]", path="/api/v2").replace(
+        "{name: web, port: 8080}", "{name: bootcamp, port: 8080}"
+    )
+    result = load(tmp_path, text)
+    (warning,) = result.notes
+    f = str(tmp_path / "r0.yaml")
+    assert (warning.severity, warning.file, warning.line) == ("warning", f, 26)
+    assert "HTTPRoute aaa: " in str(warning)
+    assert warning.message == (
+        f"this match is the same as one of HTTPRoute default/zzz ({f}:16) on "
+        "hostname c.example of listener http of Gateway default/gw, which the API's order "
+        "tries first (created earlier): this one is never reached there"
+    )
+
+
+def test_identical_matches_of_one_route_are_not_warned_of(tmp_path: Path) -> None:
+    """Two rules of one route with the same match: its own order, not a
+    route that hides another (no warning here)."""
+    hr = route(ns="default", backend="{name: bootcamp-v1, port: 8080}")
+    hr += "  - matches: [{path: {type: PathPrefix, value: /}}]\n"
+    hr += "    backendRefs: [{name: bootcamp-v2, port: 8080}]\n"
+    assert load(tmp_path, gateway() + hr).notes == []
+
+
+@pytest.mark.parametrize(
+    "stamp", ['"2024-01-01"', '"yesterday"', '"2024-13-01T00:00:00Z"', "2024-01-01", "12"]
+)
+def test_a_malformed_creation_timestamp_is_an_error_at_its_line(tmp_path: Path, stamp: str) -> None:
+    f = write(
+        tmp_path,
+        gateway()
+        + route(ns="default", meta=f",\n  creationTimestamp: {stamp}").replace(
+            "{name: web, port: 8080}", "{name: bootcamp-v1, port: 8080}"
+        ),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert (err.file, err.line) == (f, 12), str(err)
+    assert "metadata.creationTimestamp" in err.message and "is not an RFC 3339 time" in err.message

@@ -33,8 +33,12 @@ match of every rule of every route on one parent is ranked (Exact path, then
 the longest PathPrefix, then RegularExpression (its place is left to
 implementations), then PathPrefix ``/``; then a method match; then the
 most header matches; then the most query parameter matches), ties going to
-the route first by ``namespace/name`` (creation timestamps are not known to a
-rule file), then to rule and match order. Adjacent matches of one rule merge
+the oldest route by ``metadata.creationTimestamp`` (RFC 3339, as ``kubectl
+get -o yaml`` writes it; a route without one after those with one, as a
+route yet to be created is the newest), then to the first by
+``namespace/name``, then to rule and match order. A match identical to one
+of another route ranked before it on the same listener and hostname is
+never reached: a warning naming both. Adjacent matches of one rule merge
 back into one route, so an HTTPRoute compiles to the same table as the
 equivalent VirtualService.
 
@@ -96,7 +100,9 @@ matched path's (:func:`~l4proxy.rules.routing.session_cookie_path`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -368,9 +374,41 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
             ok = False
         else:
             rules.append(got_r)
+    meta = obj.get("metadata")
+    created = None
+    if isinstance(meta, dict) and meta.get("creationTimestamp") is not None:
+        created = _timestamp(ctx, meta["creationTimestamp"], ("metadata", "creationTimestamp"))
+        ok = ok and created is not None
     if not ok:
         return None
-    return HttpRouteDraft(ctx.name, ctx.namespace, parents, hostnames, rules, Where(ctx, ()))
+    return HttpRouteDraft(
+        ctx.name, ctx.namespace, parents, hostnames, rules, Where(ctx, ()), created
+    )
+
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _timestamp(ctx: Ctx, value: Any, path: Path) -> float | None:
+    """``metadata.creationTimestamp`` (RFC 3339, as ``kubectl get -o
+    yaml`` writes it: ``"2024-01-01T00:00:00Z"``; unquoted, YAML reads it
+    as a timestamp, which is taken too, a zone-less one as UTC) as seconds
+    since the epoch; None after an error."""
+    if isinstance(value, datetime.datetime):
+        stamp = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+        return stamp.timestamp()
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        with contextlib.suppress(ValueError):  # (a 13th month, a 25th hour)
+            return datetime.datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
+    ctx.error(
+        path,
+        f"{dotted(path)} {value!r} is not an RFC 3339 time (as kubectl writes it: "
+        '"2024-01-01T00:00:00Z")',
+    )
+    return None
 
 
 def _rule_name(route: str, item: Any, index: int, count: int) -> str:
@@ -1144,7 +1182,7 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
         return None
     match = Match(uri=uri, method=method, headers=headers, query=query)
     rank = (path_rank, -path_len, 0 if method else 1, -len(headers), -len(query))
-    return HttpMatchDraft(match, rank)
+    return HttpMatchDraft(match, rank, Where(ctx, path))
 
 
 def _name_matches(
@@ -1378,6 +1416,44 @@ def _check_shared_ports(gateways: list[GatewayDraft]) -> None:
             )
 
 
+def _age(hr: HttpRouteDraft) -> tuple[bool, float, str]:
+    """The API's order of routes whose matches tie: the oldest by
+    ``creationTimestamp`` first (one without it after every one with it,
+    as a route not yet created is the newest), then by
+    ``namespace/name``."""
+    return (hr.created is None, hr.created or 0.0, f"{hr.namespace}/{hr.name}")
+
+
+def _warn_shadowed(
+    ranked: list[tuple[Any, Match, HttpRouteDraft, Where | None]],
+    listener: tuple[GatewayDraft, ListenerDraft, str | None],
+) -> None:
+    """A match of one route identical to a match of another route ranked
+    before it, on one listener and hostname (*ranked*: their matches in
+    the order they are tried): a warning at the later one naming both, as
+    no request ever reaches it there."""
+    gw, lst, hostname = listener
+    first: dict[Match, tuple[HttpRouteDraft, Where | None]] = {}
+    for _, m, hr, where in ranked:
+        earlier = first.setdefault(m, (hr, where))
+        if earlier[0] is hr or where is None:
+            continue
+        other, at = earlier
+        if other.created is not None and other.created != hr.created:
+            why = "created earlier"
+        else:
+            why = "first by namespace/name" + (
+                ", neither has a creationTimestamp" if hr.created is None else ""
+            )
+        where.warning(
+            f"this match is the same as one of HTTPRoute {other.namespace}/{other.name}"
+            + (f" ({at.location})" if at is not None else "")
+            + f" on hostname {hostname or '*'} of listener {lst.name} of Gateway "
+            f"{gw.namespace}/{gw.name}, which the API's order tries first ({why}): this one "
+            "is never reached there"
+        )
+
+
 def _not_attached(
     hr: HttpRouteDraft,
     gw: GatewayDraft,
@@ -1441,7 +1517,10 @@ class Compiler:
         entries: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]] = {}
         mirrors: dict[int, tuple[MirrorPolicy, ...]] = {}  # id(rule) → its route's
-        for hr in sorted(routes, key=lambda r: (r.namespace, r.name)):
+        # gateway key → [(sort key, match, its route, its line)]
+        shadows: dict[str, list[tuple[Any, Match, HttpRouteDraft, Where | None]]]
+        shadows = defaultdict(list)
+        for hr in sorted(routes, key=_age):
             dests = [self._destinations(rule) for rule in hr.rules]
             for i, rule in enumerate(hr.rules):
                 got = self._mirrors(rule)
@@ -1454,7 +1533,7 @@ class Compiler:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
                     if rd is None:
                         continue
-                    ms = rule.matches or [HttpMatchDraft(Match(), (3, -1, 1, 0, 0))]
+                    ms = rule.matches or [HttpMatchDraft(Match(), (3, -1, 1, 0, 0), rule.where)]
                     for mi, md in enumerate(ms):
                         m = md.match
                         if port is not None:
@@ -1467,10 +1546,13 @@ class Compiler:
                             )
                         # this namespace's consumer routes before the
                         # Service's producer routes (GAMMA)
-                        sort = (not consumer, md.rank, f"{hr.namespace}/{hr.name}", ri, mi)
+                        sort = (not consumer, md.rank, _age(hr), ri, mi)
                         entries[key].append((sort, (id(hr), ri), rule.name, m, rd, rule))
+                        shadows[key].append((sort, m, hr, md.where))
         for items in entries.values():
             items.sort(key=lambda e: e[0])
+        for key in gateway_keys:
+            _warn_shadowed(sorted(shadows[key], key=lambda e: e[0]), gateway_keys[key])
         # Routes of a listener compete across hostnames: a request for
         # a.example.com that no a.example.com rule matches goes on to the
         # *.example.com rules, then to those without a hostname (the

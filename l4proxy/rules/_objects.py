@@ -446,6 +446,7 @@ class HttpMatchDraft:
     # RegularExpression, PathPrefix /), longer path first, method given first, more headers
     # first, more query parameters first.
     rank: tuple[int, int, int, int, int]
+    where: Where | None = None  # its line (None: a rule's default match, every request)
 
 
 @dataclass
@@ -473,6 +474,9 @@ class HttpRouteDraft:
     hostnames: list[str]
     rules: list[HttpRuleDraft]
     where: Where
+    # metadata.creationTimestamp, seconds since the epoch: the older of two
+    # routes wins a tie of precedence (the API's rule); None: not given
+    created: float | None = None
 
 
 # -- Istio Gateway (networking.istio.io) -----------------------------------------
