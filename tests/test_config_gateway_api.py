@@ -283,6 +283,89 @@ def test_errors_name_file_and_line(tmp_path: Path, text: str, message: str, line
     assert errs[0].line == line, str(errs[0])
 
 
+def _one_match(match: str) -> str:
+    """An HTTPRoute (mesh parent) of one rule whose one match is *match*
+    (a flow mapping, on line 10), to bootcamp-v1."""
+    return HR + MESH + f"  rules:\n  - matches:\n    - {match}\n" + backends(("bootcamp-v1", 1))
+
+
+@pytest.mark.parametrize(
+    ("ptype", "value", "why"),
+    [
+        ("Exact", "/a//b", "must not contain '//'"),
+        ("PathPrefix", "/a/./b", "must not contain '/./'"),
+        ("Exact", "/a/../b", "must not contain '/../'"),
+        ("PathPrefix", "/a%2fb", "must not contain '%2f'"),
+        ("PathPrefix", "/a%2Fb", "must not contain '%2F'"),
+        ("Exact", "/a#b", "must not contain '#'"),
+        ("PathPrefix", "/a/..", "must not end with '/..'"),
+        ("Exact", "/a/.", "must not end with '/.'"),
+        ("Exact", "/a b", "must only contain a path's characters"),
+        ("PathPrefix", "/a?b=1", "must only contain a path's characters"),
+        ("Exact", "/a%zz", "must only contain a path's characters"),
+        ("PathPrefix", "/" + "a" * 1024, "is 1025 characters long; the API allows 1024"),
+    ],
+)
+def test_a_path_value_the_crd_refuses_is_an_error_at_its_line(
+    tmp_path: Path, ptype: str, value: str, why: str
+) -> None:
+    """HTTPPathMatch's CEL rules (the CRD's) for Exact and PathPrefix: a
+    value the API server refuses was loaded silently."""
+    f = write(tmp_path, _one_match(f"path: {{type: {ptype}, value: '{value}'}}"))
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert (err.file, err.line) == (f, 10), str(err)
+    assert err.message.startswith(f"spec.rules[0].matches[0].path.value {value!r} {why}"), err
+
+
+@pytest.mark.parametrize(
+    "match",
+    [
+        "path: {type: Exact, value: '/a%20b/~u/@x:y;v=1,2'}",
+        "path: {type: PathPrefix, value: /a/b/}",
+        "path: {type: PathPrefix, value: /}",
+        "path: {type: RegularExpression, value: '/a//b#.*'}",  # (not the CRD's business)
+    ],
+)
+def test_path_values_the_crd_admits_load(tmp_path: Path, match: str) -> None:
+    assert load_rules([write(tmp_path, _one_match(match)), PER_VERSION]).notes == []
+
+
+@pytest.mark.parametrize("char", ["\\r", "\\n", "\\0"])
+@pytest.mark.parametrize("htype", ["Exact", "RegularExpression"])
+def test_a_header_match_value_with_cr_lf_or_nul_is_an_error_at_its_line(
+    tmp_path: Path, char: str, htype: str
+) -> None:
+    """No header holds one, so no request could match: it was loaded
+    silently (a header modifier's value was refused already)."""
+    match = f'headers: [{{name: x-a, type: {htype}, value: "1{char}x-b: 2"}}]'
+    f = write(tmp_path, _one_match(match))
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert (err.file, err.line) == (f, 10), str(err)
+    assert "spec.rules[0].matches[0].headers[0].value" in err.message
+    assert "has a CR, LF or NUL, which no header may hold" in err.message
+
+
+def test_a_header_modifier_value_with_a_cr_is_an_error_at_its_line(tmp_path: Path) -> None:
+    """(Refused before this review too; kept beside the match's case.)"""
+    text = (
+        HR
+        + MESH
+        + "  rules:\n  - filters:\n    - type: RequestHeaderModifier\n"
+        + '      requestHeaderModifier: {set: [{name: x-a, value: "1\\r\\nx-b: 2"}]}\n'
+        + backends(("bootcamp-v1", 1))
+    )
+    f = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert (err.file, err.line) == (f, 11), str(err)
+    assert "has a CR, LF or NUL, which no header may hold" in err.message
+
+
 # -- equal tables ---------------------------------------------------------------
 
 HR_CANARY = (

@@ -42,6 +42,10 @@ never reached: a warning naming both. Adjacent matches of one rule merge
 back into one route, so an HTTPRoute compiles to the same table as the
 equivalent VirtualService.
 
+A path match's Exact or PathPrefix value is held to the CRD's validation
+(:func:`_path_value`), and a header match's value may not hold CR, LF or
+NUL: what the API server would refuse is an error at its line.
+
 Backends (``backendRefs``: a Service name and port; each version its own
 Service) resolve like ServiceEntry hosts: a ServiceEntry for
 ``name.namespace.svc.<domain>``, else a ``resolution: DNS`` ServiceEntry
@@ -181,6 +185,7 @@ KINDS = ("HTTPRoute", "Gateway", "ReferenceGrant")  # (the kinds read)
 MAX_WEIGHT = 1_000_000
 UNRESOLVED_STATUS = 500
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 _HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # Filters the relays cannot apply, with why (refused by name)
 _FILTER_REFUSED = {
@@ -1148,6 +1153,8 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
         if not isinstance(pval, str) or (ptype != "RegularExpression" and not pval.startswith("/")):
             ctx.error((*ppath, "value"), f"path value {pval!r} must be a string starting with '/'")
             return None
+        if ptype in ("Exact", "PathPrefix") and not _path_value(ctx, pval, (*ppath, "value")):
+            return None
         if ptype == "Exact":
             uri, path_rank, path_len = StringMatch("exact", pval), 0, len(pval)
         elif ptype == "PathPrefix":
@@ -1185,6 +1192,40 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
     return HttpMatchDraft(match, rank, Where(ctx, path))
 
 
+# The CRD's rules on an Exact or PathPrefix value (HTTPPathMatch's CEL
+# validations, in the order the CRD lists them): what the API server
+# refuses is refused here, at its line, where it was loaded silently
+_PATH_CHARS = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
+_PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
+_PATH_ENDINGS = ("/..", "/.")
+MAX_PATH = 1024  # (HTTPPathMatch.value's maxLength)
+
+
+def _path_value(ctx: Ctx, value: str, path: Path) -> bool:
+    """Whether an Exact or PathPrefix match's *value* is one the CRD
+    admits (an error at *path* if not): at most 1024 characters, no
+    ``//``, ``/./``, ``/../``, ``%2f``, ``%2F`` or ``#``, not ending in
+    ``/..`` or ``/.``, and only a path's characters (RFC 3986's pchar and
+    ``/``: no space, no ``?``, a ``%`` only before two hex digits)."""
+    said = f"{dotted(path)} {value!r}"
+    why = ""
+    if len(value) > MAX_PATH:
+        why = f"is {len(value)} characters long; the API allows {MAX_PATH}"
+    elif bad := next((b for b in _PATH_FORBIDDEN if b in value), None):
+        why = f"must not contain {bad!r}"
+    elif end := next((e for e in _PATH_ENDINGS if value.endswith(e)), None):
+        why = f"must not end with {end!r}"
+    elif not _PATH_CHARS.fullmatch(value):
+        why = (
+            "must only contain a path's characters (letters, digits, -._~!$&'()*+,;=:@ and /, "
+            "or % and two hex digits: no space, no '?')"
+        )
+    if why:
+        ctx.error(path, f"{said} {why} (the API's validation of an Exact or PathPrefix path)")
+        return False
+    return True
+
+
 def _name_matches(
     ctx: Ctx, value: Any, path: Path, *, fold: bool
 ) -> tuple[tuple[str, StringMatch], ...] | None:
@@ -1201,6 +1242,14 @@ def _name_matches(
         val = text(ctx, h.get("value", ""), (*ipath, "value"))
         htype = h.get("type", "Exact")
         if name is None or val is None or (fold and not header_name(ctx, name, (*ipath, "name"))):
+            ok = False
+            continue
+        if fold and _BAD_HEADER_VALUE.search(val):
+            ctx.error(
+                (*ipath, "value"),
+                f"{dotted((*ipath, 'value'))} {val!r} has a CR, LF or NUL, which no header "
+                "may hold (no request would match it)",
+            )
             ok = False
             continue
         key = name.lower() if fold else name

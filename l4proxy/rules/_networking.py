@@ -1100,6 +1100,20 @@ def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:
     ok = ok and headers is not None and without is not None and query is not None
     ignore_case = boolean(ctx, b.get("ignoreUriCase"), (*path, "ignoreUriCase"))
     ok = ok and ignore_case is not None
+    uri = attrs.get("uri")
+    if ignore_case and (uri is None or uri.kind == "regex"):
+        # (Envoy's case_sensitive applies to an exact or prefix path; a
+        # regex is compiled as written, and without a uri there is none)
+        ctx.warning(
+            (*path, "ignoreUriCase"),
+            "ignoreUriCase does nothing here: "
+            + (
+                "it applies to an exact or prefix uri, and this block's uri is a regex, "
+                "matched case-sensitively as written (write (?i) in it to ignore case)"
+                if uri is not None
+                else "this block has no uri match, and it applies to an exact or prefix uri"
+            ),
+        )
     source = labels(ctx, b.get("sourceLabels"), (*path, "sourceLabels"))
     port = None
     if b.get("port") is not None:
