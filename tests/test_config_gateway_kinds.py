@@ -61,6 +61,66 @@ def test_another_kind_is_an_error_naming_what_is_read(tmp_path: Path, kind: str)
     ), err
 
 
+def test_a_backend_lb_policy_points_to_the_rule_s_session_persistence(tmp_path: Path) -> None:
+    """BackendLBPolicy's sessionPersistence is what an HTTPRoute rule's
+    sessionPersistence (GEP-1619) does here; the refusal says so."""
+    text = (
+        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: BackendLBPolicy\n"
+        "metadata: {name: lb}\nspec:\n  targetRefs: [{group: '', kind: Service, name: echo}]\n"
+        "  sessionPersistence: {sessionName: foo, type: Cookie}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_rules([write(tmp_path, text), PER_VERSION])
+    (err,) = info.value.errors
+    assert err.line == 2
+    assert err.message.endswith(
+        "(GatewayClass: skipped); for sticky sessions give the HTTPRoute rule a "
+        "sessionPersistence (GEP-1619, the same fields), which l4proxy supports"
+    ), err
+
+
+def _listener(extra: str) -> str:
+    """GW with *extra* fields on its listener."""
+    return GW.replace("protocol: HTTP}", f"protocol: HTTP, {extra}}}")
+
+
+@pytest.mark.parametrize(
+    ("text", "severity", "line", "message"),
+    [
+        (
+            GW.replace("  listeners:", "  infrastructure:\n    labels: {team: a}\n  listeners:"),
+            "note",
+            8,
+            "spec.infrastructure is not applied: l4proxy creates no infrastructure for a Gateway",
+        ),
+        (
+            _listener("allowedRoutes: {kinds: [{kind: HTTPRoute}, {kind: GRPCRoute}]}"),
+            "note",
+            9,
+            "route kind GRPCRoute is not served (l4proxy's gateway speaks HTTP/1.x and serves "
+            "HTTPRoutes only); this listener's HTTPRoutes attach",
+        ),
+    ],
+    ids=["infrastructure", "GRPCRoute beside HTTPRoute"],
+)
+def test_what_a_migration_brings_along_is_a_note(
+    tmp_path: Path, text: str, severity: str, line: int, message: str
+) -> None:
+    """Each was an error that refused the Gateway; l4proxy has nothing to
+    do with it, and says so."""
+    result = load_rules([write(tmp_path, text), PER_VERSION])
+    (said,) = [d for d in result.notes if message in d.message]
+    assert (said.severity, said.line) == (severity, line), str(said)
+
+
+def test_a_listener_that_admits_no_http_route_is_still_an_error(tmp_path: Path) -> None:
+    f = write(tmp_path, _listener("allowedRoutes: {kinds: [{kind: GRPCRoute}]}"))
+    with pytest.raises(ConfigError) as info:
+        load_rules([f, PER_VERSION])
+    (err,) = info.value.errors
+    assert err.line == 9 and "route kind 'GRPCRoute' is not implemented by l4proxy" in str(err)
+
+
 # the canary's Service in namespace "shop", beside default's bootcamp-v1
 SHOP = """\
 ---

@@ -1,7 +1,9 @@
 """What a VirtualService match block holds that does nothing here, said
 at its line: ``ignoreUriCase`` where there is no exact or prefix uri for
-it to apply to (a warning: the match is not what it reads as). It was
-silent, said only by ``validate -v``."""
+it to apply to (a warning: the match is not what it reads as), and
+``statPrefix`` (a note: a migrated config keeps it, and the stats are
+named as /stats names them). Each was silent (ignoreUriCase, said only by
+``validate -v``) or refused (statPrefix)."""
 
 from __future__ import annotations
 
@@ -48,8 +50,13 @@ spec:
             "ignoreUriCase does nothing here: this block has no uri match, and it applies to an "
             "exact or prefix uri",
         ),
+        (
+            "{name: m, uri: {prefix: /sp}, statPrefix: foo}",
+            "note",
+            "statPrefix is not applied: /stats counts a route's decisions under the route's name",
+        ),
     ],
-    ids=["ignoreUriCase with a regex", "ignoreUriCase without a uri"],
+    ids=["ignoreUriCase with a regex", "ignoreUriCase without a uri", "statPrefix"],
 )
 def test_a_field_that_does_nothing_is_said_at_its_line(
     tmp_path: Path, block: str, severity: str, message: str

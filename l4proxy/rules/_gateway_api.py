@@ -91,7 +91,10 @@ its share, every request without either; a share of 0 mirrors nothing, as
 Istio converts it. A ``CORS`` filter is the route's CORS policy
 (``_cors``). Refused by name: ExtensionRef and ExternalAuth (with why), a
 redirect, rewrite, mirror or CORS filter on a backendRef (Istio converts
-none), TLS listeners and listener protocols other than HTTP.
+none), TLS listeners and listener protocols other than HTTP. What needs
+no refusal is a note: a Gateway's ``infrastructure`` (l4proxy creates
+none), a route kind beside HTTPRoute in a listener's
+``allowedRoutes.kinds`` (not served; its HTTPRoutes attach).
 
 A rule's ``sessionPersistence`` (GEP-1619) is its route's
 :class:`~l4proxy.dataplane.verdict.SessionPersistence`, as Envoy Gateway
@@ -214,16 +217,24 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> GatewayDraft | None
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("gatewayClassName", "listeners"),
+        allowed=("gatewayClassName", "listeners", "infrastructure"),
         unimplemented={
             "addresses": "the gateway listens where `l4proxy run --listen` says",
-            "infrastructure": "",
             "backendTLS": "",
         },
         required=("gatewayClassName", "listeners"),
     )
     if spec is None:
         return None
+    if spec.get("infrastructure") is not None:
+        # (labels and annotations for the Service and Deployment an
+        # implementation creates: l4proxy creates none, and a Gateway
+        # copied from a cluster should load as it is)
+        ctx.note(
+            ("spec", "infrastructure"),
+            "spec.infrastructure is not applied: l4proxy creates no infrastructure for a "
+            "Gateway (its pod and Service are deployed as they are)",
+        )
     ok = text(ctx, spec.get("gatewayClassName"), ("spec", "gatewayClassName")) is not None
     listeners: list[ListenerDraft] = []
     for i, item in enumerate(listing(ctx, spec.get("listeners"), ("spec", "listeners")) or []):
@@ -292,13 +303,30 @@ def _allowed_routes(ctx: Ctx, value: Any, path: Path) -> bool | None:
     if ar is None:
         return None
     ok = True
-    for i, k in enumerate(listing(ctx, ar.get("kinds"), (*path, "kinds")) or []):
+    others: list[tuple[Path, str]] = []  # (where, kind) of the kinds but HTTPRoute
+    http_route = False
+    kinds = listing(ctx, ar.get("kinds"), (*path, "kinds")) or []
+    for i, k in enumerate(kinds):
         kpath = (*path, "kinds", i)
         kd = fields(ctx, k, kpath, allowed=("group", "kind"), required=("kind",))
         if kd is None:
             ok = False
-        elif kd.get("kind") != "HTTPRoute" or kd.get("group", GROUP) != GROUP:
-            ctx.error(kpath, f"route kind {kd.get('kind')!r} {NOT_IMPLEMENTED} (HTTPRoute only)")
+        elif kd.get("kind") == "HTTPRoute" and kd.get("group", GROUP) == GROUP:
+            http_route = True
+        else:
+            others.append((kpath, str(kd.get("kind"))))
+    # Beside HTTPRoute another kind is a note (the listener serves its
+    # HTTPRoutes, as the API has a listener go on with the kinds it
+    # supports); without HTTPRoute the listener would take no route
+    for kpath, kind in others:
+        if http_route:
+            ctx.note(
+                kpath,
+                f"route kind {kind} is not served (l4proxy's gateway speaks HTTP/1.x and "
+                "serves HTTPRoutes only); this listener's HTTPRoutes attach",
+            )
+        else:
+            ctx.error(kpath, f"route kind {kind!r} {NOT_IMPLEMENTED} (HTTPRoute only)")
             ok = False
     all_ns = False
     if ar.get("namespaces") is not None:

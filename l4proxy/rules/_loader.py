@@ -67,6 +67,11 @@ _ISTIO_UNIMPLEMENTED = {
     "EnvoyFilter": "",
     "WorkloadEntry": "list the workload as a ServiceEntry endpoint",
 }
+# Gateway API kinds l4proxy does not read, with what does their work here
+_GATEWAY_API_HINTS = {
+    "BackendLBPolicy": "for sticky sessions give the HTTPRoute rule a sessionPersistence "
+    "(GEP-1619, the same fields), which l4proxy supports",
+}
 # API groups of Kubernetes' own objects, skipped so that one manifest file can
 # hold the Deployments and Services next to the rules.
 _K8S_GROUPS = ("", "apps", "batch", "extensions", "policy", "autoscaling")
@@ -256,10 +261,12 @@ def _read_object(
         summaries.append(ObjectSummary(kind, shown, env.namespace, doc.file, line, skipped=True))
         return
     if group == _gateway_api.GROUP and kind not in _gateway_api.KINDS:
+        hint = _GATEWAY_API_HINTS.get(kind, "")
         ctx.error(
             ("kind",),
             f"kind {kind} ({api}) is not implemented by l4proxy; of the Gateway API it "
-            f"reads {', '.join(_gateway_api.KINDS)} (GatewayClass: skipped)",
+            f"reads {', '.join(_gateway_api.KINDS)} (GatewayClass: skipped)"
+            + (f"; {hint}" if hint else ""),
         )
         return
     istio_gateway = kind == "Gateway" and group == _istio_gateway.GROUP

@@ -132,10 +132,7 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
 # Envoy's largest direct response body as Istio configures a sidecar's
 # routes (max_direct_response_body_size_bytes)
 MAX_DIRECT_BODY = 1024 * 1024
-_HTTP_MATCH_UNIMPLEMENTED = (
-    "sourceNamespace",
-    "statPrefix",
-)
+_HTTP_MATCH_UNIMPLEMENTED = ("sourceNamespace",)
 _PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "HTTPS", "TLS", "TCP", "MONGO", "MYSQL", "REDIS")
 
 
@@ -1045,9 +1042,18 @@ def _matches(
                     "sourceLabels",
                     "port",
                     "gateways",
+                    "statPrefix",
                 ),
                 unimplemented=_HTTP_MATCH_UNIMPLEMENTED,
             )
+            if isinstance(b, dict) and b.get("statPrefix") is not None:
+                # (Envoy's route stat_prefix, a name for the route's own
+                # statistics; a migration need not remove it)
+                ctx.note(
+                    (*bpath, "statPrefix"),
+                    "statPrefix is not applied: /stats counts a route's decisions under the "
+                    "route's name, as the README's admin endpoints say",
+                )
         else:
             b = fields(
                 ctx,
