@@ -996,6 +996,33 @@ def test_examples_validate_with_the_compiled_table(tmp_path: Path) -> None:
         assert "1 HTTPRoute, 1 Gateway" in text
 
 
+@pytest.mark.parametrize(
+    ("match", "otherwise"),
+    [
+        ("", "otherwise: nothing (a route takes every request)"),
+        ("  - matches: [{path: {type: PathPrefix, value: /}}]\n", "otherwise: nothing"),
+        ("  - matches: [{path: {type: PathPrefix, value: /a}}]\n", "otherwise: 404 (no route"),
+        ("  - matches: [{method: GET}]\n", "otherwise: 404 (no route matched)"),
+    ],
+)
+def test_validate_says_nothing_is_left_after_a_listener_s_catch_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], match: str, otherwise: str
+) -> None:
+    """A gateway listener's routes were always followed by "otherwise:
+    404 (no route matched)", after a route of every request too; the
+    README promises "nothing" there, as for a service's routes."""
+    from l4proxy.cli import main
+
+    text = GW + "---\n" + HR + "  parentRefs: [{name: gw}]\n  rules:\n"
+    to = backends(("bootcamp-v1", 1))
+    text += match + to if match else "  - " + to.lstrip()
+    assert main(["validate", "-v", write(tmp_path, text), PER_VERSION]) == 0
+    out = capsys.readouterr().out
+    block = out.split("  gateway listener gateway:default/gw/http/* (local port 80)\n", 1)[1]
+    said = [line.strip() for line in block.splitlines() if "otherwise" in line]
+    assert said[0].startswith(otherwise), out
+
+
 def test_a_consumer_route_routes_only_its_own_namespaces_clients(tmp_path: Path) -> None:
     """GAMMA: an HTTPRoute in namespace ``other`` whose parent is the
     Service default/bootcamp routes the clients in ``other`` only (and

@@ -330,6 +330,32 @@ def test_validate_shows_the_share_a_grant_is_missing_for(
         assert ("1 ReferenceGrant" in out) is bool(extra), out
 
 
+def test_validate_says_a_mirror_a_grant_is_missing_for_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "mirrors every request to canary.shop..." as if it did."""
+    from l4proxy.cli import main
+
+    mirror = (
+        HR
+        + MESH
+        + "  rules:\n  - backendRefs: [{name: bootcamp-v1, port: 8080}]\n    filters:\n"
+        + "    - type: RequestMirror\n"
+        + "      requestMirror: {backendRef: {name: canary, namespace: shop, port: 8080}}\n"
+    )
+    for extra, refused in (("", True), (grant(), False)):
+        assert main(["validate", "-v", write(tmp_path, mirror + SHOP + extra), PER_VERSION]) == 0
+        out = capsys.readouterr().out
+        said = [line.strip() for line in out.splitlines() if "mirror" in line]
+        assert said == [
+            "mirror to canary.shop.svc.cluster.local port 8080 refused (not permitted: no "
+            "ReferenceGrant): nothing is mirrored"
+            if refused
+            else "mirrors every request to canary.shop.svc.cluster.local port 8080 subset "
+            "default (all endpoints; fire and forget, Host -shadow)"
+        ], out
+
+
 def test_a_session_token_never_pins_a_request_to_a_backend_not_permitted(
     tmp_path: Path,
 ) -> None:

@@ -448,6 +448,11 @@ def _mirror(m: dict[str, Any]) -> str:
     pct = m["percent"]
     share = "every request" if pct >= 100 else f"{pct:g}% of the requests"
     port = f" port {m['port']}" if m["port"] is not None else ""
+    if m.get("refused"):  # (a backend no ReferenceGrant permits)
+        return (
+            f"mirror to {m['host']}{port} refused (not permitted: no ReferenceGrant): "
+            "nothing is mirrored"
+        )
     return (
         f"mirrors {share} to {m['host']}{port} subset {m['subset']} "
         f"({_labels(m['labels'])}; fire and forget, Host -shadow)"
@@ -583,7 +588,12 @@ def format_table(t: dict[str, Any]) -> str:
             lines.append(f"  gateway listener {s['host']} (local port {ports})")
             lines.append("    routes, first match wins:")
             lines.extend(_format_routes(t["routes"].get(s["host"], []), "      "))
-            lines.append("      otherwise: 404 (no route matched)")
+            # (nothing is left where a route takes every request: the
+            # README's promise, as for a service's routes)
+            if t.get("caught", {}).get(s["host"]):
+                lines.append("      otherwise: nothing (a route takes every request)")
+            else:
+                lines.append("      otherwise: 404 (no route matched)")
             continue
         also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
         lines.append(f"  service {s['host']}{also}")
