@@ -265,13 +265,21 @@ def test_admin_waits_for_the_new_generation_and_shifts_traffic(mesh: Mesh) -> No
     assert step.returncode == 0, step.stderr
     versions, _, failures = mesh.split(n=200)
     assert not failures and binomial_ok(versions["v2"], 200, 0.5), versions
-    # A refused change leaves the sidecar on its generation: nothing to wait for.
+    # A refused change (a route with a field the API does not have) leaves
+    # the sidecar on its generation: nothing to wait for.
     gen = mesh.sidecar.stat("l4proxy_rules_generation")
+    broken = Path(d).parent / "broken-route.yaml"
+    broken.write_text(
+        Path(ex("httproute-all-v1.yaml"))
+        .read_text()
+        .replace("  name: bootcamp\nspec:", "  name: broken\nspec:\n  hostnamez: [a]", 1)
+    )
     step = mesh.client.run(
-        [L4PROXY, "delete", "-f", ex("gateway.yaml"), "--rules", d, "--admin", "127.0.0.1:15000"],
+        [L4PROXY, "create", "-f", str(broken), "--rules", d, "--admin", "127.0.0.1:15000"],
         check=False,
     )
-    assert step.returncode == 1 and "nothing changed" in step.stderr
+    assert step.returncode == 1 and "nothing changed" in step.stderr, step.stderr
+    assert "hostnamez" in step.stderr
     assert mesh.sidecar.stat("l4proxy_rules_generation") == gen
 
 

@@ -171,7 +171,14 @@ from l4proxy.canary._metrics import (
     window,
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
-from l4proxy.rules import ConfigError, ConfigUnreadable, apply, load_rules, rule_files
+from l4proxy.rules import (
+    ConfigError,
+    ConfigUnreadable,
+    Diagnostic,
+    apply,
+    load_rules,
+    rule_files,
+)
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
 from l4proxy.rules.routing import Request, RouteTable, version_and_workload, versions_differ
@@ -1587,6 +1594,7 @@ class RulesWriter:
                     self.namespace,
                     self.domain,
                     lambda t: t.replace(cand, self.paths.document),
+                    ours=cand,
                 )
 
     def _holds(self, text: str) -> bool:
@@ -1599,15 +1607,46 @@ class RulesWriter:
             return False
 
 
+# What the loader warns of a parentRef of an HTTPRoute that attaches to
+# nothing (_gateway_api: a Gateway not in the files, no listener of its
+# sectionName or port, none that admits the route's namespace or meets its
+# hostnames): a user's route is then not served, and the rules load; ours
+# must be served through every parent it names, so it is refused.
+UNATTACHED = ("unknown parent:", "(NoMatchingParent)", "attaches to no listener")
+
+
 def _load_table(
-    files: Sequence[str], namespace: str, domain: str, relabel: Callable[[str], str]
+    files: Sequence[str],
+    namespace: str,
+    domain: str,
+    relabel: Callable[[str], str],
+    ours: str | None = None,
 ) -> RouteTable:
+    """The table of *files*; refused (:class:`CanaryError`) when they are
+    invalid, or when a parentRef of our document (the file *ours*) attaches
+    to nothing (:data:`UNATTACHED`): a warning for a user's route, which is
+    then not served, but our route must reach every parent it names."""
     try:
-        return load_rules(list(files), namespace=namespace, domain=domain).table
+        result = load_rules(list(files), namespace=namespace, domain=domain)
     except ConfigUnreadable as exc:
         raise CanaryError(relabel(str(exc))) from exc
     except ConfigError as exc:
         raise CanaryError(f"refused: the rules are invalid: {relabel(first_error(exc))}") from exc
+    refuse_unattached(result.notes, ours, relabel)
+    return result.table
+
+
+def refuse_unattached(
+    notes: Sequence[Diagnostic], ours: str | None, relabel: Callable[[str], str]
+) -> None:
+    """Raise :class:`CanaryError` where *notes* (a load's) warn of a
+    parentRef of our document (the file *ours*) that attaches to nothing
+    (:data:`UNATTACHED`); its cause a ConfigError of that one, an error."""
+    for d in notes:
+        if d.file == ours and d.severity == "warning" and any(u in d.message for u in UNATTACHED):
+            raise CanaryError(
+                f"refused: our HTTPRoute would not be served: {relabel(str(d))}"
+            ) from ConfigError([replace(d, severity="error")])
 
 
 def service_port(table: RouteTable, service: str, namespace: str, domain: str) -> int:

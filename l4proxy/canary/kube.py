@@ -81,6 +81,7 @@ from l4proxy.canary.command import (
     competing,
     documents_text,
     first_error,
+    refuse_unattached,
     rule_name,
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
@@ -415,7 +416,10 @@ class ConfigMapStore:
         with tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
             self._mount(new, tmp, where)
             try:
-                return load_rules([tmp], namespace=self.namespace, domain=self.domain).table
+                result = load_rules([tmp], namespace=self.namespace, domain=self.domain)
+                ours = os.path.join(tmp, doc_key(self.service)) if r is not None else None
+                refuse_unattached(result.notes, ours, lambda t: relabel(t, tmp, where))
+                return result.table
             except ConfigUnreadable as exc:
                 raise KubeError(relabel(str(exc), tmp, where)) from exc
             except ConfigError as exc:
