@@ -2051,8 +2051,21 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
         return NO_TAG
     if route == NO_ROUTE:
         return TagLog("", "", NR_FLAG, "route_not_found")
+    if _gateway_service(host):  # the route answered itself: no cluster, its name
+        return TagLog("", route)
     named = "" if subset in ("none", DEFAULT_SUBSET) else subset
     return TagLog(f"outbound|{port}|{named}|{host}", route)
+
+
+def _gateway_service(host: str) -> bool:
+    """Whether *host* is a gateway service's (``gateway:...``: a Gateway
+    listener's or an Istio Gateway server's name, :func:`~l4proxy.rules.
+    _gateway_api.gateway_host`), not a destination's: a request tagged with
+    it reached no upstream (its route answered it: 500 for a backend not
+    resolved or refused, a rule of weights 0, 404 no route matched, a
+    redirect). Istio's gateway labels such a request ``unknown`` and its
+    access log has no cluster (``-``), where a made-up name was given."""
+    return host.startswith("gateway:")
 
 
 def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dict[str, str]:
@@ -2070,6 +2083,8 @@ def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dic
             version = workload = "unknown"  # labelled as the compiled relay's are
         else:
             version, workload = version_and_workload(service, d.subset, d.endpoints)
+    if _gateway_service(service):
+        service = name = version = workload = "unknown"
     return {
         "reporter": "source",
         "destination_service": service,

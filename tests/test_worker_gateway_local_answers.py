@@ -1,0 +1,141 @@
+"""What a gateway's own answers are labelled with: a request a Gateway
+API route answers itself (500 for a backend no ReferenceGrant permits or
+a rule of weights 0, 404 for a path no rule of the host matches) reached no
+upstream, so Istio's gateway labels it ``destination_service="unknown"``
+and its access log has no cluster (``-``), the route's name kept. They
+were labelled with the gateway service's own name (``gateway:NS/GW/
+LISTENER/HOST``, ``destination_service_name`` that cut at its first dot,
+a workload ``gateway:...-default``) and logged under a made-up cluster
+``outbound|PORT||gateway:...``. A request the pod answers keeps its
+service's labels and cluster. A real worker of each relay twin, one
+keep-alive connection on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests.test_access_log_worker import _read_lines
+from tests.test_gateway_session_persistence import Backend
+from tests.test_relay_retries import _worker_twin
+from tests.test_worker_istio_gateway import TWINS, Answer, Client
+
+
+def _rules(port: int, pod: Backend) -> str:
+    return f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg, namespace: default}}
+spec:
+  gatewayClassName: l4proxy
+  listeners: [{{name: http, port: {port}, protocol: HTTP}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: edge, namespace: default}}
+spec:
+  parentRefs: [{{name: eg}}]
+  hostnames: [edge.example]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /zero}}}}]
+    backendRefs: [{{name: web, port: 8080, weight: 0}}]
+  - matches: [{{path: {{type: PathPrefix, value: /refused}}}}]
+    backendRefs: [{{name: web, namespace: other, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /ok}}}}]
+    backendRefs: [{{name: web, port: 8080}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}, labels: {{version: v1}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web, namespace: other}}
+spec:
+  hosts: [web.other.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
+"""
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_gateway_routes_own_answers_are_labelled_unknown_with_no_cluster(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _worker_twin(which, monkeypatch)
+    pod = Backend("a")
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(lst.address[1], pod))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, seed=7)
+    assert watcher.load_now()
+    got: list[Answer] = []
+    labels: list[tuple[dict[str, str], float]] = []
+    r, w = os.pipe()
+
+    async def main() -> None:
+        options = WorkerOptions(http_routing="request", access_log_fd=w)
+        worker = Worker([lst], watcher, options)
+        worker.start()
+        loop = asyncio.get_running_loop()
+        c = Client(lst.address)
+        try:
+            for path in ("/zero", "/refused", "/nowhere", "/ok"):
+                got.append(await loop.run_in_executor(None, c.get, "edge.example", path))
+        finally:
+            c.close()
+            await worker.drain(1)
+            if worker.relay is not None:
+                worker.relay.flush_reports(1.0)
+            for counters in (worker.counters, worker.relay_counters):
+                for name, rows in counters.snapshot().items():
+                    if name == "istio_requests_total":
+                        labels.extend((dict(k), n) for k, n in rows.items())
+            worker.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        pod.close()
+        os.close(w)
+    lines = _read_lines(r)
+    assert [status for status, _ in got] == [500, 500, 404, 200], got
+    by_code = {d["response_code"]: d for d, _ in labels}
+    for code in ("500", "404"):
+        d = by_code[code]
+        assert (
+            d["destination_service"],
+            d["destination_service_name"],
+            d["destination_version"],
+            d["destination_workload"],
+        ) == ("unknown",) * 4, d
+    ok = by_code["200"]
+    assert (ok["destination_service"], ok["destination_version"]) == (
+        "web.default.svc.cluster.local",
+        "v1",
+    ), ok
+    assert sum(n for d, n in labels if d["response_code"] == "500") == 2
+    assert not [d for d, _ in labels if "gateway:" in " ".join(d.values())], labels
+
+    def line(path: str) -> str:
+        (found,) = [ln.decode() for ln in lines if f'"GET {path} HTTP/1.1"' in ln.decode()]
+        return found
+
+    for path in ("/zero", "/refused"):
+        # (UPSTREAM_CLUSTER "-" then the route's name: Istio's default
+        # format puts the cluster after UPSTREAM_HOST, the route last)
+        assert " - - " in line(path) and "outbound|" not in line(path), line(path)
+        assert "gateway:" not in line(path), line(path)
+    assert "outbound|8080||web.default.svc.cluster.local" in line("/ok"), line("/ok")
