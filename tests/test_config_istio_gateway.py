@@ -442,6 +442,79 @@ def test_virtual_services_of_one_host_at_a_gateway_are_merged(tmp_path: Path) ->
     assert at_gateway(table, "other.com", "/service1") == ("no ingress route", None)
 
 
+def created(text: str, name: str, stamp: str) -> str:
+    """*text* with VirtualService *name*'s metadata.creationTimestamp
+    *stamp* (as written: quoted or not)."""
+    meta = f"metadata: {{name: {name}}}"
+    assert meta in text
+    return text.replace(meta, f"metadata: {{name: {name}, creationTimestamp: {stamp}}}")
+
+
+def api(name: str, host: str) -> str:
+    """VirtualService *name* of host * at gw: /api to *host*."""
+    return vs(
+        name,
+        '["*"]',
+        "[gw]",
+        f"- match: [{{uri: {{prefix: /api}}}}]\n  route:\n  - destination: {{host: {host}}}\n",
+    )
+
+
+def test_virtual_services_merge_in_creation_order(tmp_path: Path) -> None:
+    """A kubectl get -o yaml dump carries creationTimestamp: the
+    VirtualServices of one name are merged oldest first, as pilot sorts
+    them (the file lists the newer first), one without it after every one
+    with it, whatever the files' order; the identical /api match of the
+    later one is never reached, a warning at its line naming the earlier."""
+    text = (
+        gateway()
+        + created(api("newer", "details"), "newer", '"2024-03-02T10:00:00Z"')
+        + api("unstamped", "reviews")
+        + created(api("older", "productpage"), "older", "2024-03-01T10:00:00Z")
+    )
+    result = load_result(tmp_path, text)
+    assert at_gateway(result.table, "x.example.com", "/api") == ("older", PRODUCTPAGE)
+    routes = result.table.to_json()["routes"]["gateway:default/gw/http.80/*"]
+    assert [r["name"] for r in routes] == ["older", "newer", "unstamped"]
+    said = [(d.severity, d.line, d.message) for d in result.notes if "never reached" in d.message]
+    f = write(tmp_path, text)
+    assert said == [
+        (
+            "warning",
+            18,
+            "this match of route newer is the same as one of route older of VirtualService "
+            f"default/older ({f}:40) for * on port 80, tried before it (created earlier): it "
+            "is never reached there",
+        ),
+        (
+            "warning",
+            29,
+            "this match of route unstamped is the same as one of route older of VirtualService "
+            f"default/older ({f}:40) for * on port 80, tried before it (it has a "
+            "creationTimestamp, this one none): it is never reached there",
+        ),
+    ]
+
+
+def test_virtual_services_created_in_one_second_merge_by_name(tmp_path: Path) -> None:
+    """Two VirtualServices of one creationTimestamp (whole seconds): by
+    name, as pilot breaks the tie, b's file place before a's kept for
+    nothing; two without one keep the files' order, and say so."""
+    stamp = '"2024-03-01T10:00:00Z"'
+    text = gateway() + created(api("b", "details"), "b", stamp)
+    text += created(api("a", "productpage"), "a", stamp)
+    result = load_result(tmp_path, text)
+    assert at_gateway(result.table, "x.example.com", "/api") == ("a", PRODUCTPAGE)
+    said = [d.message for d in result.notes if "never reached" in d.message]
+    assert len(said) == 1 and "route b is the same as one of route a of" in said[0], said
+    assert "(created in the same second, first by name)" in said[0]
+    plain = load_result(tmp_path, gateway() + api("b", "details") + api("a", "productpage"))
+    assert at_gateway(plain.table, "x.example.com", "/api") == ("b", "198.18.1.30")
+    said = [d.message for d in plain.notes if "never reached" in d.message]
+    assert len(said) == 1 and "route a is the same as one of route b of" in said[0], said
+    assert "(the files' order, neither has a creationTimestamp)" in said[0]
+
+
 def test_two_istio_gateways_of_hosts_star_on_one_port_are_one(tmp_path: Path) -> None:
     """bookinfo-gateway and httpbin-gateway as Istio's tutorials write
     them, both servers of host "*" on one port, each with a VirtualService
@@ -807,6 +880,13 @@ CASES = [
         gateway() + vs("pp", "[pp.example.com]", '["istio-system/"]', to("productpage")),
         "gateway 'istio-system/' must be NAMESPACE/NAME",
         16,
+    ),
+    (
+        "a malformed creationTimestamp",
+        gateway()
+        + created(vs("pp", "[pp.example.com]", "[gw]", to("productpage")), "pp", "yesterday"),
+        "metadata.creationTimestamp 'yesterday' is not an RFC 3339 time",
+        13,
     ),
     (
         "gateways on a tcp match block",

@@ -107,9 +107,7 @@ matched path's (:func:`~l4proxy.rules.routing.session_cookie_path`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -138,6 +136,7 @@ from l4proxy.rules._objects import (
     ParentDraft,
     PolicyDraft,
     fqdn,
+    oldest_first,
     policy_subset,
 )
 from l4proxy.rules._regex import RegexError, compile_regex
@@ -145,6 +144,7 @@ from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
     Where,
+    creation_timestamp,
     dns_label,
     dns_subdomain,
     dotted,
@@ -407,41 +407,12 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
             ok = False
         else:
             rules.append(got_r)
-    meta = obj.get("metadata")
-    created = None
-    if isinstance(meta, dict) and meta.get("creationTimestamp") is not None:
-        created = _timestamp(ctx, meta["creationTimestamp"], ("metadata", "creationTimestamp"))
-        ok = ok and created is not None
-    if not ok:
+    stamp_ok, created = creation_timestamp(ctx, obj)
+    if not ok or not stamp_ok:
         return None
     return HttpRouteDraft(
         ctx.name, ctx.namespace, parents, hostnames, rules, Where(ctx, ()), created
     )
-
-
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
-
-
-def _timestamp(ctx: Ctx, value: Any, path: Path) -> float | None:
-    """``metadata.creationTimestamp`` (RFC 3339, as ``kubectl get -o
-    yaml`` writes it: ``"2024-01-01T00:00:00Z"``; unquoted, YAML reads it
-    as a timestamp, which is taken too, a zone-less one as UTC) as seconds
-    since the epoch; None after an error."""
-    if isinstance(value, datetime.datetime):
-        stamp = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
-        return stamp.timestamp()
-    if isinstance(value, str) and _RFC3339.fullmatch(value):
-        with contextlib.suppress(ValueError):  # (a 13th month, a 25th hour)
-            return datetime.datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
-    ctx.error(
-        path,
-        f"{dotted(path)} {value!r} is not an RFC 3339 time (as kubectl writes it: "
-        '"2024-01-01T00:00:00Z")',
-    )
-    return None
 
 
 def _rule_name(route: str, item: Any, index: int, count: int) -> str:
@@ -1495,10 +1466,9 @@ def _check_shared_ports(gateways: list[GatewayDraft]) -> None:
 
 def _age(hr: HttpRouteDraft) -> tuple[bool, float, str]:
     """The API's order of routes whose matches tie: the oldest by
-    ``creationTimestamp`` first (one without it after every one with it,
-    as a route not yet created is the newest), then by
-    ``namespace/name``."""
-    return (hr.created is None, hr.created or 0.0, f"{hr.namespace}/{hr.name}")
+    ``creationTimestamp`` first (:func:`~l4proxy.rules._objects.oldest_first`),
+    then by ``namespace/name``."""
+    return (*oldest_first(hr.created), f"{hr.namespace}/{hr.name}")
 
 
 def _warn_shadowed(

@@ -74,15 +74,20 @@ Gateway API's hostnames: Envoy's virtual hosts do not fall through.
 The servers of every Istio Gateway on one port are one, as pilot builds
 one route config of a port: each name the VirtualServices get there is
 one gateway service (:class:`GatewayService`), whose routes are those of
-each VirtualService that gets it, whichever Gateway it is through, in the
-files' order (file, then document order) where Istio's is creation order,
-which rule files do not carry: ``kubectl apply -f`` of the same files
-creates them in that order. Then, as pilot's SortVHostRoutes, the
-catch-all matches (none, or the uri prefix ``/`` alone) are tried after
-every other, each in its order (:func:`gateway_order`): the routes of a
-VirtualService split in several (Istio's "split large virtual services")
-are all reached, and a catch-all after another VirtualService's is a
-warning, as it is never reached.
+each VirtualService that gets it, whichever Gateway it is through, in
+Istio's creation order (:func:`merge_order`): the oldest by
+``metadata.creationTimestamp`` first, as a ``kubectl get -o yaml`` dump
+carries it (RFC 3339; a malformed one is an error at its line), those
+created in one second by name, then namespace, as pilot sorts them; those
+without one after, in the files' order (file, then document order), as
+``kubectl apply -f`` of the same files creates them. Then, as pilot's
+SortVHostRoutes, the catch-all matches (none, or the uri prefix ``/``
+alone) are tried after every other, each in its order
+(:func:`gateway_order`): the routes of a VirtualService split in several
+(Istio's "split large virtual services") are all reached. A match
+identical to one of another VirtualService merged before it, and a
+catch-all after another VirtualService's, are warnings naming both, as
+they are never reached.
 
 What Istio does silently is said here: a VirtualService naming a Gateway
 that is not in the files is a warning and that binding is dropped (as
@@ -117,6 +122,7 @@ from l4proxy.rules._objects import (
     RuleDraft,
     ServerDraft,
     ServerHostDraft,
+    oldest_first,
 )
 from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
@@ -477,7 +483,7 @@ HTTPS_REDIRECT = Route(
 class GatewayService:
     """One gateway service: one (server port, name), with every binding
     of it, whichever Istio Gateway each is through, in the order
-    :func:`bind` found them (file, then document order), as pilot builds
+    :func:`bind` found them (:func:`merge_order`), as pilot builds
     one virtual host of a name for every server on a port. Named after
     *gateway*'s *server*, the first to give it (to a VirtualService, or
     by a host of its own where it redirects: *bindings* may be none).
@@ -556,10 +562,11 @@ def gateway_order(
     routes (SortVHostRoutes) so that its catch-all ones come after the
     others, each kept in its order. A match is one Envoy route there: a
     route of catch-all and other matches keeps the others in its place and
-    is tried again, as a catch-all, at the end. A catch-all after another
-    one is never reached: a warning, where the two are of different
-    VirtualServices (one VirtualService's routes after its catch-all are
-    Istio's analyzer's IST0130, for the mesh too)."""
+    is tried again, as a catch-all, at the end. A match of one
+    VirtualService identical to one of another tried before it, and a
+    catch-all after another one, are never reached: a warning each naming
+    both (one VirtualService's routes after its own catch-all are Istio's
+    analyzer's IST0130, for the mesh too)."""
     head: list[tuple[Binding, RouteDraft]] = []
     tail: list[tuple[Binding, RouteDraft]] = []
     for b, rd in routes:
@@ -570,28 +577,69 @@ def gateway_order(
         if some:
             head.append((b, dataclasses.replace(rd, matches=some)))
         tail.append((b, dataclasses.replace(rd, matches=())))
+    # (the port of a match is the server's here: a match of port 80 and
+    # one of no port are one on port 80)
+    first: dict[Match, tuple[Binding, RouteDraft, Match]] = {}
+    for b, rd in head:
+        for m in rd.matches:
+            fb, fr, fm = first.setdefault(dataclasses.replace(m, port=None), (b, rd, m))
+            if fb.rule is b.rule:
+                continue
+            _match_where(b, rd, m).warning(
+                f"this match of route {rd.name} is the same as one of route {fr.name} of "
+                f"VirtualService {fb.rule.namespace}/{fb.rule.name} "
+                f"({_match_where(fb, fr, fm).location}) for {b.name} on port {b.port}, tried "
+                f"before it ({merge_reason(fb.rule, b.rule)}): it is never reached there"
+            )
     for b, rd in tail[1:]:
         fb, fr = tail[0]
         if b.rule is not fb.rule:
             b.ref.where.warning(
                 f"route {rd.name} takes every request for {b.name} on port {b.port}, and so "
                 f"does route {fr.name} of VirtualService {fb.rule.namespace}/{fb.rule.name} "
-                f"({fb.ref.where.location}), tried before it (the files' order; Istio's is "
-                "creation order): it is never reached there; give it a match"
+                f"({fb.ref.where.location}), tried before it ({merge_reason(fb.rule, b.rule)}): "
+                "it is never reached there; give it a match"
             )
     return head + tail
 
 
+def _match_where(b: Binding, rd: RouteDraft, m: Match) -> Where:
+    """Where match *m* of route *rd* is: its block, else the route, else
+    the binding's ``gateways`` entry."""
+    return rd.lines.get(m) or rd.where or b.ref.where
+
+
+def merge_order(rule: RuleDraft) -> tuple[bool, float, tuple[str, ...]]:
+    """The order in which the VirtualServices of one name on one port are
+    merged, as pilot sorts them (sortConfigByCreationTime): the oldest by
+    ``creationTimestamp`` first (:func:`~l4proxy.rules._objects.oldest_first`;
+    one created in the same second by name, then namespace). Those without
+    one keep the files' order (the sort is stable): ``kubectl apply -f``
+    of the same files creates them in that order."""
+    tie = (rule.name, rule.namespace) if rule.created is not None else ()
+    return (*oldest_first(rule.created), tie)
+
+
+def merge_reason(before: RuleDraft, after: RuleDraft) -> str:
+    """Why VirtualService *before* is merged before *after*, in words."""
+    if before.created is not None and after.created is None:
+        return "it has a creationTimestamp, this one none"
+    if before.created is not None and before.created != after.created:
+        return "created earlier"
+    if before.created is not None:
+        return "created in the same second, first by name"
+    return "the files' order, neither has a creationTimestamp"
+
+
 def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> list[GatewayService]:
     """The gateway services: every (server port, name) the VirtualServices
-    of *rules* get at the Gateways, each with its bindings in file order
-    (then each VirtualService's ``spec.gateways`` order); errors and
-    warnings at the VirtualServices."""
+    of *rules* get at the Gateways, each with its bindings in
+    :func:`merge_order` (then each VirtualService's ``spec.gateways``
+    order); errors and warnings at the VirtualServices."""
     by_name = {(g.namespace, g.name): g for g in gateways}
     served: dict[tuple[int, str], GatewayService] = {}
-    for rule in rules:
-        if rule.kind != "VirtualService":
-            continue
+    virtual_services = [r for r in rules if r.kind == "VirtualService"]
+    for rule in sorted(virtual_services, key=merge_order):
         for rd in rule.routes:
             for block in rd.blocks or ():
                 for g in block.gateways:

@@ -75,6 +75,7 @@ from l4proxy.rules._schema import (
     Ctx,
     Where,
     boolean,
+    creation_timestamp,
     dns_label,
     dotted,
     duration,
@@ -228,10 +229,18 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
                 ok = False
             else:
                 routes.append(r)
-    if not ok:
+    stamp_ok, created = creation_timestamp(ctx, obj)
+    if not ok or not stamp_ok:
         return None
     return RuleDraft(
-        "VirtualService", ctx.name, ctx.namespace, hosts, routes, Where(ctx, ()), gateways=bound
+        "VirtualService",
+        ctx.name,
+        ctx.namespace,
+        hosts,
+        routes,
+        Where(ctx, ()),
+        gateways=bound,
+        created=created,
     )
 
 
@@ -376,7 +385,7 @@ def _vs_route(
         timeout = duration(ctx, r["timeout"], (*path, "timeout"))
     retries_ok, retries = _retries(ctx, r.get("retries"), (*path, "retries"), timeout or 0.0)
     got_matches = _matches(ctx, r.get("match"), (*path, "match"), proto)
-    matches, blocks = got_matches if got_matches is not None else (None, None)
+    matches, blocks, match_lines = got_matches if got_matches is not None else (None, None, {})
     dests: list[DestinationDraft] | None = []
     if r.get("route") is not None:
         dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
@@ -439,6 +448,8 @@ def _vs_route(
         mirrors,
         cors,
         blocks,
+        Where(ctx, path),
+        match_lines,
     )
 
 
@@ -1008,18 +1019,20 @@ def _retry_on(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, ...], tuple[
 
 def _matches(
     ctx: Ctx, value: Any, path: Path, proto: str
-) -> tuple[tuple[Match, ...], tuple[MatchBlockDraft, ...] | None] | None:
+) -> tuple[tuple[Match, ...], tuple[MatchBlockDraft, ...] | None, dict[Match, Where]] | None:
     """match[]: OR'ed blocks; no block (or an empty one) matches everything.
 
-    (matches, blocks): where some block names ``gateways``, *blocks* is
-    every block with the gateways it names (see ``RouteDraft.blocks``), and
-    which of them apply is up to the gateway a route is compiled for
-    (``_istio_gateway.routes_for``); else None. None after an error."""
+    (matches, blocks, lines): where some block names ``gateways``, *blocks*
+    is every block with the gateways it names (see ``RouteDraft.blocks``),
+    and which of them apply is up to the gateway a route is compiled for
+    (``_istio_gateway.routes_for``); else None. *lines*: each match's
+    block (the first of blocks alike). None after an error."""
     items = listing(ctx, value, path)
     if items is None:
         return None
     out: list[Match] = []
     blocks: list[MatchBlockDraft] = []
+    lines: dict[Match, Where] = {}
     catch_all = False
     ok = True
     for i, block in enumerate(items):
@@ -1080,6 +1093,7 @@ def _matches(
             )
             m = dataclasses.replace(m, source_labels=Labels())
         blocks.append(MatchBlockDraft(m, gateways if isinstance(gateways, tuple) else ()))
+        lines.setdefault(m, Where(ctx, bpath))
         if m == Match():
             catch_all = True  # a catch-all block makes the whole list a catch-all
         else:
@@ -1087,8 +1101,8 @@ def _matches(
     if not ok:
         return None
     if any(b.gateways for b in blocks):
-        return tuple(b.match for b in blocks), tuple(blocks)
-    return (() if catch_all else tuple(out)), None
+        return tuple(b.match for b in blocks), tuple(blocks), lines
+    return (() if catch_all else tuple(out)), None, lines
 
 
 def _match_block(ctx: Ctx, b: dict[str, Any], path: Path) -> Match | None:

@@ -71,6 +71,15 @@ def aliases(host: str, env: Env) -> tuple[str, ...]:
     return tuple(out)
 
 
+def oldest_first(created: float | None) -> tuple[bool, float]:
+    """The sort key of an object by its ``metadata.creationTimestamp``
+    (*created*), the oldest first, one without it after every one with it
+    (as an object not yet created is the newest), as Istio orders the
+    VirtualServices merged at a gateway and the Gateway API the routes
+    whose matches tie. Each caller breaks ties its own way."""
+    return (created is None, created or 0.0)
+
+
 @dataclass
 class DestinationDraft:
     host: str  # FQDN
@@ -138,6 +147,10 @@ class RouteDraft:
     # then holds each block's match, none taken for a catch-all); None: no
     # block names one, and matches is the route's everywhere it applies
     blocks: tuple[MatchBlockDraft, ...] | None = None
+    # its line, and each match's (a VirtualService's: for the warnings of
+    # routes merged at a gateway; None, {}: a RouteRule's)
+    where: Where | None = None
+    lines: dict[Match, Where] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +166,9 @@ class RuleDraft:
     precedence: int = 0
     # A VirtualService's spec.gateways; None: not given, the sidecars only
     gateways: tuple[GatewayRef, ...] | None = None
+    # A VirtualService's metadata.creationTimestamp, seconds since the
+    # epoch: the order its routes are merged in at a gateway; None: not given
+    created: float | None = None
 
     @property
     def bound(self) -> tuple[str, ...]:

@@ -9,6 +9,8 @@ stopping at the first.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,10 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)
 _GATEWAY_DURATION = re.compile(r"([0-9]{1,5}(h|ms|m|s)){1,4}")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 MAX_DURATION_S = 315_576_000_000  # protobuf Duration's largest
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 @dataclass
@@ -260,6 +266,32 @@ def duration(
         )
         return None
     return round(ms) / 1000
+
+
+def creation_timestamp(ctx: Ctx, obj: dict[str, Any]) -> tuple[bool, float | None]:
+    """An object's ``metadata.creationTimestamp`` (RFC 3339, as ``kubectl
+    get -o yaml`` writes it: ``"2024-01-01T00:00:00Z"``; unquoted, YAML
+    reads it as a timestamp, which is taken too, a zone-less one as UTC)
+    as seconds since the epoch, None where it is not given (rule files
+    written by hand). (False, None) after an error at its line."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or meta.get("creationTimestamp") is None:
+        return True, None
+    value = meta["creationTimestamp"]
+    if isinstance(value, datetime.datetime):
+        stamp = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+        return True, stamp.timestamp()
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        with contextlib.suppress(ValueError):  # (a 13th month, a 25th hour)
+            when = datetime.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+            return True, when.timestamp()
+    path = ("metadata", "creationTimestamp")
+    ctx.error(
+        path,
+        f"{dotted(path)} {value!r} is not an RFC 3339 time (as kubectl writes it: "
+        '"2024-01-01T00:00:00Z")',
+    )
+    return False, None
 
 
 def listing(ctx: Ctx, value: Any, path: Path) -> list[Any] | None:
