@@ -889,6 +889,16 @@ CASES = [
         13,
     ),
     (
+        "a tls route of a VirtualService of a gateway and the mesh",
+        gateway()
+        + vs("pp", "[pp]", "[gw, mesh]", to("productpage"))
+        + "  tls:\n  - match: [{sniHosts: [pp]}]\n    route:\n    - destination: {host: pp}\n",
+        "spec.tls is not implemented by l4proxy; remove it (the sidecar would not honour it); "
+        "bound to mesh, it is the sidecars' (bound to Istio Gateways alone it would be a "
+        "warning, not served)",
+        20,
+    ),
+    (
         "gateways on a tcp match block",
         gateway()
         + vs("pp", "[pp]", "[mesh]", to("productpage"))
@@ -1039,6 +1049,16 @@ spec:
         26,
     ),
     (
+        "a tcp route of a VirtualService of gateways only",
+        gateway()
+        + vs("pp", "[pp.example.com]", "[gw]", to("productpage"))
+        + "  tcp:\n  - route:\n    - destination: {host: pp}\n",
+        "spec.tcp is not served: the gateway routes HTTP requests, not TCP connections, and "
+        "this VirtualService is bound to Istio Gateways only (no mesh), where l4proxy serves "
+        "its http routes alone",
+        20,
+    ),
+    (
         "the legacy FQDN gateway name",
         gateway() + vs("pp", "[pp.example.com]", "[gw.default.svc.cluster.local]", to("details")),
         "gateway 'gw.default.svc.cluster.local' is in the legacy NAME.NAMESPACE... form; write "
@@ -1114,6 +1134,65 @@ def test_tcp_routes_are_not_at_the_gateway(tmp_path: Path) -> None:
     assert [r["protocol"] for r in routes["gateway:default/gw/http.80/" + host]] == ["http"]
     d = table.decide(service(table, "reviews"), 9080, None)
     assert d.endpoints[0].address == "198.18.1.23"
+
+
+# Istio's "Ingress gateway without TLS termination" task (SNI passthrough),
+# verbatim but for a comment left out
+SNI_PASSTHROUGH = """\
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 443
+      name: https
+      protocol: HTTPS
+    tls:
+      mode: PASSTHROUGH
+    hosts:
+    - nginx.example.com
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: nginx
+spec:
+  hosts:
+  - nginx.example.com
+  gateways:
+  - mygateway
+  tls:
+  - match:
+    - port: 443
+      sniHosts:
+      - nginx.example.com
+    route:
+    - destination:
+        host: my-nginx
+        port:
+          number: 443
+"""
+
+
+def test_the_sni_passthrough_task_loads_and_serves_nothing(tmp_path: Path) -> None:
+    """The HTTPS server of tls.mode PASSTHROUGH and the VirtualService of
+    its tls route (sniHosts) are a warning each, at their lines: the rule
+    set loads (it was refused, spec.tls an error, and at a reload the last
+    good rules kept serving), and nothing of them is served."""
+    result = load_result(tmp_path, SNI_PASSTHROUGH)
+    assert [(d.severity, d.line) for d in result.notes] == [("warning", 9), ("warning", 27)]
+    assert result.notes[1].message == (
+        "spec.tls is not served: the gateway neither routes TLS connections by SNI nor "
+        "terminates TLS, and this VirtualService is bound to Istio Gateways only (no mesh), "
+        "where l4proxy serves its http routes alone; it has none: it routes nothing here"
+    )
+    table = result.table.to_json()
+    assert not [k for k in table["routes"] if k.startswith("gateway:")]
+    assert result.table.ingress("nginx.example.com", "/", 443) is None
 
 
 def test_the_example_directory_routes_the_gateway_and_leaves_the_mesh(tmp_path: Path) -> None:

@@ -28,7 +28,11 @@ as Istio resolves it (``_gateway_ref``); which routes then apply to the
 sidecars and which at an Istio Gateway is ``_istio_gateway``'s to say. A
 VirtualService of Istio Gateways only (no ``mesh`` among its gateways) may
 name its hosts with wildcards (``*``, ``*.example.com``), as Istio users
-do for an ingress gateway.
+do for an ingress gateway, and its ``tls`` and ``tcp`` routes are a
+warning each and not read (``_not_served``): the gateway serves HTTP
+requests alone, as its TLS and TCP servers are warnings too; one of no
+``http`` route routes nothing. For the sidecars, ``tcp`` routes are
+served per connection and ``tls`` ones are an error.
 """
 
 from __future__ import annotations
@@ -198,8 +202,8 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("hosts", "gateways", "http", "tcp"),
-        unimplemented=("tls", "exportTo"),
+        allowed=("hosts", "gateways", "http", "tcp", "tls"),
+        unimplemented=("exportTo",),
         required=("hosts",),
     )
     if spec is None:
@@ -214,9 +218,28 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
     routes: list[RouteDraft] = []
     http = listing(ctx, spec.get("http"), ("spec", "http"))
     tcp = listing(ctx, spec.get("tcp"), ("spec", "tcp"))
-    if http is None or tcp is None:
+    tls = listing(ctx, spec.get("tls"), ("spec", "tls"))
+    if http is None or tcp is None or tls is None:
         return None
-    if not http and not tcp:
+    if tls and mesh:
+        # (the sidecars route no TLS by SNI)
+        ctx.error(
+            ("spec", "tls"),
+            f"spec.tls {NOT_IMPLEMENTED}"
+            + (
+                "; bound to mesh, it is the sidecars' (bound to Istio Gateways alone it would "
+                "be a warning, not served)"
+                if bound is not None
+                else ""
+            ),
+        )
+        ok = False
+    if not mesh and (tls or tcp):
+        _not_served(ctx, tls, tcp, http)
+        if not http:
+            return None
+        tcp = []
+    if not http and not tcp and not tls:
         ctx.error(("spec",), "a VirtualService needs at least one http or tcp route")
         ok = False
     default_host = hosts[0] if hosts else None
@@ -242,6 +265,29 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
         gateways=bound,
         created=created,
     )
+
+
+def _not_served(ctx: Ctx, tls: list[Any], tcp: list[Any], http: list[Any]) -> None:
+    """The ``tls`` and ``tcp`` routes of a VirtualService of Istio Gateways
+    only (no ``mesh``): a warning each, not read, as the Gateway servers
+    they are for (TLS, HTTPS passthrough, TCP) are warnings and not served:
+    an error would refuse the whole rule set for what is not served
+    anyway (at a reload, the last good rules kept serving). For the mesh,
+    ``tcp`` routes are served per connection and ``tls`` ones are an
+    error."""
+    why = {
+        "tls": "the gateway neither routes TLS connections by SNI nor terminates TLS",
+        "tcp": "the gateway routes HTTP requests, not TCP connections",
+    }
+    for section, items in (("tls", tls), ("tcp", tcp)):
+        if not items:
+            continue
+        ctx.warning(
+            ("spec", section),
+            f"spec.{section} is not served: {why[section]}, and this VirtualService is bound to "
+            "Istio Gateways only (no mesh), where l4proxy serves its http routes alone"
+            + ("" if http else "; it has none: it routes nothing here"),
+        )
 
 
 def _gateway_refs(ctx: Ctx, value: Any, path: Path) -> tuple[GatewayRef, ...] | bool | None:
