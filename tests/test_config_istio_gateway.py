@@ -759,12 +759,6 @@ spec:
 # (case, rule file text, expected message part, expected line)
 CASES = [
     (
-        "HTTP2 server",
-        gateway().replace("protocol: HTTP", "protocol: HTTP2"),
-        "the gateway speaks HTTP/1.x",
-        8,
-    ),
-    (
         "a protocol Istio has not",
         gateway().replace("protocol: HTTP", "protocol: SPDY"),
         "invalid protocol 'SPDY'",
@@ -950,6 +944,29 @@ WARNINGS = [
         "it by SNI); terminate TLS in front of it (a load balancer, a TLS proxy in the pod) and "
         "forward the requests to an HTTP server of this Gateway, with X-Forwarded-Proto: https "
         "where that server has httpsRedirect",
+        8,
+    ),
+    (
+        "an HTTP2 server beside an HTTP one",
+        gateway() + "  - port: {number: 81, name: h2, protocol: HTTP2}\n    hosts: ['*']\n",
+        "server 1 (HTTP2, port 81) is not served: the gateway speaks HTTP/1.x, without h2c: the "
+        "HTTP/2 and gRPC clients a server of this protocol is for would each be answered 400; "
+        "for HTTP/1.x clients, make it protocol HTTP. The Gateway's HTTP servers are served, "
+        "and its VirtualServices bound to them",
+        10,
+    ),
+    (
+        "a GRPC-WEB server alone",
+        gateway().replace("protocol: HTTP", "protocol: GRPC-WEB"),
+        "server 0 (GRPC-WEB, port 80) is not served: the gateway translates no gRPC-Web to gRPC "
+        "(Envoy's grpc_web filter). The Gateway has no HTTP server: nothing of it is served",
+        8,
+    ),
+    (
+        "a Mongo server",
+        gateway().replace("protocol: HTTP", "protocol: Mongo"),
+        "server 0 (Mongo, port 80) is not served: the gateway routes HTTP requests, not TCP "
+        "connections",
         8,
     ),
     (
@@ -1193,6 +1210,81 @@ def test_the_sni_passthrough_task_loads_and_serves_nothing(tmp_path: Path) -> No
     table = result.table.to_json()
     assert not [k for k in table["routes"] if k.startswith("gateway:")]
     assert result.table.ingress("nginx.example.com", "/", 443) is None
+
+
+# Istio's TCP traffic shifting task (samples/tcp-echo/tcp-echo-all-v1.yaml),
+# its Gateway, DestinationRule and VirtualService
+TCP_ECHO = """\
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata:
+  name: tcp-echo-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 31400
+      name: tcp
+      protocol: TCP
+    hosts:
+    - "*"
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: tcp-echo-destination
+spec:
+  host: tcp-echo
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: tcp-echo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - tcp-echo-gateway
+  tcp:
+  - match:
+    - port: 31400
+    route:
+    - destination:
+        host: tcp-echo
+        port:
+          number: 9000
+        subset: v1
+"""
+
+
+def test_the_tcp_echo_task_loads_and_serves_nothing(tmp_path: Path) -> None:
+    """A TCP server is a warning and is not served, as an HTTPS one is (it
+    was an error, and the whole set refused), and so is the tcp route of
+    its VirtualService; nothing of the Gateway is served."""
+    result = load_result(tmp_path, TCP_ECHO)
+    said = [(d.line, d.message) for d in result.notes if d.severity == "warning"]
+    assert said[:2] == [
+        (
+            9,
+            "server 0 (TCP, port 31400) is not served: the gateway routes HTTP requests, not TCP "
+            "connections. The Gateway has no HTTP server: nothing of it is served",
+        ),
+        (
+            39,
+            "spec.tcp is not served: the gateway routes HTTP requests, not TCP connections, and "
+            "this VirtualService is bound to Istio Gateways only (no mesh), where l4proxy serves "
+            "its http routes alone; it has none: it routes nothing here",
+        ),
+    ]
+    assert not [k for k in result.table.to_json()["routes"] if k.startswith("gateway:")]
 
 
 def test_the_example_directory_routes_the_gateway_and_leaves_the_mesh(tmp_path: Path) -> None:

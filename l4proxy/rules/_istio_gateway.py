@@ -10,18 +10,24 @@ port number is the local port of an ``l4proxy run --listen`` listener, as a
 Gateway API listener's is, because the gateway listens where ``--listen``
 says, and an Istio ingress gateway's Service that maps port 80 to a
 ``targetPort`` 8080 wants ``--listen 0.0.0.0:80`` in the pod (or a server on
-port 8080). HTTP2, gRPC and TCP servers, a server's ``bind`` and
-``defaultEndpoint``, and ``port.targetPort`` are refused by name.
-``selector`` is read and not interpreted: the rule files are the whole
-config of the gateway that loads them, as an Ingress class is not
-interpreted either.
+port 8080). A server's ``bind`` and ``defaultEndpoint``, and
+``port.targetPort``, are refused by name. ``selector`` is read and not
+interpreted: the rule files are the whole config of the gateway that
+loads them, as an Ingress class is not interpreted either.
 
-An HTTPS or TLS server is a warning and is not served, whatever its
-``tls``: the gateway does not terminate TLS, which is done in front of
-it. So the most common Gateway, port 80 redirecting to https beside port
-443 terminating TLS, loads: its HTTP servers are served, its
-VirtualServices bound to them alone. No gateway service is made of a
-skipped server, so a ``--listen`` on its port gets none of this
+A server of any other protocol is a warning and is not served, nothing
+else of it read: HTTPS and TLS, whatever their ``tls`` (the gateway does
+not terminate TLS, which is done in front of it, nor route TLS by SNI);
+TCP, MONGO, MYSQL, REDIS and UDP (it routes HTTP requests); HTTP2, GRPC
+and GRPC-WEB, whose clients speak HTTP/2 or gRPC-Web, which it does not
+(:data:`_UNSERVED` says why they are not served as HTTP/1.x). A warning,
+not an error, as Istio's own task configs hold such servers beside HTTP
+ones, and an error would refuse the whole set (at a reload, the last good
+rules kept serving). So the most common Gateway, port 80 redirecting to
+https beside port 443 terminating TLS, loads: its HTTP servers are
+served, its VirtualServices bound to them alone (their ``tls`` and
+``tcp`` routes are warnings too, ``_networking``). No gateway service is
+made of a skipped server, so a ``--listen`` on its port gets none of this
 Gateway's routes (the worker warns of a server's port that no
 ``--listen`` serves, not of the converse).
 
@@ -125,7 +131,6 @@ from l4proxy.rules._objects import (
     oldest_first,
 )
 from l4proxy.rules._schema import (
-    NOT_IMPLEMENTED,
     Ctx,
     Where,
     boolean,
@@ -148,8 +153,6 @@ from l4proxy.rules.routing import (
 )
 
 GROUP = "networking.istio.io"
-_H1 = "the gateway speaks HTTP/1.x (no h2c); serve this port with protocol HTTP"
-_L4 = "the gateway routes HTTP requests, not TCP connections"
 _PLAIN = (
     "an HTTP server's tls holds httpsRedirect alone (Istio's validation: no TLS settings for "
     "plain text HTTP ports); terminate TLS in front of the gateway"
@@ -171,19 +174,27 @@ _TLS_FIELDS = (
     "maxProtocolVersion",
     "cipherSuites",
 )
-# The server protocols whose servers hold TLS: not served, a warning each
+# The server protocols whose servers hold TLS (their warning: _tls_advice)
 _TLS_PROTOCOLS = ("HTTPS", "TLS")
-# Istio's other server protocols (protocol.Parse, case-insensitive)
-# l4proxy cannot serve, with why: an error each
-_REFUSED = {
-    "HTTP2": _H1,
-    "GRPC": _H1,
-    "GRPC-WEB": _H1,
+_H2 = (
+    "the gateway speaks HTTP/1.x, without h2c: the HTTP/2 and gRPC clients a server of this "
+    "protocol is for would each be answered 400; for HTTP/1.x clients, make it protocol HTTP"
+)
+_L4 = "the gateway routes HTTP requests, not TCP connections"
+# Istio's other server protocols (protocol.Parse, case-insensitive), none
+# of which l4proxy serves: a warning each, with why, as HTTPS and TLS.
+# Not HTTP2 and gRPC served as HTTP/1.x either: their clients speak
+# HTTP/2 (gRPC's always do), so the port would look served while each of
+# them is refused; a server for HTTP/1.x clients says so, protocol HTTP.
+_UNSERVED = {
+    "HTTP2": _H2,
+    "GRPC": _H2,
+    "GRPC-WEB": "the gateway translates no gRPC-Web to gRPC (Envoy's grpc_web filter)",
     "TCP": _L4,
     "MONGO": _L4,
     "MYSQL": _L4,
     "REDIS": _L4,
-    "UDP": _L4,
+    "UDP": "the gateway routes HTTP requests, not UDP datagrams",
 }
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -202,24 +213,20 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
     ok = labels(ctx, spec.get("selector"), ("spec", "selector")) is not None
     servers: list[ServerDraft] = []
     skipped: list[str] = []
+    unserved: list[tuple[Path, str, str]] = []  # (path, server, its protocol)
+    http = False  # (whether it has an HTTP server)
     named: dict[str, int] = {}
     for i, item in enumerate(listing(ctx, spec.get("servers"), ("spec", "servers")) or []):
         path = ("spec", "servers", i)
         got: ServerDraft | None = None
         port_name: str | None
-        tls = _tls_server(item)
-        if tls is not None:
-            what, port_name = f"server {i} ({tls[0]}, port {tls[1]})", tls[2]
-            ctx.warning(
-                path,
-                f"{what} is not served: the gateway does not terminate TLS (nor route it by "
-                "SNI); terminate TLS in front of it (a load balancer, a TLS proxy in the pod) "
-                "and forward the requests to an HTTP server of this Gateway, with "
-                "X-Forwarded-Proto: https where that server has httpsRedirect. The Gateway's "
-                "HTTP servers are served, and its VirtualServices bound to them",
-            )
+        other = _other_server(item)
+        if other is not None:
+            what, port_name = f"server {i} ({other[0]}, port {other[1]})", other[2]
+            unserved.append((path, what, other[0].upper()))
             skipped.append(what)
         else:
+            http = True
             got = _server(ctx, item, path)
             if got is None:
                 ok = False
@@ -237,19 +244,42 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
             named[port_name] = i
         if got is not None:
             servers.append(got)
+    for at, what, proto in unserved:
+        why = _tls_advice() if proto in _TLS_PROTOCOLS else _UNSERVED[proto]
+        ctx.warning(
+            at,
+            f"{what} is not served: {why}. "
+            + (
+                "The Gateway's HTTP servers are served, and its VirtualServices bound to them"
+                if http
+                else "The Gateway has no HTTP server: nothing of it is served"
+            ),
+        )
     if not ok:
         return None
     return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()), skipped)
 
 
-def _tls_server(value: Any) -> tuple[str, Any, str | None] | None:
-    """Of a server whose ``port.protocol`` is HTTPS or TLS (in any case, as
-    Istio parses it), its protocol, port number and port name (None where
-    it is not a string); None for any other server, read by
-    :func:`_server`. Nothing else of it is read: it is not served."""
+def _tls_advice() -> str:
+    """Why an HTTPS or TLS server is not served, and what to do."""
+    return (
+        "the gateway does not terminate TLS (nor route it by SNI); terminate TLS in front of it "
+        "(a load balancer, a TLS proxy in the pod) and forward the requests to an HTTP server "
+        "of this Gateway, with X-Forwarded-Proto: https where that server has httpsRedirect"
+    )
+
+
+def _other_server(value: Any) -> tuple[str, Any, str | None] | None:
+    """Of a server whose ``port.protocol`` is one l4proxy does not serve
+    (HTTPS, TLS, or one of :data:`_UNSERVED`, in any case, as Istio
+    parses it), its protocol, port number and port name (None where it is
+    not a string); None for any other server, read by :func:`_server`.
+    Nothing else of it is read: it is not served."""
     port = value.get("port") if isinstance(value, dict) else None
     proto = port.get("protocol") if isinstance(port, dict) else None
-    if not isinstance(proto, str) or proto.upper() not in _TLS_PROTOCOLS:
+    if not isinstance(proto, str) or (
+        proto.upper() not in _TLS_PROTOCOLS and proto.upper() not in _UNSERVED
+    ):
         return None
     assert isinstance(port, dict)
     name = port.get("name")
@@ -294,16 +324,12 @@ def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
     name = text(ctx, port["name"], (*ppath, "name"), required=True)
     proto = text(ctx, port["protocol"], (*ppath, "protocol"), required=True)
     if proto is not None and proto.upper() != "HTTP":
-        why = _REFUSED.get(proto.upper())
-        if why is None:
-            ctx.error(
-                (*ppath, "protocol"),
-                f"invalid protocol {proto!r} (Istio's are HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, "
-                "TCP, TLS, MONGO, MYSQL, REDIS, UDP; l4proxy serves HTTP, and warns of HTTPS "
-                "and TLS servers, which it does not serve)",
-            )
-        else:
-            ctx.error((*ppath, "protocol"), f"server protocol {proto} {NOT_IMPLEMENTED}; {why}")
+        ctx.error(
+            (*ppath, "protocol"),
+            f"invalid protocol {proto!r} (Istio's are HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, "
+            "TCP, TLS, MONGO, MYSQL, REDIS, UDP; l4proxy serves HTTP, and warns of a server of "
+            "another, which it does not serve)",
+        )
         proto = None
     hosts: list[ServerHostDraft] = []
     for j, h in enumerate(listing(ctx, srv["hosts"], (*path, "hosts")) or []):
