@@ -638,6 +638,75 @@ def test_the_http_and_https_server_pair_loads_its_http_server(tmp_path: Path) ->
     assert routes[0]["redirect"]["scheme"] == "https"
 
 
+SERVED = "The Gateway's HTTP servers are served, and its VirtualServices bound to them"
+NONE_SERVED = "The Gateway has no HTTP server: nothing of it is served"
+PASSTHROUGH = (
+    "its TLS is the backends' to terminate (tls.mode {}), so there is none to terminate in "
+    "front of the gateway, and the gateway does not route TLS connections by SNI; send these "
+    "connections to their backends another way (a TCP load balancer, or a TLS passthrough proxy "
+    "in front of the gateway). "
+)
+
+
+@pytest.mark.parametrize(
+    ("tls", "http", "why"),
+    [
+        (
+            "{mode: SIMPLE, credentialName: c}",
+            True,
+            "the gateway does not terminate TLS (tls.mode SIMPLE), nor route it by SNI; terminate "
+            "TLS in front of it (a load balancer, a TLS proxy in the pod) and forward the "
+            "requests to an HTTP server of this Gateway, with X-Forwarded-Proto: https where that "
+            "server has httpsRedirect. " + SERVED,
+        ),
+        (
+            "{mode: MUTUAL, credentialName: c}",
+            False,
+            "the gateway does not terminate TLS (tls.mode MUTUAL), nor route it by SNI; terminate "
+            "TLS in front of it (a load balancer, a TLS proxy in the pod) and forward the "
+            "requests to an HTTP server (add one to this Gateway). " + NONE_SERVED,
+        ),
+        ("{mode: PASSTHROUGH}", True, PASSTHROUGH.format("PASSTHROUGH") + SERVED),
+        (
+            "{credentialName: c}",
+            False,
+            PASSTHROUGH.format("PASSTHROUGH, the default") + NONE_SERVED,
+        ),
+        ("{mode: AUTO_PASSTHROUGH}", False, PASSTHROUGH.format("AUTO_PASSTHROUGH") + NONE_SERVED),
+        (
+            "{mode: ISTIO_MUTUAL}",
+            False,
+            "its clients are Istio proxies speaking Istio's mutual TLS (tls.mode ISTIO_MUTUAL), "
+            "and the gateway holds no mesh certificate; have them send plain HTTP to an HTTP "
+            "server (add one to this Gateway). " + NONE_SERVED,
+        ),
+    ],
+    ids=[
+        "simple",
+        "mutual alone",
+        "passthrough",
+        "the default",
+        "auto passthrough",
+        "istio mutual",
+    ],
+)
+def test_an_https_server_s_warning_says_what_to_do_by_its_tls_mode(
+    tmp_path: Path, tls: str, http: bool, why: str
+) -> None:
+    """Terminating TLS in front is the advice where the server terminates
+    it; where it passes through (PASSTHROUGH, Istio's default, and
+    AUTO_PASSTHROUGH) there is nothing to terminate, and Istio's own mTLS
+    is for its proxies; the HTTP server to forward to is this Gateway's,
+    or one to add where it has none."""
+    https = "  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: ['*']\n"
+    https += f"    tls: {tls}\n"
+    text = gateway() + https if http else gateway().split("  - port:")[0] + https
+    said = [d for d in load_result(tmp_path, text).notes if "is not served" in d.message]
+    assert [(d.severity, d.message) for d in said] == [
+        ("warning", f"server {int(http)} (HTTPS, port 443) is not served: {why}")
+    ]
+
+
 @pytest.mark.parametrize(
     ("host", "path", "location"),
     [
@@ -940,10 +1009,10 @@ WARNINGS = [
     (
         "an HTTPS server",
         gateway().replace("protocol: HTTP", "protocol: HTTPS"),
-        "server 0 (HTTPS, port 80) is not served: the gateway does not terminate TLS (nor route "
-        "it by SNI); terminate TLS in front of it (a load balancer, a TLS proxy in the pod) and "
-        "forward the requests to an HTTP server of this Gateway, with X-Forwarded-Proto: https "
-        "where that server has httpsRedirect",
+        "server 0 (HTTPS, port 80) is not served: the gateway does not terminate TLS, nor route "
+        "it by SNI; terminate TLS in front of it (a load balancer, a TLS proxy in the pod) and "
+        "forward the requests to an HTTP server (add one to this Gateway). The Gateway has no "
+        "HTTP server: nothing of it is served",
         8,
     ),
     (

@@ -17,7 +17,8 @@ loads them, as an Ingress class is not interpreted either.
 
 A server of any other protocol is a warning and is not served, nothing
 else of it read: HTTPS and TLS, whatever their ``tls`` (the gateway does
-not terminate TLS, which is done in front of it, nor route TLS by SNI);
+not terminate TLS, which is done in front of it, nor route TLS by SNI;
+the warning's advice is by ``tls.mode``, :func:`_tls_advice`);
 TCP, MONGO, MYSQL, REDIS and UDP (it routes HTTP requests); HTTP2, GRPC
 and GRPC-WEB, whose clients speak HTTP/2 or gRPC-Web, which it does not
 (:data:`_UNSERVED` says why they are not served as HTTP/1.x). A warning,
@@ -114,7 +115,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.rules._gateway_api import gateway_host
@@ -213,18 +214,18 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
     ok = labels(ctx, spec.get("selector"), ("spec", "selector")) is not None
     servers: list[ServerDraft] = []
     skipped: list[str] = []
-    unserved: list[tuple[Path, str, str]] = []  # (path, server, its protocol)
+    unserved: list[tuple[Path, _OtherServer]] = []
     http = False  # (whether it has an HTTP server)
     named: dict[str, int] = {}
     for i, item in enumerate(listing(ctx, spec.get("servers"), ("spec", "servers")) or []):
         path = ("spec", "servers", i)
         got: ServerDraft | None = None
         port_name: str | None
-        other = _other_server(item)
+        other = _other_server(item, i)
         if other is not None:
-            what, port_name = f"server {i} ({other[0]}, port {other[1]})", other[2]
-            unserved.append((path, what, other[0].upper()))
-            skipped.append(what)
+            port_name = other.port_name
+            unserved.append((path, other))
+            skipped.append(other.what)
         else:
             http = True
             got = _server(ctx, item, path)
@@ -244,11 +245,12 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
             named[port_name] = i
         if got is not None:
             servers.append(got)
-    for at, what, proto in unserved:
-        why = _tls_advice() if proto in _TLS_PROTOCOLS else _UNSERVED[proto]
+    for at, other in unserved:
+        proto = other.protocol.upper()
+        why = _tls_advice(other, http) if proto in _TLS_PROTOCOLS else _UNSERVED[proto]
         ctx.warning(
             at,
-            f"{what} is not served: {why}. "
+            f"{other.what} is not served: {why}. "
             + (
                 "The Gateway's HTTP servers are served, and its VirtualServices bound to them"
                 if http
@@ -260,30 +262,75 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
     return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()), skipped)
 
 
-def _tls_advice() -> str:
-    """Why an HTTPS or TLS server is not served, and what to do."""
+class _OtherServer(NamedTuple):
+    """A server of a protocol l4proxy does not serve, as much of it as
+    its warning says: ``server I (PROTOCOL, port N)``, its protocol as
+    written, its port name (None where it is not a string), its
+    ``tls.mode`` as written (None: none given) and whether it has a
+    ``tls``."""
+
+    what: str
+    protocol: str
+    port_name: str | None
+    mode: Any
+    tls: bool
+
+
+def _tls_advice(server: _OtherServer, http: bool) -> str:
+    """Why an HTTPS or TLS server is not served, and what to do, by its
+    ``tls.mode`` (Istio's default, where a ``tls`` gives none, is
+    PASSTHROUGH): its TLS passes through to the backend (PASSTHROUGH,
+    AUTO_PASSTHROUGH), where there is nothing to terminate in front of the
+    gateway, which does not route by SNI; Istio's mutual TLS between its
+    proxies (ISTIO_MUTUAL), for which the gateway holds no certificate;
+    else TLS terminated at the server (SIMPLE, MUTUAL, OPTIONAL_MUTUAL),
+    which a proxy in front can terminate instead. *http*: whether the
+    Gateway has an HTTP server to forward to (else: add one)."""
+    mode = server.mode if server.mode is not None or not server.tls else "PASSTHROUGH"
+    said = f"tls.mode {mode}" + (", the default" if server.mode is None else "")
+    to = "an HTTP server of this Gateway" if http else "an HTTP server (add one to this Gateway)"
+    if mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH"):
+        return (
+            f"its TLS is the backends' to terminate ({said}), so there is none to terminate in "
+            "front of the gateway, and the gateway does not route TLS connections by SNI; send "
+            "these connections to their backends another way (a TCP load balancer, or a TLS "
+            "passthrough proxy in front of the gateway)"
+        )
+    if mode == "ISTIO_MUTUAL":
+        return (
+            f"its clients are Istio proxies speaking Istio's mutual TLS ({said}), and the "
+            f"gateway holds no mesh certificate; have them send plain HTTP to {to}"
+        )
     return (
-        "the gateway does not terminate TLS (nor route it by SNI); terminate TLS in front of it "
-        "(a load balancer, a TLS proxy in the pod) and forward the requests to an HTTP server "
-        "of this Gateway, with X-Forwarded-Proto: https where that server has httpsRedirect"
+        "the gateway does not terminate TLS"
+        + (f" ({said})" if server.tls else "")
+        + ", nor route it by SNI; terminate TLS in front of it (a load balancer, a TLS proxy in "
+        f"the pod) and forward the requests to {to}"
+        + (", with X-Forwarded-Proto: https where that server has httpsRedirect" if http else "")
     )
 
 
-def _other_server(value: Any) -> tuple[str, Any, str | None] | None:
-    """Of a server whose ``port.protocol`` is one l4proxy does not serve
-    (HTTPS, TLS, or one of :data:`_UNSERVED`, in any case, as Istio
-    parses it), its protocol, port number and port name (None where it is
-    not a string); None for any other server, read by :func:`_server`.
-    Nothing else of it is read: it is not served."""
+def _other_server(value: Any, index: int) -> _OtherServer | None:
+    """Server *index*, *value*, where its ``port.protocol`` is one l4proxy
+    does not serve (HTTPS, TLS, or one of :data:`_UNSERVED`, in any case,
+    as Istio parses it); None for any other server, read by
+    :func:`_server`. Nothing else of it is read: it is not served."""
     port = value.get("port") if isinstance(value, dict) else None
     proto = port.get("protocol") if isinstance(port, dict) else None
     if not isinstance(proto, str) or (
         proto.upper() not in _TLS_PROTOCOLS and proto.upper() not in _UNSERVED
     ):
         return None
-    assert isinstance(port, dict)
+    assert isinstance(port, dict) and isinstance(value, dict)
     name = port.get("name")
-    return proto, port.get("number"), name if isinstance(name, str) else None
+    tls = value.get("tls")
+    return _OtherServer(
+        f"server {index} ({proto}, port {port.get('number')})",
+        proto,
+        name if isinstance(name, str) else None,
+        tls.get("mode") if isinstance(tls, dict) else None,
+        isinstance(tls, dict),
+    )
 
 
 def _server(ctx: Ctx, value: Any, path: Path) -> ServerDraft | None:
