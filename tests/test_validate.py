@@ -283,6 +283,58 @@ def test_warnings_are_printed_but_valid(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.splitlines()[-1] == "valid: 1 file (1 warning)"
 
 
+# A typo that drops a binding: the Gateway is in default, the
+# VirtualService names it in istio-system (a warning; the host is then
+# nobody's at the gateway)
+TYPO = """\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: httpbin-gateway}
+spec:
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: httpbin}
+spec:
+  hosts: [httpbin.example.com]
+  gateways: [istio-system/httpbin-gateway]
+  http:
+  - route:
+    - destination: {host: bootcamp, port: {number: 8080}}
+"""
+
+
+def test_strict_fails_on_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --strict a warning passes (exit 0); with it, exit 1 as an
+    error does, the warning printed and the reason said last."""
+    f = tmp_path / "typo.yaml"
+    f.write_text(TYPO)
+    code, out, _ = validate(capsys, str(f), REGISTRY)
+    assert (code, out.splitlines()[-1]) == (0, "valid: 2 files (1 warning)")
+    code, out, err = validate(capsys, "--strict", str(f), REGISTRY)
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{f}:14: warning: VirtualService httpbin: unknown gateway: no ")
+    assert lines[-1] == (
+        "invalid under --strict: 1 warning (the sidecar would load 2 files and serve them as "
+        "the warnings say)"
+    )
+    assert not out.splitlines()[-1].startswith("valid")
+
+
+def test_strict_passes_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Notes (what -v prints: a Kubernetes object skipped) never fail."""
+    f = tmp_path / "svc.yaml"
+    f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: bootcamp}\nspec: {}\n")
+    code, out, err = validate(capsys, "--strict", "-v", str(f), REGISTRY)
+    assert code == 0, err
+    assert f"{f}:1: note: Service bootcamp: skipped" in err
+    assert out.splitlines()[-1] == "valid: 2 files"
+
+
 def test_namespace_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = validate(capsys, "-v", "-n", "shop", REGISTRY)
     assert code == 0
@@ -311,6 +363,7 @@ def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "examples:" in out and "l4proxy validate /etc/l4proxy/rules" in out
     assert "exit status:" in out and "2  a path does not exist" in out
+    assert "--strict" in out and "with --strict,\n     valid but with warnings" in out
     assert "route weights total 90 (must total 100)" in out
 
 

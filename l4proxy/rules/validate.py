@@ -1,7 +1,8 @@
 """``l4proxy validate``: check rule files exactly as the sidecar would load them.
 
 Exit status: 0 valid, 1 invalid (errors printed as ``FILE:LINE: KIND NAME:
-MESSAGE``, istioctl style), 2 a path cannot be read.
+MESSAGE``, istioctl style), or with ``--strict`` any warning, 2 a path
+cannot be read.
 """
 
 from __future__ import annotations
@@ -51,14 +52,22 @@ examples:
   l4proxy validate /etc/l4proxy/rules          # a directory, e.g. a ConfigMap mount
   l4proxy validate -v deploy/examples/rules    # also print the route table
   l4proxy validate -n shop rules.yaml          # objects without a namespace are in 'shop'
+  l4proxy validate --strict rules/             # in CI: a warning fails too
 
 an error reads like istioctl's:
   bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)
 
+warnings (a binding dropped, a server not served, a route never reached)
+never make a set invalid: the sidecar loads it and serves it as they say.
+--strict fails on them too, as istioctl analyze --failure-threshold Warning
+does, so that a typo that only drops a binding fails a CI check (notes,
+which -v prints, never fail).
+
 exit status:
-  0  valid: the sidecar would load these files
+  0  valid: the sidecar would load these files (with --strict: and no warning)
   1  invalid: fix the errors printed (nothing of an invalid set is applied;
-     a running sidecar keeps serving its last good rules)
+     a running sidecar keeps serving its last good rules); with --strict,
+     valid but with warnings
   2  a path does not exist or cannot be read
 """
 
@@ -83,6 +92,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--verbose",
         action="store_true",
         help="also print notes (skipped objects) and the compiled route table",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 on a warning too, not only on an error (for CI; notes never fail)",
     )
     p.add_argument(
         "-n",
@@ -131,6 +145,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     if args.verbose:
         print(format_table(result.table.to_json()), file=out, end="")
     warnings = sum(1 for d in result.notes if d.severity == "warning")
+    if warnings and args.strict:
+        print(
+            f"invalid under --strict: {_plural(warnings, 'warning')} (the sidecar would load "
+            f"{_plural(len(result.sources), 'file')} and serve them as the warnings say)",
+            file=err,
+        )
+        return EXIT_INVALID
     tail = f" ({_plural(warnings, 'warning')})" if warnings else ""
     print(f"valid: {_plural(len(result.sources), 'file')}{tail}", file=out)
     return EXIT_VALID
