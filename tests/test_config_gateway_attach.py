@@ -129,7 +129,8 @@ NOT_ATTACHED = [
         gateway(SAME),
         route(),
         "this HTTPRoute attaches to no listener of Gateway gw: routes from namespace b are "
-        "not allowed (allowedRoutes.namespaces.from: All admits them; NotAllowedByListeners); "
+        "not allowed (its listener's allowedRoutes.namespaces.from is Same, namespace default "
+        "alone: set allowedRoutes.namespaces.from: All to admit them; NotAllowedByListeners); "
         "it is not served there",
         6,
     ),
@@ -145,7 +146,8 @@ NOT_ATTACHED = [
         "neither",
         gateway("{name: http, port: 80, protocol: HTTP, hostname: a.example}"),
         route(hostnames="[b.example]"),
-        "routes from namespace b are not allowed (allowedRoutes.namespaces.from: All admits "
+        "routes from namespace b are not allowed (its listener's allowedRoutes.namespaces."
+        "from is Same, namespace default alone: set allowedRoutes.namespaces.from: All to admit "
         "them; NotAllowedByListeners), and its hostnames match none of the listeners' "
         "hostnames (NoMatchingListenerHostname)",
         6,

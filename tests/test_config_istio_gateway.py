@@ -885,6 +885,20 @@ CASES = [
         9,
     ),
     (
+        "a host of two slashes",
+        gateway('["a/b/c"]'),
+        "host 'a/b/c' is malformed: a server host is [NAMESPACE/]HOST, one '/' at most, with no "
+        "scheme and no path",
+        9,
+    ),
+    (
+        "a host with a scheme",
+        gateway('["http://x.com"]'),
+        "host 'http://x.com' is malformed: a server host is [NAMESPACE/]HOST, one '/' at most, "
+        "with no scheme and no path (no scheme: 'x.com')",
+        9,
+    ),
+    (
         "a host with a port",
         gateway('["a.example.com:80"]'),
         "must be [NAMESPACE/]HOST, HOST being '*', '*.example.com' or a DNS name (no port)",

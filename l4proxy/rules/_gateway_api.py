@@ -1516,9 +1516,12 @@ def _not_attached(
     them."""
     why: list[str] = []
     if not admitting:
+        # (each of them is from: Same, the default, as All admits any)
+        whose = "its listener's" if len(listeners) == 1 else "its listeners'"
         why.append(
-            f"routes from namespace {hr.namespace} are not allowed (allowedRoutes.namespaces."
-            "from: All admits them; NotAllowedByListeners)"
+            f"routes from namespace {hr.namespace} are not allowed ({whose} allowedRoutes."
+            f"namespaces.from is Same, namespace {gw.namespace} alone: set allowedRoutes."
+            "namespaces.from: All to admit them; NotAllowedByListeners)"
         )
     pool = admitting or listeners
     if hr.hostnames and all(

@@ -420,7 +420,17 @@ def _server_host(ctx: Ctx, value: Any, path: Path) -> ServerHostDraft | None:
     h = text(ctx, value, path, required=True)
     if h is None:
         return None
-    ns, _, name = h.rpartition("/") if "/" in h else ("*", "", h)
+    if h.count("/") > 1:
+        # (split at a '/', a scheme's or a path's was read as a namespace)
+        scheme, sep, rest = h.partition("://")
+        hint = f" (no scheme: {rest.split('/', 1)[0]!r})" if sep and scheme.isalpha() else ""
+        ctx.error(
+            path,
+            f"host {h!r} is malformed: a server host is [NAMESPACE/]HOST, one '/' at most, "
+            f"with no scheme and no path{hint}",
+        )
+        return None
+    ns, _, name = h.partition("/") if "/" in h else ("*", "", h)
     if ns == ".":
         ns = ctx.namespace
     elif ns != "*" and not DNS1123_LABEL.fullmatch(ns):
