@@ -636,6 +636,8 @@ def test_the_http_and_https_server_pair_loads_its_http_server(tmp_path: Path) ->
     assert [r["name"] for r in routes] == ["https-redirect", "bookinfo"]
     assert routes[0]["redirect"]["status"] == 301
     assert routes[0]["redirect"]["scheme"] == "https"
+    # (/config_dump's: the Istio Gateway's redirect, not a Gateway API one)
+    assert routes[0]["redirect"]["port_rules"] == "istio gateway httpsRedirect"
 
 
 SERVED = "The Gateway's HTTP servers are served, and its VirtualServices bound to them"

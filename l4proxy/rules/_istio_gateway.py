@@ -558,7 +558,7 @@ HTTPS_REDIRECT = Route(
     "https-redirect",
     (),
     (Match(without_headers=(("x-forwarded-proto", StringMatch("exact", "https")),)),),
-    redirect=Redirect(301, scheme="https", gateway=True),
+    redirect=Redirect(301, scheme="https", gateway=True, https_redirect=True),
 )
 
 

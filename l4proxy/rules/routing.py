@@ -1353,7 +1353,11 @@ class Redirect:
     Location's; ``port_from_request``: the port the request was sent to
     (Istio's ``derivePort: FROM_REQUEST_PORT``); ``gateway``: the Gateway
     API's port rules (else Envoy's, as Istio configures them: a port that
-    is the scheme's default is left out and the Host's port stays)."""
+    is the scheme's default is left out and the Host's port stays);
+    ``https_redirect``: it is an Istio Gateway server's ``httpsRedirect``
+    (``_istio_gateway.HTTPS_REDIRECT``), whose Location those rules build
+    (``https://HOST/PATH?QUERY``, the Host's port left out), said so in
+    :meth:`to_json`."""
 
     status: int = 301
     scheme: str | None = None
@@ -1363,6 +1367,7 @@ class Redirect:
     path: str | None = None
     prefix: str | None = None
     gateway: bool = False
+    https_redirect: bool = False
     # more lines of the answer (the route's response headers' set and add)
     headers: tuple[tuple[str, str], ...] = ()
 
@@ -1406,7 +1411,13 @@ class Redirect:
             "port": "from request" if self.port_from_request else self.port,
             "path": self.path,
             "prefix": self.prefix,
-            "port_rules": "gateway api" if self.gateway else "envoy",
+            "port_rules": (
+                "istio gateway httpsRedirect"
+                if self.https_redirect
+                else "gateway api"
+                if self.gateway
+                else "envoy"
+            ),
             "headers": [list(h) for h in self.headers],
         }
 
