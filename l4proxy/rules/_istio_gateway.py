@@ -672,7 +672,7 @@ def gateway_order(
                 f"this match of route {rd.name} is the same as one of route {fr.name} of "
                 f"VirtualService {fb.rule.namespace}/{fb.rule.name} "
                 f"({_match_where(fb, fr, fm).location}) for {b.name} on port {b.port}, tried "
-                f"before it ({merge_reason(fb.rule, b.rule)}): it is never reached there"
+                f"before it ({_merge_reason(fb.rule, b.rule)}): it is never reached there"
             )
     for b, rd in tail[1:]:
         fb, fr = tail[0]
@@ -680,7 +680,7 @@ def gateway_order(
             b.ref.where.warning(
                 f"route {rd.name} takes every request for {b.name} on port {b.port}, and so "
                 f"does route {fr.name} of VirtualService {fb.rule.namespace}/{fb.rule.name} "
-                f"({fb.ref.where.location}), tried before it ({merge_reason(fb.rule, b.rule)}): "
+                f"({fb.ref.where.location}), tried before it ({_merge_reason(fb.rule, b.rule)}): "
                 "it is never reached there; give it a match"
             )
     return head + tail
@@ -703,7 +703,7 @@ def merge_order(rule: RuleDraft) -> tuple[bool, float, tuple[str, ...]]:
     return (*oldest_first(rule.created), tie)
 
 
-def merge_reason(before: RuleDraft, after: RuleDraft) -> str:
+def _merge_reason(before: RuleDraft, after: RuleDraft) -> str:
     """Why VirtualService *before* is merged before *after*, in words."""
     if before.created is not None and after.created is None:
         return "it has a creationTimestamp, this one none"

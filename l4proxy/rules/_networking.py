@@ -237,6 +237,7 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
     if not mesh and (tls or tcp):
         _not_served(ctx, tls, tcp, http)
         if not http:
+            creation_timestamp(ctx, obj)  # (checked all the same)
             return None
         tcp = []
     if not http and not tcp and not tls:
