@@ -433,11 +433,30 @@ the worker's lines of connections routed at L4 (``access_log_line``;
 ``close(access_log=False)`` keeps the writer for those a drain ends, till
 ``close_access_log``). With the
 log off a request pays a test of ``c.lg`` in ``apply_verdict`` and one in
-``request_done`` (bench.instructions: the compiled loop's ~4,060
-instructions per keep-alive request as before); with it on,
-``log_capture`` and ``log_done``, about 2,200 more (no system call but a
+``request_done`` (bench.instructions: the compiled loop's ~4,190
+instructions per keep-alive request of a gateway listener, as before);
+with it on, ``log_capture`` and ``log_done``, about 2,200 more (no system call but a
 getsockname per upstream connection and, once per client connection,
 its addresses; the writer thread's write()s apart).
+
+Forwarding headers
+------------------
+A relay made with ``forwarding`` (``forwarding.Forwarding``: the worker's
+``--trusted-proxies``) gives a gateway listener's requests
+X-Forwarded-For, X-Forwarded-Proto, x-envoy-external-address and a new
+x-request-id, as an Istio ingress gateway's Envoy does (read
+``l4proxy/dataplane/forwarding.py``; ``_forwarding.pxi`` is the twin of
+its ``forwarded_head``): such a connection has a ``Fwd_`` (``c.fwd``,
+``new_conn``'s *gateway*: a gateway ``Lst``, or a hand-off whose origin
+says ``gateway``), ``summarize`` notes the lines they replace as drops,
+and ``on_head`` stages the head as sent upstream through ``fwd_stage``
+(before the verdict, its retries' replay and its copies' take it; a
+route's edits after it). Its request ids are the relay's own splitmix64
+stream (``Relay.rid``); the pure relay it hands rare requests to draws
+its own. Any other connection pays a test of ``c.fwd`` and a store where
+its head is summarized (and a test of ``h.n_xff`` per header line no
+other test took) and a test where it is staged; with the log on, one more
+in ``log_capture``.
 
 Ownership of file descriptors
 -----------------------------
@@ -467,6 +486,7 @@ import threading
 
 from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane import accesslog as _accesslog
+from l4proxy.dataplane import forwarding as _forwarding
 from l4proxy.dataplane._exchange_py import (
     DOT_SEGMENT_REASON,
     OVERFLOW_BODY,
@@ -580,6 +600,7 @@ cdef enum:
     MAX_ATTEMPTS = 3
     MAX_KEY_HEADERS = 16
     MAX_DROP_LINES = 8
+    FWD_MAX_XFF = 8           # X-Forwarded-For lines a gateway's fast path joins (_forwarding.pxi)
     MAX_NAMED = 16            # fields a response's Connection names, found without malloc
     MAX_BUCKETS = 24
     CACHE_SLOTS = 4096        # power of two
@@ -1250,6 +1271,8 @@ cdef struct Buf:
 
 cdef struct Up
 cdef struct Conn
+cdef struct Fwd_
+cdef struct Head
 
 cdef struct EP:
     # one upstream endpoint: its pool of idle connections (newest first)
@@ -1516,6 +1539,7 @@ cdef struct Conn:
     int pipe_cap
     uint32_t lflags        # the access log's bits of the current request (LF_*)
     LogConn *lg            # the access log's (NULL: it is off)
+    Fwd_ *fwd              # a gateway listener's forwarding headers (NULL: none; fwd_conn())
     Buf inb                # client bytes not consumed; a head starts at 0
     Buf out                # to the client
     Scanner s
@@ -1627,6 +1651,7 @@ cdef struct Handoff:
     size_t len
     char *local            # the access log's DOWNSTREAM_LOCAL_ADDRESS (NULL: ask the fd)
     int local_len
+    bint gateway           # a gateway listener's connection (its origin's .gateway)
     Handoff *next
 
 cdef struct Span:  # bytes of a head
@@ -1735,6 +1760,12 @@ cdef struct Relay:
     double next_timer      # the soonest of every Conn's backoff_until, resp_deadline
                            # and try_deadline, or earlier (0: none; timers_due())
     uint64_t jitter        # backoff_delay()'s xorshift state (not rng: weights stay as seeded)
+    # a gateway listener's forwarding headers (_forwarding.pxi): whether its
+    # connections get them, Forwarding.trusted_hops, the request ids' state
+    bint fwd_on
+    int fwd_hops
+    uint64_t rid
+    int (*fwd_lines)(Relay *R, Conn *c, Head *h) noexcept nogil  # (fwd_stage's rare heads)
     bint flush_due
     int n_head_timeouts    # for refused("header_timeout"), on the next return
     int n_fd_limit         # for refused("fd_limit")
@@ -2365,10 +2396,19 @@ cdef struct Head:
     Py_ssize_t key_s[MAX_KEY_HEADERS]
     Py_ssize_t key_e[MAX_KEY_HEADERS]
     bint keys_repeated     # a key header on more than one line
+    # a gateway listener's head (fwd_field()): its X-Forwarded-For values
+    # (-1: another head's, set by summarize()'s caller), and whether an
+    # X-Forwarded-Proto stays
+    int n_xff
+    Py_ssize_t xff_s[FWD_MAX_XFF]
+    Py_ssize_t xff_e[FWD_MAX_XFF]
+    bint xfp
 
 
 cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
-    """What the fast path needs from a complete head (mirrors build() in peek.pyx)."""
+    """What the fast path needs from a complete head (mirrors build() in peek.pyx);
+    with h.n_xff 0 (not -1: the caller's), a gateway listener's, whose
+    forwarding headers' lines are noted too (fwd_field())."""
     cdef Py_ssize_t p = s.headers_start, i, ls, ns, ne, vs, ve, k
     cdef int j
     cdef int t
@@ -2441,6 +2481,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
             h.expect_continue = ve - vs == 12 and eq_lower(buf + vs, b"100-continue", 12)
         elif k == 7 and eq_lower(buf + ns, b"upgrade", 7):
             h.upgrade = True
+        elif h.n_xff >= 0 and k >= 12 and (buf[ns] | 0x20) == 0x78:  # x-...
+            fwd_field(R, h, buf, ls, i, ns, k, vs, ve)
         for j in range(R.n_keys):
             if k == R.key_len[j] and eq_lower(buf + ns, R.keys[j], k):
                 # (on a second line, routing reads their values joined,
@@ -2461,6 +2503,9 @@ cdef inline void drop_line(Head *h, Py_ssize_t ls, Py_ssize_t lf) noexcept nogil
         h.n_drop += 1
     else:
         h.drop_overflow = True
+
+
+include "_forwarding.pxi"
 
 
 cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
@@ -3076,20 +3121,21 @@ cdef void log_value(LogReq *q, int which, int *at, const unsigned char **ps,
     at[0] += q.n[which]
 
 
-cdef void log_headers(LogReq *q, const unsigned char *b, Scanner *s, int *at,
+cdef void log_headers(LogReq *q, const unsigned char *b, Py_ssize_t p, Py_ssize_t end, int *at,
                       bint json) noexcept nogil:
-    """The head's X-Forwarded-For, User-Agent, X-Request-ID and Host values,
-    one pass over its lines (several lines of one: joined by ",", Envoy's
-    HTTP/1 codec's; LOG_SPANS at most, X-Forwarded-For's last ones: the
-    end the proxies in front appended)."""
+    """The X-Forwarded-For, User-Agent, X-Request-ID and Host values of the
+    head b[:end] whose header lines start at p, one pass over its lines
+    (several lines of one: joined by ",", Envoy's HTTP/1 codec's; LOG_SPANS
+    at most, X-Forwarded-For's last ones: the end the proxies in front
+    appended)."""
     cdef const unsigned char *ps[4][LOG_SPANS]
     cdef Py_ssize_t ns[4][LOG_SPANS]
     cdef int k[4]
     cdef int w
-    cdef Py_ssize_t p = s.headers_start, n
+    cdef Py_ssize_t n
     cdef Field f
     k[0] = k[1] = k[2] = k[3] = 0
-    while next_field(b, p, s.head_length, &f):
+    while next_field(b, p, end, &f):
         n = f.ne - f.ns
         w = -1
         if n == 15 and eq_lower(b + f.ns, b"x-forwarded-for", 15):
@@ -3119,7 +3165,10 @@ cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     """A routed request starts (apply_verdict()): what its line says of its
     head (c.inb, gone before its end), escaped, into the connection's
     LogReq (made for its first request, kept); its start; its bits and
-    chunked bytes afresh. Out of memory: no line for it."""
+    chunked bytes afresh. A gateway listener's header values are those of
+    the head as staged for upstream (c.rhead, its request line the same):
+    its forwarding headers' (Envoy's %REQ()% reads the mutated head). Out
+    of memory: no line for it."""
     cdef LogReq *q = c.lg.req
     cdef const unsigned char *b = <const unsigned char*>c.inb.p
     cdef Scanner *s = &c.s
@@ -3146,7 +3195,11 @@ cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     ps[0] = b + s.target_end + 1
     ns[0] = 8  # HTTP/1.x
     log_value(q, LH_PROTOCOL, &at, ps, ns, 1, json)
-    log_headers(q, b, s, &at, json)
+    if c.fwd != NULL:
+        log_headers(q, <const unsigned char*>c.rhead.p, s.headers_start, <Py_ssize_t>c.rhead.len,
+                    &at, json)
+    else:
+        log_headers(q, b, s.headers_start, s.head_length, &at, json)
 
 
 cdef void log_upstream(Conn *c, const EP *ep) noexcept nogil:
@@ -5993,6 +6046,10 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef Entry *e
     cdef int i, failed
     cdef Chunked *rck
+    h.n_xff = -1
+    if c.fwd != NULL:  # (a gateway listener's: see _forwarding.pxi)
+        h.n_xff = 0
+        h.xfp = False
     summarize(R, &c.s, b, &h)
     c.requests += 1
     # a chunked body's machine (chunked_only(): fast_head() took it)
@@ -6018,7 +6075,9 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     # the head as sent upstream (upstream_head()), staged in c.rhead
     c.rhead.len = 0
     failed = 0
-    if h.n_drop:
+    if c.fwd != NULL:  # a gateway listener's: with its forwarding headers
+        failed = fwd_stage(R, c, &h)
+    elif h.n_drop:
         p = 0
         for i in range(h.n_drop):
             failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.drop_s[i] - p))
@@ -6265,7 +6324,8 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
     sys_.pthread_mutex_unlock(&R.lock)
     while h != NULL:
         nx = h.next
-        new_conn(R, h.fd, h.origin, h.data, h.len, False, now, h.local, h.local_len)
+        new_conn(R, h.fd, h.origin, h.data, h.len, False, now, h.local, h.local_len,
+                 h.gateway)
         free(h.data)
         free(h.local)
         free(h)
@@ -6273,13 +6333,16 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
 
 
 cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n,
-                   bint solo, double now, const char *local, int local_len) noexcept nogil:
+                   bint solo, double now, const char *local, int local_len,
+                   bint gateway) noexcept nogil:
     """A client connection of this relay from now on (fd owned here). *solo*:
     accepted by this loop (TCP_NODELAY comes from the listener), and read at
     once, before epoll knows it: the request is usually there already, and a
     connection answered and closed without waiting on the client costs no
     epoll_ctl (HAProxy's speculative read). *local*: the access log's
-    DOWNSTREAM_LOCAL_ADDRESS (its origin's; NULL: asked of the fd)."""
+    DOWNSTREAM_LOCAL_ADDRESS (its origin's; NULL: asked of the fd). *gateway*:
+    a gateway listener's, which gets the forwarding headers when this relay
+    adds them (fwd_conn())."""
     cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
     cdef Conn **grown
     cdef int one = 1
@@ -6304,6 +6367,11 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
         if local != NULL and 0 < local_len <= LOG_ADDR:
             memcpy(c.lg.local, local, <size_t>local_len)
             c.lg.local_len = local_len
+    if gateway and R.fwd_on and fwd_conn(R, c) != 0:
+        free(c.lg)
+        free(c)
+        sys_.close(fd)
+        return
     c.last_active = now
     c.head_started = now  # the first head is timed from the hand-off
     c.phase = P_HEAD
@@ -6395,7 +6463,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
             reset_close(fd)
             continue
         if l.gateway:
-            new_conn(R, fd, l.gw_origin, NULL, 0, True, now, NULL, 0)
+            new_conn(R, fd, l.gw_origin, NULL, 0, True, now, NULL, 0, True)
             continue
         len = sizeof(dst)
         memset(&dst, 0, sizeof(dst))
@@ -6410,7 +6478,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
         if e != NULL and e.shape == OC_RELAY:
             # (the access log's DOWNSTREAM_LOCAL_ADDRESS: the original destination)
             new_conn(R, fd, e.origin, NULL, 0, True, now, R.log_addr,
-                     sa_text(R.log_addr, &dst) if R.alog != NULL else 0)
+                     sa_text(R.log_addr, &dst) if R.alog != NULL else 0, False)
         else:  # another kind of connection, or not known yet: Python says
             to_others(R, fd, l, dst.sin_addr.s_addr, dst.sin_port)
 
@@ -7360,6 +7428,7 @@ cdef void bury(Relay *R) noexcept nogil:
         if c.lg != NULL:
             free(c.lg.req)
             free(c.lg)
+        free(c.fwd)
         buf_free(&c.inb)
         buf_free(&c.out)
         buf_free(&c.rhead)
@@ -7539,7 +7608,7 @@ cdef class HttpRelay:
                  int max_connections=0,
                  key_headers=(), buckets=(), seed=None, int max_head=_DEFAULT_MAX_HEAD,
                  int intern_limit=INTERN_LIMIT, bint decide_peer=False,
-                 int max_mirrors=DEFAULT_MAX_MIRRORS, access_log=None):
+                 int max_mirrors=DEFAULT_MAX_MIRRORS, access_log=None, forwarding=None):
         cdef Relay *R
         cdef sys_.epoll_event ev
         global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
@@ -7579,6 +7648,7 @@ cdef class HttpRelay:
             max_mirrors=max_mirrors,
             # (its lines to this relay's buffer: one writer, whole lines)
             access_log=None if access_log is None else access_log._replace(sink=self._log_sink),
+            forwarding=forwarding,  # (its request ids a stream of its own, os.urandom's)
         )
         # the slow path's requests, as the loop's LEAST_CONN must see them
         self.slow.pools.on_active = self.add_external
@@ -7680,6 +7750,11 @@ cdef class HttpRelay:
             R.seed = (int.from_bytes(os.urandom(8), "little")) | 1
         R.rng = R.seed
         R.jitter = (R.seed * <uint64_t>0xD1B54A32D192ED03) | 1  # (its own sequence)
+        if forwarding is not None:  # (see "Forwarding headers")
+            R.fwd_on = True
+            R.fwd_hops = int(forwarding.trusted_hops)
+            R.fwd_lines = fwd_lines
+            R.rid = _forwarding.request_id_state(seed)
         R.failures_seen = 1  # (an EP's answer_seen starts at 0: its first answer is news)
         self._set_keys(key_headers)
         R.next_tick = now_s() + TICK_S
@@ -7823,6 +7898,7 @@ cdef class HttpRelay:
         memset(&sc, 0, sizeof(Scanner))
         if scan(&sc, <const unsigned char*>PyBytes_AS_STRING(head), len(head)) != COMPLETE:
             raise ValueError("not a complete request head")
+        h.n_xff = -1
         summarize(self.R, &sc, <const unsigned char*>PyBytes_AS_STRING(head), &h)
         T = _tests(tests, self._key_index, self.R.n_keys)
         try:
@@ -7962,6 +8038,7 @@ cdef class HttpRelay:
             raise MemoryError()
         h.fd = fd
         h.origin = oid
+        h.gateway = R.fwd_on and getattr(origin, "gateway", False) is True
         if R.alog != NULL:  # (the access log's DOWNSTREAM_LOCAL_ADDRESS: its origin's)
             local = _accesslog.origin_address(origin)
             if local is not None:
@@ -8497,7 +8574,8 @@ cdef class HttpRelay:
                                   OC_RELAY if mine else OC_OTHER, now + 1.0, epoch, oid)
                 if mine:
                     local = f"{ip}:{port}".encode()  # (the access log's, as accept_on()'s)
-                    new_conn(R, sock.detach(), oid, NULL, 0, True, now, local, len(local))
+                    new_conn(R, sock.detach(), oid, NULL, 0, True, now, local, len(local),
+                             False)
                 elif self.accepted is not None:
                     self.accepted(sock, o.lst)
                 else:
@@ -9217,6 +9295,7 @@ cdef class HttpRelay:
                 verdict_free(v)
                 raise
         if cacheable:
+            h.n_xff = -1
             summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
             # the verdict's key (which tests this target passes), then the
             # shape entry's, which takes the tests

@@ -72,7 +72,9 @@ Decisions
   came.
   Nothing else in a head is rewritten (lines are dropped whole, never
   edited, and one line may be added) but what a route's head edits say
-  (next), and bodies never are.
+  (next) and, on a gateway listener's connection, its forwarding headers
+  before them (:meth:`Exchange.forward`, ``forwarding.py``), and bodies
+  never are.
 * *Head edits* (a route's ``HeadEdits``, Envoy's header and
   ``prefix_rewrite`` / ``host_rewrite_literal`` options: the shell sets
   :attr:`Exchange.edits` before :meth:`Exchange.routed`): the head sent
@@ -230,6 +232,7 @@ from typing import Final, NamedTuple
 # twins when built (they are the per-byte work), the pure ones otherwise.
 from l4proxy.dataplane import accesslog
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, E_DOT_SEGMENT, ERRORS, has_dot_segment
+from l4proxy.dataplane.forwarding import Forwarding, forwarded_head
 from l4proxy.dataplane.framing import (
     BodyFramer,
     Framing,
@@ -1103,6 +1106,16 @@ class Exchange:
         if self._mirroring and self._request.done:  # (a request without a body)
             out.insert(1, self._shadow())
         return out
+
+    def forward(self, fwd: Forwarding, peer: bytes | None, request_id: bytes) -> bytes | None:
+        """A gateway listener's forwarding headers (``forwarding.py``) on
+        the current request's head as sent upstream, *peer* the client's
+        address, *request_id* its x-request-id: the shell's, in ROUTING,
+        before the route's head edits (a retry and a copy send the same).
+        The X-Forwarded-For value it then says (None: none), for the access
+        log."""
+        self._sent_head, sent = forwarded_head(self._sent_head, fwd, peer, request_id)
+        return sent
 
     def refused_rewrite(self) -> list[Action] | None:
         """When the route's edits (:attr:`edits`, set by the shell) rewrite

@@ -268,6 +268,20 @@ of connections routed at L4 join them there (:meth:`HttpRelay.access_log_line`;
 :meth:`HttpRelay.close_access_log`). Without an access log nothing of this
 runs but the counting of ``_Conn.sent``.
 
+Forwarding headers (``forwarding``, a
+:class:`~l4proxy.dataplane.forwarding.Forwarding`: the worker's
+``--trusted-proxies``): a connection whose origin is a gateway listener's
+(``origin.gateway``) is ``_Conn.forward``, with its draw of the relay's
+request-id stream (``RequestIds``, from ``seed``, else the OS) made as it
+is taken; each of its heads gets a request id and the forwarding headers,
+with the client's address (``peer_text``, asked once), where ``_route``
+starts
+(``Exchange.forward``): before the decision and its edits, so that the
+access log of a local answer has them too (``_Conn.log_xff``, ``log_rid``:
+the values sent upstream, which the line says instead of the client's).
+Other connections, and every connection of a relay made without it, pay
+an attribute test per request.
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
 set, a mirrored copy, the copies' pool's idle set, or (after a tunnel) the
@@ -325,6 +339,7 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
+from l4proxy.dataplane.forwarding import Forwarding, RequestIds, peer_text
 from l4proxy.dataplane.verdict import (
     DEFAULT_MAX_MIRRORS,
     FAULT_ABORT_BODY,
@@ -547,6 +562,14 @@ class _Conn:
     sent: int = 0
     log_local: Any = ...
     log_remote: Any = ...
+    # a gateway listener's connection (see "Forwarding headers"): its
+    # client's address (``...``: not asked), and the current request's
+    # X-Forwarded-For and x-request-id as sent upstream (the access log's)
+    forward: bool = False
+    rid_connection: int = 0  # (its request ids' second half: RequestIds.connection())
+    peer_text: Any = ...
+    log_xff: bytes | None = None
+    log_rid: bytes | None = None
 
 
 def peer_of(sock: socket.socket) -> bytes | None:
@@ -589,6 +612,7 @@ class HttpRelay:
         decide_peer: bool = False,
         max_mirrors: int = DEFAULT_MAX_MIRRORS,
         access_log: accesslog.AccessLog | None = None,
+        forwarding: Forwarding | None = None,
     ) -> None:
         self.decide = decide
         # decide(head, origin, peer): with the client's packed address too
@@ -635,6 +659,9 @@ class HttpRelay:
         self._next_timer = 0.0
         # the backoffs' jitter (--seed: the same waits every run)
         self._random = random.Random(None if seed is None else f"jitter {seed}")
+        # a gateway listener's forwarding headers, and its request ids
+        self.forwarding = forwarding
+        self._request_ids = RequestIds(seed) if forwarding is not None else None
         # request mirroring: the copies in flight (at most max_mirrors), and
         # each mirror's round-robin position (by its balance_key)
         self.max_mirrors = max_mirrors
@@ -909,6 +936,10 @@ class HttpRelay:
             ex = Exchange(self.max_head)
             c = _Conn(sock, origin, ex, now, head_started=now, fd=sock.fileno())
             c.ex.requests = requests
+            c.forward = self.forwarding is not None and getattr(origin, "gateway", False) is True
+            if c.forward:
+                assert self._request_ids is not None
+                c.rid_connection = self._request_ids.connection()
             self._conns[c.fd] = c
             self.counters["connections"] += 1
             try:  # this connection's failure is its own, not the batch's
@@ -1331,9 +1362,9 @@ class HttpRelay:
             received,
             c.sent,
             int(duration * 1000),
-            _header(head, "x-forwarded-for"),
+            c.log_xff if c.forward and head is not None else _header(head, "x-forwarded-for"),
             _header(head, "user-agent"),
-            _header(head, "x-request-id"),
+            c.log_rid if c.forward and head is not None else _header(head, "x-request-id"),
             head.host.encode("latin-1") if head is not None and head.host else None,
             upstream,
             tag,
@@ -1350,6 +1381,12 @@ class HttpRelay:
             c.log_head = head
             c.log_start = time.time()
             c.upstream = None
+        if c.forward:  # (see "Forwarding headers")
+            assert self.forwarding is not None and self._request_ids is not None
+            if c.peer_text is ...:
+                c.peer_text = peer_text(c.sock)
+            c.log_rid = self._request_ids.next(c.rid_connection)
+            c.log_xff = c.ex.forward(self.forwarding, c.peer_text, c.log_rid)
         try:
             if self.decide_peer:
                 if c.peer is ...:

@@ -13,6 +13,7 @@ from l4proxy.dataplane._pool_py import EndpointSettings, PoolOptions
 from l4proxy.dataplane._relay_py import Decision as Decision
 from l4proxy.dataplane._relay_py import HttpRelay as PureRelay
 from l4proxy.dataplane.accesslog import AccessLog
+from l4proxy.dataplane.forwarding import Forwarding
 from l4proxy.dataplane.verdict import Verdict
 
 __all__ = ["Decision", "HttpRelay"]
@@ -61,6 +62,7 @@ class HttpRelay:
         decide_peer: bool = False,
         max_mirrors: int = 256,
         access_log: AccessLog | None = None,
+        forwarding: Forwarding | None = None,
     ) -> None: ...
     @property
     def access_log(self) -> AccessLog | None: ...
