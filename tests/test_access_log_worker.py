@@ -183,6 +183,15 @@ def v1() -> Iterator[Scripted]:
     b.close()
 
 
+def _as_a_sidecar_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's relays without a gateway listener's forwarding headers:
+    its requests logged as a sidecar's are (the same path: a connection
+    without them), the values the client sent."""
+    import l4proxy.sidecar.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "Forwarding", lambda _hops: None)
+
+
 def _one_line(lines: list[bytes]) -> dict[str, str]:
     assert len(lines) == 1, lines
     return _fields(lines[0])
@@ -217,12 +226,16 @@ def test_a_request_gets_one_line_with_what_istio_says_of_it(
     assert (get["code"], get["flags"], get["details"]) == ("200", "-", "via_upstream")
     assert get["cluster"] == f"outbound|8080|v1|{HOST}" and get["route"] == "svc/canary"
     assert get["upstream"] == f"127.0.0.1:{v1.endpoint[1]}"
-    assert (get["ua"], get["xff"], get["rid"], get["authority"]) == (
+    # (a gateway listener's: X-Forwarded-For and x-request-id as sent upstream,
+    # the client's address appended, a new id: l4proxy/dataplane/forwarding.py)
+    assert (get["ua"], get["xff"], get["authority"]) == (
         "curl/8.5.0",
-        "10.0.0.1,10.0.0.2",
-        "3f2a-77",
+        "10.0.0.1,10.0.0.2,127.0.0.1",
         "gw",
     )
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", get["rid"]
+    ), get["rid"]
     answer = len(_answer(200, b"ok"))  # (the backend's; its head goes as it came)
     assert (get["received"], get["sent"]) == ("0", str(answer))
     assert get["downstream_remote"] == f"127.0.0.1:{said[2]}"
@@ -248,7 +261,7 @@ def test_json_lines_parse_with_istios_keys(
     assert d["user_agent"] == 'a "quoted"\tone é'  # (each byte a code point)
     assert (d["response_code"], d["response_flags"], d["route_name"]) == (200, "-", "svc/canary")
     assert d["upstream_cluster"] == f"outbound|8080|v1|{HOST}"
-    assert d["x_forwarded_for"] is None and d["upstream_service_time"] is None
+    assert d["x_forwarded_for"] == "127.0.0.1" and d["upstream_service_time"] is None
 
 
 @pytest.mark.parametrize("which", TWINS)
@@ -308,7 +321,9 @@ def test_a_cut_x_forwarded_for_keeps_its_end(
     """A client's own long X-Forwarded-For, then the addresses the proxies
     in front appended: cut by its cap, the line keeps the end (it kept the
     client's beginning), from an element's start, the cut marked before
-    it."""
+    it. (As a sidecar's traffic is logged: a gateway listener's own
+    X-Forwarded-For, which ends with the client's address, off.)"""
+    _as_a_sidecar_s(monkeypatch)
     rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS + _route()
     forged = ", ".join(f"203.0.113.{i}" for i in range(40)).encode()
     xff = b"X-Forwarded-For: " + forged + b", 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
@@ -620,7 +635,10 @@ def test_both_twins_write_the_same_lines(tmp_path: Path, monkeypatch: pytest.Mon
     and rules: answers, a no route, a body, pipelined requests, an
     HTTP/1.0 HEAD): the same lines, byte for byte, but for times,
     durations and ephemeral ports (each flag's lines: the tests above,
-    the same expectations for both)."""
+    the same expectations for both). As a sidecar's traffic is logged (the
+    client's header lines: the gateway listener's forwarding headers off;
+    with them, test_worker_gateway_forwarding.py)."""
+    _as_a_sidecar_s(monkeypatch)
     v1 = Scripted([])
     rules = gateway_service(v1.endpoint[1], labels=("v1",)) + SUBSETS
     rules += _route(match="{uri: {prefix: /items}}")

@@ -161,6 +161,17 @@ def _requests_per_connection(value: str) -> int:
     return n
 
 
+def _trusted_proxies(value: str) -> int:
+    """--trusted-proxies: a count the compiled relay's int holds."""
+    n = count(value)
+    if n > MAX_TRUSTED_PROXIES:
+        raise argparse.ArgumentTypeError(f"{value!r}: at most {MAX_TRUSTED_PROXIES}")
+    return n
+
+
+MAX_TRUSTED_PROXIES = 2**31 - 1
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "run",
@@ -197,6 +208,19 @@ def add_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="gateway listener, routed by the Ingress objects and the Gateway API's "
         "Gateways (a listener's port) and HTTPRoutes in the rules; repeatable",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        type=_trusted_proxies,
+        default=0,
+        metavar="N",
+        help="gateway listeners: the proxies in front whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed, as Istio's gatewayTopology.numTrustedProxies "
+        "(0, the default: X-Forwarded-Proto is set to http whatever a client says, "
+        "x-envoy-external-address is the connection's peer; behind a load balancer "
+        "that terminates TLS and says X-Forwarded-Proto: https, 1). Either way the "
+        "peer's address is appended to X-Forwarded-For and each request gets a new "
+        "x-request-id",
     )
     p.add_argument(
         "--admin",
@@ -717,6 +741,7 @@ async def _serve(
         ejection_time=args.ejection_time,
         access_log_fd=args.access_log_fd,
         access_log_json=args.access_log_format == "json",
+        trusted_proxies=args.trusted_proxies,
         pool=PoolOptions(
             max_idle=args.pool_max_idle,
             idle_timeout=(

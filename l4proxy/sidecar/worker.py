@@ -96,6 +96,7 @@ from l4proxy.dataplane._relay_py import peer_of
 from l4proxy.dataplane.accesslog import DEFAULT_BUFFER, NO_TAG, AccessLog, TagLog
 from l4proxy.dataplane.accesslog import NC as NC_FLAG
 from l4proxy.dataplane.accesslog import NR as NR_FLAG
+from l4proxy.dataplane.forwarding import Forwarding
 from l4proxy.dataplane.listener import Listener
 from l4proxy.dataplane.origdst import original_destination
 from l4proxy.dataplane.relay import HttpRelay
@@ -166,6 +167,9 @@ class WorkerOptions:
     access_log_fd: int = -1
     access_log_json: bool = False
     access_log_buffer: int = DEFAULT_BUFFER
+    # --trusted-proxies: the gateway listeners' forwarding headers believe
+    # so many proxies in front (l4proxy/dataplane/forwarding.py)
+    trusted_proxies: int = 0
 
 
 def local_addresses() -> set[str]:
@@ -453,6 +457,8 @@ class Worker:
                     if options.access_log_fd >= 0
                     else None
                 ),
+                # (a gateway listener's requests: X-Forwarded-For, x-request-id, ...)
+                forwarding=Forwarding(options.trusted_proxies),
                 **compiled,
             )
             _describe_istio(self.relay_counters)
