@@ -127,6 +127,11 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
     "l4proxy_reloads_total": (_C, "Rule loads that went live."),
     "l4proxy_reload_failures_total": (_C, "Rule loads refused (the last good rules serve)."),
     "l4proxy_rules_valid": (_G, "1 when the last rule load went live, 0 when it was refused."),
+    "l4proxy_rules_warnings": (
+        _G,
+        "Warnings of the rules served (a route attached to nothing, a binding dropped, a server "
+        "not served: /config_dump's notes); validate --strict fails on them.",
+    ),
     "l4proxy_workers": (_G, "Worker processes running."),
     "l4proxy_worker_restarts_total": (_C, "Workers started again after they ended."),
     "l4proxy_worker_spawn_failures_total": (_C, "Worker starts that failed."),

@@ -353,6 +353,21 @@ def test_rule_file_mid_write_invalid_deleted_path_keep_the_last_good_table(mesh:
     _wait_stat(mesh, "l4proxy_rules_generation", lambda v: v > gen)
     assert _versions(mesh, 15) == {"v1": 10, "v2": 5}
     assert sc.stat("l4proxy_rules_valid") == 1
+    assert sc.stat("l4proxy_rules_warnings") == 0
+
+    # 5. A change that loads with a warning (a Gateway server not served):
+    # valid, served, and counted in l4proxy_rules_warnings (the workers'
+    # most, not their sum), until it is gone.
+    mesh.write_rules(
+        "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: gw}\n"
+        "spec:\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n"
+        '    hosts: ["*"]\n',
+        name="gw.yaml",
+    )
+    _wait_stat(mesh, "l4proxy_rules_warnings", lambda v: v == 1)
+    assert sc.stat("l4proxy_rules_valid") == 1
+    mesh.remove_rules("gw.yaml")
+    _wait_stat(mesh, "l4proxy_rules_warnings", lambda v: v == 0)
     _no_restarts(mesh)
 
 

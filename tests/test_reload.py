@@ -470,6 +470,33 @@ def test_a_loads_warnings_are_logged_as_warnings_and_a_refused_loads_errors_alon
     assert "YAML syntax error" in last and "is not served" in last
 
 
+def test_a_warning_is_said_once_at_the_load_that_brought_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each reload said every standing warning again, so a new one could
+    not be told from the old: a warning is logged at WARNING at the load
+    that brings it, a reload that keeps it counts it in one INFO line, and
+    l4proxy_rules_warnings' count (RuleState.warnings) is the served
+    table's."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_WARNED)
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    second = _WARNED.replace("name: gw}", "name: gw2}")
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert watcher.load_now()
+        assert watcher.state.warnings == 1
+        rules.write_text(_WARNED + "---\n" + second)  # gw's again, and gw2's
+        assert watcher.load_now()
+        assert watcher.state.warnings == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2, warned
+    assert "Gateway gw: server 1" in warned[0] and "Gateway gw2: server 1" in warned[1]
+    said = [r.getMessage() for r in caplog.records if "not said again" in r.getMessage()]
+    assert said == ["rules: 1 warning(s) as in generation 1, not said again (/config_dump's notes)"]
+    rules.write_text(_WARNED.split("---\n", 1)[0])  # the Deployment alone
+    assert watcher.load_now() and watcher.state.warnings == 0
+
+
 def test_a_publish_hook_that_fails_keeps_neither_the_others_nor_the_swap_from_happening(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

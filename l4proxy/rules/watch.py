@@ -222,6 +222,7 @@ class RuleState:
     loaded_at: float = field(default_factory=time.time)
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: int = 0  # of notes, the warnings (l4proxy_rules_warnings)
     last_error: str | None = None
     last_error_at: float | None = None
     reloads: int = 0
@@ -598,15 +599,28 @@ class RuleWatcher:
         st.reloads += 1
         st.loaded_at = time.time()
         st.sources = list(result.sources)
+        before = set(st.notes) if st.generation > 1 else set()
         st.notes = [str(n) for n in result.notes]
+        st.warnings = sum(1 for n in result.notes if n.severity == "warning")
         st.last_error = None
         st.last_error_at = None
-        for note in result.notes:
+        standing = 0
+        for note, text in zip(result.notes, st.notes, strict=True):
             # a warning is of a rule not served as written (a route attached
             # to nothing, a revoked grant): WARNING, as --log-level warning
-            # shows it; a note (an object skipped) INFO
-            log.log(
-                logging.WARNING if note.severity == "warning" else logging.INFO, "rules: %s", note
+            # shows it, once, when it is new; those the last table had too
+            # are counted in one line (this load changed nothing of them); a
+            # note (an object skipped) INFO, when it is new
+            if text in before:
+                standing += note.severity == "warning"
+                continue
+            level = logging.WARNING if note.severity == "warning" else logging.INFO
+            log.log(level, "rules: %s", note)
+        if standing:
+            log.info(
+                "rules: %d warning(s) as in generation %d, not said again (/config_dump's notes)",
+                standing,
+                st.generation - 1,
             )
         log.info("rules generation %d loaded from %s", st.generation, ", ".join(st.sources) or "-")
         if self.on_swap:

@@ -516,6 +516,7 @@ class WorkerView:
             "l4proxy_reloads_total": st.reloads,
             "l4proxy_reload_failures_total": st.reload_failures,
             "l4proxy_rules_valid": 0 if st.last_error else 1,
+            "l4proxy_rules_warnings": st.warnings,
             START_TIME: process_start_time(),
         }
 

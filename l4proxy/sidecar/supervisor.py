@@ -74,6 +74,8 @@ from l4proxy.stats import (
 log = logging.getLogger("l4proxy.supervisor")
 
 MIN_GAUGES = ("l4proxy_rules_generation", "l4proxy_rules_valid")
+# per-worker states that are the same files' (each worker loads them): the most
+MAX_GAUGES = ("l4proxy_rules_warnings",)
 
 
 @dataclass
@@ -480,6 +482,8 @@ class Supervisor:
                     continue  # summed with the counters above (kept across restarts)
                 if k in MIN_GAUGES:
                     gauges[k] = min(gauges.get(k, v), v)
+                elif k in MAX_GAUGES:
+                    gauges[k] = max(gauges.get(k, v), v)
                 elif k == DIGEST:  # the workers' files, when they all serve the same
                     gauges[k] = v if gauges.get(k, v) == v else DIGEST_DISAGREE
                 else:
