@@ -91,7 +91,7 @@ def test_the_drop_counter_is_in_stats() -> None:
         _served(relay, _requests(0))
         relay.flush_reports()
         state = SimpleNamespace(
-            generation=1, digest=0, reloads=0, reload_failures=0, last_error=None
+            generation=1, digest=0, reloads=0, reload_failures=0, last_error=None, warnings=0
         )
         worker = SimpleNamespace(
             pump=SimpleNamespace(stats=dict),

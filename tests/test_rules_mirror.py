@@ -609,7 +609,9 @@ def test_stats_gauges_say_the_relays_mirror_counters() -> None:
         "mirror_connects": 4,
         "mirror_idle": 2,
     }
-    state = SimpleNamespace(generation=1, digest=0, reloads=0, reload_failures=0, last_error=None)
+    state = SimpleNamespace(
+        generation=1, digest=0, reloads=0, reload_failures=0, last_error=None, warnings=0
+    )
     worker = SimpleNamespace(
         pump=SimpleNamespace(stats=dict),
         rules=SimpleNamespace(state=state),
