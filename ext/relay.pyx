@@ -1492,6 +1492,8 @@ cdef struct Verdict_:
     Fault_ *fault          # V_ROUTE: the route's fault injection (NULL: none); interned
     char *keep             # the local answer when the connection stays
     size_t keep_len
+    char *keep10           # ... the same to an HTTP/1.0 client ("connection: keep-alive")
+    size_t keep10_len
     char *close            # ... when it closes
     size_t close_len
     double timeout         # V_ROUTE: the route's timeout, seconds (0: none)
@@ -2749,6 +2751,7 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
     free(v.choices)
     free(v.session)
     free(v.keep)
+    free(v.keep10)
     free(v.close)
     free(v)
 
@@ -3461,13 +3464,16 @@ cdef Verdict_ *verdict_copy_local(const Verdict_ *v) noexcept nogil:
     w.tag = v.tag
     w.lflags = v.lflags
     w.keep = <char*>malloc(v.keep_len or 1)
+    w.keep10 = <char*>malloc(v.keep10_len or 1)
     w.close = <char*>malloc(v.close_len or 1)
-    if w.keep == NULL or w.close == NULL:
+    if w.keep == NULL or w.keep10 == NULL or w.close == NULL:
         verdict_free(w)
         return NULL
     memcpy(w.keep, v.keep, v.keep_len)
+    memcpy(w.keep10, v.keep10, v.keep10_len)
     memcpy(w.close, v.close, v.close_len)
     w.keep_len = v.keep_len
+    w.keep10_len = v.keep10_len
     w.close_len = v.close_len
     return w
 
@@ -4369,10 +4375,12 @@ cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edite
 
 cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept nogil:
     """final_head()'s sending of c.rhead[:hl] when the request's choice
-    edits its response (client_head() then edit_response_head() in
-    _exchange_py.py): rewritten where send_client_head() would rewrite it
-    (its hop-by-hop lines left out, the relay's own connection line), or
-    with "connection: close" added where final_head() adds it; either way
+    edits its response, or the client is HTTP/1.0 and stays (client_head()
+    then edit_response_head() in _exchange_py.py): rewritten where
+    send_client_head() would rewrite it (its hop-by-hop lines left out, the
+    relay's own connection line), or with "connection: close" added where
+    final_head() adds it, or "connection: keep-alive" to a kept HTTP/1.0
+    client where the head does not say it; either way
     without the lines c.edits names, with its lines added after the
     relay's own, then a generated cookie's line (c.set_cookie; c.edits
     NULL or without response edits when that alone brought it here), then
@@ -4436,6 +4444,9 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     elif not keep and not c.resp_hop & HOP_CLOSE:
         own = b"connection: close\r\n"
         own_len = 19
+    elif keep and c.http10 and not c.resp_hop & HOP_KEEP:
+        own = b"connection: keep-alive\r\n"  # (client_head(): such a client closes else)
+        own_len = 24
     while i < end:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         if lf == NULL:  # (never: the head was judged whole)
@@ -5476,8 +5487,10 @@ cdef void rewrite_refused(Relay *R, Conn *c, double now) noexcept nogil:
 
 
 cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) noexcept nogil:
-    """refuse() in _exchange_py.py: the head has no body (fast path), so the
-    connection stays when the head asks for it. *edited*: the relay's own
+    """refuse() in _exchange_py.py: the connection stays when the head asks
+    for it and the request has no body; else the answer says ``connection:
+    close``. A kept HTTP/1.0 client gets the variant that says
+    ``connection: keep-alive`` (v.keep10). *edited*: the relay's own
     answer to a request whose choice was drawn (none answered, a circuit
     breaker, out of fds), which gets its response edits (answer_edited)."""
     cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
@@ -5486,10 +5499,12 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) 
         mirror_give_up(R, c, now)
     if v.tag >= 0:
         c.tag = v.tag
-    if keep:
-        answer_edited(R, c, v.keep, v.keep_len, edited)
-    else:
+    if not keep:
         answer_edited(R, c, v.close, v.close_len, edited)
+    elif c.http10:
+        answer_edited(R, c, v.keep10, v.keep10_len, edited)
+    else:
+        answer_edited(R, c, v.keep, v.keep_len, edited)
     if c.closed:
         return
     c.lflags |= v.lflags  # (the access log's: why the relay answers)
@@ -5644,10 +5659,12 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     if keep and c.req_left:
         take = body_take(c, c.inb.p + c.head_len, <int64_t>(c.inb.len - c.head_len), &bad)
         keep = c.req_left == 0 and not bad
-    if keep:
-        answer_client(R, c, v.keep, v.keep_len)
-    else:
+    if not keep:
         answer_client(R, c, v.close, v.close_len)
+    elif c.http10:
+        answer_client(R, c, v.keep10, v.keep10_len)
+    else:
+        answer_client(R, c, v.keep, v.keep_len)
     if c.closed:
         return
     c.lflags |= v.lflags  # (FI)
@@ -6062,11 +6079,20 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         return
     c.head_started = 0
     c.head_len = <size_t>c.s.head_length
-    c.keep_alive = not h.conn_close and (h.minor >= 1 or h.conn_keep_alive)
     c.http10 = h.minor == 0
     c.method_head = method_is(b, &h, b"HEAD", 4)
     c.idempotent = idempotent(b, &h)
     reset_exchange(c)
+    if h.minor >= 1:
+        c.keep_alive = not h.conn_close
+    else:  # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
+        c.keep_alive = h.conn_keep_alive and not h.conn_close
+        if c.keep_alive:
+            # its final head goes through send_edited_head, which tells it
+            # "connection: keep-alive" where the head does not (an HTTP/1.1
+            # server need not): no test for it on an HTTP/1.1 request's way
+            c.edit_resp = True
+            c.holds = True  # (conn_drop_held() clears it at the exchange's end)
     c.req_left = h.cl if h.cl > 0 else 0
     if rck != NULL:
         rck.max_trailers = R.max_head
@@ -9535,12 +9561,15 @@ cdef bint _dest_of(key, Dest_ *d) except -1:
 
 cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",
                               edits=None) except NULL:
-    """A local answer (local_response()'s, both variants); with *edits*
-    (a HeadEdits: the router's answer for a choice with no endpoint) their
-    response edits applied (edit_local_answer(): answer_client() cuts a
-    HEAD request's answer at the edited head's end)."""
+    """A local answer (local_response()'s, its three variants: kept, kept
+    to an HTTP/1.0 client, closed); with *edits* (a HeadEdits: the
+    router's answer for a choice with no endpoint) their response edits
+    applied (edit_local_answer(): answer_client() cuts a HEAD request's
+    answer at the edited head's end)."""
     cdef bytes keep = edit_local_answer(
         local_response(status, body, close=False, headers=headers), edits)
+    cdef bytes keep10 = edit_local_answer(
+        local_response(status, body, close=False, headers=headers, http10=True), edits)
     cdef bytes close = edit_local_answer(
         local_response(status, body, close=True, headers=headers), edits)
     cdef Verdict_ *v = <Verdict_*>calloc(1, sizeof(Verdict_))
@@ -9550,13 +9579,16 @@ cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",
     v.status = status
     v.tag = tag
     v.keep = <char*>malloc(len(keep))
+    v.keep10 = <char*>malloc(len(keep10))
     v.close = <char*>malloc(len(close))
-    if v.keep == NULL or v.close == NULL:
+    if v.keep == NULL or v.keep10 == NULL or v.close == NULL:
         verdict_free(v)
         raise MemoryError()
     memcpy(v.keep, <char*>keep, len(keep))
+    memcpy(v.keep10, <char*>keep10, len(keep10))
     memcpy(v.close, <char*>close, len(close))
     v.keep_len = len(keep)
+    v.keep10_len = len(keep10)
     v.close_len = len(close)
     return v
 

@@ -215,10 +215,16 @@ Decisions
 * A gateway failure's local answer (502, the route timeout's 504) keeps
   the client connection, as Envoy's local replies do, when the request was
   read whole (its body too: where the next request starts is known, and a
-  pipelined one waits unread in ``_inbox``), its head asked to persist and
-  the client has not half-closed; otherwise it says ``connection: close``
-  and the connection closes (a body half-read would be taken for the next
-  request's head).
+  pipelined one waits unread in ``_inbox``), its head asked to persist, it
+  is HTTP/1.1 and the client has not half-closed; otherwise it says
+  ``connection: close`` and the connection closes (a body half-read would
+  be taken for the next request's head).
+* Any other local answer (:meth:`Exchange.refuse`: a route's own, the 404
+  of no route, the 503 of no endpoint, a fault's abort) keeps an HTTP/1.0
+  client that asked for it (``Connection: keep-alive``), and says so:
+  ``connection: keep-alive``, as an upstream's answer to it is told
+  (:func:`client_head`); an HTTP/1.0 client told nothing reads the answer
+  to the close.
 """
 
 from __future__ import annotations
@@ -457,7 +463,12 @@ Action = (
 
 
 def local_response(
-    status: int, body: str, close: bool = True, headers: str = "", head_only: bool = False
+    status: int,
+    body: str,
+    close: bool = True,
+    headers: str = "",
+    head_only: bool = False,
+    http10: bool = False,
 ) -> bytes:
     """The proxy's own answer, saying whether the connection closes after it;
     *headers*: more header lines, each ending in CRLF (the circuit breakers'
@@ -469,16 +480,20 @@ def local_response(
     whatever *body* says, and no content-length for 1xx and 204 (§8.6);
     304's and the others' tell the length of *body*, as a GET would get it.
     *head_only*: the answer to a HEAD request (§9.3.2): the same head, no
-    body."""
+    body. *http10*: the request was HTTP/1.0: an answer that keeps the
+    connection says ``connection: keep-alive`` where a closing one says
+    ``connection: close`` (RFC 9112 §9.3: such a client persists only when
+    told; a client told nothing reads to the close, ab -k waits)."""
     data = b"" if status < 200 or status in (204, 304) else body.encode()
     typed = headers[:13].lower() == "content-type:" or "\ncontent-type:" in headers.lower()
     length = "" if status < 200 or status == 204 else f"content-length: {len(body.encode())}\r\n"
+    own = "connection: close\r\n" if close else "connection: keep-alive\r\n" if http10 else ""
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
         + length
         + ("" if typed else "content-type: text/plain\r\n")
         + headers
-        + ("connection: close\r\n" if close else "")
+        + own
         + "server: l4proxy\r\n\r\n"
     ).encode()
     return head if head_only else head + data
@@ -595,7 +610,9 @@ def client_head(
     is the client's" and "Hop-by-hop fields").
 
     A head with no hop-by-hop line to drop (:func:`response_hop_by_hop`)
-    goes as it is to a client that stays when it persists, and to a client
+    goes as it is to a client that stays when it persists (to an HTTP/1.0
+    client with ``connection: keep-alive`` added unless it says keep-alive:
+    an HTTP/1.1 server need not say it), and to a client
     that does not with ``connection: close`` added unless it says close or
     keep-alive (the client may have asked for the close, but the upstream did not see
     that request, so its answer may not say it; a client that does not read
@@ -617,6 +634,9 @@ def client_head(
     """
     if not response_hop_by_hop(raw):
         if keep and _persistent(resp):
+            said = {t.lower() for t in resp.values("connection")} if request_http10 else ()
+            if request_http10 and "keep-alive" not in said:
+                return _with_line(raw, b"connection: keep-alive\r\n")
             return raw
         if not keep:
             tokens = {t.lower() for t in resp.values("connection")}
@@ -1152,8 +1172,10 @@ class Exchange:
         edits_refused()). *edited*: the relay's own answer to a request
         whose choice was drawn (no endpoint, none answered, a circuit
         breaker, out of fds), which gets :attr:`edits`' response edits. A HEAD request gets
-        the answer's head alone. *flags*: why, for the access log
-        (``accesslog``'s bits: UH, UF, UO, FI...)."""
+        the answer's head alone; an HTTP/1.0 client whose connection stays
+        is told ``connection: keep-alive`` (local_response()'s *http10*).
+        *flags*: why, for the access log (``accesslog``'s bits: UH, UF, UO,
+        FI...)."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")
         assert self.head is not None
@@ -1169,7 +1191,9 @@ class Exchange:
             except FramingError:  # (not framed: a close, as one not complete)
                 complete = False
         keep = self.head.keep_alive and complete and not self._client_eof and not close
-        answer = local_response(status, body, not keep, headers, self._head_only())
+        answer = local_response(
+            status, body, not keep, headers, self._head_only(), self.head.version == "HTTP/1.0"
+        )
         if edited:
             answer = edit_local_answer(answer, self.edits)
         out: list[Action] = [
@@ -1636,8 +1660,9 @@ class Exchange:
     def _keeps_after_local_answer(self) -> bool:
         """After a gateway failure's local answer to a request read whole:
         the client connection stays when its head asked for it, and is
-        HTTP/1.1 (an HTTP/1.0 client persists only when told so: the local
-        answers say nothing)."""
+        HTTP/1.1 (an HTTP/1.0 client is closed, told ``connection: close``;
+        :meth:`refuse` keeps one that asked, telling it
+        ``connection: keep-alive``)."""
         assert self.head is not None
         return self.head.keep_alive and self.head.version != "HTTP/1.0" and not self._client_eof
 

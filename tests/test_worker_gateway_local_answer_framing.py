@@ -1,0 +1,184 @@
+"""How the gateway's own answers frame the connection, through a real
+worker of each relay twin on a gateway listener (an Istio Gateway and a
+VirtualService bound to it), raw requests on loopback:
+
+* an HTTP/1.0 client that asked to keep its connection (``Connection:
+  keep-alive``) is told ``connection: keep-alive`` by every answer it gets
+  and keeps it: a redirect, the 404 of no route, a direct response, the
+  503 of a destination with no endpoint, and an upstream's HTTP/1.1 answer
+  that says nothing of it. They said nothing and kept the connection, and
+  such a client (ab -k) reads an answer told nothing to the close, so it
+  waited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests.test_access_log_worker import _read_lines
+from tests.test_gateway_session_persistence import Backend
+from tests.test_relay_retries import _worker_twin
+
+TWINS = ["pure", "compiled"]
+Answer = tuple[int, dict[str, str], bytes]  # status, fields (lowercase names), body
+
+
+def _rules(port: int, pod: Backend) -> str:
+    """A Gateway of every host on *port*; a VirtualService of its routes:
+    /moved redirects (301), /direct is answered 503 "down", /gone goes to
+    a host no entry has (503 no healthy upstream), /ok to *pod*; any other
+    path is the 404 no route matched."""
+    return f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: site}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{{uri: {{prefix: /moved}}}}]
+    redirect: {{uri: /new}}
+  - match: [{{uri: {{prefix: /direct}}}}]
+    directResponse: {{status: 503, body: {{string: down}}}}
+  - match: [{{uri: {{prefix: /gone}}}}]
+    route: [{{destination: {{host: gone.default.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /ok}}}}]
+    route: [{{destination: {{host: web.default.svc.cluster.local}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web}}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
+"""
+
+
+@contextlib.asynccontextmanager
+async def _gateway(tmp_path: Path, pod: Backend, log_fd: int) -> AsyncIterator[tuple[str, int]]:
+    """A worker on a gateway listener serving _rules() for its own port,
+    its access log to *log_fd*; the listener's address."""
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    path = tmp_path / "rules.yaml"
+    path.write_text(_rules(lst.address[1], pod))
+    watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
+    assert watcher.load_now()
+    worker = Worker([lst], watcher, WorkerOptions(http_routing="request", access_log_fd=log_fd))
+    worker.start()
+    try:
+        yield lst.address
+    finally:
+        await worker.drain(1)
+        worker.close()
+
+
+def _drive(
+    which: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    talk: Callable[[tuple[str, int]], Any],
+) -> tuple[Any, list[bytes]]:
+    """*talk(address)* on a thread against a worker of relay twin *which*:
+    what it returned, and the access log's lines."""
+    _worker_twin(which, monkeypatch)
+    pod = Backend("a")
+    r, w = os.pipe()
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with _gateway(tmp_path, pod, w) as address:
+            out["said"] = await asyncio.get_running_loop().run_in_executor(None, talk, address)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pod.close()
+        os.close(w)
+    return out["said"], _read_lines(r)
+
+
+def _answer(s: socket.socket) -> Answer:
+    """The next answer on *s*: its status, header fields and body (framed
+    by its content-length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    while len(body) < int(fields["content-length"]):
+        chunk = s.recv(4096)
+        assert chunk, f"closed after {data!r}"
+        body += chunk
+    assert len(body) == int(fields["content-length"]), data  # (nothing after it yet)
+    return int(lines[0].split()[1]), fields, body
+
+
+def _closed(s: socket.socket) -> bool:
+    """Whether the relay closed *s* (its FIN read within 5 s)."""
+    s.settimeout(5)
+    try:
+        return s.recv(4096) == b""
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_an_http10_client_kept_is_told_keep_alive_by_every_answer(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one HTTP/1.0 connection that asks for keep-alive: the redirect,
+    the 404, the direct response, the 503 of no endpoint and the pod's
+    answer each say ``connection: keep-alive`` and the connection serves
+    the next; a last request that does not ask is told ``connection:
+    close`` and closed, as before."""
+    paths = ["/moved", "/nothing", "/direct", "/gone", "/ok"]
+
+    def talk(address: tuple[str, int]) -> tuple[list[tuple[int, str | None]], int, bool]:
+        with socket.create_connection(address, timeout=10) as s:
+            kept: list[tuple[int, str | None]] = []
+            for path in paths:
+                s.sendall(
+                    f"GET {path} HTTP/1.0\r\nHost: site.example\r\n"
+                    "Connection: keep-alive\r\n\r\n".encode()
+                )
+                status, fields, _ = _answer(s)
+                kept.append((status, fields.get("connection")))
+            s.sendall(b"GET /nothing HTTP/1.0\r\nHost: site.example\r\n\r\n")
+            status, fields, _ = _answer(s)
+            assert fields.get("connection") == "close", fields
+            return kept, status, _closed(s)
+
+    (kept, last, closed), _ = _drive(which, monkeypatch, tmp_path, talk)
+    assert kept == [
+        (301, "keep-alive"),
+        (404, "keep-alive"),
+        (503, "keep-alive"),
+        (503, "keep-alive"),
+        (200, "keep-alive"),
+    ]
+    assert (last, closed) == (404, True)
