@@ -5486,19 +5486,30 @@ cdef void rewrite_refused(Relay *R, Conn *c, double now) noexcept nogil:
     start_close(R, c, now)
 
 
-cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) noexcept nogil:
+cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited,
+                       bint whole) noexcept nogil:
     """refuse() in _exchange_py.py: the connection stays when the head asks
-    for it and the request has no body; else the answer says ``connection:
-    close``. A kept HTTP/1.0 client gets the variant that says
-    ``connection: keep-alive`` (v.keep10). *edited*: the relay's own
-    answer to a request whose choice was drawn (none answered, a circuit
-    breaker, out of fds), which gets its response edits (answer_edited)."""
-    cdef bint keep = c.keep_alive and c.req_left == 0 and not c.client_eof
+    for it and the request has no body, or (*whole*: the route's own
+    answer, or the router's for a choice with no endpoint, before any try)
+    its whole body came with its head: dropped (body_take(), counted as
+    read: BYTES_RECEIVED), as a fault's abort drops it; else the answer
+    says ``connection: close``. A kept HTTP/1.0 client gets the variant
+    that says ``connection: keep-alive`` (v.keep10). *edited*: the relay's
+    own answer to a request whose choice was drawn (none answered, a
+    circuit breaker, out of fds), which gets its response edits
+    (answer_edited)."""
+    cdef bint keep = c.keep_alive and not c.client_eof
+    cdef bint bad = False
+    cdef int64_t take = 0
     cdef size_t before = c.out.len
     if c.shadow != NULL:  # (drawn: its connects failed, a circuit breaker, no fd)
         mirror_give_up(R, c, now)
     if v.tag >= 0:
         c.tag = v.tag
+    if keep and c.req_left:
+        if whole:
+            take = body_take(c, c.inb.p + c.head_len, <int64_t>(c.inb.len - c.head_len), &bad)
+        keep = c.req_left == 0 and not bad
     if not keep:
         answer_edited(R, c, v.close, v.close_len, edited)
     elif c.http10:
@@ -5510,7 +5521,7 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited) 
     c.lflags |= v.lflags  # (the access log's: why the relay answers)
     c.client_bytes += c.out.len - before
     request_done(R, c, v.status, True, now)
-    buf_drop(&c.inb, c.head_len)
+    buf_drop(&c.inb, c.head_len + <size_t>take if keep else c.head_len)
     c.head_len = 0
     buf_free(&c.rhead)
     c.no_linger = done_talking(c)
@@ -5534,7 +5545,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
                 c.tag = v.tag  # (an abort's answer is tagged as the local one)
             if fault_drawn(R, c, v.fault, v, now):
                 return  # (the fault filter before the router: delayed or aborted)
-        local_answer(R, c, v, now, False)
+        local_answer(R, c, v, now, False, True)
         return
     pick(R, c, v)
     empty = c.empty
@@ -5547,7 +5558,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
             empty = v
         if v.fault != NULL and fault_drawn(R, c, v.fault, empty, now):
             return  # (the fault filter before the router: delayed or aborted)
-        local_answer(R, c, empty, now, False)
+        local_answer(R, c, empty, now, False, True)
         return
     c.timeout = v.timeout
     if c.edits != NULL:
@@ -5601,7 +5612,7 @@ cdef bint fault_drawn(Relay *R, Conn *c, Fault_ *f, Verdict_ *local,
         if not aborted and local != NULL:
             copy = verdict_copy_local(local)
             if copy == NULL:  # (out of memory: answered now, undelayed)
-                local_answer(R, c, local, now, False)
+                local_answer(R, c, local, now, False, True)
                 return True
         c.phase = P_CONNECT
         c.lflags |= LF_DI
@@ -5629,7 +5640,7 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
     c.fault = NULL
     if c.fault_local:  # a local answer's copy: given, freed
         c.fault_local = False
-        local_answer(R, c, answer, now, False)
+        local_answer(R, c, answer, now, False, True)
         verdict_free(answer)
     elif answer != NULL:
         fault_abort(R, c, answer, now)
@@ -5700,7 +5711,7 @@ cdef void overflow(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     if c.retried:
         retry_refused(R, c, R_overflow, now)
     else:
-        local_answer(R, c, R_overflow, now, True)
+        local_answer(R, c, R_overflow, now, True, False)
 
 
 cdef void retry_refused(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil:
@@ -5830,7 +5841,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
         if c.retried:
             retry_refused(R, c, R_overloaded, now)
         else:
-            local_answer(R, c, R_overloaded, now, True)
+            local_answer(R, c, R_overloaded, now, True, False)
         return
     if fd < 0:
         c.fail_ep = ep
@@ -5915,7 +5926,7 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
         upstream_failed(R, c, 503, _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN,
                         _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN, now, OD_BEFORE)
     else:
-        local_answer(R, c, R_no_upstream, now, True)
+        local_answer(R, c, R_no_upstream, now, True, False)
 
 
 cdef void retry_order(Conn *c, EP *failed) noexcept nogil:

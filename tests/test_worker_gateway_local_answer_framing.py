@@ -8,7 +8,12 @@ VirtualService bound to it), raw requests on loopback:
   503 of a destination with no endpoint, and an upstream's HTTP/1.1 answer
   that says nothing of it. They said nothing and kept the connection, and
   such a client (ab -k) reads an answer told nothing to the close, so it
-  waited.
+  waited;
+* a POST whose whole body came with its head, answered by its route
+  itself (a redirect, a direct response), keeps the connection, its body
+  read and dropped (the access log's BYTES_RECEIVED), as a fault's abort
+  does and Envoy does: it closed the connection after every such answer;
+  one whose body is not all here still closes it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import pytest
 from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests.test_access_log_worker import _read_lines
+from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_gateway_session_persistence import Backend
 from tests.test_relay_retries import _worker_twin
 
@@ -182,3 +187,51 @@ def test_an_http10_client_kept_is_told_keep_alive_by_every_answer(
         (200, "keep-alive"),
     ]
     assert (last, closed) == (404, True)
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_post_whose_body_came_whole_keeps_the_connection_of_its_routes_answer(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POST with its 5-byte body to the redirect, then one to the direct
+    response, each followed on the same connection by a GET the pod
+    answers: kept (no ``connection: close``), the bodies read (the log's
+    BYTES_RECEIVED 5). A POST whose body is not all here (5 bytes of 10)
+    gets the redirect with ``connection: close``, and the close."""
+
+    def talk(address: tuple[str, int]) -> tuple[list[tuple[int, str | None, bytes]], bool]:
+        got: list[tuple[int, str | None, bytes]] = []
+        with socket.create_connection(address, timeout=10) as s:
+            for path in ("/moved", "/direct"):
+                s.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: site.example\r\n"
+                    "Content-Length: 5\r\n\r\nhello".encode()
+                )
+                status, fields, _ = _answer(s)
+                got.append((status, fields.get("connection"), b""))
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: site.example\r\n\r\n")
+                status, fields, body = _answer(s)
+                got.append((status, fields.get("connection"), body))
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(
+                b"POST /moved HTTP/1.1\r\nHost: site.example\r\nContent-Length: 10\r\n\r\nhello"
+            )
+            status, fields, _ = _answer(s)
+            got.append((status, fields.get("connection"), b""))
+            return got, _closed(s)
+
+    (got, closed), lines = _drive(which, monkeypatch, tmp_path, talk)
+    assert got == [
+        (301, None, b""),
+        (200, None, b"a"),
+        (503, None, b""),
+        (200, None, b"a"),
+        (301, "close", b""),
+    ]
+    assert closed
+    posts = [_fields(line) for line in lines if b'"POST ' in line]
+    assert [(f["path"], f["code"], f["received"]) for f in posts] == [
+        ("/moved", "301", "5"),
+        ("/direct", "503", "5"),
+        ("/moved", "301", "5"),
+    ]

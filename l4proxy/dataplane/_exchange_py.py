@@ -1166,8 +1166,11 @@ class Exchange:
         closes the connection after the answer (``connection: close``, the
         lingering close: Envoy's response before the request is complete),
         except with *whole* when all of it is here already: then it is
-        dropped and the connection stays as the head asks (a fault's abort,
-        see ``Fault``). *close*: the connection closes after the answer
+        read (the access log's BYTES_RECEIVED), dropped, and the connection
+        stays as the head asks (an answer before any try: a fault's abort,
+        see ``Fault``, a route's own answer, a choice's with no endpoint;
+        Envoy keeps the connection of a local reply to a request it read
+        whole). *close*: the connection closes after the answer
         whatever the head asked (a head refused as the parser would, see
         edits_refused()). *edited*: the relay's own answer to a request
         whose choice was drawn (no endpoint, none answered, a circuit

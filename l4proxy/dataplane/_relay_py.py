@@ -1508,12 +1508,15 @@ class HttpRelay:
     def _refuse_local(self, c: _Conn, local: _Local, now: float) -> None:
         """A routed request's local answer (_route's): its status, body,
         header lines and whether it is edited (the router's, for a choice
-        with no endpoint: Exchange.edits set)."""
+        with no endpoint: Exchange.edits set). Given before any try, as a
+        fault's abort is: a request body all here already is read and
+        dropped, the connection kept as its head asks (refuse()'s *whole*)."""
         status, body, headers, edited = local
         # (the route's own answer: its tag says why, NR for no route; the
         # router's for a choice with no endpoint: UH, but a 500's)
         why = (accesslog.UH if status == 503 else 0) if edited else accesslog.LOCAL_VERDICT
-        self._perform(c, c.ex.refuse(status, body, headers, edited=edited, flags=why), now)
+        refused = c.ex.refuse(status, body, headers, whole=True, edited=edited, flags=why)
+        self._perform(c, refused, now)
 
     def _fault_over(self, c: _Conn, now: float) -> None:
         """A fault's delay passed: the abort's answer, else the first try."""
