@@ -13,7 +13,9 @@ VirtualService bound to it), raw requests on loopback:
   itself (a redirect, a direct response), keeps the connection, its body
   read and dropped (the access log's BYTES_RECEIVED), as a fault's abort
   does and Envoy does: it closed the connection after every such answer;
-  one whose body is not all here still closes it.
+  one whose body is not all here still closes it;
+* an answer with an empty body (a redirect) has no ``content-type``, as
+  Envoy's local reply; one with a body says ``text/plain``.
 """
 
 from __future__ import annotations
@@ -235,3 +237,23 @@ def test_a_post_whose_body_came_whole_keeps_the_connection_of_its_routes_answer(
         ("/direct", "503", "5"),
         ("/moved", "301", "5"),
     ]
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_an_empty_bodied_answer_has_no_content_type(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redirect (an empty body) says no content-type, as Envoy's local
+    reply; the 404 (a body) says text/plain."""
+
+    def talk(address: tuple[str, int]) -> list[tuple[int, str | None, bytes]]:
+        got = []
+        with socket.create_connection(address, timeout=10) as s:
+            for path in ("/moved", "/nothing"):
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: site.example\r\n\r\n".encode())
+                status, fields, body = _answer(s)
+                got.append((status, fields.get("content-type"), body))
+        return got
+
+    got, _ = _drive(which, monkeypatch, tmp_path, talk)
+    assert got == [(301, None, b""), (404, "text/plain", b"no route matched")]

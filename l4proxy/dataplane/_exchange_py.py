@@ -474,7 +474,9 @@ def local_response(
     *headers*: more header lines, each ending in CRLF (the circuit breakers'
     ``x-envoy-overloaded: true``, a redirect's ``location``); a
     ``content-type`` among them replaces the default ``text/plain`` (a
-    direct response's own, as Envoy lets a route's response headers set it).
+    direct response's own, as Envoy lets a route's response headers set it),
+    and an answer with an empty *body* (a redirect's) has none unless they
+    give one (Envoy's local reply sets its ``text/plain`` only on a body).
 
     A status that has no body (1xx, 204, 304: RFC 9110 §6.4.1) gets none
     whatever *body* says, and no content-length for 1xx and 204 (§8.6);
@@ -491,7 +493,7 @@ def local_response(
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
         + length
-        + ("" if typed else "content-type: text/plain\r\n")
+        + ("" if typed or not body else "content-type: text/plain\r\n")
         + headers
         + own
         + "server: l4proxy\r\n\r\n"
