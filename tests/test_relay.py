@@ -25,7 +25,7 @@ import pytest
 
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
-from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane._relay_py import UNROUTED, Decision
 from tests.conftest import accept_until_closed, dead_ports, load_twin
 from tests.mesh import binomial_ok
 
@@ -1224,9 +1224,10 @@ def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
     backends: list[Backend],
 ) -> None:
     """The per-request metrics: a request whose head is refused (400) was
-    routed nowhere, so it is reported without a tag and with no duration;
-    it used to be reported with the previous request's decision (its
-    service and version) and the time since that request began."""
+    routed nowhere, so it is reported with the relays' UNROUTED tag (not a
+    decision's: None is a destination no rule names) and no duration; it
+    used to be reported with the previous request's decision (its service
+    and version) and the time since that request began."""
     reports: list[tuple[object, int, float]] = []
     proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,), tag="v1"))
     proxy.relay.report = lambda tag, status, seconds: reports.append((tag, status, seconds))
@@ -1243,7 +1244,7 @@ def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
             while chunk := c.recv(65536):
                 data += chunk
             assert data.startswith(b"HTTP/1.1 400 "), data
-        assert [(tag, status) for tag, status, _ in reports] == [("v1", 200), (None, 400)]
+        assert [(tag, status) for tag, status, _ in reports] == [("v1", 200), (UNROUTED, 400)]
         assert reports[1][2] == 0.0
     finally:
         proxy.close()

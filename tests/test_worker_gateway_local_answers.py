@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,69 @@ def test_a_gateway_routes_own_answers_are_labelled_unknown_with_no_cluster(
         assert " - - " in line(path) and "outbound|" not in line(path), line(path)
         assert "gateway:" not in line(path), line(path)
     assert "outbound|8080||web.default.svc.cluster.local" in line("/ok"), line("/ok")
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_gateways_head_refused_before_routing_is_labelled_unknown(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heads the gateway refuses before any route is asked (two Host
+    lines, a Host with a space, a dot-segment: 400 and a close) reached no
+    destination: ``unknown`` in every destination label. They were
+    labelled ``destination_service_name="PassthroughCluster"``, the name
+    of traffic to destinations no rule names, which an ingress never
+    passes through."""
+    _worker_twin(which, monkeypatch)
+    pod = Backend("a")
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(lst.address[1], pod))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, seed=7)
+    assert watcher.load_now()
+    labels: list[tuple[dict[str, str], float]] = []
+    heads = [
+        b"GET /ok HTTP/1.1\r\nHost: edge.example\r\nHost: other\r\n\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: edge example\r\n\r\n",
+        b"GET /ok/../refused HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+    ]
+
+    def client() -> list[bytes]:
+        got = []
+        for head in heads:
+            with socket.create_connection(lst.address, timeout=10) as s:
+                s.sendall(head)
+                data = b""
+                while chunk := s.recv(4096):  # (the 400, then the close)
+                    data += chunk
+                got.append(data.split(b"\r\n", 1)[0])
+        return got
+
+    async def main() -> list[bytes]:
+        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
+        worker.start()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, client)
+        finally:
+            await worker.drain(1)
+            if worker.relay is not None:
+                worker.relay.flush_reports(1.0)
+            for counters in (worker.counters, worker.relay_counters):
+                for name, rows in counters.snapshot().items():
+                    if name == "istio_requests_total":
+                        labels.extend((dict(k), n) for k, n in rows.items())
+            worker.close()
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        pod.close()
+    assert got == [b"HTTP/1.1 400 Bad Request"] * 3
+    refused = [(d, n) for d, n in labels if d["response_code"] == "400"]
+    assert sum(n for _, n in refused) == 3, labels
+    for d, _ in refused:
+        assert (
+            d["destination_service"],
+            d["destination_service_name"],
+            d["destination_version"],
+            d["destination_workload"],
+        ) == ("unknown",) * 4, d

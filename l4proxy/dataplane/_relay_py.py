@@ -358,7 +358,7 @@ from l4proxy.dataplane.verdict import (
     shadow_head,
 )
 
-__all__ = ["Decision", "HttpRelay"]
+__all__ = ["UNROUTED", "Decision", "HttpRelay"]
 
 _EPOLLIN: Final = select.EPOLLIN
 _EPOLLOUT: Final = select.EPOLLOUT
@@ -377,6 +377,13 @@ _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
 _FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
 _MAX_REMEMBERED: Final = 4096  # endpoints whose last answer was reported
+
+# The tag a request is reported with whose head was refused before any route
+# was asked (400, 431, 505: no decision, no destination), where a decision's
+# tag None is a destination no rule names (PassthroughCluster's): the worker
+# labels it unknown, as Istio's stats do a request that took no route and no
+# cluster.
+UNROUTED: Final = "unrouted"
 
 Endpoint = tuple[str, int]
 
@@ -1320,10 +1327,10 @@ class HttpRelay:
         d, c.decision = c.decision, None  # this request's, used up here
         if self.report is not None:
             # No decision: a head refused before routing (400, 431):
-            # no destination, no duration (not the previous request's).
-            # Else its tag: its decision's, a fault's abort's, or that of
-            # the endpoint of its last try that reached one (_reached).
-            tag = c.tag if d is not None else None
+            # UNROUTED, no duration (not the previous request's). Else its
+            # tag: its decision's, a fault's abort's, or that of the
+            # endpoint of its last try that reached one (_reached).
+            tag = c.tag if d is not None else UNROUTED
             self.report(tag, status, now - c.started if d is not None else 0.0)
 
     def _log(

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from l4proxy.dataplane import _impl
-from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane._relay_py import UNROUTED, Decision
 
-__all__ = ["IMPLEMENTATION", "Decision", "HttpRelay"]
+__all__ = ["IMPLEMENTATION", "UNROUTED", "Decision", "HttpRelay"]
 
 _mod, IMPLEMENTATION = _impl.load("relay")
 

@@ -1449,9 +1449,7 @@ class Worker:
     def _report_rows(
         self,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[
-            tuple[_SubsetTag | _Tag | MirrorTag | None, int, int, float, tuple[int, ...]]
-        ],
+        answered: list[tuple[_ReportTag, int, int, float, tuple[int, ...]]],
     ) -> None:
         """What the compiled relay counted since its last report (relay
         thread): decisions, and responses with their duration histogram
@@ -1464,9 +1462,7 @@ class Worker:
     def _add_rows(
         c: Counters,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[
-            tuple[_SubsetTag | _Tag | MirrorTag | None, int, int, float, tuple[int, ...]]
-        ],
+        answered: list[tuple[_ReportTag, int, int, float, tuple[int, ...]]],
     ) -> None:
         for subset, n in decided:
             if subset is not None:  # PassthroughCluster: no decision (as per connection)
@@ -1491,9 +1487,7 @@ class Worker:
             c.add(msum, labels, seconds * 1000.0)
             c.add(mcount, labels, count)
 
-    def _report_request(
-        self, tag: _Tag | _SubsetTag | MirrorTag | None, status: int, seconds: float
-    ) -> None:
+    def _report_request(self, tag: _ReportTag, status: int, seconds: float) -> None:
         """One response delivered by the pure relay (its thread): as one row."""
         ms = seconds * 1000.0
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
@@ -1932,6 +1926,8 @@ class _SubsetTag(NamedTuple):
 
 
 _AnyTag = _Tag | _SubsetTag | None  # an outlier report's tag (the request's)
+# a report's: a request's, a copy's (MirrorTag), a refused head's (the relays' UNROUTED)
+_ReportTag = _Tag | _SubsetTag | MirrorTag | str | None
 
 
 def _local_body(status: int) -> str:
@@ -2074,10 +2070,19 @@ def _gateway_service(host: str) -> bool:
     return host.startswith("gateway:")
 
 
-def _istio_labels(tag: _Tag | _SubsetTag | MirrorTag | None, status: int) -> dict[str, str]:
-    """Istio's standard metric labels, so Flagger's and Argo's queries work."""
+def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
+    """Istio's standard metric labels, so Flagger's and Argo's queries work.
+
+    A request whose head was refused before any route was asked (a relay's
+    ``UNROUTED``: two Host lines, ``Host: a b``, a dot-segment, 400) is
+    ``unknown`` in every ``destination_*`` label, a gateway's and a
+    sidecar's alike: Istio's stats name a destination by the route
+    (``allow_any``: ``PassthroughCluster``), the cluster, else the Host
+    read, and such a request has none; nothing was passed through."""
     if tag is None:
         service, name, version, workload = "unknown", PASSTHROUGH, "unknown", "unknown"
+    elif isinstance(tag, str):  # UNROUTED (the one str a relay reports)
+        service = name = version = workload = "unknown"
     elif isinstance(tag, _SubsetTag | MirrorTag):
         service, version, workload = tag.service, tag.version, tag.workload
         name = service.split(".", 1)[0]
