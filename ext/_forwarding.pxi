@@ -204,9 +204,10 @@ _fwd_names()
 
 cdef int fwd_conn(Relay *R, Conn *c) noexcept nogil:
     """c's Fwd_, for a gateway listener's connection (new_conn()): its
-    client's address (one getpeername, conn_peer()), and the block's lines
-    (forwarded_head()'s for a head without X-Forwarded-For, and without
-    X-Forwarded-Proto where it stays). -1 when out of memory."""
+    client's address (conn_peer(): accept()'s, kept by new_conn()), and
+    the block's lines (forwarded_head()'s for a head without
+    X-Forwarded-For, and without X-Forwarded-Proto where it stays). -1
+    when out of memory."""
     cdef Fwd_ *f = <Fwd_*>calloc(1, sizeof(Fwd_))
     cdef int n = 0, k
     if f == NULL:

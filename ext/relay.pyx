@@ -164,10 +164,11 @@ reads of the head as received (``c.inb``, what ``resolve`` parsed:
 draw (``rng_next``), or with a ttl a generated cookie's (16 hex digits of
 a draw, hashed as if sent); ``HK_SOURCE_IP``'s (``source_ip``) is of the
 client's packed address, ``peer_of()``'s 4 or 16 bytes, which
-``conn_peer`` asks of the kernel (one ``getpeername``) the first time a
-connection needs it and keeps in the Conn (``c.peer``, ``c.peer_len``:
-0 not asked, -1 unknown, then a random key; no cookie for this kind, its
-ttl ignored). In decide mode a relay made with ``decide_peer`` calls
+``new_conn`` keeps in the Conn from accept()'s address (``accept_on``, or
+``add()``'s *peer*), else ``conn_peer`` asks of the kernel (one
+``getpeername``) the first time a connection needs it (``c.peer``,
+``c.peer_len``, ``c.peer_port``: 0 not asked, -1 unknown, then a random
+key; no cookie for this kind, its ttl ignored). In decide mode a relay made with ``decide_peer`` calls
 ``decide(head, origin, peer)`` with those bytes (None: unknown), and so
 does its pure relay (``slow``, made with it too) with ``peer_of()``. The
 candidates are the first
@@ -437,7 +438,11 @@ log off a request pays a test of ``c.lg`` in ``apply_verdict`` and one in
 instructions per keep-alive request of a gateway listener, as before);
 with it on, ``log_capture`` and ``log_done``, about 2,200 more (no system call but a
 getsockname per upstream connection and, once per client connection,
-its addresses; the writer thread's write()s apart).
+its local address where no origin gives it; the writer thread's
+write()s apart). DOWNSTREAM_REMOTE_ADDRESS is the client's address as
+``new_conn`` kept it (``peer_log_text``: accept()'s, or asked as the
+connection was taken, never at the line: a client that reset its
+connection, ``0 DC``, has no peer left to ask for).
 
 Forwarding headers
 ------------------
@@ -568,6 +573,7 @@ cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
     uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
 
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
@@ -1620,6 +1626,7 @@ cdef struct Conn:
     unsigned char mixed            # the request's choice has a tag per endpoint (c.cand_tag)
     signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
     unsigned char peer[16]         #     -1: unknown (getpeername failed, not IP)
+    uint16_t peer_port             # ... and its port (network order)
 
 cdef struct Row:
     int tag
@@ -1654,6 +1661,8 @@ cdef struct Handoff:
     char *local            # the access log's DOWNSTREAM_LOCAL_ADDRESS (NULL: ask the fd)
     int local_len
     bint gateway           # a gateway listener's connection (its origin's .gateway)
+    sockaddr_storage peer  # the client's address, accept()'s (add()'s peer)
+    sys_.socklen_t peer_n  # ... its length (0: none given: asked of the fd)
     Handoff *next
 
 cdef struct Span:  # bytes of a head
@@ -3301,9 +3310,9 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
             sl = sizeof(ss)
             if getsockname(c.fd, <sockaddr*>&ss, &sl) == 0:
                 g.local_len = sa_text(g.local, &ss)
-        sl = sizeof(ss)
-        if getpeername(c.fd, <sockaddr*>&ss, &sl) == 0:
-            g.remote_len = sa_text(g.remote, &ss)
+        # (accept()'s address, kept: a client that reset its connection
+        # has no peer left for getpeername() to find)
+        g.remote_len = peer_log_text(c, g.remote)
     # the flags (accesslog.final_flags(), and the URX of Exchange._done())
     shown = f & LF_FLAGS
     if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
@@ -5075,8 +5084,9 @@ cdef inline Py_ssize_t named_value(const unsigned char *b, Py_ssize_t i, Py_ssiz
 cdef int conn_peer(Conn *c) noexcept nogil:
     """The client's packed address (peer_of() in _relay_py.py: AF_INET's 4
     bytes of sin_addr, AF_INET6's 16 of sin6_addr) in c.peer, its length
-    returned: asked of the kernel once per connection (one getpeername), -1
-    when unknown (it failed, or the peer is no IP's)."""
+    returned: accept()'s (new_conn()), else asked of the kernel once per
+    connection (one getpeername), -1 when unknown (it failed, or the peer
+    is no IP's)."""
     cdef sockaddr_storage ss
     cdef sys_.socklen_t n = sizeof(ss)
     if c.peer_len != 0:
@@ -5084,13 +5094,33 @@ cdef int conn_peer(Conn *c) noexcept nogil:
     c.peer_len = -1
     memset(&ss, 0, sizeof(ss))
     if getpeername(c.fd, <sockaddr*>&ss, &n) == 0:
-        if ss.ss_family == AF_INET and n >= sizeof(sockaddr_in):
-            memcpy(c.peer, &(<sockaddr_in*>&ss).sin_addr, 4)
-            c.peer_len = 4
-        elif ss.ss_family == AF_INET6 and n >= sizeof(sockaddr_in6):
-            memcpy(c.peer, &(<sockaddr_in6*>&ss).sin6_addr, 16)
-            c.peer_len = 16
+        peer_from(c, &ss, n)
     return c.peer_len
+
+
+cdef void peer_from(Conn *c, sockaddr_storage *ss, sys_.socklen_t n) noexcept nogil:
+    """c.peer, c.peer_len and c.peer_port of the client's address *ss* (n
+    bytes of it: accept()'s, getpeername()'s); -1 for one that is no IP's."""
+    c.peer_len = -1
+    if ss.ss_family == AF_INET and n >= sizeof(sockaddr_in):
+        memcpy(c.peer, &(<sockaddr_in*>ss).sin_addr, 4)
+        c.peer_port = (<sockaddr_in*>ss).sin_port
+        c.peer_len = 4
+    elif ss.ss_family == AF_INET6 and n >= sizeof(sockaddr_in6):
+        memcpy(c.peer, &(<sockaddr_in6*>ss).sin6_addr, 16)
+        c.peer_port = (<sockaddr_in6*>ss).sin6_port
+        c.peer_len = 16
+
+
+cdef int peer_log_text(Conn *c, char *out) noexcept nogil:
+    """The client's address as DOWNSTREAM_REMOTE_ADDRESS says it (l4_sa_text's
+    form) into out (LOG_ADDR bytes), from c.peer (conn_peer()); 0: none."""
+    cdef uint32_t a4 = 0
+    if conn_peer(c) <= 0:
+        return 0
+    if c.peer_len == 4:
+        memcpy(&a4, c.peer, 4)
+    return ep_text(out, c.peer_len == 16, a4, c.peer, c.peer_port)
 
 
 cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
@@ -6362,7 +6392,7 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
     while h != NULL:
         nx = h.next
         new_conn(R, h.fd, h.origin, h.data, h.len, False, now, h.local, h.local_len,
-                 h.gateway)
+                 h.gateway, &h.peer if h.peer_n else NULL, h.peer_n)
         free(h.data)
         free(h.local)
         free(h)
@@ -6371,7 +6401,7 @@ cdef void take_queue(Relay *R, double now) noexcept nogil:
 
 cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n,
                    bint solo, double now, const char *local, int local_len,
-                   bint gateway) noexcept nogil:
+                   bint gateway, sockaddr_storage *peer, sys_.socklen_t peer_n) noexcept nogil:
     """A client connection of this relay from now on (fd owned here). *solo*:
     accepted by this loop (TCP_NODELAY comes from the listener), and read at
     once, before epoll knows it: the request is usually there already, and a
@@ -6379,7 +6409,11 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     epoll_ctl (HAProxy's speculative read). *local*: the access log's
     DOWNSTREAM_LOCAL_ADDRESS (its origin's; NULL: asked of the fd). *gateway*:
     a gateway listener's, which gets the forwarding headers when this relay
-    adds them (fwd_conn())."""
+    adds them (fwd_conn()). *peer*: the client's address as accept()
+    returned it (peer_n its length; NULL: asked of the fd now when the
+    access log will say it): c.peer from here, never asked again, so that a
+    client that resets its connection still has it in its line (a
+    getpeername() then finds no peer)."""
     cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
     cdef Conn **grown
     cdef int one = 1
@@ -6395,6 +6429,10 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     c.kind = K_CONN
     c.fd = fd
     c.origin = origin
+    if peer != NULL:
+        peer_from(c, peer, peer_n)
+    elif R.alog != NULL:
+        conn_peer(c)
     if R.alog != NULL:  # (see "Access log")
         c.lg = <LogConn*>calloc(1, sizeof(LogConn))
         if c.lg == NULL:
@@ -6475,12 +6513,14 @@ cdef int shed(Relay *R, Lst *l) noexcept nogil:
 cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
     cdef int fd, k, n
     cdef sockaddr_in dst
-    cdef sys_.socklen_t len
+    cdef sockaddr_storage peer
+    cdef sys_.socklen_t len, peer_n
     cdef char key[16]
     cdef Entry *e
     cdef sys_.epoll_event ev
     for k in range(ACCEPT_BATCH):
-        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        peer_n = sizeof(peer)  # (the client's address: the access log's, the forwarding's)
+        fd = accept4(l.fd, <sockaddr*>&peer, &peer_n, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
             if errno == EINTR or errno == ECONNABORTED:
                 continue
@@ -6500,7 +6540,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
             reset_close(fd)
             continue
         if l.gateway:
-            new_conn(R, fd, l.gw_origin, NULL, 0, True, now, NULL, 0, True)
+            new_conn(R, fd, l.gw_origin, NULL, 0, True, now, NULL, 0, True, &peer, peer_n)
             continue
         len = sizeof(dst)
         memset(&dst, 0, sizeof(dst))
@@ -6515,7 +6555,7 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
         if e != NULL and e.shape == OC_RELAY:
             # (the access log's DOWNSTREAM_LOCAL_ADDRESS: the original destination)
             new_conn(R, fd, e.origin, NULL, 0, True, now, R.log_addr,
-                     sa_text(R.log_addr, &dst) if R.alog != NULL else 0, False)
+                     sa_text(R.log_addr, &dst) if R.alog != NULL else 0, False, &peer, peer_n)
         else:  # another kind of connection, or not known yet: Python says
             to_others(R, fd, l, dst.sin_addr.s_addr, dst.sin_port)
 
@@ -8058,12 +8098,16 @@ cdef class HttpRelay:
         self._started = True
         self._thread.start()
 
-    def add(self, sock, origin, data=b"", requests=0):
-        """Take *sock* (an accepted client); *data*: bytes already read from it."""
+    def add(self, sock, origin, data=b"", requests=0, peer=None):
+        """Take *sock* (an accepted client); *data*: bytes already read from
+        it; *peer*: its address as accept() returned it (None: asked of the
+        kernel as it is taken; see the pure twin's)."""
         cdef Relay *R = self.R
         cdef Handoff *h
         cdef bytes d = bytes(data)
         cdef uint32_t oid = self._origin_id(origin)
+        cdef sockaddr_storage ss
+        cdef sys_.socklen_t peer_n = _sockaddr_of(peer, &ss) if peer is not None else 0
         sock.setblocking(False)  # splice() has no per-call flag for the socket's side
         fd = sock.detach()
         if self._closed:
@@ -8076,6 +8120,9 @@ cdef class HttpRelay:
         h.fd = fd
         h.origin = oid
         h.gateway = R.fwd_on and getattr(origin, "gateway", False) is True
+        if peer_n:
+            memcpy(&h.peer, &ss, peer_n)
+            h.peer_n = peer_n
         if R.alog != NULL:  # (the access log's DOWNSTREAM_LOCAL_ADDRESS: its origin's)
             local = _accesslog.origin_address(origin)
             if local is not None:
@@ -8612,7 +8659,7 @@ cdef class HttpRelay:
                 if mine:
                     local = f"{ip}:{port}".encode()  # (the access log's, as accept_on()'s)
                     new_conn(R, sock.detach(), oid, NULL, 0, True, now, local, len(local),
-                             False)
+                             False, NULL, 0)  # (its peer asked now: conn_peer())
                 elif self.accepted is not None:
                     self.accepted(sock, o.lst)
                 else:
@@ -9377,7 +9424,7 @@ cdef class HttpRelay:
         conn_forget(R, c, False)
         L4R_ADD(&R.ctr[<int>CT_SLOW], 1)
         sock = _socket.socket(fileno=fd)
-        self.slow.add(sock, origin, data, requests=requests)
+        self.slow.add(sock, origin, data, requests=requests, peer=_peer_address(c))
 
     cdef _response(self, Conn *c, double now):
         """A response head the C recogniser did not take: judged in Python."""
@@ -9568,6 +9615,36 @@ cdef bint _dest_of(key, Dest_ *d) except -1:
         d.v6 = True
         return True
     return False
+
+
+cdef sys_.socklen_t _sockaddr_of(peer, sockaddr_storage *ss) except? 0:
+    """*peer* (a socket address as accept() returns it: (host, port, ...))
+    as a sockaddr in *ss*, its length returned; 0 for one that is no IP
+    address's (a socketpair's)."""
+    cdef bytes host
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if not isinstance(peer, tuple) or len(peer) < 2 or not isinstance(peer[0], str):
+        return 0
+    host = peer[0].partition("%")[0].encode("ascii", "replace")
+    if inet_pton(AF_INET, host, &(<sockaddr_in*>ss).sin_addr) == 1:
+        (<sockaddr_in*>ss).sin_family = AF_INET
+        (<sockaddr_in*>ss).sin_port = htons(<uint16_t>int(peer[1]))
+        return sizeof(sockaddr_in)
+    if inet_pton(AF_INET6, host, &(<sockaddr_in6*>ss).sin6_addr) == 1:
+        (<sockaddr_in6*>ss).sin6_family = AF_INET6
+        (<sockaddr_in6*>ss).sin6_port = htons(<uint16_t>int(peer[1]))
+        return sizeof(sockaddr_in6)
+    return 0
+
+
+cdef object _peer_address(Conn *c):
+    """c's client address (c.peer: accept()'s, or asked once) as accept()
+    returns one, for the pure relay a connection is handed to; None: unknown."""
+    if c.peer_len == 4:
+        return (_socket.inet_ntop(_socket.AF_INET, (<char*>c.peer)[:4]), ntohs(c.peer_port))
+    if c.peer_len == 16:
+        return (_socket.inet_ntop(_socket.AF_INET6, (<char*>c.peer)[:16]), ntohs(c.peer_port), 0, 0)
+    return None
 
 
 cdef Verdict_ *_local_verdict(int status, body, int tag, str headers="",

@@ -464,6 +464,38 @@ def test_a_circuit_breakers_overflow_is_uo(
 
 
 @pytest.mark.parametrize("which", TWINS)
+def test_a_client_that_resets_keeps_its_address_in_its_line(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that resets its connection (SO_LINGER 0) while its request
+    waits on the backend: its line (0 DC) says its address as accept()
+    gave it. It said "-": the address was asked of the kernel (getpeername)
+    when the line was written, and a reset connection has no peer."""
+    held = Scripted([STALL])
+    rules = gateway_service(held.endpoint[1])
+
+    def talk(address: tuple[str, int]) -> str:
+        s = socket.create_connection(address, 10)
+        host, port = s.getsockname()[:2]
+        me = f"{host}:{port}"
+        s.sendall(b"GET /held HTTP/1.1\r\nHost: gw\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while not held.requests:  # (in flight at the backend)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reset_close(s)
+        return me
+
+    try:
+        lines, me, _ = _serve(which, rules, talk, tmp_path, monkeypatch, expect=1)
+    finally:
+        held.close()
+    f = _one_line(lines)
+    assert (f["code"], f["flags"]) == ("0", "DC"), f
+    assert f["downstream_remote"] == me, f
+
+
+@pytest.mark.parametrize("which", TWINS)
 def test_no_route_is_nr(
     which: str, v1: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -520,8 +520,8 @@ def test_decide_peer_hands_decide_the_clients_address(
     asked: list[bytes | None] = []
     real_peer_of = _relay_py.peer_of
 
-    def counted_peer_of(sock: socket.socket) -> bytes | None:
-        got = real_peer_of(sock)
+    def counted_peer_of(sock: socket.socket, addr: Any = None) -> bytes | None:
+        got = real_peer_of(sock, addr)
         asked.append(got)
         return got
 

@@ -258,8 +258,9 @@ def test_a_failing_hand_off_does_not_take_the_rest_of_its_batch() -> None:
         c1.close()  # reset before the relay answers its bad head
         time.sleep(0.1)
         with relay._lock:  # two hand-offs taken in one batch
-            relay._queue.append((s1, ORIGIN, b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", 1))
-            relay._queue.append((s2, ORIGIN, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n", 0))
+            s1_head = b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n"
+            relay._queue.append((s1, ORIGIN, s1_head, 1, None))
+            relay._queue.append((s2, ORIGIN, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n", 0, None))
         del s1, s2
         relay._wake()
         c2.settimeout(5)

@@ -259,7 +259,11 @@ says (its flags, the body's bytes read), the bytes queued for the client
 (``_Conn.upstream``: ``_take_idle``, ``_connect``) and the shell's own
 flags (``_Conn.log_flags``: a fault's delay, the idle timeout; the local
 answers' reasons go with ``Exchange.refuse``). A head the parser refused
-gets its line too, from its first line (``Exchange.refused_line``). The
+gets its line too, from its first line (``Exchange.refused_line``). Its
+DOWNSTREAM_REMOTE_ADDRESS is the address the connection was taken with
+(``_Conn.address``: accept()'s, handed to :meth:`HttpRelay.add`, else
+asked as it is taken), never asked at the line: a client that reset its
+connection (``0 DC``) has no peer left to ask for. The
 line goes to a :class:`~l4proxy.dataplane.accesslog.LineWriter` of the
 relay's own (never waited for: a full buffer drops the line, counted),
 or to ``AccessLog.sink`` (the compiled twin's buffer); the worker's lines
@@ -274,7 +278,7 @@ Forwarding headers (``forwarding``, a
 (``origin.gateway``) is ``_Conn.forward``, with its draw of the relay's
 request-id stream (``RequestIds``, from ``seed``, else the OS) made as it
 is taken; each of its heads gets a request id and the forwarding headers,
-with the client's address (``peer_text``, asked once), where ``_route``
+with the client's address (``peer_text`` of ``_Conn.address``), where ``_route``
 starts
 (``Exchange.forward``): before the decision and its edits, so that the
 access log of a local answer has them too (``_Conn.log_xff``, ``log_rid``:
@@ -548,8 +552,10 @@ class _Conn:
     # ... and, for a request with a local answer (its route's, or none of
     # its destination's endpoints), that answer then when no abort fell
     fault_local: _Local | None = None
-    # the client's packed address (peer_of), once decide_peer asked: None
-    # unknown; ``...`` not asked yet
+    # the client's address (accept()'s, HttpRelay.add's peer; else asked as
+    # it was taken: None, unknown), and its packed form (peer_of), once
+    # decide_peer asked: None unknown; ``...`` not asked yet
+    address: Any = None
     peer: Any = ...
     # the current request's mirrors drawn (see "Request mirroring"), until
     # its Shadow starts their copies, and their deadline from a connect
@@ -579,14 +585,24 @@ class _Conn:
     log_rid: bytes | None = None
 
 
-def peer_of(sock: socket.socket) -> bytes | None:
-    """The packed address (4 or 16 bytes) of *sock*'s peer, what a
-    consistent hash on the source IP hashes (verdict.HashOn); None when it
-    has none (a socketpair, a peer gone)."""
+def peer_address(sock: socket.socket) -> Any:
+    """*sock*'s peer's address (getpeername()'s), None when it has none (a
+    peer gone: a client that reset its connection has no peer to ask for)."""
     try:
-        addr = sock.getpeername()
+        return sock.getpeername()
     except OSError:
         return None
+
+
+def peer_of(sock: socket.socket, addr: Any = None) -> bytes | None:
+    """The packed address (4 or 16 bytes) of *sock*'s peer, what a
+    consistent hash on the source IP hashes (verdict.HashOn); None when it
+    has none (a socketpair, a peer gone). *addr*: the peer's address as
+    accept() returned it (None: asked of the kernel)."""
+    if addr is None:
+        addr = peer_address(sock)
+        if addr is None:
+            return None
     if sock.family == socket.AF_INET:
         return socket.inet_pton(socket.AF_INET, addr[0])
     if sock.family == socket.AF_INET6:
@@ -642,7 +658,7 @@ class HttpRelay:
         self.refused = refused  # a connection closed unrouted, with the reason
         self.ep = select.epoll()
         self._lock = threading.Lock()
-        self._queue: list[tuple[socket.socket, Any, bytes, int]] = []
+        self._queue: list[tuple[socket.socket, Any, bytes, int, Any]] = []
         self._stop = False
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
@@ -719,17 +735,28 @@ class HttpRelay:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, sock: socket.socket, origin: Any, data: bytes = b"", requests: int = 0) -> None:
+    def add(
+        self,
+        sock: socket.socket,
+        origin: Any,
+        data: bytes = b"",
+        requests: int = 0,
+        peer: Any = None,
+    ) -> None:
         """Take *sock* (an accepted client); *data*: bytes already read from it.
 
         *origin* (where the client was going) is passed back to ``decide``
         and ``l4`` as it is. *requests*: request heads already served on this
         connection (by the compiled relay, which hands over the requests it
         does not serve itself): bytes that are not HTTP after a request are
-        a 400, not a connection to relay at L4.
+        a 400, not a connection to relay at L4. *peer*: the client's address
+        as accept() returned it (None: the kernel is asked as the
+        connection is taken), what its access log lines, forwarding headers
+        and source-IP hash say: kept, never asked again, so that a client
+        that resets its connection still has its address in its line.
         """
         with self._lock:
-            self._queue.append((sock, origin, data, requests))
+            self._queue.append((sock, origin, data, requests, peer))
         self._wake()
 
     def close(self, access_log: bool = True) -> None:
@@ -926,7 +953,7 @@ class HttpRelay:
                 if up is not None:
                     self._drop_upstream(up)
             self._kicks.update(self._pending)  # a limit raised or gone: they go
-        for sock, origin, data, requests in queue:
+        for sock, origin, data, requests, peer in queue:
             if stop:
                 sock.close()
                 continue
@@ -942,6 +969,7 @@ class HttpRelay:
             # The first head is timed from here (see "Timers").
             ex = Exchange(self.max_head)
             c = _Conn(sock, origin, ex, now, head_started=now, fd=sock.fileno())
+            c.address = peer if peer is not None else peer_address(sock)
             c.ex.requests = requests
             c.forward = self.forwarding is not None and getattr(origin, "gateway", False) is True
             if c.forward:
@@ -1340,7 +1368,7 @@ class HttpRelay:
         a routed one's (c.decision), or a head's the parser refused."""
         assert self._log_line is not None and self.access_log is not None
         if c.log_local is ...:
-            c.log_local, c.log_remote = accesslog.connection_addresses(c.sock, c.origin)
+            c.log_local, c.log_remote = accesslog.connection_addresses(c.sock, c.origin, c.address)
         head = c.log_head if c.decision is not None else None
         if head is not None:
             method: bytes | None = head.method.encode("latin-1")
@@ -1391,13 +1419,13 @@ class HttpRelay:
         if c.forward:  # (see "Forwarding headers")
             assert self.forwarding is not None and self._request_ids is not None
             if c.peer_text is ...:
-                c.peer_text = peer_text(c.sock)
+                c.peer_text = peer_text(c.sock, c.address)
             c.log_rid = self._request_ids.next(c.rid_connection)
             c.log_xff = c.ex.forward(self.forwarding, c.peer_text, c.log_rid)
         try:
             if self.decide_peer:
                 if c.peer is ...:
-                    c.peer = peer_of(c.sock)
+                    c.peer = peer_of(c.sock, c.address)
                 d = self.decide(head, c.origin, c.peer)
             else:
                 d = self.decide(head, c.origin)

@@ -602,16 +602,22 @@ def origin_address(origin: Any) -> str | None:
     return address_text((ip, port)) if isinstance(ip, str) and isinstance(port, int) else None
 
 
-def connection_addresses(sock: socket.socket, origin: Any) -> tuple[str | None, str | None]:
+def connection_addresses(
+    sock: socket.socket, origin: Any, peer: Any = None
+) -> tuple[str | None, str | None]:
     """A client connection's DOWNSTREAM_LOCAL_ADDRESS (origin_address(),
-    else this side's, a gateway listener's) and DOWNSTREAM_REMOTE_ADDRESS."""
+    else this side's, a gateway listener's) and DOWNSTREAM_REMOTE_ADDRESS
+    (*peer*, the client's address as accept() returned it; None: asked of
+    the kernel, which has none once the client reset the connection)."""
     local = origin_address(origin)
+    remote = address_text(peer) if peer is not None else None
     try:
         if local is None:
             local = address_text(sock.getsockname())
-        remote = address_text(sock.getpeername())
+        if peer is None:
+            remote = address_text(sock.getpeername())
     except OSError:
-        return local, None
+        pass
     return local, remote
 
 

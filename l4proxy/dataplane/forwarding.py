@@ -89,7 +89,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Hashable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "EDGE_REMOVED",
@@ -223,13 +223,15 @@ def trusted_address(xff: bytes, hops: int) -> bytes | None:
     return ip_text(element) if element else None
 
 
-def peer_text(sock: socket.socket) -> bytes | None:
+def peer_text(sock: socket.socket, addr: Any = None) -> bytes | None:
     """*sock*'s peer address as X-Forwarded-For appends it (an IPv4-mapped
-    IPv6 one as IPv4); None where it has no IP address."""
-    try:
-        addr = sock.getpeername()
-    except OSError:
-        return None
+    IPv6 one as IPv4); None where it has no IP address. *addr*: the peer's
+    address as accept() returned it (None: asked of the kernel)."""
+    if addr is None:
+        try:
+            addr = sock.getpeername()
+        except OSError:
+            return None
     if sock.family == socket.AF_INET:
         return str(addr[0]).encode()
     if sock.family == socket.AF_INET6:

@@ -711,7 +711,7 @@ class Worker:
         assert self._loop is not None
         for _ in range(64):  # bounded burst: let other callbacks run
             try:
-                conn, _ = lst.sock.accept()
+                conn, peer = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -744,7 +744,7 @@ class Worker:
                 _reset(conn)
                 continue
             conn.setblocking(False)
-            if self.relay is not None and self._straight_to_relay(conn, lst):
+            if self.relay is not None and self._straight_to_relay(conn, lst, peer):
                 continue
             self._handshake(self._serve(conn, lst))
 
@@ -800,10 +800,13 @@ class Worker:
 
         self._loop.call_later(0.1, resume)
 
-    def _straight_to_relay(self, conn: socket.socket, lst: Listener) -> bool:
+    def _straight_to_relay(self, conn: socket.socket, lst: Listener, peer: Any) -> bool:
         """Hand *conn* to the per-request relay now, when the table says so
         for where it was going: no task, no await (the accept path of every
-        HTTP connection). False: it takes the general path (_serve)."""
+        HTTP connection), with *peer*, the client's address accept() gave
+        (the relay's access log keeps it: no getpeername() per connection,
+        none that a client's reset leaves without a peer). False: it takes
+        the general path (_serve)."""
         assert self.relay is not None
         if lst.mode == "gateway":
             origin = Origin(None, lst.address[1], True)
@@ -814,7 +817,7 @@ class Worker:
             origin = Origin(dst[0], dst[1], False)
         if self._classify(self.rules.state.table, origin, UNREAD).kind is not Kind.RELAY:
             return False
-        self.relay.add(conn, origin)
+        self.relay.add(conn, origin, peer=peer)
         return True
 
     # -- one connection ------------------------------------------------------
