@@ -1381,8 +1381,26 @@ class Redirect:
         self, request: Request | None, port: int, match: Match, host: str = ""
     ) -> LocalAnswer:
         """The answer to *request*, sent to *port*, that block *match* took;
-        *host* stands for the Host of a request without one (HTTP/1.0)."""
+        *host* stands for the Host of a request without one (HTTP/1.0).
+
+        A target that is no path is not redirected (nothing to put in a
+        Location): ``CONNECT`` gets 403, as Envoy refuses a CONNECT its
+        route does not allow, and an asterisk-form ``OPTIONS *`` 404, as
+        Envoy answers a request whose path is not a path. A Host's empty
+        port (``a.example.com:``) is left out (RFC 3986 §6.2.3). Where the
+        Location would keep the request's host and there is none (no Host,
+        an empty one, at a gateway listener, which has no name to give) it
+        is not written (``https:///p`` names no host): 400, as Envoy
+        answers a request without Host (and, by Istio's default, 426 to
+        any HTTP/1.0 one)."""
         request = request or Request()
+        if request.method == "CONNECT":
+            return LocalAnswer(403, "CONNECT is not redirected", per_request=True)
+        if not request.path.startswith("/"):
+            return LocalAnswer(404, "no redirect of a target that is no path", per_request=True)
+        authority = request.authority or host
+        if authority.endswith(":"):
+            authority = authority[:-1]
         port_redirect = port if self.port_from_request else self.port
         if not self.gateway and port_redirect == DEFAULT_PORTS.get(self.scheme or request.scheme):
             port_redirect = None  # (Istio: "do not put explicit :80 or :443")
@@ -1391,7 +1409,7 @@ class Redirect:
             prefix = UriRewrite("segments", self.prefix).for_match(match)
         where = location(
             target=request.path,
-            host=request.authority or host,
+            host=authority,
             scheme=request.scheme,
             new_scheme=self.scheme,
             new_host=self.host,
@@ -1401,6 +1419,8 @@ class Redirect:
             path=self.path,
             path_rewrite=prefix,
         )
+        if self.host is None and not authority and not where.startswith("/"):
+            return LocalAnswer(400, "no host to redirect to", per_request=True)
         return LocalAnswer(self.status, "", (("location", where), *self.headers), self.per_request)
 
     def to_json(self) -> dict[str, Any]:
