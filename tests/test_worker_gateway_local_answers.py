@@ -28,6 +28,20 @@ from tests.test_relay_retries import _worker_twin
 from tests.test_worker_istio_gateway import TWINS, Answer, Client
 
 
+def _istio_rows(worker: Worker) -> list[tuple[dict[str, str], float]]:
+    """*worker*'s istio_requests_total rows (its relay's reports flushed):
+    each one's labels and count."""
+    if worker.relay is not None:
+        worker.relay.flush_reports(1.0)
+    return [
+        (dict(k), n)
+        for counters in (worker.counters, worker.relay_counters)
+        for name, rows in counters.snapshot().items()
+        if name == "istio_requests_total"
+        for k, n in rows.items()
+    ]
+
+
 def _rules(port: int, pod: Backend) -> str:
     return f"""\
 apiVersion: gateway.networking.k8s.io/v1
@@ -98,12 +112,7 @@ def test_a_gateway_routes_own_answers_are_labelled_unknown_with_no_cluster(
         finally:
             c.close()
             await worker.drain(1)
-            if worker.relay is not None:
-                worker.relay.flush_reports(1.0)
-            for counters in (worker.counters, worker.relay_counters):
-                for name, rows in counters.snapshot().items():
-                    if name == "istio_requests_total":
-                        labels.extend((dict(k), n) for k, n in rows.items())
+            labels.extend(_istio_rows(worker))
             worker.close()
 
     try:
@@ -184,12 +193,7 @@ def test_a_gateways_head_refused_before_routing_is_labelled_unknown(
             return await asyncio.get_running_loop().run_in_executor(None, client)
         finally:
             await worker.drain(1)
-            if worker.relay is not None:
-                worker.relay.flush_reports(1.0)
-            for counters in (worker.counters, worker.relay_counters):
-                for name, rows in counters.snapshot().items():
-                    if name == "istio_requests_total":
-                        labels.extend((dict(k), n) for k, n in rows.items())
+            labels.extend(_istio_rows(worker))
             worker.close()
 
     try:
