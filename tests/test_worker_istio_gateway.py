@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -355,3 +356,74 @@ spec:
         assert (status, fields.get("location"), body) == (301, location, ""), fields
         assert fields["content-length"] == "0"
     assert [(status, body) for status, _, body in got[1::2]] == [(200, "a"), (200, "a")]
+
+
+def test_a_listen_port_whose_only_server_is_not_served_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway listening on the port of a Gateway's HTTPS server (not
+    served: a load warning) and on its HTTP server's: the HTTPS one routes
+    nothing, and a TLS client's handshake there is answered 400. The
+    worker says so at the start (it said nothing); the HTTP server's port
+    is not named, and neither is the HTTPS port where an Ingress rule (of
+    every gateway port) routes it."""
+    plain = bind_listener("127.0.0.1", 0, "gateway")
+    tls = bind_listener("127.0.0.1", 0, "gateway")
+    gateway = f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  servers:
+  - port: {{number: {plain.address[1]}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+  - port: {{number: {tls.address[1]}, name: https, protocol: HTTPS}}
+    hosts: ["*"]
+    tls: {{mode: SIMPLE, credentialName: cert}}
+"""
+    ingress = """\
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: all}
+spec:
+  rules:
+  - host: other.example.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+"""
+
+    def warned(text: str) -> list[str]:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(text)
+        watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+        assert watcher.load_now()
+        caplog.clear()
+
+        async def main() -> None:
+            with caplog.at_level(logging.WARNING):
+                Worker([plain, tls], watcher, WorkerOptions()).close()
+
+        asyncio.run(main())
+        return [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+
+    try:
+        (said,) = warned(gateway)
+        assert said.startswith("--listen ports whose only Gateway server is not served"), said
+        assert said.endswith(
+            f": port {tls.address[1]} (Gateway default/gw server 1 (HTTPS, port {tls.address[1]}))"
+        ), said
+        assert warned(gateway + ingress) == []
+    finally:
+        plain.sock.close()
+        tls.sock.close()

@@ -29,8 +29,9 @@ https beside port 443 terminating TLS, loads: its HTTP servers are
 served, its VirtualServices bound to them alone (their ``tls`` and
 ``tcp`` routes are warnings too, ``_networking``). No gateway service is
 made of a skipped server, so a ``--listen`` on its port gets none of this
-Gateway's routes (the worker warns of a server's port that no
-``--listen`` serves, not of the converse).
+Gateway's routes: the worker warns of such a port listened on that no
+other server or Ingress rule routes (``RouteTable.unserved_ports``), as
+of a served server's port that no ``--listen`` serves.
 
 An HTTP server's ``tls`` is ``httpsRedirect`` alone (and ``mode``
 PASSTHROUGH, its default), as Istio's validation has it. With
@@ -259,7 +260,14 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> IstioGatewayDraft |
         )
     if not ok:
         return None
-    return IstioGatewayDraft(ctx.name, ctx.namespace, servers, Where(ctx, ()), skipped)
+    return IstioGatewayDraft(
+        ctx.name,
+        ctx.namespace,
+        servers,
+        Where(ctx, ()),
+        skipped,
+        [(o.number, o.what) for _, o in unserved if o.number is not None],
+    )
 
 
 class _OtherServer(NamedTuple):
@@ -274,6 +282,7 @@ class _OtherServer(NamedTuple):
     port_name: str | None
     mode: Any
     tls: bool
+    number: int | None = None  # its port.number (None where it is not an integer)
 
 
 def _tls_advice(server: _OtherServer, http: bool) -> str:
@@ -330,6 +339,7 @@ def _other_server(value: Any, index: int) -> _OtherServer | None:
         name if isinstance(name, str) else None,
         tls.get("mode") if isinstance(tls, dict) else None,
         isinstance(tls, dict),
+        number if isinstance(number := port.get("number"), int) else None,
     )
 
 

@@ -531,3 +531,6 @@ class IstioGatewayDraft:
     # its HTTPS and TLS servers, not served (a warning each): ``server I
     # (PROTOCOL, port N)``, for the messages that list its servers
     skipped: list[str] = field(default_factory=list)
+    # of those, (port number, ``server I (PROTOCOL, port N)``): the worker
+    # warns of a --listen port that only such a server names
+    unserved: list[tuple[int, str]] = field(default_factory=list)

@@ -132,6 +132,11 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
             *(vh.ingress_path() for vh in served),
         ],
         unmatched=unmatched,
+        unserved_ports={
+            port: f"Gateway {gw.namespace}/{gw.name} {what}"
+            for gw in d.istio_gateways
+            for port, what in gw.unserved
+        },
         namespace=env.namespace,
         domain=env.domain,
         seed=seed,

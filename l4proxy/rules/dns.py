@@ -528,6 +528,7 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
         unmatched=base._unmatched,
         namespace=base.namespace,
         domain=base.domain,
+        unserved_ports=base.unserved_ports,
     )
 
 

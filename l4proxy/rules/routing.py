@@ -1776,9 +1776,15 @@ class RouteTable:
         namespace: str = "default",
         domain: str = "cluster.local",
         seed: int | None = None,
+        unserved_ports: Mapping[int, str] | None = None,
     ) -> None:
         self.namespace = namespace
         self.domain = domain
+        # The ports of Istio Gateway servers not served (HTTPS, TLS, TCP...:
+        # a load warning each), with what each is: the worker warns of a
+        # --listen port that only such a server names. Not part of what the
+        # table routes (not in its identity).
+        self.unserved_ports: dict[int, str] = dict(unserved_ports or {})
         self._routes: dict[str, tuple[Route, ...]] = {
             host: tuple(rs) for host, rs in (routes or {}).items() if rs
         }

@@ -303,7 +303,9 @@ def _warn_unlistened(table: RouteTable, listening: frozenset[int]) -> None:
     likeliest slip of a migration (Istio's ingress Service maps port 80
     to the pod's 8080), said at each table that has one. A sidecar (no
     gateway listener) says nothing: its rules may name another pod's
-    gateway."""
+    gateway. The converse too: a port listened on whose only Istio Gateway
+    server is one not served (an HTTPS server's 443, a load warning), where
+    nothing routes and a TLS client's handshake is answered 400."""
     if not listening:
         return
     missing = sorted(
@@ -318,6 +320,19 @@ def _warn_unlistened(table: RouteTable, listening: frozenset[int]) -> None:
         " their routes are never reached, a request is answered 404 no route; listen on"
         " the port, or set the Gateway's port to one listened on",
         [f"port {port} ({name})" for port, name in missing],
+    )
+    # the converse: a port listened on whose only server is one not served
+    # (an HTTPS server's 443): TLS clients would get a plain-text 400
+    routed = {ip.listener_port for ip in table.ingress_paths}
+    _warn_unapplied(
+        "--listen ports whose only Gateway server is not served: nothing routes there (a TLS"
+        " client's handshake is answered 400); terminate TLS in front and forward to an HTTP"
+        " server's port, or drop the --listen",
+        [
+            f"port {port} ({what})"
+            for port, what in sorted(table.unserved_ports.items())
+            if port in listening and port not in routed and None not in routed
+        ],
     )
 
 
