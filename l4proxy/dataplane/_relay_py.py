@@ -1424,8 +1424,8 @@ class HttpRelay:
             c.log_xff = c.ex.forward(self.forwarding, c.peer_text, c.log_rid)
         try:
             if self.decide_peer:
-                if c.peer is ...:
-                    c.peer = peer_of(c.sock, c.address)
+                if c.peer is ...:  # (the address the connection was taken with)
+                    c.peer = None if c.address is None else peer_of(c.sock, c.address)
                 d = self.decide(head, c.origin, c.peer)
             else:
                 d = self.decide(head, c.origin)

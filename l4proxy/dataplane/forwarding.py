@@ -223,15 +223,14 @@ def trusted_address(xff: bytes, hops: int) -> bytes | None:
     return ip_text(element) if element else None
 
 
-def peer_text(sock: socket.socket, addr: Any = None) -> bytes | None:
-    """*sock*'s peer address as X-Forwarded-For appends it (an IPv4-mapped
-    IPv6 one as IPv4); None where it has no IP address. *addr*: the peer's
-    address as accept() returned it (None: asked of the kernel)."""
+def peer_text(sock: socket.socket, addr: Any) -> bytes | None:
+    """*sock*'s peer address *addr* (as accept() returned it, or asked of
+    the kernel once as the connection was taken) as X-Forwarded-For appends
+    it (an IPv4-mapped IPv6 one as IPv4); None where it has none, or no IP
+    address. The kernel is not asked again: a client that reset its
+    connection meanwhile has no peer, and its request none to append."""
     if addr is None:
-        try:
-            addr = sock.getpeername()
-        except OSError:
-            return None
+        return None
     if sock.family == socket.AF_INET:
         return str(addr[0]).encode()
     if sock.family == socket.AF_INET6:
