@@ -159,6 +159,7 @@ from l4proxy.rules._yaml import Path
 from l4proxy.rules.routing import (
     DEFAULT,
     DEFAULT_RETRY_BACKOFF,
+    GATEWAY_HOST_PREFIX,
     REDIRECT_CODES,
     CorsPolicy,
     Destination,
@@ -1379,7 +1380,7 @@ def read_reference_grant(ctx: Ctx, obj: dict[str, Any]) -> GrantDraft | None:
 def gateway_host(gw: GatewayDraft | IstioGatewayDraft, listener: str, hostname: str | None) -> str:
     """The gateway service's host: ``gateway:NAMESPACE/NAME/LISTENER/HOSTNAME``
     (an Istio Gateway's: its server port's name for LISTENER)."""
-    return f"gateway:{gw.namespace}/{gw.name}/{listener}/{hostname or '*'}"
+    return f"{GATEWAY_HOST_PREFIX}{gw.namespace}/{gw.name}/{listener}/{hostname or '*'}"
 
 
 def _subset_name(labels: Labels) -> str:

@@ -154,6 +154,18 @@ DEFAULT = "default"  # route name when no rule matched; subset name of "all endp
 # a DNS name, so no rule's name); answered NO_ROUTE_STATUS.
 NO_ROUTE = "no_route"
 NO_ROUTE_STATUS = 404
+# What a gateway service's host begins with (``gateway:NS/GW/LISTENER/HOST``,
+# a Gateway listener's or an Istio Gateway server's name; not a DNS name):
+# a host of no endpoint, no destination (is_gateway_host)
+GATEWAY_HOST_PREFIX = "gateway:"
+
+
+def is_gateway_host(host: str) -> bool:
+    """Whether *host* is a gateway service's (:data:`GATEWAY_HOST_PREFIX`),
+    not a destination's."""
+    return host.startswith(GATEWAY_HOST_PREFIX)
+
+
 # The answer when a destination has endpoints but its outlier detection
 # ejected every one (Envoy's "no healthy upstream"), whatever the route's
 # unresolved_status (a Gateway API route's 500 is for a backend with none).
@@ -2565,7 +2577,7 @@ class RouteTable:
         has no name, its location is relative where it can be
         (:func:`location`)."""
         host = service.host if port == 80 else f"{service.host}:{port}"
-        if service.host.startswith("gateway:"):  # (a listener: no name to give)
+        if is_gateway_host(service.host):  # (a listener: no name to give)
             host = ""
         if route.direct is not None:
             d = route.direct

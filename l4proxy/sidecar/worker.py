@@ -131,6 +131,7 @@ from l4proxy.rules.routing import (
     WeightedSubset,
     endpoint_name,
     endpoint_versions,
+    is_gateway_host,
     request_headers,
     version_and_workload,
 )
@@ -2071,21 +2072,13 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
         return NO_TAG
     if route == NO_ROUTE:
         return TagLog("", "", NR_FLAG, "route_not_found")
-    if _gateway_service(host):  # the route answered itself: no cluster, its name
+    # a gateway service's host: no upstream took it (its route answered it:
+    # a redirect, 404 no route matched, the 500 of a backend not resolved
+    # or refused, weights 0): no cluster, as Istio's gateway logs it
+    if is_gateway_host(host):
         return TagLog("", route)
     named = "" if subset in ("none", DEFAULT_SUBSET) else subset
     return TagLog(f"outbound|{port}|{named}|{host}", route)
-
-
-def _gateway_service(host: str) -> bool:
-    """Whether *host* is a gateway service's (``gateway:...``: a Gateway
-    listener's or an Istio Gateway server's name, :func:`~l4proxy.rules.
-    _gateway_api.gateway_host`), not a destination's: a request tagged with
-    it reached no upstream (its route answered it: 500 for a backend not
-    resolved or refused, a rule of weights 0, 404 no route matched, a
-    redirect). Istio's gateway labels such a request ``unknown`` and its
-    access log has no cluster (``-``), where a made-up name was given."""
-    return host.startswith("gateway:")
 
 
 def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
@@ -2112,7 +2105,7 @@ def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
             version = workload = "unknown"  # labelled as the compiled relay's are
         else:
             version, workload = version_and_workload(service, d.subset, d.endpoints)
-    if _gateway_service(service):
+    if is_gateway_host(service):  # (no service answered: Istio's gateway says unknown)
         service = name = version = workload = "unknown"
     return {
         "reporter": "source",
