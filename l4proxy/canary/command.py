@@ -172,6 +172,7 @@ from l4proxy.canary._metrics import (
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import (
+    UNATTACHED,
     ConfigError,
     ConfigUnreadable,
     Diagnostic,
@@ -1607,14 +1608,6 @@ class RulesWriter:
             return False
 
 
-# What the loader warns of a parentRef of an HTTPRoute that attaches to
-# nothing (_gateway_api: a Gateway not in the files, no listener of its
-# sectionName or port, none that admits the route's namespace or meets its
-# hostnames): a user's route is then not served, and the rules load; ours
-# must be served through every parent it names, so it is refused.
-UNATTACHED = ("unknown parent:", "(NoMatchingParent)", "attaches to no listener")
-
-
 def _load_table(
     files: Sequence[str],
     namespace: str,
@@ -1624,8 +1617,10 @@ def _load_table(
 ) -> RouteTable:
     """The table of *files*; refused (:class:`CanaryError`) when they are
     invalid, or when a parentRef of our document (the file *ours*) attaches
-    to nothing (:data:`UNATTACHED`): a warning for a user's route, which is
-    then not served, but our route must reach every parent it names."""
+    to nothing (a warning of reason UNATTACHED: a Gateway not in the files,
+    no listener of its sectionName or port, none that admits the route): a
+    user's route is then not served, and the rules load, but our route must
+    reach every parent it names."""
     try:
         result = load_rules(list(files), namespace=namespace, domain=domain)
     except ConfigUnreadable as exc:
@@ -1641,9 +1636,9 @@ def refuse_unattached(
 ) -> None:
     """Raise :class:`CanaryError` where *notes* (a load's) warn of a
     parentRef of our document (the file *ours*) that attaches to nothing
-    (:data:`UNATTACHED`); its cause a ConfigError of that one, an error."""
+    (its reason UNATTACHED); its cause a ConfigError of that one, an error."""
     for d in notes:
-        if d.file == ours and d.severity == "warning" and any(u in d.message for u in UNATTACHED):
+        if d.file == ours and d.reason == UNATTACHED:
             raise CanaryError(
                 f"refused: our HTTPRoute would not be served: {relabel(str(d))}"
             ) from ConfigError([replace(d, severity="error")])

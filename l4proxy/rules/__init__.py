@@ -39,6 +39,7 @@ Public API::
 """
 
 from l4proxy.rules._errors import (
+    UNATTACHED,
     ConfigError,
     ConfigUnreadable,
     Diagnostic,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_NODES",
     "RULE_KINDS",
     "RULE_SUFFIXES",
+    "UNATTACHED",
     "ConfigError",
     "ConfigUnreadable",
     "Diagnostic",

@@ -27,6 +27,9 @@ class Diagnostic:
     name: str | None = None
     message: str
     severity: Severity = "error"
+    # what a program reading the finding may test, where the message is for
+    # people (None: nothing): UNATTACHED
+    reason: str | None = None
 
     def __str__(self) -> str:
         loc = self.file
@@ -54,6 +57,12 @@ class ObjectSummary:
     file: str
     line: int | None
     skipped: bool = False
+
+
+# A Gateway API route's parentRef that attaches to nothing (a Gateway not
+# in the files, no listener of its sectionName or port, none that admits
+# the route): a warning, the route not served through it
+UNATTACHED = "unattached"
 
 
 class ConfigError(Exception):

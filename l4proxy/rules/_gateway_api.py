@@ -122,6 +122,7 @@ from l4proxy.dataplane.verdict import (
 )
 from l4proxy.rules._cors import gateway_cors
 from l4proxy.rules._edits import FRAMING_HEADERS
+from l4proxy.rules._errors import UNATTACHED
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -1709,7 +1710,8 @@ class Compiler:
                 p.where.warning(
                     f"unknown parent: no Gateway {p.namespace}/{p.name} in these files "
                     f"(Gateways: {known}); this HTTPRoute is not served through it until one "
-                    "is loaded"
+                    "is loaded",
+                    UNATTACHED,
                 )
                 continue
             listeners = [
@@ -1724,7 +1726,8 @@ class Compiler:
                     + (f" named {p.section}" if p.section else "")
                     + (f" on port {p.port}" if p.port else "")
                     + f" (listeners: {', '.join(f'{x.name}:{x.port}' for x in gw.listeners)}); "
-                    "this HTTPRoute is not served through it (NoMatchingParent)"
+                    "this HTTPRoute is not served through it (NoMatchingParent)",
+                    UNATTACHED,
                 )
                 continue
             # the API's order: the listeners that admit the route's
@@ -1746,7 +1749,7 @@ class Compiler:
                     out.append((key, None, False))
                     attached = True
             if not attached:
-                p.where.warning(_not_attached(hr, gw, listeners, admitting))
+                p.where.warning(_not_attached(hr, gw, listeners, admitting), UNATTACHED)
         return out
 
     def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:

@@ -90,7 +90,9 @@ class Ctx:
     def line_of(self, path: Path) -> int:
         return self.doc.line_of((*self.base, *path))
 
-    def diag(self, path: Path, message: str, severity: Severity = "error") -> None:
+    def diag(
+        self, path: Path, message: str, severity: Severity = "error", reason: str | None = None
+    ) -> None:
         self.report.add(
             Diagnostic(
                 file=self.doc.file,
@@ -99,6 +101,7 @@ class Ctx:
                 name=self.name,
                 message=message,
                 severity=severity,
+                reason=reason,
             )
         )
 
@@ -122,8 +125,8 @@ class Where:
     def error(self, message: str) -> None:
         self.ctx.error(self.path, message)
 
-    def warning(self, message: str) -> None:
-        self.ctx.warning(self.path, message)
+    def warning(self, message: str, reason: str | None = None) -> None:
+        self.ctx.diag(self.path, message, "warning", reason)
 
     @property
     def location(self) -> str:
