@@ -3,8 +3,9 @@
 This package decides; it never moves a byte. Its modules:
 
 * this ``__init__`` and the ``_``-modules: the loaders, one per API
-  (``_routerule``, ``_networking``, ``_istio_gateway``, ``_ingress``,
-  ``_gateway_api``), the
+  (``_routerule``, ``_networking``, ``_istio_gateway_servers``, ``_ingress``,
+  ``_gateway_api``), the binding of VirtualServices to Istio Gateways
+  (``_istio_gateway``), the
   bounded YAML reader (``_yaml``), the schema and diagnostics (``_schema``,
   ``_errors``), header edits as both APIs write them (``_header_ops``) and
   as the table merges them and builds redirects (``_edits``), and the

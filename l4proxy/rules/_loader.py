@@ -13,7 +13,7 @@ is (``l4proxy validate <(kubectl get ...)``), except by the sidecar.
 A document goes to the reader of its kind and API group: ``_routerule``,
 ``_networking`` (VirtualService, DestinationRule, ServiceEntry),
 ``_ingress``, ``_gateway_api`` (HTTPRoute, ReferenceGrant, and a Gateway of
-gateway.networking.k8s.io) and ``_istio_gateway`` (a Gateway of
+gateway.networking.k8s.io) and ``_istio_gateway_servers`` (a Gateway of
 networking.istio.io: the two kinds share a name, and a file may hold one of
 each named alike). Kubernetes' own objects are skipped with a note; an
 Istio kind l4proxy does not implement is an error that says what to use.
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.rules import _gateway_api, _ingress, _istio_gateway, _networking, _routerule
+from l4proxy.rules import _gateway_api, _ingress, _istio_gateway_servers, _networking, _routerule
 from l4proxy.rules._errors import ConfigError, ConfigUnreadable, Diagnostic, ObjectSummary
 from l4proxy.rules._objects import Env, fqdn
 from l4proxy.rules._schema import Ctx, Report, Where, dns_label, dns_subdomain, fields, type_name
@@ -269,7 +269,7 @@ def _read_object(
             + (f"; {hint}" if hint else ""),
         )
         return
-    istio_gateway = kind == "Gateway" and group == _istio_gateway.GROUP
+    istio_gateway = kind == "Gateway" and group == _istio_gateway_servers.GROUP
     gateway_kind = kind in _gateway_api.KINDS and not istio_gateway
     if (
         kind not in RULE_KINDS
@@ -372,7 +372,7 @@ def _read_object(
         if hr is not None:
             drafts.http_routes.append(hr)
     elif istio_gateway:
-        igw = _istio_gateway.read_gateway(ctx, value, env)
+        igw = _istio_gateway_servers.read_gateway(ctx, value, env)
         if igw is not None:
             drafts.istio_gateways.append(igw)
     elif kind == "Gateway":

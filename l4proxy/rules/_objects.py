@@ -1,7 +1,7 @@
 """What each document said, before the cross-document checks.
 
 The kind readers (``_routerule``, ``_networking``, ``_ingress``,
-``_gateway_api``, ``_istio_gateway``) turn one document into one of these
+``_gateway_api``, ``_istio_gateway_servers``) turn one document into one of these
 drafts; ``_table`` checks them against each other
 (subsets against DestinationRules, labels against ServiceEntry endpoints,
 duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.RouteTable`.
