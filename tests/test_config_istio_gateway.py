@@ -1238,6 +1238,76 @@ def test_tcp_routes_are_not_at_the_gateway(tmp_path: Path) -> None:
     assert d.endpoints[0].address == "198.18.1.23"
 
 
+def test_tcp_routes_of_the_mesh_and_a_gateway_are_a_warning_naming_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """A VirtualService of mesh and a Gateway: its tcp route is the
+    sidecars' and is dropped at the Gateway, which routes HTTP requests
+    alone. That was said of a VirtualService of Gateways only, and here
+    not at all; it is a warning at spec.tcp naming the VirtualService and
+    the Gateway, and the mesh still takes the tcp route."""
+    text = gateway() + vs(
+        "reviews",
+        "[reviews]",
+        "[gw, mesh]",
+        """\
+        - match: [{uri: {prefix: /a}}]
+          route:
+          - destination: {host: reviews, subset: v2}
+        tcp:
+        - route:
+          - destination: {host: reviews, subset: v3}
+        """,
+    )
+    result = load_result(tmp_path, text)
+    assert [str(d) for d in result.notes] == [
+        f"{tmp_path / 'rules.yaml'}:21: warning: VirtualService reviews: spec.tcp is not served "
+        "at Gateway default/gw: the gateway routes HTTP requests, not TCP connections, and "
+        "l4proxy serves this VirtualService's http routes alone there; bound to mesh too, its "
+        "tcp routes are the sidecars'"
+    ]
+    d = result.table.decide(service(result.table, "reviews"), 9080, None)
+    assert d.endpoints[0].address == "198.18.1.23"
+
+
+def test_a_virtual_service_of_tcp_routes_alone_at_gateways_and_mesh_routes_nothing_there(
+    tmp_path: Path,
+) -> None:
+    """With no http route at all, the one warning names each Gateway and
+    says nothing is routed there (not a "no http route applies on port 80"
+    per Gateway, whose reason, match blocks naming other gateways or
+    ports, was not this one)."""
+    text = (
+        gateway()
+        + gateway(name="other", port=8080)
+        + """\
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  gateways: [gw, other, mesh]
+  tcp:
+  - route:
+    - destination: {host: reviews, subset: v3}
+"""
+    )
+    result = load_result(tmp_path, text)
+    said = [(d.severity, d.line, d.message) for d in result.notes]
+    assert said == [
+        (
+            "warning",
+            26,
+            "spec.tcp is not served at Gateways default/gw, default/other: the gateway routes "
+            "HTTP requests, not TCP connections, and l4proxy serves this VirtualService's http "
+            "routes alone there; bound to mesh too, its tcp routes are the sidecars'; it has no "
+            "http route: it routes nothing there",
+        )
+    ]
+    assert not [k for k in result.table.to_json()["routes"] if k.startswith("gateway:")]
+
+
 # Istio's "Ingress gateway without TLS termination" task (SNI passthrough),
 # verbatim but for a comment left out
 SNI_PASSTHROUGH = """\

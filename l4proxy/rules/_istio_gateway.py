@@ -76,7 +76,9 @@ What Istio does silently is said here: a VirtualService naming a Gateway
 that is not in the files is a warning and that binding is dropped (as
 Istio ignores it; istioctl analyze's IST0101), as an HTTPRoute's unknown
 parent is, so that deleting a Gateway stops what it served; a host no
-server of a bound Gateway admits is a warning naming both.
+server of a bound Gateway admits is a warning naming both; so are the
+``tcp`` routes of a VirtualService of ``mesh`` and Gateways, served for
+the sidecars alone (:func:`_tcp_not_served`).
 One VirtualService reaching one port and name through two Gateways is an
 error (Istio appends its routes twice). Every Gateway kind and the
 Ingress objects share the gateway's local ports, so one port and host
@@ -394,6 +396,8 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                             f"(spec.gateways: {', '.join(rule.bound)}); this block applies "
                             "nowhere there (a VirtualService is bound by spec.gateways alone)"
                         )
+        # (the Gateways of the files it is bound to, for _tcp_not_served)
+        bound: dict[tuple[str, str], IstioGatewayDraft] = {}
         for ref in rule.gateways or ():
             if ref.is_mesh:
                 continue
@@ -410,6 +414,7 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                     "dropped until one is loaded, as Istio ignores it"
                 )
                 continue
+            bound[(ref.namespace, ref.name)] = gw
             for b in _bindings(rule, ref, gw):
                 vh = served.get((b.port, b.name))
                 if vh is None:
@@ -430,6 +435,7 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                     continue
                 vh.bindings.append(b)
                 vh.redirect = vh.redirect or b.server.https_redirect
+        _tcp_not_served(rule, list(bound.values()))
     # pilot's virtual hosts of a redirecting server's own hosts: each one a
     # VirtualService got redirects, whatever server it is through; one no
     # VirtualService got is made, to answer the redirect alone (a request
@@ -444,6 +450,28 @@ def bind(gateways: Sequence[IstioGatewayDraft], rules: Iterable[RuleDraft]) -> l
                 )
                 vh.redirect = True
     return list(served.values())
+
+
+def _tcp_not_served(rule: RuleDraft, gateways: Sequence[IstioGatewayDraft]) -> None:
+    """The ``tcp`` routes of *rule*, a VirtualService of ``mesh`` and the
+    Istio Gateways *gateways* (those of the files it is bound to): served
+    for the sidecars, per connection, and not at a Gateway, where only
+    ``http`` routes apply (:func:`routes_for`), as its TCP servers are not
+    served: a warning naming them, where Istio would route them at a TCP
+    server. (A VirtualService of Gateways only has its ``tcp`` routes
+    warned of and dropped as it is read, ``_networking``; a ``tls`` route
+    bound to ``mesh`` is an error there, the sidecars routing no TLS by
+    SNI, so none is left here.)"""
+    if not gateways or not any(rd.protocol == "tcp" for rd in rule.routes):
+        return
+    names = ", ".join(f"{gw.namespace}/{gw.name}" for gw in gateways)
+    http = any(rd.protocol == "http" for rd in rule.routes)
+    Where(rule.where.ctx, ("spec", "tcp")).warning(
+        f"spec.tcp is not served at Gateway{'s' if len(gateways) > 1 else ''} {names}: the "
+        "gateway routes HTTP requests, not TCP connections, and l4proxy serves this "
+        "VirtualService's http routes alone there; bound to mesh too, its tcp routes are the "
+        "sidecars'" + ("" if http else "; it has no http route: it routes nothing there")
+    )
 
 
 def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[Binding]:
@@ -467,7 +495,8 @@ def _bindings(rule: RuleDraft, ref: GatewayRef, gw: IstioGatewayDraft) -> list[B
                 done.add((server.port, name))
                 if server.port not in routes:
                     routes[server.port] = routes_for(rule, ref.key, server.port)
-                    if not routes[server.port]:
+                    # (a VirtualService of no http route at all: _tcp_not_served)
+                    if not routes[server.port] and any(r.protocol == "http" for r in rule.routes):
                         ref.where.warning(
                             f"no http route of this VirtualService applies on port "
                             f"{server.port} of Gateway {gw.namespace}/{gw.name} (their match "

@@ -30,7 +30,9 @@ ones, and an error would refuse the whole set (at a reload, the last good
 rules kept serving). So the most common Gateway, port 80 redirecting to
 https beside port 443 terminating TLS, loads: its HTTP servers are
 served, its VirtualServices bound to them alone (their ``tls`` and
-``tcp`` routes are warnings too, ``_networking``).
+``tcp`` routes are warnings too, ``_networking``; the ``tcp`` routes of
+one bound to ``mesh`` too are the sidecars', and a warning at its
+Gateways, ``_istio_gateway``).
 No gateway service is made of a skipped server, so a ``--listen`` on its
 port gets none of this Gateway's routes: the draft keeps the skipped
 servers' ports (``IstioGatewayDraft.unserved``), and the worker warns of
