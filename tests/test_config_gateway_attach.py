@@ -299,6 +299,50 @@ def test_identical_matches_of_one_route_are_not_warned_of(tmp_path: Path) -> Non
     assert load(tmp_path, gateway() + hr).notes == []
 
 
+BOOTCAMP = '{group: "", kind: Service, name: bootcamp}'
+
+
+def at_service(table: RouteTable, path: str) -> str:
+    """The backend a sidecar's request for *path* to Service bootcamp
+    (port 8080) goes to, else the route name of its answer."""
+    svc = table.service("bootcamp.default.svc.cluster.local")
+    assert svc is not None
+    d = table.decide(svc, 8080, Request(path=path))
+    return d.service.host.split(".", 1)[0] if d.endpoints else d.route
+
+
+@pytest.mark.parametrize(
+    ("aaa", "zzz", "winner"),
+    [
+        (NEW, OLD, "bootcamp-v2"),  # zzz is older, and wins: not the file's order, nor the name
+        ("", OLD, "bootcamp-v2"),  # a route without one is yet to be created: the newer
+        ("", "", "bootcamp-v1"),  # neither, or the same: namespace/name
+        (OLD, OLD, "bootcamp-v1"),
+    ],
+)
+def test_the_oldest_route_wins_a_tie_on_a_service_parent(
+    tmp_path: Path, aaa: str, zzz: str, winner: str
+) -> None:
+    """GAMMA: HTTPRoutes aaa (to bootcamp-v1) and zzz (to bootcamp-v2),
+    both of Service bootcamp with the match PathPrefix /api, tie on the
+    API's precedence; the API's order breaks the tie as on a Gateway's
+    listener: the oldest by creationTimestamp, then namespace/name. aaa
+    comes first in the file and by name."""
+
+    def hr(name: str, meta: str, backend: str) -> str:
+        return route(
+            name,
+            "default",
+            parent=BOOTCAMP,
+            backend=f"{{name: {backend}, port: 8080}}",
+            meta=meta,
+            path="/api",
+        )
+
+    result = load(tmp_path, hr("aaa", aaa, "bootcamp-v1") + hr("zzz", zzz, "bootcamp-v2"))
+    assert at_service(result.table, "/api/x") == winner
+
+
 @pytest.mark.parametrize(
     "stamp", ['"2024-01-01"', '"yesterday"', '"2024-13-01T00:00:00Z"', "2024-01-01", "12"]
 )

@@ -36,9 +36,12 @@ most header matches; then the most query parameter matches), ties going to
 the oldest route by ``metadata.creationTimestamp`` (RFC 3339, as ``kubectl
 get -o yaml`` writes it; a route without one after those with one, as a
 route yet to be created is the newest), then to the first by
-``namespace/name``, then to rule and match order. A match identical to one
-of another route ranked before it on the same listener and hostname is
-never reached: a warning naming both. Adjacent matches of one rule merge
+``namespace/name``, then to rule and match order: on a Service parent
+(GAMMA) as on a Gateway's listener and hostname (on a Service, a consumer
+route of this namespace comes before the Service's own routes, whatever
+their age). A match identical to one of another route ranked before it on the
+same listener and hostname is never reached: a warning naming both (on
+a Service parent, not warned of). Adjacent matches of one rule merge
 back into one route, so an HTTPRoute compiles to the same table as the
 equivalent VirtualService.
 
