@@ -396,8 +396,14 @@ def _virtual_service(host: str, namespace: str = "") -> str:
         (_route_rule("{name: bootcamp, namespace: default}"), "shop", False),
         (_virtual_service("bootcamp"), "default", True),
         (_virtual_service("bootcamp", namespace="shop"), "default", False),
-        (_virtual_service("bootcamp.default"), "default", True),
+        # a host with a dot is taken as written (Istio's rule, the loader's):
+        # the host bootcamp.default, not bootcamp's
+        (_virtual_service("bootcamp.default"), "default", False),
         (_virtual_service("bootcamp.shop"), "default", False),
+        # NAME.NS.svc is expanded (Kubernetes DNS): bootcamp's host, from any namespace
+        (_virtual_service("bootcamp.default.svc"), "default", True),
+        (_virtual_service("bootcamp.default.svc", namespace="shop"), "default", True),
+        (_virtual_service("Bootcamp."), "default", True),
         (_virtual_service("bootcamp.default.svc.cluster.local", namespace="shop"), "default", True),
         (_virtual_service("bootcamp.shop.svc.cluster.local"), "default", False),
     ],
@@ -414,6 +420,9 @@ def _virtual_service(host: str, namespace: str = "") -> str:
         "vs-of-another-namespace",
         "vs-name-dot-namespace",
         "vs-another-namespace-host",
+        "vs-name-ns-svc",
+        "vs-name-ns-svc-from-elsewhere",
+        "vs-short-in-capitals-rooted",
         "vs-fqdn-from-elsewhere",
         "vs-another-fqdn",
     ],
@@ -485,6 +494,29 @@ def test_a_rule_named_as_ours_in_another_namespace_can_compete(tmp_path: pathlib
     ]
     f.write_text(document(R25))  # ours: in the rules' namespace
     assert competing([str(f)], "bootcamp", str(f), "canary-bootcamp") == []
+
+
+@pytest.mark.parametrize(
+    ("host", "refused"), [("bootcamp.default", False), ("bootcamp.default.svc", True)]
+)
+def test_a_virtual_service_names_the_service_as_the_loader_expands_its_host(
+    tmp_path: pathlib.Path, host: str, refused: bool
+) -> None:
+    """A VirtualService for ``bootcamp.default`` was refused as competing;
+    Istio and the loader take a host with a dot as written, so it routes
+    the host bootcamp.default (once a ServiceEntry names it), never
+    bootcamp's: the rollout runs beside it. ``bootcamp.default.svc`` is
+    bootcamp's host, expanded as Kubernetes DNS expands it: refused."""
+    from l4proxy.canary.command import CanaryError
+
+    shutil.copy(REGISTRY, tmp_path)
+    (tmp_path / "vs.yaml").write_text(_virtual_service(host))
+    store = _file_store(tmp_path)
+    if refused:
+        with pytest.raises(CanaryError, match="VirtualService vs routes host bootcamp"):
+            store.commit(R25)
+    else:
+        assert store.commit(R25) is True
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,7 @@ from l4proxy.rules import (
     load_rules,
     rule_files,
 )
+from l4proxy.rules._objects import Env, fqdn
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
 from l4proxy.rules.routing import Request, RouteTable, version_and_workload, versions_differ
@@ -1207,13 +1208,18 @@ def competing(
 ) -> list[str]:
     """The user's rules that route SERVICE for every request (file:line: what).
 
-    Names are resolved as the loader resolves them, in *namespace* (the
-    rules' namespace, where the canary's documents are) and *domain*: a
-    document's namespace is its ``metadata.namespace``, else *namespace*; a
-    RouteRule routes ``destination.name`` in ``destination.namespace`` (else
-    its own); a VirtualService's short host is a Service of its own
-    namespace. So a rule for a same-named service of another namespace
-    routes another host and never competes.
+    Names are resolved as the loader resolves them (:func:`fqdn`), in
+    *namespace* (the rules' namespace, where the canary's documents are)
+    and *domain*: a document's namespace is its ``metadata.namespace``,
+    else *namespace*; a RouteRule routes ``destination.name`` in
+    ``destination.namespace`` (else its own); a VirtualService's host
+    without a dot is a Service of its own namespace, ``NAME.NS.svc`` that
+    Service too, and any other host with a dot is taken as written, as
+    Istio takes it (``ResolveShortnameToFQDN``): ``bootcamp.default`` is
+    the host ``bootcamp.default``, which the sidecars route only once a
+    ServiceEntry names it, never SERVICE's. So a rule for a same-named
+    service of another namespace, or for such a host, routes another host
+    and never competes.
 
     *gateway_api* (our document an HTTPRoute): an HTTPRoute one of whose
     parents meets one of ours (:func:`canary_parents`, :meth:`ParentRef.meets`:
@@ -1236,18 +1242,8 @@ def competing(
     out: list[str] = []
     short = service.split(".", 1)[0]
     host = f"{short}.{namespace}.svc.{domain}"
+    env = Env(namespace, domain)
     ours = canary_parents(service, namespace, port if gateway_api else None, gateways)
-
-    def names_it(h: object, ns: str) -> bool:
-        """A VirtualService host *h* of namespace *ns*: SERVICE's host, as
-        the loader expands it (a short name in *ns*), or a name a Host
-        header gives it (``SERVICE.NAMESPACE``, taken as written)."""
-        if not isinstance(h, str):
-            return False
-        h = h.lower().rstrip(".")
-        if "." not in h:
-            return h == short and ns == namespace
-        return h in (host, f"{short}.{namespace}", f"{short}.{namespace}.svc")
 
     for f in files:
         try:
@@ -1284,7 +1280,10 @@ def competing(
                 if routes_it and not spec.get("match"):
                     out.append(f"{f}:{d.line}: {obj} routes every request of {short}")
             elif kind == "VirtualService":
-                if any(names_it(h, doc_ns) for h in spec.get("hosts") or []):
+                hosts = spec.get("hosts")
+                if isinstance(hosts, list) and any(
+                    isinstance(h, str) and fqdn(h, doc_ns, env) == host for h in hosts
+                ):
                     out.append(f"{f}:{d.line}: {obj} routes host {short}")
             elif kind == "HTTPRoute":
                 parents = [ParentRef.of(ref, doc_ns) for ref in spec.get("parentRefs") or []]
