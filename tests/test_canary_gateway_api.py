@@ -33,7 +33,7 @@ from l4proxy.canary.command import (
     documents_text,
     splice_documents,
 )
-from l4proxy.rules import load_rules
+from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests.conftest import serving
 
@@ -341,6 +341,200 @@ def test_a_users_catch_all_route_on_the_gateway_is_refused_before_any_write(
     err = capsys.readouterr().err
     assert f"{tmp_path / 'user.yaml'}:1: HTTPRoute site routes every request of Gateway" in err
     assert not (tmp_path / "canary-bootcamp.yaml").exists()
+
+
+# Our Gateway (default/bootcamp-gateway) with its listeners, a Service
+# "site" in default and in shop, and the user's catch-all route "site" on it
+ON_OUR_GATEWAY = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: bootcamp-gateway}}
+spec:
+  gatewayClassName: l4proxy
+  listeners:
+{listeners}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: site}}
+spec:
+  hosts: [site.default.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 198.18.0.98}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: site, namespace: shop}}
+spec:
+  hosts: [site.shop.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 198.18.0.99}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: site, namespace: {namespace}}}
+spec:
+  parentRefs: [{parents}]
+  hostnames: [{hostnames}]
+  rules:
+  - backendRefs: [{{name: site, port: 8080}}]
+"""
+SAME = "  - {name: http, port: 80, protocol: HTTP}"
+ALL = "  - {name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}"
+# internal admits default's routes alone (Same, the default), public any
+MIXED = (
+    "  - {name: internal, port: 80, protocol: HTTP}\n"
+    "  - {name: public, port: 81, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}"
+)
+NAMED_HOST = "  - {name: http, port: 80, protocol: HTTP, hostname: bootcamp.example.com}"
+SELECTOR = (
+    "  - {name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: "
+    "{from: Selector, selector: {matchLabels: {team: shop}}}}}"
+)
+KINDS = "  - {{name: http, port: 80, protocol: HTTP, allowedRoutes: {{kinds: [{kinds}]{ns}}}}}"
+OURS = "{name: bootcamp-gateway, namespace: default"
+
+
+@pytest.mark.parametrize(
+    ("listeners", "namespace", "parents", "hostnames", "competes"),
+    [
+        (SAME, "default", OURS + "}", "", True),
+        # allowedRoutes.namespaces.from: Same by default, All admits any
+        (SAME, "shop", OURS + "}", "", False),
+        (ALL, "shop", OURS + "}", "", True),
+        # attached to public alone, where ours is too (on every listener)
+        (MIXED, "shop", OURS + "}", "", True),
+        (MIXED, "shop", OURS + ", sectionName: internal}", "", False),
+        (MIXED, "shop", OURS + ", sectionName: public}", "", True),
+        (MIXED, "shop", OURS + ", port: 80}", "", False),
+        (MIXED, "shop", OURS + ", port: 81}", "", True),
+        # two parentRefs on one line, where a warning names the line alone
+        (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 80}", "", False),
+        (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 81}", "", True),
+        # hostnames that meet the listener's, or none of them
+        (NAMED_HOST, "default", OURS + "}", "bootcamp.example.com", True),
+        (NAMED_HOST, "default", OURS + "}", "shop.example.com", False),
+        # the loader refuses these Gateways (no rollout runs beside them),
+        # and no file holds a namespace's labels: taken to attach
+        (SELECTOR, "shop", OURS + "}", "", True),
+        (KINDS.format(kinds="{kind: GRPCRoute}", ns=""), "default", OURS + "}", "", True),
+        # HTTPRoute among the kinds: its routes attach, the other kind a note
+        (
+            KINDS.format(
+                kinds="{kind: HTTPRoute}, {kind: GRPCRoute}", ns=", namespaces: {from: All}"
+            ),
+            "shop",
+            OURS + "}",
+            "",
+            True,
+        ),
+    ],
+    ids=[
+        "same-namespace",
+        "from-same",
+        "from-all",
+        "one-listener-admits",
+        "section-of-same",
+        "section-of-all",
+        "port-of-same",
+        "port-of-all",
+        "flow-both-unattached",
+        "flow-one-attached",
+        "hostname-meets",
+        "hostname-meets-none",
+        "selector",
+        "kinds-without-http-route",
+        "kinds-with-http-route",
+    ],
+)
+def test_a_route_on_our_gateway_competes_where_the_loader_attaches_it(
+    tmp_path: pathlib.Path,
+    listeners: str,
+    namespace: str,
+    parents: str,
+    hostnames: str,
+    competes: bool,
+) -> None:
+    """A catch-all route of another namespace on our Gateway was taken as
+    competing by its parentRef's name alone, where no listener admits it
+    (allowedRoutes.namespaces.from: Same, the default) and the Gateway
+    serves it nowhere: it competes where the loader attaches it."""
+    f = tmp_path / "user.yaml"
+    f.write_text(
+        ON_OUR_GATEWAY.format(
+            listeners=listeners, namespace=namespace, parents=parents, hostnames=hostnames
+        )
+    )
+    found = competing(
+        [str(f)], "bootcamp", "o", "canary-bootcamp", True, ("bootcamp-gateway",), port=8080
+    )
+    assert bool(found) == competes, found
+
+
+def test_a_route_on_a_gateway_not_in_the_rules_is_taken_to_attach(tmp_path: pathlib.Path) -> None:
+    """Without our Gateway in the files the loader warns of every route on
+    it (UNATTACHED: unknown parent), ours too (a rollout is refused so):
+    which listener would admit the route is not known, and it competes."""
+    f = tmp_path / "user.yaml"
+    text = ON_OUR_GATEWAY.format(listeners=SAME, namespace="shop", parents=OURS + "}", hostnames="")
+    f.write_text(text.replace("metadata: {name: bootcamp-gateway}", "metadata: {name: other}"))
+    found = competing(
+        [str(f)], "bootcamp", "o", "canary-bootcamp", True, ("bootcamp-gateway",), port=8080
+    )
+    assert found == [f"{f}:25: HTTPRoute site routes every request of Gateway bootcamp-gateway"]
+
+
+@pytest.mark.parametrize("listeners", [SELECTOR, KINDS.format(kinds="{kind: GRPCRoute}", ns="")])
+def test_the_gateways_taken_to_attach_every_route_are_refused_by_the_loader(
+    tmp_path: pathlib.Path, listeners: str
+) -> None:
+    """Where competing() cannot know a listener's verdict it takes a route
+    to attach: only for a Gateway that the loader refuses, beside which
+    no rollout runs."""
+    f = tmp_path / "user.yaml"
+    f.write_text(
+        ON_OUR_GATEWAY.format(
+            listeners=listeners, namespace="shop", parents=OURS + "}", hostnames=""
+        )
+    )
+    with pytest.raises(ConfigError):
+        load_rules([str(f)])
+
+
+SHOP_ON_OURS = """apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: site, namespace: shop}
+spec:
+  hosts: [site.shop.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 198.18.0.99}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: site, namespace: shop}
+spec:
+  parentRefs: [{name: bootcamp-gateway, namespace: default}]
+  rules:
+  - backendRefs: [{name: site, port: 8080}]
+"""
+
+
+def test_a_route_of_another_namespace_on_our_gateway_lets_the_rollout_run(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Namespace shop has a catch-all route on our Gateway, whose one
+    listener admits routes of its own namespace alone (allowedRoutes'
+    default, Same): the Gateway does not serve it, and the rollout was
+    refused (exit 2, "routes every request of Gateway bootcamp-gateway");
+    it runs."""
+    shutil.copy(os.path.join(GATEWAY, "gateway.yaml"), tmp_path)
+    (tmp_path / "shop.yaml").write_text(SHOP_ON_OURS)
+    with _sidecar(tmp_path) as admin:
+        code = _canary(
+            tmp_path, *GATEWAY_API, "--gateway", "bootcamp-gateway", "--metrics", admin,
+            "--steps", "100",
+        )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
 
 
 def test_ours_does_not_compete(tmp_path: pathlib.Path) -> None:

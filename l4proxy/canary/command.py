@@ -38,7 +38,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   one rule per ``--match`` alternative before it. It goes where the
   RouteRule goes. A user's HTTPRoute on SERVICE's Service or on a
   ``--gateway`` (parents resolved as the Gateway API resolves them,
-  :class:`ParentRef`) with a rule that has no match competes with it.
+  :class:`ParentRef`; on a Gateway, only where the loader attaches it: a
+  listener's ``allowedRoutes``, :func:`competing`) with a rule that has no
+  match competes with it.
   The samples select what the sidecars report for each backend: the
   registry decides (:func:`backend_targets`, from the rules as loaded).
 * **Session affinity** (``--session-affinity COOKIE``, Gateway API mode
@@ -110,6 +112,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TextIO
@@ -182,7 +185,13 @@ from l4proxy.rules import (
 )
 from l4proxy.rules._objects import Env, fqdn
 from l4proxy.rules._schema import Report
-from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.rules._yaml import (
+    Document,
+    SourceProblem,
+    Unreadable,
+    parse_documents,
+    read_file,
+)
 from l4proxy.rules.routing import Request, RouteTable, version_and_workload, versions_differ
 from l4proxy.stats import DIGEST, DIGEST_DISAGREE, GENERATION, RulesMark
 
@@ -1232,9 +1241,19 @@ def competing(
     namespace is a consumer route, which routes that namespace's clients
     alone (GAMMA; the loader leaves it out), and competes with neither.
 
-    Hostnames are not compared: ours has none, so on each listener of a
-    Gateway it takes every host that listener takes, and a route whose
-    hostnames meet no listener's is refused by the loader.
+    A parentRef on one of our Gateways competes only where the loader
+    attaches it (:func:`unattached_refs`): a route that no listener of its
+    ``sectionName`` or ``port`` admits (``allowedRoutes.namespaces.from``
+    is ``Same`` by default: a route of another namespace attaches only to
+    a listener with ``All``), or whose hostnames meet none of theirs, is
+    not served there and competes with nothing. Ours has no sectionName,
+    port or hostnames and is of the Gateway's namespace, so it is on every
+    listener and every host of it: a route attached anywhere on it meets
+    ours. Where the loader cannot tell, the route is taken to attach (as
+    its parentRef's name alone says): a Gateway not in *files*, or files
+    that do not load (a listener's ``from: Selector``, whose namespace
+    labels no file holds, or ``allowedRoutes.kinds`` without HTTPRoute:
+    both refused by the loader, so that no rollout runs beside them).
 
     Ours, of either kind, in *own* and of *namespace* (its name alone does
     not make it ours: a document of that name in another namespace is
@@ -1244,12 +1263,42 @@ def competing(
     host = f"{short}.{namespace}.svc.{domain}"
     env = Env(namespace, domain)
     ours = canary_parents(service, namespace, port if gateway_api else None, gateways)
-
+    parsed: list[tuple[str, list[Document]]] = []
     for f in files:
         try:
-            docs = list(parse_documents(read_file(f), f))
+            parsed.append((f, list(parse_documents(read_file(f), f))))
         except (Unreadable, SourceProblem):
             continue  # the validation that follows says what is wrong with it
+    # the Gateway API's Gateways in the files: the loader's verdict on a
+    # parentRef to one of them is known, one to another is not
+    known = {
+        (namespace_of(d.value.get("metadata"), namespace), d.value["metadata"]["name"])
+        for _, docs in parsed
+        for d in docs
+        if isinstance(d.value, dict)
+        and d.value.get("kind") == "Gateway"
+        and str(d.value.get("apiVersion", "")).startswith(f"{GATEWAY_GROUP}/")
+        and isinstance(d.value.get("metadata"), dict)
+        and isinstance(d.value["metadata"].get("name"), str)
+    }
+    verdict: list[Counter[tuple[str, int]] | None] = []  # loaded once, where asked
+
+    def attaches(f: str, d: Document, refs: list[Any], i: int, p: ParentRef) -> bool:
+        """Whether parentRef *i* of *d* (its resolved *p*, a Gateway) is
+        attached by the loader: not where each parentRef of its line has
+        an UNATTACHED warning there (a warning names a line, and a flow
+        sequence may hold several on one)."""
+        if (p.namespace, p.name) not in known:
+            return True
+        if not verdict:
+            verdict.append(unattached_refs(files, namespace, domain))
+        warned = verdict[0]
+        if warned is None:
+            return True
+        lines = [d.line_of(("spec", "parentRefs", j)) for j in range(len(refs))]
+        return warned[(f, lines[i])] < lines.count(lines[i])
+
+    for f, docs in parsed:
         for d in docs:
             v = d.value
             if not isinstance(v, dict):
@@ -1286,15 +1335,19 @@ def competing(
                 ):
                     out.append(f"{f}:{d.line}: {obj} routes host {short}")
             elif kind == "HTTPRoute":
-                parents = [ParentRef.of(ref, doc_ns) for ref in spec.get("parentRefs") or []]
-                met = [
-                    p
-                    for p in parents
-                    if p is not None
-                    # a consumer route (another namespace's) routes its clients alone
-                    and not (p.service and doc_ns != namespace)
-                    and any(p.meets(o) for o in ours)
-                ]
+                refs = spec.get("parentRefs")
+                refs = refs if isinstance(refs, list) else []
+                met = []
+                for i, ref in enumerate(refs):
+                    p = ParentRef.of(ref, doc_ns)
+                    if (
+                        p is not None
+                        # a consumer route (another namespace's) routes its clients alone
+                        and not (p.service and doc_ns != namespace)
+                        and any(p.meets(o) for o in ours)
+                        and (p.service or attaches(f, d, refs, i, p))
+                    ):
+                        met.append(p)
                 parent = any(p.service for p in met)
                 gateway = next((p.name for p in met if not p.service), None)
                 every = any(_every_request(rule) for rule in spec.get("rules") or [])
@@ -1305,6 +1358,23 @@ def competing(
                 elif gateway is not None and every:
                     out.append(f"{f}:{d.line}: {obj} routes every request of Gateway {gateway}")
     return out
+
+
+def unattached_refs(
+    files: Sequence[str], namespace: str, domain: str
+) -> Counter[tuple[str, int]] | None:
+    """The loader's verdict on the parentRefs of *files*, loaded as a
+    sidecar loads them: how many warnings of reason UNATTACHED (a parentRef
+    that attaches to nothing, :mod:`l4proxy.rules._gateway_api`) each
+    (file, line) holds. None where the files do not load: then no verdict
+    is known."""
+    try:
+        result = load_rules(list(files), namespace=namespace, domain=domain)
+    except ConfigError:  # (ConfigUnreadable too)
+        return None
+    return Counter(
+        (d.file, d.line) for d in result.notes if d.reason == UNATTACHED and d.line is not None
+    )
 
 
 def _every_request(rule: object) -> bool:
