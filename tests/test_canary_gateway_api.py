@@ -392,6 +392,7 @@ SELECTOR = (
 )
 KINDS = "  - {{name: http, port: 80, protocol: HTTP, allowedRoutes: {{kinds: [{kinds}]{ns}}}}}"
 OURS = "{name: bootcamp-gateway, namespace: default"
+SITE = '{group: "", kind: Service, name: site}'  # the route's own namespace's
 
 
 @pytest.mark.parametrize(
@@ -410,6 +411,11 @@ OURS = "{name: bootcamp-gateway, namespace: default"
         # two parentRefs on one line, where a warning names the line alone
         (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 80}", "", False),
         (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 81}", "", True),
+        # beside one that attaches (shop's own Service site): ours is told
+        # apart on the line, where one warning of two refs read as attached
+        (MIXED, "shop", OURS + ", sectionName: internal}, " + SITE, "", False),
+        (MIXED, "shop", SITE + ", " + OURS + ", sectionName: internal}", "", False),
+        (MIXED, "shop", SITE + ", " + OURS + ", sectionName: public}", "", True),
         # hostnames that meet the listener's, or none of them
         (NAMED_HOST, "default", OURS + "}", "bootcamp.example.com", True),
         (NAMED_HOST, "default", OURS + "}", "shop.example.com", False),
@@ -439,6 +445,9 @@ OURS = "{name: bootcamp-gateway, namespace: default"
         "port-of-all",
         "flow-both-unattached",
         "flow-one-attached",
+        "flow-ours-unattached-beside-a-service",
+        "flow-a-service-beside-ours-unattached",
+        "flow-a-service-beside-ours-attached",
         "hostname-meets",
         "hostname-meets-none",
         "selector",

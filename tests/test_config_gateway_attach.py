@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.rules import ConfigError, LoadResult, load_rules
+from l4proxy.rules import UNATTACHED, ConfigError, LoadResult, RouteParentRef, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
@@ -193,6 +193,25 @@ def test_one_parent_that_attaches_to_nothing_leaves_the_others(tmp_path: Path) -
     hr = route(parent="{name: gw, namespace: default}, {name: gone, namespace: default}")
     result = load(tmp_path, gateway(ALL) + hr)
     assert [d.severity for d in result.notes] == ["warning"]
+    assert served(result.table, "b.example") == "web"
+
+
+def test_each_unattached_warning_names_its_parent_ref(tmp_path: Path) -> None:
+    """Three parentRefs on one line (a flow sequence), the first and last
+    attaching to nothing: each warning names its route and index in
+    spec.parentRefs, which the line (6 for all three) cannot tell."""
+    hr = route(
+        parent="{name: gone, namespace: default}, {name: gw, namespace: default}, "
+        "{name: gw, namespace: default, sectionName: https}"
+    )
+    result = load(tmp_path, gateway(ALL) + hr)
+    warned = [(d.line, d.reason, d.parent_ref) for d in result.notes]
+    line = 6 + gateway().count("\n")
+    assert warned == [
+        (line, UNATTACHED, RouteParentRef("b", "web", 0)),
+        (line, UNATTACHED, RouteParentRef("b", "web", 2)),
+    ]
+    assert str(warned[1][2]) == "HTTPRoute b/web spec.parentRefs[2]"
     assert served(result.table, "b.example") == "web"
 
 

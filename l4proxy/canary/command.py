@@ -112,7 +112,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TextIO
@@ -179,6 +178,7 @@ from l4proxy.rules import (
     ConfigError,
     ConfigUnreadable,
     Diagnostic,
+    RouteParentRef,
     apply,
     load_rules,
     rule_files,
@@ -1281,22 +1281,17 @@ def competing(
         and isinstance(d.value.get("metadata"), dict)
         and isinstance(d.value["metadata"].get("name"), str)
     }
-    verdict: list[Counter[tuple[str, int]] | None] = []  # loaded once, where asked
+    verdict: list[frozenset[RouteParentRef] | None] = []  # loaded once, where asked
 
-    def attaches(f: str, d: Document, refs: list[Any], i: int, p: ParentRef) -> bool:
-        """Whether parentRef *i* of *d* (its resolved *p*, a Gateway) is
-        attached by the loader: not where each parentRef of its line has
-        an UNATTACHED warning there (a warning names a line, and a flow
-        sequence may hold several on one)."""
+    def attaches(ref: RouteParentRef, p: ParentRef) -> bool:
+        """Whether the parentRef *ref* (resolved *p*, a Gateway) is attached
+        by the loader: not where it was warned of (reason UNATTACHED)."""
         if (p.namespace, p.name) not in known:
             return True
         if not verdict:
             verdict.append(unattached_refs(files, namespace, domain))
         warned = verdict[0]
-        if warned is None:
-            return True
-        lines = [d.line_of(("spec", "parentRefs", j)) for j in range(len(refs))]
-        return warned[(f, lines[i])] < lines.count(lines[i])
+        return warned is None or ref not in warned
 
     for f, docs in parsed:
         for d in docs:
@@ -1345,7 +1340,10 @@ def competing(
                         # a consumer route (another namespace's) routes its clients alone
                         and not (p.service and doc_ns != namespace)
                         and any(p.meets(o) for o in ours)
-                        and (p.service or attaches(f, d, refs, i, p))
+                        and (
+                            p.service
+                            or attaches(RouteParentRef(doc_ns, str(meta.get("name")), i), p)
+                        )
                     ):
                         met.append(p)
                 parent = any(p.service for p in met)
@@ -1362,18 +1360,19 @@ def competing(
 
 def unattached_refs(
     files: Sequence[str], namespace: str, domain: str
-) -> Counter[tuple[str, int]] | None:
+) -> frozenset[RouteParentRef] | None:
     """The loader's verdict on the parentRefs of *files*, loaded as a
-    sidecar loads them: how many warnings of reason UNATTACHED (a parentRef
-    that attaches to nothing, :mod:`l4proxy.rules._gateway_api`) each
-    (file, line) holds. None where the files do not load: then no verdict
-    is known."""
+    sidecar loads them: those that attach to nothing (its warnings of
+    reason UNATTACHED, :mod:`l4proxy.rules._gateway_api`, each naming its
+    route and index in ``spec.parentRefs``; a route's namespace and name
+    are one object's, duplicates being an error). None where the files do
+    not load: then no verdict is known."""
     try:
         result = load_rules(list(files), namespace=namespace, domain=domain)
     except ConfigError:  # (ConfigUnreadable too)
         return None
-    return Counter(
-        (d.file, d.line) for d in result.notes if d.reason == UNATTACHED and d.line is not None
+    return frozenset(
+        d.parent_ref for d in result.notes if d.reason == UNATTACHED and d.parent_ref is not None
     )
 
 

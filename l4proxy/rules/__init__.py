@@ -45,6 +45,7 @@ from l4proxy.rules._errors import (
     ConfigUnreadable,
     Diagnostic,
     ObjectSummary,
+    RouteParentRef,
     Severity,
 )
 from l4proxy.rules._loader import RULE_KINDS, RULE_SUFFIXES, LoadResult, load_rules, rule_files
@@ -61,6 +62,7 @@ __all__ = [
     "Diagnostic",
     "LoadResult",
     "ObjectSummary",
+    "RouteParentRef",
     "Severity",
     "load_rules",
     "rule_files",

@@ -9,6 +9,21 @@ from typing import Literal
 Severity = Literal["error", "warning", "note"]
 
 
+@dataclass(frozen=True)
+class RouteParentRef:
+    """One parentRef of a Gateway API route: the entry *index* of
+    ``spec.parentRefs`` of the HTTPRoute *namespace*/*name*. What a finding
+    of reason UNATTACHED is about, where its line cannot tell: several
+    parentRefs of a flow sequence share one."""
+
+    namespace: str
+    name: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"HTTPRoute {self.namespace}/{self.name} spec.parentRefs[{self.index}]"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Diagnostic:
     """One finding. ``str()`` is the istioctl-like one-line form::
@@ -30,6 +45,8 @@ class Diagnostic:
     # what a program reading the finding may test, where the message is for
     # people (None: nothing): UNATTACHED
     reason: str | None = None
+    # reason UNATTACHED: the parentRef that attaches to nothing
+    parent_ref: RouteParentRef | None = None
 
     def __str__(self) -> str:
         loc = self.file

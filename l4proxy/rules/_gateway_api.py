@@ -26,7 +26,9 @@ hostname meets one of the route's (NoMatchingListenerHostname; the
 namespace is tested first, and both are said where both fail). Never an
 error: a Gateway edited to admit fewer routes, or deleted, must revoke
 them at the next load, where an error would keep the last good rules,
-and the access just removed with them.
+and the access just removed with them. The warning names its parentRef
+(``Diagnostic.parent_ref``: the route and the index in ``spec.parentRefs``),
+as its line may hold several.
 
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
@@ -125,7 +127,7 @@ from l4proxy.dataplane.verdict import (
 )
 from l4proxy.rules._cors import gateway_cors
 from l4proxy.rules._edits import FRAMING_HEADERS
-from l4proxy.rules._errors import UNATTACHED
+from l4proxy.rules._errors import UNATTACHED, Diagnostic, RouteParentRef
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -1544,6 +1546,27 @@ def _not_attached(
     )
 
 
+def _warn_unattached(hr: HttpRouteDraft, index: int, message: str) -> None:
+    """A warning of reason UNATTACHED at parentRef *index* of *hr*, which
+    it names (``Diagnostic.parent_ref``): a program that asks which
+    parentRef attaches to nothing is told exactly, where its line may be
+    that of several (a flow sequence). (``hr.parents`` is the whole of
+    ``spec.parentRefs``: a route with one not read is not compiled.)"""
+    where = hr.parents[index].where
+    where.ctx.report.add(
+        Diagnostic(
+            file=where.ctx.file,
+            line=where.ctx.line_of(where.path),
+            kind=where.ctx.kind,
+            name=where.ctx.name,
+            message=message,
+            severity="warning",
+            reason=UNATTACHED,
+            parent_ref=RouteParentRef(hr.namespace, hr.name, index),
+        )
+    )
+
+
 class Compiler:
     """HTTPRoutes and Gateways → routes per host, gateway services, ingress paths."""
 
@@ -1684,7 +1707,7 @@ class Compiler:
         whether it is a consumer route: one from another namespace than its
         Service's, kept only for this sidecar's own namespace)."""
         out: list[tuple[str, int | None, bool]] = []  # (host, port, a consumer route)
-        for p in hr.parents:
+        for index, p in enumerate(hr.parents):
             if p.kind == "Service":
                 if hr.namespace not in (p.namespace, self.env.namespace):
                     # A consumer route (GAMMA): it routes only the clients of
@@ -1710,11 +1733,12 @@ class Compiler:
             gw = by_gateway.get((p.namespace, p.name))
             if gw is None:
                 known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_gateway)) or "none"
-                p.where.warning(
+                _warn_unattached(
+                    hr,
+                    index,
                     f"unknown parent: no Gateway {p.namespace}/{p.name} in these files "
                     f"(Gateways: {known}); this HTTPRoute is not served through it until one "
                     "is loaded",
-                    UNATTACHED,
                 )
                 continue
             listeners = [
@@ -1724,13 +1748,14 @@ class Compiler:
                 and (p.port is None or lst.port == p.port)
             ]
             if not listeners:
-                p.where.warning(
+                _warn_unattached(
+                    hr,
+                    index,
                     f"Gateway {gw.name} has no listener"
                     + (f" named {p.section}" if p.section else "")
                     + (f" on port {p.port}" if p.port else "")
                     + f" (listeners: {', '.join(f'{x.name}:{x.port}' for x in gw.listeners)}); "
                     "this HTTPRoute is not served through it (NoMatchingParent)",
-                    UNATTACHED,
                 )
                 continue
             # the API's order: the listeners that admit the route's
@@ -1752,7 +1777,7 @@ class Compiler:
                     out.append((key, None, False))
                     attached = True
             if not attached:
-                p.where.warning(_not_attached(hr, gw, listeners, admitting), UNATTACHED)
+                _warn_unattached(hr, index, _not_attached(hr, gw, listeners, admitting))
         return out
 
     def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:
