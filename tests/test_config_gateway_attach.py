@@ -5,9 +5,11 @@ listener of its sectionName or port, none that admits the route's
 namespace, none whose hostname meets the route's) is a warning at its line
 and the route is not served through it: a Gateway edited to admit fewer
 routes, or deleted, must revoke them at the next load, where an error kept
-the last good rules serving them. Routes whose matches tie go to the oldest
-by ``metadata.creationTimestamp``, then by ``namespace/name``; a match that
-another route's identical one always takes first is a warning.
+the last good rules serving them; where every parentRef of a route does,
+its backends' findings follow, each a warning for when it attaches. Routes
+whose matches tie go to the oldest by ``metadata.creationTimestamp``, then
+by ``namespace/name``; a match that another route's identical one always
+takes first is a warning.
 
 Rule files are loaded next to tests/data/gateway-api/registry-per-version.yaml
 and WEB, a Service of namespace b (so that a route there has a backend of
@@ -213,6 +215,61 @@ def test_each_unattached_warning_names_its_parent_ref(tmp_path: Path) -> None:
     ]
     assert str(warned[1][2]) == "HTTPRoute b/web spec.parentRefs[2]"
     assert served(result.table, "b.example") == "web"
+
+
+def test_a_route_attached_nowhere_says_so_before_its_backends(tmp_path: Path) -> None:
+    """A route of namespace b that no listener admits (from: Same), with a
+    backend that resolves to nothing beside web: the parentRef's warning
+    comes first, where the backend's was found (and logged) before it."""
+    hr = route(backend="{name: web, port: 8080}, {name: gone, port: 8080}")
+    result = load(tmp_path, gateway(SAME) + hr)
+    f = str(tmp_path / "r0.yaml")
+    base = gateway().count("\n")
+    said = [(d.severity, d.file, d.line, d.reason) for d in result.notes]
+    assert said == [("warning", f, base + 6, UNATTACHED), ("warning", f, base + 9, None)]
+
+
+def test_a_route_attached_nowhere_has_its_backends_checked_for_when_it_attaches(
+    tmp_path: Path,
+) -> None:
+    """As above, and a rule whose one backend resolves to nothing (an
+    error for a route that is served): the rules load, where the error
+    refused them all for a route that serves nothing; each backend's
+    finding is a warning saying it holds once the route attaches, the
+    error's that it then refuses the rules."""
+    hr = route(backend="{name: web, port: 8080}, {name: gone, port: 8080}")
+    hr += "  - backendRefs: [{name: lost, port: 8080}]\n"
+    result = load(tmp_path, gateway(SAME) + hr)
+    found = [(d.severity, d.message) for d in result.notes if d.reason is None]
+    assert found == [
+        (
+            "warning",
+            "once this HTTPRoute attaches: backendRef gone resolves to nothing in these files "
+            "(no ServiceEntry host or DNS endpoint named gone.b.svc.cluster.local); its share "
+            "(1 of 2) is answered 500 until one is loaded",
+        ),
+        (
+            "warning",
+            "once this HTTPRoute attaches, an error that refuses the rules: backendRef lost "
+            "resolves to nothing: no ServiceEntry host and no DNS endpoint of a ServiceEntry "
+            "is named lost.b.svc.cluster.local (add one to the registry)",
+        ),
+    ]
+    assert served(result.table, "b.example") == "no route"
+
+
+def test_a_route_attached_somewhere_keeps_its_backends_findings(tmp_path: Path) -> None:
+    """One parentRef attaches (from: All), one names a Gateway not in the
+    files: the route is served, so its backends' findings are as ever,
+    the rule whose one backend resolves to nothing an error."""
+    hr = route(
+        parent="{name: gw, namespace: default}, {name: gone, namespace: default}",
+        backend="{name: lost, port: 8080}",
+    )
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, gateway(ALL) + hr)
+    (err,) = info.value.errors
+    assert err.message.startswith("backendRef lost resolves to nothing: "), err.message
 
 
 @pytest.mark.parametrize("revoke", ["from: Same", "the Gateway deleted"])

@@ -28,7 +28,13 @@ error: a Gateway edited to admit fewer routes, or deleted, must revoke
 them at the next load, where an error would keep the last good rules,
 and the access just removed with them. The warning names its parentRef
 (``Diagnostic.parent_ref``: the route and the index in ``spec.parentRefs``),
-as its line may hold several.
+as its line may hold several. A route whose every parentRef attaches to
+nothing serves nothing, and its backends are still checked after those
+warnings, as Istio and Envoy Gateway report a parent's ResolvedRefs
+whatever its Accepted: the user fixing the route learns all that is wrong
+with it at once. Each such finding says it holds once the route attaches,
+and none is an error (:func:`_once_attached`): the rules are not refused
+for what serves nothing.
 
 Precedence follows the API (``httproute_types.go``), not list order: every
 match of every rule of every route on one parent is ranked (Exact path, then
@@ -112,10 +118,11 @@ matched path's (:func:`~l4proxy.rules.routing.session_cookie_path`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from l4proxy.dataplane.verdict import (
@@ -1567,6 +1574,33 @@ def _warn_unattached(hr: HttpRouteDraft, index: int, message: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _once_attached(hr: HttpRouteDraft) -> Iterator[None]:
+    """The findings made within (of the backends of *hr*, a route whose
+    every parentRef attaches to nothing, each warned of already) as
+    warnings that say they hold once the route attaches; one that is an
+    error says that it then refuses the rules. None is an error now, as
+    nothing of the route is served: an error would refuse the rules for
+    it, and a Gateway deleted together with its routes' Services would
+    keep the last good rules, and the route, served."""
+    report = hr.where.ctx.report
+    mark = len(report.diagnostics)
+    yield
+    report.diagnostics[mark:] = [
+        dataclasses.replace(
+            d,
+            severity="warning",
+            message=(
+                "once this HTTPRoute attaches, an error that refuses the rules: "
+                if d.severity == "error"
+                else "once this HTTPRoute attaches: "
+            )
+            + d.message,
+        )
+        for d in report.diagnostics[mark:]
+    ]
+
+
 class Compiler:
     """HTTPRoutes and Gateways → routes per host, gateway services, ingress paths."""
 
@@ -1599,14 +1633,18 @@ class Compiler:
         shadows: dict[str, list[tuple[Any, Match, HttpRouteDraft, Where | None]]]
         shadows = defaultdict(list)
         for hr in sorted(routes, key=_age):
-            dests = [self._destinations(rule) for rule in hr.rules]
-            for i, rule in enumerate(hr.rules):
-                got = self._mirrors(rule)
-                if got is None:
-                    dests[i] = None
-                else:
-                    mirrors[id(rule)] = got
-            keys = self._parent_keys(hr, by_gateway, gateway_keys)
+            # (its parents first: where it attaches to nothing, that is
+            # said before anything of its backends)
+            keys, unattached = self._parent_keys(hr, by_gateway, gateway_keys)
+            nowhere = bool(unattached) and len(unattached) == len(hr.parents)
+            with _once_attached(hr) if nowhere else contextlib.nullcontext():
+                dests = [self._destinations(rule) for rule in hr.rules]
+                for i, rule in enumerate(hr.rules):
+                    got = self._mirrors(rule)
+                    if got is None:
+                        dests[i] = None
+                    else:
+                        mirrors[id(rule)] = got
             for key, port, consumer in keys:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
                     if rd is None:
@@ -1702,11 +1740,14 @@ class Compiler:
         hr: HttpRouteDraft,
         by_gateway: dict[tuple[str, str], GatewayDraft],
         gateway_keys: dict[str, tuple[GatewayDraft, ListenerDraft, str | None]],
-    ) -> list[tuple[str, int | None, bool]]:
+    ) -> tuple[list[tuple[str, int | None, bool]], list[int]]:
         """Where *hr*'s rules go, per parent: (host, port match or None,
         whether it is a consumer route: one from another namespace than its
-        Service's, kept only for this sidecar's own namespace)."""
+        Service's, kept only for this sidecar's own namespace); and the
+        indexes of its parentRefs that attach to nothing (each warned of,
+        reason UNATTACHED)."""
         out: list[tuple[str, int | None, bool]] = []  # (host, port, a consumer route)
+        unattached: list[int] = []
         for index, p in enumerate(hr.parents):
             if p.kind == "Service":
                 if hr.namespace not in (p.namespace, self.env.namespace):
@@ -1733,6 +1774,7 @@ class Compiler:
             gw = by_gateway.get((p.namespace, p.name))
             if gw is None:
                 known = ", ".join(f"{ns}/{n}" for ns, n in sorted(by_gateway)) or "none"
+                unattached.append(index)
                 _warn_unattached(
                     hr,
                     index,
@@ -1748,6 +1790,7 @@ class Compiler:
                 and (p.port is None or lst.port == p.port)
             ]
             if not listeners:
+                unattached.append(index)
                 _warn_unattached(
                     hr,
                     index,
@@ -1777,8 +1820,9 @@ class Compiler:
                     out.append((key, None, False))
                     attached = True
             if not attached:
+                unattached.append(index)
                 _warn_unattached(hr, index, _not_attached(hr, gw, listeners, admitting))
-        return out
+        return out, unattached
 
     def _destinations(self, rule: HttpRuleDraft) -> list[Destination] | None:
         if rule.redirect is not None:
