@@ -21,8 +21,13 @@ from tests.mesh import PYTHON, VIP, Mesh, route_rule
 class Source:
     """An admin source with fixed answers (the endpoint's own logic is under test)."""
 
+    health_check_failed = False
+
     async def ready(self) -> bool:
         return True
+
+    async def state(self) -> str:
+        return "LIVE"
 
     async def stats_text(self) -> str:
         return "istio_requests_total 3\n"

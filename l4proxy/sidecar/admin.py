@@ -1,33 +1,72 @@
 """The admin endpoint (127.0.0.1:15000 by default), Envoy-style.
 
-=================  ==========================================================
-``/ready``         200 ``LIVE`` while serving; 503 ``NOT READY`` after SIGTERM,
-                   and at start until every DNS endpoint name had a lookup
-``/stats``         Prometheus text: connections, decisions, bytes, failures,
-                   reloads, active connections (``?format=json`` for JSON;
-                   also at ``/stats/prometheus``, Envoy's path)
-``/config_dump``   JSON: the live route table, its generation and sources,
-                   the last rejected config's errors
-``/clusters``      endpoints per service and their health (text; ``?format=json``)
-``/quitquitquit``  POST: drain and exit, as on SIGTERM
-=================  ==========================================================
+=====================  ======================================================
+``/help``              the endpoints, one line each (Envoy's text)
+``/ready``             200 ``LIVE`` while serving; else 503 and the server
+                       state: ``PRE_INITIALIZING``, ``INITIALIZING`` (the
+                       first rules or DNS lookups), ``DRAINING`` (SIGTERM,
+                       or ``/healthcheck/fail``)
+``/server_info``       JSON: version, server state, uptime, the options run
+                       was given (Envoy's field names)
+``/stats``             Prometheus text: connections, decisions, bytes, failures,
+                       reloads, active connections (``?format=json`` for JSON;
+                       also at ``/stats/prometheus``, Envoy's path;
+                       ``?filter=REGEX``: the families whose name matches)
+``/config_dump``       JSON: the live route table, its generation and sources,
+                       the last rejected config's errors
+``/clusters``          endpoints per service and their health (text; ``?format=json``)
+``/logging``           the loggers' levels, in every process; POST
+                       ``?level=L``, ``?paths=NAME:L,...`` or ``?NAME=L`` sets them
+``/healthcheck/fail``  POST: ``/ready`` answers 503 ``DRAINING``; nothing drains
+``/healthcheck/ok``    POST: undoes ``/healthcheck/fail``
+``/quitquitquit``      POST: drain and exit, as on SIGTERM
+=====================  ======================================================
 
 Only for operators on the loopback interface: it reads a request line, and
-answers one request per connection.
+answers one request per connection. A request that changes something is a
+POST (405 otherwise, with nothing changed), but a POST is no protection from
+a browser's cross-site request or from anyone who can reach the port: the
+port must stay on loopback (the ``--admin`` default), and ``--stats-listen``
+serves what may face the network, read-only.
+
+Server state
+------------
+Envoy's ``ServerInfo.State``, from the server's initialisation and its
+health-check flag (Envoy's ``Utility::serverState``): the state of the
+rules (:meth:`AdminSource.state`: ``PRE_INITIALIZING`` for a worker that
+has not answered yet, ``INITIALIZING`` until the first rules loaded and each
+DNS name had its first lookup, ``DRAINING`` once a drain began, else
+``LIVE``), and a ``LIVE`` server whose health check was failed
+(``/healthcheck/fail``) is ``DRAINING`` to ``/ready``, ``/server_info`` and
+the kubelet, while it serves and accepts as before. The flag is the admin
+process's and is kept until ``/healthcheck/ok`` (or the process's end): set
+before the first rules loaded, it holds once they have; a real drain is
+``DRAINING`` whatever the flag, and ``/healthcheck/ok`` does not end it.
+
+Log levels
+----------
+``/logging`` sets the levels of l4proxy's Python loggers in the process that
+serves the endpoint and in each worker, over its control channel
+(loglevels).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
 import struct
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from l4proxy import __version__
+from l4proxy.sidecar.loglevels import apply_log_levels, log_spec, logging_changes, logging_text
 from l4proxy.stats import START_TIME, START_TIME_HELP, process_start_time, render_prometheus
 
 if TYPE_CHECKING:
@@ -63,15 +102,153 @@ LINGER_S = 2.0
 
 log = logging.getLogger("l4proxy.admin")
 
+# The endpoints as /help lists them (Envoy's "  /path: description"), in order.
+ENDPOINTS = (
+    ("/help", "print this list of the admin endpoints"),
+    (
+        "/ready",
+        "LIVE (200) while serving; else 503 and the server state "
+        "(PRE_INITIALIZING, INITIALIZING, DRAINING)",
+    ),
+    ("/server_info", "JSON: version, server state, uptime, the command-line options"),
+    (
+        "/stats",
+        "counters and gauges as Prometheus text (?format=json: JSON; "
+        "?filter=REGEX: the families whose name matches, RE2)",
+    ),
+    ("/stats/prometheus", "the same as /stats (Envoy's and Istio's path)"),
+    ("/config_dump", "JSON: the live route table, its sources, the last rejected rules' errors"),
+    ("/clusters", "endpoints per service, their health and counts (?format=json: JSON)"),
+    (
+        "/logging",
+        "the log level of each logger, per process; POST ?level=LEVEL, "
+        "?paths=NAME:LEVEL,... or ?NAME=LEVEL sets them in every process",
+    ),
+    ("/healthcheck/fail", "POST: /ready answers 503 DRAINING (nothing drains)"),
+    ("/healthcheck/ok", "POST: undo /healthcheck/fail"),
+    ("/quitquitquit", "POST: drain and exit, as on SIGTERM"),
+)
+_PATHS = " ".join(path for path, _ in ENDPOINTS)
+
+# Envoy's ServerInfo.State names (see the module docstring)
+LIVE = "LIVE"
+DRAINING = "DRAINING"
+PRE_INITIALIZING = "PRE_INITIALIZING"
+INITIALIZING = "INITIALIZING"
+_ORDER = (PRE_INITIALIZING, INITIALIZING, LIVE)  # the least advanced first
+
+
+def least_state(states: Iterable[str | None]) -> str:
+    """The state of several workers' as one: DRAINING where one drains,
+    else the least advanced, a worker that did not answer (None: starting,
+    restarting, or hung until the watchdog replaces it) PRE_INITIALIZING."""
+    seen = [PRE_INITIALIZING if s not in (*_ORDER, DRAINING) else s for s in states]
+    if DRAINING in seen:
+        return DRAINING
+    return min(seen, key=_ORDER.index, default=PRE_INITIALIZING)
+
+
+def served_state(state: str, health_check_failed: bool) -> str:
+    """What /ready and /server_info say: a LIVE server whose health check
+    was failed (/healthcheck/fail) is DRAINING, as Envoy's serverState() has
+    it; before LIVE, the initialisation's state is said whatever the flag."""
+    return DRAINING if state == LIVE and health_check_failed else state
+
+
+# -- /stats?filter= ------------------------------------------------------------
+
+
+@functools.cache
+def _re2() -> tuple[Any, Any]:
+    """The re2 module and its options, imported by the first filter (its
+    library is about 2.5 MB of RSS, which most sidecars never need)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the error goes to the client
+    return re2, options
+
+
+def stats_filter(pattern: str) -> Callable[[str], bool]:
+    """Envoy's ``/stats?filter=``: whether a stat's name has a match of
+    *pattern* (a search, not a whole match: ``^...$`` for that). RE2, as
+    Envoy's: its time is linear in the name, whatever the pattern, which
+    matters on ``--stats-listen``'s port. ValueError with RE2's reason."""
+    re2, options = _re2()
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        if isinstance(why, bytes):
+            why = why.decode("utf-8", "replace")
+        raise ValueError(f"filter {pattern!r} is not a regular expression (RE2): {why}") from None
+    search = compiled.search
+    return lambda name: search(name) is not None
+
+
+def filter_families(text: str, keep: Callable[[str], bool]) -> str:
+    """The Prometheus text's families (from each ``# HELP`` or ``# TYPE``
+    line, which render_prometheus writes for every family, to the next
+    family's) whose name *keep* takes: a histogram's by its family name,
+    its ``_bucket``, ``_sum`` and ``_count`` samples with it."""
+    out: list[str] = []
+    kept = False
+    family = None
+    for line in text.splitlines():
+        if line.startswith(("# HELP ", "# TYPE ")):
+            name = line.split(" ", 3)[2]
+            if name != family:
+                family, kept = name, keep(name)
+        if kept:
+            out.append(line)
+    return "".join(f"{line}\n" for line in out)
+
+
+# -- /server_info ----------------------------------------------------------------
+
+# run's arguments that say how the supervisor started a worker, not options
+_INTERNAL = frozenset(
+    {"func", "raw_argv", "command", "worker_fds", "control_fd", "worker_index", "access_log_fd"}
+)
+
+
+def command_line_options(args: argparse.Namespace) -> dict[str, Any]:
+    """/server_info's ``command_line_options``: each of ``run``'s options as
+    parsed (defaults included), a HOST:PORT as written."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], int):
+            host = f"[{v[0]}]" if ":" in str(v[0]) else v[0]
+            return f"{host}:{v[1]}"
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): value(x) for k, x in v.items()}
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return v
+        return str(v)
+
+    return {k: value(v) for k, v in sorted(vars(args).items()) if k not in _INTERNAL}
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf Duration as JSON writes it (Envoy's uptime fields): '42s'."""
+    return f"{max(0, int(seconds))}s"
+
 
 class AdminSource(Protocol):
     """What the admin endpoint shows: one worker, or the supervisor's sum."""
 
+    # /healthcheck/fail's flag (module docstring: Server state)
+    health_check_failed: bool
+
     async def ready(self) -> bool: ...
+    async def state(self) -> str: ...
     async def stats_text(self) -> str: ...
     async def stats_json(self) -> dict[str, Any]: ...
     async def config_dump(self) -> Any: ...
     async def clusters(self) -> Any: ...
+    async def logging(self, spec: str) -> list[tuple[str, dict[str, str] | None]]: ...
 
 
 async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
@@ -117,11 +294,16 @@ class AdminServer:
     """
 
     def __init__(
-        self, source: AdminSource, on_quit: Callable[[], None], stats_only: bool = False
+        self,
+        source: AdminSource,
+        on_quit: Callable[[], None],
+        stats_only: bool = False,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.source = source
         self.on_quit = on_quit
         self.stats_only = stats_only
+        self.options = options or {}  # /server_info's command_line_options
         self._server: asyncio.Server | None = None
         self.clients = 0  # connections being served
         self.turned_away = 0  # connections closed at once: MAX_CLIENTS were being served
@@ -275,7 +457,8 @@ class AdminServer:
 
     async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
         path, _, query = target.partition("?")
-        fmt = urllib.parse.parse_qs(query).get("format", [""])[-1]
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        fmt = params.get("format", [""])[-1]
         as_json = fmt == "json"
         src = self.source
         if self.stats_only:
@@ -291,13 +474,28 @@ class AdminServer:
         if path in ("/stats", "/clusters") and fmt not in ("", "json", "prometheus", "text"):
             return 400, "text/plain", f"format {fmt!r}: json, or none for the text\n"
         if path == "/ready":
-            if await src.ready():
+            state = served_state(await src.state(), src.health_check_failed)
+            if state == LIVE:
                 return 200, "text/plain", "LIVE\n"
-            return 503, "text/plain", "NOT READY\n"
+            return 503, "text/plain", f"{state}\n"
         if path == "/stats":
+            # Envoy's filter: a regex over the stats' names (empty: none).
+            # Envoy's usedonly is taken and ignored (as any other parameter):
+            # no stat here keeps a mark of having been set.
+            pattern = params.get("filter", [""])[-1]
+            try:
+                keep = stats_filter(pattern) if pattern else None
+            except ValueError as exc:
+                return 400, "text/plain", f"{exc}\n"
             if as_json:
-                return 200, "application/json", _json(await src.stats_json())
-            return 200, "text/plain; version=0.0.4", await src.stats_text()
+                stats = await src.stats_json()
+                if keep is not None:
+                    stats = {k: v for k, v in stats.items() if keep(k)}
+                return 200, "application/json", _json(stats)
+            text = await src.stats_text()
+            if keep is not None:
+                text = filter_families(text, keep)
+            return 200, "text/plain; version=0.0.4", text
         if path == "/config_dump":
             dump = await src.config_dump()
             if dump is None:
@@ -310,16 +508,48 @@ class AdminServer:
             if as_json:
                 return 200, "application/json", _json(clusters)
             return 200, "text/plain", clusters_text(clusters)
+        if path == "/help":
+            lines = "".join(f"  {p}: {what}\n" for p, what in ENDPOINTS)
+            return 200, "text/plain", f"admin commands are:\n{lines}"
+        if path == "/server_info":
+            uptime = _duration(time.time() - process_start_time())
+            info = {
+                "version": __version__,
+                "state": served_state(await src.state(), src.health_check_failed),
+                "hot_restart_version": "disabled",  # (Envoy's word: there is none)
+                "command_line_options": self.options,
+                # one epoch: no hot restart (a worker's restart is not one)
+                "uptime_current_epoch": uptime,
+                "uptime_all_epochs": uptime,
+            }
+            return 200, "application/json", _json(info)
+        if path == "/logging":
+            # GET lists; POST sets what the query says (none: lists, as Envoy)
+            try:
+                changes = logging_changes(params)
+            except ValueError as exc:
+                return 400, "text/plain", f"{exc}\n"
+            if changes and method != "POST":
+                return 405, "text/plain", "use POST to set log levels\n"
+            if changes:
+                log.warning("admin: log levels set: %s", log_spec(changes))
+            return 200, "text/plain", logging_text(await src.logging(log_spec(changes)))
+        if path in ("/healthcheck/fail", "/healthcheck/ok", "/quitquitquit") and method != "POST":
+            return 405, "text/plain", "use POST\n"
+        if path == "/healthcheck/fail":
+            if not src.health_check_failed:
+                log.warning("admin: /healthcheck/fail: /ready answers 503 until /healthcheck/ok")
+            src.health_check_failed = True
+            return 200, "text/plain", "OK\n"
+        if path == "/healthcheck/ok":
+            if src.health_check_failed:
+                log.warning("admin: /healthcheck/ok: /ready answers as the server is again")
+            src.health_check_failed = False
+            return 200, "text/plain", "OK\n"
         if path == "/quitquitquit":
-            if method != "POST":
-                return 405, "text/plain", "use POST\n"
             asyncio.get_running_loop().call_soon(self.on_quit)
             return 200, "text/plain", "OK\n"
-        return (
-            404,
-            "text/plain",
-            "not found: /ready /stats /stats/prometheus /config_dump /clusters /quitquitquit\n",
-        )
+        return 404, "text/plain", f"not found: {path}; GET /help says what each is: {_PATHS}\n"
 
 
 # the reason phrases of the statuses the endpoint answers (RFC 9110)
@@ -381,18 +611,27 @@ class WorkerView:
     def __init__(self, worker: Worker, implementation: str) -> None:
         self.worker = worker
         self.implementation = implementation
+        self.health_check_failed = False  # (--single-process: this process serves /ready)
 
     async def ready(self) -> bool:
-        # Not before the rules given were loaded once: a first load refused
-        # (invalid, or unreadable by uid 1337) left a ready pod whose every
-        # connection passed through unrouted (Envoy is not ready before its
-        # first configuration either). Nor before every DNS endpoint name had
-        # its first lookup: until then the per-request relay answers 503 for
-        # its services (Envoy's readiness waits for its clusters' first
+        return await self.state() == LIVE
+
+    async def state(self) -> str:
+        # Not LIVE before the rules given were loaded once: a first load
+        # refused (invalid, or unreadable by uid 1337) left a ready pod whose
+        # every connection passed through unrouted (Envoy is not ready before
+        # its first configuration either). Nor before every DNS endpoint name
+        # had its first lookup: until then the per-request relay answers 503
+        # for its services (Envoy's readiness waits for its clusters' first
         # resolution too).
+        if self.worker.draining:
+            return DRAINING
         rules = self.worker.rules
         loaded = rules.state.generation > 0 or not rules.paths
-        return loaded and not self.worker.draining and rules.dns.warmed()
+        return LIVE if loaded and rules.dns.warmed() else INITIALIZING
+
+    async def logging(self, spec: str) -> list[tuple[str, dict[str, str] | None]]:
+        return [("", apply_log_levels(spec))]
 
     def clusters_now(self) -> list[dict[str, Any]]:
         out = []

@@ -25,9 +25,10 @@ from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
 from l4proxy.k8s_names import DNS1123_LABEL
-from l4proxy.sidecar.admin import AdminServer, WorkerView
+from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop
+from l4proxy.sidecar.loglevels import apply_log_levels
 from l4proxy.sidecar.signals import HeldSignals, hold_signals
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
@@ -643,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
 async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> AdminServer | None:
     if args.admin[1] == 0:
         return None
-    admin = AdminServer(source, on_quit)
+    admin = AdminServer(source, on_quit, options=command_line_options(args))
     try:
         await admin.start(*args.admin)
     except OSError as exc:
@@ -829,6 +830,11 @@ async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asy
             return await view.config_dump()
         if op == "clusters":
             return await view.clusters()
+        if op == "state":
+            return await view.state()
+        name, _, spec = op.partition(" ")
+        if name == "logging":  # /logging: "logging NAME=LEVEL,..." sets, "logging" lists
+            return apply_log_levels(spec)
         raise ValueError(f"unknown op {op!r}")
 
     why = await serve_supervisor(control, handle)

@@ -58,8 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.dataplane.listener import Listener
+from l4proxy.sidecar.admin import DRAINING, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
+from l4proxy.sidecar.loglevels import apply_log_levels, merge_log_spec
 from l4proxy.sidecar.signals import HeldSignals, start_signals_blocked
 from l4proxy.stats import (
     DIGEST,
@@ -259,6 +261,10 @@ class Supervisor:
         # config_dump and clusters: the request under way to each worker, per
         # op, and the link it went out on (_ask_shared)
         self._heavy: dict[tuple[int, str], tuple[SupervisorEnd, asyncio.Task[Any]]] = {}
+        self.health_check_failed = False  # /healthcheck/fail (admin: Server state)
+        # /logging's changes so far (admin.log_spec), for each worker started later
+        self.log_spec = ""
+        self._log_asks: set[asyncio.Future[Any]] = set()
 
     # -- workers -------------------------------------------------------------
     def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
@@ -318,6 +324,10 @@ class Supervisor:
             proc.kill()
             raise
         slot.link = link
+        if self.log_spec:  # (no await since slot.link: a /logging now asks this link too)
+            ask = asyncio.ensure_future(link.ask(f"logging {self.log_spec}", None))
+            self._log_asks.add(ask)
+            ask.add_done_callback(self._log_asks.discard)
         log.info("worker %d started (pid %d)", slot.index, proc.pid)
         return proc
 
@@ -411,6 +421,27 @@ class Supervisor:
             return False
         answers = await self.gather("ready")
         return len(answers) == len(self.slots) and all(answers)
+
+    async def state(self) -> str:
+        """The server state (admin: Server state): DRAINING once stopping,
+        else the workers' as one (least_state)."""
+        if self.stopping:
+            return DRAINING
+        return least_state(await asyncio.gather(*(self.ask(s, "state") for s in self.slots)))
+
+    async def logging(self, spec: str) -> list[tuple[str, dict[str, str] | None]]:
+        """/logging: *spec*'s levels set here and in every worker (none: only
+        listed), and each process's levels then; a worker that does not
+        answer in time gets them when it can, and one started later at its
+        start (self.log_spec)."""
+        levels = apply_log_levels(spec)
+        self.log_spec = merge_log_spec(self.log_spec, spec)
+        op = f"logging {spec}" if spec else "logging"
+        answers = await asyncio.gather(*(self.ask(s, op) for s in self.slots))
+        views: list[tuple[str, dict[str, str] | None]] = [("supervisor", levels)]
+        for slot, answer in zip(self.slots, answers, strict=True):
+            views.append((f"worker {slot.index}", answer if isinstance(answer, dict) else None))
+        return views
 
     async def stats(
         self,
