@@ -149,8 +149,8 @@ def _free_port() -> int:
 
 class Run:
     """``l4proxy run`` on loopback: a gateway listener on port 0 routed to
-    *backend* (an Ingress default backend), the admin endpoint on port 0,
-    its log in a file."""
+    *backend* (an Ingress default backend), the admin endpoint on a port
+    free at the start, its log in a file."""
 
     def __init__(self, tmp: Path, backend: str, *flags: str, rules: str | None = None) -> None:
         self.rules = tmp / "rules"
@@ -158,7 +158,6 @@ class Run:
         port = int(backend.rsplit(":", 1)[1])
         (self.rules / "gateway.yaml").write_text(gateway_service(port) if rules is None else rules)
         self.log_path = tmp / "log"
-        self.flags = flags
         # (--admin's port 0 turns the endpoint off: a port free now, as
         # test_run_cli takes one)
         self.admin = f"127.0.0.1:{_free_port()}"
@@ -171,7 +170,7 @@ class Run:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
         workers = 1 if "--single-process" in flags else int(flags[flags.index("--workers") + 1])
         self.until(lambda: self.log().count(" worker: listening: ") == workers, "workers started")
-        [line] = [ln for ln in self.log().splitlines() if " worker: listening: " in ln][:1]
+        line = next(ln for ln in self.log().splitlines() if " worker: listening: " in ln)
         self.listen = line.split("listening: gateway:")[1].split(";")[0]
         stats = re.search(r"stats endpoint \(read-only /stats, /ready\) on (\S+)", self.log())
         self.stats = stats.group(1) if stats else None
@@ -245,7 +244,7 @@ def test_stats_filter_is_a_regex_over_the_family_names(tmp_path: Path, backend: 
         assert len(families(run.get("/stats")[1])) > 20  # unfiltered, for contrast
         status, text = run.get("/stats/prometheus?filter=request_duration&usedonly")
         assert families(text) == ["istio_request_duration_milliseconds"], text
-        kinds = {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
+        kinds = {re.split("[{ ]", ln)[0] for ln in text.splitlines() if not ln.startswith("#")}
         assert kinds == {
             f"istio_request_duration_milliseconds_{p}" for p in ("bucket", "sum", "count")
         }
