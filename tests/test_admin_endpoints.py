@@ -342,8 +342,10 @@ def test_a_health_check_failed_before_the_first_rules_holds_after(
         assert run.get("/healthcheck/fail", "POST") == (200, "OK\n")
         assert run.get("/ready") == (503, "INITIALIZING\n")  # not loaded says first
         (run.rules / "gateway.yaml").write_text(gateway_service(int(backend.rsplit(":", 1)[1])))
-        run.until(lambda: run.through()[0] == 200, "the rules loaded")
+        initializing = (503, "INITIALIZING\n")
+        run.until(lambda: run.get("/ready") != initializing, "the rules loaded in both workers")
         assert run.get("/ready") == (503, "DRAINING\n")  # then the flag
+        assert run.through() == (200, "from the backend\n")
         assert run.get("/healthcheck/ok", "POST") == (200, "OK\n")
         assert run.get("/ready") == (200, "LIVE\n")
     finally:
