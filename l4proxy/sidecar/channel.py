@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 Each worker inherits one end of a ``socketpair()`` (``--control-fd``); the
-supervisor keeps the other. The supervisor asks (``ready``, ``stats``,
-``config_dump``, ``clusters``), the worker answers. Both ends live here so
-that the wire format has exactly one definition.
+supervisor keeps the other. The supervisor asks (``ready``, ``state``,
+``stats``, ``config_dump``, ``clusters``, ``logging``), the worker answers.
+Both ends live here so that the wire format has exactly one definition.
 
 Wire format: every message is one frame::
 
@@ -13,7 +13,9 @@ Wire format: every message is one frame::
     | length: u32 BE | request id: u32 BE | payload: UTF-8 JSON      |
     +----------------+----------------+---------------------------+
 
-``length`` counts the payload only. A request's payload is ``{"op": NAME}``;
+``length`` counts the payload only. A request's payload is ``{"op": NAME}``
+(an op that takes an argument carries it after one space: ``logging
+l4proxy.worker=debug``, loglevels);
 an answer carries the id of its request and ``{"ok": VALUE}`` or
 ``{"error": TEXT}``. Ids start at 1 and wrap; 0 is never used, so a frame
 of zeros is refused rather than taken for an answer.
