@@ -1212,6 +1212,15 @@ class Worker:
         source IP reads it)."""
         table = self.rules.state.table
         c = self._classify(table, origin, head)
+        if head.path == "*" and (origin.gateway or c.kind is Kind.ROUTE):
+            # an asterisk-form OPTIONS * (the compiled relay hands every
+            # target but origin-form to its pure relay, which asks here):
+            # no path a route could match, so Envoy's connection manager
+            # answers 404 before any route is asked (absolute_path_rejected,
+            # no body), at a gateway and on a sidecar's port of a known
+            # service alike; not a decision. What passes through to an
+            # unknown destination (Istio's TCP proxy there) still goes.
+            return RelayDecision(local=(404, ""), tag=_ABSOLUTE_PATH_TAG)
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
             return RelayDecision(local=(c.status, c.body), tag=_refusal_tag(c))
@@ -1974,6 +1983,12 @@ def _abort_tagged(fault: Fault | None, service: str, route: str, port: int = 0) 
     return fault._replace(tag=_no_destination_tag(service, route, port))
 
 
+# Envoy's RESPONSE_CODE_DETAILS of a request whose path is no path (OPTIONS *)
+ABSOLUTE_PATH_REJECTED = "absolute_path_rejected"
+# ... its tag: no destination (Istio's labels all unknown), no route
+_ABSOLUTE_PATH_TAG = _no_destination_tag("unknown", ABSOLUTE_PATH_REJECTED)
+
+
 def _refusal_tag(c: Classification) -> _SubsetTag:
     """Istio's labels for a request no route took: ``BlackHoleCluster`` for a
     destination REGISTRY_ONLY blocks, ``unknown`` for no route (404); not
@@ -2067,6 +2082,8 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
                 return TagLog("", "", NR_FLAG, "route_not_found")
             if route == "ingress_backend_not_found":  # (Envoy's route to no cluster)
                 return TagLog("", "", NC_FLAG, "cluster_not_found")
+            if route == ABSOLUTE_PATH_REJECTED:  # (OPTIONS *: _decide_request)
+                return TagLog("", "", 0, ABSOLUTE_PATH_REJECTED)
             return NO_TAG
     else:
         return NO_TAG

@@ -1,0 +1,334 @@
+"""A gateway listener's own answers, the same from both relay twins,
+through a real worker of each on loopback (an Istio Gateway of every host
+and two VirtualServices bound to it; a backend that answers by path):
+
+* ``OPTIONS *`` is answered 404 before any route is asked, as Envoy's
+  connection manager answers a path that is no path; it went to the route
+  that takes every path (a sidecar's to a known service the same, in
+  network namespaces: Istio's sidecar has a connection manager there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.demo.podnet import PodNetwork
+from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.test_access_log_worker import _fields, _read_lines
+from tests.test_relay_retries import _worker_twin
+from tests.test_worker_gateway_local_answer_framing import Answer, _answer
+
+TWINS = ["pure", "compiled"]
+WEB = "web.default.svc.cluster.local"
+
+
+class Pod:
+    """A backend on 127.0.0.1 that answers by path: ``/slow`` never (the
+    connection stays open until the relay closes it), ``/reset`` by
+    closing without a byte, any other 200 ``a`` on a keep-alive
+    connection; it keeps each request head it read."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = self.server.getsockname()
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                self.heads.append(head + b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path == b"/slow":
+                    while conn.recv(65536):
+                        pass
+                    return
+                if path == b"/reset":
+                    return
+                buf = buf[int(_header(head, b"content-length") or 0) :]
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def _rules(port: int, pod: Pod) -> str:
+    """A Gateway of every host on *port*. site.example: /moved redirects
+    (301), /direct is answered 503 "down", /slow times out (504 after
+    0.3 s), /reset is closed by the pod (502), /gone goes to a host no
+    entry has (503), any other path to the pod. strict.example: /only to
+    the pod, any other path the 404 of no route matched."""
+    return f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: site}}
+spec:
+  hosts: [site.example]
+  gateways: [gw]
+  http:
+  - match: [{{uri: {{prefix: /moved}}}}]
+    redirect: {{uri: /new}}
+  - match: [{{uri: {{prefix: /direct}}}}]
+    directResponse: {{status: 503, body: {{string: down}}}}
+  - match: [{{uri: {{prefix: /slow}}}}]
+    timeout: 0.3s
+    route: [{{destination: {{host: {WEB}}}}}]
+  - match: [{{uri: {{prefix: /reset}}}}]
+    route: [{{destination: {{host: {WEB}}}}}]
+  - match: [{{uri: {{prefix: /gone}}}}]
+    route: [{{destination: {{host: gone.default.svc.cluster.local}}}}]
+  - route: [{{destination: {{host: {WEB}}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: strict}}
+spec:
+  hosts: [strict.example]
+  gateways: [gw]
+  http:
+  - match: [{{uri: {{prefix: /only}}}}]
+    route: [{{destination: {{host: {WEB}}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web}}
+spec:
+  hosts: [{WEB}]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
+"""
+
+
+class Run:
+    """What a worker of one twin did: what the client function returned,
+    the access log's lines, its counters' rows (each family's labels and
+    value) and the heads its pod read."""
+
+    def __init__(self) -> None:
+        self.said: Any = None
+        self.lines: list[bytes] = []
+        self.rows: dict[str, list[tuple[dict[str, str], float]]] = {}
+        self.heads: list[bytes] = []
+        self.port = 0
+
+
+@contextlib.asynccontextmanager
+async def _gateway(
+    tmp_path: Path, pod: Pod, log_fd: int, run: Run, **options: Any
+) -> AsyncIterator[tuple[str, int]]:
+    lst = bind_listener("127.0.0.1", 0, "gateway")
+    run.port = lst.address[1]
+    path = tmp_path / "rules.yaml"
+    path.write_text(_rules(lst.address[1], pod))
+    watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
+    assert watcher.load_now()
+    worker = Worker(
+        [lst], watcher, WorkerOptions(http_routing="request", access_log_fd=log_fd, **options)
+    )
+    worker.start()
+    try:
+        yield lst.address
+    finally:
+        await worker.drain(1)
+        for name, series in worker.counter_snapshot().items():
+            run.rows[name] = [(dict(k), n) for k, n in series.items()]
+        worker.close()
+
+
+def _drive(
+    which: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    talk: Callable[[tuple[str, int]], Any],
+    **options: Any,
+) -> Run:
+    """*talk(address)* on a thread against a worker of relay twin *which*."""
+    _worker_twin(which, monkeypatch)
+    pod = Pod()
+    r, w = os.pipe()
+    run = Run()
+
+    async def main() -> None:
+        async with _gateway(tmp_path, pod, w, run, **options) as address:
+            run.said = await asyncio.get_running_loop().run_in_executor(None, talk, address)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pod.close()
+        os.close(w)
+    run.lines = _read_lines(r)
+    run.heads = pod.heads
+    return run
+
+
+def _each(requests: list[bytes]) -> Callable[[tuple[str, int]], list[Answer]]:
+    """A client that sends each request on a connection of its own."""
+
+    def talk(address: tuple[str, int]) -> list[Answer]:
+        got = []
+        for request in requests:
+            with socket.create_connection(address, timeout=10) as s:
+                s.sendall(request)
+                got.append(_answer(s))
+        return got
+
+    return talk
+
+
+def _get(target: str, host: str = "site.example", more: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{more}\r\n".encode()
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_options_asterisk_is_answered_404_before_any_route(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OPTIONS *`` to a host whose last route takes every path: 404, no
+    body, before any route (no decision; Istio's labels unknown; the
+    access log's details Envoy's ``absolute_path_rejected``, no route, no
+    cluster), the connection kept for the next request, which the pod
+    answers; the pod never sees the OPTIONS."""
+
+    def talk(address: tuple[str, int]) -> list[Answer]:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: site.example\r\n\r\n")
+            first = _answer(s)
+            s.sendall(_get("/ok"))
+            return [first, _answer(s)]
+
+    run = _drive(which, monkeypatch, tmp_path, talk)
+    (status, fields, body), after = run.said
+    assert (status, fields.get("content-length"), body, fields.get("connection")) == (
+        404,
+        "0",
+        b"",
+        None,
+    )
+    assert after[0] == 200
+    assert [h.split(b" ", 1)[0] for h in run.heads] == [b"GET"]
+    assert [(d["route"], n) for d, n in run.rows["l4proxy_decisions_total"]] == [("site[5]", 1)]
+    istio = [d for d, _ in run.rows["istio_requests_total"] if d["response_code"] == "404"]
+    assert [d["destination_service"] for d in istio] == ["unknown"]
+    (line,) = [_fields(line) for line in run.lines if b'"OPTIONS ' in line]
+    assert (line["code"], line["details"], line["cluster"], line["route"]) == (
+        "404",
+        "absolute_path_rejected",
+        "-",
+        "-",
+    )
+
+
+# a backend that answers each request 200 with its method, keep-alive
+ECHO_METHOD = r"""
+import socket, sys, threading
+def serve(c):
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            data = c.recv(65536)
+            if not data:
+                return
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        method = head.split(b" ", 1)[0]
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(method) + method)
+s = socket.create_server(("", int(sys.argv[1])), backlog=64)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+# OPTIONS *, then a GET, on one connection to the service's address: each
+# answer's status line and body
+ASTERISK_CLIENT = """
+import socket, sys
+c = socket.create_connection(("198.19.0.30", 8080), 10)
+out = []
+for request in (b"OPTIONS * HTTP/1.1\\r\\nHost: echo\\r\\n\\r\\n",
+                b"GET /x HTTP/1.1\\r\\nHost: echo\\r\\n\\r\\n"):
+    c.sendall(request)
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += c.recv(65536)
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    fields = dict(line.partition(b":")[::2] for line in head.lower().split(b"\\r\\n")[1:])
+    n = int(fields[b"content-length"])
+    while len(body) < n:
+        body += c.recv(65536)
+    out.append(head.split(b"\\r\\n")[0] + b" " + body)
+sys.stdout.buffer.write(b"\\n".join(out))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_sidecar_answers_options_asterisk_to_a_known_service_404(
+    pod_network: PodNetwork, impl: str
+) -> None:
+    """A client pod's OPTIONS * to a ServiceEntry's address, routed per
+    request by its sidecar: 404 before any route, as the HTTP connection
+    manager of Istio's sidecar on that port answers it; the connection
+    stays, the GET after it reaches the pod. It went to the pod."""
+    mesh = Mesh(pod_network)
+    try:
+        echo = pod_network.add_pod("echo", labels={"app": "echo"})
+        mesh.procs.append(echo.popen([PYTHON, "-c", ECHO_METHOD, "8080"], user=1000))
+        echo.wait_listening(8080)
+        mesh.write_rules(
+            service_entry("echo", "198.19.0.30", 8080, [(echo.ipv4, echo.labels)]),
+            name="registry.yaml",
+        )
+        env, args = IMPLS[impl]
+        mesh.env.update(env)
+        mesh.start_client(run_args=(*args, "--http-routing", "request"))
+        assert mesh.client is not None
+        got = mesh.client.run(
+            [PYTHON, "-c", ASTERISK_CLIENT], user=1000, timeout=20, text=False
+        ).stdout
+    finally:
+        mesh.close()
+    assert got.split(b"\n") == [b"HTTP/1.1 404 Not Found ", b"HTTP/1.1 200 OK GET"]
