@@ -3568,13 +3568,15 @@ cdef void outcome(Relay *R, Conn *c, EP *ep, int why) noexcept nogil:
 
 
 cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, size_t n,
-                          const char *kept, size_t kn, double now, int why) noexcept nogil:
+                          const char *kept, size_t kn, const char *kept10, size_t k10n,
+                          double now, int why) noexcept nogil:
     """Give up on this exchange (_upstream_failed in _exchange_py.py): answer
     when no final head went out (interim ones may have), counted either way.
     *reason*: that answer, saying "connection: close"; *kept*: the same
     without (NULL: a gateway failure's local answer it is not), sent when
     the client connection stays: the request was read whole and its head
-    asked to persist (_keeps_after_local_answer); a gateway failure's
+    asked to persist (_keeps_after_local_answer); *kept10*: the same saying
+    "connection: keep-alive", to an HTTP/1.0 client that stays; a gateway failure's
     (*status* 502, 504) gets the response edits of the request's choice
     (answer_edited; a request body that cannot be framed, 400, none).
     *why*: OD_* when the
@@ -3603,8 +3605,10 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         up_discard(R, c)
     if c.rs == RS_HEAD:
         c.status = status
-        if kept != NULL and c.keep_alive and not c.http10 and c.req_left == 0 \
-                and not c.client_eof:
+        if kept != NULL and c.keep_alive and c.req_left == 0 and not c.client_eof:
+            if c.http10:  # (it asked: Connection: keep-alive; told so)
+                kept = kept10
+                kn = k10n
             if answer_edited(R, c, kept, kn, status >= 500) != 0:
                 return  # out of memory: aborted
             c.client_bytes += c.out.len - before
@@ -3866,7 +3870,8 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
         pend_unlink(c)
     if c.rs == RS_HEAD:
         upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN,
-                        _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN, now,
+                        _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN,
+                        _LOCAL_504_KEEP10, _LOCAL_504_KEEP10_LEN, now,
                         OD_ANSWERED if c.up == NULL or c.up.connecting else OD_TIMEOUT)
         return
     if c.up != NULL:
@@ -3920,7 +3925,7 @@ cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now)
             if used and to_client(R, c, data, <size_t>used) != 0:
                 return -1
             c.client_bytes += used
-            upstream_failed(R, c, 502, NULL, 0, NULL, 0, now,
+            upstream_failed(R, c, 502, NULL, 0, NULL, 0, NULL, 0, now,
                             OD_CHUNKED + (c.ck.error if 0 < c.ck.error < N_CHUNK_ERRORS else 0))
             return -1
         if c.ck.state == C_DONE:
@@ -4348,6 +4353,7 @@ cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edite
     cdef const unsigned char *b = <const unsigned char*>data
     cdef const unsigned char *lf
     cdef Py_ssize_t i, run, le, end = 0
+    cdef size_t at = c.out.len
     if not edited or not c.edit_resp:
         return answer_client(R, c, data, n)
     if e != NULL and e.response:
@@ -4855,7 +4861,8 @@ cdef void bad_body(Relay *R, Conn *c, double now) noexcept nogil:
     """A chunked request body that cannot be framed: 400 (when no response
     byte went out yet) and close (_upstream_failed in _exchange_py.py)."""
     cdef int e = c.rck.error if 0 < c.rck.error < N_CHUNK_ERRORS else 0
-    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], NULL, 0, now, OD_ANSWERED)
+    upstream_failed(R, c, 400, R.bad_chunk[e], R.bad_chunk_len[e], NULL, 0, NULL, 0, now,
+                    OD_ANSWERED)
 
 
 cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
@@ -5755,7 +5762,8 @@ cdef void retry_refused(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     so refused is not (Envoy's router never retries an overflow):
     Exchange.retry_refused in _exchange_py.py."""
     c.lflags |= v.lflags
-    upstream_failed(R, c, v.status, v.close, v.close_len, v.keep, v.keep_len, now, OD_BEFORE)
+    upstream_failed(R, c, v.status, v.close, v.close_len, v.keep, v.keep_len, v.keep10,
+                    v.keep10_len, now, OD_BEFORE)
 
 
 cdef void serve_pending(Relay *R, double now) noexcept nogil:
@@ -5954,7 +5962,8 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
         # is answered; no policy retries it: can_retry() wants a try on)
         c.lflags |= LF_UF
         upstream_failed(R, c, 503, _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN,
-                        _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN, now, OD_BEFORE)
+                        _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN,
+                        _LOCAL_503_CONNECT_KEEP10, _LOCAL_503_CONNECT_KEEP10_LEN, now, OD_BEFORE)
     else:
         local_answer(R, c, R_no_upstream, now, True, False)
 
@@ -6017,7 +6026,8 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             policy_retry(R, c, OD_BEFORE, now)
             return
         upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN,
-                        _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, now, OD_BEFORE)
+                        _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN,
+                        _LOCAL_502_BEFORE_KEEP10, _LOCAL_502_BEFORE_KEEP10_LEN, now, OD_BEFORE)
         return
     if c.rs == RS_BODY and c.framing == F_CLOSE:
         complete(R, c, True, c.req_left > 0, now)
@@ -6026,7 +6036,8 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
         policy_retry(R, c, OD_MID, now)  # closed within the response head
         return
     upstream_failed(R, c, 502, _LOCAL_502_MID, _LOCAL_502_MID_LEN,
-                    _LOCAL_502_MID_KEEP, _LOCAL_502_MID_KEEP_LEN, now, OD_MID)
+                    _LOCAL_502_MID_KEEP, _LOCAL_502_MID_KEEP_LEN,
+                    _LOCAL_502_MID_KEEP10, _LOCAL_502_MID_KEEP10_LEN, now, OD_MID)
 
 
 cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
@@ -6088,11 +6099,20 @@ cdef char *_LOCAL_502_MID_KEEP = NULL
 cdef size_t _LOCAL_502_MID_KEEP_LEN = 0
 cdef char *_LOCAL_504_KEEP = NULL
 cdef size_t _LOCAL_504_KEEP_LEN = 0
+# ... and to an HTTP/1.0 client that stays ("connection: keep-alive")
+cdef char *_LOCAL_502_BEFORE_KEEP10 = NULL
+cdef size_t _LOCAL_502_BEFORE_KEEP10_LEN = 0
+cdef char *_LOCAL_502_MID_KEEP10 = NULL
+cdef size_t _LOCAL_502_MID_KEEP10_LEN = 0
+cdef char *_LOCAL_504_KEEP10 = NULL
+cdef size_t _LOCAL_504_KEEP10_LEN = 0
 # a retry whose last connect failed (connect_failed_next), as R_no_upstream's
 cdef char *_LOCAL_503_CONNECT = NULL
 cdef size_t _LOCAL_503_CONNECT_LEN = 0
 cdef char *_LOCAL_503_CONNECT_KEEP = NULL
 cdef size_t _LOCAL_503_CONNECT_KEEP_LEN = 0
+cdef char *_LOCAL_503_CONNECT_KEEP10 = NULL
+cdef size_t _LOCAL_503_CONNECT_KEEP10_LEN = 0
 
 
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
@@ -7336,6 +7356,7 @@ cdef void tick(Relay *R, double now) noexcept nogil:
     cdef int i = 0, k
     cdef Conn *c
     cdef EP *ep
+    cdef size_t at
     while i < R.n_conns:
         c = R.conns[i]
         i += 1
@@ -7695,6 +7716,9 @@ cdef class HttpRelay:
         global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
         global _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN
         global _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN
+        global _LOCAL_502_BEFORE_KEEP10, _LOCAL_502_BEFORE_KEEP10_LEN, _LOCAL_502_MID_KEEP10
+        global _LOCAL_502_MID_KEEP10_LEN, _LOCAL_504_KEEP10, _LOCAL_504_KEEP10_LEN
+        global _LOCAL_503_CONNECT_KEEP10, _LOCAL_503_CONNECT_KEEP10_LEN
         if self.R != NULL:
             raise RuntimeError("HttpRelay.__init__ called twice")
         pool = pool or PoolOptions()
@@ -7768,6 +7792,20 @@ cdef class HttpRelay:
             _LOCAL_503_CONNECT_KEEP = _dup(
                 local_response(503, "no healthy upstream", close=False),
                 &_LOCAL_503_CONNECT_KEEP_LEN)
+            _LOCAL_502_BEFORE_KEEP10 = _dup(
+                local_response(502, "upstream closed the connection before a response",
+                               close=False, http10=True),
+                &_LOCAL_502_BEFORE_KEEP10_LEN)
+            _LOCAL_502_MID_KEEP10 = _dup(
+                local_response(502, "upstream closed the connection mid-response",
+                               close=False, http10=True),
+                &_LOCAL_502_MID_KEEP10_LEN)
+            _LOCAL_504_KEEP10 = _dup(
+                local_response(504, "upstream request timeout", close=False, http10=True),
+                &_LOCAL_504_KEEP10_LEN)
+            _LOCAL_503_CONNECT_KEEP10 = _dup(
+                local_response(503, "no healthy upstream", close=False, http10=True),
+                &_LOCAL_503_CONNECT_KEEP10_LEN)
             R_no_upstream = _local_verdict(503, "no healthy upstream", -1)
             R_overloaded = _local_verdict(503, "overloaded", -1)
             R_overflow = _local_verdict(503, OVERFLOW_BODY, -1, OVERFLOW_HEADERS)
@@ -9446,13 +9484,17 @@ cdef class HttpRelay:
                     return
                 answer = local_response(exc.status, exc.reason)
                 kept = local_response(exc.status, exc.reason, close=False)
+                kept10 = local_response(exc.status, exc.reason, close=False, http10=True)
                 upstream_failed(self.R, c, exc.status, answer, len(answer), kept, len(kept),
-                                now, self._outcome_text(exc.reason))
+                                kept10, len(kept10), now, self._outcome_text(exc.reason))
                 return
             if kind == Framing.TUNNEL:  # 101 without Upgrade, 2xx to CONNECT: refused above
                 answer = local_response(502, "unexpected tunnel response")
                 kept = local_response(502, "unexpected tunnel response", close=False)
-                upstream_failed(self.R, c, 502, answer, len(answer), kept, len(kept), now,
+                kept10 = local_response(502, "unexpected tunnel response", close=False,
+                                        http10=True)
+                upstream_failed(self.R, c, 502, answer, len(answer), kept, len(kept),
+                                kept10, len(kept10), now,
                                 self._outcome_text("unexpected tunnel response"))
                 return
             hl = resp.head_length

@@ -1000,9 +1000,9 @@ def test_each_answer_then_the_next_request(name: str) -> None:
         (post("early_bad", b"0123456789abcdef")[:-4], False),  # half read: a 502, then a close
         (get("two_cl", b"Connection: close\r\n"), False),
         (get("two_cl", version=b"1.0"), False),
-        # HTTP/1.0 asking keep-alive: persists only when told, and the local
-        # answer does not say so
-        (get("two_cl", b"Host: b\r\nConnection: keep-alive\r\n", version=b"1.0"), False),
+        # HTTP/1.0 asking keep-alive: kept, and told so (connection:
+        # keep-alive), as by every local answer to such a client
+        (get("two_cl", b"Host: b\r\nConnection: keep-alive\r\n", version=b"1.0"), True),
     ],
     ids=["bad_head", "mid_head", "post", "post_half_read", "client_close", "http10", "http10_ka"],
 )
@@ -1017,6 +1017,7 @@ def test_a_gateway_failures_502_keeps_the_client_when_its_request_was_read(
     assert received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received
     assert closed != keeps
     assert (b"connection: close" not in received) == keeps
+    assert (b"connection: keep-alive" in received) == (keeps and b" HTTP/1.0\r\n" in first)
     assert received.endswith(ANSWERS["cl"].data) == keeps
 
 

@@ -2,6 +2,9 @@
 through a real worker of each on loopback (an Istio Gateway of every host
 and two VirtualServices bound to it; a backend that answers by path):
 
+* a gateway failure's answer (502, the route timeout's 504) keeps an
+  HTTP/1.0 client that asked (``Connection: keep-alive``) when its request
+  was read whole, saying ``connection: keep-alive``; it was closed;
 * ``OPTIONS *`` is answered 404 before any route is asked, as Envoy's
   connection manager answers a path that is no path; it went to the route
   that takes every path (a sidecar's to a known service the same, in
@@ -28,7 +31,7 @@ from l4proxy.sidecar.worker import Worker, WorkerOptions
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_relay_retries import _worker_twin
-from tests.test_worker_gateway_local_answer_framing import Answer, _answer
+from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
 
 TWINS = ["pure", "compiled"]
 WEB = "web.default.svc.cluster.local"
@@ -223,6 +226,55 @@ def _each(requests: list[bytes]) -> Callable[[tuple[str, int]], list[Answer]]:
 
 def _get(target: str, host: str = "site.example", more: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{more}\r\n".encode()
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_gateway_failure_keeps_an_http10_client_that_asked(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one HTTP/1.0 connection that asks for keep-alive: the 502 of an
+    upstream that closed (a GET, then a POST whose body came whole) and
+    the route timeout's 504 each say ``connection: keep-alive`` and the
+    connection serves the next request. A POST whose body is not all here
+    gets its 502 with ``connection: close`` and the close, as does a
+    request that did not ask."""
+    keep = "Connection: keep-alive\r\n"
+
+    def talk(address: tuple[str, int]) -> tuple[list[tuple[int, str | None]], bool, bool]:
+        kept = []
+        with socket.create_connection(address, timeout=10) as s:
+            for request in (
+                f"GET /reset HTTP/1.0\r\nHost: site.example\r\n{keep}\r\n",
+                f"GET /slow HTTP/1.0\r\nHost: site.example\r\n{keep}\r\n",
+                f"POST /reset HTTP/1.0\r\nHost: site.example\r\n{keep}"
+                "Content-Length: 5\r\n\r\nhello",
+                f"GET /ok HTTP/1.0\r\nHost: site.example\r\n{keep}\r\n",
+                "GET /reset HTTP/1.0\r\nHost: site.example\r\n\r\n",
+            ):
+                s.sendall(request.encode())
+                status, fields, _ = _answer(s)
+                kept.append((status, fields.get("connection")))
+            last_closed = _closed(s)
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(
+                f"POST /reset HTTP/1.0\r\nHost: site.example\r\n{keep}"
+                "Content-Length: 10\r\n\r\nhello".encode()
+            )
+            status, fields, _ = _answer(s)
+            kept.append((status, fields.get("connection")))
+            cut_closed = _closed(s)
+        return kept, last_closed, cut_closed
+
+    kept, last_closed, cut_closed = _drive(which, monkeypatch, tmp_path, talk).said
+    assert kept == [
+        (502, "keep-alive"),
+        (504, "keep-alive"),
+        (502, "keep-alive"),
+        (200, "keep-alive"),
+        (502, "close"),
+        (502, "close"),
+    ]
+    assert last_closed and cut_closed
 
 
 @pytest.mark.parametrize("which", TWINS)

@@ -212,19 +212,21 @@ Decisions
   dot-segment (routed by the path as sent, served by a server that removes
   them as another: see "Decisions" in ``_peek_py.py``); 502 for an upstream
   response that cannot, unless it may keep the connection (next).
-* A gateway failure's local answer (502, the route timeout's 504) keeps
-  the client connection, as Envoy's local replies do, when the request was
-  read whole (its body too: where the next request starts is known, and a
-  pipelined one waits unread in ``_inbox``), its head asked to persist, it
-  is HTTP/1.1 and the client has not half-closed; otherwise it says
-  ``connection: close`` and the connection closes (a body half-read would
-  be taken for the next request's head).
-* Any other local answer (:meth:`Exchange.refuse`: a route's own, the 404
-  of no route, the 503 of no endpoint, a fault's abort) keeps an HTTP/1.0
-  client that asked for it (``Connection: keep-alive``), and says so:
-  ``connection: keep-alive``, as an upstream's answer to it is told
-  (:func:`client_head`); an HTTP/1.0 client told nothing reads the answer
-  to the close.
+* A gateway failure's local answer (502, the route timeout's 504, a
+  retry refused: 503 UO or OM) keeps the client connection, as Envoy's
+  local replies do, when the request was read whole (its body too: where
+  the next request starts is known, and a pipelined one waits unread in
+  ``_inbox``), its head asked to persist and the client has not
+  half-closed; otherwise it says ``connection: close`` and the connection
+  closes (a body half-read would be taken for the next request's head).
+  Envoy closes only where the response went before the request's end
+  (``downstream_rq_response_before_rq_complete``), as here.
+* Every local answer that keeps an HTTP/1.0 client (one that asked:
+  ``Connection: keep-alive``), a gateway failure's as the others
+  (:meth:`Exchange.refuse`: a route's own, the 404 of no route, the 503 of
+  no endpoint, a fault's abort), says so: ``connection: keep-alive``, as
+  an upstream's answer to it is told (:func:`client_head`); an HTTP/1.0
+  client told nothing reads the answer to the close.
 """
 
 from __future__ import annotations
@@ -1306,7 +1308,9 @@ class Exchange:
             self.status = 504
             bodyless = request_framing(self.head)[0] == Framing.NONE
             keep = bodyless and self._keeps_after_local_answer()
-            answer = local_response(504, reason, not keep, head_only=self._head_only())
+            answer = local_response(
+                504, reason, not keep, head_only=self._head_only(), http10=self._http10()
+            )
             return [
                 *self._given_up(),
                 Release(False),
@@ -1647,7 +1651,9 @@ class Exchange:
                 and self._request.done
                 and self._keeps_after_local_answer()
             )
-            answer = local_response(status, reason, not keep, headers, self._head_only())
+            answer = local_response(
+                status, reason, not keep, headers, self._head_only(), self._http10()
+            )
             if gateway:
                 answer = edit_local_answer(answer, self.edits)
             out += [Client(answer), self._done(status, True, flags)]
@@ -1664,12 +1670,16 @@ class Exchange:
 
     def _keeps_after_local_answer(self) -> bool:
         """After a gateway failure's local answer to a request read whole:
-        the client connection stays when its head asked for it, and is
-        HTTP/1.1 (an HTTP/1.0 client is closed, told ``connection: close``;
-        :meth:`refuse` keeps one that asked, telling it
-        ``connection: keep-alive``)."""
+        the client connection stays when its head asked for it (an HTTP/1.0
+        one that said ``Connection: keep-alive``, told ``connection:
+        keep-alive``, as :meth:`refuse` tells it) and has not half-closed."""
         assert self.head is not None
-        return self.head.keep_alive and self.head.version != "HTTP/1.0" and not self._client_eof
+        return self.head.keep_alive and not self._client_eof
+
+    def _http10(self) -> bool:
+        """The current request is HTTP/1.0: a local answer that keeps its
+        connection says so (local_response()'s *http10*)."""
+        return self.head is not None and self.head.version == "HTTP/1.0"
 
     def _local_error(self, status: int, reason: str) -> list[Action]:
         self.status = status
