@@ -1507,6 +1507,7 @@ cdef struct Verdict_:
     int n_mirrors          # V_ROUTE: its mirrors (owned)
     Mirror_ *mirrors
     Session_ *session      # V_ROUTE: its session persistence (owned; NULL: none)
+    bint decided           # V_LOCAL: a route's answer (Verdict.decided): a decision row
 
 cdef struct Test_:
     int kind               # T_*
@@ -5577,6 +5578,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     if c.lg != NULL:  # (the access log's: see "Access log")
         R.log_capture(R, c)
     if v.kind == V_LOCAL:
+        if v.decided and not R.decide_only:
+            count_row(R, v.tag, 0, 0.0)  # l4proxy_decisions_total: a route's answer
         if v.fault != NULL:
             if v.tag >= 0:
                 c.tag = v.tag  # (an abort's answer is tagged as the local one)
@@ -9175,6 +9178,7 @@ cdef class HttpRelay:
             v = _local_verdict(status, body, self._tag_id(verdict.tag),
                                header_lines(verdict.local_headers))
             v.lflags = LF_LOCALV  # (the route's own answer: its tag says why)
+            v.decided = bool(verdict.decided)
             try:
                 v.fault = self._fault(verdict.fault)
             except BaseException:

@@ -2,6 +2,15 @@
 through a real worker of each on loopback (an Istio Gateway of every host
 and two VirtualServices bound to it; a backend that answers by path):
 
+* ``l4proxy_decisions_total`` counts every request a route decided, once,
+  under the service the decision names: a route's own answers (a
+  redirect, a direct response, the 404 of no route matched) too, however
+  the request came (origin-form, absolute-form, with Upgrade), and a
+  forwarded one under its destination. The compiled relay counted none of
+  a route's answers on its fast path, its slow path's (absolute-form,
+  Upgrade) under the gateway's service, and the pure one every forwarded
+  request under the gateway's service where the compiled one names the
+  destination;
 * a gateway failure's answer (502, the route timeout's 504) keeps an
   HTTP/1.0 client that asked (``Connection: keep-alive``) when its request
   was read whole, saying ``connection: keep-alive``; it was closed;
@@ -226,6 +235,43 @@ def _each(requests: list[bytes]) -> Callable[[tuple[str, int]], list[Answer]]:
 
 def _get(target: str, host: str = "site.example", more: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{more}\r\n".encode()
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_every_routed_decision_is_counted_once_under_the_service_it_names(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redirect three ways (origin-form, absolute-form, with Upgrade:
+    the compiled fast path and its slow path), the direct response, the
+    503 of a destination with no entry, the 404 of no route matched, the
+    pod's answer two ways: one decision each, a route's own answers under
+    the gateway's service, the pod's under its own (the compiled relay's
+    rows and the pure relay's counts alike); OPTIONS * none."""
+    upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    requests = [
+        _get("/moved"),
+        _get("http://site.example/moved"),
+        _get("/moved", more=upgrade),
+        _get("/direct"),
+        _get("/gone"),
+        _get("/nothing", host="strict.example"),
+        _get("/ok"),
+        _get("http://site.example/ok"),
+        b"OPTIONS * HTTP/1.1\r\nHost: site.example\r\n\r\n",
+    ]
+    run = _drive(which, monkeypatch, tmp_path, _each(requests))
+    assert [status for status, _, _ in run.said] == [301, 301, 301, 503, 503, 404, 200, 200, 404]
+    gateway = f"gateway:default/gw/http.{run.port}"
+    got = {
+        (d["service"], d["route"], d["subset"]): n for d, n in run.rows["l4proxy_decisions_total"]
+    }
+    assert got == {
+        (f"{gateway}/site.example", "site[0]", "none"): 3,  # the redirect
+        (f"{gateway}/site.example", "site[1]", "none"): 1,  # the direct response
+        (f"{gateway}/site.example", "site[4]", "default"): 1,  # no entry: 503
+        (f"{gateway}/strict.example", "no_route", "none"): 1,
+        (WEB, "site[5]", "default"): 2,
+    }
 
 
 @pytest.mark.parametrize("which", TWINS)

@@ -918,7 +918,12 @@ class Verdict(NamedTuple):
     own (:class:`Mirror`; none for a ``local`` answer). ``session``: the
     route's session persistence (:class:`SessionPersistence`; None: none):
     a request whose token names an endpoint of ``choices`` goes there
-    instead of being drawn.
+    instead of being drawn. ``decided``: the ``local`` answer is a route's
+    (a redirect, a direct response, a preflight's, the 404 of no route
+    matched): ``l4proxy_decisions_total`` counts each request it answers
+    under ``tag``, as a choice's requests are counted under the choice's;
+    a refusal before any route (no route of an Ingress, REGISTRY_ONLY) is
+    no decision.
     """
 
     choices: tuple[Choice, ...] = ()
@@ -933,3 +938,4 @@ class Verdict(NamedTuple):
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
     session: SessionPersistence | None = None
+    decided: bool = False

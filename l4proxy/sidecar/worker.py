@@ -488,6 +488,19 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
     def _describe_counters(self) -> None:
+        # One decision, one count: l4proxy_decisions_total counts every
+        # request (a connection, with --http-routing connection) a route
+        # table decided, once, under the service the decision names
+        # (Decision.service: the destination, or the routed service itself
+        # where no destination serves it: a gateway's redirect, direct
+        # response, 404 of no route matched, a backend not resolved), its
+        # route and subset; a route's own answer is a decision too. Not
+        # counted: what no route was asked for (a head refused, an Ingress
+        # miss, REGISTRY_ONLY's refusal, a gateway's OPTIONS *) and what
+        # goes where it was dialled (PassthroughCluster). The compiled
+        # relay's fast path counts a verdict's request in its rows (a
+        # route's local answer by Verdict.decided), its slow path and the
+        # pure relay in _decide_request: one rule for both twins.
         c = self.counters
         c.describe("l4proxy_connections_total", "counter", "Connections accepted, by listener.")
         c.describe(
@@ -1017,7 +1030,7 @@ class Worker:
         )
         self.counters.inc(
             "l4proxy_decisions_total",
-            service=service.host,
+            service=decision.service.host,
             route=decision.route,
             subset=decision.subset,
         )
@@ -1247,9 +1260,9 @@ class Worker:
             healthy=self.health.is_healthy,
             active=lambda ep: relay.pools.active((ep.address, ep.port)),
         )
-        self.relay_counters.inc(
+        self.relay_counters.inc(  # (see "One decision, one count" in _describe_counters)
             "l4proxy_decisions_total",
-            service=service.host,
+            service=decision.service.host,
             route=decision.route,
             subset=decision.subset,
         )
@@ -1356,6 +1369,7 @@ class Worker:
                 shape=shape.bits,
                 tests=shape.tests,
                 fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),  # (drawn first)
+                decided=True,  # (the route's answer: a decision, as _decide_request counts it)
             )
         if not rc.subsets:  # no route matched (404): nothing to edit
             tag = _no_destination_tag(rc.service.host, rc.route, dialled)
@@ -1366,6 +1380,7 @@ class Worker:
                 shape=shape.bits,
                 tests=shape.tests,
                 fault=_abort_tagged(rc.fault, rc.service.host, rc.route, dialled),
+                decided=True,
             )
         choices = tuple(
             Choice(
