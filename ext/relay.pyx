@@ -1135,6 +1135,22 @@ cdef extern from *:
         return (int)n + snprintf(out + n, 8, ".%03dZ", (int)(ms % 1000));
     }
 
+    /* the IMF-fixdate of second sec (_exchange_py.http_date()'s: RFC 9110
+       5.6.7, English names whatever the locale): 29 bytes at out, no NUL */
+    static void l4_http_date(char *out, int64_t sec) {
+        static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+        static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+        char text[64];
+        time_t t = (time_t)sec;
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        snprintf(text, sizeof text, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[tm.tm_wday % 7],
+                 tm.tm_mday, months[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
+                 tm.tm_sec);
+        memcpy(out, text, 29);
+    }
+
     /* "ip:port", "[ip6]:port" (an IPv4-mapped one as IPv4), at most 63
        bytes; 0 for another family */
     static int l4_sa_text(char *out, const void *addr) {
@@ -1188,6 +1204,7 @@ cdef extern from *:
     void alog_counts "l4_alog_counts"(l4_alog *a, int64_t *out) nogil
     double wall_s "l4_wall_s"() nogil
     int time_text "l4_time_text"(char *out, double wall) nogil
+    void http_date "l4_http_date"(char *out, int64_t sec) nogil
     int sa_text "l4_sa_text"(char *out, const void *addr) nogil
     int ep_text "l4_ep_text"(char *out, int v6, uint32_t addr, const unsigned char *addr6,
                              uint16_t port) nogil
@@ -1820,6 +1837,8 @@ cdef struct Relay:
     int64_t log_sec          # log_time()'s second, and its text
     int log_sec_len
     char log_sec_text[32]
+    int64_t date_sec         # date_stamp()'s second, and its IMF-fixdate
+    char date_text[32]
     void (*log_capture)(Relay *R, Conn *c) noexcept nogil
     void (*log_done)(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil
 
@@ -2372,14 +2391,43 @@ cdef int answer_client(Relay *R, Conn *c, const char *data, size_t n) noexcept n
     """Queue a local answer (local_response()'s bytes) for the client: its
     head alone, up to its empty line, when the request is a HEAD (RFC 9110
     9.3.2: the head a GET would get, no body; a keep-alive client would
-    read the body as the next response)."""
-    cdef size_t i
+    read the body as the next response); dated now (date_stamp())."""
+    cdef size_t i, at = c.out.len
     if c.method_head:
         for i in range(3, n):
             if data[i] == LF and data[i - 1] == CR and data[i - 2] == LF and data[i - 3] == CR:
                 n = i + 1
                 break
-    return to_client(R, c, data, n)
+    if to_client(R, c, data, n) != 0:
+        return -1
+    date_stamp(R, c, at)
+    return 0
+
+
+cdef void date_stamp(Relay *R, Conn *c, size_t at) noexcept nogil:
+    """The relay's own answer just queued at c.out[at:] says the current
+    second: its answers are built once (local_response(), at the relay's
+    start or a verdict's conversion), so their date line's 29 bytes are
+    overwritten with R.date_text, an IMF-fixdate made again only when the
+    wall clock's second has changed (http_date() in _exchange_py.py, as
+    Envoy's date provider: one clock read per local answer). Its head is
+    scanned for the line (none where a route's edits removed it); no
+    answer an upstream sent passes here."""
+    cdef char *p = c.out.p + at
+    cdef size_t n = c.out.len - at, i = 0
+    cdef int64_t sec
+    while i + 37 < n:  # (LF, "date: ", 29 bytes, CR, LF)
+        if p[i] == LF:
+            if p[i + 1] == CR:
+                return  # the head's end
+            if memcmp(p + i + 1, b"date: ", 6) == 0 and p[i + 36] == CR:
+                sec = <int64_t>wall_s()
+                if sec != R.date_sec:
+                    http_date(R.date_text, sec)
+                    R.date_sec = sec
+                memcpy(p + i + 7, R.date_text, 29)
+                return
+        i += 1
 
 
 # -- request heads ------------------------------------------------------------------
@@ -4384,6 +4432,7 @@ cdef int answer_edited(Relay *R, Conn *c, const char *data, size_t n, bint edite
             or to_client(R, c, c.set_cookie, c.set_cookie_len) != 0
             or to_client(R, c, data + end, 2) != 0):
         return -1
+    date_stamp(R, c, at)
     if c.method_head:
         return 0
     return to_client(R, c, data + end + 2, n - <size_t>end - 2)
@@ -7382,9 +7431,11 @@ cdef void tick(Relay *R, double now) noexcept nogil:
         elif c.phase == P_HEAD and c.head_started and c.head_started + R.header_timeout <= now:
             L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
             R.n_head_timeouts += 1
+            at = c.out.len
             if to_client(R, c, _LOCAL_408, _LOCAL_408_LEN) != 0:
                 i -= 1  # aborted: conn_forget() moved the last one here
                 continue
+            date_stamp(R, c, at)
             buf_free(&c.inb)
             start_close(R, c, now)
             if not c.closed:

@@ -21,6 +21,7 @@ import contextlib
 import http.server
 import importlib
 import os
+import re
 import shutil
 import socket
 import struct
@@ -29,6 +30,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -157,6 +159,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         ok, why = _check_netns()
         if not ok:
             _skip_or_fail(why)
+
+
+# a relay's own answer's date line (local_response()'s: an IMF-fixdate of
+# the second it went)
+_DATE_LINE = re.compile(rb"\ndate: [A-Za-z]{3}, \d\d [A-Za-z]{3} \d{4} \d\d:\d\d:\d\d GMT\r\n")
+EPOCH_DATE = b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def undated(data: bytes) -> bytes:
+    """*data* with the value of every relay answer's ``date:`` line the
+    epoch's (its length kept): answers sent in different seconds, a
+    twin's and the other's, or one and local_response()'s, compare equal
+    where all else is."""
+    return _DATE_LINE.sub(b"\ndate: " + EPOCH_DATE + b"\r\n", data)
+
+
+def epoch_response(*args: Any, **kwargs: Any) -> bytes:
+    """local_response() dated as undated() leaves an answer: what a relay's
+    answer, undated, compares equal to."""
+    from l4proxy.dataplane._exchange_py import local_response
+
+    return local_response(*args, date=EPOCH_DATE.decode(), **kwargs)
 
 
 def reset_close(sock: socket.socket) -> None:

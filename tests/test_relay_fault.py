@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import local_response
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import (
     FAULT_ABORT_BODY,
@@ -41,6 +40,8 @@ from tests._scripted import (
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
+from tests.conftest import epoch_response as local_response
+from tests.conftest import undated
 from tests.test_relay_edges import _relay
 from tests.test_relay_edges_count import Counted
 
@@ -134,7 +135,7 @@ def test_an_abort_is_answered_locally(mode: tuple[str, str]) -> None:
     finally:
         relay.close()
         up.close()
-    assert got == [ABORTED, ABORTED, OK]
+    assert [undated(g) for g in got] == [ABORTED, ABORTED, OK]
     assert up.requests == [_get("/ok")]
     assert up.accepted == 1  # (the one request that went)
     assert sorted(s for s, _ in counted.rows) == [200, 503, 503]
@@ -157,7 +158,7 @@ def test_an_abort_closes_as_its_head_asks(mode: tuple[str, str]) -> None:
     finally:
         relay.close()
         up.close()
-    assert got == local_response(418, FAULT_ABORT_BODY, close=True)
+    assert undated(got) == local_response(418, FAULT_ABORT_BODY, close=True)
     assert up.accepted == 0
 
 
@@ -253,7 +254,7 @@ def test_a_delay_then_an_abort(mode: tuple[str, str]) -> None:
     finally:
         relay.close()
         up.close()
-    assert got == local_response(429, FAULT_ABORT_BODY, close=False)
+    assert undated(got) == local_response(429, FAULT_ABORT_BODY, close=False)
     assert elapsed >= 0.3
     assert after == OK
     assert up.requests == [_get("/ok")]
@@ -380,7 +381,7 @@ def test_an_aborted_whole_body_is_dropped(mode: tuple[str, str], framing: str) -
     finally:
         relay.close()
         up.close()
-    assert got == ABORTED + OK
+    assert undated(got) == ABORTED + OK
     assert up.requests == [_get("/ok")]
 
 
@@ -412,7 +413,7 @@ def test_an_abort_before_the_whole_body_closes(
     finally:
         relay.close()
         up.close()
-    assert answer == local_response(503, FAULT_ABORT_BODY, close=True)
+    assert undated(answer) == local_response(503, FAULT_ABORT_BODY, close=True)
     assert rest == b""
     assert up.requests == [] and up.accepted == 0
 
@@ -498,7 +499,7 @@ def test_a_local_answer_is_aborted_first(mode: tuple[str, str], local: str) -> N
         a.close()
     finally:
         relay.close()
-    assert got == [local_response(418, FAULT_ABORT_BODY, close=False)] * 2
+    assert [undated(g) for g in got] == [local_response(418, FAULT_ABORT_BODY, close=False)] * 2
 
 
 @pytest.mark.parametrize("local", sorted(LOCALS))
@@ -518,7 +519,7 @@ def test_a_local_answer_is_delayed_first(mode: tuple[str, str], local: str) -> N
         a.close()
     finally:
         relay.close()
-    assert got == [local_response(status, body, close=False)] * 2
+    assert [undated(g) for g in got] == [local_response(status, body, close=False)] * 2
     assert elapsed >= 0.6
 
 
@@ -544,7 +545,7 @@ def test_a_reset_during_a_local_answers_delay(mode: tuple[str, str]) -> None:
         relay.close()
     b.close()
     assert fds == before
-    assert got == local_response(503, "no healthy upstream", close=False)
+    assert undated(got) == local_response(503, "no healthy upstream", close=False)
 
 
 class _Tagged:
@@ -598,7 +599,7 @@ def test_an_abort_is_reported_under_the_faults_tag(mode: tuple[str, str]) -> Non
     finally:
         relay.close()
         up.close()
-    assert got == local_response(429, FAULT_ABORT_BODY, close=False)
+    assert undated(got) == local_response(429, FAULT_ABORT_BODY, close=False)
     assert sorted(tagged.rows) == [("abort", 429), ("t", 0)]
     assert up.accepted == 0
 
@@ -628,6 +629,6 @@ def test_an_unhashable_fault_tag_is_reported(mode: tuple[str, str]) -> None:
     finally:
         relay.close()
         up.close()
-    assert got == [local_response(429, FAULT_ABORT_BODY, close=False)] * 3
+    assert [undated(g) for g in got] == [local_response(429, FAULT_ABORT_BODY, close=False)] * 3
     assert tagged.rows == [(tag, 429)] * 3
     assert errors == 0

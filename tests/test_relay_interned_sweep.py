@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import local_response
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import (
     FAULT_ABORT_BODY,
@@ -30,6 +29,8 @@ from l4proxy.dataplane.verdict import (
     Verdict,
 )
 from tests._scripted import Scripted, _client, _until
+from tests.conftest import epoch_response as local_response
+from tests.conftest import undated
 from tests.test_relay_edges import Backend, _relay
 from tests.test_relay_mirror import _read_request
 
@@ -307,16 +308,18 @@ def test_interned_faults_stay_bounded_across_rule_swaps(how: str) -> None:
             if how == "resolve":
                 relay.invalidate()
             a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            assert undated(ra.response()) == local_response(
+                400 + gen % 100, FAULT_ABORT_BODY, False
+            )
             most = max(most, relay.interned_faults)
             assert relay.interned_faults <= BOUND, (gen, relay.interned_faults)
         # (the swaps came within the held requests' delay: it held them)
         assert relay.stats()["local_answers"] == HELD_SWAPS - 1
         assert relay.interned_sweeps >= HELD_SWAPS // BOUND, relay.interned_sweeps
         assert most > 16, most
-        got = Reader(held).response()
+        got = undated(Reader(held).response())
         assert got == local_response(401, FAULT_ABORT_BODY, False)
-        got = Reader(none).response()
+        got = undated(Reader(none).response())
         assert got == local_response(503, "no healthy upstream", False)
         for s in (a, held, none):
             s.close()
@@ -395,13 +398,15 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str, fault_tag: boo
             if how == "resolve":
                 relay.invalidate()
             a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            assert undated(ra.response()) == local_response(
+                400 + gen % 100, FAULT_ABORT_BODY, False
+            )
             if gen % FLUSH_EVERY == 0:
                 relay.flush_reports(1.0)
             most = max(most, relay.interned_tags)
             assert relay.interned_tags <= TAG_BOUND + fault_tag * BOUND, (gen, relay.interned_tags)
         assert relay.stats()["local_answers"] == HELD_SWAPS - 1  # (the held one still held)
-        assert Reader(held).response() == local_response(401, FAULT_ABORT_BODY, False)
+        assert undated(Reader(held).response()) == local_response(401, FAULT_ABORT_BODY, False)
         a.close()
         held.close()
         relay.flush_reports(1.0)
@@ -505,7 +510,9 @@ def test_a_copys_tag_survives_sweeps_while_it_is_held(how: str) -> None:
             if how == "resolve":
                 relay.invalidate()
             a.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert ra.response() == local_response(400 + gen % 100, FAULT_ABORT_BODY, False)
+            assert undated(ra.response()) == local_response(
+                400 + gen % 100, FAULT_ABORT_BODY, False
+            )
             if gen % FLUSH_EVERY == 0:
                 relay.flush_reports(1.0)
         assert relay.tag_sweeps > sweeps, relay.tag_sweeps

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, local_response
+from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS
 from l4proxy.dataplane._pool_py import EndpointSettings
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, Choice, Fault, HeadEdits, Verdict
@@ -39,6 +39,8 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
 from tests._worker import gateway_worker
+from tests.conftest import EPOCH_DATE, undated
+from tests.conftest import epoch_response as local_response
 from tests.test_dns import ScriptedResolver
 from tests.test_relay_edges import _read_all, _relay
 from tests.test_relay_retries import _worker_twin
@@ -114,13 +116,13 @@ def _refusing() -> Iterator[Endpoint]:
 
 
 def _ask(relay: Any, *requests: bytes) -> list[bytes]:
-    """*requests* in turn on one client connection: each answer."""
+    """*requests* in turn on one client connection: each answer (undated)."""
     c = _client(relay)
     try:
         out = []
         for request in requests:
             c.sendall(request)
-            out.append(_response(c))
+            out.append(undated(_response(c)))
         return out
     finally:
         c.close()
@@ -160,7 +162,7 @@ def test_a_head_request_gets_the_edited_head_alone(mode: tuple[str, str]) -> Non
             c.close()
         finally:
             relay.close()
-    assert got == _head_of(_edited(local_response(503, NO_UPSTREAM, close=True)))
+    assert undated(got) == _head_of(_edited(local_response(503, NO_UPSTREAM, close=True)))
 
 
 def test_without_edits_the_503_is_as_before(mode: tuple[str, str]) -> None:
@@ -372,7 +374,7 @@ def test_a_head_request_to_no_endpoint_gets_the_edited_head_alone(mode: tuple[st
         c.close()
     finally:
         relay.close()
-    assert got == _head_of(_edited(local_response(503, NO_UPSTREAM, close=True)))
+    assert undated(got) == _head_of(_edited(local_response(503, NO_UPSTREAM, close=True)))
 
 
 def test_no_endpoint_s_503_carries_the_cors_lines_of_an_allowed_origin(
@@ -545,12 +547,15 @@ def test_a_worker_s_destination_with_no_address_gets_the_edited_503(
             try:
                 for origin in (APP, None, APP):
                     s.sendall(_with_origin(origin, "gw"))
-                    got.append(await loop.run_in_executor(None, _response, s))
+                    got.append(undated(await loop.run_in_executor(None, _response, s)))
             finally:
                 s.close()
 
     asyncio.run(main())
-    start = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
+    start = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\ndate: %s\r\n"
+        b"server: l4proxy\r\n" % EPOCH_DATE
+    )
     cors = (
         b"access-control-allow-origin: https://app.example\r\n"
         b"access-control-allow-credentials: true\r\n"
@@ -604,7 +609,7 @@ def test_a_worker_s_route_of_weights_zero_answers_the_edited_500(
             try:
                 for _ in range(3):
                     s.sendall(_get("gw"))
-                    got.append(await loop.run_in_executor(None, _response, s))
+                    got.append(undated(await loop.run_in_executor(None, _response, s)))
             finally:
                 s.close()
             assert worker.relay is not None
@@ -622,7 +627,9 @@ def test_a_worker_s_route_of_weights_zero_answers_the_edited_500(
         pod.close()
     edited = (
         b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 20\r\n"
-        b"content-type: text/plain\r\nserver: l4proxy\r\nx-route: r\r\n\r\n" + UNRESOLVED.encode()
+        b"content-type: text/plain\r\ndate: %s\r\nserver: l4proxy\r\nx-route: r\r\n\r\n"
+        % EPOCH_DATE
+        + UNRESOLVED.encode()
     )
     assert got == [edited] * 3
     assert seen["istio"] == {("500", "unknown", "unknown"): 3}

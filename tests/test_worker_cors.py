@@ -22,6 +22,7 @@ import pytest
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
 from tests._worker import gateway_service, gateway_worker, per_connection_warnings
+from tests.conftest import EPOCH_DATE, undated
 from tests.test_relay_retries import _worker_twin
 
 HOST = "svc.default.svc.cluster.local"
@@ -331,10 +332,11 @@ def test_a_refused_upstream_s_503_carries_the_cors_lines_and_the_route_s_edits(
         "x-dest: d\r\naccess-control-allow-origin: https://app.example\r\n"
         "access-control-allow-credentials: true\r\nx-route: r\r\n"
     )
-    assert [a.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" for a in got] == [
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
-        + lines.encode()
-        + b"\r\n",
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\nserver: l4proxy\r\n"
-        b"x-dest: d\r\nx-route: r\r\n\r\n",
+    start = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 19\r\n"
+        b"date: %s\r\nserver: l4proxy\r\n" % EPOCH_DATE
+    )
+    assert [undated(a.partition(b"\r\n\r\n")[0] + b"\r\n\r\n") for a in got] == [
+        start + lines.encode() + b"\r\n",
+        start + b"x-dest: d\r\nx-route: r\r\n\r\n",
     ], got

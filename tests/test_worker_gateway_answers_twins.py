@@ -17,16 +17,20 @@ and two VirtualServices bound to it; a backend that answers by path):
 * ``OPTIONS *`` is answered 404 before any route is asked, as Envoy's
   connection manager answers a path that is no path; it went to the route
   that takes every path (a sidecar's to a known service the same, in
-  network namespaces: Istio's sidecar has a connection manager there).
+  network namespaces: Istio's sidecar has a connection manager there);
+* every local answer says ``date:``, as Envoy's do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import os
+import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,11 @@ from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _clo
 
 TWINS = ["pure", "compiled"]
 WEB = "web.default.svc.cluster.local"
+# an IMF-fixdate (RFC 9110 §5.6.7), as Envoy's date header
+IMF_FIXDATE = re.compile(
+    r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    r" \d{4} \d\d:\d\d:\d\d GMT"
+)
 
 
 class Pod:
@@ -360,6 +369,37 @@ def test_options_asterisk_is_answered_404_before_any_route(
         "-",
         "-",
     )
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_every_local_answer_says_the_date(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redirect, the direct response, the 404s of no route and of
+    OPTIONS *, the 502 and the 504 each say ``date:``, an IMF-fixdate of
+    the second they were sent; the pod's answer goes as it came (the
+    forwarded path adds nothing)."""
+    requests = [
+        _get("/moved"),
+        _get("/direct"),
+        _get("/nothing", host="strict.example"),
+        b"OPTIONS * HTTP/1.1\r\nHost: site.example\r\n\r\n",
+        _get("/reset"),
+        _get("/slow"),
+        _get("/ok"),
+    ]
+    before = int(time.time())
+    run = _drive(which, monkeypatch, tmp_path, _each(requests))
+    after = time.time()
+    statuses = [status for status, _, _ in run.said]
+    assert statuses == [301, 503, 404, 404, 502, 504, 200]
+    for status, fields, _ in run.said[:-1]:
+        date = fields.get("date", "")
+        assert IMF_FIXDATE.fullmatch(date), (status, fields)
+        second = email.utils.parsedate_to_datetime(date).timestamp()
+        assert before <= second <= after, date
+        assert date == email.utils.formatdate(second, usegmt=True)  # (its weekday too)
+    assert "date" not in run.said[-1][1]
 
 
 # a backend that answers each request 200 with its method, keep-alive

@@ -231,9 +231,11 @@ Decisions
 
 from __future__ import annotations
 
+import email.utils
 import enum
 import functools
 import re
+import time
 from typing import Final, NamedTuple
 
 # The head parser and the body framer through their choosers: the compiled
@@ -464,6 +466,22 @@ Action = (
 )
 
 
+_DATE: tuple[int, str] = (0, "")  # http_date()'s second and its text
+
+
+def http_date() -> str:
+    """The current second as an IMF-fixdate (RFC 9110 §5.6.7: ``Sun, 06
+    Nov 1994 08:49:37 GMT``, always 29 characters), made once a second,
+    as Envoy's date provider does; the compiled relay's date_stamp() is
+    its twin."""
+    global _DATE
+    now = int(time.time())
+    cached = _DATE
+    if cached[0] != now:
+        cached = _DATE = (now, email.utils.formatdate(now, usegmt=True))
+    return cached[1]
+
+
 def local_response(
     status: int,
     body: str,
@@ -471,6 +489,7 @@ def local_response(
     headers: str = "",
     head_only: bool = False,
     http10: bool = False,
+    date: str | None = None,
 ) -> bytes:
     """The proxy's own answer, saying whether the connection closes after it;
     *headers*: more header lines, each ending in CRLF (the circuit breakers'
@@ -487,7 +506,13 @@ def local_response(
     body. *http10*: the request was HTTP/1.0: an answer that keeps the
     connection says ``connection: keep-alive`` where a closing one says
     ``connection: close`` (RFC 9112 §9.3: such a client persists only when
-    told; a client told nothing reads to the close, ab -k waits)."""
+    told; a client told nothing reads to the close, ab -k waits).
+
+    Every answer says ``date:`` (*date*, else :func:`http_date`), before
+    ``server:``, as Envoy's local replies do (its HTTP connection manager
+    dates every response). The compiled relay builds its answers once and
+    writes the current second over that line's value as it sends one
+    (date_stamp()): the line's place and length are what it finds."""
     data = b"" if status < 200 or status in (204, 304) else body.encode()
     typed = headers[:13].lower() == "content-type:" or "\ncontent-type:" in headers.lower()
     length = "" if status < 200 or status == 204 else f"content-length: {len(body.encode())}\r\n"
@@ -498,6 +523,7 @@ def local_response(
         + ("" if typed or not body else "content-type: text/plain\r\n")
         + headers
         + own
+        + f"date: {date or http_date()}\r\n"
         + "server: l4proxy\r\n\r\n"
     ).encode()
     return head if head_only else head + data
