@@ -168,7 +168,9 @@ cdef extern from *:
 
 cdef enum:
     FWD_ADDR = 48          # an address's text and its NUL (INET6_ADDRSTRLEN, rounded)
-    FWD_BLOCK = 240        # Fwd_.block: its lines, the id's line, the empty line
+    # Fwd_.block: its lines, the id's line, the empty line: at most 216
+    # bytes (17 + 45 + 2, 25, 26 + 45 + 2, 14 + 36 + 2, 2: forwarding.py's "The bound")
+    FWD_BLOCK = 240
     UUID_LEN = 36
 
 cdef struct Fwd_:

@@ -18,7 +18,10 @@ and two VirtualServices bound to it; a backend that answers by path):
   connection manager answers a path that is no path; it went to the route
   that takes every path (a sidecar's to a known service the same, in
   network namespaces: Istio's sidecar has a connection manager there);
-* every local answer says ``date:``, as Envoy's do.
+* every local answer says ``date:``, as Envoy's do;
+* a head of ``max_head`` bytes goes up with the forwarding lines added
+  (the limit is on what the client sent, as Envoy's); one byte more is
+  refused 431.
 """
 
 from __future__ import annotations
@@ -400,6 +403,36 @@ def test_every_local_answer_says_the_date(
         assert before <= second <= after, date
         assert date == email.utils.formatdate(second, usegmt=True)  # (its weekday too)
     assert "date" not in run.said[-1][1]
+
+
+@pytest.mark.parametrize("which", TWINS)
+def test_a_head_of_max_head_goes_up_with_its_forwarding_lines(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With max_head 1024: a head of 1024 bytes reaches the pod with the
+    forwarding lines added after it (1024 + 142 bytes for a client on
+    127.0.0.1: the bound is the limit plus those lines, see forwarding.py),
+    one of 1025 bytes is refused 431 and goes nowhere."""
+    limit = 1024
+
+    def head(size: int) -> bytes:
+        start = b"GET /ok HTTP/1.1\r\nHost: site.example\r\nX-Pad: "
+        return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    requests = [head(limit), head(limit + 1)]
+    assert [len(r) for r in requests] == [limit, limit + 1]
+    run = _drive(which, monkeypatch, tmp_path, _each(requests), max_head=limit)
+    assert [status for status, _, _ in run.said] == [200, 431]
+    added = (
+        b"x-forwarded-for: 127.0.0.1\r\n"
+        b"x-forwarded-proto: http\r\n"
+        b"x-envoy-external-address: 127.0.0.1\r\n"
+        b"x-request-id: " + b"0" * 36 + b"\r\n"
+    )
+    assert len(added) == 142
+    (sent,) = run.heads
+    assert len(sent) == limit + len(added)
+    assert sent.startswith(requests[0][:-2]), sent
 
 
 # a backend that answers each request 200 with its method, keep-alive

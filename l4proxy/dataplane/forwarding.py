@@ -58,6 +58,27 @@ Envoy routes on the mutated head. The access log's X-Forwarded-For and
 X-Request-ID of such a request are the values sent upstream (Envoy's
 ``%REQ()%`` reads the mutated head), its 404s' and redirects' too.
 
+The bound
+---------
+The relays' limit on a request head (``max_head``: 431 past it) is on the
+head the client sent, as Envoy's ``max_request_headers_kb`` is on the
+headers its codec read, before the connection manager mutates them: a
+head of exactly ``max_head`` bytes goes, with these lines. What they add
+is bounded: ``x-forwarded-for: ADDRESS`` 64 bytes where the client sent
+none (17, an address's text of at most 45, inet_ntop's, CR LF; joining k
+client lines into one line adds at most 3 + the address: each line it
+replaces had at least 17 bytes besides its value), ``x-forwarded-proto:
+http`` 25, ``x-envoy-external-address: ADDRESS`` 73, ``x-request-id: ID``
+52: 214 bytes, each client line of those names removed only lessening it
+(142 for a client on 127.0.0.1). So the head sent upstream is at most
+``max_head`` + 214 bytes + a route's request edits. Neither twin has a
+buffer this could overrun: the pure one's head is bytes; the compiled
+one stages it in ``c.rhead``, a buffer that grows (``buf_add``), and a
+connection's lines are made once in ``Fwd_.block``, 240 bytes for at
+most 216 (the lines, the id's line and the head's CR LF; see
+``_forwarding.pxi``). A head and body past the replay limit (64 KiB) this
+way are neither retried nor mirrored, in both twins alike.
+
 Where l4proxy differs: Envoy appends its own local address instead of a
 loopback client's (an Envoy-internal quirk); l4proxy appends the loopback
 address. Envoy's ``x-envoy-internal``, ``via``, ``x-forwarded-port`` and
