@@ -20,12 +20,17 @@ Istio kind l4proxy does not implement is an error that says what to use.
 
 The load is all or nothing: every problem of every file is collected, and if
 any is an error, :class:`ConfigError` carries them all and no table is made.
+Reading and loading are two steps (:func:`read_rules`, then
+:func:`load_rules` of what was read) so that the sidecar can load the same
+texts again with a file's text replaced or left out, without reading the
+files again (:mod:`~l4proxy.rules.watch`: a broken file held at its last good
+version).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +80,34 @@ _GATEWAY_API_HINTS = {
 # API groups of Kubernetes' own objects, skipped so that one manifest file can
 # hold the Deployments and Services next to the rules.
 _K8S_GROUPS = ("", "apps", "batch", "extensions", "policy", "autoscaling")
+
+
+@dataclass
+class RuleFiles:
+    """The rule files of some paths as read, for :func:`load_rules`.
+
+    ``files`` holds each file found, in load order: its path (as found: a
+    directory's entry as DIR/NAME) and its text, or the problem that kept it
+    from being taken as text (too big, not UTF-8, not a regular file: an
+    error of that file). ``unreadable`` names what could not be read at all
+    (a path missing, a directory that cannot be listed, a file that cannot
+    be opened), ``notes`` what the search of the directories skipped.
+    """
+
+    files: list[tuple[str, str | Diagnostic]] = field(default_factory=list)
+    unreadable: list[Diagnostic] = field(default_factory=list)
+    notes: list[Diagnostic] = field(default_factory=list)
+
+    def replaced(self, texts: Mapping[str, str | None]) -> RuleFiles:
+        """These files with the text of each path in *texts* replaced by its
+        value, or left out where that is None."""
+        files: list[tuple[str, str | Diagnostic]] = []
+        for path, got in self.files:
+            if path not in texts:
+                files.append((path, got))
+            elif (text := texts[path]) is not None:
+                files.append((path, text))
+        return RuleFiles(files, list(self.unreadable), list(self.notes))
 
 
 @dataclass
@@ -144,6 +177,35 @@ def rule_files(paths: Sequence[str], report: Report) -> tuple[list[str], list[Di
     return list(once.values()), unreadable
 
 
+def read_rules(
+    paths: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES, read_pipes: bool = True
+) -> RuleFiles:
+    """Find the rule files of *paths* and read each (see :class:`RuleFiles`).
+
+    A path named on its own is read as it is (a pipe too) unless
+    *read_pipes* is False: the sidecar reads its rules again at every
+    change, and the open of a pipe without a writer never returned.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    report = Report()
+    found, unreadable = rule_files(paths, report)
+    read = RuleFiles(unreadable=unreadable, notes=report.diagnostics)
+    named = set(paths) if read_pipes else set()
+    for path in found:
+        try:
+            text = read_file(path, max_bytes=max_bytes, regular_only=path not in named)
+        except Unreadable as exc:
+            read.unreadable.append(Diagnostic(file=path, message=f"cannot read: {exc}"))
+            continue
+        except SourceProblem as exc:
+            problem = Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message)
+            read.files.append((path, problem))
+            continue
+        read.files.append((path, text))
+    return read
+
+
 def load_rules(
     paths: Sequence[str],
     *,
@@ -153,36 +215,29 @@ def load_rules(
     max_nodes: int = DEFAULT_MAX_NODES,
     seed: int | None = None,
     read_pipes: bool = True,
+    read: RuleFiles | None = None,
 ) -> LoadResult:
     """Load rule documents from files and directories into one RouteTable.
 
     *namespace* is the namespace of objects without ``metadata.namespace``
     (and whose short names a Host header may use); *domain* the cluster DNS
-    domain. Raises :class:`ConfigUnreadable` when a path cannot be read,
-    :class:`ConfigError` when anything is invalid.
+    domain. *read*: the files as :func:`read_rules` read them, loaded in
+    place of reading *paths* (then *max_bytes* and *read_pipes* are
+    :func:`read_rules`' business). Raises :class:`ConfigUnreadable` when a
+    path cannot be read, :class:`ConfigError` when anything is invalid.
     """
-    if isinstance(paths, str):
-        paths = [paths]
+    if read is None:
+        read = read_rules(paths, max_bytes=max_bytes, read_pipes=read_pipes)
     env = Env(namespace, domain)
-    report = Report()
-    files, unreadable = rule_files(paths, report)
+    report = Report(list(read.notes))
     drafts = Drafts()
     summaries: list[ObjectSummary] = []
     seen: dict[tuple[str, str, str], Where] = {}
     sources: list[str] = []
     budget = NodeBudget(max_nodes)  # one for the whole load
-    # As given, not found in a directory: read as they are (a pipe too,
-    # unless *read_pipes* is False: the sidecar reads its rules again at every
-    # change, and the open of a pipe without a writer never returned).
-    named = set(paths) if read_pipes else set()
-    for path in files:
-        try:
-            text = read_file(path, max_bytes=max_bytes, regular_only=path not in named)
-        except Unreadable as exc:
-            unreadable.append(Diagnostic(file=path, message=f"cannot read: {exc}"))
-            continue
-        except SourceProblem as exc:
-            report.add(Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message))
+    for path, text in read.files:
+        if isinstance(text, Diagnostic):  # (not taken as text: an error of this file)
+            report.add(text)
             continue
         sources.append(path)
         try:
@@ -190,8 +245,8 @@ def load_rules(
                 _read_object(report, doc, (), doc.value, env, drafts, summaries, seen)
         except SourceProblem as exc:
             report.add(Diagnostic(file=path, line=exc.line, column=exc.column, message=exc.message))
-    if unreadable:
-        raise ConfigUnreadable(unreadable + report.diagnostics, summaries)
+    if read.unreadable:
+        raise ConfigUnreadable(read.unreadable + report.diagnostics, summaries)
     if report.has_errors:
         raise ConfigError(report.diagnostics, summaries)
     table = build_table(drafts, env, seed)
