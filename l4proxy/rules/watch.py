@@ -19,11 +19,35 @@ create|replace`` do, and so does the kubelet): a reader never sees half of
 it. It fingerprints once more after the load: files
 that changed while they were read (a ``..data`` swap between two of them)
 may have given a mix of old and new, which is dropped, neither served nor
-reported, and loaded again. A load that fails keeps the last good table (Istio
-#5204, istio/api #586: a half-applied or invalid config took hosts down) and
-records the error for ``/config_dump`` and ``/stats``; the next change tries
-again, and so does the poll after RETRY_FIRST seconds (doubling) when the
-files could not be read.
+reported, and loaded again.
+
+A load that fails is refused, file by file where it can be (Istio validates
+each object: a bad one never enters its store, and the rest goes live).
+Where every error is in some files read (:meth:`RuleWatcher._parse`), the
+same texts are loaded again with each of those files *held*: at its last
+good text, the one it had in the table served (kept after every swap:
+:mod:`~l4proxy.rules._last_good`), or left out where it had none (a new
+file, or a first load). If that loads, it goes live: the other files'
+changes are served, a canary's rollback in its own file among them, while
+the held files' errors are reported as any refused load's (the log, file
+and line, ``/config_dump``'s ``last_error``, ``l4proxy_rules_valid`` 0,
+``l4proxy_reload_failures_total``), and ``/config_dump``'s ``held`` and
+``l4proxy_rules_files_held`` / ``l4proxy_rules_file_held{file}`` say which
+files are held and what is served for each. Where holding them leaves the
+files served as they are (a broken file beside no other change), no new
+table is made: the generation and digest stay, and the log says "keeping
+generation N" as before. The last good table is kept whole where a path
+cannot be read (missing, a directory that cannot be listed, a file that
+cannot be opened: ConfigUnreadable, tried again after RETRY_FIRST seconds,
+doubling), where an error is of no file, where the held combination is
+refused too (a route moved to a new file while the old one is broken:
+twice in the combination), and where nothing would be left to serve (every
+file held, none with a last good text: a first load of one broken file
+leaves the sidecar not ready): Istio #5204, istio/api #586, a half-applied
+or invalid config took hosts down. A held file is served as it was or not
+at all, never half of its change: within a file a change applies whole or
+not at all. It stays held until it is fixed or deleted (deleted, its rules
+go with it).
 
 A reload is parsed and compiled off the accept path: in a thread
 (:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
@@ -53,11 +77,18 @@ at start, has no table to keep serving and goes live at once, and ``/ready``
 waits for its names' first lookups instead.
 
 Which files a table came from is its ``digest``: a hash of the fingerprint
-they were loaded at. ``generation`` counts one process's loads and starts
-again at 1 in a worker that is restarted; the digest is the same in every
-worker that loaded the same files, so "the change is live" is "every worker
-has a digest, the same one, other than before the change" (see
-:class:`l4proxy.stats.RulesMark`).
+they were loaded at, a held file counted at the entry of the version
+served (left out: not at all; see :func:`served_fingerprint`).
+``generation`` counts one process's loads and starts again at 1 in a
+worker that is restarted; the digest is the same in every worker that
+serves the same files at the same versions, so "the change is live" is
+"every worker has a digest, the same one, other than before the change"
+(see :class:`l4proxy.stats.RulesMark`): a change beside a broken file moves
+it, a change refused in its own file beside no other change does not. A
+worker restarted while a file is broken takes that file's last good text
+from the memory file its supervisor shares with every worker (see
+:mod:`~l4proxy.rules._last_good`), so the workers still agree; a sidecar
+started while a file is broken has none, and serves without that file.
 """
 
 from __future__ import annotations
@@ -75,6 +106,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, load_rules
+from l4proxy.rules._last_good import FileEntry, LastGood, Texts
+from l4proxy.rules._loader import RuleFiles, read_rules
 from l4proxy.rules.dns import (
     DnsEndpoints,
     Resolution,
@@ -88,8 +121,9 @@ from l4proxy.stats import Counters
 log = logging.getLogger("l4proxy.rules")
 
 RULE_SUFFIXES = (".yaml", ".yml", ".json")
-# (path as resolved, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode, st_uid)
-Fingerprint = tuple[tuple[str, int, int, int, int, int, int, int], ...]
+# Each entry: (path as found, path as resolved, st_dev, st_ino, st_size,
+# st_mtime_ns, st_ctime_ns, st_mode, st_uid); see _last_good.FileEntry
+Fingerprint = tuple[FileEntry, ...]
 _GONE = (-1, -1, -1, -1, -1, -1, -1)
 # Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
 # objects parse in 1-3 s.
@@ -100,6 +134,8 @@ DEFAULT_LOAD_DEADLINE = 30.0
 # at the same place).
 FINGERPRINT_DEADLINE = 10.0
 LOAD_THREAD = "l4proxy-rules"
+HELD = "l4proxy_rules_files_held"
+FILE_HELD = "l4proxy_rules_file_held"
 STAT_THREAD = "l4proxy-rules-stat"  # see RuleWatcher._stat()
 
 T = TypeVar("T")
@@ -163,16 +199,17 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
     what leaves the mtime as it was: a rewrite in place that puts the mtime
     back (cp -p, rsync -t --inplace, touch -r), a chmod or chown that makes
     an unreadable file readable (mode and owner are there too)."""
-    items: list[tuple[str, int, int, int, int, int, int, int]] = []
+    items: list[FileEntry] = []
 
     def add(path: str) -> None:
         try:
             st = os.stat(path)
         except OSError:
-            items.append((path, *_GONE))
+            items.append((path, path, *_GONE))
             return
         items.append(
             (
+                path,
                 os.path.realpath(path),
                 st.st_dev,
                 st.st_ino,
@@ -189,7 +226,7 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
             try:
                 names = sorted(os.listdir(p))
             except OSError:
-                items.append((p, *_GONE))
+                items.append((p, p, *_GONE))
                 continue
             for name in names:
                 if not name.startswith(".") and name.endswith(RULE_SUFFIXES):
@@ -212,6 +249,60 @@ def fingerprint_digest(fp: Fingerprint) -> int:
     return int.from_bytes(hashlib.blake2b(repr(fp).encode(), digest_size=6).digest(), "big")
 
 
+def served_fingerprint(fp: Fingerprint, held: Mapping[str, FileEntry | None]) -> Fingerprint:
+    """*fp* as served with the files of *held* held back: each at the entry
+    of its version served, or left out where that is None. The digest of
+    what a table serves: a held file counts as the version it serves, not as
+    the file on disk, so a change refused in one file leaves the digest as
+    it was where nothing else changed."""
+    out: list[FileEntry] = []
+    for entry in fp:
+        if entry[0] not in held:
+            out.append(entry)
+        elif (version := held[entry[0]]) is not None:
+            out.append(version)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class HeldFile:
+    """A rule file whose text as it is was refused, in a table that serves
+    the other files as they are: what is served for it."""
+
+    path: str
+    errors: tuple[str, ...]  # its errors, as the log says them
+    # the fingerprint entry of its version served (the last good); None: left out
+    served: FileEntry | None
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.served
+        return {
+            "file": self.path,
+            "served": "last good version" if last is not None else "none (left out)",
+            "last_good": None
+            if last is None
+            else {"path": last[1], "size": last[4], "mtime": last[5] / 1e9},
+            "errors": list(self.errors),
+        }
+
+
+@dataclass
+class Loaded:
+    """What one load made of the rule files (off the loop, in
+    :meth:`RuleWatcher._parse`), for :meth:`RuleWatcher._take` to serve or
+    refuse (on the loop)."""
+
+    # the table to serve; None: nothing new to serve (the files held back
+    # leave the files served as they are), or the held combination was
+    # refused too (fallback_refused)
+    result: LoadResult | None
+    served: Fingerprint  # the files the table is of (see served_fingerprint)
+    texts: Texts  # their texts as served, for LastGood
+    held: list[HeldFile] = field(default_factory=list)
+    refused: ConfigError | None = None  # the files as they are: refused for this
+    fallback_refused: ConfigError | None = None  # the held combination: refused for this
+
+
 @dataclass
 class RuleState:
     """What the sidecar serves from, and how it got there."""
@@ -229,6 +320,9 @@ class RuleState:
     reload_failures: int = 0
     dns: DnsEndpoints | None = None
     dns_updates: int = 0
+    # the rule files whose text as it is was refused at the last load, each
+    # served at its last good version or left out (/config_dump's held)
+    held: list[HeldFile] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -239,6 +333,7 @@ class RuleState:
             "notes": self.notes,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            "held": [h.to_json() for h in self.held],
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "dns_updates": self.dns_updates,
@@ -264,6 +359,7 @@ class RuleWatcher:
         seed: int | None = None,
         load_deadline: float = DEFAULT_LOAD_DEADLINE,
         dns_warm_timeout: float | None = None,
+        last_good_fd: int | None = None,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
@@ -277,6 +373,22 @@ class RuleWatcher:
         self.on_swap = on_swap
         # Counters the worker shows in /stats (it adopts them: see sidecar/run.py).
         self.counters = counters or Counters()
+        self.counters.describe(
+            HELD,
+            "gauge",
+            "Rule files whose text as it is was refused, served at their last good version "
+            "or left out while the other files load (/config_dump's held).",
+        )
+        self.counters.describe(
+            FILE_HELD,
+            "gauge",
+            "1 while the rule file is served at its last good version or left out (its "
+            "text as it is refused), 0 once it loads as it is.",
+        )
+        # The text of each file served, for a load that finds one broken;
+        # *last_good_fd*: the memory file the supervisor shares with every
+        # worker (see _last_good).
+        self.last_good = LastGood(last_good_fd)
         env_min, env_max = ttl_bounds_from_env()
         self.dns = DnsEndpoints(
             resolver or Resolver(),
@@ -302,7 +414,7 @@ class RuleWatcher:
         self.load_deadline = load_deadline
         # A load past its deadline whose thread is still in it: while it is,
         # no other starts (each would leave one more thread stuck there).
-        self.stuck: asyncio.Future[LoadResult] | None = None
+        self.stuck: asyncio.Future[Loaded] | None = None
         self._stat_stuck: asyncio.Future[Fingerprint] | None = None  # see _stat()
         self._late_tasks: set[asyncio.Task[None]] = set()
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
@@ -323,7 +435,7 @@ class RuleWatcher:
         """
         fp = self._fingerprint = fingerprint(self.paths)
         try:
-            result = self._parse()
+            loaded = self._parse(fp)
         except ConfigError as exc:
             self._reject(str(exc), _errors_of(exc))
             self._retry_later(exc)
@@ -331,8 +443,7 @@ class RuleWatcher:
         except Exception as exc:  # a loader bug: see _reject_bug
             self._reject_bug(exc)
             return False
-        self._swap(result, fp)
-        return True
+        return self._take(loaded)
 
     async def reload(self, fp: Fingerprint | None = None) -> bool:
         """Parse and compile the rules in a thread, then swap on the loop.
@@ -357,13 +468,14 @@ class RuleWatcher:
                 return False  # the files cannot be looked at: logged
         self._fingerprint = fp
         self.reloading = True
-        result: LoadResult | None = None
+        loaded: Loaded | None = None
         error: Exception | None = None
         collecting = gc.isenabled()  # what to restore if the load is stuck
-        parse = in_a_daemon_thread(self._parse_without_gc)
+        read_at = fp  # (the thread's own name for it)
+        parse = in_a_daemon_thread(lambda: self._parse_without_gc(read_at))
         try:
             async with asyncio.timeout(self.load_deadline):  # (see woken)
-                result = await asyncio.shield(parse)
+                loaded = await asyncio.shield(parse)
         except TimeoutError:
             self._stuck(parse, collecting, fp)
             self._loaded()
@@ -382,17 +494,18 @@ class RuleWatcher:
             # watcher loads them again once they settle.
             log.info("rules changed while they were loaded; loading them again")
             self.request_reload()
-            result = error = None
+            loaded = error = None
         elif isinstance(error, ConfigError):
             self._reject(str(error), _errors_of(error))
             self._retry_later(error)
         elif error is not None:  # a loader bug: see _reject_bug
             self._reject_bug(error)
-        if result is not None:
-            first = await self._first_lookups(result.table)
-            self._swap(result, fp, first)  # the previous table is dropped here
+        swapped = False
+        if loaded is not None:
+            first = await self._first_lookups(loaded.result.table) if loaded.result else None
+            swapped = self._take(loaded, first)  # the previous table is dropped here
         self._loaded()
-        return result is not None
+        return swapped
 
     async def _first_lookups(
         self, table: RouteTable
@@ -434,7 +547,7 @@ class RuleWatcher:
             log.info("rules: %d new DNS endpoint name(s) looked up in %.3f s", len(names), took)
         return got
 
-    def _stuck(self, parse: asyncio.Future[LoadResult], collecting: bool, fp: Fingerprint) -> None:
+    def _stuck(self, parse: asyncio.Future[Loaded], collecting: bool, fp: Fingerprint) -> None:
         """A load past its deadline: say so, and let the collector run again
         (the parse paused it for the whole process, and may never end). If it
         ends, what it loaded goes live when the files are still as it found
@@ -448,15 +561,17 @@ class RuleWatcher:
             "the next load starts when this one ends"
         )
 
-        async def ended_late(done: asyncio.Future[LoadResult]) -> None:
+        async def ended_late(done: asyncio.Future[Loaded]) -> None:
             # (stuck is cleared whatever happens here: left set, every later
             # reload returned at once, and the rules were never loaded again)
             try:
                 late = not done.cancelled() and done.exception() is None
                 if late and await self._stat() == fp:
                     log.warning("a load of the rules ended after its deadline")
-                    first = await self._first_lookups(done.result().table)
-                    self._swap(done.result(), fp, first)
+                    loaded = done.result()
+                    result = loaded.result
+                    first = await self._first_lookups(result.table) if result else None
+                    self._take(loaded, first)
                     self._loaded()
                 else:
                     log.warning("a load of the rules past its deadline ended; loading them again")
@@ -467,7 +582,7 @@ class RuleWatcher:
             finally:
                 self.stuck = None
 
-        def ended(done: asyncio.Future[LoadResult]) -> None:
+        def ended(done: asyncio.Future[Loaded]) -> None:
             task = asyncio.ensure_future(ended_late(done))
             self._late_tasks.add(task)
             task.add_done_callback(self._late_tasks.discard)
@@ -502,7 +617,8 @@ class RuleWatcher:
         """How much longer to wait before the files in *fp* have been still
         for ``settle`` seconds, counted from their newest mtime or ctime (a
         change seen late loads at once; one seen early waits the rest)."""
-        changed = max((max(e[4], e[5]) for e in fp if e[1] != -1), default=0) / 1e9
+        # (e[2] st_dev, -1 for a path gone; e[5], e[6] its mtime and ctime)
+        changed = max((max(e[5], e[6]) for e in fp if e[2] != -1), default=0) / 1e9
         age = time.time() - changed
         if age < 0:  # a time from the future (another clock: NFS): count from now
             return self.settle
@@ -515,13 +631,75 @@ class RuleWatcher:
             except Exception:  # never a reason to stop reloading
                 log.exception("after-load hook failed")
 
-    def _parse(self) -> LoadResult:
-        """Read, parse and compile the rule files (pure: no shared state touched)."""
-        return load_rules(
-            self.paths, namespace=self.namespace, domain=self.domain, read_pipes=False
-        )
+    def _parse(self, fp: Fingerprint) -> Loaded:
+        """Read, parse and compile the rule files, which *fp* describes (off
+        the loop: no shared state touched; the last good texts are read).
 
-    def _parse_without_gc(self) -> LoadResult:
+        Where the files as they are do not load and every error is in a file
+        read (not a path unreadable, a directory that cannot be listed, nor
+        an error of no file), the same texts are loaded again with each of
+        those files at its last good text, or left out where it has none:
+        the result says which files are held so, and why. Where that leaves
+        the files served as they are (its served digest is the one served
+        now: a broken file beside no other change), nothing new is loaded;
+        where it is refused too, the last good table keeps serving
+        (fallback_refused). Raises ConfigError where nothing of the files
+        can be served.
+        """
+        read = read_rules(self.paths, read_pipes=False)
+        entries = {e[0]: e for e in fp}
+        try:
+            result = load_rules(self.paths, namespace=self.namespace, domain=self.domain, read=read)
+        except ConfigUnreadable:
+            raise
+        except ConfigError as exc:
+            broken = _broken_files(exc, read)
+            if not broken:
+                raise
+            return self._parse_held(read, exc, broken, fp, entries)
+        return Loaded(result, fp, _texts_of(read, entries))
+
+    def _parse_held(
+        self,
+        read: RuleFiles,
+        refused: ConfigError,
+        broken: list[str],
+        fp: Fingerprint,
+        entries: Mapping[str, FileEntry],
+    ) -> Loaded:
+        """:meth:`_parse`'s second try: *read* with each file of *broken* at
+        its last good text, or left out."""
+        last = self.last_good.get()
+        if all(path in broken and path not in last for path, _ in read.files):
+            raise refused  # no file left to serve: nothing of them is (a first load: not ready)
+        held = [
+            HeldFile(
+                path,
+                tuple(str(d) for d in refused.errors if d.file == path),
+                last[path][0] if path in last else None,
+            )
+            for path in broken
+        ]
+        served = served_fingerprint(fp, {h.path: h.served for h in held})
+        texts = _texts_of(read, entries)
+        for h in held:
+            texts.pop(h.path, None)
+            if h.path in last:
+                texts[h.path] = last[h.path]
+        if fingerprint_digest(served) == self.state.digest:
+            return Loaded(None, served, texts, held, refused)  # nothing new to serve
+        try:
+            result = load_rules(
+                self.paths,
+                namespace=self.namespace,
+                domain=self.domain,
+                read=read.replaced({h.path: last[h.path][1] if h.served else None for h in held}),
+            )
+        except ConfigError as again:
+            return Loaded(None, served, texts, held, refused, again)
+        return Loaded(result, served, texts, held, refused)
+
+    def _parse_without_gc(self, fp: Fingerprint | None = None) -> Loaded:
         """:meth:`_parse` with the cyclic garbage collector paused.
 
         Measured: parsing 2,000 + 2,000 objects keeps a few hundred thousand
@@ -537,7 +715,7 @@ class RuleWatcher:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._parse()
+            return self._parse(fingerprint(self.paths) if fp is None else fp)
         finally:
             if was_enabled:
                 gc.enable()
@@ -564,28 +742,90 @@ class RuleWatcher:
         log.error("unexpected error while loading rules (a bug)", exc_info=exc)
         self._reject(f"internal error while loading the rules: {type(exc).__name__}: {exc}")
 
-    def _reject(self, why: str, errors: str | None = None) -> None:
+    def _reject(self, why: str, errors: str | None = None, held: Sequence[HeldFile] = ()) -> None:
         """The rules refused for *why* (/config_dump's ``last_error``: the
         loader's errors and warnings); the log says *errors* (those alone,
         where it is a ConfigError's) at ERROR, a line each: the warnings of
-        a refused load are of rules that are not served."""
+        a refused load are of rules that are not served. *held*: the files
+        refused, where the others go live beside their last good versions
+        (then each line says what is served for its file)."""
         st = self.state
         st.reload_failures += 1
         st.last_error = why
         st.last_error_at = time.time()
+        if held:
+            for h in held:
+                serving = (
+                    f"serving {h.path} as last loaded"
+                    if h.served is not None
+                    else f"leaving out {h.path} (no version of it was loaded)"
+                )
+                for line in h.errors:
+                    log.error("rules rejected, %s: %s", serving, line)
+            return
         keeping = f"keeping generation {st.generation}" if st.generation else "none loaded yet"
         for line in (why if errors is None else errors).splitlines():
             log.error("rules rejected, %s: %s", keeping, line)
 
+    def _take(
+        self,
+        loaded: Loaded,
+        first: Mapping[str, tuple[Resolution | Exception, float]] | None = None,
+    ) -> bool:
+        """Serve what a load made of the files (on the loop); True where a
+        table went live. Files held back (see :meth:`_parse`) are refused as
+        any invalid load is, errors, counters and all, and the table of the
+        others goes live; where they leave the files served as they are,
+        the last good table keeps serving and says which files it holds
+        back; where that table is refused too, it keeps serving as it was."""
+        refused = loaded.refused
+        if refused is None:
+            assert loaded.result is not None
+            self._swap(loaded, first)
+            return True
+        self._retry_at, self._retry_in = None, RETRY_FIRST  # (an invalid file waits for a change)
+        if loaded.fallback_refused is not None:
+            self._reject(str(refused), _errors_of(refused))
+            again = loaded.fallback_refused.errors
+            log.warning(
+                "rules: with %s at the last good version or left out they are refused too (%s%s)",
+                ", ".join(h.path for h in loaded.held),
+                again[0] if again else loaded.fallback_refused,
+                f", and {len(again) - 1} more" if len(again) > 1 else "",
+            )
+            return False
+        if loaded.result is None:  # nothing new to serve: the table is that already
+            self._reject(str(refused), _errors_of(refused))
+            self._hold(loaded.held)
+            return False
+        self._reject(str(refused), _errors_of(refused), loaded.held)
+        self._swap(loaded, first)
+        return True
+
+    def _hold(self, held: list[HeldFile]) -> None:
+        """*held* are the files served at their last good version, or left
+        out: /config_dump's held, and l4proxy_rules_files_held and
+        l4proxy_rules_file_held{file} in /stats."""
+        st = self.state
+        now = {h.path for h in held}
+        for h in st.held:
+            if h.path not in now:
+                self.counters.set(FILE_HELD, 0, file=h.path)
+        for path in now:
+            self.counters.set(FILE_HELD, 1, file=path)
+        self.counters.set(HELD, len(held))
+        st.held = held
+
     def _swap(
         self,
-        result: LoadResult,
-        fp: Fingerprint,
+        loaded: Loaded,
         first: Mapping[str, tuple[Resolution | Exception, float]] | None = None,
     ) -> None:
-        """Make *result*, read from the files *fp* describes, the live table
-        (on the loop), with *first*, the first lookups of its new DNS names
-        (see :meth:`_first_lookups`), recorded before it goes live."""
+        """Make what *loaded* made the live table (on the loop), with
+        *first*, the first lookups of its new DNS names (see
+        :meth:`_first_lookups`), recorded before it goes live."""
+        result = loaded.result
+        assert result is not None
         st = self.state
         self.base = result.table
         if self.dns.track(self.base):
@@ -595,15 +835,18 @@ class RuleWatcher:
         self._publish(resolved_table(self.base, self.dns.names) if self.dns.names else self.base)
         self._retry_at, self._retry_in = None, RETRY_FIRST
         st.generation += 1
-        st.digest = fingerprint_digest(fp)
+        st.digest = fingerprint_digest(loaded.served)
         st.reloads += 1
         st.loaded_at = time.time()
         st.sources = list(result.sources)
         before = set(st.notes) if st.generation > 1 else set()
         st.notes = [str(n) for n in result.notes]
         st.warnings = sum(1 for n in result.notes if n.severity == "warning")
-        st.last_error = None
-        st.last_error_at = None
+        if loaded.refused is None:  # (else _reject has said why, and it stands)
+            st.last_error = None
+            st.last_error_at = None
+        self._hold(loaded.held)
+        self.last_good.keep(loaded.texts)
         standing = 0
         for note, text in zip(result.notes, st.notes, strict=True):
             # a warning is of a rule not served as written (a route attached
@@ -622,7 +865,17 @@ class RuleWatcher:
                 standing,
                 st.generation - 1,
             )
-        log.info("rules generation %d loaded from %s", st.generation, ", ".join(st.sources) or "-")
+        log.info(
+            "rules generation %d loaded from %s%s",
+            st.generation,
+            ", ".join(st.sources) or "-",
+            "".join(
+                f"; {h.path} at its last good version"
+                if h.served is not None
+                else f"; {h.path} left out"
+                for h in loaded.held
+            ),
+        )
         if self.on_swap:
             self.on_swap(st)
 
@@ -708,6 +961,27 @@ class RuleWatcher:
             except Exception:  # a loader bug must not stop reloads for good
                 log.exception("unexpected error while loading rules")
                 self._fingerprint = fp
+
+
+def _broken_files(error: ConfigError, read: RuleFiles) -> list[str]:
+    """The files *error*'s errors are in, in load order, where each is in a
+    file *read* holds; [] where one is not (of no file, of a directory)."""
+    files = [path for path, _ in read.files]
+    broken = {d.file for d in error.errors}
+    if not broken or not broken <= set(files):
+        return []
+    return [path for path in files if path in broken]
+
+
+def _texts_of(read: RuleFiles, entries: Mapping[str, FileEntry]) -> Texts:
+    """The texts of *read* by path, each with the fingerprint entry it was
+    read at (*entries*, by path as found; one not there, a file that came
+    between the fingerprint and the read, as gone)."""
+    return {
+        path: (entries.get(path, (path, path, *_GONE)), text)
+        for path, text in read.files
+        if isinstance(text, str)
+    }
 
 
 def _errors_of(error: ConfigError) -> str | None:
