@@ -364,11 +364,15 @@ def backends(
         yield int(one.rsplit(":", 1)[1]), int(two.rsplit(":", 1)[1])
 
 
-def test_two_workers_serve_a_change_beside_a_broken_file_alike(
+def test_two_workers_serve_a_change_beside_a_broken_file_and_a_restarted_one_agrees(
     tmp_path: Path,
 ) -> None:
     """Two workers: a new split saved beside a broken typo.yaml is served by
-    both (every request of 20 connections) and their digests agree."""
+    both (every request of 20 connections) and their digests agree. Then
+    route.yaml is saved broken beside another change, and worker 1 is
+    killed: its successor had no version of route.yaml of its own, and
+    takes the one the other worker serves (the supervisor's memory file),
+    so the digest stays one and every request still gets v2."""
     rules = tmp_path / "rules"
     rules.mkdir()
     with backends() as (p1, p2):
@@ -396,6 +400,32 @@ def test_two_workers_serve_a_change_beside_a_broken_file_alike(
             dump = json.loads(sc.get("/config_dump")[1])
             assert [h["file"] for h in dump["held"]] == [str(rules / "typo.yaml")]
             assert dump["last_error"].startswith(f"{rules / 'typo.yaml'}:3:1: ")
+
+            # route.yaml broken, served at its last good version (v2 100)
+            write(rules / "route.yaml", BROKEN)
+            write(rules / "more.yaml", other_service(1))
+            held_digest = 0
+
+            def both_hold() -> bool:
+                nonlocal held_digest
+                dump = json.loads(sc.get("/config_dump")[1])
+                held_digest = sc.stats()["l4proxy_rules_digest"]
+                done = len(dump["held"]) == 2 and str(rules / "more.yaml") in dump["sources"]
+                return done and held_digest not in (-1, 0)  # (-1: one worker not yet)
+
+            sc.until(both_hold, "held route.yaml")
+            [_, pid] = sc.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            sc.until(lambda: len(sc.worker_pids()) == 3, "restarted worker 1")
+            sc.until(
+                lambda: (
+                    sc.stats()["l4proxy_workers"] == 2
+                    and sc.stats()["l4proxy_rules_generation"] == 1
+                ),
+                "loaded the rules in the restarted worker",
+            )
+            assert sc.stats()["l4proxy_rules_digest"] == held_digest
+            assert set(sc.versions()) == {"v2"}
 
 
 def test_a_canarys_rollback_goes_live_beside_an_unrelated_broken_file(tmp_path: Path) -> None:

@@ -489,6 +489,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--access-log-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--rules-last-good-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -720,6 +721,8 @@ async def _serve(
         domain=args.domain,
         interval=args.reload_interval,
         seed=None if args.seed is None else args.seed + args.worker_index,
+        # (the supervisor's memory file of the files' last good versions)
+        last_good_fd=args.rules_last_good_fd if args.rules_last_good_fd >= 0 else None,
     )
     if args.rules:
         held.requested = False  # a reload asked for before now: this load is it

@@ -241,6 +241,22 @@ def describe_exit(code: int) -> str:
     return f"signal {n} ({name})"
 
 
+def _last_good_memory() -> int | None:
+    """A memory file for the workers' rule files' last good versions (see
+    _last_good_argv); None where there is none: then each worker keeps its
+    own, and one restarted while a file is broken serves without it. (Not
+    l4proxy.rules._last_good's to make: the supervisor imports no rules.)"""
+    try:
+        return os.memfd_create("l4proxy-rules-last-good", os.MFD_CLOEXEC)
+    except OSError as exc:
+        log.warning(
+            "no memory file for the rule files' last good versions (%s): a worker "
+            "restarted while a rule file is broken serves without that file",
+            exc,
+        )
+        return None
+
+
 class Supervisor:
     # past --drain-duration, what a worker gets to close before it is killed
     DRAIN_GRACE_S = 10.0
@@ -250,6 +266,7 @@ class Supervisor:
     def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
         self.args = args
         self.slots = [WorkerSlot(i, ls) for i, ls in enumerate(listener_sets)]
+        self.last_good_fd = _last_good_memory() if getattr(args, "rules", None) else None
         self.stopping = False
         self.restarts_total = 0
         self.spawn_failures_total = 0
@@ -284,7 +301,16 @@ class Supervisor:
             "--worker-index",
             str(slot.index),
             *self._access_log_argv(),
+            *self._last_good_argv(),
         ]
+
+    def _last_good_argv(self) -> list[str]:
+        """The memory file where the workers keep the rule files' last good
+        versions (l4proxy.rules._last_good), created once here and shared by
+        every worker, so that one restarted while a file is broken serves
+        that file's last good version as the others do."""
+        fd = self.last_good_fd
+        return ["--rules-last-good-fd", str(fd)] if fd is not None else []
 
     def _access_log_argv(self) -> list[str]:
         """--access-log's fd, opened once here (before privileges dropped),
@@ -301,6 +327,8 @@ class Supervisor:
             pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
             if getattr(self.args, "access_log_fd", -1) >= 0:
                 pass_fds.append(self.args.access_log_fd)
+            if self.last_good_fd is not None:
+                pass_fds.append(self.last_good_fd)
             # SIGHUP and SIGTERM blocked across the fork: the worker starts
             # with them pending rather than fatal until its handlers exist
             # (signals).
