@@ -877,12 +877,14 @@ def _stuck_sidecar() -> Iterator[str]:
         yield address
 
 
-def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(
+def test_an_abort_not_live_in_time_is_written_and_exits_as_not_served(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``abort --metrics`` whose change does not reach the sidecar within
     --wait-live (a kubelet that syncs the ConfigMap a minute later): the abort
-    is written, so the exit says rolled back (1) with a warning, not error (2)."""
+    is written, but not served: exit 4, saying so loudly, not error (2), nor
+    rolled back (1), which it said with a warning while the canary kept its
+    traffic."""
     from l4proxy.canary.command import FileStore, Paths, RulesWriter
     from l4proxy.cli import main
 
@@ -892,9 +894,9 @@ def test_an_abort_not_live_in_time_is_written_and_exits_as_rolled_back(
     store.commit(Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100)))
     with _stuck_sidecar() as admin:
         argv = ["canary", "abort", "bootcamp", "--rules", str(tmp_path), "--metrics", admin]
-        assert main([*argv, "--wait-live", "0.3"]) == 1
+        assert main([*argv, "--wait-live", "0.3"]) == 4
     err = capsys.readouterr().err
-    assert "warning: " in err and "still serves rules generation 7" in err
+    assert "ROLLBACK NOT SERVED: " in err and "still serve rules generation 7" in err
     assert "--wait-live" in err
     assert _routes(tmp_path) == [("v1", 100)]
 
@@ -906,8 +908,8 @@ def test_a_promote_by_hand_with_prometheus_waits_until_it_is_live(
     """``promote --prometheus`` returned as soon as it was written, not live
     (``--metrics`` waited): a script that promotes then checks found the old
     weights. It now waits for the sidecars' rules marks, as Prometheus
-    scrapes them, to move past the change; not within --wait-live, it warns
-    (written all the same)."""
+    scrapes them, to move past the change; not within --wait-live, it says
+    the promotion is not served (written all the same), exit 4."""
     from l4proxy.canary.command import FileStore, Paths, RulesWriter
     from l4proxy.cli import main
 
@@ -923,13 +925,13 @@ def test_a_promote_by_hand_with_prometheus_waits_until_it_is_live(
 
     with _fake_prometheus(lambda n, path, query: None, marks) as url:
         argv = ["canary", "promote", "bootcamp", "--rules", str(tmp_path), "--prometheus", url]
-        assert main([*argv, "--wait-live", "1.5"]) == 0
+        assert main([*argv, "--wait-live", "1.5"]) == (0 if moving else 4)
     err = capsys.readouterr().err
     assert _routes(tmp_path) == [("v2", 100)]
     if moving:  # read before the change, then once after: live
         assert len(reads) == 2 and err == "", err
     else:
-        assert len(reads) >= 2 and "warning: " in err and "--wait-live" in err, err
+        assert len(reads) >= 2 and "PROMOTION NOT SERVED: " in err and "--wait-live" in err, err
 
 
 def test_a_change_is_live_on_a_sidecar_whose_worker_restarted_meanwhile(
@@ -1092,7 +1094,7 @@ def test_a_weight_not_live_in_time_is_a_failed_check(
     """The first weight never reaches the sidecar within --wait-live: it
     ended the command (exit 2) with the canary at its weight. A failed
     check (here the threshold: rolled back), and the rollback, not live
-    either, exits 1 with a warning."""
+    either, exits 4: written, not served."""
     from l4proxy.cli import main
 
     shutil.copy(os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml"), tmp_path)
@@ -1100,9 +1102,10 @@ def test_a_weight_not_live_in_time_is_a_failed_check(
         argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
         code = main([*argv, "--metrics", admin, "--threshold", "1", "--wait-live", "0.1"])
     captured = capsys.readouterr()
-    assert code == 1, captured
-    assert "ROLLED BACK" in captured.out and "not live: " in captured.out
-    assert "warning: not live: " in captured.err
+    assert code == 4, captured
+    assert "ROLLBACK NOT SERVED: 100 % to v1 is written, but " in captured.out
+    assert "not live: " in captured.out  # the failed check's reason
+    assert "l4proxy canary: ROLLBACK NOT SERVED: " in captured.err
     assert _routes(tmp_path) == [("v1", 100)]
 
 
@@ -1543,15 +1546,15 @@ def test_prometheus_a_weight_a_sidecar_never_serves_is_a_failed_check(
     """As with --metrics (test_a_weight_not_live_in_time_is_a_failed_check):
     one sidecar never loads the change within --wait-live; that is a failed
     check (here the threshold: rolled back, before any window was judged),
-    and the rollback, not live either, exits 1 with a warning naming it."""
+    and the rollback, not live either, exits 4 (not served), naming it."""
     monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
     sidecars = _Sidecars(tmp_path, lag=0, pods=("caller-0", "caller-1"), stuck=("caller-1",))
     with _fake_prometheus(sidecars.answer, sidecars.marks) as url:
         code = _rollout_in(tmp_path, url, "--threshold", "1", "--wait-live", "0.2")
     captured = capsys.readouterr()
-    assert code == 1, captured
-    assert "ROLLED BACK" in captured.out and "not live: " in captured.out
-    assert "warning: not live: " in captured.err
+    assert code == 4, captured
+    assert "ROLLBACK NOT SERVED: " in captured.out and "not live: " in captured.out
+    assert "l4proxy canary: ROLLBACK NOT SERVED: " in captured.err
     assert 'pod="caller-1"' in captured.err and "still serves rules generation" in captured.err
     assert "caller-0" not in captured.err  # the one that loaded it is not blamed
     assert "numbers" not in sidecars.log  # nothing judged on a weight not live

@@ -92,10 +92,20 @@ Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
 invalid rules, metrics missing, an abort of a promoted rollout, a promote
 of a rolled-back one), 3
 interrupted with the weights left as they were (run the same command again
-to resume). Once a weight is
+to resume), 4 an end (a rollback, an abort, a promotion) written but not
+served. Once a weight is
 written, the sidecars unreadable or not serving it within --wait-live is a
-failed check (the analysis goes on watching), and an end written but not
-seen live exits as that end, with a warning.
+failed check (the analysis goes on watching). An end written is checked
+too: a sidecar read that still serves the rules from before it after
+--wait-live (one that refuses the rules: its ``/config_dump`` says why)
+makes it NOT SERVED, said loudly with that error, never "rolled back" while
+the canary keeps its traffic (:func:`not_served`); sidecars that cannot be
+read leave it unconfirmed, and it exits as that end, with a warning.
+``abort`` and ``promote`` check it with ``--metrics`` or ``--prometheus``;
+said again of an end whose document is written already, with ``--metrics``,
+from the sidecars' ``last_error`` and the time they last loaded rules
+(:meth:`SidecarMetrics.refusing`); without either, they warn that it is
+not checked (:func:`unchecked`).
 """
 
 from __future__ import annotations
@@ -112,6 +122,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TextIO
@@ -199,6 +210,7 @@ EXIT_PROMOTED = 0
 EXIT_ROLLED_BACK = 1
 EXIT_ERROR = 2
 EXIT_LEFT = 3
+EXIT_NOT_SERVED = 4
 
 ACTIONS = ("status", "promote", "abort")
 BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -287,6 +299,10 @@ exit status:
      a promote of a rolled-back one (a rollback stands: roll it out anew),
      an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
+  4  written, NOT SERVED: a rollback, abort or promotion that a sidecar read still
+     does not serve after --wait-live (one that refuses the rules: its
+     /config_dump's last_error is printed); the canary keeps its traffic until
+     the sidecars load it. Sidecars that cannot be read: 0 or 1, with a warning
 """
 
 
@@ -295,7 +311,16 @@ class CanaryError(Exception):
 
 
 class NotLive(CanaryError):
-    """A change written did not reach every sidecar within --wait-live."""
+    """A change written did not reach every sidecar within --wait-live.
+
+    *summary* says it in a few words, for the line of a rollout's end
+    (``the sidecars still serve rules generation 24: FILE:LINE: why``):
+    the generation a sidecar still serves and, where its admin endpoint
+    answers ``/config_dump``, the error it refused the change with."""
+
+    def __init__(self, message: str, summary: str = "") -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 class Transient(CanaryError):
@@ -2032,12 +2057,54 @@ class SidecarMetrics:
                 url = late()[0]
                 mark = self.marks.get(url)
                 gen = mark.generation if mark is not None else None
+                after = f"{url} still serves rules generation {gen} {timeout:g} s after the change"
+                why = self.last_error(url)
+                if why:
+                    raise NotLive(
+                        f"{after} (--wait-live); its last error: {why}",
+                        f"the sidecars still serve rules generation {gen}: {why}",
+                    )
                 raise NotLive(
-                    f"{url} still serves rules generation {gen} "
-                    f"{timeout:g} s after the change (--wait-live): is it watching these "
-                    "rules? (its /config_dump says why it refused a change)"
+                    f"{after} (--wait-live): is it watching these rules? (its /config_dump "
+                    "says why it refused a change)",
+                    f"the sidecars still serve rules generation {gen} {timeout:g} s after the "
+                    "change (--wait-live)",
                 )
             time.sleep(0.05)
+
+    def refusing(self, since: float) -> NotLive | None:
+        """Whether a sidecar refuses the rules as written since *since* (a
+        time since the epoch: when the canary's document was last
+        written): it has a ``last_error``, and the rules it serves were
+        loaded before *since*. None: none does, or none could be asked."""
+        for url in self.urls:
+            parts = urllib.parse.urlsplit(url)
+            dump_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/config_dump", "", ""))
+            try:
+                dump = json.loads(self.get(dump_url))
+                why, loaded, gen = dump.get("last_error"), dump.get("loaded_at"), dump["generation"]
+            except (MetricsError, ValueError, AttributeError, KeyError, TypeError):
+                continue
+            if isinstance(why, str) and why and isinstance(loaded, int | float) and loaded < since:
+                return NotLive(
+                    f"{url} serves rules generation {gen}, loaded before the canary's document "
+                    f"was written, and refuses every change since: its last error: {why}",
+                    f"the sidecars still serve rules generation {gen}: {why}",
+                )
+        return None
+
+    def last_error(self, url: str) -> str:
+        """Why the sidecar at *url* (its ``/stats``) refused its last change:
+        its ``/config_dump``'s ``last_error``; "" where it has none, or its
+        endpoint serves no ``/config_dump`` (``--stats-listen``'s: /stats
+        alone) or cannot be read."""
+        parts = urllib.parse.urlsplit(url)
+        dump = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/config_dump", "", ""))
+        try:
+            why = json.loads(self.get(dump)).get("last_error")
+        except (MetricsError, ValueError, AttributeError):
+            return ""
+        return why if isinstance(why, str) else ""
 
 
 class PrometheusMetrics:
@@ -2242,20 +2309,28 @@ class Display:
         self.as_json = as_json
         self.policy = policy
 
-    def emit(self, ev: Event, note: str = "", cut_short: bool = False) -> None:
+    def emit(
+        self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = ""
+    ) -> None:
         """Print *ev*: a line, or a JSON object. *cut_short*: the rollout
         ended (by hand, or rolled back at an interruption) during the
         interval *ev* shows, which was never judged: the line says so where
-        a check's numbers go, and the JSON carries ``"cut_short": true``."""
+        a check's numbers go, and the JSON carries ``"cut_short": true``.
+        *not_served*: the end *ev* wrote is not served (why, in a few
+        words): the line says ``ROLLBACK NOT SERVED``, and the JSON carries
+        ``"served": false`` and ``"not_served"``."""
         if self.as_json:
             out = event_json(ev, note)
             if cut_short:
                 out["cut_short"] = True
+            if not_served:
+                out["served"] = False
+                out["not_served"] = not_served
             print(json.dumps(out), file=self.out, flush=True)
         else:
-            print(self.line(ev, note, cut_short), file=self.out, flush=True)
+            print(self.line(ev, note, cut_short, not_served), file=self.out, flush=True)
 
-    def line(self, ev: Event, note: str = "", cut_short: bool = False) -> str:
+    def line(self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = "") -> str:
         r, p = ev.rollout, self.policy
         if ev.kind in ("start", "resume"):
             head = (
@@ -2315,18 +2390,29 @@ class Display:
             cells += f"  {_num(c.copies_dropped)} dropped (all mirrors)"
         if cut_short:  # neither pass nor fail: no interval's numbers were judged
             cells += "  interval cut short, not judged"
-        verdict = self.verdict(ev)
+        verdict = self.verdict(ev, not_served)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
 
-    def verdict(self, ev: Event) -> str:
+    def verdict(self, ev: Event, not_served: str = "") -> str:
         r, c = ev.rollout, ev.check
         # (an end without a check, by hand, interrupted or run again, judged
         # no interval: neither pass nor fail)
         if ev.kind == "promoted":
             judged = "pass " if c is not None else ""
+            if not_served:
+                return (
+                    f"{judged}-> PROMOTION NOT SERVED: 100 % to {r.canary} is written, but "
+                    f"{not_served}"
+                )
             return f"{judged}-> PROMOTED: {r.canary} takes 100 % of {r.service}"
         if ev.kind == "rolled_back":
             judged = "fail " if c is not None else ""
+            if not_served:
+                # the canary still gets its traffic: never "ROLLED BACK"
+                return (
+                    f"{judged}-> ROLLBACK NOT SERVED: 100 % to {r.stable} is written, but "
+                    f"{not_served}; {r.reason}"
+                )
             return f"{judged}-> ROLLED BACK: 100 % to {r.stable}; {r.reason}"
         if c is None:
             return r.phase
@@ -2574,9 +2660,11 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         raise CanaryError(abort_after_promotion(saved))
     if action == "promote" and saved.phase == "rolled_back":
         raise CanaryError(promote_after_rollback(saved))
-    if action == "promote":
+    # (an end said again stays as it was: its reason, and its time, which
+    # tells whether a sidecar loaded it)
+    if action == "promote" and saved.phase != "promoted":
         saved = promote(saved, time.time())
-    elif action == "abort":
+    elif action == "abort" and saved.phase != "rolled_back":
         saved = roll_back(saved, time.time())
     if action != "status":
         sidecars: SidecarMetrics | PrometheusMetrics | None = None
@@ -2606,34 +2694,79 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                 )
                 print(f"l4proxy canary: warning: {why}; not waiting for it to be live", file=err)
                 sidecars = None
+        refused: NotLive | None = None
         if not _commit(store, saved, loaded, err):
-            sidecars = None  # the document was so already: nothing reloads
+            # the document was so already (an abort said again): nothing
+            # reloads, but a sidecar that refused the change that wrote it
+            # (and every change since) still routes as before it
+            if isinstance(sidecars, SidecarMetrics):
+                refused = sidecars.refusing(saved.updated)
+            sidecars = None
+        if not args.metrics and not args.prometheus:
+            unchecked(err, action, store)
         if sidecars is not None:
             try:
                 sidecars.wait_live(before, wait)
-            except (MetricsError, NotLive) as exc:  # written: warn, exit as what was done
+            except MetricsError as exc:  # written, not confirmed: warn, exit as what was done
                 print(f"l4proxy canary: warning: {exc}", file=err)
+            except NotLive as exc:
+                refused = exc
+        if refused is not None:
+            if as_json:
+                print(json.dumps({**saved.to_json(), "not_served": refused.summary}), file=out)
+            else:
+                print(status_line(saved), file=out)
+            not_served(err, saved, store, refused)
+            return EXIT_NOT_SERVED
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
     else:
-        r = saved
-        if r.ab_testing:
-            at = (
-                f"A/B: requests with {alternatives(r.match)} to {r.canary}, "
-                f"{r.step}/{len(r.steps)} intervals passed,"
-            )
-        elif r.mirrored:
-            at = f"mirrored: every request copied to {r.canary}, 0 % live, "
-            at += f"step {r.step + 1}/{len(r.steps)},"
-        else:
-            at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
-        print(
-            f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {r.phase} {at} "
-            f"{r.failed_checks} failed checks, "
-            f"{r.checks} checks" + (f"; {r.reason}" if r.reason else ""),
-            file=out,
-        )
+        print(status_line(saved), file=out)
     return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
+
+
+def status_line(r: Rollout) -> str:
+    """What ``status`` (and ``promote``, ``abort``) prints of *r*."""
+    if r.ab_testing:
+        at = (
+            f"A/B: requests with {alternatives(r.match)} to {r.canary}, "
+            f"{r.step}/{len(r.steps)} intervals passed,"
+        )
+    elif r.mirrored:
+        at = f"mirrored: every request copied to {r.canary}, 0 % live, "
+        at += f"step {r.step + 1}/{len(r.steps)},"
+    else:
+        at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
+    return (
+        f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {r.phase} {at} "
+        f"{r.failed_checks} failed checks, "
+        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "")
+    )
+
+
+def unchecked(err: TextIO, action: str, store: Store) -> None:
+    """``abort`` or ``promote`` without ``--metrics`` or ``--prometheus``:
+    written, and nothing tells whether the sidecars serve it. Said so, with
+    the one thing that can be known here: whether the rules as written
+    load as a sidecar loads them. Where they do not (another file is
+    broken), a sidecar that loads its rules as a whole refuses the change
+    and goes on routing as before it; one that sets a broken file aside
+    serves it. Which of the two the sidecars do is theirs to say, so the
+    exit stays that of the end written, and the warning names the file."""
+    what = "abort" if action == "abort" else "promotion"
+    try:
+        store.table(None)
+        problem = ""
+    except CanaryError as exc:
+        problem = (
+            f"; and the rules as written do not load ({exc}): a sidecar that refuses them "
+            f"goes on routing as before this {what}"
+        )
+    print(
+        f"l4proxy canary: warning: the {what} is written, not checked live (no --metrics "
+        f"or --prometheus: give one to wait until the sidecars serve it){problem}",
+        file=err,
+    )
 
 
 def abort_after_promotion(r: Rollout) -> str:
@@ -2774,8 +2907,8 @@ def _analyse(
                 # sidecars not read: a failed check now, as an unreadable
                 # sample is, and the analysis goes on watching (it ended
                 # with exit 2 and the canary left at its weight).
-                graded = Check("fail", 0.0, None, None, (unseen,))
-                unseen = ""
+                graded = Check("fail", 0.0, None, None, (unseen.reason,))
+                unseen = Unseen()
             else:
                 time.sleep(policy.interval)
                 now_saved = store.load_state()
@@ -2803,9 +2936,15 @@ def _analyse(
             except Superseded as exc:  # promote/abort by hand while we measured
                 return _ended_by_hand(display, exc.current, r)
             r = new
+            if r.phase != "progressing" and unseen.not_served is not None:
+                # written, and a sidecar read still serves the rules from
+                # before it: never reported as done
+                display.emit(ev, not_served=unseen.not_served.summary)
+                not_served(err, r, store, unseen.not_served)
+                return EXIT_NOT_SERVED
             display.emit(ev)
             if r.phase != "progressing":
-                if unseen:  # written: warn, exit as what was done (as _by_hand)
+                if unseen:  # written, not confirmed: warn, exit as what was done
                     print(f"l4proxy canary: warning: {unseen}", file=err)
                 return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     except KeyboardInterrupt:
@@ -2857,6 +2996,25 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
     return EXIT_PROMOTED if now.phase == "promoted" else EXIT_ROLLED_BACK
 
 
+@dataclass(frozen=True)
+class Unseen:
+    """Why a change written was not seen live ("" and None: it was):
+    *reason*, that of a failed check (progressing) or of the warning at a
+    rollout's end; *not_served*, where a sidecar was read and still served
+    the rules from before the change after --wait-live (not where it could
+    not be read: a sidecar down serves nothing, and one that comes back
+    loads the rules as they are)."""
+
+    reason: str = ""
+    not_served: NotLive | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.reason)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 def _set_weight(
     store: Store,
     metrics: Metrics,
@@ -2864,28 +3022,47 @@ def _set_weight(
     wait: float,
     expected: Rollout | None = ANY,
     err: TextIO | None = None,
-) -> str:
+) -> Unseen:
     """State first, then the document; then a fresh window at that weight.
 
     Once the commit is done the change is made, so what fails after it
     (the sidecars unreadable, or not serving it within *wait*) is not
-    raised: it is returned, as the reason of a failed check ("" when all
-    went well), and the caller counts it (progressing) or warns (ended)."""
+    raised: it is returned (:class:`Unseen`, false when all went well), and
+    the caller counts it as a failed check (progressing), or says it (an
+    end: a warning where the sidecars could not be read, NOT SERVED where
+    they still serve the rules from before it)."""
     before = metrics.before_change()
-    unseen = ""
+    unseen = Unseen()
     if _commit(store, r, expected, err):  # unchanged (a resume): no reload to wait for
         try:
             metrics.wait_live(before, wait)  # also on the way out: exit once it is live
         except MetricsError as exc:
-            unseen = f"metrics unreadable: {exc}"
+            unseen = Unseen(f"metrics unreadable: {exc}")
         except NotLive as exc:
-            unseen = f"not live: {exc}"
+            unseen = Unseen(f"not live: {exc}", exc)
     if r.phase == "progressing":
         try:
             metrics.start_window(r.mirrored)
         except MetricsError as exc:
-            unseen = unseen or f"metrics unreadable: {exc}"
+            unseen = unseen or Unseen(f"metrics unreadable: {exc}")
     return unseen
+
+
+def not_served(err: TextIO, r: Rollout, store: Store, why: NotLive) -> None:
+    """Say loudly that *r*'s end (a rollback, an abort, a promotion) is
+    written but not served: the sidecars still route as before it (the
+    canary keeps its traffic after a rollback), and what to do."""
+    what = "ROLLBACK" if r.phase == "rolled_back" else "PROMOTION"
+    print(
+        f"l4proxy canary: {what} NOT SERVED: {why.summary}\n"
+        f"  it is written ({store.where}: 100 % to "
+        f"{r.stable if r.phase == 'rolled_back' else r.canary}), and the sidecars load it "
+        "with the first change of the rules they accept: fix what they refuse (their "
+        f"/config_dump's last_error), then check with 'l4proxy canary status {store.service}' "
+        "and their /stats. In detail: "
+        f"{why}",
+        file=err,
+    )
 
 
 def _commit(

@@ -1,0 +1,251 @@
+"""``l4proxy canary`` as an operator meets it: what it says when the sidecars
+do not serve what it wrote, and a rollout changed under it.
+
+The sidecar here is an admin endpoint on 127.0.0.1 (:class:`Sidecar`) over
+the rules directory the command writes, loading it as ``l4proxy run`` loads
+a rules directory: as a whole, with the real loader, at each read of its
+``/stats`` (the sidecars poll their rules every second); a directory that
+does not load leaves it serving the rules of its last good load, its
+``/config_dump`` saying why (``last_error``). Its traffic follows the
+weights of the canary's document as it last loaded them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from l4proxy.rules import ConfigError, load_rules
+from tests.conftest import serving
+
+REGISTRY = os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml")
+TYPO = "kind: ConfigMap\ndata: [\n"  # the reviewer's: a YAML syntax error at 3:1
+
+
+class Sidecar:
+    """One sidecar over *rules* (see the module doc). Each read of
+    ``/stats`` reloads the directory if its files changed, then counts
+    *per_read* more requests, split by the served weights (v1 takes them
+    all where no canary document is served), *fail_v2* of v2's answered
+    500; *on_read*, if set, is called with the read's number (from 1)
+    first."""
+
+    def __init__(self, rules: pathlib.Path, fail_v2: float = 0.0, per_read: int = 100) -> None:
+        self.rules = rules
+        self.fail_v2 = fail_v2
+        self.per_read = per_read
+        self.generation = 0
+        self.served: dict[str, str] = {}
+        self.last_error: str | None = None
+        self.loaded_at = 0.0
+        self.reads = 0
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.on_read: Callable[[int], None] | None = None
+
+    def files(self) -> dict[str, str]:
+        return {
+            p.name: p.read_text()
+            for p in sorted(self.rules.iterdir())
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+        }
+
+    def reload(self) -> None:
+        import time
+
+        files = self.files()
+        if self.generation and files == self.served:
+            return
+        try:
+            load_rules([str(self.rules)])
+        except ConfigError as exc:
+            d = next(d for d in exc.diagnostics if d.severity == "error")
+            self.last_error = str(d)
+            return
+        self.served, self.last_error = files, None
+        self.generation += 1
+        self.loaded_at = time.time()
+
+    def weights(self) -> dict[str, int]:
+        doc = self.served.get("canary-bootcamp.yaml")
+        if doc is None:
+            return {"v1": 100}
+        spec = yaml.safe_load(doc)["spec"]
+        return {r["labels"]["version"]: r["weight"] for r in spec["route"]}
+
+    def stats(self) -> bytes:
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(self.reads)
+        self.reload()
+        w = self.weights()
+        v2 = self.per_read * w.get("v2", 0) // 100
+        failed = round(v2 * self.fail_v2)
+        self.counts["v1", "200"] += self.per_read - v2
+        self.counts["v2", "200"] += v2 - failed
+        self.counts["v2", "500"] += failed
+        lines = ["# TYPE istio_requests_total counter"]
+        for (version, code), n in sorted(self.counts.items()):
+            lab = (
+                f'reporter="source",destination_service_name="bootcamp",'
+                f'destination_version="{version}",response_code="{code}"'
+            )
+            lines.append(f"istio_requests_total{{{lab}}} {n}")
+            lines.append(f'istio_request_duration_milliseconds_bucket{{{lab},le="10"}} {n}')
+            lines.append(f'istio_request_duration_milliseconds_bucket{{{lab},le="+Inf"}} {n}')
+        digest = int.from_bytes(
+            hashlib.blake2b(repr(sorted(self.served.items())).encode(), digest_size=6).digest(),
+            "big",
+        )
+        lines += [f"l4proxy_rules_generation {self.generation}", f"l4proxy_rules_digest {digest}"]
+        return ("\n".join(lines) + "\n").encode()
+
+    def config_dump(self) -> bytes:
+        dump = {
+            "generation": self.generation,
+            "loaded_at": self.loaded_at,
+            "last_error": self.last_error,
+        }
+        return json.dumps(dump).encode()
+
+    def reply(self, target: str) -> bytes | None:
+        if target.startswith("/stats"):
+            return self.stats()
+        if target == "/config_dump":
+            return self.config_dump()
+        return None
+
+
+@contextlib.contextmanager
+def sidecar(rules: pathlib.Path, **kwargs: Any) -> Iterator[tuple[Sidecar, str]]:
+    """A :class:`Sidecar` over *rules* (the registry copied there) and its
+    admin address, its rules loaded once."""
+    shutil.copy(REGISTRY, rules)
+    s = Sidecar(rules, **kwargs)
+    s.reload()
+    with serving(s.reply) as address:
+        yield s, address
+
+
+def canary(rules: pathlib.Path, admin: str, *extra: str) -> int:
+    from l4proxy.cli import main
+
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(rules)]
+    return main([*argv, "--metrics", admin, "--interval", "0.05", "--wait-live", "0.5", *extra])
+
+
+def by_hand(action: str, rules: pathlib.Path, *extra: str) -> int:
+    from l4proxy.cli import main
+
+    return main(["canary", action, "bootcamp", "--rules", str(rules), *extra])
+
+
+def routes(rules: pathlib.Path) -> dict[str, int]:
+    doc = yaml.safe_load((rules / "canary-bootcamp.yaml").read_text())
+    return {r["labels"]["version"]: r["weight"] for r in doc["spec"]["route"]}
+
+
+def commit(rules: pathlib.Path, weight: int, steps: tuple[int, ...] = (50, 100)) -> None:
+    from l4proxy.canary._analysis import Rollout
+    from l4proxy.canary.command import FileStore, Paths, RulesWriter
+
+    paths = Paths.of(str(rules), "bootcamp")
+    store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=weight, steps=steps))
+
+
+# -- a rollback (or abort) the sidecars do not serve --------------------------------
+def test_a_rollback_the_sidecars_refuse_is_not_reported_as_done(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reviewer's run: the canary fails its checks, and an unrelated
+    broken file appears meanwhile; the sidecar refuses the directory and
+    keeps the generation with 30 % on the canary. The command printed
+    "fail -> ROLLED BACK: 100 % to v1", exit 1, with a warning "not live".
+    It now says the rollback is written but not served, with the sidecar's
+    last error (FILE:LINE: why), and exits 4."""
+    with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
+        # reads: 1 the start, 2 live at 30 %, 3 the window, 4 the first
+        # check; the broken file comes with the second check's read
+        s.on_read = lambda n: (tmp_path / "typo.yaml").write_text(TYPO) if n == 5 else None
+        code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
+    out, err = capsys.readouterr()
+    assert code == 4, (out, err)
+    last = out.splitlines()[-1]
+    assert "fail -> ROLLBACK NOT SERVED: 100 % to v1 is written, but the sidecars still " in last
+    assert f"serve rules generation {s.generation}: {tmp_path}/typo.yaml:3:1: " in last, last
+    assert "ROLLED BACK" not in out
+    assert "l4proxy canary: ROLLBACK NOT SERVED: " in err and "typo.yaml:3:1" in err
+    assert routes(tmp_path) == {"v1": 100}  # written
+    assert s.weights() == {"v1": 70, "v2": 30}  # and not served
+
+
+def test_a_rollback_not_served_is_said_in_json(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
+        s.on_read = lambda n: (tmp_path / "typo.yaml").write_text(TYPO) if n == 4 else None
+        code = canary(tmp_path, admin, "--steps", "30,100", "--threshold", "1", "--json")
+    out = capsys.readouterr().out
+    last = json.loads(out.splitlines()[-1])
+    assert code == 4
+    assert (last["event"], last["served"]) == ("rolled_back", False)
+    assert "typo.yaml:3:1" in last["not_served"]
+
+
+def test_an_abort_the_sidecars_refuse_says_so_and_again(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort --metrics`` beside a broken file: written, the sidecar still
+    at the canary's 50 %. It said "rolled_back" (exit 1) with a warning;
+    now NOT SERVED (exit 4) with the sidecar's last error. Said again, the
+    document unchanged (nothing to wait for): the sidecar still refuses
+    every change since, so NOT SERVED again; once the file is fixed and
+    the sidecar loads the rules, the abort is rolled back (exit 1)."""
+    with sidecar(tmp_path) as (s, admin):
+        commit(tmp_path, 50)
+        s.reload()
+        assert s.weights() == {"v1": 50, "v2": 50}
+        (tmp_path / "typo.yaml").write_text(TYPO)
+        assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
+        out, err = capsys.readouterr()
+        assert " rolled_back at 0 % " in out  # the state, as status says it
+        assert "l4proxy canary: ROLLBACK NOT SERVED: the sidecars still serve rules " in err
+        assert "typo.yaml:3:1" in err
+        assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
+        assert "ROLLBACK NOT SERVED: " in capsys.readouterr().err
+        (tmp_path / "typo.yaml").unlink()
+        s.reload()
+        assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 1
+        assert "NOT SERVED" not in capsys.readouterr().err
+    assert s.weights() == {"v1": 100}
+
+
+def test_an_abort_without_metrics_says_it_is_not_checked_and_names_a_broken_file(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort`` without --metrics said "rolled_back" and nothing else,
+    beside a file that keeps the sidecars from loading anything. Nothing
+    tells here what the sidecars serve (one that sets a broken file aside
+    serves the abort), so it exits as written (1), and warns: not checked
+    live, and the rules as written do not load, naming the file."""
+    shutil.copy(REGISTRY, tmp_path)
+    commit(tmp_path, 50)
+    (tmp_path / "typo.yaml").write_text(TYPO)
+    assert by_hand("abort", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "warning: the abort is written, not checked live (no --metrics or --prometheus" in err
+    assert "the rules as written do not load (" in err and "typo.yaml:3:1" in err
+    (tmp_path / "typo.yaml").unlink()
+    assert by_hand("abort", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "not checked live" in err and "do not load" not in err
