@@ -249,3 +249,80 @@ def test_an_abort_without_metrics_says_it_is_not_checked_and_names_a_broken_file
     assert by_hand("abort", tmp_path) == 1
     err = capsys.readouterr().err
     assert "not checked live" in err and "do not load" not in err
+
+
+# -- a step refused mid-rollout ------------------------------------------------------
+COMPETING = os.path.join(
+    os.path.dirname(__file__),
+    "..",
+    "deploy",
+    "examples",
+    "bootcamp",
+    "bootcamp-route-rule-all-v1.yaml",
+)
+
+
+def test_a_competing_rule_mid_rollout_is_a_failed_check_then_a_rollback(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule without a match copied in mid-rollout: the next weight was
+    refused and the command exited 2, the canary left at 30 % with
+    nothing judging it (the README promises never to). Each refused step
+    is a failed check now (the line says which stage was not written and
+    why), and --threshold of them roll back."""
+    with sidecar(tmp_path) as (s, admin):
+        s.on_read = lambda n: shutil.copy(COMPETING, tmp_path / "mine.yaml") if n == 4 else None
+        code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
+    out, err = capsys.readouterr()
+    assert code == 1, (out, err)
+    lines = out.splitlines()
+    assert lines[-2].endswith(
+        f"fail (1/2): 50 % not written: {tmp_path}/mine.yaml:2: RouteRule bootcamp-default "
+        "routes every request of bootcamp; stays at 30 %"
+    ), lines[-2]
+    assert "success 100.0 % >= 99 ok" in lines[-2]  # the interval itself passed
+    assert (
+        "fail -> ROLLED BACK: 100 % to v1; 2 failed checks (--threshold 2): 50 % not " in lines[-1]
+    )
+    assert routes(tmp_path) == {"v1": 100} and s.weights() == {"v1": 100}
+
+
+def test_a_broken_file_fixed_in_time_costs_one_failed_check(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken file beside ours when the next weight is written: exit 2
+    with the canary at its weight. Now a failed check; fixed before the
+    next interval's write, the rollout goes on to its promotion."""
+
+    def on_read(n: int) -> None:
+        if n == 4:  # the first check's read: the write of 50 % follows it
+            (tmp_path / "typo.yaml").write_text(TYPO)
+        elif n == 5:  # the second check's
+            (tmp_path / "typo.yaml").unlink()
+
+    with sidecar(tmp_path) as (s, admin):
+        s.on_read = on_read
+        code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "3")
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    assert (
+        "fail (1/3): 50 % not written: refused: the rules would be invalid at weight 50: "
+        f"{tmp_path}/typo.yaml:3:1: " in out
+    ), out
+    assert "; stays at 30 %" in out and "PROMOTED" in out.splitlines()[-1]
+    assert s.weights() == {"v2": 100}
+
+
+def test_a_resume_refused_at_the_start_says_the_rollout_stays_as_it_was(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before the analysis runs (exit 2, nothing written), a run
+    that would resume a rollout says it is left at its weight, unjudged."""
+    with sidecar(tmp_path) as (_, admin):
+        commit(tmp_path, 50)
+        shutil.copy(COMPETING, tmp_path / "mine.yaml")
+        assert canary(tmp_path, admin, "--steps", "50,100") == 2
+    err = capsys.readouterr().err
+    assert "RouteRule bootcamp-default routes every request of bootcamp" in err
+    assert "nothing written: the rollout of bootcamp stays as it was (v2 keeps 50 %), and " in err
+    assert "nothing judges v2 until this runs" in err

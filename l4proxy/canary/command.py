@@ -95,7 +95,10 @@ interrupted with the weights left as they were (run the same command again
 to resume), 4 an end (a rollback, an abort, a promotion) written but not
 served. Once a weight is
 written, the sidecars unreadable or not serving it within --wait-live is a
-failed check (the analysis goes on watching). An end written is checked
+failed check (the analysis goes on watching), and so is a next stage that
+cannot be written (a competing rule or a broken file copied in beside
+ours: :func:`refused_check`); --threshold of them roll back, which is
+written whatever the other files hold. An end written is checked
 too: a sidecar read that still serves the rules from before it after
 --wait-live (one that refuses the rules: its ``/config_dump`` says why)
 makes it NOT SERVED, said loudly with that error, never "rolled back" while
@@ -293,7 +296,8 @@ the cookie it was started with).
 exit status:
   0  promoted (100 % to the canary)
   1  rolled back (100 % to stable), by the analysis or by abort
-  2  error: usage, unreadable or invalid rules, a competing rule, no metrics,
+  2  error, before the analysis starts (mid-rollout, a step refused is a failed
+     check): usage, unreadable or invalid rules, a competing rule, no metrics,
      a rollback that could not be written (NOT applied), an abort of a promoted
      rollout (a promotion stands: roll the old version out as a new canary),
      a promote of a rolled-back one (a rollback stands: roll it out anew),
@@ -2863,17 +2867,19 @@ def _analyse(
         gateway = GatewayRoute(port, tuple(dict.fromkeys(args.gateway)))
     # (once the port is known: a route of the user's on another port of
     # SERVICE's Service takes other requests than ours)
-    store.check_competing(
-        gateway_api=gateway_api,
-        gateways=gateway.gateways if gateway is not None else (),
-        port=gateway.port if gateway is not None else None,
-    )
+    saved = store.load_state()
+    with _left_if_refused(saved):
+        store.check_competing(
+            gateway_api=gateway_api,
+            gateways=gateway.gateways if gateway is not None else (),
+            port=gateway.port if gateway is not None else None,
+        )
     ev = resume(
         policy,
         service,
         args.stable,
         args.canary,
-        store.load_state(),
+        saved,
         time.time(),
         restart=args.restart,
         gateway=gateway,
@@ -2898,7 +2904,8 @@ def _analyse(
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
         try:
-            unseen = _set_weight(store, metrics, r, wait, loaded, err)
+            with _left_if_refused(loaded):
+                unseen = _set_weight(store, metrics, r, wait, loaded, err)
         except Superseded as exc:
             return _ended_by_hand(display, exc.current, r)
         while True:
@@ -2926,13 +2933,30 @@ def _analyse(
                     graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
                     with contextlib.suppress(MetricsError):
                         metrics.start_window(r.mirrored)  # the next interval counts from now
-            ev = advance(policy, r, graded, time.time())
+            now = time.time()
+            ev = advance(policy, r, graded, now)
             new = ev.rollout
             try:
-                if new.weight != r.weight or new.phase != r.phase:
-                    unseen = _set_weight(store, metrics, new, wait, r, err)
-                else:
-                    store.save_state(new, expected=r)
+                try:
+                    if new.weight != r.weight or new.phase != r.phase:
+                        unseen = _set_weight(store, metrics, new, wait, r, err)
+                    else:
+                        store.save_state(new, expected=r)
+                except CanaryError as exc:
+                    if new.phase != "progressing":
+                        raise  # an end not written: _commit says it was NOT applied
+                    # The next stage refused (a competing rule, a broken
+                    # file beside ours) or not written: a failed check, as
+                    # Flagger counts a step it cannot route, and the
+                    # analysis goes on watching; --threshold of them roll
+                    # back, which is written whatever the other files hold.
+                    graded = refused_check(graded, new, exc)
+                    ev = advance(policy, r, graded, now)
+                    new = ev.rollout
+                    if new.phase != "progressing":
+                        unseen = _set_weight(store, metrics, new, wait, r, err)
+                    else:
+                        store.save_state(new, expected=r)
             except Superseded as exc:  # promote/abort by hand while we measured
                 return _ended_by_hand(display, exc.current, r)
             r = new
@@ -2968,6 +2992,38 @@ def _analyse(
             file=err,
         )
         return EXIT_LEFT
+
+
+@contextlib.contextmanager
+def _left_if_refused(saved: Rollout | None) -> Iterator[None]:
+    """A refusal before the analysis runs (exit 2), of a run that would
+    resume the progressing rollout *saved*: the message says that it stays
+    as it was, with nothing judging it (an earlier run left it so)."""
+    try:
+        yield
+    except CanaryError as exc:
+        if saved is None or saved.phase != "progressing":
+            raise
+        raise CanaryError(
+            f"{exc}\n  nothing written: the rollout of {saved.service} stays as it was "
+            f"({left_as_is(saved)}), and nothing judges {saved.canary} until this runs "
+            f"(or l4proxy canary promote|abort {saved.service})"
+        ) from exc
+
+
+def refused_check(graded: Check, new: Rollout, exc: CanaryError) -> Check:
+    """*graded* turned into a failed check because the stage it led to,
+    *new*, could not be written (*exc*: refused, or not written); its
+    numbers are kept, and the reason is the refusal's first line (a
+    competing rule's message goes on to say what to do)."""
+    why = str(exc).split("\n", 1)[0]
+    if new.ab_testing:
+        stage = f"A/B {new.step + 1}/{len(new.steps)}"
+    elif new.mirrored:
+        stage = f"mirror {new.step + 1}/{mirrored_stages(new.steps)}"
+    else:
+        stage = f"{new.weight} %"
+    return replace(graded, verdict="fail", reasons=(*graded.reasons, f"{stage} not written: {why}"))
 
 
 def left_as_is(r: Rollout) -> str:
