@@ -154,13 +154,16 @@ def routes(rules: pathlib.Path) -> dict[str, int]:
     return {r["labels"]["version"]: r["weight"] for r in doc["spec"]["route"]}
 
 
-def commit(rules: pathlib.Path, weight: int, steps: tuple[int, ...] = (50, 100)) -> None:
+def commit(
+    rules: pathlib.Path, weight: int, steps: tuple[int, ...] = (50, 100), **fields: Any
+) -> None:
+    """A rollout of bootcamp from v1 to v2 at *weight* written as the command writes it."""
     from l4proxy.canary._analysis import Rollout
     from l4proxy.canary.command import FileStore, Paths, RulesWriter
 
     paths = Paths.of(str(rules), "bootcamp")
     store = FileStore(paths, RulesWriter(paths, "bootcamp", "default", "cluster.local"))
-    store.commit(Rollout("bootcamp", "v1", "v2", weight=weight, steps=steps))
+    store.commit(Rollout("bootcamp", "v1", "v2", weight=weight, steps=steps, **fields))
 
 
 # -- a rollback (or abort) the sidecars do not serve --------------------------------
@@ -326,3 +329,26 @@ def test_a_resume_refused_at_the_start_says_the_rollout_stays_as_it_was(
     assert "RouteRule bootcamp-default routes every request of bootcamp" in err
     assert "nothing written: the rollout of bootcamp stays as it was (v2 keeps 50 %), and " in err
     assert "nothing judges v2 until this runs" in err
+
+
+# -- --restart of a promoted rollout -------------------------------------------------
+def test_restart_of_a_promoted_rollout_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--restart`` after v1 -> v2 was promoted started it again at its
+    first step: 90 % back to v1 at once, unjudged, which abort refuses to
+    do. Refused (exit 2, nothing written), saying what to run instead; a
+    rolled-back rollout still restarts."""
+    with sidecar(tmp_path) as (s, admin):
+        assert canary(tmp_path, admin, "--steps", "10,100") == 0
+        files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+        capsys.readouterr()
+        assert canary(tmp_path, admin, "--steps", "10,100", "--restart") == 2
+        err = capsys.readouterr().err
+        assert "was promoted (v2 takes 100 %); --restart would start it again at its first " in err
+        assert "sending 90 % of the requests back to v1 at once, unjudged" in err
+        assert "l4proxy canary bootcamp --stable v2 --canary v1 ..." in err
+        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+        assert s.weights() == {"v2": 100}
+        commit(tmp_path, 0, (10, 100), phase="rolled_back")  # rolled back: it starts again
+        assert canary(tmp_path, admin, "--steps", "10,100", "--restart") == 0

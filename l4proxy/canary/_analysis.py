@@ -879,7 +879,10 @@ def resume(
       when the new ``--mirror`` has no more of them);
     * the same versions, finished: returned as it ended (the caller reports
       it) unless *restart*: a rolled-back canary gets no traffic again
-      without being asked;
+      without being asked; a promoted one is never started again
+      (:class:`Conflict`): its first step would send most requests back to
+      stable at once, unjudged, and a promotion stands (the other way
+      round, a new rollout, is how to go back);
     * other versions still progressing: :class:`Conflict`;
     * the same versions progressing in the other mode (*gateway* None or
       not, as the saved one's is not): :class:`Conflict`; in the same mode
@@ -988,6 +991,19 @@ def resume(
         # (the deadline counts time the analysis ran: not the time it was stopped)
         r = replace(saved, steps=steps, judged=now)
         return Event("resume", r, previous_weight=saved.weight)
+    if saved is not None and same and restart and saved.phase == "promoted":
+        # the canary is every user's version now: a restart would send
+        # most requests back to stable at once, unjudged (as abort would)
+        mode = " --gateway-api" if saved.gateway is not None else ""
+        raise Conflict(
+            f"the rollout of {saved.service} from {saved.stable} to {saved.canary} was "
+            f"promoted ({saved.canary} takes 100 %); --restart would start it again at its "
+            f"first step, sending {100 - policy.stages[0]} % of the requests back to "
+            f"{saved.stable} at once, unjudged, and a promotion stands (abort refuses it "
+            f"too): nothing written. To send {saved.service}'s requests back to {saved.stable}, "
+            f"roll it out as a new canary: l4proxy canary {saved.service}{mode} --stable "
+            f"{saved.canary} --canary {saved.stable} ..."
+        )
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     stages = policy.stages

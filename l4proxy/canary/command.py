@@ -546,7 +546,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--restart",
         action="store_true",
-        help="start again at the first step a rollout of these versions that ended",
+        help="start again at the first step a rollout of these versions that was rolled "
+        "back (a promoted one is not started again: roll the old version out as a new "
+        "canary)",
     )
     p.add_argument(
         "--wait-live",
