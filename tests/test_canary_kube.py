@@ -486,6 +486,27 @@ def test_a_commit_says_whether_the_document_changed(api: FakeAPI, token: str) ->
     assert store(api, token).commit(R, expected=R) is False  # the same document again
 
 
+def test_the_key_edited_under_the_canary_is_told(api: FakeAPI, token: str) -> None:
+    """Before each verdict the command compares its key with what it wrote
+    (a ``kubectl edit`` of the weights mid-interval was judged as the
+    weight it had written): as written, ""; changed or removed, it says so."""
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    assert store(api, token).commit(R) is True
+    assert store(api, token).edited(R) == ""
+    key = "canary-bootcamp.yaml"
+
+    def all_v2(obj: dict[str, Any]) -> None:
+        obj["data"][key] = obj["data"][key].replace("weight: 25", "weight: 100")
+
+    api.edit(CM_PATH, all_v2)
+    assert store(api, token).edited(R) == (
+        f"key {key} of ConfigMap default/l4proxy-rules was changed under the canary "
+        "(it routed at weight 25)"
+    )
+    api.edit(CM_PATH, lambda obj: obj["data"].pop(key))
+    assert " was removed under the canary " in store(api, token).edited(R)
+
+
 def test_a_mirrored_step_puts_the_same_document_validated(api: FakeAPI, token: str) -> None:
     """--mirror: weight 0 while progressing, the mirror to the canary in the
     key (loaded as the kubelet mounts it, not refused), gone at the next step."""

@@ -352,3 +352,41 @@ def test_restart_of_a_promoted_rollout_is_refused(
         assert s.weights() == {"v2": 100}
         commit(tmp_path, 0, (10, 100), phase="rolled_back")  # rolled back: it starts again
         assert canary(tmp_path, admin, "--steps", "10,100", "--restart") == 0
+
+
+# -- the canary's document edited under it ------------------------------------------
+def _edit_to_all_v2(rules: pathlib.Path) -> None:
+    doc = rules / "canary-bootcamp.yaml"
+    doc.write_text(
+        doc.read_text().replace("weight: 70", "weight: 0").replace("weight: 30", "weight: 100")
+    )
+
+
+def test_a_hand_edit_of_the_canarys_document_mid_interval_is_not_judged_a_pass(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reviewer set v2 to 100 in canary-bootcamp.yaml during the 30 %
+    step: that step was judged and printed "v2 30 %", a pass, on traffic
+    that was mostly v2's. The document is compared with what the command
+    wrote before each verdict: changed, the interval is a failed check (as
+    a competing change is), ours is written again, and the rollout goes
+    on. Each line shows the canary's share of the requests the sidecars
+    counted, which showed the edit (100 %) where the weight said 30."""
+    with sidecar(tmp_path) as (s, admin):
+        # read 3: the first window starts; the edit lands just after
+        s.on_read = lambda n: _edit_to_all_v2(tmp_path) if n == 3 else None
+        code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    edited = next(line for line in lines if "changed under the canary" in line)
+    assert edited.startswith("  v2  30 % "), edited
+    assert "   100 req (100 %)  " in edited  # what the routing did
+    assert edited.endswith(
+        f"fail (1/2): {tmp_path}/canary-bootcamp.yaml was changed under the canary (it routed "
+        "at weight 30); not judged, and written again; stays at 30 %"
+    ), edited
+    after = lines[lines.index(edited) + 1]
+    assert after.startswith("  v2  30 % ") and "    30 req (30 %)  " in after, after
+    assert after.endswith("pass -> 50 %")
+    assert "PROMOTED" in lines[-1] and s.weights() == {"v2": 100}

@@ -264,6 +264,11 @@ class Sample:
     # (l4proxy_http_mirror_dropped_total, of every mirror: it has no
     # version), shown beside the check, never judged; None: not known
     copies_dropped: float | None = None
+    # the canary's percentage of the requests to stable and canary in the
+    # interval (read from the sidecars at a weighted or A/B interval), shown
+    # beside the check, never judged: what the routing did, whatever the
+    # document says; None: not known
+    share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,7 @@ class Check:
     p99_ms: float | None
     reasons: tuple[str, ...] = ()  # why it failed or halted, for the display
     copies_dropped: float | None = None  # the sample's, for the display
+    share: float | None = None  # the sample's, for the display
 
 
 # Relative: the limits are compared to float arithmetic (Prometheus' ratio of
@@ -307,11 +313,10 @@ def p99_limit(policy: Policy) -> str:
 def check(policy: Policy, sample: Sample, mirrored: bool = False) -> Check:
     """Grade one interval against the policy (*mirrored*: its sample is the
     canary's answers to copies, and its own requests; only the halt's
-    words differ). The copies dropped are carried along, not graded."""
+    words differ). The copies dropped and the share are carried along, not
+    graded."""
     graded = _grade(policy, sample, mirrored)
-    if sample.copies_dropped is None:
-        return graded
-    return replace(graded, copies_dropped=sample.copies_dropped)
+    return replace(graded, copies_dropped=sample.copies_dropped, share=sample.share)
 
 
 def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:

@@ -69,6 +69,13 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   directory's flock, the path as it would be is loaded exactly as a sidecar
   loads it, and only then installed by write-temp/fsync/rename, so a sidecar
   sees the old rules or the new ones.
+* **Edits under it.** Before each verdict the document is compared with
+  what this command wrote for the rollout (``Store.edited``): edited by
+  hand or removed, the interval was not routed at the weight it would be
+  judged at, so it is a failed check, not judged, and ours is written
+  again. With ``--metrics`` each check carries the canary's share of the
+  requests to stable and canary (:attr:`~l4proxy.canary._analysis.Sample.share`),
+  what the routing did whatever the document says.
 * **State** is ``.canary-SERVICE.state.json`` beside the document (a hidden
   name: the sidecars never read it), written the same atomic way *before*
   the document, and re-read every interval, so that ``l4proxy canary
@@ -1697,6 +1704,22 @@ class RulesWriter:
                     ours=cand,
                 )
 
+    def edited(self, r: Rollout) -> str:
+        """Why the canary's documents are not as this command wrote them for
+        *r* (edited by hand, removed, another rollout's); "" where they are.
+        With a rules FILE only ours are compared: the user's documents
+        beside them are theirs to edit."""
+        doc = self.paths.document
+        try:
+            expected = documents_text(r) if self.paths.is_dir else self._spliced(r)
+        except CanaryError as exc:
+            return f"{doc}: the canary's document cannot be read ({exc})"
+        if self._holds(expected):
+            return ""
+        if not os.path.exists(doc):
+            return f"{doc} was removed under the canary (it routed {at_words(r)})"
+        return f"{doc} was changed under the canary (it routed {at_words(r)})"
+
     def _holds(self, text: str) -> bool:
         """Whether our document's file holds *text* already (a resume at the
         same weight): then nothing is written, and no reload is waited for."""
@@ -1905,6 +1928,7 @@ class Store(Protocol):
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def install(self, r: Rollout) -> bool: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
+    def edited(self, r: Rollout) -> str: ...
     def check_competing(
         self, *, gateway_api: bool = False, gateways: Sequence[str] = (), port: int | None = None
     ) -> None: ...
@@ -1939,6 +1963,9 @@ class FileStore:
 
     def install(self, r: Rollout) -> bool:
         return self.writer.install(r)
+
+    def edited(self, r: Rollout) -> str:
+        return self.writer.edited(r)
 
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool:
         """State first, then the document (a crash between: resume rewrites
@@ -2028,14 +2055,27 @@ class SidecarMetrics:
         the window's start): reading again would take the window's counts."""
         return dict(self.marks)
 
-    def sample(self, version: str, interval: float, mirrored_from: str | None = None) -> Sample:
+    def sample(
+        self,
+        version: str,
+        interval: float,
+        mirrored_from: str | None = None,
+        stable: str | None = None,
+    ) -> Sample:
         """The canary's requests since the window started; *mirrored_from*
-        (stable, at a mirrored interval): its answers to the copies too."""
+        (stable, at a mirrored interval): its answers to the copies too.
+        *stable* (not mirrored): the canary's share of the requests to it
+        and to *stable* goes with it (:attr:`Sample.share`)."""
         mirrored = mirrored_from is not None
         deltas = self._read(mirrored)
-        service, version = self.targets.get(version, (self.service, version))
-        sample = totals_of(deltas, service, version, mirrored).sample()
+        service, label = self.targets.get(version, (self.service, version))
+        sample = totals_of(deltas, service, label, mirrored).sample()
         if not mirrored:
+            if stable is not None:
+                s_service, s_label = self.targets.get(stable, (self.service, stable))
+                both = sample.requests + totals_of(deltas, s_service, s_label).requests
+                if both > 0:
+                    sample = replace(sample, share=100.0 * sample.requests / both)
             return sample
         # summed over the sidecars, as the copies are: a copy dropped (the
         # in-flight cap, the replay limit) is not judged, and a check on a
@@ -2167,8 +2207,15 @@ class PrometheusMetrics:
             self.marks, self.unread = {}, str(exc)
         return dict(self.marks)
 
-    def sample(self, version: str, interval: float, mirrored_from: str | None = None) -> Sample:
-        """The canary's requests in the window that ends now; *mirrored_from*
+    def sample(
+        self,
+        version: str,
+        interval: float,
+        mirrored_from: str | None = None,
+        stable: str | None = None,
+    ) -> Sample:
+        """The canary's requests in the window that ends now; *stable* is not
+        asked (the canary's share would be a query more); *mirrored_from*
         (stable, at a mirrored interval): its answers to the copies too, and
         no copies' series at all while stable had traffic is an error
         (:func:`~l4proxy.canary._metrics.copies_missing`); the copies
@@ -2192,8 +2239,8 @@ class PrometheusMetrics:
             )
             q = stable_query(from_service, from_label, interval, self.reporter)
             url = query_url(self.base, q)
-            stable = parse_query_response(url, self.get(url))
-            why = copies_missing(answers["copies"], stable, self.min_requests, service, label)
+            served = parse_query_response(url, self.get(url))
+            why = copies_missing(answers["copies"], served, self.min_requests, service, label)
             if why:
                 raise MetricsError(why)
         sample = sample_from_prometheus(answers)
@@ -2371,6 +2418,9 @@ class Display:
         else:
             cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
         unit = "copies" if ev.mirrored else "req"
+        if c is not None and c.share is not None:
+            # what the routing did (a hand edit, a rule of higher precedence)
+            unit += f" ({c.share:.0f} %)"
         if c is not None and c.verdict == "halt":
             cells += f" {_num(c.requests):>6} {unit}  (too few to judge)"
         elif c is not None:
@@ -2571,6 +2621,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         }
         if c.copies_dropped is not None:  # of every mirror of the sidecars
             out["check"]["copies_dropped"] = c.copies_dropped
+        if c.share is not None:  # the canary's % of the requests to stable and canary
+            out["check"]["share"] = round(c.share, 1)
     if note:
         out["note"] = note
     return out
@@ -2918,21 +2970,37 @@ def _analyse(
                 # with exit 2 and the canary left at its weight).
                 graded = Check("fail", 0.0, None, None, (unseen.reason,))
                 unseen = Unseen()
+                edited = ""
             else:
                 time.sleep(policy.interval)
                 now_saved = store.load_state()
                 if now_saved != r:  # promote/abort from another shell ended it
                     return _ended_by_hand(display, now_saved, r)
+                edited = store.edited(r)
                 try:
                     stable = r.stable if r.mirrored else None
-                    sample = metrics.sample(r.canary, policy.interval, stable)
+                    sample = metrics.sample(
+                        r.canary, policy.interval, stable, None if r.mirrored else r.stable
+                    )
                     graded = check(policy, sample, r.mirrored)
+                    if edited:
+                        # The interval was not routed as its line would
+                        # say: never judged a pass. A failed check, as a
+                        # competing change is, and ours is written again.
+                        graded = replace(
+                            graded,
+                            verdict="fail",
+                            reasons=(f"{edited}; not judged, and written again",),
+                        )
                 except MetricsError as exc:
                     # A sidecar restarting or Prometheus answering 503 once must
                     # not leave the canary at its weight with nothing watching:
                     # a failed check (Flagger counts it so), and --threshold of
                     # them in a row roll back.
-                    graded = Check("fail", 0.0, None, None, (f"metrics unreadable: {exc}",))
+                    why: tuple[str, ...] = (f"metrics unreadable: {exc}",)
+                    if edited:
+                        why += (f"{edited}; written again",)
+                    graded = Check("fail", 0.0, None, None, why)
                     with contextlib.suppress(MetricsError):
                         metrics.start_window(r.mirrored)  # the next interval counts from now
             now = time.time()
@@ -2940,7 +3008,7 @@ def _analyse(
             new = ev.rollout
             try:
                 try:
-                    if new.weight != r.weight or new.phase != r.phase:
+                    if new.weight != r.weight or new.phase != r.phase or edited:
                         unseen = _set_weight(store, metrics, new, wait, r, err)
                     else:
                         store.save_state(new, expected=r)

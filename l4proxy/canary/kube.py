@@ -433,6 +433,19 @@ class ConfigMapStore:
     def install(self, r: Rollout) -> bool:
         return self._update(r, with_document=True)
 
+    def edited(self, r: Rollout) -> str:
+        """Why the key ``canary-SERVICE.yaml`` does not hold what the
+        command wrote for *r* (``kubectl edit``, a ``kubectl replace`` that
+        dropped it); "" where it does."""
+        text = mounted_files(self.get()).get(doc_key(self.service))
+        if text == documents_text(r):
+            return ""
+        what = "removed" if text is None else "changed"
+        return (
+            f"key {doc_key(self.service)} of {self.where} was {what} under the canary "
+            f"(it routed {at_words(r)})"
+        )
+
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool:
         """State and document in one PUT, only while the stored rollout is
         *expected* (:class:`Superseded` otherwise): checked on the object
