@@ -1534,10 +1534,11 @@ def test_prometheus_judges_a_weight_only_once_every_sidecar_serves_it(
     assert code == 0, captured
     assert "PROMOTED" in captured.out and "warning" not in captured.err
     assert sidecars.judged == [True] * 6  # two checks of three queries, all on live weights
-    # before each weight: the marks before it, then three reads that still
-    # show the rules before it (the lag), then the one that shows it live
+    # the probe of Prometheus before anything is written; then before each
+    # weight: the marks before it, then three reads that still show the
+    # rules before it (the lag), then the one that shows it live
     first = sidecars.log.index("numbers")
-    assert sidecars.log[:first] == ["marks"] * 5
+    assert sidecars.log[:first] == ["marks"] * (1 + 5)
 
 
 def test_prometheus_a_weight_a_sidecar_never_serves_is_a_failed_check(
@@ -1584,10 +1585,11 @@ def test_prometheus_without_rules_marks_each_window_starts_wait_live_after_its_c
     assert captured.err.count("warning: ") == 1
     assert "Prometheus has no l4proxy_rules_digest nor l4proxy_rules_generation" in captured.err
     assert "taken as live 0.3 s (--wait-live) after it is written" in captured.err
-    # read before each of the three changes (50 %, 100 %, promoted), never polled
+    # read once to probe Prometheus, then before each of the three changes
+    # (50 %, 100 %, promoted), never polled
     kinds = [k for k, _ in times]
-    assert kinds == ["marks", *["numbers"] * 3] * 2 + ["marks"]
-    for i in (0, 4):  # each check's first query: --wait-live + --interval after its change
+    assert kinds == ["marks"] + ["marks", *["numbers"] * 3] * 2 + ["marks"]
+    for i in (1, 5):  # each check's first query: --wait-live + --interval after its change
         assert times[i + 1][1] - times[i][1] >= 0.3 + 0.05
 
 

@@ -390,3 +390,28 @@ def test_a_hand_edit_of_the_canarys_document_mid_interval_is_not_judged_a_pass(
     assert after.startswith("  v2  30 % ") and "    30 req (30 %)  " in after, after
     assert after.endswith("pass -> 50 %")
     assert "PROMOTED" in lines[-1] and s.weights() == {"v2": 100}
+
+
+# -- Prometheus down at the start ------------------------------------------------------
+def test_a_prometheus_that_is_down_is_refused_before_anything_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--prometheus`` on a port nothing listens on: the first weight (5 %)
+    was written, then the command warned and waited, with nothing to judge
+    with. Refused first (exit 2), nothing written, as --metrics to a dead
+    sidecar is. (The port is bound here and not listened on: refused, and
+    nobody else's.)"""
+    import socket
+
+    from l4proxy.cli import main
+
+    shutil.copy(REGISTRY, tmp_path)
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+        assert main([*argv, "--prometheus", url, "--interval", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert f"--prometheus {url}: cannot be read, so no interval could be judged; " in err
+    assert "nothing written (" in err and "Connection refused" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.yaml"]

@@ -2196,6 +2196,19 @@ class PrometheusMetrics:
     def start_window(self, mirrored: bool = False) -> None:
         pass
 
+    def probe(self) -> None:
+        """Before anything is written: Prometheus answers a query (the rules
+        marks'), as ``--metrics`` reads every sidecar first. A Prometheus
+        that is down had the first weight written, then every interval
+        fail unread: :class:`CanaryError` instead (exit 2, nothing written)."""
+        try:
+            self._marks()
+        except MetricsError as exc:
+            raise CanaryError(
+                f"--prometheus {self.base}: cannot be read, so no interval could be judged; "
+                f"nothing written ({exc})"
+            ) from exc
+
     def before_change(self) -> dict[str, RulesMark | None]:
         """The marks now, to wait past once the change is written. Not
         readable: {} (the change is written all the same, and
@@ -2947,8 +2960,10 @@ def _analyse(
         metrics.targets = backend_targets(probe_table(store, probe), probe, namespace, args.domain)
     loaded = store.load_state()  # what resume() started from
     # fails early (exit 2) when the metrics are missing: those of the
-    # copies too where the rollout is mirrored
+    # copies too where the rollout is mirrored; Prometheus down alike
     metrics.start_window(r.mirrored)
+    if isinstance(metrics, PrometheusMetrics):
+        metrics.probe()
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, ended_note(r.affinity, affinity))
