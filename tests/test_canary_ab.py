@@ -442,7 +442,7 @@ def test_the_display_says_what_is_ab_tested() -> None:
     )
     assert lines[1].startswith("  v2 A/B 1/3" + " " * 19 + "    100 req  success 100.0 %")
     assert lines[1].endswith("pass -> A/B 2/3")
-    assert lines[2].startswith("  v2 A/B 2/3 ") and lines[2].endswith("halted")
+    assert lines[2].startswith("  v2 A/B 2/3 ") and lines[2].endswith("(--min-requests)")
     assert lines[3].startswith("  v2 A/B 2/3 ") and lines[3].endswith("; stays A/B 2/3")
     assert lines[4].startswith("  v2 A/B 2/3 ") and lines[4].endswith("pass -> A/B 3/3")
     assert lines[5].startswith("  v2 A/B 3/3 ")

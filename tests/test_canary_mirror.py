@@ -100,7 +100,7 @@ def test_which_checks_were_mirrored() -> None:
 
 def test_a_mirrored_halt_says_copies() -> None:
     c = check(P, QUIET, mirrored=True)
-    assert c.reasons == ("3 copies and canary requests < 10 (--min-requests): halted",)
+    assert c.reasons == ("3 copies and canary requests < 10 (--min-requests)",)
 
 
 def test_a_rollback_is_not_mirrored() -> None:
@@ -532,7 +532,7 @@ def test_the_display_says_what_is_mirrored() -> None:
     assert lines[0].startswith("svc: v1 -> v2, mirror 2 intervals, then steps 5,25,50,100 every")
     assert lines[1].startswith("  v2 mirror " + " " * 20 + "   100 copies  success 100.0 %")
     assert lines[1].endswith("pass -> mirror 2/2")
-    assert lines[2].endswith("3 copies and canary requests < 10 (--min-requests): halted")
+    assert lines[2].endswith("halt: 3 copies and canary requests < 10 (--min-requests)")
     assert "     3 copies  (too few to judge)" in lines[2]
     assert lines[3].endswith("stays mirrored")
     assert lines[4].endswith("pass -> 5 %")

@@ -221,7 +221,7 @@ def test_an_abort_the_sidecars_refuse_says_so_and_again(
         (tmp_path / "typo.yaml").write_text(TYPO)
         assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
         out, err = capsys.readouterr()
-        assert " rolled_back at 0 % " in out  # the state, as status says it
+        assert " rolled back at 0 % " in out  # the state, as status says it
         assert "l4proxy canary: ROLLBACK NOT SERVED: the sidecars still serve rules " in err
         assert "typo.yaml:3:1" in err
         assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
@@ -415,3 +415,97 @@ def test_a_prometheus_that_is_down_is_refused_before_anything_is_written(
     assert f"--prometheus {url}: cannot be read, so no interval could be judged; " in err
     assert "nothing written (" in err and "Connection refused" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.yaml"]
+
+
+# -- what the lines say -----------------------------------------------------------------
+def _display(as_json: bool = False) -> tuple[Any, Any]:
+    import io
+
+    from l4proxy.canary._analysis import Policy
+    from l4proxy.canary.command import Display
+
+    out = io.StringIO()
+    return Display(out, as_json, Policy(steps=(20, 100), threshold=3)), out
+
+
+def test_a_check_whose_metrics_were_not_read_says_unknown_not_0_and_ok() -> None:
+    """An unreadable interval printed "0 req  success - % >= 99 NO  p99 - ms
+    <= 500 ok": nothing was counted, and the p99 was not ok, it was not
+    known. --json said "requests": 0.0 for it, and 16.0 for 16 requests."""
+    from l4proxy.canary._analysis import Check, Event, Rollout
+
+    r = Rollout("bootcamp", "v1", "v2", weight=20, failed_checks=1, steps=(20, 100))
+    unread = Check("fail", None, None, None, ("metrics unreadable: x",))
+    display, _ = _display()
+    line = display.line(Event("check", r, unread, 20))
+    assert line.startswith("  v2  20 % ████ ")
+    assert "      ? req  success and p99 unknown  fail (1/3): metrics unreadable: x" in line
+    assert "0 req" not in line and " ok" not in line
+    display, out = _display(as_json=True)
+    display.emit(Event("check", r, unread, 20))
+    display.emit(Event("check", r, Check("pass", 16.0, 100.0, 0.99), 20))
+    unknown, counted = (json.loads(x)["check"] for x in out.getvalue().splitlines())
+    assert unknown["requests"] is None
+    assert counted["requests"] == 16 and isinstance(counted["requests"], int)
+
+
+def test_a_halt_says_halt_once() -> None:
+    from l4proxy.canary._analysis import Event, Policy, Rollout, Sample, check
+
+    r = Rollout("bootcamp", "v1", "v2", weight=20, steps=(20, 100))
+    display, _ = _display()
+    halt = check(Policy(steps=(20, 100)), Sample(9, 0, 1.0))
+    line = display.line(Event("check", r, halt, 20))
+    assert line.endswith("(too few to judge)  halt: 9 canary requests < 10 (--min-requests)")
+
+
+def test_status_says_rolled_back_in_words(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(REGISTRY, tmp_path)
+    commit(tmp_path, 0, phase="rolled_back", reason="2 failed checks")
+    assert by_hand("status", tmp_path) == 1
+    assert "bootcamp: v1 -> v2 rolled back at 0 % " in capsys.readouterr().out
+    assert by_hand("status", tmp_path, "--json") == 1
+    assert json.loads(capsys.readouterr().out)["phase"] == "rolled_back"  # the state's word
+
+
+def test_metrics_and_prometheus_together_are_said_to_exclude_each_other(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "give the metrics: --metrics ... or --prometheus URL", as if
+    neither had been given."""
+    from l4proxy.cli import main
+
+    shutil.copy(REGISTRY, tmp_path)
+    argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+    assert main([*argv, "--metrics", "127.0.0.1:1", "--prometheus", "http://127.0.0.1:1"]) == 2
+    assert "--metrics and --prometheus: give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("saved", "stable", "canary", "previous"),
+    [
+        # v2 promoted, v1 rolled out as the new canary: it had 0, not v2's 100
+        (("v1", "v2", "promoted", 100), "v2", "v1", 0),
+        # rolled back, restarted: the canary's weight, 0
+        (("v1", "v2", "rolled_back", 0), "v1", "v2", 0),
+        # v2 promoted, then v3 against it: v3 was not routed
+        (("v1", "v2", "promoted", 100), "v2", "v3", 0),
+        # v1 rolled back against v2, restarted: v1 had 0
+        (("v2", "v1", "rolled_back", 0), "v2", "v1", 0),
+        # v2 rolled back, then v1 rolled out against it: v1, stable, had 100
+        (("v1", "v2", "rolled_back", 0), "v2", "v1", 100),
+    ],
+)
+def test_a_new_rollouts_previous_weight_is_its_canarys_share_before_it(
+    saved: tuple[str, str, str, int], stable: str, canary: str, previous: int
+) -> None:
+    """The --json start event of canary v1 after v2 was promoted said
+    "previous_weight": 100, v2's weight, where v1's share was 0."""
+    from l4proxy.canary._analysis import Policy, Rollout, resume
+
+    s_stable, s_canary, phase, weight = saved
+    before = Rollout("bootcamp", s_stable, s_canary, phase, weight=weight, steps=(50, 100))  # type: ignore[arg-type]
+    ev = resume(Policy(steps=(50, 100)), "bootcamp", stable, canary, before, 0.0, restart=True)
+    assert (ev.kind, ev.previous_weight) == ("start", previous)

@@ -274,7 +274,7 @@ class Sample:
 @dataclass(frozen=True)
 class Check:
     verdict: Verdict
-    requests: float
+    requests: float | None  # None: not known (the metrics not read, a change not live)
     success_rate: float | None  # percent
     p99_ms: float | None
     reasons: tuple[str, ...] = ()  # why it failed or halted, for the display
@@ -330,7 +330,7 @@ def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:
             n,
             rate,
             p99,
-            (f"{_num(n)} {what} < {policy.min_requests} (--min-requests): halted",),
+            (f"{_num(n)} {what} < {policy.min_requests} (--min-requests)",),
         )
     reasons: list[str] = []
     assert rate is not None
@@ -1039,7 +1039,21 @@ def resume(
         gateway,
         affinity,
     )
-    return Event("start", r, previous_weight=saved.weight if saved is not None else None)
+    return Event("start", r, previous_weight=_share_before(saved, canary))
+
+
+def _share_before(saved: Rollout | None, canary: str) -> int | None:
+    """The weight *canary* had under the rollout *saved* that a new one
+    follows (None: none saved): its canary's weight, or what its stable
+    kept (after v2 was promoted, a rollout of v1 starts from 0), or 0: a
+    version it did not route."""
+    if saved is None:
+        return None
+    if saved.canary == canary:
+        return saved.weight
+    if saved.stable == canary:
+        return 100 - saved.weight
+    return 0
 
 
 def _where(r: Rollout) -> str:

@@ -2434,10 +2434,16 @@ class Display:
         if c is not None and c.share is not None:
             # what the routing did (a hand edit, a rule of higher precedence)
             unit += f" ({c.share:.0f} %)"
-        if c is not None and c.verdict == "halt":
-            cells += f" {_num(c.requests):>6} {unit}  (too few to judge)"
-        elif c is not None:
-            cells += f" {_num(c.requests):>6} {unit}  " + _judge(
+        n = None if c is None else c.requests
+        if c is None:
+            pass
+        elif n is None:
+            # not read (or not live): nothing is known of the interval
+            cells += f" {'?':>6} {unit}  success and p99 unknown"
+        elif c.verdict == "halt":
+            cells += f" {_num(n):>6} {unit}  (too few to judge)"
+        else:
+            cells += f" {_num(n):>6} {unit}  " + _judge(
                 "success",
                 c.success_rate,
                 "%",
@@ -2453,7 +2459,7 @@ class Display:
                 "<=",
                 # unknown with requests fails (see check); an unreadable
                 # interval (no requests) has no p99 to blame
-                ok=p99_ok(p, c.p99_ms) if c.p99_ms is not None else c.requests <= 0,
+                ok=p99_ok(p, c.p99_ms) if c.p99_ms is not None else n <= 0,
             )
         if c is not None and c.copies_dropped is not None:
             cells += f"  {_num(c.copies_dropped)} dropped (all mirrors)"
@@ -2484,7 +2490,7 @@ class Display:
                 )
             return f"{judged}-> ROLLED BACK: 100 % to {r.stable}; {r.reason}"
         if c is None:
-            return r.phase
+            return phase_words(r)
         if c.verdict == "halt":
             return f"halt: {'; '.join(c.reasons)}"
         stays = (
@@ -2626,14 +2632,16 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         c: Check = ev.check
         out["check"] = {
             "verdict": c.verdict,
-            "requests": c.requests,
+            # a count (Prometheus' increase() extrapolates: 249.7), or
+            # null where it is not known
+            "requests": None if c.requests is None else round(c.requests),
             "success_rate": c.success_rate,
             # JSON has no infinity: beyond the largest bucket is "+Inf"
             "p99_ms": "+Inf" if c.p99_ms == math.inf else c.p99_ms,
             "reasons": list(c.reasons),
         }
         if c.copies_dropped is not None:  # of every mirror of the sidecars
-            out["check"]["copies_dropped"] = c.copies_dropped
+            out["check"]["copies_dropped"] = round(c.copies_dropped)
         if c.share is not None:  # the canary's % of the requests to stable and canary
             out["check"]["share"] = round(c.share, 1)
     if note:
@@ -2809,10 +2817,16 @@ def status_line(r: Rollout) -> str:
     else:
         at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
     return (
-        f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {r.phase} {at} "
+        f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {phase_words(r)} {at} "
         f"{r.failed_checks} failed checks, "
         f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "")
     )
+
+
+def phase_words(r: Rollout) -> str:
+    """*r*'s phase as the text says it (``rolled back``; --json and the
+    state keep ``rolled_back``)."""
+    return r.phase.replace("_", " ")
 
 
 def unchecked(err: TextIO, action: str, store: Store) -> None:
@@ -2892,7 +2906,12 @@ def _analyse(
                 f"{flag} {v!r} is not a label value (up to 63 letters, digits, '-', '_', "
                 "'.', starting and ending with a letter or digit)"
             )
-    if bool(args.metrics) == bool(args.prometheus):
+    if args.metrics and args.prometheus:
+        raise CanaryError(
+            "--metrics and --prometheus: give one of them (the sidecars' counters, or "
+            "Prometheus' queries of them: one source judges every interval)"
+        )
+    if not args.metrics and not args.prometheus:
         raise CanaryError(
             "give the metrics: --metrics HOST:PORT (a sidecar's admin endpoint, repeatable) "
             "or --prometheus URL"
@@ -2983,7 +3002,7 @@ def _analyse(
                 # sidecars not read: a failed check now, as an unreadable
                 # sample is, and the analysis goes on watching (it ended
                 # with exit 2 and the canary left at its weight).
-                graded = Check("fail", 0.0, None, None, (unseen.reason,))
+                graded = Check("fail", None, None, None, (unseen.reason,))
                 unseen = Unseen()
                 edited = ""
             else:
@@ -3015,7 +3034,7 @@ def _analyse(
                     why: tuple[str, ...] = (f"metrics unreadable: {exc}",)
                     if edited:
                         why += (f"{edited}; written again",)
-                    graded = Check("fail", 0.0, None, None, why)
+                    graded = Check("fail", None, None, None, why)
                     with contextlib.suppress(MetricsError):
                         metrics.start_window(r.mirrored)  # the next interval counts from now
             now = time.time()
