@@ -509,3 +509,97 @@ def test_a_new_rollouts_previous_weight_is_its_canarys_share_before_it(
     before = Rollout("bootcamp", s_stable, s_canary, phase, weight=weight, steps=(50, 100))  # type: ignore[arg-type]
     ev = resume(Policy(steps=(50, 100)), "bootcamp", stable, canary, before, 0.0, restart=True)
     assert (ev.kind, ev.previous_weight) == ("start", previous)
+
+
+# -- two commands on one rollout --------------------------------------------------------
+def _state(rules: pathlib.Path) -> dict[str, Any]:
+    path = rules / ".canary-bootcamp.state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_a_second_command_on_a_running_rollout_is_refused_while_the_first_runs(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two commands on one service: the second "resumed at 10 %" and went
+    on, and the first ended with exit 2 and a Python repr of the state.
+    The state names the command that drives the rollout (its pid): a second
+    one is refused (exit 2, nothing written) while that process runs; once
+    it stops (SIGTERM: it leaves the weights and gives the rollout up) the
+    next one resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    with sidecar(tmp_path) as (_, admin):
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules"]
+        argv += [str(tmp_path), "--metrics", admin, "--steps", "30,100", "--interval", "600"]
+        first = subprocess.Popen(
+            [sys.executable, "-m", "l4proxy", *argv, "--on-abort", "leave"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60  # a bound on a wait, not a measurement
+            while (_state(tmp_path).get("owner") or {}).get("pid") != first.pid:
+                assert first.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+            assert canary(tmp_path, admin, "--steps", "30,100") == 2
+            err = capsys.readouterr().err
+            assert (
+                f"the rollout of bootcamp (v1 -> v2 at 30 %, run by pid {first.pid} on " in err
+            ), err
+            assert f"stop it first (kill -TERM {first.pid}: it leaves the weights " in err
+            assert "Rollout(" not in err
+            assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+            assert by_hand("status", tmp_path) == 0
+            assert f"; run by pid {first.pid} on " in capsys.readouterr().out
+        finally:
+            first.send_signal(signal.SIGTERM)
+            out, err = first.communicate(timeout=60)
+        assert first.returncode == 3, (out, err)
+        assert _state(tmp_path)["owner"] is None  # given up as it stopped
+        assert canary(tmp_path, admin, "--steps", "30,100") == 0
+    assert "resumed at 30 %" in capsys.readouterr().out
+
+
+def test_a_rollout_taken_over_is_said_in_words_not_a_repr(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The state replaced under a running command by another command's
+    progressing rollout (one that took it over): it stops without writing,
+    saying what the rollout is now, where it printed Rollout(...)."""
+    from l4proxy.canary._analysis import Owner, Rollout
+    from l4proxy.canary.command import save_state
+
+    other = Rollout(
+        "bootcamp", "v1", "v2", weight=50, steps=(30, 50, 100), owner=Owner("node-2", 7)
+    )
+    with sidecar(tmp_path) as (s, admin):
+        state = str(tmp_path / ".canary-bootcamp.state.json")
+        s.on_read = lambda n: save_state(state, other) if n == 3 else None
+        assert canary(tmp_path, admin, "--steps", "30,50,100") == 2
+    err = capsys.readouterr().err
+    assert (
+        "the rollout of bootcamp was changed by someone else (it is now v1 -> v2 at 50 %, "
+        "run by pid 7 on node-2); stopped without writing"
+    ) in err
+    assert "Rollout(" not in err
+
+
+def test_an_owner_elsewhere_holds_the_rollout_while_its_lease_lasts() -> None:
+    """Another host's (or pid namespace's) process cannot be asked: its
+    lease, renewed at each of its writes, says whether it still runs."""
+    from l4proxy.canary._analysis import Owner
+    from l4proxy.canary.command import alive, this_process
+
+    me = this_process(60.0)
+    pod = Owner("canary-job-x7k2p", me.pid, me.pidns, me.started, lease_until=1000.0)
+    assert alive(pod, me, 999.0) and not alive(pod, me, 1000.0)
+    assert alive(me, me, 0.0)  # this process runs, whatever the lease
+    gone = Owner(me.host, me.pid, me.pidns, me.started + 1)  # the pid used again
+    assert not alive(gone, me, 0.0)

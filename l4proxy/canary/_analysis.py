@@ -729,6 +729,55 @@ class SessionAffinity:
         return out
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The command that drives a progressing rollout, as its state says:
+    the process (*pid* on *host*, in the pid namespace *pidns*, started at
+    *started*, the kernel's clock ticks since boot: a pid used again is
+    another process) and how long it holds it (*lease_until*, seconds since
+    the epoch), renewed at each of its writes. A second command refuses the
+    rollout while its owner is alive: on the same host and pid namespace,
+    while that process is (the shell's :func:`l4proxy.canary.command.alive`);
+    elsewhere (another pod) while the lease lasts, which the owner renews
+    every interval and gives up when it stops."""
+
+    host: str
+    pid: int
+    pidns: str = ""
+    started: int = 0  # 0: not known
+    lease_until: float = 0.0
+
+    def same_process(self, other: Owner) -> bool:
+        return (self.host, self.pidns, self.pid, self.started) == (
+            other.host,
+            other.pidns,
+            other.pid,
+            other.started,
+        )
+
+    def same_host(self, other: Owner) -> bool:
+        """Whether a pid of *other* names a process here."""
+        return (self.host, self.pidns) == (other.host, other.pidns)
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Owner:
+        if not isinstance(data, dict):
+            raise ValueError(f"owner {data!r}: not an object")
+        return cls(
+            str(data["host"]),
+            int(data["pid"]),
+            str(data.get("pidns", "")),
+            int(data.get("started", 0)),
+            float(data.get("lease_until", 0.0)),
+        )
+
+
 def affinity_words(a: SessionAffinity | None) -> str:
     """The options that made *a*, for a :class:`Conflict`."""
     return "without --session-affinity" if a is None else f"with {a.options()}"
@@ -766,6 +815,10 @@ class Rollout:
     # --session-affinity (Gateway API mode only); None: none (a state file
     # from before it)
     affinity: SessionAffinity | None = None
+    # the command driving it while it progresses (None: none, or a state
+    # file from before it); not part of what the rollout is: two states
+    # that differ in it alone are the same rollout
+    owner: Owner | None = field(default=None, compare=False)
 
     @property
     def mirrored(self) -> bool:
@@ -803,6 +856,7 @@ class Rollout:
         d["gateway"] = None if self.gateway is None else self.gateway.to_json()
         del d["affinity"]
         d["session_affinity"] = None if self.affinity is None else self.affinity.to_json()
+        d["owner"] = None if self.owner is None else self.owner.to_json()
         return d
 
     @classmethod
@@ -832,6 +886,7 @@ class Rollout:
                     if data.get("session_affinity") is None
                     else SessionAffinity.from_json(data["session_affinity"])
                 ),
+                owner=None if data.get("owner") is None else Owner.from_json(data["owner"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc

@@ -85,6 +85,14 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   (:func:`abort_after_promotion`, Flagger's semantics); so does a
   rollback: ``promote`` refuses a rolled-back one
   (:func:`promote_after_rollback`).
+* **One command per rollout.** The state names the command that drives a
+  progressing rollout (:class:`~l4proxy.canary._analysis.Owner`: host,
+  pid namespace, pid and start time, and a lease renewed at each of its
+  writes: :func:`lease_of`); another is refused while it is alive
+  (:func:`refuse_if_owned`): on the same host, while its process runs;
+  from elsewhere (another pod of a Job, a laptop), while its lease lasts.
+  It gives the rollout up as it stops (its end, or SIGTERM leaving the
+  weights). ``promote`` and ``abort`` are never refused: they end it.
 * **Windows.** After each weight change the command waits until the
   sidecars serve the new rules, then starts the interval's window: each
   interval's sample is traffic at one weight. With ``--metrics`` it reads
@@ -128,6 +136,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -148,6 +157,7 @@ from l4proxy.canary._analysis import (
     Event,
     GatewayRoute,
     HeaderMatch,
+    Owner,
     Policy,
     PolicyError,
     Rollout,
@@ -2742,9 +2752,9 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     # (an end said again stays as it was: its reason, and its time, which
     # tells whether a sidecar loaded it)
     if action == "promote" and saved.phase != "promoted":
-        saved = promote(saved, time.time())
+        saved = replace(promote(saved, time.time()), owner=None)
     elif action == "abort" and saved.phase != "rolled_back":
-        saved = roll_back(saved, time.time())
+        saved = replace(roll_back(saved, time.time()), owner=None)
     if action != "status":
         sidecars: SidecarMetrics | PrometheusMetrics | None = None
         before: dict[str, RulesMark | None] = {}
@@ -2816,10 +2826,11 @@ def status_line(r: Rollout) -> str:
         at += f"step {r.step + 1}/{len(r.steps)},"
     else:
         at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
+    run_by = f"; run by {r.owner}" if r.owner is not None and r.phase == "progressing" else ""
     return (
         f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {phase_words(r)} {at} "
         f"{r.failed_checks} failed checks, "
-        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "")
+        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + run_by
     )
 
 
@@ -2954,6 +2965,8 @@ def _analyse(
     # (once the port is known: a route of the user's on another port of
     # SERVICE's Service takes other requests than ours)
     saved = store.load_state()
+    me = this_process(lease_of(policy, wait))
+    refuse_if_owned(saved, me, time.time())
     with _left_if_refused(saved):
         store.check_competing(
             gateway_api=gateway_api,
@@ -2971,7 +2984,14 @@ def _analyse(
         gateway=gateway,
         affinity=affinity,
     )
-    r = ev.rollout
+
+    def own(x: Rollout) -> Rollout:
+        """*x* as this command writes it: held by it (the lease renewed)
+        while it progresses, by nobody once it has ended."""
+        held = replace(me, lease_until=time.time() + me.lease_until)
+        return replace(x, owner=held if x.phase == "progressing" else None)
+
+    r = own(ev.rollout)
     if r.gateway is not None:
         # what the sidecars report for each backend: the registry decides
         # (our weighted rule alone: no sticky rule beside it)
@@ -3039,7 +3059,7 @@ def _analyse(
                         metrics.start_window(r.mirrored)  # the next interval counts from now
             now = time.time()
             ev = advance(policy, r, graded, now)
-            new = ev.rollout
+            new = own(ev.rollout)
             try:
                 try:
                     if new.weight != r.weight or new.phase != r.phase or edited:
@@ -3056,7 +3076,7 @@ def _analyse(
                     # back, which is written whatever the other files hold.
                     graded = refused_check(graded, new, exc)
                     ev = advance(policy, r, graded, now)
-                    new = ev.rollout
+                    new = own(ev.rollout)
                     if new.phase != "progressing":
                         unseen = _set_weight(store, metrics, new, wait, r, err)
                     else:
@@ -3083,12 +3103,16 @@ def _analyse(
             # the line shows the interval that was running (its weight,
             # not the rollback's 0), cut short
             weight, mirrored = r.weight, r.mirrored
-            r = roll_back(r, time.time(), "interrupted; rolled back on request")
+            r = own(roll_back(r, time.time(), "interrupted; rolled back on request"))
             _commit(store, r, err=err)
             display.emit(
                 Event("rolled_back", r, None, weight, mirrored), "interrupted", cut_short=True
             )
             return EXIT_ROLLED_BACK
+        # given up: the next command resumes it at once (best effort: a
+        # state that cannot be written now keeps its lease, which ends)
+        with contextlib.suppress(CanaryError, Superseded, OSError):
+            store.save_state(replace(r, owner=None), expected=r)
         print(
             f"\nl4proxy canary: interrupted; {left_as_is(r)}, and nothing judges "
             f"{r.canary} now: run the same command again to resume, or l4proxy canary "
@@ -3130,6 +3154,96 @@ def refused_check(graded: Check, new: Rollout, exc: CanaryError) -> Check:
     return replace(graded, verdict="fail", reasons=(*graded.reasons, f"{stage} not written: {why}"))
 
 
+def rollout_words(r: Rollout) -> str:
+    """*r* in a few words, for a message: ``v1 -> v2 at 10 %, run by pid
+    4242 on node-1``."""
+    if r.ab_testing:
+        at = f"A/B testing, {r.step}/{len(r.steps)} intervals passed"
+    elif r.mirrored:
+        at = "mirrored"
+    else:
+        at = f"{phase_words(r)} at {r.weight} %" if r.phase != "progressing" else f"at {r.weight} %"
+    return f"{r.stable} -> {r.canary} {at}" + (f", run by {r.owner}" if r.owner else "")
+
+
+def lease_of(policy: Policy, wait: float) -> float:
+    """How long a running command's hold on its rollout lasts past each of
+    its writes (:class:`~l4proxy.canary._analysis.Owner`): two intervals
+    and --wait-live (a write, the wait for it to be live, an interval, the
+    next write), and a minute for slow reads."""
+    return 2 * policy.interval + wait + 60.0
+
+
+def this_process(lease: float) -> Owner:
+    """This command as the owner of a rollout; its *lease_until* holds the
+    lease's length until a write adds the time to it."""
+    pid = os.getpid()
+    return Owner(socket.gethostname(), pid, _pid_namespace(), _start_ticks(pid), lease)
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]``; "" where /proc
+    does not say): two containers of one host name have pids of their own."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int:
+    """When process *pid* started, in clock ticks since boot (/proc's
+    ``stat`` field 22); 0 where it is not known (no such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        # the command name (field 2) is in parentheses and may hold spaces
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def alive(owner: Owner, me: Owner, now: float) -> bool:
+    """Whether *owner* still drives its rollout, as seen by *me*: on this
+    host and pid namespace, whether its process runs (the same pid, started
+    at the same time: a pid used again is another process); elsewhere,
+    whether its lease lasts."""
+    if not owner.same_host(me):
+        return now < owner.lease_until
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it runs
+    started = _start_ticks(owner.pid)
+    return not (owner.started and started and started != owner.started)
+
+
+def refuse_if_owned(saved: Rollout | None, me: Owner, now: float) -> None:
+    """Refuse (exit 2) a second command on a rollout that another one
+    drives: *saved* progressing, its owner not this process and alive. Two
+    of them resumed it each, and one ended the other (exit 2, the canary
+    left at its weight)."""
+    o = None if saved is None else saved.owner
+    if saved is None or saved.phase != "progressing" or o is None:
+        return
+    if o.same_process(me) or not alive(o, me, now):
+        return
+    if o.same_host(me):
+        stop = f"stop it first (kill -TERM {o.pid}: it leaves the weights as they are)"
+    else:
+        left = max(0, math.ceil(o.lease_until - now))
+        stop = (
+            f"stop it first (it gives the rollout up as it ends), or run this again once "
+            f"its hold ends, in {left} s without a word from it"
+        )
+    raise CanaryError(
+        f"the rollout of {saved.service} ({rollout_words(saved)}) is run by another "
+        f"l4proxy canary: {stop}; or end the rollout (l4proxy canary promote|abort "
+        f"{saved.service}). Nothing written"
+    )
+
+
 def left_as_is(r: Rollout) -> str:
     """What a progressing rollout left as it is goes on doing: its weight,
     or its mirror (every request sent twice), or its A/B match."""
@@ -3144,8 +3258,9 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
     """The stored rollout is no longer ours: say how it ended, exit so."""
     if now is None or now.phase == "progressing":
         # removed, or another controller drives it now: not ours to write
+        what = "its state was removed" if now is None else f"it is now {rollout_words(now)}"
         raise CanaryError(
-            f"the rollout of {ours.service} was changed by someone else ({now}); "
+            f"the rollout of {ours.service} was changed by someone else ({what}); "
             "stopped without writing"
         )
     # what the last interval was (a mirrored one has no weight to show),
