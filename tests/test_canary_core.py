@@ -1441,7 +1441,7 @@ def test_an_abort_that_meets_another_writer_exits_2_saying_so(
 
     monkeypatch.setattr(FileStore, "commit", meanwhile)
     assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
-    assert "the rollout changed meanwhile: None; nothing written" in capsys.readouterr().err
+    assert "the rollout changed meanwhile (its state was removed); nothing written" in capsys.readouterr().err
 
 
 def test_a_prometheus_ratio_exactly_at_the_limits_passes() -> None:

@@ -603,3 +603,31 @@ def test_an_owner_elsewhere_holds_the_rollout_while_its_lease_lasts() -> None:
     assert alive(me, me, 0.0)  # this process runs, whatever the lease
     gone = Owner(me.host, me.pid, me.pidns, me.started + 1)  # the pid used again
     assert not alive(gone, me, 0.0)
+
+
+def test_an_abort_that_meets_the_running_commands_check_is_written_on_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort --metrics`` reads the sidecars between reading the state and
+    writing it; the running command saved its check in that time (it does
+    every interval), and the abort was refused as "changed meanwhile" (exit
+    2, with a repr of the state). It is applied to the rollout as it is now."""
+    from dataclasses import replace
+
+    from l4proxy.canary.command import load_state, save_state
+
+    state = str(tmp_path / ".canary-bootcamp.state.json")
+
+    def a_check_lands(n: int) -> None:
+        if n == 1:  # the abort's first read of the sidecar
+            r = load_state(state)
+            assert r is not None
+            save_state(state, replace(r, checks=r.checks + 1, updated=r.updated + 1))
+
+    with sidecar(tmp_path) as (s, admin):
+        commit(tmp_path, 50)
+        s.on_read = a_check_lands
+        assert by_hand("abort", tmp_path, "--metrics", admin) == 1
+    out, err = capsys.readouterr()
+    assert " rolled back at 0 % " in out and " 1 checks; aborted by hand" in out, (out, err)
+    assert s.weights() == {"v1": 100}

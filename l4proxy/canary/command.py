@@ -1545,7 +1545,8 @@ class Superseded(Exception):
     promote by hand (or a second controller) came in between."""
 
     def __init__(self, current: Rollout | None) -> None:
-        super().__init__(f"the rollout changed meanwhile: {current}")
+        now = "its state was removed" if current is None else f"now {rollout_words(current)}"
+        super().__init__(f"the rollout changed meanwhile ({now})")
         self.current = current
 
 
@@ -2742,9 +2743,10 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     written."""
     as_json: bool = args.json
     wait = wait_live_of(args)
-    saved = loaded = store.load_state()
-    if saved is None:
+    loaded = store.load_state()
+    if loaded is None:
         raise CanaryError(f"no rollout of {store.service} under {store.where}")
+    saved: Rollout = loaded
     if action == "abort" and saved.phase == "promoted":
         raise CanaryError(abort_after_promotion(saved))
     if action == "promote" and saved.phase == "rolled_back":
@@ -2784,7 +2786,38 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                 print(f"l4proxy canary: warning: {why}; not waiting for it to be live", file=err)
                 sidecars = None
         refused: NotLive | None = None
-        if not _commit(store, saved, loaded, err):
+        for attempt in range(1, END_ATTEMPTS + 1):
+            try:
+                changed = _commit(store, saved, loaded, err)
+                break
+            except Superseded as exc:
+                # The running command saved its check between our read and
+                # our write (it writes every interval): the end applies to
+                # the rollout as it is now. Anything else (it ended, another
+                # rollout) is not ours to overwrite.
+                now = exc.current
+                if (
+                    attempt == END_ATTEMPTS
+                    or loaded.phase != "progressing"
+                    or now is None
+                    or now.phase != "progressing"
+                    or (now.stable, now.canary) != (loaded.stable, loaded.canary)
+                ):
+                    raise
+                loaded = now
+                ended = (
+                    promote(now, time.time())
+                    if action == "promote"
+                    else roll_back(now, time.time())
+                )
+                saved = replace(ended, owner=None)
+                if isinstance(sidecars, SidecarMetrics):
+                    with contextlib.suppress(MetricsError):
+                        sidecars.start_window()  # the marks before ours, not before its
+                        before = dict(sidecars.marks)
+                elif sidecars is not None:
+                    before = sidecars.before_change()
+        if not changed:
             # the document was so already (an abort said again): nothing
             # reloads, but a sidecar that refused the change that wrote it
             # (and every change since) still routes as before it
@@ -2812,6 +2845,12 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
     else:
         print(status_line(saved), file=out)
     return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
+
+
+# An abort or promote that meets the running command's write of a check
+# between its read and its own write is computed again on the state as it
+# is then, this many times at most.
+END_ATTEMPTS = 5
 
 
 def status_line(r: Rollout) -> str:
