@@ -51,7 +51,7 @@ from l4proxy.rules import load_rules
 from l4proxy.rules.routing import Request
 from tests import test_canary_kube as tk
 from tests.conftest import serving
-from tests.test_canary_core import ERRORS, GOOD, QUIET, USER_FILE
+from tests.test_canary_core import ERRORS, GOOD, QUIET, USER_FILE, unstamped
 
 INSIDER = HeaderMatch("x-canary", "exact", "insider")
 COOKIE = HeaderMatch("cookie", "regex", "^(.*?;)?(canary=always)(;.*)?$")
@@ -431,7 +431,7 @@ def _shown(events: list[Event], as_json: bool = False) -> list[str]:
     display = Display(out, as_json, P)
     for ev in events:
         display.emit(ev)
-    return out.getvalue().splitlines()
+    return (out.getvalue() if as_json else unstamped(out.getvalue())).splitlines()
 
 
 def test_the_display_says_what_is_ab_tested() -> None:
@@ -488,7 +488,7 @@ def test_status_from_another_process_shows_the_alternatives(tmp_path: pathlib.Pa
     _saved_in(tmp_path, _at(P, 2))
     done = _cli("status", "bootcamp", "--rules", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(
+    assert unstamped(done.stdout).startswith(
         "bootcamp: v1 -> v2 progressing A/B: requests with x-canary=insider or "
         "cookie~^(.*?;)?(canary=always)(;.*)?$ to v2, 2/3 intervals passed, 0 failed checks"
     )

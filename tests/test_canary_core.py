@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import threading
@@ -56,6 +57,22 @@ from l4proxy.canary._metrics import (
 from l4proxy.canary.command import PrometheusMetrics, competing, document, splice
 from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 from tests.conftest import serving
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+
+
+def unstamped(text: str) -> str:
+    """The command's text output without the time each line starts with
+    (UTC, ISO 8601 to the second), which every line must have."""
+    out = []
+    for line in text.split("\n"):
+        if line:
+            m = STAMP.match(line)
+            assert m is not None, f"no time at the start of {line!r}"
+            line = line[m.end() :]
+        out.append(line)
+    return "\n".join(out)
+
 
 P = Policy(
     steps=(5, 25, 50, 100),
@@ -675,7 +692,7 @@ def test_a_rollout_ended_in_its_first_interval_shows_that_interval(
     options, prefix, _ = ENDED_STRATEGIES[strategy]
     code, out, _ = ended_in_first_interval(tmp_path, capsys, how, *options, *extra)
     assert code == 1, out
-    last = out.splitlines()[-1]
+    last = unstamped(out.splitlines()[-1])
     assert last.startswith(prefix), last
     assert "  interval cut short, not judged  -> ROLLED BACK: 100 % to v1; " in last, last
     assert "fail" not in last and "pass" not in last
@@ -720,7 +737,7 @@ def test_an_abort_during_a_metrics_read_is_not_overwritten(
 
     with _fake_prometheus(answer) as url:
         code = _rollout_in(tmp_path, url, "--steps", "25,50,100")
-    out = capsys.readouterr().out
+    out = unstamped(capsys.readouterr().out)
     assert code == 1, out  # rolled back: the abort stands
     # (the interval at 50 % was never judged: neither pass nor fail)
     assert out.splitlines()[-1].startswith("  v2  50 % ")
@@ -1441,7 +1458,10 @@ def test_an_abort_that_meets_another_writer_exits_2_saying_so(
 
     monkeypatch.setattr(FileStore, "commit", meanwhile)
     assert main(["canary", "abort", "bootcamp", "--rules", str(tmp_path)]) == 2
-    assert "the rollout changed meanwhile (its state was removed); nothing written" in capsys.readouterr().err
+    assert (
+        "the rollout changed meanwhile (its state was removed); nothing written"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_prometheus_ratio_exactly_at_the_limits_passes() -> None:

@@ -36,6 +36,7 @@ from l4proxy.canary.command import (
 from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests.conftest import serving
+from tests.test_canary_core import unstamped
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gateway-api")
 PER_VERSION = os.path.join(DATA, "registry-per-version.yaml")
@@ -738,7 +739,7 @@ def test_status_says_the_mode(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
 
     save_state(str(tmp_path / ".canary-bootcamp.state.json"), R)
     assert main(["canary", "status", "bootcamp", "--rules", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out = unstamped(capsys.readouterr().out)
     assert out.startswith("bootcamp: bootcamp-v1 -> bootcamp-v2 (HTTPRoute canary-bootcamp, port")
 
 

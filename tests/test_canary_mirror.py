@@ -53,6 +53,7 @@ from tests.test_canary_core import (
     _routes,
     ended_in_first_interval,
     stats,
+    unstamped,
 )
 from tests.test_canary_core import P as CORE_POLICY
 
@@ -524,7 +525,7 @@ def _shown(events: list[Event], as_json: bool = False) -> list[str]:
     display = Display(out, as_json, P)
     for ev in events:
         display.emit(ev)
-    return out.getvalue().splitlines()
+    return (out.getvalue() if as_json else unstamped(out.getvalue())).splitlines()
 
 
 def test_the_display_says_what_is_mirrored() -> None:
@@ -697,7 +698,7 @@ def test_status_of_a_mirrored_rollout(
         str(tmp_path / ".canary-bootcamp.state.json"), replace(_at(P, 0), service="bootcamp")
     )
     assert main(["canary", "status", "bootcamp", "--rules", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.startswith(
+    assert unstamped(capsys.readouterr().out).startswith(
         "bootcamp: v1 -> v2 progressing mirrored: every request copied to v2, 0 % live, "
         "step 1/6, 0 failed checks"
     )

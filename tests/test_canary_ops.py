@@ -27,6 +27,7 @@ import yaml
 
 from l4proxy.rules import ConfigError, load_rules
 from tests.conftest import serving
+from tests.test_canary_core import unstamped
 
 REGISTRY = os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml")
 TYPO = "kind: ConfigMap\ndata: [\n"  # the reviewer's: a YAML syntax error at 3:1
@@ -51,6 +52,7 @@ class Sidecar:
         self.reads = 0
         self.counts: Counter[tuple[str, str]] = Counter()
         self.on_read: Callable[[int], None] | None = None
+        self.frozen = False  # True: it loads nothing more (its watch stuck)
 
     def files(self) -> dict[str, str]:
         return {
@@ -63,7 +65,7 @@ class Sidecar:
         import time
 
         files = self.files()
-        if self.generation and files == self.served:
+        if self.generation and (files == self.served or self.frozen):
             return
         try:
             load_rules([str(self.rules)])
@@ -182,6 +184,7 @@ def test_a_rollback_the_sidecars_refuse_is_not_reported_as_done(
         s.on_read = lambda n: (tmp_path / "typo.yaml").write_text(TYPO) if n == 5 else None
         code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
     out, err = capsys.readouterr()
+    out = unstamped(out)
     assert code == 4, (out, err)
     last = out.splitlines()[-1]
     assert "fail -> ROLLBACK NOT SERVED: 100 % to v1 is written, but the sidecars still " in last
@@ -278,7 +281,7 @@ def test_a_competing_rule_mid_rollout_is_a_failed_check_then_a_rollback(
         code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
     out, err = capsys.readouterr()
     assert code == 1, (out, err)
-    lines = out.splitlines()
+    lines = unstamped(out).splitlines()
     assert lines[-2].endswith(
         f"fail (1/2): 50 % not written: {tmp_path}/mine.yaml:2: RouteRule bootcamp-default "
         "routes every request of bootcamp; stays at 30 %"
@@ -378,7 +381,7 @@ def test_a_hand_edit_of_the_canarys_document_mid_interval_is_not_judged_a_pass(
         code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
     out, err = capsys.readouterr()
     assert code == 0, (out, err)
-    lines = out.splitlines()
+    lines = unstamped(out).splitlines()
     edited = next(line for line in lines if "changed under the canary" in line)
     assert edited.startswith("  v2  30 % "), edited
     assert "   100 req (100 %)  " in edited  # what the routing did
@@ -631,3 +634,46 @@ def test_an_abort_that_meets_the_running_commands_check_is_written_on_it(
     out, err = capsys.readouterr()
     assert " rolled back at 0 % " in out and " 1 checks; aborted by hand" in out, (out, err)
     assert s.weights() == {"v1": 100}
+
+
+# -- times and progress -------------------------------------------------------------------
+def test_every_line_says_when_and_a_long_wait_says_it_waits(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No line said when it happened, and nothing was printed while the
+    command waited (an interval of a minute, --wait-live of 150 s on
+    Kubernetes). Each line starts with the UTC time, and a wait prints a
+    progress line at most every PROGRESS_EVERY seconds (30; a tenth of an
+    interval here, so that one comes): of the interval, and of the sidecars
+    not serving a change yet."""
+    from l4proxy.canary import command
+
+    monkeypatch.setattr(command, "PROGRESS_EVERY", 0.05)
+    with sidecar(tmp_path) as (s, admin):
+        assert canary(tmp_path, admin, "--steps", "30,100", "--interval", "0.5") == 0
+        out = unstamped(capsys.readouterr().out)  # every line starts with the time
+        assert (
+            "  ... v2 at weight 30: " in out and " s of the 0.5 s interval, judged at its " in out
+        )
+        s.frozen = True  # the next change never goes live
+        commit(tmp_path, 0, (30, 100), phase="rolled_back")  # (restarted below)
+        assert canary(tmp_path, admin, "--steps", "30,100", "--restart", "--threshold", "1") == 4
+    out = unstamped(capsys.readouterr().out)
+    assert "  ... waiting for the sidecars to serve the change: " in out
+    assert " s of --wait-live 0.5 s (http://" in out
+
+
+def test_json_events_say_when_and_no_progress(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    from l4proxy.canary import command
+
+    monkeypatch.setattr(command, "PROGRESS_EVERY", 0.05)
+    with sidecar(tmp_path) as (_, admin):
+        assert canary(tmp_path, admin, "--steps", "30,100", "--interval", "0.5", "--json") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["start", "check", "promoted"]
+    for e in events:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["time"]), e

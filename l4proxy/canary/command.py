@@ -103,6 +103,12 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   after the change was seen live. A Prometheus without those marks: a
   warning, and a change is taken as live --wait-live after it was written.
 
+Output (:class:`Display`): a line per event, each starting with the time
+(UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
+(an interval, the sidecars) a progress line at most every
+:data:`PROGRESS_EVERY` seconds; with ``--json``, an object per event with
+its ``time``, and no progress lines.
+
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
 invalid rules, metrics missing, an abort of a promoted rollout, a promote
 of a rolled-back one), 3
@@ -2048,6 +2054,7 @@ class SidecarMetrics:
         # it is not (SERVICE, the version): Gateway API mode's backends
         # (backend_targets)
         self.targets: dict[str, tuple[str, str]] = {}
+        self.progress: Callable[[str], None] = _quiet  # while waiting (Display.progress)
 
     def _read(self, mirrored: bool = False) -> dict[Series, float]:
         readings: dict[str, dict[Series, float]] = {}
@@ -2106,10 +2113,16 @@ class SidecarMetrics:
                 and ((m := self.marks.get(u)) is None or not m.past(b))
             ]
 
+        start = time.monotonic()
         while True:
             self._read()
-            if not late():
+            waiting = late()
+            if not waiting:
                 return
+            self.progress(
+                f"waiting for the sidecars to serve the change: {time.monotonic() - start:.0f} s "
+                f"of --wait-live {timeout:g} s ({waiting[0]} not yet)"
+            )
             if time.monotonic() >= deadline:
                 url = late()[0]
                 mark = self.marks.get(url)
@@ -2198,6 +2211,7 @@ class PrometheusMetrics:
         # time.monotonic() from which the rules last written are live (or
         # presumed so): no check's window starts before it
         self.live_at: float | None = None
+        self.progress: Callable[[str], None] = _quiet  # while waiting (Display.progress)
 
     def _marks(self) -> dict[str, RulesMark | None]:
         services = dict.fromkeys([self.service, *(s for s, _ in self.targets.values())])
@@ -2250,7 +2264,14 @@ class PrometheusMetrics:
         if self.live_at is not None:
             rest = self.live_at + window(interval) - time.monotonic()
             if rest > 0:
-                time.sleep(rest)
+                pause(
+                    rest,
+                    self.progress,
+                    lambda done: (
+                        f"the window starts once the change is live: {done:.0f} s of "
+                        f"{rest:.0f} s more"
+                    ),
+                )
         mirrored = mirrored_from is not None
         answers = {}
         service, label = self.targets.get(version, (self.service, version))
@@ -2298,13 +2319,18 @@ class PrometheusMetrics:
         if not known:
             self._presume(timeout)
             return
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         after = f"{timeout:g} s after the change (--wait-live)"
         try:
             while True:
                 late = self._late(known, before, after)
                 if not late:
                     return
+                self.progress(
+                    f"waiting for the sidecars to serve the change, as Prometheus scrapes "
+                    f"them: {time.monotonic() - start:.0f} s of --wait-live {timeout:g} s"
+                )
                 if time.monotonic() >= deadline:
                     raise NotLive(late[0])
                 time.sleep(max(0.0, min(self.POLL, deadline - time.monotonic())))
@@ -2372,6 +2398,40 @@ class PrometheusMetrics:
 Metrics = SidecarMetrics | PrometheusMetrics
 
 
+def _quiet(text: str) -> None:
+    """No progress lines (``--json``; ``abort`` and ``promote``)."""
+
+
+# At most one progress line in this many seconds, while the command waits
+# (an interval, the sidecars): a minute's interval, or --wait-live's 150 s
+# on Kubernetes, printed nothing, and a stuck command could not be told
+# from a waiting one.
+PROGRESS_EVERY = 30.0
+
+
+def pause(seconds: float, progress: Callable[[str], None], what: Callable[[float], str]) -> None:
+    """Sleep *seconds*, offering *progress* a line (*what* of the seconds
+    slept so far) at least every :data:`PROGRESS_EVERY`; it prints the ones
+    its own pace allows."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, PROGRESS_EVERY))
+        if end - time.monotonic() > 0:
+            progress(what(seconds - (end - time.monotonic())))
+
+
+def judging(r: Rollout, interval: float) -> Callable[[float], str]:
+    """The progress line of an interval of *r* under way, of its seconds done."""
+    where = f"{r.canary} {at_words(r)}"
+    return lambda done: f"{where}: {done:.0f} s of the {interval:g} s interval, judged at its end"
+
+
+def stamp(at: float | None = None) -> str:
+    """A time (now) as the lines and ``--json``'s ``time`` give it: UTC,
+    ISO 8601 to the second (``2026-05-01T12:00:00Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
 # -- display -----------------------------------------------------------------------
 def bar(pct: float, width: int = 20) -> str:
     """A horizontal bar for 0..100 % in eighths (as ``l4proxy demo`` draws them)."""
@@ -2381,10 +2441,27 @@ def bar(pct: float, width: int = 20) -> str:
 
 
 class Display:
+    """The command's output: a line per event, each line starting with the
+    time (:func:`stamp`), and a progress line while it waits; or, with
+    ``--json``, an object per event with its ``time``, and no progress."""
+
     def __init__(self, out: TextIO, as_json: bool, policy: Policy) -> None:
         self.out = out
         self.as_json = as_json
         self.policy = policy
+        self.said = time.monotonic()  # when the last line was printed
+
+    def say(self, text: str) -> None:
+        """Print *text*, each of its lines after the time."""
+        at = stamp()
+        print("\n".join(f"{at} {line}" for line in text.split("\n")), file=self.out, flush=True)
+        self.said = time.monotonic()
+
+    def progress(self, text: str) -> None:
+        """A progress line (``  ... text``), where none was printed for
+        :data:`PROGRESS_EVERY` seconds; none with ``--json``."""
+        if not self.as_json and time.monotonic() - self.said >= PROGRESS_EVERY:
+            self.say(f"  ... {text}")
 
     def emit(
         self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = ""
@@ -2397,7 +2474,7 @@ class Display:
         words): the line says ``ROLLBACK NOT SERVED``, and the JSON carries
         ``"served": false`` and ``"not_served"``."""
         if self.as_json:
-            out = event_json(ev, note)
+            out = {"time": stamp(), **event_json(ev, note)}
             if cut_short:
                 out["cut_short"] = True
             if not_served:
@@ -2405,7 +2482,7 @@ class Display:
                 out["not_served"] = not_served
             print(json.dumps(out), file=self.out, flush=True)
         else:
-            print(self.line(ev, note, cut_short, not_served), file=self.out, flush=True)
+            self.say(self.line(ev, note, cut_short, not_served))
 
     def line(self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = "") -> str:
         r, p = ev.rollout, self.policy
@@ -2837,13 +2914,13 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             if as_json:
                 print(json.dumps({**saved.to_json(), "not_served": refused.summary}), file=out)
             else:
-                print(status_line(saved), file=out)
+                print(f"{stamp()} {status_line(saved)}", file=out)
             not_served(err, saved, store, refused)
             return EXIT_NOT_SERVED
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
     else:
-        print(status_line(saved), file=out)
+        print(f"{stamp()} {status_line(saved)}", file=out)
     return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
 
 
@@ -2995,6 +3072,7 @@ def _analyse(
         )
     )
     display = Display(out, args.json, policy)
+    metrics.progress = display.progress
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
@@ -3065,7 +3143,7 @@ def _analyse(
                 unseen = Unseen()
                 edited = ""
             else:
-                time.sleep(policy.interval)
+                pause(policy.interval, display.progress, judging(r, policy.interval))
                 now_saved = store.load_state()
                 if now_saved != r:  # promote/abort from another shell ended it
                     return _ended_by_hand(display, now_saved, r)
