@@ -245,7 +245,7 @@ def test_halt_without_traffic_then_abort(mesh: Mesh) -> None:
         ],
         check=False,
     )
-    assert r.returncode == 1 and "rolled_back at 0 %" in r.stdout
+    assert r.returncode == 1 and "rolled back at 0 %" in r.stdout
     assert versions_served(mesh) == {"v1"}
 
 
