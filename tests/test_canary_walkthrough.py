@@ -23,8 +23,6 @@ import pytest
 from l4proxy.rules import load_rules
 from tests.test_canary_core import unstamped
 
-pytestmark = pytest.mark.netns
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARKER = "<!-- canary-local-walkthrough"
 
@@ -48,9 +46,8 @@ def test_the_walkthrough_block_names_what_it_runs() -> None:
     assert "l4proxy canary bootcamp --stable v1 --canary v2" in block
 
 
+@pytest.mark.netns  # root and namespaces (conftest's rule)
 def test_the_readme_walkthrough_promotes_v2() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (a network namespace of its own: unshare --net)")
     bin_dir = os.path.dirname(sys.executable)
     env = {
         **os.environ,
