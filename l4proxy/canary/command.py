@@ -3449,7 +3449,7 @@ def not_served(err: TextIO, r: Rollout, store: Store, why: NotLive) -> None:
         f"l4proxy canary: {what} NOT SERVED: {why.summary}\n"
         f"  it is written ({store.where}: 100 % to "
         f"{r.stable if r.phase == 'rolled_back' else r.canary}), and the sidecars load it "
-        "with the first change of the rules they accept: fix what they refuse (their "
+        "once they accept the rules again: fix what they refuse (their "
         f"/config_dump's last_error), then check with 'l4proxy canary status {store.service}' "
         "and their /stats. In detail: "
         f"{why}",
