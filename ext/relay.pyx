@@ -5507,18 +5507,30 @@ cdef int edit_request(Relay *R, Conn *c, const Edits_ *e, double now) noexcept n
     send_request). A fast-path head's target is origin-form. -1 when out
     of memory: the connection is aborted (a head half edited must not go);
     -1 too when the path rewritten has a dot-segment the parser would
-    refuse on input: answered as it would (rewrite_refused())."""
+    refuse on input: answered as it would (rewrite_refused()), and so is
+    a head whose first line is not METHOD SP TARGET SP ... (never: the
+    head staged starts with its request line, drop_empty_lines(); not
+    read past its end if it were)."""
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef Py_ssize_t hl = <Py_ssize_t>c.rhead.len
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
-    cdef const unsigned char *q
-    cdef Py_ssize_t first = lf - b + 1, ts, te, pe, n, cut
+    cdef const unsigned char *q = NULL
+    cdef const unsigned char *sp = NULL
+    cdef Py_ssize_t first, ts, te, pe, n, cut
     cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
     cdef Buf *out = &R.edited  # (empty between calls; in R, not on the stack: no canary)
     cdef int failed = 0
-    ts = (<const unsigned char*>memchr(b, SP, <size_t>first) - b) + 1
+    if lf != NULL:
+        sp = <const unsigned char*>memchr(b, SP, <size_t>(lf - b))
+    if sp != NULL:
+        q = <const unsigned char*>memchr(sp + 1, SP, <size_t>(lf - sp - 1))
+    if q == NULL:
+        rewrite_refused(R, c, now)
+        return -1
+    first = lf - b + 1
+    ts = sp - b + 1
     if e.path and b[ts] == SLASH:
-        te = <const unsigned char*>memchr(b + ts, SP, <size_t>(first - ts)) - b
+        te = q - b
         q = <const unsigned char*>memchr(b + ts, QMARK, <size_t>(te - ts))
         pe = te if q == NULL else q - b
         n = pe - ts
@@ -6167,15 +6179,42 @@ cdef char *_LOCAL_503_CONNECT_KEEP10 = NULL
 cdef size_t _LOCAL_503_CONNECT_KEEP10_LEN = 0
 
 
+cdef void drop_empty_lines(Conn *c) noexcept nogil:
+    """Drop the empty lines (CRLF or a bare LF) that scan() skipped before
+    the request line (RFC 9112 §2.2: a server SHOULD ignore them; Envoy
+    never sends them on) from c.inb, and move the scanner's offsets with
+    them: the head from here on starts with its request line, and so does
+    each copy made of it (c.rhead as sent upstream, c.replay, a mirror's
+    shadow_head(), the pure relay's bytes after a hand-over), which every
+    reader of them assumes (edit_request() read before its buffer, and a
+    mirror's copy ended at the first empty line). The head limit counted them
+    (scan() judges at most max_head bytes from the stream's start, empty
+    lines included); no byte count of the access log does (a request's is
+    its body's)."""
+    cdef Scanner *s = &c.s
+    cdef Py_ssize_t d = s.method_start
+    buf_drop(&c.inb, <size_t>d)
+    s.method_start = 0
+    s.method_end -= d
+    s.target_end -= d
+    s.headers_start -= d
+    s.line_start -= d
+    s.head_length -= d
+    s.pos -= d
+
+
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     """A request head is complete in c.inb: route it (fast path) or hand over."""
-    cdef const unsigned char *b = <const unsigned char*>c.inb.p
+    cdef const unsigned char *b
     cdef Head h
     cdef char key[2048]
     cdef Py_ssize_t n, p
     cdef Entry *e
     cdef int i, failed
     cdef Chunked *rck
+    if c.s.method_start:  # empty lines came before the request line
+        drop_empty_lines(c)
+    b = <const unsigned char*>c.inb.p
     h.n_xff = -1
     if c.fwd != NULL:  # (a gateway listener's: see _forwarding.pxi)
         h.n_xff = 0
@@ -6751,12 +6790,17 @@ cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
     CR LF, no Connection, Keep-Alive or Proxy-Connection line, a Host
     line's value with -shadow after its host name (shadow_host()), then
     the empty line (the copy's connection is the relay's, kept alive). -1:
-    out of memory."""
+    out of memory. Its first line is the first that is not empty: were an
+    empty line before the request line still in h (drop_empty_lines()
+    leaves none), it would end the copy's head there, and the request's
+    body would go as the next request on the copy's connection."""
     cdef size_t i = 0, e, le, colon, vs, ve, hc, j
     cdef const char *lf
     cdef const unsigned char *u = <const unsigned char*>h
     cdef bint first = True
     cdef int failed = 0
+    while i < hl and (h[i] == 13 or h[i] == 10):
+        i += 1
     while i < hl:
         lf = <const char*>memchr(h + i, 10, hl - i)
         le = <size_t>(lf - h) if lf != NULL else hl

@@ -75,6 +75,15 @@ Decisions
   (next) and, on a gateway listener's connection, its forwarding headers
   before them (:meth:`Exchange.forward`, ``forwarding.py``), and bodies
   never are.
+* *Empty lines* before a request line (CRLF or a bare LF: RFC 9112 §2.2
+  says a server SHOULD ignore at least one, and the parser skips them)
+  are dropped with its head: the head sent upstream, a retry's and a
+  mirror's copy start with the request line, as every reader of them
+  (:func:`edit_request_head`, ``verdict.shadow_head``) assumes, and as
+  Envoy sends it. They count towards the head limit (the parser reads
+  them), not as request bytes of the access log (a body's). The compiled
+  twin drops them from its buffer as the head completes
+  (``drop_empty_lines``).
 * *Head edits* (a route's ``HeadEdits``, Envoy's header and
   ``prefix_rewrite`` / ``host_rewrite_literal`` options: the shell sets
   :attr:`Exchange.edits` before :meth:`Exchange.routed`): the head sent
@@ -948,15 +957,28 @@ def rewrite_refused(target: bytes, edits: HeadEdits) -> bool:
     return path.startswith(b"/") and has_dot_segment(path)
 
 
+def _target_span(raw: bytes) -> tuple[int, int] | None:
+    """Where the target of the head *raw*'s first line is (``raw[ts:te]``,
+    between its first two SPs); None when that line has no two SPs (a
+    request line always has them)."""
+    first = raw.find(b"\n")
+    ts = raw.find(b" ", 0, first) + 1 if first >= 0 else 0
+    te = raw.find(b" ", ts, first) if ts else -1
+    return None if te < 0 else (ts, te)
+
+
 def edit_request_head(raw: bytes, edits: HeadEdits) -> bytes:
     """*raw* (a request head as upstream_head() sends it) with *edits*
-    applied (see "Head edits"); *raw* itself when nothing changes."""
+    applied (see "Head edits"); *raw* itself when nothing changes.
+    ValueError when its first line is no request line (never where
+    :meth:`Exchange.refused_rewrite` let it go)."""
     e = edit_bytes(edits)
     if not e.request:
         return raw
-    first = raw.index(b"\n") + 1
-    ts = raw.index(b" ") + 1
-    te = raw.index(b" ", ts, first)
+    span = _target_span(raw)
+    if span is None:
+        raise ValueError("the head's first line is not a request line")
+    ts, te = span
     target, host = edited_target(raw[ts:te], e)
     raw = raw[:ts] + target + raw[te:]
     return _edited_lines(raw, e.request_drop, e.request_lines, host)
@@ -1171,13 +1193,15 @@ class Exchange:
         """When the route's edits (:attr:`edits`, set by the shell) rewrite
         the current request's path into one with a dot-segment (see
         rewrite_refused()): the parser's 400 answer, the connection closed;
-        else None (ValueError for edits that must not be written out)."""
+        else None (ValueError for edits that must not be written out). A
+        head whose first line has no target between two SPs is answered
+        so too (never: the head sent starts with its request line, see
+        "Empty lines"; the compiled twin's edit_request() the same)."""
         if self.edits is None:
             return None
         raw = self._sent_head
-        ts = raw.index(b" ") + 1
-        te = raw.index(b" ", ts, raw.index(b"\n"))
-        if not rewrite_refused(raw[ts:te], self.edits):
+        span = _target_span(raw)
+        if span is not None and not rewrite_refused(raw[span[0] : span[1]], self.edits):
             return None
         return self.refuse(400, DOT_SEGMENT_REASON, close=True, flags=accesslog.PATH_REFUSED)
 
@@ -1475,7 +1499,7 @@ class Exchange:
             self.head = head
             raw = self._parser.buffered
             self._inbox += raw[head.head_length :]
-            raw_head = raw[: head.head_length]
+            raw_head = raw[: head.head_length].lstrip(b"\r\n")  # (see "Empty lines")
             self._sent_head = upstream_head(raw_head, head)
             self._sent_persistent = head.keep_alive or (
                 head.version != "HTTP/1.0" and not _asks_close(self._sent_head)

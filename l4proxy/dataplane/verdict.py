@@ -764,8 +764,11 @@ def shadow_head(head: bytes) -> bytes:
     ``Connection``, ``Keep-Alive`` or ``Proxy-Connection`` line (the
     client's hop-by-hop lines: the copy's connection is the relay's, kept
     alive between copies, see :class:`Mirror`). Names are matched
-    case-insensitively. The compiled relay builds the same bytes."""
-    lines = head.split(b"\n")
+    case-insensitively. The compiled relay builds the same bytes. Its
+    first line is the first that is not empty: an empty line before the
+    request line (the relays drop those before they stage a head) would
+    end the copy's head there, and its body would go as a request."""
+    lines = head.lstrip(b"\r\n").split(b"\n")
     out = [lines[0].removesuffix(b"\r")]
     for raw in lines[1:]:
         line = raw.removesuffix(b"\r")
