@@ -33,7 +33,7 @@ from l4proxy.dataplane._exchange_py import (
 from l4proxy.dataplane._framing_py import parse_response_head
 from l4proxy.dataplane._peek_py import parse_head
 from l4proxy.dataplane.accesslog import UT
-from l4proxy.dataplane.verdict import RetryPolicy
+from l4proxy.dataplane.verdict import HeadEdits, PathRewrite, RetryPolicy
 
 
 @dataclass
@@ -121,6 +121,37 @@ def test_every_request_of_a_keep_alive_connection_is_routed_on_its_own(step: int
     assert d.client == OK + OK2
     assert d.released == [True, True] and d.done == [(200, False), (200, False)]
     assert d.events == [] and d.ex.phase == Phase.HEAD
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_empty_lines_before_a_request_line_do_not_go_upstream(step: int) -> None:
+    """The empty lines (CRLF, a bare LF) the parser skips before a request
+    line (RFC 9112 §2.2), the first request's and a keep-alive one's: the
+    head sent upstream starts with its request line (see "Empty lines")."""
+    d = Driver()
+    d.send(b"\r\n\n" + GET, step)
+    d.answer(OK, step)
+    d.send(b"\r\n\r\n" + GET_B, step)
+    d.answer(OK2, step)
+    assert [bytes(u) for u in d.upstreams] == [GET, GET_B]
+    assert d.client == OK + OK2 and d.routes == ["/a", "/b"]
+
+
+def test_a_staged_head_without_a_request_line_is_refused_400() -> None:
+    """refused_rewrite() on a head as staged whose first line has no
+    target between two SPs (never: the head is staged from its request
+    line; the compiled edit_request() the same): the parser's 400 for a
+    path it refuses, the connection closed, where it raised ValueError
+    (the connection reset)."""
+    ex = Exchange()
+    assert [type(a) for a in ex.client_data(GET)] == [Route]
+    ex.edits = HeadEdits(path=PathRewrite(1, "/x"))
+    ex._sent_head = b"\r\n" + GET  # (as a head was staged before the fix)
+    actions = ex.refused_rewrite()
+    assert actions is not None
+    sent = b"".join(a.data for a in actions if isinstance(a, Client))
+    assert sent.startswith(b"HTTP/1.1 400 "), actions
+    assert any(isinstance(a, Close) for a in actions), actions
 
 
 @pytest.mark.parametrize("step", STEPS)

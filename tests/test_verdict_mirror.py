@@ -69,6 +69,17 @@ def test_shadow_head_keeps_repeated_hosts_each_rewritten() -> None:
     assert out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\nHost: b-shadow:1\r\n\r\n"
 
 
+def test_shadow_head_starts_at_the_request_line() -> None:
+    """Empty lines before the request line (the relays drop them before
+    they stage a head): skipped, where the first ended the copy's head
+    and its body went to the mirror as a request of its own."""
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"
+    for lead in (b"\r\n", b"\n", b"\r\n\r\n\n"):
+        assert shadow_head(lead + head) == (
+            b"POST /x HTTP/1.1\r\nHost: a-shadow\r\nContent-Length: 3\r\n\r\n"
+        ), lead
+
+
 def test_shadow_head_ignores_bytes_after_the_head() -> None:
     out = shadow_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\r\n")
     assert out == b"GET / HTTP/1.1\r\nHost: a-shadow\r\n\r\n"
