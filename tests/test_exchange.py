@@ -137,6 +137,15 @@ def test_empty_lines_before_a_request_line_do_not_go_upstream(step: int) -> None
     assert d.client == OK + OK2 and d.routes == ["/a", "/b"]
 
 
+def test_a_refused_head_s_line_is_its_request_line_after_empty_lines() -> None:
+    """The access log's line of a head the parser refused names its
+    request line, not the empty lines skipped before it (an empty
+    method and path)."""
+    ex = Exchange()
+    ex.client_data(b"\r\n\n\r\nGET /a HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n")
+    assert ex.refused_line == b"GET /a HTTP/1.1"
+
+
 def test_a_staged_head_without_a_request_line_is_refused_400() -> None:
     """refused_rewrite() on a head as staged whose first line has no
     target between two SPs (never: the head is staged from its request

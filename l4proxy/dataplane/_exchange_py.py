@@ -1741,8 +1741,9 @@ class Exchange:
 
     def _refused_line(self) -> None:
         """The first line of a head the parser refused, for its access log
-        line (its method, target and version, as far as they read)."""
-        raw = bytes(self._parser.buffered[: accesslog.LINE_MAX])
+        line (its method, target and version, as far as they read): after
+        the empty lines it skipped (see "Empty lines")."""
+        raw = self._parser.buffered.lstrip(b"\r\n")[: accesslog.LINE_MAX]
         self.refused_line = raw.split(b"\n", 1)[0].rstrip(b"\r")
 
     def _done(self, status: int, local: bool, flags: int = 0) -> Done:
