@@ -60,6 +60,8 @@ spec:
   - match: [{{uri: {{prefix: /hdr}}}}]
     headers: {{request: {{set: {{x-a: b}}, remove: [x-rm]}}}}
     route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+  - match: [{{uri: {{prefix: /moved}}}}]
+    redirect: {{uri: /new}}
   - match: [{{uri: {{prefix: /mir}}}}]
     route: [{{destination: {{host: {HOST}, subset: v1}}}}]
     mirror: {{host: {HOST}, subset: v2}}
@@ -268,6 +270,29 @@ def test_a_worker_sends_the_head_from_its_request_line(
         assert len(copies) == 1, copies
         assert copies[0].startswith(b"POST /mir/a HTTP/1.1\r\nHost: gw-shadow\r\n"), copies
         assert copies[0].endswith(b"\r\n\r\n" + INNER), copies
+
+
+@pytest.mark.parametrize("lead", list(LEADS))
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_local_answer_behind_empty_lines_keeps_the_next_head_whole(
+    gateway: dict[str, Any], which: str, lead: str
+) -> None:
+    """A redirect answered by the relay itself, empty lines before it and
+    before the request after it, all in one write: the answer drops its
+    head, and no byte more or less, so the next head is read whole and
+    sent from its request line."""
+    from tests.conftest import load_twin
+
+    if which == "compiled":
+        load_twin("relay", which)
+    v1: Scripted = gateway["v1"]
+    moved = b"GET /moved/a HTTP/1.1\r\nHost: gw\r\n\r\n"
+    data = LEADS[lead] + moved + LEADS[lead] + REQUESTS["rewrite"]
+    before = len(v1.requests)
+    answers = _ask(gateway["children"][which], data, 2)
+    assert [_status(a) for a in answers] == [301, 200], answers
+    seen = _new_requests(v1, before, 1)
+    assert len(seen) == 1 and seen[0].startswith(b"GET /rewritten/a HTTP/1.1\r\n"), seen
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])
