@@ -7,12 +7,13 @@ are read through ``Pump.stats()`` when ``/stats`` is rendered.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 LabelSet = tuple[tuple[str, str], ...]
@@ -31,6 +32,17 @@ def process_start_time() -> float:
     return _STARTED
 
 
+def label_set(labels: Mapping[str, str]) -> LabelSet:
+    """*labels* as a series' key: sorted by name."""
+    return tuple(sorted(labels.items()))
+
+
+def _with_le(key: LabelSet, le: str) -> LabelSet:
+    """*key* (no ``le`` in it) with ``le`` put in its sorted place."""
+    i = bisect.bisect_left(key, ("le", ""))
+    return (*key[:i], ("le", le), *key[i:])
+
+
 class Counters:
     def __init__(self) -> None:
         self._values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
@@ -40,17 +52,48 @@ class Counters:
         self._help[name] = (kind, help_text)
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        self._values[name][tuple(sorted(labels.items()))] += amount
+        self._values[name][label_set(labels)] += amount
 
     def add(self, name: str, labels: Mapping[str, str], amount: float = 1) -> None:
         """``inc`` with the labels as a mapping."""
         self.inc(name, amount, **labels)
 
+    def add_set(self, name: str, key: LabelSet, amount: float = 1) -> None:
+        """``add`` with the labels as a series' key (:func:`label_set`),
+        sorted once by the caller for several series."""
+        self._values[name][key] += amount
+
+    def add_histogram(
+        self,
+        family: str,
+        key: LabelSet,
+        bounds: Sequence[float],
+        counts: Sequence[int],
+        count: float,
+        total: float,
+    ) -> None:
+        """One row of histogram *family* under *key* (:func:`label_set`):
+        *count* observations whose values sum to *total*, ``counts[i]`` of
+        them at most ``bounds[i]`` and above the bound before (a count past
+        the last bound is +Inf's alone). Written as Prometheus clients write
+        a histogram: every bucket, cumulative, zeros included (a series
+        slower than the largest finite bound had only ``le="+Inf"``, and a
+        reader could not tell where the finite buckets end), +Inf equal to
+        ``_count``."""
+        buckets = self._values[family + "_bucket"]
+        running = 0
+        for le, n in zip(bounds, counts, strict=False):
+            running += n
+            buckets[_with_le(key, _fmt_value(le))] += running
+        buckets[_with_le(key, "+Inf")] += count
+        self._values[family + "_sum"][key] += total
+        self._values[family + "_count"][key] += count
+
     def set(self, name: str, value: float, **labels: str) -> None:
-        self._values[name][tuple(sorted(labels.items()))] = value
+        self._values[name][label_set(labels)] = value
 
     def get(self, name: str, **labels: str) -> float:
-        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
+        return self._values.get(name, {}).get(label_set(labels), 0)
 
     def total(self, name: str) -> float:
         return sum(self._values.get(name, {}).values())
@@ -87,6 +130,22 @@ class LockedCounters(Counters):
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         with self._lock:
             super().inc(name, amount, **labels)
+
+    def add_set(self, name: str, key: LabelSet, amount: float = 1) -> None:
+        with self._lock:
+            super().add_set(name, key, amount)
+
+    def add_histogram(
+        self,
+        family: str,
+        key: LabelSet,
+        bounds: Sequence[float],
+        counts: Sequence[int],
+        count: float,
+        total: float,
+    ) -> None:
+        with self._lock:
+            super().add_histogram(family, key, bounds, counts, count, total)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from l4proxy.stats import Counters, RulesMark, render_prometheus
 
@@ -78,21 +79,33 @@ def test_the_workers_report_of_a_row_is_one_batch() -> None:
     import types
 
     from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker
-    from l4proxy.stats import LockedCounters
+    from l4proxy.stats import LabelSet, LockedCounters
 
     outside: list[str] = []
 
     class Checking(LockedCounters):
-        def add(self, name: str, labels: Mapping[str, str], amount: float = 1) -> None:
+        def _check(self, name: str) -> None:
             if not self._lock._is_owned():  # type: ignore[attr-defined]
                 outside.append(name)
+
+        def add(self, name: str, labels: Mapping[str, str], amount: float = 1) -> None:
+            self._check(name)
             super().add(name, labels, amount)
+
+        def add_set(self, name: str, key: LabelSet, amount: float = 1) -> None:
+            self._check(name)
+            super().add_set(name, key, amount)
+
+        def add_histogram(self, family: str, key: LabelSet, *row: Any) -> None:
+            self._check(family)
+            super().add_histogram(family, key, *row)
 
     counters = Checking()
     worker = types.SimpleNamespace(relay_counters=counters, _add_rows=Worker._add_rows)
     buckets = (1,) + (0,) * (len(_DURATION_BUCKETS_MS) - 1)
     Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets)])  # type: ignore[arg-type]
     assert counters.total("istio_requests_total") == 1
+    assert counters.total("istio_request_duration_milliseconds_count") == 1
     assert outside == []
 
 

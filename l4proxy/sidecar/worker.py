@@ -136,7 +136,7 @@ from l4proxy.rules.routing import (
     version_and_workload,
 )
 from l4proxy.rules.watch import RuleWatcher
-from l4proxy.stats import Counters, LockedCounters
+from l4proxy.stats import Counters, LockedCounters, label_set
 
 log = logging.getLogger("l4proxy.worker")
 
@@ -1512,23 +1512,12 @@ class Worker:
                 labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
                 c.add("l4proxy_decisions_total", labels, n)
         for tag, status, count, seconds, buckets in answered:
-            labels = _istio_labels(tag, status)
+            key = label_set(_istio_labels(tag, status))  # (sorted once: every series')
             # a mirrored copy's answer (Mirror.tag): a family of its own,
             # never a request the client got an answer to
-            names = _MIRROR_NAMES if isinstance(tag, MirrorTag) else _REQUEST_NAMES
-            total, bucket, msum, mcount = names
-            c.add(total, labels, count)
-            # every bucket, zeros included, as Prometheus clients write a
-            # histogram: a canary slower than the largest finite bucket
-            # had only le="+Inf", and a reader could not tell where the
-            # finite buckets end (the canary read p99 = 0 ms)
-            running = 0
-            for le, n in zip(_DURATION_BUCKETS_MS, buckets, strict=False):
-                running += n
-                c.add(bucket, {**labels, "le": str(le)}, running)
-            c.add(bucket, {**labels, "le": "+Inf"}, count)
-            c.add(msum, labels, seconds * 1000.0)
-            c.add(mcount, labels, count)
+            total, family = _MIRROR_NAMES if isinstance(tag, MirrorTag) else _REQUEST_NAMES
+            c.add_set(total, key, count)
+            c.add_histogram(family, key, _DURATION_BUCKETS_MS, buckets, count, seconds * 1000.0)
 
     def _report_request(self, tag: _ReportTag, status: int, seconds: float) -> None:
         """One response delivered by the pure relay (its thread): as one row."""
@@ -1925,19 +1914,9 @@ _DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000
 
 
 # a request's metrics (Istio's standard names), and a mirrored copy's: the
-# total, and the duration histogram's _bucket, _sum and _count
-_REQUEST_NAMES = (
-    "istio_requests_total",
-    "istio_request_duration_milliseconds_bucket",
-    "istio_request_duration_milliseconds_sum",
-    "istio_request_duration_milliseconds_count",
-)
-_MIRROR_NAMES = (
-    "l4proxy_mirror_requests_total",
-    "l4proxy_mirror_request_duration_milliseconds_bucket",
-    "l4proxy_mirror_request_duration_milliseconds_sum",
-    "l4proxy_mirror_request_duration_milliseconds_count",
-)
+# total, and the duration histogram's family (_bucket, _sum, _count)
+_REQUEST_NAMES = ("istio_requests_total", "istio_request_duration_milliseconds")
+_MIRROR_NAMES = ("l4proxy_mirror_requests_total", "l4proxy_mirror_request_duration_milliseconds")
 
 
 def _describe_istio(c: Counters) -> None:
