@@ -264,7 +264,7 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
     ),
     "istio_request_duration_milliseconds": (
         "histogram",
-        "Request durations by destination service and version, and response code (ms).",
+        "Request durations by source, destination and response code (ms).",
     ),
     "l4proxy_mirror_request_duration_milliseconds": (
         "histogram",

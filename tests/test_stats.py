@@ -78,7 +78,7 @@ def test_the_workers_report_of_a_row_is_one_batch() -> None:
     """Every add of the relay's report happens inside the batch."""
     import types
 
-    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, Worker
+    from l4proxy.sidecar.worker import _DURATION_BUCKETS_MS, _NO_SOURCE, Worker
     from l4proxy.stats import LabelSet, LockedCounters
 
     outside: list[str] = []
@@ -101,7 +101,9 @@ def test_the_workers_report_of_a_row_is_one_batch() -> None:
             super().add_histogram(family, key, *row)
 
     counters = Checking()
-    worker = types.SimpleNamespace(relay_counters=counters, _add_rows=Worker._add_rows)
+    worker = types.SimpleNamespace(
+        relay_counters=counters, _add_rows=Worker._add_rows, _source=_NO_SOURCE
+    )
     buckets = (1,) + (0,) * (len(_DURATION_BUCKETS_MS) - 1)
     Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets)])  # type: ignore[arg-type]
     assert counters.total("istio_requests_total") == 1

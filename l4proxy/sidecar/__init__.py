@@ -7,5 +7,7 @@
   both sockets to the data plane;
 * ``channel``: the supervisor-worker protocol (frames, request ids), both ends;
 * ``signals``: SIGHUP/SIGTERM at start-up, before the loop owns them;
-* ``admin``: ``/stats``, ``/ready``, ``/rules`` on 127.0.0.1:15000.
+* ``admin``: ``/stats``, ``/ready``, ``/rules`` on 127.0.0.1:15000;
+* ``istio_metrics``: Istio's standard metrics in ``/stats``: the families,
+  the histogram's buckets, and where each label's value comes from.
 """

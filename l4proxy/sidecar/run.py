@@ -372,6 +372,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--domain", default="cluster.local", help="cluster domain (cluster.local)")
     p.add_argument(
+        "--cluster-name",
+        default="Kubernetes",
+        metavar="NAME",
+        help="the cluster's name in Istio's metrics, their source_cluster and destination_cluster "
+        "(Istio's global.multiCluster.clusterName; Kubernetes)",
+    )
+    p.add_argument(
         "--pod-labels",
         type=_labels,
         default={},
@@ -747,6 +754,7 @@ async def _serve(
         access_log_fd=args.access_log_fd,
         access_log_json=args.access_log_format == "json",
         trusted_proxies=args.trusted_proxies,
+        cluster_name=args.cluster_name,
         pool=PoolOptions(
             max_idle=args.pool_max_idle,
             idle_timeout=(

@@ -83,7 +83,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
@@ -120,6 +120,7 @@ from l4proxy.rules.routing import (
     Decision,
     Endpoint,
     HttpRetry,
+    Labels,
     MirrorTag,
     PoolSettings,
     Request,
@@ -134,11 +135,17 @@ from l4proxy.rules.routing import (
     is_gateway_host,
     request_headers,
     version_and_workload,
+    versions_differ,
 )
 from l4proxy.rules.watch import RuleWatcher
+from l4proxy.sidecar import istio_metrics
 from l4proxy.stats import Counters, LockedCounters, label_set
 
 log = logging.getLogger("l4proxy.worker")
+
+# a row's labels where no sidecar's own are given (Worker._add_rows' callers
+# but a worker's: a test's)
+_NO_SOURCE = istio_metrics.source_labels({}, "")
 
 MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
 LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
@@ -171,6 +178,8 @@ class WorkerOptions:
     # --trusted-proxies: the gateway listeners' forwarding headers believe
     # so many proxies in front (l4proxy/dataplane/forwarding.py)
     trusted_proxies: int = 0
+    # --cluster-name: Istio's metrics' source_cluster and destination_cluster
+    cluster_name: str = istio_metrics.DEFAULT_CLUSTER
 
 
 def local_addresses() -> set[str]:
@@ -388,6 +397,11 @@ class Worker:
         # (the event loop's alone)
         self._logged: dict[int, _ConnLog] = {}
         self._log_l4 = options.access_log_fd >= 0 and options.http_routing == "request"
+        # Istio's metrics: this pod's labels on every series (see
+        # l4proxy/sidecar/istio_metrics.py)
+        self._source = istio_metrics.source_labels(
+            options.source_labels, rules.namespace, options.cluster_name
+        )
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1499,23 +1513,29 @@ class Worker:
         (one batch: a scrape sees a report whole, +Inf equal to _count)."""
         c = self.relay_counters
         with c.batch():
-            self._add_rows(c, decided, answered)
+            self._add_rows(c, decided, answered, self._source)
 
     @staticmethod
     def _add_rows(
         c: Counters,
         decided: list[tuple[_SubsetTag | None, int]],
         answered: list[tuple[_ReportTag, int, int, float, tuple[int, ...]]],
+        source: Mapping[str, str] = _NO_SOURCE,
     ) -> None:
+        """Add the relay's rows to *c*: decisions, and answers (a
+        request's or a mirrored copy's) with their durations' histogram,
+        labelled by their tags and *source*, this sidecar's labels."""
         for subset, n in decided:
             if subset is not None:  # PassthroughCluster: no decision (as per connection)
                 labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
                 c.add("l4proxy_decisions_total", labels, n)
         for tag, status, count, seconds, buckets in answered:
-            key = label_set(_istio_labels(tag, status))  # (sorted once: every series')
+            key = label_set(_istio_labels(tag, status, source))  # (sorted once: every series')
             # a mirrored copy's answer (Mirror.tag): a family of its own,
             # never a request the client got an answer to
-            total, family = _MIRROR_NAMES if isinstance(tag, MirrorTag) else _REQUEST_NAMES
+            mirrored = isinstance(tag, MirrorTag)
+            total = istio_metrics.MIRROR_REQUESTS if mirrored else istio_metrics.REQUESTS
+            family = istio_metrics.MIRROR_DURATION if mirrored else istio_metrics.DURATION
             c.add_set(total, key, count)
             c.add_histogram(family, key, _DURATION_BUCKETS_MS, buckets, count, seconds * 1000.0)
 
@@ -1909,21 +1929,16 @@ class _Tag(NamedTuple):
     port: int = 0
 
 
-# Istio's default request-duration buckets (ms), up to a minute.
-_DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
-
-
-# a request's metrics (Istio's standard names), and a mirrored copy's: the
-# total, and the duration histogram's family (_bucket, _sum, _count)
-_REQUEST_NAMES = ("istio_requests_total", "istio_request_duration_milliseconds")
-_MIRROR_NAMES = ("l4proxy_mirror_requests_total", "l4proxy_mirror_request_duration_milliseconds")
+# Istio's request-duration buckets (ms): the compiled relay's rows count
+# by them, the pure relay's requests are put in them here
+_DURATION_BUCKETS_MS = istio_metrics.DURATION_BUCKETS_MS
 
 
 def _describe_istio(c: Counters) -> None:
     c.describe(
         "istio_requests_total",
         "counter",
-        "Requests by destination service and version, and response code (reporter=source).",
+        "Requests by source, destination and response code (reporter=source).",
     )
     c.describe(
         "l4proxy_mirror_requests_total",
@@ -1945,6 +1960,10 @@ class _SubsetTag(NamedTuple):
     version: str
     workload: str
     port: int = 0  # the destination's (the access log's cluster name; 0: none)
+    # the labels Istio's metrics read of its pods (istio_metrics.peer_labels:
+    # destination_app, destination_canonical_*); none where they differ in
+    # version (each request is labelled by its pod's own tag) or are unknown
+    peer: Labels = istio_metrics.NO_PEER
 
 
 _AnyTag = _Tag | _SubsetTag | None  # an outlier report's tag (the request's)
@@ -2011,7 +2030,16 @@ def _subset_tag(
     if subset == "none" and not endpoints:  # a route with no destination (weights 0)
         return _no_destination_tag(service.host, route, port)
     version, workload = version_and_workload(service.host, subset, endpoints)
-    return _SubsetTag(service.host, route, subset, version, workload, port)
+    return _SubsetTag(service.host, route, subset, version, workload, port, _peer(endpoints))
+
+
+def _peer(endpoints: Sequence[Endpoint]) -> Labels:
+    """The pod labels Istio's metrics read of a destination's *endpoints*
+    (its first's, as :func:`version_and_workload` reads its version);
+    none where they differ in version, or there is none."""
+    if not endpoints or versions_differ(endpoints):
+        return istio_metrics.NO_PEER
+    return istio_metrics.peer_labels(endpoints[0].labels)
 
 
 def _endpoint_tags(
@@ -2032,8 +2060,14 @@ def _endpoint_tags(
     answered: nothing reached, a circuit breaker's)."""
     host = service.host
     return tuple(
-        _SubsetTag(host, route, subset, version, workload, port)
-        for version, workload in endpoint_versions(host, subset, endpoints, of)
+        _SubsetTag(
+            host, route, subset, version, workload, port, istio_metrics.peer_labels(e.labels)
+        )
+        for e, (version, workload) in zip(
+            endpoints if of is None else of,
+            endpoint_versions(host, subset, endpoints, of),
+            strict=False,  # (none where they do not differ)
+        )
     )
 
 
@@ -2092,8 +2126,9 @@ def _access_log_tag(tag: _Tag | _SubsetTag | None) -> TagLog:
     return TagLog(f"outbound|{port}|{named}|{host}", route)
 
 
-def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
-    """Istio's standard metric labels, so Flagger's and Argo's queries work.
+def _destination(tag: _ReportTag, cluster: str) -> dict[str, str]:
+    """Istio's ``destination_*`` labels of a row's *tag* (*cluster*: this
+    sidecar's, where every destination it knows is).
 
     A request whose head was refused before any route was asked (a relay's
     ``UNROUTED``: two Host lines, ``Host: a b``, a dot-segment, 400) is
@@ -2101,6 +2136,7 @@ def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
     sidecar's alike: Istio's stats name a destination by the route
     (``allow_any``: ``PassthroughCluster``), the cluster, else the Host
     read, and such a request has none; nothing was passed through."""
+    peer: Mapping[str, str] = istio_metrics.NO_PEER
     if tag is None:
         service, name, version, workload = "unknown", PASSTHROUGH, "unknown", "unknown"
     elif isinstance(tag, str):  # UNROUTED (the one str a relay reports)
@@ -2108,6 +2144,8 @@ def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
     elif isinstance(tag, _SubsetTag | MirrorTag):
         service, version, workload = tag.service, tag.version, tag.workload
         name = service.split(".", 1)[0]
+        if isinstance(tag, _SubsetTag):
+            peer = tag.peer
     else:
         d = tag.decision
         service = d.service.host
@@ -2116,16 +2154,40 @@ def _istio_labels(tag: _ReportTag, status: int) -> dict[str, str]:
             version = workload = "unknown"  # labelled as the compiled relay's are
         else:
             version, workload = version_and_workload(service, d.subset, d.endpoints)
+            peer = _peer(d.endpoints)
     if is_gateway_host(service):  # (no service answered: Istio's gateway says unknown)
         service = name = version = workload = "unknown"
-    return {
-        "reporter": "source",
-        "destination_service": service,
-        "destination_service_name": name,
-        "destination_version": version,
-        "destination_workload": workload,
-        "response_code": str(status),
-    }
+        peer = istio_metrics.NO_PEER
+    return istio_metrics.destination_labels(service, name, version, workload, peer, cluster)
+
+
+def _istio_labels(
+    tag: _ReportTag, status: int, source: Mapping[str, str] = _NO_SOURCE
+) -> dict[str, str]:
+    """Istio's standard metric labels of a request's row (*source*: the
+    sidecar's, :func:`istio_metrics.source_labels`), so that Istio's
+    dashboards, Flagger's and Argo's queries find it. A mirrored copy's
+    (a :class:`MirrorTag`, l4proxy's own family) keeps the few the canary
+    reads: what the mirror's own sidecar would say of it."""
+    cluster = source.get("source_cluster", istio_metrics.DEFAULT_CLUSTER)
+    destination = _destination(tag, cluster)
+    if isinstance(tag, MirrorTag):
+        return {
+            "reporter": "source",
+            **{k: destination[k] for k in _MIRROR_DESTINATION},
+            "response_code": str(status),
+        }
+    return istio_metrics.request_labels(source, destination, status)
+
+
+# the destination labels of a mirrored copy's rows (as Istio's were before
+# the full set: the canary selects by them)
+_MIRROR_DESTINATION = (
+    "destination_service",
+    "destination_service_name",
+    "destination_version",
+    "destination_workload",
+)
 
 
 async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
