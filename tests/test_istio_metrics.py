@@ -33,8 +33,16 @@ from tests.conftest import serving
 from tests.test_admin_endpoints import sidecar
 
 HOST = "shop.default.svc.cluster.local"
+# Envoy's default histogram buckets (source/common/stats/histogram_impl.cc),
+# which Istio's request durations keep
+ENVOY_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+ENVOY_BUCKETS += (300000, 600000, 1800000, 3600000)
 
 # -- the pure parts ------------------------------------------------------------------
+
+
+def test_the_duration_buckets_are_envoys_and_istios() -> None:
+    assert im.DURATION_BUCKETS_MS == ENVOY_BUCKETS
 
 
 def test_a_pods_source_labels_follow_istios_label_order() -> None:
@@ -116,14 +124,14 @@ def test_a_destinations_labels_say_what_its_host_and_pod_tell() -> None:
 def test_a_rows_series_carry_the_sidecars_labels_and_its_pods() -> None:
     """Worker._add_rows: a compiled relay's row, labelled at the report by
     its tag (the pod labels it keeps) and the sidecar's own; its duration
-    histogram, +Inf its count; nothing per request but
+    histogram in Envoy's buckets, +Inf its count; nothing per request but
     the row."""
     source = im.source_labels({"app": "cart", "version": "v3"}, "shop")
     peer = im.peer_labels({"app": "web", "service.istio.io/canonical-revision": "r2"})
     tag = _SubsetTag(HOST, "r", "v2", "v2", "web-v2", 8080, peer)
     c = Counters()
-    fast = tuple(int(le == 5) for le in im.DURATION_BUCKETS_MS)  # one request of 2 ms
-    Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast)], source)
+    slow = tuple(int(le == 300000) for le in ENVOY_BUCKETS)  # one request of 2 minutes
+    Worker._add_rows(c, [], [(tag, 200, 1, 120.0, slow)], source)
     snap = c.snapshot()
     ((labels, n),) = snap["istio_requests_total"].items()
     got = dict(labels)
@@ -134,9 +142,9 @@ def test_a_rows_series_carry_the_sidecars_labels_and_its_pods() -> None:
     buckets = {
         dict(k)["le"]: v for k, v in snap["istio_request_duration_milliseconds_bucket"].items()
     }
-    assert list(buckets) == [*map(str, im.DURATION_BUCKETS_MS), "+Inf"]
-    assert (buckets["1"], buckets["5"], buckets["+Inf"]) == (0, 1, 1)
-    assert list(snap["istio_request_duration_milliseconds_sum"].values()) == [2.0]
+    assert list(buckets) == [*map(str, ENVOY_BUCKETS), "+Inf"]
+    assert (buckets["60000"], buckets["300000"], buckets["+Inf"]) == (0, 1, 1)
+    assert list(snap["istio_request_duration_milliseconds_sum"].values()) == [120000.0]
 
 
 # -- the exposition --------------------------------------------------------------------
@@ -299,8 +307,8 @@ def test_a_gateways_requests_carry_istios_labels(
     relay twin, at a gateway whose pod is edge-v9 of namespace edge in
     cluster east: a request the pod answered carries every label of
     Istio's (its pod's app, canonical service and revision, the Service's
-    namespace); one no route took is unknown throughout; and the whole
-    /stats is valid Prometheus text."""
+    namespace); one no route took is unknown throughout; the durations
+    are in Envoy's buckets; and the whole /stats is valid Prometheus text."""
     if twin == "pure":
         monkeypatch.setenv("L4PROXY_NO_EXTENSIONS", "1")
     port = int(backend.rsplit(":", 1)[1])
@@ -369,7 +377,7 @@ def test_a_gateways_requests_carry_istios_labels(
         for labels, _ in _series(text, "istio_request_duration_milliseconds_bucket")
         if labels["response_code"] == "200"
     ]
-    assert les == [*map(str, im.DURATION_BUCKETS_MS), "+Inf"]
+    assert les == [*map(str, ENVOY_BUCKETS), "+Inf"]
     assert exposition_errors(text) == []
 
 

@@ -52,8 +52,11 @@ from collections.abc import Mapping
 
 from l4proxy.rules.routing import Labels
 
-# Istio's default request-duration buckets (ms), up to a minute.
+# Istio's request-duration buckets (ms): Envoy's default histogram buckets
+# (HistogramSettingsImpl::defaultBuckets), which Istio's stats keep, 0.5 ms
+# to an hour. The compiled relay holds at most MAX_BUCKETS - 1 (23).
 DURATION_BUCKETS_MS: tuple[float, ...] = (
+    0.5,
     1,
     5,
     10,
@@ -68,6 +71,10 @@ DURATION_BUCKETS_MS: tuple[float, ...] = (
     10000,
     30000,
     60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
 )
 
 REQUESTS = "istio_requests_total"
