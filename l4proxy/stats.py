@@ -266,6 +266,22 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
         "histogram",
         "Request durations by source, destination and response code (ms).",
     ),
+    "istio_tcp_connections_opened_total": (
+        _C,
+        "TCP connections relayed at L4, by source and destination, counted when relayed.",
+    ),
+    "istio_tcp_connections_closed_total": (
+        _C,
+        "TCP connections relayed at L4 that ended, by source and destination.",
+    ),
+    "istio_tcp_received_bytes_total": (
+        _C,
+        "Bytes from clients to upstreams of TCP connections, counted at their end.",
+    ),
+    "istio_tcp_sent_bytes_total": (
+        _C,
+        "Bytes from upstreams to clients of TCP connections, counted at their end.",
+    ),
     "l4proxy_mirror_request_duration_milliseconds": (
         "histogram",
         "Mirrored copies' durations by the mirror's service and version, and answer code (ms).",

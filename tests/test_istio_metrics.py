@@ -15,6 +15,7 @@ sidecar in network namespaces (each implementation) relays TCP connections.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import socket
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import pytest
 
+from l4proxy.demo.podnet import PodNetwork
 from l4proxy.rules.routing import Labels
 from l4proxy.sidecar import istio_metrics as im
 from l4proxy.sidecar.worker import Worker, _SubsetTag
 from l4proxy.stats import Counters, render_prometheus
 from tests._worker import GATEWAY_SERVICE
 from tests.conftest import serving
+from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.test_access_log_tcp import CLIENT, DB_VIP, ECHO, WEB_VIP
 from tests.test_admin_endpoints import sidecar
 
 HOST = "shop.default.svc.cluster.local"
@@ -378,6 +382,168 @@ def test_a_gateways_requests_carry_istios_labels(
         if labels["response_code"] == "200"
     ]
     assert les == [*map(str, ENVOY_BUCKETS), "+Inf"]
+    assert exposition_errors(text) == []
+
+
+# -- TCP through a real sidecar ----------------------------------------------------------
+
+
+@pytest.fixture
+def tcp_mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
+    """A client pod's sidecar and the pods a test adds."""
+    m = Mesh(pod_network)
+    try:
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log(5000))
+        m.close()
+
+
+DB_LABELS = {"app": "db", "version": "v1", "service.istio.io/canonical-revision": "r1"}
+
+
+def _db_rules(db: str) -> list[str]:
+    """db (TCP 5432: a VirtualService's tcp route to its subset v1), web
+    (an HTTP port, 8080, that the db pod's TCP echo on 5432 serves)."""
+    return [
+        service_entry("db", DB_VIP, 5432, [(db, DB_LABELS)], "TCP", "tcp-db"),
+        f"""apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: web}}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  addresses: [{WEB_VIP}]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {db}, ports: {{http: 5432}}, labels: {{app: web}}}}""",
+        """apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}""",
+        """apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: db}
+spec:
+  hosts: [db.default.svc.cluster.local]
+  tcp:
+  - route:
+    - destination: {host: db.default.svc.cluster.local, subset: v1}""",
+    ]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_tcp_connections_are_counted_as_istios(tcp_mesh: Mesh, impl: str) -> None:
+    """Through a real sidecar (--http-routing request) of each
+    implementation: two connections to a TCP port, one to a destination
+    no rule names and bytes that are not HTTP on an HTTP port are counted
+    in istio_tcp_connections_opened_total and _closed_total, with their
+    bytes each way at their end, under Istio's labels (request_protocol
+    tcp; the pod that took them, PassthroughCluster); an inbound
+    connection is not (what reaches the pod is its callers' to report)."""
+    mesh = tcp_mesh
+    db = mesh.net.add_pod("db", labels=DB_LABELS)
+    mesh.procs.append(db.popen([PYTHON, "-c", ECHO, "5432"], user=1000))
+    db.wait_listening(5432)
+    env, args = IMPLS[impl]
+    mesh.env.update(env)
+    mesh.write_rules(*_db_rules(db.ipv4))
+    pod = ("--pod-labels", "app=client,version=v1", "--namespace", "default")
+    sidecar_ = mesh.start_client(run_args=(*args, "--http-routing", "request", *pod))
+    assert mesh.client is not None
+    mesh.procs.append(mesh.client.popen([PYTHON, "-c", ECHO, "9000"], user=1000))
+    mesh.client.wait_listening(9000)
+    not_http = b"\x16\x03\x01\x00\x05hello"
+    targets = [
+        (DB_VIP, 5432, b"hello"),
+        (DB_VIP, 5432, b"hello"),
+        (db.ipv4, 5432, b"passing"),
+        (WEB_VIP, 8080, not_http),
+    ]
+    argv = [PYTHON, "-c", CLIENT, *(f"{h},{p},{b.hex()}" for h, p, b in targets)]
+    done = mesh.client.run(argv, user=1000, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr + mesh.sidecar_log(3000)
+    assert [bytes.fromhex(r[1]) for r in json.loads(done.stdout)] == [
+        b"echo:hello",
+        b"echo:hello",
+        b"echo:passing",
+        b"echo:" + not_http,
+    ]
+    inbound = f"{mesh.client.ipv4},9000,{b'hi'.hex()}"  # (from the db pod: inbound)
+    done = db.run([PYTHON, "-c", CLIENT, inbound], user=1000, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while True:  # (a connection's end is counted once the pump has reported it)
+        text = sidecar_.admin("/stats")
+        closed = _series(text, "istio_tcp_connections_closed_total")
+        if sum(n for _, n in closed) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    def by_name(family: str) -> dict[str, tuple[dict[str, str], float]]:
+        rows = _series(text, family)
+        named = {labels["destination_service_name"]: (labels, n) for labels, n in rows}
+        assert len(named) == len(rows), rows
+        return named
+
+    opened = by_name("istio_tcp_connections_opened_total")
+    assert sorted(opened) == ["PassthroughCluster", "db", "web"]
+    source = {
+        "reporter": "source",
+        "source_workload": "client-v1",
+        "source_workload_namespace": "default",
+        "source_principal": "unknown",
+        "source_app": "client",
+        "source_version": "v1",
+        "source_canonical_service": "client",
+        "source_canonical_revision": "v1",
+        "source_cluster": "Kubernetes",
+    }
+    assert opened["db"] == (
+        {
+            **source,
+            "destination_service": "db.default.svc.cluster.local",
+            "destination_service_name": "db",
+            "destination_service_namespace": "default",
+            "destination_version": "v1",
+            "destination_workload": "db-v1",
+            "destination_workload_namespace": "default",
+            "destination_principal": "unknown",
+            "destination_app": "db",
+            "destination_canonical_service": "db",
+            "destination_canonical_revision": "r1",
+            "destination_cluster": "Kubernetes",
+            "request_protocol": "tcp",
+            "connection_security_policy": "unknown",
+        },
+        2,
+    )
+    passed, n = opened["PassthroughCluster"]
+    assert n == 1
+    assert (passed["destination_workload"], passed["destination_cluster"]) == ("unknown", "unknown")
+    assert (opened["web"][0]["destination_app"], opened["web"][1]) == ("web", 1)
+    counts = {
+        family: {name: n for name, (_, n) in by_name(family).items()}
+        for family in (
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_sent_bytes_total",
+        )
+    }
+    assert counts == {
+        "istio_tcp_connections_closed_total": {"db": 2, "PassthroughCluster": 1, "web": 1},
+        "istio_tcp_received_bytes_total": {"db": 10, "PassthroughCluster": 7, "web": 10},
+        "istio_tcp_sent_bytes_total": {"db": 20, "PassthroughCluster": 12, "web": 15},
+    }
+    for family in counts:  # (each connection's key is the one it was opened under)
+        assert {name: labels for name, (labels, _) in by_name(family).items()} == {
+            name: labels for name, (labels, _) in opened.items()
+        }
     assert exposition_errors(text) == []
 
 

@@ -1,12 +1,14 @@
 """Istio's standard metrics, as an l4proxy sidecar reports them.
 
-Istio's sidecars export ``istio_requests_total`` and the histogram
-``istio_request_duration_milliseconds`` ("Istio Standard Metrics"), every
-series labelled by who called (``source_*``), what was called
-(``destination_*``) and how (``request_protocol``, ``response_code``, ...).
-Istio's Grafana dashboards, Kiali, Flagger and Argo Rollouts select and
-group by those labels: a label that is missing is an empty panel, never an
-error. This module names the
+Istio's sidecars export ``istio_requests_total``, the histogram
+``istio_request_duration_milliseconds`` and, for TCP,
+``istio_tcp_connections_opened_total``, ``istio_tcp_connections_closed_total``,
+``istio_tcp_received_bytes_total`` and ``istio_tcp_sent_bytes_total``
+("Istio Standard Metrics"), every series labelled by who called
+(``source_*``), what was called (``destination_*``) and how
+(``request_protocol``, ``response_code``, ...). Istio's Grafana dashboards,
+Kiali, Flagger and Argo Rollouts select and group by those labels: a label
+that is missing is an empty panel, never an error. This module names the
 families, the histogram's buckets and the labels and where each value comes
 from; the worker (``worker.py``) counts.
 
@@ -24,8 +26,9 @@ there).
 * ``destination_*``: a row's tag (the destination service's host, its
   version and workload, and the labels Istio reads of the pod that
   answered, :func:`peer_labels`), made into labels when the row is added
-  (the compiled relay's rows once a second, the pure relay's per request):
-  nothing more is built or kept per request in the compiled loop.
+  (the compiled relay's rows once a second, the pure relay's per request,
+  a TCP connection's when it is handed to the pump): nothing more is
+  built or kept per request in the compiled loop.
 * what l4proxy does not know takes the value Istio reports when it does
   not know it either: ``source_principal`` and ``destination_principal``
   ``unknown`` (no mTLS), ``connection_security_policy`` ``unknown``
@@ -39,7 +42,7 @@ status) pair, without the flags its access log line has, and a flag
 counted in one twin only, or ``-`` for requests that had one, would
 mislead a query. Istio's ``istio_request_bytes`` and
 ``istio_response_bytes`` are not either (the README says what they would
-cost), nor its TCP families.
+cost).
 
 Cardinality: every value is a pod's label, a namespace, a service's host,
 a status code or a constant; nothing is unique to a request or to a
@@ -82,6 +85,11 @@ DURATION = "istio_request_duration_milliseconds"  # a histogram: _bucket, _sum, 
 # a mirrored copy's answers (l4proxy's own families, their labels as Istio's were)
 MIRROR_REQUESTS = "l4proxy_mirror_requests_total"
 MIRROR_DURATION = "l4proxy_mirror_request_duration_milliseconds"
+TCP_OPENED = "istio_tcp_connections_opened_total"
+TCP_CLOSED = "istio_tcp_connections_closed_total"
+TCP_RECEIVED = "istio_tcp_received_bytes_total"  # client to upstream (the request's)
+TCP_SENT = "istio_tcp_sent_bytes_total"  # upstream to client (the response's)
+
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"  # Istio's cluster name unless global.multiCluster.clusterName
 LATEST = "latest"  # Istio's canonical revision of a workload whose labels name none
@@ -204,5 +212,16 @@ def request_labels(
         "request_protocol": "http",
         "response_code": str(status),
         "grpc_response_status": "",
+        "connection_security_policy": UNKNOWN,
+    }
+
+
+def tcp_labels(source: Mapping[str, str], destination: Mapping[str, str]) -> dict[str, str]:
+    """The labels of a TCP connection's series (``istio_tcp_*``): no
+    response code, ``request_protocol`` ``tcp``."""
+    return {
+        **source,
+        **destination,
+        "request_protocol": "tcp",
         "connection_security_policy": UNKNOWN,
     }

@@ -68,6 +68,17 @@ per connection end. With the log off nothing of this runs (no
 :class:`_ConnLog`, tokens only for LEAST_CONN's counts, as before). A
 tunnel after its request line is not logged again (its request's line
 is the relay's, as Envoy writes one per upgraded stream).
+
+Istio's TCP metrics
+-------------------
+The same connections but inbound ones (what reaches the pod is its
+callers' to report) are counted in ``istio_tcp_*``
+(:mod:`l4proxy.sidecar.istio_metrics`): opened when handed to the pump,
+closed with their bytes each way when the pump reports their end, under
+the key of their destination's pod, made once per pod (:meth:`Worker._tcp_key`)
+and held per connection by its token. A connection routed by its
+HTTP request head (``--http-routing connection``) and a tunnel are HTTP
+requests, not counted there.
 """
 
 from __future__ import annotations
@@ -139,7 +150,7 @@ from l4proxy.rules.routing import (
 )
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar import istio_metrics
-from l4proxy.stats import Counters, LockedCounters, label_set
+from l4proxy.stats import Counters, LabelSet, LockedCounters, label_set
 
 log = logging.getLogger("l4proxy.worker")
 
@@ -398,10 +409,14 @@ class Worker:
         self._logged: dict[int, _ConnLog] = {}
         self._log_l4 = options.access_log_fd >= 0 and options.http_routing == "request"
         # Istio's metrics: this pod's labels on every series (see
-        # l4proxy/sidecar/istio_metrics.py)
+        # l4proxy/sidecar/istio_metrics.py), and the TCP connections the
+        # pump relays (pump token -> their series' key, the event loop's
+        # alone), each series' key per destination endpoint, made once
         self._source = istio_metrics.source_labels(
             options.source_labels, rules.namespace, options.cluster_name
         )
+        self._tcp_open: dict[int, LabelSet] = {}
+        self._tcp_keys: dict[tuple[str, str, Endpoint] | None, LabelSet] = {}
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -871,7 +886,7 @@ class Worker:
     async def _to_pump(
         self,
         conn: socket.socket,
-        deciding: Coroutine[Any, Any, tuple[socket.socket, bytes, Endpoint | None]],
+        deciding: Coroutine[Any, Any, _Routed],
         where: str,
         clog: _ConnLog | None = None,
     ) -> None:
@@ -880,7 +895,7 @@ class Worker:
         line says (a line at its end, or at its refusal)."""
         upstream: socket.socket | None = None
         try:
-            upstream, pending, endpoint = await deciding
+            upstream, pending, endpoint, tcp = await deciding
             if clog is not None:
                 clog.upstream_local = _sockname(upstream)
             conn_fd = conn.detach()
@@ -888,7 +903,7 @@ class Worker:
             upstream = None
             # From here the pump owns both fds and closes each exactly once.
             counted = None if endpoint is None else (endpoint.address, endpoint.port)
-            self._pump_add(conn_fd, up_fd, pending, b"", counted, clog)
+            self._pump_add(conn_fd, up_fd, pending, b"", counted, clog, tcp)
         except _HandedToRelay:
             pass  # the relay owns conn now
         except Refused as r:
@@ -920,7 +935,7 @@ class Worker:
 
     async def _decide_and_connect(
         self, conn: socket.socket, lst: Listener, clog: _ConnLog | None = None
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+    ) -> _Routed:
         origin: Origin | None
         if lst.mode == "gateway":
             origin = Origin(None, lst.address[1], True)
@@ -968,7 +983,7 @@ class Worker:
         head: peek.RequestHead | None,
         pending: bytes,
         clog: _ConnLog | None = None,
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+    ) -> _Routed:
         """Carry out a connection's classification: connect upstream (the
         pump relays from there) or refuse. *clog*: what its access log line
         says, filled in on the way."""
@@ -999,7 +1014,7 @@ class Worker:
                 if clog is not None:
                     clog.flags |= accesslog.UF | accesslog.URX
                 raise Refused("inbound_unreachable")
-            return up, b"", None
+            return _Routed(up, b"", None)  # (reporter=destination's: not reported)
         if c.kind is Kind.PASSTHROUGH:
             self.counters.inc("l4proxy_passthrough_total")
             up = await self._connect((origin.ip, origin.port), http=head is not None)
@@ -1009,7 +1024,9 @@ class Worker:
                 raise Refused(
                     "passthrough_unreachable", 503 if head else None, "upstream connect error"
                 )
-            return up, pending, None
+            # (bytes that are not HTTP, or a TCP port: Istio's TCP metrics)
+            tcp = self._tcp_key(None) if head is None else None
+            return _Routed(up, pending, None, tcp)
         raise AssertionError(f"not an L4 classification: {c}")  # READ_HEAD, RELAY: the caller's
 
     async def _route(
@@ -1021,7 +1038,7 @@ class Worker:
         head: peek.RequestHead | None,
         pending: bytes,
         clog: _ConnLog | None = None,
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+    ) -> _Routed:
         request = None
         # the client's address, where a consistent hash on the source IP needs it
         source = peer_of(conn) if table.hashes_sources else None
@@ -1110,7 +1127,12 @@ class Worker:
                 self._count(key, -1)
                 raise
             if up is not None:
-                return up, pending, ep
+                # (a connection routed by its request head is an HTTP
+                # request's; the relays count those, per request)
+                if head is not None:
+                    return _Routed(up, pending, ep)
+                tcp = self._tcp_key((decision.service.host, decision.subset, ep))
+                return _Routed(up, pending, ep, tcp)
             self._count(key, -1)
         if clog is not None:  # every connect failed (tcp_proxy's UF, its attempts used up: URX)
             tried = clog.upstream_host is not None
@@ -1155,13 +1177,16 @@ class Worker:
         to_client: bytes,
         counted: tuple[str, int] | None,
         clog: _ConnLog | None = None,
+        tcp: LabelSet | None = None,
     ) -> None:
         """pump.add(); *counted*: the endpoint this connection is counted
         against (_count), which stays counted until the pump reports its end
         (_pump_ended), or is counted down here when add() raises; *clog*:
-        its access log line's values, its line written at that end."""
+        its access log line's values, its line written at that end; *tcp*:
+        its key in Istio's TCP metrics (:meth:`_tcp_key`), counted opened
+        here and closed, with its bytes, at that end."""
         token = 0
-        if counted is not None or clog is not None:
+        if counted is not None or clog is not None or tcp is not None:
             token = next(self._tokens)
         if counted is not None:
             with self._active_lock:
@@ -1175,6 +1200,9 @@ class Worker:
                 self._forget_token(token)
                 self._logged.pop(token, None)
             raise
+        if tcp is not None:
+            self._tcp_open[token] = tcp
+            self.counters.add_set(istio_metrics.TCP_OPENED, tcp)
         # The pump counts the connection from now: its handshake no longer
         # (its task's end is told a loop step later, and an accept in
         # between would count the connection twice against --max-connections)
@@ -1187,6 +1215,12 @@ class Worker:
         for token, up, down, ended in self.pump.ends():  # (taken off the pump)
             try:
                 self._forget_token(token)
+                tcp = self._tcp_open.pop(token, None)
+                if tcp is not None:
+                    c = self.counters
+                    c.add_set(istio_metrics.TCP_CLOSED, tcp)
+                    c.add_set(istio_metrics.TCP_RECEIVED, tcp, up)
+                    c.add_set(istio_metrics.TCP_SENT, tcp, down)
                 clog = self._logged.pop(token, None)
                 if clog is not None:
                     self._log_line(clog, up, down, ended)
@@ -1211,6 +1245,28 @@ class Worker:
         if sent:
             clog.status = r.status or 0
         self._log_line(clog, 0, sent, time.monotonic())
+
+    def _tcp_key(self, destination: tuple[str, str, Endpoint] | None) -> LabelSet:
+        """The key of a TCP connection's series in Istio's TCP metrics: to
+        *destination* (the service's host, the subset and the endpoint
+        that took it; None: PassthroughCluster), from this pod. Made once
+        per destination endpoint (a pod replaced makes a new one: the keys
+        are forgotten all at once past 4096)."""
+        key = self._tcp_keys.get(destination)
+        if key is not None:
+            return key
+        if destination is None:
+            tag: _SubsetTag | None = None
+        else:
+            host, subset, ep = destination
+            version, workload = version_and_workload(host, subset, (ep,))
+            peer = istio_metrics.peer_labels(ep.labels)
+            tag = _SubsetTag(host, "", subset, version, workload, 0, peer)
+        labels = istio_metrics.tcp_labels(self._source, _destination(tag, self.opts.cluster_name))
+        if len(self._tcp_keys) >= 4096:
+            self._tcp_keys.clear()
+        key = self._tcp_keys[destination] = label_set(labels)
+        return key
 
     def _forget_token(self, token: int) -> None:
         with self._active_lock:
@@ -1711,7 +1767,7 @@ class Worker:
 
     async def _route_l4(
         self, conn: socket.socket, origin: Origin, pending: bytes, clog: _ConnLog | None = None
-    ) -> tuple[socket.socket, bytes, Endpoint | None]:
+    ) -> _Routed:
         """Bytes on an HTTP port that are not HTTP: routed per connection, at L4."""
         if clog is not None:
             clog.addresses(conn, origin)
@@ -1919,6 +1975,19 @@ def _sockname(sock: socket.socket) -> str | None:
 
 class _HandedToRelay(Exception):
     """Control flow: the connection now belongs to the per-request relay."""
+
+
+class _Routed(NamedTuple):
+    """A connection's way to the pump, once decided and connected: its
+    upstream, the bytes read of the client to send first, the endpoint it
+    counts against (None: not a route's), and its key in Istio's TCP
+    metrics (None: not counted there: inbound, a request routed by its
+    head)."""
+
+    upstream: socket.socket
+    pending: bytes
+    endpoint: Endpoint | None
+    tcp: LabelSet | None = None
 
 
 class _Tag(NamedTuple):
