@@ -663,6 +663,24 @@ def test_every_line_says_when_and_a_long_wait_says_it_waits(
     assert " s of --wait-live 0.5 s (http://" in out
 
 
+def test_stderr_says_when_as_stdout_does(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every line on stdout starts with the time, and nothing on stderr
+    did: a warning, an error, NOT SERVED. A Job's log interleaves the two,
+    and a warning could not be placed among the check lines. Each line on
+    stderr starts with the time too, in the same form."""
+    shutil.copy(REGISTRY, tmp_path)
+    commit(tmp_path, 50)
+    (tmp_path / "typo.yaml").write_text(TYPO)
+    assert by_hand("abort", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert unstamped(err).startswith("l4proxy canary: warning: the abort is written, not ")
+    assert by_hand("status", tmp_path / "nosuch") == 2
+    err = capsys.readouterr().err
+    assert unstamped(err).startswith(f"l4proxy canary: {tmp_path}/nosuch: no such rules file ")
+
+
 def test_json_events_say_when_and_no_progress(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2387,10 +2387,10 @@ class PrometheusMetrics:
             )
         if kind not in self.warned:
             self.warned.add(kind)
-            print(
-                f"l4proxy canary: warning: {why}; a change is taken as live {timeout:g} s "
+            complain(
+                self.err,
+                f"warning: {why}; a change is taken as live {timeout:g} s "
                 "(--wait-live) after it is written, and the next window starts then",
-                file=self.err or sys.stderr,
             )
         self.live_at = time.monotonic() + timeout
 
@@ -2430,6 +2430,16 @@ def stamp(at: float | None = None) -> str:
     """A time (now) as the lines and ``--json``'s ``time`` give it: UTC,
     ISO 8601 to the second (``2026-05-01T12:00:00Z``)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def complain(err: TextIO | None, text: str) -> None:
+    """Say *text* on stderr (*err*), as ``l4proxy canary: TEXT``, each of
+    its lines after the time as on stdout (:func:`stamp`): a Job's log
+    interleaves the two, and a warning, an error or NOT SERVED said when
+    it happened."""
+    at = stamp()
+    lines = f"l4proxy canary: {text}".split("\n")
+    print("\n".join(f"{at} {line}" for line in lines), file=err or sys.stderr, flush=True)
 
 
 # -- display -----------------------------------------------------------------------
@@ -2773,25 +2783,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         with _interruptible():
             return _analyse(args, service, store, out, err)
     except (CanaryError, PolicyError, Conflict, MetricsError) as exc:
-        print(f"l4proxy canary: {exc}", file=err)
+        complain(err, str(exc))
         return EXIT_ERROR
     except apply.Refusal as exc:
-        print(f"l4proxy canary: {exc}", file=err)
+        complain(err, str(exc))
         return EXIT_ERROR
     except OSError as exc:
-        print(f"l4proxy canary: {exc}", file=err)
+        complain(err, str(exc))
         return EXIT_ERROR
     except Superseded as exc:  # by hand, while another controller wrote
-        print(f"l4proxy canary: {exc}; nothing written", file=err)
+        complain(err, f"{exc}; nothing written")
         return EXIT_ERROR
     except Exception as exc:
         # a bug: exit 2, never the traceback's 1, which says "rolled back"
         frames = traceback.extract_tb(exc.__traceback__)
         at = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}; " if frames else ""
-        print(
-            f"l4proxy canary: unexpected error: {type(exc).__name__}: {exc} "
-            f"({at}a bug, please report it)",
-            file=err,
+        complain(
+            err, f"unexpected error: {type(exc).__name__}: {exc} ({at}a bug, please report it)"
         )
         return EXIT_ERROR
 
@@ -2843,7 +2851,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                 sidecars.start_window()
                 before = dict(sidecars.marks)
             except MetricsError as exc:
-                print(f"l4proxy canary: warning: {exc}; not waiting for it to be live", file=err)
+                complain(err, f"warning: {exc}; not waiting for it to be live")
                 sidecars = None
         elif args.prometheus:
             # the marks as Prometheus scraped them; none readable: the change
@@ -2860,7 +2868,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                     f"Prometheus has no {DIGEST} of a sidecar that reports requests to "
                     f"{store.service}"
                 )
-                print(f"l4proxy canary: warning: {why}; not waiting for it to be live", file=err)
+                complain(err, f"warning: {why}; not waiting for it to be live")
                 sidecars = None
         refused: NotLive | None = None
         for attempt in range(1, END_ATTEMPTS + 1):
@@ -2907,7 +2915,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             try:
                 sidecars.wait_live(before, wait)
             except MetricsError as exc:  # written, not confirmed: warn, exit as what was done
-                print(f"l4proxy canary: warning: {exc}", file=err)
+                complain(err, f"warning: {exc}")
             except NotLive as exc:
                 refused = exc
         if refused is not None:
@@ -2974,10 +2982,10 @@ def unchecked(err: TextIO, action: str, store: Store) -> None:
             f"; and the rules as written do not load ({exc}): a sidecar that refuses them "
             f"goes on routing as before this {what}"
         )
-    print(
-        f"l4proxy canary: warning: the {what} is written, not checked live (no --metrics "
+    complain(
+        err,
+        f"warning: the {what} is written, not checked live (no --metrics "
         f"or --prometheus: give one to wait until the sidecars serve it){problem}",
-        file=err,
     )
 
 
@@ -3210,7 +3218,7 @@ def _analyse(
             display.emit(ev)
             if r.phase != "progressing":
                 if unseen:  # written, not confirmed: warn, exit as what was done
-                    print(f"l4proxy canary: warning: {unseen}", file=err)
+                    complain(err, f"warning: {unseen}")
                 return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     except KeyboardInterrupt:
         choice = args.on_abort
@@ -3230,11 +3238,12 @@ def _analyse(
         # state that cannot be written now keeps its lease, which ends)
         with contextlib.suppress(CanaryError, Superseded, OSError):
             store.save_state(replace(r, owner=None), expected=r)
-        print(
-            f"\nl4proxy canary: interrupted; {left_as_is(r)}, and nothing judges "
+        print(file=err)  # (after the ^C a terminal shows)
+        complain(
+            err,
+            f"interrupted; {left_as_is(r)}, and nothing judges "
             f"{r.canary} now: run the same command again to resume, or l4proxy canary "
             "promote|abort " + service,
-            file=err,
         )
         return EXIT_LEFT
 
@@ -3445,15 +3454,15 @@ def not_served(err: TextIO, r: Rollout, store: Store, why: NotLive) -> None:
     written but not served: the sidecars still route as before it (the
     canary keeps its traffic after a rollback), and what to do."""
     what = "ROLLBACK" if r.phase == "rolled_back" else "PROMOTION"
-    print(
-        f"l4proxy canary: {what} NOT SERVED: {why.summary}\n"
+    complain(
+        err,
+        f"{what} NOT SERVED: {why.summary}\n"
         f"  it is written ({store.where}: 100 % to "
         f"{r.stable if r.phase == 'rolled_back' else r.canary}), and the sidecars load it "
         "once they accept the rules again: fix what they refuse (their "
         f"/config_dump's last_error), then check with 'l4proxy canary status {store.service}' "
         "and their /stats. In detail: "
         f"{why}",
-        file=err,
     )
 
 
@@ -3479,10 +3488,7 @@ def _commit(
                     f"'l4proxy canary {'abort' if what == 'rollback' else 'promote'} "
                     f"{store.service}' once it can be written"
                 ) from exc
-            print(
-                f"l4proxy canary: {what} not written ({exc}); trying again in {delay:g} s",
-                file=err or sys.stderr,
-            )
+            complain(err, f"{what} not written ({exc}); trying again in {delay:g} s")
             time.sleep(delay)
     raise AssertionError("not reached")
 
