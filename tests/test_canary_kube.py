@@ -884,6 +884,43 @@ def test_a_configmap_change_is_judged_once_prometheus_shows_it_live(
     assert _stored(api) == ("promoted", [("v2", 100)])
 
 
+def test_a_rollout_held_by_a_lost_pod_is_taken_over_once_its_hold_ends(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Job's pod that ran the rollout was lost with its node: the state
+    annotation still names it, its lease running. The Job's next pod (this
+    process: another host) was refused, exit 2, and the Job failed. It
+    waits for the lease to end, reading the ConfigMap again (a renewal
+    would show there), then takes the rollout over: its first PUT comes
+    after the lease, and names it. (Whether the pod is gone cannot be
+    asked: the Role reads one ConfigMap, no pods.)"""
+    import os
+    import socket
+    import time
+
+    from l4proxy.canary._analysis import Owner
+
+    lease_until = time.time() + 1.0
+    lost = Owner("l4proxy-canary-bootcamp-x7k2p", 1, "pid:[4026532999]", 4242, lease_until)
+    held = Rollout("bootcamp", "v1", "v2", weight=50, steps=(50, 100), owner=lost)
+    api.objects[CM_PATH] = kube.edited(configmap(bootcamp_data()), "bootcamp", held, True)
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    first_put: list[float] = []
+    api.before_put = lambda fake: first_put.append(time.time())
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    assert main([*argv, "--prometheus", api.url, "--wait-live", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "run by pid 1 on l4proxy-canary-bootcamp-x7k2p, elsewhere " in out
+    assert "taken over from pid 1 on l4proxy-canary-bootcamp-x7k2p: its hold ended" in out
+    assert first_put[0] >= lease_until
+    puts = [r.body for r in api.api() if r.method == "PUT"]
+    state = json.loads(puts[0]["metadata"]["annotations"]["l4proxy.io/canary-bootcamp"])
+    assert (state["phase"], state["weight"]) == ("progressing", 50)
+    assert (state["owner"]["host"], state["owner"]["pid"]) == (socket.gethostname(), os.getpid())
+    assert _stored(api) == ("promoted", [("v2", 100)])
+
+
 def test_a_rollback_put_answered_503_is_sent_again(
     api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -608,6 +608,159 @@ def test_an_owner_elsewhere_holds_the_rollout_while_its_lease_lasts() -> None:
     assert not alive(gone, me, 0.0)
 
 
+def _elsewhere(lease_until: float) -> Any:
+    """A command on another host (a Job's pod) holding the rollout until
+    *lease_until*: its process cannot be asked from here."""
+    from l4proxy.canary._analysis import Owner
+
+    return Owner("canary-job-x7k2p", 7, "pid:[4026532999]", 1234, lease_until)
+
+
+def test_a_lost_pods_rollout_is_taken_over_once_its_hold_ends(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Job's pod lost with its node (SIGKILL: it never gave the rollout
+    up) holds it in the state until its lease ends. The Job's next pod,
+    another host, was refused (exit 2), which fails the Job
+    (podFailurePolicy) where the next pod was to resume the rollout. It
+    waits for the hold to end, saying so, and then takes the rollout over:
+    nothing of the rollout is read or written before."""
+    import time
+
+    lease_until = time.time() + 1.0
+    first: list[tuple[float, str]] = []
+    with sidecar(tmp_path) as (s, admin):
+        commit(tmp_path, 30, (30, 100), owner=_elsewhere(lease_until))
+        # the command's first read of the sidecar: once it waited, before it writes
+        s.on_read = lambda n: (
+            first.append((time.time(), _state(tmp_path)["owner"]["host"])) if n == 1 else None
+        )
+        assert canary(tmp_path, admin, "--steps", "30,100") == 0
+    out = unstamped(capsys.readouterr().out)
+    [(at, holder)] = first
+    assert at >= lease_until and holder == "canary-job-x7k2p"
+    assert (
+        "bootcamp: v1 -> v2 at 30 %, run by pid 7 on canary-job-x7k2p, elsewhere (another "
+        "host or pid namespace: a process this command cannot ask); waiting for its hold to "
+        "end, in 1 s unless it writes again, then this command takes the rollout over" in out
+    ), out
+    assert "\n  resumed at 30 % " in out
+    assert "\n  taken over from pid 7 on canary-job-x7k2p: its hold ended\n" in out
+    assert "PROMOTED" in out.splitlines()[-1]
+
+
+def test_a_hold_renewed_while_it_is_waited_for_is_waited_for_again(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder elsewhere writes again while this command waits (it
+    runs: a laptop's command, say): the wait reads the state again and goes
+    on to the renewed lease's end."""
+    import time
+    from dataclasses import replace
+
+    from l4proxy.canary import command
+
+    state = str(tmp_path / ".canary-bootcamp.state.json")
+    reads: list[int] = []
+    renewed = time.time() + 1.0
+    load = command.FileStore.load_state
+
+    def load_and_renew(store: Any) -> Any:
+        reads.append(1)
+        if len(reads) == 2:  # the wait's first read again: the holder has written since
+            r = command.load_state(state)
+            assert r is not None and r.owner is not None
+            command.save_state(state, replace(r, owner=replace(r.owner, lease_until=renewed)))
+        return load(store)
+
+    monkeypatch.setattr(command.FileStore, "load_state", load_and_renew)
+    first: list[float] = []
+    with sidecar(tmp_path) as (s, admin):
+        commit(tmp_path, 30, (30, 100), owner=_elsewhere(time.time() + 0.2))
+        s.on_read = lambda n: first.append(time.time()) if n == 1 else None
+        assert canary(tmp_path, admin, "--steps", "30,100") == 0
+    assert len(reads) >= 3 and first[0] >= renewed
+
+
+def test_sigterm_while_waiting_for_a_hold_exits_3_with_nothing_written(
+    tmp_path: pathlib.Path,
+) -> None:
+    """SIGTERM (a Job deleted) while the command waits for another's hold
+    ends it as SIGTERM does a running one: exit 3, and nothing written (it
+    held nothing)."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    with sidecar(tmp_path) as (_, admin):
+        commit(tmp_path, 30, (30, 100), owner=_elsewhere(time.time() + 600))
+        files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+        argv = ["canary", "bootcamp", "--stable", "v1", "--canary", "v2", "--rules"]
+        argv += [str(tmp_path), "--metrics", admin, "--steps", "30,100"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "l4proxy", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 60  # a bound on a wait, not a measurement
+            line = ""
+            while "waiting for its hold to end" not in line:
+                left = deadline - time.monotonic()
+                assert left > 0 and select.select([proc.stdout], [], [], left)[0], line
+                line = proc.stdout.readline()
+                assert line, "the command ended without waiting"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, (out, err)
+        assert (
+            "l4proxy canary: interrupted while waiting for another command's hold on the "
+            "rollout of bootcamp to end; nothing written" in err
+        ), err
+        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+
+
+def test_a_rollout_taken_over_mid_run_stops_this_command_without_writing(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The state replaced under a running command by the same stage, held
+    by another command (one that took it over as this one's hold had
+    lapsed: a laptop asleep past its lease, say). The holder was not
+    compared (two states that differ in it alone are the same rollout):
+    this command wrote over it at its next check, and both drove the
+    rollout. It stops without writing, saying who holds it now."""
+    import time
+    from dataclasses import replace
+
+    from l4proxy.canary.command import load_state, save_state
+
+    state = str(tmp_path / ".canary-bootcamp.state.json")
+
+    def take_over(n: int) -> None:
+        if n == 3:  # the first window starts; the interval's end reads the state
+            r = load_state(state)
+            assert r is not None
+            save_state(state, replace(r, owner=_elsewhere(time.time() + 600)))
+
+    with sidecar(tmp_path) as (s, admin):
+        s.on_read = take_over
+        assert canary(tmp_path, admin, "--steps", "30,50,100") == 2
+    err = capsys.readouterr().err
+    assert (
+        "the rollout of bootcamp was taken over by another l4proxy canary (v1 -> v2 at 30 %, "
+        "run by pid 7 on canary-job-x7k2p); stopped without writing"
+    ) in err, err
+    assert _state(tmp_path)["owner"]["host"] == "canary-job-x7k2p"
+    assert routes(tmp_path) == {"v1": 70, "v2": 30}
+
+
 def test_an_abort_that_meets_the_running_commands_check_is_written_on_it(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -735,11 +735,12 @@ class Owner:
     the process (*pid* on *host*, in the pid namespace *pidns*, started at
     *started*, the kernel's clock ticks since boot: a pid used again is
     another process) and how long it holds it (*lease_until*, seconds since
-    the epoch), renewed at each of its writes. A second command refuses the
-    rollout while its owner is alive: on the same host and pid namespace,
-    while that process is (the shell's :func:`l4proxy.canary.command.alive`);
-    elsewhere (another pod) while the lease lasts, which the owner renews
-    every interval and gives up when it stops."""
+    the epoch, on the owner's clock), renewed at each of its writes. A
+    second command on the same host and pid namespace refuses the rollout
+    while that process runs (the shell's :func:`l4proxy.canary.command.alive`);
+    one elsewhere (a Job's next pod) waits while the lease lasts, which the
+    owner renews every interval and gives up when it stops, and then takes
+    the rollout over (:func:`l4proxy.canary.command.await_hold`)."""
 
     host: str
     pid: int

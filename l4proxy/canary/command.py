@@ -88,11 +88,18 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
 * **One command per rollout.** The state names the command that drives a
   progressing rollout (:class:`~l4proxy.canary._analysis.Owner`: host,
   pid namespace, pid and start time, and a lease renewed at each of its
-  writes: :func:`lease_of`); another is refused while it is alive
-  (:func:`refuse_if_owned`): on the same host, while its process runs;
-  from elsewhere (another pod of a Job, a laptop), while its lease lasts.
-  It gives the rollout up as it stops (its end, or SIGTERM leaving the
-  weights). ``promote`` and ``abort`` are never refused: they end it.
+  writes: :func:`lease_of`). Another one, on the same host and pid
+  namespace, is refused while that process runs; from elsewhere (a Job's
+  next pod, a laptop), where the process cannot be asked, it waits until
+  the lease ends without a write from the holder, and then takes the
+  rollout over, as a leader election's candidate does
+  (:func:`await_hold`): a Job's pod lost with its node holds its rollout
+  until then, and the Job's next pod resumes it. A write expects the
+  holder it read (:func:`stored_as`), and each interval's read of the
+  state checks it, so a command whose rollout was taken over (its lease
+  lapsed while it still ran) stops without writing. A command gives the
+  rollout up as it stops (its end, or SIGTERM leaving the weights).
+  ``promote`` and ``abort`` are never refused: they end it.
 * **Windows.** After each weight change the command waits until the
   sidecars serve the new rules, then starts the interval's window: each
   interval's sample is traffic at one weight. With ``--metrics`` it reads
@@ -105,9 +112,10 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
 
 Output (:class:`Display`): a line per event, each starting with the time
 (UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
-(an interval, the sidecars) a progress line at most every
-:data:`PROGRESS_EVERY` seconds; with ``--json``, an object per event with
-its ``time``, and no progress lines.
+(an interval, the sidecars, another command's hold) a progress line at
+most every :data:`PROGRESS_EVERY` seconds; with ``--json``, an object per
+event with its ``time``, and no progress lines. What it says on stderr (a
+warning, an error, NOT SERVED) starts with the time too (:func:`complain`).
 
 Exit status: 0 promoted, 1 rolled back, 2 error (usage, unreadable or
 invalid rules, metrics missing, an abort of a promoted rollout, a promote
@@ -1546,6 +1554,18 @@ class _Any:
 ANY: Any = _Any()  # commit(..., expected=ANY): whatever the state is now
 
 
+def stored_as(current: Rollout | None, expected: Rollout | None) -> bool:
+    """Whether the stored rollout *current* is *expected*, the command that
+    holds it included: a rollout taken over by another command (the same
+    stage, another :class:`~l4proxy.canary._analysis.Owner`) is not the one
+    its former holder wrote, and a write of that holder's expecting it is
+    refused (:class:`Superseded`). (``Rollout``'s own equality leaves the
+    owner out: two states that differ in it alone are the same rollout.)"""
+    if current is None or expected is None:
+        return current is expected
+    return current == expected and current.owner == expected.owner
+
+
 class Superseded(Exception):
     """The stored rollout is not the one this run last wrote: an abort or a
     promote by hand (or a second controller) came in between."""
@@ -2009,7 +2029,7 @@ class FileStore:
         current = load_state(self.paths.state)
         # *r* stored already: a try of this write that failed after the state
         # (and could not put it back)
-        if expected is not ANY and current != expected and current != r:
+        if expected is not ANY and not stored_as(current, expected) and not stored_as(current, r):
             raise Superseded(current)
         return current
 
@@ -3089,9 +3109,19 @@ def _analyse(
         gateway = GatewayRoute(port, tuple(dict.fromkeys(args.gateway)))
     # (once the port is known: a route of the user's on another port of
     # SERVICE's Service takes other requests than ours)
-    saved = store.load_state()
     me = this_process(lease_of(policy, wait))
-    refuse_if_owned(saved, me, time.time())
+    try:
+        saved = await_hold(store, store.load_state(), me, display, err)
+    except KeyboardInterrupt:
+        complain(
+            err,
+            f"interrupted while waiting for another command's hold on the rollout of "
+            f"{service} to end; nothing written",
+        )
+        return EXIT_LEFT
+    # the command this one takes the rollout over from: one whose process
+    # is gone (this host), or whose hold ended (elsewhere)
+    prior = saved.owner if saved is not None and saved.phase == "progressing" else None
     with _left_if_refused(saved):
         store.check_competing(
             gateway_api=gateway_api,
@@ -3122,7 +3152,10 @@ def _analyse(
         # (our weighted rule alone: no sticky rule beside it)
         probe = replace(r, phase="progressing", weight=50, match=(), affinity=None)
         metrics.targets = backend_targets(probe_table(store, probe), probe, namespace, args.domain)
-    loaded = store.load_state()  # what resume() started from
+    # what resume() started from, the holder it ended included: the first
+    # write expects it (stored_as), so that a command that took the rollout
+    # over meanwhile is not overwritten
+    loaded = saved
     # fails early (exit 2) when the metrics are missing: those of the
     # copies too where the rollout is mirrored; Prometheus down alike
     metrics.start_window(r.mirrored)
@@ -3132,7 +3165,11 @@ def _analyse(
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, ended_note(r.affinity, affinity))
         return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
-    display.emit(ev)
+    taken = ""
+    if ev.kind == "resume" and prior is not None and not prior.same_process(me):
+        gone = "its process is gone" if prior.same_host(me) else "its hold ended"
+        taken = f"taken over from {prior}: {gone}"
+    display.emit(ev, taken)
     try:
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
@@ -3153,7 +3190,9 @@ def _analyse(
             else:
                 pause(policy.interval, display.progress, judging(r, policy.interval))
                 now_saved = store.load_state()
-                if now_saved != r:  # promote/abort from another shell ended it
+                if not stored_as(now_saved, r):
+                    # promote/abort from another shell ended it, or another
+                    # command took it over (this one's hold had lapsed)
                     return _ended_by_hand(display, now_saved, r)
                 edited = store.edited(r)
                 try:
@@ -3345,29 +3384,75 @@ def alive(owner: Owner, me: Owner, now: float) -> bool:
     return not (owner.started and started and started != owner.started)
 
 
-def refuse_if_owned(saved: Rollout | None, me: Owner, now: float) -> None:
-    """Refuse (exit 2) a second command on a rollout that another one
-    drives: *saved* progressing, its owner not this process and alive. Two
-    of them resumed it each, and one ended the other (exit 2, the canary
-    left at its weight)."""
-    o = None if saved is None else saved.owner
-    if saved is None or saved.phase != "progressing" or o is None:
-        return
-    if o.same_process(me) or not alive(o, me, now):
-        return
-    if o.same_host(me):
-        stop = f"stop it first (kill -TERM {o.pid}: it leaves the weights as they are)"
-    else:
-        left = max(0, math.ceil(o.lease_until - now))
-        stop = (
-            f"stop it first (it gives the rollout up as it ends), or run this again once "
-            f"its hold ends, in {left} s without a word from it"
+# At most this many seconds between two reads of the state while another
+# command's hold on the rollout lasts (a renewal, the rollout given up or
+# ended are seen then); and the hold's end is read at once.
+HOLD_POLL = 5.0
+
+
+def await_hold(
+    store: Store, saved: Rollout | None, me: Owner, display: Display, err: TextIO
+) -> Rollout | None:
+    """The stored rollout once no other command holds it, as *me* sees it
+    (*saved*: as just read). Not held (none progressing, no owner, this
+    process, or one that has stopped): at once. Held from this host and pid
+    namespace by a process that runs: refused (exit 2, nothing written),
+    since that process can be asked and stopped. Held from elsewhere (a
+    Job's pod, a laptop: a process that cannot be asked from here): waited
+    for until its lease ends without a write from it, the state read again
+    every :data:`HOLD_POLL` seconds, as a leader election's candidate waits
+    for the leader's lease (a renewal waits on; given up or ended, at
+    once). A Job's pod lost with its node (SIGKILL, no word) holds its
+    rollout until then, and the Job's next pod takes it over: refusing it
+    (exit 2) failed the Job, which was to resume the rollout. A line says
+    whose hold it waits for, and a progress line comes at most every
+    :data:`PROGRESS_EVERY` seconds (``--json``: the line on stderr, no
+    progress). Ctrl-C or SIGTERM (KeyboardInterrupt) ends the wait, with
+    nothing written.
+
+    The lease is a time on the holder's clock. Clocks that disagree by more
+    than its minute of slack may take a running holder's rollout over
+    early; that holder then finds, at its next read of the state or its
+    next write (which expects the holder it wrote: :func:`stored_as`), that
+    the rollout was taken over, and stops without writing: the two never
+    drive it together past one interval. (A Kubernetes Lease's candidates
+    count from when they saw it change instead; here a Job's next pod,
+    started minutes after its node was lost, would wait a whole lease
+    again.)"""
+    waited: Owner | None = None
+    start = time.monotonic()
+    while True:
+        o = None if saved is None or saved.phase != "progressing" else saved.owner
+        now = time.time()
+        if saved is None or o is None or o.same_process(me) or not alive(o, me, now):
+            return saved
+        if o.same_host(me):
+            raise CanaryError(
+                f"the rollout of {saved.service} ({rollout_words(saved)}) is run by another "
+                f"l4proxy canary: stop it first (kill -TERM {o.pid}: it leaves the weights as "
+                f"they are); or end the rollout (l4proxy canary promote|abort "
+                f"{saved.service}). Nothing written"
+            )
+        left = max(0.0, o.lease_until - now)
+        if waited is None or not o.same_process(waited):
+            start = time.monotonic()
+            text = (
+                f"{saved.service}: {rollout_words(saved)}, elsewhere (another host or pid "
+                f"namespace: a process this command cannot ask); waiting for its hold to end, "
+                f"in {math.ceil(left)} s unless it writes again, then this command takes the "
+                "rollout over (Ctrl-C or SIGTERM ends the wait, nothing written)"
+            )
+            if display.as_json:
+                complain(err, text)
+            else:
+                display.say(text)
+        waited = o
+        display.progress(
+            f"waiting for the hold of {o} to end: {time.monotonic() - start:.0f} s waited, "
+            f"{left:.0f} s left unless it writes again"
         )
-    raise CanaryError(
-        f"the rollout of {saved.service} ({rollout_words(saved)}) is run by another "
-        f"l4proxy canary: {stop}; or end the rollout (l4proxy canary promote|abort "
-        f"{saved.service}). Nothing written"
-    )
+        time.sleep(min(left, HOLD_POLL))
+        saved = store.load_state()
 
 
 def left_as_is(r: Rollout) -> str:
@@ -3382,6 +3467,13 @@ def left_as_is(r: Rollout) -> str:
 
 def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
     """The stored rollout is no longer ours: say how it ended, exit so."""
+    if now is not None and now.phase == "progressing" and now == ours:
+        # the same stage, held by another command: it took the rollout over
+        # (this one's hold had lapsed, or it was thought gone)
+        raise CanaryError(
+            f"the rollout of {ours.service} was taken over by another l4proxy canary "
+            f"({rollout_words(now)}); stopped without writing"
+        )
     if now is None or now.phase == "progressing":
         # removed, or another controller drives it now: not ours to write
         what = "its state was removed" if now is None else f"it is now {rollout_words(now)}"

@@ -43,6 +43,11 @@ service account) or from a laptop (``kubectl proxy``, ``--kube-api``):
   rule of the user's that competes with the canary's, as for ``--rules``);
   an invalid result is refused before any PUT. Errors name the key:
   ``configmap/NS/NAME/route.yaml:3: ...``.
+* **Who runs it.** The state names the command that drives the rollout
+  and its lease (see :mod:`l4proxy.canary.command`); a Job's next pod is
+  another host, and waits for the lease of the pod before it to end. The
+  Role reads one ConfigMap and no pods, so whether that pod is gone (its
+  node lost) cannot be asked: its lease is what tells.
 * **API access.** In a pod: ``https://$KUBERNETES_SERVICE_HOST:PORT`` with
   the service account's token and CA (the token is read again for every
   request: bound tokens rotate). Else ``--kube-api URL``, with
@@ -83,6 +88,7 @@ from l4proxy.canary.command import (
     first_error,
     refuse_unattached,
     rule_name,
+    stored_as,
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import ConfigError, ConfigUnreadable, load_rules
@@ -526,7 +532,11 @@ class ConfigMapStore:
             current = state_of(obj, self.service)
             # *r* stored already: a PUT of ours that was applied although its
             # answer was lost (a timeout, a 5xx, then 409 on sending it again)
-            if expected is not ANY and current != expected and current != r:
+            if (
+                expected is not ANY
+                and not stored_as(current, expected)
+                and not stored_as(current, r)
+            ):
                 raise Superseded(current)
             new = edited(obj, self.service, r, with_document)
             # A state alone changes nothing the sidecars read; a rollback is
