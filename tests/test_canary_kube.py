@@ -996,6 +996,7 @@ def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
     """The Job's command parses as l4proxy's; its ConfigMap is the Role's one
     resourceName; the verbs cover the GET and PUT asserted above; the bound
     account is the Job's. (Schema and kustomize build: tests/test_deploy.py.)"""
+    from l4proxy.canary.command import EXIT_ERROR, EXIT_LEFT, EXIT_NOT_SERVED, EXIT_ROLLED_BACK
     from l4proxy.cli import build_parser
     from tests.test_deploy import K8S, kustomize
 
@@ -1029,8 +1030,13 @@ def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
     assert parse_ref(args.configmap, "default") == ("default", rule["resourceNames"][0])
     assert args.prometheus == "http://prometheus.istio-system:9090"
     assert args.on_abort == "leave"  # no terminal in a pod; the next pod resumes
+    # every end but a promotion fails the Job: rolled back, an error, and
+    # an end not served (retried, it would say "rolled back" and lose
+    # that); interrupted (3) is retried, and the next pod resumes
     fail = job["spec"]["podFailurePolicy"]["rules"][0]
-    assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [1, 2]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["operator"] == "In"
+    assert fail["onExitCodes"]["values"] == [EXIT_ROLLED_BACK, EXIT_ERROR, EXIT_NOT_SERVED]
+    assert EXIT_LEFT not in fail["onExitCodes"]["values"] and job["spec"]["backoffLimit"] > 0
     assert {"name": "tmp", "mountPath": "/tmp"}.items() <= c["volumeMounts"][0].items()
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
