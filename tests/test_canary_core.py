@@ -1671,7 +1671,8 @@ def test_prometheus_windows_are_the_interval_to_the_millisecond() -> None:
     assert "[50ms]" in promql("bootcamp", "v2", 0.05)["p99"]
     q = marks_query("bootcamp")
     assert q == (
-        '{__name__=~"l4proxy_rules_generation|l4proxy_rules_digest"} and on (job, instance) '
+        '{__name__=~"l4proxy_rules_generation|l4proxy_rules_digest|l4proxy_rules_file_held"} '
+        "and on (job, instance) "
         'istio_requests_total{reporter="source",destination_service_name="bootcamp"}'
     )
     rows = [(dict(r["metric"]), float(r["value"][1])) for r in _mark_rows("a", 2, math.nan)]

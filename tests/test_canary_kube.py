@@ -41,6 +41,7 @@ from l4proxy.canary.kube import (
     state_of,
 )
 from l4proxy.cli import main
+from l4proxy.rules.watch import FILE_HELD
 from l4proxy.stats import DIGEST, GENERATION
 from tests.conftest import _skip_or_fail
 
@@ -223,6 +224,10 @@ class FakeAPI:
     kubelet_lag: int = 0
     seen: list[str] = field(default_factory=list)
     judged: list[bool] = field(default_factory=list)
+    # the keys every pod holds back (l4proxy_rules_file_held 1 of each, as
+    # mounted): its digest moves with the data all the same, as another
+    # key's change moves it beside a key held back
+    held: tuple[str, ...] = ()
     # what goes wrong with the next requests of a method, in turn: "503" (not
     # applied), "applied 504" (applied, its answer lost), "drop" (the
     # connection closed with no answer)
@@ -254,6 +259,9 @@ class FakeAPI:
             digest = zlib.crc32((pod + served).encode()) + 1
             for name, v in ((GENERATION, generation), (DIGEST, digest)):
                 rows.append({"metric": {"__name__": name, **labels}, "value": [1, str(v)]})
+            for key in self.held:
+                held = {"__name__": FILE_HELD, "file": f"/etc/l4proxy/{key}", **labels}
+                rows.append({"metric": held, "value": [1, "1"]})
         return rows
 
 
@@ -882,6 +890,55 @@ def test_a_configmap_change_is_judged_once_prometheus_shows_it_live(
     assert "PROMOTED" in captured.out and "warning" not in captured.err
     assert api.judged == [True] * 6  # two checks of three queries, on live weights only
     assert _stored(api) == ("promoted", [("v2", 100)])
+
+
+def test_a_configmap_key_the_sidecars_hold_back_is_not_live_nor_served(
+    api: FakeAPI, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecars hold the canary's key back (they refuse it as written,
+    and serve it as last loaded), while their digests move (as another
+    key's change moves them): the step to 50 % was judged as live and the
+    rollout went on. As Prometheus scrapes them
+    (l4proxy_rules_file_held{file}, the key's name in their mount), the
+    step is not live, a failed check, and the rollback is NOT SERVED
+    (exit 4)."""
+    from l4proxy.canary.command import PrometheusMetrics
+
+    monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    api.held = ("canary-bootcamp.yaml",)
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    code = main([*argv, "--prometheus", api.url, "--wait-live", "0.2", "--threshold", "1"])
+    out, err = capsys.readouterr()
+    assert code == 4, (out, err)
+    assert "not live: {instance=" in out and (
+        "holds /etc/l4proxy/canary-bootcamp.yaml back 0.2 s after the change" in out
+    )
+    assert "fail -> ROLLBACK NOT SERVED: 100 % to v1 is written, but the sidecars hold " in out
+    assert api.judged == []  # no interval was judged at a weight not served
+    assert _stored(api) == ("rolled_back", [("v1", 100)])
+
+
+def test_a_configmap_key_held_back_beside_the_canarys_is_warned_of_once(
+    api: FakeAPI, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another key held back does not keep the canary's from being served:
+    promoted, and a warning names it, once."""
+    from l4proxy.canary.command import PrometheusMetrics
+
+    monkeypatch.setattr(PrometheusMetrics, "POLL", 0.01)
+    api.objects[CM_PATH] = configmap(bootcamp_data())
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    api.held = ("typo.yaml",)
+    argv = canary(api, token, "bootcamp")
+    argv += ["--stable", "v1", "--canary", "v2", "--steps", "50,100", "--interval", "0.01"]
+    assert main([*argv, "--prometheus", api.url, "--wait-live", "10"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1, err
+    assert 'job="pods",pod="caller-0"} holds /etc/l4proxy/typo.yaml back (its text ' in err
+    assert api.judged == [True] * 6
 
 
 def test_a_rollout_held_by_a_lost_pod_is_taken_over_once_its_hold_ends(

@@ -3,21 +3,30 @@ do not serve what it wrote, and a rollout changed under it.
 
 The sidecar here is an admin endpoint on 127.0.0.1 (:class:`Sidecar`) over
 the rules directory the command writes, loading it as ``l4proxy run`` loads
-a rules directory: as a whole, with the real loader, at each read of its
-``/stats`` (the sidecars poll their rules every second); a directory that
-does not load leaves it serving the rules of its last good load, its
-``/config_dump`` saying why (``last_error``). Its traffic follows the
-weights of the canary's document as it last loaded them.
+a rules directory: a real :class:`~l4proxy.rules.watch.RuleWatcher`, at each
+read of its ``/stats`` where the files changed (the sidecars poll their
+rules every second), file by file: a file whose text does not load is held
+back (served at its last good version, or left out) while the others' changes
+go live; where even that does not load, the whole last good table keeps
+serving. Its ``/stats`` and ``/config_dump`` say so as the sidecar's do
+(digest, generation, ``l4proxy_rules_file_held{file}``; ``last_error``,
+``loaded_at``, ``held``). It watches its own copy of the directory, as a pod
+mounts a ConfigMap (another path, the same names), synced at each read; a
+file it is told to refuse (:meth:`Sidecar.refuse`) reaches that copy broken
+at its next change, as a sidecar that refuses the file as written then sees
+it (one of another version, say), while the command's files stay as it
+wrote them. Its traffic follows the weights
+of the canary's document as it last loaded it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pathlib
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,63 +34,87 @@ from typing import Any
 import pytest
 import yaml
 
-from l4proxy.rules import ConfigError, load_rules
+from l4proxy.rules.watch import FILE_HELD, RuleWatcher, fingerprint
 from tests.conftest import serving
 from tests.test_canary_core import unstamped
 
 REGISTRY = os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml")
 TYPO = "kind: ConfigMap\ndata: [\n"  # the reviewer's: a YAML syntax error at 3:1
+DOCUMENT = "canary-bootcamp.yaml"
 
 
 class Sidecar:
     """One sidecar over *rules* (see the module doc). Each read of
-    ``/stats`` reloads the directory if its files changed, then counts
-    *per_read* more requests, split by the served weights (v1 takes them
-    all where no canary document is served), *fail_v2* of v2's answered
-    500; *on_read*, if set, is called with the read's number (from 1)
-    first."""
+    ``/stats`` syncs its copy of the directory (*mount*) and reloads it if
+    its files changed, then counts *per_read* more requests, split by the
+    served weights (v1 takes them all where no canary document is served),
+    *fail_v2* of v2's answered 500; *on_read*, if set, is called with the
+    read's number (from 1) first."""
 
-    def __init__(self, rules: pathlib.Path, fail_v2: float = 0.0, per_read: int = 100) -> None:
+    def __init__(
+        self, rules: pathlib.Path, mount: pathlib.Path, fail_v2: float = 0.0, per_read: int = 100
+    ) -> None:
         self.rules = rules
+        self.mount = mount
         self.fail_v2 = fail_v2
         self.per_read = per_read
-        self.generation = 0
-        self.served: dict[str, str] = {}
-        self.last_error: str | None = None
-        self.loaded_at = 0.0
+        self.watcher = RuleWatcher([str(mount)], interval=3600, settle=0)
+        self.tried: object = None  # the mount's fingerprint at the last load
+        self.ever_held: set[str] = set()
         self.reads = 0
         self.counts: Counter[tuple[str, str]] = Counter()
         self.on_read: Callable[[int], None] | None = None
         self.frozen = False  # True: it loads nothing more (its watch stuck)
+        # file name -> the one text of it it still takes (see refuse)
+        self.refusing: dict[str, str] = {}
 
-    def files(self) -> dict[str, str]:
-        return {
-            p.name: p.read_text()
-            for p in sorted(self.rules.iterdir())
-            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
-        }
+    @property
+    def generation(self) -> int:
+        return self.watcher.state.generation
+
+    def refuse(self, name: str) -> None:
+        """From now on the file *name* reaches the mount broken (:data:`TYPO`)
+        once its text changes: this sidecar refuses what is written there
+        next, and holds the file at its last good version."""
+        path = self.rules / name
+        self.refusing[name] = path.read_text() if path.exists() else ""
+
+    def sync(self) -> None:
+        """The mount as the rules directory is now (a file refused: broken),
+        each changed file renamed into place as the kubelet swaps a
+        ConfigMap's."""
+        want = {}
+        for p in sorted(self.rules.iterdir()):
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith("."):
+                text = p.read_text()
+                refused = self.refusing.get(p.name, text) != text
+                want[p.name] = TYPO if refused else text
+        for p in self.mount.iterdir():
+            if p.name not in want:
+                p.unlink()
+        for name, text in want.items():
+            dest = self.mount / name
+            if not dest.exists() or dest.read_text() != text:
+                tmp = self.mount / f".{name}.tmp"
+                tmp.write_text(text)
+                tmp.rename(dest)
 
     def reload(self) -> None:
-        import time
-
-        files = self.files()
-        if self.generation and (files == self.served or self.frozen):
+        if self.frozen and self.tried is not None:
             return
-        try:
-            load_rules([str(self.rules)])
-        except ConfigError as exc:
-            d = next(d for d in exc.diagnostics if d.severity == "error")
-            self.last_error = str(d)
-            return
-        self.served, self.last_error = files, None
-        self.generation += 1
-        self.loaded_at = time.time()
+        self.sync()
+        fp = fingerprint([str(self.mount)])
+        if fp == self.tried:
+            return  # (a refused load waits for the next change, as the watcher does)
+        self.tried = fp
+        self.watcher.load_now()
+        self.ever_held |= {h.path for h in self.watcher.state.held}
 
     def weights(self) -> dict[str, int]:
-        doc = self.served.get("canary-bootcamp.yaml")
-        if doc is None:
+        served = self.watcher.last_good.get().get(str(self.mount / DOCUMENT))
+        if served is None:
             return {"v1": 100}
-        spec = yaml.safe_load(doc)["spec"]
+        spec = yaml.safe_load(served[1])["spec"]
         return {r["labels"]["version"]: r["weight"] for r in spec["route"]}
 
     def stats(self) -> bytes:
@@ -104,19 +137,17 @@ class Sidecar:
             lines.append(f"istio_requests_total{{{lab}}} {n}")
             lines.append(f'istio_request_duration_milliseconds_bucket{{{lab},le="10"}} {n}')
             lines.append(f'istio_request_duration_milliseconds_bucket{{{lab},le="+Inf"}} {n}')
-        digest = int.from_bytes(
-            hashlib.blake2b(repr(sorted(self.served.items())).encode(), digest_size=6).digest(),
-            "big",
-        )
-        lines += [f"l4proxy_rules_generation {self.generation}", f"l4proxy_rules_digest {digest}"]
+        st = self.watcher.state
+        lines += [f"l4proxy_rules_generation {st.generation}", f"l4proxy_rules_digest {st.digest}"]
+        lines += [f"# TYPE {FILE_HELD} gauge"] + [
+            f'{FILE_HELD}{{file="{f}"}} {self.watcher.counters.get(FILE_HELD, file=f):g}'
+            for f in sorted(self.ever_held)
+        ]
         return ("\n".join(lines) + "\n").encode()
 
     def config_dump(self) -> bytes:
-        dump = {
-            "generation": self.generation,
-            "loaded_at": self.loaded_at,
-            "last_error": self.last_error,
-        }
+        dump = self.watcher.state.to_json()
+        del dump["table"]
         return json.dumps(dump).encode()
 
     def reply(self, target: str) -> bytes | None:
@@ -132,10 +163,11 @@ def sidecar(rules: pathlib.Path, **kwargs: Any) -> Iterator[tuple[Sidecar, str]]
     """A :class:`Sidecar` over *rules* (the registry copied there) and its
     admin address, its rules loaded once."""
     shutil.copy(REGISTRY, rules)
-    s = Sidecar(rules, **kwargs)
-    s.reload()
-    with serving(s.reply) as address:
-        yield s, address
+    with tempfile.TemporaryDirectory(prefix="l4proxy-mount-") as mount:
+        s = Sidecar(rules, pathlib.Path(mount), **kwargs)
+        s.reload()
+        with serving(s.reply) as address:
+            yield s, address
 
 
 def canary(rules: pathlib.Path, admin: str, *extra: str) -> int:
@@ -169,15 +201,82 @@ def commit(
 
 
 # -- a rollback (or abort) the sidecars do not serve --------------------------------
-def test_a_rollback_the_sidecars_refuse_is_not_reported_as_done(
+def more(rules: pathlib.Path) -> None:
+    """A change of another file than the canary's: a ServiceEntry of its own."""
+    (rules / "more.yaml").write_text(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\n"
+        "metadata: {name: other}\nspec:\n  hosts: [other.example.com]\n"
+        "  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n"
+        "  endpoints: [{address: 198.18.0.99}]\n"
+    )
+
+
+def test_a_rollback_the_sidecars_hold_back_beside_another_change_is_not_served(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar refuses the canary's own file as the rollback writes it
+    (whatever the reason: a loader of another version, say), and holds it
+    at its last good version, 30 % to v2, while another file's change goes
+    live beside it. That change moved the rules digest the command waits
+    on, and it printed "ROLLED BACK", exit 1, with v2 still at 30 %. The
+    file held back is read from the sidecar's /stats
+    (l4proxy_rules_file_held{file}, by name: its path is the sidecar's
+    copy's): ROLLBACK NOT SERVED, exit 4, with the file's error."""
+
+    def on_read(n: int) -> None:
+        # reads: 1 the start, 2 live at 30 %, 3 the window, 4 the first
+        # check, which rolls back; 5 the first after the rollback's write
+        if n == 4:
+            s.refuse(DOCUMENT)
+        elif n == 5:
+            more(tmp_path)
+
+    with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
+        s.on_read = on_read
+        code = canary(tmp_path, admin, "--steps", "30,100", "--threshold", "1")
+    out, err = capsys.readouterr()
+    out = unstamped(out)
+    assert code == 4, (out, err)
+    mount = s.mount / DOCUMENT
+    last = out.splitlines()[-1]
+    assert (
+        "fail -> ROLLBACK NOT SERVED: 100 % to v1 is written, but the sidecars hold "
+        f"canary-bootcamp.yaml back, as last loaded: {mount}:3:1: YAML syntax error" in last
+    ), last
+    err = unstamped(err)  # (its lines say when, as stdout's do)
+    assert "\nl4proxy canary: ROLLBACK NOT SERVED: " in f"\n{err}" and f"holds {mount} back " in err
+    assert routes(tmp_path) == {"v1": 100}  # written
+    assert s.weights() == {"v1": 70, "v2": 30}  # and not served
+    assert str(s.mount / "more.yaml") in s.watcher.state.sources  # beside the other change
+
+
+def test_a_rollback_not_served_is_said_in_json(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def on_read(n: int) -> None:
+        if n == 4:
+            s.refuse(DOCUMENT)
+        elif n == 5:
+            more(tmp_path)
+
+    with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
+        s.on_read = on_read
+        code = canary(tmp_path, admin, "--steps", "30,100", "--threshold", "1", "--json")
+    out = capsys.readouterr().out
+    last = json.loads(out.splitlines()[-1])
+    assert code == 4
+    assert (last["event"], last["served"]) == ("rolled_back", False)
+    assert last["not_served"].startswith("the sidecars hold canary-bootcamp.yaml back, ")
+
+
+def test_a_rollback_beside_a_broken_file_the_sidecars_hold_back_is_served_with_a_warning(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The reviewer's run: the canary fails its checks, and an unrelated
-    broken file appears meanwhile; the sidecar refuses the directory and
-    keeps the generation with 30 % on the canary. The command printed
-    "fail -> ROLLED BACK: 100 % to v1", exit 1, with a warning "not live".
-    It now says the rollback is written but not served, with the sidecar's
-    last error (FILE:LINE: why), and exits 4."""
+    broken file appears meanwhile. The sidecar holds that file back and
+    serves the rollback beside it (it loads file by file): rolled back,
+    exit 1, and a warning, once, names the file held and its error (it
+    keeps its rules from loading as written)."""
     with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
         # reads: 1 the start, 2 live at 30 %, 3 the window, 4 the first
         # check; the broken file comes with the second check's read
@@ -185,53 +284,72 @@ def test_a_rollback_the_sidecars_refuse_is_not_reported_as_done(
         code = canary(tmp_path, admin, "--steps", "30,50,100", "--threshold", "2")
     out, err = capsys.readouterr()
     out = unstamped(out)
-    assert code == 4, (out, err)
-    last = out.splitlines()[-1]
-    assert "fail -> ROLLBACK NOT SERVED: 100 % to v1 is written, but the sidecars still " in last
-    assert f"serve rules generation {s.generation}: {tmp_path}/typo.yaml:3:1: " in last, last
-    assert "ROLLED BACK" not in out
-    assert "l4proxy canary: ROLLBACK NOT SERVED: " in err and "typo.yaml:3:1" in err
-    assert routes(tmp_path) == {"v1": 100}  # written
-    assert s.weights() == {"v1": 70, "v2": 30}  # and not served
-
-
-def test_a_rollback_not_served_is_said_in_json(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with sidecar(tmp_path, fail_v2=0.5) as (s, admin):
-        s.on_read = lambda n: (tmp_path / "typo.yaml").write_text(TYPO) if n == 4 else None
-        code = canary(tmp_path, admin, "--steps", "30,100", "--threshold", "1", "--json")
-    out = capsys.readouterr().out
-    last = json.loads(out.splitlines()[-1])
-    assert code == 4
-    assert (last["event"], last["served"]) == ("rolled_back", False)
-    assert "typo.yaml:3:1" in last["not_served"]
+    assert code == 1, (out, err)
+    assert "fail -> ROLLED BACK: 100 % to v1; " in out.splitlines()[-1]
+    typo = s.mount / "typo.yaml"
+    warning = f"l4proxy canary: warning: http://{admin}/stats holds {typo} back (its text "
+    assert unstamped(err).count(warning) == 1, err
+    assert f"as it is refused: {typo}:3:1: YAML syntax error" in err
+    assert "the canary's document is served beside it" in err
+    assert s.weights() == {"v1": 100}
 
 
 def test_an_abort_the_sidecars_refuse_says_so_and_again(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``abort --metrics`` beside a broken file: written, the sidecar still
-    at the canary's 50 %. It said "rolled_back" (exit 1) with a warning;
-    now NOT SERVED (exit 4) with the sidecar's last error. Said again, the
-    document unchanged (nothing to wait for): the sidecar still refuses
-    every change since, so NOT SERVED again; once the file is fixed and
-    the sidecar loads the rules, the abort is rolled back (exit 1)."""
+    """``abort --metrics`` beside a copy of the canary's document saved in
+    another file (a.yaml, loaded first): the sidecar refuses the directory
+    as a whole (the document twice, even at its last good version), and
+    stays at the canary's 50 %. It said "rolled_back" (exit 1) with a
+    warning; now NOT SERVED (exit 4) with the sidecar's last error. Said
+    again, the document unchanged (nothing to wait for): the sidecar still
+    refuses every change since, so NOT SERVED again; once the copy is
+    removed and the sidecar loads the rules, the abort is rolled back
+    (exit 1)."""
     with sidecar(tmp_path) as (s, admin):
         commit(tmp_path, 50)
         s.reload()
         assert s.weights() == {"v1": 50, "v2": 50}
-        (tmp_path / "typo.yaml").write_text(TYPO)
+        shutil.copy(tmp_path / DOCUMENT, tmp_path / "a.yaml")
         assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
         out, err = capsys.readouterr()
         assert " rolled back at 0 % " in out  # the state, as status says it
         assert "l4proxy canary: ROLLBACK NOT SERVED: the sidecars still serve rules " in err
-        assert "typo.yaml:3:1" in err
+        assert f"{s.mount / DOCUMENT}:6: RouteRule canary-bootcamp: duplicate name" in err
         assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
         assert "ROLLBACK NOT SERVED: " in capsys.readouterr().err
-        (tmp_path / "typo.yaml").unlink()
+        (tmp_path / "a.yaml").unlink()
         s.reload()
         assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 1
+        assert "NOT SERVED" not in capsys.readouterr().err
+    assert s.weights() == {"v1": 100}
+
+
+def test_an_abort_said_again_is_not_served_while_the_sidecars_hold_the_document_back(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``abort --metrics`` said again asked whether the sidecars refuse
+    every change since the document was written (an error, and rules
+    loaded before it). A sidecar that holds the document back loads the
+    other files' changes all the same: after one, the abort said again was
+    "rolled_back", exit 1, with v2 still at 50 %. It is NOT SERVED while
+    the sidecar holds the document back, and rolled back once it loads it."""
+    with sidecar(tmp_path) as (s, admin):
+        commit(tmp_path, 50)
+        s.reload()
+        s.refuse(DOCUMENT)
+        assert by_hand("abort", tmp_path, "--metrics", admin, "--wait-live", "0.3") == 4
+        capsys.readouterr()
+        more(tmp_path)
+        s.reload()  # another file's change, loaded after the abort was written
+        assert str(s.mount / "more.yaml") in s.watcher.state.sources
+        assert by_hand("abort", tmp_path, "--metrics", admin) == 4
+        err = capsys.readouterr().err
+        assert "ROLLBACK NOT SERVED: the sidecars hold canary-bootcamp.yaml back, as last " in err
+        assert s.weights() == {"v1": 50, "v2": 50}
+        s.refusing.clear()  # it takes the document as written again
+        s.reload()
+        assert by_hand("abort", tmp_path, "--metrics", admin) == 1
         assert "NOT SERVED" not in capsys.readouterr().err
     assert s.weights() == {"v1": 100}
 

@@ -66,6 +66,7 @@ from typing import Any
 
 from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.canary._analysis import Sample
+from l4proxy.rules.watch import FILE_HELD
 from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 
 REQUESTS = "istio_requests_total"
@@ -506,7 +507,8 @@ def _result(url: str, text: str) -> list[Any]:
 
 
 def marks_query(service: str | tuple[str, ...], reporter: str = "source") -> str:
-    """The sidecars' rules marks, of the sidecars that route SERVICE.
+    """The sidecars' rules marks, of the sidecars that route SERVICE, and
+    the rule files each holds back (:data:`FILE_HELD`: :func:`held_of`).
 
     Only the scrape targets (``job``, ``instance``) that report requests to
     SERVICE: the traffic the checks judge is theirs, and a Prometheus that
@@ -516,7 +518,8 @@ def marks_query(service: str | tuple[str, ...], reporter: str = "source") -> str
     (Gateway API mode: SERVICE and the backends', which is what its
     requests report when a backend has a ServiceEntry of its own): any."""
     sel = _services_selector(service, reporter)
-    return f'{{__name__=~"{GENERATION}|{DIGEST}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
+    names = f"{GENERATION}|{DIGEST}|{FILE_HELD}"
+    return f'{{__name__=~"{names}"}} and on (job, instance) {REQUESTS}{{{sel}}}'
 
 
 def _services_selector(service: str | tuple[str, ...], reporter: str) -> str:
@@ -565,6 +568,42 @@ def marks_of(rows: Iterable[tuple[Mapping[str, str], float]]) -> dict[str, Rules
         if name in (GENERATION, DIGEST):
             found.setdefault(target_of(metric), {})[name] = v
     return {key: RulesMark.of(values) for key, values in found.items()}
+
+
+def held_of(rows: Iterable[tuple[Mapping[str, str], float]]) -> dict[str, tuple[str, ...]]:
+    """The rule files each target among *rows* holds back -> {target
+    (:func:`target_of`, the ``file`` label left out): the files, sorted}:
+    its :data:`FILE_HELD` series of value 1 (0: a file held once, loaded as
+    it is since)."""
+    found: dict[str, set[str]] = {}
+    for metric, v in rows:
+        if metric.get("__name__") == FILE_HELD and v >= 1 and metric.get("file"):
+            target = target_of({k: x for k, x in metric.items() if k != "file"})
+            found.setdefault(target, set()).add(metric["file"])
+    return {key: tuple(sorted(files)) for key, files in found.items()}
+
+
+def held_files(values: Mapping[Series, float]) -> tuple[str, ...]:
+    """The rule files one sidecar's ``/stats`` says it holds back, sorted:
+    those whose text as it is was refused, served at their last good
+    version or left out while the other files load (``l4proxy run``'s
+    :data:`FILE_HELD`, 1 where any worker holds it; none from an l4proxy
+    that loads its rules as a whole)."""
+    return tuple(
+        sorted(
+            file
+            for (name, labels), v in values.items()
+            if name == FILE_HELD and v >= 1 and (file := dict(labels).get("file"))
+        )
+    )
+
+
+def is_document(held: str, document: str) -> bool:
+    """Whether a file a sidecar names (*held*: its path, as it watches it)
+    is the canary's *document* (its path here, or a ConfigMap's key): by
+    the name alone, since the two paths differ (a ConfigMap mounted in the
+    pods, a directory read over NFS, a relative --rules)."""
+    return bool(document) and held.rsplit("/", 1)[-1] == document.rsplit("/", 1)[-1]
 
 
 def sample_from_prometheus(answers: Mapping[str, float | None]) -> Sample:

@@ -109,6 +109,12 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   SERVICE), and the queries' range is the interval, ending an interval
   after the change was seen live. A Prometheus without those marks: a
   warning, and a change is taken as live --wait-live after it was written.
+  A sidecar loads its rules file by file, holding back a file whose text
+  does not load, and its digest names the files as served: a sidecar that
+  holds the canary's own file back (``l4proxy_rules_file_held{file}``, by
+  the file's name) does not serve the change, whatever its digest says
+  (another file's change moved it); one that holds another file back
+  does, and that file is warned of (:class:`Held`).
 
 Output (:class:`Display`): a line per event, each starting with the time
 (UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
@@ -131,13 +137,14 @@ written whatever the other files hold. An end written is checked
 too: a sidecar read that still serves the rules from before it after
 --wait-live (one that refuses the rules: its ``/config_dump`` says why)
 makes it NOT SERVED, said loudly with that error, never "rolled back" while
-the canary keeps its traffic (:func:`not_served`); sidecars that cannot be
+the canary keeps its traffic (:func:`not_served`), and so does one that
+holds the canary's file back; sidecars that cannot be
 read leave it unconfirmed, and it exits as that end, with a warning.
 ``abort`` and ``promote`` check it with ``--metrics`` or ``--prometheus``;
-said again of an end whose document is written already, with ``--metrics``,
-from the sidecars' ``last_error`` and the time they last loaded rules
-(:meth:`SidecarMetrics.refusing`); without either, they warn that it is
-not checked (:func:`unchecked`).
+said again of an end whose document is written already, from the files
+the sidecars hold back and, with ``--metrics``, their ``last_error`` and
+the time they last loaded rules (:meth:`SidecarMetrics.refusing`); without
+either, they warn that it is not checked (:func:`unchecked`).
 """
 
 from __future__ import annotations
@@ -156,8 +163,8 @@ import tempfile
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TextIO
 
 import yaml
@@ -201,7 +208,10 @@ from l4proxy.canary._metrics import (
     Series,
     copies_missing,
     dropped_query,
+    held_files,
+    held_of,
     http_get,
+    is_document,
     marks_of,
     marks_query,
     parse_query_response,
@@ -1957,6 +1967,9 @@ class Store(Protocol):
 
     service: str
     where: str
+    # the file of the canary's document, as the sidecars name it at its end
+    # (canary-SERVICE.yaml, or a rules FILE's name): Held
+    document: str
     # seconds between the tries of a rollback (or promotion) that failed
     # with Transient; then it is given up, loudly (exit 2)
     end_retry: tuple[float, ...]
@@ -1986,6 +1999,7 @@ class FileStore:
         self.writer = writer
         self.service = writer.service
         self.where = f"{paths.rules} ({paths.state})"
+        self.document = paths.document
 
     def load_state(self) -> Rollout | None:
         return load_state(self.paths.state)
@@ -2075,6 +2089,9 @@ class SidecarMetrics:
         # (backend_targets)
         self.targets: dict[str, tuple[str, str]] = {}
         self.progress: Callable[[str], None] = _quiet  # while waiting (Display.progress)
+        # the file of the canary's document (Store.document), and the rule
+        # files each sidecar held back at its last read: see Held
+        self.held = Held()
 
     def _read(self, mirrored: bool = False) -> dict[Series, float]:
         readings: dict[str, dict[Series, float]] = {}
@@ -2082,6 +2099,7 @@ class SidecarMetrics:
             values, mark = read_sidecar(url, self.get(url), mirrored)
             readings[url] = values
             self.marks[url] = mark
+            self.held.files[url] = held_files(values)
         return self.window.read(readings)
 
     def start_window(self, mirrored: bool = False) -> None:
@@ -2129,8 +2147,11 @@ class SidecarMetrics:
             return [
                 u
                 for u in self.urls
-                if (b := before.get(u)) is not None
-                and ((m := self.marks.get(u)) is None or not m.past(b))
+                if (
+                    (b := before.get(u)) is not None
+                    and ((m := self.marks.get(u)) is None or not m.past(b))
+                )
+                or self.held.ours(u)
             ]
 
         start = time.monotonic()
@@ -2138,6 +2159,7 @@ class SidecarMetrics:
             self._read()
             waiting = late()
             if not waiting:
+                self.held.warn(self.config_dump)
                 return
             self.progress(
                 f"waiting for the sidecars to serve the change: {time.monotonic() - start:.0f} s "
@@ -2145,6 +2167,8 @@ class SidecarMetrics:
             )
             if time.monotonic() >= deadline:
                 url = late()[0]
+                if held := self.held.ours(url):
+                    raise self.held.not_served(url, held, self.config_dump(url), timeout)
                 mark = self.marks.get(url)
                 gen = mark.generation if mark is not None else None
                 after = f"{url} still serves rules generation {gen} {timeout:g} s after the change"
@@ -2165,36 +2189,128 @@ class SidecarMetrics:
     def refusing(self, since: float) -> NotLive | None:
         """Whether a sidecar refuses the rules as written since *since* (a
         time since the epoch: when the canary's document was last
-        written): it has a ``last_error``, and the rules it serves were
-        loaded before *since*. None: none does, or none could be asked."""
+        written), read now: it holds the canary's document back (its
+        ``/stats``' :data:`~l4proxy.rules.watch.FILE_HELD`, or its
+        ``/config_dump``'s ``held``), whatever it loaded since (another
+        file's change is served beside the document as last loaded); or it
+        has a ``last_error`` and the rules it serves were loaded before
+        *since* (it refused the change as a whole: an l4proxy that loads
+        its rules so, or files that do not load even with the broken ones
+        held back). None: none does, or none could be asked; the files
+        held back that are not the document are warned of (they do not
+        keep it from being served)."""
         for url in self.urls:
-            parts = urllib.parse.urlsplit(url)
-            dump_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/config_dump", "", ""))
-            try:
-                dump = json.loads(self.get(dump_url))
-                why, loaded, gen = dump.get("last_error"), dump.get("loaded_at"), dump["generation"]
-            except (MetricsError, ValueError, AttributeError, KeyError, TypeError):
-                continue
+            dump = self.config_dump(url)
+            # what /stats said at the last read (of every worker), and what
+            # /config_dump says now (of one)
+            self.held.files[url] = tuple(sorted({*self.held.files.get(url, ()), *held_in(dump)}))
+            if held := self.held.ours(url):
+                return self.held.not_served(url, held, dump)
+            why, loaded, gen = dump.get("last_error"), dump.get("loaded_at"), dump.get("generation")
             if isinstance(why, str) and why and isinstance(loaded, int | float) and loaded < since:
                 return NotLive(
                     f"{url} serves rules generation {gen}, loaded before the canary's document "
                     f"was written, and refuses every change since: its last error: {why}",
                     f"the sidecars still serve rules generation {gen}: {why}",
                 )
+        self.held.warn(self.config_dump)
         return None
+
+    def config_dump(self, url: str) -> dict[str, Any]:
+        """The ``/config_dump`` of the sidecar at *url* (its ``/stats``);
+        {} where its endpoint serves none (``--stats-listen``'s: /stats
+        alone), or it cannot be read."""
+        parts = urllib.parse.urlsplit(url)
+        dump_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/config_dump", "", ""))
+        try:
+            dump = json.loads(self.get(dump_url))
+        except (MetricsError, ValueError):
+            return {}
+        return dump if isinstance(dump, dict) else {}
 
     def last_error(self, url: str) -> str:
         """Why the sidecar at *url* (its ``/stats``) refused its last change:
         its ``/config_dump``'s ``last_error``; "" where it has none, or its
-        endpoint serves no ``/config_dump`` (``--stats-listen``'s: /stats
-        alone) or cannot be read."""
-        parts = urllib.parse.urlsplit(url)
-        dump = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/config_dump", "", ""))
-        try:
-            why = json.loads(self.get(dump)).get("last_error")
-        except (MetricsError, ValueError, AttributeError):
-            return ""
+        endpoint serves no ``/config_dump`` or cannot be read."""
+        why = self.config_dump(url).get("last_error")
         return why if isinstance(why, str) else ""
+
+
+def held_in(dump: Mapping[str, Any]) -> list[str]:
+    """The files a sidecar's ``/config_dump`` says it holds back (``held``:
+    one worker's; [] from an l4proxy that loads its rules as a whole)."""
+    held = dump.get("held")
+    if not isinstance(held, list):
+        return []
+    return [h["file"] for h in held if isinstance(h, dict) and isinstance(h.get("file"), str)]
+
+
+def held_errors(dump: Mapping[str, Any], file: str) -> str:
+    """The errors a sidecar's ``/config_dump`` gives for the file it holds
+    back that is *file* (by name: :func:`~l4proxy.canary._metrics.is_document`),
+    joined; "" where it does not say."""
+    for h in dump.get("held") or ():
+        if isinstance(h, dict) and is_document(str(h.get("file", "")), file):
+            errors = [e for e in h.get("errors") or () if isinstance(e, str)]
+            return "; ".join(errors)
+    return ""
+
+
+@dataclass
+class Held:
+    """The rule files the sidecars hold back, and what that means for the
+    canary.
+
+    A sidecar loads its rules file by file: a file whose text as it is does
+    not load is *held*, served at its last good version (or left out where
+    it has none) while the others' changes go live (``l4proxy run``,
+    :mod:`l4proxy.rules.watch`). Its rules digest then names the files as
+    served, so another file's change moves it although the canary's own
+    file is held: a mark past the one before the canary's write does not
+    say that the write is served. So the canary's document held by a
+    sidecar (*document*: its file, matched by name, :func:`is_document`)
+    is never live, whatever the digest says (an end: NOT SERVED); another
+    file held does not keep the document from being served, and is warned
+    of, once a file (its errors, where ``/config_dump`` says them)."""
+
+    document: str = ""
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per sidecar (target)
+    err: TextIO | None = None
+    warned: set[str] = field(default_factory=set)
+
+    def ours(self, where: str) -> str:
+        """The canary's document as *where* names it among the files it
+        holds back; "" where it holds it not."""
+        return next((f for f in self.files.get(where, ()) if is_document(f, self.document)), "")
+
+    def not_served(
+        self, where: str, file: str, dump: Mapping[str, Any], timeout: float | None = None
+    ) -> NotLive:
+        """*where* holds *file*, the canary's document, back."""
+        why = held_errors(dump, file) or str(dump.get("last_error") or "")
+        after = f" {timeout:g} s after the change (--wait-live)" if timeout is not None else ""
+        because = f": {why}" if why else ""
+        return NotLive(
+            f"{where} holds {file} back{after}: it refuses the canary's document as written "
+            f"and serves it as it last loaded it (or not at all){because}",
+            f"the sidecars hold {file.rsplit('/', 1)[-1]} back, as last loaded{because}",
+        )
+
+    def warn(self, dump_of: Callable[[str], Mapping[str, Any]] | None = None) -> None:
+        """Warn of each file held back that is not the document, once."""
+        for where, files in self.files.items():
+            for f in files:
+                if is_document(f, self.document) or f in self.warned:
+                    continue
+                self.warned.add(f)
+                why = held_errors(dump_of(where), f) if dump_of is not None else ""
+                complain(
+                    self.err,
+                    f"warning: {where} holds {f} back (its text as it is refused"
+                    + (f": {why}" if why else "")
+                    + "), serving it as it last loaded it or not at all; the canary's document "
+                    "is served beside it",
+                )
 
 
 class PrometheusMetrics:
@@ -2232,11 +2348,30 @@ class PrometheusMetrics:
         # presumed so): no check's window starts before it
         self.live_at: float | None = None
         self.progress: Callable[[str], None] = _quiet  # while waiting (Display.progress)
+        # the rule files each target held back as last scraped (Held)
+        self.held = Held(err=err)
 
     def _marks(self) -> dict[str, RulesMark | None]:
         services = dict.fromkeys([self.service, *(s for s, _ in self.targets.values())])
         url = query_url(self.base, marks_query(tuple(services), self.reporter))
-        return marks_of(parse_query_vector(url, self.get(url)))
+        rows = parse_query_vector(url, self.get(url))
+        self.held.files = held_of(rows)
+        return marks_of(rows)
+
+    def refusing(self) -> NotLive | None:
+        """Whether a target holds the canary's document back, as Prometheus
+        scraped it now (:class:`Held`): NOT SERVED, whatever it loaded
+        since. None: none does, or Prometheus cannot be read (the files
+        held back that are not the document are warned of)."""
+        try:
+            self._marks()
+        except MetricsError:
+            return None
+        for target in self.held.files:
+            if held := self.held.ours(target):
+                return self.held.not_served(target, held, {})
+        self.held.warn()
+        return None
 
     def start_window(self, mirrored: bool = False) -> None:
         pass
@@ -2346,12 +2481,15 @@ class PrometheusMetrics:
             while True:
                 late = self._late(known, before, after)
                 if not late:
+                    self.held.warn()
                     return
                 self.progress(
                     f"waiting for the sidecars to serve the change, as Prometheus scrapes "
                     f"them: {time.monotonic() - start:.0f} s of --wait-live {timeout:g} s"
                 )
                 if time.monotonic() >= deadline:
+                    if held_at := next((k for k in known if self.held.ours(k)), ""):
+                        raise self.held.not_served(held_at, self.held.ours(held_at), {}, timeout)
                     raise NotLive(late[0])
                 time.sleep(max(0.0, min(self.POLL, deadline - time.monotonic())))
         finally:
@@ -2379,7 +2517,13 @@ class PrometheusMetrics:
                     )
                 continue  # gone: a pod deleted
             m = now[key]
-            if m is None or not m.past(b):
+            if held := self.held.ours(key):
+                late.append(
+                    f"{key} holds {held} back {after}, as Prometheus scraped it: it refuses "
+                    "the canary's document as written and serves it as it last loaded it (or "
+                    "not at all); its /config_dump's held says why"
+                )
+            elif m is None or not m.past(b):
                 gen = m.generation if m is not None else None
                 late.append(
                     f"{key} still serves rules generation {gen} {after}, as Prometheus "
@@ -2867,6 +3011,7 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         before: dict[str, RulesMark | None] = {}
         if args.metrics:
             sidecars = SidecarMetrics(args.metrics, store.service)
+            sidecars.held.document, sidecars.held.err = store.document, err
             try:
                 sidecars.start_window()
                 before = dict(sidecars.marks)
@@ -2876,7 +3021,8 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         elif args.prometheus:
             # the marks as Prometheus scraped them; none readable: the change
             # is written all the same, and not waited for
-            sidecars = PrometheusMetrics(args.prometheus, store.service, args.reporter)
+            sidecars = PrometheusMetrics(args.prometheus, store.service, args.reporter, err=err)
+            sidecars.held.document = store.document
             if saved.gateway is not None:
                 # the backends' names too, for the marks: what a backend with
                 # a ServiceEntry of its own reports (backend_targets; not
@@ -2925,9 +3071,13 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         if not changed:
             # the document was so already (an abort said again): nothing
             # reloads, but a sidecar that refused the change that wrote it
-            # (and every change since) still routes as before it
+            # (and every change since) still routes as before it; one that
+            # holds the document back serves it as before, whatever it
+            # loaded since
             if isinstance(sidecars, SidecarMetrics):
                 refused = sidecars.refusing(saved.updated)
+            elif sidecars is not None:
+                refused = sidecars.refusing()
             sidecars = None
         if not args.metrics and not args.prometheus:
             unchecked(err, action, store)
@@ -3101,6 +3251,7 @@ def _analyse(
     )
     display = Display(out, args.json, policy)
     metrics.progress = display.progress
+    metrics.held.document, metrics.held.err = store.document, err
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
@@ -3552,8 +3703,8 @@ def not_served(err: TextIO, r: Rollout, store: Store, why: NotLive) -> None:
         f"  it is written ({store.where}: 100 % to "
         f"{r.stable if r.phase == 'rolled_back' else r.canary}), and the sidecars load it "
         "once they accept the rules again: fix what they refuse (their "
-        f"/config_dump's last_error), then check with 'l4proxy canary status {store.service}' "
-        "and their /stats. In detail: "
+        "/config_dump's last_error, and its held: the files they hold back), then check "
+        f"with 'l4proxy canary status {store.service}' and their /stats. In detail: "
         f"{why}",
     )
 

@@ -368,6 +368,7 @@ class ConfigMapStore:
         self.domain = domain
         self.path = configmap_path(namespace, name)
         self.where = f"ConfigMap {namespace}/{name}"
+        self.document = doc_key(service)  # as the pods mount it: a file of that name
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         """The client's request, asked again after each of :data:`BACKOFF`
