@@ -668,7 +668,18 @@ def test_a_second_command_on_a_running_rollout_is_refused_while_the_first_runs(
             while (_state(tmp_path).get("owner") or {}).get("pid") != first.pid:
                 assert first.poll() is None and time.monotonic() < deadline
                 time.sleep(0.05)
-            files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+            # the first is done writing (its 30 % step written, no temporary
+            # file of a write under way, the files alike at three looks in a
+            # row): the snapshot is of the files it waits its interval on
+            files, alike = {}, 0
+            while alike < 3:
+                assert first.poll() is None and time.monotonic() < deadline
+                now = {p.name: p.read_text() for p in tmp_path.iterdir()}
+                settled = now == files and not any(n.endswith((".tmp", ".validate")) for n in now)
+                alike = alike + 1 if settled else 0
+                files = now
+                time.sleep(0.1)
+            assert routes(tmp_path) == {"v1": 70, "v2": 30}
             assert canary(tmp_path, admin, "--steps", "30,100") == 2
             err = capsys.readouterr().err
             assert (
