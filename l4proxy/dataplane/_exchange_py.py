@@ -230,6 +230,20 @@ Decisions
   closes (a body half-read would be taken for the next request's head).
   Envoy closes only where the response went before the request's end
   (``downstream_rq_response_before_rq_complete``), as here.
+* *Drain* (Envoy's drain close of an HTTP/1 connection: the sidecar was
+  told to stop, see ``Worker.drain``): once the shell calls
+  :meth:`Exchange.drain`, no answer lets the client persist. The next final
+  head says ``connection: close`` (:func:`client_head` with *keep* False,
+  an upstream's ``keep-alive`` replaced, to an HTTP/1.0 client too), a
+  local answer too, and the connection closes after it (the lingering
+  close); a final head that went out before the drain, saying nothing,
+  is followed by the close alone. No request is read after it (one
+  pipelined behind is dropped unanswered, as after any close). A
+  connection between requests, no byte of a next head read, is closed
+  at once (:class:`Close`, the lingering close: FIN); a client racing a
+  request onto it reads the close before any byte of an answer, which an
+  HTTP client retries (an idempotent request; RFC 9112 §9.3.1). A request
+  in flight goes on as before: only the connection's end changes.
 * Every local answer that keeps an HTTP/1.0 client (one that asked:
   ``Connection: keep-alive``), a gateway failure's as the others
   (:meth:`Exchange.refuse`: a route's own, the 404 of no route, the 503 of
@@ -1050,6 +1064,7 @@ class Exchange:
         self._client_eof = False
         # a head refused (HeadError): its first line, for the access log
         self.refused_line: bytes | None = None
+        self.draining = False  # drain(): no answer keeps the connection (see "Drain")
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -1129,6 +1144,17 @@ class Exchange:
         return False
 
     # -- events -------------------------------------------------------------
+
+    def drain(self) -> list[Action]:
+        """The sidecar drains (see "Drain"): from now on every answer says
+        ``connection: close`` and the connection closes after it. Between
+        requests (no byte of a next head here, the client not gone) it
+        closes now: :class:`Close`, the lingering close; else nothing to do
+        yet."""
+        self.draining = True
+        if self.phase == Phase.HEAD and not self.head_pending and not self._client_eof:
+            return self._close()
+        return []
 
     def client_data(self, data: bytes) -> list[Action]:
         if self.phase in (Phase.CLOSED, Phase.TUNNEL):
@@ -1247,7 +1273,13 @@ class Exchange:
                 self._received += used
             except FramingError:  # (not framed: a close, as one not complete)
                 complete = False
-        keep = self.head.keep_alive and complete and not self._client_eof and not close
+        keep = (
+            self.head.keep_alive
+            and complete
+            and not self._client_eof
+            and not close
+            and not self.draining
+        )
         answer = local_response(
             status, body, not keep, headers, self._head_only(), self.head.version == "HTTP/1.0"
         )
@@ -1624,13 +1656,15 @@ class Exchange:
     def _client_persists(self, kind: Framing) -> bool:
         """Whether the client connection may stay open after a final
         response head framed as *kind* (so far): the upstream's persistence
-        aside (see "Client persistence is the client's")."""
+        aside (see "Client persistence is the client's"); never while the
+        sidecar drains (see "Drain")."""
         assert self.head is not None and self._request is not None
         return (
             self.head.keep_alive
             and kind != Framing.CLOSE
             and self._request.done
             and not self._client_eof
+            and not self.draining
         )
 
     def _response_complete(self, upstream_closed: bool, request_cut: bool = False) -> list[Action]:
@@ -1649,8 +1683,10 @@ class Exchange:
             Release(reusable, answered=True, status=self.status),
         ]
         # as its head told the client (_client_persists), unless the request
-        # was cut or the client left since
-        keep_client = self._keeps_client and not request_cut and not self._client_eof
+        # was cut, the client left or the drain began since
+        keep_client = (
+            self._keeps_client and not request_cut and not self._client_eof and not self.draining
+        )
         if not keep_client:
             return out + self._close(self._done_talking(request_cut))
         return out + self._next_request()
@@ -1722,9 +1758,10 @@ class Exchange:
         """After a gateway failure's local answer to a request read whole:
         the client connection stays when its head asked for it (an HTTP/1.0
         one that said ``Connection: keep-alive``, told ``connection:
-        keep-alive``, as :meth:`refuse` tells it) and has not half-closed."""
+        keep-alive``, as :meth:`refuse` tells it), has not half-closed, and
+        the sidecar does not drain (see "Drain")."""
         assert self.head is not None
-        return self.head.keep_alive and not self._client_eof
+        return self.head.keep_alive and not self._client_eof and not self.draining
 
     def _http10(self) -> bool:
         """The current request is HTTP/1.0: a local answer that keeps its

@@ -286,6 +286,18 @@ the values sent upstream, which the line says instead of the client's).
 Other connections, and every connection of a relay made without it, pay
 an attribute test per request.
 
+Drain (:meth:`HttpRelay.drain`, the worker's SIGTERM: Envoy's drain close
+of its HTTP/1 connections, ``drain_strategy`` immediate): the connections
+it names (a gateway listener's, ``origin.gateway``: inbound, Envoy's
+``InboundOnly``; or every one) are told :meth:`Exchange.drain` on the
+relay's thread, those taken afterwards as they are taken: every answer
+from then on says ``connection: close`` and closes its connection after
+it, a connection between requests closes at once (FIN, the lingering
+close), a request in flight goes on. The relay's thread then serves what
+is left as before; :meth:`HttpRelay.close` cuts what is still open at the
+drain's deadline and says how many it cut. The per-request cost: an
+attribute test where an answer decides whether the client persists.
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
 set, a mirrored copy, the copies' pool's idle set, or (after a tunnel) the
@@ -381,6 +393,10 @@ _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
 _FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
 _MAX_REMEMBERED: Final = 4096  # endpoints whose last answer was reported
+# drain()'s scope (see "Drain"): none, a gateway listener's connections, all
+_DRAIN_NONE: Final = 0
+_INBOUND: Final = 1
+_ALL: Final = 2
 
 # The tag a request is reported with whose head was refused before any route
 # was asked (400, 431, 505: no decision, no destination), where a decision's
@@ -660,6 +676,11 @@ class HttpRelay:
         self._lock = threading.Lock()
         self._queue: list[tuple[socket.socket, Any, bytes, int, Any]] = []
         self._stop = False
+        # drain(): the connections that drain, as asked (under the lock) and
+        # as applied (the relay's thread): _DRAIN_NONE, _INBOUND or _ALL
+        self._drain_next = _DRAIN_NONE
+        self._drain = _DRAIN_NONE
+        self._cut = 0  # client connections close() cut (see "Drain")
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
         # endpoint_settings(), as last given (applied: self.pools.settings)
@@ -759,10 +780,22 @@ class HttpRelay:
             self._queue.append((sock, origin, data, requests, peer))
         self._wake()
 
-    def close(self, access_log: bool = True) -> None:
+    def drain(self, inbound_only: bool = False) -> None:
+        """Drain the client connections (see "Drain"): a gateway listener's
+        alone with *inbound_only*, else every one, those open now and those
+        taken from now on (any thread; applied on the relay's). Asked again
+        with a wider scope, it widens; never narrows."""
+        with self._lock:
+            self._drain_next = max(self._drain_next, _INBOUND if inbound_only else _ALL)
+        self._wake()
+
+    def close(self, access_log: bool = True) -> int:
         """Stop the relay's thread, closing every connection; *access_log*
         False: the access log's writer stays for lines from elsewhere
-        (:meth:`access_log_line`) until :meth:`close_access_log`."""
+        (:meth:`access_log_line`) until :meth:`close_access_log`. Returns
+        how many client connections it cut (reset, or never served: taken
+        and not yet relayed); not those closing already after their last
+        answer (see "Drain"). A second call returns 0."""
         with self._lock:
             self._stop = True
         self._wake()
@@ -770,6 +803,8 @@ class HttpRelay:
             self._thread.join(10)
         if access_log:  # (after the thread: its last lines too)
             self.close_access_log()
+        cut, self._cut = self._cut, 0
+        return cut
 
     def close_access_log(self) -> None:
         """Write what the access log buffered (a second at most) and close
@@ -945,8 +980,21 @@ class HttpRelay:
             stop = self._stop
             named, self._named_next = self._named_next, None
             settings, self._settings_next = self._settings_next, None
+            drain = self._drain_next
         if named is not None and not stop:
             self._retain(named)
+        if drain != self._drain and not stop:
+            self._drain = drain
+            for c in list(self._conns.values()):
+                if c.closing or not self._drains(c):
+                    continue  # (closing: after its last answer already)
+                try:  # this connection's failure is its own, not the batch's
+                    closing = c.ex.drain()  # (a Close between requests, else nothing)
+                    if closing:
+                        self._perform(c, closing, now)
+                except Exception:
+                    if c.fd in self._conns:
+                        self._abort(c)
         if settings is not None:
             for handle in self.pools.endpoint_settings(settings):
                 up = self._idle.get(int(handle))  # type: ignore[call-overload]
@@ -955,6 +1003,7 @@ class HttpRelay:
             self._kicks.update(self._pending)  # a limit raised or gone: they go
         for sock, origin, data, requests, peer in queue:
             if stop:
+                self._cut += 1
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -977,6 +1026,8 @@ class HttpRelay:
                 c.rid_connection = self._request_ids.connection()
             self._conns[c.fd] = c
             self.counters["connections"] += 1
+            if self._drain and self._drains(c):
+                c.ex.draining = True  # (taken while draining: served, then closed)
             try:  # this connection's failure is its own, not the batch's
                 self._interest(c)
                 if data:
@@ -987,6 +1038,10 @@ class HttpRelay:
                 else:
                     self.counters["errors"] += 1
         return stop
+
+    def _drains(self, c: _Conn) -> bool:
+        """Whether *c* is among the connections drain() named."""
+        return self._drain == _ALL or getattr(c.origin, "gateway", False) is True
 
     def _retain(self, named: frozenset[Endpoint]) -> None:
         """retain_endpoints(), on the relay's thread: the routes' pool and
@@ -1009,6 +1064,8 @@ class HttpRelay:
 
     def _shutdown(self) -> None:
         for c in list(self._conns.values()):
+            if not c.closing or c.out:  # (a lingering close's answer went whole)
+                self._cut += 1
             self._close_client(c, reset=True)
         for up in list(self._ups.values()):
             self._drop_upstream(up)
