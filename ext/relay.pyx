@@ -463,6 +463,26 @@ its head is summarized (and a test of ``h.n_xff`` per header line no
 other test took) and a test where it is staged; with the log on, one more
 in ``log_capture``.
 
+Drain
+-----
+``drain()`` (the worker's SIGTERM: read "Drain" in ``_relay_py.py`` and
+``_exchange_py.py``) asks the loop, under the lock as ``stop`` is, to
+drain the gateway listeners' connections (``DRAIN_INBOUND``: ``c.gateway``,
+a gateway ``Lst``'s or a hand-off whose origin says ``gateway``) or every
+one (``DRAIN_ALL``); the pure relay it hands requests to is told too.
+``run()`` applies it before the hand-off queue is taken (``drain_conns``):
+a named connection between requests (``P_HEAD``, no byte of a next head)
+closes at once through ``start_close`` (its answer's last bytes first,
+then FIN and the lingering read), any other is marked ``c.draining``,
+and one whose final head went out already has ``c.keeps_client``
+cleared, so ``complete()`` closes it after the body; ``new_conn`` marks
+those taken afterwards. ``final_head`` then sends ``connection: close``
+(an upstream's keep-alive replaced, as for a client that asked to close)
+and the local answers (``local_answer``, ``fault_abort``,
+``upstream_failed``) their closing variant. The steady state pays one
+test of ``c.draining`` in ``final_head``'s keep, a byte of the ``Conn``
+it reads anyway. ``close()`` says how many connections it cut.
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -668,6 +688,13 @@ cdef enum:
 cdef enum:
     OC_RELAY = 1           # HTTP: this relay
     OC_OTHER = 2           # anything else: the worker's general path
+
+# drain()'s scope (Relay.drain_req, Relay.draining): none, the gateway
+# listeners' connections (inbound: Envoy's DrainDirection InboundOnly), all
+cdef enum:
+    DRAIN_NONE = 0
+    DRAIN_INBOUND = 1
+    DRAIN_ALL = 2
 
 # client connection phases
 cdef enum:
@@ -1642,6 +1669,8 @@ cdef struct Conn:
                                    # (conn_drop_held)
     unsigned char edit_resp        # the final response head goes through send_edited_head
     unsigned char mixed            # the request's choice has a tag per endpoint (c.cand_tag)
+    unsigned char gateway          # a gateway listener's connection (drain_conns: inbound)
+    unsigned char draining         # no answer keeps the connection (see "Drain")
     signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
     unsigned char peer[16]         #     -1: unknown (getpeername failed, not IP)
     uint16_t peer_port             # ... and its port (network order)
@@ -1749,6 +1778,7 @@ cdef struct Relay:
     Handoff *q_head
     Handoff *q_tail
     bint stop
+    int drain_req          # drain()'s scope, as last asked (DRAIN_*)
     bint flush_req         # flush_reports() waits for a flush
     bint py_req            # Python left work for the loop's thread (retain_endpoints,
                            # endpoint_settings)
@@ -1822,6 +1852,7 @@ cdef struct Relay:
     Other others[MAX_OTHERS]
     int n_others
     int64_t last_accept_ns # CLOCK_MONOTONIC (atomic)
+    int draining           # drain()'s scope, as applied (the loop's; new_conn reads it)
     int64_t ctr[<int>N_CT]
     # the access log (NULL: off; see "Access log"): its buffer and writer,
     # the format, a line as it is built (the loop's), each tag id's
@@ -2328,6 +2359,28 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
     c.head_started = 0
     if not c.out.len:
         linger(R, c)
+
+
+cdef void drain_conns(Relay *R, double now) noexcept nogil:
+    """drain(): the connections R.draining names drain (see "Drain"); run()'s,
+    as it applies a drain asked."""
+    cdef int i = R.n_conns
+    cdef Conn *c
+    while i > 0:
+        i -= 1
+        c = R.conns[i]  # (a close moves the last one, seen already, here)
+        if R.draining == DRAIN_INBOUND and not c.gateway:
+            continue
+        c.draining = True
+        if c.phase == P_HEAD and c.inb.len == 0 and c.need == N_NONE and not c.client_eof:
+            # between requests: the close now (what the last answer left in
+            # c.out first), FIN and the lingering read, as after an answer
+            # that says close
+            c.no_linger = False
+            start_close(R, c, now)
+            settle(R, c)
+        elif c.phase != P_HEAD:
+            c.keeps_client = False  # a final head out already: closed after its body
 
 
 cdef int send_buf(int fd, Buf *b) noexcept nogil:
@@ -3654,7 +3707,8 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
         up_discard(R, c)
     if c.rs == RS_HEAD:
         c.status = status
-        if kept != NULL and c.keep_alive and c.req_left == 0 and not c.client_eof:
+        if (kept != NULL and c.keep_alive and c.req_left == 0 and not c.client_eof
+                and not c.draining):
             if c.http10:  # (it asked: Connection: keep-alive; told so)
                 kept = kept10
                 kn = k10n
@@ -4591,9 +4645,10 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     a client that stays when it persists, and to one that does not with
     "connection: close" added unless it says close; any other is rewritten
     (send_client_head), as is one saying keep-alive to a client that does
-    not stay (it would read "keep-alive" and our "close")."""
+    not stay (it would read "keep-alive" and our "close"). While draining
+    (c.draining, see "Drain") no client stays."""
     cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
-                      and not c.client_eof)
+                      and not c.client_eof and not c.draining)
     cdef Py_ssize_t end
     cdef size_t rest
     cdef Buf held
@@ -5597,7 +5652,7 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited,
     own answer to a request whose choice was drawn (none answered, a
     circuit breaker, out of fds), which gets its response edits
     (answer_edited)."""
-    cdef bint keep = c.keep_alive and not c.client_eof
+    cdef bint keep = c.keep_alive and not c.client_eof and not c.draining
     cdef bint bad = False
     cdef int64_t take = 0
     cdef size_t before = c.out.len
@@ -5762,7 +5817,7 @@ cdef void fault_abort(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nogil
     ``connection: close``, then the lingering close (Envoy's
     downstream_rq_response_before_rq_complete; refuse(whole=True) in
     _exchange_py.py)."""
-    cdef bint keep = c.keep_alive and not c.client_eof
+    cdef bint keep = c.keep_alive and not c.client_eof and not c.draining
     cdef bint bad = False
     cdef int64_t take = 0
     cdef size_t before = c.out.len
@@ -6520,7 +6575,8 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     epoll_ctl (HAProxy's speculative read). *local*: the access log's
     DOWNSTREAM_LOCAL_ADDRESS (its origin's; NULL: asked of the fd). *gateway*:
     a gateway listener's, which gets the forwarding headers when this relay
-    adds them (fwd_conn()). *peer*: the client's address as accept()
+    adds them (fwd_conn()) and drains with DRAIN_INBOUND (see "Drain").
+    *peer*: the client's address as accept()
     returned it (peer_n its length; NULL: asked of the fd now when the
     access log will say it): c.peer from here, never asked again, so that a
     client that resets its connection still has it in its line (a
@@ -6540,6 +6596,9 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     c.kind = K_CONN
     c.fd = fd
     c.origin = origin
+    c.gateway = gateway
+    # (taken while draining: served, then closed; see "Drain")
+    c.draining = R.draining == DRAIN_ALL or (R.draining == DRAIN_INBOUND and gateway)
     if peer != NULL:
         peer_from(c, peer, peer_n)
     elif R.alog != NULL:
@@ -7651,6 +7710,7 @@ cdef int run(Relay *R) noexcept nogil:
     cdef uint64_t junk
     cdef void *ptr
     cdef bint py_req
+    cdef int drain
     while True:
         if R.kick_head != NULL:
             serve_pending(R, now_s())
@@ -7712,7 +7772,11 @@ cdef int run(Relay *R) noexcept nogil:
             R.flush_due = True
         py_req = R.py_req
         R.py_req = False
+        drain = R.drain_req
         sys_.pthread_mutex_unlock(&R.lock)
+        if drain != R.draining:  # (before the queue: new_conn() reads it)
+            R.draining = drain
+            drain_conns(R, now)
         take_queue(R, now)
         if now >= R.next_tick:
             tick(R, now)
@@ -8255,7 +8319,7 @@ cdef class HttpRelay:
             raise MemoryError()
         h.fd = fd
         h.origin = oid
-        h.gateway = R.fwd_on and getattr(origin, "gateway", False) is True
+        h.gateway = getattr(origin, "gateway", False) is True  # (new_conn: fwd_on's, the drain's)
         if peer_n:
             memcpy(&h.peer, &ss, peer_n)
             h.peer_n = peer_n
@@ -8424,12 +8488,30 @@ cdef class HttpRelay:
         L4R_ADD(&self.R.epoch, 1)
         self._wake()
 
+    def drain(self, bint inbound_only=False):
+        """Drain the client connections (see "Drain"): the gateway listeners'
+        alone with *inbound_only*, else every one, those open now and those
+        taken from now on; the pure relay's too (any thread; applied on the
+        loop's). Asked again with a wider scope, it widens; never narrows."""
+        cdef int scope = DRAIN_INBOUND if inbound_only else DRAIN_ALL
+        self.slow.drain(inbound_only)
+        if self._closed:
+            return
+        sys_.pthread_mutex_lock(&self.R.lock)
+        if scope > self.R.drain_req:
+            self.R.drain_req = scope
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
     def close(self, bint access_log=True):
         """Stop the loop, close every connection (the pure relay's too);
         *access_log* False: the access log's writer stays for lines from
-        elsewhere (access_log_line()) until close_access_log()."""
+        elsewhere (access_log_line()) until close_access_log(). Returns how
+        many client connections it cut, the pure relay's with them (see its
+        close()); a second call returns 0."""
+        cdef int cut
         if self._closed:
-            return
+            return 0
         sys_.pthread_mutex_lock(&self.R.lock)
         self.R.stop = True
         sys_.pthread_mutex_unlock(&self.R.lock)
@@ -8437,13 +8519,13 @@ cdef class HttpRelay:
         if self._started and self._thread.is_alive():
             self._thread.join(10)
         self._closed = True
-        self.slow.close()
+        cut = self.slow.close()
         if self._started and self._thread.is_alive():
             # Still in a Python callback after 10 s: what it uses is left
             # as it is, never freed (nor by __dealloc__) under it.
             self._stuck = True
-            return
-        self._shutdown()
+            return cut + L4R_LOAD(&self.R.ctr[<int>CT_ACTIVE])
+        cut += self._shutdown()
         # Every connection is gone: the interned retry policies go now, not
         # in __dealloc__ only, which the cyclic GC reaches after tp_clear
         # set _retries to None (they leaked). The cached verdicts that point
@@ -8470,6 +8552,7 @@ cdef class HttpRelay:
         sys_.close(self.R.epfd)
         sys_.close(self.R.wakefd)
         self.R.epfd = self.R.wakefd = -1
+        return cut
 
     def active(self):
         """Client connections owned (queued or relayed); any thread may ask."""
@@ -8636,12 +8719,16 @@ cdef class HttpRelay:
             for ev in waiters:
                 ev.set()
 
-    cdef void _shutdown(self):
+    cdef int _shutdown(self):
+        """Close everything; how many client connections it cut (not those
+        closing after their last answer, sent whole: see "Drain")."""
         cdef Relay *R = self.R
-        cdef int i
+        cdef int i, cut = 0
         cdef Handoff *h
         cdef double now = now_s()
         while R.n_conns:
+            if R.conns[0].phase != P_CLOSING or R.conns[0].out.len:
+                cut += 1
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
             shadow_end(R, R.shadows, SH_CLOSED, 0.0)
@@ -8654,6 +8741,7 @@ cdef class HttpRelay:
         sys_.pthread_mutex_unlock(&R.lock)
         while h != NULL:
             sys_.close(h.fd)
+            cut += 1
             free(h.data)
             free(h.local)
             R.q_head = h.next
@@ -8664,9 +8752,11 @@ cdef class HttpRelay:
                 up_close(R, R.eps[i].idle_head)
         for i in range(R.n_others):
             reset_close(R.others[i].fd)
+        cut += R.n_others
         R.n_others = 0
         bury(R)
         pool_drain()  # the buffers just freed, on whichever thread shuts down
+        return cut
 
     cdef _service(self):
         """Do what the loop asked for, in order."""
