@@ -58,7 +58,11 @@ SIGTERM drains: inbound stops at once (after --drain-inbound seconds, for a
 gateway behind a load balancer); the app's outbound calls are still captured
 and routed until none has been active for --drain-quiet seconds (the app is
 gone) or --drain-duration ends; then connections in flight finish within
-what is left of --drain-duration. /ready answers 503 from the SIGTERM on.
+what is left of --drain-duration, and what is left then is cut (logged with
+its count). Keep-alive clients are told to leave: from the SIGTERM on, each
+answer on a gateway listener's connection says "Connection: close" and
+closes it, and one between requests closes at once (the app's outbound
+ones once outbound stops). /ready answers 503 from the SIGTERM on.
 
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
@@ -817,7 +821,11 @@ async def _serve(
         args.drain_duration, quiet=args.drain_quiet, inbound=args.drain_inbound
     )
     if forced:
-        log.warning("drain window over: closed %d connection(s)", forced)
+        log.warning(
+            "drain deadline (--drain-duration %.1fs) passed: cut %d connection(s) still open",
+            args.drain_duration,
+            forced,
+        )
     await rules.stop()
     for server in (admin, stats):
         if server:

@@ -638,10 +638,25 @@ class Worker:
           (what a preStop sleep works around, as a kubelet feature or with a
           ``sleep`` binary an image may not have).
 
+        * keep-alive connections of the per-request relay are told to leave,
+          as Envoy's drain close tells HTTP/1 clients (``drain_strategy``
+          immediate; the relay's "Drain"): inbound ones (a gateway
+          listener's) at once, even while *inbound* still accepts new ones
+          (Envoy's graceful drain: the listener open, keep-alive
+          discouraged), outbound ones once outbound stops (Istio drains
+          inbound alone: the app still calls out). Each answer from then
+          on says ``connection: close`` and its connection closes after it
+          (FIN); one between requests closes now; a request in flight
+          finishes. They kept being served until the deadline before, and
+          were then reset.
+
         Then the listeners close, and connections in flight get what is left
-        of *timeout* to finish; the count of those forced closed is returned.
+        of *timeout* to finish; the count of those the deadline cut (the
+        relay's and the L4 pump's) is returned.
         """
         self.draining = True
+        if self.relay is not None:
+            self.relay.drain(inbound_only=True)
         now = time.monotonic()
         deadline = now + timeout
         self.inbound_until = min(now + inbound, deadline)
@@ -669,19 +684,22 @@ class Worker:
                 break
             await asyncio.sleep(0.1 if serving_inbound else min(0.1, max(quiet, 0.01)))
         self.stop_accepting()
+        if self.relay is not None:
+            self.relay.drain()  # outbound too: nothing new comes any more
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         while self.relay_active() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # requests in flight in the relay finish
+        cut = 0
         if self.relay is not None:
-            # what is left (idle keep-alive clients) is closed; its access
-            # log's writer stays for the lines of the pump's connections
-            self.relay.close(access_log=not self._log_l4)
+            # what is left at the deadline is cut; its access log's writer
+            # stays for the lines of the pump's connections
+            cut = self.relay.close(access_log=not self._log_l4)
         remaining = max(0.0, deadline - time.monotonic())
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
         self._close_access_log()
-        return forced
+        return cut + forced
 
     def last_accept(self) -> float:
         """When a connection was last accepted (monotonic), here or in the relay."""
