@@ -211,6 +211,30 @@ def test_the_digest_moves_with_what_is_served_not_with_the_files_refused(rules: 
     assert other.load_now() and other.state.digest == second
 
 
+def test_a_first_load_with_a_broken_file_and_nothing_shared_is_refused(
+    rules: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process's first load with route.yaml broken and no last good
+    version of it anywhere (a sidecar starting): refused whole, as before
+    per-file loading, and the reason said, where it went live without
+    route.yaml (a pod ready that routes otherwise than the running ones).
+    Fixed, it loads."""
+    write(rules / "route.yaml", BROKEN)
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert not watcher.load_now()
+    st = watcher.state
+    route_file = str(rules / "route.yaml")
+    assert (st.generation, st.digest, st.held, st.reload_failures) == (0, 0, [], 1)
+    assert st.last_error is not None and st.last_error.startswith(f"{route_file}:3:1: ")
+    assert f"{route_file} not left out: no version of the rule files" in st.last_error
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said[0] == f"rules rejected, none loaded yet: {st.last_error.splitlines()[0]}"
+    assert said[-1].startswith(f"rules rejected, none loaded yet: {route_file} not left out")
+    write(rules / "route.yaml", route(100))
+    assert watcher.load_now() and weights(watcher) == {"v1": 100, "v2": 0}
+
+
 def _configmap(mount: Path, version: str, files: dict[str, str]) -> None:
     """A ConfigMap mount's next version, swapped in as the kubelet does."""
     (mount / version).mkdir()
@@ -264,7 +288,7 @@ def _free_port() -> int:
 class Sidecar:
     """``l4proxy run`` as a gateway on loopback, its log read as it comes."""
 
-    def __init__(self, rules: Path, workers: int) -> None:
+    def __init__(self, rules: Path, workers: int, ready: bool = True) -> None:
         self.admin = f"127.0.0.1:{_free_port()}"
         self.proc = subprocess.Popen(
             [
@@ -280,7 +304,8 @@ class Sidecar:
         self.port = 0
         threading.Thread(target=self._read, daemon=True).start()
         assert self.listening.wait(30), "".join(self.log)
-        self.until(lambda: self.get("/ready") == (200, "LIVE\n"), "ready")
+        if ready:
+            self.until(lambda: self.get("/ready") == (200, "LIVE\n"), "ready")
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -347,8 +372,8 @@ def _value(stats: dict[str, Any], name: str) -> float:
 
 
 @contextlib.contextmanager
-def sidecar(rules: Path, workers: int = 2) -> Iterator[Sidecar]:
-    s = Sidecar(rules, workers)
+def sidecar(rules: Path, workers: int = 2, ready: bool = True) -> Iterator[Sidecar]:
+    s = Sidecar(rules, workers, ready)
     try:
         yield s
     finally:
@@ -426,6 +451,35 @@ def test_two_workers_serve_a_change_beside_a_broken_file_and_a_restarted_one_agr
             )
             assert sc.stats()["l4proxy_rules_digest"] == held_digest
             assert set(sc.versions()) == {"v2"}
+
+
+def test_a_sidecar_started_while_a_file_is_broken_is_not_ready_until_it_loads(
+    tmp_path: Path,
+) -> None:
+    """The review's fleet split: a pod started while route.yaml is broken
+    went ready serving without it (its requests split v1/v2 where the
+    running pods' went 100 % to v1). Both workers refuse their first load:
+    /ready stays 503 and /config_dump says why; once route.yaml is fixed
+    the sidecar is ready and routes by it."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    with backends() as (p1, p2):
+        write(rules / "registry.yaml", gateway_service(p1, p2, labels=("v1", "v2")))
+        write(rules / "route.yaml", route(100) + "  - labels: {version: v2\n")
+        with sidecar(rules, ready=False) as sc:
+            sc.until(  # (each says so after its first load)
+                lambda: sum(" worker: listening: " in line for line in sc.log) == 2,
+                "both workers through their first load",
+            )
+            assert sc.get("/ready")[0] == 503
+            dump = json.loads(sc.get("/config_dump")[1])
+            route_file = str(rules / "route.yaml")
+            assert dump["generation"] == 0 and dump["held"] == []
+            assert dump["last_error"].startswith(f"{route_file}:13:1: YAML syntax error")
+            assert f"{route_file} not left out" in dump["last_error"]
+            write(rules / "route.yaml", route(100))
+            sc.until(lambda: sc.get("/ready") == (200, "LIVE\n"), "ready once fixed")
+            assert set(sc.versions()) == {"v1"}
 
 
 def test_a_canarys_rollback_goes_live_beside_an_unrelated_broken_file(tmp_path: Path) -> None:

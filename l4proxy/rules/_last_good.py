@@ -26,7 +26,8 @@ is not written yet, or that cannot read the file, uses its own. A
 single-process sidecar (and a watcher in a test) keeps its own alone.
 
 Nothing survives the supervisor: a sidecar started while a file is broken
-serves without it until it is fixed.
+has no last good text of any file, and its first load is refused (see
+:class:`~l4proxy.rules.watch.StartRefused`) until the file is fixed.
 """
 
 from __future__ import annotations

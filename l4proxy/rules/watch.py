@@ -42,12 +42,16 @@ cannot be opened: ConfigUnreadable, tried again after RETRY_FIRST seconds,
 doubling), where an error is of no file, where the held combination is
 refused too (a route moved to a new file while the old one is broken:
 twice in the combination), and where nothing would be left to serve (every
-file held, none with a last good text: a first load of one broken file
-leaves the sidecar not ready): Istio #5204, istio/api #586, a half-applied
-or invalid config took hosts down. A held file is served as it was or not
-at all, never half of its change: within a file a change applies whole or
-not at all. It stays held until it is fixed or deleted (deleted, its rules
-go with it).
+file held, none with a last good text): Istio #5204, istio/api #586, a
+half-applied or invalid config took hosts down. A process's first load
+that has no last good text at all, its own or shared (a sidecar starting,
+every worker at its first load), holds nothing back: it is refused whole
+(:class:`StartRefused`), and the sidecar is not ready until the files load
+as they are. Left out there, the new pod went ready routing without the
+broken file beside pods that serve its last good version (a fleet split).
+A held file is served as it was or not at all, never half of its change:
+within a file a change applies whole or not at all. It stays held until
+it is fixed or deleted (deleted, its rules go with it).
 
 A reload is parsed and compiled off the accept path: in a thread
 (:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
@@ -87,8 +91,9 @@ serves the same files at the same versions, so "the change is live" is
 it, a change refused in its own file beside no other change does not. A
 worker restarted while a file is broken takes that file's last good text
 from the memory file its supervisor shares with every worker (see
-:mod:`~l4proxy.rules._last_good`), so the workers still agree; a sidecar
-started while a file is broken has none, and serves without that file.
+:mod:`~l4proxy.rules._last_good`), so the workers still agree, and its
+first load is not refused where those texts make the files load; a sidecar
+started while a file is broken has none, and is not ready until it loads.
 """
 
 from __future__ import annotations
@@ -262,6 +267,27 @@ def served_fingerprint(fp: Fingerprint, held: Mapping[str, FileEntry | None]) ->
         elif (version := held[entry[0]]) is not None:
             out.append(version)
     return tuple(out)
+
+
+class StartRefused(ConfigError):
+    """A first load whose errors are all in some files, with no last good
+    version of any file to be had: not the worker's own (it has loaded
+    none) nor its supervisor's shared ones (none written: every worker is
+    starting). Refused whole, as a first load was before per-file loading:
+    the sidecar is not ready until the files load as they are."""
+
+    def __init__(self, refused: ConfigError, files: Sequence[str]) -> None:
+        self.files = list(files)
+        self.why = (
+            f"{', '.join(self.files)} not left out: no version of the rule files has "
+            "loaded in this sidecar yet (a sidecar starting), and a pod ready without "
+            "a broken file routes otherwise than the pods that serve its last good "
+            "version; not ready until the files load as they are"
+        )
+        super().__init__(refused.diagnostics, refused.documents)
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.why}"
 
 
 @dataclass(frozen=True)
@@ -670,8 +696,14 @@ class RuleWatcher:
         """:meth:`_parse`'s second try: *read* with each file of *broken* at
         its last good text, or left out."""
         last = self.last_good.get()
+        if not last and self.state.generation == 0:
+            # Nothing served here yet and nothing shared: a sidecar starting
+            # (or a single process). Leaving the broken files out, its pod
+            # went ready serving without them beside pods that serve their
+            # last good versions; it is refused, as before per-file loading.
+            raise StartRefused(refused, broken)
         if all(path in broken and path not in last for path, _ in read.files):
-            raise refused  # no file left to serve: nothing of them is (a first load: not ready)
+            raise refused  # no file left to serve: nothing of them is
         held = [
             HeldFile(
                 path,
@@ -987,4 +1019,7 @@ def _texts_of(read: RuleFiles, entries: Mapping[str, FileEntry]) -> Texts:
 def _errors_of(error: ConfigError) -> str | None:
     """*error*'s errors, a line each, for the log of a refused load (None
     where it has none of its own: then its whole text)."""
-    return "\n".join(str(d) for d in error.errors) or None
+    lines = [str(d) for d in error.errors]
+    if lines and isinstance(error, StartRefused):
+        lines.append(error.why)
+    return "\n".join(lines) or None
