@@ -173,6 +173,78 @@ def test_a_held_combination_that_does_not_load_keeps_the_whole_last_good_table(
     ), said
 
 
+def test_a_file_renamed_with_an_error_keeps_the_whole_last_good_table(
+    rules: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """route.yaml renamed to zz-route.yaml with a typo in it: left out, the
+    new file took the route with it, and svc was served by neither the old
+    split nor the new one. The route would be gone, so the whole last good
+    table keeps serving (as before per-file loading), the log says which
+    object and why; fixed, the new file loads."""
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    table, digest = watcher.state.table, watcher.state.digest
+    write(rules / "zz-route.yaml", route(100) + "  - labels: {version: v2\n")
+    (rules / "route.yaml").unlink()
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert not watcher.load_now()
+    st = watcher.state
+    assert st.table is table and (st.generation, st.digest, st.reload_failures) == (1, digest, 1)
+    assert weights(watcher) == {"v1": 50, "v2": 50}
+    zz, old = rules / "zz-route.yaml", rules / "route.yaml"
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said.startswith(
+        f"rules: with {zz} left out, 1 object(s) served would be gone: "
+        f"RouteRule default/svc-default (served from {old}, which is gone); "
+        "the whole last good table keeps serving"
+    ), said
+    write(zz, route(100))
+    assert watcher.load_now() and weights(watcher) == {"v1": 100, "v2": 0}
+
+
+def test_an_object_moved_into_a_new_broken_file_keeps_the_whole_last_good_table(
+    rules: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The route moved out of a valid file (it holds another object still)
+    into a new file with an error: the route would be gone, so the whole
+    last good table keeps serving; the log says the route's file no longer
+    holds it. A change to another file beside a broken one still goes live
+    where nothing served would be gone (the other tests)."""
+    write(rules / "route.yaml", route(50) + "---\n" + other_service(1))
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    table = watcher.state.table
+    write(rules / "route.yaml", other_service(1))
+    write(rules / "moved.yaml", route(100) + BROKEN)
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert not watcher.load_now()
+    assert watcher.state.table is table and weights(watcher) == {"v1": 50, "v2": 50}
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        f"RouteRule default/svc-default (served from {rules / 'route.yaml'}, "
+        "which no longer holds it)" in said[0]
+    ), said
+
+
+def test_a_first_load_with_the_others_texts_serves_what_they_keep_serving(rules: Path) -> None:
+    """A worker restarted while the others keep their whole last good table
+    (route.yaml renamed with a typo): its first load has no table of its
+    own to keep, and served the files with the new one left out (no route,
+    another digest). It serves the texts the others serve, whole: the same
+    digest and split."""
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    write(rules / "zz-route.yaml", route(100) + "  - labels: {version: v2\n")
+    (rules / "route.yaml").unlink()
+    assert not watcher.load_now()
+    restarted = RuleWatcher([str(rules)], interval=3600, settle=0)
+    restarted.last_good = watcher.last_good  # (the shared memory file's, in a sidecar)
+    assert restarted.load_now()
+    assert restarted.state.digest == watcher.state.digest
+    assert weights(restarted) == {"v1": 50, "v2": 50}
+    assert restarted.state.last_error is not None  # (the files as they are: refused)
+
+
 def test_a_new_broken_file_alone_changes_nothing_served_and_is_named(rules: Path) -> None:
     """A broken file beside no other change: no new generation (the table
     would be the one served), the digest as it was, the error reported and
@@ -451,6 +523,43 @@ def test_two_workers_serve_a_change_beside_a_broken_file_and_a_restarted_one_agr
             )
             assert sc.stats()["l4proxy_rules_digest"] == held_digest
             assert set(sc.versions()) == {"v2"}
+
+
+def test_a_file_renamed_with_an_error_is_served_as_before_by_every_worker(
+    tmp_path: Path,
+) -> None:
+    """The review's rename: route.yaml renamed to zz-route.yaml with a typo
+    dropped the route in both workers (every request split v1/v2). Both
+    keep their whole last good table (every request v1), and a worker
+    killed meanwhile comes back serving the same texts: the same digest,
+    every request v1."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    with backends() as (p1, p2):
+        write(rules / "registry.yaml", gateway_service(p1, p2, labels=("v1", "v2")))
+        write(rules / "route.yaml", route(100))
+        with sidecar(rules) as sc:
+            assert set(sc.versions()) == {"v1"}
+            digest = sc.stats()["l4proxy_rules_digest"]
+            write(rules / "zz-route.yaml", route(100) + "  - labels: {version: v2\n")
+            (rules / "route.yaml").unlink()
+            sc.until(
+                lambda: sum("object(s) served would be gone" in line for line in sc.log) == 2,
+                "both workers kept their table",
+            )
+            assert set(sc.versions()) == {"v1"}
+            assert sc.stats()["l4proxy_rules_digest"] == digest
+            [_, pid] = sc.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            sc.until(  # (a worker says so after its first load)
+                lambda: (
+                    sum(" worker: listening: " in line for line in sc.log) == 3
+                    and sc.stats()["l4proxy_workers"] == 2
+                ),
+                "the restarted worker loaded",
+            )
+            assert sc.stats()["l4proxy_rules_digest"] == digest
+            assert set(sc.versions()) == {"v1"}
 
 
 def test_a_sidecar_started_while_a_file_is_broken_is_not_ready_until_it_loads(

@@ -23,11 +23,11 @@ reported, and loaded again.
 
 A load that fails is refused, file by file where it can be (Istio validates
 each object: a bad one never enters its store, and the rest goes live).
-Where every error is in some files read (:meth:`RuleWatcher._parse`), the
-same texts are loaded again with each of those files *held*: at its last
-good text, the one it had in the table served (kept after every swap:
-:mod:`~l4proxy.rules._last_good`), or left out where it had none (a new
-file, or a first load). If that loads, it goes live: the other files'
+Where every error is in some files read
+(:meth:`RuleWatcher._parse_refused`), the same texts are loaded again with
+each of those files *held*: at its last good text, the one it had in the
+table served (kept after every swap: :mod:`~l4proxy.rules._last_good`), or
+left out where it had none (a new file). If that loads, it goes live: the other files'
 changes are served, a canary's rollback in its own file among them, while
 the held files' errors are reported as any refused load's (the log, file
 and line, ``/config_dump``'s ``last_error``, ``l4proxy_rules_valid`` 0,
@@ -41,14 +41,24 @@ cannot be read (missing, a directory that cannot be listed, a file that
 cannot be opened: ConfigUnreadable, tried again after RETRY_FIRST seconds,
 doubling), where an error is of no file, where the held combination is
 refused too (a route moved to a new file while the old one is broken:
-twice in the combination), and where nothing would be left to serve (every
-file held, none with a last good text): Istio #5204, istio/api #586, a
-half-applied or invalid config took hosts down. A process's first load
+twice in the combination), where it would lose an object the table served
+has (kind, namespace and name: a file renamed with a typo, an object moved
+from a valid file into a new broken one; left out, it was served by
+neither its old version nor its new one, and the log names each such
+object and the file it was served from), and where nothing would be left
+to serve (every file held, none with a last good text): Istio #5204,
+istio/api #586, a half-applied or invalid config took hosts down. An
+object deleted on purpose beside a broken file goes so too: it stays
+served until the broken file is fixed. A process's first load
 that has no last good text at all, its own or shared (a sidecar starting,
 every worker at its first load), holds nothing back: it is refused whole
 (:class:`StartRefused`), and the sidecar is not ready until the files load
 as they are. Left out there, the new pod went ready routing without the
 broken file beside pods that serve its last good version (a fleet split).
+A first load with the texts the other workers serve (a worker restarted
+within a running sidecar) serves what they serve: the held combination
+where it loses none of their objects, else their texts whole, so that it
+agrees with workers that keep their whole last good table.
 A held file is served as it was or not at all, never half of its change:
 within a file a change applies whole or not at all. It stays held until
 it is fixed or deleted (deleted, its rules go with it).
@@ -104,13 +114,15 @@ import gc
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, load_rules
+from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, ObjectSummary, load_rules
 from l4proxy.rules._last_good import FileEntry, LastGood, Texts
 from l4proxy.rules._loader import RuleFiles, read_rules
 from l4proxy.rules.dns import (
@@ -129,6 +141,8 @@ RULE_SUFFIXES = (".yaml", ".yml", ".json")
 # Each entry: (path as found, path as resolved, st_dev, st_ino, st_size,
 # st_mtime_ns, st_ctime_ns, st_mode, st_uid); see _last_good.FileEntry
 Fingerprint = tuple[FileEntry, ...]
+# The objects of a table by (kind, namespace, name): the file each came from
+ServedObjects = dict[tuple[str, str, str], str | tuple[str, ...]]
 _GONE = (-1, -1, -1, -1, -1, -1, -1)
 # Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
 # objects parse in 1-3 s.
@@ -327,6 +341,11 @@ class Loaded:
     held: list[HeldFile] = field(default_factory=list)
     refused: ConfigError | None = None  # the files as they are: refused for this
     fallback_refused: ConfigError | None = None  # the held combination: refused for this
+    # the held combination loads but would lose these objects the table
+    # served has, each said with where it was served from (see _gone)
+    gone: list[str] = field(default_factory=list)
+    # the other workers' texts, loaded whole (a first load: _parse_shared)
+    shared: bool = False
 
 
 @dataclass
@@ -445,6 +464,9 @@ class RuleWatcher:
         self._late_tasks: set[asyncio.Task[None]] = set()
         self.state = RuleState(table=RouteTable.empty(), dns=self.dns)
         self.base = self.state.table  # as loaded: DNS endpoints still host names
+        # the objects of the table served (see served_objects): a held
+        # combination that would lose one is not served (see _parse_held)
+        self.served_objects: ServedObjects = {}
         self._fingerprint: Fingerprint | None = None
         self._retry_in = RETRY_FIRST  # the wait before the next try of an unreadable load
         self._retry_at: float | None = None  # time.monotonic() of that try; None: none due
@@ -660,30 +682,68 @@ class RuleWatcher:
     def _parse(self, fp: Fingerprint) -> Loaded:
         """Read, parse and compile the rule files, which *fp* describes (off
         the loop: no shared state touched; the last good texts are read).
-
-        Where the files as they are do not load and every error is in a file
-        read (not a path unreadable, a directory that cannot be listed, nor
-        an error of no file), the same texts are loaded again with each of
-        those files at its last good text, or left out where it has none:
-        the result says which files are held so, and why. Where that leaves
-        the files served as they are (its served digest is the one served
-        now: a broken file beside no other change), nothing new is loaded;
-        where it is refused too, the last good table keeps serving
-        (fallback_refused). Raises ConfigError where nothing of the files
-        can be served.
-        """
+        Where they do not load as they are, see :meth:`_parse_refused`."""
         read = read_rules(self.paths, read_pipes=False)
         entries = {e[0]: e for e in fp}
         try:
             result = load_rules(self.paths, namespace=self.namespace, domain=self.domain, read=read)
-        except ConfigUnreadable:
-            raise
         except ConfigError as exc:
-            broken = _broken_files(exc, read)
-            if not broken:
-                raise
-            return self._parse_held(read, exc, broken, fp, entries)
+            return self._parse_refused(read, exc, fp, entries)
         return Loaded(result, fp, _texts_of(read, entries))
+
+    def _parse_refused(
+        self,
+        read: RuleFiles,
+        refused: ConfigError,
+        fp: Fingerprint,
+        entries: Mapping[str, FileEntry],
+    ) -> Loaded:
+        """What is served when the files as they are were *refused*.
+
+        Where every error is in a file read (not a path unreadable, a
+        directory that cannot be listed, nor an error of no file), the same
+        texts are loaded again with each of those files at its last good
+        text, or left out where it has none (:meth:`_parse_held`): the
+        result says which files are held so, and why. Where that leaves the
+        files served as they are (its served digest is the one served now: a
+        broken file beside no other change), nothing new is loaded; where it
+        is refused too (fallback_refused), or where it would lose an object
+        the table served has (gone: an object moved into a broken file, a
+        file renamed with a typo), the last good table keeps serving.
+
+        A process's first load has no table of its own to keep. With no last
+        good text at all (a sidecar starting) it is refused
+        (:class:`StartRefused` where files are broken); with the texts the
+        other workers serve (a worker restarted within a running sidecar),
+        it serves what they serve: the held combination where that loses
+        none of their objects, else their texts whole (:meth:`_parse_shared`:
+        what they keep serving). Raises ConfigError where nothing can be
+        served.
+        """
+        last = self.last_good.get()
+        broken = [] if isinstance(refused, ConfigUnreadable) else _broken_files(refused, read)
+        first = self.state.generation == 0
+        if first and not last:
+            # Nothing served here yet and nothing shared: a sidecar starting
+            # (or a single process). Leaving the broken files out, its pod
+            # went ready serving without them beside pods that serve their
+            # last good versions; it is refused, as before per-file loading.
+            # (a file of its own where some would be left: else nothing to say)
+            left = any(path not in broken for path, _ in read.files)
+            raise StartRefused(refused, broken) if broken and left else refused
+        shared = self._parse_shared(refused, last, broken) if first else None
+        if broken:
+            objects = (
+                served_objects(shared.result.documents)
+                if shared and shared.result
+                else self.served_objects
+            )
+            loaded = self._parse_held(read, refused, broken, fp, entries, last, objects)
+            if loaded is not None and (loaded.result is not None or shared is None):
+                return loaded
+        if shared is not None:
+            return shared
+        raise refused  # no file left to serve, or unreadable: nothing of them is
 
     def _parse_held(
         self,
@@ -692,18 +752,15 @@ class RuleWatcher:
         broken: list[str],
         fp: Fingerprint,
         entries: Mapping[str, FileEntry],
-    ) -> Loaded:
-        """:meth:`_parse`'s second try: *read* with each file of *broken* at
-        its last good text, or left out."""
-        last = self.last_good.get()
-        if not last and self.state.generation == 0:
-            # Nothing served here yet and nothing shared: a sidecar starting
-            # (or a single process). Leaving the broken files out, its pod
-            # went ready serving without them beside pods that serve their
-            # last good versions; it is refused, as before per-file loading.
-            raise StartRefused(refused, broken)
+        last: Texts,
+        objects: ServedObjects,
+    ) -> Loaded | None:
+        """:meth:`_parse_refused`'s second try: *read* with each file of
+        *broken* at its last good text in *last*, or left out; None where no
+        file would be left. *objects*: those of the table served, none of
+        which the combination may lose."""
         if all(path in broken and path not in last for path, _ in read.files):
-            raise refused  # no file left to serve: nothing of them is
+            return None
         held = [
             HeldFile(
                 path,
@@ -729,7 +786,36 @@ class RuleWatcher:
             )
         except ConfigError as again:
             return Loaded(None, served, texts, held, refused, again)
+        gone = _gone(objects, result.documents, {e[0] for e in fp if e[2] != -1})
+        if gone:
+            return Loaded(None, served, texts, held, refused, gone=gone)
         return Loaded(result, served, texts, held, refused)
+
+    def _parse_shared(self, refused: ConfigError, last: Texts, broken: list[str]) -> Loaded | None:
+        """The texts the other workers serve (*last*, as shared, in the order
+        of their fingerprint: see :meth:`_swap`), loaded whole, for a first
+        load whose files as they are were *refused*: a worker restarted
+        while they keep their last good table. None where they do not load
+        (they were served: not in this process's namespace and domain)."""
+        try:
+            result = load_rules(
+                self.paths,
+                namespace=self.namespace,
+                domain=self.domain,
+                read=RuleFiles([(path, text) for path, (_, text) in last.items()]),
+            )
+        except ConfigError:
+            return None
+        held = [
+            HeldFile(
+                path,
+                tuple(str(d) for d in refused.errors if d.file == path),
+                last[path][0] if path in last else None,
+            )
+            for path in broken
+        ]
+        served = tuple(entry for entry, _ in last.values())
+        return Loaded(result, served, dict(last), held, refused, shared=True)
 
     def _parse_without_gc(self, fp: Fingerprint | None = None) -> Loaded:
         """:meth:`_parse` with the cyclic garbage collector paused.
@@ -774,13 +860,20 @@ class RuleWatcher:
         log.error("unexpected error while loading rules (a bug)", exc_info=exc)
         self._reject(f"internal error while loading the rules: {type(exc).__name__}: {exc}")
 
-    def _reject(self, why: str, errors: str | None = None, held: Sequence[HeldFile] = ()) -> None:
+    def _reject(
+        self,
+        why: str,
+        errors: str | None = None,
+        held: Sequence[HeldFile] = (),
+        keeping: str | None = None,
+    ) -> None:
         """The rules refused for *why* (/config_dump's ``last_error``: the
         loader's errors and warnings); the log says *errors* (those alone,
         where it is a ConfigError's) at ERROR, a line each: the warnings of
         a refused load are of rules that are not served. *held*: the files
         refused, where the others go live beside their last good versions
-        (then each line says what is served for its file)."""
+        (then each line says what is served for its file). *keeping*: what
+        is served instead (else the generation kept)."""
         st = self.state
         st.reload_failures += 1
         st.last_error = why
@@ -795,7 +888,8 @@ class RuleWatcher:
                 for line in h.errors:
                     log.error("rules rejected, %s: %s", serving, line)
             return
-        keeping = f"keeping generation {st.generation}" if st.generation else "none loaded yet"
+        if keeping is None:
+            keeping = f"keeping generation {st.generation}" if st.generation else "none loaded yet"
         for line in (why if errors is None else errors).splitlines():
             log.error("rules rejected, %s: %s", keeping, line)
 
@@ -816,6 +910,24 @@ class RuleWatcher:
             self._swap(loaded, first)
             return True
         self._retry_at, self._retry_in = None, RETRY_FIRST  # (an invalid file waits for a change)
+        if loaded.gone:
+            self._reject(str(refused), _errors_of(refused))
+            log.warning(
+                "rules: with %s, %d object(s) served would be gone: %s; the whole last good "
+                "table keeps serving (an object moved into a broken file, a file renamed "
+                "with an error? fix it)",
+                ", ".join(
+                    f"{h.path} at its last good version" if h.served else f"{h.path} left out"
+                    for h in loaded.held
+                ),
+                len(loaded.gone),
+                "; ".join(loaded.gone[:10]) + ("; ..." if len(loaded.gone) > 10 else ""),
+            )
+            return False
+        if loaded.shared:  # a first load: what the other workers keep serving
+            self._reject(str(refused), _errors_of(refused), keeping="serving the other workers'")
+            self._swap(loaded, first)
+            return True
         if loaded.fallback_refused is not None:
             self._reject(str(refused), _errors_of(refused))
             again = loaded.fallback_refused.errors
@@ -860,6 +972,7 @@ class RuleWatcher:
         assert result is not None
         st = self.state
         self.base = result.table
+        self.served_objects = served_objects(result.documents)
         if self.dns.track(self.base):
             self._dns_wake.set()  # (names *first* has no outcome for are due now)
         for name, (outcome, came) in (first or {}).items():
@@ -878,7 +991,10 @@ class RuleWatcher:
             st.last_error = None
             st.last_error_at = None
         self._hold(loaded.held)
-        self.last_good.keep(loaded.texts)
+        # (in the order of the fingerprint served: a worker that loads them
+        # whole, _parse_shared, gets the same digest)
+        texts = loaded.texts
+        self.last_good.keep({e[0]: texts[e[0]] for e in loaded.served if e[0] in texts})
         standing = 0
         for note, text in zip(result.notes, st.notes, strict=True):
             # a warning is of a rule not served as written (a route attached
@@ -906,7 +1022,8 @@ class RuleWatcher:
                 if h.served is not None
                 else f"; {h.path} left out"
                 for h in loaded.held
-            ),
+            )
+            + ("; as the other workers serve them" if loaded.shared else ""),
         )
         if self.on_swap:
             self.on_swap(st)
@@ -1003,6 +1120,37 @@ def _broken_files(error: ConfigError, read: RuleFiles) -> list[str]:
     if not broken or not broken <= set(files):
         return []
     return [path for path in files if path in broken]
+
+
+def served_objects(documents: Sequence[ObjectSummary]) -> ServedObjects:
+    """The objects of a table by their key (kind, namespace and name: what
+    Istio keys an object by), each with the file it came from (files, for
+    the rare key held twice: an Istio Gateway and a Gateway API one of one
+    name). Kept for the table served, in place of its documents: a third
+    of their memory (0.4 MB for 4,000 objects; the names are the table's)."""
+    out: ServedObjects = {}
+    for o in documents:
+        key = (sys.intern(o.kind), sys.intern(o.namespace), o.name)
+        had = out.get(key)
+        out[key] = o.file if had is None else (*_files(had), o.file)
+    return out
+
+
+def _files(where: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (where,) if isinstance(where, str) else where
+
+
+def _gone(served: ServedObjects, loaded: Sequence[ObjectSummary], files: set[str]) -> list[str]:
+    """The objects of *served* that *loaded* has fewer of, each as the log
+    says it: where it was served from, and whether that file is gone from
+    *files* (the paths found now) or no longer holds it."""
+    left = Counter((o.kind, o.namespace, o.name) for o in loaded)
+    out: list[str] = []
+    for (kind, namespace, name), where in served.items():
+        for file in _files(where)[left[kind, namespace, name] :]:
+            why = "which is gone" if file not in files else "which no longer holds it"
+            out.append(f"{kind} {namespace}/{name} (served from {file}, {why})")
+    return out
 
 
 def _texts_of(read: RuleFiles, entries: Mapping[str, FileEntry]) -> Texts:
