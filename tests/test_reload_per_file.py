@@ -23,6 +23,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -523,6 +524,79 @@ def test_two_workers_serve_a_change_beside_a_broken_file_and_a_restarted_one_agr
             )
             assert sc.stats()["l4proxy_rules_digest"] == held_digest
             assert set(sc.versions()) == {"v2"}
+
+
+def _last_good_memory(pid: int) -> str:
+    """The path of the supervisor's memory file of last good texts."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        with contextlib.suppress(OSError):
+            if "l4proxy-rules-last-good" in os.readlink(path):
+                return path
+    raise AssertionError(f"no memory file of last good texts in process {pid}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_worker_restarted_while_the_shared_texts_are_damaged_agrees_once_repaired(
+    tmp_path: Path, damage: str
+) -> None:
+    """route.yaml held at its last good version (v1 100) by both workers;
+    the memory file they share is truncated to nothing or overwritten with
+    garbage (a write that failed: both its versions lost; a writer killed
+    mid-write leaves the one before: see test_last_good), and worker 1 is
+    killed while worker 0 is stopped. The new
+    worker 1 finds no last good text: its first load is refused (it used
+    to leave route.yaml out, and write that). Worker 0, continued, finds
+    the file damaged and writes its texts again; worker 1 then loads
+    again with route.yaml at its last good version: one digest, every
+    request v1."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    rng = random.Random(7)
+    with backends() as (p1, p2):
+        write(rules / "registry.yaml", gateway_service(p1, p2, labels=("v1", "v2")))
+        write(rules / "route.yaml", route(100))
+        with sidecar(rules) as sc:
+            write(rules / "route.yaml", BROKEN)
+            write(rules / "more.yaml", other_service(1))
+            held_digest = 0
+
+            def both_hold() -> bool:
+                nonlocal held_digest
+                dump = json.loads(sc.get("/config_dump")[1])
+                held_digest = sc.stats()["l4proxy_rules_digest"]
+                return len(dump["held"]) == 1 and held_digest not in (-1, 0)
+
+            sc.until(both_hold, "held route.yaml")
+            memory = _last_good_memory(sc.proc.pid)
+            [survivor, victim] = sc.worker_pids()
+            os.kill(survivor, signal.SIGSTOP)
+            try:
+                with open(memory, "r+b") as f:
+                    size = len(f.read())
+                    if damage == "truncated":
+                        f.truncate(0)
+                    else:
+                        f.seek(0)
+                        f.write(rng.randbytes(size))
+                os.kill(victim, signal.SIGKILL)
+                sc.until(
+                    lambda: sum(" worker: listening: " in line for line in sc.log) == 3,
+                    "the new worker 1 through its first load",
+                )
+                assert any("[w1] rules rejected, none loaded yet" in line for line in sc.log)
+            finally:
+                os.kill(survivor, signal.SIGCONT)
+            sc.until(
+                lambda: (
+                    sc.stats()["l4proxy_workers"] == 2
+                    and sc.stats()["l4proxy_rules_digest"] == held_digest
+                ),
+                "both workers serving route.yaml's last good version",
+            )
+            assert set(sc.versions()) == {"v1"}
+            dump = json.loads(sc.get("/config_dump")[1])
+            assert [h["served"] for h in dump["held"]] == ["last good version"]
 
 
 def test_a_file_renamed_with_an_error_is_served_as_before_by_every_worker(

@@ -17,12 +17,37 @@ in :mod:`l4proxy.sidecar.supervisor`) that every worker it starts inherits
 (``--rules-last-good-fd``): each worker writes what it serves there after
 each swap, and a load that finds a file broken takes that file's last good
 text from there. A worker writes in a thread of its own (the texts of a big
-rule set take tens of milliseconds to encode: not on the event loop), the
-whole at once, under a POSIX record lock (``lockf``: per process, where
-flock's lock would be per open file description, which every worker
-shares), at offset 0 (``pwrite``: the file offset is shared too). The
-memory file holds what the latest writer served; a worker whose own latest
-is not written yet, or that cannot read the file, uses its own. A
+rule set take tens of milliseconds to encode: not on the event loop), under
+a POSIX record lock (``lockf``: per process, where flock's lock would be
+per open file description, which every worker shares), with ``pwrite`` at
+offsets of its own (the file offset is shared too).
+
+The file must survive a writer killed mid-write (the watchdog's SIGKILL, an
+OOM kill) and a write that fails: torn or emptied, it gave a worker started
+next no version of a broken file, and what that worker served and wrote
+then misled the others. So it holds two *slots*: at its start two headers
+(:data:`HEADER`: magic, sequence number, offset and length of a version,
+and a BLAKE2b-256 of those and the version's bytes), past them the versions
+they point to. A writer puts its version where it overlaps no byte of the
+newest complete one, then writes the header of the other slot, with the
+next sequence number; a reader takes the complete version (its digest
+matches) of the highest number. Killed before its header is whole, a
+writer leaves the newest version as it was; only what damages both slots
+(the file truncated, garbage written over it) leaves none. What lies past
+both versions is cut off after each write: the file holds three versions'
+bytes at most (two, and the room a larger one skipped).
+
+What a load gets (:meth:`LastGood.get`) is merged per path: the newer of
+the file's newest version and the worker's own (its own while its latest
+is not written yet, or where the file's is older than the one it wrote),
+and either one where the other lacks the path. A worker that finds no
+complete version where it has written one (damaged, or truncated to
+nothing) uses its own and writes them again; every worker looks at the
+file's size and headers at each poll of the rule files (:meth:`LastGood.due`,
+on the loop: no lock, two system calls) and, where they are not as it last
+saw them, checks the file in a thread (:meth:`LastGood.check`): so the file
+is repaired within one poll by any worker that served, and a worker whose
+first load found nothing loads again when the others' texts come. A
 single-process sidecar (and a watcher in a test) keeps its own alone.
 
 Nothing survives the supervisor: a sidecar started while a file is broken
@@ -34,11 +59,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("l4proxy.rules")
@@ -48,6 +76,27 @@ log = logging.getLogger("l4proxy.rules")
 FileEntry = tuple[str, str, int, int, int, int, int, int, int]
 # Per path as found: the entry a file's text was read at, and that text
 Texts = dict[str, tuple[FileEntry, str]]
+
+MAGIC = b"l4pxlg\x00\x01"  # (the last byte: the layout's version)
+# A slot's header: magic, sequence number, offset and length of its
+# version, and a BLAKE2b-256 of all four and the version's bytes
+HEADER = struct.Struct("<8sQQQ32s")
+SLOTS = 2
+DATA_AT = SLOTS * HEADER.size  # where the versions start
+
+
+class Damaged(Exception):
+    """The memory file holds bytes but no complete version."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """A complete version found in the memory file: its slot and place."""
+
+    seq: int
+    slot: int
+    offset: int
+    length: int
 
 
 class LastGood:
@@ -59,7 +108,13 @@ class LastGood:
         self.fd = fd
         self._own: Texts = {}
         self._kept = 0  # keep() calls so far
-        self._written = 0  # the last of them written to fd
+        self._written = 0  # the last of them written to fd (-1: none, to write again)
+        self._own_seq = 0  # the sequence number that write got
+        self._seen = 0  # the highest sequence number found in fd or written there
+        # the file's size and headers as last read or written here (changed():
+        # another worker wrote, or something damaged it)
+        self._shape: tuple[int, bytes] | None = None
+        self._writing = False  # a writer thread is started and not done
         self._lock = threading.Lock()  # fd's readers and writers in this process
 
     def keep(self, texts: Mapping[str, tuple[FileEntry, str]]) -> None:
@@ -67,20 +122,31 @@ class LastGood:
         to the shared memory file in a thread."""
         self._own = dict(texts)
         self._kept += 1
-        if self.fd is not None:
-            threading.Thread(
-                target=self._write, name="l4proxy-rules-last-good", daemon=True
-            ).start()
+        self._start_write()
 
     def get(self) -> Texts:
-        """The last good texts: the shared memory file's, unless this
-        process's latest is not written there yet or it cannot be read."""
+        """The last good texts: per path, the newer of the shared memory
+        file's and this process's own (its own while its latest is not
+        written there yet, or where the file's version is older than the
+        one it wrote), and either where the other lacks the path. A file
+        damaged or lost (no complete version where this process has written
+        one) gives this process's own, and they are written again."""
         with self._lock:
             own = self._own
-            if self.fd is None or self._written != self._kept:
+            if self.fd is None:
                 return own
             try:
-                data = self._read()
+                with _locked(self.fd, fcntl.LOCK_SH):
+                    got = newest(self.fd)
+                found, shared = (None, {}) if got is None else (got[0], _decode(got[1]))
+            except (Damaged, ValueError, TypeError, KeyError) as exc:
+                found, shared = None, {}
+                log.warning(
+                    "the rules' last good versions shared by the workers are damaged (%s); "
+                    "this worker's own are used%s",
+                    exc,
+                    " and written there again" if own else "",
+                )
             except OSError as exc:
                 log.warning(
                     "the rules' last good versions could not be read (%s); "
@@ -88,61 +154,198 @@ class LastGood:
                     exc,
                 )
                 return own
-        if not data:
-            return own
+            pending = self._written != self._kept
+            if found is None and own and not pending:
+                self._written = -1  # lost: write them again
+                pending = True
+            if found is not None:
+                self._seen = max(self._seen, found.seq)
+            own_newer = pending or found is None or found.seq < self._own_seq
+        if pending:
+            self._start_write()
+        newer, older = (own, shared) if own_newer else (shared, own)
+        merged = dict(newer)
+        for path, kept in older.items():
+            merged.setdefault(path, kept)
+        return merged
+
+    def due(self) -> bool:
+        """Whether :meth:`check` has something to do (on the loop: a stat and
+        one read of the headers, no lock): the file's size or headers are
+        not as this process last read or wrote them, or its latest texts
+        are to be written and no writer is at it."""
+        if self.fd is None:
+            return False
+        if self._written != self._kept and not self._writing:
+            return True
         try:
-            return _decode(data)
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning(
-                "the rules' last good versions could not be decoded (%s); "
-                "this worker's own are used",
-                exc,
-            )
-            return own
+            return _shape(self.fd) != self._shape
+        except OSError:
+            return False
+
+    def check(self) -> bool:
+        """Look at the memory file (in a thread): where it holds no complete
+        version and this process has texts written there, they are written
+        again (a worker killed mid-write, the file truncated: the others,
+        and a worker started next, must find them), as are its latest if
+        their write is due. True where the file holds a version this process
+        had not seen (a worker whose first load had none can load again)."""
+        if self.fd is None:
+            return False
+        with self._lock:
+            try:
+                with _locked(self.fd, fcntl.LOCK_SH):
+                    shape = _shape(self.fd)
+                    try:
+                        got = newest(self.fd)
+                    except Damaged:
+                        got = None
+                found = None if got is None else got[0]
+            except OSError as exc:
+                log.warning("the rules' last good versions could not be read (%s)", exc)
+                return False
+            self._shape = shape
+            fresh = found is not None and found.seq > self._seen
+            if found is not None:
+                self._seen = max(self._seen, found.seq)
+            elif self._kept and self._written == self._kept:
+                log.warning(
+                    "the rules' last good versions shared by the workers were lost "
+                    "(%d bytes, no complete version); this worker's are written there again",
+                    shape[0],
+                )
+                self._written = -1
+            pending = self._written != self._kept
+        if pending:
+            self._start_write()
+        return fresh
+
+    def flush(self) -> None:
+        """Write the latest kept texts now, in this thread (tests; a worker
+        has them written by keep()'s thread)."""
+        self._write()
+
+    def _start_write(self) -> None:
+        if self.fd is None:
+            return
+        self._writing = True
+        threading.Thread(target=self._write, name="l4proxy-rules-last-good", daemon=True).start()
 
     def _write(self) -> None:
         """Write the latest kept texts (whichever keep() started this thread:
-        a later one's may be written by an earlier thread, never the reverse)."""
+        a later one's may be written by an earlier thread, never the
+        reverse) as a new version: into the slot that does not hold the
+        newest complete one, its bytes where they overlap none of that
+        one's, its header last. A writer killed at any point leaves that
+        version whole, and a reader takes it."""
         assert self.fd is not None
-        with self._lock:
-            kept, texts = self._kept, self._own
-            if self._written == kept:
-                return
-            data = _encode(texts)
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX)
-                try:
-                    os.ftruncate(self.fd, 0)
-                    done = 0
-                    while done < len(data):
-                        done += os.pwrite(self.fd, data[done:], done)
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self.fd, 0)  # rather none than a torn one
-                    raise
-                finally:
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
-            except OSError as exc:  # (ENOMEM, ENOSPC: the others use their own)
-                log.warning("the rules' last good versions could not be shared (%s)", exc)
-                return
-            self._written = kept
-
-    def _read(self) -> bytes:
-        assert self.fd is not None
-        fcntl.lockf(self.fd, fcntl.LOCK_SH)
         try:
-            size = os.fstat(self.fd).st_size
-            parts: list[bytes] = []
-            got = 0
-            while got < size:
-                part = os.pread(self.fd, size - got, got)
-                if not part:
-                    break
-                parts.append(part)
-                got += len(part)
-            return b"".join(parts)
+            with self._lock:
+                kept, texts = self._kept, self._own
+                if self._written == kept:
+                    return
+                data = _encode(texts)
+                try:
+                    with _locked(self.fd, fcntl.LOCK_EX):
+                        seq = self._put(data)
+                except OSError as exc:  # (ENOMEM, ENOSPC: the others use their own)
+                    log.warning("the rules' last good versions could not be shared (%s)", exc)
+                    return
+                self._written, self._own_seq, self._seen = kept, seq, seq
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            self._writing = False
+
+    def _put(self, data: bytes) -> int:
+        """*data* written as the memory file's newest version (under the
+        lock); its sequence number."""
+        assert self.fd is not None
+        try:
+            got = newest(self.fd)
+        except Damaged:
+            got = None
+        last = None if got is None else got[0]
+        seq = max(self._seen, last.seq if last else 0) + 1
+        if last is None:
+            slot, offset = 0, DATA_AT
+        else:
+            slot = (last.slot + 1) % SLOTS
+            offset = (
+                DATA_AT
+                if DATA_AT + len(data) <= last.offset
+                else -(-(last.offset + last.length) // 8) * 8
+            )
+        _pwrite(self.fd, data, offset)
+        _pwrite(self.fd, _header(seq, offset, data), slot * HEADER.size)
+        end = max(offset + len(data), last.offset + last.length if last else 0)
+        if os.fstat(self.fd).st_size > end:
+            os.ftruncate(self.fd, end)  # (what is past both versions)
+        self._shape = _shape(self.fd)
+        return seq
+
+
+def newest(fd: int) -> tuple[Version, bytes] | None:
+    """The newest complete version in memory file *fd* (its header's digest
+    matches its bytes), and its bytes; None where the file is empty. Raises
+    Damaged where it holds bytes and no complete version."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    heads = _pread(fd, DATA_AT, 0)
+    candidates = []
+    for slot in range(SLOTS):
+        raw = heads[slot * HEADER.size : (slot + 1) * HEADER.size]
+        if len(raw) < HEADER.size:
+            continue
+        magic, seq, offset, length, digest = HEADER.unpack(raw)
+        if magic == MAGIC and offset >= DATA_AT and offset + length <= size:
+            candidates.append((seq, slot, offset, length, digest))
+    for seq, slot, offset, length, digest in sorted(candidates, reverse=True):
+        data = _pread(fd, length, offset)
+        if _digest(seq, offset, data) == digest:
+            return Version(seq, slot, offset, length), data
+    raise Damaged(f"{size} bytes, no complete version")
+
+
+def _digest(seq: int, offset: int, data: bytes) -> bytes:
+    h = hashlib.blake2b(MAGIC, digest_size=32)
+    h.update(struct.pack("<QQQ", seq, offset, len(data)))
+    h.update(data)
+    return h.digest()
+
+
+def _header(seq: int, offset: int, data: bytes) -> bytes:
+    return HEADER.pack(MAGIC, seq, offset, len(data), _digest(seq, offset, data))
+
+
+def _shape(fd: int) -> tuple[int, bytes]:
+    return os.fstat(fd).st_size, os.pread(fd, DATA_AT, 0)
+
+
+@contextlib.contextmanager
+def _locked(fd: int, how: int) -> Iterator[None]:
+    fcntl.lockf(fd, how)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        part = os.pread(fd, length - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _encode(texts: Mapping[str, tuple[FileEntry, str]]) -> bytes:

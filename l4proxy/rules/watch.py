@@ -156,6 +156,7 @@ LOAD_THREAD = "l4proxy-rules"
 HELD = "l4proxy_rules_files_held"
 FILE_HELD = "l4proxy_rules_file_held"
 STAT_THREAD = "l4proxy-rules-stat"  # see RuleWatcher._stat()
+LAST_GOOD_THREAD = "l4proxy-rules-last-good"  # see RuleWatcher._check_shared()
 
 T = TypeVar("T")
 
@@ -661,6 +662,22 @@ class RuleWatcher:
             )
             return None
 
+    async def _check_shared(self) -> None:
+        """The shared memory file of last good texts is not as this worker
+        last saw it, or a write of its own is due: checked in a thread
+        (:meth:`LastGood.check`: written again where it holds no complete
+        version). Where it holds a version this worker had not seen and its
+        first load was refused (a worker restarted while the file was
+        damaged: no last good text to be had), the rules are loaded again."""
+        try:
+            fresh = await in_a_daemon_thread(self.last_good.check, LAST_GOOD_THREAD)
+        except Exception:  # a bug: the next poll looks again
+            log.exception("unexpected error while checking the rules' shared last good versions")
+            return
+        if fresh and self.state.generation == 0:
+            log.info("rules: the other workers' last good versions are there now; loading again")
+            self._fingerprint = None
+
     def _still_for(self, fp: Fingerprint) -> float:
         """How much longer to wait before the files in *fp* have been still
         for ``settle`` seconds, counted from their newest mtime or ctime (a
@@ -1098,6 +1115,8 @@ class RuleWatcher:
         while True:
             await woken(self._wake, self.interval)
             self._wake.clear()
+            if self.last_good.due():
+                await self._check_shared()
             fp = await self._stat()
             if fp is None or (fp == self._fingerprint and not self._retry_due()):
                 continue
