@@ -18,7 +18,9 @@ beside an unrelated broken file, end to end with ``l4proxy canary``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import http.client
 import json
 import logging
@@ -31,8 +33,10 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,9 @@ from typing import Any
 import pytest
 
 import l4proxy.rules.watch as rulewatch
-from l4proxy.rules.watch import RuleWatcher
+from l4proxy.rules import ConfigError
+from l4proxy.rules._loader import RuleFiles
+from l4proxy.rules.watch import Loaded, RuleWatcher
 from tests._worker import gateway_service
 from tests.conftest import serving
 
@@ -306,6 +312,69 @@ def test_a_first_load_with_a_broken_file_and_nothing_shared_is_refused(
     assert said[-1].startswith(f"rules rejected, none loaded yet: {route_file} not left out")
     write(rules / "route.yaml", route(100))
     assert watcher.load_now() and weights(watcher) == {"v1": 100, "v2": 0}
+
+
+def _parse_garbage() -> dict[str, int]:
+    """What a full collection finds unreachable of a parse (its files, its
+    errors, the frames of the rules' modules), by type; the collector is
+    left as it was."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = Counter(
+            type(o).__name__
+            for o in gc.garbage
+            if isinstance(o, RuleFiles | ConfigError | Loaded)
+            or (isinstance(o, types.FrameType) and "l4proxy/rules/" in o.f_code.co_filename)
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    return found
+
+
+def test_refused_reloads_leave_nothing_for_the_cyclic_collector(
+    rules: Path, tmp_path: Path
+) -> None:
+    """A held reload kept its refusal (Loaded.refused), and that exception's
+    traceback the parse's frames, which held it: a cycle holding every
+    file's text, freed by a full collection only (the worker freezes what
+    it has before it collects: RSS grew 1.8 MB per 100 reloads); so did a
+    refusal handed from reload's thread. Five rounds of a held load that
+    goes live, one whose held combination is refused too, one that serves
+    nothing new (in load_now and in reload's thread) and a refusal whole
+    in the thread: a full collection then finds nothing of them."""
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    alone = tmp_path / "alone"  # one broken file, never loaded: refused whole
+    alone.mkdir()
+    write(alone / "route.yaml", BROKEN)
+    fresh = RuleWatcher([str(alone)], interval=3600, settle=0)
+
+    async def reloads(i: int) -> None:
+        write(rules / "more.yaml", other_service(1) + f"# {i}, again\n")
+        assert await watcher.reload()  # held, the other file live
+        assert not await watcher.reload()  # (nothing new to serve)
+        assert not await fresh.reload()
+
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(5):
+            write(rules / "route.yaml", BROKEN + f"# {i}\n")
+            write(rules / "more.yaml", other_service(1) + f"# {i}\n")
+            assert watcher.load_now()  # held, the other file live
+            write(rules / "moved.yaml", route(100))
+            assert not watcher.load_now()  # held, the route is there twice: refused
+            (rules / "moved.yaml").unlink()
+            assert not fresh.load_now()
+            asyncio.run(reloads(i))
+        assert (watcher.state.reload_failures, fresh.state.reload_failures) == (20, 10)
+        assert _parse_garbage() == {}
+    finally:
+        if was:
+            gc.enable()
 
 
 def _configmap(mount: Path, version: str, files: dict[str, str]) -> None:

@@ -203,6 +203,8 @@ def in_a_daemon_thread(fn: Callable[[], T], name: str = LOAD_THREAD) -> asyncio.
         value: Any
         try:
             ok, value = True, fn()
+        except ConfigError as exc:  # (a refusal: see bare)
+            ok, value = False, bare(exc)
         except Exception as exc:
             ok, value = False, exc
         try:
@@ -212,6 +214,23 @@ def in_a_daemon_thread(fn: Callable[[], T], name: str = LOAD_THREAD) -> asyncio.
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def bare(error: E) -> E:
+    """*error* without its traceback and the exceptions it was raised in: a
+    refusal kept (Loaded.refused) or handed from the load's thread. Its
+    traceback's frames hold what the parse read, every file's text, and
+    one of them holds the refusal itself: a cycle, freed by a full
+    collection only, which the worker puts off (it freezes what it has
+    before it collects: l4proxy.sidecar.lean). A ConfigError says all it
+    has to say in its diagnostics."""
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
+    return error
 
 
 def fingerprint(paths: Sequence[str]) -> Fingerprint:
@@ -486,6 +505,7 @@ class RuleWatcher:
         try:
             loaded = self._parse(fp)
         except ConfigError as exc:
+            bare(exc)
             self._reject(str(exc), _errors_of(exc))
             self._retry_later(exc)
             return False
@@ -532,6 +552,8 @@ class RuleWatcher:
         except asyncio.CancelledError:
             parse.cancel()  # stop(): what the thread makes, if it ends, is dropped
             raise
+        except ConfigError as exc:  # (re-raised here with this frame: see bare)
+            error = bare(exc)
         except Exception as exc:
             error = exc
         finally:
@@ -705,8 +727,10 @@ class RuleWatcher:
         try:
             result = load_rules(self.paths, namespace=self.namespace, domain=self.domain, read=read)
         except ConfigError as exc:
-            return self._parse_refused(read, exc, fp, entries)
-        return Loaded(result, fp, _texts_of(read, entries))
+            refused = bare(exc)  # (kept in Loaded)
+        else:
+            return Loaded(result, fp, _texts_of(read, entries))
+        return self._parse_refused(read, refused, fp, entries)
 
     def _parse_refused(
         self,
@@ -802,7 +826,7 @@ class RuleWatcher:
                 read=read.replaced({h.path: last[h.path][1] if h.served else None for h in held}),
             )
         except ConfigError as again:
-            return Loaded(None, served, texts, held, refused, again)
+            return Loaded(None, served, texts, held, refused, bare(again))
         gone = _gone(objects, result.documents, {e[0] for e in fp if e[2] != -1})
         if gone:
             return Loaded(None, served, texts, held, refused, gone=gone)
@@ -842,7 +866,9 @@ class RuleWatcher:
         they trigger took 150-300 ms each, with the GIL held: the loop stood
         still through them even with the parse in a thread. The loader's
         objects form no cycles (a dropped table leaves nothing to collect;
-        see test_rulewatch_reload), so reference counting frees them all
+        see test_rulewatch_reload; a refusal is kept and handed on without
+        its traceback, whose frames made one: see bare), so reference
+        counting frees them all
         and pausing the collector for the parse costs no memory; the next
         automatic collection sees only the new table (about 40,000 objects,
         5 ms).
