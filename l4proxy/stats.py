@@ -92,6 +92,13 @@ class Counters:
     def set(self, name: str, value: float, **labels: str) -> None:
         self._values[name][label_set(labels)] = value
 
+    def discard(self, name: str, **labels: str) -> None:
+        """Drop the series of *name* with *labels* (one of a thing gone: a
+        gauge left at 0 for ever, a series per name ever seen)."""
+        series = self._values.get(name)
+        if series is not None:
+            series.pop(label_set(labels), None)
+
     def get(self, name: str, **labels: str) -> float:
         return self._values.get(name, {}).get(label_set(labels), 0)
 
@@ -150,6 +157,10 @@ class LockedCounters(Counters):
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
             super().set(name, value, **labels)
+
+    def discard(self, name: str, **labels: str) -> None:
+        with self._lock:
+            super().discard(name, **labels)
 
     def snapshot(self) -> dict[str, dict[LabelSet, float]]:
         with self._lock:

@@ -10,10 +10,14 @@ itself with SIGKILL in the middle of its header.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import random
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -127,6 +131,59 @@ def test_a_damaged_file_gives_the_own_texts_and_is_written_again(memory: int, da
     assert one.get() == texts("a.yaml", version=2)
     one.flush()
     assert three.get() == texts("a.yaml", version=2)
+
+
+def in_a_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a thread, its result; fails where it has not returned in 10 s
+    (a lock waited for without end: the thread is left to it)."""
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), f"{fn} still waiting"
+    return got[0]
+
+
+def test_a_worker_stopped_with_the_lock_held_holds_no_other_up(
+    memory: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker stopped (SIGSTOP) with the record lock held: another's read
+    gives its own texts and its write gives up, each once lock_within has
+    passed (they waited for ever, and held that worker's next load up);
+    once the lock is free, its next check writes what it kept."""
+    one, two, three = LastGood(memory), LastGood(memory), LastGood(memory)
+    kept(one, texts("b.yaml"))
+    kept(two, texts("a.yaml"))
+    assert one.get() == {**texts("a.yaml"), **texts("b.yaml")}
+    one.lock_within = 0.05
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker stopped with the lock held
+        try:
+            fcntl.lockf(memory, fcntl.LOCK_EX)
+            os.write(tell, b"x")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        os.waitpid(pid, os.WUNTRACED)
+        with caplog.at_level(logging.DEBUG, logger="l4proxy.rules"):
+            assert in_a_thread(one.get) == texts("b.yaml")
+            one.keep(texts("b.yaml", version=2))
+            in_a_thread(one.flush)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert said == [
+            "the rules' last good versions could not be read (its lock not had within "
+            "0.05 s (a worker stopped with it held?)); this worker's own are used"
+        ]
+        assert one.due()  # (its write is still to be done)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not in_a_thread(one.check)
+    one.flush()
+    assert three.get() == texts("b.yaml", version=2)
 
 
 def test_the_file_stays_within_three_versions(memory: int) -> None:

@@ -129,16 +129,27 @@ def test_a_change_beside_an_unrelated_broken_file_goes_live(
     assert watcher.counters.get("l4proxy_rules_file_held", file=typo) == 1
 
 
-def test_a_broken_file_is_served_at_its_last_good_version_until_fixed(rules: Path) -> None:
+def test_a_broken_file_is_served_at_its_last_good_version_until_fixed(
+    rules: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """route.yaml loaded at 50/50, then saved broken beside a change of
     another file: the other file's change goes live with route.yaml as it
-    was (50/50); fixed, route.yaml goes live as it is and nothing is held."""
+    was (50/50), and the log says which version of it is served (its size
+    and mtime); fixed, route.yaml goes live as it is and nothing is held."""
     watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
     assert watcher.load_now()
+    os.utime(rules / "route.yaml", ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    assert watcher.load_now()  # (the version served: its mtime set)
     write(rules / "route.yaml", BROKEN)
     write(rules / "more.yaml", other_service(1))
-    assert watcher.load_now()
+    with caplog.at_level(logging.INFO, logger=rulewatch.log.name):
+        assert watcher.load_now()
     assert weights(watcher) == {"v1": 50, "v2": 50}
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said.startswith(
+        f"rules rejected, serving {rules / 'route.yaml'} as last loaded "
+        f"({len(route(50))} bytes, modified 2023-11-14T22:13:20Z): {rules / 'route.yaml'}:3:1: "
+    ), said
     assert watcher.state.table.service("other1.example.com") is not None
     [held] = watcher.state.to_json()["held"]
     assert held["file"] == str(rules / "route.yaml") and held["served"] == "last good version"
@@ -147,9 +158,33 @@ def test_a_broken_file_is_served_at_its_last_good_version_until_fixed(rules: Pat
     assert watcher.load_now()
     assert weights(watcher) == {"v1": 0, "v2": 100}
     st = watcher.state
-    assert (st.held, st.last_error, st.generation) == ([], None, 3)
+    assert (st.held, st.last_error, st.generation) == ([], None, 4)
     assert watcher.counters.get("l4proxy_rules_files_held") == 0
     assert watcher.counters.get("l4proxy_rules_file_held", file=str(rules / "route.yaml")) == 0
+
+
+def test_a_held_file_deleted_has_its_series_dropped(rules: Path) -> None:
+    """l4proxy_rules_file_held{file} of a held file: 1 while held, 0 once it
+    loads as it is, and no series at all once it is deleted (a series per
+    file name ever broken stayed at 0 for ever)."""
+    watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
+    assert watcher.load_now()
+    typo, other = rules / "typo.yaml", rules / "other.yaml"
+    write(typo, BROKEN)
+    write(other, BROKEN)
+    write(rules / "more.yaml", other_service(1))
+    assert watcher.load_now()
+
+    def series() -> dict[str, float]:
+        got = watcher.counters.snapshot().get("l4proxy_rules_file_held", {})
+        return {dict(labels)["file"]: value for labels, value in got.items()}
+
+    assert series() == {str(typo): 1, str(other): 1}
+    write(other, other_service(2))
+    typo.unlink()
+    assert watcher.load_now()
+    assert series() == {str(other): 0}
+    assert f'file="{typo}"' not in watcher.counters.render()
 
 
 def test_a_held_combination_that_does_not_load_keeps_the_whole_last_good_table(

@@ -20,7 +20,11 @@ text from there. A worker writes in a thread of its own (the texts of a big
 rule set take tens of milliseconds to encode: not on the event loop), under
 a POSIX record lock (``lockf``: per process, where flock's lock would be
 per open file description, which every worker shares), with ``pwrite`` at
-offsets of its own (the file offset is shared too).
+offsets of its own (the file offset is shared too). The lock is asked for
+without blocking, again and again for :data:`LOCK_WITHIN` seconds at most:
+a worker stopped with it held (SIGSTOP, a debugger) kept the others'
+writers and their next loads waiting for ever; past that a reader uses its
+own texts, and a writer tries again at the next poll.
 
 The file must survive a writer killed mid-write (the watchdog's SIGKILL, an
 OOM kill) and a write that fails: torn or emptied, it gave a worker started
@@ -58,6 +62,7 @@ has no last good text of any file, and its first load is refused (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -65,6 +70,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +89,9 @@ MAGIC = b"l4pxlg\x00\x01"  # (the last byte: the layout's version)
 HEADER = struct.Struct("<8sQQQ32s")
 SLOTS = 2
 DATA_AT = SLOTS * HEADER.size  # where the versions start
+# Seconds a reader or writer waits for the record lock: a writer holds it
+# for one write (milliseconds); past this the holder is stopped or stuck
+LOCK_WITHIN = 1.0
 
 
 class Damaged(Exception):
@@ -116,6 +125,8 @@ class LastGood:
         self._shape: tuple[int, bytes] | None = None
         self._writing = False  # a writer thread is started and not done
         self._lock = threading.Lock()  # fd's readers and writers in this process
+        self.lock_within = LOCK_WITHIN  # (see _locked)
+        self._failing = False  # the last read or write of fd failed (see _failed)
 
     def keep(self, texts: Mapping[str, tuple[FileEntry, str]]) -> None:
         """*texts* are served now (on the loop, at a swap): kept, and written
@@ -136,7 +147,7 @@ class LastGood:
             if self.fd is None:
                 return own
             try:
-                with _locked(self.fd, fcntl.LOCK_SH):
+                with _locked(self.fd, fcntl.LOCK_SH, self.lock_within):
                     got = newest(self.fd)
                 found, shared = (None, {}) if got is None else (got[0], _decode(got[1]))
             except (Damaged, ValueError, TypeError, KeyError) as exc:
@@ -148,12 +159,9 @@ class LastGood:
                     " and written there again" if own else "",
                 )
             except OSError as exc:
-                log.warning(
-                    "the rules' last good versions could not be read (%s); "
-                    "this worker's own are used",
-                    exc,
-                )
+                self._failed("could not be read (%s); this worker's own are used", exc)
                 return own
+            self._failing = False
             pending = self._written != self._kept
             if found is None and own and not pending:
                 self._written = -1  # lost: write them again
@@ -194,7 +202,7 @@ class LastGood:
             return False
         with self._lock:
             try:
-                with _locked(self.fd, fcntl.LOCK_SH):
+                with _locked(self.fd, fcntl.LOCK_SH, self.lock_within):
                     shape = _shape(self.fd)
                     try:
                         got = newest(self.fd)
@@ -202,8 +210,9 @@ class LastGood:
                         got = None
                 found = None if got is None else got[0]
             except OSError as exc:
-                log.warning("the rules' last good versions could not be read (%s)", exc)
+                self._failed("could not be read (%s)", exc)
                 return False
+            self._failing = False
             self._shape = shape
             fresh = found is not None and found.seq > self._seen
             if found is not None:
@@ -219,6 +228,14 @@ class LastGood:
         if pending:
             self._start_write()
         return fresh
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        """A read or write of the memory file failed: said at WARNING, once
+        until one succeeds (a worker stopped with the lock held fails each
+        poll), else at DEBUG."""
+        level = logging.DEBUG if self._failing else logging.WARNING
+        log.log(level, "the rules' last good versions " + what, exc)
+        self._failing = True
 
     def flush(self) -> None:
         """Write the latest kept texts now, in this thread (tests; a worker
@@ -246,11 +263,12 @@ class LastGood:
                     return
                 data = _encode(texts)
                 try:
-                    with _locked(self.fd, fcntl.LOCK_EX):
+                    with _locked(self.fd, fcntl.LOCK_EX, self.lock_within):
                         seq = self._put(data)
                 except OSError as exc:  # (ENOMEM, ENOSPC: the others use their own)
-                    log.warning("the rules' last good versions could not be shared (%s)", exc)
+                    self._failed("could not be shared (%s); tried again at the next poll", exc)
                     return
+                self._failing = False
                 self._written, self._own_seq, self._seen = kept, seq, seq
         finally:
             self._writing = False
@@ -322,8 +340,29 @@ def _shape(fd: int) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def _locked(fd: int, how: int) -> Iterator[None]:
-    fcntl.lockf(fd, how)
+def _locked(fd: int, how: int, within: float) -> Iterator[None]:
+    """*fd*'s record lock, *how* (LOCK_SH, LOCK_EX), asked for without
+    blocking until it is had, for *within* seconds at most: else
+    TimeoutError (an OSError: the caller uses its own texts, or writes
+    later). A blocking lockf waited for ever on a worker stopped (SIGSTOP,
+    a debugger) with the lock held, and the waiter held this process's
+    lock meanwhile: its next load waited too."""
+    deadline = time.monotonic() + within
+    pause = 0.001
+    while True:
+        try:
+            fcntl.lockf(fd, how | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"its lock not had within {within:g} s (a worker stopped with it held?)"
+            )
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
     try:
         yield
     finally:

@@ -31,9 +31,11 @@ left out where it had none (a new file). If that loads, it goes live: the other 
 changes are served, a canary's rollback in its own file among them, while
 the held files' errors are reported as any refused load's (the log, file
 and line, ``/config_dump``'s ``last_error``, ``l4proxy_rules_valid`` 0,
-``l4proxy_reload_failures_total``), and ``/config_dump``'s ``held`` and
+``l4proxy_reload_failures_total``; the log line of a held file says the
+size and mtime of the version served), and ``/config_dump``'s ``held`` and
 ``l4proxy_rules_files_held`` / ``l4proxy_rules_file_held{file}`` say which
-files are held and what is served for each. Where holding them leaves the
+files are held and what is served for each (a file's series is 0 once it
+loads as it is, and dropped once it is deleted). Where holding them leaves the
 files served as they are (a broken file beside no other change), no new
 table is made: the generation and digest stay, and the log says "keeping
 generation N" as before. The last good table is kept whole where a path
@@ -448,7 +450,7 @@ class RuleWatcher:
             FILE_HELD,
             "gauge",
             "1 while the rule file is served at its last good version or left out (its "
-            "text as it is refused), 0 once it loads as it is.",
+            "text as it is refused), 0 once it loads as it is; dropped once it is deleted.",
         )
         # The text of each file served, for a load that finds one broken;
         # *last_good_fd*: the memory file the supervisor shares with every
@@ -924,7 +926,7 @@ class RuleWatcher:
         if held:
             for h in held:
                 serving = (
-                    f"serving {h.path} as last loaded"
+                    f"serving {h.path} as last loaded ({_version(h.served)})"
                     if h.served is not None
                     else f"leaving out {h.path} (no version of it was loaded)"
                 )
@@ -983,21 +985,28 @@ class RuleWatcher:
             return False
         if loaded.result is None:  # nothing new to serve: the table is that already
             self._reject(str(refused), _errors_of(refused))
-            self._hold(loaded.held)
+            self._hold(loaded.held, loaded.served)
             return False
         self._reject(str(refused), _errors_of(refused), loaded.held)
         self._swap(loaded, first)
         return True
 
-    def _hold(self, held: list[HeldFile]) -> None:
+    def _hold(self, held: list[HeldFile], served: Fingerprint) -> None:
         """*held* are the files served at their last good version, or left
         out: /config_dump's held, and l4proxy_rules_files_held and
-        l4proxy_rules_file_held{file} in /stats."""
+        l4proxy_rules_file_held{file} in /stats. A file no longer held is 0
+        where it is served (*served*: as it is now), and its series dropped
+        where it is not (deleted: a series per file name ever broken)."""
         st = self.state
         now = {h.path for h in held}
+        there = {e[0] for e in served}
         for h in st.held:
-            if h.path not in now:
+            if h.path in now:
+                continue
+            if h.path in there:
                 self.counters.set(FILE_HELD, 0, file=h.path)
+            else:
+                self.counters.discard(FILE_HELD, file=h.path)
         for path in now:
             self.counters.set(FILE_HELD, 1, file=path)
         self.counters.set(HELD, len(held))
@@ -1033,7 +1042,7 @@ class RuleWatcher:
         if loaded.refused is None:  # (else _reject has said why, and it stands)
             st.last_error = None
             st.last_error_at = None
-        self._hold(loaded.held)
+        self._hold(loaded.held, loaded.served)
         # (in the order of the fingerprint served: a worker that loads them
         # whole, _parse_shared, gets the same digest)
         texts = loaded.texts
@@ -1207,6 +1216,12 @@ def _texts_of(read: RuleFiles, entries: Mapping[str, FileEntry]) -> Texts:
         for path, text in read.files
         if isinstance(text, str)
     }
+
+
+def _version(entry: FileEntry) -> str:
+    """A file's version as its fingerprint entry says it, for the log."""
+    modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[5] / 1e9))
+    return f"{entry[4]} bytes, modified {modified}"
 
 
 def _errors_of(error: ConfigError) -> str | None:
