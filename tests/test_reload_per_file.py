@@ -287,6 +287,25 @@ def test_a_first_load_with_the_others_texts_serves_what_they_keep_serving(rules:
     assert restarted.state.last_error is not None  # (the files as they are: refused)
 
 
+def test_a_first_load_of_the_others_texts_tries_an_unreadable_path_again(
+    rules: Path, tmp_path: Path
+) -> None:
+    """A path the workers load is gone (unreadable: they keep their table and
+    try again after RETRY_FIRST); a worker restarted then serves their
+    texts, and tries the path again as they do (what fixes it may leave
+    every stat as it was)."""
+    extra = tmp_path / "extra.yaml"
+    write(extra, other_service(3))
+    watcher = RuleWatcher([str(rules), str(extra)], interval=3600, settle=0)
+    assert watcher.load_now()
+    extra.unlink()
+    assert not watcher.load_now() and watcher._retry_at is not None
+    restarted = RuleWatcher([str(rules), str(extra)], interval=3600, settle=0)
+    restarted.last_good = watcher.last_good
+    assert restarted.load_now() and restarted.state.digest == watcher.state.digest
+    assert restarted._retry_at is not None
+
+
 def test_a_new_broken_file_alone_changes_nothing_served_and_is_named(rules: Path) -> None:
     """A broken file beside no other change: no new generation (the table
     would be the one served), the digest as it was, the error reported and

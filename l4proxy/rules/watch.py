@@ -27,18 +27,19 @@ Where every error is in some files read
 (:meth:`RuleWatcher._parse_refused`), the same texts are loaded again with
 each of those files *held*: at its last good text, the one it had in the
 table served (kept after every swap: :mod:`~l4proxy.rules._last_good`), or
-left out where it had none (a new file). If that loads, it goes live: the other files'
-changes are served, a canary's rollback in its own file among them, while
-the held files' errors are reported as any refused load's (the log, file
-and line, ``/config_dump``'s ``last_error``, ``l4proxy_rules_valid`` 0,
-``l4proxy_reload_failures_total``; the log line of a held file says the
-size and mtime of the version served), and ``/config_dump``'s ``held`` and
-``l4proxy_rules_files_held`` / ``l4proxy_rules_file_held{file}`` say which
-files are held and what is served for each (a file's series is 0 once it
-loads as it is, and dropped once it is deleted). Where holding them leaves the
-files served as they are (a broken file beside no other change), no new
-table is made: the generation and digest stay, and the log says "keeping
-generation N" as before. The last good table is kept whole where a path
+left out where it had none (a new file). If that loads, it goes live: the
+other files' changes are served, a canary's rollback in its own file among
+them, while the held files' errors are reported as any refused load's (the
+log, file and line, ``/config_dump``'s ``last_error``,
+``l4proxy_rules_valid`` 0, ``l4proxy_reload_failures_total``; the log line
+of a held file says the size and mtime of the version served), and
+``/config_dump``'s ``held`` and ``l4proxy_rules_files_held`` /
+``l4proxy_rules_file_held{file}`` say which files are held and what is
+served for each (a file's series is 0 once it loads as it is, and dropped
+once it is deleted). Where holding them leaves the files served as they
+are (a broken file beside no other change), no new table is made: the
+generation and digest stay, and the log says "keeping generation N" as
+before. The last good table is kept whole where a path
 cannot be read (missing, a directory that cannot be listed, a file that
 cannot be opened: ConfigUnreadable, tried again after RETRY_FIRST seconds,
 doubling), where an error is of no file, where the held combination is
@@ -51,19 +52,24 @@ object and the file it was served from), and where nothing would be left
 to serve (every file held, none with a last good text): Istio #5204,
 istio/api #586, a half-applied or invalid config took hosts down. An
 object deleted on purpose beside a broken file goes so too: it stays
-served until the broken file is fixed. A process's first load
-that has no last good text at all, its own or shared (a sidecar starting,
-every worker at its first load), holds nothing back: it is refused whole
-(:class:`StartRefused`), and the sidecar is not ready until the files load
-as they are. Left out there, the new pod went ready routing without the
-broken file beside pods that serve its last good version (a fleet split).
-A first load with the texts the other workers serve (a worker restarted
-within a running sidecar) serves what they serve: the held combination
-where it loses none of their objects, else their texts whole, so that it
-agrees with workers that keep their whole last good table.
-A held file is served as it was or not at all, never half of its change:
-within a file a change applies whole or not at all. It stays held until
-it is fixed or deleted (deleted, its rules go with it).
+served until the broken file is fixed. A held file is served as it was or
+not at all, never half of its change: within a file a change applies
+whole or not at all. It stays held until it is fixed or deleted (deleted,
+its rules go with it).
+
+A process's first load that has no last good text at all, its own or
+shared (a sidecar starting, every worker at its first load), holds
+nothing back: it is refused whole (:class:`StartRefused`), and the sidecar
+is not ready until the files load as they are. Left out there, the new pod
+went ready routing without the broken file beside pods that serve its
+last good version (a fleet split). A first load with the texts the other
+workers serve (a worker restarted within a running sidecar) serves what
+they serve: the held combination where it loses none of their objects,
+else their texts whole, so that it agrees with workers that keep their
+whole last good table (and, where a path cannot be read, tries again as
+they do). One that found nothing shared where they have served (the
+memory file damaged) loads again once they have written it again
+(:meth:`RuleWatcher._check_shared`).
 
 A reload is parsed and compiled off the accept path: in a thread
 (:meth:`RuleWatcher.reload`), while the event loop keeps accepting and
@@ -770,8 +776,9 @@ class RuleWatcher:
             # Nothing served here yet and nothing shared: a sidecar starting
             # (or a single process). Leaving the broken files out, its pod
             # went ready serving without them beside pods that serve their
-            # last good versions; it is refused, as before per-file loading.
-            # (a file of its own where some would be left: else nothing to say)
+            # last good versions; it is refused, as before per-file loading
+            # (StartRefused says why where some file would have been left to
+            # serve; where none would, the files' errors are the reason).
             left = any(path not in broken for path, _ in read.files)
             raise StartRefused(refused, broken) if broken and left else refused
         shared = self._parse_shared(refused, last, broken) if first else None
@@ -972,6 +979,7 @@ class RuleWatcher:
         if loaded.shared:  # a first load: what the other workers keep serving
             self._reject(str(refused), _errors_of(refused), keeping="serving the other workers'")
             self._swap(loaded, first)
+            self._retry_later(refused)  # (unreadable: tried again, as they do)
             return True
         if loaded.fallback_refused is not None:
             self._reject(str(refused), _errors_of(refused))
