@@ -243,15 +243,16 @@ def describe_exit(code: int) -> str:
 
 def _last_good_memory() -> int | None:
     """A memory file for the workers' rule files' last good versions (see
-    _last_good_argv); None where there is none: then each worker keeps its
-    own, and one restarted while a file is broken serves without it. (Not
-    l4proxy.rules._last_good's to make: the supervisor imports no rules.)"""
+    _last_good_argv), empty: its layout and checks are
+    l4proxy.rules._last_good's (the supervisor imports no rules). None
+    where there is none: then each worker keeps its own, and one restarted
+    while a file is broken has none to load (its first load is refused)."""
     try:
         return os.memfd_create("l4proxy-rules-last-good", os.MFD_CLOEXEC)
     except OSError as exc:
         log.warning(
             "no memory file for the rule files' last good versions (%s): a worker "
-            "restarted while a rule file is broken serves without that file",
+            "restarted while a rule file is broken is not ready until the file is fixed",
             exc,
         )
         return None
