@@ -66,7 +66,9 @@ round-robin, random or least-connections order of the endpoints (by
 connections routed at L4 and the tunnels in the pump, until they end). A
 rule swap or an endpoint failure calls :meth:`HttpRelay.invalidate` (a
 relaxed atomic increment the loop checks per lookup): the next request asks
-Python again.
+Python again. A keep-alive connection's request with the method, target and
+Host of one before it takes its last hit's verdict without the lookup, when
+the lookup would find it again (``last_verdict()``).
 Without ``resolve``, ``decide`` is asked for every request (tests; the
 verdict is then one ordered choice, used once).
 
@@ -631,6 +633,7 @@ cdef enum:
     MAX_BUCKETS = 24
     CACHE_SLOTS = 4096        # power of two
     CACHE_MAX = 2048          # entries before the cache is cleared
+    LINE_MAX = 512            # the longest method SP target an entry keeps (Entry.line)
     ROWS_SLOTS = 1024         # power of two
     REPLAY_LIMIT = 65536
     MAX_OUTCOMES = 1024
@@ -1573,6 +1576,10 @@ cdef struct Entry:
     uint32_t origin        # an origin's class entry: its origin id
     double expires
     int64_t epoch
+    char *line             # a verdict entry's: the method SP target of a head that found
+    uint32_t line_len      # it while R.cache_gen was line_gen (malloc'ed, line_cap bytes;
+    uint32_t line_cap      # last_verdict())
+    uint64_t line_gen
     unsigned char asked    # expired, and one request went to Python for it
 
 cdef struct Conn:
@@ -1593,6 +1600,9 @@ cdef struct Conn:
     uint32_t lflags        # the access log's bits of the current request (LF_*)
     LogConn *lg            # the access log's (NULL: it is off)
     Fwd_ *fwd              # a gateway listener's forwarding headers (NULL: none; fwd_conn())
+    Entry *last_shape      # the last cache hit's shape entry and verdict entry
+    Entry *last_verdict    # (NULL: none), valid while R.cache_gen is last_gen
+    uint64_t last_gen      # (last_verdict())
     Buf inb                # client bytes not consumed; a head starts at 0
     Buf out                # to the client
     Scanner s
@@ -1805,6 +1815,7 @@ cdef struct Relay:
     Entry *cache
     int cache_used
     int64_t cache_epoch
+    uint64_t cache_gen     # bumped by every cache_put() and cache_clear()
     Row *rows
     int rows_used
     uint64_t rng
@@ -2869,14 +2880,18 @@ cdef void verdict_free(Verdict_ *v) noexcept nogil:
 
 cdef void cache_clear(Relay *R) noexcept nogil:
     cdef int i
+    R.cache_gen += 1  # (a connection's last entries may be gone: last_verdict())
     for i in range(CACHE_SLOTS):
         if R.cache[i].key != NULL:
             free(R.cache[i].key)
             verdict_free(R.cache[i].v)
             free(R.cache[i].tests)
+            free(R.cache[i].line)
             R.cache[i].key = NULL
             R.cache[i].v = NULL
             R.cache[i].tests = NULL
+            R.cache[i].line = NULL
+            R.cache[i].line_cap = 0
     R.cache_used = 0
 
 
@@ -2922,6 +2937,7 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
     both, freed here if they are not kept."""
     cdef uint32_t i
     cdef Entry *e
+    R.cache_gen += 1  # (an entry added or replaced: last_verdict())
     if epoch != L4R_LOAD(&R.epoch) or epoch != R.cache_epoch:
         verdict_free(v)  # resolved against a table that is gone already
         free(tests)
@@ -6265,6 +6281,8 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef char key[2048]
     cdef Py_ssize_t n, p
     cdef Entry *e
+    cdef Entry *se
+    cdef Verdict_ *v
     cdef int i, failed
     cdef Chunked *rck
     if c.s.method_start:  # empty lines came before the request line
@@ -6330,14 +6348,19 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     if R.decide_only:
         ask_python(R, c, N_RESOLVE)
         return
+    v = last_verdict(R, c, b, &h, now)
+    if v != NULL:
+        L4R_ADD(&R.ctr[<int>CT_CACHE_HITS], 1)
+        apply_verdict(R, c, v, now)
+        return
     # what requests to this origin and Host are routed by, then the verdict
     n = make_key(R, c, b, &h, key, sizeof(key), SHAPE_ONLY)
-    e = NULL
+    se = NULL
     if n >= 0:
-        e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now, True)
-    if e != NULL:
-        n = make_key(R, c, b, &h, key, sizeof(key), e.shape, e.tests)
-        e = NULL
+        se = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now, True)
+    e = NULL
+    if se != NULL:
+        n = make_key(R, c, b, &h, key, sizeof(key), se.shape, se.tests)
         if n >= 0:
             e = cache_get(R, key, <size_t>n, key_hash(key, <size_t>n), now)
     if e == NULL or e.v == NULL:
@@ -6345,7 +6368,80 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         ask_python(R, c, N_RESOLVE)
         return
     L4R_ADD(&R.ctr[<int>CT_CACHE_HITS], 1)
+    c.last_shape = se
+    c.last_verdict = e
+    c.last_gen = R.cache_gen
+    if e.line_gen != R.cache_gen:
+        keep_line(R, e, b, &h)
     apply_verdict(R, c, e.v, now)
+
+
+# -- the connection's last verdict --------------------------------------------
+#
+# A keep-alive connection's requests mostly repeat the one before it: the
+# same method, target and Host. The lookup (on_head()) makes the shape
+# entry's key, hashes it and probes the cache, then the verdict's key (which
+# tests of the shape entry the target passes), hashes and probes again:
+# ~600 instructions. last_verdict() finds the same verdict with two
+# comparisons, from what each side keeps between requests:
+#
+# * the connection: the shape entry and verdict entry of its last cache hit,
+#   and R.cache_gen then (c.last_shape, c.last_verdict, c.last_gen: 24
+#   bytes; no bytes of its last head, 10k idle connections hold these);
+# * the verdict entry: the method SP target of a head that found it while
+#   R.cache_gen had its value now (Entry.line, line_gen: written by the
+#   first hit in each generation, keep_line()).
+#
+# R.cache_gen is bumped by every cache_put() and cache_clear(): while it
+# holds, no entry was added, replaced or freed, so a lookup finds what it
+# found before. A head with the entry's origin and Host (its key's first
+# bytes), and the line's method and target, makes the key the head of that
+# line made with the same shape entry (the one of that origin and Host,
+# which the connection's last hit found in the same generation): make_key()
+# reads nothing else when no key header is configured (R.n_keys 0; with key
+# headers the lookup runs, as routes matching on headers are the rarer
+# tables). So the lookup would find this verdict entry, when both entries
+# are live: an expired one, or a shape entry served stale, takes the lookup
+# (which asks Python for them), as does an epoch the cache is not at (the
+# lookup clears it). A hit is the lookup's hit, counted as one.
+
+
+cdef inline Verdict_ *last_verdict(Relay *R, Conn *c, const unsigned char *b, Head *h,
+                                   double now) noexcept nogil:
+    """The verdict of c's last cache hit, when the lookup of this head would
+    find it again; NULL: look it up (see above)."""
+    cdef Entry *se = c.last_shape
+    cdef Entry *e = c.last_verdict
+    cdef Py_ssize_t rl = h.te - h.ms, hn = h.host_e - h.host_s
+    if e == NULL or c.last_gen != R.cache_gen or e.line_gen != R.cache_gen or R.n_keys \
+            or L4R_LOAD(&R.epoch) != R.cache_epoch \
+            or not (se.expires > now and e.expires > now):
+        return NULL
+    if rl != <Py_ssize_t>e.line_len or <Py_ssize_t>e.key_len <= 5 + hn or e.key[5 + hn] != 0 \
+            or memcmp(e.line, b + h.ms, <size_t>rl) != 0 \
+            or memcmp(e.key + 5, b + h.host_s, <size_t>hn) != 0 \
+            or memcmp(e.key, &c.origin, 4) != 0:
+        return NULL
+    return e.v
+
+
+cdef void keep_line(Relay *R, Entry *e, const unsigned char *b, Head *h) noexcept nogil:
+    """Keep this head's method SP target in the verdict entry e, which the
+    lookup found for it in the cache's current generation (a line longer
+    than LINE_MAX, or no memory: none kept, last_verdict() then misses)."""
+    cdef size_t rl = <size_t>(h.te - h.ms)
+    cdef char *p
+    if rl > LINE_MAX:
+        return
+    if rl > e.line_cap:
+        p = <char*>realloc(e.line, rl)
+        if p == NULL:
+            return
+        e.line = p
+        e.line_cap = <uint32_t>rl
+    memcpy(e.line, b + h.ms, rl)
+    e.line_len = <uint32_t>rl
+    e.line_gen = R.cache_gen
 
 
 cdef void head_step(Relay *R, Conn *c, double now) noexcept nogil:
