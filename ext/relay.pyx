@@ -2036,14 +2036,23 @@ cdef extern from *:
     const uint32_t MASK_STALE "L4R_MASK_STALE"
 
 
-cdef int set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
+cdef inline int set_mask(Relay *R, int fd, uint32_t *mask, uint32_t want,
+                         void *ptr) noexcept nogil:
     """Watch fd for *want*; -1 (the mask as it was, errno set) when epoll
     refuses (ENOMEM, ENOSPC at max_user_watches, EPERM: not pollable): the
-    caller gives the fd up, which would otherwise never be woken."""
-    cdef sys_.epoll_event ev
-    cdef int r = 0
+    caller gives the fd up, which would otherwise never be woken. Inline,
+    the test alone: most calls (interest() after each step) want what is
+    watched already, and paid a call and the stack protector's canary
+    (its epoll_event is on the stack) for the test."""
     if mask[0] == want:
         return 0
+    return epoll_set(R, fd, mask, want, ptr)
+
+
+cdef int epoll_set(Relay *R, int fd, uint32_t *mask, uint32_t want, void *ptr) noexcept nogil:
+    """set_mask()'s epoll_ctl(), where the mask changes."""
+    cdef sys_.epoll_event ev
+    cdef int r = 0
     ev.events = want
     ev.data.ptr = ptr
     if mask[0] == 0:
