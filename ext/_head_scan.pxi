@@ -100,6 +100,24 @@ cdef struct Scanner:
     Py_ssize_t steps  # work done: loop turns + bytes handed to memchr (tests)
 
 
+# Where scan_into() found a head's header lines: line i's colon and LF
+# (offsets into the buffer, as the Scanner's), for a reader of the lines
+# after it (the relay's summarize()) not to find them again with memchr.
+# One per scanning thread, not per Scanner: it holds the lines one call
+# judged, for the head of the Scanner that call scanned (lines_whole():
+# all of that head's when its lines all came in that call).
+cdef enum:
+    MAX_LINES = 32
+
+cdef struct Lines:
+    const Scanner *owner   # whose head (scan_into()'s Scanner)
+    Py_ssize_t first       # where the first line recorded starts (-1: the
+                           # head's first, not reached at the call's start)
+    int n                  # lines recorded; -1: more than MAX_LINES
+    Py_ssize_t colon[MAX_LINES]
+    Py_ssize_t lf[MAX_LINES]
+
+
 cdef const char* HTTP_SLASH = b"HTTP/"
 cdef const char* H2_PREFACE_LINE = b"PRI * HTTP/2.0"
 
@@ -429,8 +447,10 @@ cdef inline bint has_dot_segment(const unsigned char* buf, Py_ssize_t a,
     return False
 
 
-cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
-    """0 if buf[start:end] (non-empty, CR stripped) is a header line, else why not.
+cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
+                           Py_ssize_t* colon) noexcept nogil:
+    """0 if buf[start:end] (non-empty, CR stripped) is a header line (colon:
+    where its colon is), else why not.
 
     Same checks, same order, as _header_line_error() in _peek_py.py.
     """
@@ -446,6 +466,7 @@ cdef int check_header_line(const unsigned char* buf, Py_ssize_t start, Py_ssize_
         return E_NO_COLON
     if buf[i] != COLON:
         return E_NAME_CHAR
+    colon[0] = i
     i += 1
     if not field_ok(buf + i, end - i):
         return E_VALUE_CHAR
@@ -486,17 +507,27 @@ cdef bint request_line_at_once(Scanner* s, const unsigned char* buf, Py_ssize_t 
     return True
 
 
-cdef int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept nogil:
+cdef inline int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept nogil:
     """Advance over buf[s.pos:limit]: NEED_MORE, COMPLETE or an error code.
 
     Mirrors HeadParser._scan() in _peek_py.py (the request line at once when
     it is plain, request_line_at_once()).
     """
-    cdef Py_ssize_t pos = s.pos, start, end, i
+    return scan_into(s, buf, limit, NULL)
+
+
+cdef int scan_into(Scanner* s, const unsigned char* buf, Py_ssize_t limit,
+                   Lines* L) noexcept nogil:
+    """scan(), noting in L (when not NULL) the header lines this call judges."""
+    cdef Py_ssize_t pos = s.pos, start, end, i, colon = 0
     cdef const unsigned char* lf
     cdef unsigned char c
     cdef int state = s.state
     cdef int code = NEED_MORE
+    if L != NULL:
+        L.owner = s
+        L.first = s.line_start if state == S_HEADERS else -1
+        L.n = 0
     if state == S_EMPTY and pos == 0 and limit > 0 and TCHAR[buf[0]] \
             and request_line_at_once(s, buf, limit):
         pos = s.pos
@@ -518,9 +549,16 @@ cdef int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noexcept n
                 s.head_length = i + 1
                 code = COMPLETE
                 break
-            code = check_header_line(buf, start, end)
+            code = check_header_line(buf, start, end, &colon)
             if code != 0:
                 break
+            if L != NULL:
+                if 0 <= L.n < MAX_LINES:
+                    L.colon[L.n] = colon
+                    L.lf[L.n] = i
+                    L.n += 1
+                else:
+                    L.n = -1
             pos = i + 1
             s.line_start = pos
             continue
@@ -747,20 +785,35 @@ cdef inline bint next_field(const unsigned char* buf, Py_ssize_t p, Py_ssize_t e
     """The header line starting at p of a head scanned COMPLETE (end: its
     length); False at the empty line that ends it (f.lf is then its LF).
     The lines were validated as they arrived: this only splits them."""
-    cdef Py_ssize_t i, le, colon
+    cdef Py_ssize_t i, le
     i = <const unsigned char*>memchr(buf + p, LF, <size_t>(end - p)) - buf
     f.ls = p
     f.lf = i
     le = i - 1 if (i > p and buf[i - 1] == CR) else i
     if le == p:
         return False
-    colon = <const unsigned char*>memchr(buf + p, COLON, <size_t>(le - p)) - buf
+    field_at(buf, p, <const unsigned char*>memchr(buf + p, COLON, <size_t>(le - p)) - buf,
+             i, f)
+    return True
+
+
+cdef inline void field_at(const unsigned char* buf, Py_ssize_t p, Py_ssize_t colon,
+                          Py_ssize_t lf, Field* f) noexcept nogil:
+    """The header line from p to its LF (lf), whose colon is at colon: where
+    scan_into() found them (Lines), or next_field()."""
+    f.ls = p
+    f.lf = lf
     f.ns = p
     f.ne = colon
     f.vs = colon + 1
-    f.ve = le
+    f.ve = lf - 1 if buf[lf - 1] == CR else lf
     while f.vs < f.ve and is_ows(buf[f.vs]):
         f.vs += 1
     while f.ve > f.vs and is_ows(buf[f.ve - 1]):
         f.ve -= 1
-    return True
+
+
+cdef inline bint lines_whole(const Lines* L, const Scanner* s) noexcept nogil:
+    """Whether L holds every header line of s's head, scanned COMPLETE by
+    the call that filled L (its lines came in that call)."""
+    return L.owner == s and L.n >= 0 and (L.first < 0 or L.first == s.headers_start)

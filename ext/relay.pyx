@@ -1794,6 +1794,7 @@ cdef struct Relay:
                            # endpoint_settings)
     # loop thread
     char *scratch
+    Lines lines            # head_step()'s scan's header lines (summarize())
     Conn *need_head
     Conn *need_tail
     EP *kick_head          # endpoints whose waiting requests may go (serve_pending)
@@ -2538,12 +2539,15 @@ cdef struct Head:
     bint xfp
 
 
-cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noexcept nogil:
+cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h,
+                    const Lines *L) noexcept nogil:
     """What the fast path needs from a complete head (mirrors build() in peek.pyx);
     with h.n_xff 0 (not -1: the caller's), a gateway listener's, whose
-    forwarding headers' lines are noted too (fwd_field())."""
+    forwarding headers' lines are noted too (fwd_field()). Its header lines
+    where the scan found them (L: every one, lines_whole()), or split again
+    (L NULL: next_field())."""
     cdef Py_ssize_t p = s.headers_start, i, ls, ns, ne, vs, ve, k
-    cdef int j
+    cdef int j, li = 0
     cdef int t
     cdef Field f
     h.ms = s.method_start
@@ -2563,10 +2567,19 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h) noe
     h.n_drop = 0
     h.drop_overflow = h.names_fields = False
     h.keys_repeated = False
-    for j in range(MAX_KEY_HEADERS):  # every slot: a test never reads one unset
+    # the key headers' slots (a test reads one of them: _tests() takes no
+    # header but a key's, and a new set of keys clears the cache, _set_keys)
+    for j in range(R.n_keys):
         h.key_s[j] = -1
         h.key_e[j] = -1
-    while next_field(buf, p, s.head_length, &f):
+    while True:
+        if L != NULL:
+            if li == L.n:
+                break
+            field_at(buf, p, L.colon[li], L.lf[li], &f)
+            li += 1
+        elif not next_field(buf, p, s.head_length, &f):
+            break
         ls = f.ls
         i = f.lf
         ns = f.ns
@@ -6259,7 +6272,7 @@ cdef char *_LOCAL_503_CONNECT_KEEP10 = NULL
 cdef size_t _LOCAL_503_CONNECT_KEEP10_LEN = 0
 
 
-cdef void drop_empty_lines(Conn *c) noexcept nogil:
+cdef void drop_empty_lines(Relay *R, Conn *c) noexcept nogil:
     """Drop the empty lines (CRLF or a bare LF) that scan() skipped before
     the request line (RFC 9112 §2.2: a server SHOULD ignore them; Envoy
     never sends them on) from c.inb, and move the scanner's offsets with
@@ -6271,9 +6284,15 @@ cdef void drop_empty_lines(Conn *c) noexcept nogil:
     (scan() judges at most max_head bytes from the stream's start, empty
     lines included); no byte count of the access log does (a request's is
     its body's)."""
-    cdef Scanner *s = &c.s
-    cdef Py_ssize_t d = s.method_start
+    cdef Py_ssize_t d = c.s.method_start
     buf_drop(&c.inb, <size_t>d)
+    head_shift(&c.s, &R.lines, d)
+
+
+cdef void head_shift(Scanner *s, Lines *L, Py_ssize_t d) noexcept nogil:
+    """The offsets of s's head, and of its lines where L holds them, once
+    its first d bytes are gone (drop_empty_lines())."""
+    cdef int i
     s.method_start = 0
     s.method_end -= d
     s.target_end -= d
@@ -6281,6 +6300,12 @@ cdef void drop_empty_lines(Conn *c) noexcept nogil:
     s.line_start -= d
     s.head_length -= d
     s.pos -= d
+    if L.owner == s:  # (where the scan found the header lines: summarize())
+        if L.first >= 0:
+            L.first -= d
+        for i in range(L.n):
+            L.colon[i] -= d
+            L.lf[i] -= d
 
 
 cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
@@ -6295,13 +6320,13 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     cdef int i, failed
     cdef Chunked *rck
     if c.s.method_start:  # empty lines came before the request line
-        drop_empty_lines(c)
+        drop_empty_lines(R, c)
     b = <const unsigned char*>c.inb.p
     h.n_xff = -1
     if c.fwd != NULL:  # (a gateway listener's: see _forwarding.pxi)
         h.n_xff = 0
         h.xfp = False
-    summarize(R, &c.s, b, &h)
+    summarize(R, &c.s, b, &h, &R.lines if lines_whole(&R.lines, &c.s) else NULL)
     c.requests += 1
     # a chunked body's machine (chunked_only(): fast_head() took it)
     rck = <Chunked*>calloc(1, sizeof(Chunked)) if h.te_seen else NULL
@@ -6469,7 +6494,7 @@ cdef void head_step(Relay *R, Conn *c, double now) noexcept nogil:
         if c.head_started == 0:
             c.head_started = now
         limit = <Py_ssize_t>c.inb.len if <Py_ssize_t>c.inb.len < R.max_head else R.max_head
-        code = scan(&c.s, <const unsigned char*>c.inb.p, limit)
+        code = scan_into(&c.s, <const unsigned char*>c.inb.p, limit, &R.lines)
         if code == NEED_MORE and <Py_ssize_t>c.inb.len > R.max_head:
             code = E_TOO_LARGE
         if code == NEED_MORE:
@@ -8281,7 +8306,7 @@ cdef class HttpRelay:
         if scan(&sc, <const unsigned char*>PyBytes_AS_STRING(head), len(head)) != COMPLETE:
             raise ValueError("not a complete request head")
         h.n_xff = -1
-        summarize(self.R, &sc, <const unsigned char*>PyBytes_AS_STRING(head), &h)
+        summarize(self.R, &sc, <const unsigned char*>PyBytes_AS_STRING(head), &h, NULL)
         T = _tests(tests, self._key_index, self.R.n_keys)
         try:
             if (T.n + 7) // 8 > <int>sizeof(out):
@@ -8290,6 +8315,39 @@ cdef class HttpRelay:
             return PyBytes_FromStringAndSize(out, nb)
         finally:
             free(T)
+
+    def _split_once(self, bytes head, chunks, bint gateway=False):
+        """summarize() of the request head *head*, scanned as head_step()
+        scans it, in pieces of *chunks* bytes, then the rest: with the lines
+        the scan found (when its last call found them all) and split again
+        (next_field()); (whether it had the lines, whether both agree, byte
+        for byte). Empty lines before it dropped as drop_empty_lines() drops
+        them. Tests: the two ways must agree."""
+        cdef Scanner sc
+        cdef Lines L
+        cdef Head a, b
+        cdef const unsigned char *p = <const unsigned char*>PyBytes_AS_STRING(head)
+        cdef Py_ssize_t n = len(head), upto = 0, d
+        cdef int code = NEED_MORE
+        cdef bint whole
+        memset(&sc, 0, sizeof(Scanner))
+        memset(&L, 0, sizeof(Lines))
+        for k in list(chunks) + [n]:
+            upto = min(upto + k, n)
+            code = scan_into(&sc, p, upto, &L)
+            if code != NEED_MORE:
+                break
+        if code != COMPLETE:
+            raise ValueError(f"not a complete request head ({code})")
+        d = sc.method_start
+        head_shift(&sc, &L, d)
+        whole = lines_whole(&L, &sc)
+        memset(&a, 0, sizeof(Head))
+        memset(&b, 0, sizeof(Head))
+        a.n_xff = b.n_xff = 0 if gateway else -1
+        summarize(self.R, &sc, p + d, &a, &L if whole else NULL)
+        summarize(self.R, &sc, p + d, &b, NULL)
+        return whole, memcmp(&a, &b, sizeof(Head)) == 0
 
     def _log_escape(self, values, int cap, bint json=False, bint keep_end=False):
         """log_escape() of the bytes *values* (a header's lines: joined by
@@ -9712,7 +9770,7 @@ cdef class HttpRelay:
                 raise
         if cacheable:
             h.n_xff = -1
-            summarize(R, &c.s, <const unsigned char*>c.inb.p, &h)
+            summarize(R, &c.s, <const unsigned char*>c.inb.p, &h, NULL)
             # the verdict's key (which tests this target passes), then the
             # shape entry's, which takes the tests
             n = make_key(R, c, <const unsigned char*>c.inb.p, &h, vkey, sizeof(vkey), shape,
