@@ -6341,7 +6341,9 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     c.http10 = h.minor == 0
     c.method_head = method_is(b, &h, b"HEAD", 4)
     c.idempotent = idempotent(b, &h)
-    reset_exchange(c)
+    # (the exchange's fields are as reset_exchange() leaves them: a head is
+    # scanned only in P_HEAD, which a new Conn starts in, zeroed, and
+    # next_request() enters after resetting them; nothing in P_HEAD sets them)
     if h.minor >= 1:
         c.keep_alive = not h.conn_close
     else:  # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
