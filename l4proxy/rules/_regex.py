@@ -50,15 +50,24 @@ def _re2() -> tuple[Any, Any]:
     return re2, options
 
 
-def compile_regex(pattern: str) -> Pattern:
+def re2_compile(pattern: str) -> Any:
+    """*pattern* compiled by RE2 (imported on first use), or ValueError with
+    RE2's reason in words (its message, decoded) and no traceback chain."""
     re2, options = _re2()
     try:
-        compiled = re2.compile(pattern, options)
+        return re2.compile(pattern, options)
     except re2.error as exc:
         why = exc.args[0] if exc.args else exc
         if isinstance(why, bytes):
             why = why.decode("utf-8", "replace")
-        raise RegexError(f"{why} (rules use RE2's syntax, as Envoy does)") from None
+        raise ValueError(str(why)) from None
+
+
+def compile_regex(pattern: str) -> Pattern:
+    try:
+        compiled = re2_compile(pattern)
+    except ValueError as exc:
+        raise RegexError(f"{exc} (rules use RE2's syntax, as Envoy does)") from None
     size = int(compiled.programsize)
     if size > MAX_PROGRAM_SIZE:
         raise RegexError(
