@@ -547,7 +547,12 @@ def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> Non
     it for 10 minutes."""
     mesh.start(impl, route_rule({"v1": 50, "v2": 50}), run_args=ROUTING_MODES[routing])
     assert mesh.client is not None and mesh.sidecar is not None
+    # the baseline once each worker has served (what a first request opens
+    # for good, once, is no leak); a leak grows with the churn's ~40,000
+    _, _, failures = mesh.split(n=20)
+    assert not failures
     baseline = mesh.sidecar.fd_count()
+    before = mesh.sidecar.open_fds()
     default = "6" if routing == "request" else "8" if impl.startswith("pure") else "10"
     seconds = int(os.environ.get("L4PROXY_CHURN_SECONDS", default))
     out = mesh.client.run(
@@ -563,7 +568,9 @@ def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> Non
     deadline = time.monotonic() + 10
     while mesh.sidecar.fd_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert mesh.sidecar.fd_count() <= baseline
+    assert mesh.sidecar.fd_count() <= baseline, (
+        f"before:\n{before}\nafter:\n{mesh.sidecar.open_fds()}"
+    )
     assert mesh.sidecar.stat("l4proxy_active_connections") <= 1  # the admin query itself
     # still serving after the churn
     versions, _, failures = mesh.split(n=20)
