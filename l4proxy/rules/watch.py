@@ -811,14 +811,7 @@ class RuleWatcher:
         which the combination may lose."""
         if all(path in broken and path not in last for path, _ in read.files):
             return None
-        held = [
-            HeldFile(
-                path,
-                tuple(str(d) for d in refused.errors if d.file == path),
-                last[path][0] if path in last else None,
-            )
-            for path in broken
-        ]
+        held = _held_files(refused, broken, last)
         served = served_fingerprint(fp, {h.path: h.served for h in held})
         texts = _texts_of(read, entries)
         for h in held:
@@ -856,14 +849,7 @@ class RuleWatcher:
             )
         except ConfigError:
             return None
-        held = [
-            HeldFile(
-                path,
-                tuple(str(d) for d in refused.errors if d.file == path),
-                last[path][0] if path in last else None,
-            )
-            for path in broken
-        ]
+        held = _held_files(refused, broken, last)
         served = tuple(entry for entry, _ in last.values())
         return Loaded(result, served, dict(last), held, refused, shared=True)
 
@@ -1213,6 +1199,19 @@ def _gone(served: ServedObjects, loaded: Sequence[ObjectSummary], files: set[str
             why = "which is gone" if file not in files else "which no longer holds it"
             out.append(f"{kind} {namespace}/{name} (served from {file}, {why})")
     return out
+
+
+def _held_files(refused: ConfigError, broken: list[str], last: Texts) -> list[HeldFile]:
+    """Each file of *broken* as held: its errors in *refused*, and the entry
+    of its last good text in *last* (None: none, so left out)."""
+    return [
+        HeldFile(
+            path,
+            tuple(str(d) for d in refused.errors if d.file == path),
+            last[path][0] if path in last else None,
+        )
+        for path in broken
+    ]
 
 
 def _texts_of(read: RuleFiles, entries: Mapping[str, FileEntry]) -> Texts:
