@@ -232,7 +232,15 @@ def add_parser(sub: Any) -> None:
         type=_hostport,
         default=("127.0.0.1", 15000),
         metavar="HOST:PORT",
-        help="admin endpoint (127.0.0.1:15000); port 0 disables",
+        help="admin endpoint (127.0.0.1:15000); port 0: a free port the kernel picks, "
+        "which the start-up log line names ('admin HOST:PORT'). Port 0 used to turn the "
+        "endpoint off: --no-admin does that now",
+    )
+    p.add_argument(
+        "--no-admin",
+        action="store_true",
+        help="no admin endpoint: no /ready for a probe, no /stats, no /quitquitquit "
+        "(--stats-listen still serves /stats and /ready, read-only)",
     )
     p.add_argument(
         "--stats-listen",
@@ -654,7 +662,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> AdminServer | None:
-    if args.admin[1] == 0:
+    """The admin endpoint at ``--admin`` (port 0: one the kernel picks, as
+    Envoy's admin address takes it; :func:`_admin_said` names the port
+    bound), or None with ``--no-admin``."""
+    if args.no_admin:
         return None
     admin = AdminServer(source, on_quit, options=command_line_options(args))
     try:
@@ -663,6 +674,18 @@ async def _start_admin(args: argparse.Namespace, source: Any, on_quit: Any) -> A
         log.error("cannot bind the admin endpoint %s:%d: %s", *args.admin, exc)
         raise SystemExit(2) from exc
     return admin
+
+
+def _admin_said(admin: AdminServer | None) -> str:
+    """The admin endpoint's address as the start-up line says it (``admin
+    127.0.0.1:15000``, an IPv6 host in brackets; ``admin off``): the port
+    bound, which a test or a tool that gave ``--admin HOST:0`` reads there.
+    The supervisor's line says it, or with ``--single-process`` the
+    worker's, the same way."""
+    if admin is None:
+        return "off"
+    host, port = admin.address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _start_stats(args: argparse.Namespace, source: Any) -> AdminServer | None:
@@ -702,7 +725,7 @@ async def _supervise(
             __version__,
             len(sets),
             ", ".join(lst.name for lst in sets[0]),
-            "{}:{}".format(*admin.address) if admin else "off",
+            _admin_said(admin),
             os.getuid(),
         )
         give_back_memory()  # what start-up freed (lean)
@@ -802,9 +825,10 @@ async def _serve(
     if control is not None:
         control_task = loop.create_task(_answer_supervisor(control, view, stop))
     log.info(
-        "l4proxy %s worker: listening: %s; implementation: %s; loop: %s; uid %d",
+        "l4proxy %s worker: listening: %s; %simplementation: %s; loop: %s; uid %d",
         __version__,
         ", ".join(lst.name for lst in listeners),
+        "" if control is not None else f"admin {_admin_said(admin)}; ",  # (ours alone)
         implementation,
         args.loop,
         os.getuid(),
