@@ -33,7 +33,9 @@ original destination and the head; this module reads, connects and acts):
 4. HTTP ports: the head is peeked (bounded by ``max_head`` bytes and
    ``header_timeout`` seconds); bytes that are not HTTP are routed at L4 and
    forwarded untouched; other TCP ports are never read before the decision
-   (a server-first protocol works).
+   (a server-first protocol works). A head's empty lines before its request
+   line are not forwarded, and an ``OPTIONS *`` is answered 404, as the
+   per-request relay does both (:func:`_no_path`).
 5. the route table decides the subset and the order of endpoints to try;
    each connect is bounded by ``connect_timeout``; failures feed outlier
    detection; when none answers: ``503 no healthy upstream`` on HTTP, a
@@ -977,6 +979,8 @@ class Worker:
             head, pending = await self._peek(conn)
             table = self.rules.state.table  # one table from here on: the decision's
             c = self._classify(table, origin, head)
+            if head is not None and origin is not None and _no_path(head, origin, c):
+                raise Refused(ABSOLUTE_PATH_REJECTED, 404, "")  # (as _decide_request's)
         return await self._act(conn, c, origin, table, head, pending, clog)
 
     def _classify(
@@ -1313,14 +1317,9 @@ class Worker:
         source IP reads it)."""
         table = self.rules.state.table
         c = self._classify(table, origin, head)
-        if head.path == "*" and (origin.gateway or c.kind is Kind.ROUTE):
-            # an asterisk-form OPTIONS * (the compiled relay hands every
-            # target but origin-form to its pure relay, which asks here):
-            # no path a route could match, so Envoy's connection manager
-            # answers 404 before any route is asked (absolute_path_rejected,
-            # no body), at a gateway and on a sidecar's port of a known
-            # service alike; not a decision. What passes through to an
-            # unknown destination (Istio's TCP proxy there) still goes.
+        if _no_path(head, origin, c):
+            # (the compiled relay hands every target but origin-form to its
+            # pure relay, which asks here)
             return RelayDecision(local=(404, ""), tag=_ABSOLUTE_PATH_TAG)
         if c.kind is Kind.REFUSED:
             assert c.status is not None  # a request is always answered
@@ -1820,7 +1819,13 @@ class Worker:
             except peek.HeadError as exc:
                 raise Refused(f"bad_request_{exc.status}", exc.status, exc.reason) from exc
             if head is not None:
-                return head, parser.buffered
+                # Empty lines before the request line (RFC 9112 §2.2: a
+                # server SHOULD ignore at least one; the parser skips CRLFs
+                # and bare LFs there, nothing else) are not sent upstream:
+                # the backend reads the head from its request line, as the
+                # relay sends it ("Empty lines" in _exchange_py). The bytes
+                # after the head go as they came.
+                return head, parser.buffered.lstrip(b"\r\n")
 
     async def _connect(
         self,
@@ -2087,6 +2092,17 @@ def _abort_tagged(fault: Fault | None, service: str, route: str, port: int = 0) 
 ABSOLUTE_PATH_REJECTED = "absolute_path_rejected"
 # ... its tag: no destination (Istio's labels all unknown), no route
 _ABSOLUTE_PATH_TAG = _no_destination_tag("unknown", ABSOLUTE_PATH_REJECTED)
+
+
+def _no_path(head: peek.RequestHead, origin: Origin, c: Classification) -> bool:
+    """Whether *head* is an asterisk-form ``OPTIONS *`` to answer 404: no
+    path a route could match, so Envoy's connection manager answers it
+    before any route is asked (absolute_path_rejected, no body), at a
+    gateway and on a sidecar's port of a known service alike; not a
+    decision. What passes through to an unknown destination (Istio's TCP
+    proxy there) still goes. Per request (_decide_request) and per
+    connection (its first head) alike."""
+    return head.path == "*" and (origin.gateway or c.kind is Kind.ROUTE)
 
 
 def _refusal_tag(c: Classification) -> _SubsetTag:
