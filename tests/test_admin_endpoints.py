@@ -158,8 +158,7 @@ class Run:
         port = int(backend.rsplit(":", 1)[1])
         (self.rules / "gateway.yaml").write_text(gateway_service(port) if rules is None else rules)
         self.log_path = tmp / "log"
-        # (--admin's port 0 turns the endpoint off: a port free now, as
-        # test_run_cli takes one)
+        # (a port free now, known before start, as test_run_cli takes one)
         self.admin = f"127.0.0.1:{_free_port()}"
         argv = [
             *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),

@@ -135,7 +135,7 @@ class Sidecar:
         env = {k: v for k, v in os.environ.items() if k != "L4PROXY_NO_EXTENSIONS"}
         env.update(env_extra)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        # (--admin's port 0 turns it off; a test that posts to it takes a port free now)
+        # (a test that posts to the admin endpoint takes a port free now, known before start)
         self.admin = f"127.0.0.1:{_free_port()}" if "--admin" not in flags else ""
         argv = [
             *(sys.executable, "-m", "l4proxy", "run", "--no-transparent"),

@@ -475,7 +475,8 @@ def test_a_configmap_swap_with_one_key_broken_keeps_that_keys_last_good_text(
 
 
 def _free_port() -> int:
-    """A port free now, for --admin (port 0 there means no admin endpoint)."""
+    """A port free now, for --admin: the test dials it without reading the log line
+    that names the port ``--admin HOST:0`` binds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
