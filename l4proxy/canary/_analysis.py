@@ -81,6 +81,17 @@ with other cookie names or attributes, or with none where it had one, is
 a :class:`Conflict`. What the shell writes for each phase is
 :func:`l4proxy.canary.command.http_route_document`.
 
+**Webhooks** (Flagger's ``analysis.webhooks``; what they are and the POST:
+:mod:`l4proxy.canary._webhooks`): their answers are handed in, as the
+samples are, and decide no more than the numbers do. A rollout hook's
+failure fails its interval's check (:func:`with_hook_failures`); a pass
+that would raise the canary's live weight or promote it goes through a
+gate first (:func:`gate_of`, :func:`first_gate`), and a gate that holds
+leaves the rollout at its stage, judged (``advance(held=...)``); a
+pre-rollout hook's failure is a failed check of a rollout whose first
+stage is not written yet, counted toward ``threshold`` as any; a rollback
+hook's 2xx is :func:`roll_back`.
+
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
 to the canary again, unless the caller asks for a fresh start. Times are
@@ -907,6 +918,12 @@ class Event:
     check: Check | None = None
     previous_weight: int | None = None
     mirrored: bool = False  # the check was of a mirrored interval
+    # a pass that did not move the rollout on: why its gate (a
+    # confirm-traffic-increase or confirm-promotion webhook) holds it
+    held: str = ""
+    # the check was of the pre-rollout webhooks, before the rollout's
+    # first stage was written (nothing routed to the canary yet)
+    pre_rollout: bool = False
 
 
 class Conflict(Exception):
@@ -1120,8 +1137,53 @@ def _where(r: Rollout) -> str:
     return "mirrored" if r.mirrored else f"at {r.weight} %"
 
 
-def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Event:
-    """Apply one graded interval to a progressing rollout."""
+# The confirm webhooks a passing interval goes through before the rollout
+# moves on ("": none): one before the canary's live weight goes up, one
+# before a promotion.
+Gate = Literal["", "confirm-traffic-increase", "confirm-promotion"]
+
+
+def gate_of(policy: Policy, rollout: Rollout, result: Check) -> Gate:
+    """The gate that *result* would pass through to move *rollout* on:
+    ``confirm-promotion`` where a pass promotes it, ``confirm-traffic-increase``
+    where a pass raises the canary's live weight (the first weight after
+    the mirrored intervals too, where Flagger asks none: it is the first
+    time clients get the canary's answers), "" otherwise (a fail, a halt,
+    a mirrored or A/B interval followed by another). The shell asks the
+    gate's webhooks and hands :func:`advance` what they said."""
+    if rollout.phase != "progressing" or result.verdict != "pass":
+        return ""
+    steps = rollout.steps or policy.stages
+    if rollout.step + 1 >= len(steps):
+        return "confirm-promotion"
+    return "confirm-traffic-increase" if steps[rollout.step + 1] > rollout.weight else ""
+
+
+def first_gate(rollout: Rollout) -> Gate:
+    """The gate before a new *rollout*'s first stage is written: its first
+    weight is a raise of the canary's live weight (from 0), unless it is
+    mirrored or A/B testing (no client is routed to the canary by weight)."""
+    return "confirm-traffic-increase" if rollout.weight > 0 else ""
+
+
+def with_hook_failures(graded: Check, reasons: Sequence[str]) -> Check:
+    """*graded* with the rollout webhooks' failures of its interval
+    (*reasons*, each a hook that did not answer 2xx): a failed check,
+    whatever its numbers said (Flagger runs them before the metric checks,
+    and one that fails fails the iteration). A halt's reason (too few
+    requests) is dropped, a fail's kept after them; none: *graded* as it
+    is."""
+    if not reasons:
+        return graded
+    kept = graded.reasons if graded.verdict == "fail" else ()
+    return replace(graded, verdict="fail", reasons=(*reasons, *kept))
+
+
+def advance(policy: Policy, rollout: Rollout, result: Check, now: float, held: str = "") -> Event:
+    """Apply one graded interval to a progressing rollout. *held*: the
+    reason a gate of :func:`gate_of` holds (""  none, or it passed): a pass
+    is judged (and keeps the progress deadline away) but leaves the
+    rollout at its stage, and the event says why."""
     if rollout.phase != "progressing":
         return Event(rollout.phase, rollout)
     r = replace(rollout, checks=rollout.checks + 1, updated=now)
@@ -1157,6 +1219,8 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float) -> Even
             )
             return Event("rolled_back", r, result, before, mirrored)
         return Event("check", r, result, before, mirrored)
+    if held:
+        return Event("check", r, result, before, mirrored, held=held)
     if r.step + 1 >= len(steps):
         r = replace(r, phase="promoted", weight=100, reason="every step passed")
         return Event("promoted", r, result, before, mirrored)

@@ -1,0 +1,513 @@
+"""Flagger's webhooks for ``l4proxy canary``: what they are, what their answers decide, the POST.
+
+Theory of operation
+-------------------
+A webhook is a URL that the analysis POSTs a small JSON document to at a
+given moment of a rollout, and whose answer's status code it acts on, as
+Flagger's ``analysis.webhooks`` (fluxcd/flagger, pkg/controller/webhook.go
+and scheduler_hooks.go). Each has a *type*, which says when it is called
+and what its answer does:
+
+* ``confirm-rollout``: asked before a new rollout writes anything, again
+  every interval until it answers 2xx: a gate (manual approval).
+* ``pre-rollout``: called once the rollout is confirmed, before any request
+  goes to the canary. Not 2xx is a failed check (``--threshold`` of them
+  roll back) and it is called again at the next interval, until it passes.
+* ``rollout``: called at the start of every interval (a load test that
+  sends the canary traffic for that interval), and its answer is part of
+  the interval's verdict: not 2xx fails the check, whatever the numbers.
+* ``confirm-traffic-increase``: asked after a check passes and before the
+  canary's live weight goes up (the first weight of a new rollout, and the
+  first after its mirrored intervals, included): not 2xx holds the weight
+  where it is, and the next interval is judged at it again.
+* ``confirm-promotion``: the same before a promotion; while it holds, the
+  checks and the rollout hooks go on every interval, and their failures
+  count.
+* ``rollback``: asked before each verdict (and while a gate holds): 2xx
+  rolls the rollout back now, its interval cut short, never judged.
+* ``post-rollout``: called once a rollout's end (promotion or rollback) is
+  written; its failure is only logged.
+* ``event``: every line the analysis prints (each event) is POSTed to it;
+  its failure is only logged.
+
+What an answer means is Flagger's too: a status of 200 to 202 passes
+(Flagger's ``r.StatusCode > 202`` fails), anything else fails, and so does
+no answer within the hook's *timeout* (10 s where none is given, as
+Flagger's ``CallWebhook`` sets it), a refused connection or a body that
+cannot be read. A failed call's reason carries the answer's body (its
+first line), as Flagger puts it in the failed check's event. Where the hook
+has *retries*, a call with no answer, a 429 or a 5xx (but 501) is made
+again, after 1, 2, 4 ... s (at most 30 s), as go-retryablehttp does.
+
+The body is Flagger's ``CanaryWebhookPayload``: ``name`` (SERVICE),
+``namespace`` (the rules' namespace), ``phase`` (Flagger's words for where
+the rollout is: :data:`PHASES`) and ``metadata``, the hook's own map (an
+``event`` hook's: ``eventMessage``, ``eventType`` and ``timestamp``, with
+the hook's own keys added where they do not clash).
+
+This module holds the webhooks as declared (:class:`Webhook`, from
+``--webhook TYPE=URL`` or a file in Flagger's form: :func:`parse_file`),
+the pure decisions on their answers (:func:`failures`, :func:`holding`,
+:func:`rollback_asked`), and the POST itself (:func:`post`), which is the
+only I/O. When each type is called and what its decision does to the
+rollout is :mod:`l4proxy.canary._analysis` (:func:`gate_of`,
+``advance(held=...)``, :func:`with_hook_failures`) and the command's loop.
+
+The calls honour ``http_proxy``/``https_proxy``/``no_proxy`` (a hook may be
+outside the cluster, a chat's incoming webhook behind a proxy), except to
+a loopback address, as Go's ``ProxyFromEnvironment`` (Flagger's client)
+never proxies one; the sidecars and Prometheus are read directly, always
+(:mod:`l4proxy._http`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import re
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+HookType = Literal[
+    "confirm-rollout",
+    "pre-rollout",
+    "rollout",
+    "confirm-traffic-increase",
+    "confirm-promotion",
+    "post-rollout",
+    "rollback",
+    "event",
+]
+HOOK_TYPES: tuple[HookType, ...] = (
+    "confirm-rollout",
+    "pre-rollout",
+    "rollout",
+    "confirm-traffic-increase",
+    "confirm-promotion",
+    "post-rollout",
+    "rollback",
+    "event",
+)
+# The gates: asked again until they answer 2xx; nothing is counted meanwhile.
+GATES: tuple[HookType, ...] = ("confirm-rollout", "confirm-traffic-increase", "confirm-promotion")
+
+# Flagger's phases, as a payload's "phase" names them: a rollout not yet
+# started (Initialized), held by confirm-rollout (Waiting), analysed
+# (Progressing), its promotion held (WaitingPromotion), promoted
+# (Succeeded), rolled back (Failed).
+PHASES = ("Initialized", "Waiting", "Progressing", "WaitingPromotion", "Succeeded", "Failed")
+
+# Flagger's CallWebhook: a hook without a timeout gets 10 s.
+DEFAULT_TIMEOUT = 10.0
+# go-retryablehttp's defaults, which Flagger's client keeps: a retry waits
+# 1 s, doubled each time, at most 30 s.
+RETRY_WAIT_MIN = 1.0
+RETRY_WAIT_MAX = 30.0
+# The most of an answer's body read (its first line goes into the reason).
+BODY_LIMIT = 64 * 1024
+# The most of that first line a reason quotes.
+DETAIL_LIMIT = 200
+
+# Go's time.ParseDuration, as Flagger reads a hook's timeout ("30s", "2m",
+# "1m30s", "1.5s", "500ms").
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+# The fields of a hook in Flagger's CanaryWebhook; muteAlert mutes
+# Flagger's alerts, which this command has none of: accepted, ignored.
+FIELDS = ("name", "type", "url", "timeout", "metadata", "retries", "disableTLS", "muteAlert")
+
+
+class WebhookError(ValueError):
+    """A webhook as declared cannot be used (the message names where and why)."""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One of ``analysis.webhooks``: its *name* ("" for ``--webhook TYPE=URL``),
+    *type*, *url*, *timeout* in seconds, *metadata* (the payload's map, in
+    the order given), *retries* (calls made again after no answer, a 429 or
+    a 5xx) and *disable_tls* (an https URL's certificate not verified)."""
+
+    name: str
+    type: HookType
+    url: str
+    timeout: float = DEFAULT_TIMEOUT
+    metadata: tuple[tuple[str, str], ...] = ()
+    retries: int = 0
+    disable_tls: bool = False
+
+    def __str__(self) -> str:
+        """As the lines name it: ``rollout "load test"``, or, without a
+        name, ``rollout http://host/path`` (the URL without user or password)."""
+        return f'{self.type} "{self.name}"' if self.name else f"{self.type} {self.shown_url}"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as printed: a user and password in it left out."""
+        parts = urllib.parse.urlsplit(self.url)
+        if "@" not in parts.netloc:
+            return self.url
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``--json``'s start and resume events list it (never its
+        metadata, which may hold a token)."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "url": self.shown_url,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """What one call of *hook* got: *status*, the answer's status code
+    (None: no answer: refused, timed out, not HTTP), and *detail*: the
+    answer's body's first line, or why there was no answer; *tries*, the
+    calls made (more than one with retries)."""
+
+    hook: Webhook
+    status: int | None
+    detail: str = ""
+    tries: int = 1
+
+    @property
+    def ok(self) -> bool:
+        """Passed: 200 to 202 (Flagger fails a status over 202)."""
+        return self.status is not None and 200 <= self.status <= 202
+
+    def __str__(self) -> str:
+        """``rollout "load test": HTTP 500: the test failed`` or
+        ``confirm-promotion http://gate/: no answer within 10 s``."""
+        said = f"HTTP {self.status}" if self.status is not None else ""
+        tail = ": ".join(x for x in (said, self.detail) if x)
+        tries = f" ({self.tries} tries)" if self.tries > 1 else ""
+        return f"{self.hook}: {tail}{tries}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.hook.name,
+            "type": self.hook.type,
+            "url": self.hook.shown_url,
+            "status": self.status,
+            "ok": self.ok,
+            "detail": self.detail,
+            "tries": self.tries,
+        }
+
+
+# -- declaring them -----------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """A timeout as Flagger takes it (Go's ``time.ParseDuration``: ``30s``,
+    ``2m``, ``1m30s``, ``500ms``), in seconds; more than 0."""
+    s = text.strip()
+    if not s or _DURATION.sub("", s):
+        raise WebhookError(f"timeout {text!r}: a duration, e.g. 30s, 2m or 1m30s")
+    seconds = sum(float(n) * _UNIT[unit] for n, unit in _DURATION.findall(s))
+    if not seconds > 0:
+        raise WebhookError(f"timeout {text!r}: more than 0 (Flagger's 0 means none: give one)")
+    return seconds
+
+
+def check_url(url: str, where: str) -> str:
+    """*url* as a hook's: http or https, with a host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookError(
+            f"{where}: url {url!r} is not an http:// or https:// URL with a host, "
+            "e.g. http://flagger-loadtester.test/"
+        )
+    return url
+
+
+def _type(value: object, where: str) -> HookType:
+    # Flagger: a hook without a type is a rollout hook
+    if value is None or value == "":
+        return "rollout"
+    if value not in HOOK_TYPES:
+        raise WebhookError(f"{where}: type {value!r} is not one of {', '.join(HOOK_TYPES)}")
+    return next(t for t in HOOK_TYPES if t == value)
+
+
+def parse_option(text: str) -> Webhook:
+    """``--webhook TYPE=URL``: a hook without a name, the default timeout
+    and no metadata (a file gives those: :func:`parse_file`)."""
+    kind, eq, url = text.partition("=")
+    where = f"--webhook {text}"
+    if not eq or kind.strip() not in HOOK_TYPES:
+        raise WebhookError(f"{where}: expected TYPE=URL, TYPE one of {', '.join(HOOK_TYPES)}")
+    return Webhook("", _type(kind.strip(), where), check_url(url.strip(), where))
+
+
+def parse_file(text: str, source: str) -> tuple[Webhook, ...]:
+    """The hooks of a YAML file in Flagger's form: a Canary (its
+    ``spec.analysis.webhooks``, or ``spec.canaryAnalysis.webhooks`` as
+    v1alpha3 named it), a mapping with ``analysis.webhooks`` or
+    ``webhooks``, or the list itself. Each entry is Flagger's
+    ``CanaryWebhook``: ``name`` and ``url`` required, ``type`` (none:
+    ``rollout``), ``timeout`` (a duration), ``metadata`` (strings),
+    ``retries``, ``disableTLS``, ``muteAlert`` (ignored: no alerts here);
+    any other field is refused, so that a misspelt one is not dropped in
+    silence. Only the webhooks are read: the rest of a Canary's analysis
+    is this command's options (``--interval``, ``--threshold``...)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WebhookError(f"{source}: not YAML: {exc}") from None
+    hooks: object = data
+    if isinstance(data, dict):
+        spec = data["spec"] if isinstance(data.get("spec"), dict) else data
+        analysis = spec.get("analysis", spec.get("canaryAnalysis", spec))
+        if not isinstance(analysis, dict) or "webhooks" not in analysis:
+            raise WebhookError(
+                f"{source}: no webhooks: expected a list, or a mapping with webhooks, "
+                "analysis.webhooks or a Canary's spec.analysis.webhooks"
+            )
+        hooks = analysis["webhooks"]
+    if hooks is None:
+        return ()
+    if not isinstance(hooks, list):
+        raise WebhookError(f"{source}: webhooks is not a list")
+    return tuple(_entry(entry, f"{source}: webhooks[{i}]") for i, entry in enumerate(hooks))
+
+
+def _entry(entry: object, where: str) -> Webhook:
+    if not isinstance(entry, dict):
+        raise WebhookError(f"{where}: not a mapping (name, type, url, timeout, metadata)")
+    if unknown := [k for k in entry if k not in FIELDS]:
+        raise WebhookError(f"{where}: no field {unknown[0]!r} (a webhook has {', '.join(FIELDS)})")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise WebhookError(f"{where}: name is required (a string, as Flagger's CRD requires)")
+    where = f'{where} ("{name}")'
+    url = entry.get("url")
+    if not isinstance(url, str):
+        raise WebhookError(f"{where}: url is required (a string)")
+    kind = _type(entry.get("type"), where)
+    timeout = entry.get("timeout")
+    seconds = DEFAULT_TIMEOUT
+    if timeout is not None:
+        if not isinstance(timeout, str):
+            raise WebhookError(f"{where}: timeout {timeout!r}: a duration string, e.g. 30s")
+        try:
+            seconds = parse_duration(timeout)
+        except WebhookError as exc:
+            raise WebhookError(f"{where}: {exc}") from None
+    metadata = entry.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise WebhookError(f"{where}: metadata is not a mapping of strings")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise WebhookError(
+                f"{where}: metadata {k!r}: {v!r} is not a string (Flagger's map of strings: "
+                "quote it)"
+            )
+    retries = entry.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+        raise WebhookError(f"{where}: retries {retries!r}: a whole number from 0 to 10")
+    for flag in ("disableTLS", "muteAlert"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise WebhookError(f"{where}: {flag} {entry[flag]!r}: true or false")
+    return Webhook(
+        name,
+        kind,
+        check_url(url, where),
+        seconds,
+        tuple(metadata.items()),
+        retries,
+        bool(entry.get("disableTLS", False)),
+    )
+
+
+# -- the payload --------------------------------------------------------------------
+def payload(hook: Webhook, service: str, namespace: str, phase: str) -> dict[str, Any]:
+    """Flagger's ``CanaryWebhookPayload`` for *hook* (``metadata`` always
+    there, {} where the hook has none)."""
+    return {
+        "name": service,
+        "namespace": namespace,
+        "phase": phase,
+        "metadata": dict(hook.metadata),
+    }
+
+
+def event_payload(
+    hook: Webhook,
+    service: str,
+    namespace: str,
+    phase: str,
+    message: str,
+    warning: bool,
+    now: float,
+) -> dict[str, Any]:
+    """An ``event`` hook's payload (Flagger's ``CallEventWebhook``): the
+    event's *message*, ``Warning`` or ``Normal``, the time in milliseconds
+    since the epoch (a string), and the hook's own metadata where its keys
+    are not those."""
+    metadata = {
+        "eventMessage": message,
+        "eventType": "Warning" if warning else "Normal",
+        "timestamp": str(int(now * 1000)),
+    }
+    for k, v in hook.metadata:
+        metadata.setdefault(k, v)
+    return {"name": service, "namespace": namespace, "phase": phase, "metadata": metadata}
+
+
+# -- what the answers decide (pure) -------------------------------------------------
+def decided(result: HookResult) -> bool:
+    """Whether the hooks of *result*'s type after it are left uncalled, as
+    Flagger's loops stop: at the first that fails (a gate that holds, a
+    pre-rollout or rollout hook that fails) or, for a rollback hook, the
+    first that says roll back. Every post-rollout and event hook is called
+    (Flagger stops its post-rollout hooks at a failure; a notification
+    missed because another failed helps nobody)."""
+    if result.hook.type in ("post-rollout", "event"):
+        return False
+    if result.hook.type == "rollback":
+        return result.ok
+    return not result.ok
+
+
+def failures(results: Sequence[HookResult]) -> tuple[str, ...]:
+    """Each failed call of *results* (pre-rollout, rollout hooks), as a
+    failed check's reason says it."""
+    return tuple(str(r) for r in results if not r.ok)
+
+
+def holding(results: Sequence[HookResult]) -> str:
+    """Why a gate holds ("" where every hook of it answered 2xx): the
+    first that did not."""
+    return next((str(r) for r in results if not r.ok), "")
+
+
+def rollback_asked(results: Sequence[HookResult]) -> HookResult | None:
+    """The rollback hook that says roll back now (2xx), if one does."""
+    return next((r for r in results if r.ok), None)
+
+
+def retryable(result: HookResult) -> bool:
+    """Whether a call is made again, as go-retryablehttp's default policy
+    decides: no answer, 429, or a 5xx but 501 (not implemented: a second
+    call gets the same)."""
+    s = result.status
+    return s is None or s == 429 or (500 <= s <= 599 and s != 501)
+
+
+# -- the POST -----------------------------------------------------------------------
+Post = Callable[[Webhook, Mapping[str, Any]], HookResult]
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None or host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opener(hook: Webhook) -> urllib.request.OpenerDirector:
+    """urllib with the environment's proxy (none to a loopback address) and,
+    with disableTLS, no certificate check."""
+    handlers: list[urllib.request.BaseHandler] = []
+    if _loopback(urllib.parse.urlsplit(hook.url).hostname):
+        handlers.append(urllib.request.ProxyHandler({}))
+    if hook.disable_tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def _first_line(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    line = text.split("\n", 1)[0].strip()
+    return line if len(line) <= DETAIL_LIMIT else line[: DETAIL_LIMIT - 3] + "..."
+
+
+def _read(response: Any, deadline: float, timeout: float) -> bytes:
+    """The body, up to :data:`BODY_LIMIT`, within the call's *deadline*
+    (each read is bounded by the socket's timeout; this bounds their sum)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < BODY_LIMIT:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the answer's body took more than {timeout:g} s")
+        chunk = response.read(min(8192, BODY_LIMIT - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    reason = getattr(exc, "reason", exc)
+    return isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError)
+
+
+def post_once(hook: Webhook, body: bytes) -> HookResult:
+    """One POST of *body* (JSON) to *hook*, within its timeout."""
+    request = urllib.request.Request(
+        hook.url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "l4proxy-canary"},
+    )
+    deadline = time.monotonic() + hook.timeout
+    try:
+        with _opener(hook).open(request, timeout=hook.timeout) as response:
+            status = int(response.status)
+            return HookResult(hook, status, _first_line(_read(response, deadline, hook.timeout)))
+    except urllib.error.HTTPError as exc:
+        # not 2xx (or 3xx left): the status, and the body that says why
+        try:
+            detail = _first_line(_read(exc, deadline, hook.timeout)) or str(exc.reason)
+        except (OSError, http.client.HTTPException):
+            detail = str(exc.reason)
+        return HookResult(hook, exc.code, detail)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if _timed_out(exc):
+            return HookResult(hook, None, f"no answer within {hook.timeout:g} s")
+        reason = getattr(exc, "reason", exc)
+        return HookResult(hook, None, f"cannot reach it ({reason})")
+
+
+def post(
+    hook: Webhook,
+    document: Mapping[str, Any],
+    once: Callable[[Webhook, bytes], HookResult] = post_once,
+    sleep: Callable[[float], None] = time.sleep,
+) -> HookResult:
+    """POST *document* to *hook*, again after no answer, a 429 or a 5xx
+    while it has retries left (:func:`retryable`), waiting 1 s, 2 s ...
+    (at most 30 s) between calls; the last call's result."""
+    body = json.dumps(document).encode()
+    tries = 1
+    while True:
+        result = once(hook, body)
+        if tries > hook.retries or not retryable(result):
+            return HookResult(hook, result.status, result.detail, tries)
+        sleep(min(RETRY_WAIT_MAX, RETRY_WAIT_MIN * 2 ** (tries - 1)))
+        tries += 1
