@@ -189,6 +189,8 @@ from l4proxy.canary._analysis import (
     cookie_attributes_problem,
     cookie_name_problem,
     cookie_prefix_problem,
+    first_gate,
+    gate_of,
     mirrored_stages,
     new_cookie_value,
     p99_limit,
@@ -200,6 +202,7 @@ from l4proxy.canary._analysis import (
     roll_back,
     steps_from,
     success_ok,
+    with_hook_failures,
 )
 from l4proxy.canary._metrics import (
     MIRROR_DROPPED,
@@ -226,6 +229,21 @@ from l4proxy.canary._metrics import (
     targets_query,
     totals_of,
     window,
+)
+from l4proxy.canary._webhooks import (
+    HookResult,
+    Post,
+    Webhook,
+    WebhookError,
+    decided,
+    event_payload,
+    failures,
+    holding,
+    parse_file,
+    parse_option,
+    payload,
+    post,
+    rollback_asked,
 )
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules import (
@@ -334,9 +352,37 @@ SameSite=None, Partitioned, and a __Secure- or __Host- name need --cookie-secure
 status, promote and abort ignore these options (they act on the saved rollout and
 the cookie it was started with).
 
+--webhook TYPE=URL (repeatable), --webhooks FILE: Flagger's analysis.webhooks.
+Each is a POST of {"name": SERVICE, "namespace": NS, "phase": ..., "metadata":
+{...}}; it passes on 200-202, and fails on any other status, no answer within
+its timeout (10 s) or a refused connection. FILE is YAML in Flagger's form: a
+Canary (its spec.analysis.webhooks), a mapping with webhooks, or the list; each
+entry has name, url, and optionally type (rollout), timeout (30s, 2m), metadata
+(strings), retries, disableTLS. The types:
+  confirm-rollout           before a new rollout writes anything, asked every
+                            interval until it passes (manual approval)
+  pre-rollout               then, before any request goes to the canary; a
+                            failure is a failed check, tried again each interval
+  rollout                   at the start of each interval (a load test); a
+                            failure fails that interval's check, whatever its
+                            numbers
+  confirm-traffic-increase  after a pass, before the canary's weight goes up
+                            (the first weight too); a failure holds the weight
+  confirm-promotion         after the last step's pass, before the promotion;
+                            a failure holds it, and the checks go on
+  rollback                  before the start and each verdict: a pass rolls
+                            back now, the interval never judged
+  post-rollout              after a promotion or rollback is written; a failure
+                            is only logged
+  event                     every event the command prints; failures only logged
+While confirm-rollout or pre-rollout holds the start nothing is written (status
+knows no rollout yet; Ctrl-C ends the wait, exit 3).
+e.g. --webhook confirm-promotion=http://flagger-loadtester.test/gate/check
+
 exit status:
   0  promoted (100 % to the canary)
-  1  rolled back (100 % to stable), by the analysis or by abort
+  1  rolled back (100 % to stable), by the analysis, by abort, or by a rollback
+     webhook (a pre-rollout webhook failing --threshold times too)
   2  error, before the analysis starts (mid-rollout, a step refused is a failed
      check): usage, unreadable or invalid rules, a competing rule, no metrics,
      a rollback that could not be written (NOT applied), an abort of a promoted
@@ -344,6 +390,8 @@ exit status:
      a promote of a rolled-back one (a rollback stands: roll it out anew),
      an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
+     (interrupted while a confirm-rollout or pre-rollout webhook holds the
+     start: nothing written)
   4  written, NOT SERVED: a rollback, abort or promotion that a sidecar read still
      does not serve after --wait-live (one that refuses the rules: its
      /config_dump's last_error is printed); the canary keeps its traffic until
@@ -576,6 +624,24 @@ def add_parser(sub: Any) -> None:
         "--reporter",
         default="source",
         help="Prometheus: the reporter label to select (l4proxy sidecars: source)",
+    )
+    p.add_argument(
+        "--webhook",
+        action="append",
+        default=[],
+        metavar="TYPE=URL",
+        help="a webhook (Flagger's analysis.webhooks): POSTed at the moment TYPE names, its "
+        "answer acted on (see below); repeatable. No name, a 10 s timeout, no metadata: "
+        "--webhooks FILE gives those",
+    )
+    p.add_argument(
+        "--webhooks",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="webhooks from a YAML file in Flagger's form: a Canary (only its "
+        "spec.analysis.webhooks is read), a mapping with webhooks, or the list; "
+        "repeatable, after the --webhook ones",
     )
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
     p.add_argument(
@@ -2624,6 +2690,13 @@ class Display:
         self.as_json = as_json
         self.policy = policy
         self.said = time.monotonic()  # when the last line was printed
+        # the webhooks, as the first line lists them (:func:`hooks_words`; ""
+        # none) and as --json's start and resume events do (no metadata)
+        self.webhooks = ""
+        self.declared: list[dict[str, Any]] = []
+        # each event's line, Warning or not, and the rollout's phase in
+        # Flagger's words, to the event webhooks (:meth:`Hooks.notify`)
+        self.notify: Callable[[str, bool, str], None] | None = None
 
     def say(self, text: str) -> None:
         """Print *text*, each of its lines after the time."""
@@ -2638,7 +2711,12 @@ class Display:
             self.say(f"  ... {text}")
 
     def emit(
-        self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = ""
+        self,
+        ev: Event,
+        note: str = "",
+        cut_short: bool = False,
+        not_served: str = "",
+        webhooks: Sequence[HookResult] = (),
     ) -> None:
         """Print *ev*: a line, or a JSON object. *cut_short*: the rollout
         ended (by hand, or rolled back at an interruption) during the
@@ -2646,7 +2724,14 @@ class Display:
         a check's numbers go, and the JSON carries ``"cut_short": true``.
         *not_served*: the end *ev* wrote is not served (why, in a few
         words): the line says ``ROLLBACK NOT SERVED``, and the JSON carries
-        ``"served": false`` and ``"not_served"``."""
+        ``"served": false`` and ``"not_served"``. *webhooks*: the calls the
+        event rests on (the interval's rollout hooks and the gate asked
+        after it, a pre-rollout hook's, the rollback hook's), in the JSON
+        (``"webhook_calls"``); the line names the ones that failed, as the
+        check's reasons or what holds it. A start or resume event lists
+        the webhooks declared (``"webhooks"``, :attr:`declared`). Then the
+        event goes to the event webhooks (:attr:`notify`)."""
+        text = self.line(ev, note, cut_short, not_served)
         if self.as_json:
             out = {"time": stamp(), **event_json(ev, note)}
             if cut_short:
@@ -2654,9 +2739,49 @@ class Display:
             if not_served:
                 out["served"] = False
                 out["not_served"] = not_served
+            if ev.kind in ("start", "resume") and self.declared:
+                out["webhooks"] = self.declared
+            if webhooks:
+                out["webhook_calls"] = [w.to_json() for w in webhooks]
             print(json.dumps(out), file=self.out, flush=True)
         else:
-            self.say(self.line(ev, note, cut_short, not_served))
+            self.say(text)
+        if self.notify is not None:
+            c = ev.check
+            warning = (
+                ev.kind == "rolled_back" or bool(ev.held) or (c is not None and c.verdict == "fail")
+            )
+            message = " ".join(line.strip() for line in text.split("\n"))
+            self.notify(message, warning, flagger_phase(ev.rollout, ev.held))
+
+    def hook(self, r: Rollout, result: HookResult, effect: str, note: str = "") -> None:
+        """A webhook's call that is no check's: *effect* ``waiting`` (a gate
+        holds the start), ``confirmed`` (it no longer does), ``logged`` (a
+        post-rollout hook); a line (``  v2 waiting: confirm-rollout ...``),
+        or a ``webhook`` event; then to the event webhooks, a Warning where
+        it holds or failed."""
+        words = {"waiting": "waiting: ", "confirmed": "confirmed: ", "logged": ""}[effect]
+        failed = " (only logged)" if effect == "logged" and not result.ok else ""
+        text = f"  {r.canary} {words}{result}{failed}" + (f"; {note}" if note else "")
+        if self.as_json:
+            out = {
+                "time": stamp(),
+                "event": "webhook",
+                "service": r.service,
+                "stable": r.stable,
+                "canary": r.canary,
+                "phase": r.phase,
+                "effect": effect,
+                "webhook": result.to_json(),
+            }
+            if note:
+                out["note"] = note
+            print(json.dumps(out), file=self.out, flush=True)
+        else:
+            self.say(text)
+        if self.notify is not None:
+            phase = "Waiting" if effect == "waiting" else flagger_phase(r)
+            self.notify(text.strip(), effect == "waiting" or not result.ok, phase)
 
     def line(self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = "") -> str:
         r, p = ev.rollout, self.policy
@@ -2667,6 +2792,8 @@ class Display:
                 f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
                 f"requests; {p.threshold} failed checks roll back"
             )
+            if self.webhooks:
+                head += f"; {self.webhooks}"
             if ev.kind == "resume":
                 at = (
                     f"A/B {r.step + 1}/{len(r.steps)}"
@@ -2684,9 +2811,13 @@ class Display:
         weight = ev.previous_weight if ev.previous_weight is not None else r.weight
         # a mirrored interval: no weight to draw, and what it counted are
         # the canary's answers to copies (and its own requests, if any)
-        if r.match:
+        if ev.pre_rollout:
+            # before the first stage is written: no interval, no numbers
+            cells = f"  {r.canary} {'pre-rollout':<26}"
+        elif r.match:
             # an A/B interval: no weight moves; the interval it judged, of N
-            passed = ev.kind == "check" and c is not None and c.verdict == "pass"
+            # (a pass moved the step on, unless a gate held it)
+            passed = ev.kind == "check" and c is not None and c.verdict == "pass" and not ev.held
             cells = f"  {r.canary} {f'A/B {r.step - passed + 1}/{len(r.steps)}':<26}"
         elif ev.mirrored:
             cells = f"  {r.canary} {'mirror':<26}"
@@ -2697,7 +2828,7 @@ class Display:
             # what the routing did (a hand edit, a rule of higher precedence)
             unit += f" ({c.share:.0f} %)"
         n = None if c is None else c.requests
-        if c is None:
+        if c is None or ev.pre_rollout:
             pass
         elif n is None:
             # not read (or not live): nothing is known of the interval
@@ -2756,7 +2887,9 @@ class Display:
         if c.verdict == "halt":
             return f"halt: {'; '.join(c.reasons)}"
         stays = (
-            f"stays A/B {r.step + 1}/{len(r.steps)}"
+            f"nothing routed to {r.canary} yet"
+            if ev.pre_rollout
+            else f"stays A/B {r.step + 1}/{len(r.steps)}"
             if r.ab_testing
             else "stays mirrored"
             if r.mirrored
@@ -2766,6 +2899,10 @@ class Display:
             return (
                 f"fail ({r.failed_checks}/{self.policy.threshold}): {'; '.join(c.reasons)}; {stays}"
             )
+        if ev.held:
+            steps = r.steps or self.policy.stages
+            to = "promotion" if r.step + 1 >= len(steps) else f"{steps[r.step + 1]} %"
+            return f"pass -> {to} held: {ev.held}; {stays}"
         if r.ab_testing:
             return f"pass -> A/B {r.step + 1}/{len(r.steps)}"
         if r.mirrored:
@@ -2879,6 +3016,10 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
     }
     if ev.mirrored:  # the check's numbers are the canary's answers to copies
         out["mirror"] = True
+    if ev.held:  # a pass that a gate (a confirm webhook) held at its stage
+        out["held"] = ev.held
+    if ev.pre_rollout:  # before the first stage was written
+        out["pre_rollout"] = True
     if r.match:  # A/B testing: the requests that went to the canary
         out["match"] = [m.to_json() for m in r.match]
     if r.gateway is not None:  # stable and canary are backend Services of an HTTPRoute
@@ -2909,6 +3050,121 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
     if note:
         out["note"] = note
     return out
+
+
+# -- webhooks ----------------------------------------------------------------------
+def webhooks_of(args: argparse.Namespace) -> tuple[Webhook, ...]:
+    """``--webhook TYPE=URL`` and ``--webhooks FILE``, in that order (the
+    order a type's hooks are called in); exit 2 naming the option, the
+    file and the entry, before anything is written."""
+    try:
+        hooks = [parse_option(t) for t in getattr(args, "webhook", None) or []]
+        for path in getattr(args, "webhooks", None) or []:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise WebhookError(f"--webhooks {path}: cannot read it ({exc})") from None
+            hooks.extend(parse_file(text, f"--webhooks {path}"))
+    except WebhookError as exc:
+        raise CanaryError(str(exc)) from None
+    return tuple(hooks)
+
+
+def flagger_phase(r: Rollout, held: str = "") -> str:
+    """*r*'s phase as Flagger names it in a webhook's payload: Progressing
+    (WaitingPromotion while a confirm-promotion webhook holds it, *held*),
+    Succeeded (promoted), Failed (rolled back)."""
+    if r.phase == "promoted":
+        return "Succeeded"
+    if r.phase == "rolled_back":
+        return "Failed"
+    return "WaitingPromotion" if held.startswith("confirm-promotion") else "Progressing"
+
+
+def hooks_words(hooks: Sequence[Webhook]) -> str:
+    """The webhooks as the first line says them: ``webhooks confirm-rollout,
+    rollout x2, post-rollout`` (each type once, in the order given)."""
+    counts: dict[str, int] = {}
+    for h in hooks:
+        counts[h.type] = counts.get(h.type, 0) + 1
+    return "webhooks " + ", ".join(t + (f" x{n}" if n > 1 else "") for t, n in counts.items())
+
+
+class Hooks:
+    """The rollout's webhooks as this command calls them: each call's
+    payload (:func:`~l4proxy.canary._webhooks.payload`) names SERVICE, the
+    rules' *namespace* and the phase the caller gives; a type's hooks are
+    called in order, up to the first whose answer decides
+    (:func:`~l4proxy.canary._webhooks.decided`). What the answers do to the
+    rollout is the analysis' (the caller); said here: each event to the
+    ``event`` hooks (:meth:`notify`, a failing one warned of on stderr once
+    until it answers again), and the post-rollout hooks' answers
+    (:meth:`post_rollout`). *post* does the POST (a test may count them)."""
+
+    def __init__(
+        self,
+        hooks: Sequence[Webhook],
+        service: str,
+        namespace: str,
+        err: TextIO,
+        post: Post = post,
+    ) -> None:
+        self.hooks = tuple(hooks)
+        self.service = service
+        self.namespace = namespace
+        self.err = err
+        self.post = post
+        self.failing: set[Webhook] = set()  # event hooks whose last call failed
+
+    def has(self, kind: str) -> bool:
+        return any(h.type == kind for h in self.hooks)
+
+    def call(self, kind: str, phase: str) -> list[HookResult]:
+        """Call *kind*'s hooks, in order, up to the first that decides."""
+        out: list[HookResult] = []
+        for h in self.hooks:
+            if h.type != kind:
+                continue
+            out.append(self.post(h, payload(h, self.service, self.namespace, phase)))
+            if decided(out[-1]):
+                break
+        return out
+
+    def notify(self, message: str, warning: bool, phase: str) -> None:
+        """POST an event (*message*, a line as the command prints it) to
+        every ``event`` hook; a failure is only logged, once until that
+        hook answers again (an event hook down must not stop the analysis,
+        nor write a line per event)."""
+        for h in self.hooks:
+            if h.type != "event":
+                continue
+            body = event_payload(
+                h, self.service, self.namespace, phase, message, warning, time.time()
+            )
+            result = self.post(h, body)
+            if result.ok:
+                self.failing.discard(h)
+            elif h not in self.failing:
+                self.failing.add(h)
+                complain(
+                    self.err,
+                    f"warning: {result}; an event webhook's failure is only logged (said "
+                    "once until it answers again)",
+                )
+
+    def post_rollout(self, r: Rollout, display: Display) -> None:
+        """Call the post-rollout hooks of *r*, whose end (a promotion, a
+        rollback) is written: each answer is a line (a ``webhook`` event),
+        a failure also a warning on stderr; only logged (Flagger's), the
+        exit stays that of the end."""
+        for result in self.call("post-rollout", flagger_phase(r)):
+            display.hook(r, result, "logged")
+            if not result.ok:
+                complain(
+                    self.err,
+                    f"warning: {result}; a post-rollout webhook's failure is only logged",
+                )
 
 
 # -- the command -------------------------------------------------------------------
@@ -3252,6 +3508,11 @@ def _analyse(
     display = Display(out, args.json, policy)
     metrics.progress = display.progress
     metrics.held.document, metrics.held.err = store.document, err
+    hooks = Hooks(webhooks_of(args), service, namespace, err)
+    if hooks.hooks:
+        display.webhooks = hooks_words(hooks.hooks)
+        display.declared = [h.to_json() for h in hooks.hooks]
+        display.notify = hooks.notify
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
@@ -3321,6 +3582,37 @@ def _analyse(
         gone = "its process is gone" if prior.same_host(me) else "its hold ended"
         taken = f"taken over from {prior}: {gone}"
     display.emit(ev, taken)
+    starts = ("confirm-rollout", "pre-rollout", "rollback", first_gate(r))
+    if ev.kind == "start" and any(k and hooks.has(k) for k in starts):
+        # nothing is written until the start's webhooks let it (a new
+        # rollout only: a resumed one was started)
+        try:
+            opened = _before_start(policy, r, hooks, display)
+        except KeyboardInterrupt:
+            print(file=err)  # (after the ^C a terminal shows)
+            complain(
+                err,
+                f"interrupted before the rollout of {service} started (its webhooks held it); "
+                "nothing written",
+            )
+            return EXIT_LEFT
+        # (the progress deadline counts the analysis' time, not the wait)
+        started = time.time()
+        r = own(replace(opened.rollout, updated=started, judged=started))
+        if opened.kind == "rolled_back":
+            try:
+                return _end_here(store, metrics, r, wait, loaded, display, hooks, opened, err)
+            except Superseded as exc:
+                return _ended_by_hand(display, exc.current, r, hooks)
+            except KeyboardInterrupt:
+                print(file=err)
+                complain(
+                    err,
+                    f"interrupted while the rollback of {service} was written (its webhooks "
+                    f"asked for it): see l4proxy canary status {service}, and abort it again",
+                )
+                return EXIT_LEFT
+    held = ""  # why a confirm webhook holds the rollout at its stage ("" none)
     try:
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
@@ -3328,7 +3620,7 @@ def _analyse(
             with _left_if_refused(loaded):
                 unseen = _set_weight(store, metrics, r, wait, loaded, err)
         except Superseded as exc:
-            return _ended_by_hand(display, exc.current, r)
+            return _ended_by_hand(display, exc.current, r, hooks)
         while True:
             if unseen:
                 # The weight is written but could not be seen live, or the
@@ -3338,13 +3630,32 @@ def _analyse(
                 graded = Check("fail", None, None, None, (unseen.reason,))
                 unseen = Unseen()
                 edited = ""
+                called = []
             else:
-                pause(policy.interval, display.progress, judging(r, policy.interval))
+                # the rollout hooks at the interval's start: a load test they
+                # start sends the canary the traffic this interval judges
+                began = time.monotonic()
+                called = hooks.call("rollout", flagger_phase(r, held))
+                spent = time.monotonic() - began
+                pause(
+                    max(0.0, policy.interval - spent), display.progress, judging(r, policy.interval)
+                )
                 now_saved = store.load_state()
                 if not stored_as(now_saved, r):
                     # promote/abort from another shell ended it, or another
                     # command took it over (this one's hold had lapsed)
-                    return _ended_by_hand(display, now_saved, r)
+                    return _ended_by_hand(display, now_saved, r, hooks)
+                asked = hooks.call("rollback", flagger_phase(r, held))
+                if (by := rollback_asked(asked)) is not None:
+                    # as an abort: the interval cut short, never judged
+                    ended = Event("rolled_back", r, None, r.weight, r.mirrored)
+                    new = own(roll_back(r, time.time(), f"webhook {by}"))
+                    try:
+                        return _end_here(
+                            store, metrics, new, wait, r, display, hooks, ended, err, asked
+                        )
+                    except Superseded as exc:
+                        return _ended_by_hand(display, exc.current, r, hooks)
                 edited = store.edited(r)
                 try:
                     stable = r.stable if r.mirrored else None
@@ -3372,8 +3683,13 @@ def _analyse(
                     graded = Check("fail", None, None, None, why)
                     with contextlib.suppress(MetricsError):
                         metrics.start_window(r.mirrored)  # the next interval counts from now
+            graded = with_hook_failures(graded, failures(called))
             now = time.time()
-            ev = advance(policy, r, graded, now)
+            # a pass that raises the weight or promotes asks its gate first
+            gate = gate_of(policy, r, graded)
+            gated = hooks.call(gate, "Progressing") if gate else []
+            held = holding(gated)
+            ev = advance(policy, r, graded, now, held=held)
             new = own(ev.rollout)
             try:
                 try:
@@ -3397,18 +3713,20 @@ def _analyse(
                     else:
                         store.save_state(new, expected=r)
             except Superseded as exc:  # promote/abort by hand while we measured
-                return _ended_by_hand(display, exc.current, r)
+                return _ended_by_hand(display, exc.current, r, hooks)
             r = new
             if r.phase != "progressing" and unseen.not_served is not None:
                 # written, and a sidecar read still serves the rules from
                 # before it: never reported as done
-                display.emit(ev, not_served=unseen.not_served.summary)
+                display.emit(ev, not_served=unseen.not_served.summary, webhooks=called + gated)
                 not_served(err, r, store, unseen.not_served)
+                hooks.post_rollout(r, display)
                 return EXIT_NOT_SERVED
-            display.emit(ev)
+            display.emit(ev, webhooks=called + gated)
             if r.phase != "progressing":
                 if unseen:  # written, not confirmed: warn, exit as what was done
                     complain(err, f"warning: {unseen}")
+                hooks.post_rollout(r, display)
                 return EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
     except KeyboardInterrupt:
         choice = args.on_abort
@@ -3423,6 +3741,7 @@ def _analyse(
             display.emit(
                 Event("rolled_back", r, None, weight, mirrored), "interrupted", cut_short=True
             )
+            hooks.post_rollout(r, display)
             return EXIT_ROLLED_BACK
         # given up: the next command resumes it at once (best effort: a
         # state that cannot be written now keeps its lease, which ends)
@@ -3616,8 +3935,131 @@ def left_as_is(r: Rollout) -> str:
     return f"{r.canary} keeps {r.weight} %"
 
 
-def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
-    """The stored rollout is no longer ours: say how it ended, exit so."""
+def _before_start(policy: Policy, r: Rollout, hooks: Hooks, display: Display) -> Event:
+    """A new rollout *r* (its first stage, not written) once its webhooks
+    let it start, every interval asking again (Flagger's order):
+
+    * ``rollback``: 2xx rolls it back before it started (an end to write:
+      every request to stable);
+    * ``confirm-rollout``: until every one answers 2xx, it waits;
+    * ``pre-rollout``: then, until they pass: each failure is a failed
+      check (a line), ``--threshold`` of them roll it back;
+    * ``confirm-traffic-increase``: then, where its first stage is a
+      weight, until every one answers 2xx, it waits.
+
+    A gate that holds is said once (``waiting: ...``) and again when what
+    it says changes, with progress lines between; its opening is said too.
+    Returns ``start`` with *r* as it starts (its failed checks counted), or
+    ``rolled_back`` to write. Nothing is written here: a Ctrl-C or SIGTERM
+    (KeyboardInterrupt, the caller's) leaves nothing to undo."""
+    confirmed = not hooks.has("confirm-rollout")
+    passed = not hooks.has("pre-rollout")
+    gate = first_gate(r)
+    gate = gate if gate and hooks.has(gate) else ""
+    said: HookResult | None = None  # the call that holds the start, as last printed
+    since = time.monotonic()  # when it began to hold
+    while True:
+        # once per interval: (again) after each wait
+        asked = hooks.call("rollback", "Waiting" if said else "Progressing")
+        if (by := rollback_asked(asked)) is not None:
+            ended = roll_back(r, time.time(), f"webhook {by}")
+            return Event("rolled_back", ended, None, 0, pre_rollout=True)
+        while True:  # the steps that can be taken now
+            holding_now: HookResult | None = None
+            if not confirmed:
+                got = hooks.call("confirm-rollout", "Waiting" if said else "Initialized")
+                confirmed = not holding(got)
+            elif not passed:
+                got = hooks.call("pre-rollout", "Progressing")
+                if reasons := failures(got):
+                    ev = advance(policy, r, Check("fail", None, None, None, reasons), time.time())
+                    ev = replace(ev, pre_rollout=True)
+                    if ev.kind == "rolled_back":
+                        return ev
+                    display.emit(ev, webhooks=got)
+                    r = ev.rollout
+                    break
+                passed = True
+                display.emit(
+                    Event("check", r, Check("pass", None, None, None), 0, pre_rollout=True),
+                    webhooks=got,
+                )
+                continue
+            elif gate:
+                got = hooks.call(gate, "Progressing")
+                gate = gate if holding(got) else ""
+            else:
+                return Event("start", r)
+            if holding(got):
+                holding_now = got[-1]
+            if holding_now is None and said is not None:
+                display.hook(r, got[-1], "confirmed", f"after {time.monotonic() - since:.0f} s")
+                said = None
+            elif holding_now is not None:
+                if said is None:
+                    since = time.monotonic()  # (the confirmation says how long it held)
+                if said is None or str(said) != str(holding_now):
+                    display.hook(
+                        r,
+                        holding_now,
+                        "waiting",
+                        f"nothing written yet; asked again every {policy.interval:g} s",
+                    )
+                said = holding_now
+                break
+        what = "pre-rollout" if said is None else said.hook.type
+        pause(policy.interval, display.progress, _not_started(r, what, since))
+
+
+def _not_started(r: Rollout, kind: str, since: float) -> Callable[[float], str]:
+    """The progress line while a new rollout's start waits on *kind*'s
+    webhooks (since *since*, monotonic)."""
+    return lambda _: (
+        f"{r.canary} not started: waiting for its {kind} webhooks, "
+        f"{time.monotonic() - since:.0f} s so far"
+    )
+
+
+def _end_here(
+    store: Store,
+    metrics: Metrics,
+    new: Rollout,
+    wait: float,
+    expected: Rollout | None,
+    display: Display,
+    hooks: Hooks,
+    shown: Event,
+    err: TextIO,
+    webhooks: Sequence[HookResult] = (),
+) -> int:
+    """Write the end *new* (a rollback a webhook asked for, or pre-rollout
+    webhooks failing --threshold times), as the analysis' own ends are
+    written (waited for live, NOT SERVED said), then print *shown* (the
+    interval it cut short, never judged; or the pre-rollout's end) and
+    call the post-rollout webhooks. Raises :class:`Superseded` where the
+    stored rollout is no longer *expected*."""
+    unseen = _set_weight(store, metrics, new, wait, expected, err)
+    ev = replace(shown, kind="rolled_back", rollout=new)
+    cut_short = ev.check is None and not ev.pre_rollout
+    if unseen.not_served is not None:
+        display.emit(
+            ev, cut_short=cut_short, not_served=unseen.not_served.summary, webhooks=webhooks
+        )
+        not_served(err, new, store, unseen.not_served)
+        hooks.post_rollout(new, display)
+        return EXIT_NOT_SERVED
+    display.emit(ev, cut_short=cut_short, webhooks=webhooks)
+    if unseen:
+        complain(err, f"warning: {unseen}")
+    hooks.post_rollout(new, display)
+    return EXIT_ROLLED_BACK
+
+
+def _ended_by_hand(
+    display: Display, now: Rollout | None, ours: Rollout, hooks: Hooks | None = None
+) -> int:
+    """The stored rollout is no longer ours: say how it ended (to the
+    post-rollout webhooks too: it ended), exit so."""
     if now is not None and now.phase == "progressing" and now == ours:
         # the same stage, held by another command: it took the rollout over
         # (this one's hold had lapsed, or it was thought gone)
@@ -3637,6 +4079,8 @@ def _ended_by_hand(display: Display, now: Rollout | None, ours: Rollout) -> int:
     display.emit(
         Event(now.phase, now, None, ours.weight, ours.mirrored), "ended by hand", cut_short=True
     )
+    if hooks is not None:
+        hooks.post_rollout(now, display)
     return EXIT_PROMOTED if now.phase == "promoted" else EXIT_ROLLED_BACK
 
 
