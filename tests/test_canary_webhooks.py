@@ -690,3 +690,66 @@ def test_the_progress_deadline_counts_from_the_start_not_from_the_wait_before_it
     assert code == 0, out  # promoted
     assert len(hooks.of("gate")) == 5  # held for four intervals, 1.2 s
     assert "halt: 3 canary requests < 10 (--min-requests)" in out
+
+
+def test_a_loopback_hook_is_called_directly_whatever_http_proxy_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Go's ProxyFromEnvironment (Flagger's client) never proxies a
+    loopback address; urllib would send it to the proxy (here: nothing
+    listens there, so the call fails)."""
+    with HookServer({"h": always(200)}).serving() as hooks:
+        for var in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")  # discard: refused
+        for host in ("127.0.0.1", "localhost"):
+            url = hooks.url.replace("127.0.0.1", host)
+            result = post(Webhook("", "rollout", f"{url}/h", timeout=5), {})
+            assert result.ok, result
+    assert len(hooks.of("h")) == 2
+
+
+@pytest.fixture
+def https_hook(tmp_path: pathlib.Path) -> Iterator[str]:
+    """An https server on 127.0.0.1 (port 0) with a self-signed certificate,
+    answering every POST 200; yields its URL."""
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{srv.server_address[1]}/h"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_disable_tls_skips_the_certificate_check(https_hook: str) -> None:
+    checked = post(Webhook("n", "rollout", https_hook, timeout=5), {})
+    assert (checked.status, "CERTIFICATE_VERIFY_FAILED" in checked.detail) == (None, True)
+    assert post(Webhook("n", "rollout", https_hook, timeout=5, disable_tls=True), {}).ok

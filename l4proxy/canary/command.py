@@ -116,6 +116,20 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   (another file's change moved it); one that holds another file back
   does, and that file is warned of (:class:`Held`).
 
+* **Webhooks** (``--webhook TYPE=URL``, ``--webhooks FILE``: Flagger's
+  ``analysis.webhooks``, :mod:`l4proxy.canary._webhooks`): :class:`Hooks`
+  calls them, and the analysis acts on their answers as the pure step
+  machine decides. A new rollout's start waits, with nothing written, on
+  its confirm-rollout, pre-rollout and first confirm-traffic-increase
+  hooks (:func:`_before_start`: a pre-rollout failure is a failed check,
+  and ``--threshold`` of them an end to write); the rollout hooks are
+  called at each interval's start and fail its check; a pass that raises
+  the weight or promotes asks its gate, which may hold it at its stage;
+  the rollback hooks are asked before each verdict, and a pass is an end
+  (:func:`_end_here`); the post-rollout hooks hear each end written, the
+  event hooks each event (:attr:`Display.notify`), their failures only
+  logged.
+
 Output (:class:`Display`): a line per event, each starting with the time
 (UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
 (an interval, the sidecars, another command's hold) a progress line at
