@@ -1058,7 +1058,9 @@ spec:
   trafficPolicy:
     loadBalancer: {simple: FASTEST}
 """,
-        "load balancer FASTEST is not known (use one of ROUND_ROBIN, LEAST_CONN, RANDOM)",
+        "load balancer FASTEST is not known; simple takes ROUND_ROBIN, LEAST_REQUEST, RANDOM, "
+        "UNSPECIFIED (the default, ROUND_ROBIN here) and LEAST_CONN (LEAST_REQUEST's deprecated "
+        "name), or use a consistentHash",
         7,
     ),
     (

@@ -102,7 +102,6 @@ from l4proxy.rules.routing import (
     REDIRECT_CODES,
     RETRY_ON_NO_OPS,
     RETRY_ON_POLICIES,
-    SIMPLE_POLICIES,
     Endpoint,
     HttpRetry,
     Labels,
@@ -1536,6 +1535,32 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
     return out if ok else None
 
 
+# loadBalancer.simple, as Istio's SimpleLB names them, to the policy the
+# sidecar runs (routing.SIMPLE_POLICIES). LEAST_CONN is LEAST_REQUEST's
+# deprecated name, and the sidecar's policy of that name counts requests in
+# flight as Envoy's least request does (not connections), taking the
+# endpoint with the fewest of all where Envoy compares two drawn at random.
+# UNSPECIFIED is the default: ROUND_ROBIN here, where Istio's pilot takes
+# LEAST_REQUEST since 1.14 (defaultLBAlgorithm; ROUND_ROBIN before, and
+# with istiod's ENABLE_LEGACY_LB_ALGORITHM_DEFAULT). Given, it is a policy
+# all the same: a subset's replaces the rule's, as pilot's
+# MergeTrafficPolicy takes the subset's loadBalancer whole.
+_SIMPLE_LB = {
+    "ROUND_ROBIN": "ROUND_ROBIN",
+    "LEAST_REQUEST": "LEAST_CONN",
+    "RANDOM": "RANDOM",
+    "UNSPECIFIED": "ROUND_ROBIN",
+    "LEAST_CONN": "LEAST_CONN",
+}
+_SIMPLE_LB_SAID = (
+    "ROUND_ROBIN, LEAST_REQUEST, RANDOM, UNSPECIFIED (the default, ROUND_ROBIN here) "
+    "and LEAST_CONN (LEAST_REQUEST's deprecated name)"
+)
+# what the sidecar does where Istio's loadBalancer.warmup (1.24) or the
+# deprecated warmupDurationSecs would ramp a new endpoint's share up
+_NO_WARMUP = "a new endpoint takes its full share of requests at once (no slow start)"
+
+
 def _load_balancer(
     ctx: Ctx, tp: dict[str, Any], path: Path
 ) -> tuple[str | None, HashOn | None, bool]:
@@ -1550,7 +1575,11 @@ def _load_balancer(
         tp["loadBalancer"],
         lpath,
         allowed=("simple", "consistentHash"),
-        unimplemented=("localityLbSetting", "warmupDurationSecs"),
+        unimplemented={
+            "localityLbSetting": "",
+            "warmup": _NO_WARMUP,
+            "warmupDurationSecs": _NO_WARMUP,
+        },
     )
     if lb is None or any(k not in ("simple", "consistentHash") for k in lb):
         return None, None, False
@@ -1570,17 +1599,15 @@ def _load_balancer(
     simple = text(ctx, lb["simple"], (*lpath, "simple"), required=True)
     if simple is None:
         return None, None, False
-    if simple == "LEAST_REQUEST":  # the newer API's name for the same policy
-        simple = "LEAST_CONN"
-    if simple not in SIMPLE_POLICIES:
+    if simple not in _SIMPLE_LB:
         ctx.error(
             (*lpath, "simple"),
             f"load balancer {simple} "
             + (NOT_IMPLEMENTED if simple == "PASSTHROUGH" else "is not known")
-            + f" (use one of {', '.join(SIMPLE_POLICIES)}), or a consistentHash instead",
+            + f"; simple takes {_SIMPLE_LB_SAID}, or use a consistentHash",
         )
         return None, None, False
-    return simple, None, True
+    return _SIMPLE_LB[simple], None, True
 
 
 # What a consistentHash may hash on (Istio's hashKey oneof), and its

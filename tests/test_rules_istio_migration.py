@@ -1,0 +1,173 @@
+"""What rules written for a recent Istio meet when loaded: values that ask
+for what the sidecar does anyway are accepted and change nothing
+(``exportTo`` that reaches this sidecar, ``tls`` mode DISABLE,
+``loadBalancer.simple: UNSPECIFIED``); what they cannot have is one error
+that says why, at its file and line (another namespace's ``exportTo``, a
+TLS mode that originates TLS, ``http[].delegate``, ``loadBalancer.warmup``);
+the error for a ``simple`` policy it does not know lists exactly those it
+takes.
+
+``WEB`` is a service of two HTTP ports, 8080 and 9090, with two v1 pods
+and a v2 one.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.rules import ConfigError, Diagnostic, LoadResult, load_rules
+from l4proxy.rules.routing import RouteTable, Subset
+
+HOST = "web.default.svc.cluster.local"
+WEB = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  ports:
+  - {number: 8080, name: http, protocol: HTTP}
+  - {number: 9090, name: http-admin, protocol: HTTP}
+  resolution: STATIC
+  endpoints:
+  - {address: 198.18.2.1, labels: {app: web, version: v1}}
+  - {address: 198.18.2.2, labels: {app: web, version: v1}}
+  - {address: 198.18.2.3, labels: {app: web, version: v2}}
+"""
+DR = """\
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web}
+spec:
+  host: web.default.svc.cluster.local
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"""
+VS = """\
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  http:
+  - route:
+    - {destination: {host: web.default.svc.cluster.local, subset: v1}, weight: 80}
+    - {destination: {host: web.default.svc.cluster.local, subset: v2}, weight: 20}
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    f = tmp_path / "rules.yaml"
+    f.write_text(textwrap.dedent(text))
+    return str(f)
+
+
+def load(tmp_path: Path, text: str, *, namespace: str = "default") -> LoadResult:
+    return load_rules([write(tmp_path, text)], namespace=namespace, seed=7)
+
+
+def table_json(tmp_path: Path, text: str, *, namespace: str = "default") -> dict[str, Any]:
+    return load(tmp_path, text, namespace=namespace).table.to_json()
+
+
+def errors_of(tmp_path: Path, text: str, *, namespace: str = "default") -> list[Diagnostic]:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text, namespace=namespace)
+    return info.value.errors
+
+
+def line_of(text: str, marker: str) -> int:
+    lines = [i for i, line in enumerate(text.splitlines(), 1) if marker in line]
+    assert len(lines) == 1, marker
+    return lines[0]
+
+
+def subsets(table: RouteTable) -> dict[str, Subset]:
+    (route,) = table.routes_for(HOST)
+    return {d.subset.name: d.subset for d in route.destinations}
+
+
+# -- loadBalancer.simple ------------------------------------------------------
+
+
+def test_unspecified_is_the_default_round_robin(tmp_path: Path) -> None:
+    """``simple: UNSPECIFIED`` (Istio's enum zero: "Istio will select an
+    appropriate default") is the sidecar's default, round robin: the same
+    table as a rule without a loadBalancer."""
+    text = WEB + DR + "  trafficPolicy:\n    loadBalancer: {simple: UNSPECIFIED}\n" + VS
+    result = load(tmp_path, text)
+    assert result.table.load_balancer(HOST, 8080) == "ROUND_ROBIN"
+    assert result.table.to_json() == table_json(tmp_path, WEB + DR + VS)
+
+
+def test_a_subset_s_unspecified_replaces_the_rule_s_policy(tmp_path: Path) -> None:
+    """Given in a subset (v2), UNSPECIFIED is the default all the same,
+    not the rule's policy: pilot's MergeTrafficPolicy takes a subset's
+    loadBalancer whole, and an unspecified one is the default."""
+    text = (
+        WEB
+        + DR
+        + "    trafficPolicy:\n      loadBalancer: {simple: UNSPECIFIED}\n"
+        + "  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n"
+        + VS
+    )
+    got = subsets(load(tmp_path, text).table)
+    assert (got["v1"].load_balancer, got["v2"].load_balancer) == ("RANDOM", "ROUND_ROBIN")
+
+
+@pytest.mark.parametrize("simple", ["PASSTHROUGH", "FASTEST", "least_request"])
+def test_an_unknown_policy_s_error_lists_exactly_the_values_that_load(
+    tmp_path: Path, simple: str
+) -> None:
+    """The names the error lists are the values ``simple`` takes: each
+    of them loads, and no other Istio SimpleLB name is missing from it
+    (PASSTHROUGH aside, the one refused: original destination)."""
+    text = WEB + DR + f"  trafficPolicy:\n    loadBalancer: {{simple: {simple}}}\n" + VS
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, "simple:")
+    what = "is not implemented by l4proxy" if simple == "PASSTHROUGH" else "is not known"
+    assert err.message.startswith(f"load balancer {simple} {what}"), err.message
+    names = set(re.findall(r"\b[A-Z][A-Z_]+[A-Z]\b", err.message.split(simple, 1)[1]))
+    istio = {"UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"}
+    assert names == istio - {"PASSTHROUGH"}
+    for name in sorted(names):
+        ok = WEB + DR + f"  trafficPolicy:\n    loadBalancer: {{simple: {name}}}\n" + VS
+        load(tmp_path, ok)  # (raises if refused)
+
+
+def test_least_request_is_least_conn_by_its_deprecated_name(tmp_path: Path) -> None:
+    def policy(simple: str) -> dict[str, Any]:
+        lb = f"  trafficPolicy:\n    loadBalancer: {{simple: {simple}}}\n"
+        return table_json(tmp_path, WEB + DR + lb + VS)
+
+    assert policy("LEAST_REQUEST") == policy("LEAST_CONN")
+    assert policy("LEAST_REQUEST")["services"][0]["load_balancer"] == "LEAST_CONN"
+
+
+@pytest.mark.parametrize("field", ["warmup: {duration: 10s}", "warmupDurationSecs: 10s"])
+def test_a_warmup_is_not_implemented_not_unknown(tmp_path: Path, field: str) -> None:
+    """``loadBalancer.warmup`` (Istio 1.24) and the deprecated
+    ``warmupDurationSecs`` are Istio's fields: refused as not implemented,
+    with what that means, not as a typo."""
+    name = field.split(":")[0]
+    text = (
+        WEB + DR + "  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n"
+        f"      {field}\n" + VS
+    )
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, f"{name}:")
+    assert err.message == (
+        f"spec.trafficPolicy.loadBalancer.{name} is not implemented by l4proxy; remove it "
+        "(the sidecar would not honour it); a new endpoint takes its full share of requests "
+        "at once (no slow start)"
+    )
