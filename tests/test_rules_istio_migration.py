@@ -171,3 +171,85 @@ def test_a_warmup_is_not_implemented_not_unknown(tmp_path: Path, field: str) -> 
         "(the sidecar would not honour it); a new endpoint takes its full share of requests "
         "at once (no slow start)"
     )
+
+
+# -- trafficPolicy.tls --------------------------------------------------------
+
+PORT_9090 = (
+    "    portLevelSettings:\n    - port: {number: 9090}\n      loadBalancer: {simple: RANDOM}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("plain", "tls"),
+    [
+        # the rule's
+        (
+            "  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n",
+            "  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    tls: {mode: DISABLE}\n",
+        ),
+        # a trafficPolicy of tls alone (Istio takes it: it sets the mode)
+        ("", "  trafficPolicy:\n    tls: {mode: DISABLE}\n"),
+        # without a mode: DISABLE, the enum's zero
+        ("", "  trafficPolicy:\n    tls: {}\n"),
+        # a port's
+        (
+            "  trafficPolicy:\n" + PORT_9090,
+            "  trafficPolicy:\n" + PORT_9090 + "      tls: {mode: DISABLE}\n",
+        ),
+    ],
+    ids=["rule", "tls alone", "no mode", "port"],
+)
+def test_tls_mode_disable_changes_nothing(tmp_path: Path, plain: str, tls: str) -> None:
+    """Mode DISABLE asks for plain TCP to the endpoints, what the sidecar
+    always opens: the table is the one without it."""
+    assert table_json(tmp_path, WEB + DR + tls + VS) == table_json(tmp_path, WEB + DR + plain + VS)
+
+
+def test_a_subset_s_tls_mode_disable_changes_nothing(tmp_path: Path) -> None:
+    own = "    trafficPolicy:\n      loadBalancer: {simple: RANDOM}\n"
+    tls = own + "      tls: {mode: DISABLE}\n"
+    assert table_json(tmp_path, WEB + DR + tls + VS) == table_json(tmp_path, WEB + DR + own + VS)
+
+
+def test_a_setting_beside_mode_disable_is_a_warning(tmp_path: Path) -> None:
+    text = (
+        WEB + DR + "  trafficPolicy:\n    tls:\n      mode: DISABLE\n      sni: web.example\n" + VS
+    )
+    (note,) = [d for d in load(tmp_path, text).notes if "tls" in d.message]
+    assert (note.severity, note.line) == ("warning", line_of(text, "sni:"))
+    assert note.message == (
+        "spec.trafficPolicy.tls.sni does nothing with mode DISABLE (nor in Istio); remove it"
+    )
+
+
+@pytest.mark.parametrize("mode", ["SIMPLE", "MUTUAL", "ISTIO_MUTUAL"])
+@pytest.mark.parametrize(
+    ("policy", "where"),
+    [
+        ("  trafficPolicy:\n    tls: {mode: MODE}\n", "spec.trafficPolicy.tls"),
+        (
+            "  trafficPolicy:\n" + PORT_9090 + "      tls: {mode: MODE}\n",
+            "spec.trafficPolicy.portLevelSettings[0].tls",
+        ),
+    ],
+    ids=["rule", "port"],
+)
+def test_a_mode_that_originates_tls_is_refused_and_says_why(
+    tmp_path: Path, mode: str, policy: str, where: str
+) -> None:
+    text = WEB + DR + policy.replace("MODE", mode) + VS
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, "tls:")
+    assert err.message == (
+        f"{where} is not implemented by l4proxy; remove it (the sidecar would not honour it); "
+        f"mode {mode} would have the sidecar originate TLS, and its upstream connections are "
+        "plain TCP (mode DISABLE, which it accepts)"
+    )
+
+
+def test_an_unknown_tls_mode_is_an_error(tmp_path: Path) -> None:
+    text = WEB + DR + "    trafficPolicy:\n      tls: {mode: disable}\n" + VS
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, "tls:")
+    assert err.message.startswith("spec.subsets[1].trafficPolicy.tls.mode 'disable' is not known")

@@ -1415,9 +1415,8 @@ def _traffic_policy(
         ctx,
         value,
         path,
-        allowed=("loadBalancer", "connectionPool", "outlierDetection", "portLevelSettings"),
+        allowed=("loadBalancer", "connectionPool", "outlierDetection", "portLevelSettings", "tls"),
         unimplemented={
-            "tls": "",
             "tunnel": "",
             "proxyProtocol": "",
             "retryBudget": "a route's retries are bounded by its own attempts",
@@ -1433,6 +1432,8 @@ def _traffic_policy(
         )
         return None, None, None, None, {}, False
     lb, hash_on, pool, outlier, ok = _policy_components(ctx, tp, path)
+    if tp.get("tls") is not None:
+        ok = _client_tls(ctx, tp["tls"], (*path, "tls")) and ok
     port_level: dict[int, PortPolicyDraft] = {}
     if tp.get("portLevelSettings") is not None:
         got = _port_level_settings(ctx, tp["portLevelSettings"], (*path, "portLevelSettings"))
@@ -1461,8 +1462,65 @@ def _policy_components(
     return lb, hash_on, pool, outlier, lb_ok and pool_ok and outlier_ok
 
 
-# a portLevelSettings entry's fields (Istio's PortTrafficPolicy, less tls)
+# a portLevelSettings entry's fields (Istio's PortTrafficPolicy, less tls,
+# which _client_tls reads)
 _PORT_POLICY_FIELDS = ("port", "loadBalancer", "connectionPool", "outlierDetection")
+# Istio's ClientTLSSettings; of its modes, DISABLE alone is what the sidecar
+# does (_client_tls)
+_TLS_FIELDS = (
+    "mode",
+    "clientCertificate",
+    "privateKey",
+    "caCertificates",
+    "credentialName",
+    "subjectAltNames",
+    "sni",
+    "insecureSkipVerify",
+    "caCrl",
+)
+_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+
+
+def _client_tls(ctx: Ctx, value: Any, path: Path) -> bool:
+    """A trafficPolicy's (or a portLevelSettings entry's) ``tls``: whether
+    it is accepted.
+
+    The sidecar's upstream connections are plain TCP, always: that is mode
+    ``DISABLE`` (also the mode of a ``tls`` without one, the enum's zero),
+    which turns Istio's automatic mutual TLS off for the destination, so
+    it is accepted and changes nothing. Its other fields do nothing with
+    it, in Istio too: each is a warning. SIMPLE, MUTUAL and ISTIO_MUTUAL
+    would have the sidecar originate TLS, which it does not: an error
+    that names the field, as every field it does not implement."""
+    tls = fields(ctx, value, path, allowed=_TLS_FIELDS)
+    if tls is None or any(k not in _TLS_FIELDS for k in tls):
+        return False
+    mode: str | None = "DISABLE"
+    if tls.get("mode") is not None:
+        mode = text(ctx, tls["mode"], (*path, "mode"), required=True)
+    if mode is None:
+        return False
+    if mode not in _TLS_MODES:
+        ctx.error(
+            (*path, "mode"),
+            f"{dotted((*path, 'mode'))} {mode!r} is not known (Istio's are "
+            f"{', '.join(_TLS_MODES)}; the sidecar takes DISABLE alone)",
+        )
+        return False
+    if mode != "DISABLE":
+        ctx.error(
+            path,
+            f"{dotted(path)} {NOT_IMPLEMENTED}; mode {mode} would have the sidecar originate "
+            "TLS, and its upstream connections are plain TCP (mode DISABLE, which it accepts)",
+        )
+        return False
+    for k, v in tls.items():
+        if k != "mode" and v is not None:
+            ctx.warning(
+                (*path, k),
+                f"{dotted((*path, k))} does nothing with mode DISABLE (nor in Istio); remove it",
+            )
+    return True
 
 
 def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPolicyDraft] | None:
@@ -1474,7 +1532,9 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
     field"). Stricter than Istio, a port number outside 1..65535 (which
     no service port has) and a port given twice (Istio's pilot takes the
     first entry and ignores the other) are errors: neither would ever be
-    honoured. ``tls`` is refused as at the policy's top."""
+    honoured. ``tls`` is read as at the policy's top (mode DISABLE alone
+    is accepted); an entry of ``tls`` alone still replaces the policy on
+    its port, the defaults for the rest, as in pilot."""
     items = listing(ctx, value, path)
     if items is None:
         return None
@@ -1486,15 +1546,16 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
             ctx,
             item,
             epath,
-            allowed=_PORT_POLICY_FIELDS,
-            unimplemented={"tls": ""},
+            allowed=(*_PORT_POLICY_FIELDS, "tls"),
             required=("port",),
         )
         if entry is None or entry.get("port") is None:
             ok = False
             continue
-        if any(k not in _PORT_POLICY_FIELDS for k in entry):
-            ok = False  # (reported: tls, or an unknown field)
+        if any(k not in (*_PORT_POLICY_FIELDS, "tls") for k in entry):
+            ok = False  # (reported: an unknown field)
+        if entry.get("tls") is not None and not _client_tls(ctx, entry["tls"], (*epath, "tls")):
+            ok = False
         ppath = (*epath, "port")
         sel = fields(
             ctx,
