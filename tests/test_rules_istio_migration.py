@@ -253,3 +253,115 @@ def test_an_unknown_tls_mode_is_an_error(tmp_path: Path) -> None:
     (err,) = errors_of(tmp_path, text)
     assert err.line == line_of(text, "tls:")
     assert err.message.startswith("spec.subsets[1].trafficPolicy.tls.mode 'disable' is not known")
+
+
+# -- exportTo -----------------------------------------------------------------
+
+# each kind's document with ``exportTo: EXPORT`` on its own line, at the
+# end of its spec; WEB, DR and VS otherwise
+_KINDS = {
+    "ServiceEntry": (WEB + "  exportTo: EXPORT\n" + DR + VS),
+    "DestinationRule": (WEB + DR + "  exportTo: EXPORT\n" + VS),
+    "VirtualService": (WEB + DR + VS.replace("  http:\n", "  exportTo: EXPORT\n  http:\n")),
+}
+
+
+def _with_namespace(text: str, kind: str, namespace: str) -> str:
+    """*text* with *kind*'s object in *namespace* (its hosts are named in
+    full: the same service in any namespace)."""
+    head = f"kind: {kind}\nmetadata: {{name: web}}\n"
+    assert head in text
+    return text.replace(head, f"kind: {kind}\nmetadata: {{name: web, namespace: {namespace}}}\n")
+
+
+@pytest.mark.parametrize("kind", list(_KINDS))
+@pytest.mark.parametrize(
+    ("export", "namespace"),
+    [
+        ("['*']", "default"),  # every namespace: Istio's default
+        ("[]", "default"),  # the default again
+        ("['.']", "default"),  # the object's own, which is the sidecar's
+        ("[default]", "default"),  # the sidecar's by name
+        ("['.']", "shop"),  # an object of shop, to a sidecar of shop
+        ("[default, shop]", "shop"),
+    ],
+)
+def test_an_export_that_reaches_this_sidecar_changes_nothing(
+    tmp_path: Path, kind: str, export: str, namespace: str
+) -> None:
+    """The sidecar applies every object it loads; an exportTo that
+    exports the object to the sidecar's namespace (``--namespace``) asks
+    for that: the table is the one without it."""
+    plain = _with_namespace(_KINDS[kind].replace("  exportTo: EXPORT\n", ""), kind, namespace)
+    text = _with_namespace(_KINDS[kind].replace("EXPORT", export), kind, namespace)
+    assert text != plain
+    assert table_json(tmp_path, text, namespace=namespace) == table_json(
+        tmp_path, plain, namespace=namespace
+    )
+
+
+@pytest.mark.parametrize("kind", list(_KINDS))
+@pytest.mark.parametrize(
+    ("export", "shown"),
+    [
+        ("['.']", "['.'] ('.' is the KIND's namespace, shop)"),
+        ("[shop]", "['shop']"),
+        ("[shop, other]", "['shop', 'other']"),
+    ],
+)
+def test_an_export_that_hides_the_object_from_this_sidecar_is_an_error(
+    tmp_path: Path, kind: str, export: str, shown: str
+) -> None:
+    """An object of namespace shop exported to shop alone: Istio would
+    not apply it to a sidecar of default, and l4proxy would. One error,
+    at the exportTo, that says so and what to do."""
+    text = _with_namespace(_KINDS[kind].replace("EXPORT", export), kind, "shop")
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, "exportTo:")
+    assert err.kind == kind
+    assert err.message == (
+        f"spec.exportTo {shown.replace('KIND', kind)} keeps this {kind} from the sidecars of "
+        "namespace default, this one's (--namespace), which l4proxy does not implement: it "
+        f"applies every object it loads; leave the {kind} out of this sidecar's rule files, "
+        "or export it with '*'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "export", "marker", "message"),
+    [
+        (
+            "ServiceEntry",
+            "['~']",
+            "exportTo:",
+            "spec.exportTo ['~'] keeps this ServiceEntry from the sidecars of namespace default",
+        ),
+        (
+            "DestinationRule",
+            "['~']",
+            "exportTo:",
+            "spec.exportTo[0] '~' (none) is for a ServiceEntry (Istio refuses it)",
+        ),
+        (
+            "VirtualService",
+            "['*', shop]",
+            "exportTo:",
+            "spec.exportTo holds '*' beside other entries (Istio refuses it",
+        ),
+        (
+            "DestinationRule",
+            "['.', default]",
+            "exportTo:",
+            "spec.exportTo[1] 'default' is given twice ('.' is namespace default)",
+        ),
+        ("VirtualService", "[Shop]", "exportTo:", "spec.exportTo[0] 'Shop' is not a namespace"),
+        ("ServiceEntry", "'*'", "exportTo:", "spec.exportTo must be a list, not the string '*'"),
+    ],
+)
+def test_an_export_istio_refuses_is_an_error(
+    tmp_path: Path, kind: str, export: str, marker: str, message: str
+) -> None:
+    text = _KINDS[kind].replace("EXPORT", export)
+    (err,) = errors_of(tmp_path, text)
+    assert err.line == line_of(text, marker)
+    assert err.message.startswith(message), err.message

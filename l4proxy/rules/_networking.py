@@ -188,6 +188,83 @@ def _hosts(
     return hosts, ok
 
 
+def _export_to(ctx: Ctx, value: Any, env: Env) -> bool:
+    """``spec.exportTo`` of a VirtualService, DestinationRule or
+    ServiceEntry: whether it is accepted.
+
+    The sidecar applies every object it loads: there are no sidecars of
+    other namespaces to hide one from. A list that exports the object to
+    this sidecar's namespace (``--namespace``) therefore changes nothing
+    here and is accepted: ``*`` (every namespace: Istio's default, as is
+    an empty list), ``.`` (the object's own namespace) of an object in the
+    sidecar's namespace, or that namespace by name. One that does not
+    (``.`` of an object of another namespace, other namespaces' names,
+    ``~``: none) is an error: Istio would not apply the object to this
+    sidecar, and l4proxy would. So is what Istio's validation refuses: an
+    entry that is no namespace name, ``~`` but on a ServiceEntry, ``*`` or
+    ``~`` beside another entry, a namespace twice (``.`` and the object's
+    namespace by name among them)."""
+    path: Path = ("spec", "exportTo")
+    items = listing(ctx, value, path)
+    if items is None:
+        return False
+    marks = (".", "*", "~") if ctx.kind == "ServiceEntry" else (".", "*")
+    seen: list[str] = []
+    ok = True
+    for i, item in enumerate(items):
+        ipath = (*path, i)
+        e = text(ctx, item, ipath, required=True)
+        if e is None:
+            ok = False
+        elif e == "~" and "~" not in marks:
+            ctx.error(ipath, f"{dotted(ipath)} '~' (none) is for a ServiceEntry (Istio refuses it)")
+            ok = False
+        elif e not in marks and not DNS1123_LABEL.fullmatch(e):
+            ctx.error(
+                ipath,
+                f"{dotted(ipath)} {e!r} is not a namespace name (nor '.', the "
+                f"{ctx.kind}'s own, or '*', every one"
+                + (", or '~', none)" if "~" in marks else ")"),
+            )
+            ok = False
+        elif (ctx.namespace if e == "." else e) in seen:
+            ctx.error(
+                ipath,
+                f"{dotted(ipath)} {e!r} is given twice"
+                + (
+                    f" ('.' is namespace {ctx.namespace})"
+                    if "." in items and ctx.namespace in items
+                    else ""
+                )
+                + " (Istio refuses it)",
+            )
+            ok = False
+        else:
+            seen.append(ctx.namespace if e == "." else e)
+    if not ok:
+        return False
+    alone = [e for e in ("*", "~") if e in seen and len(seen) > 1]
+    if alone:
+        ctx.error(
+            path,
+            f"{dotted(path)} holds {alone[0]!r} beside other entries (Istio refuses it; "
+            f"{alone[0]!r} alone says it all)",
+        )
+        return False
+    if not seen or "*" in seen or env.namespace in seen:
+        return True
+    shown = "[" + ", ".join(repr(e) for e in items) + "]"
+    dot = f" ('.' is the {ctx.kind}'s namespace, {ctx.namespace})" if "." in items else ""
+    ctx.error(
+        path,
+        f"{dotted(path)} {shown}{dot} keeps this {ctx.kind} from the sidecars of namespace "
+        f"{env.namespace}, this one's (--namespace), which l4proxy does not implement: it "
+        f"applies every object it loads; leave the {ctx.kind} out of this sidecar's rule "
+        "files, or export it with '*'",
+    )
+    return False
+
+
 def _port_number(ctx: Ctx, value: Any, path: Path) -> int | None:
     return integer(ctx, value, path, 1, 65535, what="port")
 
@@ -201,14 +278,13 @@ def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft |
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("hosts", "gateways", "http", "tcp", "tls"),
-        unimplemented=("exportTo",),
+        allowed=("hosts", "gateways", "http", "tcp", "tls", "exportTo"),
         required=("hosts",),
     )
     if spec is None:
         return None
     gateways = _gateway_refs(ctx, spec.get("gateways"), ("spec", "gateways"))
-    ok = gateways is not False
+    ok = _export_to(ctx, spec.get("exportTo"), env) and gateways is not False
     bound = gateways if isinstance(gateways, tuple) else None
     # (a VirtualService of Istio Gateways only may name every host: "*")
     mesh = bound is None or any(g.is_mesh for g in bound)
@@ -1340,14 +1416,14 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("host", "trafficPolicy", "subsets"),
-        unimplemented=("exportTo", "workloadSelector"),
+        allowed=("host", "trafficPolicy", "subsets", "exportTo"),
+        unimplemented=("workloadSelector",),
         required=("host",),
     )
     if spec is None or not spec.get("host"):
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
-    ok = host is not None
+    ok = _export_to(ctx, spec.get("exportTo"), env) and host is not None
     lb, hash_on, pool, outlier, port_level, tp_ok = _traffic_policy(
         ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy")
     )
@@ -2104,13 +2180,15 @@ def read_service_entry(ctx: Ctx, obj: dict[str, Any], env: Env) -> list[ServiceD
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("hosts", "addresses", "ports", "resolution", "endpoints", "location"),
-        unimplemented=("exportTo", "subjectAltNames", "workloadSelector"),
+        allowed=("hosts", "addresses", "ports", "resolution", "endpoints", "location", "exportTo"),
+        unimplemented=("subjectAltNames", "workloadSelector"),
         required=("hosts", "ports"),
     )
     if spec is None:
         return None
+    exported = _export_to(ctx, spec.get("exportTo"), env)
     hosts, ok = _hosts(ctx, spec, env)
+    ok = ok and exported
     addresses: list[str] = []
     for i, a in enumerate(listing(ctx, spec.get("addresses"), ("spec", "addresses")) or []):
         apath = ("spec", "addresses", i)
