@@ -365,3 +365,55 @@ def test_an_export_istio_refuses_is_an_error(
     (err,) = errors_of(tmp_path, text)
     assert err.line == line_of(text, marker)
     assert err.message.startswith(message), err.message
+
+
+# -- http[].delegate ----------------------------------------------------------
+
+DELEGATING = """\
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    delegate: {name: web-api, namespace: default}
+  - route: [{destination: {host: web.default.svc.cluster.local, subset: v1}}]
+"""
+DELEGATE = """\
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-api}
+spec:
+  http:
+  - match: [{uri: {prefix: /api/v2}}]
+    route: [{destination: {host: web.default.svc.cluster.local, subset: v2}}]
+"""
+
+
+def test_a_delegate_is_one_error_at_its_line(tmp_path: Path) -> None:
+    """Not a second one for the route it has in place of a destination."""
+    text = WEB + DR + DELEGATING
+    (err,) = errors_of(tmp_path, text)
+    assert (err.file, err.line) == (str(tmp_path / "rules.yaml"), line_of(text, "delegate:"))
+    assert err.message == (
+        "spec.http[0].delegate is not implemented by l4proxy; remove it (the sidecar would not "
+        "honour it); put the delegate VirtualService's http routes in this one, their matches "
+        "narrowed by this route's, as pilot merges them"
+    )
+
+
+def test_the_delegate_itself_says_what_it_is(tmp_path: Path) -> None:
+    """A VirtualService without hosts is the delegate (Istio: hosts "must
+    be empty for a delegate VirtualService"): its error says so."""
+    text = WEB + DR + DELEGATING + DELEGATE
+    errs = errors_of(tmp_path, text)
+    assert [e.name for e in errs] == ["web", "web-api"]
+    assert errs[1].line == line_of(text, "metadata: {name: web-api}") + 1
+    assert errs[1].message == (
+        "spec.hosts is required (a VirtualService without hosts is the delegate of another's "
+        "http[].delegate, which l4proxy does not implement: put its http routes in that "
+        "VirtualService)"
+    )

@@ -131,7 +131,10 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
     "removeRequestHeaders": _OLD_HEADERS,
     "appendRequestHeaders": _OLD_HEADERS,
     "websocketUpgrade": "",
-    "delegate": "",
+    # (a route of another VirtualService's, merged by pilot: no route here,
+    # and so no second error for its missing route, _vs_route)
+    "delegate": "put the delegate VirtualService's http routes in this one, their matches "
+    "narrowed by this route's, as pilot merges them",
 }
 # Envoy's largest direct response body as Istio configures a sidecar's
 # routes (max_direct_response_body_size_bytes)
@@ -274,15 +277,24 @@ def _port_number(ctx: Ctx, value: Any, path: Path) -> int | None:
 
 def read_virtual_service(ctx: Ctx, obj: dict[str, Any], env: Env) -> RuleDraft | None:
     assert ctx.name is not None
+    raw = obj.get("spec")
+    hostless = isinstance(raw, dict) and raw.get("hosts") in (None, [])
     spec = fields(
         ctx,
-        obj.get("spec"),
+        raw,
         ("spec",),
         allowed=("hosts", "gateways", "http", "tcp", "tls", "exportTo"),
-        required=("hosts",),
+        required=() if hostless else ("hosts",),
     )
     if spec is None:
         return None
+    if hostless:  # (Istio's delegate: its routes are merged into another's http[].delegate)
+        ctx.error(
+            ("spec",) if spec.get("hosts") is None else ("spec", "hosts"),
+            "spec.hosts is required (a VirtualService without hosts is the delegate of "
+            "another's http[].delegate, which l4proxy does not implement: put its http "
+            "routes in that VirtualService)",
+        )
     gateways = _gateway_refs(ctx, spec.get("gateways"), ("spec", "gateways"))
     ok = _export_to(ctx, spec.get("exportTo"), env) and gateways is not False
     bound = gateways if isinstance(gateways, tuple) else None
@@ -474,6 +486,8 @@ def _vs_route(
         return None
     # (Istio's validation: one action, and a rewrite only with a route)
     actions = [k for k in ("route", "redirect", "directResponse") if r.get(k) is not None]
+    if not actions and "delegate" in r:
+        return None  # (the delegate is the error: a route without one is what it is)
     if not actions:
         ctx.error(
             path,
