@@ -3,7 +3,11 @@
 v1alpha3, v1beta1 and v1 share the fields read here. What l4proxy does not
 implement (TLS, tunnels...) is an error that
 names the field: a sidecar that silently ignored a setting would be worse
-than one that refuses it. A DestinationRule's ``trafficPolicy`` (at the rule
+than one that refuses it. A value that asks for what the sidecar does
+anyway is accepted and changes nothing: an ``exportTo`` that exports the
+object to this sidecar's namespace (``_export_to``), a ``tls`` of mode
+DISABLE (``_client_tls``), ``loadBalancer.simple: UNSPECIFIED`` (the
+default, ``_SIMPLE_LB``). A DestinationRule's ``trafficPolicy`` (at the rule
 and in each subset) is read with its ``portLevelSettings``
 (``_port_level_settings``): each entry the whole policy of one service
 port, merged as Istio's pilot does (``_objects.policy_subset``).
