@@ -132,6 +132,7 @@ __all__ = [
     "flags_text",
     "format_line",
     "origin_address",
+    "shown_flags",
     "time_text",
     "utf8_length",
 ]
@@ -416,6 +417,17 @@ def final_flags(flags: int) -> int:
     return shown
 
 
+def shown_flags(flags: int, tag: TagLog) -> int:
+    """The flag bits a request's line shows as RESPONSE_FLAGS: its bits'
+    :func:`final_flags`, and for a route's own answer (LOCAL_VERDICT) its
+    *tag*'s flags too (NR, NC). Istio's metrics label the request with the
+    same (``response_flags``: l4proxy/sidecar/istio_metrics.py)."""
+    shown = final_flags(flags)
+    if flags & LOCAL_VERDICT:
+        shown |= tag.flags
+    return shown
+
+
 def details(flags: int, status: int, local: bool, tag: TagLog) -> str:
     """RESPONSE_CODE_DETAILS of a request with these bits (:func:`final_flags`'),
     its *status*, whether the proxy answered it (*local*): Envoy's words for
@@ -488,7 +500,7 @@ def format_line(rec: Record, json: bool = False) -> bytes:
         if rec.flags & L4
         else details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
     )
-    shown = flags | (rec.tag.flags if local_verdict else 0)
+    shown = shown_flags(rec.flags, rec.tag)
     cluster = None if local_verdict else rec.tag.upstream_cluster
     upstream_local = None if flags & ~(DI | URX) or rec.local else rec.upstream_local
     fields: list[tuple[str, bytes]] = [
