@@ -425,7 +425,14 @@ from ``c.lflags``, which the paths a request served upstream never takes
 set as they answer or give up (a verdict's local answer its
 ``Verdict_.lflags``: the route's own, UH, UF, UO, OM, FI; ``upstream_failed``
 its ``why``'s; ``route_timeout``, ``request_cut``, ``tick``'s idle timeout,
-a fault's delay), and URX from the retry policy's tries. UPSTREAM_HOST
+a fault's delay; cleared where ``apply_verdict`` starts a request), and
+URX from the retry policy's tries (``row_flags``). The same flags key
+the request's metrics row, log or no log (Istio's ``response_flags``):
+``request_done`` gives ``count_row`` its status and ``row_flags`` in one
+word (``row_key``; LF_LOCALV as ``RF_LOCALV``, the worker naming a route's
+own answer's flags from its tag, as ``log_done`` does from
+``R.log_tags``), so a row is probed and compared as before and a request
+with no flag set and no retry pays one test for them. UPSTREAM_HOST
 is c.up's endpoint, else the one ``log_upstream`` kept of a try given up
 (``up_discard``, a failed connect); BYTES_SENT is ``c.client_bytes`` (the
 local answers count theirs), BYTES_RECEIVED the Content-Length less
@@ -498,7 +505,7 @@ handled is only marked and buried after the batch.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen
 from libc.errno cimport (
@@ -1274,6 +1281,9 @@ cdef uint32_t LF_LOCALV = _accesslog.LOCAL_VERDICT
 cdef uint32_t LF_CUT = _accesslog.CUT
 cdef uint32_t LF_PATH = _accesslog.PATH_REFUSED
 cdef uint32_t LF_RETRIED = _accesslog.RETRIED_FAILURES
+# a metrics row's LF_LOCALV (row_key(): the flags in 16 bits, above the 15 flags)
+cdef uint32_t RF_LOCALV = 1 << 15
+assert _accesslog.FLAGS < RF_LOCALV, "the response flags no longer fit a row's key"
 cdef int N_FLAG_NAMES = len(_accesslog.FLAG_NAMES)
 cdef int CAP_LH[N_LH]
 CAP_LH[:] = [_accesslog.CAPS[k] for k in ("method", "path", "protocol", "x_forwarded_for",
@@ -1687,7 +1697,8 @@ cdef struct Conn:
 
 cdef struct Row:
     int tag
-    int status             # 0: a decision (count only); ST_NONE: answered with no status
+    uint32_t key           # row_key(): its status (0: a decision, count only; ST_NONE:
+                           #     answered with no status) and its requests' response flags
     int64_t count
     double sum_s
     int64_t buckets[MAX_BUCKETS]
@@ -3002,25 +3013,37 @@ cdef void cache_put(Relay *R, const char *key, size_t n, uint64_t hash, Verdict_
 
 # -- metrics rows ------------------------------------------------------------------
 
-cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogil:
-    """One observation (a decision: status 0; a request's or a copy's end)
-    in the row of its (tag, status), a slot of R.rows taken for a new
-    one. The table takes ROWS_SLOTS / 2 rows (open addressing stays short)
-    until the next flush: a new row past that is not counted, but in
+cdef inline uint32_t row_key(int status, uint32_t flags) noexcept nogil:
+    """A row's key besides its tag: *status* (0: a decision; ST_NONE: no
+    status) in the low 16 bits, as an int16; the response flags above
+    (*flags*: row_flags(), RF_LOCALV for a route's own answer; 0 for a
+    decision and a mirrored copy). A decision's key is 0; an answer's
+    never is."""
+    return (<uint32_t>status & 0xFFFF) | (flags << 16)
+
+
+cdef void count_row(Relay *R, int tag, uint32_t key, double seconds) noexcept nogil:
+    """One observation (a decision: key 0; a request's or a copy's end)
+    in the row of its (tag, key: row_key()'s status and flags), a slot of
+    R.rows taken for a new one. The table takes ROWS_SLOTS / 2 rows (open
+    addressing stays short) until the next flush: a new row past that is not counted, but in
     CT_METRICS_DROPPED (stats' metrics_dropped, /stats'
     l4proxy_http_metrics_dropped_total), and makes the flush due at the end
     of this turn of the loop (run() returns, _run flushes) rather than at
     FLUSH_S: what is dropped is at most one turn's new rows beyond the
     bound. The pure twin reports every request on its own (``report``),
     into the worker's counters as these rows go: it drops none. A row
-    that exists costs its probe as before; only the drop pays more."""
-    cdef uint32_t i = <uint32_t>((<uint32_t>tag * <uint32_t>2654435761) ^ <uint32_t>status) & (ROWS_SLOTS - 1)
+    that exists costs its probe as before; only the drop pays more. The
+    slot is hashed from the tag and the status (the key's low bits): a
+    status's rows that differ in flags alone (few: a 200 and a 200 whose
+    body was cut, UC or DC) probe on from one slot."""
+    cdef uint32_t i = <uint32_t>((<uint32_t>tag * <uint32_t>2654435761) ^ key) & (ROWS_SLOTS - 1)
     cdef Row *r
     cdef int b
     cdef double ms
     while True:
         r = &R.rows[i]
-        if r.count == 0 and r.tag == 0 and r.status == 0:
+        if r.count == 0 and r.tag == 0 and r.key == 0:
             if R.rows_used >= ROWS_SLOTS // 2:
                 # full until the next flush (hundreds of tags and statuses
                 # within one: not a mesh's), which is due now
@@ -3028,14 +3051,14 @@ cdef void count_row(Relay *R, int tag, int status, double seconds) noexcept nogi
                 R.flush_due = True
                 return
             r.tag = tag + 1  # 0 marks a free slot
-            r.status = status
+            r.key = key
             R.rows_used += 1
             break
-        if r.tag == tag + 1 and r.status == status:
+        if r.tag == tag + 1 and r.key == key:
             break
         i = (i + 1) & (ROWS_SLOTS - 1)
     r.count += 1
-    if status:
+    if key:
         r.sum_s += seconds
         ms = seconds * 1000.0
         b = 0
@@ -3328,7 +3351,6 @@ cdef void log_capture(Relay *R, Conn *c) noexcept nogil:
     cdef Py_ssize_t ns[1]
     cdef int at = 0
     cdef bint json = R.log_json
-    c.lflags = 0
     c.req_chunked = 0
     if q == NULL:
         q = c.lg.req = <LogReq*>malloc(sizeof(LogReq))
@@ -3419,6 +3441,24 @@ cdef const char *log_details(uint32_t f, int status, bint local) noexcept nogil:
     return b"direct_response" if local else b"via_upstream"
 
 
+cdef uint32_t row_flags(Conn *c, int status, bint local) noexcept nogil:
+    """The response flags a request's line shows (accesslog.final_flags()
+    of c.lflags, and the URX of Exchange._done()), but a route's own
+    answer's from its tag: log_done()'s, and its metrics row's
+    (request_done(): Istio's response_flags, with the log off too)."""
+    cdef uint32_t f = c.lflags, shown, failed
+    cdef Retry_ *p = c.retry
+    shown = f & LF_FLAGS
+    if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
+        shown |= LF_DC
+    failed = shown & LF_RETRIED
+    if p != NULL and p.attempts > 0 and c.tries >= p.attempts:
+        if (failed and p.on & RT_ON_RESET) or (
+                not (failed or local or f & LF_CUT) and retry_status(p, status)):
+            shown |= LF_URX
+    return shown
+
+
 cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexcept nogil:
     """The request c counts now (request_done()): its line, formatted as
     accesslog.format_line() formats the pure twin's, to R.alog's buffer
@@ -3440,7 +3480,6 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
     cdef Up *u = c.up
     cdef const char *up_p = NULL
     cdef int up_n = 0, local_n = 0
-    cdef Retry_ *p = c.retry
     if q == NULL or not q.open:
         return  # (out of memory when it started)
     q.open = False
@@ -3453,15 +3492,7 @@ cdef void log_done(Relay *R, Conn *c, int status, bint local, double now) noexce
         # (accept()'s address, kept: a client that reset its connection
         # has no peer left for getpeername() to find)
         g.remote_len = peer_log_text(c, g.remote)
-    # the flags (accesslog.final_flags(), and the URX of Exchange._done())
-    shown = f & LF_FLAGS
-    if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
-        shown |= LF_DC
-    failed = shown & LF_RETRIED
-    if p != NULL and p.attempts > 0 and c.tries >= p.attempts:
-        if (failed and p.on & RT_ON_RESET) or (
-                not (failed or local or f & LF_CUT) and retry_status(p, status)):
-            shown |= LF_URX
+    shown = row_flags(c, status, local)
     if 0 <= c.tag < R.n_log_tags:
         t = R.log_tags[c.tag]
     why = log_details(shown | (f & ~LF_FLAGS), status, local)
@@ -3576,7 +3607,14 @@ cdef void request_done(Relay *R, Conn *c, int status, bint local, double now) no
     L4R_ADD(&R.ctr[<int>CT_REQUESTS], 1)
     if local:
         L4R_ADD(&R.ctr[<int>CT_LOCAL], 1)
-    count_row(R, c.tag, status if status else ST_NONE, now - c.started)
+    # its row's flags: those its line shows (Istio's response_flags),
+    # none but where a flag was set or a retry may add URX (c.tries)
+    cdef uint32_t flags = 0
+    if c.lflags | <uint32_t>c.tries:
+        flags = row_flags(c, status, local)
+        if c.lflags & LF_LOCALV:
+            flags |= RF_LOCALV
+    count_row(R, c.tag, row_key(status if status else ST_NONE, flags), now - c.started)
     if c.lg != NULL:  # (the access log's line: see "Access log")
         R.log_done(R, c, status, local, now)
 
@@ -5729,6 +5767,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     cdef Verdict_ *empty
     c.started = now
     c.uncounted = True
+    c.lflags = 0  # (its row's flags and its line's, from here)
     if c.lg != NULL:  # (the access log's: see "Access log")
         R.log_capture(R, c)
     if v.kind == V_LOCAL:
@@ -7545,7 +7584,8 @@ cdef void shadow_end(Relay *R, Shadow *sh, int how, double now) noexcept nogil:
     if how == SH_FAILED:
         L4R_ADD(&R.ctr[<int>CT_MIRROR_FAILED], 1)
     if how != SH_CLOSED:
-        count_row(R, sh.tag, sh.status if sh.status else ST_NONE, now - sh.started)
+        count_row(R, sh.tag, row_key(sh.status if sh.status else ST_NONE, 0),
+                  now - sh.started)
     buf_free(&sh.out)
     buf_free(&sh.inb)
     sh.sent = 0
@@ -7936,8 +7976,11 @@ cdef class HttpRelay:
     is asked per request), ``report_rows`` (the loop's metrics, aggregated:
     ``report_rows(decided, answered)`` with ``decided`` a list of ``(tag,
     count)`` and ``answered`` of ``(tag, status, count, seconds_sum,
-    bucket_counts)``, bucket counts per ``buckets`` bound in ms, not
-    cumulative, the last one above every bound; what the loop's table of
+    bucket_counts, flags)``, bucket counts per ``buckets`` bound in ms, not
+    cumulative, the last one above every bound, *flags* the response flags
+    its requests' access log lines show (``accesslog``'s bits, with
+    ``LOCAL_VERDICT`` where the tag's own say more: row_flags(), row_key());
+    what the loop's table of
     rows could not take before its next flush is counted in ``stats()``'s
     ``metrics_dropped``: see count_row), ``key_headers`` and
     ``seed``; ``decide_peer`` as the pure relay's (and passed on to it).
@@ -9921,8 +9964,9 @@ cdef class HttpRelay:
         """Hand the loop's metrics to report_rows, and start counting afresh."""
         cdef Relay *R = self.R
         cdef Row *r
-        cdef int i, b
+        cdef int i, b, status
         cdef int64_t n
+        cdef uint32_t flags
         decided = []
         answered = []
         for i in range(ROWS_SLOTS):
@@ -9930,11 +9974,14 @@ cdef class HttpRelay:
             if r.tag == 0:
                 continue
             tag = self._tags[r.tag - 1] if r.tag - 1 < len(self._tags) and r.tag > 0 else None
-            if r.status == 0:
+            if r.key == 0:
                 decided.append((tag, r.count))
             else:
-                answered.append((tag, r.status if r.status != ST_NONE else 0, r.count, r.sum_s,
-                                 tuple(r.buckets[b] for b in range(R.n_buckets + 1))))
+                status = <int16_t>(r.key & 0xFFFF)
+                flags = r.key >> 16
+                answered.append((tag, status if status != ST_NONE else 0, r.count, r.sum_s,
+                                 tuple(r.buckets[b] for b in range(R.n_buckets + 1)),
+                                 (flags & LF_FLAGS) | (LF_LOCALV if flags & RF_LOCALV else 0)))
             memset(r, 0, sizeof(Row))
         R.rows_used = 0
         if R.alog != NULL and not self._log_warned:  # (a write error: logged once)

@@ -1200,7 +1200,7 @@ def test_a_canary_slower_than_the_largest_bucket_fails_its_p99() -> None:
     w = CounterWindow()
     w.read({"s": parse_text(c.render())[0]})
     none = (0,) * len(_DURATION_BUCKETS_MS)
-    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none)])
+    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none, 0)])
     s = totals_of(w.read({"s": parse_text(c.render())[0]}), "bootcamp", "v2").sample()
     assert (s.requests, s.p99_ms) == (100, math.inf)
     graded = check(P, s)

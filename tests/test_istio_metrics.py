@@ -135,7 +135,7 @@ def test_a_rows_series_carry_the_sidecars_labels_and_its_pods() -> None:
     tag = _SubsetTag(HOST, "r", "v2", "v2", "web-v2", 8080, peer)
     c = Counters()
     slow = tuple(int(le == 300000) for le in ENVOY_BUCKETS)  # one request of 2 minutes
-    Worker._add_rows(c, [], [(tag, 200, 1, 120.0, slow)], source)
+    Worker._add_rows(c, [], [(tag, 200, 1, 120.0, slow, 0)], source)
     snap = c.snapshot()
     ((labels, n),) = snap["istio_requests_total"].items()
     got = dict(labels)
@@ -311,8 +311,10 @@ def test_a_gateways_requests_carry_istios_labels(
     relay twin, at a gateway whose pod is edge-v9 of namespace edge in
     cluster east: a request the pod answered carries every label of
     Istio's (its pod's app, canonical service and revision, the Service's
-    namespace); one no route took is unknown throughout; the durations
-    are in Envoy's buckets; and the whole /stats is valid Prometheus text."""
+    namespace) and response_flags "-"; one no route took is unknown
+    throughout, its flags NR (its log line's, through the supervisor's
+    sum); the durations are in Envoy's buckets; and the whole /stats is
+    valid Prometheus text."""
     if twin == "pure":
         monkeypatch.setenv("L4PROXY_NO_EXTENSIONS", "1")
     port = int(backend.rsplit(":", 1)[1])
@@ -366,11 +368,13 @@ def test_a_gateways_requests_carry_istios_labels(
             "destination_cluster": "east",
             **how,
             "response_code": "200",
+            "response_flags": "-",
         },
         1,
     )
     missed, n = by_code["404"]
     assert n == 1
+    assert missed["response_flags"] == "NR"  # (no route: the access log's flag)
     assert {k: v for k, v in missed.items() if k.startswith("destination_")} == {
         **{k: "unknown" for k in by_code["200"][0] if k.startswith("destination_")},
         "destination_canonical_revision": "latest",
@@ -519,6 +523,7 @@ def test_tcp_connections_are_counted_as_istios(tcp_mesh: Mesh, impl: str) -> Non
             "destination_canonical_revision": "r1",
             "destination_cluster": "Kubernetes",
             "request_protocol": "tcp",
+            "response_flags": "-",
             "connection_security_policy": "unknown",
         },
         2,

@@ -1048,7 +1048,7 @@ def test_the_weighted_draw_is_reproducible_with_a_seed(backends: list[Backend], 
                 runs.append(run + [_get(c, "/s")[:4] for _ in range(100)])
         finally:
             proxy.close()
-        answered = {tag: n for batch in rows for tag, _status, n, _s, _b in batch}
+        answered = {tag: n for batch in rows for tag, _status, n, _s, _b, _f in batch}
         assert answered == {"v1": runs[-1].count(b"v=v1"), "v2": runs[-1].count(b"v=v2")}
     assert runs[0] == runs[1]  # --seed: the same draws, request for request
     # the RNG restarts with a new table only (key headers given), as the
@@ -1230,7 +1230,7 @@ def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
     and version) and the time since that request began."""
     reports: list[tuple[object, int, float]] = []
     proxy = Proxy(lambda head, origin: Decision((backends[0].endpoint,), tag="v1"))
-    proxy.relay.report = lambda tag, status, seconds: reports.append((tag, status, seconds))
+    proxy.relay.report = lambda tag, status, seconds, _flags: reports.append((tag, status, seconds))
     try:
         with proxy.connect() as c:
             c.sendall(b"GET /1 HTTP/1.1\r\nHost: b\r\n\r\n")

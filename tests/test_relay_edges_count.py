@@ -42,13 +42,13 @@ class Counted:
         self.rows: list[tuple[int, float]] = []
         self.lock = threading.Lock()
 
-    def report(self, tag: Any, status: int, seconds: float) -> None:
+    def report(self, tag: Any, status: int, seconds: float, flags: int) -> None:
         with self.lock:
             self.rows.append((status, seconds))
 
     def report_rows(self, decided: Any, answered: Any) -> None:
         with self.lock:
-            for _, status, count, seconds, buckets in answered:
+            for _, status, count, seconds, buckets, _ in answered:
                 assert sum(buckets) == count, (status, count, buckets)
                 self.rows += [(status, seconds / count)] * count
 

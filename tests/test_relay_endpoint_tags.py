@@ -378,7 +378,7 @@ def test_endpoint_tag_ids_stay_bounded_and_a_held_retry_keeps_its_own(how: str) 
 
     def report_rows(decided: Any, answered: Any) -> None:
         with lock:
-            rows.extend((tag, status, count) for tag, status, count, _, _ in answered)
+            rows.extend((tag, status, count) for tag, status, count, _, _, _ in answered)
 
     def tags() -> tuple[Any, tuple[Any, Any]]:
         gen = state["gen"]

@@ -556,13 +556,13 @@ class _Tagged:
         self.rows: list[tuple[Any, int]] = []
         self.lock = threading.Lock()
 
-    def report(self, tag: Any, status: int, seconds: float) -> None:
+    def report(self, tag: Any, status: int, seconds: float, flags: int) -> None:
         with self.lock:
             self.rows.append((tag, status))
 
     def report_rows(self, decided: Any, answered: Any) -> None:
         with self.lock:
-            for tag, status, count, _, _ in answered:
+            for tag, status, count, _, _, _ in answered:
                 self.rows += [(tag, status)] * count
 
     def kw(self, which: str) -> dict[str, Any]:

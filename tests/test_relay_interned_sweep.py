@@ -358,7 +358,7 @@ def test_tag_ids_stay_bounded_and_report_their_own_tags(how: str, fault_tag: boo
 
     def report_rows(decided: Any, answered: Any) -> None:
         with lock:
-            rows.extend((tag, status, count) for tag, status, count, _, _ in answered)
+            rows.extend((tag, status, count) for tag, status, count, _, _, _ in answered)
 
     def tag_fault(target: str) -> tuple[Any, Fault]:
         gen = state["gen"]
@@ -467,7 +467,7 @@ def test_a_copys_tag_survives_sweeps_while_it_is_held(how: str) -> None:
 
     def report_rows(decided: Any, answered: Any) -> None:
         with lock:
-            rows.extend((tag, status, count) for tag, status, count, _, _ in answered)
+            rows.extend((tag, status, count) for tag, status, count, _, _, _ in answered)
 
     def route(target: str) -> tuple[Any, tuple[Endpoint, ...], Fault | None, Mirror]:
         """*target*'s tag, endpoints, fault and mirror now."""

@@ -311,7 +311,7 @@ class _Reports:
         self.uneven: list[tuple[Any, int, int, tuple[int, ...]]] = []
         self.lock = threading.Lock()
 
-    def report(self, tag: Any, status: int, seconds: float) -> None:
+    def report(self, tag: Any, status: int, seconds: float, flags: int) -> None:
         with self.lock:
             self.rows.append((tag, status))
 
@@ -319,7 +319,7 @@ class _Reports:
         with self.lock:
             for tag, n in decided:
                 self.decided += [tag] * n
-            for tag, status, n, _, buckets in answered:
+            for tag, status, n, _, buckets, _ in answered:
                 self.rows += [(tag, status)] * n
                 if sum(buckets) != n:
                     self.uneven.append((tag, status, n, buckets))

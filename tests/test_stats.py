@@ -105,7 +105,7 @@ def test_the_workers_report_of_a_row_is_one_batch() -> None:
         relay_counters=counters, _add_rows=Worker._add_rows, _source=_NO_SOURCE
     )
     buckets = (1,) + (0,) * (len(_DURATION_BUCKETS_MS) - 1)
-    Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets)])  # type: ignore[arg-type]
+    Worker._report_rows(worker, [], [(None, 200, 1, 0.001, buckets, 0)])  # type: ignore[arg-type]
     assert counters.total("istio_requests_total") == 1
     assert counters.total("istio_request_duration_milliseconds_count") == 1
     assert outside == []
@@ -137,9 +137,9 @@ def test_a_histogram_row_writes_every_bucket_zeros_included() -> None:
     tag = _SubsetTag("bootcamp.default.svc.cluster.local", "r", "v2", "v2", "bootcamp-v2")
     c = Counters()
     none = (0,) * len(_DURATION_BUCKETS_MS)
-    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none)])
+    Worker._add_rows(c, [], [(tag, 200, 100, 100 * 70.0, none, 0)])
     fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)  # one request of 2 ms
-    Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast)])
+    Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast, 0)])
     series = c.snapshot()["istio_request_duration_milliseconds_bucket"]
     les = {dict(labels)["le"]: v for labels, v in series.items()}
     assert list(les) == [*map(str, _DURATION_BUCKETS_MS), "+Inf"]
@@ -157,10 +157,12 @@ def test_a_mirrored_copys_rows_are_a_family_of_their_own() -> None:
     c = Counters()
     fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)
     Worker._add_rows(
-        c, [], [(_SubsetTag(host, "r", "v1", "v1", "bootcamp-v1"), 200, 3, 0.006, fast)]
+        c, [], [(_SubsetTag(host, "r", "v1", "v1", "bootcamp-v1"), 200, 3, 0.006, fast, 0)]
     )
     two = tuple(2 * n for n in fast)
-    Worker._add_rows(c, [], [(MirrorTag(host, "r", "v2", "v2", "bootcamp-v2"), 503, 2, 0.004, two)])
+    Worker._add_rows(
+        c, [], [(MirrorTag(host, "r", "v2", "v2", "bootcamp-v2"), 503, 2, 0.004, two, 0)]
+    )
     snap = c.snapshot()
     (real,) = snap["istio_requests_total"].items()
     (copies,) = snap["l4proxy_mirror_requests_total"].items()
@@ -225,7 +227,7 @@ def test_a_histogram_is_one_family_its_buckets_in_bound_order() -> None:
     fast = tuple(int(le == 5) for le in _DURATION_BUCKETS_MS)
     for version in ("v2", "v1"):
         tag = _SubsetTag(host, "r", version, version, f"bootcamp-{version}")
-        Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast)])
+        Worker._add_rows(c, [], [(tag, 200, 1, 0.002, fast, 0)])
     lines = render_prometheus(c.snapshot(), c.help(), {}).splitlines()
     start = lines.index("# TYPE istio_request_duration_milliseconds histogram")
     assert lines[start - 1].startswith("# HELP istio_request_duration_milliseconds ")

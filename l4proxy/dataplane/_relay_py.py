@@ -83,7 +83,10 @@ reported; a 5xx whose body is cut short is a failure (``response_failed``),
 as any other answer's.
 
 Tags: a request is reported (``report``, and outlier detection's callbacks)
-with its decision's ``tag``; where its endpoints differ in version
+with its decision's ``tag`` (``report`` with its status, its seconds and
+the flag bits its access log line takes, ``Done``'s and
+``_Conn.log_flags``, whether the log is on or not: Istio's
+``response_flags``); where its endpoints differ in version
 (``Decision.endpoint_tags``), with the tag of the endpoint of its last try
 that reached one (``_reached``: ``_take_idle`` took one of its
 connections, ``_connect`` began one; ``_Conn.ep_tags`` by endpoint, built
@@ -234,7 +237,7 @@ the route's timeout from its start, else ``MIRROR_TIMEOUT``;
 read for its status on the way (``_Shadow.answer``, an
 ``AnswerStatus``), and at its end, whichever, the copy is reported
 (``report``: its Mirror's tag, that status, the seconds since its
-start; not one the relay closes in flight). Idle copy connections expire
+start, no flags; not one the relay closes in flight). Idle copy connections expire
 at the tick (``Pools.expire``); those to an endpoint the route table no
 longer names are closed when :meth:`HttpRelay.retain_endpoints` says so
 (``Pools.remove_endpoint``, as the routes' pool's), and a copy in flight
@@ -639,7 +642,7 @@ class HttpRelay:
         connect_timeout: float = 5.0,
         header_timeout: float = 10.0,
         idle_timeout: float = 300.0,
-        report: Callable[[Any, int, float], None] | None = None,
+        report: Callable[[Any, int, float, int], None] | None = None,
         connect_failed: Callable[[Endpoint, Any, str], None] | None = None,
         response_failed: Callable[[Endpoint, Any, str], None] | None = None,
         answered: Callable[[Endpoint, Any], None] | None = None,
@@ -1392,10 +1395,12 @@ class HttpRelay:
         self, c: _Conn, status: int, local: bool, now: float, flags: int = 0, received: int = 0
     ) -> None:
         """A request is over (answered, or cut short): counted, reported,
-        logged (*flags*, *received*: its Done's, for the access log)."""
+        logged (*flags*, *received*: its Done's, for the access log; its
+        flags and the shell's own go with its report too)."""
+        bits = flags | c.log_flags
         if self._log_line is not None:
             try:
-                self._log(c, status, local, now, flags | c.log_flags, received)
+                self._log(c, status, local, now, bits, received)
             except Exception:  # (a bug, a describe() that raised: the request goes on)
                 self.counters["errors"] += 1
         c.sent = 0
@@ -1416,7 +1421,7 @@ class HttpRelay:
             # tag: its decision's, a fault's abort's, or that of the
             # endpoint of its last try that reached one (_reached).
             tag = c.tag if d is not None else UNROUTED
-            self.report(tag, status, now - c.started if d is not None else 0.0)
+            self.report(tag, status, now - c.started if d is not None else 0.0, bits)
 
     def _log(
         self, c: _Conn, status: int, local: bool, now: float, flags: int, received: int
@@ -1854,7 +1859,7 @@ class HttpRelay:
             del self._shadows[old]
             self.counters["mirror_failed"] += 1
             if self.report is not None:
-                self.report(sh.tag, sh.answer.status, now - sh.started)
+                self.report(sh.tag, sh.answer.status, now - sh.started, 0)
             return
         again = _Shadow(
             sock,
@@ -1911,7 +1916,7 @@ class HttpRelay:
                     pass
             sh.sock.close()
         if now is not None and self.report is not None:
-            self.report(sh.tag, sh.answer.status, now - sh.started)
+            self.report(sh.tag, sh.answer.status, now - sh.started, 0)
 
     def _shadow_evict(self, idle: _ShadowIdle) -> None:
         """An idle copy connection closed: the server closed it (evicted

@@ -36,23 +36,38 @@ there).
   gRPC is told apart), a destination no pod answered: ``unknown`` in
   its workload, namespace, app, cluster and canonical service, and
   ``latest`` in its canonical revision (Istio's PassthroughCluster rows).
+* ``response_flags``: Envoy's RESPONSE_FLAGS, the value the
+  request's access log line shows (``-`` for none, else ``UF,URX``,
+  ``NR``, ``DC``, ...: :func:`~l4proxy.dataplane.accesslog.shown_flags`
+  and :func:`response_flags`), whether the log is on or not. The relays
+  report a request's flag bits with it (the pure relay's ``report``, the
+  compiled relay's rows, keyed by tag, status and bits); the worker
+  makes the text when it adds the row, with a route's own answer's
+  (NR, NC) from its tag, as the log takes them. A TCP connection's
+  series say ``-``: only connections an upstream took are counted there,
+  and their line has no flag (tcp_proxy's for how an established one
+  ended: none).
 
-``response_flags`` is not reported: a compiled relay's row is a (tag,
-status) pair, without the flags its access log line has, and a flag
-counted in one twin only, or ``-`` for requests that had one, would
-mislead a query. Istio's ``istio_request_bytes`` and
-``istio_response_bytes`` are not either (the README says what they would
-cost).
+Istio's ``istio_request_bytes`` and ``istio_response_bytes`` are not
+reported (the README says what they would cost).
 
 Cardinality: every value is a pod's label, a namespace, a service's host,
-a status code or a constant; nothing is unique to a request or to a
-client's address.
+a status code, a constant, or a combination of the 15 response flags
+l4proxy sets (:data:`~l4proxy.dataplane.accesslog.FLAG_NAMES`, in Envoy's
+order, so one set is one value); nothing is unique to a request or to a
+client's address. A failed request's flags say why it ended (one
+reason, the failure or the local answer that ended it) with DI and URX
+where they apply, and a status comes with few of them (a 200: ``-``, ``DI``, or where its body
+was cut ``UC``, ``DC``, ``UT``; a 503: ``UF``, ``UF,URX``, ``UH``, ``UO``,
+``OM``, ``URX``): a few series per destination and status, never one
+per request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from l4proxy.dataplane.accesslog import flags_text
 from l4proxy.rules.routing import Labels
 
 # Istio's request-duration buckets (ms): Envoy's default histogram buckets
@@ -105,6 +120,7 @@ CANONICAL_REVISION_LABELS = (CANONICAL_REVISION, *VERSION_LABELS)
 READ_LABELS = frozenset(CANONICAL_NAME_LABELS + CANONICAL_REVISION_LABELS)
 
 NO_PEER = Labels()
+NO_FLAGS = "-"  # response_flags of a request or connection without one (Istio's, Envoy's)
 
 
 def _first(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
@@ -200,17 +216,29 @@ def destination_labels(
     }
 
 
+def response_flags(shown: int) -> str:
+    """``response_flags`` of a request whose line shows the flag bits
+    *shown* (:func:`~l4proxy.dataplane.accesslog.shown_flags`): their
+    names, comma-joined in Envoy's order; ``-`` for none."""
+    return flags_text(shown) if shown else NO_FLAGS
+
+
 def request_labels(
-    source: Mapping[str, str], destination: Mapping[str, str], status: int
+    source: Mapping[str, str],
+    destination: Mapping[str, str],
+    status: int,
+    flags: str = NO_FLAGS,
 ) -> dict[str, str]:
     """The labels of an HTTP request's series (``istio_requests_total``,
     ``istio_request_duration_milliseconds``): *source*'s, *destination*'s,
-    and how it went (*status* 0: no response began)."""
+    and how it went (*status* 0: no response began; *flags*: its
+    :func:`response_flags`)."""
     return {
         **source,
         **destination,
         "request_protocol": "http",
         "response_code": str(status),
+        "response_flags": flags,
         "grpc_response_status": "",
         "connection_security_policy": UNKNOWN,
     }
@@ -218,10 +246,12 @@ def request_labels(
 
 def tcp_labels(source: Mapping[str, str], destination: Mapping[str, str]) -> dict[str, str]:
     """The labels of a TCP connection's series (``istio_tcp_*``): no
-    response code, ``request_protocol`` ``tcp``."""
+    response code, ``request_protocol`` ``tcp``, no response flag (what
+    is counted there was taken by an upstream)."""
     return {
         **source,
         **destination,
         "request_protocol": "tcp",
+        "response_flags": NO_FLAGS,
         "connection_security_policy": UNKNOWN,
     }

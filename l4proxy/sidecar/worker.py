@@ -1579,7 +1579,7 @@ class Worker:
     def _report_rows(
         self,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[tuple[_ReportTag, int, int, float, tuple[int, ...]]],
+        answered: list[_AnsweredRow],
     ) -> None:
         """What the compiled relay counted since its last report (relay
         thread): decisions, and responses with their duration histogram
@@ -1592,18 +1592,21 @@ class Worker:
     def _add_rows(
         c: Counters,
         decided: list[tuple[_SubsetTag | None, int]],
-        answered: list[tuple[_ReportTag, int, int, float, tuple[int, ...]]],
+        answered: list[_AnsweredRow],
         source: Mapping[str, str] = _NO_SOURCE,
     ) -> None:
         """Add the relay's rows to *c*: decisions, and answers (a
         request's or a mirrored copy's) with their durations' histogram,
-        labelled by their tags and *source*, this sidecar's labels."""
+        labelled by their tags, statuses and response flags (the access
+        log's bits: :func:`_response_flags`) and *source*, this sidecar's
+        labels."""
         for subset, n in decided:
             if subset is not None:  # PassthroughCluster: no decision (as per connection)
                 labels = {"service": subset.service, "route": subset.route, "subset": subset.subset}
                 c.add("l4proxy_decisions_total", labels, n)
-        for tag, status, count, seconds, buckets in answered:
-            key = label_set(_istio_labels(tag, status, source))  # (sorted once: every series')
+        for tag, status, count, seconds, buckets, flags in answered:
+            # (sorted once: every series')
+            key = label_set(_istio_labels(tag, status, source, flags))
             # a mirrored copy's answer (Mirror.tag): a family of its own,
             # never a request the client got an answer to
             mirrored = isinstance(tag, MirrorTag)
@@ -1612,12 +1615,13 @@ class Worker:
             c.add_set(total, key, count)
             c.add_histogram(family, key, _DURATION_BUCKETS_MS, buckets, count, seconds * 1000.0)
 
-    def _report_request(self, tag: _ReportTag, status: int, seconds: float) -> None:
-        """One response delivered by the pure relay (its thread): as one row."""
+    def _report_request(self, tag: _ReportTag, status: int, seconds: float, flags: int) -> None:
+        """One response delivered by the pure relay (its thread), with its
+        access log's flag bits: as one row."""
         ms = seconds * 1000.0
         index = next((i for i, le in enumerate(_DURATION_BUCKETS_MS) if ms <= le), None)
         buckets = tuple(int(i == index) for i in range(len(_DURATION_BUCKETS_MS)))
-        self._report_rows([], [(tag, status, 1, seconds, buckets)])
+        self._report_rows([], [(tag, status, 1, seconds, buckets, flags)])
 
     def _relay_classify_origin(self, ip: str, port: int) -> tuple[bool, Origin]:
         """Whether connections the relay accepted for (*ip*, *port*) are its
@@ -2030,7 +2034,7 @@ def _describe_istio(c: Counters) -> None:
     c.describe(
         "istio_requests_total",
         "counter",
-        "Requests by source, destination and response code (reporter=source).",
+        "Requests by source, destination, response code and response flags (reporter=source).",
     )
     c.describe(
         "l4proxy_mirror_requests_total",
@@ -2061,6 +2065,9 @@ class _SubsetTag(NamedTuple):
 _AnyTag = _Tag | _SubsetTag | None  # an outlier report's tag (the request's)
 # a report's: a request's, a copy's (MirrorTag), a refused head's (the relays' UNROUTED)
 _ReportTag = _Tag | _SubsetTag | MirrorTag | str | None
+# an answered row of a relay's report: its tag, status, count, seconds in all,
+# duration buckets, and the access log's flag bits (:func:`_response_flags`)
+_AnsweredRow = tuple[_ReportTag, int, int, float, tuple[int, ...], int]
 
 
 def _local_body(status: int) -> str:
@@ -2265,13 +2272,15 @@ def _destination(tag: _ReportTag, cluster: str) -> dict[str, str]:
 
 
 def _istio_labels(
-    tag: _ReportTag, status: int, source: Mapping[str, str] = _NO_SOURCE
+    tag: _ReportTag, status: int, source: Mapping[str, str] = _NO_SOURCE, flags: int = 0
 ) -> dict[str, str]:
     """Istio's standard metric labels of a request's row (*source*: the
-    sidecar's, :func:`istio_metrics.source_labels`), so that Istio's
-    dashboards, Flagger's and Argo's queries find it. A mirrored copy's
-    (a :class:`MirrorTag`, l4proxy's own family) keeps the few the canary
-    reads: what the mirror's own sidecar would say of it."""
+    sidecar's, :func:`istio_metrics.source_labels`; *flags*: the access
+    log's bits of its requests), so that Istio's dashboards, Flagger's and
+    Argo's queries find it. A mirrored copy's (a :class:`MirrorTag`,
+    l4proxy's own family) keeps the few the canary reads: what the
+    mirror's own sidecar would say of it (no response flags: a copy has
+    no line)."""
     cluster = source.get("source_cluster", istio_metrics.DEFAULT_CLUSTER)
     destination = _destination(tag, cluster)
     if isinstance(tag, MirrorTag):
@@ -2280,7 +2289,21 @@ def _istio_labels(
             **{k: destination[k] for k in _MIRROR_DESTINATION},
             "response_code": str(status),
         }
-    return istio_metrics.request_labels(source, destination, status)
+    return istio_metrics.request_labels(source, destination, status, _response_flags(tag, flags))
+
+
+def _response_flags(tag: _ReportTag, flags: int) -> str:
+    """``response_flags`` of requests a relay reported with the access
+    log's *flags* (the pure relay's bits as its line takes them; the
+    compiled relay's rows', its final flags and LOCAL_VERDICT): the flags
+    their line shows (:func:`accesslog.shown_flags`), a route's own
+    answer's (NR, NC) from its *tag* as the log describes it."""
+    if not flags:
+        return istio_metrics.NO_FLAGS
+    said = NO_TAG
+    if flags & accesslog.LOCAL_VERDICT and not isinstance(tag, str | MirrorTag):
+        said = _access_log_tag(tag)
+    return istio_metrics.response_flags(accesslog.shown_flags(flags, said))
 
 
 # the destination labels of a mirrored copy's rows (as Istio's were before
