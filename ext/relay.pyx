@@ -478,16 +478,27 @@ Drain
 ``_exchange_py.py``) asks the loop, under the lock as ``stop`` is, to
 drain the gateway listeners' connections (``DRAIN_INBOUND``: ``c.gateway``,
 a gateway ``Lst``'s or a hand-off whose origin says ``gateway``) or every
-one (``DRAIN_ALL``); the pure relay it hands requests to is told too.
-``run()`` applies it before the hand-off queue is taken (``drain_conns``):
-a named connection between requests (``P_HEAD``, no byte of a next head)
-closes at once through ``start_close`` (its answer's last bytes first,
-then FIN and the lingering read), any other is marked ``c.draining``,
-and one whose final head went out already has ``c.keeps_client``
-cleared, so ``complete()`` closes it after the body; ``new_conn`` marks
-those taken afterwards. ``final_head`` then sends ``connection: close``
-(an upstream's keep-alive replaced, as for a client that asked to close)
-and the local answers (``local_answer``, ``fault_abort``,
+one (``DRAIN_ALL``), with the seconds its connections between requests
+close over (``drain_spread``); ``discourage()`` sets or clears
+``DRAIN_DISCOURAGE`` beside the scope (the health check failed: the
+gateway listeners' answers say close, nothing closes between requests).
+The pure relay it hands requests to is told too. ``run()`` applies a
+change before the hand-off queue is taken (``drain_conns``, with the
+value before): a connection the scope names now and did not before is
+marked ``c.draining``; one between requests (``P_HEAD``, no byte of a next
+head) gets ``c.drain_at``, the k-th of N (in ``R.conns``' order: the order
+they were taken, but for one whose place a closed one's successor took)
+at k * spread / N from now, and ``drain_due`` closes each one due that is
+still between requests through ``start_close`` (its answer's last bytes
+first, then FIN and the lingering read): the first at once, the others
+at the tick after theirs (``R.drain_next``, read only where the tick
+runs); one whose final head went out already has ``c.keeps_client``
+cleared, so ``complete()`` closes it after the body. A gateway
+listener's connection the scope does not name is marked, or unmarked, as
+``DRAIN_DISCOURAGE`` says. ``new_conn`` marks those taken afterwards
+(``drains()``). ``final_head`` then sends ``connection: close`` (an
+upstream's keep-alive replaced, as for a client that asked to close) and
+the local answers (``local_answer``, ``fault_abort``,
 ``upstream_failed``) their closing variant. The steady state pays one
 test of ``c.draining`` in ``final_head``'s keep, a byte of the ``Conn``
 it reads anyway. ``close()`` says how many connections it cut.
@@ -700,11 +711,14 @@ cdef enum:
     OC_OTHER = 2           # anything else: the worker's general path
 
 # drain()'s scope (Relay.drain_req, Relay.draining): none, the gateway
-# listeners' connections (inbound: Envoy's DrainDirection InboundOnly), all
+# listeners' connections (inbound: Envoy's DrainDirection InboundOnly), all;
+# and beside it discourage()'s bit: the gateway listeners' answers say close
 cdef enum:
     DRAIN_NONE = 0
     DRAIN_INBOUND = 1
     DRAIN_ALL = 2
+    DRAIN_SCOPE = 3          # the scope's bits
+    DRAIN_DISCOURAGE = 4
 
 # client connection phases
 cdef enum:
@@ -1639,6 +1653,7 @@ cdef struct Conn:
     Verdict_ *fault_answer # ... and the abort's answer then (NULL: the request goes),
                            # or the local answer's copy (fault_local; owned)
     double closing         # lingering-close deadline; 0: not closing
+    double drain_at        # a drain closes it then if between requests (0: no; drain_due)
     double timeout         # the current request's route timeout (0: none)
     double resp_deadline   # ... when it passes: set once the request is read whole
     Retry_ *retry          # the current request's retry policy (NULL: none)
@@ -1799,7 +1814,8 @@ cdef struct Relay:
     Handoff *q_head
     Handoff *q_tail
     bint stop
-    int drain_req          # drain()'s scope, as last asked (DRAIN_*)
+    int drain_req          # drain()'s scope and discourage()'s bit, as last asked (DRAIN_*)
+    double drain_spread    # ... the seconds the drain asked last spreads its closes over
     bint flush_req         # flush_reports() waits for a flush
     bint py_req            # Python left work for the loop's thread (retain_endpoints,
                            # endpoint_settings)
@@ -1875,7 +1891,8 @@ cdef struct Relay:
     Other others[MAX_OTHERS]
     int n_others
     int64_t last_accept_ns # CLOCK_MONOTONIC (atomic)
-    int draining           # drain()'s scope, as applied (the loop's; new_conn reads it)
+    int draining           # drain_req, as applied (the loop's; new_conn reads it)
+    double drain_next      # the soonest Conn.drain_at, or earlier (0: none; drain_due)
     int64_t ctr[<int>N_CT]
     # the access log (NULL: off; see "Access log"): its buffer and writer,
     # the format, a line as it is built (the loop's), each tag id's
@@ -2393,26 +2410,78 @@ cdef void start_close(Relay *R, Conn *c, double now) noexcept nogil:
         linger(R, c)
 
 
-cdef void drain_conns(Relay *R, double now) noexcept nogil:
-    """drain(): the connections R.draining names drain (see "Drain"); run()'s,
-    as it applies a drain asked."""
-    cdef int i = R.n_conns
+cdef inline bint drains(int draining, bint gateway) noexcept nogil:
+    """Whether a connection (a gateway listener's or not) is told to leave
+    under *draining* (Relay.draining: see "Drain")."""
+    cdef int scope = draining & DRAIN_SCOPE
+    return scope == DRAIN_ALL or (gateway and (scope == DRAIN_INBOUND
+                                               or draining & DRAIN_DISCOURAGE))
+
+
+cdef inline bint between_requests(Conn *c) noexcept nogil:
+    """No request under way, no byte of a next head, the client not gone."""
+    return c.phase == P_HEAD and c.inb.len == 0 and c.need == N_NONE and not c.client_eof
+
+
+cdef void drain_conns(Relay *R, int before, double spread, double now) noexcept nogil:
+    """drain() and discourage(): R.draining as applied now, *before* as it
+    was (see "Drain"); run()'s, as it applies a change asked. A connection
+    the scope names now and did not before is told to leave (those between
+    requests closed over *spread* seconds), a gateway listener's the scope
+    does not name as discourage() says."""
+    cdef int i, k = 0, n = 0
+    cdef int scope = R.draining & DRAIN_SCOPE, was = before & DRAIN_SCOPE
     cdef Conn *c
-    while i > 0:
-        i -= 1
-        c = R.conns[i]  # (a close moves the last one, seen already, here)
-        if R.draining == DRAIN_INBOUND and not c.gateway:
+    for i in range(R.n_conns):
+        c = R.conns[i]
+        if c.phase == P_CLOSING:
+            continue  # (after its last answer already)
+        if not drains(scope, c.gateway):
+            c.draining = drains(R.draining, c.gateway)  # (discourage()'s, or none)
+        elif not drains(was, c.gateway):
+            c.draining = True
+            if between_requests(c):
+                n += 1
+                c.drain_at = -1.0  # (its time below)
+        if c.draining and c.phase != P_HEAD:
+            c.keeps_client = False  # a final head out already: closed after its body
+    if n == 0:
+        return
+    for i in range(R.n_conns):  # (nothing closed since: the same connections)
+        c = R.conns[i]
+        if c.drain_at == -1.0:
+            c.drain_at = now + k * spread / n
+            k += 1
+    R.drain_next = now
+    drain_due(R, now)
+
+
+cdef void drain_due(Relay *R, double now) noexcept nogil:
+    """The connections a drain scheduled (c.drain_at) by *now*: closed if
+    between requests (the close now, what the last answer left in c.out
+    first, FIN and the lingering read, as after an answer that says close);
+    one that took a request meanwhile is closed after its answer, as every
+    draining one. R.drain_next becomes the soonest left (0: none)."""
+    cdef int i = 0
+    cdef double soonest = 0
+    cdef Conn *c
+    while i < R.n_conns:
+        c = R.conns[i]
+        i += 1
+        if not c.drain_at:
             continue
-        c.draining = True
-        if c.phase == P_HEAD and c.inb.len == 0 and c.need == N_NONE and not c.client_eof:
-            # between requests: the close now (what the last answer left in
-            # c.out first), FIN and the lingering read, as after an answer
-            # that says close
+        if c.drain_at > now:
+            if not soonest or c.drain_at < soonest:
+                soonest = c.drain_at
+            continue
+        c.drain_at = 0
+        if between_requests(c):
             c.no_linger = False
             start_close(R, c, now)
             settle(R, c)
-        elif c.phase != P_HEAD:
-            c.keeps_client = False  # a final head out already: closed after its body
+            if c.closed:
+                i -= 1  # conn_forget() moved the last one here
+    R.drain_next = soonest
 
 
 cdef int send_buf(int fd, Buf *b) noexcept nogil:
@@ -6769,7 +6838,7 @@ cdef void new_conn(Relay *R, int fd, uint32_t origin, const char *data, size_t n
     c.origin = origin
     c.gateway = gateway
     # (taken while draining: served, then closed; see "Drain")
-    c.draining = R.draining == DRAIN_ALL or (R.draining == DRAIN_INBOUND and gateway)
+    c.draining = drains(R.draining, gateway)
     if peer != NULL:
         peer_from(c, peer, peer_n)
     elif R.alog != NULL:
@@ -7882,7 +7951,8 @@ cdef int run(Relay *R) noexcept nogil:
     cdef uint64_t junk
     cdef void *ptr
     cdef bint py_req
-    cdef int drain
+    cdef int drain, before
+    cdef double spread
     while True:
         if R.kick_head != NULL:
             serve_pending(R, now_s())
@@ -7945,14 +8015,18 @@ cdef int run(Relay *R) noexcept nogil:
         py_req = R.py_req
         R.py_req = False
         drain = R.drain_req
+        spread = R.drain_spread
         sys_.pthread_mutex_unlock(&R.lock)
         if drain != R.draining:  # (before the queue: new_conn() reads it)
+            before = R.draining
             R.draining = drain
-            drain_conns(R, now)
+            drain_conns(R, before, spread, now)
         take_queue(R, now)
         if now >= R.next_tick:
             tick(R, now)
             R.next_tick = now + TICK_S
+            if R.drain_next and now >= R.drain_next:
+                drain_due(R, now)  # (a gradual drain's; see "Drain")
         if R.next_timer and now >= R.next_timer:
             timers_due(R, now)
         if R.n_lsts:
@@ -8696,18 +8770,40 @@ cdef class HttpRelay:
         L4R_ADD(&self.R.epoch, 1)
         self._wake()
 
-    def drain(self, bint inbound_only=False):
+    def drain(self, bint inbound_only=False, double spread=0.0):
         """Drain the client connections (see "Drain"): the gateway listeners'
         alone with *inbound_only*, else every one, those open now and those
         taken from now on; the pure relay's too (any thread; applied on the
-        loop's). Asked again with a wider scope, it widens; never narrows."""
+        loop's). Those it names between requests close at once (*spread*
+        0), or one after another over *spread* seconds. Asked again with a
+        wider scope, it widens (those it adds spread over its own *spread*);
+        never narrows."""
         cdef int scope = DRAIN_INBOUND if inbound_only else DRAIN_ALL
-        self.slow.drain(inbound_only)
+        self.slow.drain(inbound_only, spread)
         if self._closed:
             return
         sys_.pthread_mutex_lock(&self.R.lock)
-        if scope > self.R.drain_req:
-            self.R.drain_req = scope
+        if scope > (self.R.drain_req & DRAIN_SCOPE):
+            self.R.drain_req = (self.R.drain_req & ~DRAIN_SCOPE) | scope
+            self.R.drain_spread = spread if spread > 0 else 0.0
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
+    def discourage(self, bint on):
+        """While *on*, every answer on a gateway listener's connection says
+        ``connection: close`` and closes its connection after it; one
+        between requests is left open (see "Drain": Envoy's drain close
+        while the health check is failed); the pure relay's too. Off again:
+        answers keep their clients, but where a drain says otherwise (any
+        thread; applied on the loop's)."""
+        self.slow.discourage(on)
+        if self._closed:
+            return
+        sys_.pthread_mutex_lock(&self.R.lock)
+        if on:
+            self.R.drain_req |= DRAIN_DISCOURAGE
+        else:
+            self.R.drain_req &= ~DRAIN_DISCOURAGE
         sys_.pthread_mutex_unlock(&self.R.lock)
         self._wake()
 

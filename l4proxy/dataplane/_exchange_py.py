@@ -243,7 +243,12 @@ Decisions
   at once (:class:`Close`, the lingering close: FIN); a client racing a
   request onto it reads the close before any byte of an answer, which an
   HTTP client retries (an idempotent request; RFC 9112 §9.3.1). A request
-  in flight goes on as before: only the connection's end changes.
+  in flight goes on as before: only the connection's end changes. The shell
+  chooses when each connection is told (a gradual drain spreads the closes
+  of those :attr:`Exchange.between_requests`), and sets ``draining`` alone,
+  and clears it, for Envoy's drain close while the health check is failed
+  (``HttpRelay.discourage``: the answers say close, nothing closes between
+  requests).
 * Every local answer that keeps an HTTP/1.0 client (one that asked:
   ``Connection: keep-alive``), a gateway failure's as the others
   (:meth:`Exchange.refuse`: a route's own, the 404 of no route, the 503 of
@@ -1105,6 +1110,12 @@ class Exchange:
         return self.phase == Phase.HEAD and bool(self._inbox or self._parser.buffered)
 
     @property
+    def between_requests(self) -> bool:
+        """No request under way, no byte of a next head here and the client
+        not gone: what :meth:`drain` closes at once (see "Drain")."""
+        return self.phase == Phase.HEAD and not self.head_pending and not self._client_eof
+
+    @property
     def sent_status(self) -> int:
         """The status of the final response head the client got for the
         current request; 0 when none went out (Envoy's response code for a
@@ -1152,7 +1163,7 @@ class Exchange:
         closes now: :class:`Close`, the lingering close; else nothing to do
         yet."""
         self.draining = True
-        if self.phase == Phase.HEAD and not self.head_pending and not self._client_eof:
+        if self.between_requests:
             return self._close()
         return []
 

@@ -290,16 +290,35 @@ Other connections, and every connection of a relay made without it, pay
 an attribute test per request.
 
 Drain (:meth:`HttpRelay.drain`, the worker's SIGTERM: Envoy's drain close
-of its HTTP/1 connections, ``drain_strategy`` immediate): the connections
-it names (a gateway listener's, ``origin.gateway``: inbound, Envoy's
-``InboundOnly``; or every one) are told :meth:`Exchange.drain` on the
-relay's thread, those taken afterwards as they are taken: every answer
-from then on says ``connection: close`` and closes its connection after
-it, a connection between requests closes at once (FIN, the lingering
-close), a request in flight goes on. The relay's thread then serves what
-is left as before; :meth:`HttpRelay.close` cuts what is still open at the
-drain's deadline and says how many it cut. The per-request cost: an
-attribute test where an answer decides whether the client persists.
+of its HTTP/1 connections): the connections it names (a gateway
+listener's, ``origin.gateway``: inbound, Envoy's ``InboundOnly``; or every
+one) are told :meth:`Exchange.drain` on the relay's thread, those taken
+afterwards as they are taken: every answer from then on says
+``connection: close`` and closes its connection after it, a connection
+between requests closes (FIN, the lingering close), a request in flight
+goes on. When they close is drain()'s *spread*: 0 (Envoy's
+``drain_strategy`` immediate), all at once; else (Envoy's gradual, which
+the worker asks with a quarter of what is left of the drain) the N
+between requests close one after another, the k-th (k from 0, in the
+order they were taken) at k * spread / N from the drain's start, so that
+their clients reconnect spread out, not in one burst. One scheduled that
+takes a request meanwhile is told as the others are: its answer says
+close (``_idle_closes``; the tick closes those due, at most ``_TICK``
+late). The relay's thread then serves what is left as before;
+:meth:`HttpRelay.close` cuts what is still open at the drain's deadline
+and says how many it cut.
+
+:meth:`HttpRelay.discourage` is the drain's first half without the drain
+(Envoy's ``drainClose()`` while the server's health check is failed,
+``/healthcheck/fail``, for a listener of the default drain type): while
+it is on, every answer on a gateway listener's connection says
+``connection: close`` and closes its connection after it (``Exchange.draining``
+set, on those taken meanwhile too), and a connection between requests
+is left alone until its next answer, as Envoy leaves it; off, answers
+let their clients persist again (one told already closes). The app's own
+connections (outbound) are left alone, as Envoy's ``modify_only`` egress
+listeners are. The per-request cost of both: an attribute test where an
+answer decides whether the client persists.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -604,6 +623,11 @@ class _Conn:
     log_rid: bytes | None = None
 
 
+def _gateway(c: _Conn) -> bool:
+    """*c* is a gateway listener's connection (inbound: see "Drain")."""
+    return getattr(c.origin, "gateway", False) is True
+
+
 def peer_address(sock: socket.socket) -> Any:
     """*sock*'s peer's address (getpeername()'s), None when it has none (a
     peer gone: a client that reset its connection has no peer to ask for)."""
@@ -683,6 +707,13 @@ class HttpRelay:
         # as applied (the relay's thread): _DRAIN_NONE, _INBOUND or _ALL
         self._drain_next = _DRAIN_NONE
         self._drain = _DRAIN_NONE
+        # ... the seconds over which those between requests close, as asked,
+        # and those to close later, by when (due times in order)
+        self._spread_next = 0.0
+        self._idle_closes: deque[tuple[float, _Conn]] = deque()
+        # discourage(): as asked (under the lock) and as applied
+        self._discourage_next = False
+        self._discourage = False
         self._cut = 0  # client connections close() cut (see "Drain")
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
@@ -783,13 +814,29 @@ class HttpRelay:
             self._queue.append((sock, origin, data, requests, peer))
         self._wake()
 
-    def drain(self, inbound_only: bool = False) -> None:
+    def drain(self, inbound_only: bool = False, spread: float = 0.0) -> None:
         """Drain the client connections (see "Drain"): a gateway listener's
         alone with *inbound_only*, else every one, those open now and those
-        taken from now on (any thread; applied on the relay's). Asked again
-        with a wider scope, it widens; never narrows."""
+        taken from now on (any thread; applied on the relay's). Those it
+        names between requests close at once (*spread* 0), or one after
+        another over *spread* seconds. Asked again with a wider scope, it
+        widens (those it adds spread over its own *spread*); never narrows."""
         with self._lock:
-            self._drain_next = max(self._drain_next, _INBOUND if inbound_only else _ALL)
+            scope = _INBOUND if inbound_only else _ALL
+            if scope > self._drain_next:
+                self._drain_next = scope
+                self._spread_next = max(0.0, spread)
+        self._wake()
+
+    def discourage(self, on: bool) -> None:
+        """While *on*, every answer on a gateway listener's connection says
+        ``connection: close`` and closes its connection after it; one
+        between requests is left open (see "Drain": Envoy's drain close
+        while the health check is failed). Off again: answers keep their
+        clients, but where a drain says otherwise (any thread; applied on
+        the relay's)."""
+        with self._lock:
+            self._discourage_next = bool(on)
         self._wake()
 
     def close(self, access_log: bool = True) -> int:
@@ -983,21 +1030,12 @@ class HttpRelay:
             stop = self._stop
             named, self._named_next = self._named_next, None
             settings, self._settings_next = self._settings_next, None
-            drain = self._drain_next
+            drain, spread = self._drain_next, self._spread_next
+            discourage = self._discourage_next
         if named is not None and not stop:
             self._retain(named)
-        if drain != self._drain and not stop:
-            self._drain = drain
-            for c in list(self._conns.values()):
-                if c.closing or not self._drains(c):
-                    continue  # (closing: after its last answer already)
-                try:  # this connection's failure is its own, not the batch's
-                    closing = c.ex.drain()  # (a Close between requests, else nothing)
-                    if closing:
-                        self._perform(c, closing, now)
-                except Exception:
-                    if c.fd in self._conns:
-                        self._abort(c)
+        if (drain != self._drain or discourage != self._discourage) and not stop:
+            self._apply_drain(drain, spread, discourage, now)
         if settings is not None:
             for handle in self.pools.endpoint_settings(settings):
                 up = self._idle.get(int(handle))  # type: ignore[call-overload]
@@ -1029,7 +1067,7 @@ class HttpRelay:
                 c.rid_connection = self._request_ids.connection()
             self._conns[c.fd] = c
             self.counters["connections"] += 1
-            if self._drain and self._drains(c):
+            if (self._drain and self._drains(c)) or (self._discourage and _gateway(c)):
                 c.ex.draining = True  # (taken while draining: served, then closed)
             try:  # this connection's failure is its own, not the batch's
                 self._interest(c)
@@ -1042,9 +1080,52 @@ class HttpRelay:
                     self.counters["errors"] += 1
         return stop
 
-    def _drains(self, c: _Conn) -> bool:
-        """Whether *c* is among the connections drain() named."""
-        return self._drain == _ALL or getattr(c.origin, "gateway", False) is True
+    def _drains(self, c: _Conn, scope: int | None = None) -> bool:
+        """Whether *c* is among the connections drain() named (or *scope*
+        names)."""
+        scope = self._drain if scope is None else scope
+        return scope == _ALL or (scope == _INBOUND and _gateway(c))
+
+    def _apply_drain(self, drain: int, spread: float, discourage: bool, now: float) -> None:
+        """drain() and discourage(), on the relay's thread (see "Drain"):
+        the connections the drain names now and did not before are told,
+        those between requests closed now or scheduled (_idle_closes);
+        a gateway listener's that no drain names say close as discourage()
+        says."""
+        before, self._drain = self._drain, drain
+        self._discourage = discourage
+        idle: list[_Conn] = []
+        for c in list(self._conns.values()):
+            if c.closing:
+                continue  # (after its last answer already)
+            if not self._drains(c):
+                c.ex.draining = discourage and _gateway(c)
+            elif not self._drains(c, before):
+                if c.ex.between_requests:
+                    idle.append(c)
+                c.ex.draining = True  # (its answer says close; drain() closes it between requests)
+        n = len(idle)
+        for k, c in enumerate(idle):
+            self._idle_closes.append((now + k * spread / n, c))
+        if n and len(self._idle_closes) > n:  # (a second drain's: merged in order)
+            self._idle_closes = deque(sorted(self._idle_closes, key=lambda due: due[0]))
+        self._close_idle_due(now)
+
+    def _close_idle_due(self, now: float) -> None:
+        """The connections drain() scheduled to close by *now*: closed where
+        still between requests (one that took a request meanwhile closes
+        after its answer, as every draining one)."""
+        while self._idle_closes and self._idle_closes[0][0] <= now:
+            _, c = self._idle_closes.popleft()
+            if self._conns.get(c.fd) is not c or c.closing:
+                continue  # (gone, or closing already)
+            try:  # this connection's failure is its own, not the batch's
+                closing = c.ex.drain()  # (a Close between requests, else nothing)
+                if closing:
+                    self._perform(c, closing, now)
+            except Exception:
+                if c.fd in self._conns:
+                    self._abort(c)
 
     def _retain(self, named: frozenset[Endpoint]) -> None:
         """retain_endpoints(), on the relay's thread: the routes' pool and
@@ -2459,6 +2540,8 @@ class HttpRelay:
                 self._abort(c)
 
     def _tick(self, now: float) -> None:
+        if self._idle_closes:
+            self._close_idle_due(now)  # (a gradual drain's: see "Drain")
         for c in list(self._conns.values()):
             # (_timers_due fires these on time: here a backstop)
             self._exchange_timers(c, now)
