@@ -17,7 +17,8 @@
 ``/clusters``          endpoints per service and their health (text; ``?format=json``)
 ``/logging``           the loggers' levels, in every process; POST
                        ``?level=L``, ``?paths=NAME:L,...`` or ``?NAME=L`` sets them
-``/healthcheck/fail``  POST: ``/ready`` answers 503 ``DRAINING``; nothing drains
+``/healthcheck/fail``  POST: ``/ready`` answers 503 ``DRAINING``, and the gateway
+                       listeners' answers say ``connection: close``
 ``/healthcheck/ok``    POST: undoes ``/healthcheck/fail``
 ``/quitquitquit``      POST: drain and exit, as on SIGTERM
 =====================  ======================================================
@@ -42,6 +43,16 @@ the kubelet, while it serves and accepts as before. The flag is the admin
 process's and is kept until ``/healthcheck/ok`` (or the process's end): set
 before the first rules loaded, it holds once they have; a real drain is
 ``DRAINING`` whatever the flag, and ``/healthcheck/ok`` does not end it.
+
+While the flag is set the gateway listeners' keep-alive clients are told
+to leave, as Envoy's listeners of the default drain type do while its
+health check is failed (``DrainManagerImpl::drainClose()``): every answer
+on such a connection says ``connection: close`` and the connection closes
+after it (Worker.fail_health_check). A connection between requests is
+left open until its next answer (Envoy closes idle ones only in a drain
+proper), and the app's outbound connections are left alone (Envoy's
+advice for egress listeners, ``modify_only``). :meth:`AdminSource.fail_health_check`
+sets the flag and tells the worker(s), and returns once they have been told.
 
 Log levels
 ----------
@@ -123,7 +134,10 @@ ENDPOINTS = (
         "the log level of each logger, per process; POST ?level=LEVEL, "
         "?paths=NAME:LEVEL,... or ?NAME=LEVEL sets them in every process",
     ),
-    ("/healthcheck/fail", "POST: /ready answers 503 DRAINING (nothing drains)"),
+    (
+        "/healthcheck/fail",
+        "POST: /ready answers 503 DRAINING; gateway answers say connection: close",
+    ),
     ("/healthcheck/ok", "POST: undo /healthcheck/fail"),
     ("/quitquitquit", "POST: drain and exit, as on SIGTERM"),
 )
@@ -194,7 +208,16 @@ def filter_families(text: str, keep: Callable[[str], bool]) -> str:
 
 # run's arguments that say how the supervisor started a worker, not options
 _INTERNAL = frozenset(
-    {"func", "raw_argv", "command", "worker_fds", "control_fd", "worker_index", "access_log_fd"}
+    {
+        "func",
+        "raw_argv",
+        "command",
+        "worker_fds",
+        "control_fd",
+        "worker_index",
+        "access_log_fd",
+        "health_check_failed",
+    }
 )
 
 
@@ -228,6 +251,7 @@ class AdminSource(Protocol):
     # /healthcheck/fail's flag (module docstring: Server state)
     health_check_failed: bool
 
+    async def fail_health_check(self, failed: bool) -> None: ...
     async def ready(self) -> bool: ...
     async def state(self) -> str: ...
     async def stats_text(self) -> str: ...
@@ -524,13 +548,19 @@ class AdminServer:
             return 405, "text/plain", "use POST\n"
         if path == "/healthcheck/fail":
             if not src.health_check_failed:
-                log.warning("admin: /healthcheck/fail: /ready answers 503 until /healthcheck/ok")
-            src.health_check_failed = True
+                log.warning(
+                    "admin: /healthcheck/fail: /ready answers 503 until /healthcheck/ok; "
+                    "the gateway listeners' answers say connection: close meanwhile"
+                )
+            await src.fail_health_check(True)
             return 200, "text/plain", "OK\n"
         if path == "/healthcheck/ok":
             if src.health_check_failed:
-                log.warning("admin: /healthcheck/ok: /ready answers as the server is again")
-            src.health_check_failed = False
+                log.warning(
+                    "admin: /healthcheck/ok: /ready answers as the server is again; "
+                    "the gateway listeners' answers keep their connections again"
+                )
+            await src.fail_health_check(False)
             return 200, "text/plain", "OK\n"
         if path == "/quitquitquit":
             asyncio.get_running_loop().call_soon(self.on_quit)
@@ -598,6 +628,11 @@ class WorkerView:
         self.worker = worker
         self.implementation = implementation
         self.health_check_failed = False  # (--single-process: this process serves /ready)
+
+    async def fail_health_check(self, failed: bool) -> None:
+        """/healthcheck/fail (*failed*) and /healthcheck/ok (--single-process)."""
+        self.health_check_failed = failed
+        self.worker.fail_health_check(failed)
 
     async def ready(self) -> bool:
         return await self.state() == LIVE

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Each worker inherits one end of a ``socketpair()`` (``--control-fd``); the
 supervisor keeps the other. The supervisor asks (``ready``, ``state``,
-``stats``, ``config_dump``, ``clusters``, ``logging``), the worker answers.
+``stats``, ``config_dump``, ``clusters``, ``logging``, ``healthcheck``), the
+worker answers.
 Both ends live here so that the wire format has exactly one definition.
 
 Wire format: every message is one frame::
@@ -15,7 +16,7 @@ Wire format: every message is one frame::
 
 ``length`` counts the payload only. A request's payload is ``{"op": NAME}``
 (an op that takes an argument carries it after one space: ``logging
-l4proxy.worker=debug``, loglevels);
+l4proxy.worker=debug``, loglevels; ``healthcheck fail``, ``healthcheck ok``);
 an answer carries the id of its request and ``{"ok": VALUE}`` or
 ``{"error": TEXT}``. Ids start at 1 and wrap; 0 is never used, so a frame
 of zeros is refused rather than taken for an answer.

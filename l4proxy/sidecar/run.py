@@ -62,7 +62,10 @@ what is left of --drain-duration, and what is left then is cut (logged with
 its count). Keep-alive clients are told to leave: from the SIGTERM on, each
 answer on a gateway listener's connection says "Connection: close" and
 closes it, and one between requests closes at once (the app's outbound
-ones once outbound stops). /ready answers 503 from the SIGTERM on.
+ones once outbound stops). /ready answers 503 from the SIGTERM on. POST
+/healthcheck/fail on the admin endpoint makes /ready 503 and each gateway
+answer say "Connection: close" (nothing else drains) until POST
+/healthcheck/ok.
 
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
@@ -509,6 +512,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--access-log-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--rules-last-good-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    # the supervisor's /healthcheck/fail flag, set when it started this worker
+    p.add_argument("--health-check-failed", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -794,6 +799,8 @@ async def _serve(
     )
     # The rule watcher's counters (DNS lookups) are the worker's: one /stats.
     worker = Worker(listeners, rules, opts, counters=rules.counters)
+    if args.health_check_failed:  # (before it accepts: see Supervisor.fail_health_check)
+        worker.fail_health_check(True)
     stop = asyncio.Event()
     implementation = (
         f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION} relay={relay.IMPLEMENTATION}"
@@ -878,6 +885,9 @@ async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asy
         name, _, spec = op.partition(" ")
         if name == "logging":  # /logging: "logging NAME=LEVEL,..." sets, "logging" lists
             return apply_log_levels(spec)
+        if name == "healthcheck" and spec in ("fail", "ok"):  # /healthcheck/fail, /ok
+            await view.fail_health_check(spec == "fail")
+            return True
         raise ValueError(f"unknown op {op!r}")
 
     why = await serve_supervisor(control, handle)

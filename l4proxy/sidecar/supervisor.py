@@ -29,7 +29,9 @@ frame on its control socket is replaced at once (channel explains why).
 The admin endpoint lives in the supervisor and asks the workers over their
 control sockets (framed requests with ids: see channel), summing counters
 across workers; /clusters merges every worker's view of each endpoint (its
-counts summed, ejected where any worker ejects it: merge_clusters).
+counts summed, ejected where any worker ejects it: merge_clusters). What it
+tells them (/logging's levels, /healthcheck/fail's flag) is kept here too,
+for each worker started later.
 A worker answers its requests in turn, so concurrent admin requests share
 what is asked of it: one /stats round at a time, and at most
 one /config_dump and one /clusters request in flight to each worker, even
@@ -258,6 +260,11 @@ def _last_good_memory() -> int | None:
         return None
 
 
+def _health_check_op(failed: bool) -> str:
+    """The control request that tells a worker the health-check flag."""
+    return "healthcheck fail" if failed else "healthcheck ok"
+
+
 class Supervisor:
     # past --drain-duration, what a worker gets to close before it is killed
     DRAIN_GRACE_S = 10.0
@@ -282,6 +289,7 @@ class Supervisor:
         self.health_check_failed = False  # /healthcheck/fail (admin: Server state)
         # /logging's changes so far (admin.log_spec), for each worker started later
         self.log_spec = ""
+        # the requests of those and of the flag to a worker as it starts
         self._log_asks: set[asyncio.Future[Any]] = set()
 
     # -- workers -------------------------------------------------------------
@@ -303,6 +311,7 @@ class Supervisor:
             str(slot.index),
             *self._access_log_argv(),
             *self._last_good_argv(),
+            *(("--health-check-failed",) if self.health_check_failed else ()),
         ]
 
     def _last_good_argv(self) -> list[str]:
@@ -324,6 +333,7 @@ class Supervisor:
         """Start slot's worker; raises what fork/exec raise (EMFILE, ENOMEM, EAGAIN)."""
         parent, child = socket.socketpair()
         try:
+            told_failed = self.health_check_failed  # (what its argv says)
             argv = self._worker_argv(slot, child.fileno())
             pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
             if getattr(self.args, "access_log_fd", -1) >= 0:
@@ -355,6 +365,10 @@ class Supervisor:
         slot.link = link
         if self.log_spec:  # (no await since slot.link: a /logging now asks this link too)
             ask = asyncio.ensure_future(link.ask(f"logging {self.log_spec}", None))
+            self._log_asks.add(ask)
+            ask.add_done_callback(self._log_asks.discard)
+        if self.health_check_failed != told_failed:  # (changed since its argv was made)
+            ask = asyncio.ensure_future(link.ask(_health_check_op(self.health_check_failed), None))
             self._log_asks.add(ask)
             ask.add_done_callback(self._log_asks.discard)
         log.info("worker %d started (pid %d)", slot.index, proc.pid)
@@ -457,6 +471,17 @@ class Supervisor:
         if self.stopping:
             return DRAINING
         return least_state(await asyncio.gather(*(self.ask(s, "state") for s in self.slots)))
+
+    async def fail_health_check(self, failed: bool) -> None:
+        """/healthcheck/fail (*failed*) and /healthcheck/ok: the flag, and
+        each worker told (Worker.fail_health_check: its gateway listeners'
+        answers say close while it is set), waited for up to 3 s each. A
+        worker that does not answer in time still reads it in turn; one
+        started later gets the flag on its command line, before it
+        accepts, and the change where one came while it started."""
+        self.health_check_failed = failed
+        op = _health_check_op(failed)
+        await asyncio.gather(*(self.ask(s, op) for s in self.slots))
 
     async def logging(self, spec: str) -> list[tuple[str, dict[str, str] | None]]:
         """/logging: *spec*'s levels set here and in every worker (none: only

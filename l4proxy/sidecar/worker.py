@@ -703,6 +703,18 @@ class Worker:
         self._close_access_log()
         return cut + forced
 
+    def fail_health_check(self, failed: bool) -> None:
+        """``/healthcheck/fail`` (*failed*) and ``/healthcheck/ok``: while
+        failed, every answer on a gateway listener's connection says
+        ``connection: close`` and its connection closes after it; one
+        between requests stays until its next answer (the relay's
+        ``discourage``: Envoy's drain close while the server's health
+        check is failed, which moves a load balancer's keep-alive clients
+        off the pod with its new connections). The app's own connections
+        (outbound) are left alone. A drain goes on whatever this says."""
+        if self.relay is not None:
+            self.relay.discourage(failed)
+
     def last_accept(self) -> float:
         """When a connection was last accepted (monotonic), here or in the relay."""
         relay_accept = getattr(self.relay, "last_accept", None)
