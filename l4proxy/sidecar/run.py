@@ -61,11 +61,12 @@ gone) or --drain-duration ends; then connections in flight finish within
 what is left of --drain-duration, and what is left then is cut (logged with
 its count). Keep-alive clients are told to leave: from the SIGTERM on, each
 answer on a gateway listener's connection says "Connection: close" and
-closes it, and one between requests closes at once (the app's outbound
-ones once outbound stops). /ready answers 503 from the SIGTERM on. POST
-/healthcheck/fail on the admin endpoint makes /ready 503 and each gateway
-answer say "Connection: close" (nothing else drains) until POST
-/healthcheck/ok.
+closes it, and those between requests close one after another over the
+first quarter of the drain (--drain-strategy gradual; immediate: at once);
+the app's outbound ones so too once outbound stops. /ready answers 503 from
+the SIGTERM on. POST /healthcheck/fail on the admin endpoint makes /ready
+503 and each gateway answer say "Connection: close" (nothing else drains)
+until POST /healthcheck/ok.
 
 exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
 flags, a port that cannot be bound).
@@ -305,6 +306,15 @@ def add_parser(sub: Any) -> None:
         "a load balancer that has not yet seen the pod go (its health checks, the "
         "endpoints' lag) is served instead of refused. For a gateway behind one; within "
         "--drain-duration. 0: inbound stops at once (0)",
+    )
+    p.add_argument(
+        "--drain-strategy",
+        choices=["gradual", "immediate"],
+        default="gradual",
+        help="on SIGTERM, when the keep-alive connections between requests close (Envoy's "
+        "option): gradual, one after another over the first quarter of --drain-duration "
+        "(the k-th of N at k/N of that quarter), so that their clients reconnect spread "
+        "out; immediate, all at once (what Istio runs Envoy with) (gradual)",
     )
     p.add_argument(
         "--outbound-policy",
@@ -849,7 +859,10 @@ async def _serve(
         args.drain_quiet,
     )
     forced = await worker.drain(
-        args.drain_duration, quiet=args.drain_quiet, inbound=args.drain_inbound
+        args.drain_duration,
+        quiet=args.drain_quiet,
+        inbound=args.drain_inbound,
+        gradual=args.drain_strategy == "gradual",
     )
     if forced:
         log.warning(

@@ -607,7 +607,9 @@ class Worker:
             lst.sock.close()
         self.listeners = kept
 
-    async def drain(self, timeout: float, quiet: float = 0.0, inbound: float = 0.0) -> int:
+    async def drain(
+        self, timeout: float, quiet: float = 0.0, inbound: float = 0.0, gradual: bool = False
+    ) -> int:
         """SIGTERM: stop inbound now (or after *inbound* s), outbound once the
         app is gone; then close.
 
@@ -641,26 +643,30 @@ class Worker:
           ``sleep`` binary an image may not have).
 
         * keep-alive connections of the per-request relay are told to leave,
-          as Envoy's drain close tells HTTP/1 clients (``drain_strategy``
-          immediate; the relay's "Drain"): inbound ones (a gateway
-          listener's) at once, even while *inbound* still accepts new ones
-          (Envoy's graceful drain: the listener open, keep-alive
-          discouraged), outbound ones once outbound stops (Istio drains
-          inbound alone: the app still calls out). Each answer from then
-          on says ``connection: close`` and its connection closes after it
-          (FIN); one between requests closes now; a request in flight
-          finishes. They kept being served until the deadline before, and
-          were then reset.
+          as Envoy's drain close tells HTTP/1 clients (the relay's
+          "Drain"): inbound ones (a gateway listener's) at once, even while
+          *inbound* still accepts new ones (Envoy's graceful drain: the
+          listener open, keep-alive discouraged), outbound ones once
+          outbound stops (Istio drains inbound alone: the app still calls
+          out). Each answer from then on says ``connection: close`` and its
+          connection closes after it (FIN); a request in flight finishes.
+          Those between requests close at once, or, *gradual* (Envoy's
+          ``--drain-strategy gradual``), one after another over the first
+          quarter of what is left of *timeout* as each step begins (the
+          relay's *spread*; Envoy spreads its drain's first callbacks over
+          a quarter of its drain time so), so that their clients come back
+          spread out rather than in one burst onto the other pods. They
+          kept being served until the deadline before, and were then reset.
 
         Then the listeners close, and connections in flight get what is left
         of *timeout* to finish; the count of those the deadline cut (the
         relay's and the L4 pump's) is returned.
         """
         self.draining = True
-        if self.relay is not None:
-            self.relay.drain(inbound_only=True)
         now = time.monotonic()
         deadline = now + timeout
+        if self.relay is not None:
+            self.relay.drain(inbound_only=True, spread=timeout / 4 if gradual else 0.0)
         self.inbound_until = min(now + inbound, deadline)
         outbound = ("outbound",) if quiet > 0 else ()
         # (inbound also arrives on the shared outbound port, without
@@ -686,8 +692,9 @@ class Worker:
                 break
             await asyncio.sleep(0.1 if serving_inbound else min(0.1, max(quiet, 0.01)))
         self.stop_accepting()
-        if self.relay is not None:
-            self.relay.drain()  # outbound too: nothing new comes any more
+        if self.relay is not None:  # outbound too: nothing new comes any more
+            left = max(0.0, deadline - time.monotonic())
+            self.relay.drain(spread=left / 4 if gradual else 0.0)
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         while self.relay_active() and time.monotonic() < deadline:
