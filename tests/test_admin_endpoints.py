@@ -322,7 +322,7 @@ def test_healthcheck_fail_takes_ready_down_and_serves_on(
         assert run.get("/ready") == (503, "DRAINING\n")
         assert run.get("/ready", at=run.stats) == (503, "DRAINING\n")
         assert json.loads(run.get("/server_info")[1])["state"] == DRAINING
-        for _ in range(3):  # nothing drains: served, on new connections
+        for _ in range(3):  # still served, each on a new connection (answers say close)
             assert run.through() == (200, "from the backend\n")
         assert run.get("/healthcheck/ok") == (405, "use POST\n")
         assert run.get("/ready") == (503, "DRAINING\n")
