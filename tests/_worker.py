@@ -19,26 +19,29 @@ from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
 
+# GATEWAY_SERVICE's host, which the rules of these tests route
+GATEWAY_HOST = "svc.default.svc.cluster.local"
+
 # A service of endpoints on 127.0.0.1 (their ports filled in) that a gateway
 # listener sends everything to: an Ingress default backend.
-GATEWAY_SERVICE = """
+GATEWAY_SERVICE = f"""
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
-metadata: {name: svc}
+metadata: {{name: svc}}
 spec:
-  hosts: [svc.default.svc.cluster.local]
+  hosts: [{GATEWAY_HOST}]
   addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
 %s
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
-metadata: {name: gateway}
+metadata: {{name: gateway}}
 spec:
   defaultBackend:
-    service: {name: svc, port: {number: 8080}}
+    service: {{name: svc, port: {{number: 8080}}}}
 """
 
 
@@ -52,6 +55,37 @@ def gateway_service(*ports: int, labels: tuple[str, ...] = ()) -> str:
     return GATEWAY_SERVICE % "\n".join(rows)
 
 
+def gateway_subsets(*versions: str, api: str = "v1beta1") -> str:
+    """A DestinationRule for GATEWAY_SERVICE's host with a subset per
+    version in *versions*: the endpoints labelled ``version: NAME``
+    (networking.istio.io *api*)."""
+    subsets = "".join(f"  - {{name: {v}, labels: {{version: {v}}}}}\n" for v in versions)
+    return f"""
+---
+apiVersion: networking.istio.io/{api}
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {GATEWAY_HOST}
+  subsets:
+{subsets}"""
+
+
+def gateway_routes(http: str, api: str = "v1beta1") -> str:
+    """A VirtualService for GATEWAY_SERVICE's host whose ``http`` routes are
+    *http* (YAML lines, indented as under ``http:``; networking.istio.io
+    *api*)."""
+    return f"""
+---
+apiVersion: networking.istio.io/{api}
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{GATEWAY_HOST}]
+  http:
+{http}"""
+
+
 def gateway_destination_rule(traffic_policy: str) -> str:
     """A DestinationRule for GATEWAY_SERVICE's host whose trafficPolicy is
     *traffic_policy* (YAML lines, indented as under ``trafficPolicy:``)."""
@@ -61,7 +95,7 @@ apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata: {{name: svc}}
 spec:
-  host: svc.default.svc.cluster.local
+  host: {GATEWAY_HOST}
   trafficPolicy:
 {traffic_policy}"""
 

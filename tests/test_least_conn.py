@@ -37,7 +37,7 @@ import l4proxy.dataplane.relay as relay_module
 import l4proxy.sidecar.worker as worker_module
 from l4proxy.sidecar.admin import WorkerView, clusters_text
 from l4proxy.sidecar.worker import Worker
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
 from tests.conftest import load_twin
 
 N = 3  # long-lived things pinned on A
@@ -54,21 +54,18 @@ spec:
   subsets:
   - {name: a, labels: {version: a}}
   - {name: b, labels: {version: b}}
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  http:
+""" + gateway_routes(
+    f"""\
   - match:
     - headers:
-        x-pin: {exact: a}
+        x-pin: {{exact: a}}
     route:
-    - destination: {host: svc.default.svc.cluster.local, subset: a}
+    - destination: {{host: {GATEWAY_HOST}, subset: a}}
   - route:
-    - destination: {host: svc.default.svc.cluster.local}
-"""
+    - destination: {{host: {GATEWAY_HOST}}}
+""",
+    api="v1alpha3",
+)
 
 
 @pytest.fixture(params=["compiled", "pure"])

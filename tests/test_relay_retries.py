@@ -38,6 +38,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
 from tests.test_relay_edges import _read_all
 from tests.test_relay_edges_count import Counted
 
@@ -370,20 +371,16 @@ def test_a_post_on_a_reused_connection_is_sent_again_only_as_the_policy_says(
         up.close()
 
 
-RETRY_RULES = """
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  http:
+RETRY_RULES = gateway_routes(
+    f"""\
   - name: retried
-    route: [{destination: {host: svc.default.svc.cluster.local}}]
+    route: [{{destination: {{host: {GATEWAY_HOST}}}}}]
     retries:
       attempts: 2
       retryOn: gateway-error
-"""
+""",
+    api="v1alpha3",
+)
 # The same for Istio 0.7's RouteRule: its policy is 5xx,connect-failure,refused-stream
 ROUTE_RULE_RETRIES = """
 ---
@@ -424,8 +421,6 @@ def test_a_worker_applies_a_virtual_service_s_retries(
     every request gets 200, each counted once as 200 in the Istio metric;
     /stats counts the retries. A RouteRule's httpReqRetries the same."""
     import asyncio
-
-    from tests._worker import gateway_service, gateway_worker
 
     _worker_twin(which, monkeypatch)
     bad = Scripted([_answer(503, b"no")] * 100)
@@ -477,8 +472,6 @@ def test_a_worker_applies_retry_ignore_previous_hosts(
     again, which now answers 200."""
     import asyncio
 
-    from tests._worker import gateway_service, gateway_worker
-
     _worker_twin(which, monkeypatch)
     ups = [Scripted([_answer(503, b"no")]), Scripted([_answer(503, b"no")])]
     rules = tmp_path / "rules.yaml"
@@ -523,8 +516,6 @@ def test_connection_mode_says_it_does_not_apply_a_retry_policy(
     cannot retry a request, so a table with a retry policy is a warning
     naming the route; per request, the default, there is none."""
     import asyncio
-
-    from tests._worker import gateway_service, gateway_worker
 
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(9) + RETRY_RULES)

@@ -31,7 +31,7 @@ from tests._scripted import (
     _closed_stats,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
 from tests.test_relay_edges import Backend, _read_all, _read_head, _relay
 from tests.test_relay_edges_count import Counted
 
@@ -272,20 +272,13 @@ def test_a_connect_that_outlasts_the_timeout_gets_504(mode: tuple[str, str]) -> 
         listener.close()
 
 
-TIMED_RULES = (
-    gateway_service(9)
-    + """
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  http:
+TIMED_RULES = gateway_service(9) + gateway_routes(
+    f"""\
   - name: slow
     timeout: 2.5s
-    route: [{destination: {host: svc.default.svc.cluster.local}}]
-"""
+    route: [{{destination: {{host: {GATEWAY_HOST}}}}}]
+""",
+    api="v1alpha3",
 )
 
 

@@ -35,7 +35,7 @@ from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules import load_rules
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import gateway_worker
+from tests._worker import gateway_routes, gateway_service, gateway_subsets, gateway_worker
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "uvloop": uvloop.run,
@@ -188,42 +188,6 @@ def test_the_fingerprint_ignores_hidden_files_and_sees_rule_files(tmp_path: Path
 
 # -- a swap while the relay resolves ---------------------------------------------------
 
-SWAP_BASE = """
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints:
-  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: v1}}
-  - {address: 127.0.0.1, ports: {http: %d}, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata: {name: svc}
-spec:
-  host: svc.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: gateway}
-spec:
-  defaultBackend:
-    service: {name: svc, port: {number: 8080}}
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  http:
-"""
 ALL_V1 = """\
   - route:
     - destination: {host: svc.default.svc.cluster.local, subset: v1}
@@ -285,11 +249,16 @@ def _on_a_gateway(tmp_path: Path, routes: str, scenario: Scenario) -> None:
     """*scenario(watcher, worker, ask)* on a request-mode worker with a
     gateway listener to svc (v1 and v2 backends); ``ask(user)`` answers the
     version that served a request of that user's (from a thread: the loop
-    stays free). The rules: SWAP_BASE with *routes*, in ``rules.yaml``."""
+    stays free). The rules: svc's v1 and v2 subsets, and a VirtualService
+    of *routes*, in ``rules.yaml``."""
     _needs_the_compiled_relay()
     v1, v2 = _backend("v1"), _backend("v2")
     rules = tmp_path / "rules.yaml"
-    rules.write_text(SWAP_BASE % (v1.server_address[1], v2.server_address[1]) + routes)
+    rules.write_text(
+        gateway_service(v1.server_address[1], v2.server_address[1], labels=("v1", "v2"))
+        + gateway_subsets("v1", "v2", api="v1alpha3")
+        + gateway_routes(routes, api="v1alpha3")
+    )
 
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):

@@ -19,7 +19,13 @@ import pytest
 
 from l4proxy.rules.routing import Request, request_headers
 from tests._scripted import OK_BODY, Scripted, _response
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+)
 from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import HOST, choices, istio
 
@@ -77,34 +83,19 @@ def test_a_match_reads_every_line(
     assert choices(table, "/").subsets[0].subset == "v1"
 
 
-WORKER_HOST = "svc.default.svc.cluster.local"
-VERSIONS = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {WORKER_HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{WORKER_HOST}]
-  http:
+VERSIONS = gateway_subsets("v1", "v2") + gateway_routes(
+    f"""\
   - match:
     - headers:
         cookie: {{regex: '(^|.*; ?)sid=canary(;.*)?'}}
     - headers:
         x-user: {{exact: 'alice,bob'}}
     route:
-    - destination: {{host: {WORKER_HOST}, subset: v2}}
+    - destination: {{host: {GATEWAY_HOST}, subset: v2}}
   - route:
-    - destination: {{host: {WORKER_HOST}, subset: v1}}
+    - destination: {{host: {GATEWAY_HOST}, subset: v1}}
 """
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

@@ -30,7 +30,14 @@ from l4proxy.dataplane.verdict import MIRROR_SCALE, Mirror
 from l4proxy.rules import load_rules
 from l4proxy.rules.classify import Origin
 from l4proxy.rules.routing import MirrorTag, Request, RouteTable
-from tests._worker import gateway_service, gateway_worker, per_connection_warnings
+from tests._worker import GATEWAY_HOST as SVC
+from tests._worker import (
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+    per_connection_warnings,
+)
 from tests.test_config_errors import REGISTRY
 from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import (
@@ -44,8 +51,6 @@ from tests.test_rules_head_edits import (
     istio,
     write,
 )
-from tests.test_worker_mirror import HOST as SVC
-from tests.test_worker_mirror import SUBSETS
 
 HOST = "bootcamp.default.svc.cluster.local"
 V1 = (("198.18.0.11", 8080), ("198.18.0.12", 8080))
@@ -532,15 +537,8 @@ def test_mirrored_routes(tmp_path: Path) -> None:
 
 # -- the worker --------------------------------------------------------------------
 
-WORKER_RULES = (
-    SUBSETS
-    + f"""---
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{SVC}]
-  http:
+WORKER_RULES = gateway_subsets("v1", "v2") + gateway_routes(
+    f"""\
   - name: shadowed
     match: [{{uri: {{prefix: /shadowed}}}}]
     route:

@@ -28,7 +28,7 @@ from l4proxy.rules._edits import rewrite_target
 from l4proxy.rules._regex import compile_regex, global_replace
 from l4proxy.rules.routing import Request
 from tests._scripted import OK_BODY, Scripted, _response
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
 from tests.test_config_errors import REGISTRY
 from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import DR, HOST, VS, choices, edits_of, istio, write
@@ -133,20 +133,14 @@ def test_a_raw_connection_is_not_rewritten(tmp_path: Path) -> None:
     assert choices(table, "/service/a/b").subsets[0].edits is not None
 
 
-WORKER_HOST = "svc.default.svc.cluster.local"
-REWRITE = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{WORKER_HOST}]
-  http:
+REWRITE = gateway_routes(
+    f"""\
   - rewrite:
       uriRegexRewrite: {{match: '^/service/([^/]+)(/.*)$', rewrite: '\\2/instance/\\1'}}
     route:
-    - destination: {{host: {WORKER_HOST}}}
+    - destination: {{host: {GATEWAY_HOST}}}
 """
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

@@ -22,22 +22,18 @@ import pytest
 from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests._scripted import Scripted, _response
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+)
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 
-SUBSETS = f"""
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
-"""
+SUBSETS = gateway_subsets("v1", "v2", api="v1")
 
 # Each group is a route that sends what it matches to v2; what no route
 # matches goes to v1 (route "rest"). Apart, so that what one group makes
@@ -70,23 +66,18 @@ GROUPS = {
 
 def routes(*groups: str) -> str:
     http = "".join(
-        f"""
+        f"""\
   - name: {g}
     match:{GROUPS[g]}
-    route: [{{destination: {{host: {HOST}, subset: v2}}}}]"""
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+"""
         for g in groups
     )
-    return f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:{http}
+    rest = f"""\
   - name: rest
     route: [{{destination: {{host: {HOST}, subset: v1}}}}]
 """
+    return gateway_routes(http + rest, api="v1")
 
 
 # (group, target, header lines, whether the group's route takes it)

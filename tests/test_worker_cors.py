@@ -21,23 +21,23 @@ import pytest
 
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker, per_connection_warnings
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_worker,
+    per_connection_warnings,
+)
 from tests.conftest import EPOCH_DATE, undated
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 APP = "https://app.example"
 ADMIN = "https://admin.example"
 EVIL = "https://evil.example"
 T = TypeVar("T")
-CORS = f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+CORS = gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}}}
     corsPolicy:
@@ -49,7 +49,9 @@ spec:
       exposeHeaders: [x-total]
       maxAge: 10m
       allowCredentials: true
-"""
+""",
+    api="v1",
+)
 # the backend's own answer: a CORS header of its own, which the filter's replaces
 UPSTREAM = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\naccess-control-allow-origin: *\r\n\r\nok"
 
@@ -274,14 +276,8 @@ def test_per_connection_answers_without_a_body_send_none(tmp_path: Path) -> None
 
 
 # a CORS route with response edits of its own and of its destination
-EDITED = f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+EDITED = gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}}}
       headers:
@@ -295,7 +291,9 @@ spec:
       allowOrigins:
       - exact: {APP}
       allowCredentials: true
-"""
+""",
+    api="v1",
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

@@ -16,23 +16,24 @@ from pathlib import Path
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+)
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 N = 30
 
-NO_SUBSET_ROUTE = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+NO_SUBSET_ROUTE = gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}}}
 """
+)
 
 
 def _ask(s: socket.socket, n: int) -> list[int]:
@@ -86,27 +87,14 @@ def test_each_request_is_labelled_by_the_pod_that_answered(
     }
 
 
-MIRRORED_TO_EVERY_POD = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+MIRRORED_TO_EVERY_POD = gateway_subsets("v1") + gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}, subset: v1}}
     mirror: {{host: {HOST}}}
     mirrorPercentage: {{value: 100.0}}
 """
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

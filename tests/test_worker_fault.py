@@ -16,20 +16,21 @@ import pytest
 
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker, per_connection_warnings
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+    per_connection_warnings,
+)
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 DELAY = 0.3
 
-FAULTS = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+FAULTS = gateway_routes(
+    f"""\
   - name: jason
     match: [{{headers: {{end-user: {{exact: jason}}}}}}]
     fault:
@@ -42,19 +43,15 @@ spec:
     route:
     - destination: {{host: {HOST}}}
 """
+)
 
-PLAIN = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+PLAIN = gateway_routes(
+    f"""\
   - name: others
     route:
     - destination: {{host: {HOST}}}
 """
+)
 
 
 def _ask(s: socket.socket, user: str = "") -> tuple[bytes, float]:
@@ -121,23 +118,8 @@ def test_per_connection_the_fault_is_a_warning(
 
 # a canary split whose route aborts half its requests: the subsets are
 # labelled by version, the endpoints carry it
-CANARY_ABORTS = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+CANARY_ABORTS = gateway_subsets("v1", "v2") + gateway_routes(
+    f"""\
   - name: canary
     fault:
       abort: {{httpStatus: 503, percentage: {{value: 50}}}}
@@ -147,6 +129,7 @@ spec:
     - destination: {{host: {HOST}, subset: v2}}
       weight: 50
 """
+)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

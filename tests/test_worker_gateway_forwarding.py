@@ -33,13 +33,19 @@ from l4proxy.dataplane.forwarding import (
 from l4proxy.dataplane.peek import HeadParser
 from l4proxy.demo.podnet import PodNetwork
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+)
 from tests.conftest import reset_close
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import TEXT_LINE, _read_lines
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 TWINS = ["pure", "compiled"]
 UUID4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 # what a client may send of the headers the gateway replaces or removes
@@ -176,27 +182,13 @@ def test_a_trusted_proxy_s_proto_and_client_are_believed(
     assert _values(direct, b"x-envoy-external-address") == [b"127.0.0.1"], direct
 
 
-MIRRORED = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+MIRRORED = gateway_subsets("v1", "v2") + gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}, subset: v1}}
     mirror: {{host: {HOST}, subset: v2}}
 """
+)
 
 
 @pytest.mark.parametrize("which", TWINS)

@@ -19,19 +19,13 @@ from typing import Any
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 
-EDITS = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+EDITS = gateway_routes(
+    f"""\
   - name: moved
     match: [{{uri: {{prefix: /old}}}}]
     redirect: {{uri: /new}}
@@ -51,20 +45,16 @@ spec:
         request:
           add: {{x-destination: svc}}
 """
+)
 
 # the same routes without the edits: the rollback
-PLAIN = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+PLAIN = gateway_routes(
+    f"""\
   - name: api
     route:
     - destination: {{host: {HOST}}}
 """
+)
 
 BACKEND_ANSWER = (
     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-internal: secret\r\nX-Served-By: app\r\n\r\nok"

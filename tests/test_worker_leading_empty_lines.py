@@ -33,27 +33,13 @@ import pytest
 
 from l4proxy.dataplane.verdict import HeadEdits, PathRewrite
 from tests._scripted import Scripted, _response, _status
+from tests._worker import GATEWAY_HOST, gateway_routes, gateway_subsets
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 ROOT = Path(__file__).resolve().parents[1]
 
-ROUTES = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+ROUTES = gateway_subsets("v1", "v2") + gateway_routes(
+    f"""\
   - match: [{{uri: {{prefix: /rw}}}}]
     rewrite: {{uri: /rewritten}}
     route: [{{destination: {{host: {HOST}, subset: v1}}}}]
@@ -68,6 +54,7 @@ spec:
     mirrorPercentage: {{value: 100.0}}
   - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
 """
+)
 
 LEADS = {"crlf": b"\r\n", "lf": b"\n", "two-crlf": b"\r\n\r\n"}
 # a request the mirror would take for one of its own, were the POST's

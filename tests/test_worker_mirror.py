@@ -16,35 +16,26 @@ from pathlib import Path
 import pytest
 
 from tests._scripted import OK_BODY, Scripted, _answer, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    gateway_routes,
+    gateway_service,
+    gateway_subsets,
+    gateway_worker,
+)
 from tests.test_relay_retries import _worker_twin
 
-HOST = "svc.default.svc.cluster.local"
+HOST = GATEWAY_HOST
 
-SUBSETS = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
-"""
+SUBSETS = gateway_subsets("v1", "v2")
 
-UNMIRRORED = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
+UNMIRRORED = gateway_routes(
+    f"""\
   - route:
     - destination: {{host: {HOST}, subset: v1}}
       weight: 100
 """
+)
 MIRRORED = (
     UNMIRRORED
     + f"    mirror: {{host: {HOST}, subset: v2}}\n    mirrorPercentage: {{value: 100.0}}\n"
