@@ -2,7 +2,8 @@
 :class:`~l4proxy.sidecar.worker.Worker` and :class:`~l4proxy.rules.watch.RuleWatcher`
 on loopback (no supervisor, no namespaces): the rules loaded once, the
 listener bound, the worker started, then drained and closed whatever the
-test did."""
+test did. :func:`_worker_twin` makes the worker build one relay twin or
+the other (a test parametrized over both)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,20 @@ spec:
   host: {GATEWAY_HOST}
   trafficPolicy:
 {traffic_policy}"""
+
+
+def _worker_twin(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker makes *which* relay twin."""
+    from l4proxy.dataplane.relay import HttpRelay
+    from tests.conftest import load_twin
+
+    relay_module = load_twin("relay", which)
+    if HttpRelay is not relay_module.HttpRelay:  # the worker as the other build makes it
+        import l4proxy.dataplane.relay as chooser
+        import l4proxy.sidecar.worker as worker_module
+
+        monkeypatch.setattr(chooser, "IMPLEMENTATION", which)
+        monkeypatch.setattr(worker_module, "HttpRelay", relay_module.HttpRelay)
 
 
 @contextlib.asynccontextmanager

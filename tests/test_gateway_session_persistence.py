@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane.verdict import session_token
-from tests._worker import gateway_service, gateway_worker, per_connection_warnings
+from tests._worker import _worker_twin, gateway_service, gateway_worker, per_connection_warnings
 from tests.test_least_conn import read_head
-from tests.test_relay_retries import _worker_twin
 
 NAMES = "abcd"
 COOKIE = re.compile(

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import _worker_twin, gateway_service, gateway_worker
 from tests.test_access_log_worker import _read_lines
-from tests.test_relay_retries import _worker_twin
 
 INGRESS = """
 ---

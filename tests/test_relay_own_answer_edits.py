@@ -38,12 +38,11 @@ from tests._scripted import (
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
-from tests._worker import gateway_worker
+from tests._worker import _worker_twin, gateway_worker
 from tests.conftest import EPOCH_DATE, undated
 from tests.conftest import epoch_response as local_response
 from tests.test_dns import ScriptedResolver
 from tests.test_relay_edges import _read_all, _relay
-from tests.test_relay_retries import _worker_twin
 from tests.test_worker_cors import EDITED
 
 Endpoint = tuple[str, int]

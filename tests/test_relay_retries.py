@@ -38,7 +38,13 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
-from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    _worker_twin,
+    gateway_routes,
+    gateway_service,
+    gateway_worker,
+)
 from tests.test_relay_edges import _read_all
 from tests.test_relay_edges_count import Counted
 
@@ -392,20 +398,6 @@ spec:
   httpReqRetries:
     simpleRetry: {attempts: 2, perTryTimeout: 5s}
 """
-
-
-def _worker_twin(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker makes *which* relay twin."""
-    from l4proxy.dataplane.relay import HttpRelay
-    from tests.conftest import load_twin
-
-    relay_module = load_twin("relay", which)
-    if HttpRelay is not relay_module.HttpRelay:  # the worker as the other build makes it
-        import l4proxy.dataplane.relay as chooser
-        import l4proxy.sidecar.worker as worker_module
-
-        monkeypatch.setattr(chooser, "IMPLEMENTATION", which)
-        monkeypatch.setattr(worker_module, "HttpRelay", relay_module.HttpRelay)
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

@@ -21,12 +21,12 @@ from l4proxy.rules.routing import Request, request_headers
 from tests._scripted import OK_BODY, Scripted, _response
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
     gateway_worker,
 )
-from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import HOST, choices, istio
 
 

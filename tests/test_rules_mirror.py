@@ -32,6 +32,7 @@ from l4proxy.rules.classify import Origin
 from l4proxy.rules.routing import MirrorTag, Request, RouteTable
 from tests._worker import GATEWAY_HOST as SVC
 from tests._worker import (
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -39,7 +40,6 @@ from tests._worker import (
     per_connection_warnings,
 )
 from tests.test_config_errors import REGISTRY
-from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import (
     DR,
     HR,

@@ -39,8 +39,7 @@ from l4proxy.rules.routing import (
     Subset,
 )
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_worker
-from tests.test_relay_retries import _worker_twin
+from tests._worker import _worker_twin, gateway_worker
 
 HOST = "web.default.svc.cluster.local"
 WEB = """\

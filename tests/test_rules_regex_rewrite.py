@@ -28,9 +28,14 @@ from l4proxy.rules._edits import rewrite_target
 from l4proxy.rules._regex import compile_regex, global_replace
 from l4proxy.rules.routing import Request
 from tests._scripted import OK_BODY, Scripted, _response
-from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    _worker_twin,
+    gateway_routes,
+    gateway_service,
+    gateway_worker,
+)
 from tests.test_config_errors import REGISTRY
-from tests.test_relay_retries import _worker_twin
 from tests.test_rules_head_edits import DR, HOST, VS, choices, edits_of, istio, write
 
 # The VirtualService reference's HTTPRewrite example, on bootcamp

@@ -24,12 +24,12 @@ from l4proxy.rules.routing import Request, RouteTable
 from tests._scripted import Scripted, _response
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
     gateway_worker,
 )
-from tests.test_relay_retries import _worker_twin
 
 HOST = GATEWAY_HOST
 

@@ -20,8 +20,7 @@ import pytest
 from l4proxy.dataplane._exchange_py import OVERFLOW_BODY
 from l4proxy.sidecar.admin import WorkerView
 from tests._scripted import Scripted, _answer, _response, _status
-from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
-from tests.test_relay_retries import _worker_twin
+from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_worker_outlier_detection import _until
 
 # Istio's circuit-breaking task (its DestinationRule's connectionPool)

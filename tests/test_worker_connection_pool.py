@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
+from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_relay_endpoint_settings import _never_accepting
-from tests.test_relay_retries import _worker_twin
 
 
 def _pool_rule(**fields: str) -> str:

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane.verdict import endpoint_hash, hash_key, hash_order
-from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
+from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_least_conn import Backend, read_head
-from tests.test_relay_retries import _worker_twin
 
 NAMES = "abcd"
 USERS = [f"user-{i}" for i in range(40)]

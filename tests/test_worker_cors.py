@@ -23,13 +23,13 @@ from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_worker,
     per_connection_warnings,
 )
 from tests.conftest import EPOCH_DATE, undated
-from tests.test_relay_retries import _worker_twin
 
 HOST = GATEWAY_HOST
 APP = "https://app.example"

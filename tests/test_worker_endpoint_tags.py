@@ -18,12 +18,12 @@ import pytest
 from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
     gateway_worker,
 )
-from tests.test_relay_retries import _worker_twin
 
 HOST = GATEWAY_HOST
 N = 30

@@ -18,13 +18,13 @@ from l4proxy.dataplane.verdict import FAULT_ABORT_BODY
 from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
     gateway_worker,
     per_connection_warnings,
 )
-from tests.test_relay_retries import _worker_twin
 
 HOST = GATEWAY_HOST
 DELAY = 0.3

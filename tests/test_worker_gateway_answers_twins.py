@@ -44,9 +44,9 @@ from l4proxy.dataplane.listener import bind_listener
 from l4proxy.demo.podnet import PodNetwork
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests._worker import _worker_twin
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import _fields, _read_lines
-from tests.test_relay_retries import _worker_twin
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
 
 TWINS = ["pure", "compiled"]

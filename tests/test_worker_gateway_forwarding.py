@@ -35,6 +35,7 @@ from l4proxy.demo.podnet import PodNetwork
 from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
+    _worker_twin,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -43,7 +44,6 @@ from tests._worker import (
 from tests.conftest import reset_close
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import TEXT_LINE, _read_lines
-from tests.test_relay_retries import _worker_twin
 
 HOST = GATEWAY_HOST
 TWINS = ["pure", "compiled"]

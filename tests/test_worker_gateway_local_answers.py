@@ -22,9 +22,9 @@ import pytest
 from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
+from tests._worker import _worker_twin
 from tests.test_access_log_worker import _read_lines
 from tests.test_gateway_session_persistence import Backend
-from tests.test_relay_retries import _worker_twin
 from tests.test_worker_istio_gateway import TWINS, Answer, Client
 
 

@@ -19,8 +19,13 @@ from typing import Any
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import GATEWAY_HOST, gateway_routes, gateway_service, gateway_worker
-from tests.test_relay_retries import _worker_twin
+from tests._worker import (
+    GATEWAY_HOST,
+    _worker_twin,
+    gateway_routes,
+    gateway_service,
+    gateway_worker,
+)
 
 HOST = GATEWAY_HOST
 

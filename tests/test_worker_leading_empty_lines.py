@@ -75,8 +75,7 @@ def _child(spec_text: str) -> None:
     to connect to, and go on until stdin closes."""
     spec = json.loads(spec_text)
     if spec["kind"] == "worker":
-        from tests._worker import gateway_worker
-        from tests.test_relay_retries import _worker_twin
+        from tests._worker import _worker_twin, gateway_worker
 
         _worker_twin(spec["which"], pytest.MonkeyPatch())
 

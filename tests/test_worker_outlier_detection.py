@@ -17,8 +17,7 @@ import pytest
 
 from l4proxy.rules.routing import Endpoint
 from tests._scripted import Scripted, _answer, _response, _status
-from tests._worker import gateway_destination_rule, gateway_service, gateway_worker
-from tests.test_relay_retries import _worker_twin
+from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
 
 HOST = "svc.default.svc.cluster.local"
 
