@@ -3,22 +3,29 @@
 on loopback (no supervisor, no namespaces): the rules loaded once, the
 listener bound, the worker started, then drained and closed whatever the
 test did. :func:`_worker_twin` makes the worker build one relay twin or
-the other (a test parametrized over both)."""
+the other (a test parametrized over both).
+
+Rules that name the listener's port (an Istio Gateway's server is for a
+local port) are written once it is bound: :func:`worker_on` serves
+listeners the test bound, :func:`drive_gateway` binds one, writes the
+rules for its port and runs a client function against it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from l4proxy.dataplane.listener import bind_listener
+from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+T = TypeVar("T")
 
 # GATEWAY_SERVICE's host, which the rules of these tests route
 GATEWAY_HOST = "svc.default.svc.cluster.local"
@@ -116,29 +123,85 @@ def _worker_twin(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextlib.asynccontextmanager
+async def worker_on(
+    listeners: list[Listener],
+    rules: Path,
+    start_watcher: bool = False,
+    watcher_options: dict[str, Any] | None = None,
+    drained: Callable[[Worker], None] | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[RuleWatcher, Worker]]:
+    """(watcher, worker): a worker on *listeners* for the rules in *rules*
+    (a file or a folder), loaded once, then drained and closed whatever the
+    block did; *drained(worker)* runs between the two (its counters are
+    final then). The worker's options are *options* (WorkerOptions'
+    fields), the watcher's *watcher_options* (RuleWatcher's keywords: a
+    resolver, an interval, a seed)."""
+    watcher = RuleWatcher(
+        [str(rules)], **{"interval": 3600, "settle": 0, **(watcher_options or {})}
+    )
+    assert watcher.load_now()
+    worker = Worker(listeners, watcher, WorkerOptions(**options))
+    worker.start()
+    if start_watcher:
+        watcher.start()
+    try:
+        yield watcher, worker
+    finally:
+        await worker.drain(1)
+        if drained is not None:
+            drained(worker)
+        worker.close()
+
+
+@contextlib.asynccontextmanager
 async def gateway_worker(
     rules: Path,
     start_watcher: bool = False,
     watcher_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[RuleWatcher, Worker, tuple[str, int]]]:
-    """(watcher, worker, listener address) for the rules in *rules*; the
-    worker's options are *options* (WorkerOptions' fields), the watcher's
-    *watcher_options* (RuleWatcher's keywords: a resolver, an interval)."""
-    watcher = RuleWatcher(
-        [str(rules)], **{"interval": 3600, "settle": 0, **(watcher_options or {})}
-    )
-    assert watcher.load_now()
+    """(watcher, worker, listener address) for the rules in *rules*, on a
+    gateway listener of its own: worker_on()."""
     lst = bind_listener("127.0.0.1", 0, "gateway")
-    worker = Worker([lst], watcher, WorkerOptions(**options))
-    worker.start()
-    if start_watcher:
-        watcher.start()
-    try:
+    async with worker_on([lst], rules, start_watcher, watcher_options, **options) as (
+        watcher,
+        worker,
+    ):
         yield watcher, worker, lst.address
-    finally:
-        await worker.drain(1)
-        worker.close()
+
+
+def drive_gateway(
+    which: str,
+    monkeypatch: pytest.MonkeyPatch,
+    rules: Path,
+    text: Callable[[int], str],
+    talk: Callable[[tuple[str, int]], T],
+    drained: Callable[[Worker], None] | None = None,
+    **options: Any,
+) -> T:
+    """*talk(address)* on a thread against a worker of relay twin *which*,
+    routing per request on a gateway listener whose rules name its port,
+    as an Istio Gateway's server names the local port it is for: the
+    listener is bound on port 0 first, then *text(port)* is written to
+    *rules* and loaded (the watcher seeded: a weighted split repeats).
+    What *talk* returned; *drained* and *options* as worker_on() takes
+    them."""
+    _worker_twin(which, monkeypatch)
+
+    async def main() -> T:
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        rules.write_text(text(lst.address[1]))
+        async with worker_on(
+            [lst],
+            rules,
+            watcher_options={"seed": 7},
+            drained=drained,
+            **{"http_routing": "request", **options},
+        ):
+            return await asyncio.get_running_loop().run_in_executor(None, talk, lst.address)
+
+    return asyncio.run(main())
 
 
 def per_connection_warnings(rules: Path, caplog: pytest.LogCaptureFixture) -> list[str]:

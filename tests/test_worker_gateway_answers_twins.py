@@ -26,25 +26,21 @@ and two VirtualServices bound to it; a backend that answers by path):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import email.utils
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from l4proxy.dataplane.listener import bind_listener
 from l4proxy.demo.podnet import PodNetwork
-from l4proxy.rules.watch import RuleWatcher
-from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import _worker_twin
+from l4proxy.sidecar.worker import Worker
+from tests._worker import drive_gateway
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
@@ -181,29 +177,6 @@ class Run:
         self.port = 0
 
 
-@contextlib.asynccontextmanager
-async def _gateway(
-    tmp_path: Path, pod: Pod, log_fd: int, run: Run, **options: Any
-) -> AsyncIterator[tuple[str, int]]:
-    lst = bind_listener("127.0.0.1", 0, "gateway")
-    run.port = lst.address[1]
-    path = tmp_path / "rules.yaml"
-    path.write_text(_rules(lst.address[1], pod))
-    watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
-    assert watcher.load_now()
-    worker = Worker(
-        [lst], watcher, WorkerOptions(http_routing="request", access_log_fd=log_fd, **options)
-    )
-    worker.start()
-    try:
-        yield lst.address
-    finally:
-        await worker.drain(1)
-        for name, series in worker.counter_snapshot().items():
-            run.rows[name] = [(dict(k), n) for k, n in series.items()]
-        worker.close()
-
-
 def _drive(
     which: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -211,18 +184,31 @@ def _drive(
     talk: Callable[[tuple[str, int]], Any],
     **options: Any,
 ) -> Run:
-    """*talk(address)* on a thread against a worker of relay twin *which*."""
-    _worker_twin(which, monkeypatch)
+    """*talk(address)* on a thread against a worker of relay twin *which*
+    serving _rules() for its own port."""
     pod = Pod()
     r, w = os.pipe()
     run = Run()
 
-    async def main() -> None:
-        async with _gateway(tmp_path, pod, w, run, **options) as address:
-            run.said = await asyncio.get_running_loop().run_in_executor(None, talk, address)
+    def rules(port: int) -> str:
+        run.port = port
+        return _rules(port, pod)
+
+    def drained(worker: Worker) -> None:
+        for name, series in worker.counter_snapshot().items():
+            run.rows[name] = [(dict(k), n) for k, n in series.items()]
 
     try:
-        asyncio.run(main())
+        run.said = drive_gateway(
+            which,
+            monkeypatch,
+            tmp_path / "rules.yaml",
+            rules,
+            talk,
+            drained,
+            access_log_fd=w,
+            **options,
+        )
     finally:
         pod.close()
         os.close(w)

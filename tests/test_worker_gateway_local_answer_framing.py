@@ -20,20 +20,15 @@ VirtualService bound to it), raw requests on loopback:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from l4proxy.dataplane.listener import bind_listener
-from l4proxy.rules.watch import RuleWatcher
-from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import _worker_twin
+from tests._worker import drive_gateway
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_gateway_session_persistence import Backend
 
@@ -83,47 +78,30 @@ spec:
 """
 
 
-@contextlib.asynccontextmanager
-async def _gateway(tmp_path: Path, pod: Backend, log_fd: int) -> AsyncIterator[tuple[str, int]]:
-    """A worker on a gateway listener serving _rules() for its own port,
-    its access log to *log_fd*; the listener's address."""
-    lst = bind_listener("127.0.0.1", 0, "gateway")
-    path = tmp_path / "rules.yaml"
-    path.write_text(_rules(lst.address[1], pod))
-    watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
-    assert watcher.load_now()
-    worker = Worker([lst], watcher, WorkerOptions(http_routing="request", access_log_fd=log_fd))
-    worker.start()
-    try:
-        yield lst.address
-    finally:
-        await worker.drain(1)
-        worker.close()
-
-
 def _drive(
     which: str,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     talk: Callable[[tuple[str, int]], Any],
 ) -> tuple[Any, list[bytes]]:
-    """*talk(address)* on a thread against a worker of relay twin *which*:
-    what it returned, and the access log's lines."""
-    _worker_twin(which, monkeypatch)
+    """*talk(address)* on a thread against a worker of relay twin *which*
+    serving _rules() for its own port: what it returned, and the access
+    log's lines."""
     pod = Backend("a")
     r, w = os.pipe()
-    out: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with _gateway(tmp_path, pod, w) as address:
-            out["said"] = await asyncio.get_running_loop().run_in_executor(None, talk, address)
-
     try:
-        asyncio.run(main())
+        said = drive_gateway(
+            which,
+            monkeypatch,
+            tmp_path / "rules.yaml",
+            lambda port: _rules(port, pod),
+            talk,
+            access_log_fd=w,
+        )
     finally:
         pod.close()
         os.close(w)
-    return out["said"], _read_lines(r)
+    return said, _read_lines(r)
 
 
 def _answer(s: socket.socket) -> Answer:

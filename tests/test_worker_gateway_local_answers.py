@@ -12,17 +12,14 @@ keep-alive connection on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from l4proxy.dataplane.listener import bind_listener
-from l4proxy.rules.watch import RuleWatcher
-from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import _worker_twin
+from l4proxy.sidecar.worker import Worker
+from tests._worker import drive_gateway
 from tests.test_access_log_worker import _read_lines
 from tests.test_gateway_session_persistence import Backend
 from tests.test_worker_istio_gateway import TWINS, Answer, Client
@@ -89,34 +86,29 @@ spec:
 def test_a_gateway_routes_own_answers_are_labelled_unknown_with_no_cluster(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _worker_twin(which, monkeypatch)
     pod = Backend("a")
-    lst = bind_listener("127.0.0.1", 0, "gateway")
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(_rules(lst.address[1], pod))
-    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, seed=7)
-    assert watcher.load_now()
     got: list[Answer] = []
     labels: list[tuple[dict[str, str], float]] = []
     r, w = os.pipe()
 
-    async def main() -> None:
-        options = WorkerOptions(http_routing="request", access_log_fd=w)
-        worker = Worker([lst], watcher, options)
-        worker.start()
-        loop = asyncio.get_running_loop()
-        c = Client(lst.address)
+    def client(address: tuple[str, int]) -> None:
+        c = Client(address)
         try:
             for path in ("/zero", "/refused", "/nowhere", "/ok"):
-                got.append(await loop.run_in_executor(None, c.get, "edge.example", path))
+                got.append(c.get("edge.example", path))
         finally:
             c.close()
-            await worker.drain(1)
-            labels.extend(_istio_rows(worker))
-            worker.close()
 
     try:
-        asyncio.run(main())
+        drive_gateway(
+            which,
+            monkeypatch,
+            tmp_path / "rules.yaml",
+            lambda port: _rules(port, pod),
+            client,
+            lambda worker: labels.extend(_istio_rows(worker)),
+            access_log_fd=w,
+        )
     finally:
         pod.close()
         os.close(w)
@@ -161,13 +153,7 @@ def test_a_gateways_head_refused_before_routing_is_labelled_unknown(
     labelled ``destination_service_name="PassthroughCluster"``, the name
     of traffic to destinations no rule names, which an ingress never
     passes through."""
-    _worker_twin(which, monkeypatch)
     pod = Backend("a")
-    lst = bind_listener("127.0.0.1", 0, "gateway")
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(_rules(lst.address[1], pod))
-    watcher = RuleWatcher([str(rules)], interval=3600, settle=0, seed=7)
-    assert watcher.load_now()
     labels: list[tuple[dict[str, str], float]] = []
     heads = [
         b"GET /ok HTTP/1.1\r\nHost: edge.example\r\nHost: other\r\n\r\n",
@@ -175,10 +161,10 @@ def test_a_gateways_head_refused_before_routing_is_labelled_unknown(
         b"GET /ok/../refused HTTP/1.1\r\nHost: edge.example\r\n\r\n",
     ]
 
-    def client() -> list[bytes]:
+    def client(address: tuple[str, int]) -> list[bytes]:
         got = []
         for head in heads:
-            with socket.create_connection(lst.address, timeout=10) as s:
+            with socket.create_connection(address, timeout=10) as s:
                 s.sendall(head)
                 data = b""
                 while chunk := s.recv(4096):  # (the 400, then the close)
@@ -186,18 +172,15 @@ def test_a_gateways_head_refused_before_routing_is_labelled_unknown(
                 got.append(data.split(b"\r\n", 1)[0])
         return got
 
-    async def main() -> list[bytes]:
-        worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
-        worker.start()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, client)
-        finally:
-            await worker.drain(1)
-            labels.extend(_istio_rows(worker))
-            worker.close()
-
     try:
-        got = asyncio.run(main())
+        got = drive_gateway(
+            which,
+            monkeypatch,
+            tmp_path / "rules.yaml",
+            lambda port: _rules(port, pod),
+            client,
+            lambda worker: labels.extend(_istio_rows(worker)),
+        )
     finally:
         pod.close()
     assert got == [b"HTTP/1.1 400 Bad Request"] * 3

@@ -26,9 +26,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane.listener import bind_listener
-from l4proxy.rules.watch import RuleWatcher
-from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import _worker_twin
+from tests._worker import _worker_twin, worker_on
 from tests.test_gateway_session_persistence import Backend
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer
 
@@ -113,16 +111,12 @@ def test_a_redirect_that_has_no_host_or_no_path_is_not_written(
         plain = bind_listener("127.0.0.1", 0, "gateway")
         path = tmp_path / "rules.yaml"
         path.write_text(_rules(redirecting.address[1], plain.address[1], pod))
-        watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
-        assert watcher.load_now()
-        worker = Worker([redirecting, plain], watcher, WorkerOptions(http_routing="request"))
-        worker.start()
-        try:
+        seeded = {"seed": 7}
+        async with worker_on(
+            [redirecting, plain], path, watcher_options=seeded, http_routing="request"
+        ):
             addresses = {"redirecting": redirecting.address, "plain": plain.address}
             await asyncio.get_running_loop().run_in_executor(None, client, addresses)
-        finally:
-            await worker.drain(1)
-            worker.close()
 
     try:
         asyncio.run(main())

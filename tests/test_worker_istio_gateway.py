@@ -14,11 +14,10 @@ VirtualService of that name has no route for the path)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import _worker_twin
+from tests._worker import drive_gateway
 from tests.test_gateway_session_persistence import Backend
 from tests.test_least_conn import read_head
 
@@ -97,41 +96,6 @@ spec:
 """
 
 
-@contextlib.asynccontextmanager
-async def _worker(tmp_path: Path, rules: Callable[[int], str]) -> AsyncIterator[tuple[str, int]]:
-    """A worker on a gateway listener of its own port, serving
-    ``rules(port)``; the listener's address."""
-    lst = bind_listener("127.0.0.1", 0, "gateway")
-    path = tmp_path / "rules.yaml"
-    path.write_text(rules(lst.address[1]))
-    watcher = RuleWatcher([str(path)], interval=3600, settle=0, seed=7)
-    assert watcher.load_now()
-    worker = Worker([lst], watcher, WorkerOptions(http_routing="request"))
-    worker.start()
-    try:
-        yield lst.address
-    finally:
-        await worker.drain(1)
-        worker.close()
-
-
-def _drive(
-    which: str,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    rules: Callable[[int], str],
-    client: Callable[[tuple[str, int]], None],
-) -> None:
-    """*client(address)* on a thread against a worker of relay twin *which*."""
-    _worker_twin(which, monkeypatch)
-
-    async def main() -> None:
-        async with _worker(tmp_path, rules) as address:
-            await asyncio.get_running_loop().run_in_executor(None, client, address)
-
-    asyncio.run(main())
-
-
 class Client:
     """Requests on one keep-alive connection (a new one after an answer
     that closes it)."""
@@ -194,7 +158,7 @@ def test_bookinfo_gateway_through_a_worker(
                 got.append((host, path, c.get(host, path)))
         c.close()
 
-    _drive(which, monkeypatch, tmp_path, rules, client)
+    drive_gateway(which, monkeypatch, tmp_path / "rules.yaml", rules, client)
     for host, path, answer in got:
         expected = (404, "no route matched") if path == "/details" else (200, "a")
         assert answer == expected, (host, path)
@@ -241,7 +205,7 @@ spec:
             got.append((host, c.get(host, "/")))
         c.close()
 
-    _drive(which, monkeypatch, tmp_path, rules, client)
+    drive_gateway(which, monkeypatch, tmp_path / "rules.yaml", rules, client)
     answers = dict(got)
     assert answers == {
         "a.example.com": (200, "a"),
@@ -303,7 +267,7 @@ spec:
             got[body] += 1
         c.close()
 
-    _drive(which, monkeypatch, tmp_path, rules, client)
+    drive_gateway(which, monkeypatch, tmp_path / "rules.yaml", rules, client)
     assert set(got) == {"a", "b"}, got
     assert 16 <= got["b"] <= 64, got
 
@@ -350,7 +314,7 @@ spec:
             assert c.sock is first, got  # (the same connection, not closed)
         c.close()
 
-    _drive(which, monkeypatch, tmp_path, rules, client)
+    drive_gateway(which, monkeypatch, tmp_path / "rules.yaml", rules, client)
     location = "https://bookinfo.example.com/productpage?u=normal&x=%2F"
     for status, fields, body in got[0::2]:
         assert (status, fields.get("location"), body) == (301, location, ""), fields
