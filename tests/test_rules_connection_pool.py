@@ -291,7 +291,10 @@ def test_zero_requests_is_the_flag_s_and_a_destination_without_a_field_bounds_it
     assert v2.resolved(PoolSettings(3, 1.0, 10.0)) == PoolSettings(3, 1.0, 10.0)
 
 
-SHARED = """\
+# Service NAME (a str.format template): 10.0.0.1, which every such Service
+# has, and its OWN endpoint, both on port 8080; its DestinationRule's
+# trafficPolicy follows (YAML lines under ``trafficPolicy:``)
+SHARED_SERVICE = """\
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -312,9 +315,8 @@ metadata: {{name: {name}}}
 spec:
   host: {name}
   trafficPolicy:
-    connectionPool:
-{pool}
 """
+SHARED = SHARED_SERVICE + "    connectionPool:\n{pool}\n"
 
 
 def test_an_endpoint_two_services_share_takes_the_strictest_whatever_the_file_order(
@@ -469,13 +471,8 @@ def test_validate_names_a_refused_field_with_file_and_line(
     )
 
 
-def test_an_http_route_s_backend_takes_its_destination_rule_s_settings(tmp_path: Path) -> None:
-    """As in Istio, a DestinationRule applies to an HTTPRoute's backends too."""
-    head = (
-        DR_HEAD
-        + "  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 2}\n"
-    )
-    http_route = """\
+# an HTTPRoute of the bootcamp Service (GAMMA: its parent is the Service)
+HTTP_ROUTE = """\
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -486,7 +483,15 @@ spec:
   rules:
   - backendRefs: [{name: bootcamp, port: 8080}]
 """
-    table = load(tmp_path, head + http_route, name="hr.yaml")
+
+
+def test_an_http_route_s_backend_takes_its_destination_rule_s_settings(tmp_path: Path) -> None:
+    """As in Istio, a DestinationRule applies to an HTTPRoute's backends too."""
+    head = (
+        DR_HEAD
+        + "  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 2}\n"
+    )
+    table = load(tmp_path, head + HTTP_ROUTE, name="hr.yaml")
     two = PoolSettings(max_requests=2)
     assert table.pool_settings() == {V1A: two, V1B: two, V2: two}
     (route,) = table.routes_for(HOST)

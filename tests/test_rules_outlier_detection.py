@@ -41,7 +41,20 @@ from l4proxy.rules.routing import (
     Subset,
 )
 from tests.test_config_errors import REGISTRY, errors_of
-from tests.test_rules_connection_pool import DR_HEAD, HOST, V1A, V1B, V2, load
+from tests.test_rules_connection_pool import (
+    DR_HEAD,
+    HOST,
+    HTTP_ROUTE,
+    JASON_TO_V2,
+    SHARED_SERVICE,
+    TO_HOST,
+    TO_V1,
+    V1A,
+    V1B,
+    V2,
+    load,
+    vs,
+)
 
 
 def rule(body: str) -> str:
@@ -50,23 +63,6 @@ def rule(body: str) -> str:
     if body.startswith("{"):
         return DR_HEAD + f"  trafficPolicy:\n    outlierDetection: {body}\n"
     return DR_HEAD + "  trafficPolicy:\n    outlierDetection:\n" + textwrap.indent(body, "      ")
-
-
-def vs(*routes: str) -> str:
-    """A VirtualService for bootcamp with these http routes (YAML flow maps)."""
-    lines = "".join(f"  - {r}\n" for r in routes)
-    return (
-        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n"
-        f"metadata: {{name: bootcamp}}\nspec:\n  hosts: [bootcamp]\n  http:\n{lines}"
-    )
-
-
-TO_V1 = "{route: [{destination: {host: bootcamp, subset: v1}}]}"
-JASON_TO_V2 = (
-    "{match: [{headers: {end-user: {exact: jason}}}], "
-    "route: [{destination: {host: bootcamp, subset: v2}}]}"
-)
-TO_HOST = "{route: [{destination: {host: bootcamp}}]}"
 
 
 # -- reading: each field, the defaults -------------------------------------
@@ -310,29 +306,7 @@ def test_endpoints_only_destinations_without_a_policy_reach_are_left_out(
     }
 
 
-SHARED = """\
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}}}
-spec:
-  hosts: [{name}.default.svc.cluster.local]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - address: 10.0.0.1
-    ports: {{http: 8080}}
-  - address: {own}
-    ports: {{http: 8080}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: {name}}}
-spec:
-  host: {name}
-  trafficPolicy:
-    outlierDetection: {policy}
-"""
+SHARED = SHARED_SERVICE + "    outlierDetection: {policy}\n"
 
 
 def test_an_endpoint_two_services_share_takes_the_most_eager_whatever_the_file_order(
@@ -526,19 +500,6 @@ def test_validate_verbose_says_a_split(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["validate", "-v", str(f), REGISTRY]) == 0
     out, _ = capsys.readouterr()
     assert "outlier detection: 5xx x5, gateway off, local origin x2 (split), eject" in out
-
-
-HTTP_ROUTE = """\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: bootcamp}
-spec:
-  parentRefs:
-  - {group: "", kind: Service, name: bootcamp}
-  rules:
-  - backendRefs: [{name: bootcamp, port: 8080}]
-"""
 
 
 def test_an_http_route_s_backend_takes_its_destination_rule_s_policy(tmp_path: Path) -> None:
