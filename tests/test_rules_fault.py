@@ -14,7 +14,6 @@ prints the fault under its route.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from l4proxy.dataplane.verdict import FAULT_SCALE, Fault
 from l4proxy.rules import load_rules
 from l4proxy.rules.routing import Request, RouteTable
 from tests.test_config_errors import REGISTRY
-from tests.test_rules_head_edits import DR, VS, _line, assert_error_at
+from tests.test_rules_head_edits import DR, VS, _line, assert_error_at, istio, write
 
 HOST = "bootcamp.default.svc.cluster.local"
 RR = """\
@@ -36,16 +35,6 @@ spec:
 """
 ROUTE = "    route:\n    - destination: {host: bootcamp, subset: v1}\n"
 DEFAULT_ROUTE = "  - route:\n    - destination: {host: bootcamp, subset: v1}\n"
-
-
-def write(tmp_path: Path, text: str) -> str:
-    f = tmp_path / "rules.yaml"
-    f.write_text(textwrap.dedent(text))
-    return str(f)
-
-
-def istio(tmp_path: Path, http: str) -> RouteTable:
-    return load_rules([write(tmp_path, DR + VS + http), REGISTRY], seed=1).table
 
 
 def fault_of(table: RouteTable, path: str = "/", **headers: str) -> tuple[str, Fault | None]:
