@@ -207,6 +207,21 @@ def dead_ports(n: int) -> Iterator[list[int]]:
             s.close()
 
 
+def free_ports(n: int) -> list[int]:
+    """*n* distinct ports on 127.0.0.1 free now (bound together, so never
+    the same one), for a process the test starts and dials before it says
+    where it listens (``l4proxy run --admin``). Another may take one
+    meanwhile: where the port can be read back, bind port 0 instead."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def accept_until_closed(
     listener: socket.socket, on_accept: Callable[[socket.socket], None]
 ) -> threading.Thread:

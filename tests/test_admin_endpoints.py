@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from l4proxy.sidecar.admin import (
 from l4proxy.sidecar.loglevels import LOGGERS, logging_changes, merge_log_spec
 from l4proxy.stats import render_prometheus
 from tests._worker import gateway_service
-from tests.conftest import running, serving
+from tests.conftest import free_ports, running, serving
 
 L4PROXY = os.path.join(os.path.dirname(sys.executable), "l4proxy")
 REPO = Path(__file__).resolve().parent.parent
@@ -141,12 +140,6 @@ def test_the_family_filter_keeps_a_histogram_whole() -> None:
 # -- a real sidecar ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Run:
     """``l4proxy run`` on loopback: a gateway listener on port 0 routed to
     *backend* (an Ingress default backend), the admin endpoint on a port
@@ -159,7 +152,7 @@ class Run:
         (self.rules / "gateway.yaml").write_text(gateway_service(port) if rules is None else rules)
         self.log_path = tmp / "log"
         # (a port free now, known before start, as test_run_cli takes one)
-        self.admin = f"127.0.0.1:{_free_port()}"
+        self.admin = f"127.0.0.1:{free_ports(1)[0]}"
         argv = [
             *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
             *("--admin", self.admin, "--rules", str(self.rules), "--reload-interval", "0.1"),

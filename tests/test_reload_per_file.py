@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +47,7 @@ from l4proxy.rules import ConfigError
 from l4proxy.rules._loader import RuleFiles
 from l4proxy.rules.watch import Loaded, RuleWatcher
 from tests._worker import gateway_service
-from tests.conftest import serving
+from tests.conftest import free_ports, serving
 
 L4PROXY = os.path.join(os.path.dirname(sys.executable), "l4proxy")
 HOST = "svc.default.svc.cluster.local"
@@ -474,19 +473,13 @@ def test_a_configmap_swap_with_one_key_broken_keeps_that_keys_last_good_text(
 # -- real sidecars ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A port free now, for --admin: the test dials it without reading the log line
-    that names the port ``--admin HOST:0`` binds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Sidecar:
     """``l4proxy run`` as a gateway on loopback, its log read as it comes."""
 
     def __init__(self, rules: Path, workers: int, ready: bool = True) -> None:
-        self.admin = f"127.0.0.1:{_free_port()}"
+        # (a port free now: the test dials it without reading the log line
+        # that names the port ``--admin HOST:0`` binds)
+        self.admin = f"127.0.0.1:{free_ports(1)[0]}"
         self.proc = subprocess.Popen(
             [
                 *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),

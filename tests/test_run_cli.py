@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.cli import build_parser
+from tests.conftest import free_ports
 
 L4PROXY = os.path.join(os.path.dirname(sys.executable), "l4proxy")
 
@@ -174,16 +175,7 @@ def test_the_rule_commands_refuse_such_values_too(
     assert message in capsys.readouterr().err
 
 
-def _free_ports(n: int) -> list[int]:
-    """*n* distinct ports free now (bound together, so never the same one)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+_free_ports = free_ports  # (the name test_access_log_run.py imports)
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -201,7 +193,7 @@ def test_not_ready_until_the_rules_given_were_loaded(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "bad.yaml").write_text("kind: [\n")
-    admin_port, listen_port = _free_ports(2)
+    admin_port, listen_port = free_ports(2)
     admin = f"127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
         [
