@@ -21,7 +21,8 @@ import pytest
 
 from l4proxy.dataplane.verdict import endpoint_hash, hash_key, hash_order
 from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
-from tests.test_least_conn import Backend, read_head
+from tests.test_gateway_session_persistence import _get
+from tests.test_least_conn import Backend
 
 NAMES = "abcd"
 USERS = [f"user-{i}" for i in range(40)]
@@ -44,17 +45,6 @@ def _rules(backends: list[Backend], policy: str) -> str:
 def _predict(backends: list[Backend], value: str) -> str:
     hashes = [endpoint_hash(b.endpoint) for b in backends]
     return backends[hash_order(hash_key(value.encode()), hashes)[0]].name
-
-
-def _get(s: socket.socket, extra: str = "") -> tuple[str, bytes]:
-    """One GET on *s* (kept alive): the backend that answered, and the head."""
-    s.sendall(f"GET /p HTTP/1.1\r\nHost: gw\r\n{extra}\r\n".encode())
-    data = read_head(s)
-    while len(data.split(b"\r\n\r\n", 1)[1]) < 1:
-        data += s.recv(4096)
-    head, body = data.split(b"\r\n\r\n", 1)
-    assert head.startswith(b"HTTP/1.1 200 "), data
-    return body.decode(), head
 
 
 def _drive(rules: Path, routing: str, clients: Callable[[tuple[str, int]], None]) -> None:
