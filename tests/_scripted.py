@@ -203,6 +203,17 @@ def _response(a: socket.socket, timeout: float = 5.0) -> bytes:
     return got + body
 
 
+def _recv(a: socket.socket, n: int) -> bytes:
+    """*n* bytes from *a* (answers pipelined: as many as they come in)."""
+    a.settimeout(5.0)
+    got = b""
+    while len(got) < n:
+        data = a.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
 def _status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 

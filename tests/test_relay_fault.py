@@ -34,6 +34,7 @@ from tests._scripted import (
     Scripted,
     _answer,
     _client,
+    _recv,
     _reset,
     _response,
     _status,
@@ -91,17 +92,6 @@ def _fault_relay(
         return Decision((endpoint,), tag="t", timeout=timeout, fault=fault_of(head.target))
 
     return _relay(which, decide, **kw)
-
-
-def _recv(a: socket.socket, n: int) -> bytes:
-    """*n* bytes from *a* (answers pipelined: as many as they come in)."""
-    a.settimeout(5.0)
-    got = b""
-    while len(got) < n:
-        data = a.recv(65536)
-        assert data, got
-        got += data
-    return got
 
 
 def _get(target: str) -> bytes:

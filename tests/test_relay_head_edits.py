@@ -27,6 +27,7 @@ from tests._scripted import (
     Scripted,
     _answer,
     _client,
+    _recv,
     _response,
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
@@ -106,17 +107,6 @@ def _edits_relay(
         kw["resolve"] = lambda head, origin: verdict
     decision = Decision(endpoints, tag="t", retry=retry, edits=edits)
     return _relay(which, lambda h, o: decision, **kw)
-
-
-def _recv(a: socket.socket, n: int) -> bytes:
-    """*n* bytes from *a* (answers pipelined: as many as they come in)."""
-    a.settimeout(5.0)
-    got = b""
-    while len(got) < n:
-        data = a.recv(65536)
-        assert data, got
-        got += data
-    return got
 
 
 def _through(
