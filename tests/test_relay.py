@@ -137,8 +137,10 @@ def read_response(sock: socket.socket) -> bytes:
     return body
 
 
-@pytest.fixture
-def backends() -> Iterator[list[Backend]]:
+@pytest.fixture(name="backends")
+def backends_fixture() -> Iterator[list[Backend]]:
+    """Backends v1 and v2: a test module that imports this has the fixture
+    ``backends``."""
     servers = [Backend("v1"), Backend("v2")]
     yield servers
     for s in servers:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import BinaryIO
 
 import pytest
@@ -28,16 +28,13 @@ from l4proxy.dataplane.verdict import (
     Choice,
     Verdict,
 )
-from tests.test_relay import Backend, Proxy, _resolving_proxy, read_response
-
-
-@pytest.fixture
-def backends() -> Iterator[list[Backend]]:
-    servers = [Backend("v1"), Backend("v2")]
-    yield servers
-    for s in servers:
-        s.shutdown()
-        s.server_close()
+from tests.test_relay import (
+    Backend,
+    Proxy,
+    _resolving_proxy,
+    backends_fixture,  # noqa: F401  (the fixture backends)
+    read_response,
+)
 
 
 def _to(b: Backend, shape: int = 0, tests: tuple = (), ttl: float = 3600.0) -> Verdict:
