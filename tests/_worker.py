@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,6 +170,18 @@ async def gateway_worker(
         worker,
     ):
         yield watcher, worker, lst.address
+
+
+@contextlib.asynccontextmanager
+async def connected(address: tuple[str, int]) -> AsyncIterator[socket.socket]:
+    """A client connection to *address*, made off the loop (the worker on
+    it accepts meanwhile) and closed after the block."""
+    loop = asyncio.get_running_loop()
+    s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 def drive_gateway(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests._scripted import Scripted, _response, _status
-from tests._worker import _worker_twin, gateway_service, gateway_worker
+from tests._worker import _worker_twin, connected, gateway_service, gateway_worker
 from tests.test_access_log_worker import _read_lines
 
 INGRESS = """
@@ -74,8 +74,7 @@ def test_a_path_whose_service_is_not_loaded_answers_503_until_it_is(
             address,
         ):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for path in ("/gone/a", "/other", "/gone"):
                     before.append(await loop.run_in_executor(None, _get, s, path))
                 generation = watcher.state.generation
@@ -89,8 +88,6 @@ def test_a_path_whose_service_is_not_loaded_answers_503_until_it_is(
                         break
                     await asyncio.sleep(0.02)
                 after.append(got)
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())

@@ -38,7 +38,7 @@ from tests._scripted import (
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
-from tests._worker import _worker_twin, gateway_worker
+from tests._worker import _worker_twin, connected, gateway_worker
 from tests.conftest import EPOCH_DATE, undated
 from tests.conftest import epoch_response as local_response
 from tests.test_dns import ScriptedResolver
@@ -542,13 +542,10 @@ def test_a_worker_s_destination_with_no_address_gets_the_edited_503(
                 await asyncio.sleep(0.02)
             assert no_endpoint(watcher)
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for origin in (APP, None, APP):
                     s.sendall(_with_origin(origin, "gw"))
                     got.append(undated(await loop.run_in_executor(None, _response, s)))
-            finally:
-                s.close()
 
     asyncio.run(main())
     start = (
@@ -604,13 +601,10 @@ def test_a_worker_s_route_of_weights_zero_answers_the_edited_500(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for _ in range(3):
                     s.sendall(_get("gw"))
                     got.append(undated(await loop.run_in_executor(None, _response, s)))
-            finally:
-                s.close()
             assert worker.relay is not None
             worker.relay.flush_reports(1.0)
             counted = worker.relay_counters.snapshot()["istio_requests_total"]

@@ -22,6 +22,7 @@ from tests._scripted import OK_BODY, Scripted, _response
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -132,12 +133,9 @@ def test_a_worker_routes_a_repeated_header_by_all_its_lines(
     async def run() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for i, (lines, _) in enumerate(heads):
                     answers.append(await loop.run_in_executor(None, ask, s, i, lines))
-            finally:
-                s.close()
 
     try:
         asyncio.run(run())

@@ -31,6 +31,7 @@ from tests._scripted import OK_BODY, Scripted, _response
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_worker,
@@ -170,12 +171,9 @@ def test_a_worker_rewrites_each_request_of_a_keepalive_connection(
     async def run() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for t in targets:
                     answers.append(await loop.run_in_executor(None, ask, s, t))
-            finally:
-                s.close()
 
     try:
         asyncio.run(run())

@@ -25,6 +25,7 @@ from tests._scripted import Scripted, _response
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -233,13 +234,10 @@ def test_a_worker_routes_every_request_by_these_fields(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for _, target, headers, _ in order:
                     got = await loop.run_in_executor(None, _ask, s, target, headers)
                     assert got.startswith(b"HTTP/1.1 200 "), got
-            finally:
-                s.close()
             assert worker.relay is not None
             stats.update(worker.relay.stats())
 

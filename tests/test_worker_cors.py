@@ -24,6 +24,7 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_worker,
@@ -79,12 +80,9 @@ def _on_one_connection(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for ask in asks:
                     got.append(await loop.run_in_executor(None, ask, s))
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())
@@ -315,12 +313,9 @@ def test_a_refused_upstream_s_503_carries_the_cors_lines_and_the_route_s_edits(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for origin in (APP, None):
                     got.append(await loop.run_in_executor(None, _ask, s, "GET", origin))
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())

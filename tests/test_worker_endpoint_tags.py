@@ -19,6 +19,7 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -60,11 +61,8 @@ def test_each_request_is_labelled_by_the_pod_that_answered(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 statuses.extend(await loop.run_in_executor(None, _ask, s, N))
-            finally:
-                s.close()
             assert worker.relay is not None
             worker.relay.flush_reports(1.0)
             snapshot = worker.relay_counters.snapshot()
@@ -116,11 +114,8 @@ def test_a_mirrors_copies_are_labelled_by_the_pod_they_went_to(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 assert await loop.run_in_executor(None, _ask, s, N) == [200] * N
-            finally:
-                s.close()
             assert worker.relay is not None
             for _ in range(500):  # (the copies end as the pods answer them)
                 if not worker.relay.stats().get("mirror_active", 0):

@@ -19,6 +19,7 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -74,16 +75,13 @@ def test_istio_fault_injection_task_per_request_and_its_rollback(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (watcher, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 got["jason"] = await loop.run_in_executor(None, _ask, s, "jason")
                 got["at_backend_after_jason"] = (b"", float(len(up.requests)))
                 got["other"] = await loop.run_in_executor(None, _ask, s)
                 rules.write_text(gateway_service(up.endpoint[1]) + PLAIN)
                 assert await watcher.reload()
                 got["jason_after"] = await loop.run_in_executor(None, _ask, s, "jason")
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())
@@ -153,13 +151,10 @@ def test_an_abort_is_counted_against_no_version(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for _ in range(60):
                     got, _ = await loop.run_in_executor(None, _ask, s, "")
                     statuses.append(_status(got))
-            finally:
-                s.close()
             assert worker.relay is not None
             worker.relay.flush_reports(1.0)
             for labels, n in worker.relay_counters.snapshot()["istio_requests_total"].items():

@@ -36,6 +36,7 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -100,11 +101,8 @@ def _serve(
             rules, watcher_options={"seed": 7}, access_log_fd=w, **options
         ) as (_, _w, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 await loop.run_in_executor(None, talk, s)
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())

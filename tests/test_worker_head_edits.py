@@ -22,6 +22,7 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_worker,
@@ -82,8 +83,7 @@ def _run_keepalive(rules: Path, up: Scripted, **options: Any) -> dict[str, Any]:
     async def main() -> None:
         async with gateway_worker(rules, **options) as (watcher, _, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 got["api"] = await loop.run_in_executor(
                     None, _ask, s, "/api/users?id=1", "X-Version: v0\r\nx-debug: 1\r\n"
                 )
@@ -93,8 +93,6 @@ def _run_keepalive(rules: Path, up: Scripted, **options: Any) -> dict[str, Any]:
                 got["after"] = await loop.run_in_executor(
                     None, _ask, s, "/api/users?id=1", "x-debug: 1\r\n"
                 )
-            finally:
-                s.close()
 
     asyncio.run(main())
     return got
@@ -150,11 +148,8 @@ def test_per_connection_the_redirect_is_answered_and_the_edits_are_a_warning(
         async with gateway_worker(rules, http_routing="connection") as (_, _w, address):
             loop = asyncio.get_running_loop()
             for target in ("/old/page", "/api/x"):
-                s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-                try:
+                async with connected(address) as s:
                     got[target] = await loop.run_in_executor(None, _ask, s, target)
-                finally:
-                    s.close()
 
     with caplog.at_level(logging.WARNING):
         try:

@@ -19,6 +19,7 @@ from tests._scripted import OK_BODY, Scripted, _answer, _response, _status
 from tests._worker import (
     GATEWAY_HOST,
     _worker_twin,
+    connected,
     gateway_routes,
     gateway_service,
     gateway_subsets,
@@ -77,8 +78,7 @@ def test_istio_mirroring_task_and_its_removal(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (watcher, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 for i in range(12):
                     answers.append(await loop.run_in_executor(None, _ask, s, i))
                 assert worker.relay is not None
@@ -93,8 +93,6 @@ def test_istio_mirroring_task_and_its_removal(
                 while worker.relay.stats().get("mirror_active", 0) and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
                 stats["settled"] = dict(worker.relay.stats())
-            finally:
-                s.close()
             worker.relay.flush_reports(1.0)
             snapshot = worker.relay_counters.snapshot()
             for labels, n in snapshot["istio_requests_total"].items():

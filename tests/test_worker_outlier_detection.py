@@ -17,7 +17,13 @@ import pytest
 
 from l4proxy.rules.routing import Endpoint
 from tests._scripted import Scripted, _answer, _response, _status
-from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
+from tests._worker import (
+    _worker_twin,
+    connected,
+    gateway_destination_rule,
+    gateway_service,
+    gateway_worker,
+)
 
 HOST = "svc.default.svc.cluster.local"
 
@@ -71,8 +77,7 @@ def test_an_endpoints_5xx_eject_it_where_a_rule_asks(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 first = [await loop.run_in_executor(None, _get, s) for _ in range(4)]
                 got["first"] = [status for status, _ in first]
                 if rule:  # (the report reaches Python on its loop: wait for it)
@@ -83,8 +88,6 @@ def test_an_endpoints_5xx_eject_it_where_a_rule_asks(
                 got["then"] = [(await loop.run_in_executor(None, _get, s))[0] for _ in range(10)]
                 got["a_then"] = len(a.requests) - after
                 got["a"] = worker.health.describe(_ep(a.endpoint[1]))
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())
@@ -123,15 +126,12 @@ def test_a_destination_all_ejected(
     async def main() -> None:
         async with gateway_worker(rules, http_routing="request") as (_, worker, address):
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-            try:
+            async with connected(address) as s:
                 got["first"] = (await loop.run_in_executor(None, _get, s))[0]
                 await _until(lambda: not worker.health.is_healthy(_ep(a.endpoint[1])), "ejected")
                 before = len(a.requests)
                 got["then"] = [await loop.run_in_executor(None, _get, s) for _ in range(3)]
                 got["reached"] = len(a.requests) - before
-            finally:
-                s.close()
 
     try:
         asyncio.run(main())
@@ -174,12 +174,9 @@ def test_a_reload_without_the_rule_stops_counting_statuses(
                     rules.write_text(text)
                     assert await watcher.reload()
                 policies.append(worker.health.policy(ep) is not None)
-                s = await loop.run_in_executor(None, socket.create_connection, address, 10)
-                try:
+                async with connected(address) as s:
                     for _ in range(n):
                         assert (await loop.run_in_executor(None, _get, s))[0] == 503
-                finally:
-                    s.close()
                 if text is with_rule:
                     await _until(
                         lambda least=start + n: (
