@@ -109,6 +109,57 @@ spec:
 {traffic_policy}"""
 
 
+# the host of web_entry()'s Service
+WEB_HOST = "web.default.svc.cluster.local"
+
+
+def every_host_gateway(port: int) -> str:
+    """An Istio Gateway "gw" whose one server takes every host, plain
+    HTTP, on *port* (a gateway listener's own: the first document)."""
+    return f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+"""
+
+
+def gateway_virtual_service(name: str, hosts: str, http: str) -> str:
+    """A VirtualService NAME of *hosts* (a YAML flow list's items) bound to
+    Gateway gw, whose ``http`` routes are *http* (YAML lines, indented as
+    under ``http:``)."""
+    return f"""\
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: {name}}}
+spec:
+  hosts: [{hosts}]
+  gateways: [gw]
+  http:
+{http}"""
+
+
+def web_entry(port: int) -> str:
+    """A ServiceEntry "web" of WEB_HOST, port 8080, whose one endpoint is
+    127.0.0.1:*port*."""
+    return f"""\
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web}}
+spec:
+  hosts: [{WEB_HOST}]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+"""
+
+
 def _worker_twin(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker makes *which* relay twin."""
     from l4proxy.dataplane.relay import HttpRelay

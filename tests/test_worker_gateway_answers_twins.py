@@ -40,13 +40,19 @@ import pytest
 
 from l4proxy.demo.podnet import PodNetwork
 from l4proxy.sidecar.worker import Worker
-from tests._worker import drive_gateway
+from tests._worker import (
+    WEB_HOST,
+    drive_gateway,
+    every_host_gateway,
+    gateway_virtual_service,
+    web_entry,
+)
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
 
 TWINS = ["pure", "compiled"]
-WEB = "web.default.svc.cluster.local"
+WEB = WEB_HOST
 # an IMF-fixdate (RFC 9110 §5.6.7), as Envoy's date header
 IMF_FIXDATE = re.compile(
     r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
@@ -113,23 +119,7 @@ def _rules(port: int, pod: Pod) -> str:
     0.3 s), /reset is closed by the pod (502), /gone goes to a host no
     entry has (503), any other path to the pod. strict.example: /only to
     the pod, any other path the 404 of no route matched."""
-    return f"""\
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: {port}, name: http, protocol: HTTP}}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: site}}
-spec:
-  hosts: [site.example]
-  gateways: [gw]
-  http:
+    site = f"""\
   - match: [{{uri: {{prefix: /moved}}}}]
     redirect: {{uri: /new}}
   - match: [{{uri: {{prefix: /direct}}}}]
@@ -142,26 +132,17 @@ spec:
   - match: [{{uri: {{prefix: /gone}}}}]
     route: [{{destination: {{host: gone.default.svc.cluster.local}}}}]
   - route: [{{destination: {{host: {WEB}}}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: strict}}
-spec:
-  hosts: [strict.example]
-  gateways: [gw]
-  http:
+"""
+    strict = f"""\
   - match: [{{uri: {{prefix: /only}}}}]
     route: [{{destination: {{host: {WEB}}}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: web}}
-spec:
-  hosts: [{WEB}]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
 """
+    return (
+        every_host_gateway(port)
+        + gateway_virtual_service("site", "site.example", site)
+        + gateway_virtual_service("strict", "strict.example", strict)
+        + web_entry(pod.endpoint[1])
+    )
 
 
 class Run:

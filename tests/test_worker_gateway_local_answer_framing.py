@@ -28,7 +28,13 @@ from typing import Any
 
 import pytest
 
-from tests._worker import drive_gateway
+from tests._worker import (
+    WEB_HOST,
+    drive_gateway,
+    every_host_gateway,
+    gateway_virtual_service,
+    web_entry,
+)
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_gateway_session_persistence import Backend
 
@@ -41,23 +47,7 @@ def _rules(port: int, pod: Backend) -> str:
     /moved redirects (301), /direct is answered 503 "down", /gone goes to
     a host no entry has (503 no healthy upstream), /ok to *pod*; any other
     path is the 404 no route matched."""
-    return f"""\
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: {port}, name: http, protocol: HTTP}}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: site}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    routes = f"""\
   - match: [{{uri: {{prefix: /moved}}}}]
     redirect: {{uri: /new}}
   - match: [{{uri: {{prefix: /direct}}}}]
@@ -65,17 +55,13 @@ spec:
   - match: [{{uri: {{prefix: /gone}}}}]
     route: [{{destination: {{host: gone.default.svc.cluster.local}}}}]
   - match: [{{uri: {{prefix: /ok}}}}]
-    route: [{{destination: {{host: web.default.svc.cluster.local}}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: web}}
-spec:
-  hosts: [web.default.svc.cluster.local]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
+    route: [{{destination: {{host: {WEB_HOST}}}}}]
 """
+    return (
+        every_host_gateway(port)
+        + gateway_virtual_service("site", '"*"', routes)
+        + web_entry(pod.endpoint[1])
+    )
 
 
 def _drive(

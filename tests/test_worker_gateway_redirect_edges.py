@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane.listener import bind_listener
-from tests._worker import _worker_twin, worker_on
+from tests._worker import (
+    WEB_HOST,
+    _worker_twin,
+    gateway_virtual_service,
+    web_entry,
+    worker_on,
+)
 from tests.test_gateway_session_persistence import Backend
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer
 
@@ -34,7 +40,7 @@ TWINS = ["pure", "compiled"]
 
 
 def _rules(redirecting: int, plain: int, pod: Backend) -> str:
-    return f"""\
+    gateway = f"""\
 apiVersion: networking.istio.io/v1beta1
 kind: Gateway
 metadata: {{name: gw}}
@@ -46,29 +52,15 @@ spec:
     tls: {{httpsRedirect: true}}
   - port: {{number: {plain}, name: http-plain, protocol: HTTP}}
     hosts: ["*"]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: site}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+"""
+    routes = f"""\
   - match: [{{uri: {{prefix: /tohttps}}}}]
     redirect: {{scheme: https}}
   - match: [{{uri: {{prefix: /moved}}}}]
     redirect: {{uri: /new}}
-  - route: [{{destination: {{host: web.default.svc.cluster.local}}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: web}}
-spec:
-  hosts: [web.default.svc.cluster.local]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {pod.endpoint[1]}}}}}]
+  - route: [{{destination: {{host: {WEB_HOST}}}}}]
 """
+    return gateway + gateway_virtual_service("site", '"*"', routes) + web_entry(pod.endpoint[1])
 
 
 # (the listener it goes to, the request)
