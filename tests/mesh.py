@@ -339,6 +339,32 @@ class Mesh:
         shutil.rmtree(self.rules_dir, ignore_errors=True)
 
 
+def through_a_sidecar(net: PodNetwork, impl: str, server: str, client: str) -> bytes:
+    """What *client* printed: a Python script run as uid 1000 in a client
+    pod (l4proxy-init, a sidecar of *impl* routing per request) whose
+    requests go to the ServiceEntry echo (198.19.0.30:8080), served by
+    *server*, a Python script serving port 8080 in pod "echo"."""
+    mesh = Mesh(net)
+    try:
+        echo = net.add_pod("echo", labels={"app": "echo"})
+        mesh.procs.append(echo.popen([PYTHON, "-c", server, "8080"], user=1000))
+        echo.wait_listening(8080)
+        mesh.write_rules(
+            service_entry("echo", "198.19.0.30", 8080, [(echo.ipv4, echo.labels)]),
+            name="registry.yaml",
+        )
+        env, args = IMPLS[impl]
+        mesh.env.update(env)
+        mesh.start_client(run_args=(*args, "--http-routing", "request"))
+        assert mesh.client is not None
+        out: bytes = mesh.client.run(
+            [PYTHON, "-c", client], user=1000, timeout=20, text=False
+        ).stdout
+        return out
+    finally:
+        mesh.close()
+
+
 # False-failure budget. Every split the tests check is drawn by a seeded RNG
 # (``l4proxy run --seed``, ``load_rules(seed=)``), so a run repeats exactly;
 # the bounds are still set as if the draws were fresh, so that a seed (or an

@@ -47,7 +47,7 @@ from tests._worker import (
     gateway_virtual_service,
     web_entry,
 )
-from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.mesh import IMPLS, through_a_sidecar
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
 
@@ -451,22 +451,5 @@ def test_a_sidecar_answers_options_asterisk_to_a_known_service_404(
     request by its sidecar: 404 before any route, as the HTTP connection
     manager of Istio's sidecar on that port answers it; the connection
     stays, the GET after it reaches the pod. It went to the pod."""
-    mesh = Mesh(pod_network)
-    try:
-        echo = pod_network.add_pod("echo", labels={"app": "echo"})
-        mesh.procs.append(echo.popen([PYTHON, "-c", ECHO_METHOD, "8080"], user=1000))
-        echo.wait_listening(8080)
-        mesh.write_rules(
-            service_entry("echo", "198.19.0.30", 8080, [(echo.ipv4, echo.labels)]),
-            name="registry.yaml",
-        )
-        env, args = IMPLS[impl]
-        mesh.env.update(env)
-        mesh.start_client(run_args=(*args, "--http-routing", "request"))
-        assert mesh.client is not None
-        got = mesh.client.run(
-            [PYTHON, "-c", ASTERISK_CLIENT], user=1000, timeout=20, text=False
-        ).stdout
-    finally:
-        mesh.close()
+    got = through_a_sidecar(pod_network, impl, ECHO_METHOD, ASTERISK_CLIENT)
     assert got.split(b"\n") == [b"HTTP/1.1 404 Not Found ", b"HTTP/1.1 200 OK GET"]

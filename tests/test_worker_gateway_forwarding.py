@@ -43,7 +43,7 @@ from tests._worker import (
     gateway_worker,
 )
 from tests.conftest import reset_close
-from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.mesh import IMPLS, through_a_sidecar
 from tests.test_access_log_worker import TEXT_LINE, _read_lines
 
 HOST = GATEWAY_HOST
@@ -319,22 +319,7 @@ def test_a_sidecar_s_captured_request_goes_as_it_came(pod_network: PodNetwork, i
     run with use_remote_address false): the backend gets the head the
     client sent, its X-Forwarded-For, X-Forwarded-Proto, x-request-id and
     x-envoy-* lines as they were, and none added."""
-    mesh = Mesh(pod_network)
-    try:
-        echo = pod_network.add_pod("echo", labels={"app": "echo"})
-        mesh.procs.append(echo.popen([PYTHON, "-c", ECHO, "8080"], user=1000))
-        echo.wait_listening(8080)
-        mesh.write_rules(
-            service_entry("echo", "198.19.0.30", 8080, [(echo.ipv4, echo.labels)]),
-            name="registry.yaml",
-        )
-        env, args = IMPLS[impl]
-        mesh.env.update(env)
-        mesh.start_client(run_args=(*args, "--http-routing", "request"))
-        assert mesh.client is not None
-        got = mesh.client.run([PYTHON, "-c", CLIENT], user=1000, timeout=20, text=False).stdout
-    finally:
-        mesh.close()
+    got = through_a_sidecar(pod_network, impl, ECHO, CLIENT)
     assert got == SIDECAR_REQUEST
 
 
