@@ -283,14 +283,9 @@ def pod_network6() -> Iterator[PodNetwork]:
 @pytest.fixture
 def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
     """Bootcamp v1 ×2 + v2 ×1 in pods; the test starts the client (Mesh.start)."""
-    m = Mesh(pod_network)
-    try:
+    with Mesh(pod_network) as m:
         m.start_backends()
         yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
 
 
 @contextlib.contextmanager

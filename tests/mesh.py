@@ -326,6 +326,16 @@ class Mesh:
             failures += ["missing"] * (n - len(codes))
         return versions, pods, failures
 
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """close(); a sidecar that died first says why (its log's tail, in
+        the failed test's output)."""
+        if self.sidecar and not self.sidecar.alive():
+            print(self.sidecar_log(5000))
+        self.close()
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -344,8 +354,7 @@ def through_a_sidecar(net: PodNetwork, impl: str, server: str, client: str) -> b
     pod (l4proxy-init, a sidecar of *impl* routing per request) whose
     requests go to the ServiceEntry echo (198.19.0.30:8080), served by
     *server*, a Python script serving port 8080 in pod "echo"."""
-    mesh = Mesh(net)
-    try:
+    with Mesh(net) as mesh:
         echo = net.add_pod("echo", labels={"app": "echo"})
         mesh.procs.append(echo.popen([PYTHON, "-c", server, "8080"], user=1000))
         echo.wait_listening(8080)
@@ -361,8 +370,6 @@ def through_a_sidecar(net: PodNetwork, impl: str, server: str, client: str) -> b
             [PYTHON, "-c", client], user=1000, timeout=20, text=False
         ).stdout
         return out
-    finally:
-        mesh.close()
 
 
 # False-failure budget. Every split the tests check is drawn by a seeded RNG

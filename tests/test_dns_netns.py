@@ -124,14 +124,9 @@ def dns_entry(extra: dict[str, str] | None = None) -> str:
 
 @pytest.fixture
 def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
-    m = Mesh(pod_network, env={"L4PROXY_DNS_MIN_TTL": "1"})
-    try:
+    with Mesh(pod_network, env={"L4PROXY_DNS_MIN_TTL": "1"}) as m:
         m.start_backends()
         yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
 
 
 def _clusters(mesh: Mesh) -> dict[str, Any]:

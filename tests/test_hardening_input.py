@@ -93,39 +93,33 @@ def hostile(http_routing: str) -> Iterator[Hostile]:
     ok, why = _check_netns()
     if not ok:
         _skip_or_fail(why)
-    with PodNetwork() as net:
-        mesh = Mesh(net)
-        try:
-            mesh.start_backends()
-            odd = net.add_pod("odd", labels={"app": "odd"})
-            mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
-            mesh.procs.append(odd.popen([PYTHON, "-c", TCP_ECHO, "8082"], user=1000))
-            observers = {}
-            for port, behaviour in ((8083, "eof"), (8084, "rst")):
-                proc = odd.popen(
-                    [PYTHON, "-u", "-c", OBSERVER, str(port), behaviour],
-                    user=1000,
-                    stdout=subprocess.PIPE,
-                )
-                mesh.procs.append(proc)
-                observers[behaviour] = Observer(proc)
-            for port in (8081, 8082, 8083, 8084):
-                odd.wait_listening(port)
-            ep: list[tuple[str, dict[str, str]]] = [(odd.ipv4, {})]
-            mesh.write_rules(
-                service_entry("bootcamp", VIP, 8080, mesh.endpoints()),
-                service_entry("echo", ECHO_VIP, 8081, ep),
-                service_entry("raw", RAW_VIP, 8082, ep),
-                service_entry("obs", OBS_VIP, 8083, ep, "TCP", "tcp-obs"),
-                service_entry("rst", RST_VIP, 8084, ep, "TCP", "tcp-rst"),
-                name="registry.yaml",
+    with PodNetwork() as net, Mesh(net) as mesh:
+        mesh.start_backends()
+        odd = net.add_pod("odd", labels={"app": "odd"})
+        mesh.procs.append(odd.popen([PYTHON, "-c", HTTP_ECHO, "8081"], user=1000))
+        mesh.procs.append(odd.popen([PYTHON, "-c", TCP_ECHO, "8082"], user=1000))
+        observers = {}
+        for port, behaviour in ((8083, "eof"), (8084, "rst")):
+            proc = odd.popen(
+                [PYTHON, "-u", "-c", OBSERVER, str(port), behaviour],
+                user=1000,
+                stdout=subprocess.PIPE,
             )
-            mesh.start_client(run_args=("--header-timeout", "1", *ROUTING_MODES[mode]))
-            yield Hostile(mesh, odd, observers, mode)
-        finally:
-            if mesh.sidecar and not mesh.sidecar.alive():
-                print(mesh.sidecar_log(5000))
-            mesh.close()
+            mesh.procs.append(proc)
+            observers[behaviour] = Observer(proc)
+        for port in (8081, 8082, 8083, 8084):
+            odd.wait_listening(port)
+        ep: list[tuple[str, dict[str, str]]] = [(odd.ipv4, {})]
+        mesh.write_rules(
+            service_entry("bootcamp", VIP, 8080, mesh.endpoints()),
+            service_entry("echo", ECHO_VIP, 8081, ep),
+            service_entry("raw", RAW_VIP, 8082, ep),
+            service_entry("obs", OBS_VIP, 8083, ep, "TCP", "tcp-obs"),
+            service_entry("rst", RST_VIP, 8084, ep, "TCP", "tcp-rst"),
+            name="registry.yaml",
+        )
+        mesh.start_client(run_args=("--header-timeout", "1", *ROUTING_MODES[mode]))
+        yield Hostile(mesh, odd, observers, mode)
 
 
 @pytest.fixture(autouse=True)

@@ -783,12 +783,9 @@ def test_a_worker_that_dies_is_replaced_and_service_continues(mesh: Mesh) -> Non
 
 @pytest.fixture
 def mesh6(pod_network6: PodNetwork) -> Iterator[Mesh]:
-    m = Mesh(pod_network6)
-    try:
+    with Mesh(pod_network6) as m:
         m.start_backends()
         yield m
-    finally:
-        m.close()
 
 
 def test_ipv6_client_to_an_ipv6_vip(mesh6: Mesh) -> None:

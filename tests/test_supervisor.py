@@ -37,13 +37,8 @@ BIG_VIP = "198.19.0.50"
 @pytest.fixture
 def bare(pod_network: PodNetwork) -> Iterator[Mesh]:
     """A Mesh with no backends: the tests here only talk to the admin endpoint."""
-    m = Mesh(pod_network)
-    try:
+    with Mesh(pod_network) as m:
         yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
 
 
 def _start(m: Mesh, *run_args: str, impl: str = "compiled-uvloop") -> Sidecar:
