@@ -60,8 +60,15 @@ def gateway_service(*ports: int, labels: tuple[str, ...] = ()) -> str:
     rows = []
     for i, port in enumerate(ports):
         label = f", labels: {{version: {labels[i]}}}" if labels else ""
-        rows.append(f"  - {{address: 127.0.0.1, ports: {{http: {port}}}{label}}}")
-    return GATEWAY_SERVICE % "\n".join(rows)
+        rows.append(f"{{address: 127.0.0.1, ports: {{http: {port}}}{label}}}")
+    return gateway_service_of(*rows)
+
+
+def gateway_service_of(*rows: str, resolution: str = "STATIC") -> str:
+    """GATEWAY_SERVICE whose endpoints are *rows* (YAML flow maps), resolved
+    as *resolution* says (DNS: an address may be a name, looked up)."""
+    text = GATEWAY_SERVICE % "\n".join(f"  - {row}" for row in rows)
+    return text.replace("  resolution: STATIC\n", f"  resolution: {resolution}\n")
 
 
 def gateway_subsets(*versions: str, api: str = "v1beta1") -> str:

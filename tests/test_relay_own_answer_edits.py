@@ -38,7 +38,7 @@ from tests._scripted import (
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
-from tests._worker import _worker_twin, connected, gateway_worker
+from tests._worker import _worker_twin, connected, gateway_service_of, gateway_worker
 from tests.conftest import EPOCH_DATE, undated
 from tests.conftest import epoch_response as local_response
 from tests.test_dns import ScriptedResolver
@@ -488,28 +488,7 @@ HOST = "svc.default.svc.cluster.local"
 # the gateway's service, whose one endpoint is a name that resolves to no
 # address (a headless Service scaled to zero), routed with response edits
 # of the route's and the destination's, and a CORS policy
-NO_ADDRESS = (
-    f"""
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  addresses: [198.19.200.1]
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  resolution: DNS
-  endpoints:
-  - {{address: gone.test}}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {{name: gateway}}
-spec:
-  defaultBackend:
-    service: {{name: svc, port: {{number: 8080}}}}
-"""
-    + EDITED
-)
+NO_ADDRESS = gateway_service_of("{address: gone.test}", resolution="DNS") + EDITED
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

@@ -35,7 +35,13 @@ from l4proxy.dataplane.listener import bind_listener
 from l4proxy.rules import load_rules
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
-from tests._worker import gateway_routes, gateway_service, gateway_subsets, gateway_worker
+from tests._worker import (
+    gateway_routes,
+    gateway_service,
+    gateway_service_of,
+    gateway_subsets,
+    gateway_worker,
+)
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "uvloop": uvloop.run,
@@ -538,28 +544,6 @@ def test_a_reload_forgets_the_outlier_state_of_endpoints_gone(tmp_path: Path) ->
     assert seen == [1, 1, 1, 0]
 
 
-UNRESOLVED = """
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: svc}
-spec:
-  hosts: [svc.default.svc.cluster.local]
-  addresses: [198.19.200.1]
-  ports: [{number: 8080, name: http, protocol: HTTP}]
-  resolution: DNS
-  endpoints:
-  - {address: no-such-pod.invalid, ports: {http: 8080}}
-  - {address: 127.0.0.1, ports: {http: %d}}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: gateway}
-spec:
-  defaultBackend:
-    service: {name: svc, port: {number: 8080}}
-"""
-
-
 def _ask_one(address: tuple[str, int]) -> str:
     """One request; the answer's body (_backend's: 2 bytes; it never closes)."""
     with socket.create_connection(address, timeout=10) as s:
@@ -583,7 +567,13 @@ def test_a_name_that_does_not_resolve_is_a_failed_connect_not_a_lost_connection(
     each time). Now it is that endpoint's failed connect."""
     backend = _backend("v1")
     rules = tmp_path / "rules.yaml"
-    rules.write_text(UNRESOLVED % backend.server_address[1])
+    rules.write_text(
+        gateway_service_of(
+            "{address: no-such-pod.invalid, ports: {http: 8080}}",
+            f"{{address: 127.0.0.1, ports: {{http: {backend.server_address[1]}}}}}",
+            resolution="DNS",
+        )
+    )
     answers: list[str] = []
     failures: list[int] = []
 
