@@ -366,9 +366,8 @@ def through_a_sidecar(net: PodNetwork, impl: str, server: str, client: str) -> b
         mesh.env.update(env)
         mesh.start_client(run_args=(*args, "--http-routing", "request"))
         assert mesh.client is not None
-        out: bytes = mesh.client.run(
-            [PYTHON, "-c", client], user=1000, timeout=20, text=False
-        ).stdout
+        out = mesh.client.run([PYTHON, "-c", client], user=1000, timeout=20, text=False).stdout
+        assert isinstance(out, bytes)  # (text=False: Pod.run's type says str)
         return out
 
 
