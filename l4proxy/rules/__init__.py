@@ -41,6 +41,7 @@ Public API::
 
 from l4proxy.rules._errors import (
     UNATTACHED,
+    UNRESOLVED,
     ConfigError,
     ConfigUnreadable,
     Diagnostic,
@@ -57,6 +58,7 @@ __all__ = [
     "RULE_KINDS",
     "RULE_SUFFIXES",
     "UNATTACHED",
+    "UNRESOLVED",
     "ConfigError",
     "ConfigUnreadable",
     "Diagnostic",

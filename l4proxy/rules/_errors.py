@@ -43,7 +43,7 @@ class Diagnostic:
     message: str
     severity: Severity = "error"
     # what a program reading the finding may test, where the message is for
-    # people (None: nothing): UNATTACHED
+    # people (None: nothing): UNATTACHED, UNRESOLVED
     reason: str | None = None
     # reason UNATTACHED: the parentRef that attaches to nothing
     parent_ref: RouteParentRef | None = None
@@ -80,6 +80,13 @@ class ObjectSummary:
 # in the files, no listener of its sectionName or port, none that admits
 # the route): a warning, the route not served through it
 UNATTACHED = "unattached"
+# A share of a route's requests sent to a host that no ServiceEntry
+# describes (a VirtualService or RouteRule destination of weight above 0,
+# an HTTPRoute backendRef, an Ingress backend): a warning, and those
+# requests fail until one is loaded. A sidecar holding a broken file back
+# does not serve a table with one that the table it serves has not
+# (l4proxy.rules.watch: the held file may be what describes that host)
+UNRESOLVED = "unresolved"
 
 
 class ConfigError(Exception):

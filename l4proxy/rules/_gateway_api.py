@@ -134,7 +134,7 @@ from l4proxy.dataplane.verdict import (
 )
 from l4proxy.rules._cors import gateway_cors
 from l4proxy.rules._edits import FRAMING_HEADERS
-from l4proxy.rules._errors import UNATTACHED, Diagnostic, RouteParentRef
+from l4proxy.rules._errors import UNATTACHED, UNRESOLVED, Diagnostic, RouteParentRef
 from l4proxy.rules._header_ops import gateway_header_filter
 from l4proxy.rules._objects import (
     BackendDraft,
@@ -1582,7 +1582,8 @@ def _once_attached(hr: HttpRouteDraft) -> Iterator[None]:
     error says that it then refuses the rules. None is an error now, as
     nothing of the route is served: an error would refuse the rules for
     it, and a Gateway deleted together with its routes' Services would
-    keep the last good rules, and the route, served."""
+    keep the last good rules, and the route, served. (Nor is one of reason
+    UNRESOLVED: no request is sent to the backend of a route not served.)"""
     report = hr.where.ctx.report
     mark = len(report.diagnostics)
     yield
@@ -1590,6 +1591,7 @@ def _once_attached(hr: HttpRouteDraft) -> Iterator[None]:
         dataclasses.replace(
             d,
             severity="warning",
+            reason=None if d.reason == UNRESOLVED else d.reason,
             message=(
                 "once this HTTPRoute attaches, an error that refuses the rules: "
                 if d.severity == "error"
@@ -1874,7 +1876,8 @@ class Compiler:
             b.where.warning(
                 f"backendRef {b.name} resolves to nothing in these files (no ServiceEntry "
                 f"host or DNS endpoint named {b.host}); its share ({b.weight} of {total}) is "
-                f"answered {UNRESOLVED_STATUS} until one is loaded"
+                f"answered {UNRESOLVED_STATUS} until one is loaded",
+                UNRESOLVED,
             )
         return out
 

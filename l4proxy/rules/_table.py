@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from l4proxy.rules._errors import UNRESOLVED
 from l4proxy.rules._gateway_api import Compiler
 from l4proxy.rules._istio_gateway import bind, check_claims, check_paths, routes_for
 from l4proxy.rules._objects import (
@@ -182,16 +183,17 @@ def _describe_endpoints(svc: Service) -> str:
     return "; ".join(sets) if sets else "none"
 
 
-def _no_service(where: Where, host: str, d: Drafts, what: str) -> None:
+def _no_service(where: Where, host: str, d: Drafts, what: str, reason: str | None = None) -> None:
     """*host* names no service: a warning at *where* saying *what* waits
-    for one ("this route applies once one is loaded")."""
+    for one ("this route applies once one is loaded"); *reason*
+    UNRESOLVED where requests are sent there meanwhile, and fail."""
     hint = ""
     if host in d.k8s_services:
         hint = (
             " (a Kubernetes Service carries no endpoint addresses: describe it with a "
             "ServiceEntry listing the pods)"
         )
-    where.warning(f"{host} has no ServiceEntry in these files; {what}{hint}")
+    where.warning(f"{host} has no ServiceEntry in these files; {what}{hint}", reason)
 
 
 def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]:
@@ -409,6 +411,7 @@ def _destination(
                 "nothing is mirrored to it until one is loaded (the route applies now)"
                 if mirror
                 else "this route applies once one is loaded",
+                None if mirror or dd.weight == 0 else UNRESOLVED,
             )
     elif dd.port is not None and svc.port(dd.port) is None:
         ports = ", ".join(str(p.number) for p in svc.ports)
@@ -481,7 +484,11 @@ def _check_ingress(d: Drafts, services: dict[str, Service]) -> None:
         svc = services.get(p.service)
         if svc is None:
             _no_service(
-                ing.where, p.service, d, "this Ingress path answers 503 until one is loaded"
+                ing.where,
+                p.service,
+                d,
+                "this Ingress path answers 503 until one is loaded",
+                UNRESOLVED,
             )
             continue
         found = svc.port(p.port) if isinstance(p.port, int) else svc.port_by_name(p.port)

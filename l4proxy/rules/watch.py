@@ -48,9 +48,14 @@ twice in the combination), where it would lose an object the table served
 has (kind, namespace and name: a file renamed with a typo, an object moved
 from a valid file into a new broken one; left out, it was served by
 neither its old version nor its new one, and the log names each such
-object and the file it was served from), and where nothing would be left
-to serve (every file held, none with a last good text): Istio #5204,
-istio/api #586, a half-applied or invalid config took hosts down. An
+object and the file it was served from), where it would send requests to
+a host that no ServiceEntry describes and the table served did not (a
+route's share, an Ingress backend: the loader's warnings of reason
+UNRESOLVED; a ServiceEntry added in a file saved with an error, beside the
+route that sends it a share: the held file may be what describes that
+host, and served without it that share failed), and where nothing would
+be left to serve (every file held, none with a last good text): Istio
+#5204, istio/api #586, a half-applied or invalid config took hosts down. An
 object deleted on purpose beside a broken file goes so too: it stays
 served until the broken file is fixed. A held file is served as it was or
 not at all, never half of its change: within a file a change applies
@@ -130,7 +135,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from l4proxy.rules import ConfigError, ConfigUnreadable, LoadResult, ObjectSummary, load_rules
+from l4proxy.rules import (
+    UNRESOLVED,
+    ConfigError,
+    ConfigUnreadable,
+    Diagnostic,
+    LoadResult,
+    ObjectSummary,
+    load_rules,
+)
 from l4proxy.rules._last_good import FileEntry, LastGood, Texts
 from l4proxy.rules._loader import RuleFiles, read_rules
 from l4proxy.rules.dns import (
@@ -151,6 +164,10 @@ RULE_SUFFIXES = (".yaml", ".yml", ".json")
 Fingerprint = tuple[FileEntry, ...]
 # The objects of a table by (kind, namespace, name): the file each came from
 ServedObjects = dict[tuple[str, str, str], str | tuple[str, ...]]
+# A warning of reason UNRESOLVED as compared between two loads: the kind and
+# name of its object, and its message (the host it names), not its file
+# and line (an object moved, a line added above it)
+Unresolved = tuple[str | None, str | None, str]
 _GONE = (-1, -1, -1, -1, -1, -1, -1)
 # Seconds a reload may take before it is reported as stuck: 2,000 + 2,000
 # objects parse in 1-3 s.
@@ -372,6 +389,9 @@ class Loaded:
     # the held combination loads but would lose these objects the table
     # served has, each said with where it was served from (see _gone)
     gone: list[str] = field(default_factory=list)
+    # the held combination loads but would send requests to hosts that no
+    # ServiceEntry describes where the table served did not: these warnings
+    unresolved: list[Diagnostic] = field(default_factory=list)
     # the other workers' texts, loaded whole (a first load: _parse_shared)
     shared: bool = False
 
@@ -495,6 +515,9 @@ class RuleWatcher:
         # the objects of the table served (see served_objects): a held
         # combination that would lose one is not served (see _parse_held)
         self.served_objects: ServedObjects = {}
+        # its warnings of reason UNRESOLVED: a held combination with one
+        # that is not among them is not served (see _parse_held)
+        self.served_unresolved: frozenset[Unresolved] = frozenset()
         self._fingerprint: Fingerprint | None = None
         self._retry_in = RETRY_FIRST  # the wait before the next try of an unreadable load
         self._retry_at: float | None = None  # time.monotonic() of that try; None: none due
@@ -756,9 +779,12 @@ class RuleWatcher:
         result says which files are held so, and why. Where that leaves the
         files served as they are (its served digest is the one served now: a
         broken file beside no other change), nothing new is loaded; where it
-        is refused too (fallback_refused), or where it would lose an object
+        is refused too (fallback_refused), where it would lose an object
         the table served has (gone: an object moved into a broken file, a
-        file renamed with a typo), the last good table keeps serving.
+        file renamed with a typo), or where it would send requests to a host
+        no ServiceEntry describes that the table served did not
+        (unresolved: a ServiceEntry added in the broken file), the last good
+        table keeps serving.
 
         A process's first load has no table of its own to keep. With no last
         good text at all (a sidecar starting) it is refused
@@ -770,7 +796,7 @@ class RuleWatcher:
         served.
         """
         last = self.last_good.get()
-        broken = [] if isinstance(refused, ConfigUnreadable) else _broken_files(refused, read)
+        broken = [] if isinstance(refused, ConfigUnreadable) else broken_files(refused, read)
         first = self.state.generation == 0
         if first and not last:
             # Nothing served here yet and nothing shared: a sidecar starting
@@ -783,12 +809,12 @@ class RuleWatcher:
             raise StartRefused(refused, broken) if broken and left else refused
         shared = self._parse_shared(refused, last, broken) if first else None
         if broken:
-            objects = (
-                served_objects(shared.result.documents)
-                if shared and shared.result
-                else self.served_objects
-            )
-            loaded = self._parse_held(read, refused, broken, fp, entries, last, objects)
+            if shared and shared.result:
+                objects = served_objects(shared.result.documents)
+                unresolved = unresolved_of(shared.result.notes)
+            else:
+                objects, unresolved = self.served_objects, self.served_unresolved
+            loaded = self._parse_held(read, refused, broken, fp, entries, last, objects, unresolved)
             if loaded is not None and (loaded.result is not None or shared is None):
                 return loaded
         if shared is not None:
@@ -804,11 +830,15 @@ class RuleWatcher:
         entries: Mapping[str, FileEntry],
         last: Texts,
         objects: ServedObjects,
+        unresolved: frozenset[Unresolved],
     ) -> Loaded | None:
         """:meth:`_parse_refused`'s second try: *read* with each file of
         *broken* at its last good text in *last*, or left out; None where no
         file would be left. *objects*: those of the table served, none of
-        which the combination may lose."""
+        which the combination may lose; *unresolved*: its warnings of
+        reason UNRESOLVED, the only ones the combination may have (one
+        more is a share of requests that fails for want of a host a held
+        file may describe: a ServiceEntry added there, beside the route)."""
         if all(path in broken and path not in last for path, _ in read.files):
             return None
         held = _held_files(refused, broken, last)
@@ -832,6 +862,9 @@ class RuleWatcher:
         gone = _gone(objects, result.documents, {e[0] for e in fp if e[2] != -1})
         if gone:
             return Loaded(None, served, texts, held, refused, gone=gone)
+        new = new_unresolved(result.notes, unresolved)
+        if new:
+            return Loaded(None, served, texts, held, refused, unresolved=new)
         return Loaded(result, served, texts, held, refused)
 
     def _parse_shared(self, refused: ConfigError, last: Texts, broken: list[str]) -> Loaded | None:
@@ -962,6 +995,21 @@ class RuleWatcher:
                 "; ".join(loaded.gone[:10]) + ("; ..." if len(loaded.gone) > 10 else ""),
             )
             return False
+        if loaded.unresolved:
+            self._reject(str(refused), _errors_of(refused))
+            log.warning(
+                "rules: with %s, %d share(s) of requests would go to a host that no "
+                "ServiceEntry describes: %s; the whole last good table keeps serving (a "
+                "ServiceEntry in a held file, beside the route that needs it? fix it)",
+                ", ".join(
+                    f"{h.path} at its last good version" if h.served else f"{h.path} left out"
+                    for h in loaded.held
+                ),
+                len(loaded.unresolved),
+                "; ".join(str(d) for d in loaded.unresolved[:10])
+                + ("; ..." if len(loaded.unresolved) > 10 else ""),
+            )
+            return False
         if loaded.shared:  # a first load: what the other workers keep serving
             self._reject(str(refused), _errors_of(refused), keeping="serving the other workers'")
             self._swap(loaded, first)
@@ -1019,6 +1067,7 @@ class RuleWatcher:
         st = self.state
         self.base = result.table
         self.served_objects = served_objects(result.documents)
+        self.served_unresolved = unresolved_of(result.notes)
         if self.dns.track(self.base):
             self._dns_wake.set()  # (names *first* has no outcome for are due now)
         for name, (outcome, came) in (first or {}).items():
@@ -1160,14 +1209,31 @@ class RuleWatcher:
                 self._fingerprint = fp
 
 
-def _broken_files(error: ConfigError, read: RuleFiles) -> list[str]:
+def broken_files(error: ConfigError, read: RuleFiles) -> list[str]:
     """The files *error*'s errors are in, in load order, where each is in a
-    file *read* holds; [] where one is not (of no file, of a directory)."""
+    file *read* holds; [] where one is not (of no file, of a directory).
+    Those a sidecar holds back (``l4proxy create|replace|delete`` judge a
+    change by the same rule)."""
     files = [path for path, _ in read.files]
     broken = {d.file for d in error.errors}
     if not broken or not broken <= set(files):
         return []
     return [path for path in files if path in broken]
+
+
+def unresolved_of(notes: Sequence[Diagnostic]) -> frozenset[Unresolved]:
+    """The warnings of reason UNRESOLVED of a load's *notes* (each a share of
+    requests sent to a host no ServiceEntry describes), as two loads'
+    are compared: by object and message, not by file and line."""
+    return frozenset((d.kind, d.name, d.message) for d in notes if d.reason == UNRESOLVED)
+
+
+def new_unresolved(notes: Sequence[Diagnostic], served: frozenset[Unresolved]) -> list[Diagnostic]:
+    """The warnings of reason UNRESOLVED of *notes* that are not among
+    *served* (another load's :func:`unresolved_of`)."""
+    return [
+        d for d in notes if d.reason == UNRESOLVED and (d.kind, d.name, d.message) not in served
+    ]
 
 
 def served_objects(documents: Sequence[ObjectSummary]) -> ServedObjects:
