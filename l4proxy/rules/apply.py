@@ -13,13 +13,34 @@ document in one of its files, known by kind, namespace and name:
 * **delete** needs every object of FILE in DIR; the files holding them must
   hold nothing else, and are removed.
 
-Before touching anything, the directory as it would be afterwards is loaded
-exactly as the sidecar loads it (the existing files minus those replaced or
-removed, plus FILE): an invalid result is refused with the usual file:line
-errors and the directory is left as it was. Writes are atomic (a temporary
-file in DIR, fsync, rename over the target; hidden names are never read by
-the sidecar), and an flock on ``DIR/.l4proxy.lock`` serializes concurrent
-invocations. With ``--admin``, the command then polls the sidecar's
+Before touching anything, the directory as it would be afterwards (the
+existing files minus those replaced or removed, plus FILE) is loaded as
+the sidecar would load it, and the change judged by what the sidecar
+would serve (:func:`judge`). The sidecar holds back a file that does not
+load, at its last good version or left out where it has none, and serves
+the others (:mod:`~l4proxy.rules.watch`): so a file of DIR that is
+invalid already (someone else's typo) does not refuse a change of
+another; it is left out of the check and said as a warning, file and
+line. Apply cannot read the last good versions (they are in the sidecar's
+memory; ``/config_dump``'s ``held`` says which files are held back and
+whether at a last good version, not their text, which would change no
+verdict here, so it is not asked): leaving a file out is the one version
+of it apply can judge by. Refused, with the usual file:line errors and why, and the directory left
+as it was: a change whose own file is invalid (the sidecar would hold
+FILE back); one that makes another file invalid (a route left naming a
+subset deleted: held back at the same text, refused again, the sidecar
+would keep its whole last good table); one that, with the invalid files
+left out, adds errors to what the files already lack of them (a route
+naming a subset no file left defines: whether the last good version of
+the broken file defines it, apply cannot tell); and, while a file is held
+back, one that sends requests to a host no ServiceEntry describes where
+the files before it did not (the sidecar keeps its whole last good table
+then: the held file may be what describes that host).
+
+Writes are atomic (a temporary file in DIR, fsync, rename over the
+target; hidden names are never read by the sidecar), and an flock on
+``DIR/.l4proxy.lock`` serializes concurrent invocations. With
+``--admin``, the command then polls the sidecar's
 ``/stats`` until every worker serves the files as they are now (the
 ``l4proxy_rules_digest`` they agree on has moved; from an older sidecar,
 ``l4proxy_rules_generation`` has moved past the value read before the
@@ -31,21 +52,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.cli import positive_seconds
-from l4proxy.rules import RULE_SUFFIXES, ConfigError, ConfigUnreadable, load_rules, rule_files
+from l4proxy.rules import (
+    RULE_SUFFIXES,
+    ConfigError,
+    ConfigUnreadable,
+    Diagnostic,
+    LoadResult,
+    load_rules,
+    rule_files,
+)
+from l4proxy.rules._loader import RuleFiles, read_rules
 from l4proxy.rules._schema import Report
 from l4proxy.rules._yaml import SourceProblem, Unreadable, parse_documents, read_file
+from l4proxy.rules.watch import broken_files, new_unresolved, unresolved_of
 from l4proxy.stats import DIGEST_DISAGREE, GENERATION, RulesMark
 
 EXIT_OK = 0
@@ -62,11 +94,23 @@ examples (the tutorial's istioctl commands, one to one):
   l4proxy replace -f httproute-50-v2.yaml  --rules /etc/l4proxy --admin 127.0.0.1:15000
   l4proxy delete  -f httproute-all-v2.yaml --rules /etc/l4proxy
 
+a file of DIR that is invalid already (someone else's typo) does not refuse
+a change of another: the sidecar holds it back (at its last good version,
+or left out) and serves the others, so it is left out of the check and said
+as a warning (FILE:LINE: warning: ...). A change is still refused where its
+own file is invalid, where it makes another file invalid, where it needs
+more of an invalid file than the files needed before (a subset, a host:
+apply cannot read the version of that file the sidecar serves; fix it
+first), and, while a file is held back, where it sends requests to a host
+that no ServiceEntry describes (the sidecar keeps its whole last good
+table then).
+
 exit status:
   0  done (and, with --admin, live in the sidecar)
-  1  refused: the result would be invalid (errors printed as FILE:LINE: ...),
-     an object already exists (create) or does not (replace, delete), or a
-     file of DIR holds other objects too; DIR is unchanged
+  1  refused: the change would not be served as it is (errors printed as
+     FILE:LINE: ..., and why), an object already exists (create) or does
+     not (replace, delete), or a file of DIR holds other objects too; DIR
+     is unchanged
   2  usage: FILE or DIR cannot be read
   3  DIR was changed, but the sidecar at --admin did not report the new
      generation within --timeout (its last error is printed)
@@ -76,9 +120,15 @@ ObjectKey = tuple[str, str, str]  # kind, namespace, name
 
 
 class Refusal(Exception):
-    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+    """The verb must not be done: *message* says why, after *shown* (the
+    findings it is for, printed first, a line each)."""
+
+    def __init__(
+        self, message: str, code: int = EXIT_REFUSED, shown: Sequence[Diagnostic] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.shown = list(shown)
 
 
 def _admin_address(value: str) -> str:
@@ -102,8 +152,9 @@ _DOES = {
 }
 _DESCRIPTIONS = {
     verb: textwrap.fill(
-        does + " The directory as it would be is loaded first, as the sidecar loads it: "
-        "an invalid result is refused and DIR left as it was.",
+        does + " The directory as it would be is loaded first, as the sidecar loads it, "
+        "with its files that are invalid already left out (each said as a warning): a "
+        "change that the sidecar would not serve is refused, and DIR left as it was.",
         79,
     )
     for verb, does in _DOES.items()
@@ -151,11 +202,17 @@ def objects_in(path: str) -> list[ObjectKey]:
         text = read_file(path)
     except (Unreadable, SourceProblem) as exc:
         raise Refusal(f"{path}: cannot read: {exc}", EXIT_USAGE) from exc
-    out: list[ObjectKey] = []
     try:
-        docs = list(parse_documents(text, path))
+        return _objects_of(text, path)
     except SourceProblem as exc:
         raise Refusal(f"{path}:{exc.line or ''}: {exc.message}") from exc
+
+
+def _objects_of(text: str, path: str) -> list[ObjectKey]:
+    """The (kind, namespace, name) of every object document of *text*
+    (*path*'s); SourceProblem where it does not parse."""
+    out: list[ObjectKey] = []
+    docs = list(parse_documents(text, path))
     for doc in docs:
         stack: list[Any] = [doc.value]
         while stack:
@@ -204,8 +261,20 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
         raise Refusal(f"{directory}: {unreadable[0].message}", EXIT_USAGE)
     where: dict[ObjectKey, str] = {}
     held: dict[str, list[ObjectKey]] = {}
+    # DIR's files that cannot be read as YAML (a syntax error, not UTF-8):
+    # which objects they hold is not known. The sidecar holds such a file
+    # back, and so does the check of the change (see judge): not a refusal
+    unparsed: list[str] = []
     for f in files:
-        keys = _normalize(objects_in(f), namespace)
+        try:
+            text = read_file(f)
+        except Unreadable as exc:
+            raise Refusal(f"{f}: cannot read: {exc}", EXIT_USAGE) from exc
+        try:
+            keys = _normalize(_objects_of(text, f), namespace)
+        except SourceProblem as exc:
+            unparsed.append(f"{f} cannot be parsed ({_at(exc)}{exc.message})")
+            keys = []
         held[f] = keys
         for k in keys:
             where.setdefault(k, f)
@@ -235,6 +304,11 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
     if missing:
         k = missing[0]
         hint = f"use 'l4proxy create -f {source}'" if verb == "replace" else "nothing to delete"
+        if unparsed:
+            hint += (
+                f", unless a file whose objects cannot be read holds it: {'; '.join(unparsed)}"
+                "; fix that file first"
+            )
         raise Refusal(f"{k[0]} {k[1]}/{k[2]} is not in {directory}; {hint}")
     owners = sorted({where[k] for k in wanted})
     for f in owners:
@@ -255,6 +329,206 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
     return Plan(owners, None, [f for f in files if f not in owners])
 
 
+def _at(exc: SourceProblem) -> str:
+    """Where *exc* is, as a message says it before its text ('' unknown)."""
+    if exc.line is None:
+        return ""
+    return f"line {exc.line}" + (f", column {exc.column}" if exc.column else "") + ": "
+
+
+@dataclass
+class Verdict:
+    """What :func:`judge` found: the change is served as it is."""
+
+    notes: list[Diagnostic]  # the warnings and notes of the files as they would be served
+    held: list[str]  # DIR's files invalid already, held back by the sidecar (left out here)
+    held_errors: list[Diagnostic]  # their errors, as warnings
+    # the errors of the files with those left out, each one the files had
+    # before the change too (they need what the held files hold)
+    unmet: int = 0
+
+
+def _load(read: RuleFiles, namespace: str, domain: str) -> LoadResult | ConfigError:
+    """*read* loaded; its refusal returned, not raised (a path unreadable: a
+    Refusal, EXIT_USAGE: the sidecar keeps its whole table, tried again)."""
+    try:
+        return load_rules([], namespace=namespace, domain=domain, read=read)
+    except ConfigUnreadable as exc:
+        raise Refusal(str(exc), EXIT_USAGE) from exc
+    except ConfigError as exc:
+        return exc
+
+
+def _files(paths: Sequence[str]) -> str:
+    return ", ".join(paths)
+
+
+def judge(
+    verb: str,
+    before: RuleFiles,
+    after: RuleFiles,
+    changed: str | None,
+    replaces: str | None = None,
+    *,
+    namespace: str = "default",
+    domain: str = "cluster.local",
+) -> Verdict:
+    """Whether the sidecar would serve the change from *before* (DIR as it
+    is) to *after* (as it would be; *changed*: the path FILE is loaded
+    under in *after*, None for a delete; *replaces*: the file of *before*
+    whose text it replaces, if any) as it is. Raises Refusal where it
+    would not, with the findings why.
+
+    The sidecar loads *after*; where that fails with every error in some
+    files (:func:`~l4proxy.rules.watch.broken_files`), it loads it again
+    with each of those held back, at its last good version or left out,
+    and keeps its whole last good table where that fails too. So: *after*
+    loads: served. Its files that do not load are judged by
+    :func:`_refuse_the_changes_doing`: FILE among them, or a file that
+    loads in *before*, is the change's doing, and refused. The rest did
+    not load before the change either: invalid already, and held back by
+    the sidecar. Their last good versions are in its memory, which apply
+    cannot read, so they are left out here. Where *after* does not load
+    without them, and *before* does, what fails is the change's doing
+    again. Where *before* does not either, the files need what they hold
+    (which their last good versions hold, where the sidecar serves): the
+    change is judged by what it adds to what is unmet without them, an
+    error of *after* that *before* has too (by file, object and message,
+    not line) counting as met. A rollback that names the subsets its
+    route named before is done; one that names another is refused. Where
+    *after* loads without them, a share of requests sent to a host no
+    ServiceEntry describes that *before* (without them) did not send is
+    refused, as the sidecar keeps its whole last good table then (a held
+    file may describe that host). Else the change is served, and each
+    held file's errors are said as warnings."""
+    first = _load(after, namespace, domain)
+    if isinstance(first, LoadResult):
+        return Verdict(first.notes, [], [])
+    was = _load(before, namespace, domain)
+    invalid = set() if isinstance(was, LoadResult) else {d.file for d in was.errors}
+    _refuse_the_changes_doing(verb, first, after, changed, invalid)
+    others = broken_files(first, after)  # (each invalid before the change)
+    held = _as_warnings(first, others)
+    without = {f: None for f in others}
+    left = after.replaced(without)
+    second = _load(left, namespace, domain)
+    base = _load(before.replaced(without), namespace, domain)
+    if isinstance(second, ConfigError):
+        if isinstance(base, LoadResult):  # (it raises: every file was valid then)
+            _refuse_the_changes_doing(verb, second, left, changed, set(), held)
+        # The files need what the held ones hold, before the change as after
+        # it: judged by what the change adds to what is unmet without them
+        unmet = set() if isinstance(base, LoadResult) else {_unmet_key(d) for d in base.errors}
+        added = [d for d in second.errors if _unmet_key(d, {changed: replaces}) not in unmet]
+        if added:
+            one = len(others) == 1
+            raise Refusal(
+                f"refused: with {_files(others)} left out (invalid already: the sidecar "
+                f"holds {'it' if one else 'them'} back) the files do not load, before this "
+                f"{verb} either, and this {verb} adds {_count(len(added), 'error')}: it "
+                f"needs more of what {_files(others)} held than they did, or something "
+                "else. The sidecar serves the last good version of a file it holds back, "
+                f"which apply cannot read: fix {_files(others)} first; nothing changed",
+                shown=[*held, *added],
+            )
+        return Verdict([], others, held, len(second.errors))
+    new = new_unresolved(
+        second.notes, unresolved_of(base.notes) if isinstance(base, LoadResult) else frozenset()
+    )
+    if new:
+        one = len(new) == 1
+        raise Refusal(
+            f"refused: with {_files(others)} held back (invalid already), this {verb} "
+            f"would send requests to {'a host' if one else 'hosts'} that no ServiceEntry "
+            "describes; the sidecar keeps its whole last good table then (a held file "
+            f"may be what describes {'it' if one else 'them'}): add the ServiceEntry "
+            f"first, or fix {_files(others)}; nothing changed",
+            shown=held + new,
+        )
+    return Verdict(second.notes, others, held)
+
+
+def _refuse_the_changes_doing(
+    verb: str,
+    error: ConfigError,
+    read: RuleFiles,
+    changed: str | None,
+    invalid: set[str],
+    shown: Sequence[Diagnostic] = (),
+) -> None:
+    """Refuse what *error* (of *read*, the files after the change) says
+    the change does: an error of no one file (the sidecar keeps its whole
+    last good table), FILE (*changed*) invalid (the sidecar would hold it
+    back: nothing of it served), or another file invalid that was not
+    before the change (not in *invalid*: the sidecar would hold it back at
+    the same text, refused again, and keep its whole last good table).
+    Returns where every file that does not load was invalid before."""
+    broken = broken_files(error, read)
+    if not broken:
+        raise Refusal(
+            f"refused: the rules would be invalid after this {verb} "
+            f"({_count(len(error.errors), 'error')}); nothing changed",
+            shown=[*shown, *error.diagnostics],
+        )
+    others = [f for f in broken if f != changed]
+    if changed in broken:
+        own = [d for d in error.diagnostics if d.file == changed]
+        errors = [d for d in own if d.severity == "error"]
+        raise Refusal(
+            f"refused: {changed} is invalid ({_count(len(errors), 'error')}); nothing changed",
+            shown=[*shown, *own, *_as_warnings(error, others)],
+        )
+    made = [f for f in others if f not in invalid]
+    if made:
+        one = len(made) == 1
+        raise Refusal(
+            f"refused: this {verb} makes {_files(made)} invalid; the sidecar would keep its "
+            f"whole last good table ({'it' if one else 'they'}, held back, would be refused "
+            f"again at the same text): nothing of this {verb} would be served; nothing changed",
+            shown=[
+                *shown,
+                *(d for d in error.diagnostics if d.file in made),
+                *_as_warnings(error, [f for f in others if f not in made]),
+            ],
+        )
+
+
+Unmet = tuple[str | None, str | None, str | None, str]  # file, kind, name, message
+
+
+def _unmet_key(d: Diagnostic, renamed: Mapping[str | None, str | None] | None = None) -> Unmet:
+    """*d* as the errors of two loads are compared: by file (FILE's as the
+    file it replaces: *renamed*), object and message, not by line."""
+    return ((renamed or {}).get(d.file, d.file), d.kind, d.name, d.message)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
+def _as_warnings(error: ConfigError, files: Sequence[str]) -> list[Diagnostic]:
+    """The errors of *error* in *files*, as warnings: a file held back."""
+    return [dataclasses.replace(d, severity="warning") for d in error.errors if d.file in files]
+
+
+def _after(p: Plan, before: RuleFiles, source: str, text: str) -> RuleFiles:
+    """DIR's files as *p* would leave them: FILE's *text* (under its own
+    path, as its errors say it) where it is written, in the place the
+    sidecar reads its name at (name order)."""
+    files = [(path, got) for path, got in before.files if path not in p.remove]
+    if p.write is not None:
+        if any(path == p.write for path, _ in files):
+            files = [(source, text) if path == p.write else (path, got) for path, got in files]
+        else:
+            name = os.path.basename(p.write)
+            at = next(
+                (i for i, (path, _) in enumerate(files) if os.path.basename(path) > name),
+                len(files),
+            )
+            files.insert(at, (source, text))
+    return RuleFiles(files, list(before.unreadable), list(before.notes))
+
+
 def _install(source: str, target: str) -> None:
     with open(source, "rb") as f:
         data = f.read()
@@ -270,6 +544,43 @@ def _install(source: str, target: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _warn(verb: str, verdict: Verdict, err: TextIO) -> None:
+    """Say what *verdict* found that the user should know: the files held
+    back (their errors, as warnings, and what that means), what the files
+    need of them, and the warnings of the files as they would be served."""
+    for d in verdict.held_errors:
+        print(str(d), file=err)
+    held = _files(verdict.held)
+    one = len(verdict.held) == 1
+    if verdict.held:
+        it = "it" if one else "them"
+        print(
+            f"l4proxy {verb}: warning: {held} {'is' if one else 'are'} invalid and not part "
+            f"of this {verb}: left out of its check; the sidecar holds {it} back (at the last "
+            f"good version, or left out) and serves this change beside {it}; fix {it}",
+            file=err,
+        )
+    if verdict.unmet:
+        print(
+            f"l4proxy {verb}: warning: with {held} left out the files do not load "
+            f"({_count(verdict.unmet, 'error')}), before this {verb} as after it: "
+            f"they need what {'it holds' if one else 'those hold'}, which the sidecar serves "
+            f"at the last good version (where it has none, it keeps its whole last good "
+            f"table, and --admin says so); this {verb} adds no error",
+            file=err,
+        )
+    for d in verdict.notes:
+        if d.severity == "warning":
+            print(str(d), file=err)
+
+
+def _read_source(path: str) -> str:
+    try:
+        return read_file(path)
+    except (Unreadable, SourceProblem) as exc:
+        raise Refusal(f"{path}: cannot read: {exc}", EXIT_USAGE) from exc
 
 
 def _admin_get(admin: str, path: str) -> str:
@@ -330,23 +641,21 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             raise Refusal(f"{directory} is not a directory", EXIT_USAGE)
         with _locked(directory):
             p = plan(verb, args.filename, directory, args.namespace)
-            after = [*p.keep, *([args.filename] if verb != "delete" else [])]
-            try:
-                result = load_rules(after, namespace=args.namespace, domain=args.domain)
-            except ConfigUnreadable as exc:
-                raise Refusal(str(exc), EXIT_USAGE) from exc
-            except ConfigError as exc:
-                for d in exc.diagnostics:
-                    if d.severity != "note":
-                        print(str(d), file=err)
-                raise Refusal(
-                    f"refused: {directory} would be invalid after this {verb} "
-                    f"({len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}); "
-                    "nothing changed"
-                ) from exc
-            for d in result.notes:
-                if d.severity == "warning":
-                    print(str(d), file=err)
+            present = read_rules([directory], read_pipes=False)
+            if present.unreadable:
+                raise Refusal(str(ConfigUnreadable(present.unreadable)), EXIT_USAGE)
+            changed = None if verb == "delete" else args.filename
+            text = "" if changed is None else _read_source(args.filename)
+            verdict = judge(
+                verb,
+                present,
+                _after(p, present, args.filename, text),
+                changed,
+                p.write,
+                namespace=args.namespace,
+                domain=args.domain,
+            )
+            _warn(verb, verdict, err)
             # What the sidecar serves, read last before the change (after the
             # validation, which takes seconds on big rule sets, under the lock
             # every writer takes): a change another writer made meanwhile, live
@@ -362,6 +671,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             gen = wait_live(args.admin, before, args.timeout)
             print(f"live: {args.admin} serves rules generation {gen}", file=out)
     except Refusal as exc:
+        for d in exc.shown:
+            if d.severity != "note":
+                print(str(d), file=err)
         print(f"l4proxy {verb}: {exc}", file=err)
         return exc.code
     except OSError as exc:
