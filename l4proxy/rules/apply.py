@@ -248,7 +248,6 @@ class Plan:
 
     remove: list[str]
     write: str | None  # target path in DIR
-    keep: list[str]  # DIR's rule files that stay as they are
 
 
 def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
@@ -300,7 +299,7 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
         target = os.path.join(directory, name)
         if target in held or os.path.lexists(target):
             raise Refusal(f"{target} exists (holding other objects); rename {source} first")
-        return Plan([], target, files)
+        return Plan([], target)
     if missing:
         k = missing[0]
         hint = f"use 'l4proxy create -f {source}'" if verb == "replace" else "nothing to delete"
@@ -325,8 +324,8 @@ def plan(verb: str, source: str, directory: str, namespace: str) -> Plan:
                 f"the objects of {source} are spread over {', '.join(owners)}; "
                 "replace works on one file: delete them, then create"
             )
-        return Plan([], owners[0], [f for f in files if f != owners[0]])
-    return Plan(owners, None, [f for f in files if f not in owners])
+        return Plan([], owners[0])
+    return Plan(owners, None)
 
 
 def _at(exc: SourceProblem) -> str:
