@@ -4214,7 +4214,148 @@ cdef enum:
     HOP_CLOSE = 8
 
 
-cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
+# c.resp_hop of each combination of a head's Connection tokens (TOK_*, six
+# bits): a token other than close and keep-alive has its line go, and the
+# field it names (any but upgrade) with it.
+cdef unsigned char HOP_OF[64]
+
+
+cdef void _init_hop_of():
+    cdef int t
+    for t in range(64):
+        HOP_OF[t] = ((HOP_LINES if t & TOK_OTHER else 0)
+                     | (HOP_NAMED if t & (TOK_FIELD | TOK_TE) else 0)
+                     | (HOP_KEEP if t & TOK_KEEP else 0)
+                     | (HOP_CLOSE if t & TOK_CLOSE else 0))
+
+
+_init_hop_of()
+
+
+# The common header line, judged 32 bytes at a time (SSE2): its first 16
+# bytes say where its ":" is and whether every byte before it is a letter, a
+# digit or "-" (token bytes all: the names name_fast() takes), and with the
+# next 16 where its first control byte is, the CR of its CRLF in most lines.
+# Such a line needs nothing more: its value's bytes up to that control byte
+# are field-value bytes, and value_end() goes on from that byte where it is
+# not the CR of a CRLF (HTAB, a refused byte), or from the window's end in a
+# longer line, judging what it would have judged from the ":". Where fewer
+# than 32 bytes follow the line's start (the last line of a head with a
+# short body after it), the second 16 are the buffer's last, their bits of
+# bytes already seen shifted out. name_fast() then value_end() read the
+# line's first bytes twice, the 16 after the ":" as a block of their own.
+# The status line's end is found the same way (first_ctl32(): no memchr(),
+# and its reason's bytes need no field_ok()). Any other line is judged byte
+# by byte (L4_LINE_SLOW), as is every line without SSE2, or with fewer than
+# 16 bytes left.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <sys/types.h>
+    #ifdef __SSE2__
+    #include <emmintrin.h>
+    #endif
+    #define L4_LINE_SLOW (-3)
+    #ifdef __SSE2__
+    /* Which of the 16 bytes are controls (below 0x20) or DEL: a bit each. */
+    static inline unsigned l4_ctl16(__m128i x) {
+        return (unsigned)_mm_movemask_epi8(_mm_or_si128(
+            _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1F)), x),
+            _mm_cmpeq_epi8(x, _mm_set1_epi8(0x7F))));
+    }
+    /* Which are letters, digits or "-" (the bytes l4_name_fast() takes). */
+    static inline unsigned l4_namech16(__m128i x) {
+        __m128i t = _mm_sub_epi8(_mm_or_si128(x, _mm_set1_epi8(0x20)), _mm_set1_epi8(0x61));
+        __m128i d = _mm_sub_epi8(x, _mm_set1_epi8(0x30));
+        return (unsigned)_mm_movemask_epi8(_mm_or_si128(
+            _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(t, _mm_set1_epi8(25)), t),
+                         _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d)),
+            _mm_cmpeq_epi8(x, _mm_set1_epi8(0x2D))));
+    }
+    static inline unsigned l4_colon16(__m128i x) {
+        return (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x3A)));
+    }
+    #endif
+    /* The header line at b[ls:] (ls < n, b[ls] no CR): when its name is 1
+       to 15 letters, digits or "-" followed by its ":" (see above), *colon
+       is the ":"'s index and the result value_end()'s from there (its CR;
+       -1: more to come; -2: a refused byte); L4_LINE_SLOW otherwise. */
+    static inline ssize_t l4_line_fast(const unsigned char *b, ssize_t ls, ssize_t n,
+                                       ssize_t *colon) {
+    #ifdef __SSE2__
+        __m128i x0;
+        unsigned ctl, cm, want;
+        ssize_t e, up;
+        if (ls + 16 > n)
+            return L4_LINE_SLOW;
+        x0 = _mm_loadu_si128((const __m128i *)(b + ls));
+        cm = l4_colon16(x0);
+        /* the name's bits: those below its ":" (no ":": all 32, which the
+           name's 16 never are) */
+        want = (cm & -cm) - 1;
+        if (want == 0 || (l4_namech16(x0) & want) != want)
+            return L4_LINE_SLOW;
+        *colon = ls + __builtin_ctz(cm);
+        /* the next 16 bytes, or the last 16 of b[:n] where fewer follow,
+           their bits of bytes already seen shifted out */
+        if (ls + 32 <= n) {
+            up = ls + 16;
+            ctl = l4_ctl16(x0) | (l4_ctl16(_mm_loadu_si128((const __m128i *)(b + up))) << 16);
+        } else {
+            up = n - 16;
+            ctl = l4_ctl16(x0) | ((l4_ctl16(_mm_loadu_si128((const __m128i *)(b + up)))
+                                   >> (ls + 16 - up)) << 16);
+        }
+        if (!ctl)  /* (the value goes on past the window) */
+            return l4_value_end(b, up + 16, n);
+        e = ls + __builtin_ctz(ctl);  /* (after the ":": none in the name) */
+        if (b[e] == 0x0D && e + 1 < n && b[e + 1] == 0x0A)
+            return e;
+        return l4_value_end(b, e, n);
+    #else
+        (void)b; (void)ls; (void)n; (void)colon;
+        return L4_LINE_SLOW;
+    #endif
+    }
+    /* Where the first control byte (below 0x20) or DEL of b[:n] is, when
+       it is within its first 32 bytes (n >= 32); else 32, as without SSE2. */
+    static inline int l4_first_ctl32(const unsigned char *b) {
+    #ifdef __SSE2__
+        unsigned ctl = l4_ctl16(_mm_loadu_si128((const __m128i *)b))
+                       | (l4_ctl16(_mm_loadu_si128((const __m128i *)(b + 16))) << 16);
+        return ctl ? __builtin_ctz(ctl) : 32;
+    #else
+        (void)b;
+        return 32;
+    #endif
+    }
+    """
+    Py_ssize_t LINE_SLOW "L4_LINE_SLOW"
+    Py_ssize_t line_fast "l4_line_fast"(const unsigned char *b, Py_ssize_t ls, Py_ssize_t n,
+                                        Py_ssize_t *colon) noexcept nogil
+    int first_ctl32 "l4_first_ctl32"(const unsigned char *b) noexcept nogil
+
+
+cdef inline void value_span(const unsigned char *b, Py_ssize_t colon, Py_ssize_t le,
+                            Py_ssize_t *vs, Py_ssize_t *ve) noexcept nogil:
+    """The value of the header line whose ":" is at colon and whose CR is at
+    le, without the OWS around it: b[vs:ve]."""
+    cdef Py_ssize_t i = colon + 1, j = le
+    while i < j and is_ows(b[i]):
+        i += 1
+    while j > i and is_ows(b[j - 1]):
+        j -= 1
+    vs[0] = i
+    ve[0] = j
+
+
+cdef inline int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
+    """Recognise the common response head in c.rhead: response_head(), the
+    common line judged 32 bytes at a time."""
+    return response_head(R, c, head_len, True)
+
+
+cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast) noexcept nogil:
     """Recognise the common response head in c.rhead.
 
     0: incomplete; 1: done (c.status, c.framing, c.resp_left,
@@ -4224,7 +4365,11 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
 
     One pass, line by line: the lines are judged as they are found, and the
     verdict waits for the head's end (a head that is not the common case but
-    not complete yet is 0, as before its end was known).
+    not complete yet is 0, as before its end was known). With *fast*, the
+    status line's end and the common header line 32 bytes at a time
+    (line_fast(), above); without, every line as any other (name_fast(),
+    the token bytes one by one, value_end()): the same verdict (the tests
+    compare them: test_relay_response_heads.py).
     """
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, j, end, sl
@@ -4234,18 +4379,25 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     # Keep-Alive, Proxy-Connection or Upgrade line: a line to drop
     cdef int tokens = 0
     cdef long long cl = -1
-    cdef bint te_chunked = False, v10 = False, odd = False
+    cdef bint te_chunked = False, v10 = False, odd = False, plain = False
     if n == 0:  # an empty buffer is freed (b NULL): memchr must not see it
         return 0
-    # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0)
-    lf = <const unsigned char*>memchr(b, LF, <size_t>n)
-    if lf == NULL:
-        return 2 if n > R.max_head else 0
-    sl = lf - b  # the LF of the status line
+    # the status line: "HTTP/1.1 DDD reason" CRLF (or HTTP/1.0); where its
+    # first control byte is the CR of a CRLF, its reason's bytes are all
+    # field-value bytes (plain)
+    sl = first_ctl32(b) if fast and n >= 32 else 32
+    if sl < 31 and b[sl] == CR and b[sl + 1] == LF:
+        sl += 1
+        plain = True
+    else:
+        lf = <const unsigned char*>memchr(b, LF, <size_t>n)
+        if lf == NULL:
+            return 2 if n > R.max_head else 0
+        sl = lf - b  # the LF of the status line
     if sl < 13 or memcmp(b, b"HTTP/1.", 7) != 0 or b[8] != SP \
             or not (b[7] == 0x31 or b[7] == 0x30) or b[sl - 1] != CR \
             or not (0x31 <= b[9] <= 0x39 and 0x30 <= b[10] <= 0x39 and 0x30 <= b[11] <= 0x39) \
-            or (sl - 1 > 12 and (b[12] != SP or not field_ok(b + 13, sl - 14))):
+            or (sl - 1 > 12 and (b[12] != SP or not (plain or field_ok(b + 13, sl - 14)))):
         odd = True
     else:
         v10 = b[7] == 0x30
@@ -4256,34 +4408,41 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     # header lines, each ending in CRLF, up to the empty line
     i = sl + 1
     while True:
-        if i >= n or (b[i] == CR and i + 1 >= n):
-            return 2 if n > R.max_head else 0
-        if b[i] == LF:
-            return 2  # a bare LF ends the head: Python
-        if b[i] == CR and b[i + 1] == LF:
-            end = i + 2
-            break
-        lines += 1
-        ls = i
-        if odd:
-            colon = i
-            le = -2
-        else:
-            # the name: 1 to 15 letters, digits or "-" and its ":" at once
-            # (SSE2), else a token byte at a time; then the value, its
-            # bytes judged on the way to its CRLF (value_end: le, the CR)
-            k = name_fast(b + ls) if ls + 16 <= n else 0
-            if k:
-                colon = ls + k
-            else:
-                colon = ls
-                while colon < n and TCHAR[b[colon]]:
-                    colon += 1
-                if colon == n:
-                    return 2 if n > R.max_head else 0  # (no LF yet)
-            le = value_end(b, colon + 1, n) if colon > ls and b[colon] == COLON else -2
+        le = line_fast(b, i, n, &colon) if fast and not odd and i < n and b[i] != CR else LINE_SLOW
+        if le != LINE_SLOW:  # (its name and ":" found)
+            lines += 1
+            ls = i
             if le == -1:
                 return 2 if n > R.max_head else 0
+        else:
+            if i >= n or (b[i] == CR and i + 1 >= n):
+                return 2 if n > R.max_head else 0
+            if b[i] == LF:
+                return 2  # a bare LF ends the head: Python
+            if b[i] == CR and b[i + 1] == LF:
+                end = i + 2
+                break
+            lines += 1
+            ls = i
+            if odd:
+                colon = i
+                le = -2
+            else:
+                # the name: 1 to 15 letters, digits or "-" and its ":" at once
+                # (SSE2), else a token byte at a time; then the value, its
+                # bytes judged on the way to its CRLF (value_end: le, the CR)
+                k = name_fast(b + ls) if ls + 16 <= n else 0
+                if k:
+                    colon = ls + k
+                else:
+                    colon = ls
+                    while colon < n and TCHAR[b[colon]]:
+                        colon += 1
+                    if colon == n:
+                        return 2 if n > R.max_head else 0  # (no LF yet)
+                le = value_end(b, colon + 1, n) if colon > ls and b[colon] == COLON else -2
+                if le == -1:
+                    return 2 if n > R.max_head else 0
         if le == -2:  # not the common case: the line ends at its LF
             odd = True
             lf = <const unsigned char*>memchr(b + colon, LF, <size_t>(n - colon))
@@ -4291,17 +4450,12 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
                 return 2 if n > R.max_head else 0
             i = lf - b + 1
             continue
-        vs = colon + 1
-        ve = le
-        while vs < ve and is_ows(b[vs]):
-            vs += 1
-        while ve > vs and is_ows(b[ve - 1]):
-            ve -= 1
         # the names weighed here, by their length first (one switch: most
-        # lines are none of them)
+        # lines are none of them); the value, without its OWS, b[vs:ve]
         k = colon - ls
         if k == 14:
             if eq_lower(b + ls, b"content-length", 14):
+                value_span(b, colon, le, &vs, &ve)
                 n_cl += 1
                 if n_cl > 1 or ve - vs < 1 or ve - vs > 18:
                     odd = True
@@ -4314,13 +4468,19 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
                         cl = cl * 10 + (b[j] - 0x30)
         elif k == 17:
             if eq_lower(b + ls, b"transfer-encoding", 17):
+                value_span(b, colon, le, &vs, &ve)
                 n_te += 1
                 if n_te > 1 or v10 or not (ve - vs == 7 and eq_lower(b + vs, b"chunked", 7)):
                     odd = True  # (in HTTP/1.0 Python refuses it, unless no body may follow)
                 te_chunked = True
         elif k == 10:  # Connection or Keep-Alive (hop-by-hop lines: send_client_head)
             if eq_lower(b + ls, b"connection", 10):
-                tokens |= connection_tokens(b, vs, ve)
+                value_span(b, colon, le, &vs, &ve)
+                # (nginx's "keep-alive" at once: connection_tokens()'s first test)
+                if ve - vs == 10 and eq_lower(b + vs, b"keep-alive", 10):
+                    tokens |= TOK_KEEP
+                else:
+                    tokens |= connection_tokens(b, vs, ve)
             elif eq_lower(b + ls, b"keep-alive", 10):
                 tokens |= TOK_OTHER
         elif k == 16:
@@ -4342,12 +4502,7 @@ cdef int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept no
     c.status = status
     # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
     c.resp_persistent = (tokens & TOK_CLOSE) == 0 and ((tokens & TOK_KEEP) != 0 or not v10)
-    # a Connection token other than close and keep-alive: its line goes,
-    # and the field it names (any but upgrade) with it
-    c.resp_hop = ((HOP_LINES if tokens & TOK_OTHER else 0)
-                  | (HOP_NAMED if tokens & (TOK_FIELD | TOK_TE) else 0)
-                  | (HOP_KEEP if tokens & TOK_KEEP else 0)
-                  | (HOP_CLOSE if tokens & TOK_CLOSE else 0))
+    c.resp_hop = HOP_OF[tokens]
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
     elif te_chunked:
@@ -8467,6 +8622,34 @@ cdef class HttpRelay:
         summarize(self.R, &sc, p + d, &a, &L if whole else NULL)
         summarize(self.R, &sc, p + d, &b, NULL)
         return whole, memcmp(&a, &b, sizeof(Head)) == 0
+
+    def _response_head(self, bytes raw, bint head_request=False, bint fast=True):
+        """response_head() of the response bytes *raw* (the answer to a HEAD
+        request with *head_request*), 32 bytes at a time with *fast*, else
+        byte by byte: (its result, the head's length, then c.status,
+        c.framing, c.resp_left, c.resp_persistent and c.resp_hop as it left
+        them in a zeroed connection). The bytes are read from a block of
+        their size alone (ASan: no byte past them read). Tests: both ways
+        must agree, and with parse_response_head() and response_framing()."""
+        cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
+        cdef Py_ssize_t hl = 0, n = len(raw)
+        cdef int r
+        if c == NULL:
+            raise MemoryError
+        c.rhead.p = <char*>malloc(n if n else 1)
+        if c.rhead.p == NULL:
+            free(c)
+            raise MemoryError
+        memcpy(c.rhead.p, PyBytes_AS_STRING(raw), n)
+        c.rhead.len = c.rhead.cap = <size_t>n
+        c.method_head = head_request
+        r = response_head(self.R, c, &hl, fast)
+        try:
+            return (r, hl, c.status, c.framing, c.resp_left, bool(c.resp_persistent),
+                    c.resp_hop)
+        finally:
+            free(c.rhead.p)
+            free(c)
 
     def _log_escape(self, values, int cap, bint json=False, bint keep_end=False):
         """log_escape() of the bytes *values* (a header's lines: joined by
