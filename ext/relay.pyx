@@ -1689,6 +1689,7 @@ cdef struct Conn:
     unsigned char splicing         # SPL_RESP, SPL_REQ: a body goes through the pipe
     unsigned char no_splice        # ... not in this exchange any more (splice_fallback)
     unsigned char replayable
+    unsigned char replay_staged    # c.replay is yet the head staged in c.rhead (replay_unstage)
     unsigned char retried          # the request is being sent again (c.replay)
     unsigned char never_left       # a reused connection failed before the kernel took a byte
     unsigned char reuse_retried    # a policy's try (c.tries > 0) had its reused connection's retry
@@ -2022,6 +2023,44 @@ cdef inline void replay_add(Conn *c, const char *data, size_t n) noexcept nogil:
     if c.replayable and buf_add(&c.replay, data, n) != 0:
         buf_free(&c.replay)
         c.replayable = False
+
+
+# A request to keep for a retry is held from its head on (on_head() for an
+# idempotent one, apply_verdict() under a retry policy), but its head is not
+# copied then: until send_request() sends it, c.replay's bytes are the head
+# staged in c.rhead (c.replay_staged, c.replay empty). send_request() then
+# sends the head from its block and makes that block c.replay's, where it
+# has no body bytes to send with it and the upstream's buffer is empty (a
+# keep-alive GET: the copy of each head was ~90 instructions); else, and
+# where c.replay is read before the head went (a mirror's copies given up:
+# mirror_draw()), the head is copied as before (replay_unstage()).
+
+cdef inline void replay_unstage(Conn *c) noexcept nogil:
+    """c.replay from the staged head: a copy of it (see above)."""
+    if c.replay_staged:
+        c.replay_staged = False
+        replay_add(c, c.rhead.p, c.rhead.len)
+
+
+cdef int send_staged(Up *u, Conn *c) noexcept nogil:
+    """Send c's head, staged, to u (its buffer empty), from the head's block,
+    which becomes c.replay's: what the kernel takes at once goes without a
+    copy, the rest (none, mostly) is copied into u.out for flush_up() (a
+    send that failed meets its error again there). -1: out of memory."""
+    cdef ssize_t n
+    c.replay_staged = False
+    buf_free(&c.replay)
+    c.replay = c.rhead
+    c.rhead.p = NULL
+    c.rhead.len = c.rhead.cap = c.rhead.off = 0
+    n = sys_.send_nc(u.fd, c.replay.p, c.replay.len, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+    if n > 0:
+        u.sent = True
+    else:
+        n = 0
+    if <size_t>n < c.replay.len:
+        return buf_add(&u.out, c.replay.p + n, c.replay.len - <size_t>n)
+    return 0
 
 
 cdef inline void buf_drop(Buf *b, size_t n) noexcept nogil:
@@ -3775,6 +3814,7 @@ cdef void reset_exchange(Conn *c) noexcept nogil:
     c.client_bytes = 0
     buf_free(&c.replay)
     c.replayable = False
+    c.replay_staged = False
     c.retried = False
     c.never_left = False
     if c.holds:  # (a policy or edits only: no stores per request without)
@@ -5023,6 +5063,7 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     if c.replayable and c.retry == NULL and c.shadow == NULL:  # a response began: never send this request again
         buf_free(&c.replay)  # (under a retry policy: once its final head is judged, head_out)
         c.replayable = False
+        c.replay_staged = False
     if c.rs == RS_BODY:
         return forward_body(R, c, data, n, now)
     if c.rs == RS_DONE:
@@ -5286,17 +5327,23 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
     else:
         # the head was rewritten when it completed: it is c.replay's start
         # when replayable, else rebuilt here
-        if u.out.len == 0:  # (the upstream head, staged): its block moves
-            buf_free(&u.out)
-            u.out = c.rhead
-            c.rhead.p = NULL
-            c.rhead.len = c.rhead.cap = c.rhead.off = 0
-        elif buf_add(&u.out, c.rhead.p, c.rhead.len) != 0:
-            conn_abort(R, c)
-            return
-        buf_free(&c.rhead)
         avail = <Py_ssize_t>c.inb.len - hl
         take = body_take(c, b + hl, avail, &bad)
+        if c.replay_staged and u.out.len == 0 and take == 0 and not bad:
+            if send_staged(u, c) != 0:  # (the head alone: its block is the replay's)
+                conn_abort(R, c)
+                return
+        else:
+            replay_unstage(c)
+            if u.out.len == 0:  # (the upstream head, staged): its block moves
+                buf_free(&u.out)
+                u.out = c.rhead
+                c.rhead.p = NULL
+                c.rhead.len = c.rhead.cap = c.rhead.off = 0
+            elif buf_add(&u.out, c.rhead.p, c.rhead.len) != 0:
+                conn_abort(R, c)
+                return
+        buf_free(&c.rhead)
         if bad:  # the head and the body bytes before the refused one go first
             if take > 0 and buf_add(&u.out, b + hl, <size_t>take) != 0:
                 conn_abort(R, c)
@@ -5916,7 +5963,7 @@ cdef int edit_request(Relay *R, Conn *c, const Edits_ *e, double now) noexcept n
     c.rhead = out[0]
     out.p = NULL
     out.len = out.cap = out.off = 0
-    if c.replayable:
+    if c.replayable and not c.replay_staged:  # (a staged replay is c.rhead's)
         buf_free(&c.replay)
         replay_add(c, c.rhead.p, c.rhead.len)
     return 0
@@ -6034,7 +6081,7 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         # (not for a policy that never retries: its per-try timeout only)
         if v.retry.on and not c.replayable:
             c.replayable = True
-            replay_add(c, c.rhead.p, c.rhead.len)
+            c.replay_staged = True  # (see replay_unstage())
     if v.n_mirrors:
         R.mirror_draw(R, c, v)
     if v.fault != NULL and fault_drawn(R, c, v.fault, NULL, now):
@@ -6642,7 +6689,7 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         return
     if c.idempotent:
         c.replayable = True
-        replay_add(c, c.rhead.p, c.rhead.len)
+        c.replay_staged = True  # (see replay_unstage())
     c.phase = P_RESOLVE
     if R.decide_only:
         ask_python(R, c, N_RESOLVE)
@@ -7237,6 +7284,8 @@ cdef void mirror_draw(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     if not c.replayable:
         c.replayable = True
         replay_add(c, c.rhead.p, c.rhead.len)
+    else:  # (mirror_give_up() may read c.replay before the head went)
+        replay_unstage(c)
 
 
 cdef int shadow_head(Buf *out, const char *h, size_t hl) noexcept nogil:
