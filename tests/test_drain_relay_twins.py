@@ -16,7 +16,7 @@ closes on its tick, a quarter of a second).
 from __future__ import annotations
 
 import contextlib
-import select
+import selectors
 import socket
 import time
 from collections.abc import Iterator
@@ -70,20 +70,25 @@ def keeps(sock: socket.socket) -> bool:
 
 def closes(socks: list[socket.socket], within: float) -> list[list[int]]:
     """Wait for every one of *socks* to read EOF (a FIN, nothing more),
-    within *within* s in all: the batches select() found readable at once,
-    by their index in *socks*."""
+    within *within* s in all: the batches found readable at once, by their
+    index in *socks* (epoll, not select(): in a long run the test process's
+    fds may be numbered past select()'s 1024)."""
     batches = []
-    pending = list(socks)
+    pending = len(socks)
     deadline = time.monotonic() + within
-    while pending:
-        left = max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select(pending, [], [], left)
-        assert ready, f"{len(pending)} connection(s) still open after {within}s"
-        batch = sorted(socks.index(s) for s in ready)
-        for i in batch:
-            assert reads_eof(socks[i])
-            pending.remove(socks[i])
-        batches.append(batch)
+    with selectors.DefaultSelector() as sel:
+        for i, s in enumerate(socks):
+            sel.register(s, selectors.EVENT_READ, i)
+        while pending:
+            left = max(0.0, deadline - time.monotonic())
+            ready = sel.select(left)
+            assert ready, f"{pending} connection(s) still open after {within}s"
+            batch = sorted(key.data for key, _ in ready)
+            for i in batch:
+                assert reads_eof(socks[i])
+                sel.unregister(socks[i])
+                pending -= 1
+            batches.append(batch)
     return batches
 
 
