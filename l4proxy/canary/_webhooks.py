@@ -34,10 +34,18 @@ What an answer means is Flagger's too: a status of 200 to 202 passes
 (Flagger's ``r.StatusCode > 202`` fails), anything else fails, and so does
 no answer within the hook's *timeout* (10 s where none is given, as
 Flagger's ``CallWebhook`` sets it), a refused connection or a body that
-cannot be read. A failed call's reason carries the answer's body (its
-first line), as Flagger puts it in the failed check's event. Where the hook
-has *retries*, a call with no answer, a 429 or a 5xx (but 501) is made
-again, after 1, 2, 4 ... s (at most 30 s), as go-retryablehttp does.
+cannot be read. The timeout bounds the whole exchange, as Go's
+``http.Client.Timeout`` does: connecting, each redirect, the answer's head
+and its body, every read of which gets what is left of it
+(:class:`_DeadlineReader`), so that an answer trickling in cannot hold the
+analysis. A failed call's reason carries the answer's body (its first
+line), as Flagger puts it in the failed check's event. Where the hook has
+*retries*, a call with no answer, a 429 or a 5xx (but 501) is made again,
+after 1, 2, 4 ... s (at most 30 s), as go-retryablehttp does. The client
+is Go's in what urllib does otherwise: a user and password in the URL are
+sent as ``Authorization: Basic`` (urllib takes them for part of the host),
+and a 307 or 308 is followed with the POST and its body again (urllib
+refuses it), at most 10 redirects (:class:`_Redirects`).
 
 The body is Flagger's ``CanaryWebhookPayload``: ``name`` (SERVICE),
 ``namespace`` (the rules' namespace), ``phase`` (Flagger's words for where
@@ -62,10 +70,13 @@ never proxies one; the sidecars and Prometheus are read directly, always
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import ipaddress
 import json
 import re
+import socket
 import ssl
 import time
 import urllib.error
@@ -73,7 +84,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import yaml
 
@@ -156,20 +167,25 @@ class Webhook:
 
     def __str__(self) -> str:
         """As the lines name it: ``rollout "load test"``, or, without a
-        name, ``rollout http://host/path`` (the URL without user or password)."""
+        name, ``rollout http://host/path`` (:attr:`shown_url`)."""
         return f'{self.type} "{self.name}"' if self.name else f"{self.type} {self.shown_url}"
 
     @property
     def shown_url(self) -> str:
-        """The URL as printed: a user and password in it left out."""
+        """The URL as the lines and ``--json`` show it: its scheme and host
+        (and port), with the path where the hook has no name to tell it by;
+        never a user, password, query or fragment. A chat's incoming
+        webhook holds its secret in the path (Slack's
+        ``/services/T.../B.../SECRET``) or the query (``?token=``), and a
+        Job's log or a CI artifact is no place for it: a named hook shows
+        its name instead."""
         parts = urllib.parse.urlsplit(self.url)
-        if "@" not in parts.netloc:
-            return self.url
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return f"{parts.scheme}://{host}" + ("" if self.name else parts.path)
 
     def to_json(self) -> dict[str, Any]:
         """As ``--json``'s start and resume events list it (never its
-        metadata, which may hold a token)."""
+        metadata, which may hold a token; the URL as :attr:`shown_url`)."""
         return {
             "name": self.name,
             "type": self.type,
@@ -262,7 +278,9 @@ def parse_file(text: str, source: str) -> tuple[Webhook, ...]:
     """The hooks of a YAML file in Flagger's form: a Canary (its
     ``spec.analysis.webhooks``, or ``spec.canaryAnalysis.webhooks`` as
     v1alpha3 named it), a mapping with ``analysis.webhooks`` or
-    ``webhooks``, or the list itself. Each entry is Flagger's
+    ``webhooks``, or the list itself. A file of several documents (a
+    Canary saved with its HPA) gives the one of ``kind: Canary``; none, or
+    several, is refused. Each entry is Flagger's
     ``CanaryWebhook``: ``name`` and ``url`` required, ``type`` (none:
     ``rollout``), ``timeout`` (a duration), ``metadata`` (strings),
     ``retries``, ``disableTLS``, ``muteAlert`` (ignored: no alerts here);
@@ -270,9 +288,21 @@ def parse_file(text: str, source: str) -> tuple[Webhook, ...]:
     silence. Only the webhooks are read: the rest of a Canary's analysis
     is this command's options (``--interval``, ``--threshold``...)."""
     try:
-        data = yaml.safe_load(text)
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise WebhookError(f"{source}: not YAML: {exc}") from None
+    data = documents[0] if documents else None
+    if len(documents) > 1:
+        # a Canary saved with what goes beside it (its HPA, its Deployment):
+        # the Canary's webhooks, where there is one Canary
+        canaries = [d for d in documents if isinstance(d, dict) and d.get("kind") == "Canary"]
+        if len(canaries) != 1:
+            found = "none is" if not canaries else f"{len(canaries)} are"
+            raise WebhookError(
+                f"{source}: {len(documents)} YAML documents, and {found} a Canary (kind: "
+                "Canary): give a file with one Canary among its documents, or the webhooks alone"
+            )
+        data = canaries[0]
     hooks: object = data
     if isinstance(data, dict):
         spec = data["spec"] if isinstance(data.get("spec"), dict) else data
@@ -426,18 +456,164 @@ def _loopback(host: str | None) -> bool:
         return False
 
 
-def _opener(hook: Webhook) -> urllib.request.OpenerDirector:
-    """urllib with the environment's proxy (none to a loopback address) and,
-    with disableTLS, no certificate check."""
-    handlers: list[urllib.request.BaseHandler] = []
-    if _loopback(urllib.parse.urlsplit(hook.url).hostname):
-        handlers.append(urllib.request.ProxyHandler({}))
+def _left(deadline: float, timeout: float) -> float:
+    """What is left of a call's *deadline* (monotonic); none left is a
+    :class:`TimeoutError`, as a socket's own timeout would say it."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A response's socket as http.client reads it (its head, then its
+    body), each read given what is left of the call's deadline as the
+    socket's timeout. A socket timeout alone bounds each read, not their
+    sum: an answer that trickled in a byte a second held a call with a
+    3 s timeout for 50 s. The reads go through the socket's own
+    ``SocketIO``, which keeps it open once urllib closes the connection
+    after the head (as the file http.client makes would)."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+        self._timeout = timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(_left(self._deadline, self._timeout))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _timed(
+    base: type[http.client.HTTPConnection], deadline: float, timeout: float
+) -> Callable[..., http.client.HTTPConnection]:
+    """urllib's connection class *base* (HTTP or HTTPS) held to a call's
+    *deadline*: it connects within what is left of it, and its response
+    reads its head and body through :class:`_DeadlineReader`."""
+
+    class Response(http.client.HTTPResponse):
+        def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+            super().__init__(sock, *args, **kwargs)
+            self.fp.close()  # (http.client's own file; the socket stays open)
+            self.fp = io.BufferedReader(_DeadlineReader(sock, deadline, timeout))
+
+    def connection(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        kwargs["timeout"] = _left(deadline, timeout)
+        conn = base(*args, **kwargs)
+        conn.response_class = Response
+        return conn
+
+    return connection
+
+
+class _TimedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, timeout: float) -> None:
+        super().__init__()
+        self.connection = _timed(http.client.HTTPConnection, deadline, timeout)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self.connection, req)
+
+
+class _TimedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, timeout: float, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self.connection = _timed(http.client.HTTPSConnection, deadline, timeout)
+        self.tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self.connection, req, context=self.tls)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Redirects as Go's ``http.Client`` (Flagger's) follows them: at most
+    10; a 307 or 308 sends the POST again with its body (urllib refuses
+    to), a 301, 302 or 303 becomes a GET without one (urllib's way and
+    Go's); the credentials of the hook's URL (``Authorization``) go only
+    to the same scheme, host and port (a relative Location, where Go
+    sends them again); and only to http or https."""
+
+    max_redirections = 10
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(
+                req.full_url,
+                code,
+                f"{msg} - redirected to a URL that is not http or https",
+                headers,
+                fp,
+            )
+        if code in (307, 308) and req.get_method() == "POST":
+            new: urllib.request.Request | None = urllib.request.Request(
+                newurl.replace(" ", "%20"),
+                data=req.data,
+                headers=dict(req.headers),
+                origin_req_host=req.origin_req_host,
+                unverifiable=True,
+                method="POST",
+            )
+        else:
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _opener(hook: Webhook, deadline: float) -> urllib.request.OpenerDirector:
+    """urllib with the environment's proxy (none to a loopback address),
+    with disableTLS no certificate check, Go's redirects, and every
+    connection held to the call's *deadline*."""
+    context = None
     if hook.disable_tls:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        handlers.append(urllib.request.HTTPSHandler(context=context))
+    handlers: list[urllib.request.BaseHandler] = [
+        _TimedHTTP(deadline, hook.timeout),
+        _TimedHTTPS(deadline, hook.timeout, context),
+        _Redirects(),
+    ]
+    if _loopback(urllib.parse.urlsplit(hook.url).hostname):
+        handlers.append(urllib.request.ProxyHandler({}))
     return urllib.request.build_opener(*handlers)
+
+
+def credentials(url: str) -> tuple[str, str]:
+    """*url* without its user and password, and the ``Authorization``
+    header they make ("" none): ``Basic`` of ``user:password``, each
+    %-decoded, as Go's client sends a URL's userinfo (urllib would take
+    it for part of the host, and fail every call)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, ""
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return bare, f"Basic {token}"
 
 
 def _first_line(body: bytes) -> str:
@@ -446,14 +622,12 @@ def _first_line(body: bytes) -> str:
     return line if len(line) <= DETAIL_LIMIT else line[: DETAIL_LIMIT - 3] + "..."
 
 
-def _read(response: Any, deadline: float, timeout: float) -> bytes:
-    """The body, up to :data:`BODY_LIMIT`, within the call's *deadline*
-    (each read is bounded by the socket's timeout; this bounds their sum)."""
+def _read(response: Any) -> bytes:
+    """The body, up to :data:`BODY_LIMIT` (each read held to the call's
+    deadline: :class:`_DeadlineReader`)."""
     chunks: list[bytes] = []
     size = 0
     while size < BODY_LIMIT:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the answer's body took more than {timeout:g} s")
         chunk = response.read(min(8192, BODY_LIMIT - size))
         if not chunk:
             break
@@ -468,24 +642,34 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def post_once(hook: Webhook, body: bytes) -> HookResult:
-    """One POST of *body* (JSON) to *hook*, within its timeout."""
-    request = urllib.request.Request(
-        hook.url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "l4proxy-canary"},
-    )
+    """One POST of *body* (JSON) to *hook*: the whole exchange (connecting,
+    each redirect, the answer's head and body) within its timeout, as Go's
+    ``http.Client.Timeout`` bounds it."""
+    url, authorization = credentials(hook.url)
+    headers = {"Content-Type": "application/json", "User-Agent": "l4proxy-canary"}
+    if authorization:
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     deadline = time.monotonic() + hook.timeout
     try:
-        with _opener(hook).open(request, timeout=hook.timeout) as response:
+        with _opener(hook, deadline).open(request) as response:
             status = int(response.status)
-            return HookResult(hook, status, _first_line(_read(response, deadline, hook.timeout)))
+            try:
+                return HookResult(hook, status, _first_line(_read(response)))
+            except TimeoutError:
+                # Go's client fails the same (its Timeout covers the body)
+                return HookResult(
+                    hook, None, f"HTTP {status}, but its body not read within {hook.timeout:g} s"
+                )
     except urllib.error.HTTPError as exc:
         # not 2xx (or 3xx left): the status, and the body that says why
+        said = str(exc.reason).split("\n", 1)[0]
         try:
-            detail = _first_line(_read(exc, deadline, hook.timeout)) or str(exc.reason)
+            detail = _first_line(_read(exc)) or said
+        except TimeoutError:
+            detail = f"{said}; its body took more than {hook.timeout:g} s"
         except (OSError, http.client.HTTPException):
-            detail = str(exc.reason)
+            detail = said
         return HookResult(hook, exc.code, detail)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         if _timed_out(exc):
