@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,11 +21,12 @@ import yaml
 
 from l4proxy.canary._analysis import (
     Check,
+    Hold,
     Policy,
     Rollout,
     advance,
-    first_gate,
-    gate_of,
+    first_gates,
+    gates_of,
     resume,
     with_hook_failures,
 )
@@ -55,60 +57,76 @@ def _at(policy: Policy, step: int) -> Rollout:
 
 WEIGHTED = Policy(steps=(10, 50, 100), threshold=2)
 MIRRORED = Policy(steps=(50,), mirror=2, threshold=2)
+RAISE = ("confirm-traffic-increase",)
+PROMOTION = ("confirm-traffic-increase", "confirm-promotion")
 
 
 @pytest.mark.parametrize(
-    ("policy", "step", "result", "gate"),
+    ("policy", "step", "result", "gates"),
     [
-        (WEIGHTED, 0, PASS, "confirm-traffic-increase"),  # 10 -> 50
-        (WEIGHTED, 1, PASS, "confirm-traffic-increase"),  # 50 -> 100
-        (WEIGHTED, 2, PASS, "confirm-promotion"),  # a pass at the last step promotes
-        (WEIGHTED, 1, FAIL, ""),
-        (WEIGHTED, 1, HALT, ""),
-        (MIRRORED, 0, PASS, ""),  # mirror 1 -> mirror 2: no weight moves
-        (MIRRORED, 1, PASS, "confirm-traffic-increase"),  # mirror -> the first live weight
-        (MIRRORED, 2, PASS, "confirm-promotion"),
+        (WEIGHTED, 0, PASS, RAISE),  # 10 -> 50
+        # 50 -> 100, a last step of 100: every request to the canary, the
+        # promotion in all but name, is confirmed before it is written
+        (WEIGHTED, 1, PASS, PROMOTION),
+        (WEIGHTED, 2, PASS, ()),  # at 100: its raise was the promotion's gate
+        (WEIGHTED, 1, FAIL, ()),
+        (WEIGHTED, 1, HALT, ()),
+        (MIRRORED, 0, PASS, ()),  # mirror 1 -> mirror 2: no weight moves
+        (MIRRORED, 1, PASS, RAISE),  # mirror -> the first live weight
+        (MIRRORED, 2, PASS, PROMOTION),  # 50 -> promoted: a raise, and the promotion
     ],
 )
-def test_the_gate_a_pass_goes_through(policy: Policy, step: int, result: Check, gate: str) -> None:
-    assert gate_of(policy, _at(policy, step), result) == gate
+def test_the_gates_a_pass_goes_through(
+    policy: Policy, step: int, result: Check, gates: tuple[str, ...]
+) -> None:
+    assert gates_of(policy, _at(policy, step), result) == gates
 
 
 def test_the_gate_of_an_ab_test_is_the_promotion_alone() -> None:
     from l4proxy.canary._analysis import HeaderMatch
 
     ab = Policy(steps=(5,), match=(HeaderMatch("x-canary", "exact", "1"),), iterations=3)
-    assert [gate_of(ab, _at(ab, i), PASS) for i in range(3)] == ["", "", "confirm-promotion"]
+    assert [gates_of(ab, _at(ab, i), PASS) for i in range(3)] == [(), (), ("confirm-promotion",)]
 
 
-def test_the_first_gate_is_a_weight_only() -> None:
+def test_the_first_gates_are_a_weights() -> None:
     """A new rollout's first stage is the canary's first live weight,
-    unless it is mirrored (no client gets the canary's answers)."""
-    assert first_gate(_at(WEIGHTED, 0)) == "confirm-traffic-increase"
-    assert first_gate(_at(MIRRORED, 0)) == ""
+    unless it is mirrored (no client gets the canary's answers); a first
+    stage of 100 is the promotion too."""
+    assert first_gates(_at(WEIGHTED, 0)) == RAISE
+    assert first_gates(_at(MIRRORED, 0)) == ()
+    assert first_gates(_at(Policy(steps=(100,)), 0)) == PROMOTION
 
 
 def test_a_held_pass_is_judged_and_stays_at_its_stage() -> None:
     """A gate that holds: the pass is counted (the progress deadline is
-    kept away) and the rollout neither moves on nor promotes; a fail while
-    it holds counts toward the threshold as any."""
-    r = _at(WEIGHTED, 2)
-    ev = advance(WEIGHTED, r, PASS, 50.0, held="confirm-promotion gate: HTTP 403")
+    kept away) and the rollout neither moves on nor promotes, the hold in
+    it since the gate first held; a fail while it holds counts toward the
+    threshold as any, and keeps the hold (Flagger's WaitingPromotion)."""
+    r = _at(WEIGHTED, 1)
+    held = Hold("confirm-promotion", "confirm-promotion gate: HTTP 403", 50.0)
+    ev = advance(WEIGHTED, r, PASS, 50.0, held=held)
     assert (ev.kind, ev.rollout.step, ev.rollout.weight, ev.rollout.phase) == (
         "check",
-        2,
-        100,
+        1,
+        50,
         "progressing",
     )
-    assert (ev.rollout.checks, ev.rollout.judged, ev.held) == (
+    assert (ev.rollout.checks, ev.rollout.judged, ev.held, ev.rollout.hold) == (
         1,
         50.0,
         "confirm-promotion gate: HTTP 403",
+        held,
     )
-    assert advance(WEIGHTED, r, PASS, 50.0).kind == "promoted"  # not held: promoted
-    ev = advance(WEIGHTED, ev.rollout, FAIL, 60.0, held="")
-    ev = advance(WEIGHTED, ev.rollout, FAIL, 70.0, held="")
-    assert ev.kind == "rolled_back"
+    assert advance(WEIGHTED, r, PASS, 50.0).rollout.weight == 100  # not held: raised
+    # held again: since the first time; and only the promotion's gate is asked
+    again = advance(WEIGHTED, ev.rollout, PASS, 60.0, held=replace(held, since=60.0))
+    assert again.rollout.hold == held
+    assert gates_of(WEIGHTED, again.rollout, PASS) == ("confirm-promotion",)
+    ev = advance(WEIGHTED, again.rollout, FAIL, 70.0)
+    assert ev.rollout.hold == held
+    ev = advance(WEIGHTED, ev.rollout, FAIL, 80.0)
+    assert (ev.kind, ev.rollout.hold) == ("rolled_back", None)
 
 
 @pytest.mark.parametrize(
@@ -200,17 +218,20 @@ def test_the_option_is_type_equals_url() -> None:
 
 def test_the_payload_is_flaggers() -> None:
     hook = Webhook("n", "rollout", "http://h/", metadata=(("cmd", "hey"), ("eventType", "x")))
-    assert payload(hook, "bootcamp", "shop", "Progressing") == {
+    assert payload(hook, "bootcamp", "shop", "Progressing", "85d557f47b") == {
         "name": "bootcamp",
         "namespace": "shop",
         "phase": "Progressing",
+        "checksum": "85d557f47b",
         "metadata": {"cmd": "hey", "eventType": "x"},
     }
     # an event's: the event's keys, and the hook's where they do not clash
-    assert event_payload(hook, "bootcamp", "shop", "Failed", "rolled back", True, 12.5) == {
+    got = event_payload(hook, "bootcamp", "shop", "Failed", "85d", "rolled back", True, 12.5)
+    assert got == {
         "name": "bootcamp",
         "namespace": "shop",
         "phase": "Failed",
+        "checksum": "85d",
         "metadata": {
             "eventMessage": "rolled back",
             "eventType": "Warning",
@@ -354,12 +375,15 @@ def test_a_confirm_rollout_gate_holds_the_start_until_it_answers_2xx(
     assert code == 0, out  # promoted
     assert seen == [None, None, None]  # nothing written until it said yes
     assert [b["phase"] for b in hooks.of("gate")] == ["Initialized", "Waiting", "Waiting"]
+    checksum = hooks.of("gate")[0]["checksum"]
     assert hooks.of("gate")[0] == {
         "name": "bootcamp",
         "namespace": "default",
         "phase": "Initialized",
+        "checksum": checksum,
         "metadata": {},
     }
+    assert [b["checksum"] for b in hooks.of("gate")] == [checksum] * 3
     lines = out.splitlines()
     assert lines[1].startswith(
         f"  v2 waiting: confirm-rollout {hooks.url}/gate: HTTP 403: said 403"
@@ -547,7 +571,8 @@ def test_a_confirm_traffic_increase_gate_holds_each_raise_of_the_weight(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Asked before the first weight (nothing written while it holds) and
-    before each raise; a no keeps the weight, judged again."""
+    before each raise, the promotion's too (Flagger asks it there, before
+    confirm-promotion); a no keeps the weight, judged again."""
     seen: list[object] = []
 
     def gate(n: int, body: dict[str, Any]) -> int:
@@ -569,9 +594,9 @@ def test_a_confirm_traffic_increase_gate_holds_each_raise_of_the_weight(
         None,  # said yes
         [("v1", 80), ("v2", 20)],  # 20 -> 60: held
         [("v1", 80), ("v2", 20)],  # said yes
+        [("v1", 40), ("v2", 60)],  # 60 -> the promotion's 100 %
     ]
     assert "pass -> 60 % held: confirm-traffic-increase " in out
-    # the promotion has no gate of this type
     assert _routes(tmp_path) == [("v2", 100)]
 
 
@@ -592,8 +617,9 @@ def test_a_post_rollout_failure_is_only_logged(
 def test_every_event_goes_to_the_event_hooks(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Each line printed is an event POSTed (Flagger's event payload);
-    a failing event hook is only logged, once."""
+    """Each line printed is an event POSTed (Flagger's event payload), as
+    plain text (no bar, no column padding); a failing event hook is only
+    logged, once."""
     with HookServer({"events": always(200), "down": always(503)}).serving() as hooks:
         code = rollout(
             tmp_path,
@@ -608,8 +634,12 @@ def test_every_event_goes_to_the_event_hooks(
     assert code == 0, captured
     lines = unstamped(captured.out).splitlines()
     events = hooks.of("events")
-    assert [e["metadata"]["eventMessage"] for e in events] == [line.strip() for line in lines]
-    assert [e["phase"] for e in events] == ["Progressing", "Succeeded"]
+    assert [e["metadata"]["eventMessage"] for e in events] == [
+        " ".join(line.replace("█", " ").split()) for line in lines
+    ]
+    assert events[1]["metadata"]["eventMessage"].startswith("v2 50 % 250 req success 100.0 %")
+    # the start is said before anything is written: Flagger's Initialized
+    assert [e["phase"] for e in events] == ["Initialized", "Succeeded"]
     assert [e["metadata"]["eventType"] for e in events] == ["Normal", "Normal"]
     assert len(hooks.of("down")) == 2
     assert captured.err.count(f"event {hooks.url}/down: HTTP 503") == 1

@@ -85,12 +85,18 @@ a :class:`Conflict`. What the shell writes for each phase is
 :mod:`l4proxy.canary._webhooks`): their answers are handed in, as the
 samples are, and decide no more than the numbers do. A rollout hook's
 failure fails its interval's check (:func:`with_hook_failures`); a pass
-that would raise the canary's live weight or promote it goes through a
-gate first (:func:`gate_of`, :func:`first_gate`), and a gate that holds
-leaves the rollout at its stage, judged (``advance(held=...)``); a
-pre-rollout hook's failure is a failed check of a rollout whose first
-stage is not written yet, counted toward ``threshold`` as any; a rollback
-hook's 2xx is :func:`roll_back`.
+that would raise the canary's live weight or make it 100 % goes through
+its gates first (:func:`gates_of`, :func:`first_gates`), and a gate that
+holds leaves the rollout at its stage, judged (``advance(held=...)``),
+with a :class:`Hold` in it that ``status`` shows; a pre-rollout hook's
+failure is a failed check of a rollout whose first stage is not written
+yet, counted toward ``threshold`` as any; a rollback hook's 2xx is
+:func:`roll_back`. A new rollout whose start its webhooks hold is
+*waiting* (:func:`waiting`, then :func:`started`): its state records it,
+and what holds it, with nothing routed, so that ``status`` and ``abort``
+know it; it never *started* if it ends so (:attr:`Rollout.started`). Each
+rollout has its ``checksum`` for the webhooks' payload
+(:func:`rollout_checksum`).
 
 A finished rollout (promoted, rolled back) stays as it ended: resuming it
 (:func:`resume`) neither starts over at the first step nor routes anything
@@ -101,6 +107,7 @@ passed in (``now``), never read, so that every path is a table-driven test.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shlex
@@ -109,9 +116,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-Phase = Literal["progressing", "promoted", "rolled_back"]
+# waiting: a new rollout whose webhooks hold its start; nothing is written
+# for it but its state (what holds it, and the command that waits)
+Phase = Literal["waiting", "progressing", "promoted", "rolled_back"]
 Verdict = Literal["pass", "fail", "halt"]
-PHASES: tuple[Phase, ...] = ("progressing", "promoted", "rolled_back")
+PHASES: tuple[Phase, ...] = ("waiting", "progressing", "promoted", "rolled_back")
 
 
 # The most intervals --mirror and --iterations take. Each is a stage kept in
@@ -790,6 +799,41 @@ class Owner:
         )
 
 
+@dataclass(frozen=True)
+class Hold:
+    """What holds a rollout where it is, as its state records it for
+    ``status`` (Flagger's Waiting and WaitingPromotion): the webhook type
+    *gate* (``confirm-rollout``, ``pre-rollout``, ``confirm-traffic-increase``
+    or ``confirm-promotion``), *why* (its answer, as the lines say it) and
+    *since* when (seconds since the epoch: the first answer that held it;
+    the same gate holding again keeps it)."""
+
+    gate: str
+    why: str
+    since: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Hold:
+        if not isinstance(data, dict):
+            raise ValueError(f"hold {data!r}: not an object")
+        return cls(str(data["gate"]), str(data["why"]), float(data["since"]))
+
+
+def rollout_checksum(
+    service: str, stable: str, canary: str, steps: Sequence[int], start: float | None
+) -> str:
+    """The webhooks' ``checksum`` of a rollout (Flagger's names a Canary's
+    configuration: its TrackedConfigs and LastAppliedSpec): ten hex digits
+    of SHA-256 over SERVICE, the versions, the stages it started with and
+    when it started: every rollout has its own, kept in its state, so the
+    same across resumes and for whichever command drives it."""
+    text = json.dumps([service, stable, canary, list(steps), start])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def affinity_words(a: SessionAffinity | None) -> str:
     """The options that made *a*, for a :class:`Conflict`."""
     return "without --session-affinity" if a is None else f"with {a.options()}"
@@ -831,6 +875,15 @@ class Rollout:
     # file from before it); not part of what the rollout is: two states
     # that differ in it alone are the same rollout
     owner: Owner | None = field(default=None, compare=False)
+    # the webhooks' checksum of this rollout (rollout_checksum), made at
+    # its start and kept; "": a state from before it (see webhook_checksum)
+    checksum: str = ""
+    # whether its first stage was written (False: it waits, or it ended
+    # before it started: nothing was routed to the canary)
+    started: bool = True
+    # what holds it where it is, while something does (a waiting
+    # rollout's webhook, a confirm gate that holds a pass); None: nothing
+    hold: Hold | None = None
 
     @property
     def mirrored(self) -> bool:
@@ -847,13 +900,23 @@ class Rollout:
         ended at had one. A rollout's weight only goes up until it ends (a
         resume never takes it back to its mirrored stages, :func:`resume`),
         so one that ended at a mirrored stage never had one, rolled back
-        or promoted by hand alike. A step that is not one of its steps (a
-        hand-edited state): as if it had."""
+        or promoted by hand alike; nor did one that never started. A step
+        that is not one of its steps (a hand-edited state): as if it had."""
+        if not self.started:
+            return False
         if self.phase == "progressing":
             return self.weight > 0
         if 0 <= self.step < len(self.steps):
             return self.steps[self.step] > 0
         return True
+
+    @property
+    def webhook_checksum(self) -> str:
+        """:attr:`checksum`; for a state from before it was kept, one of
+        what the state has (the same at each read while its steps are)."""
+        return self.checksum or rollout_checksum(
+            self.service, self.stable, self.canary, self.steps, None
+        )
 
     @property
     def ab_testing(self) -> bool:
@@ -869,6 +932,7 @@ class Rollout:
         del d["affinity"]
         d["session_affinity"] = None if self.affinity is None else self.affinity.to_json()
         d["owner"] = None if self.owner is None else self.owner.to_json()
+        d["hold"] = None if self.hold is None else self.hold.to_json()
         return d
 
     @classmethod
@@ -899,11 +963,15 @@ class Rollout:
                     else SessionAffinity.from_json(data["session_affinity"])
                 ),
                 owner=None if data.get("owner") is None else Owner.from_json(data["owner"]),
+                checksum=str(data.get("checksum") or ""),
+                started=bool(data.get("started", True)),
+                hold=None if data.get("hold") is None else Hold.from_json(data["hold"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
         if r.phase not in PHASES:
             raise ValueError(f"bad state: phase {r.phase!r}")
+
         if r.affinity is not None and r.gateway is None:
             raise ValueError("bad state: session_affinity without gateway (an HTTPRoute's)")
         return r
@@ -962,6 +1030,9 @@ def resume(
       stable at once, unjudged, and a promotion stands (the other way
       round, a new rollout, is how to go back);
     * other versions still progressing: :class:`Conflict`;
+    * a rollout that never started (``waiting``: its command stopped while
+      its webhooks held it, so nothing of it was written): a new rollout,
+      whatever its versions;
     * the same versions progressing in the other mode (*gateway* None or
       not, as the saved one's is not): :class:`Conflict`; in the same mode
       with another port or other Gateways: :class:`Conflict` too. A finished
@@ -978,6 +1049,8 @@ def resume(
       (or hold two cookies of the name), or the judged share would change
       kind mid-analysis.
     """
+    if saved is not None and saved.phase == "waiting":
+        return _start(policy, service, stable, canary, saved, now, gateway, affinity)
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and same and saved.phase == "progressing":
         if (saved.gateway is None) != (gateway is None):
@@ -1084,6 +1157,20 @@ def resume(
         )
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
+    return _start(policy, service, stable, canary, saved, now, gateway, affinity)
+
+
+def _start(
+    policy: Policy,
+    service: str,
+    stable: str,
+    canary: str,
+    saved: Rollout | None,
+    now: float,
+    gateway: GatewayRoute | None,
+    affinity: SessionAffinity | None,
+) -> Event:
+    """A new rollout at its first stage, after *saved* (None: none)."""
     stages = policy.stages
     if affinity is not None and saved is not None and saved.affinity is not None:
         # the cookie its clients may hold, as it was set: its own if it
@@ -1111,6 +1198,7 @@ def resume(
         policy.match,
         gateway,
         affinity,
+        checksum=rollout_checksum(service, stable, canary, stages, now),
     )
     return Event("start", r, previous_weight=_share_before(saved, canary))
 
@@ -1119,8 +1207,9 @@ def _share_before(saved: Rollout | None, canary: str) -> int | None:
     """The weight *canary* had under the rollout *saved* that a new one
     follows (None: none saved): its canary's weight, or what its stable
     kept (after v2 was promoted, a rollout of v1 starts from 0), or 0: a
-    version it did not route."""
-    if saved is None:
+    version it did not route. One that never started routed nothing of
+    its own, and the one before it is not known: None too."""
+    if saved is None or not saved.started:
         return None
     if saved.canary == canary:
         return saved.weight
@@ -1131,6 +1220,8 @@ def _share_before(saved: Rollout | None, canary: str) -> int | None:
 
 def _where(r: Rollout) -> str:
     """Where a progressing rollout stands, for a :class:`Conflict`."""
+    if r.phase == "waiting":
+        return "waiting to start (nothing written for it yet)"
     if r.match:
         alts = " or ".join(str(m) for m in r.match)
         return f"A/B testing (requests with {alts}, {r.step}/{len(r.steps)} intervals passed)"
@@ -1138,32 +1229,55 @@ def _where(r: Rollout) -> str:
 
 
 # The confirm webhooks a passing interval goes through before the rollout
-# moves on ("": none): one before the canary's live weight goes up, one
-# before a promotion.
-Gate = Literal["", "confirm-traffic-increase", "confirm-promotion"]
+# moves on: one before the canary's live weight goes up, one before its
+# weight becomes 100 % (a promotion, or the last step's 100).
+Gate = Literal["confirm-traffic-increase", "confirm-promotion"]
 
 
-def gate_of(policy: Policy, rollout: Rollout, result: Check) -> Gate:
-    """The gate that *result* would pass through to move *rollout* on:
-    ``confirm-promotion`` where a pass promotes it, ``confirm-traffic-increase``
-    where a pass raises the canary's live weight (the first weight after
-    the mirrored intervals too, where Flagger asks none: it is the first
-    time clients get the canary's answers), "" otherwise (a fail, a halt,
-    a mirrored or A/B interval followed by another). The shell asks the
-    gate's webhooks and hands :func:`advance` what they said."""
+def gates_of(policy: Policy, rollout: Rollout, result: Check) -> tuple[Gate, ...]:
+    """The gates that *result* passes through, in order, to move *rollout*
+    on (none: a fail, a halt, a mirrored or A/B interval followed by
+    another):
+
+    * ``confirm-traffic-increase`` where the pass raises the canary's live
+      weight: the next step's, the first after the mirrored intervals
+      (where Flagger asks none: it is the first time clients get the
+      canary's answers), and the promotion's 100 %, as Flagger asks it
+      before its promotion too; not while ``confirm-promotion`` holds the
+      rollout, which it passed (Flagger's WaitingPromotion); never for an
+      A/B test, whose weight does not move before its promotion;
+    * ``confirm-promotion`` where it makes the canary's weight 100 %: the
+      promotion, or the raise to a last step of 100, which sends the
+      canary every request: the promotion in all but name (asked after
+      it, every request already the canary's, it approved nothing); the
+      pass at such a step then promotes without a gate.
+
+    The shell asks the gates' webhooks, up to the first that holds, and
+    hands :func:`advance` what it said."""
     if rollout.phase != "progressing" or result.verdict != "pass":
-        return ""
+        return ()
     steps = rollout.steps or policy.stages
-    if rollout.step + 1 >= len(steps):
-        return "confirm-promotion"
-    return "confirm-traffic-increase" if steps[rollout.step + 1] > rollout.weight else ""
+    last = rollout.step + 1 >= len(steps)
+    weight = 100 if last else steps[rollout.step + 1]
+    return _gates(rollout, rollout.weight, weight)
 
 
-def first_gate(rollout: Rollout) -> Gate:
-    """The gate before a new *rollout*'s first stage is written: its first
+def first_gates(rollout: Rollout) -> tuple[Gate, ...]:
+    """The gates before a new *rollout*'s first stage is written: its first
     weight is a raise of the canary's live weight (from 0), unless it is
-    mirrored or A/B testing (no client is routed to the canary by weight)."""
-    return "confirm-traffic-increase" if rollout.weight > 0 else ""
+    mirrored or A/B testing (no client is routed to the canary by weight),
+    and a promotion where it is 100 % (``--steps 100``)."""
+    return _gates(rollout, 0, rollout.steps[0] if rollout.steps else 0)
+
+
+def _gates(rollout: Rollout, weight: int, to: int) -> tuple[Gate, ...]:
+    out: list[Gate] = []
+    promotion_held = rollout.hold is not None and rollout.hold.gate == "confirm-promotion"
+    if to > weight and not rollout.match and not promotion_held:
+        out.append("confirm-traffic-increase")
+    if to == 100 and weight < 100:
+        out.append("confirm-promotion")
+    return tuple(out)
 
 
 def with_hook_failures(graded: Check, reasons: Sequence[str]) -> Check:
@@ -1179,13 +1293,18 @@ def with_hook_failures(graded: Check, reasons: Sequence[str]) -> Check:
     return replace(graded, verdict="fail", reasons=(*reasons, *kept))
 
 
-def advance(policy: Policy, rollout: Rollout, result: Check, now: float, held: str = "") -> Event:
-    """Apply one graded interval to a progressing rollout. *held*: the
-    reason a gate of :func:`gate_of` holds (""  none, or it passed): a pass
+def advance(
+    policy: Policy, rollout: Rollout, result: Check, now: float, held: Hold | None = None
+) -> Event:
+    """Apply one graded interval to a progressing rollout. *held*: the gate
+    of :func:`gates_of` that holds it (None: none, or they passed): a pass
     is judged (and keeps the progress deadline away) but leaves the
-    rollout at its stage, and the event says why."""
+    rollout at its stage, the hold recorded in it (since the first time
+    that gate held it), and the event says why. A pass that moves on, or
+    an end, clears the hold; a fail or a halt keeps it (the gate was not
+    asked: Flagger's WaitingPromotion lasts through failed checks)."""
     if rollout.phase != "progressing":
-        return Event(rollout.phase, rollout)
+        return Event(rollout.phase, rollout)  # type: ignore[arg-type]
     r = replace(rollout, checks=rollout.checks + 1, updated=now)
     before = rollout.weight
     mirrored = rollout.mirrored
@@ -1203,6 +1322,7 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float, held: s
                 reason=f"nothing judged for {now - since:.0f} s (--progress-deadline "
                 f"{policy.progress_deadline:g}, two intervals at least): "
                 f"{'; '.join(result.reasons)}",
+                hold=None,
             )
             return Event("rolled_back", r, result, before, mirrored)
         return Event("check", r, result, before, mirrored)
@@ -1216,11 +1336,17 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float, held: s
                 phase="rolled_back",
                 weight=0,
                 reason=f"{r.failed_checks} failed checks (--threshold {policy.threshold}): {why}",
+                hold=None,
             )
             return Event("rolled_back", r, result, before, mirrored)
         return Event("check", r, result, before, mirrored)
-    if held:
-        return Event("check", r, result, before, mirrored, held=held)
+    if held is not None:
+        h = rollout.hold
+        if h is not None and h.gate == held.gate:
+            held = replace(held, since=h.since)
+        r = replace(r, hold=held)
+        return Event("check", r, result, before, mirrored, held=held.why)
+    r = replace(r, hold=None)
     if r.step + 1 >= len(steps):
         r = replace(r, phase="promoted", weight=100, reason="every step passed")
         return Event("promoted", r, result, before, mirrored)
@@ -1229,11 +1355,37 @@ def advance(policy: Policy, rollout: Rollout, result: Check, now: float, held: s
 
 
 def promote(rollout: Rollout, now: float, why: str = "promoted by hand") -> Rollout:
-    return replace(rollout, phase="promoted", weight=100, reason=why, updated=now)
+    return replace(rollout, phase="promoted", weight=100, reason=why, updated=now, hold=None)
 
 
 def roll_back(rollout: Rollout, now: float, why: str = "aborted by hand") -> Rollout:
-    return replace(rollout, phase="rolled_back", weight=0, reason=why, updated=now)
+    return replace(rollout, phase="rolled_back", weight=0, reason=why, updated=now, hold=None)
+
+
+def fail_before_start(
+    policy: Policy, rollout: Rollout, reasons: Sequence[str], now: float
+) -> Event:
+    """A failed pre-rollout check of a *waiting* rollout (*reasons*: its
+    hooks that failed): counted toward ``threshold`` as any failed check,
+    the rollout still waiting (nothing routed: weight 0, its previous 0),
+    or at the threshold rolled back, never started."""
+    going = replace(rollout, phase="progressing")
+    ev = advance(policy, going, Check("fail", None, None, None, tuple(reasons)), now)
+    r = ev.rollout if ev.kind == "rolled_back" else replace(ev.rollout, phase="waiting")
+    return replace(ev, rollout=r, previous_weight=0, mirrored=False, pre_rollout=True)
+
+
+def waiting(rollout: Rollout) -> Rollout:
+    """A new *rollout* (:func:`resume`'s start) as its state holds it while
+    its webhooks hold its start: nothing routed (weight 0), not started."""
+    return replace(rollout, phase="waiting", weight=0, started=False)
+
+
+def started(rollout: Rollout) -> Rollout:
+    """A *waiting* rollout once its webhooks let it start: at its first
+    stage, progressing, nothing holding it."""
+    steps = rollout.steps
+    return replace(rollout, phase="progressing", weight=steps[0], started=True, hold=None)
 
 
 def run_table(

@@ -17,17 +17,21 @@ and what its answer does:
   sends the canary traffic for that interval), and its answer is part of
   the interval's verdict: not 2xx fails the check, whatever the numbers.
 * ``confirm-traffic-increase``: asked after a check passes and before the
-  canary's live weight goes up (the first weight of a new rollout, and the
-  first after its mirrored intervals, included): not 2xx holds the weight
-  where it is, and the next interval is judged at it again.
-* ``confirm-promotion``: the same before a promotion; while it holds, the
-  checks and the rollout hooks go on every interval, and their failures
-  count.
+  canary's live weight goes up (the first weight of a new rollout, the
+  first after its mirrored intervals, and the promotion's 100 %,
+  included): not 2xx holds the weight where it is, and the next interval
+  is judged at it again.
+* ``confirm-promotion``: the same, after it, before the canary's weight
+  becomes 100 %: a promotion, or the raise to a last step of 100 (which
+  sends the canary every request: the promotion in all but name, asked
+  there, not once it is done); while it holds, the checks and the
+  rollout hooks go on every interval, and their failures count.
 * ``rollback``: asked before each verdict (and while a gate holds): 2xx
   rolls the rollout back now, its interval cut short, never judged.
 * ``post-rollout``: called once a rollout's end (promotion or rollback) is
   written; its failure is only logged.
-* ``event``: every line the analysis prints (each event) is POSTed to it;
+* ``event``: every line the command prints is POSTed to it, as plain
+  text (each event, and each warning or error on stderr, a ``Warning``);
   its failure is only logged.
 
 What an answer means is Flagger's too: a status of 200 to 202 passes
@@ -49,16 +53,17 @@ refuses it), at most 10 redirects (:class:`_Redirects`).
 
 The body is Flagger's ``CanaryWebhookPayload``: ``name`` (SERVICE),
 ``namespace`` (the rules' namespace), ``phase`` (Flagger's words for where
-the rollout is: :data:`PHASES`) and ``metadata``, the hook's own map (an
-``event`` hook's: ``eventMessage``, ``eventType`` and ``timestamp``, with
-the hook's own keys added where they do not clash).
+the rollout is: :data:`PHASES`), ``checksum`` (the rollout's: a new
+rollout has another, a resumed one the same) and ``metadata``, the hook's
+own map (an ``event`` hook's: ``eventMessage``, ``eventType`` and
+``timestamp``, with the hook's own keys added where they do not clash).
 
 This module holds the webhooks as declared (:class:`Webhook`, from
 ``--webhook TYPE=URL`` or a file in Flagger's form: :func:`parse_file`),
 the pure decisions on their answers (:func:`failures`, :func:`holding`,
 :func:`rollback_asked`), and the POST itself (:func:`post`), which is the
 only I/O. When each type is called and what its decision does to the
-rollout is :mod:`l4proxy.canary._analysis` (:func:`gate_of`,
+rollout is :mod:`l4proxy.canary._analysis` (:func:`gates_of`,
 ``advance(held=...)``, :func:`with_hook_failures`) and the command's loop.
 
 The calls honour ``http_proxy``/``https_proxy``/``no_proxy`` (a hook may be
@@ -369,13 +374,18 @@ def _entry(entry: object, where: str) -> Webhook:
 
 
 # -- the payload --------------------------------------------------------------------
-def payload(hook: Webhook, service: str, namespace: str, phase: str) -> dict[str, Any]:
-    """Flagger's ``CanaryWebhookPayload`` for *hook* (``metadata`` always
-    there, {} where the hook has none)."""
+def payload(
+    hook: Webhook, service: str, namespace: str, phase: str, checksum: str
+) -> dict[str, Any]:
+    """Flagger's ``CanaryWebhookPayload`` for *hook*: *checksum* names the
+    rollout (:func:`l4proxy.canary._analysis.rollout_checksum`), as
+    Flagger's names a Canary's configuration; ``metadata`` always there,
+    {} where the hook has none."""
     return {
         "name": service,
         "namespace": namespace,
         "phase": phase,
+        "checksum": checksum,
         "metadata": dict(hook.metadata),
     }
 
@@ -385,6 +395,7 @@ def event_payload(
     service: str,
     namespace: str,
     phase: str,
+    checksum: str,
     message: str,
     warning: bool,
     now: float,
@@ -400,7 +411,8 @@ def event_payload(
     }
     for k, v in hook.metadata:
         metadata.setdefault(k, v)
-    return {"name": service, "namespace": namespace, "phase": phase, "metadata": metadata}
+    out = payload(hook, service, namespace, phase, checksum)
+    return {**out, "metadata": metadata}
 
 
 # -- what the answers decide (pure) -------------------------------------------------

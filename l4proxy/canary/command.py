@@ -119,16 +119,22 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
 * **Webhooks** (``--webhook TYPE=URL``, ``--webhooks FILE``: Flagger's
   ``analysis.webhooks``, :mod:`l4proxy.canary._webhooks`): :class:`Hooks`
   calls them, and the analysis acts on their answers as the pure step
-  machine decides. A new rollout's start waits, with nothing written, on
-  its confirm-rollout, pre-rollout and first confirm-traffic-increase
-  hooks (:func:`_before_start`: a pre-rollout failure is a failed check,
-  and ``--threshold`` of them an end to write); the rollout hooks are
+  machine decides. A new rollout's start waits on its confirm-rollout,
+  pre-rollout and first weight's gates (:func:`_before_start`: a
+  pre-rollout failure is a failed check, and ``--threshold`` of them an
+  end to write) with no route written: its state records it *waiting*,
+  with what holds it and this command as its owner, so that ``status``
+  shows it, ``abort`` ends it (seen at the next interval) and a Ctrl-C
+  puts the state back (:meth:`Store.put_back`). The rollout hooks are
   called at each interval's start and fail its check; a pass that raises
-  the weight or promotes asks its gate, which may hold it at its stage;
-  the rollback hooks are asked before each verdict, and a pass is an end
-  (:func:`_end_here`); the post-rollout hooks hear each end written, the
-  event hooks each event (:attr:`Display.notify`), their failures only
-  logged.
+  the weight or makes it 100 % asks its gates, which may hold it at its
+  stage (the hold kept in the state for ``status``, and for the phase the
+  payloads say); the rollback hooks are asked before each verdict, and a
+  pass is an end (:func:`_end_here`); the post-rollout hooks hear each end
+  written, the event hooks each line printed (:attr:`Display.notify`, and
+  stderr's: :func:`complain`), their failures only logged. ``promote`` and
+  ``abort`` call the post-rollout and event hooks given to them
+  (:func:`_hand_hooks`).
 
 Output (:class:`Display`): a line per event, each starting with the time
 (UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
@@ -165,6 +171,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -179,7 +186,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 import yaml
 
@@ -192,6 +199,7 @@ from l4proxy.canary._analysis import (
     Event,
     GatewayRoute,
     HeaderMatch,
+    Hold,
     Owner,
     Policy,
     PolicyError,
@@ -203,8 +211,9 @@ from l4proxy.canary._analysis import (
     cookie_attributes_problem,
     cookie_name_problem,
     cookie_prefix_problem,
-    first_gate,
-    gate_of,
+    fail_before_start,
+    first_gates,
+    gates_of,
     mirrored_stages,
     new_cookie_value,
     p99_limit,
@@ -214,8 +223,10 @@ from l4proxy.canary._analysis import (
     promote,
     resume,
     roll_back,
+    started,
     steps_from,
     success_ok,
+    waiting,
     with_hook_failures,
 )
 from l4proxy.canary._metrics import (
@@ -367,12 +378,17 @@ status, promote and abort ignore these options (they act on the saved rollout an
 the cookie it was started with).
 
 --webhook TYPE=URL (repeatable), --webhooks FILE: Flagger's analysis.webhooks.
-Each is a POST of {"name": SERVICE, "namespace": NS, "phase": ..., "metadata":
-{...}}; it passes on 200-202, and fails on any other status, no answer within
-its timeout (10 s) or a refused connection. FILE is YAML in Flagger's form: a
-Canary (its spec.analysis.webhooks), a mapping with webhooks, or the list; each
-entry has name, url, and optionally type (rollout), timeout (30s, 2m), metadata
-(strings), retries, disableTLS. The types:
+Each is a POST of {"name": SERVICE, "namespace": NS, "phase": ..., "checksum": ...,
+"metadata": {...}} (checksum: the rollout's, the same across resumes); it passes on
+200-202, and fails on any other status, no answer within its timeout (10 s: the
+whole call, its body too) or a refused connection. A URL's user:password goes as
+Basic authorization; a 307 or 308 is followed with the POST again (10 at most).
+FILE is YAML in Flagger's form: a Canary (its spec.analysis.webhooks; among other
+documents, the kind: Canary one), a mapping with webhooks, or the list; each entry
+has name, url, and optionally type (rollout), timeout (30s, 2m), metadata
+(strings), retries, disableTLS. The output shows a hook's name and its URL's
+scheme and host (without a name, its path too), never a query or a password.
+The types:
   confirm-rollout           before a new rollout writes anything, asked every
                             interval until it passes (manual approval)
   pre-rollout               then, before any request goes to the canary; a
@@ -381,31 +397,42 @@ entry has name, url, and optionally type (rollout), timeout (30s, 2m), metadata
                             failure fails that interval's check, whatever its
                             numbers
   confirm-traffic-increase  after a pass, before the canary's weight goes up
-                            (the first weight too); a failure holds the weight
-  confirm-promotion         after the last step's pass, before the promotion;
-                            a failure holds it, and the checks go on
-  rollback                  before the start and each verdict: a pass rolls
-                            back now, the interval never judged
+                            (the first weight, and the promotion's 100 %, too);
+                            a failure holds the weight
+  confirm-promotion         then, before the canary's weight becomes 100 %: the
+                            raise to a last step of 100 (--steps 5,...,100), or
+                            the promotion after a last step under 100; a failure
+                            holds it, the checks go on, only it is asked again
+  rollback                  before each verdict, and while the start waits (once
+                            confirm-rollout was asked): a pass rolls back now,
+                            the interval never judged
   post-rollout              after a promotion or rollback is written; a failure
                             is only logged
-  event                     every event the command prints; failures only logged
-While confirm-rollout or pre-rollout holds the start nothing is written (status
-knows no rollout yet; Ctrl-C ends the wait, exit 3).
+  event                     every line the command prints, stderr's too (as a
+                            Warning), in plain text; failures only logged
+While the start's webhooks hold it, no route is written: the state records the
+rollout waiting (status: 'waiting to start ... held since ... by ...'); abort
+ends it (the waiting command stops at its next interval), promote refuses it,
+Ctrl-C ends the wait (exit 3) and puts the state back. While confirm-promotion
+holds, status says 'waiting for promotion'. promote and abort call the
+post-rollout and event webhooks given to them (post-rollout not where a running
+command holds the rollout: it calls its own); status calls none.
 e.g. --webhook confirm-promotion=http://flagger-loadtester.test/gate/check
 
 exit status:
   0  promoted (100 % to the canary)
   1  rolled back (100 % to stable), by the analysis, by abort, or by a rollback
-     webhook (a pre-rollout webhook failing --threshold times too)
+     webhook (a pre-rollout webhook failing --threshold times too; an abort while
+     the start's webhooks held it)
   2  error, before the analysis starts (mid-rollout, a step refused is a failed
      check): usage, unreadable or invalid rules, a competing rule, no metrics,
      a rollback that could not be written (NOT applied), an abort of a promoted
      rollout (a promotion stands: roll the old version out as a new canary),
-     a promote of a rolled-back one (a rollback stands: roll it out anew),
-     an unexpected error
+     a promote of a rolled-back one (a rollback stands: roll it out anew) or of
+     one waiting to start (its webhooks hold it), an unexpected error
   3  interrupted, weights left where they were: run the same command to resume
      (interrupted while a confirm-rollout or pre-rollout webhook holds the
-     start: nothing written)
+     start: no route written, the state put back)
   4  written, NOT SERVED: a rollback, abort or promotion that a sidecar read still
      does not serve after --wait-live (one that refuses the rules: its
      /config_dump's last_error is printed); the canary keeps its traffic until
@@ -1664,6 +1691,9 @@ class Superseded(Exception):
         now = "its state was removed" if current is None else f"now {rollout_words(current)}"
         super().__init__(f"the rollout changed meanwhile ({now})")
         self.current = current
+        # the rollout as its writer last wrote it, where the caller does
+        # not know it (a waiting start's: _before_start)
+        self.ours: Rollout | None = None
 
 
 class RulesWriter:
@@ -2056,6 +2086,7 @@ class Store(Protocol):
 
     def load_state(self) -> Rollout | None: ...
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
+    def put_back(self, previous: Rollout | None, expected: Rollout) -> None: ...
     def install(self, r: Rollout) -> bool: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
     def edited(self, r: Rollout) -> str: ...
@@ -2089,6 +2120,20 @@ class FileStore:
             with apply._locked(self.paths.directory):
                 self._still(expected, r)
                 save_state(self.paths.state, r)
+        except OSError as exc:
+            raise Transient(f"{self.paths.state}: cannot write it: {exc}") from exc
+
+    def put_back(self, previous: Rollout | None, expected: Rollout) -> None:
+        """The state as it was, *previous* (None: none), where it is still
+        *expected* (a waiting start given up: nothing of it stays)."""
+        try:
+            with apply._locked(self.paths.directory):
+                if not stored_as(load_state(self.paths.state), expected):
+                    raise Superseded(load_state(self.paths.state))
+                if previous is None:
+                    os.unlink(self.paths.state)
+                else:
+                    save_state(self.paths.state, previous)
         except OSError as exc:
             raise Transient(f"{self.paths.state}: cannot write it: {exc}") from exc
 
@@ -2676,14 +2721,35 @@ def stamp(at: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
-def complain(err: TextIO | None, text: str) -> None:
+# Where what complain() says goes besides stderr: the event webhooks of the
+# rollout this command runs (Hooks.warned), set once they are known and
+# reset as run() returns. A context variable, not a parameter: a warning is
+# said from deep in the metrics, the store and the display, and an event
+# webhook must hear every line the command prints, stderr's too (a
+# rollout left interrupted, or stopped because another command took it).
+_HEARD: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "l4proxy_canary_heard", default=None
+)
+
+
+def complain(err: TextIO | None, text: str, heard: bool = True) -> None:
     """Say *text* on stderr (*err*), as ``l4proxy canary: TEXT``, each of
     its lines after the time as on stdout (:func:`stamp`): a Job's log
     interleaves the two, and a warning, an error or NOT SERVED said when
-    it happened."""
+    it happened. Then to the event webhooks, a Warning (:data:`_HEARD`;
+    not where *heard* is false: an event webhook's own failure)."""
     at = stamp()
     lines = f"l4proxy canary: {text}".split("\n")
     print("\n".join(f"{at} {line}" for line in lines), file=err or sys.stderr, flush=True)
+    if heard and (tell := _HEARD.get()) is not None:
+        tell(text)
+
+
+def plain(text: str) -> str:
+    """A line as the event webhooks get it (their ``eventMessage``): plain
+    text, without the bar's glyphs and the columns' padding, its lines
+    joined (a chat shows it as it is)."""
+    return " ".join(text.translate({ord(c): " " for c in BLOCKS}).split())
 
 
 # -- display -----------------------------------------------------------------------
@@ -2748,7 +2814,7 @@ class Display:
         text = self.line(ev, note, cut_short, not_served)
         if self.as_json:
             out = {"time": stamp(), **event_json(ev, note)}
-            if cut_short:
+            if cut_short and ev.rollout.started:
                 out["cut_short"] = True
             if not_served:
                 out["served"] = False
@@ -2763,10 +2829,15 @@ class Display:
         if self.notify is not None:
             c = ev.check
             warning = (
-                ev.kind == "rolled_back" or bool(ev.held) or (c is not None and c.verdict == "fail")
+                ev.kind == "rolled_back"
+                or bool(ev.held)
+                or bool(not_served)
+                or (c is not None and c.verdict == "fail")
             )
-            message = " ".join(line.strip() for line in text.split("\n"))
-            self.notify(message, warning, flagger_phase(ev.rollout, ev.held))
+            # a start is said before anything is written (Flagger's
+            # Initialized: the analysis has not begun)
+            phase = "Initialized" if ev.kind == "start" else flagger_phase(ev.rollout)
+            self.notify(plain(text), warning, phase)
 
     def hook(self, r: Rollout, result: HookResult, effect: str, note: str = "") -> None:
         """A webhook's call that is no check's: *effect* ``waiting`` (a gate
@@ -2794,8 +2865,7 @@ class Display:
         else:
             self.say(text)
         if self.notify is not None:
-            phase = "Waiting" if effect == "waiting" else flagger_phase(r)
-            self.notify(text.strip(), effect == "waiting" or not result.ok, phase)
+            self.notify(plain(text), effect == "waiting" or not result.ok, flagger_phase(r))
 
     def line(self, ev: Event, note: str = "", cut_short: bool = False, not_served: str = "") -> str:
         r, p = ev.rollout, self.policy
@@ -2828,6 +2898,10 @@ class Display:
         if ev.pre_rollout:
             # before the first stage is written: no interval, no numbers
             cells = f"  {r.canary} {'pre-rollout':<26}"
+        elif not r.started:
+            # ended before its first stage was written (a rollback webhook
+            # while a gate held it, an abort): no interval to show
+            cells = f"  {r.canary} {'not started':<26}"
         elif r.match:
             # an A/B interval: no weight moves; the interval it judged, of N
             # (a pass moved the step on, unless a gate held it)
@@ -2870,7 +2944,7 @@ class Display:
             )
         if c is not None and c.copies_dropped is not None:
             cells += f"  {_num(c.copies_dropped)} dropped (all mirrors)"
-        if cut_short:  # neither pass nor fail: no interval's numbers were judged
+        if cut_short and r.started:  # neither pass nor fail: no interval's numbers were judged
             cells += "  interval cut short, not judged"
         verdict = self.verdict(ev, not_served)
         return f"{cells}  {verdict}" + (f" ({note})" if note else "")
@@ -2916,6 +2990,8 @@ class Display:
         if ev.held:
             steps = r.steps or self.policy.stages
             to = "promotion" if r.step + 1 >= len(steps) else f"{steps[r.step + 1]} %"
+            if to == "100 %":  # a last step of 100: the promotion in all but name
+                to = "100 % (the promotion)"
             return f"pass -> {to} held: {ev.held}; {stays}"
         if r.ab_testing:
             return f"pass -> A/B {r.step + 1}/{len(r.steps)}"
@@ -3034,6 +3110,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         out["held"] = ev.held
     if ev.pre_rollout:  # before the first stage was written
         out["pre_rollout"] = True
+    if r.phase == "waiting":  # its webhooks hold its start: nothing routed yet
+        out["written"] = False
     if r.match:  # A/B testing: the requests that went to the canary
         out["match"] = [m.to_json() for m in r.match]
     if r.gateway is not None:  # stable and canary are backend Services of an HTTPRoute
@@ -3085,15 +3163,22 @@ def webhooks_of(args: argparse.Namespace) -> tuple[Webhook, ...]:
     return tuple(hooks)
 
 
-def flagger_phase(r: Rollout, held: str = "") -> str:
-    """*r*'s phase as Flagger names it in a webhook's payload: Progressing
-    (WaitingPromotion while a confirm-promotion webhook holds it, *held*),
-    Succeeded (promoted), Failed (rolled back)."""
+def flagger_phase(r: Rollout) -> str:
+    """*r*'s phase as Flagger names it in a webhook's payload: Waiting (a
+    confirm-rollout webhook holds its start), Progressing (its analysis, a
+    pre-rollout hook's and the first confirm-traffic-increase's included),
+    WaitingPromotion (a confirm-promotion webhook holds it: :attr:`Rollout.hold`,
+    kept through failed checks, as Flagger's phase is), Succeeded
+    (promoted), Failed (rolled back). Initialized, before the first
+    confirm-rollout call, is the caller's to say."""
     if r.phase == "promoted":
         return "Succeeded"
     if r.phase == "rolled_back":
         return "Failed"
-    return "WaitingPromotion" if held.startswith("confirm-promotion") else "Progressing"
+    gate = "" if r.hold is None else r.hold.gate
+    if gate == "confirm-rollout":
+        return "Waiting"
+    return "WaitingPromotion" if gate == "confirm-promotion" else "Progressing"
 
 
 def hooks_words(hooks: Sequence[Webhook]) -> str:
@@ -3130,6 +3215,10 @@ class Hooks:
         self.err = err
         self.post = post
         self.failing: set[Webhook] = set()  # event hooks whose last call failed
+        # the rollout's checksum, in every payload (set once it is known)
+        self.checksum = ""
+        # the phase of the last event told: a warning's (warned)
+        self.phase = "Initialized"
 
     def has(self, kind: str) -> bool:
         return any(h.type == kind for h in self.hooks)
@@ -3140,21 +3229,30 @@ class Hooks:
         for h in self.hooks:
             if h.type != kind:
                 continue
-            out.append(self.post(h, payload(h, self.service, self.namespace, phase)))
+            body = payload(h, self.service, self.namespace, phase, self.checksum)
+            out.append(self.post(h, body))
             if decided(out[-1]):
                 break
         return out
 
     def notify(self, message: str, warning: bool, phase: str) -> None:
-        """POST an event (*message*, a line as the command prints it) to
-        every ``event`` hook; a failure is only logged, once until that
-        hook answers again (an event hook down must not stop the analysis,
-        nor write a line per event)."""
+        """POST an event (*message*, a line as the command prints it, in
+        plain text) to every ``event`` hook; a failure is only logged, once
+        until that hook answers again (an event hook down must not stop
+        the analysis, nor write a line per event)."""
+        self.phase = phase
         for h in self.hooks:
             if h.type != "event":
                 continue
             body = event_payload(
-                h, self.service, self.namespace, phase, message, warning, time.time()
+                h,
+                self.service,
+                self.namespace,
+                phase,
+                self.checksum,
+                message,
+                warning,
+                time.time(),
             )
             result = self.post(h, body)
             if result.ok:
@@ -3165,7 +3263,14 @@ class Hooks:
                     self.err,
                     f"warning: {result}; an event webhook's failure is only logged (said "
                     "once until it answers again)",
+                    heard=False,
                 )
+
+    def warned(self, text: str) -> None:
+        """What the command said on stderr (:func:`complain`: a warning, an
+        error, an interruption), to the event hooks as a Warning, in the
+        phase of the last event."""
+        self.notify(plain(text), True, self.phase)
 
     def post_rollout(self, r: Rollout, display: Display) -> None:
         """Call the post-rollout hooks of *r*, whose end (a promotion, a
@@ -3203,6 +3308,16 @@ def _interruptible() -> Iterator[None]:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    # what this run says on stderr goes to its event webhooks once they are
+    # known (_HEARD), its last error included; none past its return
+    token = _HEARD.set(None)
+    try:
+        return _run(args, out, err)
+    finally:
+        _HEARD.reset(token)
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     words: list[str] = args.words
     action = words[0] if words[0] in ACTIONS and len(words) == 2 else "run"
     try:
@@ -3259,7 +3374,13 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
 
     The sidecars (or Prometheus) are read on a best-effort basis: an abort is
     an emergency, and one unreachable sidecar must not keep it from being
-    written."""
+    written. So are the webhooks (:func:`_hand_hooks`): promote and abort
+    call the event and post-rollout ones they are given; ``status`` none.
+
+    A rollout waiting to start (its webhooks hold it: nothing routed yet) is
+    aborted as any (rolled back, never started; the waiting command sees
+    it at its next interval and stops, writing nothing), and not promoted
+    (:func:`promote_before_start`)."""
     as_json: bool = args.json
     wait = wait_live_of(args)
     loaded = store.load_state()
@@ -3270,12 +3391,16 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
         raise CanaryError(abort_after_promotion(saved))
     if action == "promote" and saved.phase == "rolled_back":
         raise CanaryError(promote_after_rollback(saved))
+    if action == "promote" and saved.phase == "waiting":
+        raise CanaryError(promote_before_start(saved))
+    hooks = _hand_hooks(action, store, args, loaded, err)
     # (an end said again stays as it was: its reason, and its time, which
     # tells whether a sidecar loaded it)
     if action == "promote" and saved.phase != "promoted":
         saved = replace(promote(saved, time.time()), owner=None)
     elif action == "abort" and saved.phase != "rolled_back":
-        saved = replace(roll_back(saved, time.time()), owner=None)
+        why = "aborted by hand" if saved.started else "aborted by hand before it started"
+        saved = replace(roll_back(saved, time.time(), why), owner=None)
     if action != "status":
         sidecars: SidecarMetrics | PrometheusMetrics | None = None
         before: dict[str, RulesMark | None] = {}
@@ -3317,19 +3442,23 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                 # the rollout as it is now. Anything else (it ended, another
                 # rollout) is not ours to overwrite.
                 now = exc.current
+                busy = ("waiting", "progressing")
                 if (
                     attempt == END_ATTEMPTS
-                    or loaded.phase != "progressing"
+                    or loaded.phase not in busy
                     or now is None
-                    or now.phase != "progressing"
+                    or now.phase not in busy
                     or (now.stable, now.canary) != (loaded.stable, loaded.canary)
                 ):
                     raise
+                if action == "promote" and now.phase == "waiting":
+                    raise CanaryError(promote_before_start(now)) from None
                 loaded = now
+                why = "aborted by hand" if now.started else "aborted by hand before it started"
                 ended = (
                     promote(now, time.time())
                     if action == "promote"
-                    else roll_back(now, time.time())
+                    else roll_back(now, time.time(), why)
                 )
                 saved = replace(ended, owner=None)
                 if isinstance(sidecars, SidecarMetrics):
@@ -3363,13 +3492,72 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
                 print(json.dumps({**saved.to_json(), "not_served": refused.summary}), file=out)
             else:
                 print(f"{stamp()} {status_line(saved)}", file=out)
+            hooks.notify(plain(status_line(saved)), True, flagger_phase(saved))
             not_served(err, saved, store, refused)
+            _hand_post_rollout(hooks, saved, loaded, as_json, out)
             return EXIT_NOT_SERVED
     if as_json:
         print(json.dumps(saved.to_json()), file=out)
     else:
         print(f"{stamp()} {status_line(saved)}", file=out)
+    if action != "status":
+        hooks.notify(plain(status_line(saved)), saved.phase != "promoted", flagger_phase(saved))
+        _hand_post_rollout(hooks, saved, loaded, as_json, out)
     return {"promoted": EXIT_PROMOTED, "rolled_back": EXIT_ROLLED_BACK}.get(saved.phase, 0)
+
+
+def _hand_hooks(
+    action: str, store: Store, args: argparse.Namespace, loaded: Rollout, err: TextIO
+) -> Hooks:
+    """The webhooks ``promote`` and ``abort`` call: the ``event`` ones hear
+    each line they print (stderr's too), the ``post-rollout`` ones the end
+    they write (:func:`_hand_post_rollout`); the other types are taken and
+    not called (nothing there to gate or test), as a run's other options
+    are: an abort in a hurry from a copied command line works. A webhook
+    option that cannot be used is a warning, never a refusal of the end.
+    ``status`` calls none (it changes nothing)."""
+    namespace = getattr(store, "namespace", None) or args.namespace or "default"
+    declared: tuple[Webhook, ...] = ()
+    if action != "status":
+        try:
+            declared = webhooks_of(args)
+        except CanaryError as exc:
+            complain(err, f"warning: {exc}; no webhook is called")
+    hooks = Hooks(declared, store.service, namespace, err)
+    hooks.checksum = loaded.webhook_checksum
+    if hooks.has("event"):
+        _HEARD.set(hooks.warned)
+    return hooks
+
+
+# The policy of a Display that prints webhooks' lines alone (promote and
+# abort print no check's line: any policy draws them)
+_ANY_POLICY = Policy(steps=(100,))
+
+
+def _hand_post_rollout(
+    hooks: Hooks, ended: Rollout, loaded: Rollout, as_json: bool, out: TextIO
+) -> None:
+    """The post-rollout webhooks of an end written by ``promote`` or
+    ``abort`` (*ended*, from *loaded*): called where this command ended
+    the rollout and no other runs it. One that runs it (its process, or
+    elsewhere its lease: :func:`alive`) sees the end at its next interval
+    and calls its own post-rollout webhooks: called here too, the same
+    hooks (a copied command line) would hear the end twice. Said again
+    (an end written before), none: they heard it then."""
+    if not hooks.has("post-rollout") or loaded.phase not in ("waiting", "progressing"):
+        return
+    display = Display(out, as_json, _ANY_POLICY)
+    display.notify = hooks.notify
+    holder, me = loaded.owner, this_process(0.0)
+    if holder is not None and not holder.same_process(me) and alive(holder, me, time.time()):
+        if not as_json:
+            display.say(
+                f"  {ended.canary} post-rollout webhooks: left to the command that runs the "
+                f"rollout ({holder}), which calls its own as it sees the end"
+            )
+        return
+    hooks.post_rollout(ended, display)
 
 
 # An abort or promote that meets the running command's write of a check
@@ -3379,8 +3567,17 @@ END_ATTEMPTS = 5
 
 
 def status_line(r: Rollout) -> str:
-    """What ``status`` (and ``promote``, ``abort``) prints of *r*."""
-    if r.ab_testing:
+    """What ``status`` (and ``promote``, ``abort``) prints of *r*: where it
+    stands, and what holds it there (a webhook: :attr:`Rollout.hold`, since
+    when), and the command that runs it."""
+    held = ""
+    if r.hold is not None and r.phase in ("waiting", "progressing"):
+        held = f"; held since {stamp(r.hold.since)} by {r.hold.why}"
+    if r.phase == "waiting":
+        at = f"({plan(r.steps, r)}; nothing routed to {r.canary} yet),"
+    elif not r.started:
+        at = f"(nothing was routed to {r.canary}),"
+    elif r.ab_testing:
         at = (
             f"A/B: requests with {alternatives(r.match)} to {r.canary}, "
             f"{r.step}/{len(r.steps)} intervals passed,"
@@ -3390,18 +3587,27 @@ def status_line(r: Rollout) -> str:
         at += f"step {r.step + 1}/{len(r.steps)},"
     else:
         at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
-    run_by = f"; run by {r.owner}" if r.owner is not None and r.phase == "progressing" else ""
+    busy = r.phase in ("waiting", "progressing")
+    run_by = f"; run by {r.owner}" if r.owner is not None and busy else ""
     return (
         f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {phase_words(r)} {at} "
         f"{r.failed_checks} failed checks, "
-        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + run_by
+        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + held + run_by
     )
 
 
 def phase_words(r: Rollout) -> str:
     """*r*'s phase as the text says it (``rolled back``; --json and the
-    state keep ``rolled_back``)."""
-    return r.phase.replace("_", " ")
+    state keep ``rolled_back``): ``waiting to start`` while its webhooks
+    hold its start, ``waiting for promotion`` while a confirm-promotion
+    webhook holds it (Flagger's WaitingPromotion), ``rolled back before it
+    started`` where it ended so."""
+    if r.phase == "waiting":
+        return "waiting to start"
+    if r.phase == "progressing" and r.hold is not None and r.hold.gate == "confirm-promotion":
+        return "waiting for promotion"
+    words = r.phase.replace("_", " ")
+    return words if r.started else f"{words} before it started"
 
 
 def unchecked(err: TextIO, action: str, store: Store) -> None:
@@ -3445,6 +3651,20 @@ def abort_after_promotion(r: Rollout) -> str:
         f"its analysis, and a promotion stands: nothing written. To send {r.service}'s "
         f"requests back to {r.stable}, roll it out as a new canary: l4proxy canary "
         f"{r.service}{mode} --stable {r.canary} --canary {r.stable} ..."
+    )
+
+
+def promote_before_start(r: Rollout) -> str:
+    """Why ``promote`` refuses a rollout *r* waiting to start: nothing of it
+    was judged, nor routed; its webhooks hold it (a manual approval's
+    gate, a failing smoke test), and a promotion would send every request
+    to the canary past them. Flagger has no such way either."""
+    held = f" ({r.hold.why})" if r.hold is not None else ""
+    return (
+        f"the rollout of {r.service} from {r.stable} to {r.canary} has not started: its "
+        f"webhooks hold its start{held}, and nothing of {r.canary} was judged; promote ends "
+        "a rollout in progress: nothing written. Let its webhooks pass (open the gate), or "
+        f"end it: l4proxy canary abort {r.service}"
     )
 
 
@@ -3527,6 +3747,8 @@ def _analyse(
         display.webhooks = hooks_words(hooks.hooks)
         display.declared = [h.to_json() for h in hooks.hooks]
         display.notify = hooks.notify
+    if hooks.has("event"):
+        _HEARD.set(hooks.warned)
     gateway = None
     if gateway_api:
         port = args.port or service_port(store.table(None), service, namespace, args.domain)
@@ -3568,11 +3790,12 @@ def _analyse(
 
     def own(x: Rollout) -> Rollout:
         """*x* as this command writes it: held by it (the lease renewed)
-        while it progresses, by nobody once it has ended."""
+        while it waits or progresses, by nobody once it has ended."""
         held = replace(me, lease_until=time.time() + me.lease_until)
-        return replace(x, owner=held if x.phase == "progressing" else None)
+        return replace(x, owner=held if x.phase in ("waiting", "progressing") else None)
 
     r = own(ev.rollout)
+    hooks.checksum = r.webhook_checksum
     if r.gateway is not None:
         # what the sidecars report for each backend: the registry decides
         # (our weighted rule alone: no sticky rule beside it)
@@ -3595,24 +3818,32 @@ def _analyse(
     if ev.kind == "resume" and prior is not None and not prior.same_process(me):
         gone = "its process is gone" if prior.same_host(me) else "its hold ended"
         taken = f"taken over from {prior}: {gone}"
-    display.emit(ev, taken)
-    starts = ("confirm-rollout", "pre-rollout", "rollback", first_gate(r))
-    if ev.kind == "start" and any(k and hooks.has(k) for k in starts):
+    starts = ("confirm-rollout", "pre-rollout", "rollback", *first_gates(r))
+    gated_start = ev.kind == "start" and any(hooks.has(k) for k in starts)
+    if gated_start:
         # nothing is written until the start's webhooks let it (a new
-        # rollout only: a resumed one was started)
+        # rollout only: a resumed one was started); said so, in --json too
+        r = own(waiting(r))
+        ev = replace(ev, rollout=r)
+    display.emit(ev, taken)
+    before_wait = loaded  # the state before this command (put back if it never starts)
+    if gated_start:
         try:
-            opened = _before_start(policy, r, hooks, display)
+            opened, loaded = _before_start(policy, r, hooks, display, store, loaded, own)
+        except Superseded as exc:
+            # aborted while it waited (or taken over): nothing to write
+            return _ended_by_hand(display, exc.current, exc.ours or r, hooks)
         except KeyboardInterrupt:
             print(file=err)  # (after the ^C a terminal shows)
             complain(
                 err,
                 f"interrupted before the rollout of {service} started (its webhooks held it); "
-                "nothing written",
+                "nothing written (its state is as it was before this command)",
             )
             return EXIT_LEFT
         # (the progress deadline counts the analysis' time, not the wait)
-        started = time.time()
-        r = own(replace(opened.rollout, updated=started, judged=started))
+        begun = time.time()
+        r = own(replace(opened.rollout, updated=begun, judged=begun))
         if opened.kind == "rolled_back":
             try:
                 return _end_here(store, metrics, r, wait, loaded, display, hooks, opened, err)
@@ -3626,13 +3857,20 @@ def _analyse(
                     f"asked for it): see l4proxy canary status {service}, and abort it again",
                 )
                 return EXIT_LEFT
-    held = ""  # why a confirm webhook holds the rollout at its stage ("" none)
     try:
         # inside: a SIGTERM while the first weight goes live (up to
         # --wait-live) is the same interruption as one later
         try:
             with _left_if_refused(loaded):
-                unseen = _set_weight(store, metrics, r, wait, loaded, err)
+                try:
+                    unseen = _set_weight(store, metrics, r, wait, loaded, err)
+                except CanaryError:
+                    if loaded is not before_wait and loaded is not None:
+                        # refused after a wait (a competing rule came
+                        # meanwhile): its waiting state does not stay
+                        with contextlib.suppress(CanaryError, Superseded, OSError):
+                            store.put_back(before_wait, expected=loaded)
+                    raise
         except Superseded as exc:
             return _ended_by_hand(display, exc.current, r, hooks)
         while True:
@@ -3649,7 +3887,7 @@ def _analyse(
                 # the rollout hooks at the interval's start: a load test they
                 # start sends the canary the traffic this interval judges
                 began = time.monotonic()
-                called = hooks.call("rollout", flagger_phase(r, held))
+                called = hooks.call("rollout", flagger_phase(r))
                 spent = time.monotonic() - began
                 pause(
                     max(0.0, policy.interval - spent), display.progress, judging(r, policy.interval)
@@ -3659,7 +3897,7 @@ def _analyse(
                     # promote/abort from another shell ended it, or another
                     # command took it over (this one's hold had lapsed)
                     return _ended_by_hand(display, now_saved, r, hooks)
-                asked = hooks.call("rollback", flagger_phase(r, held))
+                asked = hooks.call("rollback", flagger_phase(r))
                 if (by := rollback_asked(asked)) is not None:
                     # as an abort: the interval cut short, never judged
                     ended = Event("rolled_back", r, None, r.weight, r.mirrored)
@@ -3699,10 +3937,16 @@ def _analyse(
                         metrics.start_window(r.mirrored)  # the next interval counts from now
             graded = with_hook_failures(graded, failures(called))
             now = time.time()
-            # a pass that raises the weight or promotes asks its gate first
-            gate = gate_of(policy, r, graded)
-            gated = hooks.call(gate, "Progressing") if gate else []
-            held = holding(gated)
+            # a pass that raises the weight or makes it 100 % asks its
+            # gates first, in turn, up to the first that holds
+            gated: list[HookResult] = []
+            held: Hold | None = None
+            for gate in gates_of(policy, r, graded):
+                got = hooks.call(gate, flagger_phase(r))
+                gated += got
+                if holds := holding(got):
+                    held = Hold(gate, holds, now)
+                    break
             ev = advance(policy, r, graded, now, held=held)
             new = own(ev.rollout)
             try:
@@ -3806,7 +4050,9 @@ def refused_check(graded: Check, new: Rollout, exc: CanaryError) -> Check:
 def rollout_words(r: Rollout) -> str:
     """*r* in a few words, for a message: ``v1 -> v2 at 10 %, run by pid
     4242 on node-1``."""
-    if r.ab_testing:
+    if r.phase == "waiting":
+        at = "waiting to start (nothing written for it yet)"
+    elif r.ab_testing:
         at = f"A/B testing, {r.step}/{len(r.steps)} intervals passed"
     elif r.mirrored:
         at = "mirrored"
@@ -3906,7 +4152,8 @@ def await_hold(
     waited: Owner | None = None
     start = time.monotonic()
     while True:
-        o = None if saved is None or saved.phase != "progressing" else saved.owner
+        busy = saved is not None and saved.phase in ("waiting", "progressing")
+        o = saved.owner if saved is not None and busy else None
         now = time.time()
         if saved is None or o is None or o.same_process(me) or not alive(o, me, now):
             return saved
@@ -3949,88 +4196,141 @@ def left_as_is(r: Rollout) -> str:
     return f"{r.canary} keeps {r.weight} %"
 
 
-def _before_start(policy: Policy, r: Rollout, hooks: Hooks, display: Display) -> Event:
-    """A new rollout *r* (its first stage, not written) once its webhooks
-    let it start, every interval asking again (Flagger's order):
+def _before_start(
+    policy: Policy,
+    r: Rollout,
+    hooks: Hooks,
+    display: Display,
+    store: Store,
+    loaded: Rollout | None,
+    own: Callable[[Rollout], Rollout],
+) -> tuple[Event, Rollout | None]:
+    """A new rollout *r* (:func:`~l4proxy.canary._analysis.waiting`: its
+    first stage not written) once its webhooks let it start, every
+    interval asking again, in Flagger's order:
 
-    * ``rollback``: 2xx rolls it back before it started (an end to write:
-      every request to stable);
-    * ``confirm-rollout``: until every one answers 2xx, it waits;
+    * ``confirm-rollout``: until every one answers 2xx, it waits (Flagger's
+      Initialized at the first call, then Waiting);
+    * ``rollback``: once the rollout is Waiting or Progressing (Flagger asks
+      none before), first at each interval: 2xx rolls it back before it
+      started (an end to write: every request to stable);
     * ``pre-rollout``: then, until they pass: each failure is a failed
       check (a line), ``--threshold`` of them roll it back;
-    * ``confirm-traffic-increase``: then, where its first stage is a
-      weight, until every one answers 2xx, it waits.
+    * ``confirm-traffic-increase`` (and ``confirm-promotion`` where the
+      first stage is 100 %): then, where its first stage is a weight,
+      until every one answers 2xx, it waits.
 
-    A gate that holds is said once (``waiting: ...``) and again when what
-    it says changes, with progress lines between; its opening is said too.
-    Returns ``start`` with *r* as it starts (its failed checks counted), or
-    ``rolled_back`` to write. Nothing is written here: a Ctrl-C or SIGTERM
-    (KeyboardInterrupt, the caller's) leaves nothing to undo."""
+    While something holds it, its state records the rollout *waiting*,
+    with what holds it and since when (a :class:`~l4proxy.canary._analysis.Hold`)
+    and this command as its owner, written again each interval (its lease
+    renewed): ``status`` shows it, a second command is refused or waits as
+    for any rollout held, and ``abort`` ends it, which the next write here
+    finds (:class:`Superseded`, with the rollout as last written). Nothing
+    else is written: no route. A gate that holds is said once
+    (``waiting: ...``) and again when what it says changes, with progress
+    lines between; its opening is said too. A Ctrl-C or SIGTERM
+    (KeyboardInterrupt, raised on) puts the state back as it was before
+    (*loaded*). Returns ``start`` with the rollout as it starts (its
+    failed checks counted), or ``rolled_back`` to write, and the state as
+    last written (what the next write expects)."""
     confirmed = not hooks.has("confirm-rollout")
+    asked = confirmed  # whether the confirm-rollout gate was asked (Initialized until then)
     passed = not hooks.has("pre-rollout")
-    gate = first_gate(r)
-    gate = gate if gate and hooks.has(gate) else ""
+    gates = [g for g in first_gates(r) if hooks.has(g)]
     said: HookResult | None = None  # the call that holds the start, as last printed
-    since = time.monotonic()  # when it began to hold
-    while True:
-        # once per interval: (again) after each wait
-        asked = hooks.call("rollback", "Waiting" if said else "Progressing")
-        if (by := rollback_asked(asked)) is not None:
-            ended = roll_back(r, time.time(), f"webhook {by}")
-            return Event("rolled_back", ended, None, 0, pre_rollout=True)
-        while True:  # the steps that can be taken now
-            holding_now: HookResult | None = None
-            if not confirmed:
-                got = hooks.call("confirm-rollout", "Waiting" if said else "Initialized")
-                confirmed = not holding(got)
-            elif not passed:
-                got = hooks.call("pre-rollout", "Progressing")
-                if reasons := failures(got):
-                    ev = advance(policy, r, Check("fail", None, None, None, reasons), time.time())
-                    ev = replace(ev, pre_rollout=True)
-                    if ev.kind == "rolled_back":
-                        return ev
-                    display.emit(ev, webhooks=got)
-                    r = ev.rollout
-                    break
-                passed = True
-                display.emit(
-                    Event("check", r, Check("pass", None, None, None), 0, pre_rollout=True),
-                    webhooks=got,
-                )
-                continue
-            elif gate:
-                got = hooks.call(gate, "Progressing")
-                gate = gate if holding(got) else ""
-            else:
-                return Event("start", r)
-            if holding(got):
-                holding_now = got[-1]
-            if holding_now is None and said is not None:
-                display.hook(r, got[-1], "confirmed", f"after {time.monotonic() - since:.0f} s")
-                said = None
-            elif holding_now is not None:
-                if said is None:
-                    since = time.monotonic()  # (the confirmation says how long it held)
-                if said is None or str(said) != str(holding_now):
-                    display.hook(
-                        r,
-                        holding_now,
-                        "waiting",
-                        f"nothing written yet; asked again every {policy.interval:g} s",
+    said_at = time.time()  # when it began to hold (the confirmation says how long)
+    last = loaded  # the state as last written
+    try:
+        while True:
+            # once per interval: (again) after each wait
+            if asked:
+                got = hooks.call("rollback", flagger_phase(r))
+                if (by := rollback_asked(got)) is not None:
+                    ended = roll_back(r, time.time(), f"webhook {by}")
+                    return Event("rolled_back", ended, None, 0), last
+            hold: Hold | None = None
+            while hold is None:  # the steps that can be taken now
+                now = time.time()
+                if not confirmed:
+                    got = hooks.call("confirm-rollout", "Waiting" if asked else "Initialized")
+                    asked = True
+                    confirmed = not holding(got)
+                    if not confirmed:
+                        hold = Hold("confirm-rollout", holding(got), now)
+                elif not passed:
+                    got = hooks.call("pre-rollout", "Progressing")
+                    if reasons := failures(got):
+                        ev = fail_before_start(policy, r, reasons, now)
+                        if ev.kind == "rolled_back":
+                            return ev, last
+                        display.emit(ev, webhooks=got)
+                        r = ev.rollout
+                        hold = _held_since(r, Hold("pre-rollout", "; ".join(reasons), now))
+                        r = replace(r, hold=hold)
+                        break
+                    passed = True
+                    r = replace(r, hold=None)
+                    display.emit(
+                        Event("check", r, Check("pass", None, None, None), 0, pre_rollout=True),
+                        webhooks=got,
                     )
-                said = holding_now
-                break
-        what = "pre-rollout" if said is None else said.hook.type
-        pause(policy.interval, display.progress, _not_started(r, what, since))
+                    continue
+                elif gates:
+                    got = hooks.call(gates[0], "Progressing")
+                    if why := holding(got):
+                        hold = Hold(gates[0], why, now)
+                    else:
+                        gates.pop(0)
+                else:
+                    return Event("start", started(r)), last
+                if hold is None and said is not None:
+                    r = replace(r, hold=None)
+                    display.hook(r, got[-1], "confirmed", f"after {now - said_at:.0f} s")
+                    said = None
+                elif hold is not None:
+                    hold = _held_since(r, hold)
+                    r = replace(r, hold=hold)
+                    if said is None:
+                        said_at = now
+                    if said is None or str(said) != str(got[-1]):
+                        display.hook(
+                            r,
+                            got[-1],
+                            "waiting",
+                            f"nothing written yet; asked again every {policy.interval:g} s",
+                        )
+                    said = got[-1]
+            # recorded for status and abort (the owner's lease renewed): no route
+            mine = own(r)
+            try:
+                store.save_state(mine, expected=last)
+            except Superseded as exc:
+                exc.ours = r if last is loaded else last
+                raise
+            last = r = mine
+            what = hold.gate if hold is not None else "pre-rollout"
+            pause(policy.interval, display.progress, _not_started(r, what, hold))
+    except KeyboardInterrupt:
+        if last is not loaded and last is not None:  # ours is written: put it back
+            with contextlib.suppress(CanaryError, Superseded, OSError):
+                store.put_back(loaded, expected=last)
+        raise
 
 
-def _not_started(r: Rollout, kind: str, since: float) -> Callable[[float], str]:
+def _held_since(r: Rollout, hold: Hold) -> Hold:
+    """*hold*, since *r*'s hold began where the same gate held it already."""
+    if r.hold is not None and r.hold.gate == hold.gate:
+        return replace(hold, since=r.hold.since)
+    return hold
+
+
+def _not_started(r: Rollout, kind: str, hold: Hold | None) -> Callable[[float], str]:
     """The progress line while a new rollout's start waits on *kind*'s
-    webhooks (since *since*, monotonic)."""
+    webhooks (held since *hold*'s time)."""
+    since = time.time() if hold is None else hold.since
     return lambda _: (
         f"{r.canary} not started: waiting for its {kind} webhooks, "
-        f"{time.monotonic() - since:.0f} s so far"
+        f"{time.time() - since:.0f} s so far"
     )
 
 
@@ -4054,7 +4354,7 @@ def _end_here(
     stored rollout is no longer *expected*."""
     unseen = _set_weight(store, metrics, new, wait, expected, err)
     ev = replace(shown, kind="rolled_back", rollout=new)
-    cut_short = ev.check is None and not ev.pre_rollout
+    cut_short = ev.check is None and not ev.pre_rollout and new.started
     if unseen.not_served is not None:
         display.emit(
             ev, cut_short=cut_short, not_served=unseen.not_served.summary, webhooks=webhooks
@@ -4073,15 +4373,17 @@ def _ended_by_hand(
     display: Display, now: Rollout | None, ours: Rollout, hooks: Hooks | None = None
 ) -> int:
     """The stored rollout is no longer ours: say how it ended (to the
-    post-rollout webhooks too: it ended), exit so."""
-    if now is not None and now.phase == "progressing" and now == ours:
+    post-rollout webhooks too: it ended), exit so. A waiting start (*ours*
+    not started) ended by hand stops here writing nothing, as at a
+    Ctrl-C, and exits as that end."""
+    if now is not None and now.phase in ("waiting", "progressing") and now == ours:
         # the same stage, held by another command: it took the rollout over
         # (this one's hold had lapsed, or it was thought gone)
         raise CanaryError(
             f"the rollout of {ours.service} was taken over by another l4proxy canary "
             f"({rollout_words(now)}); stopped without writing"
         )
-    if now is None or now.phase == "progressing":
+    if now is None or now.phase in ("waiting", "progressing"):
         # removed, or another controller drives it now: not ours to write
         what = "its state was removed" if now is None else f"it is now {rollout_words(now)}"
         raise CanaryError(
@@ -4090,8 +4392,11 @@ def _ended_by_hand(
         )
     # what the last interval was (a mirrored one has no weight to show),
     # cut short: its verdict, if one was reached meanwhile, was never applied
+    kind: Literal["promoted", "rolled_back"] = (
+        "promoted" if now.phase == "promoted" else "rolled_back"
+    )
     display.emit(
-        Event(now.phase, now, None, ours.weight, ours.mirrored), "ended by hand", cut_short=True
+        Event(kind, now, None, ours.weight, ours.mirrored), "ended by hand", cut_short=True
     )
     if hooks is not None:
         hooks.post_rollout(now, display)

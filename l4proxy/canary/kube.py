@@ -175,9 +175,10 @@ def state_of(obj: Mapping[str, Any], service: str) -> Rollout | None:
 
 
 def edited(
-    obj: Mapping[str, Any], service: str, state: Rollout, with_document: bool
+    obj: Mapping[str, Any], service: str, state: Rollout | None, with_document: bool
 ) -> dict[str, Any]:
-    """The object to PUT: *obj* with our annotation (and our key) set.
+    """The object to PUT: *obj* with our annotation (and our key) set; the
+    annotation removed where *state* is None (a waiting start given up).
 
     Everything else is kept as read, resourceVersion included (that is the
     precondition); managedFields is left out, so the API server keeps its own.
@@ -185,7 +186,11 @@ def edited(
     new: dict[str, Any] = copy.deepcopy(dict(obj))
     meta = new.setdefault("metadata", {})
     meta.pop("managedFields", None)
-    meta.setdefault("annotations", {})[state_annotation(service)] = json.dumps(
+    annotations = meta.setdefault("annotations", {})
+    if state is None:
+        annotations.pop(state_annotation(service), None)
+        return new
+    annotations[state_annotation(service)] = json.dumps(
         state.to_json(), separators=(",", ":"), sort_keys=True
     )
     if with_document:
@@ -437,6 +442,11 @@ class ConfigMapStore:
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None:
         self._update(r, with_document=False, expected=expected)
 
+    def put_back(self, previous: Rollout | None, expected: Rollout) -> None:
+        """The state as it was, *previous* (None: the annotation removed),
+        where it is still *expected* (a waiting start given up)."""
+        self._update(previous, with_document=False, expected=expected)
+
     def install(self, r: Rollout) -> bool:
         return self._update(r, with_document=True)
 
@@ -519,7 +529,9 @@ class ConfigMapStore:
                     f"{relabel(first_error(exc), tmp, where)}; {self.where} is unchanged"
                 ) from exc
 
-    def _update(self, r: Rollout, with_document: bool, expected: Rollout | None = ANY) -> bool:
+    def _update(
+        self, r: Rollout | None, with_document: bool, expected: Rollout | None = ANY
+    ) -> bool:
         """PUT the state (and the document); whether the document changed
         (an identical one makes the kubelet change nothing, and the
         sidecars reload nothing: there is no new generation to wait for)."""
@@ -542,7 +554,7 @@ class ConfigMapStore:
             new = edited(obj, self.service, r, with_document)
             # A state alone changes nothing the sidecars read; a rollback is
             # written whatever the rest holds (RulesWriter.install_locked).
-            if with_document and r.phase != "rolled_back":
+            if with_document and r is not None and r.phase != "rolled_back":
                 g = r.gateway
                 self.validate(
                     new,
