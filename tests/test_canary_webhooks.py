@@ -41,6 +41,7 @@ from l4proxy.canary._webhooks import (
     payload,
     post,
 )
+from tests.conftest import _skip_or_fail
 from tests.test_canary_core import _fake_prometheus, _healthy, unstamped
 
 PASS = Check("pass", 100, 100.0, 12.0)
@@ -746,7 +747,9 @@ def https_hook(tmp_path: pathlib.Path) -> Iterator[str]:
     import subprocess
 
     if shutil.which("openssl") is None:
-        pytest.skip("no openssl to make a certificate")
+        _skip_or_fail(
+            "no openssl to make a certificate (make test installs ca-certificates, which needs it)"
+        )
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [
