@@ -85,6 +85,7 @@ requests, not counted there.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -94,9 +95,10 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
@@ -164,6 +166,10 @@ MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
 LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
 # accept()/socket() errors that mean "this process (or the system) is out of fds"
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+# A listener being closed (stop_accepting) takes what completes in its accept
+# queue for this long after it stopped taking new handshakes: a handshake
+# whose SYN came before completes within a round trip.
+HANDSHAKE_GRACE_S = 0.2
 
 
 @dataclass
@@ -588,14 +594,48 @@ class Worker:
             log.warning("cannot list local addresses (%s); inbound detection is off", exc)
             self.local_ips = set()
 
-    def stop_accepting(self, keep: tuple[str, ...] = ()) -> None:
-        """Close the listeners, except those whose mode is in *keep*."""
+    async def stop_accepting(
+        self, keep: tuple[str, ...] = (), then: Callable[[], None] | None = None
+    ) -> None:
+        """Close the listeners, except those whose mode is in *keep*, losing
+        no connection the kernel completed for them.
+
+        Theory of operation. Closing a listening socket resets every
+        connection waiting in its accept queue: handshakes the kernel
+        completed that the worker had not taken yet, whose clients have
+        sent their requests (a review saw one reset per busy client at each
+        SIGTERM). ``shutdown(SHUT_RD)`` on a listener (HAProxy's pause) does
+        the same on Linux. So a listener is retired in three steps:
+
+        1. it takes no new handshake: a classic BPF filter drops each
+           segment that opens one (SYN without ACK; see
+           :func:`_refuse_handshakes`, the per-socket form of the
+           ``iptables --syn -j DROP`` HAProxy's reloads use), while the
+           segments of handshakes under way and of connections pass. The
+           client retransmits its SYN a second later and is refused by then
+           (or, among several workers' ``SO_REUSEPORT`` listeners, lands on
+           one still open). Its accept loop (this loop's reader, or the
+           compiled relay's: ``unlisten()``) stops watching it.
+        2. *then* runs (the relay's drain: the connections handed to it
+           below are taken once it applies, so each is served one request
+           and told to close; handed before, one whose request was not read
+           yet would be closed as idle).
+        3. what its queue holds is taken and served as any connection, again
+           each 20 ms until ``HANDSHAKE_GRACE_S`` passed (a handshake whose
+           SYN came before the filter completes within a round trip), and
+           then it closes: nothing is left in its queue but a handshake
+           slower than that.
+
+        A connection taken so from an inbound or gateway listener is served
+        even though inbound stopped (it came before the close:
+        ``inbound_ok``); the shared outbound port's inbound ones are reset
+        as at any time of the drain.
+        """
         assert self._loop is not None
-        kept = []
-        for lst in self.listeners:
-            if lst.mode in keep:
-                kept.append(lst)
-                continue
+        closing = [lst for lst in self.listeners if lst.mode not in keep]
+        self.listeners = [lst for lst in self.listeners if lst.mode in keep]
+        for lst in closing:
+            _refuse_handshakes(lst.sock)
             index = self._relay_listeners.pop(lst.sock.fileno(), None)
             if index is not None and self.relay is not None:
                 accepting: Any = self.relay  # the compiled twin (see start())
@@ -604,8 +644,33 @@ class Worker:
                 self._loop.remove_reader(lst.sock.fileno())
             except (ValueError, OSError):
                 pass
+        if then is not None:
+            then()
+        if not closing:
+            return
+        grace_ends = time.monotonic() + HANDSHAKE_GRACE_S
+        while True:
+            for lst in closing:
+                self._take_queued(lst)
+            if time.monotonic() >= grace_ends:
+                break
+            await asyncio.sleep(0.02)
+        for lst in closing:
             lst.sock.close()
-        self.listeners = kept
+
+    def _take_queued(self, lst: Listener) -> None:
+        """Accept what *lst*'s queue holds now (a listener being retired:
+        stop_accepting) and serve each connection."""
+        inbound_ok = lst.mode != "outbound"
+        while True:
+            try:
+                conn, peer = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of fds: what is left is reset at the close
+                log.warning("accept on %s while closing it failed: %s", lst.name, exc)
+                return
+            self._accepted(conn, peer, lst, inbound_ok)
 
     async def drain(
         self, timeout: float, quiet: float = 0.0, inbound: float = 0.0, gradual: bool = False
@@ -619,9 +684,11 @@ class Worker:
         at once fails those calls (Istio #36660, #34855). So:
 
         * inbound stops at once: the gateway and ``--inbound-port`` listeners
-          close (new connections are refused by the kernel), and an inbound
-          connection arriving on the shared outbound port is reset. The pod is
-          leaving its Service's endpoints; callers go elsewhere.
+          close (new connections are refused by the kernel; what their
+          accept queues held is served first: :meth:`stop_accepting`), and
+          an inbound connection arriving on the shared outbound port is
+          reset. The pod is leaving its Service's endpoints; callers go
+          elsewhere.
         * outbound (what the app dials, captured on ``--port``) is accepted and
           routed as before until the app is gone, or until *timeout* passes.
         * "the app is gone" is Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS: no
@@ -658,6 +725,11 @@ class Worker:
           spread out rather than in one burst onto the other pods. They
           kept being served until the deadline before, and were then reset.
 
+        The listeners that close take no new handshake before the relay is
+        told (:meth:`stop_accepting`'s *then*): a keep-alive client whose
+        idle connection closes and that reconnects at once is refused, not
+        queued on a listener about to close.
+
         Then the listeners close, and connections in flight get what is left
         of *timeout* to finish; the count of those the deadline cut (the
         relay's and the L4 pump's) is returned.
@@ -665,21 +737,28 @@ class Worker:
         self.draining = True
         now = time.monotonic()
         deadline = now + timeout
-        if self.relay is not None:
-            self.relay.drain(inbound_only=True, spread=timeout / 4 if gradual else 0.0)
+        relay = self.relay
+
+        def drain_inbound() -> None:
+            if relay is not None:
+                relay.drain(inbound_only=True, spread=timeout / 4 if gradual else 0.0)
+
         self.inbound_until = min(now + inbound, deadline)
         outbound = ("outbound",) if quiet > 0 else ()
         # (inbound also arrives on the shared outbound port, without
         # --inbound-port: it stays open while inbound is served)
         serving_inbound = inbound > 0
         every = ("outbound", "inbound", "gateway")
-        self.stop_accepting(keep=every if serving_inbound else outbound)
+        # the listeners that close now take no new handshake before the
+        # idle keep-alive connections are closed: those clients' instant
+        # reconnects are refused, not queued on a listener about to close
+        await self.stop_accepting(keep=every if serving_inbound else outbound, then=drain_inbound)
         self._last_accept = max(self._last_accept, now)
         busy_at = now  # when a connection was last seen open (polled)
         while self.listeners and time.monotonic() < deadline:
             t = time.monotonic()
             if serving_inbound and t >= self.inbound_until:
-                self.stop_accepting(keep=outbound)
+                await self.stop_accepting(keep=outbound)
                 serving_inbound = False
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
             if not idle:
@@ -691,10 +770,13 @@ class Worker:
                 log.info("draining: no connection for %.1fs; outbound stops", quiet)
                 break
             await asyncio.sleep(0.1 if serving_inbound else min(0.1, max(quiet, 0.01)))
-        self.stop_accepting()
-        if self.relay is not None:  # outbound too: nothing new comes any more
-            left = max(0.0, deadline - time.monotonic())
-            self.relay.drain(spread=left / 4 if gradual else 0.0)
+
+        def drain_all() -> None:
+            if relay is not None:  # outbound too: nothing new comes any more
+                left = max(0.0, deadline - time.monotonic())
+                relay.drain(spread=left / 4 if gradual else 0.0)
+
+        await self.stop_accepting(then=drain_all)
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         while self.relay_active() and time.monotonic() < deadline:
@@ -833,17 +915,23 @@ class Worker:
                     return
                 log.warning("accept on %s failed: %s", lst.name, exc)
                 return
-            self.counters.inc("l4proxy_connections_total", listener=lst.mode)
-            self._last_accept = time.monotonic()
-            limit = self.opts.max_connections
-            if limit and self.pump.active + len(self.handshakes) + self.relay_active() >= limit:
-                self.counters.inc("l4proxy_refused_total", reason="max_connections")
-                _reset(conn)
-                continue
-            conn.setblocking(False)
-            if self.relay is not None and self._straight_to_relay(conn, lst, peer):
-                continue
-            self._handshake(self._serve(conn, lst))
+            self._accepted(conn, peer, lst)
+
+    def _accepted(
+        self, conn: socket.socket, peer: Any, lst: Listener, inbound_ok: bool = False
+    ) -> None:
+        """Serve *conn*, just accepted on *lst* (*inbound_ok*: see _act)."""
+        self.counters.inc("l4proxy_connections_total", listener=lst.mode)
+        self._last_accept = time.monotonic()
+        limit = self.opts.max_connections
+        if limit and self.pump.active + len(self.handshakes) + self.relay_active() >= limit:
+            self.counters.inc("l4proxy_refused_total", reason="max_connections")
+            _reset(conn)
+            return
+        conn.setblocking(False)
+        if self.relay is not None and self._straight_to_relay(conn, lst, peer):
+            return
+        self._handshake(self._serve(conn, lst, inbound_ok))
 
     def _handshake(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run *coro* (one connection's way to the pump) on the loop, counted
@@ -918,9 +1006,10 @@ class Worker:
         return True
 
     # -- one connection ------------------------------------------------------
-    async def _serve(self, conn: socket.socket, lst: Listener) -> None:
+    async def _serve(self, conn: socket.socket, lst: Listener, inbound_ok: bool = False) -> None:
         clog = _ConnLog.start() if self._log_l4 else None
-        await self._to_pump(conn, self._decide_and_connect(conn, lst, clog), lst.name, clog)
+        deciding = self._decide_and_connect(conn, lst, clog, inbound_ok)
+        await self._to_pump(conn, deciding, lst.name, clog)
 
     async def _to_pump(
         self,
@@ -973,7 +1062,11 @@ class Worker:
                 upstream.close()
 
     async def _decide_and_connect(
-        self, conn: socket.socket, lst: Listener, clog: _ConnLog | None = None
+        self,
+        conn: socket.socket,
+        lst: Listener,
+        clog: _ConnLog | None = None,
+        inbound_ok: bool = False,
     ) -> _Routed:
         origin: Origin | None
         if lst.mode == "gateway":
@@ -1000,7 +1093,7 @@ class Worker:
             c = self._classify(table, origin, head)
             if head is not None and origin is not None and _no_path(head, origin, c):
                 raise Refused(ABSOLUTE_PATH_REJECTED, 404, "")  # (as _decide_request's)
-        return await self._act(conn, c, origin, table, head, pending, clog)
+        return await self._act(conn, c, origin, table, head, pending, clog, inbound_ok)
 
     def _classify(
         self, table: RouteTable, origin: Origin | None, head: peek.RequestHead | Unread | None
@@ -1024,10 +1117,13 @@ class Worker:
         head: peek.RequestHead | None,
         pending: bytes,
         clog: _ConnLog | None = None,
+        inbound_ok: bool = False,
     ) -> _Routed:
         """Carry out a connection's classification: connect upstream (the
         pump relays from there) or refuse. *clog*: what its access log line
-        says, filled in on the way."""
+        says, filled in on the way. *inbound_ok*: taken from the queue of
+        an inbound listener as it closed (stop_accepting): served, not
+        refused as inbound is once it stopped."""
         if c.kind is Kind.REFUSED:
             if clog is not None:
                 clog.refused(c.why)
@@ -1043,7 +1139,7 @@ class Worker:
             clog.upstream_host = accesslog.address_text((origin.ip, origin.port))
         if c.kind is Kind.INBOUND:
             # Inbound: the pod's own address. Forward to the local app as is.
-            if self.draining and time.monotonic() >= self.inbound_until:
+            if self.draining and time.monotonic() >= self.inbound_until and not inbound_ok:
                 # Draining: inbound stops at SIGTERM (the pod is leaving the
                 # endpoints; callers retry elsewhere), or --drain-inbound
                 # seconds after it. Outbound continues.
@@ -2425,3 +2521,35 @@ def _reset(conn: socket.socket) -> None:
     except OSError:
         pass
     conn.close()
+
+
+# A classic BPF socket filter (SO_ATTACH_FILTER) that drops each TCP segment
+# whose flags are SYN without ACK, the first of a handshake, and passes every
+# other: run on a listener, it sees the TCP header first (the flags at byte
+# 13). See Worker.stop_accepting.
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # (Linux's, asm-generic)
+_DROP_SYNS = b"".join(
+    struct.pack("HBBI", *insn)
+    for insn in (
+        (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+        (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+        (0x15, 0, 1, 0x02),  # jeq #SYN: drop, else pass
+        (0x06, 0, 0, 0),  # ret #0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: the whole segment
+    )
+)
+
+
+def _refuse_handshakes(sock: socket.socket) -> bool:
+    """Make listener *sock* take no new handshake (its SYNs dropped; the
+    connections in its queue and the handshakes under way go on): whether
+    the filter took. Connections accepted afterwards inherit it, where it
+    drops nothing (a SYN on an open connection is not one to answer)."""
+    program = array.array("B", _DROP_SYNS)  # (its address: struct sock_fprog's pointer)
+    fprog = struct.pack("HP", len(_DROP_SYNS) // 8, program.buffer_info()[0])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as exc:  # (no BPF: the queue is still taken, as far as it goes)
+        log.debug("cannot filter new handshakes on a closing listener: %s", exc)
+        return False
+    return True
