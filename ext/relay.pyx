@@ -501,7 +501,9 @@ upstream's keep-alive replaced, as for a client that asked to close) and
 the local answers (``local_answer``, ``fault_abort``,
 ``upstream_failed``) their closing variant. The steady state pays one
 test of ``c.draining`` in ``final_head``'s keep, a byte of the ``Conn``
-it reads anyway. ``close()`` says how many connections it cut.
+it reads anyway. ``close()`` says how many connections it cut (its
+``_shutdown``), their requests' lines ``0 DC`` with ``LF_LOCAL_CUT``'s
+details (``accesslog.DRAIN_CUT``: Envoy's for a close the proxy made).
 
 Ownership of file descriptors
 -----------------------------
@@ -1293,6 +1295,9 @@ cdef uint32_t LF_OM = _accesslog.OM
 cdef uint32_t LF_FLAGS = _accesslog.FLAGS
 cdef uint32_t LF_LOCALV = _accesslog.LOCAL_VERDICT
 cdef uint32_t LF_CUT = _accesslog.CUT
+cdef uint32_t LF_LOCAL_CUT = _accesslog.LOCAL_CUT
+cdef bytes _DRAIN_CUT = _accesslog.DRAIN_CUT.encode()  # (kept: LOG_DRAIN_CUT points into it)
+cdef const char *LOG_DRAIN_CUT = _DRAIN_CUT
 cdef uint32_t LF_PATH = _accesslog.PATH_REFUSED
 cdef uint32_t LF_RETRIED = _accesslog.RETRIED_FAILURES
 # a metrics row's LF_LOCALV (row_key(): the flags in 16 bits, above the 15 flags)
@@ -3541,6 +3546,8 @@ cdef const char *log_details(uint32_t f, int status, bint local) noexcept nogil:
     if f & LF_SI:
         return b"stream_idle_timeout"
     if f & LF_DC:
+        if f & LF_LOCAL_CUT:
+            return LOG_DRAIN_CUT
         return b"downstream_remote_disconnect"
     if f & LF_DPE:
         return b"http1.codec_error"
@@ -9265,6 +9272,7 @@ cdef class HttpRelay:
         while R.n_conns:
             if R.conns[0].phase != P_CLOSING or R.conns[0].out.len:
                 cut += 1
+            R.conns[0].lflags |= LF_LOCAL_CUT  # (its request's line: a drain cut, ours)
             conn_close(R, R.conns[0], True)
         while R.shadows != NULL:
             shadow_end(R, R.shadows, SH_CLOSED, 0.0)

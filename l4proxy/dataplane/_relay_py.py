@@ -306,7 +306,10 @@ takes a request meanwhile is told as the others are: its answer says
 close (``_idle_closes``; the tick closes those due, at most ``_TICK``
 late). The relay's thread then serves what is left as before;
 :meth:`HttpRelay.close` cuts what is still open at the drain's deadline
-and says how many it cut.
+(a reset) and says how many it cut; a request cut so is logged ``0 DC``
+with ``accesslog.DRAIN_CUT``, Envoy's ``downstream_local_disconnect(...)``
+for a close the proxy made (``accesslog.LOCAL_CUT``), not a client's
+``downstream_remote_disconnect``.
 
 :meth:`HttpRelay.discourage` is the drain's first half without the drain
 (Envoy's ``drainClose()`` while the server's health check is failed,
@@ -1150,7 +1153,8 @@ class HttpRelay:
         for c in list(self._conns.values()):
             if not c.closing or c.out:  # (a lingering close's answer went whole)
                 self._cut += 1
-            self._close_client(c, reset=True)
+            # (its request's line: a drain cut, ours; Envoy's DC still)
+            self._close_client(c, reset=True, cut=accesslog.CUT | accesslog.LOCAL_CUT)
         for up in list(self._ups.values()):
             self._drop_upstream(up)
         for sh in list(self._shadows.values()):
@@ -2424,13 +2428,15 @@ class HttpRelay:
         if self._pending and up.endpoint in self._pending:
             self._kicks.add(up.endpoint)  # below max_connections: one may connect
 
-    def _close_client(self, c: _Conn, reset: bool = False) -> None:
+    def _close_client(self, c: _Conn, reset: bool = False, cut: int = accesslog.CUT) -> None:
+        """Close *c* (with a RST: *reset*); a request of it not counted yet
+        is counted cut (*cut*: the access log's bits saying so)."""
         if c.pending is not None:
             self._unpend(c)
         if c.decision is not None:
             # a routed request not counted yet: dropped here (the client
             # reset, the idle timeout), counted with what the client got
-            self._count(c, c.ex.sent_status, False, time.monotonic(), accesslog.CUT, c.ex.received)
+            self._count(c, c.ex.sent_status, False, time.monotonic(), cut, c.ex.received)
         if c.up is not None:
             up, c.up = c.up, None
             self._drop_upstream(up)

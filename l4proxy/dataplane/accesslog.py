@@ -61,8 +61,11 @@ pod ejected), UT the route's (or the last per-try) timeout, UF every
 connect failed (or a retry's new connect), UC the upstream closed or reset
 before the response's end, UO a circuit breaker's overflow (a first try's
 or a retry's: never retried, as Envoy's router never retries one), NR no
-route, DI a fault's delay, FI a fault's abort, DC the client went away
-before the response's end, URX the retry policy's tries used up on an
+route, DI a fault's delay, FI a fault's abort, DC the request's connection
+ended before the response's end (the client went away, or the drain's
+deadline cut it: RESPONSE_CODE_DETAILS ``downstream_remote_disconnect`` or
+``downstream_local_disconnect(filter_chain_is_being_removed)``,
+:data:`DRAIN_CUT`), URX the retry policy's tries used up on an
 outcome it retries, SI the idle timeout mid-request, DPE a request the
 client framed wrong (a malformed head, a bad chunk), UPE a response the
 upstream framed wrong, OM the proxy out of file descriptors for a try's
@@ -115,6 +118,7 @@ log = logging.getLogger("l4proxy.accesslog")
 __all__ = [
     "CAPS",
     "DEFAULT_BUFFER",
+    "DRAIN_CUT",
     "FLAG_NAMES",
     "JSON_KEYS",
     "LINE_MAX",
@@ -168,6 +172,16 @@ LOCAL_VERDICT = 1 << 16  # the route's own answer (its tag's flags, details; no 
 CUT = 1 << 17  # the request ended unanswered or cut: DC unless another flag says why
 PATH_REFUSED = 1 << 18  # a rewrite made a dot-segment: 400 path_normalization_failed
 L4 = 1 << 19  # a connection routed at L4: no RESPONSE_CODE_DETAILS (connection_record())
+LOCAL_CUT = 1 << 20  # with CUT: the proxy cut it itself, at the drain's deadline (DRAIN_CUT)
+
+# RESPONSE_CODE_DETAILS of a request the drain's deadline cut (LOCAL_CUT):
+# Envoy's words for a downstream connection it closed itself, with the
+# reason it gives the connections still open when the drain time of what
+# they came through runs out (it closes them then, as l4proxy does at
+# --drain-duration's end). RESPONSE_FLAGS says DC, as Envoy's (it sets DC on
+# a request whose connection closed before its response, either side's
+# close).
+DRAIN_CUT = "downstream_local_disconnect(filter_chain_is_being_removed)"
 
 # A failure the retry policy retries (on_reset): URX when its tries are used up.
 RETRIED_FAILURES = UT | UF | UC | UPE
@@ -459,7 +473,7 @@ def details(flags: int, status: int, local: bool, tag: TagLog) -> str:
     if flags & SI:
         return "stream_idle_timeout"
     if flags & DC:
-        return "downstream_remote_disconnect"
+        return DRAIN_CUT if flags & LOCAL_CUT else "downstream_remote_disconnect"
     if flags & DPE:
         return "http1.codec_error"
     if flags & LOCAL_VERDICT:

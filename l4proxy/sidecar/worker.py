@@ -562,6 +562,11 @@ class Worker:
             "istio_requests_total's PassthroughCluster).",
         )
         c.describe("l4proxy_inbound_total", "counter", "Inbound connections forwarded to the app.")
+        c.describe(
+            "l4proxy_drain_cut_total",
+            "counter",
+            "Connections still open at the drain's deadline (--drain-duration), cut.",
+        )
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -732,7 +737,8 @@ class Worker:
 
         Then the listeners close, and connections in flight get what is left
         of *timeout* to finish; the count of those the deadline cut (the
-        relay's and the L4 pump's) is returned.
+        relay's and the L4 pump's) is returned, and counted in
+        ``l4proxy_drain_cut_total``.
         """
         self.draining = True
         now = time.monotonic()
@@ -790,6 +796,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
         self._close_access_log()
+        if cut + forced:
+            self.counters.inc("l4proxy_drain_cut_total", cut + forced)
         return cut + forced
 
     def fail_health_check(self, failed: bool) -> None:
