@@ -492,7 +492,9 @@ at k * spread / N from now, and ``drain_due`` closes each one due that is
 still between requests through ``start_close`` (its answer's last bytes
 first, then FIN and the lingering read): the first at once, the others
 at the tick after theirs (``R.drain_next``, read only where the tick
-runs); one whose final head went out already has ``c.keeps_client``
+runs), but one with a byte of a head waiting unread (``bytes_waiting``)
+and one taken less than ``DRAIN_FRESH_S`` ago that has sent nothing (due
+again then: its client connected to send a request); one whose final head went out already has ``c.keeps_client``
 cleared, so ``complete()`` closes it after the body. A gateway
 listener's connection the scope does not name is marked, or unmarked, as
 ``DRAIN_DISCOURAGE`` says. ``new_conn`` marks those taken afterwards
@@ -665,6 +667,7 @@ cdef int ST_NONE = -1
 cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
 cdef double LINGER_S = 2.0
+cdef double DRAIN_FRESH_S = 1.0  # a drain leaves a connection this young for its first head
 cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
 cdef uint64_t FAULT_PPM = FAULT_SCALE  # a fault's and a mirror's shares are of this (verdict.py's)
 cdef double MIRROR_S = MIRROR_TIMEOUT   # a copy's deadline when its route has no timeout
@@ -2505,7 +2508,11 @@ cdef void drain_due(Relay *R, double now) noexcept nogil:
     between requests (the close now, what the last answer left in c.out
     first, FIN and the lingering read, as after an answer that says close);
     one that took a request meanwhile is closed after its answer, as every
-    draining one. R.drain_next becomes the soonest left (0: none)."""
+    draining one; one with a byte of its next head waiting is left to be
+    read, and one taken less than DRAIN_FRESH_S ago that has sent nothing
+    yet is due again then (a client that connected to send its request:
+    closed at once, it read EOF for it). R.drain_next becomes the soonest
+    left (0: none)."""
     cdef int i = 0
     cdef double soonest = 0
     cdef Conn *c
@@ -2519,13 +2526,28 @@ cdef void drain_due(Relay *R, double now) noexcept nogil:
                 soonest = c.drain_at
             continue
         c.drain_at = 0
-        if between_requests(c):
-            c.no_linger = False
-            start_close(R, c, now)
-            settle(R, c)
-            if c.closed:
-                i -= 1  # conn_forget() moved the last one here
+        if not between_requests(c) or bytes_waiting(c.fd):
+            continue  # (its request, read or not yet: answered, saying close)
+        if c.head_started and c.head_started + DRAIN_FRESH_S > now:
+            # taken a moment ago, its first request not here yet: its client
+            # connected to send one; closed now, it would read EOF for it
+            c.drain_at = c.head_started + DRAIN_FRESH_S
+            if not soonest or c.drain_at < soonest:
+                soonest = c.drain_at
+            continue
+        c.no_linger = False
+        start_close(R, c, now)
+        settle(R, c)
+        if c.closed:
+            i -= 1  # conn_forget() moved the last one here
     R.drain_next = soonest
+
+
+cdef inline bint bytes_waiting(int fd) noexcept nogil:
+    """A byte of the client's that the loop has not read yet (a head that
+    came since the last read: its EPOLLIN is served next)."""
+    cdef char b
+    return sys_.recv(fd, &b, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT) > 0
 
 
 cdef int send_buf(int fd, Buf *b) noexcept nogil:

@@ -304,7 +304,10 @@ order they were taken) at k * spread / N from the drain's start, so that
 their clients reconnect spread out, not in one burst. One scheduled that
 takes a request meanwhile is told as the others are: its answer says
 close (``_idle_closes``; the tick closes those due, at most ``_TICK``
-late). The relay's thread then serves what is left as before;
+late). One whose next head came and is not read yet is left to be read,
+and one taken less than ``_DRAIN_FRESH_S`` ago that has sent nothing is
+due again then (its client connected to send a request; closed at once,
+it read EOF for it). The relay's thread then serves what is left as before;
 :meth:`HttpRelay.close` cuts what is still open at the drain's deadline
 (a reset) and says how many it cut; a request cut so is logged ``0 DC``
 with ``accesslog.DRAIN_CUT``, Envoy's ``downstream_local_disconnect(...)``
@@ -416,6 +419,7 @@ _LINGER0: Final = struct.pack("ii", 1, 0)
 _READ: Final = 65536
 _TICK: Final = 0.25
 _LINGER_S: Final = 2.0
+_DRAIN_FRESH_S: Final = 1.0  # a drain leaves a connection this young for its first head
 _FD_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE)
 _MAX_REMEMBERED: Final = 4096  # endpoints whose last answer was reported
 # drain()'s scope (see "Drain"): none, a gateway listener's connections, all
@@ -624,6 +628,15 @@ class _Conn:
     peer_text: Any = ...
     log_xff: bytes | None = None
     log_rid: bytes | None = None
+
+
+def _bytes_waiting(sock: socket.socket) -> bool:
+    """A byte of the client's on *sock* that the relay has not read yet (a
+    head that came since the last read: its event is served next)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # (EAGAIN: nothing; a reset: its event says so)
+        return False
 
 
 def _gateway(c: _Conn) -> bool:
@@ -1117,11 +1130,22 @@ class HttpRelay:
     def _close_idle_due(self, now: float) -> None:
         """The connections drain() scheduled to close by *now*: closed where
         still between requests (one that took a request meanwhile closes
-        after its answer, as every draining one)."""
+        after its answer, as every draining one; one with a byte of its
+        next head waiting is left to be read). One taken less than
+        ``_DRAIN_FRESH_S`` ago that has sent nothing yet is due again then:
+        its client connected to send a request, and closed at once it read
+        EOF for it."""
+        later: list[tuple[float, _Conn]] = []
         while self._idle_closes and self._idle_closes[0][0] <= now:
             _, c = self._idle_closes.popleft()
             if self._conns.get(c.fd) is not c or c.closing:
                 continue  # (gone, or closing already)
+            if c.ex.between_requests and _bytes_waiting(c.sock):
+                continue  # (its next head came: answered, saying close)
+            taken = c.head_started  # (not None between requests: none came yet)
+            if taken is not None and c.ex.between_requests and taken + _DRAIN_FRESH_S > now:
+                later.append((taken + _DRAIN_FRESH_S, c))
+                continue
             try:  # this connection's failure is its own, not the batch's
                 closing = c.ex.drain()  # (a Close between requests, else nothing)
                 if closing:
@@ -1129,6 +1153,9 @@ class HttpRelay:
             except Exception:
                 if c.fd in self._conns:
                     self._abort(c)
+        if later:
+            self._idle_closes.extend(later)
+            self._idle_closes = deque(sorted(self._idle_closes, key=lambda due: due[0]))
 
     def _retain(self, named: frozenset[Endpoint]) -> None:
         """retain_endpoints(), on the relay's thread: the routes' pool and
