@@ -294,6 +294,40 @@ def test_a_late_answer_never_reaches_the_next_request() -> None:
     asyncio.run(main())
 
 
+def test_ready_is_answered_while_heavy_requests_are_built() -> None:
+    """A worker answered its requests in turn: the question of a /ready
+    waited for the /stats asked before it (0.9 to 2.8 s of a 444-series
+    page, and kubelet probes of 1 s failed). The heavy requests (stats,
+    config_dump, clusters) are answered in turn in a lane of their own,
+    the others at once."""
+
+    async def main() -> list[str]:
+        release = asyncio.Event()
+        order: list[str] = []
+
+        async def handle(op: str) -> Any:
+            if op in ("stats", "clusters"):
+                await release.wait()  # (being built)
+            order.append(op)
+            return op
+
+        end, worker, broken = await _pair(handle)
+        stats = asyncio.ensure_future(end.ask("stats", 10))
+        clusters = asyncio.ensure_future(end.ask("clusters", 10))
+        await asyncio.sleep(0)  # (both written, ahead of the next)
+        assert await end.ask("ready", 2) == "ready"
+        assert await end.ask("state", 2) == "state"
+        assert not stats.done()
+        release.set()
+        assert (await stats, await clusters) == ("stats", "clusters")
+        end.close()
+        await worker
+        assert not broken
+        return order
+
+    assert asyncio.run(main()) == ["ready", "state", "stats", "clusters"]
+
+
 def test_requests_may_overlap() -> None:
     async def main() -> None:
         async def handle(op: str) -> Any:
