@@ -3,6 +3,29 @@
 Counters are plain dicts keyed by label tuples: the event loop is the only
 writer, so no locking. The pump keeps its own counters in its thread; they
 are read through ``Pump.stats()`` when ``/stats`` is rendered.
+
+Theory of operation: a histogram is one series, never its buckets
+-----------------------------------------------------------------
+A histogram series (``istio_request_duration_milliseconds``: 19 buckets,
++Inf, ``_sum`` and ``_count``) is kept as one :class:`Histogram` per label
+set: its bounds, a vector of cumulative bucket counts, its count and its
+sum. It is expanded into Prometheus' samples, one line per bucket with the
+label set and its ``le``, only as the page is written. Kept expanded, as
+it was, each series was 22 label sets of ~25 labels each in the worker,
+22 rows of JSON with all of those labels on the control channel, 22 rows
+again per worker in the supervisor and 22 lines in a list before the page
+was joined: with 444 series (a gateway in front of a backend answering
+every status code), a scrape of an 8.6 MB page took the supervisor from 18
+MB to 330 MB, past the pod's limit, and 2 to 5 seconds.
+
+A :class:`Sample` is what a scrape reads of counters: their series and
+their histograms, compact, summed over workers (:meth:`Sample.add`) without
+expanding. The supervisor has it from each worker in a compact form too
+(:mod:`l4proxy.sidecar._stats_wire`: each label name and value once, each
+label set once, a histogram as one row of numbers); :class:`Exposition`
+writes the page from it a family header or a series at a time
+(:meth:`Exposition.pieces`), which the admin endpoint encodes into one
+buffer: the page is held once, as bytes, and nothing else of it.
 """
 
 from __future__ import annotations
@@ -12,9 +35,11 @@ import contextlib
 import math
 import threading
 import time
+from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -43,9 +68,122 @@ def _with_le(key: LabelSet, le: str) -> LabelSet:
     return (*key[:i], ("le", le), *key[i:])
 
 
+class Histogram:
+    """One series of a histogram family: ``buckets[i]`` observations at
+    most ``bounds[i]`` (ascending; cumulative, as Prometheus writes them),
+    ``count`` in all (the +Inf bucket's) and ``total`` their sum. The
+    buckets are an array of doubles (8 bytes each, where a list held a
+    float object of 24 and its pointer: they are most of what a scrape
+    keeps)."""
+
+    __slots__ = ("bounds", "buckets", "count", "total")
+
+    def __init__(
+        self,
+        bounds: tuple[float, ...],
+        buckets: array[float] | None = None,
+        count: float = 0.0,
+        total: float = 0.0,
+    ) -> None:
+        self.bounds = bounds
+        self.buckets = array("d", [0.0]) * len(bounds) if buckets is None else buckets
+        self.count = count
+        self.total = total
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Histogram):
+            return NotImplemented
+        return (self.bounds, self.buckets, self.count, self.total) == (
+            other.bounds,
+            other.buckets,
+            other.count,
+            other.total,
+        )
+
+    def __repr__(self) -> str:
+        return f"Histogram({self.bounds}, {list(self.buckets)}, {self.count}, {self.total})"
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, array("d", self.buckets), self.count, self.total)
+
+    def add(self, other: Histogram) -> None:
+        """*other*'s observations on top of these. Of other bounds (a row
+        that had fewer buckets), each bucket of either is summed over those
+        that have it, as their ``le`` samples were: the bounds become both's."""
+        if other.bounds == self.bounds:
+            mine = self.buckets
+            for i, n in enumerate(other.buckets):
+                mine[i] += n
+        else:
+            merged = dict(zip(self.bounds, self.buckets, strict=True))
+            for le, n in zip(other.bounds, other.buckets, strict=True):
+                merged[le] = merged.get(le, 0.0) + n
+            self.bounds = tuple(sorted(merged))
+            self.buckets = array("d", (merged[le] for le in self.bounds))
+        self.count += other.count
+        self.total += other.total
+
+
+@dataclass
+class Sample:
+    """Counted series at one moment, compact (module docstring): each
+    family's series by label set, and each histogram family's series as
+    :class:`Histogram`\\ s. What a worker's counters hold, what it sends
+    the supervisor, and what the supervisor sums over its workers."""
+
+    series: dict[str, dict[LabelSet, float]] = field(default_factory=dict)
+    histograms: dict[str, dict[LabelSet, Histogram]] = field(default_factory=dict)
+
+    def add(self, other: Sample, most: Callable[[str], bool] = lambda name: False) -> None:
+        """*other*'s counts on top of these: summed per series, or for a
+        family *most* names (a per-worker state), the most of either. Its
+        histograms are copied, never shared: *other* may change later."""
+        for name, theirs in other.series.items():
+            mine = self.series.setdefault(name, {})
+            if most(name):
+                for key, v in theirs.items():
+                    mine[key] = max(mine.get(key, v), v)
+            else:
+                for key, v in theirs.items():
+                    mine[key] = mine.get(key, 0.0) + v
+        for family, hists in other.histograms.items():
+            held = self.histograms.setdefault(family, {})
+            for key, h in hists.items():
+                m = held.get(key)
+                if m is None:
+                    held[key] = h.copy()
+                else:
+                    m.add(h)
+
+    def without(self, drop: Callable[[str], bool]) -> Sample:
+        """This sample less the series families *drop* names (shared, not copied)."""
+        return Sample(
+            {name: s for name, s in self.series.items() if not drop(name)}, self.histograms
+        )
+
+    def expanded(self) -> dict[str, dict[LabelSet, float]]:
+        """Every sample by name and label set, as Prometheus reads them: a
+        histogram's ``_bucket`` (with ``le``, +Inf too), ``_sum`` and
+        ``_count`` each a family of its own (``/stats?format=json``, and
+        what tests read). Its size is the page's: not for a scrape."""
+        out = {name: dict(s) for name, s in self.series.items()}
+        for family, hists in self.histograms.items():
+            buckets = out.setdefault(family + "_bucket", {})
+            sums = out.setdefault(family + "_sum", {})
+            counts = out.setdefault(family + "_count", {})
+            for key, h in hists.items():
+                for le, n in zip(h.bounds, h.buckets, strict=True):
+                    buckets[_with_le(key, _fmt_value(le))] = n
+                buckets[_with_le(key, "+Inf")] = h.count
+                sums[key] = h.total
+                counts[key] = h.count
+        return out
+
+
 class Counters:
     def __init__(self) -> None:
         self._values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
+        self._histograms: dict[str, dict[LabelSet, Histogram]] = defaultdict(dict)
         self._help: dict[str, tuple[str, str]] = {}
 
     def describe(self, name: str, kind: str, help_text: str) -> None:
@@ -74,20 +212,35 @@ class Counters:
     ) -> None:
         """One row of histogram *family* under *key* (:func:`label_set`):
         *count* observations whose values sum to *total*, ``counts[i]`` of
-        them at most ``bounds[i]`` and above the bound before (a count past
-        the last bound is +Inf's alone). Written as Prometheus clients write
-        a histogram: every bucket, cumulative, zeros included (a series
+        them at most ``bounds[i]`` (ascending) and above the bound before
+        (a count past the last bound is +Inf's alone). Kept as one
+        :class:`Histogram` and written as Prometheus clients write a
+        histogram: every bucket, cumulative, zeros included (a series
         slower than the largest finite bound had only ``le="+Inf"``, and a
         reader could not tell where the finite buckets end), +Inf equal to
-        ``_count``."""
-        buckets = self._values[family + "_bucket"]
-        running = 0
-        for le, n in zip(bounds, counts, strict=False):
-            running += n
-            buckets[_with_le(key, _fmt_value(le))] += running
-        buckets[_with_le(key, "+Inf")] += count
-        self._values[family + "_sum"][key] += total
-        self._values[family + "_count"][key] += count
+        ``_count``. Rows of a family share *bounds* (one tuple, not a copy
+        per series)."""
+        n = min(len(bounds), len(counts))
+        row_bounds = tuple(bounds) if n == len(bounds) else tuple(bounds[:n])
+        series = self._histograms[family]
+        h = series.get(key)
+        if h is None:
+            h = series[key] = Histogram(row_bounds)
+        if h.bounds == row_bounds:
+            running = 0
+            buckets = h.buckets
+            for i in range(n):
+                running += counts[i]
+                buckets[i] += running
+            h.count += count
+            h.total += total
+        else:
+            running = 0
+            cumulative = array("d")
+            for i in range(n):
+                running += counts[i]
+                cumulative.append(running)
+            h.add(Histogram(row_bounds, cumulative, count, total))
 
     def set(self, name: str, value: float, **labels: str) -> None:
         self._values[name][label_set(labels)] = value
@@ -99,11 +252,24 @@ class Counters:
         if series is not None:
             series.pop(label_set(labels), None)
 
+    def _named(self, name: str) -> Mapping[LabelSet, float]:
+        """The series of *name*, a histogram's ``_bucket``, ``_sum`` or
+        ``_count`` too."""
+        series = self._values.get(name)
+        if series is not None:
+            return series
+        for part in _HISTOGRAM_PARTS:
+            family = name.removesuffix(part)
+            if family != name and family in self._histograms:
+                sample = Sample({}, {family: self._histograms[family]})
+                return sample.expanded().get(name, {})
+        return {}
+
     def get(self, name: str, **labels: str) -> float:
-        return self._values.get(name, {}).get(label_set(labels), 0)
+        return self._named(name).get(label_set(labels), 0)
 
     def total(self, name: str) -> float:
-        return sum(self._values.get(name, {}).values())
+        return sum(self._named(name).values())
 
     def help(self) -> dict[str, tuple[str, str]]:
         return dict(self._help)
@@ -114,11 +280,19 @@ class Counters:
         buckets, +Inf, _sum and _count); nothing to do with one writer."""
         yield
 
+    def sample(self) -> Sample:
+        """A copy of what is counted now, compact (what a scrape reads)."""
+        return Sample(
+            {k: dict(v) for k, v in self._values.items()},
+            {k: {key: h.copy() for key, h in v.items()} for k, v in self._histograms.items()},
+        )
+
     def snapshot(self) -> dict[str, dict[LabelSet, float]]:
-        return {k: dict(v) for k, v in self._values.items()}
+        """What is counted now, every sample by name (:meth:`Sample.expanded`)."""
+        return self.sample().expanded()
 
     def render(self, extra: Mapping[str, float] | None = None) -> str:
-        return render_prometheus(self.snapshot(), self._help, extra or {})
+        return Exposition(self.sample(), self._help, extra or {}).text()
 
 
 class LockedCounters(Counters):
@@ -162,9 +336,13 @@ class LockedCounters(Counters):
         with self._lock:
             super().discard(name, **labels)
 
-    def snapshot(self) -> dict[str, dict[LabelSet, float]]:
+    def _named(self, name: str) -> Mapping[LabelSet, float]:
         with self._lock:
-            return super().snapshot()
+            return dict(super()._named(name))
+
+    def sample(self) -> Sample:
+        with self._lock:
+            return super().sample()
 
 
 # The HELP and TYPE of the families a sidecar exports that are not
@@ -301,16 +479,170 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
 _HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
 
 
-def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
+def _label_text(labels: Iterable[tuple[str, str]]) -> str:
+    """``name="value",...`` (escaped as the text format says), no braces."""
     parts = []
     for k, v in labels:
         v = v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
         parts.append(f'{k}="{v}"')
-    return "{" + ",".join(parts) + "}" if parts else ""
+    return ",".join(parts)
+
+
+def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
+    text = _label_text(labels)
+    return "{" + text + "}" if text else ""
 
 
 def _fmt_value(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _histogram_text(family: str, key: LabelSet, h: Histogram) -> str:
+    """The lines of one histogram series: its buckets by bound (``le`` in
+    its sorted place among the labels), +Inf (its count), ``_sum`` and
+    ``_count``. The label set is escaped once, not once per bucket."""
+    i = bisect.bisect_left(key, ("le", ""))
+    before, after = _label_text(key[:i]), _label_text(key[i:])
+    opening = f'{family}_bucket{{{before}{"," if before else ""}le="'
+    closing = f'"{"," if after else ""}{after}}} '
+    lines = [
+        f"{opening}{_fmt_value(le)}{closing}{_fmt_value(n)}\n"
+        for le, n in zip(h.bounds, h.buckets, strict=True)
+    ]
+    lines.append(f"{opening}+Inf{closing}{_fmt_value(h.count)}\n")
+    labels = _fmt_labels(key)
+    lines.append(f"{family}_sum{labels} {_fmt_value(h.total)}\n")
+    lines.append(f"{family}_count{labels} {_fmt_value(h.count)}\n")
+    return "".join(lines)
+
+
+class Exposition:
+    """A ``/stats`` page to write: *sample* (counted series), *gauges*
+    (read now, unlabelled), each family with its HELP and TYPE from
+    *help_*, else :data:`METRIC_HELP`.
+
+    Families go out in name order, a family's series in label-set order.
+    A histogram's ``_bucket``, ``_sum`` and ``_count`` go out as its one
+    family (TYPE histogram, named without the suffix), each label set's
+    buckets in ``le`` order, +Inf last, then its sum and count. The
+    sample's series of a histogram's parts, each sample apart (as
+    :func:`render_prometheus` is given them), are taken as its histogram's.
+    """
+
+    def __init__(
+        self,
+        sample: Sample,
+        help_: Mapping[str, tuple[str, str]],
+        gauges: Mapping[str, float],
+    ) -> None:
+        self.help = help_
+        self.gauges = gauges
+        folded = {name for name in sample.series if self._histogram_of(name, sample.histograms)}
+        if folded:  # (hand-made samples only: counters keep a histogram whole)
+            sample = _fold(sample, folded, self._histogram_of)
+        self.sample = sample
+
+    def described(self, name: str) -> tuple[str, str]:
+        return self.help.get(name) or METRIC_HELP.get(name) or ("untyped", "")
+
+    def _histogram_of(self, name: str, histograms: Mapping[str, object]) -> str | None:
+        """The histogram family whose ``_bucket``, ``_sum`` or ``_count``
+        *name* is; None for any other."""
+        for part in _HISTOGRAM_PARTS:
+            base = name.removesuffix(part)
+            if base != name and (base in histograms or self.described(base)[0] == "histogram"):
+                return base
+        return None
+
+    def pieces(self, keep: Callable[[str], bool] | None = None) -> Iterator[str]:
+        """The page's text, a family's header or one series at a time;
+        with *keep*, the families whose name it takes (``/stats?filter=``:
+        a histogram by its family's name, with its parts)."""
+        series, hists, gauges = self.sample.series, self.sample.histograms, self.gauges
+        families: set[str] = set(hists)  # (a histogram's parts under its one name)
+        for name in set(series) | set(self.help) | set(gauges):
+            base = self._histogram_of(name, hists)
+            if base is not None:
+                families.add(base)
+            elif self.described(name)[0] != "histogram":
+                families.add(name)
+        for family in sorted(families):
+            if keep is not None and not keep(family):
+                continue
+            kind, text = self.described(family)
+            if family in hists:
+                kind = "histogram"
+            head = f"# HELP {family} {text}\n" if text else ""
+            head += f"# TYPE {family} {kind}\n"
+            if kind == "histogram":
+                yield head
+                of_family = hists.get(family, {})
+                for key in sorted(of_family):
+                    yield _histogram_text(family, key, of_family[key])
+                continue
+            values = series.get(family, {})
+            if family in gauges:
+                head += f"{family} {_fmt_value(gauges[family])}\n"
+            elif not values:
+                head += f"{family} 0\n"
+            yield head
+            for key in sorted(values):
+                yield f"{family}{_fmt_labels(key)} {_fmt_value(values[key])}\n"
+
+    def text(self, keep: Callable[[str], bool] | None = None) -> str:
+        return "".join(self.pieces(keep))
+
+    def json(self) -> dict[str, Any]:
+        """``/stats?format=json``: each gauge's value, and each family's
+        samples as ``[{"labels": ..., "value": ...}]``, a histogram's
+        buckets, sum and count each a family."""
+        out: dict[str, Any] = dict(self.gauges)
+        for name, values in self.sample.expanded().items():
+            out[name] = [{"labels": dict(k), "value": v} for k, v in values.items()]
+        return out
+
+
+def _fold(
+    sample: Sample, names: set[str], histogram_of: Callable[[str, Mapping[str, object]], str | None]
+) -> Sample:
+    """*sample* with the series *names* (histograms' parts, each sample
+    apart) taken as their histograms' series: each label set's ``le``
+    samples by bound (+Inf, and an ``le`` that is not a number, as its
+    count where it has no ``_count``)."""
+    out = Sample(
+        {k: v for k, v in sample.series.items() if k not in names}, dict(sample.histograms)
+    )
+    parts: dict[str, dict[str, Mapping[LabelSet, float]]] = defaultdict(dict)
+    for name in names:
+        family = histogram_of(name, sample.histograms)
+        assert family is not None
+        parts[family][name.removeprefix(family)] = sample.series[name]
+    for family, of in parts.items():
+        les: dict[LabelSet, dict[float, float]] = defaultdict(dict)
+        for labels, v in of.get("_bucket", {}).items():
+            key = tuple(kv for kv in labels if kv[0] != "le")
+            try:
+                le = float(dict(labels).get("le", "+Inf"))
+            except ValueError:
+                le = math.inf
+            les[key][le] = v
+        sums, counts = of.get("_sum", {}), of.get("_count", {})
+        held = out.histograms[family] = dict(out.histograms.get(family, {}))
+        for key in set(les) | set(sums) | set(counts):
+            finite = sorted(le for le in les.get(key, {}) if le != math.inf)
+            count = counts.get(key, les.get(key, {}).get(math.inf, 0.0))
+            h = Histogram(
+                tuple(finite),
+                array("d", (les[key][le] for le in finite)),
+                count,
+                sums.get(key, 0.0),
+            )
+            if key in held:
+                held[key] = held[key].copy()
+                held[key].add(h)
+            else:
+                held[key] = h
+    return out
 
 
 def render_prometheus(
@@ -318,76 +650,11 @@ def render_prometheus(
     help_: Mapping[str, tuple[str, str]],
     extra: Mapping[str, float],
 ) -> str:
-    """The Prometheus text exposition of *values* (counted series) and
-    *extra* (gauges read now), each family with its HELP and TYPE from
-    *help_*, else :data:`METRIC_HELP`. A histogram's ``_bucket``, ``_sum``
-    and ``_count`` series go out as its one family (TYPE histogram, named
-    without the suffix), each label set's buckets in ``le`` order, +Inf
-    last, then its sum and count."""
-
-    def described(name: str) -> tuple[str, str]:
-        return help_.get(name) or METRIC_HELP.get(name) or ("untyped", "")
-
-    def histogram_of(name: str) -> str | None:
-        for part in _HISTOGRAM_PARTS:
-            base = name.removesuffix(part)
-            if base != name and described(base)[0] == "histogram":
-                return base
-        return None
-
-    families: set[str] = set()  # (a histogram's parts under its one name)
-    for name in set(values) | set(help_) | set(extra):
-        base = histogram_of(name)
-        if base is not None:
-            families.add(base)
-        elif described(name)[0] != "histogram":
-            families.add(name)
-    lines: list[str] = []
-    for family in sorted(families):
-        kind, text = described(family)
-        if text:
-            lines.append(f"# HELP {family} {text}")
-        lines.append(f"# TYPE {family} {kind}")
-        if kind == "histogram":
-            lines += _histogram_lines(family, values)
-            continue
-        name = family
-        if name in extra:
-            lines.append(f"{name} {_fmt_value(extra[name])}")
-        series = values.get(name, {})
-        if not series and name not in extra:
-            lines.append(f"{name} 0")
-        for labels, v in sorted(series.items()):
-            lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(v)}")
-    return "\n".join(lines) + "\n"
-
-
-def _le(labels: LabelSet) -> float:
-    """A bucket's bound (``le``; +Inf and a malformed one last)."""
-    value = dict(labels).get("le", "+Inf")
-    try:
-        return float(value)
-    except ValueError:
-        return math.inf
-
-
-def _histogram_lines(family: str, values: Mapping[str, Mapping[LabelSet, float]]) -> list[str]:
-    """The series of histogram *family*: per label set (but ``le``), its
-    buckets by bound, then its ``_sum`` and ``_count``."""
-    sums = values.get(family + "_sum", {})
-    counts = values.get(family + "_count", {})
-    buckets: dict[LabelSet, list[tuple[LabelSet, float]]] = defaultdict(list)
-    for labels, v in values.get(family + "_bucket", {}).items():
-        buckets[tuple(kv for kv in labels if kv[0] != "le")].append((labels, v))
-    lines = []
-    for key in sorted(set(buckets) | set(sums) | set(counts)):
-        for labels, v in sorted(buckets.get(key, ()), key=lambda lv: _le(lv[0])):
-            lines.append(f"{family}_bucket{_fmt_labels(labels)} {_fmt_value(v)}")
-        if key in sums:
-            lines.append(f"{family}_sum{_fmt_labels(key)} {_fmt_value(sums[key])}")
-        if key in counts:
-            lines.append(f"{family}_count{_fmt_labels(key)} {_fmt_value(counts[key])}")
-    return lines
+    """The Prometheus text exposition (:class:`Exposition`) of *values*
+    (counted series, each sample apart: a histogram's ``_bucket`` with
+    ``le``, ``_sum``, ``_count``) and *extra* (gauges read now)."""
+    sample = Sample({name: dict(series) for name, series in values.items()})
+    return Exposition(sample, help_, extra).text()
 
 
 # -- which rules a sidecar serves -------------------------------------------------

@@ -32,12 +32,11 @@ from l4proxy.sidecar.admin import (
     INITIALIZING,
     LIVE,
     PRE_INITIALIZING,
-    filter_families,
     least_state,
     served_state,
 )
 from l4proxy.sidecar.loglevels import LOGGERS, logging_changes, merge_log_spec
-from l4proxy.stats import render_prometheus
+from l4proxy.stats import Exposition, Sample
 from tests._worker import gateway_service
 from tests.conftest import free_ports, running, serving
 
@@ -122,8 +121,8 @@ def test_the_family_filter_keeps_a_histogram_whole() -> None:
         "istio_request_duration_milliseconds": ("histogram", "Durations."),
         "istio_requests_total": ("counter", "Requests."),
     }
-    text = render_prometheus(values, help_, {"l4proxy_rules_generation": 3})
-    got = filter_families(text, lambda name: "duration" in name).splitlines()
+    page = Exposition(Sample(values), help_, {"l4proxy_rules_generation": 3})
+    got = page.text(lambda name: "duration" in name).splitlines()
     assert got[:2] == [
         "# HELP istio_request_duration_milliseconds Durations.",
         "# TYPE istio_request_duration_milliseconds histogram",
@@ -133,8 +132,8 @@ def test_the_family_filter_keeps_a_histogram_whole() -> None:
         "istio_request_duration_milliseconds_sum",
         "istio_request_duration_milliseconds_count",
     ]
-    assert filter_families(text, lambda name: False) == ""
-    assert filter_families(text, lambda name: True) == text
+    assert page.text(lambda name: False) == ""
+    assert page.text(lambda name: True) == page.text()
 
 
 # -- a real sidecar ------------------------------------------------------------------

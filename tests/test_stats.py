@@ -266,7 +266,7 @@ def test_every_family_a_worker_exports_is_typed(tmp_path: Path) -> None:
                 await loop.run_in_executor(None, _response, s)
             assert worker.relay is not None
             worker.relay.flush_reports(1.0)
-            got["text"] = await WorkerView(worker, "compiled").stats_text()
+            got["text"] = (await WorkerView(worker, "compiled").stats()).text()
 
     try:
         asyncio.run(main())

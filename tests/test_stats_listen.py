@@ -18,6 +18,16 @@ from l4proxy.sidecar.admin import AdminServer
 from tests.mesh import PYTHON, VIP, Mesh, route_rule
 
 
+class Page:
+    """A /stats page of fixed text (an Exposition's pieces)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def pieces(self, keep: Any = None) -> list[str]:
+        return [self.text]
+
+
 class Source:
     """An admin source with fixed answers (the endpoint's own logic is under test)."""
 
@@ -29,8 +39,8 @@ class Source:
     async def state(self) -> str:
         return "LIVE"
 
-    async def stats_text(self) -> str:
-        return "istio_requests_total 3\n"
+    async def stats(self) -> Page:
+        return Page("istio_requests_total 3\n")
 
     async def stats_json(self) -> dict[str, Any]:
         return {"istio_requests_total": 3}
@@ -423,8 +433,8 @@ def test_answers_not_taken_hold_at_most_answer_bytes(monkeypatch: pytest.MonkeyP
     scrapes = iter(range(1000))
 
     class Changing(Source):
-        async def stats_text(self) -> str:
-            return f"l4proxy_scrapes {next(scrapes)}\n" + "#" * size
+        async def stats(self) -> Page:
+            return Page(f"l4proxy_scrapes {next(scrapes)}\n" + "#" * size)
 
     async def main() -> None:
         server = AdminServer(Changing(), lambda: None, stats_only=True)

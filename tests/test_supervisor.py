@@ -25,8 +25,9 @@ import pytest
 
 from l4proxy.dataplane.listener import Listener, bind_listener
 from l4proxy.demo.podnet import PodNetwork
+from l4proxy.sidecar._stats_wire import at_once, encode_sample
 from l4proxy.sidecar.supervisor import Supervisor, WorkerSlot, describe_exit, merge_clusters
-from l4proxy.stats import START_TIME, RulesMark, process_start_time
+from l4proxy.stats import START_TIME, Counters, RulesMark, process_start_time
 from tests.mesh import IMPLS, Mesh, Sidecar, service_entry
 
 netns = pytest.mark.netns
@@ -396,6 +397,8 @@ def test_a_sigterm_while_a_worker_starts_makes_it_drain_once_started() -> None:
 SCRIPTED_WORKER = r"""
 import os, signal, socket, sys, time
 from l4proxy.sidecar.channel import FrameDecoder, MAX_REQUEST, decode_request, encode_answer
+from l4proxy.sidecar._stats_wire import at_once, encode_sample
+from l4proxy.stats import Counters
 mode, marker = sys.argv[1], sys.argv[2]
 fd = int(sys.argv[sys.argv.index("--control-fd") + 1])
 first = not os.path.exists(marker)
@@ -423,9 +426,11 @@ while True:
             sock.sendall(b'{"ready": true}\n' * 4)
         elif mode == "counting" and op == "stats":  # 10 more requests at each ask
             stats_answered += 1
-            counters = [["l4proxy_requests_total", [["route", "r"]], 10 * stats_answered]]
+            counters = Counters()
+            counters.inc("l4proxy_requests_total", 10 * stats_answered, route="r")
             help_ = {"l4proxy_requests_total": ["counter", "Requests."]}
-            answer = {"counters": counters, "help": help_, "gauges": {}}
+            sample = at_once(encode_sample(counters.sample()))
+            answer = {"sample": sample, "help": help_, "gauges": {}}
             sock.sendall(encode_answer(frame.id, answer))
         else:
             sock.sendall(encode_answer(frame.id, True if op == "ready" else {"op": op}))
@@ -578,10 +583,10 @@ def test_summed_counters_never_go_down_when_a_worker_is_silent_or_replaced() -> 
     starts: set[float] = set()
 
     async def requests_total() -> float:
-        values, help_, gauges = await sup.stats()
-        kinds.append(help_.get("l4proxy_requests_total"))
-        starts.add(gauges[START_TIME])
-        return sum(values["l4proxy_requests_total"].values())
+        stats = await sup.stats()
+        kinds.append(stats.help.get("l4proxy_requests_total"))
+        starts.add(stats.gauges[START_TIME])
+        return sum(stats.sample.series["l4proxy_requests_total"].values())
 
     async def main() -> None:
         keeper = asyncio.get_running_loop().create_task(sup._keep(slot))
@@ -647,11 +652,11 @@ class _Link:
 
 def _raw(conns: int, bytes_up: int, dns_addresses: int) -> dict[str, object]:
     """A worker's stats_raw(): a counter, a labelled gauge, two unlabelled totals."""
+    counters = Counters()
+    counters.inc("l4proxy_connections_total", conns, listener="outbound")
+    counters.set("l4proxy_dns_addresses", dns_addresses, hostname="db.example")
     return {
-        "counters": [
-            ["l4proxy_connections_total", [["listener", "outbound"]], conns],
-            ["l4proxy_dns_addresses", [["hostname", "db.example"]], dns_addresses],
-        ],
+        "sample": at_once(encode_sample(counters.sample())),
         "gauges": {
             "l4proxy_relayed_connections_total": conns,
             "l4proxy_bytes_upstream_total": bytes_up,

@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import socket
@@ -76,8 +77,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from l4proxy import __version__
+from l4proxy.sidecar._stats_wire import encode_sample, in_slices
 from l4proxy.sidecar.loglevels import apply_log_levels, log_spec, logging_changes, logging_text
-from l4proxy.stats import START_TIME, START_TIME_HELP, process_start_time, render_prometheus
+from l4proxy.stats import START_TIME, START_TIME_HELP, Exposition, process_start_time
 
 if TYPE_CHECKING:
     from l4proxy.sidecar.worker import Worker
@@ -105,6 +107,7 @@ MAX_CLIENTS = 64
 SEND_STALL_S = 5.0
 ANSWER_BYTES = 32 << 20
 CHUNK = 1 << 16  # written at a time, from the answer's bytes (no copy of a whole answer)
+PAGE_SLICE = 1 << 18  # of a /stats page, rendered between two turns of the event loop
 # After the answer: what a client still sends (a request body) is read and
 # dropped, up to LINGER_BYTES within LINGER_S, so that the close is not an RST.
 LINGER_BYTES = 1 << 20
@@ -186,22 +189,20 @@ def stats_filter(pattern: str) -> Callable[[str], bool]:
     return lambda name: search(name) is not None
 
 
-def filter_families(text: str, keep: Callable[[str], bool]) -> str:
-    """The Prometheus text's families (from each ``# HELP`` or ``# TYPE``
-    line, which render_prometheus writes for every family, to the next
-    family's) whose name *keep* takes: a histogram's by its family name,
-    its ``_bucket``, ``_sum`` and ``_count`` samples with it."""
-    out: list[str] = []
-    kept = False
-    family = None
-    for line in text.splitlines():
-        if line.startswith(("# HELP ", "# TYPE ")):
-            name = line.split(" ", 3)[2]
-            if name != family:
-                family, kept = name, keep(name)
-        if kept:
-            out.append(line)
-    return "".join(f"{line}\n" for line in out)
+async def _page(pieces: Iterable[str]) -> bytes:
+    """The /stats page from its pieces (:meth:`Exposition.pieces`), encoded
+    into one buffer as they come: the page is held once, as the bytes sent
+    (``getvalue()`` hands over the buffer itself), never also as a list of
+    its lines or one string. A turn of the event loop every PAGE_SLICE
+    bytes: a /ready meanwhile waits for one slice, not for the page."""
+    buf = io.BytesIO()
+    mark = 0
+    for piece in pieces:
+        buf.write(piece.encode())
+        if buf.tell() - mark >= PAGE_SLICE:
+            mark = buf.tell()
+            await asyncio.sleep(0)
+    return buf.getvalue()
 
 
 # -- /server_info ----------------------------------------------------------------
@@ -254,7 +255,7 @@ class AdminSource(Protocol):
     async def fail_health_check(self, failed: bool) -> None: ...
     async def ready(self) -> bool: ...
     async def state(self) -> str: ...
-    async def stats_text(self) -> str: ...
+    async def stats(self) -> Exposition: ...
     async def stats_json(self) -> dict[str, Any]: ...
     async def config_dump(self) -> Any: ...
     async def clusters(self) -> Any: ...
@@ -368,11 +369,12 @@ class AdminServer:
             if self._reading.pop(key, None) is None:
                 return  # evicted meanwhile
             parts = line.decode("latin-1").split()
+            body: str | bytes
             if len(parts) < 2:
                 status, ctype, body = 400, "text/plain", "bad request\n"
             else:
                 status, ctype, body = await self.dispatch(parts[0], parts[1])
-            data = body.encode()
+            data = body if isinstance(body, bytes) else body.encode()
             del body  # the answer is held once, as bytes, while it is sent
             # (RFC 9110: a 405 says which methods the resource takes: the
             # read-only endpoint's GET and HEAD, /quitquitquit's POST)
@@ -465,7 +467,7 @@ class AdminServer:
             self.evicted += 1
         self._answers[key] = data
 
-    async def dispatch(self, method: str, target: str) -> tuple[int, str, str]:
+    async def dispatch(self, method: str, target: str) -> tuple[int, str, str | bytes]:
         path, _, query = target.partition("?")
         params = urllib.parse.parse_qs(query, keep_blank_values=True)
         fmt = params.get("format", [""])[-1]
@@ -502,10 +504,8 @@ class AdminServer:
                 if keep is not None:
                     stats = {k: v for k, v in stats.items() if keep(k)}
                 return 200, "application/json", _json(stats)
-            text = await src.stats_text()
-            if keep is not None:
-                text = filter_families(text, keep)
-            return 200, "text/plain; version=0.0.4", text
+            page = await _page((await src.stats()).pieces(keep))
+            return 200, "text/plain; version=0.0.4", page
         if path == "/config_dump":
             dump = await src.config_dump()
             if dump is None:
@@ -780,27 +780,28 @@ class WorkerView:
             START_TIME: process_start_time(),
         }
 
-    async def stats_text(self) -> str:
+    async def stats(self) -> Exposition:
+        """This worker's /stats (--single-process): the relay's rows handed
+        over first (:meth:`Worker.flush_relay_reports`)."""
         w = self.worker
+        await w.flush_relay_reports()
         help_ = {**w.counter_help(), START_TIME: START_TIME_HELP}
-        return render_prometheus(w.counter_snapshot(), help_, self.gauges())
+        return Exposition(w.counter_sample(), help_, self.gauges())
 
     async def stats_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.gauges())
-        for name, series in self.worker.counter_snapshot().items():
-            out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
+        out = (await self.stats()).json()
         out["implementation"] = self.implementation
         return out
 
-    def stats_raw(self) -> dict[str, Any]:
-        """Mergeable form for the supervisor: counters as [name, labels, value]."""
-        counters = [
-            [name, [list(kv) for kv in labels], v]
-            for name, series in self.worker.counter_snapshot().items()
-            for labels, v in series.items()
-        ]
+    async def stats_raw(self) -> dict[str, Any]:
+        """What the supervisor sums (its ``stats`` request): the counters
+        compact (_stats_wire.encode_sample, a slice per turn of the event loop),
+        the gauges read now, and the families' HELP and TYPE."""
+        w = self.worker
+        await w.flush_relay_reports()
+        sample = w.counter_sample()
         return {
-            "counters": counters,
+            "sample": await in_slices(encode_sample(sample)),
             "gauges": self.gauges(),
-            "help": {k: list(v) for k, v in self.worker.counter_help().items()},
+            "help": {k: list(v) for k, v in w.counter_help().items()},
         }

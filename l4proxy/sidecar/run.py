@@ -888,7 +888,7 @@ async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asy
         if op == "ready":
             return await view.ready()
         if op == "stats":
-            return view.stats_raw()
+            return await view.stats_raw()
         if op == "config_dump":
             return await view.config_dump()
         if op == "clusters":

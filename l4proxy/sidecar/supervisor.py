@@ -32,11 +32,14 @@ across workers; /clusters merges every worker's view of each endpoint (its
 counts summed, ejected where any worker ejects it: merge_clusters). What it
 tells them (/logging's levels, /healthcheck/fail's flag) is kept here too,
 for each worker started later.
-A worker answers its requests in turn, so concurrent admin requests share
-what is asked of it: one /stats round at a time, and at most
-one /config_dump and one /clusters request in flight to each worker, even
-past the admin's timeout (a late answer is still built and sent, and a queue
-of them would starve the watchdog's ping). SIGTERM and SIGHUP are forwarded
+A worker answers its heavy requests (stats, config_dump, clusters) in
+turn, in a lane apart from ready, state and the rest (channel), so
+concurrent admin requests share what is asked of it: one /stats round at a
+time, and at most one /config_dump and one /clusters request in flight to
+each worker, even past the admin's timeout (a late answer is still built
+and sent, and a queue of them grew without bound). A worker sends its
+counters compact, and they are summed compact (stats: a histogram series
+is one vector, never a row per bucket). SIGTERM and SIGHUP are forwarded
 to every worker; the supervisor exits when all workers have drained.
 Workers are started with SIGHUP and SIGTERM (and SIGINT) blocked, so a
 reload forwarded to one still starting waits for its handler instead of
@@ -54,12 +57,12 @@ import signal
 import socket
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.dataplane.listener import Listener
+from l4proxy.sidecar._stats_wire import decode_sample, in_slices
 from l4proxy.sidecar.admin import DRAINING, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
@@ -70,9 +73,9 @@ from l4proxy.stats import (
     DIGEST_DISAGREE,
     START_TIME,
     START_TIME_HELP,
-    LabelSet,
+    Exposition,
+    Sample,
     process_start_time,
-    render_prometheus,
 )
 
 log = logging.getLogger("l4proxy.supervisor")
@@ -100,37 +103,27 @@ class WorkerSlot:
     # (The worker's unlabelled totals, l4proxy_bytes_upstream_total and the
     # like, come among its "gauges" and are kept the same way; its labelled
     # gauges, the DNS ones, are the state of a process: a dead one's are
-    # dropped, never added to the base.)
+    # dropped, never added to the base.) Both are compact (stats.Sample: a
+    # histogram series is one vector, not a row per bucket).
     counted_pid: int | None = None
-    last_counters: list[Any] = field(default_factory=list)
-    base: dict[tuple[str, LabelSet], float] = field(default_factory=dict)
+    last: Sample = field(default_factory=Sample)
+    base: Sample = field(default_factory=Sample)
 
-    def counters(
+    def count(
         self,
-        answer: dict[str, Any] | None,
+        answer: Sample | None,
         pid: int | None,
         is_gauge: Callable[[str], bool] = lambda name: False,
-    ) -> list[tuple[str, LabelSet, float]]:
-        """This slot's counters for a /stats: *answer*'s (None: the worker did
-        not answer), on top of what the slot's earlier processes counted.
-        *pid*: the process that was asked (the slot may have a new one since)."""
-        if answer is not None:
-            if self.counted_pid is not None and self.counted_pid != pid:
-                for name, labels, v in self.last_counters:
-                    if not is_gauge(name):
-                        key = (name, labels)
-                        self.base[key] = self.base.get(key, 0.0) + v
-            self.counted_pid = pid
-            self.last_counters = [
-                (name, tuple((k, val) for k, val in labels), float(v))
-                for name, labels, v in answer["counters"]
-            ] + [
-                (name, (), float(v))
-                for name, v in answer["gauges"].items()
-                if name.endswith("_total")
-            ]
-        out = [(name, labels, v) for (name, labels), v in self.base.items()]
-        return out + self.last_counters
+    ) -> None:
+        """Take *answer* (None: the worker did not answer) as the counts of
+        process *pid* (the one that was asked: the slot may have a new one
+        since); the last counts of the process before it go to the base."""
+        if answer is None:
+            return
+        if self.counted_pid is not None and self.counted_pid != pid:
+            self.base.add(self.last.without(is_gauge))
+        self.counted_pid = pid
+        self.last = answer
 
 
 # /clusters: what each worker counts on its own, summed over the workers
@@ -497,15 +490,12 @@ class Supervisor:
             views.append((f"worker {slot.index}", answer if isinstance(answer, dict) else None))
         return views
 
-    async def stats(
-        self,
-    ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
+    async def stats(self) -> Exposition:
         """The workers' /stats, summed. One round at a time, shared by every
-        scrape that comes meanwhile: a worker answers its control requests in
-        turn, and a request the supervisor gave up on (3 s) is still answered,
-        so a scrape per admin client each round (64 clients, a slow /stats)
-        queued without bound ahead of the watchdog's ready ping, which then
-        timed out: /ready said 503 and the watchdog killed the worker."""
+        scrape that comes meanwhile: a worker answers its heavy control
+        requests in turn, and a request the supervisor gave up on (3 s) is
+        still answered, so a scrape per admin client each round (64 clients,
+        a slow /stats) queued without bound at the worker."""
         if self._stats_round is None:
             self._stats_round = asyncio.ensure_future(self._stats())
             self._stats_round.add_done_callback(self._stats_round_done)
@@ -516,10 +506,7 @@ class Supervisor:
         if not fut.cancelled():
             fut.exception()  # retrieved: each waiter got it raised already
 
-    async def _stats(
-        self,
-    ) -> tuple[dict[str, dict[LabelSet, float]], dict[str, Any], dict[str, float]]:
-        values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
+    async def _stats(self) -> Exposition:
         help_: dict[str, Any] = {
             "l4proxy_worker_connections_total": ("counter", "Connections accepted, by worker."),
             "l4proxy_worker_spawn_failures_total": (
@@ -545,24 +532,34 @@ class Supervisor:
         answers = await asyncio.gather(
             *(self._ask_link(slot, link, "stats") for slot, _, link in asked)
         )
-        for ans in answers:
-            if ans is not None:
-                self.help_seen.update({k: tuple(v) for k, v in ans["help"].items()})
+        shared: dict[Any, Any] = {}  # label names, values and sets: once for every worker
+        decoded = [
+            await self._decode_stats(slot, ans, shared)
+            for slot, ans in zip(self.slots, answers, strict=True)
+        ]
+        del answers, shared
+        for d in decoded:
+            if d is not None:
+                self.help_seen.update(d[2])
 
         def is_gauge(name: str) -> bool:
             return self.help_seen.get(name, ("counter",))[0] == "gauge"
 
-        for slot, pid, ans in zip(self.slots, pids, answers, strict=True):
-            for name, labels, v in slot.counters(ans, pid, is_gauge):
-                if is_gauge(name):  # a per-worker state (a name's addresses): the most
-                    values[name][labels] = max(values[name].get(labels, v), v)
-                    continue
-                values[name][labels] += v
-                if name == "l4proxy_connections_total":
-                    values["l4proxy_worker_connections_total"][(("worker", str(slot.index)),)] += v
-            if ans is None:
+        total = Sample()
+        for slot, pid, d in zip(self.slots, pids, decoded, strict=True):
+            slot.count(None if d is None else d[0], pid, is_gauge)
+            connections = 0.0
+            for part in (slot.base, slot.last):
+                # a per-worker state (a name's addresses): the most, not the sum
+                total.add(part, most=is_gauge)
+                connections += sum(part.series.get("l4proxy_connections_total", {}).values())
+            if any("l4proxy_connections_total" in p.series for p in (slot.base, slot.last)):
+                by_worker = total.series.setdefault("l4proxy_worker_connections_total", {})
+                by_worker[(("worker", str(slot.index)),)] = connections
+            await asyncio.sleep(0)  # (a slot's sums are a slice: see _stats_wire.in_slices)
+            if d is None:
                 continue
-            for k, v in ans["gauges"].items():
+            for k, v in d[1].items():
                 if k.endswith("_total"):
                     continue  # summed with the counters above (kept across restarts)
                 if k in MIN_GAUGES:
@@ -585,18 +582,36 @@ class Supervisor:
         gauges["l4proxy_control_late_answers_total"] = self.late_answers_gone + sum(
             s.link.stale for s in self.slots if s.link
         )
-        return values, help_, gauges
+        return Exposition(total, help_, gauges)
+
+    async def _decode_stats(
+        self, slot: WorkerSlot, answer: Any, shared: dict[Any, Any]
+    ) -> tuple[Sample, dict[str, float], dict[str, tuple[str, ...]]] | None:
+        """A worker's stats answer (WorkerView.stats_raw): its counters
+        (_stats_wire.decode_sample, a slice per loop turn), its unlabelled totals
+        among them; its gauges; its families' HELP and TYPE. None for none,
+        and for one not of that form (a bug: logged, and the worker counts
+        with its last answer, as a silent one does)."""
+        if answer is None:
+            return None
+        try:
+            sample = await in_slices(decode_sample(answer["sample"], shared))
+            gauges = {str(k): float(v) for k, v in answer["gauges"].items()}
+            help_ = {str(k): tuple(str(x) for x in v) for k, v in answer["help"].items()}
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("worker %d: a stats answer not of the form expected (%r)", slot.index, exc)
+            return None
+        for name, v in gauges.items():
+            if name.endswith("_total"):  # a counter (the pump's, the relay's): kept as one
+                totals = sample.series.setdefault(name, {})
+                totals[()] = totals.get((), 0.0) + v
+        return sample, gauges, help_
 
     async def stats_text(self) -> str:
-        values, help_, gauges = await self.stats()
-        return render_prometheus(values, help_, gauges)
+        return (await self.stats()).text()
 
     async def stats_json(self) -> dict[str, Any]:
-        values, _, gauges = await self.stats()
-        out: dict[str, Any] = dict(gauges)
-        for name, series in values.items():
-            out[name] = [{"labels": dict(k), "value": v} for k, v in series.items()]
-        return out
+        return (await self.stats()).json()
 
     async def config_dump(self) -> Any:
         return await self.first("config_dump")
@@ -626,11 +641,12 @@ class Supervisor:
         """*op* asked of *slot*'s worker once for every caller meanwhile.
 
         /config_dump and /clusters build and encode the whole table on the
-        worker's event loop, and a worker answers its control requests in
-        turn. Asked once per admin request, with each request given up on
-        after 3 s but still answered, 20 clients looping on /config_dump of a
-        big table queued answers without bound ahead of the watchdog's ready
-        ping: the watchdog killed a healthy worker. So the request stays in
+        worker's event loop, and a worker answers such requests in turn.
+        Asked once per admin request, with each request given up on after
+        3 s but still answered, 20 clients looping on /config_dump of a big
+        table queued answers without bound (ahead of the watchdog's ready
+        ping, until ready had a lane of its own: the watchdog killed a
+        healthy worker). So the request stays in
         flight, counted, until its answer comes (however late) or the link
         closes (the worker gone), and every caller meanwhile waits on that
         one (each for SHARED_ASK_TIMEOUT_S): at most one such request per op is ever

@@ -154,7 +154,7 @@ from l4proxy.rules.routing import (
 )
 from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar import istio_metrics
-from l4proxy.stats import Counters, LabelSet, LockedCounters, label_set
+from l4proxy.stats import Counters, LabelSet, LockedCounters, Sample, label_set
 
 log = logging.getLogger("l4proxy.worker")
 
@@ -829,22 +829,31 @@ class Worker:
     def relay_active(self) -> int:
         return self.relay.active() if self.relay is not None else 0
 
-    def counter_snapshot(self) -> dict[str, dict[Any, float]]:
-        """The event loop's counters and the relay thread's, for /stats.
+    def counter_sample(self) -> Sample:
+        """The event loop's counters and the relay thread's, for /stats,
+        compact (stats.Sample). A family both count
+        (``l4proxy_decisions_total``: per connection on the loop, per
+        request in the relay; ``l4proxy_refused_total``) is summed per
+        label set. What the compiled relay counted since its last report
+        is not in it: :meth:`flush_relay_reports` first."""
+        sample = self.counters.sample()
+        sample.add(self.relay_counters.sample())
+        return sample
 
-        A family both count (``l4proxy_decisions_total``: per connection on
-        the loop, per request in the relay; ``l4proxy_refused_total``) is
-        summed per label set.
-        """
+    async def flush_relay_reports(self) -> None:
+        """Have the compiled relay hand over what it counted (its rows,
+        once a second otherwise) and wait for it, up to 0.5 s, on another
+        thread: the event loop serves meanwhile (a /ready, a connection
+        to route), where it waited for the relay's thread to report."""
+        if self.relay is not None and http_relay.IMPLEMENTATION == "compiled":
+            await asyncio.to_thread(self.relay.flush_reports, 0.5)
+
+    def counter_snapshot(self) -> dict[str, dict[Any, float]]:
+        """:meth:`counter_sample`, the compiled relay's rows handed over
+        first (waiting on this thread), every sample apart (Sample.expanded)."""
         if self.relay is not None:
             self.relay.flush_reports(0.5)  # the compiled relay counts in C: hand it over
-        out = self.counters.snapshot()
-        for name, series in self.relay_counters.snapshot().items():
-            merged = dict(out.get(name, {}))
-            for labels, value in series.items():
-                merged[labels] = merged.get(labels, 0) + value
-            out[name] = merged
-        return out
+        return self.counter_sample().expanded()
 
     def pool_snapshot(self) -> dict[tuple[str, int], tuple[int, int]] | None:
         """``{endpoint: (requests in flight, idle connections)}`` of the
