@@ -27,7 +27,7 @@ from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
 from l4proxy.k8s_names import DNS1123_LABEL
 from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
-from l4proxy.sidecar.lean import give_back_memory, import_uvloop
+from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
 from l4proxy.sidecar.loglevels import apply_log_levels
 from l4proxy.sidecar.signals import HeldSignals, hold_signals
 
@@ -744,6 +744,7 @@ async def _supervise(
             os.getuid(),
         )
         give_back_memory()  # what start-up freed (lean)
+        map_large_allocations()  # a /stats page's buffer (lean)
 
     code = await sup.run(start_admin, held)
     for server in (admin, stats):
@@ -818,6 +819,7 @@ async def _serve(
     view = WorkerView(worker, implementation)
     admin = stats = None
     if control is None:  # single process: the admin endpoint is ours
+        map_large_allocations()  # a /stats page's buffer (lean)
         admin = await _start_admin(args, view, stop.set)
         stats = await _start_stats(args, view)
         try:
