@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,6 +41,18 @@ def _canary(*words: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "PYTHONPATH": ROOT},
         timeout=60,
     )
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here, as in a shell: an xdist worker
+    ignores it (its controller takes Ctrl-C), and a Ctrl-C test would then
+    wait at its gate for ever."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _interrupt() -> None:
