@@ -222,16 +222,30 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+ACCEPT_POLL = 0.1  # seconds a helper's accept loop waits before it looks again
+
+
 def accept_until_closed(
     listener: socket.socket, on_accept: Callable[[socket.socket], None]
 ) -> threading.Thread:
     """A daemon thread handing each connection *listener* accepts to
-    *on_accept*, until the listener is closed (accept() then fails)."""
+    *on_accept*, until the listener is closed.
+
+    It waits in poll() (a timeout on the listener), never in a blocking
+    accept(): a close() from another thread does not wake a thread blocked
+    in accept(), which then waits for good, holding the fd number the
+    kernel took for the connection to come (``/proc/self/fd`` does not
+    list it), so every later test's fds were numbered higher. Closed, the
+    listener fails the next accept() within ACCEPT_POLL seconds. The
+    connections come blocking, as a listener without a timeout gives them."""
+    listener.settimeout(ACCEPT_POLL)
 
     def loop() -> None:
         while True:
             try:
                 conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             on_accept(conn)

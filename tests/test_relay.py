@@ -543,20 +543,15 @@ def test_a_connection_that_closes_after_its_answer_is_released_and_closed() -> N
     client connection open for good.)"""
     srv = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            d = b""
-            while b"\r\n\r\n" not in d:
-                d += c.recv(65536)
-            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            c.sendall(head % len(d) + d)
-            c.close()
+    def serve(c: socket.socket) -> None:
+        d = b""
+        while b"\r\n\r\n" not in d:
+            d += c.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        c.sendall(head % len(d) + d)
+        c.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    accept_until_closed(srv, serve)
     endpoint = ("127.0.0.1", srv.getsockname()[1])
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
     try:
@@ -1349,19 +1344,14 @@ def test_a_client_that_asked_to_close_is_closed_without_a_lingering_read(
     answer keeps it (the close was the server's), until its FIN."""
     server_closes = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = server_closes.accept()
-            except OSError:
-                return
-            d = b""
-            while b"\r\n\r\n" not in d:
-                d += c.recv(65536)
-            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-            c.close()
+    def serve(c: socket.socket) -> None:
+        d = b""
+        while b"\r\n\r\n" not in d:
+            d += c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        c.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    accept_until_closed(server_closes, serve)
     closing = ("127.0.0.1", server_closes.getsockname()[1])
     proxy = Proxy(
         lambda head, origin: Decision(

@@ -47,6 +47,7 @@ from tests._worker import (
     gateway_virtual_service,
     web_entry,
 )
+from tests.conftest import accept_until_closed
 from tests.mesh import IMPLS, through_a_sidecar
 from tests.test_access_log_worker import _fields, _read_lines
 from tests.test_worker_gateway_local_answer_framing import Answer, _answer, _closed
@@ -70,15 +71,10 @@ class Pod:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.endpoint = self.server.getsockname()
         self.heads: list[bytes] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_until_closed(
+            self.server,
+            lambda conn: threading.Thread(target=self._serve, args=(conn,), daemon=True).start(),
+        )
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
