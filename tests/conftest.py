@@ -13,6 +13,12 @@
   sidecar that depends on it starts once per mode.
 * :func:`twin` parametrizes a test over the compiled and the pure-Python
   implementation of a module; a missing compiled build fails under CI.
+* The process's own file descriptors are counted around each test
+  (``tests._fd_audit``): the last test a process runs fails at teardown if
+  the process used more than ``GUARD_MARGIN`` fd numbers above its start
+  (open, or held by a thread blocked in accept()), naming the tests that
+  left fds open. ``L4PROXY_FD_AUDIT=DIR`` writes each process's account
+  of them to ``DIR``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -36,6 +42,7 @@ import pytest
 
 from l4proxy.dataplane import _impl
 from l4proxy.demo.podnet import PodNetwork
+from tests._fd_audit import FdAudit
 from tests.mesh import ROUTING_MODES, SEED_DIR, SHARED_DIR, Mesh
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -150,6 +157,45 @@ LONGEST_FILES = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable)
+
+
+_FD_AUDIT = FdAudit(detail=bool(os.environ.get("L4PROXY_FD_AUDIT")))
+_fd_counted = ""  # the test whose descriptors were counted after it
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Count before the test's setup (and after its teardown, where
+    pytest_runtest_teardown did not: a teardown that raised)."""
+    global _fd_counted
+    _FD_AUDIT.before()
+    try:
+        return (yield)
+    finally:
+        if _fd_counted != item.nodeid:
+            _FD_AUDIT.after(item.nodeid)
+        _fd_counted = ""
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Count after the fixtures' teardown (trylast: this runs after it);
+    after the process's last test, write the account (L4PROXY_FD_AUDIT)
+    and fail if the process used too many fd numbers."""
+    global _fd_counted
+    _FD_AUDIT.after(item.nodeid)
+    _fd_counted = item.nodeid
+    if nextitem is None:
+        where = os.environ.get("L4PROXY_FD_AUDIT")
+        if where:
+            os.makedirs(where, exist_ok=True)
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            with open(os.path.join(where, f"fd-audit-{worker}.txt"), "w") as f:
+                f.write(_FD_AUDIT.report())
+        if why := _FD_AUDIT.over():
+            pytest.fail(why, pytrace=False)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
