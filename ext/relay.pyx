@@ -9113,10 +9113,13 @@ cdef class HttpRelay:
         if access_log:  # its last lines (the requests _shutdown cut) written first
             self.close_access_log()
         # Not left to __dealloc__: self.slow holds bound methods of self,
-        # so a closed relay is freed by the cyclic GC only, whenever.
+        # so a closed relay is freed by the cyclic GC only, whenever (the
+        # reserve fd too, or each relay closed kept a /dev/null open).
         sys_.close(self.R.epfd)
         sys_.close(self.R.wakefd)
-        self.R.epfd = self.R.wakefd = -1
+        if self.R.reserve_fd >= 0:
+            sys_.close(self.R.reserve_fd)
+        self.R.epfd = self.R.wakefd = self.R.reserve_fd = -1
         return cut
 
     def active(self):

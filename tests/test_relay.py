@@ -26,6 +26,7 @@ import pytest
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import UNROUTED, Decision
+from tests._fd_audit import snapshot
 from tests.conftest import accept_until_closed, dead_ports, load_twin
 from tests.mesh import binomial_ok
 
@@ -1282,6 +1283,28 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
             s.close()
         listener.close()
         relay.close()
+
+
+def test_close_lets_go_of_every_fd_whether_started_or_not(twin: str) -> None:
+    """close() closes every fd the relay opened, its thread run or not. A
+    relay closed without a start (a worker's, closed before it started)
+    kept the pure twin's epoll and wake-up socketpair open (the compiled
+    twin's slow path is a pure relay: its own the same), and a compiled
+    relay that had listened kept its reserve fd (/dev/null), each until
+    the cyclic GC freed the relay, whenever that came."""
+    relay_class = load_twin("relay", twin).HttpRelay
+    relays = []  # (held: only close() may close their fds here)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for start in (False, True):
+            before = snapshot()
+            relays.append(relay := relay_class(lambda head, origin: None, lambda *a: None))
+            if twin == "compiled":
+                relay.listen(listener.fileno(), 0)
+            if start:
+                relay.start()
+            relay.close()
+            after = snapshot()
+            assert {fd: t for fd, t in after.items() if before.get(fd) != t} == {}, start
 
 
 @pytest.mark.parametrize("twin", ["compiled"], indirect=True)

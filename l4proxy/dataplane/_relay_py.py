@@ -867,6 +867,11 @@ class HttpRelay:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(10)
+        elif self._thread.ident is None and self._wake_r.fileno() >= 0:
+            # Never started: no thread closes what it would have (the
+            # connections queued, the epoll and the wake-up socketpair).
+            self._take_queue(time.monotonic())
+            self._shutdown()
         if access_log:  # (after the thread: its last lines too)
             self.close_access_log()
         cut, self._cut = self._cut, 0
