@@ -346,6 +346,9 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+            for pipe in (p.stdin, p.stdout, p.stderr):  # (a test's popen(stdout=PIPE))
+                if pipe is not None:
+                    pipe.close()
         shutil.rmtree(self.rules_dir, ignore_errors=True)
 
 

@@ -31,7 +31,13 @@ from tests._worker import gateway_service, gateway_worker
 from tests.conftest import load_twin
 from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
 from tests.test_access_log_worker import TEXT_LINE, TWINS, _read_lines
-from tests.test_pump import Net, make_pump, take_ended, wait_for
+from tests.test_pump import (
+    Net,
+    close_pumps,  # noqa: F401  (autouse: the pumps make_pump() started, closed)
+    make_pump,
+    take_ended,
+    wait_for,
+)
 from tests.test_relay_retries import _worker_twin
 
 START = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z

@@ -181,6 +181,8 @@ def test_a_worker_stopped_with_the_lock_held_holds_no_other_up(
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(tell)
     assert not in_a_thread(one.check)
     one.flush()
     assert three.get() == texts("b.yaml", version=2)

@@ -1104,21 +1104,29 @@ def test_out_of_fds_for_an_upstream_answers_503_and_blames_no_endpoint(
         proxy.close()
 
 
-def _one_shot_server(serve: Callable[[socket.socket], None]) -> tuple[str, int]:
-    """A loopback server that runs *serve* on each connection, in a thread."""
-    srv = socket.create_server(("127.0.0.1", 0))
+Serve = Callable[[socket.socket], None]
+OneShotServer = Callable[[Serve], tuple[str, int]]
 
-    def loop() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
+
+@pytest.fixture(name="one_shot_server")
+def one_shot_server_fixture() -> Iterator[OneShotServer]:
+    """start(serve): a loopback server that runs *serve* on each connection,
+    in a thread; its address. Its listener is closed after the test."""
+    listeners: list[socket.socket] = []
+
+    def start(serve: Serve) -> tuple[str, int]:
+        listeners.append(srv := socket.create_server(("127.0.0.1", 0)))
+
+        def run(c: socket.socket) -> None:
             threading.Thread(target=serve, args=(c,), daemon=True).start()
 
-    threading.Thread(target=loop, daemon=True).start()
-    host, port = srv.getsockname()[:2]
-    return str(host), int(port)
+        accept_until_closed(srv, run)
+        host, port = srv.getsockname()[:2]
+        return str(host), int(port)
+
+    yield start
+    for srv in listeners:
+        srv.close()
 
 
 def _read_head(sock: socket.socket) -> bytes:
@@ -1130,7 +1138,9 @@ def _read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader() -> None:
+def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader(
+    one_shot_server: OneShotServer,
+) -> None:
     """The client reads only after the relay had to hold response bytes for
     it: the upstream stops being read (backpressure) and must be read again
     once the client drains. The relay used to re-arm only the client's
@@ -1144,7 +1154,7 @@ def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader() -> No
             _read_head(c)
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + payload)
 
-    endpoint = _one_shot_server(serve)
+    endpoint = one_shot_server(serve)
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
     try:
         with proxy.connect() as c:
@@ -1175,7 +1185,9 @@ def _held_upstream_bytes(relay: Any) -> int:
 # pure only: reads the pure twin's buffers (both twins:
 # test_a_server_that_does_not_read_holds_the_client_back)
 @pytest.mark.parametrize("twin", ["pure"], indirect=True)
-def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None:
+def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body(
+    one_shot_server: OneShotServer,
+) -> None:
     """The upstream reads the body only after a pause: meanwhile the relay
     must stop reading the client once it holds bytes it could not send (one
     read's worth), not buffer the whole body. It used to read the client as
@@ -1196,7 +1208,7 @@ def test_a_slow_upstream_bounds_what_the_relay_holds_of_a_request_body() -> None
             got.append(n)
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
 
-    endpoint = _one_shot_server(serve)
+    endpoint = one_shot_server(serve)
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
     held: list[int] = []
     try:
@@ -1248,7 +1260,7 @@ def test_a_bad_head_after_a_routed_request_is_reported_as_unrouted(
         proxy.close()
 
 
-def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
+def test_an_exchange_idle_for_idle_timeout_is_closed(one_shot_server: OneShotServer) -> None:
     """An upstream that accepts a request and never answers: after
     idle_timeout with no byte either way the client connection and the
     upstream connection are closed, as the L4 pump closes an idle relay.
@@ -1259,7 +1271,7 @@ def test_an_exchange_idle_for_idle_timeout_is_closed() -> None:
     def serve(c: socket.socket) -> None:
         hung.append(c)  # read nothing, answer nothing, keep it open
 
-    endpoint = _one_shot_server(serve)
+    endpoint = one_shot_server(serve)
     relay_class = load_twin("relay", _TWIN["which"]).HttpRelay
     relay = relay_class(
         lambda head, origin: Decision((endpoint,)), lambda *a: None, idle_timeout=1.0
@@ -1498,7 +1510,9 @@ def _wait_ended(ended: list[threading.Event]) -> None:
         assert done.wait(5)
 
 
-def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -> None:
+def test_a_long_response_body_is_spliced_and_the_connection_goes_on(
+    twin: str, one_shot_server: OneShotServer
+) -> None:
     """A Content-Length body of SPLICE_MIN (128 KiB) or more goes upstream ->
     pipe -> client in the compiled twin (the pure one copies): the same
     bytes, the connection and its pooled upstream go on, the pipe is closed
@@ -1522,7 +1536,7 @@ def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -
                     c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         done.set()  # (after the with: the socket is closed)
 
-    endpoint = _one_shot_server(serve)
+    endpoint = one_shot_server(serve)
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
     try:
         with proxy.connect() as c:
@@ -1551,7 +1565,9 @@ def test_a_long_response_body_is_spliced_and_the_connection_goes_on(twin: str) -
         _wait_ended(ended)
 
 
-def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) -> None:
+def test_a_long_request_body_is_spliced_and_an_early_answer_closes(
+    twin: str, one_shot_server: OneShotServer
+) -> None:
     """An upload of SPLICE_MIN or more goes client -> pipe -> upstream in the
     compiled twin: the server gets every byte, the connection goes on. A
     server that answers before the body's end (413) gets its connection
@@ -1578,7 +1594,7 @@ def test_a_long_request_body_is_spliced_and_an_early_answer_closes(twin: str) ->
                 c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer) + answer)
         done.set()
 
-    endpoint = _one_shot_server(serve)
+    endpoint = one_shot_server(serve)
     proxy = Proxy(lambda head, origin: Decision((endpoint,)))
     want = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
     try:

@@ -122,6 +122,7 @@ class Child:
 
     def port_alive(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
+            self._close_pipes()  # (the child that died: its Popen is dropped)
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, json.dumps(self.spec)],
                 stdin=subprocess.PIPE,
@@ -156,6 +157,15 @@ class Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this process's ends of the child's stdin and stdout, which
+        stayed open until the garbage collector freed the Popen."""
+        if self.proc is not None:
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
 
 
 _CHILD = (
