@@ -454,6 +454,8 @@ class Tutorial:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+            if p.stdout is not None:  # (the keep-alive client's: a pipe to this process)
+                p.stdout.close()
         self.net.close()  # and whatever still runs in the pods (podnet.stop_processes)
         shutil.rmtree(self.rules_dir, ignore_errors=True)
         shutil.rmtree(self.log_dir, ignore_errors=True)
