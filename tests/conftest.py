@@ -28,6 +28,7 @@ import http.server
 import importlib
 import os
 import re
+import selectors
 import shutil
 import socket
 import struct
@@ -299,6 +300,16 @@ def accept_until_closed(
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     return thread
+
+
+def readable(fileobj: Any, timeout: float) -> bool:
+    """Whether *fileobj* (a socket, a pipe's file object) has bytes to read,
+    or its end, within *timeout* seconds. epoll (selectors), not
+    select.select(), which refuses an fd past 1023: a test process that
+    has run half the suite may number its fds past that."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fileobj, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
 
 
 def running(pid: int) -> bool:

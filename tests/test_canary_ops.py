@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from l4proxy.rules.watch import FILE_HELD, RuleWatcher, fingerprint
-from tests.conftest import serving
+from tests.conftest import readable, serving
 from tests.test_canary_core import unstamped
 
 REGISTRY = os.path.join(os.path.dirname(__file__), "data", "rules", "registry.yaml")
@@ -817,7 +817,6 @@ def test_sigterm_while_waiting_for_a_hold_exits_3_with_nothing_written(
     """SIGTERM (a Job deleted) while the command waits for another's hold
     ends it as SIGTERM does a running one: exit 3, and nothing written (it
     held nothing)."""
-    import select
     import signal
     import subprocess
     import sys
@@ -842,7 +841,7 @@ def test_sigterm_while_waiting_for_a_hold_exits_3_with_nothing_written(
             line = ""
             while "waiting for its hold to end" not in line:
                 left = deadline - time.monotonic()
-                assert left > 0 and select.select([proc.stdout], [], [], left)[0], line
+                assert left > 0 and readable(proc.stdout, left), line
                 line = proc.stdout.readline()
                 assert line, "the command ended without waiting"
         finally:
