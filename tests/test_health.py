@@ -72,21 +72,21 @@ def test_ejection_is_bounded_by_max_ejection_percent() -> None:
     h = EndpointHealth(consecutive_failures=1, base_ejection=10, clock=clock)
     eps = [Ep(f"198.18.0.{i}", 80) for i in range(1, 5)]
     for ep in eps:
-        h.failure(ep, "refused", peers=eps)
+        h.failure(ep, "refused", groups=(eps,))
     assert [h.is_healthy(e) for e in eps] == [False, False, True, True]
     assert h.describe(eps[2])["ejections_suppressed"] == 1
     # One comes back: the next failure of a suppressed one ejects it.
     clock.now += 10.1
-    h.failure(eps[2], "refused", peers=eps)
+    h.failure(eps[2], "refused", groups=(eps,))
     assert not h.is_healthy(eps[2])
     # Three endpoints at 50 %: one ejected at most; one of one: that one.
     three = eps[:3]
     h2 = EndpointHealth(consecutive_failures=1, clock=clock)
     for ep in three:
-        h2.failure(ep, "x", peers=three)
+        h2.failure(ep, "x", groups=(three,))
     assert sum(not h2.is_healthy(e) for e in three) == 1
     h3 = EndpointHealth(consecutive_failures=1, clock=clock)
-    h3.failure(eps[0], "x", peers=eps[:1])
+    h3.failure(eps[0], "x", groups=(eps[:1],))
     assert not h3.is_healthy(eps[0])
 
 

@@ -146,9 +146,39 @@ def test_max_ejection_percent_bounds_the_peers(percent: float, ejected: int) -> 
     eps = [Ep(f"198.18.0.{i}", 80) for i in range(1, 5)]
     h, _ = _health(P(consecutive_5xx=1, max_ejection_percent=percent), *eps)
     for ep in eps:
-        h.status(ep, 503, eps)
+        h.status(ep, 503, (eps,))
     assert sum(not h.is_healthy(ep) for ep in eps) == ejected
     assert sum(h.describe(ep)["ejections_suppressed"] for ep in eps) == 4 - ejected
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "sidecar"])
+def test_the_bound_holds_in_each_destination_of_the_endpoint(rule: bool) -> None:
+    """A pod in two destinations (subset v1 of A and B, and the service's
+    four pods) is ejected only where both stay within 50 %: A's ejection
+    leaves v1 at one of two and the service at one of four; B's would
+    leave v1 empty, so it is refused, though the service's four would take
+    it. C, in the service alone, goes (two of four), D then not (three).
+    The sidecar's own detection is bounded so too."""
+    D = Ep("198.18.0.4", 80)
+    v1, service = (A, B), (A, B, C, D)
+    policy = P(consecutive_5xx=3, max_ejection_percent=50) if rule else None
+    h, _ = _health(policy, *service)
+
+    def fail(ep: Ep, *groups: tuple[Ep, ...]) -> None:
+        for _ in range(3):  # (a run of 3: the rule's, the sidecar's own)
+            if rule:
+                h.status(ep, 503, groups)
+            else:
+                h.failure(ep, "refused", groups)
+
+    fail(A, v1, service)
+    fail(B, v1, service)
+    assert (h.is_healthy(A), h.is_healthy(B)) == (False, True)
+    assert h.describe(B)["ejections_suppressed"] == 1
+    fail(C, service)
+    assert not h.is_healthy(C)
+    fail(D, service)
+    assert h.is_healthy(D)
 
 
 def test_other_endpoints_keep_the_sidecars_own_detection() -> None:
@@ -171,12 +201,12 @@ def test_the_bound_has_no_floor() -> None:
     h, _ = _health(OutlierPolicy(consecutive_5xx=1), *eps)
     for _ in range(10):
         h.status(A, 500)
-        h.status(B, 500, eps)
+        h.status(B, 500, (eps,))
     assert h.is_healthy(A) and h.is_healthy(B)
     assert h.describe(B)["ejections_suppressed"] == 10
     sidecar, _ = _health()
     for _ in range(3):
-        sidecar.failure(B, "refused", eps)
+        sidecar.failure(B, "refused", (eps,))
     assert not sidecar.is_healthy(B)
 
 
@@ -186,16 +216,16 @@ def test_an_ejection_the_bound_stops_ends_the_run() -> None:
     eps = [A, B]
     h, clock = _health(P(consecutive_5xx=3, max_ejection_percent=50), *eps)
     for _ in range(3):
-        h.status(A, 500, eps)
+        h.status(A, 500, (eps,))
     assert not h.is_healthy(A)
     for _ in range(3):
-        h.status(B, 500, eps)
+        h.status(B, 500, (eps,))
     assert h.is_healthy(B) and h.describe(B)["ejections_suppressed"] == 1
     clock.now += 30.1  # A is back
-    h.status(B, 500, eps)
-    h.status(B, 500, eps)
+    h.status(B, 500, (eps,))
+    h.status(B, 500, (eps,))
     assert h.is_healthy(B)  # a run of two, not five
-    h.status(B, 500, eps)
+    h.status(B, 500, (eps,))
     assert not h.is_healthy(B)
 
 

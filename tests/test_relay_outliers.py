@@ -81,12 +81,12 @@ class Health:
     def connect_failed(self, key: tuple[str, int], tag: Any, why: str) -> None:
         with self.lock:
             self.reports.append(("connect_failed", (key[0], key[1]), why))
-            self.health.failure(self.ep(key), why, self.endpoints)
+            self.health.failure(self.ep(key), why, (self.endpoints,))
 
     def response_failed(self, key: tuple[str, int], tag: Any, why: str) -> None:
         with self.lock:
             self.reports.append(("response_failed", (key[0], key[1]), why))
-            self.health.failure(self.ep(key), why, self.endpoints, "response")
+            self.health.failure(self.ep(key), why, (self.endpoints,), "response")
 
     def answered(self, key: tuple[str, int], tag: Any) -> None:
         with self.lock:

@@ -280,6 +280,28 @@ def test_an_endpoint_reached_through_the_subset_and_the_host_takes_the_most_eage
     assert both == RULE.most_eager(V2_OWN)
 
 
+def test_an_ejection_is_bounded_in_each_destination_that_holds_the_endpoint(
+    tmp_path: Path,
+) -> None:
+    """``ejection_groups``: a subset's endpoints (Envoy's cluster per
+    subset), each route's, and the host's own where some request takes no
+    route; one group per destination, whatever the routes that name it."""
+
+    def groups(table: RouteTable, key: tuple[str, int]) -> set[frozenset[tuple[str, int]]]:
+        got = table.ejection_groups(Endpoint(*key))
+        return {frozenset((e.address, e.port) for e in g) for g in got}
+
+    v1, v2, every = frozenset({V1A, V1B}), frozenset({V2}), frozenset({V1A, V1B, V2})
+    # the catch-all to v1: no request takes the host's round robin
+    table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2, TO_V1, TO_V1))
+    assert (groups(table, V1A), groups(table, V1B), groups(table, V2)) == ({v1}, {v1}, {v2})
+    table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2))  # (no catch-all)
+    assert (groups(table, V1A), groups(table, V2)) == ({every}, {v2, every})
+    table = load(tmp_path, RULE_AND_V2 + vs(JASON_TO_V2, TO_HOST))  # (the host, routed)
+    assert (groups(table, V1A), groups(table, V2)) == ({every}, {v2, every})
+    assert table.ejection_groups(Endpoint("198.18.0.99", 8080)) == ()
+
+
 def test_requests_no_route_takes_reach_the_bare_host(tmp_path: Path) -> None:
     """Without a catch-all, some requests take no route (the round robin
     over every endpoint, the rule's own policy)."""

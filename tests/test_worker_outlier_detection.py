@@ -305,3 +305,81 @@ def test_reports_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
         a.close()
     assert got["dropped"] == 3
     assert got["counted"] == _MAX_REPORTS
+
+
+def _subset_v1_rule(fields: str) -> str:
+    """Subsets v1 and v2 of the gateway's service, its ``outlierDetection``
+    *fields* (a flow map's), and every request routed to v1."""
+    return f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    outlierDetection: {fields}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}, subset: v1}}
+"""
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_max_ejection_percent_is_a_subsets_share(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four pods, subset v1 of A and B, every request routed to v1, and
+    ``maxEjectionPercent: 50``: A and B each answer two 503s, then 200.
+    A's second ejects it (one of v1's two); B's would eject all of v1, so
+    the bound refuses it, as Envoy's detector of the cluster
+    ``outbound|8080|v1|svc`` does, and the next requests all reach B (200).
+    Counted over the service's four pods, B went too (two of four) and
+    every later request was the proxy's own 503 ``no healthy upstream``
+    for the 60 s of the ejection."""
+    _worker_twin(which, monkeypatch)
+    pods = [Scripted([_answer(503)] * 2), Scripted([_answer(503)] * 2), Scripted([]), Scripted([])]
+    a, b, c, d = pods
+    rules = tmp_path / "rules.yaml"
+    text = gateway_service(*(p.endpoint[1] for p in pods), labels=("v1", "v1", "v2", "v2"))
+    fields = "{consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}"
+    rules.write_text(text + _subset_v1_rule(fields))
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, worker, address):
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, socket.create_connection, address, 10)
+            try:
+                got["first"] = [(await loop.run_in_executor(None, _get, s))[0] for _ in range(4)]
+                # (each 503 reaches Python on its loop, in order: B's second last)
+                await _until(
+                    lambda: worker.health.describe(_ep(b.endpoint[1]))["status_failures"] == 2,
+                    "B's 503s not counted",
+                )
+                got["then"] = [await loop.run_in_executor(None, _get, s) for _ in range(4)]
+                got["a"] = worker.health.describe(_ep(a.endpoint[1]))
+                got["b"] = worker.health.describe(_ep(b.endpoint[1]))
+            finally:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for p in pods:
+            p.close()
+    assert got["first"] == [503] * 4, got
+    assert [status for status, _ in got["then"]] == [200] * 4, got["then"]
+    assert (got["a"]["healthy"], got["a"]["ejections"]) == (False, 1), got["a"]
+    assert (got["b"]["healthy"], got["b"]["ejections_suppressed"]) == (True, 1), got["b"]
+    assert (len(a.requests), len(b.requests)) == (2, 6)
+    assert len(c.requests) + len(d.requests) == 0

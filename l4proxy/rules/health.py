@@ -72,10 +72,24 @@ As in Envoy:
   ``base_ejection`` again, not ``max_ejection``.
 
 Bounded ejection (``max_ejection_percent``, default 50): an ejection that
-would leave more than that share of the endpoints that the caller names as
-*peers* (the endpoints of the service port it serves) ejected does not happen; the
-failure is still counted (``ejections_suppressed``), and the endpoint is
-ejected on a later failure once another one has come back. At least one
+would leave more than that share of a destination's endpoints ejected does
+not happen; the failure is still counted (``ejections_suppressed``), and the
+endpoint is ejected on a later failure once another one has come back. The
+caller names the destinations as *groups*: each destination that can send
+requests to the endpoint (a route's subset on its port, or a service port's
+own; ``RouteTable.ejection_groups``), with all of its endpoints, and the
+bound must hold in each. Envoy bounds an ejection per cluster, and Istio
+makes a cluster of each subset (``outbound|8080|v1|svc``): over the whole
+service port, a subset of two pods of four could lose both (two of four is
+50 %), and its requests then found no healthy upstream. State is one per
+endpoint, though (below): a pod in two destinations (subset v1 and the
+service as a whole, or two subsets whose labels overlap) has one run of
+failures and one ejection, counted from whichever route sent the request,
+where Envoy has one per cluster; so it is ejected only where that leaves
+every destination that holds it within the bound, Envoy's guarantee for
+each of its clusters. (A destination of four pods may then keep two
+failing pods of a subset of two where Envoy's cluster of the four would
+eject both: its subset's cluster would not.) At least one
 endpoint may always be ejected, whatever the percentage (as Envoy did
 before 1.27, and does with ``always_eject_one_host``), so a single bad pod of
 two or three is still steered around. The bound keeps a
@@ -108,8 +122,8 @@ the most eager of each field), replaces the sidecar's for that endpoint:
 * ``baseEjectionTime`` (30 s) times the number of ejections, up to 300 s or
   the base if longer (Envoy's ``max_ejection_time``); each ``interval`` (10
   s) healthy after an ejection takes one off the multiplier;
-* ``maxEjectionPercent`` (10) of the peers (above; Envoy's cluster is the
-  subset, here the bound is over the service port's pods) may be ejected,
+* ``maxEjectionPercent`` (10) of each destination's endpoints (above: the
+  subset's, as Envoy's cluster is the subset) may be ejected,
   counting the one to be, with no floor: Envoy's rule since 1.27 (Istio
   never sets ``always_eject_one_host``), so with the default 10 % a
   destination of fewer than 10 pods ejects none, and a single pod is never
@@ -284,14 +298,15 @@ class EndpointHealth:
         self,
         ep: _EndpointLike,
         error: str,
-        peers: Sequence[_EndpointLike] = (),
+        groups: Sequence[Sequence[_EndpointLike]] = (),
         kind: str = "connect",
     ) -> None:
         """Count a gateway failure, the proxy's own (a failed connect, a
         response that failed); eject after enough in a row, within the bound.
 
-        *peers*: the endpoints *ep* shares its service port with (itself
-        included or not); empty means no bound is applied. *kind*:
+        *groups*: the destinations that hold *ep*, each as its endpoints
+        (*ep* included or not), the bound applied in each; empty means none
+        is applied (a rule's: *ep* alone). *kind*:
         ``"connect"`` or ``"response"`` (see the module's doc); both count
         alike, the totals are kept apart for :meth:`describe`.
         """
@@ -312,11 +327,14 @@ class EndpointHealth:
             st.consecutive_gateway += 1
             tripped = self._tripped(st, p)
         if tripped:
-            self._eject(ep, st, p, peers)
+            self._eject(ep, st, p, groups)
 
-    def status(self, ep: _EndpointLike, code: int, peers: Sequence[_EndpointLike] = ()) -> None:
+    def status(
+        self, ep: _EndpointLike, code: int, groups: Sequence[Sequence[_EndpointLike]] = ()
+    ) -> None:
         """Count the application's 5xx response *code* (a DestinationRule's
-        detection only: the relay reports them for its endpoints)."""
+        detection only: the relay reports them for its endpoints); *groups*
+        as :meth:`failure`'s."""
         st = self._state(ep)
         st.status_failures += 1
         st.last_error = f"upstream answered {code}"
@@ -332,7 +350,7 @@ class EndpointHealth:
         else:  # another 5xx ends the gateway run (Envoy)
             st.consecutive_gateway = 0
         if self._tripped(st, p):
-            self._eject(ep, st, p, peers)
+            self._eject(ep, st, p, groups)
 
     @staticmethod
     def _tripped(st: _State, p: _Params) -> bool:
@@ -345,9 +363,13 @@ class EndpointHealth:
         return st.ejected_until > self._clock()
 
     def _eject(
-        self, ep: _EndpointLike, st: _State, p: _Params, peers: Sequence[_EndpointLike]
+        self,
+        ep: _EndpointLike,
+        st: _State,
+        p: _Params,
+        groups: Sequence[Sequence[_EndpointLike]],
     ) -> None:
-        if not self._may_eject(ep, peers, p):
+        if not all(self._may_eject(ep, peers, p) for peers in groups or ((),)):
             st.ejections_suppressed += 1
             if p.source != "sidecar":  # Envoy: the run ends, another is needed
                 st.reset()
@@ -377,10 +399,11 @@ class EndpointHealth:
         return len(gone)
 
     def _may_eject(self, ep: _EndpointLike, peers: Sequence[_EndpointLike], p: _Params) -> bool:
-        """Whether the bound lets *ep* be ejected now: the sidecar's with a
-        floor of one, a rule's as Envoy since 1.27 (the share ejected,
-        counting *ep*, at most the percentage). No *peers*: the sidecar's
-        always may (no bound), a rule's counts *ep* alone."""
+        """Whether the bound lets *ep* be ejected now from the destination
+        whose endpoints are *peers*: the sidecar's with a floor of one, a
+        rule's as Envoy since 1.27 (the share ejected, counting *ep*, at
+        most the percentage). No *peers*: the sidecar's always may (no
+        bound), a rule's counts *ep* alone."""
         others = {(q.address, q.port) for q in peers} - {(ep.address, ep.port)}
         ejected = sum(1 for key in others if not self._healthy_key(key))
         total = len(others) + 1

@@ -765,9 +765,10 @@ class OutlierPolicy:
     * ``base_ejection``: ``baseEjectionTime``, seconds; the n-th ejection
       lasts n times as long, up to :attr:`max_ejection`.
     * ``max_ejection_percent``: ``maxEjectionPercent`` (0 in the rule: unset,
-      10, as Istio); the share of the endpoint's peers that may be ejected,
-      counting it, with no floor (Envoy since 1.27: with 10, fewer than 10
-      pods eject none).
+      10, as Istio); the share of each destination's endpoints that may be
+      ejected (:meth:`RouteTable.ejection_groups`), counting the one to be,
+      with no floor (Envoy since 1.27: with 10, fewer than 10 pods eject
+      none).
     * ``min_health_percent``: ``minHealthPercent``, the destination's panic
       threshold: below that share of healthy endpoints it takes them all
       (0, Istio's default: never; every endpoint ejected is 503 ``no
@@ -1895,6 +1896,7 @@ class RouteTable:
         self._subset_cache: dict[_SubsetKey, tuple[Endpoint, ...]] = {}
         self._endpoint_pools: dict[tuple[str, int], PoolSettings] | None = None
         self._endpoint_outliers: dict[tuple[str, int], OutlierPolicy] | None = None
+        self._ejection_groups: dict[tuple[str, int], tuple[tuple[Endpoint, ...], ...]] | None = None
 
     @classmethod
     def empty(cls) -> RouteTable:
@@ -2093,6 +2095,42 @@ class RouteTable:
                         if policy is not None and (dest.port is None or dest.port == number):
                             add((e for e in eps if dest.subset.labels.selects(e.labels)), policy)
         return dict(sorted(out.items()))
+
+    def ejection_groups(self, ep: Endpoint) -> tuple[tuple[Endpoint, ...], ...]:
+        """The destinations that can send requests to *ep* (its address and
+        target port), each as all of its endpoints, ejected or not: what
+        outlier detection bounds an ejection of *ep* by
+        (``maxEjectionPercent``), as Envoy bounds one per cluster, whose
+        hosts are a subset's (``outbound|PORT|SUBSET|HOST``). A destination
+        is a route's (its subset's endpoints on its port, on each port
+        without one) or a service port's own where some request or
+        connection may take no route, as :meth:`outlier_policies` finds
+        them. Empty: no destination names *ep*."""
+        if self._ejection_groups is None:
+            self._ejection_groups = self._compute_ejection_groups()
+        return self._ejection_groups.get((ep.address, ep.port), ())
+
+    def _compute_ejection_groups(self) -> dict[tuple[str, int], tuple[tuple[Endpoint, ...], ...]]:
+        groups: dict[tuple[str, int], dict[tuple[Endpoint, ...], None]] = {}
+
+        def add(eps: tuple[Endpoint, ...]) -> None:
+            for ep in eps:
+                groups.setdefault((ep.address, ep.port), {})[eps] = None
+
+        for svc in self._services.values():
+            for number, eps in svc.port_endpoints:
+                if not self._takes_every_connection(svc, number):
+                    add(eps)
+        for routes in self._routes.values():
+            for route in routes:
+                for dest in route.destinations:
+                    target = None if dest.refused else self._services.get(dest.host)
+                    if target is None:
+                        continue
+                    for number, _ in target.port_endpoints:
+                        if dest.port is None or dest.port == number:
+                            add(self._subset_endpoints(target, number, dest.subset.labels))
+        return {key: tuple(got) for key, got in groups.items()}
 
     def _takes_every_connection(self, service: Service, port: int) -> bool:
         """Whether some route of *service* takes every request and raw

@@ -1863,12 +1863,14 @@ class Worker:
                 self.health.success(ep)
             return
         if ep is not None and service is not None:
-            peers = _peers(service, ep)
+            # (the bound on its ejection: each destination it is in, as Envoy
+            # bounds one per cluster, a subset's; see l4proxy/rules/health.py)
+            groups = self.rules.state.table.ejection_groups(ep)
             healthy = self.health.is_healthy(ep)
             if status:
-                self.health.status(ep, status, peers)
+                self.health.status(ep, status, groups)
             else:
-                self.health.failure(ep, why, peers, kind)
+                self.health.failure(ep, why, groups, kind)
             if healthy and not self.health.is_healthy(ep) and self.relay is not None:
                 # ejected now: verdicts cached since the failure (the relay
                 # forgot its cache then, before this ran) still hold it
@@ -2024,8 +2026,7 @@ class Worker:
                 self.health.success(ep)
             return sock
         if ep is not None:
-            peers = _peers(service, ep) if service else ()
-            self.health.failure(ep, err, peers)
+            self.health.failure(ep, err, self.rules.state.table.ejection_groups(ep))
             if self.relay is not None:  # the relay's next answer from each endpoint is news
                 self.relay.report_next_successes()
         self.counters.inc(
@@ -2036,17 +2037,6 @@ class Worker:
 
 # Outlier reports queued for the event loop at most (_endpoint_report)
 _MAX_REPORTS = 65536
-
-
-def _peers(service: Service, ep: Endpoint) -> tuple[Endpoint, ...]:
-    """The endpoints outlier detection bounds *ep*'s ejection among: those of
-    the first service port *ep* serves (every pod of it, whatever its
-    target port)."""
-    key = (ep.address, ep.port)
-    for _, eps in service.port_endpoints:
-        if any((e.address, e.port) == key for e in eps):
-            return eps
-    return (ep,)
 
 
 def _named_endpoints(table: RouteTable) -> set[tuple[str, int]]:
