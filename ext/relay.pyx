@@ -137,7 +137,7 @@ and ``final_head`` sends the final response head through
 ``send_edited_head`` when there are response edits (interim heads go as
 before); the relay's own answers to such a request (``local_answer``'s
 when its connects failed, a circuit breaker or no fd; ``upstream_failed``'s
-502 and 504) go through ``answer_edited``, which edits them as
+503, 502 and 504) go through ``answer_edited``, which edits them as
 ``edit_local_answer()`` does; the answer of a choice with no endpoint
 (``Choice_.empty``: 503 ``no healthy upstream``, 500 ``backend not
 resolved``; in decide mode a ``Decision`` without endpoints nor ``local``,
@@ -540,6 +540,8 @@ from l4proxy.dataplane._exchange_py import (
     DOT_SEGMENT_REASON,
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
+    RESET_BEFORE_HEADERS,
+    RESET_BEFORE_HEADERS_RETRIED,
     check_header,
     edit_bytes,
     edit_local_answer,
@@ -3893,7 +3895,7 @@ cdef void upstream_failed(Relay *R, Conn *c, int status, const char *reason, siz
     the client connection stays: the request was read whole and its head
     asked to persist (_keeps_after_local_answer); *kept10*: the same saying
     "connection: keep-alive", to an HTTP/1.0 client that stays; a gateway failure's
-    (*status* 502, 504) gets the response edits of the request's choice
+    (*status* 503, 502, 504) gets the response edits of the request's choice
     (answer_edited; a request body that cannot be framed, 400, none).
     *why*: OD_* when the
     upstream failed (outlier detection hears of it); OD_ANSWERED (0) when
@@ -5263,7 +5265,7 @@ cdef void splice_body(Relay *R, Conn *c, bint readable, double now) noexcept nog
         # been read here from the client's EPOLLOUT, the upstream unwatched
         # while the pipe held bytes, so no event said EPOLLRDHUP; pooled, a
         # request in this step (a pipelined one) would take a half-closed
-        # connection (a POST: a 502)
+        # connection (a POST: a 503)
         n = sys_.recv(c.up.fd, R.scratch, 1, sys_.MSG_PEEK | sys_.MSG_DONTWAIT)
         if n > 0:
             c.resp_persistent = False
@@ -6253,7 +6255,7 @@ cdef void retry_refused(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
     for its connection (R_overloaded). The request is lost: answered as a
     first try so refused is (*v*'s answer, edited), the client connection
     kept as after a gateway failure's answer (upstream_failed; c.up is NULL:
-    no outcome), the line saying v's why (not the 502 and UC of a
+    no outcome), the line saying v's why (not the 503 and UC of a
     connection that closed: none was open). Never retried, as a first try
     so refused is not (Envoy's router never retries an overflow):
     Exchange.retry_refused in _exchange_py.py."""
@@ -6521,9 +6523,17 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
         if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
             policy_retry(R, c, OD_BEFORE, now)
             return
-        upstream_failed(R, c, 502, _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN,
-                        _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN,
-                        _LOCAL_502_BEFORE_KEEP10, _LOCAL_502_BEFORE_KEEP10_LEN, now, OD_BEFORE)
+        # Envoy's answer to a reset before the response (connection
+        # termination: 503, UC), saying so once a policy's retry went
+        if c.tries:
+            upstream_failed(R, c, 503, _LOCAL_503_RESET_RETRIED, _LOCAL_503_RESET_RETRIED_LEN,
+                            _LOCAL_503_RESET_RETRIED_KEEP, _LOCAL_503_RESET_RETRIED_KEEP_LEN,
+                            _LOCAL_503_RESET_RETRIED_KEEP10, _LOCAL_503_RESET_RETRIED_KEEP10_LEN,
+                            now, OD_BEFORE)
+        else:
+            upstream_failed(R, c, 503, _LOCAL_503_RESET, _LOCAL_503_RESET_LEN,
+                            _LOCAL_503_RESET_KEEP, _LOCAL_503_RESET_KEEP_LEN,
+                            _LOCAL_503_RESET_KEEP10, _LOCAL_503_RESET_KEEP10_LEN, now, OD_BEFORE)
         return
     if c.rs == RS_BODY and c.framing == F_CLOSE:
         complete(R, c, True, c.req_left > 0, now)
@@ -6545,7 +6555,7 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
     what is pending through the response path, then take the connection's
     end (on_upstream_eof) if the exchange is still on it: only a request
     with nothing received back may be retried (a reused connection) or get
-    the 502. Python judging a response head (c.need) stops the reading; the
+    the 503. Python judging a response head (c.need) stops the reading; the
     loop reads the rest after it, as any response's. A request of which the
     kernel took no byte (a pooled connection reset before its first send)
     never left: it may be sent again whatever its method, its bytes (all
@@ -6580,8 +6590,13 @@ cdef void upstream_send_failed(Relay *R, Conn *c, double now) noexcept nogil:
         on_upstream_eof(R, c, now)
 
 
-cdef char *_LOCAL_502_BEFORE = NULL
-cdef size_t _LOCAL_502_BEFORE_LEN = 0
+# the upstream closed or reset before any response byte (on_upstream_eof):
+# Envoy's local reply to a stream reset for connection termination, and
+# the same once a retry policy's try went ("retried and the latest")
+cdef char *_LOCAL_503_RESET = NULL
+cdef size_t _LOCAL_503_RESET_LEN = 0
+cdef char *_LOCAL_503_RESET_RETRIED = NULL
+cdef size_t _LOCAL_503_RESET_RETRIED_LEN = 0
 cdef char *_LOCAL_502_MID = NULL
 cdef size_t _LOCAL_502_MID_LEN = 0
 cdef char *_LOCAL_408 = NULL
@@ -6589,15 +6604,19 @@ cdef size_t _LOCAL_408_LEN = 0
 cdef char *_LOCAL_504 = NULL
 cdef size_t _LOCAL_504_LEN = 0
 # ... as the client gets them when its connection stays (upstream_failed)
-cdef char *_LOCAL_502_BEFORE_KEEP = NULL
-cdef size_t _LOCAL_502_BEFORE_KEEP_LEN = 0
+cdef char *_LOCAL_503_RESET_KEEP = NULL
+cdef size_t _LOCAL_503_RESET_KEEP_LEN = 0
+cdef char *_LOCAL_503_RESET_RETRIED_KEEP = NULL
+cdef size_t _LOCAL_503_RESET_RETRIED_KEEP_LEN = 0
 cdef char *_LOCAL_502_MID_KEEP = NULL
 cdef size_t _LOCAL_502_MID_KEEP_LEN = 0
 cdef char *_LOCAL_504_KEEP = NULL
 cdef size_t _LOCAL_504_KEEP_LEN = 0
 # ... and to an HTTP/1.0 client that stays ("connection: keep-alive")
-cdef char *_LOCAL_502_BEFORE_KEEP10 = NULL
-cdef size_t _LOCAL_502_BEFORE_KEEP10_LEN = 0
+cdef char *_LOCAL_503_RESET_KEEP10 = NULL
+cdef size_t _LOCAL_503_RESET_KEEP10_LEN = 0
+cdef char *_LOCAL_503_RESET_RETRIED_KEEP10 = NULL
+cdef size_t _LOCAL_503_RESET_RETRIED_KEEP10_LEN = 0
 cdef char *_LOCAL_502_MID_KEEP10 = NULL
 cdef size_t _LOCAL_502_MID_KEEP10_LEN = 0
 cdef char *_LOCAL_504_KEEP10 = NULL
@@ -6973,7 +6992,7 @@ cdef void upstream_event(Relay *R, Up *u, uint32_t ev, double now) noexcept nogi
         # event reads. Were the response that completes in this read pooled,
         # a request in the same step (a pipelined one, the next client's in
         # this batch) would take the connection and go onto a half-closed
-        # socket (a POST, not retried: a 502).
+        # socket (a POST, not retried: a 503).
         u.peer_closed = True
     if c == NULL:  # idle in the pool: the server closed it, or spoke
         # ... or the event is from before it came back to the pool, earlier
@@ -8353,14 +8372,17 @@ cdef class HttpRelay:
                  int max_mirrors=DEFAULT_MAX_MIRRORS, access_log=None, forwarding=None):
         cdef Relay *R
         cdef sys_.epoll_event ev
-        global _LOCAL_502_BEFORE, _LOCAL_502_BEFORE_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
+        global _LOCAL_503_RESET, _LOCAL_503_RESET_LEN, _LOCAL_502_MID, _LOCAL_502_MID_LEN
+        global _LOCAL_503_RESET_RETRIED, _LOCAL_503_RESET_RETRIED_LEN
+        global _LOCAL_503_RESET_RETRIED_KEEP, _LOCAL_503_RESET_RETRIED_KEEP_LEN
+        global _LOCAL_503_RESET_RETRIED_KEEP10, _LOCAL_503_RESET_RETRIED_KEEP10_LEN
         global _LOCAL_408, _LOCAL_408_LEN, _LOCAL_504, _LOCAL_504_LEN, R_no_upstream, R_overloaded, R_overflow
         global R_dot_segment
-        global _LOCAL_502_BEFORE_KEEP, _LOCAL_502_BEFORE_KEEP_LEN, _LOCAL_502_MID_KEEP
+        global _LOCAL_503_RESET_KEEP, _LOCAL_503_RESET_KEEP_LEN, _LOCAL_502_MID_KEEP
         global _LOCAL_502_MID_KEEP_LEN, _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN
         global _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN
         global _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN
-        global _LOCAL_502_BEFORE_KEEP10, _LOCAL_502_BEFORE_KEEP10_LEN, _LOCAL_502_MID_KEEP10
+        global _LOCAL_503_RESET_KEEP10, _LOCAL_503_RESET_KEEP10_LEN, _LOCAL_502_MID_KEEP10
         global _LOCAL_502_MID_KEEP10_LEN, _LOCAL_504_KEEP10, _LOCAL_504_KEEP10_LEN
         global _LOCAL_503_CONNECT_KEEP10, _LOCAL_503_CONNECT_KEEP10_LEN
         if self.R != NULL:
@@ -8413,19 +8435,28 @@ cdef class HttpRelay:
         self._free_tags = []
         self._buckets = tuple(buckets)
         self._flushed = []
-        if _LOCAL_502_BEFORE == NULL:
-            _LOCAL_502_BEFORE = _dup(
-                local_response(502, "upstream closed the connection before a response"),
-                &_LOCAL_502_BEFORE_LEN)
+        if _LOCAL_503_RESET == NULL:
+            _LOCAL_503_RESET = _dup(local_response(503, RESET_BEFORE_HEADERS),
+                                    &_LOCAL_503_RESET_LEN)
+            _LOCAL_503_RESET_KEEP = _dup(
+                local_response(503, RESET_BEFORE_HEADERS, close=False),
+                &_LOCAL_503_RESET_KEEP_LEN)
+            _LOCAL_503_RESET_KEEP10 = _dup(
+                local_response(503, RESET_BEFORE_HEADERS, close=False, http10=True),
+                &_LOCAL_503_RESET_KEEP10_LEN)
+            _LOCAL_503_RESET_RETRIED = _dup(local_response(503, RESET_BEFORE_HEADERS_RETRIED),
+                                            &_LOCAL_503_RESET_RETRIED_LEN)
+            _LOCAL_503_RESET_RETRIED_KEEP = _dup(
+                local_response(503, RESET_BEFORE_HEADERS_RETRIED, close=False),
+                &_LOCAL_503_RESET_RETRIED_KEEP_LEN)
+            _LOCAL_503_RESET_RETRIED_KEEP10 = _dup(
+                local_response(503, RESET_BEFORE_HEADERS_RETRIED, close=False, http10=True),
+                &_LOCAL_503_RESET_RETRIED_KEEP10_LEN)
             _LOCAL_502_MID = _dup(
                 local_response(502, "upstream closed the connection mid-response"),
                 &_LOCAL_502_MID_LEN)
             _LOCAL_408 = _dup(_relay_py._timeout_answer(), &_LOCAL_408_LEN)
             _LOCAL_504 = _dup(local_response(504, "upstream request timeout"), &_LOCAL_504_LEN)
-            _LOCAL_502_BEFORE_KEEP = _dup(
-                local_response(502, "upstream closed the connection before a response",
-                               close=False),
-                &_LOCAL_502_BEFORE_KEEP_LEN)
             _LOCAL_502_MID_KEEP = _dup(
                 local_response(502, "upstream closed the connection mid-response", close=False),
                 &_LOCAL_502_MID_KEEP_LEN)
@@ -8436,10 +8467,6 @@ cdef class HttpRelay:
             _LOCAL_503_CONNECT_KEEP = _dup(
                 local_response(503, "no healthy upstream", close=False),
                 &_LOCAL_503_CONNECT_KEEP_LEN)
-            _LOCAL_502_BEFORE_KEEP10 = _dup(
-                local_response(502, "upstream closed the connection before a response",
-                               close=False, http10=True),
-                &_LOCAL_502_BEFORE_KEEP10_LEN)
             _LOCAL_502_MID_KEEP10 = _dup(
                 local_response(502, "upstream closed the connection mid-response",
                                close=False, http10=True),

@@ -555,8 +555,8 @@ def test_an_upstream_closing_before_its_answer_is_uc(
     finally:
         closing.close()
     f = _one_line(lines)
-    assert said == 502
-    assert (f["code"], f["flags"]) == ("502", "UC")
+    assert said == 503  # (Envoy's: a reset for connection termination)
+    assert (f["code"], f["flags"]) == ("503", "UC")
     assert f["details"] == "upstream_reset_before_response_started{connection_termination}"
     assert f["upstream"] == f"127.0.0.1:{closing.endpoint[1]}" and f["upstream_local"] == "-"
 
@@ -602,7 +602,7 @@ def test_a_retrys_connect_that_fails_is_uf(
     """The first try answered 503, which the policy retries; the retry's
     new connect is refused: the relay answers 503 no healthy upstream (as
     Envoy, and as when a first attempt's every connect fails; it answered
-    502, as for a connection that closed), its line UF (Envoy's for a
+    as for a connection that closed), its line UF (Envoy's for a
     connect that failed; it said UC) and URX (the policy's tries used up on
     a failure it retries)."""
     gone = _GoneAfterOne()

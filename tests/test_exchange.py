@@ -312,7 +312,7 @@ def test_reused_connection_closed_before_any_response_byte_is_retried_once(
     assert [bytes(u) for u in d.upstreams] == [GET, GET]
     if not response:  # the fresh connection fails too: no second retry
         d.play(d.ex.upstream_eof())
-        assert d.client.startswith(b"HTTP/1.1 502 ") and d.events == ["Retry"]
+        assert d.client.startswith(b"HTTP/1.1 503 ") and d.events == ["Retry"]
         assert b"connection: close" not in d.client and d.ex.phase == Phase.HEAD  # it stays
         return
     d.answer(response)
@@ -333,7 +333,7 @@ def test_no_retry_when_unsafe(reused: bool, request_raw: bytes) -> None:
     d.send(request_raw)
     d.play(d.ex.upstream_eof())
     assert "Retry" not in d.events and len(d.upstreams) == 1
-    assert d.client.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and d.done == [(502, True)]
+    assert d.client.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and d.done == [(503, True)]
 
 
 def test_a_request_that_never_left_is_retried_whatever_its_method() -> None:
@@ -347,14 +347,14 @@ def test_a_request_that_never_left_is_retried_whatever_its_method() -> None:
     d = Driver(reuse=[False])  # a new connection: the server refused it, not sent again
     d.send(post)
     d.play(d.ex.upstream_eof(unsent=bytes(d.upstreams[0])))
-    assert "Retry" not in d.events and d.done == [(502, True)]
+    assert "Retry" not in d.events and d.done == [(503, True)]
 
 
 def test_no_retry_when_the_body_outgrew_the_replay_buffer() -> None:
     d = Driver(ex=Exchange(replay_limit=10), reuse=[True])
     d.send(b"PUT /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 20\r\n\r\n" + b"x" * 20)
     d.play(d.ex.upstream_eof())
-    assert "Retry" not in d.events and d.done == [(502, True)]
+    assert "Retry" not in d.events and d.done == [(503, True)]
 
 
 # (the answers fed whole: a retried try's connection is closed, and its
@@ -414,7 +414,7 @@ def test_the_reused_connection_s_retry_leaves_a_held_post_alone() -> None:
     d = Driver(reuse=[True], retry=_policy(1, "retriable-4xx"))
     d.send(post)
     d.play(d.ex.upstream_eof())
-    assert d.events == [] and d.done == [(502, True)]
+    assert d.events == [] and d.done == [(503, True)]
 
 
 def test_the_per_try_timeout_retries_until_a_final_head_went_out() -> None:

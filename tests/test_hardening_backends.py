@@ -200,8 +200,9 @@ def test_failing_endpoints_are_retried_ejected_and_readmitted(
 def test_an_endpoint_that_resets_every_request_is_ejected(mesh: Mesh) -> None:
     """Request mode: one of three v1 endpoints accepts every connection and
     resets it once it has read the request. Its connects succeed, so only
-    its responses can tell (they used to go unheard: each client got a 502
-    for every third request, for ever). Three such failures eject it; the
+    its responses can tell (they used to go unheard: each client got the
+    proxy's answer, now Envoy's 503, for every third request, for ever).
+    Three such failures eject it; the
     good two serve the rest. Connection mode cannot see responses (the pump
     relays the reset): not run there."""
     resetting = mesh.net.add_pod("resetting", labels={"app": "bootcamp", "version": "v1"})
@@ -214,7 +215,7 @@ def test_an_endpoint_that_resets_every_request_is_ejected(mesh: Mesh) -> None:
     _, pods, failures = mesh.split(n=24)
     # Round robin gives it every third request; its third failure reaches
     # the worker's loop while the relay routes on, so one more may land.
-    assert set(failures) == {"502"} and len(failures) in (3, 4), failures
+    assert set(failures) == {"503"} and len(failures) in (3, 4), failures
     assert set(pods) == {"bootcamp-v1-0", "bootcamp-v1-1"}
     assert sum(pods.values()) == 24 - len(failures)
     svc = "bootcamp.default.svc.cluster.local"

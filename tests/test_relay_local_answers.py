@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, REASONS
+from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, REASONS, RESET_BEFORE_HEADERS
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_SCALE, Choice, Fault, Verdict
 from tests._scripted import (
@@ -123,17 +123,18 @@ def test_a_head_request_with_no_endpoint_or_aborted_gets_the_head_alone(
 
 
 def test_a_head_request_s_gateway_failure_gets_the_head_alone(mode: tuple[str, str]) -> None:
-    """An upstream that closes before answering a HEAD: the 502's head
-    alone, the connection kept; the next request served by the backend."""
+    """An upstream that closes before answering a HEAD: the 503's head
+    alone (Envoy's answer to a reset before the response), the connection
+    kept; the next request served by the backend."""
     up = Scripted([CLOSE])
     relay = _local_relay(mode, endpoints=(up.endpoint,))
-    reason = "upstream closed the connection before a response"
+    reason = RESET_BEFORE_HEADERS
     try:
         got = _head_then_get(relay)
     finally:
         relay.close()
         up.close()
-    answer = local_response(502, reason, False, head_only=True)
+    answer = local_response(503, reason, False, head_only=True)
     got = undated(got)
     assert got.startswith(answer) and got[len(answer) :].startswith(b"HTTP/1.1 200 "), got
     assert len(up.requests) == 2

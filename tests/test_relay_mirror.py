@@ -744,14 +744,14 @@ class _ResetsMidBody(Backend):
 
 def test_a_body_cut_by_the_primarys_failure_is_a_dropped_copy(mode: tuple[str, str]) -> None:
     """The primary resets while the client's body is half sent: the client
-    gets the 502, the copy (the body not read whole) is dropped and
+    gets the 503, the copy (the body not read whole) is dropped and
     counted (both twins let it go uncounted)."""
     up, mirror = _ResetsMidBody(), Mirrored()
     with _mirrored(mode, up, mirror) as relay:
         (got,), stats = _answers(
             relay, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello"
         )
-    assert got.startswith(b"HTTP/1.1 502 ")
+    assert got.startswith(b"HTTP/1.1 503 ")
     assert up.heads == 1
     assert mirror.accepted == 0
     assert stats["mirrored"] == 0

@@ -2,8 +2,8 @@
 
 With ``--http-routing request`` the relay reported only failed connects. An
 endpoint that accepted every connection and then reset it, closed it before
-its answer, or cut its answer short was never ejected: the client got a 502
-(or half a body) for every request routed to it, and each connect even
+its answer, or cut its answer short was never ejected: the client got the
+proxy's answer (or half a body) for every request routed to it, and each connect even
 cleared its count. Now a response that fails on an established connection is
 a failure (a gateway failure, see ``l4proxy/rules/health.py``) and a complete
 response is a success, reported only when it is news (an endpoint's first
@@ -223,7 +223,7 @@ def test_failures_between_answers_do_not_eject(which: str) -> None:
         relay.close()
         backend.close()
     assert flaky.requests == 20
-    assert [a.startswith(b"HTTP/1.1 502 ") for a in answers[:10]] == [True, False] * 5
+    assert [a.startswith(b"HTTP/1.1 503 ") for a in answers[:10]] == [True, False] * 5
     assert answers[10:] == [OK_CLOSE] * 10
     ep = h.endpoints[0]
     assert h.health.is_healthy(ep)
@@ -259,7 +259,7 @@ def test_a_failed_response_keeps_the_cached_verdict() -> None:
     finally:
         relay.close()
         backend.close()
-    assert [a.startswith(b"HTTP/1.1 502 ") for a in answers] == [True, False] * 5
+    assert [a.startswith(b"HTTP/1.1 503 ") for a in answers] == [True, False] * 5
     assert h.count("response_failed", h.endpoints[0].key) == 5
     assert (stats["verdict_cache_misses"], stats["verdict_cache_hits"]) == (1, 9), stats
 
@@ -382,7 +382,8 @@ def test_a_worker_ejects_an_endpoint_that_resets_every_request(
         good_backend.close()
     assert seen["ejected"], seen
     assert bad.requests == EJECT_AFTER
-    assert [a.split(b"\r\n")[0] for a in answers].count(b"HTTP/1.1 502 Bad Gateway") == EJECT_AFTER
+    statuses = [a.split(b"\r\n")[0] for a in answers]
+    assert statuses.count(b"HTTP/1.1 503 Service Unavailable") == EJECT_AFTER
     assert all(a.endswith(b"\r\n\r\nok") for a in answers[-10:]), answers[-10:]
     d = seen["describe"]
     assert (d["response_failures"], d["connect_failures"], d["ejections"]) == (3, 0, 1), d

@@ -1,6 +1,6 @@
 """The relay's own answers to a request routed to a choice with response
 edits (a 503 when every connect failed, a circuit breaker's 503, the 504
-of the route timeout, the 502 of an upstream that closed, the 503 or 500
+of the route timeout, the 503 of an upstream that closed, the 503 or 500
 of a choice with no endpoint) carry those edits, the CORS filter's lines
 among them, as Envoy's router finalizes its local replies with the
 route's header mutations; a fault's abort, a route's own answer and a
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS
+from l4proxy.dataplane._exchange_py import OVERFLOW_BODY, OVERFLOW_HEADERS, RESET_BEFORE_HEADERS
 from l4proxy.dataplane._pool_py import EndpointSettings
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import FAULT_ABORT_BODY, Choice, Fault, HeadEdits, Verdict
@@ -238,7 +238,7 @@ def test_without_edits_the_504_is_as_before(mode: tuple[str, str]) -> None:
     assert got == local_response(504, "upstream request timeout", close=False)
 
 
-def test_the_502_of_an_upstream_that_closed_is_edited(mode: tuple[str, str]) -> None:
+def test_the_503_of_an_upstream_that_closed_is_edited(mode: tuple[str, str]) -> None:
     up = Scripted([CLOSE])
     relay = _routed(mode, {"a": (up.endpoint, EDITS)})
     try:
@@ -246,8 +246,7 @@ def test_the_502_of_an_upstream_that_closed_is_edited(mode: tuple[str, str]) -> 
     finally:
         relay.close()
         up.close()
-    before = "upstream closed the connection before a response"
-    assert got == [_edited(local_response(502, before, close=False))]
+    assert got == [_edited(local_response(503, RESET_BEFORE_HEADERS, close=False))]
 
 
 def test_a_fault_s_abort_is_not_edited(mode: tuple[str, str]) -> None:

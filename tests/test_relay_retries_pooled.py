@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane._exchange_py import RESET_BEFORE_HEADERS_RETRIED
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import Choice, RetryPolicy, Verdict
 from tests._scripted import (
@@ -167,7 +168,8 @@ def test_a_post_on_a_policy_retry_s_stale_pooled_connection_is_not_sent_again(
     """The reused connection's own retry keeps its rule on a policy's try:
     a POST that left on the stale pooled connection (B read it, then
     closed) is not sent a third time; with reset in retryOn it would be
-    the policy's, whose one attempt A's 503 used: the 502."""
+    the policy's, whose one attempt A's 503 used: the 503 of a connection
+    closed before the response, after a retry."""
     post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
     a = Scripted([_answer(200, b"warm-a"), _answer(503, b"no")])
     b = Scripted([_answer(200, b"warm-b"), CLOSE])
@@ -185,7 +187,8 @@ def test_a_post_on_a_policy_retry_s_stale_pooled_connection_is_not_sent_again(
         relay.close()
         a.close()
         b.close()
-    assert _status(got) == 502, got
+    assert _status(got) == 503, got
+    assert got.endswith(RESET_BEFORE_HEADERS_RETRIED.encode()), got
     assert b.requests[1:] == [post]
     assert (a.accepted, b.accepted) == (1, 1)
 
@@ -200,7 +203,7 @@ def test_a_post_that_never_left_is_not_sent_again_when_it_left_on_the_policy_s_t
     the policy's retry (retriable-status-codes 503, to the endpoints as
     drawn: B first) takes B's idle pooled connection, and B closes it on
     reading the POST, no byte back: that POST left, so it is not sent
-    again (no reset in retryOn; the policy's one attempt spent): the 502.
+    again (no reset in retryOn; the policy's one attempt spent): the 503.
     That the first try's request never left is no mark of the policy's
     try's (the compiled twin's c.never_left, cleared as a policy's retry
     begins); kept, the POST went a third time, on a new connection to B."""
@@ -231,7 +234,7 @@ def test_a_post_that_never_left_is_not_sent_again_when_it_left_on_the_policy_s_t
     )
     assert a.requests == [WARM_A], "the POST reached A: it left"
     assert b.requests == [WARM_B, post, post], "the POST went again after it left"
-    assert _status(got) == 502, got
+    assert _status(got) == 503, got
     assert (a.accepted, b.accepted) == (1, 2)  # B: the pooled one, the reused one's retry's
     assert stats["retries"] == 1, stats
-    assert sorted(counted) == [200, 200, 502]
+    assert sorted(counted) == [200, 200, 503]

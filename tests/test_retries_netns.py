@@ -80,10 +80,10 @@ def test_a_retried_route_gets_every_answer_and_counts_each_request_once(
     mesh.start(impl, VIRTUAL_SERVICE, run_args=("--http-routing", "request"))
     assert mesh.sidecar is not None
 
-    # Without a policy the resetting pod's request gets a 502 (round robin:
-    # one request to each pod)
+    # Without a policy the resetting pod's request gets Envoy's 503 (round
+    # robin: one request to each pod)
     plain = _curl(mesh, 2, "-H", "x-plain: yes")
-    assert sorted(plain) == ["200", "502"], plain
+    assert sorted(plain) == ["200", "503"], plain
     assert mesh.sidecar.stat("l4proxy_upstream_rq_retry_total") == 0
 
     # The retried route: every other request goes to the resetting pod first
@@ -91,6 +91,6 @@ def test_a_retried_route_gets_every_answer_and_counts_each_request_once(
     n = 6
     assert _curl(mesh, n) == ["200"] * n
     assert wait_until(lambda: _count(mesh, "200") >= n + 1), mesh.sidecar.admin("/stats")
-    assert _count(mesh, "200") == n + 1 and _count(mesh, "502") == 1
+    assert _count(mesh, "200") == n + 1 and _count(mesh, "503") == 1
     assert mesh.sidecar.stat("l4proxy_upstream_rq_retry_total") >= 1
     assert mesh.sidecar.alive()

@@ -11,7 +11,7 @@ and two VirtualServices bound to it; a backend that answers by path):
   Upgrade) under the gateway's service, and the pure one every forwarded
   request under the gateway's service where the compiled one names the
   destination;
-* a gateway failure's answer (502, the route timeout's 504) keeps an
+* a gateway failure's answer (503, the route timeout's 504) keeps an
   HTTP/1.0 client that asked (``Connection: keep-alive``) when its request
   was read whole, saying ``connection: keep-alive``; it was closed;
 * ``OPTIONS *`` is answered 404 before any route is asked, as Envoy's
@@ -112,7 +112,7 @@ def _header(head: bytes, name: bytes) -> bytes | None:
 def _rules(port: int, pod: Pod) -> str:
     """A Gateway of every host on *port*. site.example: /moved redirects
     (301), /direct is answered 503 "down", /slow times out (504 after
-    0.3 s), /reset is closed by the pod (502), /gone goes to a host no
+    0.3 s), /reset is closed by the pod (503), /gone goes to a host no
     entry has (503), any other path to the pod. strict.example: /only to
     the pod, any other path the 404 of no route matched."""
     site = f"""\
@@ -253,11 +253,11 @@ def test_every_routed_decision_is_counted_once_under_the_service_it_names(
 def test_a_gateway_failure_keeps_an_http10_client_that_asked(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On one HTTP/1.0 connection that asks for keep-alive: the 502 of an
+    """On one HTTP/1.0 connection that asks for keep-alive: the 503 of an
     upstream that closed (a GET, then a POST whose body came whole) and
     the route timeout's 504 each say ``connection: keep-alive`` and the
     connection serves the next request. A POST whose body is not all here
-    gets its 502 with ``connection: close`` and the close, as does a
+    gets its 503 with ``connection: close`` and the close, as does a
     request that did not ask."""
     keep = "Connection: keep-alive\r\n"
 
@@ -288,12 +288,12 @@ def test_a_gateway_failure_keeps_an_http10_client_that_asked(
 
     kept, last_closed, cut_closed = _drive(which, monkeypatch, tmp_path, talk).said
     assert kept == [
-        (502, "keep-alive"),
+        (503, "keep-alive"),
         (504, "keep-alive"),
-        (502, "keep-alive"),
+        (503, "keep-alive"),
         (200, "keep-alive"),
-        (502, "close"),
-        (502, "close"),
+        (503, "close"),
+        (503, "close"),
     ]
     assert last_closed and cut_closed
 
@@ -342,7 +342,7 @@ def test_every_local_answer_says_the_date(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The redirect, the direct response, the 404s of no route and of
-    OPTIONS *, the 502 and the 504 each say ``date:``, an IMF-fixdate of
+    OPTIONS *, the 503 of /reset and the 504 each say ``date:``, an IMF-fixdate of
     the second they were sent; the pod's answer goes as it came (the
     forwarded path adds nothing)."""
     requests = [
@@ -358,7 +358,7 @@ def test_every_local_answer_says_the_date(
     run = _drive(which, monkeypatch, tmp_path, _each(requests))
     after = time.time()
     statuses = [status for status, _, _ in run.said]
-    assert statuses == [301, 503, 404, 404, 502, 504, 200]
+    assert statuses == [301, 503, 404, 404, 503, 504, 200]
     for status, fields, _ in run.said[:-1]:
         date = fields.get("date", "")
         assert IMF_FIXDATE.fullmatch(date), (status, fields)

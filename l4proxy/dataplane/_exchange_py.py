@@ -109,7 +109,8 @@ Decisions
   connection line (:func:`edit_response_head`). The relay's own answers
   to a request whose choice was drawn (the 503 or 500 when it has no
   endpoint; the 503s when its connects failed,
-  a circuit breaker's, out of fds; the 502s and the 504 of
+  a circuit breaker's, out of fds; the 503 of a connection closed before
+  the response, the 502s and the 504 of
   :meth:`Exchange._upstream_failed` and :meth:`Exchange.upstream_timeout`)
   get the same response edits before their empty line
   (:func:`edit_local_answer`; :meth:`Exchange.refuse`'s *edited*);
@@ -156,8 +157,9 @@ Decisions
   ``replay_limit``), or whatever the method when the connection failed
   before the kernel took a byte of the request (it never left: the shell
   says so, with the bytes it held, to :meth:`Exchange.upstream_eof`).
-  Otherwise the client gets 502, or a close if a final response head was
-  already forwarded (interim ones, 100 Continue, do not count: a final
+  Otherwise the client gets Envoy's answer to a connection terminated
+  before the response (503, :data:`RESET_BEFORE_HEADERS`), or a close if a
+  final response head was already forwarded (interim ones, 100 Continue, do not count: a final
   answer is still due after them). Each try on a pooled connection (the
   first, or a retry policy's: the shell takes one for it too) has this
   retry once, not one of the policy's tries whatever the policy.
@@ -178,8 +180,9 @@ Decisions
   ``retriable-4xx``, the codes) is dropped with its connection, which is
   closed, never pooled; it was an answer (:class:`Release` *answered*, as
   any application status is). A connection closed or reset before the
-  final head, or a final head that cannot be framed (the 502 without a
-  policy: an upstream protocol error, a reset to Envoy), is retried under
+  final head (the 503 without a policy), or a final head that cannot be
+  framed (the 502 without a policy: an upstream protocol error, a reset to
+  Envoy), is retried under
   ``5xx``, ``gateway-error`` or ``reset`` (a gateway failure for outlier
   detection, as without a policy); the
   shell's per-try timer (:meth:`Exchange.try_timeout`) is a reset to
@@ -221,7 +224,7 @@ Decisions
   dot-segment (routed by the path as sent, served by a server that removes
   them as another: see "Decisions" in ``_peek_py.py``); 502 for an upstream
   response that cannot, unless it may keep the connection (next).
-* A gateway failure's local answer (502, the route timeout's 504, a
+* A gateway failure's local answer (503 or 502, the route timeout's 504, a
   retry refused: 503 UO or OM) keeps the client connection, as Envoy's
   local replies do, when the request was read whole (its body too: where
   the next request starts is known, and a pipelined one waits unread in
@@ -563,6 +566,21 @@ OVERFLOW_BODY: Final = (
     "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 )
 OVERFLOW_HEADERS: Final = "x-envoy-overloaded: true\r\n"
+# The upstream closed or reset its connection before any byte of the
+# response: Envoy's local reply to an upstream reset for connection
+# termination (503, response flag UC: the router's onUpstreamReset()), and
+# the same once a retry policy's try went (the router's is_retry_). A
+# close and a reset read the same to it, and to the relay: the connection's
+# end. (A response head cut short, or one it cannot parse, is a protocol
+# error to Envoy: 502.)
+RESET_BEFORE_HEADERS: Final = (
+    "upstream connect error or disconnect/reset before headers. "
+    "reset reason: connection termination"
+)
+RESET_BEFORE_HEADERS_RETRIED: Final = (
+    "upstream connect error or disconnect/reset before headers. "
+    "retried and the latest reset reason: connection termination"
+)
 
 
 def upstream_head(raw: bytes, head: RequestHead) -> bytes:
@@ -1330,7 +1348,7 @@ class Exchange:
         so it may be sent again whatever its method (a retry's rules else).
         *connect_failed*: there was no connection, a retry's connect
         failed: 503 no healthy upstream, UF (Envoy's for a connect that
-        failed), not the 502 and UC of a connection that closed."""
+        failed), not the 503 and UC of a connection that closed."""
         if self.phase != Phase.EXCHANGE:
             return []
         never_left = (
@@ -1356,7 +1374,9 @@ class Exchange:
                 return self._upstream_failed(
                     503, "no healthy upstream", gateway=True, flags=accesslog.UF
                 )
-            return self._upstream_failed(502, before, gateway=True)
+            # Envoy's answer (UC), saying so once a policy's retry went
+            body = RESET_BEFORE_HEADERS_RETRIED if self._tries else RESET_BEFORE_HEADERS
+            return self._upstream_failed(503, before, gateway=True, body=body)
         if (
             self._response is None
             and self.retry is not None
@@ -1381,7 +1401,7 @@ class Exchange:
         :meth:`refuse` answers a first try so refused (*status*, *body*,
         *headers*, the response edits), the client connection kept as after
         a gateway failure's answer, the line saying *flags*' why (not the
-        502 and UC of a connection that closed: none was open). Never
+        503 and UC of a connection that closed: none was open). Never
         retried, as a first try so refused is not (Envoy's router never
         retries an overflow)."""
         if self.phase != Phase.EXCHANGE:
@@ -1715,6 +1735,7 @@ class Exchange:
         gateway: bool = False,
         flags: int = 0,
         headers: str = "",
+        body: str | None = None,
     ) -> list[Action]:
         """Give up on this exchange: the upstream closes; answer if we still can
         (no final head went out: after interim ones, 100 Continue, a final
@@ -1726,7 +1747,9 @@ class Exchange:
         response edits (see "Head edits"). *flags*: the access log's why
         where *reason* does not tell it (UF: a retry's connect failed; UO,
         OM: a retry refused, retry_refused()); *headers*: the answer's own
-        header lines (local_response's)."""
+        header lines (local_response's); *body*: the answer's body where it
+        is not *reason*, which outlier detection hears (Envoy's words for a
+        connection closed before the response, RESET_BEFORE_HEADERS)."""
         if not flags:  # (else the caller's)
             if not gateway:
                 flags = accesslog.DPE  # (a request body the client framed wrong)
@@ -1749,7 +1772,12 @@ class Exchange:
                 and self._keeps_after_local_answer()
             )
             answer = local_response(
-                status, reason, not keep, headers, self._head_only(), self._http10()
+                status,
+                reason if body is None else body,
+                not keep,
+                headers,
+                self._head_only(),
+                self._http10(),
             )
             if gateway:
                 answer = edit_local_answer(answer, self.edits)

@@ -1296,7 +1296,7 @@ class HttpRelay:
             # this event reads. Were the response that completes in this read
             # pooled, a request in the same step (a pipelined one, the next
             # client's in this batch) would take the connection and go onto
-            # a half-closed socket (a POST, not retried: a 502).
+            # a half-closed socket (a POST, not retried: a 503).
             up.peer_closed = True
         if up.connecting:
             if not ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
@@ -1348,7 +1348,7 @@ class HttpRelay:
         pending into the exchange, then take the connection's end
         (upstream_eof) if the exchange is still on it: only a request with
         nothing received back may be retried (a reused connection) or get
-        the 502; one of which the kernel took no byte (a pooled connection
+        the 503; one of which the kernel took no byte (a pooled connection
         reset before its first send) never left, and may be sent again
         whatever its method: its bytes, all of them held, go back to the
         exchange. The actions, for the caller to perform (or queue)."""
@@ -2377,7 +2377,7 @@ class HttpRelay:
         broken pipe), which is the upstream's end, not the client's: once
         what it sent before is read (_send_failed), the exchange decides (a
         retry when nothing was answered and the request may be sent again,
-        else a 502), as the compiled twin does."""
+        else a 503), as the compiled twin does."""
         while up.out:
             try:
                 n = up.sock.send(up.out, _SEND_FLAGS)

@@ -294,8 +294,9 @@ class HeadEdits(NamedTuple):
     candidate's connect failed, a circuit breaker's 503 (``overflow``, with
     ``x-envoy-overloaded``), the 503 ``overloaded`` when the relay is out of
     file descriptors, the 504 ``upstream request timeout`` of the route's
-    timeout, and the 502 of an upstream that closed or sent a response that
-    cannot be framed before a final head went out. The answer's own lines
+    timeout, the 503 of an upstream that closed before any byte of the
+    response, and the 502 of one that closed within its head or sent one that
+    cannot be framed, before a final head went out. The answer's own lines
     named in ``response_remove`` or among ``response_set``'s names are left
     out, then the ``response_set`` and ``response_add`` lines go before its
     empty line; its framing (``content-length``, ``connection: close``) is

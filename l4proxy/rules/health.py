@@ -27,7 +27,7 @@ Envoy's default is 5) is the one threshold for both kinds:
   ``"connect"``; both HTTP routing modes, and TCP);
 * with ``--http-routing request``, a response that fails on an established
   connection (``kind`` ``"response"``): the connection closed or reset before
-  any response byte (the client gets the proxy's 502), or before the
+  any response byte (the client gets the proxy's 503, Envoy's), or before the
   response's end (a body cut short), or a response the proxy cannot frame
   (502). A request on a *reused* connection that is sent once more (the
   relay's one retry) is not counted against the endpoint whose connection
