@@ -141,6 +141,20 @@ cdef extern from *:
         return c == ' ' || c == '\\t' || c == '\\r' || c == '\\n' || c == '\\v' || c == '\\f';
     }
 
+    /* text[:n] (l4_fwd_trusted()'s canonical text) packed, as
+       forwarding.packed_ip() packs it: AF_INET's 4 bytes, else AF_INET6's
+       16, at out; its length, 0: none */
+    static int l4_fwd_pack(unsigned char *out, const char *text, int n) {
+        char s[64];
+        if (n <= 0 || n >= (int)sizeof s)
+            return 0;
+        memcpy(s, text, (size_t)n);
+        s[n] = 0;
+        if (inet_pton(AF_INET, s, out) == 1)
+            return 4;
+        return inet_pton(AF_INET6, s, out) == 1 ? 16 : 0;
+    }
+
     /* forwarding.trusted_address(): the hops-th address from the right of
        X-Forwarded-For p[:n], canonical, at out; its length, 0: none */
     static int l4_fwd_trusted(char *out, const char *p, size_t n, int hops) {
@@ -164,6 +178,7 @@ cdef extern from *:
     int fwd_peer_text "l4_fwd_peer_text"(char *out, const unsigned char *packed,
                                          int n) noexcept nogil
     int fwd_trusted "l4_fwd_trusted"(char *out, const char *p, size_t n, int hops) noexcept nogil
+    int fwd_pack "l4_fwd_pack"(unsigned char *out, const char *text, int n) noexcept nogil
 
 
 cdef enum:
@@ -179,6 +194,9 @@ cdef struct Fwd_:
     int rid_at             # where block's "x-request-id: " starts: the lines before
                            # it are the connection's, for a head without any of its own
     int tail_at            # ... and where the id's line ends: CR LF, the head's empty line
+    int src_len            # the current request's trusted client address, taken from its
+    unsigned char src[16]  #     X-Forwarded-For (--trusted-proxies), packed: what a hash on
+                           #     the source IP reads (hash_source()); 0: the connection's peer
     char peer[FWD_ADDR]
     char block[FWD_BLOCK]
 
@@ -300,6 +318,7 @@ cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
             failed |= buf_add(o, <const char*>b + h.xff_s[i], <size_t>(h.xff_e[i] - h.xff_s[i]))
         if R.fwd_hops and h.n_xff and not failed:  # (the trusted client, before the append)
             n = fwd_trusted(ext, o.p + start, o.len - start, R.fwd_hops)
+            f.src_len = fwd_pack(f.src, ext, n)  # (what a hash on the source IP reads)
         if f.peer_len:
             if h.n_xff:
                 failed |= buf_add(o, b",", 1)
@@ -320,6 +339,20 @@ cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
     return failed
 
 
+cdef inline int hash_source(Conn *c, const unsigned char **p) noexcept nogil:
+    """The client address a hash on the source IP reads (HK_SOURCE_IP; a
+    decide_peer relay's *peer*), packed, at *p; its length, -1 when
+    unknown: a gateway listener's request's trusted client address taken
+    from its X-Forwarded-For (--trusted-proxies: what its
+    x-envoy-external-address says, and Envoy's downstream remote address
+    then), else the connection's peer (conn_peer())."""
+    if c.fwd != NULL and c.fwd.src_len:
+        p[0] = c.fwd.src
+        return c.fwd.src_len
+    p[0] = c.peer
+    return conn_peer(c)
+
+
 cdef int fwd_stage(Relay *R, Conn *c, Head *h) noexcept nogil:
     """The head as sent upstream (upstream_head() then forwarded_head()),
     staged in c.rhead: the head's lines but h's drops, the forwarding
@@ -328,6 +361,7 @@ cdef int fwd_stage(Relay *R, Conn *c, Head *h) noexcept nogil:
     cdef Fwd_ *f = c.fwd
     cdef Buf *o = &c.rhead
     cdef size_t hl = <size_t>c.s.head_length, n = <size_t>f.tail_at + 2
+    f.src_len = 0  # (the peer's, unless fwd_lines() takes one from X-Forwarded-For)
     # the request's half of its id, written in the block
     uuid_head(f.block + f.rid_at + 14, splitmix(&R.rid))
     if h.n_drop or h.n_xff or h.xfp or c.inb.p[hl - 2] != CR:

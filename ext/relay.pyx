@@ -165,7 +165,9 @@ reads of the head as received (``c.inb``, what ``resolve`` parsed:
 ``HashOn.key_of``'s header, cookie or query parameter), else a random
 draw (``rng_next``), or with a ttl a generated cookie's (16 hex digits of
 a draw, hashed as if sent); ``HK_SOURCE_IP``'s (``source_ip``) is of the
-client's packed address, ``peer_of()``'s 4 or 16 bytes, which
+client's packed address (``hash_source``: a gateway listener's request's
+trusted client address where ``fwd_lines`` took one from its
+X-Forwarded-For, ``Fwd_.src``; else the peer's), ``peer_of()``'s 4 or 16 bytes, which
 ``new_conn`` keeps in the Conn from accept()'s address (``accept_on``, or
 ``add()``'s *peer*), else ``conn_peer`` asks of the kernel (one
 ``getpeername``) the first time a connection needs it (``c.peer``,
@@ -5625,10 +5627,12 @@ cdef void hash_pick(Relay *R, Conn *c, const Choice_ *ch) noexcept nogil:
     cdef uint64_t key, draw, sc
     cdef uint64_t score[MAX_ATTEMPTS]
     cdef char *line
+    cdef const unsigned char *src
     cdef int i, j, d
     if h.kind == HK_SOURCE_IP:
         # (no cookie for it: _hash_on gives it no ttl's line)
-        key = hash_fnv(c.peer, c.peer_len) if conn_peer(c) > 0 else rng_next(R)
+        d = hash_source(c, &src)
+        key = hash_fnv(src, d) if d > 0 else rng_next(R)
     elif request_key(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len, h, &key):
         pass
     elif h.ck_pre == NULL:
@@ -10140,6 +10144,7 @@ cdef class HttpRelay:
         cdef char vkey[2048]
         cdef Py_ssize_t n, sn
         cdef Tests_ *tests
+        cdef const unsigned char *src
         cdef int64_t epoch = L4R_LOAD(&R.epoch)
         # invalidate() set them with the epoch just read (both under the GIL,
         # as this): a verdict cached under it is keyed by them
@@ -10149,8 +10154,10 @@ cdef class HttpRelay:
         if R.decide_only:
             try:
                 if self.decide_peer:
-                    n = conn_peer(c)  # (peer_of()'s bytes, asked once per connection)
-                    peer = PyBytes_FromStringAndSize(<char*>c.peer, n) if n > 0 else None
+                    # (peer_of()'s bytes, asked once per connection; a gateway's
+                    # trusted client from X-Forwarded-For: hash_source())
+                    n = hash_source(c, &src)
+                    peer = PyBytes_FromStringAndSize(<const char*>src, n) if n > 0 else None
                     d = self.decide(head, origin, peer)
                 else:
                     d = self.decide(head, origin)

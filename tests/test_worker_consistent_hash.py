@@ -217,3 +217,75 @@ def test_the_clients_address_pins_each_client(
     }
     assert seen == want
     assert len({n for names in want.values() for n in names}) > 1
+
+
+# X-Forwarded-For values from a load balancer in front (--trusted-proxies 1:
+# the last address is its client's) and the client address each names: a
+# first hop's own list before it, IPv6, spaces; an element that is no
+# address, and an empty value, name none (the connection's peer then)
+FORWARDED = [
+    *((f"10.1.0.{i}", f"10.1.0.{i}") for i in range(1, 21)),
+    ("203.0.113.9, 10.1.0.3", "10.1.0.3"),
+    ("10.1.0.4,2001:db8::7", "2001:db8::7"),
+    ("2001:DB8:0:0::8 ", "2001:db8::8"),
+    ("10.1.0.5, unknown", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+@pytest.mark.parametrize("trusted", [1, 0])
+def test_a_trusted_proxy_s_client_is_the_source_ip_hashed(
+    which: str,
+    trusted: int,
+    backends: list[Backend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """useSourceIp at a gateway behind a load balancer (--trusted-proxies
+    1): every request comes from the balancer's address (127.0.0.1), and
+    each lands where the rendezvous order puts its client's address, the
+    last of its X-Forwarded-For (what x-envoy-external-address says, and
+    Envoy's downstream remote address, which its hash policy reads); twice
+    each, on two keep-alive connections, in both orders. Where that names
+    no address, and with 0 trusted proxies whatever it says, the
+    connection's address is hashed."""
+    _worker_twin(which, monkeypatch)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_rules(backends, "{useSourceIp: true}"))
+    seen: dict[str, set[str]] = {xff: set() for xff, _ in FORWARDED}
+
+    def visit(address: tuple[str, int]) -> None:
+        conns = [socket.create_connection(address, timeout=10) for _ in range(2)]
+        try:
+            for r, order in enumerate((FORWARDED, FORWARDED[::-1])):
+                for i, (xff, _) in enumerate(order):
+                    line = f"x-forwarded-for: {xff}\r\n" if xff else ""
+                    seen[xff].add(_get(conns[(i + r) % 2], line)[0])
+        finally:
+            for s in conns:
+                s.close()
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request", trusted_proxies=trusted) as (
+            _,
+            _w,
+            address,
+        ):
+            await asyncio.get_running_loop().run_in_executor(None, visit, address)
+
+    asyncio.run(main())
+    hashes = [endpoint_hash(b.endpoint) for b in backends]
+
+    def packed(text: str | None) -> bytes:
+        if text is None or not trusted:
+            return socket.inet_aton("127.0.0.1")
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        return socket.inet_pton(family, text)
+
+    want = {
+        xff: {backends[hash_order(hash_key(packed(client)), hashes)[0]].name}
+        for xff, client in FORWARDED
+    }
+    assert seen == want
+    assert len({n for names in want.values() for n in names}) == (4 if trusted else 1)

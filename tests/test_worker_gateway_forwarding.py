@@ -277,7 +277,7 @@ def test_the_twins_send_byte_identical_heads(
     for request in TWIN_REQUESTS:
         rid = ids.next(connection)
         sent = upstream_head(request, HeadParser().feed(request))  # (hop-by-hop lines out)
-        head, _ = forwarded_head(sent, Forwarding(trusted), b"127.0.0.1", rid)
+        head, _, _ = forwarded_head(sent, Forwarding(trusted), b"127.0.0.1", rid)
         expected.append(head)
     assert got["pure"] == expected
 

@@ -1234,15 +1234,18 @@ class Exchange:
             out.insert(1, self._shadow())
         return out
 
-    def forward(self, fwd: Forwarding, peer: bytes | None, request_id: bytes) -> bytes | None:
+    def forward(
+        self, fwd: Forwarding, peer: bytes | None, request_id: bytes
+    ) -> tuple[bytes | None, bytes | None]:
         """A gateway listener's forwarding headers (``forwarding.py``) on
         the current request's head as sent upstream, *peer* the client's
         address, *request_id* its x-request-id: the shell's, in ROUTING,
         before the route's head edits (a retry and a copy send the same).
         The X-Forwarded-For value it then says (None: none), for the access
-        log."""
-        self._sent_head, sent = forwarded_head(self._sent_head, fwd, peer, request_id)
-        return sent
+        log, and the trusted client address taken from the X-Forwarded-For
+        that came (None: *peer* is it), for a hash on the source IP."""
+        self._sent_head, sent, trusted = forwarded_head(self._sent_head, fwd, peer, request_id)
+        return sent, trusted
 
     def refused_rewrite(self) -> list[Action] | None:
         """When the route's edits (:attr:`edits`, set by the shell) rewrite

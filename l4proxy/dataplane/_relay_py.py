@@ -383,7 +383,7 @@ from l4proxy.dataplane._pool_py import (
     Pools,
     checked_endpoint_settings,
 )
-from l4proxy.dataplane.forwarding import Forwarding, RequestIds, peer_text
+from l4proxy.dataplane.forwarding import Forwarding, RequestIds, packed_ip, peer_text
 from l4proxy.dataplane.verdict import (
     DEFAULT_MAX_MIRRORS,
     FAULT_ABORT_BODY,
@@ -1595,17 +1595,20 @@ class HttpRelay:
             c.log_head = head
             c.log_start = time.time()
             c.upstream = None
+        trusted = None
         if c.forward:  # (see "Forwarding headers")
             assert self.forwarding is not None and self._request_ids is not None
             if c.peer_text is ...:
                 c.peer_text = peer_text(c.sock, c.address)
             c.log_rid = self._request_ids.next(c.rid_connection)
-            c.log_xff = c.ex.forward(self.forwarding, c.peer_text, c.log_rid)
+            c.log_xff, trusted = c.ex.forward(self.forwarding, c.peer_text, c.log_rid)
         try:
             if self.decide_peer:
                 if c.peer is ...:  # (the address the connection was taken with)
                     c.peer = None if c.address is None else peer_of(c.sock, c.address)
-                d = self.decide(head, c.origin, c.peer)
+                # (a gateway's trusted client, taken from X-Forwarded-For with
+                # --trusted-proxies, is the one a hash on the source IP reads)
+                d = self.decide(head, c.origin, c.peer if trusted is None else packed_ip(trusted))
             else:
                 d = self.decide(head, c.origin)
             # (what it says to write out, checked: a ValueError for a line

@@ -34,7 +34,12 @@ What the head as sent upstream (its hop-by-hop lines dropped, see
   the client connection's address; with N, the Nth address from the right
   of the X-Forwarded-For that came (before the append) where that is an IP
   address (:func:`trusted_address`, Envoy's ``getLastAddressFromXFF``),
-  else the connection's. The client's lines go.
+  else the connection's. The client's lines go. It is also the address a
+  DestinationRule's ``consistentHash: {useSourceIp: true}`` hashes
+  (:func:`packed_ip` of it; the relays' hash on the source IP): Envoy's
+  connection manager makes it the request's downstream remote address,
+  which its hash policy reads, so that with a load balancer in front each
+  client, not the balancer, keeps its pod.
 * **x-request-id**: a new uuid4 for every request, whatever the client
   sent (its lines go). Every request at such a gateway is an *edge
   request* to Envoy: since Envoy made ``internal_address_config`` explicit
@@ -118,6 +123,7 @@ __all__ = [
     "RequestIds",
     "forwarded_head",
     "ip_text",
+    "packed_ip",
     "peer_text",
     "request_id_state",
     "trusted_address",
@@ -231,6 +237,23 @@ def ip_text(text: bytes) -> bytes | None:
     return None
 
 
+def packed_ip(text: bytes) -> bytes | None:
+    """An IP address's text (:func:`ip_text`'s) packed: 4 bytes for IPv4,
+    else 16 (an IPv4-mapped IPv6 text stays 16), as a connection's peer is
+    packed for a hash on the source IP (``_relay_py.peer_of``); None when it
+    is none."""
+    try:
+        s = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, s)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def trusted_address(xff: bytes, hops: int) -> bytes | None:
     """The *hops*-th address from the right of X-Forwarded-For *xff* (its
     lines joined), canonical; None when there are fewer, or it is no IP
@@ -264,10 +287,13 @@ def peer_text(sock: socket.socket, addr: Any) -> bytes | None:
 
 def forwarded_head(
     raw: bytes, fwd: Forwarding, peer: bytes | None, request_id: bytes
-) -> tuple[bytes, bytes | None]:
+) -> tuple[bytes, bytes | None, bytes | None]:
     """*raw* (a request head as sent upstream) with the forwarding headers
-    (see above), and the X-Forwarded-For value it then says (None: none),
-    the access log's. The compiled twin's is fwd_stage()."""
+    (see above), the X-Forwarded-For value it then says (None: none), the
+    access log's, and the trusted client address where it was taken from
+    the X-Forwarded-For that came (trusted hops; None: the connection's
+    *peer* is it), what a hash on the source IP reads. The compiled twin's
+    is fwd_stage()."""
     first = raw.index(b"\n") + 1
     end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
     out = [raw[:first]]
@@ -294,10 +320,9 @@ def forwarded_head(
         out.append(b"x-forwarded-for: " + sent + b"\r\n")
     if not proto:
         out.append(b"x-forwarded-proto: http\r\n")
-    external = trusted_address(came, fwd.trusted_hops) if fwd.trusted_hops and came else None
-    if external is None:
-        external = peer
+    trusted = trusted_address(came, fwd.trusted_hops) if fwd.trusted_hops and came else None
+    external = peer if trusted is None else trusted
     if external is not None:
         out.append(b"x-envoy-external-address: " + external + b"\r\n")
     out += [b"x-request-id: " + request_id + b"\r\n", raw[end:]]
-    return b"".join(out), sent or None
+    return b"".join(out), sent or None, trusted

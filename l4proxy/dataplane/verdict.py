@@ -435,7 +435,10 @@ class HashOn(NamedTuple):
     ``_query_params`` reads it. :data:`HASH_SOURCE_IP` (``name`` empty):
     the client's address, the peer of the proxy's connection from it, as
     its packed bytes (4 for IPv4, 16 for IPv6: ``ipaddress``'s ``packed``;
-    an IPv4-mapped IPv6 peer is its 16). The key is :func:`hash_key` of the
+    an IPv4-mapped IPv6 peer is its 16); at a gateway listener with trusted
+    proxies, the client address taken from X-Forwarded-For where it names
+    one (``forwarding.packed_ip`` of the trusted client address: see
+    ``forwarding.py``). The key is :func:`hash_key` of the
     value's bytes.
 
     A request without the value gets a random key (Envoy: a random host),
