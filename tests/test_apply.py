@@ -188,6 +188,29 @@ def test_admin_reads_what_the_sidecar_serves_under_the_lock_after_validating(
     assert "live: " in capsys.readouterr().out
 
 
+def test_the_file_installed_is_the_text_judged(
+    rules: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The source is read once: what was validated is what goes into the
+    directory. An editor saving the file between the check and the write
+    (here, while the sidecar's mark is read) changes nothing installed;
+    the source was read a second time to be copied, and an invalid text
+    that no check saw went live."""
+    source = tmp_path / "httproute-all-v1.yaml"
+    judged = Path(ex("httproute-all-v1.yaml")).read_bytes()
+    source.write_bytes(judged)
+
+    def stats(target: str) -> bytes:
+        source.write_bytes(b"kind: HTTPRoute\nspec: [not, a, mapping\n")  # (saved meanwhile)
+        return b"l4proxy_rules_generation 1\nl4proxy_rules_digest 5\n"
+
+    with serving(stats) as admin:
+        # (the sidecar never moves past generation 1: exit 3, after the write)
+        assert l4("create", str(source), rules, "--admin", admin, "--timeout", "0.2") == 3
+    assert (rules / "httproute-all-v1.yaml").read_bytes() == judged
+    assert "created " in capsys.readouterr().out
+
+
 def test_admin_asks_again_while_no_worker_answers(
     rules: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

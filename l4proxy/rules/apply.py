@@ -528,9 +528,8 @@ def _after(p: Plan, before: RuleFiles, source: str, text: str) -> RuleFiles:
     return RuleFiles(files, list(before.unreadable), list(before.notes))
 
 
-def _install(source: str, target: str) -> None:
-    with open(source, "rb") as f:
-        data = f.read()
+def _install(data: bytes, target: str) -> None:
+    """*data* into *target*, whole or not at all (a temporary file renamed)."""
     tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
@@ -661,7 +660,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             # after this read, would be taken for ours.
             before = rules_mark(args.admin) if args.admin else RulesMark(0)
             if p.write is not None:
-                _install(args.filename, p.write)
+                # the text judged, not the file read again: one saved
+                # meanwhile would go live unchecked
+                _install(text.encode(), p.write)
                 print(f"{verb}d {p.write}", file=out)
             for f in p.remove:
                 os.unlink(f)
