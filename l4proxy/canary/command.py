@@ -1582,15 +1582,8 @@ def _every_request(rule: object) -> bool:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """Through apply's installer: a hidden candidate, then temp+fsync+rename."""
-    cand = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.candidate")
-    with open(cand, "w") as f:
-        f.write(text)
-    try:
-        apply._install(cand, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cand)
+    """Through apply's installer: temp+fsync+rename."""
+    apply._install(text.encode(), path)
 
 
 def at_words(r: Rollout) -> str:
@@ -1833,7 +1826,7 @@ class RulesWriter:
                         f"refused: the rules would be invalid {at_words(r)}: "
                         f"{first_error(exc).replace(cand, doc)}"
                     ) from exc
-            apply._install(cand, doc)
+            apply._install(new_text.encode(), doc)  # (the text checked)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cand)
