@@ -183,9 +183,10 @@ cdef extern from *:
 
 cdef enum:
     FWD_ADDR = 48          # an address's text and its NUL (INET6_ADDRSTRLEN, rounded)
-    # Fwd_.block: its lines, the id's line, the empty line: at most 216
-    # bytes (17 + 45 + 2, 25, 26 + 45 + 2, 14 + 36 + 2, 2: forwarding.py's "The bound")
-    FWD_BLOCK = 240
+    # Fwd_.block: its lines, the id's line, the first try's
+    # x-envoy-attempt-count line, the empty line: at most 242 bytes (17 + 45
+    # + 2, 25, 26 + 45 + 2, 14 + 36 + 2, 26, 2: forwarding.py's "The bound")
+    FWD_BLOCK = 264
     UUID_LEN = 36
 
 cdef struct Fwd_:
@@ -193,7 +194,8 @@ cdef struct Fwd_:
     int peer_len           # 0: its client has no IP address (nothing appended)
     int rid_at             # where block's "x-request-id: " starts: the lines before
                            # it are the connection's, for a head without any of its own
-    int tail_at            # ... and where the id's line ends: CR LF, the head's empty line
+    int tail_at            # ... and where the x-envoy-attempt-count line after the id's
+                           # ends: CR LF, the head's empty line
     int src_len            # the current request's trusted client address, taken from its
     unsigned char src[16]  #     X-Forwarded-For (--trusted-proxies), packed: what a hash on
                            #     the source IP reads (hash_source()); 0: the connection's peer
@@ -226,8 +228,9 @@ cdef int fwd_conn(Relay *R, Conn *c) noexcept nogil:
     """c's Fwd_, for a gateway listener's connection (new_conn()): its
     client's address (conn_peer(): accept()'s, kept by new_conn()), and
     the block's lines (forwarded_head()'s for a head without
-    X-Forwarded-For, and without X-Forwarded-Proto where it stays). -1
-    when out of memory."""
+    X-Forwarded-For, and without X-Forwarded-Proto where it stays), then
+    the id's line and the first try's x-envoy-attempt-count line
+    (stage_attempt()'s). -1 when out of memory."""
     cdef Fwd_ *f = <Fwd_*>calloc(1, sizeof(Fwd_))
     cdef int n = 0, k
     if f == NULL:
@@ -254,8 +257,10 @@ cdef int fwd_conn(Relay *R, Conn *c) noexcept nogil:
     f.block[n + 8] = f.block[n + 13] = 0x2D  # (a request's dashes: uuid_head's)
     uuid_tail(f.block + n + 18, splitmix(&R.rid))  # (the connection's draw)
     n += UUID_LEN
-    memcpy(f.block + n, b"\r\n\r\n", 4)  # (the id's line's end, the head's: CR LF)
-    f.tail_at = n + 2
+    # the id's line's end, the first try's count (after the connection
+    # manager's lines, as Envoy's router sets it), the head's end: CR LF
+    memcpy(f.block + n, b"\r\nx-envoy-attempt-count: 1\r\n\r\n", 30)
+    f.tail_at = n + 28
     c.fwd = f
     return 0
 
@@ -294,7 +299,8 @@ cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
     """fwd_stage()'s for a head with lines to drop (hop-by-hop ones too),
     X-Forwarded-For, an X-Forwarded-Proto that stays, or a bare LF ending:
     its lines but the drops, then the forwarding headers' lines made for
-    it (forwarded_head()'s), the id's line, its empty line. Through
+    it (forwarded_head()'s), the id's line, the first try's
+    x-envoy-attempt-count line, its empty line. Through
     Relay.fwd_lines: never inlined into on_head(). Nonzero when out of
     memory."""
     cdef Fwd_ *f = c.fwd
@@ -334,7 +340,7 @@ cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
         failed |= buf_add(o, b"x-envoy-external-address: ", 26)
         failed |= buf_add(o, f.peer, <size_t>f.peer_len)
         failed |= buf_add(o, b"\r\n", 2)
-    failed |= buf_add(o, f.block + f.rid_at, <size_t>(f.tail_at - f.rid_at))
+    failed |= buf_add(o, f.block + f.rid_at, <size_t>(f.tail_at - f.rid_at))  # (and the count's)
     failed |= buf_add(o, c.inb.p + end, <size_t>(hl - end))
     return failed
 
@@ -356,8 +362,8 @@ cdef inline int hash_source(Conn *c, const unsigned char **p) noexcept nogil:
 cdef int fwd_stage(Relay *R, Conn *c, Head *h) noexcept nogil:
     """The head as sent upstream (upstream_head() then forwarded_head()),
     staged in c.rhead: the head's lines but h's drops, the forwarding
-    headers' lines, a new x-request-id, the empty line. Nonzero when out
-    of memory."""
+    headers' lines, a new x-request-id, the first try's
+    x-envoy-attempt-count, the empty line. Nonzero when out of memory."""
     cdef Fwd_ *f = c.fwd
     cdef Buf *o = &c.rhead
     cdef size_t hl = <size_t>c.s.head_length, n = <size_t>f.tail_at + 2
@@ -367,7 +373,7 @@ cdef int fwd_stage(Relay *R, Conn *c, Head *h) noexcept nogil:
     if h.n_drop or h.n_xff or h.xfp or c.inb.p[hl - 2] != CR:
         return R.fwd_lines(R, c, h)
     # most: the head but its empty line, then the connection's lines, the
-    # id's, and the block's CR LF as the head's empty line
+    # id's, the count's, and the block's CR LF as the head's empty line
     if buf_add(o, c.inb.p, hl - 2) != 0:
         return -1
     if o.off + o.len + n > o.cap:  # (else room: buf_add()'s call saved)

@@ -2029,6 +2029,91 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
     return 0
 
 
+# x-envoy-attempt-count: Istio's virtual hosts have Envoy's
+# include_request_attempt_count, so its router tells the upstream which try
+# each request is (1, a retry 2, ...), replacing any the client sent. The
+# staged head gets the first try's line before its empty line, after the
+# client's lines (theirs dropped: summarize()) and a gateway's forwarding
+# headers (the end of Fwd_.block), as Envoy's router adds it after the
+# lines its connection manager added; a route's head edits apply after
+# it, as Envoy's router sets it before the route's header mutations. A retry
+# policy's try rewrites it in c.replay, or in c.rhead when the first try
+# was still connecting (attempt_count(), policy_retry()); the relay's own
+# retry of a reused connection is no try of the policy: its count stays.
+
+
+cdef inline int stage_attempt(Buf *o, const char *end, size_t n) noexcept nogil:
+    """The first try's x-envoy-attempt-count line, then the head's end
+    (*end*'s *n* bytes: CR LF, or a bare LF)."""
+    if n == 2:
+        return buf_add(o, b"x-envoy-attempt-count: 1\r\n\r\n", 28)
+    return buf_add(o, b"x-envoy-attempt-count: 1\r\n", 26) | buf_add(o, end, n)
+
+
+cdef int attempt_count(Buf *b, int n) noexcept nogil:
+    """The head at b's start (c.replay: the head as sent, then the body;
+    or c.rhead) saying x-envoy-attempt-count: *n*: its first such line's
+    value replaced, or the line added before the empty line where a
+    route's edits removed it (Envoy's router sets it again for each
+    retry). A policy's retry only: a search through the head's lines, and
+    a new buffer where the value's length changes (9 to 10). -1 when out
+    of memory."""
+    cdef char digits[12]
+    cdef int d = 0, k
+    cdef size_t s, e, vs, ve
+    cdef const char *lf
+    cdef Buf out
+    if b.len == 0:
+        return 0
+    while True:  # (n >= 2)
+        digits[11 - d] = <char>(0x30 + n % 10)
+        d += 1
+        n //= 10
+        if n == 0:
+            break
+    lf = <const char*>memchr(b.p, LF, b.len)
+    if lf == NULL:
+        return 0
+    s = <size_t>(lf - b.p) + 1
+    while s < b.len:
+        lf = <const char*>memchr(b.p + s, LF, b.len - s)
+        if lf == NULL:
+            return 0
+        e = <size_t>(lf - b.p)
+        if e == s or (e == s + 1 and b.p[s] == CR):  # the empty line: none
+            vs = ve = s
+            break
+        if e - s >= 22 and eq_lower(<const unsigned char*>b.p + s, b"x-envoy-attempt-count:", 22):
+            vs = s + 22
+            ve = e - 1 if b.p[e - 1] == CR else e
+            while vs < ve and (b.p[vs] == SP or b.p[vs] == HTAB):
+                vs += 1
+            while ve > vs and (b.p[ve - 1] == SP or b.p[ve - 1] == HTAB):
+                ve -= 1
+            if ve - vs == <size_t>d:  # the same length: in place
+                memcpy(b.p + vs, digits + 12 - d, <size_t>d)
+                return 0
+            break
+        s = e + 1
+    else:
+        return 0
+    memset(&out, 0, sizeof(out))
+    k = buf_add(&out, b.p, vs)
+    if vs == ve and (vs == 0 or b.p[vs - 1] == LF):  # (a line of its own)
+        k |= buf_add(&out, b"x-envoy-attempt-count: ", 23)
+        k |= buf_add(&out, digits + 12 - d, <size_t>d)
+        k |= buf_add(&out, b"\r\n", 2)
+    else:
+        k |= buf_add(&out, digits + 12 - d, <size_t>d)
+    k |= buf_add(&out, b.p + ve, b.len - ve)
+    if k:
+        buf_free(&out)
+        return -1
+    buf_free(b)
+    b[0] = out
+    return 0
+
+
 cdef inline void replay_add(Conn *c, const char *data, size_t n) noexcept nogil:
     """Keep a copy for a retry; out of memory, no retry: a copy with a gap
     would send a different request."""
@@ -2777,6 +2862,8 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h,
             h.expect_continue = ve - vs == 12 and eq_lower(buf + vs, b"100-continue", 12)
         elif k == 7 and eq_lower(buf + ns, b"upgrade", 7):
             h.upgrade = True
+        elif k == 21 and eq_lower(buf + ns, b"x-envoy-attempt-count", 21):
+            drop_line(h, ls, i)  # (the relay says its own: stage_attempt())
         elif h.n_xff >= 0 and k >= 12 and (buf[ns] | 0x20) == 0x78:  # x-...
             fwd_field(R, h, buf, ls, i, ns, k, vs, ve)
         for j in range(R.n_keys):
@@ -4025,6 +4112,8 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
     later than it (timers_due())."""
     cdef EP *ep
+    cdef int k
+    cdef size_t n
     if c.pend_ep != NULL:  # a try waiting for a connection (its per-try timer)
         ep = c.pend_ep
         pend_unlink(c)
@@ -4049,6 +4138,22 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
         buf_free(&c.rhead)
     # (else the first try was still connecting: its head, staged in
     # c.rhead, and its body in c.inb go as a first try's)
+    # the retry says which try it is (out of memory: the connection goes):
+    # in c.replay, or in c.rhead and the copy c.replay may hold of it
+    # already (mirror_draw()'s: send_request() takes c.replay's start for
+    # the head sent, the one retry and the copies too)
+    if c.retried:
+        k = attempt_count(&c.replay, c.tries + 1)
+    else:
+        k = attempt_count(&c.rhead, c.tries + 1)
+        if c.replay.len and k == 0:
+            n = c.replay.len
+            k = attempt_count(&c.replay, c.tries + 1)
+            if c.shadow != NULL:  # (its head's length: 9 to 10 adds a byte)
+                c.shadow.head_len = c.shadow.head_len + c.replay.len - n
+    if k != 0:
+        conn_abort(R, c)
+        return
     c.rs = RS_HEAD
     c.up_bytes = 0
     c.status = 0
@@ -4172,7 +4277,7 @@ cdef inline int head_out(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept 
     if c.retry != NULL:
         if retry_status(c.retry, c.status) and can_retry(c):
             policy_retry(R, c, OD_ANSWERED, now)
-            return 0
+            return -1 if c.closed else 0  # (out of memory: aborted)
         if c.replayable:
             buf_free(&c.replay)
             c.replayable = False
@@ -6721,19 +6826,20 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
         rck.max_trailers = R.max_head
         c.rck = rck
         c.req_left = REQ_CHUNKED
-    # the head as sent upstream (upstream_head()), staged in c.rhead
+    # the head as sent upstream (upstream_head()), staged in c.rhead: its
+    # lines but the drops, the first try's x-envoy-attempt-count, its end
     c.rhead.len = 0
     failed = 0
     if c.fwd != NULL:  # a gateway listener's: with its forwarding headers
         failed = fwd_stage(R, c, &h)
-    elif h.n_drop:
+    else:
+        n = c.s.head_length - 2 if b[c.s.head_length - 2] == CR else c.s.head_length - 1
         p = 0
         for i in range(h.n_drop):
             failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.drop_s[i] - p))
             p = h.drop_e[i]
-        failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(c.s.head_length - p))
-    else:
-        failed = buf_add(&c.rhead, c.inb.p, <size_t>c.s.head_length)
+        failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(n - p))
+        failed |= stage_attempt(&c.rhead, c.inb.p + n, <size_t>(c.s.head_length - n))
     # (HTTP/1.1 and later: a close went with its line; HTTP/1.0: sent as it came)
     c.sent_persistent = h.minor >= 1 or c.keep_alive
     if failed:  # out of memory: a head with a part left out must not go up

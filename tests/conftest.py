@@ -230,6 +230,19 @@ def epoch_response(*args: Any, **kwargs: Any) -> bytes:
     return local_response(*args, date=EPOCH_DATE.decode(), **kwargs)
 
 
+def sent_up(request: bytes, n: int = 1) -> bytes:
+    """*request* (a head, then its body's bytes) as the relays send it on its
+    try *n* when nothing else of it changes: x-envoy-attempt-count after its
+    lines, before its empty line (CR LF or a bare LF); see "x-envoy-attempt-count"
+    in l4proxy/dataplane/_exchange_py.py."""
+    from l4proxy.dataplane._exchange_py import attempt_counted, with_attempt_count
+
+    m = re.search(rb"\r?\n\r?\n", request)
+    assert m is not None, request
+    out = with_attempt_count(request[: m.end()]) + request[m.end() :]
+    return out if n == 1 else attempt_counted(out, n)
+
+
 def reset_close(sock: socket.socket) -> None:
     """Close *sock* with a reset (SO_LINGER 0), not a FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

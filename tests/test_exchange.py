@@ -34,6 +34,7 @@ from l4proxy.dataplane._framing_py import parse_response_head
 from l4proxy.dataplane._peek_py import parse_head
 from l4proxy.dataplane.accesslog import UT
 from l4proxy.dataplane.verdict import HeadEdits, PathRewrite, RetryPolicy
+from tests.conftest import sent_up
 
 
 @dataclass
@@ -117,7 +118,7 @@ def test_every_request_of_a_keep_alive_connection_is_routed_on_its_own(step: int
     d.send(GET_B, step)
     d.answer(OK2, step)
     assert d.routes == ["/a", "/b"]
-    assert [bytes(u) for u in d.upstreams] == [GET, GET_B]
+    assert [bytes(u) for u in d.upstreams] == [sent_up(GET), sent_up(GET_B)]
     assert d.client == OK + OK2
     assert d.released == [True, True] and d.done == [(200, False), (200, False)]
     assert d.events == [] and d.ex.phase == Phase.HEAD
@@ -133,7 +134,7 @@ def test_empty_lines_before_a_request_line_do_not_go_upstream(step: int) -> None
     d.answer(OK, step)
     d.send(b"\r\n\r\n" + GET_B, step)
     d.answer(OK2, step)
-    assert [bytes(u) for u in d.upstreams] == [GET, GET_B]
+    assert [bytes(u) for u in d.upstreams] == [sent_up(GET), sent_up(GET_B)]
     assert d.client == OK + OK2 and d.routes == ["/a", "/b"]
 
 
@@ -169,7 +170,7 @@ def test_connection_close_client_keeps_the_upstream_reusable(step: int) -> None:
     d = Driver()
     d.send(req, step)
     d.answer(OK, step)
-    assert d.upstreams[0] == b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\n\r\n"
+    assert d.upstreams[0] == sent_up(b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\n\r\n")
     # the upstream did not see the close, so its answer gets it added back
     assert d.client == OK_CLOSING and d.released == [True] and d.events == ["Close"]
 
@@ -233,8 +234,8 @@ def test_chunked_both_ways_with_trailers_byte_identical(step: int) -> None:
     d.send(CHUNKED_REQ + GET, step)  # a pipelined GET behind it
     assert d.routes == ["/up"]  # one in flight at a time
     d.answer(CHUNKED_RESP, step)
-    assert d.upstreams[0] == CHUNKED_REQ
-    assert d.routes == ["/up", "/a"] and d.upstreams[1] == GET
+    assert d.upstreams[0] == sent_up(CHUNKED_REQ)
+    assert d.routes == ["/up", "/a"] and d.upstreams[1] == sent_up(GET)
     d.answer(OK, step)
     assert d.client == CHUNKED_RESP + OK and d.released == [True, True]
 
@@ -271,7 +272,7 @@ def test_expect_100_continue(step: int) -> None:
     assert d.client == cont and d.done == []
     d.send(b"data", step)
     d.answer(OK, step)
-    assert d.upstreams[0] == head + b"data" and d.client == cont + OK
+    assert d.upstreams[0] == sent_up(head + b"data") and d.client == cont + OK
     assert d.released == [True] and d.done == [(200, False)]
 
 
@@ -281,7 +282,8 @@ def test_upgrade_and_connect_become_tunnels() -> None:
     d.send(up + b"\x81\x00early")
     switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00hi"
     d.answer(switch)
-    assert d.upstreams[0] == up + b"\x81\x00early"  # the early frame goes up with the switch
+    # (the early frame goes up with the switch)
+    assert d.upstreams[0] == sent_up(up + b"\x81\x00early")
     assert d.client == switch and d.events == ["Tunnel"] and d.ex.phase == Phase.TUNNEL
     assert d.ex.client_data(b"more") == []  # the L4 relay owns the sockets now
 
@@ -309,7 +311,7 @@ def test_reused_connection_closed_before_any_response_byte_is_retried_once(
     d.send(GET)
     d.play(d.ex.upstream_eof())
     assert d.events == ["Retry"] and d.released == [False]
-    assert [bytes(u) for u in d.upstreams] == [GET, GET]
+    assert [bytes(u) for u in d.upstreams] == [sent_up(GET), sent_up(GET)]
     if not response:  # the fresh connection fails too: no second retry
         d.play(d.ex.upstream_eof())
         assert d.client.startswith(b"HTTP/1.1 503 ") and d.events == ["Retry"]
@@ -343,7 +345,7 @@ def test_a_request_that_never_left_is_retried_whatever_its_method() -> None:
     d = Driver(reuse=[True])
     d.send(post)
     d.play(d.ex.upstream_eof(unsent=bytes(d.upstreams[0])))
-    assert d.events == ["Retry"] and [bytes(u) for u in d.upstreams] == [post, post]
+    assert d.events == ["Retry"] and [bytes(u) for u in d.upstreams] == [sent_up(post)] * 2
     d = Driver(reuse=[False])  # a new connection: the server refused it, not sent again
     d.send(post)
     d.play(d.ex.upstream_eof(unsent=bytes(d.upstreams[0])))
@@ -374,7 +376,8 @@ def test_a_retry_policy_drops_a_retriable_answer_and_sends_the_request_again(ste
     d.answer(UNAVAILABLE)
     d.answer(UNAVAILABLE)
     d.answer(OK)
-    assert [bytes(u) for u in d.upstreams] == [post, post, post]  # any method, whole
+    # any method, whole, each try saying which it is
+    assert [bytes(u) for u in d.upstreams] == [sent_up(post, n) for n in (1, 2, 3)]
     assert d.events == ["Retry(policy)", "Retry(policy)"]
     assert d.client == OK and d.done == [(200, False)]  # counted once
     assert d.released == [False, False, True]  # the 503s' connections closed
@@ -463,7 +466,7 @@ def test_bad_chunked_request_bodies_are_cut_and_refused(body: bytes, refused_at:
     head = b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
     d = Driver()
     d.send(head + body)
-    assert d.upstreams == [head + body[:refused_at]]
+    assert d.upstreams == [sent_up(head + body[:refused_at])]
     assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert d.released == [False] and d.events == ["Close"]
     apart = Driver()

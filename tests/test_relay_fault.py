@@ -42,7 +42,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
 from tests.conftest import epoch_response as local_response
-from tests.conftest import undated
+from tests.conftest import sent_up, undated
 from tests.test_relay_edges import _relay
 from tests.test_relay_edges_count import Counted
 
@@ -126,7 +126,7 @@ def test_an_abort_is_answered_locally(mode: tuple[str, str]) -> None:
         relay.close()
         up.close()
     assert [undated(g) for g in got] == [ABORTED, ABORTED, OK]
-    assert up.requests == [_get("/ok")]
+    assert up.requests == [sent_up(_get("/ok"))]
     assert up.accepted == 1  # (the one request that went)
     assert sorted(s for s, _ in counted.rows) == [200, 503, 503]
     assert stats["local_answers"] == 2
@@ -221,7 +221,7 @@ def test_a_delay_holds_the_request_back(mode: tuple[str, str]) -> None:
         up.close()
     assert got == OK
     assert gate.reached.is_set()
-    assert up.requests == [_get("/f")]
+    assert up.requests == [sent_up(_get("/f"))]
     assert elapsed >= 0.5
 
 
@@ -247,7 +247,7 @@ def test_a_delay_then_an_abort(mode: tuple[str, str]) -> None:
     assert undated(got) == local_response(429, FAULT_ABORT_BODY, close=False)
     assert elapsed >= 0.3
     assert after == OK
-    assert up.requests == [_get("/ok")]
+    assert up.requests == [sent_up(_get("/ok"))]
 
 
 def _fds() -> int:
@@ -309,7 +309,7 @@ def test_the_route_timeout_starts_after_the_delay(mode: tuple[str, str], method:
         relay.close()
         up.close()
     assert got == OK
-    assert up.requests == [request]
+    assert up.requests == [sent_up(request)]
     assert elapsed >= 0.4
 
 
@@ -333,7 +333,7 @@ def test_pipelined_requests_wait_behind_a_delayed_one(mode: tuple[str, str]) -> 
         relay.close()
         up.close()
     assert got == want
-    assert up.requests == [_get("/f"), _get("/a"), _get("/b")]
+    assert up.requests == [sent_up(_get(p)) for p in ("/f", "/a", "/b")]
 
 
 BODIES = {
@@ -372,7 +372,7 @@ def test_an_aborted_whole_body_is_dropped(mode: tuple[str, str], framing: str) -
         relay.close()
         up.close()
     assert undated(got) == ABORTED + OK
-    assert up.requests == [_get("/ok")]
+    assert up.requests == [sent_up(_get("/ok"))]
 
 
 @pytest.mark.parametrize("framing", sorted(BODIES))
@@ -424,7 +424,7 @@ def test_no_fault_drawn_no_change(mode: tuple[str, str]) -> None:
         relay.close()
         up.close()
     assert got == [OK] * 3
-    assert up.requests == [_get("/f")] * 3
+    assert up.requests == [sent_up(_get("/f"))] * 3
 
 
 def test_faults_are_interned_per_distinct_fault() -> None:

@@ -33,11 +33,14 @@ from tests._scripted import (
     policy,
 )
 from tests.conftest import epoch_response as local_response
-from tests.conftest import undated
+from tests.conftest import sent_up, undated
 from tests.test_relay_edges import _read_all, _relay
 
 Endpoint = tuple[str, int]
 
+# the first try's x-envoy-attempt-count, after the client's lines and before
+# the lines a route's edits add (see "x-envoy-attempt-count" in _exchange_py.py)
+COUNT = b"x-envoy-attempt-count: 1\r\n"
 REQUEST_EDITS = HeadEdits(
     request_set=(("x-set", "new"),),
     request_add=(("x-add", "new"), ("x-more", "1")),
@@ -151,7 +154,8 @@ def test_request_edits_byte_exact_at_the_backend(mode: tuple[str, str]) -> None:
     assert got == b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\nok"
     assert seen == [
         b"GET /v2/users?id=1 HTTP/1.1\r\nHost: b.svc:8080\r\nUser-Agent: t\r\nX-Add: old\r\n"
-        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     ]
 
 
@@ -175,7 +179,7 @@ def test_path_rewrites(
     path left empty "/"; nothing else of the head changes."""
     request = b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % target
     _, seen, _ = _through(mode, HeadEdits(path=rewrite), request)
-    assert seen == [b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % sent]
+    assert seen == [sent_up(b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % sent)]
 
 
 def test_bare_lf_lines_are_kept(mode: tuple[str, str]) -> None:
@@ -185,8 +189,9 @@ def test_bare_lf_lines_are_kept(mode: tuple[str, str]) -> None:
     request = b"GET /api/a HTTP/1.1\nHost: a\nX-Remove: 1\nAccept: */*\r\n\r\n"
     _, seen, _ = _through(mode, REQUEST_EDITS, request)
     assert seen == [
-        b"GET /v2/a HTTP/1.1\nHost: b.svc:8080\nAccept: */*\r\nx-set: new\r\nx-add: new\r\n"
-        b"x-more: 1\r\n\r\n"
+        b"GET /v2/a HTTP/1.1\nHost: b.svc:8080\nAccept: */*\r\n"
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     ]
 
 
@@ -196,7 +201,7 @@ def test_no_edits_no_change(mode: tuple[str, str]) -> None:
     request = b"GET /api/a HTTP/1.1\r\nHost: a\r\nX-Drop: 1\r\nKeep-Alive: 1\r\n\r\n"
     for edits in (RESPONSE_EDITS, None, HeadEdits()):
         _, seen, _ = _through(mode, edits, request)
-        assert seen == [b"GET /api/a HTTP/1.1\r\nHost: a\r\nX-Drop: 1\r\n\r\n"], edits
+        assert seen == [sent_up(b"GET /api/a HTTP/1.1\r\nHost: a\r\nX-Drop: 1\r\n\r\n")], edits
 
 
 def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
@@ -208,13 +213,16 @@ def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
     got, seen, stats = _through(mode, BOTH, absolute, [PLAIN])
     assert seen == [
         b"GET /v2/x?q=1 HTTP/1.1\r\nHost: b.svc:8080\r\n"
-        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     ]
     assert got == EDITED[PLAIN, True]
     naming = b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: x-foo\r\nX-Foo: 1\r\nX-Set: 0\r\n\r\n"
     got2, seen2, stats2 = _through(mode, BOTH, naming, [HOP])
     assert seen2 == [
-        b"GET /v2/x HTTP/1.1\r\nHost: b.svc:8080\r\nx-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+        b"GET /v2/x HTTP/1.1\r\nHost: b.svc:8080\r\n"
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     ]
     assert got2 == EDITED[HOP, True]
     if mode[0] == "compiled":
@@ -227,22 +235,22 @@ def test_slow_path_heads_are_edited(mode: tuple[str, str]) -> None:
         (
             b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             HeadEdits(authority="b.svc:8080"),
-            b"GET /x HTTP/1.1\r\nHost: b.svc:8080\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: b.svc:8080\r\n" + COUNT + b"\r\n",
         ),
         (
             b"GET http://a:8080?q=1 HTTP/1.1\r\nHost: a:8080\r\n\r\n",
             HeadEdits(request_add=(("x-add", "1"),)),
-            b"GET /?q=1 HTTP/1.1\r\nHost: a:8080\r\nx-add: 1\r\n\r\n",
+            b"GET /?q=1 HTTP/1.1\r\nHost: a:8080\r\n" + COUNT + b"x-add: 1\r\n\r\n",
         ),
         (
             b"GET http://a/api/x HTTP/1.0\r\n\r\n",
             HeadEdits(path=PathRewrite(4, "/v2")),
-            b"GET /v2/x HTTP/1.0\r\nhost: a\r\n\r\n",
+            b"GET /v2/x HTTP/1.0\r\n" + COUNT + b"host: a\r\n\r\n",
         ),
         (
             b"GET /x HTTP/1.0\r\n\r\n",
             HeadEdits(authority="b.svc:8080"),
-            b"GET /x HTTP/1.0\r\nhost: b.svc:8080\r\n\r\n",
+            b"GET /x HTTP/1.0\r\n" + COUNT + b"host: b.svc:8080\r\n\r\n",
         ),
     ],
     ids=["authority", "no-path", "http10-no-host", "origin-http10-no-host"],
@@ -304,7 +312,7 @@ def test_a_rewrite_that_makes_no_dot_segment_goes(mode: tuple[str, str]) -> None
         request = b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target
         got, seen, _ = _through(mode, HeadEdits(path=PathRewrite(4, "/")), request)
         assert got.startswith(b"HTTP/1.1 200 X\r\n"), got
-        assert seen == [b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % sent]
+        assert seen == [sent_up(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % sent)]
 
 
 def test_routes_read_the_original_head(mode: tuple[str, str]) -> None:
@@ -345,7 +353,8 @@ def test_routes_read_the_original_head(mode: tuple[str, str]) -> None:
     assert seen == [("/api/users", "a")] * (1 if how == "resolve" else 2)
     sent = (
         b"GET /v2/users HTTP/1.1\r\nHost: b.svc:8080\r\n"
-        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
     )
     assert up.requests == [sent, sent]
 
@@ -398,8 +407,8 @@ def test_an_interim_head_is_not_edited(mode: tuple[str, str]) -> None:
 @pytest.mark.parametrize("method", [b"GET", b"POST"])
 def test_a_retry_sends_the_edited_head_again(mode: tuple[str, str], method: bytes) -> None:
     """Route (A, B) under a retry policy on 5xx: A's 503 is dropped, the
-    request goes to B, both got the same edited head (and body); the
-    client gets B's answer, edited."""
+    request goes to B, both got the same edited head (and body), but for
+    the count of the try it is; the client gets B's answer, edited."""
     body = b"hi" if method == b"POST" else b""
     request = b"%s /api/r HTTP/1.1\r\nHost: a\r\nX-Set: old\r\nContent-Length: %d\r\n\r\n%s" % (
         method,
@@ -419,10 +428,10 @@ def test_a_retry_sends_the_edited_head_again(mode: tuple[str, str], method: byte
         b.close()
     edited = (
         b"%s /v2/r HTTP/1.1\r\nHost: b.svc:8080\r\nContent-Length: %d\r\n"
-        b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n%s" % (method, len(body), body)
+        b"x-envoy-attempt-count: %d\r\nx-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n%s"
     )
-    assert a.requests == [edited]
-    assert b.requests == [edited]
+    assert a.requests == [edited % (method, len(body), 1, body)]
+    assert b.requests == [edited % (method, len(body), 2, body)]
     assert got == EDITED[PLAIN, True]
 
 
@@ -441,8 +450,9 @@ def test_pipelined_requests_keep_their_order(mode: tuple[str, str]) -> None:
         relay.close()
         up.close()
     assert up.requests == [
-        b"GET /v2/%d HTTP/1.1\r\nHost: b.svc:8080\r\nx-set: new\r\nx-add: new\r\n"
-        b"x-more: 1\r\n\r\n" % i
+        b"GET /v2/%d HTTP/1.1\r\nHost: b.svc:8080\r\n" % i
+        + COUNT
+        + b"x-set: new\r\nx-add: new\r\nx-more: 1\r\n\r\n"
         for i in range(3)
     ]
     assert got == EDITED[PLAIN, True] * 3
@@ -478,9 +488,9 @@ def test_two_choices_edit_each_request_as_its_choice() -> None:
         b.close()
     assert a.requests and b.requests and len(a.requests) + len(b.requests) == 30
     assert set(a.requests) == {
-        b"GET / HTTP/1.1\r\nHost: a\r\nX-Choice: client\r\nx-choice: a\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Choice: client\r\n" + COUNT + b"x-choice: a\r\n\r\n"
     }
-    assert set(b.requests) == {b"GET / HTTP/1.1\r\nHost: a\r\nx-choice: b\r\n\r\n"}
+    assert set(b.requests) == {b"GET / HTTP/1.1\r\nHost: a\r\n" + COUNT + b"x-choice: b\r\n\r\n"}
     for r in got:
         body = r[-1:].lower()
         assert r == b"HTTP/1.1 200 X\r\nContent-Length: 1\r\nx-via: %s\r\n\r\n%s" % (

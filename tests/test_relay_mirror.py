@@ -61,7 +61,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
-from tests.conftest import accept_until_closed, dead_ports, reset_close
+from tests.conftest import accept_until_closed, dead_ports, reset_close, sent_up
 from tests.test_relay_edges import Backend, _relay
 from tests.test_relay_fault import _recv
 
@@ -367,8 +367,8 @@ def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> N
         (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
         left = 0 if _until(lambda: _ours_to(mirror.endpoint) == 0, 5.0) else 1
     assert got == OK
-    assert up.requests == [GET]
-    assert mirror.seen() == [shadow_head(GET)]
+    assert up.requests == [sent_up(GET)]
+    assert mirror.seen() == [shadow_head(sent_up(GET))]
     assert b"Host: reviews-shadow:9080\r\n" in mirror.seen()[0]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
@@ -421,7 +421,7 @@ def test_a_body_goes_to_the_mirror_as_sent(mode: tuple[str, str], chunked: bool)
     assert len(up.requests) == 1
     sent = up.requests[0]
     hl = sent.index(b"\r\n\r\n") + 4
-    assert sent[hl:] == request[request.index(b"\r\n\r\n") + 4 :]
+    assert sent == sent_up(request)
     assert mirror.seen() == [shadow_head(sent[:hl]) + sent[hl:]]
     assert stats["mirrored"] == 1
 
@@ -465,7 +465,7 @@ def test_each_mirror_gets_its_copy(mode: tuple[str, str]) -> None:
             relay, *[GET] * 3, until=lambda: len(one.seen()) == len(two.seen()) == 3
         )
     assert got == [OK] * 3
-    assert one.seen() == two.seen() == [shadow_head(GET)] * 3
+    assert one.seen() == two.seen() == [shadow_head(sent_up(GET))] * 3
     assert stats["mirrored"] == 6
 
 
@@ -502,14 +502,14 @@ def test_a_failing_mirror_changes_nothing_for_the_client(mode: tuple[str, str], 
             )
             left = _ours_to(mirror.endpoint)
     assert got == [OK, OK]
-    assert up.requests == [GET, GET]
+    assert up.requests == [sent_up(GET)] * 2
     assert stats["mirrored"] == 2
     assert stats["mirror_failed"] == 2
     assert stats["mirror_dropped"] == 0
     assert left == 0
     assert reports.of(COPY) == [0, 0]  # (no answer: refused, reset, past the deadline)
     if isinstance(mirror, Mirrored):
-        assert mirror.seen() == [shadow_head(GET)] * 2
+        assert mirror.seen() == [shadow_head(sent_up(GET))] * 2
     if how == HANG:
         assert _until(lambda: isinstance(mirror, Mirrored) and mirror.closed_by_relay == 2)
 
@@ -546,8 +546,8 @@ def test_a_body_past_the_replay_limit_is_not_mirrored(mode: tuple[str, str]) -> 
             relay, _post(body), _post(b"small"), until=lambda: len(mirror.seen()) == 1
         )
     assert got == got2 == OK
-    assert up.requests == [_post(body), _post(b"small")]
-    small = _post(b"small")
+    assert up.requests == [sent_up(_post(body)), sent_up(_post(b"small"))]
+    small = sent_up(_post(b"small"))
     assert mirror.seen() == [shadow_head(small[: -len(b"small")]) + b"small"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 1
@@ -583,8 +583,8 @@ def test_a_retried_request_is_mirrored_once(mode: tuple[str, str]) -> None:
     with _mirrored(mode, up, mirror, retry=policy(2, "5xx")) as relay:
         (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
     assert got == OK
-    assert up.requests == [GET, GET]
-    assert mirror.seen() == [shadow_head(GET)]
+    assert up.requests == [sent_up(GET), sent_up(GET, 2)]
+    assert mirror.seen() == [shadow_head(sent_up(GET))]
     assert mirror.accepted == 1
     assert stats["mirrored"] == 1
     assert stats["retries"] == 1
@@ -601,10 +601,10 @@ def test_pipelined_requests_are_each_mirrored_once(mode: tuple[str, str]) -> Non
         stats = _settled(relay)
         a.close()
     assert got == OK * 4
-    assert up.requests == requests
+    assert up.requests == [sent_up(r) for r in requests]
     # (a copy on an idle connection the mirror closed goes again on a new
     # one: the order the mirror accepted its connections in is not theirs)
-    assert sorted(mirror.seen()) == sorted(shadow_head(r) for r in requests)
+    assert sorted(mirror.seen()) == sorted(shadow_head(sent_up(r)) for r in requests)
     assert stats["mirrored"] == 4
 
 
@@ -634,7 +634,7 @@ def test_a_spliced_body_is_a_dropped_copy(mode: tuple[str, str]) -> None:
     with _mirrored(mode, up, mirror) as relay:
         (got,), stats = _answers(relay, _post(body))
     assert got == OK
-    assert up.requests == [_post(body)]
+    assert up.requests == [sent_up(_post(body))]
     assert mirror.accepted == 0
     assert stats["mirrored"] == 0
     assert stats["mirror_dropped"] == 1
@@ -690,7 +690,7 @@ def test_a_request_answered_100_continue_is_mirrored(mode: tuple[str, str]) -> N
         a.close()
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert got == OK
-    assert mirror.seen() == [shadow_head(head) + b"hello"]
+    assert mirror.seen() == [shadow_head(sent_up(head)) + b"hello"]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == 0
     assert reports.of(COPY) == [201]
@@ -706,7 +706,7 @@ def test_a_copy_goes_when_no_try_reaches_the_primary(mode: tuple[str, str]) -> N
         (got,), stats = _answers(relay, GET, until=lambda: len(mirror.seen()) == 1)
     assert got.startswith(b"HTTP/1.1 503 ")
     assert stats["connect_errors"] == 1
-    assert mirror.seen() == [shadow_head(GET)]
+    assert mirror.seen() == [shadow_head(sent_up(GET))]
     assert stats["mirrored"] == 1
     assert stats["mirror_dropped"] == stats["mirror_failed"] == 0
 
@@ -1066,7 +1066,7 @@ def test_copies_one_after_another_share_one_connection(mode: tuple[str, str]) ->
     with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
         stats = _one_at_a_time(relay, [GET] * 20)
         relay.flush_reports()
-    assert mirror.requests == [shadow_head(GET)] * 20
+    assert mirror.requests == [shadow_head(sent_up(GET))] * 20
     assert mirror.accepted == 1
     assert stats["mirror_connects"] == 1
     assert stats["mirror_idle"] == 1
@@ -1167,7 +1167,7 @@ def test_a_reused_connection_reset_at_the_copy_sends_it_once_more(mode: tuple[st
     with _mirrored(mode, up, mirror, **reports.kw(mode)) as relay:
         stats = _one_at_a_time(relay, [GET, GET])
         relay.flush_reports()
-    assert mirror.requests == [shadow_head(GET)] * 3
+    assert mirror.requests == [shadow_head(sent_up(GET))] * 3
     assert mirror.accepted == stats["mirror_connects"] == 2
     assert stats["mirrored"] == 2
     assert stats["mirror_failed"] == 0

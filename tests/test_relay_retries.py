@@ -45,6 +45,7 @@ from tests._worker import (
     gateway_service,
     gateway_worker,
 )
+from tests.conftest import sent_up
 from tests.test_relay_edges import _read_all
 from tests.test_relay_edges_count import Counted
 
@@ -62,7 +63,7 @@ def test_attempts_bound_the_retries_and_the_request_is_counted_once(
     assert got[0].endswith(OK_BODY if expected == 200 else b"no")
     tries = min(attempts, 2) + 1
     assert len(up.requests) == tries
-    assert all(r == GET for r in up.requests)
+    assert up.requests == [sent_up(GET, n) for n in range(1, tries + 1)]  # each saying its try
     assert counted == [expected]
     assert stats["requests"] == 1 and stats["retries"] == tries - 1
     # each retried try's connection was closed (never pooled), not the last
@@ -299,7 +300,7 @@ def test_a_request_over_the_replay_limit_is_not_retried(mode: tuple[str, str]) -
     small = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
     got, up, _, stats = _exchange(mode, [_answer(503)], policy(2, "5xx"), request=small)
     assert _status(got[0]) == 200
-    assert up.requests == [small, small]
+    assert up.requests == [sent_up(small), sent_up(small, 2)]
 
 
 def test_a_response_that_began_is_never_retried(mode: tuple[str, str]) -> None:
@@ -370,7 +371,8 @@ def test_a_post_on_a_reused_connection_is_sent_again_only_as_the_policy_says(
         a.sendall(post)
         got = _response(a)
         assert _status(got) == (200 if retried else 503), got
-        assert up.requests == [GET, post, post] if retried else [GET, post]
+        sent = [sent_up(GET), sent_up(post), sent_up(post, 2)]
+        assert up.requests == (sent if retried else sent[:2])
         a.close()
     finally:
         relay.close()

@@ -22,6 +22,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.conftest import sent_up
 
 
 def _split_503(conn: socket.socket) -> None:
@@ -73,7 +74,7 @@ def test_a_head_request_is_retried(mode: tuple[str, str]) -> None:
         assert data == b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", data
         a.sendall(GET)
         assert _status(_response(a)) == 200
-        assert up.requests == [head, head, GET]
+        assert up.requests == [sent_up(head), sent_up(head, 2), sent_up(GET)]
     finally:
         relay.close()
         up.close()
@@ -94,7 +95,7 @@ def test_pipelined_requests_after_a_retried_one(mode: tuple[str, str]) -> None:
             assert data, got
             got += data
         assert got == want
-        assert up.requests == [GET, GET, second]
+        assert up.requests == [sent_up(GET), sent_up(GET, 2), sent_up(second)]
     finally:
         relay.close()
         up.close()
@@ -138,7 +139,7 @@ def test_a_chunked_post_is_sent_again_whole(mode: tuple[str, str], split: bool) 
             a.sendall(head + body)
         assert _response(a) == _answer(200, OK_BODY)
         t.join(5)
-        assert seen == [head + body, head + body], seen
+        assert seen == [sent_up(head + body), sent_up(head + body, 2)], seen
     finally:
         relay.close()
         lst.close()
@@ -214,7 +215,9 @@ def test_a_first_try_still_connecting_past_its_per_try_timeout(
         got = _response(a, timeout=6)
         took = time.monotonic() - t0
         assert got == _answer(200, OK_BODY), got
-        assert good.requests == [request]
+        # (the policy's retry, as the first try was still connecting: its
+        # second try; with a body, the connect timeout's next endpoint: its first)
+        assert good.requests == [sent_up(request, 1 if body else 2)]
         if not body:
             assert took < 1.5, took
         a.sendall(GET)

@@ -36,6 +36,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
+from tests.conftest import sent_up
 from tests.test_relay_edges import _relay
 from tests.test_relay_edges_count import Counted
 
@@ -124,7 +125,7 @@ def test_a_policy_retry_takes_its_endpoint_s_idle_pooled_connection(mode: tuple[
     got, a, b, stats, counted = _run(mode, [_answer(503, b"no")], [_answer(200, b"b")], policy(1))
     assert _status(got) == 200 and got.endswith(b"b"), got
     assert (len(a.requests), len(b.requests)) == (2, 2)
-    assert b.requests[1] == GET_X
+    assert b.requests[1] == sent_up(GET_X, 2)
     assert b.accepted == 1, "the retry opened a new connection: B's pooled one was idle"
     assert a.accepted == 1
     assert stats["pool_reused"] == 2, stats
@@ -153,7 +154,7 @@ def test_a_policy_retry_s_stale_pooled_connection_gets_its_own_retry_not_an_atte
     )
     assert _status(got) == 200 and got.endswith(b"b"), got
     assert len(a.requests) == 2, "A was tried again"
-    assert b.requests[1:] == [GET_X, GET_X]
+    assert b.requests[1:] == [sent_up(GET_X, 2)] * 2  # (the stale one's retry: the same try)
     assert b.accepted == 2  # the pooled one, then the new one
     assert stats["pool_reused"] == 2, stats
     assert stats["retries"] == 1, stats
@@ -189,7 +190,7 @@ def test_a_post_on_a_policy_retry_s_stale_pooled_connection_is_not_sent_again(
         b.close()
     assert _status(got) == 503, got
     assert got.endswith(RESET_BEFORE_HEADERS_RETRIED.encode()), got
-    assert b.requests[1:] == [post]
+    assert b.requests[1:] == [sent_up(post, 2)]
     assert (a.accepted, b.accepted) == (1, 1)
 
 
@@ -232,8 +233,11 @@ def test_a_post_that_never_left_is_not_sent_again_when_it_left_on_the_policy_s_t
         routing=routing,
         a_script=[warm_then_reset],
     )
-    assert a.requests == [WARM_A], "the POST reached A: it left"
-    assert b.requests == [WARM_B, post, post], "the POST went again after it left"
+    assert a.requests == [sent_up(WARM_A)], "the POST reached A: it left"
+    # (its first try, sent again on a new connection to B as it never left;
+    # then the policy's retry, on B's pooled connection)
+    sent = [sent_up(WARM_B), sent_up(post), sent_up(post, 2)]
+    assert b.requests == sent, "the POST went again after it left"
     assert _status(got) == 503, got
     assert (a.accepted, b.accepted) == (1, 2)  # B: the pooled one, the reused one's retry's
     assert stats["retries"] == 1, stats

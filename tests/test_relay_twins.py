@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import PoolOptions
 from l4proxy.dataplane._relay_py import Decision
-from tests.conftest import accept_until_closed, dead_ports, load_twin, undated
+from tests.conftest import accept_until_closed, dead_ports, load_twin, sent_up, undated
 
 ORIGIN = ("198.19.0.10", 8080)
 QUIET = 0.03  # seconds without any movement: a conversation has settled
@@ -1062,7 +1062,7 @@ def test_a_closing_answer_keeps_a_keep_alive_client(name: str) -> None:
     out = both(conv(get(name), Settle(1), get("cl"), requests=2))
     assert out.clients == [(KEPT_ANSWERS[name] + ANSWERS["cl"].data, False)]
     first_state = "closed" if ANSWERS[name].close else "eof"
-    assert out.backend == [(get(name), first_state), (get("cl"), "open")]
+    assert out.backend == [(sent_up(get(name)), first_state), (sent_up(get("cl")), "open")]
     assert out.counters == {"requests": 2, "local_answers": 0, "errors": 0}
 
 
@@ -1114,7 +1114,7 @@ def test_a_persistent_answers_hop_by_hop_fields_go(name: str) -> None:
     reused, and the client's stays."""
     out = both(conv(get(name), Settle(1), get("cl"), requests=2))
     assert out.clients == [(HOP_ANSWERS[name] + ANSWERS["cl"].data, False)]
-    assert out.backend == [(get(name) + get("cl"), "open")]
+    assert out.backend == [(sent_up(get(name)) + sent_up(get("cl")), "open")]
 
 
 @pytest.mark.parametrize(
@@ -1688,8 +1688,9 @@ def test_a_retried_request_keeps_its_body_in_order() -> None:
         # connection received, in order, is (``backend``).
         run.outcome.requests.sort()
         outcomes[which] = run.outcome
-    assert outcomes["compiled"].backend[-1][0] == head + body  # the retry's connection
-    assert outcomes["pure"].backend[-1][0] == head + body
+    # (the retry's connection; the same try, to the retry policy: its count stays)
+    assert outcomes["compiled"].backend[-1][0] == sent_up(head + body)
+    assert outcomes["pure"].backend[-1][0] == sent_up(head + body)
     assert outcomes["compiled"] == outcomes["pure"]
 
 
@@ -1705,8 +1706,8 @@ def test_a_close_sent_upstream_is_never_pooled() -> None:
     extra = b"Host: b\r\nConnection: close\r\nKeep-Alive: 300\r\n"
     out = both(conv(get("cl", extra, version=b"1.0"), requests=1), conv(get("cl"), requests=1))
     (first, _), (second, _) = out.backend  # two connections, one request each
-    assert first == get("cl", b"Host: b\r\nConnection: close\r\n", version=b"1.0")
-    assert second == get("cl")
+    assert first == sent_up(get("cl", b"Host: b\r\nConnection: close\r\n", version=b"1.0"))
+    assert second == sent_up(get("cl"))
 
 
 def test_hop_by_hop_request_fields_do_not_go_upstream() -> None:
@@ -1722,9 +1723,9 @@ def test_hop_by_hop_request_fields_do_not_go_upstream() -> None:
         conv(get("cl", b"Connection: TE, close\r\n" + hop), requests=1),
     )
     ((got, _),) = out.backend  # one connection, reused
-    assert got == get("cl", b"X-A: 1\r\nte:  trailers \r\n") + get(
-        "cl", b"TE: trailers\r\nte:  trailers \r\n"
-    ) + get("cl", b"te:  trailers \r\n")
+    assert got == sent_up(get("cl", b"X-A: 1\r\nte:  trailers \r\n")) + sent_up(
+        get("cl", b"TE: trailers\r\nte:  trailers \r\n")
+    ) + sent_up(get("cl", b"te:  trailers \r\n"))
 
 
 def test_the_fields_connection_names_do_not_go_upstream() -> None:
@@ -1751,8 +1752,8 @@ def test_the_fields_connection_names_do_not_go_upstream() -> None:
         split_pools=True,
     )
     assert out.requests == [
-        post("cl", b"abc"),
-        get("http10_ka", b"Host: b\r\nConnection: keep-alive, x-a\r\n", version=b"1.0"),
+        sent_up(post("cl", b"abc")),
+        sent_up(get("http10_ka", b"Host: b\r\nConnection: keep-alive, x-a\r\n", version=b"1.0")),
     ]
 
 
@@ -1771,7 +1772,7 @@ def test_a_later_http1_minor_version_drops_its_connection_lines_as_http11_does()
         conv(get("cl"), requests=1),
     )
     ((got, _),) = out.backend  # one connection, reused
-    assert got == http12 + b"\r\n" + http12 + b"\r\n" + get("cl")
+    assert got == sent_up(http12 + b"\r\n") * 2 + sent_up(get("cl"))
 
 
 def test_an_upgrade_keeps_the_fields_its_connection_line_names() -> None:
@@ -1787,7 +1788,7 @@ def test_an_upgrade_keeps_the_fields_its_connection_line_names() -> None:
         b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n"
     )
     out = both(conv(get("101", up) + b"after", requests=1))
-    assert out.requests == [get("101", up)]
+    assert out.requests == [sent_up(get("101", up))]
 
 
 _HOP_TOKENS = [

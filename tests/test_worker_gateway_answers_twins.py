@@ -373,9 +373,10 @@ def test_a_head_of_max_head_goes_up_with_its_forwarding_lines(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With max_head 1024: a head of 1024 bytes reaches the pod with the
-    forwarding lines added after it (1024 + 142 bytes for a client on
-    127.0.0.1: the bound is the limit plus those lines, see forwarding.py),
-    one of 1025 bytes is refused 431 and goes nowhere."""
+    forwarding lines and the first try's x-envoy-attempt-count added after
+    it (1024 + 168 bytes for a client on 127.0.0.1: the bound is the limit
+    plus those lines, see forwarding.py), one of 1025 bytes is refused 431
+    and goes nowhere."""
     limit = 1024
 
     def head(size: int) -> bytes:
@@ -391,8 +392,9 @@ def test_a_head_of_max_head_goes_up_with_its_forwarding_lines(
         b"x-forwarded-proto: http\r\n"
         b"x-envoy-external-address: 127.0.0.1\r\n"
         b"x-request-id: " + b"0" * 36 + b"\r\n"
+        b"x-envoy-attempt-count: 1\r\n"
     )
-    assert len(added) == 142
+    assert len(added) == 168
     (sent,) = run.heads
     assert len(sent) == limit + len(added)
     assert sent.startswith(requests[0][:-2]), sent

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import upstream_head
+from l4proxy.dataplane._exchange_py import upstream_head, with_attempt_count
 from l4proxy.dataplane.forwarding import (
     EDGE_REMOVED,
     Forwarding,
@@ -227,13 +227,14 @@ def test_the_access_log_and_the_mirror_see_the_id_sent_upstream(
 
 # requests whose heads take each way of the forwarding code: none of its
 # lines; two X-Forwarded-For lines, an empty one, X-Forwarded-Proto (kept
-# with a trusted proxy), a client's id, an X-Forwarded-For of no address,
-# hop-by-hop lines between them
+# with a trusted proxy), a client's id and attempt count, an
+# X-Forwarded-For of no address, hop-by-hop lines between them
 TWIN_REQUESTS = (
     b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n",
     b"GET /b HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 198.51.100.9\r\nAccept: */*\r\n"
     b"x-forwarded-for: \r\nX-FORWARDED-FOR:203.0.113.7 \r\nX-Forwarded-Proto: https\r\n\r\n",
-    b"GET /c HTTP/1.1\r\nHost: gw\r\nX-Request-Id: abc\r\nx-envoy-max-retries: 9\r\n\r\n",
+    b"GET /c HTTP/1.1\r\nHost: gw\r\nX-Request-Id: abc\r\nx-envoy-max-retries: 9\r\n"
+    b"X-Envoy-Attempt-Count: 4\r\n\r\n",
     b"GET /d HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: not-an-address\r\n\r\n",
     b"GET /f HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nX-Forwarded-For: 192.0.2.9\r\n"
     b"Keep-Alive: timeout=5\r\nX-Envoy-Internal: true\r\n\r\n",
@@ -276,9 +277,11 @@ def test_the_twins_send_byte_identical_heads(
     expected = []
     for request in TWIN_REQUESTS:
         rid = ids.next(connection)
-        sent = upstream_head(request, HeadParser().feed(request))  # (hop-by-hop lines out)
+        # (hop-by-hop lines out, the client's count too; the first try's
+        # after the forwarding lines)
+        sent = upstream_head(request, HeadParser().feed(request))
         head, _, _ = forwarded_head(sent, Forwarding(trusted), b"127.0.0.1", rid)
-        expected.append(head)
+        expected.append(with_attempt_count(head))
     assert got["pure"] == expected
 
 
@@ -322,9 +325,10 @@ def test_a_sidecar_s_captured_request_goes_as_it_came(pod_network: PodNetwork, i
     l4proxy-init and routed per request by the sidecar (Istio's sidecars
     run with use_remote_address false): the backend gets the head the
     client sent, its X-Forwarded-For, X-Forwarded-Proto, x-request-id and
-    x-envoy-* lines as they were, and none added."""
+    x-envoy-* lines as they were, and none added but the first try's
+    x-envoy-attempt-count (Envoy's router adds it at a sidecar too)."""
     got = through_a_sidecar(pod_network, impl, ECHO, CLIENT)
-    assert got == SIDECAR_REQUEST
+    assert got == with_attempt_count(SIDECAR_REQUEST)
 
 
 # -- forwarding.py's own ----------------------------------------------------------

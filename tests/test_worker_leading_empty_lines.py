@@ -380,7 +380,10 @@ def test_a_relay_sends_the_head_from_its_request_line(
     before, copies_before = len(primary.requests), len(mirror.requests)
     answers = _ask(bare["children"][mode], data, 2 if pipelined else 1)
     assert [_status(a) for a in answers] == [200] * len(answers)
-    head = b"POST /v2/a HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\nx-a: b\r\n\r\n"
+    head = (
+        b"POST /v2/a HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+        b"x-envoy-attempt-count: 1\r\nx-a: b\r\n\r\n"
+    )
     seen = _new_requests(primary, before, len(answers))
     assert seen[len(answers) - 1 :] == [head % (b"a", len(INNER)) + INNER], seen
     assert _new_requests(mirror, copies_before, 1) == [head % (b"a-shadow", len(INNER)) + INNER]

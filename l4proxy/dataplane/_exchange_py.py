@@ -610,6 +610,8 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
 def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool) -> bool:
     """Whether a request head's *line* goes upstream (see upstream_head())."""
     name = _field_name(line)
+    if name == ATTEMPT_COUNT:  # (the relay says its own: with_attempt_count())
+        return False
     if name is None or (name not in named and name not in _HOP_BY_HOP):
         return True
     if name == b"te":
@@ -622,6 +624,60 @@ def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool)
     # HTTP/1.0: its hop persists only if asked (a line naming only
     # fields that go, goes)
     return head.version == "HTTP/1.0" and not tokens <= named
+
+
+# x-envoy-attempt-count: Istio's virtual hosts have Envoy's
+# include_request_attempt_count, so its router tells the upstream which try
+# each request is (1, a retry 2, ...), replacing any the client sent. The
+# head as sent gets the first try's line before its empty line, after the
+# client's lines (theirs dropped: _sent_up()) and a gateway's forwarding
+# headers (forward()), as Envoy's router adds it after the lines its
+# connection manager added; a route's head edits apply after it, as
+# Envoy's router sets it before the route's header mutations. A retry
+# policy's try rewrites it in the replay, or in the head when the first
+# try was still connecting (attempt_counted(), _policy_retry(),
+# try_timeout()); the relay's own retry of a reused connection is no try
+# of the policy: its count stays.
+ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
+_FIRST_TRY: Final = ATTEMPT_COUNT + b": 1\r\n"
+
+
+def with_attempt_count(head: bytes) -> bytes:
+    """*head* (as sent upstream, its lines but the client's
+    x-envoy-attempt-count) with the first try's line before its empty line
+    (CR LF or a bare LF): the compiled twin's stage_attempt()."""
+    end = len(head) - (2 if head.endswith(b"\r\n") else 1)
+    return head[:end] + _FIRST_TRY + head[end:]
+
+
+def attempt_counted(data: bytes | bytearray, n: int) -> bytes:
+    """*data* (a head as sent, then its body's bytes) saying
+    x-envoy-attempt-count: *n*: its head's first such line's value replaced
+    (OWS around it dropped), or the line added before the empty line where a
+    route's edits removed it, as Envoy's router sets it again for each retry; the
+    compiled twin's attempt_count()."""
+    data = bytes(data)
+    s = data.find(b"\n") + 1
+    if s == 0:
+        return data
+    while s < len(data):
+        e = data.find(b"\n", s)
+        if e < 0:
+            return data
+        line = data[s:e]
+        if line in (b"", b"\r"):  # the empty line: none
+            return data[:s] + ATTEMPT_COUNT + b": %d\r\n" % n + data[s:]
+        name, colon, _ = line.partition(b":")
+        if colon and name.lower() == ATTEMPT_COUNT:
+            vs = s + len(name) + 1
+            ve = e - 1 if data[e - 1 : e] == b"\r" else e
+            while vs < ve and data[vs] in b" \t":
+                vs += 1
+            while ve > vs and data[ve - 1] in b" \t":
+                ve -= 1
+            return data[:vs] + b"%d" % n + data[ve:]
+        s = e + 1
+    return data
 
 
 # Request fields for this connection alone (RFC 9110 §7.6.1), dropped on the
@@ -1244,7 +1300,15 @@ class Exchange:
         The X-Forwarded-For value it then says (None: none), for the access
         log, and the trusted client address taken from the X-Forwarded-For
         that came (None: *peer* is it), for a hash on the source IP."""
-        self._sent_head, sent, trusted = forwarded_head(self._sent_head, fwd, peer, request_id)
+        # the first try's count (with_attempt_count()) goes after the
+        # forwarding headers, as Envoy's router sets it after its
+        # connection manager's lines: taken off, then added again
+        head = self._sent_head
+        end = len(head) - (2 if head.endswith(b"\r\n") else 1)
+        assert head[end - len(_FIRST_TRY) : end] == _FIRST_TRY  # (_advance()'s)
+        head = head[: end - len(_FIRST_TRY)] + head[end:]
+        head, sent, trusted = forwarded_head(head, fwd, peer, request_id)
+        self._sent_head = with_attempt_count(head)
         return sent, trusted
 
     def refused_rewrite(self) -> list[Action] | None:
@@ -1455,7 +1519,8 @@ class Exchange:
         if self.phase == Phase.ROUTING and self.retry is not None:
             # the first try still connecting (a request without a body)
             if self.retry.on_reset and self._tries < self.retry.attempts:
-                self._tries += 1
+                self._tries += 1  # (the head, not sent yet, says which try it is)
+                self._sent_head = attempt_counted(self._sent_head, self._tries + 1)
                 return [Release(False), Retry(policy=True)]
             return self.upstream_timeout()
         if self.phase != Phase.EXCHANGE or self._response is not None:
@@ -1491,6 +1556,8 @@ class Exchange:
         head, of *status*, is one the policy retries."""
         self._tries += 1
         self._retrying = True
+        if self._replay is not None:  # (the retry says which try it is)
+            self._replay[:] = attempt_counted(self._replay, self._tries + 1)
         # the reused connection's own retry is for the try on the pooled
         # connection: not for this retry's connects failing (_reused is the
         # given-up try's until routed(), which clears it for a try on a
@@ -1566,7 +1633,7 @@ class Exchange:
             raw = self._parser.buffered
             self._inbox += raw[head.head_length :]
             raw_head = raw[: head.head_length].lstrip(b"\r\n")  # (see "Empty lines")
-            self._sent_head = upstream_head(raw_head, head)
+            self._sent_head = with_attempt_count(upstream_head(raw_head, head))
             self._sent_persistent = head.keep_alive or (
                 head.version != "HTTP/1.0" and not _asks_close(self._sent_head)
             )

@@ -75,14 +75,17 @@ client lines into one line adds at most 3 + the address: each line it
 replaces had at least 17 bytes besides its value), ``x-forwarded-proto:
 http`` 25, ``x-envoy-external-address: ADDRESS`` 73, ``x-request-id: ID``
 52: 214 bytes, each client line of those names removed only lessening it
-(142 for a client on 127.0.0.1). So the head sent upstream is at most
-``max_head`` + 214 bytes + a route's request edits. Neither twin has a
-buffer this could overrun: the pure one's head is bytes; the compiled
-one stages it in ``c.rhead``, a buffer that grows (``buf_add``), and a
-connection's lines are made once in ``Fwd_.block``, 240 bytes for at
-most 216 (the lines, the id's line and the head's CR LF; see
-``_forwarding.pxi``). A head and body past the replay limit (64 KiB) this
-way are neither retried nor mirrored, in both twins alike.
+(142 for a client on 127.0.0.1); and every request's
+``x-envoy-attempt-count: N`` (26 bytes for a first try, a digit more per
+tenfold retries; see ``_exchange_py.py``). So the head sent upstream is at
+most ``max_head`` + 240 bytes + a route's request edits (a retry's
+count's digits apart). Neither twin has a buffer this could overrun: the
+pure one's head is bytes; the compiled one stages it in ``c.rhead``, a
+buffer that grows (``buf_add``), and a connection's lines are made once
+in ``Fwd_.block``, 264 bytes for at most 242 (the lines, the id's line,
+the first try's count and the head's CR LF; see ``_forwarding.pxi``). A
+head and body past the replay limit (64 KiB) this way are neither retried
+nor mirrored, in both twins alike.
 
 Where l4proxy differs: Envoy appends its own local address instead of a
 loopback client's (an Envoy-internal quirk); l4proxy appends the loopback
