@@ -1,0 +1,271 @@
+"""x-envoy-attempt-count: Istio's virtual hosts have Envoy's
+``include_request_attempt_count``, so every request goes upstream saying
+which try it is: 1, then 2, 3 for a retry policy's retries, whatever the
+client sent in its place. Both relay twins, real sockets: on a sidecar's
+path (the compiled one deciding per request and from a cached verdict)
+and through a real worker on a gateway listener, with its forwarding
+headers; the line goes after the client's lines and the forwarding
+headers, and a route's head edits apply after it. The relay's own retry of
+a request on a reused connection that closed is no try of the policy: the
+count stays."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4proxy.dataplane._exchange_py import attempt_counted, with_attempt_count
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import (
+    MIRROR_SCALE,
+    SHAPE_FULL,
+    Choice,
+    HeadEdits,
+    Mirror,
+    Verdict,
+    shadow_head,
+)
+from tests._scripted import (
+    CLOSE,
+    Scripted,
+    _answer,
+    _client,
+    _exchange,
+    _response,
+    _status,
+    _until,
+    mode_fixture,  # noqa: F401  (the fixture mode)
+    policy,
+)
+from tests._worker import gateway_service, gateway_worker
+from tests.test_relay_circuit_breakers import Held, _limits
+from tests.test_relay_edges import _relay
+from tests.test_relay_head_edits import _edits_relay
+from tests.test_relay_mirror import COPY, Mirrored
+from tests.test_relay_retries import _worker_twin
+
+HOST = "svc.default.svc.cluster.local"
+_COUNT = re.compile(rb"x-envoy-attempt-count: *(.*)", re.IGNORECASE)
+
+
+def _counts(requests: list[bytes]) -> list[list[bytes]]:
+    """Each request's x-envoy-attempt-count values, as the backend read them."""
+    return [
+        [
+            m.group(1)
+            for line in r.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            if (m := _COUNT.match(line))
+        ]
+        for r in requests
+    ]
+
+
+def test_the_count_rewritten_for_a_retry() -> None:
+    """The pure twin's helpers (the compiled twin's stage_attempt() and
+    attempt_count()): the first try's line before the empty line (CR LF or
+    a bare LF), a retry's value replaced in place or longer, OWS dropped,
+    the body untouched; a head without the line (a route's edits removed
+    it) gets it before its empty line."""
+    assert with_attempt_count(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nx-envoy-attempt-count: 1\r\n\r\n"
+    )
+    assert with_attempt_count(b"GET / HTTP/1.1\nHost: a\n\n") == (
+        b"GET / HTTP/1.1\nHost: a\nx-envoy-attempt-count: 1\r\n\n"
+    )
+    sent = b"POST / HTTP/1.1\r\nx-envoy-attempt-count: 1\r\nB: x-envoy-attempt-count: 1\r\n\r\n"
+    body = b"\r\nx-envoy-attempt-count: 1\r\n"
+    assert (
+        attempt_counted(sent + body, 2) == sent.replace(b"count: 1\r\nB", b"count: 2\r\nB") + body
+    )
+    assert attempt_counted(sent + body, 10).startswith(
+        b"POST / HTTP/1.1\r\nx-envoy-attempt-count: 10\r\nB: x-envoy-attempt-count: 1\r\n\r\n"
+    )
+    assert attempt_counted(b"GET / HTTP/1.1\r\nX-Envoy-Attempt-Count:  9 \r\n\r\n", 3) == (
+        b"GET / HTTP/1.1\r\nX-Envoy-Attempt-Count:  3 \r\n\r\n"
+    )
+    assert attempt_counted(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody", 2) == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nx-envoy-attempt-count: 2\r\n\r\nbody"
+    )
+
+
+def test_each_try_says_which_it_is(mode: tuple[str, str]) -> None:
+    """A policy of 2 attempts on 5xx, the backend answering 503 twice: the
+    three tries say 1, 2 and 3, once each; the client's own value (and its
+    other spelling) never goes up; the next request, answered at once, 1."""
+    request = (
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-Envoy-Attempt-Count: 7\r\n"
+        b"x-envoy-attempt-count:5\r\nAccept: */*\r\n\r\n"
+    )
+    got, up, _, stats = _exchange(
+        mode, [_answer(503), _answer(503)], policy(2, "5xx"), request, requests=2
+    )
+    assert [_status(r) for r in got] == [200, 200]
+    assert _counts(up.requests) == [[b"1"], [b"2"], [b"3"], [b"1"]]
+    assert all(r.startswith(b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n") for r in up.requests)
+    assert stats["retries"] == 2
+
+
+def test_a_tenth_retry_says_10(mode: tuple[str, str]) -> None:
+    """A policy of 10 attempts on 5xx, the backend answering 503 ten
+    times: the eleven tries say 1 to 11, the value one digit longer from
+    the tenth on (the compiled twin's attempt_count() makes the replay
+    anew there); the body goes after each head unchanged."""
+    request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    got, up, _, stats = _exchange(mode, [_answer(503)] * 10, policy(10, "5xx"), request)
+    assert [_status(r) for r in got] == [200]
+    assert _counts(up.requests) == [[b"%d" % n] for n in range(1, 12)]
+    assert up.requests == [
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"x-envoy-attempt-count: %d\r\n\r\nhello" % n
+        for n in range(1, 12)
+    ]
+    assert stats["retries"] == 10
+
+
+def test_a_route_that_removes_the_count_removes_the_first_try_s(
+    mode: tuple[str, str],
+) -> None:
+    """A route removing x-envoy-attempt-count (its request edits apply
+    after the line is set): the first try goes without it; the retry says
+    2 again, after the route's lines, as Envoy's router sets it anew for
+    each retry on the head the route's mutations made."""
+    a = Scripted([_answer(503)])
+    edits = HeadEdits(request_remove=("x-envoy-attempt-count",), request_add=(("x-a", "1"),))
+    relay = _edits_relay(mode, (a.endpoint,), edits, retry=policy(1, "5xx"))
+    try:
+        c = _client(relay)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Envoy-Attempt-Count: 4\r\n\r\n")
+        got = _response(c)
+        c.close()
+    finally:
+        relay.close()
+        a.close()
+    assert _status(got) == 200
+    assert a.requests == [
+        b"GET / HTTP/1.1\r\nHost: a\r\nx-a: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nx-a: 1\r\nx-envoy-attempt-count: 2\r\n\r\n",
+    ]
+
+
+def test_a_reused_connections_retry_is_no_new_try(mode: tuple[str, str]) -> None:
+    """The pooled connection closes on the second request without a byte:
+    the relay sends it again on a new connection (the keep-alive race), as
+    the same try: 1 both times."""
+    got, up, _, _ = _exchange(mode, [_answer(200), CLOSE], None, requests=2)
+    assert [_status(r) for r in got] == [200, 200]
+    assert _counts(up.requests) == [[b"1"], [b"1"], [b"1"]]
+
+
+@pytest.mark.parametrize("which", ["pure", "compiled"])
+def test_a_gateway_request_says_it_after_the_forwarding_headers(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real worker on a gateway listener, a VirtualService retrying 5xx
+    once and adding a request header: the backend answers 503 then 200;
+    each try's head has the client's lines, then the forwarding headers,
+    the count (1, then 2; Envoy's router adds it after the lines its
+    connection manager added) and the route's header, and one count only
+    though the client sent one."""
+    up = Scripted([_answer(503)])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        gateway_service(up.endpoint[1])
+        + f"""
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}}}}}]
+    retries: {{attempts: 1, retryOn: 5xx}}
+    headers: {{request: {{add: {{x-route: r}}}}}}
+"""
+    )
+    got: list[bytes] = []
+    _worker_twin(which, monkeypatch)
+
+    def client(address: tuple[str, int]) -> None:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\nx-envoy-attempt-count: 9\r\n\r\n")
+            got.append(_response(s))
+
+    async def main() -> None:
+        async with gateway_worker(rules, http_routing="request") as (_, _w, address):
+            await asyncio.get_running_loop().run_in_executor(None, client, address)
+
+    try:
+        asyncio.run(main())
+    finally:
+        up.close()
+    assert _status(got[0]) == 200, got
+    assert _counts(up.requests) == [[b"1"], [b"2"]]
+    for n, request in zip((b"1", b"2"), up.requests, strict=True):
+        names = [line.split(b":", 1)[0].lower() for line in request.split(b"\r\n")[1:-2]]
+        assert names == [
+            b"host",
+            b"x-forwarded-for",
+            b"x-forwarded-proto",
+            b"x-envoy-external-address",
+            b"x-request-id",
+            b"x-envoy-attempt-count",
+            b"x-route",
+        ], (n, request)
+
+
+def test_a_copy_is_of_the_head_as_first_sent(mode: tuple[str, str]) -> None:
+    """A mirrored request under a policy retrying resets, with a per-try
+    timeout, waits for A's one connection (max_connections 1, held by a
+    first request): its first try's timeout passes before any byte went,
+    so the head first sent is a retry's, saying its count; A released
+    during a retry's wait, the try that goes and the mirror's copy say the
+    same count (the copy is of the head sent: the compiled twin's c.replay
+    holds a copy of the head from the mirror's draw on, rewritten with
+    c.rhead)."""
+    held = Held()
+    a, mirror = Scripted([held.step]), Mirrored()
+    copies = (Mirror((mirror.endpoint,), ppm=MIRROR_SCALE, tag=COPY),)
+    retry = policy(5, "reset", per_try=0.3)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":  # (/x's verdict cached)
+        plain = Verdict((Choice(1, (a.endpoint,), "ORDERED", tag="t"),), ttl=60.0)
+        ours = plain._replace(shape=SHAPE_FULL, retry=retry, mirrors=copies)
+        kw["resolve"] = lambda head, origin: ours if head.path == "/x" else plain
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.path == "/x":  # (the held request: neither retried nor mirrored)
+            return Decision((a.endpoint,), tag="t", retry=retry, mirrors=copies)
+        return Decision((a.endpoint,), tag="t")
+
+    relay = _relay(which, decide, **kw)
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    try:
+        relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
+        first = _client(relay)
+        first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _until(lambda: len(a.requests) == 1), a.requests
+        c = _client(relay)
+        c.sendall(request)
+        assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
+        held.open()
+        assert _status(_response(c)) == 200
+        assert _status(_response(first)) == 200
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0), mirror.seen()
+        c.close()
+        first.close()
+    finally:
+        held.open()
+        relay.close()
+        a.close()
+        mirror.close()
+    sent = a.requests[1]
+    (count,) = _counts([sent])[0]
+    assert count != b"1", sent  # (the first try never went)
+    assert mirror.seen() == [shadow_head(sent)]
