@@ -71,11 +71,13 @@ def gateway_service_of(*rows: str, resolution: str = "STATIC") -> str:
     return text.replace("  resolution: STATIC\n", f"  resolution: {resolution}\n")
 
 
-def gateway_subsets(*versions: str, api: str = "v1beta1") -> str:
+def gateway_subsets(*versions: str, api: str = "v1beta1", traffic_policy: str = "") -> str:
     """A DestinationRule for GATEWAY_SERVICE's host with a subset per
     version in *versions*: the endpoints labelled ``version: NAME``
-    (networking.istio.io *api*)."""
+    (networking.istio.io *api*), and *traffic_policy* (YAML lines, indented
+    as under ``trafficPolicy:``) when given."""
     subsets = "".join(f"  - {{name: {v}, labels: {{version: {v}}}}}\n" for v in versions)
+    policy = f"  trafficPolicy:\n{traffic_policy.rstrip()}\n" if traffic_policy else ""
     return f"""
 ---
 apiVersion: networking.istio.io/{api}
@@ -83,7 +85,7 @@ kind: DestinationRule
 metadata: {{name: svc}}
 spec:
   host: {GATEWAY_HOST}
-  subsets:
+{policy}  subsets:
 {subsets}"""
 
 

@@ -18,10 +18,13 @@ import pytest
 from l4proxy.rules.routing import Endpoint
 from tests._scripted import Scripted, _answer, _response, _status
 from tests._worker import (
+    GATEWAY_HOST,
     _worker_twin,
     connected,
     gateway_destination_rule,
+    gateway_routes,
     gateway_service,
+    gateway_subsets,
     gateway_worker,
 )
 
@@ -310,28 +313,9 @@ def test_reports_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
 def _subset_v1_rule(fields: str) -> str:
     """Subsets v1 and v2 of the gateway's service, its ``outlierDetection``
     *fields* (a flow map's), and every request routed to v1."""
-    return f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc}}
-spec:
-  host: {HOST}
-  trafficPolicy:
-    outlierDetection: {fields}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - route:
-    - destination: {{host: {HOST}, subset: v1}}
-"""
+    return gateway_subsets(
+        "v1", "v2", traffic_policy=f"    outlierDetection: {fields}"
+    ) + gateway_routes(f"  - route:\n    - destination: {{host: {GATEWAY_HOST}, subset: v1}}\n")
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])

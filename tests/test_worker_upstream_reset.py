@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests._scripted import CLOSE, OK_BODY, Scripted, Step, _response, _status
-from tests._worker import gateway_service, gateway_worker
+from tests._worker import (
+    GATEWAY_HOST,
+    _worker_twin,
+    gateway_routes,
+    gateway_service,
+    gateway_worker,
+)
 from tests.conftest import reset_close
-from tests.test_relay_retries import _worker_twin
 
 HOST = "svc.default.svc.cluster.local"
 RESET = (
@@ -30,17 +35,10 @@ RESET_RETRIED = (
     b"upstream connect error or disconnect/reset before headers. "
     b"retried and the latest reset reason: connection termination"
 )
-RETRIED_ON_RESET = f"""
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - route: [{{destination: {{host: {HOST}}}}}]
-    retries: {{attempts: 2, retryOn: reset}}
-"""
+RETRIED_ON_RESET = gateway_routes(
+    f"  - route: [{{destination: {{host: {GATEWAY_HOST}}}}}]\n"
+    "    retries: {attempts: 2, retryOn: reset}\n"
+)
 
 
 def _ask(script: list[Step], rules: str, tmp_path: Path, requests: int) -> tuple[list[bytes], int]:
