@@ -33,6 +33,7 @@ cdef enum:
     E_CL_AND_TE = 24
     E_TOO_LARGE = 25
     E_DOT_SEGMENT = 26
+    E_HOST_CONFLICT = 27
 
 # Request-line states: the values of _S_* in _peek_py.py.
 cdef enum:

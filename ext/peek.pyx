@@ -44,6 +44,40 @@ cdef inline str latin1(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b):
     return PyUnicode_DecodeLatin1(<const char*>buf + a, b - a, NULL)
 
 
+cdef Py_ssize_t bare_end(
+    const unsigned char* buf, Py_ssize_t a, Py_ssize_t e, const char* port, Py_ssize_t n
+) noexcept nogil:
+    """The end of buf[a:e] without its default port *port* (n bytes, ":80"),
+    when it ends so."""
+    if n and e - a >= n and memcmp(buf + e - n, port, n) == 0:
+        return e - n
+    return e
+
+
+cdef bint same_authority(
+    const unsigned char* buf,
+    Py_ssize_t ss, Py_ssize_t se,
+    Py_ssize_t a, Py_ssize_t e,
+    Py_ssize_t hs, Py_ssize_t he,
+) noexcept nogil:
+    """_peek_py.same_authority(): the scheme buf[ss:se], the target's
+    authority buf[a:e], the Host header's value buf[hs:he]."""
+    cdef const char* port = b""
+    cdef Py_ssize_t n = 0, i
+    if se - ss == 4 and eq_lower(buf + ss, b"http", 4):
+        port, n = b":80", 3
+    elif se - ss == 5 and eq_lower(buf + ss, b"https", 5):
+        port, n = b":443", 4
+    e = bare_end(buf, a, e, port, n)
+    he = bare_end(buf, hs, he, port, n)
+    if e - a != he - hs:
+        return False
+    for i in range(e - a):
+        if LOWER[buf[a + i]] != LOWER[buf[hs + i]]:
+            return False
+    return True
+
+
 cdef object build(Scanner* s, const unsigned char* buf, int* code):
     """The RequestHead of a complete head, or None with code[0] set to an error.
 
@@ -52,7 +86,7 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
     cdef Py_ssize_t ms = s.method_start, me = s.method_end, te = s.target_end
     cdef Py_ssize_t ts = me + 1
     cdef Py_ssize_t p = s.headers_start, i, ls, le, colon, ns, ne, vs, ve, k
-    cdef Py_ssize_t host_s = 0, host_e = 0, a, e
+    cdef Py_ssize_t host_s = 0, host_e = 0, a, e, scheme_e
     cdef int minor = buf[te + 8] - 0x30
     cdef int host_count = 0, cl_error = 0
     cdef long long cl = -1
@@ -142,6 +176,7 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
         if not (te - a >= 3 and buf[a] == COLON and buf[a + 1] == SLASH and buf[a + 2] == SLASH):
             code[0] = E_TARGET
             return None
+        scheme_e = a
         a += 3
         e = a
         while e < te and buf[e] != SLASH and buf[e] != QMARK:
@@ -155,6 +190,9 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
             path = "/" + path
         if has_dot_segment(buf, e, te):
             code[0] = E_DOT_SEGMENT
+            return None
+        if host_count == 1 and not same_authority(buf, ts, scheme_e, a, e, host_s, host_e):
+            code[0] = E_HOST_CONFLICT
             return None
 
     if cl_error:

@@ -280,7 +280,7 @@ _case(
     "absolute-form",
     [
         b"GET http://echo.default.svc.cluster.local:8081/p?q=1 HTTP/1.1\r\n"
-        b"Host: other\r\nConnection: close\r\n\r\n"
+        b"Host: ECHO.default.svc.cluster.local:8081\r\nConnection: close\r\n\r\n"
     ],
 )
 _case(

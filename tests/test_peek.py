@@ -188,22 +188,46 @@ def test_header_values_ows_stripped_and_latin1(twin: ModuleType, mode: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("target", "host", "path"),
+    ("target", "header", "host", "path"),
     [
-        ("http://example.com:8080/a/b?q=1", "example.com:8080", "/a/b?q=1"),
-        ("http://example.com", "example.com", "/"),
-        ("HTTPS://[::1]:8443?x=1", "[::1]:8443", "/?x=1"),
-        ("svc+x.y-z://bootcamp/", "bootcamp", "/"),
-        ("/plain?x=http://evil", "from-header", "/plain?x=http://evil"),
+        ("http://example.com:8080/a/b?q=1", "Example.COM:8080", "example.com:8080", "/a/b?q=1"),
+        ("http://example.com", "example.com:80", "example.com", "/"),
+        ("HTTPS://[::1]:8443?x=1", "[::1]:8443", "[::1]:8443", "/?x=1"),
+        ("https://a:443/", "a", "a:443", "/"),
+        ("svc+x.y-z://bootcamp/", "bootcamp", "bootcamp", "/"),
+        ("/plain?x=http://evil", "from-header", "from-header", "/plain?x=http://evil"),
     ],
 )
 def test_absolute_form_authority_wins(
-    twin: ModuleType, mode: str, target: str, host: str, path: str
+    twin: ModuleType, mode: str, target: str, header: str, host: str, path: str
 ) -> None:
-    head = parse(twin, mode, f"GET {target} HTTP/1.1\r\nHost: from-header\r\n\r\n".encode())
+    head = parse(twin, mode, f"GET {target} HTTP/1.1\r\nHost: {header}\r\n\r\n".encode())
     assert head is not None
     assert (head.target, head.host, head.path) == (target, host, path)
-    assert head.header("host") == "from-header"
+    assert head.header("host") == header
+
+
+@pytest.mark.parametrize(
+    ("target", "header"),
+    [
+        ("http://b.example/x", "a.example"),
+        ("http://a.example:8080/x", "a.example"),
+        ("http://a.example/x", "a.example:8080"),
+        ("https://a.example/x", "a.example:80"),
+        ("http://a.example/x", "a.example:443"),
+        ("svc://a:80/", "a"),
+        ("http://a.example/x", ""),
+    ],
+)
+def test_absolute_form_with_another_host_is_refused(
+    twin: ModuleType, mode: str, target: str, header: str
+) -> None:
+    """RFC 9112 §3.2.2: a proxy makes Host from an absolute-form target;
+    one that forwards the head as sent refuses a Host naming another host
+    (see "Decisions" in _peek_py.py), as HAProxy does."""
+    err = error_of(twin, mode, f"GET {target} HTTP/1.1\r\nHost: {header}\r\n\r\n".encode())
+    assert err.status == 400
+    assert "differs from the request-target's authority" in str(err)
 
 
 def test_absolute_form_in_http10_without_host(twin: ModuleType, mode: str) -> None:
@@ -551,7 +575,8 @@ def test_a_dot_segment_in_the_path_is_400(twin: ModuleType, mode: str, target: s
 
 @pytest.mark.parametrize("target", NOT_DOT_SEGMENTS)
 def test_dots_that_are_not_a_segment_pass(twin: ModuleType, mode: str, target: str) -> None:
-    head = parse(twin, mode, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+    host = b"a" if target.startswith("/") else b"h"  # an absolute-form target's own
+    head = parse(twin, mode, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target.encode(), host))
     assert head is not None and head.target == target
     assert not _peek_py.has_dot_segment(target.encode(), 0 if target.startswith("/") else 7)
 

@@ -56,6 +56,13 @@ Decisions (RFC 9112 leaves them to the recipient)
 * Whitespace between a header name and its colon is a 400 (§5.1, MUST).
 * HTTP/1.1 (and 1.x, x >= 1) without Host, or with more than one Host, is a
   400 (§3.2, MUST). HTTP/1.0 may omit it.
+* An absolute-form target's authority wins over Host (§3.2.2): it is what
+  the request is routed by. A Host header that names another host (ASCII
+  case and a default port written on one side aside; an empty one too) is
+  a 400, as HAProxy answers it. §3.2.2 has a proxy send such a request
+  with a Host made from the target (MUST); we forward the head as sent, so
+  an upstream that reads Host, not the target, would serve another host
+  than the one the request was routed by.
 * Content-Length: a comma list of equal values ("5, 5") and repeated equal
   headers are accepted (§6.3); differing values, a non-digit, an empty
   element, or more than 18 digits are a 400. Content-Length together with
@@ -131,8 +138,9 @@ class RequestHead(NamedTuple):
     asterisk-form and ``""`` for CONNECT; it never has a dot-segment (a head
     whose path has one is refused, see "Decisions"). ``host`` is the
     authority of an absolute-form or CONNECT target when there is one (it
-    wins over the Host header, RFC 9112 §3.2.2), else the Host header as
-    sent, else None.
+    wins over the Host header, RFC 9112 §3.2.2; an absolute-form head whose
+    Host names another host is refused), else the Host header as sent,
+    else None.
     ``head_length`` counts every byte of the head from the start of the
     stream, skipped empty lines and the final empty line included: the body
     (or the next request) starts at ``buffered[head_length:]``.
@@ -192,6 +200,7 @@ E_TE_NOT_CHUNKED: Final = 23
 E_CL_AND_TE: Final = 24
 E_TOO_LARGE: Final = 25
 E_DOT_SEGMENT: Final = 26
+E_HOST_CONFLICT: Final = 27
 
 ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_NOT_HTTP_START: (NotHTTP, 400, "not HTTP: bad first byte"),
@@ -219,6 +228,7 @@ ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_CL_AND_TE: (HeadError, 400, "both Content-Length and Transfer-Encoding"),
     E_TOO_LARGE: (HeadError, 431, "request head larger than {max_head} bytes"),
     E_DOT_SEGMENT: (HeadError, 400, "dot-segment (. or ..) in the request path"),
+    E_HOST_CONFLICT: (HeadError, 400, "Host header differs from the request-target's authority"),
 }
 
 
@@ -263,11 +273,26 @@ _OWS: Final = b" \t"
 # userinfo is rejected (RFC 9110 §4.2.4).
 _HOST: Final = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*://")
+# The port an authority may leave out, by scheme (lowercase).
+_DEFAULT_PORT: Final = {b"http": b":80", b"https": b":443"}
 _H2_PREFACE_LINE: Final = b"PRI * HTTP/2.0"
 # A dot-segment of a path (see "Decisions"): "/" or "\", then "." or ".." (each
 # dot also as %2e, any case), then the segment's end. Searched up to the
 # target's first "?" only: "#" ends a segment but does not end the search.
 _DOT_SEGMENT: Final = re.compile(rb"[/\\](?:\.|%2[eE]){1,2}(?:[/\\#]|\Z)")
+
+
+def same_authority(scheme: bytes, authority: bytes, host: bytes) -> bool:
+    """Whether the Host header's value *host* names the authority of an
+    absolute-form target of *scheme*: equal but for ASCII case and a
+    default port written on one side only (``http://a/`` and ``a:80``)."""
+    port = _DEFAULT_PORT.get(scheme.lower(), b"")
+
+    def bare(value: bytes) -> bytes:
+        value = value.lower()
+        return value[: -len(port)] if port and value.endswith(port) else value
+
+    return bare(authority) == bare(host)
 
 
 def has_dot_segment(target: bytes | bytearray, start: int = 0, end: int = -1) -> bool:
@@ -591,6 +616,8 @@ class HeadParser:
                 path = "/" + path
             if has_dot_segment(tb, e):
                 return E_DOT_SEGMENT
+            if hosts and not same_authority(tb[: m.end() - 3], tb[a:e], hosts[0]):
+                return E_HOST_CONFLICT
 
         if cl_error:
             return cl_error
