@@ -522,7 +522,7 @@ handled is only marked and buried after the batch.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen
 from libc.errno cimport (
@@ -1789,6 +1789,41 @@ cdef struct Edits_:
     size_t authority_len
 
 
+# -- heads seen before ------------------------------------------------------------
+#
+# A server answers a keep-alive connection's requests with the same head,
+# byte for byte, mostly: nginx's five lines differ from one answer to the
+# next only in their Date, once a second. response_head() judges a head
+# line by line (~800 instructions for nginx's); a head whose bytes are
+# those of a head judged before gets the same verdict, since the verdict
+# of a complete head is made of its bytes alone (the lines up to the empty
+# line that ends it, and R.max_head, fixed at creation) but for what the
+# request adds after (a HEAD's framing: head_facts()). So upstream_bytes()
+# keeps the last final head (1) it judged for an endpoint, up to
+# MEMO_HEAD_MAX bytes, with what response_head() found in it (HeadMemo),
+# and a response whose first bytes are those bytes, the empty line
+# included, has that head: one memcmp(), no line judged. A head that
+# differs costs the memcmp() to its first different byte and the copy of
+# the new head. The slots are R.memo[MEMO_HEADS], one chosen by the
+# endpoint's address (a hint only: a hit is a byte compare, whichever
+# head a slot holds), so that the endpoints of a route answering with
+# heads of their own do not replace each other's at every response. Only
+# the loop's thread reads and writes them (upstream_bytes()).
+cdef enum:
+    MEMO_HEADS = 8
+    MEMO_HEAD_MAX = 256
+
+cdef struct HeadMemo:
+    Py_ssize_t len         # head[:len] is the head (0: none kept)
+    int status
+    int tokens             # its Connection tokens (TOK_*, as response_head() keeps them)
+    int n_cl               # Content-Length lines (0 or 1)
+    long long cl
+    bint v10
+    bint te_chunked
+    char head[MEMO_HEAD_MAX]
+
+
 cdef struct Relay:
     int epfd
     int wakefd
@@ -1835,6 +1870,7 @@ cdef struct Relay:
     # loop thread
     char *scratch
     Lines lines            # head_step()'s scan's header lines (summarize())
+    HeadMemo memo[MEMO_HEADS]  # upstream_bytes()'s last final heads (see "Heads seen before")
     Conn *need_head
     Conn *need_tail
     EP *kick_head          # endpoints whose waiting requests may go (serve_pending)
@@ -4530,10 +4566,50 @@ cdef inline void value_span(const unsigned char *b, Py_ssize_t colon, Py_ssize_t
 cdef inline int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
     """Recognise the common response head in c.rhead: response_head(), the
     common line judged 32 bytes at a time."""
-    return response_head(R, c, head_len, True)
+    return response_head(R, c, head_len, True, NULL)
 
 
-cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast) noexcept nogil:
+cdef int response_head_memo(Relay *R, Conn *c, Py_ssize_t *head_len, HeadMemo *m) noexcept nogil:
+    """response_head_fast(), where c.rhead does not begin with the head kept
+    in *m*; with it, that head's verdict (1) without judging a line. A head
+    judged 1 here is kept in *m* in its place (see "Heads seen before")."""
+    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len
+    if m.len and n >= m.len and memcmp(c.rhead.p, m.head, <size_t>m.len) == 0:
+        head_len[0] = m.len
+        head_facts(c, m.status, m.tokens, m.v10, m.te_chunked, m.n_cl, m.cl)
+        return 1
+    return response_head(R, c, head_len, True, m)
+
+
+cdef inline int memo_slot(const void *ep) noexcept nogil:
+    """The slot of R.memo for the endpoint at *ep* (a hint: see "Heads seen
+    before")."""
+    cdef uintptr_t a = <uintptr_t>ep
+    return <int>(((a >> 6) ^ (a >> 12)) & (MEMO_HEADS - 1))
+
+
+cdef inline void head_facts(Conn *c, int status, int tokens, bint v10, bint te_chunked,
+                            int n_cl, long long cl) noexcept nogil:
+    """What a final head response_head() took says, set in c: its status,
+    whether the server keeps the connection, the hop-by-hop lines to drop
+    and the body's framing (none for a HEAD request's answer)."""
+    c.status = status
+    # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
+    c.resp_persistent = (tokens & TOK_CLOSE) == 0 and ((tokens & TOK_KEEP) != 0 or not v10)
+    c.resp_hop = HOP_OF[tokens]
+    if c.method_head or status == 204 or status == 304:
+        c.framing = F_NONE
+    elif te_chunked:
+        c.framing = F_CHUNKED
+    elif n_cl:
+        c.framing = F_LENGTH if cl > 0 else F_NONE
+        c.resp_left = cl
+    else:
+        c.framing = F_CLOSE
+
+
+cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast,
+                       HeadMemo *keep) noexcept nogil:
     """Recognise the common response head in c.rhead.
 
     0: incomplete; 1: done (c.status, c.framing, c.resp_left,
@@ -4547,7 +4623,9 @@ cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast) noexc
     status line's end and the common header line 32 bytes at a time
     (line_fast(), above); without, every line as any other (name_fast(),
     the token bytes one by one, value_end()): the same verdict (the tests
-    compare them: test_relay_response_heads.py).
+    compare them: test_relay_response_heads.py). With *keep* (not NULL), a
+    head judged 1 is kept there with what was found in it, where it fits
+    (response_head_memo()).
     """
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, j, end, sl
@@ -4677,20 +4755,17 @@ cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast) noexc
             return 2
         head_len[0] = end
         return 3
-    c.status = status
-    # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
-    c.resp_persistent = (tokens & TOK_CLOSE) == 0 and ((tokens & TOK_KEEP) != 0 or not v10)
-    c.resp_hop = HOP_OF[tokens]
-    if c.method_head or status == 204 or status == 304:
-        c.framing = F_NONE
-    elif te_chunked:
-        c.framing = F_CHUNKED
-    elif n_cl:
-        c.framing = F_LENGTH if cl > 0 else F_NONE
-        c.resp_left = cl
-    else:
-        c.framing = F_CLOSE
+    head_facts(c, status, tokens, v10, te_chunked, n_cl, cl)
     head_len[0] = end
+    if keep != NULL and end <= MEMO_HEAD_MAX:
+        memcpy(keep.head, b, <size_t>end)
+        keep.len = end
+        keep.status = status
+        keep.tokens = tokens
+        keep.v10 = v10
+        keep.te_chunked = te_chunked
+        keep.n_cl = n_cl
+        keep.cl = cl
     return 1
 
 
@@ -5209,7 +5284,7 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
     if buf_add(&c.rhead, data, n) != 0:
         conn_abort(R, c)
         return -1
-    r = response_head_fast(R, c, &hl)
+    r = response_head_memo(R, c, &hl, &R.memo[memo_slot(c.up.ep)])
     while r == 3:  # an interim head: to the client, then the next head
         if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
             return -1
@@ -8838,14 +8913,18 @@ cdef class HttpRelay:
         summarize(self.R, &sc, p + d, &b, NULL)
         return whole, memcmp(&a, &b, sizeof(Head)) == 0
 
-    def _response_head(self, bytes raw, bint head_request=False, bint fast=True):
+    def _response_head(self, bytes raw, bint head_request=False, bint fast=True,
+                       int memo=-1):
         """response_head() of the response bytes *raw* (the answer to a HEAD
         request with *head_request*), 32 bytes at a time with *fast*, else
         byte by byte: (its result, the head's length, then c.status,
         c.framing, c.resp_left, c.resp_persistent and c.resp_hop as it left
         them in a zeroed connection). The bytes are read from a block of
         their size alone (ASan: no byte past them read). Tests: both ways
-        must agree, and with parse_response_head() and response_framing()."""
+        must agree, and with parse_response_head() and response_framing().
+        With *memo* 0 to MEMO_HEADS - 1, response_head_memo() with that slot
+        of the relay's heads seen before (upstream_bytes()'s way; a relay
+        not started only: the loop's thread owns them)."""
         cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
         cdef Py_ssize_t hl = 0, n = len(raw)
         cdef int r
@@ -8858,7 +8937,12 @@ cdef class HttpRelay:
         memcpy(c.rhead.p, PyBytes_AS_STRING(raw), n)
         c.rhead.len = c.rhead.cap = <size_t>n
         c.method_head = head_request
-        r = response_head(self.R, c, &hl, fast)
+        if memo >= MEMO_HEADS:
+            raise ValueError(f"memo: a slot below {MEMO_HEADS}")
+        if memo >= 0:
+            r = response_head_memo(self.R, c, &hl, &self.R.memo[memo])
+        else:
+            r = response_head(self.R, c, &hl, fast, NULL)
         try:
             return (r, hl, c.status, c.framing, c.resp_left, bool(c.resp_persistent),
                     c.resp_hop)
