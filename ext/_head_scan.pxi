@@ -517,6 +517,18 @@ cdef inline int scan(Scanner* s, const unsigned char* buf, Py_ssize_t limit) noe
     return scan_into(s, buf, limit, NULL)
 
 
+# Header lines at once: a header line whose first bytes are a name of 1 to
+# 15 letters, digits or "-" and its ":" (name_fast(): one 16-byte compare)
+# and whose value's bytes are field-value bytes up to a CRLF (value_end(),
+# 16 bytes at a time) is a header line as check_header_line() judges one,
+# its LF the first after its start: scan_into() takes it so, where it
+# searched for the LF with memchr() and judged the name a byte at a time,
+# then the value. Any other line (a bare LF, obs-fold, a token byte that is
+# not a letter, a digit or "-", a longer name, a refused byte, a line not
+# all here) goes the way it went, its error found there. The empty line
+# that ends the head is taken at once too. Each is counted in s.steps as
+# the LF search counted it (loop turn, bytes handed to it).
+
 cdef int scan_into(Scanner* s, const unsigned char* buf, Py_ssize_t limit,
                    Lines* L) noexcept nogil:
     """scan(), noting in L (when not NULL) the header lines this call judges."""
@@ -538,6 +550,30 @@ cdef int scan_into(Scanner* s, const unsigned char* buf, Py_ssize_t limit,
         if state == S_HEADERS:
             # Resume the LF search where the last call stopped: O(n) overall.
             s.steps += limit - pos
+            if pos == s.line_start:
+                # a line not searched yet: the common ones at once (see
+                # "Header lines at once" above), counted as the search below
+                # would have counted them
+                if pos + 1 < limit and buf[pos] == CR and buf[pos + 1] == LF:
+                    pos += 2
+                    s.head_length = pos
+                    code = COMPLETE
+                    break
+                colon = name_fast(buf + pos) if pos + 16 <= limit else 0
+                if colon:
+                    colon += pos
+                    i = value_end(buf, colon + 1, limit)
+                    if i >= 0:  # its CR, an LF after it
+                        if L != NULL:
+                            if 0 <= L.n < MAX_LINES:
+                                L.colon[L.n] = colon
+                                L.lf[L.n] = i + 1
+                                L.n += 1
+                            else:
+                                L.n = -1
+                        pos = i + 2
+                        s.line_start = pos
+                        continue
             lf = <const unsigned char*>memchr(buf + pos, LF, <size_t>(limit - pos))
             if lf == NULL:
                 pos = limit
