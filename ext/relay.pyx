@@ -4345,6 +4345,17 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
 
 cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, double now) noexcept nogil:
     """Both messages are over (_response_complete in _exchange_py.py)."""
+    if not exchange_done(R, c, upstream_closed, request_cut, now):
+        start_close(R, c, now)
+    else:
+        next_request(R, c, now)
+
+
+cdef bint exchange_done(Relay *R, Conn *c, bint upstream_closed, bint request_cut,
+                        double now) noexcept nogil:
+    """complete() up to what comes next on the client connection: the
+    request counted and logged, its upstream released; whether the client
+    connection stays (its next request) or closes."""
     cdef bint close_delimited = c.framing == F_CLOSE
     cdef bint reusable = (not upstream_closed and not request_cut and not close_delimited
                           and c.resp_persistent and c.sent_persistent
@@ -4364,10 +4375,7 @@ cdef void complete(Relay *R, Conn *c, bint upstream_closed, bint request_cut, do
             up_discard(R, c)
         else:
             up_release(R, c, reusable, now)
-    if not keep:
-        start_close(R, c, now)
-    else:
-        next_request(R, c, now)
+    return keep
 
 
 cdef int forward_body(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
@@ -4566,19 +4574,21 @@ cdef inline void value_span(const unsigned char *b, Py_ssize_t colon, Py_ssize_t
 cdef inline int response_head_fast(Relay *R, Conn *c, Py_ssize_t *head_len) noexcept nogil:
     """Recognise the common response head in c.rhead: response_head(), the
     common line judged 32 bytes at a time."""
-    return response_head(R, c, head_len, True, NULL)
+    return response_head(R, c, <const unsigned char*>c.rhead.p, <Py_ssize_t>c.rhead.len,
+                         head_len, True, NULL)
 
 
-cdef int response_head_memo(Relay *R, Conn *c, Py_ssize_t *head_len, HeadMemo *m) noexcept nogil:
-    """response_head_fast(), where c.rhead does not begin with the head kept
-    in *m*; with it, that head's verdict (1) without judging a line. A head
-    judged 1 here is kept in *m* in its place (see "Heads seen before")."""
-    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len
-    if m.len and n >= m.len and memcmp(c.rhead.p, m.head, <size_t>m.len) == 0:
+cdef int response_head_memo(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
+                            Py_ssize_t *head_len, HeadMemo *m) noexcept nogil:
+    """response_head() of b[:n] (the response's bytes so far), 32 bytes at
+    a time, where they do not begin with the head kept in *m*; with it,
+    that head's verdict (1) without judging a line. A head judged 1 here is
+    kept in *m* in its place (see "Heads seen before")."""
+    if m.len and n >= m.len and memcmp(b, m.head, <size_t>m.len) == 0:
         head_len[0] = m.len
         head_facts(c, m.status, m.tokens, m.v10, m.te_chunked, m.n_cl, m.cl)
         return 1
-    return response_head(R, c, head_len, True, m)
+    return response_head(R, c, b, n, head_len, True, m)
 
 
 cdef inline int memo_slot(const void *ep) noexcept nogil:
@@ -4608,9 +4618,10 @@ cdef inline void head_facts(Conn *c, int status, int tokens, bint v10, bint te_c
         c.framing = F_CLOSE
 
 
-cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast,
-                       HeadMemo *keep) noexcept nogil:
-    """Recognise the common response head in c.rhead.
+cdef int response_head(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
+                       Py_ssize_t *head_len, bint fast, HeadMemo *keep) noexcept nogil:
+    """Recognise the common response head in b[:n], the response's bytes so
+    far (c.rhead's, or a read's: upstream_bytes()).
 
     0: incomplete; 1: done (c.status, c.framing, c.resp_left,
     c.resp_persistent, c.resp_hop set, *head_len); 2: not the common case
@@ -4627,8 +4638,7 @@ cdef int response_head(Relay *R, Conn *c, Py_ssize_t *head_len, bint fast,
     head judged 1 is kept there with what was found in it, where it fits
     (response_head_memo()).
     """
-    cdef const unsigned char *b = <const unsigned char*>c.rhead.p
-    cdef Py_ssize_t n = <Py_ssize_t>c.rhead.len, i, ls, le, vs, ve, colon, k, j, end, sl
+    cdef Py_ssize_t i, ls, le, vs, ve, colon, k, j, end, sl
     cdef const unsigned char *lf
     cdef int n_cl = 0, n_te = 0, status = 0, lines = 0
     # the Connection tokens of every line (TOK_*), with TOK_OTHER for a
@@ -5187,6 +5197,54 @@ cdef size_t lines_without(Relay *R, Conn *c, const char *lines, size_t n,
     return out
 
 
+cdef inline bint client_keeps(Conn *c) noexcept nogil:
+    """Whether the client connection stays after the response whose final
+    head was just judged (final_head())."""
+    return (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
+            and not c.client_eof and not c.draining)
+
+
+cdef inline bint head_as_is(Conn *c, bint keep) noexcept nogil:
+    """Whether final_head() sends the final head as it came (*keep*: the
+    client stays): no edits, no hop-by-hop line to drop, nothing to say of
+    the connection that it does not say; its branches' tests, negated."""
+    return not (c.edit_resp or c.resp_hop & (HOP_LINES | HOP_NAMED)
+                or (keep and not c.resp_persistent)
+                or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent)
+                or (not keep and not c.resp_hop & HOP_CLOSE))
+
+
+cdef int answer_from_read(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
+    """The whole answer to c's request, as it came, is data[:n], what was
+    just read from its upstream, and goes as it is to a client that stays
+    (final_head()'s common case; see upstream_bytes()): the exchange ends
+    as final_head() ends it, the request counted, logged and its upstream
+    released before the answer can reach the client (as when it waited in
+    c.out for the step's end), then the answer is sent from there, what
+    the kernel does not take at once copied into c.out for flush_client()
+    (a send that failed meets its error again there), then the next
+    request, or the close. -1 when the connection went away."""
+    cdef ssize_t sent
+    cdef bint keep
+    c.keeps_client = True
+    c.client_bytes += <Py_ssize_t>n
+    c.resp_left = 0
+    c.rs = RS_DONE
+    keep = exchange_done(R, c, False, c.req_left > 0, now)
+    if c.closed:
+        return -1
+    sent = sys_.send_nc(c.fd, data, n, sys_.MSG_NOSIGNAL | sys_.MSG_DONTWAIT)
+    if sent < 0:
+        sent = 0
+    if <size_t>sent < n and to_client(R, c, data + sent, n - <size_t>sent) != 0:
+        return -1
+    if not keep:
+        start_close(R, c, now)
+    else:
+        next_request(R, c, now)
+    return -1 if c.closed else 0
+
+
 cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil:
     """The final response head is c.rhead[:hl] (status, framing known):
     forward it, then what followed it. -1 when the connection went away.
@@ -5200,8 +5258,7 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     (send_client_head), as is one saying keep-alive to a client that does
     not stay (it would read "keep-alive" and our "close"). While draining
     (c.draining, see "Drain") no client stays."""
-    cdef bint keep = (c.keep_alive and c.framing != F_CLOSE and c.req_left == 0
-                      and not c.client_eof and not c.draining)
+    cdef bint keep = client_keeps(c)
     cdef Py_ssize_t end
     cdef size_t rest
     cdef Buf held
@@ -5272,6 +5329,9 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
 cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
     cdef Py_ssize_t hl = 0
     cdef int r
+    cdef size_t rest
+    cdef bint keep
+    cdef HeadMemo *memo
     c.up_bytes += n
     if c.replayable and c.retry == NULL and c.shadow == NULL:  # a response began: never send this request again
         buf_free(&c.replay)  # (under a retry policy: once its final head is judged, head_out)
@@ -5281,10 +5341,28 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         return forward_body(R, c, data, n, now)
     if c.rs == RS_DONE:
         return 0
-    if buf_add(&c.rhead, data, n) != 0:
-        conn_abort(R, c)
-        return -1
-    r = response_head_memo(R, c, &hl, &R.memo[memo_slot(c.up.ep)])
+    memo = &R.memo[memo_slot(c.up.ep)]
+    if c.rhead.len == 0:
+        # the response's first bytes, judged where they were read: a whole
+        # answer that goes as it came to a client that stays (a keep-alive
+        # GET's, mostly) goes from there, not copied into c.rhead first
+        r = response_head_memo(R, c, <const unsigned char*>data, <Py_ssize_t>n, &hl, memo)
+        if r == 1 and c.retry == NULL and c.out.len == 0:
+            rest = n - <size_t>hl
+            keep = client_keeps(c)
+            if keep and head_as_is(c, keep) and (
+                    (c.framing == F_LENGTH and <int64_t>rest == c.resp_left)
+                    or (c.framing == F_NONE and rest == 0)):
+                return answer_from_read(R, c, data, n, now)
+        if buf_add(&c.rhead, data, n) != 0:
+            conn_abort(R, c)
+            return -1
+    else:
+        if buf_add(&c.rhead, data, n) != 0:
+            conn_abort(R, c)
+            return -1
+        r = response_head_memo(R, c, <const unsigned char*>c.rhead.p, <Py_ssize_t>c.rhead.len,
+                               &hl, memo)
     while r == 3:  # an interim head: to the client, then the next head
         if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
             return -1
@@ -8940,9 +9018,10 @@ cdef class HttpRelay:
         if memo >= MEMO_HEADS:
             raise ValueError(f"memo: a slot below {MEMO_HEADS}")
         if memo >= 0:
-            r = response_head_memo(self.R, c, &hl, &self.R.memo[memo])
+            r = response_head_memo(self.R, c, <const unsigned char*>c.rhead.p, n, &hl,
+                                   &self.R.memo[memo])
         else:
-            r = response_head(self.R, c, &hl, fast, NULL)
+            r = response_head(self.R, c, <const unsigned char*>c.rhead.p, n, &hl, fast, NULL)
         try:
             return (r, hl, c.status, c.framing, c.resp_left, bool(c.resp_persistent),
                     c.resp_hop)
