@@ -9003,9 +9003,12 @@ cdef class HttpRelay:
         With *memo* 0 to MEMO_HEADS - 1, response_head_memo() with that slot
         of the relay's heads seen before (upstream_bytes()'s way; a relay
         not started only: the loop's thread owns them)."""
-        cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
+        cdef Conn *c
         cdef Py_ssize_t hl = 0, n = len(raw)
         cdef int r
+        if memo >= MEMO_HEADS:
+            raise ValueError(f"memo: a slot below {MEMO_HEADS}")
+        c = <Conn*>calloc(1, sizeof(Conn))
         if c == NULL:
             raise MemoryError
         c.rhead.p = <char*>malloc(n if n else 1)
@@ -9015,8 +9018,6 @@ cdef class HttpRelay:
         memcpy(c.rhead.p, PyBytes_AS_STRING(raw), n)
         c.rhead.len = c.rhead.cap = <size_t>n
         c.method_head = head_request
-        if memo >= MEMO_HEADS:
-            raise ValueError(f"memo: a slot below {MEMO_HEADS}")
         if memo >= 0:
             r = response_head_memo(self.R, c, <const unsigned char*>c.rhead.p, n, &hl,
                                    &self.R.memo[memo])
