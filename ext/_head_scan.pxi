@@ -725,9 +725,8 @@ cdef int parse_content_length(const unsigned char* buf, Py_ssize_t a, Py_ssize_t
 
 
 cdef struct Codings:
-    int count          # transfer-codings seen, over all Transfer-Encoding lines
+    int count          # list elements seen, over all Transfer-Encoding lines (empty ones too)
     int chunked        # how many of them are "chunked"
-    bint last_chunked  # the last one is "chunked"
 
 
 cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssize_t b,
@@ -746,13 +745,13 @@ cdef void scan_transfer_encoding(const unsigned char* buf, Py_ssize_t a, Py_ssiz
             es += 1
         while ee > es and is_ows(buf[ee - 1]):
             ee -= 1
-        if ee > es:  # empty list elements are ignored (RFC 9110 §5.6.1)
-            # chunked has no parameters (RFC 9112 §7.1): "chunked;x=1" is
-            # another coding, which a server may not take for chunked
-            is_chunked = not params and ee - es == 7 and eq_lower(buf + es, b"chunked", 7)
-            t.count += 1
-            t.chunked += is_chunked
-            t.last_chunked = is_chunked
+        # every element counts, an empty one too: only exactly one chunked
+        # is accepted (the pure twin's "Decisions"); chunked has no
+        # parameters (RFC 9112 §7.1): "chunked;x=1" is another coding, which
+        # a server may not take for chunked
+        is_chunked = not params and ee - es == 7 and eq_lower(buf + es, b"chunked", 7)
+        t.count += 1
+        t.chunked += is_chunked
         if i == b:
             return
         i += 1

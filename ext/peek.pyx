@@ -98,7 +98,6 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
     cdef list headers = []
     cdef object name, host, path, cl_value = None
     codings.count = codings.chunked = 0
-    codings.last_chunked = False
 
     method = latin1(buf, ms, me)
     target = latin1(buf, ts, te)
@@ -203,7 +202,7 @@ cdef object build(Scanner* s, const unsigned char* buf, int* code):
         if minor == 0:
             code[0] = E_TE_HTTP10
             return None
-        if codings.count == 0 or not codings.last_chunked or codings.chunked != 1:
+        if codings.count != 1 or codings.chunked != 1:
             code[0] = E_TE_NOT_CHUNKED
             return None
         if cl >= 0:

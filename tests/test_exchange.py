@@ -436,7 +436,6 @@ def test_the_per_try_timeout_retries_until_a_final_head_went_out() -> None:
 SMUGGLING = [
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
@@ -449,6 +448,16 @@ def test_ambiguous_heads_are_refused_with_400_and_close(raw: bytes) -> None:
     d.send(raw + b"0\r\n\r\n")
     assert d.client.startswith(b"HTTP/1.1 400 Bad Request\r\n") and d.events == ["Close"]
     assert d.upstreams == [] and d.routes == []
+
+
+@pytest.mark.parametrize(
+    "te", [b"chunked, gzip", b"gzip, chunked", b"chunked\r\nTransfer-Encoding: "]
+)
+def test_a_transfer_encoding_other_than_chunked_is_refused_with_501_and_close(te: bytes) -> None:
+    d = Driver()
+    d.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: %s\r\n\r\n0\r\n\r\n" % te)
+    assert d.client.startswith(b"HTTP/1.1 501 Not Implemented\r\n") and d.events == ["Close"]
+    assert d.upstreams == [] and d.routes == [] and d.done == [(501, True)]
 
 
 @pytest.mark.parametrize(

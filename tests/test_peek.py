@@ -253,17 +253,7 @@ def test_expect_100_continue(twin: ModuleType, mode: str) -> None:
     assert head is not None and not head.expect_continue
 
 
-@pytest.mark.parametrize(
-    "te",
-    [
-        "chunked",
-        "CHUNKED",
-        "gzip, chunked",
-        "gzip,,chunked",
-        "chunked ,",
-        "gzip;q=1 , chunked",
-    ],
-)
+@pytest.mark.parametrize("te", ["chunked", "CHUNKED", "Chunked", " chunked\t", "\tcHuNkEd  "])
 def test_chunked(twin: ModuleType, mode: str, te: str) -> None:
     head = parse(
         twin, mode, f"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n".encode()
@@ -271,13 +261,30 @@ def test_chunked(twin: ModuleType, mode: str, te: str) -> None:
     assert head is not None and head.chunked and head.content_length is None
 
 
-def test_chunked_split_over_two_header_lines(twin: ModuleType, mode: str) -> None:
-    data = (
-        b"POST / HTTP/1.1\r\nHost: a\r\n"
-        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    head = parse(twin, mode, data)
-    assert head is not None and head.chunked
+# -- Transfer-Encoding other than exactly one chunked: 501 ---------------------------
+# A server that takes a body for chunked only when the field says exactly
+# "chunked" (and otherwise by Content-Length, or none) reads the chunked body
+# that we framed as further requests: Envoy answers these 501
+# (http1.invalid_transfer_encoding), as Go's net/http and nginx do (see
+# "Decisions" in _peek_py.py).
+
+TE_501 = [
+    "gzip", "chunked, gzip", "chunked,chunked", "", "xchunked", "identity, chunked",
+    "gzip, chunked", "gzip,,chunked", ",chunked", "chunked,", "chunked ,", " , chunked",
+    "gzip;q=1 , chunked", "chunked;x=1", "chunked ;x=1", "gzip, chunked ;x=y",
+    "gzip\r\nTransfer-Encoding: chunked", "chunked\r\nTransfer-Encoding: ",
+    "\r\nTransfer-Encoding: chunked", "chunked\r\nTransfer-Encoding: chunked",
+    "chunked\r\nTransfer-Encoding: gzip", "chunked\r\nX: y\r\nTransfer-Encoding: identity",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("te", TE_501)
+def test_transfer_encoding_other_than_chunked_is_501(twin: ModuleType, mode: str, te: str) -> None:
+    data = f"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n".encode()
+    err = error_of(twin, mode, data)
+    assert type(err) is HeadError and err.status == 501
+    assert err.reason == "Transfer-Encoding other than chunked"
+    assert err.details == "http1.invalid_transfer_encoding"
 
 
 @pytest.mark.parametrize(
@@ -430,16 +437,6 @@ BAD_400 = [
         "both Content-Length and Transfer-Encoding",
     ),
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.0"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", "one chunked"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "one chunked"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,chunked\r\n\r\n", "one chunked"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", "one chunked"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "one chunked"),
-    # chunked has no parameters (RFC 9112 section 7.1): forwarded as chunked,
-    # a server that does not take "chunked;x=1" for chunked reads the body as
-    # the next request (llhttp refuses it too)
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;x=1\r\n\r\n", "one chunked"),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked ;x=y\r\n\r\n", "one chunked"),
 ]
 
 

@@ -1625,7 +1625,8 @@ class Exchange:
                 return self._local_error(exc.status, exc.reason)
             except HeadError as exc:
                 self._refused_line()
-                return self._local_error(exc.status, exc.reason)
+                te = accesslog.TE_REFUSED if exc.details == accesslog.INVALID_TE else 0
+                return self._local_error(exc.status, exc.reason, te)
             if head is None:
                 return out
             self.requests += 1
@@ -1877,11 +1878,13 @@ class Exchange:
         connection says so (local_response()'s *http10*)."""
         return self.head is not None and self.head.version == "HTTP/1.0"
 
-    def _local_error(self, status: int, reason: str) -> list[Action]:
+    def _local_error(self, status: int, reason: str, flags: int = 0) -> list[Action]:
+        """Answer a head the parser refused (*flags*: the access log's
+        bits beside DPE) and close."""
         self.status = status
         return [
             Client(local_response(status, reason)),
-            Done(status, True, accesslog.DPE),
+            Done(status, True, accesslog.DPE | flags),
             *self._close(),
         ]
 

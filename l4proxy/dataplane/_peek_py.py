@@ -67,8 +67,17 @@ Decisions (RFC 9112 leaves them to the recipient)
   headers are accepted (§6.3); differing values, a non-digit, an empty
   element, or more than 18 digits are a 400. Content-Length together with
   Transfer-Encoding is a 400 (§6.1 allows it; it is the request-smuggling
-  case). Transfer-Encoding must end in exactly one ``chunked``; in an
-  HTTP/1.0 request it is a 400 (§6.1 says its framing is faulty).
+  case). Transfer-Encoding, over all its lines, must be exactly one
+  ``chunked`` (ASCII case aside, OWS around it): any other list
+  (``gzip, chunked``, ``identity, chunked``, ``,chunked``, ``chunked,``,
+  a second line, an empty one, ``chunked;x=1``) is a 501 and the
+  connection closes, as Envoy answers it (``http1.invalid_transfer_encoding``;
+  Go's net/http and nginx 501, HAProxy 422). §6.1 lets a proxy forward
+  other codings, but we forward the bytes as sent, and a server that reads
+  a body as chunked only when the field says exactly ``chunked`` (else by
+  Content-Length, or none) would read the chunked body as further requests.
+  In an HTTP/1.0 request Transfer-Encoding is a 400 (§6.1 says its framing
+  is faulty).
 * ``PRI * HTTP/2.0`` (the HTTP/2 prior-knowledge preface) is :class:`NotHTTP`,
   so h2c traffic is routed at L4 and works. Any other major version is 505.
 * A method longer than 32 bytes is :class:`NotHTTP`: the longest registered
@@ -112,14 +121,19 @@ MAX_CL_DIGITS: Final = 18  # fits a signed 64-bit integer in the compiled twin
 class HeadError(Exception):
     """The request head cannot be accepted; answer ``status`` and close.
 
-    ``status`` is 400 (malformed), 431 (head too large) or 505 (HTTP version
-    not supported); ``reason`` says what was wrong, for logs.
+    ``status`` is 400 (malformed), 431 (head too large), 501 (a
+    Transfer-Encoding other than ``chunked``) or 505 (HTTP version not
+    supported); ``reason`` says what was wrong, for logs; ``details``,
+    where it is not empty, is Envoy's RESPONSE_CODE_DETAILS for it (the
+    access log's, and l4proxy_refused_total's reason), else the caller's
+    own for a malformed head.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, details: str = "") -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.details = details
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
@@ -224,7 +238,7 @@ ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_CL_INVALID: (HeadError, 400, "invalid Content-Length"),
     E_CL_CONFLICT: (HeadError, 400, "conflicting Content-Length values"),
     E_TE_HTTP10: (HeadError, 400, "Transfer-Encoding in an HTTP/1.0 request"),
-    E_TE_NOT_CHUNKED: (HeadError, 400, "Transfer-Encoding must end in one chunked"),
+    E_TE_NOT_CHUNKED: (HeadError, 501, "Transfer-Encoding other than chunked"),
     E_CL_AND_TE: (HeadError, 400, "both Content-Length and Transfer-Encoding"),
     E_TOO_LARGE: (HeadError, 431, "request head larger than {max_head} bytes"),
     E_DOT_SEGMENT: (HeadError, 400, "dot-segment (. or ..) in the request path"),
@@ -232,10 +246,17 @@ ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
 }
 
 
+# Envoy's RESPONSE_CODE_DETAILS for the errors that have their own (the
+# others are its http1.codec_error): HeadError.details.
+DETAILS: Final[dict[int, str]] = {
+    E_TE_NOT_CHUNKED: "http1.invalid_transfer_encoding",
+}
+
+
 def make_error(code: int, max_head: int) -> HeadError:
     """The exception for error *code* (shared by both twins)."""
     cls, status, reason = ERRORS[code]
-    return cls(status, reason.format(max_head=max_head))
+    return cls(status, reason.format(max_head=max_head), DETAILS.get(code, ""))
 
 
 # States of the request-line machine; the compiled twin uses the same values.
@@ -560,14 +581,9 @@ class HeadParser:
                         break
             elif name == "transfer-encoding":
                 te_seen = True
-                for el in raw_value.split(b","):
-                    coding_name, params, _ = el.partition(b";")
-                    coding = coding_name.strip(_OWS).lower()
-                    if coding:
-                        # chunked has no parameters (RFC 9112 section 7.1):
-                        # "chunked;x=1" is another coding, which a server
-                        # may not take for chunked (a body read as a request)
-                        codings.append(coding + b";" if params and coding == b"chunked" else coding)
+                # every list element counts, an empty one too (see
+                # "Decisions": only exactly one chunked is accepted)
+                codings += (el.strip(_OWS).lower() for el in raw_value.split(b","))
             elif name == "connection":
                 for el in raw_value.split(b","):
                     token = el.strip(_OWS).lower()
@@ -625,7 +641,9 @@ class HeadParser:
         if te_seen:
             if minor == 0:
                 return E_TE_HTTP10
-            if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            # "chunked;x=1" is another coding (chunked has no parameters,
+            # RFC 9112 §7.1), which a server may not take for chunked
+            if codings != [b"chunked"]:
                 return E_TE_NOT_CHUNKED
             if cl is not None:
                 return E_CL_AND_TE

@@ -173,6 +173,13 @@ CUT = 1 << 17  # the request ended unanswered or cut: DC unless another flag say
 PATH_REFUSED = 1 << 18  # a rewrite made a dot-segment: 400 path_normalization_failed
 L4 = 1 << 19  # a connection routed at L4: no RESPONSE_CODE_DETAILS (connection_record())
 LOCAL_CUT = 1 << 20  # with CUT: the proxy cut it itself, at the drain's deadline (DRAIN_CUT)
+TE_REFUSED = 1 << 21  # with DPE: a Transfer-Encoding other than chunked, 501 (INVALID_TE)
+
+# RESPONSE_CODE_DETAILS of a request refused for its Transfer-Encoding (a
+# coding other than chunked alone: _peek_py's "Decisions"), Envoy's HTTP/1
+# codec's words for it; l4proxy_refused_total's reason where the connection
+# is routed by its first head.
+INVALID_TE = "http1.invalid_transfer_encoding"
 
 # RESPONSE_CODE_DETAILS of a request the drain's deadline cut (LOCAL_CUT):
 # Envoy's words for a downstream connection it closed itself, with the
@@ -475,7 +482,7 @@ def details(flags: int, status: int, local: bool, tag: TagLog) -> str:
     if flags & DC:
         return DRAIN_CUT if flags & LOCAL_CUT else "downstream_remote_disconnect"
     if flags & DPE:
-        return "http1.codec_error"
+        return INVALID_TE if flags & TE_REFUSED else "http1.codec_error"
     if flags & LOCAL_VERDICT:
         return tag.details
     if local:

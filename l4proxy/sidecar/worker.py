@@ -1955,7 +1955,10 @@ class Worker:
             except peek.NotHTTP:
                 return None, parser.buffered
             except peek.HeadError as exc:
-                raise Refused(f"bad_request_{exc.status}", exc.status, exc.reason) from exc
+                # (Envoy's details where the parser has them: a
+                # Transfer-Encoding other than chunked)
+                why = exc.details or f"bad_request_{exc.status}"
+                raise Refused(why, exc.status, exc.reason) from exc
             if head is not None:
                 # Empty lines before the request line (RFC 9112 §2.2: a
                 # server SHOULD ignore at least one; the parser skips CRLFs
