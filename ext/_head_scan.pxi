@@ -34,6 +34,7 @@ cdef enum:
     E_TOO_LARGE = 25
     E_DOT_SEGMENT = 26
     E_HOST_CONFLICT = 27
+    E_BARE_LF = 28
 
 # Request-line states: the values of _S_* in _peek_py.py.
 cdef enum:
@@ -580,7 +581,10 @@ cdef int scan_into(Scanner* s, const unsigned char* buf, Py_ssize_t limit,
                 break
             i = lf - buf
             start = s.line_start
-            end = i - 1 if (i > start and buf[i - 1] == CR) else i
+            if i == start or buf[i - 1] != CR:  # a bare LF: refused
+                code = E_BARE_LF
+                break
+            end = i - 1
             if end == start:  # the empty line: the head is complete
                 pos = i + 1
                 s.head_length = i + 1
@@ -675,6 +679,9 @@ cdef int scan_into(Scanner* s, const unsigned char* buf, Py_ssize_t limit,
                 continue
             if c != LF:
                 code = E_VERSION if state == S_VEND else E_REQUEST_LINE_CR
+                break
+            if state == S_VEND:  # a bare LF ends it: refused
+                code = E_BARE_LF
                 break
             # The request line is complete.
             i = s.target_end + 1  # "HTTP/"

@@ -185,14 +185,14 @@ def test_upstream_head_drops_http11_connection_lines() -> None:
     assert _up(b"GET / HTTP/1.1\r\nHost: a\r\nconnection: Keep-Alive\r\n\r\n") == (
         b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     )
-    assert _up(b"GET / HTTP/1.1\nHost: a\nConnection: close, x-a\nX-A: 1\nX-B: 2\n\n") == (
-        b"GET / HTTP/1.1\nHost: a\nX-B: 2\n\n"
-    )
+    assert _up(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, x-a\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
+    ) == (b"GET / HTTP/1.1\r\nHost: a\r\nX-B: 2\r\n\r\n")
     for kept in (
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, upgrade\r\nUpgrade: x\r\n\r\n",
         b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n",
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-        b"GET / HTTP/1.1\nHost: a\nX-Connection: close\nTE: trailers\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Connection: close\r\nTE: trailers\r\n\r\n",
     ):
         assert _up(kept) is kept
 

@@ -288,8 +288,8 @@ _case(
     [b"GET / HTTP/1.1\r\nhOsT: echo\r\nx-MiXeD-CaSe: V\r\nCONNECTION: close\r\n\r\n"],
 )
 _case(
-    "bare-lf-and-obs-text",
-    [b"GET /lf HTTP/1.1\nHost: echo\nX-Latin: caf\xe9\nConnection: close\n\n"],
+    "obs-text",
+    [b"GET /lf HTTP/1.1\r\nHost: echo\r\nX-Latin: caf\xe9\r\nConnection: close\r\n\r\n"],
 )
 _trickled = b"GET /slow HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"
 CASES["head-in-5-byte-pieces"] = (

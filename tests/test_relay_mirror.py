@@ -380,15 +380,15 @@ def test_a_get_goes_to_its_mirror_as_its_shadow_head(mode: tuple[str, str]) -> N
     [
         b"GET / HTTP/1.1\r\nHOST:\t[::1]:8080 \r\nX-Connection: 1\r\n\r\n",
         b"GET / HTTP/1.1\r\nhost: example\r\nKeep-Alive: timeout=5\r\n\r\n",
-        b"GET / HTTP/1.1\nHost: a:1\nConnection: keep-alive\nAccept: */*\n\n",
+        b"GET / HTTP/1.1\r\nHost: a:1\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
         b"GET / HTTP/1.0\r\nHost: [::1]\r\nProxy-Connection: keep-alive\r\n\r\n",
     ],
-    ids=["ipv6-port", "no-port", "bare-lf", "ipv6"],
+    ids=["ipv6-port", "no-port", "keep-alive", "ipv6"],
 )
 def test_the_copys_head_is_shadow_head_of_the_head_as_sent(
     mode: tuple[str, str], request_head: bytes
 ) -> None:
-    """Host forms, line ends and hop-by-hop lines, with a request header
+    """Host forms and hop-by-hop lines, with a request header
     the route's edits set: the mirror gets shadow_head() of the head the
     primary received, edits applied."""
     up, mirror = Primary(), Mirrored()

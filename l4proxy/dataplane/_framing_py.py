@@ -146,8 +146,9 @@ def parse_response_head(
 ) -> ResponseHead | None:
     """The response head at the start of *data*, or None if incomplete.
 
-    Raises :class:`FramingError` (502) for a malformed head or one larger
-    than *max_head*. Lines end in CRLF or a bare LF, as in request heads.
+        Raises :class:`FramingError` (502) for a malformed head or one larger
+        than *max_head*. Lines end in CRLF or a bare LF (a request head's bare
+    LF is refused: _peek_py's "Decisions").
     """
     buf = bytes(data[:max_head]) if len(data) > max_head else bytes(data)
     if b"\n\r\n" not in buf and b"\n\n" not in buf:  # no end of head yet

@@ -43,10 +43,18 @@ how they were split across calls: a fixed prefix decides.
 
 Decisions (RFC 9112 leaves them to the recipient)
 -------------------------------------------------
-* Bare LF ends a line, as CRLF does (§2.2 "MAY recognize a single LF"). curl
-  never sends one, but hand-written clients do, and nginx accepts them. A CR
-  that is not followed by LF is a 400 (§2.2 allows rejecting it; replacing
-  it with SP is not an option because we forward the bytes verbatim).
+* A bare LF (an LF without the CR before it) ending the request line, a
+  header line or the empty line that ends the head is a 400, as llhttp
+  (strict) and Node refuse it. §2.2 lets a recipient recognize a single LF
+  as a line end, but we forward the head as sent: a server that ends lines
+  only at CRLF (and reads an LF inside a value as SP, RFC 9110 §5.5) would
+  read ``X: y\nContent-Length: 5`` as one field, no body, and the body we
+  framed by that Content-Length as another request, one no route saw
+  (HAProxy and nginx rewrite the head with CRLF instead). Empty lines
+  before the request line may still end in a bare LF: they are skipped and
+  never sent. A CR that is not followed by LF is a 400 too (§2.2 allows
+  rejecting it; replacing it with SP is not an option because we forward
+  the bytes verbatim).
 * obs-fold (a header line starting with SP or HTAB) is a 400. §5.2 allows
   rejecting it or unfolding it before forwarding; we never rewrite the bytes
   we forward (a hop-by-hop line is dropped whole, never edited), so
@@ -215,6 +223,7 @@ E_CL_AND_TE: Final = 24
 E_TOO_LARGE: Final = 25
 E_DOT_SEGMENT: Final = 26
 E_HOST_CONFLICT: Final = 27
+E_BARE_LF: Final = 28
 
 ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_NOT_HTTP_START: (NotHTTP, 400, "not HTTP: bad first byte"),
@@ -243,6 +252,7 @@ ERRORS: Final[dict[int, tuple[type[HeadError], int, str]]] = {
     E_TOO_LARGE: (HeadError, 431, "request head larger than {max_head} bytes"),
     E_DOT_SEGMENT: (HeadError, 400, "dot-segment (. or ..) in the request path"),
     E_HOST_CONFLICT: (HeadError, 400, "Host header differs from the request-target's authority"),
+    E_BARE_LF: (HeadError, 400, "LF without CR in the request head"),
 }
 
 
@@ -442,7 +452,9 @@ class HeadParser:
                         pos = limit
                         break
                     start = self._line_start
-                    end = lf - 1 if lf > start and buf[lf - 1] == _CR else lf
+                    if lf == start or buf[lf - 1] != _CR:  # see "Decisions"
+                        return E_BARE_LF
+                    end = lf - 1
                     if end == start:  # the empty line: the head is complete
                         pos = lf + 1
                         return self._complete(lf + 1)
@@ -522,6 +534,8 @@ class HeadParser:
                         continue
                     if c != _LF:
                         return E_VERSION if state == _S_VEND else E_REQUEST_LINE_CR
+                    if state == _S_VEND:  # a bare LF ends it (see "Decisions")
+                        return E_BARE_LF
                     # The request line is complete.
                     vs = self._target_end + 1
                     if buf[vs + 5] != 0x31:  # major version "1"

@@ -14,7 +14,7 @@ Usage (sans-IO; the caller owns the socket)::
     route(head.host, head.path)   # NotHTTP: route at L4; HeadError: answer .status
     upstream.write(parser.buffered)
 
-Read the theory of operation and the decisions (bare LF accepted, obs-fold
+Read the theory of operation and the decisions (bare LF and obs-fold
 rejected, ...) in ``l4proxy/dataplane/_peek_py.py``.
 """
 
