@@ -4109,14 +4109,16 @@ cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
 
 cdef inline bint can_retry(Conn *c) noexcept nogil:
     """The route's retry policy has a try left, and the request is held
-    whole for it (read to its end, every byte in c.replay), nothing of the
+    whole for it (read to its end, every byte in c.replay, at most
+    REPLAY_LIMIT: a retry's longer x-envoy-attempt-count, 10, may take a
+    copy of exactly the limit past it, attempt_count()), nothing of the
     response having reached the client (_can_retry in _exchange_py.py).
     c.up: the try to give up (NULL: a retry's last connect failed), or a
     try waiting for a connection (c.pend_ep: as one connecting)."""
     return (c.retry != NULL and c.tries < c.retry.attempts
             and (c.up != NULL or c.pend_ep != NULL)
-            and c.req_left == 0 and c.replayable and c.client_bytes == 0
-            and c.splicing == 0)
+            and c.req_left == 0 and c.replayable and c.replay.len <= REPLAY_LIMIT
+            and c.client_bytes == 0 and c.splicing == 0)
 
 
 cdef double backoff_delay(Relay *R, const Retry_ *p, int n) noexcept nogil:

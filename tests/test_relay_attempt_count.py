@@ -19,7 +19,11 @@ from typing import Any
 
 import pytest
 
-from l4proxy.dataplane._exchange_py import attempt_counted, with_attempt_count
+from l4proxy.dataplane._exchange_py import (
+    DEFAULT_REPLAY_LIMIT,
+    attempt_counted,
+    with_attempt_count,
+)
 from l4proxy.dataplane._relay_py import Decision
 from l4proxy.dataplane.verdict import (
     MIRROR_SCALE,
@@ -125,6 +129,26 @@ def test_a_tenth_retry_says_10(mode: tuple[str, str]) -> None:
         for n in range(1, 12)
     ]
     assert stats["retries"] == 10
+
+
+def test_a_copy_the_tenth_count_takes_past_the_replay_limit_is_not_retried(
+    mode: tuple[str, str],
+) -> None:
+    """A POST whose head as sent and body are exactly the replay limit
+    (64 KiB), under a policy of 12 retries on 5xx, the backend answering
+    503 eleven times: the tenth try's count (10) makes the copy held a
+    byte longer than the limit, so no eleventh try goes (the pure twin's
+    _can_retry() reads the copy's length; the compiled twin's can_retry()
+    did not: it sent two tries more) and the client gets the tenth 503."""
+    first = len(b"x-envoy-attempt-count: 1\r\n")
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+    length = DEFAULT_REPLAY_LIMIT - first - len(head % DEFAULT_REPLAY_LIMIT)
+    request = head % length + b"b" * length
+    assert len(request) + first == DEFAULT_REPLAY_LIMIT
+    got, up, _, stats = _exchange(mode, [_answer(503)] * 11, policy(12, "5xx"), request)
+    assert [_status(r) for r in got] == [503]
+    assert _counts(up.requests) == [[b"%d" % n] for n in range(1, 11)]
+    assert stats["retries"] == 9
 
 
 def test_a_route_that_removes_the_count_removes_the_first_try_s(
