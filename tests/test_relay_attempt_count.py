@@ -176,6 +176,78 @@ def test_a_route_that_removes_the_count_removes_the_first_try_s(
     ]
 
 
+_ROUTE = (("x-route", "r"),)
+
+
+@pytest.mark.parametrize(
+    ("edits", "order"),
+    [
+        (
+            HeadEdits(request_remove=("x-envoy-attempt-count",), request_add=_ROUTE),
+            (b"x-route", b"x-envoy-attempt-count"),
+        ),
+        # (the line the route set stays where it was, its value the retry's)
+        (
+            HeadEdits(request_set=(("x-envoy-attempt-count", "77"), *_ROUTE)),
+            (b"x-envoy-attempt-count", b"x-route"),
+        ),
+    ],
+    ids=["removed", "set"],
+)
+def test_a_retry_before_a_connection_says_its_count_after_the_route_s_edits(
+    mode: tuple[str, str], edits: HeadEdits, order: tuple[bytes, bytes]
+) -> None:
+    """A route removing x-envoy-attempt-count (or setting it) and adding
+    x-route, under a policy retrying resets with a per-try timeout: the
+    request waits for A's one connection (max_connections 1, held by a
+    first request) past its first try's timeout, so the head that goes is
+    a retry's: it says that retry's count on the head the route's edits
+    made, as a retry of a request that went does (the pure twin applied
+    the route's edits after the rewrite, when the connection came: no
+    count, or the route's 77)."""
+    held = Held()
+    a = Scripted([held.step])
+    retry = policy(5, "reset", per_try=0.2)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":  # (/x's verdict cached)
+        plain = Verdict((Choice(1, (a.endpoint,), "ORDERED", tag="t"),), ttl=60.0)
+        ours = plain._replace(
+            choices=(Choice(1, (a.endpoint,), "ORDERED", tag="t", edits=edits),), retry=retry
+        )
+        kw["resolve"] = lambda head, origin: ours if head.path == "/x" else plain
+
+    def decide(head: Any, origin: Any) -> Decision:
+        if head.path == "/x":
+            return Decision((a.endpoint,), tag="t", retry=retry, edits=edits)
+        return Decision((a.endpoint,), tag="t")
+
+    relay = _relay(which, decide, **kw)
+    try:
+        relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
+        first = _client(relay)
+        first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _until(lambda: len(a.requests) == 1), a.requests
+        c = _client(relay)
+        c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
+        held.open()
+        assert _status(_response(c)) == 200
+        assert _status(_response(first)) == 200
+        c.close()
+        first.close()
+    finally:
+        held.open()
+        relay.close()
+        a.close()
+    sent = a.requests[1]
+    (count,) = _counts([sent])[0]
+    assert count not in (b"1", b"77"), sent  # (the first try never went)
+    values = {b"x-route": b"r", b"x-envoy-attempt-count": count}
+    lines = b"".join(b"%s: %s\r\n" % (name, values[name]) for name in order)
+    assert sent == b"GET /x HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n", sent
+
+
 def test_a_reused_connections_retry_is_no_new_try(mode: tuple[str, str]) -> None:
     """The pooled connection closes on the second request without a byte:
     the relay sends it again on a new connection (the keep-alive race), as

@@ -1278,7 +1278,7 @@ class Exchange:
         # (a policy that never retries, its per-try timeout only, holds nothing)
         held = self._retryable_method() or (self.retry is not None and bool(self.retry.on))
         if self.edits is not None:  # (a retry sends the same: from the replay)
-            self._sent_head = edit_request_head(self._sent_head, self.edits)
+            self._sent_head = self._edited(self._sent_head)
         self._replay = bytearray(self._sent_head) if held else None
         if self.mirror is not None:
             self._mirroring = True
@@ -1602,10 +1602,21 @@ class Exchange:
             return [Shadow(None)]
         head = self._sent_head
         if self.edits is not None:  # (as routed() would have sent it)
-            head = edit_request_head(head, self.edits)
+            head = self._edited(head)
         if len(head) > self.replay_limit:
             return [Shadow(None)]
         return [Shadow(head, len(head))]
+
+    def _edited(self, head: bytes) -> bytes:
+        """*head* with the route's request edits (:attr:`edits`), then the
+        count of the try it goes as where retries passed while the first
+        try waited for its connection (try_timeout()): Envoy's router sets
+        a retry's x-envoy-attempt-count on the head the route's mutations
+        made, as _policy_retry() rewrites it in the replay (the compiled
+        twin's c.rhead, staged with the edits, is rewritten so)."""
+        assert self.edits is not None
+        head = edit_request_head(head, self.edits)
+        return attempt_counted(head, self._tries + 1) if self._tries else head
 
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT
