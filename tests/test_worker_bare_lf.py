@@ -19,21 +19,11 @@ refused one to the pure relay, which answers it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from tests._scripted import Scripted, _status
-from tests._worker import gateway_service
-from tests.test_worker_connection_first_head import (
-    FIRST,
-    INNER,
-    ROUTINGS,
-    _requests,
-    _routing,
-    _run,
-)
+from tests.test_worker_connection_first_head import BEHIND, BEHIND_IDS, INNER, refused_and_closed
 
 HEADS = {
     "request-line": b"GET /x HTTP/1.1\nHost: gw\r\n\r\n",
@@ -46,33 +36,18 @@ HEADS = {
 
 
 @pytest.mark.parametrize("head", list(HEADS))
-@pytest.mark.parametrize(
-    ("routing", "behind"),
-    # (per connection a second head is not read: the first decides)
-    [(r, r.startswith("request")) for r in ROUTINGS],
-    ids=[f"{r}-behind-a-request" if r.startswith("request") else f"{r}-first" for r in ROUTINGS],
-)
+@pytest.mark.parametrize(("routing", "behind"), BEHIND, ids=BEHIND_IDS)
 def test_a_bare_lf_in_a_request_head_is_400_and_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, routing: str, behind: bool, head: str
 ) -> None:
-    mode = _routing(routing, monkeypatch)
-    backend = Scripted([])
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(backend.endpoint[1]))
-    data = (FIRST if behind else b"") + HEADS[head]
-    try:
-        answers, rest, refused = _run(rules, mode, data, 2 if behind else 1)
-        time.sleep(0.1)  # (a request sent to it would be read by now)
-        seen = _requests(backend, 1 if behind else 0)
-    finally:
-        backend.close()
-    assert [_status(a) for a in answers] == ([200, 400] if behind else [400]), answers
-    refusal = answers[-1]
-    assert refusal.startswith(b"HTTP/1.1 400 Bad Request\r\n"), refusal
-    assert b"\r\nconnection: close\r\n" in refusal, refusal
-    assert refusal.endswith(b"\r\n\r\nLF without CR in the request head"), refusal
-    assert rest == b""  # closed after it
-    assert len(seen) == (1 if behind else 0), seen
-    assert all(r.startswith(b"GET /a HTTP/1.1\r\n") for r in seen), seen
-    if mode == "connection":
-        assert refused == {"bad_request_400": 1}, refused
+    refused_and_closed(
+        tmp_path,
+        monkeypatch,
+        routing,
+        behind,
+        HEADS[head],
+        400,
+        b"HTTP/1.1 400 Bad Request",
+        b"LF without CR in the request head",
+        "bad_request_400",
+    )

@@ -126,6 +126,51 @@ def _requests(backend: Scripted, n: int) -> list[bytes]:
         return list(backend.requests)
 
 
+# (per connection a second head is not read: the first decides)
+BEHIND = [(r, r.startswith("request")) for r in ROUTINGS]
+BEHIND_IDS = [
+    f"{r}-behind-a-request" if r.startswith("request") else f"{r}-first" for r in ROUTINGS
+]
+
+
+def refused_and_closed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    routing: str,
+    behind: bool,
+    head: bytes,
+    status: int,
+    status_line: bytes,
+    text: bytes,
+    reason: str,
+) -> None:
+    """*head* through a real worker on a gateway listener routed as
+    *routing* (behind FIRST when *behind*) is answered *status* with
+    *status_line*, ``connection: close`` and the body *text*, then the
+    connection closes; the backend read FIRST alone (or nothing), and per
+    connection the refusal is counted under *reason*."""
+    mode = _routing(routing, monkeypatch)
+    backend = Scripted([])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.endpoint[1]))
+    try:
+        answers, rest, refused = _run(rules, mode, (FIRST if behind else b"") + head, 1 + behind)
+        time.sleep(0.1)  # (a request sent to it would be read by now)
+        seen = _requests(backend, 1 if behind else 0)
+    finally:
+        backend.close()
+    assert [_status(a) for a in answers] == ([200, status] if behind else [status]), answers
+    refusal = answers[-1]
+    assert refusal.startswith(status_line + b"\r\n"), refusal
+    assert b"\r\nconnection: close\r\n" in refusal, refusal
+    assert refusal.endswith(b"\r\n\r\n" + text), refusal
+    assert rest == b""  # closed after it
+    assert len(seen) == (1 if behind else 0), seen
+    assert all(r.startswith(b"GET /a HTTP/1.1\r\n") for r in seen), seen
+    if mode == "connection":
+        assert refused == {reason: 1}, refused
+
+
 @pytest.mark.parametrize("lead", list(LEADS))
 def test_empty_lines_before_the_first_request_line_are_not_sent_upstream(
     tmp_path: Path, peek_twin: str, lead: str

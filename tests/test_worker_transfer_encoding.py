@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,13 @@ from tests._scripted import Scripted, _response, _status
 from tests._worker import gateway_service, gateway_worker
 from tests.test_access_log_worker import TEXT_LINE, _read_lines
 from tests.test_relay_retries import _worker_twin
-from tests.test_worker_connection_first_head import BODY, FIRST, ROUTINGS, _requests, _routing, _run
+from tests.test_worker_connection_first_head import (
+    BEHIND,
+    BEHIND_IDS,
+    BODY,
+    FIRST,
+    refused_and_closed,
+)
 
 CODINGS = {
     "identity-chunked": b"identity, chunked",
@@ -47,36 +52,22 @@ def _post(coding: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("coding", list(CODINGS))
-@pytest.mark.parametrize(
-    ("routing", "behind"),
-    # (per connection a second head is not read: the first decides)
-    [(r, r.startswith("request")) for r in ROUTINGS],
-    ids=[f"{r}-behind-a-request" if r.startswith("request") else f"{r}-first" for r in ROUTINGS],
-)
+@pytest.mark.parametrize(("routing", "behind"), BEHIND, ids=BEHIND_IDS)
 def test_a_transfer_encoding_other_than_chunked_is_501_and_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, routing: str, behind: bool, coding: str
 ) -> None:
-    mode = _routing(routing, monkeypatch)
-    backend = Scripted([])
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(gateway_service(backend.endpoint[1]))
-    data = (FIRST if behind else b"") + _post(CODINGS[coding])
-    try:
-        answers, rest, refused = _run(rules, mode, data, 2 if behind else 1)
-        time.sleep(0.1)  # (a request sent to it would be read by now)
-        seen = _requests(backend, 1 if behind else 0)
-    finally:
-        backend.close()
-    assert [_status(a) for a in answers] == ([200, 501] if behind else [501]), answers
-    refusal = answers[-1]
-    assert refusal.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), refusal
-    assert b"\r\nconnection: close\r\n" in refusal, refusal
-    assert refusal.endswith(b"\r\n\r\nTransfer-Encoding other than chunked"), refusal
-    assert rest == b""  # closed after it: the body is no request
-    assert len(seen) == (1 if behind else 0), seen
-    assert all(r.startswith(b"GET /a HTTP/1.1\r\n") for r in seen), seen
-    if mode == "connection":
-        assert refused == {"http1.invalid_transfer_encoding": 1}, refused
+    # (closed after it: the body is no request)
+    refused_and_closed(
+        tmp_path,
+        monkeypatch,
+        routing,
+        behind,
+        _post(CODINGS[coding]),
+        501,
+        b"HTTP/1.1 501 Not Implemented",
+        b"Transfer-Encoding other than chunked",
+        "http1.invalid_transfer_encoding",
+    )
 
 
 @pytest.mark.parametrize("which", ["pure", "compiled"])
