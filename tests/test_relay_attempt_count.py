@@ -176,6 +176,22 @@ def test_a_route_that_removes_the_count_removes_the_first_try_s(
     ]
 
 
+def _retried_while_held(
+    relay: Any, a: Scripted, request: bytes
+) -> tuple[socket.socket, socket.socket]:
+    """A's one connection (max_connections 1) held by a first request, then
+    *request* on a second client, until a per-try timeout passed while it
+    waited for that connection (a retry counted): the two clients."""
+    relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
+    first = _client(relay)
+    first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _until(lambda: len(a.requests) == 1), a.requests
+    c = _client(relay)
+    c.sendall(request)
+    assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
+    return first, c
+
+
 _ROUTE = (("x-route", "r"),)
 
 
@@ -224,13 +240,7 @@ def test_a_retry_before_a_connection_says_its_count_after_the_route_s_edits(
 
     relay = _relay(which, decide, **kw)
     try:
-        relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
-        first = _client(relay)
-        first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert _until(lambda: len(a.requests) == 1), a.requests
-        c = _client(relay)
-        c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
+        first, c = _retried_while_held(relay, a, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         held.open()
         assert _status(_response(c)) == 200
         assert _status(_response(first)) == 200
@@ -343,13 +353,7 @@ def test_a_copy_is_of_the_head_as_first_sent(mode: tuple[str, str]) -> None:
     relay = _relay(which, decide, **kw)
     request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
     try:
-        relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
-        first = _client(relay)
-        first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert _until(lambda: len(a.requests) == 1), a.requests
-        c = _client(relay)
-        c.sendall(request)
-        assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
+        first, c = _retried_while_held(relay, a, request)
         held.open()
         assert _status(_response(c)) == 200
         assert _status(_response(first)) == 200
