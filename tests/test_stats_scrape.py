@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from l4proxy.rules.routing import MirrorTag
@@ -96,14 +96,16 @@ class _Proc:
 
 
 @contextlib.asynccontextmanager
-async def _served(views: list[WorkerView]) -> AsyncIterator[Supervisor]:
-    """A supervisor whose slots' links are real channel ends to *views*,
-    each answered by the worker's own control loop (_answer_supervisor)."""
-    sup = Supervisor(argparse.Namespace(), [[] for _ in views])
+async def _linked(
+    ends: list[Callable[[socket.socket], Awaitable[None]]],
+) -> AsyncIterator[Supervisor]:
+    """A supervisor whose slots' links are real channel ends, each slot's
+    other end served by its coroutine in *ends*."""
+    sup = Supervisor(argparse.Namespace(), [[] for _ in ends])
     tasks = []
-    for i, (slot, view) in enumerate(zip(sup.slots, views, strict=True)):
+    for i, (slot, serve) in enumerate(zip(sup.slots, ends, strict=True)):
         ours, theirs = socket.socketpair()
-        tasks.append(asyncio.ensure_future(_answer_supervisor(theirs, view, asyncio.Event())))
+        tasks.append(asyncio.ensure_future(serve(theirs)))
         link = SupervisorEnd(ours, lambda why: None)
         await link.open()
         slot.proc, slot.link = _Proc(100 + i), link  # type: ignore[assignment]
@@ -116,6 +118,14 @@ async def _served(views: list[WorkerView]) -> AsyncIterator[Supervisor]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _served(views: list[WorkerView]) -> contextlib.AbstractAsyncContextManager[Supervisor]:
+    """A supervisor whose slots' links are real channel ends to *views*,
+    each answered by the worker's own control loop (_answer_supervisor)."""
+    return _linked(
+        [lambda s, view=view: _answer_supervisor(s, view, asyncio.Event()) for view in views]
+    )
 
 
 async def _recorded(views: list[WorkerView]) -> list[bytes]:
@@ -153,28 +163,11 @@ async def _replay(sock: socket.socket, stats: bytes) -> None:
                 )
 
 
-@contextlib.asynccontextmanager
-async def _replayed(answers: list[bytes]) -> AsyncIterator[Supervisor]:
+def _replayed(answers: list[bytes]) -> contextlib.AbstractAsyncContextManager[Supervisor]:
     """A supervisor whose slots' links are real channel ends to workers
     that answer at once with *answers* (_replay): what the supervisor
     does with them, and only that, is what happens in its process."""
-    sup = Supervisor(argparse.Namespace(), [[] for _ in answers])
-    tasks = []
-    for i, (slot, stats) in enumerate(zip(sup.slots, answers, strict=True)):
-        ours, theirs = socket.socketpair()
-        tasks.append(asyncio.ensure_future(_replay(theirs, stats)))
-        link = SupervisorEnd(ours, lambda why: None)
-        await link.open()
-        slot.proc, slot.link = _Proc(100 + i), link  # type: ignore[assignment]
-    try:
-        yield sup
-    finally:
-        for slot in sup.slots:
-            assert slot.link is not None
-            slot.link.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return _linked([lambda s, stats=stats: _replay(s, stats) for stats in answers])
 
 
 async def _page(admin: AdminServer) -> bytes:
