@@ -2013,22 +2013,13 @@ class RouteTable:
             for ep in eps:
                 reach.setdefault((ep.address, ep.port), []).append(settings)
 
-        for svc in self._services.values():
-            for number, eps in svc.port_endpoints:
-                if not self._takes_every_connection(svc, number):
-                    add(eps, self._own(svc.host, number).pool)
-        for routes in self._routes.values():
-            for route in routes:
-                for dest in route.destinations:
-                    target = None if dest.refused else self._services.get(dest.host)
-                    if target is None:
-                        continue
-                    for number, eps in target.port_endpoints:
-                        if dest.port is None or dest.port == number:
-                            add(
-                                (e for e in eps if dest.subset.labels.selects(e.labels)),
-                                dest.subset.on_port(number).pool,
-                            )
+        for svc, number, eps, subset in self._destinations():
+            if subset is None:
+                add(eps, self._own(svc.host, number).pool)
+            else:
+                add(
+                    (e for e in eps if subset.labels.selects(e.labels)), subset.on_port(number).pool
+                )
         out: dict[tuple[str, int], PoolSettings] = {}
         for key, settings in reach.items():
             if not any(s.is_set for s in settings):
@@ -2079,21 +2070,13 @@ class RouteTable:
                 got = out.get(key)
                 out[key] = policy if got is None else got.most_eager(policy)
 
-        for svc in self._services.values():
-            for number, eps in svc.port_endpoints:
+        for svc, number, eps, subset in self._destinations():
+            if subset is None:
                 host_policy = self._own(svc.host, number).outlier
-                if host_policy is not None and not self._takes_every_connection(svc, number):
+                if host_policy is not None:
                     add(eps, host_policy)
-        for routes in self._routes.values():
-            for route in routes:
-                for dest in route.destinations:
-                    target = None if dest.refused else self._services.get(dest.host)
-                    if target is None:
-                        continue
-                    for number, eps in target.port_endpoints:
-                        policy = dest.subset.on_port(number).outlier
-                        if policy is not None and (dest.port is None or dest.port == number):
-                            add((e for e in eps if dest.subset.labels.selects(e.labels)), policy)
+            elif (policy := subset.on_port(number).outlier) is not None:
+                add((e for e in eps if subset.labels.selects(e.labels)), policy)
         return dict(sorted(out.items()))
 
     def ejection_groups(self, ep: Endpoint) -> tuple[tuple[Endpoint, ...], ...]:
@@ -2117,20 +2100,32 @@ class RouteTable:
             for ep in eps:
                 groups.setdefault((ep.address, ep.port), {})[eps] = None
 
+        for svc, number, eps, subset in self._destinations():
+            add(eps if subset is None else self._subset_endpoints(svc, number, subset.labels))
+        return {key: tuple(got) for key, got in groups.items()}
+
+    def _destinations(
+        self,
+    ) -> Iterator[tuple[Service, int, tuple[Endpoint, ...], Subset | None]]:
+        """Each destination that requests and connections reach endpoints
+        through, as (service, port, that port's endpoints, subset): a
+        service port where some may take no route (subset None: the host's
+        own settings apply), then each route destination on each port it
+        names (every port without one), with its subset. What
+        pool_settings(), outlier_policies() and ejection_groups() walk."""
         for svc in self._services.values():
             for number, eps in svc.port_endpoints:
                 if not self._takes_every_connection(svc, number):
-                    add(eps)
+                    yield svc, number, eps, None
         for routes in self._routes.values():
             for route in routes:
                 for dest in route.destinations:
                     target = None if dest.refused else self._services.get(dest.host)
                     if target is None:
                         continue
-                    for number, _ in target.port_endpoints:
+                    for number, eps in target.port_endpoints:
                         if dest.port is None or dest.port == number:
-                            add(self._subset_endpoints(target, number, dest.subset.labels))
-        return {key: tuple(got) for key, got in groups.items()}
+                            yield target, number, eps, dest.subset
 
     def _takes_every_connection(self, service: Service, port: int) -> bool:
         """Whether some route of *service* takes every request and raw
