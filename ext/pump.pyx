@@ -97,7 +97,7 @@ the idle timeout, a drain's deadline, ``close()``, or a hand-off that never
 became a connection) ``t`` goes on the ended list, which ``ended()`` takes,
 and the ``ended_fd`` eventfd turns readable when that list stops being
 empty. The sidecar's event loop watches that fd: it is how the worker
-learns that a connection it counted against an endpoint (LEAST_CONN) is
+learns that a connection it counted against an endpoint (LEAST_REQUEST) is
 gone, and (``ends()``: the same list, each end with the bytes moved each
 way and when, on CLOCK_MONOTONIC, it ended) what the access log's line of
 a connection routed at L4 says of it. The list's node is allocated by

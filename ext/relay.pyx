@@ -229,7 +229,7 @@ there) has ``Choice_.ep_tags``, each endpoint's tag id parallel to
 with the choice, ``verdict_free``); NULL for the others, the common case.
 ``pick()`` sets ``c.mixed`` from it (a store per request) and, when set,
 each candidate's tag id in ``c.cand_tag``, parallel to ``c.cand``:
-round-robin, random and ordered orders by index, ``LEAST_CONN``'s and
+round-robin, random and ordered orders by index, ``LEAST_REQUEST``'s and
 ``hash_pick``'s sorts carry each candidate's index in ``ch.eps``
 alongside (in ``c.cand_tag``, then its tag: no array on ``pick()``'s
 stack, whose canary every request would pay); the candidates'
@@ -783,12 +783,12 @@ cdef enum:
 cdef enum:
     LB_ROUND_ROBIN = 0
     LB_RANDOM = 1
-    LB_LEAST_CONN = 2
+    LB_LEAST_REQUEST = 2
     LB_ORDERED = 3
     LB_HASH = 4
 
 _POLICIES = {"ROUND_ROBIN": LB_ROUND_ROBIN, "RANDOM": LB_RANDOM,
-             "LEAST_CONN": LB_LEAST_CONN, "ORDERED": LB_ORDERED, "HASH": LB_HASH}
+             "LEAST_REQUEST": LB_LEAST_REQUEST, "ORDERED": LB_ORDERED, "HASH": LB_HASH}
 
 # what a LB_HASH choice hashes (HashOn_.kind)
 cdef enum:
@@ -1372,7 +1372,7 @@ cdef struct EP:
     unsigned char addr6[16]
     int index              # in Relay.eps
     int64_t answer_seen    # Relay.failures_seen at its last answer reported; 0: none
-    int64_t active         # checked-out connections, connecting ones too (LEAST_CONN's count)
+    int64_t active         # checked-out connections, connecting ones too (LEAST_REQUEST's count)
     int64_t ext            # ... and the endpoint's others (add_external; atomic, see ep_load)
     int n_idle
     Up *idle_head
@@ -5671,7 +5671,7 @@ cdef void send_request(Relay *R, Conn *c, double now) noexcept nogil:
 
 
 cdef inline int64_t ep_load(EP *ep) noexcept nogil:
-    """What LEAST_CONN orders by: this loop's requests to *ep* (connecting
+    """What LEAST_REQUEST orders by: this loop's requests to *ep* (connecting
     ones too) and those it does not hold (``ext``: the slow path's, the
     worker's L4 connections and the tunnels in the pump, until they end),
     which other threads store (HttpRelay.add_external)."""
@@ -6128,7 +6128,7 @@ cdef void pick(Relay *R, Conn *c, Verdict_ *v) noexcept nogil:
     else:
         start = <int>(R.rr[ch.rr] % <uint64_t>n)
         R.rr[ch.rr] += 1
-    if ch.policy == LB_LEAST_CONN:
+    if ch.policy == LB_LEAST_REQUEST:
         # the first MAX_ATTEMPTS of a stable sort by active count, from
         # start (each one's index in ch.eps alongside, in c.cand_tag: then
         # its tag; an array on the stack would cost every pick() a
@@ -6676,7 +6676,7 @@ cdef void connect_to(Relay *R, Conn *c, EP *ep, double now) noexcept nogil:
     u.connecting = True
     u.deadline = now + ep.connect_timeout
     timer_at(R, u.deadline)  # (timers_due(): on time, not on the tick)
-    # LEAST_CONN counts a request from its assignment (Envoy's LEAST_REQUEST,
+    # LEAST_REQUEST counts a request from its assignment (Envoy's LEAST_REQUEST,
     # HAProxy's leastconn): counted from the connect's end, every request
     # sent meanwhile saw a slow endpoint as idle and went to it
     ep.active += 1
@@ -8682,7 +8682,7 @@ cdef class HttpRelay:
             access_log=None if access_log is None else access_log._replace(sink=self._log_sink),
             forwarding=forwarding,  # (its request ids a stream of its own, os.urandom's)
         )
-        # the slow path's requests, as the loop's LEAST_CONN must see them
+        # the slow path's requests, as the loop's LEAST_REQUEST must see them
         self.slow.pools.on_active = self.add_external
         self._origin_ids = {}
         self._origins = {}
@@ -9500,7 +9500,7 @@ cdef class HttpRelay:
         """*n* more requests or connections to *endpoint* that this loop does
         not hold (any thread): the slow path's (its pools tell), the
         worker's L4 connections and the tunnels it took over. The loop's
-        LEAST_CONN adds them to its own (ep_load); the count lives here,
+        LEAST_REQUEST adds them to its own (ep_load); the count lives here,
         under the intern lock, and in the endpoint's EP while it has one."""
         cdef int64_t left
         key = (str(endpoint[0]), int(endpoint[1]))

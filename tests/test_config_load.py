@@ -231,7 +231,7 @@ def test_virtual_service_matches_compile(tmp_path: Path) -> None:
         metadata: {name: bootcamp}
         spec:
           host: bootcamp
-          trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
+          trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}  # (deprecated name)
           subsets:
           - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
           - {name: v2, labels: {version: v2}}
@@ -248,10 +248,10 @@ def test_virtual_service_matches_compile(tmp_path: Path) -> None:
     assert second.source_labels == Labels({"app": "tester"}) and second.port == 8080
     assert rest.matches == ()  # an empty block is a catch-all
     (d,) = jason.destinations
-    assert d.port == 8080 and d.subset.load_balancer == "LEAST_CONN"
+    assert d.port == 8080 and d.subset.load_balancer == "LEAST_REQUEST"
     (t,) = tcp.destinations
     assert t.subset.load_balancer == "RANDOM"
-    assert table.load_balancer(HOST) == "LEAST_CONN"
+    assert table.load_balancer(HOST) == "LEAST_REQUEST"
 
 
 def test_a_virtual_service_answers_404_when_no_route_matches_a_route_rule_does_not(

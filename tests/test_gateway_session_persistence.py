@@ -27,7 +27,7 @@ import pytest
 
 from l4proxy.dataplane.verdict import session_token
 from tests._worker import _worker_twin, gateway_service, gateway_worker, per_connection_warnings
-from tests.test_least_conn import read_head
+from tests.test_least_request import read_head
 
 NAMES = "abcd"
 COOKIE = re.compile(

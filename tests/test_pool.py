@@ -103,7 +103,7 @@ def test_active_counts_checked_out_connections_for_least_conn() -> None:
 
 
 def test_a_connection_counts_from_its_connect_on() -> None:
-    """LEAST_CONN reads active(): a connection still connecting counts (a
+    """LEAST_REQUEST reads active(): a connection still connecting counts (a
     request counts from its assignment); a failed connect is forgotten."""
     p = Pools()
     p.connecting(B, 1)
@@ -117,7 +117,7 @@ def test_a_connection_counts_from_its_connect_on() -> None:
 
 
 def test_external_connections_count_for_least_conn_and_own_changes_are_told() -> None:
-    """add_external(): what LEAST_CONN must see that the pool does not hold
+    """add_external(): what LEAST_REQUEST must see that the pool does not hold
     (tunnels in the pump, the worker's L4 connections) counts in active()
     and in /clusters' snapshot; on_active hears of every change of the
     pool's own count (the compiled relay's slow path feeds its loop so)."""

@@ -757,7 +757,7 @@ def test_churn_with_mixed_endings(twin: ModuleType, net: Net) -> None:
     assert st["resets"] <= kinds.get("rst-client", 0) + kinds.get("rst-server", 0)
 
 
-# -- ends reported back (the worker's LEAST_CONN counts) -------------------------------
+# -- ends reported back (the worker's LEAST_REQUEST counts) -------------------------------
 
 
 def readable(fd: int, timeout: float = 0.0) -> bool:

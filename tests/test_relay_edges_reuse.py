@@ -430,8 +430,8 @@ def test_an_endpoint_the_table_no_longer_names_gives_back_its_connections(which:
             t.close()
 
 
-def test_least_conn_counts_a_request_whose_connect_is_still_on_its_way(which: str) -> None:
-    """LEAST_CONN over A and B, B slow to accept (its accept queue full: the
+def test_least_request_counts_a_request_whose_connect_is_still_on_its_way(which: str) -> None:
+    """LEAST_REQUEST over A and B, B slow to accept (its accept queue full: the
     SYNs go unanswered). A request counted only once its connect succeeded:
     while B's connect hung, B had 0 requests, every other request at an even
     count went to it, and hung too (half of them). Counted from its
@@ -445,13 +445,13 @@ def test_least_conn_counts_a_request_whose_connect_is_still_on_its_way(which: st
     picks = iter(range(1000))
 
     def decide(head: Any, origin: Any) -> Decision:
-        """The worker's LEAST_CONN (RouteTable.decide): round-robin order,
+        """The worker's LEAST_REQUEST (RouteTable.decide): round-robin order,
         then a stable sort by requests in flight."""
         order = [a.endpoint, b] if next(picks) % 2 == 0 else [b, a.endpoint]
         return Decision(tuple(sorted(order, key=relay.pools.active)))
 
     def resolve(head: Any, origin: Any) -> Verdict:  # the compiled loop's own pick()
-        return Verdict((Choice(1, (a.endpoint, b), "LEAST_CONN"),), ttl=60, shape=0)
+        return Verdict((Choice(1, (a.endpoint, b), "LEAST_REQUEST"),), ttl=60, shape=0)
 
     relay = _relay(which, decide, **({"resolve": resolve} if which == "compiled" else {}))
     clients: list[socket.socket] = []
@@ -513,21 +513,21 @@ def test_a_request_counted_from_its_assignment_is_counted_down_once(which: str) 
             slow.close()
 
 
-def test_least_conn_orders_by_what_add_external_tells_of_too(which: str) -> None:
+def test_least_request_orders_by_what_add_external_tells_of_too(which: str) -> None:
     """The worker's connections routed at L4 and the tunnels it took over
     from the relay are not the relay's requests; add_external() tells of
-    them, and LEAST_CONN (the compiled loop's own pick too) orders by them
+    them, and LEAST_REQUEST (the compiled loop's own pick too) orders by them
     with its own. Told before the loop knew the endpoint (an interned EP
     takes the count then) and after."""
     a, b = Tracked(b"A"), Tracked(b"B")
     picks = iter(range(1000))
 
-    def decide(head: Any, origin: Any) -> Decision:  # the worker's LEAST_CONN
+    def decide(head: Any, origin: Any) -> Decision:  # the worker's LEAST_REQUEST
         order = [a.endpoint, b.endpoint] if next(picks) % 2 == 0 else [b.endpoint, a.endpoint]
         return Decision(tuple(sorted(order, key=relay.pools.active)))
 
     def resolve(head: Any, origin: Any) -> Verdict:  # the compiled loop's own pick()
-        return Verdict((Choice(1, (a.endpoint, b.endpoint), "LEAST_CONN"),), ttl=60, shape=0)
+        return Verdict((Choice(1, (a.endpoint, b.endpoint), "LEAST_REQUEST"),), ttl=60, shape=0)
 
     relay = _relay(which, decide, **({"resolve": resolve} if which == "compiled" else {}))
     s = _client(relay)
@@ -560,7 +560,7 @@ def test_a_tunnel_stays_counted_until_the_l4_callback_has_taken_it(which: str) -
     """A WebSocket's request leaves the relay's count only once the l4
     callback (the worker, which counts the tunnel from there until the pump
     reports its end) has returned, and that callback is told the tunnel's
-    endpoint: LEAST_CONN never sees the endpoint without it."""
+    endpoint: LEAST_REQUEST never sees the endpoint without it."""
 
     def upgrade(conn: socket.socket) -> None:
         _read_head(conn)

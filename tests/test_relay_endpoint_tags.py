@@ -163,7 +163,7 @@ def test_each_request_is_counted_under_the_version_that_answered(mode: tuple[str
         assert decided == [CHOICE_TAG] * N
 
 
-@pytest.mark.parametrize("lb", ["ROUND_ROBIN", "RANDOM", "LEAST_CONN", "HASH"])
+@pytest.mark.parametrize("lb", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "HASH"])
 def test_every_order_of_the_compiled_loop_counts_by_endpoint(lb: str) -> None:
     """The compiled loop orders a cached choice's endpoints itself: round
     robin, random, least connections (sorted by load, each candidate's tag

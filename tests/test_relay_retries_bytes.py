@@ -1,5 +1,5 @@
 """A retried try, byte by byte: nothing of a given-up response reaches the
-client, the request is sent whole, and LEAST_CONN counts return to zero
+client, the request is sent whole, and LEAST_REQUEST counts return to zero
 (both twins)."""
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_active_counts_are_balanced_after_retries(
     mode: tuple[str, str],
     step: str,
 ) -> None:
-    """LEAST_CONN's counts: every given-up try is uncounted (503, close,
+    """LEAST_REQUEST's counts: every given-up try is uncounted (503, close,
     per-try timeout), the last try's connection back in the pool."""
     from tests._scripted import CLOSE, STALL
 

@@ -277,8 +277,8 @@ def test_unhealthy_endpoints_are_skipped_unless_all_are() -> None:
     assert sorted(every.endpoints, key=lambda e: e.address) == [V1A, V1B, V2]
 
 
-def test_least_conn_prefers_idle_endpoints() -> None:
-    t = table(lb="LEAST_CONN")
+def test_least_request_prefers_idle_endpoints() -> None:
+    t = table(lb="LEAST_REQUEST")
     active = {V1A: 5, V1B: 0, V2: 2}
     d = t.decide(BOOTCAMP, 8080, req(), active=lambda e: active[e])
     assert d.endpoints == [V1B, V2, V1A]
@@ -296,7 +296,7 @@ def test_random_policy_inside_a_subset() -> None:
 
 def test_subset_policy_overrides_host_policy() -> None:
     rr = Subset("v1", Labels({"version": "v1"}), "ROUND_ROBIN")
-    t = table(Route("r", (to(rr),)), lb="LEAST_CONN")
+    t = table(Route("r", (to(rr),)), lb="LEAST_REQUEST")
     firsts = [t.decide(BOOTCAMP, 8080, req(), active=lambda e: 0).endpoints[0] for _ in range(4)]
     assert firsts == [V1A, V1B, V1A, V1B]
 

@@ -126,7 +126,7 @@ def test_istio_s_examples_load(tmp_path: Path) -> None:
 
 def test_simple_policies_have_no_hash(tmp_path: Path) -> None:
     table = load(tmp_path, rule("simple: LEAST_REQUEST\n"))
-    assert (table.load_balancer(HOST), table.hash_on(HOST)) == ("LEAST_CONN", None)
+    assert (table.load_balancer(HOST), table.hash_on(HOST)) == ("LEAST_REQUEST", None)
 
 
 # -- errors, each at its file and line ------------------------------------
@@ -357,7 +357,7 @@ def test_a_subset_s_policy_replaces_the_rule_s(tmp_path: Path) -> None:
 def test_a_hash_subset_under_a_simple_rule(tmp_path: Path) -> None:
     text = (
         DR_HEAD
-        + "  trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}\n  subsets:\n"
+        + "  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n  subsets:\n"
         + "  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n"
         + "      loadBalancer: {consistentHash: {httpQueryParameterName: u}}\n"
         + "  - name: v2\n    labels: {version: v2}\n"
@@ -369,8 +369,8 @@ def test_a_hash_subset_under_a_simple_rule(tmp_path: Path) -> None:
     table = load(tmp_path, text + vs(to_both))
     v1, v2 = table.routes_for(HOST)[0].destinations
     assert (v1.subset.load_balancer, v1.subset.hash_on) == ("HASH", HashOn(HASH_QUERY, "u"))
-    assert (v2.subset.load_balancer, v2.subset.hash_on) == ("LEAST_CONN", None)
-    assert (table.load_balancer(HOST), table.hash_on(HOST)) == ("LEAST_CONN", None)
+    assert (v2.subset.load_balancer, v2.subset.hash_on) == ("LEAST_REQUEST", None)
+    assert (table.load_balancer(HOST), table.hash_on(HOST)) == ("LEAST_REQUEST", None)
 
 
 # -- choices: what the compiled relay gets -----------------------------------

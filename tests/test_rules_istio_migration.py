@@ -151,7 +151,7 @@ def test_least_request_is_least_conn_by_its_deprecated_name(tmp_path: Path) -> N
         return table_json(tmp_path, WEB + DR + lb + VS)
 
     assert policy("LEAST_REQUEST") == policy("LEAST_CONN")
-    assert policy("LEAST_REQUEST")["services"][0]["load_balancer"] == "LEAST_CONN"
+    assert policy("LEAST_REQUEST")["services"][0]["load_balancer"] == "LEAST_REQUEST"
 
 
 @pytest.mark.parametrize("field", ["warmup: {duration: 10s}", "warmupDurationSecs: 10s"])

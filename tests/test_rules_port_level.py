@@ -207,7 +207,7 @@ SUBSETS = (
     connectionPool: {http: {maxRequestsPerConnection: 5}}
     portLevelSettings:
     - port: {number: 9090}
-      loadBalancer: {simple: LEAST_CONN}
+      loadBalancer: {simple: LEAST_REQUEST}
   subsets:
   - name: v1
     labels: {version: v1}
@@ -241,7 +241,7 @@ def _policy(s: Subset) -> tuple[str, PoolSettings, OutlierPolicy | None]:
 
 def test_a_subset_s_port_entry_replaces_everything_on_its_port(tmp_path: Path) -> None:
     """v1 on 9090: its own entry alone (max 7 connections; round robin,
-    not the rule's port's LEAST_CONN; no maxRequestsPerConnection, not
+    not the rule's port's LEAST_REQUEST; no maxRequestsPerConnection, not
     the rule's 5). On 8080: the rule's own."""
     v1 = _subsets(load(tmp_path, SUBSETS + vs(TO_EACH)))["v1"]
     assert _policy(v1.on_port(9090)) == ("ROUND_ROBIN", PoolSettings(max_connections=7), None)
@@ -250,11 +250,11 @@ def test_a_subset_s_port_entry_replaces_everything_on_its_port(tmp_path: Path) -
 
 def test_a_subset_s_own_components_go_over_the_rule_s_port_entry(tmp_path: Path) -> None:
     """v2 sets an outlierDetection only: on 9090 the rule's entry for the
-    port (LEAST_CONN, no pool: the entry replaced the rule's 5) with v2's
+    port (LEAST_REQUEST, no pool: the entry replaced the rule's 5) with v2's
     outlier detection; on 8080 the rule's own with it."""
     v2 = _subsets(load(tmp_path, SUBSETS + vs(TO_EACH)))["v2"]
     od = OutlierPolicy(consecutive_5xx=1)
-    assert _policy(v2.on_port(9090)) == ("LEAST_CONN", PoolSettings(), od)
+    assert _policy(v2.on_port(9090)) == ("LEAST_REQUEST", PoolSettings(), od)
     assert _policy(v2.on_port(8080)) == ("ROUND_ROBIN", PoolSettings(max_requests=5), od)
 
 
@@ -264,7 +264,7 @@ def test_a_subset_without_a_policy_takes_the_rule_s_on_each_port(tmp_path: Path)
     for port in (8080, 9090):
         own = (table.load_balancer(HOST, port), table.pool(HOST, port), table.outlier(HOST, port))
         assert _policy(every.on_port(port)) == own
-    assert table.load_balancer(HOST, 9090) == "LEAST_CONN"
+    assert table.load_balancer(HOST, 9090) == "LEAST_REQUEST"
 
 
 def test_each_endpoint_takes_the_strictest_of_the_destinations_on_its_port(
@@ -426,7 +426,7 @@ ENTRY_ERRORS = [
     (
         "a port twice",
         "    - port: {number: 9090}\n      loadBalancer: {simple: RANDOM}\n"
-        "    - port: {number: 9090}  # again\n      loadBalancer: {simple: LEAST_CONN}\n",
+        "    - port: {number: 9090}  # again\n      loadBalancer: {simple: LEAST_REQUEST}\n",
         "# again",
         "port 9090 is given twice in spec.trafficPolicy.portLevelSettings (first at line 23)",
     ),
@@ -518,7 +518,7 @@ def test_config_dump_json_carries_each_port_s_policy(tmp_path: Path) -> None:
     assert svc["port_level"] == [
         {
             "port": 9090,
-            "load_balancer": "LEAST_CONN",
+            "load_balancer": "LEAST_REQUEST",
             "hash_on": None,
             "connection_pool": None,
             "outlier_detection": None,
@@ -541,24 +541,24 @@ def test_a_resolved_table_keeps_the_port_policies(tmp_path: Path) -> None:
 def test_validate_verbose_says_how_each_port_s_default_route_balances(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DR_HEAD + PORT_9090 + "      loadBalancer: {simple: LEAST_CONN}\n"
+    text = DR_HEAD + PORT_9090 + "      loadBalancer: {simple: LEAST_REQUEST}\n"
     assert main(["validate", "-v", write(tmp_path, text)]) == 0
     out, _ = capsys.readouterr()
     assert (
-        "no routes: on port 8080 round robin; on port 9090 LEAST_CONN over all endpoints "
+        "no routes: on port 8080 round robin; on port 9090 LEAST_REQUEST over all endpoints "
         "(route 'default')"
     ) in out
     # the rule's balancer on 8080; 9090's entry, without one, resets it to
-    # round robin (a review: this read "LEAST_CONN ... (on port 9090 ROUND_ROBIN)")
+    # round robin (a review: this read "LEAST_REQUEST ... (on port 9090 ROUND_ROBIN)")
     text = (
         DR_HEAD
-        + "  trafficPolicy:\n    loadBalancer: {simple: LEAST_CONN}\n    portLevelSettings:\n"
+        + "  trafficPolicy:\n    loadBalancer: {simple: LEAST_REQUEST}\n    portLevelSettings:\n"
         + "    - port: {number: 9090}\n      connectionPool: {tcp: {maxConnections: 3}}\n"
     )
     assert main(["validate", "-v", write(tmp_path, text)]) == 0
     out, _ = capsys.readouterr()
     assert (
-        "no routes: on port 8080 LEAST_CONN; on port 9090 round robin over all endpoints "
+        "no routes: on port 8080 LEAST_REQUEST; on port 9090 round robin over all endpoints "
         "(route 'default')"
     ) in out
 
@@ -577,7 +577,7 @@ def test_validate_verbose_says_each_port_s_policy(
     # under the service's port
     at = lines.index("    port 9090 http-admin (HTTP, L7):")
     assert lines[at + 1] == (
-        "      portLevelSettings: load balancer LEAST_CONN; pool: the sidecar's flags; "
+        "      portLevelSettings: load balancer LEAST_REQUEST; pool: the sidecar's flags; "
         "no outlier detection"
     )
     # a destination with a port: that port's policy in its parentheses
@@ -588,7 +588,7 @@ def test_validate_verbose_says_each_port_s_policy(
     # one without: its own, then each port's below it
     at = next(i for i, line in enumerate(lines) if "subset v2 (version=v2; ROUND_ROBIN;" in line)
     assert "pool: 5 requests per connection; outlier detection: 5xx x1" in lines[at]
-    port_line = "on port 9090 (portLevelSettings): LEAST_CONN; pool: the sidecar's flags; "
+    port_line = "on port 9090 (portLevelSettings): LEAST_REQUEST; pool: the sidecar's flags; "
     assert lines[at + 1].strip().startswith(port_line + "outlier detection: 5xx x1,")
 
 

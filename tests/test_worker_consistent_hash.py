@@ -22,7 +22,7 @@ import pytest
 from l4proxy.dataplane.verdict import endpoint_hash, hash_key, hash_order
 from tests._worker import _worker_twin, gateway_destination_rule, gateway_service, gateway_worker
 from tests.test_gateway_session_persistence import _get
-from tests.test_least_conn import Backend
+from tests.test_least_request import Backend
 
 NAMES = "abcd"
 USERS = [f"user-{i}" for i in range(40)]

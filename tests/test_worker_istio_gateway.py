@@ -27,7 +27,7 @@ from l4proxy.rules.watch import RuleWatcher
 from l4proxy.sidecar.worker import Worker, WorkerOptions
 from tests._worker import drive_gateway
 from tests.test_gateway_session_persistence import Backend
-from tests.test_least_conn import read_head
+from tests.test_least_request import read_head
 
 TWINS = ["pure", "compiled"]
 Answer = tuple[int, str]  # status, body

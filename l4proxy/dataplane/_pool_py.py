@@ -25,17 +25,17 @@ Theory of operation
   :meth:`Pools.expire`), ``max_requests`` requests per connection (closed
   at check-in once reached; 0 means unlimited).
 * ``active`` counts checked-out connections per endpoint, connecting ones
-  included: the live request count LEAST_CONN and outlier detection read.
+  included: the live request count LEAST_REQUEST and outlier detection read.
   A request counts from its assignment (:meth:`Pools.connecting`), as
   Envoy's LEAST_REQUEST and HAProxy's leastconn count: counted from the
   connect's end, every request sent while an endpoint was slow to accept
   saw it idle and went to it.
-* ``active`` also counts what LEAST_CONN must see that is not this pool's:
+* ``active`` also counts what LEAST_REQUEST must see that is not this pool's:
   :meth:`Pools.add_external` (any thread), the worker's connections routed
   at L4 and the tunnels (Upgrade, CONNECT) the relay handed to the L4 pump,
   until they end. ``on_active``, when set, hears of every change of this
   pool's own count (the compiled relay feeds its slow path's count to its
-  C loop's LEAST_CONN this way).
+  C loop's LEAST_REQUEST this way).
 * An endpoint the route table no longer names (a pod a reload removed)
   gives back its idle connections at once (:meth:`Pools.remove_endpoint`),
   and those in flight to it are closed at check-in, not pooled: kept, they
@@ -219,7 +219,7 @@ class Pools:
 
     def add_external(self, endpoint: Hashable, n: int) -> None:
         """*n* more connections or requests to *endpoint* that are not this
-        pool's (any thread): active() counts them, as LEAST_CONN must."""
+        pool's (any thread): active() counts them, as LEAST_REQUEST must."""
         with self._external_lock:
             left = self._external.get(endpoint, 0) + n
             if left:
@@ -373,7 +373,7 @@ class Pools:
 
     def active(self, endpoint: Hashable) -> int:
         """Requests in flight to *endpoint*, and what add_external() counts
-        (LEAST_CONN's count)."""
+        (LEAST_REQUEST's count)."""
         ep = self._endpoints.get(endpoint)
         return (ep.active if ep else 0) + self._external.get(endpoint, 0)
 

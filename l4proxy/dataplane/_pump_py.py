@@ -58,7 +58,7 @@ that connection's end. Once both its sockets are closed (however it ended,
 a hand-off discarded unopened included) ``t`` goes on the ended list, which
 :meth:`Pump.ended` takes; the ``ended_fd`` eventfd turns readable when the
 list stops being empty. The worker's event loop watches it: that is how it
-learns that a connection it counts against an endpoint (LEAST_CONN) is
+learns that a connection it counts against an endpoint (LEAST_REQUEST) is
 gone, and (:meth:`Pump.ends`: the same list, each end with the bytes moved
 each way and when it ended, ``time.monotonic()``) what the access log's
 line of a connection routed at L4 says. An ``add()`` that raises reports
@@ -328,7 +328,7 @@ class _Loop:
             self.ctr["closed"] += 1
         finally:
             # whatever raised above, the end is reported (once: c.closed):
-            # the worker's LEAST_CONN count would keep it for good otherwise
+            # the worker's LEAST_REQUEST count would keep it for good otherwise
             if c.dirs:
                 self.report_end(c.token, c.dirs[0].moved, c.dirs[1].moved)
             else:

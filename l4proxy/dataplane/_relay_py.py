@@ -54,7 +54,7 @@ to do; this module only performs it:
   the sockets to the ``l4`` callback (the L4 pump), with what is held and
   the tunnel's endpoint. The tunnel's request leaves the pool's count only
   once ``l4`` has returned: the worker counts the tunnel from there until
-  the pump reports its end (:meth:`HttpRelay.add_external`), so LEAST_CONN
+  the pump reports its end (:meth:`HttpRelay.add_external`), so LEAST_REQUEST
   never sees an endpoint carrying WebSockets as idle.
 * :class:`Close`: after the held bytes are sent, ``shutdown(SHUT_WR)`` and a
   short lingering read, so a client still sending does not turn our answer
@@ -961,7 +961,7 @@ class HttpRelay:
     def add_external(self, endpoint: Endpoint, n: int) -> None:
         """*n* more connections to *endpoint* that are not this relay's (any
         thread): the worker's L4 connections and the tunnels it took over.
-        ``pools.active()``, which LEAST_CONN orders by, counts them."""
+        ``pools.active()``, which LEAST_REQUEST orders by, counts them."""
         self.pools.add_external(endpoint, n)
 
     def invalidate(self, key_headers: object = None) -> None:

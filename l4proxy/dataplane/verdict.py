@@ -594,7 +594,7 @@ def cookie_named(value: str, name: str) -> str | None:
 class Choice(NamedTuple):
     """One weighted destination of a route: a subset's endpoints.
 
-    ``policy``: ``ROUND_ROBIN``, ``RANDOM``, ``LEAST_CONN`` (active requests
+    ``policy``: ``ROUND_ROBIN``, ``RANDOM``, ``LEAST_REQUEST`` (active requests
     per endpoint), ``HASH`` (consistent hashing on ``hash_on``: the order
     :func:`hash_order` gives the request's key), or ``ORDERED`` (try
     ``endpoints`` in the order given).
@@ -813,7 +813,7 @@ class Mirror(NamedTuple):
     **The copies' pool.** A copy goes on a connection of the relay's own
     pool of copy connections, per endpoint (never the routes' pool: a
     copy never takes a primary's connection, nor counts in its endpoint's
-    LEAST_CONN, circuit breakers or ``/clusters``): the newest idle one
+    LEAST_REQUEST, circuit breakers or ``/clusters``): the newest idle one
     to its endpoint, else a new one. Its answer is read to its end by its
     framing (RFC 9112 6.3: interim 1xx heads skipped; no body after the
     final head of an answer to a HEAD, nor of a 1xx, 204 or 304; else

@@ -1692,7 +1692,8 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
 
 # loadBalancer.simple, as Istio's SimpleLB names them, to the policy the
 # sidecar runs (routing.SIMPLE_POLICIES). LEAST_CONN is LEAST_REQUEST's
-# deprecated name, and the sidecar's policy of that name counts requests in
+# deprecated name: the same policy, named LEAST_REQUEST everywhere after the
+# load (validate -v, /config_dump), as Envoy names it. It counts requests in
 # flight as Envoy's least request does (not connections), taking the
 # endpoint with the fewest of all where Envoy compares two drawn at random.
 # UNSPECIFIED is the default: ROUND_ROBIN here, where Istio's pilot takes
@@ -1702,10 +1703,10 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
 # MergeTrafficPolicy takes the subset's loadBalancer whole.
 _SIMPLE_LB = {
     "ROUND_ROBIN": "ROUND_ROBIN",
-    "LEAST_REQUEST": "LEAST_CONN",
+    "LEAST_REQUEST": "LEAST_REQUEST",
     "RANDOM": "RANDOM",
     "UNSPECIFIED": "ROUND_ROBIN",
-    "LEAST_CONN": "LEAST_CONN",
+    "LEAST_CONN": "LEAST_REQUEST",
 }
 _SIMPLE_LB_SAID = (
     "ROUND_ROBIN, LEAST_REQUEST, RANDOM, UNSPECIFIED (the default, ROUND_ROBIN here) "

@@ -143,7 +143,7 @@ __all__ = [
 
 # A DestinationRule's loadBalancer.simple policies; LB_POLICIES adds "HASH",
 # its consistentHash (Subset.hash_on: what each request is hashed on)
-SIMPLE_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")
+SIMPLE_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
 LB_POLICIES = (*SIMPLE_POLICIES, "HASH")
 # Application protocols whose traffic is HTTP/1.x or h2 and therefore gets L7
 # routing. GRPC and HTTP2 are listed because the peek falls back to L4 routing
@@ -2904,7 +2904,7 @@ class RouteTable:
             start = self._rr.get(key, 0) % n
             self._rr[key] = start + 1
         ordered = candidates[start:] + candidates[:start]
-        if policy == "LEAST_CONN" and active is not None:
+        if policy == "LEAST_REQUEST" and active is not None:
             # Stable sort: equally loaded endpoints keep the round-robin order,
             # so an idle subset still spreads evenly.
             ordered.sort(key=active)

@@ -680,7 +680,7 @@ class WorkerView:
                     d["cx_idle"] = idle
                     d["rq_pending"] = pending.get(key, 0)
                     d["rq_pending_overflow"] = overflows.get(key, 0)
-                else:  # --http-routing connection: connections relayed (LEAST_CONN's count)
+                else:  # --http-routing connection: connections relayed (LEAST_REQUEST's count)
                     d["cx_active"] = connections.get(key, 0)
                 d["cx_overflow"] = cx_overflows.get(key, 0)
                 eps.append(d)

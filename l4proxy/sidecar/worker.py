@@ -60,14 +60,14 @@ line). What the line says is gathered on the connection's way to the
 pump, in a :class:`_ConnLog` (its start, its addresses, the cluster and
 endpoint it was routed to, or why none took it), and the pump reports
 the rest at its end (:meth:`Pump.ends`: the bytes each way, when), which
-the event loop hears of already for LEAST_CONN's counts (a token per
+the event loop hears of already for LEAST_REQUEST's counts (a token per
 connection, given to every one while the log is on). The line is
 formatted here, in Python, once per connection end, and goes to the
 relay's writer (:meth:`HttpRelay.access_log_line`) with its own lines,
 whole. Python already runs per such connection (its decision and connect
 are this event loop's), never per byte: the pump's loop pays a few stores
 per connection end. With the log off nothing of this runs (no
-:class:`_ConnLog`, tokens only for LEAST_CONN's counts, as before). A
+:class:`_ConnLog`, tokens only for LEAST_REQUEST's counts, as before). A
 tunnel after its request line is not logged again (its request's line
 is the relay's, as Envoy writes one per upgraded stream).
 
@@ -403,10 +403,10 @@ class Worker:
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
-        # LEAST_CONN's count of the connections this worker routes at L4, per
+        # LEAST_REQUEST's count of the connections this worker routes at L4, per
         # endpoint: from the endpoint's choice (its connect included) until
         # the pump reports the connection's end (a token per connection:
-        # _pump_add, _pump_ended). See "LEAST_CONN's counts" in _count.
+        # _pump_add, _pump_ended). See "LEAST_REQUEST's counts" in _count.
         self.active_per_endpoint: dict[tuple[str, int], int] = {}
         self._active_lock = threading.Lock()  # the relay's thread counts too
         self._pumped: dict[int, tuple[str, int]] = {}  # pump token -> endpoint
@@ -870,7 +870,7 @@ class Worker:
 
     def connection_snapshot(self) -> dict[tuple[str, int], int]:
         """``{endpoint: connections}`` routed at L4 and not ended yet (what
-        LEAST_CONN orders by with --http-routing connection), for /clusters."""
+        LEAST_REQUEST orders by with --http-routing connection), for /clusters."""
         with self._active_lock:
             return dict(self.active_per_endpoint)
 
@@ -1296,13 +1296,13 @@ class Worker:
         )
 
     def _active_for(self, ep: Endpoint) -> int:
-        """LEAST_CONN's count of *ep*: with the per-request relay, its pools'
+        """LEAST_REQUEST's count of *ep*: with the per-request relay, its pools'
         (which add this worker's own: _count); else this worker's."""
         if self.relay is not None:
             return self.relay.pools.active((ep.address, ep.port))
         return self.active_per_endpoint.get((ep.address, ep.port), 0)
 
-    # -- LEAST_CONN's counts -----------------------------------------------------
+    # -- LEAST_REQUEST's counts -----------------------------------------------------
 
     def _count(self, endpoint: tuple[str, int], n: int) -> None:
         """*n* more connections of this worker's to *endpoint* (any thread).
@@ -1312,7 +1312,7 @@ class Worker:
         CONNECT) the per-request relay hands over, from the hand-off
         (_from_relay, on the relay's thread: the relay's own count of its
         request ends only after that). With the relay, the count is its too
-        (add_external): its LEAST_CONN, in the C loop or in _decide_request,
+        (add_external): its LEAST_REQUEST, in the C loop or in _decide_request,
         orders by its requests in flight and these together."""
         with self._active_lock:
             left = self.active_per_endpoint.get(endpoint, 0) + n

@@ -1,12 +1,12 @@
-"""LEAST_CONN orders endpoints by what they really carry, in both HTTP modes.
+"""LEAST_REQUEST orders endpoints by what they really carry, in both HTTP modes.
 
 In-process: a real :class:`~l4proxy.sidecar.worker.Worker` on a gateway
 listener on loopback, a real :class:`~l4proxy.rules.watch.RuleWatcher`, and
 two backends, A and B, on 127.0.0.1. ``x-pin: a`` routes to A alone (a
-subset); everything else goes to A or B by LEAST_CONN. The test pins long-
+subset); everything else goes to A or B by LEAST_REQUEST. The test pins long-
 lived work on A (connections, tunnels, requests in flight), then sends new
 work unpinned: all of it must go to B, which carries less. A round robin
-sends half of it to A, which is what LEAST_CONN did where it did not see
+sends half of it to A, which is what LEAST_REQUEST did where it did not see
 A's load:
 
 * ``--http-routing connection``: the worker never counted the connections
@@ -255,7 +255,7 @@ def test_per_connection_counts_the_connections_in_the_pump(
                 s, name = await in_thread(connect_and_get, False)
                 opened.append(s)
                 names.append(name)
-            assert names == ["b"] * N, f"LEAST_CONN sent new connections to A: {names}"
+            assert names == ["b"] * N, f"LEAST_REQUEST sent new connections to A: {names}"
             stats = endpoint_stats(worker, twin)
             assert stats[a.endpoint]["cx_active"] == stats[b.endpoint]["cx_active"] == N
             assert "rq_active" not in stats[a.endpoint]
@@ -270,14 +270,14 @@ def test_per_connection_counts_the_connections_in_the_pump(
         stats = endpoint_stats(worker, twin)
         assert stats[a.endpoint]["cx_active"] == stats[b.endpoint]["cx_active"] == 0
 
-    run_worker(tmp_path, backends, "connection", "LEAST_CONN", scenario)
+    run_worker(tmp_path, backends, "connection", "LEAST_REQUEST", scenario)
 
 
 @pytest.mark.parametrize("held", ["tunnel", "slow_path"])
 def test_per_request_counts_tunnels_and_the_slow_paths_requests(
     tmp_path: Path, backends: tuple[Backend, Backend], twin: str, held: str
 ) -> None:
-    """--http-routing request, LEAST_REQUEST (the newer name of LEAST_CONN):
+    """--http-routing request, LEAST_REQUEST (the newer name of LEAST_REQUEST):
     N WebSockets to A (in the pump once upgraded), or N requests in flight
     to A on the compiled relay's slow path, count as A's requests; 2 N
     requests after them, one at a time, all go to B. The tunnels count until
