@@ -44,9 +44,12 @@ there).
   compiled relay's rows, keyed by tag, status and bits); the worker
   makes the text when it adds the row, with a route's own answer's
   (NR, NC) from its tag, as the log takes them. A TCP connection's
-  series say ``-``: only connections an upstream took are counted there,
-  and their line has no flag (tcp_proxy's for how an established one
-  ended: none).
+  series say its line's flags too: ``-`` for one an upstream took
+  (tcp_proxy's for how an established one ended: none); one no upstream
+  took is counted as Istio's stats filter counts it, opened and closed at
+  its close, no byte sent: ``UF,URX`` (every connect failed, under the
+  last endpoint tried), ``UH`` (none to try: under its subset; REGISTRY_ONLY's
+  ``BlackHoleCluster``), ``UO`` (tcp.maxConnections).
 
 Istio's ``istio_request_bytes`` and ``istio_response_bytes`` are not
 reported (the README says what they would cost).
@@ -244,14 +247,17 @@ def request_labels(
     }
 
 
-def tcp_labels(source: Mapping[str, str], destination: Mapping[str, str]) -> dict[str, str]:
+def tcp_labels(
+    source: Mapping[str, str], destination: Mapping[str, str], flags: str = NO_FLAGS
+) -> dict[str, str]:
     """The labels of a TCP connection's series (``istio_tcp_*``): no
-    response code, ``request_protocol`` ``tcp``, no response flag (what
-    is counted there was taken by an upstream)."""
+    response code, ``request_protocol`` ``tcp``, and *flags*, its
+    :func:`response_flags`: ``-`` for a connection an upstream took,
+    why none did for one refused (``UF,URX``, ``UH``, ``UO``)."""
     return {
         **source,
         **destination,
         "request_protocol": "tcp",
-        "response_flags": NO_FLAGS,
+        "response_flags": flags,
         "connection_security_policy": UNKNOWN,
     }

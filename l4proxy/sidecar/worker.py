@@ -78,9 +78,14 @@ callers' to report) are counted in ``istio_tcp_*``
 (:mod:`l4proxy.sidecar.istio_metrics`): opened when handed to the pump,
 closed with their bytes each way when the pump reports their end, under
 the key of their destination's pod, made once per pod (:meth:`Worker._tcp_key`)
-and held per connection by its token. A connection routed by its
-HTTP request head (``--http-routing connection``) and a tunnel are HTTP
-requests, not counted there.
+and held per connection by its token. One that no upstream took is
+counted as Istio's stats filter counts it (at its close: opened and closed
+at once, no byte sent), its ``response_flags`` its line's: every connect
+failed (``UF,URX``, under the endpoint last tried), none to try (``UH``,
+under the choice; REGISTRY_ONLY's ``BlackHoleCluster``), tcp.maxConnections
+(``UO``); the key goes with the refusal (:attr:`Refused.tcp`). A connection
+routed by its HTTP request head (``--http-routing connection``) and a
+tunnel are HTTP requests, not counted there.
 """
 
 from __future__ import annotations
@@ -235,7 +240,13 @@ class Refused(Exception):
     """The connection is answered (or closed) without an upstream."""
 
     def __init__(
-        self, why: str, status: int | None = None, body: str | None = None, headers: str = ""
+        self,
+        why: str,
+        status: int | None = None,
+        body: str | None = None,
+        headers: str = "",
+        *,
+        tcp: LabelSet | None = None,
     ) -> None:
         super().__init__(why)
         self.why = why
@@ -244,6 +255,10 @@ class Refused(Exception):
         # without one, a preflight's, is sent with none)
         self.body = why if body is None else body
         self.headers = headers  # more header lines of the answer (CRLF each)
+        # a TCP connection no upstream took: its key in Istio's TCP metrics
+        # (Worker._tcp_key, its response_flags said), counted opened and
+        # closed at its refusal; None: not counted there
+        self.tcp = tcp
 
 
 @functools.lru_cache(maxsize=256)
@@ -424,7 +439,7 @@ class Worker:
             options.source_labels, rules.namespace, options.cluster_name
         )
         self._tcp_open: dict[int, LabelSet] = {}
-        self._tcp_keys: dict[tuple[str, str, Endpoint] | None, LabelSet] = {}
+        self._tcp_keys: dict[tuple[_TcpDestination, int], LabelSet] = {}
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1068,6 +1083,9 @@ class Worker:
                     conn.close()
             if clog is not None:
                 self._log_refused(clog, r, sent)
+            if r.tcp is not None:  # (opened and closed at once, as Istio counts it at its close)
+                self.counters.add_set(istio_metrics.TCP_OPENED, r.tcp)
+                self._tcp_closed(r.tcp, 0, sent)
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -1144,7 +1162,10 @@ class Worker:
         if c.kind is Kind.REFUSED:
             if clog is not None:
                 clog.refused(c.why)
-            raise Refused(c.why, c.status, c.body)
+            tcp = None
+            if c.why == "registry_only" and head is None:  # (Istio's BlackHoleCluster: UH)
+                tcp = self._tcp_key(BLACKHOLE, accesslog.UH)
+            raise Refused(c.why, c.status, c.body, tcp=tcp)
         if c.kind is Kind.ROUTE:
             assert c.service is not None and c.port is not None
             return await self._route(conn, table, c.service, c.port, head, pending, clog)
@@ -1176,7 +1197,10 @@ class Worker:
                 if clog is not None:
                     clog.flags |= accesslog.UF | accesslog.URX
                 raise Refused(
-                    "passthrough_unreachable", 503 if head else None, "upstream connect error"
+                    "passthrough_unreachable",
+                    503 if head else None,
+                    "upstream connect error",
+                    tcp=None if head else self._tcp_key(None, accesslog.UF | accesslog.URX),
                 )
             # (bytes that are not HTTP, or a TCP port: Istio's TCP metrics)
             tcp = self._tcp_key(None) if head is None else None
@@ -1250,8 +1274,10 @@ class Worker:
                 "unresolved_backend",
                 decision.status if head is not None else None,
                 "backend not resolved",
+                tcp=self._tcp_refused(head, decision, (), accesslog.UH),
             )
         # -- end issue 14 --
+        tried: Endpoint | None = None  # (the last one tried)
         for i, ep in enumerate(decision.endpoints[:MAX_ATTEMPTS]):
             key = (ep.address, ep.port)
             limit = self._max_connections.get(key)
@@ -1269,10 +1295,12 @@ class Worker:
                     503 if head is not None else None,
                     OVERFLOW_BODY,
                     OVERFLOW_HEADERS,
+                    tcp=self._tcp_refused(head, decision, decision.endpoints, accesslog.UO),
                 )
             # counted from here, its connect included (as the relay counts a
             # request: _pool_py.py), and handed to the pump counted
             self._count(key, 1)
+            tried = ep
             if clog is not None:  # (UPSTREAM_HOST: the last one tried)
                 clog.upstream_host = accesslog.address_text(key)
             try:
@@ -1285,14 +1313,21 @@ class Worker:
                 # request's; the relays count those, per request)
                 if head is not None:
                     return _Routed(up, pending, ep)
-                tcp = self._tcp_key((decision.service.host, decision.subset, ep))
+                tcp = self._tcp_key((decision.service.host, decision.subset, (ep,)))
                 return _Routed(up, pending, ep, tcp)
             self._count(key, -1)
-        if clog is not None:  # every connect failed (tcp_proxy's UF, its attempts used up: URX)
-            tried = clog.upstream_host is not None
-            clog.flags |= accesslog.UF | accesslog.URX if tried else accesslog.UH
+        # every connect failed (tcp_proxy's UF, its attempts used up: URX),
+        # counted under the last endpoint tried (as a request is: README);
+        # or none was tried (UH), under the choice
+        flags = accesslog.UH if tried is None else accesslog.UF | accesslog.URX
+        if clog is not None:
+            clog.flags |= flags
+        of = decision.endpoints if tried is None else (tried,)
         raise Refused(
-            "no_healthy_upstream", 503 if head is not None else None, "no healthy upstream"
+            "no_healthy_upstream",
+            503 if head is not None else None,
+            "no healthy upstream",
+            tcp=self._tcp_refused(head, decision, of, flags),
         )
 
     def _active_for(self, ep: Endpoint) -> int:
@@ -1371,10 +1406,7 @@ class Worker:
                 self._forget_token(token)
                 tcp = self._tcp_open.pop(token, None)
                 if tcp is not None:
-                    c = self.counters
-                    c.add_set(istio_metrics.TCP_CLOSED, tcp)
-                    c.add_set(istio_metrics.TCP_RECEIVED, tcp, up)
-                    c.add_set(istio_metrics.TCP_SENT, tcp, down)
+                    self._tcp_closed(tcp, up, down)
                 clog = self._logged.pop(token, None)
                 if clog is not None:
                     self._log_line(clog, up, down, ended)
@@ -1400,27 +1432,61 @@ class Worker:
             clog.status = r.status or 0
         self._log_line(clog, 0, sent, time.monotonic())
 
-    def _tcp_key(self, destination: tuple[str, str, Endpoint] | None) -> LabelSet:
+    def _tcp_closed(self, tcp: LabelSet, received: int, sent: int) -> None:
+        """A TCP connection counted under *tcp* ended, having moved these
+        bytes each way (client to upstream, upstream to client)."""
+        c = self.counters
+        c.add_set(istio_metrics.TCP_CLOSED, tcp)
+        c.add_set(istio_metrics.TCP_RECEIVED, tcp, received)
+        c.add_set(istio_metrics.TCP_SENT, tcp, sent)
+
+    def _tcp_key(self, destination: _TcpDestination, flags: int = 0) -> LabelSet:
         """The key of a TCP connection's series in Istio's TCP metrics: to
-        *destination* (the service's host, the subset and the endpoint
-        that took it; None: PassthroughCluster), from this pod. Made once
-        per destination endpoint (a pod replaced makes a new one: the keys
-        are forgotten all at once past 4096)."""
-        key = self._tcp_keys.get(destination)
+        *destination* (the service's host, the subset and the endpoints
+        that name its workload: the one that took it, the last one tried
+        when every connect failed, the choice's when none was tried; None:
+        PassthroughCluster; BLACKHOLE: what REGISTRY_ONLY refused), from
+        this pod, its ``response_flags`` the access log's *flags* (none
+        for a connection an upstream took). Made once per destination
+        endpoint and flags (a pod replaced makes a new one: the keys are
+        forgotten all at once past 4096)."""
+        cached = (destination, flags)
+        key = self._tcp_keys.get(cached)
         if key is not None:
             return key
+        tag: _SubsetTag | None
         if destination is None:
-            tag: _SubsetTag | None = None
+            tag = None
+        elif isinstance(destination, str):  # (_refusal_tag's: no workload, no version)
+            tag = _no_destination_tag(destination, "")
         else:
-            host, subset, ep = destination
-            version, workload = version_and_workload(host, subset, (ep,))
-            peer = istio_metrics.peer_labels(ep.labels)
-            tag = _SubsetTag(host, "", subset, version, workload, 0, peer)
-        labels = istio_metrics.tcp_labels(self._source, _destination(tag, self.opts.cluster_name))
+            host, subset, eps = destination
+            version, workload = version_and_workload(host, subset, eps)
+            tag = _SubsetTag(host, "", subset, version, workload, 0, _peer(eps))
+        labels = istio_metrics.tcp_labels(
+            self._source,
+            _destination(tag, self.opts.cluster_name),
+            istio_metrics.response_flags(flags),
+        )
         if len(self._tcp_keys) >= 4096:
             self._tcp_keys.clear()
-        key = self._tcp_keys[destination] = label_set(labels)
+        key = self._tcp_keys[cached] = label_set(labels)
         return key
+
+    def _tcp_refused(
+        self,
+        head: peek.RequestHead | None,
+        decision: Decision,
+        endpoints: Sequence[Endpoint],
+        flags: int,
+    ) -> LabelSet | None:
+        """The key of a connection *decision* routed that no upstream took,
+        for *flags*: a TCP connection's (*head* None), labelled by
+        *endpoints*; None for a request routed by its head (an HTTP
+        request's, not a TCP connection's)."""
+        if head is not None:
+            return None
+        return self._tcp_key((decision.service.host, decision.subset, tuple(endpoints)), flags)
 
     def _forget_token(self, token: int) -> None:
         with self._active_lock:
@@ -2123,6 +2189,10 @@ def _sockname(sock: socket.socket) -> str | None:
         return accesslog.address_text(sock.getsockname())
     except OSError:
         return None
+
+
+# a TCP connection's destination in Istio's TCP metrics (Worker._tcp_key)
+_TcpDestination = tuple[str, str, tuple[Endpoint, ...]] | str | None
 
 
 class _HandedToRelay(Exception):
