@@ -1480,6 +1480,7 @@ cdef struct Retry_:
     uint32_t on            # RT_*
     uint64_t codes[8]      # RT_STATUS_CODES: bit (status - 100), 100..611
     bint ignore_prev       # a retry prefers another endpoint (retry_order); else cand as drawn
+    bint on_connect        # it retries a failed connect (RetryPolicy.on_connect: URX on UF)
 
 cdef struct Choice_:
     uint32_t weight
@@ -3716,9 +3717,11 @@ cdef uint32_t row_flags(Conn *c, int status, bint local) noexcept nogil:
     if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
         shown |= LF_DC
     failed = shown & LF_RETRIED
-    if p != NULL and p.attempts > 0 and c.tries >= p.attempts:
-        if (failed and p.on & RT_ON_RESET) or (
-                not (failed or local or f & LF_CUT) and retry_status(p, status)):
+    if p != NULL and p.attempts > 0:
+        if shown & LF_UF and p.on_connect:  # (every connect failed: Exchange._done()'s)
+            shown |= LF_URX
+        elif c.tries >= p.attempts and ((failed and p.on & RT_ON_RESET) or (
+                not (failed or local or f & LF_CUT) and retry_status(p, status))):
             shown |= LF_URX
     return shown
 
@@ -10107,6 +10110,7 @@ cdef class HttpRelay:
         p.backoff_max = p.backoff * BACKOFF_MAX_FACTOR
         p.on = <uint32_t>int(policy.on)
         p.ignore_prev = bool(policy.ignore_previous_hosts)
+        p.on_connect = bool(policy.on_connect)
         for code in policy.codes:
             b = int(code) - 100
             if 0 <= b < 512:

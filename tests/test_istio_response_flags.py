@@ -166,6 +166,45 @@ def test_a_retry_that_cannot_connect_is_uf_urx(
 
 
 @pytest.mark.parametrize("which", TWINS)
+@pytest.mark.parametrize(
+    ("retries", "flags"),
+    [
+        ("{attempts: 2}", "UF,URX"),  # (Istio's retryOn: connect-failure, ...)
+        ("{attempts: 2, retryOn: 'connect-failure,502'}", "UF,URX"),
+        ("{attempts: 2, retryOn: connect-failure}", "UF"),  # (no policy here: README)
+        ("{attempts: 1, retryOn: gateway-error}", "UF,URX"),
+        ("{attempts: 3, retryOn: reset}", "UF,URX"),
+        ("{attempts: 3, retryOn: 5xx}", "UF,URX"),
+        ("{attempts: 2, retryOn: retriable-4xx}", "UF"),  # (retries no failed connect)
+        ("{attempts: 2, retryOn: connect-failure, perTryTimeout: 5s}", "UF,URX"),
+    ],
+    ids=[
+        *("istio-default", "connect-failure", "connect-failure-alone", "gateway-error"),
+        *("reset", "5xx", "4xx", "per-try"),
+    ],
+)
+def test_connects_a_policy_retries_all_failing_are_uf_urx(
+    which: str, retries: str, flags: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One endpoint, whose every connect is refused, under a policy whose
+    retryOn covers a failed connect (connect-failure, reset, 5xx,
+    gateway-error, as Envoy's router retries it): the relay's own retry of
+    a failed connect (the next endpoint) has none left, and the 503 says
+    UF,URX, as Envoy's says once its tries are used up on failed connects
+    (UF alone before: a failed connect is no try of the policy's here, so
+    its tries were never used up). A policy that would not retry it:
+    UF alone, as without a policy; so too connect-failure alone, which
+    the relays take as no policy (it would hold every request for
+    nothing: the README's difference)."""
+    with dead_ports(1) as (port,):
+        rules = gateway_service(port, labels=("v1",)) + SUBSETS
+        rules += _route(f"    retries: {retries}\n")
+        lines, said, rows = _served(which, rules, _ask(), tmp_path, monkeypatch)
+    assert said == 503
+    _agree(lines, rows, "503", flags)
+
+
+@pytest.mark.parametrize("which", TWINS)
 def test_retries_used_up_on_answers_is_urx(
     which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1910,13 +1910,19 @@ class Exchange:
         """The request's Done, with its bytes read and, when its retry
         policy's tries are used up on an outcome the policy retries (a
         status it names, a failure it retries on), URX (Envoy's
-        UpstreamRetryLimitExceeded; the compiled twin's log_retries_out())."""
+        UpstreamRetryLimitExceeded; the compiled twin's row_flags()); so
+        too where every connect of its last try failed (UF) under a policy
+        that retries a failed connect: the relay's own retries of those
+        (the next endpoint) were used up (RetryPolicy.on_connect)."""
         p = self.retry
-        if p is not None and p.attempts > 0 and self._tries >= p.attempts:
-            failure = flags & accesslog.RETRIED_FAILURES
-            answered = not (failure or local or flags & accesslog.CUT)
-            if (failure and p.on_reset) or (answered and p.on_status(status)):
+        if p is not None and p.attempts > 0:
+            if flags & accesslog.UF and p.on_connect:
                 flags |= accesslog.URX
+            elif self._tries >= p.attempts:
+                failure = flags & accesslog.RETRIED_FAILURES
+                answered = not (failure or local or flags & accesslog.CUT)
+                if (failure and p.on_reset) or (answered and p.on_status(status)):
+                    flags |= accesslog.URX
         return Done(status, local, flags, self._received)
 
     def _done_talking(self, request_cut: bool) -> bool:

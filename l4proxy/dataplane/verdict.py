@@ -152,6 +152,12 @@ _RETRY_BITS = {
     "retriable-status-codes": RETRY_STATUS_CODES,
 }
 RETRY_ON_RESET = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
+# the retry_on policies under which Envoy's router retries a failed connect
+# (RetryStateImpl::wouldRetryFromReset: a reset, before the request or not,
+# counts as a 5xx): RetryPolicy.on_connect
+_RETRY_CONNECT = frozenset(
+    {"connect-failure", "reset-before-request", "reset", "5xx", "gateway-error"}
+)
 
 
 # Envoy's default base interval between retries (RetryPolicy.backoff); the
@@ -176,7 +182,14 @@ class RetryPolicy(NamedTuple):
     Istio's ``retryIgnorePreviousHosts``, its default); False: to the
     request's endpoints in the order the route drew them, so the endpoint
     that failed first again (a failed connect's endpoint is dropped from
-    the request's either way: the relay's own retry, not the policy's).
+    the request's either way: the relay's own retry, not the policy's);
+    ``on_connect``: the policy retries a failed connect (Envoy's router
+    does under connect-failure, reset-before-request, reset, 5xx and
+    gateway-error). A failed connect here moves on to the next endpoint,
+    policy or not, and spends no try; where every connect failed the
+    request's 503 says UF and, under such a policy, URX, as Envoy's says
+    once its tries went on failed connects (no bit of ``on``: it holds no
+    request, and a policy of it alone is not :attr:`in_effect`).
     """
 
     attempts: int
@@ -185,6 +198,7 @@ class RetryPolicy(NamedTuple):
     codes: frozenset[int] = frozenset()
     backoff: float = DEFAULT_RETRY_BACKOFF
     ignore_previous_hosts: bool = True
+    on_connect: bool = False
 
     @classmethod
     def of(
@@ -201,10 +215,12 @@ class RetryPolicy(NamedTuple):
         on = 0
         for name in retry_on:
             on |= _RETRY_BITS.get(name, 0)
+        names = frozenset(retry_on)
         codes = frozenset(codes)
         if not codes:
             on &= ~RETRY_STATUS_CODES
-        return cls(attempts, per_try_timeout, on, codes, backoff, ignore_previous_hosts)
+        on_connect = not names.isdisjoint(_RETRY_CONNECT)
+        return cls(attempts, per_try_timeout, on, codes, backoff, ignore_previous_hosts, on_connect)
 
     @property
     def in_effect(self) -> bool:
