@@ -499,7 +499,11 @@ and one taken less than ``DRAIN_FRESH_S`` ago that has sent nothing (due
 again then: its client connected to send a request); one whose final head went out already has ``c.keeps_client``
 cleared, so ``complete()`` closes it after the body. A gateway
 listener's connection the scope does not name is marked, or unmarked, as
-``DRAIN_DISCOURAGE`` says. ``new_conn`` marks those taken afterwards
+``DRAIN_DISCOURAGE`` says, and its ``c.keeps_client`` is left as its
+final head said: Envoy asks ``drainClose()`` at each response's head,
+so a head that went out keeping the client before ``/healthcheck/fail``
+keeps it, and ``/healthcheck/ok`` before the next answer leaves nothing
+told (as the pure twin). ``new_conn`` marks those taken afterwards
 (``drains()``). ``final_head`` then sends ``connection: close`` (an
 upstream's keep-alive replaced, as for a client that asked to close) and
 the local answers (``local_answer``, ``fault_abort``,
@@ -2610,14 +2614,16 @@ cdef void drain_conns(Relay *R, int before, double spread, double now) noexcept 
         if c.phase == P_CLOSING:
             continue  # (after its last answer already)
         if not drains(scope, c.gateway):
-            c.draining = drains(R.draining, c.gateway)  # (discourage()'s, or none)
+            # (discourage()'s, or none: asked at each answer's head, as
+            # Envoy asks drainClose(); a final head out already stands)
+            c.draining = drains(R.draining, c.gateway)
         elif not drains(was, c.gateway):
             c.draining = True
             if between_requests(c):
                 n += 1
                 c.drain_at = -1.0  # (its time below)
-        if c.draining and c.phase != P_HEAD:
-            c.keeps_client = False  # a final head out already: closed after its body
+            elif c.phase != P_HEAD:
+                c.keeps_client = False  # a final head out already: closed after its body
     if n == 0:
         return
     for i in range(R.n_conns):  # (nothing closed since: the same connections)

@@ -143,3 +143,31 @@ def test_discourage_tells_a_gateway_listeners_clients_alone(which: str) -> None:
         relay.discourage(False)
         again = client(relay, GATEWAY)
         assert keeps(again) and keeps(again)
+
+
+@pytest.mark.parametrize("ok_before_its_end", [False, True], ids=["failed", "fail-then-ok"])
+@pytest.mark.parametrize("which", TWINS)
+def test_an_answer_whose_head_went_out_before_discourage_keeps_as_it_said(
+    which: str, ok_before_its_end: bool
+) -> None:
+    """A gateway connection's answer whose head went out (keeping the
+    client) before discourage(True): its connection stays after its body,
+    as that head said (Envoy asks drainClose() at a response's head),
+    and its next answer says close; with discourage(False) before its
+    end, nothing was told: the next answer keeps too. The compiled twin
+    cleared the head's keep at discourage(True) and closed after the body,
+    discourage(False) or not; the pure one closed unless discourage(False)
+    came first. A fresh connection's answer says when each change took."""
+    with relay_to_backend(which) as (relay, backend):
+        sock = client(relay, GATEWAY)
+        sock.sendall(GET % b"/stream")
+        assert backend.held.acquire(timeout=WAIT)  # (its head and half its body relayed)
+        relay.discourage(True)
+        assert not keeps(client(relay, GATEWAY))  # (applied)
+        if ok_before_its_end:
+            relay.discourage(False)
+            assert keeps(client(relay, GATEWAY))
+        backend.gate.set()
+        status, fields, _ = read_answer(sock)
+        assert status == 200 and "connection" not in fields, fields
+        assert keeps(sock) is ok_before_its_end  # (not closed after its body: answered)

@@ -248,10 +248,12 @@ Decisions
   HTTP client retries (an idempotent request; RFC 9112 §9.3.1). A request
   in flight goes on as before: only the connection's end changes. The shell
   chooses when each connection is told (a gradual drain spreads the closes
-  of those :attr:`Exchange.between_requests`), and sets ``draining`` alone,
-  and clears it, for Envoy's drain close while the health check is failed
-  (``HttpRelay.discourage``: the answers say close, nothing closes between
-  requests).
+  of those :attr:`Exchange.between_requests`; :meth:`Exchange.drain_told`
+  for the others), and sets ``draining`` alone, and clears it, for Envoy's
+  drain close while the health check is failed (``HttpRelay.discourage``:
+  the answers say close, nothing closes between requests, and a final head
+  that went out before stands, as Envoy asks ``drainClose()`` at a
+  response's head).
 * Every local answer that keeps an HTTP/1.0 client (one that asked:
   ``Connection: keep-alive``), a gateway failure's as the others
   (:meth:`Exchange.refuse`: a route's own, the 404 of no route, the 503 of
@@ -1236,10 +1238,21 @@ class Exchange:
         requests (no byte of a next head here, the client not gone) it
         closes now: :class:`Close`, the lingering close; else nothing to do
         yet."""
-        self.draining = True
+        self.drain_told()
         if self.between_requests:
             return self._close()
         return []
+
+    def drain_told(self) -> None:
+        """The drain names this connection (the shell chooses when, and
+        closes it between requests: :meth:`drain`): every answer from now
+        says ``connection: close``, and a final head that went out already
+        saying nothing is followed by the close alone. ``draining`` set
+        alone (``HttpRelay.discourage``) is read at each answer's head
+        only: a head that went out stands, as Envoy asks ``drainClose()``
+        at a response's head."""
+        self.draining = True
+        self._keeps_client = False  # (a head not out yet: made again, saying close)
 
     def client_data(self, data: bytes) -> list[Action]:
         if self.phase in (Phase.CLOSED, Phase.TUNNEL):
@@ -1796,10 +1809,8 @@ class Exchange:
             Release(reusable, answered=True, status=self.status),
         ]
         # as its head told the client (_client_persists), unless the request
-        # was cut, the client left or the drain began since
-        keep_client = (
-            self._keeps_client and not request_cut and not self._client_eof and not self.draining
-        )
+        # was cut, the client left or the drain began since (drain_told)
+        keep_client = self._keeps_client and not request_cut and not self._client_eof
         if not keep_client:
             return out + self._close(self._done_talking(request_cut))
         return out + self._next_request()

@@ -320,8 +320,10 @@ for a close the proxy made (``accesslog.LOCAL_CUT``), not a client's
 it is on, every answer on a gateway listener's connection says
 ``connection: close`` and closes its connection after it (``Exchange.draining``
 set, on those taken meanwhile too), and a connection between requests
-is left alone until its next answer, as Envoy leaves it; off, answers
-let their clients persist again (one told already closes). The app's own
+is left alone until its next answer, as Envoy leaves it, as is one whose
+final head went out before (it keeps as that head said: Envoy asks
+``drainClose()`` at each response's head); off, answers let their
+clients persist again (one told already closes). The app's own
 connections (outbound) are left alone, as Envoy's ``modify_only`` egress
 listeners are. The per-request cost of both: an attribute test where an
 answer decides whether the client persists.
@@ -1124,7 +1126,7 @@ class HttpRelay:
             elif not self._drains(c, before):
                 if c.ex.between_requests:
                     idle.append(c)
-                c.ex.draining = True  # (its answer says close; drain() closes it between requests)
+                c.ex.drain_told()  # (its answer says close; drain() closes it between requests)
         n = len(idle)
         for k, c in enumerate(idle):
             self._idle_closes.append((now + k * spread / n, c))
