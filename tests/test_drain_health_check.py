@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -107,3 +108,89 @@ def test_a_worker_restarted_while_the_health_check_is_failed_says_close(
         assert post(sidecar, "/healthcheck/ok") == 200
         with sidecar.connect() as sock:
             assert keeps(sock) and keeps(sock)
+
+
+class ClosingBackend:
+    """HTTP/1.1 on 127.0.0.1:0 as servers answer a request that says
+    ``connection: close``: the answer says so too and the connection
+    closes after it; else keep-alive. :attr:`heads`: the request heads it
+    read, in order."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                self.heads.append(head)
+                close = re.search(rb"(?im)^connection:[ \t]*close[ \t]*$", head) is not None
+                said = b"Connection: close\r\n" if close else b""
+                conn.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: 3\r\n\r\nok\n" % said)
+                if close:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_connection_mode_tells_new_connections_to_close_while_failed(
+    tmp_path: Path, impl: str
+) -> None:
+    """--http-routing connection relays a gateway connection at L4 after
+    its first head: the answers are the upstream's. Before, /healthcheck/fail
+    changed /ready alone there. While the flag is set a connection taken
+    sends its first request saying ``connection: close`` (the last line of
+    its head; its other lines as sent): its upstream answers so and closes,
+    the client reads the close and EOF, as a request-mode answer closes it.
+    A connection relayed before the POST cannot be told (L4): it keeps.
+    After /healthcheck/ok a new connection's request goes as sent and keeps."""
+    backend = ClosingBackend()
+    sidecar = Sidecar(tmp_path, impl, backend, "--http-routing", "connection")  # type: ignore[arg-type]
+    try:
+        before = sidecar.connect()
+        assert keeps(before) and keeps(before)
+        assert post(sidecar, "/healthcheck/fail") == 200
+        for _ in range(3):
+            with sidecar.connect() as sock:
+                sock.sendall(b"GET /told HTTP/1.1\r\nHost: gw\r\nX-A: 1\r\n\r\n")
+                status, fields, body = read_answer(sock)
+                assert (status, body, fields.get("connection")) == (200, b"ok\n", ["close"])
+                assert reads_eof(sock)
+        assert keeps(before)  # (relayed at L4 since before: not told)
+        told = [h for h in backend.heads if h.startswith(b"GET /told ")]
+        assert told == [b"GET /told HTTP/1.1\r\nHost: gw\r\nX-A: 1\r\nconnection: close"] * 3
+        with sidecar.connect() as sock:  # (an upgrade is not told: no close on a tunnel)
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: upgrade\r\n")
+            sock.sendall(b"Upgrade: websocket\r\n\r\n")
+            assert read_answer(sock)[0] == 200
+        assert b"close" not in backend.heads[-1]
+        assert post(sidecar, "/healthcheck/ok") == 200
+        with sidecar.connect() as sock:
+            assert keeps(sock) and keeps(sock)
+        assert b"close" not in backend.heads[-1]
+        assert sidecar.proc.poll() is None
+    finally:
+        sidecar.close()
+        backend.close()

@@ -48,7 +48,8 @@ While the flag is set the gateway listeners' keep-alive clients are told
 to leave, as Envoy's listeners of the default drain type do while its
 health check is failed (``DrainManagerImpl::drainClose()``): every answer
 on such a connection says ``connection: close`` and the connection closes
-after it (Worker.fail_health_check). A connection between requests is
+after it (Worker.fail_health_check; with ``--http-routing connection``, a
+connection's first request tells its upstream so). A connection between requests is
 left open until its next answer (Envoy closes idle ones only in a drain
 proper), and the app's outbound connections are left alone (Envoy's
 advice for egress listeners, ``modify_only``). :meth:`AdminSource.fail_health_check`

@@ -440,6 +440,10 @@ class Worker:
         )
         self._tcp_open: dict[int, LabelSet] = {}
         self._tcp_keys: dict[tuple[_TcpDestination, int], LabelSet] = {}
+        # /healthcheck/fail (fail_health_check): with --http-routing
+        # connection, a gateway listener's connection taken meanwhile sends
+        # its first request saying close (_said_close)
+        self._health_check_failed = False
         self.draining = False
         self.inbound_until = 0.0  # draining: inbound accepted until then (--drain-inbound)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -823,7 +827,15 @@ class Worker:
         ``discourage``: Envoy's drain close while the server's health
         check is failed, which moves a load balancer's keep-alive clients
         off the pod with its new connections). The app's own connections
-        (outbound) are left alone. A drain goes on whatever this says."""
+        (outbound) are left alone. A drain goes on whatever this says.
+
+        With ``--http-routing connection`` (no relay) the answers are the
+        upstream's, relayed at L4: a gateway listener's connection taken
+        meanwhile sends its first request saying ``connection: close``
+        (:func:`_said_close`), so that its upstream answers so and closes
+        it after that answer, the client told; one relayed before cannot
+        be told."""
+        self._health_check_failed = failed
         if self.relay is not None:
             self.relay.discourage(failed)
 
@@ -1128,7 +1140,10 @@ class Worker:
             c = self._classify(table, origin, head)
             if head is not None and origin is not None and _no_path(head, origin, c):
                 raise Refused(ABSOLUTE_PATH_REJECTED, 404, "")  # (as _decide_request's)
-        return await self._act(conn, c, origin, table, head, pending, clog, inbound_ok)
+        routed = await self._act(conn, c, origin, table, head, pending, clog, inbound_ok)
+        if head is not None and lst.mode == "gateway" and self._health_check_failed:
+            return routed._replace(pending=_said_close(head, routed.pending))
+        return routed
 
     def _classify(
         self, table: RouteTable, origin: Origin | None, head: peek.RequestHead | Unread | None
@@ -2182,6 +2197,24 @@ class _ConnLog:
         if self.http:  # (its 400's, as a head the parser refused: DPE, no destination)
             return rec._replace(status=self.status, local=True, flags=self.flags)
         return rec
+
+
+def _said_close(head: peek.RequestHead, pending: bytes) -> bytes:
+    """*pending* (a connection's first request, *head*, and what followed
+    it) with ``connection: close`` added to its head, as the last line
+    (``--http-routing connection`` while the health check is failed: the
+    upstream answers saying close, and closes). As it was where the head
+    closes already (HTTP/1.0 without keep-alive, a ``close`` of its own)
+    or asks for a tunnel (Upgrade, CONNECT: Envoy says close on no such
+    answer)."""
+    if not head.keep_alive or head.method == "CONNECT":
+        return pending
+    if any(name == "upgrade" for name, _ in head.headers):
+        return pending
+    end = pending.find(b"\r\n\r\n")  # (the head's: a bare LF was refused, see peek)
+    if end < 0:
+        return pending
+    return pending[: end + 2] + b"connection: close\r\n" + pending[end + 2 :]
 
 
 def _sockname(sock: socket.socket) -> str | None:
