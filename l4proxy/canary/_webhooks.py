@@ -32,7 +32,10 @@ and what its answer does:
   written; its failure is only logged.
 * ``event``: every line the command prints is POSTed to it, as plain
   text (each event, and each warning or error on stderr, a ``Warning``);
-  its failure is only logged.
+  its failure is only logged. Sent in the background, as Flagger's
+  events are (:class:`EventSender`): a slow or hanging receiver never
+  holds the analysis; the gates and the other types are called in line,
+  their answers awaited, as Flagger's are.
 
 What an answer means is Flagger's too: a status of 200 to 202 passes
 (Flagger's ``r.StatusCode > 202`` fails), anything else fails, and so does
@@ -83,10 +86,12 @@ import json
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal, get_args
@@ -123,6 +128,10 @@ RETRY_WAIT_MAX = 30.0
 BODY_LIMIT = 64 * 1024
 # The most of that first line a reason quotes.
 DETAIL_LIMIT = 200
+
+# The events an event hook's sender keeps queued while it waits for an
+# answer (EventSender); past that, the oldest is dropped.
+EVENT_QUEUE = 64
 
 # Go's time.ParseDuration, as Flagger reads a hook's timeout ("30s", "2m",
 # "1m30s", "1.5s", "500ms").
@@ -698,3 +707,95 @@ def post(
             return HookResult(hook, result.status, result.detail, tries)
         sleep(min(RETRY_WAIT_MAX, RETRY_WAIT_MIN * 2 ** (tries - 1)))
         tries += 1
+
+
+# -- the events, in the background --------------------------------------------------
+class EventSender:
+    """The events of one ``event`` *hook*, POSTed by one thread of their own
+    (named ``l4proxy-canary-event``), one at a time and in order, so that
+    the analysis never waits for a receiver: Flagger sends its events
+    without blocking the rollout. A receiver slower than the events come
+    makes them wait in a queue of :data:`EVENT_QUEUE` at most; past that
+    the oldest queued is dropped (:attr:`dropped` counts them), so a hook
+    that hangs holds one thread and a bounded queue, never a thread or a
+    connection per event. Each call is :func:`post`'s, within the hook's
+    timeout (and retries). *done* hears each call's result, on the
+    sender's thread. :meth:`close` waits, within a deadline, for what is
+    queued; what it could not wait for is dropped."""
+
+    def __init__(
+        self,
+        hook: Webhook,
+        done: Callable[[HookResult], None],
+        post: Callable[[Webhook, Mapping[str, Any]], HookResult] = post,
+        limit: int = EVENT_QUEUE,
+    ) -> None:
+        self.hook = hook
+        self.dropped = 0  # the oldest queued, dropped for a newer one
+        self._done = done
+        self._post = post
+        self._limit = limit
+        self._queue: deque[Mapping[str, Any]] = deque()
+        self._busy = False  # a call under way
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def send(self, document: Mapping[str, Any]) -> bool:
+        """Queue *document* for the hook, at once; False where the oldest
+        queued was dropped to make room for it (or the sender is closed:
+        nothing is sent after :meth:`close`)."""
+        with self._cond:
+            if self._closed:
+                return False
+            room = len(self._queue) < self._limit
+            if not room:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(document)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"l4proxy-canary-event {self.hook}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+            return room
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # closed, and nothing left
+                document = self._queue.popleft()
+                self._busy = True
+            try:
+                result = self._post(self.hook, document)
+            except Exception as exc:  # (post answers every failure; a bug must not end the thread)
+                result = HookResult(self.hook, None, f"not sent ({type(exc).__name__}: {exc})")
+            try:
+                self._done(result)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def close(self, deadline: float) -> int:
+        """Send nothing more once what is queued is sent, waiting for it
+        until *deadline* (``time.monotonic()``'s); what is left then (the
+        call under way, and the queue) is given up, and its count
+        returned. A call under way goes on to its own timeout on the
+        sender's thread, which then ends (a daemon: it never holds the
+        process's exit)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            unsent = len(self._queue) + (1 if self._busy else 0)
+            self._queue.clear()
+            return unsent

@@ -132,7 +132,9 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   payloads say); the rollback hooks are asked before each verdict, and a
   pass is an end (:func:`_end_here`); the post-rollout hooks hear each end
   written, the event hooks each line printed (:attr:`Display.notify`, and
-  stderr's: :func:`complain`), their failures only logged. ``promote`` and
+  stderr's: :func:`complain`), their failures only logged; the events go
+  in the background (:meth:`Hooks.notify`: a receiver that hangs never
+  holds the analysis), every other call in line. ``promote`` and
   ``abort`` call the post-rollout and event hooks given to them
   (:func:`_hand_hooks`).
 
@@ -181,6 +183,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.parse
@@ -256,6 +259,8 @@ from l4proxy.canary._metrics import (
     window,
 )
 from l4proxy.canary._webhooks import (
+    EVENT_QUEUE,
+    EventSender,
     HookResult,
     Post,
     Webhook,
@@ -409,7 +414,9 @@ The types:
   post-rollout              after a promotion or rollback is written; a failure
                             is only logged
   event                     every line the command prints, stderr's too (as a
-                            Warning), in plain text; failures only logged
+                            Warning), in plain text, sent in the background (a
+                            slow receiver never holds the analysis: 64 queued
+                            at most, the oldest dropped); failures only logged
 While the start's webhooks hold it, no route is written: the state records the
 rollout waiting (status: 'waiting to start ... held since ... by ...'); abort
 ends it (the waiting command stops at its next interval), promote refuses it,
@@ -2723,6 +2730,11 @@ def stamp(at: float | None = None) -> str:
 _HEARD: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
     "l4proxy_canary_heard", default=None
 )
+# The Hooks of the run under way, whose event senders run() closes as it
+# returns (after its last line, an error's included, was told them).
+_SENDING: contextvars.ContextVar[list[Hooks] | None] = contextvars.ContextVar(
+    "l4proxy_canary_sending", default=None
+)
 
 
 def complain(err: TextIO | None, text: str, heard: bool = True) -> None:
@@ -3190,9 +3202,11 @@ class Hooks:
     called in order, up to the first whose answer decides
     (:func:`~l4proxy.canary._webhooks.decided`). What the answers do to the
     rollout is the analysis' (the caller); said here: each event to the
-    ``event`` hooks (:meth:`notify`, a failing one warned of on stderr once
-    until it answers again), and the post-rollout hooks' answers
-    (:meth:`post_rollout`). *post* does the POST (a test may count them)."""
+    ``event`` hooks (:meth:`notify`: in the background, each hook's
+    :class:`~l4proxy.canary._webhooks.EventSender`, a failing one warned of
+    on stderr once until it answers again; :meth:`close` as the command
+    ends), and the post-rollout hooks' answers (:meth:`post_rollout`).
+    *post* does the POST (a test may count them)."""
 
     def __init__(
         self,
@@ -3212,6 +3226,12 @@ class Hooks:
         self.checksum = ""
         # the phase of the last event told: a warning's (warned)
         self.phase = "Initialized"
+        # each event hook's sender, started at its first event; closed as
+        # run() returns (_SENDING), or by the caller (close)
+        self.senders: dict[Webhook, EventSender] = {}
+        self._lock = threading.Lock()  # failing, from the senders' threads
+        if (sending := _SENDING.get()) is not None:
+            sending.append(self)
 
     def has(self, kind: str) -> bool:
         return any(h.type == kind for h in self.hooks)
@@ -3230,34 +3250,81 @@ class Hooks:
 
     def notify(self, message: str, warning: bool, phase: str) -> None:
         """POST an event (*message*, a line as the command prints it, in
-        plain text) to every ``event`` hook; a failure is only logged, once
-        until that hook answers again (an event hook down must not stop
-        the analysis, nor write a line per event)."""
+        plain text) to every ``event`` hook, in the background: queued for
+        the hook's sender, which calls it in turn (Flagger sends its events
+        without blocking the rollout: a receiver that hangs must not hold
+        the analysis). A failure is only logged, once until that hook
+        answers again (an event hook down must not stop the analysis, nor
+        write a line per event); so is a drop (the queue full: a receiver
+        slower than the events), once, and their count as it ends."""
         self.phase = phase
+        now = time.time()  # the event's time, whenever it is sent
         for h in self.hooks:
             if h.type != "event":
                 continue
             body = event_payload(
-                h,
-                self.service,
-                self.namespace,
-                phase,
-                self.checksum,
-                message,
-                warning,
-                time.time(),
+                h, self.service, self.namespace, phase, self.checksum, message, warning, now
             )
-            result = self.post(h, body)
-            if result.ok:
-                self.failing.discard(h)
-            elif h not in self.failing:
-                self.failing.add(h)
+            sender = self.senders.get(h)
+            if sender is None:
+                sender = self.senders[h] = EventSender(h, self._sent, self._post_event)
+            if not sender.send(body) and sender.dropped == 1:
                 complain(
                     self.err,
-                    f"warning: {result}; an event webhook's failure is only logged (said "
-                    "once until it answers again)",
+                    f"warning: {h}: it answers slower than the events come; the oldest "
+                    f"queued are dropped (the last {EVENT_QUEUE} kept, their count said as "
+                    "the command ends)",
                     heard=False,
                 )
+
+    def _post_event(self, hook: Webhook, body: Mapping[str, Any]) -> HookResult:
+        return self.post(hook, body)
+
+    def _sent(self, result: HookResult) -> None:
+        """An event's call done (on its sender's thread): a failure said
+        once until that hook answers again."""
+        h = result.hook
+        with self._lock:
+            if result.ok:
+                self.failing.discard(h)
+                return
+            if h in self.failing:
+                return
+            self.failing.add(h)
+        complain(
+            self.err,
+            f"warning: {result}; an event webhook's failure is only logged (said "
+            "once until it answers again)",
+            heard=False,
+        )
+
+    def close(self, wait: float | None = None) -> None:
+        """As the command ends: wait for the events queued, at most *wait*
+        seconds (None: the longest event hook's timeout, which bounds the
+        call under way, and a second for its end to be seen), each sender
+        within what is left of it, and say what was dropped or left unsent,
+        per hook. Nothing is sent after."""
+        senders = list(self.senders.values())
+        if not senders:
+            return
+        if wait is None:
+            wait = max(s.hook.timeout for s in senders) + 1.0
+        deadline = time.monotonic() + wait
+        for sender in senders:
+            unsent = sender.close(deadline)
+            lost = []
+            if sender.dropped:
+                lost.append(
+                    f"{sender.dropped} events dropped while it answered slower than they "
+                    f"came (the last {EVENT_QUEUE} kept)"
+                )
+            if unsent:
+                lost.append(
+                    f"{unsent} events not sent: still queued or unanswered {wait:g} s after "
+                    "the command ended"
+                )
+            if lost:
+                complain(self.err, f"warning: {sender.hook}: {'; '.join(lost)}", heard=False)
 
     def warned(self, text: str) -> None:
         """What the command said on stderr (:func:`complain`: a warning, an
@@ -3304,10 +3371,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     # what this run says on stderr goes to its event webhooks once they are
     # known (_HEARD), its last error included; none past its return
     token = _HEARD.set(None)
+    sending = _SENDING.set([])
     try:
         return _run(args, out, err)
     finally:
         _HEARD.reset(token)
+        for hooks in _SENDING.get() or []:
+            hooks.close()
+        _SENDING.reset(sending)
 
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
