@@ -69,7 +69,9 @@ PROMOTION = ("confirm-traffic-increase", "confirm-promotion")
         # 50 -> 100, a last step of 100: every request to the canary, the
         # promotion in all but name, is confirmed before it is written
         (WEIGHTED, 1, PASS, PROMOTION),
-        (WEIGHTED, 2, PASS, ()),  # at 100: its raise was the promotion's gate
+        # at 100, its raise confirmed by no confirm-promotion webhook (a
+        # state from before it was asked there): asked before the promotion
+        (WEIGHTED, 2, PASS, ("confirm-promotion",)),
         (WEIGHTED, 1, FAIL, ()),
         (WEIGHTED, 1, HALT, ()),
         (MIRRORED, 0, PASS, ()),  # mirror 1 -> mirror 2: no weight moves
@@ -81,6 +83,25 @@ def test_the_gates_a_pass_goes_through(
     policy: Policy, step: int, result: Check, gates: tuple[str, ...]
 ) -> None:
     assert gates_of(policy, _at(policy, step), result) == gates
+
+
+def test_a_raise_to_100_confirmed_is_not_asked_again() -> None:
+    """At a last step of 100 whose raise a confirm-promotion webhook
+    confirmed, the pass promotes with no gate; the raise records it, and
+    only where the gate's webhooks said yes (none called: not)."""
+    at_50 = _at(WEIGHTED, 1)
+    assert gates_of(WEIGHTED, replace(_at(WEIGHTED, 2), promotion_confirmed=True), PASS) == ()
+    raised = advance(WEIGHTED, at_50, PASS, 1.0, promotion_confirmed=True).rollout
+    assert (raised.weight, raised.promotion_confirmed) == (100, True)
+    assert gates_of(WEIGHTED, raised, PASS) == ()
+    unconfirmed = advance(WEIGHTED, at_50, PASS, 1.0).rollout
+    assert (unconfirmed.weight, unconfirmed.promotion_confirmed) == (100, False)
+    assert gates_of(WEIGHTED, unconfirmed, PASS) == ("confirm-promotion",)
+    # kept in the state; a state without it (an earlier version's): not confirmed
+    assert Rollout.from_json(raised.to_json()) == raised
+    old = raised.to_json()
+    del old["promotion_confirmed"]
+    assert Rollout.from_json(old).promotion_confirmed is False
 
 
 def test_the_gate_of_an_ab_test_is_the_promotion_alone() -> None:

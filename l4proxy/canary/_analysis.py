@@ -884,6 +884,11 @@ class Rollout:
     # what holds it where it is, while something does (a waiting
     # rollout's webhook, a confirm gate that holds a pass); None: nothing
     hold: Hold | None = None
+    # whether a confirm-promotion webhook answered 2xx for the raise to
+    # its weight of 100 (a last step of 100, or a first: --steps 100);
+    # until one did (a run without one, a state from before the gate was
+    # asked there), the pass at that step asks it (gates_of)
+    promotion_confirmed: bool = False
 
     @property
     def mirrored(self) -> bool:
@@ -966,6 +971,7 @@ class Rollout:
                 checksum=str(data.get("checksum") or ""),
                 started=bool(data.get("started", True)),
                 hold=None if data.get("hold") is None else Hold.from_json(data["hold"]),
+                promotion_confirmed=bool(data.get("promotion_confirmed", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad state: {exc}") from exc
@@ -1250,7 +1256,12 @@ def gates_of(policy: Policy, rollout: Rollout, result: Check) -> tuple[Gate, ...
       promotion, or the raise to a last step of 100, which sends the
       canary every request: the promotion in all but name (asked after
       it, every request already the canary's, it approved nothing); the
-      pass at such a step then promotes without a gate.
+      pass at such a step then promotes without a gate, where a
+      confirm-promotion webhook confirmed the raise
+      (:attr:`Rollout.promotion_confirmed`). Where none did (the raise
+      made without one, or by a version that asked it only at the
+      promotion: a state it wrote has no record of it), that pass asks
+      it: a resumed rollout is never promoted past the gate.
 
     The shell asks the gates' webhooks, up to the first that holds, and
     hands :func:`advance` what it said."""
@@ -1258,6 +1269,8 @@ def gates_of(policy: Policy, rollout: Rollout, result: Check) -> tuple[Gate, ...
         return ()
     steps = rollout.steps or policy.stages
     last = rollout.step + 1 >= len(steps)
+    if last and rollout.weight == 100 and not rollout.promotion_confirmed:
+        return ("confirm-promotion",)
     weight = 100 if last else steps[rollout.step + 1]
     return _gates(rollout, rollout.weight, weight)
 
@@ -1294,7 +1307,12 @@ def with_hook_failures(graded: Check, reasons: Sequence[str]) -> Check:
 
 
 def advance(
-    policy: Policy, rollout: Rollout, result: Check, now: float, held: Hold | None = None
+    policy: Policy,
+    rollout: Rollout,
+    result: Check,
+    now: float,
+    held: Hold | None = None,
+    promotion_confirmed: bool = False,
 ) -> Event:
     """Apply one graded interval to a progressing rollout. *held*: the gate
     of :func:`gates_of` that holds it (None: none, or they passed): a pass
@@ -1302,7 +1320,10 @@ def advance(
     rollout at its stage, the hold recorded in it (since the first time
     that gate held it), and the event says why. A pass that moves on, or
     an end, clears the hold; a fail or a halt keeps it (the gate was not
-    asked: Flagger's WaitingPromotion lasts through failed checks)."""
+    asked: Flagger's WaitingPromotion lasts through failed checks).
+    *promotion_confirmed*: a confirm-promotion webhook answered 2xx for
+    this pass; a raise to a last step of 100 records it
+    (:attr:`Rollout.promotion_confirmed`)."""
     if rollout.phase != "progressing":
         return Event(rollout.phase, rollout)  # type: ignore[arg-type]
     r = replace(rollout, checks=rollout.checks + 1, updated=now)
@@ -1351,6 +1372,8 @@ def advance(
         r = replace(r, phase="promoted", weight=100, reason="every step passed")
         return Event("promoted", r, result, before, mirrored)
     r = replace(r, step=r.step + 1, weight=steps[r.step + 1])
+    if r.weight == 100:
+        r = replace(r, promotion_confirmed=promotion_confirmed)
     return Event("check", r, result, before, mirrored)
 
 

@@ -4011,7 +4011,9 @@ def _analyse(
                 if holds := holding(got):
                     held = Hold(gate, holds, now)
                     break
-            ev = advance(policy, r, graded, now, held=held)
+            # (a confirm-promotion webhook said yes: a raise to 100 records it)
+            confirmed = held is None and any(g.hook.type == "confirm-promotion" for g in gated)
+            ev = advance(policy, r, graded, now, held=held, promotion_confirmed=confirmed)
             new = own(ev.rollout)
             try:
                 try:
@@ -4343,8 +4345,9 @@ def _before_start(
                     got = hooks.call(gates[0], "Progressing")
                     if why := holding(got):
                         hold = Hold(gates[0], why, now)
-                    else:
-                        gates.pop(0)
+                    elif gates.pop(0) == "confirm-promotion":
+                        # a first stage of 100 (--steps 100): its raise confirmed
+                        r = replace(r, promotion_confirmed=True)
                 else:
                     return Event("start", started(r)), last
                 if hold is None and said is not None:
