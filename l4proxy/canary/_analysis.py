@@ -1036,9 +1036,12 @@ def resume(
       stable at once, unjudged, and a promotion stands (the other way
       round, a new rollout, is how to go back);
     * other versions still progressing: :class:`Conflict`;
-    * a rollout that never started (``waiting``: its command stopped while
-      its webhooks held it, so nothing of it was written): a new rollout,
-      whatever its versions;
+    * a rollout waiting to start (``waiting``: its command was killed while
+      its webhooks held it, or given up since; nothing of it was written
+      but its state): resumed, still waiting, with its checksum, its
+      failed checks and what holds it (the gates it passed are not asked
+      again), where this run's plan is its own (:func:`_same_plan`) and
+      not *restart*; else a new rollout, whatever its versions;
     * the same versions progressing in the other mode (*gateway* None or
       not, as the saved one's is not): :class:`Conflict`; in the same mode
       with another port or other Gateways: :class:`Conflict` too. A finished
@@ -1056,7 +1059,15 @@ def resume(
       kind mid-analysis.
     """
     if saved is not None and saved.phase == "waiting":
-        return _start(policy, service, stable, canary, saved, now, gateway, affinity)
+        if restart or not _same_plan(saved, policy, stable, canary, gateway, affinity):
+            return _start(policy, service, stable, canary, saved, now, gateway, affinity)
+        if saved.affinity is not None and affinity is not None:
+            # (its value drawn at its start; no client holds it yet)
+            ages = replace(
+                saved.affinity, max_age=affinity.max_age, primary_max_age=affinity.primary_max_age
+            )
+            saved = replace(saved, affinity=ages)
+        return Event("resume", replace(saved, judged=now))
     same = saved is not None and (saved.stable, saved.canary) == (stable, canary)
     if saved is not None and same and saved.phase == "progressing":
         if (saved.gateway is None) != (gateway is None):
@@ -1164,6 +1175,36 @@ def resume(
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     return _start(policy, service, stable, canary, saved, now, gateway, affinity)
+
+
+def _same_plan(
+    saved: Rollout,
+    policy: Policy,
+    stable: str,
+    canary: str,
+    gateway: GatewayRoute | None,
+    affinity: SessionAffinity | None,
+) -> bool:
+    """Whether a run of *policy* (the versions, *gateway*, *affinity*
+    given) would start the rollout *saved* waits to start: the same
+    versions, mode, port and Gateways, stages, ``--match`` alternatives
+    and cookies. Another plan is another rollout."""
+    g = saved.gateway
+    if (g is None) != (gateway is None):
+        return False
+    if (
+        g is not None
+        and gateway is not None
+        and (g.port != gateway.port or set(g.gateways) != set(gateway.gateways))
+    ):
+        return False
+    had = None if saved.affinity is None else saved.affinity.identity()
+    return (
+        (saved.stable, saved.canary) == (stable, canary)
+        and saved.steps == policy.stages
+        and set(saved.match) == set(policy.match)
+        and had == (None if affinity is None else affinity.identity())
+    )
 
 
 def _start(

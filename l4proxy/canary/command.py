@@ -260,6 +260,7 @@ from l4proxy.canary._metrics import (
 )
 from l4proxy.canary._webhooks import (
     EVENT_QUEUE,
+    GATES,
     EventSender,
     HookResult,
     Post,
@@ -420,10 +421,12 @@ The types:
 While the start's webhooks hold it, no route is written: the state records the
 rollout waiting (status: 'waiting to start ... held since ... by ...'); abort
 ends it (the waiting command stops at its next interval), promote refuses it,
-Ctrl-C ends the wait (exit 3) and puts the state back. While confirm-promotion
-holds, status says 'waiting for promotion'. promote and abort call the
-post-rollout and event webhooks given to them (post-rollout not where a running
-command holds the rollout: it calls its own); status calls none.
+Ctrl-C ends the wait (exit 3) and puts the state back. A command killed while
+it waits (SIGKILL) leaves it waiting (status: 'nothing runs it'): the same
+command run again resumes the wait where it stood, its failed checks counted.
+While confirm-promotion holds, status says 'waiting for promotion'. promote and
+abort call the post-rollout and event webhooks given to them (post-rollout not
+where a running command holds the rollout: it calls its own); status calls none.
 e.g. --webhook confirm-promotion=http://flagger-loadtester.test/gate/check
 
 exit status:
@@ -2883,7 +2886,13 @@ class Display:
             )
             if self.webhooks:
                 head += f"; {self.webhooks}"
-            if ev.kind == "resume":
+            if ev.kind == "resume" and r.phase == "waiting":
+                # its command was killed while the start's webhooks held it
+                head += (
+                    f"\n  resumed waiting to start (nothing routed to {r.canary} yet, "
+                    f"{r.failed_checks} failed checks so far)"
+                )
+            elif ev.kind == "resume":
                 at = (
                     f"A/B {r.step + 1}/{len(r.steps)}"
                     if r.ab_testing
@@ -3561,7 +3570,12 @@ def _by_hand(action: str, store: Store, args: argparse.Namespace, out: TextIO, e
             _hand_post_rollout(hooks, saved, loaded, as_json, out)
             return EXIT_NOT_SERVED
     if as_json:
-        print(json.dumps(saved.to_json()), file=out)
+        shown = saved.to_json()
+        if action == "status":
+            # (the state's owner is the command that ran it last)
+            now_by = running(saved)
+            shown["run_by"] = None if now_by is None else now_by.to_json()
+        print(json.dumps(shown), file=out)
     else:
         print(f"{stamp()} {status_line(saved)}", file=out)
     if action != "status":
@@ -3651,12 +3665,48 @@ def status_line(r: Rollout) -> str:
         at += f"step {r.step + 1}/{len(r.steps)},"
     else:
         at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
-    busy = r.phase in ("waiting", "progressing")
-    run_by = f"; run by {r.owner}" if r.owner is not None and busy else ""
     return (
         f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {phase_words(r)} {at} "
         f"{r.failed_checks} failed checks, "
-        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + held + run_by
+        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + held + run_by_words(r)
+    )
+
+
+def running(r: Rollout, me: Owner | None = None, now: float | None = None) -> Owner | None:
+    """The command that runs *r* (waiting or progressing) now, as *me*
+    (this process) can tell: its owner where that process runs (this host
+    and pid namespace) or its lease lasts (elsewhere: :func:`alive`);
+    None where it has none, or one SIGKILLed, or lost with its node, that
+    the state still names."""
+    if r.owner is None or r.phase not in ("waiting", "progressing"):
+        return None
+    me = me or this_process(0.0)
+    return r.owner if alive(r.owner, me, time.time() if now is None else now) else None
+
+
+def run_by_words(r: Rollout) -> str:
+    """Who runs *r*, as ``status`` says it: ``; run by pid 7 on HOST``,
+    or, where no command does (none named: given up; or the one named is
+    gone: SIGKILLed, its node lost, its lease over), that nothing does and
+    how to go on. "" for a rollout that ended."""
+    if r.phase not in ("waiting", "progressing"):
+        return ""
+    me = this_process(0.0)
+    if running(r, me) is not None:
+        return f"; run by {r.owner}"
+    o = r.owner
+    gone = ""
+    if o is not None and o.same_host(me):
+        gone = f": its command ({o}) is gone"
+    elif o is not None:
+        gone = (
+            f": its command ({o}, elsewhere: it cannot be asked from here) holds it no more, "
+            f"its lease over since {stamp(o.lease_until)}"
+        )
+    ends = "abort" if r.phase == "waiting" else "promote|abort"
+    return (
+        f"; nothing runs it{gone}; run the same command again to resume it, or l4proxy "
+        f"canary {ends} {r.service}"
     )
 
 
@@ -3833,7 +3883,8 @@ def _analyse(
         return EXIT_LEFT
     # the command this one takes the rollout over from: one whose process
     # is gone (this host), or whose hold ended (elsewhere)
-    prior = saved.owner if saved is not None and saved.phase == "progressing" else None
+    busy = ("waiting", "progressing")
+    prior = saved.owner if saved is not None and saved.phase in busy else None
     with _left_if_refused(saved):
         store.check_competing(
             gateway_api=gateway_api,
@@ -3883,8 +3934,11 @@ def _analyse(
         gone = "its process is gone" if prior.same_host(me) else "its hold ended"
         taken = f"taken over from {prior}: {gone}"
     starts = ("confirm-rollout", "pre-rollout", "rollback", *first_gates(r))
-    gated_start = ev.kind == "start" and any(hooks.has(k) for k in starts)
-    if gated_start:
+    # a wait resumed (its command killed while the start's webhooks held
+    # it) goes on waiting, where it stood, whatever webhooks are given now
+    resumed_wait = ev.kind == "resume" and r.phase == "waiting"
+    gated_start = resumed_wait or (ev.kind == "start" and any(hooks.has(k) for k in starts))
+    if gated_start and not resumed_wait:
         # nothing is written until the start's webhooks let it (a new
         # rollout only: a resumed one was started); said so, in --json too
         r = own(waiting(r))
@@ -3893,12 +3947,22 @@ def _analyse(
     before_wait = loaded  # the state before this command (put back if it never starts)
     if gated_start:
         try:
-            opened, loaded = _before_start(policy, r, hooks, display, store, loaded, own)
+            opened, loaded = _before_start(
+                policy, r, hooks, display, store, loaded, own, resumed_wait
+            )
         except Superseded as exc:
             # aborted while it waited (or taken over): nothing to write
             return _ended_by_hand(display, exc.current, exc.ours or r, hooks)
         except KeyboardInterrupt:
             print(file=err)  # (after the ^C a terminal shows)
+            if resumed_wait:
+                complain(
+                    err,
+                    f"interrupted before the rollout of {service} started (its webhooks held "
+                    f"it); nothing routed to {r.canary}, and it still waits, run by no command: "
+                    f"run the same command again to resume it, or l4proxy canary abort {service}",
+                )
+                return EXIT_LEFT
             complain(
                 err,
                 f"interrupted before the rollout of {service} started (its webhooks held it); "
@@ -4270,6 +4334,7 @@ def _before_start(
     store: Store,
     loaded: Rollout | None,
     own: Callable[[Rollout], Rollout],
+    resumed: bool = False,
 ) -> tuple[Event, Rollout | None]:
     """A new rollout *r* (:func:`~l4proxy.canary._analysis.waiting`: its
     first stage not written) once its webhooks let it start, every
@@ -4296,15 +4361,31 @@ def _before_start(
     (``waiting: ...``) and again when what it says changes, with progress
     lines between; its opening is said too. A Ctrl-C or SIGTERM
     (KeyboardInterrupt, raised on) puts the state back as it was before
-    (*loaded*). Returns ``start`` with the rollout as it starts (its
-    failed checks counted), or ``rolled_back`` to write, and the state as
-    last written (what the next write expects)."""
-    confirmed = not hooks.has("confirm-rollout")
-    asked = confirmed  # whether the confirm-rollout gate was asked (Initialized until then)
-    passed = not hooks.has("pre-rollout")
-    gates = [g for g in first_gates(r) if hooks.has(g)]
+    (*loaded*). *resumed*: *r* is a wait resumed (*loaded*, its command
+    killed while its webhooks held it), which goes on where its hold says
+    it stood (the steps before it taken: confirm-rollout, the pre-rollout
+    hooks, the first gates, in that order), Waiting from its first call;
+    a Ctrl-C or SIGTERM leaves it waiting, as last written, with no owner
+    (it is the rollout's, not this command's to undo). Returns ``start``
+    with the rollout as it starts (its failed checks counted), or
+    ``rolled_back`` to write, and the state as last written (what the
+    next write expects)."""
+    # a wait *resumed* goes on where its hold says it stood: the steps
+    # before it were taken (the gates passed, the pre-rollout hooks too)
+    held = r.hold.gate if resumed and r.hold is not None else ""
+    stood = START_ORDER.index(held) if held in START_ORDER else 0
+    confirmed = not hooks.has("confirm-rollout") or stood > 0
+    # whether the confirm-rollout gate was asked (Initialized until then)
+    asked = confirmed or resumed
+    passed = not hooks.has("pre-rollout") or stood > 1
+    gates = [g for g in first_gates(r) if hooks.has(g) and START_ORDER.index(g) >= stood]
     said: HookResult | None = None  # the call that holds the start, as last printed
     said_at = time.time()  # when it began to hold (the confirmation says how long)
+    # the gate that held a resumed wait (said by the command killed): its
+    # opening, the first call here, is said, with how long it held
+    reheld = held if held in GATES else ""
+    if reheld and r.hold is not None:
+        said_at = r.hold.since
     last = loaded  # the state as last written
     try:
         while True:
@@ -4350,14 +4431,14 @@ def _before_start(
                         r = replace(r, promotion_confirmed=True)
                 else:
                     return Event("start", started(r)), last
-                if hold is None and said is not None:
+                if hold is None and (said is not None or (got and got[-1].hook.type == reheld)):
                     r = replace(r, hold=None)
                     display.hook(r, got[-1], "confirmed", f"after {now - said_at:.0f} s")
                     said = None
                 elif hold is not None:
                     hold = _held_since(r, hold)
                     r = replace(r, hold=hold)
-                    if said is None:
+                    if said is None and not reheld:
                         said_at = now
                     if said is None or str(said) != str(got[-1]):
                         display.hook(
@@ -4367,6 +4448,7 @@ def _before_start(
                             f"nothing written yet; asked again every {policy.interval:g} s",
                         )
                     said = got[-1]
+                reheld = ""
             # recorded for status and abort (the owner's lease renewed): no route
             mine = own(r)
             try:
@@ -4378,10 +4460,20 @@ def _before_start(
             what = hold.gate if hold is not None else "pre-rollout"
             pause(policy.interval, display.progress, _not_started(r, what, hold))
     except KeyboardInterrupt:
-        if last is not loaded and last is not None:  # ours is written: put it back
+        if resumed and last is not None:
+            # the wait is the rollout's (a command killed left it), not
+            # this one's to undo: it stays, as last written, run by nobody
+            with contextlib.suppress(CanaryError, Superseded, OSError):
+                store.save_state(replace(last, owner=None), expected=last)
+        elif last is not loaded and last is not None:  # ours is written: put it back
             with contextlib.suppress(CanaryError, Superseded, OSError):
                 store.put_back(loaded, expected=last)
         raise
+
+
+# The steps of a new rollout's start, in the order _before_start takes
+# them: what holds a waiting rollout (its Hold's gate) says where it stood.
+START_ORDER = ("confirm-rollout", "pre-rollout", "confirm-traffic-increase", "confirm-promotion")
 
 
 def _held_since(r: Rollout, hold: Hold) -> Hold:
