@@ -1098,6 +1098,109 @@ def test_the_job_manifests_grant_only_what_the_command_sends() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def _configmap_volume(root: Path, data: dict[str, str]) -> Path:
+    """*data* laid out as the kubelet mounts a ConfigMap volume at *root*:
+    the keys in a timestamped directory, ``..data`` a link to it, and
+    each key a link to ``..data/KEY`` (an atomic update swaps ``..data``)."""
+    stamped = root / "..2026_12_07_06_00_00.1234567890"
+    stamped.mkdir(parents=True)
+    for key, text in data.items():
+        (stamped / key).write_text(text)
+    (root / "..data").symlink_to(stamped.name)
+    for key in data:
+        (root / key).symlink_to(f"..data/{key}")
+    return root
+
+
+def _job_webhooks() -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The canary Job's --webhooks, the volume mounted there and its mount."""
+    from l4proxy.cli import build_parser
+    from tests.test_deploy import K8S, kustomize
+
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(K8S / "canary")}
+    pod = objs[("Job", "l4proxy-canary-bootcamp")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    (where,) = build_parser("canary").parse_args(c["command"][1:]).webhooks
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == where]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    # the ConfigMap is the user's to give: not in the kustomization
+    assert not [o for o in objs.values() if o["kind"] == "ConfigMap"]
+    return where, volume, mount
+
+
+def test_the_job_takes_its_webhooks_from_an_optional_configmap(tmp_path: Path) -> None:
+    """The Job mounts the ConfigMap l4proxy-canary-webhooks, optional, read
+    only, where --webhooks reads a directory: with the example ConfigMap
+    (deploy/kubernetes/canary/webhooks.yaml), as the kubelet lays it out,
+    the command takes its hooks; without it (an empty directory), none.
+    (It had no way to give any.)"""
+    import argparse
+
+    from l4proxy.canary.command import CanaryError, webhooks_of
+    from tests.test_deploy import K8S
+
+    where, volume, mount = _job_webhooks()
+    assert where == "/etc/l4proxy-canary/webhooks"
+    assert volume["configMap"] == {"name": "l4proxy-canary-webhooks", "optional": True}
+    assert mount["readOnly"] is True
+    example = yaml.safe_load((K8S / "canary" / "webhooks.yaml").read_text())
+    assert (example["kind"], example["metadata"]["name"]) == (
+        "ConfigMap",
+        volume["configMap"]["name"],
+    )
+    mounted = _configmap_volume(tmp_path / "mounted", example["data"])
+
+    def given(path: Path) -> tuple[Any, ...]:
+        return webhooks_of(argparse.Namespace(webhook=[], webhooks=[str(path)]))
+
+    hooks = given(mounted)
+    assert [(h.name, h.type) for h in hooks] == [
+        ("load-test", "rollout"),
+        ("promotion gate", "confirm-promotion"),
+        ("rollback switch", "rollback"),
+    ]
+    (tmp_path / "absent").mkdir()  # an optional ConfigMap that is not there
+    assert given(tmp_path / "absent") == ()
+    # each key in name order; one that is not webhooks is named
+    both = _configmap_volume(
+        tmp_path / "both",
+        {"b.yaml": "- {name: b, url: 'http://b/'}", "a.yaml": "- {name: a, url: 'http://a/'}"},
+    )
+    assert [h.name for h in given(both)] == ["a", "b"]
+    broken = _configmap_volume(tmp_path / "broken", {"notes.txt": "some notes"})
+    with pytest.raises(CanaryError, match=r"--webhooks .*/broken/notes\.txt: webhooks is not a"):
+        given(broken)
+
+
+def test_a_rollout_calls_the_webhooks_of_a_mounted_configmap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real rollout given the Job's --webhooks directory, a ConfigMap
+    volume of two keys: the hooks of both are called."""
+    from tests.test_canary_webhooks import HookServer, always, rollout
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    with HookServer({"load": always(200), "notify": always(200)}).serving() as hooks:
+        mounted = _configmap_volume(
+            tmp_path / "webhooks",
+            {
+                "load.yaml": f"- {{name: load, url: '{hooks.url}/load'}}",
+                "notify.yaml": yaml.safe_dump(
+                    {
+                        "webhooks": [
+                            {"name": "n", "type": "post-rollout", "url": f"{hooks.url}/notify"}
+                        ]
+                    }
+                ),
+            },
+        )
+        code = rollout(rules, "--steps", "50", "--webhooks", str(mounted))
+    capsys.readouterr()
+    assert code == 0
+    assert (len(hooks.of("load")), len(hooks.of("notify"))) == (1, 1)
+
+
 def test_inject_http_routing_reaches_the_sidecar_command() -> None:
     from l4proxy.inject import InjectOptions, inject_text
 

@@ -392,8 +392,10 @@ Basic authorization; a 307 or 308 is followed with the POST again (10 at most).
 FILE is YAML in Flagger's form: a Canary (its spec.analysis.webhooks; among other
 documents, the kind: Canary one), a mapping with webhooks, or the list; each entry
 has name, url, and optionally type (rollout), timeout (30s, 2m), metadata
-(strings), retries, disableTLS. The output shows a hook's name and its URL's
-scheme and host (without a name, its path too), never a query or a password.
+(strings), retries, disableTLS. A directory is each file in it (a ConfigMap
+volume's keys), none where it is empty. The output shows a hook's name and its
+URL's scheme and host (without a name, its path too), never a query or a
+password.
 The types:
   confirm-rollout           before a new rollout writes anything, asked every
                             interval until it passes (manual approval)
@@ -692,7 +694,8 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="webhooks from a YAML file in Flagger's form: a Canary (only its "
         "spec.analysis.webhooks is read), a mapping with webhooks, or the list; "
-        "repeatable, after the --webhook ones",
+        "a directory: each file in it, in name order (a ConfigMap volume's keys; "
+        "none where it is empty); repeatable, after the --webhook ones",
     )
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
     p.add_argument(
@@ -3162,19 +3165,40 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
 def webhooks_of(args: argparse.Namespace) -> tuple[Webhook, ...]:
     """``--webhook TYPE=URL`` and ``--webhooks FILE``, in that order (the
     order a type's hooks are called in); exit 2 naming the option, the
-    file and the entry, before anything is written."""
+    file and the entry, before anything is written. A directory given to
+    ``--webhooks`` is each of its files (:func:`webhook_files`)."""
     try:
         hooks = [parse_option(t) for t in getattr(args, "webhook", None) or []]
-        for path in getattr(args, "webhooks", None) or []:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise WebhookError(f"--webhooks {path}: cannot read it ({exc})") from None
-            hooks.extend(parse_file(text, f"--webhooks {path}"))
+        for given in getattr(args, "webhooks", None) or []:
+            for path in webhook_files(given):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise WebhookError(f"--webhooks {path}: cannot read it ({exc})") from None
+                hooks.extend(parse_file(text, f"--webhooks {path}"))
     except WebhookError as exc:
         raise CanaryError(str(exc)) from None
     return tuple(hooks)
+
+
+def webhook_files(path: str) -> list[str]:
+    """The files ``--webhooks PATH`` reads: *path*; or, a directory, each
+    file in it whose name does not start with a dot, in name order, and
+    none where it has none. That is a ConfigMap volume as the kubelet
+    mounts it (``KEY`` a link to ``..data/KEY``, ``..data`` and its
+    timestamped directory hidden), each key a file of webhooks, and an
+    empty directory where the volume is ``optional`` and the ConfigMap
+    absent: the Job (deploy/kubernetes/canary) runs with the webhooks of
+    a ConfigMap of them, or with none."""
+    if not os.path.isdir(path):
+        return [path]
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise WebhookError(f"--webhooks {path}: cannot read the directory ({exc})") from None
+    files = [os.path.join(path, n) for n in names if not n.startswith(".")]
+    return [f for f in files if not os.path.isdir(f)]
 
 
 def flagger_phase(r: Rollout) -> str:
