@@ -377,3 +377,39 @@ def test_resume_takes_a_wait_up_where_its_plan_is_the_runs() -> None:
         assert other.kind == "start"
         assert (other.rollout.failed_checks, other.rollout.hold) == (0, None)
         assert other.rollout.checksum != saved.checksum
+
+
+def test_a_command_killed_while_confirm_promotion_holds_is_told_and_resumed(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other wait on a gate: confirm-promotion holds a progressing
+    rollout at 50 % and its command is SIGKILLed. status says the rollout
+    waits for promotion and that nothing runs it (it said "run by pid N");
+    run again, it resumes at 50 %, taken over, the hold kept (Flagger's
+    WaitingPromotion), and is promoted once the gate says yes."""
+    answers: dict[str, Answer] = {"gate": first(2, 403)}
+    given = [("confirm-promotion", "gate")]
+    with _killed_while_waiting(tmp_path, answers, given, "gate", "--steps", "50,100") as (
+        hooks,
+        pid,
+    ):
+        status = unstamped(_canary("status", "bootcamp", "--rules", str(tmp_path)).stdout)
+        assert re.fullmatch(
+            r"bootcamp: v1 -> v2 waiting for promotion at 50 % \S+ +step 1/2, 0 failed checks, "
+            rf"1 checks; held since \S+Z by confirm-promotion {re.escape(hooks.url)}/gate: "
+            rf"HTTP 403: said 403; nothing runs it: its command \(pid {pid} on \S+\) is gone; "
+            r"run the same command again to resume it, or l4proxy canary promote\|abort "
+            r"bootcamp",
+            status.strip(),
+        ), status
+        code = rollout(
+            tmp_path, "--steps", "50,100", "--webhook", hooks.hook("confirm-promotion", "gate")
+        )
+        calls = hooks.of("gate")
+    out = unstamped(capsys.readouterr().out)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[1] == "  resumed at 50 % (step 1/2, 0 failed checks so far)"
+    assert re.fullmatch(rf"  taken over from pid {pid} on \S+: its process is gone", lines[2])
+    assert [c["phase"] for c in calls] == ["Progressing", "WaitingPromotion", "WaitingPromotion"]
+    assert _routes(tmp_path) == [("v2", 100)]
