@@ -4695,7 +4695,7 @@ cdef int response_head(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
             if i >= n or (b[i] == CR and i + 1 >= n):
                 return 2 if n > R.max_head else 0
             if b[i] == LF:
-                return 2  # a bare LF ends the head: Python
+                return 2  # a bare LF ends the head: Python refuses it
             if b[i] == CR and b[i + 1] == LF:
                 end = i + 2
                 break

@@ -248,8 +248,13 @@ def test_response_head_parses_and_counts_its_bytes() -> None:
         "HTTP/1.1", 200, "OK", (("content-length", "5"), ("x-a", "spaced value")), len(raw) - 5
     )
     assert parse_response_head(b"HTTP/1.0 204\r\n\r\n") == ResponseHead("HTTP/1.0", 204, "", (), 16)
-    assert parse_response_head(b"HTTP/1.1 200 OK\nA: b\n\n") is not None  # bare LF, as requests
-    for partial in (b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nA: b\r\n\r"):
+    # (a bare LF is refused once the head's end is here: it waits as any)
+    for partial in (
+        b"",
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.1 200 OK\r\nA: b\r\n\r",
+        b"HTTP/1.1 200 OK\nA: b\r\n",
+    ):
         assert parse_response_head(partial) is None
 
 
@@ -262,6 +267,14 @@ RESPONSE_HEAD_BAD = [
     (b"HTTP/1.1 200 OK\r\nA: b\r\n c\r\n\r\n", "malformed response header line (code 11)"),
     (b"HTTP/1.1 200 OK\r\nA : b\r\n\r\n", "malformed response header line (code 14)"),
     (b"HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n", "CR without LF in the response head"),
+    # a bare LF ending any line, as in a request head (the first one found)
+    (b"HTTP/1.1 200 OK\nA: b\r\n\r\n", "LF without CR in the response head"),
+    (b"HTTP/1.1 200 OK\r\nA: b\nC: d\r\n\r\n", "LF without CR in the response head"),
+    (b"HTTP/1.1 200 OK\r\nA: b\n\r\n", "LF without CR in the response head"),
+    (b"HTTP/1.1 200 OK\r\nA: b\r\n\n", "LF without CR in the response head"),
+    (b"HTTP/1.1 200 OK\nA: b\n\n", "LF without CR in the response head"),
+    (b"HTTP/1.1 200 OK\nA: b\rc\r\n\r\n", "LF without CR in the response head"),
+    (b"\n\r\n", "LF without CR in the response head"),
 ]
 
 

@@ -1098,7 +1098,6 @@ HOP_ANSWERS = {
     "named": _ok(b"ok", b"X-D: 4\r\n"),
     "named_framing": _head(b"Host: h", b"Transfer-Encoding: chunked") + b"2\r\nok\r\n0\r\n\r\n",
     "named_many": _ok(b"ok", b"X-42: 42\r\nX-45: 45\r\nX-48: 48\r\n"),
-    "named_lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
 }
 
 
@@ -1115,6 +1114,26 @@ def test_a_persistent_answers_hop_by_hop_fields_go(name: str) -> None:
     out = both(conv(get(name), Settle(1), get("cl"), requests=2))
     assert out.clients == [(HOP_ANSWERS[name] + ANSWERS["cl"].data, False)]
     assert out.backend == [(sent_up(get(name)) + sent_up(get("cl")), "open")]
+
+
+@pytest.mark.parametrize("name", ["bare_lf", "bare_lf_close", "mixed_lf", "named_lf"])
+def test_a_response_head_with_a_bare_lf_is_a_502(name: str) -> None:
+    """A line of a response head ending in a bare LF (the status line, a
+    header line, the empty line) is refused as a head that cannot be framed
+    (502, the client kept: its request was read whole), where it went to
+    the client as it came (its hop-by-hop lines dropped, the rest with its
+    LFs): a client that ends lines only at CRLF read other headers than the
+    relay judged. Neither the backend's close nor its Connection lines
+    change that; the next request is answered on a new upstream connection."""
+    out = both(conv(get(name), Settle(1), get("cl"), requests=2))
+    ((received, closed),) = out.clients
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and not closed, received
+    assert rest == b"LF without CR in the response head" + ANSWERS["cl"].data
+    assert [state for _, state in out.backend] == [
+        "closed" if ANSWERS[name].close else "eof",
+        "open",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,16 @@ smuggling vector, and we forward bytes unmodified, so we cannot normalise)
   ones) is refused (502, §6.3 item 5).
 * A 101 to a request that did not ask to Upgrade, or any response to a
   request whose framing we refused, is an error of the server: 502.
+* A bare LF (an LF without the CR before it) ending a line of a response
+  head (the status line, a header line, the empty line that ends it) is
+  refused (502), as a bare CR is and as a request head's bare LF is (400).
+  §2.2 lets a recipient recognize a single LF as a line end, but the head
+  goes to the client as it came (its hop-by-hop lines dropped whole): a
+  client that ends lines only at CRLF would read ``X: y\nSet-Cookie: a``
+  as one field, and a head ending in ``\n\n`` as going on into the body,
+  other headers than the ones we judged (response splitting). Envoy,
+  HAProxy and nginx accept it and write the head out again with CRLF; we
+  never rewrite a head's lines, so we refuse.
 """
 
 from __future__ import annotations
@@ -146,9 +156,10 @@ def parse_response_head(
 ) -> ResponseHead | None:
     """The response head at the start of *data*, or None if incomplete.
 
-        Raises :class:`FramingError` (502) for a malformed head or one larger
-        than *max_head*. Lines end in CRLF or a bare LF (a request head's bare
-    LF is refused: _peek_py's "Decisions").
+    Raises :class:`FramingError` (502) for a malformed head or one larger
+    than *max_head*. The head ends at its first empty line; every line of
+    it must end in CRLF: a bare LF is refused (see "Decisions"), as in a
+    request head (_peek_py's "Decisions").
     """
     buf = bytes(data[:max_head]) if len(data) > max_head else bytes(data)
     if b"\n\r\n" not in buf and b"\n\n" not in buf:  # no end of head yet
@@ -164,8 +175,9 @@ def parse_response_head(
                 raise FramingError(502, f"response head larger than {max_head} bytes")
             return None
         line = buf[pos:nl]
-        if line.endswith(b"\r"):
-            line = line[:-1]
+        if not line.endswith(b"\r"):
+            raise FramingError(502, "LF without CR in the response head")
+        line = line[:-1]
         if b"\r" in line:
             raise FramingError(502, "CR without LF in the response head")
         pos = nl + 1
