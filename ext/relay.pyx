@@ -2791,6 +2791,7 @@ cdef struct Head:
     Py_ssize_t host_s, host_e
     long long cl
     int cl_error
+    bint cl_repeated       # a second Content-Length line, or a list ("5, 5")
     bint te_seen
     int te_lines
     bint te_chunked        # one Transfer-Encoding line, "chunked" alone
@@ -2837,6 +2838,7 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h,
     h.host_s = h.host_e = 0
     h.cl = -1
     h.cl_error = 0
+    h.cl_repeated = False
     h.te_seen = h.conn_close = h.conn_keep_alive = h.expect = h.upgrade = False
     h.te_lines = 0
     h.te_chunked = False
@@ -2871,6 +2873,9 @@ cdef void summarize(Relay *R, Scanner *s, const unsigned char *buf, Head *h,
                 h.host_s = vs
                 h.host_e = ve
         elif k == 14 and eq_lower(buf + ns, b"content-length", 14):
+            # (said again: upstream_head() sends it on one line, the pure relay)
+            if h.cl >= 0 or memchr(buf + vs, COMMA, <size_t>(ve - vs)) != NULL:
+                h.cl_repeated = True
             if h.cl_error == 0:
                 h.cl_error = parse_content_length(buf, vs, ve, &h.cl)
         elif k == 17 and eq_lower(buf + ns, b"transfer-encoding", 17):
@@ -2946,8 +2951,9 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
         return False
     if h.me - h.ms == 7 and memcmp(buf + h.ms, b"CONNECT", 7) == 0:
         return False
-    # (a Connection field that names fields: they go too, in the pure relay)
-    if h.cl_error or h.upgrade or h.drop_overflow or h.names_fields:
+    # (a Connection field that names fields: they go too, in the pure relay;
+    # a Content-Length said more than once goes as one line there)
+    if h.cl_error or h.cl_repeated or h.upgrade or h.drop_overflow or h.names_fields:
         return False
     # Expect: 100-continue goes up as it is, the 100 comes back as any
     # interim answer; another expectation goes to the pure relay

@@ -219,6 +219,19 @@ def test_upstream_head_drops_hop_by_hop_fields_and_those_connection_names() -> N
     )
 
 
+def test_upstream_head_says_a_repeated_content_length_once() -> None:
+    """RFC 9110 §8.6: equal values, on lines or in a list, go as one line in
+    the first one's place (its name as sent), beside the other drops; a
+    Connection naming it drops no length."""
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 2 , 2\r\nKeep-Alive: 1\r\n"
+        b"Connection: Content-Length, x-a\r\nX-A: 1\r\nContent-Length: 2\r\nX-B: 2\r\n\r\n"
+    )
+    assert _up(raw) == b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 2\r\nX-B: 2\r\n\r\n"
+    raw = b"POST / HTTP/1.0\r\nContent-Length: 0,0\r\nConnection: keep-alive\r\n\r\n"
+    assert _up(raw) == b"POST / HTTP/1.0\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+
+
 CHUNKED_REQ = (
     b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"

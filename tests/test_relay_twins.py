@@ -1436,6 +1436,8 @@ SMUGGLING: dict[str, bytes] = {
 SPLIT_POOLS = {
     "absolute_form_other_host",
     "expect_other",
+    "two_equal_cl",  # (sent with one Content-Length line by the pure relay)
+    "cl_list_equal",
 }
 
 

@@ -75,6 +75,15 @@ Decisions
   (next) and, on a gateway listener's connection, its forwarding headers
   before them (:meth:`Exchange.forward`, ``forwarding.py``), and bodies
   never are.
+* *One Content-Length* (RFC 9110 §8.6): a request whose Content-Length
+  is said more than once, equal values (on two lines, or a list on one:
+  ``5, 5``; the parser refuses differing ones), goes upstream with one
+  line, ``Content-Length: 5`` in the first one's place (its name as
+  sent), the others dropped, as HAProxy sends it: a server that refuses a
+  repeated Content-Length or a list (llhttp, Node's, does), or reads
+  ``5, 5`` as another number, would answer or frame otherwise than the
+  relay framed it. The compiled
+  twin hands such a head to the pure relay (``fast_head()``).
 * *Empty lines* before a request line (CRLF or a bare LF: RFC 9112 §2.2
   says a server SHOULD ignore at least one, and the parser skips them)
   are dropped with its head: the head sent upstream, a retry's and a
@@ -586,10 +595,15 @@ RESET_BEFORE_HEADERS_RETRIED: Final = (
 
 
 def upstream_head(raw: bytes, head: RequestHead) -> bytes:
-    """*raw* (the head's bytes) as sent upstream: see "Hop-by-hop fields".
+    """*raw* (the head's bytes) as sent upstream: see "Hop-by-hop fields"
+    and "One Content-Length".
 
     *raw* itself (the same object) when nothing is dropped."""
     lines = raw.split(b"\n")
+    lengths = [v for n, v in head.headers if n == "content-length"]
+    # (equal values: the parser refused any other)
+    merging = len(lengths) > 1 or (len(lengths) == 1 and "," in lengths[0])
+    merged = False
     upgrading = head.header("upgrade") is not None
     field: set[bytes] = set()
     upgrade: set[bytes] = set()  # what the Connection lines sent up name: kept
@@ -604,9 +618,15 @@ def upstream_head(raw: bytes, head: RequestHead) -> bytes:
     named = field - upgrade - _CLOSE_OR_KEEP - _NEVER_DROPPED
     kept = [lines[0]]
     for line in lines[1:]:
+        if merging and _field_name(line) == b"content-length":
+            if not merged:  # the first line says the one length, the others go
+                name = line.partition(b":")[0]
+                kept.append(b"%s: %d\r" % (name, head.content_length or 0))
+                merged = True
+            continue
         if _sent_up(line, head, named, upgrading):
             kept.append(line)
-    return b"\n".join(kept) if len(kept) < len(lines) else raw
+    return b"\n".join(kept) if len(kept) < len(lines) or merging else raw
 
 
 def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool) -> bool:

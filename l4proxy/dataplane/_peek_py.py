@@ -72,8 +72,9 @@ Decisions (RFC 9112 leaves them to the recipient)
   an upstream that reads Host, not the target, would serve another host
   than the one the request was routed by.
 * Content-Length: a comma list of equal values ("5, 5") and repeated equal
-  headers are accepted (§6.3); differing values, a non-digit, an empty
-  element, or more than 18 digits are a 400. Content-Length together with
+  headers are accepted (§6.3; the relay sends them on as one line, RFC
+  9110 §8.6: "One Content-Length" in _exchange_py.py); differing values, a
+  non-digit, an empty element, or more than 18 digits are a 400. Content-Length together with
   Transfer-Encoding is a 400 (§6.1 allows it; it is the request-smuggling
   case). Transfer-Encoding, over all its lines, must be exactly one
   ``chunked`` (ASCII case aside, OWS around it): any other list
