@@ -7916,7 +7916,7 @@ cdef void answer_head(Shadow *sh) noexcept nogil:
 
 cdef int shadow_answer_head(Relay *R, Shadow *sh, Py_ssize_t *head_len) noexcept nogil:
     """The head at the start of a copy's answer (sh.inb), read as the pure
-    twin reads it (parse_response_head(), _copy_framing()): 0, incomplete;
+    twin reads it (parse_response_head() with bare_lf, _copy_framing()): 0, incomplete;
     1, a final head whose framing it reads (sh.framing, sh.left, sh.k and
     sh.keep set, *head_len); 2, an interim head (*head_len); -1, one it
     does not frame: malformed, larger than max_head, a 101, Content-Length

@@ -152,14 +152,16 @@ _HEADER: Final = re.compile(
 
 
 def parse_response_head(
-    data: bytes | bytearray | memoryview, max_head: int = DEFAULT_MAX_HEAD
+    data: bytes | bytearray | memoryview, max_head: int = DEFAULT_MAX_HEAD, bare_lf: bool = False
 ) -> ResponseHead | None:
     """The response head at the start of *data*, or None if incomplete.
 
     Raises :class:`FramingError` (502) for a malformed head or one larger
     than *max_head*. The head ends at its first empty line; every line of
     it must end in CRLF: a bare LF is refused (see "Decisions"), as in a
-    request head (_peek_py's "Decisions").
+    request head (_peek_py's "Decisions"), unless *bare_lf*: then it ends
+    a line as CRLF does (a mirror's copy's answer, read to its end and
+    thrown away: no one reads its head after us).
     """
     buf = bytes(data[:max_head]) if len(data) > max_head else bytes(data)
     if b"\n\r\n" not in buf and b"\n\n" not in buf:  # no end of head yet
@@ -175,9 +177,10 @@ def parse_response_head(
                 raise FramingError(502, f"response head larger than {max_head} bytes")
             return None
         line = buf[pos:nl]
-        if not line.endswith(b"\r"):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        elif not bare_lf:
             raise FramingError(502, "LF without CR in the response head")
-        line = line[:-1]
         if b"\r" in line:
             raise FramingError(502, "CR without LF in the response head")
         pos = nl + 1

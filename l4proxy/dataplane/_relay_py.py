@@ -1929,7 +1929,9 @@ class HttpRelay:
             if sh.body is None:
                 sh.head += data
                 while True:
-                    head = parse_response_head(sh.head, self.max_head)
+                    # (a bare LF read as a line end, as shadow_answer_head()
+                    # reads it: the answer goes nowhere)
+                    head = parse_response_head(sh.head, self.max_head, bare_lf=True)
                     if head is None:
                         rest = b""
                         break
