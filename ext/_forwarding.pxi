@@ -16,9 +16,9 @@
 # X-Forwarded-For and x-envoy-external-address of the peer,
 # X-Forwarded-Proto), then ``x-request-id: `` and the id, its request's
 # half written in place in the block, then the block's CR LF as the head's
-# empty line: one copy after the head's lines. Others (and a head ending in
-# a bare LF) have their lines made per request (fwd_lines(), through
-# Relay.fwd_lines: not inlined into on_head()). An id's halves are draws of
+# empty line: one copy after the head's lines. Others have their lines
+# made per request (fwd_lines(), through Relay.fwd_lines: not inlined
+# into on_head()). An id's halves are draws of
 # the relay's splitmix64 stream (Relay.rid, seeded by Python:
 # forwarding.request_id_state()): the connection's made into text once
 # (uuid_tail), the request's per request (uuid_head: 16 hex digits in
@@ -297,9 +297,9 @@ cdef void fwd_field(Relay *R, Head *h, const unsigned char *buf, Py_ssize_t ls, 
 
 cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
     """fwd_stage()'s for a head with lines to drop (hop-by-hop ones too),
-    X-Forwarded-For, an X-Forwarded-Proto that stays, or a bare LF ending:
-    its lines but the drops, then the forwarding headers' lines made for
-    it (forwarded_head()'s), the id's line, the first try's
+    X-Forwarded-For or an X-Forwarded-Proto that stays: its lines but the
+    drops, then the forwarding headers' lines made for it
+    (forwarded_head()'s), the id's line, the first try's
     x-envoy-attempt-count line, its empty line. Through
     Relay.fwd_lines: never inlined into on_head(). Nonzero when out of
     memory."""
@@ -307,7 +307,7 @@ cdef int fwd_lines(Relay *R, Conn *c, Head *h) noexcept nogil:
     cdef Buf *o = &c.rhead
     cdef const unsigned char *b = <const unsigned char*>c.inb.p
     cdef Py_ssize_t hl = c.s.head_length, p = 0
-    cdef Py_ssize_t end = hl - 2 if b[hl - 2] == CR else hl - 1
+    cdef Py_ssize_t end = hl - 2  # (the empty line's CR LF: scan_into())
     cdef char ext[FWD_ADDR]
     cdef int i, failed = 0, n = 0
     cdef size_t start
@@ -370,7 +370,7 @@ cdef int fwd_stage(Relay *R, Conn *c, Head *h) noexcept nogil:
     f.src_len = 0  # (the peer's, unless fwd_lines() takes one from X-Forwarded-For)
     # the request's half of its id, written in the block
     uuid_head(f.block + f.rid_at + 14, splitmix(&R.rid))
-    if h.n_drop or h.n_xff or h.xfp or c.inb.p[hl - 2] != CR:
+    if h.n_drop or h.n_xff or h.xfp:
         return R.fwd_lines(R, c, h)
     # most: the head but its empty line, then the connection's lines, the
     # id's, the count's, and the block's CR LF as the head's empty line

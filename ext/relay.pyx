@@ -2083,12 +2083,10 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
 # retry of a reused connection is no try of the policy: its count stays.
 
 
-cdef inline int stage_attempt(Buf *o, const char *end, size_t n) noexcept nogil:
-    """The first try's x-envoy-attempt-count line, then the head's end
-    (*end*'s *n* bytes: CR LF, or a bare LF)."""
-    if n == 2:
-        return buf_add(o, b"x-envoy-attempt-count: 1\r\n\r\n", 28)
-    return buf_add(o, b"x-envoy-attempt-count: 1\r\n", 26) | buf_add(o, end, n)
+cdef inline int stage_attempt(Buf *o) noexcept nogil:
+    """The first try's x-envoy-attempt-count line, then the head's empty
+    line (CR LF: scan_into() refuses a head whose lines end in a bare LF)."""
+    return buf_add(o, b"x-envoy-attempt-count: 1\r\n\r\n", 28)
 
 
 cdef int attempt_count(Buf *b, int n) noexcept nogil:
@@ -4944,8 +4942,9 @@ cdef int send_without_hop_lines(Relay *R, Conn *c, Py_ssize_t hl, const Span *na
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le
-    # the empty line that ends the head (CRLF or a bare LF)
-    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    # the empty line that ends the head (its CR LF: a head with a bare LF
+    # is refused, parse_response_head())
+    cdef Py_ssize_t end = hl - 2
     while i < end:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
         if lf == NULL:  # (never: the head was judged whole; the rest goes as it is)
@@ -4986,7 +4985,7 @@ cdef int send_client_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     costs more than n log n, however many it names. -1 when the connection
     went away."""
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
-    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef Py_ssize_t end = hl - 2  # (the empty line's CR LF)
     cdef Span *few = R.named
     cdef Span *named = few
     cdef Py_ssize_t n = 0
@@ -5100,7 +5099,7 @@ cdef int send_edited_head(Relay *R, Conn *c, Py_ssize_t hl, bint keep) noexcept 
     cdef const unsigned char *b = <const unsigned char*>c.rhead.p
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le, colon
-    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef Py_ssize_t end = hl - 2  # (the empty line's CR LF)
     cdef bint hop = (c.resp_hop & (HOP_LINES | HOP_NAMED) or (keep and not c.resp_persistent)
                      or (not keep and c.resp_hop & HOP_KEEP and c.resp_persistent))
     cdef const char *own = NULL
@@ -5290,8 +5289,8 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
             return -1
     elif not keep and not c.resp_hop & HOP_CLOSE:
         # the client does not read our close otherwise; the header goes
-        # before the empty line that ends the head (CRLF or LF)
-        end = hl - 2 if (hl >= 2 and c.rhead.p[hl - 2] == CR) else hl - 1
+        # before the empty line that ends the head (its CR LF)
+        end = hl - 2
         if to_client(R, c, c.rhead.p, end) != 0:
             return -1
         if to_client(R, c, b"connection: close\r\n", 19) != 0:
@@ -6229,7 +6228,7 @@ cdef int edit_request(Relay *R, Conn *c, const Edits_ *e, double now) noexcept n
     cdef const unsigned char *q = NULL
     cdef const unsigned char *sp = NULL
     cdef Py_ssize_t first, ts, te, pe, n, cut
-    cdef Py_ssize_t end = hl - 2 if (hl >= 2 and b[hl - 2] == CR) else hl - 1
+    cdef Py_ssize_t end = hl - 2  # (the empty line's CR LF: stage_attempt()'s)
     cdef Buf *out = &R.edited  # (empty between calls; in R, not on the stack: no canary)
     cdef int failed = 0
     if lf != NULL:
@@ -7003,13 +7002,13 @@ cdef void on_head(Relay *R, Conn *c, double now) noexcept nogil:
     if c.fwd != NULL:  # a gateway listener's: with its forwarding headers
         failed = fwd_stage(R, c, &h)
     else:
-        n = c.s.head_length - 2 if b[c.s.head_length - 2] == CR else c.s.head_length - 1
+        n = c.s.head_length - 2  # (its empty line's CR LF: stage_attempt())
         p = 0
         for i in range(h.n_drop):
             failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(h.drop_s[i] - p))
             p = h.drop_e[i]
         failed |= buf_add(&c.rhead, c.inb.p + p, <size_t>(n - p))
-        failed |= stage_attempt(&c.rhead, c.inb.p + n, <size_t>(c.s.head_length - n))
+        failed |= stage_attempt(&c.rhead)
     # (HTTP/1.1 and later: a close went with its line; HTTP/1.0: sent as it came)
     c.sent_persistent = h.minor >= 1 or c.keep_alive
     if failed:  # out of memory: a head with a part left out must not go up

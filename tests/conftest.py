@@ -233,13 +233,12 @@ def epoch_response(*args: Any, **kwargs: Any) -> bytes:
 def sent_up(request: bytes, n: int = 1) -> bytes:
     """*request* (a head, then its body's bytes) as the relays send it on its
     try *n* when nothing else of it changes: x-envoy-attempt-count after its
-    lines, before its empty line (CR LF or a bare LF); see "x-envoy-attempt-count"
-    in l4proxy/dataplane/_exchange_py.py."""
+    lines, before its empty line (CR LF: a head with a bare LF is refused);
+    see "x-envoy-attempt-count" in l4proxy/dataplane/_exchange_py.py."""
     from l4proxy.dataplane._exchange_py import attempt_counted, with_attempt_count
 
-    m = re.search(rb"\r?\n\r?\n", request)
-    assert m is not None, request
-    out = with_attempt_count(request[: m.end()]) + request[m.end() :]
+    end = request.index(b"\r\n\r\n") + 4
+    out = with_attempt_count(request[:end]) + request[end:]
     return out if n == 1 else attempt_counted(out, n)
 
 

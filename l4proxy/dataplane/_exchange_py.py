@@ -667,9 +667,9 @@ _FIRST_TRY: Final = ATTEMPT_COUNT + b": 1\r\n"
 def with_attempt_count(head: bytes) -> bytes:
     """*head* (as sent upstream, its lines but the client's
     x-envoy-attempt-count) with the first try's line before its empty line
-    (CR LF or a bare LF): the compiled twin's stage_attempt()."""
-    end = len(head) - (2 if head.endswith(b"\r\n") else 1)
-    return head[:end] + _FIRST_TRY + head[end:]
+    (its CR LF: the parser refuses a bare LF): the compiled twin's
+    stage_attempt()."""
+    return head[:-2] + _FIRST_TRY + head[-2:]
 
 
 def attempt_counted(data: bytes | bytearray, n: int) -> bytes:
@@ -784,7 +784,7 @@ def client_head(
     the request is HTTP/1.0 (a client persists after an HTTP/1.0 response,
     or as an HTTP/1.0 client, only when told), nothing else (HTTP/1.1
     persists). Lines are dropped whole, never edited; the line added goes
-    before the empty line that ends the head (CRLF or a bare LF).
+    before the empty line that ends the head.
     """
     if not response_hop_by_hop(raw):
         if keep and _persistent(resp):
@@ -813,9 +813,8 @@ def client_head(
 
 def _with_line(raw: bytes, line: bytes) -> bytes:
     """*raw* (a head) with *line* added before the empty line that ends it
-    (CRLF or a bare LF, either way)."""
-    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
-    return raw[:end] + line + raw[end:]
+    (its CR LF: a response head with a bare LF is refused)."""
+    return raw[:-2] + line + raw[-2:]
 
 
 # Response fields for the upstream's connection alone (RFC 9110 §7.6.1),
@@ -1013,9 +1012,10 @@ def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes 
     """*raw* (a head) without its header lines named in *drop*, its Host
     lines' values *host* (None: as they are; a head without one gets one,
     first of the lines added), with *lines* before the empty line that ends
-    it (CRLF or a bare LF); its first line as it is."""
+    it (its CR LF: a request or a response head with a bare LF is refused);
+    its first line as it is."""
     first = raw.index(b"\n") + 1
-    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
+    end = len(raw) - 2
     out = [raw[:first]]
     hosts = 0
     for line in raw[first:end].split(b"\n")[:-1]:
@@ -1024,8 +1024,7 @@ def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes 
         if colon and name in drop:
             continue
         if colon and host is not None and name == b"host":
-            cr = b"\r" if line.endswith(b"\r") else b""
-            out.append(line[: len(name) + 1] + b" " + host + cr + b"\n")
+            out.append(line[: len(name) + 1] + b" " + host + b"\r\n")
             hosts += 1
         else:
             out.append(line + b"\n")
@@ -1337,7 +1336,7 @@ class Exchange:
         # forwarding headers, as Envoy's router sets it after its
         # connection manager's lines: taken off, then added again
         head = self._sent_head
-        end = len(head) - (2 if head.endswith(b"\r\n") else 1)
+        end = len(head) - 2  # (its empty line's CR LF)
         assert head[end - len(_FIRST_TRY) : end] == _FIRST_TRY  # (_advance()'s)
         head = head[: end - len(_FIRST_TRY)] + head[end:]
         head, sent, trusted = forwarded_head(head, fwd, peer, request_id)

@@ -298,7 +298,7 @@ def forwarded_head(
     *peer* is it), what a hash on the source IP reads. The compiled twin's
     is fwd_stage()."""
     first = raw.index(b"\n") + 1
-    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1)
+    end = len(raw) - 2  # (its empty line's CR LF: the parser refuses a bare LF)
     out = [raw[:first]]
     xff: list[bytes] = []
     proto = False  # a client's X-Forwarded-Proto stays (trusted hops)
