@@ -191,6 +191,8 @@ def test_resume_with_other_steps_never_goes_down() -> None:
         ({"steps": (5, 101)}, "rise strictly"),
         ({"steps": (5,), "threshold": 0}, "--threshold"),
         ({"steps": (5,), "interval": 0}, "--interval"),
+        ({"steps": (5,), "interval": math.inf}, "--interval: must be > 0 seconds and finite"),
+        ({"steps": (5,), "interval": math.nan}, "--interval"),
         ({"steps": (5,), "progress_deadline": -1}, "--progress-deadline"),
         ({"steps": (5,), "progress_deadline": math.inf}, "--progress-deadline"),
     ],

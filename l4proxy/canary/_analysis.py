@@ -206,8 +206,9 @@ class Policy:
                     f"{','.join(map(str, self.steps))}"
                 )
             prev = w
-        if not self.interval > 0:
-            raise PolicyError(f"--interval: must be > 0 seconds, got {self.interval:g}")
+        if not 0 < self.interval < math.inf:
+            # (inf: the first weight written, then a wait that never ends)
+            raise PolicyError(f"--interval: must be > 0 seconds and finite, got {self.interval:g}")
         if self.threshold < 1:
             raise PolicyError(f"--threshold: must be >= 1, got {self.threshold}")
         if not 0 <= self.min_success_rate <= 100:
