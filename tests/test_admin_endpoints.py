@@ -11,6 +11,7 @@ on their own first.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy import __version__
+from l4proxy.cli import build_parser
 from l4proxy.sidecar.admin import (
     DRAINING,
     INITIALIZING,
@@ -273,6 +275,14 @@ def test_help_lists_what_answers_and_a_404_points_to_it(tmp_path: Path, backend:
         assert status == 404 and "/nope" in body and "GET /help" in body, body
 
 
+def run_options() -> tuple[set[str], set[str]]:
+    """l4proxy run's options by dest: those --help shows, those it hides."""
+    (sub,) = (a for a in build_parser("run")._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in sub.choices["run"]._actions if a.option_strings and a.dest != "help"]
+    shown = {a.dest for a in actions if a.help != argparse.SUPPRESS}
+    return shown, {a.dest for a in actions if a.help == argparse.SUPPRESS}
+
+
 @pytest.mark.parametrize("flags", [("--workers", "2"), ("--single-process",)])
 def test_server_info_says_what_runs(tmp_path: Path, backend: str, flags: tuple[str, ...]) -> None:
     with sidecar(tmp_path, backend, *flags, "--drain-quiet", "1") as run:
@@ -297,8 +307,13 @@ def test_server_info_says_what_runs(tmp_path: Path, backend: str, flags: tuple[s
         assert opts["workers"] == (1 if "--single-process" in flags else 2)
         assert opts["single_process"] == ("--single-process" in flags)
         assert opts["idle_timeout"] == 3600.0  # a default, as it is in effect
-        for internal in ("worker_fds", "control_fd", "raw_argv", "func", "access_log_fd"):
+        for internal in ("raw_argv", "func", "command"):
             assert internal not in opts
+        # every option of l4proxy run --help, and none of those it hides (how the
+        # supervisor starts a worker: rules_last_good_fd was shown as -1)
+        shown, hidden = run_options()
+        assert hidden and not hidden & set(opts), hidden & set(opts)
+        assert set(opts) == shown, set(opts) ^ shown
 
 
 @pytest.mark.parametrize("flags", [("--workers", "2"), ("--single-process",)])

@@ -218,6 +218,7 @@ _INTERNAL = frozenset(
         "control_fd",
         "worker_index",
         "access_log_fd",
+        "rules_last_good_fd",
         "health_check_failed",
     }
 )
