@@ -55,6 +55,8 @@ def test_a_rules_path_that_is_a_pipe_is_a_usage_error(tmp_path: Path) -> None:
         (["--reload-interval", "1e-6"], "at least 0.01 seconds"),
         # ready, and every connection refused (a negative limit is "true")
         (["--max-connections", "-1"], "must not be negative"),
+        # taken as "the default", silently
+        (["--max-pipes", "-5"], "must not be negative"),
         # the first ejection for ever (min(nan, 300) is nan)
         (["--ejection-time", "nan"], "not a finite number"),
         (["--drain-duration", "nan"], "not a finite number"),
@@ -110,6 +112,8 @@ def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
     assert (args.connect_timeout, args.header_timeout, args.idle_timeout) == (10, 10, 3600)
     assert (args.drain_duration, args.drain_quiet, args.watchdog_timeout) == (0, 0, 0)
     assert args.max_connections == 0 and args.reload_interval == 1.0
+    assert args.max_pipes is None  # the default: max_pipes_for()'s
+    assert build_parser("run").parse_args(["run", "--max-pipes", "0"]).max_pipes == 0
 
 
 def test_the_pod_labels_file_is_read_as_the_downward_api_writes_it(

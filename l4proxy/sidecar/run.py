@@ -202,6 +202,7 @@ def add_parser(sub: Any) -> None:
         "--inbound-port",
         type=_port,
         default=None,
+        metavar="PORT",
         help="transparent inbound port, when it differs from --port",
     )
     p.add_argument(
@@ -327,15 +328,18 @@ def add_parser(sub: Any) -> None:
         "--max-connections",
         type=count,
         default=0,
+        metavar="N",
         help="client connections a worker holds at most; beyond, new ones are refused "
         "(0, the default: no limit)",
     )
     p.add_argument(
         "--max-pipes",
-        type=int,
-        default=-1,
-        help="splice pipes per worker, pooled, 2 fds each "
-        "(default: --max-connections / 4; 0: never splice)",
+        type=count,
+        default=None,
+        metavar="N",
+        help="splice pipes per worker, pooled, 2 fds each (default: --max-connections / 4, "
+        "without it a quarter of the connections the fd limit leaves room for; 0: never "
+        "splice)",
     )
     p.add_argument(
         "--http-routing",
@@ -791,7 +795,7 @@ async def _serve(
         outbound_policy=args.outbound_policy,
         source_labels={**args.pod_labels_file, **args.pod_labels},
         max_connections=args.max_connections,
-        max_pipes=args.max_pipes,
+        max_pipes=-1 if args.max_pipes is None else args.max_pipes,  # (-1: max_pipes_for's)
         http_routing=args.http_routing,
         ejection_time=args.ejection_time,
         access_log_fd=args.access_log_fd,
