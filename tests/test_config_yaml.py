@@ -48,7 +48,7 @@ def test_50_megabyte_file_is_refused_before_reading(tmp_path: Path) -> None:
 def test_size_limit_is_a_parameter(tmp_path: Path) -> None:
     f = tmp_path / "r.yaml"
     f.write_text("# " + "x" * 100 + "\n")
-    with pytest.raises(ConfigError, match="over the 0 MiB limit"):
+    with pytest.raises(ConfigError, match="is 103 bytes, over the 50-byte limit"):
         load_rules([str(f)], max_bytes=50)
     load_rules([str(f)], max_bytes=200)
 

@@ -174,8 +174,10 @@ def _open_regular(path: str) -> BinaryIO:
 
 
 def _too_big(size: int, limit: int) -> str:
+    mib, rest = divmod(limit, 1024 * 1024)
+    said = f"{mib} MiB" if mib and not rest else f"{limit}-byte"  # (not "0 MiB": --max-bytes 50)
     return (
-        f"file is {size} bytes, over the {limit // (1024 * 1024)} MiB limit for rule files "
+        f"file is {size} bytes, over the {said} limit for rule files "
         "(split it into several files; a Kubernetes ConfigMap holds 1 MiB at most)"
     )
 

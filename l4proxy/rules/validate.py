@@ -114,7 +114,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-bytes",
         type=_positive_bytes,
         default=DEFAULT_MAX_BYTES,
-        help="refuse files larger than this (default: %(default)s, 16 MiB)",
+        metavar="BYTES",
+        help="refuse files larger than this (default: %(default)s, 16 MiB, the sidecar's limit)",
     )
     p.set_defaults(func=run)
     return p
