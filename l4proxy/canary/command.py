@@ -511,7 +511,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "canary",
         help="progressive delivery: shift a service to a new version while it stays healthy",
-        description=(__doc__ or "").split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -637,17 +637,36 @@ def add_parser(sub: Any) -> None:
         help="--session-affinity: the cookies are Partitioned, kept apart for each top-level "
         "site that embeds the service (CHIPS; with --cookie-secure; Flagger's partitioned)",
     )
-    p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS", help="(60)")
-    p.add_argument("--threshold", type=int, default=5, help="failed checks that roll back (5)")
     p.add_argument(
-        "--min-success-rate", type=float, default=99.0, metavar="PCT", help="not 5xx nor 0 %% (99)"
+        "--interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="time between two checks, each judging the canary's requests since the one "
+        "before (Flagger's analysis.interval) (60)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=5,
+        metavar="N",
+        help="failed checks that roll back (Flagger's analysis.threshold) (5)",
+    )
+    p.add_argument(
+        "--min-success-rate",
+        type=float,
+        default=99.0,
+        metavar="PCT",
+        help="a check fails below this share of the canary's requests answered neither "
+        "5xx nor 0 (no response at all) (99)",
     )
     p.add_argument(
         "--max-p99",
         type=_max_p99,
         default=500.0,
         metavar="MS",
-        help="(500; off: no latency check, for sources without the latency histogram)",
+        help="a check fails above this p99 latency of the canary's requests, in ms (500; "
+        "off: no latency check, for sources without the latency histogram)",
     )
     p.add_argument(
         "--min-requests",
@@ -676,7 +695,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--reporter",
         default="source",
-        help="Prometheus: the reporter label to select (l4proxy sidecars: source)",
+        metavar="NAME",
+        help="--prometheus: the reporter label to select (source, the default: l4proxy "
+        "sidecars count the requests they send, as the caller's side)",
     )
     p.add_argument(
         "--webhook",
@@ -702,7 +723,8 @@ def add_parser(sub: Any) -> None:
         "--on-abort",
         choices=("ask", "rollback", "leave"),
         default="ask",
-        help="on Ctrl-C/SIGTERM: ask (on a terminal; else leave), roll back, or leave weights",
+        help="on Ctrl-C/SIGTERM: ask (on a terminal; else leave), roll back, or leave "
+        "weights (ask)",
     )
     p.add_argument(
         "--restart",

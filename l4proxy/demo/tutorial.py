@@ -802,7 +802,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the request-routing tutorial in network namespaces",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0].replace("``", "") if __doc__ else None,
         epilog="""\
 examples:
   l4proxy demo                         # all five steps: per path 100 curl requests, and

@@ -195,7 +195,9 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="rule file or directory (a ConfigMap mount); repeatable; reloaded on change",
+        help="rule file or directory (a ConfigMap mount); repeatable; reloaded on change "
+        "(none: no rules, every redirected connection passes through as dialled, a "
+        "--listen one is answered 404, and a warning says so)",
     )
     p.add_argument("--port", type=_port, default=15001, help="transparent outbound port (15001)")
     p.add_argument(
@@ -491,7 +493,8 @@ def add_parser(sub: Any) -> None:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="(info)",
+        help="the log's level, every logger's (on stderr; the admin endpoint's /logging "
+        "changes it at runtime) (info)",
     )
     p.add_argument(
         "--access-log",
