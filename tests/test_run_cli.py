@@ -3,8 +3,10 @@ then misbehaved are usage errors (exit 2, one line naming the flag)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,6 +116,25 @@ def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
     assert args.max_connections == 0 and args.reload_interval == 1.0
     assert args.max_pipes is None  # the default: max_pipes_for()'s
     assert build_parser("run").parse_args(["run", "--max-pipes", "0"]).max_pipes == 0
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_the_readme_names_every_option_the_help_shows(command: str) -> None:
+    """Each of run's and demo's options is named in the README (run's --domain
+    was nowhere; its list of options, and demo's, now name them all)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (sub,) = (
+        a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    shown = [
+        o
+        for a in sub.choices[command]._actions
+        if a.help != argparse.SUPPRESS
+        for o in a.option_strings
+        if o.startswith("--") and o != "--help"
+    ]
+    missing = [o for o in shown if not re.search(re.escape(o) + r"(?![\w-])", readme)]
+    assert shown and not missing, missing
 
 
 def test_the_pod_labels_file_is_read_as_the_downward_api_writes_it(
