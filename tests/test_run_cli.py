@@ -344,6 +344,26 @@ def test_uid_and_gid_of_the_user_it_already_runs_as_are_nothing_to_do(flags: lis
     assert next(ln for ln in log if "supervisor:" in ln).rstrip().endswith("; uid 1337")
 
 
+@pytest.mark.parametrize("flag", ["--uid", "--gid"])
+def test_a_user_or_group_name_that_does_not_exist_is_said_so(flag: str) -> None:
+    done = subprocess.run(
+        [
+            *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+            *("--admin", "127.0.0.1:0", flag, "no-such-l4proxy-name"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    # (it said: "getpwnam(): name not found: 'no-such-l4proxy-name'", quoted)
+    assert (
+        f"{flag} no-such-l4proxy-name: no such {'user' if flag == '--uid' else 'group'} here "
+        f"(give its number, e.g. {flag} 1337)"
+    ) in done.stderr, done.stderr
+    assert "getpw" not in done.stderr and "getgr" not in done.stderr
+
+
 @pytest.mark.netns
 def test_uid_and_gid_a_user_cannot_take_are_still_an_error() -> None:
     done = subprocess.run(

@@ -534,9 +534,22 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _named_id(name: str, flag: str) -> int:
+    """--uid's or --gid's *name*, as a number (ValueError naming it where
+    this system has no such user or group: a KeyError said only
+    "getpwnam(): name not found: 'x'", quoted)."""
+    try:
+        return pwd.getpwnam(name).pw_uid if flag == "--uid" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        what = "user" if flag == "--uid" else "group"
+        raise ValueError(
+            f"{flag} {name}: no such {what} here (give its number, e.g. {flag} 1337)"
+        ) from None
+
+
 def _drop_privileges(uid: str | None, gid: str | None) -> None:
-    g = None if gid is None else int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid
-    u = None if uid is None else int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid
+    g = None if gid is None else int(gid) if gid.isdigit() else _named_id(gid, "--gid")
+    u = None if uid is None else int(uid) if uid.isdigit() else _named_id(uid, "--uid")
     if (
         os.geteuid() != 0
         and (g is None or os.getgid() == os.getegid() == g)
@@ -739,7 +752,7 @@ async def _supervise(
         stats = await _start_stats(args, source)
         try:
             _drop_privileges(args.uid, args.gid)
-        except (OSError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
             raise SystemExit(2) from exc
         log.info(
@@ -831,7 +844,7 @@ async def _serve(
         stats = await _start_stats(args, view)
         try:
             _drop_privileges(args.uid, args.gid)
-        except (OSError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
             return 2
 
