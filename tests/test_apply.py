@@ -361,6 +361,8 @@ def test_admin_times_out_with_exit_3_when_the_sidecar_does_not_reload(
     )
     assert step.returncode == 3, step.stderr
     assert "still serves generation" in step.stderr
+    # (it said no more: the sidecar had no error to report)
+    assert f"; it reports no error: is it watching {other}? " in step.stderr, step.stderr
 
 
 @pytest.mark.netns

@@ -603,9 +603,10 @@ def rules_mark(admin: str) -> RulesMark:
     raise Refusal(f"{admin}/stats has no {GENERATION} (is it l4proxy?)")
 
 
-def wait_live(admin: str, before: RulesMark, timeout: float) -> int:
+def wait_live(admin: str, before: RulesMark, timeout: float, directory: str = "") -> int:
     """Until the sidecar serves the files as they are now (every worker,
-    one restarted meanwhile included: see RulesMark); its generation."""
+    one restarted meanwhile included: see RulesMark); its generation.
+    *directory*: the one changed, named where the sidecar says no error."""
     deadline = time.monotonic() + timeout
     last = before
     while True:
@@ -618,7 +619,14 @@ def wait_live(admin: str, before: RulesMark, timeout: float) -> int:
             why = ""
             with contextlib.suppress(OSError, ValueError):
                 err = json.loads(_admin_get(admin, "/config_dump")).get("last_error")
-                why = f"; its last error: {err}" if err else ""
+                why = (
+                    f"; its last error: {err}"
+                    if err
+                    else f"; it reports no error: is it watching {directory}? (its "
+                    "/config_dump's sources name the files it loads)"
+                    if directory
+                    else ""
+                )
             if last.digest == DIGEST_DISAGREE:
                 why += "; its workers serve different files"
             raise Refusal(
@@ -668,7 +676,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 os.unlink(f)
                 print(f"deleted {f}", file=out)
         if args.admin:
-            gen = wait_live(args.admin, before, args.timeout)
+            gen = wait_live(args.admin, before, args.timeout, directory)
             print(f"live: {args.admin} serves rules generation {gen}", file=out)
     except Refusal as exc:
         for d in exc.shown:
