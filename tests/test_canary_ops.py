@@ -452,6 +452,29 @@ def test_a_resume_refused_at_the_start_says_the_rollout_stays_as_it_was(
     assert "nothing judges v2 until this runs" in err
 
 
+def test_a_service_no_serviceentry_describes_is_refused_before_anything_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SERVICE misspelt (bootcmp): its RouteRule validated (a warning, no
+    ServiceEntry for the host) and was written at 5 %, and the rollout
+    halted, no request ever reaching it, until --progress-deadline rolled
+    it back (exit 1). Refused first (exit 2), nothing written, naming the
+    services the rules have."""
+    from l4proxy.cli import main
+
+    with sidecar(tmp_path) as (_, admin):
+        argv = ["canary", "bootcmp", "--stable", "v1", "--canary", "v2", "--rules", str(tmp_path)]
+        argv += ["--metrics", admin, "--interval", "0.05", "--wait-live", "0.5"]
+        assert main([*argv, "--progress-deadline", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "l4proxy canary: bootcmp: no ServiceEntry for bootcmp.default.svc.cluster.local in the "
+        "rules, so no request can go to it (the services: bootcamp.default.svc.cluster.local); "
+        "check the name, or add its ServiceEntry"
+    ) in err, err
+    assert not [p.name for p in tmp_path.iterdir() if "canary-" in p.name]
+
+
 # -- --restart of a promoted rollout -------------------------------------------------
 def test_restart_of_a_promoted_rollout_is_refused(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]

@@ -437,7 +437,8 @@ exit status:
      webhook (a pre-rollout webhook failing --threshold times too; an abort while
      the start's webhooks held it)
   2  error, before the analysis starts (mid-rollout, a step refused is a failed
-     check): usage, unreadable or invalid rules, a competing rule, no metrics,
+     check): usage, unreadable or invalid rules, a SERVICE no ServiceEntry of
+     the rules describes (a typo), a competing rule, no metrics,
      a rollback that could not be written (NOT applied), an abort of a promoted
      rollout (a promotion stands: roll the old version out as a new canary),
      a promote of a rolled-back one (a rollback stands: roll it out anew) or of
@@ -2031,6 +2032,23 @@ def service_host(service: str, namespace: str, domain: str) -> str:
     """SERVICE's host in the registry: as given when it has a dot, else
     ``SERVICE.NAMESPACE.svc.DOMAIN``."""
     return service if "." in service else f"{service}.{namespace}.svc.{domain}"
+
+
+def check_registered(table: RouteTable, service: str, namespace: str, domain: str) -> None:
+    """SERVICE must be a service of the rules (a ServiceEntry's host, or a
+    name of it): a rollout of a name no ServiceEntry describes (a typo)
+    wrote its RouteRule, which validates with a warning, and then halted
+    for want of requests until --progress-deadline rolled it back."""
+    names = {service, service_host(service, namespace, domain)}
+    if any(names & {svc.host, *svc.aliases} for svc in table.services()):
+        return
+    known = sorted(svc.host for svc in table.services())
+    shown = ", ".join(known[:10]) + (f", ... ({len(known)} in all)" if len(known) > 10 else "")
+    raise CanaryError(
+        f"{service}: no ServiceEntry for {service_host(service, namespace, domain)} in the "
+        f"rules, so no request can go to it (the services: {shown or 'none'}); check the "
+        "name, or add its ServiceEntry"
+    )
 
 
 def backend_targets(
@@ -3971,6 +3989,14 @@ def _analyse(
     metrics.start_window(r.mirrored)
     if isinstance(metrics, PrometheusMetrics):
         metrics.probe()
+    if not gateway_api:  # (--gateway-api: backend_targets() said it of SERVICE)
+        try:  # (here: the rules' lock file is made once read)
+            registry: RouteTable | None = store.table(None)
+        except CanaryError:  # rules that do not load: refused as the first stage is written
+            registry = None
+        if registry is not None:
+            with _left_if_refused(saved):
+                check_registered(registry, service, namespace, args.domain)
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, ended_note(r.affinity, affinity))
