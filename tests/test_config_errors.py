@@ -1364,6 +1364,14 @@ def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
             10,
         ),
         (
+            "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {name: se}\n"
+            "spec:\n  hosts: [db.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n"
+            "  resolution: STATIC\n  endpoints:\n  - address: 198.18.0.9\n    ports: {80: 8080}\n",
+            "endpoint port 80 names no port of this ServiceEntry (ports: http); an endpoint's "
+            "ports are keyed by the port's name, not its number: {http: 8080}",
+            10,
+        ),
+        (
             RR + "  destination: {name: bootcamp}\n  precedence: !!int abc\n",
             "cannot read value 'abc' as int",
             7,
@@ -1383,6 +1391,7 @@ def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
     ids=[
         "headers as a list",
         "endpoint ports as a list",
+        "endpoint ports keyed by a port's number",
         "!!int abc",
         "5000 digits",
         "a superscript two as servicePort",

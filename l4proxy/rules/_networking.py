@@ -2376,10 +2376,18 @@ def _endpoints(
         for pname, pnum in (raw or {}).items():
             sub = (*epath, "ports", pname)
             if pname not in names:
+                # a port's number where its name goes ({8080: 18081}): say which name
+                named = next((n for n, num in names.items() if num == pname), None)
                 ctx.error(
                     sub,
                     f"endpoint port {pname!r} names no port of this ServiceEntry "
-                    f"(ports: {', '.join(names)})",
+                    f"(ports: {', '.join(names)})"
+                    + (
+                        f"; an endpoint's ports are keyed by the port's name, not its "
+                        f"number: {{{named}: {pnum}}}"
+                        if named is not None and not isinstance(pname, str)
+                        else ""
+                    ),
                 )
                 ok = False
                 continue
