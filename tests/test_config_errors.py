@@ -1372,6 +1372,12 @@ def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
             10,
         ),
         (
+            VS + "  http:\n  - route:\n    - destination: {host: bootcamp, port: 8080}\n",
+            "spec.http[0].route[0].destination.port must be a mapping, not the number 8080 "
+            "(write it port: {number: 8080})",
+            9,
+        ),
+        (
             RR + "  destination: {name: bootcamp}\n  precedence: !!int abc\n",
             "cannot read value 'abc' as int",
             7,
@@ -1392,6 +1398,7 @@ def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
         "headers as a list",
         "endpoint ports as a list",
         "endpoint ports keyed by a port's number",
+        "a destination's port as a number",
         "!!int abc",
         "5000 digits",
         "a superscript two as servicePort",

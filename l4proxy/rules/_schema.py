@@ -172,7 +172,18 @@ def fields(
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        ctx.error(path, f"{dotted(path) or 'document'} must be a mapping, not {type_name(value)}")
+        # a port (a selector, a server's) written as a Service's port: say how to write it
+        selector = (
+            path
+            and path[-1] == "port"
+            and "number" in allowed
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        )
+        hint = f" (write it port: {{number: {value}}})" if selector else ""
+        ctx.error(
+            path, f"{dotted(path) or 'document'} must be a mapping, not {type_name(value)}{hint}"
+        )
         return None
     for key in value:
         if key in allowed:
