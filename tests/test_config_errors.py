@@ -1346,6 +1346,29 @@ def test_a_tab_that_indents_says_so(tmp_path: Path) -> None:
     assert err.message == "YAML syntax error: a tab: YAML indents with spaces, never tabs"
 
 
+def test_spec_fields_at_the_top_say_to_indent_them_under_spec(tmp_path: Path) -> None:
+    """hosts: and http: not indented under spec: each is an unknown field,
+    and spec is required says where they go; the VirtualService's own
+    checks of the spec it lacks (hosts required, a route needed) no longer
+    follow, three more lines of the same mistake."""
+    text = (
+        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: b}\n"
+        "hosts: [bootcamp]\nhttp:\n- route:\n  - destination: {host: bootcamp}\n"
+    )
+    got = sorted((e.line, e.message) for e in errors_of(tmp_path, text))
+    expected = "(expected one of: apiVersion, kind, metadata, spec, status)"
+    assert got == [
+        (1, "spec is required (hosts, http: indent them under spec:)"),
+        (4, f"unknown field hosts {expected}"),
+        (5, f"unknown field http {expected}"),
+    ], got
+    # without a stray field: spec is required alone; an empty one, as before
+    only = [e.message for e in errors_of(tmp_path, text.split("hosts:")[0])]
+    assert only == ["spec is required"], only
+    empty = [e.message for e in errors_of(tmp_path, text.split("hosts:")[0] + "spec: {}\n")]
+    assert empty[0] == "spec must not be empty", empty
+
+
 @pytest.mark.parametrize(
     ("text", "expected", "line"),
     [

@@ -378,13 +378,25 @@ def _read_object(
             f"apiVersion {api} is not supported for {kind} (use {' or '.join(versions)})",
         )
         return
-    top = fields(
-        ctx,
-        value,
-        (),
-        allowed=("apiVersion", "kind", "metadata", "spec", "status"),
-        required=("metadata", "spec"),
-    )
+    outer = ("apiVersion", "kind", "metadata", "spec", "status")
+    top = fields(ctx, value, (), allowed=outer, required=("metadata",))
+    if top is not None and top.get("spec") is None:
+        # spec's fields written at the top (not indented under it): each is
+        # an unknown field above; the kind's own checks of a spec it lacks
+        # (hosts required, a route needed) would only repeat that
+        stray = [str(k) for k in top if k not in outer]
+        ctx.error(
+            (),
+            "spec is required"
+            + (
+                f" ({', '.join(stray)}: indent {'it' if len(stray) == 1 else 'them'} under spec:)"
+                if stray
+                else ""
+            ),
+        )
+        return
+    if top is not None and top["spec"] in ("", [], {}):
+        ctx.error(("spec",), "spec must not be empty")
     if top is None or not isinstance(meta, dict):
         if top is not None and meta is not None:
             ctx.error(("metadata",), f"metadata must be a mapping, not {type_name(meta)}")
