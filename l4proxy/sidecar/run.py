@@ -848,6 +848,8 @@ async def _serve(
             log.error("cannot drop privileges to uid=%s gid=%s: %s", args.uid, args.gid, exc)
             return 2
 
+    if held.stop_requested:  # (before it accepts: see Worker.drain_first)
+        worker.drain_first()
     worker.start()
     if args.rules:
         rules.start()

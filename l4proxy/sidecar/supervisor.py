@@ -40,7 +40,11 @@ each worker, even past the admin's timeout (a late answer is still built
 and sent, and a queue of them grew without bound). A worker sends its
 counters compact, and they are summed compact (stats: a histogram series
 is one vector, never a row per bucket). SIGTERM and SIGHUP are forwarded
-to every worker; the supervisor exits when all workers have drained.
+to every worker; the supervisor exits when all workers have drained. A
+slot whose worker is dead at the stop (its restart waiting out the
+back-off) gets one more at once, which drains its listeners: the
+supervisor's copy of them is the last one then, and its close would reset
+every connection in their accept queues (run, _keep).
 Workers are started with SIGHUP and SIGTERM (and SIGINT) blocked, so a
 reload forwarded to one still starting waits for its handler instead of
 killing it, and a stop makes it drain once started (signals).
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +100,7 @@ class WorkerSlot:
     answered: bool = False  # since it started: it is past its start-up
     restarts: int = 0
     backoff: float = 0.1
+    keeper: asyncio.Task[None] | None = None  # (Supervisor._keep's)
     # /stats sums counters over workers, and a sum that went down would read
     # as a reset to Prometheus' rate() and to l4proxy canary (the whole
     # history counted again): a worker that does not answer (busy,
@@ -268,7 +274,7 @@ class Supervisor:
         self.args = args
         self.slots = [WorkerSlot(i, ls) for i, ls in enumerate(listener_sets)]
         self.last_good_fd = _last_good_memory() if getattr(args, "rules", None) else None
-        self.stopping = False
+        self._stop_event = asyncio.Event()  # set with stopping: wakes a keeper's back-off
         self.restarts_total = 0
         self.spawn_failures_total = 0
         self.channel_resets_total = 0
@@ -284,6 +290,19 @@ class Supervisor:
         self.log_spec = ""
         # the requests of those and of the flag to a worker as it starts
         self._log_asks: set[asyncio.Future[Any]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """The stop began (SIGTERM, /quitquitquit): no worker is restarted
+        any more, and a keeper waiting out a restart's back-off wakes up."""
+        return self._stop_event.is_set()
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        if value:
+            self._stop_event.set()
+        else:
+            self._stop_event.clear()
 
     # -- workers -------------------------------------------------------------
     def _worker_argv(self, slot: WorkerSlot, control_fd: int) -> list[str]:
@@ -386,14 +405,29 @@ class Supervisor:
         or ENOMEM, an exit status nobody foresaw) is logged, and the next round
         starts after the back-off. A keeper that died would leave its slot
         empty for good, and /ready 503 (issue 12).
+
+        A stop that comes while the slot has no worker (dead, its restart
+        waiting out the back-off) starts one at once, to drain: the
+        supervisor's copy of its listeners is then the last one, and closing
+        it would reset what their accept queues hold (see :meth:`run`).
         """
+        slot.keeper = asyncio.current_task()
         first = True
-        while not self.stopping:
+        to_drain = False  # the stop came while the slot had no worker
+        while not self.stopping or to_drain:
             try:
                 try:
                     proc = await self.spawn(slot)
                 except Exception as exc:
                     self.spawn_failures_total += 1
+                    if to_drain:
+                        log.error(
+                            "cannot start worker %d to drain its listeners: %s; what their "
+                            "queues hold is reset",
+                            slot.index,
+                            exc,
+                        )
+                        return
                     slot.backoff = min(slot.backoff * 2, 5.0)
                     log.error(
                         "cannot start worker %d: %s; retrying in %.1fs",
@@ -401,7 +435,7 @@ class Supervisor:
                         exc,
                         slot.backoff,
                     )
-                    await asyncio.sleep(slot.backoff)
+                    to_drain = await self._back_off(slot.backoff)
                     continue
                 if not first:
                     slot.restarts += 1
@@ -409,6 +443,13 @@ class Supervisor:
                 first = False
                 if self.stopping and proc.returncode is None:
                     proc.terminate()  # started while the stop began: drain it too
+                    if to_drain:
+                        log.info(
+                            "worker %d started to drain its listeners (pid %d)",
+                            slot.index,
+                            proc.pid,
+                        )
+                    self._let_go(slot)  # (it holds them now)
                 code = await proc.wait()
                 if slot.link is not None:
                     slot.link.close()
@@ -426,11 +467,26 @@ class Supervisor:
                     proc.pid,
                     describe_exit(code),
                 )
-                await asyncio.sleep(slot.backoff)
+                to_drain = await self._back_off(slot.backoff)
             except Exception:
                 log.exception("worker %d: unexpected error in its keeper; going on", slot.index)
+                if to_drain:
+                    return
                 slot.backoff = min(slot.backoff * 2, 5.0)
-                await asyncio.sleep(slot.backoff)
+                to_drain = await self._back_off(slot.backoff)
+
+    async def _back_off(self, delay: float) -> bool:
+        """Sleep *delay* s, or less if the stop comes meanwhile: whether it did."""
+        if not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), delay)
+        return self.stopping
+
+    def _let_go(self, slot: WorkerSlot) -> None:
+        """Close the supervisor's copies of *slot*'s listening sockets (once
+        stopping; again: nothing)."""
+        for lst in slot.listeners:
+            lst.sock.close()
 
     async def ask(self, slot: WorkerSlot, op: str, timeout: float = 3.0) -> Any:
         """One request to a worker; None if it cannot answer in time (channel)."""
@@ -695,17 +751,28 @@ class Supervisor:
         self.stopping = True
         watchdog.cancel()
         log.info("stopping: draining %d worker(s)", len(self._keepers))
-        # Close our copies now. The workers hold the same sockets (inherited
-        # fds), so this alone stops nothing: each listener closes when its
-        # worker closes its copy, inbound and gateway ones at once, outbound
-        # ones once the app is gone (worker.drain, --drain-quiet). Kept open,
-        # our copies would let handshakes complete into a queue nobody reads
-        # until the drain ends, and those clients would hang, then be reset.
+        # Close our copies of the listening sockets a live worker holds. The
+        # worker holds the same sockets (inherited fds), so this alone stops
+        # nothing: each listener closes when its worker closes its copy,
+        # inbound and gateway ones at once, outbound ones once the app is
+        # gone (worker.drain, --drain-quiet), serving what its queue holds
+        # first (Worker.stop_accepting). Kept open, our copies would let
+        # handshakes complete into a queue nobody reads once the worker let
+        # go (or died mid-drain) until the drain ends, and those clients
+        # would hang, then be reset.
+        # A slot with no live worker (dead, its restart in the back-off)
+        # keeps our copies for now: closing the last copy of a listening
+        # socket resets every connection in its accept queue, whose clients
+        # sent their requests already. Its keeper starts a worker at once,
+        # which drains as any does (its queue served), and closes our copies
+        # once that worker holds the sockets (_keep).
         for slot in self.slots:
-            for lst in slot.listeners:
-                lst.sock.close()
+            if slot.proc is not None and slot.proc.returncode is None:
+                self._let_go(slot)
         self._forward(signal.SIGTERM)
         await self._reap_all()
+        for slot in self.slots:  # (whatever is left: a start that failed)
+            self._let_go(slot)
         log.info("stopped")
         return 0
 
@@ -719,17 +786,25 @@ class Supervisor:
         await asyncio.gather(*(self._reap(slot, deadline) for slot in self.slots))
 
     async def _reap(self, slot: WorkerSlot, deadline: float) -> None:
-        """Wait for a draining worker until *deadline* (loop time), then kill it."""
-        proc = slot.proc
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            left = max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait_for(proc.wait(), left)
-        except TimeoutError:
-            log.warning("worker %d still draining at the deadline: killed", slot.index)
-            proc.kill()
-            await proc.wait()
+        """Wait for a draining worker until *deadline* (loop time), then kill
+        it; and for the one its keeper starts meanwhile to drain a slot
+        that had none (_keep), the same way."""
+        loop = asyncio.get_running_loop()
+        while True:
+            proc = slot.proc
+            if proc is not None and proc.returncode is None:
+                try:
+                    await asyncio.wait_for(proc.wait(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    log.warning("worker %d still draining at the deadline: killed", slot.index)
+                    proc.kill()
+                    await proc.wait()
+            keeper = slot.keeper
+            if keeper is None or keeper.done():
+                return
+            await asyncio.wait({keeper}, timeout=max(0.0, deadline - loop.time()))
+            if keeper.done() or slot.proc is proc:
+                return  # (the deadline passed with no other worker started)
 
     async def _watchdog(self) -> None:
         """Kill a worker that stopped answering (hung, not dead) so it is restarted.

@@ -819,6 +819,18 @@ class Worker:
             self.counters.inc("l4proxy_drain_cut_total", cut + forced)
         return cut + forced
 
+    def drain_first(self) -> None:
+        """Before :meth:`start`, for a worker whose stop was asked while it
+        started (a SIGTERM held until its loop runs: signals; the one the
+        supervisor starts to drain a dead worker's listeners): the relay
+        drains its gateway listeners' connections from the first it takes,
+        as :meth:`drain`'s first step has it. Its thread takes connections
+        from its start, and the drain begins a loop step later: those it
+        took meanwhile (a queue waiting since the worker before died) were
+        served as keep-alive ones, their answers not saying close."""
+        if self.relay is not None:
+            self.relay.drain(inbound_only=True)
+
     def fail_health_check(self, failed: bool) -> None:
         """``/healthcheck/fail`` (*failed*) and ``/healthcheck/ok``: while
         failed, every answer on a gateway listener's connection says
