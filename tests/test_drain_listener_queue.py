@@ -23,9 +23,13 @@ without an answer, on a connection whose request was sent.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -35,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane.listener import bind_listener
+from l4proxy.sidecar.worker import _handshakes_under_way
 from tests._worker import _worker_twin, gateway_service, worker_on
 from tests.mesh import IMPLS
 from tests.test_drain_keepalive import GET, WAIT, Backend, Sidecar, running
@@ -245,3 +250,188 @@ def _answer_of(sock: socket.socket) -> str:
             return "reset"
         assert buf.startswith(b"HTTP/1.1 200 "), buf
         return "answered"
+
+
+# -- a handshake slower than a round trip ----------------------------------------------
+
+# A classic BPF program for a listener (the layout of worker._DROP_SYNS) that
+# passes a segment only where it has SYN: the last ACK of a handshake, and
+# the request the client sends with it, are dropped (lost, as on a lossy
+# or a long path); the client's retransmissions, and its answer to the
+# listener's retransmitted SYN-ACK (a second later), come through once the
+# drain's filter (which drops SYNs only) replaced this one.
+_ONLY_SYNS = b"".join(
+    struct.pack("HBBI", *insn)
+    for insn in (
+        (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+        (0x54, 0, 0, 0x02),  # and #SYN
+        (0x15, 0, 1, 0x02),  # jeq #SYN: pass, else drop
+        (0x06, 0, 0, 0xFFFFFFFF),
+        (0x06, 0, 0, 0),
+    )
+)
+
+
+# The slow client's own loopback address: the kernel keeps what a connection
+# measured of its path (tcp_metrics, per address pair, an hour), and the
+# listener's side of this one measures a round trip of seconds (its SYN-ACK
+# to the ACK that came at last). Kept for 127.0.0.1 to 127.0.0.1, it made the
+# next connection there start with a retransmission timeout of seconds (a
+# second such test here waited 40 s for its client's next retransmission);
+# kept for 127.0.0.1 to this address, it is read by no connection.
+SLOW_CLIENT = "127.0.0.66"
+
+
+def _lose_handshakes_ends(sock: socket.socket) -> None:
+    program = array.array("B", _ONLY_SYNS)
+    fprog = struct.pack("HP", len(_ONLY_SYNS) // 8, program.buffer_info()[0])
+    sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ATTACH_FILTER", 26), fprog)
+
+
+def _backoff(sock: socket.socket) -> int:
+    """tcpi_backoff: the retransmission timeouts *sock* has had in a row."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[4]
+
+
+@pytest.mark.parametrize(
+    ("which", "routing"), [("pure", "request"), ("pure", "connection"), ("compiled", "connection")]
+)
+def test_a_handshake_slower_than_a_round_trip_is_served(
+    which: str, routing: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A client whose handshake's last ACK and request were lost (the
+    listener got its SYN: the handshake is under way in the kernel), the
+    drain beginning after the third retransmission of its request (about
+    1.7 s in; the listener's SYN-ACK went again at 1 s, its ACK lost too):
+    the listener's next SYN-ACK (3 s) or the client's next retransmission
+    (3.3 s) completes the handshake more than a second into the drain. It
+    is answered. Before, the listener closed 0.2 s into the drain
+    (HANDSHAKE_GRACE_S, "a round trip"), the kernel dropped the handshake,
+    and the client's request, which it had sent on a connection it held
+    open, was reset."""
+    _worker_twin(which, monkeypatch)
+    backend = Backend()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.port))
+
+    async def main() -> str:
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        _lose_handshakes_ends(lst.sock)
+        loop = asyncio.get_running_loop()
+        async with worker_on([lst], rules, http_routing=routing) as (_, worker):
+            sock = await loop.run_in_executor(
+                None, socket.create_connection, lst.address, WAIT, (SLOW_CLIENT, 0)
+            )
+            sock.sendall(GET % b"/")  # (lost: the client retransmits it)
+            while _backoff(sock) < 3:  # (its request sent again three times)
+                await asyncio.sleep(0.02)
+            drained = asyncio.ensure_future(worker.drain(WAIT, quiet=0))
+            outcome = await loop.run_in_executor(None, _answer_of, sock)
+            await drained
+            return outcome
+
+    try:
+        assert asyncio.run(main()) == "answered"
+    finally:
+        backend.close()
+
+
+# A client's filter that drops the SYN-ACK: its handshake stays under way at
+# the listener (SYN-RECV) for as long as the filter is on, as one whose
+# client is gone does (a scanner's, a spoofed source's).
+_NO_SYN_ACKS = b"".join(
+    struct.pack("HBBI", *insn)
+    for insn in (
+        (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+        (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+        (0x15, 0, 1, 0x12),  # jeq #(SYN|ACK): drop, else pass
+        (0x06, 0, 0, 0),
+        (0x06, 0, 0, 0xFFFFFFFF),
+    )
+)
+
+
+def _stuck_handshake(address: tuple[str, int]) -> socket.socket:
+    """A connect to *address* whose SYN-ACKs its socket drops."""
+    program = array.array("B", _NO_SYN_ACKS)
+    fprog = struct.pack("HP", len(_NO_SYN_ACKS) // 8, program.buffer_info()[0])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((SLOW_CLIENT, 0))
+    sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ATTACH_FILTER", 26), fprog)
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        sock.connect(address)
+    return sock
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::"])
+def test_the_handshakes_under_way_are_counted_by_port(host: str) -> None:
+    """worker._handshakes_under_way(): what sock_diag says of SYN-RECV,
+    by local port: a handshake whose client drops the SYN-ACK, on an IPv4
+    listener and on a dual-stack one (its IPv4 client's handshake is the
+    IPv6 socket's); none once the connect completed; other ports' apart."""
+    lst = bind_listener(host, 0, "gateway")
+    other = bind_listener("127.0.0.1", 0, "gateway")
+    port = lst.address[1]
+    stuck = _stuck_handshake(("127.0.0.1", port))
+    try:
+        deadline = time.monotonic() + WAIT
+        while (_handshakes_under_way() or {}).get(port, 0) != 1:
+            assert time.monotonic() < deadline, _handshakes_under_way()
+            time.sleep(0.01)
+        counts = _handshakes_under_way()
+        assert counts is not None and counts.get(other.address[1], 0) == 0
+        with socket.create_connection(("127.0.0.1", other.address[1]), WAIT):
+            pass
+        stuck.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DETACH_FILTER", 27), 0)
+        while (_handshakes_under_way() or {}).get(port, 0) != 0:  # (the SYN-ACK again, 1 s)
+            assert time.monotonic() < deadline, _handshakes_under_way()
+            time.sleep(0.05)
+    finally:
+        for s in (stuck, lst.sock, other.sock):
+            s.close()
+
+
+def test_a_handshake_that_never_completes_holds_the_close_a_grace_not_the_drain(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handshake under way whose client never answers (its SYN-ACKs
+    dropped) at a drain of 60 s: the listener closes HANDSHAKE_GRACE_S
+    (3 s) into it, saying so, and the drain ends (well within 20 s),
+    where waiting for the handshake would have held it to its deadline."""
+    caplog.set_level(logging.INFO, logger="l4proxy.worker")
+    _worker_twin("pure", monkeypatch)
+    backend = Backend()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(gateway_service(backend.port))
+
+    async def main() -> int:
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        async with worker_on([lst], rules) as (_, worker):
+            stuck = _stuck_handshake(lst.address)
+            try:
+                while (_handshakes_under_way() or {}).get(lst.address[1], 0) != 1:
+                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(worker.drain(60, quiet=0), 20)
+                return lst.sock.fileno()
+            finally:
+                stuck.close()
+
+    try:
+        assert asyncio.run(main()) == -1  # (closed)
+    finally:
+        backend.close()
+    assert "closes with 1 handshake(s) still under way for its port" in caplog.text
+
+
+def test_without_sock_diag_the_queue_is_taken_for_the_grace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """sock_diag not to be asked (_handshakes_under_way() None: a kernel
+    or a sandbox without it): the slow handshake above, completing 1.3 s
+    into the drain, is still served (the queue is taken for
+    HANDSHAKE_GRACE_S)."""
+    import l4proxy.sidecar.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_handshakes_under_way", lambda: None)
+    test_a_handshake_slower_than_a_round_trip_is_served("pure", "connection", monkeypatch, tmp_path)

@@ -172,9 +172,16 @@ LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still co
 # accept()/socket() errors that mean "this process (or the system) is out of fds"
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 # A listener being closed (stop_accepting) takes what completes in its accept
-# queue for this long after it stopped taking new handshakes: a handshake
-# whose SYN came before completes within a round trip.
-HANDSHAKE_GRACE_S = 0.2
+# queue until the kernel holds no handshake under way for its port (SYN-RECV,
+# asked of sock_diag each RETIRE_POLL_S), for this long at most (and within
+# the drain's deadline): a handshake whose last ACK was lost completes when
+# the SYN-ACK goes again at 1 s (TCP_TIMEOUT_INIT) or the client sends its
+# request again, and a long path's round trip takes a second or so; one
+# still under way then is most likely a SYN whose sender is gone (a scanner,
+# a spoofed source: an exposed gateway always has some), which would hold
+# every drain to its deadline. Where sock_diag cannot be asked: this long.
+HANDSHAKE_GRACE_S = 3.0
+RETIRE_POLL_S = 0.02
 
 
 @dataclass
@@ -418,6 +425,7 @@ class Worker:
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()  # stop_accepting's listeners
         # LEAST_REQUEST's count of the connections this worker routes at L4, per
         # endpoint: from the endpoint's choice (its connect included) until
         # the pump reports the connection's end (a token per connection:
@@ -619,17 +627,26 @@ class Worker:
             self.local_ips = set()
 
     async def stop_accepting(
-        self, keep: tuple[str, ...] = (), then: Callable[[], None] | None = None
+        self,
+        keep: tuple[str, ...] = (),
+        then: Callable[[], None] | None = None,
+        until: float | None = None,
     ) -> None:
         """Close the listeners, except those whose mode is in *keep*, losing
-        no connection the kernel completed for them.
+        no connection the kernel completed for them, nor one whose handshake
+        was under way: they close in the background (:meth:`retired` waits
+        for them), by *until* (monotonic; the drain's deadline) at the latest.
 
         Theory of operation. Closing a listening socket resets every
         connection waiting in its accept queue: handshakes the kernel
         completed that the worker had not taken yet, whose clients have
         sent their requests (a review saw one reset per busy client at each
         SIGTERM). ``shutdown(SHUT_RD)`` on a listener (HAProxy's pause) does
-        the same on Linux. So a listener is retired in three steps:
+        the same on Linux. It also ends the handshakes still under way (the
+        kernel drops their SYN-RECV entries once the listener is gone): a
+        client whose last ACK was lost or is slow to come has a connection
+        it holds open and sends its request on, and reads a reset. So a
+        listener is retired in three steps:
 
         1. it takes no new handshake: a classic BPF filter drops each
            segment that opens one (SYN without ACK; see
@@ -644,11 +661,21 @@ class Worker:
            below are taken once it applies, so each is served one request
            and told to close; handed before, one whose request was not read
            yet would be closed as idle).
-        3. what its queue holds is taken and served as any connection, again
-           each 20 ms until ``HANDSHAKE_GRACE_S`` passed (a handshake whose
-           SYN came before the filter completes within a round trip), and
-           then it closes: nothing is left in its queue but a handshake
-           slower than that.
+        3. what its queue holds is taken and served as any connection, and
+           again each ``RETIRE_POLL_S`` until the kernel holds no handshake
+           under way for its port (:func:`_handshakes_under_way`: asked
+           before the queue is taken, so that one completing in between is
+           taken too; the filter lets no new one begin), and then it
+           closes: at once, most times. A handshake whose last ACK was
+           lost completes when the listener's SYN-ACK goes again (1 s) or
+           the client sends its request again, a long path's a round trip
+           late: each is waited for, ``HANDSHAKE_GRACE_S`` at most (one
+           still under way then is most likely a SYN whose sender is gone,
+           which would hold the drain to its deadline), within *until*.
+           Where the kernel cannot be asked (no sock_diag), the queue is
+           taken for ``HANDSHAKE_GRACE_S``. Before, it was taken for 0.2 s
+           ("a round trip"), and a client slower than that, holding a
+           connection it had sent its request on, was reset.
 
         A connection taken so from an inbound or gateway listener is served
         even though inbound stopped (it came before the close:
@@ -672,15 +699,45 @@ class Worker:
             then()
         if not closing:
             return
-        grace_ends = time.monotonic() + HANDSHAKE_GRACE_S
-        while True:
-            for lst in closing:
-                self._take_queued(lst)
-            if time.monotonic() >= grace_ends:
-                break
-            await asyncio.sleep(0.02)
         for lst in closing:
-            lst.sock.close()
+            self._take_queued(lst)
+        if until is None:
+            until = time.monotonic() + HANDSHAKE_GRACE_S
+        task = self._loop.create_task(self._retire(closing, until))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, closing: list[Listener], until: float) -> None:
+        """stop_accepting's step 3: take what *closing*'s queues hold until
+        no handshake is under way for a listener's port (or *until*), then
+        close it."""
+        grace_ends = min(until, time.monotonic() + HANDSHAKE_GRACE_S)
+        left = list(closing)
+        try:
+            while left:
+                await asyncio.sleep(RETIRE_POLL_S)
+                under_way = _handshakes_under_way()
+                now = time.monotonic()
+                for lst in list(left):
+                    pending = None if under_way is None else under_way.get(lst.address[1], 0)
+                    self._take_queued(lst)  # (after the count: one completed between is here)
+                    if pending == 0 or now >= grace_ends:
+                        if pending:
+                            log.info(
+                                "%s closes with %d handshake(s) still under way for its port",
+                                lst.name,
+                                pending,
+                            )
+                        lst.sock.close()
+                        left.remove(lst)
+        finally:
+            for lst in left:  # (cancelled: Worker.close)
+                lst.sock.close()
+
+    async def retired(self) -> None:
+        """Until the listeners :meth:`stop_accepting` closes are closed."""
+        while self._retiring:
+            await asyncio.wait(set(self._retiring))
 
     def _take_queued(self, lst: Listener) -> None:
         """Accept what *lst*'s queue holds now (a listener being retired:
@@ -777,13 +834,15 @@ class Worker:
         # the listeners that close now take no new handshake before the
         # idle keep-alive connections are closed: those clients' instant
         # reconnects are refused, not queued on a listener about to close
-        await self.stop_accepting(keep=every if serving_inbound else outbound, then=drain_inbound)
+        await self.stop_accepting(
+            keep=every if serving_inbound else outbound, then=drain_inbound, until=deadline
+        )
         self._last_accept = max(self._last_accept, now)
         busy_at = now  # when a connection was last seen open (polled)
         while self.listeners and time.monotonic() < deadline:
             t = time.monotonic()
             if serving_inbound and t >= self.inbound_until:
-                await self.stop_accepting(keep=outbound)
+                await self.stop_accepting(keep=outbound, until=deadline)
                 serving_inbound = False
             idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
             if not idle:
@@ -801,7 +860,8 @@ class Worker:
                 left = max(0.0, deadline - time.monotonic())
                 relay.drain(spread=left / 4 if gradual else 0.0)
 
-        await self.stop_accepting(then=drain_all)
+        await self.stop_accepting(then=drain_all, until=deadline)
+        await self.retired()  # (each by the deadline: what it took is served below)
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         while self.relay_active() and time.monotonic() < deadline:
@@ -917,7 +977,7 @@ class Worker:
         return {**self.counters.help(), **self.relay_counters.help()}
 
     def close(self) -> None:
-        for t in list(self.handshakes):
+        for t in list(self.handshakes) + list(self._retiring):
             t.cancel()
         if self.relay is not None:
             self.relay.close(access_log=not self._log_l4)
@@ -2663,6 +2723,65 @@ _DROP_SYNS = b"".join(
         (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: the whole segment
     )
 )
+
+
+# sock_diag (NETLINK_SOCK_DIAG): the TCP sockets in SYN-RECV, a handshake's
+# request sockets among them (what ``ss -tn state syn-recv`` lists)
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_SYN_RECV = 3
+
+
+def _handshakes_under_way() -> dict[int, int] | None:
+    """The TCP handshakes this network namespace's kernel holds under way
+    (SYN-RECV: its SYN-ACK sent, the client's ACK not come), counted by
+    local port, IPv4 and IPv6 (a dual-stack listener's, IPv4 ones too);
+    None where sock_diag cannot be asked. A listener's handshakes are
+    those of its port: another listener's on the same port (another
+    address, another worker's ``SO_REUSEPORT`` one) count too, which only
+    keeps a retiring listener open longer (stop_accepting)."""
+    counts: dict[int, int] = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+                # inet_diag_req_v2: family, protocol, ext, pad, states; an
+                # inet_diag_sockid of zeros (no filter: a dump), its cookie
+                # INET_DIAG_NOCOOKIE
+                req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_SYN_RECV)
+                req += b"\0" * 40 + b"\xff" * 8
+                head = struct.pack(
+                    "=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, seq, 0
+                )
+                nl.sendall(head + req)
+                if not _count_dumped(nl, counts):
+                    return None
+    except OSError as exc:
+        log.debug("cannot ask sock_diag for the handshakes under way: %s", exc)
+        return None
+    return counts
+
+
+def _count_dumped(nl: socket.socket, counts: dict[int, int]) -> bool:
+    """Read one sock_diag dump from *nl* to its end, each socket counted
+    by its local port in *counts*: whether it ended well."""
+    while True:
+        data = nl.recv(65536)
+        if not data:
+            return False
+        off = 0
+        while off + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, off)
+            if kind == _NLMSG_DONE:
+                return True
+            if kind == _NLMSG_ERROR or length < 16:
+                return False
+            if length >= 16 + 8:  # inet_diag_msg: family, state, timer, retrans, sport
+                (port,) = struct.unpack_from("!H", data, off + 20)
+                counts[port] = counts.get(port, 0) + 1
+            off += (length + 3) & ~3
 
 
 def _refuse_handshakes(sock: socket.socket) -> bool:
