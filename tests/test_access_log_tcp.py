@@ -79,6 +79,31 @@ def test_a_connections_line_is_tcp_proxys() -> None:
     assert (d["bytes_received"], d["bytes_sent"], d["duration"]) == (5, 10, 1234)
 
 
+def test_a_connection_the_drains_deadline_cut_says_so_as_a_request_does() -> None:
+    """DC and DRAIN_CUT (LOCAL_CUT: the worker's _ConnLog.cut()), as the
+    line of a request cut at the deadline; its upstream's local address
+    kept (it had an upstream: DC says how it ended, not that none took
+    it). The same in JSON."""
+    rec = al.connection_record(
+        START,
+        al.DC | al.LOCAL_CUT,
+        5,
+        10,
+        25000,
+        "10.1.0.7:5432",
+        "outbound|5432|v1|db.default.svc.cluster.local",
+        "10.1.0.2:40512",
+        "198.19.0.20:5432",
+        "10.1.0.2:51000",
+    )
+    f = _fields(al.format_line(rec))
+    assert (f["code"], f["flags"], f["details"]) == ("0", "DC", al.DRAIN_CUT)
+    assert (f["upstream"], f["upstream_local"]) == ("10.1.0.7:5432", "10.1.0.2:40512")
+    d = json.loads(al.format_line(rec, json=True))
+    assert (d["response_flags"], d["response_code_details"]) == ("DC", al.DRAIN_CUT)
+    assert d["upstream_local_address"] == "10.1.0.2:40512"
+
+
 def test_a_connection_no_upstream_took_says_why() -> None:
     """Every connect failed: UF and URX (tcp_proxy's connect attempts used
     up), the endpoint last tried, no upstream local address."""
@@ -432,8 +457,12 @@ def test_a_connection_the_drain_closes_gets_its_line(
 ) -> None:
     """A connection still open at SIGTERM, closed by the drain's deadline
     once the relay closed: its line is written (the relay's writer stays
-    open for the pump's last ends) before the sidecar exits. Meanwhile a
-    second connection overflowed tcp.maxConnections: UO."""
+    open for the pump's last ends) before the sidecar exits, and says what
+    a request's line cut so says, ``DC
+    downstream_local_disconnect(filter_chain_is_being_removed)`` (with
+    its upstream's local address: it had one); before, it said nothing
+    (``- -``), as a connection that ended on its own. Meanwhile a second
+    connection overflowed tcp.maxConnections: UO."""
     mesh = bare_mesh
     db = mesh.net.add_pod("db", labels={"app": "db", "version": "v1"})
     mesh.procs.append(db.popen([PYTHON, "-c", ECHO, "5432"], user=1000))
@@ -471,6 +500,7 @@ def test_a_connection_the_drain_closes_gets_its_line(
     lines = log_path.read_bytes().splitlines(keepends=True)
     assert len(lines) == 2, lines
     f = _fields(lines[1])
-    assert (f["flags"], f["received"], f["sent"]) == ("-", "4", "0")
+    assert (f["flags"], f["details"], f["received"], f["sent"]) == ("DC", al.DRAIN_CUT, "4", "0")
     assert f["cluster"] == "outbound|5432|v1|db.default.svc.cluster.local"
+    assert f["upstream_local"].startswith(f"{mesh.client.ipv4}:"), f
     assert int(f["duration"]) >= 1000  # (the drain's deadline closed it)

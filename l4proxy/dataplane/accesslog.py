@@ -65,7 +65,8 @@ route, DI a fault's delay, FI a fault's abort, DC the request's connection
 ended before the response's end (the client went away, or the drain's
 deadline cut it: RESPONSE_CODE_DETAILS ``downstream_remote_disconnect`` or
 ``downstream_local_disconnect(filter_chain_is_being_removed)``,
-:data:`DRAIN_CUT`), URX the retry policy's tries used up on an
+:data:`DRAIN_CUT`; a connection routed at L4 that the drain's deadline cut
+says the same, its only RESPONSE_CODE_DETAILS), URX the retry policy's tries used up on an
 outcome it retries, SI the idle timeout mid-request, DPE a request the
 client framed wrong (a malformed head, a bad chunk), UPE a response the
 upstream framed wrong, OM the proxy out of file descriptors for a try's
@@ -171,8 +172,11 @@ FLAGS = (1 << len(FLAG_NAMES)) - 1
 LOCAL_VERDICT = 1 << 16  # the route's own answer (its tag's flags, details; no cluster)
 CUT = 1 << 17  # the request ended unanswered or cut: DC unless another flag says why
 PATH_REFUSED = 1 << 18  # a rewrite made a dot-segment: 400 path_normalization_failed
-L4 = 1 << 19  # a connection routed at L4: no RESPONSE_CODE_DETAILS (connection_record())
-LOCAL_CUT = 1 << 20  # with CUT: the proxy cut it itself, at the drain's deadline (DRAIN_CUT)
+# a connection routed at L4: no RESPONSE_CODE_DETAILS but a cut's (connection_record())
+L4 = 1 << 19
+# with CUT (a request's) or DC (a connection routed at L4): the proxy cut it
+# itself, at the drain's deadline (DRAIN_CUT)
+LOCAL_CUT = 1 << 20
 TE_REFUSED = 1 << 21  # with DPE: a Transfer-Encoding other than chunked, 501 (INVALID_TE)
 
 # RESPONSE_CODE_DETAILS of a request refused for its Transfer-Encoding (a
@@ -516,14 +520,16 @@ def format_line(rec: Record, json: bool = False) -> bytes:
     JSON (see the module's docstring): at most LINE_MAX bytes."""
     flags = final_flags(rec.flags)
     local_verdict = bool(rec.flags & LOCAL_VERDICT)
-    why = (
-        None
-        if rec.flags & L4
-        else details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
-    )
+    l4 = rec.flags & L4
+    if l4:  # (tcp_proxy's: none, but for the drain's cut, as a request's)
+        why = DRAIN_CUT if rec.flags & LOCAL_CUT else None
+    else:
+        why = details(flags | (rec.flags & ~FLAGS), rec.status, rec.local, rec.tag)
     shown = shown_flags(rec.flags, rec.tag)
     cluster = None if local_verdict else rec.tag.upstream_cluster
-    upstream_local = None if flags & ~(DI | URX) or rec.local else rec.upstream_local
+    # (a connection routed at L4 that the drain cut had its upstream: kept)
+    kept = DI | URX | (DC if l4 else 0)
+    upstream_local = None if flags & ~kept or rec.local else rec.upstream_local
     fields: list[tuple[str, bytes]] = [
         ("start_time", b'"' + time_text(rec.start) + b'"' if json else time_text(rec.start)),
         ("method", _value(rec.method, "method", json)),
@@ -590,7 +596,10 @@ def connection_record(
     RESPONSE_CODE_DETAILS; *received* and *sent* the bytes each way,
     *duration_ms* the connection's life, *cluster* its UPSTREAM_CLUSTER
     (empty: none), *flags* why no upstream took it (UH, UF and URX, UO,
-    NR, OM; none for how an established one ended, as tcp_proxy's)."""
+    NR, OM; none for how an established one ended, as tcp_proxy's, but
+    for the drain's deadline: DC with LOCAL_CUT, whose line says what a
+    request's cut so says, ``DC`` and :data:`DRAIN_CUT`, its upstream's
+    local address kept)."""
     return Record(
         start,
         None,

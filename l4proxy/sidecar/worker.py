@@ -871,9 +871,7 @@ class Worker:
             # what is left at the deadline is cut; its access log's writer
             # stays for the lines of the pump's connections
             cut = self.relay.close(access_log=not self._log_l4)
-        remaining = max(0.0, deadline - time.monotonic())
-        loop = asyncio.get_running_loop()
-        forced: int = await loop.run_in_executor(None, self.pump.drain, remaining)
+        forced = await self._drain_pump(deadline)
         self._close_access_log()
         if cut + forced:
             self.counters.inc("l4proxy_drain_cut_total", cut + forced)
@@ -890,6 +888,23 @@ class Worker:
         served as keep-alive ones, their answers not saying close."""
         if self.relay is not None:
             self.relay.drain(inbound_only=True)
+
+    async def _drain_pump(self, deadline: float) -> int:
+        """The L4 pump's connections finish until *deadline*; those still
+        open then are cut (reset): how many. Their access log lines say so
+        as a request's cut at the deadline does (``DC``,
+        ``accesslog.DRAIN_CUT``): each connection the pump had not
+        reported ended at the deadline (its ends taken first) is marked
+        (_ConnLog.cut) before the pump resets it."""
+        while self.pump.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.pump.active:
+            self._pump_ended()  # (the ends before the deadline: as they were)
+            for clog in self._logged.values():
+                clog.cut()
+        loop = asyncio.get_running_loop()
+        forced: int = await loop.run_in_executor(None, self.pump.drain, 0.0)
+        return forced
 
     def fail_health_check(self, failed: bool) -> None:
         """``/healthcheck/fail`` (*failed*) and ``/healthcheck/ok``: while
@@ -2242,6 +2257,11 @@ class _ConnLog:
 
     def addresses(self, conn: socket.socket, origin: Origin | None) -> None:
         self.downstream_local, self.downstream_remote = accesslog.connection_addresses(conn, origin)
+
+    def cut(self) -> None:
+        """Still open at the drain's deadline, which cuts it: DC, and the
+        details of a request cut so (accesslog.DRAIN_CUT: LOCAL_CUT)."""
+        self.flags |= accesslog.DC | accesslog.LOCAL_CUT
 
     def refused(self, why: str) -> None:
         """A classification's refusal: REGISTRY_ONLY's (Istio's BlackHoleCluster,
