@@ -302,7 +302,8 @@ def test_server_info_says_what_runs(tmp_path: Path, backend: str, flags: tuple[s
         assert re.fullmatch(r"\d+s", info["uptime_current_epoch"])
         assert info["uptime_all_epochs"] == info["uptime_current_epoch"]  # no hot restart
         opts = info["command_line_options"]
-        assert opts["admin"] == run.admin and opts["listen"] == ["127.0.0.1:0"]
+        # (--listen 127.0.0.1:0: the port bound, as the worker's line says it)
+        assert opts["admin"] == run.admin and opts["listen"] == [run.listen]
         assert opts["rules"] == [str(run.rules)] and opts["drain_quiet"] == 1.0
         assert opts["workers"] == (1 if "--single-process" in flags else 2)
         assert opts["single_process"] == ("--single-process" in flags)
@@ -314,6 +315,36 @@ def test_server_info_says_what_runs(tmp_path: Path, backend: str, flags: tuple[s
         shown, hidden = run_options()
         assert hidden and not hidden & set(opts), hidden & set(opts)
         assert set(opts) == shown, set(opts) ^ shown
+
+
+@pytest.mark.parametrize("flags", [("--workers", "2"), ("--single-process",)])
+def test_server_info_says_the_addresses_bound_for_port_0(
+    tmp_path: Path, backend: str, flags: tuple[str, ...]
+) -> None:
+    """--admin, --stats-listen and --listen on port 0: command_line_options
+    says each address as bound, the one the start-up lines name and that
+    answers, as every other option says its value in effect. Before, it
+    said ``127.0.0.1:0`` for each, which reaches nothing."""
+    ports_0 = ("--admin", "127.0.0.1:0", "--stats-listen", "127.0.0.1:0")
+    run = Run(tmp_path, backend, *flags, *ports_0)
+    try:
+        said = re.search(r"; admin (\S+); ", run.log())
+        assert said is not None, run.log()
+        run.admin = said.group(1)
+        run.until(lambda: run.get("/ready") == (200, "LIVE\n"), "/ready LIVE")
+        opts = json.loads(run.get("/server_info")[1])["command_line_options"]
+        assert run.stats is not None
+        assert (opts["admin"], opts["stats_listen"], opts["listen"]) == (
+            run.admin,
+            run.stats,
+            [run.listen],
+        )
+        for address in (opts["admin"], opts["stats_listen"], opts["listen"][0]):
+            assert not address.endswith(":0"), opts
+        assert run.get("/ready", at=opts["stats_listen"]) == (200, "LIVE\n")
+        assert run.get("/", at=opts["listen"][0]) == (200, "from the backend\n")
+    finally:
+        run.close()
 
 
 @pytest.mark.parametrize("flags", [("--workers", "2"), ("--single-process",)])

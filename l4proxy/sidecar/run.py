@@ -719,8 +719,30 @@ def _admin_said(admin: AdminServer | None) -> str:
     worker's, the same way."""
     if admin is None:
         return "off"
-    host, port = admin.address
+    return _address_said(admin.address)
+
+
+def _address_said(address: tuple[str, int]) -> str:
+    host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _options_in_effect(
+    admin: AdminServer | None, stats: AdminServer | None, listeners: list[Listener]
+) -> None:
+    """/server_info's ``command_line_options`` say the addresses bound:
+    ``admin``, ``stats_listen`` and each ``listen`` with the port the
+    kernel gave where port 0 was asked, as every other option says its
+    value in effect (they said ``127.0.0.1:0``, which reaches nothing).
+    What was asked is the command line's (the pod spec's)."""
+    if admin is None:
+        return
+    admin.options["admin"] = _admin_said(admin)
+    if stats is not None:
+        admin.options["stats_listen"] = _address_said(stats.address)
+    gateways = [lst for lst in listeners if lst.mode == "gateway"]  # (--listen's, in order)
+    if gateways:
+        admin.options["listen"] = [_address_said(lst.address) for lst in gateways]
 
 
 async def _start_stats(args: argparse.Namespace, source: Any) -> AdminServer | None:
@@ -750,6 +772,7 @@ async def _supervise(
         nonlocal admin, stats
         admin = await _start_admin(args, source, on_quit)
         stats = await _start_stats(args, source)
+        _options_in_effect(admin, stats, sets[0])
         try:
             _drop_privileges(args.uid, args.gid)
         except (OSError, ValueError) as exc:
@@ -842,6 +865,7 @@ async def _serve(
         map_large_allocations()  # a /stats page's buffer (lean)
         admin = await _start_admin(args, view, stop.set)
         stats = await _start_stats(args, view)
+        _options_in_effect(admin, stats, listeners)
         try:
             _drop_privileges(args.uid, args.gid)
         except (OSError, ValueError) as exc:
