@@ -61,8 +61,8 @@ gone) or --drain-duration ends; then connections in flight finish within
 what is left of --drain-duration, and what is left then is cut (logged with
 its count). Keep-alive clients are told to leave: from the SIGTERM on, each
 answer on a gateway listener's connection says "Connection: close" and
-closes it, and those between requests close one after another over the
-first quarter of the drain (--drain-strategy gradual; immediate: at once);
+closes it, and those between requests close at once (--drain-strategy
+immediate, Istio's; gradual: one after another over the drain's first quarter);
 the app's outbound ones so too once outbound stops. /ready answers 503 from
 the SIGTERM on. POST /healthcheck/fail on the admin endpoint makes /ready
 503 and each gateway answer say "Connection: close" (nothing else drains)
@@ -312,12 +312,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--drain-strategy",
-        choices=["gradual", "immediate"],
-        default="gradual",
+        choices=["immediate", "gradual"],
+        default="immediate",
         help="on SIGTERM, when the keep-alive connections between requests close (Envoy's "
-        "option): gradual, one after another over the first quarter of --drain-duration "
-        "(the k-th of N at k/N of that quarter), so that their clients reconnect spread "
-        "out; immediate, all at once (what Istio runs Envoy with) (gradual)",
+        "option): immediate, all at once (what Istio runs Envoy with); gradual (Envoy's "
+        "default), one after another over the first quarter of --drain-duration (the k-th "
+        "of N at k/N of that quarter), so that clients that reconnect as soon as theirs "
+        "closes come back spread out, at the cost of a drain that long (immediate)",
     )
     p.add_argument(
         "--outbound-policy",
