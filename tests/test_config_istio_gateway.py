@@ -1213,8 +1213,10 @@ def test_a_destination_s_error_is_said_once(tmp_path: Path) -> None:
 def test_tcp_routes_are_not_at_the_gateway(tmp_path: Path) -> None:
     """A VirtualService for the mesh and the gateway with an http and a tcp
     route: the gateway (HTTP servers only) gets the http route alone, so a
-    request it does not match is the 404, not the tcp route's v3; the
-    sidecars' raw connections still take the tcp route."""
+    request it does not match is the 404, not the tcp route's v3. The
+    sidecars keep the tcp route for TCP ports: reviews' 9080 is HTTP, so
+    a raw connection there takes no route (Istio's HTTP listener has the
+    http routes alone), not v3 (it did)."""
     text = gateway() + vs(
         "reviews",
         "[reviews]",
@@ -1234,8 +1236,10 @@ def test_tcp_routes_are_not_at_the_gateway(tmp_path: Path) -> None:
     assert at_gateway(table, host, "/b") == ("no_route", None)
     routes = table.to_json()["routes"]
     assert [r["protocol"] for r in routes["gateway:default/gw/http.80/" + host]] == ["http"]
+    assert [r["protocol"] for r in routes[host]] == ["http", "tcp"]
     d = table.decide(service(table, "reviews"), 9080, None)
-    assert d.endpoints[0].address == "198.18.1.23"
+    assert d.route == "default"
+    assert [e.address for e in d.endpoints] == ["198.18.1.21", "198.18.1.22", "198.18.1.23"]
 
 
 def test_tcp_routes_of_the_mesh_and_a_gateway_are_a_warning_naming_the_gateway(
@@ -1245,7 +1249,8 @@ def test_tcp_routes_of_the_mesh_and_a_gateway_are_a_warning_naming_the_gateway(
     sidecars' and is dropped at the Gateway, which routes HTTP requests
     alone. That was said of a VirtualService of Gateways only, and here
     not at all; it is a warning at spec.tcp naming the VirtualService and
-    the Gateway, and the mesh still takes the tcp route."""
+    the Gateway. The sidecars take it on TCP ports only: reviews has none,
+    so it routes nothing there either (a warning at the route)."""
     text = gateway() + vs(
         "reviews",
         "[reviews]",
@@ -1264,10 +1269,13 @@ def test_tcp_routes_of_the_mesh_and_a_gateway_are_a_warning_naming_the_gateway(
         f"{tmp_path / 'rules.yaml'}:21: warning: VirtualService reviews: spec.tcp is not served "
         "at Gateway default/gw: the gateway routes HTTP requests, not TCP connections, and "
         "l4proxy serves this VirtualService's http routes alone there; bound to mesh too, its "
-        "tcp routes are the sidecars'"
+        "tcp routes are the sidecars', on TCP ports",
+        f"{tmp_path / 'rules.yaml'}:22: warning: VirtualService reviews: this tcp route routes "
+        "nothing: tcp routes serve TCP ports only; port 9080 of reviews.default.svc.cluster.local "
+        "is HTTP: its requests take the http routes, else the whole service (the default route)",
     ]
     d = result.table.decide(service(result.table, "reviews"), 9080, None)
-    assert d.endpoints[0].address == "198.18.1.23"
+    assert d.route == "default"
 
 
 def test_a_virtual_service_of_tcp_routes_alone_at_gateways_and_mesh_routes_nothing_there(
@@ -1301,9 +1309,16 @@ spec:
             26,
             "spec.tcp is not served at Gateways default/gw, default/other: the gateway routes "
             "HTTP requests, not TCP connections, and l4proxy serves this VirtualService's http "
-            "routes alone there; bound to mesh too, its tcp routes are the sidecars'; it has no "
-            "http route: it routes nothing there",
-        )
+            "routes alone there; bound to mesh too, its tcp routes are the sidecars', on TCP "
+            "ports; it has no http route: it routes nothing there",
+        ),
+        (
+            "warning",
+            27,
+            "this tcp route routes nothing: tcp routes serve TCP ports only; port 9080 of "
+            "reviews.default.svc.cluster.local is HTTP: its requests take the whole service, the "
+            "default route (this VirtualService has no http route)",
+        ),
     ]
     assert not [k for k in result.table.to_json()["routes"] if k.startswith("gateway:")]
 

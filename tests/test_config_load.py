@@ -254,6 +254,72 @@ def test_virtual_service_matches_compile(tmp_path: Path) -> None:
     assert table.load_balancer(HOST) == "LEAST_REQUEST"
 
 
+_DB = """\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db]
+  ports: [%s]
+  endpoints: [{address: 198.18.0.21}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: db}
+spec:
+  hosts: [db]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    route: [{destination: {host: db}}]
+  tcp:
+  - %s
+    route: [{destination: {host: db}}]
+"""
+_HTTP, _GRPC = "{number: 8080, name: http, protocol: HTTP}", "{number: 9090, name: grpc}"
+_PG = "{number: 5432, name: tcp-pg, protocol: TCP}"
+
+
+@pytest.mark.parametrize(
+    ("ports", "match", "warning"),
+    [
+        (
+            f"{_HTTP}, {_PG}",
+            "match: [{port: 8080}]",
+            "this tcp route routes nothing: tcp routes serve TCP ports only; port 8080 of "
+            "db.default.svc.cluster.local is HTTP: its requests take the http routes, else the "
+            "whole service (the default route)",
+        ),
+        (
+            f"{_HTTP}, {_GRPC}",
+            "match: [{sourceLabels: {app: x}}]",
+            "this tcp route routes nothing: tcp routes serve TCP ports only; ports 8080, 9090 of "
+            "db.default.svc.cluster.local are HTTP/GRPC: their requests take the http routes, "
+            "else the whole service (the default route)",
+        ),
+        (f"{_HTTP}, {_PG}", "match: [{port: 5432}]", None),
+        (f"{_HTTP}, {_PG}", "match: [{}]", None),
+        (_PG, "match: [{}]", None),
+    ],
+    ids=["names the http port", "every port http", "names the tcp port", "any port", "tcp only"],
+)
+def test_a_tcp_route_whose_every_port_is_http_is_a_warning_at_its_line(
+    tmp_path: Path, ports: str, match: str, warning: str | None
+) -> None:
+    """A tcp route serves TCP ports only (Istio: the listener of an HTTP
+    port has the http routes alone); one whose every port, those its
+    blocks name or all of the service's, is HTTP routes nothing: a warning
+    at its line, where the load said nothing and the sidecar took that
+    port's requests (and raw connections) with it."""
+    f = write(tmp_path, "db.yaml", _DB % (ports, match))
+    result = load_rules([f])
+    said = [(d.severity, d.line, d.message) for d in result.notes if "tcp route" in d.message]
+    assert said == ([("warning", 18, warning)] if warning else [])
+    svc = result.table.service("db.default.svc.cluster.local")
+    assert svc is not None
+    tcp = result.table.routes_for(svc.host)[1]
+    assert (result.table.route_ports(svc, tcp) == []) == (warning is not None)
+
+
 def test_a_virtual_service_answers_404_when_no_route_matches_a_route_rule_does_not(
     tmp_path: Path,
 ) -> None:
@@ -841,6 +907,12 @@ def test_a_destination_without_port_on_a_host_of_several_ports_warns(tmp_path: P
     assert _port_warnings(tmp_path, with_port, REGISTRY) == []
     one_port = OTHER.replace("  - {number: 9090, name: http-admin, protocol: HTTP}\n", "")
     assert _port_warnings(tmp_path, one_port, REGISTRY) == []
+    # As a tcp route: never dialled on bootcamp's HTTP port 8080, so no
+    # request goes to other:8080 (the route routes nothing: its own warning)
+    as_tcp = OTHER.replace("  http:\n", "  tcp:\n")
+    assert _port_warnings(tmp_path, as_tcp, REGISTRY) == []
+    notes = load_rules([write(tmp_path, "rules.yaml", as_tcp), REGISTRY]).notes
+    assert [n.line for n in notes if "this tcp route routes nothing" in n.message] == [17]
     # The routed host not known yet: the dialled port cannot be checked.
     (unknown,) = _port_warnings(tmp_path, OTHER)
     assert "port required: host other.default.svc.cluster.local has ports 9080, 9090" in unknown

@@ -14,6 +14,7 @@ from l4proxy.rules.routing import (
     IngressPath,
     Labels,
     Match,
+    OutlierPolicy,
     Request,
     RequestShape,
     Route,
@@ -242,10 +243,89 @@ def test_tcp_routes_on_destination_only() -> None:
     assert t.decide(BOOTCAMP, 8080, None).route == "rest"  # header match cannot match TCP
 
 
-def test_tcp_routes_come_first_for_raw_connections() -> None:
-    t = table(Route("http", (to(V1),)), Route("tcp", (to(V2S),), protocol="tcp"))
-    assert t.decide(BOOTCAMP, 8080, req()).route == "http"
-    assert t.decide(BOOTCAMP, 8080, None).route == "tcp"
+def test_tcp_routes_come_first_for_raw_connections_on_a_tcp_port() -> None:
+    """A service with no HTTP port: both kinds apply to its connections
+    (the documented leniency), the tcp route first."""
+    db = _db([ServicePort(5432, "tcp-pg", "TCP")])
+    v1 = Destination(db.host, V1, 100)
+    v2 = Destination(db.host, V2S, 100)
+    t = RouteTable([db], {db.host: [Route("http", (v1,)), Route("tcp", (v2,), protocol="tcp")]})
+    assert t.decide(db, 5432, None).route == "tcp"
+    assert RouteTable([db], {db.host: [Route("http", (v1,))]}).decide(db, 5432, None).route == (
+        "http"
+    )
+
+
+def test_a_tcp_route_never_applies_on_an_http_port() -> None:
+    """A VirtualService of tcp routes only on bootcamp's HTTP port 8080: it
+    took every request and raw connection there (all to v2); Istio's
+    listener on an HTTP port is an HTTP connection manager built from the
+    http routes alone, so the port keeps its default: the round robin over
+    every endpoint, no 404 (no http route), requests and raw bytes alike."""
+    tcp_only = table(Route("bootcamp", (to(V2S),), protocol="tcp"), unmatched=[HOST])
+    picks = [tcp_only.decide(BOOTCAMP, 8080, req()) for _ in range(6)]
+    assert {(d.route, d.subset) for d in picks} == {("default", "default")}
+    assert [d.endpoints[0] for d in picks] == [V1A, V1B, V2, V1A, V1B, V2]
+    raw = [tcp_only.decide(BOOTCAMP, 8080, None) for _ in range(3)]
+    assert {d.route for d in raw} == {"default"}
+    assert sorted(d.endpoints[0].address for d in raw) == sorted(e.address for e in (V1A, V1B, V2))
+    rc = tcp_only.choices(BOOTCAMP, 8080, req())
+    assert rc.route == "default" and len(rc.subsets[0].endpoints) == 3
+    assert not tcp_only.refuses_unmatched(BOOTCAMP, 8080)
+    # nothing takes every connection there: the port's own settings hold
+    assert tcp_only.to_json()["caught"] == {}
+    # Beside http routes: the http ones route the port, raw bytes too (per
+    # connection), and what none matches is their 404, never the tcp route.
+    api = Route("api", (to(V1),), (Match(uri=StringMatch("prefix", "/api")),))
+    both = table(api, Route("tcp", (to(V2S),), protocol="tcp"), unmatched=[HOST])
+    assert both.decide(BOOTCAMP, 8080, req("/api")).route == "api"
+    assert both.decide(BOOTCAMP, 8080, req("/web")).status == 404
+    assert both.decide(BOOTCAMP, 8080, None).route == "default"
+    every = table(Route("http", (to(V1),)), Route("tcp", (to(V2S),), protocol="tcp"))
+    assert every.decide(BOOTCAMP, 8080, req()).route == "http"
+    assert every.decide(BOOTCAMP, 8080, None).route == "http"  # (it was the tcp route)
+
+
+def test_a_tcp_route_on_an_http_port_reaches_no_endpoint_s_settings() -> None:
+    """The subset of a tcp route that applies nowhere (its every port is
+    HTTP) reaches no endpoint: its outlier detection is not the v2 pod's;
+    the service's own settings hold on the port."""
+    eager = OutlierPolicy(consecutive_5xx=1)
+    v2 = Subset("v2", Labels({"version": "v2"}), outlier=eager)
+    t = table(Route("bootcamp", (to(v2),), protocol="tcp"))
+    assert t.outlier_policies() == {}
+    assert t.ejection_groups(V2) == ((V1A, V1B, V2),)
+    db = _db([ServicePort(5432, "tcp-pg", "TCP")])
+    on_tcp = RouteTable([db], {db.host: [Route("pg", (Destination(db.host, v2, 100),), (), "tcp")]})
+    v2_ep = next(e for e in db.endpoints if e.labels["version"] == "v2")
+    assert on_tcp.outlier_policies() == {(v2_ep.address, v2_ep.port): eager}
+
+
+def test_each_port_takes_its_kind_of_routes() -> None:
+    """A VirtualService of both kinds on a service with an HTTP port and a
+    TCP port: the HTTP port's requests and connections take the http
+    routes, the TCP port's connections the tcp routes."""
+    db = _db([ServicePort(8080, "http", "HTTP"), ServicePort(5432, "tcp-pg", "TCP")])
+    v1 = Destination(db.host, V1, 100)
+    v2 = Destination(db.host, V2S, 100)
+    t = RouteTable(
+        [db],
+        {db.host: [Route("api", (v1,)), Route("pg", (v2,), protocol="tcp")]},
+        unmatched=[db.host],
+        seed=7,
+    )
+    assert t.decide(db, 8080, req()).route == "api"
+    assert t.decide(db, 8080, None).route == "api"
+    assert t.decide(db, 5432, None).route == "pg"
+    assert {e.labels["version"] for e in t.decide(db, 5432, None).endpoints} == {"v2"}
+    assert t.route_ports(db, t.routes_for(db.host)[0]) == [8080]
+    assert t.route_ports(db, t.routes_for(db.host)[1]) == [5432]
+    assert t.to_json()["caught"] == {db.host: [8080, 5432]}
+    # The same tcp route alone still routes the TCP port, and not the HTTP one.
+    tcp_only = RouteTable([db], {db.host: [Route("pg", (v2,), protocol="tcp")]}, seed=7)
+    assert tcp_only.decide(db, 5432, None).route == "pg"
+    assert tcp_only.decide(db, 8080, None).route == "default"
+    assert tcp_only.decide(db, 8080, req()).route == "default"
 
 
 def test_empty_subset_gives_no_endpoints() -> None:

@@ -470,7 +470,8 @@ def _tcp_not_served(rule: RuleDraft, gateways: Sequence[IstioGatewayDraft]) -> N
         f"spec.tcp is not served at Gateway{'s' if len(gateways) > 1 else ''} {names}: the "
         "gateway routes HTTP requests, not TCP connections, and l4proxy serves this "
         "VirtualService's http routes alone there; bound to mesh too, its tcp routes are the "
-        "sidecars'" + ("" if http else "; it has no http route: it routes nothing there")
+        "sidecars', on TCP ports"
+        + ("" if http else "; it has no http route: it routes nothing there")
     )
 
 

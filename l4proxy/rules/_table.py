@@ -285,9 +285,12 @@ def _routes(
                     if at
                     else f"this {rule.kind} applies once one is loaded",
                 )
-            compiled.extend(
-                _compile(rule, host, routes_for(rule, MESH), d, services, policies, warned, memo)
-            )
+            mesh_routes = routes_for(rule, MESH)
+            svc = services.get(host)
+            if svc is not None:
+                for rd in mesh_routes:
+                    _check_tcp_ports(rd, host, svc, mesh_routes)
+            compiled.extend(_compile(rule, host, mesh_routes, d, services, policies, warned, memo))
         table[host] = compiled
     return table
 
@@ -420,6 +423,42 @@ def _destination(
     return Destination(dd.host, subset, dd.weight, dd.port, dd.headers)
 
 
+def _check_tcp_ports(rd: RouteDraft, host: str, svc: Service, routes: list[RouteDraft]) -> None:
+    """A ``tcp`` route whose every port (those its match blocks name,
+    every port of *svc* without one) is HTTP applies nowhere: Istio's
+    listener on an HTTP port is an HTTP connection manager whose route
+    configuration is built from the ``http`` routes alone (the default
+    route to the whole service where none applies), and so is l4proxy's.
+    A warning at the route's line; ports it names that *svc* has not are
+    left to the other checks."""
+    if rd.protocol != "tcp" or rd.where is None:
+        return
+    named = {m.port for m in rd.matches if m.port is not None}
+    any_port = not rd.matches or any(m.port is None for m in rd.matches)
+    ports = [p for p in svc.ports if any_port or p.number in named]
+    if not ports or not all(p.is_http for p in ports):
+        return
+    numbers = ", ".join(str(p.number) for p in ports)
+    protocols = "/".join(dict.fromkeys(p.protocol for p in ports))
+    said = (
+        f"port {numbers} of {host} is {protocols}"
+        if len(ports) == 1
+        else f"ports {numbers} of {host} are {protocols}"
+    )
+    http = any(r.protocol == "http" for r in routes)
+    then = (
+        "its requests take the http routes, else the whole service (the default route)"
+        if http
+        else "its requests take the whole service, the default route (this VirtualService "
+        "has no http route)"
+    )
+    if len(ports) > 1:
+        then = then.replace("its requests", "their requests")
+    rd.where.warning(
+        f"this tcp route routes nothing: tcp routes serve TCP ports only; {said}: {then}"
+    )
+
+
 def _check_port_required(
     dd: DestinationDraft,
     kind: str,
@@ -444,10 +483,12 @@ def _check_port_required(
         named = {m.port for m in rd.matches if m.port is not None}
         any_port = not rd.matches or any(m.port is None for m in rd.matches)
         http_only = rd.protocol == "http" and any(p.is_http for p in routed.ports)
+        # (a tcp route is never dialled on an HTTP port: _check_tcp_ports)
         dialled = [
             p.number
             for p in routed.ports
-            if p.number in named or (any_port and (p.is_http or not http_only))
+            if not (rd.protocol == "tcp" and p.is_http)
+            and (p.number in named or (any_port and (p.is_http or not http_only)))
         ]
     missing = [n for n in (dialled or []) if target.port(n) is None]
     if dialled is not None and not missing:

@@ -36,6 +36,10 @@ request no route matches is answered 404 (Envoy's NR; the Gateway API's
 route of the host can apply to (its match blocks' ``port`` and
 ``sourceLabels``): elsewhere, as in Istio, the host has no route
 configuration of its own and keeps the round robin; so do raw connections.
+Each kind of route has its ports, as Istio's listeners do: a ``tcp`` route
+never applies on an HTTP port (Istio's HTTP listener has the ``http``
+routes alone), and an ``http`` route applies on a TCP port of a service
+with HTTP ports only where it names that port (:meth:`RouteTable._match`).
 
 A route may also change what it forwards, and :meth:`RouteTable.choices`
 and :meth:`RouteTable.decide` say how, per destination: its header edits and
@@ -1746,6 +1750,13 @@ def _normalize_ip(ip: str) -> str | None:
     return str(addr)
 
 
+def _is_http_port(service: Service, port: int) -> bool:
+    """Whether *port* is an HTTP port of *service* (a port it does not
+    declare is not: its routes apply there as on a TCP port)."""
+    sport = service.port(port)
+    return sport is not None and sport.is_http
+
+
 def _split_host_port(host: str) -> tuple[str, int | None]:
     host = host.strip()
     if host.startswith("["):  # [v6]:port
@@ -1804,11 +1815,15 @@ class RouteTable:
         # Hosts whose requests no route matches are answered NO_ROUTE_STATUS
         # (VirtualService, HTTPRoute, gateway services); the others' take
         # the round robin over every endpoint (RouteRule, no rule).
-        # A host with a route that matches every request never has one
-        # unmatched: left out, so that tables that route alike compare equal
-        # (a RouteRule and the equivalent VirtualService, both catch-alls).
+        # A host with an http route that matches every request never has
+        # one unmatched: left out, so that tables that route alike compare
+        # equal (a RouteRule and the equivalent VirtualService, both
+        # catch-alls). A tcp route takes no request (_match: never on an
+        # HTTP port).
         self._unmatched: frozenset[str] = frozenset(
-            h for h in unmatched if not any(not r.matches for r in self._routes.get(h, ()))
+            h
+            for h in unmatched
+            if not any(not r.matches and r.protocol == "http" for r in self._routes.get(h, ()))
         )
         self._services: dict[str, Service] = {}
         for svc in services:
@@ -1882,7 +1897,9 @@ class RouteTable:
             if p.is_http
         )
         # Routes in the order tried: L7 routes first for a parsed request,
-        # L4 routes first for a raw connection; either kind can serve both.
+        # L4 routes first for a raw connection; either kind can serve both
+        # on a TCP port (``_match`` says where: never a tcp route on an
+        # HTTP port).
         self._order: dict[tuple[str, bool], tuple[Route, ...]] = {}
         for host, rs in self._routes.items():
             http = tuple(r for r in rs if r.protocol == "http")
@@ -2111,14 +2128,23 @@ class RouteTable:
         through, as (service, port, that port's endpoints, subset): a
         service port where some may take no route (subset None: the host's
         own settings apply), then each route destination on each port it
-        names (every port without one), with its subset. What
+        names (every port without one), with its subset, but not a ``tcp``
+        route that applies on no port of its host (each is HTTP). What
         pool_settings(), outlier_policies() and ejection_groups() walk."""
         for svc in self._services.values():
             for number, eps in svc.port_endpoints:
                 if not self._takes_every_connection(svc, number):
                     yield svc, number, eps, None
-        for routes in self._routes.values():
+        for host, routes in self._routes.items():
+            routed = self._services.get(host)
             for route in routes:
+                if (
+                    route.protocol == "tcp"
+                    and routed is not None
+                    and any(route.serves(p.number, None) for p in routed.ports)
+                    and not self.route_ports(routed, route)
+                ):
+                    continue  # (every port it names is HTTP: it takes nothing)
                 for dest in route.destinations:
                     target = None if dest.refused else self._services.get(dest.host)
                     if target is None:
@@ -2131,15 +2157,15 @@ class RouteTable:
         """Whether some route of *service* takes every request and raw
         connection on *port*, whoever the caller (a match block that reads
         nothing of the request, names no source labels and no other port;
-        an ``http`` route on a TCP port of a service with HTTP ports only
-        if the block names that port, as :meth:`_match` skips it
-        otherwise), so that none takes the round robin over every
-        endpoint."""
-        sport = service.port(port)
-        tcp_port = any(p.is_http for p in service.ports) and not (
-            sport is not None and sport.is_http
-        )
+        never a ``tcp`` route on an HTTP port, and an ``http`` route on a
+        TCP port of a service with HTTP ports only if the block names that
+        port, as :meth:`_match` skips them otherwise), so that none takes
+        the round robin over every endpoint."""
+        http_port = _is_http_port(service, port)
+        tcp_port = not http_port and any(p.is_http for p in service.ports)
         for route in self._routes.get(service.host, ()):
+            if http_port and route.protocol == "tcp":
+                continue
             for m in route.matches or (Match(),):
                 if m.needs_request or m.source_labels or m.port not in (None, port):
                     continue
@@ -2147,6 +2173,31 @@ class RouteTable:
                     continue
                 return True
         return False
+
+    def route_ports(self, service: Service, route: Route) -> list[int]:
+        """The ports of *service* where *route* (one of its routes) can
+        take some request or connection: those its match blocks name (every
+        port for a block without one), less the HTTP ports for a ``tcp``
+        route (Istio's HTTP listener has no tcp route) and, for an ``http``
+        route of a service with HTTP ports, the TCP ports it does not name
+        (:meth:`_match`). What ``validate -v`` says of a route that does not
+        serve every port."""
+        any_http = any(p.is_http for p in service.ports)
+        out = []
+        for p in service.ports:
+            if not route.serves(p.number, None):
+                continue
+            if route.protocol == "tcp" and p.is_http:
+                continue
+            if (
+                route.protocol == "http"
+                and any_http
+                and not p.is_http
+                and not any(m.port == p.number for m in route.matches)
+            ):
+                continue
+            out.append(p.number)
+        return out
 
     def refuses_unmatched(
         self, service: Service, port: int, source: Mapping[str, str] | None = None
@@ -2397,19 +2448,24 @@ class RouteTable:
     ) -> Route | None:
         """The first route of *service* that applies (None: the default route).
 
-        A raw connection to a TCP port of a service that also has HTTP ports
-        takes no ``http`` route unless one names that port: those routes are
-        the HTTP ports' (Istio: a VirtualService's ``http`` routes never
-        apply to a TCP port), so a canary of the HTTP API does not move the
-        service's database connections. A service with no HTTP port at all
-        keeps taking them per connection (the port not named http that made
+        On an HTTP port no ``tcp`` route applies, to a request or to a raw
+        connection (h2, gRPC, TLS bytes: routed per connection by the
+        ``http`` routes): Istio's listener there is an HTTP connection
+        manager whose route configuration is built from the ``http`` routes
+        alone, so a VirtualService of ``tcp`` routes only leaves that port
+        to the default route (its load warns). A raw connection to a TCP
+        port of a service that also has HTTP ports takes no ``http`` route
+        unless one names that port: those routes are the HTTP ports'
+        (Istio: a VirtualService's ``http`` routes never apply to a TCP
+        port), so a canary of the HTTP API does not move the service's
+        database connections. A service with no HTTP port at all keeps
+        taking them per connection (the port not named http that made
         Istio users' rules look ignored)."""
-        tcp_port = (
-            request is None
-            and any(p.is_http for p in service.ports)
-            and not any(p.number == port and p.is_http for p in service.ports)
-        )
+        http_port = _is_http_port(service, port)
+        tcp_port = request is None and not http_port and any(p.is_http for p in service.ports)
         for route in self._order.get((service.host, request is not None), ()):
+            if http_port and route.protocol == "tcp":
+                continue
             if (
                 tcp_port
                 and route.protocol == "http"
