@@ -304,7 +304,8 @@ def test_a_tcp_route_on_an_http_port_reaches_no_endpoint_s_settings() -> None:
 def test_each_port_takes_its_kind_of_routes() -> None:
     """A VirtualService of both kinds on a service with an HTTP port and a
     TCP port: the HTTP port's requests and connections take the http
-    routes, the TCP port's connections the tcp routes."""
+    routes, the TCP port's connections the tcp routes; the table's JSON
+    ('validate -v') says each route's ports."""
     db = _db([ServicePort(8080, "http", "HTTP"), ServicePort(5432, "tcp-pg", "TCP")])
     v1 = Destination(db.host, V1, 100)
     v2 = Destination(db.host, V2S, 100)
@@ -320,6 +321,11 @@ def test_each_port_takes_its_kind_of_routes() -> None:
     assert {e.labels["version"] for e in t.decide(db, 5432, None).endpoints} == {"v2"}
     assert t.route_ports(db, t.routes_for(db.host)[0]) == [8080]
     assert t.route_ports(db, t.routes_for(db.host)[1]) == [5432]
+    routes = t.to_json()["routes"][db.host]
+    assert [(r["name"], r.get("ports"), r.get("not_on")) for r in routes] == [
+        ("api", [8080], [5432]),
+        ("pg", [5432], [8080]),
+    ]
     assert t.to_json()["caught"] == {db.host: [8080, 5432]}
     # The same tcp route alone still routes the TCP port, and not the HTTP one.
     tcp_only = RouteTable([db], {db.host: [Route("pg", (v2,), protocol="tcp")]}, seed=7)

@@ -101,6 +101,79 @@ def test_verbose_says_what_a_request_no_route_matches_gets(
     assert "      otherwise: round robin over all endpoints (route 'default')\n" in out
 
 
+def test_a_tcp_route_on_an_http_port_is_a_warning_and_verbose_says_it_routes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VirtualService of tcp routes only for bootcamp, whose one port is
+    HTTP: 'validate -v' listed its route as if it took the port's
+    requests, which the sidecar then did (all to v2). Istio's HTTP listener
+    has the http routes alone: a warning at the route's line, and the
+    route said to route nothing, the port's requests the round robin."""
+    vs = tmp_path / "vs.yaml"
+    vs.write_text(
+        textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bootcamp}
+        spec:
+          hosts: [bootcamp]
+          tcp:
+          - route:
+            - destination: {host: bootcamp}
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(vs), REGISTRY)
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"{vs}:7: warning: VirtualService bootcamp: this tcp route routes nothing: tcp routes "
+        "serve TCP ports only; port 8080 of bootcamp.default.svc.cluster.local is HTTP: its "
+        "requests take the whole service, the default route (this VirtualService has no http "
+        "route)"
+    ]
+    assert "      1. bootcamp (tcp; not on HTTP port 8080: routes nothing): any request\n" in out
+    assert "      otherwise: round robin over all endpoints (route 'default')\n" in out
+    assert out.splitlines()[-1] == "valid: 2 files (1 warning)"
+
+
+def test_verbose_says_the_ports_of_each_kind_of_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service with an HTTP and a TCP port, a VirtualService of both
+    kinds: each route is its port's, said after its name; no warning."""
+    rules = tmp_path / "db.yaml"
+    rules.write_text(
+        textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: db}
+        spec:
+          hosts: [db]
+          ports:
+          - {number: 8080, name: http, protocol: HTTP}
+          - {number: 5432, name: tcp-pg, protocol: TCP}
+          resolution: STATIC
+          endpoints: [{address: 198.18.0.21}]
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: db}
+        spec:
+          hosts: [db]
+          http:
+          - name: api
+            route: [{destination: {host: db, port: {number: 8080}}}]
+          tcp:
+          - route: [{destination: {host: db, port: {number: 5432}}}]
+        """)
+    )
+    code, out, err = validate(capsys, "--verbose", str(rules))
+    assert code == 0, err
+    assert "warning" not in err
+    assert "      1. db/api (not on TCP port 5432): any request\n" in out
+    assert "      2. db (tcp; not on HTTP port 8080): any request\n" in out
+    assert "      otherwise: nothing (a route takes every request)\n" in out
+
+
 def test_verbose_shows_a_route_rule_timeout_and_retries(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3035,6 +3035,25 @@ class RouteTable:
 
     # -- dump ---------------------------------------------------------------
 
+    def _route_json(self, host: str, route: Route) -> dict[str, Any]:
+        """*route* of *host* as JSON, with ``not_on``: the ports of host's
+        service that its match blocks serve and its kind does not
+        (:meth:`route_ports`: an HTTP port for a ``tcp`` route, a TCP port
+        it does not name for an ``http`` one), and ``ports``, those it
+        serves, where there are any such."""
+        out = route.to_json()
+        svc = self._services.get(host)
+        if svc is None or svc.role != "service":
+            return out
+        ports = self.route_ports(svc, route)
+        not_on = [
+            p.number for p in svc.ports if route.serves(p.number, None) and p.number not in ports
+        ]
+        if not_on:
+            out["ports"] = ports
+            out["not_on"] = not_on
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """The whole table as JSON-able data (admin ``/config_dump``, ``validate -v``)."""
         return {
@@ -3048,7 +3067,9 @@ class RouteTable:
                 }
                 for svc in self._services.values()
             ],
-            "routes": {host: [r.to_json() for r in rs] for host, rs in self._routes.items()},
+            "routes": {
+                host: [self._route_json(host, r) for r in rs] for host, rs in self._routes.items()
+            },
             # hosts whose unmatched requests get 404, with the ports where
             # that holds (for some caller): see refuses_unmatched
             "unmatched": {

@@ -364,11 +364,27 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
 
+def _kind(r: dict[str, Any]) -> str:
+    """A route's kind where it is tcp, and the ports of its service that
+    its kind keeps it from (``not_on``: an HTTP port for a tcp route, a TCP
+    port it does not name for an http route of a service with HTTP ports),
+    after its name in 'validate -v'."""
+    tcp = r["protocol"] == "tcp"
+    said = ["tcp"] if tcp else []
+    not_on = r.get("not_on")
+    if not_on:
+        what = "HTTP" if tcp else "TCP"
+        said.append(
+            f"not on {what} {_ports(not_on)}" + ("" if r.get("ports") else ": routes nothing")
+        )
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _format_routes(routes: list[dict[str, Any]], indent: str) -> list[str]:
     lines = []
     for i, r in enumerate(routes, 1):
         when = " or ".join(_describe_match(m) for m in r["match"]) or "any request"
-        proto = " (tcp)" if r["protocol"] == "tcp" else ""
+        proto = _kind(r)
         lines.append(f"{indent}{i}. {r['name']}{proto}: {when}")
         total = sum(d["weight"] for d in r["route"])
         for d in r["route"]:
