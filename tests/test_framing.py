@@ -330,8 +330,19 @@ RESPONSES = [
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", (Framing.CHUNKED, 0)),
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", (Framing.CHUNKED, 0)),
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", (Framing.CLOSE, 0)),
-    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", (Framing.CLOSE, 0)),
-    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\xa0\r\n\r\n", (Framing.CLOSE, 0)),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, identity\r\n\r\n", (Framing.CLOSE, 0)),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xgzip\xa0\r\n\r\n", (Framing.CLOSE, 0)),
+    # empty list elements are no coding (RFC 9110 §5.6.1)
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n", (Framing.CHUNKED, 0)),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked ,\r\n\r\n", (Framing.CHUNKED, 0)),
+    (
+        GET,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
+        (Framing.CHUNKED, 0),
+    ),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n\r\n", (Framing.CLOSE, 0)),
+    # a HEAD's answer has no body: its codings are not read
+    (HEAD, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", (Framing.NONE, 0)),
     (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,\tchunked \r\n\r\n", (Framing.CHUNKED, 0)),
     (GET, b"HTTP/1.1 200 OK\r\n\r\n", (Framing.CLOSE, 0)),
     (HEAD, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", (Framing.NONE, 0)),
@@ -353,11 +364,27 @@ def test_response_framing(request_raw: bytes, raw: bytes, expected: tuple[Framin
 
 
 BAD_CL = "invalid Content-Length in the response"
+NOT_ONCE_AND_LAST = "chunked not once and last in the response's Transfer-Encoding"
 RESPONSES_BAD = [
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
      "both Content-Length and Transfer-Encoding in the response"),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
      "conflicting Content-Length values in the response"),
+    *(
+        (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n" % te, NOT_ONCE_AND_LAST)
+        for te in (
+            b"chunked, chunked",
+            b"chunked\r\nTransfer-Encoding: chunked",
+            b"gzip, chunked\r\nTransfer-Encoding: chunked",
+            b"chunked, gzip",
+            b"chunked, identity",
+            b"chunked\xa0",
+            b"chunked;q=1",
+            b'"chunked"',
+            b"xchunked",
+            b"CHUNKED, Chunked",
+        )
+    ),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", BAD_CL),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n", BAD_CL),
     (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n", BAD_CL),

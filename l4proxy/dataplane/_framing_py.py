@@ -41,8 +41,15 @@ smuggling vector, and we forward bytes unmodified, so we cannot normalise)
 * A response with both Content-Length and Transfer-Encoding is refused
   (502): §6.3 lets Transfer-Encoding win, but the bytes would then reach the
   client with both headers, which is the very ambiguity we refuse in
-  requests. A response whose Transfer-Encoding does not end in chunked is
-  close-delimited (§6.3 item 4).
+  requests. A response whose Transfer-Encoding does not name chunked is
+  close-delimited (§6.3 item 4); one that names it other than once and
+  last (``chunked, chunked`` on one line or two, ``chunked, gzip``,
+  ``chunked;x``, ``chunked`` with obs-text beside it) is refused (502, as
+  HAProxy refuses it): a client that reads it as chunked (nginx does, and
+  §6.3 item 3 for chunked twice) would end the body where we read on to
+  the close, and take what the server sends after it for the next
+  response. Empty list elements are no coding (``chunked,`` is chunked,
+  RFC 9110 §5.6.1).
 * A response Content-Length that is not one valid number (or a list of equal
   ones) is refused (502, §6.3 item 5).
 * A 101 to a request that did not ask to Upgrade, or any response to a
@@ -256,8 +263,16 @@ def response_framing(request: RequestHead, response: ResponseHead) -> tuple[Fram
     if te:
         if response.version == "HTTP/1.0":
             raise FramingError(502, "Transfer-Encoding in an HTTP/1.0 response")
-        if te[-1].lower() == "chunked" and all(c.lower() != "chunked" for c in te[:-1]):
+        # empty list elements are no coding (RFC 9110 §5.6.1: "chunked,"
+        # is chunked, as the client, HAProxy and nginx read it)
+        codings = [c.lower() for c in te if c]
+        if codings.count("chunked") == 1 and codings[-1] == "chunked":
             return Framing.CHUNKED, 0
+        if any("chunked" in c for c in codings):
+            # chunked twice, not last, or not a coding of its own ("chunked;x",
+            # "chunked\xa0"): a client may read chunked where we read to the
+            # close, and what follows its end as the next response
+            raise FramingError(502, "chunked not once and last in the response's Transfer-Encoding")
         return Framing.CLOSE, 0
     if cl:
         n = _response_content_length(cl)
