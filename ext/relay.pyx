@@ -5380,9 +5380,10 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         r = response_head_memo(R, c, <const unsigned char*>c.rhead.p, <Py_ssize_t>c.rhead.len,
                                &hl, memo)
     while r == 3:  # an interim head: to the client, then the next head
-        if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
-            return -1
-        c.client_bytes += hl  # (no retry after it: can_retry)
+        if not c.http10:  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+            if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
+                return -1
+            c.client_bytes += hl  # (no retry after it: can_retry)
         buf_drop(&c.rhead, <size_t>hl)
         r = response_head_fast(R, c, &hl) if c.rhead.len else 0
     if r == 0:
@@ -10578,9 +10579,10 @@ cdef class HttpRelay:
                 return
             hl = resp.head_length
             if 100 <= resp.status < 200:  # interim: forward, another head follows
-                if to_client(self.R, c, c.rhead.p, hl) != 0 or c.closed:
-                    return  # out of memory: aborted
-                c.client_bytes += hl
+                if not c.http10:  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+                    if to_client(self.R, c, c.rhead.p, hl) != 0 or c.closed:
+                        return  # out of memory: aborted
+                    c.client_bytes += hl
                 buf_drop(&c.rhead, hl)
                 raw = raw[hl:]
                 r = response_head_fast(self.R, c, &hl)

@@ -1741,9 +1741,10 @@ class Exchange:
                     self._inbox.clear()
                 return [*out, self._done(resp.status, False), Tunnel()]
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
-                out.append(Client(raw))
-                self._forwarded = True
-                self._replay = None  # (a try after it would answer twice)
+                if not self._http10():  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+                    out.append(Client(raw))
+                    self._forwarded = True
+                    self._replay = None  # (a try after it would answer twice)
                 self._response_head += rest
                 continue
             if self.retry is not None and self.retry.on_status(resp.status) and self._can_retry():
