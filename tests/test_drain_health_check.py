@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.mesh import IMPLS
 from tests.test_drain_keepalive import (
     GET,
     WAIT,
+    Backend,
     Sidecar,
     read_answer,
     reads_eof,
@@ -110,7 +110,7 @@ def test_a_worker_restarted_while_the_health_check_is_failed_says_close(
             assert keeps(sock) and keeps(sock)
 
 
-class ClosingBackend:
+class ClosingBackend(Backend):
     """HTTP/1.1 on 127.0.0.1:0 as servers answer a request that says
     ``connection: close``: the answer says so too and the connection
     closes after it; else keep-alive. :attr:`heads`: the request heads it
@@ -118,40 +118,14 @@ class ClosingBackend:
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        data = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                self.heads.append(head)
-                close = re.search(rb"(?im)^connection:[ \t]*close[ \t]*$", head) is not None
-                said = b"Connection: close\r\n" if close else b""
-                conn.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: 3\r\n\r\nok\n" % said)
-                if close:
-                    return
-
-    def close(self) -> None:
-        self.sock.close()
+    def _on_head(self, conn: socket.socket, head: bytes) -> bool:
+        self.heads.append(head)
+        close = re.search(rb"(?im)^connection:[ \t]*close[ \t]*$", head) is not None
+        said = b"Connection: close\r\n" if close else b""
+        conn.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: 3\r\n\r\nok\n" % said)
+        return not close
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -81,12 +81,19 @@ class Backend:
                         return
                     buf += data
                 head, buf = buf.split(b"\r\n\r\n", 1)
-                path = head.split(b" ", 2)[1].decode()
-                self.arrived[path] += 1
                 try:
-                    self._answer(conn, path)
+                    if not self._on_head(conn, head):
+                        return
                 except OSError:
                     return
+
+    def _on_head(self, conn: socket.socket, head: bytes) -> bool:
+        """Answer the request of *head* on *conn*: whether the connection
+        goes on (a subclass's to say otherwise)."""
+        path = head.split(b" ", 2)[1].decode()
+        self.arrived[path] += 1
+        self._answer(conn, path)
+        return True
 
     def _answer(self, conn: socket.socket, path: str) -> None:
         if path == "/slow":
