@@ -22,8 +22,6 @@ the close (the client held until the server closed).
 from __future__ import annotations
 
 import socket
-import threading
-from typing import Any
 
 import pytest
 
@@ -31,6 +29,7 @@ from l4proxy.dataplane import accesslog
 from tests._scripted import (
     GET,
     OK_BODY,
+    Reported,
     Scripted,
     _answer,
     _client,
@@ -69,35 +68,6 @@ CHUNKED = {
     "empty-line-after": _head(b"Transfer-Encoding: chunked", b"Transfer-Encoding:"),
     "empty-line-before": _head(b"Transfer-Encoding:", b"Transfer-Encoding: gzip, chunked"),
 }
-
-
-class Reported:
-    """Each request's status and access log flags, from either twin, and
-    the gateway failures outlier detection heard of."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int]] = []
-        self.failures: list[tuple[tuple[str, int], str]] = []
-        self.lock = threading.Lock()
-
-    def report(self, tag: Any, status: int, seconds: float, flags: int) -> None:
-        with self.lock:
-            self.rows.append((status, flags))
-
-    def report_rows(self, decided: Any, answered: Any) -> None:
-        with self.lock:
-            for _, status, count, _seconds, _buckets, flags in answered:
-                self.rows += [(status, flags)] * count
-
-    def response_failed(self, endpoint: Any, tag: Any, why: str) -> None:
-        with self.lock:
-            self.failures.append((tuple(endpoint), why))
-
-    def kw(self, which: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"report": self.report, "response_failed": self.response_failed}
-        if which == "compiled":
-            out["report_rows"] = self.report_rows
-        return out
 
 
 def _chunked_response(a: socket.socket, head: bytes) -> bytes:
