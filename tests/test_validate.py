@@ -568,3 +568,20 @@ def test_verbose_notes_weights_that_do_not_total_100(
                 f"{vs}:7: note: VirtualService bootcamp: route weights total 33, not 100: the "
                 f"destinations get {shares} of the requests (weight / total, as Istio since 1.15)"
             ]
+
+
+@pytest.mark.parametrize("command", ["validate", "create", "replace", "delete", "canary"])
+def test_a_namespace_that_is_no_namespace_name_exits_2(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-n Bad_NS (upper case, an underscore) exits 2 naming the option, as
+    run's --namespace does, where validate, create/replace/delete and canary
+    took it (and resolved short names in a namespace no cluster can have)."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "-n", "Bad_NS", "x.yaml"])
+    assert exited.value.code == 2
+    _, err = capsys.readouterr()
+    assert (
+        f"l4proxy {command}: error: argument -n/--namespace: 'Bad_NS' is not a namespace name"
+        in err
+    )

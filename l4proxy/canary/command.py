@@ -276,7 +276,7 @@ from l4proxy.canary._webhooks import (
     post,
     rollback_asked,
 )
-from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
+from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN, namespace_arg
 from l4proxy.rules import (
     UNATTACHED,
     ConfigError,
@@ -747,7 +747,10 @@ def add_parser(sub: Any) -> None:
         f"{WAIT_LIVE_SCRAPE:g} more with --prometheus, for its scrape interval)",
     )
     p.add_argument(
-        "-n", "--namespace", help="as for l4proxy validate (default: default; the ConfigMap's)"
+        "-n",
+        "--namespace",
+        type=namespace_arg,
+        help="as for l4proxy validate (default: default; the ConfigMap's)",
     )
     p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
     from l4proxy.canary import (

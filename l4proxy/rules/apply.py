@@ -65,6 +65,7 @@ from typing import Any, TextIO
 
 from l4proxy._http import urlopen as direct_urlopen
 from l4proxy.cli import positive_seconds
+from l4proxy.k8s_names import namespace_arg
 from l4proxy.rules import (
     RULE_SUFFIXES,
     ConfigError,
@@ -191,7 +192,13 @@ def add_parser(sub: Any) -> None:
             " the watcher's poll and settle, seconds to compile, and up to 10 s for the"
             " first lookups of DNS names it adds)",
         )
-        p.add_argument("-n", "--namespace", default="default", help="as for l4proxy validate")
+        p.add_argument(
+            "-n",
+            "--namespace",
+            default="default",
+            type=namespace_arg,
+            help="as for l4proxy validate",
+        )
         p.add_argument("--domain", default="cluster.local", help="as for l4proxy validate")
         p.set_defaults(func=run, verb=verb)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from l4proxy.dataplane.verdict import FAULT_SCALE
+from l4proxy.k8s_names import namespace_arg
 from l4proxy.rules import (
     DEFAULT_MAX_BYTES,
     RULE_KINDS,
@@ -102,6 +103,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "-n",
         "--namespace",
         default="default",
+        type=namespace_arg,
         help="namespace of objects without metadata.namespace, and of the pod "
         "(whose short service names resolve) (default: %(default)s)",
     )

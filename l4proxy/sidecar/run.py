@@ -24,7 +24,7 @@ from typing import Any
 from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
-from l4proxy.k8s_names import DNS1123_LABEL
+from l4proxy.k8s_names import namespace_arg
 from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
@@ -108,14 +108,6 @@ def _port(value: str) -> int:
     if not 1 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"port {value!r} out of range 1..65535")
     return v
-
-
-def _namespace(value: str) -> str:
-    if not DNS1123_LABEL.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a namespace name (a DNS label: lower-case letters, digits, '-')"
-        )
-    return value
 
 
 MIN_RELOAD_INTERVAL = 0.01
@@ -398,7 +390,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--namespace",
-        type=_namespace,
+        type=namespace_arg,
         default=os.environ.get("POD_NAMESPACE") or "default",
         help="namespace of short names in rules ($POD_NAMESPACE or default)",
     )
