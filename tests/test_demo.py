@@ -84,6 +84,7 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
         assert f"== step {i}/5: {step}" in r.stdout
     assert "█" in r.stdout
     assert r.stdout.count("keep-alive: 200 requests on 1 connection (the same since step 1)") == 8
+    assert r.stdout.count("on 1 connection (kept open for the steps that follow)") == 2
     # The pools: 5 × (90 + 200) requests per routing sidecar, on 5 × 90 curl
     # connections and the keep-alive one, went upstream on a handful of
     # connections (one per endpoint when nothing fails), not one each.
@@ -128,6 +129,16 @@ def test_make_demo_prints_five_steps_within_bounds(tmp_path: object) -> None:
 
 
 @pytest.mark.usefixtures("seed_dir")
+def test_a_one_step_demo_says_no_step_follows() -> None:
+    """--step 50-v2 alone: its keep-alive line says the connection, not
+    that it is kept open for the steps that follow (there are none)."""
+    r = _run_cli("--step", "50-v2", "--requests", "20", "--seed", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "== step 1/1: 50-v2" in r.stdout
+    assert r.stdout.count("keep-alive: 200 requests on 1 connection, 0 failed") == 2, r.stdout
+    assert "steps that follow" not in r.stdout
+
+
 def test_demo_runs_the_seed_manifests_verbatim(tmp_path: object) -> None:
     out_json = os.path.join(str(tmp_path), "seed.json")
     r = _run_cli(

@@ -657,7 +657,7 @@ class Tutorial:
             )
             self._say_split(versions, pods, self.requests)
             if label in kept:
-                self._say_keepalive(index, label, kept[label])
+                self._say_keepalive(index, label, kept[label], last=index >= total)
         if kept:
             result["keepalive"] = kept
         self.say()
@@ -671,12 +671,16 @@ class Tutorial:
             )
             self.say(f"     {v} {bar(pct)} {pct:5.1f} %  {per_pod}")
 
-    def _say_keepalive(self, index: int, label: str, got: dict[str, Any]) -> None:
+    def _say_keepalive(
+        self, index: int, label: str, got: dict[str, Any], last: bool = False
+    ) -> None:
         prev = self._keepalive_last.get(label)
         self._keepalive_last[label] = got
         since = self._keepalive_since.setdefault(label, index)
         if got["connections"] != 1:
             which = f"{got['connections']} connections so far (the far side closed one)"
+        elif since == index and last:  # (a one-step run: no step follows)
+            which = "1 connection"
         elif since == index:
             which = "1 connection (kept open for the steps that follow)"
         else:
