@@ -11,6 +11,9 @@ whose clients had sent their requests. Now a slot with no live worker at
 the stop gets one more, started at once, which drains as any worker does
 (its queue served, one request each answered ``connection: close``), and
 the supervisor's copies are closed once that worker holds the sockets.
+A worker that dies as the SIGTERM comes (its exit not reaped yet, so it
+looked alive) is such a slot too: its copies are closed once it answered
+after the SIGTERM, and one that exits instead gets one more to drain.
 
 A real ``l4proxy run`` (tests/test_drain_keepalive.py's), a real EMFILE
 for its restarts (its RLIMIT_NOFILE lowered, prlimit(2)), real signals.
@@ -130,3 +133,39 @@ def test_a_worker_that_cannot_start_to_drain_is_said_and_the_stop_goes_on(
         log = sidecar.log()
         assert "cannot start worker 0 to drain its listeners" in log, log
         assert "[w0] draining" not in log, log
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of *pid* stopped (SIGSTOP is delivered asynchronously:
+    one still running could accept a connection the test means to queue)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    states = [
+        Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks
+    ]
+    return all(state in "tT" for state in states)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_the_queue_of_a_worker_that_dies_as_the_sigterm_comes_is_served(
+    tmp_path: Path, impl: str
+) -> None:
+    """The worker stopped (SIGSTOP), four clients queued with a GET each,
+    then the worker killed and the supervisor sent SIGTERM at once: the
+    supervisor handles the stop before it reaps the death, when the
+    worker still looked alive (no returncode). Each client gets its answer
+    saying close from a worker started to drain, and the sidecar exits 0.
+    Before, the supervisor closed its copies of the listener as a live
+    worker's, the last ones, and all four read a reset."""
+    with running(tmp_path, impl, *FLAGS) as (sidecar, backend):
+        [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", sidecar.log())
+        os.kill(int(worker), signal.SIGSTOP)
+        sidecar.until(lambda: _stopped(int(worker)), "the worker stopped")
+        clients = [socket.create_connection(sidecar.listen, timeout=WAIT) for _ in range(CLIENTS)]
+        for sock in clients:
+            sock.sendall(GET % b"/")
+        os.kill(int(worker), signal.SIGKILL)
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert [_outcome(sock) for sock in clients] == ["answered"] * CLIENTS, sidecar.log()
+        assert sidecar.proc.wait(timeout=WAIT) == 0
+        assert backend.arrived["/"] == CLIENTS
+        assert "worker 0 started to drain its listeners" in sidecar.log(), sidecar.log()

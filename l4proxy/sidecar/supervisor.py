@@ -44,7 +44,9 @@ to every worker; the supervisor exits when all workers have drained. A
 slot whose worker is dead at the stop (its restart waiting out the
 back-off) gets one more at once, which drains its listeners: the
 supervisor's copy of them is the last one then, and its close would reset
-every connection in their accept queues (run, _keep).
+every connection in their accept queues (run, _keep). So does one whose
+worker dies as the stop comes: a worker's copies are closed once it
+answered after the SIGTERM (_let_go_once_told).
 Workers are started with SIGHUP and SIGTERM (and SIGINT) blocked, so a
 reload forwarded to one still starting waits for its handler instead of
 killing it, and a stop makes it drain once started (signals).
@@ -259,6 +261,18 @@ def _last_good_memory() -> int | None:
         return None
 
 
+def _running(proc: asyncio.subprocess.Process | None) -> bool:
+    """Whether *proc* runs, asked of the kernel: one that exited counts as
+    gone before its exit is reaped (its returncode set a loop step or more
+    later): waitid(WNOWAIT) sees it, and leaves it to be reaped."""
+    if proc is None or proc.returncode is not None:
+        return False
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped already (the returncode follows)
+        return False
+
+
 def _health_check_op(failed: bool) -> str:
     """The control request that tells a worker the health-check flag."""
     return "healthcheck fail" if failed else "healthcheck ok"
@@ -269,12 +283,16 @@ class Supervisor:
     DRAIN_GRACE_S = 10.0
     # what a /config_dump or /clusters waits for one worker's answer
     SHARED_ASK_TIMEOUT_S = 3.0
+    # at the stop, what a worker gets to answer before its slot's listeners
+    # are let go of as a live one's (_let_go_once_told)
+    STOP_ASK_TIMEOUT_S = 2.0
 
     def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
         self.args = args
         self.slots = [WorkerSlot(i, ls) for i, ls in enumerate(listener_sets)]
         self.last_good_fd = _last_good_memory() if getattr(args, "rules", None) else None
         self._stop_event = asyncio.Event()  # set with stopping: wakes a keeper's back-off
+        self.stop_deadline: float | None = None  # (loop time; _stop_deadline)
         self.restarts_total = 0
         self.spawn_failures_total = 0
         self.channel_resets_total = 0
@@ -456,7 +474,20 @@ class Supervisor:
                     self.late_answers_gone += slot.link.stale
                     slot.link = None
                 if self.stopping:
-                    return
+                    if to_drain or code == 0 or not self._drains_anew(slot):
+                        return
+                    # It died as the stop began, before it answered: the
+                    # stop left the slot's copies to us (_let_go_once_told),
+                    # the last ones now.
+                    log.error(
+                        "worker %d (pid %d) died with %s as the stop began; starting one "
+                        "to drain its listeners",
+                        slot.index,
+                        proc.pid,
+                        describe_exit(code),
+                    )
+                    to_drain = True
+                    continue
                 if time.monotonic() - slot.started_at < 10:
                     slot.backoff = min(slot.backoff * 2, 5.0)
                 else:
@@ -474,6 +505,16 @@ class Supervisor:
                     return
                 slot.backoff = min(slot.backoff * 2, 5.0)
                 to_drain = await self._back_off(slot.backoff)
+
+    def _drains_anew(self, slot: WorkerSlot) -> bool:
+        """Whether a worker of *slot* that exited during the stop leaves
+        its listeners to another: the supervisor still holds its copies of
+        them (not a live worker's: _let_go_once_told), and the stop's
+        deadline has not passed."""
+        deadline = self.stop_deadline
+        if deadline is None or asyncio.get_running_loop().time() >= deadline:
+            return False
+        return any(lst.sock.fileno() != -1 for lst in slot.listeners)
 
     async def _back_off(self, delay: float) -> bool:
         """Sleep *delay* s, or less if the stop comes meanwhile: whether it did."""
@@ -765,25 +806,60 @@ class Supervisor:
         # socket resets every connection in its accept queue, whose clients
         # sent their requests already. Its keeper starts a worker at once,
         # which drains as any does (its queue served), and closes our copies
-        # once that worker holds the sockets (_keep).
-        for slot in self.slots:
-            if slot.proc is not None and slot.proc.returncode is None:
-                self._let_go(slot)
+        # once that worker holds the sockets (_keep). "Live" is a worker
+        # that answers after the SIGTERM (_let_go_once_told): one that died
+        # an instant before it has no returncode until its exit is reaped,
+        # a loop step or more later, and closing its slot's copies then
+        # reset its queue.
+        self._stop_deadline()  # (from the SIGTERM on)
         self._forward(signal.SIGTERM)
-        await self._reap_all()
+        await asyncio.gather(
+            *(self._let_go_once_told(slot) for slot in self.slots), self._reap_all()
+        )
         for slot in self.slots:  # (whatever is left: a start that failed)
             self._let_go(slot)
         log.info("stopped")
         return 0
+
+    async def _let_go_once_told(self, slot: WorkerSlot) -> None:
+        """At the stop, the SIGTERM sent: close the supervisor's copies of
+        *slot*'s listeners once its worker answers (alive after the
+        SIGTERM: it drains them), or neither answers nor exits in
+        STOP_ASK_TIMEOUT_S (hung, or still starting: as before). A worker
+        that is dead (its exit not reaped yet: _running), or that exits
+        meanwhile, leaves them to its keeper, which starts one to drain
+        them (_keep)."""
+        proc, link = slot.proc, slot.link
+        if proc is None or not _running(proc):
+            return
+        if link is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.STOP_ASK_TIMEOUT_S
+            if await link.ask("state", self.STOP_ASK_TIMEOUT_S) is None:
+                # (no answer: the link's write failed, its end closed, or
+                # the time passed) exits within what is left?
+                exit_ = asyncio.ensure_future(proc.wait())
+                done, _ = await asyncio.wait({exit_}, timeout=max(0.0, deadline - loop.time()))
+                exit_.cancel()
+                if done:
+                    return
+        self._let_go(slot)
 
     async def _reap_all(self) -> None:
         """Wait for the draining workers, killing those still there at one
         deadline: they drain at once, so one that outlives it is killed then,
         not a whole drain after the one before it was (N hung workers took
         N times the drain, well past Kubernetes' grace period)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.args.drain_duration + self.DRAIN_GRACE_S
+        deadline = self._stop_deadline()
         await asyncio.gather(*(self._reap(slot, deadline) for slot in self.slots))
+
+    def _stop_deadline(self) -> float:
+        """The stop's one deadline (loop time): --drain-duration and
+        DRAIN_GRACE_S from its first call."""
+        if self.stop_deadline is None:
+            now = asyncio.get_running_loop().time()
+            self.stop_deadline = now + self.args.drain_duration + self.DRAIN_GRACE_S
+        return self.stop_deadline
 
     async def _reap(self, slot: WorkerSlot, deadline: float) -> None:
         """Wait for a draining worker until *deadline* (loop time), then kill
