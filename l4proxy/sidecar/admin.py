@@ -116,6 +116,52 @@ LINGER_S = 2.0
 
 log = logging.getLogger("l4proxy.admin")
 
+# asyncio's accept out of fds (EMFILE, ENFILE) or memory: said once in so many seconds
+ACCEPT_EXHAUSTED_SAID_S = 10.0
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+
+
+def _say_accept_exhaustion_once(loop: asyncio.AbstractEventLoop) -> None:
+    """The event loop's report of an accept out of fds (asyncio's
+    ``socket.accept() out of system resource``, its servers': the admin
+    and stats endpoints') in one line per ACCEPT_EXHAUSTED_SAID_S, where it
+    came with a traceback, a hundred times each time the listener was
+    tried again, once a second (the accept loop of CPython 3.11 goes on
+    after the error, CPython gh-151615): a supervisor at its fd limit wrote
+    1,400 tracebacks in 7 s. The rest goes to the handler there was.
+    Installed once per loop."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "says_accept_exhaustion", False):
+        return
+    said = -ACCEPT_EXHAUSTED_SAID_S
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal said
+        if context.get("message") != _ACCEPT_EXHAUSTED:
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - said >= ACCEPT_EXHAUSTED_SAID_S:
+            said = now
+            sock = context.get("socket")
+            where = ""
+            with contextlib.suppress(Exception):
+                host, port = sock.getsockname()[:2]  # type: ignore[union-attr]
+                where = f" on {host}:{port}"
+            log.warning(
+                "accept%s: %s; its connections wait, tried again each second (said once in %.0fs)",
+                where,
+                context.get("exception"),
+                ACCEPT_EXHAUSTED_SAID_S,
+            )
+
+    handler.says_accept_exhaustion = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
+
+
 # The endpoints as /help lists them (Envoy's "  /path: description"), in order.
 ENDPOINTS = (
     ("/help", "print this list of the admin endpoints"),
@@ -330,6 +376,7 @@ class AdminServer:
         self._lingering: dict[int, asyncio.StreamWriter] = {}  # answered, oldest first
 
     async def start(self, host: str, port: int) -> None:
+        _say_accept_exhaustion_once(asyncio.get_running_loop())
         self._server = await asyncio.start_server(
             self._handle, host, port, reuse_address=True, limit=LINE_LIMIT
         )
