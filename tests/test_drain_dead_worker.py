@@ -169,3 +169,25 @@ def test_the_queue_of_a_worker_that_dies_as_the_sigterm_comes_is_served(
         assert sidecar.proc.wait(timeout=WAIT) == 0
         assert backend.arrived["/"] == CLIENTS
         assert "worker 0 started to drain its listeners" in sidecar.log(), sidecar.log()
+
+
+def test_a_worker_that_dies_while_draining_is_said(tmp_path: Path) -> None:
+    """SIGTERM, a request held in flight at the backend, the worker killed
+    mid-drain: the log says it died while draining (its connections cut),
+    and the sidecar exits 0 at once. Before, a worker that crashed in its
+    drain went unsaid."""
+    with running(tmp_path, "compiled-uvloop", *FLAGS) as (sidecar, backend):
+        [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", sidecar.log())
+        slow = sidecar.connect()
+        slow.sendall(GET % b"/slow")
+        assert backend.held.acquire(timeout=WAIT)
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.until(lambda: "[w0] draining for up to" in sidecar.log(), "the drain")
+        os.kill(int(worker), signal.SIGKILL)
+        assert sidecar.proc.wait(timeout=WAIT) == 0
+        with slow, contextlib.suppress(ConnectionResetError):
+            assert slow.recv(65536) == b""  # (cut: EOF or a reset, no answer)
+        log = sidecar.log()
+        line = f"worker 0 (pid {worker}) died with signal 9 (SIGKILL) while draining"
+        assert log.count(line) == 1, log
+        assert "starting one to drain" not in log, log

@@ -474,20 +474,30 @@ class Supervisor:
                     self.late_answers_gone += slot.link.stale
                     slot.link = None
                 if self.stopping:
-                    if to_drain or code == 0 or not self._drains_anew(slot):
+                    if code == 0:
                         return
-                    # It died as the stop began, before it answered: the
-                    # stop left the slot's copies to us (_let_go_once_told),
-                    # the last ones now.
-                    log.error(
-                        "worker %d (pid %d) died with %s as the stop began; starting one "
-                        "to drain its listeners",
-                        slot.index,
-                        proc.pid,
-                        describe_exit(code),
-                    )
-                    to_drain = True
-                    continue
+                    if not to_drain and self._drains_anew(slot):
+                        # It died as the stop began, before it answered: the
+                        # stop left the slot's copies to us
+                        # (_let_go_once_told), the last ones now.
+                        log.error(
+                            "worker %d (pid %d) died with %s as the stop began; starting "
+                            "one to drain its listeners",
+                            slot.index,
+                            proc.pid,
+                            describe_exit(code),
+                        )
+                        to_drain = True
+                        continue
+                    if not self._stop_deadline_passed():  # (past it: killed, and said so)
+                        log.error(
+                            "worker %d (pid %d) died with %s while draining: its "
+                            "connections were cut",
+                            slot.index,
+                            proc.pid,
+                            describe_exit(code),
+                        )
+                    return
                 if time.monotonic() - slot.started_at < 10:
                     slot.backoff = min(slot.backoff * 2, 5.0)
                 else:
@@ -511,10 +521,13 @@ class Supervisor:
         its listeners to another: the supervisor still holds its copies of
         them (not a live worker's: _let_go_once_told), and the stop's
         deadline has not passed."""
-        deadline = self.stop_deadline
-        if deadline is None or asyncio.get_running_loop().time() >= deadline:
+        if self.stop_deadline is None or self._stop_deadline_passed():
             return False
         return any(lst.sock.fileno() != -1 for lst in slot.listeners)
+
+    def _stop_deadline_passed(self) -> bool:
+        deadline = self.stop_deadline
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
 
     async def _back_off(self, delay: float) -> bool:
         """Sleep *delay* s, or less if the stop comes meanwhile: whether it did."""
