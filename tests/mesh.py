@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from l4proxy.demo.bootcamp import tally
 from l4proxy.demo.podnet import Pod, PodNetwork
@@ -350,6 +350,18 @@ class Mesh:
                 if pipe is not None:
                     pipe.close()
         shutil.rmtree(self.rules_dir, ignore_errors=True)
+
+
+def client_mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
+    """A client pod's sidecar and the pods a test adds, closed after the
+    test (the sidecar's log printed where it died): a fixture's body."""
+    m = Mesh(pod_network)
+    try:
+        yield m
+    finally:
+        if m.sidecar and not m.sidecar.alive():
+            print(m.sidecar_log(5000))
+        m.close()
 
 
 def through_a_sidecar(net: PodNetwork, impl: str, server: str, client: str) -> bytes:

@@ -29,7 +29,7 @@ from l4proxy.demo.podnet import PodNetwork
 from tests._scripted import Scripted
 from tests._worker import gateway_service, gateway_worker
 from tests.conftest import load_twin
-from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.mesh import IMPLS, PYTHON, Mesh, client_mesh, service_entry
 from tests.test_access_log_worker import TEXT_LINE, TWINS, _read_lines
 from tests.test_pump import (
     Net,
@@ -319,13 +319,7 @@ def _wait_lines(path: Path, n: int, timeout: float = 10.0) -> list[bytes]:
 @pytest.fixture
 def bare_mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
     """A client pod's sidecar and the pods a test adds (no bootcamp)."""
-    m = Mesh(pod_network)
-    try:
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
+    yield from client_mesh(pod_network)
 
 
 @pytest.mark.netns

@@ -32,7 +32,7 @@ from l4proxy.sidecar.worker import Worker, _SubsetTag
 from l4proxy.stats import Counters, render_prometheus
 from tests._worker import GATEWAY_SERVICE
 from tests.conftest import serving
-from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.mesh import IMPLS, PYTHON, Mesh, client_mesh, service_entry
 from tests.test_access_log_tcp import CLIENT, DB_VIP, ECHO, WEB_VIP
 from tests.test_admin_endpoints import sidecar
 
@@ -395,13 +395,7 @@ def test_a_gateways_requests_carry_istios_labels(
 @pytest.fixture
 def tcp_mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
     """A client pod's sidecar and the pods a test adds."""
-    m = Mesh(pod_network)
-    try:
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
+    yield from client_mesh(pod_network)
 
 
 DB_LABELS = {"app": "db", "version": "v1", "service.istio.io/canonical-revision": "r1"}

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from l4proxy.demo.podnet import PodNetwork
-from tests.mesh import IMPLS, PYTHON, Mesh, service_entry
+from tests.mesh import IMPLS, PYTHON, Mesh, client_mesh, service_entry
 from tests.test_access_log_tcp import CLIENT, DB_VIP, DEAD_VIP, ECHO, HOLD, NOTHING
 from tests.test_istio_metrics import _series, exposition_errors
 
@@ -37,13 +37,7 @@ DB_LABELS = {"app": "db", "version": "v1"}
 @pytest.fixture
 def mesh(pod_network: PodNetwork) -> Iterator[Mesh]:
     """A client pod's sidecar and the pods a test adds."""
-    m = Mesh(pod_network)
-    try:
-        yield m
-    finally:
-        if m.sidecar and not m.sidecar.alive():
-            print(m.sidecar_log(5000))
-        m.close()
+    yield from client_mesh(pod_network)
 
 
 def _rules(db: str) -> list[str]:
