@@ -899,6 +899,7 @@ _STAT_NAMES = (
 cdef extern from *:
     """
     #include <errno.h>
+    #include <fcntl.h>
     #include <poll.h>
     #include <pthread.h>
     #include <signal.h>
@@ -932,6 +933,10 @@ cdef extern from *:
         int orphan;  /* close() gave up on the thread: it frees all as it ends */
         int64_t lines, dropped, errors;
         int first_errno;
+        /* a reopen (SIGUSR1): the fd to switch to once batch reopen_after
+           (the one holding every line pushed before it) is written */
+        int reopen_fd;
+        int64_t batches, reopen_after;
         pthread_t thread;
     } l4_alog;
 
@@ -982,7 +987,14 @@ cdef extern from *:
         }
     }
 
+    static void l4_alog_switch(l4_alog *a) {  /* (a->lock held, no write under way) */
+        dup3(a->reopen_fd, a->fd, O_CLOEXEC);
+        close(a->reopen_fd);
+        a->reopen_fd = -1;
+    }
+
     static void l4_alog_free(l4_alog *a) {
+        if (a->reopen_fd >= 0) close(a->reopen_fd);
         close(a->fd);
         pthread_mutex_destroy(&a->lock);
         pthread_cond_destroy(&a->wake);
@@ -1012,10 +1024,12 @@ cdef extern from *:
             a->fill_len = 0;
             a->spare = batch;
             a->writing = 1;
+            a->batches += 1;
             pthread_mutex_unlock(&a->lock);
             l4_alog_write(a, batch, n);
             pthread_mutex_lock(&a->lock);
             a->writing = 0;
+            if (a->reopen_fd >= 0 && a->batches >= a->reopen_after) l4_alog_switch(a);
             pthread_cond_broadcast(&a->idle);
         }
         a->running = 0;
@@ -1031,6 +1045,7 @@ cdef extern from *:
         l4_alog *a = (l4_alog *)calloc(1, sizeof(l4_alog));
         if (a == NULL) return NULL;
         a->fd = fd;
+        a->reopen_fd = -1;
         a->cap = cap < L4_LINE_MAX ? L4_LINE_MAX : cap;
         a->fill = (char *)malloc(a->cap);
         a->spare = (char *)malloc(a->cap);
@@ -1067,6 +1082,30 @@ cdef extern from *:
         }
         pthread_mutex_unlock(&a->lock);
         return r;
+    }
+
+    /* Write to fd's file from now on (a duplicate of fd; fd stays the
+       caller's): the lines pushed so far still go to the file open now
+       (the writer switches after the batch that holds them), so a log
+       rotated by renaming keeps every line of its period. -1: closed, or
+       no fd to spare (errno). */
+    static int l4_alog_reopen(l4_alog *a, int fd) {
+        int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (nfd < 0) return -1;
+        pthread_mutex_lock(&a->lock);
+        if (a->stop) {
+            pthread_mutex_unlock(&a->lock);
+            close(nfd);
+            errno = EBADF;
+            return -1;
+        }
+        if (a->reopen_fd >= 0) close(a->reopen_fd);  /* (a later reopen wins) */
+        a->reopen_fd = nfd;
+        a->reopen_after = a->batches + (a->fill_len ? 1 : 0);
+        if (!a->writing && !a->fill_len) l4_alog_switch(a);
+        else pthread_cond_signal(&a->wake);
+        pthread_mutex_unlock(&a->lock);
+        return 0;
     }
 
     /* Wait (at most timeout s) until what is buffered was written: 1 when it was. */
@@ -1264,6 +1303,7 @@ cdef extern from *:
     l4_alog *alog_new "l4_alog_new"(int fd, size_t cap) nogil
     int alog_push "l4_alog_push"(l4_alog *a, const char *p, size_t n) nogil
     int alog_flush "l4_alog_flush"(l4_alog *a, double timeout) nogil
+    int alog_reopen "l4_alog_reopen"(l4_alog *a, int fd) nogil
     int alog_close "l4_alog_close"(l4_alog *a, double timeout) nogil
     void alog_counts "l4_alog_counts"(l4_alog *a, int64_t *out) nogil
     double wall_s "l4_wall_s"() nogil
@@ -9497,6 +9537,21 @@ cdef class HttpRelay:
             with nogil:
                 alog_close(self.R.alog, 1.0)
             self.R.alog = NULL
+
+    def reopen_access_log(self, int fd):
+        """The access log's writer writes to *fd*'s file from now on
+        (--access-log reopened: SIGUSR1): the lines taken so far still go
+        to the file open now, the writer switches after them (l4_alog_reopen);
+        *fd* stays the caller's. On the worker's loop thread (as
+        close_access_log). False: no access log, or closed."""
+        cdef int r
+        if self.R.alog == NULL:
+            return False
+        with nogil:
+            r = alog_reopen(self.R.alog, fd)
+        if r != 0:
+            raise OSError(errno, os.strerror(errno))
+        return True
 
     def access_log_line(self, bytes line):
         """A line from elsewhere in the worker (a connection routed at L4):

@@ -133,7 +133,7 @@ def test_a_named_pipe_without_a_reader_is_a_usage_error_not_a_hang(tmp_path: Pat
     """open() of a FIFO for writing waited for a reader: the sidecar never
     started. Opened without waiting, none is ENXIO: exit 2, at once; with
     a reader, the lines go to it."""
-    from l4proxy.sidecar.run import open_access_log
+    from l4proxy.sidecar.access_log_file import open_access_log
 
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
@@ -156,7 +156,7 @@ def test_the_access_log_is_appended_to_or_standard_output() -> None:
     after the last run's, as Envoy's file access log), created if need be;
     ``-`` and /dev/stdout are standard output (a duplicate: the relays
     close theirs)."""
-    from l4proxy.sidecar.run import open_access_log
+    from l4proxy.sidecar.access_log_file import open_access_log
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "access.log")

@@ -885,6 +885,13 @@ class HttpRelay:
         if self._log_writer is not None:
             self._log_writer.close()
 
+    def reopen_access_log(self, fd: int) -> bool:
+        """The access log's writer writes to *fd*'s file from now on
+        (:meth:`accesslog.LineWriter.reopen`); *fd* stays the caller's.
+        False: this relay writes no access log of its own (none, a sink,
+        or closed)."""
+        return self._log_writer is not None and self._log_writer.reopen(fd)
+
     def access_log_line(self, line: bytes) -> None:
         """A line from elsewhere in the worker (a connection routed at L4),
         to this relay's writer with its own lines, whole (any thread;

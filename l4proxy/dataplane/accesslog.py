@@ -716,6 +716,11 @@ class LineWriter:
         self._stop = False
         self._running = True
         self._orphan = False  # close() gave up on the thread: it closes the fd as it ends
+        # a reopen (SIGUSR1): the fd to switch to once batch _reopen_after
+        # (the one holding every line taken before it) is written
+        self._reopen_fd: int | None = None
+        self._batches = 0
+        self._reopen_after = 0
         self._thread = threading.Thread(target=self._run, name="l4proxy-access-log", daemon=True)
         self._thread.start()
 
@@ -761,6 +766,33 @@ class LineWriter:
                 return
         os.close(self.fd)
 
+    def reopen(self, fd: int) -> bool:
+        """Write to *fd*'s file from now on (--access-log reopened: SIGUSR1):
+        the lines taken so far still go to the file open now; the writer
+        duplicates *fd* onto its own fd after the batch that holds them,
+        so a log rotated by renaming keeps every line of its period. *fd*
+        stays the caller's. False once closed."""
+        new = os.dup(fd)
+        with self._lock:
+            if self._stop:
+                os.close(new)
+                return False
+            if self._reopen_fd is not None:  # (a later reopen wins)
+                os.close(self._reopen_fd)
+            self._reopen_fd = new
+            self._reopen_after = self._batches + (1 if self._buf else 0)
+            if not self._writing and not self._buf:
+                self._switch()
+            else:
+                self._wake.notify()
+            return True
+
+    def _switch(self) -> None:  # (the lock held, no write under way)
+        assert self._reopen_fd is not None
+        os.dup2(self._reopen_fd, self.fd, inheritable=False)
+        os.close(self._reopen_fd)
+        self._reopen_fd = None
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
@@ -781,14 +813,20 @@ class LineWriter:
                     self._idle.notify_all()
                     if self._orphan:
                         os.close(self.fd)
+                    if self._reopen_fd is not None:
+                        os.close(self._reopen_fd)
+                        self._reopen_fd = None
                     return
                 batch, self._buf = self._buf, bytearray()
                 self._writing = True
+                self._batches += 1
             try:
                 self._write(batch)
             finally:
                 with self._lock:
                     self._writing = False
+                    if self._reopen_fd is not None and self._batches >= self._reopen_after:
+                        self._switch()
                     self._idle.notify_all()
 
     def _write(self, batch: bytearray) -> None:

@@ -25,6 +25,7 @@ from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
 from l4proxy.k8s_names import namespace_arg
+from l4proxy.sidecar.access_log_file import open_access_log, reopen_access_log
 from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
@@ -505,7 +506,8 @@ def add_parser(sub: Any) -> None:
         "dropped. Off by default, and then free; on, each line is formatted in the relay "
         "(no Python per request) and written by a thread of its own: a reader or disk "
         "slower than the requests loses lines (counted: l4proxy_access_log_dropped_total), "
-        "never requests. A connection routed at L4 (a TCP port's) gets a line when it ends, "
+        "never requests. SIGUSR1 reopens PATH (logrotate: rename, then signal). "
+        "A connection routed at L4 (a TCP port's) gets a line when it ends, "
         "as Envoy's tcp_proxy writes it; with --http-routing connection nothing is logged",
     )
     p.add_argument(
@@ -587,20 +589,6 @@ def _inherited_listeners(spec: str) -> list[Listener]:
         sock.setblocking(False)
         out.append(Listener(sock=sock, mode=mode, address=(host, int(port))))
     return out
-
-
-def open_access_log(path: str) -> int:
-    """--access-log's fd: standard output's (a duplicate) for ``-`` and
-    /dev/stdout, else *path* opened for appending (created 0644): each
-    worker's lines are whole write()s of whole lines (O_APPEND: never over
-    each other's). A named pipe is opened without waiting for its reader:
-    none is an error (ENXIO), not a start that never ends. Raises OSError."""
-    if path in ("-", "/dev/stdout"):
-        return os.dup(1)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-    fd = os.open(path, flags, 0o644)
-    os.set_blocking(fd, True)  # (the writers wait on it in threads of their own)
-    return fd
 
 
 def _event_loop_runner(name: str) -> Any:
@@ -875,8 +863,19 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
+    # SIGUSR1: --access-log reopened (logrotate), as Envoy; the supervisor
+    # reopened its own copy and said so (access_log_file), a lone process says it here
+    said = log.info if control is None else log.debug
+
+    def reopen() -> None:
+        if reopen_access_log(args.access_log, worker.reopen_access_log):
+            said("SIGUSR1: --access-log %s reopened", args.access_log)
+
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
     if held.requested:  # SIGHUP during the first load: load again
         rules.request_reload()
+    if held.reopen_requested:  # SIGUSR1 while starting
+        reopen()
     if held.stop_requested:  # SIGTERM while starting: drain now
         stop.set()
     control_task = None

@@ -6,7 +6,8 @@ SIGHUP means "reload the rules". Its default action is to terminate, so a
 SIGHUP that reaches a process before it has a handler kills it: a worker
 that is still importing or loading its first rules, or the supervisor before
 its event loop runs (issue 12: a SIGHUP every 50 ms after a worker crash
-killed four workers in a row).
+killed four workers in a row). SIGUSR1 ("reopen the access log", as Envoy's:
+logrotate sends it) is fatal by default in the same way.
 
 SIGTERM (and SIGINT) mean "drain and stop", and the event loop's handler
 does that. Before it exists, the default action either kills the process
@@ -18,15 +19,16 @@ supervisor's first tens of milliseconds was lost; it ran until the SIGKILL.
 
 Two rules close those windows:
 
-* A process installs its handlers for the three before anything else it
+* A process installs its handlers for the four before anything else it
   runs (:func:`hold_signals`: ``l4proxy run``'s first step, in
   :func:`l4proxy.cli.main`). Until the event loop takes over, they only
   record what came: the worker reloads once after its first load if a
   SIGHUP arrived during it (a request before that load needs nothing: the
-  load reads the latest rules), and a process that recorded a SIGTERM or
-  SIGINT stops as soon as its loop's handlers exist (the supervisor without
-  starting its workers, a worker by draining after its first load).
-* The supervisor starts workers with the three *blocked*
+  load reads the latest rules), reopens its access log if a SIGUSR1 did,
+  and a process that recorded a SIGTERM or SIGINT stops as soon as its
+  loop's handlers exist (the supervisor without starting its workers, a
+  worker by draining after its first load).
+* The supervisor starts workers with the four *blocked*
   (:func:`start_signals_blocked` around the fork). The signal mask
   survives ``exec``, so a signal forwarded to a worker before its handlers
   exist stays pending in the kernel instead of killing it, and is delivered
@@ -44,7 +46,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP last: see hold_signals
+# SIGHUP last: see hold_signals. SIGUSR1 ("reopen the access log":
+# access_log_file) is fatal by default too.
+HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 _blocked_depth = 0
 _mask_before: set[int | signal.Signals] = set()
@@ -58,17 +62,20 @@ class HeldSignals:
         self.requested = False  # a reload (SIGHUP)
         self.count = 0
         self.stop_requested = False  # SIGTERM or SIGINT
+        self.reopen_requested = False  # SIGUSR1: reopen --access-log
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self.requested = True
             self.count += 1
+        elif signum == signal.SIGUSR1:
+            self.reopen_requested = True
         else:
             self.stop_requested = True
 
 
 def hold_signals() -> HeldSignals:
-    """Record SIGTERM, SIGINT and SIGHUP from now on, then unblock them (a
+    """Record SIGTERM, SIGINT, SIGUSR1 and SIGHUP from now on, then unblock them (a
     parent may have blocked them). Once per process: a second call returns
     the same record."""
     global _held
@@ -83,7 +90,7 @@ def hold_signals() -> HeldSignals:
 
 @contextmanager
 def start_signals_blocked() -> Iterator[None]:
-    """SIGTERM, SIGINT and SIGHUP blocked in this thread (and in children
+    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP blocked in this thread (and in children
     forked meanwhile).
 
     Nests: concurrent spawns (one per worker slot, across ``await``) keep

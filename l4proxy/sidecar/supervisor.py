@@ -70,6 +70,7 @@ from typing import Any
 
 from l4proxy.dataplane.listener import Listener
 from l4proxy.sidecar._stats_wire import decode_sample, in_slices
+from l4proxy.sidecar.access_log_file import reopen_access_log
 from l4proxy.sidecar.admin import DRAINING, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
@@ -795,6 +796,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_access_log)
+        if held is not None and held.reopen_requested:
+            self._reopen_access_log()
         if held is not None and held.stop_requested:
             stop.set()  # a SIGTERM while starting (as PID 1, lost before: signals)
         await admin_start(self, stop.set)
@@ -946,6 +950,21 @@ class Supervisor:
             )
             silent.pop(proc.pid, None)
             proc.kill()
+
+    def _reopen_access_log(self) -> None:
+        """SIGUSR1 (access_log_file): our copy of --access-log's fd, the one
+        each worker started from now on inherits, points at PATH opened
+        anew; then each worker reopens its own. One that fails here fails
+        there too (the same user, the same path): not forwarded."""
+        fd = getattr(self.args, "access_log_fd", -1)
+        path = getattr(self.args, "access_log", None)
+
+        def point(new: int) -> None:
+            os.dup2(new, fd, inheritable=False)
+
+        if reopen_access_log(path, point):
+            log.info("SIGUSR1: --access-log %s reopened", path)
+            self._forward(signal.SIGUSR1)
 
     def _forward(self, sig: int) -> None:
         for slot in self.slots:

@@ -877,6 +877,12 @@ class Worker:
             self.counters.inc("l4proxy_drain_cut_total", cut + forced)
         return cut + forced
 
+    def reopen_access_log(self, fd: int) -> bool:
+        """SIGUSR1: the access log's lines (HTTP and L4 alike: one writer,
+        the relay's) go to *fd*'s file from now on; *fd* stays the caller's
+        (l4proxy.sidecar.access_log_file). False: no relay writes one."""
+        return self.relay is not None and bool(self.relay.reopen_access_log(fd))
+
     def drain_first(self) -> None:
         """Before :meth:`start`, for a worker whose stop was asked while it
         started (a SIGTERM held until its loop runs: signals; the one the

@@ -1,0 +1,82 @@
+"""--access-log's file: opened once before privileges drop, reopened on SIGUSR1.
+
+Theory of operation
+-------------------
+The supervisor opens ``--access-log PATH`` (for appending, before it drops
+privileges: a root-owned log directory) and every worker inherits that fd;
+each relay's writer thread writes whole lines to a duplicate of its own
+(:class:`l4proxy.dataplane.accesslog.LineWriter`, the compiled relay's
+``l4_alog``).
+
+A log rotated by renaming (logrotate without ``copytruncate``) leaves those
+fds on the renamed file. SIGUSR1 says "reopen": as Envoy (its access logs)
+and nginx do, the supervisor opens PATH anew, duplicates that onto the fd
+the next workers inherit, and forwards SIGUSR1 to the workers, which each
+open PATH and duplicate it onto their writers' fds (``dup2``: a write under
+way ends in the file it began in, the next goes to the new one; no line is
+lost or split). Before this, SIGUSR1's default action killed the sidecar.
+
+The reopen runs as the sidecar's user (1337 once privileges dropped): a
+PATH it cannot create or open is reported, and the lines go on to the file
+open before. Standard output (``-``, /dev/stdout) has nothing to reopen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+log = logging.getLogger("l4proxy.access_log")
+
+STDOUT = ("-", "/dev/stdout")
+
+
+def open_access_log(path: str) -> int:
+    """--access-log's fd: standard output's (a duplicate) for ``-`` and
+    /dev/stdout, else *path* opened for appending (created 0644): each
+    worker's lines are whole write()s of whole lines (O_APPEND: never over
+    each other's). A named pipe is opened without waiting for its reader:
+    none is an error (ENXIO), not a start that never ends. Raises OSError."""
+    if path in STDOUT:
+        return os.dup(1)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o644)
+    os.set_blocking(fd, True)  # (the writers wait on it in threads of their own)
+    return fd
+
+
+def reopen_access_log(path: str | None, point: Callable[[int], object]) -> bool:
+    """SIGUSR1: open *path* anew and hand its fd to *point*, which
+    duplicates it onto the fds that write the log (the fd stays ours and is
+    closed here). Whether it was reopened: no --access-log, standard
+    output, or a path that cannot be opened (said at error) is not."""
+    if path is None:
+        log.info("SIGUSR1: no --access-log to reopen")
+        return False
+    if path in STDOUT:
+        log.info("SIGUSR1: --access-log %s is standard output: nothing to reopen", path)
+        return False
+    try:
+        fd = open_access_log(path)
+    except OSError as exc:
+        _cannot(path, exc)
+        return False
+    try:
+        point(fd)
+    except OSError as exc:  # (no fd to spare for the writer's copy)
+        _cannot(path, exc)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _cannot(path: str, exc: OSError) -> None:
+    log.error(
+        "SIGUSR1: --access-log %s: cannot reopen it: %s (as uid %d); its lines go on to "
+        "the file open before",
+        path,
+        exc.strerror,
+        os.getuid(),
+    )
