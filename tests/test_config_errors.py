@@ -1218,6 +1218,23 @@ spec:
         8,
     ),
     (
+        # (one error: the typo's, which says what is missing too; it was three)
+        "a typo where two required fields are missing",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other.example.com]
+  ports:
+  - numbr: 80
+  resolution: DNS
+""",
+        "unknown field spec.ports[0].numbr (expected one of: name, number, protocol, targetPort); "
+        "spec.ports[0].number and spec.ports[0].name are required",
+        7,
+    ),
+    (
         "YAML merge key",
         """\
 base: &base {a: 1}

@@ -330,6 +330,97 @@ def test_invalid_exits_1_with_file_and_line(
     assert out.startswith("2 documents: 1 RouteRule, 1 ServiceEntry")
 
 
+@pytest.mark.parametrize(
+    ("port", "said"),
+    [
+        # Istio 0.8 to 1.3's PortSelector name
+        (
+            "{name: http}",
+            "spec.http[0].route[0].destination.port.name is not implemented by l4proxy; remove "
+            "it (the sidecar would not honour it); Istio removed it in 1.4: select the port by "
+            "number (port: {number: N}); spec.http[0].route[0].destination.port.number is "
+            "required",
+        ),
+        # a typo for number
+        (
+            "{numbr: 8080}",
+            "unknown field spec.http[0].route[0].destination.port.numbr (expected one of: "
+            "number); spec.http[0].route[0].destination.port.number is required",
+        ),
+    ],
+    ids=["name", "typo"],
+)
+def test_a_destination_port_without_a_number_is_one_error(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    port: str,
+    said: str,
+) -> None:
+    """``port: {name: http}`` (or a typo for number) is one error at its
+    line that names both the field and the number it lacks, where it was
+    two (the field refused, then port.number is required); the same of a
+    DestinationRule's portLevelSettings entry and of a mirror."""
+    (tmp_path / "vs.yaml").write_text(
+        textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata:
+          name: bootcamp
+        spec:
+          hosts: [bootcamp]
+          http:
+          - route:
+            - destination:
+                host: bootcamp
+                port: {port}
+        """)
+    )
+    (tmp_path / "dr.yaml").write_text(
+        textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata:
+          name: bootcamp
+        spec:
+          host: bootcamp
+          trafficPolicy:
+            portLevelSettings:
+            - port: {port}
+              loadBalancer: {{simple: RANDOM}}
+        """)
+    )
+    (tmp_path / "mirror.yaml").write_text(
+        textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata:
+          name: mirrored
+        spec:
+          hosts: [mirrored]
+          http:
+          - route:
+            - destination: {{host: bootcamp}}
+            mirror:
+              host: bootcamp
+              port: {port}
+        """)
+    )
+    monkeypatch.chdir(tmp_path)
+    code, _, err = validate(capsys, "vs.yaml", "dr.yaml", "mirror.yaml", REGISTRY)
+    assert code == 1
+    dr_said = said.replace(
+        "spec.http[0].route[0].destination", "spec.trafficPolicy.portLevelSettings[0]"
+    )
+    mirror_said = said.replace("route[0].destination", "mirror")
+    assert err.splitlines() == [
+        f"vs.yaml:11: VirtualService bootcamp: {said}",
+        f"dr.yaml:9: DestinationRule bootcamp: {dr_said}",
+        f"mirror.yaml:12: VirtualService mirrored: {mirror_said}",
+        "invalid: 3 errors",
+    ]
+
+
 def test_yaml_syntax_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "broken.yaml"
     f.write_text("kind: RouteRule\nspec: [unclosed\n")

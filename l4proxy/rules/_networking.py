@@ -144,6 +144,9 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
 # routes (max_direct_response_body_size_bytes)
 MAX_DIRECT_BODY = 1024 * 1024
 _HTTP_MATCH_UNIMPLEMENTED = ("sourceNamespace",)
+# a PortSelector's name (Istio 0.8 to 1.3; its PortSelector has had number
+# alone since 1.4)
+_PORT_BY_NAME = "Istio removed it in 1.4: select the port by number (port: {number: N})"
 _PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "HTTPS", "TLS", "TCP", "MONGO", "MYSQL", "REDIS")
 
 
@@ -1412,7 +1415,7 @@ def _destination(
             d["port"],
             (*path, "port"),
             allowed=("number",),
-            unimplemented={"name": "select the port by number"},
+            unimplemented={"name": _PORT_BY_NAME},
             required=("number",),
         )
         if p is None or p.get("number") is None:
@@ -1656,7 +1659,7 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
             entry["port"],
             ppath,
             allowed=("number",),
-            unimplemented={"name": "select the port by number"},
+            unimplemented={"name": _PORT_BY_NAME},
             required=("number",),
         )
         if sel is None or sel.get("number") is None:

@@ -167,7 +167,11 @@ def fields(
 
     *unimplemented* lists fields of the upstream API that l4proxy refuses (a
     mapping gives a hint for each); anything else unknown is reported as a
-    probable typo with the accepted names.
+    probable typo with the accepted names. A *required* field that is
+    missing where a field was refused is said in that field's error, not
+    in one of its own: the refused one is most likely what was written in
+    its place (``port: {name: http}``, ``port: {numbr: 80}``), and one
+    error says both.
     """
     if value is None:
         value = {}
@@ -185,22 +189,27 @@ def fields(
             path, f"{dotted(path) or 'document'} must be a mapping, not {type_name(value)}{hint}"
         )
         return None
+    missing = [key for key in required if value.get(key) is None]
+    said = ""  # (the missing ones, said in the first refused field's error)
+    if missing and any(key not in allowed for key in value):
+        said = "; " + " and ".join(dotted((*path, key)) for key in missing)
+        said += " is required" if len(missing) == 1 else " are required"
+        missing = []
     for key in value:
         if key in allowed:
             continue
         sub = (*path, key)
         if key in unimplemented:
             hint = unimplemented[key] if isinstance(unimplemented, Mapping) else ""
-            ctx.error(sub, f"{dotted(sub)} {NOT_IMPLEMENTED}" + (f"; {hint}" if hint else ""))
+            message = f"{dotted(sub)} {NOT_IMPLEMENTED}" + (f"; {hint}" if hint else "")
         else:
-            ctx.error(
-                sub,
-                f"unknown field {dotted(sub)} (expected one of: {', '.join(sorted(allowed))})",
-            )
+            message = f"unknown field {dotted(sub)} (expected one of: {', '.join(sorted(allowed))})"
+        ctx.error(sub, message + said)
+        said = ""
     for key in required:
-        if value.get(key) is None:
+        if key in missing:
             ctx.error(path, f"{dotted((*path, key))} is required")
-        elif value[key] in ("", [], {}):
+        elif value.get(key) is not None and value[key] in ("", [], {}):
             ctx.error((*path, key), f"{dotted((*path, key))} must not be empty")
     return value
 
