@@ -1235,6 +1235,24 @@ spec:
         7,
     ),
     (
+        # (Istio's RouteDestination has none; they were read, shown by
+        # validate -v, and applied to nothing)
+        "headers on a tcp route's destination",
+        """\
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: bootcamp}
+spec:
+  hosts: [bootcamp]
+  tcp:
+  - route:
+    - destination: {host: bootcamp}
+      headers: {request: {set: {x-a: b}}}
+""",
+        "unknown field spec.tcp[0].route[0].headers (expected one of: destination, weight)",
+        9,
+    ),
+    (
         "YAML merge key",
         """\
 base: &base {a: 1}

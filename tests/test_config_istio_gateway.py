@@ -851,6 +851,14 @@ CASES = [
         12,
     ),
     (
+        # (Istio 1.28's: an unknown field before)
+        "a CA credential beside httpsRedirect on an HTTP server",
+        gateway() + "    tls:\n      httpsRedirect: true\n      caCertCredentialName: ca\n",
+        "spec.servers[0].tls.caCertCredentialName is not implemented by l4proxy; remove it "
+        "(the sidecar would not honour it); an HTTP server's tls holds httpsRedirect alone",
+        12,
+    ),
+    (
         "httpsRedirect not a boolean",
         gateway() + "    tls: {httpsRedirect: 'yes'}\n",
         "spec.servers[0].tls.httpsRedirect must be true or false, not the string 'yes'",

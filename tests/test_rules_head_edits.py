@@ -917,6 +917,16 @@ ISTIO_ERRORS = [
         "is not implemented by l4proxy; remove it (the sidecar would not honour it); "
         "Istio removed it; use headers.request or headers.response",
     ),
+    (
+        # (Istio 1.0's, on a destination as on the route: an unknown field before)
+        "old header fields on a destination",
+        "  - route:\n    - destination: {host: bootcamp}\n      weight: 100\n"
+        "      appendRequestHeaders: {x-a: b}\n",
+        "appendRequestHeaders",
+        "spec.http[0].route[0].appendRequestHeaders is not implemented by l4proxy; remove it "
+        "(the sidecar would not honour it); Istio removed it; use headers.request or "
+        "headers.response",
+    ),
 ]
 
 

@@ -79,6 +79,7 @@ _TLS_FIELDS = (
     "privateKey",
     "caCertificates",
     "caCrl",
+    "caCertCredentialName",
     "credentialName",
     "credentialNames",
     "tlsCertificates",

@@ -143,6 +143,18 @@ _HTTP_ROUTE_UNIMPLEMENTED = {
 # Envoy's largest direct response body as Istio configures a sidecar's
 # routes (max_direct_response_body_size_bytes)
 MAX_DIRECT_BODY = 1024 * 1024
+# an http route destination's header edits before Istio 1.1's headers (its
+# DestinationWeight's in Istio 1.0), as the route's own (_HTTP_ROUTE_UNIMPLEMENTED)
+_OLD_DESTINATION_HEADERS = dict.fromkeys(
+    (
+        "appendHeaders",
+        "appendRequestHeaders",
+        "appendResponseHeaders",
+        "removeRequestHeaders",
+        "removeResponseHeaders",
+    ),
+    _OLD_HEADERS,
+)
 _HTTP_MATCH_UNIMPLEMENTED = ("sourceNamespace",)
 # a PortSelector's name (Istio 0.8 to 1.3; its PortSelector has had number
 # alone since 1.4)
@@ -531,7 +543,7 @@ def _vs_route(
     matches, blocks, match_lines = got_matches if got_matches is not None else (None, None, {})
     dests: list[DestinationDraft] | None = []
     if r.get("route") is not None:
-        dests = _destinations(ctx, r.get("route"), (*path, "route"), env)
+        dests = _destinations(ctx, r.get("route"), (*path, "route"), env, proto)
     headers_ok, headers = True, None
     if r.get("headers") is not None:
         headers_ok, headers = istio_headers(ctx, r["headers"], (*path, "headers"))
@@ -1355,7 +1367,14 @@ def _query_matches(ctx: Ctx, value: Any, path: Path) -> tuple[tuple[str, StringM
     return tuple(sorted(out, key=lambda q: q[0])) if ok else None
 
 
-def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[DestinationDraft] | None:
+def _destinations(
+    ctx: Ctx, value: Any, path: Path, env: Env, proto: Literal["http", "tcp"] = "http"
+) -> list[DestinationDraft] | None:
+    """A route's ``route`` list. An http route's entries (Istio's
+    HTTPRouteDestination) may edit headers; a tcp route's (RouteDestination)
+    have a destination and a weight alone, as in Istio's API: a tcp route
+    relays bytes, with no HTTP head to edit."""
+    allowed = ("destination", "weight", "headers") if proto == "http" else ("destination", "weight")
     entries = listing(ctx, value, path)
     if entries is None:
         return None
@@ -1372,13 +1391,14 @@ def _destinations(ctx: Ctx, value: Any, path: Path, env: Env) -> list[Destinatio
             ctx,
             entry,
             epath,
-            allowed=("destination", "weight", "headers"),
+            allowed=allowed,
+            unimplemented=_OLD_DESTINATION_HEADERS if proto == "http" else (),
             required=("destination",),
         )
         raw_weights.append((None if e is None else e.get("weight"), (*epath, "weight")))
         parts.append(None if e is None else _destination(ctx, e.get("destination"), epath, env))
         h_ok, h = True, None
-        if e is not None and e.get("headers") is not None:
+        if e is not None and e.get("headers") is not None and proto == "http":
             h_ok, h = istio_headers(ctx, e["headers"], (*epath, "headers"))
         dest_headers.append(h)
         ok = ok and h_ok
