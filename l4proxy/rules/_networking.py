@@ -1718,7 +1718,8 @@ def _port_level_settings(ctx: Ctx, value: Any, path: Path) -> dict[int, PortPoli
 # deprecated name: the same policy, named LEAST_REQUEST everywhere after the
 # load (validate -v, /config_dump), as Envoy names it. It counts requests in
 # flight as Envoy's least request does (not connections), taking the
-# endpoint with the fewest of all where Envoy compares two drawn at random.
+# endpoint with the fewest of all where Envoy compares two drawn at random
+# (its FULL_SCAN, on purpose: the README's Load balancing says why).
 # UNSPECIFIED is the default: ROUND_ROBIN here, where Istio's pilot takes
 # LEAST_REQUEST since 1.14 (defaultLBAlgorithm; ROUND_ROBIN before, and
 # with istiod's ENABLE_LEGACY_LB_ALGORITHM_DEFAULT). Given, it is a policy

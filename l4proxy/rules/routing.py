@@ -2961,8 +2961,11 @@ class RouteTable:
             self._rr[key] = start + 1
         ordered = candidates[start:] + candidates[:start]
         if policy == "LEAST_REQUEST" and active is not None:
-            # Stable sort: equally loaded endpoints keep the round-robin order,
-            # so an idle subset still spreads evenly.
+            # Every candidate compared, not Envoy's two drawn at random (its
+            # FULL_SCAN: the README's Load balancing says why; the compiled
+            # relay's pick() does the same). Stable sort: equally loaded
+            # endpoints keep the round-robin order, so an idle subset still
+            # spreads evenly.
             ordered.sort(key=active)
         return ordered
 
