@@ -350,6 +350,13 @@ RESPONSES = [
     (GET, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", (Framing.NONE, 0)),
     (GET, b"HTTP/1.1 100 Continue\r\n\r\n", (Framing.NONE, 0)),
     (GET, b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", (Framing.NONE, 0)),
+    # a 1xx's Content-Length of 0 frames nothing (Envoy's one exception)
+    (GET, b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", (Framing.NONE, 0)),
+    (
+        UPGRADE,
+        b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+        (Framing.TUNNEL, 0),
+    ),
     (UPGRADE, b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n\r\n", (Framing.TUNNEL, 0)),
     (CONNECT, b"HTTP/1.1 200 Connection established\r\n\r\n", (Framing.TUNNEL, 0)),
     (CONNECT, b"HTTP/1.1 407 Auth\r\nContent-Length: 2\r\n\r\n", (Framing.LENGTH, 2)),
@@ -395,6 +402,17 @@ RESPONSES_BAD = [
      "Transfer-Encoding in an HTTP/1.0 response"),
     (GET, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
      "101 Switching Protocols without an Upgrade request"),
+    # a server MUST NOT send them in a 1xx (RFC 9110 §8.6, RFC 9112 §6.1)
+    (GET, b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n",
+     "Content-Length in a 1xx response"),
+    (UPGRADE, b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\n",
+     "Content-Length in a 1xx response"),
+    (GET, b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "Transfer-Encoding in a 1xx response"),
+    (HEAD, b"HTTP/1.1 100 Continue\r\nTransfer-Encoding:\r\n\r\n",
+     "Transfer-Encoding in a 1xx response"),
+    (GET, b"HTTP/1.1 100 Continue\r\nContent-Length: 05\r\n\r\n",
+     "Content-Length in a 1xx response"),
 ]  # fmt: skip
 
 

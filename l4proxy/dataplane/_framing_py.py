@@ -54,6 +54,13 @@ smuggling vector, and we forward bytes unmodified, so we cannot normalise)
   ones) is refused (502, §6.3 item 5).
 * A 101 to a request that did not ask to Upgrade, or any response to a
   request whose framing we refused, is an error of the server: 502.
+* A 1xx head with a Transfer-Encoding, or a Content-Length other than 0,
+  is refused (502), as Envoy refuses it: a server MUST NOT send them (RFC
+  9110 §8.6, RFC 9112 §6.1) and a 1xx has no body whatever they say, but
+  the head goes to the client as it came, and a client that reads them
+  would take the final answer's head for the 1xx's body and what follows
+  for the answer. HAProxy drops the two fields; we never rewrite a head's
+  lines. ``Content-Length: 0`` frames nothing either way: it goes on.
 * A bare LF (an LF without the CR before it) ending a line of a response
   head (the status line, a header line, the empty line that ends it) is
   refused (502), as a bare CR is and as a request head's bare LF is (400).
@@ -245,6 +252,15 @@ def response_framing(request: RequestHead, response: ResponseHead) -> tuple[Fram
     """The framing of the body after *response*, sent for *request* (§6.3)."""
     status = response.status
     if 100 <= status < 200:
+        # a 1xx has no body whatever its fields say (§6.3), and a server
+        # MUST NOT send it either field (RFC 9110 §8.6, RFC 9112 §6.1): a
+        # client that reads one would take the final answer for its body
+        # (see "Decisions"); a Content-Length of 0 frames nothing
+        if any(k == "transfer-encoding" for k, _ in response.headers):
+            raise FramingError(502, "Transfer-Encoding in a 1xx response")
+        cl = response.values("content-length")
+        if cl and _response_content_length(cl):
+            raise FramingError(502, "Content-Length in a 1xx response")
         if status == 101:
             if request.header("upgrade") is None:
                 raise FramingError(502, "101 Switching Protocols without an Upgrade request")
