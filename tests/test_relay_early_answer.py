@@ -14,16 +14,29 @@ is laxer and stricter than them). The upstream connection is closed,
 never pooled with a body half sent; no byte of the rest reaches a server,
 even one that reads as a request (smuggling safety: the rest is never
 parsed as one).
+
+And the other end of an answer out of turn: bytes a server sends after
+its answer's end, in a later read. While the connection is pooled and
+idle they evict it; once a request pipelined behind went out on it, they
+are that request's answer, as in HAProxy and nginx (README: the pool's
+eviction).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from tests._scripted import (
+    GET,
+    OK_BODY,
+    Scripted,
+    _answer,
     _client,
+    _closed_stats,
     _proxy,
+    _response,
     _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
@@ -101,3 +114,61 @@ def test_an_early_answer_closes_the_client_as_envoy_does(mode: tuple[str, str]) 
     (seen,) = up.received
     assert seen.startswith(b"POST /up HTTP/1.1\r\n") and seen.endswith(b"\r\n\r\n" + FIRST), seen
     assert b"/smuggled" not in seen and b"/next" not in seen, seen
+
+
+# -- bytes after a response's end, in a later read ---------------------------------
+
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+
+
+def _ok_then_evil(conn: socket.socket) -> None:
+    """A confused server: its answer, then 100 ms later an answer no one
+    asked for."""
+    conn.sendall(_answer(200, OK_BODY))
+    time.sleep(0.1)
+    conn.sendall(EVIL)
+
+
+def _two_gets(mode: tuple[str, str], pipelined: bool) -> tuple[list[bytes], Scripted]:
+    up = Scripted([_ok_then_evil])
+    relay = _proxy(mode, (up.endpoint,), None)
+    try:
+        a = _client(relay)
+        if pipelined:
+            a.sendall(GET + GET)
+            got = [_response(a), _response(a)]
+        else:
+            a.sendall(GET)
+            got = [_response(a)]
+            time.sleep(0.3)  # (the bytes came while the connection was idle)
+            a.sendall(GET)
+            got.append(_response(a))
+        # (the server reads the second request once its script step ended)
+        assert _until(lambda: len(up.requests) == 2, 2.0), up.requests
+        _closed_stats(a, relay)
+    finally:
+        relay.close()
+        up.close()
+    return got, up
+
+
+def test_bytes_no_request_asked_for_evict_the_idle_connection(mode: tuple[str, str]) -> None:
+    """They came while the connection was pooled and idle: it is evicted
+    (as Envoy closes a connection that speaks with no request
+    outstanding), never handed out, and the next request goes on a new
+    one, answered by the server."""
+    got, up = _two_gets(mode, pipelined=False)
+    assert got == [_answer(200, OK_BODY)] * 2, got
+    assert up.accepted == 2 and len(up.requests) == 2
+
+
+def test_a_pipelined_request_takes_them_for_its_answer(mode: tuple[str, str]) -> None:
+    """The limit (README): a request pipelined behind the first goes on
+    the connection the moment the first answer ended, and the bytes the
+    server sent later are read as its answer, as HAProxy and nginx read
+    them (and Envoy, once its next request went out): no proxy can tell
+    them from the answer. The server's real answer that follows comes
+    while the connection is idle: it is evicted then."""
+    got, up = _two_gets(mode, pipelined=True)
+    assert got == [_answer(200, OK_BODY), EVIL], got
+    assert up.accepted == 1 and len(up.requests) == 2
