@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -603,6 +604,87 @@ def test_a_halt_says_halt_once() -> None:
     assert line.endswith("(too few to judge)  halt: 9 canary requests < 10 (--min-requests)")
 
 
+@pytest.mark.parametrize(
+    ("n", "noun", "plural", "said"),
+    [
+        (0, "failed check", "", "0 failed checks"),
+        (1, "failed check", "", "1 failed check"),
+        (2, "check", "", "2 checks"),
+        (1.0, "request", "", "1 request"),  # (a count Prometheus gave: a float)
+        (2.5, "request", "", "2.5 requests"),
+        (1, "copy", "copies", "1 copy"),
+        (3, "copy", "copies", "3 copies"),
+    ],
+)
+def test_a_count_is_said_in_the_singular_for_one(
+    n: float, noun: str, plural: str, said: str
+) -> None:
+    from l4proxy.canary._analysis import count
+
+    assert count(n, noun, plural) == said
+
+
+ONE_PLURAL = re.compile(r"(?<![\d.])1 (?:[a-z-]+ )?[a-z]+s\b")
+
+
+def test_one_failed_check_is_said_so_in_every_line(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reviewer's "1 failed checks": a rollout of --threshold 1 and
+    --min-requests 1 said "1 failed checks roll back", ">= 1 requests" and
+    "ROLLED BACK ...; 1 failed checks (--threshold 1)", and status "1 failed
+    checks, 1 checks". Every count of one is singular now (and its verb)."""
+    with sidecar(tmp_path, fail_v2=1.0) as (_, admin):
+        code = canary(tmp_path, admin, "--steps", "50,100", "--threshold", "1")
+        assert by_hand("status", tmp_path) == 1
+        again = ["--restart", "--min-requests", "1", "--threshold", "2"]
+        code2 = canary(tmp_path, admin, "--steps", "50,100", *again)
+    out = unstamped(capsys.readouterr().out)
+    assert (code, code2) == (1, 1), out
+    lines = out.splitlines()
+    assert lines[0].endswith(
+        "a check passes with success >= 99 %, p99 <= 500 ms, >= 10 requests; "
+        "1 failed check rolls back"
+    ), lines[0]
+    assert lines[1].endswith(
+        "fail -> ROLLED BACK: 100 % to v1; 1 failed check (--threshold 1): "
+        "success rate 0.0 % < 99 %"
+    ), lines[1]
+    assert "rolled back at 0 % " in lines[2], lines[2]
+    assert " 1 failed check, 1 check; 1 failed check (--threshold 1): " in lines[2], lines[2]
+    assert lines[3].endswith(">= 1 request; 2 failed checks roll back"), lines[3]
+    assert not ONE_PLURAL.findall(out), ONE_PLURAL.findall(out)
+
+
+def test_counts_of_one_in_the_check_lines_are_singular() -> None:
+    """A halt on one request, a mirrored interval of one copy, a p99 unknown
+    for one request, a waiting start resumed after one failed check, and
+    Prometheus' copies missing after one request of stable."""
+    from l4proxy.canary._analysis import Event, Policy, Rollout, Sample, check
+    from l4proxy.canary._metrics import copies_missing
+
+    display, _ = _display()
+    r = Rollout("bootcamp", "v1", "v2", weight=20, steps=(20, 100))
+    halt = check(Policy(steps=(20, 100)), Sample(1, 0, 1.0))
+    assert display.line(Event("check", r, halt, 20)).endswith(
+        "     1 req  (too few to judge)  halt: 1 canary request < 10 (--min-requests)"
+    )
+    m = Rollout("bootcamp", "v1", "v2", weight=0, steps=(0, 20, 100))
+    halt = check(Policy(steps=(20, 100), mirror=1), Sample(1, 0, 1.0), mirrored=True)
+    line = display.line(Event("check", m, halt, 0, mirrored=True))
+    assert line.endswith(
+        "     1 copy  (too few to judge)  halt: 1 copy or canary request < 10 (--min-requests)"
+    ), line
+    unknown = check(Policy(steps=(20, 100), min_requests=1), Sample(1, 0, None))
+    assert unknown.reasons == ("p99 unknown: no latency histogram for 1 request",)
+    waiting = Rollout("bootcamp", "v1", "v2", "waiting", steps=(20, 100), failed_checks=1)
+    head = display.line(Event("resume", waiting))
+    assert head.endswith("(nothing routed to v2 yet, 1 failed check so far)"), head
+    assert "; 3 failed checks roll back" in head
+    why = copies_missing(None, 1.0, 1, "bootcamp", "v2")
+    assert "although stable served 1 request in the interval" in why, why
+
+
 def test_status_says_rolled_back_in_words(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -936,7 +1018,7 @@ def test_an_abort_that_meets_the_running_commands_check_is_written_on_it(
         s.on_read = a_check_lands
         assert by_hand("abort", tmp_path, "--metrics", admin) == 1
     out, err = capsys.readouterr()
-    assert " rolled back at 0 % " in out and " 1 checks; aborted by hand" in out, (out, err)
+    assert " rolled back at 0 % " in out and " 1 check; aborted by hand" in out, (out, err)
     assert s.weights() == {"v1": 100}
 
 

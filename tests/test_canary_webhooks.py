@@ -515,7 +515,7 @@ def test_a_rollout_hook_that_times_out_fails_its_interval(
     out = unstamped(capsys.readouterr().out)
     assert code == 1, out
     assert (
-        'fail -> ROLLED BACK: 100 % to v1; 1 failed checks (--threshold 1): rollout "slow": ' in out
+        'fail -> ROLLED BACK: 100 % to v1; 1 failed check (--threshold 1): rollout "slow": ' in out
     )
     assert "no answer within 0.2 s" in out
     assert len(hooks.of("slow")) == 1

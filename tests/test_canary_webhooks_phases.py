@@ -301,7 +301,7 @@ def test_status_says_the_promotion_is_held(
     assert code == 0
     assert re.fullmatch(
         r"bootcamp: v1 -> v2 waiting for promotion at 50 % \S+ +step 1/2, 0 failed checks, "
-        r"1 checks; held since \S+Z by confirm-promotion "
+        r"1 check; held since \S+Z by confirm-promotion "
         rf"{re.escape(hooks.url)}/gate: HTTP 403: said 403; run by pid \d+ on \S+",
         unstamped(said[0]).strip(),
     ), said[0]

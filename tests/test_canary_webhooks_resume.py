@@ -396,7 +396,7 @@ def test_a_command_killed_while_confirm_promotion_holds_is_told_and_resumed(
         status = unstamped(_canary("status", "bootcamp", "--rules", str(tmp_path)).stdout)
         assert re.fullmatch(
             r"bootcamp: v1 -> v2 waiting for promotion at 50 % \S+ +step 1/2, 0 failed checks, "
-            rf"1 checks; held since \S+Z by confirm-promotion {re.escape(hooks.url)}/gate: "
+            rf"1 check; held since \S+Z by confirm-promotion {re.escape(hooks.url)}/gate: "
             rf"HTTP 403: said 403; nothing runs it: its command \(pid {pid} on \S+\) is gone; "
             r"run the same command again to resume it, or l4proxy canary promote\|abort "
             r"bootcamp",

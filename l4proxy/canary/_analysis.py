@@ -345,14 +345,12 @@ def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:
     rate = None if n <= 0 else 100.0 * (n - sample.errors) / n
     p99 = sample.p99_ms
     if n < max(policy.min_requests, 1):
-        what = "copies and canary requests" if mirrored else "canary requests"
-        return Check(
-            "halt",
-            n,
-            rate,
-            p99,
-            (f"{_num(n)} {what} < {policy.min_requests} (--min-requests)",),
+        what = (
+            count(n, "copy or canary request", "copies and canary requests")
+            if mirrored
+            else count(n, "canary request")
         )
+        return Check("halt", n, rate, p99, (f"{what} < {policy.min_requests} (--min-requests)",))
     reasons: list[str] = []
     assert rate is not None
     if not success_ok(policy, rate):
@@ -360,7 +358,7 @@ def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:
     if policy.max_p99_ms == math.inf:
         pass  # --max-p99 off
     elif p99 is None:
-        reasons.append(f"p99 unknown: no latency histogram for {_num(n)} requests")
+        reasons.append(f"p99 unknown: no latency histogram for {count(n, 'request')}")
     elif p99 == math.inf:
         reasons.append(f"p99 beyond the largest latency bucket > {policy.max_p99_ms:g} ms")
     elif not p99_ok(policy, p99):
@@ -370,6 +368,14 @@ def _grade(policy: Policy, sample: Sample, mirrored: bool) -> Check:
 
 def _num(x: float) -> str:
     return str(int(x)) if x == math.floor(x) else f"{x:.1f}"
+
+
+def count(n: float, noun: str, plural: str = "") -> str:
+    """*n* and *noun*, in the plural where *n* is not one (``1 failed
+    check``, ``2 failed checks``, ``0 copies``, ``2.5 requests``: a count
+    Prometheus extrapolated); *plural* where it is not *noun* + s."""
+    shown = _num(n)
+    return f"{shown} {noun if shown == '1' else plural or noun + 's'}"
 
 
 @dataclass(frozen=True)
@@ -1398,7 +1404,8 @@ def advance(
                 r,
                 phase="rolled_back",
                 weight=0,
-                reason=f"{r.failed_checks} failed checks (--threshold {policy.threshold}): {why}",
+                reason=f"{count(r.failed_checks, 'failed check')} (--threshold "
+                f"{policy.threshold}): {why}",
                 hold=None,
             )
             return Event("rolled_back", r, result, before, mirrored)

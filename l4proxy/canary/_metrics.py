@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy._http import urlopen as direct_urlopen
-from l4proxy.canary._analysis import Sample
+from l4proxy.canary._analysis import Sample, count
 from l4proxy.rules.watch import FILE_HELD
 from l4proxy.stats import DIGEST, GENERATION, START_TIME, RulesMark
 
@@ -445,7 +445,8 @@ def copies_missing(
         return ""
     return (
         f"Prometheus has no {MIRROR_REQUESTS} of {service} {canary}, although stable "
-        f"served {stable:.0f} requests in the interval, each copied to {canary}: the sidecars "
+        f"served {count(round(stable), 'request')} in the interval, each copied to {canary}: "
+        "the sidecars "
         "do not count their copies' answers (an l4proxy from before that family: upgrade "
         "them), or their /stats are not scraped"
     )

@@ -214,6 +214,7 @@ from l4proxy.canary._analysis import (
     cookie_attributes_problem,
     cookie_name_problem,
     cookie_prefix_problem,
+    count,
     fail_before_start,
     first_gates,
     gates_of,
@@ -2927,8 +2928,9 @@ class Display:
             head = (
                 f"{r.service}: {r.stable} -> {r.canary}{route_words(r)}, {plan(r.steps, r)} "
                 f"every {p.interval:g} s; a check passes with success >= "
-                f"{p.min_success_rate:g} %, {p99_limit(p)}, >= {p.min_requests} "
-                f"requests; {p.threshold} failed checks roll back"
+                f"{p.min_success_rate:g} %, {p99_limit(p)}, >= "
+                f"{count(p.min_requests, 'request')}; {count(p.threshold, 'failed check')} "
+                f"roll{'s' if p.threshold == 1 else ''} back"
             )
             if self.webhooks:
                 head += f"; {self.webhooks}"
@@ -2936,7 +2938,7 @@ class Display:
                 # its command was killed while the start's webhooks held it
                 head += (
                     f"\n  resumed waiting to start (nothing routed to {r.canary} yet, "
-                    f"{r.failed_checks} failed checks so far)"
+                    f"{count(r.failed_checks, 'failed check')} so far)"
                 )
             elif ev.kind == "resume":
                 at = (
@@ -2948,7 +2950,7 @@ class Display:
                 )
                 head += (
                     f"\n  resumed at {at} (step {r.step + 1}/{len(r.steps)}, "
-                    f"{r.failed_checks} failed checks so far)"
+                    f"{count(r.failed_checks, 'failed check')} so far)"
                 )
             return head + (f"\n  {note}" if note else "")
         c = ev.check
@@ -2971,11 +2973,13 @@ class Display:
             cells = f"  {r.canary} {'mirror':<26}"
         else:
             cells = f"  {r.canary} {weight:3d} % {bar(weight)}"
-        unit = "copies" if ev.mirrored else "req"
+        n = None if c is None else c.requests
+        unit = "req"
+        if ev.mirrored:
+            unit = "copy" if n is not None and _num(n) == "1" else "copies"
         if c is not None and c.share is not None:
             # what the routing did (a hand edit, a rule of higher precedence)
             unit += f" ({c.share:.0f} %)"
-        n = None if c is None else c.requests
         if c is None or ev.pre_rollout:
             pass
         elif n is None:
@@ -3391,13 +3395,13 @@ class Hooks:
             lost = []
             if sender.dropped:
                 lost.append(
-                    f"{sender.dropped} events dropped while it answered slower than they "
+                    f"{count(sender.dropped, 'event')} dropped while it answered slower than they "
                     f"came (the last {EVENT_QUEUE} kept)"
                 )
             if unsent:
                 lost.append(
-                    f"{unsent} events not sent: still queued or unanswered {wait:g} s after "
-                    "the command ended"
+                    f"{count(unsent, 'event')} not sent: still queued or unanswered {wait:g} s "
+                    "after the command ended"
                 )
             if lost:
                 complain(self.err, f"warning: {sender.hook}: {'; '.join(lost)}", heard=False)
@@ -3734,8 +3738,11 @@ def status_line(r: Rollout) -> str:
         at = f"at {r.weight} % {bar(r.weight)} step {r.step + 1}/{len(r.steps)},"
     return (
         f"{r.service}: {r.stable} -> {r.canary}{route_words(r)} {phase_words(r)} {at} "
-        f"{r.failed_checks} failed checks, "
-        f"{r.checks} checks" + (f"; {r.reason}" if r.reason else "") + held + run_by_words(r)
+        f"{count(r.failed_checks, 'failed check')}, "
+        f"{count(r.checks, 'check')}"
+        + (f"; {r.reason}" if r.reason else "")
+        + held
+        + run_by_words(r)
     )
 
 
