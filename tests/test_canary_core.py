@@ -26,12 +26,14 @@ from l4proxy.canary._analysis import (
     Conflict,
     GatewayRoute,
     HeaderMatch,
+    Hold,
     Policy,
     PolicyError,
     Rollout,
     Sample,
     advance,
     check,
+    gates_of,
     resume,
     run_table,
     steps_from,
@@ -177,10 +179,63 @@ def test_a_rollout_that_judges_nothing_for_the_progress_deadline_rolls_back() ->
     assert advance(p, again, check(p, QUIET), 1004).rollout.phase == "rolled_back"
 
 
-def test_resume_with_other_steps_never_goes_down() -> None:
-    saved = Rollout("svc", "v1", "v2", step=2, weight=50, steps=(5, 25, 50, 100))
-    ev = resume(Policy(steps=(10, 20, 40, 60, 80, 100)), "svc", "v1", "v2", saved, 0)
-    assert ev.rollout.weight == 60
+@pytest.mark.parametrize(
+    ("saved_steps", "step", "steps", "resumed_steps", "resumed_step", "next_weight"),
+    [
+        # the reviewer's: 30 % at step 3 of 10,20,30,50,100, run again with
+        # 25,50,75,100: it stays at 30 % (it jumped to 50 %, no gate asked)
+        ((10, 20, 30, 50, 100), 2, (25, 50, 75, 100), (25, 30, 50, 75, 100), 1, 50),
+        # never lower: 50 % stays, then 60 %
+        ((5, 25, 50, 100), 2, (10, 20, 40, 60, 80, 100), (10, 20, 40, 50, 60, 80, 100), 3, 60),
+        # the weight one of the new steps: the new list as it is
+        ((10, 20, 30, 50, 100), 3, (25, 50, 75, 100), (25, 50, 75, 100), 1, 75),
+        # under every new step: it stays, then the first of them
+        ((5, 25, 50, 100), 0, (10, 100), (5, 10, 100), 0, 10),
+        # over every new step: it stays, and its pass promotes (100: the promotion)
+        ((10, 60, 100), 1, (10, 50), (10, 50, 60), 2, 100),
+    ],
+)
+def test_resume_with_other_steps_stays_where_it_stands_and_goes_on_along_them(
+    saved_steps: tuple[int, ...],
+    step: int,
+    steps: tuple[int, ...],
+    resumed_steps: tuple[int, ...],
+    resumed_step: int,
+    next_weight: int,
+) -> None:
+    """A resume moves no weight: the rollout is judged where it stands, and
+    its pass goes on to the first new step above it, asking the gate of that
+    raise. It jumped to the first new step at or above its weight, with no
+    check and no gate."""
+    weight = saved_steps[step]
+    saved = Rollout("svc", "v1", "v2", step=step, weight=weight, steps=saved_steps)
+    policy = Policy(steps=steps)
+    ev = resume(policy, "svc", "v1", "v2", Rollout.from_json(saved.to_json()), 0)
+    r = ev.rollout
+    assert (ev.kind, r.weight, r.steps, r.step) == ("resume", weight, resumed_steps, resumed_step)
+    assert ev.previous_weight == weight
+    assert ev.replanned == (() if resumed_steps == saved_steps[step:] else saved_steps)
+    assert gates_of(policy, r, check(policy, GOOD))[0] == "confirm-traffic-increase"
+    after = advance(policy, r, check(policy, GOOD), 1).rollout
+    assert after.weight == next_weight
+    # resumed again with the same options: where it stands, not replanned again
+    again = resume(policy, "svc", "v1", "v2", Rollout.from_json(r.to_json()), 2)
+    assert (again.rollout.steps, again.rollout.step, again.replanned) == (r.steps, r.step, ())
+
+
+def test_resume_with_other_steps_asks_its_gates_anew() -> None:
+    """A confirm-promotion hold at 50 % (toward 100 %) resumed with steps
+    50,75,100: the raise to 75 % asks confirm-traffic-increase (the hold
+    would have skipped it, as a confirm-promotion hold does), and the hold
+    is gone from the state; the checksum of a state without one stays."""
+    held = Hold("confirm-promotion", "HTTP 403", 5.0)
+    saved = Rollout("svc", "v1", "v2", step=1, weight=50, steps=(10, 50, 100), hold=held)
+    policy = Policy(steps=(50, 75, 100))
+    assert gates_of(policy, saved, check(policy, GOOD)) == ("confirm-promotion",)
+    r = resume(policy, "svc", "v1", "v2", saved, 10).rollout
+    assert (r.weight, r.steps, r.hold) == (50, (50, 75, 100), None)
+    assert gates_of(policy, r, check(policy, GOOD)) == ("confirm-traffic-increase",)
+    assert r.webhook_checksum == saved.webhook_checksum
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from l4proxy.canary._analysis import (
     Sample,
     advance,
     check,
+    gates_of,
     resume,
     run_table,
 )
@@ -171,12 +172,16 @@ def _at(policy: Policy, passes: int) -> Rollout:
         (3, P, 3, 25),
         # more mirrored intervals: the ones passed are kept
         (1, replace(P, mirror=4), 1, 0),
-        # fewer than it passed, or none: the first step
-        (1, replace(P, mirror=1), 1, 5),
-        (1, replace(P, mirror=0), 0, 5),
-        # past the mirrored stage: never mirrored again, never lower
-        (3, replace(P, mirror=5), 6, 25),
-        (2, replace(P, mirror=0, steps=(10, 100)), 0, 10),
+        # no more than it passed, or none: the interval under way stays
+        # mirrored (judged, and its pass goes live through the gate), where
+        # it went live at once, ungated
+        (1, replace(P, mirror=1), 1, 0),
+        (1, replace(P, mirror=0), 1, 0),
+        # past the mirrored stage: never mirrored again (more of them before
+        # its weight change nothing ahead of it), never lower, never raised
+        # unjudged (5 % stays, then 10 %: it went to 10 % at once)
+        (3, replace(P, mirror=5), 3, 25),
+        (2, replace(P, mirror=0, steps=(10, 100)), 0, 5),
     ],
     ids=["in-same", "past-same", "in-more", "in-fewer", "in-none", "past-more", "past-none"],
 )
@@ -544,6 +549,29 @@ def test_a_resume_while_mirrored_says_so() -> None:
     saved = _at(P, 1)
     (_, resumed) = _shown([resume(P, "svc", "v1", "v2", saved, 10)])
     assert resumed == "  resumed at mirrored 2/2 (step 2/6, 0 failed checks so far)"
+
+
+def test_a_mirrored_resume_without_mirror_says_it_stays_mirrored_for_the_interval() -> None:
+    """In its first mirrored interval, run again without --mirror: that
+    interval stays mirrored, judged on the copies, and its pass goes live
+    at 5 % (through confirm-traffic-increase); it went live at 5 % at once.
+    ``--json`` says the stages it had."""
+    ev = resume(replace(P, mirror=0), "svc", "v1", "v2", _at(P, 0), 10)
+    assert (ev.rollout.mirrored, ev.rollout.steps, ev.replanned) == (
+        True,
+        (0, 5, 25, 50, 100),
+        (0, 0, 5, 25, 50, 100),
+    )
+    (_, resumed, changed) = _shown([ev])
+    assert resumed == "  resumed at mirrored 1/1 (step 1/5, 0 failed checks so far)"
+    assert changed == (
+        "  the plan changed (it was mirror 2 intervals, then steps 5,25,50,100): it stays "
+        "mirrored, judged there, and a pass goes on to 5 %"
+    )
+    (line,) = _shown([ev], as_json=True)
+    assert json.loads(line)["steps_before"] == [0, 0, 5, 25, 50, 100]
+    assert gates_of(P, ev.rollout, check(P, GOOD, True)) == ("confirm-traffic-increase",)
+    assert advance(P, ev.rollout, check(P, GOOD, True), 11).rollout.weight == 5
 
 
 def test_json_check_events_say_mirror() -> None:

@@ -413,3 +413,60 @@ def test_a_command_killed_while_confirm_promotion_holds_is_told_and_resumed(
     assert re.fullmatch(rf"  taken over from pid {pid} on \S+: its process is gone", lines[2])
     assert [c["phase"] for c in calls] == ["Progressing", "WaitingPromotion", "WaitingPromotion"]
     assert _routes(tmp_path) == [("v2", 100)]
+
+
+def test_a_rollout_resumed_with_other_steps_stays_where_it_stands_and_asks_the_gate(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reviewer's: saved at 30 % (step 3 of 10,20,30,50,100), run again
+    with --steps 25,50,75,100. It jumped to 50 % as it resumed, with no
+    check and without asking confirm-traffic-increase. It stays at 30 %,
+    judged there, and its pass goes on to 50 % through the gate (which
+    holds it once here)."""
+    from tests.test_canary_ops import REGISTRY, commit
+
+    shutil.copy(REGISTRY, tmp_path)
+    commit(tmp_path, 30, steps=(10, 20, 30, 50, 100), step=2, checks=2)
+    assert _routes(tmp_path) == [("v1", 70), ("v2", 30)]
+    seen: list[object] = []
+
+    def gate(n: int, body: dict[str, Any]) -> int:
+        seen.append(_routes(tmp_path))  # what the sidecars route as it is asked
+        return 403 if n == 1 else 200
+
+    with HookServer({"gate": gate}).serving() as hooks:
+        code = rollout(
+            tmp_path,
+            "--steps",
+            "25,50,75,100",
+            "--webhook",
+            hooks.hook("confirm-traffic-increase", "gate"),
+        )
+    out = unstamped(capsys.readouterr().out)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[1:3] == [
+        "  resumed at 30 % (step 2/5, 0 failed checks so far)",
+        "  the plan changed (it was steps 10,20,30,50,100): it stays at 30 %, judged there, "
+        "and a pass goes on to 50 %",
+    ], out
+    assert lines[3].endswith(
+        f"pass -> 50 % held: confirm-traffic-increase {hooks.url}/gate: HTTP 403: said 403; "
+        "stays at 30 %"
+    ), lines[3]
+    assert [line.rsplit("pass -> ", 1)[-1] for line in lines[4:]] == [
+        "50 %",
+        "75 %",
+        "100 %",
+        "PROMOTED: v2 takes 100 % of bootcamp",
+    ], out
+    # each raise asked (30 -> 50 twice, 50 -> 75, 75 -> 100), each at the weight it raises
+    assert seen == [
+        [("v1", 70), ("v2", 30)],
+        [("v1", 70), ("v2", 30)],
+        [("v1", 50), ("v2", 50)],
+        [("v1", 25), ("v2", 75)],
+    ], seen
+    state = _state(tmp_path)
+    assert state is not None and state["phase"] == "promoted"
+    assert state["steps"] == [25, 30, 50, 75, 100]

@@ -1005,6 +1005,8 @@ class Event:
     # the check was of the pre-rollout webhooks, before the rollout's
     # first stage was written (nothing routed to the canary yet)
     pre_rollout: bool = False
+    # a resume whose options changed the stages: the ones it had (replan)
+    replanned: tuple[int, ...] = ()
 
 
 class Conflict(Exception):
@@ -1031,11 +1033,11 @@ def resume(
       same alternatives in any order: resumed with the intervals it passed
       counted (at the last one when ``--iterations`` is now fewer);
     * the same versions, still progressing: resumed at its step and weight
-      (never back at the first step, never rolled back); with other options, a
-      rollout past its mirrored stages goes on at the first step at or
-      above its weight, never mirrored again, and one in them goes on
-      mirroring with the intervals it passed counted (at the first step
-      when the new ``--mirror`` has no more of them);
+      (never back at the first step, never rolled back); with options that
+      change the stages ahead of it (``--steps``, ``--mirror``), at the
+      stage it stands at (its weight, or its mirror), along the new stages
+      after it (:func:`replan`): nothing moves unjudged, and the next raise
+      asks its gates; the hold is dropped (asked anew);
     * the same versions, finished: returned as it ended (the caller reports
       it) unless *restart*: a rolled-back canary gets no traffic again
       without being asked; a promoted one is never started again
@@ -1151,18 +1153,24 @@ def resume(
             r = replace(saved, step=idx, weight=0, steps=stages, judged=now)
             return Event("resume", r, previous_weight=saved.weight)
         steps = saved.steps or policy.stages
-        if saved.steps and saved.steps != policy.stages:
-            # Options changed between runs: continue at the first step of
-            # the new list at or above the weight reached (never go down,
-            # never back to mirroring); a mirrored rollout keeps the
-            # mirrored intervals it passed, as far as the new list has any.
-            steps = policy.stages
-            if saved.mirrored:
-                idx = min(saved.step, policy.mirror)
-            else:
-                idx = next((i for i, w in enumerate(steps) if w >= saved.weight), len(steps) - 1)
-            r = replace(saved, step=idx, weight=steps[idx], steps=steps, updated=now, judged=now)
-            return Event("resume", r, previous_weight=saved.weight)
+        if saved.steps:
+            replanned, idx = replan(saved, policy)
+            if replanned[idx:] != saved.steps[saved.step :]:
+                # Options changed between runs: it goes on from where it
+                # stands (nothing moves unjudged, no gate is skipped), along
+                # the new stages; what held it held a pass toward the old
+                # ones (a confirm-promotion hold would skip the next raise's
+                # confirm-traffic-increase): the gates are asked anew.
+                r = replace(
+                    saved,
+                    step=idx,
+                    steps=replanned,
+                    hold=None,
+                    checksum=saved.webhook_checksum,  # (a state without one: as it was)
+                    updated=now,
+                    judged=now,
+                )
+                return Event("resume", r, previous_weight=saved.weight, replanned=saved.steps)
         # (the deadline counts time the analysis ran: not the time it was stopped)
         r = replace(saved, steps=steps, judged=now)
         return Event("resume", r, previous_weight=saved.weight)
@@ -1182,6 +1190,40 @@ def resume(
     if saved is not None and same and not restart:
         return Event(saved.phase, saved)  # type: ignore[arg-type]
     return _start(policy, service, stable, canary, saved, now, gateway, affinity)
+
+
+def replan(saved: Rollout, policy: Policy) -> tuple[tuple[int, ...], int]:
+    """The stages a progressing, weighted or mirrored rollout *saved* goes
+    on with under *policy*, and its index there. A resume moves nothing:
+    the rollout stays at the stage it stands at, judged there, and a pass
+    goes on to the next of the new stages, through the gates any raise
+    asks (``confirm-traffic-increase``, ``confirm-promotion``). So:
+
+    * at a weight: the new stages, with that weight put in its place where
+      they lack it (``10,20,30,50,100`` at 30, resumed with ``25,50,75,100``:
+      ``25,30,50,75,100`` at index 1: 30 % judged, then 50 %); never lower,
+      never mirrored again, never raised unjudged (it was raised to the
+      first new step at or above it, with no gate);
+    * mirrored, having passed K mirrored intervals: at the (K+1)-th where
+      the new ``--mirror`` N has one; else at the last (``(0,)`` before
+      the steps where N is 0), still mirrored: the interval under way is
+      judged on the copies, and its pass goes live at the first weight
+      through ``confirm-traffic-increase`` (it went live at resume, ungated).
+
+    Resumed with the same options, that is *saved*'s own stages and step;
+    the caller takes the stages from the one it stands at on as the
+    change (stages before it, passed or not, change nothing)."""
+    stages = policy.stages
+    if saved.mirrored:
+        passed = saved.step
+        if passed < policy.mirror:
+            return stages, passed
+        if policy.mirror:
+            return stages, policy.mirror - 1
+        return (0, *stages), 0
+    w = saved.weight
+    below = tuple(s for s in stages if s < w)
+    return (*below, w, *(s for s in stages if s > w)), len(below)
 
 
 def _same_plan(

@@ -523,7 +523,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rules", metavar="PATH", help="rules file or directory (or --configmap)")
     p.add_argument("--stable", metavar="VERSION", help="the version serving now (label version)")
     p.add_argument("--canary", metavar="VERSION", help="the version to shift to")
-    p.add_argument("--steps", metavar="W,W,...", help="canary weights in turn (5,10,25,50,100)")
+    p.add_argument(
+        "--steps",
+        metavar="W,W,...",
+        help="canary weights in turn (5,10,25,50,100); a rollout resumed with other steps "
+        "stays at its weight, judged there, then goes on along them",
+    )
     p.add_argument("--step-weight", type=int, metavar="W", help="or: weights W, 2W, ...")
     p.add_argument("--max-weight", type=int, metavar="W", help="... up to W (100)")
     p.add_argument(
@@ -2952,6 +2957,8 @@ class Display:
                     f"\n  resumed at {at} (step {r.step + 1}/{len(r.steps)}, "
                     f"{count(r.failed_checks, 'failed check')} so far)"
                 )
+                if ev.replanned:
+                    head += f"\n  {replan_words(ev.replanned, r)}"
             return head + (f"\n  {note}" if note else "")
         c = ev.check
         weight = ev.previous_weight if ev.previous_weight is not None else r.weight
@@ -3064,6 +3071,28 @@ class Display:
         return f"pass -> {r.weight} %"
 
 
+def stage_words(r: Rollout, i: int) -> str:
+    """The stage *i* of a weighted or mirrored *r*'s stages as the lines
+    say it: ``mirror 2/3``, ``30 %``; past the last, ``the promotion``."""
+    if i >= len(r.steps):
+        return "the promotion"
+    if r.steps[i] == 0:
+        return f"mirror {i + 1}/{mirrored_stages(r.steps)}"
+    return f"{r.steps[i]} %"
+
+
+def replan_words(before: Sequence[int], r: Rollout) -> str:
+    """A resume whose options changed the stages (*before*: the ones the
+    rollout had; :func:`~l4proxy.canary._analysis.replan`): it moves
+    nothing, and where a pass goes now."""
+    here = "mirrored" if r.mirrored else f"at {r.weight} %"
+    after = stage_words(r, r.step + 1)
+    to = "promotes it" if after == "the promotion" else f"goes on to {after}"
+    return (
+        f"the plan changed (it was {plan(before)}): it stays {here}, judged there, and a pass {to}"
+    )
+
+
 def route_words(r: Rollout) -> str:
     """After ``stable -> canary``, in Gateway API mode what routes them:
     `` (HTTPRoute canary-bootcamp, port 8080, gateways gw)``, and with
@@ -3174,6 +3203,8 @@ def event_json(ev: Event, note: str = "") -> dict[str, Any]:
         out["held"] = ev.held
     if ev.pre_rollout:  # before the first stage was written
         out["pre_rollout"] = True
+    if ev.replanned:  # resumed with options that changed its stages: the ones it had
+        out["steps_before"] = list(ev.replanned)
     if r.phase == "waiting":  # its webhooks hold its start: nothing routed yet
         out["written"] = False
     if r.match:  # A/B testing: the requests that went to the canary
