@@ -44,6 +44,7 @@ from l4proxy.cli import main
 from l4proxy.rules.watch import FILE_HELD
 from l4proxy.stats import DIGEST, GENERATION
 from tests.conftest import _skip_or_fail
+from tests.test_canary_core import unstamped
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "kubernetes" / "bootcamp" / "base" / "rules"
@@ -716,6 +717,33 @@ def test_a_rollout_through_the_api_promotes(
     assert "was promoted (v2 takes 100 %)" in capsys.readouterr().err
     assert [r.method for r in api.api()] == ["GET"]
     assert _stored(api) == ("promoted", [("v2", 100)])
+
+
+def test_a_dry_run_through_the_api_gets_and_never_puts(
+    api: FakeAPI, token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run with --configmap: the ConfigMap read (GET), each step's
+    ConfigMap validated as a PUT of it would be, and no PUT; a competing
+    key is refused with a run's error, and no PUT either."""
+    data = bootcamp_data()
+    api.objects[CM_PATH] = configmap(data)
+    api.prometheus = {"increase": "100", "* 100": "100", "histogram_quantile": "12"}
+    argv = canary(api, token, "bootcamp", "--stable", "v1", "--canary", "v2")
+    argv += ["--steps", "50,100", "--prometheus", api.url, "--dry-run"]
+    assert main(argv) == 0
+    out = unstamped(capsys.readouterr().out)
+    assert "A run writes RouteRule canary-bootcamp to key canary-bootcamp.yaml of ConfigMap " in out
+    assert "  step 1/2: v1 50 %, v2 50 %; every 60 s a check of v2's requests: " in out, out
+    assert {r.method for r in api.api()} == {"GET"}
+    assert api.objects[CM_PATH] == configmap(data)
+    api.objects[CM_PATH] = configmap(bootcamp_data(with_route=True))
+    api.requests.clear()
+    assert main(argv) == 2
+    dry = unstamped(capsys.readouterr().err)
+    assert main(argv[:-1]) == 2
+    assert unstamped(capsys.readouterr().err) == dry
+    assert "route.yaml:4: RouteRule bootcamp-default routes every request of bootcamp" in dry
+    assert {r.method for r in api.api()} == {"GET"}
 
 
 def _failing_rollout(api: FakeAPI, token: str, put_faults: list[str]) -> int:

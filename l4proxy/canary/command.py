@@ -137,6 +137,14 @@ The decisions are :mod:`l4proxy.canary._analysis` (pure); the numbers come from
   holds the analysis), every other call in line. ``promote`` and
   ``abort`` call the post-rollout and event hooks given to them
   (:func:`_hand_hooks`).
+* **--dry-run** (:func:`_dry_run`): everything a run checks before its
+  first write, then the stages it would walk were every check to pass and
+  every gate to say yes (the analysis' own :func:`~l4proxy.canary._analysis.gates_of`
+  and :func:`~l4proxy.canary._analysis.advance`, :func:`dry_stages`), each
+  stage's documents refused as a write would refuse them
+  (:meth:`Store.would_install`), printed; nothing written (the rules
+  directory's reads take its lock shared, where the lock file is there,
+  and make none), no webhook called, no other command waited for.
 
 Output (:class:`Display`): a line per event, each starting with the time
 (UTC, ISO 8601 to the second: :func:`stamp`), and while the command waits
@@ -174,6 +182,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import fcntl
 import json
 import math
 import os
@@ -332,6 +341,9 @@ examples:
   # ... and sticky: a user who got an answer from v2 keeps getting v2
   l4proxy canary bootcamp --gateway-api --stable bootcamp-v1 --canary bootcamp-v2 \\
       --rules /etc/l4proxy --session-affinity flagger-cookie --metrics 127.0.0.1:15000
+  # what it would do at each step (routes, checks, gates), nothing written: exit 0
+  l4proxy canary bootcamp --stable v1 --canary v2 --rules /etc/l4proxy \\
+      --steps 5,25,50,100 --metrics 127.0.0.1:15000 --dry-run
   l4proxy canary status bootcamp --rules /etc/l4proxy
   l4proxy canary promote bootcamp --rules /etc/l4proxy   # 100 % to canary (not once rolled back)
   l4proxy canary abort bootcamp --rules /etc/l4proxy     # 100 % to stable now (not once promoted)
@@ -433,7 +445,7 @@ where a running command holds the rollout: it calls its own); status calls none.
 e.g. --webhook confirm-promotion=http://flagger-loadtester.test/gate/check
 
 exit status:
-  0  promoted (100 % to the canary)
+  0  promoted (100 % to the canary); --dry-run: the preview printed
   1  rolled back (100 % to stable), by the analysis, by abort, or by a rollback
      webhook (a pre-rollout webhook failing --threshold times too; an abort while
      the start's webhooks held it)
@@ -726,6 +738,13 @@ def add_parser(sub: Any) -> None:
         "none where it is empty); repeatable, after the --webhook ones",
     )
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the rollout would do at each step (the routes written, the gates "
+        "asked, the checks and their thresholds) and exit 0: nothing written, no webhook "
+        "called, nothing waited for; refused (exit 2) where a run would be, with its error",
+    )
     p.add_argument(
         "--on-abort",
         choices=("ask", "rollback", "leave"),
@@ -1742,6 +1761,17 @@ class RulesWriter:
         self.service = service
         self.namespace = namespace
         self.domain = domain
+        # --dry-run: nothing is written, the directory's lock file not even
+        # made (its reads take the lock shared, where there is one)
+        self.read_only = False
+
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        """The directory's lock for a read: apply's (made where missing), or
+        with :attr:`read_only` a shared one of the lock file there is (none
+        where there is none: nothing is made)."""
+        if self.read_only:
+            return _shared_lock(self.paths.directory)
+        return apply._locked(self.paths.directory)
 
     def others(self) -> list[str]:
         if not self.paths.is_dir:
@@ -1848,12 +1878,7 @@ class RulesWriter:
         loaded our old document again. Ours alone is valid by construction."""
         doc = self.paths.document
         rollback = r.phase == "rolled_back"
-        if not rollback:
-            g = r.gateway
-            self.check_competing(
-                g is not None, g.gateways if g is not None else (), g.port if g else None
-            )
-        new_text = documents_text(r) if self.paths.is_dir else self._spliced(r)
+        new_text = self._checked_text(r)
         if self._holds(new_text):
             return False
         cand = os.path.join(self.paths.directory, f".{os.path.basename(doc)}.validate")
@@ -1861,27 +1886,57 @@ class RulesWriter:
             f.write(new_text)
         try:
             if not rollback:
-                keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
-                try:
-                    load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
-                except ConfigUnreadable as exc:
-                    raise CanaryError(str(exc)) from exc
-                except ConfigError as exc:
-                    raise CanaryError(
-                        f"refused: the rules would be invalid {at_words(r)}: "
-                        f"{first_error(exc).replace(cand, doc)}"
-                    ) from exc
+                self._load_as(r, cand)
             apply._install(new_text.encode(), doc)  # (the text checked)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cand)
         return True
 
+    def would_install(self, r: Rollout) -> None:
+        """What :meth:`install` refuses of *r*, refused alike (the same
+        errors), with nothing written: the candidate loaded from a
+        directory of its own (``--dry-run``)."""
+        new_text = self._checked_text(r)
+        if r.phase == "rolled_back" or self._holds(new_text):
+            return
+        with self._lock(), tempfile.TemporaryDirectory(prefix="l4proxy-canary-") as tmp:
+            cand = os.path.join(tmp, f".{os.path.basename(self.paths.document)}.validate")
+            with open(cand, "w") as f:
+                f.write(new_text)
+            self._load_as(r, cand)
+
+    def _checked_text(self, r: Rollout) -> str:
+        """The text of our document's file with *r*'s documents, once no
+        rule of the user's competes with them (a rollback: whatever does)."""
+        if r.phase != "rolled_back":
+            g = r.gateway
+            self.check_competing(
+                g is not None, g.gateways if g is not None else (), g.port if g else None
+            )
+        return documents_text(r) if self.paths.is_dir else self._spliced(r)
+
+    def _load_as(self, r: Rollout, cand: str) -> None:
+        """Load the rules as a sidecar would with *cand* (a candidate of our
+        document's file, *r*'s) in its place; refused: :class:`CanaryError`,
+        naming our document."""
+        doc = self.paths.document
+        keep = [f for f in self.others() if f != doc] if self.paths.is_dir else []
+        try:
+            load_rules([*keep, cand], namespace=self.namespace, domain=self.domain)
+        except ConfigUnreadable as exc:
+            raise CanaryError(str(exc)) from exc
+        except ConfigError as exc:
+            raise CanaryError(
+                f"refused: the rules would be invalid {at_words(r)}: "
+                f"{first_error(exc).replace(cand, doc)}"
+            ) from exc
+
     def table(self, r: Rollout | None) -> RouteTable:
         """The rules as a sidecar would load them with *r*'s documents
         written (None: as they are): the registry the Gateway API mode's
         port and metric labels come from. Refused: :class:`CanaryError`."""
-        with apply._locked(self.paths.directory):
+        with self._lock():
             if r is None:
                 files = self.others() if self.paths.is_dir else [self.paths.document]
                 return _load_table(files, self.namespace, self.domain, lambda t: t)
@@ -1923,6 +1978,24 @@ class RulesWriter:
                 return f.read() == text
         except OSError:
             return False
+
+
+@contextlib.contextmanager
+def _shared_lock(directory: str) -> Iterator[None]:
+    """The rules directory's lock (apply's), taken shared, where its lock
+    file is there; none where it is not, which is not made: a reader that
+    writes nothing (``--dry-run``) waits for a write under way, and leaves
+    the directory as it found it."""
+    try:
+        fd = os.open(os.path.join(directory, apply.LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load_table(
@@ -2143,6 +2216,8 @@ class Store(Protocol):
     def save_state(self, r: Rollout, expected: Rollout | None = ANY) -> None: ...
     def put_back(self, previous: Rollout | None, expected: Rollout) -> None: ...
     def install(self, r: Rollout) -> bool: ...
+    # install()'s refusals of *r*, with nothing written (--dry-run)
+    def would_install(self, r: Rollout) -> None: ...
     def commit(self, r: Rollout, expected: Rollout | None = ANY) -> bool: ...
     def edited(self, r: Rollout) -> str: ...
     def check_competing(
@@ -2194,6 +2269,9 @@ class FileStore:
 
     def install(self, r: Rollout) -> bool:
         return self.writer.install(r)
+
+    def would_install(self, r: Rollout) -> None:
+        self.writer.would_install(r)
 
     def edited(self, r: Rollout) -> str:
         return self.writer.edited(r)
@@ -3072,10 +3150,12 @@ class Display:
 
 
 def stage_words(r: Rollout, i: int) -> str:
-    """The stage *i* of a weighted or mirrored *r*'s stages as the lines
-    say it: ``mirror 2/3``, ``30 %``; past the last, ``the promotion``."""
+    """The stage *i* of *r*'s stages as the lines say it: ``mirror 2/3``,
+    ``A/B 2/10``, ``30 %``; past the last, ``the promotion``."""
     if i >= len(r.steps):
         return "the promotion"
+    if r.match:
+        return f"A/B {i + 1}/{len(r.steps)}"
     if r.steps[i] == 0:
         return f"mirror {i + 1}/{mirrored_stages(r.steps)}"
     return f"{r.steps[i]} %"
@@ -3501,7 +3581,14 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 f"expected SERVICE, or status|promote|abort SERVICE; got {' '.join(words)}"
             )
         service = words[-1]
-        store = _store(args, service)
+        dry = bool(getattr(args, "dry_run", False))
+        if dry and action in ("promote", "abort"):
+            # (never the end itself, by a flag it would not heed)
+            raise CanaryError(
+                f"--dry-run previews a rollout (l4proxy canary {service} --stable ... --canary "
+                f"...); {action} writes its end at once: nothing written"
+            )
+        store = _store(args, service, dry)
         if action != "run":
             return _by_hand(action, store, args, out, err)
         with _interruptible():
@@ -3528,14 +3615,16 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_ERROR
 
 
-def _store(args: argparse.Namespace, service: str) -> Store:
+def _store(args: argparse.Namespace, service: str, dry: bool = False) -> Store:
+    """The rollout's store; *dry* (``--dry-run``): one whose reads make
+    nothing (no lock file), and that the caller asks no write of."""
     if bool(args.rules) == bool(getattr(args, "configmap", None)):
         raise CanaryError("give the rules: --rules PATH, or --configmap [NAMESPACE/]NAME")
     if args.rules:
         paths = Paths.of(args.rules, service)
-        return FileStore(
-            paths, RulesWriter(paths, service, args.namespace or "default", args.domain)
-        )
+        writer = RulesWriter(paths, service, args.namespace or "default", args.domain)
+        writer.read_only = dry
+        return FileStore(paths, writer)
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service):
         raise CanaryError(f"{service!r} is not a service name (a DNS label, e.g. bootcamp)")
     from l4proxy.canary import kube as canary_kube
@@ -3962,11 +4051,13 @@ def _analyse(
     metrics.progress = display.progress
     metrics.held.document, metrics.held.err = store.document, err
     hooks = Hooks(webhooks_of(args), service, namespace, err)
+    dry = bool(getattr(args, "dry_run", False))  # (no webhook called: not the events)
     if hooks.hooks:
         display.webhooks = hooks_words(hooks.hooks)
         display.declared = [h.to_json() for h in hooks.hooks]
-        display.notify = hooks.notify
-    if hooks.has("event"):
+        if not dry:
+            display.notify = hooks.notify
+    if hooks.has("event") and not dry:
         _HEARD.set(hooks.warned)
     gateway = None
     if gateway_api:
@@ -3978,7 +4069,10 @@ def _analyse(
     # SERVICE's Service takes other requests than ours)
     me = this_process(lease_of(policy, wait))
     try:
-        saved = await_hold(store, store.load_state(), me, display, err)
+        # (a dry run waits for no one: it says what a run would do)
+        saved = (
+            store.load_state() if dry else await_hold(store, store.load_state(), me, display, err)
+        )
     except KeyboardInterrupt:
         complain(
             err,
@@ -4038,6 +4132,9 @@ def _analyse(
         if registry is not None:
             with _left_if_refused(saved):
                 check_registered(registry, service, namespace, args.domain)
+    if dry:
+        note = ended_note(r.affinity, affinity) if ev.kind in ("promoted", "rolled_back") else ""
+        return _dry_run(policy, ev, saved, me, hooks, store, display, note)
     if ev.kind in ("promoted", "rolled_back"):
         store.install(r)  # as it ended, in case the document was lost
         display.emit(ev, ended_note(r.affinity, affinity))
@@ -4256,6 +4353,353 @@ def _analyse(
             "promote|abort " + service,
         )
         return EXIT_LEFT
+
+
+# -- --dry-run --------------------------------------------------------------------
+# a check that passes, as the preview takes every check: the stages a run
+# walks, and the gates each pass asks (the analysis' own: gates_of, advance)
+_PASS = Check("pass", None, None, None)
+
+
+@dataclass(frozen=True)
+class DryStage:
+    """One stage of a ``--dry-run``: the rollout at it, the gates its pass
+    asks that have webhooks (in turn), where that pass leads, and whether
+    its documents are as a run would write them already (a resumed
+    rollout's stage: ``edited`` says why not)."""
+
+    rollout: Rollout
+    gates: tuple[str, ...]
+    then: Rollout
+    written: str  # "new", "already", or why it is written again
+
+
+def dry_stages(
+    policy: Policy, r: Rollout, hooks: Hooks, now: float
+) -> tuple[list[DryStage], Rollout]:
+    """The stages a run of *r* (as :func:`~l4proxy.canary._analysis.resume`
+    gives it; a waiting one from its first stage) walks when every check
+    passes and every gate says yes, and the promoted rollout it ends as:
+    what :func:`_analyse` does with those answers, step by step."""
+    x = started(r) if r.phase == "waiting" else r
+    out: list[DryStage] = []
+    while x.phase == "progressing":
+        gates = tuple(g for g in gates_of(policy, x, _PASS) if hooks.has(g))
+        confirmed = "confirm-promotion" in gates
+        nxt = advance(policy, x, _PASS, now, promotion_confirmed=confirmed).rollout
+        out.append(DryStage(x, gates, nxt, "new"))
+        x = nxt
+    return out, x
+
+
+def routes_of(x: Rollout) -> dict[str, int]:
+    """The share of every request each version gets from *x*'s documents
+    (mirrored or A/B testing: stable's, but the copies or the matching ones)."""
+    w = 100 if x.phase == "promoted" else 0 if x.mirrored or x.ab_testing else x.weight
+    if x.phase == "rolled_back":
+        w = 0
+    return {x.stable: 100 - w, x.canary: w}
+
+
+def routes_words(x: Rollout) -> str:
+    """*x*'s routes as the preview says them: ``v1 70 %, v2 30 %``, ``v1
+    100 %, every request copied to v2``, ``the requests with ... to v2,
+    every other one to v1``."""
+    if x.ab_testing:
+        return (
+            f"the requests with {alternatives(x.match)} to {x.canary}, every other one to "
+            f"{x.stable}"
+        )
+    shown = ", ".join(f"{v} {w} %" for v, w in routes_of(x).items())
+    if x.mirrored:
+        return f"{shown}, every request copied to {x.canary}"
+    a = x.affinity
+    if a is not None and x.phase == "progressing" and x.weight:
+        # (the sticky rule before the weighted one: http_route_document)
+        shown += f", every request with cookie {a.cookie} to {x.canary}"
+        if a.primary_cookie:
+            shown += f", with {a.primary_cookie} to {x.stable}"
+    return shown
+
+
+def check_words(policy: Policy, x: Rollout) -> str:
+    """What an interval of *x* judges, and the thresholds."""
+    what = (
+        "answers to the copies (and its own requests)"
+        if x.mirrored
+        else "requests (the matching ones)"
+        if x.ab_testing
+        else "requests"
+    )
+    unit = (
+        count(policy.min_requests, "copy", "copies")
+        if x.mirrored
+        else count(policy.min_requests, "request")
+    )
+    return (
+        f"every {policy.interval:g} s a check of {x.canary}'s {what}: success >= "
+        f"{policy.min_success_rate:g} %, {p99_limit(policy)}, >= {unit}"
+    )
+
+
+def _hooks_of(hooks: Hooks, kind: str) -> list[Webhook]:
+    return [h for h in hooks.hooks if h.type == kind]
+
+
+def _named(hooks: Hooks, kind: str) -> str:
+    """*kind*'s webhooks as the lines name them (``confirm-promotion
+    "gate"``), each in turn."""
+    return ", ".join(map(str, _hooks_of(hooks, kind)))
+
+
+def _start_hooks(r: Rollout, hooks: Hooks) -> list[str]:
+    """The webhook types a new rollout *r* (or a wait resumed: from where
+    its hold says it stood) asks before its first stage is written, in
+    :func:`_before_start`'s order; none: it starts at once."""
+    held = r.hold.gate if r.phase == "waiting" and r.hold is not None else ""
+    stood = START_ORDER.index(held) if held in START_ORDER else 0
+    kinds = [k for k in ("confirm-rollout", "pre-rollout") if START_ORDER.index(k) >= stood]
+    kinds += [g for g in first_gates(started(r)) if START_ORDER.index(g) >= stood]
+    return [k for k in kinds if hooks.has(k)]
+
+
+def _holder_words(saved: Rollout | None, me: Owner) -> str:
+    """Who runs *saved* now, as a run would meet it (refused, or waiting
+    for the hold to end); "" where a run would take it up at once."""
+    busy = saved is not None and saved.phase in ("waiting", "progressing")
+    o = saved.owner if saved is not None and busy else None
+    now = time.time()
+    if o is None or o.same_process(me) or not alive(o, me, now):
+        return ""
+    if o.same_host(me):
+        return (
+            f"run by {o}: a run now is refused (exit 2: stop it first, kill -TERM {o.pid}), "
+            "and would do this once it has stopped"
+        )
+    return (
+        f"run by {o}, elsewhere: a run now waits for its hold to end (in "
+        f"{math.ceil(max(0.0, o.lease_until - now))} s unless it writes again), then takes "
+        "it over and does this"
+    )
+
+
+def _dry_run(
+    policy: Policy,
+    ev: Event,
+    saved: Rollout | None,
+    me: Owner,
+    hooks: Hooks,
+    store: Store,
+    display: Display,
+    ended: str = "",
+) -> int:
+    """``--dry-run``: what a run would do from here, validated as it is and
+    written nowhere, then exit 0. The first line is a run's (the plan, or
+    the end of a rollout that ended, *ended* its note); then, with every
+    check passing and every gate saying yes, each stage: the routes its
+    documents give and where they go, the checks an interval runs and
+    their thresholds, the gates its pass asks and where it leads; the
+    gates before a new rollout's first write, the webhooks of every
+    interval, and how it rolls back. Each stage's documents are refused as
+    a write of them would be (:meth:`Store.would_install`): the first with
+    a run's error (exit 2), a later one with its step named (a run would
+    count it a failed check each interval, then roll back). Nothing is
+    written, no lock file made, no webhook called (an ``event`` hook hears
+    nothing), and no other command's hold waited for (said instead)."""
+    r = ev.rollout
+    where = (
+        store.paths.document
+        if isinstance(store, FileStore)
+        else f"key {store.document} of {store.where}"
+    )
+    lines: list[str] = []
+    events: list[dict[str, Any]] = []
+    if display.as_json:
+        first = {**event_json(ev, ended), "dry_run": True}
+        if display.declared:
+            first["webhooks"] = display.declared
+        events.append(first)
+    else:
+        lines.append(display.line(ev, ended))
+    if ev.kind in ("promoted", "rolled_back"):
+        code = EXIT_PROMOTED if r.phase == "promoted" else EXIT_ROLLED_BACK
+        lines.append(
+            f"  dry run: nothing written; a run reports this rollout as it ended (exit {code}), "
+            f"and writes its documents ({where}) again only where they are not as it ended"
+        )
+        events.append({"event": "dry_run", "ended": r.phase, "exit": code})
+        _dry_say(display, lines, events)
+        return EXIT_PROMOTED
+    stages, promoted = dry_stages(policy, r, hooks, time.time())
+    starting = ev.kind == "start" or r.phase == "waiting"
+    checked: set[str] = set()  # (mirrored or A/B stages alike: each text once)
+    for i, st in enumerate(stages):
+        x = st.rollout
+        text = documents_text(x)
+        try:
+            if text not in checked:
+                store.would_install(x)
+            checked.add(text)
+        except CanaryError as exc:
+            if i == 0:
+                with _left_if_refused(saved):
+                    raise
+            raise CanaryError(
+                f"--dry-run: step {x.step + 1}/{len(x.steps)} ({stage_words(x, x.step)}) would "
+                f"be refused: {exc}\n  a run writes the steps before it, then counts each "
+                "interval this step is refused a failed check (--threshold of them roll back)"
+            ) from exc
+        if i == 0 and not starting:
+            edited = store.edited(x)
+            stages[0] = replace(st, written=f"again: {edited}" if edited else "already")
+    try:
+        store.would_install(promoted)
+    except CanaryError as exc:
+        raise CanaryError(
+            f"--dry-run: the promotion would be refused: {exc}\n  a run walks its steps, "
+            "then cannot write its end"
+        ) from exc
+    holder = _holder_words(saved, me)
+    kind = "HTTPRoute" if r.gateway is not None else "RouteRule"
+    names = ", ".join(name for name, _ in documents(stages[0].rollout if stages else r))
+    drawn = " (a run draws its own cookie value)" if ev.kind == "start" and r.affinity else ""
+    lines.append(
+        "  dry run: nothing written, no webhook called, nothing waited for. A run writes "
+        f"{kind} {names} to {where} at each step{drawn}, as follows where every check passes "
+        "and every gate says yes"
+    )
+    if holder:
+        lines.append(f"  {holder}")
+    start = _start_hooks(r, hooks) if starting else []
+    if start:
+        asked = "; ".join(
+            f"{_named(hooks, k)}"
+            + {
+                "confirm-rollout": f" (asked every {policy.interval:g} s until it says yes)",
+                "pre-rollout": " (each failure a failed check, asked again each interval)",
+            }.get(k, "")
+            for k in start
+        )
+        rollback = f"; {_named(hooks, 'rollback')} each interval" if hooks.has("rollback") else ""
+        lines.append(
+            f"  before step 1: {asked}{rollback}; meanwhile its state says it waits, and "
+            "nothing is routed"
+        )
+    n = len(stages[0].rollout.steps) if stages else 0
+    said: list[tuple[str, str]] = []  # each stage's (routes and check, what its pass does)
+    for st in stages:
+        x = st.rollout
+        written = "" if st.written == "new" else f" (written {st.written})"
+        gates = "; ".join(_named(hooks, g) for g in st.gates)
+        to = (
+            f"promotes it: {routes_words(st.then)}"
+            if st.then.phase == "promoted"
+            else f"goes on to {stage_words(st.then, st.then.step)}"
+        )
+        said.append(
+            (
+                f"{routes_words(x)}{written}; {check_words(policy, x)}",
+                f"asks {gates}, then {to}" if gates else to,
+            )
+        )
+    # stages alike in a row (mirrored, A/B testing, up to 1000 of them): one line
+    i = 0
+    while i < len(stages):
+        j = i
+        while j + 1 < len(stages) and not stages[j].gates and said[j + 1][0] == said[i][0]:
+            j += 1
+        a, b = stages[i].rollout.step + 1, stages[j].rollout.step + 1
+        if i == j:
+            lines.append(f"  step {a}/{n}: {said[i][0]}; its pass {said[i][1]}")
+        else:
+            lines.append(
+                f"  steps {a}-{b}/{n}: {said[i][0]}; each pass goes on to the next; step "
+                f"{b}'s pass {said[j][1]}"
+            )
+        i = j + 1
+    for st in stages:
+        x = st.rollout
+        events.append(
+            {
+                "event": "dry_run",
+                "step": x.step,
+                "steps": list(x.steps),
+                "weight": x.weight,
+                "mirror": x.mirrored,
+                "match": [m.to_json() for m in x.match],
+                "routes": routes_of(x),
+                "written": st.written.split(":", 1)[0],
+                "document": documents_text(x),
+                "check": {
+                    "interval": policy.interval,
+                    "min_success_rate": policy.min_success_rate,
+                    "max_p99_ms": None if policy.max_p99_ms == math.inf else policy.max_p99_ms,
+                    "min_requests": policy.min_requests,
+                },
+                "gates": [
+                    {"type": g, "webhooks": [h.to_json() for h in _hooks_of(hooks, g)]}
+                    for g in st.gates
+                ],
+                # where its pass leads: the next stage, or the promotion
+                "then": (
+                    "promoted"
+                    if st.then.phase == "promoted"
+                    else {"step": st.then.step, "weight": st.then.weight}
+                ),
+            }
+        )
+    each = [
+        f"{_named(hooks, k)} {when}"
+        for k, when in (
+            ("rollout", "at each interval's start"),
+            ("rollback", "before each verdict (a 2xx rolls back)"),
+            ("post-rollout", "once the end is written"),
+            ("event", "hears every line"),
+        )
+        if hooks.has(k)
+    ]
+    if each:
+        lines.append(f"  webhooks: {'; '.join(each)}")
+    deadline = (
+        f"{policy.progress_deadline:g} s of them roll back (--progress-deadline)"
+        if policy.progress_deadline
+        else "they wait for ever (--progress-deadline 0)"
+    )
+    back = roll_back(r, time.time())
+    lines.append(
+        f"  a failed check stays at its step, and {count(policy.threshold, 'failed check')} "
+        f"(--threshold{f'; {r.failed_checks} so far' if r.failed_checks else ''}) "
+        f"roll{'s' if policy.threshold == 1 else ''} back: ROLLED BACK, "
+        f"{routes_words(back)}; an interval with fewer than "
+        f"{count(policy.min_requests, 'request')} is a halt, and {deadline}"
+    )
+    events.append(
+        {
+            "event": "dry_run",
+            "promoted": {"routes": routes_of(promoted), "document": documents_text(promoted)},
+            "rolled_back": {
+                "routes": routes_of(back),
+                "threshold": policy.threshold,
+                "progress_deadline": policy.progress_deadline,
+            },
+            "before_start": [
+                {"type": k, "webhooks": [h.to_json() for h in _hooks_of(hooks, k)]} for k in start
+            ],
+            "run_by": holder or None,
+        }
+    )
+    _dry_say(display, lines, events)
+    return EXIT_PROMOTED
+
+
+def _dry_say(display: Display, lines: Sequence[str], events: Sequence[dict[str, Any]]) -> None:
+    """The preview: its lines, or with ``--json`` its events, each with the time."""
+    if display.as_json:
+        at = stamp()
+        for e in events:
+            print(json.dumps({"time": at, **e}), file=display.out, flush=True)
+    else:
+        display.say("\n".join(lines))
 
 
 @contextlib.contextmanager

@@ -450,6 +450,20 @@ class ConfigMapStore:
     def install(self, r: Rollout) -> bool:
         return self._update(r, with_document=True)
 
+    def would_install(self, r: Rollout) -> None:
+        """What :meth:`install` refuses of *r*, refused alike, with no PUT
+        (``--dry-run``): the ConfigMap as it would be, validated."""
+        if r.phase == "rolled_back":
+            return  # (written whatever the rest holds)
+        g = r.gateway
+        self.validate(
+            edited(self.get(), self.service, r, with_document=True),
+            r,
+            g is not None,
+            g.gateways if g is not None else (),
+            g.port if g is not None else None,
+        )
+
     def edited(self, r: Rollout) -> str:
         """Why the key ``canary-SERVICE.yaml`` does not hold what the
         command wrote for *r* (``kubectl edit``, a ``kubectl replace`` that
