@@ -37,7 +37,7 @@ import threading
 import time
 from array import array
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,9 +185,19 @@ class Counters:
         self._values: dict[str, dict[LabelSet, float]] = defaultdict(lambda: defaultdict(float))
         self._histograms: dict[str, dict[LabelSet, Histogram]] = defaultdict(dict)
         self._help: dict[str, tuple[str, str]] = {}
+        self._labelled: set[str] = set()
 
-    def describe(self, name: str, kind: str, help_text: str) -> None:
+    def describe(self, name: str, kind: str, help_text: str, labelled: bool = False) -> None:
+        """*name*'s TYPE and HELP. *labelled*: its series have labels, so
+        that while it has none /stats writes its HELP and TYPE alone (as
+        Prometheus clients and Envoy do), where an unlabelled one's is
+        ``NAME 0`` (a sample without labels beside a family's labelled
+        ones is one more series: ``max by (file)`` shows a ``file=""``)."""
         self._help[name] = (kind, help_text)
+        if labelled:
+            self._labelled.add(name)
+        else:
+            self._labelled.discard(name)
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self._values[name][label_set(labels)] += amount
@@ -274,6 +284,10 @@ class Counters:
     def help(self) -> dict[str, tuple[str, str]]:
         return dict(self._help)
 
+    def labelled(self) -> frozenset[str]:
+        """The families described as labelled (:meth:`describe`)."""
+        return frozenset(self._labelled)
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Writes that a snapshot must see all or none of (a histogram's
@@ -292,7 +306,7 @@ class Counters:
         return self.sample().expanded()
 
     def render(self, extra: Mapping[str, float] | None = None) -> str:
-        return Exposition(self.sample(), self._help, extra or {}).text()
+        return Exposition(self.sample(), self._help, extra or {}, self._labelled).text()
 
 
 class LockedCounters(Counters):
@@ -519,7 +533,9 @@ def _histogram_text(family: str, key: LabelSet, h: Histogram) -> str:
 class Exposition:
     """A ``/stats`` page to write: *sample* (counted series), *gauges*
     (read now, unlabelled), each family with its HELP and TYPE from
-    *help_*, else :data:`METRIC_HELP`.
+    *help_*, else :data:`METRIC_HELP`. A family without series is its
+    HELP and TYPE, and a sample ``NAME 0`` unless *labelled* names it (a
+    family whose series have labels: :meth:`Counters.describe`).
 
     Families go out in name order, a family's series in label-set order.
     A histogram's ``_bucket``, ``_sum`` and ``_count`` go out as its one
@@ -534,9 +550,11 @@ class Exposition:
         sample: Sample,
         help_: Mapping[str, tuple[str, str]],
         gauges: Mapping[str, float],
+        labelled: Collection[str] = frozenset(),
     ) -> None:
         self.help = help_
         self.gauges = gauges
+        self.labelled = labelled
         folded = {name for name in sample.series if self._histogram_of(name, sample.histograms)}
         if folded:  # (hand-made samples only: counters keep a histogram whole)
             sample = _fold(sample, folded, self._histogram_of)
@@ -583,7 +601,7 @@ class Exposition:
             values = series.get(family, {})
             if family in gauges:
                 head += f"{family} {_fmt_value(gauges[family])}\n"
-            elif not values:
+            elif not values and family not in self.labelled:
                 head += f"{family} 0\n"
             yield head
             for key in sorted(values):

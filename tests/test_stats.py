@@ -34,8 +34,24 @@ def test_label_values_are_escaped() -> None:
 
 def test_described_but_unused_counter_shows_zero() -> None:
     c = Counters()
-    c.describe("l4proxy_refused_total", "counter", "Refused.")
-    assert "l4proxy_refused_total 0" in c.render().splitlines()
+    c.describe("l4proxy_drain_cut_total", "counter", "Cut.")
+    assert "l4proxy_drain_cut_total 0" in c.render().splitlines()
+
+
+def test_a_labelled_family_without_series_is_its_help_and_type_alone() -> None:
+    """As Prometheus clients write one: no ``NAME 0`` (a series with no
+    labels beside the family's others); its series once it has some, and
+    its header alone again once the last is dropped."""
+    c = Counters()
+    c.describe("l4proxy_rules_file_held", "gauge", "Held.", labelled=True)
+    header = ["# HELP l4proxy_rules_file_held Held.", "# TYPE l4proxy_rules_file_held gauge"]
+    assert c.render().splitlines() == header
+    c.set("l4proxy_rules_file_held", 1, file="a.yaml")
+    assert c.render().splitlines() == [*header, 'l4proxy_rules_file_held{file="a.yaml"} 1']
+    c.discard("l4proxy_rules_file_held", file="a.yaml")
+    assert c.render().splitlines() == header
+    c.describe("l4proxy_rules_file_held", "gauge", "Held.")  # described again, unlabelled
+    assert c.render().splitlines() == [*header, "l4proxy_rules_file_held 0"]
 
 
 def test_a_snapshot_sees_a_batch_whole() -> None:

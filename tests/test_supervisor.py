@@ -430,7 +430,8 @@ while True:
             counters.inc("l4proxy_requests_total", 10 * stats_answered, route="r")
             help_ = {"l4proxy_requests_total": ["counter", "Requests."]}
             sample = at_once(encode_sample(counters.sample()))
-            answer = {"sample": sample, "help": help_, "gauges": {}}
+            labelled = ["l4proxy_requests_total"]
+            answer = {"sample": sample, "help": help_, "gauges": {}, "labelled": labelled}
             sock.sendall(encode_answer(frame.id, answer))
         else:
             sock.sendall(encode_answer(frame.id, True if op == "ready" else {"op": op}))
@@ -667,6 +668,7 @@ def _raw(conns: int, bytes_up: int, dns_addresses: int) -> dict[str, object]:
             "l4proxy_connections_total": ["counter", "Connections."],
             "l4proxy_dns_addresses": ["gauge", "Addresses."],
         },
+        "labelled": ["l4proxy_connections_total", "l4proxy_dns_addresses"],
     }
 
 

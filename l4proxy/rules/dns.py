@@ -552,12 +552,19 @@ class DnsEndpoints:
             "l4proxy_dns_lookups_total",
             "counter",
             "DNS lookups of ServiceEntry endpoint names, by name and result.",
+            labelled=True,
         )
-        c.describe("l4proxy_dns_addresses", "gauge", "Addresses a DNS endpoint name resolves to.")
+        c.describe(
+            "l4proxy_dns_addresses",
+            "gauge",
+            "Addresses a DNS endpoint name resolves to.",
+            labelled=True,
+        )
         c.describe(
             "l4proxy_dns_stale",
             "gauge",
             "1 while the last lookup of a name failed and its last good addresses are served.",
+            labelled=True,
         )
 
     def track(self, table: RouteTable) -> bool:

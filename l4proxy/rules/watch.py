@@ -477,6 +477,7 @@ class RuleWatcher:
             "gauge",
             "1 while the rule file is served at its last good version or left out (its "
             "text as it is refused), 0 once it loads as it is; dropped once it is deleted.",
+            labelled=True,
         )
         # The text of each file served, for a load that finds one broken;
         # *last_good_fd*: the memory file the supervisor shares with every

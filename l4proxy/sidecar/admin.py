@@ -835,7 +835,7 @@ class WorkerView:
         w = self.worker
         await w.flush_relay_reports()
         help_ = {**w.counter_help(), START_TIME: START_TIME_HELP}
-        return Exposition(w.counter_sample(), help_, self.gauges())
+        return Exposition(w.counter_sample(), help_, self.gauges(), w.counter_labelled())
 
     async def stats_json(self) -> dict[str, Any]:
         out = (await self.stats()).json()
@@ -845,7 +845,9 @@ class WorkerView:
     async def stats_raw(self) -> dict[str, Any]:
         """What the supervisor sums (its ``stats`` request): the counters
         compact (_stats_wire.encode_sample, a slice per turn of the event loop),
-        the gauges read now, and the families' HELP and TYPE."""
+        the gauges read now, the families' HELP and TYPE, and which of
+        them have labels (a family with no series is its HELP and TYPE
+        alone, an unlabelled one's is also ``NAME 0``: stats.Exposition)."""
         w = self.worker
         await w.flush_relay_reports()
         sample = w.counter_sample()
@@ -853,4 +855,5 @@ class WorkerView:
             "sample": await in_slices(encode_sample(sample)),
             "gauges": self.gauges(),
             "help": {k: list(v) for k, v in w.counter_help().items()},
+            "labelled": sorted(w.counter_labelled()),
         }

@@ -91,6 +91,8 @@ log = logging.getLogger("l4proxy.supervisor")
 MIN_GAUGES = ("l4proxy_rules_generation", "l4proxy_rules_valid")
 # per-worker states that are the same files' (each worker loads them): the most
 MAX_GAUGES = ("l4proxy_rules_warnings",)
+# the supervisor's own family: each worker's l4proxy_connections_total, by worker
+WORKER_CONNECTIONS = "l4proxy_worker_connections_total"
 
 
 @dataclass
@@ -299,6 +301,7 @@ class Supervisor:
         self.channel_resets_total = 0
         self.late_answers_gone = 0  # counted by links since closed
         self.help_seen: dict[str, tuple[str, ...]] = {}  # workers' metric types and help
+        self.labelled_seen: set[str] = set()  # and which of those families have labels
         self._keepers: list[asyncio.Task[None]] = []
         self._stats_round: asyncio.Future[Any] | None = None  # stats(): the round under way
         # config_dump and clusters: the request under way to each worker, per
@@ -619,7 +622,7 @@ class Supervisor:
 
     async def _stats(self) -> Exposition:
         help_: dict[str, Any] = {
-            "l4proxy_worker_connections_total": ("counter", "Connections accepted, by worker."),
+            WORKER_CONNECTIONS: ("counter", "Connections accepted, by worker."),
             "l4proxy_worker_spawn_failures_total": (
                 "counter",
                 "Worker starts that failed (fork/exec: EMFILE, ENOMEM); retried with back-off.",
@@ -652,6 +655,7 @@ class Supervisor:
         for d in decoded:
             if d is not None:
                 self.help_seen.update(d[2])
+                self.labelled_seen.update(d[3])
 
         def is_gauge(name: str) -> bool:
             return self.help_seen.get(name, ("counter",))[0] == "gauge"
@@ -665,7 +669,7 @@ class Supervisor:
                 total.add(part, most=is_gauge)
                 connections += sum(part.series.get("l4proxy_connections_total", {}).values())
             if any("l4proxy_connections_total" in p.series for p in (slot.base, slot.last)):
-                by_worker = total.series.setdefault("l4proxy_worker_connections_total", {})
+                by_worker = total.series.setdefault(WORKER_CONNECTIONS, {})
                 by_worker[(("worker", str(slot.index)),)] = connections
             await asyncio.sleep(0)  # (a slot's sums are a slice: see _stats_wire.in_slices)
             if d is None:
@@ -693,14 +697,15 @@ class Supervisor:
         gauges["l4proxy_control_late_answers_total"] = self.late_answers_gone + sum(
             s.link.stale for s in self.slots if s.link
         )
-        return Exposition(total, help_, gauges)
+        return Exposition(total, help_, gauges, self.labelled_seen | {WORKER_CONNECTIONS})
 
     async def _decode_stats(
         self, slot: WorkerSlot, answer: Any, shared: dict[Any, Any]
-    ) -> tuple[Sample, dict[str, float], dict[str, tuple[str, ...]]] | None:
+    ) -> tuple[Sample, dict[str, float], dict[str, tuple[str, ...]], set[str]] | None:
         """A worker's stats answer (WorkerView.stats_raw): its counters
         (_stats_wire.decode_sample, a slice per loop turn), its unlabelled totals
-        among them; its gauges; its families' HELP and TYPE. None for none,
+        among them; its gauges; its families' HELP and TYPE; which of those
+        families have labels. None for none,
         and for one not of that form (a bug: logged, and the worker counts
         with its last answer, as a silent one does)."""
         if answer is None:
@@ -709,6 +714,7 @@ class Supervisor:
             sample = await in_slices(decode_sample(answer["sample"], shared))
             gauges = {str(k): float(v) for k, v in answer["gauges"].items()}
             help_ = {str(k): tuple(str(x) for x in v) for k, v in answer["help"].items()}
+            labelled = {str(name) for name in answer["labelled"]}
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             log.warning("worker %d: a stats answer not of the form expected (%r)", slot.index, exc)
             return None
@@ -716,7 +722,7 @@ class Supervisor:
             if name.endswith("_total"):  # a counter (the pump's, the relay's): kept as one
                 totals = sample.series.setdefault(name, {})
                 totals[()] = totals.get((), 0.0) + v
-        return sample, gauges, help_
+        return sample, gauges, help_, labelled
 
     async def stats_text(self) -> str:
         return (await self.stats()).text()

@@ -566,11 +566,17 @@ class Worker:
         # route's local answer by Verdict.decided), its slow path and the
         # pure relay in _decide_request: one rule for both twins.
         c = self.counters
-        c.describe("l4proxy_connections_total", "counter", "Connections accepted, by listener.")
+        c.describe(
+            "l4proxy_connections_total",
+            "counter",
+            "Connections accepted, by listener.",
+            labelled=True,
+        )
         c.describe(
             "l4proxy_decisions_total",
             "counter",
             "Routing decisions, by destination service, route and subset.",
+            labelled=True,
         )
         c.describe(
             "l4proxy_upstream_connect_failures_total",
@@ -578,9 +584,13 @@ class Worker:
             "Failed upstream connects, by destination service (PassthroughCluster: a"
             " destination no rule names) and error. Per endpoint: /clusters (a label per"
             " pod address would grow with every pod ever replaced).",
+            labelled=True,
         )
         c.describe(
-            "l4proxy_refused_total", "counter", "Connections answered without upstream, by reason."
+            "l4proxy_refused_total",
+            "counter",
+            "Connections answered without upstream, by reason.",
+            labelled=True,
         )
         c.describe(
             "l4proxy_passthrough_total",
@@ -996,6 +1006,10 @@ class Worker:
 
     def counter_help(self) -> dict[str, tuple[str, str]]:
         return {**self.counters.help(), **self.relay_counters.help()}
+
+    def counter_labelled(self) -> frozenset[str]:
+        """The families of :meth:`counter_help` whose series have labels."""
+        return self.counters.labelled() | self.relay_counters.labelled()
 
     def close(self) -> None:
         for t in list(self.handshakes) + list(self._retiring):
@@ -2361,12 +2375,14 @@ def _describe_istio(c: Counters) -> None:
         "istio_requests_total",
         "counter",
         "Requests by source, destination, response code and response flags (reporter=source).",
+        labelled=True,
     )
     c.describe(
         "l4proxy_mirror_requests_total",
         "counter",
         "Mirrored copies by the mirror's service and version, and its answer's code "
         "(0: none); what the mirror's own sidecar would report (reporter=destination).",
+        labelled=True,
     )
     # istio_request_duration_milliseconds_{bucket,sum,count}: one histogram
     # family as /stats renders it (stats.METRIC_HELP)
