@@ -106,7 +106,7 @@ def test_tcp_connections_no_upstream_took_are_counted_with_their_flags(
     tcp.maxConnections, 1, taken), then one more to db (UO), one to a
     port no one listens on (UF,URX: under the pod tried, dead-v3), which
     ejects that pod, and one more there (UH: none to try, under the
-    subset, v3, no pod's labels) are each closed unanswered and counted
+    subset's pods, as UO is) are each closed unanswered and counted
     opened and closed with no byte, under the labels a connection an
     upstream took has but their flags; the held one is opened, not
     closed, its flags ``-``."""
@@ -152,13 +152,7 @@ def test_tcp_connections_no_upstream_took_are_counted_with_their_flags(
     )
     assert (dead["destination_workload"], dead["destination_app"]) == ("dead-v3", "dead")
     ejected, _ = opened[("dead", "UH")]
-    assert ejected == {  # (no pod's labels: the workload's name and Istio's fallbacks)
-        **dead,
-        "response_flags": "UH",
-        "destination_app": "unknown",
-        "destination_canonical_service": "dead-v3",
-        "destination_canonical_revision": "latest",
-    }
+    assert ejected == {**dead, "response_flags": "UH"}  # (its pods', as UO's are)
     for labels, _ in opened.values():
         assert (labels["request_protocol"], labels["source_workload"]) == ("tcp", "client-v1")
     refused = {("db", "UO"), ("dead", "UF,URX"), ("dead", "UH")}

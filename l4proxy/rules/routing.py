@@ -1647,6 +1647,10 @@ class WeightedSubset:
     # with policy "HASH": what the relay hashes per request to order the
     # endpoints (verdict.HashOn, hash_order); None otherwise
     hash_on: HashOn | None = None
+    # every endpoint of the destination where outlier detection ejected
+    # them all (endpoints empty, status NO_HEALTHY_STATUS): the pods its
+    # requests are labelled by, as those that reached them were
+    ejected: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1737,6 +1741,10 @@ class Decision:
     # with endpoints to send the request to
     mirrors: tuple[Mirror, ...] = ()
     session: SessionPersistence | None = None  # the route's (RouteChoices.session)
+    # every endpoint of the destination where outlier detection ejected
+    # them all (endpoints empty, status NO_HEALTHY_STATUS): the pods its
+    # requests are labelled by (WeightedSubset.ejected)
+    ejected: tuple[Endpoint, ...] = ()
 
 
 def _normalize_ip(ip: str) -> str | None:
@@ -2373,6 +2381,7 @@ class RouteTable:
                 fault=fault,
                 mirrors=mirrors,
                 session=session if ordered else None,
+                ejected=() if ordered else eps,
             )
         if request is not None and self.refuses_unmatched(service, port, source_labels):
             return Decision(service, NO_ROUTE, "none", [], NO_ROUTE_STATUS)
@@ -2382,7 +2391,9 @@ class RouteTable:
         hkey, made = self._hash_key(own.load_balancer, own.hash_on, request, source)
         ordered = self._balance(eps, key, own.load_balancer, healthy, active, own.outlier, hkey)
         edits = _with_cookie(None, own.hash_on, made if ordered else None)
-        return Decision(service, DEFAULT, DEFAULT, ordered, edits=edits)
+        return Decision(
+            service, DEFAULT, DEFAULT, ordered, edits=edits, ejected=() if ordered else eps
+        )
 
     def _pinned(
         self,
@@ -2500,11 +2511,21 @@ class RouteTable:
             return RouteChoices(service, NO_ROUTE, (), NO_ROUTE_STATUS)
         if route is None:
             own = self._own(service.host, port)
-            eps = self._healthy(service.endpoints_for(port), healthy, own.outlier)
             policy = own.load_balancer
             key = (service.host, port, DEFAULT, NO_LABELS)
             hash_on = own.hash_on if policy == "HASH" else None
-            only = WeightedSubset(1, service, DEFAULT, eps, policy, key, hash_on=hash_on)
+            all_eps = service.endpoints_for(port)
+            eps = self._healthy(all_eps, healthy, own.outlier)
+            only = WeightedSubset(
+                1,
+                service,
+                DEFAULT,
+                eps,
+                policy,
+                key,
+                hash_on=hash_on,
+                ejected=() if eps else all_eps,
+            )
             return RouteChoices(service, DEFAULT, (only,))
         if route.cors is not None:
             preflight = route.cors.preflight(request)
@@ -2590,6 +2611,7 @@ class RouteTable:
                     status,
                     with_cors_lines(self._edits(route, dest, matched, path), cors_lines),
                     sub.hash_on if sub.load_balancer == "HASH" else None,
+                    () if eps else all_eps,
                 )
             )
         # One answer for the route's empty destinations (the per-request

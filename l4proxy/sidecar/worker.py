@@ -1440,11 +1440,11 @@ class Worker:
             self._count(key, -1)
         # every connect failed (tcp_proxy's UF, its attempts used up: URX),
         # counted under the last endpoint tried (as a request is: README);
-        # or none was tried (UH), under the choice
+        # or none was tried (UH), under the choice's pods (ejected: all)
         flags = accesslog.UH if tried is None else accesslog.UF | accesslog.URX
         if clog is not None:
             clog.flags |= flags
-        of = decision.endpoints if tried is None else (tried,)
+        of = (decision.endpoints or decision.ejected) if tried is None else (tried,)
         raise Refused(
             "no_healthy_upstream",
             503 if head is not None else None,
@@ -1795,7 +1795,14 @@ class Worker:
                 tuple((e.address, e.port) for e in ws.endpoints),
                 ws.policy or "ROUND_ROBIN",
                 ws.key,
-                _subset_tag(ws.service, rc.route, ws.subset, ws.endpoints, _ws_port(ws, dialled)),
+                # (every endpoint ejected: UH, under the pods its requests reached)
+                _subset_tag(
+                    ws.service,
+                    rc.route,
+                    ws.subset,
+                    ws.endpoints or ws.ejected,
+                    _ws_port(ws, dialled),
+                ),
                 ws.status,  # (each its own: 503 where all ejected, 500 unresolved)
                 ws.edits,
                 ws.hash_on,  # (policy HASH: the relay hashes each request on it)
@@ -2604,9 +2611,10 @@ def _destination(tag: _ReportTag, cluster: str) -> dict[str, str]:
         name = service.split(".", 1)[0]
         if d.subset == "none" and not d.endpoints:  # a local answer (404, weights 0):
             version = workload = "unknown"  # labelled as the compiled relay's are
-        else:
-            version, workload = version_and_workload(service, d.subset, d.endpoints)
-            peer = _peer(d.endpoints)
+        else:  # (every endpoint ejected: UH, under the pods its requests reached)
+            pods = d.endpoints or d.ejected
+            version, workload = version_and_workload(service, d.subset, pods)
+            peer = _peer(pods)
     if is_gateway_host(service):  # (no service answered: Istio's gateway says unknown)
         service = name = version = workload = "unknown"
         peer = istio_metrics.NO_PEER
