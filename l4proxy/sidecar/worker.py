@@ -909,17 +909,24 @@ class Worker:
         """The L4 pump's connections finish until *deadline*; those still
         open then are cut (reset): how many. Their access log lines say so
         as a request's cut at the deadline does (``DC``,
-        ``accesslog.DRAIN_CUT``): each connection the pump had not
-        reported ended at the deadline (its ends taken first) is marked
-        (_ConnLog.cut) before the pump resets it."""
+        ``accesslog.DRAIN_CUT``), and Istio's TCP metrics count their
+        close with that flag (``response_flags="DC"``: their series opened
+        said ``-``): each connection the pump had not reported ended at
+        the deadline (its ends taken first) is marked (_ConnLog.cut, its
+        key :func:`_drain_cut`) before the pump resets it; the ends of
+        those it reset are taken then (counted closed, their lines
+        written), the access log on or not."""
         while self.pump.active and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.pump.active:
             self._pump_ended()  # (the ends before the deadline: as they were)
             for clog in self._logged.values():
                 clog.cut()
+            for token, tcp in self._tcp_open.items():
+                self._tcp_open[token] = _drain_cut(tcp)
         loop = asyncio.get_running_loop()
         forced: int = await loop.run_in_executor(None, self.pump.drain, 0.0)
+        self._pump_ended()
         return forced
 
     def fail_health_check(self, failed: bool) -> None:
@@ -1314,7 +1321,12 @@ class Worker:
             return _Routed(up, b"", None)  # (reporter=destination's: not reported)
         if c.kind is Kind.PASSTHROUGH:
             self.counters.inc("l4proxy_passthrough_total")
-            up = await self._connect((origin.ip, origin.port), http=head is not None)
+            try:
+                up = await self._connect((origin.ip, origin.port), http=head is not None)
+            except Refused as r:  # no fd for its socket (OM)
+                if r.why == "fd_limit" and head is None:
+                    r.tcp = self._tcp_key(None, accesslog.OM)
+                raise
             if up is None:
                 if clog is not None:
                     clog.flags |= accesslog.UF | accesslog.URX
@@ -1427,6 +1439,11 @@ class Worker:
                 clog.upstream_host = accesslog.address_text(key)
             try:
                 up = await self._connect(key, ep, decision.service, http=head is not None)
+            except Refused as r:  # no fd for its socket (OM): under the endpoint tried
+                self._count(key, -1)
+                if r.why == "fd_limit":
+                    r.tcp = self._tcp_refused(head, decision, (ep,), accesslog.OM)
+                raise
             except BaseException:
                 self._count(key, -1)
                 raise
@@ -2417,6 +2434,16 @@ _ReportTag = _Tag | _SubsetTag | MirrorTag | str | None
 # an answered row of a relay's report: its tag, status, count, seconds in all,
 # duration buckets, and the access log's flag bits (:func:`_response_flags`)
 _AnsweredRow = tuple[_ReportTag, int, int, float, tuple[int, ...], int]
+
+
+# response_flags of a TCP connection the drain's deadline cut: its line's
+_DRAIN_CUT_FLAGS = istio_metrics.response_flags(accesslog.DC)
+
+
+def _drain_cut(key: LabelSet) -> LabelSet:
+    """*key* (Worker._tcp_key) of a TCP connection the drain's deadline
+    cut: its ``response_flags`` DC, as its access log line says."""
+    return tuple((k, _DRAIN_CUT_FLAGS if k == "response_flags" else v) for k, v in key)
 
 
 def _local_body(status: int) -> str:
