@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Callable
 
-log = logging.getLogger("l4proxy.access_log")
+log = logging.getLogger("l4proxy.accesslog")
 
 STDOUT = ("-", "/dev/stdout")
 
