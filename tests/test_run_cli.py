@@ -118,6 +118,35 @@ def test_the_defaults_and_zero_where_it_means_off_still_parse() -> None:
     assert build_parser("run").parse_args(["run", "--max-pipes", "0"]).max_pipes == 0
 
 
+@pytest.mark.parametrize("value", [":0", ":15000", "[]:15000"])
+def test_an_admin_address_without_its_host_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--admin :PORT`` bound every interface (0.0.0.0, as ``--listen``'s
+    ``:PORT``): an endpoint that drains the sidecar on a POST, open to
+    whoever reaches the pod. Envoy's admin address names its host, Istio's
+    is 127.0.0.1:15000: exit 2, naming both hosts a user may have meant."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser("run").parse_args(["run", "--admin", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--admin" in err and "names no host" in err, err
+    port = value.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{port} for loopback" in err and f"0.0.0.0:{port} for every" in err, err
+
+
+def test_the_listeners_port_alone_is_every_interface_and_the_admins_host_is_kept() -> None:
+    """``:PORT`` is 0.0.0.0 where a listener is meant to be reached from
+    outside (``--listen``, ``--stats-listen``, as Istio's 0.0.0.0:15090);
+    ``--admin`` keeps the host it is given, loopback by default."""
+    args = build_parser("run").parse_args(
+        ["run", "--listen", ":8080", "--stats-listen", ":15090", "--admin", "0.0.0.0:15000"]
+    )
+    assert args.listen == [("0.0.0.0", 8080)] and args.stats_listen == ("0.0.0.0", 15090)
+    assert args.admin == ("0.0.0.0", 15000)
+    assert build_parser("run").parse_args(["run"]).admin == ("127.0.0.1", 15000)
+
+
 @pytest.mark.parametrize("command", ["run", "demo"])
 def test_the_readme_names_every_option_the_help_shows(command: str) -> None:
     """Each of run's and demo's options is named in the README (run's --domain

@@ -75,6 +75,7 @@ flags, a port that cannot be bound).
 
 
 def _hostport(value: str) -> tuple[str, int]:
+    """HOST:PORT; an empty host (``:8080``) is every interface, 0.0.0.0."""
     host, sep, port = value.rpartition(":")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
@@ -86,6 +87,21 @@ def _hostport(value: str) -> tuple[str, int]:
     if not 0 <= p <= 65535:
         raise argparse.ArgumentTypeError(f"port {p} out of range 0..65535")
     return host, p
+
+
+def _admin_hostport(value: str) -> tuple[str, int]:
+    """``--admin``'s HOST:PORT, the host given: ``:PORT`` took every
+    interface (``_hostport``'s 0.0.0.0), an endpoint that drains the
+    sidecar on a POST (/quitquitquit) open to whoever reaches the pod.
+    Envoy's admin address names its host; Istio's is 127.0.0.1:15000."""
+    host, sep, port = value.rpartition(":")
+    if sep and not host.strip("[]"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} names no host: 127.0.0.1:{port} for loopback (as the default "
+            f"and Istio's), 0.0.0.0:{port} for every interface (whoever reaches the pod "
+            "can POST /quitquitquit: never in a pod)"
+        )
+    return _hostport(value)
 
 
 def _poll_interval(value: str) -> float:
@@ -212,7 +228,8 @@ def add_parser(sub: Any) -> None:
         type=_hostport,
         metavar="HOST:PORT",
         help="gateway listener, routed by the Ingress objects and the Gateway API's "
-        "Gateways (a listener's port) and HTTPRoutes in the rules; repeatable",
+        "Gateways (a listener's port) and HTTPRoutes in the rules (:PORT: every "
+        "interface, 0.0.0.0); repeatable",
     )
     p.add_argument(
         "--trusted-proxies",
@@ -229,10 +246,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--admin",
-        type=_hostport,
+        type=_admin_hostport,
         default=("127.0.0.1", 15000),
         metavar="HOST:PORT",
-        help="admin endpoint (127.0.0.1:15000); port 0: a free port the kernel picks, "
+        help="admin endpoint (127.0.0.1:15000: loopback, as Istio's); the host is "
+        "required (:PORT is refused: 127.0.0.1:PORT is loopback, 0.0.0.0:PORT every "
+        "interface, which never belongs in a pod); port 0: a free port the kernel picks, "
         "which the start-up log line names ('admin HOST:PORT'). Port 0 used to turn the "
         "endpoint off: --no-admin does that now",
     )
@@ -249,7 +268,8 @@ def add_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="also serve GET /stats (and /stats/prometheus, /ready), read-only, here: "
         "for Prometheus or l4proxy canary --metrics from outside the pod, as Istio's "
-        "0.0.0.0:15090 (off; the admin endpoint stays on loopback)",
+        "0.0.0.0:15090 (off; :PORT: every interface, 0.0.0.0; the admin endpoint "
+        "stays on loopback)",
     )
     p.add_argument(
         "--connect-timeout",
