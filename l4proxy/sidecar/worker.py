@@ -182,6 +182,11 @@ FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 # every drain to its deadline. Where sock_diag cannot be asked: this long.
 HANDSHAKE_GRACE_S = 3.0
 RETIRE_POLL_S = 0.02
+# A drain closes a connection whose first request head has not begun (a
+# never-used one: _Unused) once it was taken this long ago, as the relay's
+# drain leaves a connection this young for its first head (DRAIN_FRESH_S,
+# _relay_py._DRAIN_FRESH_S): its client connected to send a request.
+DRAIN_FRESH_S = 1.0
 
 
 @dataclass
@@ -425,6 +430,9 @@ class Worker:
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
+        # the connections whose first head _peek awaits, none of it come
+        # yet (fd -> _Unused): a drain closes them (_close_unused)
+        self._unused: dict[int, _Unused] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # stop_accepting's listeners
         # LEAST_REQUEST's count of the connections this worker routes at L4, per
         # endpoint: from the endpoint's choice (its connect included) until
@@ -815,6 +823,9 @@ class Worker:
           a quarter of its drain time so), so that their clients come back
           spread out rather than in one burst onto the other pods. They
           kept being served until the deadline before, and were then reset.
+          A connection whose first head this loop waits for (``_peek``:
+          every HTTP one with ``--http-routing connection``) and that sent
+          nothing yet is closed at the same two steps (``_close_unused``).
 
         The listeners that close take no new handshake before the relay is
         told (:meth:`stop_accepting`'s *then*): a keep-alive client whose
@@ -834,6 +845,7 @@ class Worker:
         def drain_inbound() -> None:
             if relay is not None:
                 relay.drain(inbound_only=True, spread=timeout / 4 if gradual else 0.0)
+            self._close_unused(gateway_only=True)
 
         self.inbound_until = min(now + inbound, deadline)
         outbound = ("outbound",) if quiet > 0 else ()
@@ -869,6 +881,7 @@ class Worker:
             if relay is not None:  # outbound too: nothing new comes any more
                 left = max(0.0, deadline - time.monotonic())
                 relay.drain(spread=left / 4 if gradual else 0.0)
+            self._close_unused(gateway_only=False)
 
         await self.stop_accepting(then=drain_all, until=deadline)
         await self.retired()  # (each by the deadline: what it took is served below)
@@ -892,6 +905,28 @@ class Worker:
         the relay's) go to *fd*'s file from now on; *fd* stays the caller's
         (l4proxy.sidecar.access_log_file). False: no relay writes one."""
         return self.relay is not None and bool(self.relay.reopen_access_log(fd))
+
+    def _close_unused(self, gateway_only: bool) -> None:
+        """The drain's close of the connections whose first request head
+        has not begun (``_peek`` waits for it: the general path, every
+        connection with ``--http-routing connection``), a gateway
+        listener's alone with *gateway_only*, as the relay's drain closes
+        its connections between requests (Envoy closes idle downstream
+        connections at its drain): a FIN, no answer. Before, each held the
+        drain until ``--header-timeout`` and its 408. One with a byte come
+        and not read yet is left (its head is arriving: read next), and one
+        taken less than ``DRAIN_FRESH_S`` ago is closed then if nothing
+        came meanwhile (its client connected to send a request, as the
+        relay's drain leaves it)."""
+        assert self._loop is not None
+        now = time.monotonic()
+        for unused in list(self._unused.values()):
+            if gateway_only and unused.mode != "gateway":
+                continue
+            if unused.taken + DRAIN_FRESH_S > now:
+                self._loop.call_later(unused.taken + DRAIN_FRESH_S - now, unused.close_if_unused)
+            else:
+                unused.close_if_unused()
 
     def drain_first(self) -> None:
         """Before :meth:`start`, for a worker whose stop was asked while it
@@ -1192,6 +1227,8 @@ class Worker:
             self._pump_add(conn_fd, up_fd, pending, b"", counted, clog, tcp)
         except _HandedToRelay:
             pass  # the relay owns conn now
+        except _DrainClosed:
+            conn.close()  # (a FIN: nothing came, nothing to answer)
         except Refused as r:
             self.counters.inc("l4proxy_refused_total", reason=r.why)
             sent = 0
@@ -1249,7 +1286,7 @@ class Worker:
             assert origin is not None
             self._hand_to_relay(conn, origin)
         if c.kind is Kind.READ_HEAD:
-            head, pending = await self._peek(conn)
+            head, pending = await self._peek(conn, lst.mode)
             table = self.rules.state.table  # one table from here on: the decision's
             c = self._classify(table, origin, head)
             if head is not None and origin is not None and _no_path(head, origin, c):
@@ -2142,20 +2179,31 @@ class Worker:
         c = self._classify(table, origin, None)
         return await self._act(conn, c, origin, table, None, pending, clog)
 
-    async def _peek(self, conn: socket.socket) -> tuple[peek.RequestHead | None, bytes]:
-        """Read the request head. Returns (head or None if not HTTP, bytes read)."""
+    async def _peek(self, conn: socket.socket, mode: str) -> tuple[peek.RequestHead | None, bytes]:
+        """Read the request head of *conn*, taken on a listener of *mode*.
+        Returns (head or None if not HTTP, bytes read). Until its first
+        byte comes, a drain may close it (_close_unused: _DrainClosed)."""
         parser = peek.HeadParser(self.opts.max_head)
-        deadline = time.monotonic() + self.opts.header_timeout
+        taken = time.monotonic()
+        deadline = taken + self.opts.header_timeout
+        used = False  # a byte came
         while True:
             try:
                 data = conn.recv(16384)
             except (BlockingIOError, InterruptedError):
                 left = deadline - time.monotonic()
-                if left <= 0 or not await _wait_fd(conn.fileno(), False, left):
+                if left <= 0:
+                    raise Refused("header_timeout", 408, "request header timeout") from None
+                if used:
+                    readable = await _wait_fd(conn.fileno(), False, left)
+                else:
+                    readable = await self._wait_first_byte(conn, mode, taken, left)
+                if not readable:
                     raise Refused("header_timeout", 408, "request header timeout") from None
                 continue
             except OSError as exc:
                 raise Refused("client_error") from exc
+            used = True
             if not data:
                 if parser.buffered:
                     # The client sent something and half-closed: not a complete
@@ -2179,6 +2227,23 @@ class Worker:
                 # relay sends it ("Empty lines" in _exchange_py). The bytes
                 # after the head go as they came.
                 return head, parser.buffered.lstrip(b"\r\n")
+
+    async def _wait_first_byte(
+        self, conn: socket.socket, mode: str, taken: float, timeout: float
+    ) -> bool:
+        """_wait_fd for *conn*'s first byte, the connection listed as
+        never used meanwhile (``_unused``): False on timeout; raises
+        _DrainClosed where a drain closed it (_close_unused)."""
+        fd = conn.fileno()
+        unused = self._unused[fd] = _Unused(conn, mode, taken)
+        try:
+            readable = await _wait_fd(fd, False, timeout, unused)
+        finally:
+            if self._unused.get(fd) is unused:
+                del self._unused[fd]
+        if readable is None:
+            raise _DrainClosed
+        return readable
 
     async def _connect(
         self,
@@ -2366,6 +2431,39 @@ _TcpDestination = tuple[str, str, tuple[Endpoint, ...]] | str | None
 
 class _HandedToRelay(Exception):
     """Control flow: the connection now belongs to the per-request relay."""
+
+
+class _DrainClosed(Exception):
+    """Control flow: a drain closed the connection before its first byte
+    (Worker._close_unused)."""
+
+
+class _Unused:
+    """A connection whose first byte _peek awaits (Worker._unused): *mode*
+    its listener's, *taken* when the wait began (its accept's loop turn)."""
+
+    __slots__ = ("conn", "mode", "settle", "taken")
+
+    def __init__(self, conn: socket.socket, mode: str, taken: float) -> None:
+        self.conn = conn
+        self.mode = mode
+        self.taken = taken
+        self.settle: Callable[[bool | None], None] | None = None  # (_wait_fd's)
+
+    def close_if_unused(self) -> None:
+        """The drain's close: the wait ends (_DrainClosed), but where a
+        byte came meanwhile (its head is arriving: its wait ends readable,
+        or did already)."""
+        if self.settle is None or self.conn.fileno() == -1:
+            return
+        try:
+            arrived = bool(self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            arrived = False
+        except OSError:  # (a reset: closed all the same)
+            arrived = False
+        if not arrived:
+            self.settle(None)
 
 
 class _Routed(NamedTuple):
@@ -2693,8 +2791,12 @@ _MIRROR_DESTINATION = (
 )
 
 
-async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
-    """Wait until *fd* is readable (or writable); False on timeout.
+async def _wait_fd(
+    fd: int, writable: bool, timeout: float, unused: _Unused | None = None
+) -> bool | None:
+    """Wait until *fd* is readable (or writable); False on timeout; None
+    where *unused* (a connection's wait for its first byte) was told to
+    close (_Unused.close_if_unused).
 
     The watcher is removed before returning, whatever happens: the fd is about
     to be handed to the pump thread, and the event loop must not keep a poll
@@ -2703,11 +2805,14 @@ async def _wait_fd(fd: int, writable: bool, timeout: float) -> bool:
     for nearly every connection, twice).
     """
     loop = asyncio.get_running_loop()
-    fut: asyncio.Future[bool] = loop.create_future()
+    fut: asyncio.Future[bool | None] = loop.create_future()
 
-    def settle(ok: bool) -> None:
+    def settle(ok: bool | None) -> None:
         if not fut.done():
             fut.set_result(ok)
+
+    if unused is not None:
+        unused.settle = settle
 
     timer = loop.call_later(timeout, settle, False)  # first: it raises for a bad timeout
     if writable:
