@@ -171,18 +171,28 @@ def test_the_queue_of_a_worker_that_dies_as_the_sigterm_comes_is_served(
         assert "worker 0 started to drain its listeners" in sidecar.log(), sidecar.log()
 
 
+def _listens(port: int) -> bool:
+    """Whether a socket of this network namespace listens on 127.0.0.1:*port*
+    (/proc/net/tcp: state 0A). A listener a drain retired listens no more,
+    whoever holds a copy of it (worker._stop_listening)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(row.split()[1] == local and row.split()[3] == "0A" for row in rows)
+
+
 def test_a_worker_that_dies_while_draining_is_said(tmp_path: Path) -> None:
     """SIGTERM, a request held in flight at the backend, the worker killed
-    mid-drain: the log says it died while draining (its connections cut),
-    and the sidecar exits 0 at once. Before, a worker that crashed in its
-    drain went unsaid."""
+    mid-drain once its listener was retired: the log says it died while
+    draining (its connections cut), and the sidecar exits 0 at once, no
+    worker started for a listener that listens no more. Before, a worker
+    that crashed in its drain went unsaid."""
     with running(tmp_path, "compiled-uvloop", *FLAGS) as (sidecar, backend):
         [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", sidecar.log())
         slow = sidecar.connect()
         slow.sendall(GET % b"/slow")
         assert backend.held.acquire(timeout=WAIT)
         sidecar.proc.send_signal(signal.SIGTERM)
-        sidecar.until(lambda: "[w0] draining for up to" in sidecar.log(), "the drain")
+        sidecar.until(lambda: not _listens(sidecar.listen[1]), "the listener retired")
         os.kill(int(worker), signal.SIGKILL)
         assert sidecar.proc.wait(timeout=WAIT) == 0
         with slow, contextlib.suppress(ConnectionResetError):
@@ -191,3 +201,33 @@ def test_a_worker_that_dies_while_draining_is_said(tmp_path: Path) -> None:
         line = f"worker 0 (pid {worker}) died with signal 9 (SIGKILL) while draining"
         assert log.count(line) == 1, log
         assert "starting one to drain" not in log, log
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_the_queue_of_a_worker_that_dies_in_its_drain_is_served(tmp_path: Path, impl: str) -> None:
+    """SIGTERM with --drain-inbound (the gateway listener still listening
+    in the drain), the draining worker stopped, four clients queued with a
+    GET each, the worker killed: the supervisor, whose copy of the
+    listener is the last one, starts one more worker, which drains it:
+    each client gets its answer, saying close, and the sidecar exits 0.
+    Before, the supervisor had closed its copy once the worker answered
+    after the SIGTERM, and all four read a reset when the worker died."""
+    flags = (*FLAGS, "--drain-inbound", "5")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", sidecar.log())
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.until(lambda: "[w0] draining for up to" in sidecar.log(), "the drain")
+        os.kill(int(worker), signal.SIGSTOP)
+        sidecar.until(lambda: _stopped(int(worker)), "the worker stopped")
+        clients = [socket.create_connection(sidecar.listen, timeout=WAIT) for _ in range(CLIENTS)]
+        for sock in clients:
+            sock.sendall(GET % b"/")
+        os.kill(int(worker), signal.SIGKILL)
+        assert [_outcome(sock) for sock in clients] == ["answered"] * CLIENTS, sidecar.log()
+        assert sidecar.proc.wait(timeout=WAIT) == 0
+        assert backend.arrived["/"] == CLIENTS
+        log = sidecar.log()
+        died = f"worker 0 (pid {worker}) died with signal 9 (SIGKILL) while draining"
+        assert log.count(died) == 1, log
+        assert "starting one to drain its listeners" in log, log
+        assert "worker 0 started to drain its listeners" in log, log

@@ -40,13 +40,15 @@ each worker, even past the admin's timeout (a late answer is still built
 and sent, and a queue of them grew without bound). A worker sends its
 counters compact, and they are summed compact (stats: a histogram series
 is one vector, never a row per bucket). SIGTERM and SIGHUP are forwarded
-to every worker; the supervisor exits when all workers have drained. A
-slot whose worker is dead at the stop (its restart waiting out the
-back-off) gets one more at once, which drains its listeners: the
-supervisor's copy of them is the last one then, and its close would reset
-every connection in their accept queues (run, _keep). So does one whose
-worker dies as the stop comes: a worker's copies are closed once it
-answered after the SIGTERM (_let_go_once_told).
+to every worker; the supervisor exits when all workers have drained. It
+keeps its copies of a slot's listeners until the slot's worker exits (a
+worker's drain ends the listening of each listener it retires, for every
+copy: worker._stop_listening), so that a slot whose worker is dead at the
+stop (its restart waiting out the back-off), or dies during its drain
+(a crash, a kill), while one of its listeners still listens, gets one more
+worker at once, which drains those listeners: the supervisor's copy of
+them is the last one then, and its close would reset every connection in
+their accept queues (run, _keep, _drains_anew).
 Workers are started with SIGHUP and SIGTERM (and SIGINT) blocked, so a
 reload forwarded to one still starting waits for its handler instead of
 killing it, and a stop makes it drain once started (signals).
@@ -264,15 +266,14 @@ def _last_good_memory() -> int | None:
         return None
 
 
-def _running(proc: asyncio.subprocess.Process | None) -> bool:
-    """Whether *proc* runs, asked of the kernel: one that exited counts as
-    gone before its exit is reaped (its returncode set a loop step or more
-    later): waitid(WNOWAIT) sees it, and leaves it to be reaped."""
-    if proc is None or proc.returncode is not None:
+def _listening(sock: socket.socket) -> bool:
+    """Whether *sock* (a copy of a worker's listener) still listens: not
+    closed, and not retired by a worker's drain (worker._stop_listening)."""
+    if sock.fileno() == -1:
         return False
     try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except ChildProcessError:  # reaped already (the returncode follows)
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
         return False
 
 
@@ -286,9 +287,6 @@ class Supervisor:
     DRAIN_GRACE_S = 10.0
     # what a /config_dump or /clusters waits for one worker's answer
     SHARED_ASK_TIMEOUT_S = 3.0
-    # at the stop, what a worker gets to answer before its slot's listeners
-    # are let go of as a live one's (_let_go_once_told)
-    STOP_ASK_TIMEOUT_S = 2.0
 
     def __init__(self, args: argparse.Namespace, listener_sets: list[list[Listener]]) -> None:
         self.args = args
@@ -331,6 +329,7 @@ class Supervisor:
         fds = ",".join(
             f"{lst.sock.fileno()}:{lst.mode}:{lst.address[0]}:{lst.address[1]}"
             for lst in slot.listeners
+            if lst.sock.fileno() != -1  # (a stop's: _drains_anew closed it)
         )
         return [
             sys.executable,
@@ -369,7 +368,8 @@ class Supervisor:
         try:
             told_failed = self.health_check_failed  # (what its argv says)
             argv = self._worker_argv(slot, child.fileno())
-            pass_fds = [lst.sock.fileno() for lst in slot.listeners] + [child.fileno()]
+            pass_fds = [lst.sock.fileno() for lst in slot.listeners if lst.sock.fileno() != -1]
+            pass_fds.append(child.fileno())
             if getattr(self.args, "access_log_fd", -1) >= 0:
                 pass_fds.append(self.args.access_log_fd)
             if self.last_good_fd is not None:
@@ -431,7 +431,10 @@ class Supervisor:
         A stop that comes while the slot has no worker (dead, its restart
         waiting out the back-off) starts one at once, to drain: the
         supervisor's copy of its listeners is then the last one, and closing
-        it would reset what their accept queues hold (see :meth:`run`).
+        it would reset what their accept queues hold (see :meth:`run`). So
+        does a worker's death during the stop while one of its listeners
+        still listens (:meth:`_drains_anew`), as often as that happens
+        before the stop's deadline.
         """
         slot.keeper = asyncio.current_task()
         first = True
@@ -471,29 +474,27 @@ class Supervisor:
                             slot.index,
                             proc.pid,
                         )
-                    self._let_go(slot)  # (it holds them now)
                 code = await proc.wait()
                 if slot.link is not None:
                     slot.link.close()
                     self.late_answers_gone += slot.link.stale
                     slot.link = None
                 if self.stopping:
-                    if code == 0:
-                        return
-                    if not to_drain and self._drains_anew(slot):
-                        # It died as the stop began, before it answered: the
-                        # stop left the slot's copies to us
-                        # (_let_go_once_told), the last ones now.
+                    if code != 0 and self._drains_anew(slot):
+                        # Dead during the stop (as it began, or in its drain),
+                        # a listener of its still listening: our copy is the
+                        # last one, its queue served by one more worker.
                         log.error(
-                            "worker %d (pid %d) died with %s as the stop began; starting "
-                            "one to drain its listeners",
+                            "worker %d (pid %d) died with %s while draining: its "
+                            "connections were cut; starting one to drain its listeners",
                             slot.index,
                             proc.pid,
                             describe_exit(code),
                         )
                         to_drain = True
                         continue
-                    if not self._stop_deadline_passed():  # (past it: killed, and said so)
+                    self._let_go(slot)
+                    if code != 0 and not self._stop_deadline_passed():  # (past it: killed, said)
                         log.error(
                             "worker %d (pid %d) died with %s while draining: its "
                             "connections were cut",
@@ -522,11 +523,16 @@ class Supervisor:
 
     def _drains_anew(self, slot: WorkerSlot) -> bool:
         """Whether a worker of *slot* that exited during the stop leaves
-        its listeners to another: the supervisor still holds its copies of
-        them (not a live worker's: _let_go_once_told), and the stop's
-        deadline has not passed."""
+        listeners to another, to drain: one of the supervisor's copies
+        still listens (the worker's drain had not retired it:
+        worker._stop_listening ends the listening for every copy), and the
+        stop's deadline has not passed. The copies that listen no more
+        are closed (the next worker is given the others)."""
         if self.stop_deadline is None or self._stop_deadline_passed():
             return False
+        for lst in slot.listeners:
+            if not _listening(lst.sock):
+                lst.sock.close()
         return any(lst.sock.fileno() != -1 for lst in slot.listeners)
 
     def _stop_deadline_passed(self) -> bool:
@@ -815,58 +821,31 @@ class Supervisor:
         self.stopping = True
         watchdog.cancel()
         log.info("stopping: draining %d worker(s)", len(self._keepers))
-        # Close our copies of the listening sockets a live worker holds. The
-        # worker holds the same sockets (inherited fds), so this alone stops
-        # nothing: each listener closes when its worker closes its copy,
-        # inbound and gateway ones at once, outbound ones once the app is
-        # gone (worker.drain, --drain-quiet), serving what its queue holds
-        # first (Worker.stop_accepting). Kept open, our copies would let
-        # handshakes complete into a queue nobody reads once the worker let
-        # go (or died mid-drain) until the drain ends, and those clients
-        # would hang, then be reset.
-        # A slot with no live worker (dead, its restart in the back-off)
-        # keeps our copies for now: closing the last copy of a listening
-        # socket resets every connection in its accept queue, whose clients
-        # sent their requests already. Its keeper starts a worker at once,
-        # which drains as any does (its queue served), and closes our copies
-        # once that worker holds the sockets (_keep). "Live" is a worker
-        # that answers after the SIGTERM (_let_go_once_told): one that died
-        # an instant before it has no returncode until its exit is reaped,
-        # a loop step or more later, and closing its slot's copies then
-        # reset its queue.
+        # Our copies of each slot's listening sockets stay open until its
+        # worker exits (_keep): the worker holds the same sockets (inherited
+        # fds), and each listener stops listening when its worker's drain
+        # retires it, inbound and gateway ones at once, outbound ones once
+        # the app is gone (worker.drain, --drain-quiet), serving what its
+        # queue holds first (Worker.stop_accepting), for our copy too
+        # (worker._stop_listening: shutdown(SHUT_RD)), so that a client is
+        # refused then, not queued on a socket nobody serves. Closing the
+        # last copy of a listening socket resets every connection in its
+        # accept queue, whose clients sent their requests already: a slot
+        # whose worker is dead (its restart in the back-off), or dies during
+        # the stop with a listener still listening (one that died an instant
+        # before the SIGTERM, its exit not reaped yet; a crash or a kill
+        # mid-drain), gets a worker at once from its keeper, which drains as
+        # any does (its queue served), within the stop's deadline
+        # (_drains_anew). Before, our copies were closed once the worker
+        # answered after the SIGTERM, and a worker that died later in its
+        # drain reset its queues.
         self._stop_deadline()  # (from the SIGTERM on)
         self._forward(signal.SIGTERM)
-        await asyncio.gather(
-            *(self._let_go_once_told(slot) for slot in self.slots), self._reap_all()
-        )
+        await self._reap_all()
         for slot in self.slots:  # (whatever is left: a start that failed)
             self._let_go(slot)
         log.info("stopped")
         return 0
-
-    async def _let_go_once_told(self, slot: WorkerSlot) -> None:
-        """At the stop, the SIGTERM sent: close the supervisor's copies of
-        *slot*'s listeners once its worker answers (alive after the
-        SIGTERM: it drains them), or neither answers nor exits in
-        STOP_ASK_TIMEOUT_S (hung, or still starting: as before). A worker
-        that is dead (its exit not reaped yet: _running), or that exits
-        meanwhile, leaves them to its keeper, which starts one to drain
-        them (_keep)."""
-        proc, link = slot.proc, slot.link
-        if proc is None or not _running(proc):
-            return
-        if link is not None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.STOP_ASK_TIMEOUT_S
-            if await link.ask("state", self.STOP_ASK_TIMEOUT_S) is None:
-                # (no answer: the link's write failed, its end closed, or
-                # the time passed) exits within what is left?
-                exit_ = asyncio.ensure_future(proc.wait())
-                done, _ = await asyncio.wait({exit_}, timeout=max(0.0, deadline - loop.time()))
-                exit_.cancel()
-                if done:
-                    return
-        self._let_go(slot)
 
     async def _reap_all(self) -> None:
         """Wait for the draining workers, killing those still there at one

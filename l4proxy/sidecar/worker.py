@@ -728,7 +728,7 @@ class Worker:
     async def _retire(self, closing: list[Listener], until: float) -> None:
         """stop_accepting's step 3: take what *closing*'s queues hold until
         no handshake is under way for a listener's port (or *until*), then
-        close it."""
+        close it (_stop_listening: for the supervisor's copy too)."""
         grace_ends = min(until, time.monotonic() + HANDSHAKE_GRACE_S)
         left = list(closing)
         try:
@@ -746,11 +746,11 @@ class Worker:
                                 lst.name,
                                 pending,
                             )
-                        lst.sock.close()
+                        _stop_listening(lst.sock)
                         left.remove(lst)
         finally:
             for lst in left:  # (cancelled: Worker.close)
-                lst.sock.close()
+                _stop_listening(lst.sock)
 
     async def retired(self) -> None:
         """Until the listeners :meth:`stop_accepting` closes are closed."""
@@ -2827,6 +2827,20 @@ async def _wait_fd(
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+def _stop_listening(sock: socket.socket) -> None:
+    """Close a listener the drain retired, and end its listening for
+    every process that holds it: ``shutdown(SHUT_RD)`` takes a listening
+    socket out of the kernel's listening table (Linux: the queue's
+    connections reset as by the close, new handshakes refused), so that
+    the supervisor's copy, kept through the stop for a worker to drain
+    should this one die (Supervisor._drains_anew), leaves no socket
+    listening that no one serves. Only here, at the drain: a worker that
+    dies otherwise leaves its listeners listening for its replacement."""
+    with contextlib.suppress(OSError):  # (ENOTCONN: not listening)
+        sock.shutdown(socket.SHUT_RD)
+    sock.close()
 
 
 def _numeric_sockaddr(host: str, port: int) -> tuple[Any, ...] | None:
