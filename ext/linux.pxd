@@ -45,6 +45,19 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
 
 
+cdef extern from "<sys/signalfd.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+
+    enum:
+        SFD_CLOEXEC
+        SFD_NONBLOCK
+
+    int sigemptyset(sigset_t *set)
+    int sigaddset(sigset_t *set, int signum)
+    int signalfd(int fd, const sigset_t *mask, int flags)
+
+
 cdef extern from "<fcntl.h>" nogil:
     # splice(2), pipe2(2) and F_{SET,GET}PIPE_SZ need _GNU_SOURCE, which
     # pyconfig.h (included first, through Python.h) already defines.

@@ -513,6 +513,18 @@ it reads anyway. ``close()`` says how many connections it cut (its
 ``_shutdown``), their requests' lines ``0 DC`` with ``LF_LOCAL_CUT``'s
 details (``accesslog.DRAIN_CUT``: Envoy's for a close the proxy made).
 
+Stop signals: ``take_stop_signals()`` (the worker's SIGTERM and SIGINT,
+blocked in every thread: run._serve) gives the loop a signalfd, so that
+the thread that serves is the one that hears the stop: a batch with it
+takes it first (``stop_signal()``, before any accept or answer of the
+batch: a worker paused with clients queued, SIGSTOP or a CPU quota's
+throttling, when the SIGTERM came answers none of them keep-alive once
+it runs again), sets ``DRAIN_STOPPED`` beside the scope (the gateway
+listeners' answers say close, as ``DRAIN_DISCOURAGE``'s, for good:
+``discourage(False)`` leaves it), and has Python call the worker back
+(``R.stop_seen``), whose drain follows. Before, the loop's thread served
+such a queue before the event loop had run its handler.
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -732,6 +744,7 @@ cdef enum:
     DRAIN_ALL = 2
     DRAIN_SCOPE = 3          # the scope's bits
     DRAIN_DISCOURAGE = 4
+    DRAIN_STOPPED = 8        # the stop signal came: DRAIN_DISCOURAGE's, for good
 
 # client connection phases
 cdef enum:
@@ -1872,6 +1885,8 @@ cdef struct HeadMemo:
 cdef struct Relay:
     int epfd
     int wakefd
+    int sigfd              # take_stop_signals()'s signalfd (-1: none; see "Stop signals")
+    bint stop_seen         # ... read: Python calls the worker back (the loop's)
     # fixed at creation (connect_timeout, pool_idle_timeout, max_requests:
     # the defaults, an EP's own are in it)
     double connect_timeout
@@ -2630,7 +2645,7 @@ cdef inline bint drains(int draining, bint gateway) noexcept nogil:
     under *draining* (Relay.draining: see "Drain")."""
     cdef int scope = draining & DRAIN_SCOPE
     return scope == DRAIN_ALL or (gateway and (scope == DRAIN_INBOUND
-                                               or draining & DRAIN_DISCOURAGE))
+                                               or draining & (DRAIN_DISCOURAGE | DRAIN_STOPPED)))
 
 
 cdef inline bint between_requests(Conn *c) noexcept nogil:
@@ -8515,6 +8530,22 @@ cdef void bury(Relay *R) noexcept nogil:
         free(sh)
 
 
+cdef void stop_signal(Relay *R, double now) noexcept nogil:
+    """The stop signals' signalfd is readable (see "Stop signals"): read,
+    DRAIN_STOPPED asked and applied now, Python to call the worker back."""
+    cdef char info[128]  # (a struct signalfd_siginfo)
+    cdef int before
+    while sys_.read(R.sigfd, info, sizeof(info)) == sizeof(info):
+        R.stop_seen = True
+    sys_.pthread_mutex_lock(&R.lock)
+    R.drain_req |= DRAIN_STOPPED
+    sys_.pthread_mutex_unlock(&R.lock)
+    if not R.draining & DRAIN_STOPPED:
+        before = R.draining
+        R.draining |= DRAIN_STOPPED
+        drain_conns(R, before, 0.0, now)
+
+
 cdef int run(Relay *R) noexcept nogil:
     """Serve until Python is needed (1), a flush is due (2) or stop (3)."""
     cdef sys_.epoll_event events[MAX_EVENTS]
@@ -8540,6 +8571,11 @@ cdef int run(Relay *R) noexcept nogil:
             timeout = 0
         n = sys_.epoll_wait_nc(R.epfd, events, MAX_EVENTS, timeout)
         now = now_s()
+        if R.sigfd >= 0:  # the stop before anything else of the batch ("Stop signals")
+            for i in range(n if n > 0 else 0):
+                if events[i].data.ptr == <void*>R:
+                    stop_signal(R, now)
+                    events[i].data.ptr = NULL  # (below: a wake-up's)
         # Idle pooled connections with an event (the server closed them, or
         # spoke) leave the pool before anything in the batch can check one
         # out: a request ahead of the close in the batch would take it.
@@ -8608,7 +8644,7 @@ cdef int run(Relay *R) noexcept nogil:
             R.next_flush = now + FLUSH_S
             R.flush_due = R.rows_used > 0 or R.n_lsts > 0
         if (R.need_head != NULL or R.flush_due or R.n_outcomes or R.n_head_timeouts
-                or R.n_fd_limit or R.n_others or R.n_max_conns or py_req):
+                or R.n_fd_limit or R.n_others or R.n_max_conns or py_req or R.stop_seen):
             return 1
 
 
@@ -8661,6 +8697,7 @@ cdef class HttpRelay:
     cdef bint _started, _closed
     cdef bint _stuck               # close() left the thread running (a callback hung)
     cdef object _buckets
+    cdef object _on_stop_signal    # take_stop_signals()'s callback
     cdef object _pending_keys
     cdef object _named, _pending_named  # retain_endpoints(): as applied, as last given
     cdef dict _settings            # endpoint_settings(): as applied (the loop's thread)
@@ -8813,6 +8850,7 @@ cdef class HttpRelay:
         self.R = R
         R.epfd = sys_.epoll_create1(sys_.EPOLL_CLOEXEC)
         R.wakefd = sys_.eventfd(0, sys_.EFD_CLOEXEC | sys_.EFD_NONBLOCK)
+        R.sigfd = -1
         sys_.pthread_mutex_init(&R.lock, NULL)
         if R.epfd < 0 or R.wakefd < 0:
             raise OSError(errno, "epoll/eventfd")
@@ -8920,6 +8958,8 @@ cdef class HttpRelay:
             sys_.close(R.epfd)
         if R.wakefd >= 0:
             sys_.close(R.wakefd)
+        if R.sigfd >= 0:
+            sys_.close(R.sigfd)
         free(R.eps)
         free(R.seps)
         free(R.rr)
@@ -9426,6 +9466,43 @@ cdef class HttpRelay:
         sys_.pthread_mutex_unlock(&self.R.lock)
         self._wake()
 
+
+    def stop_signalled(self):
+        """The worker's stop signal came, heard elsewhere than here (the
+        event loop's handler): from now on every answer on a gateway
+        listener's connection says close (see "Stop signals"); the pure
+        relay's too (any thread; applied on the loop's). The drain
+        follows (drain())."""
+        self.slow.stop_signalled()
+        if self._closed:
+            return
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.drain_req |= DRAIN_STOPPED
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
+    def take_stop_signals(self, signals, on_signal):
+        """Hear *signals* (SIGTERM, SIGINT) on the loop's thread, through a
+        signalfd, before it serves anything more (see "Stop signals"), and
+        call *on_signal()* (on that thread) once each comes. The caller
+        blocks them in every thread of the process (a signal a handler took
+        never reaches the signalfd). Before start()."""
+        cdef sys_.sigset_t mask
+        cdef sys_.epoll_event ev
+        cdef int fd
+        if self._started or self.R.sigfd >= 0:
+            raise RuntimeError("take_stop_signals() once, before start()")
+        sys_.sigemptyset(&mask)
+        for sig in signals:
+            sys_.sigaddset(&mask, int(sig))
+        fd = sys_.signalfd(-1, &mask, sys_.SFD_NONBLOCK | sys_.SFD_CLOEXEC)
+        if fd < 0:
+            raise OSError(errno, "signalfd")
+        self._on_stop_signal = on_signal
+        self.R.sigfd = fd
+        ev.events = sys_.EPOLLIN
+        ev.data.ptr = <void*>self.R  # (no Conn, Up nor Lst: see run())
+        sys_.epoll_ctl(self.R.epfd, sys_.EPOLL_CTL_ADD, fd, &ev)
     def close(self, bint access_log=True):
         """Stop the loop, close every connection (the pure relay's too);
         *access_log* False: the access log's writer stays for lines from
@@ -9477,7 +9554,9 @@ cdef class HttpRelay:
         sys_.close(self.R.wakefd)
         if self.R.reserve_fd >= 0:
             sys_.close(self.R.reserve_fd)
-        self.R.epfd = self.R.wakefd = self.R.reserve_fd = -1
+        if self.R.sigfd >= 0:
+            sys_.close(self.R.sigfd)
+        self.R.epfd = self.R.wakefd = self.R.reserve_fd = self.R.sigfd = -1
         return cut
 
     def active(self):
@@ -9705,6 +9784,13 @@ cdef class HttpRelay:
         cdef Relay *R = self.R
         cdef Conn *c
         cdef double now
+        if R.stop_seen:  # (see "Stop signals")
+            R.stop_seen = False
+            self.slow.stop_signalled()
+            try:
+                self._on_stop_signal()
+            except BaseException:  # (the rest of the service goes on)
+                L4R_ADD(&R.ctr[<int>CT_ERRORS], 1)
         self._apply_pending_keys()
         self._apply_pending_named()
         self._apply_pending_settings()

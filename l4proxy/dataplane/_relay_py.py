@@ -314,6 +314,12 @@ with ``accesslog.DRAIN_CUT``, Envoy's ``downstream_local_disconnect(...)``
 for a close the proxy made (``accesslog.LOCAL_CUT``), not a client's
 ``downstream_remote_disconnect``.
 
+:meth:`HttpRelay.stop_signalled` is the worker's stop signal, heard
+before the drain begins: what discourage() does, for good, so that no
+answer after the signal keeps its client while the event loop gets to
+the drain (the compiled twin hears the signal on its own thread: its
+"Stop signals").
+
 :meth:`HttpRelay.discourage` is the drain's first half without the drain
 (Envoy's ``drainClose()`` while the server's health check is failed,
 ``/healthcheck/fail``, for a listener of the default drain type): while
@@ -732,6 +738,7 @@ class HttpRelay:
         # discourage(): as asked (under the lock) and as applied
         self._discourage_next = False
         self._discourage = False
+        self._stopped = False  # stop_signalled(), asked: discourage()'s, for good
         self._cut = 0  # client connections close() cut (see "Drain")
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
@@ -855,6 +862,17 @@ class HttpRelay:
         the relay's)."""
         with self._lock:
             self._discourage_next = bool(on)
+        self._wake()
+
+    def stop_signalled(self) -> None:
+        """The worker's stop signal came (its handler, before the drain
+        begins: run._serve): from now on every answer on a gateway
+        listener's connection says ``connection: close``, as while
+        discourage() is on, for good (discourage(False) leaves it); the
+        drain follows (drain()). Any thread; applied on the relay's. Takes
+        no lock: a signal's handler calls it, between any two instructions
+        of the main thread, which may hold this relay's lock then (add())."""
+        self._stopped = True  # (read under the lock with the queue: see _take_queue)
         self._wake()
 
     def close(self, access_log: bool = True) -> int:
@@ -1061,7 +1079,7 @@ class HttpRelay:
             named, self._named_next = self._named_next, None
             settings, self._settings_next = self._settings_next, None
             drain, spread = self._drain_next, self._spread_next
-            discourage = self._discourage_next
+            discourage = self._discourage_next or self._stopped
         if named is not None and not stop:
             self._retain(named)
         if (drain != self._drain or discourage != self._discourage) and not stop:

@@ -19,6 +19,8 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from l4proxy import __version__
@@ -809,6 +811,13 @@ async def _serve(
     from l4proxy.sidecar.worker import Worker, WorkerOptions
 
     loop = asyncio.get_running_loop()
+    # The compiled relay hears SIGTERM and SIGINT on its own thread, before
+    # it serves anything more (Worker.hear_stop_signals): blocked in every
+    # thread, from before the first starts (each inherits the mask); one
+    # that came before this was held (held.stop_requested: drain_first).
+    relay_hears_stop = args.http_routing == "request" and relay.IMPLEMENTATION == "compiled"
+    if relay_hears_stop:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     rules = RuleWatcher(
         args.rules,
         namespace=args.namespace,
@@ -875,13 +884,16 @@ async def _serve(
 
     if held.stop_requested:  # (before it accepts: see Worker.drain_first)
         worker.drain_first()
+    if relay_hears_stop and not worker.hear_stop_signals(STOP_SIGNALS, stop.set):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (no such relay after all)
     worker.start()
     if args.rules:
         rules.start()
     rules.after_load = give_back_memory  # a parse frees several times its table (lean)
     give_back_memory()  # and so did the first load and the imports
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+        _heard_first(sig, worker.stop_signalled)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
     # SIGUSR1: --access-log reopened (logrotate), as Envoy; the supervisor
     # reopened its own copy and said so (access_log_file), a lone process says it here
@@ -939,6 +951,28 @@ async def _serve(
     worker.close()
     log.info("stopped")
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _heard_first(sig: int, heard: Callable[[], None]) -> None:
+    """*heard()* as soon as *sig* comes, before the event loop's handler
+    (add_signal_handler's, which runs a loop step or more later): chained
+    before the loop's own handler at the Python level, which the
+    interpreter runs on the main thread at its next instruction after the
+    signal, before this thread accepts a connection or hands one on (the
+    pure relay's worker: Worker.stop_signalled). SA_RESTART kept, as the
+    loop set it."""
+    previous = signal.getsignal(sig)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        heard()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(sig, handler)
+    signal.siginterrupt(sig, False)
 
 
 async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:

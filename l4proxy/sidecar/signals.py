@@ -37,6 +37,16 @@ Two rules close those windows:
   no handler could do. (The supervisor's own interpreter start-up is not:
   as PID 1, a SIGTERM in its first milliseconds, before any Python code
   runs, is still discarded; an init such as tini closes that too.)
+
+Once a worker serves, a stop must reach what serves before it serves
+anything more, or a worker paused when the SIGTERM came (SIGSTOP, a CPU
+quota's throttling) answers the clients queued meanwhile keep-alive
+before its event loop runs the handler: a worker whose compiled relay
+accepts on its own thread blocks SIGTERM and SIGINT in every thread and
+the relay hears them (a signalfd: Worker.hear_stop_signals; one that came
+before was held as above), and any other worker tells its relay from the
+signal's handler at the interpreter's level (run._heard_first), which
+runs before the event loop's next step.
 """
 
 from __future__ import annotations

@@ -928,6 +928,41 @@ class Worker:
             else:
                 unused.close_if_unused()
 
+    def stop_signalled(self) -> None:
+        """SIGTERM or SIGINT came, heard by its handler (run._serve: before
+        the event loop gets to the drain): from now on every answer on a
+        gateway listener's connection says ``connection: close`` (the
+        relay's stop_signalled()), so that none given meanwhile keeps its
+        client: the relay's thread serves on its own, and a worker paused
+        (SIGSTOP, a CPU quota's throttling) with clients queued when the
+        signal came served them before the loop ran the drain. The drain
+        follows (:meth:`drain`). A compiled relay hears the signals itself
+        (:meth:`hear_stop_signals`)."""
+        if self.relay is not None:
+            self.relay.stop_signalled()
+
+    def hear_stop_signals(self, signals: Sequence[int], on_signal: Callable[[], None]) -> bool:
+        """Have the compiled relay's thread, which accepts and serves
+        without the event loop, hear *signals* itself (a signalfd: its
+        "Stop signals"), so that a batch of its with the signal takes it
+        before any accept or answer (:meth:`stop_signalled`'s, before the
+        event loop could): *on_signal* is then called on the event loop.
+        False where there is no such relay, or no signalfd to be had (no
+        fd left: said), the handler's way then. The caller blocks
+        *signals* in every thread, before any starts. Before :meth:`start`."""
+        if self.relay is None or not hasattr(self.relay, "take_stop_signals"):
+            return False
+        loop = asyncio.get_running_loop()
+        hearing: Any = self.relay  # the compiled twin (take_stop_signals() is its own)
+        try:
+            hearing.take_stop_signals(signals, lambda: loop.call_soon_threadsafe(on_signal))
+        except OSError as exc:
+            log.warning(
+                "the relay cannot hear the stop signals itself (%s): its handler tells it", exc
+            )
+            return False
+        return True
+
     def drain_first(self) -> None:
         """Before :meth:`start`, for a worker whose stop was asked while it
         started (a SIGTERM held until its loop runs: signals; the one the
