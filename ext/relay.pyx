@@ -592,7 +592,7 @@ from l4proxy.dataplane.verdict import (
 )
 from l4proxy.dataplane.verdict import (HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP,
                                        SESSION_HEADER, endpoint_hash, no_endpoint_body,
-                                       session_token)
+                                       rr_salt, rr_start, session_token)
 
 Decision = _relay_py.Decision
 
@@ -8689,6 +8689,7 @@ cdef class HttpRelay:
     cdef dict _external            # add_external()'s counts (under _intern_lock)
     cdef dict _overflows_gone      # overflows() of the EPs a sweep freed (under _intern_lock)
     cdef dict _rr_ids
+    cdef object _rr_salt           # where a new slot starts (rr_start; not R.rng's draw)
     cdef dict _tag_ids
     cdef dict _key_index           # key header name -> its index in the Head
     cdef list _tags
@@ -8787,6 +8788,11 @@ cdef class HttpRelay:
         self._external = {}
         self._overflows_gone = {}
         self._rr_ids = {}
+        # a new round-robin slot starts at its key's offset (rr_start), from
+        # the seed, else the OS: never a draw of R.rng (weights stay as
+        # seeded) nor of R.jitter (the backoffs')
+        self._rr_salt = rr_salt(seed)
+        self.slow.rr_salt = self._rr_salt  # (its mirrors' positions: the same starts)
         self._tag_ids = {}
         self._tags = []
         self._free_tags = []
@@ -9961,7 +9967,8 @@ cdef class HttpRelay:
         O(1) per entry). The verdict cache goes first (its keys name origins,
         its verdicts hold EPs); what a connection, a queued hand-off, a
         listener or a pooled or checked-out upstream connection uses stays,
-        under its id. Round-robin positions restart (they live in verdicts).
+        under its id. Round-robin positions restart (they live in verdicts),
+        each at its key's offset (rr_start; drawn anew without --seed).
         """
         cdef Relay *R = self.R
         cdef int i, k, n = 0
@@ -10022,6 +10029,8 @@ cdef class HttpRelay:
             self._swept_eps = n
             self._rr_ids = {}
             R.n_rr = 0
+            if not R.seeded:  # (the slots made anew start at offsets drawn anew)
+                self._rr_salt = rr_salt(None)
             self.sweeps += 1
 
     cdef int _tag_id(self, tag) except -2:
@@ -10235,7 +10244,7 @@ cdef class HttpRelay:
                 raise MemoryError()
             R.rr = grown
             R.cap_rr = R.cap_rr * 2 + 16
-        R.rr[R.n_rr] = 0
+        R.rr[R.n_rr] = <uint64_t>rr_start(self._rr_salt, key)  # (not 0: Envoy's random start)
         self._rr_ids[key] = R.n_rr
         R.n_rr += 1
         return R.n_rr - 1

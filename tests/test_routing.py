@@ -24,6 +24,7 @@ from l4proxy.rules.routing import (
     StringMatch,
     Subset,
 )
+from tests._round_robin import rotated, rotation
 
 HOST = "bootcamp.default.svc.cluster.local"
 V1A = Endpoint("198.18.0.11", 8080, {"app": "bootcamp", "version": "v1"})
@@ -92,18 +93,20 @@ def test_service_port_is_http() -> None:
 def test_no_rule_is_round_robin_over_every_endpoint() -> None:
     t = RouteTable([BOOTCAMP])
     picks = [t.decide(BOOTCAMP, 8080, req()) for _ in range(6)]
-    assert [d.endpoints[0] for d in picks] == [V1A, V1B, V2, V1A, V1B, V2]
+    # each in turn, from wherever the counter starts (its drawn offset)
+    k = rotation([d.endpoints[0] for d in picks], [V1A, V1B, V2])
     d = picks[0]
     assert (d.route, d.subset, d.service) == ("default", "default", BOOTCAMP)
     # The rest of the list is the retry order: the whole service, rotated.
-    assert picks[1].endpoints == [V1B, V2, V1A]
+    assert picks[1].endpoints == rotated([V1A, V1B, V2], k + 1)
 
 
 def test_catch_all_route_picks_its_subset() -> None:
     t = table(Route("all-v1", (to(V1),)))
     ds = [t.decide(BOOTCAMP, 8080, req()) for _ in range(4)]
     assert {(d.route, d.subset) for d in ds} == {("all-v1", "v1")}
-    assert [d.endpoints for d in ds[:2]] == [[V1A, V1B], [V1B, V1A]]
+    k = rotation([d.endpoints[0] for d in ds], [V1A, V1B])
+    assert [d.endpoints for d in ds[:2]] == [rotated([V1A, V1B], k), rotated([V1A, V1B], k + 1)]
 
 
 def test_first_matching_route_wins() -> None:
@@ -265,7 +268,7 @@ def test_a_tcp_route_never_applies_on_an_http_port() -> None:
     tcp_only = table(Route("bootcamp", (to(V2S),), protocol="tcp"), unmatched=[HOST])
     picks = [tcp_only.decide(BOOTCAMP, 8080, req()) for _ in range(6)]
     assert {(d.route, d.subset) for d in picks} == {("default", "default")}
-    assert [d.endpoints[0] for d in picks] == [V1A, V1B, V2, V1A, V1B, V2]
+    rotation([d.endpoints[0] for d in picks], [V1A, V1B, V2])
     raw = [tcp_only.decide(BOOTCAMP, 8080, None) for _ in range(3)]
     assert {d.route for d in raw} == {"default"}
     assert sorted(d.endpoints[0].address for d in raw) == sorted(e.address for e in (V1A, V1B, V2))
@@ -384,7 +387,7 @@ def test_subset_policy_overrides_host_policy() -> None:
     rr = Subset("v1", Labels({"version": "v1"}), "ROUND_ROBIN")
     t = table(Route("r", (to(rr),)), lb="LEAST_REQUEST")
     firsts = [t.decide(BOOTCAMP, 8080, req(), active=lambda e: 0).endpoints[0] for _ in range(4)]
-    assert firsts == [V1A, V1B, V1A, V1B]
+    rotation(firsts, [V1A, V1B])
 
 
 def test_multi_port_service_uses_the_endpoints_of_the_port() -> None:

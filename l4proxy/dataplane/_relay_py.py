@@ -406,6 +406,8 @@ from l4proxy.dataplane.verdict import (
     RetryPolicy,
     SessionPersistence,
     no_endpoint_body,
+    rr_salt,
+    rr_start,
     session_token,
     shadow_head,
 )
@@ -777,6 +779,9 @@ class HttpRelay:
         )
         self._shadow_idle: dict[int, _ShadowIdle] = {}
         self._mirror_rr: dict[Any, int] = {}
+        # where a mirror's new position starts (rr_start: an offset per
+        # balance key, from the seed, else the OS; not a draw of _random)
+        self.rr_salt = rr_salt(seed)
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "connections",
@@ -1828,9 +1833,11 @@ class HttpRelay:
         resolved yet (None when it has none to use), and the tag of its
         copy's report: the endpoint's (Mirror.endpoint_tags), else the
         mirror's."""
-        key = m.balance_key if m.balance_key is not None else m.endpoints
+        key = m.balance_key if m.balance_key is not None else ("mirror", m.endpoints)
         n = len(m.endpoints)
-        start = self._mirror_rr.get(key, 0)
+        start = self._mirror_rr.get(key)
+        if start is None:  # a new position: at its drawn offset (see rr_start)
+            start = rr_start(self.rr_salt, key) % max(n, 1)
         for i in range(n):
             k = (start + i) % n
             endpoint = m.endpoints[k]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -421,6 +423,54 @@ def hash_order(key: int, hashes: Sequence[int]) -> list[int]:
     same order."""
     scores = [_mix(key ^ h) for h in hashes]
     return sorted(range(len(hashes)), key=lambda i: (-scores[i], i))
+
+
+# Round robin's first endpoint. A new round-robin counter (one per
+# balance key: RouteTable._rr, the compiled relay's R.rr slots, the pure
+# relay's mirror positions) starts at an offset drawn for it, not at 0:
+# every worker starting each subset at its first endpoint (and again at
+# each rule load or table sweep that makes its counters anew) sent that
+# endpoint more than its share, with low-rate clients spread over N
+# workers or a canary reloading its weights every step. Envoy does the
+# same: its round robin's index per host set starts at a seed drawn once
+# per load balancer, that is per worker (EdfLoadBalancerBase's seed_,
+# RoundRobinLoadBalancer::refreshHostSource). The offset is a keyed hash
+# of the balance key, not a draw of any RNG whose sequence something else
+# depends on (the weights' draws, the backoffs' jitter): with --seed
+# (seed + the worker's index) it is the same run after run, in both
+# twins; without one, the salt comes from os.urandom.
+
+
+def rr_salt(seed: int | None) -> int:
+    """The 64-bit salt of the round-robin starts (:func:`rr_start`): from
+    *seed* (``--seed`` plus the worker's index: the same starts every run,
+    in both twins), else from ``os.urandom``."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little")
+    return _mix(hash_key(f"round robin {int(seed)}".encode()))
+
+
+def _key_text(key: object) -> str:
+    # a balance key as text that does not depend on the process (never
+    # hash() of a str, which PYTHONHASHSEED randomizes) nor on a label
+    # set's insertion order: a tuple's parts, a mapping's items sorted
+    if isinstance(key, tuple):
+        return "(" + ",".join(_key_text(k) for k in key) + ")"
+    if isinstance(key, Mapping):
+        return "{" + ",".join(f"{k!r}:{v!r}" for k, v in sorted(key.items())) + "}"
+    return repr(key)
+
+
+def rr_start(salt: int, key: Hashable) -> int:
+    """Where a new round-robin counter for *key* starts: a 64-bit value
+    (its first pick is this modulo the number of endpoints), a keyed hash
+    of *key* under *salt* (:func:`rr_salt`)."""
+    mac = hashlib.blake2b(
+        _key_text(key).encode("utf-8", "backslashreplace"),
+        digest_size=8,
+        key=(salt & _M64).to_bytes(8, "little"),
+    )
+    return int.from_bytes(mac.digest(), "little")
 
 
 def cookie_value(draw: int) -> str:

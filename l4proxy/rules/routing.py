@@ -108,6 +108,8 @@ from l4proxy.dataplane.verdict import (
     endpoint_hash,
     hash_key,
     hash_order,
+    rr_salt,
+    rr_start,
     session_token,
 )
 from l4proxy.rules._edits import DEFAULT_PORTS, compose, location
@@ -1917,7 +1919,11 @@ class RouteTable:
 
         # Load-balancer state (mutable; excluded from equality).
         self._rng = random.Random(seed)
+        # round-robin positions per balance key, each new one starting at
+        # its own drawn offset (rr_start: from the seed, else the OS;
+        # never a draw of _rng, whose sequence the weights' draws are)
         self._rr: dict[tuple[str, int, str, Labels], int] = {}
+        self._rr_salt = rr_salt(seed)
         self._subset_cache: dict[_SubsetKey, tuple[Endpoint, ...]] = {}
         self._endpoint_pools: dict[tuple[str, int], PoolSettings] | None = None
         self._endpoint_outliers: dict[tuple[str, int], OutlierPolicy] | None = None
@@ -1928,8 +1934,12 @@ class RouteTable:
         return cls()
 
     def reseed(self, seed: int | None) -> None:
-        """Restart the weighted choice's RNG (tests; per-worker seeding)."""
+        """Restart the weighted choice's RNG (tests; per-worker seeding),
+        and the round robin's counters at the starts *seed* gives them
+        (each at its own offset: :func:`rr_start`)."""
         self._rng.seed(seed)
+        self._rr.clear()
+        self._rr_salt = rr_salt(seed)
 
     # -- equality -----------------------------------------------------------
 
@@ -2979,7 +2989,10 @@ class RouteTable:
         if policy == "RANDOM":
             start = self._rng.randrange(n)
         else:
-            start = self._rr.get(key, 0) % n
+            # a new counter starts at its drawn offset, not at the first
+            # endpoint (Envoy's random start: see rr_start)
+            at = self._rr.get(key)
+            start = (rr_start(self._rr_salt, key) if at is None else at) % n
             self._rr[key] = start + 1
         ordered = candidates[start:] + candidates[:start]
         if policy == "LEAST_REQUEST" and active is not None:

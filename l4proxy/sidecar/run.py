@@ -501,9 +501,9 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="seed the weighted-split RNG (and the gateway listeners' x-request-id "
-        "stream) with N + the worker's index, so a run's choices repeat (tests, "
-        "reproducing a report); default: OS entropy",
+        help="seed the weighted-split RNG, where each round robin starts (and the "
+        "gateway listeners' x-request-id stream) with N + the worker's index, so a "
+        "run's choices repeat (tests, reproducing a report); default: OS entropy",
     )
     p.add_argument(
         "--log-level",
