@@ -4,7 +4,9 @@ Envoy and nginx do; before, its default action killed the sidecar.
 A real ``l4proxy run`` with two workers (and one ``--single-process``), in
 both implementations: the log renamed, SIGUSR1 to the supervisor, and every
 request's line is in one file exactly once: those before the signal in the
-renamed file, those after it in the new one; no worker restarted. A path
+renamed file, those after it in the new one; no worker restarted, and no
+process keeps the renamed file open (its fd inherited or opened, as its
+writer's, points at the new one). A path
 that cannot be reopened is said and the lines go on to the old file; a
 SIGUSR1 storm while the workers start kills nothing.
 """
@@ -17,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -63,7 +65,16 @@ class Sidecar:
 
 
 @contextmanager
-def sidecar(tmp_path: Path, impl: str, *extra: str, on_start: object = None) -> Iterator[Sidecar]:
+def sidecar(
+    tmp_path: Path,
+    impl: str,
+    *extra: str,
+    on_start: object = None,
+    prefix: Sequence[str] = (),
+) -> Iterator[Sidecar]:
+    """A real ``l4proxy run`` (``--listen``, ``--admin``) in front of a
+    Scripted backend, ready; *prefix* runs it (``unshare ...``: its pid is
+    the supervisor's once it execs)."""
     backend = Scripted([])
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(backend.endpoint[1]))
@@ -73,6 +84,7 @@ def sidecar(tmp_path: Path, impl: str, *extra: str, on_start: object = None) -> 
     with err.open("wb") as err_file:
         proc = subprocess.Popen(
             [
+                *prefix,
                 *(L4PROXY, "run", "--no-transparent", "--listen", f"127.0.0.1:{port}"),
                 *("--admin", f"127.0.0.1:{admin}", "--rules", str(rules)),
                 *("--log-level", "debug", *impl_args, *extra),
@@ -100,6 +112,25 @@ def sidecar(tmp_path: Path, impl: str, *extra: str, on_start: object = None) -> 
         backend.close()
 
 
+def _tree(pid: int) -> list[int]:
+    """*pid* and its children (a supervisor and its workers)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(k) for k in kids)]
+
+
+def _holders(car: Sidecar, path: Path) -> list[str]:
+    """The sidecar's fds open on *path*'s file (PID:FD)."""
+    st = path.stat()
+    held = []
+    for pid in _tree(car.proc.pid):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with suppress(OSError):  # (one closed meanwhile)
+                f = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (f.st_dev, f.st_ino) == (st.st_dev, st.st_ino):
+                    held.append(f"{pid}:{fd}")
+    return held
+
+
 def _markers(path: Path) -> list[str]:
     return re.findall(r'"GET /(m-\d+) HTTP/1.1"', path.read_text()) if path.exists() else []
 
@@ -125,6 +156,18 @@ def test_sigusr1_reopens_the_renamed_access_log(
         assert car.proc.poll() is None
         if not single:
             assert car.stderr().count("restarting") == 0, car.stderr()
+        car.wait_lines(40)
+        car.proc.send_signal(signal.SIGUSR1)  # (a reopen with no rename: nothing moves)
+        car.wait_said(said, 2 if single else 6)
+        # no process holds the renamed file (a worker's inherited fd, a lone
+        # process's own did: logrotate's deletion of it freed no space), and
+        # the new one as many fds as the old one had (each writer switches
+        # once its batch is written: its reopen's fd till then)
+        holders = 2 if single else 1 + 2 * 2
+        deadline = time.monotonic() + 20
+        while _holders(car, rotated) or len(_holders(car, log_file)) != holders:
+            assert time.monotonic() < deadline, (_holders(car, rotated), _holders(car, log_file))
+            time.sleep(0.02)
         car.proc.terminate()  # the drain writes what was buffered
         assert car.proc.wait(timeout=60) == 0, car.stderr()
     # each line in one file, once: before the signal the renamed, after it the new

@@ -14,7 +14,10 @@ and nginx do, the supervisor opens PATH anew, duplicates that onto the fd
 the next workers inherit, and forwards SIGUSR1 to the workers, which each
 open PATH and duplicate it onto their writers' fds (``dup2``: a write under
 way ends in the file it began in, the next goes to the new one; no line is
-lost or split). Before this, SIGUSR1's default action killed the sidecar.
+lost or split) and onto the fd they inherited (or a lone process opened):
+no process keeps the renamed file open, whose space logrotate's deletion
+of it would otherwise never give back (a full disk stayed full). Before
+this, SIGUSR1's default action killed the sidecar.
 
 The reopen runs as the sidecar's user (1337 once privileges dropped): a
 PATH it cannot create or open is reported, and the lines go on to the file
@@ -46,11 +49,14 @@ def open_access_log(path: str) -> int:
     return fd
 
 
-def reopen_access_log(path: str | None, point: Callable[[int], object]) -> bool:
-    """SIGUSR1: open *path* anew and hand its fd to *point*, which
-    duplicates it onto the fds that write the log (the fd stays ours and is
-    closed here). Whether it was reopened: no --access-log, standard
-    output, or a path that cannot be opened (said at error) is not."""
+def reopen_access_log(path: str | None, point: Callable[[int], object], own_fd: int = -1) -> bool:
+    """SIGUSR1: open *path* anew, duplicate it onto *own_fd* (this
+    process's copy of --access-log's fd, the one it opened or inherited:
+    left on the renamed file, it would hold that file, and its space once
+    deleted, for good) and hand it to *point*, which duplicates it onto the
+    fds that write the log (the fd stays ours and is closed here). Whether
+    it was reopened: no --access-log, standard output, or a path that
+    cannot be opened (said at error) is not."""
     if path is None:
         log.info("SIGUSR1: no --access-log to reopen")
         return False
@@ -63,6 +69,8 @@ def reopen_access_log(path: str | None, point: Callable[[int], object]) -> bool:
         _cannot(path, exc)
         return False
     try:
+        if own_fd >= 0:
+            os.dup2(fd, own_fd, inheritable=False)
         point(fd)
     except OSError as exc:  # (no fd to spare for the writer's copy)
         _cannot(path, exc)

@@ -900,7 +900,7 @@ async def _serve(
     said = log.info if control is None else log.debug
 
     def reopen() -> None:
-        if reopen_access_log(args.access_log, worker.reopen_access_log):
+        if reopen_access_log(args.access_log, worker.reopen_access_log, args.access_log_fd):
             said("SIGUSR1: --access-log %s reopened", args.access_log)
 
     loop.add_signal_handler(signal.SIGUSR1, reopen)
