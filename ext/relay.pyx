@@ -925,6 +925,7 @@ cdef extern from *:
     #include <arpa/inet.h>
     #include <netinet/in.h>
     #include <sys/socket.h>
+    #include <sys/stat.h>
 
     #define L4_LINE_MAX 4096  /* PIPE_BUF: a write() of at most this to a pipe is atomic */
 
@@ -935,7 +936,10 @@ cdef extern from *:
        flush is asked, and writes it in chunks of at most L4_LINE_MAX
        bytes ending at a line's end; a write error drops the rest of that
        batch, counted (errors, dropped, the first errno kept for Python to
-       log once). No Python, no GIL: accesslog.LineWriter's twin. */
+       log once). A line a short write began in a file (a full disk) that
+       the next write could not end is cut off the file again (l4_alog_cut):
+       no torn line, the next one glued to it. No Python, no GIL:
+       accesslog.LineWriter's twin. */
     typedef struct {
         int fd;
         pthread_mutex_t lock;
@@ -971,8 +975,28 @@ cdef extern from *:
         pthread_mutex_unlock(&a->lock);
     }
 
+    static off_t l4_alog_file_size(int fd) {  /* -1: not a regular file */
+        struct stat st;
+        return fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : -1;
+    }
+
+    /* A write failed after a short one left p[line:pos), a line's start,
+       at the end of a regular file (of size torn_end then): cut it off
+       again while no write came after it (the size unchanged: another
+       worker's append on a full disk fails as ours did), so the file holds
+       whole lines only; the line is dropped with the rest. Where the rest
+       of the batch begins: the line's start, or pos when it stays. */
+    static size_t l4_alog_cut(l4_alog *a, const char *p, size_t pos, off_t torn_end) {
+        const char *nl = pos ? memrchr(p, '\\n', pos) : NULL;
+        size_t line = nl != NULL ? (size_t)(nl - p) + 1 : 0;
+        off_t frag = (off_t)(pos - line);
+        if (frag == 0 || torn_end < frag || l4_alog_file_size(a->fd) != torn_end) return pos;
+        return ftruncate(a->fd, torn_end - frag) == 0 ? line : pos;
+    }
+
     static void l4_alog_write(l4_alog *a, const char *p, size_t n) {
         size_t pos = 0;
+        off_t torn_end = -1;  /* a short write's: the file's size after it */
         while (pos < n) {
             size_t end = n - pos > L4_LINE_MAX ? pos + L4_LINE_MAX : n;
             if (end < n) {
@@ -981,8 +1005,13 @@ cdef extern from *:
             }
             while (pos < end) {
                 ssize_t w = write(a->fd, p + pos, end - pos);
-                if (w >= 0) { pos += (size_t)w; continue; }
-                if (errno == EINTR) continue;
+                if (w > 0) {
+                    pos += (size_t)w;
+                    torn_end = pos < end ? l4_alog_file_size(a->fd) : -1;
+                    continue;
+                }
+                if (w == 0) errno = EIO;  /* (nothing written: not a loop that spins) */
+                else if (errno == EINTR) continue;
                 if (errno == EAGAIN) {  /* a non-blocking fd: wait for room */
                     int stop;
                     pthread_mutex_lock(&a->lock);
@@ -994,7 +1023,9 @@ cdef extern from *:
                         continue;
                     }
                 }
-                l4_alog_lost(a, p + pos, n - pos, errno);
+                int err = errno;
+                if (torn_end >= 0) pos = l4_alog_cut(a, p, pos, torn_end);
+                l4_alog_lost(a, p + pos, n - pos, err);
                 return;
             }
         }
@@ -9617,10 +9648,13 @@ cdef class HttpRelay:
         """Write what the access log buffered (a second at most) and close
         its writer: after close(access_log=False), on the thread that calls
         access_log_line() (the worker's loop), once that sends no more."""
+        cdef int flushed
         if self.R.alog != NULL:
-            self._log_counts()  # (kept: stats() after close())
             with nogil:
-                alog_close(self.R.alog, 1.0)
+                flushed = alog_flush(self.R.alog, 1.0)
+            self._log_counts()  # (kept: stats() after close(), the last batch's drops too)
+            with nogil:
+                alog_close(self.R.alog, 1.0 if flushed else 0.0)
             self.R.alog = NULL
 
     def reopen_access_log(self, int fd):

@@ -109,6 +109,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -697,7 +698,9 @@ class LineWriter:
     is asked, and writes it in :func:`chunks`; a write error (EPIPE,
     ENOSPC, EBADF...) drops the rest of that batch, counted in
     :attr:`errors` and :attr:`dropped`, logged once at warning; the writer
-    goes on with the next batch. An fd set non-blocking (EAGAIN) is
+    goes on with the next batch. A line a short write began in a file (a
+    full disk) that the next write cannot end is cut off the file again
+    (:meth:`_cut`): no torn line for the next one to be glued to. An fd set non-blocking (EAGAIN) is
     waited on for 0.1 s at a time. The fd is the writer's own (closed by
     :meth:`close`)."""
 
@@ -832,19 +835,44 @@ class LineWriter:
     def _write(self, batch: bytearray) -> None:
         data = memoryview(batch)
         pos = 0
+        torn_end = -1  # a short write's: the file's size after it (_cut)
         for chunk in chunks(data):
             end = pos + len(chunk)
             while pos < end:
                 try:
-                    pos += os.write(self.fd, data[pos:end])
+                    w = os.write(self.fd, data[pos:end])
+                    if w == 0:  # (nothing written: not a loop that spins)
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    pos += w
+                    torn_end = _file_size(self.fd) if pos < end else -1
                 except BlockingIOError:  # (a non-blocking fd: wait for room)
                     if self._stop:  # (closing, its flush given up)
                         self._lost(data[pos:], errno.EAGAIN)
                         return
                     _wait_writable(self.fd, 0.1)
                 except OSError as exc:
+                    if torn_end >= 0:
+                        pos = self._cut(batch, pos, torn_end)
                     self._lost(data[pos:], exc.errno or 0)
                     return
+
+    def _cut(self, batch: bytearray, pos: int, torn_end: int) -> int:
+        """A write failed after a short one left batch[line:pos], a line's
+        start, at the end of a regular file (of size *torn_end* then, a
+        full disk): cut it off again while no write came after it (the size
+        unchanged: another worker's append on a full disk fails as ours
+        did), so the file holds whole lines only, the next one not glued to
+        it; the line is dropped with the rest. Where the rest begins: the
+        line's start, or *pos* when it stays (l4_alog_cut's twin)."""
+        line = batch.rfind(b"\n", 0, pos) + 1
+        frag = pos - line
+        if frag == 0 or torn_end < frag or _file_size(self.fd) != torn_end:
+            return pos
+        try:
+            os.ftruncate(self.fd, torn_end - frag)
+        except OSError:
+            return pos
+        return line
 
     def _lost(self, rest: memoryview, err: int) -> None:
         """A write failed: the rest of the batch is dropped, counted, the
@@ -862,6 +890,16 @@ class LineWriter:
                 os.strerror(err) if err else "error",
                 lost,
             )
+
+
+def _file_size(fd: int) -> int:
+    """A regular file's size; -1 for any other fd (a pipe: its writes of a
+    line are whole)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def _wait_writable(fd: int, timeout: float) -> None:
