@@ -32,7 +32,7 @@ from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
 from l4proxy.sidecar.loglevels import apply_log_levels
-from l4proxy.sidecar.signals import HeldSignals, hold_signals
+from l4proxy.sidecar.signals import HeldSignals, done_with_signals, hold_signals, say_ignored
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -904,6 +904,7 @@ async def _serve(
             said("SIGUSR1: --access-log %s reopened", args.access_log)
 
     loop.add_signal_handler(signal.SIGUSR1, reopen)
+    say_ignored(loop)  # (SIGUSR2)
     if held.requested:  # SIGHUP during the first load: load again
         rules.request_reload()
     if held.reopen_requested:  # SIGUSR1 while starting
@@ -949,6 +950,7 @@ async def _serve(
     if control_task:
         control_task.cancel()
     worker.close()
+    done_with_signals(loop)  # (a SIGHUP or SIGUSR1 forwarded now: no death by signal)
     log.info("stopped")
     return 0
 

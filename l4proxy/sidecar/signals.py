@@ -47,10 +47,29 @@ the relay hears them (a signalfd: Worker.hear_stop_signals; one that came
 before was held as above), and any other worker tells its relay from the
 signal's handler at the interpreter's level (run._heard_first), which
 runs before the event loop's next step.
+
+And two more, for the rest of a process's life:
+
+* SIGUSR2 means nothing to l4proxy (HAProxy's master reloads on it, nginx
+  upgrades its binary): it is ignored (:data:`IGNORED`, from
+  :func:`hold_signals` on, blocked across a worker's start as the four),
+  and each one is said (:func:`say_ignored`), where its default action
+  killed the supervisor, and so the sidecar, or a worker (restarted, its
+  connections cut): ``kubectl exec ... kill -USR2``, or a process group's
+  signal that an init such as dumb-init forwards.
+* Closing the event loop gives each of its signals the default action
+  again, while a stopped process still runs its last steps (the loop's
+  close, the interpreter's exit: tenths of a second): a SIGHUP or SIGUSR1
+  the supervisor forwarded meanwhile, or a second SIGTERM, killed it by
+  signal (a worker that drained said "died with signal 10 (SIGUSR1) while
+  draining", the supervisor's exit status 143 where it was 0). Once
+  stopped, a process ignores them (:func:`done_with_signals`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +78,11 @@ from types import FrameType
 # SIGHUP last: see hold_signals. SIGUSR1 ("reopen the access log":
 # access_log_file) is fatal by default too.
 HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# Meaningless to l4proxy and fatal by default: ignored (SIG_IGN survives the
+# exec of a worker), said by the event loop.
+IGNORED = (signal.SIGUSR2,)
+
+log = logging.getLogger("l4proxy")
 
 _blocked_depth = 0
 _mask_before: set[int | signal.Signals] = set()
@@ -91,17 +115,43 @@ def hold_signals() -> HeldSignals:
     global _held
     if _held is None:
         held = HeldSignals()
+        for sig in IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
         for sig in HELD:  # (SIGHUP caught means the stop signals are too)
             signal.signal(sig, held.on_signal)
         _held = held
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(HELD))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*HELD, *IGNORED})
     return _held
+
+
+def say_ignored(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop says each of :data:`IGNORED` that comes (and ignores it)."""
+    for sig in IGNORED:
+        loop.add_signal_handler(sig, _said_ignored, sig)
+
+
+def _said_ignored(sig: int) -> None:
+    log.info(
+        "%s ignored: it means nothing to l4proxy (SIGHUP reloads the rules, SIGUSR1 reopens "
+        "--access-log, SIGTERM drains and stops)",
+        signal.Signals(sig).name,
+    )
+
+
+def done_with_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """The process stopped (its loop's last step): its loop's handlers give
+    way to SIG_IGN, where closing the loop would restore the default action,
+    fatal to a process that is only exiting now (a SIGHUP or SIGUSR1 the
+    supervisor forwarded, a second SIGTERM)."""
+    for sig in (*HELD, *IGNORED):
+        loop.remove_signal_handler(sig)  # (SIG_DFL: a few instructions)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager
 def start_signals_blocked() -> Iterator[None]:
-    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP blocked in this thread (and in children
-    forked meanwhile).
+    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP (and :data:`IGNORED`) blocked in this
+    thread (and in children forked meanwhile).
 
     Nests: concurrent spawns (one per worker slot, across ``await``) keep
     them blocked until the last one is done. A signal for this process
@@ -109,7 +159,7 @@ def start_signals_blocked() -> Iterator[None]:
     """
     global _blocked_depth, _mask_before
     if _blocked_depth == 0:
-        _mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, set(HELD))
+        _mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, {*HELD, *IGNORED})
     _blocked_depth += 1
     try:
         yield

@@ -77,7 +77,12 @@ from l4proxy.sidecar.admin import DRAINING, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
 from l4proxy.sidecar.loglevels import apply_log_levels, merge_log_spec
-from l4proxy.sidecar.signals import HeldSignals, start_signals_blocked
+from l4proxy.sidecar.signals import (
+    HeldSignals,
+    done_with_signals,
+    say_ignored,
+    start_signals_blocked,
+)
 from l4proxy.stats import (
     DIGEST,
     DIGEST_DISAGREE,
@@ -809,6 +814,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_access_log)
+        say_ignored(loop)  # (SIGUSR2)
         if held is not None and held.reopen_requested:
             self._reopen_access_log()
         if held is not None and held.stop_requested:
@@ -844,6 +850,7 @@ class Supervisor:
         await self._reap_all()
         for slot in self.slots:  # (whatever is left: a start that failed)
             self._let_go(slot)
+        done_with_signals(loop)  # (a late SIGTERM, SIGHUP: no death by signal now)
         log.info("stopped")
         return 0
 
