@@ -7,8 +7,15 @@ it is a second interpreter in every pod, and its memory counts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket
 from dataclasses import dataclass
+
+BACKLOG = 4096
+# SO_DETACH_FILTER (Linux's, asm-generic): the worker's drain filter off
+# (worker._refuse_handshakes attaches it: SO_ATTACH_FILTER)
+_SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 
 
 @dataclass
@@ -63,9 +70,35 @@ def check_port_free(host: str, port: int) -> None:
 def bind_listener(host: str, port: int, mode: str, reuse_port: bool = False) -> Listener:
     sock = _bound(host, port, reuse_port)
     try:
-        sock.listen(4096)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
     return Listener(sock=sock, mode=mode, address=(host, sock.getsockname()[1]))
+
+
+def listen_again(lst: Listener) -> None:
+    """Make *lst*'s socket listen and take new handshakes again, as at its
+    bind (the supervisor's copy, for the next worker of its slot outside a
+    stop). A worker drains on a SIGTERM of its own too (sent to it, not to
+    the supervisor; its control channel gone), and its drain retired its
+    listeners for every copy of them: the SYN filter attached
+    (worker._refuse_handshakes; still there where it died retiring one)
+    and ``shutdown(SHUT_RD)`` (worker._stop_listening), which took the
+    socket out of the listening table. Its replacement inherited a socket
+    that refused every client, and whose readiness (a hang-up) its accept
+    loop spun on. A socket whose port went back to the kernel with its
+    listening (one bound to port 0) is bound to its port again first.
+    Raises OSError where it cannot listen on its address again."""
+    sock = lst.sock
+    with contextlib.suppress(OSError):  # (ENOENT: no filter)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return
+    try:
+        sock.bind(lst.address)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # (EINVAL: still bound to it, a port named)
+            raise
+    sock.listen(BACKLOG)

@@ -15,8 +15,11 @@ The supervisor never closes a worker's listening sockets. If a worker dies
 (a crash, an abort in a C library, the OOM killer), the kernel keeps
 completing handshakes into the same accept queue, and the replacement worker
 accepts them: connections that were in flight in the dead worker are lost,
-new ones are only delayed. Restarts back off (0.1 s doubling to 5 s) while a
-worker keeps dying within 10 s of its start. Each slot has one keeper task
+new ones are only delayed. A worker that drained on a SIGTERM of its own
+(sent to it alone; its control channel gone) retired its listeners for
+every copy (worker._stop_listening): the next one is given them listening
+again (listener.listen_again). Restarts back off (0.1 s doubling to 5 s)
+while a worker keeps dying within 10 s of its start. Each slot has one keeper task
 that spawns, waits and respawns; it cannot die: any exit status (realtime
 signals included) and any failure to spawn (EMFILE, ENOMEM) is logged and
 retried with the same back-off, so a slot is never left empty for good.
@@ -70,7 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.dataplane.listener import Listener
+from l4proxy.dataplane.listener import Listener, listen_again
 from l4proxy.sidecar._stats_wire import decode_sample, in_slices
 from l4proxy.sidecar.access_log_file import reopen_access_log
 from l4proxy.sidecar.admin import DRAINING, least_state
@@ -369,6 +372,11 @@ class Supervisor:
 
     async def spawn(self, slot: WorkerSlot) -> asyncio.subprocess.Process:
         """Start slot's worker; raises what fork/exec raise (EMFILE, ENOMEM, EAGAIN)."""
+        if not self.stopping:
+            # (a worker that drained on a SIGTERM of its own retired them:
+            # listen_again; during a stop they are as the last one left them)
+            for lst in slot.listeners:
+                listen_again(lst)
         parent, child = socket.socketpair()
         try:
             told_failed = self.health_check_failed  # (what its argv says)
