@@ -14,6 +14,11 @@ out instead. Now the supervisor makes a slot's copies listen again, the
 filter off, before it starts the slot's next worker outside a stop
 (listener.listen_again).
 
+The same review found the stop's replacements for a worker that dies
+while draining started back to back until the stop's deadline where one
+cannot start (72 starts in 22 s): each after the first now waits the
+slot's back-off (0.1 s doubling to 5 s), as restarts outside a stop do.
+
 Real ``l4proxy run`` processes (tests/test_drain_keepalive.py's), both
 implementations, real signals and sockets; counts, never times.
 """
@@ -125,3 +130,30 @@ def test_listen_again_undoes_what_a_drain_did_to_a_listener(port: str) -> None:
             conn, peer = lst.sock.accept()
             with conn:
                 assert peer == client.getsockname()
+
+
+def test_the_stops_replacements_for_a_worker_that_cannot_start_back_off(tmp_path: Path) -> None:
+    """SIGTERM with --drain-inbound (the listener still listening in the
+    drain), the pod's labels file gone (a worker started now exits 2:
+    its argv names it), the draining worker killed: the first worker to
+    drain its listener starts at once, each one after it after the
+    slot's back-off (0.2, 0.4, ... 5 s): within the stop's deadline
+    (--drain-duration 2 and the 10 s grace) seven at most, and the
+    sidecar exits 0. Before, about forty (as fast as they could start)."""
+    labels = tmp_path / "labels"
+    labels.write_text('app="shop"\n')
+    flags = (*FLAGS[:2], "--drain-duration", "2", "--drain-inbound", "2")
+    with running(tmp_path, "compiled-uvloop", *flags, "--pod-labels-file", str(labels)) as (
+        sidecar,
+        _,
+    ):
+        [worker] = _workers(sidecar)
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.until(lambda: "[w0] draining for up to" in sidecar.log(), "the drain")
+        labels.unlink()
+        os.kill(worker, signal.SIGKILL)
+        assert sidecar.proc.wait(timeout=WAIT + 15) == 0
+        log = sidecar.log()
+        starts = log.count("worker 0 started to drain its listeners")
+        assert 2 <= starts <= 7, log
+        assert "starting one to drain its listeners in 0.2s" in log, log

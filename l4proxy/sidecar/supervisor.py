@@ -447,13 +447,18 @@ class Supervisor:
         it would reset what their accept queues hold (see :meth:`run`). So
         does a worker's death during the stop while one of its listeners
         still listens (:meth:`_drains_anew`), as often as that happens
-        before the stop's deadline.
+        before the stop's deadline: the first at once, each after it after
+        the slot's back-off (one that cannot start is not started again and
+        again until the deadline).
         """
         slot.keeper = asyncio.current_task()
         first = True
         to_drain = False  # the stop came while the slot had no worker
         while not self.stopping or to_drain:
             try:
+                if to_drain and not self._drains_anew(slot):
+                    self._let_go(slot)  # (none listens, or the stop's deadline passed)
+                    return
                 try:
                     proc = await self.spawn(slot)
                 except Exception as exc:
@@ -496,15 +501,24 @@ class Supervisor:
                     if code != 0 and self._drains_anew(slot):
                         # Dead during the stop (as it began, or in its drain),
                         # a listener of its still listening: our copy is the
-                        # last one, its queue served by one more worker.
+                        # last one, its queue served by one more worker; at
+                        # once the first time, after the back-off where one
+                        # started to drain died too (one that cannot start
+                        # was started again and again until the deadline).
+                        delay = 0.0
+                        if to_drain:
+                            slot.backoff = min(slot.backoff * 2, 5.0)
+                            delay = slot.backoff
                         log.error(
                             "worker %d (pid %d) died with %s while draining: its "
-                            "connections were cut; starting one to drain its listeners",
+                            "connections were cut; starting one to drain its listeners%s",
                             slot.index,
                             proc.pid,
                             describe_exit(code),
+                            f" in {delay:.1f}s" if delay else "",
                         )
                         to_drain = True
+                        await self._pause_in_stop(delay)
                         continue
                     self._let_go(slot)
                     if code != 0 and not self._stop_deadline_passed():  # (past it: killed, said)
@@ -547,6 +561,12 @@ class Supervisor:
             if not _listening(lst.sock):
                 lst.sock.close()
         return any(lst.sock.fileno() != -1 for lst in slot.listeners)
+
+    async def _pause_in_stop(self, delay: float) -> None:
+        """Sleep *delay* s, the stop's deadline at the latest."""
+        if delay > 0:
+            left = self._stop_deadline() - asyncio.get_running_loop().time()
+            await asyncio.sleep(max(0.0, min(delay, left)))
 
     def _stop_deadline_passed(self) -> bool:
         deadline = self.stop_deadline
