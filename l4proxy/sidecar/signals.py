@@ -68,12 +68,15 @@ And two more, for the rest of a process's life:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (asyncio imports ssl: not before lean.keep_out, cli.main)
+    import asyncio
 
 # SIGHUP last: see hold_signals. SIGUSR1 ("reopen the access log":
 # access_log_file) is fatal by default too.
