@@ -525,6 +525,16 @@ listeners' answers say close, as ``DRAIN_DISCOURAGE``'s, for good:
 (``R.stop_seen``), whose drain follows. Before, the loop's thread served
 such a queue before the event loop had run its handler.
 
+Liveness: each turn of the loop stores its time (``R.turn_ns``, after
+``epoll_wait``, whose timeout is never past the next tick: ``TICK_S``, so
+an idle loop turns four times a second). ``stalled()`` says how long ago
+the last one began while the thread should be running: a loop stuck
+(an endless loop, a deadlock, a callback that never returns) answers
+nothing and reads no stop signal, while the worker's event loop still
+answers the supervisor's watchdog, which asks for it (``alive``:
+run._answer_supervisor) and replaces such a worker. ``hang_for_test()``
+(tests only) sleeps the thread at its next service.
+
 Ownership of file descriptors
 -----------------------------
 A client fd belongs to the hand-off queue, then to one ``Conn``, then either
@@ -550,6 +560,7 @@ cimport linux as sys_
 import os
 import socket as _socket
 import threading
+import time as _time_mod
 
 from l4proxy.dataplane import _relay_py
 from l4proxy.dataplane import accesslog as _accesslog
@@ -2028,6 +2039,7 @@ cdef struct Relay:
     int max_conns          # 0: no limit
     int64_t external_active  # the worker's other connections (atomic)
     int n_max_conns        # for refused("max_connections")
+    int64_t turn_ns        # CLOCK_MONOTONIC ns of the loop's last turn (atomic; see "Liveness")
     Other others[MAX_OTHERS]
     int n_others
     int64_t last_accept_ns # CLOCK_MONOTONIC (atomic)
@@ -8602,6 +8614,7 @@ cdef int run(Relay *R) noexcept nogil:
             timeout = 0
         n = sys_.epoll_wait_nc(R.epfd, events, MAX_EVENTS, timeout)
         now = now_s()
+        L4R_STORE(&R.turn_ns, <int64_t>(now * 1e9))  # (a turn: see "Liveness")
         if R.sigfd >= 0:  # the stop before anything else of the batch ("Stop signals")
             for i in range(n if n > 0 else 0):
                 if events[i].data.ptr == <void*>R:
@@ -8728,6 +8741,7 @@ cdef class HttpRelay:
     cdef Py_ssize_t _live_tags     # ... how many the last _sweep_tags kept
     cdef bint _started, _closed
     cdef bint _stuck               # close() left the thread running (a callback hung)
+    cdef double _test_hang         # hang_for_test(): seconds to sleep at the next service
     cdef object _buckets
     cdef object _on_stop_signal    # take_stop_signals()'s callback
     cdef object _pending_keys
@@ -9274,7 +9288,29 @@ cdef class HttpRelay:
         self.slow.start()
         self._thread = threading.Thread(target=self._run, name="l4proxy-relay", daemon=True)
         self._started = True
+        L4R_STORE(&self.R.turn_ns, <int64_t>(now_s() * 1e9))  # (its first turn is due)
         self._thread.start()
+
+    def stalled(self):
+        """Seconds since the loop's thread last began a turn, while it
+        should be running (started, not closed, alive; 0.0 otherwise), the
+        pure relay's thread this one hands requests to included (see
+        "Liveness"). Any thread."""
+        cdef double mine = 0.0
+        if self._started and not self._closed and self._thread.is_alive():
+            mine = max(0.0, _time_mod.monotonic() - L4R_LOAD(&self.R.turn_ns) / 1e9)
+        return max(mine, self.slow.stalled())
+
+    def hang_for_test(self, double seconds):
+        """Tests only (the worker's start, where ``L4PROXY_TEST_HANG_RELAY``
+        says so: Worker.start): the loop's thread sleeps
+        *seconds* at its next service, as a stuck one would (no turn, no
+        stop signal read). Any thread."""
+        self._test_hang = seconds
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.py_req = True
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
 
     def add(self, sock, origin, data=b"", requests=0, peer=None):
         """Take *sock* (an accepted client); *data*: bytes already read from
@@ -9824,6 +9860,9 @@ cdef class HttpRelay:
         cdef Relay *R = self.R
         cdef Conn *c
         cdef double now
+        if self._test_hang:  # (tests only: hang_for_test)
+            hang, self._test_hang = self._test_hang, 0.0
+            _time_mod.sleep(hang)
         if R.stop_seen:  # (see "Stop signals")
             R.stop_seen = False
             self.slow.stop_signalled()

@@ -334,6 +334,16 @@ connections (outbound) are left alone, as Envoy's ``modify_only`` egress
 listeners are. The per-request cost of both: an attribute test where an
 answer decides whether the client persists.
 
+Liveness: each turn of the loop stores its time (``_turn``; the poll's
+timeout is never past the next tick, ``_TICK``, so an idle loop turns four
+times a second). :meth:`HttpRelay.stalled` says how long ago the last one
+began while the thread should be running: a thread stuck (an endless loop,
+a deadlock, a callback that never returns) relays nothing, while the
+worker's event loop still answers the supervisor's watchdog, which asks
+for it (``alive``: run._answer_supervisor) and replaces such a worker.
+:meth:`HttpRelay.hang_for_test` (tests only) sleeps the thread at its next
+wake-up.
+
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
 set, a mirrored copy, the copies' pool's idle set, or (after a tunnel) the
@@ -741,6 +751,8 @@ class HttpRelay:
         self._discourage_next = False
         self._discourage = False
         self._stopped = False  # stop_signalled(), asked: discourage()'s, for good
+        self._turn = 0.0  # time.monotonic() of the loop's last turn (see "Liveness")
+        self._test_hang = 0.0  # hang_for_test(): seconds to sleep at the next wake-up
         self._cut = 0  # client connections close() cut (see "Drain")
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
         self._named_next: frozenset[Endpoint] | None = None  # ... and as last given
@@ -818,7 +830,24 @@ class HttpRelay:
     # -- the worker's side --------------------------------------------------
 
     def start(self) -> None:
+        self._turn = time.monotonic()  # (its first turn is due)
         self._thread.start()
+
+    def stalled(self) -> float:
+        """Seconds since the loop's thread last began a turn, while it
+        should be running (started, not stopped, alive; 0.0 otherwise: see
+        "Liveness"). Any thread."""
+        if self._stop or not self._thread.is_alive():
+            return 0.0
+        return max(0.0, time.monotonic() - self._turn)
+
+    def hang_for_test(self, seconds: float) -> None:
+        """Tests only (the worker's start, where ``L4PROXY_TEST_HANG_RELAY``
+        says so: Worker.start): the loop's thread sleeps
+        *seconds* at its next wake-up, as a stuck one would. Any thread."""
+        with self._lock:
+            self._test_hang = seconds
+        self._wake()
 
     def add(
         self,
@@ -1035,7 +1064,7 @@ class HttpRelay:
                 if self._kicks:  # (kicked while served: a connect that failed at once)
                     wake = 0.0
                 events = self.ep.poll(max(0.0, wake - time.monotonic()), 256)
-                now = time.monotonic()
+                now = self._turn = time.monotonic()  # (a turn: see "Liveness")
                 # Whose each event is, as the batch starts: a number closed
                 # and reused within the batch (a connect) must not get the
                 # old socket's event.
@@ -1085,6 +1114,9 @@ class HttpRelay:
             settings, self._settings_next = self._settings_next, None
             drain, spread = self._drain_next, self._spread_next
             discourage = self._discourage_next or self._stopped
+            hang, self._test_hang = self._test_hang, 0.0
+        if hang:  # (tests only: hang_for_test)
+            time.sleep(hang)
         if named is not None and not stop:
             self._retain(named)
         if (drain != self._drain or discourage != self._discourage) and not stop:

@@ -485,7 +485,8 @@ def add_parser(sub: Any) -> None:
         type=seconds_or_zero,
         default=15.0,
         metavar="SECONDS",
-        help="restart a worker that has not answered the supervisor for this long (15; 0: off)",
+        help="restart a worker that has not answered the supervisor for this long, or "
+        "whose relay thread has not turned for this long (15; 0: off)",
     )
     p.add_argument(
         "--watchdog-start-timeout",
@@ -978,11 +979,18 @@ def _heard_first(sig: int, heard: Callable[[], None]) -> None:
 
 
 async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
-    """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit."""
+    """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit.
+
+    ``alive`` (the watchdog's ping) answers how many seconds the relay's
+    thread has gone without a turn while it should be running (0.0: it
+    turns, or there is none; Worker.relay_stalled): an event loop that
+    answers says nothing of a relay thread that is stuck."""
 
     async def handle(op: str) -> Any:
         if op == "ready":
             return await view.ready()
+        if op == "alive":
+            return view.worker.relay_stalled()
         if op == "stats":
             return await view.stats_raw()
         if op == "config_dump":

@@ -25,7 +25,11 @@ signals included) and any failure to spawn (EMFILE, ENOMEM) is logged and
 retried with the same back-off, so a slot is never left empty for good.
 
 A worker that stops answering its control socket for ``--watchdog-timeout``
-seconds (hung, not dead) is killed, and so restarted. The watchdog too
+seconds (hung, not dead) is killed, and so restarted; so is one that
+answers while its per-request relay's thread has gone that long without a
+turn (stuck: an endless loop, a deadlock; its answer to the watchdog's
+``alive`` says so: the relays' "Liveness"), which serves nothing and, in the
+compiled relay, never reads the SIGTERM it alone hears. The watchdog too
 logs whatever one check raises and goes on. A worker that writes a malformed
 frame on its control socket is replaced at once (channel explains why).
 
@@ -924,7 +928,9 @@ class Supervisor:
 
         A worker whose event loop is stuck still holds its listening socket and
         accepts nothing: to the pod that is as bad as a crash, and no exit
-        status would ever tell us.
+        status would ever tell us. Nor does an event loop that answers
+        while the relay's thread is stuck: ``alive`` says how long that
+        thread has gone without a turn, and one stuck as long is killed.
         """
         limit = self.args.watchdog_timeout
         if limit <= 0:
@@ -950,8 +956,20 @@ class Supervisor:
             del silent[pid]
         if proc is None or proc.returncode is not None or self.stopping:
             return
-        if await self.ask(slot, "ready", timeout=interval) is not None:
+        stalled = await self.ask(slot, "alive", timeout=interval)
+        if stalled is not None:
             silent.pop(proc.pid, None)
+            # It answered: its event loop turns. Its relay's thread (the
+            # per-request relay's own) may not: stuck, it serves nothing
+            # and never hears a stop; a hung worker all the same.
+            if isinstance(stalled, (int, float)) and stalled >= limit and proc.returncode is None:
+                log.error(
+                    "worker %d (pid %d): its relay thread has not turned for %.1fs; killing it",
+                    slot.index,
+                    proc.pid,
+                    stalled,
+                )
+                proc.kill()
             return
         first = silent.setdefault(proc.pid, time.monotonic())
         # A worker answers once its rules are loaded and its relays started:

@@ -634,6 +634,7 @@ class Worker:
         self._all_listeners = list(self.listeners)
         if self.relay is not None:
             self.relay.start()
+            _test_hang_relay(self.relay)
         if relay_accepts and self.opts.max_connections:
             self._loop.call_soon(self._tell_relay_external)
 
@@ -1032,6 +1033,12 @@ class Worker:
         accepting: Any = self.relay  # the compiled twin (see start())
         accepting.set_external_active(self.pump.active + len(self.handshakes))
         self._loop.call_later(0.05, self._tell_relay_external)
+
+    def relay_stalled(self) -> float:
+        """Seconds the per-request relay's thread has gone without a turn
+        while it should be running (0.0: it turns, or there is none): the
+        watchdog's ``alive`` (run._answer_supervisor; the relays' "Liveness")."""
+        return float(self.relay.stalled()) if self.relay is not None else 0.0
 
     def relay_active(self) -> int:
         return self.relay.active() if self.relay is not None else 0
@@ -2928,6 +2935,23 @@ async def _linger_close(conn: socket.socket, timeout: float) -> None:
         pass
     finally:
         conn.close()
+
+
+def _test_hang_relay(relay: HttpRelay) -> None:
+    """Tests only: ``L4PROXY_TEST_HANG_RELAY=PATH:SECONDS`` (read once, at
+    the start) has the relay's thread sleep SECONDS at once, as a stuck one
+    would (HttpRelay.hang_for_test), in the one worker that removes PATH:
+    its successors serve."""
+    spec = os.environ.get("L4PROXY_TEST_HANG_RELAY")
+    if not spec:
+        return
+    path, _, seconds = spec.rpartition(":")
+    try:
+        os.unlink(path)
+    except OSError:
+        return
+    log.warning("L4PROXY_TEST_HANG_RELAY: the relay's thread sleeps %ss", seconds)
+    relay.hang_for_test(float(seconds))
 
 
 def _reset(conn: socket.socket) -> None:
