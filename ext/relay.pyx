@@ -552,11 +552,12 @@ from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen
 from libc.errno cimport (
-    ECONNABORTED, EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno,
+    ECONNABORTED, EAGAIN, EINPROGRESS, EINTR, EINVAL, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno,
 )
 
 cimport linux as sys_
 
+import logging
 import os
 import socket as _socket
 import threading
@@ -592,6 +593,8 @@ from l4proxy.dataplane._peek_py import RequestHead
 from l4proxy.dataplane._pool_py import COUNTERS as _POOL_COUNTERS
 from l4proxy.dataplane._pool_py import PoolOptions, checked_endpoint_settings
 from l4proxy.dataplane.peek import parse_head
+
+_log = logging.getLogger("l4proxy.worker")
 from l4proxy.dataplane.verdict import TEST_KINDS as _TEST_KIND_NAMES
 from l4proxy.dataplane.verdict import BACKOFF_MAX_FACTOR, FAULT_ABORT_BODY, FAULT_SCALE, Choice, Verdict
 from l4proxy.dataplane.verdict import (
@@ -697,6 +700,7 @@ cdef int ST_NONE = -1
 
 cdef double TICK_S = 0.25
 cdef double FLUSH_S = 1.0
+cdef double NOT_LISTENING_PAUSE_S = 1.0  # a listener accept() says EINVAL of: not watched
 cdef double LINGER_S = 2.0
 cdef double DRAIN_FRESH_S = 1.0  # a drain leaves a connection this young for its first head
 cdef double STALE_S = 1.0  # how long past its ttl a verdict serves while refilled
@@ -1840,8 +1844,9 @@ cdef struct Lst:
     bint gateway           # its connections go to this relay, origin gw_origin
     uint32_t gw_origin
     bint removed
-    double paused_until    # out of fds: not watched until then
+    double paused_until    # out of fds, or not listening: not watched until then
     int64_t accepted       # since the last report
+    int einval             # accept() said EINVAL (it does not listen): 1 to say, 2 said
 
 cdef struct Other:
     int fd
@@ -2039,6 +2044,7 @@ cdef struct Relay:
     int max_conns          # 0: no limit
     int64_t external_active  # the worker's other connections (atomic)
     int n_max_conns        # for refused("max_connections")
+    int n_not_listening    # listeners whose accept() said EINVAL, to say (Python logs)
     int64_t turn_ns        # CLOCK_MONOTONIC ns of the loop's last turn (atomic; see "Liveness")
     Other others[MAX_OTHERS]
     int n_others
@@ -7569,6 +7575,16 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
                 l.paused_until = now + 0.1
                 sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, l.fd, &ev)
                 l.mask = 0
+            elif errno == EINVAL:
+                # It does not listen (shut down: a drain's retired listener;
+                # its hang-up keeps it readable): not watched for a second
+                # rather than spin on it, said once (Python: _service)
+                l.paused_until = now + NOT_LISTENING_PAUSE_S
+                sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, l.fd, &ev)
+                l.mask = 0
+                if l.einval == 0:
+                    l.einval = 1
+                    R.n_not_listening += 1
             return
         l.accepted += 1
         L4R_STORE(&R.last_accept_ns, <int64_t>(now * 1e9))
@@ -8688,7 +8704,8 @@ cdef int run(Relay *R) noexcept nogil:
             R.next_flush = now + FLUSH_S
             R.flush_due = R.rows_used > 0 or R.n_lsts > 0
         if (R.need_head != NULL or R.flush_due or R.n_outcomes or R.n_head_timeouts
-                or R.n_fd_limit or R.n_others or R.n_max_conns or py_req or R.stop_seen):
+                or R.n_fd_limit or R.n_others or R.n_max_conns or py_req or R.stop_seen
+                or R.n_not_listening):
             return 1
 
 
@@ -9815,6 +9832,20 @@ cdef class HttpRelay:
             for ev in waiters:
                 ev.set()
 
+    cdef _say_not_listening(self):
+        """A listener whose accept() said EINVAL (it does not listen) is
+        said once, and watched again each NOT_LISTENING_PAUSE_S (accept_on)."""
+        cdef Relay *R = self.R
+        cdef int i
+        R.n_not_listening = 0
+        for i in range(R.n_lsts):
+            if R.lsts[i].einval == 1:
+                R.lsts[i].einval = 2
+                _log.warning(
+                    "accept on listener %d failed: [Errno %d] %s (it does not listen); "
+                    "watched again each %.0fs, said once",
+                    R.lsts[i].index, EINVAL, os.strerror(EINVAL), NOT_LISTENING_PAUSE_S)
+
     cdef int _shutdown(self):
         """Close everything; how many client connections it cut (not those
         closing after their last answer, sent whole: see "Drain")."""
@@ -9863,6 +9894,8 @@ cdef class HttpRelay:
         if self._test_hang:  # (tests only: hang_for_test)
             hang, self._test_hang = self._test_hang, 0.0
             _time_mod.sleep(hang)
+        if R.n_not_listening:
+            self._say_not_listening()
         if R.stop_seen:  # (see "Stop signals")
             R.stop_seen = False
             self.slow.stop_signalled()

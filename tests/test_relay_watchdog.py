@@ -11,6 +11,10 @@ turn stores its time; an idle one turns four times a second), and one
 stuck for ``--watchdog-timeout`` is killed and restarted. A stop while it
 is stuck ends at the stop's deadline (the supervisor kills it there).
 
+And an accept loop on a listener that no longer listens (accept() says
+EINVAL; its hang-up keeps it readable) pauses it and says so once, in both
+twins, where the compiled one spun and the pure one logged each turn.
+
 Real ``l4proxy run`` processes (tests/test_drain_keepalive.py's), the relay
 thread hung through the test hook ``L4PROXY_TEST_HANG_RELAY=PATH:SECONDS``
 (read once at a worker's start: the one worker that removes PATH sleeps its
@@ -19,13 +23,17 @@ relay's thread, as a stuck one would; its successors serve).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import _skip_or_fail
 from tests.mesh import IMPLS
 from tests.test_drain_keepalive import GET, WAIT, Sidecar, read_answer, running
 
@@ -99,3 +107,69 @@ def test_a_stop_ends_while_the_relay_thread_is_stuck(
         assert len(_workers(sidecar)) == 1, log
         if impl == "compiled-uvloop":
             assert "worker 0 still draining at the deadline: killed" in log, log
+
+
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438  # x86_64 and aarch64 alike
+
+
+def _listener_copy(pid: int, port: int) -> socket.socket:
+    """A copy (pidfd_getfd) of *pid*'s socket listening on *port*."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    fd_dir = f"/proc/{pid}/fd"
+    target = next(
+        int(n) for n in os.listdir(fd_dir) if os.readlink(f"{fd_dir}/{n}")[8:-1] in inodes
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=fd)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of every thread of *pid*, in clock ticks."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_an_accept_loop_on_a_listener_that_stopped_listening_pauses(
+    tmp_path: Path, impl: str
+) -> None:
+    """The worker's listener shut down from outside (shutdown(SHUT_RD) on a
+    copy: it listens no more, its hang-up keeps it readable, accept() says
+    EINVAL): the worker says so once and watches it again each second,
+    where the compiled relay's loop spun on it (a core) and the pure
+    worker's logged a line each turn. Over 3 s: one line, and the worker
+    spends under a second of CPU."""
+    if os.geteuid() != 0:
+        _skip_or_fail("pidfd_getfd(2) on the supervisor needs root here")
+    with running(tmp_path, impl, "--workers", "1") as (sidecar, _):
+        [worker] = _workers(sidecar)
+        sidecar.until(lambda: "[w0] " in sidecar.log(), "w0 up")
+        copy = _listener_copy(sidecar.proc.pid, sidecar.listen[1])
+        try:
+            copy.shutdown(socket.SHUT_RD)
+            sidecar.until(lambda: "(it does not listen)" in sidecar.log(), "the EINVAL said")
+            before = _cpu_ticks(worker)
+            time.sleep(3.0)
+            spent = _cpu_ticks(worker) - before
+        finally:
+            copy.close()
+        log = sidecar.log()
+        assert log.count("(it does not listen)") == 1, log
+        assert spent < os.sysconf("SC_CLK_TCK"), spent  # (spinning: about 3 s of it)
+        assert _workers(sidecar) == [worker]

@@ -171,6 +171,7 @@ MAX_ATTEMPTS = 3  # endpoints tried per connection before giving up
 LINGER_SECONDS = 2.0  # after an error answer: how long to swallow what still comes
 # accept()/socket() errors that mean "this process (or the system) is out of fds"
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+NOT_LISTENING_PAUSE_S = 1.0  # a listener accept() says EINVAL of: not watched that long
 # A listener being closed (stop_accepting) takes what completes in its accept
 # queue until the kernel holds no handshake under way for its port (SYN-RECV,
 # asked of sock_diag each RETIRE_POLL_S), for this long at most (and within
@@ -470,6 +471,7 @@ class Worker:
         self._reports_due = False  # a _drain_reports is scheduled
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
+        self._not_listening_said: set[str] = set()  # listeners accept() said EINVAL of (logged)
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
         self._relay_listeners: dict[int, int] = {}  # fd -> index: the relay accepts there
         self._all_listeners: list[Listener] = []  # by the index the relay knows
@@ -1148,6 +1150,21 @@ class Worker:
                         )
                     self._pause_accept(lst)
                     return
+                if exc.errno == errno.EINVAL:
+                    # It does not listen (shut down: a drain's retired
+                    # listener, whose hang-up keeps it readable): watched
+                    # again each second rather than spun on, said once.
+                    if lst.name not in self._not_listening_said:
+                        self._not_listening_said.add(lst.name)
+                        log.warning(
+                            "accept on %s failed: %s (it does not listen); "
+                            "watched again each %.0fs, said once",
+                            lst.name,
+                            exc,
+                            NOT_LISTENING_PAUSE_S,
+                        )
+                    self._pause_accept(lst, NOT_LISTENING_PAUSE_S)
+                    return
                 log.warning("accept on %s failed: %s", lst.name, exc)
                 return
             self._accepted(conn, peer, lst)
@@ -1208,7 +1225,7 @@ class Worker:
             self._take_reserve()
         return shed
 
-    def _pause_accept(self, lst: Listener) -> None:
+    def _pause_accept(self, lst: Listener, pause: float = 0.1) -> None:
         assert self._loop is not None
         fd = lst.sock.fileno()
         self._loop.remove_reader(fd)
@@ -1218,7 +1235,7 @@ class Worker:
             if lst in self.listeners and lst.sock.fileno() == fd:  # not closed meanwhile
                 self._loop.add_reader(fd, self._on_acceptable, lst)  # type: ignore[union-attr]
 
-        self._loop.call_later(0.1, resume)
+        self._loop.call_later(pause, resume)
 
     def _straight_to_relay(self, conn: socket.socket, lst: Listener, peer: Any) -> bool:
         """Hand *conn* to the per-request relay now, when the table says so
