@@ -7570,7 +7570,10 @@ cdef void accept_on(Relay *R, Lst *l, double now) noexcept nogil:
                 continue
             if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
                 n = shed(R, l) if (errno == EMFILE or errno == ENFILE) else 0
-                R.n_fd_limit += n if n > 0 else 1
+                # the connections reset, each once (an EMFILE with nothing
+                # waiting refused nobody: Linux takes the fd first; see the
+                # worker's _on_acceptable)
+                R.n_fd_limit += n
                 # not watched for 100 ms rather than spin on a readable listener
                 l.paused_until = now + 0.1
                 sys_.epoll_ctl(R.epfd, sys_.EPOLL_CTL_DEL, l.fd, &ev)

@@ -1136,8 +1136,13 @@ class Worker:
                 # the reserve fd), rather than leave clients hanging there, and
                 # back off briefly rather than spin on a readable listener.
                 if exc.errno in (*FD_EXHAUSTED, errno.ENOBUFS, errno.ENOMEM):
+                    # Counted: the connections reset, each once. Linux takes
+                    # the new fd before it looks at the queue: an EMFILE with
+                    # nothing waiting refused nobody; what waits while there
+                    # is no reserve fd is counted when reset (or served) later.
                     shed = self._shed(lst) if exc.errno in FD_EXHAUSTED else 0
-                    self.counters.inc("l4proxy_refused_total", max(shed, 1), reason="fd_limit")
+                    if shed:
+                        self.counters.inc("l4proxy_refused_total", shed, reason="fd_limit")
                     now = time.monotonic()
                     if now - self._fd_limit_logged > 10:
                         self._fd_limit_logged = now
