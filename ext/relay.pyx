@@ -9705,13 +9705,20 @@ cdef class HttpRelay:
         its writer: after close(access_log=False), on the thread that calls
         access_log_line() (the worker's loop), once that sends no more."""
         cdef int flushed
-        if self.R.alog != NULL:
-            with nogil:
-                flushed = alog_flush(self.R.alog, 1.0)
-            self._log_counts()  # (kept: stats() after close(), the last batch's drops too)
-            with nogil:
-                alog_close(self.R.alog, 1.0 if flushed else 0.0)
-            self.R.alog = NULL
+        cdef l4_alog *a = self.R.alog
+        if a == NULL or self._stuck:  # (stuck: its thread may push yet; left, see close())
+            return
+        with nogil:
+            flushed = alog_flush(a, 1.0)
+        self._log_counts()  # (kept: stats() after close(), the last batch's drops too)
+        # Forgotten before it is freed, the GIL held: _log_sink, the pure
+        # relay's thread (still running where its close() gave up joining
+        # it), holds the GIL from its read of R.alog to its push's end, so
+        # it pushed before this or finds NULL, never a writer alog_close()
+        # frees under it (its push hung on the freed lock, the GIL held)
+        self.R.alog = NULL
+        with nogil:
+            alog_close(a, 1.0 if flushed else 0.0)
 
     def reopen_access_log(self, int fd):
         """The access log's writer writes to *fd*'s file from now on
@@ -9736,7 +9743,8 @@ cdef class HttpRelay:
         self._log_sink(line)
 
     def _log_sink(self, bytes line):
-        """The pure relay's lines (its thread): to this relay's buffer."""
+        """The pure relay's lines (its thread): to this relay's buffer; the
+        GIL held throughout (see close_access_log())."""
         cdef l4_alog *a = self.R.alog if self.R != NULL else NULL
         if a != NULL:
             alog_push(a, PyBytes_AS_STRING(line), <size_t>PyBytes_GET_SIZE(line))
