@@ -146,9 +146,17 @@ def done_with_signals(loop: asyncio.AbstractEventLoop) -> None:
     way to SIG_IGN, where closing the loop would restore the default action,
     fatal to a process that is only exiting now (a SIGHUP or SIGUSR1 the
     supervisor forwarded, a second SIGTERM)."""
+    # SIG_IGN first, and never the loop's remove_signal_handler(): it sets
+    # SIG_DFL before we could set SIG_IGN, and a storm's signal in between
+    # killed the process all the same (a CI run: a worker "died with signal
+    # 10 (SIGUSR1) while draining"). uvloop restores nothing at its close;
+    # asyncio's close() would restore SIG_DFL for each handler it holds, so
+    # it is told it holds none.
     for sig in (*HELD, *IGNORED):
-        loop.remove_signal_handler(sig)  # (SIG_DFL: a few instructions)
         signal.signal(sig, signal.SIG_IGN)
+    handlers = getattr(loop, "_signal_handlers", None)  # (asyncio's; uvloop's is not visible)
+    if isinstance(handlers, dict):
+        handlers.clear()
 
 
 @contextmanager
