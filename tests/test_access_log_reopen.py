@@ -28,7 +28,7 @@ import pytest
 from tests._scripted import Scripted, _response, _status
 from tests._worker import gateway_service
 from tests.mesh import IMPLS
-from tests.test_run_cli import L4PROXY, _free_ports, _get
+from tests.test_run_cli import L4PROXY, _get
 
 
 class Sidecar:
@@ -78,29 +78,39 @@ def sidecar(
     backend = Scripted([])
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(backend.endpoint[1]))
-    admin, port = _free_ports(2)
     env_extra, impl_args = IMPLS[impl]
     err = tmp_path / "stderr"
     with err.open("wb") as err_file:
         proc = subprocess.Popen(
             [
                 *prefix,
-                *(L4PROXY, "run", "--no-transparent", "--listen", f"127.0.0.1:{port}"),
-                *("--admin", f"127.0.0.1:{admin}", "--rules", str(rules)),
+                # (port 0, read back from its first line: a port found free
+                # and bound later may be another test's by then)
+                *(L4PROXY, "run", "--no-transparent", "--listen", "127.0.0.1:0"),
+                *("--admin", "127.0.0.1:0", "--rules", str(rules)),
                 *("--log-level", "debug", *impl_args, *extra),
             ],
             stdout=subprocess.DEVNULL,
             stderr=err_file,
             env={**os.environ, **env_extra},
         )
-    car = Sidecar(proc, port, admin, err)
+    car = Sidecar(proc, 0, 0, err)
     try:
         if callable(on_start):
             on_start(car)
         deadline = time.monotonic() + 30
+        while True:  # the supervisor's (or a lone worker's) line says where it listens
+            bound = re.search(
+                r"listening: gateway:127\.0\.0\.1:(\d+); admin 127\.0\.0\.1:(\d+)", car.stderr()
+            )
+            if bound:
+                car.port, car.admin = int(bound[1]), int(bound[2])
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, car.stderr()
+            time.sleep(0.02)
         while True:  # ready: every worker loaded its rules
             with suppress(OSError):
-                if _get(f"http://127.0.0.1:{admin}/ready")[0] == 200:
+                if _get(f"http://127.0.0.1:{car.admin}/ready")[0] == 200:
                     break
             assert time.monotonic() < deadline and proc.poll() is None, car.stderr()
             time.sleep(0.05)
