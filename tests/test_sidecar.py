@@ -569,7 +569,7 @@ def test_churn_soak_connection_close(mesh: Mesh, impl: str, routing: str) -> Non
     while mesh.sidecar.fd_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.2)
     assert mesh.sidecar.fd_count() <= baseline, (
-        f"before:\n{before}\nafter:\n{mesh.sidecar.open_fds()}"
+        f"before:\n{before}\nafter:\n{mesh.sidecar.counted}\n{mesh.sidecar.sockets()}"
     )
     assert mesh.sidecar.stat("l4proxy_active_connections") <= 1  # the admin query itself
     # still serving after the churn
