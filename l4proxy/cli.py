@@ -6,14 +6,58 @@ invalid or the operation failed, 2 usage error or unreadable input.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import math
+import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
 
-from l4proxy import __version__
+# ``l4proxy run``'s signals, blocked before this module imports anything
+# (see _hold_at_first_step): its names, as l4proxy.sidecar.signals' HELD and
+# IGNORED (a test checks that they agree).
+START_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP", "SIGUSR2")
+_mask_before: set[int] | None = None  # (blocked by _hold_at_first_step: the mask before)
+
+
+def _starts_run(argv: Sequence[str]) -> bool:
+    """Whether *argv* (sys.argv) is ``l4proxy run`` through its entry points:
+    the console script (``l4proxy``) or ``python -m l4proxy`` (a worker)."""
+    entry = argv[0] if argv else ""
+    ours = os.path.basename(entry) == "l4proxy" or entry.endswith(
+        os.path.join("l4proxy", "__main__.py")
+    )
+    return ours and next((a for a in argv[1:] if not a.startswith("-")), None) == "run"
+
+
+def _hold_at_first_step() -> None:
+    """The sidecar's processes block the signals they handle at their entry
+    point's first step, the import of this module, before anything it
+    imports (the imports up to their handlers, :func:`main`'s
+    ``hold_signals``, took 12 to 40 ms on a busy two-core machine): a
+    SIGHUP or SIGUSR1 meanwhile (a
+    kubelet's reload script, logrotate) took its default action and killed
+    the sidecar, a SIGTERM killed it undrained (or, to PID 1, was lost). A
+    signal blocked stays pending, and reaches the handlers that
+    ``hold_signals`` installs before it unblocks them (signals). Only the
+    builtin ``_signal``, which the interpreter's start loaded: nothing is
+    imported before the block. The interpreter's own start-up, before any
+    of this runs, is no code's of ours (signals)."""
+    global _mask_before
+    if _mask_before is not None or not _starts_run(sys.argv):
+        return
+    sig = sys.modules.get("_signal")
+    if sig is None:  # (an interpreter that installs no signal handlers)
+        return
+    wanted = {getattr(sig, name) for name in START_SIGNALS}
+    _mask_before = set(sig.pthread_sigmask(sig.SIG_BLOCK, wanted))
+
+
+_hold_at_first_step()
+
+import argparse  # noqa: E402  (after the block: see _hold_at_first_step)
+import importlib  # noqa: E402
+import math  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+from l4proxy import __version__  # noqa: E402
 
 # -- argument types shared by the subcommands (argparse: a bad value exits 2,
 # one line naming the flag) -------------------------------------------------------
@@ -144,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hold_signals()  # first (signals): a SIGTERM to a starting PID 1 was lost
         keep_out()
+    elif _mask_before is not None:  # (held for a run that is not one: as they were)
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before)
     parser = build_parser(first if first in SUBCOMMANDS else None)
     args = parser.parse_args(args_list)
     args.raw_argv = args_list  # the supervisor restarts workers with the same arguments

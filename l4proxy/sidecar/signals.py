@@ -17,12 +17,19 @@ namespace (a container without an init), *discards* the signal: the kernel
 delivers nothing to PID 1 that it has no handler for, and a SIGTERM in the
 supervisor's first tens of milliseconds was lost; it ran until the SIGKILL.
 
-Two rules close those windows:
+Three rules close those windows:
 
+* A process blocks the four (and :data:`IGNORED`) at its entry point's
+  first step, before it imports anything (``l4proxy.cli``'s first
+  statement, for the console script and ``python -m l4proxy`` alike:
+  ``cli._hold_at_first_step``), where before it had handlers only once
+  the imports up to :func:`hold_signals` were done, 12 to 40 ms later: a
+  SIGHUP or SIGUSR1 meanwhile killed the sidecar, a SIGTERM killed it
+  undrained. A signal blocked stays pending until the handlers exist.
 * A process installs its handlers for the four before anything else it
-  runs (:func:`hold_signals`: ``l4proxy run``'s first step, in
-  :func:`l4proxy.cli.main`). Until the event loop takes over, they only
-  record what came: the worker reloads once after its first load if a
+  runs after those imports (:func:`hold_signals`: ``l4proxy run``'s first
+  step, in :func:`l4proxy.cli.main`), then unblocks them. Until the event
+  loop takes over, they only record what came: the worker reloads once after its first load if a
   SIGHUP arrived during it (a request before that load needs nothing: the
   load reads the latest rules), reopens its access log if a SIGUSR1 did,
   and a process that recorded a SIGTERM or SIGINT stops as soon as its
@@ -34,9 +41,12 @@ Two rules close those windows:
   exist stays pending in the kernel instead of killing it, and is delivered
   to them the moment :func:`hold_signals` unblocks it. The interpreter's
   own start-up (before any of our code runs) is covered this way too, which
-  no handler could do. (The supervisor's own interpreter start-up is not:
-  as PID 1, a SIGTERM in its first milliseconds, before any Python code
-  runs, is still discarded; an init such as tini closes that too.)
+  no handler could do. (The supervisor's own interpreter start-up is not,
+  its first 20 to 30 ms, before any code of ours runs: as PID 1 of its
+  container a signal then is discarded, SIGTERM included, as the kernel
+  does for a namespace's init without a handler; otherwise a SIGHUP or
+  SIGUSR1 then still takes its default action. A parent that starts it
+  with them blocked closes that too.)
 
 Once a worker serves, a stop must reach what serves before it serves
 anything more, or a worker paused when the SIGTERM came (SIGSTOP, a CPU
