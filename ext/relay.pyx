@@ -9566,9 +9566,14 @@ cdef class HttpRelay:
         listener's connection says close (see "Stop signals"); the pure
         relay's too (any thread; applied on the loop's). The drain
         follows (drain())."""
-        self.slow.stop_signalled()
+        self.slow.stop_signalled()  # (lock-free: see the pure twin's)
         if self._closed:
             return
+        # A signal's Python handler calls this (run._heard_first, where the
+        # relay has no signalfd), between two instructions of the main
+        # thread: safe because no thread holds R.lock while Python code
+        # runs (each hold is a few C statements, the GIL never taken or
+        # given up in one). Keep it so (tests/test_stop_signal_handler.py).
         sys_.pthread_mutex_lock(&self.R.lock)
         self.R.drain_req |= DRAIN_STOPPED
         sys_.pthread_mutex_unlock(&self.R.lock)
