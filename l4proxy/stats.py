@@ -465,6 +465,10 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
         _C,
         "Access log writes that failed, their lines lost.",
     ),
+    "l4proxy_access_log_reopen_failures_total": (
+        _C,
+        "Access log reopens (SIGUSR1) that failed, the lines going on to the file open before.",
+    ),
     "istio_request_duration_milliseconds": (
         "histogram",
         "Request durations by source, destination and response code (ms).",

@@ -7,8 +7,9 @@ request's line is in one file exactly once: those before the signal in the
 renamed file, those after it in the new one; no worker restarted, and no
 process keeps the renamed file open (its fd inherited or opened, as its
 writer's, points at the new one). A path
-that cannot be reopened is said and the lines go on to the old file; a
-SIGUSR1 storm while the workers start kills nothing.
+that cannot be reopened is said (once until a reopen succeeds, each
+failure counted) and the lines go on to the old file; a SIGUSR1 storm
+while the workers start kills nothing.
 """
 
 from __future__ import annotations
@@ -243,3 +244,52 @@ def test_a_sigusr1_storm_while_workers_start_kills_nothing(tmp_path: Path) -> No
         car.proc.terminate()
         assert car.proc.wait(timeout=60) == 0, car.stderr()
     assert _markers(log_file) == ["m-0"]
+
+
+def _reopen_failures(car: Sidecar) -> int:
+    stats = _get(f"http://127.0.0.1:{car.admin}/stats?filter=reopen_failures")[1]
+    found = re.search(r"^l4proxy_access_log_reopen_failures_total (\d+)", stats, re.M)
+    assert found, stats
+    return int(found[1])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", [("--workers", "2"), ("--single-process",)], ids=["2", "single"])
+def test_a_failing_reopen_is_said_once_until_one_succeeds(
+    impl: str, mode: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Ten SIGUSR1 into a path that cannot be opened: said once, counted
+    ten times (before: ten error lines); the path fixed, the next reopen
+    says it recovered and the lines go to the new file; failing again is
+    said again."""
+    log_file = tmp_path / "access.log"
+    # (at error; each failure is said at debug, the level these sidecars log at)
+    cannot = "ERROR l4proxy.accesslog: SIGUSR1: --access-log"
+    with sidecar(tmp_path, impl, *mode, "--access-log", str(log_file)) as car:
+        assert _reopen_failures(car) == 0
+        log_file.rename(tmp_path / "access.log.1")
+        log_file.mkdir()  # (open() for writing: EISDIR)
+        for n in range(1, 11):  # (one at a time: signals sent at once coalesce)
+            car.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 20
+            while _reopen_failures(car) < n:
+                assert time.monotonic() < deadline, car.stderr()
+                time.sleep(0.02)
+        assert _reopen_failures(car) == 10
+        assert car.stderr().count(cannot) == 1, car.stderr()
+        assert car.stderr().count("cannot reopen it: Is a directory") == 10
+        log_file.rmdir()
+        car.proc.send_signal(signal.SIGUSR1)
+        car.wait_said(f"--access-log {log_file}: reopened again, after 10 reopen(s) that failed")
+        assert car.request("m-0") == 200
+        car.wait_lines(1)
+        log_file.rename(tmp_path / "access.log.2")
+        log_file.mkdir()
+        car.proc.send_signal(signal.SIGUSR1)
+        car.wait_said(cannot, 2)  # (failing anew: said anew)
+        assert _reopen_failures(car) == 11
+        assert car.proc.poll() is None
+        car.proc.terminate()
+        assert car.proc.wait(timeout=60) == 0, car.stderr()
+    assert _markers(tmp_path / "access.log.2") == ["m-0"]
+    assert car.stderr().count(cannot) == 2, car.stderr()

@@ -22,6 +22,15 @@ this, SIGUSR1's default action killed the sidecar.
 The reopen runs as the sidecar's user (1337 once privileges dropped): a
 PATH it cannot create or open is reported, and the lines go on to the file
 open before. Standard output (``-``, /dev/stdout) has nothing to reopen.
+
+A reopen that fails is said once per process (the supervisor; a worker
+whose own reopen fails: no fd to spare), and again only when its reason
+changes, until one succeeds, which is said with how many failed
+(:func:`reopen_access_log`): a SIGUSR1 storm (logrotate's ``postrotate``
+for many logs, a script in a loop) into a directory the sidecar cannot
+write said one error line per signal, where the log's reader wants one.
+``l4proxy_access_log_reopen_failures_total`` counts each
+(:func:`reopen_failures`: the supervisor's and its workers', summed).
 """
 
 from __future__ import annotations
@@ -33,6 +42,18 @@ from collections.abc import Callable
 log = logging.getLogger("l4proxy.accesslog")
 
 STDOUT = ("-", "/dev/stdout")
+
+REOPEN_FAILURES = "l4proxy_access_log_reopen_failures_total"
+
+# This process's reopens that failed: in all, and by path since the last
+# that did not (how many, the last reason said): said once (_cannot)
+_failures_total = 0
+_failing: dict[str, tuple[int, str]] = {}
+
+
+def reopen_failures() -> int:
+    """Reopens that failed in this process since its start."""
+    return _failures_total
 
 
 def open_access_log(path: str) -> int:
@@ -56,7 +77,8 @@ def reopen_access_log(path: str | None, point: Callable[[int], object], own_fd: 
     deleted, for good) and hand it to *point*, which duplicates it onto the
     fds that write the log (the fd stays ours and is closed here). Whether
     it was reopened: no --access-log, standard output, or a path that
-    cannot be opened (said at error) is not."""
+    cannot be opened (said at error, once until a reopen of it succeeds
+    or its reason changes; counted: :func:`reopen_failures`) is not."""
     if path is None:
         log.info("SIGUSR1: no --access-log to reopen")
         return False
@@ -77,14 +99,27 @@ def reopen_access_log(path: str | None, point: Callable[[int], object], own_fd: 
         return False
     finally:
         os.close(fd)
+    failed, _ = _failing.pop(path, (0, ""))
+    if failed:
+        log.info(
+            "SIGUSR1: --access-log %s: reopened again, after %d reopen(s) that failed",
+            path,
+            failed,
+        )
     return True
 
 
 def _cannot(path: str, exc: OSError) -> None:
-    log.error(
+    global _failures_total
+    _failures_total += 1
+    reason = exc.strerror or str(exc)
+    failed, said = _failing.get(path, (0, ""))
+    _failing[path] = (failed + 1, reason)
+    (log.debug if failed and reason == said else log.error)(
         "SIGUSR1: --access-log %s: cannot reopen it: %s (as uid %d); its lines go on to "
-        "the file open before",
+        "the file open before (said once until a reopen succeeds; %s counts them)",
         path,
-        exc.strerror,
+        reason,
         os.getuid(),
+        REOPEN_FAILURES,
     )

@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from l4proxy import __version__
 from l4proxy.sidecar._stats_wire import encode_sample, in_slices
+from l4proxy.sidecar.access_log_file import REOPEN_FAILURES, reopen_failures
 from l4proxy.sidecar.loglevels import apply_log_levels, log_spec, logging_changes, logging_text
 from l4proxy.stats import START_TIME, START_TIME_HELP, Exposition, process_start_time
 
@@ -784,6 +785,8 @@ class WorkerView:
             "l4proxy_access_log_lines_total": rs.get("access_log_lines", 0),
             "l4proxy_access_log_dropped_total": rs.get("access_log_dropped", 0),
             "l4proxy_access_log_write_errors_total": rs.get("access_log_write_errors", 0),
+            # SIGUSR1's reopens of it that failed, this process's (access_log_file)
+            REOPEN_FAILURES: reopen_failures(),
             "l4proxy_http_verdict_cache_hits_total": rs.get("verdict_cache_hits", 0),
             "l4proxy_http_verdict_cache_misses_total": rs.get("verdict_cache_misses", 0),
             "l4proxy_upstream_pool_opened_total": rs.get("pool_opened", 0),

@@ -79,7 +79,7 @@ from typing import Any
 
 from l4proxy.dataplane.listener import Listener, listen_again
 from l4proxy.sidecar._stats_wire import decode_sample, in_slices
-from l4proxy.sidecar.access_log_file import reopen_access_log
+from l4proxy.sidecar.access_log_file import REOPEN_FAILURES, reopen_access_log, reopen_failures
 from l4proxy.sidecar.admin import DRAINING, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
@@ -729,6 +729,9 @@ class Supervisor:
                 else:
                     gauges[k] = gauges.get(k, 0) + v
         help_.update(self.help_seen)
+        # SIGUSR1's reopens that failed: its own with its workers' (access_log_file)
+        failed = total.series.setdefault(REOPEN_FAILURES, {})
+        failed[()] = failed.get((), 0.0) + reopen_failures()
         # the supervisor's: its summed counters count from its start (a
         # replaced worker's do not start them again)
         gauges[START_TIME] = process_start_time()
