@@ -96,6 +96,9 @@ def test_a_worker_recycled_by_its_own_sigterm_is_replaced_by_one_that_serves(
         log = sidecar.log()
         assert "accept on" not in log, log  # (the pure worker's accept loop spinning)
         assert "cannot start worker" not in log, log
+        # a drain of its own is no failure: said once each, not as a death
+        assert log.count("stopped on its own (status 0: it drained") == 3, log
+        assert "died with" not in log, log
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(timeout=WAIT) == 0
 

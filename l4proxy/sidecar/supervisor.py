@@ -538,12 +538,22 @@ class Supervisor:
                     slot.backoff = min(slot.backoff * 2, 5.0)
                 else:
                     slot.backoff = 0.1
-                log.error(
-                    "worker %d (pid %d) died with %s; restarting",
-                    slot.index,
-                    proc.pid,
-                    describe_exit(code),
-                )
+                if code == 0:
+                    # a clean exit outside a stop is a drain of its own (a
+                    # SIGTERM sent to it alone, a recycle): nothing failed
+                    log.warning(
+                        "worker %d (pid %d) stopped on its own (status 0: it drained, "
+                        "a SIGTERM to it alone?); starting another",
+                        slot.index,
+                        proc.pid,
+                    )
+                else:
+                    log.error(
+                        "worker %d (pid %d) died with %s; restarting",
+                        slot.index,
+                        proc.pid,
+                        describe_exit(code),
+                    )
                 to_drain = await self._back_off(slot.backoff)
             except Exception:
                 log.exception("worker %d: unexpected error in its keeper; going on", slot.index)
