@@ -1780,6 +1780,8 @@ cdef struct Conn:
     double try_deadline    # ... the current try's per-try timeout, when it passes
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
     int tries              # ... the policy's retries so far
+    int conn_fails         # ... its tries whose connect failed, moved on from
+                           #     (connect_failed_next; zeroed by conn_drop_held)
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     Plan_ *shadow          # the request's drawn copies, until they start (owned; c.holds)
     EP *fail_ep
@@ -2182,9 +2184,11 @@ cdef int buf_add(Buf *b, const char *data, size_t n) noexcept nogil:
 # headers (the end of Fwd_.block), as Envoy's router adds it after the
 # lines its connection manager added; a route's head edits apply after
 # it, as Envoy's router sets it before the route's header mutations. A retry
-# policy's try rewrites it in c.replay, or in c.rhead when the first try
-# was still connecting (attempt_count(), policy_retry()); the relay's own
-# retry of a reused connection is no try of the policy: its count stays.
+# policy's try, and a try whose connect failed (Envoy's router counts it:
+# its connect-failure retry), rewrite it in c.replay, or in c.rhead when the
+# first try was still connecting (count_attempt(), policy_retry(),
+# connect_failed_next()); the relay's own retry of a reused connection is no
+# try: its count stays.
 
 
 cdef inline int stage_attempt(Buf *o) noexcept nogil:
@@ -2255,6 +2259,29 @@ cdef int attempt_count(Buf *b, int n) noexcept nogil:
     buf_free(b)
     b[0] = out
     return 0
+
+
+cdef int count_attempt(Conn *c) noexcept nogil:
+    """c's request, about to be tried again (a policy's retry, or the next
+    endpoint after a failed connect), says which try it goes as: 1 + the
+    policy's retries + the tries whose connect failed (c.tries +
+    c.conn_fails; _attempt() in _exchange_py.py). In c.replay (a retry of a
+    request that went: the head as sent, then its body), or in c.rhead (the
+    first try's head, staged while it connects) and the copy c.replay may
+    hold of it already (mirror_draw()'s: send_request() takes c.replay's
+    start for the head sent, the one retry and the copies too). -1 when
+    out of memory."""
+    cdef int k, n = c.tries + c.conn_fails + 1
+    cdef size_t m
+    if c.retried:
+        return attempt_count(&c.replay, n)
+    k = attempt_count(&c.rhead, n)
+    if c.replay.len and k == 0:
+        m = c.replay.len
+        k = attempt_count(&c.replay, n)
+        if c.shadow != NULL:  # (its head's length: 9 to 10 adds a byte)
+            c.shadow.head_len = c.shadow.head_len + c.replay.len - m
+    return k
 
 
 cdef inline void replay_add(Conn *c, const char *data, size_t n) noexcept nogil:
@@ -4052,6 +4079,7 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
     (reset_exchange) and when c is freed (bury): never while a retry, a
     response to edit or a pipelined request's answer may still read them."""
     c.holds = False
+    c.conn_fails = 0
     if c.retry != NULL:
         c.retry.refs -= 1
         c.retry = NULL
@@ -4267,8 +4295,6 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
     later than it (timers_due())."""
     cdef EP *ep
-    cdef int k
-    cdef size_t n
     if c.pend_ep != NULL:  # a try waiting for a connection (its per-try timer)
         ep = c.pend_ep
         pend_unlink(c)
@@ -4293,20 +4319,8 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
         buf_free(&c.rhead)
     # (else the first try was still connecting: its head, staged in
     # c.rhead, and its body in c.inb go as a first try's)
-    # the retry says which try it is (out of memory: the connection goes):
-    # in c.replay, or in c.rhead and the copy c.replay may hold of it
-    # already (mirror_draw()'s: send_request() takes c.replay's start for
-    # the head sent, the one retry and the copies too)
-    if c.retried:
-        k = attempt_count(&c.replay, c.tries + 1)
-    else:
-        k = attempt_count(&c.rhead, c.tries + 1)
-        if c.replay.len and k == 0:
-            n = c.replay.len
-            k = attempt_count(&c.replay, c.tries + 1)
-            if c.shadow != NULL:  # (its head's length: 9 to 10 adds a byte)
-                c.shadow.head_len = c.shadow.head_len + c.replay.len - n
-    if k != 0:
+    # the retry says which try it is (out of memory: the connection goes)
+    if count_attempt(c) != 0:
         conn_abort(R, c)
         return
     c.rs = RS_HEAD
@@ -6836,6 +6850,15 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             j += 1
     c.n_cand = j
     if c.n_cand:
+        # that was a try (Envoy's router counts one whose connect failed:
+        # its connect-failure retry), none of the policy's: the next says
+        # one more (connect_failed() in _exchange_py.py); counted until the
+        # exchange's end (c.holds: conn_drop_held() zeroes it)
+        c.conn_fails += 1
+        c.holds = True
+        if count_attempt(c) != 0:
+            conn_abort(R, c)
+            return
         try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed: the request is lost
         # (503 no healthy upstream and UF, as Envoy answers a retry whose

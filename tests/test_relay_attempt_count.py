@@ -6,8 +6,9 @@ path (the compiled one deciding per request and from a cached verdict)
 and through a real worker on a gateway listener, with its forwarding
 headers; the line goes after the client's lines and the forwarding
 headers, and a route's head edits apply after it. The relay's own retry of
-a request on a reused connection that closed is no try of the policy: the
-count stays."""
+a request on a reused connection that closed is no try: the count stays;
+a connect that failed, moved on from to the next endpoint, was one (as
+Envoy's router counts it), with a policy or without."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ from l4proxy.dataplane.verdict import (
 )
 from tests._scripted import (
     CLOSE,
+    GET,
     Scripted,
     _answer,
     _client,
+    _closed_stats,
     _exchange,
+    _proxy,
     _response,
     _status,
     _until,
@@ -255,6 +259,90 @@ def test_a_retry_before_a_connection_says_its_count_after_the_route_s_edits(
     assert sent == b"GET /x HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n", sent
 
 
+def _refusing() -> socket.socket:
+    """A socket bound, never listening: connects to it are refused, and no
+    other test's listener takes the port meanwhile (as one could once it
+    were closed)."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    return dead
+
+
+@pytest.mark.parametrize(
+    ("order", "counts"),
+    [
+        # the first try's connect refused: the next endpoint's try is the
+        # second, its retry the third; the next request on the connection
+        # counts from 1 again (its refused connect, then 2)
+        ("dead-first", ([b"2", b"2"], [b"3"])),
+        # the first try answered 503, its retry's connect refused (the
+        # retry goes to an endpoint not tried yet first), then the third
+        ("dead-second", ([b"1", b"1"], [b"3"])),
+    ],
+)
+def test_a_try_whose_connect_failed_is_counted(
+    mode: tuple[str, str], order: str, counts: tuple[list[bytes], list[bytes]]
+) -> None:
+    """Envoy's router counts a try whose connect failed (its
+    connect-failure retry: 5xx retries it too), so the next try's
+    x-envoy-attempt-count says one more, where the relay moves on to the
+    next endpoint: a policy retrying 5xx once, three endpoints, one
+    refusing connects, the first to answer says 503 once. The relay's
+    retries stay the policy's (1), its connect errors 1 a request: a
+    failed connect spends none of the policy's tries. Before, the try
+    after the failed connect said the count of the one that failed."""
+    dead = _refusing()
+    dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
+    first, second = Scripted([_answer(503)]), Scripted([])
+    if order == "dead-first":
+        endpoints = (dead_endpoint, first.endpoint, second.endpoint)
+    else:
+        endpoints = (first.endpoint, dead_endpoint, second.endpoint)
+    relay = _proxy(mode, endpoints, policy(1, "5xx"))
+    try:
+        c = _client(relay)
+        got = []
+        for _ in range(2):
+            c.sendall(GET)
+            got.append(_response(c))
+        stats = _closed_stats(c, relay)
+    finally:
+        relay.close()
+        first.close()
+        second.close()
+        dead.close()
+    assert [_status(r) for r in got] == [200, 200]
+    assert (_counts(first.requests), _counts(second.requests)) == (
+        [[n] for n in counts[0]],
+        [[n] for n in counts[1]],
+    )
+    assert (stats["retries"], stats["connect_errors"]) == (1, 2 if order == "dead-first" else 1)
+
+
+def test_a_try_whose_connect_failed_is_counted_without_a_policy(mode: tuple[str, str]) -> None:
+    """No retry policy: two endpoints refuse connects, the third answers;
+    the relay moves on from each (its own retry), and each was a try: the
+    request reaches the third saying 3, its head otherwise as the client
+    sent it."""
+    dead = [_refusing(), _refusing()]
+    up = Scripted([])
+    endpoints = (*(("127.0.0.1", d.getsockname()[1]) for d in dead), up.endpoint)
+    relay = _proxy(mode, endpoints, None)
+    try:
+        c = _client(relay)
+        c.sendall(GET)
+        got = _response(c)
+        stats = _closed_stats(c, relay)
+    finally:
+        relay.close()
+        up.close()
+        for d in dead:
+            d.close()
+    assert _status(got) == 200
+    assert up.requests == [GET[:-2] + b"x-envoy-attempt-count: 3\r\n\r\n"]
+    assert (stats["retries"], stats["connect_errors"]) == (0, 2)
+
+
 def test_a_reused_connections_retry_is_no_new_try(mode: tuple[str, str]) -> None:
     """The pooled connection closes on the second request without a byte:
     the relay sends it again on a new connection (the keep-alive race), as
@@ -366,3 +454,34 @@ def test_a_copy_is_of_the_head_as_first_sent(mode: tuple[str, str]) -> None:
     (count,) = _counts([sent])[0]
     assert count != b"1", sent  # (the first try never went)
     assert mirror.seen() == [shadow_head(sent)]
+
+
+def test_a_copy_after_a_failed_connect_says_the_try_that_sent_it(mode: tuple[str, str]) -> None:
+    """A mirrored request whose first try's connect is refused: the head
+    first sent is the second try's, saying 2, and so does the mirror's
+    copy (the copy is of the head as first sent, as where a per-try
+    timeout retried the request before its first try had a connection)."""
+    dead = _refusing()
+    dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
+    a, mirror = Scripted([]), Mirrored()
+    copies = (Mirror((mirror.endpoint,), ppm=MIRROR_SCALE, tag=COPY),)
+    endpoints = (dead_endpoint, a.endpoint)
+    which, how = mode
+    kw: dict[str, Any] = {}
+    if how == "resolve":
+        verdict = Verdict((Choice(1, endpoints, "ORDERED", tag="t"),), ttl=60.0, mirrors=copies)
+        kw["resolve"] = lambda head, origin: verdict
+    relay = _relay(which, lambda h, o: Decision(endpoints, tag="t", mirrors=copies), **kw)
+    try:
+        c = _client(relay)
+        c.sendall(GET)
+        assert _status(_response(c)) == 200
+        assert _until(lambda: len(mirror.seen()) == 1, 5.0), mirror.seen()
+        c.close()
+    finally:
+        relay.close()
+        a.close()
+        mirror.close()
+        dead.close()
+    assert _counts(a.requests) == [[b"2"]]
+    assert mirror.seen() == [shadow_head(a.requests[0])]

@@ -200,7 +200,9 @@ Decisions
   The route timeout spans every try and backoff. The reused-connection
   retry above is not one of the policy's tries, and a failed connect moves
   on to the next endpoint with or without a policy, as before: both at
-  once, as Envoy's. Out of tries, the last
+  once, as Envoy's. A failed connect spends none of the policy's tries,
+  but it was a try: the next says one more in its x-envoy-attempt-count
+  (:meth:`Exchange.connect_failed`), as Envoy's. Out of tries, the last
   try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once
   (:class:`Done`), however it ends: answered, answered locally, or cut
@@ -656,10 +658,11 @@ def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool)
 # headers (forward()), as Envoy's router adds it after the lines its
 # connection manager added; a route's head edits apply after it, as
 # Envoy's router sets it before the route's header mutations. A retry
-# policy's try rewrites it in the replay, or in the head when the first
-# try was still connecting (attempt_counted(), _policy_retry(),
-# try_timeout()); the relay's own retry of a reused connection is no try
-# of the policy: its count stays.
+# policy's try, and a try whose connect failed (Envoy's router counts it:
+# its connect-failure retry), rewrite it in the replay, or in the head when
+# the first try was still connecting (attempt_counted(), _policy_retry(),
+# try_timeout(), connect_failed()); the relay's own retry of a reused
+# connection is no try: its count stays.
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 _FIRST_TRY: Final = ATTEMPT_COUNT + b": 1\r\n"
 
@@ -1187,6 +1190,7 @@ class Exchange:
         self.mirror: bytearray | None = None
         self._mirroring = False  # ... a Shadow is still due for this request
         self._tries = 0  # the retry policy's retries so far
+        self._failed_connects = 0  # tries whose connect failed, moved on from (connect_failed)
         self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
         self._response: BodyFramer | None = None
@@ -1552,7 +1556,7 @@ class Exchange:
             # the first try still connecting (a request without a body)
             if self.retry.on_reset and self._tries < self.retry.attempts:
                 self._tries += 1  # (the head, not sent yet, says which try it is)
-                self._sent_head = attempt_counted(self._sent_head, self._tries + 1)
+                self._sent_head = attempt_counted(self._sent_head, self._attempt())
                 return [Release(False), Retry(policy=True)]
             return self.upstream_timeout()
         if self.phase != Phase.EXCHANGE or self._response is not None:
@@ -1563,7 +1567,29 @@ class Exchange:
             return self._policy_retry("upstream request timeout")
         return self.upstream_timeout()
 
+    def connect_failed(self) -> None:
+        """A try's connect failed and the shell moves on to the request's
+        next endpoint (a first try's, a policy's retry's or the reused
+        connection's one retry's): that was a try, as Envoy's router counts
+        one whose connect failed (its connect-failure retry: the next try's
+        x-envoy-attempt-count says one more), so the head about to go says
+        the next try's count (the compiled twin's connect_failed_next()).
+        It spends none of the policy's tries (:attr:`tries`)."""
+        self._failed_connects += 1
+        if self.phase == Phase.ROUTING:  # the first try: its head not sent yet
+            self._sent_head = attempt_counted(self._sent_head, self._attempt())
+        elif self.phase == Phase.EXCHANGE and self._replay is not None:  # a retry's
+            self._replay[:] = attempt_counted(self._replay, self._attempt())
+
     # -- internals ------------------------------------------------------------
+
+    def _attempt(self) -> int:
+        """Which try of the current request goes next, as its
+        x-envoy-attempt-count says: 1, then one more for each try before
+        it, a policy's retry or a connect that failed (the reused
+        connection's one retry is none: it says the count of the try it
+        repeats)."""
+        return self._tries + self._failed_connects + 1
 
     def _can_retry(self, connecting: bool = False) -> bool:
         """The retry policy has a try left and the request is held whole
@@ -1589,7 +1615,7 @@ class Exchange:
         self._tries += 1
         self._retrying = True
         if self._replay is not None:  # (the retry says which try it is)
-            self._replay[:] = attempt_counted(self._replay, self._tries + 1)
+            self._replay[:] = attempt_counted(self._replay, self._attempt())
         # the reused connection's own retry is for the try on the pooled
         # connection: not for this retry's connects failing (_reused is the
         # given-up try's until routed(), which clears it for a try on a
@@ -1641,14 +1667,16 @@ class Exchange:
 
     def _edited(self, head: bytes) -> bytes:
         """*head* with the route's request edits (:attr:`edits`), then the
-        count of the try it goes as where retries passed while the first
-        try waited for its connection (try_timeout()): Envoy's router sets
+        count of the try it goes as where retries passed or connects failed
+        while the first try waited for its connection (try_timeout(),
+        connect_failed()): Envoy's router sets
         a retry's x-envoy-attempt-count on the head the route's mutations
         made, as _policy_retry() rewrites it in the replay (the compiled
         twin's c.rhead, staged with the edits, is rewritten so)."""
         assert self.edits is not None
         head = edit_request_head(head, self.edits)
-        return attempt_counted(head, self._tries + 1) if self._tries else head
+        n = self._attempt()
+        return attempt_counted(head, n) if n > 1 else head
 
     def _retryable_method(self) -> bool:
         return self.head is not None and self.head.method in IDEMPOTENT

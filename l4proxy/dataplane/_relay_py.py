@@ -2329,6 +2329,7 @@ class HttpRelay:
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
         if c.candidates:  # the next candidate: a first attempt's, or a retry's
+            c.ex.connect_failed()  # (a try: the next says one more)
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
             refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
