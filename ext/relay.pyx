@@ -44,8 +44,10 @@ path passes the tests of the rule it would escape (``/public/../private``
 those of ``/public``), so a cached verdict would route it. A
 response head that the C recogniser does not take (HTTP/1.0, several
 Content-Length lines, a malformed line, a transfer coding other than
-``chunked``) is judged by ``parse_response_head``/``response_framing`` in
-Python: the same code the pure twin runs.
+``chunked``, a line ending in a bare LF) is judged by
+``parse_response_head``/``response_framing`` in Python: the same code the
+pure twin runs (a bare-LF head written again with CRLF, ``crlf_head``,
+in ``c.rhead`` before it goes).
 
 Verdicts: Python decides, compiled code applies
 -----------------------------------------------
@@ -585,6 +587,7 @@ from l4proxy.dataplane._framing_py import (
     MAX_CHUNK_SIZE,
     Framing,
     FramingError,
+    crlf_head,
     parse_response_head,
     response_framing,
 )
@@ -4817,7 +4820,7 @@ cdef int response_head(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
             if i >= n or (b[i] == CR and i + 1 >= n):
                 return 2 if n > R.max_head else 0
             if b[i] == LF:
-                return 2  # a bare LF ends the head: Python refuses it
+                return 2  # a bare LF ends the head: Python takes it (crlf_head())
             if b[i] == CR and b[i + 1] == LF:
                 end = i + 2
                 break
@@ -5061,7 +5064,7 @@ cdef int send_without_hop_lines(Relay *R, Conn *c, Py_ssize_t hl, const Span *na
     cdef const unsigned char *lf = <const unsigned char*>memchr(b, LF, <size_t>hl)
     cdef Py_ssize_t i = lf - b + 1, run = 0, sent = 0, le
     # the empty line that ends the head (its CR LF: a head with a bare LF
-    # is refused, parse_response_head())
+    # was written again with CRLF, _response())
     cdef Py_ssize_t end = hl - 2
     while i < end:
         lf = <const unsigned char*>memchr(b + i, LF, <size_t>(end - i))
@@ -8056,7 +8059,7 @@ cdef void answer_head(Shadow *sh) noexcept nogil:
 
 cdef int shadow_answer_head(Relay *R, Shadow *sh, Py_ssize_t *head_len) noexcept nogil:
     """The head at the start of a copy's answer (sh.inb), read as the pure
-    twin reads it (parse_response_head() with bare_lf, _copy_framing()): 0, incomplete;
+    twin reads it (parse_response_head(), _copy_framing()): 0, incomplete;
     1, a final head whose framing it reads (sh.framing, sh.left, sh.k and
     sh.keep set, *head_len); 2, an interim head (*head_len); -1, one it
     does not frame: malformed, larger than max_head, a 101, Content-Length
@@ -10840,8 +10843,13 @@ cdef class HttpRelay:
         self.slow.add(sock, origin, data, requests=requests, peer=_peer_address(c))
 
     cdef _response(self, Conn *c, double now):
-        """A response head the C recogniser did not take: judged in Python."""
+        """A response head the C recogniser did not take: judged in Python.
+        One with a line ending in a bare LF (a legacy server's) goes on with
+        CRLF: c.rhead's head is written again (crlf_head(), as the pure
+        twin's Exchange sends it)."""
         cdef Py_ssize_t hl
+        cdef Buf out
+        cdef int k
         raw = PyBytes_FromStringAndSize(c.rhead.p, c.rhead.len)
         method = "HEAD" if c.method_head else "GET"
         req = RequestHead(method, "/", "/", "HTTP/1.1", (), None, 0, True, None, False, False)
@@ -10873,6 +10881,19 @@ cdef class HttpRelay:
                                 self._outcome_text("unexpected tunnel response"))
                 return
             hl = resp.head_length
+            if resp.bare_lf:
+                head = crlf_head(raw[:hl])
+                memset(&out, 0, sizeof(out))
+                k = buf_add(&out, <const char*>head, <size_t>len(head))
+                k |= buf_add(&out, c.rhead.p + hl, c.rhead.len - <size_t>hl)
+                if k != 0:  # out of memory
+                    buf_free(&out)
+                    conn_abort(self.R, c)
+                    return
+                buf_free(&c.rhead)
+                c.rhead = out
+                raw = head + raw[hl:]
+                hl = len(head)
             if 100 <= resp.status < 200:  # interim: forward, another head follows
                 if not c.http10:  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
                     if to_client(self.R, c, c.rhead.p, hl) != 0 or c.closed:

@@ -20,6 +20,7 @@ from l4proxy.dataplane._framing_py import (
     Framing,
     FramingError,
     ResponseHead,
+    crlf_head,
     parse_response_head,
     request_framing,
     response_framing,
@@ -248,10 +249,10 @@ def test_response_head_parses_and_counts_its_bytes() -> None:
         "HTTP/1.1", 200, "OK", (("content-length", "5"), ("x-a", "spaced value")), len(raw) - 5
     )
     assert parse_response_head(b"HTTP/1.0 204\r\n\r\n") == ResponseHead("HTTP/1.0", 204, "", (), 16)
-    # a mirror's copy's answer (thrown away) may end its lines in a bare LF
-    lf = parse_response_head(b"HTTP/1.1 200 OK\nA: b\r\n\n", bare_lf=True)
-    assert lf == ResponseHead("HTTP/1.1", 200, "OK", (("a", "b"),), 23)
-    # (a bare LF is refused once the head's end is here: it waits as any)
+    # a legacy server's head may end its lines in a bare LF: said
+    lf = parse_response_head(b"HTTP/1.1 200 OK\nA: b\r\n\n")
+    assert lf == ResponseHead("HTTP/1.1", 200, "OK", (("a", "b"),), 23, bare_lf=True)
+    assert not head.bare_lf
     for partial in (
         b"",
         b"HTTP/1.1 200 OK\r\n",
@@ -270,15 +271,37 @@ RESPONSE_HEAD_BAD = [
     (b"HTTP/1.1 200 OK\r\nA: b\r\n c\r\n\r\n", "malformed response header line (code 11)"),
     (b"HTTP/1.1 200 OK\r\nA : b\r\n\r\n", "malformed response header line (code 14)"),
     (b"HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n", "CR without LF in the response head"),
-    # a bare LF ending any line, as in a request head (the first one found)
-    (b"HTTP/1.1 200 OK\nA: b\r\n\r\n", "LF without CR in the response head"),
-    (b"HTTP/1.1 200 OK\r\nA: b\nC: d\r\n\r\n", "LF without CR in the response head"),
-    (b"HTTP/1.1 200 OK\r\nA: b\n\r\n", "LF without CR in the response head"),
-    (b"HTTP/1.1 200 OK\r\nA: b\r\n\n", "LF without CR in the response head"),
-    (b"HTTP/1.1 200 OK\nA: b\n\n", "LF without CR in the response head"),
-    (b"HTTP/1.1 200 OK\nA: b\rc\r\n\r\n", "LF without CR in the response head"),
-    (b"\n\r\n", "LF without CR in the response head"),
+    # a bare CR beside bare LFs (which end lines: below)
+    (b"HTTP/1.1 200 OK\nA: b\rc\n\n", "CR without LF in the response head"),
+    (b"HTTP/1.1 200 OK\rA: b\n\n", "CR without LF in the response head"),
+    (b"\n\r\n", "empty response status line"),
+    (b"HTTP/1.1 200 OK\nA: b\n c\n\n", "malformed response header line (code 11)"),
 ]
+
+
+# a bare LF ending any line (the status line, a header line, the empty
+# line): the line ends there, as with CRLF, and the head says so; it goes
+# on as crlf_head() writes it, each line ending in CRLF
+RESPONSE_HEAD_LF = [
+    b"HTTP/1.1 200 OK\nA: b\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: b\nC: d\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: b\n\r\n",
+    b"HTTP/1.1 200 OK\r\nA: b\r\n\n",
+    b"HTTP/1.1 200 OK\nA: b\n\n",
+]
+
+
+@pytest.mark.parametrize("raw", RESPONSE_HEAD_LF)
+def test_response_head_bare_lf_ends_a_line(raw: bytes) -> None:
+    crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    head, want = parse_response_head(raw + b"ok"), parse_response_head(crlf + b"ok")
+    assert head is not None and want is not None
+    assert head.bare_lf and not want.bare_lf
+    assert head._replace(head_length=0, bare_lf=False) == want._replace(head_length=0)
+    assert head.head_length == len(raw)
+    assert crlf_head(raw) == crlf
+    assert crlf_head(crlf) == crlf  # (a CRLF head: as it is)
+    assert parse_response_head(crlf_head(raw)) == want._replace(head_length=len(crlf))
 
 
 @pytest.mark.parametrize(("raw", "why"), RESPONSE_HEAD_BAD, ids=[w for _, w in RESPONSE_HEAD_BAD])

@@ -1,7 +1,7 @@
 """A malformed response head under a retry policy (both twins, real sockets).
 
 A response head the relay cannot frame (two Content-Lengths that differ,
-Content-Length with Transfer-Encoding, a bad status line, a bare LF, a head
+Content-Length with Transfer-Encoding, a bad status line, a bare CR, a head
 over the limit) is an upstream protocol error: to Envoy, a reset of the try
 (``wouldRetryFromReset``): retried under ``5xx``, ``gateway-error`` and
 ``reset``, as a close before the head is, while the request is held and
@@ -36,7 +36,7 @@ BAD_HEADS = {
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     ),
     "bad_status_line": b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
-    "bare_lf": b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok",
+    "bare_cr": b"HTTP/1.1 200 OK\r\nX-A: 1\rB\r\nContent-Length: 2\r\n\r\nok",
     "head_too_large": (
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD + 100) + b"\r\nContent-Length: 2\r\n\r\nok"
     ),

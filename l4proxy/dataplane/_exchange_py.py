@@ -292,6 +292,7 @@ from l4proxy.dataplane.framing import (
     Framing,
     FramingError,
     ResponseHead,
+    crlf_head,
     parse_response_head,
     request_framing,
     response_framing,
@@ -816,7 +817,8 @@ def client_head(
 
 def _with_line(raw: bytes, line: bytes) -> bytes:
     """*raw* (a head) with *line* added before the empty line that ends it
-    (its CR LF: a response head with a bare LF is refused)."""
+    (its CR LF: a response head with a bare LF was written out again with
+    CRLF, crlf_head())."""
     return raw[:-2] + line + raw[-2:]
 
 
@@ -1015,7 +1017,8 @@ def _edited_lines(raw: bytes, drop: frozenset[bytes], lines: bytes, host: bytes 
     """*raw* (a head) without its header lines named in *drop*, its Host
     lines' values *host* (None: as they are; a head without one gets one,
     first of the lines added), with *lines* before the empty line that ends
-    it (its CR LF: a request or a response head with a bare LF is refused);
+    it (its CR LF: a request head with a bare LF is refused, a response
+    head's is written out again with CRLF);
     its first line as it is."""
     first = raw.index(b"\n") + 1
     end = len(raw) - 2
@@ -1760,6 +1763,8 @@ class Exchange:
             raw = bytes(self._response_head[: resp.head_length])
             rest = bytes(self._response_head[resp.head_length :])
             self._response_head.clear()
+            if resp.bare_lf:  # (a legacy server's: sent on with CRLF, see _framing_py)
+                raw = crlf_head(raw)
             if kind == Framing.TUNNEL:
                 self.status = resp.status
                 self.phase = Phase.TUNNEL

@@ -27,10 +27,15 @@ Theory of operation
 
 Decisions (where RFC 9112 leaves room, we take the strict side; any
 disagreement between us and the next hop about where a message ends is a
-smuggling vector, and we forward bytes unmodified, so we cannot normalise)
+smuggling vector, and we forward bodies unmodified, so we cannot normalise
+them)
 ------------------------------------------------------------------------
 * Every line of the chunked framing ends in CRLF: a bare LF or a bare CR is
-  an error (lenient parsers differ here; "funky chunks" smuggling).
+  an error (lenient parsers differ here; "funky chunks" smuggling). HAProxy
+  and nginx take a bare LF there, but they decode the chunks and encode
+  them again for the client; we pass the body's bytes on as they came
+  (spliced, mostly), and a client that ends lines only at CRLF would frame
+  the body otherwise.
 * A chunk size is 1*HEXDIG whose value fits 63 bits (leading zeros are
   allowed: they are valid and do not overflow); nothing else may precede the
   extension or the CRLF, except BWS before ";" (§7.1.1).
@@ -62,15 +67,18 @@ smuggling vector, and we forward bytes unmodified, so we cannot normalise)
   for the answer. HAProxy drops the two fields; we never rewrite a head's
   lines. ``Content-Length: 0`` frames nothing either way: it goes on.
 * A bare LF (an LF without the CR before it) ending a line of a response
-  head (the status line, a header line, the empty line that ends it) is
-  refused (502), as a bare CR is and as a request head's bare LF is (400).
-  §2.2 lets a recipient recognize a single LF as a line end, but the head
-  goes to the client as it came (its hop-by-hop lines dropped whole): a
-  client that ends lines only at CRLF would read ``X: y\nSet-Cookie: a``
-  as one field, and a head ending in ``\n\n`` as going on into the body,
-  other headers than the ones we judged (response splitting). Envoy,
-  HAProxy and nginx accept it and write the head out again with CRLF; we
-  never rewrite a head's lines, so we refuse.
+  head (the status line, a header line, the empty line that ends it) ends
+  the line, as §2.2 lets a recipient take it and as Envoy (its codecs,
+  http-parser and Balsa), HAProxy and nginx take it from legacy servers;
+  :attr:`ResponseHead.bare_lf` says so, and the relays send such a head on
+  with every line ending in CRLF (:func:`crlf_head`), as those proxies
+  write it out again: a client that ends lines only at CRLF would read
+  ``X: y\nSet-Cookie: a`` as one field, and a head ending in ``\n\n`` as
+  going on into the body, other headers than the ones we judged (response
+  splitting). A bare CR (not before an LF) is refused (502), as in a
+  request head, where a bare LF is refused too (400: a request head goes
+  upstream as it came, see _peek_py's "Decisions"; llhttp, strict, refuses
+  one either way).
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ __all__ = [
     "Framing",
     "FramingError",
     "ResponseHead",
+    "crlf_head",
     "parse_response_head",
     "request_framing",
     "response_framing",
@@ -129,13 +138,16 @@ class Framing(enum.IntEnum):
 
 
 class ResponseHead(NamedTuple):
-    """A parsed response head; ``head_length`` counts every byte of it."""
+    """A parsed response head; ``head_length`` counts every byte of it;
+    ``bare_lf``: a line of it ended in a bare LF (it goes on as
+    :func:`crlf_head` writes it, see "Decisions")."""
 
     version: str
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...]
     head_length: int
+    bare_lf: bool = False
 
     def header(self, name: str) -> str | None:
         key = name.lower()
@@ -166,16 +178,14 @@ _HEADER: Final = re.compile(
 
 
 def parse_response_head(
-    data: bytes | bytearray | memoryview, max_head: int = DEFAULT_MAX_HEAD, bare_lf: bool = False
+    data: bytes | bytearray | memoryview, max_head: int = DEFAULT_MAX_HEAD
 ) -> ResponseHead | None:
     """The response head at the start of *data*, or None if incomplete.
 
     Raises :class:`FramingError` (502) for a malformed head or one larger
-    than *max_head*. The head ends at its first empty line; every line of
-    it must end in CRLF: a bare LF is refused (see "Decisions"), as in a
-    request head (_peek_py's "Decisions"), unless *bare_lf*: then it ends
-    a line as CRLF does (a mirror's copy's answer, read to its end and
-    thrown away: no one reads its head after us).
+    than *max_head*. The head ends at its first empty line; each of its
+    lines ends in CRLF or a bare LF (``bare_lf`` then: see "Decisions"); a
+    CR anywhere else is refused.
     """
     buf = bytes(data[:max_head]) if len(data) > max_head else bytes(data)
     if b"\n\r\n" not in buf and b"\n\n" not in buf:  # no end of head yet
@@ -184,6 +194,7 @@ def parse_response_head(
         return None
     lines: list[bytes] = []
     pos = 0
+    bare_lf = False
     while True:
         nl = buf.find(b"\n", pos)
         if nl < 0:
@@ -193,8 +204,8 @@ def parse_response_head(
         line = buf[pos:nl]
         if line.endswith(b"\r"):
             line = line[:-1]
-        elif not bare_lf:
-            raise FramingError(502, "LF without CR in the response head")
+        else:
+            bare_lf = True
         if b"\r" in line:
             raise FramingError(502, "CR without LF in the response head")
         pos = nl + 1
@@ -221,7 +232,16 @@ def parse_response_head(
         reason=(m.group(4) or b"").decode("latin-1"),
         headers=tuple(headers),
         head_length=pos,
+        bare_lf=bare_lf,
     )
+
+
+def crlf_head(raw: bytes) -> bytes:
+    """*raw*, a response head :func:`parse_response_head` took, with every
+    line ending in CRLF (those ending in a bare LF get their CR: the head
+    as sent on where ``bare_lf``, see "Decisions"). The parser refused any
+    CR not before an LF, so none is left alone."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def request_framing(head: RequestHead) -> tuple[Framing, int]:

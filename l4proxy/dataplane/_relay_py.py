@@ -1995,7 +1995,7 @@ class HttpRelay:
                 while True:
                     # (a bare LF read as a line end, as shadow_answer_head()
                     # reads it: the answer goes nowhere)
-                    head = parse_response_head(sh.head, self.max_head, bare_lf=True)
+                    head = parse_response_head(sh.head, self.max_head)
                     if head is None:
                         rest = b""
                         break
