@@ -118,7 +118,12 @@ them is set, a compare and a store keep it so; when it passes,
 (``exchange_timer``), sends the retries due (``retry_send``) and finds the
 soonest again (the steady state scans about once per route timeout). The
 relay's own retries (a failed connect's next endpoint, the reused
-connection's one retry) go at once, as Envoy's do.
+connection's one retry) go at once, as Envoy's do; so does a failed
+connect's next endpoint under a policy that retries a failed connect
+(``Retry_.on_connect``), though it spends one of its tries and counts a
+retry (``connect_failed_next``, as Envoy's router spends one of its
+retries on it; out of tries, the request is answered as with no
+endpoint left), where Envoy's waits its backoff first.
 
 Head edits
 ----------
@@ -1586,7 +1591,8 @@ cdef struct Retry_:
     uint32_t on            # RT_*
     uint64_t codes[8]      # RT_STATUS_CODES: bit (status - 100), 100..611
     bint ignore_prev       # a retry prefers another endpoint (retry_order); else cand as drawn
-    bint on_connect        # it retries a failed connect (RetryPolicy.on_connect: URX on UF)
+    bint on_connect        # it retries a failed connect (RetryPolicy.on_connect: a
+                           # try of its each, connect_failed_next; URX on UF)
 
 cdef struct Choice_:
     uint32_t weight
@@ -1782,9 +1788,10 @@ cdef struct Conn:
     Sess_ *sess            # ... its session persistence (owned; NULL: none; session_pin())
     double try_deadline    # ... the current try's per-try timeout, when it passes
     double backoff_until   # ... a retry waiting its backoff: when it connects (0: none)
-    int tries              # ... the policy's retries so far
-    int conn_fails         # ... its tries whose connect failed, moved on from
-                           #     (connect_failed_next; zeroed by conn_drop_held)
+    int tries              # ... the policy's retries so far (a failed connect's
+                           #     under p.on_connect among them: connect_failed_next)
+    int conn_fails         # ... its tries whose connect failed, moved on from, no
+                           #     policy's (connect_failed_next; zeroed by conn_drop_held)
     Verdict_ *empty        # pick(): the chosen subset's answer when empty
     Plan_ *shadow          # the request's drawn copies, until they start (owned; c.holds)
     EP *fail_ep
@@ -2267,7 +2274,7 @@ cdef int attempt_count(Buf *b, int n) noexcept nogil:
 cdef int count_attempt(Conn *c) noexcept nogil:
     """c's request, about to be tried again (a policy's retry, or the next
     endpoint after a failed connect), says which try it goes as: 1 + the
-    policy's retries + the tries whose connect failed (c.tries +
+    policy's retries + the tries whose connect failed, no policy's (c.tries +
     c.conn_fails; _attempt() in _exchange_py.py). In c.replay (a retry of a
     request that went: the head as sent, then its body), or in c.rhead (the
     first try's head, staged while it connects) and the copy c.replay may
@@ -6842,9 +6849,11 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
 
 cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     """After Python heard of a failed connect: the next candidate (a first
-    attempt's, or a retry's), or 503 no healthy upstream."""
+    attempt's, or a retry's), or 503 no healthy upstream (none left, or a
+    policy that retries a failed connect out of tries)."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
+    cdef const Retry_ *p = c.retry
     log_upstream(c, failed)  # (the access log's UPSTREAM_HOST, if no later try reaches one)
     for i in range(c.n_cand):
         if c.cand[i] != failed:
@@ -6852,18 +6861,26 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             c.cand_tag[j] = c.cand_tag[i]  # (its tag along: read when c.mixed)
             j += 1
     c.n_cand = j
-    if c.n_cand:
+    if c.n_cand and (p == NULL or not p.on_connect or c.tries < p.attempts):
         # that was a try (Envoy's router counts one whose connect failed:
-        # its connect-failure retry), none of the policy's: the next says
-        # one more (connect_failed() in _exchange_py.py); counted until the
+        # its connect-failure retry): the next says one more
+        # (connect_failed() in _exchange_py.py). Under a policy that
+        # retries a failed connect, one of its tries, as Envoy's spends one
+        # of num_retries on it (shouldRetryReset()) and counts it in
+        # upstream_rq_retry; else the relay's own, counted until the
         # exchange's end (c.holds: conn_drop_held() zeroes it)
-        c.conn_fails += 1
-        c.holds = True
+        if p != NULL and p.on_connect:
+            c.tries += 1
+            L4R_ADD(&R.ctr[<int>CT_RETRIES], 1)
+        else:
+            c.conn_fails += 1
+            c.holds = True
         if count_attempt(c) != 0:
             conn_abort(R, c)
             return
         try_ep(R, c, c.cand[0], now, False)
-    elif c.retried:  # a retry's last connect failed: the request is lost
+    elif c.retried:  # a retry's last connect failed (or the policy's tries
+        # are spent): the request is lost
         # (503 no healthy upstream and UF, as Envoy answers a retry whose
         # connect failed and as a first attempt's every connect failing
         # is answered; no policy retries it: can_retry() wants a try on)

@@ -286,11 +286,12 @@ def test_a_try_whose_connect_failed_is_counted(
     """Envoy's router counts a try whose connect failed (its
     connect-failure retry: 5xx retries it too), so the next try's
     x-envoy-attempt-count says one more, where the relay moves on to the
-    next endpoint: a policy retrying 5xx once, three endpoints, one
-    refusing connects, the first to answer says 503 once. The relay's
-    retries stay the policy's (1), its connect errors 1 a request: a
-    failed connect spends none of the policy's tries. Before, the try
-    after the failed connect said the count of the one that failed."""
+    next endpoint: a policy retrying 5xx twice, three endpoints, one
+    refusing connects, the first to answer says 503 once. The failed
+    connect is one of the policy's tries (below), its connect errors 1 a
+    request: the retries, 2 for the first request, and 1 for the second
+    where it refused it. Before, the try after the failed connect said the
+    count of the one that failed."""
     dead = _refusing()
     dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
     first, second = Scripted([_answer(503)]), Scripted([])
@@ -298,7 +299,7 @@ def test_a_try_whose_connect_failed_is_counted(
         endpoints = (dead_endpoint, first.endpoint, second.endpoint)
     else:
         endpoints = (first.endpoint, dead_endpoint, second.endpoint)
-    relay = _proxy(mode, endpoints, policy(1, "5xx"))
+    relay = _proxy(mode, endpoints, policy(2, "5xx"))
     try:
         c = _client(relay)
         got = []
@@ -316,7 +317,9 @@ def test_a_try_whose_connect_failed_is_counted(
         [[n] for n in counts[0]],
         [[n] for n in counts[1]],
     )
-    assert (stats["retries"], stats["connect_errors"]) == (1, 2 if order == "dead-first" else 1)
+    assert (stats["retries"], stats["connect_errors"]) == (
+        (3, 2) if order == "dead-first" else (2, 1)
+    )
 
 
 def test_a_try_whose_connect_failed_is_counted_without_a_policy(mode: tuple[str, str]) -> None:

@@ -192,11 +192,12 @@ def test_retry_ignore_previous_hosts_says_where_the_retry_goes(
 def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
     mode: tuple[str, str], ignore: bool
 ) -> None:
-    """A refused connect moves on to the next endpoint, the relay's own
-    retry, not the policy's: its endpoint is out of the request's either
-    way. The next one answers 503 once; the policy's retry then goes to
-    the last one (true), or the one that answered again (false), never to
-    the refusing one."""
+    """A refused connect moves on to the next endpoint, one of the
+    policy's tries under 5xx (Envoy's connect-failure retry): its endpoint
+    is out of the request's whatever retryIgnorePreviousHosts says. The
+    next one answers 503 once; the policy's second retry then goes to the
+    last one (true), or the one that answered again (false), never to the
+    refusing one."""
     # bound, never listening: connects refused, and no other test's listener
     # takes the port meanwhile (as one could once it were closed)
     dead = socket.socket()
@@ -204,7 +205,7 @@ def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
     dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
     first = Scripted([_answer(503)])
     second = Scripted([])
-    retry = policy(1, "5xx", ignore_previous_hosts=ignore)
+    retry = policy(2, "5xx", ignore_previous_hosts=ignore)
     relay = _proxy(mode, (dead_endpoint, first.endpoint, second.endpoint), retry)
     try:
         a = _client(relay)
@@ -212,7 +213,7 @@ def test_a_failed_connect_s_endpoint_is_dropped_whatever_the_policy_says(
         got = _response(a)
         assert _status(got) == 200, got
         stats = relay.stats()
-        assert (stats["retries"], stats["connect_errors"]) == (1, 1), stats
+        assert (stats["retries"], stats["connect_errors"]) == (2, 1), stats
         a.close()
     finally:
         relay.close()

@@ -200,9 +200,13 @@ Decisions
   The route timeout spans every try and backoff. The reused-connection
   retry above is not one of the policy's tries, and a failed connect moves
   on to the next endpoint with or without a policy, as before: both at
-  once, as Envoy's. A failed connect spends none of the policy's tries,
-  but it was a try: the next says one more in its x-envoy-attempt-count
-  (:meth:`Exchange.connect_failed`), as Envoy's. Out of tries, the last
+  once (Envoy's connect-failure retry waits its backoff). Under a policy
+  that retries a failed connect (``RetryPolicy.on_connect``) the move is
+  one of its tries, as Envoy's router spends one of its retries on it,
+  and none left ends the request as no endpoint left does; without one
+  it spends none. Either way it was a try: the next says one more in its
+  x-envoy-attempt-count (:meth:`Exchange.connect_failed`), as Envoy's.
+  Out of tries, the last
   try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once
   (:class:`Done`), however it ends: answered, answered locally, or cut
@@ -1148,6 +1152,15 @@ def edit_local_answer(answer: bytes, edits: HeadEdits | None) -> bytes:
     return _edited_lines(answer[:end], e.response_drop, e.response_lines, None) + answer[end:]
 
 
+class ConnectRetry(enum.Enum):
+    """What a failed connect with an endpoint left comes to
+    (:meth:`Exchange.connect_failed`)."""
+
+    OWN = "own"  # the next endpoint, the relay's own retry (no policy retries it)
+    POLICY = "policy"  # the next endpoint, one of the policy's tries (a retry)
+    SPENT = "spent"  # none: the policy's tries are spent
+
+
 class Exchange:
     """The per-request proxy state of one client connection (sans-IO).
 
@@ -1192,8 +1205,8 @@ class Exchange:
         # Shadow hands them over
         self.mirror: bytearray | None = None
         self._mirroring = False  # ... a Shadow is still due for this request
-        self._tries = 0  # the retry policy's retries so far
-        self._failed_connects = 0  # tries whose connect failed, moved on from (connect_failed)
+        self._tries = 0  # the retry policy's retries so far (a failed connect's under on_connect)
+        self._failed_connects = 0  # tries whose connect failed, moved on from, no policy's
         self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
         self._response: BodyFramer | None = None
@@ -1232,7 +1245,9 @@ class Exchange:
     @property
     def tries(self) -> int:
         """The retry policy's retries of the current request so far (the
-        *n* of its latest :class:`Retry`, whose backoff the shell waits)."""
+        *n* of its latest :class:`Retry`, whose backoff the shell waits),
+        the moves on from a failed connect it spent among them
+        (:meth:`connect_failed`)."""
         return self._tries
 
     @property
@@ -1570,26 +1585,43 @@ class Exchange:
             return self._policy_retry("upstream request timeout")
         return self.upstream_timeout()
 
-    def connect_failed(self) -> None:
-        """A try's connect failed and the shell moves on to the request's
-        next endpoint (a first try's, a policy's retry's or the reused
-        connection's one retry's): that was a try, as Envoy's router counts
-        one whose connect failed (its connect-failure retry: the next try's
-        x-envoy-attempt-count says one more), so the head about to go says
-        the next try's count (the compiled twin's connect_failed_next()).
-        It spends none of the policy's tries (:attr:`tries`)."""
-        self._failed_connects += 1
+    def connect_failed(self) -> ConnectRetry:
+        """A try's connect failed (a first try's, a policy's retry's or the
+        reused connection's one retry's) and the request has an endpoint
+        left: may the shell move on to it? That was a try, as Envoy's router
+        counts one whose connect failed (its connect-failure retry: the next
+        try's x-envoy-attempt-count says one more), so the head about to go
+        says the next try's count (the compiled twin's
+        connect_failed_next()). Under a policy that retries a failed connect
+        (``RetryPolicy.on_connect``) the move is one of its tries
+        (:attr:`tries`; :attr:`ConnectRetry.POLICY`, which the shell counts
+        as a retry), as Envoy's shouldRetryReset() spends one of its
+        num_retries on it, and none is left once they are spent
+        (:attr:`ConnectRetry.SPENT`: the shell answers as when no endpoint
+        is left, nothing counted); without one, the relay's own
+        (:attr:`ConnectRetry.OWN`), spending nothing."""
+        p = self.retry
+        if p is not None and p.on_connect:
+            if self._tries >= p.attempts:
+                return ConnectRetry.SPENT
+            self._tries += 1
+            step = ConnectRetry.POLICY
+        else:
+            self._failed_connects += 1
+            step = ConnectRetry.OWN
         if self.phase == Phase.ROUTING:  # the first try: its head not sent yet
             self._sent_head = attempt_counted(self._sent_head, self._attempt())
         elif self.phase == Phase.EXCHANGE and self._replay is not None:  # a retry's
             self._replay[:] = attempt_counted(self._replay, self._attempt())
+        return step
 
     # -- internals ------------------------------------------------------------
 
     def _attempt(self) -> int:
         """Which try of the current request goes next, as its
         x-envoy-attempt-count says: 1, then one more for each try before
-        it, a policy's retry or a connect that failed (the reused
+        it, a policy's retry (a failed connect's, under a policy that
+        retries one, among them) or a connect that failed (the reused
         connection's one retry is none: it says the count of the try it
         repeats)."""
         return self._tries + self._failed_connects + 1

@@ -373,6 +373,7 @@ from l4proxy.dataplane._exchange_py import (
     Action,
     Client,
     Close,
+    ConnectRetry,
     Done,
     Exchange,
     NotHTTPConnection,
@@ -2328,13 +2329,17 @@ class HttpRelay:
             self.connect_failed(endpoint, c.tag if c.decision else None, why)
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
-        if c.candidates:  # the next candidate: a first attempt's, or a retry's
-            c.ex.connect_failed()  # (a try: the next says one more)
+        # the next candidate (a first attempt's, or a retry's), unless the
+        # retry policy that retries a failed connect has spent its tries
+        step = c.ex.connect_failed() if c.candidates else ConnectRetry.SPENT
+        if step is not ConnectRetry.SPENT:
+            if step is ConnectRetry.POLICY:  # (Envoy's upstream_rq_retry counts it)
+                self.counters["retries"] += 1
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
             refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
             self._perform(c, refused, now)
-        else:  # a retry's last connect failed: the request is lost
+        else:  # a retry's last connect failed (or the policy's tries are spent): lost
             self._perform(c, c.ex.upstream_eof(connect_failed=True), now)
 
     def _response_failed(self, endpoint: Endpoint, tag: Any, why: str) -> None:

@@ -188,11 +188,14 @@ class RetryPolicy(NamedTuple):
     ``on_connect``: the policy retries a failed connect (Envoy's router
     does under connect-failure, reset-before-request, reset, 5xx and
     gateway-error). A failed connect here moves on to the next endpoint,
-    policy or not, and spends no try (the next try's
-    x-envoy-attempt-count counts it, as Envoy's); where every connect failed the
-    request's 503 says UF and, under such a policy, URX, as Envoy's says
-    once its tries went on failed connects (no bit of ``on``: it holds no
-    request, and a policy of it alone is not :attr:`in_effect`).
+    policy or not (the next try's x-envoy-attempt-count counts it, as
+    Envoy's); under such a policy the move is one of its ``attempts``, a
+    retry counted, as Envoy's spends one of its retries on it, and with
+    none left the request is answered as with no endpoint left; without
+    one it spends nothing. Where every connect failed, or the tries went
+    on failed connects, the request's 503 says UF and, under such a
+    policy, URX, as Envoy's says (no bit of ``on``: it holds no request,
+    and a policy of it alone is not :attr:`in_effect`).
     """
 
     attempts: int
