@@ -136,11 +136,13 @@ def test_retries_after_their_backoffs_get_the_answer_and_wake_the_loop(
 
 def test_the_per_try_timer_starts_when_the_retry_is_sent(mode: tuple[str, str]) -> None:
     """Envoy starts a retry's per-try timer when the retry is sent, not
-    during its backoff: a per-try timeout of 0.1 s and a backoff of up to
-    0.4 s, a 503 then a 200 at once: the retry's 200 is the client's (a
-    timer run during the wait would mostly give the 504)."""
+    during its backoff: a per-try timeout of 0.5 s and a backoff of up to
+    2 s, a 503 then a 200 at once: the retry's 200 is the client's (a
+    timer run during the wait would give the 504 three times in four). The
+    per-try timeout leaves a loaded host time to answer (at 0.1 s it gave
+    the 504 under load; the backoff keeps its ratio)."""
     up = Scripted([_answer(503, b"no")])
-    relay = _proxy(mode, (up.endpoint,), policy(1, "5xx", per_try=0.1, backoff=0.4))
+    relay = _proxy(mode, (up.endpoint,), policy(1, "5xx", per_try=0.5, backoff=2.0))
     try:
         a = _client(relay)
         a.sendall(GET)
