@@ -297,6 +297,8 @@ ANSWERS: dict[str, Answer] = {
     "garbage": Answer((b"hello there\r\n\r\n",)),
     "status_short": Answer((_head(_CL2, status=b"HTTP/1.1 20 OK") + b"ok",)),
     "101_unasked": Answer((_head(status=b"HTTP/1.1 101 Switching Protocols"),)),
+    # a legacy server's 101, every line ending in a bare LF
+    "101_lf": Answer((b"HTTP/1.1 101 Switching Protocols\nUpgrade: x\nConnection: Upgrade\n\n",)),
     "huge_head": Answer((_head(b"X-Big: " + b"a" * 70000),)),
     "huge_head_close": Answer((b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000,), close=True),
     "drop": Answer((), close=True),  # closes before any byte
@@ -1003,7 +1005,7 @@ def test_the_harness_sees_what_the_relay_has_not_read() -> None:
 # Answers that only make sense for HEAD (no body after a Content-Length) or
 # that need the request to say something (Expect, Upgrade): tested below.
 # cl_huge and cl_60k: for the backpressure tests below.
-NOT_FOR_GET = {"head", "head_chunked", "expect", "101", "101_hop", "cl_huge", "cl_60k"}
+NOT_FOR_GET = {"head", "head_chunked", "expect", "101", "101_hop", "101_lf", "cl_huge", "cl_60k"}
 GET_ANSWERS = [n for n in sorted(ANSWERS) if n not in NOT_FOR_GET]
 
 
@@ -1187,6 +1189,18 @@ def test_a_101_keeps_its_upgrade_and_connection_lines() -> None:
     up = b"Connection: Upgrade\r\nUpgrade: x\r\n"
     out = both(conv(get("101_hop", up) + b"after", requests=1))
     assert out.handed == [(ANSWERS["101_hop"].data, b"after", True)]
+
+
+def test_a_101_with_a_bare_lf_goes_with_crlf_into_its_tunnel() -> None:
+    """A 101 whose lines end in a bare LF: its head goes to the client with
+    every line ending in CRLF (crlf_head(): the pure Exchange's, which the
+    compiled twin's upgrade is handed to), its lines kept as a 101's are,
+    then the tunnel's bytes as they came."""
+    up = b"Connection: Upgrade\r\nUpgrade: x\r\n"
+    out = both(conv(get("101_lf", up) + b"after", requests=1))
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"
+    assert out.handed == [(head, b"after", True)]
+    assert out.counters == {"requests": 1, "local_answers": 0, "errors": 0}
 
 
 @pytest.mark.parametrize("byte", INTERESTING_BYTES)
