@@ -539,8 +539,10 @@ the last one began while the thread should be running: a loop stuck
 (an endless loop, a deadlock, a callback that never returns) answers
 nothing and reads no stop signal, while the worker's event loop still
 answers the supervisor's watchdog, which asks for it (``alive``:
-run._answer_supervisor) and replaces such a worker. ``hang_for_test()``
-(tests only) sleeps the thread at its next service.
+run._answer_supervisor) and replaces such a worker (a ``--single-process``
+one asks itself and exits: run._watch_alone; /ready says ``STALLED``
+meanwhile). A thread close() gave up waiting for is still counted (stuck).
+``hang_for_test()`` (tests only) sleeps the thread at its next service.
 
 Ownership of file descriptors
 -----------------------------
@@ -9355,12 +9357,12 @@ cdef class HttpRelay:
         self._thread.start()
 
     def stalled(self):
-        """Seconds since the loop's thread last began a turn, while it
-        should be running (started, not closed, alive; 0.0 otherwise), the
-        pure relay's thread this one hands requests to included (see
-        "Liveness"). Any thread."""
+        """Seconds since the loop's thread last began a turn, while it runs
+        (started and alive, one that close() gave up waiting for included:
+        stuck; 0.0 otherwise), the pure relay's thread this one hands
+        requests to included (see "Liveness"). Any thread."""
         cdef double mine = 0.0
-        if self._started and not self._closed and self._thread.is_alive():
+        if self._started and self._thread.is_alive():
             mine = max(0.0, _time_mod.monotonic() - L4R_LOAD(&self.R.turn_ns) / 1e9)
         return max(mine, self.slow.stalled())
 
@@ -9644,12 +9646,14 @@ cdef class HttpRelay:
         ev.events = sys_.EPOLLIN
         ev.data.ptr = <void*>self.R  # (no Conn, Up nor Lst: see run())
         sys_.epoll_ctl(self.R.epfd, sys_.EPOLL_CTL_ADD, fd, &ev)
-    def close(self, bint access_log=True):
+    def close(self, bint access_log=True, double wait=10.0):
         """Stop the loop, close every connection (the pure relay's too);
         *access_log* False: the access log's writer stays for lines from
         elsewhere (access_log_line()) until close_access_log(). Returns how
         many client connections it cut, the pure relay's with them (see its
-        close()); a second call returns 0."""
+        close()); a second call returns 0. Each thread (this loop's, the
+        pure relay's) is waited for *wait* seconds at most: one stuck is
+        left running, and stalled() says for how long."""
         cdef int cut
         if self._closed:
             return 0
@@ -9658,11 +9662,11 @@ cdef class HttpRelay:
         sys_.pthread_mutex_unlock(&self.R.lock)
         self._wake()
         if self._started and self._thread.is_alive():
-            self._thread.join(10)
+            self._thread.join(wait)
         self._closed = True
-        cut = self.slow.close()
+        cut = self.slow.close(wait=wait)
         if self._started and self._thread.is_alive():
-            # Still in a Python callback after 10 s: what it uses is left
+            # Still in a Python callback after *wait*: what it uses is left
             # as it is, never freed (nor by __dealloc__) under it.
             self._stuck = True
             return cut + L4R_LOAD(&self.R.ctr[<int>CT_ACTIVE])

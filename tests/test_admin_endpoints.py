@@ -34,6 +34,7 @@ from l4proxy.sidecar.admin import (
     INITIALIZING,
     LIVE,
     PRE_INITIALIZING,
+    STALLED,
     least_state,
     served_state,
 )
@@ -55,6 +56,8 @@ REPO = Path(__file__).resolve().parent.parent
         ([LIVE, INITIALIZING], INITIALIZING),
         ([INITIALIZING, None], PRE_INITIALIZING),  # a worker that did not answer
         ([LIVE, DRAINING, None], DRAINING),
+        ([LIVE, STALLED, None], STALLED),  # a relay thread stuck (the watchdog's to kill)
+        ([STALLED, DRAINING], DRAINING),
         ([LIVE, "garbage"], PRE_INITIALIZING),  # an answer not of the shape: none
         ([], PRE_INITIALIZING),
     ],

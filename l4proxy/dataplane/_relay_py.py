@@ -340,9 +340,11 @@ times a second). :meth:`HttpRelay.stalled` says how long ago the last one
 began while the thread should be running: a thread stuck (an endless loop,
 a deadlock, a callback that never returns) relays nothing, while the
 worker's event loop still answers the supervisor's watchdog, which asks
-for it (``alive``: run._answer_supervisor) and replaces such a worker.
-:meth:`HttpRelay.hang_for_test` (tests only) sleeps the thread at its next
-wake-up.
+for it (``alive``: run._answer_supervisor) and replaces such a worker (a
+``--single-process`` one asks itself and exits: run._watch_alone; /ready
+says ``STALLED`` meanwhile). A thread :meth:`HttpRelay.close` gave up
+waiting for is still counted (stuck). :meth:`HttpRelay.hang_for_test`
+(tests only) sleeps the thread at its next wake-up.
 
 Ownership of file descriptors: a socket belongs to exactly one of: the
 hand-off queue, a client connection, a checked-out upstream, the pool's idle
@@ -753,6 +755,7 @@ class HttpRelay:
         self._discourage = False
         self._stopped = False  # stop_signalled(), asked: discourage()'s, for good
         self._turn = 0.0  # time.monotonic() of the loop's last turn (see "Liveness")
+        self._closed = False  # close() was called: its thread is waited for once
         self._test_hang = 0.0  # hang_for_test(): seconds to sleep at the next wake-up
         self._cut = 0  # client connections close() cut (see "Drain")
         self._named: frozenset[Endpoint] | None = None  # retain_endpoints(), as applied
@@ -835,10 +838,10 @@ class HttpRelay:
         self._thread.start()
 
     def stalled(self) -> float:
-        """Seconds since the loop's thread last began a turn, while it
-        should be running (started, not stopped, alive; 0.0 otherwise: see
-        "Liveness"). Any thread."""
-        if self._stop or not self._thread.is_alive():
+        """Seconds since the loop's thread last began a turn, while it runs
+        (started and alive, one that :meth:`close` gave up waiting for
+        included: stuck; 0.0 otherwise: see "Liveness"). Any thread."""
+        if not self._thread.is_alive():
             return 0.0
         return max(0.0, time.monotonic() - self._turn)
 
@@ -910,18 +913,22 @@ class HttpRelay:
         self._stopped = True  # (read under the lock with the queue: see _take_queue)
         self._wake()
 
-    def close(self, access_log: bool = True) -> int:
+    def close(self, access_log: bool = True, wait: float = 10.0) -> int:
         """Stop the relay's thread, closing every connection; *access_log*
         False: the access log's writer stays for lines from elsewhere
         (:meth:`access_log_line`) until :meth:`close_access_log`. Returns
         how many client connections it cut (reset, or never served: taken
         and not yet relayed); not those closing already after their last
-        answer (see "Drain"). A second call returns 0."""
+        answer (see "Drain"). The thread is waited for *wait* seconds at
+        most (a callback stuck: it is left running, and :meth:`stalled`
+        says for how long). A second call returns 0, waiting for nothing."""
+        first, self._closed = not self._closed, True
         with self._lock:
             self._stop = True
         self._wake()
         if self._thread.is_alive():
-            self._thread.join(10)
+            if first:
+                self._thread.join(wait)
         elif self._thread.ident is None and self._wake_r.fileno() >= 0:
             # Never started: no thread closes what it would have (the
             # connections queued, the epoll and the wake-up socketpair).

@@ -5,7 +5,8 @@
 ``/ready``             200 ``LIVE`` while serving; else 503 and the server
                        state: ``PRE_INITIALIZING``, ``INITIALIZING`` (the
                        first rules or DNS lookups), ``DRAINING`` (SIGTERM,
-                       or ``/healthcheck/fail``)
+                       or ``/healthcheck/fail``), ``STALLED`` (a relay
+                       thread stuck)
 ``/server_info``       JSON: version, server state, uptime, the options run
                        was given (Envoy's field names)
 ``/stats``             Prometheus text: connections, decisions, bytes, failures,
@@ -36,8 +37,9 @@ Envoy's ``ServerInfo.State``, from the server's initialisation and its
 health-check flag (Envoy's ``Utility::serverState``): the state of the
 rules (:meth:`AdminSource.state`: ``PRE_INITIALIZING`` for a worker that
 has not answered yet, ``INITIALIZING`` until the first rules loaded and each
-DNS name had its first lookup, ``DRAINING`` once a drain began, else
-``LIVE``), and a ``LIVE`` server whose health check was failed
+DNS name had its first lookup, ``DRAINING`` once a drain began,
+``STALLED`` while a worker's per-request relay thread has not turned for a
+third of ``--watchdog-timeout``, else ``LIVE``), and a ``LIVE`` server whose health check was failed
 (``/healthcheck/fail``) is ``DRAINING`` to ``/ready``, ``/server_info`` and
 the kubelet, while it serves and accepts as before. The flag is the admin
 process's and is kept until ``/healthcheck/ok`` (or the process's end): set
@@ -169,7 +171,7 @@ ENDPOINTS = (
     (
         "/ready",
         "LIVE (200) while serving; else 503 and the server state "
-        "(PRE_INITIALIZING, INITIALIZING, DRAINING)",
+        "(PRE_INITIALIZING, INITIALIZING, DRAINING, STALLED)",
     ),
     ("/server_info", "JSON: version, server state, uptime, the command-line options"),
     (
@@ -199,16 +201,21 @@ LIVE = "LIVE"
 DRAINING = "DRAINING"
 PRE_INITIALIZING = "PRE_INITIALIZING"
 INITIALIZING = "INITIALIZING"
+# Not one of Envoy's: a worker whose relay thread has not turned for a third
+# of --watchdog-timeout (stuck: it serves nothing; WorkerView.state)
+STALLED = "STALLED"
 _ORDER = (PRE_INITIALIZING, INITIALIZING, LIVE)  # the least advanced first
 
 
 def least_state(states: Iterable[str | None]) -> str:
     """The state of several workers' as one: DRAINING where one drains,
-    else the least advanced, a worker that did not answer (None: starting,
-    restarting, or hung until the watchdog replaces it) PRE_INITIALIZING."""
-    seen = [PRE_INITIALIZING if s not in (*_ORDER, DRAINING) else s for s in states]
-    if DRAINING in seen:
-        return DRAINING
+    else STALLED where one is, else the least advanced, a worker that did
+    not answer (None: starting, restarting, or hung until the watchdog
+    replaces it) PRE_INITIALIZING."""
+    seen = [PRE_INITIALIZING if s not in (*_ORDER, DRAINING, STALLED) else s for s in states]
+    for state in (DRAINING, STALLED):
+        if state in seen:
+            return state
     return min(seen, key=_ORDER.index, default=PRE_INITIALIZING)
 
 
@@ -674,10 +681,12 @@ def clusters_text(clusters: list[dict[str, Any]]) -> str:
 class WorkerView:
     """The admin's view of one in-process worker (also served on its control socket)."""
 
-    def __init__(self, worker: Worker, implementation: str) -> None:
+    def __init__(self, worker: Worker, implementation: str, stall_limit: float = 0.0) -> None:
         self.worker = worker
         self.implementation = implementation
         self.health_check_failed = False  # (--single-process: this process serves /ready)
+        # STALLED from this many seconds of the relay's thread without a turn (0: never)
+        self.stall_limit = stall_limit
 
     async def fail_health_check(self, failed: bool) -> None:
         """/healthcheck/fail (*failed*) and /healthcheck/ok (--single-process)."""
@@ -697,6 +706,11 @@ class WorkerView:
         # resolution too).
         if self.worker.draining:
             return DRAINING
+        # A relay thread stuck serves nothing, while this loop answers: the
+        # watchdog kills such a worker (a lone process exits) at the
+        # timeout; meanwhile the pod leaves its Services' endpoints.
+        if self.stall_limit and self.worker.relay_stalled() >= self.stall_limit:
+            return STALLED
         rules = self.worker.rules
         loaded = rules.state.generation > 0 or not rules.paths
         return LIVE if loaded and rules.dns.warmed() else INITIALIZING

@@ -13,15 +13,18 @@ import contextlib
 import grp
 import json
 import logging
+import math
 import os
 import pwd
 import signal
 import socket
 import stat
 import sys
+import threading
+import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
@@ -33,6 +36,9 @@ from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
 from l4proxy.sidecar.loglevels import apply_log_levels
 from l4proxy.sidecar.signals import HeldSignals, done_with_signals, hold_signals, say_ignored
+
+if TYPE_CHECKING:
+    from l4proxy.sidecar.worker import Worker
 
 # The worker's modules (rule loader, peek, pump, routing, uvloop) are imported
 # in _serve() only: the supervisor process never needs them, and it stays
@@ -71,8 +77,9 @@ the SIGTERM on. POST /healthcheck/fail on the admin endpoint makes /ready
 503 and each gateway answer say "Connection: close" (nothing else drains)
 until POST /healthcheck/ok.
 
-exit codes: 0 drained and stopped, 1 runtime failure, 2 usage error (bad
-flags, a port that cannot be bound).
+exit codes: 0 drained and stopped, 1 runtime failure (with --single-process:
+the relay's thread stuck for --watchdog-timeout, or at the stop's end), 2 usage
+error (bad flags, a port that cannot be bound).
 """
 
 
@@ -478,7 +485,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--single-process",
         action="store_true",
-        help="no supervisor: serve in this process (debugging; a crash is not restarted)",
+        help="no supervisor: serve in this process (debugging; nothing restarts it but "
+        "its container's restart: it exits 1 where a worker would be restarted)",
     )
     p.add_argument(
         "--watchdog-timeout",
@@ -486,7 +494,9 @@ def add_parser(sub: Any) -> None:
         default=15.0,
         metavar="SECONDS",
         help="restart a worker that has not answered the supervisor for this long, or "
-        "whose relay thread has not turned for this long (15; 0: off)",
+        "whose relay thread has not turned for this long; with --single-process, exit "
+        "1 (for the container to be restarted) when the relay thread has not turned for "
+        "this long; /ready answers 503 STALLED from a third of it, 1 s at least (15; 0: off)",
     )
     p.add_argument(
         "--watchdog-start-timeout",
@@ -870,7 +880,9 @@ async def _serve(
     implementation = (
         f"peek={peek.IMPLEMENTATION} pump={pump.IMPLEMENTATION} relay={relay.IMPLEMENTATION}"
     )
-    view = WorkerView(worker, implementation)
+    # /ready: STALLED from a third of the watchdog's timeout (admin.WorkerView)
+    unready = max(args.watchdog_timeout * STALL_UNREADY, STALL_UNREADY_MIN_S)
+    view = WorkerView(worker, implementation, stall_limit=unready if args.watchdog_timeout else 0)
     admin = stats = None
     if control is None:  # single process: the admin endpoint is ours
         map_large_allocations()  # a /stats page's buffer (lean)
@@ -887,6 +899,7 @@ async def _serve(
         worker.drain_first()
     if relay_hears_stop and not worker.hear_stop_signals(STOP_SIGNALS, stop.set):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (no such relay after all)
+        relay_hears_stop = False
     worker.start()
     if args.rules:
         rules.start()
@@ -912,9 +925,12 @@ async def _serve(
         reopen()
     if held.stop_requested:  # SIGTERM while starting: drain now
         stop.set()
-    control_task = None
+    control_task = watch = None
+    stop_came: list[float] = []  # (a stop signal taken late: when it came, _take_stop_signal)
     if control is not None:
         control_task = loop.create_task(_answer_supervisor(control, view, stop))
+    else:  # no supervisor to watch this process: it watches itself
+        watch = loop.create_task(_watch_alone(args, worker, stop, relay_hears_stop, stop_came))
     log.info(
         "l4proxy %s worker: listening: %s; %simplementation: %s; loop: %s; uid %d",
         __version__,
@@ -925,6 +941,12 @@ async def _serve(
         os.getuid(),
     )
     await stop.wait()
+    close_by = overdue = None
+    if watch is not None:  # (--single-process) the stop's deadline is ours to keep
+        watch.cancel()
+        deadline = min([time.monotonic(), *stop_came]) + args.drain_duration + STOP_GRACE_S
+        overdue = _keep_stop_deadline(args, worker, deadline)
+        close_by = deadline - CLOSE_MARGIN_S
     log.info(
         "draining for up to %.1fs: inbound served for %.1fs more; outbound served until "
         "%.1fs quiet",
@@ -937,6 +959,7 @@ async def _serve(
         quiet=args.drain_quiet,
         inbound=args.drain_inbound,
         gradual=args.drain_strategy == "gradual",
+        close_by=close_by,
     )
     if forced:
         log.warning(
@@ -952,8 +975,144 @@ async def _serve(
         control_task.cancel()
     worker.close()
     done_with_signals(loop)  # (a SIGHUP or SIGUSR1 forwarded now: no death by signal)
+    left = worker.relay_stalled()  # (a relay thread its close gave up waiting for: stuck)
+    if overdue is not None:
+        overdue.cancel()
+        if left:
+            log.error(
+                "stopped, but the relay thread did not end: it has not turned for %.1fs "
+                "(stuck); exit status 1",
+                left,
+            )
+            return 1
     log.info("stopped")
     return 0
+
+
+# --single-process: the watchdog a supervisor would be, in the process itself
+# (_watch_alone), and the stop's deadline a supervisor would kill it at.
+STOP_GRACE_S = 10.0  # past --drain-duration, what it gets to close (Supervisor.DRAIN_GRACE_S)
+CLOSE_MARGIN_S = 1.0  # the relay's thread is waited for until this long before that deadline
+STALL_UNREADY = 1 / 3  # /ready answers 503 STALLED from this share of --watchdog-timeout,
+STALL_UNREADY_MIN_S = 1.0  # and not before four of the relay's idle turns (0.25 s each)
+ALONE_TICK_S = 0.5  # how often a stop signal the relay's thread did not read is looked for
+UNREAD_STOP_S = 1.0  # one pending that long was not read (the relay's loop turns each 0.25 s)
+
+
+async def _watch_alone(
+    args: argparse.Namespace,
+    worker: Worker,
+    stop: asyncio.Event,
+    relay_hears_stop: bool,
+    stop_came: list[float],
+) -> None:
+    """``--single-process``: this process watches its own relay as a
+    supervisor's watchdog watches a worker's (Supervisor._watchdog, at its
+    cadence: every fifth of ``--watchdog-timeout``), since nothing else
+    does. A relay thread stuck (an endless loop, a deadlock) serves
+    nothing while this event loop still answers the admin endpoint, so a
+    liveness probe there passed and the pod was never restarted: past
+    ``--watchdog-timeout`` without a turn (Worker.relay_stalled) the
+    process says so and exits 1, and its container is restarted (/ready
+    answers 503 ``STALLED`` meanwhile, from a third of it: WorkerView).
+
+    A check after a sleep of this loop that overran its length by more than
+    the length itself is not judged: the process was not running (stopped
+    with SIGSTOP, and the relay's thread with it) or this thread was held
+    (the GIL, for long Python work), and the relay's turn may just be due.
+
+    And a stop signal the compiled relay's thread reads (its signalfd: the
+    signals are blocked in every thread, Worker.hear_stop_signals) stays
+    pending while that thread is stuck: one pending for ``UNREAD_STOP_S``
+    is taken here (sigtimedwait), and the process stops all the same, by
+    the stop's deadline counted from when it was first seen pending
+    (*stop_came*; _keep_stop_deadline); before, it never did. Monotonic
+    time throughout (the relay's turns are)."""
+    limit = args.watchdog_timeout
+    interval = max(0.2, limit / 5) if limit > 0 else math.inf
+    tick = min(interval, ALONE_TICK_S) if relay_hears_stop else interval
+    if tick == math.inf:
+        return
+    woke = time.monotonic()
+    due = woke + interval  # the relay's next check
+    unread: float | None = None  # since when a stop signal has been pending
+    while True:
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        held, woke = now - woke > 2 * tick, now
+        if relay_hears_stop:
+            if not signal.sigpending() & set(STOP_SIGNALS):
+                unread = None
+            elif unread is None:
+                unread = now
+            elif now - unread >= UNREAD_STOP_S and _take_stop_signal(worker, stop, now - unread):
+                stop_came.append(unread)
+                unread = None
+        if now < due:
+            continue
+        due = now + interval
+        stalled = worker.relay_stalled()
+        if stalled >= limit and not held:
+            log.error(
+                "the relay thread has not turned for %.1fs (--watchdog-timeout %.1fs): stuck, it "
+                "serves nothing; exiting (status 1) for the container to be restarted "
+                "(--single-process: no supervisor restarts a worker)",
+                stalled,
+                limit,
+            )
+            os._exit(1)  # (as a supervisor's kill: nothing drains through a stuck relay)
+
+
+def _take_stop_signal(worker: Worker, stop: asyncio.Event, unread: float) -> bool:
+    """A stop signal pending for *unread* seconds that the compiled relay's
+    thread did not read (_watch_alone): taken here, and the stop begins as
+    its would have (Worker.stop_signalled, then the drain). False: none
+    was pending any more (the relay's thread read it meanwhile)."""
+    try:
+        info = signal.sigtimedwait(STOP_SIGNALS, 0)
+    except OSError:
+        return False
+    if info is None:
+        return False
+    log.warning(
+        "%s: the relay thread, which reads it, has not for %.1fs (it has not turned for "
+        "%.1fs); stopping all the same",
+        signal.Signals(info.si_signo).name,
+        unread,
+        worker.relay_stalled(),
+    )
+    worker.stop_signalled()
+    stop.set()
+    return True
+
+
+def _keep_stop_deadline(
+    args: argparse.Namespace, worker: Worker, deadline: float
+) -> threading.Timer:
+    """``--single-process``: at the stop's *deadline* (monotonic:
+    ``--drain-duration`` and ``STOP_GRACE_S`` from the stop on, where a
+    supervisor kills a worker still draining) a process still there says
+    so and exits 1, whatever holds it (its relay's thread stuck: its close
+    waits until ``CLOSE_MARGIN_S`` before it, and :func:`_serve` exits 1
+    then). A thread of its own: the event loop may be the one held.
+    Cancel it once stopped."""
+    grace = max(0.0, deadline - time.monotonic())
+
+    def overdue() -> None:
+        stalled = worker.relay_stalled()
+        log.error(
+            "still stopping at the stop's deadline (--drain-duration %.1fs + %.0fs)%s; "
+            "exiting (status 1)",
+            args.drain_duration,
+            STOP_GRACE_S,
+            f", the relay thread not turned for {stalled:.1f}s (stuck)" if stalled else "",
+        )
+        os._exit(1)
+
+    timer = threading.Timer(grace, overdue)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -775,7 +775,12 @@ class Worker:
             self._accepted(conn, peer, lst, inbound_ok)
 
     async def drain(
-        self, timeout: float, quiet: float = 0.0, inbound: float = 0.0, gradual: bool = False
+        self,
+        timeout: float,
+        quiet: float = 0.0,
+        inbound: float = 0.0,
+        gradual: bool = False,
+        close_by: float | None = None,
     ) -> int:
         """SIGTERM: stop inbound now (or after *inbound* s), outbound once the
         app is gone; then close.
@@ -838,7 +843,9 @@ class Worker:
         Then the listeners close, and connections in flight get what is left
         of *timeout* to finish; the count of those the deadline cut (the
         relay's and the L4 pump's) is returned, and counted in
-        ``l4proxy_drain_cut_total``.
+        ``l4proxy_drain_cut_total``. The relay's thread is waited for until
+        *close_by* (monotonic; None: 10 s from the close) at most: one
+        stuck is left running (:meth:`relay_stalled` says so then).
         """
         self.draining = True
         now = time.monotonic()
@@ -896,7 +903,8 @@ class Worker:
         if self.relay is not None:
             # what is left at the deadline is cut; its access log's writer
             # stays for the lines of the pump's connections
-            cut = self.relay.close(access_log=not self._log_l4)
+            wait = 10.0 if close_by is None else max(0.0, close_by - time.monotonic())
+            cut = self.relay.close(access_log=not self._log_l4, wait=wait)
         forced = await self._drain_pump(deadline)
         self._close_access_log()
         if cut + forced:
@@ -1038,8 +1046,11 @@ class Worker:
 
     def relay_stalled(self) -> float:
         """Seconds the per-request relay's thread has gone without a turn
-        while it should be running (0.0: it turns, or there is none): the
-        watchdog's ``alive`` (run._answer_supervisor; the relays' "Liveness")."""
+        while it runs (0.0: it turns, or there is none; after the relay's
+        close, one left running, stuck): the watchdog's ``alive``
+        (run._answer_supervisor), the lone process's own watch
+        (run._watch_alone), /ready (admin.WorkerView.state); the relays'
+        "Liveness"."""
         return float(self.relay.stalled()) if self.relay is not None else 0.0
 
     def relay_active(self) -> int:
