@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from l4proxy.sidecar.watchdog import DRAIN_GRACE_S, check_interval
 from tests.mesh import IMPLS
 from tests.test_drain_keepalive import GET, WAIT, Sidecar, read_answer, running
 from tests.test_reload import big_rules
 
 TIMEOUT = 2.0  # --watchdog-timeout
-INTERVAL = max(0.2, TIMEOUT / 5)  # its checks' cadence (the supervisor's)
-STOP_GRACE_S = 10.0  # past --drain-duration, the stop's deadline (run.STOP_GRACE_S)
+INTERVAL = check_interval(TIMEOUT)  # its checks' cadence (the supervisor's)
 
 
 def _ready(sidecar: Sidecar) -> tuple[int, str]:
@@ -150,7 +150,7 @@ def test_a_stop_while_the_lone_relay_thread_is_stuck_ends_by_the_deadline(
             client.sendall(GET % b"/")
             sidecar.proc.send_signal(signal.SIGTERM)
             # (the deadline, and 3 s for a loaded machine)
-            assert sidecar.proc.wait(timeout=1 + STOP_GRACE_S + 3) == 1, sidecar.log()
+            assert sidecar.proc.wait(timeout=1 + DRAIN_GRACE_S + 3) == 1, sidecar.log()
         log = sidecar.log()
         assert "(stuck); exit status 1" in log.splitlines()[-1], log
         assert log.count("stopped, but the relay thread did not end") == 1, log

@@ -36,6 +36,7 @@ from l4proxy.sidecar.channel import serve_supervisor
 from l4proxy.sidecar.lean import give_back_memory, import_uvloop, map_large_allocations
 from l4proxy.sidecar.loglevels import apply_log_levels
 from l4proxy.sidecar.signals import HeldSignals, done_with_signals, hold_signals, say_ignored
+from l4proxy.sidecar.watchdog import DRAIN_GRACE_S, check_interval
 
 if TYPE_CHECKING:
     from l4proxy.sidecar.worker import Worker
@@ -944,7 +945,7 @@ async def _serve(
     close_by = overdue = None
     if watch is not None:  # (--single-process) the stop's deadline is ours to keep
         watch.cancel()
-        deadline = min([time.monotonic(), *stop_came]) + args.drain_duration + STOP_GRACE_S
+        deadline = min([time.monotonic(), *stop_came]) + args.drain_duration + DRAIN_GRACE_S
         overdue = _keep_stop_deadline(args, worker, deadline)
         close_by = deadline - CLOSE_MARGIN_S
     log.info(
@@ -991,7 +992,6 @@ async def _serve(
 
 # --single-process: the watchdog a supervisor would be, in the process itself
 # (_watch_alone), and the stop's deadline a supervisor would kill it at.
-STOP_GRACE_S = 10.0  # past --drain-duration, what it gets to close (Supervisor.DRAIN_GRACE_S)
 CLOSE_MARGIN_S = 1.0  # the relay's thread is waited for until this long before that deadline
 STALL_UNREADY = 1 / 3  # /ready answers 503 STALLED from this share of --watchdog-timeout,
 STALL_UNREADY_MIN_S = 1.0  # and not before four of the relay's idle turns (0.25 s each)
@@ -1029,7 +1029,7 @@ async def _watch_alone(
     (*stop_came*; _keep_stop_deadline); before, it never did. Monotonic
     time throughout (the relay's turns are)."""
     limit = args.watchdog_timeout
-    interval = max(0.2, limit / 5) if limit > 0 else math.inf
+    interval = check_interval(limit) if limit > 0 else math.inf
     tick = min(interval, ALONE_TICK_S) if relay_hears_stop else interval
     if tick == math.inf:
         return
@@ -1090,7 +1090,7 @@ def _keep_stop_deadline(
     args: argparse.Namespace, worker: Worker, deadline: float
 ) -> threading.Timer:
     """``--single-process``: at the stop's *deadline* (monotonic:
-    ``--drain-duration`` and ``STOP_GRACE_S`` from the stop on, where a
+    ``--drain-duration`` and ``DRAIN_GRACE_S`` from the stop on, where a
     supervisor kills a worker still draining) a process still there says
     so and exits 1, whatever holds it (its relay's thread stuck: its close
     waits until ``CLOSE_MARGIN_S`` before it, and :func:`_serve` exits 1
@@ -1104,7 +1104,7 @@ def _keep_stop_deadline(
             "still stopping at the stop's deadline (--drain-duration %.1fs + %.0fs)%s; "
             "exiting (status 1)",
             args.drain_duration,
-            STOP_GRACE_S,
+            DRAIN_GRACE_S,
             f", the relay thread not turned for {stalled:.1f}s (stuck)" if stalled else "",
         )
         os._exit(1)

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.dataplane.listener import Listener, listen_again
+from l4proxy.sidecar import watchdog
 from l4proxy.sidecar._stats_wire import decode_sample, in_slices
 from l4proxy.sidecar.access_log_file import REOPEN_FAILURES, reopen_access_log, reopen_failures
 from l4proxy.sidecar.admin import DRAINING, least_state
@@ -296,7 +297,7 @@ def _health_check_op(failed: bool) -> str:
 
 class Supervisor:
     # past --drain-duration, what a worker gets to close before it is killed
-    DRAIN_GRACE_S = 10.0
+    DRAIN_GRACE_S = watchdog.DRAIN_GRACE_S
     # what a /config_dump or /clusters waits for one worker's answer
     SHARED_ASK_TIMEOUT_S = 3.0
 
@@ -948,7 +949,7 @@ class Supervisor:
         limit = self.args.watchdog_timeout
         if limit <= 0:
             return
-        interval = max(0.2, limit / 5)
+        interval = watchdog.check_interval(limit)
         silent: dict[int, float] = {}  # worker pid -> since when it has not answered
         while True:
             await asyncio.sleep(interval)
