@@ -118,12 +118,14 @@ them is set, a compare and a store keep it so; when it passes,
 (``exchange_timer``), sends the retries due (``retry_send``) and finds the
 soonest again (the steady state scans about once per route timeout). The
 relay's own retries (a failed connect's next endpoint, the reused
-connection's one retry) go at once, as Envoy's do; so does a failed
-connect's next endpoint under a policy that retries a failed connect
-(``Retry_.on_connect``), though it spends one of its tries and counts a
-retry (``connect_failed_next``, as Envoy's router spends one of its
-retries on it; out of tries, the request is answered as with no
-endpoint left), where Envoy's waits its backoff first.
+connection's one retry) go at once, as Envoy's do, the next endpoint's
+try with its per-try timer afresh. Under a policy that retries a failed
+connect (``Retry_.on_connect``) the move to the next endpoint is one of
+its tries (``connect_failed_next``, as Envoy's router spends one of its
+retries on it: a retry counted; out of tries, the request is answered as
+with no endpoint left) and waits its backoff first, as Envoy's
+(``RetryWithBackoff``), as ``policy_retry``'s wait does: ``retry_send``
+then, its per-try timer from there.
 
 Head edits
 ----------
@@ -4361,7 +4363,9 @@ cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
     cdef EP *ep = c.cand[0]
     c.backoff_until = 0
     c.try_deadline = 0
-    if c.retry.per_try > 0:
+    # (a first try's whose connect failed before the request's end: from
+    # that end, request_read(), as a first try's)
+    if c.retry.per_try > 0 and c.req_left == 0:
         c.try_deadline = now + c.retry.per_try
         timer_at(R, c.try_deadline)
     try_ep(R, c, ep, now, True)
@@ -6851,8 +6855,9 @@ cdef void connected(Relay *R, Conn *c, Up *u, double now) noexcept nogil:
 
 cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     """After Python heard of a failed connect: the next candidate (a first
-    attempt's, or a retry's), or 503 no healthy upstream (none left, or a
-    policy that retries a failed connect out of tries)."""
+    attempt's, or a retry's; at once, or after the backoff of a policy that
+    retries a failed connect: retry_send()), or 503 no healthy upstream
+    (none left, or such a policy out of tries)."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
     cdef const Retry_ *p = c.retry
@@ -6880,6 +6885,22 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
         if count_attempt(c) != 0:
             conn_abort(R, c)
             return
+        if p != NULL and p.on_connect:
+            # the policy's retry waits its backoff, as Envoy's after a
+            # failed connect (RetryWithBackoff: its backoff timer), in
+            # P_CONNECT without an upstream; then retry_send(): its own
+            # per-try timer, the try through the pool (policy_retry's wait)
+            c.try_deadline = 0
+            c.phase = P_CONNECT
+            c.backoff_until = now + backoff_delay(R, p, c.tries)
+            timer_at(R, c.backoff_until)
+            c.last_active = c.backoff_until  # (a wait is no idleness)
+            return
+        if p != NULL and c.try_deadline:
+            # the relay's own move, at once: the next try's per-try timer
+            # afresh (one not started yet starts at the request's end)
+            c.try_deadline = now + p.per_try
+            timer_at(R, c.try_deadline)
         try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed (or the policy's tries
         # are spent): the request is lost

@@ -199,13 +199,18 @@ Decisions
   once a final head went out (Envoy).
   The route timeout spans every try and backoff. The reused-connection
   retry above is not one of the policy's tries, and a failed connect moves
-  on to the next endpoint with or without a policy, as before: both at
-  once (Envoy's connect-failure retry waits its backoff). Under a policy
-  that retries a failed connect (``RetryPolicy.on_connect``) the move is
-  one of its tries, as Envoy's router spends one of its retries on it,
-  and none left ends the request as no endpoint left does; without one
-  it spends none. Either way it was a try: the next says one more in its
-  x-envoy-attempt-count (:meth:`Exchange.connect_failed`), as Envoy's.
+  on to the next endpoint with or without a policy, as before. Under a
+  policy that retries a failed connect (``RetryPolicy.on_connect``) the
+  move is one of its tries, as Envoy's router spends one of its retries
+  on it, and none left ends the request as no endpoint left does; the
+  shell sends it after its backoff (:attr:`ConnectRetry.POLICY`), as any
+  retry of the policy, since Envoy's connect-failure retry waits its
+  backoff timer too (``RetryWithBackoff``). Without one it spends none
+  and goes at once (:attr:`ConnectRetry.OWN`), as the reused-connection
+  retry does. Either way it was a try: the next says one more in its
+  x-envoy-attempt-count (:meth:`Exchange.connect_failed`), as Envoy's,
+  and runs a per-try timer of its own (the shell's: from the retry's
+  send, or from the move), as Envoy's retry is a new upstream request.
   Out of tries, the last
   try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once

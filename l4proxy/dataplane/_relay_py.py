@@ -34,7 +34,10 @@ to do; this module only performs it:
   pooled connection to its endpoint when there is one, as a first try
   (Envoy's retries go through the connection pool), else on a new one; the
   pooled connection's retry (on a new connection) and a failed connect's
-  next candidate at once.
+  next candidate at once, unless that move is one of the policy's tries
+  (a policy that retries a failed connect): then it too waits its
+  backoff, as Envoy's retry after a failed connect does, and goes as a
+  policy's retry (``_connect_error``).
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed; how it served the request goes to outlier detection (below).
@@ -158,7 +161,9 @@ to do (504, or a reset once the response began), and the upstream
 connection is closed, never pooled.
 A route with a retry policy (``Decision.retry``) with a per-try timeout
 times each try the same way, the first from the request's last byte read,
-each retry from its start; past it ``Exchange.try_timeout`` says what to do
+each retry from its start (a policy's, after its backoff; the next
+endpoint's after a failed connect too: every try its own timer, as
+Envoy's); past it ``Exchange.try_timeout`` says what to do
 (a retry, else the 504). The route timeout is not started again by a retry:
 it bounds every try together, as Envoy's. A policy's retry waits Envoy's
 jittered exponential backoff first (``RetryPolicy.backoff_s``, drawn from
@@ -2339,9 +2344,28 @@ class HttpRelay:
         # the next candidate (a first attempt's, or a retry's), unless the
         # retry policy that retries a failed connect has spent its tries
         step = c.ex.connect_failed() if c.candidates else ConnectRetry.SPENT
-        if step is not ConnectRetry.SPENT:
-            if step is ConnectRetry.POLICY:  # (Envoy's upstream_rq_retry counts it)
-                self.counters["retries"] += 1
+        if step is ConnectRetry.POLICY:
+            # one of the policy's tries (Envoy's upstream_rq_retry counts
+            # it): after its backoff, as Envoy's retry after a failed
+            # connect waits its backoff timer (RetryWithBackoff), then
+            # through the pool with its own per-try timer (_timers_due, as
+            # a Retry's)
+            retry = c.ex.retry
+            assert retry is not None
+            self.counters["retries"] += 1
+            c.try_deadline = 0.0
+            c.backoff_until = now + retry.backoff_s(c.ex.tries, self._random.random())
+            self._timer_at(c.backoff_until)
+            c.last_active = c.backoff_until  # (a wait is no idleness)
+            if c.fd in self._conns:
+                self._interest(c)  # (watched for its reset meanwhile)
+        elif step is ConnectRetry.OWN:
+            # the relay's own move, at once; the next try's per-try timer
+            # runs afresh from here (one that had not started yet starts
+            # with the request's end, _perform)
+            if c.try_deadline:
+                c.try_deadline = now + c.per_try
+                self._timer_at(c.try_deadline)
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
             refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
@@ -2612,7 +2636,11 @@ class HttpRelay:
                 c.backoff_until = 0.0  # (its exchange ended otherwise: not due for ever)
             if c.backoff_until and c.backoff_until <= now:
                 c.backoff_until = 0.0
-                c.try_deadline = now + c.per_try if c.per_try else 0.0
+                # its per-try timer from its send; a first try's whose
+                # connect failed before the request's end: from that end
+                # (_perform), as a first try's
+                ok = c.per_try and c.ex.request_complete
+                c.try_deadline = now + c.per_try if ok else 0.0
                 try:
                     # through the pool, as a first try (Envoy's retries):
                     # a stale one gets the reused connection's own retry

@@ -190,9 +190,10 @@ class RetryPolicy(NamedTuple):
     gateway-error). A failed connect here moves on to the next endpoint,
     policy or not (the next try's x-envoy-attempt-count counts it, as
     Envoy's); under such a policy the move is one of its ``attempts``, a
-    retry counted, as Envoy's spends one of its retries on it, and with
-    none left the request is answered as with no endpoint left; without
-    one it spends nothing. Where every connect failed, or the tries went
+    retry counted and sent after its backoff, as Envoy's spends one of
+    its retries on it and waits its backoff timer, and with none left the
+    request is answered as with no endpoint left; without one it spends
+    nothing and goes at once. Where every connect failed, or the tries went
     on failed connects, the request's 503 says UF and, under such a
     policy, URX, as Envoy's says (no bit of ``on``: it holds no request,
     and a policy of it alone is not :attr:`in_effect`).
