@@ -921,6 +921,7 @@ cdef enum:
     CT_MIRROR_CONNECTS
     CT_MIRROR_IDLE
     CT_METRICS_DROPPED
+    CT_HEAD_RESCAN
     N_CT
 
 _STAT_NAMES = (
@@ -930,7 +931,7 @@ _STAT_NAMES = (
     "pool_evicted", "pool_expired", "pool_closed_removed", "verdict_cache_hits",
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
     "retries", "timer_scans", "mirrored", "mirror_dropped", "mirror_failed", "mirror_active",
-    "mirror_connects", "mirror_idle", "metrics_dropped",
+    "mirror_connects", "mirror_idle", "metrics_dropped", "response_head_rescan_bytes",
 )
 
 
@@ -1750,6 +1751,7 @@ cdef struct Conn:
     int pipe_r             # splicing: the body's pipe
     int pipe_w
     int pipe_cap
+    int rhead_clean        # c.rhead[:rhead_clean] holds no end of a head (see head_end_in())
     uint32_t lflags        # the access log's bits of the current request (LF_*)
     LogConn *lg            # the access log's (NULL: it is off)
     Fwd_ *fwd              # a gateway listener's forwarding headers (NULL: none; fwd_conn())
@@ -5476,10 +5478,26 @@ cdef int final_head(Relay *R, Conn *c, Py_ssize_t hl, double now) noexcept nogil
     return 0
 
 
+cdef inline bint head_end_in(const unsigned char *b, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Whether an empty line starts in b[i:n]: an LF, then LF or CR LF, all
+    in b[i:n] (where a head may end: response_head() finds no end of a head
+    without one, and says 0 unless n > max_head). A look from i = the
+    previous look's n - 2 misses none that straddles it."""
+    cdef const unsigned char *lf
+    while i < n - 1:
+        lf = <const unsigned char*>memchr(b + i, LF, <size_t>(n - 1 - i))
+        if lf == NULL:
+            return False
+        i = lf - b + 1
+        if b[i] == LF or (b[i] == CR and i + 1 < n and b[i + 1] == LF):
+            return True
+    return False
+
+
 cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double now) noexcept nogil:
-    cdef Py_ssize_t hl = 0
+    cdef Py_ssize_t hl = 0, k
     cdef int r
-    cdef size_t rest
+    cdef size_t rest, old
     cdef bint keep
     cdef HeadMemo *memo
     c.up_bytes += n
@@ -5507,10 +5525,23 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         if buf_add(&c.rhead, data, n) != 0:
             conn_abort(R, c)
             return -1
+        c.rhead_clean = 0
     else:
+        old = c.rhead.len
         if buf_add(&c.rhead, data, n) != 0:
             conn_abort(R, c)
             return -1
+        # a head trickled in: judged again only once its end may be here
+        # (head_end_in(), from where the last look stopped), not from its
+        # start at each read (quadratic in its size)
+        if <size_t>c.rhead_clean <= old and c.rhead.len <= <size_t>R.max_head:
+            k = c.rhead_clean - 2 if c.rhead_clean > 2 else 0
+            L4R_ADD(&R.ctr[<int>CT_HEAD_RESCAN], <int64_t>c.rhead.len - k)
+            if not head_end_in(<const unsigned char*>c.rhead.p, k, <Py_ssize_t>c.rhead.len):
+                c.rhead_clean = <int>c.rhead.len
+                return 0
+        c.rhead_clean = 0
+        L4R_ADD(&R.ctr[<int>CT_HEAD_RESCAN], <int64_t>c.rhead.len)
         r = response_head_memo(R, c, <const unsigned char*>c.rhead.p, <Py_ssize_t>c.rhead.len,
                                &hl, memo)
     while r == 3:  # an interim head: to the client, then the next head

@@ -1176,11 +1176,16 @@ class Exchange:
     """
 
     def __init__(
-        self, max_head: int = DEFAULT_MAX_HEAD, replay_limit: int = DEFAULT_REPLAY_LIMIT
+        self,
+        max_head: int = DEFAULT_MAX_HEAD,
+        replay_limit: int = DEFAULT_REPLAY_LIMIT,
+        counters: dict[str, int] | None = None,
     ) -> None:
         self.phase = Phase.HEAD
         self.max_head = max_head
         self.replay_limit = replay_limit
+        # the relay's counters (response_head_rescan_bytes); None: none kept
+        self._counters = counters
         self.requests = 0  # request heads completed on this connection
         self.head: RequestHead | None = None
         self._parser = HeadParser(max_head)
@@ -1214,6 +1219,8 @@ class Exchange:
         self._failed_connects = 0  # tries whose connect failed, moved on from, no policy's
         self._forwarded = False  # an interim response head went to the client
         self._response_head = bytearray()  # response bytes before the final head
+        # ... its first bytes that hold no end of a head (_response_head_bytes)
+        self._response_clean = 0
         self._response: BodyFramer | None = None
         self._response_persistent = False
         self._keeps_client = False  # the final head as sent lets the client persist
@@ -1784,7 +1791,25 @@ class Exchange:
 
     def _response_head_bytes(self, data: bytes) -> list[Action]:
         assert self.head is not None
-        self._response_head += data
+        buf = self._response_head
+        old = len(buf)
+        buf += data
+        if old:
+            # a head trickled in: parsed again only once its end may be
+            # here (an empty line's LF, LF or LF, CR, LF: parse_response_head
+            # says None without one), looked for from where the last look
+            # stopped, not from its start at each read (quadratic in its size)
+            clean = self._response_clean
+            if clean <= old and len(buf) <= self.max_head:
+                start = clean - 2 if clean > 2 else 0
+                if self._counters is not None:
+                    self._counters["response_head_rescan_bytes"] += len(buf) - start
+                if buf.find(b"\n\n", start) < 0 and buf.find(b"\n\r\n", start) < 0:
+                    self._response_clean = len(buf)
+                    return []
+            if self._counters is not None:
+                self._counters["response_head_rescan_bytes"] += len(buf)
+        self._response_clean = 0
         out: list[Action] = []
         while True:
             try:

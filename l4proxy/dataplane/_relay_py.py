@@ -821,6 +821,10 @@ class HttpRelay:
                 # table of rows could not count (its count_row()); this
                 # twin reports each one through report(): never any
                 "metrics_dropped",
+                # response head bytes looked at again after the read that
+                # began the head (Exchange._response_head_bytes: linear in
+                # the head's size however it is split; tests count it)
+                "response_head_rescan_bytes",
             ),
             0,
         )
@@ -1155,7 +1159,7 @@ class HttpRelay:
             except OSError:
                 pass  # not TCP (a test's socketpair)
             # The first head is timed from here (see "Timers").
-            ex = Exchange(self.max_head)
+            ex = Exchange(self.max_head, counters=self.counters)
             c = _Conn(sock, origin, ex, now, head_started=now, fd=sock.fileno())
             c.address = peer if peer is not None else peer_address(sock)
             c.ex.requests = requests
