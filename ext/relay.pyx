@@ -596,6 +596,7 @@ from l4proxy.dataplane._framing_py import (
     MAX_CHUNK_SIZE,
     Framing,
     FramingError,
+    bodiless_head,
     crlf_head,
     parse_response_head,
     response_framing,
@@ -4737,7 +4738,7 @@ cdef int response_head_memo(Relay *R, Conn *c, const unsigned char *b, Py_ssize_
     kept in *m* in its place (see "Heads seen before")."""
     if m.len and n >= m.len and memcmp(b, m.head, <size_t>m.len) == 0:
         head_len[0] = m.len
-        head_facts(c, m.status, m.tokens, m.v10, m.te_chunked, m.n_cl, m.cl)
+        head_facts(c, m.status, m.tokens, m.v10, m.te_chunked, m.n_cl, m.cl)  # (1: as when kept)
         return 1
     return response_head(R, c, b, n, head_len, True, m)
 
@@ -4749,17 +4750,23 @@ cdef inline int memo_slot(const void *ep) noexcept nogil:
     return <int>(((a >> 6) ^ (a >> 12)) & (MEMO_HEADS - 1))
 
 
-cdef inline void head_facts(Conn *c, int status, int tokens, bint v10, bint te_chunked,
-                            int n_cl, long long cl) noexcept nogil:
+cdef inline int head_facts(Conn *c, int status, int tokens, bint v10, bint te_chunked,
+                           int n_cl, long long cl) noexcept nogil:
     """What a final head response_head() took says, set in c: its status,
     whether the server keeps the connection, the hop-by-hop lines to drop
-    and the body's framing (none for a HEAD request's answer)."""
+    and the body's framing (none for a HEAD request's answer). 2 for a 204
+    with a Content-Length or Transfer-Encoding line, a 304 with a
+    Transfer-Encoding line: Python drops them (bodiless_head(), see
+    _framing_py's Decisions); 1 otherwise (a test in the branch of the
+    bodiless statuses only: nothing on a 200's way)."""
     c.status = status
     # HTTP/1.0 persists only when it says keep-alive (RFC 9112 §9.3)
     c.resp_persistent = (tokens & TOK_CLOSE) == 0 and ((tokens & TOK_KEEP) != 0 or not v10)
     c.resp_hop = HOP_OF[tokens]
     if c.method_head or status == 204 or status == 304:
         c.framing = F_NONE
+        if (te_chunked and (status == 204 or status == 304)) or (n_cl and status == 204):
+            return 2
     elif te_chunked:
         c.framing = F_CHUNKED
     elif n_cl:
@@ -4767,6 +4774,7 @@ cdef inline void head_facts(Conn *c, int status, int tokens, bint v10, bint te_c
         c.resp_left = cl
     else:
         c.framing = F_CLOSE
+    return 1
 
 
 cdef int response_head(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
@@ -4916,7 +4924,8 @@ cdef int response_head(Relay *R, Conn *c, const unsigned char *b, Py_ssize_t n,
             return 2
         head_len[0] = end
         return 3
-    head_facts(c, status, tokens, v10, te_chunked, n_cl, cl)
+    if head_facts(c, status, tokens, v10, te_chunked, n_cl, cl) == 2:
+        return 2  # (a 204's or 304's framing lines: dropped in Python)
     head_len[0] = end
     if keep != NULL and end <= MEMO_HEAD_MAX:
         memcpy(keep.head, b, <size_t>end)
@@ -10919,7 +10928,8 @@ cdef class HttpRelay:
         """A response head the C recogniser did not take: judged in Python.
         One with a line ending in a bare LF (a legacy server's) goes on with
         CRLF: c.rhead's head is written again (crlf_head(), as the pure
-        twin's Exchange sends it)."""
+        twin's Exchange sends it); so is a 204's or 304's without its
+        framing lines (bodiless_head(), see _framing_py's Decisions)."""
         cdef Py_ssize_t hl
         cdef Buf out
         cdef int k
@@ -10954,8 +10964,10 @@ cdef class HttpRelay:
                                 self._outcome_text("unexpected tunnel response"))
                 return
             hl = resp.head_length
-            if resp.bare_lf:
-                head = crlf_head(raw[:hl])
+            head = crlf_head(raw[:hl]) if resp.bare_lf else raw[:hl]
+            if resp.status == 204 or resp.status == 304:  # (its framing lines go: Decisions)
+                head = bodiless_head(head, resp.status)
+            if len(head) != hl or resp.bare_lf:
                 memset(&out, 0, sizeof(out))
                 k = buf_add(&out, <const char*>head, <size_t>len(head))
                 k |= buf_add(&out, c.rhead.p + hl, c.rhead.len - <size_t>hl)

@@ -301,6 +301,7 @@ from l4proxy.dataplane.framing import (
     Framing,
     FramingError,
     ResponseHead,
+    bodiless_head,
     crlf_head,
     parse_response_head,
     request_framing,
@@ -1847,6 +1848,8 @@ class Exchange:
             self._replay = None  # the final head goes out: never sent again
             self._response_persistent = _persistent(resp)
             keep = self._client_persists(kind)
+            if resp.status == 204 or resp.status == 304:  # (see _framing_py's Decisions)
+                raw = bodiless_head(raw, resp.status)
             raw = client_head(raw, resp, keep, self.head.version == "HTTP/1.0")
             if self.edits is not None:
                 raw = edit_response_head(raw, self.edits)

@@ -66,6 +66,20 @@ them)
   would take the final answer's head for the 1xx's body and what follows
   for the answer. HAProxy drops the two fields; we never rewrite a head's
   lines. ``Content-Length: 0`` frames nothing either way: it goes on.
+* A 204's Content-Length and Transfer-Encoding lines, and a 304's
+  Transfer-Encoding lines, are dropped from the head the client gets
+  (:func:`bodiless_head`); neither has a body whatever they say (§6.3
+  item 1), the framing stays none. A server MUST NOT send either in a 204
+  (RFC 9110 §8.6, RFC 9112 §6.1); §6.1 lets one send Transfer-Encoding in
+  a 304, but a client that reads ``chunked`` before the status (Python's
+  http.client, so urllib and requests) waits for a chunk that never comes,
+  or reads the next answer as one. nginx sends neither (its 204 loses its
+  Content-Length; it never passes an upstream's Transfer-Encoding on);
+  Envoy refuses a 204's Transfer-Encoding or non-zero Content-Length (an
+  upstream protocol error) and drops its ``Content-Length: 0``: we drop them
+  and answer. A 304's Content-Length (the selected representation's size,
+  §8.6) and a HEAD answer's fields (what a GET would have said) go on:
+  clients read no body after either.
 * A bare LF (an LF without the CR before it) ending a line of a response
   head (the status line, a header line, the empty line that ends it) ends
   the line, as §2.2 lets a recipient take it and as Envoy (its codecs,
@@ -99,6 +113,7 @@ __all__ = [
     "Framing",
     "FramingError",
     "ResponseHead",
+    "bodiless_head",
     "crlf_head",
     "parse_response_head",
     "request_framing",
@@ -242,6 +257,23 @@ def crlf_head(raw: bytes) -> bytes:
     as sent on where ``bare_lf``, see "Decisions"). The parser refused any
     CR not before an LF, so none is left alone."""
     return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def bodiless_head(raw: bytes, status: int) -> bytes:
+    """*raw*, a final response head with CRLF line ends (:func:`crlf_head`
+    of one with a bare LF), as the client gets it when *status* has no
+    body: a 204 without its Content-Length and Transfer-Encoding lines, a
+    304 without its Transfer-Encoding lines (see "Decisions"); any other
+    as it is (itself, when nothing goes)."""
+    if status == 204:
+        drop: tuple[bytes, ...] = (b"content-length", b"transfer-encoding")
+    elif status == 304:
+        drop = (b"transfer-encoding",)
+    else:
+        return raw
+    lines = raw.split(b"\r\n")
+    kept = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].lower() not in drop]
+    return raw if len(kept) == len(lines) else b"\r\n".join(kept)
 
 
 def request_framing(head: RequestHead) -> tuple[Framing, int]:
