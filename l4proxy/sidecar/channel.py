@@ -63,6 +63,7 @@ asyncio shells are :class:`SupervisorEnd` and :func:`serve_supervisor`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -270,11 +271,37 @@ class SupervisorEnd:
         *timeout* None: no limit; the answer or the end's close ends the wait."""
         if self.closed or self._writer is None:
             return None
+        return await self._answer(op, self._send(op), timeout)
+
+    def tell(self, op: str) -> asyncio.Future[Any]:
+        """:meth:`ask` *op*, its request written before this returns (a
+        signal sent to the worker next comes after it on the stream: the
+        supervisor's ``stopping`` before its SIGTERM); the task ends with
+        the answer, or None once the end closes. Keep a reference to it."""
+        loop = asyncio.get_running_loop()
+        if self.closed or self._writer is None:
+            done: asyncio.Future[Any] = loop.create_future()
+            done.set_result(None)
+            return done
+        return loop.create_task(self._answer(op, self._send(op), None))
+
+    def _send(self, op: str) -> tuple[int, asyncio.Future[Answer | None]]:
+        assert self._writer is not None
         request_id, frame = self._book.request(op)
         fut: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
         try:
             self._writer.write(frame)
+        except (OSError, ConnectionError):
+            fut.set_result(None)
+        return request_id, fut
+
+    async def _answer(
+        self, op: str, sent: tuple[int, asyncio.Future[Answer | None]], timeout: float | None
+    ) -> Any:
+        request_id, fut = sent
+        assert self._writer is not None
+        try:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
                 answer = await fut
@@ -343,6 +370,11 @@ class SupervisorEnd:
 # The requests whose answers are big and built on the worker's event loop
 # (its counters, its route table): answered in turn, in a lane of their own.
 HEAVY_OPS = frozenset({"stats", "config_dump", "clusters"})
+# The requests answered when something happens, not when read: each in a
+# task of its own, holding up nothing (``leaving``: the supervisor asks it
+# of each worker as it starts; answered when the worker is sent a SIGTERM,
+# run._answer_supervisor).
+WAITING_OPS = frozenset({"leaving"})
 
 
 async def serve_supervisor(
@@ -386,6 +418,12 @@ async def serve_supervisor(
             writer.close()  # (the reader reads the end of the stream then)
 
     lane = asyncio.get_running_loop().create_task(heavy_lane())
+    waiting: set[asyncio.Task[None]] = set()
+
+    async def answer_when_due(request_id: int, op: str) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            await answer(request_id, op)
+
     try:
         while True:
             data = await reader.read(READ_CHUNK)
@@ -402,10 +440,16 @@ async def serve_supervisor(
                     return f"bad request from the supervisor: {exc}"
                 if op.partition(" ")[0] in HEAVY_OPS:
                     heavy.put_nowait((frame.id, op))
+                elif op in WAITING_OPS:
+                    task = asyncio.get_running_loop().create_task(answer_when_due(frame.id, op))
+                    waiting.add(task)
+                    task.add_done_callback(waiting.discard)
                 else:
                     await answer(frame.id, op)
     except (OSError, ConnectionError) as exc:
         return f"control socket error: {exc}"
     finally:
         lane.cancel()
+        for task in list(waiting):
+            task.cancel()
         writer.close()

@@ -928,8 +928,9 @@ async def _serve(
         stop.set()
     control_task = watch = None
     stop_came: list[float] = []  # (a stop signal taken late: when it came, _take_stop_signal)
+    leaving = _Leaving()
     if control is not None:
-        control_task = loop.create_task(_answer_supervisor(control, view, stop))
+        control_task = loop.create_task(_answer_supervisor(control, view, stop, leaving))
     else:  # no supervisor to watch this process: it watches itself
         watch = loop.create_task(_watch_alone(args, worker, stop, relay_hears_stop, stop_came))
     log.info(
@@ -943,6 +944,18 @@ async def _serve(
     )
     await stop.wait()
     close_by = overdue = None
+    if control is not None and await leaving.handed_over(args.drain_duration):
+        log.info(
+            "the next worker of this slot accepts: its listeners are handed over to it; "
+            "draining this one's connections for up to %.1fs",
+            args.drain_duration,
+        )
+        forced = await worker.hand_over(
+            args.drain_duration, gradual=args.drain_strategy == "gradual"
+        )
+        await _close_down(args, worker, rules, control_task, forced)
+        log.info("stopped")
+        return 0
     if watch is not None:  # (--single-process) the stop's deadline is ours to keep
         watch.cancel()
         deadline = min([time.monotonic(), *stop_came]) + args.drain_duration + DRAIN_GRACE_S
@@ -962,20 +975,10 @@ async def _serve(
         gradual=args.drain_strategy == "gradual",
         close_by=close_by,
     )
-    if forced:
-        log.warning(
-            "drain deadline (--drain-duration %.1fs) passed: cut %d connection(s) still open",
-            args.drain_duration,
-            forced,
-        )
-    await rules.stop()
     for server in (admin, stats):
         if server:
             await server.close()
-    if control_task:
-        control_task.cancel()
-    worker.close()
-    done_with_signals(loop)  # (a SIGHUP or SIGUSR1 forwarded now: no death by signal)
+    await _close_down(args, worker, rules, control_task, forced)
     left = worker.relay_stalled()  # (a relay thread its close gave up waiting for: stuck)
     if overdue is not None:
         overdue.cancel()
@@ -988,6 +991,28 @@ async def _serve(
             return 1
     log.info("stopped")
     return 0
+
+
+async def _close_down(
+    args: argparse.Namespace,
+    worker: Any,
+    rules: Any,
+    control_task: asyncio.Task[None] | None,
+    forced: int,
+) -> None:
+    """A drain's end (Worker.drain's, Worker.hand_over's): what it cut
+    said, the worker closed."""
+    if forced:
+        log.warning(
+            "drain deadline (--drain-duration %.1fs) passed: cut %d connection(s) still open",
+            args.drain_duration,
+            forced,
+        )
+    await rules.stop()
+    if control_task:
+        control_task.cancel()
+    worker.close()
+    done_with_signals(asyncio.get_running_loop())  # (a SIGHUP or SIGUSR1 now: no death by it)
 
 
 # --single-process: the watchdog a supervisor would be, in the process itself
@@ -1137,15 +1162,79 @@ def _heard_first(sig: int, heard: Callable[[], None]) -> None:
     signal.siginterrupt(sig, False)
 
 
-async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asyncio.Event) -> None:
+class _Leaving:
+    """What a supervised worker's SIGTERM is: the supervisor's stop
+    (forwarded to every worker: a drain, Worker.drain), or one sent to this
+    worker alone (someone recycling it: ``kill <worker pid>``), after which
+    the slot's next worker takes its listeners before this one stops
+    accepting (Envoy's and HAProxy's hand-over), where its drain retired
+    them for every copy and the slot refused every client until it exited.
+
+    The supervisor asks ``leaving`` of each worker as it starts, answered
+    at its SIGTERM (:meth:`handed_over`), and says ``stopping`` to each
+    before it forwards its own stop's SIGTERM: written first on the same
+    stream, it is read before any answer to what the worker says next. A
+    ``leaving`` that reaches a supervisor not stopping starts the slot's
+    next worker at once, and ``handover`` comes once that one answers (it
+    accepts from before it answers: _serve), or ``stopping`` if the
+    supervisor's stop came meanwhile (a SIGTERM to the whole process
+    group: a drain after all)."""
+
+    def __init__(self) -> None:
+        self.signalled = asyncio.Event()  # (answers the supervisor's "leaving")
+        self.stopping = asyncio.Event()
+        self.handover = asyncio.Event()
+        self.gone = asyncio.Event()  # the control channel ended
+
+    async def handed_over(self, wait: float) -> bool:
+        """After a SIGTERM: whether it was this worker's alone and its
+        slot's next worker accepts now (this one hands its listeners over:
+        Worker.hand_over); False: a stop (the supervisor's, or the
+        supervisor gone), drained as ever. Serving meanwhile, as before the
+        signal. No word in *wait* s (its successor does not start): handed
+        over all the same, the listeners left listening for the next one
+        the supervisor starts."""
+        if self.stopping.is_set() or self.gone.is_set():
+            return False
+        self.signalled.set()
+        ends = {asyncio.ensure_future(e.wait()) for e in (self.stopping, self.handover, self.gone)}
+        done, pending = await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        for end in pending:
+            end.cancel()
+        if self.stopping.is_set() or self.gone.is_set():
+            return False
+        if done:
+            log.info("SIGTERM to this worker alone (the supervisor does not stop)")
+        else:
+            log.warning(
+                "SIGTERM to this worker alone: the supervisor's next worker for this slot "
+                "does not accept within %.1fs; its listeners are left listening for it",
+                wait,
+            )
+        return True
+
+
+async def _answer_supervisor(
+    control: socket.socket, view: WorkerView, stop: asyncio.Event, leaving: _Leaving
+) -> None:
     """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit.
 
     ``alive`` (the watchdog's ping) answers how many seconds the relay's
     thread has gone without a turn while it should be running (0.0: it
     turns, or there is none; Worker.relay_stalled): an event loop that
-    answers says nothing of a relay thread that is stuck."""
+    answers says nothing of a relay thread that is stuck. ``leaving``,
+    ``stopping`` and ``handover``: what a SIGTERM is (_Leaving)."""
 
     async def handle(op: str) -> Any:
+        if op == "leaving":  # (answered at a SIGTERM: channel.WAITING_OPS)
+            await leaving.signalled.wait()
+            return True
+        if op == "stopping":
+            leaving.stopping.set()
+            return True
+        if op == "handover":
+            leaving.handover.set()
+            return True
         if op == "ready":
             return await view.ready()
         if op == "alive":
@@ -1168,4 +1257,5 @@ async def _answer_supervisor(control: socket.socket, view: WorkerView, stop: asy
 
     why = await serve_supervisor(control, handle)
     log.warning("%s; draining", why)
+    leaving.gone.set()
     stop.set()

@@ -15,10 +15,22 @@ The supervisor never closes a worker's listening sockets. If a worker dies
 (a crash, an abort in a C library, the OOM killer), the kernel keeps
 completing handshakes into the same accept queue, and the replacement worker
 accepts them: connections that were in flight in the dead worker are lost,
-new ones are only delayed. A worker that drained on a SIGTERM of its own
-(sent to it alone; its control channel gone) retired its listeners for
-every copy (worker._stop_listening): the next one is given them listening
-again (listener.listen_again). Restarts back off (0.1 s doubling to 5 s)
+new ones are only delayed. A worker sent a SIGTERM alone (not a stop of
+the supervisor's: someone recycling it) hands its listeners over: it says
+so on its control channel (its answer to ``leaving``, asked as it starts;
+the supervisor says ``stopping`` to each worker before its own stop's
+SIGTERM, so the two are told apart: run._Leaving), the slot's next worker
+starts at once, and once that one answers (it accepts from then on, from
+the same sockets) the old one is told ``handover``: it stops accepting
+and closes its copies without ending their listening (Worker.hand_over),
+drains its connections and exits (_wait_worker, _see_out). The slot has
+two workers meanwhile: a stop drains both, /ready and /state take the
+old one's answer for its slot until it hands over, /stats counts it
+until it exits. Before, its drain retired its listeners for every copy
+(worker._stop_listening) and each client of the slot was refused until
+it exited. One that drained so all the same (its control channel gone)
+left them retired: the next one is given them listening again
+(listener.listen_again). Restarts back off (0.1 s doubling to 5 s)
 while a worker keeps dying within 10 s of its start. Each slot has one keeper task
 that spawns, waits and respawns; it cannot die: any exit status (realtime
 signals included) and any failure to spawn (EMFILE, ENOMEM) is logged and
@@ -81,7 +93,7 @@ from l4proxy.dataplane.listener import Listener, listen_again
 from l4proxy.sidecar import watchdog
 from l4proxy.sidecar._stats_wire import decode_sample, in_slices
 from l4proxy.sidecar.access_log_file import REOPEN_FAILURES, reopen_access_log, reopen_failures
-from l4proxy.sidecar.admin import DRAINING, least_state
+from l4proxy.sidecar.admin import DRAINING, LIVE, least_state
 from l4proxy.sidecar.channel import SupervisorEnd
 from l4proxy.sidecar.lean import worker_env
 from l4proxy.sidecar.loglevels import apply_log_levels, merge_log_spec
@@ -111,11 +123,29 @@ WORKER_CONNECTIONS = "l4proxy_worker_connections_total"
 
 
 @dataclass
+class Leaving:
+    """A worker that drains on a SIGTERM of its own (sent to it alone, not
+    a stop: Supervisor._wait_worker), its slot's next worker started at
+    once: until it exits (Supervisor._see_out). Its last counts (/stats)
+    are its own, added to its slot's base at its exit."""
+
+    proc: asyncio.subprocess.Process
+    link: SupervisorEnd
+    since: float  # (loop time) its word came
+    last: Sample = field(default_factory=Sample)
+    handed_over: bool = False  # told that its successor accepts
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
 class WorkerSlot:
     index: int
     listeners: list[Listener]
     proc: asyncio.subprocess.Process | None = None
     link: SupervisorEnd | None = None
+    # the worker's answer to "leaving", asked as it starts: True at its SIGTERM
+    notice: asyncio.Future[Any] | None = None
+    leaving: list[Leaving] = field(default_factory=list)  # (Supervisor._see_out's)
     started_at: float = 0.0
     answered: bool = False  # since it started: it is past its start-up
     restarts: int = 0
@@ -415,6 +445,7 @@ class Supervisor:
             proc.kill()
             raise
         slot.link = link
+        slot.notice = link.tell("leaving")  # (answered at its SIGTERM: _wait_worker)
         if self.log_spec:  # (no await since slot.link: a /logging now asks this link too)
             ask = asyncio.ensure_future(link.ask(f"logging {self.log_spec}", None))
             self._log_asks.add(ask)
@@ -490,14 +521,16 @@ class Supervisor:
                     self.restarts_total += 1
                 first = False
                 if self.stopping and proc.returncode is None:
-                    proc.terminate()  # started while the stop began: drain it too
+                    self._stop_one(proc, slot.link)  # started while the stop began: drain it too
                     if to_drain:
                         log.info(
                             "worker %d started to drain its listeners (pid %d)",
                             slot.index,
                             proc.pid,
                         )
-                code = await proc.wait()
+                code = await self._wait_worker(slot, proc)
+                if code is None:  # its own SIGTERM: its successor starts now (_see_out)
+                    continue
                 if slot.link is not None:
                     slot.link.close()
                     self.late_answers_gone += slot.link.stale
@@ -563,6 +596,149 @@ class Supervisor:
                 slot.backoff = min(slot.backoff * 2, 5.0)
                 to_drain = await self._back_off(slot.backoff)
 
+    async def _wait_worker(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> int | None:
+        """*proc*'s exit status; None where it said that it drains on a
+        SIGTERM of its own (its answer to ``leaving``: run._Leaving) while
+        the supervisor does not stop: moved to the slot's ``leaving``, it
+        serves on until its successor, started now, accepts (_see_out)."""
+        exited = asyncio.ensure_future(proc.wait())
+        notice, link = slot.notice, slot.link
+        if notice is not None and link is not None and not self.stopping:
+            await asyncio.wait({exited, notice}, return_when=asyncio.FIRST_COMPLETED)
+            own = not notice.cancelled() and notice.done() and notice.result() is True
+            if own and not exited.done() and not self.stopping and slot.link is link:
+                leaving = Leaving(proc, link, asyncio.get_running_loop().time(), slot.last)
+                slot.last, slot.counted_pid = Sample(), None  # (its counts: the Leaving's)
+                slot.proc, slot.link, slot.notice = None, None, None
+                slot.leaving.append(leaving)
+                leaving.task = asyncio.get_running_loop().create_task(
+                    self._see_out(slot, leaving, exited)
+                )
+                log.warning(
+                    "worker %d (pid %d) drains on a SIGTERM of its own (sent to it alone, not "
+                    "a stop): starting the next worker of its slot now; it serves until that "
+                    "one accepts, then hands its listeners over",
+                    slot.index,
+                    proc.pid,
+                )
+                return None
+        return await exited
+
+    async def _see_out(
+        self, slot: WorkerSlot, leaving: Leaving, exited: asyncio.Future[int]
+    ) -> None:
+        """A worker that drains on its own SIGTERM (_wait_worker): told
+        ``handover`` once its slot's next worker answers (it accepts from
+        before it answers), then waited for: killed past its own drain's
+        bound (its wait for the hand-over and its drain, --drain-duration
+        each, and DRAIN_GRACE_S), or the stop's deadline, as any worker."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        code: int | None = None
+        try:
+            await self._hand_over(slot, leaving, exited, stop)
+            bound = leaving.since + 2 * self.args.drain_duration + self.DRAIN_GRACE_S
+            while not exited.done():
+                deadline = bound if not self.stopping else min(bound, self._stop_deadline())
+                waits: set[asyncio.Future[Any]] = {exited} if stop.done() else {exited, stop}
+                await asyncio.wait(
+                    waits,
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not exited.done() and loop.time() >= deadline:
+                    log.warning(
+                        "worker %d (pid %d) still draining at its deadline: killed",
+                        slot.index,
+                        leaving.proc.pid,
+                    )
+                    leaving.proc.kill()
+                    await exited
+            code = exited.result()
+        finally:
+            stop.cancel()
+            leaving.link.close()
+            self.late_answers_gone += leaving.link.stale
+            slot.base.add(leaving.last.without(self._is_gauge))
+            slot.leaving.remove(leaving)
+        if code == 0:
+            log.info(
+                "worker %d (pid %d) drained on its own SIGTERM and exited (status 0)",
+                slot.index,
+                leaving.proc.pid,
+            )
+        else:
+            log.error(
+                "worker %d (pid %d) died with %s while draining on its own SIGTERM",
+                slot.index,
+                leaving.proc.pid,
+                describe_exit(code),
+            )
+
+    async def _hand_over(
+        self,
+        slot: WorkerSlot,
+        leaving: Leaving,
+        exited: asyncio.Future[int],
+        stop: asyncio.Future[Any],
+    ) -> None:
+        """Tell *leaving* ``handover`` once its slot's next worker answers
+        (run._serve starts accepting before it serves its channel): it then
+        lets go of its copies of the listeners without ending their
+        listening (Worker.hand_over). Not once it exited or the stop came
+        (told ``stopping``: it drains as any), nor past --drain-duration
+        (it hands over on its own then, run._Leaving)."""
+        loop = asyncio.get_running_loop()
+        until = leaving.since + self.args.drain_duration
+        while not exited.done() and not stop.done() and loop.time() < until:
+            link = slot.link
+            if link is None or link.closed:  # (its successor not started yet)
+                await asyncio.wait({exited, stop}, timeout=0.05)
+                continue
+            answered = asyncio.ensure_future(self._ask_link(slot, link, "alive", None))
+            await asyncio.wait(
+                {exited, stop, answered},
+                timeout=max(0.0, until - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not answered.done():
+                answered.cancel()
+                continue
+            if answered.result() is None or stop.done() or exited.done():
+                continue  # (its successor died before it answered: the next one)
+            leaving.handed_over = True
+            self._told(leaving.link.tell("handover"))
+            successor = slot.proc.pid if slot.proc is not None else 0
+            log.info(
+                "worker %d (pid %d) accepts: pid %d hands its listeners over to it and drains",
+                slot.index,
+                successor,
+                leaving.proc.pid,
+            )
+            return
+
+    def _told(self, fut: asyncio.Future[Any]) -> None:
+        """Keep a request told (SupervisorEnd.tell) until it is answered."""
+        self._log_asks.add(fut)
+        fut.add_done_callback(self._log_asks.discard)
+
+    def _is_gauge(self, name: str) -> bool:
+        return self.help_seen.get(name, ("counter",))[0] == "gauge"
+
+    def _stop_one(
+        self, proc: asyncio.subprocess.Process | None, link: SupervisorEnd | None
+    ) -> None:
+        """The stop's SIGTERM to *proc*, told ``stopping`` first on its
+        channel (run._Leaving: not a SIGTERM of its own)."""
+        if proc is None or proc.returncode is not None:
+            return
+        if link is not None:
+            self._told(link.tell("stopping"))
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def _drains_anew(self, slot: WorkerSlot) -> bool:
         """Whether a worker of *slot* that exited during the stop leaves
         listeners to another, to drain: one of the supervisor's copies
@@ -623,15 +799,42 @@ class Supervisor:
     async def ready(self) -> bool:
         if self.stopping:
             return False
-        answers = await self.gather("ready")
-        return len(answers) == len(self.slots) and all(answers)
+        answers = await asyncio.gather(
+            *(self._ask_slot(s, "ready", lambda a: a is True) for s in self.slots)
+        )
+        return all(answers)
 
     async def state(self) -> str:
         """The server state (admin: Server state): DRAINING once stopping,
         else the workers' as one (least_state)."""
         if self.stopping:
             return DRAINING
-        return least_state(await asyncio.gather(*(self.ask(s, "state") for s in self.slots)))
+        return least_state(
+            await asyncio.gather(
+                *(self._ask_slot(s, "state", lambda a: a == LIVE) for s in self.slots)
+            )
+        )
+
+    async def _ask_slot(self, slot: WorkerSlot, op: str, good: Callable[[Any], bool]) -> Any:
+        """*op* (``ready``, ``state``) asked of *slot*'s worker, and of
+        one that drains on its own SIGTERM and serves the slot until it
+        hands over (_see_out: its successor starting, not answering yet):
+        the first *good* answer, else the slot's worker's. Before, the
+        slot was unready until its successor answered."""
+        serving = [lv.link for lv in slot.leaving if not lv.handed_over]
+        if not serving:
+            return await self.ask(slot, op)
+        current = asyncio.ensure_future(self.ask(slot, op))
+        asks = {current, *(asyncio.ensure_future(self._ask_link(slot, ln, op)) for ln in serving)}
+        try:
+            for answered in asyncio.as_completed(asks):
+                answer = await answered
+                if good(answer):
+                    return answer
+        finally:
+            for ask in asks:
+                ask.cancel()
+        return current.result()
 
     async def fail_health_check(self, failed: bool) -> None:
         """/healthcheck/fail (*failed*) and /healthcheck/ok: the flag, and
@@ -697,19 +900,29 @@ class Supervisor:
         # the last of the one before).
         asked = [(s, s.proc.pid if s.proc is not None else None, s.link) for s in self.slots]
         pids = [pid for _, pid, _ in asked]
+        # and those draining on their own SIGTERM (_see_out): their counts
+        # are their own until they exit (then their slot's base)
+        leaving = [(s, lv) for s in self.slots for lv in s.leaving]
         answers = await asyncio.gather(
-            *(self._ask_link(slot, link, "stats") for slot, _, link in asked)
+            *(self._ask_link(slot, link, "stats") for slot, _, link in asked),
+            *(self._ask_link(slot, lv.link, "stats") for slot, lv in leaving),
         )
         shared: dict[Any, Any] = {}  # label names, values and sets: once for every worker
         decoded = [
             await self._decode_stats(slot, ans, shared)
-            for slot, ans in zip(self.slots, answers, strict=True)
+            for slot, ans in zip(
+                [*self.slots, *(slot for slot, _ in leaving)], answers, strict=True
+            )
         ]
         del answers, shared
         for d in decoded:
             if d is not None:
                 self.help_seen.update(d[2])
                 self.labelled_seen.update(d[3])
+        for (_, lv), d in zip(leaving, decoded[len(self.slots) :], strict=True):
+            if d is not None:
+                lv.last = d[0]
+        decoded = decoded[: len(self.slots)]
 
         def is_gauge(name: str) -> bool:
             return self.help_seen.get(name, ("counter",))[0] == "gauge"
@@ -718,11 +931,12 @@ class Supervisor:
         for slot, pid, d in zip(self.slots, pids, decoded, strict=True):
             slot.count(None if d is None else d[0], pid, is_gauge)
             connections = 0.0
-            for part in (slot.base, slot.last):
+            parts = (slot.base, slot.last, *(lv.last for lv in slot.leaving))
+            for part in parts:
                 # a per-worker state (a name's addresses): the most, not the sum
                 total.add(part, most=is_gauge)
                 connections += sum(part.series.get("l4proxy_connections_total", {}).values())
-            if any("l4proxy_connections_total" in p.series for p in (slot.base, slot.last)):
+            if any("l4proxy_connections_total" in p.series for p in parts):
                 by_worker = total.series.setdefault(WORKER_CONNECTIONS, {})
                 by_worker[(("worker", str(slot.index)),)] = connections
             await asyncio.sleep(0)  # (a slot's sums are a slice: see _stats_wire.in_slices)
@@ -892,7 +1106,9 @@ class Supervisor:
         # answered after the SIGTERM, and a worker that died later in its
         # drain reset its queues.
         self._stop_deadline()  # (from the SIGTERM on)
-        self._forward(signal.SIGTERM)
+        for slot in self.slots:  # (those draining on their own SIGTERM too: _see_out)
+            for proc, link in [(slot.proc, slot.link), *((v.proc, v.link) for v in slot.leaving)]:
+                self._stop_one(proc, link)
         await self._reap_all()
         for slot in self.slots:  # (whatever is left: a start that failed)
             self._let_go(slot)
@@ -906,7 +1122,8 @@ class Supervisor:
         not a whole drain after the one before it was (N hung workers took
         N times the drain, well past Kubernetes' grace period)."""
         deadline = self._stop_deadline()
-        await asyncio.gather(*(self._reap(slot, deadline) for slot in self.slots))
+        leaving = [v.task for slot in self.slots for v in slot.leaving if v.task is not None]
+        await asyncio.gather(*(self._reap(slot, deadline) for slot in self.slots), *leaving)
 
     def _stop_deadline(self) -> float:
         """The stop's one deadline (loop time): --drain-duration and

@@ -895,6 +895,48 @@ class Worker:
 
         await self.stop_accepting(then=drain_all, until=deadline)
         await self.retired()  # (each by the deadline: what it took is served below)
+        return await self._finish(deadline, close_by)
+
+    async def hand_over(
+        self, timeout: float, gradual: bool = False, close_by: float | None = None
+    ) -> int:
+        """A SIGTERM to this worker alone, not a stop (run._serve: the
+        supervisor said so): the supervisor's next worker for this slot
+        accepts from the same listening sockets (inherited: one accept
+        queue), so this one stops accepting and lets go of its copies
+        without ending their listening (no SYN filter, no
+        ``shutdown(SHUT_RD)``: :meth:`stop_accepting` retires a listener so
+        for every copy, and the successor would refuse every client), and
+        what their queues hold is the successor's to take; nothing is
+        refused. Then its connections drain as at the end of
+        :meth:`drain` (keep-alive clients told to leave, at once or
+        *gradual*, requests in flight finishing within *timeout*, what is
+        left then cut: how many). Nothing waits for quiet, and inbound
+        taken before is served: the pod is not leaving."""
+        assert self._loop is not None
+        self.draining = True
+        now = time.monotonic()
+        deadline = now + timeout
+        self.inbound_until = deadline
+        handing, self.listeners = self.listeners, []
+        for lst in handing:
+            index = self._relay_listeners.pop(lst.sock.fileno(), None)
+            if index is not None and self.relay is not None:
+                accepting: Any = self.relay  # the compiled twin (see start())
+                accepting.unlisten(index)  # its loop lets go of the fd first
+            try:
+                self._loop.remove_reader(lst.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            lst.sock.close()  # (not the last copy: the supervisor's, the successor's)
+        if self.relay is not None:
+            self.relay.drain(spread=timeout / 4 if gradual else 0.0)
+        self._close_unused(gateway_only=False)
+        return await self._finish(deadline, close_by)
+
+    async def _finish(self, deadline: float, close_by: float | None) -> int:
+        """A drain's end, its listeners closed: the connections in flight
+        finish until *deadline*; those left then are cut (how many)."""
         if self.handshakes:
             await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
         while self.relay_active() and time.monotonic() < deadline:

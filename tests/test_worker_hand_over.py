@@ -1,0 +1,222 @@
+"""A worker sent SIGTERM alone hands its listeners over: no client is refused.
+
+A worker recycled by a SIGTERM of its own (``kill <worker pid>``, not a
+stop of the supervisor) drained as at a stop: its drain retired its
+listeners for every process holding them (the SYN filter, then
+``shutdown(SHUT_RD)``: worker._stop_listening), and the supervisor made
+its copies listen again and started the slot's next worker only once it
+exited. Every client of that slot was refused (a reset) for the whole
+drain: up to ``--drain-quiet`` while idle, ``--drain-duration`` with a
+request in flight. Now (run._Leaving, Supervisor._see_out) the worker
+tells the supervisor over its control channel, the supervisor starts
+the slot's next worker at once, the old one serves on until that one
+answers (it accepts from then on, on the same sockets: one accept
+queue), then stops accepting without ending their listening
+(Worker.hand_over) and drains its connections: Envoy's and HAProxy's
+hand-over, the new process accepting before the old one stops.
+
+Real ``l4proxy run`` processes (tests/test_drain_keepalive.py's), both
+implementations, one worker and two, a client connecting every 50 ms
+through the gateway listener, real signals; counts, never times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.mesh import IMPLS
+from tests.test_drain_keepalive import (
+    GET,
+    SLOW_BODY,
+    WAIT,
+    Backend,
+    Sidecar,
+    read_answer,
+    running,
+)
+
+SLOW = 2  # requests held at the backend across the SIGTERM, in the worker sent it
+
+
+def _started(sidecar: Sidecar, slot: int) -> list[int]:
+    return [int(pid) for pid in re.findall(rf"worker {slot} started \(pid (\d+)\)", sidecar.log())]
+
+
+def _holder(sidecar: Sidecar, client: socket.socket, pids: list[int]) -> int | None:
+    """Which of *pids* holds the sidecar's end of *client*'s connection
+    (/proc/net/tcp's row for it, its inode among a process's fds)."""
+    local = f"0100007F:{sidecar.listen[1]:04X}"
+    remote = f"0100007F:{client.getsockname()[1]:04X}"
+    rows = [r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    inodes = {f"socket:[{r[9]}]" for r in rows if r[1] == local and r[2] == remote}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+    return None
+
+
+def _held_in(sidecar: Sidecar, backend: Backend, pid: int, pids: list[int]) -> list[socket.socket]:
+    """SLOW requests held at the backend, each on a connection *pid*
+    accepted (with two workers, the kernel picks one of their sockets:
+    connections are opened until SIGTERM's worker holds SLOW), and the
+    others held too."""
+    mine: list[socket.socket] = []
+    others: list[socket.socket] = []
+    while len(mine) < SLOW:
+        assert len(others) < 40, "the kernel never picked the worker's socket"
+        sock = sidecar.connect()
+        sock.sendall(GET % b"/slow")
+        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        (mine if _holder(sidecar, sock, pids) == pid else others).append(sock)
+    return mine + others
+
+
+class Prober(threading.Thread):
+    """A client that opens a connection every 50 ms, sends a GET on it and
+    reads the answer: each one's status, or the error it met (refused,
+    reset, an EOF before the answer)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        super().__init__(daemon=True)
+        self.sidecar = sidecar
+        self.statuses: list[int] = []
+        self.errors: list[str] = []
+        self.unready: list[str] = []  # /ready's answers other than 200, asked after each
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                with socket.create_connection(self.sidecar.listen, timeout=WAIT) as sock:
+                    sock.sendall(GET % b"/")
+                    self.statuses.append(read_answer(sock)[0])
+            except (OSError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+            try:
+                urllib.request.urlopen(f"http://{self.sidecar.admin}/ready", timeout=WAIT)
+            except urllib.error.HTTPError as exc:
+                self.unready.append(f"{exc.code} {exc.read()!r}")
+            self.halt.wait(0.05)
+
+    def answered(self) -> int:
+        return len(self.statuses) + len(self.errors)
+
+    def more(self, n: int) -> None:
+        """Until *n* more connections were tried."""
+        want = self.answered() + n
+        self.sidecar.until(lambda: self.answered() >= want, f"{n} more probes")
+
+
+@pytest.mark.parametrize(
+    ("workers", "routing"), [("1", "request"), ("2", "request"), ("1", "connection")]
+)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_worker_sent_sigterm_alone_refuses_no_client(
+    tmp_path: Path, impl: str, workers: str, routing: str
+) -> None:
+    """SIGTERM to worker 0 alone, SLOW requests in flight at the backend
+    and a client connecting every 50 ms: no connection refused or reset,
+    each answered 200; the slot's next worker starts while the old one
+    still serves, the old one hands its listeners over, its requests in
+    flight get their whole answers, and it exits 0 (said); connections go
+    on being answered once it is gone (its successor serves its
+    sockets); the supervisor's SIGTERM then stops everything, exit 0.
+    Before, every connection to the slot was refused from the SIGTERM
+    until the old worker exited (its drain's retired listeners). Per-request routing
+    (the relay accepts: the compiled one on its own thread) and per
+    connection (the event loop accepts, the L4 pump relays)."""
+    flags = ("--workers", workers, "--drain-duration", "20", "--drain-quiet", "5")
+    flags += ("--http-routing", routing)
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        sidecar.until(
+            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
+        )
+        [old] = _started(sidecar, 0)
+        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        slow = _held_in(sidecar, backend, old, pids)
+        prober = Prober(sidecar)
+        prober.start()
+        try:
+            prober.more(5)
+            os.kill(old, signal.SIGTERM)
+            prober.more(20)
+            assert prober.errors == [], (prober.errors, sidecar.log())  # (before: each refused)
+            sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+            [_, new] = _started(sidecar, 0)
+            prober.more(20)
+            # the old worker still holds its requests: it has not exited
+            assert "drained on its own SIGTERM" not in sidecar.log(), sidecar.log()
+            backend.gate.set()
+            for sock in slow:
+                with sock:
+                    status, _, body = read_answer(sock)
+                    assert (status, body) == (200, SLOW_BODY)
+            sidecar.until(
+                lambda: (
+                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
+                    in sidecar.log()
+                ),
+                "the old worker's exit",
+            )
+            prober.more(20)
+        finally:
+            prober.halt.set()
+            prober.join(timeout=WAIT)
+        assert prober.errors == [], (prober.errors, sidecar.log())
+        # the pod stayed ready: the old worker answers for its slot until it hands over
+        assert prober.unready == [], (prober.unready, sidecar.log())
+        assert set(prober.statuses) == {200} and len(prober.statuses) >= 65
+        assert not os.path.exists(f"/proc/{old}/stat") or _zombie_or_gone(old)
+        os.kill(new, 0)  # (alive)
+        log = sidecar.log()
+        assert f"worker 0 (pid {old}) drains on a SIGTERM of its own" in log, log
+        assert "died with" not in log and "stopped on its own" not in log, log
+        assert "accept on" not in log, log
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_stop_while_a_worker_hands_over_drains_both(tmp_path: Path) -> None:
+    """SIGTERM to the worker alone, a request held in flight at the
+    backend; once it handed its listeners over, SIGTERM to the supervisor:
+    both the old worker and its successor drain, the held request gets its
+    whole answer, and the sidecar exits 0 (the old worker too: said)."""
+    flags = ("--workers", "1", "--drain-duration", "20", "--drain-quiet", "0")
+    with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, backend):
+        held = sidecar.connect()
+        held.sendall(GET % b"/slow")
+        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        [old] = _started(sidecar, 0)
+        os.kill(old, signal.SIGTERM)
+        sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.until(lambda: "stopping: draining" in sidecar.log(), "the stop")
+        time.sleep(0.2)  # (the stop under way: the held answer comes after it began)
+        backend.gate.set()
+        with held:
+            status, _, body = read_answer(held)
+            assert (status, body) == (200, SLOW_BODY)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        log = sidecar.log()
+        assert f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)" in log
+        assert "died with" not in log and "killed" not in log, log
