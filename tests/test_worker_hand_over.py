@@ -157,6 +157,9 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
             sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
             [_, new] = _started(sidecar, 0)
             prober.more(20)
+            # /stats counts the old worker (first asked now) while it drains
+            tried = prober.answered()
+            assert _stat(sidecar, "l4proxy_connections_total") >= tried + len(slow)
             # the old worker still holds its requests: it has not exited
             assert "drained on its own SIGTERM" not in sidecar.log(), sidecar.log()
             backend.gate.set()
@@ -187,6 +190,16 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
         assert "accept on" not in log, log
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+def _stat(sidecar: Sidecar, name: str) -> float:
+    """*name*'s series in the admin endpoint's /stats, summed."""
+    text = urllib.request.urlopen(f"http://{sidecar.admin}/stats", timeout=WAIT).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
 
 
 def _zombie_or_gone(pid: int) -> bool:
@@ -220,3 +233,68 @@ def test_a_stop_while_a_worker_hands_over_drains_both(tmp_path: Path) -> None:
         log = sidecar.log()
         assert f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)" in log
         assert "died with" not in log and "killed" not in log, log
+
+
+def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> None:
+    """SIGTERM to the worker alone while its successor cannot start yet
+    (its --pod-labels-file a FIFO no one writes to: it waits in open()):
+    the old worker goes on serving (no client refused, nothing handed
+    over) and answers /ready for its slot (200 at once each time; the
+    successor's silence took 3 s and then 503 before); once the successor
+    reads its labels it answers, the old worker hands its listeners over
+    and exits 0, and the client was never refused."""
+    fifo = tmp_path / "labels"
+    os.mkfifo(fifo)
+    successor_may_start = threading.Event()
+
+    def feed() -> None:  # the supervisor's and the first worker's reads, then the successor's
+        for turn in range(3):
+            if turn == 2:
+                successor_may_start.wait()
+            with open(fifo, "w") as f:  # (once a reader opens it)
+                f.write('app="shop"\n')
+            while True:  # until that reader closed it: the next open is the next reader's
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # (ENXIO: no reader)
+                    break
+                time.sleep(0.01)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(fifo))
+    try:
+        with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, _):
+            [old] = _started(sidecar, 0)
+            prober = Prober(sidecar)
+            prober.start()
+            try:
+                prober.more(5)
+                os.kill(old, signal.SIGTERM)
+                sidecar.until(lambda: len(_started(sidecar, 0)) == 2, "the successor's start")
+                unready = len(prober.unready)
+                prober.more(20)
+                assert len(prober.unready) == unready == 0, (prober.unready, sidecar.log())
+                assert prober.errors == [], (prober.errors, sidecar.log())
+                assert "hands its listeners over to it" not in sidecar.log(), sidecar.log()
+                successor_may_start.set()
+                sidecar.until(
+                    lambda: (
+                        f"worker 0 (pid {old}) drained on its own SIGTERM and exited "
+                        "(status 0)" in sidecar.log()
+                    ),
+                    "the old worker's exit",
+                )
+                prober.more(10)
+            finally:
+                prober.halt.set()
+                prober.join(timeout=WAIT)
+            assert prober.errors == [] and prober.unready == [], (prober.errors, sidecar.log())
+            assert "hands its listeners over to it" in sidecar.log()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+    finally:
+        successor_may_start.set()
+        with contextlib.suppress(OSError):  # (a feeder still waiting for a reader: released)
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(timeout=WAIT)
