@@ -298,3 +298,37 @@ def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> No
         with contextlib.suppress(OSError):  # (a feeder still waiting for a reader: released)
             os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
         feeder.join(timeout=WAIT)
+
+
+@pytest.mark.parametrize("when", ["at once", "before the hand-over"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_sigterm_to_the_worker_and_the_supervisor_at_once_is_a_stop(
+    tmp_path: Path, impl: str, when: str
+) -> None:
+    """SIGTERM to the worker and to the supervisor, at once (a process
+    group's, systemd's control-group kill: whichever the supervisor hears
+    first) or once the supervisor took the worker's word and started its
+    successor, before the hand-over (the old worker then told
+    ``stopping``: it drains as at a stop): a request held in flight gets
+    its whole answer, every process drains (a successor started meanwhile
+    too) and the sidecar exits 0, nothing killed or dead."""
+    flags = ("--workers", "1", "--drain-duration", "20", "--drain-quiet", "0")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        held = sidecar.connect()
+        held.sendall(GET % b"/slow")
+        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        [old] = _started(sidecar, 0)
+        os.kill(old, signal.SIGTERM)
+        if when != "at once":
+            sidecar.until(lambda: "drains on a SIGTERM of its own" in sidecar.log(), "its word")
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.until(lambda: "stopping: draining" in sidecar.log(), "the stop")
+        backend.gate.set()
+        with held:
+            status, _, body = read_answer(held)
+            assert (status, body) == (200, SLOW_BODY)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        log = sidecar.log()
+        assert "died with" not in log and "killed" not in log, log
+        if when != "at once":
+            assert "hands its listeners over to it" not in log, log

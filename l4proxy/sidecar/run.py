@@ -1215,7 +1215,7 @@ class _Leaving:
 
 
 async def _answer_supervisor(
-    control: socket.socket, view: WorkerView, stop: asyncio.Event, leaving: _Leaving
+    control: socket.socket, view: WorkerView, stop: asyncio.Event, leaving: _Leaving | None = None
 ) -> None:
     """Serve the supervisor's requests (channel); the supervisor gone means: drain and exit.
 
@@ -1224,6 +1224,7 @@ async def _answer_supervisor(
     turns, or there is none; Worker.relay_stalled): an event loop that
     answers says nothing of a relay thread that is stuck. ``leaving``,
     ``stopping`` and ``handover``: what a SIGTERM is (_Leaving)."""
+    leaving = leaving if leaving is not None else _Leaving()
 
     async def handle(op: str) -> Any:
         if op == "leaving":  # (answered at a SIGTERM: channel.WAITING_OPS)

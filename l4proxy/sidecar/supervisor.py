@@ -705,7 +705,9 @@ class Supervisor:
                 answered.cancel()
                 continue
             if answered.result() is None or stop.done() or exited.done():
-                continue  # (its successor died before it answered: the next one)
+                # (its successor died before it answered: the next one)
+                await asyncio.wait({exited, stop}, timeout=0.05)
+                continue
             leaving.handed_over = True
             self._told(leaving.link.tell("handover"))
             successor = slot.proc.pid if slot.proc is not None else 0
