@@ -404,3 +404,49 @@ def test_the_worker_end_stops_on_a_bad_request() -> None:
         sup_sock.close()
 
     asyncio.run(main())
+
+
+def test_a_waiting_request_holds_up_nothing_and_a_told_one_is_written_at_once() -> None:
+    """``leaving`` (channel.WAITING_OPS: answered when the worker is sent
+    a SIGTERM) is answered in a task of its own: every request after it
+    is answered meanwhile (in the reader's turn it held up the channel,
+    the watchdog's ping too). A request told (SupervisorEnd.tell) is in
+    the socket when tell() returns: a signal sent next comes after it
+    (the supervisor's ``stopping`` before its SIGTERM); its task ends with
+    the answer, and with None once the end closes."""
+
+    async def main() -> None:
+        signalled = asyncio.Event()
+        seen: list[str] = []
+
+        async def handle(op: str) -> Any:
+            seen.append(op)
+            if op == "leaving":
+                await signalled.wait()
+            if op == "stats":
+                await asyncio.Event().wait()  # (never answered)
+            return op
+
+        end, worker, broken = await _pair(handle)
+        leaving = end.tell("leaving")
+        for op in ("alive", "ready", "stopping"):
+            assert await end.ask(op, 2) == op
+        assert not leaving.done()
+        signalled.set()
+        assert await asyncio.wait_for(leaving, 2) == "leaving"
+        # written before tell() returns: the worker's loop, not yet run, reads it next
+        told = end.tell("handover")
+        assert end._writer is not None and end._writer.transport.get_write_buffer_size() == 0
+        assert await asyncio.wait_for(told, 2) == "handover"
+        pending = end.tell("stats")  # (never answered: the end's close ends it)
+        await asyncio.sleep(0.05)
+        end.close()
+        assert await asyncio.wait_for(pending, 2) is None
+        assert await end.tell("stopping") is None  # (closed: at once)
+        await worker
+        assert sorted(seen) == sorted(
+            ["leaving", "alive", "ready", "stopping", "handover", "stats"]
+        )
+        assert not broken
+
+    asyncio.run(main())
