@@ -770,7 +770,9 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of fds: what is left is reset at the close
-                log.warning("accept on %s while closing it failed: %s", lst.name, exc)
+                if exc.errno != errno.EINVAL:  # (EINVAL: retired already, by another copy's
+                    # drain: a stop while a worker handed its listeners over, Worker.hand_over)
+                    log.warning("accept on %s while closing it failed: %s", lst.name, exc)
                 return
             self._accepted(conn, peer, lst, inbound_ok)
 
@@ -1178,6 +1180,8 @@ class Worker:
     # -- accepting -----------------------------------------------------------
     def _on_acceptable(self, lst: Listener) -> None:
         assert self._loop is not None
+        if lst.sock.fileno() == -1:  # (handed over in this loop turn: hand_over)
+            return
         for _ in range(64):  # bounded burst: let other callbacks run
             try:
                 conn, peer = lst.sock.accept()
