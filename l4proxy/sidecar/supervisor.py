@@ -573,8 +573,9 @@ class Supervisor:
                 else:
                     slot.backoff = 0.1
                 if code == 0:
-                    # a clean exit outside a stop is a drain of its own (a
-                    # SIGTERM sent to it alone, a recycle): nothing failed
+                    # a clean exit outside a stop is a drain of its own
+                    # that did not hand over (_wait_worker: its word never
+                    # came, its control channel gone): nothing failed
                     log.warning(
                         "worker %d (pid %d) stopped on its own (status 0: it drained, "
                         "a SIGTERM to it alone?); starting another",
