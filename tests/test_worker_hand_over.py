@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -235,19 +236,16 @@ def test_a_stop_while_a_worker_hands_over_drains_both(tmp_path: Path) -> None:
         assert "died with" not in log and "killed" not in log, log
 
 
-def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> None:
-    """SIGTERM to the worker alone while its successor cannot start yet
-    (its --pod-labels-file a FIFO no one writes to: it waits in open()):
-    the old worker goes on serving (no client refused, nothing handed
-    over) and answers /ready for its slot (200 at once each time; the
-    successor's silence took 3 s and then 503 before); once the successor
-    reads its labels it answers, the old worker hands its listeners over
-    and exits 0, and the client was never refused."""
-    fifo = tmp_path / "labels"
+@contextlib.contextmanager
+def _held_labels(tmp: Path) -> Iterator[tuple[Path, threading.Event]]:
+    """A --pod-labels-file that is a FIFO, written for the supervisor's
+    read and the first worker's, then for the next reader (the slot's next
+    worker, which waits in open() until then) once the event is set."""
+    fifo = tmp / "labels"
     os.mkfifo(fifo)
     successor_may_start = threading.Event()
 
-    def feed() -> None:  # the supervisor's and the first worker's reads, then the successor's
+    def feed() -> None:
         for turn in range(3):
             if turn == 2:
                 successor_may_start.wait()
@@ -262,8 +260,25 @@ def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> No
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(fifo))
     try:
+        yield fifo, successor_may_start
+    finally:
+        successor_may_start.set()
+        with contextlib.suppress(OSError):  # (a feeder still waiting for a reader: released)
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(timeout=WAIT)
+
+
+def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> None:
+    """SIGTERM to the worker alone while its successor cannot start yet
+    (its --pod-labels-file a FIFO no one writes to: it waits in open()):
+    the old worker goes on serving (no client refused, nothing handed
+    over) and answers /ready for its slot (200 at once each time; the
+    successor's silence took 3 s and then 503 before); once the successor
+    reads its labels it answers, the old worker hands its listeners over
+    and exits 0, and the client was never refused."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(labels))
         with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, _):
             [old] = _started(sidecar, 0)
             prober = Prober(sidecar)
@@ -293,11 +308,6 @@ def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> No
             assert "hands its listeners over to it" in sidecar.log()
             sidecar.proc.send_signal(signal.SIGTERM)
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
-    finally:
-        successor_may_start.set()
-        with contextlib.suppress(OSError):  # (a feeder still waiting for a reader: released)
-            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-        feeder.join(timeout=WAIT)
 
 
 @pytest.mark.parametrize("when", ["at once", "before the hand-over"])
@@ -332,3 +342,33 @@ def test_a_sigterm_to_the_worker_and_the_supervisor_at_once_is_a_stop(
         assert "died with" not in log and "killed" not in log, log
         if when != "at once":
             assert "hands its listeners over to it" not in log, log
+
+
+def test_no_word_of_the_successor_hands_over_all_the_same(tmp_path: Path) -> None:
+    """SIGTERM to the worker alone while its successor cannot start
+    (its --pod-labels-file a FIFO no one writes to), --drain-duration 2:
+    the old worker waits that long for its successor, says so, hands its
+    listeners over all the same (left listening) and exits 0; a client
+    that connects then is not refused but waits in the accept queue, and
+    is answered once the successor starts."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "2", "--pod-labels-file", str(labels))
+        with running(tmp_path, "pure-asyncio", *flags) as (sidecar, _):
+            [old] = _started(sidecar, 0)
+            os.kill(old, signal.SIGTERM)
+            sidecar.until(
+                lambda: (
+                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
+                    in sidecar.log()
+                ),
+                "the old worker's exit",
+            )
+            assert "does not accept within 2.0s; its listeners are left listening" in (
+                sidecar.log()
+            )
+            with sidecar.connect() as waiting:  # (not refused: queued for the successor)
+                waiting.sendall(GET % b"/")
+                successor_may_start.set()
+                assert read_answer(waiting)[0] == 200
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()

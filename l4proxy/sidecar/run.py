@@ -945,11 +945,7 @@ async def _serve(
     await stop.wait()
     close_by = overdue = None
     if control is not None and await leaving.handed_over(args.drain_duration):
-        log.info(
-            "the next worker of this slot accepts: its listeners are handed over to it; "
-            "draining this one's connections for up to %.1fs",
-            args.drain_duration,
-        )
+        log.info("draining this worker's connections for up to %.1fs", args.drain_duration)
         forced = await worker.hand_over(
             args.drain_duration, gradual=args.drain_strategy == "gradual"
         )
@@ -1204,7 +1200,10 @@ class _Leaving:
         if self.stopping.is_set() or self.gone.is_set():
             return False
         if done:
-            log.info("SIGTERM to this worker alone (the supervisor does not stop)")
+            log.info(
+                "SIGTERM to this worker alone (the supervisor does not stop): the next worker "
+                "of this slot accepts; its listeners are handed over to it"
+            )
         else:
             log.warning(
                 "SIGTERM to this worker alone: the supervisor's next worker for this slot "
