@@ -107,8 +107,9 @@ pooled connection to ``c.cand[0]`` when it has one (``take_idle``, as a
 first try: Envoy's retries go through the pool), else on a new one. A try
 on a pooled connection has the reused connection's one retry whatever the
 policy, not one of its tries (``reuse_retry_done``: ``c.retried`` for the
-first try, ``c.reuse_retried`` for a policy's, cleared in ``policy_retry``:
-nothing more on the path without a policy). ``R.next_timer``, no later than
+first try, ``c.reuse_retried`` for a policy's, cleared in ``policy_retry``
+and ``connect_failed_next``: nothing more on the path without a policy).
+``R.next_timer``, no later than
 the soonest of every wait's end, route deadline (``resp_deadline``),
 per-try deadline and connect deadline (an upstream's ``deadline``),
 shortens the epoll timeout, the 0.25 s tick being too coarse: a timeout of
@@ -6929,7 +6930,16 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             # the policy's retry waits its backoff, as Envoy's after a
             # failed connect (RetryWithBackoff: its backoff timer), in
             # P_CONNECT without an upstream; then retry_send(): its own
-            # per-try timer, the try through the pool (policy_retry's wait)
+            # per-try timer, the try through the pool (policy_retry's wait).
+            # A try of the policy's: on a pooled connection it has the
+            # reused connection's one retry of its own (reuse_retry_done),
+            # and what an earlier try's send showed (never_left) is not
+            # its, as policy_retry() clears them (an earlier try's, or an
+            # earlier request's, reuse retry left reuse_retried set: a
+            # stale pooled connection here was the client's 503, or spent
+            # a try, where the pure twin's routed() retries it)
+            c.reuse_retried = False
+            c.never_left = False
             c.try_deadline = 0
             c.phase = P_CONNECT
             c.backoff_until = now + backoff_delay(R, p, c.tries)
@@ -6987,7 +6997,8 @@ cdef inline bint reuse_retry_done(Conn *c) noexcept nogil:
     may not have it). The first try's is c.retried (also set by a policy's
     retry of a request that went, whose tries are no reused connection's
     retry); a retry policy's try's (c.tries > 0: on a pooled connection,
-    retry_send) is c.reuse_retried, cleared as it starts (policy_retry): a
+    retry_send) is c.reuse_retried, cleared as it starts (policy_retry, or
+    connect_failed_next for the policy's try after a failed connect): a
     stale pooled connection is no policy attempt, whatever the policy.
     Without a policy c.tries is 0: the test is c.retried's, as before."""
     return c.reuse_retried if c.tries else c.retried

@@ -22,12 +22,16 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
-from l4proxy.dataplane.verdict import DEFAULT_RETRY_BACKOFF, RetryPolicy
+from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import DEFAULT_RETRY_BACKOFF, Choice, RetryPolicy, Verdict
 from tests._scripted import (
+    CLOSE,
     GET,
+    OK_BODY,
     Scripted,
     _answer,
     _client,
@@ -39,7 +43,7 @@ from tests._scripted import (
     mode_fixture,  # noqa: F401  (the fixture mode)
 )
 from tests.test_relay_attempt_count import _counts, _refusing
-from tests.test_relay_edges import _wait_for
+from tests.test_relay_edges import _relay, _wait_for
 from tests.test_relay_retries_connect import ISTIO_DEFAULT
 
 SEED = 20261207
@@ -286,3 +290,83 @@ def test_a_client_gone_during_the_wait_after_a_failed_connect_leaks_nothing(
         up.close()
         dead.close()
     assert (stats["retries"], stats["connect_errors"]) == (2, 2), stats
+
+
+def _by_host(
+    mode: tuple[str, str],
+    routes: dict[str, tuple[tuple[tuple[str, int], ...], RetryPolicy]],
+    **kw: Any,
+) -> Any:
+    """A relay of *mode* routing by Host: its endpoints in order, its
+    retry policy."""
+    which, how = mode
+    if how == "resolve":
+        kw["resolve"] = lambda head, origin: Verdict(
+            (Choice(1, routes[head.host][0], "ORDERED", tag="t"),),
+            ttl=60.0,
+            retry=routes[head.host][1],
+        )
+    return _relay(
+        which,
+        lambda head, origin: Decision(routes[head.host][0], tag="t", retry=routes[head.host][1]),
+        **kw,
+    )
+
+
+def _get(host: bytes) -> bytes:
+    return b"GET /x HTTP/1.1\r\nHost: %s\r\n\r\n" % host
+
+
+@pytest.mark.parametrize("earlier", ["this-request", "previous-request"])
+def test_the_policy_s_try_after_a_failed_connect_has_its_own_reuse_retry(
+    mode: tuple[str, str], earlier: str
+) -> None:
+    """The policy's try after a refused connect (one attempt, on 5xx) takes
+    an idle pooled connection, which the backend closes without a byte (a
+    stale one): that try has the reused connection's one retry of its own,
+    as a policy's try after a 5xx has (a stale pooled connection is no
+    attempt of the policy): on a new connection, the 200. The reused
+    connection's retry taken earlier, by this request's first try (A's
+    pooled connection stale, then B's connect refused) or by the previous
+    request on the client connection, is not the policy's try's. Before,
+    the compiled twin took that earlier one for the policy's try's: the
+    503 (reset before headers, retried), its one attempt spent."""
+    dead = _refusing()
+    dead_ep = ("127.0.0.1", dead.getsockname()[1])
+    if earlier == "this-request":
+        # a: A's 200 (pooled); c: C's 200 (pooled); x: A's pooled connection
+        # closes (its retry to B refused), the policy's try on C's closes
+        a = Scripted([_answer(200, b"a"), CLOSE])
+        c_ = Scripted([_answer(200, b"c"), CLOSE])
+        asks = [b"a", b"c", b"x"]
+        x = (a.endpoint, dead_ep, c_.endpoint)
+        last = c_
+    else:
+        # a: A's 200; a again: its pooled connection closes, the retry's
+        # 200 on a new one (pooled); x: B refused, the policy's try on A's
+        # pooled connection closes
+        a = Scripted([_answer(200, b"a"), CLOSE, _answer(200, b"a"), CLOSE])
+        c_ = Scripted([])
+        asks = [b"a", b"a", b"x"]
+        x = (dead_ep, a.endpoint)
+        last = a
+    retry = policy(1, "5xx", backoff=0.01)
+    routes = {"a": ((a.endpoint,), retry), "c": ((c_.endpoint,), retry), "x": (x, retry)}
+    relay = _by_host(mode, routes, seed=SEED)
+    try:
+        c = _client(relay)
+        for host in asks:
+            c.sendall(_get(host))
+            got = _response(c, timeout=10.0)
+            assert _status(got) == 200, (host, got)
+        assert got.endswith(OK_BODY), got  # (the script's end: the new connection's)
+        accepted = last.accepted
+        stats = _closed_stats(c, relay)
+    finally:
+        relay.close()
+        a.close()
+        c_.close()
+        dead.close()
+    # x's stale pooled try, then its own retry on a new connection
+    assert accepted == (2 if earlier == "this-request" else 3), accepted
+    assert (stats["retries"], stats["connect_errors"]) == (1, 1), stats
