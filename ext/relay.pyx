@@ -924,6 +924,7 @@ cdef enum:
     CT_MIRROR_IDLE
     CT_METRICS_DROPPED
     CT_HEAD_RESCAN
+    CT_MIRROR_HEAD_RESCAN
     N_CT
 
 _STAT_NAMES = (
@@ -934,6 +935,7 @@ _STAT_NAMES = (
     "verdict_cache_misses", "slow_path", "spliced", "response_heads_in_python", "urgent",
     "retries", "timer_scans", "mirrored", "mirror_dropped", "mirror_failed", "mirror_active",
     "mirror_connects", "mirror_idle", "metrics_dropped", "response_head_rescan_bytes",
+    "mirror_head_rescan_bytes",
 )
 
 
@@ -1664,6 +1666,7 @@ cdef struct Shadow:
     Buf out                # its bytes, whole while a retry may send them again (reused)
     size_t sent            # ... how many went
     Buf inb                # its answer's heads, until the final one is whole
+    size_t inb_clean       # sh.inb[:inb_clean] holds no end of a head (see head_end_in())
     int framing            # its answer's body (F_*) once its final head came; SF_HEAD before
     int64_t left           # F_LENGTH: body bytes still to come
     Chunked k              # F_CHUNKED: the chunked machine
@@ -8283,14 +8286,32 @@ cdef int shadow_read(Relay *R, Shadow *sh, const unsigned char *p, Py_ssize_t n)
     interim heads skipped, its final head's framing read and its body's end
     found; how the copy ends here (SH_ANSWERED, SH_UNFRAMED, SH_ENOUGH, or
     SH_FAILED out of memory), -1 when it goes on."""
-    cdef Py_ssize_t hl = 0
+    cdef Py_ssize_t hl = 0, k
     cdef int r = 0
+    cdef size_t old
+    cdef const unsigned char *b
     sh.got += n
     if sh.answer != AS_DONE:
         answer_scan(sh, p, <size_t>n)
     if sh.framing == SF_HEAD:
+        old = sh.inb.len
         if buf_add(&sh.inb, <const char*>p, <size_t>n) != 0:
             return SH_FAILED
+        if old:
+            # a head trickled in: judged again only once its end may be
+            # here (head_end_in(), from where the last look stopped; or an
+            # empty first line, refused at once), not from its start at
+            # each read (quadratic in its size), as upstream_bytes() does
+            if sh.inb_clean <= old and sh.inb.len <= <size_t>R.max_head:
+                k = <Py_ssize_t>sh.inb_clean - 2 if sh.inb_clean > 2 else 0
+                b = <const unsigned char*>sh.inb.p
+                L4R_ADD(&R.ctr[<int>CT_MIRROR_HEAD_RESCAN], <int64_t>sh.inb.len - k)
+                if not head_end_in(b, k, <Py_ssize_t>sh.inb.len) and not (
+                        k == 0 and (b[0] == LF or (b[0] == CR and sh.inb.len > 1 and b[1] == LF))):
+                    sh.inb_clean = sh.inb.len
+                    return SH_ENOUGH if sh.got >= MIRROR_READ else -1
+            L4R_ADD(&R.ctr[<int>CT_MIRROR_HEAD_RESCAN], <int64_t>sh.inb.len)
+        sh.inb_clean = 0
         while True:
             r = shadow_answer_head(R, sh, &hl)
             if r != 2:

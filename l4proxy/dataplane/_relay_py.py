@@ -565,6 +565,7 @@ class _Shadow:
     got: int = 0  # answer bytes read and thrown away (MIRROR_READ_LIMIT at most)
     answer: AnswerStatus = field(default_factory=AnswerStatus)
     head: bytearray = field(default_factory=bytearray)  # an answer head, till complete
+    head_clean: int = 0  # ... its first bytes that hold no end of a head (_shadow_read)
     body: BodyFramer | None = None  # the final head's body, once it came
 
 
@@ -825,6 +826,8 @@ class HttpRelay:
                 # began the head (Exchange._response_head_bytes: linear in
                 # the head's size however it is split; tests count it)
                 "response_head_rescan_bytes",
+                # the same for a mirrored copy's answer head (_shadow_read)
+                "mirror_head_rescan_bytes",
             ),
             0,
         )
@@ -2007,8 +2010,7 @@ class HttpRelay:
             sh.answer.feed(data)
         rest: bytes | bytearray = data
         try:
-            if sh.body is None:
-                sh.head += data
+            if sh.body is None and self._shadow_head_may_end(sh, data):
                 while True:
                     # (a bare LF read as a line end, as shadow_answer_head()
                     # reads it: the answer goes nowhere)
@@ -2044,6 +2046,29 @@ class HttpRelay:
             self._shadow_end(sh, now, reset=True)
             return True
         return False
+
+    def _shadow_head_may_end(self, sh: _Shadow, data: bytes) -> bool:
+        """*data* added to a copy's answer head (sh.head): whether it is
+        to be judged now. A head trickled in is judged again only once its
+        end may be there (an empty line's LF, LF or LF, CR, LF:
+        parse_response_head says None without one), looked for from where
+        the last look stopped, or once past max_head; not from its start at
+        each read (quadratic in its size), as Exchange._response_head_bytes
+        does. Its first read is judged at once."""
+        buf = sh.head
+        old = len(buf)
+        buf += data
+        if old:
+            clean = sh.head_clean
+            if clean <= old and len(buf) <= self.max_head:
+                start = clean - 2 if clean > 2 else 0
+                self.counters["mirror_head_rescan_bytes"] += len(buf) - start
+                if buf.find(b"\n\n", start) < 0 and buf.find(b"\n\r\n", start) < 0:
+                    sh.head_clean = len(buf)
+                    return False
+            self.counters["mirror_head_rescan_bytes"] += len(buf)
+        sh.head_clean = 0
+        return True
 
     def _shadow_retry(self, sh: _Shadow, now: float) -> None:
         """A copy on a reused connection that failed before any byte of its
