@@ -171,7 +171,8 @@ def test_a_retry_that_cannot_connect_is_uf_urx(
     [
         ("{attempts: 2}", "UF,URX"),  # (Istio's retryOn: connect-failure, ...)
         ("{attempts: 2, retryOn: 'connect-failure,502'}", "UF,URX"),
-        ("{attempts: 2, retryOn: connect-failure}", "UF"),  # (no policy here: README)
+        ("{attempts: 2, retryOn: connect-failure}", "UF,URX"),  # (Envoy's: UF alone before)
+        ("{attempts: 2, retryOn: reset-before-request}", "UF,URX"),
         ("{attempts: 1, retryOn: gateway-error}", "UF,URX"),
         ("{attempts: 3, retryOn: reset}", "UF,URX"),
         ("{attempts: 3, retryOn: 5xx}", "UF,URX"),
@@ -179,7 +180,8 @@ def test_a_retry_that_cannot_connect_is_uf_urx(
         ("{attempts: 2, retryOn: connect-failure, perTryTimeout: 5s}", "UF,URX"),
     ],
     ids=[
-        *("istio-default", "connect-failure", "connect-failure-alone", "gateway-error"),
+        *("istio-default", "connect-failure", "connect-failure-alone"),
+        *("reset-before-request-alone", "gateway-error"),
         *("reset", "5xx", "4xx", "per-try"),
     ],
 )
@@ -193,9 +195,9 @@ def test_connects_a_policy_retries_all_failing_are_uf_urx(
     UF,URX, as Envoy's says once its tries are used up on failed connects
     (UF alone before: a failed connect is no try of the policy's here, so
     its tries were never used up). A policy that would not retry it:
-    UF alone, as without a policy; so too connect-failure alone, which
-    the relays take as no policy (it would hold every request for
-    nothing: the README's difference)."""
+    UF alone, as without a policy. connect-failure (or
+    reset-before-request) alone is such a policy, a perTryTimeout or not,
+    as Envoy's (before, it was no policy without one: UF alone)."""
     with dead_ports(1) as (port,):
         rules = gateway_service(port, labels=("v1",)) + SUBSETS
         rules += _route(f"    retries: {retries}\n")

@@ -163,3 +163,33 @@ def test_a_policy_with_tries_left_moves_on_and_counts_each(mode: tuple[str, str]
     assert _status(got) == 200, got
     assert seen == {"1": [[b"2"]], "2": [[b"3"]]}
     assert (stats["retries"], stats["connect_errors"]) == (2, 1), stats
+
+
+@pytest.mark.parametrize("per_try", [0.0, 30.0], ids=["no-per-try", "per-try"])
+@pytest.mark.parametrize("on", ["connect-failure", "reset-before-request"])
+def test_a_failed_connect_alone_is_the_policy_s_with_a_per_try_timeout_or_not(
+    mode: tuple[str, str], on: str, per_try: float
+) -> None:
+    """retryOn connect-failure (or reset-before-request) alone, attempts 1:
+    as Envoy's (num_retries 1), the first refused connect is the one retry,
+    the second ends the request, 503 no healthy upstream, the third endpoint
+    never tried, one retry counted, with a perTryTimeout or without (before,
+    without one the relays took it as no policy: the relay's own moves
+    reached the third endpoint, its 200 saying 3, no retry counted; with
+    one, this)."""
+    got, seen, stats = _run(mode, "xx2", policy(1, on, per_try=per_try))
+    assert _status(got) == 503 and got.endswith(b"no healthy upstream"), got
+    assert seen == {"2": []}
+    assert (stats["retries"], stats["connect_errors"]) == (1, 2), stats
+
+
+@pytest.mark.parametrize("per_try", [0.0, 30.0], ids=["no-per-try", "per-try"])
+def test_connect_failure_alone_with_tries_left_reaches_the_third_endpoint(
+    mode: tuple[str, str], per_try: float
+) -> None:
+    """connect-failure alone, attempts 2: both refused connects are its
+    retries, counted, and the third endpoint answers 200 saying 3."""
+    got, seen, stats = _run(mode, "xx2", policy(2, "connect-failure", per_try=per_try))
+    assert _status(got) == 200, got
+    assert seen == {"2": [[b"3"]]}
+    assert (stats["retries"], stats["connect_errors"]) == (2, 2), stats

@@ -63,7 +63,11 @@ def policy(
 
 
 @pytest.mark.parametrize(
-    "on", ["5xx", ISTIO_DEFAULT, "reset", "gateway-error", "reset-before-request,retriable-4xx"]
+    "on",
+    [
+        *("5xx", ISTIO_DEFAULT, "reset", "gateway-error", "reset-before-request,retriable-4xx"),
+        *("connect-failure", "reset-before-request"),  # (alone: no policy before)
+    ],
 )
 def test_the_policy_s_retry_after_a_failed_connect_waits_its_backoff(
     mode: tuple[str, str], on: str

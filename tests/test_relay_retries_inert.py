@@ -1,12 +1,14 @@
 """A retry policy that can never fire here is no policy.
 
 Only ``5xx``, ``gateway-error``, ``reset``, ``retriable-4xx`` and
-``retriable-status-codes`` with a code retry anything on an HTTP/1.1
-exchange; the others are HTTP/2, HTTP/3 or gRPC events, need what Istio
-does not configure, or are what the relay does anyway (``connect-failure``).
-A policy of those alone held up to 64 KiB of every request for a replay
-that could not come: it is now no policy (None), unless it has a per-try
-timeout, which still answers 504 (Envoy's), with nothing held.
+``retriable-status-codes`` with a code retry a response or a reset on an
+HTTP/1.1 exchange, and ``connect-failure`` and ``reset-before-request`` a
+failed connect; the others are HTTP/2, HTTP/3 or gRPC events or need what
+Istio does not configure. A policy of those alone held up to 64 KiB of
+every request for a replay that could not come: it is now no policy
+(None), unless it has a per-try timeout, which still answers 504
+(Envoy's), with nothing held. A policy that retries a failed connect alone
+is one, per-try timeout or not, holding nothing either.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from tests._scripted import (
 from tests.test_relay_edges_count import Counted
 
 NEVER = [
-    ("connect-failure",),
     ("refused-stream", "unavailable", "cancelled"),
     ("deadline-exceeded", "internal", "resource-exhausted", "http3-post-connect-failure"),
+    ("retriable-headers", "envoy-ratelimited"),
+    ("retriable-status-codes",),  # without a code
+]
+# a failed connect alone (Envoy's router retries it under each)
+CONNECTS = [
+    ("connect-failure",),
     ("retriable-headers", "envoy-ratelimited", "reset-before-request"),
     ("connect-failure", "retriable-status-codes"),  # without a code
 ]
@@ -53,6 +60,18 @@ def test_a_policy_that_never_fires_is_none_unless_it_times_tries(on: tuple[str, 
     assert timed.in_effect
 
 
+@pytest.mark.parametrize("on", CONNECTS)
+@pytest.mark.parametrize("per_try", [0.0, 2.0])
+def test_a_policy_that_retries_a_failed_connect_alone_is_one(
+    on: tuple[str, ...], per_try: float
+) -> None:
+    """Per-try timeout or not (before: None without one, a policy with one),
+    holding no request for a replay (``on`` 0)."""
+    got = _retry_policy(HttpRetry(3, per_try, on, ()))
+    assert got is not None and got.on == 0 and got.on_connect and got.in_effect
+    assert got.per_try_timeout == per_try
+
+
 @pytest.mark.parametrize(("on", "codes"), FIRES)
 def test_a_policy_that_fires_is_kept(on: tuple[str, ...], codes: tuple[int, ...]) -> None:
     got = _retry_policy(HttpRetry(3, 0.0, on, codes))
@@ -65,7 +84,9 @@ def test_retriable_status_codes_without_a_code_has_no_bit() -> None:
     assert not RetryPolicy.of(0, 1.0, ["5xx"], ()).in_effect  # attempts 0: none
 
 
-@pytest.mark.parametrize(("on", "held"), [("unavailable", False), ("5xx", True)])
+@pytest.mark.parametrize(
+    ("on", "held"), [("unavailable", False), ("connect-failure", False), ("5xx", True)]
+)
 def test_a_post_is_held_only_for_a_policy_that_may_retry_it(on: str, held: bool) -> None:
     ex = Exchange()
     (route,) = ex.client_data(POST)

@@ -253,9 +253,18 @@ def test_verbose_shows_a_retry_policy_and_warns_of_a_per_try_timeout_past_the_ro
     ("retries", "said"),
     [
         (
-            "{attempts: 2, retryOn: 'connect-failure,unavailable'}",
-            "retries 2 on connect-failure,unavailable: no effect here (none of these "
+            "{attempts: 2, retryOn: 'refused-stream,unavailable'}",
+            "retries 2 on refused-stream,unavailable: no effect here (none of these "
             "policies fires on HTTP/1.1 beyond the relay's own retries)",
+        ),
+        # a failed connect is retried (Envoy's), a per-try timeout or not
+        (
+            "{attempts: 2, retryOn: 'connect-failure,unavailable'}",
+            "retries 2 on connect-failure,unavailable: only a failed connect is retried here",
+        ),
+        (
+            "{attempts: 1, perTryTimeout: 2s, retryOn: reset-before-request}",
+            "retries 1 on reset-before-request, 2 s per try: only a failed connect is retried here",
         ),
         (
             "{attempts: 2, perTryTimeout: 2s, retryOn: cancelled}",

@@ -178,8 +178,9 @@ Decisions
   *policy*), at most ``attempts`` times, only while the whole request is
   held (read to its end, every byte kept: at most ``replay_limit``; with a
   policy every method is held, as Envoy retries any method; a policy
-  whose ``on`` is 0, a per-try timeout alone, holds nothing: the shell
-  takes one not ``in_effect`` as none) and nothing of
+  whose ``on`` is 0, a per-try timeout or a failed connect's retry
+  alone, holds nothing: the shell takes one not ``in_effect`` as none)
+  and nothing of
   the response went to the client (not even an interim head). The shell
   sends a retry after Envoy's jittered exponential backoff
   (``RetryPolicy.backoff_s``: random, up to 25 ms before the first retry,

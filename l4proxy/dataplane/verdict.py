@@ -195,8 +195,10 @@ class RetryPolicy(NamedTuple):
     request is answered as with no endpoint left; without one it spends
     nothing and goes at once. Where every connect failed, or the tries went
     on failed connects, the request's 503 says UF and, under such a
-    policy, URX, as Envoy's says (no bit of ``on``: it holds no request,
-    and a policy of it alone is not :attr:`in_effect`).
+    policy, URX, as Envoy's says (no bit of ``on``: it holds no request;
+    a policy of it alone, ``connect-failure`` or ``reset-before-request``,
+    is :attr:`in_effect` all the same, with a ``perTryTimeout`` or
+    without, as Envoy's retries a failed connect under it).
     """
 
     attempts: int
@@ -233,10 +235,11 @@ class RetryPolicy(NamedTuple):
     def in_effect(self) -> bool:
         """Whether the relays have anything to do for this policy: a try
         left and a policy that may fire here (``on``: then every request
-        is held for a replay), or at least a per-try timeout (a try past
+        is held for a replay; ``on_connect``: a failed connect spends its
+        tries, nothing held), or at least a per-try timeout (a try past
         it gets the 504; nothing held). Otherwise the relays take it as
         no policy at all (None), so it costs nothing per request."""
-        return self.attempts > 0 and (bool(self.on) or self.per_try_timeout > 0)
+        return self.attempts > 0 and (bool(self.on) or self.on_connect or self.per_try_timeout > 0)
 
     def backoff_s(self, n: int, u: float) -> float:
         """The wait before the *n*-th retry (1, 2, ...), given *u* uniform in

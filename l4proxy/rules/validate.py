@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from l4proxy.dataplane.verdict import FAULT_SCALE
+from l4proxy.dataplane.verdict import _RETRY_CONNECT, FAULT_SCALE
 from l4proxy.k8s_names import namespace_arg
 from l4proxy.rules import (
     DEFAULT_MAX_BYTES,
@@ -237,6 +237,10 @@ def _retries(rt: dict[str, Any]) -> str:
     said = f"retries {rt['attempts']} on {on}{codes}{per_try}{after}"
     if _fires(rt):
         return said
+    if not _RETRY_CONNECT.isdisjoint(rt["retry_on"]):
+        # (connect-failure, reset-before-request: a failed connect spends
+        # its tries, as Envoy's; nothing held for a replay)
+        return f"{said}: only a failed connect is retried here"
     # (the relays take it as no policy, holding nothing for a replay:
     # l4proxy.dataplane.verdict.RetryPolicy.in_effect)
     why = "none of these policies fires on HTTP/1.1 beyond the relay's own retries"
@@ -245,10 +249,11 @@ def _retries(rt: dict[str, Any]) -> str:
     return f"{said}: no effect here ({why})"
 
 
-# the retryOn policies that retry anything on an HTTP/1.1 exchange
-# (retriable-status-codes: with a code); the others occur only in HTTP/2,
-# HTTP/3 or gRPC, need what Istio does not configure, or are what the relay
-# does anyway (connect-failure, reset-before-request)
+# the retryOn policies that retry a response or a reset on an HTTP/1.1
+# exchange (retriable-status-codes: with a code); connect-failure and
+# reset-before-request retry a failed connect alone (_RETRY_CONNECT); the
+# others occur only in HTTP/2, HTTP/3 or gRPC, or need what Istio does not
+# configure
 _FIRING_RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "retriable-4xx"})
 
 

@@ -278,9 +278,9 @@ class Refused(Exception):
 def _retry_policy(retries: HttpRetry | None) -> RetryPolicy | None:
     """A route's retry policy as the relays apply it (one object per
     policy: the compiled relay interns them); None when it has nothing to
-    do here (only policies that never fire on HTTP/1.1, and no per-try
-    timeout: see RetryPolicy.in_effect), so that no request is held for a
-    replay that cannot come."""
+    do here (only policies that never fire on HTTP/1.1, no failed connect
+    among them, and no per-try timeout: see RetryPolicy.in_effect), so
+    that no request is held for a replay that cannot come."""
     if retries is None:
         return None
     policy = RetryPolicy.of(
