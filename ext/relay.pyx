@@ -1423,6 +1423,7 @@ cdef uint32_t LF_FLAGS = _accesslog.FLAGS
 cdef uint32_t LF_LOCALV = _accesslog.LOCAL_VERDICT
 cdef uint32_t LF_CUT = _accesslog.CUT
 cdef uint32_t LF_LOCAL_CUT = _accesslog.LOCAL_CUT
+cdef uint32_t LF_ROUTE_TO = _accesslog.ROUTE_TIMEOUT  # (with UT: no URX, row_flags())
 cdef bytes _DRAIN_CUT = _accesslog.DRAIN_CUT.encode()  # (kept: LOG_DRAIN_CUT points into it)
 cdef const char *LOG_DRAIN_CUT = _DRAIN_CUT
 cdef uint32_t LF_PATH = _accesslog.PATH_REFUSED
@@ -3879,7 +3880,9 @@ cdef uint32_t row_flags(Conn *c, int status, bint local) noexcept nogil:
     if f & LF_CUT and not shown & ~(LF_DI | LF_URX):
         shown |= LF_DC
     failed = shown & LF_RETRIED
-    if p != NULL and p.attempts > 0:
+    # (the route timeout's UT: never URX, as Envoy's onResponseTimeout()
+    # asks no retry state, a retry waiting its backoff or the last try on)
+    if p != NULL and p.attempts > 0 and not f & LF_ROUTE_TO:
         if shown & LF_UF and p.on_connect:  # (every connect failed: Exchange._done()'s)
             shown |= LF_URX
         elif c.tries >= p.attempts and ((failed and p.on & RT_ON_RESET) or (
@@ -7771,6 +7774,7 @@ cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
     that retry one (RT_ON_RESET); else, or out of tries, the route
     timeout's answer."""
     if c.resp_deadline and c.resp_deadline <= now:
+        c.lflags |= LF_ROUTE_TO  # (its UT has no URX, the per-try timeout's may: row_flags())
         route_timeout(R, c, now)
         return True
     if not (c.try_deadline and c.try_deadline <= now and c.rs == RS_HEAD):

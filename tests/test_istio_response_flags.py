@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from l4proxy.sidecar import istio_metrics as im
-from tests._scripted import CLOSE, Scripted, _answer, _response, _status
+from tests._scripted import CLOSE, STALL, Scripted, _answer, _response, _status
 from tests._worker import gateway_service, gateway_worker
 from tests.conftest import dead_ports, reset_close
 from tests.test_access_log_worker import (
@@ -204,6 +204,45 @@ def test_connects_a_policy_retries_all_failing_are_uf_urx(
         lines, said, rows = _served(which, rules, _ask(), tmp_path, monkeypatch)
     assert said == 503
     _agree(lines, rows, "503", flags)
+
+
+@pytest.mark.parametrize("which", TWINS)
+@pytest.mark.parametrize(
+    ("retries", "flags"),
+    [
+        # the 503 spends the one retry, which waits its backoff (a base of
+        # 1000 s) or, drawn short, stalls: the route timeout's 504
+        ("{attempts: 1, retryOn: 5xx, backoff: 1000s}", "UT"),
+        # the retry sent at once (25 ms at most) and stalling
+        ("{attempts: 1, retryOn: 5xx}", "UT"),
+        # the retry's per-try timeout, none left: Envoy's URX (its
+        # maybeRetryReset() finds no retry left), the route timeout far
+        ("{attempts: 1, retryOn: 5xx, perTryTimeout: 300ms}", "UT,URX"),
+    ],
+    ids=["backoff", "last-try", "per-try"],
+)
+def test_the_route_timeout_s_504_is_ut_without_urx(
+    which: str, retries: str, flags: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try answers 503, which the policy retries once; the retry
+    waits its backoff or stalls, and the route's timeout (1 s) passes: the
+    504 says UT alone, as Envoy's (onResponseTimeout() sets UT and asks no
+    retry state: its URX comes only where the retry state refused a retry,
+    shouldRetry*() with none left). Before: UT,URX, the tries being spent.
+    A per-try timeout on the last try is such a refusal: UT,URX (the 504
+    of a try past it; its route timeout 5 s)."""
+    per_try = "perTryTimeout" in retries
+    up = Scripted([_answer(503, b"busy"), STALL] if not per_try else [STALL, STALL])
+    timeout = "5s" if per_try else "1s"
+    try:
+        rules = gateway_service(up.endpoint[1], labels=("v1",)) + SUBSETS
+        rules += _route(f"    timeout: {timeout}\n    retries: {retries}\n")
+        lines, said, rows = _served(which, rules, _ask(), tmp_path, monkeypatch)
+    finally:
+        up.close()
+    assert said == 504
+    _agree(lines, rows, "504", flags)
+    assert 1 <= len(up.requests) <= 2
 
 
 @pytest.mark.parametrize("which", TWINS)

@@ -1545,7 +1545,15 @@ class Exchange:
 
     def upstream_timeout(self) -> list[Action]:
         """The route's timeout passed before the response's end (see "Route
-        timeout"); the upstream connection, connecting or not, is dropped."""
+        timeout"); the upstream connection, connecting or not, is dropped.
+        Its UT has no URX (accesslog.ROUTE_TIMEOUT: _done()), whether a
+        retry waits its backoff or the last try runs: Envoy's
+        onResponseTimeout() asks no retry state."""
+        return self._timed_out(accesslog.UT | accesslog.ROUTE_TIMEOUT)
+
+    def _timed_out(self, flags: int) -> list[Action]:
+        """The 504 of the route timeout, or of a per-try timeout not retried
+        (*flags* UT: URX where the policy's tries are spent, _done())."""
         if self.phase not in (Phase.ROUTING, Phase.EXCHANGE):
             return []
         reason = "upstream request timeout"
@@ -1563,17 +1571,17 @@ class Exchange:
                 *self._given_up(),
                 Release(False),
                 Client(edit_local_answer(answer, self.edits)),
-                self._done(504, True, accesslog.UT),
+                self._done(504, True, flags),
                 *(self._next_request() if keep else self._close()),
             ]
         if self._response is None:
-            return self._upstream_failed(504, reason, gateway=True)
+            return self._upstream_failed(504, reason, gateway=True, flags=flags)
         # (the status the client got, as for a body cut short)
         self.phase = Phase.CLOSED
         self._inbox.clear()
         return [
             Release(False, failure=reason),
-            self._done(self.status, False, accesslog.UT),
+            self._done(self.status, False, flags),
             Close(reset=True),
         ]
 
@@ -1590,14 +1598,14 @@ class Exchange:
                 self._tries += 1  # (the head, not sent yet, says which try it is)
                 self._sent_head = attempt_counted(self._sent_head, self._attempt())
                 return [Release(False), Retry(policy=True)]
-            return self.upstream_timeout()
+            return self._timed_out(accesslog.UT)
         if self.phase != Phase.EXCHANGE or self._response is not None:
             return []
         # a timed-out try is a reset to Envoy: retried only under the
         # policies that retry one (on_reset: 5xx, gateway-error, reset)
         if self.retry is not None and self.retry.on_reset and self._can_retry(connecting=True):
             return self._policy_retry("upstream request timeout")
-        return self.upstream_timeout()
+        return self._timed_out(accesslog.UT)
 
     def connect_failed(self) -> ConnectRetry:
         """A try's connect failed (a first try's, a policy's retry's or the
@@ -2043,9 +2051,14 @@ class Exchange:
         UpstreamRetryLimitExceeded; the compiled twin's row_flags()); so
         too where every connect of its last try failed (UF) under a policy
         that retries a failed connect: the relay's own retries of those
-        (the next endpoint) were used up (RetryPolicy.on_connect)."""
+        (the next endpoint) were used up (RetryPolicy.on_connect). Never
+        for the route timeout's UT (accesslog.ROUTE_TIMEOUT, dropped here):
+        Envoy's onResponseTimeout() sets UT alone, its URX coming only from
+        a retry its retry state refused (shouldRetry*: no retries left)."""
         p = self.retry
-        if p is not None and p.attempts > 0:
+        route_timeout = flags & accesslog.ROUTE_TIMEOUT
+        flags &= ~accesslog.ROUTE_TIMEOUT
+        if p is not None and p.attempts > 0 and not route_timeout:
             if flags & accesslog.UF and p.on_connect:
                 flags |= accesslog.URX
             elif self._tries >= p.attempts:

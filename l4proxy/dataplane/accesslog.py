@@ -179,6 +179,10 @@ L4 = 1 << 19
 # itself, at the drain's deadline (DRAIN_CUT)
 LOCAL_CUT = 1 << 20
 TE_REFUSED = 1 << 21  # with DPE: a Transfer-Encoding other than chunked, 501 (INVALID_TE)
+# with UT: the route's timeout ended the request (not a per-try timeout): no
+# URX whatever the retry policy's tries, as Envoy's onResponseTimeout() asks
+# no retry state (its URX comes only from a retry the state refused)
+ROUTE_TIMEOUT = 1 << 22
 
 # RESPONSE_CODE_DETAILS of a request refused for its Transfer-Encoding (a
 # coding other than chunked alone: _peek_py's "Decisions"), Envoy's HTTP/1
@@ -195,7 +199,8 @@ INVALID_TE = "http1.invalid_transfer_encoding"
 # close).
 DRAIN_CUT = "downstream_local_disconnect(filter_chain_is_being_removed)"
 
-# A failure the retry policy retries (on_reset): URX when its tries are used up.
+# A failure the retry policy retries (on_reset): URX when its tries are used up
+# (not the route timeout's UT: ROUTE_TIMEOUT).
 RETRIED_FAILURES = UT | UF | UC | UPE
 
 # The longest each value may be once escaped (a longer one is cut: TRUNCATED)
