@@ -126,7 +126,10 @@ its tries (``connect_failed_next``, as Envoy's router spends one of its
 retries on it: a retry counted; out of tries, the request is answered as
 with no endpoint left) and waits its backoff first, as Envoy's
 (``RetryWithBackoff``), as ``policy_retry``'s wait does: ``retry_send``
-then, its per-try timer from there.
+then, its per-try timer from there. The failed endpoint stays a candidate
+then, last (``retry_order``), so the try dials it again when every other
+one was tried (one endpoint refusing: 1 + attempts connects), as Envoy's
+``previous_hosts`` predicate falls back to a tried host.
 
 Head edits
 ----------
@@ -6904,17 +6907,29 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
     """After Python heard of a failed connect: the next candidate (a first
     attempt's, or a retry's; at once, or after the backoff of a policy that
     retries a failed connect: retry_send()), or 503 no healthy upstream
-    (none left, or such a policy out of tries)."""
+    (none left, or such a policy out of tries). Under such a policy with a
+    try left the failed endpoint stays a candidate, last (retry_order()):
+    its try dials it again when no candidate is left untried; without one
+    it is dropped, each endpoint dialled once."""
     cdef int i, j = 0
     cdef EP *failed = c.fail_ep
     cdef const Retry_ *p = c.retry
     log_upstream(c, failed)  # (the access log's UPSTREAM_HOST, if no later try reaches one)
-    for i in range(c.n_cand):
-        if c.cand[i] != failed:
-            c.cand[j] = c.cand[i]
-            c.cand_tag[j] = c.cand_tag[i]  # (its tag along: read when c.mixed)
-            j += 1
-    c.n_cand = j
+    if p != NULL and p.on_connect and c.tries < p.attempts:
+        # the policy's try may dial it again: it goes last, behind those not
+        # tried yet (each candidate tried goes last, so the least recently
+        # tried comes first), as Envoy's previous_hosts predicate prefers a
+        # host not tried yet and its load balancer takes a tried one when
+        # none is left (host_selection_retry_max_attempts: the last pick
+        # stands): one endpoint refusing is dialled 1 + attempts times
+        retry_order(c, failed)
+    else:
+        for i in range(c.n_cand):
+            if c.cand[i] != failed:
+                c.cand[j] = c.cand[i]
+                c.cand_tag[j] = c.cand_tag[i]  # (its tag along: read when c.mixed)
+                j += 1
+        c.n_cand = j
     if c.n_cand and (p == NULL or not p.on_connect or c.tries < p.attempts):
         # that was a try (Envoy's router counts one whose connect failed:
         # its connect-failure retry): the next says one more

@@ -208,7 +208,14 @@ Decisions
   retry of the policy, since Envoy's connect-failure retry waits its
   backoff timer too (``RetryWithBackoff``). Without one it spends none
   and goes at once (:attr:`ConnectRetry.OWN`), as the reused-connection
-  retry does. Either way it was a try: the next says one more in its
+  retry does. Under such a policy the shell keeps the failed endpoint a
+  candidate, last (not dropped, as without one): the try dials an
+  endpoint not tried yet first, else the one tried least recently, so one
+  endpoint refusing for a moment (a pod restarting) gets 1 + ``attempts``
+  connects, as Envoy's: Istio's retry policy's ``previous_hosts``
+  predicate (``host_selection_retry_max_attempts: 5``) only makes its
+  load balancer pick again, keeping a tried host when none other is left.
+  Either way it was a try: the next says one more in its
   x-envoy-attempt-count (:meth:`Exchange.connect_failed`), as Envoy's,
   and runs a per-try timer of its own (the shell's: from the retry's
   send, or from the move), as Envoy's retry is a new upstream request.

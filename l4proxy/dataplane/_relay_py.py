@@ -37,7 +37,10 @@ to do; this module only performs it:
   next candidate at once, unless that move is one of the policy's tries
   (a policy that retries a failed connect): then it too waits its
   backoff, as Envoy's retry after a failed connect does, and goes as a
-  policy's retry (``_connect_error``).
+  policy's retry (``_connect_error``), to the failed endpoint again when
+  every other candidate was tried (it goes last, not dropped: one endpoint
+  refusing is dialled 1 + attempts times, as Envoy's ``previous_hosts``
+  predicate falls back to a tried host).
 * :class:`Release`: the upstream goes back to its pool (watched for
   readability: a server that closes an idle connection gets it evicted) or
   is closed; how it served the request goes to outlier detection (below).
@@ -2370,6 +2373,15 @@ class HttpRelay:
             self.connect_failed(endpoint, c.tag if c.decision else None, why)
         if endpoint in c.candidates:
             c.candidates.remove(endpoint)
+        p = c.ex.retry
+        if p is not None and p.on_connect and c.ex.tries < p.attempts:
+            # the policy's try may dial it again: last, behind those not
+            # tried yet (each one tried goes last: the least recently tried
+            # first), as Envoy's previous_hosts predicate prefers a host not
+            # tried yet and its load balancer takes a tried one when none is
+            # left: one endpoint refusing is dialled 1 + attempts times (the
+            # compiled twin's retry_order() in connect_failed_next())
+            c.candidates.append(endpoint)
         # the next candidate (a first attempt's, or a retry's), unless the
         # retry policy that retries a failed connect has spent its tries
         step = c.ex.connect_failed() if c.candidates else ConnectRetry.SPENT

@@ -191,9 +191,13 @@ class RetryPolicy(NamedTuple):
     policy or not (the next try's x-envoy-attempt-count counts it, as
     Envoy's); under such a policy the move is one of its ``attempts``, a
     retry counted and sent after its backoff, as Envoy's spends one of
-    its retries on it and waits its backoff timer, and with none left the
-    request is answered as with no endpoint left; without one it spends
-    nothing and goes at once. Where every connect failed, or the tries went
+    its retries on it and waits its backoff timer, to an endpoint tried
+    already when none is left untried (the one tried least recently: one
+    endpoint refusing is dialled 1 + ``attempts`` times, as Envoy's
+    ``previous_hosts`` predicate only prefers a host not tried yet), and
+    with none left the request is answered as with no endpoint left;
+    without one it spends nothing and goes at once, each endpoint dialled
+    once. Where every connect failed, or the tries went
     on failed connects, the request's 503 says UF and, under such a
     policy, URX, as Envoy's says (no bit of ``on``: it holds no request;
     a policy of it alone, ``connect-failure`` or ``reset-before-request``,
