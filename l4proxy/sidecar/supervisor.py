@@ -353,6 +353,10 @@ class Supervisor:
         self.log_spec = ""
         # the requests of those and of the flag to a worker as it starts
         self._log_asks: set[asyncio.Future[Any]] = set()
+        # the pids of the workers that drain on a SIGTERM of their own since
+        # the /stats round under way began (None: no round): their answers
+        # to it are their Leaving's counts, not their slot's (_stats)
+        self._left_in_round: set[int] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -612,6 +616,8 @@ class Supervisor:
                 slot.last, slot.counted_pid = Sample(), None  # (its counts: the Leaving's)
                 slot.proc, slot.link, slot.notice = None, None, None
                 slot.leaving.append(leaving)
+                if self._left_in_round is not None:
+                    self._left_in_round.add(proc.pid)
                 leaving.task = asyncio.get_running_loop().create_task(
                     self._see_out(slot, leaving, exited)
                 )
@@ -881,6 +887,21 @@ class Supervisor:
             fut.exception()  # retrieved: each waiter got it raised already
 
     async def _stats(self) -> Exposition:
+        """A /stats round (:meth:`stats`), noting the workers that drain on a
+        SIGTERM of their own from its start: one asked as its slot's worker
+        that said so before its answer was counted (_wait_worker moved its
+        counts to its Leaving) answered for its Leaving. Taken for its
+        slot's, that answer came on top of its Leaving's counts, then went
+        to the slot's base at its successor's first answer, and again at
+        its exit: its whole history counted twice for good."""
+        left: set[int] = set()
+        self._left_in_round = left
+        try:
+            return await self._stats_summed(left)
+        finally:
+            self._left_in_round = None
+
+    async def _stats_summed(self, left: set[int]) -> Exposition:
         help_: dict[str, Any] = {
             WORKER_CONNECTIONS: ("counter", "Connections accepted, by worker."),
             "l4proxy_worker_spawn_failures_total": (
@@ -932,7 +953,12 @@ class Supervisor:
 
         total = Sample()
         for slot, pid, d in zip(self.slots, pids, decoded, strict=True):
-            slot.count(None if d is None else d[0], pid, is_gauge)
+            if pid is not None and pid in left:
+                for lv in slot.leaving:  # (none: it exited since, its counts in the base)
+                    if lv.proc.pid == pid and d is not None:
+                        lv.last = d[0]
+            else:
+                slot.count(None if d is None else d[0], pid, is_gauge)
             connections = 0.0
             parts = (slot.base, slot.last, *(lv.last for lv in slot.leaving))
             for part in parts:
