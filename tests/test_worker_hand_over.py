@@ -49,6 +49,7 @@ from l4proxy.sidecar.channel import (
     encode_answer,
 )
 from l4proxy.sidecar.supervisor import Supervisor
+from tests._worker import gateway_service
 from tests.mesh import IMPLS
 from tests.test_drain_keepalive import (
     GET,
@@ -384,6 +385,49 @@ def test_no_word_of_the_successor_hands_over_all_the_same(tmp_path: Path) -> Non
                 waiting.sendall(GET % b"/")
                 successor_may_start.set()
                 assert read_answer(waiting)[0] == 200
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_reload_reaches_the_worker_that_serves_until_its_successor_answers(
+    tmp_path: Path, impl: str
+) -> None:
+    """SIGHUP to the supervisor while a worker sent SIGTERM alone still
+    serves its slot (its successor held in open() on a FIFO labels file),
+    the rule files polled once an hour: the old worker reloads at once
+    (rules generation 2, said) and routes the next request to the new
+    rules' backend. The supervisor forwarded SIGHUP (and SIGUSR1) only to
+    each slot's current worker: the old one served the old rules until
+    it handed over (up to --drain-duration, a poll aside), and wrote its
+    access log lines to the rotated file until it exited."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(labels))
+        flags += ("--reload-interval", "3600")
+        with running(tmp_path, impl, *flags) as (sidecar, backend):
+            [old] = _started(sidecar, 0)
+            other = Backend()
+            try:
+                os.kill(old, signal.SIGTERM)
+                sidecar.until(lambda: len(_started(sidecar, 0)) == 2, "the successor's start")
+                (tmp_path / "rules" / "gateway.yaml").write_text(gateway_service(other.port))
+                sidecar.proc.send_signal(signal.SIGHUP)
+                sidecar.until(lambda: "rules generation 2 loaded" in sidecar.log(), "the reload")
+                assert "hands its listeners over to it" not in sidecar.log(), sidecar.log()
+                with sidecar.connect() as sock:  # (the old worker's: the successor waits)
+                    sock.sendall(GET % b"/")
+                    assert read_answer(sock)[0] == 200
+                assert (other.arrived["/"], backend.arrived["/"]) == (1, 0)
+                successor_may_start.set()
+                sidecar.until(
+                    lambda: (
+                        f"worker 0 (pid {old}) drained on its own SIGTERM and exited "
+                        "(status 0)" in sidecar.log()
+                    ),
+                    "the old worker's exit",
+                )
+            finally:
+                other.close()
             sidecar.proc.send_signal(signal.SIGTERM)
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 

@@ -59,7 +59,8 @@ each worker, even past the admin's timeout (a late answer is still built
 and sent, and a queue of them grew without bound). A worker sends its
 counters compact, and they are summed compact (stats: a histogram series
 is one vector, never a row per bucket). SIGTERM and SIGHUP are forwarded
-to every worker; the supervisor exits when all workers have drained. It
+to every worker (SIGHUP and SIGUSR1 to one draining on a SIGTERM of its
+own too); the supervisor exits when all workers have drained. It
 keeps its copies of a slot's listeners until the slot's worker exits (a
 worker's drain ends the listening of each listener it retires, for every
 copy: worker._stop_listening), so that a slot whose worker is dead at the
@@ -1265,9 +1266,15 @@ class Supervisor:
             self._forward(signal.SIGUSR1)
 
     def _forward(self, sig: int) -> None:
+        """*sig* (SIGHUP, SIGUSR1) to every worker, those draining on a
+        SIGTERM of their own too (_see_out): one serves its slot until its
+        successor answers, and a reload skipped there served the old rules
+        meanwhile (--reload-interval's poll aside), a reopen skipped wrote
+        its access log lines to the rotated file until it exited."""
         for slot in self.slots:
-            if slot.proc and slot.proc.returncode is None:
-                try:
-                    os.kill(slot.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+            for proc in [slot.proc, *(lv.proc for lv in slot.leaving)]:
+                if proc and proc.returncode is None:
+                    try:
+                        os.kill(proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
