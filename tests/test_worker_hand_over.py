@@ -432,6 +432,36 @@ def test_a_reload_reaches_the_worker_that_serves_until_its_successor_answers(
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_stats_counts_what_the_old_worker_holds_open_while_it_drains(
+    tmp_path: Path, impl: str
+) -> None:
+    """A request held at the backend in a worker sent SIGTERM alone, once
+    it handed its listeners over: /stats' l4proxy_active_connections
+    counts it (1) until its answer (0), where only each slot's current
+    worker's gauges were summed (0 throughout: the old worker's
+    connection, counted in l4proxy_connections_total, was not open)."""
+    flags = ("--workers", "1", "--drain-duration", "20", "--http-routing", "request")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        held = sidecar.connect()
+        held.sendall(GET % b"/slow")
+        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        assert _stat(sidecar, "l4proxy_active_connections") == 1
+        [old] = _started(sidecar, 0)
+        os.kill(old, signal.SIGTERM)
+        sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+        assert _stat(sidecar, "l4proxy_active_connections") == 1  # (was 0)
+        backend.gate.set()
+        with held:
+            assert read_answer(held)[:3:2] == (200, SLOW_BODY)
+        sidecar.until(
+            lambda: f"worker 0 (pid {old}) drained on its own SIGTERM" in sidecar.log(), "exit"
+        )
+        assert _stat(sidecar, "l4proxy_active_connections") == 0
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
 # -- /stats across the word: the supervisor's bookkeeping, real channel ends --
 
 

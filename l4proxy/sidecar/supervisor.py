@@ -947,7 +947,7 @@ class Supervisor:
         for (_, lv), d in zip(leaving, decoded[len(self.slots) :], strict=True):
             if d is not None:
                 lv.last = d[0]
-        decoded = decoded[: len(self.slots)]
+        decoded, left_decoded = decoded[: len(self.slots)], decoded[len(self.slots) :]
 
         def is_gauge(name: str) -> bool:
             return self.help_seen.get(name, ("counter",))[0] == "gauge"
@@ -982,6 +982,14 @@ class Supervisor:
                 elif k == DIGEST:  # the workers' files, when they all serve the same
                     gauges[k] = v if gauges.get(k, v) == v else DIGEST_DISAGREE
                 else:
+                    gauges[k] = gauges.get(k, 0) + v
+        # those draining on a SIGTERM of their own: what they hold open
+        # (l4proxy_active_connections: their requests in flight), where only
+        # each slot's current worker's was summed; their rules (generation,
+        # digest) are no longer what the pod serves
+        for d in left_decoded:
+            for k, v in (d[1] if d is not None else {}).items():
+                if not k.endswith("_total") and k not in (*MIN_GAUGES, *MAX_GAUGES, DIGEST):
                     gauges[k] = gauges.get(k, 0) + v
         help_.update(self.help_seen)
         # SIGUSR1's reopens that failed: its own with its workers' (access_log_file)
