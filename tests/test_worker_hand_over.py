@@ -462,6 +462,64 @@ def test_stats_counts_what_the_old_worker_holds_open_while_it_drains(
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 
 
+@pytest.mark.parametrize("when", ["before the hand-over", "after it"])
+def test_the_watchdog_kills_a_hung_worker_that_drains_on_its_own_sigterm(
+    tmp_path: Path, when: str
+) -> None:
+    """A worker sent SIGTERM alone that hangs (SIGSTOP) once its word came,
+    before it handed its listeners over (its successor held in open() on a
+    FIFO labels file: it serves the slot meanwhile) or after (a request
+    in flight held at the backend: it drains): the watchdog
+    (--watchdog-timeout 1) kills it as any hung worker (said), and it is
+    reaped as one that died draining. It watched only each slot's current
+    worker: the hung one was killed at its deadline, twice
+    --drain-duration and 10 s after its word (50 s here), holding what it
+    took meanwhile. A successor held before its first answer is not
+    killed (the start-up allowance, 60 s here), and serves once released."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(labels))
+        flags += ("--watchdog-timeout", "1", "--watchdog-start-timeout", "60")
+        with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, backend):
+            [old] = _started(sidecar, 0)
+            held = sidecar.connect()  # (in flight in the old worker: it drains, not exits)
+            held.sendall(GET % b"/slow")
+            assert backend.held.acquire(timeout=WAIT), sidecar.log()
+            os.kill(old, signal.SIGTERM)
+            sidecar.until(lambda: len(_started(sidecar, 0)) == 2, "the successor's start")
+            if when != "before the hand-over":
+                successor_may_start.set()
+                sidecar.until(
+                    lambda: "hands its listeners over to it" in sidecar.log(), "hand-over"
+                )
+            os.kill(old, signal.SIGSTOP)
+            try:
+                sidecar.until(
+                    lambda: (
+                        f"worker 0 (pid {old}) has not answered for 1.0s; killing it"
+                        in sidecar.log()
+                    ),
+                    "the watchdog's kill",
+                )
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old, signal.SIGCONT)
+            sidecar.until(
+                lambda: (
+                    f"worker 0 (pid {old}) died with signal 9 (SIGKILL) while draining"
+                    in sidecar.log()
+                ),
+                "its reaping",
+            )
+            held.close()  # (cut with the hung worker)
+            successor_may_start.set()
+            with sidecar.connect() as sock:
+                sock.sendall(GET % b"/")
+                assert read_answer(sock)[0] == 200
+            assert len(_started(sidecar, 0)) == 2, sidecar.log()  # (the successor lives)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
 # -- /stats across the word: the supervisor's bookkeeping, real channel ends --
 
 

@@ -1219,13 +1219,34 @@ class Supervisor:
     async def _watch_one(
         self, slot: WorkerSlot, silent: dict[int, float], limit: float, interval: float
     ) -> None:
-        proc = slot.proc
         live = {s.proc.pid for s in self.slots if s.proc and s.proc.returncode is None}
+        live |= {v.proc.pid for s in self.slots for v in s.leaving if v.proc.returncode is None}
         for pid in [p for p in silent if p not in live]:
             del silent[pid]
-        if proc is None or proc.returncode is not None or self.stopping:
+        if self.stopping:
             return
-        stalled = await self.ask(slot, "alive", timeout=interval)
+        # Those draining on a SIGTERM of their own (_see_out) too: one hung
+        # holds what it took (its requests in flight, stalled) until its
+        # deadline, twice --drain-duration and 10 s after its word, where the
+        # watchdog killed it at --watchdog-timeout before its SIGTERM.
+        for leaving in list(slot.leaving):
+            if leaving.proc.returncode is None:
+                await self._watch_proc(slot, leaving.proc, leaving.link, silent, limit, interval)
+        proc = slot.proc
+        if proc is None or proc.returncode is not None:
+            return
+        await self._watch_proc(slot, proc, slot.link, silent, limit, interval)
+
+    async def _watch_proc(
+        self,
+        slot: WorkerSlot,
+        proc: asyncio.subprocess.Process,
+        link: SupervisorEnd | None,
+        silent: dict[int, float],
+        limit: float,
+        interval: float,
+    ) -> None:
+        stalled = await self._ask_link(slot, link, "alive", timeout=interval)
         if stalled is not None:
             silent.pop(proc.pid, None)
             # It answered: its event loop turns. Its relay's thread (the
@@ -1245,7 +1266,7 @@ class Supervisor:
         # until then (a big rule set on a small CPU share) it gets the
         # start-up allowance, or it would be killed, restarted and killed
         # again, and the pod would never be ready.
-        if not slot.answered:
+        if not slot.answered and link is slot.link:  # (one that said it leaves: past it)
             limit = max(limit, getattr(self.args, "watchdog_start_timeout", 120.0))
         if time.monotonic() - first >= limit and proc.returncode is None:
             log.error(
@@ -1253,7 +1274,7 @@ class Supervisor:
                 slot.index,
                 proc.pid,
                 limit,
-                "" if slot.answered else " since it started",
+                "" if slot.answered or link is not slot.link else " since it started",
             )
             silent.pop(proc.pid, None)
             proc.kill()
