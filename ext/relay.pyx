@@ -986,9 +986,12 @@ cdef extern from *:
         int64_t lines, dropped, errors;
         int first_errno;
         /* a reopen (SIGUSR1): the fd to switch to once batch reopen_after
-           (the one holding every line pushed before it) is written */
+           (the one holding every line pushed before it) is written, or,
+           when that batch was still being filled (reopen_split: its length
+           at the reopen), once the part before the lines pushed after it is */
         int reopen_fd;
         int64_t batches, reopen_after;
+        size_t reopen_split;  /* (0: the whole batch) */
         pthread_t thread;
     } l4_alog;
 
@@ -1104,8 +1107,17 @@ cdef extern from *:
             a->spare = batch;
             a->writing = 1;
             a->batches += 1;
+            size_t split = (a->reopen_fd >= 0 && a->batches == a->reopen_after) ? a->reopen_split : 0;
             pthread_mutex_unlock(&a->lock);
-            l4_alog_write(a, batch, n);
+            if (split > 0 && split < n) {  /* a reopen came while this batch was filled */
+                l4_alog_write(a, batch, split);
+                pthread_mutex_lock(&a->lock);
+                if (a->reopen_fd >= 0) l4_alog_switch(a);
+                pthread_mutex_unlock(&a->lock);
+                l4_alog_write(a, batch + split, n - split);
+            } else {
+                l4_alog_write(a, batch, n);
+            }
             pthread_mutex_lock(&a->lock);
             a->writing = 0;
             if (a->reopen_fd >= 0 && a->batches >= a->reopen_after) l4_alog_switch(a);
@@ -1181,6 +1193,9 @@ cdef extern from *:
         if (a->reopen_fd >= 0) close(a->reopen_fd);  /* (a later reopen wins) */
         a->reopen_fd = nfd;
         a->reopen_after = a->batches + (a->fill_len ? 1 : 0);
+        /* (lines pushed after this one, into the same buffer before the
+           writer takes it, are the new file's) */
+        a->reopen_split = a->fill_len;
         if (!a->writing && !a->fill_len) l4_alog_switch(a);
         else pthread_cond_signal(&a->wake);
         pthread_mutex_unlock(&a->lock);

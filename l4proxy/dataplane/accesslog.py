@@ -725,10 +725,13 @@ class LineWriter:
         self._running = True
         self._orphan = False  # close() gave up on the thread: it closes the fd as it ends
         # a reopen (SIGUSR1): the fd to switch to once batch _reopen_after
-        # (the one holding every line taken before it) is written
+        # (the one holding every line taken before it) is written, or, when
+        # that batch was still being taken (_reopen_split: its length at the
+        # reopen), once the part before the lines taken after it is
         self._reopen_fd: int | None = None
         self._batches = 0
         self._reopen_after = 0
+        self._reopen_split = 0  # (0: the whole batch)
         self._thread = threading.Thread(target=self._run, name="l4proxy-access-log", daemon=True)
         self._thread.start()
 
@@ -789,6 +792,9 @@ class LineWriter:
                 os.close(self._reopen_fd)
             self._reopen_fd = new
             self._reopen_after = self._batches + (1 if self._buf else 0)
+            # (lines taken after this one, into the same buffer before the
+            # writer takes it, are the new file's)
+            self._reopen_split = len(self._buf)
             if not self._writing and not self._buf:
                 self._switch()
             else:
@@ -828,7 +834,16 @@ class LineWriter:
                 batch, self._buf = self._buf, bytearray()
                 self._writing = True
                 self._batches += 1
+                split = 0
+                if self._reopen_fd is not None and self._batches == self._reopen_after:
+                    split = self._reopen_split
             try:
+                if 0 < split < len(batch):  # a reopen came while this batch was taken
+                    self._write(batch[:split])
+                    with self._lock:
+                        if self._reopen_fd is not None:
+                            self._switch()
+                    batch = batch[split:]
                 self._write(batch)
             finally:
                 with self._lock:
