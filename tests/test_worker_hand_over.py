@@ -359,18 +359,41 @@ def test_a_sigterm_to_the_worker_and_the_supervisor_at_once_is_a_stop(
             assert "hands its listeners over to it" not in log, log
 
 
-def test_no_word_of_the_successor_hands_over_all_the_same(tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_no_word_of_the_successor_keeps_the_old_worker_serving(tmp_path: Path, impl: str) -> None:
     """SIGTERM to the worker alone while its successor cannot start
-    (its --pod-labels-file a FIFO no one writes to), --drain-duration 2:
-    the old worker waits that long for its successor, says so, hands its
-    listeners over all the same (left listening) and exits 0; a client
-    that connects then is not refused but waits in the accept queue, and
-    is answered once the successor starts."""
+    (its --pod-labels-file a FIFO no one writes to), --drain-duration 1:
+    past it the old worker and the supervisor say so, once each, and the
+    old worker keeps serving its slot (each request answered 200, /ready
+    200), where it handed over to nobody and exited, the slot serving
+    nothing (clients waiting in the accept queue, /ready 503) until a
+    successor started; once the successor starts, the old one hands over
+    and exits 0."""
     with _held_labels(tmp_path) as (labels, successor_may_start):
-        flags = ("--workers", "1", "--drain-duration", "2", "--pod-labels-file", str(labels))
-        with running(tmp_path, "pure-asyncio", *flags) as (sidecar, _):
+        flags = ("--workers", "1", "--drain-duration", "1", "--pod-labels-file", str(labels))
+        with running(tmp_path, impl, *flags) as (sidecar, _):
             [old] = _started(sidecar, 0)
             os.kill(old, signal.SIGTERM)
+            said = f"worker 0 (pid {old}): its successor has not started"
+            sidecar.until(lambda: said in sidecar.log(), "the supervisor's word")
+            sidecar.until(
+                lambda: "this one keeps serving until it does" in sidecar.log(), "the worker's"
+            )
+            prober = Prober(sidecar)
+            prober.start()
+            try:
+                prober.more(10)
+            finally:
+                prober.halt.set()
+                prober.join(timeout=WAIT)
+            assert prober.statuses == [200] * len(prober.statuses), sidecar.log()
+            assert (prober.errors, prober.unready) == ([], []), sidecar.log()
+            assert len(prober.statuses) >= 10
+            log = sidecar.log()
+            assert log.count(said) == 1, log
+            assert "drained on its own SIGTERM" not in log, log
+            assert not _zombie_or_gone(old), log
+            successor_may_start.set()
             sidecar.until(
                 lambda: (
                     f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
@@ -378,13 +401,10 @@ def test_no_word_of_the_successor_hands_over_all_the_same(tmp_path: Path) -> Non
                 ),
                 "the old worker's exit",
             )
-            assert "does not accept within 2.0s; its listeners are left listening" in (
-                sidecar.log()
-            )
-            with sidecar.connect() as waiting:  # (not refused: queued for the successor)
-                waiting.sendall(GET % b"/")
-                successor_may_start.set()
-                assert read_answer(waiting)[0] == 200
+            assert "hands its listeners over to it" in sidecar.log()
+            with sidecar.connect() as client:
+                client.sendall(GET % b"/")
+                assert read_answer(client)[0] == 200
             sidecar.proc.send_signal(signal.SIGTERM)
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 

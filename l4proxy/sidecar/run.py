@@ -1187,29 +1187,34 @@ class _Leaving:
         slot's next worker accepts now (this one hands its listeners over:
         Worker.hand_over); False: a stop (the supervisor's, or the
         supervisor gone), drained as ever. Serving meanwhile, as before the
-        signal. No word in *wait* s (its successor does not start): handed
-        over all the same, the listeners left listening for the next one
-        the supervisor starts."""
+        signal, for as long as its successor takes to answer: one that does
+        not start (a broken --pod-labels-file, restarted after the slot's
+        back-off) leaves this one serving its slot, said once after *wait*
+        s (Envoy's hot restart, HAProxy's reload: the old process serves
+        on where the new one fails), where it handed over to nobody and
+        the slot served nothing until a successor started."""
         if self.stopping.is_set() or self.gone.is_set():
             return False
         self.signalled.set()
         ends = {asyncio.ensure_future(e.wait()) for e in (self.stopping, self.handover, self.gone)}
-        done, pending = await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        for end in pending:
-            end.cancel()
+        try:
+            done, _ = await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                log.warning(
+                    "SIGTERM to this worker alone: the supervisor's next worker for this slot "
+                    "has not started within %.1fs; this one keeps serving until it does",
+                    wait,
+                )
+                await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for end in ends:
+                end.cancel()
         if self.stopping.is_set() or self.gone.is_set():
             return False
-        if done:
-            log.info(
-                "SIGTERM to this worker alone (the supervisor does not stop): the next worker "
-                "of this slot accepts; its listeners are handed over to it"
-            )
-        else:
-            log.warning(
-                "SIGTERM to this worker alone: the supervisor's next worker for this slot "
-                "does not accept within %.1fs; its listeners are left listening for it",
-                wait,
-            )
+        log.info(
+            "SIGTERM to this worker alone (the supervisor does not stop): the next worker "
+            "of this slot accepts; its listeners are handed over to it"
+        )
         return True
 
 

@@ -26,7 +26,9 @@ and closes its copies without ending their listening (Worker.hand_over),
 drains its connections and exits (_wait_worker, _see_out). The slot has
 two workers meanwhile: a stop drains both, /ready and /state take the
 old one's answer for its slot until it hands over, /stats counts it
-until it exits. Before, its drain retired its listeners for every copy
+until it exits; a successor that does not start is restarted with the
+slot's back-off, the old one serving its slot until one answers.
+Before, its drain retired its listeners for every copy
 (worker._stop_listening) and each client of the slot was refused until
 it exited. One that drained so all the same (its control channel gone)
 left them retired: the next one is given them listening again
@@ -645,7 +647,8 @@ class Supervisor:
         code: int | None = None
         try:
             await self._hand_over(slot, leaving, exited, stop)
-            bound = leaving.since + 2 * self.args.drain_duration + self.DRAIN_GRACE_S
+            # (its drain's bound, from the hand-over: it serves until then)
+            bound = loop.time() + self.args.drain_duration + self.DRAIN_GRACE_S
             while not exited.done():
                 deadline = bound if not self.stopping else min(bound, self._stop_deadline())
                 waits: set[asyncio.Future[Any]] = {exited} if stop.done() else {exited, stop}
@@ -694,11 +697,24 @@ class Supervisor:
         (run._serve starts accepting before it serves its channel): it then
         lets go of its copies of the listeners without ending their
         listening (Worker.hand_over). Not once it exited or the stop came
-        (told ``stopping``: it drains as any), nor past --drain-duration
-        (it hands over on its own then, run._Leaving)."""
+        (told ``stopping``: it drains as any). Until then it serves its
+        slot, however long its successor takes (one that does not start is
+        restarted after the slot's back-off, _keep): said once past
+        --drain-duration, where it handed over to nobody then and the slot
+        served nothing until a successor started."""
         loop = asyncio.get_running_loop()
         until = leaving.since + self.args.drain_duration
-        while not exited.done() and not stop.done() and loop.time() < until:
+        said = False
+        while not exited.done() and not stop.done():
+            if not said and loop.time() >= until:
+                said = True
+                log.warning(
+                    "worker %d (pid %d): its successor has not started (no answer within "
+                    "%.1fs: --drain-duration); it keeps serving until one does",
+                    slot.index,
+                    leaving.proc.pid,
+                    self.args.drain_duration,
+                )
             link = slot.link
             if link is None or link.closed:  # (its successor not started yet)
                 await asyncio.wait({exited, stop}, timeout=0.05)
@@ -706,7 +722,7 @@ class Supervisor:
             answered = asyncio.ensure_future(self._ask_link(slot, link, "alive", None))
             await asyncio.wait(
                 {exited, stop, answered},
-                timeout=max(0.0, until - loop.time()),
+                timeout=max(0.05, until - loop.time()) if not said else None,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if not answered.done():
@@ -1227,7 +1243,8 @@ class Supervisor:
             return
         # Those draining on a SIGTERM of their own (_see_out) too: one hung
         # holds what it took (its requests in flight, stalled) until its
-        # deadline, twice --drain-duration and 10 s after its word, where the
+        # deadline (--drain-duration and 10 s after its hand-over; none
+        # before: it serves until its successor answers), where the
         # watchdog killed it at --watchdog-timeout before its SIGTERM.
         for leaving in list(slot.leaving):
             if leaving.proc.returncode is None:
