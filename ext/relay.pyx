@@ -9751,6 +9751,20 @@ cdef class HttpRelay:
         sys_.pthread_mutex_unlock(&self.R.lock)
         self._wake()
 
+    def stop_withdrawn(self):
+        """The stop signal was a SIGTERM to this worker alone, the
+        supervisor not stopping (run._Leaving): DRAIN_STOPPED cleared, so
+        that answers keep their clients again (where discourage() or a
+        drain does not say otherwise) until its hand-over (drain()); the
+        pure relay's too. A stop signal heard afterwards sets it again."""
+        self.slow.stop_withdrawn()
+        if self._closed:
+            return
+        sys_.pthread_mutex_lock(&self.R.lock)
+        self.R.drain_req &= ~DRAIN_STOPPED
+        sys_.pthread_mutex_unlock(&self.R.lock)
+        self._wake()
+
     def take_stop_signals(self, signals, on_signal):
         """Hear *signals* (SIGTERM, SIGINT) on the loop's thread, through a
         signalfd, before it serves anything more (see "Stop signals"), and

@@ -58,6 +58,7 @@ from tests.test_drain_keepalive import (
     Backend,
     Sidecar,
     read_answer,
+    reads_eof,
     running,
 )
 from tests.test_stats_scrape import _recorded, _rows, _worker
@@ -405,6 +406,60 @@ def test_no_word_of_the_successor_keeps_the_old_worker_serving(tmp_path: Path, i
             with sidecar.connect() as client:
                 client.sendall(GET % b"/")
                 assert read_answer(client)[0] == 200
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+KEEPS = "its answers keep their clients until it hands over"
+
+
+@pytest.mark.parametrize("then", ["hand-over", "stop"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_the_old_worker_keeps_its_clients_until_it_hands_over(
+    tmp_path: Path, impl: str, then: str
+) -> None:
+    """SIGTERM to the worker alone while its successor cannot start yet:
+    the old worker serves its slot, and its answers keep their keep-alive
+    clients (no ``connection: close``: 5 requests on one connection), where
+    each said close from the SIGTERM on (its relay's stop handling: needless
+    churn while it was its slot's only server); once the successor answers
+    and it hands over, or the supervisor stops (its drain at once), that
+    client, idle between requests, is closed (EOF)."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(labels))
+        with running(tmp_path, impl, *flags) as (sidecar, _):
+            [old] = _started(sidecar, 0)
+            os.kill(old, signal.SIGTERM)
+            sidecar.until(lambda: KEEPS in sidecar.log(), "the worker's word")
+            with sidecar.connect() as client:
+                closes = []
+                for _ in range(5):
+                    client.sendall(GET % b"/")
+                    status, fields, _body = read_answer(client)
+                    assert status == 200
+                    closes.append(fields.get("connection", []))
+                assert closes == [[]] * 5, (closes, sidecar.log())
+                assert "hands its listeners over to it" not in sidecar.log()
+                if then == "stop":
+                    sidecar.proc.send_signal(signal.SIGTERM)
+                    sidecar.until(lambda: "stopping: draining" in sidecar.log(), "the stop")
+                else:
+                    successor_may_start.set()
+                    sidecar.until(
+                        lambda: "hands its listeners over to it" in sidecar.log(), "the hand-over"
+                    )
+                assert reads_eof(client), sidecar.log()  # (between requests: closed)
+            if then == "stop":
+                successor_may_start.set()
+                assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+                return
+            sidecar.until(
+                lambda: (
+                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
+                    in sidecar.log()
+                ),
+                "the old worker's exit",
+            )
             sidecar.proc.send_signal(signal.SIGTERM)
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 

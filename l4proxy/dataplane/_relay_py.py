@@ -928,6 +928,18 @@ class HttpRelay:
         self._stopped = True  # (read under the lock with the queue: see _take_queue)
         self._wake()
 
+    def stop_withdrawn(self) -> None:
+        """The stop signal was a SIGTERM to this worker alone, the
+        supervisor not stopping (run._Leaving): it serves its slot on until
+        its successor accepts, so answers keep their clients again (where
+        discourage() or a drain does not say otherwise) until its hand-over
+        (drain()). Before, each of them said ``connection: close`` from the
+        SIGTERM on. Any thread but a signal handler's; applied on the
+        relay's."""
+        with self._lock:
+            self._stopped = False
+        self._wake()
+
     def close(self, access_log: bool = True, wait: float = 10.0) -> int:
         """Stop the relay's thread, closing every connection; *access_log*
         False: the access log's writer stays for lines from elsewhere

@@ -898,7 +898,14 @@ async def _serve(
 
     if held.stop_requested:  # (before it accepts: see Worker.drain_first)
         worker.drain_first()
-    if relay_hears_stop and not worker.hear_stop_signals(STOP_SIGNALS, stop.set):
+    leaving = _Leaving()
+    leaving.withdraw = worker.stop_withdrawn
+
+    def stop_heard() -> None:
+        leaving.stop_signals += 1  # (a stop's since its word: its stop handling stands)
+        stop.set()
+
+    if relay_hears_stop and not worker.hear_stop_signals(STOP_SIGNALS, stop_heard):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (no such relay after all)
         relay_hears_stop = False
     worker.start()
@@ -907,7 +914,7 @@ async def _serve(
     rules.after_load = give_back_memory  # a parse frees several times its table (lean)
     give_back_memory()  # and so did the first load and the imports
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_heard)
         _heard_first(sig, worker.stop_signalled)
     loop.add_signal_handler(signal.SIGHUP, rules.request_reload)
     # SIGUSR1: --access-log reopened (logrotate), as Envoy; the supervisor
@@ -928,7 +935,6 @@ async def _serve(
         stop.set()
     control_task = watch = None
     stop_came: list[float] = []  # (a stop signal taken late: when it came, _take_stop_signal)
-    leaving = _Leaving()
     if control is not None:
         control_task = loop.create_task(_answer_supervisor(control, view, stop, leaving))
     else:  # no supervisor to watch this process: it watches itself
@@ -1181,6 +1187,32 @@ class _Leaving:
         self.stopping = asyncio.Event()
         self.handover = asyncio.Event()
         self.gone = asyncio.Event()  # the control channel ended
+        # The relay's stop handling (Worker.stop_signalled) has every answer
+        # say ``connection: close`` from the signal on, a stop or not: it
+        # cannot tell them apart then. The supervisor says ``serving`` once
+        # it took this worker's word outside a stop (_wait_worker), and the
+        # worker takes that back until its hand-over (Worker.stop_withdrawn)
+        # where no stop signal came since its word (a stop's: ``stopping``
+        # follows, and its drain).
+        self.stop_signals = 0  # stop signals heard (run._serve's count)
+        self.signals_at_word = 0
+        self.withdraw: Callable[[], None] | None = None
+
+    def serving(self) -> bool:
+        """The supervisor's ``serving``: the relay's stop handling taken
+        back (:attr:`withdraw`), where nothing since says it stops."""
+        if (
+            self.withdraw is None
+            or not self.signalled.is_set()
+            or self.stopping.is_set()
+            or self.gone.is_set()
+            or self.handover.is_set()
+            or self.stop_signals != self.signals_at_word
+        ):
+            return False
+        self.withdraw()
+        log.info("SIGTERM to this worker alone: its answers keep their clients until it hands over")
+        return True
 
     async def handed_over(self, wait: float) -> bool:
         """After a SIGTERM: whether it was this worker's alone and its
@@ -1195,6 +1227,7 @@ class _Leaving:
         the slot served nothing until a successor started."""
         if self.stopping.is_set() or self.gone.is_set():
             return False
+        self.signals_at_word = self.stop_signals
         self.signalled.set()
         ends = {asyncio.ensure_future(e.wait()) for e in (self.stopping, self.handover, self.gone)}
         try:
@@ -1240,6 +1273,8 @@ async def _answer_supervisor(
         if op == "handover":
             leaving.handover.set()
             return True
+        if op == "serving":  # (the supervisor took its word outside a stop)
+            return leaving.serving()
         if op == "ready":
             return await view.ready()
         if op == "alive":

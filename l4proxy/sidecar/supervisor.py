@@ -624,6 +624,9 @@ class Supervisor:
                 leaving.task = asyncio.get_running_loop().create_task(
                     self._see_out(slot, leaving, exited)
                 )
+                # its answers keep their clients until its hand-over
+                # (run._Leaving.serving), where each said close from its SIGTERM on
+                self._told(link.tell("serving"))
                 log.warning(
                     "worker %d (pid %d) drains on a SIGTERM of its own (sent to it alone, not "
                     "a stop): starting the next worker of its slot now; it serves until that "

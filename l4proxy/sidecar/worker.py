@@ -996,6 +996,16 @@ class Worker:
         if self.relay is not None:
             self.relay.stop_signalled()
 
+    def stop_withdrawn(self) -> None:
+        """The stop signal was a SIGTERM to this worker alone (run._Leaving:
+        the supervisor said so): it serves its slot on until its successor
+        accepts, so answers keep their clients again until its hand-over
+        (:meth:`hand_over` tells them to leave), where each said
+        ``connection: close`` from the SIGTERM on (:meth:`stop_signalled`),
+        needless churn while it was its slot's only server."""
+        if self.relay is not None:
+            self.relay.stop_withdrawn()
+
     def hear_stop_signals(self, signals: Sequence[int], on_signal: Callable[[], None]) -> bool:
         """Have the compiled relay's thread, which accepts and serves
         without the event loop, hear *signals* itself (a signalfd: its
