@@ -464,6 +464,59 @@ def test_the_old_worker_keeps_its_clients_until_it_hands_over(
             assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 
 
+def _children(pid: int) -> int:
+    """How many processes *pid* has (alive or not reaped yet)."""
+    return len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_successors_sigtermed_as_they_start_back_off(tmp_path: Path, impl: str) -> None:
+    """Something that SIGTERMs each new worker as it starts (3 of them,
+    after the first): each successor starts after the slot's back-off
+    (said: 0.2, 0.4, 0.8, 1.6 s), where the next started at once, and one
+    that leaves while a worker before it still serves hands over at once
+    (to it) and exits: at most 3 processes at each start (the one
+    serving, the new one, one draining), where each waited for a
+    successor that answered. The slot is served throughout (every probe
+    200), and the fourth successor serves it in the end, the four before
+    it drained and exited 0."""
+    flags = ("--workers", "1", "--drain-duration", "20")
+    with running(tmp_path, impl, *flags) as (sidecar, _):
+        [first] = _started(sidecar, 0)
+        prober = Prober(sidecar)
+        prober.start()
+        counts: list[int] = []
+        try:
+            prober.more(3)
+            os.kill(first, signal.SIGTERM)
+            for n in range(2, 5):
+                sidecar.until(lambda n=n: len(_started(sidecar, 0)) >= n, f"worker {n}")
+                pid = _started(sidecar, 0)[n - 1]
+                counts.append(_children(sidecar.proc.pid))
+                os.kill(pid, signal.SIGTERM)
+            for pid in _started(sidecar, 0)[:4]:
+                sidecar.until(
+                    lambda pid=pid: (
+                        f"worker 0 (pid {pid}) drained on its own SIGTERM and exited (status 0)"
+                        in sidecar.log()
+                    ),
+                    f"the exit of {pid}",
+                )
+            prober.more(3)
+        finally:
+            prober.halt.set()
+            prober.join(timeout=WAIT)
+        log = sidecar.log()
+        delays = re.findall(r"left [\d.]+s after its start: its successor starts in ([\d.]+)s", log)
+        assert delays == ["0.2", "0.4", "0.8", "1.6"], log
+        assert max(counts) <= 3, (counts, log)
+        assert (prober.errors, prober.unready) == ([], []), log
+        assert set(prober.statuses) == {200}, log
+        assert len(_started(sidecar, 0)) == 5, log
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_a_reload_reaches_the_worker_that_serves_until_its_successor_answers(
     tmp_path: Path, impl: str

@@ -536,7 +536,25 @@ class Supervisor:
                             proc.pid,
                         )
                 code = await self._wait_worker(slot, proc)
-                if code is None:  # its own SIGTERM: its successor starts now (_see_out)
+                if code is None:  # its own SIGTERM: its successor starts (_see_out)
+                    # after the slot's back-off where it left within 10 s of
+                    # its start, as a restart: something that SIGTERMs each
+                    # worker as it starts had its successors started at once
+                    if time.monotonic() - slot.started_at < 10:
+                        slot.backoff = min(slot.backoff * 2, 5.0)
+                        log.warning(
+                            "worker %d (pid %d) left %.1fs after its start: its successor "
+                            "starts in %.1fs (the slot's back-off)",
+                            slot.index,
+                            proc.pid,
+                            time.monotonic() - slot.started_at,
+                            slot.backoff,
+                        )
+                        to_drain = await self._back_off(slot.backoff)
+                        if to_drain and self._serving(slot) is not None:
+                            return  # (the stop came meanwhile: that one drains them)
+                    else:
+                        slot.backoff = 0.1
                     continue
                 if slot.link is not None:
                     slot.link.close()
@@ -708,6 +726,14 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         until = leaving.since + self.args.drain_duration
         said = False
+        older = self._serving(slot)
+        if older is not None and older is not leaving and not exited.done() and not stop.done():
+            # A successor that leaves while the worker before it still
+            # serves the slot (its own SIGTERM, before it answered): it
+            # hands over at once, that one serving on, so that workers
+            # SIGTERMed as they start add none that waits for the next.
+            self._tell_handover(slot, leaving, older.proc.pid)
+            return
         while not exited.done() and not stop.done():
             if not said and loop.time() >= until:
                 said = True
@@ -735,16 +761,26 @@ class Supervisor:
                 # (its successor died before it answered: the next one)
                 await asyncio.wait({exited, stop}, timeout=0.05)
                 continue
-            leaving.handed_over = True
-            self._told(leaving.link.tell("handover"))
-            successor = slot.proc.pid if slot.proc is not None else 0
-            log.info(
-                "worker %d (pid %d) accepts: pid %d hands its listeners over to it and drains",
-                slot.index,
-                successor,
-                leaving.proc.pid,
-            )
+            self._tell_handover(slot, leaving, slot.proc.pid if slot.proc is not None else 0)
             return
+
+    def _serving(self, slot: WorkerSlot) -> Leaving | None:
+        """The oldest of *slot*'s workers that drain on a SIGTERM of their
+        own and still serve it (not handed over, not exited)."""
+        for leaving in slot.leaving:
+            if not leaving.handed_over and leaving.proc.returncode is None:
+                return leaving
+        return None
+
+    def _tell_handover(self, slot: WorkerSlot, leaving: Leaving, successor: int) -> None:
+        leaving.handed_over = True
+        self._told(leaving.link.tell("handover"))
+        log.info(
+            "worker %d (pid %d) accepts: pid %d hands its listeners over to it and drains",
+            slot.index,
+            successor,
+            leaving.proc.pid,
+        )
 
     def _told(self, fut: asyncio.Future[Any]) -> None:
         """Keep a request told (SupervisorEnd.tell) until it is answered."""
