@@ -10045,7 +10045,10 @@ cdef class HttpRelay:
         for i in range(R.n_lsts):
             if R.lsts[i].einval == 1:
                 R.lsts[i].einval = 2
-                _log.warning(
+                # (stopping or draining: another copy's drain retired it, as
+                # a stop that lands while a worker hands over has it: debug)
+                said = _log.debug if R.draining & (DRAIN_STOPPED | DRAIN_SCOPE) else _log.warning
+                said(
                     "accept on listener %d failed: [Errno %d] %s (it does not listen); "
                     "watched again each %.0fs, said once",
                     R.lsts[i].index, EINVAL, os.strerror(EINVAL), NOT_LISTENING_PAUSE_S)

@@ -356,8 +356,16 @@ def test_a_sigterm_to_the_worker_and_the_supervisor_at_once_is_a_stop(
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
         log = sidecar.log()
         assert "died with" not in log and "killed" not in log, log
+        # (the successor's accept on a listener the old one's drain retired: debug)
+        assert "it does not listen" not in log, log
         if when != "at once":
             assert "hands its listeners over to it" not in log, log
+            # (it drained on the stop, not on its own SIGTERM: said so)
+            assert "drained on its own SIGTERM" not in log, log
+            assert (
+                f"worker 0 (pid {old}) drained on the supervisor's stop, before its hand-over "
+                "and exited (status 0)"
+            ) in log, log
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -515,6 +523,31 @@ def test_successors_sigtermed_as_they_start_back_off(tmp_path: Path, impl: str) 
         assert len(_started(sidecar, 0)) == 5, log
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_successor_that_starts_in_a_stop_says_no_einval(tmp_path: Path, impl: str) -> None:
+    """SIGTERM to the worker alone while its successor cannot start yet,
+    then the supervisor's stop: the old worker drains on the stop (said
+    so, where the line said it drained on its own SIGTERM) and retires
+    the listeners; the successor, let start then, drains on its held
+    SIGTERM: its accept on a listener that listens no more (EINVAL) is
+    a stop's, said at debug, where it warned ``(it does not listen)``."""
+    with _held_labels(tmp_path) as (labels, successor_may_start):
+        flags = ("--workers", "1", "--drain-duration", "20", "--pod-labels-file", str(labels))
+        with running(tmp_path, impl, *flags) as (sidecar, _):
+            [old] = _started(sidecar, 0)
+            os.kill(old, signal.SIGTERM)
+            sidecar.until(lambda: "drains on a SIGTERM of its own" in sidecar.log(), "its word")
+            sidecar.until(lambda: len(_started(sidecar, 0)) == 2, "the successor's start")
+            sidecar.proc.send_signal(signal.SIGTERM)
+            said = f"worker 0 (pid {old}) drained on the supervisor's stop, before its hand-over"
+            sidecar.until(lambda: said in sidecar.log(), "the old worker's exit")
+            successor_may_start.set()
+            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            log = sidecar.log()
+            assert "it does not listen" not in log, log
+            assert "drained on its own SIGTERM" not in log, log
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -903,6 +903,7 @@ async def _serve(
 
     def stop_heard() -> None:
         leaving.stop_signals += 1  # (a stop's since its word: its stop handling stands)
+        worker.stop_heard = True
         stop.set()
 
     if relay_hears_stop and not worker.hear_stop_signals(STOP_SIGNALS, stop_heard):
@@ -932,6 +933,7 @@ async def _serve(
     if held.reopen_requested:  # SIGUSR1 while starting
         reopen()
     if held.stop_requested:  # SIGTERM while starting: drain now
+        worker.stop_heard = True
         stop.set()
     control_task = watch = None
     stop_came: list[float] = []  # (a stop signal taken late: when it came, _take_stop_signal)

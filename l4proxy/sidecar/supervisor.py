@@ -666,6 +666,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         stop = asyncio.ensure_future(self._stop_event.wait())
         code: int | None = None
+        on_stop = False
         try:
             await self._hand_over(slot, leaving, exited, stop)
             # (its drain's bound, from the hand-over: it serves until then)
@@ -687,24 +688,29 @@ class Supervisor:
                     leaving.proc.kill()
                     await exited
             code = exited.result()
+            # (a stop before its hand-over: it drained as at a stop, told so)
+            on_stop = stop.done() and not leaving.handed_over
         finally:
             stop.cancel()
             leaving.link.close()
             self.late_answers_gone += leaving.link.stale
             slot.base.add(leaving.last.without(self._is_gauge))
             slot.leaving.remove(leaving)
+        why = "on the supervisor's stop, before its hand-over" if on_stop else "on its own SIGTERM"
         if code == 0:
             log.info(
-                "worker %d (pid %d) drained on its own SIGTERM and exited (status 0)",
+                "worker %d (pid %d) drained %s and exited (status 0)",
                 slot.index,
                 leaving.proc.pid,
+                why,
             )
         else:
             log.error(
-                "worker %d (pid %d) died with %s while draining on its own SIGTERM",
+                "worker %d (pid %d) died with %s while draining %s",
                 slot.index,
                 leaving.proc.pid,
                 describe_exit(code),
+                why,
             )
 
     async def _hand_over(

@@ -472,6 +472,7 @@ class Worker:
         self._reserve_fd = -1  # see _shed()
         self._fd_limit_logged = 0.0
         self._not_listening_said: set[str] = set()  # listeners accept() said EINVAL of (logged)
+        self.stop_heard = False  # a stop signal came (stop_signalled, run._serve's)
         self._last_accept = 0.0  # monotonic time of the last accept (the drain's quiet)
         self._relay_listeners: dict[int, int] = {}  # fd -> index: the relay accepts there
         self._all_listeners: list[Listener] = []  # by the index the relay knows
@@ -993,6 +994,7 @@ class Worker:
         signal came served them before the loop ran the drain. The drain
         follows (:meth:`drain`). A compiled relay hears the signals itself
         (:meth:`hear_stop_signals`)."""
+        self.stop_heard = True
         if self.relay is not None:
             self.relay.stop_signalled()
 
@@ -1228,7 +1230,9 @@ class Worker:
                     # again each second rather than spun on, said once.
                     if lst.name not in self._not_listening_said:
                         self._not_listening_said.add(lst.name)
-                        log.warning(
+                        # (a stop's: another copy's drain retired it, debug)
+                        said = log.debug if self.draining or self.stop_heard else log.warning
+                        said(
                             "accept on %s failed: %s (it does not listen); "
                             "watched again each %.0fs, said once",
                             lst.name,
