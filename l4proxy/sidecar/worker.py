@@ -709,14 +709,7 @@ class Worker:
         self.listeners = [lst for lst in self.listeners if lst.mode in keep]
         for lst in closing:
             _refuse_handshakes(lst.sock)
-            index = self._relay_listeners.pop(lst.sock.fileno(), None)
-            if index is not None and self.relay is not None:
-                accepting: Any = self.relay  # the compiled twin (see start())
-                accepting.unlisten(index)  # its loop lets go of the fd first
-            try:
-                self._loop.remove_reader(lst.sock.fileno())
-            except (ValueError, OSError):
-                pass
+            self._stop_accepting_on(lst)
         if then is not None:
             then()
         if not closing:
@@ -728,6 +721,20 @@ class Worker:
         task = self._loop.create_task(self._retire(closing, until))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def _stop_accepting_on(self, lst: Listener) -> None:
+        """No accept on *lst* from here on, by the compiled relay's loop
+        (it lets go of the fd first) or by the event loop; its socket is
+        left open (stop_accepting retires it, hand_over closes it)."""
+        assert self._loop is not None
+        index = self._relay_listeners.pop(lst.sock.fileno(), None)
+        if index is not None and self.relay is not None:
+            accepting: Any = self.relay  # the compiled twin (see start())
+            accepting.unlisten(index)
+        try:
+            self._loop.remove_reader(lst.sock.fileno())
+        except (ValueError, OSError):
+            pass
 
     async def _retire(self, closing: list[Listener], until: float) -> None:
         """stop_accepting's step 3: take what *closing*'s queues hold until
@@ -923,14 +930,7 @@ class Worker:
         self.inbound_until = deadline
         handing, self.listeners = self.listeners, []
         for lst in handing:
-            index = self._relay_listeners.pop(lst.sock.fileno(), None)
-            if index is not None and self.relay is not None:
-                accepting: Any = self.relay  # the compiled twin (see start())
-                accepting.unlisten(index)  # its loop lets go of the fd first
-            try:
-                self._loop.remove_reader(lst.sock.fileno())
-            except (ValueError, OSError):
-                pass
+            self._stop_accepting_on(lst)
             lst.sock.close()  # (not the last copy: the supervisor's, the successor's)
         if self.relay is not None:
             self.relay.drain(spread=timeout / 4 if gradual else 0.0)
