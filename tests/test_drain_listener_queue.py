@@ -288,6 +288,16 @@ def _lose_handshakes_ends(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ATTACH_FILTER", 26), fprog)
 
 
+# The scenario holds where the drain's filter is on before the handshake's
+# next chance (3 s after the connect: the listener's SYN-ACK and the
+# client's fourth retransmission): a drain begun after both were lost (an
+# event loop held up for a second or more on a busy host) leaves the
+# handshake to the client's retransmission at 6.2 s, past the drain's
+# grace (HANDSHAKE_GRACE_S), and the client is reset, as designed. Such a
+# run says nothing of what the test is for and is run again.
+LATEST_DRAIN_S = 2.8
+
+
 def _backoff(sock: socket.socket) -> int:
     """tcpi_backoff: the retransmission timeouts *sock* has had in a row."""
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[4]
@@ -314,11 +324,14 @@ def test_a_handshake_slower_than_a_round_trip_is_served(
     rules = tmp_path / "rules.yaml"
     rules.write_text(gateway_service(backend.port))
 
-    async def main() -> str:
+    async def once() -> str | None:
+        """The outcome, or None where the drain began too late for the
+        scenario (see LATEST_DRAIN_S)."""
         lst = bind_listener("127.0.0.1", 0, "gateway")
         _lose_handshakes_ends(lst.sock)
         loop = asyncio.get_running_loop()
         async with worker_on([lst], rules, http_routing=routing) as (_, worker):
+            sent = time.monotonic()
             sock = await loop.run_in_executor(
                 None, socket.create_connection, lst.address, WAIT, (SLOW_CLIENT, 0)
             )
@@ -326,9 +339,18 @@ def test_a_handshake_slower_than_a_round_trip_is_served(
             while _backoff(sock) < 3:  # (its request sent again three times)
                 await asyncio.sleep(0.02)
             drained = asyncio.ensure_future(worker.drain(WAIT, quiet=0))
+            await asyncio.sleep(0)  # (the drain's filter is on: stop_accepting's first step)
+            began = time.monotonic() - sent
             outcome = await loop.run_in_executor(None, _answer_of, sock)
             await drained
-            return outcome
+            return outcome if began < LATEST_DRAIN_S else None
+
+    async def main() -> str:
+        for _ in range(3):
+            outcome = await once()
+            if outcome is not None:
+                return outcome
+        pytest.fail(f"the drain began {LATEST_DRAIN_S} s or more after the connect three times")
 
     try:
         assert asyncio.run(main()) == "answered"
