@@ -138,15 +138,19 @@ def _unreachable() -> str:
     return ""
 
 
-# The longest test files (a minute or more each), longest first. Under
-# ``make test`` the suite runs in two processes, a file to each in turn
-# (pytest-xdist's --dist loadfile, in collection order): a long file handed
-# out last would run alone at the end. Every other file follows, in its
-# usual order.
+# The longest test files (about a minute or more each on a 2-core host,
+# longest first). Under ``make test`` the suite runs in TEST_JOBS processes,
+# a file to each in turn (pytest-xdist's --dist loadfile, in collection
+# order): a long file handed out last would run alone at the end. Every
+# other file follows, in its usual order.
 LONGEST_FILES = (
-    "test_sidecar.py",
     "test_relay_twins.py",
+    "test_sidecar.py",
+    "test_relay_twins_retries.py",
+    "test_worker_hand_over.py",
     "test_demo.py",
+    "test_relay_retries_connect_backoff.py",
+    "test_single_process_watchdog.py",
     "test_hardening_backends.py",
     "test_supervisor.py",
     "test_per_request.py",
