@@ -624,6 +624,75 @@ def test_stats_counts_what_the_old_worker_holds_open_while_it_drains(
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
 
 
+def _counted(sidecar: Sidecar, answered: int) -> None:
+    """/stats' istio_requests_total comes to *answered* (a request is
+    counted as its exchange ends, which may be just after its client read
+    the answer: scraped again until then) and stays there."""
+    sidecar.until(
+        lambda: _stat(sidecar, "istio_requests_total") >= answered, f"{answered} requests counted"
+    )
+    assert _stat(sidecar, "istio_requests_total") == answered, sidecar.log()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_stats_keeps_what_the_old_worker_served_after_its_last_scrape(
+    tmp_path: Path, impl: str, workers: str
+) -> None:
+    """/stats scraped, then requests served by worker 0 before its
+    SIGTERM alone (each on a connection of its own), and SLOW held in it
+    at the backend across its hand-over, answered once it handed over
+    (its drain): with no scrape between, once it exited /stats'
+    istio_requests_total is every request the clients got an answer for,
+    the old worker's last ones too. Before, a worker that exited had its
+    last *scraped* counts moved to its slot's base: what it served since
+    was lost (here 2 to 12 requests short), and l4proxy canary, which
+    promotes or rolls back from these counts, missed them. Now it gives
+    the supervisor its final counts as it exits (its answer to
+    ``final``)."""
+    flags = ("--workers", workers, "--drain-duration", "20", "--http-routing", "request")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        sidecar.until(
+            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
+        )
+        [old] = _started(sidecar, 0)
+        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        answered = 0
+
+        def quick(n: int) -> None:
+            nonlocal answered
+            for _ in range(n):
+                with sidecar.connect() as sock:
+                    sock.sendall(GET % b"/")
+                    assert read_answer(sock)[0] == 200
+                    answered += 1
+
+        quick(5)
+        _counted(sidecar, answered)  # (the old worker's last scrape)
+        slow = _held_in(sidecar, backend, old, pids)
+        quick(10)  # (with one worker, all in the old one)
+        os.kill(old, signal.SIGTERM)
+        sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+        quick(5)  # (its successor's, or worker 1's)
+        backend.gate.set()
+        for sock in slow:
+            with sock:
+                assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
+                answered += 1
+        sidecar.until(
+            lambda: (
+                f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
+                in sidecar.log()
+            ),
+            "the old worker's exit",
+        )
+        _counted(sidecar, answered)
+        quick(3)  # (and counted once: not again at a later scrape)
+        _counted(sidecar, answered)
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
 @pytest.mark.parametrize("when", ["before the hand-over", "after it"])
 def test_the_watchdog_kills_a_hung_worker_that_drains_on_its_own_sigterm(
     tmp_path: Path, when: str
@@ -795,3 +864,81 @@ def test_a_scrape_that_the_worker_s_word_overtakes_counts_it_once() -> None:
 def _view(connections: int) -> Iterator[WorkerView]:
     with _worker(_rows(3, seed=connections), connections) as view:
         yield view
+
+
+async def _end_with_final(sock: socket.socket, scraped: bytes, final: bytes) -> None:
+    """A leaving worker's end: ``leaving`` answered at once (its word),
+    ``final`` held; the first ``stats`` answered with *scraped*, the next
+    one too, but only after ``final``'s answer *final* was written (its
+    last counts, then a scrape's answer built before them: the two
+    crossing on the channel as it exits); anything else True."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    decoder = FrameDecoder(MAX_REQUEST)
+    final_id: int | None = None
+    scrapes = 0
+    while data := await loop.sock_recv(sock, 65536):
+        for frame in decoder.feed(data):
+            op = decode_request(frame)
+            if op == "final":
+                final_id = frame.id
+                continue
+            if op == "stats":
+                scrapes += 1
+                if scrapes == 2:
+                    assert final_id is not None
+                    await loop.sock_sendall(sock, HEADER.pack(len(final), final_id) + final)
+                await loop.sock_sendall(sock, HEADER.pack(len(scraped), frame.id) + scraped)
+            else:  # (``leaving`` too: the test asks it once it scraped)
+                await loop.sock_sendall(sock, encode_answer(frame.id, True))
+
+
+def test_a_leaving_worker_s_final_counts_reach_the_base_once() -> None:
+    """A worker that drains on its own SIGTERM answers ``final`` with its
+    counts as it exits (45 connections, where the last scrape of it saw
+    40), and a scrape's answer built before them comes after them on the
+    channel (40 again): /stats counts 47 (the successor's 7 and its
+    scrape's 40) until it exits, then 52 for good: its final 45 in the
+    base, once. Before, its last scrape's 40 went to the base and the
+    5 it served since were lost (47 for good). The supervisor's real
+    code over real channel ends (socketpairs)."""
+    with _view(40) as scraped_view, _view(45) as final_view, _view(7) as new_view:
+        scraped, final, new_stats = asyncio.run(_recorded([scraped_view, final_view, new_view]))
+
+    def connections(stats: Any) -> float:
+        return sum(stats.sample.series["l4proxy_connections_total"].values())
+
+    async def main() -> list[float]:
+        sup = Supervisor(argparse.Namespace(drain_duration=20.0), [[]])
+        [slot] = sup.slots
+        ours, theirs = socket.socketpair()
+        old = _Exiting(101)
+        end = asyncio.ensure_future(_end_with_final(theirs, scraped, final))
+        link = SupervisorEnd(ours, lambda why: None)
+        await link.open()
+        slot.proc, slot.link = old, link  # type: ignore[assignment]
+        sums = [connections(await sup.stats())]
+        slot.notice = link.tell("leaving")
+        assert await sup._wait_worker(slot, old) is None  # type: ignore[arg-type]
+        [leaving] = slot.leaving
+        ours2, theirs2 = socket.socketpair()
+        end2 = asyncio.ensure_future(_end(theirs2, new_stats))
+        link2 = SupervisorEnd(ours2, lambda why: None)
+        await link2.open()
+        slot.proc, slot.link = _Exiting(102), link2  # type: ignore[assignment]
+        sums.append(connections(await sup.stats()))  # (the final, then the scrape's answer)
+        assert leaving.final is not None and leaving.final.done()
+        old.exit()
+        theirs.close()  # (its end of the channel goes with it)
+        assert leaving.task is not None
+        await leaving.task
+        assert slot.leaving == []
+        sums.append(connections(await sup.stats()))  # its final counts in the base now
+        sums.append(connections(await sup.stats()))
+        link2.close()
+        for t in (end, end2):
+            t.cancel()
+        await asyncio.gather(end, end2, return_exceptions=True)
+        return sums
+
+    assert asyncio.run(main()) == [40, 47, 52, 52]  # was [40, 47, 47, 47]

@@ -372,13 +372,17 @@ class SupervisorEnd:
 HEAVY_OPS = frozenset({"stats", "config_dump", "clusters"})
 # The requests answered when something happens, not when read: each in a
 # task of its own, holding up nothing (``leaving``: the supervisor asks it
-# of each worker as it starts; answered when the worker is sent a SIGTERM,
-# run._answer_supervisor).
-WAITING_OPS = frozenset({"leaving"})
+# of each worker as it starts; answered when the worker is sent a SIGTERM;
+# ``final``: asked of one that drains on a SIGTERM of its own, answered
+# with its last counts as it exits; run._answer_supervisor).
+WAITING_OPS = frozenset({"leaving", "final"})
 
 
 async def serve_supervisor(
-    sock: socket.socket, handle: Callable[[str], Awaitable[Any]], limit: int = MAX_REQUEST
+    sock: socket.socket,
+    handle: Callable[[str], Awaitable[Any]],
+    limit: int = MAX_REQUEST,
+    written: Callable[[str], None] | None = None,
 ) -> str:
     """The worker's end: answer each request with ``await handle(op)``.
 
@@ -390,6 +394,10 @@ async def serve_supervisor(
     could wait for a queue of /config_dump answers. Each answer is written
     whole, as one frame, so the two lanes' answers never interleave; the
     supervisor matches them to its requests by their ids.
+
+    *written(op)*, where given, is called once an answer to *op* was
+    written and drained (handed to the kernel: the supervisor reads it even
+    if this process exits next; run._Leaving.finish).
 
     Returns why it stopped (the supervisor closed its end, or sent something
     that is not a request). A handler that raises gets an error answer and
@@ -408,6 +416,8 @@ async def serve_supervisor(
             out = encode_error(request_id, f"{type(exc).__name__}: {exc}")
         writer.write(out)
         await writer.drain()
+        if written is not None:
+            written(op)
 
     async def heavy_lane() -> None:
         try:

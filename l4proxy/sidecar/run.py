@@ -957,7 +957,7 @@ async def _serve(
         forced = await worker.hand_over(
             args.drain_duration, gradual=args.drain_strategy == "gradual"
         )
-        await _close_down(args, worker, rules, control_task, forced)
+        await _close_down(args, worker, rules, control_task, forced, leaving)
         log.info("stopped")
         return 0
     if watch is not None:  # (--single-process) the stop's deadline is ours to keep
@@ -982,7 +982,7 @@ async def _serve(
     for server in (admin, stats):
         if server:
             await server.close()
-    await _close_down(args, worker, rules, control_task, forced)
+    await _close_down(args, worker, rules, control_task, forced, leaving)
     left = worker.relay_stalled()  # (a relay thread its close gave up waiting for: stuck)
     if overdue is not None:
         overdue.cancel()
@@ -1003,9 +1003,13 @@ async def _close_down(
     rules: Any,
     control_task: asyncio.Task[None] | None,
     forced: int,
+    leaving: _Leaving | None = None,
 ) -> None:
     """A drain's end (Worker.drain's, Worker.hand_over's): what it cut
-    said, the worker closed."""
+    said, the worker closed, then its final counts given to the
+    supervisor where it asked for them (_Leaving.finish) before the
+    control channel goes: closed first, so that nothing counts after them
+    (the connections the close cuts)."""
     if forced:
         log.warning(
             "drain deadline (--drain-duration %.1fs) passed: cut %d connection(s) still open",
@@ -1013,11 +1017,17 @@ async def _close_down(
             forced,
         )
     await rules.stop()
+    worker.close()
+    if leaving is not None:
+        await leaving.finish(FINAL_COUNTS_WAIT_S)
     if control_task:
         control_task.cancel()
-    worker.close()
     done_with_signals(asyncio.get_running_loop())  # (a SIGHUP or SIGUSR1 now: no death by it)
 
+
+# how long an exiting worker waits for its final counts to be asked for,
+# built and written (_Leaving.finish; a big /stats takes a second or two)
+FINAL_COUNTS_WAIT_S = 5.0
 
 # --single-process: the watchdog a supervisor would be, in the process itself
 # (_watch_alone), and the stop's deadline a supervisor would kill it at.
@@ -1182,7 +1192,14 @@ class _Leaving:
     next worker at once, and ``handover`` comes once that one answers (it
     accepts from before it answers: _serve), or ``stopping`` if the
     supervisor's stop came meanwhile (a SIGTERM to the whole process
-    group: a drain after all)."""
+    group: a drain after all).
+
+    Such a worker is also asked ``final`` (once it said that it leaves):
+    answered as it exits, its drain done and the worker closed
+    (:meth:`finish`), with its counters as a ``stats`` answer has them,
+    so that what it counted since the supervisor's last scrape of it (the
+    requests it finished in its drain) reaches /stats; the supervisor
+    took its last scraped counts for its last before, and lost the rest."""
 
     def __init__(self) -> None:
         self.signalled = asyncio.Event()  # (answers the supervisor's "leaving")
@@ -1199,6 +1216,33 @@ class _Leaving:
         self.stop_signals = 0  # stop signals heard (run._serve's count)
         self.signals_at_word = 0
         self.withdraw: Callable[[], None] | None = None
+        # ``final``: asked (its handler waits), the worker done (answer it
+        # now), the answer written (the worker may exit)
+        self.final_asked = False
+        self.finished = asyncio.Event()
+        self.final_sent = asyncio.Event()
+
+    async def finish(self, wait: float) -> None:
+        """The worker is done (drained and closed): answer the supervisor's
+        ``final`` (the handler waits for this), and wait up to *wait* s for
+        that answer to be written, where it was asked and the channel
+        lives. Not asked: nothing to wait for."""
+        self.finished.set()
+        await asyncio.sleep(0)  # (a ``final`` just read: its handler's first step)
+        if not self.final_asked or self.gone.is_set():
+            return
+        ends = {asyncio.ensure_future(e.wait()) for e in (self.final_sent, self.gone)}
+        try:
+            done, _ = await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for end in ends:
+                end.cancel()
+        if not done:
+            log.warning(
+                "the final counts for the supervisor were not written within %.1fs: "
+                "what this worker counted since its last scrape is not in /stats",
+                wait,
+            )
 
     def serving(self) -> bool:
         """The supervisor's ``serving``: the relay's stop handling taken
@@ -1262,7 +1306,8 @@ async def _answer_supervisor(
     thread has gone without a turn while it should be running (0.0: it
     turns, or there is none; Worker.relay_stalled): an event loop that
     answers says nothing of a relay thread that is stuck. ``leaving``,
-    ``stopping`` and ``handover``: what a SIGTERM is (_Leaving)."""
+    ``stopping`` and ``handover``: what a SIGTERM is (_Leaving); ``final``:
+    its counts as it exits (_Leaving.finish)."""
     leaving = leaving if leaving is not None else _Leaving()
 
     async def handle(op: str) -> Any:
@@ -1277,6 +1322,10 @@ async def _answer_supervisor(
             return True
         if op == "serving":  # (the supervisor took its word outside a stop)
             return leaving.serving()
+        if op == "final":  # (answered as it exits: _Leaving.finish)
+            leaving.final_asked = True
+            await leaving.finished.wait()
+            return await view.stats_raw()
         if op == "ready":
             return await view.ready()
         if op == "alive":
@@ -1297,7 +1346,11 @@ async def _answer_supervisor(
             return True
         raise ValueError(f"unknown op {op!r}")
 
-    why = await serve_supervisor(control, handle)
+    def written(op: str) -> None:
+        if op == "final":
+            leaving.final_sent.set()
+
+    why = await serve_supervisor(control, handle, written=written)
     log.warning("%s; draining", why)
     leaving.gone.set()
     stop.set()

@@ -26,7 +26,8 @@ and closes its copies without ending their listening (Worker.hand_over),
 drains its connections and exits (_wait_worker, _see_out). The slot has
 two workers meanwhile: a stop drains both, /ready and /state take the
 old one's answer for its slot until it hands over, /stats counts it
-until it exits; a successor that does not start is restarted with the
+until it exits, with the final counts it gives as it exits (its answer
+to ``final``: _take_final); a successor that does not start is restarted with the
 slot's back-off, the old one serving its slot until one answers.
 Before, its drain retired its listeners for every copy
 (worker._stop_listening) and each client of the slot was refused until
@@ -130,7 +131,9 @@ class Leaving:
     """A worker that drains on a SIGTERM of its own (sent to it alone, not
     a stop: Supervisor._wait_worker), its slot's next worker started at
     once: until it exits (Supervisor._see_out). Its last counts (/stats)
-    are its own, added to its slot's base at its exit."""
+    are its own, added to its slot's base at its exit: those it gives as
+    it exits (its answer to ``final``, asked with its word taken), else
+    its last scrape's (killed, or dead: what it counted since is lost)."""
 
     proc: asyncio.subprocess.Process
     link: SupervisorEnd
@@ -138,6 +141,7 @@ class Leaving:
     last: Sample = field(default_factory=Sample)
     handed_over: bool = False  # told that its successor accepts
     task: asyncio.Task[None] | None = None
+    final: asyncio.Future[Any] | None = None  # its answer to ``final`` (run._Leaving.finish)
 
 
 @dataclass
@@ -645,6 +649,8 @@ class Supervisor:
                 # its answers keep their clients until its hand-over
                 # (run._Leaving.serving), where each said close from its SIGTERM on
                 self._told(link.tell("serving"))
+                # and its final counts, answered as it exits (_take_final)
+                leaving.final = link.tell("final")
                 log.warning(
                     "worker %d (pid %d) drains on a SIGTERM of its own (sent to it alone, not "
                     "a stop): starting the next worker of its slot now; it serves until that "
@@ -688,6 +694,7 @@ class Supervisor:
                     leaving.proc.kill()
                     await exited
             code = exited.result()
+            await self._take_final(slot, leaving)
             # (a stop before its hand-over: it drained as at a stop, told so)
             on_stop = stop.done() and not leaving.handed_over
         finally:
@@ -712,6 +719,38 @@ class Supervisor:
                 describe_exit(code),
                 why,
             )
+
+    # what an exited worker's final counts, written before its exit, are
+    # waited for (its channel's end, read at once, answers None first)
+    FINAL_WAIT_S = 2.0
+
+    async def _take_final(self, slot: WorkerSlot, leaving: Leaving) -> None:
+        """*leaving*, exited, gave its final counts (its answer to
+        ``final``, written before it exits: run._Leaving.finish): they are
+        its last, which its exit adds to its slot's base (_see_out), in
+        place of its last scrape's. Those are what it counted up to the
+        last /stats round that asked it, and what it counted after (the
+        requests it finished in its drain) was lost: l4proxy canary, which
+        promotes or rolls back from these counts, missed a recycled
+        worker's last requests. A scrape's answer that comes after it is
+        no matter: the Leaving is gone from its slot by then. Killed
+        (its deadline, the watchdog) or dead, it gave none: its last
+        scrape's stand."""
+        final = leaving.final
+        if final is None:
+            return
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(final), self.FINAL_WAIT_S)
+        except TimeoutError:
+            return
+        if answer is None:
+            return
+        decoded = await self._decode_stats(slot, answer, {})
+        if decoded is None:
+            return
+        self.help_seen.update(decoded[2])
+        self.labelled_seen.update(decoded[3])
+        leaving.last = decoded[0]
 
     async def _hand_over(
         self,
