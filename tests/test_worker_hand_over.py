@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from l4proxy.dataplane.listener import bind_listener
+from l4proxy.sidecar import run
 from l4proxy.sidecar.admin import WorkerView
 from l4proxy.sidecar.channel import (
     HEADER,
@@ -49,7 +51,7 @@ from l4proxy.sidecar.channel import (
     encode_answer,
 )
 from l4proxy.sidecar.supervisor import Supervisor
-from tests._worker import gateway_service
+from tests._worker import _worker_twin, gateway_service, worker_on
 from tests.mesh import IMPLS
 from tests.test_drain_keepalive import (
     GET,
@@ -942,3 +944,84 @@ def test_a_leaving_worker_s_final_counts_reach_the_base_once() -> None:
         return sums
 
     assert asyncio.run(main()) == [40, 47, 52, 52]  # was [40, 47, 47, 47]
+
+
+# -- a stop that comes just before ``serving``: a real worker, both relays --
+
+
+@pytest.mark.parametrize("then", ["its signal's handler", "stopping"])
+@pytest.mark.parametrize("which", ["compiled", "pure"])
+def test_a_stop_just_before_serving_wins_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str, then: str
+) -> None:
+    """A worker sent SIGTERM alone said so (``leaving``); the supervisor's
+    stop's SIGTERM reaches it just after the supervisor wrote ``serving``,
+    and ``serving`` is read between the signal's first half (the relay's
+    stop handling: the compiled relay's signalfd, the pure one's handler
+    first) and its second (the event loop's handler, which counts it):
+    ``serving`` takes the stop handling back, where it cannot tell. The
+    stop wins as soon as the loop hears it, or the supervisor's
+    ``stopping`` (written before its SIGTERM) is read: a new client's
+    answer says ``connection: close`` again. Before, the stop handling
+    stayed taken back (each answer kept its keep-alive client) until the
+    drain's own step. The ordering made by hand, each half called as the
+    worker calls it (run._serve), over a real control channel."""
+    _worker_twin(which, monkeypatch)
+    backend = Backend()
+    rules = tmp_path / "gateway.yaml"
+    rules.write_text(gateway_service(backend.port))
+
+    def asked(address: tuple[str, int]) -> list[str]:
+        with socket.create_connection(address, timeout=WAIT) as sock:
+            sock.sendall(GET % b"/")
+            status, fields, _ = read_answer(sock)
+            assert status == 200
+            return fields.get("connection", [])
+
+    async def main() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        async with worker_on([lst], rules, http_routing="request") as (_, worker):
+
+            async def connection_field() -> list[str]:
+                await worker.flush_relay_reports()  # (the compiled relay's turn: applied)
+                return await loop.run_in_executor(None, asked, lst.address)
+
+            leaving = run._Leaving()
+            leaving.withdraw = worker.stop_withdrawn
+            leaving.reassert = worker.stop_signalled
+            ours, theirs = socket.socketpair()
+            view = WorkerView(worker, "test")
+            control = asyncio.ensure_future(
+                run._answer_supervisor(theirs, view, asyncio.Event(), leaving)
+            )
+            link = SupervisorEnd(ours, lambda why: None)
+            await link.open()
+            try:
+                word = link.tell("leaving")
+                seen = [await connection_field()]  # (before any signal: keep-alive)
+                worker.stop_signalled()  # its own SIGTERM: the relay's half,
+                leaving.stop_heard()  # then the loop's
+                handed = asyncio.ensure_future(leaving.handed_over(20.0))
+                assert await word is True
+                worker.stop_signalled()  # the stop's SIGTERM: the relay's half only
+                assert await link.ask("serving", WAIT) is True  # (taken back)
+                if then == "stopping":
+                    assert await link.ask("stopping", WAIT) is True
+                else:
+                    leaving.stop_heard()
+                seen.append(await connection_field())
+                if then != "stopping":
+                    assert await link.ask("stopping", WAIT) is True
+                assert await handed is False  # (a stop: drained as ever)
+                return seen
+            finally:
+                link.close()
+                control.cancel()
+                await asyncio.gather(control, return_exceptions=True)
+                theirs.close()
+
+    try:
+        assert asyncio.run(main()) == [[], ["close"]]  # was [[], []]
+    finally:
+        backend.close()

@@ -900,9 +900,10 @@ async def _serve(
         worker.drain_first()
     leaving = _Leaving()
     leaving.withdraw = worker.stop_withdrawn
+    leaving.reassert = worker.stop_signalled
 
     def stop_heard() -> None:
-        leaving.stop_signals += 1  # (a stop's since its word: its stop handling stands)
+        leaving.stop_heard()  # (a stop's since its word: its stop handling stands)
         worker.stop_heard = True
         stop.set()
 
@@ -1216,6 +1217,11 @@ class _Leaving:
         self.stop_signals = 0  # stop signals heard (run._serve's count)
         self.signals_at_word = 0
         self.withdraw: Callable[[], None] | None = None
+        # The stop handling again (Worker.stop_signalled), where it was
+        # taken back (:attr:`withdrawn`) and a stop comes after all
+        # (:meth:`stop_heard`, :meth:`told_stopping`).
+        self.reassert: Callable[[], None] | None = None
+        self.withdrawn = False
         # ``final``: asked (its handler waits), the worker done (answer it
         # now), the answer written (the worker may exit)
         self.final_asked = False
@@ -1257,8 +1263,37 @@ class _Leaving:
         ):
             return False
         self.withdraw()
+        self.withdrawn = True
         log.info("SIGTERM to this worker alone: its answers keep their clients until it hands over")
         return True
+
+    def stop_heard(self) -> None:
+        """A stop signal, as the event loop hears it (run._serve's
+        handler): counted (:meth:`serving` takes nothing back after it),
+        and the stop handling set again where ``serving`` took it back.
+        The signal reaches the relay first (its signalfd, the compiled
+        one's; the handler's first half, the pure one's: both set the
+        stop handling before this loop's handler runs), and a
+        ``serving`` read in between, the supervisor's stop's SIGTERM
+        having come just after it was written, took it back for good: a
+        stop's answers kept their keep-alive clients until the drain's
+        own step."""
+        self.stop_signals += 1
+        self._stop_wins()
+
+    def told_stopping(self) -> None:
+        """The supervisor's ``stopping`` (written before its stop's
+        SIGTERM): the drain follows, and the stop handling is set again
+        where ``serving`` took it back (:meth:`stop_heard`)."""
+        self.stopping.set()
+        self._stop_wins()
+
+    def _stop_wins(self) -> None:
+        if not self.withdrawn:
+            return
+        self.withdrawn = False
+        if self.reassert is not None:
+            self.reassert()
 
     async def handed_over(self, wait: float) -> bool:
         """After a SIGTERM: whether it was this worker's alone and its
@@ -1315,7 +1350,7 @@ async def _answer_supervisor(
             await leaving.signalled.wait()
             return True
         if op == "stopping":
-            leaving.stopping.set()
+            leaving.told_stopping()
             return True
         if op == "handover":
             leaving.handover.set()
