@@ -4271,17 +4271,35 @@ cdef inline void timer_at(Relay *R, double t) noexcept nogil:
         R.next_timer = t
 
 
+cdef inline void try_timer(Relay *R, Conn *c, double now) noexcept nogil:
+    """The current try's per-try timer starts now, if it has not, once
+    both its connection is ready (c.up connected: a connect's end, an idle
+    pooled one handed out) and the request was read whole (c.req_left 0):
+    Envoy's from the later of the pool's onPoolReady and the request's end
+    (UpstreamRequest::onPoolReady, Filter::onRequestComplete), so a connect
+    (bounded by the connect timeout) or a wait in line for a connection is
+    no part of it. Every try's: a first try's, a policy's retry's, the
+    relay's own move's, the reused connection's one retry's (each clears
+    c.try_deadline as it goes: policy_retry, connect_failed_next,
+    on_upstream_eof). Called where either happens: request_read (the
+    request's end; send_request calls it as the connection is ready)."""
+    if c.retry != NULL and c.retry.per_try > 0 and c.try_deadline == 0 and c.req_left == 0 \
+            and c.up != NULL and not c.up.connecting:
+        c.try_deadline = now + c.retry.per_try
+        timer_at(R, c.try_deadline)
+
+
 cdef inline void request_read(Relay *R, Conn *c, double now) noexcept nogil:
-    """The request was read whole (c.req_left 0): its route timeout runs
-    from now (Envoy's, from the end of the downstream request), and its
-    first try's per-try timeout; R.next_timer no later than either (a
-    compare, a store at most: timers_due())."""
+    """The request was read whole (c.req_left 0), or its try's connection
+    became ready after that (send_request): its route timeout runs from
+    the request's end (Envoy's, from the end of the downstream request),
+    and its try's per-try timeout from now once its connection is ready
+    (try_timer); R.next_timer no later than either (a compare, a store at
+    most: timers_due())."""
     if c.timeout > 0 and c.resp_deadline == 0:
         c.resp_deadline = now + c.timeout
         timer_at(R, c.resp_deadline)
-    if c.retry != NULL and c.retry.per_try > 0 and c.try_deadline == 0:
-        c.try_deadline = now + c.retry.per_try  # (the first try's)
-        timer_at(R, c.try_deadline)
+    try_timer(R, c, now)
 
 
 cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
@@ -4331,13 +4349,13 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     endpoint served it, OD_*, or -1: nothing to tell) and send the request
     again once its backoff passed (backoff_delay; retry_send()), to another
     endpoint first (retry_order; without c.retry.ignore_prev, to the
-    candidates as drawn: the same endpoint), its per-try timer started again then
-    (_policy_retry in _exchange_py.py; the route timeout runs on, and
+    candidates as drawn: the same endpoint), its per-try timer started again
+    once the retry's connection is ready (try_timer(); _policy_retry in _exchange_py.py; the route timeout runs on, and
     answers 504 should it pass during the backoff). Meanwhile c waits in
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
     later than it (timers_due())."""
     cdef EP *ep
-    if c.pend_ep != NULL:  # a try waiting for a connection (its per-try timer)
+    if c.pend_ep != NULL:  # a try waiting for a connection (none times out: try_timer())
         ep = c.pend_ep
         pend_unlink(c)
     elif c.up != NULL:
@@ -4370,7 +4388,7 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     c.status = 0
     c.framing = F_NONE
     c.resp_left = 0
-    c.try_deadline = 0  # (Envoy starts it when the retry is sent)
+    c.try_deadline = 0  # (Envoy's starts at the retry's pool ready: try_timer())
     if c.retry.ignore_prev:
         retry_order(c, ep)
     c.phase = P_CONNECT
@@ -4383,19 +4401,14 @@ cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
 
 
 cdef void retry_send(Relay *R, Conn *c, double now) noexcept nogil:
-    """A retry's backoff passed: its per-try timer starts, and the try
-    goes on an idle pooled connection to c.cand[0] when it has one, as a
+    """A retry's backoff passed: the try goes (its per-try timer starts
+    once its connection is ready, try_timer()) on an idle pooled connection to c.cand[0] when it has one, as a
     first try does (Envoy's retries go through the connection pool; a stale
     one gets the reused connection's own retry, on_upstream_eof), else on a
     new one."""
     cdef EP *ep = c.cand[0]
     c.backoff_until = 0
-    c.try_deadline = 0
-    # (a first try's whose connect failed before the request's end: from
-    # that end, request_read(), as a first try's)
-    if c.retry.per_try > 0 and c.req_left == 0:
-        c.try_deadline = now + c.retry.per_try
-        timer_at(R, c.try_deadline)
+    c.try_deadline = 0  # (from its connection's readiness on: try_timer())
     try_ep(R, c, ep, now, True)
 
 
@@ -6965,8 +6978,9 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
         if p != NULL and p.on_connect:
             # the policy's retry waits its backoff, as Envoy's after a
             # failed connect (RetryWithBackoff: its backoff timer), in
-            # P_CONNECT without an upstream; then retry_send(): its own
-            # per-try timer, the try through the pool (policy_retry's wait).
+            # P_CONNECT without an upstream; then retry_send(): the try
+            # through the pool, its own per-try timer from its connection's
+            # readiness (try_timer(); policy_retry's wait).
             # A try of the policy's: on a pooled connection it has the
             # reused connection's one retry of its own (reuse_retry_done),
             # and what an earlier try's send showed (never_left) is not
@@ -6982,11 +6996,10 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
             timer_at(R, c.backoff_until)
             c.last_active = c.backoff_until  # (a wait is no idleness)
             return
-        if p != NULL and c.try_deadline:
-            # the relay's own move, at once: the next try's per-try timer
-            # afresh (one not started yet starts at the request's end)
-            c.try_deadline = now + p.per_try
-            timer_at(R, c.try_deadline)
+        # the relay's own move, at once: the next try's per-try timer
+        # afresh, from its connection's readiness (try_timer(): a failed
+        # try's never started, its connection never ready)
+        c.try_deadline = 0
         try_ep(R, c, c.cand[0], now, False)
     elif c.retried:  # a retry's last connect failed (or the policy's tries
         # are spent): the request is lost
@@ -7052,6 +7065,9 @@ cdef void on_upstream_eof(Relay *R, Conn *c, double now) noexcept nogil:
             c.reuse_retried = True
             ep = c.up.ep
             up_discard(R, c)
+            # its per-try timer afresh, from the new connection's readiness
+            # (try_timer(): its connect is no part of it)
+            c.try_deadline = 0
             if c.tries == 0:
                 retry_order(c, ep)
             try_ep(R, c, c.cand[0], now, False)

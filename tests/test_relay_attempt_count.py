@@ -51,7 +51,6 @@ from tests._scripted import (
     policy,
 )
 from tests._worker import gateway_service, gateway_worker
-from tests.test_relay_circuit_breakers import Held, _limits
 from tests.test_relay_edges import _relay
 from tests.test_relay_head_edits import _edits_relay
 from tests.test_relay_mirror import COPY, Mirrored
@@ -177,22 +176,6 @@ def test_a_route_that_removes_the_count_removes_the_first_try_s(
     ]
 
 
-def _retried_while_held(
-    relay: Any, a: Scripted, request: bytes
-) -> tuple[socket.socket, socket.socket]:
-    """A's one connection (max_connections 1) held by a first request, then
-    *request* on a second client, until a per-try timeout passed while it
-    waited for that connection (a retry counted): the two clients."""
-    relay.endpoint_settings({a.endpoint: _limits(max_connections=1)})
-    first = _client(relay)
-    first.sendall(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert _until(lambda: len(a.requests) == 1), a.requests
-    c = _client(relay)
-    c.sendall(request)
-    assert _until(lambda: relay.stats()["retries"] >= 1, 5.0), relay.stats()
-    return first, c
-
-
 _ROUTE = (("x-route", "r"),)
 
 
@@ -215,46 +198,38 @@ def test_a_retry_before_a_connection_says_its_count_after_the_route_s_edits(
     mode: tuple[str, str], edits: HeadEdits, order: tuple[bytes, bytes]
 ) -> None:
     """A route removing x-envoy-attempt-count (or setting it) and adding
-    x-route, under a policy retrying resets with a per-try timeout: the
-    request waits for A's one connection (max_connections 1, held by a
-    first request) past its first try's timeout, so the head that goes is
-    a retry's: it says that retry's count on the head the route's edits
-    made, as a retry of a request that went does (the pure twin applied
-    the route's edits after the rewrite, when the connection came: no
-    count, or the route's 77)."""
-    held = Held()
-    a = Scripted([held.step])
-    retry = policy(5, "reset", per_try=0.2)
+    x-route, under a policy retrying resets (a failed connect among them)
+    with a per-try timeout: the first try's connect is refused, so the head
+    that goes is the policy's retry's: it says that retry's count on the
+    head the route's edits made, as a retry of a request that went does
+    (the pure twin applied the route's edits after the rewrite, when the
+    connection came: no count, or the route's 77). Before, a per-try
+    timeout passing while the request waited for a connection made that
+    retry (a waiting try's timer runs no more, as Envoy's)."""
+    dead = _refusing()
+    a = Scripted([])
+    endpoints = (("127.0.0.1", dead.getsockname()[1]), a.endpoint)
+    retry = policy(5, "reset", per_try=5.0)
     which, how = mode
     kw: dict[str, Any] = {}
-    if how == "resolve":  # (/x's verdict cached)
-        plain = Verdict((Choice(1, (a.endpoint,), "ORDERED", tag="t"),), ttl=60.0)
-        ours = plain._replace(
-            choices=(Choice(1, (a.endpoint,), "ORDERED", tag="t", edits=edits),), retry=retry
-        )
-        kw["resolve"] = lambda head, origin: ours if head.path == "/x" else plain
-
-    def decide(head: Any, origin: Any) -> Decision:
-        if head.path == "/x":
-            return Decision((a.endpoint,), tag="t", retry=retry, edits=edits)
-        return Decision((a.endpoint,), tag="t")
-
-    relay = _relay(which, decide, **kw)
+    if how == "resolve":
+        choice = Choice(1, endpoints, "ORDERED", tag="t", edits=edits)
+        verdict = Verdict((choice,), ttl=60.0, retry=retry)
+        kw["resolve"] = lambda head, origin: verdict
+    relay = _relay(which, lambda h, o: Decision(endpoints, tag="t", retry=retry, edits=edits), **kw)
     try:
-        first, c = _retried_while_held(relay, a, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        held.open()
+        c = _client(relay)
+        c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert _status(_response(c)) == 200
-        assert _status(_response(first)) == 200
-        c.close()
-        first.close()
+        stats = _closed_stats(c, relay)
     finally:
-        held.open()
         relay.close()
         a.close()
-    sent = a.requests[1]
-    (count,) = _counts([sent])[0]
-    assert count not in (b"1", b"77"), sent  # (the first try never went)
-    values = {b"x-route": b"r", b"x-envoy-attempt-count": count}
+        dead.close()
+    assert stats["retries"] == 1, stats
+    (sent,) = a.requests
+    assert _counts([sent]) == [[b"2"]], sent  # (the first try never went)
+    values = {b"x-route": b"r", b"x-envoy-attempt-count": b"2"}
     lines = b"".join(b"%s: %s\r\n" % (name, values[name]) for name in order)
     assert sent == b"GET /x HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n", sent
 
@@ -414,56 +389,49 @@ spec:
 
 
 def test_a_copy_is_of_the_head_as_first_sent(mode: tuple[str, str]) -> None:
-    """A mirrored request under a policy retrying resets, with a per-try
-    timeout, waits for A's one connection (max_connections 1, held by a
-    first request): its first try's timeout passes before any byte went,
-    so the head first sent is a retry's, saying its count; A released
-    during a retry's wait, the try that goes and the mirror's copy say the
-    same count (the copy is of the head sent: the compiled twin's c.replay
-    holds a copy of the head from the mirror's draw on, rewritten with
-    c.rhead)."""
-    held = Held()
-    a, mirror = Scripted([held.step]), Mirrored()
+    """A mirrored request under a policy retrying resets (a failed connect
+    among them), with a per-try timeout: its first try's connect is
+    refused before any byte went, so the head first sent is the policy's
+    retry's, saying 2, and so does the mirror's copy (the copy is of the
+    head sent: the compiled twin's c.replay holds a copy of the head from
+    the mirror's draw on, rewritten with c.rhead). Before, a per-try
+    timeout passing while the request waited for a connection made that
+    retry (a waiting try's timer runs no more, as Envoy's)."""
+    dead = _refusing()
+    a, mirror = Scripted([]), Mirrored()
     copies = (Mirror((mirror.endpoint,), ppm=MIRROR_SCALE, tag=COPY),)
-    retry = policy(5, "reset", per_try=0.3)
+    endpoints = (("127.0.0.1", dead.getsockname()[1]), a.endpoint)
+    retry = policy(5, "reset", per_try=5.0)
     which, how = mode
     kw: dict[str, Any] = {}
-    if how == "resolve":  # (/x's verdict cached)
-        plain = Verdict((Choice(1, (a.endpoint,), "ORDERED", tag="t"),), ttl=60.0)
-        ours = plain._replace(shape=SHAPE_FULL, retry=retry, mirrors=copies)
-        kw["resolve"] = lambda head, origin: ours if head.path == "/x" else plain
-
-    def decide(head: Any, origin: Any) -> Decision:
-        if head.path == "/x":  # (the held request: neither retried nor mirrored)
-            return Decision((a.endpoint,), tag="t", retry=retry, mirrors=copies)
-        return Decision((a.endpoint,), tag="t")
-
-    relay = _relay(which, decide, **kw)
-    request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    if how == "resolve":
+        choice = Choice(1, endpoints, "ORDERED", tag="t")
+        verdict = Verdict((choice,), ttl=60.0, shape=SHAPE_FULL, retry=retry, mirrors=copies)
+        kw["resolve"] = lambda head, origin: verdict
+    relay = _relay(
+        which, lambda h, o: Decision(endpoints, tag="t", retry=retry, mirrors=copies), **kw
+    )
     try:
-        first, c = _retried_while_held(relay, a, request)
-        held.open()
+        c = _client(relay)
+        c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert _status(_response(c)) == 200
-        assert _status(_response(first)) == 200
         assert _until(lambda: len(mirror.seen()) == 1, 5.0), mirror.seen()
-        c.close()
-        first.close()
+        stats = _closed_stats(c, relay)
     finally:
-        held.open()
         relay.close()
         a.close()
         mirror.close()
-    sent = a.requests[1]
-    (count,) = _counts([sent])[0]
-    assert count != b"1", sent  # (the first try never went)
-    assert mirror.seen() == [shadow_head(sent)]
+        dead.close()
+    assert stats["retries"] == 1, stats
+    assert _counts(a.requests) == [[b"2"]]  # (the first try never went)
+    assert mirror.seen() == [shadow_head(a.requests[0])]
 
 
 def test_a_copy_after_a_failed_connect_says_the_try_that_sent_it(mode: tuple[str, str]) -> None:
     """A mirrored request whose first try's connect is refused: the head
     first sent is the second try's, saying 2, and so does the mirror's
-    copy (the copy is of the head as first sent, as where a per-try
-    timeout retried the request before its first try had a connection)."""
+    copy (the copy is of the head as first sent, as where the policy's
+    retry after a refused connect sent it first)."""
     dead = _refusing()
     dead_endpoint = ("127.0.0.1", dead.getsockname()[1])
     a, mirror = Scripted([]), Mirrored()

@@ -8,9 +8,11 @@ A backend A holds its first request until the test opens its gate (the
 requests behind it on the same connection are answered at once); a backend
 S answers at once: a request to S through the loop after
 endpoint_settings() tells that the loop has applied it. The relay routes by
-Host: ``a`` to A, ``t`` to A with a route timeout, ``s`` to S. What is
+Host: ``a`` to A, ``t`` to A with a route timeout, ``p`` to A with a
+retry policy's per-try timeout, ``s`` to S. What is
 counted: the statuses, the connections A accepted, the requests A saw,
-``overflows()`` and ``pending()``; no test times anything but a bound.
+``overflows()`` and ``pending()``; no test times anything but a bound
+(and a wait past a per-try timeout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,7 +49,8 @@ from tests.test_relay_edges_count import Counted
 Endpoint = tuple[str, int]
 OVERFLOW = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 TIMEOUT_S = 0.3  # host t's route timeout
-PER_TRY = policy(1, "reset", per_try=0.1)  # host p's retry policy: one retry
+PER_TRY_S = 1.0
+PER_TRY = policy(1, "reset", per_try=PER_TRY_S)  # host p's retry policy: one retry
 
 
 def _get(host: str, path: str = "/x") -> bytes:
@@ -298,25 +302,28 @@ def test_closed_connection_lets_the_pending_request_connect(mode: tuple[str, str
     assert len(a.requests) == 2, a.requests
 
 
-def test_pending_try_past_its_per_try_timeout(mode: tuple[str, str]) -> None:
-    """A waiting request under a retry policy whose per-try timeout passes
-    (a try that never got a connection, as one still connecting) is retried
-    after its backoff, waits again, and once out of tries gets the 504; it leaves the line each time
-    (never served twice), and the relay goes on (the compiled one read the
-    try's upstream, which a waiting try has none of)."""
+def test_pending_try_s_per_try_timer_waits_for_its_connection(mode: tuple[str, str]) -> None:
+    """A waiting request under a retry policy with a per-try timeout (1 s)
+    waits twice that for A's one connection: its per-try timer does not
+    run meanwhile (Envoy's starts when the pool hands the try a
+    connection), so it is neither retried nor answered the 504; it stays
+    in line, and once A's held request is answered it goes on the released
+    connection: its 200, no retry. Before, its per-try timeout passed in
+    line: a retry, in line again, then the 504."""
     held = Held()
     with _setup(mode, _limits(max_connections=1), held) as (relay, a, _):
         first = _first_held(relay, a)
         tried = _send(relay, "p")
-        response = _response(tried)
-        assert _status(response) == 504, response
-        assert relay.pending() == {}
-        assert relay.stats()["retries"] == 1  # the policy's one retry, waited too
+        _pending(relay, a.endpoint, 1)
+        time.sleep(2 * PER_TRY_S)
+        assert relay.pending() == {a.endpoint: 1}
+        assert relay.stats()["retries"] == 0
         held.open()
         assert _status(_response(first)) == 200
-        later = _send(relay)
-        assert _status(_response(later)) == 200
-        for c in (first, tried, later):
+        assert _status(_response(tried)) == 200
+        assert relay.pending() == {}
+        assert relay.stats()["retries"] == 0
+        for c in (first, tried):
             c.close()
     assert a.accepted == 1, a.accepted
     assert len(a.requests) == 2, a.requests

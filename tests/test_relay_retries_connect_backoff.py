@@ -196,13 +196,15 @@ def test_the_try_after_a_failed_connect_has_its_own_per_try_timer(
     mode: tuple[str, str], on: str, retries: int
 ) -> None:
     """A per-try timeout of 3 s; the first endpoint's connect hangs until
-    the connect timeout, 1.5 s (the first try's per-try timer running from
-    the request's end); the next endpoint answers 2 s into its try: its
-    200 is the client's, the next try's timer (from its start: after the
-    backoff, a base of 1 ms, under a policy that retries the failed
-    connect; from the move, the relay's own) 1 s from passing. Before, the
-    next try ran on the first try's timer, which passed 1.5 s into it: the
-    504 (retries spent, or retriable-4xx that retries no timeout)."""
+    the connect timeout, 1.5 s (no per-try timer runs meanwhile: a try's
+    starts with its connection's readiness, as Envoy's); the next endpoint
+    answers 2 s into its try: its 200 is the client's, the next try's
+    timer (from its connection's readiness: after the backoff, a base of
+    1 ms, under a policy that retries the failed connect; at once, the
+    relay's own move) 1 s from passing. Before, the next try ran on the
+    first try's timer, started at the request's end, which passed 1.5 s
+    into it: the 504 (retries spent, or retriable-4xx that retries no
+    timeout)."""
     up = Scripted([_slow_200])
     retry = policy(1, on, per_try=PER_TRY, backoff=0.001)
     with _hanging() as hang:

@@ -197,7 +197,11 @@ Decisions
   detection, as without a policy); the
   shell's per-try timer (:meth:`Exchange.try_timeout`) is a reset to
   Envoy: retried under the same policies, else the 504; it is ignored
-  once a final head went out (Envoy).
+  once a final head went out (Envoy). Each try's runs from the later of
+  its connection's readiness (a connect's end, an idle pooled one taken)
+  and the request's end, as Envoy's (``onPoolReady``,
+  ``onRequestComplete``): never while the try connects (the connect
+  timeout bounds that) or waits for a connection.
   The route timeout spans every try and backoff. The reused-connection
   retry above is not one of the policy's tries, and a failed connect moves
   on to the next endpoint with or without a policy, as before. Under a
@@ -217,8 +221,8 @@ Decisions
   load balancer pick again, keeping a tried host when none other is left.
   Either way it was a try: the next says one more in its
   x-envoy-attempt-count (:meth:`Exchange.connect_failed`), as Envoy's,
-  and runs a per-try timer of its own (the shell's: from the retry's
-  send, or from the move), as Envoy's retry is a new upstream request.
+  and runs a per-try timer of its own (the shell's: from its
+  connection's readiness), as Envoy's retry is a new upstream request.
   Out of tries, the last
   try's outcome is the client's.
 * *Counting*: every request whose head was read is counted once
@@ -466,8 +470,8 @@ class Retry(NamedTuple):
     one: the shell's choice); call routed(False). *policy*: one of the
     route's retry policy's tries (see "Retry policy"), not the reused
     connection's retry: the shell waits its backoff first
-    (``RetryPolicy.backoff_s`` of :attr:`Exchange.tries`), then its per-try
-    timer starts again."""
+    (``RetryPolicy.backoff_s`` of :attr:`Exchange.tries`). Either way its
+    per-try timer starts again once its connection is ready."""
 
     policy: bool = False
 
@@ -1594,13 +1598,15 @@ class Exchange:
 
     def try_timeout(self) -> list[Action]:
         """The retry policy's per-try timeout passed (the shell times each
-        try: the first from the end of the request, as the route timeout,
-        a retry from its Retry): the try is given up and the request sent
+        try from the later of its connection's readiness and the request's
+        end, as Envoy's: never while it connects or waits for a
+        connection): the try is given up and the request sent
         again when the policy has a try left and the request is held, else
         as the route timeout (504). Ignored once a final response head went
         out, as Envoy ignores it once the response began."""
         if self.phase == Phase.ROUTING and self.retry is not None:
-            # the first try still connecting (a request without a body)
+            # the first try still connecting (a request without a body;
+            # the shell times no try before its connection is ready)
             if self.retry.on_reset and self._tries < self.retry.attempts:
                 self._tries += 1  # (the head, not sent yet, says which try it is)
                 self._sent_head = attempt_counted(self._sent_head, self._attempt())

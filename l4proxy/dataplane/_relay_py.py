@@ -1498,14 +1498,26 @@ class HttpRelay:
         if c.timeout and not c.deadline and c.fd in self._conns and c.ex.request_complete:
             c.deadline = now + c.timeout  # the route timeout runs from here
             self._timer_at(c.deadline)
+        up = c.up
         if (
             c.per_try
             and not c.try_deadline
-            and not c.backoff_until  # (a retry's: from its send, _timers_due)
+            and up is not None
+            and up.owner is c
+            and not up.connecting
             and c.fd in self._conns
             and c.ex.request_complete
         ):
-            c.try_deadline = now + c.per_try  # ... and the first try's
+            # ... and the try's per-try timer, once its connection is ready
+            # too (a connect's end, an idle pooled one taken: both call
+            # this), as Envoy's starts at the later of the pool's
+            # onPoolReady and the request's end: a connect (bounded by the
+            # connect timeout) or a wait in line for a connection is no
+            # part of it. Every try's (a first try's, a policy's retry's,
+            # the relay's own move's, the reused connection's one
+            # retry's: each clears c.try_deadline as it goes); the
+            # compiled twin's try_timer()
+            c.try_deadline = now + c.per_try
             self._timer_at(c.try_deadline)
 
     def _perform_queued(self, c: _Conn, now: float) -> None:
@@ -1546,18 +1558,20 @@ class HttpRelay:
                 # pooled connection's retry goes on a new connection at
                 # once; a policy's after its backoff, on an idle pooled one
                 # when there is one (_timers_due).
-                if c.pending is not None:  # a try that waited (its per-try timeout)
+                if c.pending is not None:  # (a try that waited: none times out, _perform)
                     self._unpend(c)
                 retry = c.ex.retry if a.policy else None
                 if retry.ignore_previous_hosts if retry is not None else c.ex.tries == 0:
                     failed = c.candidates[0]
                     c.candidates = [e for e in c.candidates if e != failed] + [failed]
                 c.up = None
+                # the next try's per-try timer (the pooled connection's one
+                # retry's too) afresh, from its connection's readiness
+                # (_perform), as Envoy's
+                c.try_deadline = 0.0
                 if retry is not None:
-                    # after its backoff (_timers_due), its per-try timer
-                    # from then on, as Envoy's
+                    # after its backoff (_timers_due)
                     self.counters["retries"] += 1
-                    c.try_deadline = 0.0
                     wait = retry.backoff_s(c.ex.tries, self._random.random())
                     c.backoff_until = now + wait
                     self._timer_at(c.backoff_until)
@@ -2401,8 +2415,8 @@ class HttpRelay:
             # one of the policy's tries (Envoy's upstream_rq_retry counts
             # it): after its backoff, as Envoy's retry after a failed
             # connect waits its backoff timer (RetryWithBackoff), then
-            # through the pool with its own per-try timer (_timers_due, as
-            # a Retry's)
+            # through the pool, its own per-try timer from its
+            # connection's readiness (_perform, as a Retry's)
             retry = c.ex.retry
             assert retry is not None
             self.counters["retries"] += 1
@@ -2414,11 +2428,9 @@ class HttpRelay:
                 self._interest(c)  # (watched for its reset meanwhile)
         elif step is ConnectRetry.OWN:
             # the relay's own move, at once; the next try's per-try timer
-            # runs afresh from here (one that had not started yet starts
-            # with the request's end, _perform)
-            if c.try_deadline:
-                c.try_deadline = now + c.per_try
-                self._timer_at(c.try_deadline)
+            # afresh, from its connection's readiness (_perform: the failed
+            # try's never started, its connection never ready)
+            c.try_deadline = 0.0
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
             refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
@@ -2689,11 +2701,9 @@ class HttpRelay:
                 c.backoff_until = 0.0  # (its exchange ended otherwise: not due for ever)
             if c.backoff_until and c.backoff_until <= now:
                 c.backoff_until = 0.0
-                # its per-try timer from its send; a first try's whose
-                # connect failed before the request's end: from that end
-                # (_perform), as a first try's
-                ok = c.per_try and c.ex.request_complete
-                c.try_deadline = now + c.per_try if ok else 0.0
+                # its per-try timer from its connection's readiness, or the
+                # request's end if later (_perform), as a first try's
+                c.try_deadline = 0.0
                 try:
                     # through the pool, as a first try (Envoy's retries):
                     # a stale one gets the reused connection's own retry
