@@ -5,7 +5,9 @@ UpstreamRequest::onPoolReady starts the timer where the downstream
 request is complete by then, else Filter::onRequestComplete does. The
 connect itself is bounded by the connect timeout, not by the per-try
 timeout. Every try: the first, the policy's retry after a 503 or after a
-refused connect, the relay's own move after a refused connect.
+refused connect, the relay's own move after a refused connect, and the
+pooled connection's one retry (no try of the policy's: its new
+connection's connect is no part of its timer either).
 
 Before, the first try's timer ran from the request's end and a retry's
 from its send (the relay's own move's from the move), the connect's time
@@ -32,6 +34,7 @@ import pytest
 
 from l4proxy.dataplane.verdict import RetryPolicy
 from tests._scripted import (
+    CLOSE,
     GET,
     Scripted,
     _answer,
@@ -124,6 +127,10 @@ HOW = {
     "policy-s-retry-after-a-503": ("503", "5xx", b"2", 1),
     "policy-s-retry-after-a-refused-connect": ("refused", "5xx", b"2", 1),
     "relay-s-own-move-after-a-refused-connect": ("refused", "retriable-4xx", b"2", 0),
+    # the pooled connection's one retry (the first endpoint's idle one,
+    # closed without a byte): on a new connection, to the next endpoint
+    # first, saying the count of the try it repeats
+    "reused-connection-s-retry": ("stale", "retriable-4xx", b"1", 0),
 }
 
 
@@ -139,6 +146,9 @@ def _run(
     if before == "503":
         first = Scripted([_answer(503, b"busy")])
         endpoints: tuple[tuple[str, int], ...] = (first.endpoint, slow.endpoint)
+    elif before == "stale":  # (its first request's 200 pools the connection)
+        first = Scripted([_answer(200, b"a"), CLOSE])
+        endpoints = (first.endpoint, slow.endpoint)
     elif before == "refused":
         first = _refusing()
         endpoints = (("127.0.0.1", first.getsockname()[1]), slow.endpoint)
@@ -149,6 +159,9 @@ def _run(
     relay = _proxy(mode, endpoints, retry, connect_timeout=10.0, seed=SEED)
     try:
         c = _client(relay)
+        if before == "stale":
+            c.sendall(GET)
+            assert _response(c) == _answer(200, b"a")
         t0 = time.monotonic()
         slow.start()
         c.sendall(GET)
