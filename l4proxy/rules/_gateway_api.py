@@ -148,6 +148,7 @@ from l4proxy.rules._objects import (
     ListenerDraft,
     ParentDraft,
     PolicyDraft,
+    RouteBudget,
     fqdn,
     oldest_first,
     policy_subset,
@@ -1433,6 +1434,17 @@ def _covers(wider: str | None, hostname: str | None) -> bool:
     return hostname.endswith(wider[1:])
 
 
+def _wider_hostnames(hostname: str | None) -> Iterator[str | None]:
+    """The hostnames that may cover *hostname* (:func:`_covers`): the
+    wildcard of each of its parent domains, then none (all names)."""
+    if hostname is not None:
+        start = hostname.find(".")
+        while start != -1:
+            yield "*" + hostname[start:]
+            start = hostname.find(".", start + 1)
+        yield None
+
+
 def _percentages(weights: list[int]) -> list[int]:
     """Proportional weights as percentages when that is exact (1:1 → 50:50)."""
     total = sum(weights)
@@ -1613,7 +1625,9 @@ class Compiler:
         routed_elsewhere: dict[str, Where],
         env: Env,
         grants: Iterable[GrantDraft] = (),
+        budget: RouteBudget | None = None,
     ) -> None:
+        self.budget = budget if budget is not None else RouteBudget()
         self.env = env
         self.services = services
         self.policies = policies
@@ -1647,6 +1661,17 @@ class Compiler:
                         dests[i] = None
                     else:
                         mirrors[id(rule)] = got
+            each = sum(
+                len(rule.matches) or 1
+                for rule, rd in zip(hr.rules, dests, strict=True)
+                if rd is not None
+            )
+            if keys and not self.budget.take(
+                len(keys) * each,
+                hr.where,
+                f"its {each:,} rules' matches at {len(keys):,} parents and hostnames",
+            ):
+                continue
             for key, port, consumer in keys:
                 for ri, (rule, rd) in enumerate(zip(hr.rules, dests, strict=True)):
                     if rd is None:
@@ -1677,16 +1702,36 @@ class Compiler:
         # Gateway API's precedence: the hostname first, then the match).
         # Each gateway service gets the rules of the hostnames that cover
         # its own after them, most specific first.
+        # (the keys of each listener by hostname: a hostname's wider ones
+        # are looked up, its parent domains' wildcards and none, where
+        # comparing every pair of a listener's hostnames was a reload
+        # thread's minutes for an HTTPRoute of 20,000 of them)
+        by_listener: dict[tuple[int, int], dict[str | None, list[str]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for key, (gw, lst, hostname) in gateway_keys.items():
+            by_listener[(id(gw), id(lst))][hostname].append(key)
         folded: dict[str, list[tuple[Any, ...]]] = {}
         for key, (gw, lst, hostname) in gateway_keys.items():
+            if self.budget.spent:
+                break
+            named = by_listener[(id(gw), id(lst))]
             wider = sorted(
                 (
                     (_specificity(other_h), other)
-                    for other, (ogw, olst, other_h) in gateway_keys.items()
-                    if other != key and (ogw is gw and olst is lst) and _covers(other_h, hostname)
+                    for other_h in _wider_hostnames(hostname)
+                    if other_h in named and _covers(other_h, hostname)
+                    for other in named[other_h]
+                    if other != key
                 ),
                 reverse=True,
             )
+            if not self.budget.take(
+                sum(len(entries.get(other, ())) for _, other in wider),
+                gw.where,
+                f"the routes of wider hostnames that {key} takes after its own",
+            ):
+                break
             folded[key] = [
                 *entries.get(key, []),
                 *(e for _, other in wider for e in entries.get(other, [])),

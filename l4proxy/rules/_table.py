@@ -26,6 +26,7 @@ from l4proxy.rules._objects import (
     IngressDraft,
     IstioGatewayDraft,
     PolicyDraft,
+    RouteBudget,
     RouteDraft,
     RuleDraft,
     ServiceDraft,
@@ -87,15 +88,22 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
             gw = f"{b.gateway.namespace}/{b.gateway.name}"
             if gw not in live[(id(b.rule), b.host)]:
                 live[(id(b.rule), b.host)].append(gw)
-    routes = _routes(d, env, services, policies, warned, memo, live)
+    budget = RouteBudget()
+    routes = _routes(d, env, services, policies, warned, memo, live, budget)
     _check_ingress(d, services)
     # (a VirtualService of Istio Gateways only routes no mesh host)
     mesh = [r for r in d.rules if MESH in r.bound]
     routed = {h: r.where for r in mesh for h in r.hosts}
-    gateway_api = Compiler(services, policies, routed, env, d.grants)
+    gateway_api = Compiler(services, policies, routed, env, d.grants, budget)
     gateway_api.compile(d.http_routes, d.gateways)
     routes.update(gateway_api.routes)
     for vh in served:
+        if vh.bindings and not budget.take(
+            sum(len(b.routes) for b in vh.bindings),
+            vh.bindings[0].rule.where,
+            f"the routes of {vh.key}",
+        ):
+            continue
         routes[vh.key] = [
             *vh.own_routes(),
             *(
@@ -144,11 +152,23 @@ def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     )
 
 
+# VIP address:port pairs a load's ServiceEntries may have (each host's
+# addresses times its ports, summed), checked against one another one pair
+# at a time: a real registry has a few per service (2,000 ServiceEntries of
+# one address and two ports are 4,000). Without a bound a 25 KB ServiceEntry
+# of 300 hosts, 300 addresses and 300 ports was 27 million pairs, each host
+# after the first an error at every one of them: 18 GB and 9 minutes of the
+# reload thread, a sidecar OOM-killed by its own rules.
+MAX_VIPS = 100_000
+
+
 def _registry(d: Drafts) -> dict[str, Service]:
     services: dict[str, Service] = {}
     origin: dict[str, ServiceDraft] = {}
     by_name: dict[str, str] = {}
     by_vip: dict[tuple[str, int], str] = {}
+    vips = 0  # pairs checked so far (MAX_VIPS)
+    over: set[str] = set()  # the ServiceEntries told they are over it (once each)
     for sd in d.services:
         svc = sd.service
         first = origin.get(svc.host)
@@ -162,15 +182,38 @@ def _registry(d: Drafts) -> dict[str, Service]:
         if clash is not None:
             sd.where.error(f"host {svc.host} has a short name that {clash} already uses")
             continue
-        for addr in svc.addresses:
-            for p in svc.ports:
-                other = by_vip.get((addr, p.number))
-                if other is not None and other != svc.host:
-                    sd.where.error(
-                        f"address {addr} port {p.number} is already the VIP of {other}; "
-                        "give each service its own address"
-                    )
-                by_vip.setdefault((addr, p.number), svc.host)
+        pairs = len(svc.addresses) * len(svc.ports)
+        if vips + pairs > MAX_VIPS:
+            # (said once per ServiceEntry, at its first host over the bound)
+            if sd.where.location not in over:
+                over.add(sd.where.location)
+                before = f" with the {vips:,} of the hosts before it" if vips else ""
+                sd.where.error(
+                    f"the {len(svc.addresses):,} addresses and {len(svc.ports):,} ports of "
+                    f"{svc.host} are {pairs:,} VIP address:port pairs,{before} more than "
+                    f"the {MAX_VIPS:,} the rules may have: describe a range of addresses "
+                    "with one CIDR block (one pair per port)"
+                )
+            pairs = 0
+        vips += pairs
+        # (its first clash only: the next are the same mistake, and a
+        # ServiceEntry of many hosts sharing many addresses and ports made
+        # one error of each pair of each host)
+        vip_clash = next(
+            (
+                (addr, p.number, other)
+                for addr in (svc.addresses if pairs else ())
+                for p in svc.ports
+                if (other := by_vip.setdefault((addr, p.number), svc.host)) != svc.host
+            ),
+            None,
+        )
+        if vip_clash is not None:
+            addr, number, other = vip_clash
+            sd.where.error(
+                f"address {addr} port {number} is already the VIP of {other}; "
+                "give each service its own address"
+            )
         services[svc.host] = svc
         origin[svc.host] = sd
         for n in (svc.host, *svc.aliases):
@@ -239,6 +282,7 @@ def _routes(
     warned: set[tuple[int, str]],
     memo: dict[tuple[int, bool], Destination | None],
     live: dict[tuple[int, str], list[str]],
+    budget: RouteBudget,
 ) -> dict[str, list[Route]]:
     """The routes of the sidecars' hosts: each host's RouteRules, or its
     VirtualService's routes that apply to the mesh (``routes_for``).
@@ -265,8 +309,9 @@ def _routes(
                 continue
             prior.append(rule)
     table: dict[str, list[Route]] = {}
+    mesh_of: dict[int, list[RouteDraft]] = {}  # id(rule) → its mesh routes (once a rule)
     for host, rules in owners.items():
-        if not rules:
+        if not rules or budget.spent:
             continue
         # RouteRules: precedence high first, then namespace/name ascending
         # (Istio 0.7 broke ties by config key); a VirtualService is alone.
@@ -285,7 +330,11 @@ def _routes(
                     if at
                     else f"this {rule.kind} applies once one is loaded",
                 )
-            mesh_routes = routes_for(rule, MESH)
+            mesh_routes = mesh_of.get(id(rule))
+            if mesh_routes is None:
+                mesh_routes = mesh_of[id(rule)] = routes_for(rule, MESH)
+            if not budget.take(len(mesh_routes), rule.where, f"its routes for host {host}"):
+                break
             svc = services.get(host)
             if svc is not None:
                 for rd in mesh_routes:
