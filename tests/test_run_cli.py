@@ -406,3 +406,35 @@ def test_uid_and_gid_a_user_cannot_take_are_still_an_error() -> None:
     )
     assert done.returncode == 2
     assert "cannot drop privileges to uid=1337 gid=1338: [Errno 1]" in done.stderr
+
+
+def test_a_pod_labels_file_that_does_not_end_is_refused_at_its_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--pod-labels-file /dev/zero: exit 2 once 4 MiB are read, in a child
+    whose address space is capped at 512 MiB (before: read until memory
+    ran out, a MemoryError's traceback, exit 1); a file one byte over the
+    bound the same, one at it read."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))\n"
+        "from l4proxy.cli import build_parser\n"
+        "build_parser('run').parse_args(['run', '--pod-labels-file', '/dev/zero'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot read /dev/zero: more than 4 MiB" in done.stderr
+    assert "MemoryError" not in done.stderr
+    labels = tmp_path / "labels"
+    line = 'app="' + "a" * 62 + '"\n'  # 70 bytes
+    labels.write_text(line * ((4 << 20) // len(line)) + "x" * ((4 << 20) % len(line)))
+    with pytest.raises(SystemExit):  # (at the bound: read, its last line refused)
+        build_parser("run").parse_args(["run", "--pod-labels-file", str(labels)])
+    assert "Downward API labels file" in capsys.readouterr().err
+    with labels.open("a") as f:
+        f.write("x")
+    with pytest.raises(SystemExit):
+        build_parser("run").parse_args(["run", "--pod-labels-file", str(labels)])
+    assert "more than 4 MiB" in capsys.readouterr().err

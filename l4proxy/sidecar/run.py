@@ -151,13 +151,26 @@ def _labels(value: str) -> dict[str, str]:
     return out
 
 
+# A labels file read at most: a pod's whole object is at most 1.5 MiB (etcd's
+# request limit), so its labels are less. Read whole, --pod-labels-file
+# /dev/zero (or a file that grows) took every process to its memory limit
+# (a MemoryError's traceback, or the OOM killer) before a line was parsed.
+MAX_LABELS_BYTES = 4 << 20
+
+
 def _labels_file(path: str) -> dict[str, str]:
     """The pod's labels as the Downward API writes them (a ``labels`` file
     of a downwardAPI volume, ``fieldPath: metadata.labels``): one
     ``key="value"`` per line, the value quoted as Go quotes strings."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_LABELS_BYTES + 1)
+        if len(data) > MAX_LABELS_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {path}: more than {MAX_LABELS_BYTES >> 20} MiB, which no "
+                "pod's labels are (is it the Downward API's labels file?)"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
     out: dict[str, str] = {}
