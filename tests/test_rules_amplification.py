@@ -22,7 +22,7 @@ import pytest
 
 import l4proxy.rules._gateway_api as gateway_api
 from l4proxy.rules import ConfigError, load_rules
-from l4proxy.rules._objects import MAX_ROUTES
+from l4proxy.rules._objects import MAX_ENDPOINTS, MAX_ROUTES
 from l4proxy.rules._table import MAX_VIPS
 from l4proxy.rules.watch import RuleWatcher
 from tests._worker import gateway_service
@@ -181,3 +181,45 @@ def test_the_watcher_keeps_serving_the_last_good_table(tmp_path: Path) -> None:
         assert st.table is table
         assert st.last_error is not None and st.last_error.startswith(f"{rules / 'bomb.yaml'}:")
         assert "more than the 100,000" in st.last_error
+
+
+def ported_entry(name: str, ports: int, endpoints: int, first: int = 0) -> str:
+    """A ServiceEntry of *ports* ports and *endpoints* endpoints (none:
+    resolution DNS, its hosts its endpoints)."""
+    return (
+        f"apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n"
+        + "spec:\n"
+        + (
+            f"  hosts: [{name}.example.com]\n  resolution: STATIC\n"
+            if endpoints
+            else f"  hosts: [{', '.join(f'h{i}.{name}.example.com' for i in range(2000))}]\n"
+            "  resolution: DNS\n"
+        )
+        + "  ports:\n"
+        + "".join(f"  - {{number: {i + 1}, name: tcp-{i}, protocol: TCP}}\n" for i in range(ports))
+        + (
+            "  endpoints:\n"
+            + "".join(f"  - {{address: {_ip(first + i)}}}\n" for i in range(endpoints))
+            if endpoints
+            else ""
+        )
+    )
+
+
+def test_endpoints_over_the_bound_are_one_error(tmp_path: Path) -> None:
+    """Each port of a ServiceEntry has its own copy of each endpoint:
+    two of 300 ports and 1,000 endpoints are 600,000, the second refused
+    at its endpoints (before: loaded; 1,000 ports of 30,000 took 2.4 GB);
+    2,000 DNS hosts of 300 ports (each host its own endpoint) the same."""
+    assert MAX_ENDPOINTS == 500_000
+    text = ported_entry("a", 300, 1000) + "---\n" + ported_entry("b", 300, 1000, 1000)
+    [error] = errors_of(tmp_path, text)
+    line = [n for n, got in enumerate(text.splitlines(), 1) if got == "  endpoints:"][1]
+    assert error.startswith(f"{tmp_path / 'rules.yaml'}:{line}: ServiceEntry b: "), error
+    assert "ServiceEntry b: its 300 ports and 1,000 endpoints are 300,000 endpoint entries" in error
+    assert "with the 300,000 before them, more than the 500,000" in error
+    [error] = errors_of(tmp_path, ported_entry("d", 300, 0))
+    assert "ServiceEntry d: its 300 ports and 2,000 hosts (DNS, each its own endpoint)" in error
+    (tmp_path / "rules.yaml").write_text(ported_entry("a", 300, 1000))
+    [svc] = load_rules([str(tmp_path / "rules.yaml")]).table.services()
+    assert len(svc.endpoints) == 300 * 1000  # (one a port: what the bound counts)

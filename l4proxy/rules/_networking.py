@@ -2271,6 +2271,21 @@ def read_service_entry(ctx: Ctx, obj: dict[str, Any], env: Env) -> list[ServiceD
     if resolution == "STATIC" and not eps_raw:
         ctx.error(("spec",), "resolution STATIC needs endpoints (add spec.endpoints, or use DNS)")
         return None
+    # (each port its own copy of each endpoint; a DNS host without
+    # endpoints is its own: checked before any is made)
+    made = len(ports) * (len(eps_raw) or len(hosts))
+    if not env.endpoints.take(made):
+        before = env.endpoints.taken
+        ctx.error(
+            ("spec", "endpoints") if eps_raw else ("spec", "hosts"),
+            f"its {len(ports):,} ports and {len(eps_raw) or len(hosts):,} "
+            f"{'endpoints' if eps_raw else 'hosts (DNS, each its own endpoint)'} are "
+            f"{made:,} endpoint entries (each port has its own copy of each endpoint)"
+            f"{f', with the {before:,} before them' if before else ''}, more than the "
+            f"{env.endpoints.limit:,} the rules may have: describe fewer ports or fewer "
+            "endpoints",
+        )
+        return None
     per_port = _endpoints(ctx, eps_raw, ("spec", "endpoints"), ports, resolution)
     if per_port is None:
         return None

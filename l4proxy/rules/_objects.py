@@ -32,13 +32,40 @@ from l4proxy.rules.routing import (
     UriRewrite,
 )
 
+# Endpoints a load's ServiceEntries may make: each port of a service has its
+# own copy of every endpoint (its target port), so a ServiceEntry makes its
+# ports times its endpoints (times its hosts, for DNS ones without endpoints,
+# each its own name). 5,000 services of 50 pods on two ports are 500,000.
+# Without a bound an 850 KB ServiceEntry of 1,000 ports and 30,000 endpoints
+# made 30 million (2.4 GB, 30 s), and one at the node budget 260 million.
+MAX_ENDPOINTS = 500_000
+
+
+class EndpointBudget:
+    """What is left of :data:`MAX_ENDPOINTS` for one load (:class:`Env`)."""
+
+    def __init__(self, limit: int = MAX_ENDPOINTS) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self, n: int) -> bool:
+        """Whether *n* more endpoints fit (then they are taken)."""
+        if self.taken + n > self.limit:
+            return False
+        self.taken += n
+        return True
+
 
 @dataclass(frozen=True)
 class Env:
-    """Loader parameters: the namespace of objects without one, the cluster domain."""
+    """Loader parameters: the namespace of objects without one, the cluster domain;
+    and the load's :class:`EndpointBudget` (one Env a load)."""
 
     namespace: str = "default"
     domain: str = "cluster.local"
+    endpoints: EndpointBudget = field(
+        default_factory=EndpointBudget, compare=False, hash=False, repr=False
+    )
 
 
 def fqdn(host: str, namespace: str, env: Env) -> str:
