@@ -4,18 +4,23 @@ The YAML node budget (tests/test_config_yaml.py) bounds what a load reads;
 these are products of what it read: each host of a ServiceEntry has its
 every address and port as VIPs, each host of a VirtualService (each
 hostname of an HTTPRoute at a Gateway listener) its own copy of every
-route. A 25 KB ServiceEntry of 300 hosts, addresses and ports made 27
-million VIP clash errors (18 GB, 9 minutes); a 220 KB VirtualService of
-2,000 hosts and 2,000 routes 4 million routes (2 GB, 30 s); an HTTPRoute of
-3,000 hostnames compared every pair of them (9 million comparisons). The
-sidecar's reload thread ran each: a pod OOM-killed by its own rules, or a
-reload that never ended. Each is now a bounded error at its file and line
-(or a lookup), counted here, and the sidecar's watcher keeps serving the
-last good table.
+route, each port of a ServiceEntry its own copy of every endpoint (and of
+every address its DNS names are answered with). A 25 KB ServiceEntry of
+300 hosts, addresses and ports made 27 million VIP clash errors (18 GB, 9
+minutes); a 220 KB VirtualService of 2,000 hosts and 2,000 routes 4
+million routes (2 GB, 30 s); an HTTPRoute of 3,000 hostnames compared
+every pair of them (9 million comparisons); an 850 KB ServiceEntry of
+1,000 ports and 30,000 endpoints made 30 million (2.4 GB). The sidecar's
+reload thread ran each (the worker's event loop the DNS ones): a pod
+OOM-killed by its own rules, or a reload that never ended. Each is now a
+bounded error at its file and line (or a lookup, or a bounded expansion),
+counted here, and the sidecar's watcher keeps serving the last good table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,8 +29,11 @@ import l4proxy.rules._gateway_api as gateway_api
 from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules._objects import MAX_ENDPOINTS, MAX_ROUTES
 from l4proxy.rules._table import MAX_VIPS
+from l4proxy.rules.dns import DnsEndpoints, Resolution, resolved_table
+from l4proxy.rules.routing import Endpoint, RouteTable, Service, ServicePort
 from l4proxy.rules.watch import RuleWatcher
 from tests._worker import gateway_service
+from tests.test_dns import ScriptedResolver
 
 SVC = (
     "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: backend}\nspec:\n"
@@ -223,3 +231,53 @@ def test_endpoints_over_the_bound_are_one_error(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(ported_entry("a", 300, 1000))
     [svc] = load_rules([str(tmp_path / "rules.yaml")]).table.services()
     assert len(svc.endpoints) == 300 * 1000  # (one a port: what the bound counts)
+
+
+def _dns_service(ports: int, names: int, addresses: int) -> tuple[RouteTable, DnsEndpoints]:
+    """A DNS ServiceEntry of *ports* ports and *names* endpoint names, each
+    answered with *addresses* addresses (a hostile external zone's)."""
+    hosts = [f"n{i}.zone.example" for i in range(names)]
+    svc = Service.create(
+        "ext.example.com",
+        [ServicePort(i + 1, f"tcp-{i}", "TCP") for i in range(ports)],
+        [Endpoint(h, 443, {"name": h}) for h in hosts],
+        resolution="DNS",
+    )
+    base = RouteTable([svc])
+    answers: dict[str, Resolution | Exception] = {
+        h: Resolution(tuple(f"10.{i}.{j >> 8}.{j & 255}" for j in range(addresses)), 30, "dns")
+        for i, h in enumerate(hosts)
+    }
+    dns = DnsEndpoints(ScriptedResolver(answers))
+    dns.track(base)
+    asyncio.run(dns.refresh_due())
+    return base, dns
+
+
+def test_dns_answers_expand_within_the_endpoint_bound(caplog: pytest.LogCaptureFixture) -> None:
+    """4 ports, 3 names of 100 addresses: 1,200 entries over a bound of
+    600, so each name keeps the first 50 of its addresses in sorted order
+    (the same subset in every worker, at every refresh), said once."""
+    base, dns = _dns_service(4, 3, 100)
+    with caplog.at_level(logging.WARNING, logger="l4proxy.dns"):
+        table = resolved_table(base, dns.names, limit=600)
+    [svc] = table.services()
+    for _, eps in svc.port_endpoints:
+        assert len(eps) == 150
+        for i in range(3):
+            kept = [e.address for e in eps if e.labels["name"] == f"n{i}.zone.example"]
+            every = sorted(f"10.{i}.0.{j}" for j in range(100))
+            assert kept == every[:50]
+    [said] = [r.getMessage() for r in caplog.records]
+    assert "1200 endpoint entries" in said and "each name keeps 50 of its addresses" in said
+    full = resolved_table(base, dns.names, limit=1200).services()[0]
+    assert sum(len(eps) for _, eps in full.port_endpoints) == 1200
+
+
+def test_a_hostile_zones_answers_make_at_most_the_bound() -> None:
+    """100 ports, 10 names of 4,000 addresses each (a TCP answer's most):
+    4 million entries on the worker's event loop at each change (6.6 s,
+    323 MB), now MAX_ENDPOINTS at most."""
+    base, dns = _dns_service(100, 10, 4000)
+    [svc] = resolved_table(base, dns.names).services()
+    assert sum(len(eps) for _, eps in svc.port_endpoints) <= MAX_ENDPOINTS

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4proxy.rules import _dnswire as wire
+from l4proxy.rules._objects import MAX_ENDPOINTS
 from l4proxy.rules.routing import Endpoint, RouteTable, Service
 from l4proxy.stats import Counters
 
@@ -484,16 +485,67 @@ def dns_names(table: RouteTable) -> dict[str, list[str]]:
     return out
 
 
-def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
+def _resolved(ep: Endpoint, states: Mapping[str, NameState]) -> NameState | None:
+    """The state of *ep*'s name where its addresses replace it."""
+    st = states.get(ep.address.lower())
+    if st is None or not st.resolved or _is_ip(ep.address):
+        return None
+    return st
+
+
+def _address_cap(services: list[Service], states: Mapping[str, NameState], limit: int) -> int:
+    """How many addresses of each name the table may take so that its
+    endpoint entries (one a port, as the loader counts them: MAX_ENDPOINTS)
+    stay within *limit*: 0 where every address fits, else the largest
+    count that does (1 at least). A DNS answer may hold 4,000 addresses
+    (a TCP reply's 64 KB), and each port of each service the name is an
+    endpoint of takes a copy of each."""
+    fixed = 0
+    uses: dict[str, int] = {}  # name → its endpoint entries unexpanded
+    for svc in services:
+        for _, eps in svc.port_endpoints:
+            for ep in eps:
+                st = _resolved(ep, states)
+                if st is None:
+                    fixed += 1
+                else:
+                    key = ep.address.lower()
+                    uses[key] = uses.get(key, 0) + 1
+    sizes = {name: len(states[name].addresses) for name in uses}
+
+    def entries(k: int) -> int:
+        return fixed + sum(n * min(sizes[name], k) for name, n in uses.items())
+
+    low, high = 1, max(sizes.values(), default=0)
+    if entries(high) <= limit:
+        return 0
+    while low < high:  # the largest k in [1, high) whose entries fit (1 if none)
+        mid = (low + high + 1) // 2
+        if entries(mid) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    log.warning(
+        "DNS answers would make %d endpoint entries (each port a copy of each address), "
+        "more than the %d the rules may have: each name keeps %d of its addresses "
+        "(the first in sorted order)",
+        entries(max(sizes.values())),
+        limit,
+        low,
+    )
+    return low
+
+
+def _expand(svc: Service, states: Mapping[str, NameState], cap: int = 0) -> Service:
     per_port = []
     for number, eps in svc.port_endpoints:
         seen: dict[Endpoint, None] = {}
         for ep in eps:
-            st = states.get(ep.address.lower())
-            if st is None or not st.resolved or _is_ip(ep.address):
+            st = _resolved(ep, states)
+            if st is None:
                 seen.setdefault(ep, None)
                 continue
-            for addr in st.addresses:
+            for addr in sorted(st.addresses)[:cap] if cap else st.addresses:
                 seen.setdefault(Endpoint(addr, ep.port, ep.labels), None)
         per_port.append((number, tuple(seen)))
     return Service(
@@ -506,7 +558,9 @@ def _expand(svc: Service, states: Mapping[str, NameState]) -> Service:
     )
 
 
-def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTable:
+def resolved_table(
+    base: RouteTable, states: Mapping[str, NameState], limit: int = MAX_ENDPOINTS
+) -> RouteTable:
     """*base* with every resolved host-name endpoint replaced by its addresses.
 
     Routes, load-balancer policies (consistent hashes too), connection pool settings, outlier
@@ -515,7 +569,10 @@ def resolved_table(base: RouteTable, states: Mapping[str, NameState]) -> RouteTa
     they are; only the services' endpoint lists change. (RouteTable has no public "copy with
     other services"; the private fields read here are its inputs.)
     """
-    services = [_expand(svc, states) if svc.resolution == "DNS" else svc for svc in base.services()]
+    cap = _address_cap([svc for svc in base.services() if svc.resolution == "DNS"], states, limit)
+    services = [
+        _expand(svc, states, cap) if svc.resolution == "DNS" else svc for svc in base.services()
+    ]
     return RouteTable(
         services,
         base._routes,
