@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,9 @@ import pytest
 import l4proxy.rules._gateway_api as gateway_api
 from l4proxy.rules import ConfigError, load_rules
 from l4proxy.rules._objects import MAX_ENDPOINTS, MAX_ROUTES
-from l4proxy.rules._table import MAX_VIPS
+from l4proxy.rules._table import MAX_VIPS, Selectable
 from l4proxy.rules.dns import DnsEndpoints, Resolution, resolved_table
-from l4proxy.rules.routing import Endpoint, RouteTable, Service, ServicePort
+from l4proxy.rules.routing import Endpoint, Labels, RouteTable, Service, ServicePort
 from l4proxy.rules.watch import RuleWatcher
 from tests._worker import gateway_service
 from tests.test_dns import ScriptedResolver
@@ -281,3 +283,81 @@ def test_a_hostile_zones_answers_make_at_most_the_bound() -> None:
     base, dns = _dns_service(100, 10, 4000)
     [svc] = resolved_table(base, dns.names).services()
     assert sum(len(eps) for _, eps in svc.port_endpoints) <= MAX_ENDPOINTS
+
+
+def subsets_and_routes(n: int) -> str:
+    """A ServiceEntry of *n* endpoints each labelled its own, a
+    DestinationRule of *n* subsets each selecting one, and a
+    VirtualService of *n* routes each to one subset."""
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se}\nspec:\n"
+        "  hosts: [svc.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n"
+        "  resolution: STATIC\n  endpoints:\n"
+        + "".join(f"  - {{address: {_ip(i)}, labels: {{v: x{i}, app: a}}}}\n" for i in range(n))
+        + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr}\n"
+        "spec:\n  host: svc.example.com\n"
+        "  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}\n  subsets:\n"
+        + "".join(
+            f"  - {{name: s{i}, labels: {{v: x{i}}}, trafficPolicy: "
+            f"{{connectionPool: {{tcp: {{maxConnections: {i + 1}}}}}}}}}\n"
+            for i in range(n)
+        )
+        + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\n"
+        "spec:\n  hosts: [svc.example.com]\n  http:\n"
+        + "".join(
+            f"  - match: [{{uri: {{prefix: /p{i}}}}}]\n"
+            f"    route: [{{destination: {{host: svc.example.com, subset: s{i}}}}}]\n"
+            for i in range(n)
+        )
+    )
+
+
+def test_subsets_find_their_endpoints_by_label_not_by_trying_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 subsets over 2,000 endpoints: the load's check that each
+    selects an endpoint, and the worker's pool settings and outlier
+    policies per subset (on its event loop at each reload), try the
+    endpoints that carry the subset's rarest label: a few selects each
+    (before: every endpoint for every subset, 10 million; 5,000 of each
+    held a worker 25 s), with what each subset reaches unchanged."""
+    calls = 0
+    selects = Labels.selects
+
+    def counting(self: Labels, labels: Mapping[str, str]) -> bool:
+        nonlocal calls
+        calls += 1
+        return selects(self, labels)
+
+    monkeypatch.setattr(Labels, "selects", counting)
+    (tmp_path / "rules.yaml").write_text(subsets_and_routes(2000))
+    table = load_rules([str(tmp_path / "rules.yaml")]).table
+    pools = table.pool_settings()
+    outliers = table.outlier_policies()
+    assert calls <= 4 * 2000, calls
+    assert len(outliers) == 2000
+    for i in (0, 1234, 1999):
+        assert pools[(_ip(i), 80)].max_connections == i + 1
+
+
+def test_the_label_index_selects_what_trying_each_endpoint_selects() -> None:
+    """Seeded random label sets and selectors: the table's subset endpoints
+    and the load's check agree with every endpoint tried, in order."""
+    rng = random.Random(7)
+    values = ("a", "b", "c")
+    eps = [
+        Endpoint(
+            f"10.0.0.{i}",
+            80,
+            {k: rng.choice(values) for k in ("x", "y", "z") if rng.random() < 0.7},
+        )
+        for i in range(60)
+    ]
+    svc = Service.create("s.example.com", [ServicePort(80, "http", "HTTP")], eps)
+    table = RouteTable([svc])
+    index = Selectable(eps)
+    for _ in range(300):
+        labels = Labels({k: rng.choice(values) for k in ("x", "y", "z", "w") if rng.random() < 0.5})
+        every = tuple(e for e in eps if labels.selects(e.labels))
+        assert table._subset_endpoints(svc, 80, labels) == every
+        assert index.any(labels) == bool(every)

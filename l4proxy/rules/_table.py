@@ -11,6 +11,7 @@ in separate files and be rolled out in either order.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from l4proxy.rules._errors import UNRESOLVED
@@ -36,6 +37,7 @@ from l4proxy.rules._schema import Where
 from l4proxy.rules.routing import (
     DEFAULT,
     Destination,
+    Endpoint,
     Labels,
     MirrorPolicy,
     Route,
@@ -43,6 +45,35 @@ from l4proxy.rules.routing import (
     Service,
     Subset,
 )
+
+
+class Selectable:
+    """The distinct label sets of a service's endpoints, indexed by label:
+    whether a selector selects any of them is tried on the sets that carry
+    its rarest label (and remembered), where every endpoint was tried for
+    every subset and every route's labels, each time with the service's
+    endpoints gathered anew: a DestinationRule of 6,000 subsets over
+    6,000 endpoints was 29 s of the reload thread (and 500 KB)."""
+
+    def __init__(self, endpoints: Iterable[Endpoint]) -> None:
+        self.sets: list[Labels] = list(dict.fromkeys(Labels(e.labels) for e in endpoints))
+        self.by_label: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, labels in enumerate(self.sets):
+            for item in labels.items():
+                self.by_label[item].append(i)
+        self.seen: dict[Labels, bool] = {}
+
+    def any(self, selector: Labels) -> bool:
+        """Whether *selector* selects some endpoint."""
+        got = self.seen.get(selector)
+        if got is None:
+            if not selector:
+                got = bool(self.sets)
+            else:
+                rarest = min((self.by_label.get(item, []) for item in selector.items()), key=len)
+                got = any(selector.selects(self.sets[i]) for i in rarest)
+            self.seen[selector] = got
+        return got
 
 
 @dataclass
@@ -59,6 +90,14 @@ class Drafts:
     istio_gateways: list[IstioGatewayDraft] = field(default_factory=list)
     # FQDNs of skipped Kubernetes Services, for a better "no ServiceEntry" hint.
     k8s_services: set[str] = field(default_factory=set)
+    # each service's endpoints by label, made when first asked (selectable())
+    _selectable: dict[str, Selectable] = field(default_factory=dict)
+
+    def selectable(self, svc: Service) -> Selectable:
+        got = self._selectable.get(svc.host)
+        if got is None:
+            got = self._selectable[svc.host] = Selectable(svc.endpoints)
+        return got
 
 
 def subset_name(labels: Labels) -> str:
@@ -266,7 +305,7 @@ def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]
                     "this portLevelSettings entry applies to no traffic"
                 )
         for s in p.subsets.values():
-            if not any(s.labels.selects(e.labels) for e in svc.endpoints):
+            if not d.selectable(svc).any(s.labels):
                 s.where.error(
                     f"subset {s.name} ({s.labels or 'no labels'}) selects no endpoint of "
                     f"{p.host} (its endpoints have: {_describe_endpoints(svc)})"
@@ -445,7 +484,7 @@ def _destination(
             subset = policy_subset(policy, same, same.name, same.labels)
         else:
             subset = policy_subset(policy, None, subset_name(dd.labels), dd.labels)
-        if svc is not None and not any(dd.labels.selects(e.labels) for e in svc.endpoints):
+        if svc is not None and not d.selectable(svc).any(dd.labels):
             dd.where.error(
                 f"route labels {dd.labels} select no endpoint of {dd.host} "
                 f"(its endpoints have: {_describe_endpoints(svc)})"
