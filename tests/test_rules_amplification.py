@@ -20,10 +20,12 @@ counted here, and the sidecar's watcher keeps serving the last good table.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,3 +363,67 @@ def test_the_label_index_selects_what_trying_each_endpoint_selects() -> None:
         every = tuple(e for e in eps if labels.selects(e.labels))
         assert table._subset_endpoints(svc, 80, labels) == every
         assert index.any(labels) == bool(every)
+
+
+def test_an_address_in_a_cidr_vip_is_looked_up_per_prefix_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seeded overlapping CIDR blocks (IPv4 and IPv6) of 40 services: each
+    address finds the service a walk of the blocks in order finds (the
+    first listed where blocks overlap), and no block is tried one by one
+    (before: every block for every connection to an address no VIP is,
+    50,000 of them 19 ms a connection)."""
+    rng = random.Random(11)
+    services = []
+    for i in range(40):
+        blocks = []
+        for _ in range(3):
+            if rng.random() < 0.7:
+                prefix = rng.randrange(8, 31)
+                net = ipaddress.ip_network(
+                    f"10.{rng.randrange(4)}.{rng.randrange(256)}.0/{prefix}", strict=False
+                )
+            else:
+                prefix = rng.randrange(96, 127)
+                net = ipaddress.ip_network(
+                    f"fd00::{rng.randrange(4):x}:{rng.randrange(65536):x}:0/{prefix}", strict=False
+                )
+            blocks.append(str(net))
+        services.append(
+            Service.create(
+                f"s{i}.example.com",
+                [ServicePort(80, "tcp", "TCP")],
+                [Endpoint("192.168.0.1", 80)],
+                addresses=blocks,
+            )
+        )
+    table = RouteTable(services)
+    walk = [(ipaddress.ip_network(a), s) for s in services for a in s.addresses]
+    tried = 0
+    contains = ipaddress._BaseNetwork.__contains__
+
+    def counting(self: Any, other: Any) -> bool:
+        nonlocal tried
+        tried += 1
+        return contains(self, other)
+
+    probes = [
+        f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(300)
+    ]
+    probes += [
+        f"fd00::{rng.randrange(4):x}:{rng.randrange(65536):x}:{rng.randrange(65536):x}"
+        for _ in range(300)
+    ]
+    expected = {}
+    for ip in probes:
+        addr = ipaddress.ip_address(ip)
+        expected[ip] = next(
+            (s.host for net, s in walk if addr.version == net.version and addr in net), None
+        )
+    monkeypatch.setattr(ipaddress._BaseNetwork, "__contains__", counting)
+    found = 0
+    for ip in probes:
+        got = table.service_for_address(ip, 80)
+        assert (got[0].host if got else None) == expected[ip], ip
+        found += got is not None
+    assert tried == 0 and found > 100

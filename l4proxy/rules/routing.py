@@ -1884,6 +1884,12 @@ class RouteTable:
         self._by_name: dict[str, Service] = {}
         self._by_address: dict[str, Service] = {}
         self._by_network: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
+        # _by_network by (IP version, prefix length), then the block's first
+        # address → (its place in _by_network, its service): an address is
+        # looked up once per prefix length, where each connection to an
+        # address no VIP is walked every block (50,000 CIDR addresses: 19 ms
+        # of a worker per connection)
+        self._network_index: dict[tuple[int, int], dict[int, tuple[int, Service]]] = {}
         for svc in self._services.values():
             if svc.role == "gateway":
                 continue  # reached only through its ingress paths
@@ -1896,6 +1902,11 @@ class RouteTable:
                         self._by_address.setdefault(str(net.network_address), svc)
                     else:
                         self._by_network.append((net, svc))
+                        # (the first listed wins where blocks overlap, as
+                        # a walk of _by_network in order finds it)
+                        self._network_index.setdefault((net.version, net.prefixlen), {}).setdefault(
+                            int(net.network_address), (len(self._by_network), svc)
+                        )
                 else:
                     norm = _normalize_ip(addr)
                     if norm is not None:
@@ -2247,12 +2258,17 @@ class RouteTable:
         if norm is None:
             return None
         svc = self._by_address.get(norm)
-        if svc is None and self._by_network:
+        if svc is None and self._network_index:
             addr = ipaddress.ip_address(norm)
-            for net, candidate in self._by_network:
-                if addr.version == net.version and addr in net:
-                    svc = candidate
-                    break
+            n, bits = int(addr), addr.max_prefixlen
+            best: tuple[int, Service] | None = None
+            for (version, prefixlen), blocks in self._network_index.items():
+                if version == addr.version:
+                    got = blocks.get(n >> (bits - prefixlen) << (bits - prefixlen))
+                    if got is not None and (best is None or got[0] < best[0]):
+                        best = got
+            if best is not None:
+                svc = best[1]
         if svc is None:
             return None
         sport = svc.port(port)
