@@ -688,3 +688,32 @@ def test_cors_routes(tmp_path: Path) -> None:
     )
     http = "".join("  " + line if line else line for line in http.splitlines(True))
     assert istio(tmp_path, http + ROUTE).cors_routes() == [(HOST, "bootcamp/api")]
+
+
+def test_a_gateway_api_origin_of_a_long_host_is_served_and_one_too_long_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An origin of a 200-character host (the API takes 253) loads, and its
+    preflight is answered, and validate -v says it (before: the match
+    l4proxy makes of it was held to Envoy's regex program size, a
+    RegexError out of the load: validate's traceback, the sidecar's
+    rejection without a file or line); 254 characters are an error at
+    its line."""
+    host = "a" * 180 + ".foo.com"
+    origin = f"https://{host}"
+    rules = GATEWAY.replace('"https://*.foo.com"', f'"{origin}"')
+    table = gateway(tmp_path, rules)
+    got = answer(table, preflight(origin))
+    assert got is not None and ("access-control-allow-origin", origin) in got.headers
+    assert answer(table, preflight(f"https://b{host[1:]}")) is None
+    assert main(["validate", "-v", write(tmp_path, HR + rules), PER_VERSION]) == 0
+    assert "CORS: origins regex 'https://aaaa" in capsys.readouterr().out
+    long = "https://" + "a" * 238 + ".foo.com"
+    assert len(long) == 254
+    assert_error_at(
+        tmp_path,
+        HR + GATEWAY.replace('"https://*.foo.com"', f'"{long}"'),
+        long,
+        "is 254 characters long: at most 253 (the API's maxLength)",
+        PER_VERSION,
+    )

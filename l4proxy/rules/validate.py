@@ -24,6 +24,7 @@ from l4proxy.rules import (
     ObjectSummary,
     load_rules,
 )
+from l4proxy.rules._regex import re2_compile
 from l4proxy.rules.routing import DEFAULT_RETRY_BACKOFF, StringMatch, endpoint_name
 
 EXIT_VALID = 0
@@ -508,7 +509,13 @@ def _cors(c: dict[str, Any]) -> list[str]:
     """A route's CORS policy, as 'validate -v' prints it."""
     origins = ", ".join(f"{k} {v!r}" for m in c["allow_origins"] for k, v in m.items())
     # (a match that takes '*' allows every Origin: CorsPolicy.allows, Envoy's test)
-    anyone = any(StringMatch(k, v).matches("*") for m in c["allow_origins"] for k, v in m.items())
+    # (a regex loaded already: compiled as it was, without Envoy's size limit
+    # that a Gateway API origin's own pattern need not meet)
+    anyone = any(
+        StringMatch(k, v, re2_compile(v) if k == "regex" else None).matches("*")
+        for m in c["allow_origins"]
+        for k, v in m.items()
+    )
     unmatched = (
         "answered 200 without allow-origin (IGNORE)"
         if c["unmatched_preflights"] == "IGNORE"
