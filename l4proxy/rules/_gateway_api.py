@@ -153,7 +153,7 @@ from l4proxy.rules._objects import (
     oldest_first,
     policy_subset,
 )
-from l4proxy.rules._regex import RegexError, compile_regex
+from l4proxy.rules._regex import RegexError, compile_regex, shown
 from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
@@ -1179,7 +1179,7 @@ def _match(ctx: Ctx, value: Any, path: Path) -> HttpMatchDraft | None:
             try:
                 uri = StringMatch("regex", pval, compile_regex(pval))
             except RegexError as exc:
-                ctx.error((*ppath, "value"), f"regular expression {pval!r} is invalid: {exc}")
+                ctx.error((*ppath, "value"), f"regular expression {shown(pval)} is invalid: {exc}")
                 return None
             path_rank, path_len = 2, len(pval)
         else:
@@ -1277,7 +1277,7 @@ def _name_matches(
             try:
                 out[key] = StringMatch("regex", val, compile_regex(val))
             except RegexError as exc:
-                ctx.error((*ipath, "value"), f"regular expression {val!r} is invalid: {exc}")
+                ctx.error((*ipath, "value"), f"regular expression {shown(val)} is invalid: {exc}")
                 ok = False
         else:
             ctx.error((*ipath, "type"), f"type {htype!r} is not one of Exact, RegularExpression")

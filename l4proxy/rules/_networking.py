@@ -77,7 +77,7 @@ from l4proxy.rules._objects import (
     fqdn,
     weights,
 )
-from l4proxy.rules._regex import RegexError, check_rewrite, compile_regex
+from l4proxy.rules._regex import RegexError, check_rewrite, compile_regex, shown
 from l4proxy.rules._schema import (
     NOT_IMPLEMENTED,
     Ctx,
@@ -820,7 +820,7 @@ def _regex_rewrite(ctx: Ctx, value: Any, path: Path) -> UriRewrite | None:
     try:
         pattern = compile_regex(match)
     except RegexError as exc:
-        ctx.error((*path, "match"), f"regex {match!r} in {dotted(path)} is invalid: {exc}")
+        ctx.error((*path, "match"), f"regex {shown(match)} in {dotted(path)} is invalid: {exc}")
         return None
     try:
         check_rewrite(pattern, rewrite)

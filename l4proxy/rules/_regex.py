@@ -28,6 +28,12 @@ from typing import Any, Protocol
 
 # Envoy's default re2.max_program_size.error_level
 MAX_PROGRAM_SIZE = 100
+# A pattern longer than this is refused before RE2 sees it: no regex within
+# MAX_PROGRAM_SIZE needs it (a literal longer than 100 is over it already),
+# and RE2 took 1 s and 195 MB to refuse a 5 MB one, its simplifier writing
+# 24,000 lines to the process's stderr (absl's log, log_errors aside): in
+# every worker at every reload of the file.
+MAX_PATTERN = 1 << 16
 
 
 class Pattern(Protocol):
@@ -63,7 +69,21 @@ def re2_compile(pattern: str) -> Any:
         raise ValueError(str(why)) from None
 
 
+def shown(pattern: str, most: int = 80) -> str:
+    """*pattern* quoted for a message, its middle left out when long (an
+    error that quoted a 5 MB regex whole was a 5 MB log line)."""
+    if len(pattern) <= most:
+        return repr(pattern)
+    return f"{pattern[: most - 20]!r}...{pattern[-10:]!r} ({len(pattern):,} characters)"
+
+
 def compile_regex(pattern: str) -> Pattern:
+    if len(pattern) > MAX_PATTERN:
+        raise RegexError(
+            f"it is {len(pattern):,} characters long, more than the {MAX_PATTERN:,} l4proxy "
+            f"compiles (a regex within Envoy's program-size limit, {MAX_PROGRAM_SIZE}, is far "
+            "shorter)"
+        )
     try:
         compiled = re2_compile(pattern)
     except ValueError as exc:

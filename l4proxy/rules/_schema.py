@@ -18,7 +18,7 @@ from typing import Any
 
 from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from l4proxy.rules._errors import Diagnostic, Severity
-from l4proxy.rules._regex import RegexError, compile_regex
+from l4proxy.rules._regex import RegexError, compile_regex, shown
 from l4proxy.rules._yaml import Document, Path
 from l4proxy.rules.routing import Labels, StringMatch
 
@@ -432,7 +432,7 @@ def string_match(
         try:
             pattern = compile_regex(s)
         except RegexError as exc:
-            ctx.error((*path, kind), f"regex {s!r} in {dotted(path)} is invalid: {exc}")
+            ctx.error((*path, kind), f"regex {shown(s)} in {dotted(path)} is invalid: {exc}")
             return None
         return StringMatch("regex", s, pattern)
     return StringMatch("exact" if kind == "exact" else "prefix", s)
