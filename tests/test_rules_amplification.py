@@ -20,6 +20,7 @@ counted here, and the sidecar's watcher keeps serving the last good table.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -454,3 +455,38 @@ def test_a_regex_of_megabytes_is_refused_before_re2_sees_it(tmp_path: Path) -> N
     assert len(errors) == 1 and errors[0].startswith(f"{f}:7: VirtualService vs: regex "), errors
     assert "5,000,000 characters long, more than the 65,536" in errors[0]
     assert len(done.stdout) + len(done.stderr) < 2000, done.stderr[:500]
+
+
+def test_an_http_route_rules_matches_make_its_route_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rule of 3,000 matches is one route of them all, made once (before:
+    made again at each match with one more, 3,000 routes of 4.5 million
+    matches in all; 40,000 matches took 6 s)."""
+    made = 0
+    route = gateway_api.Route
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal made
+        made += 1
+        return route(*args, **kwargs)
+
+    monkeypatch.setattr(gateway_api, "Route", counting)
+    replace = dataclasses.replace
+
+    def counting_replace(obj: Any, **changes: Any) -> Any:
+        nonlocal made
+        made += isinstance(obj, route)
+        return replace(obj, **changes)
+
+    monkeypatch.setattr(dataclasses, "replace", counting_replace)
+    rules = http_route(["h.example.com"], 1).replace(
+        "  - matches: [{path: {type: PathPrefix, value: /p0}}]\n",
+        "  - matches:\n"
+        + "".join(f"    - {{path: {{type: PathPrefix, value: /p{i}}}}}\n" for i in range(3000)),
+    )
+    (tmp_path / "rules.yaml").write_text(rules)
+    table = load_rules([str(tmp_path / "rules.yaml")]).table
+    [(key, [r])] = [(k, v) for k, v in table.to_json()["routes"].items() if k.startswith("gateway")]
+    assert len(r["match"]) == 3000, key
+    assert made == 1

@@ -1738,31 +1738,33 @@ class Compiler:
             ]
         for key, items in {**entries, **folded}.items():
             compiled: list[Route] = []
-            last: Any = None
-            for _, rule_id, name, m, rd, rule in items:
-                if rule_id == last:
-                    prev = compiled[-1]
-                    merged = () if not prev.matches or m == Match() else (*prev.matches, m)
-                    compiled[-1] = dataclasses.replace(prev, matches=merged)
-                else:
-                    matches = () if m == Match() else (m,)
-                    compiled.append(
-                        Route(
-                            name,
-                            tuple(rd),
-                            matches,
-                            unresolved_status=UNRESOLVED_STATUS,
-                            timeout=rule.timeout,
-                            retries=rule.retries,
-                            headers=rule.headers,
-                            rewrite=rule.rewrite,
-                            redirect=rule.redirect,
-                            mirrors=mirrors.get(id(rule), ()),
-                            cors=rule.cors,
-                            session=rule.session,
-                        )
+            # a rule's matches in a row are one route of them all (every
+            # request where one of them is Match()), made once: a route
+            # replaced at each match was a rule of 40,000 matches' 6 s
+            start = 0
+            while start < len(items):
+                _, rule_id, name, _, rd, rule = items[start]
+                end = start
+                while end < len(items) and items[end][1] == rule_id:
+                    end += 1
+                taken = tuple(e[3] for e in items[start:end])
+                compiled.append(
+                    Route(
+                        name,
+                        tuple(rd),
+                        () if Match() in taken else taken,
+                        unresolved_status=UNRESOLVED_STATUS,
+                        timeout=rule.timeout,
+                        retries=rule.retries,
+                        headers=rule.headers,
+                        rewrite=rule.rewrite,
+                        redirect=rule.redirect,
+                        mirrors=mirrors.get(id(rule), ()),
+                        cors=rule.cors,
+                        session=rule.session,
                     )
-                last = rule_id
+                )
+                start = end
             self.routes[key] = compiled
         for key, (gw, lst, hostname) in gateway_keys.items():
             if key not in self.routes:
